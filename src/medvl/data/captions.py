@@ -1,0 +1,91 @@
+"""Caption templates: turn class labels into text (UniMed-CLIP style) and build zero-shot prompts.
+
+A caption config is a dict (from YAML/JSON)::
+
+    templates: ["a chest x-ray showing {}.", "radiograph with {}."]   # {} = a class description
+    classes:                                                          # per label column
+      finding:
+        cardiomegaly: ["cardiomegaly", "an enlarged cardiac silhouette"]
+        no_finding: ["no acute abnormality"]
+
+A class without descriptions is described by its own name with underscores as spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, InputError
+
+DEFAULT_TEMPLATES = ["{}.", "an image showing {}.", "a medical image of {}.", "findings: {}."]
+
+
+@dataclass
+class CaptionConfig:
+    """Templates and per-class descriptions for one or more label columns."""
+
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    classes: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "captions") -> CaptionConfig:
+        unknown = set(data) - {"templates", "classes"}
+        if unknown:
+            raise InputError(f"{source}: unknown keys {sorted(unknown)}; expected templates, classes")
+        templates = list(data.get("templates") or DEFAULT_TEMPLATES)
+        for template in templates:
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise InputError(f"{source}: template {template!r} must contain exactly one '{{}}'")
+        classes = {
+            str(column): {str(name): _as_list(desc) for name, desc in (per_class or {}).items()}
+            for column, per_class in (data.get("classes") or {}).items()
+        }
+        return cls(templates=templates, classes=classes)
+
+    def descriptions(self, column: str, class_name: str) -> list[str]:
+        described = self.classes.get(column, {}).get(class_name)
+        return described or [class_name.replace("_", " ")]
+
+    def prompts(self, column: str, class_name: str) -> list[str]:
+        """Every template filled with every description: the zero-shot prompt ensemble."""
+        return [t.format(d) for d in self.descriptions(column, class_name) for t in self.templates]
+
+    def caption(self, labels: dict[str, Any], columns: Sequence[str], rng: random.Random) -> str:
+        """One random caption for a record's labels (a training text for label-only data)."""
+        parts = [rng.choice(self.descriptions(c, str(labels[c]))) for c in columns if c in labels]
+        return rng.choice(self.templates).format(", ".join(parts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"templates": self.templates, "classes": self.classes}
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def load_captions(path: str | Path) -> CaptionConfig:
+    """Read a caption config from a .json, .yaml or .yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "caption config not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not valid UTF-8 (byte offset {err.start})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml and json raise different types
+        raise DataError(path, f"cannot parse caption config: {err.__class__.__name__}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "caption config must be a mapping with 'templates' and 'classes'")
+    return CaptionConfig.from_dict(data, source=str(path))

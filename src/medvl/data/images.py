@@ -1,0 +1,152 @@
+"""Read one 2D image file into a numpy array.
+
+Array conventions (what every reader returns):
+
+- grayscale: ``HxW``; ``uint8`` for 8-bit files, ``uint16`` for 16-bit files (X-ray PNG/TIFF keep
+  their full range, no rescaling), ``int32`` / ``float32`` for 32-bit integer / float files;
+- colour: ``HxWx3`` ``uint8`` RGB. RGBA, LA, palette (P), CMYK and other colour modes are
+  converted (alpha is dropped, not composited);
+- ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed).
+
+Readers are chosen by file suffix through ``IMAGE_READERS`` so DICOM / NIfTI readers can be added
+with ``register_reader``. Every failure is a ``DataError(path, problem)``; pixel data is never
+logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 100_000_000  # images above this (W*H) are refused as likely decompression bombs
+
+ImageReader = Callable[[Path], np.ndarray]
+
+_GRAY_MODES = {"L", "LA", "1", "La"}  # 8-bit grayscale, with or without alpha / 1-bit
+_KEEP_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # 16/32-bit grayscale kept as is
+
+
+def _too_large(width: int, height: int) -> str | None:
+    if width * height > MAX_PIXELS:
+        return f"image too large: {width} x {height} pixels (limit {MAX_PIXELS:,} pixels)"
+    return None
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """Convert a loaded PIL image to HxW (grayscale) or HxWx3 (RGB)."""
+    mode = img.mode
+    if mode in _KEEP_MODES:
+        array = np.asarray(img)
+        return array.astype(array.dtype.newbyteorder("="))  # a writable native-order copy
+    if mode in _GRAY_MODES:
+        return np.array(img.convert("L"))
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img)
+
+
+def read_pil(path: Path) -> np.ndarray:
+    """Read PNG / JPEG / BMP / TIFF with Pillow, forcing a full decode (truncated files fail)."""
+    try:
+        # Our own limit (MAX_PIXELS) is checked below with the exact size, so Pillow's lower
+        # warning threshold is muted here only; its hard error still applies.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                problem = _too_large(*img.size)
+                if problem:
+                    raise DataError(path, problem)
+                if getattr(img, "n_frames", 1) > 1:
+                    log.warning("%s: %d frames, reading the first only", path, img.n_frames)
+                img.load()
+                return _pil_to_array(img)
+    except Image.DecompressionBombError:
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise DataError(path, f"image too large: over {pillow_limit:,} pixels "
+                              f"(limit {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise DataError(path, "not a recognised image file (corrupt or wrong format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise DataError(path, f"corrupt or truncated image ({error})") from None
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """Read a ``.npy`` array (no pickles) holding HxW, HxWx1 or HxWx3 pixels."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # header only, size check first
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(path, f"not a readable .npy array ({error})") from None
+    if not isinstance(mapped, np.ndarray) or mapped.dtype.kind not in "biuf":
+        raise DataError(path, f"expected a numeric array, got dtype {mapped.dtype}")
+    shape = mapped.shape
+    if mapped.ndim == 3 and shape[2] == 1:
+        mapped = mapped[:, :, 0]
+    elif not (mapped.ndim == 2 or (mapped.ndim == 3 and shape[2] == 3)):
+        raise DataError(path, f"expected an HxW or HxWx3 array, got shape {shape}")
+    problem = _too_large(shape[1], shape[0])
+    if problem:
+        raise DataError(path, problem)
+    if mapped.dtype == np.bool_:
+        return mapped.astype(np.uint8) * 255
+    return np.array(mapped)
+
+
+IMAGE_READERS: dict[str, ImageReader] = {
+    ".png": read_pil,
+    ".jpg": read_pil,
+    ".jpeg": read_pil,
+    ".bmp": read_pil,
+    ".tif": read_pil,
+    ".tiff": read_pil,
+    ".npy": read_npy,
+}
+
+
+def register_reader(suffixes: Iterable[str], reader: ImageReader) -> None:
+    """Use ``reader`` for files ending in any of ``suffixes`` (e.g. ``.dcm``, ``.nii.gz``)."""
+    for suffix in suffixes:
+        IMAGE_READERS[suffix.lower()] = reader
+
+
+def image_suffix(path: str | Path) -> str:
+    """The registered suffix a path ends with (``.nii.gz`` before ``.gz``), lower case, or ''."""
+    name = Path(path).name.lower()
+    matches = [suffix for suffix in IMAGE_READERS if name.endswith(suffix)]
+    return max(matches, key=len, default="")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True if the path's suffix has a registered reader (the file is not opened)."""
+    return image_suffix(path) != ""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a 2D image file into an ``HxW`` (grayscale) or ``HxWx3`` (RGB) array.
+
+    Raises ``DataError`` naming the file if it is missing, empty, of an unsupported type,
+    corrupt or truncated, or larger than ``MAX_PIXELS``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.is_dir():
+        raise DataError(path, "is a folder, not an image file")
+    suffix = image_suffix(path)
+    if not suffix:
+        raise DataError(
+            path,
+            f"unsupported file type {path.suffix or '(no suffix)'!r}; "
+            f"supported: {', '.join(sorted(IMAGE_READERS))}",
+        )
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    return IMAGE_READERS[suffix](path)

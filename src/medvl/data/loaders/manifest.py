@@ -1,0 +1,359 @@
+"""Manifest loader: a CSV or JSONL table with one row per image.
+
+Columns (names matched case-insensitively):
+
+- image: ``image`` (or ``image_path``, ``path``, ``file``, ``filename``), a path relative to the
+  manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout).
+  A table without an image column may instead name images by file stem in an ``id`` /
+  ``image_id`` / ``patientid`` column (the Figure 1 COVID table): the image is the file with that
+  stem and a supported suffix in the folder or ``images/``;
+- text (optional): ``text`` (or ``report``, ``caption``, ``notes``);
+- split (optional): ``split``; without it every record is in split ``all``;
+- id (optional): ``id``; without it the image path as written, minus its suffix (the file stem
+  for a flat folder);
+- every other column is a candidate label column (``Dataset.label_names``, in file order).
+
+Values are kept as the strings written in the file (a 0/1 column gives classes ``"0"``, ``"1"``;
+JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``). An empty cell is a
+missing value: absent from ``Record.labels`` and ``Record.meta``. ``Record.meta`` holds every
+non-empty cell except the image and text columns.
+
+Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column may hold legacy
+Windows-1252 characters (the Figure 1 notes do); those cells are decoded as Windows-1252 with a
+warning. Invalid bytes anywhere else are a ``DataError`` with the byte offset.
+
+An optional ``dataset.json`` sidecar in the folder, e.g.
+``{"manifest": "manifest.csv", "label_columns": ["diagnosis"], "captions": {...}, "name": "x"}``,
+names the manifest and the default label columns; the loader sets ``dataset.default_labels``
+(``list[str]``, default ``[]``) and ``dataset.captions`` (``dict`` or ``None``) from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ...errors import DataError
+from ..images import image_suffix, is_image_file
+from ..record import ALL_SPLITS, Dataset, Record
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename")
+STEM_COLUMNS = ("id", "image_id", "patientid")  # only when there is no image column
+TEXT_COLUMNS = ("text", "report", "caption", "notes")
+ID_COLUMN = "id"
+SPLIT_COLUMN = "split"
+MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "metadata.csv")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+SIDECAR_NAME = "dataset.json"
+SIDECAR_KEYS = {"manifest": str, "label_columns": list, "captions": dict, "name": str}
+
+_INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
+
+Row = tuple[int, dict[str, str]]  # (line number in the file, column -> value)
+
+
+# ---------------------------------------------------------------- reading text files
+
+
+def decode_utf8(path: Path, raw: bytes) -> str:
+    """Decode strict UTF-8 (BOM accepted); DataError with the byte offset of the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            path, f"not valid UTF-8 (byte offset {error.start}, line {line}); save it as UTF-8"
+        ) from None
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Read one JSON object per line as ``(line number, object)``; blank lines are skipped."""
+    text = decode_utf8(path, path.read_bytes())
+    rows = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(path, f"line {line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, f"line {line_number}: expected a JSON object, "
+                                  f"got {type(row).__name__}")
+        rows.append((line_number, row))
+    return rows
+
+
+def _cell_text(value: Any) -> str:
+    """A JSON value as manifest text: strings as is, null as empty, anything else as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
+    rows = read_jsonl(path)
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    return columns, [(line, {key: _cell_text(v) for key, v in row.items()}) for line, row in rows]
+
+
+def _bad_byte_offset(raw: bytes, first_line: int, last_line: int) -> int:
+    """Byte offset of the first invalid UTF-8 byte within lines first_line..last_line."""
+    starts = [0, *(match.end() for match in re.finditer(b"\n", raw))]
+    begin = starts[first_line - 1]
+    end = starts[last_line] if last_line < len(starts) else len(raw)
+    try:
+        raw[begin:end].decode("utf-8")
+    except UnicodeDecodeError as error:
+        return begin + error.start
+    return begin
+
+
+def _repair_text_cells(path: Path, raw: bytes, header: list[str], rows: list[Row],
+                       spans: list[tuple[int, int]]) -> None:
+    """Decode legacy bytes of the free-text column as cp1252; refuse them anywhere else."""
+    text_column = _find_column(header, TEXT_COLUMNS)
+    repaired = 0
+    for (line, row), (first, last) in zip(rows, spans, strict=True):
+        for column, value in row.items():
+            if not _INVALID_UTF8.search(value):
+                continue
+            if column != text_column:
+                offset = _bad_byte_offset(raw, first, last)
+                raise DataError(path, f"not valid UTF-8 (byte offset {offset}, line {line}, "
+                                      f"column {column!r}); save it as UTF-8")
+            legacy = value.encode("utf-8", "surrogateescape")
+            row[column] = legacy.decode("cp1252", errors="replace")
+            repaired += 1
+    if repaired:
+        log.warning("%s: %d cells of column %r are not UTF-8; read them as Windows-1252",
+                    path, repaired, text_column)
+
+
+def _read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
+    raw = path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        if any(_INVALID_UTF8.search(name) for name in header):
+            offset = _bad_byte_offset(raw, 1, reader.line_num)
+            raise DataError(path, f"not valid UTF-8 (byte offset {offset}, header); "
+                                  "save it as UTF-8")
+        _check_header(path, header)
+        rows: list[Row] = []
+        spans: list[tuple[int, int]] = []
+        first_line = reader.line_num + 1
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                rows.append((first_line, _row_dict(path, first_line, header, cells)))
+                spans.append((first_line, reader.line_num))
+            first_line = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(path, f"not a readable CSV file (line {reader.line_num}: {error})") \
+            from None
+    if any(_INVALID_UTF8.search(value) for _, row in rows for value in row.values()):
+        _repair_text_cells(path, raw, header, rows, spans)
+    named = [name for name in header if name]
+    if len(named) < len(header):
+        log.warning("%s: ignoring %d column(s) with an empty header", path,
+                    len(header) - len(named))
+    return named, rows
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    seen = set()
+    for name in header:
+        if name and name.lower() in seen:
+            raise DataError(path, f"duplicate column {name!r} in the header")
+        seen.add(name.lower())
+
+
+def _row_dict(path: Path, line: int, header: list[str], cells: list[str]) -> dict[str, str]:
+    if len(cells) > len(header) and any(cell.strip() for cell in cells[len(header):]):
+        raise DataError(path, f"line {line}: {len(cells)} cells but the header has "
+                              f"{len(header)} columns")
+    cells = cells + [""] * (len(header) - len(cells))
+    return {name: cell.strip() for name, cell in zip(header, cells, strict=False) if name}
+
+
+# ---------------------------------------------------------------- the sidecar
+
+
+def read_sidecar(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``dataset.json`` as a checked dict, or None if there is none."""
+    path = folder / SIDECAR_NAME
+    if not path.is_file():
+        return None
+    try:
+        sidecar = json.loads(decode_utf8(path, path.read_bytes()))
+    except json.JSONDecodeError as error:
+        raise DataError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(sidecar, dict):
+        raise DataError(path, "expected a JSON object")
+    for key, value in sidecar.items():
+        expected = SIDECAR_KEYS.get(key)
+        if expected is None:
+            log.warning("%s: ignoring unknown key %r (known: %s)", path, key,
+                        ", ".join(SIDECAR_KEYS))
+        elif value is not None and not isinstance(value, expected):
+            raise DataError(path, f"{key!r} must be a {expected.__name__}, "
+                                  f"got {type(value).__name__}")
+    labels = sidecar.get("label_columns") or []
+    if not all(isinstance(label, str) for label in labels):
+        raise DataError(path, "'label_columns' must be a list of column names")
+    return sidecar
+
+
+def find_manifest(folder: Path) -> Path | None:
+    """The manifest of a dataset folder: named by ``dataset.json``, else a standard name."""
+    sidecar = read_sidecar(folder)
+    if sidecar and sidecar.get("manifest"):
+        manifest = folder / sidecar["manifest"]
+        if not manifest.is_file():
+            raise DataError(folder / SIDECAR_NAME, f"manifest {sidecar['manifest']!r} not found")
+        return manifest
+    for name in MANIFEST_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _sidecar_for(manifest: Path) -> dict[str, Any]:
+    """The sidecar next to a manifest if it describes this manifest, else an empty dict."""
+    sidecar = read_sidecar(manifest.parent) or {}
+    named = sidecar.get("manifest")
+    if named and (manifest.parent / named).resolve() != manifest.resolve():
+        return {}
+    return sidecar
+
+
+# ---------------------------------------------------------------- building records
+
+
+def _find_column(columns: Iterable[str], candidates: tuple[str, ...]) -> str | None:
+    by_lower = {column.lower(): column for column in columns}
+    return next((by_lower[name] for name in candidates if name in by_lower), None)
+
+
+class _ImageResolver:
+    """Turns a manifest value into an image path under the folder or ``<folder>/images``."""
+
+    def __init__(self, folder: Path, by_stem: bool):
+        self.roots = [folder, folder / "images"]
+        self.by_stem = by_stem
+        self.stems: dict[str, list[Path]] = {}
+        if by_stem:
+            for root in self.roots:
+                for file in sorted(root.iterdir()) if root.is_dir() else []:
+                    if file.is_file() and is_image_file(file):
+                        stem = file.name[: len(file.name) - len(image_suffix(file))]
+                        self.stems.setdefault(stem, []).append(file)
+
+    def resolve(self, value: str) -> tuple[Path, bool]:
+        """(path, exists); the first candidate path if none exists."""
+        if self.by_stem:
+            found = self.stems.get(value, [])
+            if len(found) > 1:
+                raise DataError(self.roots[0], f"several images named {value!r}: "
+                                               f"{', '.join(p.name for p in found)}")
+            return (found[0], True) if found else (self.roots[0] / value, False)
+        path = Path(value)
+        candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
+        existing = next((c for c in candidates if c.exists()), None)
+        return (existing, True) if existing else (candidates[0], False)
+
+
+def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
+    image = _find_column(columns, IMAGE_COLUMNS)
+    stem = None if image else _find_column(columns, STEM_COLUMNS)
+    if not image and not stem:
+        raise DataError(path, f"no image column (expected one of {', '.join(IMAGE_COLUMNS)}, "
+                              f"or {', '.join(STEM_COLUMNS)} naming image files by stem); "
+                              f"columns found: {', '.join(columns) or 'none'}")
+    return {
+        "image": image or stem,
+        "text": _find_column(columns, TEXT_COLUMNS),
+        "split": _find_column(columns, (SPLIT_COLUMN,)),
+        "id": stem or _find_column(columns, (ID_COLUMN,)),
+        "by_stem": stem,
+    }
+
+
+def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | None],
+            labels: list[str], resolver: _ImageResolver) -> tuple[Record, bool]:
+    image_value = row.get(roles["image"] or "", "")
+    if not image_value:
+        raise DataError(path, f"line {line}: empty {roles['image']!r} cell")
+    image, exists = resolver.resolve(image_value)
+    record_id = row.get(roles["id"] or "") or PurePosixPath(image_value).with_suffix("").as_posix()
+    split = row.get(roles["split"], "") if roles["split"] else ALL_SPLITS
+    if not split:
+        raise DataError(path, f"line {line}: empty {roles['split']!r} cell")
+    record = Record(
+        id=record_id,
+        images=[image],
+        text=row.get(roles["text"] or "") or None,
+        labels={name: row[name] for name in labels if row.get(name)},
+        meta={k: v for k, v in row.items() if v and k not in (roles["image"], roles["text"])},
+        split=split,
+    )
+    return record, exists
+
+
+def _build_records(path: Path, columns: list[str], rows: list[Row]) -> tuple[list[Record],
+                                                                          list[str]]:
+    roles = _columns_for(path, columns)
+    special = {roles["image"], roles["text"], roles["split"], roles["id"]}
+    labels = [column for column in columns if column not in special]
+    resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
+    records, missing, first_line = [], [], {}
+    for line, row in rows:
+        record, exists = _record(path, line, row, roles, labels, resolver)
+        if not exists:
+            missing.append((line, record.image))
+        if record.id in first_line:
+            raise DataError(path, f"duplicate id {record.id!r} on lines {first_line[record.id]} "
+                                  f"and {line}")
+        first_line[record.id] = line
+        records.append(record)
+    if missing:
+        line, image = missing[0]
+        raise DataError(path, f"{len(missing)} of {len(rows)} image files not found; "
+                              f"first: line {line}: {image}")
+    return records, labels
+
+
+def load_manifest(path: str | Path) -> Dataset:
+    """Load a ``.csv`` or ``.jsonl`` manifest (see the module docstring for the columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "manifest file not found")
+    suffix = path.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise DataError(path, f"unsupported manifest type {suffix!r}; expected .csv or .jsonl")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty manifest (0 bytes)")
+    columns, rows = _read_jsonl_table(path) if suffix == ".jsonl" else _read_csv_table(path)
+    if not rows:
+        raise DataError(path, "empty manifest (no rows)")
+    records, labels = _build_records(path, columns, rows)
+    sidecar = _sidecar_for(path)
+    defaults = sidecar.get("label_columns") or []
+    unknown = [label for label in defaults if label not in labels]
+    if unknown:
+        raise DataError(path.parent / SIDECAR_NAME,
+                        f"label_columns {unknown} are not columns of {path.name}; "
+                        f"label columns: {', '.join(labels)}")
+    return Dataset(records, source=str(path), label_names=labels, default_labels=list(defaults),
+                   captions=sidecar.get("captions"))

@@ -1,0 +1,168 @@
+"""MedPix 2.0 loader: CT and MR images with a caption each and a case report per case.
+
+Folder layout (github.com/CHILab1/MedPix-2.0): ``descriptions_{split}.jsonl`` (one object per
+image), ``images/<image>.jpg`` (``.png`` / ``.jpeg`` accepted) and, optionally,
+``data_{split}.jsonl`` (one object per case, keyed by ``U_id``). Splits are the descriptions files
+present (the shared copy has ``train`` and ``dev``).
+
+Record: id = the image stem, text = ``Description.Caption``. Label columns (class names as
+written; a missing value is absent):
+
+- ``modality``: ``Type``, ``CT`` or ``MR``;
+- ``plane``: ``Description.Plane`` (Axial, Coronal, Sagittal, then a long tail: 3D
+  Reconstruction, Multiple or Montage, Transverse, Lateral, AP, PA, ...). ``NOS - Not specified``
+  is treated as missing;
+- ``location_category``: ``Location Category`` (Head, Thorax, Abdomen, Spine and Muscles,
+  Reproductive and Urinary System);
+- ``location``: ``Location`` (about 20 finer regions, e.g. Brain and Neuro, Chest, Pulmonary).
+
+Meta: ``case_id`` (``U_id``), ``age`` (years, as written), ``sex`` (``N/A`` = missing),
+``modality_detail`` (e.g. ``MR - T2 weighted``), ``acr_codes``, ``figure_part`` and, when the case
+file is present, ``case_report`` (History, Exam, Findings, Differential Diagnosis, Case Diagnosis,
+Discussion as one text, each part headed by its name) and ``case_diagnosis``. Reports are patient
+data: never log them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ...errors import DataError
+from ..record import Dataset, Record
+from .manifest import read_jsonl
+
+log = logging.getLogger(__name__)
+
+DESCRIPTIONS_GLOB = "descriptions_*.jsonl"
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+LABEL_NAMES = ["modality", "plane", "location_category", "location"]
+MISSING_VALUES = {"", "N/A", "NOS - Not specified"}
+REPORT_PARTS = ("History", "Exam", "Findings", "Differential Diagnosis", "Case Diagnosis",
+                "Discussion")
+SPLIT_ORDER = ("train", "val", "valid", "validation", "dev", "test")
+
+
+def is_medpix_folder(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob(DESCRIPTIONS_GLOB))
+
+
+def _value(data: dict[str, Any], key: str) -> str | None:
+    """A stripped string value, or None when absent or one of MISSING_VALUES."""
+    value = data.get(key)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text in MISSING_VALUES else text
+
+
+def _present(mapping: dict[str, str | None]) -> dict[str, str]:
+    return {key: value for key, value in mapping.items() if value is not None}
+
+
+def _splits(folder: Path) -> list[str]:
+    names = [path.name[len("descriptions_"): -len(".jsonl")]
+             for path in folder.glob(DESCRIPTIONS_GLOB)]
+    known = [name for name in SPLIT_ORDER if name in names]
+    return known + sorted(set(names) - set(known))
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Image stem -> file in ``images/``, listed once (preferring .jpg over .png over .jpeg)."""
+    images = folder / "images"
+    if not images.is_dir():
+        raise DataError(images, "image folder not found")
+    files: dict[str, Path] = {}
+    for suffix in reversed(IMAGE_SUFFIXES):
+        files.update({path.stem: path for path in images.glob(f"*{suffix}")})
+    return files
+
+
+def _case_report(case: dict[str, Any]) -> str | None:
+    parts = [(name, _value(case, name)) for name in REPORT_PARTS]
+    text = "\n\n".join(f"{name}: {value}" for name, value in parts if value)
+    return text or None
+
+
+def _cases(folder: Path, split: str) -> dict[str, dict[str, str]]:
+    """Case id -> meta from the split's case file (empty when the file is absent)."""
+    path = folder / f"data_{split}.jsonl"
+    if not path.is_file():
+        log.info("%s: no case file, records of split %r have no case report", path, split)
+        return {}
+    cases = {}
+    for _, row in read_jsonl(path):
+        case = row.get("Case") if isinstance(row.get("Case"), dict) else {}
+        cases[str(row.get("U_id"))] = _present({
+            "case_report": _case_report(case),
+            "case_diagnosis": _value(case, "Case Diagnosis"),
+        })
+    return cases
+
+
+def _record(row: dict[str, Any], split: str, image: Path,
+            cases: dict[str, dict[str, str]]) -> Record:
+    description = row.get("Description") if isinstance(row.get("Description"), dict) else {}
+    case_id = _value(row, "U_id")
+    labels = {
+        "modality": _value(row, "Type"),
+        "plane": _value(description, "Plane"),
+        "location_category": _value(row, "Location Category"),
+        "location": _value(row, "Location"),
+    }
+    meta = {
+        "case_id": case_id,
+        "age": _value(description, "Age"),
+        "sex": _value(description, "Sex"),
+        "modality_detail": _value(description, "Modality"),
+        "acr_codes": _value(description, "ACR Codes"),
+        "figure_part": _value(description, "Figure Part"),
+    }
+    return Record(
+        id=image.stem,
+        images=[image],
+        text=_value(description, "Caption"),
+        labels=_present(labels),
+        meta={**_present(meta), **cases.get(case_id or "", {})},
+        split=split,
+    )
+
+
+def _split_records(folder: Path, split: str, files: dict[str, Path],
+                   missing: list[str]) -> list[Record]:
+    path = folder / f"descriptions_{split}.jsonl"
+    cases = _cases(folder, split)
+    records = []
+    for line, row in read_jsonl(path):
+        stem = _value(row, "image")
+        if not stem:
+            raise DataError(path, f"line {line}: no 'image' value")
+        if stem not in files:
+            missing.append(f"{path.name} line {line}: images/{stem}.jpg")
+            continue
+        records.append(_record(row, split, files[stem], cases))
+    return records
+
+
+def load_medpix(folder: str | Path) -> Dataset:
+    """Load a MedPix 2.0 folder (see the module docstring for records, labels and meta)."""
+    folder = Path(folder)
+    if not is_medpix_folder(folder):
+        raise DataError(folder, f"not a MedPix 2.0 folder (no {DESCRIPTIONS_GLOB} files)")
+    files = _image_files(folder)
+    records: list[Record] = []
+    missing: list[str] = []
+    for split in _splits(folder):
+        records += _split_records(folder, split, files, missing)
+    if missing:
+        raise DataError(folder, f"{len(missing)} image files not found; first: {missing[0]}")
+    if not records:
+        raise DataError(folder, "no records in the descriptions files")
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise DataError(folder, f"duplicate image {record.id!r} (listed twice)")
+        seen.add(record.id)
+    dataset = Dataset(records, source=str(folder), label_names=LABEL_NAMES)
+    return dataset

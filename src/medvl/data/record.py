@@ -1,0 +1,113 @@
+"""The one record type every loader yields, and the dataset that holds them.
+
+Label encoding: ``Record.labels`` maps a label column name to its value for this record. A value
+is always a string: a class name for a categorical column, ``"0"`` / ``"1"`` for a binary column
+of a multi-label dataset. A missing label is absent from the dict (never guessed); loaders skip records
+whose requested label is empty and log how many they skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+ALL_SPLITS = "all"
+
+
+@dataclass
+class Record:
+    """One case: image(s), optional text, labels, metadata and the split it belongs to."""
+
+    id: str
+    # file paths (read lazily) or arrays (HxW, HxWxC or DxHxW); patient data: kept out of repr
+    images: list[Path | np.ndarray] = field(repr=False)
+    text: str | None = field(default=None, repr=False)  # report / caption; patient data: never logged
+    labels: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    split: str = ALL_SPLITS
+
+    @property
+    def image(self) -> Path | np.ndarray:
+        """The first (usually only) image of the record."""
+        return self.images[0]
+
+
+class Dataset(Sequence[Record]):
+    """A sized, indexable sequence of records from one source."""
+
+    def __init__(self, records: list[Record], source: str, label_names: Sequence[str] = (),
+                 default_labels: Sequence[str] = (), captions: dict[str, Any] | None = None):
+        self.records = list(records)
+        self.source = source  # the path it was read from, for error messages
+        self.label_names = list(label_names)  # every candidate label column
+        self.default_labels = list(default_labels)  # the columns to use when none are asked for
+        self.captions = captions  # the dataset's own caption config (templates, class descriptions)
+
+    def subset(self, records: list[Record], label_names: Sequence[str] | None = None) -> Dataset:
+        """A dataset of other records from the same source, keeping its settings."""
+        names = self.label_names if label_names is None else label_names
+        defaults = [c for c in self.default_labels if c in names]
+        return Dataset(records, self.source, names, defaults, self.captions)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return self.subset(self.records[index])
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.source!r}, n={len(self)}, splits={self.splits}, labels={self.label_names})"
+
+    @property
+    def splits(self) -> list[str]:
+        """The split names present, in first-seen order."""
+        return list(dict.fromkeys(r.split for r in self.records))
+
+    def select(self, split: str) -> Dataset:
+        """Records of one split; ``all`` keeps every record."""
+        if split == ALL_SPLITS:
+            return self
+        if split not in self.splits:
+            raise InputError(
+                f"{self.source}: no split {split!r}; splits present: {', '.join(self.splits) or 'none'}"
+                f" (or 'all')"
+            )
+        return self.subset([r for r in self.records if r.split == split])
+
+    def classes(self, label: str) -> list[str]:
+        """Sorted distinct class names of a categorical label column."""
+        self.require_label(label)
+        return sorted({str(r.labels[label]) for r in self.records if label in r.labels})
+
+    def require_label(self, label: str) -> None:
+        if label not in self.label_names:
+            raise InputError(
+                f"{self.source}: unknown label column {label!r}; "
+                f"available: {', '.join(self.label_names) or 'none'}"
+            )
+
+    def with_labels(self, labels: Sequence[str]) -> Dataset:
+        """Keep only the given label columns, dropping records where any of them is empty."""
+        for label in labels:
+            self.require_label(label)
+        kept = [r for r in self.records if all(label in r.labels for label in labels)]
+        if len(kept) < len(self.records):
+            log.info("%s: skipped %d records with an empty label in %s",
+                     self.source, len(self.records) - len(kept), ", ".join(labels))
+        subset = self.subset(kept, list(labels))
+        subset.default_labels = list(labels)
+        return subset

@@ -1,0 +1,31 @@
+"""The project's error types.
+
+Library code raises these; the CLI and the HTTP service catch them once at the boundary and turn
+them into a one-line message (exit code 2) or an HTTP 4xx. Messages name the file or value at
+fault and say what was expected, never include pixel data or report text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedvlError(Exception):
+    """Base class of every error medvl raises on purpose."""
+
+
+class DataError(MedvlError):
+    """A data file or folder is missing, unreadable, empty or malformed."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class InputError(MedvlError):
+    """An argument has a value medvl cannot use (unknown label, bad shape, bad option)."""
+
+
+class ModelError(MedvlError):
+    """A model name, directory or checkpoint cannot be used."""

@@ -1,0 +1,295 @@
+"""Image reading and dataset loaders, on the shared real data and on small files written here."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvl.data.images import read_image
+from medvl.data.loaders import load_dataset, load_npz
+from medvl.data.record import ALL_SPLITS
+from medvl.errors import DataError, InputError
+
+# ---------------------------------------------------------------- shared real data
+
+
+def test_isic_folder_loads(shared_data):
+    dataset = load_dataset(shared_data / "isic-dermoscopy")
+    assert len(dataset) == 400
+    assert dataset.splits == [ALL_SPLITS]
+    assert {"diagnosis", "benign_malignant", "age_approx", "sex"} <= set(dataset.label_names)
+    assert dataset.default_labels == [] and dataset.captions is None
+    first = dataset[0]
+    assert first.id == "ISIC_0000001"
+    assert first.labels["diagnosis"] == "nevus" and first.meta["sex"] == "female"
+    image = read_image(first.image)
+    assert image.shape == (250, 250, 3) and image.dtype == np.uint8
+
+
+def test_isic_select_diagnosis_skips_empty(shared_data):
+    dataset = load_dataset(shared_data / "isic-dermoscopy", label_columns=["diagnosis"])
+    assert dataset.label_names == ["diagnosis"]
+    assert len(dataset) == 398  # two rows have an empty diagnosis
+    assert dataset.classes("diagnosis") == ["melanoma", "nevus"]
+    assert dataset.default_labels == ["diagnosis"]
+
+
+def test_unknown_label_column_names_file_and_columns(shared_data):
+    with pytest.raises(InputError, match="metadata.csv.*'nosuch'.*diagnosis"):
+        load_dataset(shared_data / "isic-dermoscopy", label_columns=["nosuch"])
+
+
+def test_figure1_loads_with_notes_as_text(shared_data):
+    dataset = load_dataset(shared_data / "figure1-covid-cxr")
+    assert len(dataset) == 55
+    assert "finding" in dataset.label_names and "notes" not in dataset.label_names
+    by_id = {record.id: record for record in dataset}
+    assert by_id["COVID-00015a"].image.name == "COVID-00015a.png"
+    assert "38\N{DEGREE SIGN}" in by_id["COVID-00007"].text  # a Windows-1252 byte in the notes
+    assert load_dataset(shared_data / "figure1-covid-cxr", ["finding"]).classes("finding") == [
+        "COVID-19", "No finding", "Pneumonia"]
+
+
+def test_pneumoniamnist_splits_and_labels(shared_data):
+    path = shared_data / "pneumoniamnist" / "pneumoniamnist.npz"
+    dataset = load_dataset(path)
+    assert len(dataset.select("train")) == 3882 and len(dataset.select("val")) == 524
+    assert dataset.label_names == ["label"] and dataset.classes("label") == ["0", "1"]
+    first, second = dataset[0], dataset[1]
+    assert first.id == "train_0" and first.image.shape == (28, 28)
+    assert np.shares_memory(first.image, second.image.base)  # views of one array, no copies
+    with pytest.raises(InputError, match=r"pneumoniamnist\.npz.*'test'.*train, val"):
+        dataset.select("test")
+
+
+def test_medpix_splits_labels_and_reports(shared_data):
+    dataset = load_dataset(shared_data / "medpix-2.0")
+    assert len(dataset.select("train")) == 1653 and len(dataset.select("dev")) == 197
+    assert dataset.label_names == ["modality", "plane", "location_category", "location"]
+    assert dataset.classes("modality") == ["CT", "MR"]
+    assert {"Axial", "Coronal", "Sagittal"} <= set(dataset.classes("plane"))
+    assert "NOS - Not specified" not in dataset.classes("plane")
+    record = dataset[0]
+    assert record.text and record.image.suffix == ".jpg" and record.image.exists()
+    assert record.meta["case_id"] == record.id.split("_")[0]
+    assert "History:" in record.meta["case_report"] and record.meta["case_diagnosis"]
+
+
+# ---------------------------------------------------------------- npz files written here
+
+
+def test_npz_multi_label(tmp_path):
+    path = tmp_path / "multi.npz"
+    labels = np.array([[0, 1, 1], [1, 0, 0]], dtype=np.uint8)
+    np.savez(path, train_images=np.zeros((2, 8, 8, 3), np.uint8), train_labels=labels)
+    dataset = load_npz(path)
+    assert dataset.label_names == ["label_0", "label_1", "label_2"]
+    assert dataset[0].labels == {"label_0": "0", "label_1": "1", "label_2": "1"}
+    assert dataset[0].image.shape == (8, 8, 3)
+    named = load_npz(path, class_names=["effusion", "edema", "mass"])
+    assert named.label_names == ["effusion", "edema", "mass"]
+
+
+def test_npz_multi_class_with_stored_names_and_3d(tmp_path):
+    path = tmp_path / "organ.npz"
+    np.savez(path, val_images=np.zeros((3, 4, 8, 8), np.float32),
+             val_labels=np.array([[2], [0], [1]]), class_names=np.array(["liver", "lung", "bone"]))
+    dataset = load_dataset(path, label_columns=["label"])
+    assert dataset.splits == ["val"] and dataset.default_labels == ["label"]
+    assert [record.labels["label"] for record in dataset] == ["bone", "liver", "lung"]
+    assert [record.id for record in dataset] == ["val_0", "val_1", "val_2"]
+    assert dataset[0].image.shape == (4, 8, 8)
+
+
+def test_npz_without_images_keys(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros(3), y=np.zeros(3))
+    with pytest.raises(DataError, match=r"bad\.npz.*keys found: x, y"):
+        load_dataset(path)
+
+
+def test_npz_label_problems(tmp_path):
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, train_images=np.zeros((2, 4, 4)))
+    with pytest.raises(DataError, match=r"unlabelled\.npz.*no matching 'train_labels'"):
+        load_npz(unlabelled)
+    mismatch = tmp_path / "mismatch.npz"
+    np.savez(mismatch, train_images=np.zeros((2, 4, 4)), train_labels=np.zeros(3))
+    with pytest.raises(DataError, match=r"mismatch\.npz.*3 rows"):
+        load_npz(mismatch)
+
+
+def test_npz_not_a_zip(tmp_path):
+    path = tmp_path / "fake.npz"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(DataError, match=r"fake\.npz.*not an \.npz"):
+        load_dataset(path)
+
+
+# ---------------------------------------------------------------- manifests written here
+
+
+def _images(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 5), color=128).save(folder / name)
+
+
+def test_manifest_csv_with_split_column(tmp_path):
+    _images(tmp_path, ["a.png", "images/b.png", "c.png"])
+    (tmp_path / "manifest.csv").write_text(
+        "image,report,finding,split\n"
+        "a.png,normal heart,normal,train\n"
+        "b.png,,effusion,train\n"
+        "c.png,big heart,,test\n", encoding="utf-8")
+    dataset = load_dataset(tmp_path)
+    assert dataset.splits == ["train", "test"] and dataset.label_names == ["finding"]
+    a, b, c = dataset
+    assert (a.id, a.text, a.split) == ("a", "normal heart", "train")
+    assert a.labels == {"finding": "normal"}
+    assert b.image == tmp_path / "images" / "b.png" and b.text is None
+    assert c.labels == {} and c.meta == {"split": "test"}
+    assert read_image(a.image).shape == (5, 6)
+    assert len(load_dataset(tmp_path, ["finding"]).select("train")) == 2
+
+
+def test_manifest_jsonl_without_split_column(tmp_path):
+    _images(tmp_path, ["x.png", "y.png"])
+    rows = [{"image": "x.png", "caption": "a cxr", "id": "case-1", "positive": 1},
+            {"image": "y.png", "caption": "a ct", "id": "case-2", "positive": 0, "age": None}]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert dataset.splits == [ALL_SPLITS] and dataset.label_names == ["positive", "age"]
+    assert [record.id for record in dataset] == ["case-1", "case-2"]
+    assert dataset.classes("positive") == ["0", "1"] and dataset[1].text == "a ct"
+    assert "age" not in dataset[1].labels
+
+
+def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
+    _images(tmp_path, ["a.png"])
+    (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")
+    captions = {"classes": {"finding": {"normal": ["no finding"]}}}
+    sidecar = {"manifest": "table.csv", "label_columns": ["finding"], "captions": captions}
+    (tmp_path / "dataset.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    dataset = load_dataset(tmp_path)
+    assert dataset.label_names == ["finding", "view"]
+    assert dataset.default_labels == ["finding"] and dataset.captions == captions
+    sidecar["label_columns"] = ["nosuch"]
+    (tmp_path / "dataset.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset\.json.*nosuch"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "empty manifest"),
+    (b"image,finding\n", "empty manifest"),
+    (b"image,finding\na.png,norm\xe9al\n", r"not valid UTF-8 \(byte offset 24, line 2"),
+    (b"picture,finding\na.png,normal\n", "no image column.*columns found: picture, finding"),
+    (b"image,finding\na.png,normal\na.png,edema\n", "duplicate id 'a' on lines 2 and 3"),
+])
+def test_bad_manifest(tmp_path, content, problem):
+    _images(tmp_path, ["a.png"])
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"manifest\.csv.*{problem}"):
+        load_dataset(path)
+
+
+def test_bad_jsonl_line(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"image": "a.png"}\n{"image": "b.png",\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"manifest\.jsonl.*line 2: not valid JSON"):
+        load_dataset(tmp_path)
+
+
+def test_missing_image_file(tmp_path):
+    _images(tmp_path, ["a.png"])
+    path = tmp_path / "manifest.csv"
+    path.write_text("image\na.png\ngone.png\nalso-gone.png\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"manifest\.csv.*2 of 3 image files not found; "
+                                        r"first: line 3: .*gone\.png"):
+        load_dataset(path)
+
+
+def test_unrecognised_paths(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere.*not found"):
+        load_dataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"unrecognised dataset folder.*supported: .*npz"):
+        load_dataset(tmp_path)
+    (tmp_path / "data.parquet").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"data\.parquet.*unrecognised dataset file"):
+        load_dataset(tmp_path / "data.parquet")
+
+
+# ---------------------------------------------------------------- read_image
+
+
+def test_read_image_modes(tmp_path):
+    Image.fromarray(np.full((4, 5), 4000, np.uint16)).save(tmp_path / "xray16.png")
+    Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    palette = Image.new("P", (5, 4))
+    palette.putpalette([255, 0, 0, 0, 0, 255] * 128)
+    palette.save(tmp_path / "palette.bmp")
+    np.save(tmp_path / "array.npy", np.ones((4, 5, 1), np.float32))
+    gray16 = read_image(tmp_path / "xray16.png")
+    assert gray16.dtype == np.uint16 and gray16.max() == 4000
+    assert read_image(tmp_path / "rgba.png").shape == (4, 5, 3)
+    assert read_image(tmp_path / "palette.bmp").shape == (4, 5, 3)
+    assert read_image(tmp_path / "array.npy").shape == (4, 5)
+
+
+def test_corrupt_image(tmp_path):
+    path = tmp_path / "noise.png"
+    path.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(DataError, match=r"noise\.png.*not a recognised image"):
+        read_image(path)
+
+
+def test_truncated_jpeg(tmp_path, shared_data):
+    data = (shared_data / "isic-dermoscopy" / "images" / "ISIC_0000001.jpg").read_bytes()
+    path = tmp_path / "half.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"half\.jpg.*truncated"):
+        read_image(path)
+
+
+def test_empty_missing_and_unsupported_files(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "scan.xyz").write_bytes(b"x")
+    np.save(tmp_path / "objects.npy", np.array([{}, None]), allow_pickle=True)
+    with pytest.raises(DataError, match=r"empty\.png.*empty file \(0 bytes\)"):
+        read_image(tmp_path / "empty.png")
+    with pytest.raises(DataError, match=r"absent\.png.*file not found"):
+        read_image(tmp_path / "absent.png")
+    with pytest.raises(DataError, match=r"scan\.xyz.*unsupported file type '\.xyz'"):
+        read_image(tmp_path / "scan.xyz")
+    with pytest.raises(DataError, match=r"objects\.npy"):
+        read_image(tmp_path / "objects.npy")
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (the pixel data is never reached)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("size", "problem"), [
+    ((11_000, 10_000), "image too large: 11000 x 10000 pixels"),  # over our limit
+    ((30_000, 30_000), "image too large: over .* pixels"),  # over Pillow's own hard limit
+])
+def test_decompression_bomb(tmp_path, size, problem):
+    path = tmp_path / "bomb.png"
+    _png_header(path, *size)
+    with pytest.raises(DataError, match=rf"bomb\.png.*{problem}"):
+        read_image(path)
