@@ -1,0 +1,80 @@
+"""Linear probe: logistic regression (scikit-learn) on frozen image features, full and few-shot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..data.record import Dataset
+from ..errors import InputError
+from ..models.dual import DualEncoder
+from .embed import embed_images
+from .metrics import classification_metrics
+
+
+def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, label: str,
+                 few_shot: Sequence[int] = (1, 4, 16), repeats: int = 5, seed: int = 0,
+                 show_progress: bool = True) -> dict:
+    """Fit on ``train_data`` features, report AUC / accuracy on ``test_data``.
+
+    The regularisation strength is chosen by 3-fold cross-validation on the training features.
+    Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported.
+    """
+    train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
+    classes = sorted(set(train_data.classes(label)))
+    unknown = set(test_data.classes(label)) - set(classes)
+    if unknown:
+        raise InputError(f"{test_data.source}: test classes {sorted(unknown)} not in training classes {classes}")
+    if len(classes) < 2:
+        raise InputError(f"{train_data.source}: label {label!r} needs at least 2 classes in training data")
+    index = {name: i for i, name in enumerate(classes)}
+    y_train = np.array([index[str(r.labels[label])] for r in train_data])
+    y_test = np.array([index[str(r.labels[label])] for r in test_data])
+    x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
+    x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
+    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True)
+    result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
+              "auc": full["macro_auc"], "accuracy": full["accuracy"],
+              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}}
+    rng = np.random.default_rng(seed)
+    for k in few_shot:
+        scores = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
+        scores = [s for s in scores if s is not None]
+        if scores:
+            aucs = [s["macro_auc"] for s in scores if s["macro_auc"] is not None]
+            accs = [s["accuracy"] for s in scores]
+            result["few_shot"][str(k)] = {
+                "auc_mean": float(np.mean(aucs)) if aucs else None,
+                "auc_std": float(np.std(aucs)) if aucs else None,
+                "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+                "repeats": len(scores)}
+    return result
+
+
+def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                  classes: Sequence[str], cv: bool) -> dict:
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(3, int(np.bincount(y_train).min()))
+    if cv and folds >= 2:
+        classifier = LogisticRegressionCV(Cs=np.logspace(-3, 1, 5).tolist(), cv=folds, max_iter=2000)
+    else:
+        classifier = LogisticRegression(C=0.1, max_iter=2000)
+    probe = make_pipeline(StandardScaler(), classifier).fit(x_train, y_train)
+    probabilities = np.zeros((len(x_test), len(classes)))
+    probabilities[:, probe.classes_] = probe.predict_proba(x_test)
+    return classification_metrics(y_test, probabilities, classes)
+
+
+def _few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) -> dict | None:
+    chosen = []
+    for c in range(len(classes)):
+        members = np.flatnonzero(y_train == c)
+        if len(members) < k:
+            return None
+        chosen.extend(rng.choice(members, size=k, replace=False))
+    chosen = np.array(chosen)
+    return fit_and_score(x_train[chosen], y_train[chosen], x_test, y_test, classes, cv=False)

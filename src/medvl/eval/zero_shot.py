@@ -1,0 +1,68 @@
+"""Zero-shot classification with prompt ensembles (CLIP protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..data.captions import CaptionConfig
+from ..data.record import Dataset
+from ..errors import InputError
+from ..models.dual import DualEncoder
+from .embed import class_embeddings, embed_images
+from .metrics import classification_metrics
+
+
+def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
+                            prompts: list[list[str]]) -> np.ndarray:
+    """Softmax over classes of scaled cosine similarity to each class's prompt ensemble."""
+    classes = class_embeddings(model, prompts)
+    logits = model.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
+    return logits.softmax(-1).numpy()
+
+
+def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
+              captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
+              show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
+              keep_scores: bool = False) -> dict:
+    """Classify every record's image among the classes of ``label`` from text prompts alone.
+
+    Returns accuracy, balanced accuracy, macro AUC, a per-class table, the confusion matrix and
+    the prompts used. ``classes`` defaults to the classes present in the dataset.
+    ``image_embeddings`` (rows aligned with ``dataset``) skips embedding; ``keep_scores`` adds
+    the per-image ``probabilities`` and true class indices ``y_true``.
+    """
+    if image_embeddings is not None and len(image_embeddings) != len(dataset):
+        raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
+    keep = [i for i, r in enumerate(dataset) if label in r.labels] if label in dataset.label_names else []
+    dataset = dataset.with_labels([label])
+    if len(dataset) == 0:
+        raise InputError(f"{dataset.source}: no records with label {label!r}")
+    captions = captions or CaptionConfig()
+    class_names = list(classes) if classes else dataset.classes(label)
+    if len(class_names) < 2:
+        raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {class_names}")
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = {str(r.labels[label]) for r in dataset} - set(index)
+    if unknown:
+        raise InputError(f"{dataset.source}: records have classes {sorted(unknown)} not in {class_names}")
+    prompts = [captions.prompts(label, name) for name in class_names]
+    if image_embeddings is not None:
+        embeddings = image_embeddings[keep]
+    else:
+        embeddings = embed_images(model, dataset, show_progress=show_progress)
+    probabilities = zero_shot_probabilities(model, embeddings, prompts)
+    y_true = np.array([index[str(r.labels[label])] for r in dataset])
+    metrics = classification_metrics(y_true, probabilities, class_names)
+    metrics.update(label=label, classes=class_names, chance_accuracy=_majority_rate(y_true),
+                   chance_balanced_accuracy=1.0 / len(class_names),
+                   prompts=dict(zip(class_names, prompts, strict=True)))
+    if keep_scores:
+        metrics.update(probabilities=probabilities.tolist(), y_true=y_true.tolist())
+    return metrics
+
+
+def _majority_rate(y_true: np.ndarray) -> float:
+    return float(np.bincount(y_true).max() / len(y_true))

@@ -1,0 +1,128 @@
+"""Model configs: plain dataclasses, serialised to JSON, one field comment each."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InputError
+
+
+@dataclass
+class ImageConfig:
+    arch: str = "resnet"  # resnet | vit | densenet (MONAI networks)
+    spatial_dims: int = 2  # 2 for images, 3 for volumes
+    in_channels: int = 1  # 1 = grayscale (X-ray, CT, MR), 3 = RGB (dermoscopy, photos)
+    image_size: int = 128  # input side in pixels after resizing (square)
+    layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # resnet blocks per stage
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # resnet stage widths
+    stem_kernel: int = 7  # first conv kernel; 3 with stem_stride 1 suits tiny (28 px) images
+    stem_stride: int = 2  # first conv stride
+    no_max_pool: bool = False  # skip the stem max-pool (small images)
+    patch_size: int = 16  # vit patch side
+    hidden_size: int = 256  # vit width
+    num_layers: int = 4  # vit depth; densenet: ignored
+    num_heads: int = 4  # vit heads
+    growth_rate: int = 16  # densenet growth rate
+    block_config: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # densenet blocks
+    intensity_mean: float = 0.5  # normalisation after scaling intensities to [0, 1]
+    intensity_std: float = 0.25
+    augment: bool = True  # random affine / contrast / noise during training
+    augment_flip: bool = False  # horizontal flips; off for chest X-ray (laterality matters)
+
+
+@dataclass
+class TextConfig:
+    kind: str = "bert"  # bert: random-init BERT + WordPiece trained on the corpus; pretrained: HF dir
+    path: str | None = None  # pretrained: a local HF directory, or "all-minilm-l6-v2" (shipped)
+    vocab_size: int = 4000  # bert: WordPiece vocabulary size
+    hidden_size: int = 128  # bert: width
+    num_layers: int = 2  # bert: depth
+    num_heads: int = 2  # bert: attention heads
+    intermediate_size: int = 256  # bert: feed-forward width
+    max_length: int = 128  # tokens per text, longer texts are truncated
+    pooling: str = "mean"  # mean | cls
+    freeze: bool = False  # keep the text encoder's weights fixed (heads still train)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    embed_dim: int = 128  # shared image-text embedding size
+    loss: str = "clip"  # clip (InfoNCE, softmax) | siglip (pairwise sigmoid)
+    init_temperature: float = 0.07  # logit_scale starts at 1 / temperature
+    init_logit_bias: float = -10.0  # siglip bias start
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    @property
+    def init_logit_scale(self) -> float:
+        return math.log(1.0 / self.init_temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        image = _build(ImageConfig, data.pop("image", {}), "image")
+        text = _build(TextConfig, data.pop("text", {}), "text")
+        config = _build(cls, data, "model")
+        config.image, config.text = image, text
+        config.validate()
+        return config
+
+    def merged(self, overrides: dict[str, Any]) -> ModelConfig:
+        """A copy with overrides; nested keys as ``image.image_size`` or ``{"image": {...}}``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            head, _, tail = key.partition(".")
+            if tail:
+                data.setdefault(head, {})[tail] = value
+            elif isinstance(value, dict) and head in ("image", "text"):
+                data[head].update(value)
+            else:
+                data[head] = value
+        return ModelConfig.from_dict(data)
+
+    def validate(self) -> None:
+        if self.loss not in ("clip", "siglip"):
+            raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
+        if self.image.arch not in ("resnet", "vit", "densenet"):
+            raise InputError(f"image.arch must be resnet, vit or densenet, got {self.image.arch!r}")
+        if self.image.in_channels not in (1, 3):
+            raise InputError(f"image.in_channels must be 1 or 3, got {self.image.in_channels}")
+        if self.text.kind not in ("bert", "pretrained"):
+            raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+        if self.text.kind == "pretrained" and not self.text.path:
+            raise InputError("text.kind 'pretrained' needs text.path (a local HF dir or all-minilm-l6-v2)")
+        if self.text.pooling not in ("mean", "cls"):
+            raise InputError(f"text.pooling must be mean or cls, got {self.text.pooling!r}")
+
+
+def _build(cls, data: dict[str, Any], section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise InputError(f"unknown {section} config keys: {sorted(unknown)}; known: {sorted(names)}")
+    instance = cls(**data)
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if default is not None and value is not None and not _same_type(default, value):
+            raise InputError(
+                f"{section}.{f.name} must be {type(default).__name__}, got {type(value).__name__}"
+            )
+    return instance
+
+
+def _same_type(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, dict | ImageConfig | TextConfig):
+        return True
+    return isinstance(value, type(default))

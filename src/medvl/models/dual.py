@@ -1,0 +1,161 @@
+"""The dual encoder (ConVIRT / CLIP / SigLIP): image and text towers in one embedding space."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import ImagePreprocessor
+from ..errors import MedvlError, ModelError
+from .config import ModelConfig
+from .image import ImageEncoder
+from .losses import clip_loss, siglip_loss
+from .text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetensors", "meta.json", "text"
+
+
+class DualEncoder(nn.Module):
+    """Image encoder + text encoder + linear projections + learnable temperature (and bias).
+
+    ``encode_images`` / ``encode_texts`` return L2-normalised embeddings (N, embed_dim).
+    ``heads`` holds optional supervised classification heads on image features, one per label
+    column, with their class names in ``meta["heads"]``.
+    """
+
+    def __init__(self, config: ModelConfig, text_source_dir: Path | None = None):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_encoder = TextEncoder(config.text, source_dir=text_source_dir)
+        self.image_projection = nn.Linear(self.image_encoder.num_features, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_encoder.num_features, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
+        self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
+        self.heads = nn.ModuleDict()
+        self.preprocessor = ImagePreprocessor(config.image)
+        self.meta: dict[str, Any] = {"heads": {}}  # labels, training summary; kept apart from config
+
+    # -- forward passes with gradients (training) ------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of a normalised pixel batch (N, C, ...)."""
+        return self.image_encoder(pixels)
+
+    def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_projection(features), dim=-1)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self.text_projection(self.text_encoder(texts)), dim=-1)
+
+    def contrastive_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                         pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
+        if self.config.loss == "siglip":
+            return siglip_loss(image_emb, text_emb, scale, self.logit_bias, pair_ids)
+        return clip_loss(image_emb, text_emb, scale, pair_ids)
+
+    def add_head(self, column: str, classes: Sequence[str]) -> None:
+        """Attach a supervised linear head for one label column."""
+        self.heads[column] = nn.Linear(self.image_encoder.num_features, len(classes))
+        self.meta["heads"][column] = list(classes)
+
+    # -- inference (no gradients, batched) -------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Path | str | np.ndarray] | torch.Tensor,
+                      batch_size: int = 64, features: bool = False) -> torch.Tensor:
+        """Normalised image embeddings; ``images`` are files, arrays, or a [0, 1] pixel tensor
+        from ``preprocessor.load_many``. ``features=True`` returns backbone features instead."""
+        self.eval()
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocessor.load_many(chunk)
+            feats = self.image_features(self.preprocessor.normalize(pixels))
+            outputs.append(feats if features else self.embed_image_features(feats))
+        return torch.cat(outputs) if outputs else torch.empty(0, self.config.embed_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        self.eval()
+        chunks = [self.embed_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.config.embed_dim)
+
+    @torch.no_grad()
+    def head_probabilities(self, column: str, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of a supervised head from backbone features."""
+        if column not in self.heads:
+            raise ModelError(f"model has no supervised head for {column!r}; "
+                             f"heads: {', '.join(self.heads) or 'none'}")
+        self.eval()
+        return self.heads[column](features).softmax(-1)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json, model.safetensors, meta.json and text/ (tokenizer) atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+            (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_FILE))
+            self.text_encoder.save(staging / TEXT_DIR)
+            _replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> DualEncoder:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, TEXT_DIR):
+            if not (directory / name).exists():
+                raise ModelError(f"{directory}: not a medvl model directory (missing {name})")
+        from safetensors import SafetensorError
+
+        try:
+            config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+            meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except (ValueError, OSError, SafetensorError, MedvlError) as err:
+            raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+        model = cls(config, text_source_dir=directory / TEXT_DIR)
+        for column, classes in meta.get("heads", {}).items():
+            model.add_head(column, classes)
+        model.meta = {**meta, "heads": meta.get("heads", {})}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
+        model.eval()
+        return model
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written staging dir into place; the old target survives until the rename."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)

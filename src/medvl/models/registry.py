@@ -1,0 +1,74 @@
+"""One registry of named model configs (JSON files in ``configs/``) and the factories."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .config import ModelConfig
+from .dual import CONFIG_FILE, DualEncoder
+
+
+@cache
+def _registry() -> dict[str, dict[str, Any]]:
+    configs = {}
+    for entry in resources.files(__package__).joinpath("configs").iterdir():
+        if entry.name.endswith(".json"):
+            data = json.loads(entry.read_text())
+            data.pop("_doc", None)
+            configs[entry.name[: -len(".json")]] = data
+    return configs
+
+
+def list_models() -> list[str]:
+    """Names of the registered model configs."""
+    return sorted(_registry())
+
+
+def describe_model(name: str) -> str:
+    entry = resources.files(__package__).joinpath("configs", f"{name}.json")
+    return json.loads(entry.read_text()).get("_doc", "")
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    if name not in _registry():
+        raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    config = ModelConfig.from_dict({**_registry()[name], "name": name})
+    return config.merged(overrides) if overrides else config
+
+
+def create_model(name: str, **overrides: Any) -> DualEncoder:
+    """Build a registered model at random init (the text tower may load pretrained weights).
+
+    Overrides merge into the config: ``create_model("cxr-small", embed_dim=64, loss="siglip",
+    **{"image.image_size": 96})``.
+    """
+    return DualEncoder(get_config(name, **overrides))
+
+
+def load_model(directory: str | Path) -> DualEncoder:
+    """Load a model written by ``save_pretrained``, or the final model of a ``train`` output dir."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        directory = directory / "model"
+    return DualEncoder.from_pretrained(directory)
+
+
+def is_model_dir(value: str | Path) -> bool:
+    path = Path(value)
+    return (path / CONFIG_FILE).is_file() or (path / "model" / CONFIG_FILE).is_file()
+
+
+def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
+    """A saved model directory (overrides not allowed) or a registered name."""
+    if is_model_dir(name_or_dir):
+        if overrides:
+            raise ModelError("config overrides apply to registered names, not to a saved model")
+        return load_model(name_or_dir)
+    if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
+        raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
+    return create_model(str(name_or_dir), **overrides)

