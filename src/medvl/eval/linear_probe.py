@@ -54,16 +54,17 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
 
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                   classes: Sequence[str], cv: bool) -> dict:
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     folds = min(3, int(np.bincount(y_train).min()))
     if cv and folds >= 2:
-        classifier = LogisticRegressionCV(Cs=np.logspace(-3, 1, 5).tolist(), cv=folds, max_iter=2000)
-    else:
-        classifier = LogisticRegression(C=0.1, max_iter=2000)
-    probe = make_pipeline(StandardScaler(), classifier).fit(x_train, y_train)
+        grid = {"logisticregression__C": np.logspace(-3, 1, 5).tolist()}
+        probe = GridSearchCV(probe, grid, cv=folds, scoring="neg_log_loss")
+    probe.fit(x_train, y_train)
     probabilities = np.zeros((len(x_test), len(classes)))
     probabilities[:, probe.classes_] = probe.predict_proba(x_test)
     return classification_metrics(y_test, probabilities, classes)

@@ -23,7 +23,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MINILM = "all-minilm-l6-v2"
 # Seeds the WordPiece vocabulary before a corpus is seen, so a fresh model can tokenise anything.
 _BOOTSTRAP_CORPUS = [
-    "abcdefghijklmnopqrstuvwxyz 0123456789 .,;:()-/%",
+    "abcdefghijklmnopqrstuvwxyz 0123456789 .,;:()-/%!?'\"+=<>[]",
     "no acute cardiopulmonary abnormality. the heart size is normal. clear lungs.",
 ]
 
@@ -46,22 +46,37 @@ def resolve_pretrained_path(path: str) -> Path:
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int):
-    """Train a lower-casing BERT WordPiece tokenizer on texts; returns a transformers tokenizer."""
+    """A lower-casing BERT WordPiece tokenizer whose vocabulary is learnt from ``texts``.
+
+    The vocabulary is deterministic (the ``tokenizers`` trainer is not: its ties break by thread
+    timing): special tokens, every character seen (alone and as a ``##`` continuation) so any
+    word can be spelled, then whole words by frequency (ties alphabetical) up to ``vocab_size``.
+    """
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in [*_BOOTSTRAP_CORPUS, *texts]:
+        words.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({char for word in words for char in word})
+    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{char}" for char in characters)]
+    taken = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in taken:
+            vocab.append(word)
+            taken.add(word)
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = splitter
     tokenizer.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False
-    )
-    tokenizer.train_from_iterator([*_BOOTSTRAP_CORPUS, *texts], trainer=trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -96,6 +111,7 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=max(config.max_length, 64),
             ))
         self.num_features = self.model.config.hidden_size
+        self._frozen_features: dict[str, torch.Tensor] = {}  # text -> features, frozen training only
         if config.freeze:
             self.model.requires_grad_(False)
 
@@ -104,6 +120,7 @@ class TextEncoder(nn.Module):
         if self.config.kind != "bert":
             return
         self.tokenizer = train_wordpiece(texts, self.config.vocab_size)
+        self._frozen_features.clear()
         log.info("trained a WordPiece tokenizer: %d tokens", len(self.tokenizer))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -115,6 +132,25 @@ class TextEncoder(nn.Module):
         return {k: v.to(device) for k, v in batch.items()}
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.config.freeze and self.training:
+            return self._cached_features(texts)
+        return self._pooled_features(texts)
+
+    def _cached_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """A frozen tower is a fixed function (LiT): run it without dropout, once per distinct text."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._frozen_features]
+        if missing:
+            self.model.eval()
+            with torch.no_grad():
+                self._frozen_features.update(zip(missing, self._pooled_features(missing), strict=True))
+            self.model.train()
+        return torch.stack([self._frozen_features[text] for text in texts])
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._frozen_features.clear()  # new weights make cached features stale
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _pooled_features(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.tokenize(texts)
         hidden = self.model(**batch).last_hidden_state
         if self.config.pooling == "cls":

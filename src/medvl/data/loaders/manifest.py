@@ -53,7 +53,8 @@ SPLIT_COLUMN = "split"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "metadata.csv")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 SIDECAR_NAME = "dataset.json"
-SIDECAR_KEYS = {"manifest": str, "label_columns": list, "captions": dict, "name": str}
+# "generator" records how a generated data set (the phantom) was made; informational only.
+SIDECAR_KEYS = {"manifest": str, "label_columns": list, "captions": dict, "name": str, "generator": dict}
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
 

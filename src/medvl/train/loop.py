@@ -1,0 +1,311 @@
+"""The trainer: contrastive image-text training with optional supervised heads.
+
+One loop for every dual encoder: AdamW, linear warmup then cosine decay, gradient accumulation,
+checkpoints every N optimizer steps (``resume=True`` continues bit-for-bit from the last one),
+seeded data order and augmentation, a rich progress bar, metrics appended to ``metrics.jsonl``.
+
+Output directory layout::
+
+    OUT/model/            the final model (save_pretrained); ``load_model(OUT)`` finds it
+    OUT/checkpoint/       model + optimizer/scheduler/RNG state of the last checkpoint
+    OUT/metrics.jsonl     one JSON object per logged step / epoch
+    OUT/train_config.json the resolved training config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.captions import CaptionConfig
+from ..data.record import Dataset
+from ..errors import InputError
+from ..io import write_json
+from ..models.dual import DualEncoder
+from ..progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # passes over the training records
+    batch_size: int = 64  # records per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step
+    lr: float = 1e-3  # peak learning rate (image tower, heads, projections)
+    text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
+    warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
+    seed: int = 0  # seeds data order, augmentation and init
+    loss: str | None = None  # clip | siglip; None keeps the model config's loss
+    text_source: str = "auto"  # auto: report text if present else captions | text | captions | both
+    label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
+    supervised_weight: float = 0.0  # weight of the cross-entropy of supervised heads (0 = none)
+    contrastive_weight: float = 1.0  # weight of the image-text loss (0 = supervised only)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
+    log_every: int = 10  # optimizer steps between metrics lines
+    max_steps: int | None = None  # stop early after this many optimizer steps
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.grad_accum < 1:
+            raise InputError("epochs >= 1, batch_size >= 2 and grad_accum >= 1 are required")
+        if self.lr <= 0:
+            raise InputError(f"lr must be positive, got {self.lr}")
+        if self.text_source not in ("auto", "text", "captions", "both"):
+            raise InputError(f"text_source must be auto, text, captions or both, got {self.text_source!r}")
+        if self.loss not in (None, "clip", "siglip"):
+            raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
+        if self.supervised_weight > 0 and not self.label_columns:
+            raise InputError("supervised_weight > 0 needs label_columns")
+
+
+class _PairedTexts:
+    """Chooses the training text of each record and the key that marks identical pairs."""
+
+    def __init__(self, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
+        self.records, self.config, self.captions = dataset.records, config, captions
+        has_text = [bool(r.text) for r in dataset.records]
+        source = config.text_source
+        if source == "auto":
+            source = "text" if all(has_text) else "captions"
+        if source in ("text", "both") and not all(has_text):
+            raise InputError(f"{dataset.source}: {has_text.count(False)} records have no text; "
+                             f"use text_source='captions' with label columns")
+        if source in ("captions", "both") and not config.label_columns:
+            raise InputError(f"{dataset.source}: records have no text; pass label columns "
+                             f"(--label-column) so captions can be made from labels")
+        self.source = source
+
+    def batch(self, indices: Sequence[int], rng: random.Random) -> tuple[list[str], torch.Tensor]:
+        texts, keys = [], []
+        for index in indices:
+            record = self.records[index]
+            use_caption = self.source == "captions" or (self.source == "both" and rng.random() < 0.5)
+            if use_caption:
+                texts.append(self.captions.caption(record.labels, self.config.label_columns, rng))
+                keys.append(("labels", *(str(record.labels.get(c)) for c in self.config.label_columns)))
+            else:
+                texts.append(record.text or "")
+                keys.append(("text", record.text))
+        ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        return texts, torch.tensor([ids[key] for key in keys])
+
+    def corpus(self) -> list[str]:
+        texts = [r.text for r in self.records if r.text]
+        for column, per_class in self.captions.classes.items():
+            for class_name in per_class:
+                texts.extend(self.captions.prompts(column, class_name))
+        return texts
+
+
+def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
+          captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
+          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """Train ``model`` on ``dataset`` and save it to ``out_dir/model``; returns the trained model."""
+    config.validate()
+    if len(dataset) < 2:
+        raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
+    captions = captions or CaptionConfig()
+    texts = _PairedTexts(dataset, config, captions)
+    out_dir = Path(out_dir)
+    if config.loss:
+        model.config.loss = config.loss
+    state = _resume_state(out_dir) if resume else None
+    if state is not None:
+        model = DualEncoder.from_pretrained(out_dir / CHECKPOINT_DIR / MODEL_DIR)
+    else:
+        torch.manual_seed(config.seed)
+        model.text_encoder.fit_tokenizer(texts.corpus())
+        for column in config.label_columns if config.supervised_weight > 0 else []:
+            if column not in model.heads:
+                model.add_head(column, dataset.classes(column))
+    pixels = _load_pixels(model, dataset, show_progress)
+    targets = _head_targets(model, dataset)
+    return _Run(model, dataset, config, out_dir, texts, pixels, targets, state, show_progress,
+                on_epoch_end).run()
+
+
+class _Run:
+    def __init__(self, model, dataset, config, out_dir, texts, pixels, targets, state, show_progress,
+                 on_epoch_end):
+        self.model, self.dataset, self.config, self.out_dir = model, dataset, config, out_dir
+        self.texts, self.pixels, self.targets = texts, pixels, targets
+        self.show_progress, self.on_epoch_end = show_progress, on_epoch_end
+        self.batches_per_epoch = math.ceil(len(dataset) / config.batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.optimizer = _optimizer(model, config)
+        warmup = max(1, int(config.warmup_fraction * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _warmup_cosine(s, warmup, self.total_steps))
+        self.step, self.batch_index = 0, 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.batch_index = state["step"], state["batch_index"]
+            log.info("resumed from step %d", self.step)
+
+    def run(self) -> DualEncoder:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
+                                                  "model": self.model.config.to_dict(),
+                                                  "data": self.dataset.source,
+                                                  "records": len(self.dataset)})
+        total_batches = self.total_steps * self.config.grad_accum
+        with progress_bar("Training", total=total_batches, enabled=self.show_progress) as advance:
+            advance(self.batch_index)
+            while self.step < self.total_steps:
+                self._train_step(advance)
+        self.model.meta["captions"] = self.texts.captions.to_dict()
+        self.model.meta["label_columns"] = list(self.config.label_columns)
+        self.model.meta["training"] = {"steps": self.step, "records": len(self.dataset),
+                                       "data": self.dataset.source, "loss": self.model.config.loss}
+        self.model.save_pretrained(self.out_dir / MODEL_DIR)
+        return self.model
+
+    def _train_step(self, advance) -> None:
+        self.model.train()
+        losses: list[dict[str, float]] = []
+        for _ in range(self.config.grad_accum):
+            parts = self._forward(self._batch_indices(self.batch_index))
+            (parts["loss"] / self.config.grad_accum).backward()
+            losses.append({k: float(v.detach()) for k, v in parts.items()})
+            self.batch_index += 1
+            advance(1)
+            if self.batch_index % self.batches_per_epoch == 0:
+                break
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        epoch_done = self.batch_index % self.batches_per_epoch == 0
+        if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+            self._log({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
+        if epoch_done:
+            self._end_epoch()
+        elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+            self._checkpoint()
+
+    def _batch_indices(self, batch_index: int) -> list[int]:
+        epoch, within = divmod(batch_index, self.batches_per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
+            self.config.seed * 1000 + epoch))
+        return order[within * self.config.batch_size:(within + 1) * self.config.batch_size].tolist()
+
+    def _forward(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        model, config = self.model, self.config
+        seed = self.config.seed * 1_000_003 + self.batch_index
+        torch.manual_seed(seed)  # dropout draws depend only on the step: resume is bit-exact
+        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)
+        features = model.image_features(model.preprocessor.normalize(pixels))
+        loss = torch.zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        if config.contrastive_weight > 0:
+            texts, pair_ids = self.texts.batch(indices, random.Random(seed))
+            image_emb = model.embed_image_features(features)
+            text_emb = model.embed_texts(texts)
+            parts["contrastive"] = model.contrastive_loss(image_emb, text_emb, pair_ids)
+            loss = loss + config.contrastive_weight * parts["contrastive"]
+        for column, target in self.targets.items():
+            parts[f"ce_{column}"] = F.cross_entropy(model.heads[column](features), target[indices])
+            loss = loss + config.supervised_weight * parts[f"ce_{column}"]
+        parts["loss"] = loss
+        return parts
+
+    def _log(self, losses: dict[str, float]) -> None:
+        line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
+                "lr": self.scheduler.get_last_lr()[0],
+                "temperature": float(1 / self.model.logit_scale.detach().exp()), **losses}
+        _append_jsonl(self.out_dir / METRICS_FILE, line)
+
+    def _end_epoch(self) -> None:
+        epoch = self.batch_index // self.batches_per_epoch
+        if self.on_epoch_end is not None:
+            metrics = self.on_epoch_end(self.model, epoch)
+            _append_jsonl(self.out_dir / METRICS_FILE, {"step": self.step, "epoch": epoch, **metrics})
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Model first, then the small state file: a state file always has its model."""
+        directory = self.out_dir / CHECKPOINT_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory / MODEL_DIR)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step, "batch_index": self.batch_index}
+        tmp = directory / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(directory / "state.pt")
+
+
+def _resume_state(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / CHECKPOINT_DIR / "state.pt"
+    if not path.is_file():
+        log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def _load_pixels(model: DualEncoder, dataset: Dataset, show_progress: bool) -> torch.Tensor:
+    """Every training image read and resized once, kept as float16 [0, 1] (augmented per step)."""
+    images = []
+    with progress_bar("Loading images", total=len(dataset), enabled=show_progress) as advance:
+        for record in dataset:
+            images.append(model.preprocessor.load(record.image).half())
+            advance(1)
+    return torch.stack(images)
+
+
+def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:
+    targets = {}
+    for column, classes in model.meta["heads"].items():
+        if column not in dataset.label_names:
+            continue
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = {str(r.labels[column]) for r in dataset} - set(index)
+        if unknown:
+            raise InputError(f"{dataset.source}: label {column!r} has classes {sorted(unknown)} "
+                             f"the model's head does not know ({classes})")
+        targets[column] = torch.tensor([index[str(r.labels[column])] for r in dataset])
+    return targets
+
+
+def _optimizer(model: DualEncoder, config: TrainConfig) -> torch.optim.Optimizer:
+    text_lr = config.text_lr
+    if text_lr is None:
+        text_lr = config.lr / 20 if model.config.text.kind == "pretrained" else config.lr
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = text_lr if name.startswith("text_encoder.") else config.lr
+        decay = 0.0 if param.ndim < 2 else config.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd}
+                              for (lr, wd), p in groups.items()])
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
