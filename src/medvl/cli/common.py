@@ -1,0 +1,103 @@
+"""Shared CLI plumbing: one error boundary, logging setup, option helpers, result printing."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import MedvlError
+
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("medvl")
+
+EXIT_BAD_INPUT = 2
+
+LabelOption = Annotated[list[str] | None, typer.Option(
+    "--label-column", "-l", help="Label column to use (repeatable); default: the dataset's own.")]
+SplitOption = Annotated[str, typer.Option(help="Split to use; 'all' uses every record.")]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")]
+CaptionsOption = Annotated[Path | None, typer.Option(
+    help="Caption templates / class descriptions (YAML or JSON) for prompts and label captions.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn medvl's own errors into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MedvlError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pick_label(dataset, labels: list[str] | None, command: str) -> str:
+    """The one label column a command needs: given, or the dataset's default."""
+    from ..errors import InputError
+
+    chosen = labels or dataset.default_labels
+    if not chosen:
+        raise InputError(f"{dataset.source}: {command} needs --label-column; "
+                         f"available: {', '.join(dataset.label_names) or 'none'}")
+    if len(chosen) > 1 and labels:
+        raise InputError(f"{command} takes one --label-column, got {', '.join(labels)}")
+    dataset.require_label(chosen[0])
+    return chosen[0]
+
+
+def print_metrics(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+def print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
+    table = Table(show_header=True, header_style="bold")
+    for column in ("class", "support", "precision", "recall", "f1", "auc"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in per_class.items():
+        table.add_row(name, *(_fmt(row[c]) for c in ("support", "precision", "recall", "f1", "auc")))
+    console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,141 @@
+"""The demo: phantom data -> train -> zero-shot, retrieval, linear probe -> report.html."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import captions_for, load_dataset
+from .data.phantom import generate_phantom
+from .errors import InputError
+from .eval import linear_probe, retrieval, zero_shot
+from .eval.embed import embed_images
+from .io import write_json
+from .models.registry import create_model
+from .report import curve_figure, figure_to_data_uri, image_to_data_uri, roc_figure, table_html, write_html
+from .train.loop import METRICS_FILE, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+MARKER = "demo.json"
+LABEL = "finding"
+
+
+def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, size: int = 128,
+             model_name: str = "cxr-small", show_progress: bool = True) -> dict:
+    """Run the whole demo into ``out``; returns the headline numbers and the report path."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise InputError(f"{out}: folder exists, is not empty and is not a medvl demo folder")
+    started = time.perf_counter()
+    data_dir = _phantom(out, n, seed, size, show_progress)
+    dataset = load_dataset(data_dir)
+    train_set, test_set = dataset.select("train"), dataset.select("test")
+    captions = captions_for(dataset)
+    shutil.rmtree(out / "train", ignore_errors=True)
+    model = create_model(model_name)
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, text_source="text",
+                         label_columns=[LABEL])
+    model = train(model, train_set, config, out / "train", captions=captions, show_progress=show_progress)
+    trained_at = time.perf_counter()
+    embeddings = embed_images(model, test_set, show_progress=show_progress)
+    zs = zero_shot(model, test_set, LABEL, captions=captions, image_embeddings=embeddings, keep_scores=True)
+    rt = retrieval(model, test_set, image_embeddings=embeddings)
+    lp = linear_probe(model, train_set, test_set, LABEL, show_progress=show_progress)
+    headline = {
+        "zero-shot balanced accuracy": zs["balanced_accuracy"],
+        "zero-shot balanced accuracy (chance)": zs["chance_balanced_accuracy"],
+        "zero-shot macro AUC": zs["macro_auc"],
+        "image->text R@5": rt["image_to_text"]["R@5"],
+        "image->text R@5 (chance)": rt["image_to_text"]["chance"]["R@5"],
+        "text->image R@5": rt["text_to_image"]["R@5"],
+        "text->image R@5 (chance)": rt["text_to_image"]["chance"]["R@5"],
+        "linear probe macro AUC": lp["auc"],
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    probabilities, y_true = np.array(zs.pop("probabilities")), np.array(zs.pop("y_true"))
+    results = {"zero_shot": zs, "retrieval": rt, "linear_probe": lp,
+               "zero_shot_balanced_accuracy": zs["balanced_accuracy"],
+               "i2t_R@5": rt["image_to_text"]["R@5"], "t2i_R@5": rt["text_to_image"]["R@5"],
+               "linear_probe_auc": lp["auc"], "train_minutes": (trained_at - started) / 60,
+               "total_minutes": headline["minutes"], "n": n, "epochs": epochs, "seed": seed,
+               "model": model_name}
+    write_json(out / "results.json", results)
+    report = _report(out, model, test_set, embeddings, zs, rt, lp, headline, probabilities, y_true)
+    write_json(out / MARKER, {"n": n, "seed": seed, "size": size, "epochs": epochs})
+    return {"headline": headline, "report": str(report), "results": results}
+
+
+def _phantom(out: Path, n: int, seed: int, size: int, show_progress: bool) -> Path:
+    """Reuse the phantom folder of an earlier run with the same parameters, else generate it."""
+    data_dir = out / "data"
+    marker = out / MARKER
+    if data_dir.exists() and marker.exists():
+        previous = json.loads(marker.read_text())
+        if (previous.get("n"), previous.get("seed"), previous.get("size")) == (n, seed, size):
+            return data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    generate_phantom(data_dir, n=n, seed=seed, size=size, overwrite=True, progress=show_progress)
+    return data_dir
+
+
+def _report(out, model, test_set, embeddings, zs, rt, lp, headline, probabilities, y_true) -> Path:
+    roc = roc_figure(y_true, probabilities, zs["classes"], "zero-shot ROC, one-vs-rest")
+    sections = [("Headline (held-out test split)", table_html(headline)),
+                ("Zero-shot per class", _per_class_html(zs["per_class"])),
+                ("ROC", f"<img src='{figure_to_data_uri(roc)}'>")]
+    curve = _loss_curve(out / "train" / METRICS_FILE)
+    if curve:
+        sections.append(("Training loss", f"<img src='{curve}'>"))
+    sections.append(("Example cases and their top retrieved reports", _examples(model, test_set, embeddings)))
+    probe_rows = {"macro AUC": lp["auc"], "accuracy": lp["accuracy"],
+                  **{f"{k}-shot AUC": v["auc_mean"] for k, v in lp["few_shot"].items()}}
+    sections.append(("Linear probe", table_html(probe_rows)))
+    return write_html(out / "report.html", "medvl demo: phantom chest X-rays", sections)
+
+
+def _per_class_html(per_class: dict) -> str:
+    rows = "".join(f"<tr><td>{name}</td><td>{row['support']}</td><td>{row['recall']:.3f}</td>"
+                   f"<td>{row['precision']:.3f}</td><td>{(row['auc'] or 0):.3f}</td></tr>"
+                   for name, row in per_class.items())
+    return f"<table><tr><th>class</th><th>n</th><th>recall</th><th>precision</th><th>AUC</th></tr>{rows}</table>"
+
+
+def _loss_curve(metrics_path: Path) -> str | None:
+    if not metrics_path.exists():
+        return None
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    points = [(line["step"], line["loss"]) for line in lines if "loss" in line]
+    if not points:
+        return None
+    steps, losses = zip(*points, strict=True)
+    return figure_to_data_uri(curve_figure(steps, losses, "training loss", "contrastive loss"))
+
+
+def _examples(model, test_set, embeddings, per_class: int = 1, top: int = 3) -> str:
+    import html
+
+    texts = list(dict.fromkeys(r.text for r in test_set))
+    text_emb = model.encode_texts(texts)
+    similarity = (embeddings @ text_emb.t()).numpy()
+    chosen, seen = [], set()
+    for i, record in enumerate(test_set):
+        finding = record.labels.get(LABEL)
+        if finding not in seen:
+            seen.add(finding)
+            chosen.append(i)
+    blocks = []
+    for i in chosen[: 6 * per_class]:
+        record = test_set[i]
+        ranked = np.argsort(-similarity[i])[:top]
+        items = "".join(
+            f"<li class='{'hit' if texts[j] == record.text else ''}'>{html.escape(texts[j])}</li>" for j in ranked)
+        pixels = model.preprocessor.load(record.image).numpy()
+        blocks.append(f"<div class='case'><img src='{image_to_data_uri(pixels)}'><div><b>{record.id}</b>"
+                      f" (ground truth: {html.escape(str(record.labels.get(LABEL)))})<ol>{items}</ol></div></div>")
+    return "<p class='note'>Green: the case's own report.</p>" + "".join(blocks)

@@ -1,0 +1,53 @@
+"""Zero-shot prediction for individual image files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data.captions import CaptionConfig, load_captions
+from .errors import InputError
+from .eval.zero_shot import zero_shot_probabilities
+from .models.dual import DualEncoder
+from .models.registry import load_model
+
+
+def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
+            label_column: str | None = None, captions: CaptionConfig | str | Path | None = None) -> list[dict]:
+    """For each image: the most likely class among ``class_names`` and every class's probability.
+
+    Class descriptions come from ``captions`` (a config or a file), else from the captions the
+    model was trained with; ``label_column`` picks which column's descriptions apply (default: the
+    first column that describes every requested class).
+    """
+    if len(set(class_names)) < 2:
+        raise InputError(f"need at least 2 distinct labels, got {list(class_names)}")
+    if not images:
+        raise InputError("no images given")
+    net = model if isinstance(model, DualEncoder) else load_model(model)
+    config = _caption_config(net, captions)
+    column = label_column or _column_for(config, class_names)
+    prompts = [config.prompts(column, name) for name in class_names]
+    probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
+    results = []
+    for path, row in zip(images, probabilities, strict=True):
+        scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
+        results.append({"image": str(path), "prediction": max(scores, key=scores.__getitem__),
+                        "probabilities": scores})
+    return results
+
+
+def _caption_config(net: DualEncoder, captions: CaptionConfig | str | Path | None) -> CaptionConfig:
+    if isinstance(captions, CaptionConfig):
+        return captions
+    if captions is not None:
+        return load_captions(captions)
+    own = net.meta.get("captions")
+    return CaptionConfig.from_dict(own) if own else CaptionConfig()
+
+
+def _column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:
+    for column, per_class in config.classes.items():
+        if set(class_names) <= set(per_class):
+            return column
+    return ""

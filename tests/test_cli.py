@@ -1,0 +1,176 @@
+"""Every CLI command end to end on tiny real data, and bad input answered with exit code 2."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medvl.cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                            "--epochs", 2, "--batch-size", 32, "-q")
+    assert result.exit_code == 0, output
+    return out
+
+
+def test_help_lists_every_command():
+    result, output = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models"):
+        assert command in output
+
+
+def test_models_lists_the_registry():
+    result, output = invoke("models")
+    assert result.exit_code == 0
+    for name in ("phantom-tiny", "cxr-small", "derm-small", "medpix-small"):
+        assert name in output
+
+
+def test_phantom_command_writes_a_loadable_manifest(tmp_path):
+    result, output = invoke("phantom", tmp_path / "ph", "--n", 12, "--size", 48, "-q")
+    assert result.exit_code == 0, output
+    assert (tmp_path / "ph" / "manifest.csv").is_file()
+    again, output = invoke("phantom", tmp_path / "ph", "--n", 12, "--size", 48, "-q")
+    assert again.exit_code == 2 and "ph" in output
+
+
+def test_train_writes_model_and_metrics(trained):
+    assert (trained / "model" / "config.json").is_file()
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert lines and "loss" in json.loads(lines[0])
+
+
+def test_train_resume_continues_from_checkpoint(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                            "--epochs", 1, "--batch-size", 32, "-q")
+    assert result.exit_code == 0, output
+    refused, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out, "-q")
+    assert refused.exit_code == 2 and "--resume" in output
+    resumed, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                             "--epochs", 1, "--batch-size", 32, "--resume", "-q")
+    assert resumed.exit_code == 0, output
+
+
+def test_eval_zero_shot_writes_json(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test",
+                            "--json", tmp_path / "zs.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "zs.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_auc"):
+        assert isinstance(metrics[key], float)
+    assert "balanced_accuracy" in output
+
+
+def test_eval_retrieval_writes_json(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
+                            "--json", tmp_path / "rt.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "rt.json").read_text())
+    assert isinstance(metrics["i2t_R@5"], float) and isinstance(metrics["t2i_R@1"], float)
+
+
+def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--test-data", phantom_dir, "--few-shot", "2", "--json", tmp_path / "lp.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "lp.json").read_text())
+    assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
+
+
+def test_predict_answers_each_image(trained, phantom_dir, tmp_path):
+    images = sorted((phantom_dir / "images").glob("*.png"))[:2]
+    result, output = invoke("predict", "--model", trained, *images, "--labels", "no_finding,cardiomegaly,nodule",
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert len(predictions) == 2
+    for item in predictions:
+        assert item["prediction"] in ("no_finding", "cardiomegaly", "nodule")
+        assert abs(sum(item["probabilities"].values()) - 1) < 1e-4
+
+
+def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
+    test_only = tmp_path / "test_only.npz"
+    source = np.load(tiny_npz)
+    np.savez(test_only, test_images=source["val_images"], test_labels=source["val_labels"])
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", test_only,
+                            "--test-split", "test", "--epochs", 1, "--json", tmp_path / "b.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "b.json").read_text())
+    assert 0 <= metrics["auc"] <= 1 and 0 <= metrics["acc"] <= 1
+    assert metrics["threshold_from"].endswith(":val")
+
+
+def test_demo_end_to_end_small(tmp_path):
+    out = tmp_path / "demo"
+    result, output = invoke("demo", "--out", out, "--n", 72, "--epochs", 1, "--model", "phantom-tiny",
+                            "--size", 64, "-q")
+    assert result.exit_code == 0, output
+    page = (out / "report.html").read_text()
+    assert "zero-shot balanced accuracy" in page and "data:image/png;base64" in page
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results["zero_shot_balanced_accuracy"], float)
+
+
+# -- bad input: one line naming the file, exit code 2, no traceback, nothing written ------------
+
+def assert_clean_failure(result, output, *needles):
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    for needle in needles:
+        assert str(needle) in output
+
+
+def test_corrupt_image_fails_cleanly(phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    train_rows = [line for line in (data / "manifest.csv").read_text().splitlines() if ",train," in line]
+    broken = data / train_rows[3].split(",")[0]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    out = tmp_path / "out"
+    result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", out, "-q")
+    assert_clean_failure(result, output, broken.name)
+    assert not out.exists()
+
+
+def test_npz_without_requested_split_fails_cleanly(tiny_npz, tmp_path):
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
+                            "--test-split", "test", "--json", tmp_path / "b.json", "-q")
+    assert_clean_failure(result, output, tiny_npz.name, "test")
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_unknown_label_column_fails_cleanly(phantom_dir, trained, tmp_path):
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir,
+                            "--label-column", "no_such_column", "--json", tmp_path / "z.json", "-q")
+    assert_clean_failure(result, output, "no_such_column", "manifest")
+    assert not (tmp_path / "z.json").exists()
+
+
+def test_empty_manifest_fails_cleanly(tmp_path):
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("")
+    out = tmp_path / "out"
+    result, output = invoke("train", "--data", manifest, "--model", "phantom-tiny", "--out", out, "-q")
+    assert_clean_failure(result, output, "empty.csv")
+    assert not out.exists()
+
+
+def test_missing_model_folder_fails_cleanly(phantom_dir, tmp_path):
+    result, output = invoke("eval", "retrieval", "--model", tmp_path / "nope", "--data", phantom_dir)
+    assert_clean_failure(result, output, "nope")
