@@ -1,0 +1,28 @@
+"""Procedural chest radiograph phantom: the project's built-in, fully offline data set.
+
+``render_case(seed, index)`` draws one frontal chest radiograph with known findings, masks,
+boxes, a radiology-style report and patient metadata; ``generate_phantom(out_dir, n)`` writes a
+data set of them (PNG images, masks, ``manifest.csv``, ``dataset.json``). Same seed, same bytes.
+
+Radiological convention: the patient's right is on the image left. See ``cxr2d`` for the
+clinical conventions (zones, sizes, cardiothoracic ratio, AP views) and ``generate`` for the
+manifest columns.
+"""
+
+from .cxr2d import FINDINGS as FINDINGS
+from .cxr2d import PhantomCase as PhantomCase
+from .cxr2d import render_case as render_case
+from .generate import LABEL_COLUMNS as LABEL_COLUMNS
+from .generate import MANIFEST_COLUMNS as MANIFEST_COLUMNS
+from .generate import generate_phantom as generate_phantom
+from .reports import PHANTOM_CAPTIONS as PHANTOM_CAPTIONS
+
+__all__ = [
+    "FINDINGS",
+    "LABEL_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "PHANTOM_CAPTIONS",
+    "PhantomCase",
+    "generate_phantom",
+    "render_case",
+]

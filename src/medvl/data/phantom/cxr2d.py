@@ -1,0 +1,870 @@
+"""Procedural frontal chest radiographs with known findings (the project's built-in data set).
+
+Each case is drawn from its own random stream seeded by ``(seed, index)``, so case ``i`` is the
+same whatever the number of cases generated, and the same ``(seed, index, size)`` always gives
+byte-identical pixels, masks and report.
+
+Conventions
+-----------
+* **Radiological orientation**: the image is viewed as if facing the patient, so the patient's
+  *right* is on the image *left* (small column numbers) and the patient's *left* is on the image
+  *right*. Every ``side`` and every zone name ("right upper zone") is the patient's side.
+* **Pixels**: ``uint8``, brighter = more attenuating (bone and fluid white, air black), as on a
+  printed film. All geometry is defined in a normalised frame and scales with ``size``.
+* **Boxes**: ``[x0, y0, x1, y1]`` in pixels, ``x`` = column, ``y`` = row, end-exclusive, so
+  ``mask[y0:y1, x0:x1]`` holds the whole mask.
+* **Zones**: each lung is cut into thirds between its apex and the top of its diaphragm dome:
+  upper, middle and lower zone.
+* **Sizes**: nodule ``size_mm`` is a nominal diameter from 3 to 15 mm. Nodules are drawn about
+  2-5x larger than they would be on a real 35 x 43 cm film (rendered diameter in pixels =
+  ``size * scale * (size_mm + 4) / 190`` with the patient scale 0.9-1.04, i.e. about 4.7-12.8 px
+  at 128 px), so that the smallest stay visible at 64 px.
+* **Cardiothoracic ratio** (``meta["ctr"]``): widest cardiac width over widest internal thoracic
+  width, as drawn. Normal PA hearts have 0.41-0.48, cardiomegaly 0.54-0.66 (subtle: 0.51-0.54).
+  AP films (25 % of cases, "portable" look: higher clavicles, higher domes, more blur and noise)
+  magnify the heart by 7 %; the ``cardiomegaly`` label is decided on the PA-equivalent ratio, so
+  a normal AP heart may measure up to ~0.51 without being labelled.
+* **Labels**: by default every case has exactly one finding. The primary finding cycles through
+  the six classes in a seeded random order within each block of six consecutive indices, so the
+  classes are balanced (1/6 each) in every run of six cases. ``extra_finding_prob`` adds a second,
+  different abnormal finding to abnormal cases (never to ``no_finding``). When effusion and
+  pneumothorax occur together they are on opposite sides.
+* About 20 % of abnormal findings are drawn ``subtle`` (small or faint, but still visible).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ...errors import InputError
+from .reports import write_report
+
+FINDINGS: tuple[str, ...] = (
+    "no_finding",
+    "cardiomegaly",
+    "pleural_effusion",
+    "nodule",
+    "consolidation",
+    "pneumothorax",
+)
+ABNORMAL = FINDINGS[1:]
+SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient's right lies on the image left (x < 0)
+ZONE_LEVELS = ("upper", "middle", "lower")
+SUBTLE_PROB = 0.2
+AP_PROB = 0.25
+AP_HEART_MAGNIFICATION = 1.07
+MIN_SIZE = 32
+REFERENCE_SIZE = 128  # pixel-valued parameters (blur, line widths) are given at this size
+_CAGE_CENTER_Y = 0.25  # anatomical height at which the rib cage is widest
+
+# independent random streams of a case, each seeded by (seed, index, stream)
+_STREAM_IMAGE, _STREAM_REPORT, _STREAM_CLASS, _STREAM_NOISE, _STREAM_MOTTLE = 0, 1, 2, 3, 4
+
+
+@dataclass
+class PhantomCase:
+    """One generated chest radiograph with its ground truth.
+
+    Each entry of ``findings`` (the primary finding first) is a dict with ``name`` (one of
+    FINDINGS), ``side`` ("left"/"right", the patient's, or None), ``zone`` (e.g. "right upper
+    zone", or None), ``size_mm`` (nodules only, else None), ``severity`` ("small", "moderate",
+    "large" for effusion and pneumothorax, "mild", "moderate", "marked" for cardiomegaly, else
+    None), ``detail`` ("blunting", "apical", "air bronchograms" or None), ``box`` ([x0, y0, x1,
+    y1], end-exclusive pixels; None for no_finding) and ``subtle`` (bool).
+    """
+
+    image: np.ndarray  # uint8 (size, size); brighter = denser; patient's right on the image left
+    findings: list[dict[str, Any]]  # see above; exactly one unless extra_finding_prob > 0
+    masks: dict[str, np.ndarray]  # finding name -> bool (size, size); none for no_finding
+    report: str  # one line: "FINDINGS: ... IMPRESSION: ..."
+    meta: dict[str, Any] = field(default_factory=dict)  # age (18-90), sex (M/F), view (PA/AP), ctr
+    anatomy: dict[str, np.ndarray] = field(default_factory=dict)  # "lungs" (normal lung fields,
+    # before any finding), "heart" (cardiac silhouette as drawn): bool (size, size)
+
+    @property
+    def finding(self) -> str:
+        """The primary finding (one of ``FINDINGS``)."""
+        return self.findings[0]["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random parameters. Everything random except pixel noise is drawn here, in a fixed order and
+# independently of ``size``, so the same case rendered at 64 and 128 px is the same patient.
+
+
+@dataclass(frozen=True)
+class _Pose:
+    angle: float  # radians, in-plane rotation
+    shift_x: float  # normalised image units (image spans -1..1)
+    shift_y: float
+    scale: float  # patient size / distance to the detector
+    aspect: float  # thorax width relative to height
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    contrast: float  # slope of the film's characteristic curve
+    exposure: float  # attenuation that comes out mid-grey
+    gamma: float
+    brightness: float
+    blur_px: float  # at REFERENCE_SIZE
+    noise: float  # standard deviation of quantum noise, grey units (0..1)
+    grid: float  # amplitude of anti-scatter grid lines (0 = none)
+    grid_period_px: float
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    half_width: float  # W: half the internal rib-cage width at its widest
+    apex_y: float  # top of the lung apices
+    dome_top: tuple[float, float]  # top of the (right, left) diaphragm domes
+    ctr: float  # cardiothoracic ratio as drawn (AP magnification applied)
+    pa_ctr: float  # PA-equivalent ratio: the one the cardiomegaly label is decided on
+    heart_tilt: float  # radians; long axis runs down towards the patient's left
+    knob: float  # aortic knob bulge
+    body_margin: float  # soft tissue outside the rib cage (habitus)
+    soft: float  # soft-tissue attenuation
+    breast: float  # breast shadow strength (0 for male patients)
+    bone: float  # bone attenuation (falls with age)
+    bubble: tuple[float, float, float] | None  # gastric air bubble (x, y, radius)
+    vessel_field: np.ndarray  # (angle, distance) random field whose zero crossings are vessels
+    rib_spacing: float
+    rib_phase: float
+    clavicle_y: float
+    clavicle_rise: float
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(rng.uniform(low, high))
+
+
+def _sample_pose(rng: np.random.Generator) -> _Pose:
+    return _Pose(
+        angle=math.radians(_uniform(rng, -4.0, 4.0)),
+        shift_x=_uniform(rng, -0.04, 0.04),
+        shift_y=_uniform(rng, -0.04, 0.04),
+        scale=_uniform(rng, 0.9, 1.04),
+        aspect=_uniform(rng, 0.94, 1.06),
+    )
+
+
+def _sample_acquisition(rng: np.random.Generator, view: str) -> _Acquisition:
+    portable = view == "AP"
+    return _Acquisition(
+        contrast=_uniform(rng, 6.0, 8.5),
+        exposure=_uniform(rng, 0.28, 0.34),
+        gamma=_uniform(rng, 0.85, 1.15),
+        brightness=_uniform(rng, -0.04, 0.04),
+        blur_px=_uniform(rng, 0.4, 0.9) + (0.3 if portable else 0.0),
+        noise=_uniform(rng, 0.008, 0.025) + (0.01 if portable else 0.0),
+        grid=_uniform(rng, 0.01, 0.025) * (rng.uniform() < 0.3),
+        grid_period_px=_uniform(rng, 2.2, 3.2),
+    )
+
+
+def _sample_anatomy(rng: np.random.Generator, meta: dict[str, Any], ctr: float) -> _Anatomy:
+    ap = meta["view"] == "AP"
+    age = meta["age"]
+    dome_right = _uniform(rng, 0.30, 0.40) - (0.05 if ap else 0.0)
+    has_bubble = rng.uniform() < 0.7
+    bubble = (_uniform(rng, 0.28, 0.48), _uniform(rng, 0.08, 0.14), _uniform(rng, 0.05, 0.08))
+    return _Anatomy(
+        half_width=_uniform(rng, 0.66, 0.76),
+        apex_y=_uniform(rng, -0.76, -0.68),
+        dome_top=(dome_right, dome_right + _uniform(rng, 0.02, 0.07)),
+        ctr=ctr * (AP_HEART_MAGNIFICATION if ap else 1.0),
+        pa_ctr=ctr,
+        heart_tilt=math.radians(_uniform(rng, 20.0, 32.0)),
+        knob=_uniform(rng, 0.03, 0.06) + 0.0006 * (age - 18),
+        body_margin=_uniform(rng, 0.1, 0.22),
+        soft=_uniform(rng, 0.45, 0.55),
+        breast=_uniform(rng, 0.04, 0.1) * (meta["sex"] == "F"),
+        bone=_uniform(rng, 0.85, 1.1) - 0.003 * (age - 18),
+        bubble=bubble if has_bubble else None,
+        vessel_field=rng.standard_normal((48, 6)).astype(np.float32),
+        rib_spacing=_uniform(rng, 0.118, 0.135),
+        rib_phase=_uniform(rng, -0.03, 0.03),
+        clavicle_y=_uniform(rng, -0.58, -0.5) - (0.1 if ap else 0.0),
+        clavicle_rise=_uniform(rng, 0.06, 0.12) * (0.4 if ap else 1.0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry in the anatomical frame: x from patient's right (-) to left (+), y from top (-) to
+# bottom (+), the image spanning about -1..1 on both axes. All functions are vectorised.
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The pixel grid in anatomical coordinates, and the normal anatomy's masks on it."""
+
+    x: np.ndarray  # float32 (size, size), anatomical x of each pixel centre
+    y: np.ndarray
+    size: int
+    pixel: float  # one pixel in anatomical units
+    lung: np.ndarray  # bool, lung fields (heart and mediastinum excluded)
+    lung_depth: np.ndarray  # 0..1, relative air thickness (thin at the lung edges)
+    heart: np.ndarray  # bool, cardiac silhouette above the diaphragm
+
+
+def _frame(size: int, pose: _Pose, anat: _Anatomy) -> _Frame:
+    coords = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+    xn = coords[None, :] - pose.shift_x
+    yn = coords[:, None] - pose.shift_y
+    cos, sin = math.cos(pose.angle), math.sin(pose.angle)
+    x = ((cos * xn + sin * yn) / (pose.scale * pose.aspect)).astype(np.float32)
+    y = ((-sin * xn + cos * yn) / pose.scale).astype(np.float32)
+    margin = _lung_margin(anat, x, y)
+    in_chest = (y < _dome(anat, x) + 0.02) & (y > anat.apex_y)
+    return _Frame(
+        x=x,
+        y=y,
+        size=size,
+        pixel=2.0 / (size * pose.scale),
+        lung=margin > 0,
+        lung_depth=np.clip(margin / 0.12, 0, 1) ** 0.5,
+        heart=(_heart_radius(anat, x, y) < 1.0) & in_chest,
+    )
+
+
+def _lateral_limit(anat: _Anatomy, y: np.ndarray) -> np.ndarray:
+    """Half-width of the rib cage at height y (round apices, near-vertical lower walls)."""
+    height = _CAGE_CENTER_Y - anat.apex_y
+    rel = np.clip(np.abs(y - _CAGE_CENTER_Y) / height, 0.0, 1.0)
+    return anat.half_width * (1.0 - rel**2.4) ** 0.5
+
+
+def _dome(anat: _Anatomy, x: np.ndarray) -> np.ndarray:
+    """Height of the diaphragm under x: a parabola per side, lowest at the costophrenic angle."""
+    top = np.where(x < 0, np.float32(anat.dome_top[0]), np.float32(anat.dome_top[1]))
+    peak = 0.47 * anat.half_width
+    return top + (0.78 / anat.half_width**2) * (np.abs(x) - peak) ** 2
+
+
+def _mediastinum(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Half-width of the mediastinum on the side of x (aortic knob on the patient's left)."""
+    right = 0.085 + 0.03 * np.clip((y + 0.3) / 0.6, 0, 1)
+    left = 0.09 + anat.knob * np.exp(-(((y + 0.32) / 0.09) ** 2))
+    left = left + 0.035 * np.exp(-(((y + 0.1) / 0.08) ** 2))  # pulmonary trunk
+    return np.where(x < 0, right, left)
+
+
+def _heart_shape(anat: _Anatomy) -> tuple[float, float, float, float]:
+    """Centre (x, y) and semi-axes (a, b) of the heart ellipse for the drawn ratio."""
+    half_extent = anat.ctr * anat.half_width
+    cos, sin = math.cos(anat.heart_tilt), math.sin(anat.heart_tilt)
+    a = half_extent / math.sqrt(cos**2 + (0.78 * sin) ** 2)
+    b = 0.78 * a
+    vertical_extent = math.sqrt((a * sin) ** 2 + (b * cos) ** 2)
+    center_x = half_extent / 3.0 + 0.02
+    center_y = anat.dome_top[1] + 0.1 - vertical_extent
+    return center_x, center_y, a, b
+
+
+def _heart_radius(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Elliptical radius of the heart (< 1 inside)."""
+    cx, cy, a, b = _heart_shape(anat)
+    cos, sin = math.cos(anat.heart_tilt), math.sin(anat.heart_tilt)
+    u = (x - cx) * cos + (y - cy) * sin
+    v = -(x - cx) * sin + (y - cy) * cos
+    return np.sqrt((u / a) ** 2 + (v / b) ** 2)
+
+
+def _zone_bounds(anat: _Anatomy, side: str, level: str) -> tuple[float, float]:
+    """Heights of the top and bottom of a zone: thirds from the apex to the dome's top."""
+    top = anat.apex_y
+    base = anat.dome_top[0 if side == "right" else 1]
+    third = (base - top) / 3.0
+    i = ZONE_LEVELS.index(level)
+    low = top + i * third
+    high = top + (i + 1) * third if level != "lower" else 10.0
+    return low, high
+
+
+def _zone_of(anat: _Anatomy, x: float, y: float) -> str:
+    """Zone name ("right upper zone") of a point in a lung."""
+    side = "right" if x < 0 else "left"
+    level = next((lv for lv in reversed(ZONE_LEVELS) if y >= _zone_bounds(anat, side, lv)[0]),
+                 ZONE_LEVELS[0])
+    return f"{side} {level} zone"
+
+
+def _lung_margin(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """About the distance inside the nearest lung edge (> 0 inside a lung field)."""
+    lateral = _lateral_limit(anat, y) - np.abs(x)
+    dome = _dome(anat, x) - y
+    medial = np.abs(x) - _mediastinum(anat, x, y)
+    heart_gap = (_heart_radius(anat, x, y) - 1.0) * 0.3
+    apex = y - anat.apex_y
+    return np.minimum(np.minimum(np.minimum(lateral, dome), np.minimum(medial, heart_gap)), apex)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normal anatomy: an attenuation map (arbitrary units: 0 for air, ~0.5 through the mediastinum).
+
+
+def _smoothstep(edge0: float, edge1: float, value: np.ndarray) -> np.ndarray:
+    t = np.clip((value - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _body(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Relative soft-tissue thickness (elliptic cross-section): neck, shoulders, trunk."""
+    x, y = frame.x, frame.y
+    trunk = anat.half_width + anat.body_margin
+    shoulder = _smoothstep(-1.02, -0.78, y)
+    half = 0.3 + (trunk + 0.06 - 0.3) * shoulder - 0.06 * _smoothstep(0.2, 1.0, y)
+    inside = np.clip(1.0 - (x / half) ** 2, 0.0, 1.0)
+    edge = _smoothstep(0.0, 4.0 * frame.pixel / half, inside)
+    return edge * (0.2 + 0.8 * np.sqrt(inside))
+
+
+def _ribs(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Posterior ribs arching down laterally, fainter anterior ribs sloping down medially."""
+    x, y = frame.x, frame.y
+    ax = np.abs(x)
+    cage = _lateral_limit(anat, y) + 0.05 - ax
+    inside = _smoothstep(0.0, 0.04, cage) * _smoothstep(0.04, 0.08, ax)
+    below = np.clip((y - _dome(anat, x)) / 0.15, 0.0, 1.0)
+    inside = inside * (1.0 - 0.7 * below)
+    u = y - (-0.15 * ax + 0.85 * ax**2) - anat.apex_y - anat.rib_phase + 0.03
+    phase = u / (anat.rib_spacing * (1.0 + 0.25 * np.clip(u, 0, None)))
+    frac = phase - np.floor(phase)
+    shaft = _smoothstep(0.0, 0.12, frac) * _smoothstep(0.55, 0.43, frac)
+    cortex = np.exp(-(((frac - 0.05) / 0.05) ** 2)) + np.exp(-(((frac - 0.5) / 0.05) ** 2))
+    posterior = (shaft + 0.5 * cortex) * (phase > 0) * (phase < 10.0)
+    v = y - 0.5 * (anat.half_width - ax) - anat.apex_y - 0.02
+    phase_a = v / (anat.rib_spacing * 1.3)
+    frac_a = phase_a - np.floor(phase_a)
+    anterior = _smoothstep(0.0, 0.15, frac_a) * _smoothstep(0.6, 0.45, frac_a)
+    anterior = anterior * (phase_a > 1.0) * (phase_a < 6.0) * _smoothstep(0.25, 0.5, ax)
+    return inside * (0.045 * posterior + 0.02 * anterior)
+
+
+def _on_box(frame: _Frame, keep: np.ndarray, part) -> np.ndarray:
+    """``part(x, y)`` evaluated on the bounding box of ``keep`` only, zero elsewhere (speed)."""
+    out = np.zeros_like(frame.x)
+    rows = np.flatnonzero(keep.any(axis=1))
+    cols = np.flatnonzero(keep.any(axis=0))
+    if rows.size:
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        out[box] = part(frame.x[box], frame.y[box])
+    return out
+
+
+def _clavicles(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """S-shaped clavicles from the sternal notch out and up over the lung apices."""
+    top, bottom = anat.clavicle_y - anat.clavicle_rise - 0.12, anat.clavicle_y + 0.12
+    keep = (frame.y > top) & (frame.y < bottom) & (np.abs(frame.x) < 0.8)
+    return _on_box(frame, keep, lambda x, y: _clavicle_profile(anat, x, y))
+
+
+def _clavicle_profile(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    t = (np.abs(x) - 0.06) / (0.62 * anat.half_width / 0.7)
+    bend = 0.035 * np.sin(1.5 * np.pi * np.clip(t, 0, 1))
+    center = anat.clavicle_y - anat.clavicle_rise * t + bend
+    across = (y - center) / (0.038 + 0.015 * np.clip(1 - 2 * t, 0, 1))
+    band = np.clip(1.0 - across**2, 0.0, 1.0) ** 0.5
+    edges = np.exp(-(((np.abs(across) - 0.85) / 0.2) ** 2)) * (np.abs(across) < 1.2)
+    ends = _smoothstep(-0.04, 0.03, t) * _smoothstep(1.06, 0.96, t)
+    return (0.12 * band + 0.05 * edges) * ends
+
+
+def _spine(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Vertebral column: bodies with darker disc spaces and paired pedicles."""
+    return _on_box(frame, np.abs(frame.x) < 0.075, lambda x, y: _spine_profile(anat, x, y))
+
+
+def _spine_profile(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    column = np.clip(1.0 - (x / 0.07) ** 2, 0.0, 1.0) ** 0.5
+    level = (y - anat.apex_y) / (anat.rib_spacing * 0.95)
+    discs = 0.85 + 0.15 * np.cos(2 * np.pi * level)
+    pedicles = np.exp(-(((np.abs(x) - 0.045) / 0.014) ** 2) - (((level % 1.0) - 0.5) / 0.18) ** 2)
+    return 0.045 * column * discs + 0.03 * pedicles
+
+
+def _markings(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Pulmonary vessels radiating from each hilum, tapering and branching towards the periphery.
+
+    Vessels are the zero crossings of a random field that varies fast with the angle around the
+    hilum and slowly with the distance from it, so the lines run outwards, wander, split and end.
+    """
+    return _on_box(frame, frame.lung, lambda x, y: _vessels(anat.vessel_field, x, y))
+
+
+def _vessels(vessel_field: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    hilum_x = np.where(x < 0, np.float32(-0.19), np.float32(0.21))
+    dx, dy = x - hilum_x, y - 0.02
+    r = np.sqrt(dx**2 + dy**2)
+    n_theta, n_r = vessel_field.shape
+    along = (np.arctan2(dy, dx) / (2 * np.pi) % 1.0) * n_theta
+    out = np.clip(r / 0.9, 0, 1) * (n_r - 1)
+    i0, j0 = np.floor(along).astype(np.intp), np.minimum(np.floor(out).astype(np.intp), n_r - 2)
+    ft, fr = along - i0, out - j0
+    i0, i1 = i0 % n_theta, (i0 + 1) % n_theta
+    field_ = ((vessel_field[i0, j0] * (1 - ft) + vessel_field[i1, j0] * ft) * (1 - fr)
+              + (vessel_field[i0, j0 + 1] * (1 - ft) + vessel_field[i1, j0 + 1] * ft) * fr)
+    width = 0.5 * np.exp(-r / 0.35) + 0.04
+    vessels = np.exp(-((field_ / width) ** 2) - r / 0.45)
+    hilum = np.exp(-((r / 0.1) ** 2))
+    return 0.1 * vessels + 0.06 * hilum
+
+
+def _gastric_bubble(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Air in the stomach fundus under the left dome (on the image right)."""
+    if anat.bubble is None:
+        return np.zeros_like(frame.x)
+    bx, by, br = anat.bubble
+    cy = anat.dome_top[1] + by
+    inside = ((frame.x - bx) / br) ** 2 + ((frame.y - cy) / (0.6 * br)) ** 2
+    return np.clip(1.0 - inside, 0, 1) ** 0.3 * (frame.y < cy + 0.2 * br)
+
+
+def _breasts(anat: _Anatomy, frame: _Frame) -> np.ndarray:
+    """Extra soft tissue over the lower zones of female patients."""
+    if anat.breast == 0.0:
+        return np.zeros_like(frame.x)
+    out = np.zeros_like(frame.x)
+    for sign in (-1.0, 1.0):
+        cx, cy = sign * 0.62 * anat.half_width, anat.dome_top[0] - 0.02
+        r = np.sqrt(((frame.x - cx) / 0.36) ** 2 + ((frame.y - cy) / 0.28) ** 2)
+        out += np.clip(1.0 - r**2, 0, 1) ** 0.5 * _smoothstep(cy - 0.35, cy - 0.2, frame.y)
+    return anat.breast * out
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings. Each returns its mask; effects go into the shared _Layers.
+
+
+@dataclass
+class _Layers:
+    """Per-pixel modifiers that findings apply before the final composition."""
+
+    air: np.ndarray  # lung air thickness (0..1); fluid and collapse reduce it
+    markings: np.ndarray  # multiplier of vessel markings
+    extra: np.ndarray  # added attenuation (nodules, pleural line)
+    free_air: np.ndarray  # fraction of tissue replaced by pleural air (pneumothorax)
+
+
+def _meniscus(anat: _Anatomy, params: dict, x: np.ndarray) -> np.ndarray:
+    """Upper edge of the fluid: higher laterally (the meniscus), lower medially."""
+    lateral_fraction = np.clip((np.abs(x) - 0.1) / (anat.half_width - 0.1), 0, 1)
+    angle_y = _dome(anat, np.array(anat.half_width, dtype=np.float32))
+    return angle_y - params["height"] * (0.45 + 0.55 * lateral_fraction**2)
+
+
+def _effusion_region(anat: _Anatomy, params: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return ((x * SIDE_SIGN[params["side"]]) > 0) & (y > _meniscus(anat, params, x) + 0.012)
+
+
+def _effusion(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) -> np.ndarray:
+    """Fluid filling the costophrenic angle and base of one hemithorax, hiding the dome."""
+    x, y = frame.x, frame.y
+    on_side = (x * SIDE_SIGN[params["side"]]) > 0
+    meniscus = _meniscus(anat, params, x)
+    fluid = _smoothstep(-0.01, 0.07, y - meniscus) * on_side
+    # fluid layering behind the lung veils the hemithorax above the meniscus, more when large
+    veil = _smoothstep(-0.35, 0.0, y - meniscus) * on_side * min(params["height"], 0.5)
+    layers.air *= (1.0 - params["density"] * fluid) * (1.0 - 0.5 * veil)
+    layers.markings *= 1.0 - fluid
+    return frame.lung & _effusion_region(anat, params, x, y)
+
+
+def _collapsed_lung(anat: _Anatomy, params: dict, x: np.ndarray, y: np.ndarray):
+    """Elliptic radius ``q`` of the collapsed lung's edge (> 1 outside it) and its taper."""
+    low = params["lower_y"]
+    taper = np.clip((low - y) / (low - anat.apex_y), 0, 1) ** 0.7
+    inner_w = anat.half_width - params["depth"] * taper
+    height = _CAGE_CENTER_Y - (anat.apex_y + params["depth"] * 0.9)
+    q = np.sqrt((np.abs(x) / inner_w) ** 2 + (np.minimum(y - _CAGE_CENTER_Y, 0) / height) ** 2)
+    return q, taper
+
+
+def _pneumothorax_region(anat: _Anatomy, params: dict, x: np.ndarray,
+                         y: np.ndarray) -> np.ndarray:
+    q, _ = _collapsed_lung(anat, params, x, y)
+    return ((x * SIDE_SIGN[params["side"]]) > 0) & (q > 1.0) & (y < params["lower_y"])
+
+
+def _pneumothorax(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) -> np.ndarray:
+    """Air between the chest wall and a collapsed lung whose edge is the visceral pleural line."""
+    x, y = frame.x, frame.y
+    on_side = (x * SIDE_SIGN[params["side"]]) > 0
+    q, taper = _collapsed_lung(anat, params, x, y)
+    mask = frame.lung & _pneumothorax_region(anat, params, x, y)
+    line = np.exp(-((((q - 1.0) * anat.half_width) / (0.7 * frame.pixel)) ** 2))
+    line = line * frame.lung * on_side * (y < params["lower_y"] - 0.02) * (taper > 0.05)
+    layers.markings *= np.where(mask, 0.0, 1.0)
+    layers.free_air = np.maximum(layers.free_air, mask * params["free_air"])
+    collapsed = frame.lung & on_side & ~mask
+    layers.air = np.where(collapsed, layers.air * (1.0 - 0.6 * params["depth"]), layers.air)
+    layers.extra += params["line"] * line
+    return mask
+
+
+def _nodule(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) -> np.ndarray:
+    cx, cy, radius = params["x"], params["y"], params["radius"]
+    stretch = params["stretch"]
+    dx, dy = (frame.x - cx) / (radius * stretch), (frame.y - cy) * stretch / radius
+    r = np.sqrt(dx**2 + dy**2)
+    blob = np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0))
+    layers.extra += params["density"] * (0.35 + 0.65 * blob) * (r < 1.0)
+    return r < 1.0
+
+
+def _lobules(params: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Smooth cluster of Gaussian lobules: the consolidation's extent before mottling."""
+    field_ = np.zeros(np.shape(x), dtype=np.float32)
+    for bx, by, br in params["blobs"]:
+        field_ += np.exp(-((x - bx) ** 2 + (y - by) ** 2) / br**2)
+    return field_
+
+
+def _consolidation(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) -> np.ndarray:
+    """Patchy airspace opacity: lobules clipped to the lung, maybe with air bronchograms."""
+    field_ = _lobules(params, frame.x, frame.y)
+    patch = _smoothstep(0.1, 1.1, field_ * (1.0 + 0.3 * params["mottle"]))
+    patch = patch * frame.lung
+    if params["bronchograms"]:  # air-filled bronchi: thin dark lines running out from the hilum
+        dx, dy = frame.x - SIDE_SIGN[params["side"]] * 0.2, frame.y
+        r = np.sqrt(dx**2 + dy**2)
+        phase = 9.0 * np.arctan2(dy, dx) + params["bronchus_phase"]
+        across = r * np.abs((phase + np.pi) % (2 * np.pi) - np.pi) / 9.0
+        tubes = np.exp(-((across / max(0.012, 0.8 * frame.pixel)) ** 2))
+        patch = patch * (1.0 - 0.45 * tubes * _smoothstep(0.6, 1.0, patch))
+    layers.air *= 1.0 - params["density"] * patch
+    layers.markings *= 1.0 - patch
+    layers.extra += 0.08 * params["density"] * patch  # also dense where the lung is thin
+    return patch > 0.5
+
+
+_RENDERERS = {
+    "pleural_effusion": _effusion,
+    "pneumothorax": _pneumothorax,
+    "nodule": _nodule,
+    "consolidation": _consolidation,
+}
+_RENDER_ORDER = ("pleural_effusion", "pneumothorax", "consolidation", "nodule")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding parameters.
+
+
+def _choose_findings(seed: int, index: int, rng: np.random.Generator,
+                     extra_prob: float) -> list[str]:
+    """Primary finding from a seeded shuffle of each block of six indices, maybe one more."""
+    block = np.random.default_rng([seed, index // len(FINDINGS), _STREAM_CLASS])
+    order = block.permutation(len(FINDINGS))
+    primary = FINDINGS[int(order[index % len(FINDINGS)])]
+    extra_draw = rng.uniform()
+    extra_pick = rng.uniform()
+    if primary == "no_finding" or extra_draw >= extra_prob:
+        return [primary]
+    others = [name for name in ABNORMAL if name != primary]
+    return [primary, others[int(extra_pick * len(others))]]
+
+
+def _finding_params(rng: np.random.Generator, anat: _Anatomy, subtle: dict[str, bool],
+                    names: list[str]) -> dict[str, dict]:
+    """Parameters of every finding kind, used or not: a fixed number of draws per case."""
+    sides = {name: ("right", "left")[int(rng.integers(2))] for name in ABNORMAL}
+    if "pleural_effusion" in names and "pneumothorax" in names:
+        sides["pneumothorax"] = "left" if sides["pleural_effusion"] == "right" else "right"
+    params = {
+        "pleural_effusion": _effusion_params(rng, subtle["pleural_effusion"]),
+        "pneumothorax": _pneumothorax_params(rng, anat, subtle["pneumothorax"]),
+        "nodule": _nodule_params(rng, subtle["nodule"]),
+        "consolidation": _consolidation_params(rng, subtle["consolidation"]),
+        "cardiomegaly": {},
+    }
+    for name in ABNORMAL:
+        params[name].update(side=sides[name], subtle=subtle[name])
+    return params
+
+
+def _pick(subtle: bool, subtle_value: float, normal_value: float) -> float:
+    return subtle_value if subtle else normal_value
+
+
+def _effusion_params(rng: np.random.Generator, subtle: bool) -> dict[str, Any]:
+    height = _pick(subtle, _uniform(rng, 0.13, 0.17), _uniform(rng, 0.22, 0.6))
+    density = _pick(subtle, _uniform(rng, 0.65, 0.8), _uniform(rng, 0.85, 1.0))
+    return {"height": height, "density": density}
+
+
+def _pneumothorax_params(rng: np.random.Generator, anat: _Anatomy, subtle: bool) -> dict[str, Any]:
+    extent = _uniform(rng, 0.0, 1.0)
+    depth = _pick(subtle, _uniform(rng, 0.08, 0.11), 0.12 + 0.2 * extent)
+    lower = anat.apex_y + _pick(subtle, 0.5, 0.6 + 0.8 * extent)
+    line = _pick(subtle, _uniform(rng, 0.1, 0.13), _uniform(rng, 0.13, 0.2))
+    free_air = _pick(subtle, _uniform(rng, 0.74, 0.8), _uniform(rng, 0.78, 0.86))
+    return {"depth": depth, "lower_y": lower, "free_air": free_air, "line": line}
+
+
+def _nodule_params(rng: np.random.Generator, subtle: bool) -> dict[str, Any]:
+    size_mm = float(_pick(subtle, rng.integers(3, 7), rng.integers(6, 16)))
+    return {
+        "level": ZONE_LEVELS[int(rng.integers(3))],
+        "size_mm": size_mm,
+        "radius": (size_mm + 4.0) / 190.0,
+        "stretch": _uniform(rng, 0.85, 1.15),
+        "density": _pick(subtle, _uniform(rng, 0.14, 0.18), _uniform(rng, 0.2, 0.32)),
+        "candidates": rng.uniform(size=(48, 2)),
+    }
+
+
+def _consolidation_params(rng: np.random.Generator, subtle: bool) -> dict[str, Any]:
+    return {
+        "level": ZONE_LEVELS[int(rng.integers(3))],
+        "spread": _pick(subtle, _uniform(rng, 0.09, 0.11), _uniform(rng, 0.12, 0.19)),
+        "offsets": rng.uniform(-1.0, 1.0, size=(8, 3)),
+        "density": _pick(subtle, _uniform(rng, 0.3, 0.4), _uniform(rng, 0.45, 0.7)),
+        "bronchograms": bool(rng.uniform() < 0.5),
+        "bronchus_phase": _uniform(rng, 0.0, 2 * math.pi),
+        "candidates": rng.uniform(size=(48, 2)),
+    }
+
+
+def _sample_ctr(rng: np.random.Generator, cardiomegaly: bool, subtle: bool) -> float:
+    """PA-equivalent cardiothoracic ratio (three draws whatever the case)."""
+    normal, mild, enlarged = rng.uniform(size=3)
+    if not cardiomegaly:
+        return 0.41 + 0.07 * float(normal)
+    return 0.51 + 0.03 * float(mild) if subtle else 0.54 + 0.12 * float(enlarged)
+
+
+def _free_lung(anat: _Anatomy, drawn: dict[str, dict], x: np.ndarray,
+               y: np.ndarray) -> np.ndarray:
+    """Points inside a lung field and outside the findings drawn so far (analytic, any size)."""
+    free = _lung_margin(anat, x, y) > 0
+    if "pleural_effusion" in drawn:
+        free &= ~_effusion_region(anat, drawn["pleural_effusion"], x, y)
+    if "pneumothorax" in drawn:
+        free &= ~_pneumothorax_region(anat, drawn["pneumothorax"], x, y)
+    if "consolidation" in drawn:
+        free &= _lobules(drawn["consolidation"], x, y) < 0.2
+    return free
+
+
+def _place(anat: _Anatomy, drawn: dict[str, dict], params: dict,
+           radius: float) -> tuple[float, float]:
+    """Centre of a disc of ``radius`` lying in free lung, preferably in the requested zone.
+
+    Candidates are the case's pre-drawn uniform points mapped into the zone, so the result does
+    not depend on the image size. Falls back to other zones, then to a smaller disc.
+    """
+    side, sign = params["side"], SIDE_SIGN[params["side"]]
+    u, v = params["candidates"][:, 0], params["candidates"][:, 1]
+    ring = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    levels = (params["level"],) + tuple(lv for lv in ZONE_LEVELS if lv != params["level"])
+    for scale in (1.15, 0.8, 0.5):
+        for level in levels:
+            low, high = _zone_bounds(anat, side, level)
+            high = min(high, anat.dome_top[0 if side == "right" else 1] + 0.2)
+            cx = (sign * (0.08 + u * (anat.half_width - 0.08))).astype(np.float32)
+            cy = (low + v * (high - low)).astype(np.float32)
+            rx = cx[:, None] + scale * radius * np.cos(ring)[None, :]
+            ry = cy[:, None] + scale * radius * np.sin(ring)[None, :]
+            ok = _free_lung(anat, drawn, cx, cy) & _free_lung(anat, drawn, rx, ry).all(axis=1)
+            if ok.any():
+                k = int(np.argmax(ok))
+                return float(cx[k]), float(cy[k])
+    low, high = _zone_bounds(anat, side, params["level"])
+    return sign * 0.5 * anat.half_width, (low + min(high, 0.3)) / 2  # zone centre, last resort
+
+
+def _draw_findings(names: list[str], params: dict[str, dict], anat: _Anatomy, frame: _Frame,
+                   mottle_rng: np.random.Generator) -> tuple[list[dict], dict[str, np.ndarray],
+                                                            _Layers]:
+    """Apply the case's findings to fresh layers; return their records and masks."""
+    shape = frame.x.shape
+    ones, zeros = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    layers = _Layers(air=ones, markings=ones.copy(), extra=zeros, free_air=zeros.copy())
+    masks: dict[str, np.ndarray] = {}
+    if "cardiomegaly" in names:
+        masks["cardiomegaly"] = _at_least_one_pixel(frame.heart.copy(), frame, _heart_shape(anat))
+    drawn: dict[str, dict] = {}
+    for name in _RENDER_ORDER:
+        if name not in names:
+            continue
+        finding = params[name]
+        if name in ("nodule", "consolidation"):
+            _locate(name, finding, anat, drawn)
+        if name == "consolidation":
+            mottle = ndimage.gaussian_filter(mottle_rng.standard_normal(shape, np.float32),
+                                             frame.size / 45)
+            finding["mottle"] = mottle / (mottle.std() + 1e-9)
+        mask = _RENDERERS[name](anat, frame, layers, finding)
+        masks[name] = _at_least_one_pixel(mask, frame, _anchor(name, finding, anat))
+        drawn[name] = finding
+    records = [_record(name, params.get(name, {}), anat, masks) for name in names]
+    return records, {name: masks[name] for name in names if name in masks}, layers
+
+
+def _anchor(name: str, params: dict, anat: _Anatomy) -> tuple[float, float]:
+    """A point that belongs to the finding whatever the image size."""
+    sign = SIDE_SIGN[params["side"]]
+    if name == "pleural_effusion":
+        x = sign * 0.85 * anat.half_width
+        return x, float(_dome(anat, np.float32(x))) - 0.02
+    if name == "pneumothorax":
+        return sign * 0.5 * anat.half_width, anat.apex_y + 0.04
+    return params["x"], params["y"]
+
+
+def _at_least_one_pixel(mask: np.ndarray, frame: _Frame, anchor: tuple[float, ...]) -> np.ndarray:
+    """A finding always has a non-empty mask: at tiny sizes, the pixel nearest its anchor."""
+    if not mask.any():
+        distance = (frame.x - anchor[0]) ** 2 + (frame.y - anchor[1]) ** 2
+        mask.flat[int(np.argmin(distance))] = True
+    return mask
+
+
+def _locate(name: str, params: dict, anat: _Anatomy, drawn: dict[str, dict]) -> None:
+    radius = params["radius"] if name == "nodule" else params["spread"]
+    params["x"], params["y"] = _place(anat, drawn, params, radius)
+    params["zone"] = _zone_of(anat, params["x"], params["y"])
+    if name == "consolidation":
+        params["blobs"] = [
+            (params["x"] + 0.8 * params["spread"] * dx, params["y"] + 0.8 * params["spread"] * dy,
+             params["spread"] * (0.55 + 0.35 * abs(dr)))
+            for dx, dy, dr in params["offsets"]
+        ]
+
+
+def _severity(name: str, params: dict, anat: _Anatomy) -> str | None:
+    if name == "cardiomegaly":
+        return "mild" if anat.pa_ctr < 0.58 else "moderate" if anat.pa_ctr < 0.62 else "marked"
+    if name == "pleural_effusion":
+        height = params["height"]
+        return "small" if height < 0.28 else "moderate" if height < 0.44 else "large"
+    if name == "pneumothorax":
+        depth = params["depth"]
+        return "small" if depth < 0.18 else "moderate" if depth < 0.26 else "large"
+    return None
+
+
+def _detail(name: str, params: dict, anat: _Anatomy) -> str | None:
+    if name == "consolidation" and params["bronchograms"]:
+        return "air bronchograms"
+    if name == "pleural_effusion" and params["height"] < 0.18:
+        return "blunting"
+    if name == "pneumothorax" and params["lower_y"] < anat.apex_y + 0.75:
+        return "apical"
+    return None
+
+
+def _record(name: str, params: dict, anat: _Anatomy, masks: dict[str, np.ndarray]) -> dict:
+    """The public description of one finding (see PhantomCase.findings)."""
+    if name == "no_finding":
+        return {"name": name, "side": None, "zone": None, "size_mm": None, "severity": None,
+                "detail": None, "box": None, "subtle": False}
+    lateral = name in ("pleural_effusion", "pneumothorax", "nodule", "consolidation")
+    return {
+        "name": name,
+        "side": params["side"] if lateral else None,
+        "zone": params.get("zone"),
+        "size_mm": params.get("size_mm"),
+        "severity": _severity(name, params, anat),
+        "detail": _detail(name, params, anat),
+        "box": _box(masks[name]),
+        "subtle": bool(params["subtle"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition.
+
+
+def _anatomy_attenuation(anat: _Anatomy, frame: _Frame, layers: _Layers) -> np.ndarray:
+    """Total attenuation: soft tissue minus lung air, plus vessels, bones and findings."""
+    body = _body(anat, frame)
+    air = np.maximum(0.72 * frame.lung_depth * frame.lung * layers.air, layers.free_air)
+    attenuation = anat.soft * body * (1.0 - air) + anat.soft * _breasts(anat, frame)
+    attenuation += 0.02 * frame.heart
+    attenuation += _markings(anat, frame) * frame.lung * layers.markings
+    ribs = _ribs(anat, frame) * (0.5 + 0.5 * frame.lung_depth)
+    bones = ribs + _clavicles(anat, frame) + _spine(anat, frame)
+    attenuation += anat.bone * bones * (body > 0.05)
+    trachea = np.clip(1 - (frame.x / 0.035) ** 2, 0, 1) ** 0.5 * _smoothstep(-0.12, -0.3, frame.y)
+    attenuation -= 0.1 * trachea * _smoothstep(-1.1, -0.9, frame.y)
+    attenuation -= 0.2 * anat.soft * _gastric_bubble(anat, frame)
+    return attenuation + layers.extra
+
+
+def _expose(attenuation: np.ndarray, acq: _Acquisition, frame: _Frame,
+            noise_rng: np.random.Generator) -> np.ndarray:
+    """Film response (saturating exposure curve, gamma), blur, quantum noise and grid lines."""
+    scale = frame.size / REFERENCE_SIZE
+    film = 1.0 / (1.0 + np.exp(-acq.contrast * (attenuation - acq.exposure)))
+    fog = 1.0 / (1.0 + math.exp(acq.contrast * acq.exposure))
+    grey = np.clip((film - fog) / (1.0 - fog), 0.0, 1.0) ** acq.gamma + acq.brightness
+    grey = ndimage.gaussian_filter(grey, acq.blur_px * scale, mode="nearest")
+    mottle = ndimage.gaussian_filter(noise_rng.standard_normal(grey.shape, np.float32), scale)
+    grey += acq.noise * (noise_rng.standard_normal(grey.shape, np.float32) + 2.0 * mottle)
+    if acq.grid:
+        columns = np.arange(frame.size) / (acq.grid_period_px * max(scale, 1.0))
+        grey += acq.grid * np.sin(2 * np.pi * columns)[None, :]
+    return np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
+
+
+def _box(mask: np.ndarray) -> list[int]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+
+
+def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float) -> None:
+    """Raise InputError unless the arguments of ``render_case`` are usable."""
+    for name, value in (("seed", seed), ("index", index), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+    if seed < 0 or index < 0:
+        raise InputError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    if size < MIN_SIZE:
+        raise InputError(f"size must be >= {MIN_SIZE} pixels, got {size}")
+    if not 0.0 <= float(extra_finding_prob) <= 1.0:
+        raise InputError(f"extra_finding_prob must be in [0, 1], got {extra_finding_prob}")
+
+
+def _sample_meta(rng: np.random.Generator) -> dict[str, Any]:
+    age = int(rng.integers(18, 91))
+    sex = "F" if rng.uniform() < 0.5 else "M"
+    view = "AP" if rng.uniform() < AP_PROB else "PA"
+    return {"age": age, "sex": sex, "view": view}
+
+
+def render_case(seed: int, index: int, size: int = 128,
+                extra_finding_prob: float = 0.0) -> PhantomCase:
+    """Draw case ``index`` of the phantom data set ``seed`` as a ``size`` x ``size`` radiograph.
+
+    ``extra_finding_prob`` is the probability that an abnormal case gets a second, different
+    finding (for multi-label use). Raises InputError for a size below 32, a negative seed or
+    index, or a probability outside [0, 1].
+    """
+    check_case_args(seed, index, size, extra_finding_prob)
+    seed, index, size = int(seed), int(index), int(size)
+    rng = np.random.default_rng([seed, index, _STREAM_IMAGE])
+    names = _choose_findings(seed, index, rng, float(extra_finding_prob))
+    meta = _sample_meta(rng)
+    pose, acq = _sample_pose(rng), _sample_acquisition(rng, meta["view"])
+    subtle = {name: bool(rng.uniform() < SUBTLE_PROB) for name in ABNORMAL}
+    ctr = _sample_ctr(rng, "cardiomegaly" in names, subtle["cardiomegaly"])
+    anat = _sample_anatomy(rng, meta, ctr)
+    params = _finding_params(rng, anat, subtle, names)
+    frame = _frame(size, pose, anat)
+    mottle_rng = np.random.default_rng([seed, index, _STREAM_MOTTLE])
+    findings, masks, layers = _draw_findings(names, params, anat, frame, mottle_rng)
+    noise_rng = np.random.default_rng([seed, index, _STREAM_NOISE])
+    image = _expose(_anatomy_attenuation(anat, frame, layers), acq, frame, noise_rng)
+    meta = {**meta, "ctr": round(anat.ctr, 3)}
+    report = write_report(findings, meta, np.random.default_rng([seed, index, _STREAM_REPORT]))
+    anatomy = {"lungs": frame.lung, "heart": frame.heart}
+    return PhantomCase(image=image, findings=findings, masks=masks, report=report, meta=meta,
+                       anatomy=anatomy)

@@ -1,0 +1,215 @@
+"""Write a phantom chest radiograph data set to disk: PNG images, masks, manifest and description.
+
+Layout of ``out_dir``::
+
+    images/phantom_00000.png                    8-bit grayscale radiograph
+    masks/phantom_00000_<finding>.png           0/255 mask, one per finding present
+    manifest.csv                                one row per image (columns: MANIFEST_COLUMNS)
+    dataset.json                                name, manifest, label columns, captions, generator
+
+Manifest columns: ``image`` (path relative to ``out_dir``), ``text`` (the report), ``split``,
+``finding`` (primary finding, one of FINDINGS), binary 0/1 columns ``no_finding, cardiomegaly,
+effusion_left, effusion_right, nodule, consolidation, pneumothorax``, then ``age, sex, view,
+nodule_zone, consolidation_zone, pneumothorax_side`` (empty when not applicable) and ``boxes``
+(JSON ``{finding: [x0, y0, x1, y1]}``, end-exclusive pixels; empty for ``no_finding``).
+Sides and zones are the patient's (the patient's left is on the image right).
+
+The data set is written to a hidden sibling folder and renamed into place at the end, so
+``out_dir`` either holds a complete data set or does not exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ...errors import InputError
+from .cxr2d import PhantomCase, check_case_args, render_case
+from .reports import PHANTOM_CAPTIONS
+
+log = logging.getLogger(__name__)
+
+DATASET_NAME = "phantom-cxr"
+DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
+LABEL_COLUMNS = ("no_finding", "cardiomegaly", "effusion_left", "effusion_right", "nodule",
+                 "consolidation", "pneumothorax")
+MANIFEST_COLUMNS = ("image", "text", "split", "finding", *LABEL_COLUMNS, "age", "sex", "view",
+                    "nodule_zone", "consolidation_zone", "pneumothorax_side", "boxes")
+_SPLIT_STREAM = 7  # the split shuffle is seeded by (seed, _SPLIT_STREAM)
+
+
+def case_labels(case: PhantomCase) -> dict[str, int]:
+    """The binary label columns of a case (effusion split by the patient's side)."""
+    by_name = {f["name"]: f for f in case.findings}
+    effusion_side = by_name.get("pleural_effusion", {}).get("side")
+    labels = {name: int(name in by_name) for name in LABEL_COLUMNS}
+    labels["effusion_left"] = int(effusion_side == "left")
+    labels["effusion_right"] = int(effusion_side == "right")
+    return labels
+
+
+def manifest_row(case: PhantomCase, image_path: str, split: str) -> dict[str, Any]:
+    """One manifest row for a case whose image is stored at ``image_path``."""
+    by_name = {f["name"]: f for f in case.findings}
+    boxes = {f["name"]: f["box"] for f in case.findings if f["box"] is not None}
+    return {
+        "image": image_path,
+        "text": case.report,
+        "split": split,
+        "finding": case.finding,
+        **case_labels(case),
+        "age": case.meta["age"],
+        "sex": case.meta["sex"],
+        "view": case.meta["view"],
+        "nodule_zone": by_name.get("nodule", {}).get("zone") or "",
+        "consolidation_zone": by_name.get("consolidation", {}).get("zone") or "",
+        "pneumothorax_side": by_name.get("pneumothorax", {}).get("side") or "",
+        "boxes": json.dumps(boxes, separators=(",", ":")) if boxes else "",
+    }
+
+
+def assign_splits(n: int, seed: int, splits: dict[str, float]) -> list[str]:
+    """Split name of each of ``n`` cases: shuffle by seed, then cut in the order given.
+
+    Counts are the fractions times ``n`` rounded so that they add up to ``n`` (largest
+    remainders first).
+    """
+    fractions = np.array(list(splits.values()), dtype=float)
+    exact = fractions * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    names = np.repeat(np.array(list(splits), dtype=object), counts)
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    assigned = np.empty(n, dtype=object)
+    assigned[order] = names
+    return [str(name) for name in assigned]
+
+
+def _check_splits(splits: dict[str, float] | None) -> dict[str, float]:
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    if not splits:
+        raise InputError("splits must name at least one split, e.g. {'train': 0.8, 'test': 0.2}")
+    if any(not isinstance(v, (int, float)) or v < 0 for v in splits.values()):
+        raise InputError(f"split fractions must be numbers >= 0, got {splits}")
+    total = sum(splits.values())
+    if abs(total - 1.0) > 1e-6:
+        raise InputError(f"split fractions must sum to 1, got {total:.6g} from {splits}")
+    return {str(name): float(value) for name, value in splits.items()}
+
+
+def _check_params(n: int, seed: int, size: int, extra_finding_prob: float) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
+    check_case_args(seed, 0, size, extra_finding_prob)
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir}: directory exists and is not empty (pass overwrite=True)")
+
+
+def _progress(total: int, enabled: bool):
+    """The project's rich progress bar when enabled; a no-op ``advance`` otherwise."""
+    if not enabled:
+        return nullcontext(lambda n=1: None)
+    from ...progress import progress_bar
+
+    return progress_bar("phantom radiographs", total)
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir``, removed unless it was renamed into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_case(case: PhantomCase, name: str, root: Path) -> str:
+    image_path = f"images/{name}.png"
+    Image.fromarray(case.image).save(root / image_path)
+    for finding, mask in case.masks.items():
+        mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
+        mask_image.save(root / "masks" / f"{name}_{finding}.png")
+    return image_path
+
+
+def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float) -> None:
+    description = {
+        "name": DATASET_NAME,
+        "manifest": "manifest.csv",
+        "label_columns": ["finding"],
+        "captions": PHANTOM_CAPTIONS,
+        "generator": {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob},
+    }
+    text = json.dumps(description, indent=2) + "\n"
+    (root / "dataset.json").write_text(text, encoding="utf-8")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():  # overwrite=True, or an empty directory
+        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int = 128,
+                     splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
+                     progress: bool = False, overwrite: bool = False) -> Path:
+    """Generate ``n`` phantom chest radiographs into ``out_dir``; return the manifest path.
+
+    Case ``i`` is ``render_case(seed, i, size, extra_finding_prob)``, named ``phantom_{i:05d}``.
+    ``splits`` maps split names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2).
+    An existing non-empty ``out_dir`` is an error unless ``overwrite`` is true, in which case it
+    is replaced as a whole once the new data set is complete.
+    """
+    out_dir = Path(out_dir)
+    split_fractions = _check_splits(splits)
+    _check_params(n, seed, size, extra_finding_prob)
+    _check_target(out_dir, overwrite)
+    split_of = assign_splits(int(n), int(seed), split_fractions)
+    log.info("generating %d phantom radiographs (%d px, seed %d) into %s", n, size, seed, out_dir)
+    with _staging_dir(out_dir) as staging:
+        (staging / "images").mkdir()
+        (staging / "masks").mkdir()
+        with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            with _progress(int(n), progress) as advance:
+                for index in range(int(n)):
+                    case = render_case(seed, index, size, extra_finding_prob)
+                    image_path = _write_case(case, f"phantom_{index:05d}", staging)
+                    writer.writerow(manifest_row(case, image_path, split_of[index]))
+                    advance(1)
+        _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob))
+        _move_into_place(staging, out_dir)
+    log.info("wrote %d phantom radiographs to %s", n, out_dir)
+    return out_dir / "manifest.csv"
+
+
+def iter_cases(n: int, seed: int = 0, size: int = 128,
+               extra_finding_prob: float = 0.0) -> Iterator[PhantomCase]:
+    """Cases ``0..n-1`` in memory, without writing anything."""
+    for index in range(n):
+        yield render_case(seed, index, size, extra_finding_prob)
+
