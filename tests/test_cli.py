@@ -119,7 +119,7 @@ def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
 def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     result, output = invoke("demo", "--out", out, "--n", 72, "--epochs", 1, "--model", "phantom-tiny",
-                            "--size", 64, "-q")
+                            "--size", 64, "--image-size", 0, "-q")
     assert result.exit_code == 0, output
     page = (out / "report.html").read_text()
     assert "zero-shot balanced accuracy" in page and "data:image/png;base64" in page

@@ -345,13 +345,14 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     model: Annotated[str, typer.Option(help="Registered model name.")] = "cxr-small",
     size: Annotated[int, typer.Option(help="Phantom image side in pixels.")] = 128,
+    image_size: Annotated[int, typer.Option(help="Model input side (0 = the model's own).")] = 96,
     quiet: QuietOption = False,
 ) -> None:
     """Generate phantom data, train, evaluate and write OUT/report.html (under 10 min on 2 cores)."""
     from ..demo import run_demo
 
     summary = run_demo(out, n=n, epochs=epochs, seed=seed, size=size, model_name=model,
-                       show_progress=not quiet)
+                       image_size=image_size or None, show_progress=not quiet)
     print_metrics("medvl demo: held-out phantom test split", summary["headline"])
     console.print(f"report: {summary['report']}")
 

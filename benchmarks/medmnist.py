@@ -1,0 +1,55 @@
+"""PneumoniaMNIST with `medvl bench medmnist`, printed beside the MedMNIST v2 reference table.
+
+    python benchmarks/medmnist.py [--data ../shared/data/pneumoniamnist/pneumoniamnist.npz]
+                                  [--test-data SAME] [--test-split val] [--epochs 30]
+
+The references are the paper's test-split numbers (Yang et al., MedMNIST v2, Scientific Data 2023);
+the shared data holds train and val only, so medvl is scored on val, which is not the same split:
+compare with that in mind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCES = [  # (method, AUC, ACC) on the PneumoniaMNIST test split, MedMNIST v2 Table
+    ("ResNet-18 (28)", 0.944, 0.854),
+    ("ResNet-50 (224)", 0.962, 0.884),
+    ("Google AutoML Vision", 0.991, 0.946),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/pneumoniamnist/pneumoniamnist.npz")
+    parser.add_argument("--test-data", type=Path, default=None, help="default: --data")
+    parser.add_argument("--test-split", default="val")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", "medvl.cli.main", "bench", "medmnist", "--train-data", str(args.data),
+                   "--test-data", str(args.test_data or args.data), "--test-split", args.test_split,
+                   "--epochs", str(args.epochs), "--seed", str(args.seed), "--json", str(out), "-q"]
+        subprocess.run(command, check=True)
+        result = json.loads(out.read_text())
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"\nPneumoniaMNIST ({args.test_split} split for medvl; references on test)")
+    print(f"{'method':<34}{'AUC':>8}{'ACC':>8}")
+    print(f"{'medvl medmnist-small (28)':<34}{result['auc']:>8.3f}{result['acc']:>8.3f}")
+    for name, auc, acc in REFERENCES:
+        print(f"{name + ' [ref]':<34}{auc:>8.3f}{acc:>8.3f}")
+    print(f"\nwall time {result['seconds']:.0f} s, peak RSS {peak_mb:.0f} MB, "
+          f"threshold {result['threshold']:.3f} from {result['threshold_from']}")
+
+
+if __name__ == "__main__":
+    main()
