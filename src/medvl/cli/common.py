@@ -39,13 +39,22 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except MedvlError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            _print_error(str(err))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as err:  # unreadable / unwritable user paths: permissions, full disk
+            _print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -66,10 +66,19 @@ def _emit(result: dict, json_path: Path | None) -> None:
 @handle_errors
 def models_command() -> None:
     """List the registered model configs."""
-    from ..models.registry import describe_model, list_models
+    from rich.table import Table
 
+    from ..models.registry import describe_model, get_config, list_models
+
+    table = Table(show_header=True, header_style="bold")
+    for column in ("name", "image", "text", "dim", "about"):
+        table.add_column(column)
     for name in list_models():
-        console.print(f"[bold]{name}[/]  {describe_model(name)}")
+        config = get_config(name)
+        image = f"{config.image.arch} {config.image.image_size}px x{config.image.in_channels}"
+        text = config.text.path or f"bert {config.text.hidden_size}x{config.text.num_layers}"
+        table.add_row(name, image, text, str(config.embed_dim), describe_model(name))
+    console.print(table)
 
 
 @app.command("phantom")
@@ -121,6 +130,8 @@ def train_command(
     from ..models.registry import resolve_model
     from ..train.loop import TrainConfig, train
 
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out must be a folder, this is a file")
     if out.exists() and any(out.iterdir()) and not resume:
         raise InputError(f"{out}: output folder exists and is not empty (use --resume or a new --out)")
     dataset = _dataset(data, split, label_column)
