@@ -29,7 +29,7 @@ def trained(phantom_dir, tmp_path_factory):
 def test_help_lists_every_command():
     result, output = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models"):
+    for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models", "deid", "dicom-info"):
         assert command in output
 
 

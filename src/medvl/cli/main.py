@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .clinical import deid_command, inspect_command
 from .common import (
     CaptionsOption,
     JsonOption,
@@ -309,7 +310,7 @@ def bench_cv(
     label_column: Annotated[str, typer.Option("--label-column", "-l", help="Label column to predict.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "derm-small",
     folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
-    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 30,
+    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the folds, init, order and augmentation.")] = 0,
     captions: CaptionsOption = None,
     group_column: Annotated[str | None, typer.Option(
@@ -367,6 +368,9 @@ def demo_command(
     print_metrics("medvl demo: held-out phantom test split", summary["headline"])
     console.print(f"report: {summary['report']}")
 
+
+app.command("deid")(deid_command)
+app.command("dicom-info")(inspect_command)
 
 if __name__ == "__main__":
     app()

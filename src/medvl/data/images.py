@@ -8,9 +8,12 @@ Array conventions (what every reader returns):
   converted (alpha is dropped, not composited);
 - ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed).
 
-Readers are chosen by file suffix through ``IMAGE_READERS`` so DICOM / NIfTI readers can be added
-with ``register_reader``. Every failure is a ``DataError(path, problem)``; pixel data is never
-logged.
+Readers are chosen by file suffix through ``IMAGE_READERS``; more are added with
+``register_reader``. The clinical readers are registered here: ``.dcm`` / ``.dicom`` (and files
+with no known suffix that carry the DICOM ``DICM`` marker, sniffed only after the suffix lookup
+fails) and ``.nii`` / ``.nii.gz``; their conventions (display-windowed DICOM, 3D NIfTI volumes) are
+in ``medvl.clinical.readers``, and pydicom / nibabel are imported only when such a file is read.
+Every failure is a ``DataError(path, problem)``; pixel data is never logged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..clinical.readers import has_dicom_preamble, register_clinical_readers
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,9 @@ def register_reader(suffixes: Iterable[str], reader: ImageReader) -> None:
         IMAGE_READERS[suffix.lower()] = reader
 
 
+register_clinical_readers(register_reader)
+
+
 def image_suffix(path: str | Path) -> str:
     """The registered suffix a path ends with (``.nii.gz`` before ``.gz``), lower case, or ''."""
     name = Path(path).name.lower()
@@ -141,6 +148,8 @@ def read_image(path: str | Path) -> np.ndarray:
     if path.is_dir():
         raise DataError(path, "is a folder, not an image file")
     suffix = image_suffix(path)
+    if not suffix and has_dicom_preamble(path):
+        suffix = ".dcm"  # extension-less or UID-named DICOM files
     if not suffix:
         raise DataError(
             path,

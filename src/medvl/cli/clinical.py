@@ -1,0 +1,116 @@
+"""Clinical commands: ``medvl deid`` (DICOM de-identification) and ``medvl dicom-info``.
+
+Registered in ``cli/main.py`` as ``app.command("deid")(deid_command)`` and
+``app.command("dicom-info")(inspect_command)``. Neither prints a patient identifier: the
+de-identification report holds attribute names only, and ``dicom-info`` shows acquisition facts,
+with study and series UIDs as short hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .common import JsonOption, console, handle_errors
+
+
+@handle_errors
+def deid_command(
+    source: Annotated[Path, typer.Argument(help="DICOM file or folder to de-identify.")],
+    out: Annotated[Path, typer.Argument(help="New file (for a file) or new / empty folder (for a folder).")],
+    seed: Annotated[int | None, typer.Option(
+        help="Seed: the same seed gives the same dummy values and UIDs (runs can be linked).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Also write the report (attribute names, no values) to this JSON file.")] = None,
+) -> None:
+    """De-identify DICOM (PS3.15 basic profile via dicognito): names, IDs, UIDs, dates, private tags."""
+    from ..clinical.deid import REPORT_NAME, deidentify
+    from ..io import write_json
+
+    result = deidentify(source, out, seed=seed)
+    totals = result["totals"]
+    console.print(f"de-identified {result['files_written']} file(s) into {out}"
+                  + (f" (report: {out / REPORT_NAME})" if source.is_dir() else ""))
+    console.print(f"replaced {len(totals['replaced'])} and removed {len(totals['removed'])} kinds of attributes, "
+                  f"{totals['private_tags_removed']} private tags")
+    for reason, count in result["skipped"].items():
+        console.print(f"skipped {count} file(s): {reason}")
+    if totals["files_with_warnings"]:
+        console.print(f"[yellow]warning:[/] {totals['files_with_warnings']} file(s) declare burned-in annotation: "
+                      "check their pixels")
+    if report is not None:
+        write_json(report, result)
+        console.print(f"wrote {report}")
+
+
+def _short_id(uid: str | None) -> str:
+    """8 hex characters standing for a UID: tells series apart without showing the UID, whose
+    digits often hold the acquisition date and time."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:8] if uid else "-"
+
+
+def _size(rows, columns) -> str:
+    return f"{rows} x {columns}" if rows and columns else "-"
+
+
+def _spacing(values) -> str:
+    return "-" if not values else "x".join(f"{float(v):.3g}" for v in values)
+
+
+def _folder_rows(folder: Path) -> list[dict[str, Any]]:
+    from ..clinical.dicom import read_dicom_series
+
+    return [{"study": _short_id(s.study_uid), "series": _short_id(s.series_uid), "number": s.series_number,
+             "modality": s.modality, "files": len(s.files), "frames": s.frames,
+             "size": _size(s.rows, s.columns), "pixel_spacing_mm": s.pixel_spacing_mm}
+            for s in read_dicom_series(folder)]
+
+
+def _file_rows(path: Path) -> list[dict[str, Any]]:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        from ..clinical.nifti import read_nifti
+
+        volume, spacing = read_nifti(path)
+        return [{"study": "-", "series": "-", "number": None, "modality": "NIfTI (RAS)", "files": 1,
+                 "frames": volume.shape[0], "size": " x ".join(map(str, volume.shape)),
+                 "pixel_spacing_mm": list(spacing)}]
+    from ..clinical.dicom import quiet_pydicom, read_dataset, safe_meta
+
+    with quiet_pydicom(path):
+        meta = safe_meta(read_dataset(path, header_only=True))
+    return [{"study": _short_id(meta["study_uid"]), "series": _short_id(meta["series_uid"]),
+             "number": meta["series_number"], "modality": meta["modality"], "files": 1, "frames": meta["frames"],
+             "size": _size(meta["rows"], meta["columns"]), "pixel_spacing_mm": meta["pixel_spacing_mm"],
+             "transfer_syntax": meta["transfer_syntax"], "sop_class": meta["sop_class"]}]
+
+
+@handle_errors
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="DICOM file, folder of DICOM files, or NIfTI file.")],
+    json_out: JsonOption = None,
+) -> None:
+    """Studies and series with modality, size, frames and pixel spacing (no patient identifiers)."""
+    from ..errors import DataError
+
+    if not path.exists():
+        raise DataError(path, "not found")
+    rows = _folder_rows(path) if path.is_dir() else _file_rows(path)
+    table = Table(title=f"{path.name}: {len(rows)} series", show_header=True, header_style="bold")
+    columns = ("study", "series", "number", "modality", "files", "frames", "size", "pixel_spacing_mm")
+    for column in columns:
+        table.add_column({"pixel_spacing_mm": "spacing (mm)", "number": "no."}.get(column, column))
+    for row in rows:
+        table.add_row(*(_spacing(row[c]) if c == "pixel_spacing_mm" else str(row[c] if row[c] is not None else "-")
+                        for c in columns))
+    console.print(table)
+    if "transfer_syntax" in rows[0]:
+        console.print(f"{rows[0]['sop_class']}, {rows[0]['transfer_syntax']}")
+    if json_out is not None:
+        from ..io import write_json
+
+        write_json(json_out, {"path": str(path), "series": rows})
+        console.print(f"wrote {json_out}")

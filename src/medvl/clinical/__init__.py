@@ -1,0 +1,11 @@
+"""Clinical formats: DICOM and NIfTI input, display windows, DICOM de-identification.
+
+Submodules (import them directly; they need the ``[clinical]`` extra: pydicom, nibabel,
+dicognito, and the pylibjpeg / gdcm decoders for compressed DICOM):
+
+- ``medvl.clinical.windowing``: named CT window presets (HU) and the DICOM window functions;
+- ``medvl.clinical.dicom``: ``read_dicom``, ``read_dicom_series``, ``load_volume``;
+- ``medvl.clinical.nifti``: ``read_nifti`` (RAS volume and spacing, decompression-bomb guard);
+- ``medvl.clinical.deid``: ``deidentify`` (DICOM PS3.15 basic profile via dicognito);
+- ``medvl.clinical.readers``: the readers ``medvl.data.images.read_image`` registers (light).
+"""

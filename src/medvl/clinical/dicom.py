@@ -1,0 +1,637 @@
+"""DICOM input: one file to pixels and safe metadata; a folder to series; a series to a 3D volume.
+
+``read_dicom(path, window=None)`` returns ``(array, meta)``:
+
+- grayscale: ``HxW`` ``float32`` modality values: stored values through Rescale Slope/Intercept or
+  the Modality LUT (Hounsfield units for CT). With ``window`` (a preset name from
+  ``medvl.clinical.windowing``, ``(center, width)`` or ``"file"`` for the header's own VOI LUT /
+  first Window Center/Width) the values are mapped to display intensities in ``[0, 1]``.
+  MONOCHROME1 images (where the lowest value is displayed white) are inverted so that, as in
+  MONOCHROME2, higher means brighter: ``1 - v`` when windowed, ``min + max - v`` otherwise;
+- colour: ``HxWx3`` RGB in the stored bit depth (YBR converted to RGB, palette colour expanded);
+- multi-frame: ``frames x H x W`` (``frames x H x W x 3`` for colour).
+
+``meta`` holds acquisition facts only (modality, SOP class, transfer syntax, photometric
+interpretation, pixel spacing in mm, slice thickness, study / series / instance UIDs, series and
+instance numbers, image position and orientation, rescale, the window used, view position,
+laterality, body part). It never holds patient names, IDs, birth data, dates or times, or free
+text: build it with ``safe_meta`` only.
+
+``read_dicom_series(folder)`` groups the DICOM files under a folder into ``DicomSeries`` (one per
+study + series UID); ``load_volume(series)`` stacks a CT/MR series into a ``DxHxW`` ``float32``
+volume, slices sorted by Image Position (Patient) projected on the slice normal (the cross product
+of the Image Orientation row and column directions), with spacing ``(slice, row, column)`` in mm
+from the headers. Axis 0 runs along the normal (usually inferior to superior for axial CT); rows
+and columns are as stored (for axial images usually anterior to posterior, patient right to left).
+
+Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt, no pixel data
+(a structured report, RT plan, DICOMDIR...), a compressed transfer syntax whose decoder is not
+installed (with the extra to install), pixel data over ``MAX_DECODED_BYTES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .readers import DICOM_SUFFIXES, INSTALL_HINT, has_dicom_preamble
+from .windowing import Window, WindowSpec, apply_window, get_window
+
+log = logging.getLogger(__name__)
+
+FILE_WINDOW = "file"  # use the window or VOI LUT stored in the DICOM header
+MAX_DECODED_BYTES = 1 << 30  # decoded pixel data above this (1 GiB) is refused before decoding
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+# Implicit / Explicit VR Little Endian, Explicit VR Big Endian, Deflated: pixel data not encapsulated
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+_READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                NotImplementedError, RuntimeError, struct.error)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def _require_pydicom(path: Path):
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(path, f"reading DICOM needs pydicom: {INSTALL_HINT}") from None
+    return pydicom
+
+
+@contextmanager
+def quiet_pydicom(path: str | Path | None = None) -> Iterator[list[str]]:
+    """Keep pydicom's complaints about malformed elements out of warnings and logs (they may quote
+    element values, i.e. patient data) and yield their texts, for callers that act on them.
+
+    pydicom both warns and logs (logger ``pydicom``) and converts values lazily, so every public
+    function here runs under this, not only the parsing."""
+    texts: list[str] = []
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)  # decoder failures come back as DataError instead
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield texts
+            texts.extend(str(w.message) for w in caught)
+    finally:
+        pydicom_log.setLevel(level)
+    if texts:
+        log.debug("%s: %d pydicom warning(s) (not shown: they may quote values)", path, len(texts))
+
+
+def _not_dicom_reason(head: bytes) -> str:
+    if head.startswith(b"\x1f\x8b"):
+        return "not a DICOM file: gzip-compressed (decompress it first)"
+    return "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header at the start)"
+
+
+def _looks_like_raw_dataset(head: bytes) -> bool:
+    """A DICOM dataset written without preamble / file meta starts with group 0x0002 or 0x0008."""
+    return head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def read_dataset(path: str | Path, header_only: bool = False):
+    """Parse a DICOM file with pydicom (``header_only``: stop before the pixel data)."""
+    path = Path(path)
+    pydicom = _require_pydicom(path)
+    if not path.is_file():
+        raise DataError(path, "file not found" if not path.exists() else "is a folder, not a DICOM file")
+    with open(path, "rb") as stream:
+        head = stream.read(132)
+    if not head:
+        raise DataError(path, "empty file (0 bytes)")
+    has_marker = len(head) == 132 and head[128:] == b"DICM"
+    if not has_marker and not _looks_like_raw_dataset(head):
+        raise DataError(path, _not_dicom_reason(head))
+    try:
+        with quiet_pydicom(path) as warned:
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=not has_marker)
+    except pydicom.errors.InvalidDicomError as error:
+        raise DataError(path, f"not a readable DICOM file ({_short(error)})") from None
+    except _READ_ERRORS as error:
+        raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__}: {_short(error)})") from None
+    if any("end of file" in text.lower() for text in warned):
+        raise DataError(path, "truncated DICOM file: the file ends inside an element")
+    if not header_only:
+        _check_native_length(path, ds)
+    return ds
+
+
+def _check_native_length(path: Path, ds) -> None:
+    """Uncompressed pixel data shorter than Rows x Columns x frames x samples needs: truncated
+    (pydicom reads a short final element without complaint)."""
+    syntax = transfer_syntax(ds)
+    if "PixelData" not in ds or syntax not in NATIVE_SYNTAXES or not ds.get("Rows"):
+        return
+    try:
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422":
+            samples = 2  # chroma stored at half horizontal resolution: Y Y Cb Cr per two pixels
+        pixels = int(ds.Rows) * int(ds.Columns) * _frame_count(ds) * samples
+    except (AttributeError, TypeError, ValueError):
+        return  # malformed image attributes are reported when decoding
+    expected = math.ceil(pixels * bits / 8)
+    found = len(ds.PixelData or b"")
+    if found < expected:
+        raise DataError(path, f"truncated DICOM file: pixel data has {found:,} of the {expected:,} bytes "
+                              "the header declares")
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def object_kind(ds) -> str:
+    """A readable name for what a DICOM object is (SOP class name, or DICOMDIR)."""
+    meta = getattr(ds, "file_meta", None)
+    storage = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    if storage == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return "DICOMDIR (media directory)"
+    sop_class = ds.get("SOPClassUID") or storage
+    if sop_class:
+        from pydicom.uid import UID
+
+        name = UID(str(sop_class)).name
+        return name if name != str(sop_class) else f"SOP class {sop_class}"
+    modality = ds.get("Modality")
+    return f"{modality} object" if modality else "DICOM object"
+
+
+def transfer_syntax(ds):
+    """The dataset's transfer syntax UID, inferred from its encoding when the file meta lacks one."""
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(str(meta.TransferSyntaxUID))
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return None
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_decodable(path: Path, ds, syntax) -> None:
+    from pydicom.pixels import get_decoder
+
+    if syntax is None:
+        raise DataError(path, "no transfer syntax in the file meta and none can be inferred")
+    if "PixelData" not in ds:
+        return  # float pixel data is always native
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise DataError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no DICOM decoder "
+                              "implements it") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise DataError(path, f"compressed transfer syntax {syntax.name} ({syntax}) needs a decoder that is not "
+                              f"installed ({missing}): {INSTALL_HINT} (pylibjpeg, pylibjpeg-libjpeg, "
+                              "pylibjpeg-openjpeg, python-gdcm)")
+
+
+def _check_size(path: Path, ds) -> None:
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows <= 0 or columns <= 0:
+        raise DataError(path, f"pixel data without a valid image size (Rows x Columns = {rows} x {columns})")
+    frames = _frame_count(ds)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 16)
+    decoded = rows * columns * frames * samples * max(1, math.ceil(bits / 8))
+    if decoded > MAX_DECODED_BYTES:
+        raise DataError(path, f"pixel data too large: {frames} frame(s) of {rows} x {columns} x {samples} at "
+                              f"{bits} bits = {decoded:,} bytes decoded (limit {MAX_DECODED_BYTES:,})")
+
+
+def _frame_count(ds) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _decode(path: Path, ds, syntax) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    if getattr(ds, "file_meta", None) is None or not ds.file_meta.get("TransferSyntaxUID"):
+        from pydicom.dataset import FileMetaDataset
+
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    try:
+        with quiet_pydicom(path):
+            pixels = pixel_array(ds)  # YBR is converted to RGB here
+    except _READ_ERRORS as error:
+        text = _short(error)
+        if "length" in text.lower() or "expected" in text.lower() or isinstance(error, EOFError):
+            raise DataError(path, f"pixel data truncated or corrupt ({text})") from None
+        raise DataError(path, f"could not decode the {syntax.name} pixel data ({type(error).__name__}: "
+                              f"{text})") from None
+    return pixels if pixels.dtype.isnative else pixels.astype(pixels.dtype.newbyteorder("="))
+
+
+# ------------------------------------------------------------------------ enhanced multi-frame
+
+
+def functional_value(ds, sequence: str, keyword: str, frame: int = 0) -> Any:
+    """``keyword`` from an enhanced multi-frame file's functional groups: the frame's own item of
+    ``sequence`` first, then the shared one; ``None`` if neither has it."""
+    for groups_keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        groups = ds.get(groups_keyword)
+        if not groups:
+            continue
+        index = frame if groups_keyword.startswith("PerFrame") and frame < len(groups) else 0
+        items = groups[index].get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return None
+
+
+def header_value(ds, keyword: str, sequence: str, frame: int = 0) -> Any:
+    """A top-level attribute, else its functional-group value (enhanced multi-frame)."""
+    value = ds.get(keyword)
+    if value is not None and value != "":
+        return value
+    return functional_value(ds, sequence, keyword, frame)
+
+
+# --------------------------------------------------------------------------- pixel processing
+
+
+def _modality_values(ds, pixels: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    """Stored values -> modality values (float32): Modality LUT, else Rescale Slope/Intercept."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(pixels, ds).astype(np.float32), {"modality_lut": True}
+    slope = header_value(ds, "RescaleSlope", "PixelValueTransformationSequence")
+    intercept = header_value(ds, "RescaleIntercept", "PixelValueTransformationSequence")
+    values = pixels.astype(np.float32)
+    if slope is None and intercept is None:
+        return values, None
+    slope = float(slope) if slope is not None else 1.0
+    intercept = float(intercept) if intercept is not None else 0.0
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values, {"slope": slope, "intercept": intercept}
+
+
+def file_window(ds) -> Window | str | None:
+    """The header's own VOI: ``"lut"`` for a VOI LUT Sequence, else the first Window Center /
+    Width (top level or enhanced shared groups), else ``None``."""
+    if "VOILUTSequence" in ds and ds.VOILUTSequence:
+        return "lut"
+    center = header_value(ds, "WindowCenter", "FrameVOILUTSequence")
+    width = header_value(ds, "WindowWidth", "FrameVOILUTSequence")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    function = str(header_value(ds, "VOILUTFunction", "FrameVOILUTSequence") or "LINEAR").upper()
+    first = [_first(center), _first(width)]
+    try:
+        return Window(float(first[0]), float(first[1]), function=function, name=FILE_WINDOW)
+    except Exception:  # noqa: BLE001 - a malformed window in the header is ignored, not fatal
+        log.debug("ignoring an invalid window in the header")
+        return None
+
+
+def _first(value):
+    """The first of a multi-valued element (several windows are common), or the value itself."""
+    if isinstance(value, str | bytes):
+        return value
+    try:
+        return value[0]
+    except (TypeError, IndexError, KeyError):
+        return value
+
+
+def _voi_lut(ds, values: np.ndarray) -> np.ndarray:
+    """Apply the header's first VOI LUT to modality values; output in [0, 1]."""
+    from pydicom.pixels import apply_voi_lut
+
+    item = ds.VOILUTSequence[0]
+    bits = int(item.LUTDescriptor[2]) or 16
+    mapped = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True)
+    return np.clip(mapped.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
+
+
+def _grayscale(ds, pixels: np.ndarray, window: WindowSpec | None) -> tuple[np.ndarray, dict]:
+    values, rescale = _modality_values(ds, pixels)
+    chosen = file_window(ds) if isinstance(window, str) and window == FILE_WINDOW else (
+        get_window(window) if window is not None else None)
+    if chosen == "lut":
+        display, window_meta = _voi_lut(ds, values), {"name": FILE_WINDOW, "function": "VOI LUT"}
+    elif isinstance(chosen, Window):
+        display, window_meta = apply_window(values, chosen), chosen.as_dict()
+    else:
+        display, window_meta = values, None
+    inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    if inverted:
+        display = 1.0 - display if window_meta else float(display.min()) + float(display.max()) - display
+    return display.astype(np.float32, copy=False), {"rescale": rescale, "window": window_meta,
+                                                    "inverted": inverted}
+
+
+def _color(ds, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """RGB pixels and their bits per sample (palette colour expanded through its LUT)."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(pixels, ds)
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        return rgb, int(descriptor[2]) or 16
+    return pixels, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+
+
+# ----------------------------------------------------------------------------------- metadata
+
+_SAFE_TEXT = {
+    "modality": "Modality",
+    "photometric": "PhotometricInterpretation",
+    "body_part": "BodyPartExamined",
+    "view_position": "ViewPosition",
+    "laterality": "ImageLaterality",
+    "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+    "sop_uid": "SOPInstanceUID",
+}
+
+
+def _floats(value) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [float(v) for v in (value if hasattr(value, "__iter__") and not isinstance(value, str) else [value])]
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
+    """(row spacing, column spacing) in mm and the attribute it came from, or (None, None).
+
+    Pixel Spacing is in the patient; Imager Pixel Spacing (projection radiography) is at the
+    detector, magnified relative to the patient by the source-to-detector geometry."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        spacing = _floats(ds.get(keyword))
+        if spacing and len(spacing) == 2:
+            return spacing, keyword
+    spacing = _floats(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    if spacing and len(spacing) == 2:
+        return spacing, "PixelSpacing"
+    return None, None
+
+
+def safe_meta(ds, syntax=None) -> dict[str, Any]:
+    """Acquisition facts from a header, from an allow-list: no patient identifiers, no dates."""
+    meta: dict[str, Any] = {key: str(ds.get(keyword)) if ds.get(keyword) not in (None, "") else None
+                            for key, keyword in _SAFE_TEXT.items()}
+    syntax = syntax if syntax is not None else transfer_syntax(ds)
+    spacing, spacing_source = pixel_spacing(ds)
+    meta.update({
+        "sop_class": object_kind(ds),
+        "transfer_syntax": syntax.name if syntax is not None else None,
+        "rows": _int(ds.get("Rows")),
+        "columns": _int(ds.get("Columns")),
+        "frames": _frame_count(ds),
+        "samples_per_pixel": _int(ds.get("SamplesPerPixel")) or 1,
+        "bits_stored": _int(ds.get("BitsStored")),
+        "pixel_spacing_mm": spacing,
+        "pixel_spacing_source": spacing_source,
+        "slice_thickness_mm": _first_float(header_value(ds, "SliceThickness", "PixelMeasuresSequence")),
+        "series_number": _int(ds.get("SeriesNumber")),
+        "instance_number": _int(ds.get("InstanceNumber")),
+        "image_position": _floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence")),
+        "image_orientation": _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence")),
+    })
+    return meta
+
+
+def _first_float(value) -> float | None:
+    values = _floats(value)
+    return values[0] if values else None
+
+
+# ------------------------------------------------------------------------------- public: files
+
+
+def read_dicom(path: str | Path, window: WindowSpec | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one DICOM file's pixels and safe metadata (conventions in the module docstring).
+
+    ``window``: ``None`` (modality values), ``"file"`` (the header's VOI LUT or first window;
+    modality values if it has none), a preset name (``lung``, ``mediastinum``, ``bone``, ``brain``,
+    ...) or ``(center, width)`` in modality units. Colour images ignore it.
+    """
+    path = Path(path)
+    with quiet_pydicom(path):
+        return _read_dicom(path, window)
+
+
+def _read_dicom(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, dict[str, Any]]:
+    ds = read_dataset(path)
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        raise DataError(path, f"no pixel data (the file is a {object_kind(ds)}, which carries no image)")
+    syntax = transfer_syntax(ds)
+    _check_decodable(path, ds, syntax)
+    _check_size(path, ds)
+    pixels = _decode(path, ds, syntax)
+    meta = safe_meta(ds, syntax)
+    frames, samples = meta["frames"], meta["samples_per_pixel"]
+    expected = (meta["rows"], meta["columns"]) if frames == 1 else (frames, meta["rows"], meta["columns"])
+    if pixels.shape[: len(expected)] != expected:
+        raise DataError(path, f"decoded pixels have shape {pixels.shape}, header says {expected}")
+    meta["color"] = samples == 3 or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR"
+    if meta["color"]:
+        array, meta["bits_stored"] = _color(ds, pixels)
+        meta.update(rescale=None, window=None, inverted=False, photometric_out="RGB")
+    else:
+        array, processing = _grayscale(ds, pixels, window)
+        meta.update(processing, photometric_out="MONOCHROME2")
+    return array, meta
+
+
+# ------------------------------------------------------------------------------ public: series
+
+
+@dataclass
+class DicomSeries:
+    """The image files of one series: same Study Instance UID and Series Instance UID."""
+
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    series_number: int | None
+    files: list[Path] = field(default_factory=list)  # sorted by Instance Number, then name
+    rows: int | None = None
+    columns: int | None = None
+    frames: int = 0  # frames over all files
+    pixel_spacing_mm: list[float] | None = None
+
+    def describe(self) -> str:
+        return (f"series {self.series_number if self.series_number is not None else '?'} "
+                f"({self.modality or '?'}, {len(self.files)} file(s), {self.frames} frame(s))")
+
+
+def is_dicom_candidate(path: Path) -> bool:
+    """A ``.dcm`` / ``.dicom`` file, or any other file with the DICM marker (sniffed)."""
+    return path.name.lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path)
+
+
+def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """Group the DICOM image files under ``folder`` (recursively) into series.
+
+    Files that are not DICOM are skipped; DICOM objects without an image (DICOMDIR, structured
+    reports, RT plans) are skipped with a log line; a DICOM file that cannot be parsed is an error.
+    Series come sorted by study UID, series number and series UID.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "not a folder" if folder.exists() else "folder not found")
+    groups: dict[tuple[str, str], DicomSeries] = {}
+    order: dict[Path, tuple] = {}
+    skipped = 0
+    with quiet_pydicom(folder):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_dicom_candidate(p)):
+            skipped += _add_to_series(groups, order, path)
+    if skipped:
+        log.info("%s: skipped %d DICOM object(s) without an image", folder, skipped)
+    if not groups:
+        raise DataError(folder, "no DICOM image files found")
+    for series in groups.values():
+        series.files.sort(key=order.__getitem__)
+    return sorted(groups.values(), key=lambda s: (s.study_uid, s.series_number or 0, s.series_uid))
+
+
+def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path, tuple], path: Path) -> int:
+    """File one DICOM file under its series; 1 if it was skipped (no image), else 0."""
+    ds = read_dataset(path, header_only=True)
+    if object_kind(ds).startswith("DICOMDIR") or not ds.get("Rows"):
+        return 1
+    key = (str(ds.get("StudyInstanceUID") or ""), str(ds.get("SeriesInstanceUID") or ""))
+    series = groups.get(key)
+    if series is None:
+        series = groups[key] = DicomSeries(key[0], key[1], ds.get("Modality") or None, _int(ds.get("SeriesNumber")),
+                                           rows=_int(ds.get("Rows")), columns=_int(ds.get("Columns")),
+                                           pixel_spacing_mm=pixel_spacing(ds)[0])
+    series.files.append(path)
+    series.frames += _frame_count(ds)
+    order[path] = (_int(ds.get("InstanceNumber")) or 0, path.name)
+    return 0
+
+
+def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
+    position = _floats(ds.get("ImagePositionPatient"))
+    orientation = _floats(ds.get("ImageOrientationPatient"))
+    if not position or len(position) != 3 or not orientation or len(orientation) != 6:
+        raise DataError(path, "no Image Position / Orientation (Patient): cannot place the slice in a volume")
+    return np.asarray(position), np.asarray(orientation)
+
+
+def _slice_spacing(first: Path, positions: np.ndarray) -> float:
+    steps = np.diff(positions)
+    if np.any(steps < 1e-4):
+        raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
+                                      "(or holds duplicates); split it first")
+    spacing = float(np.median(steps))
+    if np.max(np.abs(steps - spacing)) > 0.01 * spacing + 1e-3:
+        log.warning("%s: uneven slice spacing (%.3g to %.3g mm); using the median %.3g mm",
+                    first.parent, steps.min(), steps.max(), spacing)
+    return spacing
+
+
+def _series_from(source: DicomSeries | str | Path) -> DicomSeries:
+    if isinstance(source, DicomSeries):
+        return source
+    found = read_dicom_series(source)
+    if len(found) != 1:
+        listing = "; ".join(s.describe() for s in found[:6]) + ("; ..." if len(found) > 6 else "")
+        raise DataError(source, f"holds {len(found)} series ({listing}); a volume is one series: pick one "
+                                "from read_dicom_series")
+    return found[0]
+
+
+def load_volume(series: DicomSeries | str | Path,
+                window: WindowSpec | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Stack one series into a ``DxHxW`` ``float32`` volume and its ``(slice, row, column)``
+    spacing in mm. ``series`` is a ``DicomSeries`` or a folder holding exactly one series;
+    ``window`` as in ``read_dicom`` (default: modality values, HU for CT)."""
+    series = _series_from(series)
+    with quiet_pydicom(series.files[0].parent):
+        return _stack_series(series, window)
+
+
+def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    if len(series.files) == 1:
+        return _volume_from_multiframe(series.files[0], window)
+    headers = [(path, read_dataset(path, header_only=True)) for path in series.files]
+    geometry = [_slice_geometry(path, ds) for path, ds in headers]
+    orientation = geometry[0][1]
+    for (path, _), (_, other) in zip(headers, geometry, strict=True):
+        if not np.allclose(other, orientation, atol=1e-3):
+            raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array([float(np.dot(position, normal)) for position, _ in geometry])
+    ranking = np.argsort(positions, kind="stable")
+    dz = _slice_spacing(series.files[0], positions[ranking])
+    slices, row_spacing = [], None
+    for index in ranking:
+        path = headers[index][0]
+        array, meta = read_dicom(path, window=window)
+        if array.ndim != 2 or meta["color"]:
+            raise DataError(path, f"expected a single-frame grayscale slice, got shape {array.shape}")
+        if slices and array.shape != slices[0].shape:
+            raise DataError(path, f"slice shape {array.shape} differs from {slices[0].shape} in the series")
+        slices.append(array)
+        row_spacing = row_spacing or meta["pixel_spacing_mm"]
+    if not row_spacing:
+        raise DataError(series.files[0], "no Pixel Spacing in the series headers")
+    return np.stack(slices).astype(np.float32, copy=False), (dz, row_spacing[0], row_spacing[1])
+
+
+def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An enhanced (multi-frame) CT/MR file: frames sorted by their Plane Position (Patient)."""
+    ds = read_dataset(path, header_only=True)
+    frames = _frame_count(ds)
+    if frames < 2:
+        raise DataError(path, "a single 2D image, not a volume (a volume needs several slices)")
+    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
+    positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
+                 for frame in range(frames)]
+    if not orientation or len(orientation) != 6 or any(not p or len(p) != 3 for p in positions):
+        raise DataError(path, "multi-frame file without per-frame Image Position / Orientation: cannot place "
+                              "its frames in a volume")
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.array([float(np.dot(p, normal)) for p in positions])
+    ranking = np.argsort(along, kind="stable")
+    dz = _slice_spacing(path, along[ranking])
+    array, meta = read_dicom(path, window=window)
+    if meta["color"] or array.ndim != 3:
+        raise DataError(path, f"expected grayscale frames, got shape {array.shape}")
+    spacing = meta["pixel_spacing_mm"]
+    if not spacing:
+        raise DataError(path, "no Pixel Spacing in the header")
+    return np.ascontiguousarray(array[ranking]), (dz, spacing[0], spacing[1])

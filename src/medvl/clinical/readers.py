@@ -1,0 +1,68 @@
+"""The clinical readers that ``medvl.data.images.read_image`` uses, kept light to import.
+
+``pydicom`` and ``nibabel`` (the ``[clinical]`` extra) are imported only when a DICOM or NIfTI
+file is read, so ``import medvl`` works without them. What ``read_image`` returns for them:
+
+- DICOM grayscale with a window in its header (Window Center/Width or a VOI LUT): ``HxW`` ``uint8``
+  display values, the file's first window applied and MONOCHROME1 inverted (white = dense), like
+  an exported PNG; without a window: ``HxW`` ``float32`` modality values (HU for CT, MONOCHROME1
+  inverted), which ``ImagePreprocessor`` min-max scales;
+- DICOM colour (RGB, YBR, palette): ``HxWx3`` ``uint8``;
+- DICOM multi-frame: the same per frame, stacked on a first axis (``frames x H x W[x3]``), which a
+  2D model refuses with a clear error;
+- NIfTI: a ``DxHxW`` ``float32`` volume in RAS orientation (for ``spatial_dims=3`` models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+INSTALL_HINT = "pip install 'medvl[clinical]'"
+
+
+def has_dicom_preamble(path: str | Path) -> bool:
+    """True if the file carries the DICOM Part 10 marker: 128 bytes of preamble, then ``DICM``."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def read_dicom_image(path: Path) -> np.ndarray:
+    """``read_image``'s DICOM reader (conventions in the module docstring)."""
+    from .dicom import FILE_WINDOW, read_dicom
+
+    array, meta = read_dicom(path, window=FILE_WINDOW)
+    if meta["color"]:
+        return color_to_uint8(array, meta["bits_stored"])
+    if meta["window"] is not None:
+        return np.round(array * 255.0).astype(np.uint8)
+    return array
+
+
+def read_nifti_image(path: Path) -> np.ndarray:
+    """``read_image``'s NIfTI reader: the ``DxHxW`` float32 RAS volume."""
+    from .nifti import read_nifti
+
+    return read_nifti(path)[0]
+
+
+def color_to_uint8(array: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Colour pixels of ``bits_stored`` bits per sample as ``uint8``."""
+    if array.dtype == np.uint8:
+        return array
+    top = float(2 ** max(int(bits_stored), 1) - 1)
+    return np.round(np.clip(array.astype(np.float64) / top, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def register_clinical_readers(register: Callable[[Iterable[str], Callable[[Path], np.ndarray]], None]) -> None:
+    """Add the DICOM and NIfTI readers through ``medvl.data.images.register_reader``."""
+    register(DICOM_SUFFIXES, read_dicom_image)
+    register(NIFTI_SUFFIXES, read_nifti_image)

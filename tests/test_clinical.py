@@ -1,0 +1,469 @@
+"""Clinical formats on real files: pydicom's test files, pydicom-data (``data_store``) and nilearn's
+bundled MNI152 template (all shipped inside the packages, nothing downloaded); bad inputs written
+here. Every bad input must give a DataError naming the file, and nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("dicognito")
+data_store = pytest.importorskip("data_store")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from medvl.clinical.deid import deidentify  # noqa: E402
+from medvl.clinical.dicom import load_volume, read_dicom, read_dicom_series  # noqa: E402
+from medvl.clinical.nifti import read_nifti  # noqa: E402
+from medvl.clinical.windowing import WINDOW_PRESETS, Window, apply_window, get_window  # noqa: E402
+from medvl.data.images import read_image  # noqa: E402
+from medvl.errors import DataError, InputError  # noqa: E402
+
+TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
+DICOMDIR_TESTS = TEST_FILES / "dicomdirtests"
+STORE = Path(data_store.__file__).parent / "data"
+
+
+def dicom(name: str) -> Path:
+    return TEST_FILES / name
+
+
+def reference_window(x, center, width):
+    """DICOM PS3.3 C.11.2.1.2.1 LINEAR, written out case by case."""
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    return np.where(x <= low, 0.0, np.where(x > high, 1.0, (x - (center - 0.5)) / (width - 1) + 0.5))
+
+
+def modality_reference(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+
+
+def assert_names_file(error: pytest.ExceptionInfo, path: Path) -> None:
+    assert str(path) in str(error.value), str(error.value)
+
+
+# ------------------------------------------------------------------------------- windowing
+
+
+def test_presets_hold_the_documented_values():
+    expected = {"lung": (-600, 1500), "mediastinum": (50, 350), "bone": (400, 1800), "brain": (40, 80)}
+    for name, (center, width) in expected.items():
+        assert (WINDOW_PRESETS[name].center, WINDOW_PRESETS[name].width) == (center, width)
+    assert get_window("Soft-Tissue") is WINDOW_PRESETS["soft_tissue"]
+
+
+def test_window_matches_the_dicom_formula():
+    hu = np.linspace(-2000, 2000, 4001)
+    for window in WINDOW_PRESETS.values():
+        np.testing.assert_allclose(apply_window(hu, window), reference_window(hu, window.center, window.width),
+                                   atol=1e-6)
+    lung = apply_window(np.array([-1351.0, -600.0, 150.0]), "lung")
+    assert lung[0] == 0.0 and abs(lung[1] - 0.5) < 1e-3 and lung[2] == 1.0
+    np.testing.assert_allclose(apply_window(np.array([0.0, 39.0, 40.0]), (40, 1)), [0, 0, 1])  # threshold
+    assert apply_window(np.array([40.0]), Window(40, 80, function="SIGMOID"))[0] == pytest.approx(0.5)
+
+
+def test_bad_windows_are_refused():
+    with pytest.raises(InputError, match="unknown window preset"):
+        get_window("liverish")
+    with pytest.raises(InputError, match="width"):
+        Window(40, 0)
+    with pytest.raises(InputError, match="center, width"):
+        get_window((1, 2, 3))
+
+
+# --------------------------------------------------------------------------------- DICOM 2D
+
+
+def test_ct_rescale_gives_hounsfield_units():
+    values, meta = read_dicom(dicom("CT_small.dcm"))
+    assert values.dtype == np.float32 and values.shape == (128, 128)
+    assert meta["rescale"] == {"slope": 1.0, "intercept": -1024.0}
+    np.testing.assert_array_equal(values, modality_reference(dicom("CT_small.dcm")))
+    assert meta["modality"] == "CT" and meta["pixel_spacing_mm"] == pytest.approx([0.661468, 0.661468])
+    lung, meta = read_dicom(dicom("CT_small.dcm"), window="lung")
+    np.testing.assert_allclose(lung, reference_window(values.astype(np.float64), -600, 1500), atol=1e-6)
+    assert meta["window"]["name"] == "lung"
+
+
+def test_monochrome1_is_inverted_after_rescale():
+    path = DICOMDIR_TESTS / "77654033" / "CR1" / "6154"
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and float(ds.RescaleSlope) != 1.0
+    reference = modality_reference(path)
+    values, meta = read_dicom(path)
+    assert meta["inverted"] and meta["rescale"]["slope"] == pytest.approx(float(ds.RescaleSlope))
+    np.testing.assert_allclose(values, reference.min() + reference.max() - reference, rtol=1e-5)
+    shown, meta = read_dicom(path, window="file")
+    center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    np.testing.assert_allclose(shown, 1.0 - reference_window(reference, center, width), atol=1e-5)
+    assert meta["window"]["center"] == center
+
+
+def test_file_window_and_voi_lut():
+    shown, meta = read_dicom(dicom("MR_small.dcm"), window="file")
+    ds = pydicom.dcmread(dicom("MR_small.dcm"))
+    assert meta["window"]["center"] == float(ds.WindowCenter)
+    np.testing.assert_allclose(shown, reference_window(modality_reference(dicom("MR_small.dcm")),
+                                                       float(ds.WindowCenter), float(ds.WindowWidth)), atol=1e-5)
+    lut, meta = read_dicom(STORE / "vlut_04.dcm", window="file")
+    assert meta["window"]["function"] == "VOI LUT" and 0.0 <= lut.min() < lut.max() <= 1.0
+
+
+def test_colour_multiframe_and_compressed_files():
+    rgb, meta = read_dicom(STORE / "SC_rgb.dcm")
+    assert rgb.shape == (100, 100, 3) and rgb.dtype == np.uint8 and meta["color"]
+    for name in (STORE / "SC_ybr_full_uncompressed.dcm", dicom("SC_ybr_full_422_uncompressed.dcm")):
+        ybr, _ = read_dicom(name)  # the same picture stored as YBR (4:2:2: chroma at half width)
+        difference = np.abs(ybr.astype(int) - rgb.astype(int))  # YBR -> RGB rounding only
+        assert difference.mean() < 1.5 and difference.max() <= 16
+    palette, meta = read_dicom(dicom("examples_palette.dcm"))
+    assert palette.shape == (350, 800, 3) and meta["photometric"] == "PALETTE COLOR"
+    frames, meta = read_dicom(STORE / "emri_small.dcm")
+    assert frames.shape == (10, 64, 64) and meta["frames"] == 10
+    for lossless in ("emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm",
+                     "emri_small_big_endian.dcm"):
+        np.testing.assert_array_equal(read_dicom(STORE / lossless)[0], frames)
+
+
+def test_meta_holds_no_patient_data():
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    _, meta = read_dicom(dicom("CT_small.dcm"))
+    # UIDs are kept (they group series) and may embed a creation timestamp: de-identify to remap them
+    text = json.dumps({key: value for key, value in meta.items() if not key.endswith("_uid")})
+    for secret in (str(ds.PatientName), ds.PatientID, ds.StudyDate, ds.get("PatientBirthDate") or "x" * 9):
+        assert secret not in text
+    assert meta["study_uid"] == ds.StudyInstanceUID and meta["series_uid"] == ds.SeriesInstanceUID
+
+
+def test_read_image_gives_preprocessor_ready_arrays(tmp_path):
+    from medvl.data.transforms import ImagePreprocessor
+    from medvl.models.config import ImageConfig
+
+    assert read_image(dicom("MR_small.dcm")).dtype == np.uint8  # its header window applied
+    assert read_image(dicom("CT_small.dcm")).dtype == np.float32  # no window in the header: HU
+    extensionless = tmp_path / "IM0001"
+    shutil.copy(dicom("MR_small.dcm"), extensionless)
+    np.testing.assert_array_equal(read_image(extensionless), read_image(dicom("MR_small.dcm")))
+    preprocessor = ImagePreprocessor(ImageConfig(image_size=32, augment=False))
+    for path in (dicom("CT_small.dcm"), extensionless, STORE / "SC_rgb.dcm"):
+        tensor = preprocessor.load(path)
+        assert tuple(tensor.shape) == (1, 32, 32) and 0.0 <= float(tensor.min()) <= float(tensor.max()) <= 1.0
+    not_dicom = tmp_path / "notes"
+    not_dicom.write_bytes(b"x" * 200)
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_image(not_dicom)
+
+
+# ------------------------------------------------------------------------------ bad DICOMs
+
+
+def test_truncated_dicom(tmp_path):
+    with pytest.raises(DataError, match="truncated") as error:
+        read_dicom(dicom("MR_truncated.dcm"))
+    assert_names_file(error, dicom("MR_truncated.dcm"))
+    cut = tmp_path / "cut.dcm"
+    data = dicom("CT_small.dcm").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated") as error:
+        read_dicom(cut)
+    assert_names_file(error, cut)
+    with pytest.raises(DataError, match="truncated"):
+        read_dicom(STORE / "emri_small_jpeg_2k_lossless_too_short.dcm")
+
+
+def test_dicom_without_pixel_data():
+    for name in ("rtplan.dcm", "test-SR.dcm", "dicomdirtests/DICOMDIR"):
+        with pytest.raises(DataError, match="no pixel data") as error:
+            read_dicom(dicom(name))
+        assert_names_file(error, dicom(name))
+
+
+def test_missing_decoder_names_the_extra(monkeypatch):
+    import pydicom.pixels
+
+    class Unavailable:
+        is_available = False
+        missing_dependencies = ["pylibjpeg-openjpeg - requires numpy and pylibjpeg-openjpeg"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Unavailable())
+    with pytest.raises(DataError, match=r"medvl\[clinical\]") as error:
+        read_dicom(dicom("JPEG2000.dcm"))
+    assert "JPEG 2000" in str(error.value)
+    assert_names_file(error, dicom("JPEG2000.dcm"))
+
+
+def test_unknown_transfer_syntax(tmp_path):
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd)
+    with pytest.raises(DataError, match="unsupported transfer syntax") as error:
+        read_dicom(odd)
+    assert_names_file(error, odd)
+
+
+def test_not_dicom_files_are_named(tmp_path):
+    with pytest.raises(DataError, match="gzip-compressed"):
+        read_dicom(dicom("zipMR.gz"))
+    fake = tmp_path / "fake.dcm"
+    fake.write_text("hello")
+    with pytest.raises(DataError, match="not a DICOM file") as error:
+        read_dicom(fake)
+    assert_names_file(error, fake)
+
+
+# ------------------------------------------------------------------------------ DICOM 3D
+
+
+def copy_series(target: Path, *folders: Path) -> Path:
+    """Copy series files under new names whose alphabetical order is the reverse of the original."""
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(f for folder in folders for f in folder.iterdir() if f.is_file())
+    for index, file in enumerate(files):
+        shutil.copy(file, target / f"z{len(files) - index:03d}.dcm")
+    return target
+
+
+def test_series_becomes_a_volume_sorted_by_position(tmp_path):
+    folder = copy_series(tmp_path / "ct", DICOMDIR_TESTS / "98892001" / "CT5N")
+    [series] = read_dicom_series(folder)
+    assert series.modality == "CT" and len(series.files) == 5
+    volume, spacing = load_volume(series)
+    headers = sorted((pydicom.dcmread(f) for f in folder.iterdir()),
+                     key=lambda ds: float(np.dot(ds.ImagePositionPatient, np.cross(
+                         np.array(ds.ImageOrientationPatient[:3], float),
+                         np.array(ds.ImageOrientationPatient[3:], float)))))
+    expected = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds) for ds in headers])
+    assert volume.shape == (5, 16, 16) and volume.dtype == np.float32
+    np.testing.assert_array_equal(volume, expected)
+    assert spacing == pytest.approx((2.5, 0.488281, 0.488281))
+    np.testing.assert_array_equal(load_volume(folder)[0], volume)  # a folder with one series
+
+
+def test_enhanced_multiframe_volume(tmp_path):
+    shutil.copy(STORE / "eCT_Supplemental.dcm", tmp_path / "ect.dcm")
+    volume, spacing = load_volume(tmp_path)
+    assert volume.shape == (2, 512, 512) and spacing == pytest.approx((10.0, 0.388672, 0.388672))
+
+
+def test_mixed_series_in_one_folder(tmp_path):
+    folder = copy_series(tmp_path / "mixed", DICOMDIR_TESTS / "98892001" / "CT5N", DICOMDIR_TESTS / "77654033" / "CT2")
+    assert len(read_dicom_series(folder)) == 2
+    with pytest.raises(DataError, match="holds 2 series") as error:
+        load_volume(folder)
+    assert_names_file(error, folder)
+    [mr700] = [s for s in read_dicom_series(DICOMDIR_TESTS / "98892003") if s.series_number == 700]
+    with pytest.raises(DataError, match="orientation differs"):
+        load_volume(mr700)
+
+
+# ----------------------------------------------------------------------------------- NIfTI
+
+
+def mni_template() -> Path:
+    nilearn = pytest.importorskip("nilearn")
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not path.is_file():
+        pytest.skip("nilearn's bundled MNI152 template not found")
+    return path
+
+
+def test_mni152_template_loads_in_ras():
+    volume, spacing = read_nifti(mni_template())
+    image = nib.load(mni_template())
+    assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    assert volume.shape == tuple(reversed(image.shape)) and spacing == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(volume, np.asarray(image.dataobj, dtype=np.float32).transpose(2, 1, 0))
+
+
+def test_nifti_is_reoriented_to_ras_with_spacing(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([-1.5, -2.0, 3.0, 1.0])  # L-P-S storage, anisotropic voxels
+    path = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    volume, spacing = read_nifti(path)
+    assert spacing == (3.0, 2.0, 1.5)
+    np.testing.assert_array_equal(volume, data[::-1, ::-1, :].transpose(2, 1, 0).astype(np.float32))
+    np.testing.assert_array_equal(read_image(path), volume)  # registered for read_image too
+
+
+def nifti_header(shape, dtype=np.int16) -> bytes:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\x00" * 4
+
+
+def test_broken_nifti_header(tmp_path):
+    path = tmp_path / "broken.nii"
+    path.write_bytes(b"\x07" * 400)
+    with pytest.raises(DataError, match="broken header") as error:
+        read_nifti(path)
+    assert_names_file(error, path)
+    short = tmp_path / "short.nii"
+    short.write_bytes(nifti_header((8, 8, 8)) + b"\x00" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        read_nifti(short)
+
+
+def test_zip_bomb_disguised_as_nifti(tmp_path):
+    huge = tmp_path / "huge.nii.gz"  # the header declares 64 GiB of voxels: refused before decompressing
+    huge.write_bytes(gzip.compress(nifti_header((4096, 4096, 2048)) + b"\x00" * 1024))
+    with pytest.raises(DataError, match="refused before decompressing") as error:
+        read_nifti(huge)
+    assert_names_file(error, huge)
+    zeros = tmp_path / "zeros.nii.gz"  # no header at all, just a long run of zeros
+    zeros.write_bytes(gzip.compress(b"\x00" * (8 << 20), compresslevel=1))
+    with pytest.raises(DataError, match="broken header"):
+        read_nifti(zeros)
+    padded = tmp_path / "padded.nii.gz"  # a small volume followed by 32 MiB of zeros: never decompressed
+    padded.write_bytes(gzip.compress(nifti_header((4, 4, 4)) + b"\x01" * 128 + b"\x00" * (32 << 20), compresslevel=1))
+    started = time.perf_counter()
+    volume, _ = read_nifti(padded)
+    assert volume.shape == (4, 4, 4) and time.perf_counter() - started < 0.5
+
+
+# ------------------------------------------------------------------------- de-identification
+
+
+def identifiers(paths) -> set[bytes]:
+    """PatientName (whole and parts of 3+ characters), PatientID and every date of the inputs."""
+    found: set[str] = set()
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - not DICOM
+            continue
+        name = str(ds.get("PatientName") or "")
+        found |= {name} | {part for part in name.replace("=", "^").split("^") if len(part) >= 3}
+        found.add(str(ds.get("PatientID") or ""))
+        found.update(str(element.value)[:8] for element in ds.iterall()
+                     if element.VR in ("DA", "DT") and element.value)
+    return {value.encode() for value in found if len(value) >= 3}
+
+
+@pytest.fixture(scope="module")
+def deid_input(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("deid") / "in"
+    shutil.copytree(DICOMDIR_TESTS / "77654033", folder / "77654033")
+    shutil.copytree(DICOMDIR_TESTS / "98892001", folder / "98892001")
+    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "examples_overlay.dcm", "test-SR.dcm"):
+        shutil.copy(dicom(name), folder / name)
+    shutil.copy(STORE / "emri_small.dcm", folder / "emri_small.dcm")
+    (folder / "README.txt").write_text("not DICOM")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deidentified(deid_input, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("deid-out") / "out"
+    return out, deidentify(deid_input, out, seed=7)
+
+
+def test_deid_leaves_no_identifier_in_any_output_byte(deid_input, deidentified):
+    out, report = deidentified
+    secrets = identifiers(p for p in deid_input.rglob("*") if p.is_file())
+    assert len(secrets) > 10  # names, IDs and dates were there to find
+    outputs = [p for p in out.rglob("*") if p.is_file()]
+    assert len(outputs) == report["files_written"] + 1  # + deid-report.json
+    leaks = [(p.name, s) for p in outputs for s in secrets if s in p.read_bytes()]
+    assert leaks == []
+
+
+def test_deid_report_private_tags_and_pixels(deid_input, deidentified):
+    out, report = deidentified
+    assert report["files_written"] == 20 and report["skipped"] == {"not DICOM": 1}
+    assert json.loads((out / "deid-report.json").read_text()) == report
+    assert {"PatientName", "PatientID", "StudyInstanceUID", "StudyDate"} <= set(report["totals"]["replaced"])
+    assert report["totals"]["private_tags_removed"] > 0 and "ContentSequence" in report["totals"]["removed"]
+    by_uid = {}
+    for path in out.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        assert not any(element.tag.is_private for element in ds.iterall())
+        assert ds.PatientIdentityRemoved == "YES" and ds.preamble == b"\x00" * 128
+        by_uid[ds.SOPInstanceUID] = ds
+    original = pydicom.dcmread(dicom("CT_small.dcm"))
+    [ct] = [ds for ds in by_uid.values() if ds.get("Rows") == 128 and ds.Modality == "CT"]
+    np.testing.assert_array_equal(ct.pixel_array, original.pixel_array)
+    assert ct.StudyInstanceUID != original.StudyInstanceUID
+
+
+def test_deid_uids_consistent_within_a_run(deid_input, deidentified, tmp_path):
+    out, _ = deidentified
+    [series] = [s for s in read_dicom_series(out) if s.modality == "CT" and len(s.files) == 5]
+    volume, spacing = load_volume(series)  # the de-identified series still stacks
+    original, original_spacing = load_volume(deid_input / "98892001" / "CT5N")
+    np.testing.assert_array_equal(volume, original)
+    assert spacing == original_spacing
+    again = deidentify(deid_input / "CT_small.dcm", tmp_path / "again.dcm", seed=7)
+    assert again["files_written"] == 1
+    same_seed = pydicom.dcmread(tmp_path / "again.dcm").SOPInstanceUID
+    assert same_seed in {pydicom.dcmread(p).SOPInstanceUID for p in out.rglob("*.dcm")}
+    deidentify(deid_input / "CT_small.dcm", tmp_path / "other.dcm", seed=8)
+    assert pydicom.dcmread(tmp_path / "other.dcm").SOPInstanceUID != same_seed
+
+
+def test_deid_bad_input_writes_nothing(deid_input, tmp_path):
+    broken = tmp_path / "in"
+    shutil.copytree(deid_input / "98892001", broken)
+    data = dicom("CT_small.dcm").read_bytes()
+    (broken / "cut.dcm").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="truncated") as error:
+        deidentify(broken, out)
+    assert_names_file(error, broken / "cut.dcm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no staging left
+    with pytest.raises(DataError, match="not a DICOM file"):
+        deidentify(dicom("zipMR.gz"), tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()
+    with pytest.raises(InputError, match="already exists"):
+        deidentify(dicom("CT_small.dcm"), broken / "cut.dcm")
+    with pytest.raises(InputError, match="inside the input"):
+        deidentify(broken, broken / "out")
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli():
+    import typer
+    from typer.testing import CliRunner
+
+    from medvl.cli.clinical import deid_command, inspect_command
+
+    app = typer.Typer()
+    app.command("deid")(deid_command)
+    app.command("dicom-info")(inspect_command)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_deid_and_dicom_info(cli, tmp_path):
+    source = copy_series(tmp_path / "in", DICOMDIR_TESTS / "98892001" / "CT5N")
+    result = cli("deid", source, tmp_path / "out", "--seed", 3, "--report", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    assert "de-identified 5 file(s)" in result.output and (tmp_path / "report.json").is_file()
+    result = cli("dicom-info", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "CT" in result.output and "0.488" in result.output
+    ds = pydicom.dcmread(next(source.iterdir()))
+    assert str(ds.PatientName) not in result.output and ds.PatientID not in result.output
+
+
+def test_cli_bad_input_exits_2(cli, tmp_path):
+    result = cli("deid", dicom("rtplan_truncated.dcm").parent / "missing.dcm", tmp_path / "out.dcm")
+    assert result.exit_code == 2 and "input not found" in result.output
+    result = cli("dicom-info", dicom("rtplan.dcm").parent / "README.txt")
+    assert result.exit_code == 2 and "not a DICOM file" in result.output
