@@ -29,7 +29,8 @@ def trained(phantom_dir, tmp_path_factory):
 def test_help_lists_every_command():
     result, output = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models", "deid", "dicom-info"):
+    for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models", "deid", "dicom-info",
+                    "index", "search"):
         assert command in output
 
 

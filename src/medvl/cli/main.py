@@ -21,6 +21,7 @@ from .common import (
     print_per_class,
     setup_logging,
 )
+from .index import index_app, search_command
 
 app = typer.Typer(help="medvl: medical vision-language models, offline on a CPU.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -371,6 +372,8 @@ def demo_command(
 
 app.command("deid")(deid_command)
 app.command("dicom-info")(inspect_command)
+app.add_typer(index_app, name="index")
+app.command("search")(search_command)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,200 @@
+"""``medvl index build|add|delete|info`` and ``medvl search``: the case index on the command line.
+
+INDEX is a folder (FAISS + SQLite) or ``postgresql://user@host/db#table`` (pgvector).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import JsonOption, QuietOption, console, handle_errors, print_metrics
+
+index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
+
+IndexOption = Annotated[str, typer.Option(
+    "--index", help="Index folder, or postgresql://user@host/db#table for pgvector.")]
+ModelOption = Annotated[Path | None, typer.Option(
+    help="Trained model folder (default: the one the index was built with).")]
+SplitOption = Annotated[str, typer.Option(help="Split to index; 'all' indexes every record.")]
+BatchOption = Annotated[int, typer.Option(help="Cases embedded (and checkpointed) per batch.")]
+DuplicatesOption = Annotated[bool, typer.Option(
+    help="Index a case even if the same image is already indexed (default: skip and report it).")]
+
+
+def _dataset(path: Path, split: str):
+    from ..data import load_dataset
+
+    return load_dataset(path).select(split)
+
+
+def _model(path: Path | None, index):
+    """The model given, else the one the index was built with."""
+    from ..errors import ModelError
+    from ..models.registry import load_model
+
+    folder = path or index.info["model"].get("dir")
+    if not folder:
+        raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
+    return load_model(folder)
+
+
+def _emit(result: dict, json_path: Path | None) -> None:
+    if json_path is not None:
+        from ..io import write_json
+
+        write_json(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+def _index_rows(info: dict) -> dict:
+    rows = {"cases": info.get("n_cases"), "backend": info.get("backend"), "embedding size": info.get("embed_dim"),
+            "model": info["model"].get("dir") or info["model"].get("name")}
+    for target in ("images", "texts"):
+        if target in info:
+            rows[f"{target} index"] = info[target]["kind"]
+            rows[f"{target} recall@10 vs exact"] = info[target]["recall_at_10"]
+    rows["filter columns"] = ", ".join(f"{n} ({t})" for n, t in info.get("columns", {}).items()) or "-"
+    return rows
+
+
+@index_app.command("build")
+@handle_errors
+def build_command(
+    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    data: Annotated[Path, typer.Option(help="Dataset: manifest, folder, .npz or MedPix folder.")],
+    out: Annotated[str, typer.Option(help="Index folder to write, or postgresql://...#table.")],
+    split: SplitOption = "all",
+    batch_size: BatchOption = 32,
+    kind: Annotated[str, typer.Option(
+        help="ANN index: auto (by size), flat (exact), hnsw, ivfpq (FAISS only).")] = "auto",
+    allow_duplicates: DuplicatesOption = False,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
+    stays usable until the new one is complete."""
+    from ..index import build_index
+    from ..models.registry import load_model
+
+    dataset = _dataset(data, split)
+    net = load_model(model)
+    info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
+                       allow_duplicates=allow_duplicates, show_progress=not quiet)
+    rows = _index_rows(info)
+    rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
+                 "seconds": info["seconds"]})
+    print_metrics(f"index {out}", rows)
+    _emit(info, json_out)
+
+
+@index_app.command("add")
+@handle_errors
+def add_command(
+    index: IndexOption,
+    data: Annotated[Path, typer.Option(help="Dataset with the cases to add (ids already indexed are left).")],
+    model: ModelOption = None,
+    split: SplitOption = "all",
+    batch_size: BatchOption = 32,
+    allow_duplicates: DuplicatesOption = False,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
+    from ..index import add_records, open_index
+
+    with open_index(index, writable=True) as opened:
+        net = _model(model, opened)
+        result = add_records(opened, net, _dataset(data, split), batch_size=batch_size,
+                             allow_duplicates=allow_duplicates, show_progress=not quiet)
+    print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
+                                     "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
+    _emit(result, json_out)
+
+
+@index_app.command("delete")
+@handle_errors
+def delete_command(
+    ids: Annotated[list[str], typer.Argument(help="Case ids to remove.")],
+    index: IndexOption,
+) -> None:
+    """Remove cases from an index by id."""
+    from ..index import open_index
+
+    with open_index(index, writable=True) as opened:
+        removed = opened.delete(ids)
+        opened.save()
+        remaining = len(opened)
+    missing = len(set(ids)) - removed
+    console.print(f"removed {removed} cases" + (f" ({missing} ids not found)" if missing else "")
+                  + f"; {remaining} remain")
+
+
+@index_app.command("info")
+@handle_errors
+def info_command(index: IndexOption, json_out: JsonOption = None) -> None:
+    """Describe an index: size, model, ANN kind and recall, filter columns."""
+    from ..index import open_index
+
+    with open_index(index) as opened:
+        info = {**opened.info, "n_cases": len(opened)}
+    print_metrics(f"index {index}", _index_rows(info))
+    _emit(info, json_out)
+
+
+@handle_errors
+def search_command(
+    index: IndexOption,
+    image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    text: Annotated[str | None, typer.Option(help="Query text, e.g. 'left pleural effusion'.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of results.")] = 10,
+    where: Annotated[str | None, typer.Option(
+        help="Filter on case metadata, e.g. \"sex = 'F' and age > 60\" "
+             "(= != < <= > >=, and / or / not, in (...), is null).")] = None,
+    target: Annotated[str, typer.Option(
+        help="images: similar cases by image; texts: closest reports (image->text, text->text).")] = "images",
+    model: ModelOption = None,
+    show: Annotated[list[str] | None, typer.Option(
+        help="Metadata column to show (repeatable; default: the dataset's label columns).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
+) -> None:
+    """Find the cases closest to a query image or text in an index."""
+    from ..index import open_index, search_index
+
+    with open_index(index) as opened:
+        net = _model(model, opened)
+        hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
+        columns = show or opened.info.get("label_columns") or []
+    _print_hits(hits, columns, target)
+    query = {"image": str(image)} if image is not None else {"text": text}
+    _emit({"index": index, "query": query, "target": target, "k": k, "where": where,
+           "hits": [hit.to_dict() for hit in hits]}, json_out)
+
+
+def _print_hits(hits: list, columns: list[str], target: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(hits)} closest cases by {'report' if target == 'texts' else 'image'}",
+                  header_style="bold")
+    for name in ("rank", "score", "id", "split", *columns, "report" if target == "texts" else "image"):
+        table.add_column(name, justify="right" if name in ("rank", "score") else "left")
+    for rank, hit in enumerate(hits, 1):
+        last = _short(hit.text) if target == "texts" else Path(hit.image_path).name if hit.image_path else "-"
+        values = [str(hit.meta.get(c, hit.labels.get(c, "-"))) for c in columns]
+        table.add_row(str(rank), f"{hit.score:.3f}", hit.id, hit.split, *values, last)
+    console.print(table)
+
+
+def _short(text: str | None, width: int = 80) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+if __name__ == "__main__":  # python -m medvl.cli.index build ... (also `medvl index ...` once registered)
+    from .common import setup_logging
+
+    setup_logging(False)
+    index_app()

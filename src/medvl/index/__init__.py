@@ -1,0 +1,15 @@
+"""The case index: image and report embeddings with case metadata, and similar-case search.
+
+``build_index(model, dataset, out)`` -> ``open_index(out)`` -> ``search_index(index, model,
+image=..., k=10, where="sex = 'F' and age > 60")``. ``out`` is a folder (FAISS + SQLite) or a
+``postgresql://`` URL (pgvector).
+"""
+
+from .base import Hit as Hit
+from .base import Index as Index
+from .base import open_index as open_index
+from .build import add_records as add_records
+from .build import build_index as build_index
+from .cases import Case as Case
+from .search import search_index as search_index
+from .where import compile_where as compile_where

@@ -1,0 +1,150 @@
+"""The case index: one protocol, two backends (FAISS + SQLite folder, PostgreSQL + pgvector).
+
+An index holds, per case, a normalised image embedding, the embedding of its report text (when
+it has one), and the case itself (id, split, labels, metadata, report, image path and pixel hash).
+Scores are cosine similarities (inner products of normalised vectors), higher is closer.
+
+``info`` (``index.json`` in a FAISS folder, a row of ``medvl_indexes`` in Postgres) records the
+model that made the vectors (folder, config and weights hashes, embedding size), the filter
+columns with their types, and per vector set the ANN kind chosen and its measured recall@10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from .cases import Case
+
+IMAGES, TEXTS = "images", "texts"  # the two vector sets: image embeddings, report embeddings
+TARGETS = (IMAGES, TEXTS)
+INFO_FORMAT = 1
+
+
+@dataclass
+class Hit:
+    """One search result: the case and its cosine similarity to the query."""
+
+    id: str
+    score: float
+    split: str
+    labels: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    text: str | None = field(default=None, repr=False)  # report: patient data, never logged
+    image_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Index(Protocol):
+    """What every backend implements. Changes are staged until ``save()`` makes them visible at
+    once (a folder swap, or one transaction); readers never see half an update."""
+
+    info: dict[str, Any]
+    location: str  # the folder, or the URL without its password, for messages
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Filter columns usable in ``where``: name -> ``number`` | ``text``."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def add(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None = None) -> None:
+        """Add cases with their image embeddings (N, dim) and report embeddings (N, dim; rows of
+        cases without text are ignored). A case id already present is an ``InputError``."""
+        ...
+
+    def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
+               target: str = IMAGES) -> list[list[Hit]]:
+        """The ``k`` nearest cases of each query vector among image (or report) embeddings,
+        optionally restricted by a ``where`` filter (see ``medvl.index.where``)."""
+        ...
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove cases by id; returns how many were present."""
+        ...
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]: ...
+
+    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
+        """Pixel hash -> id of an indexed case with that image, for the hashes present."""
+        ...
+
+    def save(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def is_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_index(target: str | Path, writable: bool = False) -> Index:
+    """Open an index: a FAISS folder path, or ``postgresql://...[#table]`` for pgvector."""
+    if is_url(target):
+        from .pgvector_store import PgVectorIndex
+
+        return PgVectorIndex.open(str(target), writable=writable)
+    from .faiss_store import FaissIndex
+
+    return FaissIndex.open(Path(target), writable=writable)
+
+
+def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """What identifies the vectors a model makes: config and weights hashes, embedding size."""
+    config = json.dumps(model.config.to_dict(), sort_keys=True).encode()
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"dir": str(Path(model_dir).resolve()) if model_dir else None, "name": model.config.name,
+            "embed_dim": model.config.embed_dim, "config_sha256": hashlib.sha256(config).hexdigest(),
+            "weights_sha256": weights.hexdigest()}
+
+
+def check_model(info: dict[str, Any], model, where: str) -> None:
+    """ModelError unless ``model`` makes the same vectors as the model the index was built with."""
+    built = info["model"]
+    if model.config.embed_dim != info["embed_dim"]:
+        raise ModelError(f"{where}: index holds {info['embed_dim']}-d vectors but the model embeds "
+                         f"{model.config.embed_dim}-d; use the model the index was built with "
+                         f"({built.get('dir') or built.get('name')})")
+    ours = model_fingerprint(model)
+    for key, what in (("config_sha256", "config"), ("weights_sha256", "weights")):
+        if ours[key] != built[key]:
+            raise ModelError(f"{where}: the model's {what} differ from those the index was built with "
+                             f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
+
+
+def check_vectors(vectors: np.ndarray, dim: int, what: str = "query") -> np.ndarray:
+    """A float32 (N, dim) C-contiguous copy, or InputError naming the expected shape."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise InputError(f"{what} vectors have shape {tuple(np.shape(vectors))}; this index expects (N, {dim})")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} vectors contain NaN or infinite values")
+    return np.ascontiguousarray(array)
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise InputError(f"unknown search target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= 10_000:
+        raise InputError(f"k must be between 1 and 10000, got {k}")

@@ -1,0 +1,160 @@
+"""Embedding a dataset into an index: a resumable, atomic build, and incremental adds.
+
+Both read each image once: its decoded pixels give the duplicate-detection hash and the
+embedding. A case whose image is already indexed (or appears earlier in the same data) is skipped
+and reported, unless duplicates are allowed; a case whose id is already indexed is skipped on add.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.images import read_image
+from ..data.record import Dataset, Record
+from ..progress import progress_bar
+from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint
+from .cases import Case, check_unique_ids, infer_columns, pixel_sha256
+
+log = logging.getLogger(__name__)
+
+
+def read_images(records: Sequence[Record]) -> list[tuple[Record, np.ndarray, str]]:
+    """Each record with its decoded first image and that image's pixel hash."""
+    items = []
+    for record in records:
+        array = record.image if isinstance(record.image, np.ndarray) else read_image(record.image)
+        items.append((record, array, pixel_sha256(array)))
+    return items
+
+
+def embed_records(model, items: Sequence[tuple[Record, np.ndarray, str]], known_images: dict[str, str],
+                  allow_duplicates: bool = False) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
+    """Cases, image and report embeddings of ``items`` (from ``read_images``), minus duplicates.
+
+    ``known_images`` (pixel hash -> case id) is updated with the cases kept. Report embeddings of
+    cases without text are zero rows. Returns (cases, image vectors, text vectors, duplicates).
+    """
+    kept, pixels, duplicates = [], [], []
+    for record, array, digest in items:
+        if digest in known_images and not allow_duplicates:
+            duplicates.append({"id": record.id, "duplicate_of": known_images[digest]})
+            continue
+        known_images.setdefault(digest, record.id)
+        kept.append(Case.from_record(record, digest))
+        pixels.append(array)
+    dim = model.config.embed_dim
+    if not kept:
+        return [], np.empty((0, dim), np.float32), np.empty((0, dim), np.float32), duplicates
+    vectors = model.encode_images(pixels, batch_size=len(pixels)).numpy()
+    text_vectors = np.zeros((len(kept), dim), np.float32)
+    with_text = [i for i, case in enumerate(kept) if case.text]
+    if with_text:
+        text_vectors[with_text] = model.encode_texts([kept[i].text for i in with_text]).numpy()
+    return kept, vectors, text_vectors, duplicates
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def new_info(backend: str, fingerprint: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    return {"format": INFO_FORMAT, "backend": backend, "embed_dim": fingerprint["embed_dim"],
+            "model": fingerprint, "data": dataset.source, "label_columns": list(dataset.default_labels),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Path | None = None,
+                batch_size: int = 32, kind: str = "auto", allow_duplicates: bool = False,
+                show_progress: bool = True) -> dict[str, Any]:
+    """Embed every record of ``dataset`` into a new index at ``out`` (a folder, or a Postgres
+    URL), replacing any index there only once the new one is complete.
+
+    Each batch is checkpointed; rerunning the same build after a crash resumes where it stopped.
+    Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
+    """
+    from ..errors import InputError
+
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    records = list(dataset)
+    check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    columns = infer_columns(Case.from_record(r) for r in records)
+    fingerprint = model_fingerprint(model, model_dir)
+    key = _build_key(dataset, records, fingerprint, columns, kind, allow_duplicates)
+    builder = _builder(out, key, columns, fingerprint["embed_dim"])
+    try:
+        done, known = builder.done_ids(), builder.known_images()
+        todo = [r for r in records if r.id not in done]
+        duplicates: list[dict] = []
+        with progress_bar("Indexing cases", total=len(records), enabled=show_progress) as advance:
+            advance(len(records) - len(todo))
+            for batch in _batches(todo, batch_size):
+                items = read_images(batch)
+                cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates)
+                duplicates += skipped
+                if cases:
+                    builder.append(cases, vectors, text_vectors)
+                advance(len(batch))
+        if duplicates:
+            log.warning("skipped %d cases whose image is already indexed (e.g. %s = %s)", len(duplicates),
+                        duplicates[0]["id"], duplicates[0]["duplicate_of"])
+        info = builder.finish(new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset), kind)
+    finally:
+        builder.close()
+    return {**info, "duplicates": duplicates, "resumed": len(done),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, columns: dict, kind: str,
+               allow_duplicates: bool) -> str:
+    """Identifies a build: a rerun resumes only a build of the same data, model and settings."""
+    ids = hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()
+    settings = {"data": dataset.source, "ids": ids, "model": fingerprint, "columns": columns, "kind": kind,
+                "allow_duplicates": allow_duplicates}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _builder(out: str | Path, key: str, columns: dict[str, str], dim: int):
+    if is_url(out):
+        from .pgvector_store import PgVectorBuilder
+
+        return PgVectorBuilder(str(out), key, columns, dim)
+    from .faiss_store import FaissBuilder
+
+    return FaissBuilder(Path(out), key, columns)
+
+
+def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,
+                show_progress: bool = True) -> dict[str, Any]:
+    """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once."""
+    check_model(index.info, model, index.location)
+    records = list(dataset)
+    check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    present = index.existing_ids([r.id for r in records])
+    todo = [r for r in records if r.id not in present]
+    if present:
+        log.warning("%d cases are already in the index (same id) and were left as they are", len(present))
+    added, duplicates, known = 0, [], {}
+    with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
+        for batch in _batches(todo, batch_size):
+            items = read_images(batch)
+            known.update(index.find_images([digest for _, _, digest in items]))
+            cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates)
+            duplicates += skipped
+            if cases:
+                index.add(cases, vectors, text_vectors)
+                added += len(cases)
+            advance(len(batch))
+    index.save()
+    return {"added": added, "already_present": len(present), "duplicates": duplicates, "n_cases": len(index)}
+

@@ -1,0 +1,672 @@
+"""The embedded index: a folder of FAISS vector indexes plus an SQLite table of cases.
+
+Folder layout::
+
+    INDEX/index.json     model fingerprint, embedding size, filter columns, ANN kind + recall@10
+    INDEX/index.faiss    image embeddings, FAISS ids = ``cases.vid``
+    INDEX/text.faiss     report-text embeddings of the cases that have a report (same ids)
+    INDEX/cases.sqlite   table ``cases``: vid, id, split, image_path, image_sha256, report,
+                         labels (JSON), meta (JSON) and one typed column ``m_<name>`` per filter column
+
+Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (resumable: every
+batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
+are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
+``.INDEX.lock`` keeps writers apart.
+
+ANN kind by size (``choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
+``HNSW_MAX``, IVF-PQ (compressed, for memory) above; the recall@10 of an approximate index
+against exact search is measured on a sample at build time and recorded in ``index.json``. HNSW cannot remove vectors:
+deleted cases vanish from SQLite at once, their ids are excluded from searches and their vectors
+dropped when the graph is rebuilt (once they exceed a fifth of the live ones).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, InputError
+from .base import (
+    IMAGES,
+    INFO_FORMAT,
+    TEXTS,
+    Hit,
+    check_k,
+    check_target,
+    check_vectors,
+)
+from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns
+from .where import compile_where
+
+log = logging.getLogger(__name__)
+
+INDEX_FILES = {IMAGES: "index.faiss", TEXTS: "text.faiss"}
+CASES_DB, INFO_FILE = "cases.sqlite", "index.json"
+FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
+KINDS = (FLAT, HNSW, IVFPQ)
+# exact search below 50k vectors; HNSW (full vectors + graph, ~2.3 GB per million 512-d vectors) below
+# 2M; IVF-PQ above, where memory decides: dim/2 bytes per vector, at a recall cost recorded at build
+FLAT_MAX, HNSW_MAX = 50_000, 2_000_000
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
+IVF_NPROBE = 16
+RECALL_K, RECALL_SAMPLE = 10, 200
+SQL_CHUNK = 500  # ids per IN (...) list
+TOMBSTONES = "tombstones"  # deleted ids still in an HNSW graph
+TOMBSTONES_BEFORE_REBUILD = 1000  # at least this many (and a fifth of the live ids) trigger a rebuild
+EF_SEARCH_MAX = 4096
+EXACT_FILTERED_MAX = 20_000  # a filter allowing at most this many cases is searched exactly
+SINGLE_THREAD_QUERIES = 16  # fewer queries than this are searched on one thread (see faiss_threads)
+
+
+# ------------------------------------------------------------------ ANN indexes
+
+
+def choose_kind(n: int) -> str:
+    return FLAT if n < FLAT_MAX else HNSW if n < HNSW_MAX else IVFPQ
+
+
+def build_ann(vectors: np.ndarray, vids: np.ndarray, kind: str, seed: int = 0) -> Any:
+    """A FAISS inner-product index of ``kind`` holding ``vectors`` under ids ``vids``."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if kind == FLAT:
+        ann = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    elif kind == HNSW:
+        graph = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        ann = faiss.IndexIDMap2(graph)
+    elif kind == IVFPQ:
+        ann = _train_ivfpq(vectors, seed)
+    else:
+        raise InputError(f"unknown index kind {kind!r}; choose auto, {', '.join(KINDS)}")
+    if len(vectors):
+        ann.add_with_ids(vectors, vids.astype(np.int64))
+    return ann
+
+
+@contextmanager
+def faiss_threads(count: int) -> Iterator[None]:
+    """Run FAISS with ``count`` OpenMP threads (at most the default) inside the block.
+
+    A single query is faster on one thread: OpenMP start-up and waiting for a core busy with other
+    work cost more than the search (36 ms vs 0.16 ms for 20k exact vectors on two shared cores)."""
+    import faiss
+
+    default = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, min(count, default)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(default)
+
+
+def _train_ivfpq(vectors: np.ndarray, seed: int) -> Any:
+    import faiss
+
+    n, dim = vectors.shape
+    if n < 16:
+        raise InputError(f"an IVF-PQ index needs at least 16 vectors, got {n}; use kind 'flat'")
+    nlist = int(max(1, min(4 * math.sqrt(n), n // 39)))
+    # two dimensions per sub-quantizer (four cost half the bytes but lost a third of recall@10 on
+    # clustered 128-d vectors: 0.45 vs 0.72 at 100k); at most 128 bytes per vector
+    subquantizers = max(m for m in range(1, 129) if dim % m == 0 and dim // m >= 2) if dim >= 2 else 1
+    nbits = 8 if n >= 256 * 39 else 4
+    ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, subquantizers, nbits, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(n, size=200_000, replace=False)] if n > 200_000 else vectors
+    ann.cp.seed = ann.pq.cp.seed = seed
+    if n < 256 * 39:  # a small collection: fewer points per centroid than k-means likes, knowingly
+        ann.cp.min_points_per_centroid = ann.pq.cp.min_points_per_centroid = 1
+    with faiss_threads(1 if len(sample) < 50_000 else 64):  # small k-means: OpenMP overhead dominates
+        ann.train(np.ascontiguousarray(sample))
+    ann.nprobe = min(IVF_NPROBE, nlist)
+    return ann
+
+
+def search_params(ann: Any, kind: str, selector: Any = None, fraction: float = 1.0) -> Any:
+    """Per-query parameters; a restrictive filter widens the HNSW beam / IVF probes."""
+    import faiss
+
+    widen = 1.0 / max(fraction, 1e-6)
+    if kind == HNSW:
+        ef = int(min(EF_SEARCH_MAX, HNSW_EF_SEARCH * widen))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef) if selector else \
+            faiss.SearchParametersHNSW(efSearch=ef)
+    if kind == IVFPQ:
+        nprobe = int(min(ann.nlist, ann.nprobe * widen))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector else \
+            faiss.SearchParametersIVF(nprobe=nprobe)
+    return faiss.SearchParameters(sel=selector) if selector else None
+
+
+def measure_recall(ann: Any, kind: str, vectors: np.ndarray, vids: np.ndarray, seed: int = 0) -> float:
+    """Recall@10 of ``ann`` against exact inner-product search, on up to 200 sampled queries."""
+    import faiss
+
+    if kind == FLAT or len(vectors) == 0:
+        return 1.0
+    k = min(RECALL_K, len(vectors))
+    rng = np.random.default_rng(seed)
+    queries = vectors[rng.choice(len(vectors), size=min(RECALL_SAMPLE, len(vectors)), replace=False)]
+    _, exact = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, found = ann.search(queries, k, params=search_params(ann, kind))
+    hits = [len(set(vids[row].tolist()) & set(got.tolist())) for row, got in zip(exact, found, strict=True)]
+    return float(np.sum(hits) / (k * len(queries)))
+
+
+def describe_ann(kind: str, n: int, recall: float) -> dict[str, Any]:
+    described: dict[str, Any] = {"kind": kind, "n": n, "recall_at_10": recall}
+    if kind == HNSW:
+        described.update(M=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
+    elif kind == IVFPQ:
+        described.update(nprobe=IVF_NPROBE)
+    return described
+
+
+# ------------------------------------------------------------------ the SQLite table of cases
+
+_SCHEMA = """
+CREATE TABLE cases (
+    vid INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
+    id TEXT NOT NULL UNIQUE,
+    split TEXT,
+    image_path TEXT,
+    image_sha256 TEXT,  -- sha256 of the decoded pixels, for duplicate detection
+    report TEXT,
+    labels TEXT NOT NULL,  -- JSON object
+    meta TEXT NOT NULL  -- JSON object
+);
+CREATE INDEX cases_image_sha256 ON cases (image_sha256);
+"""
+_BUILD_TABLES = """
+CREATE TABLE pending (vid INTEGER PRIMARY KEY, image BLOB NOT NULL, text BLOB);  -- vectors of a build
+CREATE TABLE build (key TEXT NOT NULL);
+"""
+
+
+def quote_column(name: str) -> str:
+    """The SQL identifier of a filter column (names are checked identifiers, see cases.filter_name)."""
+    return name if name in FIXED_COLUMNS else f'"m_{name}"'
+
+
+def add_db_columns(conn: sqlite3.Connection, columns: dict[str, str]) -> None:
+    for name, kind in columns.items():
+        conn.execute(f"ALTER TABLE cases ADD COLUMN {quote_column(name)} {'REAL' if kind == NUMBER else 'TEXT'}")
+        conn.execute(f'CREATE INDEX "cases_m_{name}" ON cases ({quote_column(name)})')
+
+
+def insert_cases(conn: sqlite3.Connection, cases: Sequence[Case], columns: dict[str, str]) -> np.ndarray:
+    """Insert cases (in the caller's transaction); returns their new vids."""
+    names = list(columns)
+    fields = ["id", "split", "image_path", "image_sha256", "report", "labels", "meta"]
+    sql = (f"INSERT INTO cases ({', '.join(fields + [quote_column(n) for n in names])}) "
+           f"VALUES ({', '.join('?' * (len(fields) + len(names)))}) RETURNING vid")
+    vids = []
+    for case in cases:
+        typed = column_values(case, columns)
+        row = (case.id, case.split, case.image_path, case.image_sha256, case.text,
+               json.dumps(case.labels), json.dumps(case.meta), *(typed[n] for n in names))
+        try:
+            vids.append(conn.execute(sql, row).fetchone()[0])
+        except sqlite3.IntegrityError:
+            raise InputError(f"case {case.id!r} is already in the index; delete it first") from None
+    return np.asarray(vids, dtype=np.int64)
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), SQL_CHUNK):
+        yield values[start:start + SQL_CHUNK]
+
+
+def _select_in(conn: sqlite3.Connection, fields: str, column: str, values: Sequence[Any],
+               extra: str = "") -> list[tuple]:
+    rows: list[tuple] = []
+    for chunk in _chunks(list(values)):
+        marks = ", ".join("?" * len(chunk))
+        rows += conn.execute(f"SELECT {fields} FROM cases WHERE {column} IN ({marks}){extra}", chunk).fetchall()
+    return rows
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    return sqlite3.connect(path, check_same_thread=False)
+
+
+# ------------------------------------------------------------------ folders: lock, swap, recover
+
+
+class _Lock:
+    """An exclusive advisory lock on ``.NAME.lock`` beside the index (released if the process dies)."""
+
+    def __init__(self, target: Path, wait: bool = False):
+        self.path = target.parent / f".{target.name}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            self.handle.close()
+            raise InputError(f"{target}: another process is writing this index ({self.path})") from None
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def _sibling(target: Path, role: str) -> Path:
+    return target.parent / f".{target.name}.{role}"
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the fully written ``staging`` folder (two renames, under the lock)."""
+    for path in [*staging.iterdir(), staging]:  # on disk before the rename makes them current
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    old = _sibling(target, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(target: Path) -> None:
+    """Put back the previous index if a writer died between the two renames of ``swap_in``."""
+    old = _sibling(target, "old")
+    if target.exists() or not old.exists():
+        return
+    lock = _Lock(target, wait=True)
+    try:
+        if not target.exists() and (old / INFO_FILE).exists():
+            log.warning("%s: restoring the previous index left by an interrupted write", target)
+            old.rename(target)
+    finally:
+        lock.release()
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace a folder that is not an index (a typo must not delete a dataset)."""
+    if target.exists() and not (target / INFO_FILE).is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise InputError(f"{target}: exists and is not a medvl index; refusing to replace it")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    if not (path / INFO_FILE).is_file():
+        raise DataError(path, f"not a medvl index (no {INFO_FILE})")
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(path / INFO_FILE, f"unreadable ({err})") from None
+    if info.get("format") != INFO_FORMAT or info.get("backend") != "faiss":
+        raise DataError(path / INFO_FILE, f"not a FAISS index of format {INFO_FORMAT}")
+    return info
+
+
+# ------------------------------------------------------------------ build (resumable)
+
+
+class FaissBuilder:
+    """Fills ``.OUT.build`` batch by batch (each batch one SQLite commit: the checkpoint), then
+    builds the ANN indexes and swaps the folder in. A rerun with the same key resumes."""
+
+    def __init__(self, out: Path, key: str, columns: dict[str, str]):
+        check_replaceable(out)
+        self.out, self.columns = out, columns
+        self.lock = _Lock(out)
+        try:
+            self._open(key, columns)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, key: str, columns: dict[str, str]) -> None:
+        self.staging = _sibling(self.out, "build")
+        db = self.staging / CASES_DB
+        if self.staging.exists() and self._key(db) != key:
+            log.info("%s: discarding an unfinished build of other data or settings", self.staging)
+            shutil.rmtree(self.staging)
+        fresh = not self.staging.exists()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.conn = _connect(db, readonly=False)
+        if fresh:
+            with self.conn:
+                self.conn.executescript(_SCHEMA + _BUILD_TABLES)
+                add_db_columns(self.conn, columns)
+                self.conn.execute("INSERT INTO build (key) VALUES (?)", (key,))
+
+    @staticmethod
+    def _key(db: Path) -> str | None:
+        try:
+            conn = _connect(db, readonly=True)
+            try:
+                return conn.execute("SELECT key FROM build").fetchone()[0]
+            finally:
+                conn.close()
+        except (sqlite3.Error, TypeError):
+            return None
+
+    def done_ids(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT id FROM cases")}
+
+    def known_images(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT image_sha256, id FROM cases WHERE image_sha256 IS NOT NULL"))
+
+    def append(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None) -> None:
+        with self.conn:  # one transaction: rows and vectors land together or not at all
+            vids = insert_cases(self.conn, cases, self.columns)
+            for i, (vid, case) in enumerate(zip(vids.tolist(), cases, strict=True)):
+                text = text_vectors[i].astype(np.float32).tobytes() if case.text and text_vectors is not None else None
+                self.conn.execute("INSERT INTO pending (vid, image, text) VALUES (?, ?, ?)",
+                                  (vid, vectors[i].astype(np.float32).tobytes(), text))
+
+    def finish(self, info: dict[str, Any], kind: str = "auto") -> dict[str, Any]:
+        """Build the ANN indexes, write index.json and swap the folder in; returns the info."""
+        import faiss
+
+        dim = info["embed_dim"]
+        rows = self.conn.execute("SELECT vid, image, text FROM pending ORDER BY vid").fetchall()
+        if not rows:
+            raise DataError(None, "no cases to index")
+        vids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        sets = {IMAGES: (vids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, dim))}
+        with_text = [r for r in rows if r[2] is not None]
+        if with_text:
+            sets[TEXTS] = (np.asarray([r[0] for r in with_text], dtype=np.int64),
+                           np.frombuffer(b"".join(r[2] for r in with_text), np.float32).reshape(-1, dim))
+        for target, (ids, vectors) in sets.items():
+            chosen = choose_kind(len(ids)) if kind == "auto" else kind
+            started = time.perf_counter()
+            ann = build_ann(np.ascontiguousarray(vectors), ids, chosen)
+            recall = measure_recall(ann, chosen, vectors, ids)
+            faiss.write_index(ann, str(self.staging / INDEX_FILES[target]))
+            info[target] = {**describe_ann(chosen, len(ids), recall),
+                            "build_seconds": round(time.perf_counter() - started, 3)}
+            log.info("%s: %s index of %d vectors, recall@10 %.3f", target, chosen, len(ids), recall)
+        with self.conn:
+            self.conn.executescript("DROP TABLE pending; DROP TABLE build;")
+        self.conn.execute("VACUUM")
+        self.conn.close()
+        info.update(columns=self.columns, n_cases=len(rows))
+        (self.staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        swap_in(self.staging, self.out)
+        self.lock.release()
+        return info
+
+    def close(self) -> None:
+        self.conn.close()
+        self.lock.release()
+
+
+# ------------------------------------------------------------------ the index
+
+
+class FaissIndex:
+    """An opened FAISS index folder (see the module doc). Writable indexes stage changes in a
+    copy until ``save()``."""
+
+    def __init__(self, path: Path, writable: bool, lock: _Lock | None = None):
+        import faiss
+
+        self.path, self.writable, self.lock = path, writable, lock
+        self.location = str(path)
+        self.info = read_info(path)
+        try:
+            self.conn = _connect(path / CASES_DB, readonly=True)
+            self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
+        except sqlite3.Error as err:
+            raise DataError(path / CASES_DB, f"cannot read the cases table ({err})") from None
+        try:
+            self.anns = {t: faiss.read_index(str(path / f)) for t, f in INDEX_FILES.items()
+                         if t in self.info}
+        except RuntimeError as err:
+            self.conn.close()
+            raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
+        self.workdir: Path | None = None  # the copy being edited, once there is a change
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> FaissIndex:
+        path = Path(path)
+        recover(path)
+        if not path.exists():
+            raise DataError(path, "index not found")
+        if writable:  # the lock first: nothing can change underneath
+            lock = _Lock(path)
+            try:
+                return cls(path, writable=True, lock=lock)
+            except BaseException:
+                lock.release()
+                raise
+        for _ in range(3):  # a writer may swap the folder while we read it: read again if so
+            before = _inode(path)
+            try:
+                index = cls(path, writable=False)
+            except (DataError, sqlite3.Error):
+                if _inode(path) == before:
+                    raise
+                continue
+            if _inode(path) == before:
+                return index
+            index.close()
+        raise DataError(path, "index keeps changing while being opened; try again")
+
+    def __enter__(self) -> FaissIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["embed_dim"])
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {**FIXED_COLUMNS, **self.info["columns"]}
+
+    def __len__(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        return {row[0] for row in _select_in(self.conn, "id", "id", ids)}
+
+    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
+        return dict(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))
+
+    # -- changes ---------------------------------------------------------------------------------
+    def _edit(self) -> sqlite3.Connection:
+        """Start (once) working on a private copy of the folder."""
+        if not self.writable:
+            raise InputError(f"{self.path}: index opened read-only")
+        if self.workdir is None:
+            self.workdir = _sibling(self.path, "edit")
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            shutil.copytree(self.path, self.workdir)
+            self.conn.close()
+            self.conn = _connect(self.workdir / CASES_DB, readonly=False)
+        return self.conn
+
+    def add(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None = None) -> None:
+        vectors = check_vectors(vectors, self.dim, "case")
+        if len(vectors) != len(cases):
+            raise InputError(f"{len(cases)} cases but {len(vectors)} vectors")
+        check_unique_ids(cases, self.location)
+        present = self.existing_ids([c.id for c in cases])
+        if present:
+            raise InputError(f"case {sorted(present)[0]!r} is already in the index; delete it first")
+        conn = self._edit()
+        new_columns = infer_columns(cases, self.info["columns"])
+        columns = {**self.info["columns"], **new_columns}
+        for case in cases:  # check every value before changing anything
+            column_values(case, columns)
+        with conn:
+            add_db_columns(conn, new_columns)
+            self.info["columns"] = columns
+            vids = insert_cases(conn, cases, columns)
+        self._ann(IMAGES).add_with_ids(vectors, vids)
+        has_text = np.asarray([bool(c.text) for c in cases])
+        if text_vectors is not None and has_text.any():
+            text_vectors = check_vectors(text_vectors, self.dim, "report")
+            self._ann(TEXTS).add_with_ids(np.ascontiguousarray(text_vectors[has_text]), vids[has_text])
+
+    def _ann(self, target: str) -> Any:
+        if target not in self.anns:  # e.g. the first reports added to an index built without any
+            self.anns[target] = build_ann(np.empty((0, self.dim), np.float32), np.empty(0, np.int64), FLAT)
+            self.info[target] = describe_ann(FLAT, 0, 1.0)
+        return self.anns[target]
+
+    def delete(self, ids: Sequence[str]) -> int:
+        conn = self._edit()
+        rows = _select_in(conn, "vid, report IS NOT NULL", "id", list(dict.fromkeys(ids)))
+        if not rows:
+            return 0
+        with conn:
+            for chunk in _chunks([r[0] for r in rows]):
+                conn.execute(f"DELETE FROM cases WHERE vid IN ({', '.join('?' * len(chunk))})", chunk)
+        for target, vids in ((IMAGES, [r[0] for r in rows]), (TEXTS, [r[0] for r in rows if r[1]])):
+            if target in self.anns and vids:
+                self._remove(target, np.asarray(vids, dtype=np.int64))
+        return len(rows)
+
+    def _remove(self, target: str, vids: np.ndarray) -> None:
+        """Flat and IVF-PQ remove vectors; HNSW cannot, so their ids are listed as tombstones
+        (excluded from every search) until they outnumber a fifth of the live vectors and the
+        graph is rebuilt without them."""
+        import faiss
+
+        if self.info[target]["kind"] != HNSW:
+            self.anns[target].remove_ids(faiss.IDSelectorBatch(vids))
+            return
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {TOMBSTONES} (vid INTEGER, target TEXT)")
+        self.conn.executemany(f"INSERT INTO {TOMBSTONES} VALUES (?, ?)", [(int(v), target) for v in vids])
+        if self._dead(target) > max(TOMBSTONES_BEFORE_REBUILD, self._live(target) // 5):
+            self._rebuild_hnsw(target)
+            self.conn.execute(f"DELETE FROM {TOMBSTONES} WHERE target = ?", (target,))
+
+    def _tombstones(self, target: str) -> np.ndarray:
+        exists = self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (TOMBSTONES,)).fetchone()
+        rows = self.conn.execute(f"SELECT vid FROM {TOMBSTONES} WHERE target = ?", (target,)) if exists else []
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def _rebuild_hnsw(self, target: str) -> None:
+        live = np.asarray([r[0] for r in self.conn.execute(f"SELECT vid FROM cases{self._has(target)}")],
+                          dtype=np.int64)
+        vectors = self.anns[target].reconstruct_batch(live) if len(live) else np.empty((0, self.dim), np.float32)
+        self.anns[target] = build_ann(vectors, live, HNSW)
+
+    def save(self) -> None:
+        """Make every change since the last save visible at once (folder swap)."""
+        import faiss
+
+        if self.workdir is None:
+            return
+        for target, ann in self.anns.items():
+            faiss.write_index(ann, str(self.workdir / INDEX_FILES[target]))
+        self.conn.commit()
+        self.info["n_cases"] = len(self)
+        self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.conn.close()
+        (self.workdir / INFO_FILE).write_text(json.dumps(self.info, indent=2))
+        swap_in(self.workdir, self.path)
+        self.workdir = None
+        self.conn = _connect(self.path / CASES_DB, readonly=True)
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.workdir is not None:  # unsaved changes are dropped
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        if self.lock is not None:
+            self.lock.release()
+
+    # -- search ----------------------------------------------------------------------------------
+    def _has(self, target: str, joiner: str = " WHERE ") -> str:
+        return f"{joiner}report IS NOT NULL" if target == TEXTS else ""
+
+    def _live(self, target: str) -> int:
+        return self.conn.execute(f"SELECT COUNT(*) FROM cases{self._has(target)}").fetchone()[0]
+
+    def _dead(self, target: str) -> int:
+        return self.anns[target].ntotal - self._live(target)
+
+    def allowed_vids(self, where: str, target: str) -> np.ndarray:
+        compiled = compile_where(where, self.columns, quote_column)
+        sql = f"SELECT vid FROM cases WHERE {compiled.sql}{self._has(target, ' AND ')}"
+        return np.asarray([row[0] for row in self.conn.execute(sql, compiled.params)], dtype=np.int64)
+
+    def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
+               target: str = IMAGES) -> list[list[Hit]]:
+        import faiss
+
+        check_target(target)
+        check_k(k)
+        vectors = check_vectors(vectors, self.dim)
+        if target not in self.anns or self.anns[target].ntotal == 0:
+            if target == TEXTS:
+                raise InputError(f"{self.path}: index holds no report texts to search")
+            return [[] for _ in vectors]
+        ann, kind = self.anns[target], self.info[target]["kind"]
+        selectors: list[Any] = []  # kept alive here while FAISS holds pointers to them
+        if where:
+            allowed = self.allowed_vids(where, target)
+            if len(allowed) == 0:
+                return [[] for _ in vectors]
+            if kind != IVFPQ and len(allowed) <= EXACT_FILTERED_MAX:
+                return self._exact_among(ann, allowed, vectors, k)
+            selectors.append(faiss.IDSelectorBatch(allowed))
+            fraction = len(allowed) / ann.ntotal
+        elif len(dead := self._tombstones(target)):
+            selectors += [faiss.IDSelectorBatch(dead)]
+            selectors.append(faiss.IDSelectorNot(selectors[0]))
+            fraction = 1 - len(dead) / ann.ntotal
+        params = search_params(ann, kind, selectors[-1] if selectors else None, fraction if selectors else 1.0)
+        with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
+            scores, found = ann.search(vectors, min(k, ann.ntotal), params=params)
+        cases = self._hits(found)  # ids missing here were deleted: skipped
+        return [[_scored(cases[v], s) for v, s in zip(row, row_scores, strict=True) if v in cases]
+                for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+
+    def _exact_among(self, ann: Any, allowed: np.ndarray, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Exact search among the few cases a filter allows: their stored vectors, one product
+        (faster than steering a graph around the excluded majority, and exact)."""
+        scores = vectors @ ann.reconstruct_batch(allowed).T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        found = allowed[top]
+        cases = self._hits(found)
+        return [[_scored(cases[v], scores[q, j]) for v, j in zip(found[q].tolist(), top[q].tolist(), strict=True)
+                 if v in cases] for q in range(len(vectors))]
+
+    def _hits(self, found: np.ndarray) -> dict[int, Hit]:
+        vids = sorted({int(v) for v in found.ravel() if v >= 0})
+        rows = _select_in(self.conn, "vid, id, split, labels, meta, report, image_path", "vid", vids)
+        return {r[0]: Hit(id=r[1], score=0.0, split=r[2], labels=json.loads(r[3]), meta=json.loads(r[4]),
+                          text=r[5], image_path=r[6]) for r in rows}
+
+
+def _scored(hit: Hit, score: float) -> Hit:
+    return Hit(id=hit.id, score=float(score), split=hit.split, labels=hit.labels, meta=hit.meta,
+               text=hit.text, image_path=hit.image_path)

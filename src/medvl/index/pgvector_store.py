@@ -1,0 +1,373 @@
+"""The scale path: the same index in PostgreSQL with pgvector (needs the ``[scale]`` extra).
+
+Address: ``postgresql://user:password@host:port/db#table`` (``#table`` defaults to ``medvl_cases``).
+One table per index: ``id`` (primary key), split, image_path, image_sha256, report, labels and
+meta (jsonb), ``image_vec vector(D)``, ``text_vec vector(D)`` (NULL without a report) and one
+typed column ``m_<name>`` per filter column; the index info lives in ``medvl_indexes`` (name,
+info jsonb). Scores are inner products of normalised vectors (``<#>``).
+
+Atomicity comes from transactions: a build fills ``<table>__build`` (each batch committed, so a
+rerun resumes), then drops the old table and renames the new one in one transaction; ``add`` and
+``delete`` stay in one open transaction until ``save()`` commits it. A session advisory lock keeps
+writers of one table apart (released when a writer dies). Below ``FLAT_MAX`` rows search is exact
+(no ANN index); above, an HNSW index is built and its recall@10 against exact search measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, InputError
+from .base import IMAGES, TEXTS, Hit, check_k, check_target, check_vectors
+from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns
+from .faiss_store import FLAT, FLAT_MAX, HNSW, RECALL_K, quote_column
+from .where import compile_where
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "medvl_cases"
+INFO_TABLE = "medvl_indexes"
+PG_KINDS = (FLAT, HNSW)
+PG_EF_SEARCH = 100
+RECALL_SAMPLE = 50
+_TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}\Z")
+_VECTOR_COLUMN = {IMAGES: "image_vec", TEXTS: "text_vec"}
+_CASE_FIELDS = "id, split, labels, meta, report, image_path"
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise InputError("a PostgreSQL index needs psycopg: pip install 'medvl[scale]'") from None
+    return psycopg
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """(connection URL, table name) from ``postgresql://...#table``."""
+    conninfo, _, table = url.partition("#")
+    table = table or DEFAULT_TABLE
+    if not _TABLE.match(table):
+        raise InputError(f"table name {table!r} in the index URL must be lower-case letters, digits and _")
+    return conninfo, table
+
+
+def redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _connect(url: str, autocommit: bool):
+    psycopg = _psycopg()
+    conninfo, _ = parse_url(url)
+    try:
+        conn = psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
+    except psycopg.Error as err:
+        raise DataError(redact(url), f"cannot connect to PostgreSQL ({str(err).strip()[:200]})") from None
+    conn.execute(f"SET hnsw.ef_search = {int(PG_EF_SEARCH)}")  # a constant, not input
+    return conn
+
+
+def _lock(conn, table: str, url: str) -> None:
+    """A session advisory lock per table: one writer at a time; freed when the session ends."""
+    got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"medvl:{table}",)).fetchone()[0]
+    conn.commit()
+    if not got:
+        raise InputError(f"{redact(url)}: another process is writing this index")
+
+
+def vector_text(vector: np.ndarray) -> str:
+    """pgvector's text form, passed as a bound parameter and cast with ``::vector``."""
+    return "[" + ",".join(f"{x:.8g}" for x in vector.tolist()) + "]"
+
+
+def _sql():
+    from psycopg import sql
+
+    return sql
+
+
+def _ensure_schema(conn) -> None:
+    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {INFO_TABLE} (name text PRIMARY KEY, info jsonb NOT NULL)")
+
+
+def _create_table(conn, table: str, dim: int, columns: dict[str, str]) -> None:
+    sql = _sql()
+    conn.execute(sql.SQL(
+        "CREATE TABLE {t} (id text PRIMARY KEY, split text, image_path text, image_sha256 text, report text, "
+        "labels jsonb NOT NULL, meta jsonb NOT NULL, image_vec vector({d}) NOT NULL, text_vec vector({d}))"
+    ).format(t=sql.Identifier(table), d=sql.Literal(int(dim))))
+    conn.execute(sql.SQL("CREATE INDEX ON {t} (image_sha256)").format(t=sql.Identifier(table)))
+    _add_columns(conn, table, columns)
+
+
+def _add_columns(conn, table: str, columns: dict[str, str]) -> None:
+    sql = _sql()
+    for name, kind in columns.items():
+        conn.execute(sql.SQL("ALTER TABLE {t} ADD COLUMN {c} {type}").format(
+            t=sql.Identifier(table), c=sql.Identifier(f"m_{name}"),
+            type=sql.SQL("double precision" if kind == NUMBER else "text")))
+
+
+def _insert(conn, table: str, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None,
+            columns: dict[str, str]) -> None:
+    sql = _sql()
+    names = list(columns)
+    fields = [sql.Identifier(f) for f in ("id", "split", "image_path", "image_sha256", "report", "labels", "meta",
+                                            "image_vec", "text_vec")] + [sql.Identifier(f"m_{n}") for n in names]
+    marks = [sql.Placeholder()] * 7 + [sql.SQL("%s::vector")] * 2 + [sql.Placeholder()] * len(names)
+    statement = sql.SQL("INSERT INTO {t} ({f}) VALUES ({v})").format(
+        t=sql.Identifier(table), f=sql.SQL(", ").join(fields), v=sql.SQL(", ").join(marks))
+    rows = []
+    for i, case in enumerate(cases):
+        typed = column_values(case, columns)
+        text = vector_text(text_vectors[i]) if case.text and text_vectors is not None else None
+        rows.append((case.id, case.split, case.image_path, case.image_sha256, case.text, json.dumps(case.labels),
+                     json.dumps(case.meta), vector_text(vectors[i]), text, *(typed[n] for n in names)))
+    with conn.cursor() as cursor:
+        cursor.executemany(statement, rows)
+
+
+def _read_info(conn, name: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT info FROM {INFO_TABLE} WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _write_info(conn, name: str, info: dict[str, Any]) -> None:
+    conn.execute(f"INSERT INTO {INFO_TABLE} (name, info) VALUES (%s, %s::jsonb) "
+                 "ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info", (name, json.dumps(info)))
+
+
+def _table_exists(conn, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{table}"',)).fetchone()[0]
+
+
+# ------------------------------------------------------------------ build (resumable)
+
+
+class PgVectorBuilder:
+    """Fills ``<table>__build`` batch by batch (one commit each), then swaps it in."""
+
+    def __init__(self, url: str, key: str, columns: dict[str, str], dim: int):
+        self.url, self.columns, self.dim = url, columns, dim
+        _, self.table = parse_url(url)
+        self.staging = f"{self.table}__build"
+        self.conn = _connect(url, autocommit=False)
+        _lock(self.conn, self.table, url)
+        with self.conn.transaction():
+            _ensure_schema(self.conn)
+            state = _read_info(self.conn, self.staging)
+            if state is None or state.get("build_key") != key or not _table_exists(self.conn, self.staging):
+                self.conn.execute(_sql().SQL("DROP TABLE IF EXISTS {t}").format(t=_sql().Identifier(self.staging)))
+                _create_table(self.conn, self.staging, dim, columns)
+                _write_info(self.conn, self.staging, {"build_key": key})
+        self.conn.commit()
+
+    def done_ids(self) -> set[str]:
+        sql = _sql()
+        return {r[0] for r in self.conn.execute(sql.SQL("SELECT id FROM {t}").format(t=sql.Identifier(self.staging)))}
+
+    def known_images(self) -> dict[str, str]:
+        sql = _sql()
+        return dict(self.conn.execute(sql.SQL("SELECT image_sha256, id FROM {t} WHERE image_sha256 IS NOT NULL")
+                                      .format(t=sql.Identifier(self.staging))).fetchall())
+
+    def append(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None) -> None:
+        with self.conn.transaction():
+            _insert(self.conn, self.staging, cases, vectors, text_vectors, self.columns)
+        self.conn.commit()
+
+    def finish(self, info: dict[str, Any], kind: str = "auto") -> dict[str, Any]:
+        sql = _sql()
+        staging = sql.Identifier(self.staging)
+        n = self.conn.execute(sql.SQL("SELECT COUNT(*) FROM {t}").format(t=staging)).fetchone()[0]
+        if n == 0:
+            raise DataError(None, "no cases to index")
+        n_text = self.conn.execute(sql.SQL("SELECT COUNT(*) FROM {t} WHERE text_vec IS NOT NULL")
+                                   .format(t=staging)).fetchone()[0]
+        chosen = (FLAT if n < FLAT_MAX else HNSW) if kind == "auto" else kind
+        if chosen not in PG_KINDS:
+            raise InputError(f"index kind {kind!r} is not available with pgvector; choose auto, {', '.join(PG_KINDS)}")
+        for target, count in ((IMAGES, n), (TEXTS, n_text)):
+            if count == 0:
+                continue
+            started = time.perf_counter()
+            if chosen == HNSW:
+                self.conn.execute(sql.SQL("CREATE INDEX ON {t} USING hnsw ({c} vector_ip_ops)").format(
+                    t=staging, c=sql.Identifier(_VECTOR_COLUMN[target])))
+                self.conn.commit()
+            recall = _measure_recall(self.conn, self.staging, target) if chosen == HNSW else 1.0
+            info[target] = {"kind": chosen, "n": count, "recall_at_10": recall,
+                            "build_seconds": round(time.perf_counter() - started, 3)}
+        info.update(columns=self.columns, n_cases=n)
+        with self.conn.transaction():  # the swap: readers see the old table or the new, never neither
+            self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(self.table)))
+            self.conn.execute(sql.SQL("ALTER TABLE {s} RENAME TO {t}").format(s=staging, t=sql.Identifier(self.table)))
+            _write_info(self.conn, self.table, info)
+            self.conn.execute(f"DELETE FROM {INFO_TABLE} WHERE name = %s", (self.staging,))
+        self.conn.commit()
+        return info
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _measure_recall(conn, table: str, target: str) -> float:
+    """Recall@10 of the HNSW index against exact search (index scans off) on sampled rows."""
+    sql = _sql()
+    column = sql.Identifier(_VECTOR_COLUMN[target])
+    queries = conn.execute(sql.SQL("SELECT {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY md5(id) LIMIT %s")
+                           .format(c=column, t=sql.Identifier(table)), (RECALL_SAMPLE,)).fetchall()
+    nearest = sql.SQL("SELECT id FROM {t} WHERE {c} IS NOT NULL ORDER BY {c} <#> %s::vector LIMIT %s").format(
+        t=sql.Identifier(table), c=column)
+    found = 0.0
+    for (query,) in queries:
+        ann = {r[0] for r in _rows(conn, nearest, (query, RECALL_K), exact=False)}
+        exact = {r[0] for r in _rows(conn, nearest, (query, RECALL_K), exact=True)}
+        found += len(ann & exact) / max(1, len(exact))
+    conn.commit()
+    return found / max(1, len(queries))
+
+
+def _rows(conn, statement, params: tuple, exact: bool) -> list[tuple]:
+    """Run a query; ``exact`` turns index scans off for it alone (exact nearest neighbours)."""
+    with conn.transaction():
+        if not exact:
+            return conn.execute(statement, params).fetchall()
+        conn.execute("SET LOCAL enable_indexscan = off")
+        try:
+            return conn.execute(statement, params).fetchall()
+        finally:  # SET LOCAL outlives a savepoint: switch it back within the same transaction
+            conn.execute("SET LOCAL enable_indexscan = on")
+
+
+# ------------------------------------------------------------------ the index
+
+
+class PgVectorIndex:
+    """An index table in PostgreSQL. Writable indexes keep changes in one transaction until
+    ``save()``."""
+
+    def __init__(self, url: str, conn, info: dict[str, Any], writable: bool):
+        self.url, self.conn, self.info, self.writable = url, conn, info, writable
+        _, self.table = parse_url(url)
+        self.location = redact(url if "#" in url else f"{url}#{self.table}")
+
+    @classmethod
+    def open(cls, url: str, writable: bool = False) -> PgVectorIndex:
+        conn = _connect(url, autocommit=not writable)
+        try:
+            _, table = parse_url(url)
+            if writable:
+                _lock(conn, table, url)
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (INFO_TABLE,)).fetchone()[0]
+            info = _read_info(conn, table) if exists else None
+            if info is None:
+                raise DataError(redact(url), f"no medvl index named {table!r} in this database")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(url, conn, info, writable)
+
+    def __enter__(self) -> PgVectorIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["embed_dim"])
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {**FIXED_COLUMNS, **self.info["columns"]}
+
+    def _q(self, template: str, **parts: Any):
+        sql = _sql()
+        return sql.SQL(template).format(t=sql.Identifier(self.table), **parts)
+
+    def __len__(self) -> int:
+        return self.conn.execute(self._q("SELECT COUNT(*) FROM {t}")).fetchone()[0]
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        return {r[0] for r in self.conn.execute(self._q("SELECT id FROM {t} WHERE id = ANY(%s)"), (list(ids),))}
+
+    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
+        rows = self.conn.execute(self._q("SELECT image_sha256, id FROM {t} WHERE image_sha256 = ANY(%s)"),
+                                 ([h for h in hashes if h],)).fetchall()
+        return dict(rows)
+
+    def _writable(self) -> None:
+        if not self.writable:
+            raise InputError(f"{self.location}: index opened read-only")
+
+    def add(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None = None) -> None:
+        self._writable()
+        vectors = check_vectors(vectors, self.dim, "case")
+        if len(vectors) != len(cases):
+            raise InputError(f"{len(cases)} cases but {len(vectors)} vectors")
+        if text_vectors is not None:
+            text_vectors = check_vectors(text_vectors, self.dim, "report")
+        check_unique_ids(cases, self.location)
+        present = self.existing_ids([c.id for c in cases])
+        if present:
+            raise InputError(f"case {sorted(present)[0]!r} is already in the index; delete it first")
+        columns = {**self.info["columns"], **infer_columns(cases, self.info["columns"])}
+        with self.conn.transaction():  # a savepoint: a failed add leaves earlier unsaved changes
+            _add_columns(self.conn, self.table, {n: t for n, t in columns.items() if n not in self.info["columns"]})
+            _insert(self.conn, self.table, cases, vectors, text_vectors, columns)
+        self.info["columns"] = columns
+        if text_vectors is not None and any(c.text for c in cases):
+            self.info.setdefault(TEXTS, {"kind": FLAT, "n": 0, "recall_at_10": 1.0})
+
+    def delete(self, ids: Sequence[str]) -> int:
+        self._writable()
+        return len(self.conn.execute(self._q("DELETE FROM {t} WHERE id = ANY(%s) RETURNING id"),
+                                     (list(dict.fromkeys(ids)),)).fetchall())
+
+    def save(self) -> None:
+        if not self.writable:
+            return
+        self.info["n_cases"] = len(self)
+        self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_info(self.conn, self.table, self.info)
+        self.conn.commit()
+
+    def close(self) -> None:
+        if not self.conn.closed:
+            if self.writable:
+                self.conn.rollback()  # unsaved changes are dropped
+            self.conn.close()
+
+    def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
+               target: str = IMAGES) -> list[list[Hit]]:
+        check_target(target)
+        check_k(k)
+        vectors = check_vectors(vectors, self.dim)
+        if target == TEXTS and TEXTS not in self.info:
+            raise InputError(f"{self.location}: index holds no report texts to search")
+        column = _sql().Identifier(_VECTOR_COLUMN[target])
+        condition, params = _sql().SQL("{c} IS NOT NULL").format(c=column), ()
+        if where:
+            compiled = compile_where(where, self.columns, quote_column, placeholder="%s")
+            condition = _sql().SQL("{c} AND ({w})").format(c=condition, w=_sql().SQL(compiled.sql))
+            params = compiled.params
+        statement = self._q("SELECT " + _CASE_FIELDS + ", -({c} <#> %s::vector) FROM {t} WHERE {w} "
+                            "ORDER BY {c} <#> %s::vector LIMIT %s", c=column, w=condition)
+        results = []
+        for vector in vectors:
+            query = vector_text(vector)
+            rows = _rows(self.conn, statement, (query, *params, query, k), exact=False)
+            if where and len(rows) < k and self.info.get(target, {}).get("kind") == HNSW:
+                rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)  # filter starved the beam
+            results.append([Hit(id=r[0], score=float(r[6]), split=r[1], labels=r[2], meta=r[3], text=r[4],
+                                image_path=r[5]) for r in rows])
+        return results

@@ -1,0 +1,39 @@
+"""Similar-case search: embed a query image or text with the index's model and look it up.
+
+Directions: image -> images (similar cases), text -> images (cases matching a description),
+image -> texts (reports of similar cases), text -> texts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import read_image
+from ..errors import InputError
+from .base import IMAGES, Hit, Index, check_model, check_target
+
+
+def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:
+    """The (1, D) embedding of one query image (file or array) or one text."""
+    if (image is None) == (text is None):
+        raise InputError("give exactly one query: an image or a text")
+    if text is not None:
+        if not text.strip():
+            raise InputError("the query text is empty")
+        return model.encode_texts([text]).numpy()
+    pixels = image if isinstance(image, np.ndarray) else read_image(image)
+    return model.encode_images([pixels]).numpy()
+
+
+def search_index(index: Index, model, image: str | Path | np.ndarray | None = None, text: str | None = None,
+                 k: int = 10, where: str | None = None, target: str = IMAGES) -> list[Hit]:
+    """The ``k`` cases closest to the query among ``target`` (``images`` or ``texts``) vectors.
+
+    The model must be the one the index was built with (same embedding size, config and weights),
+    else ``ModelError``; ``where`` filters cases first (see ``medvl.index.where``).
+    """
+    check_target(target)
+    check_model(index.info, model, index.location)
+    return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]

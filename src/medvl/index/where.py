@@ -1,0 +1,208 @@
+"""A small, safe filter language for ``--where``, compiled to a parameterised SQL fragment.
+
+Grammar (keywords case-insensitive)::
+
+    expr       := term ("or" term)*
+    term       := factor ("and" factor)*
+    factor     := "not" factor | "(" expr ")" | comparison
+    comparison := column op literal
+                | column ["not"] "in" "(" literal ("," literal)* ")"
+                | column "is" ["not"] "null"
+    op         := "=" | "!=" | "<>" | "<" | "<=" | ">" | ">="
+    literal    := 'text' (a quote inside is doubled: 'O''Brien') | "text" | number
+
+Columns are limited to the index's known filter columns, each numeric or text, and a literal must
+have its column's type. Column names come from that list, never from the input; every literal is
+a bound parameter. Anything else (``;``, ``--``, ``*``, functions, a number where a column must be)
+is an ``InputError`` naming the position. Example: ``sex = 'F' and age >= 60``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InputError
+from .cases import NUMBER
+
+KEYWORDS = {"and", "or", "not", "in", "is", "null"}
+OPERATORS = ("<=", ">=", "!=", "<>", "=", "<", ">")
+MAX_LENGTH = 2000
+MAX_DEPTH = 50
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<number>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![A-Za-z_])
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*")
+  | (?P<op><=|>=|!=|<>|=|<|>)
+  | (?P<punct>[(),])
+""", re.VERBOSE)
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # number | name | keyword | string | op | punct | end
+    text: str
+    pos: int  # 0-based character offset in the filter
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class Where:
+    """A compiled filter: an SQL boolean expression with placeholders, and its parameters."""
+
+    sql: str
+    params: tuple[Any, ...]
+    columns: frozenset[str]  # the filter columns it reads
+
+
+def compile_where(text: str, columns: dict[str, str], quote: Callable[[str], str],
+                  placeholder: str = "?") -> Where:
+    """Parse ``text`` against ``columns`` (name -> ``number`` | ``text``) into SQL.
+
+    ``quote(name)`` returns the quoted SQL identifier of a known column; ``placeholder`` is
+    ``?`` (sqlite3) or ``%s`` (psycopg).
+    """
+    if len(text) > MAX_LENGTH:
+        raise InputError(f"--where is too long ({len(text)} characters, at most {MAX_LENGTH})")
+    parser = _Parser(text, _tokenize(text), columns, quote, placeholder)
+    sql = parser.expression(0)
+    parser.expect_end()
+    return Where(sql, tuple(parser.params), frozenset(parser.used))
+
+
+def _tokenize(text: str) -> list[Token]:
+    tokens, pos = [], 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            problem = "unterminated text" if text[pos] in "'\"" else f"unexpected character {text[pos]!r}"
+            raise _error(text, pos, problem)
+        kind, value = match.lastgroup, match.group()
+        if kind == "string":
+            tokens.append(Token("string", value, pos, value[1:-1].replace(value[0] * 2, value[0])))
+        elif kind == "number":
+            tokens.append(Token("number", value, pos, float(value)))
+        elif kind == "name" and value.lower() in KEYWORDS:
+            tokens.append(Token("keyword", value.lower(), pos))
+        elif kind != "space":
+            tokens.append(Token(kind, value, pos))
+        pos = match.end()
+    tokens.append(Token("end", "", len(text)))
+    return tokens
+
+
+def _error(text: str, pos: int, problem: str) -> InputError:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return InputError(f"--where: {problem} at position {pos + 1}: {shown!r}")
+
+
+class _Parser:
+    """Recursive descent over the tokens; builds SQL from known pieces only."""
+
+    def __init__(self, text: str, tokens: list[Token], columns: dict[str, str],
+                 quote: Callable[[str], str], placeholder: str):
+        self.text, self.tokens, self.index = text, tokens, 0
+        self.columns, self.quote, self.placeholder = columns, quote, placeholder
+        self.params: list[Any] = []
+        self.used: set[str] = set()
+
+    @property
+    def token(self) -> Token:
+        return self.tokens[self.index]
+
+    def advance(self) -> Token:
+        token = self.token
+        self.index += 1
+        return token
+
+    def fail(self, problem: str, token: Token | None = None) -> InputError:
+        token = token or self.token
+        found = "the end" if token.kind == "end" else repr(token.text)
+        return _error(self.text, token.pos, f"{problem}, found {found}")
+
+    def accept(self, kind: str, text: str) -> bool:
+        if self.token.kind == kind and self.token.text == text:
+            self.index += 1
+            return True
+        return False
+
+    def expect(self, kind: str, text: str) -> None:
+        if not self.accept(kind, text):
+            raise self.fail(f"expected {text!r}")
+
+    def expect_end(self) -> None:
+        if self.token.kind != "end":
+            raise self.fail("expected 'and', 'or' or the end of the filter")
+
+    def expression(self, depth: int) -> str:
+        if depth > MAX_DEPTH:
+            raise self.fail("too deeply nested")
+        parts = [self.term(depth)]
+        while self.accept("keyword", "or"):
+            parts.append(self.term(depth))
+        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+    def term(self, depth: int) -> str:
+        parts = [self.factor(depth)]
+        while self.accept("keyword", "and"):
+            parts.append(self.factor(depth))
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def factor(self, depth: int) -> str:
+        if self.accept("keyword", "not"):
+            return f"(NOT {self.factor(depth + 1)})"
+        if self.accept("punct", "("):
+            inner = self.expression(depth + 1)
+            self.expect("punct", ")")
+            return inner
+        return self.comparison()
+
+    def comparison(self) -> str:
+        column = self.column()
+        if self.accept("keyword", "is"):
+            negated = self.accept("keyword", "not")
+            self.expect("keyword", "null")
+            return f"({column} IS {'NOT ' if negated else ''}NULL)"
+        negated = self.accept("keyword", "not")
+        if negated or self.token.kind == "keyword" and self.token.text == "in":
+            self.expect("keyword", "in")
+            return self.membership(column, negated)
+        if self.token.kind != "op":
+            raise self.fail("expected a comparison (= != < <= > >=), 'in' or 'is'")
+        op = self.advance().text
+        return f"({column} {'!=' if op == '<>' else op} {self.literal()})"
+
+    def membership(self, column: str, negated: bool) -> str:
+        self.expect("punct", "(")
+        items = [self.literal()]
+        while self.accept("punct", ","):
+            items.append(self.literal())
+        self.expect("punct", ")")
+        return f"({column} {'NOT ' if negated else ''}IN ({', '.join(items)}))"
+
+    def column(self) -> str:
+        token = self.token
+        if token.kind != "name":
+            raise self.fail("expected a column name")
+        name = token.text.lower()
+        if name not in self.columns:
+            known = ", ".join(sorted(self.columns)) or "none"
+            raise _error(self.text, token.pos, f"unknown column {token.text!r} (filter columns: {known})")
+        self.index += 1
+        self.used.add(name)
+        self.column_type = self.columns[name]
+        return self.quote(name)
+
+    def literal(self) -> str:
+        token = self.token
+        if token.kind not in ("string", "number"):
+            raise self.fail("expected a value ('text' or a number)")
+        if (token.kind == "number") != (self.column_type == NUMBER):
+            wanted = "a number" if self.column_type == NUMBER else "quoted text (e.g. '1')"
+            raise _error(self.text, token.pos, f"this column holds {wanted}, got {token.text}")
+        self.index += 1
+        self.params.append(token.value)
+        return self.placeholder

@@ -1,0 +1,496 @@
+"""The case index: build, search (image/text, filtered), add, delete, duplicates, bad queries,
+a real SIGKILL during a build, and the same API against a real PostgreSQL with pgvector."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from medvl import DataError, InputError, ModelError, create_model, load_dataset, load_model
+from medvl.cli.index import index_app, search_command
+from medvl.data.record import Dataset, Record
+from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
+from medvl.index.faiss_store import choose_kind, quote_column
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INJECTIONS = ["sex='F'; DROP TABLE cases", "1=1 or sex = 'x' --", "sex = 'F' --", "age > 60 union select 1",
+              "sex = 'F' or 1", "lower(sex) = 'f'", "sex = `F`", "\"m_sex\" = 'F'", "sex = 'F' /* */", "sex = 'F"]
+
+
+@pytest.fixture(scope="module")
+def dataset(phantom_dir):
+    return load_dataset(phantom_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("retrieval") / "model"
+    create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def built(model, model_dir, dataset, tmp_path_factory):
+    """An index of all 96 phantom cases; tests that change an index work on a copy."""
+    out = tmp_path_factory.mktemp("index") / "idx"
+    info = build_index(model, dataset, out, model_dir=model_dir, batch_size=32, show_progress=False)
+    return out, info
+
+
+@pytest.fixture()
+def index_copy(built, tmp_path):
+    copy = tmp_path / "idx"
+    shutil.copytree(built[0], copy)
+    return copy
+
+
+def test_build_writes_the_folder_layout_and_records_model_and_recall(built, dataset):
+    out, info = built
+    assert {p.name for p in out.iterdir()} == {"index.faiss", "text.faiss", "cases.sqlite", "index.json"}
+    saved = json.loads((out / "index.json").read_text())
+    assert saved["embed_dim"] == 64 and saved["model"]["config_sha256"] and saved["model"]["weights_sha256"]
+    assert saved["images"]["kind"] == "flat" and saved["images"]["recall_at_10"] == 1.0
+    assert saved["columns"]["age"] == "number" and saved["columns"]["sex"] == "text"
+    assert info["n_cases"] == len(dataset) == 96 and info["duplicates"] == []
+    assert not list(out.parent.glob(".idx.build*")) and not list(out.parent.glob(".idx.old*"))
+
+
+def test_choose_kind_by_collection_size():
+    assert [choose_kind(n) for n in (10, 49_999, 50_000, 1_999_999, 2_000_000)] == \
+        ["flat", "flat", "hnsw", "hnsw", "ivfpq"]
+
+
+def test_image_search_matches_a_plain_reference(built, model, dataset):
+    with open_index(built[0]) as index:
+        record = dataset[5]
+        hits = search_index(index, model, image=record.image, k=10)
+        assert hits[0].id == record.id and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        # reference: the model's own embeddings, ranked by a full matrix product
+        vectors = model.encode_images([r.image for r in dataset]).numpy()
+        scores = vectors @ vectors[5]
+        expected = [dataset[i].id for i in np.argsort(-scores, kind="stable")[:10]]
+        assert [h.id for h in hits][:3] == expected[:3]
+        assert [h.score for h in hits] == pytest.approx(np.sort(scores)[::-1][:10].tolist(), abs=1e-4)
+        assert hits[0].meta["age"] == record.meta["age"] and hits[0].image_path == str(Path(record.image).resolve())
+
+
+def test_text_to_image_and_image_to_text(built, model, dataset):
+    with open_index(built[0]) as index:
+        report = dataset[7].text
+        to_reports = search_index(index, model, text=report, k=3, target="texts")
+        assert to_reports[0].text == report and to_reports[0].score == pytest.approx(1.0, abs=1e-4)
+        to_images = search_index(index, model, text="large left pleural effusion", k=4)
+        scores = [h.score for h in to_images]
+        assert len(to_images) == 4 and scores == sorted(scores, reverse=True)
+        reference = model.encode_images([dataset[0].image]).numpy() @ model.encode_texts(
+            [r.text for r in dataset]).numpy().T
+        image_to_text = search_index(index, model, image=dataset[0].image, k=1, target="texts")
+        assert image_to_text[0].score == pytest.approx(float(reference.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize("where, check", [
+    ("sex = 'F' and age > 60", lambda m: m["sex"] == "F" and float(m["age"]) > 60),
+    ("finding in ('nodule', 'cardiomegaly')", lambda m: m["finding"] in ("nodule", "cardiomegaly")),
+    ("not (view = 'PA') or age <= 30", lambda m: m["view"] != "PA" or float(m["age"]) <= 30),
+    ("nodule_zone is null and split != 'test'", lambda m: "nodule_zone" not in m and m["split"] != "test"),
+    ("SEX='M' AND (Age >= 40.5 OR finding = \"no_finding\")",
+     lambda m: m["sex"] == "M" and (float(m["age"]) >= 40.5 or m["finding"] == "no_finding")),
+])
+def test_where_filters_cases(built, model, dataset, where, check):
+    expected = sum(check(r.meta) for r in dataset)
+    assert 0 < expected < len(dataset)
+    with open_index(built[0]) as index:
+        hits = search_index(index, model, image=dataset[0].image, k=96, where=where)
+    assert len(hits) == expected and all(check(h.meta) for h in hits)
+
+
+def test_filtered_search_through_faiss_selectors_matches_the_exact_path(built, model, dataset, monkeypatch):
+    from medvl.index import faiss_store
+
+    where = "sex = 'F' and age > 60"
+    with open_index(built[0]) as index:
+        exact = search_index(index, model, image=dataset[0].image, k=8, where=where)
+        monkeypatch.setattr(faiss_store, "EXACT_FILTERED_MAX", 0)  # as for a filter allowing many cases
+        selected = search_index(index, model, image=dataset[0].image, k=8, where=where)
+    assert [h.id for h in selected] == [h.id for h in exact]
+    assert [h.score for h in selected] == pytest.approx([h.score for h in exact], abs=1e-5)
+
+
+@pytest.mark.parametrize("where", INJECTIONS)
+def test_where_rejects_injection_and_the_table_survives(built, model, dataset, where):
+    with open_index(built[0]) as index:
+        with pytest.raises(InputError, match="--where"):
+            search_index(index, model, image=dataset[0].image, where=where)
+        assert len(index) == 96
+    with closing(sqlite3.connect(built[0] / "cases.sqlite")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 96
+
+
+def test_where_errors_name_the_problem(built, model, dataset):
+    with open_index(built[0]) as index:
+        for where, message in (("modality = 'CR'", "unknown column 'modality'.*age"),
+                               ("age > 'sixty'", "holds a number"), ("sex = 1", "quoted text"),
+                               ("sex = 'F' and", "expected a column name.*the end"),
+                               ("(sex = 'F'", r"expected '\)'"), ("sex = 'F'; x", "position 10")):
+            with pytest.raises(InputError, match=message):
+                index.search(np.zeros((1, 64), np.float32), where=where)
+
+
+def test_where_compiles_to_parameters_never_to_literals():
+    columns = {"sex": "text", "age": "number", "id": "text"}
+    compiled = compile_where("sex = 'x'' OR ''1''=''1' and age in (1, 2.5)", columns, quote_column)
+    assert compiled.sql == '(("m_sex" = ?) AND ("m_age" IN (?, ?)))'
+    assert compiled.params == ("x' OR '1'='1", 1.0, 2.5)
+    conn = sqlite3.connect(":memory:")
+    conn.execute('CREATE TABLE cases (id TEXT, "m_sex" TEXT, "m_age" REAL)')
+    conn.execute("INSERT INTO cases VALUES ('a', 'F', 1)")
+    assert conn.execute(f"SELECT id FROM cases WHERE {compiled.sql}", compiled.params).fetchall() == []
+    assert compile_where("id = 'a'", columns, quote_column, "%s").sql == "(id = %s)"
+
+
+def test_delete_and_add_back(index_copy, model, dataset):
+    gone = [dataset[i].id for i in (1, 2, 3)]
+    with open_index(index_copy, writable=True) as index:
+        assert index.delete(gone + ["no-such-case"]) == 3
+        index.save()
+        assert len(index) == 93
+        hits = search_index(index, model, image=dataset[2].image, k=96)
+        assert len(hits) == 93 and not {h.id for h in hits} & set(gone)
+    with open_index(index_copy, writable=True) as index:
+        result = add_records(index, model, dataset, show_progress=False)
+        assert result["added"] == 3 and result["already_present"] == 93 and len(index) == 96
+    with open_index(index_copy) as index:
+        assert search_index(index, model, image=dataset[2].image, k=1)[0].id == gone[1]
+
+
+def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
+    cases = [Case(id="new1", meta={"age": "44", "ward": "A"}), Case(id="new2", meta={"age": "unknown"})]
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(DataError, match="'age' must be a number"):
+            index.add(cases, np.ones((2, 64), np.float32) / 8)
+        with pytest.raises(InputError, match="already in the index"):
+            index.add([Case(id=dataset[0].id)], np.ones((1, 64), np.float32) / 8)
+        index.add(cases[:1], np.ones((1, 64), np.float32) / 8)
+        index.save()
+        assert len(index) == 97 and index.columns["ward"] == "text"
+        assert [h.id for h in index.search(np.ones(64) / 8, k=1, where="ward = 'A'")[0]] == ["new1"]
+
+
+def test_unsaved_changes_are_not_visible(index_copy, dataset):
+    with open_index(index_copy, writable=True) as index:
+        index.delete([dataset[0].id])
+    with open_index(index_copy) as index:
+        assert len(index) == 96
+    assert not list(index_copy.parent.glob(".idx.edit*"))
+
+
+def test_one_writer_at_a_time(index_copy):
+    with open_index(index_copy, writable=True):
+        with pytest.raises(InputError, match="another process"):
+            open_index(index_copy, writable=True)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_kinds_record_recall_and_support_delete(kind, model, model_dir, dataset, tmp_path, monkeypatch):
+    from medvl.index import faiss_store
+
+    out = tmp_path / "idx"
+    info = build_index(model, dataset, out, model_dir=model_dir, kind=kind, batch_size=48, show_progress=False)
+    assert info["images"]["kind"] == kind and 0.0 <= info["images"]["recall_at_10"] <= 1.0
+    assert json.loads((out / "index.json").read_text())["texts"]["recall_at_10"] == info["texts"]["recall_at_10"]
+    with open_index(out, writable=True) as index:
+        index.delete([dataset[4].id])
+        index.save()
+        hits = search_index(index, model, image=dataset[4].image, k=10)
+        assert len(hits) == 10 and dataset[4].id not in {h.id for h in hits}
+        for limit in (0, 20_000):  # through the FAISS selector, then exactly among the allowed
+            monkeypatch.setattr(faiss_store, "EXACT_FILTERED_MAX", limit)
+            filtered = search_index(index, model, image=dataset[4].image, k=5, where="sex = 'F'")
+            assert len(filtered) == 5 and all(h.meta["sex"] == "F" for h in filtered)
+
+
+def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monkeypatch):
+    from medvl.index import faiss_store
+
+    out = tmp_path / "idx"
+    build_index(model, dataset, out, model_dir=model_dir, kind="hnsw", batch_size=48, show_progress=False)
+    gone = [r.id for r in dataset.records[:25]]
+    with open_index(out, writable=True) as index:
+        index.delete(gone[:5])
+        index.save()
+        assert index.anns["images"].ntotal == 96 and len(index._tombstones("images")) == 5
+        monkeypatch.setattr(faiss_store, "TOMBSTONES_BEFORE_REBUILD", 0)
+        index.delete(gone[5:])  # 25 dead > 71 // 5: rebuilt without them
+        index.save()
+        assert index.anns["images"].ntotal == 71 and len(index._tombstones("images")) == 0
+    with open_index(out) as index:
+        hits = search_index(index, model, image=dataset[0].image, k=96)
+        assert len(hits) == 71 and not {h.id for h in hits} & set(gone)
+
+
+def _duplicate_dataset(dataset, folder: Path) -> Dataset:
+    """Four phantom cases plus the first image again, re-encoded under another name."""
+    folder.mkdir()
+    records = list(dataset.records[:4])
+    copy = folder / "same_pixels.png"
+    Image.open(records[0].image).save(copy, compress_level=1)  # other bytes, same pixels
+    records.append(Record(id="again", images=[copy], text="A copy.", meta={"sex": "F"}))
+    return Dataset(records, source=str(folder))
+
+
+def test_duplicate_images_are_detected(model, model_dir, dataset, tmp_path):
+    data = _duplicate_dataset(dataset, tmp_path / "dup")
+    assert Path(data[0].image).read_bytes() != Path(data[4].image).read_bytes()
+    info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    assert info["n_cases"] == 4 and info["duplicates"] == [{"id": "again", "duplicate_of": data[0].id}]
+    with open_index(tmp_path / "idx", writable=True) as index:
+        index.delete([data[0].id])
+        index.save()
+        result = add_records(index, model, data.subset([data[4]]), show_progress=False)
+        assert result["added"] == 1  # the original is gone, so the copy is new
+        result = add_records(index, model, data.subset([data[0]]), show_progress=False)
+        assert result["duplicates"] == [{"id": data[0].id, "duplicate_of": "again"}] and len(index) == 4
+    kept = build_index(model, data, tmp_path / "all", model_dir=model_dir, allow_duplicates=True,
+                       show_progress=False)
+    assert kept["n_cases"] == 5
+
+
+def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):
+    with open_index(built[0]) as index:
+        with pytest.raises(ModelError, match="64-d.*32-d"):
+            search_index(index, create_model("phantom-tiny", embed_dim=32), image=dataset[0].image)
+        torch.manual_seed(1)
+        with pytest.raises(ModelError, match="weights differ"):
+            search_index(index, create_model("phantom-tiny"), text="effusion")
+        with pytest.raises(InputError, match=r"\(N, 64\)"):
+            index.search(np.zeros((1, 32), np.float32))
+        with pytest.raises(DataError, match="file not found"):
+            search_index(index, model, image=tmp_path / "missing.png")
+        with pytest.raises(InputError, match="exactly one"):
+            search_index(index, model, image=dataset[0].image, text="effusion")
+        with pytest.raises(InputError, match="target"):
+            search_index(index, model, text="effusion", target="reports")
+    with pytest.raises(DataError, match="not a medvl index"):
+        open_index(tmp_path)
+    (tmp_path / "data.txt").write_text("not an index")
+    with pytest.raises(InputError, match="refusing to replace"):
+        build_index(model, dataset, tmp_path, show_progress=False)
+
+
+def _staged_rows(staging: Path, mode: str = "ro") -> int:
+    try:
+        with closing(sqlite3.connect(f"file:{staging / 'cases.sqlite'}?mode={mode}", uri=True, timeout=0.1)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked by a commit: ask again
+        return 0
+
+
+def test_killed_build_leaves_the_old_index_and_a_rerun_resumes(index_copy, model, model_dir, phantom_dir, dataset):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "medvl.cli.index", "build", "--model", str(model_dir), "--data",
+               str(phantom_dir), "--out", str(index_copy), "--split", "train", "--batch-size", "1", "-q"]
+    staging = index_copy.parent / ".idx.build"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while _staged_rows(staging) < 5 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert 5 <= _staged_rows(staging, mode="rw") < 67  # rw: rolls back a commit the kill cut short
+    with open_index(index_copy) as index:  # the old index: all 96 cases, searchable
+        assert len(index) == 96
+        assert search_index(index, model, image=dataset[9].image, k=1)[0].id == dataset[9].id
+    info = build_index(model, dataset.select("train"), index_copy, model_dir=model_dir, show_progress=False)
+    assert info["resumed"] >= 5 and info["n_cases"] == 67 and not staging.exists()
+    with open_index(index_copy) as index:
+        assert len(index) == 67 and search_index(index, model, text="nodule", k=80)[-1].split == "train"
+
+
+def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, monkeypatch):
+    from medvl.index import build as build_module
+
+    data, calls, original = dataset.select("test"), [], build_module.embed_records
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "embed_records", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
+    assert not (tmp_path / "idx").exists()
+    monkeypatch.setattr(build_module, "embed_records", original)
+    info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
+    assert info["resumed"] == 8 and info["n_cases"] == 19
+
+
+# ------------------------------------------------------------------ command line
+
+
+def cli_app() -> typer.Typer:
+    """The commands as cli/main.py registers them."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.add_typer(index_app, name="index")
+    app.command("search")(search_command)
+    return app
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli_app(), [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_cli_build_info_search_add_delete(model_dir, phantom_dir, dataset, tmp_path):
+    out = tmp_path / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--out", out,
+                            "--split", "test", "--json", tmp_path / "build.json", "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "build.json").read_text())["n_cases"] == 19
+    result, output = invoke("index", "info", "--index", out)
+    assert result.exit_code == 0 and "flat" in output and "age (number)" in output
+    query = next(r for r in dataset if r.split == "test")
+    result, output = invoke("search", "--index", out, "--image", query.image, "--k", 3,
+                            "--where", "age >= 0", "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
+    assert len(hits) == 3 and hits[0]["id"] == query.id and query.id in output and "finding" in output
+    result, output = invoke("search", "--index", out, "--text", "pleural effusion", "--target", "texts",
+                            "-k", 2, "--show", "age")
+    assert result.exit_code == 0 and "report" in output
+    result, output = invoke("index", "delete", query.id, "--index", out)
+    assert result.exit_code == 0 and "removed 1" in output
+    result, output = invoke("index", "add", "--index", out, "--data", phantom_dir, "--split", "val", "-q")
+    assert result.exit_code == 0 and "28" in output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--where", "sex='F'; DROP TABLE cases"], "unexpected character ';'"),
+    (["--where", "modality='CR'"], "unknown column 'modality'"),
+    (["--image", "missing.png"], "file not found"),
+    (["--image", "x.png", "--text", "y"], "exactly one"),
+    ([], "exactly one"),
+])
+def test_cli_search_rejects_bad_queries(built, args, message):
+    extra = [] if "--image" in args or "--text" in args else ["--text", "effusion"] if args else []
+    result, output = invoke("search", "--index", built[0], *args, *extra)
+    assert result.exit_code == 2 and message in output and "Traceback" not in output
+
+
+def test_cli_search_on_a_missing_index(tmp_path):
+    result, output = invoke("search", "--index", tmp_path / "none", "--text", "x")
+    assert result.exit_code == 2 and "index not found" in output
+
+
+# ------------------------------------------------------------------ PostgreSQL + pgvector
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    try:
+        import pgserver
+        import psycopg  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"pgserver / psycopg not installed ({err}); pip install -e '.[scale]'")
+    folder = tempfile.mkdtemp(prefix="medvl-pg-")  # pgserver opens its parents: keep it apart
+    try:
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
+    yield server.get_uri() + "#phantom_cases"
+    server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_index_matches_faiss(pg_url, built, model, model_dir, dataset):
+    info = build_index(model, dataset, pg_url, model_dir=model_dir, batch_size=48, show_progress=False)
+    assert info["backend"] == "pgvector" and info["n_cases"] == 96
+    with open_index(pg_url) as pg, open_index(built[0]) as local:
+        assert pg.location.endswith("#phantom_cases") and len(pg) == 96
+        for query in ({"image": dataset[3].image}, {"text": "small right pleural effusion"}):
+            for target in ("images", "texts"):
+                ours = search_index(pg, model, **query, k=5, target=target)
+                reference = search_index(local, model, **query, k=5, target=target)
+                assert [h.score for h in ours] == pytest.approx([h.score for h in reference], abs=1e-4)
+        where = "sex = 'F' and age > 60 and finding in ('nodule', 'no_finding')"
+        hits = search_index(pg, model, image=dataset[0].image, k=96, where=where)
+        assert {h.id for h in hits} == {h.id for h in search_index(local, model, image=dataset[0].image, k=96,
+                                                                    where=where)}
+        for injection in INJECTIONS:
+            with pytest.raises(InputError, match="--where"):
+                search_index(pg, model, image=dataset[0].image, where=injection)
+        assert len(pg) == 96
+        with pytest.raises(ModelError, match="32-d"):
+            search_index(pg, create_model("phantom-tiny", embed_dim=32), text="effusion")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dataset, monkeypatch):
+    url = pg_url.replace("#phantom_cases", "#edited")
+    build_index(model, dataset.select("val"), url, model_dir=model_dir, show_progress=False)
+    with open_index(url, writable=True) as index:
+        with pytest.raises(InputError, match="another process"):
+            open_index(url, writable=True)
+        assert index.delete([dataset.select("val")[0].id]) == 1
+    with open_index(url) as index:
+        assert len(index) == 10  # not saved: rolled back
+    with open_index(url, writable=True) as index:
+        result = add_records(index, model, dataset.select("test"), show_progress=False)
+        assert result["added"] == 19 and len(index) == 29
+        again = Record(id="copy", images=[dataset.select("test")[0].image], meta={"sex": "M"})
+        result = add_records(index, model, dataset.subset([again]), show_progress=False)
+        assert result["duplicates"] == [{"id": "copy", "duplicate_of": dataset.select("test")[0].id}]
+    # a build interrupted after two batches leaves the old table; the rerun resumes
+    from medvl.index import build as build_module
+
+    calls, original = [], build_module.embed_records
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "embed_records", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, dataset, url, model_dir=model_dir, batch_size=16, kind="hnsw", show_progress=False)
+    with open_index(url) as index:
+        assert len(index) == 29
+        assert search_index(index, model, text="nodule", k=1)
+    monkeypatch.setattr(build_module, "embed_records", original)
+    info = build_index(model, dataset, url, model_dir=model_dir, batch_size=16, kind="hnsw", show_progress=False)
+    assert info["resumed"] == 32 and info["images"]["kind"] == "hnsw" and 0 <= info["images"]["recall_at_10"] <= 1
+    with open_index(url) as index:
+        assert len(index) == 96
+        hits = search_index(index, model, image=dataset[0].image, k=3, where="view = 'PA'")
+        assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
