@@ -335,7 +335,7 @@ def bench_cv(
         name: _mean_std(result, key) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"))}
-        | {"pooled out-of-fold auc": result["auc_pooled"],
+        | {"pooled out-of-fold auc": result["auc_pooled"], "majority-class acc": result["majority_acc"],
            "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in result["folds"]),
            "seconds": result["seconds"]})
     _emit(result, json_out)

@@ -1,0 +1,84 @@
+"""k-fold cross-validation: the folds, and ``medvl bench cv`` end to end on 40 real ISIC images."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medvl.bench.cv import make_folds
+from medvl.cli.main import app
+from medvl.errors import InputError
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def isic_subset(shared_data, tmp_path_factory):
+    """A manifest of 20 nevus + 20 melanoma ISIC images (read in place) with a fake patient column."""
+    folder = shared_data / "isic-dermoscopy"
+    with (folder / "metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:20]
+    chosen += [r for r in rows if r["diagnosis"] == "melanoma"][:20]
+    manifest = tmp_path_factory.mktemp("isic") / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "diagnosis", "patient"])
+        for i, row in enumerate(chosen):
+            writer.writerow([folder / "images" / row["image"], row["diagnosis"], f"p{i // 2}"])
+    return manifest
+
+
+def test_folds_are_stratified_and_partition_the_records():
+    y = np.array([0] * 30 + [1] * 10)
+    folds = make_folds(y, 5, seed=0)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested.tolist()) == list(range(40))
+    for train, test in folds:
+        assert not set(train) & set(test)
+        assert y[test].sum() == 2  # 10 positives over 5 folds
+    assert [t.tolist() for _, t in make_folds(y, 5, seed=0)] == [t.tolist() for _, t in folds]
+
+
+def test_group_folds_keep_each_group_on_one_side():
+    y = np.array([0, 1] * 20)
+    groups = np.array([f"p{i // 4}" for i in range(40)])
+    for train, test in make_folds(y, 5, seed=1, groups=groups):
+        assert not set(groups[train]) & set(groups[test])
+
+
+def test_folds_need_enough_records_per_class():
+    with pytest.raises(InputError, match="smallest class has 3"):
+        make_folds(np.array([0] * 20 + [1] * 3), 5, seed=0)
+
+
+def test_bench_cv_end_to_end(isic_subset, tmp_path):
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--data", isic_subset, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--seed", 0,
+                            "--batch-size", 16, "--group-column", "patient", "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert "auc" in output
+    metrics = json.loads(out.read_text())
+    for key in ("auc", "auc_std", "acc", "balanced_accuracy", "zero_shot_auc"):
+        assert isinstance(metrics[key], float) and 0 <= metrics[key] <= 1, key
+    assert metrics["classes"] == ["melanoma", "nevus"]
+    assert [f["n_test"] for f in metrics["folds"]] == [20, 20]
+    ids = [set(f["test_ids"]) for f in metrics["folds"]]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 40
+
+
+def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
+    result, output = invoke("bench", "cv", "--data", isic_subset, "--label-column", "mole_colour",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "-q")
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "mole_colour" in errors[0] and "available: diagnosis" in errors[0]
+    assert "Traceback" not in output
