@@ -44,7 +44,7 @@ class TextConfig:
     intermediate_size: int = 256  # bert: feed-forward width
     max_length: int = 128  # tokens per text, longer texts are truncated
     pooling: str = "mean"  # mean | cls
-    freeze: bool = False  # keep the text encoder's weights fixed (heads still train)
+    freeze: bool = False  # lock the text tower (LiT): weights fixed, no dropout, features cached while training
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""MedPix 2.0: train a CLIP-style model on one split, score retrieval and zero-shot on another.
+
+Runs the recipe documented in docs/benchmarks.md through the Python API (``medvl.train``,
+``medvl.retrieval``, ``medvl.zero_shot``) and prints every figure beside its random-chance figure:
+
+- image->text and text->image Recall@1/5/10 among all captions of the test split (identical
+  captions of one case merged into one gallery entry; chance = ``result[direction]["chance"]``);
+- zero-shot accuracy, balanced accuracy and macro AUC for ``modality``, ``plane`` and
+  ``location_category`` from the prompts of ``configs/captions/medpix.yaml`` (chance: the
+  majority-class accuracy, 1/K balanced accuracy, AUC 0.5). ``plane`` is scored twice: among
+  Axial / Coronal / Sagittal (records with another plane left out) and among every plane of the
+  test split.
+
+Writes OUT/model (the trained model), OUT/metrics.jsonl and OUT/results.json (every figure, the
+recipe, train time, peak RSS and the machine's load average).
+
+    PYTHONPATH=src python benchmarks/medpix.py --out runs/medpix
+    PYTHONPATH=src python benchmarks/medpix.py --hold-out 0.15 --out runs/medpix-val  # recipe selection
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import medvl
+from medvl.data import Dataset
+from medvl.eval.embed import embed_images
+from medvl.io import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "medpix-2.0"
+CAPTIONS = REPO / "configs" / "captions" / "medpix.yaml"
+LABELS = ["modality", "plane", "location_category"]
+PLANES = ["Axial", "Coronal", "Sagittal"]
+# The recipe (see docs/benchmarks.md for how it was chosen): a frozen pretrained text tower
+# (LiT), the image tower trained from scratch on captions and label captions half and half.
+RECIPE = {"model": "medpix-small", "overrides": {"text.freeze": True}, "epochs": 20, "batch_size": 64,
+          "lr": 1e-3, "loss": "clip", "text_source": "both", "label_columns": LABELS, "seed": 0}
+
+
+def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded random ``fraction`` of the cases (all their images) held out; (kept, held out)."""
+    cases = list(dict.fromkeys(r.meta.get("case_id", r.id) for r in dataset))  # first-seen order
+    random.Random(seed).shuffle(cases)
+    held = set(cases[:max(1, int(len(cases) * fraction))])
+    return (dataset.subset([r for r in dataset if r.meta.get("case_id", r.id) not in held]),
+            dataset.subset([r for r in dataset if r.meta.get("case_id", r.id) in held]))
+
+
+def train_model(train_set: Dataset, recipe: dict, out: Path, show_progress: bool) -> tuple[medvl.DualEncoder, dict]:
+    """Train the recipe on ``train_set``; returns the model and its cost: wall-clock and CPU (user +
+    system) seconds, and the machine's 1-minute load average sampled at every epoch end."""
+    model = medvl.create_model(recipe["model"], **recipe["overrides"])
+    config = medvl.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                               loss=recipe["loss"], text_source=recipe["text_source"],
+                               label_columns=recipe["label_columns"], seed=recipe["seed"], log_every=5)
+    loads: list[float] = []
+
+    def sample_load(_model, _epoch) -> dict[str, float]:
+        loads.append(os.getloadavg()[0])
+        return {"load_average_1min": loads[-1]}
+
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    model = medvl.train(model, train_set, config, out, captions=medvl.load_captions(CAPTIONS),
+                        show_progress=show_progress, on_epoch_end=sample_load)
+    cost = {"train_seconds": round(time.perf_counter() - started, 1),
+            "train_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
+            "load_average_1min_per_epoch": loads, "load_average_1min_mean": round(sum(loads) / len(loads), 2)}
+    return model, cost
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process: with other jobs on the machine, a steadier cost than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def zero_shot_tasks(test_set: Dataset) -> dict[str, tuple[str, list[int], list[str] | None]]:
+    """Task name -> (label column, rows of ``test_set`` scored, class names; None = those present)."""
+    every = list(range(len(test_set)))
+    with_plane = [i for i, r in enumerate(test_set) if "plane" in r.labels]
+    main_planes = [i for i in with_plane if test_set[i].labels["plane"] in PLANES]
+    return {"modality": ("modality", every, None),
+            "plane": ("plane", main_planes, PLANES),
+            "plane (every plane present)": ("plane", with_plane, None),
+            "location_category": ("location_category", every, None)}
+
+
+def evaluate(model: medvl.DualEncoder, test_set: Dataset, show_progress: bool) -> dict:
+    """Retrieval among all test captions and zero-shot per label, images embedded once."""
+    captions = medvl.load_captions(CAPTIONS)
+    image_embeddings = embed_images(model, test_set, show_progress=show_progress)
+    result = {"retrieval": medvl.retrieval(model, test_set, image_embeddings=image_embeddings,
+                                           show_progress=False), "zero_shot": {}}
+    for task, (label, rows, classes) in zero_shot_tasks(test_set).items():
+        subset = test_set.subset([test_set[i] for i in rows])
+        result["zero_shot"][task] = medvl.zero_shot(model, subset, label, captions=captions, classes=classes,
+                                                    image_embeddings=image_embeddings[rows], show_progress=False)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """Every figure beside its random-chance figure."""
+    lines = ["| task | metric | medvl | chance |", "|---|---|---|---|"]
+    retrieval = result["retrieval"]
+    for direction, name in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+        for key, chance in retrieval[direction]["chance"].items():
+            lines.append(f"| {name} ({retrieval['n_images']} images, {retrieval['n_texts']} captions) | {key} "
+                         f"| {retrieval[direction][key]:.3f} | {chance:.3f} |")
+    for task, scores in result["zero_shot"].items():
+        where = f"{task} zero-shot ({scores['n']} images, {len(scores['classes'])} classes)"
+        lines.append(f"| {where} | accuracy | {scores['accuracy']:.3f} | {scores['chance_accuracy']:.3f} (majority) |")
+        lines.append(f"| {where} | balanced accuracy | {scores['balanced_accuracy']:.3f} "
+                     f"| {scores['chance_balanced_accuracy']:.3f} (1/K) |")
+        lines.append(f"| {where} | macro AUC | {scores['macro_auc']:.3f} | 0.500 |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="MedPix 2.0 folder.")
+    parser.add_argument("--train-split", default="train", help="Split to train on.")
+    parser.add_argument("--test-split", default="dev", help="Split to score.")
+    parser.add_argument("--hold-out", type=float, default=0.0,
+                        help="Score a seeded random fraction of the train split's cases instead of the "
+                             "test split (trained on the rest): for choosing the recipe.")
+    parser.add_argument("--out", type=Path, default=Path("medpix-benchmark"),
+                        help="Output folder: model/, metrics.jsonl, results.json.")
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--model", default=RECIPE["model"], help="Registered model name.")
+    parser.add_argument("--seed", type=int, default=RECIPE["seed"])
+    parser.add_argument("--text-source", default=RECIPE["text_source"], choices=["text", "both"],
+                        help="Training texts: captions only, or captions and label captions half and half.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} exists and is not empty; pass a new --out")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+    dataset = medvl.load_dataset(args.data)
+    train_set = dataset.select(args.train_split)
+    if args.hold_out > 0:
+        train_set, test_set = hold_out_cases(train_set, args.hold_out, args.seed)
+        scored = f"{args.train_split} (held-out {args.hold_out:.0%} of cases, seed {args.seed})"
+    else:
+        test_set, scored = dataset.select(args.test_split), args.test_split
+    recipe = {**RECIPE, "model": args.model, "epochs": args.epochs, "seed": args.seed,
+              "text_source": args.text_source}
+    model, cost = train_model(train_set, recipe, args.out, show_progress=not args.quiet)
+    result = evaluate(model, test_set, show_progress=not args.quiet)
+    result.update(
+        data=str(args.data), train=f"{args.train_split} ({len(train_set)} images)",
+        test=f"{scored} ({len(test_set)} images)", recipe=recipe, **cost,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        machine={"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+    print(f"\nMedPix 2.0: trained on {result['train']}, scored on {result['test']}\n")
+    print(markdown_table(result))
+    print(f"\ntrain time {cost['train_seconds'] / 60:.1f} min wall, {cost['train_cpu_seconds'] / 60:.1f} min CPU "
+          f"({recipe['epochs']} epochs), peak RSS {result['peak_rss_mb']} MB; mean 1-min load average during "
+          f"training {cost['load_average_1min_mean']:.1f} on {os.cpu_count()} CPUs")
+    write_json(args.out / "results.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
