@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written staging folder into place; the old target survives until the rename."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{staging.name[-8:]}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
+from ..io import atomic_write_bytes
 from .dicom import MEDIA_STORAGE_DIRECTORY, is_dicom_candidate, quiet_pydicom, read_dataset, transfer_syntax
 from .readers import INSTALL_HINT
 
@@ -412,14 +413,7 @@ def deidentify(in_path: str | Path, out_path: str | Path, seed: int | str | None
 def _run(source: Path, target: Path, anonymizer, seeded: bool) -> dict[str, Any]:
     if source.is_file():
         data, entry = deidentify_dataset(read_dataset(source), anonymizer, source)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-            os.replace(staging, target)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(target, data)
         return _report([{"output": target.name, **entry}], Counter(), seeded)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from torch import nn
 
 from ..data.transforms import ImagePreprocessor
 from ..errors import MedvlError, ModelError
+from ..io import replace_dir
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
@@ -116,7 +116,7 @@ class DualEncoder(nn.Module):
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE))
             self.text_encoder.save(staging / TEXT_DIR)
-            _replace_dir(staging, directory)
+            replace_dir(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -148,14 +148,3 @@ class DualEncoder(nn.Module):
             raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
         model.eval()
         return model
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written staging dir into place; the old target survives until the rename."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import InputError
+from ...io import replace_dir
 from .cxr2d import PhantomCase, check_case_args, render_case
 from .reports import PHANTOM_CAPTIONS
 
@@ -163,16 +164,6 @@ def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_p
     (root / "dataset.json").write_text(text, encoding="utf-8")
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():  # overwrite=True, or an empty directory
-        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
-
-
 def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int = 128,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
                      progress: bool = False, overwrite: bool = False) -> Path:
@@ -202,7 +193,7 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
                     writer.writerow(manifest_row(case, image_path, split_of[index]))
                     advance(1)
         _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob))
-        _move_into_place(staging, out_dir)
+        replace_dir(staging, out_dir)
     log.info("wrote %d phantom radiographs to %s", n, out_dir)
     return out_dir / "manifest.csv"
 
