@@ -58,6 +58,7 @@ def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
 def train_model(train_set: Dataset, recipe: dict, out: Path, show_progress: bool) -> tuple[medvl.DualEncoder, dict]:
     """Train the recipe on ``train_set``; returns the model and its cost: wall-clock and CPU (user +
     system) seconds, and the machine's 1-minute load average sampled at every epoch end."""
+    torch.manual_seed(recipe["seed"])  # the image tower's random init; train() seeds the rest
     model = medvl.create_model(recipe["model"], **recipe["overrides"])
     config = medvl.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                                loss=recipe["loss"], text_source=recipe["text_source"],
