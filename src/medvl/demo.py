@@ -18,7 +18,7 @@ from .eval.embed import embed_images
 from .io import write_json
 from .models.registry import create_model
 from .report import curve_figure, figure_to_data_uri, image_to_data_uri, roc_figure, table_html, write_html
-from .train.loop import METRICS_FILE, TrainConfig, train
+from .train.loop import METRICS_FILE, TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     train_set, test_set = dataset.select("train"), dataset.select("test")
     captions = captions_for(dataset)
     shutil.rmtree(out / "train", ignore_errors=True)
+    seed_everything(seed)
     model = create_model(model_name, **({"image.image_size": image_size} if image_size else {}))
     config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, text_source="text",
                          label_columns=[LABEL])

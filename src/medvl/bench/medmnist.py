@@ -24,7 +24,7 @@ from ..data.record import Dataset
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
 from ..models.registry import create_model
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     classes = sorted(train_set.classes(LABEL), key=class_order)
     captions = CaptionConfig(templates=["a chest x-ray showing {}.", "{}.", "an image of {}."],
                              classes={LABEL: _descriptions(Path(train_path), classes)})
+    seed_everything(seed)
     model = create_model(model_name)
     model.add_head(LABEL, classes)
     config = TrainConfig(epochs=epochs, batch_size=128, lr=2e-3, seed=seed, text_source="captions",

@@ -130,7 +130,7 @@ def train_command(
     """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model."""
     from ..errors import InputError
     from ..models.registry import resolve_model
-    from ..train.loop import TrainConfig, train
+    from ..train.loop import TrainConfig, seed_everything, train
 
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out must be a folder, this is a file")
@@ -139,6 +139,7 @@ def train_command(
     dataset = _dataset(data, split, label_column)
     labels = label_column or dataset.default_labels
     overrides = _overrides(set_ or [], text_encoder)
+    seed_everything(seed)  # the random init of the model is part of the run
     net = resolve_model(model, **overrides)
     caption_config = _captions(dataset, captions, net)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,

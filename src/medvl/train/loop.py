@@ -110,6 +110,12 @@ class _PairedTexts:
         return texts
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch and Python before building a model, so its random init is reproducible."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
           captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
