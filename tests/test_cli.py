@@ -5,16 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from medvl.cli.main import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+from cli_helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from medvl.bench.cv import make_folds
-from medvl.cli.main import app
 from medvl.errors import InputError
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
 
 
 @pytest.fixture(scope="module")

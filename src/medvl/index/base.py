@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import InputError, ModelError
-from .cases import Case
+from .cases import FIXED_COLUMNS, Case
 
 IMAGES, TEXTS = "images", "texts"  # the two vector sets: image embeddings, report embeddings
 TARGETS = (IMAGES, TEXTS)
@@ -42,6 +42,29 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class IndexBase:
+    """What the backends share: ``info`` (the index's recorded description), context manager."""
+
+    info: dict[str, Any]
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["embed_dim"])
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {**FIXED_COLUMNS, **self.info["columns"]}
 
 
 class Index(Protocol):

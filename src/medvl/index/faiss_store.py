@@ -43,6 +43,7 @@ from .base import (
     INFO_FORMAT,
     TEXTS,
     Hit,
+    IndexBase,
     check_k,
     check_target,
     check_vectors,
@@ -425,7 +426,7 @@ class FaissBuilder:
 # ------------------------------------------------------------------ the index
 
 
-class FaissIndex:
+class FaissIndex(IndexBase):
     """An opened FAISS index folder (see the module doc). Writable indexes stage changes in a
     copy until ``save()``."""
 
@@ -474,19 +475,6 @@ class FaissIndex:
             index.close()
         raise DataError(path, "index keeps changing while being opened; try again")
 
-    def __enter__(self) -> FaissIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def dim(self) -> int:
-        return int(self.info["embed_dim"])
-
-    @property
-    def columns(self) -> dict[str, str]:
-        return {**FIXED_COLUMNS, **self.info["columns"]}
 
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]

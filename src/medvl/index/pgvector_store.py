@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
-from .base import IMAGES, TEXTS, Hit, check_k, check_target, check_vectors
-from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns
+from .base import IMAGES, TEXTS, Hit, IndexBase, check_k, check_target, check_vectors
+from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns
 from .faiss_store import FLAT, FLAT_MAX, HNSW, RECALL_K, quote_column
 from .where import compile_where
 
@@ -251,7 +251,7 @@ def _rows(conn, statement, params: tuple, exact: bool) -> list[tuple]:
 # ------------------------------------------------------------------ the index
 
 
-class PgVectorIndex:
+class PgVectorIndex(IndexBase):
     """An index table in PostgreSQL. Writable indexes keep changes in one transaction until
     ``save()``."""
 
@@ -276,19 +276,6 @@ class PgVectorIndex:
             raise
         return cls(url, conn, info, writable)
 
-    def __enter__(self) -> PgVectorIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def dim(self) -> int:
-        return int(self.info["embed_dim"])
-
-    @property
-    def columns(self) -> dict[str, str]:
-        return {**FIXED_COLUMNS, **self.info["columns"]}
 
     def _q(self, template: str, **parts: Any):
         sql = _sql()
