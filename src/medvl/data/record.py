@@ -8,6 +8,7 @@ whose requested label is empty and log how many they skipped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +33,33 @@ class Record:
     images: list[Path | np.ndarray] = field(repr=False)
     text: str | None = field(default=None, repr=False)  # report / caption; patient data: never logged
     labels: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    # may carry report sections or case text (IU X-ray, MedPix): kept out of repr like ``text``
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
     split: str = ALL_SPLITS
 
     @property
     def image(self) -> Path | np.ndarray:
-        """The first (usually only) image of the record."""
+        """The first (usually only) image of the record; ``InputError`` for a text-only record."""
+        if not self.images:
+            raise InputError(f"record {self.id!r} has no image: its dataset is text-only (e.g. the IU X-ray "
+                             f"reports); use it for text, report labels or retrieval, not for image commands")
         return self.images[0]
+
+
+SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+
+
+def hash_split(record_id: str, fractions: Sequence[tuple[str, float]] = SPLIT_FRACTIONS) -> str:
+    """A split decided by the record id alone: the same id always lands in the same split, on any
+    machine and whatever the other records are (sha1 of the id, first 8 bytes, as a fraction of 2**64)."""
+    digest = hashlib.sha1(record_id.encode("utf-8")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    total = 0.0
+    for name, fraction in fractions:
+        total += fraction
+        if position < total:
+            return name
+    return fractions[-1][0]
 
 
 class Dataset(Sequence[Record]):

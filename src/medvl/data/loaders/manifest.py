@@ -22,6 +22,14 @@ Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column
 Windows-1252 characters (the Figure 1 notes do); those cells are decoded as Windows-1252 with a
 warning. Invalid bytes anywhere else are a ``DataError`` with the byte offset.
 
+Known tables: a published table recognised by its header (``KNOWN_TABLES``) brings its own
+defaults. The Figure 1 COVID-19 chest X-ray table (``patientid``, ``finding``, ``view``,
+``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty, their
+records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
+``No finding``, ``Pneumonia``; empty in 15 rows), meta = every other non-empty cell (``view``,
+``modality``, ``age``, ``sex``, ``offset``...). A row whose image file is missing is skipped and
+counted in a warning rather than failing the load (unless no row is left).
+
 An optional ``dataset.json`` sidecar in the folder, e.g.
 ``{"manifest": "manifest.csv", "label_columns": ["diagnosis"], "captions": {...}, "name": "x"}``,
 names the manifest and the default label columns; the loader sets ``dataset.default_labels``
@@ -36,6 +44,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,6 +64,22 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 SIDECAR_NAME = "dataset.json"
 # "generator" records how a generated data set (the phantom) was made; informational only.
 SIDECAR_KEYS = {"manifest": str, "label_columns": list, "captions": dict, "name": str, "generator": dict}
+
+
+@dataclass(frozen=True)
+class KnownTable:
+    """A published table recognised by its header, and what it implies beyond the generic rules."""
+
+    name: str
+    signature: frozenset[str]  # lower-case column names that must all be present
+    default_labels: tuple[str, ...]  # used when no dataset.json names label columns
+    skip_missing_images: bool = False  # a row with a missing image file is skipped and counted, not an error
+
+
+KNOWN_TABLES = (
+    KnownTable("Figure 1 COVID-19 chest X-ray", frozenset({"patientid", "finding", "view", "modality", "notes"}),
+               default_labels=("finding",), skip_missing_images=True),
+)
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
 
@@ -275,6 +300,12 @@ class _ImageResolver:
         return (existing, True) if existing else (candidates[0], False)
 
 
+def known_table(columns: Iterable[str]) -> KnownTable | None:
+    """The known table whose signature columns all appear in ``columns``, or None."""
+    names = {column.lower() for column in columns}
+    return next((table for table in KNOWN_TABLES if table.signature <= names), None)
+
+
 def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
     image = _find_column(columns, IMAGE_COLUMNS)
     stem = None if image else _find_column(columns, STEM_COLUMNS)
@@ -312,8 +343,8 @@ def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | N
     return record, exists
 
 
-def _build_records(path: Path, columns: list[str], rows: list[Row]) -> tuple[list[Record],
-                                                                          list[str]]:
+def _build_records(path: Path, columns: list[str], rows: list[Row],
+                   skip_missing_images: bool = False) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
@@ -327,11 +358,18 @@ def _build_records(path: Path, columns: list[str], rows: list[Row]) -> tuple[lis
             raise DataError(path, f"duplicate id {record.id!r} on lines {first_line[record.id]} "
                                   f"and {line}")
         first_line[record.id] = line
-        records.append(record)
-    if missing:
+        if exists:
+            records.append(record)
+    if missing and (not skip_missing_images or not records):
         line, image = missing[0]
         raise DataError(path, f"{len(missing)} of {len(rows)} image files not found; "
                               f"first: line {line}: {image}")
+    if missing:
+        log.warning("%s: skipped %d of %d rows whose image file is missing (first: line %d)",
+                    path, len(missing), len(rows), missing[0][0])
+    if roles["text"] and any(record.text is None for record in records):
+        log.info("%s: %d of %d records have an empty %r cell (no text)", path,
+                 sum(record.text is None for record in records), len(records), roles["text"])
     return records, labels
 
 
@@ -348,9 +386,10 @@ def load_manifest(path: str | Path) -> Dataset:
     columns, rows = _read_jsonl_table(path) if suffix == ".jsonl" else _read_csv_table(path)
     if not rows:
         raise DataError(path, "empty manifest (no rows)")
-    records, labels = _build_records(path, columns, rows)
+    known = known_table(columns)
+    records, labels = _build_records(path, columns, rows, skip_missing_images=bool(known and known.skip_missing_images))
     sidecar = _sidecar_for(path)
-    defaults = sidecar.get("label_columns") or []
+    defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]
     if unknown:
         raise DataError(path.parent / SIDECAR_NAME,

@@ -1,0 +1,234 @@
+"""Medical VQA loader: VQA-RAD and SLAKE style JSON (one object per question).
+
+A question file is a JSON array of objects. Both key sets are read (first key found wins):
+
+=================  ===========================  =================================
+field              VQA-RAD                      SLAKE
+=================  ===========================  =================================
+image file name    ``image_name``               ``img_name`` (e.g. ``xmlab1/source.jpg``)
+question           ``question``                 ``question``
+answer             ``answer``                   ``answer``
+answer type        ``answer_type``              ``answer_type``
+question id        ``qid``                      ``qid``
+question type      ``question_type``            ``content_type``
+organ / location   ``image_organ``              ``location``
+modality           -                            ``modality``
+language           -                            ``q_lang`` (``en`` / ``zh``)
+=================  ===========================  =================================
+
+``question``, ``answer`` and an image name are required: a missing one is a ``DataError`` naming
+the file, the item and the key. Without ``qid`` the item's index in the file is its id. Files must
+be UTF-8 JSON; anything else is a ``DataError`` naming the file.
+
+Answers: ``answer`` is kept as written (numbers become their JSON text, ``2`` -> ``"2"``);
+``answer_normalized`` is lower case with whitespace collapsed and trailing ``.`` removed, for exact
+match scoring. ``answer_type`` is upper-cased and stripped (VQA-RAD has ``"CLOSED "`` twice):
+``CLOSED`` (yes/no or a choice) or ``OPEN``.
+
+Images: ``<folder>/<name>``, else ``<folder>/images/<name>`` (VQA-RAD) or ``<folder>/imgs/<name>``
+(SLAKE). A missing image file is a ``DataError`` naming the question id and the path, so a broken
+copy is noticed; ``skip_missing_images=True`` instead skips those questions and logs how many.
+
+Splits: the file name, minus a ``set`` suffix (``trainset.json`` -> ``train``, SLAKE's
+``validate.json`` -> ``validate``). A folder loads every ``*.json`` file that looks like a question
+file (``QUESTION_KEYS`` and an image key near the start), each as one split; other JSON files
+(VQA-RAD's ``answer_all_list.json``) are left alone.
+
+Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` = [image path];
+``text`` = the question; labels ``answer_type`` (``CLOSED`` / ``OPEN``); meta ``qid``, ``answer``,
+``answer_normalized``, ``question_type``, ``organ``, ``modality``, ``language``, ``image_name``
+(each when present). ``load_vqa`` returns typed ``VQAItem`` s for VQA training and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import DataError
+from ..record import Dataset, Record
+from .manifest import decode_utf8
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("image_name", "img_name")
+QUESTION_KEYS = ("question", "answer")
+OPTIONAL_KEYS = {  # VQAItem field -> keys, first found wins
+    "question_type": ("question_type", "content_type"),
+    "organ": ("image_organ", "location"),
+    "modality": ("modality",),
+    "language": ("q_lang",),
+}
+IMAGE_FOLDERS = ("", "images", "imgs")
+ANSWER_TYPE_COLUMN = "answer_type"
+SNIFF_BYTES = 65_536
+
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    """One question about one image."""
+
+    qid: str
+    image: Path
+    question: str  # patient-adjacent free text: never logged
+    answer: str  # as written
+    answer_normalized: str  # lower case, whitespace collapsed, trailing "." dropped
+    answer_type: str | None  # CLOSED or OPEN (upper case), None if the file has no answer type
+    split: str
+    question_type: str | None = None  # VQA-RAD: PRES, POS, ABN, SIZE...; SLAKE: content_type
+    organ: str | None = None  # VQA-RAD: HEAD, CHEST, ABD; SLAKE: location (Lung, Brain...)
+    modality: str | None = None  # SLAKE only: CT, MRI, X-Ray
+    language: str | None = None  # SLAKE only: en, zh
+
+
+def normalize_answer(answer: str) -> str:
+    """The form answers are compared in: lower case, whitespace collapsed, trailing '.' dropped."""
+    return _SPACES.sub(" ", answer).strip().lower().rstrip(".").strip()
+
+
+def split_name(path: Path) -> str:
+    """The split a question file holds: its stem minus a ``set`` suffix (``trainset`` -> ``train``)."""
+    stem = path.stem
+    return stem[:-3] if stem.lower().endswith("set") and len(stem) > 3 else stem
+
+
+def looks_like_vqa_file(path: Path) -> bool:
+    """True when the start of a ``.json`` file names the question keys and an image key."""
+    if not path.is_file() or path.suffix.lower() != ".json":
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES).decode("utf-8", errors="replace")
+    return all(f'"{key}"' in head for key in QUESTION_KEYS) and any(f'"{key}"' in head for key in IMAGE_KEYS)
+
+
+def vqa_files(folder: Path) -> list[Path]:
+    """The question files of a folder, sorted by name."""
+    return sorted(path for path in folder.glob("*.json") if looks_like_vqa_file(path))
+
+
+# ---------------------------------------------------------------- reading one file
+
+
+def _read_items(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(path, "VQA question file not found")
+    try:
+        data = json.loads(decode_utf8(path, path.read_bytes()))
+    except json.JSONDecodeError as error:
+        raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    if not isinstance(data, list) or not data:
+        raise DataError(path, f"expected a non-empty JSON array of question objects, got "
+                              f"{'an empty array' if data == [] else type(data).__name__}")
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(path, f"item {index}: expected a JSON object, got {type(item).__name__}")
+    return data
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.strip() if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _first(item: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    return next((text for key in keys if (text := _text(item.get(key)))), None)
+
+
+def _required(path: Path, index: int, item: dict[str, Any], keys: tuple[str, ...]) -> str:
+    value = _first(item, keys)
+    if value is None:
+        qid = _text(item.get("qid")) or "?"
+        raise DataError(path, f"item {index} (qid {qid}): missing or empty {' / '.join(repr(k) for k in keys)}")
+    return value
+
+
+def _resolve_image(folder: Path, name: str) -> Path | None:
+    candidates = [folder / sub / name for sub in IMAGE_FOLDERS]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, bool]:
+    """(item, image exists); the image path is the first candidate when none exists."""
+    image_name = _required(path, index, raw, IMAGE_KEYS)
+    answer = _required(path, index, raw, ("answer",))
+    image = _resolve_image(path.parent, image_name)
+    answer_type = _first(raw, (ANSWER_TYPE_COLUMN,))
+    item = VQAItem(
+        qid=_text(raw.get("qid")) or str(index),
+        image=image or path.parent / IMAGE_FOLDERS[1] / image_name,
+        question=_required(path, index, raw, ("question",)),
+        answer=answer,
+        answer_normalized=normalize_answer(answer),
+        answer_type=answer_type.upper() if answer_type else None,
+        split=split,
+        **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
+    )
+    return item, image is not None
+
+
+def read_vqa_file(path: str | Path, skip_missing_images: bool = False) -> list[VQAItem]:
+    """The questions of one file (see the module docstring for keys, images and errors)."""
+    path = Path(path)
+    split = split_name(path)
+    items, missing = [], []
+    for index, raw in enumerate(_read_items(path)):
+        item, exists = _item(path, index, raw, split)
+        if exists:
+            items.append(item)
+        elif skip_missing_images:
+            missing.append(item)
+        else:
+            raise DataError(path, f"question {item.qid}: image file not found: {item.image}")
+    if missing:
+        log.warning("%s: skipped %d of %d questions whose image file is missing (first: qid %s)",
+                    path, len(missing), len(missing) + len(items), missing[0].qid)
+    return items
+
+
+# ---------------------------------------------------------------- the public loaders
+
+
+def load_vqa(path: str | Path, skip_missing_images: bool = False) -> list[VQAItem]:
+    """Every question of a VQA JSON file, or of every question file in a folder (in name order)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "VQA path not found")
+    files = vqa_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(path, f"no VQA question files (*.json with keys {', '.join(QUESTION_KEYS)} and "
+                              f"{' or '.join(IMAGE_KEYS)})")
+    items = [item for file in files for item in read_vqa_file(file, skip_missing_images)]
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        if (item.split, item.qid) in seen:
+            raise DataError(path, f"duplicate qid {item.qid!r} in split {item.split!r}")
+        seen.add((item.split, item.qid))
+    if not items:
+        raise DataError(path, "no questions left (every image file is missing)")
+    return items
+
+
+def _record(item: VQAItem, record_id: str) -> Record:
+    meta = {key: value for key, value in asdict(item).items()
+            if key in ("qid", "answer", "answer_normalized", "question_type", "organ", "modality", "language")
+            and value is not None}
+    meta["image_name"] = item.image.name
+    labels = {ANSWER_TYPE_COLUMN: item.answer_type} if item.answer_type else {}
+    return Record(id=record_id, images=[item.image], text=item.question, labels=labels, meta=meta,
+                  split=item.split)
+
+
+def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False) -> Dataset:
+    """The questions as a ``Dataset`` of records (one per question, see the module docstring)."""
+    items = load_vqa(path, skip_missing_images)
+    qids = [item.qid for item in items]
+    unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
+    records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
+    return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN])
