@@ -140,8 +140,12 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read a 2D image file into an ``HxW`` (grayscale) or ``HxWx3`` (RGB) array.
 
     Raises ``DataError`` naming the file if it is missing, empty, of an unsupported type,
-    corrupt or truncated, or larger than ``MAX_PIXELS``.
+    corrupt or truncated, or larger than ``MAX_PIXELS``. An image that is not one file (an object
+    with a ``load()`` method, such as a DICOM series read as one volume,
+    ``medvl.data.loaders.dicom.DicomVolume``) is read by its own ``load()``.
     """
+    if callable(getattr(path, "load", None)):
+        return path.load()  # type: ignore[union-attr]
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")

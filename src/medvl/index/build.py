@@ -3,6 +3,12 @@
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
 embedding. A case whose image is already indexed (or appears earlier in the same data) is skipped
 and reported, unless duplicates are allowed; a case whose id is already indexed is skipped on add.
+
+What a case stores comes from its record (id, split, labels, meta, text, image path, pixel hash);
+DICOM headers are never read here, only pixels. DICOM records come from
+``medvl.data.loaders.dicom``, whose ids are hashed UIDs and whose metadata is an allow-list of
+acquisition facts, so no DICOM identifier (name, ID, date, institution, raw UID) reaches an index
+(``tests/test_pacs.py`` searches every byte of FAISS and pgvector indexes built from identified DICOM).
 """
 
 from __future__ import annotations

@@ -15,19 +15,26 @@ from pathlib import Path
 
 from ...errors import DataError
 from ..record import Dataset
+from .dicom import has_dicom_files, load_dicom_folder
+from .iu_xray import find_report_archive, is_report_archive, load_iu_xray
 from .manifest import MANIFEST_SUFFIXES, find_manifest, load_manifest
 from .medpix import DESCRIPTIONS_GLOB, is_medpix_folder, load_medpix
 from .npz import load_npz
+from .vqa import load_vqa, load_vqa_dataset, vqa_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_KINDS", "load_dataset", "load_manifest", "load_medpix", "load_npz"]
+__all__ = ["SUPPORTED_KINDS", "load_dataset", "load_dicom_folder", "load_iu_xray", "load_manifest", "load_medpix",
+           "load_npz", "load_vqa", "load_vqa_dataset"]
 
 SUPPORTED_KINDS = (
     "a .csv or .jsonl manifest; "
     "a folder with dataset.json, manifest.csv, manifest.jsonl or metadata.csv; "
     "a MedMNIST-style .npz file (or a folder holding exactly one); "
-    f"a MedPix 2.0 folder ({DESCRIPTIONS_GLOB})"
+    f"a MedPix 2.0 folder ({DESCRIPTIONS_GLOB}); "
+    "an Open-i / IU X-ray report archive (.tgz, .tar.gz or .tar; or a folder holding one named *nlmcxr* or *report*); "
+    "a VQA-RAD / SLAKE question .json file (or a folder of them); "
+    "a folder of DICOM files (optional labels.csv)"
 )
 
 
@@ -37,7 +44,13 @@ def _load_folder(folder: Path) -> Dataset:
         return load_manifest(manifest)
     if is_medpix_folder(folder):
         return load_medpix(folder)
+    if find_report_archive(folder) is not None:
+        return load_iu_xray(folder)
+    if vqa_files(folder):
+        return load_vqa_dataset(folder)
     archives = sorted(folder.glob("*.npz"))
+    if not archives and has_dicom_files(folder):
+        return load_dicom_folder(folder)
     if len(archives) == 1:
         return load_npz(archives[0])
     found = f" ({len(archives)} .npz files: pass one)" if archives else ""
@@ -54,6 +67,10 @@ def _load(path: Path) -> Dataset:
         return load_manifest(path)
     if suffix == ".npz":
         return load_npz(path)
+    if is_report_archive(path):
+        return load_iu_xray(path)
+    if suffix == ".json":
+        return load_vqa_dataset(path)
     raise DataError(path, f"unrecognised dataset file {suffix or '(no suffix)'!r}; "
                           f"supported: {SUPPORTED_KINDS}")
 

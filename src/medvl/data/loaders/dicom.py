@@ -1,0 +1,364 @@
+"""DICOM folder loader: a folder of DICOM files (a PACS pull, a ``medvl deid`` output, a hospital
+export) as a dataset, ``load_dicom_folder(folder)``; ``load_dataset`` picks it for a folder with no
+manifest that holds DICOM files (``.dcm`` / ``.dicom``, or any file with the ``DICM`` marker).
+
+Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One record per:
+
+- 3D series (``meta["kind"] == "volume"``): two or more single-frame slices that all carry Image
+  Position / Orientation (Patient), share one orientation and size, and sit at distinct positions;
+  or one enhanced multi-frame CT / MR / PET file with per-frame positions. The image is a
+  ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
+  values, HU for CT; ``medvl.clinical.dicom.load_volume``);
+- 2D image (``kind == "image"``): every other single-frame file; the image is the file path
+  (``read_image``: the header's window applied, like an exported PNG).
+
+Skipped, with a logged count: multi-frame files that are not a volume (cine loops, time series)
+and segmentation objects (SEG: labels, not images).
+
+Record ids are short SHA-256 hashes of UIDs (``img-`` + the SOP Instance UID's, ``vol-`` + the
+Series Instance UID's), never names or patient IDs; a repeated SOP Instance UID gets ``-2``,
+``-3``... Metadata is an allow-list of acquisition facts, written as strings: ``kind``,
+``modality``, ``body_part``, ``view_position``, ``laterality``, ``series_description`` (dropped when
+it contains the file's patient name, ID or a date), ``rows``, ``columns``, ``slices``, spacing in mm
+(``row_spacing_mm``, ``column_spacing_mm``, ``slice_spacing_mm``, ``slice_thickness_mm``), ``study``
+and ``series`` (12-character hashes of the UIDs, to group records of one study or series) and
+``deidentified`` (``yes`` when the file says Patient Identity Removed). No names, IDs, dates, times,
+institutions or raw UIDs. File paths are used as they are: de-identify (``medvl deid`` or
+``medvl pacs pull``) a folder whose paths or pixels may hold identifiers before sharing anything
+built from it.
+
+Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one key column,
+``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
+(matched case-insensitively; a study row labels every record of the study), an optional ``split``
+and ``text`` (or ``report``) column, every other column a label (empty cell = missing). The
+sidecar's UIDs must be those in the files (after de-identification: the new ones). Records without
+a row keep no labels and split ``all``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import DataError
+from ..record import Dataset, Record
+
+log = logging.getLogger(__name__)
+
+LABELS_NAME = "labels.csv"
+KEY_COLUMNS = ("id", "sopinstanceuid", "seriesinstanceuid", "studyinstanceuid")  # lower case, by priority
+TEXT_COLUMNS = ("text", "report")
+SPLIT_COLUMN = "split"
+VOLUME_MULTIFRAME_MODALITIES = ("CT", "MR", "PT")
+SKIPPED_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "SR", "KO", "PR")
+SCAN_LIMIT = 10_000  # files looked at when deciding whether a folder holds DICOM
+PULL_STATE_NAME = ".medvl-pull-state.json"  # medvl.clinical.pacs.STATE_NAME: an unfinished pull
+
+
+def has_dicom_files(folder: str | Path) -> bool:
+    """True if a file under ``folder`` is DICOM (by suffix, or the ``DICM`` marker)."""
+    from ...clinical.dicom import is_dicom_candidate
+
+    for seen, path in enumerate(Path(folder).rglob("*")):
+        if seen >= SCAN_LIMIT:
+            return False
+        if path.is_file() and not path.name.startswith(".") and is_dicom_candidate(path):
+            return True
+    return False
+
+
+def uid_hash(uid: str, length: int = 16) -> str:
+    return hashlib.sha256(str(uid).encode("utf-8")).hexdigest()[:length]
+
+
+class DicomVolume:
+    """A DICOM series read as one ``DxHxW`` volume when needed (``load``; ``read_image`` calls it)."""
+
+    def __init__(self, series, key: str):
+        self.series = series  # medvl.clinical.dicom.DicomSeries
+        self.key = key  # the record id: a hash, safe to show
+
+    def load(self) -> np.ndarray:
+        from ...clinical.dicom import load_volume
+
+        return load_volume(self.series)[0]
+
+    def __repr__(self) -> str:  # error messages show this: no path, no UID
+        return f"DicomVolume({self.key}, {len(self.series.files)} slices)"
+
+    __str__ = __repr__
+
+
+@dataclass
+class _Header:
+    """What the loader keeps of one file's header (no identifiers leave this module)."""
+
+    path: Path
+    ds: Any  # the pydicom dataset without pixel data
+    frames: int
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+
+
+def _header(path: Path) -> _Header:
+    from ...clinical.dicom import _floats, _frame_count, read_dataset
+
+    ds = read_dataset(path, header_only=True)
+    position = _floats(ds.get("ImagePositionPatient"))
+    orientation = _floats(ds.get("ImageOrientationPatient"))
+    return _Header(path, ds, _frame_count(ds),
+                   np.asarray(position) if position and len(position) == 3 else None,
+                   np.asarray(orientation) if orientation and len(orientation) == 6 else None)
+
+
+def _stackable(headers: list[_Header]) -> float | None:
+    """The median slice spacing (mm) if these single-frame slices form a volume, else None."""
+    if len(headers) < 2 or any(h.frames != 1 or h.position is None or h.orientation is None for h in headers):
+        return None
+    first = headers[0]
+    size = (first.ds.get("Rows"), first.ds.get("Columns"))
+    if any(not np.allclose(h.orientation, first.orientation, atol=1e-3) for h in headers) or \
+            any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers):
+        return None
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    along = np.sort([float(np.dot(h.position, normal)) for h in headers])
+    steps = np.diff(along)
+    if np.any(steps < 1e-4):
+        return None  # duplicates or mixed acquisitions: images, not a volume
+    return float(np.median(steps))
+
+
+def _multiframe_volume(header: _Header) -> bool:
+    from ...clinical.dicom import header_value
+
+    ds = header.ds
+    if header.frames < 2 or str(ds.get("Modality") or "") not in VOLUME_MULTIFRAME_MODALITIES:
+        return False
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) < header.frames:
+        return False
+    orientation = header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence")
+    return orientation is not None and all(
+        header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame) is not None
+        for frame in range(header.frames))
+
+
+def _text(value: Any) -> str | None:
+    text = str(value).strip() if value not in (None, "") else ""
+    return text or None
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:.6g}"
+
+
+def _description(ds) -> str | None:
+    """Series Description, unless it holds the file's patient name, ID or one of its dates."""
+    from ...clinical.deid import collect_identifiers
+
+    text = _text(ds.get("SeriesDescription"))
+    if text is None or collect_identifiers(ds).found_in(text):
+        return None
+    return text
+
+
+def _common_meta(ds, study_uid: str, series_uid: str) -> dict[str, str | None]:
+    from ...clinical.dicom import pixel_spacing
+
+    spacing, _ = pixel_spacing(ds)
+    return {
+        "modality": _text(ds.get("Modality")),
+        "body_part": _text(ds.get("BodyPartExamined")),
+        "series_description": _description(ds),
+        "rows": _text(ds.get("Rows")),
+        "columns": _text(ds.get("Columns")),
+        "row_spacing_mm": _number(spacing[0]) if spacing else None,
+        "column_spacing_mm": _number(spacing[1]) if spacing else None,
+        "slice_thickness_mm": _number(_first_float(ds.get("SliceThickness"))),
+        "study": uid_hash(study_uid, 12),
+        "series": uid_hash(series_uid, 12),
+        "deidentified": "yes" if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" else "no",
+    }
+
+
+def _first_float(value: Any) -> float | None:
+    from ...clinical.dicom import _floats
+
+    values = _floats(value)
+    return values[0] if values else None
+
+
+def _present(meta: dict[str, str | None]) -> dict[str, str]:
+    return {key: value for key, value in meta.items() if value is not None}
+
+
+def _volume_record(series, headers: list[_Header], spacing: float | None) -> tuple[Record, dict[str, str]]:
+    ds = headers[0].ds
+    key = f"vol-{uid_hash(series.series_uid)}"
+    slices = headers[0].frames if len(headers) == 1 else len(headers)
+    meta = _common_meta(ds, series.study_uid, series.series_uid)
+    meta.update(kind="volume", slices=str(slices), slice_spacing_mm=_number(spacing))
+    keys = {"id": key, "seriesinstanceuid": series.series_uid, "studyinstanceuid": series.study_uid}
+    return Record(id=key, images=[DicomVolume(series, key)], meta=_present(meta)), keys
+
+
+def _image_record(series, header: _Header) -> tuple[Record, dict[str, str]]:
+    ds = header.ds
+    sop_uid = str(ds.get("SOPInstanceUID") or header.path.name)
+    key = f"img-{uid_hash(sop_uid)}"
+    meta = _common_meta(ds, series.study_uid, series.series_uid)
+    meta.update(kind="image", view_position=_text(ds.get("ViewPosition")),
+                laterality=_text(ds.get("ImageLaterality") or ds.get("Laterality")))
+    keys = {"id": key, "sopinstanceuid": sop_uid, "seriesinstanceuid": series.series_uid,
+            "studyinstanceuid": series.study_uid}
+    return Record(id=key, images=[header.path], meta=_present(meta)), keys
+
+
+def _series_records(series, skipped: Counter) -> list[tuple[Record, dict[str, str]]]:
+    headers = [_header(path) for path in series.files]
+    modality = str(headers[0].ds.get("Modality") or "")
+    if modality in SKIPPED_MODALITIES:
+        skipped[f"{modality} objects (not images)"] += len(headers)
+        return []
+    spacing = _stackable(headers)
+    if spacing is not None:
+        return [_volume_record(series, headers, spacing)]
+    if len(headers) == 1 and _multiframe_volume(headers[0]):
+        return [_volume_record(series, headers, None)]
+    records = []
+    for header in headers:
+        if header.frames > 1:
+            skipped["multi-frame files that are not a volume (cine, time series)"] += 1
+        else:
+            records.append(_image_record(series, header))
+    return records
+
+
+def _unique_ids(records: list[tuple[Record, dict[str, str]]]) -> None:
+    seen: Counter = Counter()
+    for record, keys in records:
+        seen[record.id] += 1
+        if seen[record.id] > 1:
+            record.id = f"{record.id}-{seen[record.id]}"
+            keys["id"] = record.id
+    repeated = sum(count - 1 for count in seen.values())
+    if repeated:
+        log.warning("%d DICOM file(s) repeat another file's SOP Instance UID (the same image twice, e.g. in two "
+                    "transfer syntaxes); their ids get a -2, -3... suffix", repeated)
+
+
+# ------------------------------------------------------------------------------ labels.csv
+
+
+@dataclass
+class _Labels:
+    key: str  # one of KEY_COLUMNS
+    columns: list[str]  # label columns in file order
+    rows: dict[str, dict[str, str]]  # key value -> column -> value (non-empty cells)
+    path: Path
+
+
+def _read_labels(path: Path) -> _Labels:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(path, f"not valid UTF-8 (byte offset {error.start}); save it as UTF-8") from None
+    try:
+        table = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise DataError(path, f"not a readable CSV file ({error})") from None
+    if not table:
+        raise DataError(path, "empty labels file")
+    header = [name.strip() for name in table[0]]
+    lower = [name.lower() for name in header]
+    key = next((k for k in KEY_COLUMNS if k in lower), None)
+    if key is None:
+        raise DataError(path, f"needs a key column: id, SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
+                              f"found {', '.join(header) or 'none'}")
+    rows: dict[str, dict[str, str]] = {}
+    for line, cells in enumerate(table[1:], start=2):
+        if not any(cell.strip() for cell in cells):
+            continue
+        row = {lower[i]: cell.strip() for i, cell in enumerate(cells) if i < len(header) and cell.strip()}
+        value = row.pop(key, None)
+        if value is None:
+            raise DataError(path, f"line {line}: empty {header[lower.index(key)]}")
+        if value in rows:
+            raise DataError(path, f"line {line}: {header[lower.index(key)]} repeats an earlier row")
+        rows[value] = {header[lower.index(name)]: cell for name, cell in row.items()}
+    skip = {key, SPLIT_COLUMN, *TEXT_COLUMNS}
+    columns = [name for name, low in zip(header, lower, strict=True) if name and low not in skip]
+    return _Labels(key, columns, rows, path)
+
+
+def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels) -> None:
+    used: set[str] = set()
+    for record, keys in records:
+        value = keys.get(labels.key)
+        row = labels.rows.get(value) if value is not None else None
+        if row is None:
+            continue
+        used.add(value)
+        for name, cell in row.items():
+            low = name.lower()
+            if low == SPLIT_COLUMN:
+                record.split = cell
+            elif low in TEXT_COLUMNS:
+                record.text = cell
+            else:
+                record.labels[name] = cell
+    unmatched = len(labels.rows) - len(used)
+    if unmatched:
+        log.warning("%s: %d of %d rows match no record (after de-identification, key the rows by the new "
+                    "UIDs or by record id)", labels.path, unmatched, len(labels.rows))
+
+
+# ----------------------------------------------------------------------------------- loader
+
+
+def load_dicom_folder(folder: str | Path, labels: str | Path | None = None) -> Dataset:
+    """Load a folder of DICOM files as records (see the module docstring)."""
+    from ...clinical.dicom import quiet_pydicom, read_dicom_series
+
+    folder = Path(folder)
+    labels_path = Path(labels) if labels is not None else folder / LABELS_NAME
+    if labels is not None and not labels_path.is_file():
+        raise DataError(labels_path, "labels file not found")
+    skipped: Counter = Counter()
+    records: list[tuple[Record, dict[str, str]]] = []
+    with quiet_pydicom(folder):
+        for series in read_dicom_series(folder):
+            records += _series_records(series, skipped)
+    for reason, count in sorted(skipped.items()):
+        log.warning("%s: skipped %d %s", folder, count, reason)
+    if not records:
+        raise DataError(folder, "no DICOM 2D images or volumes to load")
+    _unique_ids(records)
+    _warn_identified(folder, records)
+    if (folder / PULL_STATE_NAME).is_file():
+        log.warning("%s: a PACS pull into this folder is unfinished; rerun `medvl pacs pull` to complete it", folder)
+    label_names: Sequence[str] = ()
+    if labels_path.is_file():
+        table = _read_labels(labels_path)
+        _apply_labels(records, table)
+        label_names = table.columns
+    kept = [record for record, _ in records]
+    return Dataset(kept, source=str(folder), label_names=label_names, default_labels=label_names)
+
+
+def _warn_identified(folder: Path, records: list[tuple[Record, dict[str, str]]]) -> None:
+    identified = sum(1 for record, _ in records if record.meta.get("deidentified") != "yes")
+    if identified:
+        log.warning("%s: %d of %d records come from DICOM files not marked de-identified: medvl keeps only hashed "
+                    "UIDs and acquisition metadata from them, but their file paths and pixels are used as they "
+                    "are (run `medvl deid` first if those may hold identifiers)", folder, identified, len(records))

@@ -1,0 +1,582 @@
+"""PACS pull and de-identification on real servers and real files.
+
+The ``orthanc`` tests run against a real Orthanc (Debian packages ``orthanc`` +
+``orthanc-dicomweb``) started by ``scripts/orthanc.sh`` on a free localhost port with a test user;
+they are skipped, with the reason, where Orthanc is not installed (``scripts/orthanc.sh install``).
+DICOM files with distinctive patient names, IDs, dates, accession numbers and institutions are
+written here with pydicom, next to files from ``pydicom-data``; they are uploaded over the REST API,
+searched (QIDO-RS), pulled (WADO-RS), de-identified, loaded and embedded. Every byte of every output
+(pulled files, pull report, index) is then searched for the input's identifiers. Error handling is
+checked against real servers too: Orthanc (401, unknown study, wrong URL), a closed port, and a
+small ``http.server`` that answers like a broken PACS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("dicognito")
+requests = pytest.importorskip("requests")
+data_store = pytest.importorskip("data_store")
+
+from pydicom.multival import MultiValue  # noqa: E402
+
+from cli_helpers import invoke  # noqa: E402
+from conftest import REPO_ROOT  # noqa: E402
+from medvl.clinical.pacs import (  # noqa: E402
+    REPORT_NAME,
+    STATE_NAME,
+    DicomWebClient,
+    iter_multipart,
+    pull_study,
+    split_credentials,
+)
+from medvl.data import load_dataset  # noqa: E402
+from medvl.data.images import read_image  # noqa: E402
+from medvl.errors import DataError, InputError  # noqa: E402
+
+STORE = Path(data_store.__file__).parent / "data"
+SCRIPT = REPO_ROOT / "scripts" / "orthanc.sh"
+UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root
+PYDICOM_DATA_FILES = ("MR-SIEMENS-DICOM-WithOverlays.dcm", "693_J2KR.dcm", "SC_rgb.dcm")
+USER, PASSWORD = "medvl", "orthanc-test-pw"
+
+# Two made-up patients. Their dates are years apart from each other and from the pydicom-data
+# files' dates, so that no date shifted by de-identification (62 to 730 days back) can land on
+# another input's date and pass for a leak.
+PATIENTS = {
+    "A": {"name": "Vornholt^Ilsabet^Marit", "id": "MRN58213907", "other_id": "ALT99120387", "birth": "19610423",
+          "date": "20190817", "accession": "ACC73310542", "institution": "Sankt Quirin Klinikum Lindau",
+          "physician": "Brandauer^Wendelin", "address": "Seegasse 14, Lindau"},
+    "B": {"name": "Quastenberg^Odilia", "id": "MRN40771526", "other_id": "ALT55830142", "birth": "19480302",
+          "date": "20120610", "accession": "ACC66120984", "institution": "Ostholm Regional Hospital",
+          "physician": "Pfeilschifter^Anselm", "address": "Kanalweg 3, Ostholm"},
+}
+
+
+# ---------------------------------------------------------------------- test DICOM files
+
+
+def write_dicom(path: Path, patient: dict, *, study: str, series: str, number: int, modality: str,
+                pixels: np.ndarray, series_number: int, description: str, position: float | None = None,
+                view: str | None = None) -> Path:
+    """A DICOM file carrying every kind of identifier; UIDs embed the study date, as real ones often do."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    sop_classes = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
+                   "CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+    date = patient["date"]
+    sop_uid = f"{UID_ROOT}.{date}.{study}.{series_number}.{number}"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_classes[modality], sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_classes[modality], sop_uid
+    ds.StudyInstanceUID = f"{UID_ROOT}.{date}.{study}"
+    ds.SeriesInstanceUID = f"{UID_ROOT}.{date}.{study}.{series_number}"
+    ds.PatientName, ds.PatientID, ds.OtherPatientIDs = patient["name"], patient["id"], patient["other_id"]
+    ds.PatientBirthDate, ds.PatientSex, ds.PatientAddress = patient["birth"], "F", patient["address"]
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = "101500"
+    ds.AccessionNumber, ds.StudyID = patient["accession"], patient["accession"][-6:]
+    ds.InstitutionName, ds.ReferringPhysicianName = patient["institution"], patient["physician"]
+    ds.StudyDescription = f"Follow-up of {patient['name'].split('^')[0]}"
+    ds.SeriesDescription = description
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, series_number, number
+    ds.BodyPartExamined = "CHEST"
+    if view:
+        ds.ViewPosition = view
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.7, 0.7]
+    if position is not None:
+        ds.ImagePositionPatient = [-11.2, -11.2, position]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceThickness, ds.RescaleSlope, ds.RescaleIntercept = 2.5, 1, -1024
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_patients(folder: Path) -> dict[str, list[Path]]:
+    """Patient A: a 4-slice CT series (a volume), a CR and an MR image; patient B: a DX and a CR image."""
+    rng = np.random.default_rng(4)
+    files: dict[str, list[Path]] = {"A": [], "B": []}
+    for index, z in enumerate((-7.5, -2.5, 2.5, 7.5)):  # written out of order on purpose
+        files["A"].append(write_dicom(folder / f"a-ct-{(index * 3) % 4}.dcm", PATIENTS["A"], study="1", series="1",
+                                      number=index + 1, modality="CT", pixels=rng.integers(0, 2000, (32, 32)),
+                                      series_number=1, description="Thorax 2.5 mm", position=z))
+    files["A"].append(write_dicom(folder / "a-cr.dcm", PATIENTS["A"], study="1", series="2", number=1, modality="CR",
+                                  pixels=rng.integers(0, 4000, (48, 40)), series_number=2,
+                                  description="PA Vornholt", view="PA"))
+    files["A"].append(write_dicom(folder / "a-mr.dcm", PATIENTS["A"], study="1", series="3", number=1, modality="MR",
+                                  pixels=rng.integers(0, 1000, (40, 40)), series_number=3, description="T1 axial"))
+    files["B"].append(write_dicom(folder / "b-dx.dcm", PATIENTS["B"], study="2", series="1", number=1, modality="DX",
+                                  pixels=rng.integers(0, 4000, (56, 48)), series_number=1, description="Chest PA",
+                                  view="PA"))
+    files["B"].append(write_dicom(folder / "b-cr.dcm", PATIENTS["B"], study="2", series="2", number=1, modality="CR",
+                                  pixels=rng.integers(0, 4000, (48, 56)), series_number=2, description="Lateral",
+                                  view="LL"))
+    return files
+
+
+def date_forms(date: str) -> set[str]:
+    y, m, d = date[:4], date[4:6], date[6:8]
+    return {date, f"{y}-{m}-{d}", f"{y}.{m}.{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}", f"{m}/{d}/{y}"}
+
+
+def secrets_of(paths) -> set[bytes]:
+    """The identifiers of DICOM files: patient name (whole and parts), IDs, accession number, institution,
+    physician, address, and every date in several spellings. Values under 5 characters are left out
+    (they match by chance in binary data)."""
+    found: set[str] = set()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientName", "ReferringPhysicianName"):
+            name = str(ds.get(keyword) or "")
+            found |= {name, *name.replace("=", "^").split("^")}
+        for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "PatientAddress"):
+            value = ds.get(keyword)
+            found |= {str(v) for v in (value if isinstance(value, MultiValue) else [value]) if v}
+        for element in ds.iterall():
+            if element.VR in ("DA", "DT") and element.value:
+                digits = "".join(c for c in str(element.value) if c.isdigit())[:8]
+                if len(digits) == 8:
+                    found |= date_forms(digits)
+    return {value.encode() for value in found if len(value.strip()) >= 5}
+
+
+def leaks(folders, secrets: set[bytes]) -> list[tuple[str, str]]:
+    """(file, secret) for every secret found in any byte of any file under the folders."""
+    found = []
+    for folder in folders:
+        files = [folder] if Path(folder).is_file() else sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        for path in files:
+            data = path.read_bytes()
+            found += [(str(path), secret.decode()) for secret in secrets if secret in data]
+    return found
+
+
+def pydicom_data_copies(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(STORE / name, folder / f"store-{index}.dcm"))
+            for index, name in enumerate(PYDICOM_DATA_FILES)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+
+    from medvl.models.registry import create_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pacs-model") / "phantom-tiny"
+    create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+# -------------------------------------------------------------------------------- Orthanc
+
+
+@dataclass
+class Orthanc:
+    url: str  # REST root
+    dicomweb: str
+    files: dict[str, list[Path]] = field(default_factory=dict)  # study name -> uploaded files
+    studies: dict[str, str] = field(default_factory=dict)  # study name -> StudyInstanceUID
+
+    def client(self, **options) -> DicomWebClient:
+        return DicomWebClient(self.dicomweb, username=USER, password=PASSWORD, **options)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc with the DICOMweb plugin, started by scripts/orthanc.sh; stopped at the end."""
+    folder = tmp_path_factory.mktemp("orthanc")
+    env = {**os.environ, "ORTHANC_DIR": str(folder), "ORTHANC_USER": USER, "ORTHANC_PASSWORD": PASSWORD}
+    env.pop("ORTHANC_PORT", None)
+    started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
+    if started.returncode == 3:
+        pytest.skip(f"Orthanc not available: {started.stderr.strip()}")
+    assert started.returncode == 0, f"scripts/orthanc.sh start failed:\n{started.stderr}"
+    info = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
+    try:
+        yield Orthanc(info["url"], info["dicomweb"])
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def uploaded(orthanc, tmp_path_factory) -> Orthanc:
+    """The made-up patients and the pydicom-data files, uploaded with POST /instances."""
+    folder = tmp_path_factory.mktemp("upload")
+    patients = write_patients(folder / "made-up")
+    store = pydicom_data_copies(folder / "store")
+    orthanc.files = {"A": patients["A"], "B": patients["B"], **{f"store-{i}": [p] for i, p in enumerate(store)}}
+    with requests.Session() as session:
+        session.auth = (USER, PASSWORD)
+        for name, paths in orthanc.files.items():
+            for path in paths:
+                answer = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=60)
+                assert answer.status_code == 200 and answer.json()["Status"] == "Success", answer.text
+            orthanc.studies[name] = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+    return orthanc
+
+
+@pytest.fixture(scope="module")
+def pulled_a(uploaded, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Patient A's study pulled in two runs: 2 instances (limit), then the rest (resume)."""
+    out = tmp_path_factory.mktemp("pull-a") / "a"
+    with uploaded.client() as client:
+        first = pull_study(client, uploaded.studies["A"], out, limit=2, show_progress=False)
+        assert (out / STATE_NAME).is_file()  # unfinished: the state (with the seed) stays for the resume
+        second = pull_study(client, [uploaded.studies["A"]], out, show_progress=False)
+    return out, [first, second]
+
+
+@pytest.mark.orthanc
+def test_qido_search_finds_the_uploaded_studies(uploaded):
+    with uploaded.client() as client:
+        [study] = client.search_studies({"PatientID": PATIENTS["A"]["id"]})
+        assert study["PatientName"] == PATIENTS["A"]["name"] and study["StudyInstanceUID"] == uploaded.studies["A"]
+        assert study["NumberOfStudyRelatedInstances"] == 6
+        by_date = client.search_studies({"StudyDate": "20120101-20121231"})
+        assert [s["StudyInstanceUID"] for s in by_date] == [uploaded.studies["B"]]
+        with_ct = {s["StudyInstanceUID"] for s in client.search_studies({"ModalitiesInStudy": "CT"})}
+        assert uploaded.studies["A"] in with_ct and uploaded.studies["B"] not in with_ct
+        series = client.search_series(uploaded.studies["A"])
+        assert sorted(s["Modality"] for s in series) == ["CR", "CT", "MR"]
+        assert len(client.search_instances(uploaded.studies["A"], fields=("SOPInstanceUID",))) == 6
+        assert client.search_studies({"PatientID": "no-such-patient"}) == []
+        with pytest.raises(InputError, match="unknown DICOM attribute"):
+            client.search_studies({"PatientIdentifier": "x"})
+
+
+@pytest.mark.orthanc
+def test_cli_search_shows_studies_on_the_terminal(uploaded, monkeypatch):
+    from medvl.cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)  # a wide terminal: cells unfolded
+    auth = ("--user", USER, "--password", PASSWORD)
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--patient-id", PATIENTS["B"]["id"])
+    assert result.exit_code == 0, output
+    assert "Quastenberg" in output and "1 studies" in output  # the user's own terminal may show them
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--modality", "CT", "--uids")
+    assert result.exit_code == 0, output
+    assert uploaded.studies["A"] in output.split()
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--study", uploaded.studies["A"])
+    assert result.exit_code == 0 and "3 series" in output and "Thorax 2.5 mm" in output, output
+
+
+@pytest.mark.orthanc
+def test_pull_is_deidentified_resumable_and_loads(uploaded, pulled_a):
+    out, (first, second) = pulled_a
+    assert not first["complete"] and first["counts"]["pulled"] == 2
+    assert second["complete"] and second["counts"] == {"studies": 1, "series": 3, "instances": 6, "pulled": 4,
+                                                       "already_present": 2}
+    assert not (out / STATE_NAME).exists()  # done: the seed is gone
+    assert json.loads((out / REPORT_NAME).read_text()) == second
+    assert {"PatientName", "PatientID", "StudyDate", "StudyInstanceUID"} <= set(second["deidentification"]["replaced"])
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == 6
+    headers = [pydicom.dcmread(p) for p in written]
+    assert all(ds.PatientIdentityRemoved == "YES" for ds in headers)
+    # both runs de-identified with the same seed: one study, three series, as on the server
+    assert len({ds.StudyInstanceUID for ds in headers}) == 1 and len({ds.SeriesInstanceUID for ds in headers}) == 3
+    assert headers[0].StudyInstanceUID != uploaded.studies["A"]
+    dataset = load_dataset(out)
+    kinds = sorted(r.meta["kind"] for r in dataset)
+    assert kinds == ["image", "image", "volume"]
+    [volume] = [r for r in dataset if r.meta["kind"] == "volume"]
+    assert volume.meta["slices"] == "4" and volume.meta["slice_spacing_mm"] == "5" and volume.meta["modality"] == "CT"
+    originals = sorted((pydicom.dcmread(p) for p in uploaded.files["A"] if "-ct-" in p.name),
+                       key=lambda ds: float(ds.ImagePositionPatient[2]))
+    expected = np.stack([ds.pixel_array.astype(np.float32) - 1024 for ds in originals])
+    np.testing.assert_array_equal(read_image(volume.image), expected)  # HU, sorted inferior to superior
+    assert all(r.id.startswith(("img-", "vol-")) and r.meta["deidentified"] == "yes" for r in dataset)
+    import torch
+
+    from medvl.models.registry import create_model
+
+    torch.manual_seed(0)
+    volume_model = create_model("phantom-tiny", **{"image.spatial_dims": 3, "image.image_size": 32})
+    embedding = volume_model.encode_images([volume.image])  # the pulled CT series embeds as one volume
+    assert embedding.shape == (1, 64) and torch.isfinite(embedding).all()
+    with pytest.raises(InputError, match="holds a finished pull"):
+        pull_study(uploaded.client(), uploaded.studies["A"], out, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def pulled_2d(uploaded, tmp_path_factory) -> Path:
+    """Patient B and the pydicom-data studies (2D images only), pulled with the CLI."""
+    out = tmp_path_factory.mktemp("pull-2d") / "pulled"
+    studies = [uploaded.studies[name] for name in uploaded.studies if name != "A"]
+    args = [arg for uid in studies for arg in ("--study", uid)]
+    result, output = invoke("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+                            *args, "--out", out, "--quiet")
+    assert result.exit_code == 0, output
+    assert f"pulled 5 instance(s) (0 already there) of 5 in 5 series of {len(studies)} study(ies)" in output
+    return out
+
+
+@pytest.fixture(scope="module")
+def pulled_index(pulled_2d, tiny_model_dir) -> Path:
+    """``medvl index build`` on the pulled folder."""
+    index = pulled_2d.parent / "index"
+    result, output = invoke("index", "build", "--model", tiny_model_dir, "--data", pulled_2d, "--out", index, "--quiet")
+    assert result.exit_code == 0, output
+    return index
+
+
+@pytest.mark.orthanc
+def test_pulled_folder_embeds_into_an_index(pulled_2d, pulled_index, tiny_model_dir, tmp_path):
+    from medvl.index import open_index
+
+    dataset = load_dataset(pulled_2d)
+    assert len(dataset) == 5 and {r.meta["kind"] for r in dataset} == {"image"}
+    assert {r.meta["modality"] for r in dataset} == {"DX", "CR", "MR", "CT", "OT"}
+    with open_index(str(pulled_index)) as opened:
+        assert len(opened) == 5
+    labelled = tmp_path / "labelled"  # train: label the pulled records by id in a labels.csv sidecar
+    shutil.copytree(pulled_2d, labelled)
+    rows = [f"{r.id},{'projection' if r.meta['modality'] in ('CR', 'DX') else 'other'}" for r in dataset]
+    (labelled / "labels.csv").write_text("id,kind_of_image\n" + "\n".join(rows) + "\n")
+    result, output = invoke("train", "--data", labelled, "--model", tiny_model_dir, "--label-column", "kind_of_image",
+                            "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 5, "--quiet")
+    assert result.exit_code == 0, output
+    assert "trained 1 steps on 5 records" in output
+
+
+@pytest.mark.orthanc
+def test_no_identifier_in_any_pulled_or_indexed_byte(uploaded, pulled_a, pulled_2d, pulled_index):
+    secrets = secrets_of(path for paths in uploaded.files.values() for path in paths)
+    for patient in PATIENTS.values():  # the made-up values are all there to be found
+        assert {patient["name"].encode(), patient["id"].encode(), patient["birth"].encode()} <= secrets
+        assert {f"{patient['date'][:4]}-{patient['date'][4:6]}-{patient['date'][6:]}".encode()} <= secrets
+    raw = [path for paths in uploaded.files.values() for path in paths]
+    assert {s for s in secrets if any(s in p.read_bytes() for p in raw)}  # the search works on raw input
+    assert leaks([pulled_a[0], pulled_2d, pulled_index], secrets) == []
+
+
+@pytest.mark.orthanc
+def test_keep_identifiers_is_explicit_and_warns(uploaded, tmp_path, caplog):
+    out = tmp_path / "identified"
+    with pytest.raises(InputError, match="seed"):
+        pull_study(uploaded.client(), uploaded.studies["B"], out, keep_identifiers=True, seed=1, show_progress=False)
+    report = pull_study(uploaded.client(), uploaded.studies["B"], out, keep_identifiers=True, show_progress=False)
+    assert "keeping patient identifiers" in caplog.text and not report["deidentified"]
+    pulled = sorted(pydicom.dcmread(p).SOPInstanceUID for p in out.rglob("*.dcm"))
+    assert pulled == sorted(pydicom.dcmread(p).SOPInstanceUID for p in uploaded.files["B"])
+    assert {str(pydicom.dcmread(p).PatientName) for p in out.rglob("*.dcm")} == {PATIENTS["B"]["name"]}
+    assert "deidentification" not in report
+
+
+@pytest.mark.orthanc
+def test_server_errors_are_clear_and_hide_credentials(uploaded, tmp_path):
+    host = uploaded.dicomweb.split("://")[1]
+    with DicomWebClient(f"http://{USER}:wrong-password@{host}") as client:
+        with pytest.raises(DataError, match="authentication failed") as error:
+            client.search_studies()
+    assert "wrong-password" not in str(error.value) and uploaded.dicomweb in str(error.value)
+    with pytest.raises(DataError, match="HTTP 401"):
+        DicomWebClient(uploaded.dicomweb).search_studies()
+    with pytest.raises(DataError, match="not on the server") as error:
+        pull_study(uploaded.client(), "1.2.3.4.5.6", tmp_path / "x", show_progress=False)
+    assert "1.2.3.4.5.6" not in str(error.value) and not (tmp_path / "x").exists()
+    with pytest.raises(DataError, match="not found on the server .HTTP 404.*not a DICOMweb URL"):
+        DicomWebClient(uploaded.url, username=USER, password=PASSWORD).search_series(uploaded.studies["B"])
+    result, output = invoke("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", "nope",
+                            "--study", uploaded.studies["B"], "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "authentication failed" in output and "nope" not in output
+
+
+# ------------------------------------------------------------------ no server needed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_connection_refused_names_the_url(tmp_path):
+    url = f"http://someone:hunter22@127.0.0.1:{free_port()}/dicom-web"
+    with pytest.raises(DataError, match="connection refused") as error:
+        pull_study(url, "1.2.3", tmp_path / "out", show_progress=False)
+    assert "hunter22" not in str(error.value) and "127.0.0.1" in str(error.value)
+    assert split_credentials(url) == (url.replace("someone:hunter22@", ""), "someone", "hunter22")
+    with pytest.raises(InputError, match="not an http"):
+        DicomWebClient("pacs.example.org/dicom-web")
+
+
+class BrokenPacs(BaseHTTPRequestHandler):
+    """Answers QIDO-RS with one series of one instance, and WADO-RS with whatever ``wado`` holds."""
+
+    wado: tuple[str, bytes] = ("text/html", b"<html>login</html>")
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        listing = "application/dicom+json"
+        if self.path.endswith("/series") or "/series?" in self.path:
+            kind, body = listing, json.dumps([{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}}]).encode()
+        elif "/instances" in self.path:
+            kind, body = listing, json.dumps([{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]).encode()
+        else:
+            kind, body = self.wado
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture()
+def broken_pacs():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenPacs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    server.shutdown()
+    server.server_close()
+
+
+def multipart(parts: list[bytes], boundary: str = "b0und4ry", close: bool = True) -> bytes:
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+                    for part in parts)
+    return body + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+@pytest.mark.parametrize(("kind", "body", "problem"), [
+    ("text/html", b"<html>please log in</html>", "expected multipart/related DICOM, the server sent text/html"),
+    ('multipart/related; type="application/dicom"; boundary=b0und4ry', multipart([b"not dicom at all" * 20]),
+     "not a DICOM file"),
+    ('multipart/related; type="application/dicom"; boundary=b0und4ry',
+     multipart([b"\0" * 128 + b"DICM" + b"\0" * 40], close=False)[:-30], "truncated transfer"),
+])
+def test_non_dicom_payloads_are_refused(broken_pacs, tmp_path, kind, body, problem):
+    BrokenPacs.wado = (kind, body)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=problem) as error:
+        pull_study(broken_pacs, "1.2.3", out, show_progress=False)
+    assert broken_pacs in str(error.value)
+    assert not list(out.rglob("*.dcm"))  # nothing half-written
+
+
+def test_multipart_parser_handles_any_chunking():
+    parts = [os.urandom(3000), b"", b"--b0und4r", os.urandom(70000)]
+    body = b"preamble\r\n" + multipart(parts)
+    for size in (1, 7, 64, 4096, len(body)):
+        chunks = [body[i:i + size] for i in range(0, len(body), size)]
+        found = [stream.read() for _, stream in iter_multipart(chunks, b"b0und4ry", "test")]
+        assert found == parts
+
+
+# ------------------------------------------------------- index built straight from raw DICOM
+
+
+@pytest.fixture(scope="module")
+def raw_dicom(tmp_path_factory) -> tuple[Path, set[bytes]]:
+    """Identified DICOM (not de-identified): the made-up patients and pydicom-data files."""
+    folder = tmp_path_factory.mktemp("raw") / "dicom"
+    files = write_patients(folder / "made-up")
+    store = pydicom_data_copies(folder / "store")
+    secrets = secrets_of([*files["A"], *files["B"], *store])
+    return folder, secrets
+
+
+def test_dicom_folder_loader_keeps_no_identifier(raw_dicom, tmp_path):
+    folder, secrets = raw_dicom
+    dataset = load_dataset(folder)
+    assert len(dataset) == 8  # CT volume + CR, MR (A) + DX, CR (B) + 3 pydicom-data images
+    for record in dataset:
+        text = json.dumps([record.id, record.meta, record.labels, record.text]).encode()
+        assert not [s for s in secrets if s in text], record.id
+    assert sorted(r.meta["deidentified"] for r in dataset) == ["no"] * 7 + ["yes"]  # 693_J2KR says it is
+    descriptions = {r.meta.get("series_description") for r in dataset}
+    assert "Thorax 2.5 mm" in descriptions and "PA Vornholt" not in descriptions  # a name in it: dropped
+    [volume] = [r for r in dataset if r.meta["kind"] == "volume"]
+    assert "Thorax" not in repr(volume.image) and read_image(volume.image).shape == (4, 32, 32)
+
+
+def test_dicom_folder_labels_sidecar(raw_dicom, tmp_path):
+    folder = tmp_path / "labelled"
+    shutil.copytree(raw_dicom[0] / "made-up", folder)
+    study_a = f"{UID_ROOT}.{PATIENTS['A']['date']}.1"
+    series_b = f"{UID_ROOT}.{PATIENTS['B']['date']}.2.2"
+    (folder / "labels.csv").write_text(
+        "StudyInstanceUID,finding,split,text\n"
+        f"{study_a},nodule,train,Small nodule in the right upper lobe.\n"
+        "9.9.9,effusion,test,\n")
+    dataset = load_dataset(folder)
+    assert dataset.label_names == ["finding"] and dataset.default_labels == ["finding"]
+    labelled = [r for r in dataset if r.labels]
+    assert len(labelled) == 3 and {r.split for r in labelled} == {"train"}
+    assert all(r.text == "Small nodule in the right upper lobe." for r in labelled)
+    (folder / "labels.csv").write_text(f"SeriesInstanceUID,view\n{series_b},lateral\n")
+    [lateral] = [r for r in load_dataset(folder) if r.labels]
+    assert lateral.labels == {"view": "lateral"} and lateral.meta["view_position"] == "LL"
+    (folder / "labels.csv").write_text("patient,finding\nx,y\n")
+    with pytest.raises(DataError, match="needs a key column"):
+        load_dataset(folder)
+
+
+def test_index_from_raw_dicom_holds_no_identifier(raw_dicom, tiny_model_dir, tmp_path):
+    from medvl.index import build_index
+    from medvl.models.registry import load_model
+
+    folder, secrets = raw_dicom
+    images = load_dataset(folder)
+    images = images.subset([r for r in images if r.meta["kind"] == "image"])
+    out = tmp_path / "index"
+    info = build_index(load_model(tiny_model_dir), images, out, model_dir=tiny_model_dir, show_progress=False)
+    assert info["n_cases"] == 7
+    assert leaks([out], secrets) == []
+
+
+@pytest.mark.pgvector
+def test_pgvector_index_from_raw_dicom_holds_no_identifier(raw_dicom, tiny_model_dir):
+    import tempfile
+
+    pgserver = pytest.importorskip("pgserver")
+    pytest.importorskip("psycopg")
+    from medvl.index import build_index
+    from medvl.models.registry import load_model
+
+    folder, secrets = raw_dicom
+    images = load_dataset(folder)
+    images = images.subset([r for r in images if r.meta["kind"] == "image"])
+    data_dir = Path(tempfile.mkdtemp(prefix="medvl-pg-pacs-"))  # pgserver opens its parents: keep it apart
+    try:
+        try:
+            server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        except Exception as err:  # noqa: BLE001 - no server to test against
+            pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
+        try:
+            info = build_index(load_model(tiny_model_dir), images, server.get_uri() + "#raw_dicom",
+                               model_dir=tiny_model_dir, show_progress=False)
+            assert info["n_cases"] == 7
+            server.psql("CHECKPOINT;")  # table pages and WAL on disk
+            assert leaks([data_dir], secrets) == []
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
