@@ -1,0 +1,357 @@
+"""Case retrieval quality: label agreement of retrieved cases, mAP, and drafted reports' finding F1.
+
+Queries are the records of a dataset (usually a held-out split); the gallery is an index. A query
+found in the index (same id, or the same decoded pixels) is left out of its own results.
+
+Label agreement (over the label columns, by default the index's own):
+
+- A case's **label set**: per column, the column's name if the column is binary (values 0/1 only)
+  and the value is 1, else ``column=value``. For one categorical column it is just its class.
+- A retrieved case is **relevant** when its label set equals the query's (exact match).
+- **precision@k**: the share of relevant cases among the first k (fewer if the index has fewer).
+- **Jaccard@k**: the mean Jaccard similarity of the query's and retrieved label sets over the first
+  k (the partial credit of multi-label sets; equal to precision@k for one categorical column).
+- **mAP**: the mean over queries of average precision, relevant = same label set, over the ranking
+  of the whole index (its first ``map_depth`` cases when the index is larger; the denominator is
+  then capped at ``map_depth``). Queries with no relevant case in the index are left out.
+- **Class-prior baseline** beside each: its expected value for a random ranking. With ``p`` the
+  index's label-set distribution, precision@k and mAP ~ ``sum_q p(q) / n_queries``, which is
+  ``sum_c p_c^2`` when the queries follow the index's distribution (also reported as
+  ``prior_sum_p2``); mAP's uses the exact expectation of AP under a random ranking.
+
+Drafted reports (``medvl.rag.draft``, ``draft_k`` neighbours) are scored by the findings the
+report labeller reads in their text against a reference per query: the query's label columns
+mapped to knowledge-base findings when every value maps to one (``reference = "labels"``), else the
+labeller applied to the query's own report (``reference = "reports"``). An abstention predicts no
+finding (``answered_micro_f1`` scores the other queries alone). Micro precision / recall / F1 over
+(query, finding) pairs, macro F1 over the findings of the vocabulary with at least one reference
+positive. Beside it, the nearest single report: the top neighbour's report, labelled the same way
+(its ``answered_micro_f1`` over the same queries as the draft's).
+
+With label references, ``knowledge_retrieval`` gives how often the knowledge-base entry of a query's
+one finding ranks first (``top1``) or in the first three (``top3``) by image-embedding similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..data.images import read_image
+from ..data.record import Dataset, Record
+from ..errors import InputError
+from ..index.base import Hit, Index, check_model
+from ..index.cases import pixel_sha256
+from ..progress import progress_bar
+from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
+from ..rag.knowledge import KnowledgeBase
+from ..rag.labels import ReportLabeller
+
+log = logging.getLogger(__name__)
+
+LIST_MAX = 10_000  # the most cases one search returns (the index's k limit)
+BATCH = 32
+
+
+def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_columns: Sequence[str] | None = None,
+                   draft_k: int = 10, knowledge: KnowledgeBase | None = None, min_support: float = MIN_SUPPORT,
+                   min_similarity: float = MIN_SIMILARITY, map_depth: int = 1000,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """Score image->image case retrieval of ``dataset``'s records against ``index`` (see the module
+    docstring for every definition). Returns a JSON-serialisable dict."""
+    started = time.perf_counter()
+    check_model(index.info, model, index.location)
+    check_settings(draft_k, min_support, min_similarity)
+    if not 1 <= k <= 1000 or map_depth < 1:
+        raise InputError(f"k must be between 1 and 1000 and map_depth at least 1, got k={k}, map_depth={map_depth}")
+    columns = _label_columns(index, dataset, label_columns)
+    queries = [r for r in dataset if all(c in r.labels for c in columns)]
+    if not queries:
+        raise InputError(f"{dataset.source}: no record has every label column ({', '.join(columns)})")
+    n_index = len(index)
+    if n_index < 2:
+        raise InputError(f"{index.location}: the index holds {n_index} case(s); need at least 2")
+    vectors, hashes = _embed(model, queries, show_progress)
+    excluded = _self_matches(index, queries, hashes)
+    listing = _listing(index, vectors[0], n_index)
+    binary = _binary_columns(columns, queries, listing)
+    labeller = ReportLabeller(knowledge)
+    depth = min(max(k, draft_k, map_depth) + max(map(len, excluded)), n_index, LIST_MAX)
+    rankings = _rankings(index, vectors, excluded, depth, show_progress)
+    query_sets = [label_set(r.labels, columns, binary) for r in queries]
+    result = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
+              "label_columns": columns, "k": k, "excluded_self": sum(bool(e) for e in excluded)}
+    result.update(_agreement(rankings, query_sets, columns, binary, k, listing, n_index, map_depth, excluded))
+    reference = _reference(queries, columns, binary, labeller, [h.labels for h in listing or []])
+    result["draft"], result["nearest_report"] = _drafts(rankings, reference, labeller, draft_k, min_support,
+                                                        min_similarity)
+    result["draft"]["reference"] = result["nearest_report"]["reference"] = reference["kind"]
+    if reference["kind"] == "labels":
+        result["labeller_vs_labels"] = _labeller_agreement(queries, reference, labeller)
+        result["knowledge_retrieval"] = _knowledge_retrieval(model, vectors, reference, labeller.knowledge)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    _headline(result)
+    return result
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _label_columns(index: Index, dataset: Dataset, given: Sequence[str] | None) -> list[str]:
+    columns = list(given or index.info.get("label_columns") or dataset.default_labels)
+    if not columns:
+        raise InputError(f"{dataset.source}: no label column to compare; pass --label-column "
+                         f"(available: {', '.join(dataset.label_names) or 'none'})")
+    for column in columns:
+        dataset.require_label(column)
+    return columns
+
+
+def _embed(model, records: Sequence[Record], show_progress: bool) -> tuple[np.ndarray, list[str]]:
+    """Image embeddings and pixel hashes of the records (each image read once, as the index does)."""
+    chunks, hashes = [], []
+    with progress_bar("Embedding queries", total=len(records), enabled=show_progress) as advance:
+        for start in range(0, len(records), BATCH):
+            batch = records[start:start + BATCH]
+            pixels = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in batch]
+            hashes += [pixel_sha256(p) for p in pixels]
+            chunks.append(model.encode_images(pixels, batch_size=len(pixels)).numpy())
+            advance(len(batch))
+    return np.concatenate(chunks).astype(np.float32), hashes
+
+
+def _self_matches(index: Index, records: Sequence[Record], hashes: list[str]) -> list[set[str]]:
+    """Per query, the index ids that are the query itself (same id or same pixels)."""
+    present = index.existing_ids([r.id for r in records])
+    by_hash = index.find_images(hashes)
+    return [({r.id} & present) | ({by_hash[h]} if h in by_hash else set())
+            for r, h in zip(records, hashes, strict=True)]
+
+
+def _listing(index: Index, vector: np.ndarray, n_index: int) -> list[Hit] | None:
+    """Every case of the index (for its label distribution), or None if it is too large to list."""
+    if n_index > LIST_MAX:
+        log.warning("index of %d cases is too large to list; the class prior is estimated from the queries",
+                    n_index)
+        return None
+    return index.search(vector[None], k=n_index)[0]
+
+
+def _binary_columns(columns: Sequence[str], records: Sequence[Record], listing: list[Hit] | None) -> set[str]:
+    cases = [r.labels for r in records] + [h.labels for h in listing or []]
+    return {c for c in columns if {str(lab[c]) for lab in cases if c in lab} <= {"0", "1"}}
+
+
+def label_set(labels: dict[str, Any], columns: Sequence[str], binary: set[str]) -> frozenset:
+    """The label set of a case: binary columns by name when 1, others as ``column=value``."""
+    items = set()
+    for column in columns:
+        value = labels.get(column)
+        if value is None:
+            continue
+        if column in binary:
+            if str(value) == "1":
+                items.add(column)
+        else:
+            items.add(f"{column}={value}")
+    return frozenset(items)
+
+
+def _rankings(index: Index, vectors: np.ndarray, excluded: list[set[str]], depth: int,
+              show_progress: bool) -> list[list[Hit]]:
+    rankings = []
+    with progress_bar("Searching the index", total=len(vectors), enabled=show_progress) as advance:
+        for start in range(0, len(vectors), BATCH):
+            found = index.search(vectors[start:start + BATCH], k=depth)
+            for offset, hits in enumerate(found):
+                rankings.append([h for h in hits if h.id not in excluded[start + offset]])
+            advance(len(found))
+    return rankings
+
+
+# ------------------------------------------------------------------ label agreement
+
+
+def jaccard(first: frozenset, second: frozenset) -> float:
+    if not first and not second:
+        return 1.0
+    return len(first & second) / len(first | second)
+
+
+def average_precision(relevant: Sequence[bool], n_relevant: int) -> float:
+    """AP of one ranking: mean precision at the ranks of the relevant items, over ``n_relevant``."""
+    hits, total = 0, 0.0
+    for rank, is_relevant in enumerate(relevant, start=1):
+        if is_relevant:
+            hits += 1
+            total += hits / rank
+    return total / n_relevant if n_relevant else 0.0
+
+
+def random_average_precision(n_relevant: int, n: int) -> float:
+    """The expected AP of a uniformly random ranking of ``n`` items, ``n_relevant`` of them relevant."""
+    if n_relevant == 0 or n == 0:
+        return 0.0
+    harmonic = sum(1.0 / i for i in range(1, n + 1))
+    spread = (n_relevant - 1) / (n - 1) if n > 1 else 0.0
+    return (harmonic + spread * (n - harmonic)) / n
+
+
+def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: Sequence[str], binary: set[str],
+               k: int, listing: list[Hit] | None, n_index: int, map_depth: int,
+               excluded: list[set[str]]) -> dict[str, Any]:
+    prior = Counter(label_set(h.labels, columns, binary) for h in listing) if listing else Counter(query_sets)
+    total = sum(prior.values())
+    precision, jaccards, aps, base_precision, base_jaccard, base_ap = [], [], [], [], [], []
+    for ranking, query in zip(rankings, query_sets, strict=True):
+        top = [label_set(h.labels, columns, binary) for h in ranking[:k]]
+        precision.append(np.mean([s == query for s in top]) if top else 0.0)
+        jaccards.append(np.mean([jaccard(s, query) for s in top]) if top else 0.0)
+        base_precision.append(prior[query] / total)
+        base_jaccard.append(sum(n * jaccard(s, query) for s, n in prior.items()) / total)
+        ranked = [label_set(h.labels, columns, binary) == query for h in ranking[:map_depth]]
+        n_relevant = prior[query] if listing else sum(ranked)
+        if n_relevant:
+            aps.append(average_precision(ranked, min(n_relevant, map_depth)))
+            base_ap.append(random_average_precision(n_relevant, total))
+    return {"precision_at_k": float(np.mean(precision)), "precision_at_k_baseline": float(np.mean(base_precision)),
+            "prior_sum_p2": float(sum((n / total) ** 2 for n in prior.values())),
+            "jaccard_at_k": float(np.mean(jaccards)), "jaccard_at_k_baseline": float(np.mean(base_jaccard)),
+            "map": float(np.mean(aps)) if aps else None, "map_baseline": float(np.mean(base_ap)) if base_ap else None,
+            "map_queries": len(aps), "map_depth": min(map_depth, n_index),
+            "prior_from": "index" if listing else "queries",
+            "label_sets": {" + ".join(sorted(s)) or "(none)": n for s, n in prior.most_common()}}
+
+
+# ------------------------------------------------------------------ drafted reports
+
+
+def _reference(queries: Sequence[Record], columns: Sequence[str], binary: set[str], labeller: ReportLabeller,
+               index_labels: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Reference findings per query: from the labels if they all name findings, else the labeller
+    on the query's own report. The vocabulary is every finding the labels of queries and index name."""
+    knowledge = labeller.knowledge
+    names = [_findings_of(r.labels, columns, binary, knowledge) for r in queries]
+    if all(n is not None for n in names):
+        vocabulary = {knowledge.resolve(c) for c in columns if c in binary}
+        for labels in index_labels:
+            if all(c in labels for c in columns):
+                vocabulary |= _findings_of(labels, columns, binary, knowledge) or set()
+        vocabulary |= {f for n in names for f in n}
+        return {"kind": "labels", "findings": names, "vocabulary": sorted(vocabulary)}
+    missing = sum(not r.text for r in queries)
+    if missing:
+        raise InputError(f"the label columns ({', '.join(columns)}) do not name knowledge-base findings and "
+                         f"{missing} queries have no report to label; pass --label-column with finding labels")
+    names = [labeller.positives(r.text) for r in queries]
+    return {"kind": "reports", "findings": names, "vocabulary": None}
+
+
+def _findings_of(labels: dict[str, Any], columns: Sequence[str], binary: set[str],
+                 knowledge: KnowledgeBase) -> set[str] | None:
+    found = set()
+    for column in columns:
+        if column in binary:
+            name = knowledge.resolve(column)
+            if name is None:
+                return None
+            if str(labels[column]) == "1":
+                found.add(name)
+        else:
+            name = knowledge.resolve(labels[column])
+            if name is None:
+                return None
+            found.add(name)
+    return found
+
+
+def _drafts(rankings: list[list[Hit]], reference: dict[str, Any], labeller: ReportLabeller, draft_k: int,
+            min_support: float, min_similarity: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    drafted, nearest, answered, abstentions = [], [], [], Counter()
+    for row, ranking in enumerate(rankings):
+        draft = draft_from_hits(ranking[:draft_k], labeller, min_support=min_support, min_similarity=min_similarity)
+        if draft.abstained:
+            abstentions[draft.abstention] += 1
+        else:
+            answered.append(row)
+        drafted.append(set() if draft.abstained else labeller.positives(draft.text()))
+        top = next((h for h in ranking if h.text), None)
+        nearest.append(labeller.positives(top.text) if top else set())
+    truth = reference["findings"]
+    vocabulary = reference["vocabulary"] or sorted({f for group in (truth, drafted, nearest) for s in group for f in s})
+    scores = finding_f1(truth, drafted, vocabulary)
+    on_answered = finding_f1([truth[i] for i in answered], [drafted[i] for i in answered], vocabulary)
+    scores.update(k=draft_k, min_support=min_support, min_similarity=min_similarity,
+                  abstained=len(rankings) - len(answered), abstention_rate=1 - len(answered) / len(rankings),
+                  abstentions=dict(abstentions), answered_micro_f1=on_answered["micro_f1"] if answered else None,
+                  answered_macro_f1=on_answered["macro_f1"] if answered else None)
+    baseline = finding_f1(truth, nearest, vocabulary)
+    baseline["answered_micro_f1"] = finding_f1([truth[i] for i in answered], [nearest[i] for i in answered],
+                                               vocabulary)["micro_f1"] if answered else None
+    return scores, baseline
+
+
+def finding_f1(truth: Sequence[set[str]], predicted: Sequence[set[str]], vocabulary: Sequence[str]) -> dict[str, Any]:
+    """Micro / macro precision, recall and F1 of predicted finding sets over ``vocabulary``."""
+    per_finding, tp_all, fp_all, fn_all = {}, 0, 0, 0
+    for name in vocabulary:
+        tp = sum(name in t and name in p for t, p in zip(truth, predicted, strict=True))
+        fp = sum(name not in t and name in p for t, p in zip(truth, predicted, strict=True))
+        fn = sum(name in t and name not in p for t, p in zip(truth, predicted, strict=True))
+        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
+        per_finding[name] = {"support": tp + fn, **_prf(tp, fp, fn)}
+    scored = [row["f1"] for row in per_finding.values() if row["support"] > 0]
+    micro = _prf(tp_all, fp_all, fn_all)
+    return {"micro_precision": micro["precision"], "micro_recall": micro["recall"], "micro_f1": micro["f1"],
+            "macro_f1": float(np.mean(scored)) if scored else None, "vocabulary": list(vocabulary),
+            "per_finding": per_finding}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _labeller_agreement(queries: Sequence[Record], reference: dict[str, Any],
+                        labeller: ReportLabeller) -> dict[str, Any]:
+    """How well the labeller reads the queries' own reports, against their labels (its ceiling)."""
+    vocabulary = reference["vocabulary"]
+    with_text = [i for i, r in enumerate(queries) if r.text]
+    if not with_text:
+        return {"n": 0}
+    truth = [reference["findings"][i] for i in with_text]
+    read = [labeller.positives(queries[i].text) & set(vocabulary) for i in with_text]
+    scores = finding_f1(truth, read, vocabulary)
+    return {"n": len(with_text), "exact_match": float(np.mean([t == r for t, r in zip(truth, read, strict=True)])),
+            "micro_f1": scores["micro_f1"], "macro_f1": scores["macro_f1"]}
+
+
+def _knowledge_retrieval(model, vectors: np.ndarray, reference: dict[str, Any],
+                         knowledge: KnowledgeBase) -> dict[str, Any]:
+    """How often the knowledge entry of a query's one reference finding is among the entries closest
+    to its image embedding (``KnowledgeBase.retrieve``, all entries ranked)."""
+    single = [i for i, names in enumerate(reference["findings"]) if len(names) == 1]
+    ranks = []
+    for i in single:
+        ranked = [f.name for f, _ in knowledge.retrieve(model, vectors[i], len(knowledge))]
+        ranks.append(ranked.index(next(iter(reference["findings"][i]))) + 1)
+    ranks_array = np.array(ranks)
+    return {"n": len(ranks), "entries": len(knowledge),
+            "top1": float((ranks_array <= 1).mean()) if ranks else None,
+            "top3": float((ranks_array <= 3).mean()) if ranks else None}
+
+
+def _headline(result: dict[str, Any]) -> None:
+    """Top-level keys for the headline numbers (as every evaluator's JSON has)."""
+    k = result["k"]
+    result[f"P@{k}"] = result["precision_at_k"]
+    result["mAP"] = result["map"]
+    result["draft_micro_f1"] = result["draft"]["micro_f1"]
+    result["nearest_report_micro_f1"] = result["nearest_report"]["micro_f1"]

@@ -1,0 +1,353 @@
+"""Retrieval-augmented report drafts: the nearest cases' reports merged by consensus, with citations.
+
+``draft_report(index, model, image)`` embeds the image, retrieves the ``k`` nearest indexed cases
+and calls ``draft_from_hits``:
+
+1. Weights: a neighbour weighs its cosine similarity to the query (negative ones count 0; all
+   equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
+2. Findings: each neighbour's report is labelled (``ReportLabeller``: positive / uncertain /
+   negative per finding, plus the normal entry). A finding's **consensus** status is the status
+   whose support is above ``min_support`` (default 0.5, a weighted majority; so at most one).
+3. Abstention, with a reason: no cases or no reports; the nearest case's similarity is below
+   ``min_similarity`` ("far"); or neither normality nor any abnormal finding (positive or
+   uncertain) reaches consensus ("disagree").
+4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
+   sentences that assert the same findings with the same statuses; sentences asserting nothing
+   (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
+   no different laterality, size or zone words: "the left lung is clear" is not "the right lung is
+   clear").
+   A group's support is the weighted share of neighbours having a sentence in it. Groups are
+   taken by support, highest first: a group asserting findings is kept when every assertion is
+   the consensus and it states something not yet stated; a group asserting nothing is kept when
+   its own support is above ``min_support``. Its text is the member wording closest to all the
+   others (weighted), and it cites every neighbour in the group (``cases``), those whose own
+   sentence has that wording first (``wording_from``). Laterality, size and zone words
+   (``DETAILS``) are first put to a weighted vote within the group, and only wordings agreeing
+   with the vote are candidates, so the draft does not state a left effusion in one sentence and
+   a right one in the next.
+5. The knowledge base's entries of the drafted findings are attached, and with a model the
+   entries closest to the image embedding (``related``).
+
+Report text is patient data: nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..index.base import Hit
+from .knowledge import KnowledgeBase
+from .labels import (
+    FINDINGS_SECTION,
+    IMPRESSION_SECTION,
+    POSITIVE,
+    STATUSES,
+    UNCERTAIN,
+    ReportLabeller,
+    Sentence,
+    merge,
+    with_normal,
+)
+
+DEFAULT_K = 10
+MIN_SUPPORT = 0.5  # a status is the consensus when more than this weighted share of neighbours states it
+MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
+WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
+FAR, DISAGREE, NO_CASES, NO_REPORTS = "far", "disagree", "no_cases", "no_reports"
+# Detail words voted on within a group, so one draft does not mix a left and a right effusion
+DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
+           {"upper", "middle", "lower", "apical", "basal", "basilar"})
+_STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
+         "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
+
+
+@dataclass
+class DraftSentence:
+    """One drafted sentence and the neighbours it comes from."""
+
+    text: str = field(repr=False)  # from neighbours' reports: patient data, kept out of repr
+    section: str  # findings | impression
+    findings: dict[str, str]  # finding -> positive | uncertain | negative that the sentence asserts
+    support: float  # weighted share (0-1) of neighbours with an equivalent sentence
+    cases: list[str]  # citations: ids of the neighbours with an equivalent sentence, nearest first
+    wording_from: list[str]  # the cited neighbours whose own sentence has (nearly) this wording
+
+
+@dataclass
+class FindingSupport:
+    """How the neighbours' reports stand on one finding."""
+
+    name: str
+    consensus: str | None  # the status above min_support, or None
+    support: dict[str, float]  # status -> weighted share of neighbours
+    cases: list[str]  # ids of the neighbours stating the consensus status (all stating it if none)
+
+
+@dataclass
+class Neighbour:
+    id: str
+    score: float  # cosine similarity to the query
+    weight: float  # share of the total weight (sums to 1 over neighbours with a report)
+    split: str = ""
+    labels: dict[str, Any] = field(default_factory=dict)
+    has_report: bool = True
+
+
+@dataclass
+class Draft:
+    """A drafted report, or an abstention with its reason; every sentence cites case ids."""
+
+    sentences: list[DraftSentence]
+    findings: list[FindingSupport]
+    neighbours: list[Neighbour]
+    abstained: bool = False
+    abstention: str | None = None  # far | disagree | no_cases | no_reports
+    reason: str | None = None  # one line for people
+    definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
+    related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consensus(self) -> dict[str, str]:
+        return {f.name: f.consensus for f in self.findings if f.consensus}
+
+    def text(self) -> str:
+        """The draft as a report: ``FINDINGS: ... IMPRESSION: ...`` (empty when abstaining)."""
+        parts = []
+        for section, header in ((FINDINGS_SECTION, "FINDINGS"), (IMPRESSION_SECTION, "IMPRESSION")):
+            body = " ".join(_sentence_case(s.text) for s in self.sentences if s.section == section)
+            if body:
+                parts.append(f"{header}: {body}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "text": self.text(), "consensus": self.consensus}
+
+
+def check_settings(k: int, min_support: float, min_similarity: float) -> None:
+    if not 1 <= k <= 1000:
+        raise InputError(f"k must be between 1 and 1000, got {k}")
+    if not 0.0 <= min_support < 1.0:
+        raise InputError(f"min_support must be in [0, 1), got {min_support}")
+    if not -1.0 <= min_similarity <= 1.0:
+        raise InputError(f"min_similarity is a cosine similarity in [-1, 1], got {min_similarity}")
+
+
+def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAULT_K, where: str | None = None,
+                 labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
+                 min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0) -> Draft:
+    """Draft a report for ``image`` from its ``k`` nearest cases in ``index`` (built with ``model``).
+
+    ``exclude`` drops case ids from the neighbours (e.g. the query itself); ``where`` filters cases
+    as in ``medvl search``; ``related`` > 0 also retrieves that many knowledge entries by the
+    similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
+    """
+    from ..index.base import check_model
+    from ..index.search import embed_query
+
+    check_settings(k, min_support, min_similarity)
+    check_model(index.info, model, index.location)
+    labeller = labeller or ReportLabeller()
+    vector = embed_query(model, image=image)
+    dropped = set(exclude)
+    hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
+    hits = [h for h in hits if h.id not in dropped][:k]
+    draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
+    draft.settings["k"] = k
+    if related > 0:
+        nearest = labeller.knowledge.retrieve(model, vector, related)
+        draft.related = [{**f.card(), "score": round(score, 4)} for f, score in nearest]
+    return draft
+
+
+def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
+                    min_support: float = MIN_SUPPORT, min_similarity: float = MIN_SIMILARITY) -> Draft:
+    """Draft from already retrieved neighbours (nearest first); see the module docstring."""
+    check_settings(max(1, len(hits)), min_support, min_similarity)
+    labeller = labeller or ReportLabeller()
+    settings = {"k": len(hits), "min_support": min_support, "min_similarity": min_similarity}
+    with_report = [h for h in hits if h.text and h.text.strip()]
+    weights = _weights([h.score for h in with_report])
+    weight_of = dict(zip((h.id for h in with_report), weights, strict=True))
+    neighbours = [Neighbour(h.id, round(float(h.score), 4), round(float(weight_of.get(h.id, 0.0)), 4), h.split,
+                            dict(h.labels), h.id in weight_of) for h in hits]
+    if not hits:
+        return _abstain([], [], NO_CASES, "no similar cases found (empty index or nothing passes the filter)",
+                        settings)
+    sentences = [labeller.sentences(h.text) for h in with_report]
+    findings = _finding_support(with_report, weights, sentences, labeller.knowledge, min_support)
+    top = max(float(h.score) for h in hits)
+    if not with_report:
+        return _abstain(neighbours, findings, NO_REPORTS, "none of the nearest cases has a report", settings)
+    if top < min_similarity:
+        return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {top:.3f} < "
+                        f"{min_similarity:.3f} (--min-similarity)", settings)
+    consensus = {f.name: f.consensus for f in findings if f.consensus}
+    if not _agreed(consensus, labeller.knowledge):
+        return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
+                        settings)
+    kept = _select(with_report, weights, sentences, consensus, min_support)
+    drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
+    return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
+
+
+def _abstain(neighbours, findings, code: str, reason: str, settings: dict) -> Draft:
+    return Draft([], findings, neighbours, abstained=True, abstention=code, reason=reason, settings=settings)
+
+
+def _weights(scores: Sequence[float]) -> np.ndarray:
+    """Each neighbour's share of the total weight: its similarity, clipped at 0."""
+    weights = np.clip(np.asarray(scores, dtype=float), 0.0, None)
+    if weights.sum() <= 0:
+        weights = np.ones(len(scores))
+    return weights / weights.sum() if len(weights) else weights
+
+
+def _finding_support(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]],
+                     knowledge: KnowledgeBase, min_support: float) -> list[FindingSupport]:
+    labels = [with_normal(merge(s.findings for s in report), knowledge) if report else {} for report in sentences]
+    names = list(dict.fromkeys(name for report in labels for name in report))
+    result = []
+    for name in names:
+        support = {status: float(sum(w for w, lab in zip(weights, labels, strict=True) if lab.get(name) == status))
+                   for status in STATUSES}
+        consensus = next((s for s in STATUSES if support[s] > min_support), None)
+        cases = [h.id for h, lab in zip(hits, labels, strict=True)
+                 if name in lab and (consensus is None or lab[name] == consensus)]
+        result.append(FindingSupport(name, consensus, {s: round(v, 4) for s, v in support.items() if v > 0}, cases))
+    return sorted(result, key=lambda f: (-max(f.support.values(), default=0.0), f.name))
+
+
+def _agreed(consensus: dict[str, str], knowledge: KnowledgeBase) -> bool:
+    """Normality, or some abnormal finding (present or possible), reached consensus."""
+    if knowledge.normal is not None and consensus.get(knowledge.normal) == POSITIVE:
+        return True
+    return any(consensus.get(name) in (POSITIVE, UNCERTAIN) for name in knowledge.abnormal)
+
+
+def _disagreement(findings: list[FindingSupport], knowledge: KnowledgeBase, min_support: float) -> str:
+    claims = []
+    for f in findings:
+        share = f.support.get(POSITIVE, 0.0) + f.support.get(UNCERTAIN, 0.0)
+        if share > 0 and (f.name in knowledge.abnormal or f.name == knowledge.normal):
+            claims.append((share, f.name))
+    shown = ", ".join(f"{name} {share:.2f}" for share, name in sorted(claims, reverse=True)[:4]) or "none"
+    return (f"the nearest cases disagree: neither normality nor any finding is stated by more than "
+            f"{min_support:.2f} of them (weighted shares: {shown})")
+
+
+@dataclass
+class _Group:
+    section: str
+    assertions: frozenset  # {(finding, status)}
+    members: list[tuple[int, str]] = field(default_factory=list)  # (neighbour index, sentence text)
+
+
+def _groups(sentences: list[list[Sentence]]) -> list[_Group]:
+    """Neighbour sentences grouped by section and assertions, or by wording when they assert nothing."""
+    groups: dict[Any, _Group] = {}
+    for i, report in enumerate(sentences):
+        for sentence in report:
+            assertions = frozenset(sentence.findings.items())
+            key: Any = (sentence.section, assertions)
+            if not assertions:
+                key = _wording_key(groups, sentence)
+            groups.setdefault(key, _Group(sentence.section, assertions)).members.append((i, sentence.text))
+    return list(groups.values())
+
+
+def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
+    """The key of the first assertion-free group of the section whose first wording is close enough."""
+    for key, group in groups.items():
+        first = group.members[0][1]
+        if group.section == sentence.section and not group.assertions \
+                and jaccard(first, sentence.text) >= WORDING_SIMILARITY and not _conflict(first, sentence.text):
+            return key
+    return (sentence.section, "wording", len(groups))
+
+
+def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
+            min_support: float) -> list[DraftSentence]:
+    """Sentence groups that agree with the consensus, by support, each stating something new."""
+    scored = [(_support(g, weights), order, g) for order, g in enumerate(_groups(sentences))]
+    kept: list[DraftSentence] = []
+    stated: dict[str, set] = {FINDINGS_SECTION: set(), IMPRESSION_SECTION: set()}
+    for support, _, group in sorted(scored, key=lambda item: (-item[0], item[1])):
+        if group.assertions:
+            if any(consensus.get(name) != status for name, status in group.assertions):
+                continue
+            if group.assertions <= stated[group.section]:
+                continue
+            stated[group.section] |= group.assertions
+        elif support <= min_support:
+            continue
+        kept.append(_drafted(group, support, hits, weights))
+    sections = [FINDINGS_SECTION, IMPRESSION_SECTION]
+    return sorted(kept, key=lambda s: (sections.index(s.section), -s.support))
+
+
+def _support(group: _Group, weights: np.ndarray) -> float:
+    return float(sum(weights[i] for i in {i for i, _ in group.members}))
+
+
+def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray) -> DraftSentence:
+    """The group's wording closest to all its members (weighted), and its citations."""
+    by_case: dict[int, list[str]] = {}
+    for i, text in group.members:
+        by_case.setdefault(i, []).append(text)
+    wordings = _agreeing(list(dict.fromkeys(text for _, text in sorted(group.members))), group, weights)
+    closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
+                 for w in wordings]
+    chosen = wordings[int(np.argmax(closeness))]
+    cited = sorted(by_case)
+    close = [hits[i].id for i in cited if max(jaccard(chosen, t) for t in by_case[i]) >= WORDING_SIMILARITY]
+    return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
+                         support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
+
+
+def _conflict(first: str, second: str) -> bool:
+    """The two sentences name different details of one kind ("left lung" / "right lung")."""
+    a, b = _tokens(first), _tokens(second)
+    return any((a & words) and (b & words) and (a & words) != (b & words) for words in DETAILS)
+
+
+def _agreeing(wordings: list[str], group: _Group, weights: np.ndarray) -> list[str]:
+    """The wordings (nearest neighbour's first) whose detail words agree with the group's weighted vote."""
+    winners = []
+    for words in DETAILS:
+        votes: dict[str, float] = {}
+        for i, text in group.members:
+            for word in _tokens(text) & words:
+                votes[word] = votes.get(word, 0.0) + float(weights[i])
+        if votes:
+            winners.append((words, max(sorted(votes), key=lambda w: votes[w])))
+    agreeing = [w for w in wordings if all(_tokens(w) & words <= {winner} for words, winner in winners)]
+    return agreeing or wordings
+
+
+@lru_cache(maxsize=65536)
+def _tokens(text: str) -> frozenset:
+    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP)
+
+
+def jaccard(first: str, second: str) -> float:
+    """Token Jaccard similarity of two sentences (lower case words, stop words and numbers left out)."""
+    a, b = _tokens(first), _tokens(second)
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def _sentence_case(text: str) -> str:
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+

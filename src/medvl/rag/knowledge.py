@@ -1,0 +1,253 @@
+"""A knowledge base of finding definitions: one small text file per finding, editable by users.
+
+Each file (``*.md``) starts with YAML front matter and may go on with free notes::
+
+    ---
+    name: pleural_effusion            # identifier: lower case, digits, underscores
+    title: Pleural effusion           # display name (default: the name with spaces)
+    kind: finding                     # finding | normal (the one "no finding" entry)
+    synonyms:                         # phrases the report labeller looks for; "..." stands for up
+      - pleural effusion              #   to 5 words, e.g. "cardiac silhouette ... enlarged"
+      - blunting of the ... costophrenic angle
+    exclude: [pericardial effusion]   # phrases whose words are not a mention of this finding
+    labels: [effusion_left, effusion_right]   # label columns / values that mean this finding
+    normal_compatible: false          # true: a positive does not make the study abnormal (devices)
+    definition: Fluid in the pleural space.
+    appearance: Blunting of the costophrenic angle, a meniscus.
+    ---
+    Free notes (kept as ``notes``).
+
+``load_knowledge()`` reads the shipped folder (``medvl/rag/knowledge``); ``load_knowledge(folder)``
+adds a user's folder on top, where a file with the same ``name`` replaces the shipped entry;
+``builtin=False`` uses the user's files alone. The finding vocabulary of the report labeller is the
+knowledge base's, so a new file is a new finding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, InputError
+
+BUILTIN_DIR = Path(__file__).with_name("knowledge")
+FINDING, NORMAL = "finding", "normal"
+# report-like sentences around each phrase: closer to what a report-trained text tower has seen
+# (on the phantom benchmark model, image -> entry top-1 0.38 vs 0.33 with the bare phrases)
+PROMPT_TEMPLATES = ("{}.", "there is {}.", "findings: {}.", "impression: {}.")
+_KEYS = {"name", "title", "kind", "synonyms", "exclude", "labels", "normal_compatible", "definition", "appearance"}
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+_FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)(.*)\Z", re.S)
+
+
+@dataclass
+class Finding:
+    """One knowledge-base entry: a finding, its phrases and its definition."""
+
+    name: str  # identifier, e.g. "pleural_effusion"
+    title: str  # display name, e.g. "Pleural effusion"
+    synonyms: list[str]  # phrases (lower case) the labeller matches; "..." = a gap of up to 5 words
+    definition: str = ""
+    appearance: str = ""  # typical radiographic appearance
+    exclude: list[str] = field(default_factory=list)  # phrases that are not a mention (pericardial effusion)
+    labels: list[str] = field(default_factory=list)  # label columns / values meaning this finding
+    kind: str = FINDING  # "finding", or "normal" for the no-finding entry
+    normal_compatible: bool = False  # a positive leaves the study normal (support devices)
+    notes: str = ""  # free text after the front matter
+    path: str | None = None  # the file it was read from
+
+    def card(self) -> dict[str, Any]:
+        """What a report or an answer shows of the entry."""
+        return {"name": self.name, "title": self.title, "definition": self.definition,
+                "appearance": self.appearance, "source": self.path}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def label_key(value: Any) -> str:
+    """A label name or value in comparable form: lower case, spaces and hyphens as underscores."""
+    return re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+
+
+class KnowledgeBase:
+    """Findings by name, with lookup of label names / values and retrieval by embedding."""
+
+    def __init__(self, findings: Iterable[Finding], sources: Sequence[str] = ()):
+        self.findings = {f.name: f for f in findings}
+        self.sources = list(sources)
+        normals = [f.name for f in self.findings.values() if f.kind == NORMAL]
+        if len(normals) > 1:
+            raise DataError(None, f"knowledge base has {len(normals)} 'normal' entries ({', '.join(normals)}); "
+                                  "at most one is allowed")
+        self.normal = normals[0] if normals else None  # the no-finding entry's name
+        self._aliases: dict[str, str] = {}
+        for finding in self.findings.values():
+            for alias in (finding.name, finding.title, *finding.labels):
+                self._aliases.setdefault(label_key(alias), finding.name)
+        self._vectors: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.findings)
+
+    def __iter__(self):
+        return iter(self.findings.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.findings
+
+    def __getitem__(self, name: str) -> Finding:
+        return self.findings[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.findings)
+
+    @property
+    def abnormal(self) -> list[str]:
+        """Findings that make a study abnormal (not the normal entry, not devices)."""
+        return [f.name for f in self.findings.values() if f.kind == FINDING and not f.normal_compatible]
+
+    def resolve(self, label: Any) -> str | None:
+        """The finding a label column or value names (by name, title or ``labels``), else None."""
+        return self._aliases.get(label_key(label))
+
+    def cards(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        return [self.findings[n].card() for n in names if n in self.findings]
+
+    def retrieve(self, model, query: np.ndarray | str, k: int = 3) -> list[tuple[Finding, float]]:
+        """The ``k`` entries whose phrases are closest to ``query`` (a text, or an image or text
+        embedding of ``model``) by cosine similarity of the model's text embeddings.
+
+        An entry is embedded as the mean over its title and synonyms, each in ``PROMPT_TEMPLATES``
+        (a prompt ensemble)."""
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        vectors = self._embeddings(model)
+        if isinstance(query, str):
+            if not query.strip():
+                raise InputError("the knowledge query text is empty")
+            query = model.encode_texts([query]).numpy()
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        if query.shape[0] != vectors.shape[1]:
+            raise InputError(f"query vector has {query.shape[0]} values; the model embeds {vectors.shape[1]}")
+        scores = vectors @ query
+        order = np.argsort(-scores, kind="stable")[:k]
+        findings = list(self.findings.values())
+        return [(findings[i], float(scores[i])) for i in order]
+
+    def _embeddings(self, model) -> np.ndarray:
+        cached = self._vectors.get(id(model))
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        from ..eval.embed import class_embeddings
+
+        prompts = [[t.format(" ".join(p.replace("...", " ").split())) for p in (f.title.lower(), *f.synonyms[:12])
+                    for t in PROMPT_TEMPLATES] for f in self.findings.values()]
+        vectors = class_embeddings(model, prompts).numpy() if prompts else np.empty((0, model.config.embed_dim))
+        self._vectors[id(model)] = (model, vectors)
+        return vectors
+
+
+def load_knowledge(folder: str | Path | None = None, builtin: bool = True) -> KnowledgeBase:
+    """The shipped knowledge base, with a user's ``folder`` of ``*.md`` files on top (same
+    ``name`` replaces); ``builtin=False`` keeps the user's files alone."""
+    folders = ([BUILTIN_DIR] if builtin else []) + ([Path(folder)] if folder is not None else [])
+    if not folders:
+        raise InputError("no knowledge base: pass a folder or keep the built-in one")
+    findings: dict[str, Finding] = {}
+    for path in folders:
+        for finding in read_folder(path):
+            findings[finding.name] = finding
+    if not findings:
+        raise DataError(folders[-1], "no finding files (*.md with YAML front matter) in the knowledge base")
+    return KnowledgeBase(findings.values(), [str(p) for p in folders])
+
+
+def read_folder(folder: Path) -> list[Finding]:
+    if not folder.is_dir():
+        raise DataError(folder, "knowledge folder not found (expected a folder of *.md finding files)")
+    findings: dict[str, Finding] = {}
+    for path in sorted(folder.glob("*.md")):
+        finding = read_finding(path)
+        if finding.name in findings:
+            raise DataError(path, f"finding {finding.name!r} is also defined in {findings[finding.name].path}")
+        findings[finding.name] = finding
+    return list(findings.values())
+
+
+def read_finding(path: str | Path) -> Finding:
+    """One finding file; DataError naming the file and the problem if it is malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text") from None
+    match = _FRONT.match(text.lstrip("\ufeff"))
+    if not match:
+        raise DataError(path, "missing YAML front matter (a first line '---', the fields, then '---')")
+    data = _parse_yaml(path, match.group(1))
+    return _finding_from(path, data, match.group(2).strip())
+
+
+def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise DataError(path, f"front matter is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DataError(path, "front matter must be a mapping of fields (name, synonyms, definition, ...)")
+    unknown = sorted(set(map(str, data)) - _KEYS)
+    if unknown:
+        raise DataError(path, f"unknown fields {unknown}; expected {', '.join(sorted(_KEYS))}")
+    return data
+
+
+def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DataError(path, f"'name' must be lower case letters, digits and underscores, got {name!r}")
+    kind = data.get("kind", FINDING)
+    if kind not in (FINDING, NORMAL):
+        raise DataError(path, f"'kind' must be {FINDING} or {NORMAL}, got {kind!r}")
+    synonyms = _strings(path, data, "synonyms")
+    if not synonyms:
+        raise DataError(path, "'synonyms' must list at least one phrase")
+    exclude = [s.lower().strip() for s in _strings(path, data, "exclude")]
+    for phrase in synonyms + exclude:
+        if not re.search(r"[a-z0-9]", phrase.lower()) or phrase.strip().startswith("...") \
+                or phrase.strip().endswith("..."):
+            raise DataError(path, f"phrase {phrase!r} must have words, with '...' only between words")
+    compatible = data.get("normal_compatible", False)
+    if not isinstance(compatible, bool):
+        raise DataError(path, f"'normal_compatible' must be true or false, got {compatible!r}")
+    return Finding(name=name, title=_text(path, data, "title") or name.replace("_", " ").capitalize(),
+                   synonyms=[s.lower().strip() for s in synonyms], definition=_text(path, data, "definition"),
+                   appearance=_text(path, data, "appearance"), exclude=exclude,
+                   labels=_strings(path, data, "labels"), kind=kind, normal_compatible=compatible, notes=notes,
+                   path=str(path))
+
+
+def _strings(path: Path, data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+        raise DataError(path, f"'{key}' must be a list of phrases")
+    return [str(v) for v in value if str(v).strip()]
+
+
+def _text(path: Path, data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, f"'{key}' must be text, got {type(value).__name__}")
+    return " ".join(value.split())

@@ -1,0 +1,277 @@
+"""A rule-based report labeller: which findings a report states as present, absent or possible.
+
+NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
+(``medvl.rag.knowledge``): each finding's ``synonyms`` are the phrases looked for.
+
+1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
+   ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole); fragments
+   without letters ("1.") are dropped.
+3. Mentions: a synonym as whole words, case-insensitive, the last word also in its plural (+s / +es);
+   "..." in a synonym matches up to ``GAP_WORDS`` words ("cardiac silhouette ... enlarged"). A
+   mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
+   a mention inside a longer mention of the same finding is counted once.
+4. Status of a mention, first rule that applies (cues are whole words, same sentence, not across
+   a scope terminator such as "but", "however", "although", ";"):
+   - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
+   - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
+     "negative for", "free of", "no evidence of") or up to ``POST_WINDOW`` words after it ("is not
+     seen", "absent", "has resolved"), or a "not"/"no" falls inside a "..." gap ("the cardiac
+     silhouette is not enlarged"); pseudo-negations ("no change", "not only") are not cues;
+   - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
+     for", "likely", "versus") or after ("is suspected", "is possible");
+   - **positive** otherwise.
+5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
+   else negative; findings never mentioned are absent from the result. The knowledge base's
+   ``normal`` entry (no finding) is positive when no abnormal finding is positive or uncertain,
+   negative otherwise (CheXpert's rule; ``normal_compatible`` findings such as devices do not count).
+
+Report text is patient data: nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .knowledge import KnowledgeBase, load_knowledge
+
+POSITIVE, UNCERTAIN, NEGATIVE = "positive", "uncertain", "negative"
+STATUSES = (POSITIVE, UNCERTAIN, NEGATIVE)
+_RANK = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
+FINDINGS_SECTION, IMPRESSION_SECTION = "findings", "impression"
+
+GAP_WORDS = 5  # words a "..." in a synonym may stand for
+PRE_WINDOW = 6  # words between a cue before a mention and the mention
+POST_WINDOW = 3  # words between a mention and a cue after it
+
+PRE_NEGATION = [
+    "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
+    "no signs of", "no sign of", "no findings of", "absence of", "resolution of", "rules out", "ruled out",
+    "never", "nor",
+]
+POST_NEGATION = [
+    "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
+    "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent",
+    "has resolved", "have resolved", "resolved", "is ruled out", "no longer", "not evident",
+]
+PRE_UNCERTAIN = [
+    "possible", "possibly", "probable", "probably", "likely", "may represent", "may be", "might be",
+    "could be", "could represent", "may reflect", "may indicate", "questionable", "question of",
+    "suspicious for", "suspected", "suspect", "concerning for", "concern for", "suggestive of",
+    "suggests", "suggesting", "worrisome for", "differential diagnosis includes", "differential includes",
+    "borderline", "equivocal", "rule out", "r/o", "versus", "vs", "indeterminate", "presumed", "cannot tell",
+]
+POST_UNCERTAIN = [
+    "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
+    "versus", "vs", "is likely", "are likely", "is not certain", "may be present",
+]
+NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
+    "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
+    "cannot be ruled out", "can not be ruled out", "cannot rule out", "can not rule out", "not ruled out",
+    "not be excluded", "not be ruled out", "can't exclude", "can't be excluded", "cannot be entirely excluded",
+]
+PSEUDO_NEGATION = [  # look like negations, are not
+    "no change", "no interval change", "no significant change", "no significant interval change", "not changed",
+    "no increase", "no decrease", "not only", "without change", "without interval change", "no new change",
+    "no further change", "not significantly changed", "gram negative", "not necessarily",
+]
+TERMINATORS = [
+    "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
+    "nevertheless", "which is", "otherwise", ";",
+]
+SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", "comparison", "comparisons",
+                    "reason for exam", "reason for examination", "clinical information", "technique",
+                    "examination", "exam", "procedure"}
+IMPRESSION_SECTIONS = {"impression", "impressions", "conclusion", "conclusions", "summary", "opinion"}
+_SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "finding", "report"}, key=len, reverse=True)
+_HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*[-*\d])")
+_WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
+
+
+@dataclass
+class Mention:
+    """One phrase of a finding in a sentence, with the status the rules gave it."""
+
+    finding: str
+    status: str  # positive | uncertain | negative
+    start: int  # character offsets in the sentence (lower-cased text has the same offsets)
+    end: int
+
+
+@dataclass
+class Sentence:
+    """A report sentence, the section it came from, and what it states per finding."""
+
+    text: str = field(repr=False)  # patient data: kept out of repr
+    section: str  # findings | impression
+    findings: dict[str, str] = field(default_factory=dict)  # finding -> positive | uncertain | negative
+
+
+def _cue_regex(phrases: Iterable[str]) -> re.Pattern:
+    parts = []
+    for phrase in sorted(set(phrases), key=len, reverse=True):  # longest first: "no evidence of" over "no"
+        words = phrase.split()
+        parts.append(r"\s+".join(re.escape(w) for w in words))
+    return re.compile(r"(?<![a-z0-9])(?:" + "|".join(parts) + r")(?![a-z0-9])")
+
+
+def _phrase_regex(phrase: str, plural: bool = True) -> str:
+    """Regex of a synonym: whole words, "..." a gap of up to GAP_WORDS words (captured)."""
+    pieces = [p.split() for p in phrase.split("...")]
+    chunks = [r"\s+".join(re.escape(w) for w in words) for words in pieces]
+    gap = r"((?:\s+[^\s.;:!?]+){0," + str(GAP_WORDS) + r"}?)\s+"
+    body = gap.join(chunks)
+    if plural:
+        body += r"(?:s|es)?"
+    return r"(?<![a-z0-9])" + body + r"(?![a-z0-9])"
+
+
+_PRE_NEG, _POST_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION)
+_PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
+_NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
+_GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
+
+
+def split_sections(report: str) -> list[tuple[str, str]]:
+    """(section name, text) pairs in order; text before any header is ``findings``."""
+    parts: list[tuple[str, str]] = []
+    position, section = 0, FINDINGS_SECTION
+    for match in _HEADER.finditer(report):
+        parts.append((section, report[position:match.start()]))
+        section, position = " ".join(match.group(1).lower().split()), match.end()
+    parts.append((section, report[position:]))
+    return [(name, text) for name, text in parts if text.strip()]
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a section's text; pieces without letters ("1.") are dropped."""
+    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(text))
+    return [p for p in pieces if re.search(r"[A-Za-z]", p)]
+
+
+class ReportLabeller:
+    """Labels report text with the findings of a knowledge base (see the module docstring)."""
+
+    def __init__(self, knowledge: KnowledgeBase | None = None):
+        self.knowledge = knowledge or load_knowledge()
+        self._patterns = [(f.name, re.compile(_phrase_regex(s))) for f in self.knowledge for s in f.synonyms]
+        self._excludes = {f.name: [re.compile(_phrase_regex(p)) for p in f.exclude] for f in self.knowledge}
+        self.sentence_labels = lru_cache(maxsize=65536)(self._sentence_labels)
+
+    def sentences(self, report: str | None) -> list[Sentence]:
+        """The labelled sentences of a report's findings and impression sections, in order."""
+        result = []
+        for section, text in split_sections(report or ""):
+            if section in SKIPPED_SECTIONS:
+                continue
+            kind = IMPRESSION_SECTION if section in IMPRESSION_SECTIONS else FINDINGS_SECTION
+            result += [Sentence(s, kind, dict(self.sentence_labels(s))) for s in split_sentences(text)]
+        return result
+
+    def label(self, report: str | None) -> dict[str, str]:
+        """Finding -> positive | uncertain | negative for a whole report (mentioned findings, plus
+        the normal entry whenever the report has a sentence)."""
+        sentences = self.sentences(report)
+        return with_normal(merge(s.findings for s in sentences), self.knowledge) if sentences else {}
+
+    def positives(self, report: str | None) -> set[str]:
+        """The findings a report states as present (the normal entry included when it applies)."""
+        return {name for name, status in self.label(report).items() if status == POSITIVE}
+
+    def mentions(self, sentence: str) -> list[Mention]:
+        """Every finding mention in one sentence with its status."""
+        text = sentence.lower()
+        cues = _Cues(text)
+        found = []
+        for name, pattern in self._patterns:
+            for match in pattern.finditer(text):
+                if self._excluded(name, text, match.start(), match.end()):
+                    continue
+                gaps = [match.group(i) or "" for i in range(1, (pattern.groups or 0) + 1)]
+                found.append(Mention(name, cues.status(match.start(), match.end(), gaps), match.start(), match.end()))
+        return _outermost(found)
+
+    def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
+        return tuple(merge({m.finding: m.status} for m in self.mentions(sentence)).items())
+
+    def _excluded(self, name: str, text: str, start: int, end: int) -> bool:
+        return any(m.start() <= start and end <= m.end() for p in self._excludes[name] for m in p.finditer(text))
+
+
+class _Cues:
+    """The cue spans of one lower-cased sentence, and the rules that turn them into a status."""
+
+    def __init__(self, text: str):
+        self.text = text
+        blocked = [m.span() for m in _PSEUDO.finditer(text)]
+        self.negated_uncertain = [m.span() for m in _NEG_UNC.finditer(text)]
+        blocked += self.negated_uncertain
+        self.pre_negation = _spans(_PRE_NEG, text, blocked)
+        self.post_negation = _spans(_POST_NEG, text, blocked)
+        self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
+        self.post_uncertain = _spans(_POST_UNC, text, blocked)
+        self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
+
+    def status(self, start: int, end: int, gaps: list[str]) -> str:
+        if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end):
+            return UNCERTAIN
+        if self._before(self.pre_negation, start) or self._after(self.post_negation, end) \
+                or any(_GAP_NEGATION.search(g) for g in gaps):
+            return NEGATIVE
+        if self._before(self.pre_uncertain, start) or self._after(self.post_uncertain, end):
+            return UNCERTAIN
+        return POSITIVE
+
+    def _before(self, spans: list[tuple[int, int]], start: int) -> bool:
+        return any(e <= start and self._words(e, start) <= PRE_WINDOW and self._open(e, start) for _, e in spans)
+
+    def _after(self, spans: list[tuple[int, int]], end: int) -> bool:
+        return any(s >= end and self._words(end, s) <= POST_WINDOW and self._open(end, s) for s, _ in spans)
+
+    def _words(self, start: int, end: int) -> int:
+        return len(_WORD.findall(self.text[start:end]))
+
+    def _open(self, start: int, end: int) -> bool:
+        """No scope terminator between the cue and the mention."""
+        return not any(start <= t < end for t in self.terminators)
+
+
+def _spans(pattern: re.Pattern, text: str, blocked: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [m.span() for m in pattern.finditer(text)
+            if not any(b0 <= m.start() < b1 or b0 < m.end() <= b1 for b0, b1 in blocked)]
+
+
+def _outermost(mentions: list[Mention]) -> list[Mention]:
+    """Drop a mention lying inside a longer mention of the same finding ("effusion" in "pleural
+    effusion"), so each phrase counts once."""
+    kept = []
+    for m in mentions:
+        inside = any(o is not m and o.finding == m.finding and o.start <= m.start and m.end <= o.end
+                     and (o.end - o.start) > (m.end - m.start) for o in mentions)
+        if not inside:
+            kept.append(m)
+    return sorted(kept, key=lambda m: (m.start, m.finding))
+
+
+def merge(labels: Iterable[dict[str, str]]) -> dict[str, str]:
+    """Combine statuses per finding: positive over uncertain over negative."""
+    merged: dict[str, str] = {}
+    for item in labels:
+        for name, status in item.items():
+            if name not in merged or _RANK[status] > _RANK[merged[name]]:
+                merged[name] = status
+    return merged
+
+
+def with_normal(labels: dict[str, str], knowledge: KnowledgeBase) -> dict[str, str]:
+    """``labels`` with the normal entry set: positive unless an abnormal finding is positive or
+    uncertain (then negative)."""
+    if knowledge.normal is None:
+        return dict(labels)
+    abnormal = set(knowledge.abnormal)
+    found = any(status in (POSITIVE, UNCERTAIN) for name, status in labels.items() if name in abnormal)
+    return {**labels, knowledge.normal: NEGATIVE if found else POSITIVE}

@@ -1,0 +1,403 @@
+"""Retrieval-augmented reports: the report labeller, the knowledge base, drafts with citations and
+abstention, and ``medvl eval case-retrieval`` (metrics checked against plain references)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import invoke
+from medvl import DataError, InputError, create_model, load_dataset, load_model
+from medvl.data.phantom import FINDINGS, LABEL_COLUMNS, generate_phantom
+from medvl.eval.case_retrieval import (
+    average_precision,
+    case_retrieval,
+    finding_f1,
+    label_set,
+    random_average_precision,
+)
+from medvl.index import build_index, open_index
+from medvl.index.base import Hit
+from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
+from medvl.rag.draft import DISAGREE, FAR, NO_CASES, jaccard
+from medvl.rag.labels import split_sentences
+
+NEW_FINDING = """---
+name: pleural_plaque
+title: Pleural plaque
+synonyms: [pleural plaque, calcified plaque ... pleura]
+labels: [plaques]
+definition: Focal pleural thickening from asbestos exposure.
+appearance: Calcified plaques along the diaphragm and chest wall.
+---
+Added by a user.
+"""
+
+
+@pytest.fixture(scope="module")
+def labeller():
+    return ReportLabeller()
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("There is a small left pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No pleural effusion or pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("There is no evidence of focal consolidation, pleural effusion or pneumothorax.",
+     {"consolidation": "negative", "pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("The cardiac silhouette is not enlarged.", {"cardiomegaly": "negative"}),
+    ("The heart is enlarged.", {"cardiomegaly": "positive"}),
+    ("Enlargement of the cardiac silhouette, consistent with cardiomegaly.", {"cardiomegaly": "positive"}),
+    ("Pneumothorax is not seen.", {"pneumothorax": "negative"}),
+    ("Lungs are free of focal airspace disease.", {"consolidation": "negative"}),
+    ("Interval resolution of the right pneumothorax.", {"pneumothorax": "negative"}),
+    ("No nodules or masses.", {"nodule": "negative", "mass": "negative"}),
+    ("Blunting of the right costophrenic angle.", {"pleural_effusion": "positive"}),
+    ("Possible small left pleural effusion.", {"pleural_effusion": "uncertain"}),
+    ("Pneumonia cannot be excluded.", {"pneumonia": "uncertain"}),
+    ("Findings may represent atelectasis.", {"atelectasis": "uncertain"}),
+    ("No change in the moderate left pleural effusion.", {"pleural_effusion": "positive"}),  # pseudo-negation
+    ("No pneumothorax, but there is a small right effusion.",
+     {"pneumothorax": "negative", "pleural_effusion": "positive"}),  # "but" ends the negation's scope
+    ("Small pericardial effusion.", {}),  # an excluded phrase is not a pleural effusion
+    ("Mild pulmonary edema and bilateral pleural effusions.", {"edema": "positive", "pleural_effusion": "positive"}),
+    ("No acute cardiopulmonary abnormality.", {"no_finding": "positive"}),
+])
+def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, expected):
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
+def test_report_labels_add_normality_and_skip_the_indication(labeller):
+    assert labeller.label("INDICATION: rule out pneumonia. FINDINGS: No pneumothorax. Heart size is normal.") == \
+        {"pneumothorax": "negative", "no_finding": "positive"}
+    assert labeller.label("IMPRESSION: 1. Cardiomegaly. 2. Possible right pleural effusion.") == \
+        {"cardiomegaly": "positive", "pleural_effusion": "uncertain", "no_finding": "negative"}
+    assert labeller.positives("Endotracheal tube in place. No acute process.") == {"support_devices", "no_finding"}
+    assert labeller.label("") == {}
+    sections = [s.section for s in labeller.sentences("FINDINGS: Small effusion. IMPRESSION: Effusion.")]
+    assert sections == ["findings", "impression"]
+
+
+def test_sentences_keep_decimals_and_drop_list_numbers():
+    assert split_sentences("Ratio of about 0.57. 1. Cardiomegaly. 2. Effusion.") == \
+        ["Ratio of about 0.57.", "Cardiomegaly.", "Effusion."]
+
+
+def phantom_truth(record, knowledge) -> set[str]:
+    return {knowledge.resolve(c) for c in LABEL_COLUMNS if record.labels[c] == "1"}
+
+
+def test_labeller_recovers_the_phantom_ground_truth(labeller, phantom_dir, tmp_path):
+    multi = tmp_path / "multi"
+    generate_phantom(multi, n=60, seed=5, size=32, extra_finding_prob=0.6)
+    records = list(load_dataset(phantom_dir)) + list(load_dataset(multi))
+    assert sum(len(phantom_truth(r, labeller.knowledge)) > 1 for r in records) > 10
+    vocabulary = set(FINDINGS)
+    agree = [phantom_truth(r, labeller.knowledge) == labeller.positives(r.text) & vocabulary for r in records]
+    assert np.mean(agree) == 1.0
+
+
+def test_knowledge_base_covers_the_phantom_and_common_chest_findings():
+    knowledge = load_knowledge()
+    for name in (*FINDINGS, "atelectasis", "edema", "mass", "pneumonia", "support_devices"):
+        assert name in knowledge and knowledge[name].definition
+    assert knowledge.normal == "no_finding" and "support_devices" not in knowledge.abnormal
+    assert knowledge.resolve("effusion_left") == knowledge.resolve("Pleural Effusion") == "pleural_effusion"
+    assert knowledge.resolve("finding") is None
+
+
+def test_a_user_folder_adds_and_replaces_findings(tmp_path):
+    (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
+    (tmp_path / "nodule.md").write_text("---\nname: nodule\nsynonyms: [granuloma]\n---\n")
+    knowledge = load_knowledge(tmp_path)
+    assert knowledge["pleural_plaque"].notes == "Added by a user." and knowledge.resolve("plaques") == "pleural_plaque"
+    assert knowledge["nodule"].synonyms == ["granuloma"] and "cardiomegaly" in knowledge
+    labeller = ReportLabeller(knowledge)
+    assert labeller.label("Calcified plaque along the left pleura. No granulomas.") == \
+        {"pleural_plaque": "positive", "nodule": "negative", "no_finding": "negative"}
+    alone = load_knowledge(tmp_path, builtin=False)
+    assert alone.names == ["nodule", "pleural_plaque"] and alone.normal is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nsynonyms: [x]\n", "front matter"),
+    ("---\nname: Bad Name\nsynonyms: [x]\n---\n", "'name'"),
+    ("---\nname: x\nsynonyms: [x]\ncolour: red\n---\n", "unknown fields"),
+    ("---\nname: x\n---\n", "'synonyms'"),
+    ("---\nname: x\nsynonyms: ['... x']\n---\n", "only between words"),
+    ("---\nname: x\nsynonyms: [x\n---\n", "not valid YAML"),
+])
+def test_malformed_finding_files_name_the_file_and_problem(tmp_path, text, message):
+    (tmp_path / "x.md").write_text(text)
+    with pytest.raises(DataError, match=message) as caught:
+        load_knowledge(tmp_path)
+    assert "x.md" in str(caught.value)
+
+
+def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
+    (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
+    assert result.exit_code == 0 and "pleural_plaque" in output and "cardiomegaly" in output
+    shown, output = invoke("report", "knowledge", "--finding", "effusion_left")
+    assert shown.exit_code == 0 and "Pleural effusion" in output
+    missing, output = invoke("report", "knowledge", "--knowledge", tmp_path / "nope")
+    assert missing.exit_code == 2 and "knowledge folder not found" in output
+
+
+# ------------------------------------------------------------------ drafts from given neighbours
+
+
+def hits_of(records, scores=None) -> list[Hit]:
+    scores = scores or [0.9] * len(records)
+    return [Hit(id=r.id, score=s, split=r.split, labels=dict(r.labels), text=r.text)
+            for r, s in zip(records, scores, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def by_finding(phantom_dir):
+    groups: dict[str, list] = {}
+    for record in load_dataset(phantom_dir):
+        groups.setdefault(record.labels["finding"], []).append(record)
+    return groups
+
+
+def test_draft_states_the_consensus_and_cites_the_cases_it_came_from(labeller, by_finding):
+    records = by_finding["cardiomegaly"][:4] + by_finding["nodule"][:1]
+    hits = hits_of(records)
+    draft = draft_from_hits(hits, labeller)
+    assert not draft.abstained and draft.consensus["cardiomegaly"] == "positive"
+    assert labeller.positives(draft.text()) >= {"cardiomegaly"} and "nodule" not in labeller.positives(draft.text())
+    cardiac = {r.id for r in by_finding["cardiomegaly"]}
+    for sentence in draft.sentences:
+        assert sentence.cases and set(sentence.cases) <= {h.id for h in hits}
+        assert set(sentence.wording_from) <= set(sentence.cases) and 0 < sentence.support <= 1
+        if sentence.findings.get("cardiomegaly") == "positive":
+            assert set(sentence.cases) <= cardiac
+            assert any(sentence.text in (r.text or "") for r in records if r.id in sentence.wording_from)
+    assert [s.support for s in draft.sentences if s.section == "findings"] == \
+        sorted((s.support for s in draft.sentences if s.section == "findings"), reverse=True)
+    assert [card["name"] for card in draft.definitions] == ["cardiomegaly"]
+    assert draft.text().startswith("FINDINGS: ") and "IMPRESSION: " in draft.text()
+    json.dumps(draft.to_dict())
+
+
+def test_draft_does_not_mix_sides(labeller, by_finding):
+    records = by_finding["pleural_effusion"][:8]
+    assert len({r.labels["effusion_left"] for r in records}) == 2
+    draft = draft_from_hits(hits_of(records), labeller)
+    sides = {side for s in draft.sentences if "pleural_effusion" in s.findings
+             for side in ("left", "right") if side in s.text.lower()}
+    assert not draft.abstained and len(sides) == 1
+    # three left effusions (one saying the right lung is clear), two right ones saying the left lung is clear
+    reports = ["FINDINGS: Large left pleural effusion. The right lung is clear. IMPRESSION: Left pleural effusion.",
+               *["FINDINGS: Moderate left pleural effusion. IMPRESSION: Left pleural effusion."] * 2,
+               *["FINDINGS: Large right pleural effusion. The left lung is clear. IMPRESSION: Right effusion."] * 2]
+    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    text = draft_from_hits(hits, labeller).text().lower()
+    assert "left pleural effusion" in text and "right pleural effusion" not in text
+    assert "left lung is clear" not in text
+
+
+def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding):
+    mixed = by_finding["cardiomegaly"][:2] + by_finding["nodule"][:2] + by_finding["pneumothorax"][:2]
+    disagree = draft_from_hits(hits_of(mixed), labeller)
+    assert disagree.abstained and disagree.abstention == DISAGREE and not disagree.sentences
+    assert "disagree" in disagree.reason and not disagree.text()
+    far = draft_from_hits(hits_of(by_finding["cardiomegaly"][:4], [0.3, 0.2, 0.2, 0.1]), labeller)
+    assert far.abstained and far.abstention == FAR and "0.300" in far.reason
+    assert draft_from_hits([], labeller).abstention == NO_CASES
+    with pytest.raises(InputError, match="min_support"):
+        draft_from_hits(hits_of(mixed), labeller, min_support=1.5)
+
+
+def test_wording_similarity_ignores_numbers_and_stop_words():
+    assert jaccard("A 6 mm nodule in the left upper zone.", "A 11 mm nodule in the left upper zone.") == 1.0
+    assert jaccard("Left pleural effusion.", "Right pleural effusion.") == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ drafts and evaluation over a real index
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rag") / "model"
+    create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_index(phantom_dir, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rag-index") / "idx"
+    build_index(load_model(model_dir), load_dataset(phantom_dir).select("train"), out, model_dir=model_dir,
+                show_progress=False)
+    return out
+
+
+def test_draft_report_cites_indexed_cases_and_leaves_out_the_query(phantom_dir, model_dir, train_index):
+    model, record = load_model(model_dir), load_dataset(phantom_dir).select("train")[0]
+    with open_index(train_index) as index:
+        draft = draft_report(index, model, record.image, k=8, min_support=0.3, min_similarity=0.0,
+                             exclude=[record.id], related=3)
+        ids = {n.id for n in draft.neighbours}
+        assert len(ids) == 8 and record.id not in ids and index.existing_ids(list(ids)) == ids
+        for sentence in draft.sentences:
+            assert set(sentence.cases) <= ids
+        assert len(draft.related) == 3 and {"name", "definition", "score"} <= set(draft.related[0])
+        far = draft_report(index, model, load_dataset(phantom_dir).select("test")[0].image, min_similarity=1.0)
+        assert far.abstained and far.abstention == FAR
+
+
+def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, train_index, tmp_path):
+    image = load_dataset(phantom_dir).select("test")[0].image
+    result, output = invoke("report", "draft", image, "--index", train_index, "--model", model_dir, "-k", 6,
+                            "--min-similarity", 0, "--related", 2, "--json", tmp_path / "draft.json")
+    assert result.exit_code == 0, output
+    assert "nearest cases" in output and "weighted shares" in output
+    saved = json.loads((tmp_path / "draft.json").read_text())
+    assert len(saved["neighbours"]) == 6 and saved["image"] == str(image) and len(saved["related"]) == 2
+    assert "knowledge entries closest to the image" in output
+    assert saved["abstained"] or (saved["text"] and all(s["cases"] for s in saved["sentences"]))
+    far, output = invoke("report", "draft", image, "--index", train_index, "--min-similarity", 1.0)
+    assert far.exit_code == 0 and "No draft" in output and "too far" in output
+
+
+def test_report_draft_rejects_bad_input(phantom_dir, model_dir, train_index, tmp_path):
+    image = load_dataset(phantom_dir).select("test")[0].image
+    missing, output = invoke("report", "draft", tmp_path / "nope.png", "--index", train_index)
+    assert missing.exit_code == 2 and "file not found" in output
+    torch.manual_seed(1)
+    create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    other, output = invoke("report", "draft", image, "--index", train_index, "--model", tmp_path / "other")
+    assert other.exit_code == 2 and "differ from those the index was built with" in output
+    bad_k, output = invoke("report", "draft", image, "--index", train_index, "-k", 0)
+    assert bad_k.exit_code == 2 and "k must be" in output
+
+
+def test_case_retrieval_metrics_match_plain_references(phantom_dir, model_dir, train_index):
+    model, data = load_model(model_dir), load_dataset(phantom_dir)
+    queries = data.select("test")
+    with open_index(train_index) as index:
+        result = case_retrieval(index, model, queries, k=5, show_progress=False)
+        cases = index.search(model.encode_images([queries[0].image]).numpy(), k=len(index))[0]
+    train = data.select("train")
+    prior = {c: sum(r.labels["finding"] == c for r in train) / len(train) for c in FINDINGS}
+    assert result["prior_sum_p2"] == pytest.approx(sum(p * p for p in prior.values()))
+    assert result["precision_at_k_baseline"] == pytest.approx(np.mean([prior[r.labels["finding"]] for r in queries]))
+    # reference precision@5 from a full matrix of the model's own embeddings
+    query_vectors = model.encode_images([r.image for r in queries]).numpy()
+    gallery = model.encode_images([r.image for r in train]).numpy()
+    order = np.argsort(-(query_vectors @ gallery.T), axis=1, kind="stable")[:, :5]
+    expected = np.mean([[train[j].labels["finding"] == r.labels["finding"] for j in row]
+                        for r, row in zip(queries, order, strict=True)])
+    assert result["precision_at_k"] == pytest.approx(expected, abs=0.03)  # ties among near-equal scores aside
+    assert result["jaccard_at_k"] == pytest.approx(result["precision_at_k"])  # one categorical column
+    assert len(cases) == len(train) == result["n_index"] and result["excluded_self"] == 0
+    assert result["draft"]["reference"] == "labels" and set(result["draft"]["vocabulary"]) == set(FINDINGS)
+    assert result["labeller_vs_labels"]["exact_match"] == 1.0
+    assert result["knowledge_retrieval"]["n"] == len(queries) and 0 <= result["knowledge_retrieval"]["top1"] <= 1
+    for key in ("precision_at_k", "map", "jaccard_at_k", "map_baseline"):
+        assert 0.0 <= result[key] <= 1.0
+    for key in ("micro_f1", "abstention_rate"):
+        assert 0.0 <= result["draft"][key] <= 1.0
+    assert 0.0 <= result["nearest_report"]["micro_f1"] <= 1.0
+
+
+def test_case_retrieval_leaves_out_the_query_itself(phantom_dir, model_dir, train_index):
+    model, train = load_model(model_dir), load_dataset(phantom_dir).select("train")
+    with open_index(train_index) as index:
+        result = case_retrieval(index, model, train, k=3, label_columns=["cardiomegaly", "effusion_left"],
+                                show_progress=False)
+    assert result["excluded_self"] == len(train) and result["n_index"] == len(train)
+    assert result["label_columns"] == ["cardiomegaly", "effusion_left"]
+    assert result["draft"]["vocabulary"] == ["cardiomegaly", "pleural_effusion"]
+    assert set(result["label_sets"]) <= {"(none)", "cardiomegaly", "effusion_left"}
+
+
+def test_case_retrieval_scores_drafts_against_the_queries_own_reports_when_labels_are_not_findings(
+        phantom_dir, model_dir, train_index):
+    model, test = load_model(model_dir), load_dataset(phantom_dir).select("test")
+    with open_index(train_index) as index:
+        result = case_retrieval(index, model, test, k=5, label_columns=["sex"], show_progress=False)
+    assert result["draft"]["reference"] == "reports" and "labeller_vs_labels" not in result
+    assert set(result["label_sets"]) == {"sex=F", "sex=M"} and 0.3 < result["precision_at_k_baseline"] < 0.7
+    assert set(FINDINGS) <= set(result["draft"]["vocabulary"])
+
+
+def test_eval_case_retrieval_command(phantom_dir, train_index, tmp_path):
+    result, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
+                            "--split", "test", "-k", 5, "--json", tmp_path / "cr.json", "-q")
+    assert result.exit_code == 0, output
+    assert "precision@5" in output and "class prior" in output and "nearest report" in output
+    saved = json.loads((tmp_path / "cr.json").read_text())
+    assert 0 <= saved["P@5"] <= 1 and saved["n_queries"] == 19 and saved["split"] == "test"
+    assert saved["precision_at_k_baseline"] < 0.5 and saved["draft_micro_f1"] is not None
+
+
+def test_eval_case_retrieval_rejects_bad_input(phantom_dir, train_index, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    (data / "images" / "phantom_00001.png").unlink()
+    missing, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", data, "-q")
+    assert missing.exit_code == 2 and "not found" in output
+    torch.manual_seed(2)
+    create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    other, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
+                           "--model", tmp_path / "other", "-q")
+    assert other.exit_code == 2 and "differ from those the index was built with" in output
+    label, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
+                           "--label-column", "colour", "-q")
+    assert label.exit_code == 2 and "colour" in output
+    no_index, output = invoke("eval", "case-retrieval", "--index", tmp_path / "none", "--data", phantom_dir, "-q")
+    assert no_index.exit_code == 2 and "Traceback" not in output
+
+
+# ------------------------------------------------------------------ metric references
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        relevant = rng.random(30) < 0.3
+        if not relevant.any():
+            continue
+        scores = -np.arange(30, dtype=float)  # the ranking order
+        assert average_precision(relevant.tolist(), int(relevant.sum())) == \
+            pytest.approx(average_precision_score(relevant, scores))
+
+
+def test_random_average_precision_matches_simulation():
+    rng = np.random.default_rng(0)
+    n, n_relevant = 12, 4
+    simulated = np.mean([average_precision(rng.permutation(n) < n_relevant, n_relevant) for _ in range(20000)])
+    assert random_average_precision(n_relevant, n) == pytest.approx(simulated, abs=0.005)
+    assert random_average_precision(n, n) == pytest.approx(1.0)
+
+
+def test_finding_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(1)
+    vocabulary = ["a", "b", "c", "d"]
+    truth = [{v for v in vocabulary if rng.random() < 0.4} for _ in range(50)]
+    predicted = [{v for v in vocabulary if rng.random() < 0.4} for _ in range(50)]
+    y_true = np.array([[v in t for v in vocabulary] for t in truth])
+    y_pred = np.array([[v in p for v in vocabulary] for p in predicted])
+    scores = finding_f1(truth, predicted, vocabulary)
+    assert scores["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+    assert scores["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+
+
+def test_label_sets_of_binary_and_categorical_columns():
+    labels = {"finding": "nodule", "cardiomegaly": "1", "nodule": "0"}
+    assert label_set(labels, ["finding", "cardiomegaly", "nodule"], {"cardiomegaly", "nodule"}) == \
+        frozenset({"finding=nodule", "cardiomegaly"})
+    sets = [frozenset(c) for n in range(3) for c in combinations("xy", n)]
+    assert all(label_set({"x": "1" if "x" in s else "0", "y": "1" if "y" in s else "0"}, ["x", "y"], {"x", "y"})
+               == s for s in sets)
