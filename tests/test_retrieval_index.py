@@ -494,3 +494,16 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert len(index) == 96
         hits = search_index(index, model, image=dataset[0].image, k=3, where="view = 'PA'")
         assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
+
+
+def test_fingerprint_ignores_config_fields_left_at_their_default():
+    """A config field added later with a default must not orphan indexes built before it."""
+    from medvl.index.base import _non_default, model_fingerprint
+    from medvl.models import create_model
+
+    values = {"name": "m", "embed_dim": 64, "image": {"arch": "vit", "new_knob": 0.0}}
+    defaults = {"name": "", "embed_dim": 64, "image": {"arch": "resnet"}}
+    assert _non_default(values, {**defaults, "image": {**defaults["image"], "new_knob": 0.0}}) == \
+        {"name": "m", "image": {"arch": "vit"}}
+    a, b = create_model("phantom-tiny"), create_model("phantom-tiny", **{"image.image_size": 48})
+    assert model_fingerprint(a)["config_sha256"] != model_fingerprint(b)["config_sha256"]

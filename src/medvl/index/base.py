@@ -127,7 +127,7 @@ def open_index(target: str | Path, writable: bool = False) -> Index:
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies the vectors a model makes: config and weights hashes, embedding size."""
-    config = json.dumps(model.config.to_dict(), sort_keys=True).encode()
+    config = json.dumps(_non_default(model.config.to_dict(), type(model.config)().to_dict()), sort_keys=True).encode()
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         weights.update(name.encode())
@@ -135,6 +135,21 @@ def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, A
     return {"dir": str(Path(model_dir).resolve()) if model_dir else None, "name": model.config.name,
             "embed_dim": model.config.embed_dim, "config_sha256": hashlib.sha256(config).hexdigest(),
             "weights_sha256": weights.hexdigest()}
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries that differ from the defaults, recursively: a config field added to medvl later
+    (with a default that keeps the old behaviour) leaves the fingerprint of an existing model as it was."""
+    kept = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _non_default(value, default)
+            if value:
+                kept[key] = value
+        elif key not in defaults or value != default:
+            kept[key] = value
+    return kept
 
 
 def check_model(info: dict[str, Any], model, where: str) -> None:
