@@ -30,7 +30,7 @@ def _dataset(path: Path, split: str):
     return load_dataset(path).select(split)
 
 
-def _model(path: Path | None, index):
+def index_model(path: Path | None, index):
     """The model given, else the one the index was built with."""
     from ..errors import ModelError
     from ..models.registry import load_model
@@ -106,7 +106,7 @@ def add_command(
     from ..index import add_records, open_index
 
     with open_index(index, writable=True) as opened:
-        net = _model(model, opened)
+        net = index_model(model, opened)
         result = add_records(opened, net, _dataset(data, split), batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
@@ -164,7 +164,7 @@ def search_command(
     from ..index import open_index, search_index
 
     with open_index(index) as opened:
-        net = _model(model, opened)
+        net = index_model(model, opened)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
     _print_hits(hits, columns, target)

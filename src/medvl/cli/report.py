@@ -51,11 +51,11 @@ def draft_command(
     support, each citing its case ids; abstains when the cases disagree or are far."""
     from ..index import open_index
     from ..rag import draft_report
-    from .index import _model
+    from .index import index_model
 
     labeller = _labeller(knowledge, builtin_knowledge)
     with open_index(index) as opened:
-        net = _model(model, opened)
+        net = index_model(model, opened)
         draft = draft_report(opened, net, image, k=k, where=where, labeller=labeller, min_support=min_support,
                              min_similarity=min_similarity, related=related)
     print_draft(draft)
@@ -175,12 +175,12 @@ def case_retrieval_command(
     from ..data import load_dataset
     from ..eval.case_retrieval import case_retrieval
     from ..index import open_index
-    from .index import _model
+    from .index import index_model
 
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_dataset(data, label_columns=label_column).select(split)
     with open_index(index) as opened:
-        net = _model(model, opened)
+        net = index_model(model, opened)
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
