@@ -5,7 +5,7 @@ rejection reason) and the totals; ``--out`` also writes it to a file. Exits non-
 fails with anything but medvl's own ``DataError`` (a crash is a bug: every file must either load or
 be refused with a reason). Also reads nilearn's bundled MNI152 NIfTI templates with ``read_nifti``.
 
-    PYTHONPATH=src python benchmarks/dicom_coverage.py --out coverage.md
+    python benchmarks/dicom_coverage.py --out coverage.md
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ on exactly the same folds, two non-deep baselines (logistic regression, C picked
 inside each training fold, on colour histograms / on 16x16 downsampled pixels) and chance (a
 constant score, AUC 0.5). Prints a Markdown table of per-fold and mean ± std AUC.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/isic.py --json isic-cv.json   # 1 thread: shared CPU
-    PYTHONPATH=src python benchmarks/isic.py --baselines-only   # seconds, no training
+    OMP_NUM_THREADS=1 python benchmarks/isic.py --json isic-cv.json   # 1 thread: shared CPU
+    python benchmarks/isic.py --baselines-only   # seconds, no training
 """
 
 from __future__ import annotations
