@@ -14,7 +14,7 @@ nearest single report; and the report labeller's agreement with the phantom's gr
 on every report (plus a phantom with a second finding in half the cases). Writes OUT/summary.json
 (the figures, wall times, the machine's load).
 
-    PYTHONPATH=src python benchmarks/case_retrieval.py --out runs/case-retrieval
+    python benchmarks/case_retrieval.py --out runs/case-retrieval
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Runs the recipe documented in docs/benchmarks.md through the Python API (``medvl
 Writes OUT/model (the trained model), OUT/metrics.jsonl and OUT/results.json (every figure, the
 recipe, train time, peak RSS and the machine's load average).
 
-    PYTHONPATH=src python benchmarks/medpix.py --out runs/medpix
-    PYTHONPATH=src python benchmarks/medpix.py --hold-out 0.15 --out runs/medpix-val  # recipe selection
+    python benchmarks/medpix.py --out runs/medpix
+    python benchmarks/medpix.py --hold-out 0.15 --out runs/medpix-val  # recipe selection
 """
 
 from __future__ import annotations
