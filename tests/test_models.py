@@ -12,8 +12,8 @@ from medvl.models.registry import get_config
 def test_registered_model_forward_and_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = medvl.create_model(name)
-    size, channels = model.config.image.image_size, model.config.image.in_channels
-    pixels = torch.rand(2, channels, size, size)
+    image = model.config.image
+    pixels = torch.rand(2, image.in_channels, *image.volume_shape)  # (H, W), or (D, H, W) for volumes
     texts = ["no acute cardiopulmonary abnormality.", "a small nodule in the right upper zone."]
     image_emb, text_emb = model.encode_images(pixels), model.encode_texts(texts)
     assert image_emb.shape == text_emb.shape == (2, model.config.embed_dim)

@@ -22,6 +22,8 @@ from .common import (
     setup_logging,
 )
 from .index import index_app, search_command
+from .pacs import pacs_app
+from .report import case_retrieval_command, report_app
 
 app = typer.Typer(help="medvl: medical vision-language models, offline on a CPU.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -77,7 +79,9 @@ def models_command() -> None:
         table.add_column(column)
     for name in list_models():
         config = get_config(name)
-        image = f"{config.image.arch} {config.image.image_size}px x{config.image.in_channels}"
+        image = f"{config.image.arch} {'x'.join(map(str, config.image.volume_shape))} x{config.image.in_channels}"
+        if config.image.spatial_dims == 2:
+            image = f"{config.image.arch} {config.image.image_size}px x{config.image.in_channels}"
         text = config.text.path or f"bert {config.text.hidden_size}x{config.text.num_layers}"
         table.add_row(name, image, text, str(config.embed_dim), describe_model(name))
     console.print(table)
@@ -89,16 +93,19 @@ def phantom_command(
     out: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
     n: Annotated[int, typer.Option(help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    size: Annotated[int | None, typer.Option(
+        help="Image side in pixels (default 128 for cxr2d; voxels a side, default 64, for ct3d).")] = None,
+    kind: Annotated[str, typer.Option(
+        help="cxr2d: chest X-rays (PNG); ct3d: chest-abdomen CT volumes (NIfTI, HU).")] = "cxr2d",
     extra_finding_prob: Annotated[float, typer.Option(help="Chance of a second finding.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Generate the procedural chest X-ray phantom dataset (images, reports, boxes, masks)."""
+    """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks)."""
     from ..data.phantom import generate_phantom
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
-                                overwrite=overwrite, progress=not quiet)
+                                overwrite=overwrite, progress=not quiet, kind=kind)
     console.print(f"wrote {n} phantom cases: {manifest}")
 
 
@@ -374,7 +381,10 @@ def demo_command(
 app.command("deid")(deid_command)
 app.command("dicom-info")(inspect_command)
 app.add_typer(index_app, name="index")
+app.add_typer(pacs_app, name="pacs")
 app.command("search")(search_command)
+app.add_typer(report_app, name="report")
+eval_app.command("case-retrieval")(case_retrieval_command)
 
 if __name__ == "__main__":
     app()

@@ -141,3 +141,95 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
     return _to_volume(path, data), (zooms[2], zooms[1], zooms[0])
+
+
+class NiftiSlabs:
+    """A NIfTI volume read slab by slab, for bounded memory on large volumes.
+
+    The header is read and checked on construction (the same limits as ``read_nifti``); ``slabs``
+    then streams the voxel data along the third voxel axis (NIfTI stores it slowest, so a slab is
+    contiguous bytes), ``max_voxels`` at a time, as float32 arrays ``(k, j, i)`` with scl_slope /
+    scl_inter applied. ``ras_axes[n]`` and ``ras_flips[n]`` say which RAS axis (0 = x, 1 = y, 2 = z)
+    voxel axis ``n`` becomes in ``read_nifti``'s canonical orientation, and whether it is reversed.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        nib = _require_nibabel(self.path)
+        if not self.path.is_file():
+            raise DataError(self.path, "file not found" if not self.path.exists() else "is a folder, not a NIfTI file")
+        try:
+            with _open(self.path) as stream:
+                head = _read_exactly(stream, 4, self.path, "header")
+                header_class, self._header_size = _parse_header(nib, self.path, head)
+                head += _read_exactly(stream, self._header_size - 4, self.path, "header")
+        except OSError as error:
+            raise DataError(self.path, f"cannot read the file ({error})") from None
+        try:
+            header = header_class.from_fileobj(io.BytesIO(head), check=True)
+        except Exception as error:  # noqa: BLE001 - HeaderDataError and friends
+            raise DataError(self.path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
+        shape, self.dtype, self._offset = _declared_layout(self.path, header)
+        self.shape = _volume_shape(self.path, shape)  # (i, j, k)
+        slope, inter = header.get_slope_inter()
+        self._slope = 1.0 if slope is None else float(slope)
+        self._inter = 0.0 if inter is None else float(inter)
+        orientation = nib.orientations.io_orientation(header.get_best_affine())
+        self.ras_axes = tuple(int(axis) for axis in orientation[:, 0])
+        self.ras_flips = tuple(bool(flip < 0) for flip in orientation[:, 1])
+
+    def slabs(self, max_voxels: int = 4 << 20):
+        """Yield float32 ``(k, j, i)`` slabs of consecutive third-axis slices, in file order."""
+        ni, nj, nk = self.shape
+        per_slab = max(1, max_voxels // (ni * nj))
+        slice_bytes = ni * nj * self.dtype.itemsize
+        try:
+            with _open(self.path) as stream:
+                _read_exactly(stream, max(self._offset, self._header_size), self.path, "header")
+                for start in range(0, nk, per_slab):
+                    count = min(per_slab, nk - start)
+                    raw = _read_exactly(stream, count * slice_bytes, self.path, "voxel data")
+                    slab = np.frombuffer(raw, dtype=self.dtype).reshape(count, nj, ni).astype(np.float32)
+                    if self._slope != 1.0 or self._inter != 0.0:
+                        slab = slab * np.float32(self._slope) + np.float32(self._inter)
+                    if not np.isfinite(slab).all():
+                        raise DataError(self.path, "volume contains NaN or infinite values")
+                    yield slab
+        except OSError as error:
+            raise DataError(self.path, f"cannot read the file ({error})") from None
+
+
+def _volume_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(i, j, k) of a 2D, 3D or single-volume 4D file (as ``_to_volume`` accepts)."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) > 3:
+        raise DataError(path, f"expected a 3D volume, got shape {tuple(shape)} (a time series or multi-channel "
+                              "image: pass one volume)")
+    return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
+
+
+def write_nifti(path: str | Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> Path:
+    """Write a RAS ``DxHxW`` volume (``read_nifti``'s layout) with its ``(dz, dy, dx)`` spacing in mm.
+
+    The affine is axis-aligned RAS+, so ``read_nifti`` returns ``volume`` unchanged. ``.nii.gz``
+    paths are gzip-compressed (level 1, no timestamp: same array, same bytes); the write is atomic.
+    """
+    from ..io import atomic_write_bytes
+
+    path = Path(path)
+    nib = _require_nibabel(path)
+    if volume.ndim != 3:
+        raise DataError(path, f"write_nifti expects a DxHxW volume, got shape {volume.shape}")
+    dz, dy, dx = (float(s) for s in spacing)
+    affine = np.diag([dx, dy, dz, 1.0])
+    affine[:3, 3] = -0.5 * (np.array(volume.shape[::-1]) - 1) * np.array([dx, dy, dz])  # centre at 0 mm
+    image = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    data = image.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    return atomic_write_bytes(path, data)

@@ -12,10 +12,15 @@ from ..errors import InputError
 
 @dataclass
 class ImageConfig:
-    arch: str = "resnet"  # resnet | vit | densenet (MONAI networks)
-    spatial_dims: int = 2  # 2 for images, 3 for volumes
-    in_channels: int = 1  # 1 = grayscale (X-ray, CT, MR), 3 = RGB (dermoscopy, photos)
-    image_size: int = 128  # input side in pixels after resizing (square)
+    arch: str = "resnet"  # resnet | vit | densenet (MONAI networks) | slicepool (3D: a 2D slice_arch per slice)
+    spatial_dims: int = 2  # 2 for images, 3 for volumes (D x H x W, RAS: axis 0 inferior -> superior)
+    in_channels: int = 1  # 1 = grayscale (X-ray, CT, MR), 3 = RGB (dermoscopy, photos); or one per window
+    image_size: int = 128  # input side in pixels after resizing (square; in-plane side of a volume)
+    depth: int = 0  # 3D: slices after resizing along axis 0 (0 = image_size, a cube)
+    window: list[float] = field(default_factory=list)  # [center, width, ...] in modality units (HU for
+    # CT): each pair is one input channel, clipped to the window and scaled to [0, 1] (e.g. [40, 400]
+    # soft tissue, [-600, 1500] lung; presets in medvl.clinical.windowing); [] = per-image min-max.
+    # 8-bit images are display values already and are scaled by 1/255 instead
     layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # resnet blocks per stage
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # resnet stage widths
     stem_kernel: int = 7  # first conv kernel; 3 with stem_stride 1 suits tiny (28 px) images
@@ -31,6 +36,52 @@ class ImageConfig:
     intensity_std: float = 0.25
     augment: bool = True  # random affine / contrast / noise during training
     augment_flip: bool = False  # horizontal flips; off for chest X-ray (laterality matters)
+    slice_arch: str = "resnet"  # slicepool: the 2D encoder of each axial slice (resnet | vit | densenet),
+    # built from the fields above with spatial_dims 2
+    slice_pool: str = "attention"  # slicepool: attention (gated, learned) | mean pooling across slices
+    slice_batch: int = 64  # slicepool: slices encoded at once (bounds inference memory)
+
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        """The (center, width) pairs of ``window``."""
+        return [(float(self.window[i]), float(self.window[i + 1])) for i in range(0, len(self.window) - 1, 2)]
+
+    @property
+    def volume_shape(self) -> tuple[int, ...]:
+        """The spatial input shape: (H, W) or (D, H, W)."""
+        side = (self.image_size,) * 2
+        return side if self.spatial_dims == 2 else (self.depth or self.image_size, *side)
+
+    def validate(self) -> None:
+        if self.arch not in ("resnet", "vit", "densenet", "slicepool"):
+            raise InputError(f"image.arch must be resnet, vit, densenet or slicepool, got {self.arch!r}")
+        if self.spatial_dims not in (2, 3):
+            raise InputError(f"image.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        flat_arch = self.slice_arch in ("resnet", "vit", "densenet")
+        if self.arch == "slicepool" and (self.spatial_dims != 3 or not flat_arch):
+            raise InputError(f"image.arch slicepool needs spatial_dims 3 and slice_arch resnet, vit or densenet, "
+                             f"got spatial_dims {self.spatial_dims}, slice_arch {self.slice_arch!r}")
+        if self.slice_pool not in ("attention", "mean") or self.slice_batch < 1:
+            raise InputError(f"image.slice_pool must be attention or mean and slice_batch >= 1, "
+                             f"got {self.slice_pool!r}, {self.slice_batch}")
+        if self.image_size < 8 or self.depth < 0:
+            raise InputError(f"image.image_size must be >= 8 and image.depth >= 0, got {self.image_size}, {self.depth}")
+        vit = self.arch == "vit" or (self.arch == "slicepool" and self.slice_arch == "vit")
+        sides = self.volume_shape if self.arch == "vit" else (self.image_size,)
+        if vit and any(side % self.patch_size for side in sides):
+            raise InputError(f"image sides {sides} must be multiples of image.patch_size {self.patch_size} for a vit")
+        self._validate_window()
+
+    def _validate_window(self) -> None:
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in self.window)
+        if not numbers or len(self.window) % 2 or any(width <= 0 for _, width in self.windows):
+            raise InputError(f"image.window must be [center, width, ...] pairs with widths > 0, got {self.window}")
+        count = len(self.windows)
+        if count > 1 and self.in_channels != count:
+            raise InputError(f"image.window gives {count} channels (one per window); "
+                             f"image.in_channels must be {count}, got {self.in_channels}")
+        if count <= 1 and self.in_channels not in (1, 3):
+            raise InputError(f"image.in_channels must be 1 or 3, got {self.in_channels}")
 
 
 @dataclass
@@ -90,10 +141,7 @@ class ModelConfig:
     def validate(self) -> None:
         if self.loss not in ("clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
-        if self.image.arch not in ("resnet", "vit", "densenet"):
-            raise InputError(f"image.arch must be resnet, vit or densenet, got {self.image.arch!r}")
-        if self.image.in_channels not in (1, 3):
-            raise InputError(f"image.in_channels must be 1 or 3, got {self.image.in_channels}")
+        self.image.validate()
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
         if self.text.kind == "pretrained" and not self.text.path:

@@ -1,10 +1,20 @@
-"""Image encoders built from MONAI networks; each maps (N, C, *spatial) to features (N, F)."""
+"""Image encoders built from MONAI networks; each maps (N, C, *spatial) to features (N, F).
+
+2D images are (N, C, H, W); volumes (N, C, D, H, W) with axis D inferior -> superior (axial
+slices). ``slicepool`` encodes each axial slice with a 2D backbone, at inference at most
+``slice_batch`` slices at a time (bounded memory), and pools the slice features with a learned
+slice-position embedding and gated attention (Ilse et al. 2018) or a mean: the slice-then-pool
+design of Merlin and MedVista3D.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .config import ImageConfig
 
 
@@ -14,10 +24,13 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: ImageConfig):
         super().__init__()
         self.config = config
-        builders = {"resnet": _resnet, "vit": _vit, "densenet": _densenet}
+        builders = {"resnet": _resnet, "vit": _vit, "densenet": _densenet, "slicepool": _slicepool}
         self.backbone, self.num_features = builders[config.arch](config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_input(self.config, images)
+        if self.config.arch == "slicepool":
+            return self.backbone(images)
         if self.config.arch == "vit":
             tokens, _ = self.backbone(images)
             return tokens.mean(dim=1)
@@ -49,7 +62,7 @@ def _vit(config: ImageConfig) -> tuple[nn.Module, int]:
 
     net = ViT(
         in_channels=config.in_channels,
-        img_size=config.image_size,
+        img_size=config.volume_shape,
         patch_size=config.patch_size,
         hidden_size=config.hidden_size,
         mlp_dim=config.hidden_size * 4,
@@ -73,3 +86,50 @@ def _densenet(config: ImageConfig) -> tuple[nn.Module, int]:
         block_config=tuple(config.block_config),
     )
     return net, net.class_layers.out.in_features
+
+
+class SlicePoolEncoder(nn.Module):
+    """A 2D encoder applied to every axial slice, then pooled across slices (features (N, F))."""
+
+    def __init__(self, config: ImageConfig):
+        super().__init__()
+        self.slice_batch = config.slice_batch
+        self.slice_encoder = ImageEncoder(dataclasses.replace(config, arch=config.slice_arch, spatial_dims=2))
+        features = self.slice_encoder.num_features
+        self.position = nn.Parameter(torch.zeros(config.volume_shape[0], features))  # slice-level embedding
+        self.attention = None
+        if config.slice_pool == "attention":
+            hidden = max(features // 2, 1)
+            self.attention = nn.ModuleList([nn.Linear(features, hidden), nn.Linear(features, hidden),
+                                            nn.Linear(hidden, 1)])
+        self.num_features = features
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        count, channels, depth = volumes.shape[:3]
+        slices = volumes.transpose(1, 2).reshape(count * depth, channels, *volumes.shape[3:])
+        # Training encodes every slice of the batch at once: batch-norm statistics over chunks of one
+        # volume's slices would differ from the running statistics used at inference.
+        step = len(slices) if self.training else self.slice_batch
+        features = torch.cat([self.slice_encoder(slices[start:start + step]) for start in range(0, len(slices), step)])
+        features = features.view(count, depth, -1) + self.position
+        if self.attention is None:
+            return features.mean(dim=1)
+        value, gate, score = self.attention
+        weights = score(torch.tanh(value(features)) * torch.sigmoid(gate(features))).softmax(dim=1)
+        return (weights * features).sum(dim=1)
+
+
+def _slicepool(config: ImageConfig) -> tuple[nn.Module, int]:
+    encoder = SlicePoolEncoder(config)
+    return encoder, encoder.num_features
+
+
+def _check_input(config: ImageConfig, images: torch.Tensor) -> None:
+    """Refuse a batch of the wrong rank, channels or (for size-bound networks) spatial shape."""
+    expected = (config.in_channels, *config.volume_shape)
+    names = "(N, C, H, W)" if config.spatial_dims == 2 else "(N, C, D, H, W)"
+    fixed_size = config.arch in ("vit", "slicepool")
+    shape = tuple(images.shape[1:])
+    if images.ndim != 2 + config.spatial_dims or shape[0] != expected[0] or (fixed_size and shape != expected):
+        raise InputError(f"a {config.spatial_dims}D {config.arch} model takes {names} batches shaped "
+                         f"(N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")

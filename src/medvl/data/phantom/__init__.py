@@ -1,4 +1,7 @@
-"""Procedural chest radiograph phantom: the project's built-in, fully offline data set.
+"""Procedural phantoms: the project's built-in, fully offline data sets.
+
+Two kinds: chest radiographs (``cxr2d``, the default) and thoraco-abdominal CT volumes
+(``ct3d``: ``ct3d.render_case``, ``generate_phantom(..., kind="ct3d")``, NIfTI files in HU).
 
 ``render_case(seed, index)`` draws one frontal chest radiograph with known findings, masks,
 boxes, a radiology-style report and patient metadata; ``generate_phantom(out_dir, n)`` writes a
@@ -9,20 +12,28 @@ clinical conventions (zones, sizes, cardiothoracic ratio, AP views) and ``genera
 manifest columns.
 """
 
+from . import ct3d as ct3d
+from .ct3d import CTCase as CTCase
+from .ct3d_reports import CT3D_CAPTIONS as CT3D_CAPTIONS
 from .cxr2d import FINDINGS as FINDINGS
 from .cxr2d import PhantomCase as PhantomCase
 from .cxr2d import render_case as render_case
+from .generate import CT_MANIFEST_COLUMNS as CT_MANIFEST_COLUMNS
 from .generate import LABEL_COLUMNS as LABEL_COLUMNS
 from .generate import MANIFEST_COLUMNS as MANIFEST_COLUMNS
 from .generate import generate_phantom as generate_phantom
 from .reports import PHANTOM_CAPTIONS as PHANTOM_CAPTIONS
 
 __all__ = [
+    "CT3D_CAPTIONS",
+    "CT_MANIFEST_COLUMNS",
+    "CTCase",
     "FINDINGS",
     "LABEL_COLUMNS",
     "MANIFEST_COLUMNS",
     "PHANTOM_CAPTIONS",
     "PhantomCase",
     "generate_phantom",
+    "ct3d",
     "render_case",
 ]

@@ -1,6 +1,7 @@
-"""Write a phantom chest radiograph data set to disk: PNG images, masks, manifest and description.
+"""Write a phantom data set to disk: images, masks, manifest and description.
 
-Layout of ``out_dir``::
+Two kinds: ``cxr2d`` (chest radiographs, PNG; the default) and ``ct3d`` (thoraco-abdominal CT
+volumes, NIfTI; see the end of this docstring). Layout of ``out_dir`` for ``cxr2d``::
 
     images/phantom_00000.png                    8-bit grayscale radiograph
     masks/phantom_00000_<finding>.png           0/255 mask, one per finding present
@@ -13,6 +14,13 @@ effusion_left, effusion_right, nodule, consolidation, pneumothorax``, then ``age
 nodule_zone, consolidation_zone, pneumothorax_side`` (empty when not applicable) and ``boxes``
 (JSON ``{finding: [x0, y0, x1, y1]}``, end-exclusive pixels; empty for ``no_finding``).
 Sides and zones are the patient's (the patient's left is on the image right).
+
+``ct3d`` writes ``images/ct_00000.nii.gz`` (int16 HU, RAS, voxel spacing in the header; see
+``ct3d``), ``masks/ct_00000_<finding>.nii.gz`` (uint8 0/1) and a manifest with the columns
+``CT_MANIFEST_COLUMNS``: ``id``, ``image``, ``text``, ``split``, ``finding``, binary 0/1 columns
+``no_finding, liver_lesion, kidney_cyst, lung_nodule, pleural_effusion``, then ``age, sex, phase,
+liver_lesion_location, kidney_cyst_side, lung_nodule_location, effusion_side`` (empty when not
+applicable) and ``boxes`` (JSON ``{finding: [z0, y0, x0, z1, y1, x1]}``, end-exclusive voxels).
 
 The data set is written to a hidden sibling folder and renamed into place at the end, so
 ``out_dir`` either holds a complete data set or does not exist.
@@ -35,6 +43,8 @@ from PIL import Image
 
 from ...errors import InputError
 from ...io import replace_dir
+from . import ct3d
+from .ct3d_reports import CT3D_CAPTIONS
 from .cxr2d import PhantomCase, check_case_args, render_case
 from .reports import PHANTOM_CAPTIONS
 
@@ -47,6 +57,12 @@ LABEL_COLUMNS = ("no_finding", "cardiomegaly", "effusion_left", "effusion_right"
 MANIFEST_COLUMNS = ("image", "text", "split", "finding", *LABEL_COLUMNS, "age", "sex", "view",
                     "nodule_zone", "consolidation_zone", "pneumothorax_side", "boxes")
 _SPLIT_STREAM = 7  # the split shuffle is seeded by (seed, _SPLIT_STREAM)
+KINDS = ("cxr2d", "ct3d")
+DEFAULT_SIZES = {"cxr2d": 128, "ct3d": 64}
+CT_DATASET_NAME = "phantom-ct"
+CT_LABEL_COLUMNS = ct3d.FINDINGS
+CT_MANIFEST_COLUMNS = ("id", "image", "text", "split", "finding", *CT_LABEL_COLUMNS, "age", "sex", "phase",
+                       "liver_lesion_location", "kidney_cyst_side", "lung_nodule_location", "effusion_side", "boxes")
 
 
 def case_labels(case: PhantomCase) -> dict[str, int]:
@@ -109,10 +125,26 @@ def _check_splits(splits: dict[str, float] | None) -> dict[str, float]:
     return {str(name): float(value) for name, value in splits.items()}
 
 
-def _check_params(n: int, seed: int, size: int, extra_finding_prob: float) -> None:
+def ct_manifest_row(case: ct3d.CTCase, case_id: str, image_path: str, split: str) -> dict[str, Any]:
+    """One manifest row of a CT phantom case whose volume is stored at ``image_path``."""
+    by_name = {f["name"]: f for f in case.findings}
+    boxes = {f["name"]: f["box"] for f in case.findings if f["box"] is not None}
+    return {
+        "id": case_id, "image": image_path, "text": case.report, "split": split, "finding": case.finding,
+        **{name: int(name in by_name) for name in CT_LABEL_COLUMNS},
+        "age": case.meta["age"], "sex": case.meta["sex"], "phase": case.meta["phase"],
+        "liver_lesion_location": by_name.get("liver_lesion", {}).get("location") or "",
+        "kidney_cyst_side": by_name.get("kidney_cyst", {}).get("side") or "",
+        "lung_nodule_location": by_name.get("lung_nodule", {}).get("location") or "",
+        "effusion_side": by_name.get("pleural_effusion", {}).get("side") or "",
+        "boxes": json.dumps(boxes, separators=(",", ":")) if boxes else "",
+    }
+
+
+def _check_params(n: int, seed: int, size: int, extra_finding_prob: float, kind: str = "cxr2d") -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}")
-    check_case_args(seed, 0, size, extra_finding_prob)
+    (ct3d.check_case_args if kind == "ct3d" else check_case_args)(seed, 0, size, extra_finding_prob)
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -122,13 +154,13 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise InputError(f"{out_dir}: directory exists and is not empty (pass overwrite=True)")
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, what: str = "phantom radiographs"):
     """The project's rich progress bar when enabled; a no-op ``advance`` otherwise."""
     if not enabled:
         return nullcontext(lambda n=1: None)
     from ...progress import progress_bar
 
-    return progress_bar("phantom radiographs", total)
+    return progress_bar(what, total)
 
 
 @contextmanager
@@ -152,50 +184,81 @@ def _write_case(case: PhantomCase, name: str, root: Path) -> str:
     return image_path
 
 
-def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float) -> None:
+def _write_ct_case(case: ct3d.CTCase, name: str, root: Path) -> str:
+    from ...clinical.nifti import write_nifti
+
+    image_path = f"images/{name}.nii.gz"
+    write_nifti(root / image_path, case.volume, case.spacing)
+    for finding, mask in case.masks.items():
+        write_nifti(root / "masks" / f"{name}_{finding}.nii.gz", mask.astype(np.uint8), case.spacing)
+    return image_path
+
+
+def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float,
+                       kind: str = "cxr2d") -> None:
+    generator = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
+    if kind == "ct3d":
+        generator = {"kind": kind, **generator, "fov_mm": list(ct3d.FOV_MM),
+                     "spacing_mm": [fov / size for fov in ct3d.FOV_MM]}
     description = {
-        "name": DATASET_NAME,
+        "name": CT_DATASET_NAME if kind == "ct3d" else DATASET_NAME,
         "manifest": "manifest.csv",
         "label_columns": ["finding"],
-        "captions": PHANTOM_CAPTIONS,
-        "generator": {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob},
+        "captions": CT3D_CAPTIONS if kind == "ct3d" else PHANTOM_CAPTIONS,
+        "generator": generator,
     }
     text = json.dumps(description, indent=2) + "\n"
     (root / "dataset.json").write_text(text, encoding="utf-8")
 
 
-def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int = 128,
+def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int | None = None,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
-                     progress: bool = False, overwrite: bool = False) -> Path:
-    """Generate ``n`` phantom chest radiographs into ``out_dir``; return the manifest path.
+                     progress: bool = False, overwrite: bool = False, kind: str = "cxr2d") -> Path:
+    """Generate ``n`` phantom cases into ``out_dir``; return the manifest path.
 
-    Case ``i`` is ``render_case(seed, i, size, extra_finding_prob)``, named ``phantom_{i:05d}``.
-    ``splits`` maps split names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2).
-    An existing non-empty ``out_dir`` is an error unless ``overwrite`` is true, in which case it
-    is replaced as a whole once the new data set is complete.
+    ``kind`` "cxr2d": case ``i`` is ``cxr2d.render_case(seed, i, size, extra_finding_prob)``, a
+    chest radiograph named ``phantom_{i:05d}`` (``size`` default 128 px); "ct3d": ``ct3d.render_case``,
+    a CT volume named ``ct_{i:05d}`` (``size`` default 64 voxels a side). ``splits`` maps split
+    names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2). An existing non-empty
+    ``out_dir`` is an error unless ``overwrite`` is true, in which case it is replaced as a whole
+    once the new data set is complete.
     """
+    if kind not in KINDS:
+        raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
     out_dir = Path(out_dir)
+    size = DEFAULT_SIZES[kind] if size is None else size
     split_fractions = _check_splits(splits)
-    _check_params(n, seed, size, extra_finding_prob)
+    _check_params(n, seed, size, extra_finding_prob, kind)
     _check_target(out_dir, overwrite)
     split_of = assign_splits(int(n), int(seed), split_fractions)
-    log.info("generating %d phantom radiographs (%d px, seed %d) into %s", n, size, seed, out_dir)
+    what = "phantom CT volumes" if kind == "ct3d" else "phantom radiographs"
+    log.info("generating %d %s (%d %s, seed %d) into %s", n, what, size,
+             "voxels a side" if kind == "ct3d" else "px", seed, out_dir)
     with _staging_dir(out_dir) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=CT_MANIFEST_COLUMNS if kind == "ct3d" else MANIFEST_COLUMNS)
             writer.writeheader()
-            with _progress(int(n), progress) as advance:
+            with _progress(int(n), progress, what) as advance:
                 for index in range(int(n)):
-                    case = render_case(seed, index, size, extra_finding_prob)
-                    image_path = _write_case(case, f"phantom_{index:05d}", staging)
-                    writer.writerow(manifest_row(case, image_path, split_of[index]))
+                    writer.writerow(_write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index]))
                     advance(1)
-        _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob))
+        _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob), kind)
         replace_dir(staging, out_dir)
-    log.info("wrote %d phantom radiographs to %s", n, out_dir)
+    log.info("wrote %d %s to %s", n, what, out_dir)
     return out_dir / "manifest.csv"
+
+
+def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: float, root: Path,
+               split: str) -> dict[str, Any]:
+    """Render case ``index``, write its files under ``root`` and return its manifest row."""
+    if kind == "ct3d":
+        name = f"ct_{index:05d}"
+        ct_case = ct3d.render_case(seed, index, size, extra_finding_prob)
+        return ct_manifest_row(ct_case, name, _write_ct_case(ct_case, name, root), split)
+    case = render_case(seed, index, size, extra_finding_prob)
+    return manifest_row(case, _write_case(case, f"phantom_{index:05d}", root), split)
 
 
 def iter_cases(n: int, seed: int = 0, size: int = 128,

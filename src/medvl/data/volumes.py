@@ -1,0 +1,168 @@
+"""Volumes for 3D models: read, window and resize slab by slab, so memory stays bounded.
+
+``load_volume(image, config)`` returns a ``(C, D, H, W)`` float32 tensor in [0, 1] of the model's
+``config.volume_shape`` (RAS: axis 0 inferior -> superior, axis 1 posterior -> anterior, axis 2
+the patient's left -> right, as ``medvl.clinical.nifti.read_nifti``). Intensities:
+
+- ``config.window`` pairs (HU for CT) give one channel each: values clipped to
+  ``[center - width / 2, center + width / 2]`` and scaled to [0, 1] (DICOM LINEAR_EXACT), before
+  any resampling so that bone or air never bleed into soft tissue;
+- without a window, the resampled volume is min-max scaled (as 2D images are);
+- 8-bit volumes (display values, e.g. a windowed DICOM series) are divided by 255.
+
+Memory: a NIfTI file is streamed from disk ``SLAB_VOXELS`` voxels at a time (its third voxel axis
+is stored slowest); each slab is windowed and resized in-plane (MONAI ``Resize``, area averaging
+when shrinking) before the next is read, and only the in-plane-resized stack is kept, so a
+512 x 512 x 300 CT never exists in memory as a whole (see docs/benchmarks.md for the peak RSS).
+Arrays and other files (DICOM series, ``.npy``) are already in memory as read; they are processed
+the same slab-wise way, which keeps the extra memory to a slab. The stack is finally resized along
+the remaining axis and, for NIfTI, brought to RAS like ``read_nifti`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..models.config import ImageConfig
+from .images import image_suffix, read_image
+
+SLAB_VOXELS = 2 << 20  # voxels read and resampled at a time (8 MiB as float32)
+_FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def load_volume(image, config: ImageConfig) -> torch.Tensor:
+    """One volume (path, array or loadable object) as model-ready ``(C, D, H, W)`` in [0, 1]."""
+    if not isinstance(image, np.ndarray) and not callable(getattr(image, "load", None)):
+        suffix = image_suffix(image)
+        if suffix in (".nii", ".nii.gz"):
+            return _nifti_volume(Path(image), config)
+        if suffix in _FLAT_SUFFIXES:
+            raise DataError(image, f"a 2D image file ({suffix}); this {config.arch} model takes 3D volumes "
+                                   "(NIfTI .nii/.nii.gz, a DICOM series or a DxHxW array)")
+    source = "<array>" if isinstance(image, np.ndarray) else image
+    array = image if isinstance(image, np.ndarray) else read_image(image)
+    return _array_volume(_as_volume(array, source, config), source, config)
+
+
+def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
+    """A DxHxW grayscale volume (an RGB volume DxHxWx3 is averaged to gray), or DataError."""
+    if array.ndim == 4 and array.shape[-1] in (3, 4):
+        array = array[..., :3].mean(axis=-1, dtype=np.float32)
+        if config.windows:
+            raise DataError(source, "an RGB volume has no modality values to window; drop image.window")
+    elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:
+        raise DataError(source, f"a 2D RGB image {array.shape}; this {config.arch} model takes 3D volumes")
+    if array.ndim != 3:
+        raise DataError(source, f"image shape {array.shape} does not fit a 3D model (expected a DxHxW volume)")
+    if min(array.shape) < 2:
+        raise DataError(source, f"volume shape {array.shape} has a single slice; a 3D model needs a volume")
+    if array.size == 0:
+        raise DataError(source, "image has no voxels")
+    return array
+
+
+class _SlabResampler:
+    """Collects slabs (k, j, i), each windowed and resized in-plane, then resizes along k."""
+
+    def __init__(self, config: ImageConfig, plane: tuple[int, int], target: tuple[int, int, int], eight_bit: bool):
+        from monai.transforms import Resize
+
+        self.config, self.target, self.eight_bit = config, target, eight_bit
+        self.resize_plane = Resize(spatial_size=target[1:], mode=_mode(plane, target[1:], 2))
+        self.parts: list[torch.Tensor] = []
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, slab: np.ndarray, source) -> None:
+        if slab.dtype != np.uint8 and not np.isfinite(slab).all():
+            raise DataError(source, "image contains NaN or infinite values")
+        channels = self._intensities(slab)  # (C, k, j, i)
+        count, rows, cols = slab.shape
+        flat = torch.from_numpy(channels.reshape(-1, rows, cols))
+        resized = self.resize_plane(flat).as_tensor().float()
+        self.parts.append(resized.view(channels.shape[0], count, *self.target[1:]))
+
+    def _intensities(self, slab: np.ndarray) -> np.ndarray:
+        if self.eight_bit:
+            return (slab.astype(np.float32) / 255.0)[None]
+        values = slab.astype(np.float32, copy=False)
+        if not self.config.windows:
+            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+            return values[None]
+        channels = np.empty((len(self.config.windows), *values.shape), np.float32)
+        for channel, (center, width) in zip(channels, self.config.windows, strict=True):
+            np.subtract(values, center - width / 2.0, out=channel)  # in place: one slab-sized buffer a window
+            channel /= width
+            np.clip(channel, 0.0, 1.0, out=channel)
+        return channels
+
+    def finish(self) -> torch.Tensor:
+        """The (C, D, H, W) volume in voxel order (k, j, i), values in [0, 1]."""
+        from monai.transforms import Resize
+
+        stack = torch.cat(self.parts, dim=1)
+        depth = (stack.shape[1],)
+        resize = Resize(spatial_size=self.target, mode=_mode(depth, self.target[:1], 1))
+        volume = resize(stack).as_tensor().float()
+        if not self.eight_bit and not self.config.windows:
+            span = self.high - self.low
+            volume = (volume - self.low) / span if span > 0 else torch.zeros_like(volume)
+        return volume.clamp_(0.0, 1.0)
+
+
+def _mode(source: Sequence[int], target: Sequence[int], dims: int) -> str:
+    """Area averaging when no axis grows (anti-aliased shrinking); linear interpolation otherwise."""
+    if all(t <= s for s, t in zip(source, target, strict=True)):
+        return "area"
+    return "bilinear" if dims == 2 else "trilinear"
+
+
+def _finish_channels(volume: torch.Tensor, config: ImageConfig) -> torch.Tensor:
+    if volume.shape[0] == 1 and config.in_channels == 3:
+        volume = volume.repeat(3, 1, 1, 1)
+    return volume.contiguous()
+
+
+def _array_volume(array: np.ndarray, source, config: ImageConfig) -> torch.Tensor:
+    """A DxHxW array (already RAS) through the same slab-wise path."""
+    depth, rows, cols = array.shape
+    resampler = _SlabResampler(config, (rows, cols), config.volume_shape, array.dtype == np.uint8)
+    step = max(1, SLAB_VOXELS // (rows * cols))
+    _feed(resampler, (array[start:start + step] for start in range(0, depth, step)), source)
+    return _finish_channels(resampler.finish(), config)
+
+
+def _feed(resampler: _SlabResampler, slabs: Iterable[np.ndarray], source) -> None:
+    for slab in slabs:
+        resampler.add(slab, source)
+
+
+def _nifti_volume(path: Path, config: ImageConfig) -> torch.Tensor:
+    """Stream a NIfTI file slab by slab; the result is in RAS order like ``read_nifti``."""
+    from ..clinical.nifti import NiftiSlabs
+
+    volume = NiftiSlabs(path)
+    ni, nj, nk = volume.shape
+    if min(volume.shape) < 2:
+        raise DataError(path, f"volume shape {(nk, nj, ni)} has a single slice; a 3D model needs a volume")
+    depth, side = config.volume_shape[0], config.image_size
+    size_of = [depth if volume.ras_axes[axis] == 2 else side for axis in range(3)]  # per voxel axis i, j, k
+    target = (size_of[2], size_of[1], size_of[0])
+    resampler = _SlabResampler(config, (nj, ni), target, eight_bit=False)  # NIfTI holds modality values
+    _feed(resampler, volume.slabs(SLAB_VOXELS), path)
+    return _finish_channels(_to_ras(resampler.finish(), volume.ras_axes, volume.ras_flips), config)
+
+
+def _to_ras(volume: torch.Tensor, ras_axes: tuple[int, ...], ras_flips: tuple[bool, ...]) -> torch.Tensor:
+    """(C, k, j, i) in voxel order -> (C, z, y, x) RAS, as nibabel's ``as_closest_canonical``."""
+    by_voxel_axis = volume.permute(0, 3, 2, 1)  # (C, i, j, k)
+    flips = [1 + axis for axis in range(3) if ras_flips[axis]]
+    if flips:
+        by_voxel_axis = by_voxel_axis.flip(flips)
+    order = [ras_axes.index(ras) for ras in range(3)]  # the voxel axis that becomes x, y, z
+    ras = by_voxel_axis.permute(0, *(1 + axis for axis in order))  # (C, x, y, z)
+    return ras.permute(0, 3, 2, 1)

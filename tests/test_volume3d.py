@@ -1,0 +1,316 @@
+"""3D vision-language: the CT phantom, volume preprocessing, 3D encoders and the CLI on volumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medvl
+from cli_helpers import invoke
+from medvl.clinical.nifti import NiftiSlabs, read_nifti, write_nifti
+from medvl.data import volumes
+from medvl.data.phantom import CT3D_CAPTIONS, CT_MANIFEST_COLUMNS, generate_phantom
+from medvl.data.phantom.ct3d import FINDINGS, render_case
+from medvl.errors import DataError, InputError
+from medvl.models.config import ImageConfig
+from medvl.models.registry import get_config
+
+KEYWORDS = {
+    "liver_lesion": ("lesion", "hypodens", "hypoattenuat", "low-attenuation"),
+    "kidney_cyst": ("cyst",),
+    "lung_nodule": ("nodul",),
+    "pleural_effusion": ("effusion", "pleural fluid"),
+}
+NEGATION = re.compile(r"\b(no|not|without)\b", re.IGNORECASE)
+WINDOWS = [-600, 1500, 40, 400]
+
+
+def _sentences(report: str) -> list[str]:
+    body = report.replace("FINDINGS:", " ").replace("IMPRESSION:", " ")
+    return [s.strip() for s in re.split(r"(?<=\.)\s+", body) if s.strip()]
+
+
+@pytest.fixture(scope="module")
+def cases() -> list:
+    return [render_case(0, i, 40) for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def ct_dir(tmp_path_factory) -> Path:
+    """A small CT phantom (40 volumes of 32^3) shared by the CLI tests."""
+    folder = tmp_path_factory.mktemp("ct3d") / "data"
+    generate_phantom(folder, n=40, seed=1, size=32, kind="ct3d", splits={"train": 0.7, "test": 0.3})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_model(ct_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ct3d-run") / "run"
+    result, output = invoke("train", "--data", ct_dir, "--out", out, "--model", "ct3d-tiny", "--epochs", 2,
+                            "--batch-size", 8, "--quiet")
+    assert result.exit_code == 0, output
+    return out
+
+
+# --- the phantom ---------------------------------------------------------------------------------
+
+
+def test_same_seed_same_case_and_other_seeds_differ():
+    first, again = render_case(4, 7, 32), render_case(4, 7, 32)
+    assert first.volume.dtype == np.int16 and first.volume.shape == (32, 32, 32)
+    assert first.volume.tobytes() == again.volume.tobytes()
+    assert first.report == again.report and first.findings == again.findings and first.meta == again.meta
+    assert all(np.array_equal(first.masks[k], again.masks[k]) for k in first.masks)
+    assert render_case(5, 7, 32).volume.tobytes() != first.volume.tobytes()
+    assert render_case(4, 8, 32).volume.tobytes() != first.volume.tobytes()
+
+
+def test_same_case_at_two_sizes_is_the_same_patient():
+    for index in range(5):
+        small, big = render_case(2, index, 24), render_case(2, index, 48)
+        assert small.report == big.report and small.meta == big.meta
+        for f_small, f_big in zip(small.findings, big.findings, strict=True):
+            assert {k: v for k, v in f_small.items() if k != "box"} == {k: v for k, v in f_big.items() if k != "box"}
+            if f_small["box"] is not None:
+                assert np.allclose(np.array(f_big["box"]), 2 * np.array(f_small["box"]), atol=4)
+
+
+def test_classes_are_balanced_and_tissues_have_ct_values(cases):
+    counts = {name: sum(c.finding == name for c in cases) for name in FINDINGS}
+    assert counts == dict.fromkeys(FINDINGS, 6)  # one of each per block of five indices
+    for case in cases:
+        volume = case.volume
+        assert volume.min() <= -950  # air around the body
+        assert np.median(volume[case.anatomy["lungs"]]) < -700
+        assert 30 < np.median(volume[case.anatomy["liver"]]) < 140
+        assert np.median(volume[case.anatomy["spine"]]) > 150
+        assert case.spacing == pytest.approx((300 / 40, 380 / 40, 380 / 40))
+
+
+def test_masks_boxes_and_places_of_findings(cases):
+    for case in cases:
+        if case.finding == "no_finding":
+            assert not case.masks and case.findings[0]["box"] is None
+            continue
+        finding = case.findings[0]
+        mask = case.masks[finding["name"]]
+        z0, y0, x0, z1, y1, x1 = finding["box"]
+        assert mask.sum() > 0 and mask[z0:z1, y0:y1, x0:x1].sum() == mask.sum()
+        assert mask[z0].any() and mask[z1 - 1].any() and mask[:, y0].any() and mask[:, :, x1 - 1].any()
+        inside = np.median(case.volume[mask])
+        if finding["name"] == "liver_lesion":
+            assert (mask & case.anatomy["liver"]).sum() >= 0.5 * mask.sum()
+            assert inside < np.median(case.volume[case.anatomy["liver"] & ~mask])  # hypodense
+        if finding["name"] == "kidney_cyst":
+            assert (mask & case.anatomy["kidneys"]).any()
+            assert finding["side"] in finding["location"]
+        if finding["name"] == "lung_nodule":  # denser than the lung around it, if only by partial volume
+            assert (mask & case.anatomy["lungs"]).any()
+            if not finding["subtle"]:  # a subtle one may be a fraction of a 9.5 mm voxel at this size
+                assert case.volume[mask].max() > np.median(case.volume[case.anatomy["lungs"]]) + 300
+        if finding["name"] == "pleural_effusion":
+            assert inside > -300  # fluid where the lung was air
+        if finding["side"] is not None:  # axis 2 runs from the patient's left to right (RAS)
+            centre_x = np.nonzero(mask)[2].mean()
+            assert (centre_x > 20) == (finding["side"] == "right"), (finding, centre_x)
+
+
+def test_reports_mention_present_findings_and_only_negate_absent_ones(cases):
+    for case in cases + [render_case(3, i, 24, extra_finding_prob=1.0) for i in range(15)]:
+        present = {f["name"] for f in case.findings}
+        sentences = _sentences(case.report)
+        assert case.report.startswith("FINDINGS: ") and " IMPRESSION: " in case.report
+        for name, words in KEYWORDS.items():
+            mentions = [s for s in sentences if any(w in s.lower() for w in words)]
+            if name in present:
+                assert any(not NEGATION.search(s) for s in mentions), (name, case.report)
+            else:
+                assert all(NEGATION.search(s) for s in mentions), (name, case.report)
+        if case.finding == "no_finding":
+            assert len(case.findings) == 1
+
+
+def test_generated_folder_reads_back_as_nifti_and_loads_as_a_dataset(tmp_path):
+    manifest = generate_phantom(tmp_path / "a", n=6, seed=2, size=24, kind="ct3d")
+    again = generate_phantom(tmp_path / "b", n=6, seed=2, size=24, kind="ct3d")
+    assert manifest.read_bytes() == again.read_bytes()
+    root = manifest.parent
+    assert (root / "images/ct_00003.nii.gz").read_bytes() == (again.parent / "images/ct_00003.nii.gz").read_bytes()
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(CT_MANIFEST_COLUMNS)
+    description = json.loads((root / "dataset.json").read_text())
+    assert description["label_columns"] == ["finding"] and description["captions"] == CT3D_CAPTIONS
+    assert description["generator"]["kind"] == "ct3d"
+    case = render_case(2, 3, 24)
+    volume, spacing = read_nifti(root / rows[3]["image"])
+    assert np.array_equal(volume, case.volume) and spacing == pytest.approx(case.spacing)
+    for name, mask in case.masks.items():
+        assert np.array_equal(read_nifti(root / f"masks/ct_00003_{name}.nii.gz")[0] > 0, mask)
+        assert json.loads(rows[3]["boxes"])[name] == case.findings[0]["box"]
+    dataset = medvl.load_dataset(root)
+    assert len(dataset) == 6 and dataset.default_labels == ["finding"] and dataset[3].id == "ct_00003"
+    with pytest.raises(InputError, match="phantom kind"):
+        generate_phantom(tmp_path / "c", n=2, kind="mri")
+    with pytest.raises(InputError, match="size must be 16-256"):
+        generate_phantom(tmp_path / "c", n=2, size=8, kind="ct3d")
+
+
+# --- volume preprocessing -------------------------------------------------------------------------
+
+
+def _windowed_block_mean(volume: np.ndarray, window: tuple[float, float], factor: int) -> np.ndarray:
+    center, width = window
+    unit = np.clip((volume.astype(np.float32) - (center - width / 2)) / width, 0, 1)
+    d, h, w = (n // factor for n in unit.shape)
+    return unit.reshape(d, factor, h, factor, w, factor).mean(axis=(1, 3, 5))
+
+
+def test_streamed_nifti_matches_the_whole_volume_in_any_orientation(tmp_path, monkeypatch):
+    import nibabel
+
+    case = render_case(0, 2, 32)
+    write_nifti(tmp_path / "ras.nii.gz", case.volume, case.spacing)
+    # the same volume stored as (y reversed, z, x reversed) with a matching affine: read_nifti's
+    # canonical RAS array is unchanged, and so must the streamed one be
+    stored = case.volume.transpose(2, 1, 0).transpose(1, 2, 0)[::-1, :, ::-1].copy()
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = -case.spacing[1], case.spacing[0], -case.spacing[2], 1
+    nibabel.save(nibabel.Nifti1Image(stored, affine), tmp_path / "oblique.nii.gz")
+    assert np.array_equal(read_nifti(tmp_path / "oblique.nii.gz")[0], case.volume)
+    assert NiftiSlabs(tmp_path / "oblique.nii.gz").ras_axes == (1, 2, 0)
+    config = ImageConfig(spatial_dims=3, image_size=16, in_channels=2, window=WINDOWS)
+    monkeypatch.setattr(volumes, "SLAB_VOXELS", 32 * 32 * 3)  # many small slabs
+    expected = np.stack([_windowed_block_mean(case.volume, w, 2) for w in config.windows])
+    for name in ("ras.nii.gz", "oblique.nii.gz"):
+        loaded = volumes.load_volume(tmp_path / name, config)
+        assert loaded.shape == (2, 16, 16, 16)
+        assert np.abs(loaded.numpy() - expected).max() < 1e-5
+    in_memory = volumes.load_volume(case.volume, config)
+    assert torch.allclose(in_memory, volumes.load_volume(tmp_path / "ras.nii.gz", config), atol=1e-6)
+
+
+def test_depth_resize_min_max_and_channel_conversion():
+    volume = np.random.default_rng(0).normal(size=(20, 24, 24)).astype(np.float32)
+    config = ImageConfig(spatial_dims=3, image_size=12, depth=40, in_channels=3)
+    loaded = volumes.load_volume(volume, config)
+    assert loaded.shape == (3, 40, 12, 12) and loaded.min() >= 0 and loaded.max() <= 1
+    assert torch.equal(loaded[0], loaded[2])
+    eight_bit = volumes.load_volume(np.full((8, 8, 8), 255, np.uint8), ImageConfig(spatial_dims=3, image_size=8))
+    assert torch.allclose(eight_bit, torch.ones(1, 8, 8, 8))
+
+
+def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)
+    model = medvl.create_model("ct3d-tiny")
+    with pytest.raises(DataError, match=r"slice\.png.*2D image file.*3D volumes"):
+        model.encode_images([png])
+    flat = tmp_path / "flat.nii.gz"
+    write_nifti(flat, np.zeros((1, 16, 16), np.int16), (1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match=r"flat\.nii\.gz.*single slice"):
+        model.encode_images([flat])
+    with pytest.raises(DataError, match="2D RGB image"):
+        model.encode_images([np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(DataError, match="NaN"):
+        model.encode_images([np.full((8, 8, 8), np.nan, np.float32)])
+    with pytest.raises(InputError, match=r"takes \(N, C, D, H, W\)"):
+        model.encode_images(torch.zeros(1, 2, 32, 32))
+
+
+def test_config_checks_for_volumes():
+    with pytest.raises(InputError, match="window"):
+        get_config("ct3d-tiny", **{"image.window": [40]})
+    with pytest.raises(InputError, match="in_channels must be 2"):
+        get_config("ct3d-tiny", **{"image.in_channels": 1})
+    with pytest.raises(InputError, match="slicepool needs spatial_dims 3"):
+        get_config("phantom-tiny", **{"image.arch": "slicepool"})
+    with pytest.raises(InputError, match="multiples of image.patch_size"):
+        get_config("ct3d-vit-tiny", **{"image.image_size": 36})
+
+
+# --- encoders ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("ct3d-tiny", {}),
+    ("ct3d-vit-tiny", {"image.depth": 16}),
+    ("ct3d-slicepool", {"image.image_size": 32, "image.depth": 12, "image.slice_batch": 5}),
+    ("ct3d-slicepool", {"image.image_size": 32, "image.depth": 8, "image.slice_pool": "mean",
+                        "image.slice_arch": "vit", "image.patch_size": 16, "image.hidden_size": 32,
+                        "image.num_layers": 1, "image.num_heads": 2}),
+])
+def test_3d_encoders_forward_and_round_trip(name, overrides, tmp_path):
+    torch.manual_seed(0)
+    model = medvl.create_model(name, **overrides)
+    image = model.config.image
+    volume = render_case(0, 1, 24).volume
+    embeddings = model.encode_images([volume, volume[::-1].copy()])
+    assert embeddings.shape == (2, model.config.embed_dim) and torch.isfinite(embeddings).all()
+    pixels = torch.rand(3, image.in_channels, *image.volume_shape)
+    assert model.encode_images(pixels).shape == (3, model.config.embed_dim)
+    model.save_pretrained(tmp_path / "model")
+    loaded = medvl.load_model(tmp_path / "model")
+    assert loaded.config.image == image
+    assert torch.equal(loaded.encode_images(pixels), model.encode_images(pixels))
+
+
+def test_slicepool_encodes_slices_in_bounded_batches():
+    model = medvl.create_model("ct3d-slicepool", **{"image.image_size": 16, "image.depth": 10,
+                                                     "image.slice_batch": 4})
+    seen = []
+    hook = model.image_encoder.backbone.slice_encoder.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].shape[0]))
+    model.encode_images(torch.rand(2, 2, 10, 16, 16))
+    hook.remove()
+    assert seen == [4, 4, 4, 4, 4] and sum(seen) == 20  # at inference; training takes the batch at once
+
+
+def test_volume_augmentation_is_seeded_and_keeps_shape():
+    preprocessor = medvl.create_model("ct3d-tiny").preprocessor
+    batch = torch.rand(4, 2, 32, 32, 32)
+    first, again = preprocessor.augment(batch, 7), preprocessor.augment(batch, 7)
+    assert first.shape == batch.shape and torch.equal(first, again)
+    assert not torch.equal(first, preprocessor.augment(batch, 8))
+
+
+# --- commands on volumes -----------------------------------------------------------------------
+
+
+def test_cli_phantom_ct3d(tmp_path):
+    result, output = invoke("phantom", tmp_path / "ct", "--kind", "ct3d", "--n", 5, "--size", 20, "--quiet")
+    assert result.exit_code == 0, output
+    assert sorted(p.name for p in (tmp_path / "ct/images").iterdir())[0] == "ct_00000.nii.gz"
+    result, output = invoke("phantom", tmp_path / "bad", "--kind", "pet")
+    assert result.exit_code == 2 and "phantom kind" in output
+
+
+def test_cli_train_zero_shot_retrieval_predict_and_index_on_volumes(ct_dir, ct_model, tmp_path):
+    result, output = invoke("eval", "zero-shot", "--model", ct_model, "--data", ct_dir, "--quiet",
+                            "--json", tmp_path / "zs.json")
+    assert result.exit_code == 0, output
+    zero_shot = json.loads((tmp_path / "zs.json").read_text())
+    assert zero_shot["n"] == 12 and zero_shot["classes"] == sorted(FINDINGS)
+    result, output = invoke("eval", "retrieval", "--model", ct_model, "--data", ct_dir, "--quiet")
+    assert result.exit_code == 0 and "image_to_text R@1" in output, output
+    volume = ct_dir / "images/ct_00000.nii.gz"
+    result, output = invoke("predict", volume, "--model", ct_model, "--labels", "no_finding,liver_lesion,kidney_cyst")
+    assert result.exit_code == 0 and "ct_00000.nii.gz" in output, output
+    result, output = invoke("index", "build", "--model", ct_model, "--data", ct_dir, "--out", tmp_path / "idx",
+                            "--quiet")
+    assert result.exit_code == 0, output
+
+
+def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
+    png = tmp_path / "xray.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)
+    result, output = invoke("predict", png, "--model", ct_model, "--labels", "no_finding,lung_nodule")
+    assert result.exit_code == 2
+    assert "xray.png" in output and "3D volumes" in output and "Traceback" not in output
