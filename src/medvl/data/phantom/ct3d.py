@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ...errors import InputError
 from .ct3d_reports import write_ct_report
+from .cxr2d import check_case_args as _check_args
 
 FINDINGS: tuple[str, ...] = ("no_finding", "liver_lesion", "kidney_cyst", "lung_nodule", "pleural_effusion")
 ABNORMAL = FINDINGS[1:]
@@ -666,15 +666,7 @@ def _record(name: str, params: dict[str, Any], mask: np.ndarray | None) -> dict[
 
 def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float) -> None:
     """Raise InputError unless the arguments of ``render_case`` are usable."""
-    for name, value in (("seed", seed), ("index", index), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"{name} must be an integer, got {value!r}")
-    if seed < 0 or index < 0:
-        raise InputError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise InputError(f"size must be {MIN_SIZE}-{MAX_SIZE} voxels for a CT phantom, got {size}")
-    if not 0.0 <= float(extra_finding_prob) <= 1.0:
-        raise InputError(f"extra_finding_prob must be in [0, 1], got {extra_finding_prob}")
+    _check_args(seed, index, size, extra_finding_prob, size_range=(MIN_SIZE, MAX_SIZE), unit="voxels for a CT phantom")
 
 
 def _acquire(volume: np.ndarray, grid: _Grid, body: _Body, rng: np.random.Generator) -> np.ndarray:

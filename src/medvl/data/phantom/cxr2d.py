@@ -820,15 +820,19 @@ def _box(mask: np.ndarray) -> list[int]:
     return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
 
 
-def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float) -> None:
-    """Raise InputError unless the arguments of ``render_case`` are usable."""
+def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float,
+                    size_range: tuple[int, int | None] = (MIN_SIZE, None), unit: str = "pixels") -> None:
+    """Raise InputError unless the arguments of ``render_case`` are usable (shared by the 2D and
+    3D phantoms; ``size_range`` is the allowed image side, ``None`` for no upper bound)."""
     for name, value in (("seed", seed), ("index", index), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise InputError(f"{name} must be an integer, got {value!r}")
     if seed < 0 or index < 0:
         raise InputError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    if size < MIN_SIZE:
-        raise InputError(f"size must be >= {MIN_SIZE} pixels, got {size}")
+    low, high = size_range
+    if size < low or (high is not None and size > high):
+        bounds = f">= {low}" if high is None else f"{low}-{high}"
+        raise InputError(f"size must be {bounds} {unit}, got {size}")
     if not 0.0 <= float(extra_finding_prob) <= 1.0:
         raise InputError(f"extra_finding_prob must be in [0, 1], got {extra_finding_prob}")
 
