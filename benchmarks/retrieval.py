@@ -104,7 +104,7 @@ def bench_faiss(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.n
     ann = build_ann(vectors, np.arange(len(vectors), dtype=np.int64), kind)
     build = round(time.perf_counter() - started, 1)
     grown = rss_mb() - before
-    size = faiss.serialize_index(ann).nbytes / 2**20 if kind != "hnsw" or len(vectors) <= 2_000_000 else float("nan")
+    size = faiss.serialize_index(ann).nbytes / 2**20
     memory = f"{size:,.0f} MB index, +{grown:,.0f} MB RSS"
     if kind == "flat":
         sweep = [("exact", None, True)]

@@ -87,7 +87,7 @@ def print_metrics(title: str, rows: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(key, fmt(value))
     console.print(table)
 
 
@@ -96,11 +96,12 @@ def print_per_class(per_class: dict[str, dict[str, Any]]) -> None:
     for column in ("class", "support", "precision", "recall", "f1", "auc"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in per_class.items():
-        table.add_row(name, *(_fmt(row[c]) for c in ("support", "precision", "recall", "f1", "auc")))
+        table.add_row(name, *(fmt(row[c]) for c in ("support", "precision", "recall", "f1", "auc")))
     console.print(table)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A table cell: '-' for missing, three decimals for floats."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -110,3 +111,12 @@ def _fmt(value: Any) -> str:
 
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+def emit_json(result: dict, json_path: Path | None) -> None:
+    """Write a command's result to ``--json`` (atomically) when one was given, and say so."""
+    if json_path is not None:
+        from ..io import write_json
+
+        write_json(json_path, result)
+        console.print(f"wrote {json_path}")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, QuietOption, console, handle_errors, print_metrics
+from .common import JsonOption, QuietOption, console, emit_json, handle_errors, print_metrics
 
 index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
 
@@ -39,14 +39,6 @@ def index_model(path: Path | None, index):
     if not folder:
         raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
     return load_model(folder)
-
-
-def _emit(result: dict, json_path: Path | None) -> None:
-    if json_path is not None:
-        from ..io import write_json
-
-        write_json(json_path, result)
-        console.print(f"wrote {json_path}")
 
 
 def _index_rows(info: dict) -> dict:
@@ -87,7 +79,7 @@ def build_command(
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})
     print_metrics(f"index {out}", rows)
-    _emit(info, json_out)
+    emit_json(info, json_out)
 
 
 @index_app.command("add")
@@ -111,7 +103,7 @@ def add_command(
                              allow_duplicates=allow_duplicates, show_progress=not quiet)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
-    _emit(result, json_out)
+    emit_json(result, json_out)
 
 
 @index_app.command("delete")
@@ -141,7 +133,7 @@ def info_command(index: IndexOption, json_out: JsonOption = None) -> None:
     with open_index(index) as opened:
         info = {**opened.info, "n_cases": len(opened)}
     print_metrics(f"index {index}", _index_rows(info))
-    _emit(info, json_out)
+    emit_json(info, json_out)
 
 
 @handle_errors
@@ -169,7 +161,7 @@ def search_command(
         columns = show or opened.info.get("label_columns") or []
     _print_hits(hits, columns, target)
     query = {"image": str(image)} if image is not None else {"text": text}
-    _emit({"index": index, "query": query, "target": target, "k": k, "where": where,
+    emit_json({"index": index, "query": query, "target": target, "k": k, "where": where,
            "hits": [hit.to_dict() for hit in hits]}, json_out)
 
 

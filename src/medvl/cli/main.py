@@ -15,6 +15,7 @@ from .common import (
     LabelOption,
     QuietOption,
     console,
+    emit_json,
     handle_errors,
     pick_label,
     print_metrics,
@@ -56,14 +57,6 @@ def _captions(dataset, path: Path | None, model=None):
         if own:
             return CaptionConfig.from_dict(own)
     return captions_for(dataset, path)
-
-
-def _emit(result: dict, json_path: Path | None) -> None:
-    if json_path is not None:
-        from ..io import write_json
-
-        write_json(json_path, result)
-        console.print(f"wrote {json_path}")
 
 
 @app.command("models")
@@ -203,7 +196,7 @@ def eval_zero_shot(
         "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
         "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
     print_per_class(result["per_class"])
-    _emit({**result, "model": str(model), "data": str(data), "split": split}, json_out)
+    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out)
 
 
 @eval_app.command("retrieval")
@@ -227,7 +220,7 @@ def eval_retrieval(
             if key != "chance":
                 rows[f"{direction} {key}"] = value
     print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts)", rows)
-    _emit({**result, "model": str(model), "data": str(data), "split": split}, json_out)
+    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out)
 
 
 @eval_app.command("linear-probe")
@@ -262,7 +255,7 @@ def eval_linear_probe(
     for k, scores in result["few_shot"].items():
         rows[f"{k}-shot auc"] = scores["auc_mean"]
     print_metrics(f"linear probe {label} (train {result['n_train']}, test {result['n_test']})", rows)
-    _emit({**result, "model": str(model)}, json_out)
+    emit_json({**result, "model": str(model)}, json_out)
 
 
 @app.command("predict")
@@ -285,7 +278,7 @@ def predict_command(
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
         console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown})")
-    _emit({"predictions": results}, json_out)
+    emit_json({"predictions": results}, json_out)
 
 
 @bench_app.command("medmnist")
@@ -309,7 +302,7 @@ def bench_medmnist(
     print_metrics(f"MedMNIST {test_data.name}:{test_split}", {
         "auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
         "seconds": result["seconds"]})
-    _emit(result, json_out)
+    emit_json(result, json_out)
 
 
 @bench_app.command("cv")
@@ -346,7 +339,7 @@ def bench_cv(
         | {"pooled out-of-fold auc": result["auc_pooled"], "majority-class acc": result["majority_acc"],
            "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in result["folds"]),
            "seconds": result["seconds"]})
-    _emit(result, json_out)
+    emit_json(result, json_out)
 
 
 def _mean_std(result: dict, key: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, QuietOption, console, handle_errors, print_metrics
+from .common import JsonOption, QuietOption, console, emit_json, fmt, handle_errors, print_metrics
 from .index import IndexOption, ModelOption
 
 report_app = typer.Typer(help="Draft reports from similar cases; the knowledge base of finding definitions.",
@@ -59,11 +59,7 @@ def draft_command(
         draft = draft_report(opened, net, image, k=k, where=where, labeller=labeller, min_support=min_support,
                              min_similarity=min_similarity, related=related)
     print_draft(draft)
-    if json_out is not None:
-        from ..io import write_json
-
-        write_json(json_out, {"image": str(image), "index": index, **draft.to_dict()})
-        console.print(f"wrote {json_out}")
+    emit_json({"image": str(image), "index": index, **draft.to_dict()}, json_out)
 
 
 def print_draft(draft) -> None:
@@ -185,11 +181,7 @@ def case_retrieval_command(
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
     print_case_retrieval(result)
-    if json_out is not None:
-        from ..io import write_json
-
-        write_json(json_out, {**result, "index": index, "data": str(data), "split": split})
-        console.print(f"wrote {json_out}")
+    emit_json({**result, "index": index, "data": str(data), "split": split}, json_out)
 
 
 def print_case_retrieval(result: dict) -> None:
@@ -213,7 +205,7 @@ def print_case_retrieval(result: dict) -> None:
         ("abstention rate", draft["abstention_rate"], None, ""),
     ]
     for name, value, baseline, kind in rows:
-        table.add_row(name, _fmt(value), _fmt(baseline), kind)
+        table.add_row(name, fmt(value), fmt(baseline), kind)
     console.print(table)
     agreement = result.get("labeller_vs_labels")
     details = {"findings reference": draft["reference"], "self-matches left out": result["excluded_self"],
@@ -228,5 +220,3 @@ def print_case_retrieval(result: dict) -> None:
     print_metrics("details", details)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
