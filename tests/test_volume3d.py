@@ -314,3 +314,39 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
     result, output = invoke("predict", png, "--model", ct_model, "--labels", "no_finding,lung_nodule")
     assert result.exit_code == 2
     assert "xray.png" in output and "3D volumes" in output and "Traceback" not in output
+
+
+def test_index_hashes_nifti_volumes_streamed_and_finds_a_recompressed_copy(ct_dir, ct_model, tmp_path):
+    import gzip
+    import shutil
+
+    from medvl.index.build import nifti_sha256
+
+    data = tmp_path / "data"
+    shutil.copytree(ct_dir, data)
+    original = data / "images/ct_00003.nii.gz"
+    with gzip.open(original, "rb") as source, open(data / "images/copy.nii", "wb") as target:
+        shutil.copyfileobj(source, target)  # the same volume, uncompressed, under another name
+    with open(data / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = next(r for r in rows if r["image"] == "images/ct_00003.nii.gz")
+    rows.append({**row, "id": "copy", "image": "images/copy.nii"})
+    with open(data / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert nifti_sha256(original) == nifti_sha256(data / "images/copy.nii")
+    assert nifti_sha256(original) != nifti_sha256(data / "images/ct_00004.nii.gz")
+
+    result, output = invoke("index", "build", "--model", ct_model, "--data", data, "--out", tmp_path / "idx",
+                            "--json", tmp_path / "build.json", "--quiet")
+    assert result.exit_code == 0, output
+    built = json.loads((tmp_path / "build.json").read_text())
+    assert built["duplicates"] == [{"id": "copy", "duplicate_of": row["id"]}]
+    # embedded from the path (streamed) = embedded from the whole decoded volume
+    model = medvl.load_model(ct_model)
+    from medvl.index import open_index
+
+    index = open_index(tmp_path / "idx")
+    hits = index.search(model.encode_images([read_nifti(original)[0]]).numpy(), k=1)
+    assert hits[0][0].id == row["id"] and hits[0][0].score > 0.999

@@ -1,7 +1,9 @@
 """Embedding a dataset into an index: a resumable, atomic build, and incremental adds.
 
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
-embedding. A case whose image is already indexed (or appears earlier in the same data) is skipped
+embedding. A NIfTI volume is the exception that keeps memory bounded: it is hashed while streamed
+slab by slab from disk and embedded from its path (``medvl.data.volumes`` streams it again), so a
+batch of large CTs is never held decoded in memory. A case whose image is already indexed (or appears earlier in the same data) is skipped
 and reported, unless duplicates are allowed; a case whose id is already indexed is skipped on add.
 
 What a case stores comes from its record (id, split, labels, meta, text, image path, pixel hash);
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.images import read_image
+from ..data.images import image_suffix, read_image
 from ..data.record import Dataset, Record
 from ..progress import progress_bar
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint
@@ -32,16 +34,31 @@ from .cases import Case, check_unique_ids, infer_columns, pixel_sha256
 log = logging.getLogger(__name__)
 
 
-def read_images(records: Sequence[Record]) -> list[tuple[Record, np.ndarray, str]]:
-    """Each record with its decoded first image and that image's pixel hash."""
+def read_images(records: Sequence[Record]) -> list[tuple[Record, Any, str]]:
+    """Each record with its image (decoded pixels, or a NIfTI path) and that image's pixel hash."""
     items = []
     for record in records:
+        if not isinstance(record.image, np.ndarray) and image_suffix(record.image) in (".nii", ".nii.gz"):
+            items.append((record, record.image, nifti_sha256(record.image)))
+            continue
         array = record.image if isinstance(record.image, np.ndarray) else read_image(record.image)
         items.append((record, array, pixel_sha256(array)))
     return items
 
 
-def embed_records(model, items: Sequence[tuple[Record, np.ndarray, str]], known_images: dict[str, str],
+def nifti_sha256(path) -> str:
+    """Hash of a NIfTI volume's voxel values (after scaling), its shape and orientation, read slab by
+    slab: equal for the same volume saved as .nii and .nii.gz or under another name."""
+    from ..clinical.nifti import NiftiSlabs
+
+    volume = NiftiSlabs(path)
+    digest = hashlib.sha256(f"nifti{volume.shape}{volume.ras_axes}{volume.ras_flips}".encode())
+    for slab in volume.slabs():
+        digest.update(np.ascontiguousarray(slab).tobytes())
+    return digest.hexdigest()
+
+
+def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images: dict[str, str],
                   allow_duplicates: bool = False) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
     """Cases, image and report embeddings of ``items`` (from ``read_images``), minus duplicates.
 
