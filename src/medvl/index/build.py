@@ -1,10 +1,11 @@
 """Embedding a dataset into an index: a resumable, atomic build, and incremental adds.
 
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
-embedding. A NIfTI volume is the exception that keeps memory bounded: it is hashed while streamed
-slab by slab from disk and embedded from its path (``medvl.data.volumes`` streams it again), so a
-batch of large CTs is never held decoded in memory. A case whose image is already indexed (or appears earlier in the same data) is skipped
-and reported, unless duplicates are allowed; a case whose id is already indexed is skipped on add.
+embedding. NIfTI volumes are read twice to keep memory bounded: hashed while streamed slab by slab
+from disk, then embedded from the path (``medvl.data.volumes`` streams them again), so a batch of
+large CTs is never held decoded in memory. A case whose image is already indexed (or appears
+earlier in the same data) is skipped and reported, unless duplicates are allowed; a case whose id
+is already indexed is skipped on add.
 
 What a case stores comes from its record (id, split, labels, meta, text, image path, pixel hash);
 DICOM headers are never read here, only pixels. DICOM records come from
