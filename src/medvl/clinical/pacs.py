@@ -14,21 +14,11 @@
   server does not transcode), parsed as a stream: each instance is spooled (in memory up to 64 MiB,
   then an unnamed temporary file) and handed over one at a time.
 
-``pull_study(url_or_client, study_uids, out, ...)`` copies whole studies into a folder:
-``OUT/study-<hash>/series-<hash>/<hash>.dcm`` (short SHA-256 hashes of the de-identified UIDs)
-plus ``pull-report.json`` (server, counts, series with modality and number, the de-identification
-summary: attribute names only; no UIDs, names, IDs or dates). Every instance is de-identified
-before it is written (``medvl.clinical.deid``: the PS3.15 basic profile via dicognito, one
-anonymizer per pull so the studies, series and patients stay linked) and written atomically
-(temporary file + rename). ``keep_identifiers=True`` writes the instances as received instead, with
-a warning.
-
-A pull is resumable: ``OUT/.medvl-pull-state.json`` records which instances are done (by a hash of
-their original SOP Instance UID) and, for a de-identified pull without ``seed``, the random
-de-identification seed, so a rerun of the same command after an interruption (or after
-``limit``) fetches only the missing instances and maps UIDs and dates exactly as the first run did.
-The state file is deleted when the pull completes, taking the seed with it: the seed would
-reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
+``pull_study(url_or_client, study_uids, out, ...)`` copies whole studies into a folder through
+``medvl.clinical.pull.run_pull`` (the client is a ``PullSource``: ``plan_series`` lists the series
+and instances with QIDO-RS, ``fetch_series`` retrieves them with WADO-RS): every instance
+de-identified before it is written, atomic writes, a resumable state, ``pull-report.json``
+without identifiers. ``medvl.clinical.dimse.DimseClient`` does the same over DIMSE.
 
 Errors are ``DataError`` naming the server URL without credentials: connection refused, timeout,
 401 / 403, an unknown study, a response that is not DICOM JSON or not multipart DICOM, a part that
@@ -37,29 +27,24 @@ is not a DICOM file, a transfer cut short.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import secrets
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..errors import DataError, InputError
-from ..io import atomic_write_bytes, write_json
-from ..progress import progress_bar
+from .pull import REPORT_NAME as REPORT_NAME
+from .pull import STATE_NAME as STATE_NAME
+from .pull import SeriesPlan, as_int, check_pull_arguments, run_pull, series_order
+from .pull import read_report as read_report
+from .pull import short_hash as short_hash
 from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = ".medvl-pull-state.json"
-REPORT_NAME = "pull-report.json"
 DICOM_JSON = "application/dicom+json"
 DICOM = "application/dicom"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -67,8 +52,6 @@ WADO_ACCEPT_FALLBACK = 'multipart/related; type="application/dicom"'  # servers 
 SPOOL_BYTES = 64 << 20  # an instance larger than this is spooled to an unnamed temporary file
 CHUNK_BYTES = 1 << 16
 PAGE_SIZE = 1000  # QIDO-RS results asked for per request
-STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
-STATE_FORMAT = 1
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
                 "StudyDescription", "AccessionNumber", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
@@ -106,10 +89,6 @@ def redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     host_part, slash, path = rest.partition("/")
     return f"{scheme}{sep}{host_part.rpartition('@')[2]}{slash}{path}" if sep else url
-
-
-def short_hash(value: str, length: int = 16) -> str:
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:length]
 
 
 class DicomWebClient:
@@ -250,6 +229,34 @@ class DicomWebClient:
                     if kind != DICOM:
                         raise DataError(self.url, f"{what}: a part of the response is {kind}, not {DICOM}")
                     yield body
+
+    # -------------------------------------------------------------- pull source (medvl.clinical.pull)
+
+    def plan_series(self, study_uids: list[str]) -> list[SeriesPlan]:
+        """Every series of the studies and the SOP Instance UIDs in each (QIDO-RS)."""
+        plans = []
+        for number, study_uid in enumerate(study_uids, 1):
+            series = _all_pages(lambda offset, s=study_uid: self.search_series(
+                s, fields=("SeriesInstanceUID", "SeriesNumber", "Modality"), limit=PAGE_SIZE, offset=offset),
+                "SeriesInstanceUID")
+            if not series:  # the UID is not repeated: UIDs can embed dates
+                given = f"study {number} of {len(study_uids)} given" if len(study_uids) > 1 else "the study given"
+                raise DataError(self.url, f"{given} is not on the server (QIDO-RS lists no series for its UID)")
+            for item in sorted(series, key=series_order):
+                series_uid = str(item["SeriesInstanceUID"])
+                instances = _all_pages(lambda offset, s=study_uid, r=series_uid: self.search_instances(
+                    s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID")
+                plans.append(SeriesPlan(study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
+                                        [str(i["SOPInstanceUID"]) for i in instances]))
+        return plans
+
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
+        """The whole series in one response when none of it is here, else only the missing instances."""
+        if len(missing) == len(plan.instances):
+            yield from self.retrieve_series(plan.study_uid, plan.series_uid)
+            return
+        for sop in missing:
+            yield from self.retrieve_instance(plan.study_uid, plan.series_uid, sop)
 
 
 def _segment(uid: str | None) -> str:
@@ -430,95 +437,6 @@ def iter_multipart(chunks: Iterable[bytes], boundary: bytes, where: str) -> Iter
 # ------------------------------------------------------------------------------------- pull
 
 
-@dataclass
-class _State:
-    """What a pull has done so far (``STATE_NAME``); deleted when the pull completes."""
-
-    path: Path
-    studies: list[str]  # hashes of the requested study UIDs
-    keep_identifiers: bool
-    seed: str | None = None  # the generated de-identification seed (None: the caller's own seed)
-    seed_check: str | None = None  # hash of the caller's seed, to refuse a resume with another one
-    done: dict[str, str] = field(default_factory=dict)  # hash of original SOP Instance UID -> relative path
-
-    def save(self) -> None:
-        write_json(self.path, {"format": STATE_FORMAT, "studies": self.studies,
-                               "keep_identifiers": self.keep_identifiers, "seed": self.seed,
-                               "seed_check": self.seed_check, "done": self.done})
-
-
-def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: str | None) -> _State:
-    """A new state for an empty / new ``out``, or the saved one of an unfinished pull of the same studies."""
-    studies = sorted(short_hash(uid, 64) for uid in study_uids)
-    seed_check = short_hash(f"medvl-seed:{seed}", 64) if seed is not None else None
-    path = out / STATE_NAME
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: the output must be a folder, this is a file")
-    if path.is_file():
-        return _resume_state(path, studies, keep_identifiers, seed, seed_check)
-    if out.is_dir() and any(out.iterdir()):
-        finished = " (it holds a finished pull)" if (out / REPORT_NAME).is_file() else ""
-        raise InputError(f"{out}: output folder is not empty{finished}; give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    generated = None if keep_identifiers or seed is not None else secrets.token_hex(16)
-    state = _State(path, studies, keep_identifiers, seed=generated, seed_check=seed_check)
-    state.save()
-    return state
-
-
-def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
-                  seed_check: str | None) -> _State:
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
-                       saved.get("seed_check"), dict(saved.get("done") or {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(path, "unreadable pull state; delete the folder and pull again") from None
-    if state.studies != studies:
-        raise InputError(f"{path.parent}: holds an unfinished pull of other studies; resume it with the same "
-                         "--study values or use a new folder")
-    if state.keep_identifiers != keep_identifiers:
-        raise InputError(f"{path.parent}: the unfinished pull there was "
-                         f"{'not ' if not state.keep_identifiers else ''}run with --keep-identifiers; rerun it the "
-                         "same way")
-    if state.seed_check != seed_check:
-        raise InputError(f"{path.parent}: resume the unfinished pull with the same --seed as before "
-                         f"({'one was given' if state.seed_check else 'none was given'})")
-    log.info("%s: resuming a pull, %d instance(s) already there", path.parent, len(state.done))
-    return state
-
-
-@dataclass
-class _SeriesPlan:
-    study_uid: str
-    series_uid: str
-    modality: str | None
-    number: int | None
-    instances: list[str]  # original SOP Instance UIDs (QIDO-RS)
-    pulled: int = 0
-    already: int = 0
-    folder: str | None = None  # OUT-relative folder of the written instances
-
-
-def _plan(client: DicomWebClient, study_uids: list[str]) -> list[_SeriesPlan]:
-    """Every series of the studies and the SOP Instance UIDs in each (QIDO-RS)."""
-    plans = []
-    for number, study_uid in enumerate(study_uids, 1):
-        series = _all_pages(lambda offset, s=study_uid: client.search_series(
-            s, fields=("SeriesInstanceUID", "SeriesNumber", "Modality"), limit=PAGE_SIZE, offset=offset),
-            "SeriesInstanceUID")
-        if not series:  # the UID is not repeated: UIDs can embed dates
-            given = f"study {number} of {len(study_uids)} given" if len(study_uids) > 1 else "the study given"
-            raise DataError(client.url, f"{given} is not on the server (QIDO-RS lists no series for its UID)")
-        for item in sorted(series, key=lambda s: (_int(s.get("SeriesNumber")) or 0, str(s["SeriesInstanceUID"]))):
-            series_uid = str(item["SeriesInstanceUID"])
-            instances = _all_pages(lambda offset, s=study_uid, r=series_uid: client.search_instances(
-                s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID")
-            plans.append(_SeriesPlan(study_uid, series_uid, item.get("Modality"), _int(item.get("SeriesNumber")),
-                                     [str(i["SOPInstanceUID"]) for i in instances]))
-    return plans
-
-
 def _all_pages(search, key: str) -> list[dict[str, Any]]:
     """Every result of a QIDO-RS query, page by page (servers cap result counts), deduplicated by
     ``key``; stops when a page brings nothing new (a server that ignores ``offset``)."""
@@ -531,66 +449,11 @@ def _all_pages(search, key: str) -> list[dict[str, Any]]:
             return list(found.values())
 
 
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-class _Writer:
-    """Parses, de-identifies (unless keeping identifiers) and atomically writes pulled instances."""
-
-    def __init__(self, out: Path, url: str, keep_identifiers: bool, seed: str | None):
-        self.out, self.url, self.keep_identifiers = out, url, keep_identifiers
-        self.anonymizer = None if keep_identifiers else _anonymizer(seed)
-        self.entries: list[dict[str, Any]] = []
-
-    def write(self, body: IO[bytes], where: str) -> tuple[str, str]:
-        """Store one instance; returns (hash of its original SOP Instance UID, OUT-relative path)."""
-        import pydicom
-
-        from .deid import deidentify_dataset
-        from .dicom import quiet_pydicom
-
-        head = body.read(132)
-        if len(head) < 132 or head[128:] != b"DICM":
-            raise DataError(self.url, f"{where}: a part of the response is not a DICOM file (no DICM marker)")
-        body.seek(0)
-        with quiet_pydicom(where):
-            try:
-                ds = pydicom.dcmread(body)
-            except Exception as error:  # noqa: BLE001 - any parser failure: a corrupt instance
-                raise DataError(self.url, f"{where}: a received instance is not readable DICOM "
-                                          f"({type(error).__name__})") from None
-            original = str(ds.get("SOPInstanceUID") or "")
-            if not original:
-                raise DataError(self.url, f"{where}: a received instance has no SOP Instance UID")
-            if self.keep_identifiers:
-                body.seek(0)
-                data = body.read()
-            else:
-                data, entry = deidentify_dataset(ds, self.anonymizer, where)  # type: ignore[arg-type]
-                self.entries.append(entry)
-        relative = (f"study-{short_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
-                    f"series-{short_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
-                    f"{short_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
-        atomic_write_bytes(self.out / relative, data)
-        return short_hash(original, 64), relative
-
-
-def _anonymizer(seed: str | None):
-    try:
-        from dicognito.anonymizer import Anonymizer
-    except ImportError:
-        raise DataError(None, f"de-identifying a pull needs dicognito: {INSTALL_HINT}") from None
-    return Anonymizer(seed=seed)
-
 
 def pull_study(source: str | DicomWebClient, study_uids: str | Iterable[str], out: str | Path, *,
                keep_identifiers: bool = False, seed: int | str | None = None, limit: int | None = None,
                show_progress: bool = True, **client_options: Any) -> dict[str, Any]:
-    """Pull whole studies from a DICOMweb server into the folder ``out`` (see the module docstring).
+    """Pull whole studies from a DICOMweb server into the folder ``out`` (``medvl.clinical.pull``).
 
     ``source``: a service URL (``client_options`` such as ``username``, ``password``, ``token``,
     ``timeout`` go to ``DicomWebClient``) or a client. ``seed``: de-identify with this seed (same
@@ -598,118 +461,7 @@ def pull_study(source: str | DicomWebClient, study_uids: str | Iterable[str], ou
     ``limit``: stop after this many new instances (rerun to continue). Returns the pull report
     (also written to ``out/pull-report.json``).
     """
-    study_uids = [study_uids] if isinstance(study_uids, str) else list(study_uids)
-    study_uids = list(dict.fromkeys(str(uid).strip() for uid in study_uids))
-    if not study_uids or not all(study_uids):
-        raise InputError("give at least one study UID to pull")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
-    if keep_identifiers and seed is not None:
-        raise InputError("a de-identification seed makes no sense with keep_identifiers")
+    check_pull_arguments(study_uids, limit, keep_identifiers, seed)
     client = source if isinstance(source, DicomWebClient) else DicomWebClient(source, **client_options)
-    out = Path(out)
-    started = time.perf_counter()
-    plans = _plan(client, study_uids)
-    state = _open_state(out, study_uids, keep_identifiers, None if seed is None else str(seed))
-    if keep_identifiers:
-        log.warning("keeping patient identifiers: the pulled files in %s hold names, IDs and dates as the PACS "
-                    "sent them", out)
-    writer = _Writer(out, client.url, keep_identifiers, state.seed if seed is None else str(seed))
-    complete = _pull_plans(client, plans, state, writer, limit, show_progress)
-    report = _pull_report(client.url, plans, writer, complete, keep_identifiers, time.perf_counter() - started)
-    write_json(out / REPORT_NAME, report)
-    if complete:
-        state.path.unlink(missing_ok=True)  # takes the seed with it
-    log.info("pulled %d instance(s) (%d already there) in %d series into %s%s", report["counts"]["pulled"],
-             report["counts"]["already_present"], report["counts"]["series"], out,
-             "" if complete else " (incomplete: rerun to continue)")
-    return report
-
-
-def _pull_plans(client: DicomWebClient, plans: list[_SeriesPlan], state: _State, writer: _Writer,
-                limit: int | None, show_progress: bool) -> bool:
-    """Fetch what is missing, series by series; True when every listed instance is there."""
-    total = sum(len(plan.instances) for plan in plans)
-    budget = limit if limit is not None else total + 1
-    saved = time.monotonic()
-    try:
-        with progress_bar("Pulling DICOM", total=total, enabled=show_progress) as advance:
-            for number, plan in enumerate(plans, 1):
-                missing = [sop for sop in plan.instances if short_hash(sop, 64) not in state.done]
-                plan.already = len(plan.instances) - len(missing)
-                plan.folder = next((str(Path(state.done[short_hash(s, 64)]).parent) for s in plan.instances
-                                    if short_hash(s, 64) in state.done), None)
-                advance(plan.already)
-                if not missing or budget <= 0:
-                    continue
-                with closing(_fetch(client, plan, missing)) as bodies:
-                    for body in bodies:
-                        key, relative = writer.write(body, f"{client.url} (series {number} of {len(plans)})")
-                        if key not in state.done:
-                            plan.pulled, budget = plan.pulled + 1, budget - 1
-                            advance(1)
-                        state.done[key] = relative
-                        plan.folder = str(Path(relative).parent)
-                        if time.monotonic() - saved > STATE_SAVE_SECONDS:
-                            state.save()
-                            saved = time.monotonic()
-                        if budget <= 0:
-                            break
-    finally:
-        state.save()  # an instance written but not yet recorded is fetched and written again on resume
-    return all(short_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
-
-
-def _fetch(client: DicomWebClient, plan: _SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
-    """The whole series in one response when none of it is here, else only the missing instances."""
-    if len(missing) == len(plan.instances):
-        yield from client.retrieve_series(plan.study_uid, plan.series_uid)
-        return
-    for sop in missing:
-        yield from client.retrieve_instance(plan.study_uid, plan.series_uid, sop)
-
-
-def _pull_report(url: str, plans: list[_SeriesPlan], writer: _Writer, complete: bool, keep_identifiers: bool,
-                 seconds: float) -> dict[str, Any]:
-    series = [{"folder": plan.folder, "modality": plan.modality, "series_number": plan.number,
-               "instances": len(plan.instances), "pulled": plan.pulled, "already_present": plan.already}
-              for plan in plans]
-    counts = {"studies": len({plan.study_uid for plan in plans}), "series": len(plans),
-              "instances": sum(len(plan.instances) for plan in plans),
-              "pulled": sum(plan.pulled for plan in plans), "already_present": sum(plan.already for plan in plans)}
-    report = {"server": url, "complete": complete, "deidentified": not keep_identifiers, "counts": counts,
-              "series": series, "seconds": round(seconds, 2)}
-    if not keep_identifiers:
-        report["deidentification"] = _deid_summary(writer.entries)
-    return report
-
-
-def _deid_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    from dicognito import __version__ as dicognito_version
-
-    from .deid import PROFILE
-
-    replaced = Counter(name for entry in entries for name in entry["replaced"])
-    removed = Counter(name for entry in entries for name in entry["removed"])
-    warned = sum(1 for entry in entries if entry["warnings"])
-    if warned:
-        log.warning("%d pulled instance(s) declare burned-in annotation: identifiers may be in their pixels, "
-                    "which de-identification does not change", warned)
-    return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
-            "uids": "replaced, consistent within the pull", "dates": "shifted back by one offset per pull",
-            "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
-            "removed": dict(sorted(removed.items())),
-            "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),
-            "files_with_burned_in_annotation": warned}
-
-
-def read_report(folder: str | Path) -> dict[str, Any]:
-    """The ``pull-report.json`` of a pulled folder."""
-    path = Path(folder) / REPORT_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(path, "no pull report (not a folder written by medvl pacs pull)") from None
-    except (OSError, ValueError) as error:
-        raise DataError(path, f"unreadable pull report ({type(error).__name__})") from None
-
+    return run_pull(client, study_uids, out, keep_identifiers=keep_identifiers, seed=seed, limit=limit,
+                    show_progress=show_progress)

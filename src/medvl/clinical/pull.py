@@ -1,0 +1,329 @@
+"""Pulling studies into a folder, whatever the protocol: de-identified, atomic, resumable, reported.
+
+A *pull source* (``PullSource``: ``medvl.clinical.pacs.DicomWebClient`` over DICOMweb,
+``medvl.clinical.dimse.DimseClient`` over DIMSE) lists the series of the requested studies with the
+SOP Instance UIDs in each (``plan_series``) and hands over the instances of one series as DICOM
+files, one readable binary stream at a time (``fetch_series``). ``run_pull`` does the rest, the same
+way for every source:
+
+``OUT/study-<hash>/series-<hash>/<hash>.dcm`` (short SHA-256 hashes of the de-identified UIDs)
+plus ``pull-report.json`` (server, counts, series with modality and number, the de-identification
+summary: attribute names only; no UIDs, names, IDs or dates). Every instance is de-identified
+before it is written (``medvl.clinical.deid``: the PS3.15 basic profile via dicognito, one
+anonymizer per pull so the studies, series and patients stay linked) and written atomically
+(temporary file + rename). ``keep_identifiers=True`` writes the instances as received instead, with
+a warning.
+
+A pull is resumable: ``OUT/.medvl-pull-state.json`` records which instances are done (by a hash of
+their original SOP Instance UID) and, for a de-identified pull without ``seed``, the random
+de-identification seed, so a rerun of the same command after an interruption (or after
+``limit``) fetches only the missing instances and maps UIDs and dates exactly as the first run did.
+The state file is deleted when the pull completes, taking the seed with it: the seed would
+reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from ..errors import DataError, InputError
+from ..io import atomic_write_bytes, write_json
+from ..progress import progress_bar
+from .readers import INSTALL_HINT
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = ".medvl-pull-state.json"
+REPORT_NAME = "pull-report.json"
+STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
+STATE_FORMAT = 1
+
+
+def short_hash(value: str, length: int = 16) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:length]
+
+
+@dataclass
+class SeriesPlan:
+    """One series to pull, as the source listed it, and what the pull did with it."""
+
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    number: int | None
+    instances: list[str]  # original SOP Instance UIDs
+    sop_classes: set[str] = field(default_factory=set)  # SOP Class UIDs in the series, where the source lists them
+    pulled: int = 0
+    already: int = 0
+    folder: str | None = None  # OUT-relative folder of the written instances
+
+
+class PullSource(Protocol):
+    """What ``run_pull`` needs from a protocol client."""
+
+    url: str  # where the studies come from, without credentials (shown in messages and the report)
+
+    def plan_series(self, study_uids: list[str]) -> list[SeriesPlan]:
+        """Every series of the studies with its SOP Instance UIDs; ``DataError`` for an unknown study."""
+        ...
+
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
+        """The ``missing`` instances of one series (more is fine) as DICOM files, each stream valid
+        until the next; closing the iterator early stops the transfer."""
+        ...
+
+
+@dataclass
+class _State:
+    """What a pull has done so far (``STATE_NAME``); deleted when the pull completes."""
+
+    path: Path
+    studies: list[str]  # hashes of the requested study UIDs
+    keep_identifiers: bool
+    seed: str | None = None  # the generated de-identification seed (None: the caller's own seed)
+    seed_check: str | None = None  # hash of the caller's seed, to refuse a resume with another one
+    done: dict[str, str] = field(default_factory=dict)  # hash of original SOP Instance UID -> relative path
+
+    def save(self) -> None:
+        write_json(self.path, {"format": STATE_FORMAT, "studies": self.studies,
+                               "keep_identifiers": self.keep_identifiers, "seed": self.seed,
+                               "seed_check": self.seed_check, "done": self.done})
+
+
+def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: str | None) -> _State:
+    """A new state for an empty / new ``out``, or the saved one of an unfinished pull of the same studies."""
+    studies = sorted(short_hash(uid, 64) for uid in study_uids)
+    seed_check = short_hash(f"medvl-seed:{seed}", 64) if seed is not None else None
+    path = out / STATE_NAME
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: the output must be a folder, this is a file")
+    if path.is_file():
+        return _resume_state(path, studies, keep_identifiers, seed, seed_check)
+    if out.is_dir() and any(out.iterdir()):
+        finished = " (it holds a finished pull)" if (out / REPORT_NAME).is_file() else ""
+        raise InputError(f"{out}: output folder is not empty{finished}; give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    generated = None if keep_identifiers or seed is not None else secrets.token_hex(16)
+    state = _State(path, studies, keep_identifiers, seed=generated, seed_check=seed_check)
+    state.save()
+    return state
+
+
+def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
+                  seed_check: str | None) -> _State:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
+                       saved.get("seed_check"), dict(saved.get("done") or {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(path, "unreadable pull state; delete the folder and pull again") from None
+    if state.studies != studies:
+        raise InputError(f"{path.parent}: holds an unfinished pull of other studies; resume it with the same "
+                         "--study values or use a new folder")
+    if state.keep_identifiers != keep_identifiers:
+        raise InputError(f"{path.parent}: the unfinished pull there was "
+                         f"{'not ' if not state.keep_identifiers else ''}run with --keep-identifiers; rerun it the "
+                         "same way")
+    if state.seed_check != seed_check:
+        raise InputError(f"{path.parent}: resume the unfinished pull with the same --seed as before "
+                         f"({'one was given' if state.seed_check else 'none was given'})")
+    log.info("%s: resuming a pull, %d instance(s) already there", path.parent, len(state.done))
+    return state
+
+
+
+def as_int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def series_order(series: dict[str, Any]) -> tuple[int, str]:
+    """Sort key of a series search result: by series number, then UID."""
+    return as_int(series.get("SeriesNumber")) or 0, str(series["SeriesInstanceUID"])
+
+
+
+class _Writer:
+    """Parses, de-identifies (unless keeping identifiers) and atomically writes pulled instances."""
+
+    def __init__(self, out: Path, url: str, keep_identifiers: bool, seed: str | None):
+        self.out, self.url, self.keep_identifiers = out, url, keep_identifiers
+        self.anonymizer = None if keep_identifiers else _anonymizer(seed)
+        self.entries: list[dict[str, Any]] = []
+
+    def write(self, body: IO[bytes], where: str) -> tuple[str, str]:
+        """Store one instance; returns (hash of its original SOP Instance UID, OUT-relative path)."""
+        import pydicom
+
+        from .deid import deidentify_dataset
+        from .dicom import quiet_pydicom
+
+        head = body.read(132)
+        if len(head) < 132 or head[128:] != b"DICM":
+            raise DataError(self.url, f"{where}: a received instance is not a DICOM file (no DICM marker)")
+        body.seek(0)
+        with quiet_pydicom(where):
+            try:
+                ds = pydicom.dcmread(body)
+            except Exception as error:  # noqa: BLE001 - any parser failure: a corrupt instance
+                raise DataError(self.url, f"{where}: a received instance is not readable DICOM "
+                                          f"({type(error).__name__})") from None
+            original = str(ds.get("SOPInstanceUID") or "")
+            if not original:
+                raise DataError(self.url, f"{where}: a received instance has no SOP Instance UID")
+            if self.keep_identifiers:
+                body.seek(0)
+                data = body.read()
+            else:
+                data, entry = deidentify_dataset(ds, self.anonymizer, where)  # type: ignore[arg-type]
+                self.entries.append(entry)
+        relative = (f"study-{short_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
+                    f"series-{short_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
+                    f"{short_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
+        atomic_write_bytes(self.out / relative, data)
+        return short_hash(original, 64), relative
+
+
+def _anonymizer(seed: str | None):
+    try:
+        from dicognito.anonymizer import Anonymizer
+    except ImportError:
+        raise DataError(None, f"de-identifying a pull needs dicognito: {INSTALL_HINT}") from None
+    return Anonymizer(seed=seed)
+
+
+
+def check_pull_arguments(study_uids: str | Iterable[str], limit: int | None, keep_identifiers: bool,
+                         seed: int | str | None) -> list[str]:
+    """The study UIDs as a list without repeats; ``InputError`` for arguments no pull can use."""
+    study_uids = [study_uids] if isinstance(study_uids, str) else list(study_uids)
+    study_uids = list(dict.fromkeys(str(uid).strip() for uid in study_uids))
+    if not study_uids or not all(study_uids):
+        raise InputError("give at least one study UID to pull")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+    if keep_identifiers and seed is not None:
+        raise InputError("a de-identification seed makes no sense with keep_identifiers")
+    return study_uids
+
+
+def run_pull(source: PullSource, study_uids: str | Iterable[str], out: str | Path, *,
+             keep_identifiers: bool = False, seed: int | str | None = None, limit: int | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+    """Pull whole studies from ``source`` into the folder ``out`` (see the module docstring).
+
+    ``seed``: de-identify with this seed (same seed, same UIDs and dummies, so separate pulls can be
+    linked; default: a random seed per pull). ``limit``: stop after this many new instances (rerun
+    to continue). Returns the pull report (also written to ``out/pull-report.json``).
+    """
+    study_uids = check_pull_arguments(study_uids, limit, keep_identifiers, seed)
+    out = Path(out)
+    started = time.perf_counter()
+    plans = source.plan_series(study_uids)
+    state = _open_state(out, study_uids, keep_identifiers, None if seed is None else str(seed))
+    if keep_identifiers:
+        log.warning("keeping patient identifiers: the pulled files in %s hold names, IDs and dates as the PACS "
+                    "sent them", out)
+    writer = _Writer(out, source.url, keep_identifiers, state.seed if seed is None else str(seed))
+    complete = _pull_plans(source, plans, state, writer, limit, show_progress)
+    report = _pull_report(source.url, plans, writer, complete, keep_identifiers, time.perf_counter() - started)
+    write_json(out / REPORT_NAME, report)
+    if complete:
+        state.path.unlink(missing_ok=True)  # takes the seed with it
+    log.info("pulled %d instance(s) (%d already there) in %d series into %s%s", report["counts"]["pulled"],
+             report["counts"]["already_present"], report["counts"]["series"], out,
+             "" if complete else " (incomplete: rerun to continue)")
+    return report
+
+
+def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writer: _Writer,
+                limit: int | None, show_progress: bool) -> bool:
+    """Fetch what is missing, series by series; True when every listed instance is there."""
+    total = sum(len(plan.instances) for plan in plans)
+    budget = limit if limit is not None else total + 1
+    saved = time.monotonic()
+    try:
+        with progress_bar("Pulling DICOM", total=total, enabled=show_progress) as advance:
+            for number, plan in enumerate(plans, 1):
+                missing = [sop for sop in plan.instances if short_hash(sop, 64) not in state.done]
+                plan.already = len(plan.instances) - len(missing)
+                plan.folder = next((str(Path(state.done[short_hash(s, 64)]).parent) for s in plan.instances
+                                    if short_hash(s, 64) in state.done), None)
+                advance(plan.already)
+                if not missing or budget <= 0:
+                    continue
+                with closing(source.fetch_series(plan, missing)) as bodies:
+                    for body in bodies:
+                        key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})")
+                        if key not in state.done:
+                            plan.pulled, budget = plan.pulled + 1, budget - 1
+                            advance(1)
+                        state.done[key] = relative
+                        plan.folder = str(Path(relative).parent)
+                        if time.monotonic() - saved > STATE_SAVE_SECONDS:
+                            state.save()
+                            saved = time.monotonic()
+                        if budget <= 0:
+                            break
+    finally:
+        state.save()  # an instance written but not yet recorded is fetched and written again on resume
+    return all(short_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
+
+
+
+def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: bool, keep_identifiers: bool,
+                 seconds: float) -> dict[str, Any]:
+    series = [{"folder": plan.folder, "modality": plan.modality, "series_number": plan.number,
+               "instances": len(plan.instances), "pulled": plan.pulled, "already_present": plan.already}
+              for plan in plans]
+    counts = {"studies": len({plan.study_uid for plan in plans}), "series": len(plans),
+              "instances": sum(len(plan.instances) for plan in plans),
+              "pulled": sum(plan.pulled for plan in plans), "already_present": sum(plan.already for plan in plans)}
+    report = {"server": url, "complete": complete, "deidentified": not keep_identifiers, "counts": counts,
+              "series": series, "seconds": round(seconds, 2)}
+    if not keep_identifiers:
+        report["deidentification"] = _deid_summary(writer.entries)
+    return report
+
+
+def _deid_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    from dicognito import __version__ as dicognito_version
+
+    from .deid import PROFILE
+
+    replaced = Counter(name for entry in entries for name in entry["replaced"])
+    removed = Counter(name for entry in entries for name in entry["removed"])
+    warned = sum(1 for entry in entries if entry["warnings"])
+    if warned:
+        log.warning("%d pulled instance(s) declare burned-in annotation: identifiers may be in their pixels, "
+                    "which de-identification does not change", warned)
+    return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
+            "uids": "replaced, consistent within the pull", "dates": "shifted back by one offset per pull",
+            "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
+            "removed": dict(sorted(removed.items())),
+            "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),
+            "files_with_burned_in_annotation": warned}
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """The ``pull-report.json`` of a pulled folder."""
+    path = Path(folder) / REPORT_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "no pull report (not a folder written by medvl pacs pull)") from None
+    except (OSError, ValueError) as error:
+        raise DataError(path, f"unreadable pull report ({type(error).__name__})") from None
+
