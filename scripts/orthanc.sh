@@ -12,8 +12,16 @@
 #
 # Environment for `start`: ORTHANC_PORT (HTTP port; default: a free one), ORTHANC_DIR,
 # ORTHANC_USER and ORTHANC_PASSWORD (enable HTTP basic auth with this one user; default: no auth).
-# Orthanc listens on 127.0.0.1 only ("RemoteAccessAllowed": false) and its DICOM (DIMSE) server is
-# off. Exit codes: 0 ok, 1 failure, 3 Orthanc or the DICOMweb plugin is not installed.
+# Orthanc's HTTP server listens on 127.0.0.1 only ("RemoteAccessAllowed": false). Its DICOM (DIMSE)
+# server is off unless ORTHANC_DICOM_PORT is set (a port number, or "auto" for a free one); then
+# Orthanc answers C-ECHO / C-FIND / C-GET / C-MOVE as AE title ORTHANC_AET (default MEDVL-PACS;
+# wrong called AE titles are rejected) and knows one peer, medvl: AE title ORTHANC_PEER_AET (default
+# MEDVL) at 127.0.0.1, port ORTHANC_PEER_PORT (default: a free one), the C-MOVE destination where
+# `medvl pacs pull --retrieve move --move-port PORT` listens. Orthanc cannot bind its DICOM port to
+# one address, so it serves only that peer: requests from other AE titles or other hosts are
+# refused. `start` then also prints dimse=dicom://AET@127.0.0.1:PORT, aet=, dicom_port=,
+# peer_aet=, peer_port=.
+# Exit codes: 0 ok, 1 failure, 3 Orthanc or the DICOMweb plugin is not installed.
 # On a machine with systemd, installing the package also starts the system's own Orthanc service
 # (port 8042); this script never uses or stops that one.
 set -euo pipefail
@@ -89,7 +97,25 @@ start() {
     local dir=${ORTHANC_DIR:-$(mktemp -d -t medvl-orthanc.XXXXXX)}
     local port=${ORTHANC_PORT:-$(free_port)}
     local user=${ORTHANC_USER:-} password=${ORTHANC_PASSWORD:-}
+    local dicom_port=${ORTHANC_DICOM_PORT:-} aet=${ORTHANC_AET:-MEDVL-PACS} peer_aet=${ORTHANC_PEER_AET:-MEDVL}
+    local peer_port=${ORTHANC_PEER_PORT:-}
     mkdir -p "$dir/db"
+    local dicom='"DicomServerEnabled": false'
+    if [[ -n "$dicom_port" ]]; then
+        [[ "$dicom_port" == auto ]] && dicom_port=$(free_port)
+        [[ -n "$peer_port" ]] || peer_port=$(free_port)
+        dicom=$(python3 - "$dicom_port" "$aet" "$peer_aet" "$peer_port" <<'PY'
+import json, sys
+port, aet, peer_aet, peer_port = sys.argv[1:5]
+print(", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in {
+    "DicomServerEnabled": True, "DicomPort": int(port), "DicomAet": aet, "DicomCheckCalledAet": True,
+    "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False, "DicomAlwaysAllowFind": False,
+    "DicomAlwaysAllowGet": False, "DicomAlwaysAllowMove": False, "DicomCheckModalityHost": True,
+    "DicomModalities": {"medvl": {"AET": peer_aet, "Host": "127.0.0.1", "Port": int(peer_port)}},
+    "DicomAssociationCloseDelay": 0, "DicomScpTimeout": 30, "DicomScuTimeout": 10}.items()))
+PY
+)
+    fi
     local auth='"AuthenticationEnabled": false'
     if [[ -n "$user" ]]; then
         auth=$(python3 -c 'import json, sys; print("\"AuthenticationEnabled\": true, \"RegisteredUsers\": "
@@ -103,7 +129,7 @@ start() {
   "HttpPort": $port,
   "RemoteAccessAllowed": false,
   $auth,
-  "DicomServerEnabled": false,
+  $dicom,
   "HttpCompressionEnabled": false,
   "SaveJobs": false,
   "Plugins": ["$plugin"],
@@ -127,6 +153,14 @@ EOF
     echo "dicomweb=$url/dicom-web"
     echo "dir=$dir"
     echo "pid=$pid"
+    if [[ -n "$dicom_port" ]]; then
+        log "DICOM (DIMSE) server: AE title $aet on port $dicom_port; C-MOVE destination $peer_aet at 127.0.0.1:$peer_port"
+        echo "dimse=dicom://$aet@127.0.0.1:$dicom_port"
+        echo "aet=$aet"
+        echo "dicom_port=$dicom_port"
+        echo "peer_aet=$peer_aet"
+        echo "peer_port=$peer_port"
+    fi
 }
 
 stop() {
