@@ -5,10 +5,12 @@ The ``orthanc`` tests run against a real Orthanc (Debian packages ``orthanc`` +
 they are skipped, with the reason, where Orthanc is not installed (``scripts/orthanc.sh install``).
 DICOM files with distinctive patient names, IDs, dates, accession numbers and institutions are
 written here with pydicom, next to files from ``pydicom-data``; they are uploaded over the REST API,
-searched (QIDO-RS), pulled (WADO-RS), de-identified, loaded and embedded. Every byte of every output
-(pulled files, pull report, index) is then searched for the input's identifiers. Error handling is
-checked against real servers too: Orthanc (401, unknown study, wrong URL), a closed port, and a
-small ``http.server`` that answers like a broken PACS.
+searched (QIDO-RS), pulled (WADO-RS), de-identified, loaded and embedded. The same Orthanc answers
+DIMSE too (its DICOM server on, medvl registered as its C-MOVE destination): C-ECHO, C-FIND, and
+pulls by C-GET and C-MOVE through pynetdicom. Every byte of every output (pulled files, pull
+reports, index) is then searched for the input's identifiers. Error handling is checked against
+real servers too: Orthanc (401, unknown study, wrong URL, wrong AE title), a closed port, a port
+that never answers, and a small ``http.server`` that answers like a broken PACS.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from medvl.clinical.pacs import (  # noqa: E402
     DicomWebClient,
     iter_multipart,
     pull_study,
+    read_report,
     split_credentials,
 )
 from medvl.data import load_dataset  # noqa: E402
@@ -52,6 +55,7 @@ SCRIPT = REPO_ROOT / "scripts" / "orthanc.sh"
 UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root
 PYDICOM_DATA_FILES = ("MR-SIEMENS-DICOM-WithOverlays.dcm", "693_J2KR.dcm", "SC_rgb.dcm")
 USER, PASSWORD = "medvl", "orthanc-test-pw"
+MOVE_AET = "MEDVL-TEST"  # the AE title Orthanc knows medvl by (calling AE title and C-MOVE destination)
 
 # Two made-up patients. Their dates are years apart from each other and from the pydicom-data
 # files' dates, so that no date shifted by de-identification (62 to 730 days back) can land on
@@ -199,6 +203,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 class Orthanc:
     url: str  # REST root
     dicomweb: str
+    dimse: str  # dicom://AET@127.0.0.1:PORT
+    peer_port: int  # where Orthanc sends C-MOVE results for AE title MOVE_AET
     files: dict[str, list[Path]] = field(default_factory=dict)  # study name -> uploaded files
     studies: dict[str, str] = field(default_factory=dict)  # study name -> StudyInstanceUID
 
@@ -210,15 +216,17 @@ class Orthanc:
 def orthanc(tmp_path_factory):
     """A real Orthanc with the DICOMweb plugin, started by scripts/orthanc.sh; stopped at the end."""
     folder = tmp_path_factory.mktemp("orthanc")
-    env = {**os.environ, "ORTHANC_DIR": str(folder), "ORTHANC_USER": USER, "ORTHANC_PASSWORD": PASSWORD}
-    env.pop("ORTHANC_PORT", None)
+    env = {**os.environ, "ORTHANC_DIR": str(folder), "ORTHANC_USER": USER, "ORTHANC_PASSWORD": PASSWORD,
+           "ORTHANC_DICOM_PORT": "auto", "ORTHANC_PEER_AET": MOVE_AET}
+    for name in ("ORTHANC_PORT", "ORTHANC_AET", "ORTHANC_PEER_PORT"):
+        env.pop(name, None)
     started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
     if started.returncode == 3:
         pytest.skip(f"Orthanc not available: {started.stderr.strip()}")
     assert started.returncode == 0, f"scripts/orthanc.sh start failed:\n{started.stderr}"
     info = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
     try:
-        yield Orthanc(info["url"], info["dicomweb"])
+        yield Orthanc(info["url"], info["dicomweb"], info["dimse"], int(info["peer_port"]))
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60)
 
@@ -405,6 +413,133 @@ def test_server_errors_are_clear_and_hide_credentials(uploaded, tmp_path):
     result, output = invoke("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", "nope",
                             "--study", uploaded.studies["B"], "--out", tmp_path / "y")
     assert result.exit_code == 2 and "authentication failed" in output and "nope" not in output
+
+
+# ---------------------------------------------------------------------------- DIMSE (pynetdicom)
+
+
+def dimse_client(orthanc: Orthanc, **options):
+    from medvl.clinical.dimse import DimseClient
+
+    return DimseClient.from_url(orthanc.dimse, calling_aet=MOVE_AET, timeout=10, **options)
+
+
+@pytest.fixture(scope="module")
+def dimse_pulls(uploaded, tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
+    """Patient A by C-GET in two runs (limit, then resume); B and the pydicom-data studies by C-MOVE (CLI)."""
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.pull import run_pull
+
+    folder = tmp_path_factory.mktemp("dimse")
+    client = dimse_client(uploaded)
+    first = run_pull(client, uploaded.studies["A"], folder / "get", limit=2, show_progress=False)
+    second = run_pull(client, uploaded.studies["A"], folder / "get", show_progress=False)
+    studies = [uploaded.studies[name] for name in uploaded.studies if name != "A"]
+    args = [arg for uid in studies for arg in ("--study", uid)]
+    result, output = invoke("pacs", "pull", "--url", uploaded.dimse, "--calling-aet", MOVE_AET, "--retrieve", "move",
+                            "--move-port", uploaded.peer_port, *args, "--out", folder / "move", "--quiet")
+    assert result.exit_code == 0, output
+    assert f"pulled 5 instance(s) (0 already there) of 5 in 5 series of {len(studies)} study(ies)" in output
+    return {"get": (folder / "get", [first, second]), "move": (folder / "move", [read_report(folder / "move")])}
+
+
+@pytest.mark.orthanc
+def test_dimse_echo_and_find(uploaded, monkeypatch):
+    pytest.importorskip("pynetdicom")
+    from medvl.cli.common import console
+
+    client = dimse_client(uploaded)
+    client.echo()
+    [study] = client.search_studies({"PatientID": PATIENTS["A"]["id"]})
+    assert study["PatientName"] == PATIENTS["A"]["name"] and study["StudyInstanceUID"] == uploaded.studies["A"]
+    assert study["NumberOfStudyRelatedInstances"] == 6 and study["StudyDate"] == PATIENTS["A"]["date"]
+    by_date = client.search_studies({"StudyDate": "20120101-20121231"})
+    assert [s["StudyInstanceUID"] for s in by_date] == [uploaded.studies["B"]]
+    assert client.search_studies({"PatientID": "no-such-patient"}) == []
+    series = client.search_series(uploaded.studies["A"])
+    assert sorted(s["Modality"] for s in series) == ["CR", "CT", "MR"]
+    assert {s["SeriesNumber"] for s in series} == {1, 2, 3}
+    assert len(client.search_instances(uploaded.studies["A"], series[0]["SeriesInstanceUID"])) >= 1
+    monkeypatch.setattr(console, "width", 200)
+    result, output = invoke("pacs", "echo", "--url", uploaded.dimse, "--calling-aet", MOVE_AET)
+    assert result.exit_code == 0 and "C-ECHO ok" in output, output
+    result, output = invoke("pacs", "search", "--url", uploaded.dimse, "--calling-aet", MOVE_AET,
+                            "--patient-id", PATIENTS["B"]["id"])
+    assert result.exit_code == 0 and "Quastenberg" in output and "1 studies" in output, output
+    result, output = invoke("pacs", "search", "--url", uploaded.dimse, "--calling-aet", MOVE_AET,
+                            "--study", uploaded.studies["A"])
+    assert result.exit_code == 0 and "3 series" in output and "Thorax 2.5 mm" in output, output
+
+
+@pytest.mark.orthanc
+def test_dimse_get_and_move_pulls_are_deidentified(uploaded, dimse_pulls):
+    out, (first, second) = dimse_pulls["get"]
+    assert not first["complete"] and first["counts"]["pulled"] == 2
+    assert second["complete"] and second["counts"] == {"studies": 1, "series": 3, "instances": 6, "pulled": 4,
+                                                       "already_present": 2}
+    assert second["server"] == uploaded.dimse and not (out / STATE_NAME).exists()
+    headers = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
+    assert len(headers) == 6 and all(ds.PatientIdentityRemoved == "YES" for ds in headers)
+    assert len({ds.StudyInstanceUID for ds in headers}) == 1 and len({ds.SeriesInstanceUID for ds in headers}) == 3
+    [volume] = [r for r in load_dataset(out) if r.meta["kind"] == "volume"]
+    assert volume.meta["slices"] == "4" and read_image(volume.image).shape == (4, 32, 32)
+    moved, [report] = dimse_pulls["move"]
+    assert report["complete"] and report["counts"]["instances"] == 5 and report["deidentified"]
+    moved_files = [pydicom.dcmread(p) for p in moved.rglob("*.dcm")]
+    assert all(ds.PatientIdentityRemoved == "YES" for ds in moved_files)
+    j2k = pydicom.dcmread(STORE / "693_J2KR.dcm")  # sent as stored (JPEG 2000), not transcoded
+    [pulled_j2k] = [ds for ds in moved_files if ds.file_meta.TransferSyntaxUID == j2k.file_meta.TransferSyntaxUID]
+    np.testing.assert_array_equal(pulled_j2k.pixel_array, j2k.pixel_array)
+    assert {r.meta["modality"] for r in load_dataset(moved)} == {"DX", "CR", "MR", "CT", "OT"}
+
+
+@pytest.mark.orthanc
+def test_no_identifier_in_dimse_pulls_or_logs(uploaded, dimse_pulls, tmp_path, caplog):
+    import logging
+
+    from medvl.clinical.pull import run_pull
+
+    secrets = secrets_of(path for paths in uploaded.files.values() for path in paths)
+    assert leaks([dimse_pulls["get"][0], dimse_pulls["move"][0]], secrets) == []
+    caplog.set_level(logging.DEBUG)
+    with dimse_client(uploaded, retrieve="move", move_port=uploaded.peer_port) as client:
+        run_pull(client, uploaded.studies["B"], tmp_path / "logged", show_progress=False)
+    assert "pulled 2 instance(s)" in caplog.text
+    assert not [s for s in secrets if s.decode() in caplog.text]
+    assert leaks([tmp_path / "logged"], secrets) == []
+
+
+@pytest.mark.orthanc
+def test_dimse_errors_are_clear(uploaded, tmp_path):
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dimse import DimseClient
+    from medvl.clinical.pull import run_pull
+
+    host_port = uploaded.dimse.split("@")[1]
+    with pytest.raises(DataError, match="association rejected .*Called AE title not recognised"):
+        DimseClient.from_url(f"dicom://NOT-THE-PACS@{host_port}", calling_aet=MOVE_AET).echo()
+    with pytest.raises(DataError, match="Calling AE title not recognised.*'STRANGER'"):
+        DimseClient.from_url(uploaded.dimse, calling_aet="STRANGER").search_studies()
+    with pytest.raises(DataError, match="not on the server") as error:
+        run_pull(dimse_client(uploaded), "1.2.3.4.5.6", tmp_path / "x", show_progress=False)
+    assert "1.2.3.4.5.6" not in str(error.value) and not (tmp_path / "x").exists()
+    with pytest.raises(DataError, match="connection refused"):
+        DimseClient("127.0.0.1", free_port(), called_aet="PACS").echo()
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(DataError, match=r"within 1 s \(timeout\)"):
+            DimseClient("127.0.0.1", silent.getsockname()[1], called_aet="PACS", timeout=1).echo()
+    result, output = invoke("pacs", "pull", "--url", f"dicom://NOT-THE-PACS@{host_port}", "--calling-aet", MOVE_AET,
+                            "--study", uploaded.studies["B"], "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "association rejected" in output
+    for args, problem in ((("--url", uploaded.dicomweb, "--retrieve", "move"), "only apply to DIMSE"),
+                          (("--url", uploaded.dimse, "--user", USER), "no user, password"),
+                          (("--url", uploaded.dimse, "--retrieve", "move"), "--move-port"),
+                          (("--url", uploaded.dimse, "--retrieve", "fetch"), "retrieve must be one of"),
+                          (("--url", "dicom://localhost:104"), "not a DIMSE address")):
+        result, output = invoke("pacs", "pull", *args, "--study", "1.2.3", "--out", tmp_path / "z")
+        assert result.exit_code == 2 and problem in output, output
 
 
 # ------------------------------------------------------------------ no server needed

@@ -1,4 +1,5 @@
-"""``medvl pacs search|pull``: find and copy studies from a PACS over DICOMweb (QIDO-RS / WADO-RS).
+"""``medvl pacs search|pull|echo``: find and copy studies from a PACS over DICOMweb (QIDO-RS / WADO-RS)
+or DIMSE (C-FIND, C-GET / C-MOVE) with ``--url dicom://AET@host:port``.
 
 Registered in ``cli/main.py`` with ``app.add_typer(pacs_app, name="pacs")``. ``search`` shows
 patient names, IDs and dates on the user's own terminal (that is what finding a study needs); they
@@ -17,11 +18,12 @@ from rich.table import Table
 
 from .common import QuietOption, console, err_console, handle_errors
 
-pacs_app = typer.Typer(help="Search and pull studies from a PACS over DICOMweb (QIDO-RS / WADO-RS).",
-                       no_args_is_help=True)
+pacs_app = typer.Typer(help="Search and pull studies from a PACS over DICOMweb (QIDO-RS / WADO-RS) or DIMSE "
+                            "(C-FIND, C-GET / C-MOVE).", no_args_is_help=True)
 
 UrlOption = Annotated[str, typer.Option(
-    help="DICOMweb service root, e.g. http://localhost:8042/dicom-web (Orthanc).", envvar="MEDVL_PACS_URL")]
+    help="DICOMweb service root, e.g. http://localhost:8042/dicom-web (Orthanc), or a DIMSE address "
+         "dicom://AET@host:port (the PACS's AE title and DICOM port).", envvar="MEDVL_PACS_URL")]
 UserOption = Annotated[str | None, typer.Option(
     "--user", help="User for HTTP basic auth.", envvar="MEDVL_PACS_USER")]
 PasswordOption = Annotated[str | None, typer.Option(
@@ -29,9 +31,31 @@ PasswordOption = Annotated[str | None, typer.Option(
 TokenOption = Annotated[str | None, typer.Option(
     help="Bearer token (better: the MEDVL_PACS_TOKEN variable).", envvar="MEDVL_PACS_TOKEN")]
 TimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for the server to connect or send data.")]
+CallingAetOption = Annotated[str | None, typer.Option(
+    help="DIMSE: our AE title, as the PACS knows it (default MEDVL).", envvar="MEDVL_PACS_CALLING_AET")]
+RetrieveOption = Annotated[str | None, typer.Option(
+    help="DIMSE: 'get' (C-GET, default: the PACS sends back on the same connection) or 'move' (C-MOVE: the PACS "
+         "connects to --move-port, registered there for the calling AE title).")]
+MovePortOption = Annotated[int | None, typer.Option(
+    help="DIMSE C-MOVE: port medvl listens on for the instances while pulling.", envvar="MEDVL_PACS_MOVE_PORT")]
 
 
-def _client(url: str, user: str | None, password: str | None, token: str | None, timeout: float):
+def _client(url: str, user: str | None, password: str | None, token: str | None, timeout: float,
+            calling_aet: str | None = None, retrieve: str | None = None, move_port: int | None = None):
+    """A DICOMweb client, or a DIMSE client for a ``dicom://`` URL; options of the other protocol refused."""
+    from ..errors import InputError
+
+    dimse = {"--calling-aet": calling_aet, "--retrieve": retrieve, "--move-port": move_port}
+    if url.strip().lower().startswith("dicom://"):
+        from ..clinical.dimse import DEFAULT_CALLING_AET, DimseClient
+
+        if user or password or token:
+            raise InputError("DIMSE (dicom://) has no user, password or token; the PACS admits AE titles and hosts")
+        return DimseClient.from_url(url, calling_aet=calling_aet or DEFAULT_CALLING_AET, retrieve=retrieve or "get",
+                                    move_port=move_port, timeout=timeout)
+    given = [name for name, value in dimse.items() if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} only apply to DIMSE: give --url dicom://AET@host:port")
     from ..clinical.pacs import DicomWebClient
 
     return DicomWebClient(url, username=user, password=password, token=token, timeout=timeout)
@@ -109,10 +133,11 @@ def search_command(
     user: UserOption = None,
     password: PasswordOption = None,
     token: TokenOption = None,
+    calling_aet: CallingAetOption = None,
     timeout: TimeoutOption = 60.0,
 ) -> None:
-    """Find studies (or the series of one study) with QIDO-RS. Shows identifiers on this terminal only."""
-    with _client(url, user, password, token, timeout) as client:
+    """Find studies (or the series of one study) with QIDO-RS or C-FIND. Shows identifiers on this terminal only."""
+    with _client(url, user, password, token, timeout, calling_aet) as client:
         filters = _filters(patient_id, patient_name, modality, study_date, accession, filter_ or [])
         if study:
             filters.pop("ModalitiesInStudy", None)
@@ -153,18 +178,21 @@ def pull_command(
     user: UserOption = None,
     password: PasswordOption = None,
     token: TokenOption = None,
+    calling_aet: CallingAetOption = None,
+    retrieve: RetrieveOption = None,
+    move_port: MovePortOption = None,
     timeout: TimeoutOption = 60.0,
     quiet: QuietOption = False,
 ) -> None:
-    """Pull whole studies with WADO-RS into OUT, de-identified (DICOM PS3.15 basic profile), with
-    OUT/pull-report.json. Rerun the same command to resume an interrupted pull."""
-    from ..clinical.pacs import REPORT_NAME, pull_study
+    """Pull whole studies with WADO-RS (or C-GET / C-MOVE) into OUT, de-identified (DICOM PS3.15 basic
+    profile), with OUT/pull-report.json. Rerun the same command to resume an interrupted pull."""
+    from ..clinical.pull import REPORT_NAME, run_pull
 
     if keep_identifiers:
         err_console.print("[yellow]warning:[/] --keep-identifiers: the files will hold patient names, IDs and "
                           "dates as the PACS sent them; do not share them or anything built from them")
-    with _client(url, user, password, token, timeout) as client:
-        report = pull_study(client, study, out, keep_identifiers=keep_identifiers, seed=seed, limit=limit,
+    with _client(url, user, password, token, timeout, calling_aet, retrieve, move_port) as client:
+        report = run_pull(client, study, out, keep_identifiers=keep_identifiers, seed=seed, limit=limit,
                             show_progress=not quiet)
     counts = report["counts"]
     console.print(f"pulled {counts['pulled']} instance(s) ({counts['already_present']} already there) of "
@@ -177,3 +205,23 @@ def pull_command(
         console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_annotation']} instance(s) declare burned-in "
                       "annotation: check their pixels for identifiers")
     console.print(f"report: {out / REPORT_NAME}")
+
+
+@pacs_app.command("echo")
+@handle_errors
+def echo_command(
+    url: UrlOption,
+    calling_aet: CallingAetOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Check a DIMSE connection with C-ECHO (--url dicom://AET@host:port)."""
+    import time
+
+    from ..errors import InputError
+
+    if not url.strip().lower().startswith("dicom://"):
+        raise InputError("echo is a DIMSE check: give --url dicom://AET@host:port")
+    with _client(url, None, None, None, timeout, calling_aet) as client:
+        started = time.perf_counter()
+        client.echo()
+    console.print(f"{client.url}: C-ECHO ok as {client.calling_aet} ({(time.perf_counter() - started) * 1000:.0f} ms)")
