@@ -43,12 +43,11 @@ MovePortOption = Annotated[int | None, typer.Option(
 def _client(url: str, user: str | None, password: str | None, token: str | None, timeout: float,
             calling_aet: str | None = None, retrieve: str | None = None, move_port: int | None = None):
     """A DICOMweb client, or a DIMSE client for a ``dicom://`` URL; options of the other protocol refused."""
+    from ..clinical.dimse import DEFAULT_CALLING_AET, DimseClient, is_dicom_url
     from ..errors import InputError
 
     dimse = {"--calling-aet": calling_aet, "--retrieve": retrieve, "--move-port": move_port}
-    if url.strip().lower().startswith("dicom://"):
-        from ..clinical.dimse import DEFAULT_CALLING_AET, DimseClient
-
+    if is_dicom_url(url):
         if user or password or token:
             raise InputError("DIMSE (dicom://) has no user, password or token; the PACS admits AE titles and hosts")
         return DimseClient.from_url(url, calling_aet=calling_aet or DEFAULT_CALLING_AET, retrieve=retrieve or "get",
@@ -217,9 +216,10 @@ def echo_command(
     """Check a DIMSE connection with C-ECHO (--url dicom://AET@host:port)."""
     import time
 
+    from ..clinical.dimse import is_dicom_url
     from ..errors import InputError
 
-    if not url.strip().lower().startswith("dicom://"):
+    if not is_dicom_url(url):
         raise InputError("echo is a DIMSE check: give --url dicom://AET@host:port")
     with _client(url, None, None, None, timeout, calling_aet) as client:
         started = time.perf_counter()

@@ -141,7 +141,6 @@ def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: 
     return state
 
 
-
 def as_int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
@@ -152,7 +151,6 @@ def as_int(value: Any) -> int | None:
 def series_order(series: dict[str, Any]) -> tuple[int, str]:
     """Sort key of a series search result: by series number, then UID."""
     return as_int(series.get("SeriesNumber")) or 0, str(series["SeriesInstanceUID"])
-
 
 
 class _Writer:
@@ -202,7 +200,6 @@ def _anonymizer(seed: str | None):
     except ImportError:
         raise DataError(None, f"de-identifying a pull needs dicognito: {INSTALL_HINT}") from None
     return Anonymizer(seed=seed)
-
 
 
 def check_pull_arguments(study_uids: str | Iterable[str], limit: int | None, keep_identifiers: bool,
@@ -280,7 +277,6 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
     finally:
         state.save()  # an instance written but not yet recorded is fetched and written again on resume
     return all(short_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
-
 
 
 def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: bool, keep_identifiers: bool,
