@@ -532,7 +532,7 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
             DimseClient("127.0.0.1", silent.getsockname()[1], called_aet="PACS", timeout=1).echo()
     result, output = invoke("pacs", "pull", "--url", f"dicom://NOT-THE-PACS@{host_port}", "--calling-aet", MOVE_AET,
                             "--study", uploaded.studies["B"], "--out", tmp_path / "y")
-    assert result.exit_code == 2 and "association rejected" in output
+    assert result.exit_code == 2 and "association rejected" in output and not (tmp_path / "y").exists()
     for args, problem in ((("--url", uploaded.dicomweb, "--retrieve", "move"), "only apply to DIMSE"),
                           (("--url", uploaded.dimse, "--user", USER), "no user, password"),
                           (("--url", uploaded.dimse, "--retrieve", "move"), "--move-port"),
@@ -540,6 +540,7 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
                           (("--url", "dicom://localhost:104"), "not a DIMSE address")):
         result, output = invoke("pacs", "pull", *args, "--study", "1.2.3", "--out", tmp_path / "z")
         assert result.exit_code == 2 and problem in output, output
+        assert not (tmp_path / "z").exists()
 
 
 # ------------------------------------------------------------------ no server needed
