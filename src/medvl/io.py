@@ -6,9 +6,12 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -22,6 +25,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, option: str = "output") -> Path:
+    """Refuse an output file path before any work is done, unless it can be safely replaced.
+
+    A path that does not exist is fine (its folder is created when written). An existing path is
+    refused unless ``overwrite`` is set, and even then only a regular file is ever replaced: a
+    symlink, folder, device, FIFO or socket is refused whatever ``overwrite`` says, so that
+    ``--json /dev/sda`` or ``--json link-to-config.json`` cannot clobber what they point at.
+    """
+    path = Path(path)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise InputError(f"{path}: {option} is a symbolic link; give a regular file path")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise InputError(f"{path}: {option} is {kind}; give a regular file path")
+    if not overwrite:
+        raise InputError(f"{path}: {option} file exists (use --overwrite to replace it)")
     return path
 
 

@@ -29,6 +29,20 @@ JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the metri
 CaptionsOption = Annotated[Path | None, typer.Option(
     help="Caption templates / class descriptions (YAML or JSON) for prompts and label captions.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+OverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
+
+
+def check_outputs(overwrite: bool, **paths: Path | None) -> None:
+    """Refuse existing output files before a command starts its work (see ``io.check_output_file``).
+
+    Keyword names are the options, e.g. ``check_outputs(overwrite, json=json_out)`` -> ``--json``.
+    """
+    from ..io import check_output_file
+
+    for option, path in paths.items():
+        if path is not None:
+            check_output_file(path, overwrite, "--" + option.replace("_", "-"))
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,10 +127,14 @@ def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-def emit_json(result: dict, json_path: Path | None) -> None:
-    """Write a command's result to ``--json`` (atomically) when one was given, and say so."""
-    if json_path is not None:
-        from ..io import write_json
+def emit_json(result: dict, json_path: Path | None, overwrite: bool = False, option: str = "--json") -> None:
+    """Write a command's result to ``--json`` (atomically) when one was given, and say so.
 
+    The target is checked again at write time (it may have appeared while the command ran).
+    """
+    if json_path is not None:
+        from ..io import check_output_file, write_json
+
+        check_output_file(json_path, overwrite, option)
         write_json(json_path, result)
         console.print(f"wrote {json_path}")
