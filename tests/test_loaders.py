@@ -218,6 +218,55 @@ def test_missing_image_file(tmp_path):
         load_dataset(path)
 
 
+def _outside_manifest(tmp_path: Path) -> Path:
+    """A dataset folder whose manifest names one image inside and three outside it (a ``..`` path,
+    an absolute path, and a symbolic link in the folder pointing out of it)."""
+    folder = tmp_path / "data"
+    _images(folder, ["a.png"])
+    _images(tmp_path, ["secret.png"])
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    (folder / "manifest.csv").write_text(
+        f"image\na.png\n../secret.png\n{tmp_path / 'secret.png'}\nlink.png\n", encoding="utf-8")
+    return folder
+
+
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path):
+    folder = _outside_manifest(tmp_path)
+    with pytest.raises(DataError, match=r"manifest\.csv.*3 of 4 rows name a file outside the dataset folder.*"
+                                        r"first: line 3.*allow-outside-root") as caught:
+        load_dataset(folder)
+    assert "secret" not in str(caught.value)  # the path text itself is never shown
+    assert len(load_dataset(folder, allow_outside_root=True)) == 4
+
+
+def test_manifest_absolute_path_inside_the_folder_is_fine(tmp_path):
+    _images(tmp_path, ["a.png", "images/b.png"])
+    (tmp_path / "manifest.csv").write_text(f"image\n{tmp_path / 'a.png'}\nb.png\n", encoding="utf-8")
+    assert [record.image for record in load_dataset(tmp_path)] == [tmp_path / "a.png", tmp_path / "images/b.png"]
+
+
+def test_sidecar_manifest_outside_the_folder_is_refused(tmp_path):
+    folder = tmp_path / "data"
+    _images(folder, ["a.png"])
+    (tmp_path / "elsewhere.csv").write_text("image\ndata/a.png\n", encoding="utf-8")
+    (folder / "dataset.json").write_text(json.dumps({"manifest": "../elsewhere.csv"}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset\.json.*1 of 1 manifest entries name a file outside"):
+        load_dataset(folder)
+
+
+def test_vqa_image_names_outside_the_folder_are_refused(tmp_path):
+    _images(tmp_path, ["images/a.png", "secret.png"])
+    folder = tmp_path / "vqa"
+    (folder / "images").mkdir(parents=True)
+    (tmp_path / "images" / "a.png").rename(folder / "images" / "a.png")
+    items = [{"qid": 1, "image_name": "a.png", "question": "q?", "answer": "yes"},
+             {"qid": 2, "image_name": "../../secret.png", "question": "q?", "answer": "no"}]
+    (folder / "trainset.json").write_text(json.dumps(items), encoding="utf-8")
+    with pytest.raises(DataError, match=r"trainset\.json.*1 of 2 questions name a file outside.*first: item 1"):
+        load_dataset(folder)
+    assert len(load_dataset(folder, allow_outside_root=True)) == 2
+
+
 def test_unrecognised_paths(tmp_path):
     with pytest.raises(DataError, match=r"nowhere.*not found"):
         load_dataset(tmp_path / "nowhere")

@@ -5,6 +5,11 @@ Every loader returns a ``Dataset`` of ``Record`` with ``Dataset.source`` = the f
 ``default_labels`` (``list[str]``, the label columns to use when none are asked for; ``[]`` if the
 data does not say) and ``captions`` (a caption config dict from a ``dataset.json`` sidecar, or
 ``None``). Label values are class-name strings; a missing label is absent from ``Record.labels``.
+
+Every file a dataset names by path (manifest rows, VQA image names, the sidecar's manifest, files
+linked into a MedPix or DICOM folder) must resolve inside the dataset's folder unless
+``allow_outside_root=True`` (``medvl.data.loaders.roots``). ``.npz`` arrays are size-checked from
+their headers before reading (``max_npz_bytes``, ``medvl.data.loaders.npz``).
 """
 
 from __future__ import annotations
@@ -38,51 +43,53 @@ SUPPORTED_KINDS = (
 )
 
 
-def _load_folder(folder: Path) -> Dataset:
-    manifest = find_manifest(folder)
+def _load_folder(folder: Path, allow_outside_root: bool) -> Dataset:
+    manifest = find_manifest(folder, allow_outside_root)
     if manifest is not None:
-        return load_manifest(manifest)
+        return load_manifest(manifest, allow_outside_root)
     if is_medpix_folder(folder):
-        return load_medpix(folder)
+        return load_medpix(folder, allow_outside_root)
     if find_report_archive(folder) is not None:
         return load_iu_xray(folder)
     if vqa_files(folder):
-        return load_vqa_dataset(folder)
+        return load_vqa_dataset(folder, allow_outside_root=allow_outside_root)
     archives = sorted(folder.glob("*.npz"))
     if not archives and has_dicom_files(folder):
-        return load_dicom_folder(folder)
+        return load_dicom_folder(folder, allow_outside_root=allow_outside_root)
     if len(archives) == 1:
         return load_npz(archives[0])
     found = f" ({len(archives)} .npz files: pass one)" if archives else ""
     raise DataError(folder, f"unrecognised dataset folder{found}; supported: {SUPPORTED_KINDS}")
 
 
-def _load(path: Path) -> Dataset:
+def _load(path: Path, allow_outside_root: bool) -> Dataset:
     if not path.exists():
         raise DataError(path, "dataset path not found")
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, allow_outside_root)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
-        return load_manifest(path)
+        return load_manifest(path, allow_outside_root)
     if suffix == ".npz":
         return load_npz(path)
     if is_report_archive(path):
         return load_iu_xray(path)
     if suffix == ".json":
-        return load_vqa_dataset(path)
+        return load_vqa_dataset(path, allow_outside_root=allow_outside_root)
     raise DataError(path, f"unrecognised dataset file {suffix or '(no suffix)'!r}; "
                           f"supported: {SUPPORTED_KINDS}")
 
 
-def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None) -> Dataset:
+def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
+                 allow_outside_root: bool = False) -> Dataset:
     """Load the dataset at ``path`` (see ``SUPPORTED_KINDS``).
 
     With ``label_columns``, keep only those label columns and drop records where any of them is
     empty (the count is logged); an unknown column is an ``InputError`` naming the source and the
-    available columns.
+    available columns. Files named by the dataset that resolve outside its folder are a
+    ``DataError`` (with their count) unless ``allow_outside_root`` (``--allow-outside-root``).
     """
-    dataset = _load(Path(path))
+    dataset = _load(Path(path), allow_outside_root)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     if label_columns:

@@ -25,7 +25,9 @@ and ``series`` (12-character hashes of the UIDs, to group records of one study o
 ``deidentified`` (``yes`` when the file says Patient Identity Removed). No names, IDs, dates, times,
 institutions or raw UIDs. File paths are used as they are: de-identify (``medvl deid`` or
 ``medvl pacs pull``) a folder whose paths or pixels may hold identifiers before sharing anything
-built from it.
+built from it. A file under the folder that is a symbolic link resolving outside it is refused
+before any file is read (one ``DataError`` with the count; no path is shown) unless
+``allow_outside_root=True`` (see ``medvl.data.loaders.roots``).
 
 Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one key column,
 ``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
@@ -51,6 +53,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..record import Dataset, Record
+from .roots import OPT_IN, outside_root
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +329,24 @@ def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels)
 # ----------------------------------------------------------------------------------- loader
 
 
-def load_dicom_folder(folder: str | Path, labels: str | Path | None = None) -> Dataset:
+def _check_links(folder: Path, allow_outside_root: bool) -> None:
+    """Refuse symbolic links under the folder that resolve outside it (counted, never named)."""
+    if allow_outside_root or not folder.is_dir():
+        return
+    links = [("", path) for path in folder.rglob("*") if path.is_symlink()]
+    outside = outside_root(folder, links)
+    if outside:
+        raise DataError(folder, f"{len(outside)} file(s) under the folder are symbolic links to somewhere outside "
+                                f"it; {OPT_IN}")
+
+
+def load_dicom_folder(folder: str | Path, labels: str | Path | None = None,
+                      allow_outside_root: bool = False) -> Dataset:
     """Load a folder of DICOM files as records (see the module docstring)."""
     from ...clinical.dicom import quiet_pydicom, read_dicom_series
 
     folder = Path(folder)
+    _check_links(folder, allow_outside_root)
     labels_path = Path(labels) if labels is not None else folder / LABELS_NAME
     if labels is not None and not labels_path.is_file():
         raise DataError(labels_path, "labels file not found")

@@ -30,6 +30,12 @@ records have no text and the count is logged), default label column ``finding`` 
 ``modality``, ``age``, ``sex``, ``offset``...). A row whose image file is missing is skipped and
 counted in a warning rather than failing the load (unless no row is left).
 
+Paths stay inside the folder: a row whose image resolves (symbolic links followed) outside the
+manifest's folder (``../../etc/passwd``, an absolute path elsewhere, a link out of the folder) is
+refused, all such rows counted in one ``DataError`` naming the manifest, the count and the first
+line number, unless ``allow_outside_root=True`` (see ``medvl.data.loaders.roots``). The sidecar's
+``manifest`` key is held to the same rule.
+
 An optional ``dataset.json`` sidecar in the folder, e.g.
 ``{"manifest": "manifest.csv", "label_columns": ["diagnosis"], "captions": {...}, "name": "x"}``,
 names the manifest and the default label columns; the loader sets ``dataset.default_labels``
@@ -51,6 +57,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix, is_image_file
 from ..record import ALL_SPLITS, Dataset, Record
+from .roots import check_inside_root
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +248,16 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     return sidecar
 
 
-def find_manifest(folder: Path) -> Path | None:
-    """The manifest of a dataset folder: named by ``dataset.json``, else a standard name."""
+def find_manifest(folder: Path, allow_outside_root: bool = False) -> Path | None:
+    """The manifest of a dataset folder: named by ``dataset.json``, else a standard name.
+
+    A sidecar naming a manifest outside the folder is a ``DataError`` unless ``allow_outside_root``.
+    """
     sidecar = read_sidecar(folder)
     if sidecar and sidecar.get("manifest"):
         manifest = folder / sidecar["manifest"]
+        check_inside_root(folder / SIDECAR_NAME, folder, [("'manifest' key", manifest)], allow_outside_root,
+                          what="manifest entries")
         if not manifest.is_file():
             raise DataError(folder / SIDECAR_NAME, f"manifest {sidecar['manifest']!r} not found")
         return manifest
@@ -343,15 +355,16 @@ def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | N
     return record, exists
 
 
-def _build_records(path: Path, columns: list[str], rows: list[Row],
-                   skip_missing_images: bool = False) -> tuple[list[Record], list[str]]:
+def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
+                   allow_outside_root: bool = False) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
-    records, missing, first_line = [], [], {}
+    records, missing, first_line, images = [], [], {}, []
     for line, row in rows:
         record, exists = _record(path, line, row, roles, labels, resolver)
+        images.append((f"line {line}", record.image))
         if not exists:
             missing.append((line, record.image))
         if record.id in first_line:
@@ -360,6 +373,7 @@ def _build_records(path: Path, columns: list[str], rows: list[Row],
         first_line[record.id] = line
         if exists:
             records.append(record)
+    check_inside_root(path, path.parent, images, allow_outside_root)
     if missing and (not skip_missing_images or not records):
         line, image = missing[0]
         raise DataError(path, f"{len(missing)} of {len(rows)} image files not found; "
@@ -373,8 +387,11 @@ def _build_records(path: Path, columns: list[str], rows: list[Row],
     return records, labels
 
 
-def load_manifest(path: str | Path) -> Dataset:
-    """Load a ``.csv`` or ``.jsonl`` manifest (see the module docstring for the columns)."""
+def load_manifest(path: str | Path, allow_outside_root: bool = False) -> Dataset:
+    """Load a ``.csv`` or ``.jsonl`` manifest (see the module docstring for the columns).
+
+    Image paths resolving outside the manifest's folder are refused unless ``allow_outside_root``.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "manifest file not found")
@@ -387,7 +404,8 @@ def load_manifest(path: str | Path) -> Dataset:
     if not rows:
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
-    records, labels = _build_records(path, columns, rows, skip_missing_images=bool(known and known.skip_missing_images))
+    records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
+                                     allow_outside_root)
     sidecar = _sidecar_for(path)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]

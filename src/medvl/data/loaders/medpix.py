@@ -21,6 +21,10 @@ Meta: ``case_id`` (``U_id``), ``age`` (years, as written), ``sex`` (``N/A`` = mi
 file is present, ``case_report`` (History, Exam, Findings, Differential Diagnosis, Case Diagnosis,
 Discussion as one text, each part headed by its name) and ``case_diagnosis``. Reports are patient
 data: never log them.
+
+Image files must resolve inside the folder: an ``images/`` entry that is a symbolic link out of it
+is refused (one ``DataError`` with the count and the first descriptions line) unless
+``allow_outside_root=True`` (see ``medvl.data.loaders.roots``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 from ...errors import DataError
 from ..record import Dataset, Record
 from .manifest import read_jsonl
+from .roots import check_inside_root
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +134,8 @@ def _record(row: dict[str, Any], split: str, image: Path,
     )
 
 
-def _split_records(folder: Path, split: str, files: dict[str, Path],
-                   missing: list[str]) -> list[Record]:
+def _split_records(folder: Path, split: str, files: dict[str, Path], missing: list[str],
+                   images: list[tuple[str, Path]]) -> list[Record]:
     path = folder / f"descriptions_{split}.jsonl"
     cases = _cases(folder, split)
     records = []
@@ -141,20 +146,23 @@ def _split_records(folder: Path, split: str, files: dict[str, Path],
         if stem not in files:
             missing.append(f"{path.name} line {line}: images/{stem}.jpg")
             continue
+        images.append((f"{path.name} line {line}", files[stem]))
         records.append(_record(row, split, files[stem], cases))
     return records
 
 
-def load_medpix(folder: str | Path) -> Dataset:
-    """Load a MedPix 2.0 folder (see the module docstring for records, labels and meta)."""
+def load_medpix(folder: str | Path, allow_outside_root: bool = False) -> Dataset:
+    """Load a MedPix 2.0 folder (see the module docstring for records, labels, meta and paths)."""
     folder = Path(folder)
     if not is_medpix_folder(folder):
         raise DataError(folder, f"not a MedPix 2.0 folder (no {DESCRIPTIONS_GLOB} files)")
     files = _image_files(folder)
     records: list[Record] = []
     missing: list[str] = []
+    images: list[tuple[str, Path]] = []
     for split in _splits(folder):
-        records += _split_records(folder, split, files, missing)
+        records += _split_records(folder, split, files, missing, images)
+    check_inside_root(folder, folder, images, allow_outside_root, what="images")
     if missing:
         raise DataError(folder, f"{len(missing)} image files not found; first: {missing[0]}")
     if not records:

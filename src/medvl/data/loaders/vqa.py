@@ -28,6 +28,10 @@ match scoring. ``answer_type`` is upper-cased and stripped (VQA-RAD has ``"CLOSE
 Images: ``<folder>/<name>``, else ``<folder>/images/<name>`` (VQA-RAD) or ``<folder>/imgs/<name>``
 (SLAKE). A missing image file is a ``DataError`` naming the question id and the path, so a broken
 copy is noticed; ``skip_missing_images=True`` instead skips those questions and logs how many.
+An image name resolving (symbolic links followed) outside the question file's folder
+(``../../etc/passwd``, an absolute path elsewhere) is refused before any image is read: one
+``DataError`` naming the file, the count and the first item number, unless
+``allow_outside_root=True`` (see ``medvl.data.loaders.roots``).
 
 Splits: the file name, minus a ``set`` suffix (``trainset.json`` -> ``train``, SLAKE's
 ``validate.json`` -> ``validate``). A folder loads every ``*.json`` file that looks like a question
@@ -52,6 +56,7 @@ from typing import Any
 from ...errors import DataError
 from ..record import Dataset, Record
 from .manifest import decode_utf8
+from .roots import check_inside_root
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +178,16 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
     return item, image is not None
 
 
-def read_vqa_file(path: str | Path, skip_missing_images: bool = False) -> list[VQAItem]:
+def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
+                  allow_outside_root: bool = False) -> list[VQAItem]:
     """The questions of one file (see the module docstring for keys, images and errors)."""
     path = Path(path)
     split = split_name(path)
+    parsed = [_item(path, index, raw, split) for index, raw in enumerate(_read_items(path))]
+    check_inside_root(path, path.parent, [(f"item {index}", item.image) for index, (item, _) in enumerate(parsed)],
+                      allow_outside_root, what="questions")
     items, missing = [], []
-    for index, raw in enumerate(_read_items(path)):
-        item, exists = _item(path, index, raw, split)
+    for item, exists in parsed:
         if exists:
             items.append(item)
         elif skip_missing_images:
@@ -195,7 +203,7 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False) -> list[V
 # ---------------------------------------------------------------- the public loaders
 
 
-def load_vqa(path: str | Path, skip_missing_images: bool = False) -> list[VQAItem]:
+def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_root: bool = False) -> list[VQAItem]:
     """Every question of a VQA JSON file, or of every question file in a folder (in name order)."""
     path = Path(path)
     if not path.exists():
@@ -204,7 +212,7 @@ def load_vqa(path: str | Path, skip_missing_images: bool = False) -> list[VQAIte
     if not files:
         raise DataError(path, f"no VQA question files (*.json with keys {', '.join(QUESTION_KEYS)} and "
                               f"{' or '.join(IMAGE_KEYS)})")
-    items = [item for file in files for item in read_vqa_file(file, skip_missing_images)]
+    items = [item for file in files for item in read_vqa_file(file, skip_missing_images, allow_outside_root)]
     seen: set[tuple[str, str]] = set()
     for item in items:
         if (item.split, item.qid) in seen:
@@ -225,9 +233,10 @@ def _record(item: VQAItem, record_id: str) -> Record:
                   split=item.split)
 
 
-def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False) -> Dataset:
+def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
+                     allow_outside_root: bool = False) -> Dataset:
     """The questions as a ``Dataset`` of records (one per question, see the module docstring)."""
-    items = load_vqa(path, skip_missing_images)
+    items = load_vqa(path, skip_missing_images, allow_outside_root)
     qids = [item.qid for item in items]
     unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
     records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
