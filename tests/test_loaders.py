@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hostile_files import npz_bomb
 from medvl.data.images import read_image
 from medvl.data.loaders import load_dataset, load_npz
 from medvl.data.record import ALL_SPLITS
@@ -123,6 +124,28 @@ def test_npz_label_problems(tmp_path):
     np.savez(mismatch, train_images=np.zeros((2, 4, 4)), train_labels=np.zeros(3))
     with pytest.raises(DataError, match=r"mismatch\.npz.*3 rows"):
         load_npz(mismatch)
+
+
+def test_npz_bomb_is_refused_before_decompressing(tmp_path):
+    # ~1 MB on disk, 1.1 GB of declared (and really present) zero pixels: the loader used to
+    # decompress it all; now the .npy header is read from the zip member and checked first
+    path = npz_bomb(tmp_path / "bomb.npz", count=1_400_000)
+    assert path.stat().st_size < 2_000_000
+    with pytest.raises(DataError, match=r"bomb\.npz.*'train_images' declares shape \(1400000, 28, 28\) of uint8 "
+                                        r"\(1,097,600,000 bytes\), over the 1,073,741,824-byte limit"):
+        load_dataset(path)
+
+
+def test_npz_size_limit_can_be_raised_or_lowered(tmp_path):
+    path = tmp_path / "small.npz"
+    np.savez_compressed(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.arange(4))
+    assert len(load_dataset(path)) == 4
+    with pytest.raises(DataError, match=r"small\.npz.*arrays declare 288 bytes together, over the 280-byte limit"):
+        load_dataset(path, max_npz_bytes=280)
+    with pytest.raises(DataError, match=r"'train_images'.*over the 100-byte limit"):
+        load_npz(path, max_bytes=100)
+    with pytest.raises(InputError, match="max_bytes must be >= 1"):
+        load_npz(path, max_bytes=0)
 
 
 def test_npz_not_a_zip(tmp_path):

@@ -24,13 +24,13 @@ from .dicom import has_dicom_files, load_dicom_folder
 from .iu_xray import find_report_archive, is_report_archive, load_iu_xray
 from .manifest import MANIFEST_SUFFIXES, find_manifest, load_manifest
 from .medpix import DESCRIPTIONS_GLOB, is_medpix_folder, load_medpix
-from .npz import load_npz
+from .npz import MAX_NPZ_BYTES, load_npz
 from .vqa import load_vqa, load_vqa_dataset, vqa_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_KINDS", "load_dataset", "load_dicom_folder", "load_iu_xray", "load_manifest", "load_medpix",
-           "load_npz", "load_vqa", "load_vqa_dataset"]
+__all__ = ["MAX_NPZ_BYTES", "SUPPORTED_KINDS", "load_dataset", "load_dicom_folder", "load_iu_xray", "load_manifest",
+           "load_medpix", "load_npz", "load_vqa", "load_vqa_dataset"]
 
 SUPPORTED_KINDS = (
     "a .csv or .jsonl manifest; "
@@ -43,7 +43,7 @@ SUPPORTED_KINDS = (
 )
 
 
-def _load_folder(folder: Path, allow_outside_root: bool) -> Dataset:
+def _load_folder(folder: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
     manifest = find_manifest(folder, allow_outside_root)
     if manifest is not None:
         return load_manifest(manifest, allow_outside_root)
@@ -57,21 +57,21 @@ def _load_folder(folder: Path, allow_outside_root: bool) -> Dataset:
     if not archives and has_dicom_files(folder):
         return load_dicom_folder(folder, allow_outside_root=allow_outside_root)
     if len(archives) == 1:
-        return load_npz(archives[0])
+        return load_npz(archives[0], max_bytes=max_npz_bytes)
     found = f" ({len(archives)} .npz files: pass one)" if archives else ""
     raise DataError(folder, f"unrecognised dataset folder{found}; supported: {SUPPORTED_KINDS}")
 
 
-def _load(path: Path, allow_outside_root: bool) -> Dataset:
+def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
     if not path.exists():
         raise DataError(path, "dataset path not found")
     if path.is_dir():
-        return _load_folder(path, allow_outside_root)
+        return _load_folder(path, allow_outside_root, max_npz_bytes)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
         return load_manifest(path, allow_outside_root)
     if suffix == ".npz":
-        return load_npz(path)
+        return load_npz(path, max_bytes=max_npz_bytes)
     if is_report_archive(path):
         return load_iu_xray(path)
     if suffix == ".json":
@@ -81,15 +81,16 @@ def _load(path: Path, allow_outside_root: bool) -> Dataset:
 
 
 def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
-                 allow_outside_root: bool = False) -> Dataset:
+                 allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES) -> Dataset:
     """Load the dataset at ``path`` (see ``SUPPORTED_KINDS``).
 
     With ``label_columns``, keep only those label columns and drop records where any of them is
     empty (the count is logged); an unknown column is an ``InputError`` naming the source and the
     available columns. Files named by the dataset that resolve outside its folder are a
     ``DataError`` (with their count) unless ``allow_outside_root`` (``--allow-outside-root``).
+    ``max_npz_bytes`` caps the array bytes an ``.npz`` may declare (see ``medvl.data.loaders.npz``).
     """
-    dataset = _load(Path(path), allow_outside_root)
+    dataset = _load(Path(path), allow_outside_root, max_npz_bytes)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     if label_columns:

@@ -13,17 +13,33 @@ The archive holds ``{split}_images`` and ``{split}_labels`` arrays for any set o
   .. ``label_{K-1}``.
 
 Record ids are ``"{split}_{index}"``. ``dataset.default_labels`` is every label column.
+
+Untrusted archives: nothing is decompressed before its ``.npy`` header has been read from the zip
+member and checked. Only the arrays named above are read (others are listed in a warning, never
+decoded). An array whose declared element count or byte size exceeds ``max_bytes``
+(``MAX_NPZ_BYTES`` = 1 GiB by default, for each array and for all arrays read together) is refused
+as a likely decompression bomb: a 2 MB file of zeros can declare gigabytes. The default lets every
+28 px and 64 px MedMNIST file through (the largest, TissueMNIST-64, holds about 0.97 GB of images);
+pass a larger ``max_bytes`` (``load_dataset(..., max_npz_bytes=...)``) for the 128 / 224 px
+versions. The declared size must also match the member's size in the zip directory, and the zip's
+CRC is checked. Object (pickled) arrays are refused (``allow_pickle`` stays False), so are images
+that are not numeric 3D / 4D arrays, images with an empty axis, and float images holding NaN or
+infinite values. Every failure is a ``DataError`` naming the file and the array.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ...checks import check_number
 from ...errors import DataError
 from ..record import Dataset, Record
 
@@ -31,17 +47,115 @@ log = logging.getLogger(__name__)
 
 CLASS_NAME_KEYS = ("class_names", "label_names")
 LABEL_COLUMN = "label"
+MAX_NPZ_BYTES = 1 << 30  # declared array bytes (and elements) read from one archive, each array and in total
+# what a corrupt member can raise while numpy reads it through zipfile / zlib
+_READ_ERRORS = (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                RuntimeError)
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of the archive, read into memory once."""
+@dataclass(frozen=True)
+class _Declared:
+    """What a member's ``.npy`` header says, read before any array data is decompressed."""
+
+    key: str  # the member name without ``.npy``
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data_offset: int  # header length: the array data starts here in the member
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * self.dtype.itemsize
+
+
+def _read_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Declared:
+    """The member's declared shape and dtype (only the header bytes are decompressed)."""
+    key = info.filename[: -len(".npy")]
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise DataError(path, f"array {key!r}: unsupported .npy format version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+            offset = member.tell()
+    except _READ_ERRORS as error:
+        raise DataError(path, f"array {key!r}: not a readable .npy header ({type(error).__name__}: {error})") \
+            from None
+    return _Declared(key, info, tuple(int(n) for n in shape), dtype, offset)
+
+
+def _check_declared(path: Path, declared: _Declared, max_bytes: int) -> None:
+    """Refuse object arrays, oversized arrays and headers that disagree with the zip directory."""
+    if declared.dtype.hasobject:
+        raise DataError(path, f"array {declared.key!r} holds Python objects ({declared.dtype}); "
+                              "pickled arrays are never loaded")
+    if declared.elements > max_bytes or declared.nbytes > max_bytes:
+        raise DataError(path, f"array {declared.key!r} declares shape {declared.shape} of {declared.dtype} "
+                              f"({declared.nbytes:,} bytes), over the {max_bytes:,}-byte limit; refused before "
+                              "decompressing (a larger real dataset: raise max_npz_bytes)")
+    stored = declared.info.file_size - declared.data_offset
+    if stored != declared.nbytes:
+        raise DataError(path, f"array {declared.key!r}: the header declares {declared.nbytes:,} data bytes but the "
+                              f"member holds {stored:,} (corrupt or forged archive)")
+
+
+def _read_array(path: Path, archive: zipfile.ZipFile, declared: _Declared) -> np.ndarray:
+    """Decompress one checked member (exactly its declared size; the zip CRC is verified at the end)."""
+    try:
+        with archive.open(declared.info) as member:
+            array = np.lib.format.read_array(member, allow_pickle=False)
+            member.read(1)  # at the end of the member: zipfile compares the CRC here
+    except _READ_ERRORS as error:
+        raise DataError(path, f"array {declared.key!r}: corrupt or truncated data ({type(error).__name__}: "
+                              f"{error})") from None
+    return array
+
+
+def _wanted(keys: Sequence[str]) -> list[str]:
+    """The member keys the loader reads: ``<split>_images``, ``<split>_labels`` and class names."""
+    splits = [key[: -len("_images")] for key in keys if key.endswith("_images")]
+    wanted = {f"{split}_{kind}" for split in splits for kind in ("images", "labels")} | set(CLASS_NAME_KEYS)
+    return [key for key in keys if key in wanted]
+
+
+def _read_arrays(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays the loader uses, each header checked (size limits, dtype) before decompressing."""
     if not zipfile.is_zipfile(path):
         raise DataError(path, "not an .npz archive (not a zip file)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(path, f"cannot read the arrays ({error})") from None
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename[: -len(".npy")]: info for info in archive.infolist()
+                       if info.filename.endswith(".npy") and not info.is_dir()}
+            ignored = [info.filename for info in archive.infolist() if info.filename[: -len(".npy")] not in members]
+            keys = _wanted(list(members))
+            if not any(key.endswith("_images") for key in keys):
+                raise DataError(path, f"no '<split>_images' arrays; keys found: {', '.join(members) or 'none'}")
+            ignored += [key for key in members if key not in keys]
+            if ignored:
+                log.warning("%s: ignoring %d member(s) that are not image, label or class-name arrays: %s",
+                            path, len(ignored), ", ".join(sorted(ignored)[:10]))
+            declared = [_read_header(path, archive, members[key]) for key in keys]
+            _check_sizes(path, declared, max_bytes)
+            return {item.key: _read_array(path, archive, item) for item in declared}
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise DataError(path, f"cannot read the zip archive ({type(error).__name__}: {error})") from None
+
+
+def _check_sizes(path: Path, declared: list[_Declared], max_bytes: int) -> None:
+    total = 0
+    for item in declared:
+        _check_declared(path, item, max_bytes)
+        if item.key.endswith("_images"):
+            _check_images(path, item.key, item.dtype, item.shape)
+        total += item.nbytes
+    if total > max_bytes:
+        raise DataError(path, f"the arrays declare {total:,} bytes together, over the {max_bytes:,}-byte limit; "
+                              "refused before decompressing (a larger real dataset: raise max_npz_bytes)")
 
 
 def _stored_class_names(path: Path, arrays: dict[str, np.ndarray]) -> list[str] | None:
@@ -55,10 +169,21 @@ def _stored_class_names(path: Path, arrays: dict[str, np.ndarray]) -> list[str] 
     return [name.decode() if isinstance(name, bytes) else str(name) for name in names.tolist()]
 
 
-def _check_images(path: Path, key: str, images: np.ndarray) -> None:
-    if images.ndim not in (3, 4) or images.dtype.kind not in "biuf":
+def _check_images(path: Path, key: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """A declared image array: numeric, (N,H,W), (N,H,W,3) or (N,D,H,W), no empty image axis."""
+    if len(shape) not in (3, 4) or dtype.kind not in "biuf":
         raise DataError(path, f"{key!r} must be a numeric (N,H,W), (N,H,W,3) or (N,D,H,W) array, "
-                              f"got {images.dtype} {images.shape}")
+                              f"got {dtype} {shape}")
+    if 0 in shape[1:]:
+        raise DataError(path, f"{key!r} has an empty image axis: shape {shape}")
+
+
+def _check_finite(path: Path, key: str, images: np.ndarray) -> None:
+    """Float images must hold finite values (a NaN pixel turns every loss and metric into NaN)."""
+    if images.dtype.kind == "f":
+        bad = images.size - int(np.count_nonzero(np.isfinite(images)))
+        if bad:
+            raise DataError(path, f"{key!r} holds {bad:,} NaN or infinite pixel values")
 
 
 def _class_indices(path: Path, key: str, labels: np.ndarray) -> np.ndarray:
@@ -125,23 +250,22 @@ def _split_labels(path: Path, split: str, arrays: dict[str, np.ndarray],
     raise DataError(path, f"{key!r} must be (N,), (N,1) or (N,K), got {labels.shape}")
 
 
-def load_npz(path: str | Path, class_names: Sequence[str] | None = None) -> Dataset:
-    """Load a MedMNIST-style ``.npz`` (see the module docstring for the layout)."""
+def load_npz(path: str | Path, class_names: Sequence[str] | None = None,
+             max_bytes: int = MAX_NPZ_BYTES) -> Dataset:
+    """Load a MedMNIST-style ``.npz`` (see the module docstring for the layout and the size limit)."""
+    check_number("max_bytes", max_bytes, minimum=1, integer=True)
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    arrays = _read_arrays(path)
+    arrays = _read_arrays(path, max_bytes)
     splits = [key[: -len("_images")] for key in arrays if key.endswith("_images")]
-    if not splits:
-        raise DataError(path, f"no '<split>_images' arrays; keys found: "
-                              f"{', '.join(arrays) or 'none'}")
     if class_names is None:
         class_names = _stored_class_names(path, arrays)
     records: list[Record] = []
     label_names: list[str] | None = None
     for split in splits:
         images = arrays[f"{split}_images"]
-        _check_images(path, f"{split}_images", images)
+        _check_finite(path, f"{split}_images", images)
         columns, labels = _split_labels(path, split, arrays, class_names)
         if label_names is not None and columns != label_names:
             raise DataError(path, f"'{split}_labels' columns {columns} differ from the other "
@@ -149,9 +273,8 @@ def load_npz(path: str | Path, class_names: Sequence[str] | None = None) -> Data
         label_names = columns
         records += [Record(id=f"{split}_{index}", images=[images[index]], labels=label,
                            split=split) for index, label in enumerate(labels)]
-    used = {f"{s}_{kind}" for s in splits for kind in ("images", "labels")} | set(CLASS_NAME_KEYS)
-    if set(arrays) - used:
-        log.warning("%s: ignoring arrays %s", path, ", ".join(sorted(set(arrays) - used)))
+    if not records:
+        raise DataError(path, "no images: every '<split>_images' array is empty")
     dataset = Dataset(records, source=str(path), label_names=label_names or [],
                       default_labels=label_names or [])
     return dataset

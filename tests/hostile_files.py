@@ -1,0 +1,99 @@
+"""Builders of hostile input files for the loader tests: real bytes an attacker could send.
+
+Decompression bombs are built without ever holding the decompressed data: a deflate stream of
+zeros is made of one compressed 16 MiB piece repeated (a full flush between pieces resets the
+compressor, so every piece compresses to the same bytes), and the CRC is computed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+PIECE = 1 << 24  # bytes of zeros per repeated deflate piece
+
+
+def deflate_zeros(prefix: bytes, zeros: int, wbits: int = -15) -> tuple[bytes, int]:
+    """(deflate stream of ``prefix`` + ``zeros`` zero bytes, its CRC-32), built in O(zeros / 16 MiB)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    parts = [compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)]
+    crc = zlib.crc32(prefix)
+    whole, rest = divmod(zeros, PIECE)
+    if whole:
+        chunk = bytes(PIECE)
+        piece = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+        parts.append(piece * whole)
+        for _ in range(whole):
+            crc = zlib.crc32(chunk, crc)
+    tail = bytes(rest)
+    parts.append(compressor.compress(tail) + compressor.flush())
+    return b"".join(parts), zlib.crc32(tail, crc)
+
+
+def write_zip(path: Path, members: list[tuple[str, bytes, int, int]]) -> Path:
+    """A zip of deflated members ``(name, deflate stream, crc, uncompressed size)`` (sizes < 4 GiB)."""
+    out, directory = io.BytesIO(), io.BytesIO()
+    for name, data, crc, size in members:
+        offset = out.tell()
+        encoded = name.encode()
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(data), size, len(encoded), 0))
+        out.write(encoded + data)
+        directory.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc, len(data), size,
+                                    len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
+    start = out.tell()
+    out.write(directory.getvalue())
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory.getvalue()),
+                          start, 0))
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
+    """The bytes of a version 1.0 ``.npy`` header declaring ``shape`` and ``descr``."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+def npz_bomb(path: Path, count: int, size: int = 28) -> Path:
+    """A real MedMNIST-shaped ``.npz`` (correct sizes and CRCs) whose ``train_images`` are ``count``
+    all-zero ``size x size`` uint8 images: ~1 MB on disk for 1.1 GB of pixels at count=1.4 million."""
+    header = npy_header((count, size, size))
+    images, crc = deflate_zeros(header, count * size * size)
+    labels = io.BytesIO()
+    np.lib.format.write_array(labels, np.zeros((count, 1), np.uint8))
+    label_bytes = labels.getvalue()
+    packed = zlib.compressobj(9, zlib.DEFLATED, -15)
+    label_data = packed.compress(label_bytes) + packed.flush()
+    return write_zip(path, [("train_images.npy", images, crc, len(header) + count * size * size),
+                            ("train_labels.npy", label_data, zlib.crc32(label_bytes), len(label_bytes))])
+
+
+def gzip_zeros(path: Path, prefix: bytes, zeros: int) -> Path:
+    """A valid gzip file of ``prefix`` then ``zeros`` zero bytes (a gzip bomb when ``zeros`` is large)."""
+    data, crc = deflate_zeros(prefix, zeros)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    path.write_bytes(header + data + struct.pack("<II", crc, (len(prefix) + zeros) & 0xFFFFFFFF))
+    return path
+
+
+def png_declaring(path: Path, width: int, height: int, mode: int = 0, depth: int = 8) -> Path:
+    """A PNG whose header declares ``width x height`` with a tiny (wrong) pixel stream."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, mode, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + pixels + chunk(b"IEND", b""))
+    return path
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` gzip-compressed with a fixed timestamp (same input, same bytes)."""
+    return gzip.compress(data, mtime=0)
