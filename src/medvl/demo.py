@@ -10,17 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_number
 from .data import captions_for, load_dataset
 from .data.phantom import generate_phantom
 from .errors import InputError
 from .eval import linear_probe, retrieval, zero_shot
 from .eval.embed import embed_images
 from .io import write_json
+from .models.config import MAX_IMAGE_SIDE
 from .models.registry import create_model
 from .report import curve_figure, figure_to_data_uri, image_to_data_uri, roc_figure, table_html, write_html
 from .train.loop import METRICS_FILE, TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
+MIN_CASES = 60  # enough for every split to hold each of the six findings a few times
 
 MARKER = "demo.json"
 LABEL = "finding"
@@ -34,6 +37,9 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     cores; None keeps the registered size).
     """
     out = Path(out)
+    check_number("n", n, minimum=MIN_CASES, integer=True)
+    check_number("epochs", epochs, minimum=1, integer=True)
+    check_number("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True, optional=True)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out}: folder exists, is not empty and is not a medvl demo folder")
     started = time.perf_counter()

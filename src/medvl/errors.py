@@ -29,3 +29,11 @@ class InputError(MedvlError):
 
 class ModelError(MedvlError):
     """A model name, directory or checkpoint cannot be used."""
+
+
+class WriteError(DataError):
+    """An output could not be written (full disk, quota, read-only file system, permissions)."""
+
+
+class TrainingError(MedvlError):
+    """Training cannot go on: the loss or the gradients became NaN or infinite."""

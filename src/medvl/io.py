@@ -8,23 +8,61 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import DataError, InputError, WriteError
+
+
+@contextmanager
+def write_errors_named(path: str | Path) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, read-only file system, permissions) into one
+    ``WriteError`` (a ``DataError``) naming ``path``.
+
+    Errors raised while writing often carry no file name (``[Errno 28] No space left on device``
+    from a ``write`` call, or safetensors' ``SafetensorError``), so the message would not say
+    where; this names the output being written.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except OSError as err:
+        raise WriteError(path, f"cannot write: {err.strerror or err}") from None
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError" and _is_io_failure(str(err)):
+            raise WriteError(path, f"cannot write: {_io_reason(str(err))}") from None
+        raise
+
+
+def _is_io_failure(message: str) -> bool:
+    return any(word in message for word in ("No space left", "os error", "I/O error", "Permission denied",
+                                            "Read-only file system", "Disk quota"))
+
+
+def _io_reason(message: str) -> str:
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if reason in message:
+            return reason
+    return "I/O error"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary sibling, then rename it over ``path``; a failed write
+    (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with write_errors_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..data import captions_for
 from ..data.captions import CaptionConfig
 from ..data.loaders import load_dataset
@@ -50,7 +51,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    epochs: int = 40, seed: int = 0, captions: str | Path | CaptionConfig | None = None,
                    group_column: str | None = None, show_progress: bool = True, *, lr: float = 1e-3,
                    batch_size: int = 32, contrastive_weight: float = 0.5,
-                   overrides: dict[str, Any] | None = None) -> dict:
+                   overrides: dict[str, Any] | None = None, allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
     ``captions``: a caption config (or a YAML/JSON file) with templates and class descriptions;
@@ -62,16 +63,17 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     wall time, ``cpu_seconds`` the process CPU time (all threads).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    dataset = load_dataset(data_path, label_columns=[label])
+    check_number("folds", folds, minimum=2, maximum=100, integer=True)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, text_source="captions",
+                         label_columns=[label], supervised_weight=1.0, contrastive_weight=contrastive_weight)
+    config.validate()  # bad numbers fail before any data is read
+    dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
     groups = _groups(dataset, group_column) if group_column else None
     caption_config = captions if isinstance(captions, CaptionConfig) else captions_for(dataset, captions)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, text_source="captions",
-                         label_columns=[label], supervised_weight=1.0, contrastive_weight=contrastive_weight)
-    config.validate()
     get_config(model_name, **(overrides or {}))  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
     results, pooled = [], np.zeros((len(dataset), len(classes)))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_number
 from ..data.captions import CaptionConfig
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
@@ -42,6 +43,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
                  out: str | Path | None = None, show_progress: bool = True) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold)."""
     started = time.perf_counter()
+    check_number("epochs", epochs, minimum=1, integer=True)
+    check_number("seed", seed, minimum=0, integer=True)
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")

@@ -29,6 +29,8 @@ JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the metri
 CaptionsOption = Annotated[Path | None, typer.Option(
     help="Caption templates / class descriptions (YAML or JSON) for prompts and label captions.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+AllowOutsideOption = Annotated[bool, typer.Option(
+    "--allow-outside-root", help="Let a manifest name image files outside its own folder (refused by default).")]
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
 

@@ -10,10 +10,13 @@ import typer
 
 from .clinical import deid_command, inspect_command
 from .common import (
+    AllowOutsideOption,
     CaptionsOption,
     JsonOption,
     LabelOption,
+    OverwriteOption,
     QuietOption,
+    check_outputs,
     console,
     emit_json,
     handle_errors,
@@ -40,10 +43,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     setup_logging(verbose)
 
 
-def _dataset(path: Path, split: str | None, labels: list[str] | None = None):
+def _dataset(path: Path, split: str | None, labels: list[str] | None = None, allow_outside_root: bool = False):
     from ..data import load_dataset
 
-    dataset = load_dataset(path, label_columns=labels)
+    dataset = load_dataset(path, label_columns=labels, allow_outside_root=allow_outside_root)
     if split is None:
         split = "train" if "train" in dataset.splits else "all"
     return dataset.select(split)
@@ -125,27 +128,25 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model."""
-    from ..errors import InputError
     from ..models.registry import resolve_model
-    from ..train.loop import TrainConfig, seed_everything, train
+    from ..train.loop import TrainConfig, check_out_dir, seed_everything, train
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: --out must be a folder, this is a file")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise InputError(f"{out}: output folder exists and is not empty (use --resume or a new --out)")
-    dataset = _dataset(data, split, label_column)
-    labels = label_column or dataset.default_labels
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
+                         text_source=text_source, label_columns=list(label_column or []),
+                         supervised_weight=supervised_weight, grad_accum=grad_accum,
+                         checkpoint_every=checkpoint_every, max_steps=max_steps)
+    config.validate_numbers()  # bad numbers fail before any data is read
+    check_out_dir(out, resume)
+    dataset = _dataset(data, split, label_column, allow_outside_root)
+    config.label_columns = list(label_column or dataset.default_labels)
     overrides = _overrides(set_ or [], text_encoder)
     seed_everything(seed)  # the random init of the model is part of the run
     net = resolve_model(model, **overrides)
     caption_config = _captions(dataset, captions, net)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                         text_source=text_source, label_columns=labels,
-                         supervised_weight=supervised_weight, grad_accum=grad_accum,
-                         checkpoint_every=checkpoint_every, max_steps=max_steps)
     trained = train(net, dataset, config, out, captions=caption_config, resume=resume,
                     show_progress=not quiet)
     console.print(f"trained {trained.meta['training']['steps']} steps on {len(dataset)} records; "
@@ -181,13 +182,16 @@ def eval_zero_shot(
     label_column: LabelOption = None,
     captions: CaptionsOption = None,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
     from ..eval import zero_shot
     from ..models.registry import load_model
 
-    dataset = _dataset(data, split)
+    check_outputs(overwrite, json=json_out)
+    dataset = _dataset(data, split, allow_outside_root=allow_outside_root)
     label = pick_label(dataset, label_column, "zero-shot")
     net = load_model(model)
     result = zero_shot(net, dataset, label, captions=_captions(dataset, captions, net),
@@ -196,7 +200,7 @@ def eval_zero_shot(
         "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
         "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
     print_per_class(result["per_class"])
-    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out)
+    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out, overwrite)
 
 
 @eval_app.command("retrieval")
@@ -206,13 +210,16 @@ def eval_retrieval(
     data: Annotated[Path, typer.Option(help="Dataset path (records need text).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Image->text and text->image Recall@1/5/10 and median rank."""
     from ..eval import retrieval
     from ..models.registry import load_model
 
-    dataset = _dataset(data, split)
+    check_outputs(overwrite, json=json_out)
+    dataset = _dataset(data, split, allow_outside_root=allow_outside_root)
     result = retrieval(load_model(model), dataset, show_progress=not quiet)
     rows = {}
     for direction in ("image_to_text", "text_to_image"):
@@ -220,7 +227,7 @@ def eval_retrieval(
             if key != "chance":
                 rows[f"{direction} {key}"] = value
     print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts)", rows)
-    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out)
+    emit_json({**result, "model": str(model), "data": str(data), "split": split}, json_out, overwrite)
 
 
 @eval_app.command("linear-probe")
@@ -234,20 +241,26 @@ def eval_linear_probe(
     label_column: LabelOption = None,
     few_shot: Annotated[str, typer.Option(help="Comma-separated k images per class.")] = "1,4,16",
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Logistic regression on frozen image features: AUC and accuracy, full and few-shot."""
+    from ..checks import check_number
     from ..errors import InputError
     from ..eval import linear_probe
     from ..models.registry import load_model
 
-    train_set = _dataset(train_data, train_split)
-    test_set = _dataset(test_data, test_split)
-    label = pick_label(train_set, label_column, "linear-probe")
+    check_outputs(overwrite, json=json_out)
     try:
         ks = [int(k) for k in few_shot.split(",") if k.strip()]
     except ValueError:
         raise InputError(f"--few-shot expects comma-separated integers, got {few_shot!r}") from None
+    for k in ks:
+        check_number("--few-shot k", k, minimum=1, integer=True)
+    train_set = _dataset(train_data, train_split, allow_outside_root=allow_outside_root)
+    test_set = _dataset(test_data, test_split, allow_outside_root=allow_outside_root)
+    label = pick_label(train_set, label_column, "linear-probe")
     result = linear_probe(load_model(model), train_set, test_set, label, few_shot=ks,
                           show_progress=not quiet)
     rows = {"auc": result["auc"], "accuracy": result["accuracy"],
@@ -255,7 +268,7 @@ def eval_linear_probe(
     for k, scores in result["few_shot"].items():
         rows[f"{k}-shot auc"] = scores["auc_mean"]
     print_metrics(f"linear probe {label} (train {result['n_train']}, test {result['n_test']})", rows)
-    emit_json({**result, "model": str(model)}, json_out)
+    emit_json({**result, "model": str(model)}, json_out, overwrite)
 
 
 @app.command("predict")
@@ -268,17 +281,19 @@ def predict_command(
         help="Label column whose class descriptions to use (default: first with all these classes).")] = None,
     captions: CaptionsOption = None,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Zero-shot answer per image among the given labels."""
     from ..predict import predict
 
+    check_outputs(overwrite, json=json_out)
     class_names = [name.strip() for name in labels.split(",") if name.strip()]
     results = predict(model, images, class_names, label_column=label_column, captions=captions)
     for item in results:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
         console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown})")
-    emit_json({"predictions": results}, json_out)
+    emit_json({"predictions": results}, json_out, overwrite)
 
 
 @bench_app.command("medmnist")
@@ -288,6 +303,7 @@ def bench_medmnist(
     test_data: Annotated[Path, typer.Option(help="MedMNIST .npz holding the test split.")],
     test_split: Annotated[str, typer.Option(help="Split of --test-data to score.")] = "test",
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
     out: Annotated[Path | None, typer.Option(help="Also keep the trained model here.")] = None,
     model: Annotated[str, typer.Option(help="Registered model name.")] = "medmnist-small",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
@@ -297,12 +313,13 @@ def bench_medmnist(
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
     from ..bench.medmnist import run_medmnist
 
+    check_outputs(overwrite, json=json_out)
     result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,
                           out=out, show_progress=not quiet)
     print_metrics(f"MedMNIST {test_data.name}:{test_split}", {
         "auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
         "seconds": result["seconds"]})
-    emit_json(result, json_out)
+    emit_json(result, json_out, overwrite)
 
 
 @bench_app.command("cv")
@@ -323,15 +340,18 @@ def bench_cv(
         help="Weight of the image-caption loss (the supervised head has weight 1).")] = 0.5,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """k-fold cross-validation: a fresh model per fold, head and zero-shot AUC / accuracy on held-out folds."""
     from ..bench.cv import cross_validate
 
+    check_outputs(overwrite, json=json_out)
     result = cross_validate(data, label_column, model_name=model, folds=folds, epochs=epochs, seed=seed,
                             captions=captions, group_column=group_column, show_progress=not quiet, lr=lr,
                             batch_size=batch_size, contrastive_weight=contrastive_weight,
-                            overrides=_overrides(set_ or [], None))
+                            overrides=_overrides(set_ or [], None), allow_outside_root=allow_outside_root)
     print_metrics(f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)", {
         name: _mean_std(result, key) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
@@ -339,7 +359,7 @@ def bench_cv(
         | {"pooled out-of-fold auc": result["auc_pooled"], "majority-class acc": result["majority_acc"],
            "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in result["folds"]),
            "seconds": result["seconds"]})
-    emit_json(result, json_out)
+    emit_json(result, json_out, overwrite)
 
 
 def _mean_std(result: dict, key: str) -> str:

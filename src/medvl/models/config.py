@@ -7,7 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import check_number
 from ..errors import InputError
+
+MAX_IMAGE_SIDE = 4096  # pixels (or voxels) a side after resizing; larger inputs are a mistake on a CPU
 
 
 @dataclass
@@ -64,8 +67,13 @@ class ImageConfig:
         if self.slice_pool not in ("attention", "mean") or self.slice_batch < 1:
             raise InputError(f"image.slice_pool must be attention or mean and slice_batch >= 1, "
                              f"got {self.slice_pool!r}, {self.slice_batch}")
-        if self.image_size < 8 or self.depth < 0:
-            raise InputError(f"image.image_size must be >= 8 and image.depth >= 0, got {self.image_size}, {self.depth}")
+        check_number("image.image_size", self.image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True)
+        check_number("image.depth", self.depth, minimum=0, maximum=MAX_IMAGE_SIDE, integer=True)
+        check_number("image.patch_size", self.patch_size, minimum=1, maximum=self.image_size, integer=True)
+        check_number("image.intensity_std", self.intensity_std, minimum=0, exclusive_minimum=True)
+        check_number("image.intensity_mean", self.intensity_mean)
+        for name in ("hidden_size", "num_layers", "num_heads", "growth_rate", "stem_kernel", "stem_stride"):
+            check_number(f"image.{name}", getattr(self, name), minimum=1, integer=True)
         vit = self.arch == "vit" or (self.arch == "slicepool" and self.slice_arch == "vit")
         sides = self.volume_shape if self.arch == "vit" else (self.image_size,)
         if vit and any(side % self.patch_size for side in sides):
@@ -141,7 +149,13 @@ class ModelConfig:
     def validate(self) -> None:
         if self.loss not in ("clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
+        check_number("embed_dim", self.embed_dim, minimum=1, integer=True)
+        # the trainer clamps the learned temperature at >= 0.01; a start outside [0.001, 100] is a typo
+        check_number("init_temperature", self.init_temperature, minimum=0.001, maximum=100)
+        check_number("init_logit_bias", self.init_logit_bias, minimum=-100, maximum=100)
         self.image.validate()
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+            check_number(f"text.{name}", getattr(self.text, name), minimum=1, integer=True)
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
         if self.text.kind == "pretrained" and not self.text.path:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.transforms import ImagePreprocessor
 from ..errors import MedvlError, ModelError
-from ..io import replace_dir
+from ..io import replace_dir, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
@@ -104,22 +104,31 @@ class DualEncoder(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors, meta.json and text/ (tokenizer) atomically."""
+        """Write config.json, model.safetensors, meta.json and text/ (tokenizer) atomically.
+
+        Refuses weights holding NaN or infinity (a diverged run must not leave a model that
+        answers ``nan``); a failed write (full disk) names ``directory`` and leaves it as it was.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-            (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
-            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_FILE))
-            self.text_encoder.save(staging / TEXT_DIR)
-            replace_dir(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
+                             f"(first: {bad[0]}); the training diverged")
+        with write_errors_named(directory):
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+            try:
+                (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+                (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
+                save_file(state, str(staging / WEIGHTS_FILE))
+                self.text_encoder.save(staging / TEXT_DIR)
+                replace_dir(staging, directory)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         return directory
 
     @classmethod
@@ -138,6 +147,10 @@ class DualEncoder(nn.Module):
             state = load_file(str(directory / WEIGHTS_FILE))
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
             raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
+                             "the model is unusable (its training diverged): retrain it")
         model = cls(config, text_source_dir=directory / TEXT_DIR)
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
@@ -148,3 +161,9 @@ class DualEncoder(nn.Module):
             raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
         model.eval()
         return model
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]

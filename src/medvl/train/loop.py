@@ -15,6 +15,7 @@ Output directory layout::
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -27,16 +28,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_numbers
 from ..data.captions import CaptionConfig
 from ..data.record import Dataset
-from ..errors import InputError
-from ..io import write_json
+from ..errors import InputError, ModelError, TrainingError, WriteError
+from ..io import atomic_write_bytes, write_errors_named, write_json
 from ..models.dual import DualEncoder
 from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
+MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 
 
 @dataclass
@@ -59,16 +62,35 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.grad_accum < 1:
-            raise InputError("epochs >= 1, batch_size >= 2 and grad_accum >= 1 are required")
-        if self.lr <= 0:
-            raise InputError(f"lr must be positive, got {self.lr}")
+        """Refuse values that would train nothing or train garbage (before any data is read)."""
+        self.validate_numbers()
         if self.text_source not in ("auto", "text", "captions", "both"):
             raise InputError(f"text_source must be auto, text, captions or both, got {self.text_source!r}")
         if self.loss not in (None, "clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
+
+    def validate_numbers(self) -> None:
+        """The range of every numeric field (one shared check, as the CLI options)."""
+        whole = {"integer": True}
+        check_numbers({
+            "epochs": (self.epochs, {"minimum": 1, **whole}),
+            "batch_size": (self.batch_size, {"minimum": 2, **whole}),
+            "grad_accum": (self.grad_accum, {"minimum": 1, **whole}),
+            "lr": (self.lr, {"minimum": 0, "exclusive_minimum": True, "maximum": MAX_LR}),
+            "text_lr": (self.text_lr, {"minimum": 0, "exclusive_minimum": True, "maximum": MAX_LR, "optional": True}),
+            "weight_decay": (self.weight_decay, {"minimum": 0, "maximum": 1}),
+            "warmup_fraction": (self.warmup_fraction, {"minimum": 0, "maximum": 1}),
+            "seed": (self.seed, {"minimum": 0, **whole}),
+            "supervised_weight": (self.supervised_weight, {"minimum": 0}),
+            "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
+            "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
+            "log_every": (self.log_every, {"minimum": 1, **whole}),
+            "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
+        })
+        if self.supervised_weight == 0 and self.contrastive_weight == 0:
+            raise InputError("supervised_weight and contrastive_weight are both 0: nothing to train")
 
 
 class _PairedTexts:
@@ -119,13 +141,21 @@ def seed_everything(seed: int) -> None:
 def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
           captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """Train ``model`` on ``dataset`` and save it to ``out_dir/model``; returns the trained model."""
+    """Train ``model`` on ``dataset`` and save it to ``out_dir/model``; returns the trained model.
+
+    ``out_dir`` must be missing or empty unless ``resume``. A loss or gradient that becomes NaN or
+    infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
+    checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
+    ``WriteError`` naming the path; a fresh run then removes everything it wrote.
+    """
     config.validate()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume)
+    fresh_folder = not out_dir.exists()
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
     captions = captions or CaptionConfig()
     texts = _PairedTexts(dataset, config, captions)
-    out_dir = Path(out_dir)
     if config.loss:
         model.config.loss = config.loss
     state = _resume_state(out_dir) if resume else None
@@ -139,8 +169,36 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
                 model.add_head(column, dataset.classes(column))
     pixels = _load_pixels(model, dataset, show_progress)
     targets = _head_targets(model, dataset)
-    return _Run(model, dataset, config, out_dir, texts, pixels, targets, state, show_progress,
-                on_epoch_end).run()
+    run = _Run(model, dataset, config, out_dir, texts, pixels, targets, state, show_progress, on_epoch_end)
+    try:
+        return run.run()
+    except WriteError:
+        if state is None:  # a fresh run: nothing of it is worth keeping without its final model
+            _remove_run_output(out_dir, fresh_folder)
+        raise
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """A training output folder must be missing or empty, unless the run resumes."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: the output folder is a file")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        raise InputError(f"{out_dir}: output folder exists and is not empty "
+                         "(--resume / resume=True continues it; or choose a new folder)")
+
+
+def _remove_run_output(out_dir: Path, remove_folder: bool) -> None:
+    """Remove what a failed fresh run wrote (the folder was missing or empty when it started)."""
+    import shutil
+
+    if remove_folder:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for child in out_dir.iterdir() if out_dir.is_dir() else []:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 class _Run:
@@ -166,7 +224,8 @@ class _Run:
             log.info("resumed from step %d", self.step)
 
     def run(self) -> DualEncoder:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with write_errors_named(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
                                                   "model": self.model.config.to_dict(),
                                                   "data": self.dataset.source,
@@ -180,21 +239,30 @@ class _Run:
         self.model.meta["label_columns"] = list(self.config.label_columns)
         self.model.meta["training"] = {"steps": self.step, "records": len(self.dataset),
                                        "data": self.dataset.source, "loss": self.model.config.loss}
-        self.model.save_pretrained(self.out_dir / MODEL_DIR)
+        self._save(self.out_dir / MODEL_DIR)
         return self.model
+
+    def _save(self, directory: Path) -> None:
+        try:
+            self.model.save_pretrained(directory)
+        except ModelError as err:  # non-finite weights: the run diverged between two loss checks
+            raise TrainingError(f"{self.out_dir}: training stopped at step {self.step}: {err}; "
+                                f"{self._last_checkpoint()}") from None
 
     def _train_step(self, advance) -> None:
         self.model.train()
         losses: list[dict[str, float]] = []
         for _ in range(self.config.grad_accum):
             parts = self._forward(self._batch_indices(self.batch_index))
+            self._check_finite("the loss", parts["loss"])
             (parts["loss"] / self.config.grad_accum).backward()
             losses.append({k: float(v.detach()) for k, v in parts.items()})
             self.batch_index += 1
             advance(1)
             if self.batch_index % self.batches_per_epoch == 0:
                 break
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self._check_finite("the gradient norm", grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,6 +274,23 @@ class _Run:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
             self._checkpoint()
+
+    def _check_finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop before a NaN / infinite value reaches the weights (the optimizer has not stepped)."""
+        if bool(torch.isfinite(value.detach()).all()):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        raise TrainingError(f"{self.out_dir}: training stopped at step {self.step + 1}: {what} became "
+                            f"{float(value.detach())} (learning rate {lr:.3g}); lower --lr or check the data for "
+                            f"NaN / infinite values; {self._last_checkpoint()}")
+
+    def _last_checkpoint(self) -> str:
+        state = self.out_dir / CHECKPOINT_DIR / "state.pt"
+        if not state.is_file():
+            return "no checkpoint was written"
+        step = torch.load(state, weights_only=True)["step"]
+        return f"the last good checkpoint (step {step}) is kept in {state.parent}"
 
     def _batch_indices(self, batch_index: int) -> list[int]:
         epoch, within = divmod(batch_index, self.batches_per_epoch)
@@ -249,13 +334,12 @@ class _Run:
     def _checkpoint(self) -> None:
         """Model first, then the small state file: a state file always has its model."""
         directory = self.out_dir / CHECKPOINT_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory / MODEL_DIR)
+        self._save(directory / MODEL_DIR)  # creates directory
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "batch_index": self.batch_index}
-        tmp = directory / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(directory / "state.pt")
+        buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
+        torch.save(state, buffer)
+        atomic_write_bytes(directory / "state.pt", buffer.getvalue())
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
@@ -313,5 +397,5 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
-    with path.open("a") as handle:
+    with write_errors_named(path), path.open("a") as handle:
         handle.write(json.dumps(line) + "\n")

@@ -58,7 +58,7 @@ ZONE_LEVELS = ("upper", "middle", "lower")
 SUBTLE_PROB = 0.2
 AP_PROB = 0.25
 AP_HEART_MAGNIFICATION = 1.07
-MIN_SIZE = 32
+MIN_SIZE, MAX_SIZE = 32, 2048  # image side in pixels; larger phantoms only exhaust memory
 REFERENCE_SIZE = 128  # pixel-valued parameters (blur, line widths) are given at this size
 _CAGE_CENTER_Y = 0.25  # anatomical height at which the rib cage is widest
 
@@ -821,7 +821,7 @@ def _box(mask: np.ndarray) -> list[int]:
 
 
 def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float,
-                    size_range: tuple[int, int | None] = (MIN_SIZE, None), unit: str = "pixels") -> None:
+                    size_range: tuple[int, int | None] = (MIN_SIZE, MAX_SIZE), unit: str = "pixels") -> None:
     """Raise InputError unless the arguments of ``render_case`` are usable (shared by the 2D and
     3D phantoms; ``size_range`` is the allowed image side, ``None`` for no upper bound)."""
     for name, value in (("seed", seed), ("index", index), ("size", size)):

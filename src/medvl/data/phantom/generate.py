@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import InputError
-from ...io import replace_dir
+from ...io import replace_dir, write_errors_named
 from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
 from .cxr2d import PhantomCase, check_case_args, render_case
@@ -234,7 +234,7 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     what = "phantom CT volumes" if kind == "ct3d" else "phantom radiographs"
     log.info("generating %d %s (%d %s, seed %d) into %s", n, what, size,
              "voxels a side" if kind == "ct3d" else "px", seed, out_dir)
-    with _staging_dir(out_dir) as staging:
+    with write_errors_named(out_dir), _staging_dir(out_dir) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:

@@ -1,0 +1,299 @@
+"""Commands used as a careless or hostile user would: existing outputs, symlinks, devices, bad
+numbers, a full disk, a diverging run. Each must end with exit 2, one line naming the problem, no
+traceback, nothing written and existing files untouched.
+
+The loaders' hostile inputs (truncated, bombs, paths outside the root...) are in
+``test_hostile_inputs.py``; DICOM de-identification in ``test_deid_corpus.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import medvl
+from cli_helpers import invoke
+from medvl.data import captions_for
+from medvl.errors import ModelError, TrainingError
+from medvl.train.loop import TrainConfig
+
+SENTINEL = b'{"precious": "do not touch"}\n'
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                            "--epochs", 1, "--batch-size", 32, "-q")
+    assert result.exit_code == 0, output
+    return out
+
+
+def _assert_clean_refusal(result, output: str, *needles: str) -> None:
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    for needle in needles:
+        assert needle in output, output
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -- 4. output files: refused unless --overwrite, and never anything but a regular file ----------------
+
+def _json_commands(trained: Path, phantom_dir: Path, image: Path) -> dict[str, list]:
+    """Every command with a ``--json`` output, with arguments that would otherwise succeed."""
+    model = trained / "model"
+    return {
+        "eval zero-shot": ["eval", "zero-shot", "--model", model, "--data", phantom_dir, "-q"],
+        "eval retrieval": ["eval", "retrieval", "--model", model, "--data", phantom_dir, "-q"],
+        "eval linear-probe": ["eval", "linear-probe", "--model", model, "--train-data", phantom_dir,
+                              "--test-data", phantom_dir, "--few-shot", "1", "-q"],
+        "predict": ["predict", image, "--model", model, "--labels", "no finding,cardiomegaly"],
+        "bench cv": ["bench", "cv", "--data", phantom_dir, "-l", "finding", "--model", "phantom-tiny",
+                     "--folds", 2, "--epochs", 1, "-q"],
+        "bench medmnist": ["bench", "medmnist", "--train-data", phantom_dir / "missing.npz",
+                           "--test-data", phantom_dir / "missing.npz", "-q"],
+    }
+
+
+@pytest.fixture(scope="module")
+def commands(trained, phantom_dir):
+    return _json_commands(trained, phantom_dir, next((phantom_dir / "images").glob("*.png")))
+
+
+@pytest.mark.parametrize("name", ["eval zero-shot", "eval retrieval", "eval linear-probe", "predict", "bench cv",
+                                  "bench medmnist"])
+def test_existing_json_output_is_refused_before_any_work(commands, name, tmp_path):
+    target = tmp_path / "result.json"
+    target.write_bytes(SENTINEL)
+    result, output = invoke(*commands[name], "--json", target)
+    _assert_clean_refusal(result, output, "result.json", "--overwrite")
+    assert target.read_bytes() == SENTINEL
+
+
+def test_json_onto_a_model_config_is_refused(trained, phantom_dir, tmp_path):
+    """The report that started this: --json m1/model/config.json destroyed the model's config."""
+    config = trained / "model" / "config.json"
+    before = config.read_bytes()
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "-q", "--json", config)
+    _assert_clean_refusal(result, output, "config.json")
+    assert config.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder"])
+def test_only_regular_files_are_ever_replaced(commands, kind, tmp_path):
+    precious = tmp_path / "precious.json"
+    precious.write_bytes(SENTINEL)
+    target = tmp_path / "out.json"
+    if kind == "symlink":
+        target.symlink_to(precious)
+    elif kind == "dangling symlink":
+        target.symlink_to(tmp_path / "nowhere.json")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    result, output = invoke(*commands["eval retrieval"], "--json", target, "--overwrite")
+    _assert_clean_refusal(result, output, "out.json")
+    assert precious.read_bytes() == SENTINEL
+    assert not (tmp_path / "nowhere.json").exists()
+    assert target.is_symlink() == kind.endswith("symlink")
+
+
+def test_overwrite_replaces_a_regular_file_atomically(commands, tmp_path):
+    target = tmp_path / "result.json"
+    target.write_bytes(SENTINEL)
+    result, output = invoke(*commands["eval retrieval"], "--json", target, "--overwrite")
+    assert result.exit_code == 0, output
+    assert "image_to_text" in json.loads(target.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left
+
+
+# -- 9. numeric options: one range check, at the CLI and the API -------------------------------------
+
+TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-steps", -1], "max_steps"),
+    (["--max-steps", 0], "max_steps"),
+    (["--epochs", 0], "epochs"),
+    (["--lr", "nan"], "lr"),
+    (["--lr", "inf"], "lr"),
+    (["--lr", 0], "lr"),
+    (["--lr", -0.1], "lr"),
+    (["--lr", 1e6], "lr"),
+    (["--batch-size", 1], "batch_size"),
+    (["--grad-accum", 0], "grad_accum"),
+    (["--supervised-weight", -1], "supervised_weight"),
+    (["--supervised-weight", "nan"], "supervised_weight"),
+    (["--checkpoint-every", -5], "checkpoint_every"),
+    (["--seed", -1], "seed"),
+    (["--set", "image.image_size=100000"], "image.image_size"),
+    (["--set", "image.image_size=2"], "image.image_size"),
+    (["--set", "init_temperature=0"], "init_temperature"),
+    (["--set", "embed_dim=-4"], "embed_dim"),
+    (["--set", "text.max_length=0"], "text.max_length"),
+])
+def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_path, args, needle):
+    out = tmp_path / "run"
+    result, output = invoke(*TRAIN, "--data", phantom_dir, "--out", out, *args)
+    _assert_clean_refusal(result, output, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["phantom", "{out}", "--n", 0], "n must be"),
+    (["phantom", "{out}", "--n", 10, "--size", 100000], "size must be"),
+    (["phantom", "{out}", "--n", 10, "--extra-finding-prob", 1.5], "extra_finding_prob"),
+    (["phantom", "{out}", "--n", 10, "--extra-finding-prob", "nan"], "extra_finding_prob"),
+    (["demo", "--out", "{out}", "--n", 5, "-q"], "n must be"),
+    (["demo", "--out", "{out}", "--epochs", 0, "-q"], "epochs"),
+    (["demo", "--out", "{out}", "--image-size", 5, "-q"], "image_size"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--folds", 1, "-q"], "folds"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),
+])
+def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args, needle):
+    out = tmp_path / "out"
+    filled = [str(a).format(out=out, data=phantom_dir) for a in args]
+    result, output = invoke(*filled)
+    _assert_clean_refusal(result, output, needle)
+    assert not out.exists()
+
+
+def test_linear_probe_refuses_a_zero_shot_count(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--test-data", phantom_dir, "--few-shot", "0,4", "--json", tmp_path / "r.json")
+    _assert_clean_refusal(result, output, "--few-shot")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_the_api_applies_the_same_checks(phantom_dir, tmp_path):
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    for bad in ({"max_steps": -1}, {"lr": float("nan")}, {"epochs": 2.5}, {"warmup_fraction": 2.0}):
+        with pytest.raises(medvl.errors.InputError, match=next(iter(bad))):
+            medvl.train(medvl.create_model("phantom-tiny"), dataset, TrainConfig(**bad), tmp_path / "api")
+    with pytest.raises(medvl.errors.InputError, match="init_temperature"):
+        medvl.create_model("phantom-tiny", init_temperature=float("inf"))
+    assert not (tmp_path / "api").exists()
+
+
+# -- 8. garbage that reported success: NaN weights, diverging runs -----------------------------------
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_model(phantom_dir, tmp_path):
+    """A normalisation that overflows float32 makes the first loss NaN: stop before the optimizer steps."""
+    out = tmp_path / "run"
+    result, output = invoke(*TRAIN, "--data", phantom_dir, "--out", out, "--set", "image.intensity_mean=1e38")
+    _assert_clean_refusal(result, output, "training stopped at step 1", "nan", "--lr")
+    assert not (out / "model").exists() and not (out / "checkpoint").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(phantom_dir, tmp_path):
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    out = tmp_path / "run"
+
+    def blow_up_in_epoch_two(model, epoch):
+        if epoch == 2:  # as if the weights overflowed during the second epoch
+            with torch.no_grad():
+                model.image_projection.weight[0, 0] = float("nan")
+        return {}
+
+    config = TrainConfig(epochs=3, batch_size=32, seed=0)
+    with pytest.raises(TrainingError, match="last good checkpoint \\(step 3\\)"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, out, captions=captions_for(dataset),
+                    show_progress=False, on_epoch_end=blow_up_in_epoch_two)
+    assert not (out / "model").exists()
+    kept = medvl.load_model(out / "checkpoint" / "model")  # loads: every weight finite
+    assert all(torch.isfinite(t).all() for t in kept.state_dict().values())
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_save_pretrained_refuses_non_finite_weights(tmp_path):
+    model = medvl.create_model("phantom-tiny")
+    with torch.no_grad():
+        model.text_projection.weight[1, 2] = float("inf")
+    with pytest.raises(ModelError, match="NaN or infinity"):
+        model.save_pretrained(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def nan_model(trained, tmp_path) -> Path:
+    """A copy of the trained model whose weights were NaN-poisoned on disk (as --lr nan used to save)."""
+    import shutil
+
+    copy = tmp_path / "nan-model"
+    shutil.copytree(trained / "model", copy)
+    weights = load_file(copy / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim == 2)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, copy / "model.safetensors")
+    return copy
+
+
+def test_predict_and_eval_refuse_a_model_with_non_finite_weights(nan_model, phantom_dir, tmp_path):
+    image = next((phantom_dir / "images").glob("*.png"))
+    result, output = invoke("predict", image, "--model", nan_model, "--labels", "no finding,cardiomegaly",
+                            "--json", tmp_path / "p.json")
+    _assert_clean_refusal(result, output, "NaN or infinity", "nan-model")
+    result, output = invoke("eval", "zero-shot", "--model", nan_model, "--data", phantom_dir, "-q",
+                            "--json", tmp_path / "z.json")
+    _assert_clean_refusal(result, output, "NaN or infinity")
+    assert list(tmp_path.glob("*.json")) == []
+    with pytest.raises(ModelError, match="retrain"):
+        medvl.load_model(nan_model)
+
+
+# -- 7. a full disk: one line naming the path, exit 2, staged output removed --------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, tiny file system (tmpfs) that fills up: needs root (as in CI) to mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+
+    def make(size: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up ({done.stderr.strip() or 'not root'})")
+        return mount
+
+    yield make
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_train_on_a_full_disk_says_where_and_removes_its_output(phantom_dir, small_disk):
+    disk = small_disk("400k")  # room for train_config.json and metrics, not for a 0.9 MB model
+    out = disk / "run"
+    result, output = invoke(*TRAIN, "--data", phantom_dir, "--out", out)
+    _assert_clean_refusal(result, output, str(out), "No space left on device")
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert list(disk.iterdir()) == []  # no run folder, no staging folder, no temporary file
+
+
+def test_phantom_on_a_full_disk_says_where_and_leaves_nothing(small_disk):
+    disk = small_disk("64k")
+    out = disk / "phantom"
+    result, output = invoke("phantom", out, "--n", 40, "--size", 64, "-q")
+    _assert_clean_refusal(result, output, str(out), "No space left on device")
+    assert "Errno" not in output
+    assert list(disk.iterdir()) == []
+
+
+def test_json_output_on_a_full_disk_leaves_no_partial_file(commands, small_disk):
+    disk = small_disk("8k")
+    with pytest.raises(OSError), (disk / "fill.bin").open("wb") as handle:
+        handle.write(b"\0" * 65536)  # fill the disk up
+    result, output = invoke(*commands["eval retrieval"], "--json", disk / "r.json")
+    _assert_clean_refusal(result, output, "r.json", "No space left on device")
+    assert [p.name for p in disk.iterdir()] == ["fill.bin"]
