@@ -43,13 +43,25 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
 from ..io import atomic_write_bytes
-from .dicom import MEDIA_STORAGE_DIRECTORY, is_dicom_candidate, quiet_pydicom, read_dataset, transfer_syntax
+from .descriptors import SHORT_DESCRIPTORS
+from .descriptors import clean_descriptors as clean_descriptors_in
+from .dicom import (
+    MEDIA_STORAGE_DIRECTORY,
+    PIXEL_KEYWORDS,
+    check_complete,
+    check_file_end,
+    is_dicom_candidate,
+    quiet_pydicom,
+    read_dataset,
+    transfer_syntax,
+)
+from .identifiers import MIN_LENGTH, Identifiers, collect_identifiers, drop_name_parts, find_leak
 from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -92,9 +104,14 @@ PROFILE_REMOVED = (
 )
 PROFILE_EMPTIED = ("PatientSex",)  # action Z: kept, value emptied
 _REPEATING_GROUPS = ((0x5000, None), (0x6000, None))  # curves, overlay planes (data, comments and their layout)
-_TEXT_VRS = {"LO", "LT", "SH", "ST", "UT", "UC", "PN", "AE", "DA", "DT"}  # where the safety net looks
 _DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
                ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
+CLEAN_DESCRIPTORS_CODE = ("113105", "Clean Descriptors Option")
+# Modalities whose images usually carry text burned into the pixels (patient name, date, site).
+BURNED_IN_MODALITIES = {"US": "ultrasound", "SC": "secondary capture", "OT": "other (screen capture)",
+                        "XC": "external-camera photograph", "ES": "endoscopy", "DOC": "scanned document"}
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 multi-frame variants
+ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1")
 
 
 def _require_dicognito():
@@ -105,56 +122,27 @@ def _require_dicognito():
     return Anonymizer
 
 
-# ------------------------------------------------------------------------ what to look for
-
-
-@dataclass
-class Identifiers:
-    """The input's patient name, ID and dates: what must not survive (kept in memory only)."""
-
-    names: set[str] = field(default_factory=set)  # the full name and its parts of 3+ characters
-    ids: set[str] = field(default_factory=set)
-    dates: set[str] = field(default_factory=set)  # YYYYMMDD and YYYY.MM.DD
-
-    def strong(self) -> list[bytes]:
-        """Values long enough to search encoded bytes for without chance matches."""
-        values = {v for v in self.names | self.ids if len(v) >= 4} | self.dates
-        return sorted(v.encode("utf-8", "ignore") for v in values)
-
-    def found_in(self, text: str) -> bool:
-        upper = text.upper()
-        return any(value.upper() in upper for value in self.names | self.ids | self.dates)
-
-
-def collect_identifiers(ds) -> Identifiers:
-    """Patient Name (whole and parts), Patient ID / Other Patient IDs and every DA / DT date."""
-    found = Identifiers()
-    name = str(ds.get("PatientName") or "").strip()
-    if name:
-        found.names.add(name)
-        found.names.update(part for part in re.split(r"[\^=\s]+", name) if len(part) >= 3)
-    for keyword in ("PatientID", "OtherPatientIDs"):
-        value = ds.get(keyword)
-        for item in value if isinstance(value, list | tuple) or _multi(value) else [value]:
-            text = str(item or "").strip()
-            if len(text) >= 2:
-                found.ids.add(text)
-
-    def visit(dataset, element) -> None:
-        if element.VR in ("DA", "DT") and element.value:
-            for value in element.value if _multi(element.value) else [element.value]:
-                digits = re.sub(r"\D", "", str(value))[:8]
-                if len(digits) == 8:
-                    found.dates.update({digits, f"{digits[:4]}.{digits[4:6]}.{digits[6:]}"})
-
-    ds.walk(visit)
-    return found
-
-
 def _multi(value) -> bool:
     from pydicom.multival import MultiValue
 
     return isinstance(value, MultiValue)
+
+
+def burned_in_risk(ds) -> str | None:
+    """Why the pixels may hold burned-in identifiers, or ``None``: Burned In Annotation is YES, or
+    the modality / SOP class is one whose images usually carry text (ultrasound, secondary capture,
+    screen captures, photographs, endoscopy, scanned documents), whatever Burned In Annotation says."""
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return "Burned In Annotation is YES"
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"{BURNED_IN_MODALITIES[modality]} images (modality {modality}) often carry burned-in text"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):
+        return "secondary capture images often carry burned-in text"
+    if sop_class in ULTRASOUND_CLASSES:
+        return "ultrasound images often carry burned-in text"
+    return None
 
 
 # ------------------------------------------------------------------------- change tracking
@@ -193,11 +181,11 @@ def _changes(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], 
 # ------------------------------------------------------------------------------ the steps
 
 
-def _remove_profile_attributes(ds) -> None:
+def _remove_profile_attributes(ds, removed: frozenset[str]) -> None:
     for keyword in PROFILE_EMPTIED:
         if ds.get(keyword):
             setattr(ds, keyword, "")
-    for keyword in PROFILE_REMOVED:
+    for keyword in removed:
         if keyword in ds:
             del ds[keyword]
     for element in list(ds):
@@ -209,33 +197,20 @@ def _remove_profile_attributes(ds) -> None:
         else:
             if element.VR == "SQ" and element.tag in ds:
                 for item in element.value or []:
-                    _remove_profile_attributes(item)
+                    _remove_profile_attributes(item, removed)
 
 
-def _remove_leftovers(ds, identifiers: Identifiers) -> list[str]:
-    """Delete text elements still holding an identifier; return their paths (no values)."""
-    doomed: list[tuple[Any, Any]] = []
-
-    def visit(dataset, element) -> None:
-        if element.VR in _TEXT_VRS and element.value and identifiers.found_in(str(element.value)):
-            doomed.append((dataset, element.tag))
-
-    ds.walk(visit)
-    for dataset, tag in doomed:
-        del dataset[tag]
-    return sorted({str(tag) for _, tag in doomed})
-
-
-def _mark(ds, burned_in: bool) -> None:
+def _mark(ds, burned_in: bool, cleaned: bool) -> None:
+    """Patient Identity Removed (YES, or NO when the pixels may hold burned-in identifiers), the
+    method text and codes (basic profile, modified dates, and Clean Descriptors when applied)."""
     from pydicom.dataset import Dataset
 
-    if not burned_in:
-        ds.PatientIdentityRemoved = "YES"
+    ds.PatientIdentityRemoved = "NO" if burned_in else "YES"
     methods = ds.get("DeidentificationMethod") or []
     methods = list(methods) if _multi(methods) or isinstance(methods, list) else [str(methods)]
-    ds.DeidentificationMethod = [*methods, METHOD]
+    ds.DeidentificationMethod = [*methods, METHOD + (" + clean descriptors" if cleaned else "")]
     codes = []
-    for value, meaning in _DEID_CODES:
+    for value, meaning in _DEID_CODES + ((CLEAN_DESCRIPTORS_CODE,) if cleaned else ()):
         item = Dataset()
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         codes.append(item)
@@ -258,7 +233,7 @@ def _encode(ds, path: Path) -> bytes:
     try:
         ds.save_as(buffer, enforce_file_format=True)
     except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as error:
-        raise DataError(path, f"cannot write the de-identified file ({type(error).__name__}: {error})") from None
+        raise DataError(path, f"cannot write the de-identified file ({type(error).__name__})") from None
     return buffer.getvalue()
 
 
@@ -268,7 +243,7 @@ def _header_bytes(ds) -> bytes:
 
     header = Dataset()
     for element in ds:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if element.keyword not in PIXEL_KEYWORDS:
             header.add(element)
     header.file_meta, header.preamble = ds.file_meta, ds.preamble
     buffer = io.BytesIO()
@@ -282,26 +257,47 @@ def _full_snapshot(ds) -> dict[str, Any]:
     return _snapshot(ds) | meta_values
 
 
-def deidentify_dataset(ds, anonymizer, path: Path) -> tuple[bytes, dict[str, Any]]:
-    """De-identify one parsed dataset in place; its encoded bytes and its report entry."""
+def _check_nothing_survived(ds, identifiers: Identifiers, path: Path) -> None:
+    """The final scan (``identifiers.find_leak``) and a byte search of the encoded header; either
+    finding refuses the file, naming the element and the kind of identifier, never its value."""
+    leak = find_leak(ds, identifiers)
+    if leak is not None:
+        element, kind = leak
+        raise DataError(path, f"the patient's {kind} survived de-identification in {element}; nothing was written")
+    if identifiers.kind_in(_header_bytes(ds).decode("latin-1"), MIN_LENGTH["number"]) is not None:
+        raise DataError(path, "a patient identifier survived de-identification in the encoded header; "
+                              "nothing was written")
+
+
+def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool = True,
+                       refuse_burned_in: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """De-identify one parsed dataset in place; its encoded bytes and its report entry.
+
+    ``clean_descriptors``: apply the Clean Descriptors option (``medvl.clinical.descriptors``);
+    ``refuse_burned_in``: raise ``DataError`` for a file whose pixels may hold burned-in text
+    (``burned_in_risk``) instead of flagging it. Raises ``DataError`` for a truncated or incomplete
+    data set and when an identifier survives (nothing is returned to write).
+    """
+    path = Path(path)
+    check_complete(path, ds)
+    burned_in = burned_in_risk(ds)
+    if burned_in and refuse_burned_in:
+        raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
     identifiers = collect_identifiers(ds)
     before = _full_snapshot(ds)
     private = sum(1 for element in _iter_all(ds) if element.tag.is_private)
     anonymizer.anonymize(ds)
-    _remove_profile_attributes(ds)
+    drop_name_parts(ds, identifiers)
+    cleaned = clean_descriptors_in(ds) if clean_descriptors else []
+    _remove_profile_attributes(ds, frozenset(PROFILE_REMOVED) - (SHORT_DESCRIPTORS if clean_descriptors else set()))
     ds.remove_private_tags()
-    leftovers = _remove_leftovers(ds, identifiers)
-    burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
-    _mark(ds, burned_in)
+    _mark(ds, burned_in is not None, clean_descriptors)
     data = _encode(ds, path)
-    header = _header_bytes(ds)
-    if any(value in header for value in identifiers.strong()):
-        raise DataError(path, "a patient identifier survived de-identification; nothing was written")
+    _check_nothing_survived(ds, identifiers, path)
     replaced, removed = _changes(before, _full_snapshot(ds))
-    warnings = ["Burned In Annotation is YES: identifiers may be burned into the pixels, which are not "
-                "changed"] if burned_in else []
+    warnings = [f"{burned_in}: identifiers may be burned into the pixels, which are not changed"] if burned_in else []
     entry = {"replaced": replaced, "removed": [r for r in removed if not _is_private_path(r)],
-             "private_tags_removed": private, "identifier_leftovers_removed": len(leftovers),
+             "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}
     return data, entry
 
@@ -340,13 +336,16 @@ def _publish(staging: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
-def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool) -> dict[str, Any]:
+def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool, clean: bool) -> dict[str, Any]:
     from dicognito import __version__ as dicognito_version
 
     replaced = Counter(name for entry in entries for name in entry["replaced"])
     removed = Counter(name for entry in entries for name in entry["removed"])
+    cleaned = Counter(name for entry in entries for name in entry["descriptors_cleaned"])
     return {
         "profile": PROFILE,
+        "options": ["Retain Longitudinal Temporal Information with Modified Dates"]
+                   + (["Clean Descriptors"] if clean else []),
         "tool": f"dicognito {dicognito_version}",
         "files_written": len(entries),
         "skipped": dict(sorted(skipped.items())),
@@ -355,15 +354,38 @@ def _report(entries: list[dict[str, Any]], skipped: Counter, seeded: bool) -> di
         "totals": {
             "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
+            "descriptors_cleaned": dict(sorted(cleaned.items())),
             "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),
-            "identifier_leftovers_removed": sum(entry["identifier_leftovers_removed"] for entry in entries),
+            "files_with_burned_in_risk": sum(1 for entry in entries if entry["burned_in_risk"]),
             "files_with_warnings": sum(1 for entry in entries if entry["warnings"]),
         },
         "files": entries,
     }
 
 
-def _deidentify_folder(source: Path, target: Path, anonymizer, staging: Path) -> tuple[list, Counter]:
+@dataclass(frozen=True)
+class _Run:
+    """One run's settings: the anonymizer (one per run: consistent dummies and UIDs) and options."""
+
+    anonymizer: Any
+    seeded: bool
+    clean_descriptors: bool
+    refuse_burned_in: bool
+
+    def one(self, ds, path: Path) -> tuple[bytes, dict[str, Any]]:
+        return deidentify_dataset(ds, self.anonymizer, path, self.clean_descriptors, self.refuse_burned_in)
+
+
+def _skip_reason(ds, run: _Run) -> str | None:
+    storage = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    if storage == MEDIA_STORAGE_DIRECTORY:
+        return "DICOMDIR (rebuild it for the new files)"
+    if run.refuse_burned_in and burned_in_risk(ds):
+        return "possible burned-in text in the pixels (--refuse-burned-in)"
+    return None
+
+
+def _deidentify_folder(source: Path, run: _Run, staging: Path) -> tuple[list, Counter]:
     entries: list[dict[str, Any]] = []
     skipped: Counter = Counter()
     studies: dict[str, int] = {}
@@ -373,12 +395,12 @@ def _deidentify_folder(source: Path, target: Path, anonymizer, staging: Path) ->
         if not is_dicom_candidate(path):
             skipped["not DICOM"] += 1
             continue
-        ds = read_dataset(path)
-        storage = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
-        if storage == MEDIA_STORAGE_DIRECTORY:
-            skipped["DICOMDIR (rebuild it for the new files)"] += 1
+        ds = _read(path)
+        reason = _skip_reason(ds, run)
+        if reason:
+            skipped[reason] += 1
             continue
-        data, entry = deidentify_dataset(ds, anonymizer, path)
+        data, entry = run.one(ds, path)
         study = studies.setdefault(str(ds.get("StudyInstanceUID", "")), len(studies) + 1)
         key = (study, str(ds.get("SeriesInstanceUID", "")))
         if key not in series:
@@ -389,36 +411,59 @@ def _deidentify_folder(source: Path, target: Path, anonymizer, staging: Path) ->
         (staging / relative).write_bytes(data)
         entries.append({"output": relative, **entry})
     if not entries:
-        raise DataError(source, "no DICOM files to de-identify")
+        raise DataError(source, "no DICOM files to de-identify" + (f" ({sum(skipped.values())} skipped)"
+                                                                   if skipped else ""))
     return entries, skipped
 
 
-def deidentify(in_path: str | Path, out_path: str | Path, seed: int | str | None = None) -> dict[str, Any]:
+def deidentify(in_path: str | Path, out_path: str | Path, seed: int | str | None = None,
+               clean_descriptors: bool = True, refuse_burned_in: bool = False) -> dict[str, Any]:
     """De-identify a DICOM file (``out_path``: the new file) or a folder (``out_path``: a new or
     empty folder, with ``deid-report.json``). Returns the report (attribute names, never values).
 
     ``seed``: same seed, same dummies and UIDs (runs can be linked); ``None``: random per run.
-    Raises ``DataError`` for an unreadable, truncated or non-DICOM input file (nothing is written)
-    and ``InputError`` if the output exists or lies inside the input folder.
+    ``clean_descriptors`` (default on): the PS3.15 Clean Descriptors option; off keeps descriptors
+    the basic profile keeps (Body Part Examined, Manufacturer's Model Name...) as they are.
+    ``refuse_burned_in``: a file whose pixels may hold burned-in text (``burned_in_risk``) is an
+    error for a file input and skipped (counted in the report) in a folder; off, it is flagged.
+    Raises ``DataError`` for an unreadable, truncated, incomplete or non-DICOM input file, and when
+    an identifier survives (nothing is written), and ``InputError`` if the output exists or lies
+    inside the input folder.
     """
     source, target = Path(in_path), Path(out_path)
     anonymizer_class = _require_dicognito()
     _check_paths(source, target)
-    anonymizer = anonymizer_class(seed=None if seed is None else str(seed))
+    run = _Run(anonymizer_class(seed=None if seed is None else str(seed)), seed is not None, clean_descriptors,
+               refuse_burned_in)
     target.parent.mkdir(parents=True, exist_ok=True)
     with quiet_pydicom(source):
-        return _run(source, target, anonymizer, seed is not None)
+        return _run(source, target, run)
 
 
-def _run(source: Path, target: Path, anonymizer, seeded: bool) -> dict[str, Any]:
+def _read(path: Path):
+    """The parsed file, refused when truncated anywhere (``read_dataset`` and ``check_file_end``)."""
+    ds = read_dataset(path)
+    check_file_end(path, ds)
+    return ds
+
+
+def _deidentify_file(source: Path, target: Path, run: _Run) -> dict[str, Any]:
+    ds = _read(source)
+    storage = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    if storage == MEDIA_STORAGE_DIRECTORY:
+        raise DataError(source, "a DICOMDIR (media directory): de-identify the folder it indexes instead")
+    data, entry = run.one(ds, source)
+    atomic_write_bytes(target, data)
+    return _report([{"output": target.name, **entry}], Counter(), run.seeded, run.clean_descriptors)
+
+
+def _run(source: Path, target: Path, run: _Run) -> dict[str, Any]:
     if source.is_file():
-        data, entry = deidentify_dataset(read_dataset(source), anonymizer, source)
-        atomic_write_bytes(target, data)
-        return _report([{"output": target.name, **entry}], Counter(), seeded)
+        return _deidentify_file(source, target, run)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:
-        entries, skipped = _deidentify_folder(source, target, anonymizer, staging)
-        report = _report(entries, skipped, seeded)
+        entries, skipped = _deidentify_folder(source, run, staging)
+        report = _report(entries, skipped, run.seeded, run.clean_descriptors)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _publish(staging, target)
     except BaseException:

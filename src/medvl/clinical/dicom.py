@@ -54,6 +54,9 @@ MAX_DECODED_BYTES = 1 << 30  # decoded pixel data above this (1 GiB) is refused 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 # Implicit / Explicit VR Little Endian, Explicit VR Big Endian, Deflated: pixel data not encapsulated
+DEFLATED = "1.2.840.10008.1.2.1.99"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")  # type 1 everywhere
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 _READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                 NotImplementedError, RuntimeError, struct.error)
@@ -121,13 +124,84 @@ def read_dataset(path: str | Path, header_only: bool = False):
             ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=not has_marker)
     except pydicom.errors.InvalidDicomError as error:
         raise DataError(path, f"not a readable DICOM file ({_short(error)})") from None
+    except pydicom.errors.BytesLengthException:  # its message quotes the element's bytes
+        raise DataError(path, "truncated or corrupt DICOM file (an element's length does not fit its VR)") from None
     except _READ_ERRORS as error:
         raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__}: {_short(error)})") from None
     if any("end of file" in text.lower() for text in warned):
         raise DataError(path, "truncated DICOM file: the file ends inside an element")
+    check_value_lengths(path, ds)
     if not header_only:
         _check_native_length(path, ds)
     return ds
+
+
+def check_value_lengths(path: str | Path, ds) -> None:
+    """Refuse a data set whose top-level values are shorter than their declared lengths: pydicom
+    reads a value cut by the end of the file without complaint (``rtplan_truncated.dcm``)."""
+    from pydicom.dataelem import RawDataElement
+
+    for element in ds.elements():
+        if (isinstance(element, RawDataElement) and element.value is not None and element.length != UNDEFINED_LENGTH
+                and len(element.value) < element.length):
+            raise DataError(path, f"truncated DICOM file: element ({element.tag.group:04X},{element.tag.element:04X}) "
+                                  f"has {len(element.value):,} of its {element.length:,} bytes")
+
+
+def check_file_end(path: Path, ds) -> None:
+    """Refuse 1 to 7 bytes left after the last element, or a last delimiter cut short: the file was
+    cut inside an element header, which pydicom takes for the end of the data set. (Strict: a file
+    with a few bytes of junk after its data set is refused too; de-identification uses this, the
+    readers do not.)"""
+    from pydicom.dataelem import RawDataElement
+
+    elements = list(ds.elements())
+    last = elements[-1] if elements else None
+    deflated = transfer_syntax(ds) == DEFLATED  # offsets are in the inflated stream
+    if not isinstance(last, RawDataElement) or last.value is None or deflated:
+        return
+    # an undefined-length value (encapsulated pixel data) ends with an 8-byte sequence delimiter
+    end = last.value_tell + (len(last.value) + 8 if last.length == UNDEFINED_LENGTH else last.length)
+    left = path.stat().st_size - end
+    if left < 0 or 0 < left < 8:
+        raise DataError(path, "truncated DICOM file: the file ends inside an element header or delimiter")
+
+
+def check_complete(path: str | Path, ds) -> None:
+    """Refuse a parsed data set that a truncated or corrupt file left incomplete, before it is
+    rewritten (de-identification would otherwise write a valid-looking file missing its end):
+
+    - a value shorter than its declared length;
+    - an element or sequence item that cannot be parsed (every value is parsed here, not lazily);
+    - no SOP Class UID (in the data set or the file meta), SOP Instance UID, Study or Series
+      Instance UID or Modality, which every composite object has (type 1): the file was cut early;
+    - an image storage object (or one with Rows and Columns) without pixel data: the file was cut
+      before its pixels.
+
+    A non-image object (an RT plan, a structured report) cut exactly between two elements still
+    passes: nothing in it says what is missing.
+    """
+    from pydicom.errors import BytesLengthException
+
+    check_value_lengths(path, ds)
+    try:
+        ds.walk(lambda dataset, element: None)
+    except (*_READ_ERRORS, BytesLengthException) as error:
+        raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__} inside an element or "
+                              "sequence)") from None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    missing = [keyword for keyword in REQUIRED_KEYWORDS if not ds.get(keyword)] + ([] if sop_class else ["SOPClassUID"])
+    if missing:
+        raise DataError(path, f"incomplete DICOM file: no {', '.join(missing)} (truncated?)")
+    if _declares_image(ds, str(sop_class)) and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        raise DataError(path, "truncated DICOM file: an image object without pixel data")
+
+
+def _declares_image(ds, sop_class: str) -> bool:
+    from pydicom.uid import UID
+
+    return "Image Storage" in UID(sop_class).name or ("Rows" in ds and "Columns" in ds)
 
 
 def _check_native_length(path: Path, ds) -> None:

@@ -1,0 +1,239 @@
+"""The patient identifiers a DICOM file holds, and the final scan that proves none survived.
+
+``collect_identifiers(ds)`` reads, before de-identification, what must not be in the output:
+
+- names: every part of 2+ characters of the patient's names (Patient Name, Other Patient Names,
+  Patient's Birth Name, Patient's Mother's Birth Name; every component group, alphabetic,
+  ideographic and phonetic), i.e. family, given and middle names split at ``^``, spaces, hyphens,
+  dots, commas and apostrophes, and every two parts glued together in either order (``LIWU``,
+  ``WULI``). Name prefixes and suffixes (PN components 4 and 5: MR, DR, JR, III...) identify no one
+  and would match modality codes such as MR, so they are left out, as are placeholder words that
+  test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST, ANONYMOUS, PHANTOM...);
+- IDs: Patient ID, Other Patient IDs (and the Patient IDs of Other Patient IDs Sequence) of 2+
+  characters;
+- dates: every DA value and the date part of every DT value, in the file meta, the data set and
+  its sequences, each spelled ``YYYYMMDD``, ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
+  ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
+  the leading zero), ``DDMMYYYY``, ``MMDDYYYY``, and with English month names or abbreviations
+  (``January 31, 1950``, ``31 Jan 1950``, ``31-JAN-1950``). Two-digit years are not searched.
+
+Matching ignores case and accents, and a value only matches where it is not glued to more of the
+same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
+``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
+is found in ``DOB19500131``, not inside a longer number such as a UID).
+
+``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
+every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
+identifier; number-like VRs (IS DS TM UI), where short IDs would match counts and UID components,
+for identifiers of 6+ characters; byte VRs that may hold text (OB UN, never the pixel data) for
+identifiers of 4+ characters. It returns the element's path and the kind of identifier, never the
+value. The identifiers only live in memory while a file is processed; they are never logged.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName")
+ID_KEYWORDS = ("PatientID", "OtherPatientIDs")
+CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+NUMBER_VRS = frozenset({"IS", "DS", "TM", "UI"})
+BYTE_VRS = frozenset({"OB", "UN"})
+PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+MIN_LENGTH = {"character": 2, "number": 6, "bytes": 4}  # shortest identifier searched, per kind of VR
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december")
+PLACEHOLDER_NAMES = frozenset({"test", "anonymous", "anon", "anonymized", "anonymised", "deidentified", "patient",
+                               "unknown", "phantom", "none", "nobody", "demo", "sample", "dummy", "qa", "qc"})
+_NAME_SEPARATORS = re.compile(r"[\s,.'\-]+")
+_LETTER = r"[^\W\d_]"
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form used for every comparison (``Müller`` -> ``muller``)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
+
+
+def _edges(value: str) -> str:
+    """``value`` as a regex that does not match inside a longer word (letters) or number (digits)."""
+    before = f"(?<!{_LETTER})" if value[0].isalpha() else r"(?<!\d)" if value[0].isdigit() else ""
+    after = f"(?!{_LETTER})" if value[-1].isalpha() else r"(?!\d)" if value[-1].isdigit() else ""
+    return before + re.escape(value) + after
+
+
+def date_patterns(date: str) -> list[str]:
+    """Regexes (for folded text) of the common spellings of a ``YYYYMMDD`` date."""
+    year, month, day = date[:4], date[4:6], date[6:8]
+    m, d = rf"0?{int(month)}", rf"0?{int(day)}"
+    sep = r"[-./ ]"
+    numeric = [rf"{year}{sep}{m}{sep}{d}", rf"{d}{sep}{m}{sep}{year}", rf"{m}{sep}{d}{sep}{year}",
+               f"{year}{month}{day}", f"{day}{month}{year}", f"{month}{day}{year}"]
+    name = MONTHS[int(month) - 1]
+    month_word = rf"(?:{name}|{name[:3]})\.?"
+    day_word = rf"{d}(?:st|nd|rd|th)?"
+    gap = r"[\s,./-]*"
+    words = [rf"{month_word}{gap}{day_word}{gap}{year}", rf"{day_word}{gap}(?:of\s+)?{month_word}{gap}{year}",
+             rf"{year}{gap}{month_word}{gap}{day_word}"]
+    return [rf"(?<!\d)(?:{pattern})(?!\d)" for pattern in numeric + words]
+
+
+def name_parts(value: str) -> set[str]:
+    """Family, given and middle name parts (2+ characters, folded) of a PN value."""
+    parts: set[str] = set()
+    for group in str(value).split("="):
+        for component in group.split("^")[:3]:
+            pieces = [p for p in _NAME_SEPARATORS.split(fold(component).strip())
+                      if len(p) >= 2 and p not in PLACEHOLDER_NAMES]
+            parts.update(pieces)
+    return parts
+
+
+@dataclass
+class Identifiers:
+    """A file's patient names, IDs and dates (folded); kept in memory only, never logged or reported."""
+
+    names: set[str] = field(default_factory=set)  # name parts, and two parts glued in either order
+    ids: set[str] = field(default_factory=set)
+    dates: set[str] = field(default_factory=set)  # YYYYMMDD
+    _compiled: dict[int, re.Pattern | None] = field(default_factory=dict, repr=False)
+
+    def pattern(self, min_length: int = 2) -> re.Pattern | None:
+        """One regex with a named group per kind (``name``, ``id``, ``date``) for values this long."""
+        if min_length not in self._compiled:
+            groups = []
+            for kind, values in (("name", self.names), ("id", self.ids)):
+                chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
+                if chosen:
+                    groups.append(f"(?P<{kind}>" + "|".join(_edges(v) for v in chosen) + ")")
+            if self.dates and min_length <= 8:
+                groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
+            self._compiled[min_length] = re.compile("|".join(groups)) if groups else None
+        return self._compiled[min_length]
+
+    def kind_in(self, text: str, min_length: int = 2) -> str | None:
+        """``name``, ``ID`` or ``date`` if ``text`` holds one of the identifiers, else ``None``."""
+        pattern = self.pattern(min_length)
+        match = pattern.search(fold(text)) if pattern is not None and text else None
+        if match is None:
+            return None
+        return {"name": "name", "id": "ID", "date": "date"}[match.lastgroup or "name"]
+
+    def found_in(self, text: str) -> bool:
+        return self.kind_in(text) is not None
+
+
+def _values(value: Any) -> list[Any]:
+    from pydicom.multival import MultiValue
+
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+
+
+def _datasets(ds) -> Iterator[Any]:
+    """The file meta (when there is one), then the data set (sequences are walked by callers)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        yield meta
+    yield ds
+
+
+def collect_identifiers(ds) -> Identifiers:
+    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying)."""
+    found = Identifiers()
+    for keyword in NAME_KEYWORDS:
+        for value in _values(ds.get(keyword)):
+            found.names.update(name_parts(str(value or "")))
+    found.names.update(a + b for a in list(found.names) for b in list(found.names) if a != b)
+    id_values = [v for keyword in ID_KEYWORDS for v in _values(ds.get(keyword))]
+    id_values += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence") or []]
+    found.ids.update(text for text in (fold(str(v or "")).strip() for v in id_values) if len(text) >= 2)
+
+    def visit(dataset, element) -> None:
+        if element.VR in ("DA", "DT") and element.value:
+            for value in _values(element.value):
+                digits = re.sub(r"\D", "", str(value))[:8]
+                if len(digits) == 8 and 1 <= int(digits[4:6]) <= 12 and 1 <= int(digits[6:]) <= 31:
+                    found.dates.add(digits)
+
+    for dataset in _datasets(ds):
+        dataset.walk(visit)
+    return found
+
+
+# ----------------------------------------------------------------------------- the scan
+
+
+def element_name(element) -> str:
+    """Keyword, or ``(gggg,eeee)`` for private and unknown tags: never the value."""
+    return element.keyword or f"({element.tag.group:04X},{element.tag.element:04X})"
+
+
+def _searchable(element) -> tuple[str, int] | None:
+    """(text, shortest identifier to search) for an element that can hold text; None for the rest."""
+    if element.VR == "SQ" or element.value in (None, b"", ""):
+        return None
+    if element.VR in BYTE_VRS:
+        if element.keyword in PIXEL_KEYWORDS or not isinstance(element.value, bytes):
+            return None
+        return element.value.decode("latin-1"), MIN_LENGTH["bytes"]
+    kind = "character" if element.VR in CHARACTER_VRS else "number" if element.VR in NUMBER_VRS else None
+    if kind is None:
+        return None
+    return "\\".join(str(v) for v in _values(element.value)), MIN_LENGTH[kind]
+
+
+def _walk(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
+    for element in dataset:
+        path = prefix + element_name(element)
+        yield path, element
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value or []):
+                yield from _walk(item, f"{path}[{index}]>")
+
+
+def find_leak(ds, identifiers: Identifiers) -> tuple[str, str] | None:
+    """(element path, kind) of the first element still holding an identifier, else ``None``."""
+    for dataset in _datasets(ds):
+        prefix = "file meta>" if dataset is not ds else ""
+        for path, element in _walk(dataset, prefix):
+            searchable = _searchable(element)
+            if searchable is not None:
+                kind = identifiers.kind_in(*searchable)
+                if kind is not None:
+                    return path, kind
+    return None
+
+
+def drop_name_parts(ds, identifiers: Identifiers) -> int:
+    """Remove from every PN value the components that equal one of the patient's name parts.
+
+    dicognito draws dummy names from lists of common names, so a dummy can share a part with the
+    real name (a patient SMITH^MARY given the dummy JONES^MARY); the part is dropped, the rest of
+    the dummy kept. Returns how many values changed."""
+    changed = 0
+
+    def visit(dataset, element) -> None:
+        nonlocal changed
+        if element.VR != "PN" or not element.value:
+            return
+        values = [_without_parts(str(v), identifiers.names) for v in _values(element.value)]
+        if values != [str(v) for v in _values(element.value)]:
+            changed += 1
+            element.value = values if len(values) > 1 else values[0]
+
+    for dataset in _datasets(ds):
+        dataset.walk(visit)
+    return changed
+
+
+def _without_parts(value: str, names: Iterable[str]) -> str:
+    names = set(names)
+    groups = []
+    for group in value.split("="):
+        components = group.split("^")
+        groups.append("^".join("" if fold(c).strip() in names else c for c in components).rstrip("^"))
+    return "=".join(groups)
