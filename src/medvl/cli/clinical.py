@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import JsonOption, console, handle_errors
+from .common import JsonOption, check_outputs, console, emit_json, handle_errors
 
 
 @handle_errors
@@ -26,25 +26,42 @@ def deid_command(
         help="Seed: the same seed gives the same dummy values and UIDs (runs can be linked).")] = None,
     report: Annotated[Path | None, typer.Option(
         help="Also write the report (attribute names, no values) to this JSON file.")] = None,
+    clean_descriptors: Annotated[bool, typer.Option(
+        "--clean-descriptors/--keep-descriptors",
+        help="Clean Descriptors option (default): descriptions, protocol, body part and model names are kept "
+             "only when made of plain technical words, else blanked. --keep-descriptors keeps the ones the "
+             "basic profile keeps as they are (the final identifier scan still runs).")] = True,
+    refuse_burned_in: Annotated[bool, typer.Option(
+        "--refuse-burned-in",
+        help="Refuse files whose pixels may hold burned-in text (Burned In Annotation YES; ultrasound, "
+             "secondary capture, screen captures, photos): an error for a file, skipped in a folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing --report file (the de-identified output is always new).")] = False,
 ) -> None:
-    """De-identify DICOM (PS3.15 basic profile via dicognito): names, IDs, UIDs, dates, private tags."""
+    """De-identify DICOM (PS3.15 basic profile via dicognito + Clean Descriptors): names, IDs, UIDs, dates,
+    descriptors, private tags; refuses a file in which a patient name, ID or date survives."""
     from ..clinical.deid import REPORT_NAME, deidentify
-    from ..io import write_json
 
-    result = deidentify(source, out, seed=seed)
+    check_outputs(overwrite, report=report)
+    result = deidentify(source, out, seed=seed, clean_descriptors=clean_descriptors,
+                        refuse_burned_in=refuse_burned_in)
+    _print_deid_summary(result, out, source.is_dir(), REPORT_NAME)
+    emit_json(result, report, overwrite, option="--report")
+
+
+def _print_deid_summary(result: dict[str, Any], out: Path, folder: bool, report_name: str) -> None:
     totals = result["totals"]
     console.print(f"de-identified {result['files_written']} file(s) into {out}"
-                  + (f" (report: {out / REPORT_NAME})" if source.is_dir() else ""))
+                  + (f" (report: {out / report_name})" if folder else ""))
     console.print(f"replaced {len(totals['replaced'])} and removed {len(totals['removed'])} kinds of attributes, "
+                  f"cleaned {len(totals['descriptors_cleaned'])} kinds of descriptors, "
                   f"{totals['private_tags_removed']} private tags")
     for reason, count in result["skipped"].items():
         console.print(f"skipped {count} file(s): {reason}")
-    if totals["files_with_warnings"]:
-        console.print(f"[yellow]warning:[/] {totals['files_with_warnings']} file(s) declare burned-in annotation: "
-                      "check their pixels")
-    if report is not None:
-        write_json(report, result)
-        console.print(f"wrote {report}")
+    if totals["files_with_burned_in_risk"]:
+        console.print(f"[yellow]warning:[/] {totals['files_with_burned_in_risk']} file(s) may hold burned-in text "
+                      "in their pixels (Burned In Annotation YES, or ultrasound / secondary capture...): check "
+                      "them, or use --refuse-burned-in")
 
 
 def _short_id(uid: str | None) -> str:

@@ -1,0 +1,366 @@
+"""De-identification against a planted corpus and hostile inputs, through the Python API and the CLI.
+
+The corpus is built here from pydicom's own test files: a patient with a short name (``Li^Wu``), an
+ID and a birth date, and those identifiers planted in text elements of every VR that can hold them
+(AE, CS, DA, DT, LO, LT, PN, SH, ST, UC, UR, UT), in sequences, in private tags and in the file meta,
+spelled in several ways (cases, orders, ``^`` or spaces, glued, and the common date spellings). The
+property checked every time: a run either refuses the file (naming the element, writing nothing)
+or writes a file in which none of the spellings can be found. The search here is written
+independently of medvl's own scan: plain substring search of the lower-cased bytes for the long
+forms, and a token search of every decoded text value for the 2-letter name parts.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("dicognito")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from medvl.cli.main import app  # noqa: E402
+from medvl.clinical.deid import deidentify  # noqa: E402
+from medvl.errors import DataError  # noqa: E402
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+NAME, PATIENT_ID, BIRTH = "Li^Wu", "PX7731", "19500131"
+NAME_SPELLINGS = ("LI WU", "Wu^Li", "wu li", "LIWU", "Wu, Li", "li-wu", "WULI")
+DATE_SPELLINGS = ("19500131", "1950-01-31", "31/01/1950", "01/31/1950", "31.01.1950", "January 31, 1950",
+                  "31 Jan 1950")
+ID_SPELLINGS = ("PX7731", "px7731", "MRN PX7731")
+LONG_FORMS = tuple(s.lower().encode() for s in NAME_SPELLINGS[3:4] + NAME_SPELLINGS[6:] + DATE_SPELLINGS
+                   + ID_SPELLINGS[:1]) + (b"li wu", b"wu li", b"wu^li", b"li^wu", b"wu, li", b"li-wu", b"elsewhere")
+SHORT_PARTS = {"li", "wu"}
+# the corpus plants values pydicom warns about on purpose (spaces in a URL, lower case in CS)
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+
+
+def base_dataset() -> Dataset:
+    """CT_small with the corpus patient's name, ID and birth date."""
+    ds = pydicom.dcmread(CT)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PATIENT_ID, BIRTH
+    return ds
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def leaks(data: bytes) -> list[str]:
+    """Spellings of the corpus identifiers found in a file: long forms anywhere in the bytes, the
+    2-letter name parts as whole words in any decoded text element."""
+    lowered = data.lower()
+    found = [form.decode() for form in LONG_FORMS if form in lowered]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for dataset in (ds.file_meta, ds):
+        for element in dataset.iterall():
+            if element.VR in ("SQ", "OB", "OW", "UN") or element.value is None:
+                continue
+            words = set(re.split(r"[^a-z]+", str(element.value).lower()))
+            found += [f"{part} in {element.keyword}" for part in SHORT_PARTS & words]
+    return found
+
+
+# ------------------------------------------------------------------ planted identifiers
+
+
+def sequence_item(**values) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def plant_private(ds: Dataset, value: str) -> None:
+    block = ds.private_block(0x0009, "MEDVL CORPUS", create=True)
+    block.add_new(0x01, "LO", value)
+    block.add_new(0x02, "UT", f"{value} {PATIENT_ID} {BIRTH}")
+
+
+# Removed or replaced by the profile (dicognito, the basic profile, Clean Descriptors, private tags):
+# the run writes the file, and none of the spellings may be in it.
+HANDLED: dict[str, Callable[[Dataset, str], None]] = {
+    "CS BodyPartExamined": lambda ds, v: setattr(ds, "BodyPartExamined", re.sub(r"[^A-Z0-9 _]", " ", v.upper())[:16]),
+    "LO StudyDescription": lambda ds, v: setattr(ds, "StudyDescription", f"CT chest {v} follow-up"),
+    "LO SeriesDescription": lambda ds, v: setattr(ds, "SeriesDescription", v),
+    "LO ProtocolName": lambda ds, v: setattr(ds, "ProtocolName", f"{v} protocol"),
+    "LO ManufacturerModelName": lambda ds, v: setattr(ds, "ManufacturerModelName", f"DOB {v}; ST ELSEWHERE HOSP"),
+    "LO Manufacturer": lambda ds, v: setattr(ds, "Manufacturer", v),
+    "LO ContrastBolusAgent": lambda ds, v: setattr(ds, "ContrastBolusAgent", v),
+    "LT ImageComments": lambda ds, v: setattr(ds, "ImageComments", f"patient {v} seen"),
+    "LT AdditionalPatientHistory": lambda ds, v: setattr(ds, "AdditionalPatientHistory", v),
+    "ST InstitutionAddress": lambda ds, v: setattr(ds, "InstitutionAddress", f"{v} street"),
+    "ST DerivationDescription": lambda ds, v: setattr(ds, "DerivationDescription", v),
+    "SH StationName": lambda ds, v: setattr(ds, "StationName", v[:16]),
+    "PN ReferringPhysicianName": lambda ds, v: setattr(ds, "ReferringPhysicianName", v),
+    "PN OtherPatientNames": lambda ds, v: setattr(ds, "OtherPatientNames", v),
+    "LO OtherPatientIDs": lambda ds, v: setattr(ds, "OtherPatientIDs", v),
+    "SH AccessionNumber": lambda ds, v: setattr(ds, "AccessionNumber", v[:16]),
+    "UT in ContentSequence": lambda ds, v: setattr(ds, "ContentSequence", [sequence_item(TextValue=v)]),
+    "LO in RequestAttributesSequence": lambda ds, v: setattr(
+        ds, "RequestAttributesSequence", [sequence_item(ScheduledProcedureStepDescription=v)]),
+    "PN in a sequence": lambda ds, v: setattr(ds, "ReferencedStudySequence", [sequence_item(
+        ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4",
+        PerformingPhysicianName=v)]),
+    "LO and UT in private tags": plant_private,
+}
+DATES_HANDLED: dict[str, Callable[[Dataset, str], None]] = {
+    "DA PatientBirthDate": lambda ds, v: setattr(ds, "PatientBirthDate", BIRTH),
+    "DT AcquisitionDateTime": lambda ds, v: setattr(ds, "AcquisitionDateTime", BIRTH + "120000"),
+    "DA in a sequence": lambda ds, v: setattr(ds, "ReferencedStudySequence", [sequence_item(
+        ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4",
+        StudyDate=BIRTH)]),
+    "LO ManufacturerModelName": HANDLED["LO ManufacturerModelName"],
+    "LO StudyDescription": HANDLED["LO StudyDescription"],
+}
+# Kept by the profile (technical elements): an identifier there cannot be cleaned, so the file is
+# refused and the message names the element.
+KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
+    "SH ConvolutionKernel": ("ConvolutionKernel", lambda ds, v: setattr(ds, "ConvolutionKernel", v[:16])),
+    "CS ImageType": ("ImageType", lambda ds, v: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY",
+                                                                         re.sub(r"[^A-Z0-9 ]", " ", v.upper())])),
+    "AE RetrieveAETitle": ("RetrieveAETitle", lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16])),
+    "LO SoftwareVersions": ("SoftwareVersions", lambda ds, v: setattr(ds, "SoftwareVersions", f"v2 {v}")),
+    "UR RetrieveURL": ("RetrieveURL", lambda ds, v: setattr(ds, "RetrieveURL", f"https://pacs.example/{v}")),
+    "UC in ProcedureCodeSequence": ("ProcedureCodeSequence[0]>LongCodeValue", lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(LongCodeValue=v, CodingSchemeDesignator="99LOCAL",
+                                                    CodeMeaning="CT chest")])),
+    "LO CodeMeaning in a sequence": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
+                                                    CodeMeaning=f"CT chest {v}")])),
+    "AE in the file meta": ("file meta>SourceApplicationEntityTitle", lambda ds, v: setattr(
+        ds.file_meta, "SourceApplicationEntityTitle", re.sub(r"[^A-Za-z0-9 ]", " ", v)[:16])),
+}
+
+
+def run_api(ds: Dataset, tmp_path: Path, **options) -> tuple[Path, Exception | None]:
+    source = write(ds, tmp_path / "in" / "planted.dcm")
+    out = tmp_path / "out.dcm"
+    try:
+        deidentify(source, out, seed=11, **options)
+    except DataError as error:
+        return out, error
+    return out, None
+
+
+@pytest.mark.parametrize("spelling", NAME_SPELLINGS + ID_SPELLINGS)
+@pytest.mark.parametrize("where", sorted(HANDLED))
+def test_handled_elements_leave_no_identifier(where, spelling, tmp_path):
+    ds = base_dataset()
+    HANDLED[where](ds, spelling)
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert leaks(out.read_bytes()) == []
+
+
+@pytest.mark.parametrize("spelling", DATE_SPELLINGS)
+@pytest.mark.parametrize("where", sorted(DATES_HANDLED))
+def test_dates_leave_in_no_spelling(where, spelling, tmp_path):
+    ds = base_dataset()
+    DATES_HANDLED[where](ds, spelling)
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert leaks(out.read_bytes()) == []
+
+
+@pytest.mark.parametrize("spelling", NAME_SPELLINGS + ID_SPELLINGS + DATE_SPELLINGS)
+@pytest.mark.parametrize("where", sorted(KEPT))
+def test_identifier_in_a_kept_element_is_refused_and_named(where, spelling, tmp_path):
+    element, plant = KEPT[where]
+    ds = base_dataset()
+    plant(ds, spelling)
+    out, error = run_api(ds, tmp_path)
+    assert error is not None and not out.exists(), f"written: {leaks(out.read_bytes())}"
+    message = str(error)
+    assert f"in {element};" in message and "nothing was written" in message
+    assert not any(form.decode() in message.lower() for form in LONG_FORMS)  # the value is never quoted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_everything_planted_at_once_through_the_cli(tmp_path):
+    """Every handled element of every VR in one file, de-identified by ``medvl deid``."""
+    ds = base_dataset()
+    for index, plant in enumerate(HANDLED.values()):
+        plant(ds, NAME_SPELLINGS[index % len(NAME_SPELLINGS)])
+    ds.ManufacturerModelName = "DOB 1950-01-31; ST ELSEWHERE HOSP"
+    source = write(ds, tmp_path / "in" / "planted.dcm")
+    assert leaks(source.read_bytes())  # the corpus does hold the identifiers
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), "--report",
+                                      str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert leaks((tmp_path / "out.dcm").read_bytes()) == []
+    report = (tmp_path / "report.json").read_text()
+    assert {"BodyPartExamined", "ManufacturerModelName", "StudyDescription"} <= set(re.findall(r'"(\w+)"', report))
+    assert not any(form.decode() in report.lower() for form in LONG_FORMS)
+
+
+def test_issue_examples_keep_descriptors_refuses_and_names_the_element(tmp_path):
+    """The issue's cases: a name in Body Part Examined, a birth date and hospital in Manufacturer's
+    Model Name. Cleaned by default; with --keep-descriptors the final scan refuses the file."""
+    ds = base_dataset()
+    ds.BodyPartExamined = "LI WU"
+    source = write(ds, tmp_path / "in" / "body.dcm")
+    runner = CliRunner()
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "a.dcm")])
+    assert result.exit_code == 0, result.output
+    written = pydicom.dcmread(tmp_path / "a.dcm")
+    assert written.BodyPartExamined == "" and leaks((tmp_path / "a.dcm").read_bytes()) == []
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "b.dcm"), "--keep-descriptors"])
+    assert result.exit_code == 2 and "BodyPartExamined" in result.output and "name" in result.output
+    assert not (tmp_path / "b.dcm").exists() and "LI WU" not in result.output
+    ds = base_dataset()
+    ds.ManufacturerModelName = "DOB 1950-01-31; ST ELSEWHERE HOSP"
+    source = write(ds, tmp_path / "in" / "model.dcm")
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "c.dcm"), "--keep-descriptors"])
+    assert result.exit_code == 2 and "ManufacturerModelName" in result.output and "date" in result.output
+    assert not (tmp_path / "c.dcm").exists()
+
+
+def test_plain_descriptors_are_kept(tmp_path):
+    ds = base_dataset()
+    ds.StudyDescription, ds.SeriesDescription, ds.BodyPartExamined = "CT CHEST W/O CONTRAST", "AX 2.5 MM", "CHEST"
+    ds.ManufacturerModelName, ds.ContrastBolusAgent = "LightSpeed VCT", "ISOVUE300/100"
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    written = pydicom.dcmread(out)
+    assert (written.StudyDescription, written.SeriesDescription, written.BodyPartExamined) == (
+        "CT CHEST W/O CONTRAST", "AX 2.5 MM", "CHEST")
+    assert written.ManufacturerModelName == "LightSpeed VCT" and written.ContrastBolusAgent == "ISOVUE300/100"
+    assert "113105" in {item.CodeValue for item in written.DeidentificationMethodCodeSequence}
+
+
+def test_dummy_name_sharing_a_part_with_the_patient_is_trimmed(tmp_path):
+    """dicognito draws dummy names from common-name lists; a dummy part equal to a real name part
+    is dropped (rather than refusing the file, or keeping the part)."""
+    from dicognito.anonymizer import Anonymizer
+
+    probe = base_dataset()
+    probe.PerformingPhysicianName = "Okonkwo^Adaeze"
+    Anonymizer(seed="11").anonymize(probe)
+    dummy_family = str(probe.PerformingPhysicianName).split("^")[0]
+    ds = base_dataset()
+    ds.PatientName, ds.PerformingPhysicianName = f"{dummy_family.title()}^Qzyx", "Okonkwo^Adaeze"
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    written = pydicom.dcmread(out)
+    assert dummy_family not in str(written.PerformingPhysicianName).split("^")
+    assert dummy_family.lower().encode() not in out.read_bytes().lower()
+
+
+# ------------------------------------------------------------------------ burned-in text
+
+
+def test_burned_in_annotation_is_flagged_and_refused_on_request(tmp_path):
+    ds = base_dataset()
+    ds.BurnedInAnnotation = "YES"
+    source = write(ds, tmp_path / "in" / "burned.dcm")
+    report = deidentify(source, tmp_path / "flagged.dcm")
+    assert report["totals"]["files_with_burned_in_risk"] == 1
+    assert "Burned In Annotation is YES" in report["files"][0]["burned_in_risk"]
+    assert pydicom.dcmread(tmp_path / "flagged.dcm").PatientIdentityRemoved == "NO"
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "refused.dcm"), "--refuse-burned-in"])
+    assert result.exit_code == 2 and "burned" in result.output.lower()
+    assert not (tmp_path / "refused.dcm").exists()
+
+
+def test_ultrasound_and_secondary_capture_are_flagged_and_skipped_in_a_folder(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("US1_UNCR.dcm", "SC_rgb.dcm", "CT_small.dcm"):
+        (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    report = deidentify(folder, tmp_path / "flagged")
+    risks = sorted(entry["burned_in_risk"] or "" for entry in report["files"])
+    assert report["files_written"] == 3 and risks[0] == "" and "ultrasound" in risks[2] and "screen" in risks[1]
+    result = CliRunner().invoke(app, ["deid", str(folder), str(tmp_path / "safe"), "--refuse-burned-in"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 file(s): possible burned-in text" in result.output
+    assert len(list((tmp_path / "safe").rglob("*.dcm"))) == 1
+
+
+# ---------------------------------------------------------------------- hostile inputs
+
+
+def ct_bytes() -> bytes:
+    return CT.read_bytes()
+
+
+HOSTILE: dict[str, Callable[[], bytes]] = {
+    "zero bytes": lambda: b"",
+    **{f"CT_small cut at {cut}": (lambda cut=cut: ct_bytes()[:cut]) for cut in (0, 128, 132, 500, 1000, 3000,
+                                                                                   20000, 39205)},
+    "rtplan_truncated.dcm": lambda: Path(get_testdata_file("rtplan_truncated.dcm")).read_bytes(),
+    "wrong magic (PNG)": lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 300,
+    "DICM marker then junk": lambda: b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4,
+    "junk text": lambda: b"MRN PX7731 Li^Wu born 1950-01-31\n" * 20,
+    "gzip": lambda: b"\x1f\x8b\x08\x00" + b"\x00" * 200,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_file_exits_2_and_writes_nothing(case, tmp_path):
+    source = tmp_path / "in" / "input.dcm"
+    source.parent.mkdir()
+    source.write_bytes(HOSTILE[case]())
+    sentinel = tmp_path / "keep.txt"
+    sentinel.write_text("untouched")
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), "--report", str(report)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert str(source) in result.output.replace("\n", "")
+    assert "PX7731" not in result.output and "Li^Wu" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "keep.txt"]
+    assert sentinel.read_text() == "untouched"
+
+
+@pytest.mark.parametrize("cut", (500, 3000))
+def test_header_truncation_is_an_error_through_the_api(cut, tmp_path):
+    source = tmp_path / "cut.dcm"
+    source.write_bytes(ct_bytes()[:cut])
+    with pytest.raises(DataError, match="truncated|incomplete") as error:
+        deidentify(source, tmp_path / "out.dcm")
+    assert str(source) in str(error.value) and not (tmp_path / "out.dcm").exists()
+    with pytest.raises(DataError, match="truncated") as error:
+        deidentify(get_testdata_file("rtplan_truncated.dcm"), tmp_path / "plan.dcm")
+    assert "rtplan_truncated.dcm" in str(error.value) and not (tmp_path / "plan.dcm").exists()
+
+
+def test_folder_skips_non_dicom_but_refuses_a_broken_dcm_file(tmp_path):
+    """Files that are not DICOM are skipped and counted; a ``.dcm`` file that is empty or truncated
+    claims to be DICOM, so the whole run stops, naming it, and writes nothing."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(ct_bytes())
+    (folder / "notes.txt").write_bytes(HOSTILE["junk text"]())
+    (folder / "empty").write_bytes(b"")
+    runner = CliRunner()
+    result = runner.invoke(app, ["deid", str(folder), str(tmp_path / "out")])
+    assert result.exit_code == 0 and "skipped 2 file(s): not DICOM" in result.output, result.output
+    for name, data in (("empty.dcm", b""), ("cut.dcm", ct_bytes()[:3000])):
+        (folder / name).write_bytes(data)
+        result = runner.invoke(app, ["deid", str(folder), str(tmp_path / "out2")])
+        assert result.exit_code == 2 and name in result.output and "Traceback" not in result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no output, no staging folder
+        (folder / name).unlink()
+
+
+def test_report_file_is_not_overwritten_without_overwrite(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("earlier report")
+    runner = CliRunner()
+    result = runner.invoke(app, ["deid", str(CT), str(tmp_path / "a.dcm"), "--report", str(report)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert report.read_text() == "earlier report" and not (tmp_path / "a.dcm").exists()  # refused before any work
+    result = runner.invoke(app, ["deid", str(CT), str(tmp_path / "a.dcm"), "--report", str(report), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert '"files_written": 1' in report.read_text()
