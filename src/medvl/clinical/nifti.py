@@ -9,11 +9,12 @@
 - ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order.
 
 A 4D file with one volume is squeezed; a 2D file becomes one slice; a time series, RGB or complex
-data is refused. Decompression bombs are refused before decompressing: the header is read first
-(348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared voxel data (shape x bytes per voxel) is
-checked against ``MAX_DECODED_BYTES``; then exactly the declared number of bytes is read from the
-gzip stream, so trailing data is never decompressed. Every failure is a ``DataError`` naming the
-file.
+data is refused, so are NaN or infinite voxels. Decompression bombs are refused before
+decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
+voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
+declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
+there has its length and CRC checked), so trailing data is never decompressed.
+Every failure is a ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _read_exactly(stream, size: int, path: Path, what: str) -> bytes:
     if len(data) < size:
         raise DataError(path, f"truncated file: the {what} needs {size:,} bytes, found {len(data):,}")
     return data
+
+
+def _check_stream_end(stream, path: Path) -> None:
+    """Read one byte past the voxel data: at the end of a gzip file this checks its length and CRC
+    (a cut or corrupted file fails here); trailing data beyond that one byte is never decompressed."""
+    try:
+        stream.read(1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(path, f"corrupt or truncated gzip stream after the voxel data ({error})") from None
 
 
 def _parse_header(nib, path: Path, head: bytes):
@@ -107,7 +117,9 @@ def _bounded_bytes(nib, path: Path):
                 raise DataError(path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
             shape, dtype, offset = _declared_layout(path, header)
             total = max(offset, size) + math.prod(shape) * dtype.itemsize
-            return header_class, head + _read_exactly(stream, total - size, path, "voxel data")
+            raw = head + _read_exactly(stream, total - size, path, "voxel data")
+            _check_stream_end(stream, path)
+            return header_class, raw
     except OSError as error:
         raise DataError(path, f"cannot read the file ({error})") from None
 
@@ -137,6 +149,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
         zooms = [float(z) for z in image.header.get_zooms()[:3]]
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
         raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
+    if not np.isfinite(data).all():
+        raise DataError(path, "volume contains NaN or infinite values")
     zooms += [1.0] * (3 - len(zooms))
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")

@@ -13,7 +13,10 @@ Readers are chosen by file suffix through ``IMAGE_READERS``; more are added with
 with no known suffix that carry the DICOM ``DICM`` marker, sniffed only after the suffix lookup
 fails) and ``.nii`` / ``.nii.gz``; their conventions (display-windowed DICOM, 3D NIfTI volumes) are
 in ``medvl.clinical.readers``, and pydicom / nibabel are imported only when such a file is read.
-Every failure is a ``DataError(path, problem)``; pixel data is never logged.
+Every failure is a ``DataError(path, problem)``; pixel data is never logged. Float pixels must
+be finite: an image holding NaN or infinite values (a ``.npy``, a 32-bit float TIFF, a float DICOM
+or NIfTI) is a ``DataError`` with their count, since one NaN pixel turns a batch's loss and every
+metric into NaN.
 """
 
 from __future__ import annotations
@@ -136,6 +139,15 @@ def is_image_file(path: str | Path) -> bool:
     return image_suffix(path) != ""
 
 
+def check_finite(path: object, pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` unchanged, or ``DataError`` when a float image holds NaN or infinite values."""
+    if pixels.dtype.kind in "fc":
+        bad = pixels.size - int(np.count_nonzero(np.isfinite(pixels)))
+        if bad:
+            raise DataError(str(path), f"{bad:,} pixel values are NaN or infinite")
+    return pixels
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read a 2D image file into an ``HxW`` (grayscale) or ``HxWx3`` (RGB) array.
 
@@ -145,7 +157,7 @@ def read_image(path: str | Path) -> np.ndarray:
     ``medvl.data.loaders.dicom.DicomVolume``) is read by its own ``load()``.
     """
     if callable(getattr(path, "load", None)):
-        return path.load()  # type: ignore[union-attr]
+        return check_finite(path, path.load())  # type: ignore[union-attr]
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
@@ -162,4 +174,4 @@ def read_image(path: str | Path) -> np.ndarray:
         )
     if path.stat().st_size == 0:
         raise DataError(path, "empty file (0 bytes)")
-    return IMAGE_READERS[suffix](path)
+    return check_finite(path, IMAGE_READERS[suffix](path))

@@ -6,6 +6,10 @@ file is in memory at a time. XML is untrusted input: it is parsed with ``defused
 document declaring entities (the "billion laughs" expansion bomb) or external references is a
 ``DataError``; so is malformed XML, naming the archive and the member. Members that are not
 ``.xml`` files (a README, an image, macOS ``._`` files) are skipped and counted in a warning.
+Gzip bombs: one member over ``MAX_MEMBER_BYTES`` (2 MB; a report is ~5 KB) is refused before it
+is read, and an archive that decompresses to more than ``MAX_ARCHIVE_BYTES`` (128 MiB; the real
+one is 24 MB) is refused as soon as the stream passes that size, so nothing is decompressed
+without bound.
 
 What a report gives (``IUReport``, from ``iter_iu_reports``):
 
@@ -82,6 +86,7 @@ REDACTED = "[redacted]"
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 METADATA_NAME = "nlmcxr_dicom_metadata.csv.gz"
 MAX_MEMBER_BYTES = 2_000_000  # a report is ~5 KB; a larger member is refused as a likely bomb
+MAX_ARCHIVE_BYTES = 128 << 20  # decompressed tar stream; the real archive is 24 MB
 STATUS_COLUMN = "status"
 NORMAL_TERM = "normal"
 NON_CLINICAL_TERMS = {"no indexing", "technical quality of image unsatisfactory"}
@@ -230,16 +235,33 @@ def _is_report_member(member: tarfile.TarInfo) -> bool:
     return name.lower().endswith(".xml") and not name.startswith(".")
 
 
+class _BoundedStream:
+    """A read-only stream that raises ``DataError`` once more than ``limit`` bytes came out of it."""
+
+    def __init__(self, stream: IO[bytes], path: Path, limit: int):
+        self.stream, self.path, self.limit, self.count = stream, path, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(self.limit + 1 - self.count if size is None or size < 0 else size)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise DataError(self.path, f"decompresses to over {self.limit:,} bytes (a report archive is ~24 MB); "
+                                       "refused as a likely decompression bomb")
+        return data
+
+
 @contextmanager
-def _open_stream(path: Path) -> Iterator[tuple[tarfile.TarFile, IO[bytes]]]:
+def _open_stream(path: Path) -> Iterator[tuple[tarfile.TarFile, _BoundedStream]]:
     """A tar stream over the file, decompressing gzip through ``gzip`` so that a truncated archive
-    fails (``tarfile`` alone takes a tar cut at a member boundary for a complete one)."""
+    fails (``tarfile`` alone takes a tar cut at a member boundary for a complete one), and never
+    more than ``MAX_ARCHIVE_BYTES``."""
     with path.open("rb") as file:
         gzipped = file.read(2) == b"\x1f\x8b"
         file.seek(0)
         raw: IO[bytes] = gzip.GzipFile(fileobj=file, mode="rb") if gzipped else file
-        with raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            yield tar, raw
+        bounded = _BoundedStream(raw, path, MAX_ARCHIVE_BYTES)
+        with raw, tarfile.open(fileobj=bounded, mode="r|") as tar:  # type: ignore[call-overload]
+            yield tar, bounded
 
 
 def iter_iu_reports(path: str | Path, redaction: str = REDACTED) -> Iterator[IUReport]:

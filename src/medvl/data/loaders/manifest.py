@@ -57,7 +57,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix, is_image_file
 from ..record import ALL_SPLITS, Dataset, Record
-from .roots import check_inside_root
+from .roots import check_inside_root, path_exists
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(path, f"line {line_number}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise DataError(path, f"line {line_number}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(path, f"line {line_number}: expected a JSON object, "
                                   f"got {type(row).__name__}")
@@ -232,6 +234,8 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
         sidecar = json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply") from None
     if not isinstance(sidecar, dict):
         raise DataError(path, "expected a JSON object")
     for key, value in sidecar.items():
@@ -308,7 +312,7 @@ class _ImageResolver:
             return (found[0], True) if found else (self.roots[0] / value, False)
         path = Path(value)
         candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
-        existing = next((c for c in candidates if c.exists()), None)
+        existing = next((c for c in candidates if path_exists(c)), None)
         return (existing, True) if existing else (candidates[0], False)
 
 

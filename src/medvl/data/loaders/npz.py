@@ -72,6 +72,12 @@ class _Declared:
         return self.elements * self.dtype.itemsize
 
 
+def _reason(error: Exception) -> str:
+    """The error's type and first line (numpy adds advice on further lines; messages stay one line)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _read_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Declared:
     """The member's declared shape and dtype (only the header bytes are decompressed)."""
     key = info.filename[: -len(".npy")]
@@ -84,8 +90,7 @@ def _read_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) ->
             shape, _, dtype = read(member)
             offset = member.tell()
     except _READ_ERRORS as error:
-        raise DataError(path, f"array {key!r}: not a readable .npy header ({type(error).__name__}: {error})") \
-            from None
+        raise DataError(path, f"array {key!r}: not a readable .npy header ({_reason(error)})") from None
     return _Declared(key, info, tuple(int(n) for n in shape), dtype, offset)
 
 
@@ -111,8 +116,7 @@ def _read_array(path: Path, archive: zipfile.ZipFile, declared: _Declared) -> np
             array = np.lib.format.read_array(member, allow_pickle=False)
             member.read(1)  # at the end of the member: zipfile compares the CRC here
     except _READ_ERRORS as error:
-        raise DataError(path, f"array {declared.key!r}: corrupt or truncated data ({type(error).__name__}: "
-                              f"{error})") from None
+        raise DataError(path, f"array {declared.key!r}: corrupt or truncated data ({_reason(error)})") from None
     return array
 
 

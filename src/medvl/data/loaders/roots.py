@@ -33,6 +33,22 @@ def is_inside(path: Path, root: Path) -> bool:
         return True
 
 
+def path_exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system cannot hold (too long: no such file exists)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the file system cannot hold."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def outside_root(root: Path, entries: Iterable[tuple[str, Path]]) -> list[str]:
     """The ``where`` labels of the ``(where, path)`` entries whose path resolves outside ``root``."""
     resolved_root = root.resolve()

@@ -56,7 +56,7 @@ from typing import Any
 from ...errors import DataError
 from ..record import Dataset, Record
 from .manifest import decode_utf8
-from .roots import check_inside_root
+from .roots import check_inside_root, is_file
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
         data = json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply") from None
     if not isinstance(data, list) or not data:
         raise DataError(path, f"expected a non-empty JSON array of question objects, got "
                               f"{'an empty array' if data == [] else type(data).__name__}")
@@ -156,7 +158,7 @@ def _required(path: Path, index: int, item: dict[str, Any], keys: tuple[str, ...
 
 def _resolve_image(folder: Path, name: str) -> Path | None:
     candidates = [folder / sub / name for sub in IMAGE_FOLDERS]
-    return next((path for path in candidates if path.is_file()), None)
+    return next((path for path in candidates if is_file(path)), None)
 
 
 def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, bool]:
