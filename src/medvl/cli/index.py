@@ -1,6 +1,9 @@
 """``medvl index build|add|delete|info`` and ``medvl search``: the case index on the command line.
 
-INDEX is a folder (FAISS + SQLite) or ``postgresql://user@host/db#table`` (pgvector).
+INDEX is a folder (FAISS + SQLite) or ``postgresql://user@host/db#table`` (pgvector). ``--json``
+outputs name the index, data and query files by their last path component only (a folder above them
+may name a patient) and Postgres URLs without their password; hits carry image paths relative to
+the dataset root (see docs/index-contents.md).
 """
 
 from __future__ import annotations
@@ -10,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, QuietOption, console, emit_json, handle_errors, print_metrics
+from .common import (
+    JsonOption,
+    OverwriteOption,
+    QuietOption,
+    check_outputs,
+    console,
+    emit_json,
+    handle_errors,
+    print_metrics,
+)
 
 index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
 
@@ -64,13 +76,18 @@ def build_command(
         help="ANN index: auto (by size), flat (exact), hnsw, ivfpq (FAISS only).")] = "auto",
     allow_duplicates: DuplicatesOption = False,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
-    stays usable until the new one is complete."""
+    stays usable until the new one is complete. Image paths are stored relative to the dataset's
+    folder (none for DICOM)."""
     from ..index import build_index
+    from ..index.build import check_batch_size
     from ..models.registry import load_model
 
+    check_outputs(overwrite, json=json_out)
+    check_batch_size(batch_size)
     dataset = _dataset(data, split)
     net = load_model(model)
     info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
@@ -79,7 +96,7 @@ def build_command(
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})
     print_metrics(f"index {out}", rows)
-    emit_json(info, json_out)
+    emit_json(info, json_out, overwrite)
 
 
 @index_app.command("add")
@@ -92,18 +109,22 @@ def add_command(
     batch_size: BatchOption = 32,
     allow_duplicates: DuplicatesOption = False,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
     from ..index import add_records, open_index
+    from ..index.build import check_batch_size
 
+    check_outputs(overwrite, json=json_out)
+    check_batch_size(batch_size)
     with open_index(index, writable=True) as opened:
         net = index_model(model, opened)
         result = add_records(opened, net, _dataset(data, split), batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
-    emit_json(result, json_out)
+    emit_json(result, json_out, overwrite)
 
 
 @index_app.command("delete")
@@ -126,14 +147,15 @@ def delete_command(
 
 @index_app.command("info")
 @handle_errors
-def info_command(index: IndexOption, json_out: JsonOption = None) -> None:
+def info_command(index: IndexOption, json_out: JsonOption = None, overwrite: OverwriteOption = False) -> None:
     """Describe an index: size, model, ANN kind and recall, filter columns."""
     from ..index import open_index
 
+    check_outputs(overwrite, json=json_out)
     with open_index(index) as opened:
         info = {**opened.info, "n_cases": len(opened)}
     print_metrics(f"index {index}", _index_rows(info))
-    emit_json(info, json_out)
+    emit_json(info, json_out, overwrite)
 
 
 @handle_errors
@@ -150,19 +172,38 @@ def search_command(
     model: ModelOption = None,
     show: Annotated[list[str] | None, typer.Option(
         help="Metadata column to show (repeatable; default: the dataset's label columns).")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder of the dataset the index was built from: also list each hit's image file there "
+             "(the index stores paths relative to it).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Find the cases closest to a query image or text in an index."""
-    from ..index import open_index, search_index
+    from ..index import describe_target, open_index, search_index
+    from ..index.base import check_k
 
+    check_outputs(overwrite, json=json_out)
+    check_k(k)
     with open_index(index) as opened:
         net = index_model(model, opened)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
     _print_hits(hits, columns, target)
-    query = {"image": str(image)} if image is not None else {"text": text}
-    emit_json({"index": index, "query": query, "target": target, "k": k, "where": where,
-           "hits": [hit.to_dict() for hit in hits]}, json_out)
+    if data_root is not None:
+        _print_image_files(hits, data_root)
+    query = {"image": describe_target(image)} if image is not None else {"text": text}
+    emit_json({"index": describe_target(index), "query": query, "target": target, "k": k, "where": where,
+               "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)
+
+
+def _print_image_files(hits: list, data_root: Path) -> None:
+    """With ``--data-root``: each hit's image file there, one per line (whole, to copy)."""
+    from ..index import resolve_image
+
+    for rank, hit in enumerate(hits, 1):
+        path = resolve_image(hit, data_root)
+        console.print(f"{rank}. {path if path else '- (the index stores no path for this case)'}",
+                      soft_wrap=True, highlight=False)
 
 
 def _print_hits(hits: list, columns: list[str], target: str) -> None:

@@ -1,5 +1,6 @@
 """``medvl report draft|knowledge`` and ``medvl eval case-retrieval``: retrieval-augmented reports on
-the command line, over ``medvl.rag`` and ``medvl.eval.case_retrieval``."""
+the command line, over ``medvl.rag`` and ``medvl.eval.case_retrieval``. As in ``medvl search``,
+``--json`` outputs name the image, index and data by their last path component only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from .common import JsonOption, QuietOption, console, emit_json, fmt, handle_errors, print_metrics
+from .common import (
+    JsonOption,
+    OverwriteOption,
+    QuietOption,
+    check_outputs,
+    console,
+    emit_json,
+    fmt,
+    handle_errors,
+    print_metrics,
+)
 from .index import IndexOption, ModelOption
 
 report_app = typer.Typer(help="Draft reports from similar cases; the knowledge base of finding definitions.",
@@ -46,20 +57,25 @@ def draft_command(
         help="Also list this many knowledge entries closest to the image embedding (a weak signal with "
              "small models).")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the draft to this JSON file.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Draft a report from the k nearest cases' reports: consensus findings, sentences ranked by
     support, each citing its case ids; abstains when the cases disagree or are far."""
-    from ..index import open_index
+    from ..index import describe_target, open_index
     from ..rag import draft_report
+    from ..rag.draft import check_settings
     from .index import index_model
 
+    check_outputs(overwrite, json=json_out)
+    check_settings(k, min_support, min_similarity, related)
     labeller = _labeller(knowledge, builtin_knowledge)
     with open_index(index) as opened:
         net = index_model(model, opened)
         draft = draft_report(opened, net, image, k=k, where=where, labeller=labeller, min_support=min_support,
                              min_similarity=min_similarity, related=related)
     print_draft(draft)
-    emit_json({"image": str(image), "index": index, **draft.to_dict()}, json_out)
+    emit_json({"image": describe_target(image), "index": describe_target(index), **draft.to_dict()}, json_out,
+              overwrite)
 
 
 def print_draft(draft) -> None:
@@ -161,6 +177,7 @@ def case_retrieval_command(
     knowledge: KnowledgeOption = None,
     builtin_knowledge: BuiltinOption = True,
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Case retrieval quality: label precision@k and mAP, drafted-report finding F1, with baselines.
@@ -169,10 +186,12 @@ def case_retrieval_command(
     class-prior baseline; the finding F1 of reports drafted from the neighbours, beside the nearest
     single report."""
     from ..data import load_dataset
-    from ..eval.case_retrieval import case_retrieval
-    from ..index import open_index
+    from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings
+    from ..index import describe_target, open_index
     from .index import index_model
 
+    check_outputs(overwrite, json=json_out)
+    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_dataset(data, label_columns=label_column).select(split)
     with open_index(index) as opened:
@@ -181,7 +200,8 @@ def case_retrieval_command(
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
     print_case_retrieval(result)
-    emit_json({**result, "index": index, "data": str(data), "split": split}, json_out)
+    emit_json({**result, "index": describe_target(index), "data": describe_target(data), "split": split}, json_out,
+              overwrite)
 
 
 def print_case_retrieval(result: dict) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_number
 from ..data.images import read_image
 from ..data.record import Dataset, Record
 from ..errors import InputError
@@ -65,10 +66,8 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     """Score image->image case retrieval of ``dataset``'s records against ``index`` (see the module
     docstring for every definition). Returns a JSON-serialisable dict."""
     started = time.perf_counter()
+    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
     check_model(index.info, model, index.location)
-    check_settings(draft_k, min_support, min_similarity)
-    if not 1 <= k <= 1000 or map_depth < 1:
-        raise InputError(f"k must be between 1 and 1000 and map_depth at least 1, got k={k}, map_depth={map_depth}")
     columns = _label_columns(index, dataset, label_columns)
     queries = [r for r in dataset if all(c in r.labels for c in columns)]
     if not queries:
@@ -100,6 +99,16 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
 
 
 # ------------------------------------------------------------------ inputs
+
+
+def check_case_retrieval_settings(k: int, draft_k: int, min_support: float, min_similarity: float,
+                                  map_depth: int) -> None:
+    """InputError unless 1 <= k <= 1000, map_depth >= 1 (whole numbers) and the draft settings are
+    valid (``medvl.rag.draft.check_settings``); callers may check before loading anything."""
+    check_number("k", k, minimum=1, maximum=1000, integer=True)
+    check_number("map_depth", map_depth, minimum=1, integer=True)
+    check_number("draft_k", draft_k, minimum=1, maximum=1000, integer=True)
+    check_settings(draft_k, min_support, min_similarity)
 
 
 def _label_columns(index: Index, dataset: Dataset, given: Sequence[str] | None) -> list[str]:

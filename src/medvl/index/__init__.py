@@ -2,14 +2,17 @@
 
 ``build_index(model, dataset, out)`` -> ``open_index(out)`` -> ``search_index(index, model,
 image=..., k=10, where="sex = 'F' and age > 60")``. ``out`` is a folder (FAISS + SQLite) or a
-``postgresql://`` URL (pgvector).
+``postgresql://`` URL (pgvector). What an index stores (and what it never stores: absolute image
+paths, DICOM paths, the data's path) is listed in docs/index-contents.md.
 """
 
 from .base import Hit as Hit
 from .base import Index as Index
+from .base import describe_target as describe_target
 from .base import open_index as open_index
 from .build import add_records as add_records
 from .build import build_index as build_index
 from .cases import Case as Case
+from .search import resolve_image as resolve_image
 from .search import search_index as search_index
 from .where import compile_where as compile_where

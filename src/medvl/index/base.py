@@ -1,18 +1,24 @@
 """The case index: one protocol, two backends (FAISS + SQLite folder, PostgreSQL + pgvector).
 
 An index holds, per case, a normalised image embedding, the embedding of its report text (when
-it has one), and the case itself (id, split, labels, metadata, report, image path and pixel hash).
+it has one), and the case itself (id, split, labels, metadata, report, pixel hash, and the image's
+path relative to its dataset's root: none for DICOM, see ``medvl.index.cases``).
 Scores are cosine similarities (inner products of normalised vectors), higher is closer.
 
 ``info`` (``index.json`` in a FAISS folder, a row of ``medvl_indexes`` in Postgres) records the
 model that made the vectors (folder, config and weights hashes, embedding size), the filter
-columns with their types, and per vector set the ANN kind chosen and its measured recall@10.
+columns with their types, per vector set the ANN kind chosen and its measured recall@10, and of
+the data only a SHA-256 of its path (``data.source_sha256``): never a data path.
+Format 1 indexes (before paths were stored relative) open read-only, their paths never shown.
+docs/index-contents.md lists everything an index stores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +26,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..checks import check_number
+from ..errors import DataError, InputError, ModelError
 from .cases import FIXED_COLUMNS, Case
+
+log = logging.getLogger(__name__)
 
 IMAGES, TEXTS = "images", "texts"  # the two vector sets: image embeddings, report embeddings
 TARGETS = (IMAGES, TEXTS)
-INFO_FORMAT = 1
+# 2: image paths relative to the dataset root (none for DICOM), the data recorded by a hash of its path
+INFO_FORMAT = 2
+LEGACY_FORMAT = 1  # absolute image paths and the data's path: readable, never shown, not writable
+MAX_K = 10_000
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Hit:
     labels: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = field(default=None, repr=False)  # report: patient data, never logged
-    image_path: str | None = None
+    image_path: str | None = None  # relative to the dataset root (``resolve_image``); None if not stored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,5 +196,36 @@ def check_target(target: str) -> None:
 
 
 def check_k(k: int) -> None:
-    if not 1 <= k <= 10_000:
-        raise InputError(f"k must be between 1 and 10000, got {k}")
+    check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
+
+
+def path_sha256(path: str | Path) -> str:
+    """SHA-256 of a path made absolute: tells whether two indexes came from the same place without
+    naming it (a guessed path can still be confirmed, so it is not a secret)."""
+    return hashlib.sha256(os.path.abspath(path).encode("utf-8")).hexdigest()
+
+
+def describe_target(target: str | Path) -> str:
+    """How outputs (``--json``) name an index, dataset or query file: a Postgres URL without its
+    password, else the last path component only (the folders above may name a patient)."""
+    if is_url(target):
+        from .pgvector_store import redact
+
+        return redact(str(target))
+    return Path(target).name
+
+
+def check_info_format(info: dict[str, Any], location: str, writable: bool) -> dict[str, Any]:
+    """The info of a readable index; a format 1 index (absolute paths) loses its data path here,
+    and opening it for writing is a DataError saying to rebuild it."""
+    if info.get("format") == INFO_FORMAT:
+        return info
+    if info.get("format") != LEGACY_FORMAT:
+        raise DataError(location, f"index format {info.get('format')!r} is not one this medvl reads "
+                                  f"({LEGACY_FORMAT} or {INFO_FORMAT})")
+    if writable:
+        raise DataError(location, "index built by an older medvl that stored full image paths; rebuild it with "
+                                  "`medvl index build` before adding or deleting cases")
+    log.warning("%s: index built by an older medvl stores full image paths (not shown); rebuild it", location)
+    data = info.get("data")
+    return {**info, "data": {"source_sha256": path_sha256(data)} if isinstance(data, str) else data}

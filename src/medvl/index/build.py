@@ -7,7 +7,9 @@ large CTs is never held decoded in memory. A case whose image is already indexed
 earlier in the same data) is skipped and reported, unless duplicates are allowed; a case whose id
 is already indexed is skipped on add.
 
-What a case stores comes from its record (id, split, labels, meta, text, image path, pixel hash);
+What a case stores comes from its record (id, split, labels, meta, text, pixel hash, and its image's
+path relative to the dataset root: none for DICOM files, arrays or files outside the root); the
+index info records the data only by a hash of its path (docs/index-contents.md).
 DICOM headers are never read here, only pixels. DICOM records come from
 ``medvl.data.loaders.dicom``, whose ids are hashed UIDs and whose metadata is an allow-list of
 acquisition facts, so no DICOM identifier (name, ID, date, institution, raw UID) reaches an index
@@ -26,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_number
 from ..data.images import image_suffix, read_image
 from ..data.record import Dataset, Record
 from ..progress import progress_bar
-from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint
-from .cases import Case, check_unique_ids, infer_columns, pixel_sha256
+from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
+from .cases import Case, check_unique_ids, dataset_root, infer_columns, pixel_sha256
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,13 @@ def nifti_sha256(path) -> str:
 
 
 def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images: dict[str, str],
-                  allow_duplicates: bool = False) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
+                  allow_duplicates: bool = False, root: Path | None = None,
+                  ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
     """Cases, image and report embeddings of ``items`` (from ``read_images``), minus duplicates.
 
     ``known_images`` (pixel hash -> case id) is updated with the cases kept. Report embeddings of
-    cases without text are zero rows. Returns (cases, image vectors, text vectors, duplicates).
+    cases without text are zero rows. ``root`` is the dataset root image paths are stored relative
+    to (None: no paths). Returns (cases, image vectors, text vectors, duplicates).
     """
     kept, pixels, duplicates = [], [], []
     for record, array, digest in items:
@@ -72,7 +77,7 @@ def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images:
             duplicates.append({"id": record.id, "duplicate_of": known_images[digest]})
             continue
         known_images.setdefault(digest, record.id)
-        kept.append(Case.from_record(record, digest))
+        kept.append(Case.from_record(record, digest, root))
         pixels.append(array)
     dim = model.config.embed_dim
     if not kept:
@@ -85,15 +90,22 @@ def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images:
     return kept, vectors, text_vectors, duplicates
 
 
+def check_batch_size(batch_size: int) -> None:
+    """InputError unless the batch size is a whole number >= 1 (callers may check before loading data)."""
+    check_number("batch_size", batch_size, minimum=1, integer=True)
+
+
 def _batches(items: Sequence[Any], size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def new_info(backend: str, fingerprint: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """The info of a new index. Of the data it keeps a hash of its path, never the path (a folder
+    above the data may be named after a patient)."""
     return {"format": INFO_FORMAT, "backend": backend, "embed_dim": fingerprint["embed_dim"],
-            "model": fingerprint, "data": dataset.source, "label_columns": list(dataset.default_labels),
-            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "model": fingerprint, "data": {"source_sha256": path_sha256(dataset.source), "n_records": len(dataset)},
+            "label_columns": list(dataset.default_labels), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Path | None = None,
@@ -103,12 +115,10 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     URL), replacing any index there only once the new one is complete.
 
     Each batch is checkpointed; rerunning the same build after a crash resumes where it stopped.
+    Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM.
     Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
     """
-    from ..errors import InputError
-
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     started = time.perf_counter()
     records = list(dataset)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
@@ -124,7 +134,8 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             advance(len(records) - len(todo))
             for batch in _batches(todo, batch_size):
                 items = read_images(batch)
-                cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates)
+                cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates,
+                                                                      dataset_root(dataset))
                 duplicates += skipped
                 if cases:
                     builder.append(cases, vectors, text_vectors)
@@ -160,7 +171,9 @@ def _builder(out: str | Path, key: str, columns: dict[str, str], dim: int):
 
 def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,
                 show_progress: bool = True) -> dict[str, Any]:
-    """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once."""
+    """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once; image
+    paths are stored relative to this dataset's root, as in ``build_index``."""
+    check_batch_size(batch_size)
     check_model(index.info, model, index.location)
     records = list(dataset)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
@@ -173,7 +186,8 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
         for batch in _batches(todo, batch_size):
             items = read_images(batch)
             known.update(index.find_images([digest for _, _, digest in items]))
-            cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates)
+            cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates,
+                                                                  dataset_root(dataset))
             duplicates += skipped
             if cases:
                 index.add(cases, vectors, text_vectors)

@@ -1,5 +1,11 @@
 """What an index stores per case, and the typed filter columns built from case metadata.
 
+Image paths are patient data too (a folder may be named after a patient or an MRN), so a case
+stores its image's path relative to the root of the dataset it came from (the folder of the
+manifest, or the dataset folder), never an absolute path. It stores no path at all for an image
+outside that root, for images given as arrays, and for DICOM files and series (their records are
+identified by hashed UIDs: see ``medvl.data.loaders.dicom``). See docs/index-contents.md.
+
 A case's metadata values are strings (as loaders write them). Each metadata key that is a plain
 identifier becomes a filter column for ``--where``: numeric if every non-empty value seen parses
 as a finite number (so ``age > 60`` compares numbers), text otherwise. The filter name is the
@@ -11,15 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
-from ..data.record import Record
+from ..clinical.readers import DICOM_SUFFIXES, has_dicom_preamble
+from ..data.record import Dataset, Record
 from ..errors import DataError
 
 NUMBER, TEXT = "number", "text"
@@ -37,15 +45,53 @@ class Case:
     labels: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = field(default=None, repr=False)  # report: patient data, never logged
-    image_path: str | None = None  # absolute path of the indexed image file (None for arrays)
+    # the image file's path relative to its dataset's root, in POSIX form ("images/x.png"); None for
+    # arrays, DICOM and images outside the root (see ``stored_image_path``)
+    image_path: str | None = None
     image_sha256: str | None = None  # sha256 of the decoded pixels (see ``pixel_sha256``)
 
     @classmethod
-    def from_record(cls, record: Record, image_sha256: str | None = None) -> Case:
-        image = record.image
-        path = str(Path(image).resolve()) if isinstance(image, str | Path) else None
+    def from_record(cls, record: Record, image_sha256: str | None = None, root: Path | None = None) -> Case:
+        """The case of a record; ``root`` is its dataset's root (``dataset_root``), None stores no path."""
         return cls(id=record.id, split=record.split, labels=dict(record.labels), meta=dict(record.meta),
-                   text=record.text or None, image_path=path, image_sha256=image_sha256)
+                   text=record.text or None, image_path=stored_image_path(record.image, root),
+                   image_sha256=image_sha256)
+
+
+def dataset_root(dataset: Dataset) -> Path:
+    """The folder image paths are stored relative to: the dataset folder, or the folder of the
+    dataset file (manifest, .npz, question file) that was loaded."""
+    source = Path(dataset.source)
+    return source if source.is_dir() else source.parent
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM file, by suffix or by the ``DICM`` marker (the loader also reads suffix-less files)."""
+    return str(path).lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path)
+
+
+def stored_image_path(image, root: Path | None) -> str | None:
+    """What a case stores of where its image is: the path relative to ``root`` (POSIX form), or None.
+
+    None for arrays and DICOM (ids are hashed UIDs; a DICOM file's path may name the patient), when
+    ``root`` is None, and for a file outside ``root`` (``..`` would name folders above the dataset).
+    """
+    if root is None or not isinstance(image, str | Path) or is_dicom_file(image):
+        return None
+    for path, base in ((Path(os.path.abspath(image)), Path(os.path.abspath(root))),
+                       (Path(image).resolve(), Path(root).resolve())):
+        if path.is_relative_to(base) and path != base:
+            return path.relative_to(base).as_posix()
+    return None
+
+
+def public_image_path(stored: str | None) -> str | None:
+    """A stored image path as search hits show it: relative paths only. Indexes built before paths
+    were stored relative (index format 1) hold absolute paths; those are never shown."""
+    if not stored or PurePosixPath(stored).is_absolute() or PureWindowsPath(stored).anchor \
+            or ".." in PurePosixPath(stored).parts:
+        return None
+    return stored
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:

@@ -5,8 +5,9 @@ Folder layout::
     INDEX/index.json     model fingerprint, embedding size, filter columns, ANN kind + recall@10
     INDEX/index.faiss    image embeddings, FAISS ids = ``cases.vid``
     INDEX/text.faiss     report-text embeddings of the cases that have a report (same ids)
-    INDEX/cases.sqlite   table ``cases``: vid, id, split, image_path, image_sha256, report,
-                         labels (JSON), meta (JSON) and one typed column ``m_<name>`` per filter column
+    INDEX/cases.sqlite   table ``cases``: vid, id, split, image_path (relative to the dataset root;
+                         NULL for DICOM), image_sha256, report, labels (JSON), meta (JSON) and one typed
+                         column ``m_<name>`` per filter column
 
 Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (resumable: every
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
@@ -41,14 +42,16 @@ from ..errors import DataError, InputError
 from .base import (
     IMAGES,
     INFO_FORMAT,
+    LEGACY_FORMAT,
     TEXTS,
     Hit,
     IndexBase,
+    check_info_format,
     check_k,
     check_target,
     check_vectors,
 )
-from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns
+from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path
 from .where import compile_where
 
 log = logging.getLogger(__name__)
@@ -184,7 +187,7 @@ CREATE TABLE cases (
     vid INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
     id TEXT NOT NULL UNIQUE,
     split TEXT,
-    image_path TEXT,
+    image_path TEXT,  -- relative to the dataset root; NULL for DICOM, arrays, files outside the root
     image_sha256 TEXT,  -- sha256 of the decoded pixels, for duplicate detection
     report TEXT,
     labels TEXT NOT NULL,  -- JSON object
@@ -323,7 +326,7 @@ def read_info(path: Path) -> dict[str, Any]:
         info = json.loads((path / INFO_FILE).read_text())
     except (OSError, ValueError) as err:
         raise DataError(path / INFO_FILE, f"unreadable ({err})") from None
-    if info.get("format") != INFO_FORMAT or info.get("backend") != "faiss":
+    if info.get("format") not in (LEGACY_FORMAT, INFO_FORMAT) or info.get("backend") != "faiss":
         raise DataError(path / INFO_FILE, f"not a FAISS index of format {INFO_FORMAT}")
     return info
 
@@ -435,7 +438,7 @@ class FaissIndex(IndexBase):
 
         self.path, self.writable, self.lock = path, writable, lock
         self.location = str(path)
-        self.info = read_info(path)
+        self.info = check_info_format(read_info(path), self.location, writable)
         try:
             self.conn = _connect(path / CASES_DB, readonly=True)
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
@@ -652,7 +655,7 @@ class FaissIndex(IndexBase):
         vids = sorted({int(v) for v in found.ravel() if v >= 0})
         rows = _select_in(self.conn, "vid, id, split, labels, meta, report, image_path", "vid", vids)
         return {r[0]: Hit(id=r[1], score=0.0, split=r[2], labels=json.loads(r[3]), meta=json.loads(r[4]),
-                          text=r[5], image_path=r[6]) for r in rows}
+                          text=r[5], image_path=public_image_path(r[6])) for r in rows}
 
 
 def _scored(hit: Hit, score: float) -> Hit:

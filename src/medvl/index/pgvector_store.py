@@ -1,7 +1,8 @@
 """The scale path: the same index in PostgreSQL with pgvector (needs the ``[scale]`` extra).
 
 Address: ``postgresql://user:password@host:port/db#table`` (``#table`` defaults to ``medvl_cases``).
-One table per index: ``id`` (primary key), split, image_path, image_sha256, report, labels and
+One table per index: ``id`` (primary key), split, image_path (relative to the dataset root, NULL
+for DICOM: as in the FAISS folder, see ``medvl.index.cases``), image_sha256, report, labels and
 meta (jsonb), ``image_vec vector(D)``, ``text_vec vector(D)`` (NULL without a report) and one
 typed column ``m_<name>`` per filter column; the index info lives in ``medvl_indexes`` (name,
 info jsonb). Scores are inner products of normalised vectors (``<#>``).
@@ -25,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
-from .base import IMAGES, TEXTS, Hit, IndexBase, check_k, check_target, check_vectors
-from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns
+from .base import IMAGES, TEXTS, Hit, IndexBase, check_info_format, check_k, check_target, check_vectors
+from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path
 from .faiss_store import FLAT, FLAT_MAX, HNSW, RECALL_K, quote_column
 from .where import compile_where
 
@@ -271,6 +272,7 @@ class PgVectorIndex(IndexBase):
             info = _read_info(conn, table) if exists else None
             if info is None:
                 raise DataError(redact(url), f"no medvl index named {table!r} in this database")
+            info = check_info_format(info, redact(url), writable)
         except BaseException:
             conn.close()
             raise
@@ -356,5 +358,5 @@ class PgVectorIndex(IndexBase):
             if where and len(rows) < k and self.info.get(target, {}).get("kind") == HNSW:
                 rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)  # filter starved the beam
             results.append([Hit(id=r[0], score=float(r[6]), split=r[1], labels=r[2], meta=r[3], text=r[4],
-                                image_path=r[5]) for r in rows])
+                                image_path=public_image_path(r[5])) for r in rows])
         return results

@@ -2,6 +2,9 @@
 
 Directions: image -> images (similar cases), text -> images (cases matching a description),
 image -> texts (reports of similar cases), text -> texts.
+
+A hit's ``image_path`` is relative to the root of the dataset the case was indexed from (None for
+DICOM); ``resolve_image(hit, data_root)`` finds the file under a data root the user gives.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.images import read_image
-from ..errors import InputError
-from .base import IMAGES, Hit, Index, check_model, check_target
+from ..errors import DataError, InputError
+from .base import IMAGES, Hit, Index, check_k, check_model, check_target
+from .cases import public_image_path
 
 
 def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:
@@ -34,6 +38,23 @@ def search_index(index: Index, model, image: str | Path | np.ndarray | None = No
     The model must be the one the index was built with (same embedding size, config and weights),
     else ``ModelError``; ``where`` filters cases first (see ``medvl.index.where``).
     """
+    check_k(k)
     check_target(target)
     check_model(index.info, model, index.location)
     return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]
+
+
+def resolve_image(hit: Hit, data_root: str | Path) -> Path | None:
+    """The image file of a hit under ``data_root`` (the folder of the dataset it was indexed from),
+    or None when the index stores no path for it (DICOM, arrays). A stored path that would leave
+    ``data_root`` (absolute, ``..``, a symlink out) is an InputError; a missing file a DataError."""
+    relative = public_image_path(hit.image_path)
+    if hit.image_path is None:
+        return None
+    root = Path(data_root).resolve()
+    if relative is None or not (root / relative).resolve().is_relative_to(root):
+        raise InputError(f"case {hit.id!r}: its stored image path leaves the data root; refusing it")
+    path = root / relative
+    if not path.is_file():
+        raise DataError(path, f"image of case {hit.id!r} not found under the data root {data_root}")
+    return path

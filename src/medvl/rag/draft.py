@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from ..index.base import Hit
 from .knowledge import KnowledgeBase
@@ -58,6 +59,7 @@ from .labels import (
 )
 
 DEFAULT_K = 10
+MAX_K = 1000
 MIN_SUPPORT = 0.5  # a status is the consensus when more than this weighted share of neighbours states it
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
@@ -132,13 +134,15 @@ class Draft:
         return {**asdict(self), "text": self.text(), "consensus": self.consensus}
 
 
-def check_settings(k: int, min_support: float, min_similarity: float) -> None:
-    if not 1 <= k <= 1000:
-        raise InputError(f"k must be between 1 and 1000, got {k}")
-    if not 0.0 <= min_support < 1.0:
-        raise InputError(f"min_support must be in [0, 1), got {min_support}")
-    if not -1.0 <= min_similarity <= 1.0:
-        raise InputError(f"min_similarity is a cosine similarity in [-1, 1], got {min_similarity}")
+def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
+    """InputError unless 1 <= k <= 1000, 0 <= min_support < 1 (a consensus needs more than it),
+    -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
+    check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
+    check_number("min_support", min_support, minimum=0, maximum=1)
+    if min_support >= 1:
+        raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}")
+    check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
+    check_number("related", related, minimum=0, integer=True)
 
 
 def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAULT_K, where: str | None = None,
@@ -153,7 +157,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     from ..index.base import check_model
     from ..index.search import embed_query
 
-    check_settings(k, min_support, min_similarity)
+    check_settings(k, min_support, min_similarity, related)
     check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
     vector = embed_query(model, image=image)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import DataError, InputError
 
 BUILTIN_DIR = Path(__file__).with_name("knowledge")
@@ -62,9 +63,10 @@ class Finding:
     path: str | None = None  # the file it was read from
 
     def card(self) -> dict[str, Any]:
-        """What a report or an answer shows of the entry."""
+        """What a report or an answer shows of the entry; ``source`` is the file's name only (the
+        folders above a user's knowledge files are no business of a drafted report)."""
         return {"name": self.name, "title": self.title, "definition": self.definition,
-                "appearance": self.appearance, "source": self.path}
+                "appearance": self.appearance, "source": Path(self.path).name if self.path else None}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,8 +128,7 @@ class KnowledgeBase:
 
         An entry is embedded as the mean over its title and synonyms, each in ``PROMPT_TEMPLATES``
         (a prompt ensemble)."""
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
+        check_number("k", k, minimum=1, integer=True)
         vectors = self._embeddings(model)
         if isinstance(query, str):
             if not query.strip():

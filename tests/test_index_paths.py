@@ -1,0 +1,342 @@
+"""Paths are data too: an index, its info and every ``--json`` output of the index, search, report
+and case-retrieval commands hold image paths relative to the dataset root only (none for DICOM),
+never a folder above the data; output files are refused unless ``--overwrite``; numeric options
+are range-checked before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import tempfile
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import invoke
+from medvl import DataError, InputError, create_model, load_dataset, load_model
+from medvl.data.record import Dataset
+from medvl.index import Hit, build_index, open_index, resolve_image, search_index
+from medvl.index.cases import public_image_path, stored_image_path
+
+PATIENT_FOLDER = "Smith_John_MRN778899"  # a folder named after a patient, above the data
+SECRETS = (PATIENT_FOLDER.encode(), b"MRN778899", b"Smith_John")
+
+
+def leaks(*places: Path) -> list[str]:
+    """Files under ``places`` (or the files themselves) holding any byte of the patient folder name."""
+    found = []
+    for place in places:
+        files = [place] if place.is_file() else sorted(p for p in place.rglob("*") if p.is_file())
+        assert files, f"nothing to search in {place}"
+        found += [str(path) for path in files if any(secret in path.read_bytes() for secret in SECRETS)]
+    return found
+
+
+def image_paths(index: Path) -> list[str | None]:
+    with closing(sqlite3.connect(index / "cases.sqlite")) as conn:
+        return [row[0] for row in conn.execute("SELECT image_path FROM cases")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("paths-model") / "model"
+    create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def patient_data(phantom_dir, tmp_path_factory) -> Path:
+    """The phantom dataset placed under a folder named after a patient."""
+    data = tmp_path_factory.mktemp("paths-data") / PATIENT_FOLDER / "phantom"
+    shutil.copytree(phantom_dir, data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def dicom_data(tmp_path_factory) -> Path:
+    """Real DICOM files (pydicom's and pydicom-data's) under a folder named after a patient; one has
+    no suffix (recognised by its DICM marker)."""
+    import data_store
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path_factory.mktemp("paths-dicom") / PATIENT_FOLDER / "dicom"
+    (folder / "subfolder").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "subfolder" / "ct_file.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), folder / "subfolder" / "mr_file_no_suffix")
+    shutil.copy(Path(data_store.__file__).parent / "data" / "SC_rgb.dcm", folder / "sc_file.dcm")
+    return folder
+
+
+def test_index_and_json_outputs_hold_no_folder_above_the_data(patient_data, model_dir, tmp_path):
+    out = tmp_path / "out"
+    index = out / "idx"
+    query = load_dataset(patient_data).select("test")[0]
+    commands = [
+        ("index", "build", "--model", model_dir, "--data", patient_data, "--split", "train", "--out", index,
+         "--json", out / "build.json", "-q"),
+        ("index", "add", "--index", index, "--data", patient_data, "--split", "val", "--json", out / "add.json", "-q"),
+        ("index", "info", "--index", index, "--json", out / "info.json"),
+        ("search", "--index", index, "--image", query.image, "-k", 5, "--json", out / "search.json"),
+        ("search", "--index", index, "--text", "pleural effusion", "--target", "texts", "-k", 3,
+         "--json", out / "search_texts.json"),
+        ("report", "draft", query.image, "--index", index, "-k", 5, "--min-similarity", 0, "--related", 1,
+         "--json", out / "draft.json"),
+        ("eval", "case-retrieval", "--index", index, "--data", patient_data, "--split", "test", "-k", 3,
+         "--json", out / "case_retrieval.json", "-q"),
+    ]
+    for command in commands:
+        result, output = invoke(*command)
+        assert result.exit_code == 0, (command[:2], output)
+    written = {p.name for p in out.iterdir()}
+    assert {"build.json", "add.json", "info.json", "search.json", "search_texts.json", "draft.json",
+            "case_retrieval.json"} <= written
+    assert {p.name for p in index.iterdir()} == {"index.json", "index.faiss", "text.faiss", "cases.sqlite"}
+    assert leaks(out) == []
+    # what is stored instead: paths relative to the dataset folder, and a hash of the data's path
+    stored = image_paths(index)
+    assert len(stored) == 67 + 10 and all(p.startswith("images/phantom_") for p in stored)
+    info = json.loads((index / "index.json").read_text())
+    assert info["format"] == 2 and set(info["data"]) == {"source_sha256", "n_records"}
+    hits = json.loads((out / "search.json").read_text())
+    assert hits["query"] == {"image": Path(query.image).name} and hits["index"] == "idx"
+    relative = {r.id: Path(r.image).relative_to(patient_data).as_posix() for r in load_dataset(patient_data)}
+    assert len(hits["hits"]) == 5 and all(h["image_path"] == relative[h["id"]] for h in hits["hits"])
+    # a user who has the data resolves a hit's image against its folder
+    with open_index(index) as opened:
+        [hit] = search_index(opened, load_model(model_dir), image=query.image, k=1)
+    assert resolve_image(hit, patient_data) == patient_data / relative[hit.id]
+    result, output = invoke("search", "--index", index, "--image", query.image, "-k", 1, "--data-root", patient_data)
+    assert result.exit_code == 0 and f"1. {patient_data / relative[hit.id]}" in output, output
+
+
+def test_an_index_built_from_dicom_stores_no_path(dicom_data, model_dir, tmp_path):
+    dataset = load_dataset(dicom_data)
+    assert len(dataset) == 3 and all(r.id.startswith("img-") for r in dataset)
+    out = tmp_path / "out"
+    index = out / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", dicom_data, "--out", index,
+                            "--json", out / "build.json", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", index, "--image", dicom_data / "sc_file.dcm", "-k", 3,
+                            "--json", out / "search.json")
+    assert result.exit_code == 0, output
+    assert image_paths(index) == [None, None, None]
+    hits = json.loads((out / "search.json").read_text())["hits"]
+    assert len(hits) == 3 and all(h["image_path"] is None for h in hits)
+    assert leaks(out) == []
+    for name in ("subfolder", "ct_file", "mr_file", "sc_file"):  # not even the paths inside the folder
+        assert not [p for p in index.iterdir() if name.encode() in p.read_bytes()]
+
+
+def test_stored_paths_are_relative_to_the_root_and_never_leave_it(dicom_data, tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    inside, outside = root / "images" / "a.png", tmp_path / "b.png"
+    assert stored_image_path(inside, root) == "images/a.png"
+    assert stored_image_path(root / "images" / ".." / "images" / "a.png", root) == "images/a.png"
+    assert stored_image_path(outside, root) is None  # "../b.png" would name the folder above
+    assert stored_image_path(inside, None) is None and stored_image_path(np.zeros((4, 4)), root) is None
+    assert stored_image_path(dicom_data / "subfolder" / "mr_file_no_suffix", dicom_data) is None  # DICM marker
+    assert stored_image_path(dicom_data / "subfolder" / "ct_file.dcm", dicom_data) is None
+    assert public_image_path("/data/Smith/a.png") is None and public_image_path("../a.png") is None
+    assert public_image_path("C:\\data\\a.png") is None and public_image_path("images/a.png") == "images/a.png"
+
+
+def test_resolve_image_refuses_paths_leaving_the_data_root(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (tmp_path / "data" / "link.png").symlink_to(tmp_path / "secret.png")
+    hit = Hit(id="a", score=1.0, split="all", image_path="images/a.png")
+    assert resolve_image(hit, tmp_path / "data") == tmp_path / "data" / "images" / "a.png"
+    assert resolve_image(Hit(id="d", score=1.0, split="all"), tmp_path / "data") is None
+    for escaping in ("../secret.png", str(tmp_path / "secret.png"), "link.png"):
+        with pytest.raises(InputError, match="leaves the data root"):
+            resolve_image(Hit(id="x", score=1.0, split="all", image_path=escaping), tmp_path / "data")
+    with pytest.raises(DataError, match="not found under the data root"):
+        resolve_image(Hit(id="m", score=1.0, split="all", image_path="images/missing.png"), tmp_path / "data")
+
+
+def test_images_outside_the_dataset_root_store_no_path(patient_data, model_dir, tmp_path):
+    """A manifest may reach outside its folder (when allowed): such a case keeps no path at all."""
+    records = list(load_dataset(patient_data).select("test"))[:3]
+    elsewhere = tmp_path / "data"
+    elsewhere.mkdir()
+    dataset = Dataset(records, source=str(elsewhere / "manifest.csv"))
+    build_index(load_model(model_dir), dataset, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    assert image_paths(tmp_path / "idx") == [None, None, None]
+    assert leaks(tmp_path / "idx") == []
+
+
+def _make_legacy(index: Path, data: Path) -> None:
+    """Rewrite an index as medvl wrote it before paths were stored relative (format 1)."""
+    info = json.loads((index / "index.json").read_text())
+    info.update(format=1, data=str(data / "manifest.csv"))
+    (index / "index.json").write_text(json.dumps(info))
+    with closing(sqlite3.connect(index / "cases.sqlite")) as conn, conn:
+        conn.execute("UPDATE cases SET image_path = ? || '/' || image_path", (str(data),))
+
+
+def test_an_old_index_with_full_paths_is_readable_but_never_shows_them(patient_data, model_dir, tmp_path):
+    index = tmp_path / "idx"
+    data = load_dataset(patient_data).select("test")
+    model = load_model(model_dir)
+    build_index(model, data, index, model_dir=model_dir, show_progress=False)
+    _make_legacy(index, patient_data)
+    assert leaks(index)  # the old format holds the folder name: the check below can fail
+    with open_index(index) as opened:
+        hits = search_index(opened, model, image=data[0].image, k=3)
+        assert hits[0].id == data[0].id and all(h.image_path is None for h in hits)
+        assert set(opened.info["data"]) == {"source_sha256"}
+    result, output = invoke("index", "info", "--index", index, "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", index, "--image", data[0].image, "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    assert leaks(tmp_path / "info.json", tmp_path / "hits.json") == []
+    with pytest.raises(DataError, match="rebuild it"):
+        open_index(index, writable=True)
+    result, output = invoke("index", "delete", data[0].id, "--index", index)  # not "another process": unlocked
+    assert result.exit_code == 2 and "rebuild it" in output
+
+
+# ------------------------------------------------------------------ output files and numeric options
+
+
+@pytest.fixture(scope="module")
+def small_index(patient_data, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("paths-index") / "idx"
+    build_index(load_model(model_dir), load_dataset(patient_data).select("train"), out, model_dir=model_dir,
+                show_progress=False)
+    return out
+
+
+def _json_commands(index: Path, data: Path, model: Path, out: Path) -> list[tuple]:
+    image = load_dataset(data).select("test")[0].image
+    return [
+        ("index", "build", "--model", model, "--data", data, "--split", "val", "--out", out / "new", "-q"),
+        ("index", "add", "--index", index, "--data", data, "--split", "val", "-q"),
+        ("index", "info", "--index", index),
+        ("search", "--index", index, "--text", "nodule", "-k", 2),
+        ("report", "draft", image, "--index", index, "-k", 3),
+        ("eval", "case-retrieval", "--index", index, "--data", data, "-k", 3, "-q"),
+    ]
+
+
+def test_every_json_output_refuses_an_existing_file_unless_overwrite(small_index, patient_data, model_dir,
+                                                                      tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(small_index, index)
+    target = tmp_path / "existing.json"
+    for command in _json_commands(index, patient_data, model_dir, tmp_path):
+        target.write_text("keep me")
+        result, output = invoke(*command, "--json", target)
+        assert result.exit_code == 2 and "file exists (use --overwrite" in output, (command[:2], output)
+        assert target.read_text() == "keep me"
+        assert command[1] != "build" or not (tmp_path / "new").exists()  # refused before building
+        result, output = invoke(*command, "--json", target, "--overwrite")
+        assert result.exit_code == 0, (command[:2], output)
+        assert json.loads(target.read_text())
+    assert json.loads(target.read_text())["n_queries"] == 19
+    (tmp_path / "folder.json").mkdir()
+    result, output = invoke("index", "info", "--index", index, "--json", tmp_path / "folder.json", "--overwrite")
+    assert result.exit_code == 2 and "is a folder" in output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "--text", "nodule", "-k", 0], "k must be >= 1"),
+    (["search", "--text", "nodule", "-k", 10_001], "k must be <= 10000"),
+    (["index", "build", "--model", "MODEL", "--data", "MISSING", "--out", "OUT", "--batch-size", 0],
+     "batch_size must be >= 1"),
+    (["index", "add", "--data", "MISSING", "--batch-size", -3], "batch_size must be >= 1"),
+    (["report", "draft", "IMAGE", "-k", 0], "k must be >= 1"),
+    (["report", "draft", "IMAGE", "--related", -1], "related must be >= 0"),
+    (["report", "draft", "IMAGE", "--min-support", 1.0], "min_support must be < 1"),
+    (["report", "draft", "IMAGE", "--min-similarity", "nan"], "min_similarity must be a finite number"),
+    (["report", "draft", "IMAGE", "--min-similarity", 2], "min_similarity must be <= 1"),
+    (["eval", "case-retrieval", "--data", "MISSING", "--map-depth", 0], "map_depth must be >= 1"),
+    (["eval", "case-retrieval", "--data", "MISSING", "-k", 1001], "k must be <= 1000"),
+    (["eval", "case-retrieval", "--data", "MISSING", "--draft-k", 0], "draft_k must be >= 1"),
+])
+def test_numeric_options_are_checked_before_any_work(small_index, model_dir, tmp_path, args, message):
+    """Each command fails on the number alone: the data path is missing and no output is created."""
+    swap = {"MODEL": model_dir, "MISSING": tmp_path / "missing", "OUT": tmp_path / "new", "IMAGE": tmp_path / "no.png"}
+    args = [swap.get(a, a) if isinstance(a, str) else a for a in args]
+    index = [] if args[:2] == ["index", "build"] else ["--index", small_index]
+    result, output = invoke(*args, *index)
+    assert result.exit_code == 2 and message in output and "Traceback" not in output, output
+    assert not (tmp_path / "new").exists()
+
+
+def test_library_entry_points_check_numbers_first(small_index, patient_data, model_dir, tmp_path):
+    from medvl.eval.case_retrieval import case_retrieval
+    from medvl.index import add_records
+    from medvl.rag import draft_report, load_knowledge
+
+    model, data = load_model(model_dir), load_dataset(patient_data).select("test")
+    with pytest.raises(InputError, match="batch_size must be a whole number"):
+        build_index(model, data, tmp_path / "new", batch_size=2.5, show_progress=False)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new*"))
+    with open_index(small_index) as index:
+        with pytest.raises(InputError, match="k must be >= 1"):
+            search_index(index, model, image=tmp_path / "missing.png", k=0)  # before reading the image
+        with pytest.raises(InputError, match="related must be >= 0"):
+            draft_report(index, model, tmp_path / "missing.png", related=-2)
+        with pytest.raises(InputError, match="map_depth must be >= 1"):
+            case_retrieval(index, model, data, map_depth=0, show_progress=False)
+        with pytest.raises(InputError, match="k must be a whole number"):
+            index.search(np.zeros((1, 64), np.float32), k=float("nan"))
+    with open_index(small_index) as index, pytest.raises(InputError, match="batch_size must be >= 1"):
+        add_records(index, model, data, batch_size=0, show_progress=False)
+    with pytest.raises(InputError, match="k must be >= 1"):
+        load_knowledge().retrieve(model, "effusion", k=0)
+
+
+# ------------------------------------------------------------------ PostgreSQL + pgvector
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    try:
+        import pgserver
+        import psycopg  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"pgserver / psycopg not installed ({err}); pip install -e '.[scale]'")
+    folder = Path(tempfile.mkdtemp(prefix="medvl-pg-paths-"))  # pgserver opens its parents: keep it apart
+    try:
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
+    yield server, folder
+    server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_stores_relative_paths_and_none_for_dicom(pg_server, patient_data, dicom_data, model_dir, tmp_path):
+    import psycopg
+
+    server, folder = pg_server
+    model = load_model(model_dir)
+    data = load_dataset(patient_data).select("test")
+    url = server.get_uri() + "#patient_paths"
+    build_index(model, data, url, model_dir=model_dir, show_progress=False)
+    build_index(model, load_dataset(dicom_data), server.get_uri() + "#dicom_paths", model_dir=model_dir,
+                show_progress=False)
+    with open_index(url) as index:
+        hits = search_index(index, model, image=data[0].image, k=2)
+        assert hits[0].image_path == Path(data[0].image).relative_to(patient_data).as_posix()
+        assert set(index.info["data"]) == {"source_sha256", "n_records"}
+    result, output = invoke("search", "--index", url, "--image", data[0].image, "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    with psycopg.connect(server.get_uri()) as conn:
+        assert conn.execute("SELECT count(*) FROM dicom_paths WHERE image_path IS NOT NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM patient_paths WHERE image_path LIKE 'images/%'").fetchone()[0] == 19
+    server.psql("CHECKPOINT;")  # table pages and WAL on disk
+    assert leaks(folder, tmp_path / "hits.json") == []
