@@ -53,7 +53,7 @@ def test_folds_need_enough_records_per_class():
 
 def test_bench_cv_end_to_end(isic_subset, tmp_path):
     out = tmp_path / "cv.json"
-    result, output = invoke("bench", "cv", "--data", isic_subset, "--label-column", "diagnosis",
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
                             "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--seed", 0,
                             "--batch-size", 16, "--group-column", "patient", "--json", out, "-q")
     assert result.exit_code == 0, output
@@ -68,8 +68,9 @@ def test_bench_cv_end_to_end(isic_subset, tmp_path):
 
 
 def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
-    result, output = invoke("bench", "cv", "--data", isic_subset, "--label-column", "mole_colour",
-                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "-q")
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset,
+                            "--label-column", "mole_colour", "--model", "phantom-tiny", "--folds", 2,
+                            "--epochs", 1, "-q")
     assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "mole_colour" in errors[0] and "available: diagnosis" in errors[0]

@@ -173,7 +173,7 @@ def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args,
 def test_linear_probe_refuses_a_zero_shot_count(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
                             "--test-data", phantom_dir, "--few-shot", "0,4", "--json", tmp_path / "r.json")
-    _assert_clean_refusal(result, output, "--few-shot")
+    _assert_clean_refusal(result, output, "few-shot k must be >= 1")
     assert not (tmp_path / "r.json").exists()
 
 

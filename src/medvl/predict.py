@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data.captions import CaptionConfig, load_captions
+from .data import CaptionConfig, captions_for
 from .errors import InputError
 from .eval.zero_shot import zero_shot_probabilities
 from .models.dual import DualEncoder
@@ -25,7 +25,7 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model)
-    config = _caption_config(net, captions)
+    config = captions_for(None, captions, net)
     column = label_column or _column_for(config, class_names)
     prompts = [config.prompts(column, name) for name in class_names]
     probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
@@ -35,15 +35,6 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
         results.append({"image": str(path), "prediction": max(scores, key=scores.__getitem__),
                         "probabilities": scores})
     return results
-
-
-def _caption_config(net: DualEncoder, captions: CaptionConfig | str | Path | None) -> CaptionConfig:
-    if isinstance(captions, CaptionConfig):
-        return captions
-    if captions is not None:
-        return load_captions(captions)
-    own = net.meta.get("captions")
-    return CaptionConfig.from_dict(own) if own else CaptionConfig()
 
 
 def _column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:

@@ -73,7 +73,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
     groups = _groups(dataset, group_column) if group_column else None
-    caption_config = captions if isinstance(captions, CaptionConfig) else captions_for(dataset, captions)
+    caption_config = captions_for(dataset, captions)
     get_config(model_name, **(overrides or {}))  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
     results, pooled = [], np.zeros((len(dataset), len(classes)))

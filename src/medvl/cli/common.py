@@ -84,20 +84,6 @@ def setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pick_label(dataset, labels: list[str] | None, command: str) -> str:
-    """The one label column a command needs: given, or the dataset's default."""
-    from ..errors import InputError
-
-    chosen = labels or dataset.default_labels
-    if not chosen:
-        raise InputError(f"{dataset.source}: {command} needs --label-column; "
-                         f"available: {', '.join(dataset.label_names) or 'none'}")
-    if len(chosen) > 1 and labels:
-        raise InputError(f"{command} takes one --label-column, got {', '.join(labels)}")
-    dataset.require_label(chosen[0])
-    return chosen[0]
-
-
 def print_metrics(title: str, rows: dict[str, Any]) -> None:
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .captions import CaptionConfig as CaptionConfig
 from .captions import load_captions as load_captions
@@ -11,10 +12,21 @@ from .record import Dataset as Dataset
 from .record import Record as Record
 
 
-def captions_for(dataset: Dataset, path: str | Path | None = None) -> CaptionConfig:
-    """The caption config given by ``path``, else the dataset's own (sidecar), else defaults."""
+def captions_for(dataset: Dataset | None = None, path: str | Path | CaptionConfig | None = None,
+                 model: Any = None) -> CaptionConfig:
+    """The caption config to use, the one rule for every command (CLI, service, recipes).
+
+    In order: ``path`` (a caption YAML/JSON file, or a ready ``CaptionConfig``); the dataset's own
+    (its ``dataset.json`` sidecar); the captions ``model`` was trained with (``model.meta["captions"]``,
+    so zero-shot prompts match training); else the generic templates.
+    """
+    if isinstance(path, CaptionConfig):
+        return path
     if path is not None:
         return load_captions(path)
-    if dataset.captions:
+    if dataset is not None and dataset.captions:
         return CaptionConfig.from_dict(dataset.captions, source=dataset.source)
+    own = getattr(model, "meta", {}).get("captions") if model is not None else None
+    if own:
+        return CaptionConfig.from_dict(own)
     return CaptionConfig()

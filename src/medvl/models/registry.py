@@ -34,6 +34,19 @@ def describe_model(name: str) -> str:
     return json.loads(entry.read_text()).get("_doc", "")
 
 
+def model_summaries() -> list[dict[str, str]]:
+    """One row per registered model: name, image input, text tower, embedding size, description."""
+    rows = []
+    for name in list_models():
+        config = get_config(name)
+        image = config.image
+        shape = f"{image.image_size}px" if image.spatial_dims == 2 else "x".join(map(str, image.volume_shape))
+        rows.append({"name": name, "image": f"{image.arch} {shape} x{image.in_channels}",
+                     "text": config.text.path or f"bert {config.text.hidden_size}x{config.text.num_layers}",
+                     "dim": str(config.embed_dim), "about": describe_model(name)})
+    return rows
+
+
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in _registry():
         raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")

@@ -1,0 +1,127 @@
+"""Path-level entry points: what a CLI command or an HTTP route does, as one library call.
+
+Each function takes paths and plain values, applies medvl's one policy for defaults (which split,
+which label column, which captions, which output-folder rules) and calls the library. The CLI
+(``medvl.cli``) and the service parse arguments and call exactly one of these; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checks import check_number
+from .data import CaptionConfig, Dataset, captions_for, load_dataset
+from .errors import InputError
+from .models.dual import DualEncoder
+
+PathLike = str | Path
+
+
+def load_split(path: PathLike, split: str | None = None, label_columns: Sequence[str] | None = None,
+               allow_outside_root: bool = False) -> Dataset:
+    """The records of one split of the dataset at ``path``; ``split=None`` means ``train`` when the
+    dataset has one, else every record (``all``)."""
+    dataset = load_dataset(path, label_columns=list(label_columns) if label_columns else None,
+                           allow_outside_root=allow_outside_root)
+    if split is None:
+        split = "train" if "train" in dataset.splits else "all"
+    return dataset.select(split)
+
+
+def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:
+    """The one label column a task needs: the one given, else the dataset's default."""
+    chosen = list(labels or dataset.default_labels)
+    if not chosen:
+        raise InputError(f"{dataset.source}: {task} needs a label column (--label-column); "
+                         f"available: {', '.join(dataset.label_names) or 'none'}")
+    if len(chosen) > 1 and labels:
+        raise InputError(f"{task} takes one label column, got {', '.join(labels)}")
+    dataset.require_label(chosen[0])
+    return chosen[0]
+
+
+def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> dict[str, Any]:
+    """``key=value`` model config overrides (values parsed as JSON, else kept as strings), plus the
+    text encoder choice: ``bert`` (random init) or a pretrained name / local folder."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if text_encoder == "bert":
+        overrides.update({"text.kind": "bert", "text.path": None})
+    elif text_encoder:
+        overrides.update({"text.kind": "pretrained", "text.path": text_encoder})
+    return overrides
+
+
+def train_from_path(data: PathLike, out: PathLike, config: Any, model: str = "cxr-small", *,
+                    split: str | None = None, label_columns: Sequence[str] | None = None,
+                    captions: PathLike | CaptionConfig | None = None, overrides: dict[str, Any] | None = None,
+                    resume: bool = False, allow_outside_root: bool = False,
+                    show_progress: bool = True) -> DualEncoder:
+    """Train ``model`` (a registered name or a saved model folder) on the dataset at ``data`` and save
+    it to ``out/model``. ``config`` is a ``TrainConfig``; its ``label_columns`` default to the
+    dataset's own. Numbers and the output folder are checked before any data is read."""
+    from .models.registry import resolve_model
+    from .train.loop import check_out_dir, seed_everything, train
+
+    config.validate_numbers()
+    check_out_dir(Path(out), resume)
+    dataset = load_split(data, split, label_columns, allow_outside_root)
+    config.label_columns = list(label_columns or dataset.default_labels)
+    seed_everything(config.seed)  # the random init of the model is part of the run
+    net = resolve_model(model, **(overrides or {}))
+    return train(net, dataset, config, out, captions=captions_for(dataset, captions, net), resume=resume,
+                 show_progress=show_progress)
+
+
+def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", label_columns: Sequence[str] | None = None,
+                       captions: PathLike | None = None, allow_outside_root: bool = False,
+                       show_progress: bool = True) -> dict:
+    """``eval.zero_shot`` on a saved model and a dataset path; the result names what was scored."""
+    from .eval import zero_shot
+    from .models.registry import load_model
+
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    column = pick_label(dataset, label_columns, "zero-shot")
+    net = load_model(model)
+    result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
+                       show_progress=show_progress)
+    return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
+
+
+def evaluate_retrieval(model: PathLike, data: PathLike, split: str = "test", allow_outside_root: bool = False,
+                       show_progress: bool = True) -> dict:
+    """``eval.retrieval`` (image->text and text->image recall) on a saved model and a dataset path."""
+    from .eval import retrieval
+    from .models.registry import load_model
+
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    result = retrieval(load_model(model), dataset, show_progress=show_progress)
+    return {**result, "model": str(model), "data": str(data), "split": split}
+
+
+def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: PathLike, train_split: str = "train",
+                          test_split: str = "test", label_columns: Sequence[str] | None = None,
+                          few_shot: Sequence[int] = (1, 4, 16),
+                          allow_outside_root: bool = False, show_progress: bool = True) -> dict:
+    """``eval.linear_probe`` fitted on one dataset path and scored on another."""
+    from .eval import linear_probe
+    from .models.registry import load_model
+
+    for k in few_shot:
+        check_number("few-shot k", k, minimum=1, integer=True)
+    train_set = load_split(train_data, train_split, allow_outside_root=allow_outside_root)
+    test_set = load_split(test_data, test_split, allow_outside_root=allow_outside_root)
+    column = pick_label(train_set, label_columns, "linear-probe")
+    result = linear_probe(load_model(model), train_set, test_set, column, few_shot=list(few_shot),
+                          show_progress=show_progress)
+    return {**result, "label": column, "model": str(model)}

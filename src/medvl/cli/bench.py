@@ -1,0 +1,97 @@
+"""``medvl bench ...``: recipes end to end, argument parsing over ``medvl.bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    AllowOutsideOption,
+    CaptionsOption,
+    JsonOption,
+    OverwriteOption,
+    QuietOption,
+    check_outputs,
+    emit_json,
+    handle_errors,
+    print_metrics,
+)
+
+bench_app = typer.Typer(help="Run a benchmark recipe end to end.", no_args_is_help=True)
+
+
+@bench_app.command("medmnist")
+@handle_errors
+def bench_medmnist(
+    train_data: Annotated[Path, typer.Option(help="MedMNIST .npz with a train split.")],
+    test_data: Annotated[Path, typer.Option(help="MedMNIST .npz holding the test split.")],
+    test_split: Annotated[str, typer.Option(help="Split of --test-data to score.")] = "test",
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    out: Annotated[Path | None, typer.Option(help="Also keep the trained model here.")] = None,
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "medmnist-small",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
+    from ..bench.medmnist import run_medmnist
+
+    check_outputs(overwrite, json=json_out)
+    result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,
+                          out=out, show_progress=not quiet)
+    print_metrics(f"MedMNIST {test_data.name}:{test_split}", {
+        "auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
+        "seconds": result["seconds"]})
+    emit_json(result, json_out, overwrite)
+
+
+@bench_app.command("cv")
+@handle_errors
+def bench_cv(
+    data: Annotated[Path, typer.Option(help="Labelled image dataset (manifest or folder).")],
+    label_column: Annotated[str, typer.Option("--label-column", "-l", help="Label column to predict.")],
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "derm-small",
+    folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of the folds, init, order and augmentation.")] = 0,
+    captions: CaptionsOption = None,
+    group_column: Annotated[str | None, typer.Option(
+        help="Column of group ids (e.g. patient) kept within one fold.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Records per batch.")] = 32,
+    contrastive_weight: Annotated[float, typer.Option(
+        help="Weight of the image-caption loss (the supervised head has weight 1).")] = 0.5,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """k-fold cross-validation: a fresh model per fold, head and zero-shot AUC / accuracy on held-out folds."""
+    from ..api import parse_overrides
+    from ..bench.cv import cross_validate
+
+    check_outputs(overwrite, json=json_out)
+    result = cross_validate(data, label_column, model_name=model, folds=folds, epochs=epochs, seed=seed,
+                            captions=captions, group_column=group_column, show_progress=not quiet, lr=lr,
+                            batch_size=batch_size, contrastive_weight=contrastive_weight,
+                            overrides=parse_overrides(set_ or []), allow_outside_root=allow_outside_root)
+    print_metrics(f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)", {
+        name: _mean_std(result, key) for name, key in (
+            ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
+            ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"))}
+        | {"pooled out-of-fold auc": result["auc_pooled"], "majority-class acc": result["majority_acc"],
+           "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in result["folds"]),
+           "seconds": result["seconds"]})
+    emit_json(result, json_out, overwrite)
+
+
+def _mean_std(result: dict, key: str) -> str:
+    return f"{_fmt_float(result[key])} ± {_fmt_float(result[f'{key}_std'])}"
+
+
+def _fmt_float(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

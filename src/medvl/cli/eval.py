@@ -1,0 +1,109 @@
+"""``medvl eval ...``: argument parsing over ``medvl.api.evaluate_*`` (case retrieval: cli/report.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    AllowOutsideOption,
+    CaptionsOption,
+    JsonOption,
+    LabelOption,
+    OverwriteOption,
+    QuietOption,
+    check_outputs,
+    emit_json,
+    handle_errors,
+    print_metrics,
+    print_per_class,
+)
+
+eval_app = typer.Typer(help="Evaluate a trained model.", no_args_is_help=True)
+
+
+@eval_app.command("zero-shot")
+@handle_errors
+def eval_zero_shot(
+    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    data: Annotated[Path, typer.Option(help="Dataset path.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate ('all' for every record).")] = "test",
+    label_column: LabelOption = None,
+    captions: CaptionsOption = None,
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
+    from ..api import evaluate_zero_shot
+
+    check_outputs(overwrite, json=json_out)
+    result = evaluate_zero_shot(model, data, split, label_column, captions, allow_outside_root,
+                                show_progress=not quiet)
+    print_metrics(f"zero-shot {result['label']} ({result['n']} images, {len(result['classes'])} classes)", {
+        "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
+        "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
+    print_per_class(result["per_class"])
+    emit_json(result, json_out, overwrite)
+
+
+@eval_app.command("retrieval")
+@handle_errors
+def eval_retrieval(
+    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    data: Annotated[Path, typer.Option(help="Dataset path (records need text).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Image->text and text->image Recall@1/5/10 and median rank."""
+    from ..api import evaluate_retrieval
+
+    check_outputs(overwrite, json=json_out)
+    result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet)
+    rows = {}
+    for direction in ("image_to_text", "text_to_image"):
+        for key, value in result[direction].items():
+            if key != "chance":
+                rows[f"{direction} {key}"] = value
+    print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts)", rows)
+    emit_json(result, json_out, overwrite)
+
+
+@eval_app.command("linear-probe")
+@handle_errors
+def eval_linear_probe(
+    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    train_data: Annotated[Path, typer.Option(help="Dataset to fit the probe on.")],
+    test_data: Annotated[Path, typer.Option(help="Dataset to score the probe on.")],
+    train_split: Annotated[str, typer.Option(help="Split of --train-data.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Split of --test-data.")] = "test",
+    label_column: LabelOption = None,
+    few_shot: Annotated[str, typer.Option(help="Comma-separated k images per class.")] = "1,4,16",
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Logistic regression on frozen image features: AUC and accuracy, full and few-shot."""
+    from ..api import evaluate_linear_probe
+    from ..errors import InputError
+
+    check_outputs(overwrite, json=json_out)
+    try:
+        ks = [int(k) for k in few_shot.split(",") if k.strip()]
+    except ValueError:
+        raise InputError(f"--few-shot expects comma-separated integers, got {few_shot!r}") from None
+    result = evaluate_linear_probe(model, train_data, test_data, train_split, test_split, label_column,
+                                   few_shot=ks, allow_outside_root=allow_outside_root, show_progress=not quiet)
+    rows = {"auc": result["auc"], "accuracy": result["accuracy"],
+            "balanced_accuracy": result["balanced_accuracy"]}
+    for k, scores in result["few_shot"].items():
+        rows[f"{k}-shot auc"] = scores["auc_mean"]
+    print_metrics(f"linear probe {result['label']} (train {result['n_train']}, test {result['n_test']})", rows)
+    emit_json(result, json_out, overwrite)

@@ -1,0 +1,49 @@
+"""``medvl train``: argument parsing over ``medvl.api.train_from_path``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import AllowOutsideOption, CaptionsOption, LabelOption, QuietOption, console, handle_errors
+
+
+@handle_errors
+def train_command(
+    data: Annotated[Path, typer.Option(help="Dataset: manifest, folder, .npz or MedPix folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder (model/, checkpoint/, metrics.jsonl).")],
+    model: Annotated[str, typer.Option(help="Registered model name or a saved model folder.")] = "cxr-small",
+    split: Annotated[str | None, typer.Option(help="Split to train on (default: train if present, else all).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Records per batch.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for init, order and augmentation.")] = 0,
+    loss: Annotated[str | None, typer.Option(help="clip or siglip (default: the model's).")] = None,
+    text_encoder: Annotated[str | None, typer.Option(
+        help="bert (random init), all-minilm-l6-v2 (shipped), or a local HF folder.")] = None,
+    label_column: LabelOption = None,
+    captions: CaptionsOption = None,
+    text_source: Annotated[str, typer.Option(help="auto | text | captions | both.")] = "auto",
+    supervised_weight: Annotated[float, typer.Option(help="Weight of supervised label heads (0 = off).")] = 0.0,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0 = each epoch).")] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model."""
+    from ..api import parse_overrides, train_from_path
+    from ..train.loop import TrainConfig
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
+                         text_source=text_source, supervised_weight=supervised_weight, grad_accum=grad_accum,
+                         checkpoint_every=checkpoint_every, max_steps=max_steps)
+    trained = train_from_path(data, out, config, model, split=split, label_columns=label_column, captions=captions,
+                              overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
+                              allow_outside_root=allow_outside_root, show_progress=not quiet)
+    summary = trained.meta["training"]
+    console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")
