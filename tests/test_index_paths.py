@@ -18,7 +18,7 @@ import torch
 
 from cli_helpers import invoke
 from medvl import DataError, InputError, create_model, load_dataset, load_model
-from medvl.data.record import Dataset
+from medvl.data.record import Dataset, Record
 from medvl.index import Hit, build_index, open_index, resolve_image, search_index
 from medvl.index.cases import public_image_path, stored_image_path
 
@@ -171,6 +171,27 @@ def test_images_outside_the_dataset_root_store_no_path(patient_data, model_dir, 
     build_index(load_model(model_dir), dataset, tmp_path / "idx", model_dir=model_dir, show_progress=False)
     assert image_paths(tmp_path / "idx") == [None, None, None]
     assert leaks(tmp_path / "idx") == []
+
+
+def test_ids_taken_from_absolute_image_paths_are_refused(patient_data, model_dir, tmp_path):
+    """A manifest without an id column names its records by their image paths: absolute ones would
+    put the patient folder into the index as ids."""
+    data = tmp_path / PATIENT_FOLDER
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for record in list(load_dataset(patient_data).select("test"))[:3]:
+        shutil.copy(record.image, data / "images")
+        rows.append(f"{data / 'images' / Path(record.image).name},{record.labels['finding']}")
+    (data / "manifest.csv").write_text("image,finding\n" + "\n".join(rows) + "\n")
+    dataset = load_dataset(data)
+    assert PATIENT_FOLDER in dataset[0].id  # the loader's id: the path without its suffix
+    model = load_model(model_dir)
+    with pytest.raises(DataError, match="3 case ids are absolute paths.*add an id column"):
+        build_index(model, dataset, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(DataError, match="climb above"):
+        build_index(model, Dataset([Record(id="../x", images=[np.zeros((8, 8))])], source=str(data)),
+                    tmp_path / "idx", show_progress=False)
 
 
 def _make_legacy(index: Path, data: Path) -> None:

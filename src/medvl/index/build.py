@@ -33,7 +33,7 @@ from ..data.images import image_suffix, read_image
 from ..data.record import Dataset, Record
 from ..progress import progress_bar
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
-from .cases import Case, check_unique_ids, dataset_root, infer_columns, pixel_sha256
+from .cases import Case, check_ids_are_not_paths, check_unique_ids, dataset_root, infer_columns, pixel_sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     check_batch_size(batch_size)
     started = time.perf_counter()
     records = list(dataset)
+    check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
@@ -176,6 +177,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
     records = list(dataset)
+    check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     present = index.existing_ids([r.id for r in records])
     todo = [r for r in records if r.id not in present]

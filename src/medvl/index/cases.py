@@ -150,6 +150,18 @@ def column_values(case: Case, columns: dict[str, str]) -> dict[str, Any]:
     return values
 
 
+def check_ids_are_not_paths(ids: Sequence[str], source: str) -> None:
+    """DataError if a case id is an absolute path or climbs above its folder (``..``): a manifest
+    without an ``id`` column takes ids from its image paths, and an index must not store the folders
+    above the data. The message counts the ids and never shows one."""
+    bad = [i for i, case_id in enumerate(ids) if PurePosixPath(case_id).is_absolute()
+           or PureWindowsPath(case_id).anchor or ".." in PurePosixPath(case_id.replace("\\", "/")).parts]
+    if bad:
+        raise DataError(source, f"{len(bad)} case ids are absolute paths or climb above the dataset folder "
+                                f"(e.g. record {bad[0] + 1}), which an index must not store; add an id column "
+                                f"or name images relative to the manifest")
+
+
 def check_unique_ids(cases: Sequence[Case], source: str) -> None:
     seen: set[str] = set()
     repeated = [c.id for c in cases if c.id in seen or seen.add(c.id)]
