@@ -133,6 +133,31 @@ def test_an_index_built_from_dicom_stores_no_path(dicom_data, model_dir, tmp_pat
         assert not [p for p in index.iterdir() if name.encode() in p.read_bytes()]
 
 
+def test_an_index_of_dicom_series_volumes_stores_no_path(tmp_path):
+    """A CT series (four slices of pydicom's CT_small at 5 mm steps) is one volume record; a 3D model
+    indexes it (this used to fail on the series object) and no path is stored."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / PATIENT_FOLDER / "ct"
+    folder.mkdir(parents=True)
+    slice_ = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for number in range(4):
+        slice_.SOPInstanceUID = slice_.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        slice_.ImagePositionPatient, slice_.InstanceNumber = [0, 0, 5.0 * number], number + 1
+        slice_.save_as(folder / f"slice_file_{number}.dcm")
+    [record] = load_dataset(folder)
+    assert record.meta["kind"] == "volume" and record.id.startswith("vol-")
+    torch.manual_seed(0)
+    create_model("ct3d-tiny").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out" / "idx"
+    info = build_index(load_model(tmp_path / "model"), load_dataset(folder), out, model_dir=tmp_path / "model",
+                       show_progress=False)
+    assert info["n_cases"] == 1 and image_paths(out) == [None]
+    assert leaks(out) == [] and not [p for p in out.iterdir() if b"slice_file" in p.read_bytes()]
+
+
 def test_stored_paths_are_relative_to_the_root_and_never_leave_it(dicom_data, tmp_path):
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

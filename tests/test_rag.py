@@ -121,6 +121,9 @@ def test_a_user_folder_adds_and_replaces_findings(tmp_path):
         {"pleural_plaque": "positive", "nodule": "negative", "no_finding": "negative"}
     alone = load_knowledge(tmp_path, builtin=False)
     assert alone.names == ["nodule", "pleural_plaque"] and alone.normal is None
+    # a drafted report shows an entry's file name, never the folders above it (they may name anyone)
+    assert knowledge.cards(["pleural_plaque"])[0]["source"] == "pleural_plaque.md"
+    assert knowledge["pleural_plaque"].path == str(tmp_path / "pleural_plaque.md")  # kept for messages
 
 
 @pytest.mark.parametrize("text, message", [
