@@ -225,6 +225,18 @@ def test_bad_manifest(tmp_path, content, problem):
         load_dataset(path)
 
 
+@pytest.mark.parametrize("newline", [b"\r", b"\r\n"])
+def test_non_utf8_byte_offset_with_carriage_returns(tmp_path, newline):
+    # the csv reader counts a lone CR as a line end; the byte offset used to be looked up by LF only
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(newline.join([b"image,finding", b"a.png,norm\xe9al", b""]))
+    with pytest.raises(DataError, match=rf"not valid UTF-8 \(byte offset {13 + len(newline) + 10}, line 2"):
+        load_dataset(path)
+    path.write_bytes(b"\x00\r\x80")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        load_dataset(path)
+
+
 def test_bad_jsonl_line(tmp_path):
     path = tmp_path / "manifest.jsonl"
     path.write_text('{"image": "a.png"}\n{"image": "b.png",\n', encoding="utf-8")

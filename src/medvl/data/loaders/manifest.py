@@ -142,10 +142,13 @@ def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
     return columns, [(line, {key: _cell_text(v) for key, v in row.items()}) for line, row in rows]
 
 
+_LINE_BREAK = re.compile(b"\r\n|\r|\n")  # what the csv reader counts as the end of a line
+
+
 def _bad_byte_offset(raw: bytes, first_line: int, last_line: int) -> int:
     """Byte offset of the first invalid UTF-8 byte within lines first_line..last_line."""
-    starts = [0, *(match.end() for match in re.finditer(b"\n", raw))]
-    begin = starts[first_line - 1]
+    starts = [0, *(match.end() for match in _LINE_BREAK.finditer(raw))]
+    begin = starts[min(first_line, len(starts)) - 1]
     end = starts[last_line] if last_line < len(starts) else len(raw)
     try:
         raw[begin:end].decode("utf-8")
