@@ -493,9 +493,10 @@ NAN_IMAGE = np.where(np.eye(8) > 0, np.nan, 0.25).astype(np.float32)
 
 IMAGE_CASES = [
     Case("png-zero-bytes", _image("x.png", lambda: b""), r"empty file \(0 bytes\)"),
-    *[Case(f"png-truncated-{cut}", _image("x.png", lambda cut=cut: _png_bytes()[:cut]), "image")
+    # the CLI path of a truncated file is the same whatever the offset: run it for the first offset only
+    *[Case(f"png-truncated-{cut}", _image("x.png", lambda cut=cut: _png_bytes()[:cut]), "image", cli=cut == 8)
       for cut in (8, 30, 60, 2000)],
-    *[Case(f"jpeg-truncated-{cut}", _image("x.jpg", lambda cut=cut: _jpeg_bytes()[:cut]), "image")
+    *[Case(f"jpeg-truncated-{cut}", _image("x.jpg", lambda cut=cut: _jpeg_bytes()[:cut]), "image", cli=cut == 2)
       for cut in (2, 300, -100)],
     Case("png-wrong-magic-text", _image("x.png", lambda: b"MRN123 plain text"), "not a recognised image file"),
     Case("png-huge-declared", lambda folder: png_declaring(folder / "x.png", 12_000, 9_000),
@@ -546,10 +547,10 @@ def _negative_dims() -> bytes:
 
 NIFTI_CASES = [
     Case("nii-zero-bytes", _image("v.nii", lambda: b""), ""),
-    *[Case(f"nii-truncated-{cut}", _image("v.nii", lambda cut=cut: _nifti_bytes()[:cut]), "")
+    *[Case(f"nii-truncated-{cut}", _image("v.nii", lambda cut=cut: _nifti_bytes()[:cut]), "", cli=cut == 3)
       for cut in (3, 100, 352, -10)],
-    *[Case(f"niigz-truncated-{cut}", _image("v.nii.gz", lambda cut=cut: _nifti_bytes(gz=True)[:cut]), "")
-      for cut in (5, 60, -9)],
+    *[Case(f"niigz-truncated-{cut}", _image("v.nii.gz", lambda cut=cut: _nifti_bytes(gz=True)[:cut]), "",
+           cli=cut == 5) for cut in (5, 60, -9)],
     Case("nii-wrong-magic-png", _image("v.nii", _png_bytes), "not a NIfTI file"),
     Case("niigz-plain-gzip-text", _image("v.nii.gz", lambda: gzip.compress(b"MRN123 " * 100, mtime=0)),
          "not a NIfTI file"),
