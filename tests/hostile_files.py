@@ -62,7 +62,7 @@ def npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
 
 def npz_bomb(path: Path, count: int, size: int = 28) -> Path:
     """A real MedMNIST-shaped ``.npz`` (correct sizes and CRCs) whose ``train_images`` are ``count``
-    all-zero ``size x size`` uint8 images: ~1 MB on disk for 1.1 GB of pixels at count=1.4 million."""
+    all-zero ``size x size`` uint8 images: ~1 MB on disk per GB of pixels (1.1 GB at count=1.4 million)."""
     header = npy_header((count, size, size))
     images, crc = deflate_zeros(header, count * size * size)
     labels = io.BytesIO()

@@ -188,9 +188,9 @@ def _npz_bytes(data: Callable[[], bytes], name: str = "data.npz") -> Callable:
 
 @functools.cache
 def _bomb_bytes() -> bytes:
-    """The bytes of a real 1.1 GB (declared and present) all-zero MedMNIST-shaped .npz: ~1 MB."""
+    """The bytes of a real 1.6 GB (declared and present) all-zero MedMNIST-shaped .npz: ~1.6 MB."""
     with tempfile.TemporaryDirectory() as scratch:
-        return npz_bomb(Path(scratch) / "bomb.npz", count=1_400_000).read_bytes()
+        return npz_bomb(Path(scratch) / "bomb.npz", count=2_100_000).read_bytes()
 
 
 def _good_npz_bytes() -> bytes:
@@ -241,8 +241,8 @@ NPZ_CASES = [
     Case("npz-truncated-member-data", _npz_bytes(lambda: _good_npz_bytes()[:60] + _good_npz_bytes()[90:]),
          "not an .npz archive|corrupt|cannot read|not a readable"),
     Case("npz-wrong-magic-png", _npz_bytes(_png_bytes), r"not an \.npz archive"),
-    Case("npz-bomb-1.1GB", lambda folder: _write(folder / "bomb.npz", _bomb_bytes()),
-         r"'train_images' declares shape \(1400000, 28, 28\).*over the 1,073,741,824-byte limit"),
+    Case("npz-bomb-1.6GB", lambda folder: _write(folder / "bomb.npz", _bomb_bytes()),
+         r"'train_images' declares shape \(2100000, 28, 28\).*over the 1,610,612,736-byte limit"),
     Case("npz-bomb-lowered-limit", lambda folder: npz_bomb(folder / "bomb.npz", count=20_000),
          "over the 1,000,000-byte limit", kwargs={"max_npz_bytes": 1_000_000}, cli=False),
     Case("npz-zero-itemsize-bomb", _npz_members({"train_images.npy": _npy(np.zeros((3, 8, 8), np.uint8)),

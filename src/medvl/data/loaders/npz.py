@@ -17,14 +17,15 @@ Record ids are ``"{split}_{index}"``. ``dataset.default_labels`` is every label 
 Untrusted archives: nothing is decompressed before its ``.npy`` header has been read from the zip
 member and checked. Only the arrays named above are read (others are listed in a warning, never
 decoded). An array whose declared element count or byte size exceeds ``max_bytes``
-(``MAX_NPZ_BYTES`` = 1 GiB by default, for each array and for all arrays read together) is refused
-as a likely decompression bomb: a 2 MB file of zeros can declare gigabytes. The default lets every
-28 px and 64 px MedMNIST file through (the largest, TissueMNIST-64, holds about 0.97 GB of images);
-pass a larger ``max_bytes`` (``load_dataset(..., max_npz_bytes=...)``) for the 128 / 224 px
-versions. The declared size must also match the member's size in the zip directory, and the zip's
-CRC is checked. Object (pickled) arrays are refused (``allow_pickle`` stays False), so are images
-that are not numeric 3D / 4D arrays, images with an empty axis, and float images holding NaN or
-infinite values. Every failure is a ``DataError`` naming the file and the array.
+(``MAX_NPZ_BYTES`` = 1.5 GiB by default, for each array and for all arrays read together) is
+refused as a likely decompression bomb: a 2 MB file of zeros can declare gigabytes. The default lets
+every 28 px and 64 px MedMNIST file through (the largest, PathMNIST-64, holds 1.32 GB of images;
+PneumoniaMNIST-28 holds 4.6 MB); pass a larger ``max_bytes`` (``load_dataset(...,
+max_npz_bytes=...)``) for the 128 / 224 px versions, which the loader holds in memory whole. The
+declared size must also match the member's size in the zip directory, and the zip's CRC is
+checked. Object (pickled) arrays are refused (``allow_pickle`` stays False), so are images that are
+not numeric 3D / 4D arrays, images with an empty axis, and float images holding NaN or infinite
+values. Every failure is a ``DataError`` naming the file and the array.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NAME_KEYS = ("class_names", "label_names")
 LABEL_COLUMN = "label"
-MAX_NPZ_BYTES = 1 << 30  # declared array bytes (and elements) read from one archive, each array and in total
+MAX_NPZ_BYTES = 3 << 29  # 1.5 GiB: declared array bytes (and elements) read from one archive, each and in total
 # what a corrupt member can raise while numpy reads it through zipfile / zlib
 _READ_ERRORS = (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
                 RuntimeError)
