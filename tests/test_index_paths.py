@@ -172,6 +172,15 @@ def test_stored_paths_are_relative_to_the_root_and_never_leave_it(dicom_data, tm
     assert public_image_path("C:\\data\\a.png") is None and public_image_path("images/a.png") == "images/a.png"
 
 
+def test_outputs_name_files_by_their_last_component_and_urls_without_password():
+    from medvl.index import describe_target
+
+    assert describe_target(Path(f"/data/{PATIENT_FOLDER}/scan.png")) == "scan.png"
+    assert describe_target(f"/data/{PATIENT_FOLDER}/idx") == "idx"
+    assert describe_target("postgresql://medvl:s3cret@db.example:5432/cases#chest") == \
+        "postgresql://medvl:***@db.example:5432/cases#chest"
+
+
 def test_resolve_image_refuses_paths_leaving_the_data_root(tmp_path):
     (tmp_path / "data" / "images").mkdir(parents=True)
     (tmp_path / "data" / "images" / "a.png").write_bytes(b"x")
