@@ -247,7 +247,9 @@ def _select_in(conn: sqlite3.Connection, fields: str, column: str, values: Seque
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    return sqlite3.connect(path, check_same_thread=False)
+    conn = sqlite3.connect(path, check_same_thread=False)
+    conn.execute("PRAGMA secure_delete = ON")  # deleted cases' reports and metadata are overwritten with zeros
+    return conn
 
 
 # ------------------------------------------------------------------ folders: lock, swap, recover
