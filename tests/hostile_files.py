@@ -18,21 +18,31 @@ import numpy as np
 PIECE = 1 << 24  # bytes of zeros per repeated deflate piece
 
 
-def deflate_zeros(prefix: bytes, zeros: int, wbits: int = -15) -> tuple[bytes, int]:
-    """(deflate stream of ``prefix`` + ``zeros`` zero bytes, its CRC-32), built in O(zeros / 16 MiB)."""
+def deflate_repeated(prefix: bytes, chunk: bytes, count: int, wbits: int = -15) -> tuple[bytes, int]:
+    """(deflate stream of ``prefix`` + ``count`` copies of ``chunk``, its CRC-32), compressing ``chunk`` once."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
     parts = [compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)]
     crc = zlib.crc32(prefix)
-    whole, rest = divmod(zeros, PIECE)
-    if whole:
-        chunk = bytes(PIECE)
+    if count:
         piece = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
-        parts.append(piece * whole)
-        for _ in range(whole):
+        parts.append(piece * count)
+        for _ in range(count):
             crc = zlib.crc32(chunk, crc)
-    tail = bytes(rest)
-    parts.append(compressor.compress(tail) + compressor.flush())
-    return b"".join(parts), zlib.crc32(tail, crc)
+    parts.append(compressor.flush())
+    return b"".join(parts), crc
+
+
+def deflate_zeros(prefix: bytes, zeros: int, wbits: int = -15) -> tuple[bytes, int]:
+    """(deflate stream of ``prefix`` + ``zeros`` zero bytes, its CRC-32), built in O(zeros / 16 MiB)."""
+    whole, rest = divmod(zeros, PIECE)
+    data, crc = deflate_repeated(prefix, bytes(PIECE), whole, wbits)
+    if not rest:
+        return data, crc
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)  # the same stream again, with the tail
+    head = compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)
+    if whole:
+        head += (compressor.compress(bytes(PIECE)) + compressor.flush(zlib.Z_FULL_FLUSH)) * whole
+    return head + compressor.compress(bytes(rest)) + compressor.flush(), zlib.crc32(bytes(rest), crc)
 
 
 def write_zip(path: Path, members: list[tuple[str, bytes, int, int]]) -> Path:
@@ -74,11 +84,22 @@ def npz_bomb(path: Path, count: int, size: int = 28) -> Path:
                             ("train_labels.npy", label_data, zlib.crc32(label_bytes), len(label_bytes))])
 
 
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+
+
 def gzip_zeros(path: Path, prefix: bytes, zeros: int) -> Path:
     """A valid gzip file of ``prefix`` then ``zeros`` zero bytes (a gzip bomb when ``zeros`` is large)."""
     data, crc = deflate_zeros(prefix, zeros)
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
-    path.write_bytes(header + data + struct.pack("<II", crc, (len(prefix) + zeros) & 0xFFFFFFFF))
+    path.write_bytes(GZIP_HEADER + data + struct.pack("<II", crc, (len(prefix) + zeros) & 0xFFFFFFFF))
+    return path
+
+
+def gzip_repeated_lines(path: Path, prefix: bytes, line: bytes, size: int) -> Path:
+    """A valid gzip file of ``prefix`` then ``line`` repeated to about ``size`` bytes (a text bomb)."""
+    chunk = line * (PIECE // len(line))
+    count = max(1, size // len(chunk))
+    data, crc = deflate_repeated(prefix, chunk, count)
+    path.write_bytes(GZIP_HEADER + data + struct.pack("<II", crc, (len(prefix) + count * len(chunk)) & 0xFFFFFFFF))
     return path
 
 

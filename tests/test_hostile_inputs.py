@@ -30,7 +30,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hostile_files import deflate_zeros, gzip_zeros, npy_header, npz_bomb, png_declaring, write_zip
+from hostile_files import (
+    deflate_zeros,
+    gzip_repeated_lines,
+    gzip_zeros,
+    npy_header,
+    npz_bomb,
+    png_declaring,
+    write_zip,
+)
 from medvl.clinical.nifti import read_nifti, write_nifti
 from medvl.data.images import read_image
 from medvl.data.loaders import load_dataset
@@ -354,6 +362,15 @@ def _tgz_bomb(folder: Path) -> Path:
     return gzip_zeros(folder / "NLMCXR_reports.tgz", info.tobuf(format=tarfile.USTAR_FORMAT), (150 << 20) + 1024)
 
 
+def _views_bomb(folder: Path) -> Path:
+    """A valid report archive beside a view table that decompresses to 48 MiB of rows (long rows: each is
+    under the csv field limit, and few enough to parse quickly)."""
+    _tgz()(folder)
+    gzip_repeated_lines(folder / "nlmcxr_dicom_metadata.csv.gz", b"imageid,View Position\n",
+                        b"CXR1_1," + b"P" * 65_528 + b"\n", 48 << 20)
+    return folder
+
+
 def _report_without_text() -> bytes:
     return REPORT.replace(b'id="CXR1"', b'id="CXR2"').replace(b"MRN123 heart normal.", b"")
 
@@ -364,6 +381,8 @@ IU_CASES = [
            "not a readable tar archive") for cut in (5, 40, -12)],
     Case("tgz-wrong-magic-png", _tgz(raw=_png_bytes()), "not a readable tar archive"),
     Case("tgz-gzip-bomb", _tgz_bomb, r"decompresses to over 134,217,728 bytes"),
+    Case("tgz-view-table-gzip-bomb", _views_bomb, r"decompresses to over 33,554,432 bytes",
+         names="nlmcxr_dicom_metadata.csv.gz"),
     Case("tgz-billion-laughs", _tgz({"1.xml": LAUGHS}), "refused unsafe XML"),
     Case("tgz-malformed-xml", _tgz({"1.xml": REPORT[:-20]}), "not well-formed XML"),
     Case("tgz-non-utf8-xml", _tgz({"1.xml": REPORT.replace(b"heart", b"he\xffrt")}), "not well-formed XML"),

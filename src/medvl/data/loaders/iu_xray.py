@@ -8,8 +8,8 @@ document declaring entities (the "billion laughs" expansion bomb) or external re
 ``.xml`` files (a README, an image, macOS ``._`` files) are skipped and counted in a warning.
 Gzip bombs: one member over ``MAX_MEMBER_BYTES`` (2 MB; a report is ~5 KB) is refused before it
 is read, and an archive that decompresses to more than ``MAX_ARCHIVE_BYTES`` (128 MiB; the real
-one is 24 MB) is refused as soon as the stream passes that size, so nothing is decompressed
-without bound.
+one is 24 MB) is refused as soon as the stream passes that size; so is an image metadata table over
+``MAX_VIEWS_BYTES`` (32 MiB; the real one is 5 MB). Nothing is decompressed without bound.
 
 What a report gives (``IUReport``, from ``iter_iu_reports``):
 
@@ -87,6 +87,7 @@ ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 METADATA_NAME = "nlmcxr_dicom_metadata.csv.gz"
 MAX_MEMBER_BYTES = 2_000_000  # a report is ~5 KB; a larger member is refused as a likely bomb
 MAX_ARCHIVE_BYTES = 128 << 20  # decompressed tar stream; the real archive is 24 MB
+MAX_VIEWS_BYTES = 32 << 20  # decompressed image metadata table; the real one is 5 MB
 STATUS_COLUMN = "status"
 NORMAL_TERM = "normal"
 NON_CLINICAL_TERMS = {"no indexing", "technical quality of image unsatisfactory"}
@@ -235,19 +236,24 @@ def _is_report_member(member: tarfile.TarInfo) -> bool:
     return name.lower().endswith(".xml") and not name.startswith(".")
 
 
-class _BoundedStream:
+class _BoundedStream(io.RawIOBase):
     """A read-only stream that raises ``DataError`` once more than ``limit`` bytes came out of it."""
 
-    def __init__(self, stream: IO[bytes], path: Path, limit: int):
-        self.stream, self.path, self.limit, self.count = stream, path, limit, 0
+    def __init__(self, stream: IO[bytes], path: Path, limit: int, what: str):
+        super().__init__()
+        self.stream, self.path, self.limit, self.what, self.count = stream, path, limit, what, 0
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(self.limit + 1 - self.count if size is None or size < 0 else size)
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self.stream.read(len(buffer))
         self.count += len(data)
         if self.count > self.limit:
-            raise DataError(self.path, f"decompresses to over {self.limit:,} bytes (a report archive is ~24 MB); "
-                                       "refused as a likely decompression bomb")
-        return data
+            raise DataError(self.path, f"decompresses to over {self.limit:,} bytes ({self.what}); refused as a "
+                                       "likely decompression bomb")
+        buffer[: len(data)] = data
+        return len(data)
 
 
 @contextmanager
@@ -259,7 +265,7 @@ def _open_stream(path: Path) -> Iterator[tuple[tarfile.TarFile, _BoundedStream]]
         gzipped = file.read(2) == b"\x1f\x8b"
         file.seek(0)
         raw: IO[bytes] = gzip.GzipFile(fileobj=file, mode="rb") if gzipped else file
-        bounded = _BoundedStream(raw, path, MAX_ARCHIVE_BYTES)
+        bounded = _BoundedStream(raw, path, MAX_ARCHIVE_BYTES, "a report archive is ~24 MB")
         with raw, tarfile.open(fileobj=bounded, mode="r|") as tar:  # type: ignore[call-overload]
             yield tar, bounded
 
@@ -297,9 +303,12 @@ def iter_iu_reports(path: str | Path, redaction: str = REDACTED) -> Iterator[IUR
 
 def read_views(path: Path) -> dict[str, str]:
     """Image id -> DICOM View Position from ``nlmcxr_dicom_metadata.csv.gz`` (only these two
-    columns are read); an empty view is left out."""
+    columns are read); an empty view is left out. Decompressed, the table may not exceed
+    ``MAX_VIEWS_BYTES`` (32 MiB; the real one is 5 MB)."""
     try:
-        with gzip.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+        with gzip.open(path, "rb") as raw, io.TextIOWrapper(io.BufferedReader(
+                _BoundedStream(raw, path, MAX_VIEWS_BYTES, "the real table is 5 MB")), encoding="utf-8",
+                newline="") as text:
             reader = csv.DictReader(text)
             if not {"imageid", "View Position"} <= set(reader.fieldnames or []):
                 raise DataError(path, "expected the columns 'imageid' and 'View Position'")
