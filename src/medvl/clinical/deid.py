@@ -1,9 +1,13 @@
 """DICOM de-identification following the DICOM PS3.15 Basic Application Level Confidentiality
-Profile (Annex E), built on the ``dicognito`` library's Python API.
+Profile (Annex E) with its Clean Descriptors option, built on the ``dicognito`` library's Python API.
 
-``deidentify(in_path, out_path, seed=None) -> report`` works on one file or a folder. For every
-DICOM file, in this order:
+``deidentify(in_path, out_path, seed=None, clean_descriptors=True, refuse_burned_in=False) -> report``
+works on one file or a folder. For every DICOM file, in this order:
 
+0. The file must be whole: a value shorter than its declared length, a file cut inside an element
+   header or the last delimiter, an element or sequence that cannot be parsed, a missing SOP Class /
+   SOP Instance / Study / Series UID or Modality, or an image object without pixel data are errors
+   naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output.
 1. dicognito (one ``Anonymizer`` per run) replaces every person name (PN), the patient and
    request identifiers (Patient ID, Other Patient IDs, Accession Number, Study ID, ...), the
    patient's address, institution and station names with dummy values, and every UID except
@@ -11,26 +15,36 @@ DICOM file, in this order:
    studies, series and references between files stay linked; with the same ``seed`` a later run
    gives the same UIDs and dummies (without it, runs cannot be linked). All dates and date-times
    move back by one offset per run (62 to 730 days), keeping intervals (the profile's "Retain
-   Longitudinal Temporal Information with Modified Dates" option).
-2. The attributes the profile removes (action X) and dicognito keeps are deleted:
+   Longitudinal Temporal Information with Modified Dates" option). A dummy name part that equals
+   a part of the real name is dropped (``identifiers.drop_name_parts``).
+2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
+   short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
+   Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
+   prose descriptors (comments, notes, narratives) are removed.
+3. The attributes the profile removes (action X) and dicognito keeps are deleted:
    ``PROFILE_REMOVED`` (free-text comments and descriptions, patient characteristics, device
-   serial numbers, request details, SR content...), overlays and curves.
-3. Private tags are removed; the 128-byte preamble is zeroed.
-4. A safety net removes any remaining text element that still contains the input's patient name
-   (or a name part of 3+ characters), patient ID or one of its dates, then checks the encoded
-   header: if an identifier is still there, the run fails and nothing is written.
-5. Patient Identity Removed = YES (unless Burned In Annotation is YES: the pixels are never
-   changed, so such files are flagged in the report), De-identification Method and its code
-   sequence (DCM 113100, 113107) are set.
+   serial numbers, request details, SR content...), overlays and curves; descriptors being
+   cleaned are kept out of this list when the option is on.
+4. Private tags are removed; the 128-byte preamble is zeroed.
+5. Patient Identity Removed is YES, or NO when the pixels may hold burned-in text
+   (``burned_in_risk``: Burned In Annotation YES, or ultrasound, secondary capture, screen capture,
+   photograph, endoscopy or scanned document); such files are flagged in the report, or refused
+   with ``refuse_burned_in``. De-identification Method and its code sequence (DCM 113100, 113107,
+   and 113105 for Clean Descriptors) are set.
+6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
+   sequences included, for the input's patient name parts, IDs and dates in their common
+   spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
+   and the element (never the value), and nothing is written.
 
 Output: a file for a file; for a folder, ``study_NNN/series_NNN/image_NNNN.dcm`` (numbered in
 input order: input paths may hold names or IDs) plus ``deid-report.json``. Everything is written to
 a staging folder next to the output and renamed into place at the end, so a failure (a truncated
-or unreadable DICOM, a leak caught by the check) leaves nothing behind. Files that are not DICOM,
-and DICOMDIR files (their paths would be wrong), are skipped and counted.
+or unreadable DICOM, a leak caught by the scan) leaves nothing behind. Files that are not DICOM,
+DICOMDIR files (their paths would be wrong) and, with ``refuse_burned_in``, files at risk of
+burned-in text are skipped and counted; a ``.dcm`` file that is empty or broken stops the run.
 
-The report lists which attributes were replaced or removed, per file and in total, never their
-values, and neither the seed nor the date offset.
+The report lists which attributes were replaced, removed or cleaned, per file and in total, never
+their values, and neither the seed nor the date offset.
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ from .dicom import (
     read_dataset,
     transfer_syntax,
 )
-from .identifiers import MIN_LENGTH, Identifiers, collect_identifiers, drop_name_parts, find_leak
+from .identifiers import Identifiers, collect_identifiers, drop_name_parts, find_leak
 from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -107,6 +121,8 @@ _REPEATING_GROUPS = ((0x5000, None), (0x6000, None))  # curves, overlay planes (
 _DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
                ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
 CLEAN_DESCRIPTORS_CODE = ("113105", "Clean Descriptors Option")
+# The byte search of the encoded header: names of 6+ letters and dates (numeric IDs would match numbers).
+HEADER_SCAN = (6, frozenset({"name", "date"}))
 # Modalities whose images usually carry text burned into the pixels (patient name, date, site).
 BURNED_IN_MODALITIES = {"US": "ultrasound", "SC": "secondary capture", "OT": "other (screen capture)",
                         "XC": "external-camera photograph", "ES": "endoscopy", "DOC": "scanned document"}
@@ -264,7 +280,7 @@ def _check_nothing_survived(ds, identifiers: Identifiers, path: Path) -> None:
     if leak is not None:
         element, kind = leak
         raise DataError(path, f"the patient's {kind} survived de-identification in {element}; nothing was written")
-    if identifiers.kind_in(_header_bytes(ds).decode("latin-1"), MIN_LENGTH["number"]) is not None:
+    if identifiers.kind_in(_header_bytes(ds).decode("latin-1"), *HEADER_SCAN) is not None:
         raise DataError(path, "a patient identifier survived de-identification in the encoded header; "
                               "nothing was written")
 

@@ -24,10 +24,11 @@ is found in ``DOB19500131``, not inside a longer number such as a UID).
 
 ``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
-identifier; number-like VRs (IS DS TM UI), where short IDs would match counts and UID components,
-for identifiers of 6+ characters; byte VRs that may hold text (OB UN, never the pixel data) for
-identifiers of 4+ characters. It returns the element's path and the kind of identifier, never the
-value. The identifiers only live in memory while a file is processed; they are never logged.
+identifier; UIDs (UI) for IDs of 6+ characters and dates (shorter IDs would match UID components);
+numbers and times (IS DS TM) for dates only (a numeric ID cannot be told from a number there); byte
+VRs that may hold text (OB UN, never the pixel data) for identifiers of 4+ characters. It returns
+the element's path and the kind of identifier, never the value. The identifiers only live in
+memory while a file is processed; they are never logged.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ from typing import Any
 NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName")
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs")
 CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
-NUMBER_VRS = frozenset({"IS", "DS", "TM", "UI"})
+NUMBER_VRS = frozenset({"IS", "DS", "TM"})
 BYTE_VRS = frozenset({"OB", "UN"})
 PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
-MIN_LENGTH = {"character": 2, "number": 6, "bytes": 4}  # shortest identifier searched, per kind of VR
+ALL_KINDS = frozenset({"name", "id", "date"})
+# What is searched in each kind of VR: (shortest identifier, kinds of identifier)
+SCAN_RULES: dict[str, tuple[int, frozenset[str]]] = {
+    "character": (2, ALL_KINDS), "uid": (6, frozenset({"id", "date"})), "number": (8, frozenset({"date"})),
+    "bytes": (4, ALL_KINDS)}
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december")
 PLACEHOLDER_NAMES = frozenset({"test", "anonymous", "anon", "anonymized", "anonymised", "deidentified", "patient",
@@ -100,24 +105,25 @@ class Identifiers:
     names: set[str] = field(default_factory=set)  # name parts, and two parts glued in either order
     ids: set[str] = field(default_factory=set)
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
-    _compiled: dict[int, re.Pattern | None] = field(default_factory=dict, repr=False)
+    _compiled: dict[tuple[int, frozenset[str]], re.Pattern | None] = field(default_factory=dict, repr=False)
 
-    def pattern(self, min_length: int = 2) -> re.Pattern | None:
+    def pattern(self, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> re.Pattern | None:
         """One regex with a named group per kind (``name``, ``id``, ``date``) for values this long."""
-        if min_length not in self._compiled:
+        key = (min_length, kinds)
+        if key not in self._compiled:
             groups = []
             for kind, values in (("name", self.names), ("id", self.ids)):
                 chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
-                if chosen:
+                if chosen and kind in kinds:
                     groups.append(f"(?P<{kind}>" + "|".join(_edges(v) for v in chosen) + ")")
-            if self.dates and min_length <= 8:
+            if self.dates and "date" in kinds:
                 groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
-            self._compiled[min_length] = re.compile("|".join(groups)) if groups else None
-        return self._compiled[min_length]
+            self._compiled[key] = re.compile("|".join(groups)) if groups else None
+        return self._compiled[key]
 
-    def kind_in(self, text: str, min_length: int = 2) -> str | None:
+    def kind_in(self, text: str, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> str | None:
         """``name``, ``ID`` or ``date`` if ``text`` holds one of the identifiers, else ``None``."""
-        pattern = self.pattern(min_length)
+        pattern = self.pattern(min_length, kinds)
         match = pattern.search(fold(text)) if pattern is not None and text else None
         if match is None:
             return None
@@ -147,7 +153,8 @@ def collect_identifiers(ds) -> Identifiers:
     for keyword in NAME_KEYWORDS:
         for value in _values(ds.get(keyword)):
             found.names.update(name_parts(str(value or "")))
-    found.names.update(a + b for a in list(found.names) for b in list(found.names) if a != b)
+    parts = list(found.names)
+    found.names.update(a + b for a in parts for b in parts)  # glued, either order (and a part twice)
     id_values = [v for keyword in ID_KEYWORDS for v in _values(ds.get(keyword))]
     id_values += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence") or []]
     found.ids.update(text for text in (fold(str(v or "")).strip() for v in id_values) if len(text) >= 2)
@@ -172,18 +179,19 @@ def element_name(element) -> str:
     return element.keyword or f"({element.tag.group:04X},{element.tag.element:04X})"
 
 
-def _searchable(element) -> tuple[str, int] | None:
-    """(text, shortest identifier to search) for an element that can hold text; None for the rest."""
+def _searchable(element) -> tuple[str, int, frozenset[str]] | None:
+    """(text, shortest identifier, kinds to search) for an element that can hold text; None otherwise."""
     if element.VR == "SQ" or element.value in (None, b"", ""):
         return None
     if element.VR in BYTE_VRS:
         if element.keyword in PIXEL_KEYWORDS or not isinstance(element.value, bytes):
             return None
-        return element.value.decode("latin-1"), MIN_LENGTH["bytes"]
-    kind = "character" if element.VR in CHARACTER_VRS else "number" if element.VR in NUMBER_VRS else None
+        return element.value.decode("latin-1"), *SCAN_RULES["bytes"]
+    kind = ("character" if element.VR in CHARACTER_VRS else "uid" if element.VR == "UI"
+            else "number" if element.VR in NUMBER_VRS else None)
     if kind is None:
         return None
-    return "\\".join(str(v) for v in _values(element.value)), MIN_LENGTH[kind]
+    return "\\".join(str(v) for v in _values(element.value)), *SCAN_RULES[kind]
 
 
 def _walk(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
