@@ -280,6 +280,19 @@ def test_manifest_absolute_path_inside_the_folder_is_fine(tmp_path):
     assert [record.image for record in load_dataset(tmp_path)] == [tmp_path / "a.png", tmp_path / "images/b.png"]
 
 
+def test_ids_never_carry_the_folders_above_the_dataset(tmp_path):
+    """Without an id column the id comes from the image path: relative to the manifest's folder for
+    absolute paths inside it, a hash for paths outside it (allowed), never the absolute path."""
+    folder = tmp_path / "Smith_John_MRN778899" / "data"
+    _images(folder, ["sub/a.png"])
+    _images(tmp_path, ["elsewhere.png"])
+    (folder / "manifest.csv").write_text(
+        f"image\n{folder / 'sub' / 'a.png'}\n{tmp_path / 'elsewhere.png'}\n", encoding="utf-8")
+    ids = [record.id for record in load_dataset(folder, allow_outside_root=True)]
+    assert ids[0] == "sub/a"
+    assert ids[1].startswith("file-") and "Smith" not in ids[1] and "elsewhere" not in ids[1]
+
+
 def test_sidecar_manifest_outside_the_folder_is_refused(tmp_path):
     folder = tmp_path / "data"
     _images(folder, ["a.png"])

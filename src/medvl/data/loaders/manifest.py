@@ -45,6 +45,7 @@ names the manifest and the default label columns; the loader sets ``dataset.defa
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -347,7 +348,7 @@ def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | N
     if not image_value:
         raise DataError(path, f"line {line}: empty {roles['image']!r} cell")
     image, exists = resolver.resolve(image_value)
-    record_id = row.get(roles["id"] or "") or PurePosixPath(image_value).with_suffix("").as_posix()
+    record_id = row.get(roles["id"] or "") or _default_id(image_value, image, resolver.roots[0])
     split = row.get(roles["split"], "") if roles["split"] else ALL_SPLITS
     if not split:
         raise DataError(path, f"line {line}: empty {roles['split']!r} cell")
@@ -360,6 +361,21 @@ def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | N
         split=split,
     )
     return record, exists
+
+
+def _default_id(image_value: str, image: Path, root: Path) -> str:
+    """A record id from its image path when the manifest has no id column: the path as written
+    minus its suffix, or, for an absolute or ``..`` path, the path relative to the manifest's folder
+    (a hash of the path as written outside that folder), so that no id carries the folders above
+    the dataset."""
+    written = PurePosixPath(image_value)
+    if not written.is_absolute() and ".." not in written.parts:
+        return written.with_suffix("").as_posix()
+    resolved = image.resolve()
+    try:
+        return resolved.relative_to(root.resolve()).with_suffix("").as_posix()
+    except ValueError:
+        return "file-" + hashlib.sha256(image_value.encode()).hexdigest()[:16]
 
 
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
