@@ -30,6 +30,7 @@ from .eval import eval_app
 from .index import index_app, search_command
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
+from .serve import serve_command
 from .train import train_command
 
 app = typer.Typer(help="medvl: medical vision-language models, offline on a CPU.",
@@ -135,6 +136,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(pacs_app, name="pacs")
 app.command("search")(search_command)
 app.add_typer(report_app, name="report")
+app.command("serve")(serve_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,13 +142,36 @@ def open_index(target: str | Path, writable: bool = False) -> Index:
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies the vectors a model makes: config and weights hashes, embedding size."""
     config = json.dumps(_non_default(model.config.to_dict(), type(model.config)().to_dict()), sort_keys=True).encode()
-    weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return {"dir": str(Path(model_dir).resolve()) if model_dir else None, "name": model.config.name,
             "embed_dim": model.config.embed_dim, "config_sha256": hashlib.sha256(config).hexdigest(),
-            "weights_sha256": weights.hexdigest()}
+            "weights_sha256": weights_sha256(model)}
+
+
+# model -> (weights' state, digest): hashing every weight on each search was most of a small query's time
+_WEIGHTS_SHA256: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's weights (names and bytes, in name order), computed once per loaded model.
+
+    The digest is kept with the weights' state: each tensor's storage address and version counter
+    (which every in-place change bumps: an optimizer step, ``load_state_dict``, ``copy_``). It is
+    recomputed only when that state changes, so a model trained further is hashed again.
+    """
+    state = sorted(model.state_dict().items())
+    key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+    with _WEIGHTS_LOCK:
+        cached = _WEIGHTS_SHA256.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weights = hashlib.sha256()
+    for name, tensor in state:
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    with _WEIGHTS_LOCK:
+        _WEIGHTS_SHA256[model] = (key, weights.hexdigest())
+    return weights.hexdigest()
 
 
 def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""``medvl serve``: the HTTP service (``medvl[serve]`` extra) over one trained model and an optional index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import handle_errors
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SERVE_HINT = "pip install 'medvl[serve]'"
+
+
+@handle_errors
+def serve_command(
+    model: Annotated[Path, typer.Option(help="Trained model folder (from medvl train).")],
+    index: Annotated[str | None, typer.Option(
+        help="Case index for /v1/search and /v1/report/draft: a folder or postgresql://...#table.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File of accepted tokens' SHA-256 hex digests, one per line (`printf %s TOKEN | sha256sum`); "
+             "MEDVL_API_TOKENS (comma-separated tokens) is read too.")] = None,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="Serve without tokens (refused unless --host is a loopback address).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Images per forward pass at most (micro-batching).")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 5.0,
+    no_batching: Annotated[bool, typer.Option(
+        "--no-batching", help="One forward pass per request (no micro-batching).")] = False,
+    rate_limit: Annotated[float, typer.Option(help="Requests per second per token (0: no limit).")] = 10.0,
+    rate_burst: Annotated[int, typer.Option(help="Requests a token may send at once.")] = 20,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MiB).")] = 32.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
+) -> None:
+    """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
+    /v1/report/draft (OpenAPI at /docs). Every route but /v1/health needs 'Authorization: Bearer TOKEN'."""
+    from ..errors import InputError
+    from ..serve.settings import MIB, ServeSettings
+
+    if no_auth and host not in LOOPBACK:
+        raise InputError(f"--no-auth is refused on {host}: serve without tokens on a loopback address only")
+    uvicorn, create_app = _serve_modules()
+    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
+                             batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             rate_limit=rate_limit, rate_burst=rate_burst, cors_origins=list(cors_origin or []))
+    _setup_logs()
+    app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth)
+    _log_start(host, port, model, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=30, server_header=False)
+    uvicorn.Server(config).run()
+
+
+def _serve_modules():
+    from ..errors import InputError
+
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as error:
+        raise InputError(f"medvl serve needs FastAPI and uvicorn ({error.name} is missing): {SERVE_HINT}") from None
+    return uvicorn, create_app
+
+
+def _setup_logs() -> None:
+    import logging
+
+    from ..serve.logs import setup_json_logging
+
+    setup_json_logging(logging.getLogger().getEffectiveLevel())
+
+
+def _log_start(host: str, port: int, model: Path, settings) -> None:
+    import logging
+
+    logging.getLogger("medvl.serve").info(
+        "serving", extra={"host": host, "port": port, "model": model.name, "batching": settings.batching,
+                          "max_batch": settings.batch_size, "max_wait_ms": settings.max_wait_ms})

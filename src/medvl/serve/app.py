@@ -1,0 +1,173 @@
+"""The HTTP service: ``create_app(model_dir, index=None, settings=None) -> FastAPI``.
+
+Versioned routes (OpenAPI at ``/docs`` and ``/openapi.json``): ``GET /v1/health`` (no token),
+``GET /v1/models``, and, with an uploaded image in the multipart field ``image`` and options as
+form fields, ``POST /v1/embed``, ``/v1/zero-shot`` (``labels=effusion,no finding``),
+``/v1/search`` (``k``, ``where``, ``target``; or a ``text`` query instead of an image) and
+``/v1/report/draft`` (``k``, ``where``, ``min_support``, ``min_similarity``, ``related``); the
+last two need the index given at start. Answers are JSON, the same as the CLI's ``--json``
+outputs for ``medvl predict``, ``medvl search`` and ``medvl report draft``; ``/`` serves the page.
+
+medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 413 (too large),
+415 (unsupported type), 422 (unreadable upload, bad option), 503 (queue full, no index); 401 / 429
+come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
+``X-Request-ID`` that names its log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import DataError, InputError, MedvlError
+from .auth import TokenAuth, load_digests
+from .middleware import ServiceMiddleware
+from .service import ModelService, parse_labels
+from .settings import ServeSettings
+from .uploads import Upload, check_byte_size
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
+KField = Annotated[int, Form(description="Number of cases.")]
+WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.g. \"sex = 'F' and age > 60\".")]
+
+
+def create_app(model_dir: str | Path, index: str | Path | None = None, settings: ServeSettings | None = None,
+               token_digests: Sequence[str] | None = None, token_file: str | Path | None = None,
+               require_token: bool = True) -> FastAPI:
+    """The service over one model folder (and optionally one case index), loaded now, once.
+
+    Tokens: ``token_digests`` (SHA-256 hex), else ``MEDVL_API_TOKENS`` and ``token_file``; with
+    ``require_token`` and no token at all this is an ``InputError`` (a service open to anyone must
+    be asked for: ``require_token=False``).
+    """
+    settings = (settings or ServeSettings()).validate()
+    auth = _auth(settings, token_digests, token_file, require_token)
+    service = ModelService(model_dir, index, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()  # graceful shutdown: the queued requests are answered first
+
+    app = FastAPI(title="medvl", version=__version__, lifespan=lifespan,
+                  description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts.")
+    app.state.service = service
+    _add_routes(app, service)
+    _add_error_handlers(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes)
+    return app
+
+
+def _auth(settings: ServeSettings, digests: Sequence[str] | None, token_file, required: bool) -> TokenAuth | None:
+    digests = list(digests) if digests is not None else load_digests(token_file)
+    if not digests:
+        if required:
+            raise InputError("no API tokens: set MEDVL_API_TOKENS (comma-separated) or give --token-file "
+                             "(one SHA-256 digest per line)")
+        return None
+    return TokenAuth(digests, rate=settings.rate_limit, burst=settings.rate_burst)
+
+
+async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
+    """The uploaded file's bytes (never more than the limit + 1 read), decoded; the name is ignored."""
+    data = await image.read(service.settings.max_upload_bytes + 1)
+    await image.close()
+    check_byte_size(len(data), service.settings)
+    return await service.decode(data, request.state.timings)
+
+
+def _add_routes(app: FastAPI, service: ModelService) -> None:
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/health", tags=["service"])
+    async def health() -> dict:
+        """Liveness: no token needed; says whether batching is on and how many images wait."""
+        return {"status": "ok", "batching": service.settings.batching, "waiting": service.batcher.waiting}
+
+    @app.get("/v1/models", tags=["service"])
+    async def models() -> dict:
+        """The loaded model: name, embedding size, input, the labels it has captions for; the index."""
+        return {"models": [service.describe()]}
+
+    @app.post("/v1/embed", tags=["models"])
+    async def embed(request: Request, image: ImageField) -> dict:
+        """The normalised image embedding of the upload."""
+        upload = await _read(image, service, request)
+        embedding = await service.embed(upload, request.state.timings)
+        return {"model": service.net.config.name, "dim": int(embedding.shape[0]),
+                "embedding": [float(v) for v in embedding]}
+
+    @app.post("/v1/zero-shot", tags=["models"])
+    async def zero_shot(request: Request, image: ImageField,
+                        labels: Annotated[str, Form(description="Comma-separated class names.")],
+                        label_column: Annotated[str | None, Form(
+                            description="Label column whose class descriptions to use.")] = None) -> dict:
+        """Zero-shot answer among the labels: the prediction and every label's probability."""
+        names = parse_labels(labels)
+        upload = await _read(image, service, request)
+        return await service.zero_shot(upload, names, label_column, request.state.timings)
+
+    @app.post("/v1/search", tags=["cases"])
+    async def search(request: Request, image: Annotated[UploadFile | None, File(
+                         description="Query image (or give text).")] = None,
+                     text: Annotated[str | None, Form(description="Query text instead of an image.")] = None,
+                     k: KField = 10, where: WhereField = None,
+                     target: Annotated[str, Form(description="images or texts (reports).")] = "images") -> dict:
+        """The k indexed cases closest to the query image (or text)."""
+        upload = await _read(image, service, request) if image is not None else None
+        return await service.search(upload, text, k, where, target)
+
+    @app.post("/v1/report/draft", tags=["cases"])
+    async def draft(request: Request, image: ImageField, k: KField = 10, where: WhereField = None,
+                    min_support: Annotated[float, Form()] = 0.5, min_similarity: Annotated[float, Form()] = 0.5,
+                    related: Annotated[int, Form()] = 0) -> dict:
+        """A report drafted from the k nearest cases' reports, citing them, or an abstention with a reason."""
+        upload = await _read(image, service, request)
+        return await service.draft(upload, k, where, min_support, min_similarity, related)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MedvlError)
+    async def medvl_error(request: Request, error: MedvlError) -> JSONResponse:
+        request.state.timings["error"] = type(error).__name__
+        reason = error.problem if isinstance(error, DataError) else str(error)
+        return JSONResponse({"detail": reason}, status_code=getattr(error, "status", 422))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_form(request: Request, error: RequestValidationError) -> JSONResponse:
+        request.state.timings["error"] = "RequestValidationError"
+        reasons = [f"{'.'.join(str(part) for part in item['loc'][1:])}: {item['msg']}" for item in error.errors()]
+        return JSONResponse({"detail": "; ".join(reasons)}, status_code=422)  # the values are not echoed
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        request.state.timings["error"] = type(error).__name__
+        log.error("unexpected error", extra={"request_id": request.state.request_id,
+                                             "error": type(error).__name__})
+        return JSONResponse({"detail": "internal error; the request id names it in the service log"},
+                            status_code=500)

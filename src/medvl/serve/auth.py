@@ -1,0 +1,121 @@
+"""API tokens and per-token rate limits.
+
+Tokens come from ``MEDVL_API_TOKENS`` (comma-separated) or a token file holding one SHA-256 hex
+digest per line (``printf %s "$TOKEN" | sha256sum``; blank lines and ``#`` comments ignored). Only
+digests are kept in memory; a request's ``Authorization: Bearer <token>`` is hashed and compared
+with every digest by ``hmac.compare_digest`` (constant time). A client is named in logs by the first
+8 hex digits of its token's digest, never by the token.
+
+Each token has a token bucket: ``burst`` requests at once, refilled at ``rate`` per second; a
+request finding the bucket empty is answered 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError, InputError
+
+TOKENS_ENV = "MEDVL_API_TOKENS"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+MIN_TOKEN_CHARS = 16  # shorter tokens are guessable; refused at start
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex digest of a token: what a token file holds."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def digests_from_env(value: str | None) -> list[str]:
+    """Digests of the comma-separated tokens in ``MEDVL_API_TOKENS`` (none if unset)."""
+    tokens = [token.strip() for token in (value or "").split(",") if token.strip()]
+    short = [n for n, token in enumerate(tokens, 1) if len(token) < MIN_TOKEN_CHARS]
+    if short:
+        raise InputError(f"{TOKENS_ENV}: token {short[0]} has fewer than {MIN_TOKEN_CHARS} characters; "
+                         "use long random tokens (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+    return [token_digest(token) for token in tokens]
+
+
+def digests_from_file(path: str | Path) -> list[str]:
+    """The SHA-256 hex digests in a token file, one per line; anything else is a DataError."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise DataError(path, f"cannot read the token file ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "token file is not UTF-8 text") from None
+    digests = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip().lower()
+        if not entry:
+            continue
+        if not _DIGEST.fullmatch(entry):
+            raise DataError(path, f"line {number}: expected a SHA-256 hex digest (64 hex digits), "
+                                  "not a token; store `printf %s TOKEN | sha256sum`")
+        digests.append(entry)
+    return digests
+
+
+def load_digests(token_file: str | Path | None = None) -> list[str]:
+    """The digests of the tokens the service accepts: the token file's and ``MEDVL_API_TOKENS``'s."""
+    digests = digests_from_env(os.environ.get(TOKENS_ENV))
+    if token_file is not None:
+        digests += digests_from_file(token_file)
+    return sorted(set(digests))
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class TokenAuth:
+    """Checks bearer tokens against stored digests and applies each token's rate limit."""
+
+    digests: list[str]
+    rate: float = 10.0  # requests per second per token (0: no limit)
+    burst: int = 20
+    _buckets: dict[str, _Bucket] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def client(self, authorization: str | None) -> str | None:
+        """The matching digest for an ``Authorization`` header value, else None."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        offered = token_digest(token.strip())
+        found = None
+        for digest in self.digests:  # every digest compared, in constant time each
+            if hmac.compare_digest(offered, digest):
+                found = digest
+        return found
+
+    def retry_after(self, digest: str, now: float | None = None) -> float:
+        """0 if ``digest`` may make a request now (and count it), else seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            bucket = self._buckets.setdefault(digest, _Bucket(float(self.burst), now))
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / self.rate
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,47 @@
+"""Structured JSON logs for the service: one JSON object per line on stderr.
+
+A request's line holds its id, method, route (the route template, never a query string), status,
+client (first 8 hex digits of the token's digest) and timings in milliseconds (total, decode,
+queue, model) with the batch size it ran in. Never pixel data, report or note text, identifiers,
+or uploaded files' names: the service only passes these fields, and messages are fixed strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Fields a request log line may carry (``extra=``); anything else on a record is not written.
+FIELDS = ("request_id", "method", "route", "status", "client", "ms", "decode_ms", "queue_ms", "model_ms",
+          "batch_size", "upload_kind", "upload_bytes", "error", "host", "port", "model", "batching",
+          "max_batch", "max_wait_ms", "drained")
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON line: time, level, logger, message and the allowed fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        for name in FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__  # the type only: messages may quote values
+        return json.dumps(entry, default=str)
+
+
+def setup_json_logging(level: int = logging.INFO) -> None:
+    """Send every log record to stderr as JSON lines; uvicorn's access log is replaced by ours."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "multipart", "python_multipart"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

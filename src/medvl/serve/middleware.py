@@ -1,0 +1,107 @@
+"""The service's outer layer (plain ASGI): request id, token check, rate limit, body limit, one log line.
+
+Checks that need no body run before the body is read, so an unauthenticated or rate-limited client
+cannot make the server take in an upload: ``/v1/*`` routes other than ``/v1/health`` need a valid
+bearer token (401) within its rate (429); a declared ``Content-Length`` above the upload limit is
+refused at once (413) and a streamed (chunked) body is counted and cut off there (413).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+
+from .auth import TokenAuth, retry_after_header
+
+log = logging.getLogger("medvl.serve.requests")
+
+PUBLIC_PATHS = {"/v1/health"}
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
+
+
+def needs_token(path: str) -> bool:
+    return path.startswith("/v1/") and path not in PUBLIC_PATHS
+
+
+class ServiceMiddleware:
+    """Request id, auth, rate limit and body limit around the app; logs every request as JSON."""
+
+    def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int):
+        self.app = app
+        self.auth = auth
+        self.max_body = max_upload_bytes + FORM_OVERHEAD
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        timings: dict = {}
+        scope.setdefault("state", {}).update(request_id=request_id, timings=timings)
+        started, status = time.perf_counter(), [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, timings)
+            if refusal is not None:
+                await _reply(send_with_id, *refusal)
+            else:
+                await self.app(scope, self._counting(receive), send_with_id)
+        finally:
+            self._log(scope, request_id, status[0], started, timings)
+
+    def _refusal(self, scope, timings: dict) -> tuple[int, str, dict[str, str]] | None:
+        """(status, reason, headers) when the request is refused before its body is read."""
+        headers = Headers(scope=scope)
+        if self.auth is not None and needs_token(scope["path"]):
+            client = self.auth.client(headers.get("authorization"))
+            if client is None:
+                return 401, "missing or invalid API token (send 'Authorization: Bearer <token>')", \
+                    {"WWW-Authenticate": "Bearer"}
+            timings["client"] = client[:8]
+            wait = self.auth.retry_after(client)
+            if wait > 0:
+                return 429, f"rate limit of this token exceeded; retry in {wait:.1f} s", \
+                    {"Retry-After": retry_after_header(wait)}
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"request too large: over {self.max_body:,} bytes", {"Connection": "close"}
+        return None
+
+    def _counting(self, receive):
+        """``receive`` that refuses (413) a body growing past the limit, whatever its headers said."""
+        received = [0]
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_body:
+                    raise HTTPException(413, f"request too large: over {self.max_body:,} bytes")
+            return message
+
+        return counted
+
+    def _log(self, scope, request_id: str, status: int, started: float, timings: dict) -> None:
+        route = scope.get("route")
+        extra = {"request_id": request_id, "method": scope["method"],
+                 "route": getattr(route, "path", None) or ("/v1/*" if scope["path"].startswith("/v1/") else "other"),
+                 "status": status, "ms": round((time.perf_counter() - started) * 1000, 2), **timings}
+        log.info("request", extra=extra)
+
+
+async def _reply(send, status: int, reason: str, headers: dict[str, str]) -> None:
+    body = json.dumps({"detail": reason}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

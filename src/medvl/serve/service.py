@@ -1,0 +1,213 @@
+"""What the routes do, over the library: one loaded model (and index), one model thread, the batcher.
+
+The model is loaded once. Every torch call runs on one thread (``model_thread``): the batcher's
+forward passes, class-prompt embeddings and the index's searches, so requests never run the model
+concurrently and CPU threads are not oversubscribed. Decoding and preprocessing an upload are the
+request's own work and run on the server's worker threads.
+Zero-shot class embeddings (a prompt ensemble per class, the costly text forward passes) are
+computed once per label set and kept (``MAX_LABEL_SETS``, least recently used dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from ..data import captions_for
+from ..errors import InputError, MedvlError
+from ..eval.embed import class_embeddings
+from ..index.base import describe_target
+from ..models.registry import load_model
+from ..predict import _column_for
+from .batching import BatchTiming, MicroBatcher
+from .settings import ServeSettings
+from .uploads import Upload, UploadRejected, decode_upload
+
+MAX_LABEL_SETS = 64
+MAX_LABELS = 64
+
+
+def parse_labels(labels: str) -> list[str]:
+    """Comma-separated class names (as ``medvl predict --labels``): at least 2 distinct."""
+    names = list(dict.fromkeys(name.strip() for name in labels.split(",") if name.strip()))
+    if len(names) < 2:
+        raise InputError(f"need at least 2 distinct labels, comma-separated; got {len(names)}")
+    if len(names) > MAX_LABELS:
+        raise InputError(f"at most {MAX_LABELS} labels, got {len(names)}")
+    return names
+
+
+class ModelService:
+    """One loaded model (and optionally a case index) behind the routes."""
+
+    def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
+        self.settings = settings
+        self.model_dir = Path(model_dir)
+        self.net = load_model(model_dir)
+        self.net.eval()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
+        self.batcher = MicroBatcher(self.net.encode_images, self.model_thread, settings.batch_size,
+                                    settings.max_wait_ms, settings.max_queue)
+        self.index_target = index
+        self.index = self._open_index(index) if index is not None else None
+        self.labeller = None
+        self._classes: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._classes_lock = threading.Lock()
+
+    def _open_index(self, target: str | Path):
+        from ..index import open_index
+        from ..index.base import check_model
+
+        index = open_index(target)
+        check_model(index.info, self.net, index.location)  # a wrong model fails at start, not per request
+        return index
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        """Drain the batcher, then let the model thread finish and close the index."""
+        await self.batcher.close()
+        self.model_thread.shutdown(wait=True)
+        if self.index is not None:
+            self.index.close()
+
+    # -- shared steps ----------------------------------------------------------------------------
+    async def run_on_model_thread(self, function, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
+
+    async def decode(self, data: bytes, timings: dict[str, Any]) -> Upload:
+        started = time.perf_counter()
+        upload = await run_in_threadpool(decode_upload, data, self.settings)
+        timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
+        timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        return upload
+
+    async def embed(self, upload: Upload, timings: dict[str, Any]) -> np.ndarray:
+        """The normalised image embedding through the micro-batcher."""
+        pixels = await run_in_threadpool(self._preprocess, upload)
+        embedding, batch = await self.batcher.embed(pixels)
+        _note(timings, batch)
+        return embedding
+
+    def _preprocess(self, upload: Upload) -> torch.Tensor:
+        try:
+            return self.net.preprocessor.load(upload.pixels)
+        except MedvlError as error:
+            raise UploadRejected(422, getattr(error, "problem", None) or str(error)) from None
+
+    # -- routes' work ----------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them."""
+        config = self.net.config
+        captions = captions_for(None, None, self.net)
+        return {"name": config.name, "folder": self.model_dir.name, "embed_dim": config.embed_dim,
+                "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
+                          "image_size": config.image.image_size, "in_channels": config.image.in_channels},
+                "labels": {column: list(classes) for column, classes in captions.classes.items()},
+                "index": self._describe_index()}
+
+    def _describe_index(self) -> dict[str, Any] | None:
+        if self.index is None:
+            return None
+        info = self.index.info
+        return {"name": describe_target(self.index_target), "cases": len(self.index), "backend": info.get("backend"),
+                "label_columns": info.get("label_columns"), "filter_columns": info.get("columns")}
+
+    async def zero_shot(self, upload: Upload, class_names: Sequence[str], label_column: str | None,
+                        timings: dict[str, Any]) -> dict[str, Any]:
+        """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
+        column, prompts = self._prompts(class_names, label_column)
+        embedding = await self.embed(upload, timings)
+        classes = await self.run_on_model_thread(self._class_embeddings, column, tuple(class_names), prompts)
+        row = zero_shot_probabilities(self.net, torch.from_numpy(embedding[None]), classes)[0]
+        scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
+        return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
+                "label_column": column or None, "model": self.net.config.name}
+
+    def _prompts(self, class_names: Sequence[str], label_column: str | None) -> tuple[str, list[list[str]]]:
+        config = captions_for(None, None, self.net)
+        column = label_column or _column_for(config, class_names)
+        return column, [config.prompts(column, name) for name in class_names]
+
+    def _class_embeddings(self, column: str, names: tuple[str, ...], prompts: list[list[str]]) -> torch.Tensor:
+        key = (column, names)
+        with self._classes_lock:
+            if key in self._classes:
+                self._classes.move_to_end(key)
+                return self._classes[key]
+        classes = class_embeddings(self.net, prompts)
+        with self._classes_lock:
+            self._classes[key] = classes
+            while len(self._classes) > MAX_LABEL_SETS:
+                self._classes.popitem(last=False)
+        return classes
+
+    def _require_index(self):
+        if self.index is None:
+            raise ServiceUnavailable("this service was started without a case index (medvl serve --index)")
+        return self.index
+
+    async def search(self, upload: Upload | None, text: str | None, k: int, where: str | None,
+                     target: str) -> dict[str, Any]:
+        """``medvl search --json``'s answer: the k closest cases to the uploaded image or the text."""
+        from ..index import search_index
+        from ..index.base import check_k
+
+        index = self._require_index()
+        check_k(k)
+        pixels = upload.pixels if upload is not None else None
+        hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
+                                              where=where, target=target)
+        query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}} if upload is not None else {"text": text}
+        return {"index": describe_target(self.index_target), "query": query, "target": target, "k": k,
+                "where": where, "hits": [hit.to_dict() for hit in hits]}
+
+    async def draft(self, upload: Upload, k: int, where: str | None, min_support: float, min_similarity: float,
+                    related: int) -> dict[str, Any]:
+        """``medvl report draft --json``'s answer: a draft from the k nearest cases, or an abstention."""
+        from ..rag import draft_report
+        from ..rag.draft import check_settings
+
+        index = self._require_index()
+        check_settings(k, min_support, min_similarity, related)
+        draft = await self.run_on_model_thread(draft_report, index, self.net, upload.pixels, k=k, where=where,
+                                               labeller=self._labeller(), min_support=min_support,
+                                               min_similarity=min_similarity, related=related)
+        return {"index": describe_target(self.index_target), **draft.to_dict()}
+
+    def _labeller(self):
+        if self.labeller is None:
+            from ..rag import ReportLabeller, load_knowledge
+
+            self.labeller = ReportLabeller(load_knowledge(None, builtin=True))
+        return self.labeller
+
+
+class ServiceUnavailable(MedvlError):
+    """A capability this service instance was not started with (HTTP 503)."""
+
+    status = 503
+
+
+def zero_shot_probabilities(net, image_embeddings: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
+    """Softmax over classes of scaled cosine similarity: ``eval.zero_shot.zero_shot_probabilities``
+    with the class embeddings given (cached) instead of recomputed from the prompts."""
+    logits = net.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
+    return logits.softmax(-1).numpy()
+
+
+def _note(timings: dict[str, Any], batch: BatchTiming) -> None:
+    timings.update(queue_ms=round(batch.queue_ms, 2), model_ms=round(batch.model_ms, 2),
+                   batch_size=batch.batch_size)

@@ -1,0 +1,42 @@
+"""What a running service allows: upload limits, batching, rate limits, CORS origins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..checks import check_number
+
+MIB = 1 << 20
+
+
+@dataclass
+class ServeSettings:
+    """Limits and switches of one service; every number is checked by ``validate``."""
+
+    max_upload_bytes: int = 32 * MIB  # an uploaded file above this is refused (413)
+    max_pixels: int = 50_000_000  # a 2D image declaring more pixels (W x H) is refused before decoding (413)
+    max_voxels: int = 256_000_000  # a volume (NIfTI, multi-frame DICOM) declaring more voxels is refused (413)
+    batching: bool = True  # gather concurrent requests into one forward pass
+    max_batch: int = 16  # images per forward pass at most
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_queue: int = 256  # images waiting for the model at most; beyond, 503
+    rate_limit: float = 10.0  # requests per second per token, sustained (0: no limit)
+    rate_burst: int = 20  # requests a token may send at once before the rate applies
+    cors_origins: list[str] = field(default_factory=list)  # empty: CORS off (no cross-origin browser calls)
+
+    def validate(self) -> ServeSettings:
+        """``self`` if every number is in range, else ``InputError`` naming the setting."""
+        check_number("max_upload_bytes", self.max_upload_bytes, minimum=1, integer=True)
+        check_number("max_pixels", self.max_pixels, minimum=1, integer=True)
+        check_number("max_voxels", self.max_voxels, minimum=1, integer=True)
+        check_number("max_batch", self.max_batch, minimum=1, maximum=1024, integer=True)
+        check_number("max_wait_ms", self.max_wait_ms, minimum=0, maximum=10_000)
+        check_number("max_queue", self.max_queue, minimum=1, integer=True)
+        check_number("rate_limit", self.rate_limit, minimum=0)
+        check_number("rate_burst", self.rate_burst, minimum=1, integer=True)
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass: ``max_batch`` with batching, else one."""
+        return self.max_batch if self.batching else 1

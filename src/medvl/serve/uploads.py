@@ -1,0 +1,209 @@
+"""Uploaded images: sniffed by content, size-limited, DICOM de-identified, decoded, then deleted.
+
+Every upload is patient data. The service never uses the client's file name (no path from it, no
+log of it): the type comes from the bytes (``sniff``), the file is written under a private temporary
+folder (mode 0700) with a fixed name only because the DICOM and NIfTI readers take paths, and the
+folder is deleted before the request is answered. A DICOM upload is de-identified
+(``medvl.clinical.deid``, the PS3.15 basic profile) and the original bytes deleted before its
+header or pixels are read for anything else.
+
+Limits, each checked before the pixels are decoded (decompression bombs are refused from their
+declared size): bytes (``max_upload_bytes``), 2D pixels (``max_pixels``: PNG / JPEG header, DICOM
+Rows x Columns) and volume voxels (``max_voxels``: NIfTI header through ``NiftiSlabs``, the
+reader's own guard, and DICOM frames x Rows x Columns).
+Refusals are ``UploadRejected`` with the HTTP status: 413 (too large), 415 (not PNG, JPEG, DICOM
+or NIfTI), 422 (recognised but unreadable: truncated, corrupt, no pixel data).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError, InputError, MedvlError
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+PNG, JPEG, DICOM, NIFTI, NIFTI_GZ = "png", "jpeg", "dicom", "nifti", "nifti-gz"
+SUFFIXES = {PNG: ".png", JPEG: ".jpg", DICOM: ".dcm", NIFTI: ".nii", NIFTI_GZ: ".nii.gz"}
+ACCEPTED = "PNG, JPEG, DICOM (Part 10, 'DICM' at byte 128) or NIfTI (.nii / .nii.gz)"
+_NIFTI_MAGIC = {348: (344, b"n+1\x00"), 540: (4, b"n+2\x00")}  # sizeof_hdr -> (offset, magic) of single files
+
+
+class UploadRejected(InputError):
+    """An upload the service refuses; ``status`` is the HTTP status that says why (413, 415, 422)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class Upload:
+    """A decoded upload: what kind it was, its size, and its pixels (patient data: never logged)."""
+
+    kind: str
+    n_bytes: int
+    pixels: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"Upload(kind={self.kind!r}, n_bytes={self.n_bytes}, shape={self.pixels.shape})"
+
+
+def sniff(data: bytes) -> str:
+    """The upload's kind from its first bytes, or ``UploadRejected`` (415)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if data.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return DICOM
+    if _is_nifti_header(data):
+        return NIFTI
+    if data.startswith(b"\x1f\x8b") and _is_nifti_header(_gunzip_head(data, 544)):
+        return NIFTI_GZ
+    raise UploadRejected(415, f"unsupported file type; send {ACCEPTED}")
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    """A single-file NIfTI-1 or NIfTI-2 header: sizeof_hdr (either byte order) and its magic."""
+    if len(head) < 4:
+        return False
+    for byteorder in ("<", ">"):
+        size = struct.unpack(f"{byteorder}i", head[:4])[0]
+        if size in _NIFTI_MAGIC:
+            offset, magic = _NIFTI_MAGIC[size]
+            return head[offset:offset + 4] == magic
+    return False
+
+
+def _gunzip_head(data: bytes, size: int) -> bytes:
+    """At most ``size`` decompressed bytes of a gzip stream (never more: no bomb is expanded)."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            return stream.read(size)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def check_byte_size(n_bytes: int, settings: ServeSettings) -> None:
+    """413 above ``max_upload_bytes``, 422 for an empty file."""
+    if n_bytes > settings.max_upload_bytes:
+        raise UploadRejected(413, f"upload too large: over {settings.max_upload_bytes:,} bytes")
+    if n_bytes == 0:
+        raise UploadRejected(422, "empty upload (0 bytes)")
+
+
+@contextmanager
+def private_folder() -> Iterator[Path]:
+    """A temporary folder only this process's user can read (0700), deleted on exit whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix="medvl-upload-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
+    """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after."""
+    check_byte_size(len(data), settings)
+    kind = sniff(data)
+    with private_folder() as folder:
+        path = folder / f"upload{SUFFIXES[kind]}"
+        _write_private(path, data)
+        if kind == DICOM:
+            path = _deidentified(path)
+        _check_declared_size(path, kind, settings)
+        pixels = _read(path)
+    return Upload(kind, len(data), pixels)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "wb") as stream:
+        stream.write(data)
+
+
+def _deidentified(raw: Path) -> Path:
+    """The de-identified copy of an uploaded DICOM; the original is deleted first thing after."""
+    from ..clinical.deid import deidentify
+
+    clean = raw.with_name("deidentified.dcm")
+    try:
+        deidentify(raw, clean)
+    finally:
+        raw.unlink(missing_ok=True)
+    return clean
+
+
+def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None:
+    if kind in (PNG, JPEG):
+        width, height = _image_size(path)
+        _check_pixels(width * height, f"{width} x {height}", settings)
+    elif kind == DICOM:
+        _check_dicom_size(path, settings)
+    else:
+        from ..clinical.nifti import NiftiSlabs
+
+        shape = NiftiSlabs(path).shape  # header only, with the reader's own 1 GiB guard
+        _check_voxels(int(np.prod(shape)), " x ".join(map(str, shape)), settings)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Width and height from the PNG / JPEG header; the pixels are not decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise UploadRejected(413, "image too large: its header declares a decompression bomb") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UploadRejected(422, f"corrupt image header ({type(error).__name__})") from None
+
+
+def _check_dicom_size(path: Path, settings: ServeSettings) -> None:
+    from ..clinical.dicom import read_dataset
+
+    ds = read_dataset(path, header_only=True)
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+    _check_pixels(rows * columns, f"{columns} x {rows}", settings)
+    _check_voxels(frames * rows * columns, f"{frames} frames of {columns} x {rows}", settings)
+
+
+def _check_pixels(pixels: int, shape: str, settings: ServeSettings) -> None:
+    if pixels > settings.max_pixels:
+        raise UploadRejected(413, f"image too large: {shape} pixels (limit {settings.max_pixels:,})")
+
+
+def _check_voxels(voxels: int, shape: str, settings: ServeSettings) -> None:
+    if voxels > settings.max_voxels:
+        raise UploadRejected(413, f"volume too large: {shape} voxels (limit {settings.max_voxels:,})")
+
+
+def _read(path: Path) -> np.ndarray:
+    """The decoded pixels; a reader's failure becomes a 422 with its reason (never the temp path)."""
+    from ..data.images import read_image
+
+    try:
+        return read_image(path)
+    except DataError as error:
+        raise UploadRejected(422, error.problem) from None
+    except MedvlError as error:
+        raise UploadRejected(422, str(error)) from None
