@@ -63,7 +63,7 @@ from typing import Any
 
 from ..errors import DataError, InputError
 from ..io import atomic_write_bytes
-from .descriptors import SHORT_DESCRIPTORS
+from .descriptors import ALLOWED_WORDS, SHORT_DESCRIPTORS
 from .descriptors import clean_descriptors as clean_descriptors_in
 from .dicom import (
     MEDIA_STORAGE_DIRECTORY,
@@ -233,7 +233,7 @@ def _mark(ds, burned_in: bool, cleaned: bool) -> None:
     ds.DeidentificationMethodCodeSequence = codes
 
 
-def _encode(ds, path: Path) -> bytes:
+def _encode(ds, path: Path | str) -> bytes:
     from pydicom.dataset import FileMetaDataset
 
     if getattr(ds, "file_meta", None) is None:
@@ -273,7 +273,7 @@ def _full_snapshot(ds) -> dict[str, Any]:
     return _snapshot(ds) | meta_values
 
 
-def _check_nothing_survived(ds, identifiers: Identifiers, path: Path) -> None:
+def _check_nothing_survived(ds, identifiers: Identifiers, path: Path | str) -> None:
     """The final scan (``identifiers.find_leak``) and a byte search of the encoded header; either
     finding refuses the file, naming the element and the kind of identifier, never its value."""
     leak = find_leak(ds, identifiers)
@@ -294,12 +294,11 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     (``burned_in_risk``) instead of flagging it. Raises ``DataError`` for a truncated or incomplete
     data set and when an identifier survives (nothing is returned to write).
     """
-    path = Path(path)
     check_complete(path, ds)
     burned_in = burned_in_risk(ds)
     if burned_in and refuse_burned_in:
         raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
-    identifiers = collect_identifiers(ds)
+    identifiers = collect_identifiers(ds, common_words=ALLOWED_WORDS)
     before = _full_snapshot(ds)
     private = sum(1 for element in _iter_all(ds) if element.tag.is_private)
     anonymizer.anonymize(ds)

@@ -103,6 +103,7 @@ portable view views frontal oblique lordotic apical
 cc mlo ml lm xccl tomo tomosynthesis synthetic implant implants spot mag magnification
 ventricle ventricles atrium valve valves sa la ch lvot rvot short long axis stack
 screening diagnostic followup follow up baseline staging restaging biopsy guided guidance drainage
+ob obstetric obstetrical gyn gynecologic fetal fetus general gen mca stroke neuro msk
 nuclear bone scan whole uptake fdg psma dotatate octreotide mibg sestamibi tc99m tc99 tc f18 ga68 i131 i123
 attenuation correction corrected ac nac ctac emission transmission
 primary secondary original derived report summary key images dose presentation state

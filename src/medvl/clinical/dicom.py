@@ -56,7 +56,8 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 # Implicit / Explicit VR Little Endian, Explicit VR Big Endian, Deflated: pixel data not encapsulated
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
-REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")  # type 1 everywhere
+# type 1 in every composite object (Modality is left out: some secondary captures lack it)
+REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 _READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                 NotImplementedError, RuntimeError, struct.error)
@@ -174,7 +175,8 @@ def check_complete(path: str | Path, ds) -> None:
     - a value shorter than its declared length;
     - an element or sequence item that cannot be parsed (every value is parsed here, not lazily);
     - no SOP Class UID (in the data set or the file meta), SOP Instance UID, Study or Series
-      Instance UID or Modality, which every composite object has (type 1): the file was cut early;
+      Instance UID, which every composite object has (type 1): the file was cut early (or is a
+      fragment, not a complete object);
     - an image storage object (or one with Rows and Columns) without pixel data: the file was cut
       before its pixels.
 
@@ -193,7 +195,8 @@ def check_complete(path: str | Path, ds) -> None:
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
     missing = [keyword for keyword in REQUIRED_KEYWORDS if not ds.get(keyword)] + ([] if sop_class else ["SOPClassUID"])
     if missing:
-        raise DataError(path, f"incomplete DICOM file: no {', '.join(missing)} (truncated?)")
+        raise DataError(path, f"incomplete DICOM file: no {', '.join(missing)} (truncated, or not a complete "
+                              "DICOM object)")
     if _declares_image(ds, str(sop_class)) and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise DataError(path, "truncated DICOM file: an image object without pixel data")
 

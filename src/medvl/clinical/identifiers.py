@@ -8,7 +8,14 @@
   dots, commas and apostrophes, and every two parts glued together in either order (``LIWU``,
   ``WULI``). Name prefixes and suffixes (PN components 4 and 5: MR, DR, JR, III...) identify no one
   and would match modality codes such as MR, so they are left out, as are placeholder words that
-  test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST, ANONYMOUS, PHANTOM...);
+  test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST, ANONYMOUS, PHANTOM...) and
+  parts that are DICOM modality codes (a pseudonym such as ``CQ500-CT-310`` holds ``CT``, which
+  every CT file holds in Modality; no one is named CT). ``collect_identifiers(ds, common_words)``
+  also leaves out parts that are common technical words (de-identification passes the Clean
+  Descriptors allow list): test files name patients ``OB`` or ``Perfusion^MCA Stroke``, words a
+  technical element holds anyway, so finding them proves nothing; a real name that is also such a
+  word (``Long``) is still searched glued to the other parts (``LONGWEI``), and the other parts are
+  searched on their own;
 - IDs: Patient ID, Other Patient IDs (and the Patient IDs of Other Patient IDs Sequence) of 2+
   characters;
 - dates: every DA value and the date part of every DT value, in the file meta, the data set and
@@ -54,6 +61,10 @@ MONTHS = ("january", "february", "march", "april", "may", "june", "july", "augus
           "november", "december")
 PLACEHOLDER_NAMES = frozenset({"test", "anonymous", "anon", "anonymized", "anonymised", "deidentified", "patient",
                                "unknown", "phantom", "none", "nobody", "demo", "sample", "dummy", "qa", "qc"})
+MODALITY_CODES = frozenset(code.casefold() for code in (
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS "
+    "MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE "
+    "RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC").split())
 _NAME_SEPARATORS = re.compile(r"[\s,.'\-]+")
 _LETTER = r"[^\W\d_]"
 
@@ -87,14 +98,14 @@ def date_patterns(date: str) -> list[str]:
     return [rf"(?<!\d)(?:{pattern})(?!\d)" for pattern in numeric + words]
 
 
-def name_parts(value: str) -> set[str]:
-    """Family, given and middle name parts (2+ characters, folded) of a PN value."""
-    parts: set[str] = set()
+def name_parts(value: str) -> list[str]:
+    """Family, given and middle name parts (2+ characters, folded, placeholders and modality codes
+    left out) of a PN value, in order."""
+    parts: list[str] = []
     for group in str(value).split("="):
         for component in group.split("^")[:3]:
-            pieces = [p for p in _NAME_SEPARATORS.split(fold(component).strip())
-                      if len(p) >= 2 and p not in PLACEHOLDER_NAMES]
-            parts.update(pieces)
+            parts += [p for p in _NAME_SEPARATORS.split(fold(component).strip())
+                      if len(p) >= 2 and p not in PLACEHOLDER_NAMES and p not in MODALITY_CODES]
     return parts
 
 
@@ -147,13 +158,13 @@ def _datasets(ds) -> Iterator[Any]:
     yield ds
 
 
-def collect_identifiers(ds) -> Identifiers:
-    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying)."""
+def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
+    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying);
+    name parts in ``common_words`` (folded) are only searched glued to another part."""
     found = Identifiers()
-    for keyword in NAME_KEYWORDS:
-        for value in _values(ds.get(keyword)):
-            found.names.update(name_parts(str(value or "")))
-    parts = list(found.names)
+    parts = [part for keyword in NAME_KEYWORDS for value in _values(ds.get(keyword))
+             for part in name_parts(str(value or ""))]
+    found.names.update(part for part in parts if part not in common_words)
     found.names.update(a + b for a in parts for b in parts)  # glued, either order (and a part twice)
     id_values = [v for keyword in ID_KEYWORDS for v in _values(ds.get(keyword))]
     id_values += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence") or []]
