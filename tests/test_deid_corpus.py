@@ -364,3 +364,36 @@ def test_report_file_is_not_overwritten_without_overwrite(tmp_path):
     result = runner.invoke(app, ["deid", str(CT), str(tmp_path / "a.dcm"), "--report", str(report), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert '"files_written": 1' in report.read_text()
+
+
+# ------------------------------------------------------------------ the scan's matching rules
+
+
+def test_every_date_spelling_is_found_and_numbers_inside_numbers_are_not():
+    from medvl.clinical.identifiers import collect_identifiers
+
+    found = collect_identifiers(base_dataset())
+    for spelling in DATE_SPELLINGS + ("DOB19500131", "1/31/1950", "31-JAN-1950", "January 31st, 1950"):
+        assert found.kind_in(f"seen {spelling}.") == "date", spelling
+    for spelling in NAME_SPELLINGS + ("Dr-Li",):
+        assert found.kind_in(spelling) == "name", spelling
+    assert found.kind_in("mrn PX7731") == "ID"
+    for harmless in ("CLINIC", "SLICE WUHAN", "2.25.1195001310", "219500131", "1950-01-311"):
+        assert found.kind_in(harmless) is None, harmless
+
+
+def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):
+    """Real files name patients ``CQ500-CT-310`` (pydicom-data) or ``OB`` (an obstetric ultrasound):
+    the parts CT and OB are in every such file's Modality or Processing Function, so they are not
+    searched alone; a real name that is also a technical word (Long) is still found glued to the
+    other parts, and the other parts alone."""
+    data_store = pytest.importorskip("data_store")
+    store = Path(data_store.__file__).parent / "data"
+    for source in (store / "693_J2KR.dcm", Path(get_testdata_file("examples_palette.dcm"))):
+        deidentify(source, tmp_path / f"{source.stem}.dcm")
+        assert (tmp_path / f"{source.stem}.dcm").is_file()
+    for kernel, refused in (("LONG", False), ("LONGWEI", True), ("WEI LONG", True)):
+        ds = base_dataset()
+        ds.PatientName, ds.ConvolutionKernel = "Long^Wei", kernel
+        out, error = run_api(ds, tmp_path / kernel)
+        assert (error is not None) == refused, (kernel, error)
