@@ -32,7 +32,7 @@ import torch
 
 import medvl
 from medvl.data import Dataset
-from medvl.eval.embed import embed_images
+from medvl.embed import embed_images
 from medvl.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -78,7 +78,7 @@ def phantom(out: Path, recipe: dict, show_progress: bool) -> Path:
 def train_and_score(out: Path, recipe: dict, show_progress: bool) -> dict:
     import medvl
     from medvl.data import captions_for
-    from medvl.eval.embed import embed_images
+    from medvl.embed import embed_images
     from medvl.train.loop import seed_everything
 
     started = time.perf_counter()

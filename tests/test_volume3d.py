@@ -15,10 +15,10 @@ from PIL import Image
 import medvl
 from cli_helpers import invoke
 from medvl.clinical.nifti import NiftiSlabs, read_nifti, write_nifti
-from medvl.data import volumes
 from medvl.data.phantom import CT3D_CAPTIONS, CT_MANIFEST_COLUMNS, generate_phantom
 from medvl.data.phantom.ct3d import FINDINGS, render_case
 from medvl.errors import DataError, InputError
+from medvl.models import volumes
 from medvl.models.config import ImageConfig
 from medvl.models.registry import get_config
 

@@ -13,9 +13,9 @@ import numpy as np
 from .checks import check_number
 from .data import captions_for, load_dataset
 from .data.phantom import generate_phantom
+from .embed import embed_images
 from .errors import InputError
 from .eval import linear_probe, retrieval, zero_shot
-from .eval.embed import embed_images
 from .io import write_json
 from .models.config import MAX_IMAGE_SIDE
 from .models.registry import create_model

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..data.record import Dataset
+from ..embed import embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
-from .embed import embed_images
 
 
 def class_order(name: str) -> tuple[int, int | str]:

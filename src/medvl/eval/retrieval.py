@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from ..data.record import Dataset
+from ..embed import embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
-from .embed import embed_images
 from .metrics import recall_at_k, retrieval_ranks
 
 

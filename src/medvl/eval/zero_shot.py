@@ -9,9 +9,9 @@ import torch
 
 from ..data.captions import CaptionConfig
 from ..data.record import Dataset
+from ..embed import class_embeddings, embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
-from .embed import class_embeddings, embed_images
 from .metrics import classification_metrics
 
 

@@ -2,7 +2,7 @@
 
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
 embedding. NIfTI volumes are read twice to keep memory bounded: hashed while streamed slab by slab
-from disk, then embedded from the path (``medvl.data.volumes`` streams them again), so a batch of
+from disk, then embedded from the path (``medvl.models.volumes`` streams them again), so a batch of
 large CTs is never held decoded in memory. A case whose image is already indexed (or appears
 earlier in the same data) is skipped and reported, unless duplicates are allowed; a case whose id
 is already indexed is skipped on add.

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import ImagePreprocessor
 from ..errors import MedvlError, ModelError
 from ..io import replace_dir, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
+from .preprocess import ImagePreprocessor
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_number
+from ..embed import class_embeddings
 from ..errors import DataError, InputError
 
 BUILTIN_DIR = Path(__file__).with_name("knowledge")
@@ -146,8 +147,6 @@ class KnowledgeBase:
         cached = self._vectors.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
-        from ..eval.embed import class_embeddings
-
         prompts = [[t.format(" ".join(p.replace("...", " ").split())) for p in (f.title.lower(), *f.synonyms[:12])
                     for t in PROMPT_TEMPLATES] for f in self.findings.values()]
         vectors = class_embeddings(model, prompts).numpy() if prompts else np.empty((0, model.config.embed_dim))

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import image_suffix, read_image
 from ..errors import DataError
-from ..models.config import ImageConfig
-from .images import image_suffix, read_image
+from .config import ImageConfig
 
 SLAB_VOXELS = 2 << 20  # voxels read and resampled at a time (8 MiB as float32)
 _FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}

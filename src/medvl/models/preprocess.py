@@ -4,7 +4,7 @@ Convention: intensities are scaled to [0, 1] (uint8 / 255; other integer and flo
 the model's ``window`` pairs, one channel each, e.g. HU for CT, else by their own min-max),
 channels converted to the model's (grayscale = mean of RGB; RGB = gray repeated), resized to a
 square of ``image_size`` with anti-aliasing, then normalised with the model's mean/std. Volumes
-(``spatial_dims=3``) go through ``medvl.data.volumes.load_volume``: windowed and resized slab by
+(``spatial_dims=3``) go through ``medvl.models.volumes.load_volume``: windowed and resized slab by
 slab to ``(depth, image_size, image_size)``, so memory stays bounded for large CTs. Training
 augmentation: small affine jitter, contrast and noise; flips only when the config allows
 (laterality matters on chest X-rays).
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import read_image
 from ..errors import DataError
-from ..models.config import ImageConfig
-from .images import read_image
+from .config import ImageConfig
+from .volumes import load_volume
 
 
 class ImagePreprocessor:
@@ -38,8 +39,6 @@ class ImagePreprocessor:
     def load(self, image: Path | str | np.ndarray) -> torch.Tensor:
         """Read (if a path) and bring one image to (C, *spatial) float in [0, 1], resized."""
         if self.config.spatial_dims == 3:
-            from .volumes import load_volume
-
             return load_volume(image, self.config)
         source = image if not isinstance(image, np.ndarray) else "<array>"
         array = read_image(image) if not isinstance(image, np.ndarray) else image
