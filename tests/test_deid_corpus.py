@@ -269,7 +269,7 @@ def test_burned_in_annotation_is_flagged_and_refused_on_request(tmp_path):
     assert "Burned In Annotation is YES" in report["files"][0]["burned_in_risk"]
     assert pydicom.dcmread(tmp_path / "flagged.dcm").PatientIdentityRemoved == "NO"
     result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "refused.dcm"), "--refuse-burned-in"])
-    assert result.exit_code == 2 and "burned" in result.output.lower()
+    assert result.exit_code == 2 and "burned" in result.output.lower(), result.output
     assert not (tmp_path / "refused.dcm").exists()
 
 

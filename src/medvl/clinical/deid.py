@@ -26,11 +26,11 @@ works on one file or a folder. For every DICOM file, in this order:
    serial numbers, request details, SR content...), overlays and curves; descriptors being
    cleaned are kept out of this list when the option is on.
 4. Private tags are removed; the 128-byte preamble is zeroed.
-5. Patient Identity Removed is YES, or NO when the pixels may hold burned-in text
-   (``burned_in_risk``: Burned In Annotation YES, or ultrasound, secondary capture, screen capture,
-   photograph, endoscopy or scanned document); such files are flagged in the report, or refused
-   with ``refuse_burned_in``. De-identification Method and its code sequence (DCM 113100, 113107,
-   and 113105 for Clean Descriptors) are set.
+5. Files whose pixels may hold burned-in text (``burned_in_risk``: Burned In Annotation YES, or
+   ultrasound, secondary capture, screen capture, photograph, endoscopy or scanned document) are
+   flagged in the report, or refused with ``refuse_burned_in``. Patient Identity Removed is YES
+   (NO when Burned In Annotation is YES: the pixels are never changed). De-identification Method
+   and its code sequence (DCM 113100, 113107, and 113105 for Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
    sequences included, for the input's patient name parts, IDs and dates in their common
    spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
@@ -217,8 +217,10 @@ def _remove_profile_attributes(ds, removed: frozenset[str]) -> None:
 
 
 def _mark(ds, burned_in: bool, cleaned: bool) -> None:
-    """Patient Identity Removed (YES, or NO when the pixels may hold burned-in identifiers), the
-    method text and codes (basic profile, modified dates, and Clean Descriptors when applied)."""
+    """Patient Identity Removed (YES, or NO when Burned In Annotation is YES: the pixels are not
+    changed), the method text and codes (basic profile, modified dates, Clean Descriptors when
+    applied). Files flagged only by modality keep YES (their headers are clean; the report and the
+    command's warning say their pixels need checking)."""
     from pydicom.dataset import Dataset
 
     ds.PatientIdentityRemoved = "NO" if burned_in else "YES"
@@ -306,7 +308,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     cleaned = clean_descriptors_in(ds) if clean_descriptors else []
     _remove_profile_attributes(ds, frozenset(PROFILE_REMOVED) - (SHORT_DESCRIPTORS if clean_descriptors else set()))
     ds.remove_private_tags()
-    _mark(ds, burned_in is not None, clean_descriptors)
+    _mark(ds, str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES", clean_descriptors)
     data = _encode(ds, path)
     _check_nothing_survived(ds, identifiers, path)
     replaced, removed = _changes(before, _full_snapshot(ds))
