@@ -20,7 +20,10 @@ A plain value: at most 64 characters; no date-like run of three numbers (``31/01
 digits at most 3 long (``T1``, ``2.5 MM``, ``MR750``, not a year, ID or phone number). A CS value
 must also match the CS character set, ``[A-Z0-9 _]``, up to 16 characters. Single letters are
 allowed only where they are common abbreviations (``L``, ``R``, ``W``, ``C``...); names of 2+
-letters are not on the list, so ``LI WU`` or ``ST ELSEWHERE HOSP`` blank the value.
+letters are not on the list, so ``LI WU`` or ``ST ELSEWHERE HOSP`` blank the value. Model names
+that are also common given names (Vida, Sola, Harmony, Lumina) are left off on purpose: the final
+scan does not search a patient's name part alone when it is on this list (see
+``identifiers.collect_identifiers``), so the list must hold no likely names.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ varian elekta accuray neusoft united imaging uih planmeca sirona vatech gendex s
 lightspeed brightspeed revolution discovery optima signa genesis hdxt excite echospeed twinspeed horizon
 pioneer architect premier artist vct pro evo hd qx qxi innova senographe pristina essential millennium
 somatom definition flash force edge drive sensation emotion perspective scope go up top
-magnetom avanto aera skyra prisma trio tim verio vida sola espree symphony vision harmony essenza altea lumina
+magnetom avanto aera skyra prisma trio tim verio espree symphony vision essenza altea
 biograph mct vision horizon symbia intevo artis zee axiom luminos mammomat inspiration ysio multix fluorospot
 aquilion one prime lightning genesis precision vitrea titan vantage orian galan elan galan
 ingenia achieva intera panorama gyroscan ambition elition brilliance ict iqon incisive spectral vereos
