@@ -397,3 +397,17 @@ def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tm
         ds.PatientName, ds.ConvolutionKernel = "Long^Wei", kernel
         out, error = run_api(ds, tmp_path / kernel)
         assert (error is not None) == refused, (kernel, error)
+
+
+@pytest.mark.parametrize(("value", "vr", "plain"), [
+    ("CT CHEST W/O CONTRAST", "LO", True), ("AX T1 POST 2.5 MM", "LO", True), ("LightSpeed VCT", "LO", True),
+    ("CHEST", "CS", True), ("WHOLE BODY", "CS", True), ("", "LO", True),
+    ("chest", "CS", False),  # not valid CS
+    ("LI WU", "CS", False), ("CT chest Wu", "LO", False), ("ST ELSEWHERE HOSP", "LO", False),
+    ("CT 1950", "LO", False), ("CT 31/01/50", "LO", False), ("CT 1.2.3", "LO", False),
+    ("CHEST " * 12, "LO", False),  # longer than 64 characters
+])
+def test_plain_descriptor_rule(value, vr, plain):
+    from medvl.clinical.descriptors import is_plain
+
+    assert is_plain(value, vr) is plain
