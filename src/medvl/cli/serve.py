@@ -47,12 +47,23 @@ def serve_command(
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              rate_limit=rate_limit, rate_burst=rate_burst, cors_origins=list(cors_origin or []))
+    _check_model_dir(model)
     _setup_logs()
-    app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth)
+    app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
+                     load_in_background=True)  # /v1/health answers while the model loads
     _log_start(host, port, model, settings)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=30, server_header=False)
     uvicorn.Server(config).run()
+
+
+def _check_model_dir(model: Path) -> None:
+    """A quick check before the server starts (the model itself loads once it runs)."""
+    from ..errors import ModelError
+    from ..models.registry import is_model_dir
+
+    if not is_model_dir(model):
+        raise ModelError(f"{model}: not a medvl model folder (no config.json); give a folder written by medvl train")
 
 
 def _serve_modules():

@@ -16,7 +16,9 @@ come from ``middleware.ServiceMiddleware`` before any body is read. Every answer
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +33,7 @@ from .. import __version__
 from ..errors import DataError, InputError, MedvlError
 from .auth import TokenAuth, load_digests
 from .middleware import ServiceMiddleware
-from .service import ModelService, parse_labels
+from .service import ModelService, ServiceUnavailable, parse_labels
 from .settings import ServeSettings
 from .uploads import Upload, check_byte_size
 
@@ -46,35 +48,84 @@ WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.
 
 def create_app(model_dir: str | Path, index: str | Path | None = None, settings: ServeSettings | None = None,
                token_digests: Sequence[str] | None = None, token_file: str | Path | None = None,
-               require_token: bool = True) -> FastAPI:
-    """The service over one model folder (and optionally one case index), loaded now, once.
+               require_token: bool = True, load_in_background: bool = False) -> FastAPI:
+    """The service over one model folder (and optionally one case index), loaded once.
 
     Tokens: ``token_digests`` (SHA-256 hex), else ``MEDVL_API_TOKENS`` and ``token_file``; with
     ``require_token`` and no token at all this is an ``InputError`` (a service open to anyone must
-    be asked for: ``require_token=False``).
+    be asked for: ``require_token=False``). The model is loaded here, or with ``load_in_background``
+    once the server runs: ``/v1/health`` then answers at once (``"status": "loading"``) and the other
+    routes 503 until the model is ready (``medvl serve`` does this; a model that fails to load is
+    ``"status": "failed"`` with the reason, 503).
     """
     settings = (settings or ServeSettings()).validate()
     auth = _auth(settings, token_digests, token_file, require_token)
-    service = ModelService(model_dir, index, settings)
+    loader = Loader(model_dir, index, settings)
+    if not load_in_background:
+        loader.load()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.start()
+        task = asyncio.create_task(loader.start(app))
+        if not load_in_background:
+            await task
         yield
-        await service.stop()  # graceful shutdown: the queued requests are answered first
+        await task  # a model still loading finishes first, then the queue drains
+        await loader.stop()
 
     app = FastAPI(title="medvl", version=__version__, lifespan=lifespan,
                   description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts.")
-    app.state.service = service
-    _add_routes(app, service)
+    app.state.loader = loader
+    app.state.service = loader.service
+    _add_routes(app, loader, settings)
     _add_error_handlers(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
+                       routes=frozenset(route.path for route in app.routes))
     return app
+
+
+class Loader:
+    """The model service: loaded now (``load``) or on the server's loop (``start``), then handed to routes."""
+
+    def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
+        self.arguments = (model_dir, index, settings)
+        self.service: ModelService | None = None
+        self.ready = False  # loaded and its batcher running
+        self.failure: str | None = None
+
+    def load(self) -> ModelService:
+        self.service = ModelService(*self.arguments)
+        return self.service
+
+    async def start(self, app: FastAPI) -> None:
+        """Load (unless loaded) and start the batcher; a failure is kept as the reason routes give."""
+        started = time.perf_counter()
+        try:
+            service = self.service or await asyncio.to_thread(self.load)
+        except MedvlError as error:
+            self.failure = f"the model could not be loaded: {error}"
+            log.error("model not loaded", extra={"error": type(error).__name__})
+            return
+        await service.start()
+        app.state.service = service
+        self.ready = True
+        log.info("model ready", extra={"model": service.net.config.name,
+                                       "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+
+    def get(self) -> ModelService:
+        """The running service, or ``ServiceUnavailable`` (503) while it loads or if it failed."""
+        if not self.ready or self.service is None:
+            raise ServiceUnavailable(self.failure or "the model is still loading; retry in a few seconds")
+        return self.service
 
 
 def _auth(settings: ServeSettings, digests: Sequence[str] | None, token_file, required: bool) -> TokenAuth | None:
@@ -95,24 +146,29 @@ async def _read(image: UploadFile, service: ModelService, request: Request) -> U
     return await service.decode(data, request.state.timings)
 
 
-def _add_routes(app: FastAPI, service: ModelService) -> None:
+def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/v1/health", tags=["service"])
-    async def health() -> dict:
-        """Liveness: no token needed; says whether batching is on and how many images wait."""
-        return {"status": "ok", "batching": service.settings.batching, "waiting": service.batcher.waiting}
+    async def health() -> JSONResponse:
+        """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the reason)."""
+        if loader.failure:
+            return JSONResponse({"status": "failed", "detail": loader.failure}, status_code=503)
+        if not loader.ready or loader.service is None:
+            return JSONResponse({"status": "loading", "batching": settings.batching})
+        return JSONResponse({"status": "ok", "batching": settings.batching, "waiting": loader.service.batcher.waiting})
 
     @app.get("/v1/models", tags=["service"])
     async def models() -> dict:
         """The loaded model: name, embedding size, input, the labels it has captions for; the index."""
-        return {"models": [service.describe()]}
+        return {"models": [loader.get().describe()]}
 
     @app.post("/v1/embed", tags=["models"])
     async def embed(request: Request, image: ImageField) -> dict:
         """The normalised image embedding of the upload."""
+        service = loader.get()
         upload = await _read(image, service, request)
         embedding = await service.embed(upload, request.state.timings)
         return {"model": service.net.config.name, "dim": int(embedding.shape[0]),
@@ -124,6 +180,7 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
                         label_column: Annotated[str | None, Form(
                             description="Label column whose class descriptions to use.")] = None) -> dict:
         """Zero-shot answer among the labels: the prediction and every label's probability."""
+        service = loader.get()
         names = parse_labels(labels)
         upload = await _read(image, service, request)
         return await service.zero_shot(upload, names, label_column, request.state.timings)
@@ -135,6 +192,7 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
                      k: KField = 10, where: WhereField = None,
                      target: Annotated[str, Form(description="images or texts (reports).")] = "images") -> dict:
         """The k indexed cases closest to the query image (or text)."""
+        service = loader.get()
         upload = await _read(image, service, request) if image is not None else None
         return await service.search(upload, text, k, where, target)
 
@@ -143,6 +201,7 @@ def _add_routes(app: FastAPI, service: ModelService) -> None:
                     min_support: Annotated[float, Form()] = 0.5, min_similarity: Annotated[float, Form()] = 0.5,
                     related: Annotated[int, Form()] = 0) -> dict:
         """A report drafted from the k nearest cases' reports, citing them, or an abstention with a reason."""
+        service = loader.get()
         upload = await _read(image, service, request)
         return await service.draft(upload, k, where, min_support, min_similarity, related)
 

@@ -39,7 +39,7 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "multipart", "python_multipart"):
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "multipart", "python_multipart", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []

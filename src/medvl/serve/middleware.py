@@ -31,10 +31,11 @@ def needs_token(path: str) -> bool:
 class ServiceMiddleware:
     """Request id, auth, rate limit and body limit around the app; logs every request as JSON."""
 
-    def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int):
+    def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int, routes: frozenset[str] = frozenset()):
         self.app = app
         self.auth = auth
         self.max_body = max_upload_bytes + FORM_OVERHEAD
+        self.routes = routes  # the app's route paths: a log names one of these, never another path
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,15 +66,18 @@ class ServiceMiddleware:
         if self.auth is not None and needs_token(scope["path"]):
             client = self.auth.client(headers.get("authorization"))
             if client is None:
+                timings["error"] = "unauthorized"
                 return 401, "missing or invalid API token (send 'Authorization: Bearer <token>')", \
                     {"WWW-Authenticate": "Bearer"}
             timings["client"] = client[:8]
             wait = self.auth.retry_after(client)
             if wait > 0:
+                timings["error"] = "rate_limited"
                 return 429, f"rate limit of this token exceeded; retry in {wait:.1f} s", \
                     {"Retry-After": retry_after_header(wait)}
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            timings["error"] = "too_large"
             return 413, f"request too large: over {self.max_body:,} bytes", {"Connection": "close"}
         return None
 
@@ -92,9 +96,8 @@ class ServiceMiddleware:
         return counted
 
     def _log(self, scope, request_id: str, status: int, started: float, timings: dict) -> None:
-        route = scope.get("route")
-        extra = {"request_id": request_id, "method": scope["method"],
-                 "route": getattr(route, "path", None) or ("/v1/*" if scope["path"].startswith("/v1/") else "other"),
+        route = scope["path"] if scope["path"] in self.routes else "unknown"
+        extra = {"request_id": request_id, "method": scope["method"], "route": route,
                  "status": status, "ms": round((time.perf_counter() - started) * 1000, 2), **timings}
         log.info("request", extra=extra)
 

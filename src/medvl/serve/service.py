@@ -24,8 +24,8 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from ..data import captions_for
+from ..embed import class_embeddings
 from ..errors import InputError, MedvlError
-from ..eval.embed import class_embeddings
 from ..index.base import describe_target
 from ..models.registry import load_model
 from ..predict import _column_for

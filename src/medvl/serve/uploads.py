@@ -153,7 +153,7 @@ def _deidentified(raw: Path) -> Path:
 
 def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None:
     if kind in (PNG, JPEG):
-        width, height = _image_size(path)
+        width, height = _image_size(path, settings)
         _check_pixels(width * height, f"{width} x {height}", settings)
     elif kind == DICOM:
         _check_dicom_size(path, settings)
@@ -164,7 +164,7 @@ def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None
         _check_voxels(int(np.prod(shape)), " x ".join(map(str, shape)), settings)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_size(path: Path, settings: ServeSettings) -> tuple[int, int]:
     """Width and height from the PNG / JPEG header; the pixels are not decoded."""
     try:
         with warnings.catch_warnings():
@@ -172,7 +172,8 @@ def _image_size(path: Path) -> tuple[int, int]:
             with Image.open(path) as image:
                 return image.size
     except Image.DecompressionBombError:
-        raise UploadRejected(413, "image too large: its header declares a decompression bomb") from None
+        raise UploadRejected(413, f"image too large: its header declares over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} "
+                                  f"pixels (limit {settings.max_pixels:,})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise UploadRejected(422, f"corrupt image header ({type(error).__name__})") from None
 
