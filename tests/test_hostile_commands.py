@@ -61,6 +61,15 @@ def _json_commands(trained: Path, phantom_dir: Path, image: Path) -> dict[str, l
                      "--folds", 2, "--epochs", 1, "-q"],
         "bench medmnist": ["bench", "medmnist", "--train-data", phantom_dir / "missing.npz",
                            "--test-data", phantom_dir / "missing.npz", "-q"],
+        # the output check comes first, so these need no real index, DICOM or server
+        "index build": ["index", "build", "--model", model, "--data", phantom_dir, "--out", phantom_dir / "idx", "-q"],
+        "index add": ["index", "add", "--index", phantom_dir / "idx", "--data", phantom_dir, "-q"],
+        "index info": ["index", "info", "--index", phantom_dir / "idx"],
+        "search": ["search", "--index", phantom_dir / "idx", "--image", image],
+        "report draft": ["report", "draft", "--index", phantom_dir / "idx", image],
+        "eval case-retrieval": ["eval", "case-retrieval", "--index", phantom_dir / "idx", "--data", phantom_dir],
+        "dicom-info": ["dicom-info", phantom_dir],
+        "deid --report": ["deid", phantom_dir / "images", phantom_dir / "deid-out"],
     }
 
 
@@ -69,14 +78,32 @@ def commands(trained, phantom_dir):
     return _json_commands(trained, phantom_dir, next((phantom_dir / "images").glob("*.png")))
 
 
-@pytest.mark.parametrize("name", ["eval zero-shot", "eval retrieval", "eval linear-probe", "predict", "bench cv",
-                                  "bench medmnist"])
-def test_existing_json_output_is_refused_before_any_work(commands, name, tmp_path):
+OUTPUT_COMMANDS = ["eval zero-shot", "eval retrieval", "eval linear-probe", "predict", "bench cv", "bench medmnist",
+                   "index build", "index add", "index info", "search", "report draft", "eval case-retrieval",
+                   "dicom-info", "deid --report"]
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_existing_output_file_is_refused_before_any_work(commands, name, phantom_dir, tmp_path):
     target = tmp_path / "result.json"
     target.write_bytes(SENTINEL)
-    result, output = invoke(*commands[name], "--json", target)
+    option = "--report" if name.startswith("deid") else "--json"
+    before = _files(phantom_dir)
+    result, output = invoke(*commands[name], option, target)
     _assert_clean_refusal(result, output, "result.json", "--overwrite")
     assert target.read_bytes() == SENTINEL
+    assert _files(phantom_dir) == before  # no index, no de-identified folder: nothing was started
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_a_symlinked_output_is_never_followed(commands, name, tmp_path):
+    precious = tmp_path / "precious.json"
+    precious.write_bytes(SENTINEL)
+    (tmp_path / "link.json").symlink_to(precious)
+    option = "--report" if name.startswith("deid") else "--json"
+    result, output = invoke(*commands[name], option, tmp_path / "link.json", "--overwrite")
+    _assert_clean_refusal(result, output, "link.json", "symbolic link")
+    assert precious.read_bytes() == SENTINEL and (tmp_path / "link.json").is_symlink()
 
 
 def test_json_onto_a_model_config_is_refused(trained, phantom_dir, tmp_path):

@@ -8,14 +8,13 @@ with study and series UIDs as short hashes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .common import JsonOption, check_outputs, console, emit_json, handle_errors
+from .common import JsonOption, OverwriteOption, check_outputs, console, emit_json, handle_errors
 
 
 @handle_errors
@@ -64,58 +63,21 @@ def _print_deid_summary(result: dict[str, Any], out: Path, folder: bool, report_
                       "them, or use --refuse-burned-in")
 
 
-def _short_id(uid: str | None) -> str:
-    """8 hex characters standing for a UID: tells series apart without showing the UID, whose
-    digits often hold the acquisition date and time."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:8] if uid else "-"
-
-
-def _size(rows, columns) -> str:
-    return f"{rows} x {columns}" if rows and columns else "-"
-
-
 def _spacing(values) -> str:
     return "-" if not values else "x".join(f"{float(v):.3g}" for v in values)
-
-
-def _folder_rows(folder: Path) -> list[dict[str, Any]]:
-    from ..clinical.dicom import read_dicom_series
-
-    return [{"study": _short_id(s.study_uid), "series": _short_id(s.series_uid), "number": s.series_number,
-             "modality": s.modality, "files": len(s.files), "frames": s.frames,
-             "size": _size(s.rows, s.columns), "pixel_spacing_mm": s.pixel_spacing_mm}
-            for s in read_dicom_series(folder)]
-
-
-def _file_rows(path: Path) -> list[dict[str, Any]]:
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        from ..clinical.nifti import read_nifti
-
-        volume, spacing = read_nifti(path)
-        return [{"study": "-", "series": "-", "number": None, "modality": "NIfTI (RAS)", "files": 1,
-                 "frames": volume.shape[0], "size": " x ".join(map(str, volume.shape)),
-                 "pixel_spacing_mm": list(spacing)}]
-    from ..clinical.dicom import quiet_pydicom, read_dataset, safe_meta
-
-    with quiet_pydicom(path):
-        meta = safe_meta(read_dataset(path, header_only=True))
-    return [{"study": _short_id(meta["study_uid"]), "series": _short_id(meta["series_uid"]),
-             "number": meta["series_number"], "modality": meta["modality"], "files": 1, "frames": meta["frames"],
-             "size": _size(meta["rows"], meta["columns"]), "pixel_spacing_mm": meta["pixel_spacing_mm"],
-             "transfer_syntax": meta["transfer_syntax"], "sop_class": meta["sop_class"]}]
 
 
 @handle_errors
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="DICOM file, folder of DICOM files, or NIfTI file.")],
     json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Studies and series with modality, size, frames and pixel spacing (no patient identifiers)."""
-    from ..errors import DataError
+    from ..clinical.summary import series_summaries
 
-    if not path.exists():
-        raise DataError(path, "not found")
-    rows = _folder_rows(path) if path.is_dir() else _file_rows(path)
+    check_outputs(overwrite, json=json_out)
+    rows = series_summaries(path)
     table = Table(title=f"{path.name}: {len(rows)} series", show_header=True, header_style="bold")
     columns = ("study", "series", "number", "modality", "files", "frames", "size", "pixel_spacing_mm")
     for column in columns:
@@ -126,8 +88,4 @@ def inspect_command(
     console.print(table)
     if "transfer_syntax" in rows[0]:
         console.print(f"{rows[0]['sop_class']}, {rows[0]['transfer_syntax']}")
-    if json_out is not None:
-        from ..io import write_json
-
-        write_json(json_out, {"path": str(path), "series": rows})
-        console.print(f"wrote {json_out}")
+    emit_json({"path": path.name, "series": rows}, json_out, overwrite)

@@ -1,0 +1,62 @@
+"""Studies and series of a DICOM file or folder, or a NIfTI file, as plain rows without identifiers
+(what ``medvl dicom-info`` and the service show): study and series as short UID hashes, modality,
+file and frame counts, size and pixel spacing; for one DICOM file, its SOP class and transfer syntax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .formats import NIFTI_SUFFIXES, uid_hash
+
+SHORT_UID = 8  # hex digits standing for a study or series UID in a listing
+
+
+def series_summaries(path: str | Path) -> list[dict[str, Any]]:
+    """One row per series of a DICOM folder, or one row for a DICOM or NIfTI file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "not found")
+    if path.is_dir():
+        return _folder_rows(path)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _nifti_rows(path)
+    return _dicom_file_rows(path)
+
+
+def _short(uid: str | None) -> str:
+    return uid_hash(uid, SHORT_UID) if uid else "-"
+
+
+def _size(rows: int | None, columns: int | None) -> str:
+    return f"{rows} x {columns}" if rows and columns else "-"
+
+
+def _folder_rows(folder: Path) -> list[dict[str, Any]]:
+    from .dicom import read_dicom_series
+
+    return [{"study": _short(s.study_uid), "series": _short(s.series_uid), "number": s.series_number,
+             "modality": s.modality, "files": len(s.files), "frames": s.frames,
+             "size": _size(s.rows, s.columns), "pixel_spacing_mm": s.pixel_spacing_mm}
+            for s in read_dicom_series(folder)]
+
+
+def _nifti_rows(path: Path) -> list[dict[str, Any]]:
+    from .nifti import read_nifti
+
+    volume, spacing = read_nifti(path)
+    return [{"study": "-", "series": "-", "number": None, "modality": "NIfTI (RAS)", "files": 1,
+             "frames": volume.shape[0], "size": " x ".join(map(str, volume.shape)),
+             "pixel_spacing_mm": list(spacing)}]
+
+
+def _dicom_file_rows(path: Path) -> list[dict[str, Any]]:
+    from .dicom import quiet_pydicom, read_dataset, safe_meta
+
+    with quiet_pydicom(path):
+        meta = safe_meta(read_dataset(path, header_only=True))
+    return [{"study": _short(meta["study_uid"]), "series": _short(meta["series_uid"]),
+             "number": meta["series_number"], "modality": meta["modality"], "files": 1, "frames": meta["frames"],
+             "size": _size(meta["rows"], meta["columns"]), "pixel_spacing_mm": meta["pixel_spacing_mm"],
+             "transfer_syntax": meta["transfer_syntax"], "sop_class": meta["sop_class"]}]
