@@ -138,12 +138,17 @@ def _auth(settings: ServeSettings, digests: Sequence[str] | None, token_file, re
     return TokenAuth(digests, rate=settings.rate_limit, burst=settings.rate_burst)
 
 
-async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
-    """The uploaded file's bytes (never more than the limit + 1 read), decoded; the name is ignored."""
+async def _bytes(image: UploadFile, service: ModelService) -> bytes:
+    """The uploaded file's bytes (never more than the limit + 1 read); its name is ignored."""
     data = await image.read(service.settings.max_upload_bytes + 1)
     await image.close()
     check_byte_size(len(data), service.settings)
-    return await service.decode(data, request.state.timings)
+    return data
+
+
+async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
+    """The uploaded file, decoded (for the routes that do not go through the batcher)."""
+    return await service.decode(await _bytes(image, service), request.state.timings)
 
 
 def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
@@ -169,8 +174,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     async def embed(request: Request, image: ImageField) -> dict:
         """The normalised image embedding of the upload."""
         service = loader.get()
-        upload = await _read(image, service, request)
-        embedding = await service.embed(upload, request.state.timings)
+        embedding = await service.embed(await _bytes(image, service), request.state.timings)
         return {"model": service.net.config.name, "dim": int(embedding.shape[0]),
                 "embedding": [float(v) for v in embedding]}
 
@@ -182,8 +186,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         """Zero-shot answer among the labels: the prediction and every label's probability."""
         service = loader.get()
         names = parse_labels(labels)
-        upload = await _read(image, service, request)
-        return await service.zero_shot(upload, names, label_column, request.state.timings)
+        return await service.zero_shot(await _bytes(image, service), names, label_column, request.state.timings)
 
     @app.post("/v1/search", tags=["cases"])
     async def search(request: Request, image: Annotated[UploadFile | None, File(

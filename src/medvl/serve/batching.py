@@ -2,10 +2,12 @@
 
 Requests put their preprocessed pixels (a ``(C, ...)`` tensor) on a queue and await a future. One
 worker task takes the first waiting item, gathers more until ``max_batch`` items or ``max_wait_ms``
-have passed, stacks them, runs one ``encode`` (the model's ``encode_images``) on the model's own
-thread, and resolves each future with its row. ``max_batch=1`` is the unbatched service (one
-forward pass per request, in arrival order). ``close`` stops taking requests and finishes every
-queued one before returning (graceful shutdown drains the queue).
+have passed (it does not wait when the queue is empty and no other request is being decoded: a lone
+request pays no batching delay; see ``incoming``), stacks them, runs one ``encode`` (the model's
+``encode_images``) on the model's own thread, and resolves each future with its row.
+``max_batch=1`` is the unbatched service (one forward pass per request, in arrival order).
+``close`` stops taking requests and finishes every queued one before returning (graceful
+shutdown drains the queue).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +68,16 @@ class MicroBatcher:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._incoming = 0  # requests decoding an image they will queue
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Around a request's decoding and preprocessing: a batch waits for it (up to ``max_wait_ms``)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
 
     @property
     def waiting(self) -> int:
@@ -108,6 +121,8 @@ class MicroBatcher:
         batch = [first]
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while len(batch) < self.max_batch:
+            if self._queue.empty() and not self._incoming:
+                break  # nobody else is on the way: waiting would only add latency
             remaining = deadline - asyncio.get_running_loop().time()
             try:
                 item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(

@@ -94,9 +94,11 @@ class ModelService:
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
 
-    async def embed(self, upload: Upload, timings: dict[str, Any]) -> np.ndarray:
-        """The normalised image embedding through the micro-batcher."""
-        pixels = await run_in_threadpool(self._preprocess, upload)
+    async def embed(self, data: bytes, timings: dict[str, Any]) -> np.ndarray:
+        """The normalised embedding of an uploaded image, through the micro-batcher."""
+        with self.batcher.incoming():
+            upload = await self.decode(data, timings)
+            pixels = await run_in_threadpool(self._preprocess, upload)
         embedding, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
         return embedding
@@ -125,11 +127,11 @@ class ModelService:
         return {"name": describe_target(self.index_target), "cases": len(self.index), "backend": info.get("backend"),
                 "label_columns": info.get("label_columns"), "filter_columns": info.get("columns")}
 
-    async def zero_shot(self, upload: Upload, class_names: Sequence[str], label_column: str | None,
+    async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         column, prompts = self._prompts(class_names, label_column)
-        embedding = await self.embed(upload, timings)
+        embedding = await self.embed(data, timings)
         classes = await self.run_on_model_thread(self._class_embeddings, column, tuple(class_names), prompts)
         row = zero_shot_probabilities(self.net, torch.from_numpy(embedding[None]), classes)[0]
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
