@@ -27,13 +27,14 @@ def check_number(name: str, value: object, *, minimum: float | None = None, maxi
         raise InputError(f"{name} must be a number, got {value!r}")
     if integer and not isinstance(value, Integral):
         raise InputError(f"{name} must be a whole number, got {value!r}")
-    if not math.isfinite(float(value)):
+    number = float(value)
+    if not math.isfinite(number):
         raise InputError(f"{name} must be a finite number, got {value}")
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+    if minimum is not None and (number <= minimum if exclusive_minimum else number < minimum):
         raise InputError(f"{name} must be {'>' if exclusive_minimum else '>='} {_show(minimum)}, got {value}"
                          + (f" (range {_describe(minimum, maximum, exclusive_minimum)})" if maximum is not None
                             else ""))
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise InputError(f"{name} must be <= {_show(maximum)}, got {value} "
                          f"(range {_describe(minimum, maximum, exclusive_minimum)})")
 

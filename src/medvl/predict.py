@@ -32,7 +32,7 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     results = []
     for path, row in zip(images, probabilities, strict=True):
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
-        results.append({"image": str(path), "prediction": max(scores, key=scores.__getitem__),
+        results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
                         "probabilities": scores})
     return results
 

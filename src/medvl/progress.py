@@ -10,7 +10,7 @@ from contextlib import contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """Yields ``advance(n)``; draws a bar on stderr when enabled and the total is known."""
     if not enabled:
-        yield lambda n=1: None
+        yield _ignore
         return
     from rich.console import Console
     from rich.progress import (
@@ -26,4 +26,12 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
+
+
+def _ignore(n: int = 1) -> None:
+    """``advance`` of a disabled bar."""

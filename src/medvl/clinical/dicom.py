@@ -35,7 +35,7 @@ import logging
 import math
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .readers import DICOM_SUFFIXES, INSTALL_HINT, has_dicom_preamble
+from .formats import DICOM_SUFFIXES, INSTALL_HINT, has_dicom_preamble
 from .windowing import Window, WindowSpec, apply_window, get_window
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 # Implicit / Explicit VR Little Endian, Explicit VR Big Endian, Deflated: pixel data not encapsulated
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one plane orientation
+MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
 REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
@@ -620,24 +622,60 @@ def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path,
     return 0
 
 
-def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
+# ----------------------------------------------------------------------------- volume geometry
+
+
+def plane_geometry(ds) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A single-frame slice's Image Position (Patient) (3 values, mm: the centre of its first
+    voxel) and Image Orientation (Patient) (6 values: row and column direction cosines), each
+    ``None`` when missing or malformed."""
     position = _floats(ds.get("ImagePositionPatient"))
     orientation = _floats(ds.get("ImageOrientationPatient"))
-    if not position or len(position) != 3 or not orientation or len(orientation) != 6:
+    return (np.asarray(position) if position and len(position) == 3 else None,
+            np.asarray(orientation) if orientation and len(orientation) == 6 else None)
+
+
+def same_plane(orientation: np.ndarray, other: np.ndarray) -> bool:
+    """True if two Image Orientation (Patient) values describe the same plane orientation."""
+    return bool(np.allclose(orientation, other, atol=SAME_ORIENTATION_ATOL))
+
+
+def slice_stack(orientation: np.ndarray,
+                positions: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """How slices of one plane orientation stack into a volume (every volume medvl reads from
+    DICOM is ordered here).
+
+    ``orientation``: the slices' Image Orientation (Patient); ``positions``: each slice's Image
+    Position (Patient), mm. Returns the slice indices sorted by position along the plane's normal
+    (the cross product of the row and column directions; ties keep their order), the gaps between
+    neighbours in that order (mm), and their median, the slice spacing: ``None`` when there are
+    fewer than two slices or two share a position (duplicates, or mixed acquisitions: not one volume).
+    """
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.array([float(np.dot(position, normal)) for position in positions])
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    distinct = len(gaps) > 0 and not np.any(gaps < MIN_SLICE_GAP_MM)
+    return order, gaps, float(np.median(gaps)) if distinct else None
+
+
+def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
+    position, orientation = plane_geometry(ds)
+    if position is None or orientation is None:
         raise DataError(path, "no Image Position / Orientation (Patient): cannot place the slice in a volume")
-    return np.asarray(position), np.asarray(orientation)
+    return position, orientation
 
 
-def _slice_spacing(first: Path, positions: np.ndarray) -> float:
-    steps = np.diff(positions)
-    if np.any(steps < 1e-4):
+def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
+    """``slice_stack`` for a volume being loaded: shared positions are a DataError, uneven gaps a warning."""
+    order, gaps, spacing = slice_stack(orientation, positions)
+    if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
-    spacing = float(np.median(steps))
-    if np.max(np.abs(steps - spacing)) > 0.01 * spacing + 1e-3:
+    if np.max(np.abs(gaps - spacing)) > 0.01 * spacing + 1e-3:
         log.warning("%s: uneven slice spacing (%.3g to %.3g mm); using the median %.3g mm",
-                    first.parent, steps.min(), steps.max(), spacing)
-    return spacing
+                    first.parent, gaps.min(), gaps.max(), spacing)
+    return order, spacing
 
 
 def _series_from(source: DicomSeries | str | Path) -> DicomSeries:
@@ -668,13 +706,11 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     geometry = [_slice_geometry(path, ds) for path, ds in headers]
     orientation = geometry[0][1]
     for (path, _), (_, other) in zip(headers, geometry, strict=True):
-        if not np.allclose(other, orientation, atol=1e-3):
+        if not same_plane(other, orientation):
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.array([float(np.dot(position, normal)) for position, _ in geometry])
-    ranking = np.argsort(positions, kind="stable")
-    dz = _slice_spacing(series.files[0], positions[ranking])
-    slices, row_spacing = [], None
+    ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry])
+    slices: list[np.ndarray] = []
+    row_spacing: list[float] | None = None
     for index in ranking:
         path = headers[index][0]
         array, meta = read_dicom(path, window=window)
@@ -701,10 +737,7 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     if not orientation or len(orientation) != 6 or any(not p or len(p) != 3 for p in positions):
         raise DataError(path, "multi-frame file without per-frame Image Position / Orientation: cannot place "
                               "its frames in a volume")
-    normal = np.cross(orientation[:3], orientation[3:])
-    along = np.array([float(np.dot(p, normal)) for p in positions])
-    ranking = np.argsort(along, kind="stable")
-    dz = _slice_spacing(path, along[ranking])
+    ranking, dz = _volume_order(path, np.asarray(orientation), [np.asarray(p) for p in positions])
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")

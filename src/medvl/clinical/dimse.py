@@ -43,14 +43,14 @@ import queue
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
 
 from ..errors import DataError, InputError
+from .formats import INSTALL_HINT
 from .pacs import SERIES_FIELDS, STUDY_FIELDS, keyword_or_tag
 from .pull import SeriesPlan, as_int, series_order
-from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class DimseClient:
 
     def echo(self) -> None:
         """C-ECHO: ``DataError`` unless the PACS answers with success."""
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         with self._association([(Verification, None)], "C-ECHO") as assoc:
             self._status(assoc.send_c_echo(), "C-ECHO")
@@ -251,7 +251,7 @@ class DimseClient:
         if assoc is None:
             with self._find_association(what) as opened:
                 return self._find(level, keys, filters, fields, limit, what, opened)
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         rows = []
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -260,7 +260,7 @@ class DimseClient:
         return rows[:limit] if limit is not None else rows
 
     def _find_association(self, what: str):
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         return self._association([(StudyRootQueryRetrieveInformationModelFind, None)], what)
 
@@ -286,7 +286,7 @@ class DimseClient:
                         sop_classes={str(i["SOPClassUID"]) for i in instances if i.get("SOPClassUID")}))
         return plans
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
         """The whole series (none of it here yet) or only the missing instances, by C-GET or C-MOVE."""
         keys = {"StudyInstanceUID": plan.study_uid, "SeriesInstanceUID": plan.series_uid}
         if len(missing) == len(plan.instances):
@@ -303,7 +303,7 @@ class DimseClient:
 
     def _get(self, identifiers: list, sop_classes: set[str], inbox: _Inbox) -> Iterator[IO[bytes]]:
         from pynetdicom import build_role, evt
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         contexts = _storage_contexts(sop_classes)
         roles = [build_role(uid, scp_role=True) for uid in dict.fromkeys(uid for uid, _ in contexts)]
@@ -313,7 +313,7 @@ class DimseClient:
             yield from self._run(assoc, requests, inbox, "C-GET")
 
     def _move(self, identifiers: list, inbox: _Inbox) -> Iterator[IO[bytes]]:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         self._start_storage_server()
         self._inbox = inbox
@@ -328,6 +328,8 @@ class DimseClient:
         """The C-MOVE storage SCP, started on first use and kept until ``close()``."""
         if self._storage_server is not None:
             return
+        if self.move_port is None:  # __init__ refuses retrieve="move" without a port
+            raise InputError("C-MOVE needs the port medvl listens on (move_port / --move-port)")
         from pynetdicom import evt
 
         ae = self._application_entity()
@@ -507,7 +509,8 @@ def _storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
 
     room = MAX_CONTEXTS - 1  # one is the C-GET context itself
     if not sop_classes:
-        return [(c.abstract_syntax, list(DEFAULT_TRANSFER_SYNTAXES)) for c in StoragePresentationContexts[:room]]
+        return [(c.abstract_syntax, list(DEFAULT_TRANSFER_SYNTAXES)) for c in StoragePresentationContexts[:room]
+                if c.abstract_syntax is not None]
     per_class = min(len(ALL_TRANSFER_SYNTAXES), room // len(sop_classes))
     if per_class < 2:
         raise DataError(None, f"a series with {len(sop_classes)} SOP classes cannot be fetched with C-GET in one "
@@ -519,7 +522,8 @@ def _accepted_storage_contexts():
     """What the C-MOVE storage SCP accepts: every storage SOP class in every transfer syntax."""
     from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
 
-    return [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES) for c in AllStoragePresentationContexts]
+    return [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES) for c in AllStoragePresentationContexts
+            if c.abstract_syntax is not None]
 
 
 def _status_text(code: int) -> str:

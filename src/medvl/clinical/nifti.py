@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .readers import INSTALL_HINT
+from .formats import INSTALL_HINT
 
 MAX_DECODED_BYTES = 1 << 30  # declared voxel data (and the float32 volume) above 1 GiB is refused
 MAX_HEADER_EXTENSION_BYTES = 16 << 20  # vox_offset beyond the header: extensions, at most 16 MiB

@@ -30,18 +30,17 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..errors import DataError, InputError
+from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
 from .pull import STATE_NAME as STATE_NAME
 from .pull import SeriesPlan, as_int, check_pull_arguments, run_pull, series_order
 from .pull import read_report as read_report
-from .pull import short_hash as short_hash
-from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,8 @@ class DicomWebClient:
 
     # ------------------------------------------------------------------------ HTTP plumbing
 
-    def _get(self, path: str, what: str, accept: str, params: Mapping[str, Any] | None = None, stream: bool = False):
+    def _get(self, path: str, what: str, accept: str,
+             params: Mapping[str, Any] | Sequence[tuple[str, str]] | None = None, stream: bool = False):
         """GET ``path`` below the service root; HTTP failures become ``DataError`` naming the URL."""
         requests = _require_requests()
         try:
@@ -250,7 +250,7 @@ class DicomWebClient:
                                         [str(i["SOPInstanceUID"]) for i in instances]))
         return plans
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
         """The whole series in one response when none of it is here, else only the missing instances."""
         if len(missing) == len(plan.instances):
             yield from self.retrieve_series(plan.study_uid, plan.series_uid)

@@ -24,13 +24,12 @@ reveal the date shift. Keep an unfinished folder private; finish it (rerun) or d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import IO, Any, Protocol
 from ..errors import DataError, InputError
 from ..io import atomic_write_bytes, write_json
 from ..progress import progress_bar
-from .readers import INSTALL_HINT
+from .formats import INSTALL_HINT, uid_hash
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,6 @@ STATE_NAME = ".medvl-pull-state.json"
 REPORT_NAME = "pull-report.json"
 STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
 STATE_FORMAT = 1
-
-
-def short_hash(value: str, length: int = 16) -> str:
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:length]
 
 
 @dataclass
@@ -77,7 +72,7 @@ class PullSource(Protocol):
         """Every series of the studies with its SOP Instance UIDs; ``DataError`` for an unknown study."""
         ...
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Iterator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
         """The ``missing`` instances of one series (more is fine) as DICOM files, each stream valid
         until the next; closing the iterator early stops the transfer."""
         ...
@@ -102,8 +97,8 @@ class _State:
 
 def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: str | None) -> _State:
     """A new state for an empty / new ``out``, or the saved one of an unfinished pull of the same studies."""
-    studies = sorted(short_hash(uid, 64) for uid in study_uids)
-    seed_check = short_hash(f"medvl-seed:{seed}", 64) if seed is not None else None
+    studies = sorted(uid_hash(uid, 64) for uid in study_uids)
+    seed_check = uid_hash(f"medvl-seed:{seed}", 64) if seed is not None else None
     path = out / STATE_NAME
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: the output must be a folder, this is a file")
@@ -185,13 +180,13 @@ class _Writer:
                 body.seek(0)
                 data = body.read()
             else:
-                data, entry = deidentify_dataset(ds, self.anonymizer, where)  # type: ignore[arg-type]
+                data, entry = deidentify_dataset(ds, self.anonymizer, where)
                 self.entries.append(entry)
-        relative = (f"study-{short_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
-                    f"series-{short_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
-                    f"{short_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
+        relative = (f"study-{uid_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
+                    f"series-{uid_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
+                    f"{uid_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
         atomic_write_bytes(self.out / relative, data)
-        return short_hash(original, 64), relative
+        return uid_hash(original, 64), relative
 
 
 def _anonymizer(seed: str | None):
@@ -254,10 +249,10 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
     try:
         with progress_bar("Pulling DICOM", total=total, enabled=show_progress) as advance:
             for number, plan in enumerate(plans, 1):
-                missing = [sop for sop in plan.instances if short_hash(sop, 64) not in state.done]
+                missing = [sop for sop in plan.instances if uid_hash(sop, 64) not in state.done]
                 plan.already = len(plan.instances) - len(missing)
-                plan.folder = next((str(Path(state.done[short_hash(s, 64)]).parent) for s in plan.instances
-                                    if short_hash(s, 64) in state.done), None)
+                plan.folder = next((str(Path(state.done[uid_hash(s, 64)]).parent) for s in plan.instances
+                                    if uid_hash(s, 64) in state.done), None)
                 advance(plan.already)
                 if not missing or budget <= 0:
                     continue
@@ -276,7 +271,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                             break
     finally:
         state.save()  # an instance written but not yet recorded is fetched and written again on resume
-    return all(short_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
+    return all(uid_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
 
 
 def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: bool, keep_identifiers: bool,

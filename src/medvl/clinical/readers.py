@@ -20,25 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-INSTALL_HINT = "pip install 'medvl[clinical]'"
-
-
-def has_dicom_preamble(path: str | Path) -> bool:
-    """True if the file carries the DICOM Part 10 marker: 128 bytes of preamble, then ``DICM``."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+from .dicom import FILE_WINDOW, read_dicom
+from .formats import DICOM_SUFFIXES, NIFTI_SUFFIXES
+from .formats import INSTALL_HINT as INSTALL_HINT
+from .nifti import read_nifti
 
 
 def read_dicom_image(path: Path) -> np.ndarray:
     """``read_image``'s DICOM reader (conventions in the module docstring)."""
-    from .dicom import FILE_WINDOW, read_dicom
-
     array, meta = read_dicom(path, window=FILE_WINDOW)
     if meta["color"]:
         return color_to_uint8(array, meta["bits_stored"])
@@ -49,8 +38,6 @@ def read_dicom_image(path: Path) -> np.ndarray:
 
 def read_nifti_image(path: Path) -> np.ndarray:
     """``read_image``'s NIfTI reader: the ``DxHxW`` float32 RAS volume."""
-    from .nifti import read_nifti
-
     return read_nifti(path)[0]
 
 

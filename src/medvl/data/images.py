@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..clinical.readers import has_dicom_preamble, register_clinical_readers
+from ..clinical.formats import has_dicom_preamble
+from ..clinical.readers import register_clinical_readers
 from ..errors import DataError
+from .record import LoadableImage
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ def read_pil(path: Path) -> np.ndarray:
                 problem = _too_large(*img.size)
                 if problem:
                     raise DataError(path, problem)
-                if getattr(img, "n_frames", 1) > 1:
-                    log.warning("%s: %d frames, reading the first only", path, img.n_frames)
+                frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
+                if frames > 1:
+                    log.warning("%s: %d frames, reading the first only", path, frames)
                 img.load()
                 return _pil_to_array(img)
     except Image.DecompressionBombError:
@@ -148,7 +151,7 @@ def check_finite(path: object, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path | LoadableImage) -> np.ndarray:
     """Read a 2D image file into an ``HxW`` (grayscale) or ``HxWx3`` (RGB) array.
 
     Raises ``DataError`` naming the file if it is missing, empty, of an unsupported type,
@@ -156,8 +159,8 @@ def read_image(path: str | Path) -> np.ndarray:
     with a ``load()`` method, such as a DICOM series read as one volume,
     ``medvl.data.loaders.dicom.DicomVolume``) is read by its own ``load()``.
     """
-    if callable(getattr(path, "load", None)):
-        return check_finite(path, path.load())  # type: ignore[union-attr]
+    if isinstance(path, LoadableImage):
+        return check_finite(path, path.load())
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,13 +24,24 @@ log = logging.getLogger(__name__)
 ALL_SPLITS = "all"
 
 
+@runtime_checkable
+class LoadableImage(Protocol):
+    """An image that is not one file, read when needed by its own ``load()`` (a DICOM series read
+    as one volume: ``medvl.data.loaders.dicom.DicomVolume``)."""
+
+    def load(self) -> np.ndarray: ...
+
+
+ImageSource = Path | np.ndarray | LoadableImage  # what ``Record.images`` holds
+
+
 @dataclass
 class Record:
     """One case: image(s), optional text, labels, metadata and the split it belongs to."""
 
     id: str
-    # file paths (read lazily) or arrays (HxW, HxWxC or DxHxW); patient data: kept out of repr
-    images: list[Path | np.ndarray] = field(repr=False)
+    # file paths and loadable images (read lazily) or arrays (HxW, HxWxC or DxHxW); patient data: kept out of repr
+    images: list[ImageSource] = field(repr=False)
     text: str | None = field(default=None, repr=False)  # report / caption; patient data: never logged
     labels: dict[str, Any] = field(default_factory=dict)
     # may carry report sections or case text (IU X-ray, MedPix): kept out of repr like ``text``
@@ -38,7 +49,7 @@ class Record:
     split: str = ALL_SPLITS
 
     @property
-    def image(self) -> Path | np.ndarray:
+    def image(self) -> ImageSource:
         """The first (usually only) image of the record; ``InputError`` for a text-only record."""
         if not self.images:
             raise InputError(f"record {self.id!r} has no image: its dataset is text-only (e.g. the IU X-ray "
@@ -82,7 +93,7 @@ class Dataset(Sequence[Record]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return self.subset(self.records[index])
         return self.records[index]

@@ -83,7 +83,7 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     depth = min(max(k, draft_k, map_depth) + max(map(len, excluded)), n_index, LIST_MAX)
     rankings = _rankings(index, vectors, excluded, depth, show_progress)
     query_sets = [label_set(r.labels, columns, binary) for r in queries]
-    result = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
+    result: dict[str, Any] = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
               "label_columns": columns, "k": k, "excluded_self": sum(bool(e) for e in excluded)}
     result.update(_agreement(rankings, query_sets, columns, binary, k, listing, n_index, map_depth, excluded))
     reference = _reference(queries, columns, binary, labeller, [h.labels for h in listing or []])
@@ -216,11 +216,16 @@ def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: 
                excluded: list[set[str]]) -> dict[str, Any]:
     prior = Counter(label_set(h.labels, columns, binary) for h in listing) if listing else Counter(query_sets)
     total = sum(prior.values())
-    precision, jaccards, aps, base_precision, base_jaccard, base_ap = [], [], [], [], [], []
+    precision: list[float] = []
+    jaccards: list[float] = []
+    aps: list[float] = []
+    base_precision: list[float] = []
+    base_jaccard: list[float] = []
+    base_ap: list[float] = []
     for ranking, query in zip(rankings, query_sets, strict=True):
         top = [label_set(h.labels, columns, binary) for h in ranking[:k]]
-        precision.append(np.mean([s == query for s in top]) if top else 0.0)
-        jaccards.append(np.mean([jaccard(s, query) for s in top]) if top else 0.0)
+        precision.append(float(np.mean([s == query for s in top])) if top else 0.0)
+        jaccards.append(float(np.mean([jaccard(s, query) for s in top])) if top else 0.0)
         base_precision.append(prior[query] / total)
         base_jaccard.append(sum(n * jaccard(s, query) for s, n in prior.items()) / total)
         ranked = [label_set(h.labels, columns, binary) == query for h in ranking[:map_depth]]
@@ -245,8 +250,9 @@ def _reference(queries: Sequence[Record], columns: Sequence[str], binary: set[st
     """Reference findings per query: from the labels if they all name findings, else the labeller
     on the query's own report. The vocabulary is every finding the labels of queries and index name."""
     knowledge = labeller.knowledge
-    names = [_findings_of(r.labels, columns, binary, knowledge) for r in queries]
-    if all(n is not None for n in names):
+    from_labels = [_findings_of(r.labels, columns, binary, knowledge) for r in queries]
+    names = [n for n in from_labels if n is not None]
+    if len(names) == len(from_labels):
         vocabulary = {knowledge.resolve(c) for c in columns if c in binary}
         for labels in index_labels:
             if all(c in labels for c in columns):
@@ -281,7 +287,8 @@ def _findings_of(labels: dict[str, Any], columns: Sequence[str], binary: set[str
 
 def _drafts(rankings: list[list[Hit]], reference: dict[str, Any], labeller: ReportLabeller, draft_k: int,
             min_support: float, min_similarity: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    drafted, nearest, answered, abstentions = [], [], [], Counter()
+    drafted, nearest, answered = [], [], []
+    abstentions: Counter[str | None] = Counter()
     for row, ranking in enumerate(rankings):
         draft = draft_from_hits(ranking[:draft_k], labeller, min_support=min_support, min_similarity=min_similarity)
         if draft.abstained:

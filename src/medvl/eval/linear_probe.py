@@ -39,8 +39,8 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
               "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}}
     rng = np.random.default_rng(seed)
     for k in few_shot:
-        scores = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
-        scores = [s for s in scores if s is not None]
+        runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
+        scores = [run for run in runs if run is not None]
         if scores:
             aucs = [s["macro_auc"] for s in scores if s["macro_auc"] is not None]
             accs = [s["accuracy"] for s in scores]
@@ -77,5 +77,5 @@ def _few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) -> dict | 
         if len(members) < k:
             return None
         chosen.extend(rng.choice(members, size=k, replace=False))
-    chosen = np.array(chosen)
-    return fit_and_score(x_train[chosen], y_train[chosen], x_test, y_test, classes, cv=False)
+    rows = np.array(chosen)
+    return fit_and_score(x_train[rows], y_train[rows], x_test, y_test, classes, cv=False)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def read_images(records: Sequence[Record]) -> list[tuple[Record, Any, str]]:
     """Each record with its image (decoded pixels, or a NIfTI path) and that image's pixel hash.
     A DICOM series (``DicomVolume``) is decoded by ``read_image`` like a file."""
-    items = []
+    items: list[tuple[Record, Any, str]] = []
     for record in records:
         if isinstance(record.image, str | Path) and image_suffix(record.image) in (".nii", ".nii.gz"):
             items.append((record, record.image, nifti_sha256(record.image)))

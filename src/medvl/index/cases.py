@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..clinical.readers import DICOM_SUFFIXES, has_dicom_preamble
+from ..clinical.formats import DICOM_SUFFIXES, has_dicom_preamble
 from ..data.record import Dataset, Record
 from ..errors import DataError
 
@@ -164,7 +164,11 @@ def check_ids_are_not_paths(ids: Sequence[str], source: str) -> None:
 
 def check_unique_ids(cases: Sequence[Case], source: str) -> None:
     seen: set[str] = set()
-    repeated = [c.id for c in cases if c.id in seen or seen.add(c.id)]
+    repeated = []
+    for case in cases:
+        if case.id in seen:
+            repeated.append(case.id)
+        seen.add(case.id)
     if repeated:
         raise DataError(source, f"{len(repeated)} repeated case ids, e.g. {repeated[0]!r}; ids must be unique")
 

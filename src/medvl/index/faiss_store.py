@@ -147,13 +147,15 @@ def search_params(ann: Any, kind: str, selector: Any = None, fraction: float = 1
     widen = 1.0 / max(fraction, 1e-6)
     if kind == HNSW:
         ef = int(min(EF_SEARCH_MAX, HNSW_EF_SEARCH * widen))
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef) if selector else \
-            faiss.SearchParametersHNSW(efSearch=ef)
+        if selector:
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]  # SWIG class missing from the faiss stubs
+        return faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]  # SWIG class missing from the faiss stubs
     if kind == IVFPQ:
         nprobe = int(min(ann.nlist, ann.nprobe * widen))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector else \
-            faiss.SearchParametersIVF(nprobe=nprobe)
-    return faiss.SearchParameters(sel=selector) if selector else None
+        if selector:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]  # faiss (SWIG) takes the fields as keywords; its stubs do not say so
+        return faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]  # faiss (SWIG) takes the fields as keywords; its stubs do not say so
+    return faiss.SearchParameters(sel=selector) if selector else None  # type: ignore[call-arg]  # faiss (SWIG) takes the fields as keywords; its stubs do not say so
 
 
 def measure_recall(ann: Any, kind: str, vectors: np.ndarray, vids: np.ndarray, seed: int = 0) -> float:

@@ -27,6 +27,8 @@ def embed_query(model, image: str | Path | np.ndarray | None = None, text: str |
         if not text.strip():
             raise InputError("the query text is empty")
         return model.encode_texts([text]).numpy()
+    if image is None:
+        raise InputError("give exactly one query: an image or a text")
     pixels = image if isinstance(image, np.ndarray) else read_image(image)
     return model.encode_images([pixels]).numpy()
 

@@ -81,6 +81,8 @@ def _tokenize(text: str) -> list[Token]:
             problem = "unterminated text" if text[pos] in "'\"" else f"unexpected character {text[pos]!r}"
             raise _error(text, pos, problem)
         kind, value = match.lastgroup, match.group()
+        if kind is None:  # every alternative of the token pattern is a named group
+            raise _error(text, pos, f"unexpected character {text[pos]!r}")
         if kind == "string":
             tokens.append(Token("string", value, pos, value[1:-1].replace(value[0] * 2, value[0])))
         elif kind == "number":

@@ -164,6 +164,14 @@ class ModelConfig:
             raise InputError(f"text.pooling must be mean or cls, got {self.text.pooling!r}")
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _build(cls, data: dict[str, Any], section: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -172,7 +180,7 @@ def _build(cls, data: dict[str, Any], section: str):
     instance = cls(**data)
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         if default is not None and value is not None and not _same_type(default, value):
             raise InputError(
                 f"{section}.{f.name} must be {type(default).__name__}, got {type(value).__name__}"

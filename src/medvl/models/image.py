@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from .config import ImageConfig
 
 
@@ -35,8 +35,8 @@ class ImageEncoder(nn.Module):
             tokens, _ = self.backbone(images)
             return tokens.mean(dim=1)
         if self.config.arch == "densenet":
-            features = self.backbone.features(images)
-            return torch.flatten(self.backbone.class_layers[:-1](features), 1)
+            features = self.backbone.get_submodule("features")(images)
+            return torch.flatten(_densenet_head(self.backbone)[:-1](features), 1)
         return self.backbone(images)
 
 
@@ -85,7 +85,18 @@ def _densenet(config: ImageConfig) -> tuple[nn.Module, int]:
         growth_rate=config.growth_rate,
         block_config=tuple(config.block_config),
     )
-    return net, net.class_layers.out.in_features
+    last = _densenet_head(net)[-1]
+    if not isinstance(last, nn.Linear):
+        raise ModelError(f"MONAI DenseNet ends in a {type(last).__name__}, not the linear layer medvl skips")
+    return net, last.in_features
+
+
+def _densenet_head(net: nn.Module) -> nn.Sequential:
+    """MONAI DenseNet's class layers (norm, activation, pooling, flatten, then the linear ``out``)."""
+    head = net.get_submodule("class_layers")
+    if not isinstance(head, nn.Sequential):
+        raise ModelError(f"MONAI DenseNet's class_layers is a {type(head).__name__}, not a Sequential")
+    return head
 
 
 class SlicePoolEncoder(nn.Module):

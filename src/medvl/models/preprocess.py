@@ -13,15 +13,15 @@ augmentation: small affine jitter, contrast and noise; flips only when the confi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.images import read_image
+from ..data.record import ImageSource
 from ..errors import DataError
 from .config import ImageConfig
-from .volumes import load_volume
+from .volumes import load_volume, plain_tensor
 
 
 class ImagePreprocessor:
@@ -36,15 +36,15 @@ class ImagePreprocessor:
         if config.augment:
             self._augment = _VolumeAugment(config) if config.spatial_dims == 3 else _build_augment(config)
 
-    def load(self, image: Path | str | np.ndarray) -> torch.Tensor:
+    def load(self, image: ImageSource | str) -> torch.Tensor:
         """Read (if a path) and bring one image to (C, *spatial) float in [0, 1], resized."""
         if self.config.spatial_dims == 3:
             return load_volume(image, self.config)
         source = image if not isinstance(image, np.ndarray) else "<array>"
         array = read_image(image) if not isinstance(image, np.ndarray) else image
-        return self.resize(self._intensities(array, source)).as_tensor().float().clamp_(0.0, 1.0)
+        return plain_tensor(self.resize(self._intensities(array, source))).float().clamp_(0.0, 1.0)
 
-    def load_many(self, images: Sequence[Path | str | np.ndarray]) -> torch.Tensor:
+    def load_many(self, images: Sequence[ImageSource | str]) -> torch.Tensor:
         return torch.stack([self.load(image) for image in images])
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -23,21 +23,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
 from ..data.images import image_suffix, read_image
+from ..data.record import ImageSource
 from ..errors import DataError
 from .config import ImageConfig
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
 
 SLAB_VOXELS = 2 << 20  # voxels read and resampled at a time (8 MiB as float32)
 _FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def load_volume(image, config: ImageConfig) -> torch.Tensor:
+def plain_tensor(transformed: torch.Tensor) -> torch.Tensor:
+    """A MONAI transform's output as a plain tensor: the transforms return a ``MetaTensor``,
+    which their annotations call a ``Tensor``."""
+    return cast("MetaTensor", transformed).as_tensor()
+
+
+def load_volume(image: ImageSource | str, config: ImageConfig) -> torch.Tensor:
     """One volume (path, array or loadable object) as model-ready ``(C, D, H, W)`` in [0, 1]."""
-    if not isinstance(image, np.ndarray) and not callable(getattr(image, "load", None)):
+    if isinstance(image, str | Path):
         suffix = image_suffix(image)
         if suffix in (".nii", ".nii.gz"):
             return _nifti_volume(Path(image), config)
@@ -83,7 +94,7 @@ class _SlabResampler:
         channels = self._intensities(slab)  # (C, k, j, i)
         count, rows, cols = slab.shape
         flat = torch.from_numpy(channels.reshape(-1, rows, cols))
-        resized = self.resize_plane(flat).as_tensor().float()
+        resized = plain_tensor(self.resize_plane(flat)).float()
         self.parts.append(resized.view(channels.shape[0], count, *self.target[1:]))
 
     def _intensities(self, slab: np.ndarray) -> np.ndarray:
@@ -107,7 +118,7 @@ class _SlabResampler:
         stack = torch.cat(self.parts, dim=1)
         depth = (stack.shape[1],)
         resize = Resize(spatial_size=self.target, mode=_mode(depth, self.target[:1], 1))
-        volume = resize(stack).as_tensor().float()
+        volume = plain_tensor(resize(stack)).float()
         if not self.eight_bit and not self.config.windows:
             span = self.high - self.low
             volume = (volume - self.low) / span if span > 0 else torch.zeros_like(volume)
@@ -130,7 +141,8 @@ def _finish_channels(volume: torch.Tensor, config: ImageConfig) -> torch.Tensor:
 def _array_volume(array: np.ndarray, source, config: ImageConfig) -> torch.Tensor:
     """A DxHxW array (already RAS) through the same slab-wise path."""
     depth, rows, cols = array.shape
-    resampler = _SlabResampler(config, (rows, cols), config.volume_shape, array.dtype == np.uint8)
+    target_depth, target_rows, target_cols = config.volume_shape
+    resampler = _SlabResampler(config, (rows, cols), (target_depth, target_rows, target_cols), array.dtype == np.uint8)
     step = max(1, SLAB_VOXELS // (rows * cols))
     _feed(resampler, (array[start:start + step] for start in range(0, depth, step)), source)
     return _finish_channels(resampler.finish(), config)

@@ -111,7 +111,8 @@ class _PairedTexts:
         self.source = source
 
     def batch(self, indices: Sequence[int], rng: random.Random) -> tuple[list[str], torch.Tensor]:
-        texts, keys = [], []
+        texts: list[str] = []
+        keys: list[tuple[str | None, ...]] = []  # one per distinct caption source: positives share it
         for index in indices:
             record = self.records[index]
             use_caption = self.source == "captions" or (self.source == "both" and rng.random() < 0.5)

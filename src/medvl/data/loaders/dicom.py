@@ -40,7 +40,6 @@ a row keep no labels and split ``all``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 from collections import Counter
@@ -51,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from ...clinical.formats import uid_hash
 from ...errors import DataError
 from ..record import Dataset, Record
 from .roots import OPT_IN, outside_root
@@ -77,10 +77,6 @@ def has_dicom_files(folder: str | Path) -> bool:
         if path.is_file() and not path.name.startswith(".") and is_dicom_candidate(path):
             return True
     return False
-
-
-def uid_hash(uid: str, length: int = 16) -> str:
-    return hashlib.sha256(str(uid).encode("utf-8")).hexdigest()[:length]
 
 
 class DicomVolume:
@@ -113,31 +109,30 @@ class _Header:
 
 
 def _header(path: Path) -> _Header:
-    from ...clinical.dicom import _floats, _frame_count, read_dataset
+    from ...clinical.dicom import _frame_count, plane_geometry, read_dataset
 
     ds = read_dataset(path, header_only=True)
-    position = _floats(ds.get("ImagePositionPatient"))
-    orientation = _floats(ds.get("ImageOrientationPatient"))
-    return _Header(path, ds, _frame_count(ds),
-                   np.asarray(position) if position and len(position) == 3 else None,
-                   np.asarray(orientation) if orientation and len(orientation) == 6 else None)
+    return _Header(path, ds, _frame_count(ds), *plane_geometry(ds))
 
 
 def _stackable(headers: list[_Header]) -> float | None:
-    """The median slice spacing (mm) if these single-frame slices form a volume, else None."""
-    if len(headers) < 2 or any(h.frames != 1 or h.position is None or h.orientation is None for h in headers):
+    """The median slice spacing (mm) if these single-frame slices form a volume, else None
+    (duplicates or mixed acquisitions are images, not a volume)."""
+    from ...clinical.dicom import same_plane, slice_stack
+
+    if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
-    first = headers[0]
-    size = (first.ds.get("Rows"), first.ds.get("Columns"))
-    if any(not np.allclose(h.orientation, first.orientation, atol=1e-3) for h in headers) or \
+    positions, orientations = [], []
+    for header in headers:
+        if header.position is None or header.orientation is None:
+            return None
+        positions.append(header.position)
+        orientations.append(header.orientation)
+    size = (headers[0].ds.get("Rows"), headers[0].ds.get("Columns"))
+    if any(not same_plane(orientation, orientations[0]) for orientation in orientations) or \
             any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers):
         return None
-    normal = np.cross(first.orientation[:3], first.orientation[3:])
-    along = np.sort([float(np.dot(h.position, normal)) for h in headers])
-    steps = np.diff(along)
-    if np.any(steps < 1e-4):
-        return None  # duplicates or mixed acquisitions: images, not a volume
-    return float(np.median(steps))
+    return slice_stack(orientations[0], positions)[2]
 
 
 def _multiframe_volume(header: _Header) -> bool:
@@ -309,7 +304,7 @@ def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels)
     for record, keys in records:
         value = keys.get(labels.key)
         row = labels.rows.get(value) if value is not None else None
-        if row is None:
+        if value is None or row is None:
             continue
         used.add(value)
         for name, cell in row.items():

@@ -239,14 +239,14 @@ def _is_report_member(member: tarfile.TarInfo) -> bool:
 class _BoundedStream(io.RawIOBase):
     """A read-only stream that raises ``DataError`` once more than ``limit`` bytes came out of it."""
 
-    def __init__(self, stream: IO[bytes], path: Path, limit: int, what: str):
+    def __init__(self, stream: io.BufferedIOBase, path: Path, limit: int, what: str):
         super().__init__()
         self.stream, self.path, self.limit, self.what, self.count = stream, path, limit, what, 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         data = self.stream.read(len(buffer))
         self.count += len(data)
         if self.count > self.limit:
@@ -264,9 +264,9 @@ def _open_stream(path: Path) -> Iterator[tuple[tarfile.TarFile, _BoundedStream]]
     with path.open("rb") as file:
         gzipped = file.read(2) == b"\x1f\x8b"
         file.seek(0)
-        raw: IO[bytes] = gzip.GzipFile(fileobj=file, mode="rb") if gzipped else file
+        raw: io.BufferedIOBase = gzip.GzipFile(fileobj=file, mode="rb") if gzipped else file
         bounded = _BoundedStream(raw, path, MAX_ARCHIVE_BYTES, "a report archive is ~24 MB")
-        with raw, tarfile.open(fileobj=bounded, mode="r|") as tar:  # type: ignore[call-overload]
+        with raw, tarfile.open(fileobj=bounded, mode="r|") as tar:
             yield tar, bounded
 
 

@@ -343,7 +343,8 @@ def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
 
 
 def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | None],
-            labels: list[str], resolver: _ImageResolver) -> tuple[Record, bool]:
+            labels: list[str], resolver: _ImageResolver) -> tuple[Record, Path, bool]:
+    """The row's record, its image's resolved path, and whether that file exists."""
     image_value = row.get(roles["image"] or "", "")
     if not image_value:
         raise DataError(path, f"line {line}: empty {roles['image']!r} cell")
@@ -360,7 +361,7 @@ def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | N
         meta={k: v for k, v in row.items() if v and k not in (roles["image"], roles["text"])},
         split=split,
     )
-    return record, exists
+    return record, image, exists
 
 
 def _default_id(image_value: str, image: Path, root: Path) -> str:
@@ -384,12 +385,15 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
-    records, missing, first_line, images = [], [], {}, []
+    records: list[Record] = []
+    missing: list[tuple[int, Path]] = []
+    first_line: dict[str, int] = {}
+    images: list[tuple[str, Path]] = []
     for line, row in rows:
-        record, exists = _record(path, line, row, roles, labels, resolver)
-        images.append((f"line {line}", record.image))
+        record, image, exists = _record(path, line, row, roles, labels, resolver)
+        images.append((f"line {line}", image))
         if not exists:
-            missing.append((line, record.image))
+            missing.append((line, image))
         if record.id in first_line:
             raise DataError(path, f"duplicate id {record.id!r} on lines {first_line[record.id]} "
                                   f"and {line}")

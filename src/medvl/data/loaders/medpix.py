@@ -84,6 +84,12 @@ def _image_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _section(row: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested object of a JSON row, or an empty one when absent or not an object."""
+    value = row.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _case_report(case: dict[str, Any]) -> str | None:
     parts = [(name, _value(case, name)) for name in REPORT_PARTS]
     text = "\n\n".join(f"{name}: {value}" for name, value in parts if value)
@@ -98,7 +104,7 @@ def _cases(folder: Path, split: str) -> dict[str, dict[str, str]]:
         return {}
     cases = {}
     for _, row in read_jsonl(path):
-        case = row.get("Case") if isinstance(row.get("Case"), dict) else {}
+        case = _section(row, "Case")
         cases[str(row.get("U_id"))] = _present({
             "case_report": _case_report(case),
             "case_diagnosis": _value(case, "Case Diagnosis"),
@@ -108,7 +114,7 @@ def _cases(folder: Path, split: str) -> dict[str, dict[str, str]]:
 
 def _record(row: dict[str, Any], split: str, image: Path,
             cases: dict[str, dict[str, str]]) -> Record:
-    description = row.get("Description") if isinstance(row.get("Description"), dict) else {}
+    description = _section(row, "Description")
     case_id = _value(row, "U_id")
     labels = {
         "modality": _value(row, "Type"),

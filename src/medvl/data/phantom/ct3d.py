@@ -39,6 +39,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,12 +186,17 @@ def _tissue_hu(rng: np.random.Generator, contrast: bool) -> dict[str, float]:
     return hu
 
 
+def _xyz(values: Iterable[float]) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in values)
+    return x, y, z
+
+
 def _segments(rng: np.random.Generator, start: tuple[float, float, float], count: int,
               spread: tuple[float, float, float], radius: tuple[float, float]) -> tuple[_Segment, ...]:
     segments = []
     for _ in range(count):
-        end = tuple(s + _uniform(rng, -d, d) for s, d in zip(start, spread, strict=True))
-        segments.append(_Segment(start, end, _uniform(rng, *radius)))  # type: ignore[arg-type]
+        end = _xyz(s + _uniform(rng, -d, d) for s, d in zip(start, spread, strict=True))
+        segments.append(_Segment(start, end, _uniform(rng, *radius)))
     return tuple(segments)
 
 
@@ -221,8 +227,8 @@ def _sample_body(rng: np.random.Generator, meta: dict[str, Any]) -> _Body:
         direction = np.array([math.cos(angle) * math.cos(tilt), math.sin(angle) * math.cos(tilt), math.sin(tilt)])
         content = rng.uniform()  # gas, positive oral contrast or fluid
         hu = -1000.0 if content < 0.4 else _uniform(rng, 200.0, 300.0) if content < 0.8 else _uniform(rng, 10.0, 30.0)
-        ends = (tuple(float(v) for v in center - half * direction), tuple(float(v) for v in center + half * direction))
-        bowel.append((_Segment(ends[0], ends[1], _uniform(rng, 10.0, 15.0)), hu))
+        segment = _Segment(_xyz(center - half * direction), _xyz(center + half * direction), _uniform(rng, 10.0, 15.0))
+        bowel.append((segment, hu))
     hilum_z = dome_right + 70.0
     lung_vessels = (_segments(rng, (45.0, cy + 5.0, hilum_z), 6, (60.0, 50.0, 60.0), (1.5, 2.5))
                     + _segments(rng, (-45.0, cy + 5.0, hilum_z), 6, (60.0, 50.0, 60.0), (1.5, 2.5)))
@@ -411,7 +417,7 @@ def _paint_segments(volume: np.ndarray, grid: _Grid, segments, hu: float, within
     for segment in segments:
         center = tuple((a + b) / 2.0 for a, b in zip(segment.start, segment.end, strict=True))
         half = 0.5 * math.dist(segment.start, segment.end) + segment.radius
-        box = grid.box(center, half, half)  # type: ignore[arg-type]
+        box = grid.box(center, half, half)
         x, y, z = grid.coords(box)
         occupancy = _soft(_segment_margin(segment, x, y, z), grid.voxel)
         if within is not None:
@@ -630,7 +636,7 @@ def _draw_finding(volume: np.ndarray, grid: _Grid, body: _Body, name: str,
         return occupancy
     radius = params["diameter"] / 2.0
     stretch = params.get("stretch", (1.0, 1.0, 1.0))
-    shape = _Ellipsoid(params["center"], tuple(radius * s for s in stretch))  # type: ignore[arg-type]
+    shape = _Ellipsoid(params["center"], tuple(radius * s for s in stretch))
     if name == "lung_nodule":
         return _paint_shape(volume, grid, shape, params["hu"],
                             lambda x, y, z: np.minimum(shape.margin(x, y, z), _lung_margin(body, x, y, z) + 2.0))

@@ -30,17 +30,23 @@ Conventions
   different abnormal finding to abnormal cases (never to ``no_finding``). When effusion and
   pneumothorax occur together they are on opposite sides.
 * About 20 % of abnormal findings are drawn ``subtle`` (small or faint, but still visible).
+* **Visits** (``render_case(..., visit=Visit(...))``): another film of the same patient for
+  longitudinal and counting questions. Anatomy, findings and their positions come from the case's
+  own streams; a visit ``number`` >= 1 is a film taken another day (its own pose, exposure and
+  noise), ``grow`` scales the findings, ``absent`` removes some and ``nodules`` adds nodules.
+  ``visit=None`` leaves the case exactly as it always was.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from ...checks import check_number
 from ...errors import InputError
 from .reports import write_report
 
@@ -64,6 +70,9 @@ _CAGE_CENTER_Y = 0.25  # anatomical height at which the rib cage is widest
 
 # independent random streams of a case, each seeded by (seed, index, stream)
 _STREAM_IMAGE, _STREAM_REPORT, _STREAM_CLASS, _STREAM_NOISE, _STREAM_MOTTLE = 0, 1, 2, 3, 4
+_STREAM_VISIT, _STREAM_NODULES = 5, 6  # another film of the patient; its extra nodules
+MAX_NODULES = 4  # nodules a visit may show (one per zone at most: they never overlap)
+GROW_RANGE = (0.5, 2.0)  # allowed Visit.grow
 
 
 @dataclass
@@ -90,6 +99,32 @@ class PhantomCase:
     def finding(self) -> str:
         """The primary finding (one of ``FINDINGS``)."""
         return self.findings[0]["name"]
+
+
+@dataclass(frozen=True)
+class Visit:
+    """Another film of the same patient, for longitudinal, comparison and counting questions.
+
+    The patient (anatomy, findings, their sides and positions) is the case's; a visit changes only:
+
+    * ``number``: 0 is the case's own film (same pose, exposure and noise: a counterfactual of the
+      same image); >= 1 a film taken another day, with its own pose, exposure and noise.
+    * ``grow``: factor (0.5-2) on the extent of every finding present: nodule diameter + 4 mm
+      (rounded to whole mm), effusion height (at most 0.75 of the normalised frame), pneumothorax
+      depth (at most 0.45), consolidation spread; the cardiothoracic ratio by a third of it
+      (1.5 -> x 1.167, at most 0.8). Centres stay where they were on the first film.
+    * ``absent``: findings not on this film (resolved, or not yet present); a resolved
+      cardiomegaly gets a normal ratio (0.41-0.48, PA). Nothing left is ``no_finding``.
+    * ``nodules``: total number of nodules (1-4; more than 1 needs a case with a nodule). Extra
+      nodules come from their own stream (non-subtle, 6-15 mm), each in a zone of its own and
+      apart from the others; each has its own ``findings`` entry named "nodule" (the first
+      is the case's), and ``masks["nodule"]`` is their union.
+    """
+
+    number: int = 1
+    grow: float = 1.0
+    absent: tuple[str, ...] = ()
+    nodules: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +274,7 @@ def _lateral_limit(anat: _Anatomy, y: np.ndarray) -> np.ndarray:
     return anat.half_width * (1.0 - rel**2.4) ** 0.5
 
 
-def _dome(anat: _Anatomy, x: np.ndarray) -> np.ndarray:
+def _dome(anat: _Anatomy, x: np.ndarray | np.floating) -> np.ndarray:
     """Height of the diaphragm under x: a parabola per side, lowest at the costophrenic angle."""
     top = np.where(x < 0, np.float32(anat.dome_top[0]), np.float32(anat.dome_top[1]))
     peak = 0.47 * anat.half_width
@@ -308,7 +343,7 @@ def _lung_margin(anat: _Anatomy, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 # Normal anatomy: an attenuation map (arbitrary units: 0 for air, ~0.5 through the mediastinum).
 
 
-def _smoothstep(edge0: float, edge1: float, value: np.ndarray) -> np.ndarray:
+def _smoothstep(edge0: float, edge1: float | np.ndarray, value: np.ndarray) -> np.ndarray:
     t = np.clip((value - edge0) / (edge1 - edge0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -608,7 +643,7 @@ def _pneumothorax_params(rng: np.random.Generator, anat: _Anatomy, subtle: bool)
 
 
 def _nodule_params(rng: np.random.Generator, subtle: bool) -> dict[str, Any]:
-    size_mm = float(_pick(subtle, rng.integers(3, 7), rng.integers(6, 16)))
+    size_mm = float(_pick(subtle, int(rng.integers(3, 7)), int(rng.integers(6, 16))))
     return {
         "level": ZONE_LEVELS[int(rng.integers(3))],
         "size_mm": size_mm,
@@ -694,7 +729,7 @@ def _draw_findings(names: list[str], params: dict[str, dict], anat: _Anatomy, fr
         if name not in names:
             continue
         finding = params[name]
-        if name in ("nodule", "consolidation"):
+        if name in ("nodule", "consolidation") and "x" not in finding:  # a visit locates beforehand
             _locate(name, finding, anat, drawn)
         if name == "consolidation":
             mottle = ndimage.gaussian_filter(mottle_rng.standard_normal(shape, np.float32),
@@ -704,6 +739,10 @@ def _draw_findings(names: list[str], params: dict[str, dict], anat: _Anatomy, fr
         masks[name] = _at_least_one_pixel(mask, frame, _anchor(name, finding, anat))
         drawn[name] = finding
     records = [_record(name, params.get(name, {}), anat, masks) for name in names]
+    for extra in params.get("extra_nodules", ()):
+        mask = _at_least_one_pixel(_nodule(anat, frame, layers, extra), frame, (extra["x"], extra["y"]))
+        records.append(_record("nodule", extra, anat, {"nodule": mask}))
+        masks["nodule"] = masks["nodule"] | mask
     return records, {name: masks[name] for name in names if name in masks}, layers
 
 
@@ -731,11 +770,16 @@ def _locate(name: str, params: dict, anat: _Anatomy, drawn: dict[str, dict]) -> 
     params["x"], params["y"] = _place(anat, drawn, params, radius)
     params["zone"] = _zone_of(anat, params["x"], params["y"])
     if name == "consolidation":
-        params["blobs"] = [
-            (params["x"] + 0.8 * params["spread"] * dx, params["y"] + 0.8 * params["spread"] * dy,
-             params["spread"] * (0.55 + 0.35 * abs(dr)))
-            for dx, dy, dr in params["offsets"]
-        ]
+        _set_blobs(params)
+
+
+def _set_blobs(params: dict) -> None:
+    """The consolidation's lobules around its centre, scaled by its spread."""
+    params["blobs"] = [
+        (params["x"] + 0.8 * params["spread"] * dx, params["y"] + 0.8 * params["spread"] * dy,
+         params["spread"] * (0.55 + 0.35 * abs(dr)))
+        for dx, dy, dr in params["offsets"]
+    ]
 
 
 def _severity(name: str, params: dict, anat: _Anatomy) -> str | None:
@@ -845,14 +889,16 @@ def _sample_meta(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def render_case(seed: int, index: int, size: int = 128,
-                extra_finding_prob: float = 0.0) -> PhantomCase:
+                extra_finding_prob: float = 0.0, visit: Visit | None = None) -> PhantomCase:
     """Draw case ``index`` of the phantom data set ``seed`` as a ``size`` x ``size`` radiograph.
 
     ``extra_finding_prob`` is the probability that an abnormal case gets a second, different
-    finding (for multi-label use). Raises InputError for a size below 32, a negative seed or
-    index, or a probability outside [0, 1].
+    finding (for multi-label use). ``visit`` draws another film of the same patient instead (see
+    ``Visit``). Raises InputError for a size below 32, a negative seed or index, a probability
+    outside [0, 1], or a bad visit.
     """
     check_case_args(seed, index, size, extra_finding_prob)
+    _check_visit(visit)
     seed, index, size = int(seed), int(index), int(size)
     rng = np.random.default_rng([seed, index, _STREAM_IMAGE])
     names = _choose_findings(seed, index, rng, float(extra_finding_prob))
@@ -862,13 +908,108 @@ def render_case(seed: int, index: int, size: int = 128,
     ctr = _sample_ctr(rng, "cardiomegaly" in names, subtle["cardiomegaly"])
     anat = _sample_anatomy(rng, meta, ctr)
     params = _finding_params(rng, anat, subtle, names)
+    noise_key = [seed, index, _STREAM_NOISE]
+    if visit is not None:
+        names, anat = _visit_findings(visit, (seed, index), names, params, anat)
+        if visit.number > 0:
+            film_rng = np.random.default_rng([seed, index, _STREAM_VISIT, visit.number])
+            pose, acq = _sample_pose(film_rng), _sample_acquisition(film_rng, meta["view"])
+            noise_key.append(visit.number)
     frame = _frame(size, pose, anat)
     mottle_rng = np.random.default_rng([seed, index, _STREAM_MOTTLE])
     findings, masks, layers = _draw_findings(names, params, anat, frame, mottle_rng)
-    noise_rng = np.random.default_rng([seed, index, _STREAM_NOISE])
+    noise_rng = np.random.default_rng(noise_key)
     image = _expose(_anatomy_attenuation(anat, frame, layers), acq, frame, noise_rng)
     meta = {**meta, "ctr": round(anat.ctr, 3)}
     report = write_report(findings, meta, np.random.default_rng([seed, index, _STREAM_REPORT]))
     anatomy = {"lungs": frame.lung, "heart": frame.heart}
     return PhantomCase(image=image, findings=findings, masks=masks, report=report, meta=meta,
                        anatomy=anatomy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Visits: other films of the same patient.
+
+
+def _check_visit(visit: Visit | None) -> None:
+    if visit is None:
+        return
+    if not isinstance(visit, Visit):
+        raise InputError(f"visit must be a Visit, got {type(visit).__name__}")
+    check_number("visit.number", visit.number, minimum=0, integer=True)
+    check_number("visit.grow", visit.grow, minimum=GROW_RANGE[0], maximum=GROW_RANGE[1])
+    check_number("visit.nodules", visit.nodules, minimum=1, maximum=MAX_NODULES, integer=True)
+    unknown = [name for name in visit.absent if name not in ABNORMAL]
+    if unknown:
+        raise InputError(f"visit.absent must name findings among {', '.join(ABNORMAL)}, got {unknown}")
+    if visit.nodules > 1 and "nodule" in visit.absent:
+        raise InputError("a visit cannot both add nodules and remove the nodule")
+
+
+def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params: dict[str, dict],
+                    anat: _Anatomy) -> tuple[list[str], _Anatomy]:
+    """Locate the findings as on the first film, then add nodules, grow and remove as the visit says."""
+    drawn: dict[str, dict] = {}
+    for name in _RENDER_ORDER:
+        if name in names:
+            if name in ("nodule", "consolidation"):
+                _locate(name, params[name], anat, drawn)
+            drawn[name] = params[name]
+    if visit.nodules > 1:
+        if "nodule" not in names:
+            raise InputError(f"visit.nodules={visit.nodules} needs a case with a nodule (this one: {', '.join(names)})")
+        params["extra_nodules"] = _extra_nodules(visit.nodules - 1, key, params["nodule"], anat, drawn)
+    anat = _grow(visit.grow, names, params, anat)
+    if "cardiomegaly" in visit.absent and "cardiomegaly" in names:
+        normal = 0.41 + 0.07 * float(np.random.default_rng([*key, _STREAM_VISIT]).uniform())
+        anat = replace(anat, pa_ctr=normal, ctr=anat.ctr * normal / anat.pa_ctr)
+    kept = [name for name in names if name not in visit.absent]
+    return kept or ["no_finding"], anat
+
+
+def _grow(factor: float, names: list[str], params: dict[str, dict], anat: _Anatomy) -> _Anatomy:
+    """Scale the extent of the findings present by ``factor`` (see ``Visit.grow``)."""
+    if factor == 1.0:
+        return anat
+    for nodule in (params["nodule"], *params.get("extra_nodules", ())):
+        nodule["size_mm"] = float(max(1, round((nodule["size_mm"] + 4.0) * factor - 4.0)))
+        nodule["radius"] = (nodule["size_mm"] + 4.0) / 190.0
+    params["pleural_effusion"]["height"] = min(0.75, params["pleural_effusion"]["height"] * factor)
+    params["pneumothorax"]["depth"] = min(0.45, params["pneumothorax"]["depth"] * factor)
+    consolidation = params["consolidation"]
+    consolidation["spread"] *= factor
+    if "x" in consolidation:
+        _set_blobs(consolidation)
+    if "cardiomegaly" not in names:
+        return anat
+    pa_ctr = min(0.8, anat.pa_ctr * (1.0 + (factor - 1.0) / 3.0))
+    return replace(anat, pa_ctr=pa_ctr, ctr=anat.ctr * pa_ctr / anat.pa_ctr)
+
+
+def _extra_nodules(count: int, key: tuple[int, int], first: dict, anat: _Anatomy,
+                   drawn: dict[str, dict]) -> list[dict]:
+    """``count`` more nodules, each in a zone no other nodule holds and clear of the others."""
+    rng = np.random.default_rng([*key, _STREAM_NODULES])
+    zones = [(side, level) for side in SIDE_SIGN for level in ZONE_LEVELS]
+    placed = [first]
+    for _ in range(count):
+        nodule = {**_nodule_params(rng, subtle=False), "subtle": False}
+        order = rng.permutation(len(zones))  # drawn whatever happens next: fixed draws per nodule
+        taken = {other["zone"] for other in placed}
+        for side, level in (zones[int(k)] for k in order):
+            nodule.update(side=side, level=level)
+            x, y = _place(anat, drawn, nodule, nodule["radius"])
+            zone = _zone_of(anat, x, y)
+            if zone not in taken and all(_apart(x, y, nodule, other) for other in placed):
+                break
+        else:
+            raise InputError(f"no room for {count + 1} nodules in case {key[1]}")
+        nodule.update(x=x, y=y, zone=zone)
+        placed.append(nodule)
+    return placed[1:]
+
+
+def _apart(x: float, y: float, nodule: dict, other: dict) -> bool:
+    """True when two nodules (drawn up to 1.15 x their radius across) are clearly separate."""
+    gap = 1.15 * (nodule["radius"] + other["radius"]) + 0.04
+    return math.hypot(x - other["x"], y - other["y"]) > gap

@@ -196,7 +196,7 @@ def _write_ct_case(case: ct3d.CTCase, name: str, root: Path) -> str:
 
 def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float,
                        kind: str = "cxr2d") -> None:
-    generator = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
+    generator: dict[str, Any] = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
     if kind == "ct3d":
         generator = {"kind": kind, **generator, "fov_mm": list(ct3d.FOV_MM),
                      "spacing_mm": [fov / size for fov in ct3d.FOV_MM]}
