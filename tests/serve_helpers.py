@@ -1,0 +1,54 @@
+"""Starting the real service for tests: a tiny model trained by ``medvl train``, an index built by
+``medvl index build``, and a uvicorn server on a free 127.0.0.1 port (imported by the service test modules)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from cli_helpers import invoke
+
+
+def train_tiny_model(data: Path, out: Path) -> Path:
+    """``medvl train`` of the tiny phantom model for one epoch; returns its model folder."""
+    result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", out,
+                            "--epochs", 1, "--batch-size", 32, "-q")
+    assert result.exit_code == 0, output
+    return out / "model"
+
+
+def build_case_index(model_dir: Path, data: Path, out: Path, split: str = "train") -> Path:
+    """``medvl index build`` of ``data``'s ``split`` with the model; returns the index folder."""
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data, "--out", out,
+                            "--split", split, "-q")
+    assert result.exit_code == 0, output
+    return out
+
+
+class Server:
+    """A real uvicorn server in a thread on a free 127.0.0.1 port; ``url`` is its base address."""
+
+    def __init__(self, app):
+        self.app = app
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.socket.close()
