@@ -16,8 +16,15 @@ modality           -                            ``modality``
 language           -                            ``q_lang`` (``en`` / ``zh``)
 =================  ===========================  =================================
 
-``question``, ``answer`` and an image name are required: a missing one is a ``DataError`` naming
-the file, the item and the key. Without ``qid`` the item's index in the file is its id. Files must
+Multi-image questions (an extension, written by the phantom's VQA generator: "which image shows X",
+progression between two films): ``image_names``, a JSON array of file names in order (earlier film
+first); ``image_name``, when also given, is its first. ``VQAItem.images`` holds every image in order
+(one for ordinary questions) and ``VQAItem.image`` the first; records get all of them in
+``Record.images`` (and their names in meta ``image_names``). Other keys are ignored (the phantom
+adds ``patient``, ``template``, ``options``).
+
+``question``, ``answer`` and an image name (or ``image_names``) are required: a missing one is a
+``DataError`` naming the file, the item and the key. Without ``qid`` the item's index in the file is its id. Files must
 be UTF-8 JSON; anything else is a ``DataError`` naming the file.
 
 Answers: ``answer`` is kept as written (numbers become their JSON text, ``2`` -> ``"2"``);
@@ -26,8 +33,9 @@ match scoring. ``answer_type`` is upper-cased and stripped (VQA-RAD has ``"CLOSE
 ``CLOSED`` (yes/no or a choice) or ``OPEN``.
 
 Images: ``<folder>/<name>``, else ``<folder>/images/<name>`` (VQA-RAD) or ``<folder>/imgs/<name>``
-(SLAKE). A missing image file is a ``DataError`` naming the question id and the path, so a broken
-copy is noticed; ``skip_missing_images=True`` instead skips those questions and logs how many.
+(SLAKE), for every image of a question. A missing image file is a ``DataError`` naming the
+question id and the path, so a broken copy is noticed; ``skip_missing_images=True`` instead skips
+those questions and logs how many.
 An image name resolving (symbolic links followed) outside the question file's folder
 (``../../etc/passwd``, an absolute path elsewhere) is refused before any image is read: one
 ``DataError`` naming the file, the count and the first item number, unless
@@ -38,9 +46,10 @@ Splits: the file name, minus a ``set`` suffix (``trainset.json`` -> ``train``, S
 file (``QUESTION_KEYS`` and an image key near the start), each as one split; other JSON files
 (VQA-RAD's ``answer_all_list.json``) are left alone.
 
-Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` = [image path];
-``text`` = the question; labels ``answer_type`` (``CLOSED`` / ``OPEN``); meta ``qid``, ``answer``,
-``answer_normalized``, ``question_type``, ``organ``, ``modality``, ``language``, ``image_name``
+Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` = [image path]
+(every image of a multi-image question); ``text`` = the question; labels ``answer_type``
+(``CLOSED`` / ``OPEN``); meta ``qid``, ``answer``, ``answer_normalized``, ``question_type``, ``organ``,
+``modality``, ``language``, ``image_name``
 (each when present). ``load_vqa`` returns typed ``VQAItem`` s for VQA training and evaluation.
 """
 
@@ -56,11 +65,12 @@ from typing import Any
 from ...errors import DataError
 from ..record import Dataset, Record
 from .manifest import decode_utf8
-from .roots import check_inside_root, is_file
+from .roots import check_inside_root, is_file, is_inside
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("image_name", "img_name")
+IMAGE_LIST_KEY = "image_names"  # multi-image questions (see the module docstring)
 QUESTION_KEYS = ("question", "answer")
 OPTIONAL_KEYS = {  # VQAItem field -> keys, first found wins
     "question_type": ("question_type", "content_type"),
@@ -90,6 +100,7 @@ class VQAItem:
     organ: str | None = None  # VQA-RAD: HEAD, CHEST, ABD; SLAKE: location (Lung, Brain...)
     modality: str | None = None  # SLAKE only: CT, MRI, X-Ray
     language: str | None = None  # SLAKE only: en, zh
+    images: tuple[Path, ...] = ()  # every image in order (earlier film first); (image,) for one image
 
 
 def normalize_answer(answer: str) -> str:
@@ -109,7 +120,8 @@ def looks_like_vqa_file(path: Path) -> bool:
         return False
     with path.open("rb") as handle:
         head = handle.read(SNIFF_BYTES).decode("utf-8", errors="replace")
-    return all(f'"{key}"' in head for key in QUESTION_KEYS) and any(f'"{key}"' in head for key in IMAGE_KEYS)
+    image_keys = (*IMAGE_KEYS, IMAGE_LIST_KEY)
+    return all(f'"{key}"' in head for key in QUESTION_KEYS) and any(f'"{key}"' in head for key in image_keys)
 
 
 def vqa_files(folder: Path) -> list[Path]:
@@ -161,23 +173,44 @@ def _resolve_image(folder: Path, name: str) -> Path | None:
     return next((path for path in candidates if is_file(path)), None)
 
 
+def _image_names(path: Path, index: int, raw: dict[str, Any]) -> list[str]:
+    """The item's image names: ``image_names`` when given (a non-empty array of names), else the one name."""
+    names = raw.get(IMAGE_LIST_KEY)
+    if names is None:
+        return [_required(path, index, raw, IMAGE_KEYS)]
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) and name.strip() for name in names):
+        qid = _text(raw.get("qid")) or "?"
+        raise DataError(path, f"item {index} (qid {qid}): {IMAGE_LIST_KEY!r} must be a non-empty array of "
+                              "file names")
+    return [name.strip() for name in names]
+
+
 def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, bool]:
-    """(item, image exists); the image path is the first candidate when none exists."""
-    image_name = _required(path, index, raw, IMAGE_KEYS)
+    """(item, every image exists); an image's path is its first candidate when none exists."""
+    image_names = _image_names(path, index, raw)
     answer = _required(path, index, raw, ("answer",))
-    image = _resolve_image(path.parent, image_name)
+    found = [_resolve_image(path.parent, name) for name in image_names]
+    images = tuple(image or path.parent / IMAGE_FOLDERS[1] / name
+                   for image, name in zip(found, image_names, strict=True))
     answer_type = _first(raw, (ANSWER_TYPE_COLUMN,))
     item = VQAItem(
         qid=_text(raw.get("qid")) or str(index),
-        image=image or path.parent / IMAGE_FOLDERS[1] / image_name,
+        image=images[0],
         question=_required(path, index, raw, ("question",)),
         answer=answer,
         answer_normalized=normalize_answer(answer),
         answer_type=answer_type.upper() if answer_type else None,
         split=split,
         **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
+        images=images,
     )
-    return item, image is not None
+    return item, all(image is not None for image in found)
+
+
+def _outermost(item: VQAItem, root: Path) -> Path:
+    """The item's first image outside ``root``, else its first image (one entry per question)."""
+    resolved_root = root.resolve()
+    return next((image for image in item.images if not is_inside(image, resolved_root)), item.image)
 
 
 def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
@@ -186,8 +219,8 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
     path = Path(path)
     split = split_name(path)
     parsed = [_item(path, index, raw, split) for index, raw in enumerate(_read_items(path))]
-    check_inside_root(path, path.parent, [(f"item {index}", item.image) for index, (item, _) in enumerate(parsed)],
-                      allow_outside_root, what="questions")
+    check_inside_root(path, path.parent, [(f"item {index}", _outermost(item, path.parent)) for index, (item, _)
+                                          in enumerate(parsed)], allow_outside_root, what="questions")
     items, missing = [], []
     for item, exists in parsed:
         if exists:
@@ -195,7 +228,8 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
         elif skip_missing_images:
             missing.append(item)
         else:
-            raise DataError(path, f"question {item.qid}: image file not found: {item.image}")
+            missing_image = next(image for image in item.images if not is_file(image))
+            raise DataError(path, f"question {item.qid}: image file not found: {missing_image}")
     if missing:
         log.warning("%s: skipped %d of %d questions whose image file is missing (first: qid %s)",
                     path, len(missing), len(missing) + len(items), missing[0].qid)
@@ -230,8 +264,10 @@ def _record(item: VQAItem, record_id: str) -> Record:
             if key in ("qid", "answer", "answer_normalized", "question_type", "organ", "modality", "language")
             and value is not None}
     meta["image_name"] = item.image.name
+    if len(item.images) > 1:
+        meta["image_names"] = [image.name for image in item.images]
     labels = {ANSWER_TYPE_COLUMN: item.answer_type} if item.answer_type else {}
-    return Record(id=record_id, images=[item.image], text=item.question, labels=labels, meta=meta,
+    return Record(id=record_id, images=list(item.images or (item.image,)), text=item.question, labels=labels, meta=meta,
                   split=item.split)
 
 
