@@ -1,20 +1,22 @@
 """Load on ``/v1/zero-shot``: N concurrent clients against a real ``medvl serve``, with and without
 micro-batching, side by side in one run.
 
-For each mode (``--max-batch 16 --max-wait-ms 5`` and ``--no-batching``) a ``medvl serve`` process is
-started on a free 127.0.0.1 port (rate limit off), and for each concurrency (1, 4, 16) that many
-clients (httpx, one asyncio task each) send zero-shot requests back to back for ``--duration``
-seconds, each a phantom PNG from a fixed set. Reported per cell: requests/s, p50 / p95 / p99
-latency, errors, the mean batch size the server ran them in (from its JSON request log, matched
-by request id), and the server's resident memory (RSS) at the start and end of the mode. Clients
-and server share the machine; its core count and load average are recorded.
+For each mode (``--max-batch 16 --max-wait-ms 5`` and ``--no-batching``) a ``medvl serve`` process
+is started on a free 127.0.0.1 port (rate limit off), both at once; for each concurrency (1, 4,
+16), that many clients (httpx, one asyncio task each) send zero-shot requests back to back to each
+mode for ``--duration`` seconds, in two halves ordered batched, unbatched, unbatched, batched (so
+a drift in the machine's load hits both alike), each a phantom PNG from a fixed set. Reported
+per cell: requests/s, p50 / p95 / p99 latency, errors, the mean batch size the server ran them in
+(from its JSON request log, matched by request id); per server, its resident memory (RSS) after
+warm-up and at the end. Clients and servers share the machine; its core count and load average
+are recorded.
 
 The model is ``--model`` (a folder written by ``medvl train``), else one trained here:
 
     medvl phantom OUT/data --n 96 --size 64 --seed 3
-    medvl train --data OUT/data --model phantom-tiny --out OUT/train --epochs 2 --batch-size 32
+    medvl train --data OUT/data --model phantom-tiny --out OUT/train-phantom-tiny --epochs 2 --batch-size 32
 
-    python benchmarks/service_load.py --out runs/service-load [--model DIR] [--duration 60]
+    python benchmarks/service_load.py --out runs/service-load [--train-model cxr-small | --model DIR] [--duration 60]
 
 Writes OUT/service_load.json and prints the table of docs/benchmarks.md ("Service load").
 """
@@ -43,16 +45,17 @@ MODES = {"micro-batching": ["--max-batch", "16", "--max-wait-ms", "5"], "no batc
 TOKEN = "service-load-benchmark-token"
 
 
-def prepare_model(out: Path) -> Path:
-    """A phantom-tiny model trained by ``medvl train`` on a small phantom (the commands above)."""
+def prepare_model(out: Path, name: str) -> Path:
+    """A model (registered ``name``) trained by ``medvl train`` on a small phantom (the commands above)."""
     from medvl.cli.main import app
 
-    data, train = out / "data", out / "train"
+    data, train = out / "data", out / f"train-{name}"
+    if not (data / "manifest.csv").is_file():
+        app(["phantom", str(data), "--n", "96", "--size", "64", "--seed", "3", "--quiet", "--overwrite"],
+            standalone_mode=False)
     if not (train / "model" / "config.json").is_file():
-        for argv in (["phantom", str(data), "--n", "96", "--size", "64", "--seed", "3", "--quiet", "--overwrite"],
-                     ["train", "--data", str(data), "--model", "phantom-tiny", "--out", str(train), "--epochs", "2",
-                      "--batch-size", "32", "--quiet"]):
-            app(argv, standalone_mode=False)
+        app(["train", "--data", str(data), "--model", name, "--out", str(train), "--epochs", "2", "--batch-size", "32",
+             "--quiet"], standalone_mode=False)
     return train / "model"
 
 
@@ -139,45 +142,63 @@ async def client_loop(http: httpx.AsyncClient, images: list[bytes], offset: int,
 
 
 async def load(url: str, images: list[bytes], concurrency: int, duration: float) -> dict:
-    """``concurrency`` clients for ``duration`` seconds; throughput and latency percentiles."""
-    latencies: list[float] = []
-    request_ids: set[str] = set()
-    errors: list[int] = []
+    """``concurrency`` clients for ``duration`` seconds: latencies (ms), request ids, errors, seconds."""
+    run = {"latencies": [], "request_ids": set(), "errors": []}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as http:
         started = time.monotonic()
-        await asyncio.gather(*(client_loop(http, images, i, started + duration, latencies, request_ids, errors)
-                               for i in range(concurrency)))
-        elapsed = time.monotonic() - started
+        await asyncio.gather(*(client_loop(http, images, i, started + duration, run["latencies"],
+                                           run["request_ids"], run["errors"]) for i in range(concurrency)))
+        run["seconds"] = time.monotonic() - started
+    return run
+
+
+def summary_of(runs: list[dict], concurrency: int, batch_sizes: list[int]) -> dict:
+    """Throughput and latency percentiles over the runs of one cell."""
+    latencies = [ms for run in runs for ms in run["latencies"]]
+    seconds = sum(run["seconds"] for run in runs)
     percentiles = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "seconds": round(elapsed, 2), "requests_per_s": round(len(latencies) / elapsed, 2),
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": sum(len(run["errors"]) for run in runs),
+            "seconds": round(seconds, 2), "requests_per_s": round(len(latencies) / seconds, 2),
             "p50_ms": round(float(percentiles[0]), 1), "p95_ms": round(float(percentiles[1]), 1),
-            "p99_ms": round(float(percentiles[2]), 1), "request_ids": request_ids}
+            "p99_ms": round(float(percentiles[2]), 1),
+            "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None}
 
 
-def run_mode(name: str, model: Path, images: list[bytes], concurrencies: list[int], duration: float,
-             out: Path) -> dict:
-    service = Service(model, MODES[name], out / f"serve-{name.replace(' ', '-')}.log")
+def run_modes(model: Path, images: list[bytes], concurrencies: list[int], duration: float, out: Path) -> list[dict]:
+    """Both servers run at once. Each cell is measured in four quarters, batched / unbatched /
+    unbatched / batched (ABBA), so a drift in the machine's load (it is shared) hits both modes alike."""
+    services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log")
+                for name, options in MODES.items()}
     try:
-        ready = service.wait_ready()
-        asyncio.run(load(service.url, images, 2, 2.0))  # warm-up: class prompts embedded, first passes
-        rss_start = rss_mib(service.process.pid)
-        cells = []
+        results = {name: {"mode": name, "options": MODES[name], "ready_s": round(service.wait_ready(), 2),
+                          "cells": []} for name, service in services.items()}
+        for name, service in services.items():
+            asyncio.run(load(service.url, images, 2, 2.0))  # warm-up: class prompts embedded, first passes
+            results[name]["rss_start_mib"] = round(rss_mib(service.process.pid), 1)
+        first, second = list(services)
         for concurrency in concurrencies:
-            cell = asyncio.run(load(service.url, images, concurrency, duration))
-            sizes = service.batch_sizes(cell.pop("request_ids"))
-            cell["mean_batch_size"] = round(float(np.mean(sizes)), 2) if sizes else None
-            cells.append(cell)
-            print(f"{name:>15} c={concurrency:<3} {cell['requests_per_s']:7.1f} req/s  p50 {cell['p50_ms']:7.1f}  "
-                  f"p95 {cell['p95_ms']:7.1f}  p99 {cell['p99_ms']:7.1f} ms  batch {cell['mean_batch_size']}  "
-                  f"errors {cell['errors']}", flush=True)
-        rss_end = rss_mib(service.process.pid)
+            runs: dict[str, list[dict]] = {first: [], second: []}
+            for name in (first, second, second, first):
+                runs[name].append(asyncio.run(load(services[name].url, images, concurrency, duration / 2)))
+            for name, service in services.items():
+                ids = set().union(*(run["request_ids"] for run in runs[name]))
+                cell = summary_of(runs[name], concurrency, service.batch_sizes(ids))
+                results[name]["cells"].append(cell)
+                show(name, cell)
+        for name, service in services.items():
+            results[name]["rss_end_mib"] = round(rss_mib(service.process.pid), 1)
     finally:
-        service.stop()
-    return {"mode": name, "options": MODES[name], "ready_s": round(ready, 2), "rss_start_mib": round(rss_start, 1),
-            "rss_end_mib": round(rss_end, 1), "cells": cells}
+        for service in services.values():
+            service.stop()
+    return list(results.values())
+
+
+def show(name: str, cell: dict) -> None:
+    print(f"{name:>15} c={cell['concurrency']:<3} {cell['requests_per_s']:7.1f} req/s  p50 {cell['p50_ms']:7.1f}  "
+          f"p95 {cell['p95_ms']:7.1f}  p99 {cell['p99_ms']:7.1f} ms  batch {cell['mean_batch_size']}  "
+          f"errors {cell['errors']}", flush=True)
 
 
 def table(results: list[dict]) -> str:
@@ -201,17 +222,19 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/service-load"))
-    parser.add_argument("--model", type=Path, help="Model folder (default: train phantom-tiny under --out).")
+    parser.add_argument("--model", type=Path, help="Model folder (default: train --train-model under --out).")
+    parser.add_argument("--train-model", default="phantom-tiny",
+                        help="Registered model trained when --model is not given (phantom-tiny, cxr-small, ...).")
     parser.add_argument("--duration", type=float, default=60.0, help="Seconds per concurrency level.")
     parser.add_argument("--concurrency", default="1,4,16", help="Comma-separated client counts.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model or prepare_model(args.out)
+    model = args.model or prepare_model(args.out, args.train_model)
     images = query_images(model, args.out)
     concurrencies = [int(n) for n in args.concurrency.split(",")]
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "load_average_at_start": os.getloadavg()}
-    results = [run_mode(name, model, images, concurrencies, args.duration, args.out) for name in MODES]
+    results = run_modes(model, images, concurrencies, args.duration, args.out)
     summary = {"machine": machine, "duration_s": args.duration, "labels": LABELS, "model": model.name,
                "results": results, "load_average_at_end": os.getloadavg()}
     write_json(args.out / "service_load.json", summary)
