@@ -60,7 +60,7 @@ PAIRS = [
     Pair("opacity/consolidation", ("lung_opacity", "consolidation"),
          ("opacity", "consolidation", "infiltrate", "airspace disease")),
     Pair("nodule", ("nodule",), ("nodule",)),
-    Pair("pneumothorax", ("pneumothorax",), ("pneumothorax",)),
+    Pair("pneumothorax", ("pneumothorax",), ("pneumothorax", "hydropneumothorax")),
     Pair("atelectasis", ("atelectasis",), ("pulmonary atelectasis",)),
     Pair("edema", ("edema",), ("pulmonary edema", "pulmonary congestion")),
     Pair("emphysema", ("emphysema",), ("emphysema", "pulmonary emphysema", "pulmonary disease, chronic obstructive",

@@ -46,6 +46,7 @@ FINDINGS_SECTION, IMPRESSION_SECTION = "findings", "impression"
 GAP_WORDS = 5  # words a "..." in a synonym may stand for
 PRE_WINDOW = 6  # words between a cue before a mention and the mention
 POST_WINDOW = 3  # words between a mention and a cue after it
+MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, c or d")
 
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
@@ -56,6 +57,7 @@ POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
     "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent",
     "has resolved", "have resolved", "resolved", "is ruled out", "no longer", "not evident",
+    "has cleared", "have cleared", "cleared",
 ]
 PRE_UNCERTAIN = [
     "possible", "possibly", "probable", "probably", "likely", "may represent", "may be", "might be",
@@ -63,10 +65,13 @@ PRE_UNCERTAIN = [
     "suspicious for", "suspected", "suspect", "concerning for", "concern for", "suggestive of",
     "suggests", "suggesting", "worrisome for", "differential diagnosis includes", "differential includes",
     "borderline", "equivocal", "rule out", "r/o", "versus", "vs", "indeterminate", "presumed", "cannot tell",
+    "may", "question", "questioned", "suggestion of", "differential", "considerations include", "could include",
+    "evaluation for", "evaluate for", "for evaluation of", "to evaluate", "assess for", "to assess",
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
-    "versus", "vs", "is likely", "are likely", "is not certain", "may be present",
+    "versus", "vs", "is likely", "are likely", "is not certain", "may be present", "may",
+    "is in the differential", "would be a consideration", "is a consideration",
 ]
 NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
     "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
@@ -77,6 +82,7 @@ PSEUDO_NEGATION = [  # look like negations, are not
     "no change", "no interval change", "no significant change", "no significant interval change", "not changed",
     "no increase", "no decrease", "not only", "without change", "without interval change", "no new change",
     "no further change", "not significantly changed", "gram negative", "not necessarily",
+    "without significant change", "without significant interval change",
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
@@ -120,12 +126,16 @@ def _cue_regex(phrases: Iterable[str]) -> re.Pattern:
 
 
 def _phrase_regex(phrase: str, plural: bool = True) -> str:
-    """Regex of a synonym: whole words, "..." a gap of up to GAP_WORDS words (captured)."""
+    """Regex of a synonym: whole words, "..." a gap of up to GAP_WORDS words (captured), the last
+    word also in its plural ("opacity" -> "opacities", "nodule" -> "nodules")."""
     pieces = [p.split() for p in phrase.split("...")]
     chunks = [r"\s+".join(re.escape(w) for w in words) for words in pieces]
     gap = r"((?:\s+[^\s.;:!?]+){0," + str(GAP_WORDS) + r"}?)\s+"
     body = gap.join(chunks)
-    if plural:
+    last = pieces[-1][-1] if pieces[-1] else ""
+    if plural and re.fullmatch(r"[a-z]*[^aeiou\W]y", last):
+        body = body[: -len(re.escape(last))] + re.escape(last[:-1]) + r"(?:y|ies)"
+    elif plural:
         body += r"(?:s|es)?"
     return r"(?<![a-z0-9])" + body + r"(?![a-z0-9])"
 
@@ -133,6 +143,12 @@ def _phrase_regex(phrase: str, plural: bool = True) -> str:
 _PRE_NEG, _POST_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
+# what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
+# "no opacity to suggest pneumonia"
+_LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
+                             r"suggesting|concerning for|worrisome for|consistent with|of)(?![a-z0-9])")
+_CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
+                 "seen", "noted", "present", "identified", "demonstrated", "shows", "show", "appears", "remains"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
 
 
@@ -219,15 +235,30 @@ class _Cues:
     def status(self, start: int, end: int, gaps: list[str]) -> str:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end):
             return UNCERTAIN
-        if self._before(self.pre_negation, start) or self._after(self.post_negation, end) \
+        if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end) \
                 or any(_GAP_NEGATION.search(g) for g in gaps):
             return NEGATIVE
-        if self._before(self.pre_uncertain, start) or self._after(self.post_uncertain, end):
+        if self._before(self.pre_uncertain, start) or self._after(self.post_uncertain, end) \
+                or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
 
-    def _before(self, spans: list[tuple[int, int]], start: int) -> bool:
-        return any(e <= start and self._words(e, start) <= PRE_WINDOW and self._open(e, start) for _, e in spans)
+    def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False) -> bool:
+        return any(e <= start and self._open(e, start)
+                   and (self._words(e, start) <= PRE_WINDOW or lists and self._listed(e, start)) for _, e in spans)
+
+    def _inside(self, spans: list[tuple[int, int]], start: int, end: int) -> bool:
+        """A cue within the mention itself ("borderline heart size")."""
+        return any(start <= s and e <= end for s, e in spans)
+
+    def _listed(self, start: int, end: int) -> bool:
+        """The text between a cue and a mention is a list of short items ("no focal consolidation,
+        suspicious pulmonary opacity, pneumothorax or definite pleural effusion"), so the cue covers
+        the whole list, however long; a verb or "with" in an item starts a new clause and ends it."""
+        items = _LIST_SEPARATOR.split(self.text[start:end])
+        return 1 < len(items) <= MAX_LIST_ITEMS and all(
+            len(words := _WORD.findall(item)) <= PRE_WINDOW and not _CLAUSE_WORDS.intersection(words)
+            for item in items)
 
     def _after(self, spans: list[tuple[int, int]], end: int) -> bool:
         return any(s >= end and self._words(end, s) <= POST_WINDOW and self._open(end, s) for s, _ in spans)
