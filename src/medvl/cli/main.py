@@ -73,14 +73,20 @@ def phantom_command(
         help="cxr2d: chest X-rays (PNG); ct3d: chest-abdomen CT volumes (NIfTI, HU).")] = "cxr2d",
     extra_finding_prob: Annotated[float, typer.Option(help="Chance of a second finding.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+    vqa: Annotated[bool, typer.Option(
+        help="Also write OUT/vqa/: questions with exact answers (presence, location, count, size, ratio, "
+             "progression, which image), balanced per type, one VQA-RAD style JSON per split (cxr2d only).")] = False,
+    vqa_per_case: Annotated[int, typer.Option(
+        help="With --vqa: questions per patient on average, at most (fewer when rare answers run out).")] = 4,
     quiet: QuietOption = False,
 ) -> None:
-    """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks)."""
+    """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
     from ..data.phantom import generate_phantom
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
-                                overwrite=overwrite, progress=not quiet, kind=kind)
-    console.print(f"wrote {n} phantom cases: {manifest}")
+                                overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case)
+    questions = f" and questions in {manifest.parent / 'vqa'}" if vqa else ""
+    console.print(f"wrote {n} phantom cases: {manifest}{questions}")
 
 
 @app.command("predict")

@@ -7,16 +7,22 @@ Two kinds: chest radiographs (``cxr2d``, the default) and thoraco-abdominal CT v
 boxes, a radiology-style report and patient metadata; ``generate_phantom(out_dir, n)`` writes a
 data set of them (PNG images, masks, ``manifest.csv``, ``dataset.json``). Same seed, same bytes.
 
+``render_case(seed, index, visit=Visit(...))`` draws another film of the same patient (a later
+film, grown or resolved findings, more nodules); ``generate_phantom(..., vqa=True)`` adds
+``vqa/``: questions with exact answers from the ground truth, balanced per type (see ``vqa``).
+
 Radiological convention: the patient's right is on the image left. See ``cxr2d`` for the
 clinical conventions (zones, sizes, cardiothoracic ratio, AP views) and ``generate`` for the
 manifest columns.
 """
 
 from . import ct3d as ct3d
+from . import vqa as vqa
 from .ct3d import CTCase as CTCase
 from .ct3d_reports import CT3D_CAPTIONS as CT3D_CAPTIONS
 from .cxr2d import FINDINGS as FINDINGS
 from .cxr2d import PhantomCase as PhantomCase
+from .cxr2d import Visit as Visit
 from .cxr2d import render_case as render_case
 from .generate import CT_MANIFEST_COLUMNS as CT_MANIFEST_COLUMNS
 from .generate import LABEL_COLUMNS as LABEL_COLUMNS
@@ -33,7 +39,9 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "PHANTOM_CAPTIONS",
     "PhantomCase",
+    "Visit",
     "generate_phantom",
     "ct3d",
     "render_case",
+    "vqa",
 ]

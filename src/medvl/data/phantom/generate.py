@@ -22,6 +22,9 @@ Sides and zones are the patient's (the patient's left is on the image right).
 liver_lesion_location, kidney_cyst_side, lung_nodule_location, effusion_side`` (empty when not
 applicable) and ``boxes`` (JSON ``{finding: [z0, y0, x0, z1, y1, x1]}``, end-exclusive voxels).
 
+``vqa=True`` (cxr2d only) adds ``vqa/``: balanced questions with exact answers, one JSON file
+per split, and the films they name (see ``vqa``).
+
 The data set is written to a hidden sibling folder and renamed into place at the end, so
 ``out_dir`` either holds a complete data set or does not exist.
 """
@@ -47,6 +50,7 @@ from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
 from .cxr2d import PhantomCase, check_case_args, render_case
 from .reports import PHANTOM_CAPTIONS
+from .vqa import DEFAULT_PER_CASE, PatientTruth, check_vqa_args, write_phantom_vqa
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +199,10 @@ def _write_ct_case(case: ct3d.CTCase, name: str, root: Path) -> str:
 
 
 def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float,
-                       kind: str = "cxr2d") -> None:
+                       kind: str = "cxr2d", vqa_per_case: int | None = None) -> None:
     generator: dict[str, Any] = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
+    if vqa_per_case is not None:
+        generator["vqa_per_case"] = vqa_per_case
     if kind == "ct3d":
         generator = {"kind": kind, **generator, "fov_mm": list(ct3d.FOV_MM),
                      "spacing_mm": [fov / size for fov in ct3d.FOV_MM]}
@@ -213,7 +219,8 @@ def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_p
 
 def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int | None = None,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
-                     progress: bool = False, overwrite: bool = False, kind: str = "cxr2d") -> Path:
+                     progress: bool = False, overwrite: bool = False, kind: str = "cxr2d", vqa: bool = False,
+                     vqa_per_case: int = DEFAULT_PER_CASE) -> Path:
     """Generate ``n`` phantom cases into ``out_dir``; return the manifest path.
 
     ``kind`` "cxr2d": case ``i`` is ``cxr2d.render_case(seed, i, size, extra_finding_prob)``, a
@@ -221,10 +228,15 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     a CT volume named ``ct_{i:05d}`` (``size`` default 64 voxels a side). ``splits`` maps split
     names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2). An existing non-empty
     ``out_dir`` is an error unless ``overwrite`` is true, in which case it is replaced as a whole
-    once the new data set is complete.
+    once the new data set is complete. ``vqa`` (cxr2d only) also writes ``vqa/``: about
+    ``vqa_per_case`` balanced questions per patient, split by patient like the images (``vqa``).
     """
     if kind not in KINDS:
         raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if vqa:
+        if kind != "cxr2d":
+            raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
+        check_vqa_args(vqa_per_case)
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
     split_fractions = _check_splits(splits)
@@ -240,25 +252,33 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
         with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CT_MANIFEST_COLUMNS if kind == "ct3d" else MANIFEST_COLUMNS)
             writer.writeheader()
+            truths: list[PatientTruth] = []
             with _progress(int(n), progress, what) as advance:
                 for index in range(int(n)):
-                    writer.writerow(_write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index]))
+                    row, truth = _write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index])
+                    writer.writerow(row)
+                    truths += [truth] if vqa and truth is not None else []
                     advance(1)
-        _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob), kind)
+        if vqa:
+            write_phantom_vqa(staging, truths, int(seed), int(size), float(extra_finding_prob), int(vqa_per_case),
+                              progress)
+        _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob), kind,
+                           int(vqa_per_case) if vqa else None)
         replace_dir(staging, out_dir)
     log.info("wrote %d %s to %s", n, what, out_dir)
     return out_dir / "manifest.csv"
 
 
 def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: float, root: Path,
-               split: str) -> dict[str, Any]:
-    """Render case ``index``, write its files under ``root`` and return its manifest row."""
+               split: str) -> tuple[dict[str, Any], PatientTruth | None]:
+    """Render case ``index``, write its files under ``root``; its manifest row and (cxr2d) ground truth."""
     if kind == "ct3d":
         name = f"ct_{index:05d}"
         ct_case = ct3d.render_case(seed, index, size, extra_finding_prob)
-        return ct_manifest_row(ct_case, name, _write_ct_case(ct_case, name, root), split)
+        return ct_manifest_row(ct_case, name, _write_ct_case(ct_case, name, root), split), None
     case = render_case(seed, index, size, extra_finding_prob)
-    return manifest_row(case, _write_case(case, f"phantom_{index:05d}", root), split)
+    truth = PatientTruth(index, split, case.findings, case.meta)
+    return manifest_row(case, _write_case(case, f"phantom_{index:05d}", root), split), truth
 
 
 def iter_cases(n: int, seed: int = 0, size: int = 128,
