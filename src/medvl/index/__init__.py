@@ -6,10 +6,10 @@ image=..., k=10, where="sex = 'F' and age > 60")``. ``out`` is a folder (FAISS +
 paths, DICOM paths, the data's path) is listed in docs/index-contents.md.
 """
 
+from .backends import open_index as open_index
 from .base import Hit as Hit
 from .base import Index as Index
 from .base import describe_target as describe_target
-from .base import open_index as open_index
 from .build import add_records as add_records
 from .build import build_index as build_index
 from .cases import Case as Case

@@ -19,12 +19,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class IndexBase:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -123,20 +124,21 @@ class Index(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None:
+        """Closes the index (without saving: unsaved changes are dropped)."""
+        ...
+
 
 def is_url(target: str | Path) -> bool:
+    """True for a PostgreSQL URL (a pgvector index), False for a folder (``medvl.index.backends``)."""
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-def open_index(target: str | Path, writable: bool = False) -> Index:
-    """Open an index: a FAISS folder path, or ``postgresql://...[#table]`` for pgvector."""
-    if is_url(target):
-        from .pgvector_store import PgVectorIndex
-
-        return PgVectorIndex.open(str(target), writable=writable)
-    from .faiss_store import FaissIndex
-
-    return FaissIndex.open(Path(target), writable=writable)
+def redact(url: str) -> str:
+    """A URL with its password replaced by ``***``, for messages and outputs."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
@@ -234,8 +236,6 @@ def describe_target(target: str | Path) -> str:
     """How outputs (``--json``) name an index, dataset or query file: a Postgres URL without its
     password, else the last path component only (the folders above may name a patient)."""
     if is_url(target):
-        from .pgvector_store import redact
-
         return redact(str(target))
     return Path(target).name
 

@@ -32,6 +32,7 @@ from ..checks import check_number
 from ..data.images import image_suffix, read_image
 from ..data.record import Dataset, Record
 from ..progress import progress_bar
+from .backends import open_builder
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
 from .cases import Case, check_ids_are_not_paths, check_unique_ids, dataset_root, infer_columns, pixel_sha256
 
@@ -127,7 +128,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
     key = _build_key(dataset, records, fingerprint, columns, kind, allow_duplicates)
-    builder = _builder(out, key, columns, fingerprint["embed_dim"])
+    builder = open_builder(out, key, columns, fingerprint["embed_dim"])
     try:
         done, known = builder.done_ids(), builder.known_images()
         todo = [r for r in records if r.id not in done]
@@ -159,16 +160,6 @@ def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, c
     settings = {"data": dataset.source, "ids": ids, "model": fingerprint, "columns": columns, "kind": kind,
                 "allow_duplicates": allow_duplicates}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _builder(out: str | Path, key: str, columns: dict[str, str], dim: int):
-    if is_url(out):
-        from .pgvector_store import PgVectorBuilder
-
-        return PgVectorBuilder(str(out), key, columns, dim)
-    from .faiss_store import FaissBuilder
-
-    return FaissBuilder(Path(out), key, columns)
 
 
 def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,

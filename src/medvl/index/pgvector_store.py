@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
-from .base import IMAGES, TEXTS, Hit, IndexBase, check_info_format, check_k, check_target, check_vectors
+from .base import IMAGES, TEXTS, Hit, IndexBase, check_info_format, check_k, check_target, check_vectors, redact
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path
 from .faiss_store import FLAT, FLAT_MAX, HNSW, RECALL_K, quote_column
 from .where import compile_where
@@ -58,10 +58,6 @@ def parse_url(url: str) -> tuple[str, str]:
     if not _TABLE.match(table):
         raise InputError(f"table name {table!r} in the index URL must be lower-case letters, digits and _")
     return conninfo, table
-
-
-def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def _connect(url: str, autocommit: bool):
