@@ -40,6 +40,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 WAYS = {"uncertain_negative": (POSITIVE,), "uncertain_positive": (POSITIVE, UNCERTAIN)}
 HEADLINE = "uncertain_negative"
 NORMAL_STATUS = "status=normal"  # the MeSH side of the normal row: the report's only term is "normal"
+# normal within the compared vocabulary: MeSH indexes none of the rows' terms, the labeller finds none of the rows'
+# findings positive or uncertain (MeSH's "normal" also excludes granulomas, a tortuous aorta, spine degeneration...)
+NONE_COMPARED = "none of the compared findings"
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ PAIRS = [
     Pair("fracture", ("fracture",), ("fractures, bone",)),
     Pair("hernia", ("hernia",), ("hernia, hiatal", "hernia, diaphragmatic")),
 ]
+FINDING_PAIRS = [pair for pair in PAIRS if pair.mesh != (NORMAL_STATUS,)]
+PAIRS.append(Pair("no compared finding", (NONE_COMPARED,), (NONE_COMPARED,)))
 
 
 def mesh_terms(record) -> list[list[str]]:
@@ -81,6 +86,8 @@ def mesh_terms(record) -> list[list[str]]:
 def mesh_positive(pair: Pair, record, terms: list[list[str]]) -> bool:
     if pair.mesh == (NORMAL_STATUS,):
         return record.labels.get("status") == "normal"
+    if pair.mesh == (NONE_COMPARED,):
+        return not any(mesh_positive(other, record, terms) for other in FINDING_PAIRS)
     for wanted in pair.mesh:
         head, _, qualifier = wanted.partition("/")
         if any(parts[0] == head and (not qualifier or qualifier in parts[1:]) for parts in terms):
@@ -91,6 +98,9 @@ def mesh_positive(pair: Pair, record, terms: list[list[str]]) -> bool:
 def labeller_status(pair: Pair, labels: dict[str, str]) -> str | None:
     """The strongest status among the pair's findings (None: none mentioned)."""
     ranked = [POSITIVE, UNCERTAIN, NEGATIVE]
+    if pair.labeller == (NONE_COMPARED,):
+        found_any = any(labeller_status(other, labels) in (POSITIVE, UNCERTAIN) for other in FINDING_PAIRS)
+        return NEGATIVE if found_any else POSITIVE
     found = [labels[name] for name in pair.labeller if name in labels]
     return min(found, key=ranked.index) if found else None
 
@@ -142,6 +152,9 @@ def culprit_sentences(pair: Pair, record, labeller: ReportLabeller, abnormal: se
     for sentence in labeller.sentences(record.text):
         if pair.name == "normal":
             hits = {f: s for f, s in sentence.findings.items() if f in abnormal and s != NEGATIVE}
+        elif pair.labeller == (NONE_COMPARED,):
+            compared = {name for other in FINDING_PAIRS for name in other.labeller}
+            hits = {f: s for f, s in sentence.findings.items() if f in compared and s != NEGATIVE}
         else:
             hits = {f: s for f, s in sentence.findings.items() if f in pair.labeller}
         if hits:

@@ -46,6 +46,7 @@ FINDINGS_SECTION, IMPRESSION_SECTION = "findings", "impression"
 GAP_WORDS = 5  # words a "..." in a synonym may stand for
 PRE_WINDOW = 6  # words between a cue before a mention and the mention
 POST_WINDOW = 3  # words between a mention and a cue after it
+NEAR_WINDOW = 1  # words between a mention and a NEAR_POST_NEGATION cue ("engorgement appears within normal limits")
 MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, c or d")
 
 PRE_NEGATION = [
@@ -59,6 +60,10 @@ POST_NEGATION = [
     "has resolved", "have resolved", "resolved", "is ruled out", "no longer", "not evident",
     "has cleared", "have cleared", "cleared",
 ]
+NEAR_POST_NEGATION = [  # normal-range statements: negations only right after the mention (NEAR_WINDOW words)
+    "within normal limits", "within limits of normal", "within the limits of normal", "within normal range",
+    "within the normal range",
+]
 PRE_UNCERTAIN = [
     "possible", "possibly", "probable", "probably", "likely", "may represent", "may be", "might be",
     "could be", "could represent", "may reflect", "may indicate", "questionable", "question of",
@@ -67,6 +72,7 @@ PRE_UNCERTAIN = [
     "borderline", "equivocal", "rule out", "r/o", "versus", "vs", "indeterminate", "presumed", "cannot tell",
     "may", "question", "questioned", "suggestion of", "differential", "considerations include", "could include",
     "evaluation for", "evaluate for", "for evaluation of", "to evaluate", "assess for", "to assess",
+    "to exclude", "could obscure",
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
@@ -86,7 +92,7 @@ PSEUDO_NEGATION = [  # look like negations, are not
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
-    "nevertheless", "which is", "otherwise", ";",
+    "nevertheless", "which is", "otherwise", "there is", "there are", ";",
 ]
 SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", "comparison", "comparisons",
                     "reason for exam", "reason for examination", "clinical information", "technique",
@@ -140,7 +146,7 @@ def _phrase_regex(phrase: str, plural: bool = True) -> str:
     return r"(?<![a-z0-9])" + body + r"(?![a-z0-9])"
 
 
-_PRE_NEG, _POST_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION)
+_PRE_NEG, _POST_NEG, _NEAR_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION), _cue_regex(NEAR_POST_NEGATION)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
@@ -228,6 +234,7 @@ class _Cues:
         blocked += self.negated_uncertain
         self.pre_negation = _spans(_PRE_NEG, text, blocked)
         self.post_negation = _spans(_POST_NEG, text, blocked)
+        self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
@@ -236,9 +243,9 @@ class _Cues:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end):
             return UNCERTAIN
         if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end) \
-                or any(_GAP_NEGATION.search(g) for g in gaps):
+                or self._after(self.near_post_negation, end, NEAR_WINDOW) or any(_GAP_NEGATION.search(g) for g in gaps):
             return NEGATIVE
-        if self._before(self.pre_uncertain, start) or self._after(self.post_uncertain, end) \
+        if self._before(self.pre_uncertain, start, lists=True) or self._after(self.post_uncertain, end) \
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
@@ -260,8 +267,8 @@ class _Cues:
             len(words := _WORD.findall(item)) <= PRE_WINDOW and not _CLAUSE_WORDS.intersection(words)
             for item in items)
 
-    def _after(self, spans: list[tuple[int, int]], end: int) -> bool:
-        return any(s >= end and self._words(end, s) <= POST_WINDOW and self._open(end, s) for s, _ in spans)
+    def _after(self, spans: list[tuple[int, int]], end: int, window: int = POST_WINDOW) -> bool:
+        return any(s >= end and self._words(end, s) <= window and self._open(end, s) for s, _ in spans)
 
     def _words(self, start: int, end: int) -> int:
         return len(_WORD.findall(self.text[start:end]))

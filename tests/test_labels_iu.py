@@ -1,0 +1,115 @@
+"""The report labeller on IU X-ray (Open-i) phrasing: one case per fix that the disagreements with the
+IU MeSH terms led to (each failed before its fix), and the agreement on the real test split.
+
+The sentences are short, in the style of the Open-i reports (``[redacted]`` is the loader's token for
+the source's ``XXXX`` placeholders). The benchmark is ``benchmarks/labeller_iu.py``; the figures and
+the examples behind each fix are in docs/benchmarks.md, "Report labeller vs IU X-ray MeSH".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from medvl import load_dataset
+from medvl.rag.labels import ReportLabeller
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "labeller_iu.py"
+# test-split F1 (uncertain counted as negative) a little below what was measured after the fixes
+# (docs/benchmarks.md); a regression in negation, hedging or synonyms takes a finding under its floor
+TEST_F1_FLOORS = {
+    "normal": 0.72, "cardiomegaly": 0.90, "effusion": 0.90, "opacity/consolidation": 0.93, "nodule": 0.60,
+    "pneumothorax": 0.85, "atelectasis": 0.85, "edema": 0.75, "emphysema": 0.90, "no compared finding": 0.95,
+}
+
+
+@pytest.fixture(scope="module")
+def labeller():
+    return ReportLabeller()
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    # a negation covers a whole list, however long
+    ("No focal consolidation, suspicious pulmonary opacity, pneumothorax or definite pleural effusion.",
+     {"consolidation": "negative", "lung_opacity": "negative", "pneumothorax": "negative",
+      "pleural_effusion": "negative"}),
+    ("The lungs are normally inflated without evidence of focal airspace disease, pleural effusion, or "
+     "pneumothorax.", {"consolidation": "negative", "pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("No pneumonia, effusions, edema, pneumothorax, adenopathy, nodules or masses.",
+     {"pneumonia": "negative", "pleural_effusion": "negative", "edema": "negative", "pneumothorax": "negative",
+      "nodule": "negative", "mass": "negative"}),
+    # ... and what the negated finding would "suggest"
+    ("There is no focal air space opacity to suggest a pneumonia.",
+     {"lung_opacity": "negative", "pneumonia": "negative"}),
+    # a list after a hedge is hedged as a whole
+    ("Differential diagnosis includes chronic interstitial lung disease, infectious process, or interstitial edema.",
+     {"pneumonia": "uncertain", "edema": "uncertain"}),
+    # plurals of words in -y
+    ("Nodular opacities in the right lung base.", {"nodule": "positive", "lung_opacity": "positive"}),
+    ("Patchy nodular densities in both lower lungs.", {"nodule": "positive"}),
+    # borderline: the hedge is inside the phrase
+    ("Borderline heart size.", {"cardiomegaly": "uncertain"}),
+    ("The heart is borderline in size.", {"cardiomegaly": "uncertain"}),
+    # synonyms
+    ("The heart is large.", {"cardiomegaly": "positive"}),
+    ("Stable mild heart enlargement.", {"cardiomegaly": "positive"}),
+    ("Right lower lobe infiltrate.", {"lung_opacity": "positive"}),
+    ("No infiltrates.", {"lung_opacity": "negative"}),
+    ("Lungs are hyperexpanded but clear.", {"emphysema": "positive"}),
+    ("Mild central vascular prominence.", {"edema": "positive"}),
+    ("Small medial left upper lobe pleural air collection.", {"pneumothorax": "positive"}),
+    # the costophrenic "angle" is often a placeholder in the source
+    ("Blunting of the right costophrenic [redacted].", {"pleural_effusion": "positive"}),
+    ("Bilateral costophrenic [redacted] blunting is present.", {"pleural_effusion": "positive"}),
+    # normal-range statements negate the phrase right before them; soft tissue edema is not pulmonary edema
+    ("Heart size and pulmonary vascular engorgement appear within limits of normal.", {"edema": "negative"}),
+    ("Soft tissue edema with no visible bony injury.", {}),
+    # hedges
+    ("Question edema or atypical infection?", {"edema": "uncertain"}),
+    ("Pneumonia is in the differential.", {"pneumonia": "uncertain"}),
+    ("Please note that fractures may not be demonstrated.", {"fracture": "uncertain"}),
+    ("Limited exam, for evaluation of fractures.", {"fracture": "uncertain"}),
+    ("Consider oblique images to exclude true nodule.", {"nodule": "uncertain"}),
+    ("Bony overlap in the lung apices could obscure a small pulmonary nodule.", {"nodule": "uncertain"}),
+    ("There is suggestion of minimal bibasilar airspace disease.", {"consolidation": "uncertain"}),
+    # resolution and unchanged findings
+    ("The left lower lobe consolidation has cleared.", {"consolidation": "negative"}),
+    ("Redemonstration without significant interval change of mild subsegmental atelectasis.",
+     {"atelectasis": "positive"}),
+])
+def test_labeller_reads_iu_xray_phrasing(labeller, sentence, expected):
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
+def test_a_normal_report_with_a_long_negated_list_is_normal(labeller):
+    report = ("The heart is normal in size. No focal consolidation, suspicious pulmonary opacity, large pleural "
+              "effusion, or pneumothorax is identified. No acute cardiopulmonary abnormality.")
+    assert labeller.positives(report) == {"no_finding"}
+
+
+def test_a_new_clause_ends_the_negated_list(labeller):
+    assert dict(labeller.sentence_labels("No pneumothorax, there is a small left effusion with adjacent "
+                                         "atelectasis.")) == {"pneumothorax": "negative", "pleural_effusion":
+                                                              "positive", "atelectasis": "positive"}
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("labeller_iu", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_with_the_iu_mesh_terms_on_the_test_split(shared_data, labeller):
+    benchmark = _benchmark()
+    dataset = load_dataset(shared_data / "iu-xray-reports")
+    records = [r for r in dataset if r.split == "test" and "status" in r.labels]
+    assert len(records) == 403
+    result, _ = benchmark.compare(records, labeller)
+    f1 = {name: result[name]["uncertain_negative"]["f1"] for name in TEST_F1_FLOORS}
+    assert {name: value for name, value in f1.items() if value < TEST_F1_FLOORS[name]} == {}
+    assert result["cardiomegaly"]["support"] == 41 and result["pneumothorax"]["support"] == 6
