@@ -1,0 +1,290 @@
+"""The reading page in a real browser: Debian's Chromium, headless, driven by playwright, against the real
+service on 127.0.0.1 (a tiny model trained on a phantom, an index built by ``medvl index build``).
+A real chest X-ray from ../shared/data is uploaded and every panel is checked against the API's own
+answer for the same upload; the browser may reach 127.0.0.1 only, and keeps nothing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is not installed (scripts/chromium.sh install)", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from medvl.serve import ServeSettings, create_app  # noqa: E402
+from medvl.serve.auth import token_digest  # noqa: E402
+from serve_helpers import Server, build_case_index, train_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
+SCREENSHOT_LIMIT = 300 * 1024
+CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(12)]
+WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
+PANELS = ("zero-shot", "similar", "draft")
+ANSWER_MS = 60_000
+MAX_REQUESTS = 40  # what one test's page may ask of the service at most
+
+
+@pytest.fixture(scope="module")
+def model_dir(phantom_dir, tmp_path_factory):
+    return train_tiny_model(phantom_dir, tmp_path_factory.mktemp("page") / "run")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, phantom_dir, tmp_path_factory):
+    index = build_case_index(model_dir, phantom_dir, tmp_path_factory.mktemp("page-index") / "cases.idx")
+    app = create_app(model_dir, index=index, settings=ServeSettings(),
+                     token_digests=[token_digest(token) for token in TOKENS])
+    with Server(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def chest_xray(shared_data) -> Path:
+    path = shared_data / CHEST_XRAY
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()
+
+
+class PageWatch:
+    """What a page asked for and what went wrong in it: requests off 127.0.0.1 are aborted and kept."""
+
+    def __init__(self, server_url: str):
+        self.server_url = server_url
+        self.requests: list[str] = []
+        self.refused: list[str] = []
+        self.errors: list[str] = []
+
+    def route(self, route):
+        url = route.request.url
+        if url == self.server_url or url.startswith(self.server_url + "/"):
+            self.requests.append(url)
+            route.continue_()
+        else:
+            self.refused.append(url)
+            route.abort()
+
+    def console(self, message):
+        if "Content Security Policy" in message.text:
+            self.errors.append(message.text)
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+    watch = PageWatch(server.url)
+    context.route("**/*", watch.route)
+    opened = context.new_page()
+    opened.on("pageerror", lambda error: watch.errors.append(str(error)))
+    opened.on("console", watch.console)
+    opened.watch = watch
+    opened.goto(server.url + "/")
+    yield opened
+    storage = opened.evaluate("localStorage.length + sessionStorage.length")
+    cookies = context.cookies()
+    context.close()
+    assert not watch.refused, f"requests beyond the service: {watch.refused}"
+    assert not watch.errors, watch.errors
+    assert len(watch.requests) <= MAX_REQUESTS, watch.requests
+    assert storage == 0 and cookies == []
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+def connect(page, token: str) -> None:
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Connect").click()
+
+
+def wait_for_panels(page, state: str = "done") -> None:
+    for panel in PANELS:
+        page.locator(f"#{panel}[data-state={state}]").wait_for(timeout=ANSWER_MS)
+
+
+def api_answers(client, token: str, image: Path, fields: dict[str, str]) -> dict[str, dict]:
+    """The service's own JSON for the upload and the options the page sent."""
+    headers = {"Authorization": f"Bearer {token}"}
+    common = {"k": fields["k"]}
+
+    def post(route: str, data: dict) -> dict:
+        answer = client.post(route, headers=headers, files={"image": ("image", image.read_bytes())}, data=data)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    return {"zero-shot": post("/v1/zero-shot", {"labels": fields["labels"]}),
+            "similar": post("/v1/search", common),
+            "draft": post("/v1/report/draft", {**common, "min_similarity": fields["min_similarity"],
+                                                "min_support": fields["min_support"]})}
+
+
+def page_fields(page) -> dict[str, str]:
+    return {"labels": page.get_by_label("Labels (comma-separated)").input_value(),
+            "k": page.get_by_label("Number of cases").input_value(),
+            "min_similarity": page.get_by_label("Min. similarity").input_value(),
+            "min_support": page.get_by_label("Min. support").input_value()}
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check_zero_shot(page, expected: dict) -> None:
+    rows = page.locator("#zero-shot .bars li")
+    shown = [(row.get_attribute("data-label"), float(row.get_attribute("data-probability")),
+              row.locator(".value").inner_text()) for row in rows.all()]
+    assert {label for label, _, _ in shown} == set(expected["probabilities"])
+    for label, probability, text in shown:
+        assert probability == pytest.approx(expected["probabilities"][label], abs=1e-5)
+        assert float(text.rstrip("%")) == pytest.approx(probability * 100, abs=0.051)
+    assert [p for _, p, _ in shown] == sorted((p for _, p, _ in shown), reverse=True)
+    assert page.locator("#zero-shot .bars li.top").get_attribute("data-label") == expected["prediction"]
+
+
+def check_similar(page, expected: dict) -> None:
+    cards = page.locator("#similar .case").all()
+    assert [card.get_attribute("data-case-id") for card in cards] == [hit["id"] for hit in expected["hits"]]
+    for card, hit in zip(cards, expected["hits"], strict=True):
+        assert float(card.get_attribute("data-score")) == pytest.approx(hit["score"], abs=1e-5)
+        assert card.locator(".score").inner_text() == f"similarity {float(card.get_attribute('data-score')):.3f}"
+        assert card.locator(".report").inner_text() == (hit["text"] or "No report stored for this case.")
+
+
+def check_draft(page, expected: dict) -> None:
+    if expected["abstained"]:
+        assert page.locator("#draft .abstain .reason").inner_text() == expected["reason"]
+        return
+    shown = [(item.locator(".text").inner_text(), [cite.inner_text() for cite in item.locator(".cite").all()])
+             for item in page.locator("#draft .sentences li").all()]
+    ordered = [s for section in ("findings", "impression") for s in expected["sentences"] if s["section"] == section]
+    assert shown == [(s["text"], s["cases"]) for s in ordered]
+    assert page.locator("#draft .abstain").count() == 0
+
+
+def save_screenshot(page) -> None:
+    """A full-page screenshot, its colours reduced so that the committed file stays small."""
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)
+    assert SCREENSHOT.stat().st_size < SCREENSHOT_LIMIT
+
+
+# ------------------------------------------------------------------------------------- tests
+
+
+def test_a_wrong_token_shows_the_services_401_reason_and_nothing_else_is_asked(page, client):
+    refused = client.get("/v1/models", headers={"Authorization": f"Bearer {WRONG_TOKEN}"})
+    assert refused.status_code == 401
+    connect(page, WRONG_TOKEN)
+    alert = page.get_by_role("alert")
+    alert.wait_for(timeout=ANSWER_MS)
+    assert "401" in alert.inner_text() and refused.json()["detail"] in alert.inner_text()
+    assert page.get_by_label("API token").input_value() == ""  # the token is not left in the page
+    assert page.get_by_role("button", name="Read image").is_disabled()
+    assert WRONG_TOKEN not in page.content()
+    assert [url.rsplit("/", 1)[-1] for url in page.watch.requests if "/v1/" in url] == ["health", "models"]
+
+
+def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, client, chest_xray):
+    token = TOKENS[0]
+    connect(page, token)
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    models = client.get("/v1/models", headers={"Authorization": f"Bearer {TOKENS[1]}"}).json()["models"][0]
+    assert page.get_by_label("Labels (comma-separated)").input_value() == ", ".join(models["labels"]["finding"])
+    assert models["name"] in page.locator("#model-info").inner_text()
+
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    expected = api_answers(client, TOKENS[1], chest_xray, page_fields(page))
+    check_zero_shot(page, expected["zero-shot"])
+    check_similar(page, expected["similar"])
+    check_draft(page, expected["draft"])
+    assert page.locator("#preview img").evaluate("image => image.naturalWidth") > 0
+    assert "JPEG read by the service" in page.locator("#file-info").inner_text()
+    assert token not in page.content()
+    save_screenshot(page)
+
+
+def test_a_citation_leads_to_its_case_by_keyboard(page, client, chest_xray):
+    connect(page, TOKENS[2])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.get_by_text("Draft settings").focus()
+    page.keyboard.press("Enter")  # opens the settings
+    page.get_by_label("Min. similarity").fill("-1")  # a draft whatever the neighbours' similarity
+    page.keyboard.press("Enter")  # reads the image again with it
+    wait_for_panels(page)
+    assert page.locator("#draft .abstain").count() == 0
+    cite = page.locator("#draft .cite").first
+    cited = cite.get_attribute("data-case-id")
+    cite.focus()
+    page.keyboard.press("Enter")
+    highlighted = page.locator("#similar .case.highlight")
+    assert highlighted.count() == 1 and highlighted.get_attribute("data-case-id") == cited
+
+
+def test_a_dicom_upload_is_read_by_the_service_and_its_preview_said_unavailable(page, client):
+    pydicom_data = pytest.importorskip("pydicom.data")
+    dicom = Path(pydicom_data.get_testdata_file("CT_small.dcm"))
+    connect(page, TOKENS[3])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(dicom)
+    wait_for_panels(page)
+    assert "Preview not available" in page.locator("#preview").inner_text()
+    assert "DICOM read by the service" in page.locator("#file-info").inner_text()
+    expected = api_answers(client, TOKENS[4], dicom, page_fields(page))
+    check_zero_shot(page, expected["zero-shot"])
+    check_similar(page, expected["similar"])
+    check_draft(page, expected["draft"])
+
+
+def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
+    connect(page, TOKENS[5])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Labels (comma-separated)").fill("nodule")
+    page.get_by_label("Filter").fill("colour = 'red'")
+    drop(page, chest_xray)
+    wait_for_panels(page, "error")
+    headers = {"Authorization": f"Bearer {TOKENS[6]}"}
+    image = {"image": ("image", chest_xray.read_bytes())}
+    labels = client.post("/v1/zero-shot", headers=headers, files=image, data={"labels": "nodule"})
+    where = client.post("/v1/search", headers=headers, files=image, data={"k": "5", "where": "colour = 'red'"})
+    assert labels.status_code == where.status_code == 422
+    assert page.locator("#zero-shot .panel-error").inner_text().startswith("422 ")
+    assert labels.json()["detail"] in page.locator("#zero-shot .panel-error").inner_text()
+    for panel in ("similar", "draft"):
+        assert where.json()["detail"] in page.locator(f"#{panel} .panel-error").inner_text()
+
+
+def drop(page, path: Path) -> None:
+    """Drop ``path`` on the page's drop zone as a browser does (a DataTransfer holding the file)."""
+    transfer = page.evaluate_handle(
+        "([bytes, name]) => { const transfer = new DataTransfer();"
+        " transfer.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/jpeg'})); return transfer; }",
+        [list(path.read_bytes()), path.name])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
