@@ -109,10 +109,14 @@ def _single_answer(folder: Path, item: dict, row: dict, index: int) -> str:
     if qtype == "count":
         return str(_nodule_count(folder, index, row))
     if qtype == "size":
-        size_mm = next(f["size_mm"] for f in _truth(index, None).findings if f["name"] == "nodule")
-        return "<6 mm" if size_mm < 6 else ("6-8 mm" if size_mm <= 8 else ">8 mm")
+        return _diameter(_truth(index, None))
     ctr = _truth(index, None).meta["ctr"]
     return "<0.45" if ctr < 0.45 else ("0.45-0.50" if ctr <= 0.5 else ">0.50")
+
+
+def _diameter(case) -> str:
+    size_mm = next(f["size_mm"] for f in case.findings if f["name"] == "nodule")
+    return "<6 mm" if size_mm < 6 else ("6-8 mm" if size_mm <= 8 else ">8 mm")
 
 
 def _extent(case, finding: str) -> float:
@@ -135,6 +139,8 @@ def _answer_from_truth(folder: Path, item: dict, manifest: dict, films: dict) ->
     if item["question_type"] == "count" and rows[0]["visit"] != "":
         mask = _truth(index, _visit(rows[0])).masks["nodule"]
         return str(ndimage.label(mask)[1])
+    if item["question_type"] == "size" and rows[0]["visit"] != "":
+        return _diameter(_truth(index, _visit(rows[0])))
     if len(rows) == 1:
         return _single_answer(folder, item, manifest[index], index)
     finding = _subject(item)

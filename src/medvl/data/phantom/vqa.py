@@ -16,7 +16,9 @@ location        side        left / right                            the case (ef
 location        zone        upper / middle / lower                  the case (nodule, consolidation)
 count           nodules     0 / 1 / 2 / 3                           the case (0 or 1); 2-3: the case's
                                                                     own film with extra nodules
-size            diameter    <6 mm / 6-8 mm / >8 mm                  the case (nodule diameter, mm)
+size            diameter    <6 mm / 6-8 mm / >8 mm                  the case (nodule diameter, mm), or
+                                                                    its own film with the nodule resized
+                                                                    into another bucket (``DIAMETERS``)
 ratio           ctr         <0.45 / 0.45-0.50 / >0.50               the case (cardiothoracic ratio as
                                                                     drawn, AP magnification included)
 progression     change      progressed / improved / stable          two films, earlier first: the case
@@ -68,13 +70,14 @@ from PIL import Image
 from ...checks import check_number
 from ...errors import InputError
 from ...progress import progress_bar
-from .cxr2d import ABNORMAL, Visit, render_case
+from .cxr2d import ABNORMAL, GROW_RANGE, Visit, render_case
 
 log = logging.getLogger(__name__)
 
 QUESTION_TYPES = ("presence", "location", "count", "size", "ratio", "progression", "which_image")
 GROW = 1.5  # Visit.grow of a progressed (or, in reverse order, improved) finding
 DEFAULT_PER_CASE = 4
+DIAMETERS = {"<6 mm": (3, 4, 5), "6-8 mm": (6, 7, 8), ">8 mm": (9, 10, 11, 12, 13, 14, 15)}  # size variants, mm
 MAX_PER_CASE = 50
 _SELECT_STREAM = 11  # question choice is seeded by (seed, _SELECT_STREAM, split number)
 
@@ -194,9 +197,23 @@ def _single_image(truth: PatientTruth) -> list[Candidate]:
             out.append(Candidate(truth.index, "side", finding["name"], finding["side"], own))
         if finding["zone"] is not None:
             out.append(Candidate(truth.index, "zone", finding["name"], finding["zone"].split()[1], own))
-        if finding["name"] == "nodule":
-            out.append(Candidate(truth.index, "diameter", "nodule", diameter_bucket(finding["size_mm"]), own))
     out.append(Candidate(truth.index, "ctr", "cardiomegaly", ctr_bucket(truth.meta["ctr"]), own))
+    return out
+
+
+def _size(truth: PatientTruth) -> list[Candidate]:
+    """The nodule's diameter bucket on the case's film, and the other buckets on the same film with
+    the nodule grown or shrunk to a diameter in them (``DIAMETERS``, varied by patient)."""
+    nodule = next((finding for finding in truth.findings if finding["name"] == "nodule"), None)
+    if nodule is None:
+        return []
+    own = diameter_bucket(nodule["size_mm"])
+    out = [Candidate(truth.index, "diameter", "nodule", own, (None,))]
+    for bucket, diameters in DIAMETERS.items():
+        target = diameters[truth.index % len(diameters)]
+        grow = (target + 4.0) / (nodule["size_mm"] + 4.0)  # Visit.grow scales the diameter + 4 mm
+        if bucket != own and GROW_RANGE[0] <= grow <= GROW_RANGE[1]:
+            out.append(Candidate(truth.index, "diameter", "nodule", bucket, (Visit(number=0, grow=grow),)))
     return out
 
 
@@ -230,7 +247,7 @@ def candidates(truth: PatientTruth, stable_first: bool = True) -> list[Candidate
     ``stable_first``: whether the case's own film is the earlier one of a stable pair (the
     generator flips a seeded coin per patient, so the position of the case's film says nothing).
     """
-    return _single_image(truth) + _count(truth) + _two_films(truth, stable_first)
+    return _single_image(truth) + _size(truth) + _count(truth) + _two_films(truth, stable_first)
 
 
 # ---------------------------------------------------------------------------------------------
