@@ -286,7 +286,7 @@ class DimseClient:
                         sop_classes={str(i["SOPClassUID"]) for i in instances if i.get("SOPClassUID")}))
         return plans
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:
         """The whole series (none of it here yet) or only the missing instances, by C-GET or C-MOVE."""
         keys = {"StudyInstanceUID": plan.study_uid, "SeriesInstanceUID": plan.series_uid}
         if len(missing) == len(plan.instances):

@@ -250,7 +250,7 @@ class DicomWebClient:
                                         [str(i["SOPInstanceUID"]) for i in instances]))
         return plans
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:
         """The whole series in one response when none of it is here, else only the missing instances."""
         if len(missing) == len(plan.instances):
             yield from self.retrieve_series(plan.study_uid, plan.series_uid)

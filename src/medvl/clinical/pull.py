@@ -72,7 +72,7 @@ class PullSource(Protocol):
         """Every series of the studies with its SOP Instance UIDs; ``DataError`` for an unknown study."""
         ...
 
-    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes]]:
+    def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:
         """The ``missing`` instances of one series (more is fine) as DICOM files, each stream valid
         until the next; closing the iterator early stops the transfer."""
         ...
