@@ -109,7 +109,8 @@ class Loader:
             service = self.service or await asyncio.to_thread(self.load)
         except MedvlError as error:
             self.failure = f"the model could not be loaded: {error}"
-            log.error("model not loaded", extra={"error": type(error).__name__})
+            # the reason names the model / index folders (the operator's settings), never patient data
+            log.error("model not loaded", extra={"error": type(error).__name__, "detail": str(error)})
             return
         await service.start()
         app.state.service = service
