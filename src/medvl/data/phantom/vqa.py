@@ -400,10 +400,11 @@ def _write_films(root: Path, films: _Films, truths: dict[int, PatientTruth], ren
 
 
 def _film_row(name: str, truth: PatientTruth, visit: Visit | None) -> dict[str, Any]:
-    own = visit is None
-    return {"image": name, "patient": f"phantom_{truth.index:05d}", "case_index": truth.index,
-            "split": truth.split, "visit": "" if own else visit.number, "grow": "" if own else visit.grow,
-            "absent": "" if own else " ".join(visit.absent), "nodules": "" if own else visit.nodules}
+    row: dict[str, Any] = {"image": name, "patient": f"phantom_{truth.index:05d}", "case_index": truth.index,
+                           "split": truth.split, "visit": "", "grow": "", "absent": "", "nodules": ""}
+    if visit is not None:  # another film of the patient: what the visit changed
+        row.update(visit=visit.number, grow=visit.grow, absent=" ".join(visit.absent), nodules=visit.nodules)
+    return row
 
 
 def _item_order(question: Question) -> tuple[int, int]:
