@@ -946,7 +946,7 @@ def _check_visit(visit: Visit | None) -> None:
         raise InputError("a visit cannot both add nodules and remove the nodule")
 
 
-def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params: dict[str, dict],
+def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params: dict[str, Any],
                     anat: _Anatomy) -> tuple[list[str], _Anatomy]:
     """Locate the findings as on the first film, then add nodules, grow and remove as the visit says."""
     drawn: dict[str, dict] = {}
