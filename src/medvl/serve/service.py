@@ -11,6 +11,7 @@ computed once per label set and kept (``MAX_LABEL_SETS``, least recently used dr
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -19,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import torch
-from starlette.concurrency import run_in_threadpool
 
 from ..data import captions_for
 from ..embed import class_embeddings
@@ -63,6 +64,7 @@ class ModelService:
         self.labeller = None
         self._classes: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._classes_lock = threading.Lock()
+        self._workers: anyio.CapacityLimiter | None = None  # made on the server's loop (start)
 
     def _open_index(self, target: str | Path):
         from ..index import open_index
@@ -73,6 +75,7 @@ class ModelService:
         return index
 
     async def start(self) -> None:
+        self._workers = anyio.CapacityLimiter(os.cpu_count() or 1)
         self.batcher.start()
 
     async def stop(self) -> None:
@@ -83,13 +86,18 @@ class ModelService:
             self.index.close()
 
     # -- shared steps ----------------------------------------------------------------------------
+    async def _on_worker(self, function, *args):
+        """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
+        there are CPUs: more would only slow each other and the model's forward passes down."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._workers)
+
     async def run_on_model_thread(self, function, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
 
     async def decode(self, data: bytes, timings: dict[str, Any]) -> Upload:
         started = time.perf_counter()
-        upload = await run_in_threadpool(decode_upload, data, self.settings)
+        upload = await self._on_worker(decode_upload, data, self.settings)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -98,7 +106,7 @@ class ModelService:
         """The normalised embedding of an uploaded image, through the micro-batcher."""
         with self.batcher.incoming():
             upload = await self.decode(data, timings)
-            pixels = await run_in_threadpool(self._preprocess, upload)
+            pixels = await self._on_worker(self._preprocess, upload)
         embedding, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
         return embedding
