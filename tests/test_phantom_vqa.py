@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from medvl.data.phantom import Visit, generate_phantom, render_case
 from medvl.data.phantom.vqa import QUESTION_TYPES
 from medvl.errors import DataError, InputError
 
-SEED, SIZE, N = 4, 40, 240
-EXTENT_SIZE = 96  # films compared for progression are re-rendered larger: areas of a few pixels are too coarse
+SEED, SIZE, N = 4, 40, 180
+EXTENT_SIZE = 64  # films compared for progression are re-rendered larger: areas of a few pixels are too coarse
 SIDE_FINDINGS = {"pleural_effusion", "pneumothorax", "nodule", "consolidation"}
 NOUN_TO_FINDING = {"cardiomegaly": "cardiomegaly", "pleural effusion": "pleural_effusion", "nodule": "nodule",
                    "consolidation": "consolidation", "pneumothorax": "pneumothorax"}
@@ -30,6 +31,14 @@ NOUN_TO_FINDING = {"cardiomegaly": "cardiomegaly", "pleural effusion": "pleural_
 def phantom(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("vqa") / "phantom"
     generate_phantom(folder, n=N, seed=SEED, size=SIZE, vqa=True, vqa_per_case=6)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def multi_phantom(tmp_path_factory) -> Path:
+    """Two findings per abnormal case: two lateral findings, growth and removal of one of two."""
+    folder = tmp_path_factory.mktemp("vqa") / "multi"
+    generate_phantom(folder, n=90, seed=6, size=32, extra_finding_prob=1.0, vqa=True, vqa_per_case=5)
     return folder
 
 
@@ -54,13 +63,15 @@ def _images(item: dict) -> list[str]:
 def _visit(row: dict) -> Visit | None:
     if row["visit"] == "":
         return None
-    absent = tuple(row["absent"].split())
-    return Visit(number=int(row["visit"]), grow=float(row["grow"]), absent=absent, nodules=int(row["nodules"]))
+    return Visit(number=int(row["visit"]), grow=float(row["grow"]), absent=tuple(row["absent"].split()),
+                 nodules=int(row["nodules"]), growing=tuple(row["growing"].split()))
 
 
 @cache
-def _truth(index: int, visit: Visit | None, size: int = SIZE):
-    return render_case(SEED, index, size, visit=visit)
+def _truth(folder: Path, index: int, visit: Visit | None, size: int | None = None):
+    """A film's ground truth, re-rendered with the phantom's own generator settings (``size`` to override)."""
+    generator = json.loads((folder / "dataset.json").read_text())["generator"]
+    return render_case(generator["seed"], index, size or generator["size"], generator["extra_finding_prob"], visit)
 
 
 def _subject(item: dict) -> str:
@@ -109,8 +120,8 @@ def _single_answer(folder: Path, item: dict, row: dict, index: int) -> str:
     if qtype == "count":
         return str(_nodule_count(folder, index, row))
     if qtype == "size":
-        return _diameter(_truth(index, None))
-    ctr = _truth(index, None).meta["ctr"]
+        return _diameter(_truth(folder, index, None))
+    ctr = _truth(folder, index, None).meta["ctr"]
     return "<0.45" if ctr < 0.45 else ("0.45-0.50" if ctr <= 0.5 else ">0.50")
 
 
@@ -130,22 +141,29 @@ def _extent(case, finding: str) -> float:
 
 def _change(earlier, later, finding: str) -> str:
     ratio = _extent(later, finding) / _extent(earlier, finding)
-    return "progressed" if ratio > 1.15 else "improved" if ratio < 1 / 1.15 else "stable"
+    return "progressed" if ratio > 1.1 else "improved" if ratio < 1 / 1.1 else "stable"
+
+
+def _on_first_grid(visit: Visit | None) -> Visit | None:
+    """The film's findings drawn with the case's own pose (one pixel grid, so areas compare exactly)."""
+    return None if visit is None else replace(visit, number=0)
 
 
 def _answer_from_truth(folder: Path, item: dict, manifest: dict, films: dict) -> str:
     rows = [films[name] for name in _images(item)]
     index = int(rows[0]["case_index"])
     if item["question_type"] == "count" and rows[0]["visit"] != "":
-        mask = _truth(index, _visit(rows[0])).masks["nodule"]
+        mask = _truth(folder, index, _visit(rows[0])).masks["nodule"]
         return str(ndimage.label(mask)[1])
     if item["question_type"] == "size" and rows[0]["visit"] != "":
-        return _diameter(_truth(index, _visit(rows[0])))
+        return _diameter(_truth(folder, index, _visit(rows[0])))
     if len(rows) == 1:
         return _single_answer(folder, item, manifest[index], index)
     finding = _subject(item)
-    by_area = item["question_type"] == "progression" and finding not in ("cardiomegaly", "nodule")
-    cases = [_truth(index, _visit(row), EXTENT_SIZE if by_area else SIZE) for row in rows]
+    if item["question_type"] == "progression":
+        cases = [_truth(folder, index, _on_first_grid(_visit(row)), EXTENT_SIZE) for row in rows]
+    else:
+        cases = [_truth(folder, index, _visit(row)) for row in rows]
     if item["question_type"] == "which_image":
         shows = [finding in {f["name"] for f in case.findings} for case in cases]
         assert sum(shows) == 1
@@ -153,7 +171,9 @@ def _answer_from_truth(folder: Path, item: dict, manifest: dict, films: dict) ->
     return _change(cases[0], cases[1], finding)
 
 
-def test_answers_are_exact_against_the_ground_truth(phantom):
+@pytest.mark.parametrize("which", ["phantom", "multi_phantom"])
+def test_answers_are_exact_against_the_ground_truth(which, request):
+    phantom = request.getfixturevalue(which)
     manifest, films = _manifest(phantom), _films(phantom)
     checked = Counter()
     for items in _items(phantom).values():
@@ -168,12 +188,12 @@ def test_stable_pairs_show_the_same_finding_and_films_are_the_patients(phantom):
     films = _films(phantom)
     for items in _items(phantom).values():
         for item in (i for i in items if i["answer"] == "stable"):
-            first, second = (_truth(int(films[n]["case_index"]), _visit(films[n])) for n in _images(item))
+            first, second = (_truth(phantom, int(films[n]["case_index"]), _visit(films[n])) for n in _images(item))
             assert [f["size_mm"] for f in first.findings] == [f["size_mm"] for f in second.findings]
             assert first.meta["ctr"] == second.meta["ctr"]
     for name, row in list(films.items())[:: max(1, len(films) // 25)]:
         written = np.asarray(Image.open(phantom / "vqa" / name))
-        assert np.array_equal(written, _truth(int(row["case_index"]), _visit(row)).image)
+        assert np.array_equal(written, _truth(phantom, int(row["case_index"]), _visit(row)).image)
 
 
 # ---------------------------------------------------------------- balance and the question-only baseline

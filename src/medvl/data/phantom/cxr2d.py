@@ -113,6 +113,8 @@ class Visit:
       (rounded to whole mm), effusion height (at most 0.75 of the normalised frame), pneumothorax
       depth (at most 0.45), consolidation spread; the cardiothoracic ratio by a third of it
       (1.5 -> x 1.167, at most 0.8). Centres stay where they were on the first film.
+    * ``growing``: the findings ``grow`` applies to (default: every finding present). A growing
+      heart narrows the lung fields, so a question about another finding grows that one only.
     * ``absent``: findings not on this film (resolved, or not yet present); a resolved
       cardiomegaly gets a normal ratio (0.41-0.48, PA). Nothing left is ``no_finding``.
     * ``nodules``: total number of nodules (1-4; more than 1 needs a case with a nodule). Extra
@@ -125,6 +127,7 @@ class Visit:
     grow: float = 1.0
     absent: tuple[str, ...] = ()
     nodules: int = 1
+    growing: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,9 +942,11 @@ def _check_visit(visit: Visit | None) -> None:
     check_number("visit.number", visit.number, minimum=0, integer=True)
     check_number("visit.grow", visit.grow, minimum=GROW_RANGE[0], maximum=GROW_RANGE[1])
     check_number("visit.nodules", visit.nodules, minimum=1, maximum=MAX_NODULES, integer=True)
-    unknown = [name for name in visit.absent if name not in ABNORMAL]
-    if unknown:
-        raise InputError(f"visit.absent must name findings among {', '.join(ABNORMAL)}, got {unknown}")
+    for option, names in (("absent", visit.absent), ("growing", visit.growing)):
+        unknown = [name for name in names if name not in ABNORMAL]
+        if unknown or isinstance(names, str):
+            raise InputError(f"visit.{option} must be a tuple of findings among {', '.join(ABNORMAL)}, "
+                             f"got {names!r}")
     if visit.nodules > 1 and "nodule" in visit.absent:
         raise InputError("a visit cannot both add nodules and remove the nodule")
 
@@ -959,7 +964,8 @@ def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params
         if "nodule" not in names:
             raise InputError(f"visit.nodules={visit.nodules} needs a case with a nodule (this one: {', '.join(names)})")
         params["extra_nodules"] = _extra_nodules(visit.nodules - 1, key, params["nodule"], anat, drawn)
-    anat = _grow(visit.grow, names, params, anat)
+    growing = [name for name in names if not visit.growing or name in visit.growing]
+    anat = _grow(visit.grow, growing, params, anat)
     if "cardiomegaly" in visit.absent and "cardiomegaly" in names:
         normal = 0.41 + 0.07 * float(np.random.default_rng([*key, _STREAM_VISIT]).uniform())
         anat = replace(anat, pa_ctr=normal, ctr=anat.ctr * normal / anat.pa_ctr)
@@ -968,18 +974,20 @@ def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params
 
 
 def _grow(factor: float, names: list[str], params: dict[str, dict], anat: _Anatomy) -> _Anatomy:
-    """Scale the extent of the findings present by ``factor`` (see ``Visit.grow``)."""
+    """Scale the extent of the findings ``names`` by ``factor`` (see ``Visit.grow``)."""
     if factor == 1.0:
         return anat
-    for nodule in (params["nodule"], *params.get("extra_nodules", ())):
-        nodule["size_mm"] = float(max(1, round((nodule["size_mm"] + 4.0) * factor - 4.0)))
-        nodule["radius"] = (nodule["size_mm"] + 4.0) / 190.0
-    params["pleural_effusion"]["height"] = min(0.75, params["pleural_effusion"]["height"] * factor)
-    params["pneumothorax"]["depth"] = min(0.45, params["pneumothorax"]["depth"] * factor)
-    consolidation = params["consolidation"]
-    consolidation["spread"] *= factor
-    if "x" in consolidation:
-        _set_blobs(consolidation)
+    if "nodule" in names:
+        for nodule in (params["nodule"], *params.get("extra_nodules", ())):
+            nodule["size_mm"] = float(max(1, round((nodule["size_mm"] + 4.0) * factor - 4.0)))
+            nodule["radius"] = (nodule["size_mm"] + 4.0) / 190.0
+    if "pleural_effusion" in names:
+        params["pleural_effusion"]["height"] = min(0.75, params["pleural_effusion"]["height"] * factor)
+    if "pneumothorax" in names:
+        params["pneumothorax"]["depth"] = min(0.45, params["pneumothorax"]["depth"] * factor)
+    if "consolidation" in names:
+        params["consolidation"]["spread"] *= factor
+        _set_blobs(params["consolidation"])
     if "cardiomegaly" not in names:
         return anat
     pa_ctr = min(0.8, anat.pa_ctr * (1.0 + (factor - 1.0) / 3.0))

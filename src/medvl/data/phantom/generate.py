@@ -233,10 +233,9 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     """
     if kind not in KINDS:
         raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if vqa:
-        if kind != "cxr2d":
-            raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
-        check_vqa_args(vqa_per_case)
+    check_vqa_args(vqa_per_case)
+    if vqa and kind != "cxr2d":
+        raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
     split_fractions = _check_splits(splits)

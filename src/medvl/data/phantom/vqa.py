@@ -22,8 +22,9 @@ size            diameter    <6 mm / 6-8 mm / >8 mm                  the case (no
 ratio           ctr         <0.45 / 0.45-0.50 / >0.50               the case (cardiothoracic ratio as
                                                                     drawn, AP magnification included)
 progression     change      progressed / improved / stable          two films, earlier first: the case
-                                                                    and a later film grown x 1.5 (or the
-                                                                    reverse order: improved), or a later
+                                                                    and a later film with the finding
+                                                                    grown x 1.5 (or the reverse order:
+                                                                    improved), or a later
                                                                     film unchanged (stable)
 which_image     which       first / second                          two films, earlier first: the case,
                                                                     and a later film without the finding
@@ -213,7 +214,8 @@ def _size(truth: PatientTruth) -> list[Candidate]:
         target = diameters[truth.index % len(diameters)]
         grow = (target + 4.0) / (nodule["size_mm"] + 4.0)  # Visit.grow scales the diameter + 4 mm
         if bucket != own and GROW_RANGE[0] <= grow <= GROW_RANGE[1]:
-            out.append(Candidate(truth.index, "diameter", "nodule", bucket, (Visit(number=0, grow=grow),)))
+            resized = Visit(number=0, grow=grow, growing=("nodule",))
+            out.append(Candidate(truth.index, "diameter", "nodule", bucket, (resized,)))
     return out
 
 
@@ -230,7 +232,7 @@ def _two_films(truth: PatientTruth, stable_first: bool) -> list[Candidate]:
     """Progression and which-image questions: the case's film and a later one, in time order."""
     out = []
     for name in (finding["name"] for finding in truth.findings if finding["name"] in ABNORMAL):
-        grown, later = Visit(number=1, grow=GROW), Visit(number=1)
+        grown, later = Visit(number=1, grow=GROW, growing=(name,)), Visit(number=1)
         resolved = Visit(number=1, absent=(name,))
         stable = (None, later) if stable_first else (later, None)
         out += [Candidate(truth.index, "change", name, "progressed", (None, grown)),
@@ -401,9 +403,10 @@ def _write_films(root: Path, films: _Films, truths: dict[int, PatientTruth], ren
 
 def _film_row(name: str, truth: PatientTruth, visit: Visit | None) -> dict[str, Any]:
     row: dict[str, Any] = {"image": name, "patient": f"phantom_{truth.index:05d}", "case_index": truth.index,
-                           "split": truth.split, "visit": "", "grow": "", "absent": "", "nodules": ""}
+                           "split": truth.split, "visit": "", "grow": "", "absent": "", "nodules": "", "growing": ""}
     if visit is not None:  # another film of the patient: what the visit changed
-        row.update(visit=visit.number, grow=visit.grow, absent=" ".join(visit.absent), nodules=visit.nodules)
+        row.update(visit=visit.number, grow=visit.grow, absent=" ".join(visit.absent), nodules=visit.nodules,
+                   growing=" ".join(visit.growing))
     return row
 
 
