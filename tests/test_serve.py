@@ -464,3 +464,21 @@ def _status(http, image: bytes, token: str):
 def test_no_auth_is_refused_off_loopback(model_dir):
     result, output = invoke("serve", "--model", model_dir, "--host", "0.0.0.0", "--no-auth")
     assert result.exit_code == 2 and "loopback" in output
+
+
+def test_the_weights_hash_is_computed_once_per_loaded_model_and_again_after_a_change(model_dir):
+    import torch
+
+    from medvl.index.base import _WEIGHTS_SHA256, model_fingerprint, weights_sha256
+
+    model = load_model(model_dir)
+    first = weights_sha256(model)
+    assert model in _WEIGHTS_SHA256 and weights_sha256(model) == first
+    assert model_fingerprint(model)["weights_sha256"] == first == weights_sha256(load_model(model_dir))
+    original = model.logit_scale.detach().clone()
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)  # an in-place change, as an optimizer step makes
+    assert weights_sha256(model) != first
+    with torch.no_grad():
+        model.logit_scale.copy_(original)
+    assert weights_sha256(model) == first
