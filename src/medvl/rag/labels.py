@@ -52,7 +52,7 @@ MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, 
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
     "no signs of", "no sign of", "no findings of", "absence of", "resolution of", "rules out", "ruled out",
-    "never", "nor",
+    "never", "nor", "resolved", "clearing of",
 ]
 POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
@@ -72,23 +72,28 @@ PRE_UNCERTAIN = [
     "borderline", "equivocal", "rule out", "r/o", "versus", "vs", "indeterminate", "presumed", "cannot tell",
     "may", "question", "questioned", "suggestion of", "differential", "considerations include", "could include",
     "evaluation for", "evaluate for", "for evaluation of", "to evaluate", "assess for", "to assess",
-    "to exclude", "could obscure",
+    "to exclude", "exclude", "could obscure", "could reflect", "could indicate", "maybe", "to identify", "to detect",
+    "in detecting", "possibility of", "correlate clinically for", "clinically correlate for", "correlate for",
+    "in the appropriate clinical setting",
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
     "versus", "vs", "is likely", "are likely", "is not certain", "may be present", "may",
-    "is in the differential", "would be a consideration", "is a consideration",
+    "is in the differential", "would be a consideration", "is a consideration", "is a possibility",
 ]
 NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
     "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
     "cannot be ruled out", "can not be ruled out", "cannot rule out", "can not rule out", "not ruled out",
     "not be excluded", "not be ruled out", "can't exclude", "can't be excluded", "cannot be entirely excluded",
+    "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
+    "are not ruled out", "is not entirely excluded", "are not entirely excluded",
 ]
 PSEUDO_NEGATION = [  # look like negations, are not
     "no change", "no interval change", "no significant change", "no significant interval change", "not changed",
     "no increase", "no decrease", "not only", "without change", "without interval change", "no new change",
     "no further change", "not significantly changed", "gram negative", "not necessarily",
-    "without significant change", "without significant interval change",
+    "without significant change", "without significant interval change", "almost completely resolved",
+    "nearly resolved", "almost resolved", "partially resolved", "incompletely resolved", "not completely resolved",
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
@@ -153,8 +158,9 @@ _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGA
 # "no opacity to suggest pneumonia"
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
                              r"suggesting|concerning for|worrisome for|consistent with|of)(?![a-z0-9])")
+_CONJUNCTION = re.compile(r"(?<![a-z0-9])(?:and|or|nor)(?![a-z0-9])")
 _CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
-                 "seen", "noted", "present", "identified", "demonstrated", "shows", "show", "appears", "remains"}
+                 "shows", "show", "appears", "appear", "remains", "remain"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
 
 
@@ -240,35 +246,46 @@ class _Cues:
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
 
     def status(self, start: int, end: int, gaps: list[str]) -> str:
-        if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end):
+        if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
             return UNCERTAIN
-        if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end) \
+        if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end, lists=True) \
                 or self._after(self.near_post_negation, end, NEAR_WINDOW) or any(_GAP_NEGATION.search(g) for g in gaps):
             return NEGATIVE
-        if self._before(self.pre_uncertain, start, lists=True) or self._after(self.post_uncertain, end) \
+        if self._before(self.pre_uncertain, start, lists=True, conjunction=True) \
+                or self._after(self.post_uncertain, end) \
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
 
-    def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False) -> bool:
+    def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False) -> bool:
         return any(e <= start and self._open(e, start)
-                   and (self._words(e, start) <= PRE_WINDOW or lists and self._listed(e, start)) for _, e in spans)
+                   and (self._words(e, start) <= PRE_WINDOW or lists and self._listed(e, start, conjunction))
+                   for _, e in spans)
 
     def _inside(self, spans: list[tuple[int, int]], start: int, end: int) -> bool:
         """A cue within the mention itself ("borderline heart size")."""
         return any(start <= s and e <= end for s, e in spans)
 
-    def _listed(self, start: int, end: int) -> bool:
+    def _listed(self, start: int, end: int, conjunction: bool = False) -> bool:
         """The text between a cue and a mention is a list of short items ("no focal consolidation,
-        suspicious pulmonary opacity, pneumothorax or definite pleural effusion"), so the cue covers
-        the whole list, however long; a verb or "with" in an item starts a new clause and ends it."""
-        items = _LIST_SEPARATOR.split(self.text[start:end])
+        suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "infiltrates and
+        venous engorgement have resolved"), so the cue covers the whole list, however long; a verb or
+        "with" in an item starts a new clause and ends it. With ``conjunction`` a list of two must have
+        an "and" / "or": hedged lists ("possible atelectasis, effusion or edema") and lists before a cue
+        after them ("infiltrates and engorgement have resolved"), where a bare comma often starts
+        another statement ("suggestive of artifacts, healed rib fracture")."""
+        between = self.text[start:end]
+        items = _LIST_SEPARATOR.split(between)
+        if conjunction and not _CONJUNCTION.search(between) and len(items) < 3:
+            return False
         return 1 < len(items) <= MAX_LIST_ITEMS and all(
             len(words := _WORD.findall(item)) <= PRE_WINDOW and not _CLAUSE_WORDS.intersection(words)
             for item in items)
 
-    def _after(self, spans: list[tuple[int, int]], end: int, window: int = POST_WINDOW) -> bool:
-        return any(s >= end and self._words(end, s) <= window and self._open(end, s) for s, _ in spans)
+    def _after(self, spans: list[tuple[int, int]], end: int, window: int = POST_WINDOW, lists: bool = False) -> bool:
+        return any(s >= end and self._open(end, s)
+                   and (self._words(end, s) <= window or lists and self._listed(end, s, conjunction=True))
+                   for s, _ in spans)
 
     def _words(self, start: int, end: int) -> int:
         return len(_WORD.findall(self.text[start:end]))
