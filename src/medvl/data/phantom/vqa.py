@@ -23,9 +23,10 @@ ratio           ctr         <0.45 / 0.45-0.50 / >0.50               the case (ca
                                                                     drawn, AP magnification included)
 progression     change      progressed / improved / stable          two films, earlier first: the case
                                                                     and a later film with the finding
-                                                                    grown x 1.5 (or the reverse order:
-                                                                    improved), or a later
-                                                                    film unchanged (stable)
+                                                                    grown x 1.5 (``Visit.growing``: that
+                                                                    finding only); the reverse order is
+                                                                    improved; the case and a later film
+                                                                    unchanged, in either order, stable
 which_image     which       first / second                          two films, earlier first: the case,
                                                                     and a later film without the finding
 ==============  ==========  ======================================  ====================================
