@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from medvl.index.ann import choose_kind  # noqa: E402
 from medvl.index.base import INFO_FORMAT  # noqa: E402
 from medvl.index.cases import Case  # noqa: E402
 from medvl.index.faiss_store import (  # noqa: E402
@@ -46,7 +47,6 @@ from medvl.index.faiss_store import (  # noqa: E402
     FaissBuilder,
     FaissIndex,
     build_ann,
-    choose_kind,
     faiss_threads,
 )
 

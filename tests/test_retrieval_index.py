@@ -26,7 +26,8 @@ from medvl import DataError, InputError, ModelError, create_model, load_dataset,
 from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
-from medvl.index.faiss_store import choose_kind, quote_column
+from medvl.index.ann import choose_kind
+from medvl.index.cases import quote_column
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INJECTIONS = ["sex='F'; DROP TABLE cases", "1=1 or sex = 'x' --", "sex = 'F' --", "age > 60 union select 1",

@@ -162,6 +162,11 @@ def check_ids_are_not_paths(ids: Sequence[str], source: str) -> None:
                                 f"or name images relative to the manifest")
 
 
+def quote_column(name: str) -> str:
+    """The SQL identifier of a filter column (names are checked identifiers, see ``filter_name``)."""
+    return name if name in FIXED_COLUMNS else f'"m_{name}"'
+
+
 def check_unique_ids(cases: Sequence[Case], source: str) -> None:
     seen: set[str] = set()
     repeated = []

@@ -14,7 +14,7 @@ batch is committed to its SQLite with the vectors), an edit works on a copy ``.I
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
 ``.INDEX.lock`` keeps writers apart.
 
-ANN kind by size (``choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
+ANN kind by size (``medvl.index.ann.choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
 ``HNSW_MAX``, IVF-PQ (compressed, for memory) above; the recall@10 of an approximate index
 against exact search is measured on a sample at build time and recorded in ``index.json``. HNSW cannot remove vectors:
 deleted cases vanish from SQLite at once, their ids are excluded from searches and their vectors
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
+from .ann import FLAT, HNSW, IVFPQ, KINDS, RECALL_K, choose_kind
 from .base import (
     IMAGES,
     INFO_FORMAT,
@@ -51,21 +52,24 @@ from .base import (
     check_target,
     check_vectors,
 )
-from .cases import FIXED_COLUMNS, NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path
+from .cases import (
+    NUMBER,
+    Case,
+    check_unique_ids,
+    column_values,
+    infer_columns,
+    public_image_path,
+    quote_column,
+)
 from .where import compile_where
 
 log = logging.getLogger(__name__)
 
 INDEX_FILES = {IMAGES: "index.faiss", TEXTS: "text.faiss"}
 CASES_DB, INFO_FILE = "cases.sqlite", "index.json"
-FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
-KINDS = (FLAT, HNSW, IVFPQ)
-# exact search below 50k vectors; HNSW (full vectors + graph, ~2.3 GB per million 512-d vectors) below
-# 2M; IVF-PQ above, where memory decides: dim/2 bytes per vector, at a recall cost recorded at build
-FLAT_MAX, HNSW_MAX = 50_000, 2_000_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
 IVF_NPROBE = 16
-RECALL_K, RECALL_SAMPLE = 10, 200
+RECALL_SAMPLE = 200  # queries sampled to measure recall
 SQL_CHUNK = 500  # ids per IN (...) list
 TOMBSTONES = "tombstones"  # deleted ids still in an HNSW graph
 TOMBSTONES_BEFORE_REBUILD = 1000  # at least this many (and a fifth of the live ids) trigger a rebuild
@@ -75,10 +79,6 @@ SINGLE_THREAD_QUERIES = 16  # fewer queries than this are searched on one thread
 
 
 # ------------------------------------------------------------------ ANN indexes
-
-
-def choose_kind(n: int) -> str:
-    return FLAT if n < FLAT_MAX else HNSW if n < HNSW_MAX else IVFPQ
 
 
 def build_ann(vectors: np.ndarray, vids: np.ndarray, kind: str, seed: int = 0) -> Any:
@@ -201,11 +201,6 @@ _BUILD_TABLES = """
 CREATE TABLE pending (vid INTEGER PRIMARY KEY, image BLOB NOT NULL, text BLOB);  -- vectors of a build
 CREATE TABLE build (key TEXT NOT NULL);
 """
-
-
-def quote_column(name: str) -> str:
-    """The SQL identifier of a filter column (names are checked identifiers, see cases.filter_name)."""
-    return name if name in FIXED_COLUMNS else f'"m_{name}"'
 
 
 def add_db_columns(conn: sqlite3.Connection, columns: dict[str, str]) -> None:

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
+from .ann import FLAT, FLAT_MAX, HNSW, RECALL_K
 from .base import IMAGES, TEXTS, Hit, IndexBase, check_info_format, check_k, check_target, check_vectors, redact
-from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path
-from .faiss_store import FLAT, FLAT_MAX, HNSW, RECALL_K, quote_column
+from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
 from .where import compile_where
 
 log = logging.getLogger(__name__)
