@@ -84,6 +84,7 @@ def labeller():
     ("In the appropriate clinical setting this appearance is compatible with pneumonia.", {"pneumonia": "uncertain"}),
     ("Followup radiographs to ensure resolution and exclude an underlying mass.", {"mass": "uncertain"}),
     ("Possibility of left rib 7 anterior nondisplaced fracture.", {"fracture": "uncertain"}),
+    ("Suspicion for small bilateral pleural effusions.", {"pleural_effusion": "uncertain"}),
     # an adjective-like participle stays inside a negated list
     ("There is no evidence of focal infiltrate, pneumothorax, pleural effusion, or identified mass lesion.",
      {"lung_opacity": "negative", "pneumothorax": "negative", "pleural_effusion": "negative", "mass": "negative"}),
@@ -92,6 +93,9 @@ def labeller():
     ("There is a marked interval increase in heart size.", {"cardiomegaly": "positive"}),
     ("Stable increased lung volumes consistent with chronic lung disease.", {"emphysema": "positive"}),
     ("Chronic blunting of both lateral costophrenic [redacted].", {"pleural_effusion": "positive"}),
+    ("Stable left upper lobe collapse.", {"atelectasis": "positive"}),
+    # guard for the list rule: a cue does not reach across a new clause ("densities not seen before, ... fracture")
+    ("Axillary densities not seen on the previous exam, healed right rib fracture noted.", {"fracture": "positive"}),
     # resolution and unchanged findings
     ("The left lower lobe consolidation has cleared.", {"consolidation": "negative"}),
     ("Essentially resolved bibasilar atelectasis.", {"atelectasis": "negative"}),

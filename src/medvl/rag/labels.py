@@ -74,7 +74,7 @@ PRE_UNCERTAIN = [
     "evaluation for", "evaluate for", "for evaluation of", "to evaluate", "assess for", "to assess",
     "to exclude", "exclude", "could obscure", "could reflect", "could indicate", "maybe", "to identify", "to detect",
     "in detecting", "possibility of", "correlate clinically for", "clinically correlate for", "correlate for",
-    "in the appropriate clinical setting",
+    "in the appropriate clinical setting", "suspicion for", "suspicion of",
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
@@ -157,10 +157,10 @@ _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGA
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
 # "no opacity to suggest pneumonia"
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
-                             r"suggesting|concerning for|worrisome for|consistent with|of)(?![a-z0-9])")
+                             r"suggesting|concerning for|worrisome for|consistent with)(?![a-z0-9])")
 _CONJUNCTION = re.compile(r"(?<![a-z0-9])(?:and|or|nor)(?![a-z0-9])")
 _CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
-                 "shows", "show", "appears", "appear", "remains", "remain"}
+                 "shows", "show", "appears", "appear", "remains", "remain", "seen", "noted", "present", "demonstrated"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
 
 
