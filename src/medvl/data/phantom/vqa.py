@@ -61,7 +61,6 @@ import os
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,8 +385,7 @@ def _write_films(root: Path, films: _Films, truths: dict[int, PatientTruth], ren
     out = root / "vqa"
     (out / "images").mkdir(parents=True)
     rows = []
-    bar = progress_bar("phantom VQA films", len(films.names)) if progress else nullcontext(lambda n=1: None)
-    with bar as advance:
+    with progress_bar("phantom VQA films", len(films.names), enabled=progress) as advance:
         for (patient, visit), name in sorted(films.names.items(), key=lambda item: item[1]):
             if visit is None:
                 _link_or_copy(root / name, out / name)
