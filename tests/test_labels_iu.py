@@ -18,11 +18,14 @@ from medvl import load_dataset
 from medvl.rag.labels import ReportLabeller
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "labeller_iu.py"
-# test-split F1 (uncertain counted as negative) a little below what was measured after the fixes
-# (docs/benchmarks.md); a regression in negation, hedging or synonyms takes a finding under its floor
+# test-split F1 (uncertain counted as negative) a little below what was measured after the fixes (docs/benchmarks.md:
+# normal 0.694, cardiomegaly 0.921, effusion 1.000, opacity/consolidation 0.993, nodule 0.632, pneumothorax 1.000,
+# atelectasis 0.896, edema 0.929, emphysema 0.939, no compared finding 0.974); small supports (pneumothorax 6,
+# nodule 8, edema 15) get more room, as one report moves their F1 by 0.05-0.1. Before the fixes normal was 0.642,
+# effusion 0.837, pneumothorax 0.545, edema 0.786, emphysema 0.762 and no compared finding 0.908: under these floors.
 TEST_F1_FLOORS = {
-    "normal": 0.72, "cardiomegaly": 0.90, "effusion": 0.90, "opacity/consolidation": 0.93, "nodule": 0.60,
-    "pneumothorax": 0.85, "atelectasis": 0.85, "edema": 0.75, "emphysema": 0.90, "no compared finding": 0.95,
+    "normal": 0.67, "cardiomegaly": 0.89, "effusion": 0.93, "opacity/consolidation": 0.96, "nodule": 0.55,
+    "pneumothorax": 0.85, "atelectasis": 0.86, "edema": 0.85, "emphysema": 0.90, "no compared finding": 0.95,
 }
 
 
