@@ -15,12 +15,21 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
-     "negative for", "free of", "no evidence of") or up to ``POST_WINDOW`` words after it ("is not
-     seen", "absent", "has resolved"), or a "not"/"no" falls inside a "..." gap ("the cardiac
-     silhouette is not enlarged"); pseudo-negations ("no change", "not only") are not cues;
+     "negative for", "free of", "no evidence of", "resolved") or up to ``POST_WINDOW`` words after it
+     ("is not seen", "absent", "has resolved"), or a "not"/"no" falls inside a "..." gap ("the cardiac
+     silhouette is not enlarged"), or a normal-range phrase follows at most ``NEAR_WINDOW`` words after
+     it ("vascular engorgement appears within normal limits"); pseudo-negations ("no change", "not
+     only", "partially resolved") are not cues;
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
-     for", "likely", "versus") or after ("is suspected", "is possible");
+     for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
+     a possibility"), or lies inside the mention ("borderline heart size");
    - **positive** otherwise.
+
+   Lists: a cue before a list of short items covers the whole list however long it is ("no focal
+   consolidation, suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "no
+   opacity to suggest pneumonia"), as does a cue after a list joined by "and" / "or" ("infiltrates
+   and venous engorgement have resolved"); an item holding a verb or "with" starts a new clause and
+   ends the list. Hedged lists need an "and" / "or" or three items.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
    else negative; findings never mentioned are absent from the result. The knowledge base's
    ``normal`` entry (no finding) is positive when no abnormal finding is positive or uncertain,
