@@ -171,10 +171,22 @@ def test_a_burst_from_one_token_is_answered_429_and_other_tokens_are_not_affecte
     assert client.get("/v1/models", headers=auth()).status_code == 200
 
 
-def test_cors_is_off_by_default(client):
-    preflight = client.options("/v1/zero-shot", headers={"Origin": "https://example.org",
-                                                         "Access-Control-Request-Method": "POST"})
-    assert "access-control-allow-origin" not in preflight.headers
+def test_cors_is_off_by_default_and_allows_only_the_origins_given(client, model_dir):
+    from fastapi.testclient import TestClient
+
+    preflight = {"Origin": "https://page.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    assert "access-control-allow-origin" not in client.options("/v1/zero-shot", headers=preflight).headers
+    app = create_app(model_dir, settings=ServeSettings(cors_origins=["https://page.example"]),
+                     token_digests=[token_digest(TOKENS[0])])
+    with TestClient(app) as http:
+        allowed = http.options("/v1/zero-shot", headers=preflight)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://page.example"
+        other = http.options("/v1/zero-shot", headers={**preflight, "Origin": "https://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
+        answer = http.get("/v1/models", headers={**auth(TOKENS[0]), "Origin": "https://page.example"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://page.example"
+        assert http.get("/v1/models", headers={"Origin": "https://page.example"}).status_code == 401
 
 
 # ----------------------------------------------------------------------------------- uploads

@@ -24,8 +24,9 @@ PUBLIC_PATHS = {"/v1/health"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
 
 
-def needs_token(path: str) -> bool:
-    return path.startswith("/v1/") and path not in PUBLIC_PATHS
+def needs_token(method: str, path: str) -> bool:
+    """Every ``/v1/`` route but the public ones; not a CORS preflight (``OPTIONS`` carries no token)."""
+    return method != "OPTIONS" and path.startswith("/v1/") and path not in PUBLIC_PATHS
 
 
 class ServiceMiddleware:
@@ -63,7 +64,7 @@ class ServiceMiddleware:
     def _refusal(self, scope, timings: dict) -> tuple[int, str, dict[str, str]] | None:
         """(status, reason, headers) when the request is refused before its body is read."""
         headers = Headers(scope=scope)
-        if self.auth is not None and needs_token(scope["path"]):
+        if self.auth is not None and needs_token(scope["method"], scope["path"]):
             client = self.auth.client(headers.get("authorization"))
             if client is None:
                 timings["error"] = "unauthorized"
