@@ -323,6 +323,16 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     np.testing.assert_allclose(embedded["embedding"], reference, atol=1e-5)
 
 
+def test_a_real_chest_x_ray_jpeg_is_answered_as_the_library_does(client, model_dir, shared_data):
+    jpeg = min((shared_data / "figure1-covid-cxr" / "images").glob("*.jpg"), key=lambda path: path.stat().st_size)
+    assert jpeg.stat().st_size < UPLOAD_LIMIT
+    answer = zero_shot(client, jpeg.read_bytes(), jpeg.name)
+    assert answer.status_code == 200, answer.text
+    expected = predict(model_dir, [jpeg], LABELS.split(","))[0]
+    for name, probability in expected["probabilities"].items():
+        assert answer.json()["probabilities"][name] == pytest.approx(probability, abs=1e-5)
+
+
 def test_search_and_report_draft_answer_as_the_cli_library_calls(client, model_dir, index_dir, png):
     from medvl.rag import draft_report
 
