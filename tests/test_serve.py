@@ -390,6 +390,33 @@ def test_the_batcher_drains_its_queue_on_close(model_dir):
     assert [timing.batch_size for _, timing in results] == [4] * 8 + [2] * 2
 
 
+def test_a_full_queue_is_answered_busy(model_dir):
+    model = load_model(model_dir)
+    pixels = model.preprocessor.load(np.zeros((64, 64), np.uint8))
+    gate = threading.Event()
+
+    def gated_encode(batch):  # the real forward pass, held until the queue has filled
+        gate.wait(timeout=30)
+        return model.encode_images(batch)
+
+    async def run():
+        with ThreadPoolExecutor(1) as thread:
+            batcher = MicroBatcher(gated_encode, thread, max_batch=1, max_wait_ms=0, max_queue=1)
+            batcher.start()
+            running = asyncio.ensure_future(batcher.embed(pixels))
+            await asyncio.sleep(0.05)  # taken by the worker, held in the forward pass
+            queued = asyncio.ensure_future(batcher.embed(pixels))
+            await asyncio.sleep(0)
+            with pytest.raises(ServiceBusy, match="too many images waiting"):
+                await batcher.embed(pixels)
+            gate.set()
+            results = await asyncio.gather(running, queued)
+            await batcher.close()
+            return results
+
+    assert len(asyncio.run(run())) == 2
+
+
 def test_after_all_that_the_service_still_answers_correctly(client, model_dir, png):
     answer = zero_shot(client, png.read_bytes())
     assert answer.status_code == 200
