@@ -207,9 +207,9 @@ def test_images_outside_the_dataset_root_store_no_path(patient_data, model_dir, 
     assert leaks(tmp_path / "idx") == []
 
 
-def test_ids_taken_from_absolute_image_paths_are_refused(patient_data, model_dir, tmp_path):
-    """A manifest without an id column names its records by their image paths: absolute ones would
-    put the patient folder into the index as ids."""
+def test_absolute_image_paths_give_relative_ids_and_absolute_ids_are_refused(patient_data, model_dir, tmp_path):
+    """A manifest without an id column names its records by their image paths: absolute ones become
+    ids relative to the manifest's folder; an id column holding absolute paths is refused."""
     data = tmp_path / PATIENT_FOLDER
     (data / "images").mkdir(parents=True)
     rows = []
@@ -218,14 +218,22 @@ def test_ids_taken_from_absolute_image_paths_are_refused(patient_data, model_dir
         rows.append(f"{data / 'images' / Path(record.image).name},{record.labels['finding']}")
     (data / "manifest.csv").write_text("image,finding\n" + "\n".join(rows) + "\n")
     dataset = load_dataset(data)
-    assert PATIENT_FOLDER in dataset[0].id  # the loader's id: the path without its suffix
+    assert all(r.id.startswith("images/") and PATIENT_FOLDER not in r.id for r in dataset)
     model = load_model(model_dir)
-    with pytest.raises(DataError, match="3 case ids are absolute paths.*add an id column"):
-        build_index(model, dataset, tmp_path / "idx", model_dir=model_dir, show_progress=False)
-    assert not (tmp_path / "idx").exists()
+    build_index(model, dataset, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    for stored in (tmp_path / "idx").rglob("*"):
+        if stored.is_file():
+            assert PATIENT_FOLDER.encode() not in stored.read_bytes(), stored.name
+    with_ids = tmp_path / "with-ids"
+    (with_ids / "images").mkdir(parents=True)
+    shutil.copy(dataset[0].image, with_ids / "images" / "a.png")
+    (with_ids / "manifest.csv").write_text(f"id,image,finding\n{with_ids / 'a'},images/a.png,x\n")
+    with pytest.raises(DataError, match="1 case ids are absolute paths.*add an id column"):
+        build_index(model, load_dataset(with_ids), tmp_path / "idx2", model_dir=model_dir, show_progress=False)
+    assert not (tmp_path / "idx2").exists()
     with pytest.raises(DataError, match="climb above"):
         build_index(model, Dataset([Record(id="../x", images=[np.zeros((8, 8))])], source=str(data)),
-                    tmp_path / "idx", show_progress=False)
+                    tmp_path / "idx3", show_progress=False)
 
 
 def _make_legacy(index: Path, data: Path) -> None:

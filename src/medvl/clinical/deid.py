@@ -75,8 +75,8 @@ from .dicom import (
     read_dataset,
     transfer_syntax,
 )
+from .formats import INSTALL_HINT
 from .identifiers import Identifiers, collect_identifiers, drop_name_parts, find_leak
-from .readers import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from .dicom import FILE_WINDOW, read_dicom
 from .formats import DICOM_SUFFIXES, NIFTI_SUFFIXES
-from .formats import INSTALL_HINT as INSTALL_HINT
 from .nifti import read_nifti
 
 
