@@ -85,7 +85,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
-                       routes=frozenset(route.path for route in app.routes))
+                       routes=frozenset(getattr(route, "path", "") for route in app.routes))
     return app
 
 
@@ -105,13 +105,15 @@ class Loader:
     async def start(self, app: FastAPI) -> None:
         """Load (unless loaded) and start the batcher; a failure is kept as the reason routes give."""
         started = time.perf_counter()
-        try:
-            service = self.service or await asyncio.to_thread(self.load)
-        except MedvlError as error:
-            self.failure = f"the model could not be loaded: {error}"
-            # the reason names the model / index folders (the operator's settings), never patient data
-            log.error("model not loaded", extra={"error": type(error).__name__, "detail": str(error)})
-            return
+        service = self.service
+        if service is None:
+            try:
+                service = await asyncio.to_thread(self.load)
+            except MedvlError as error:
+                self.failure = f"the model could not be loaded: {error}"
+                # the reason names the model / index folders (the operator's settings), never patient data
+                log.error("model not loaded", extra={"error": type(error).__name__, "detail": str(error)})
+                return
         await service.start()
         app.state.service = service
         self.ready = True

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -33,6 +33,9 @@ from ..predict import _column_for
 from .batching import BatchTiming, MicroBatcher
 from .settings import ServeSettings
 from .uploads import Upload, UploadRejected, decode_upload
+
+if TYPE_CHECKING:
+    from ..rag import ReportLabeller
 
 MAX_LABEL_SETS = 64
 MAX_LABELS = 64
@@ -59,9 +62,9 @@ class ModelService:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
         self.batcher = MicroBatcher(self.net.encode_images, self.model_thread, settings.batch_size,
                                     settings.max_wait_ms, settings.max_queue)
-        self.index_target = index
+        self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
-        self.labeller = None
+        self.labeller: ReportLabeller | None = None
         self._classes: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._classes_lock = threading.Lock()
         self._workers: anyio.CapacityLimiter | None = None  # made on the server's loop (start)
@@ -132,7 +135,7 @@ class ModelService:
         if self.index is None:
             return None
         info = self.index.info
-        return {"name": describe_target(self.index_target), "cases": len(self.index), "backend": info.get("backend"),
+        return {"name": self.index_name, "cases": len(self.index), "backend": info.get("backend"),
                 "label_columns": info.get("label_columns"), "filter_columns": info.get("columns")}
 
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
@@ -181,7 +184,7 @@ class ModelService:
         hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
                                               where=where, target=target)
         query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}} if upload is not None else {"text": text}
-        return {"index": describe_target(self.index_target), "query": query, "target": target, "k": k,
+        return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
 
     async def draft(self, upload: Upload, k: int, where: str | None, min_support: float, min_similarity: float,
@@ -195,7 +198,7 @@ class ModelService:
         draft = await self.run_on_model_thread(draft_report, index, self.net, upload.pixels, k=k, where=where,
                                                labeller=self._labeller(), min_support=min_support,
                                                min_similarity=min_similarity, related=related)
-        return {"index": describe_target(self.index_target), **draft.to_dict()}
+        return {"index": self.index_name, **draft.to_dict()}
 
     def _labeller(self):
         if self.labeller is None:
