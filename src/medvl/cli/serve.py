@@ -24,7 +24,8 @@ def serve_command(
         help="File of accepted tokens' SHA-256 hex digests, one per line (`printf %s TOKEN | sha256sum`); "
              "MEDVL_API_TOKENS (comma-separated tokens) is read too.")] = None,
     no_auth: Annotated[bool, typer.Option(
-        "--no-auth", help="Serve without tokens (refused unless --host is a loopback address).")] = False,
+        "--no-auth", help="Allow serving with no token configured: anyone who reaches the port may call it "
+                          "(refused unless --host is a loopback address).")] = False,
     max_batch: Annotated[int, typer.Option(help="Images per forward pass at most (micro-batching).")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 5.0,
     no_batching: Annotated[bool, typer.Option(
