@@ -26,7 +26,7 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model)
     config = captions_for(None, captions, net)
-    column = label_column or _column_for(config, class_names)
+    column = label_column or caption_column_for(config, class_names)
     prompts = [config.prompts(column, name) for name in class_names]
     probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
     results = []
@@ -37,7 +37,9 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     return results
 
 
-def _column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:
+def caption_column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:
+    """The first label column whose class descriptions cover every requested class ("" for none:
+    the generic templates apply)."""
     for column, per_class in config.classes.items():
         if set(class_names) <= set(per_class):
             return column

@@ -29,7 +29,7 @@ from ..embed import class_embeddings
 from ..errors import InputError, MedvlError
 from ..index.base import describe_target
 from ..models.registry import load_model
-from ..predict import _column_for
+from ..predict import caption_column_for
 from .batching import BatchTiming, MicroBatcher
 from .settings import ServeSettings
 from .uploads import Upload, UploadRejected, decode_upload
@@ -151,7 +151,7 @@ class ModelService:
 
     def _prompts(self, class_names: Sequence[str], label_column: str | None) -> tuple[str, list[list[str]]]:
         config = captions_for(None, None, self.net)
-        column = label_column or _column_for(config, class_names)
+        column = label_column or caption_column_for(config, class_names)
         return column, [config.prompts(column, name) for name in class_names]
 
     def _class_embeddings(self, column: str, names: tuple[str, ...], prompts: list[list[str]]) -> torch.Tensor:
