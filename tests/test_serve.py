@@ -20,6 +20,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -102,9 +103,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, index_dir):
+def server(model_dir, index_dir, phantom_dir):
     settings = ServeSettings(max_upload_bytes=UPLOAD_LIMIT, max_pixels=4_000_000, max_batch=8, max_wait_ms=30,
-                             rate_limit=1.0, rate_burst=12)
+                             rate_limit=1.0, rate_burst=12, data_root=phantom_dir)
     app = create_app(model_dir, index=index_dir, settings=settings,
                      token_digests=[token_digest(token) for token in TOKENS])
     with Server(app) as running:
@@ -448,6 +449,207 @@ def test_a_model_loading_in_the_background_is_reported_and_routes_wait(model_dir
             time.sleep(0.05)
         assert health.status_code == 503 and "could not be loaded" in health.json()["detail"]
         assert http.get("/v1/models").status_code == 503
+
+
+# -------------------------------------------------------------------------- previews, thumbnails
+
+
+def _png_pixels(answer) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png" and answer.headers["cache-control"] == "no-store"
+    return np.asarray(Image.open(io.BytesIO(answer.content)))
+
+
+def _numpy_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 LINEAR windowing to 0-255, written out plainly."""
+    scaled = ((values.astype(np.float64) - (center - 0.5)) / (width - 1) + 0.5).clip(0, 1)
+    return np.round(scaled * 255).astype(np.uint8)
+
+
+def _numpy_min_max(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    return np.round((values - values.min()) / (values.max() - values.min()) * 255).astype(np.uint8)
+
+
+def preview(client, data: bytes, window: str | None = None):
+    return client.post("/v1/preview", headers=auth(), files={"image": ("scan", data)},
+                       data={"window": window} if window else {})
+
+
+def test_render_preview_matches_a_plain_numpy_rendering():
+    from medvl.clinical.windowing import WINDOW_PRESETS, render_preview
+
+    rng = np.random.default_rng(4)
+    hu = rng.uniform(-1100, 1500, (40, 56)).astype(np.float32)
+    for name, window in WINDOW_PRESETS.items():
+        np.testing.assert_array_equal(render_preview(hu, name), _numpy_window(hu, window.center, window.width))
+    np.testing.assert_array_equal(render_preview(hu), _numpy_min_max(hu))
+    volume = rng.normal(size=(7, 30, 20)).astype(np.float32)
+    np.testing.assert_array_equal(render_preview(volume), _numpy_min_max(volume[3]))  # the middle slice
+    gray = rng.integers(0, 256, (30, 20), dtype=np.uint8)
+    np.testing.assert_array_equal(render_preview(gray), gray)  # 8-bit pixels as they are
+    rgb = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(render_preview(rgb), rgb)
+    large = rng.uniform(-1000, 1000, (1024, 600)).astype(np.float32)
+    shown = render_preview(large, "bone", max_side=512)
+    blocks = _numpy_window(large, 400, 1800).reshape(512, 2, 300, 2).mean(axis=(1, 3))  # 2 x 2 area means
+    assert shown.shape == (512, 300) and np.abs(shown.astype(float) - blocks).max() <= 1.0
+    assert render_preview(rng.normal(size=(3, 900, 300)), max_side=128).shape == (128, 43)
+
+
+def test_a_png_preview_is_the_image_itself_and_never_cached(client, png):
+    shown = _png_pixels(preview(client, png.read_bytes()))
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(png)))
+    refused = preview(client, png.read_bytes(), "lung")
+    assert refused.status_code == 422 and "DICOM or NIfTI" in refused.json()["detail"]
+
+
+def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(client, tmp_path, log_lines):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medvl.clinical.deid import deidentify
+
+    original = Path(get_testdata_file("CT_small.dcm"))
+    deidentify(original, tmp_path / "clean.dcm")
+    dataset = pydicom.dcmread(tmp_path / "clean.dcm")
+    hu = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    for name, (center, width) in {"lung": (-600, 1500), "mediastinum": (50, 350), "bone": (400, 1800)}.items():
+        answer = preview(client, original.read_bytes(), name)
+        np.testing.assert_array_equal(_png_pixels(answer), _numpy_window(hu, center, width))
+        assert answer.headers["X-Preview-Window"] == name
+    plain = preview(client, original.read_bytes())  # CT_small holds no window: min-max
+    np.testing.assert_array_equal(_png_pixels(plain), _numpy_min_max(hu))
+    assert plain.headers["X-Preview-Window"] == "none"
+    unknown = preview(client, original.read_bytes(), "liver; drop table")
+    assert unknown.status_code == 422 and "lung, mediastinum, soft_tissue, bone, brain" in unknown.json()["detail"]
+    assert _request_line(log_lines, "/v1/preview")["status"] == 422  # the window is checked first
+    logged = "\n".join(log_lines())
+    previews = [json.loads(line) for line in log_lines() if '"route": "/v1/preview"' in line]
+    assert [line["upload_kind"] for line in previews if line["status"] == 200] == ["dicom"] * 4
+    assert "CompressedSamples" not in logged and "CT1" not in logged
+    assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))
+
+
+def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
+    from medvl.clinical.nifti import read_nifti, write_nifti
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ct", n=1, seed=2, size=32, kind="ct3d", splits={"test": 1.0})
+    [ct] = sorted((tmp_path / "ct").rglob("*.nii.gz"))
+    volume = read_nifti(ct)[0]  # HU, RAS
+    middle = volume[volume.shape[0] // 2][::-1, ::-1]  # anterior up, the patient's right on the left
+    answer = preview(client, ct.read_bytes(), "soft_tissue")
+    np.testing.assert_array_equal(_png_pixels(answer), _numpy_window(middle, 50, 400))
+    assert answer.headers["X-Preview-Slice"] == f"{volume.shape[0] // 2}/{volume.shape[0]}"
+    random = np.random.default_rng(5).normal(size=(9, 20, 30)).astype(np.float32)
+    path = write_nifti(tmp_path / "v.nii", random, (2.0, 1.0, 1.0))
+    np.testing.assert_array_equal(_png_pixels(preview(client, path.read_bytes())),
+                                  _numpy_min_max(random[4][::-1, ::-1]))
+
+
+def test_preview_refuses_bombs_corrupt_and_unsupported_files_as_the_other_routes_do(client, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from medvl.clinical.nifti import write_nifti
+
+    bomb = preview(client, _png_declaring(60_000, 60_000))
+    assert bomb.status_code == 413 and "image too large" in bomb.json()["detail"]
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    truncated = preview(client, dicom[: len(dicom) // 2], "lung")
+    assert truncated.status_code == 422 and "truncated" in truncated.json()["detail"]
+    nifti = write_nifti(tmp_path / "v.nii.gz", np.zeros((6, 16, 16), np.float32), (1.0, 1.0, 1.0)).read_bytes()
+    assert preview(client, nifti[: len(nifti) - 12]).status_code == 422
+    assert preview(client, b"GIF89a" + b"\0" * 200).status_code == 415
+    assert client.post("/v1/preview", files={"image": ("x", dicom)}).status_code == 401
+
+
+def thumbnail(client, case_id: str, headers=None):
+    return client.get(f"/v1/cases/{quote(case_id, safe='')}/thumbnail", headers=headers or auth())
+
+
+def test_a_cases_thumbnail_is_its_image_from_the_data_root(client, index_dir, phantom_dir, log_lines):
+    with open_index(index_dir) as index:
+        case = index.search(np.zeros((1, index.dim), np.float32), k=3)[0][2]
+    shown = _png_pixels(thumbnail(client, case.id))
+    image = np.asarray(Image.open(phantom_dir / case.image_path))
+    assert max(shown.shape) <= 128
+    np.testing.assert_array_equal(shown, image)  # 64 px phantoms: never enlarged
+    assert "/" in case.id  # phantom ids hold a folder: "images/phantom_00012", sent as images%2Fphantom_00012
+    as_is = client.get(f"/v1/cases/{case.id}/thumbnail", headers=auth())
+    np.testing.assert_array_equal(_png_pixels(as_is), image)
+    assert client.get(f"/v1/cases/{quote(case.id, safe='')}/thumbnail").status_code == 401
+    for unknown in ("no-such-case", "../../../../etc/passwd", "/etc/passwd", "images/phantom_00001' or '1'='1",
+                    "x" * 5000):
+        answer = thumbnail(client, unknown)
+        assert answer.status_code == 404 and answer.json()["detail"] == "no indexed case has this id", unknown
+    request = _request_line(log_lines, "/v1/cases/{case_id:path}/thumbnail")
+    assert request["status"] == 404
+    logged = "\n".join(log_lines())
+    assert case.id not in logged and "passwd" not in logged
+
+
+def test_large_thumbnails_are_made_small(model_dir, tmp_path):
+    from medvl.data.phantom import generate_phantom
+
+    data = tmp_path / "large"
+    generate_phantom(data, n=4, seed=1, size=300, splits={"train": 1.0})
+    build_index(load_model(model_dir), load_dataset(data), tmp_path / "idx", model_dir=model_dir,
+                show_progress=False)
+    token = TOKENS[-2]
+    app = create_app(model_dir, index=tmp_path / "idx", settings=ServeSettings(data_root=data),
+                     token_digests=[token_digest(token)])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        case_id = load_dataset(data)[0].id
+        shown = _png_pixels(thumbnail(http, case_id, auth(token)))
+        assert shown.shape == (128, 128)
+        pixels = np.asarray(Image.open(data / f"{case_id}.png"), dtype=np.float64)
+        assert np.abs(shown - np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize(
+            (128, 128), Image.Resampling.BOX), dtype=np.float64)).max() <= 1
+
+
+def test_thumbnails_are_404_without_a_data_root_or_a_stored_path_and_403_out_of_the_root(
+        model_dir, index_dir, phantom_dir, tmp_path):
+    import shutil
+
+    import data_store
+    from pydicom.data import get_testdata_file
+
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), dicom / "ct.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), dicom / "mr.dcm")
+    shutil.copy(Path(data_store.__file__).parent / "data" / "SC_rgb.dcm", dicom / "sc.dcm")
+    build_index(load_model(model_dir), load_dataset(dicom), tmp_path / "dicom.idx", model_dir=model_dir,
+                show_progress=False)
+    dicom_id = load_dataset(dicom)[0].id
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with open_index(index_dir) as index:
+        [case] = index.search(np.zeros((1, index.dim), np.float32), k=1)[0]
+    outside = tmp_path / "outside.png"
+    shutil.copy(data / case.image_path, outside)
+    (data / case.image_path).unlink()
+    (data / case.image_path).symlink_to(outside)  # a stored path leading out of the root through a link
+    token = TOKENS[-3]
+    services = {"no data root": (index_dir, None, case.id, 404, "without a data root"),
+                "dicom": (tmp_path / "dicom.idx", dicom, dicom_id, 404, "stores no image path"),
+                "escape": (index_dir, data, case.id, 403, "leaves the data root")}
+    for name, (index, root, case_id, status, reason) in services.items():
+        app = create_app(model_dir, index=index, settings=ServeSettings(data_root=root),
+                         token_digests=[token_digest(token)])
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            answer = thumbnail(http, case_id, auth(token))
+            assert answer.status_code == status and reason in answer.json()["detail"], (name, answer.text)
+            assert str(tmp_path) not in answer.text
+    (data / case.image_path).unlink()  # a missing file
+    app = create_app(model_dir, index=index_dir, settings=ServeSettings(data_root=data),
+                     token_digests=[token_digest(token)])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        answer = thumbnail(http, case.id, auth(token))
+        assert answer.status_code == 404 and "not found under the data root" in answer.json()["detail"]
+    with pytest.raises(InputError, match="not a folder"):
+        ServeSettings(data_root=tmp_path / "missing").validate()
 
 
 # ------------------------------------------------------------------------------- medvl serve

@@ -18,6 +18,9 @@ def serve_command(
     model: Annotated[Path, typer.Option(help="Trained model folder (from medvl train).")],
     index: Annotated[str | None, typer.Option(
         help="Case index for /v1/search and /v1/report/draft: a folder or postgresql://...#table.")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder of the indexed dataset: /v1/cases/{id}/thumbnail reads each case's stored image path "
+             "under it (paths leaving it are refused); none: no thumbnails.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     token_file: Annotated[Path | None, typer.Option(
@@ -38,7 +41,8 @@ def serve_command(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
 ) -> None:
     """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
-    /v1/report/draft (OpenAPI at /docs). Every route but /v1/health needs 'Authorization: Bearer TOKEN'."""
+    /v1/report/draft, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs). Every route but
+    /v1/health needs 'Authorization: Bearer TOKEN'."""
     from ..errors import InputError
     from ..serve.settings import MIB, ServeSettings
 
@@ -47,7 +51,8 @@ def serve_command(
     uvicorn, create_app = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             rate_limit=rate_limit, rate_burst=rate_burst, cors_origins=list(cors_origin or []))
+                             rate_limit=rate_limit, rate_burst=rate_burst, cors_origins=list(cors_origin or []),
+                             data_root=data_root).validate()
     _check_model_dir(model)
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,

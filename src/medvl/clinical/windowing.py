@@ -99,3 +99,76 @@ def apply_window(values: np.ndarray, window: WindowSpec) -> np.ndarray:
     else:
         out = (x - (c - 0.5)) / (w - 1) + 0.5
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- display images
+
+# Values that are already display intensities in [0, 1] (a DICOM file windowed by its reader):
+# LINEAR_EXACT with centre 0.5 and width 1 maps [0, 1] onto itself.
+DISPLAY_WINDOW = Window(0.5, 1.0, function="LINEAR_EXACT", name="display")
+
+
+def middle_slice(volume: np.ndarray) -> np.ndarray:
+    """The slice at index ``D // 2`` along axis 0 of a ``DxHxW`` volume (axial slices for CT read by
+    ``read_nifti`` or stacked by ``load_volume``, frames of a multi-frame DICOM); a 2D image as it is."""
+    return volume[volume.shape[0] // 2] if _is_volume(volume) else volume
+
+
+def radiological_view(ras_volume: np.ndarray) -> np.ndarray:
+    """A RAS ``DxHxW`` volume (``read_nifti``'s layout: axis 1 posterior -> anterior, axis 2 the
+    patient's left -> right) as axial images are read: anterior at the top, the patient's right on
+    the viewer's left (rows and columns reversed; a view, nothing copied)."""
+    return ras_volume[..., ::-1, ::-1]
+
+
+def to_uint8(image: np.ndarray, window: WindowSpec | None = None) -> np.ndarray:
+    """Display values 0-255 of one 2D image (``HxW``, or ``HxWx3`` colour kept as it is).
+
+    ``window``: a preset name, ``Window`` or ``(center, width)`` applied to modality values (HU for
+    CT) by ``apply_window``; ``None``: ``uint8`` pixels as they are, any other type min-max scaled
+    over the image (a constant image is black). Rounded to the nearest integer."""
+    if image.ndim == 3:
+        if window is not None:
+            raise InputError("a window applies to grayscale values, not to a colour image")
+        return np.asarray(image, dtype=np.uint8)
+    if window is not None:
+        return np.round(apply_window(image, window) * 255.0).astype(np.uint8)
+    if image.dtype == np.uint8:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` (``uint8`` ``HxW[x3]``) shrunk by area averaging so that its longest side is at most
+    ``max_side`` pixels, aspect ratio kept; never enlarged."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    if max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BOX))
+
+
+def render_preview(array: np.ndarray, window: WindowSpec | None = None, max_side: int = 512) -> np.ndarray:
+    """The 8-bit image to show for a decoded image or volume: ``HxW`` or ``HxWx3`` ``uint8``.
+
+    ``array``: a 2D image (``HxW``, or ``HxWx3`` ``uint8`` colour) or a volume (``DxHxW``, or
+    ``DxHxWx3`` colour frames), of which the middle slice along axis 0 is shown (``middle_slice``);
+    ``window`` as in ``to_uint8``; the longest side is brought down to ``max_side`` (``fit_within``).
+    """
+    if max_side < 1:
+        raise InputError(f"max_side must be >= 1, got {max_side}")
+    image = middle_slice(np.asarray(array))
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise InputError(f"cannot show an array of shape {np.shape(array)}: expected HxW, HxWx3 or a DxHxW volume")
+    return fit_within(to_uint8(image, window), max_side)
+
+
+def _is_volume(array: np.ndarray) -> bool:
+    """``DxHxW`` (or ``DxHxWx3`` colour frames), not ``HxWx3`` colour."""
+    return array.ndim == 4 or (array.ndim == 3 and not (array.shape[-1] == 3 and array.dtype == np.uint8))

@@ -5,10 +5,13 @@ Versioned routes (OpenAPI at ``/docs`` and ``/openapi.json``): ``GET /v1/health`
 form fields, ``POST /v1/embed``, ``/v1/zero-shot`` (``labels=effusion,no finding``),
 ``/v1/search`` (``k``, ``where``, ``target``; or a ``text`` query instead of an image) and
 ``/v1/report/draft`` (``k``, ``where``, ``min_support``, ``min_similarity``, ``related``); the
-last two need the index given at start. Answers are JSON, the same as the CLI's ``--json``
+last two need the index given at start. ``POST /v1/preview`` (``window``: a CT preset) and
+``GET /v1/cases/{case_id}/thumbnail`` (the id URL-encoded; needs ``data_root``) answer PNG images
+with ``Cache-Control: no-store``. Answers are JSON, the same as the CLI's ``--json``
 outputs for ``medvl predict``, ``medvl search`` and ``medvl report draft``; ``/`` serves the page.
 
-medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 413 (too large),
+medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 403 (a stored path
+leaving the data root), 404 (no image for a case), 413 (too large),
 415 (unsupported type), 422 (unreadable upload, bad option), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
 ``X-Request-ID`` that names its log line.
@@ -26,13 +29,15 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError
 from .auth import TokenAuth, load_digests
 from .middleware import ServiceMiddleware
+from .previews import png_bytes
 from .service import ModelService, ServiceUnavailable, parse_labels
 from .settings import ServeSettings
 from .uploads import Upload, check_byte_size
@@ -210,6 +215,25 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         service = loader.get()
         upload = await _read(image, service, request)
         return await service.draft(upload, k, where, min_support, min_similarity, related)
+
+    @app.post("/v1/preview", tags=["images"], response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"}})
+    async def preview(request: Request, image: ImageField, window: Annotated[str | None, Form(
+                          description=f"CT window preset: {', '.join(WINDOW_PRESETS)}; absent: the DICOM "
+                                      "file's own window, else min-max.")] = None) -> Response:
+        """The upload as an 8-bit PNG (longest side <= 512 px; a volume's middle axial slice)."""
+        service = loader.get()
+        picture = await service.preview(await _bytes(image, service), window, request.state.timings)
+        return Response(png_bytes(picture.image), media_type="image/png", headers=picture.headers())
+
+    @app.get("/v1/cases/{case_id:path}/thumbnail", tags=["cases"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"}})
+    async def thumbnail(case_id: str) -> Response:
+        """An indexed case's image as a PNG (longest side <= 128 px), read from its stored path under the
+        service's data root. The id is URL-encoded (``/`` as ``%2F`` or as is). 404: unknown case, no
+        stored path (DICOM), no data root."""
+        picture = await loader.get().thumbnail(case_id)
+        return Response(png_bytes(picture.image), media_type="image/png", headers=picture.headers())
 
 
 def _add_error_handlers(app: FastAPI) -> None:

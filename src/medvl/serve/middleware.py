@@ -97,7 +97,8 @@ class ServiceMiddleware:
         return counted
 
     def _log(self, scope, request_id: str, status: int, started: float, timings: dict) -> None:
-        route = scope["path"] if scope["path"] in self.routes else "unknown"
+        template = getattr(scope.get("route"), "path", None)  # the matched route's template, never the ids in it
+        route = template if template in self.routes else scope["path"] if scope["path"] in self.routes else "unknown"
         extra = {"request_id": request_id, "method": scope["method"], "route": route,
                  "status": status, "ms": round((time.perf_counter() - started) * 1000, 2), **timings}
         log.info("request", extra=extra)

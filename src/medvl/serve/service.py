@@ -26,11 +26,12 @@ import torch
 
 from ..data import captions_for
 from ..embed import class_embeddings
-from ..errors import InputError, MedvlError
+from ..errors import DataError, InputError, MedvlError
 from ..index.base import describe_target
 from ..models.registry import load_model
 from ..predict import caption_column_for
 from .batching import BatchTiming, MicroBatcher
+from .previews import Picture, parse_window, preview_upload, thumbnail_file
 from .settings import ServeSettings
 from .uploads import Upload, UploadRejected, decode_upload
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 MAX_LABEL_SETS = 64
 MAX_LABELS = 64
+MAX_CASE_ID = 1024  # characters; a longer id names no case
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -200,12 +202,66 @@ class ModelService:
                                                min_similarity=min_similarity, related=related)
         return {"index": self.index_name, **draft.to_dict()}
 
+    async def preview(self, data: bytes, window: str | None, timings: dict[str, Any]) -> Picture:
+        """The upload's preview (``previews.preview_upload``): checked and decoded as for every route."""
+        chosen = parse_window(window)
+        started = time.perf_counter()
+        kind, picture = await self._on_worker(preview_upload, data, self.settings, chosen)
+        timings.update(upload_kind=kind, upload_bytes=len(data),
+                       decode_ms=round((time.perf_counter() - started) * 1000, 2))
+        return picture
+
+    async def thumbnail(self, case_id: str) -> Picture:
+        """The thumbnail of an indexed case's image, from its stored path under the data root.
+
+        ``CaseImageMissing`` (404) for an unknown case, a case with no stored path (DICOM, arrays) or
+        no data root; ``PathRefused`` (403) for a stored path leaving the data root."""
+        from ..index import resolve_image
+
+        index = self._require_index()
+        if self.settings.data_root is None:
+            raise CaseImageMissing("this service was started without a data root (medvl serve --data-root)")
+        hit = await self.run_on_model_thread(_find_case, index, case_id) if len(case_id) <= MAX_CASE_ID else None
+        if hit is None:
+            raise CaseImageMissing("no indexed case has this id")
+        if hit.image_path is None:
+            raise CaseImageMissing("the index stores no image path for this case (DICOM or array images)")
+        try:
+            path = resolve_image(hit, self.settings.data_root)
+        except InputError:
+            raise PathRefused("the stored image path of this case leaves the data root; refused") from None
+        except DataError:
+            raise CaseImageMissing("the image of this case is not found under the data root") from None
+        if path is None:
+            raise CaseImageMissing("the index stores no image path for this case")
+        return await self._on_worker(thumbnail_file, path)
+
     def _labeller(self):
         if self.labeller is None:
             from ..rag import ReportLabeller, load_knowledge
 
             self.labeller = ReportLabeller(load_knowledge(None, builtin=True))
         return self.labeller
+
+
+def _find_case(index, case_id: str):
+    """The indexed case with this id (a ``Hit``), or None: a search filtered on the id (exact, among
+    the one case the filter allows; the query vector does not matter)."""
+    literal = case_id.replace("'", "''")  # the filter language's quoting; the id is a bound parameter
+    hits = index.search(np.zeros((1, index.dim), np.float32), k=1, where=f"id = '{literal}'")[0]
+    return hits[0] if hits and hits[0].id == case_id else None
+
+
+class CaseImageMissing(MedvlError):
+    """No image to show for a case (HTTP 404)."""
+
+    status = 404
+
+
+class PathRefused(MedvlError):
+    """A stored path that would lead outside the data root (HTTP 403)."""
+
+    status = 403
 
 
 class ServiceUnavailable(MedvlError):

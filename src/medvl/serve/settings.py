@@ -1,10 +1,12 @@
-"""What a running service allows: upload limits, batching, rate limits, CORS origins."""
+"""What a running service allows: upload limits, batching, rate limits, CORS origins, the data root."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..checks import check_number
+from ..errors import InputError
 
 MIB = 1 << 20
 
@@ -23,6 +25,9 @@ class ServeSettings:
     rate_limit: float = 10.0  # requests per second per token, sustained (0: no limit)
     rate_burst: int = 20  # requests a token may send at once before the rate applies
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off (no cross-origin browser calls)
+    # the folder of the indexed dataset: case thumbnails are read from the index's stored paths under it
+    # (``/v1/cases/{id}/thumbnail``); None: no thumbnails (404)
+    data_root: Path | None = None
 
     def validate(self) -> ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting."""
@@ -34,6 +39,10 @@ class ServeSettings:
         check_number("max_queue", self.max_queue, minimum=1, integer=True)
         check_number("rate_limit", self.rate_limit, minimum=0)
         check_number("rate_burst", self.rate_burst, minimum=1, integer=True)
+        if self.data_root is not None:
+            self.data_root = Path(self.data_root)
+            if not self.data_root.is_dir():
+                raise InputError(f"data root {self.data_root}: not a folder")
         return self
 
     @property

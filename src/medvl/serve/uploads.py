@@ -26,10 +26,11 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,7 @@ from ..errors import DataError, InputError, MedvlError
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PNG, JPEG, DICOM, NIFTI, NIFTI_GZ = "png", "jpeg", "dicom", "nifti", "nifti-gz"
 SUFFIXES = {PNG: ".png", JPEG: ".jpg", DICOM: ".dcm", NIFTI: ".nii", NIFTI_GZ: ".nii.gz"}
@@ -121,6 +123,14 @@ def private_folder() -> Iterator[Path]:
 
 def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after."""
+    kind, pixels = read_upload(data, settings, lambda path, kind: _read(path))
+    return Upload(kind, len(data), pixels)
+
+
+def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path, str], T]) -> tuple[str, T]:
+    """The upload's kind and what ``read(path, kind)`` makes of its file, after the checks every route
+    shares: size, sniffing, DICOM de-identification, declared pixels / voxels. ``read`` sees the
+    (de-identified) file in the private folder, deleted when it returns; its ``MedvlError`` is a 422."""
     check_byte_size(len(data), settings)
     kind = sniff(data)
     with private_folder() as folder:
@@ -129,8 +139,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
         if kind == DICOM:
             path = _deidentified(path)
         _check_declared_size(path, kind, settings)
-        pixels = _read(path)
-    return Upload(kind, len(data), pixels)
+        return kind, rejecting(read, path, kind)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -199,11 +208,18 @@ def _check_voxels(voxels: int, shape: str, settings: ServeSettings) -> None:
 
 
 def _read(path: Path) -> np.ndarray:
-    """The decoded pixels; a reader's failure becomes a 422 with its reason (never the temp path)."""
+    """The decoded pixels, as every model route reads them."""
     from ..data.images import read_image
 
+    return read_image(path)
+
+
+def rejecting(read: Callable[..., T], *args) -> T:
+    """``read(*args)``; a reader's failure becomes a 422 with its reason (never the temp path)."""
     try:
-        return read_image(path)
+        return read(*args)
+    except UploadRejected:
+        raise
     except DataError as error:
         raise UploadRejected(422, error.problem) from None
     except MedvlError as error:

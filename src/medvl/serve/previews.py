@@ -1,0 +1,126 @@
+"""Images to look at: an upload's preview and an indexed case's thumbnail, as 8-bit PNG bytes.
+
+The pictures are made by the library (``medvl.clinical.windowing.render_preview``: the middle
+axial slice of a volume, the window, the size); this module only reads the file the way its kind
+needs and encodes the PNG. Both are patient data: rendered on request, answered with
+``Cache-Control: no-store``, never kept (an upload's file lives in the private folder of
+``uploads.read_upload`` and is deleted before the answer is sent; nothing is written for a
+thumbnail).
+
+How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or ``None``):
+
+- DICOM grayscale: the preset on the modality values (HU for CT); without one, the file's own
+  VOI (Window Center / Width or VOI LUT), else min-max. MONOCHROME1 is inverted (white = dense).
+  Multi-frame: the middle frame, frames in stored order;
+- NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
+  viewer's left; the preset, or min-max;
+- PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
+  (422): these hold no HU.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..clinical.windowing import DISPLAY_WINDOW, WINDOW_PRESETS, Window, get_window, radiological_view, render_preview
+from ..errors import InputError
+from .settings import ServeSettings
+from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_upload, rejecting
+
+PREVIEW_SIDE = 512  # longest side of an upload's preview, pixels
+THUMBNAIL_SIDE = 128  # longest side of a case's thumbnail, pixels
+NO_WINDOW = "none"  # what ``Picture.window`` says when pixels are shown as stored / min-max scaled
+
+
+@dataclass
+class Picture:
+    """A rendered image (patient data: never logged) and how it was made."""
+
+    image: np.ndarray  # HxW or HxWx3 uint8
+    window: str  # the preset's name, "file" (the DICOM header's VOI) or NO_WINDOW
+    slice_index: int | None = None  # the slice shown, for a volume
+    slices: int | None = None  # the volume's number of slices
+
+    def __repr__(self) -> str:
+        return f"Picture(shape={self.image.shape}, window={self.window!r}, slice={self.slice_index}/{self.slices})"
+
+    def headers(self) -> dict[str, str]:
+        """What the answer says about the picture: the window, and the slice shown of a volume."""
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Preview-Window": self.window}
+        if self.slices is not None:
+            headers["X-Preview-Slice"] = f"{self.slice_index}/{self.slices}"
+        return headers
+
+
+def parse_window(name: str | None) -> Window | None:
+    """A CT preset by name (``lung``, ``soft_tissue``, ...), ``None`` for none; numbers are refused."""
+    if name is None or not name.strip():
+        return None
+    window = get_window(name)  # InputError naming the presets for an unknown name
+    if window.name not in WINDOW_PRESETS:
+        raise InputError(f"window must be one of {', '.join(WINDOW_PRESETS)}")
+    return window
+
+
+def preview_upload(data: bytes, settings: ServeSettings, window: Window | None) -> tuple[str, Picture]:
+    """The upload's kind and its preview (checked, de-identified and deleted as for every route)."""
+    return read_upload(data, settings, lambda path, kind: _picture(path, kind, window, PREVIEW_SIDE))
+
+
+def thumbnail_file(path: Path) -> Picture:
+    """The thumbnail of an indexed case's image file (a file of the service's data root)."""
+    from ..data.images import image_suffix
+
+    kind = NIFTI if image_suffix(path) in (".nii", ".nii.gz") else "file"
+    return rejecting(_picture, path, kind, None, THUMBNAIL_SIDE)
+
+
+def _picture(path: Path, kind: str, window: Window | None, side: int) -> Picture:
+    if kind == DICOM:
+        return _dicom_picture(path, window, side)
+    if kind in (NIFTI, NIFTI_GZ):
+        from ..clinical.nifti import read_nifti
+
+        volume = radiological_view(read_nifti(path)[0])
+        return Picture(render_preview(volume, window, side), window.name if window else NO_WINDOW,
+                       volume.shape[0] // 2, volume.shape[0])
+    if window is not None:
+        raise UploadRejected(422, "window presets apply to CT values (DICOM or NIfTI), not to a PNG or JPEG")
+    from ..data.images import read_image
+
+    return Picture(render_preview(read_image(path), None, side), NO_WINDOW)
+
+
+def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
+    """A DICOM file through its reader: windowed there (the preset, else the file's VOI), so that
+    MONOCHROME1 is inverted after the window as the standard says."""
+    from ..clinical.dicom import FILE_WINDOW, read_dicom
+    from ..clinical.readers import color_to_uint8
+    from ..data.images import check_finite
+
+    array, meta = read_dicom(path, window=window if window is not None else FILE_WINDOW)
+    check_finite(path, array)
+    frames = int(meta["frames"])
+    if meta["color"]:
+        if window is not None:
+            raise UploadRejected(422, "window presets apply to grayscale CT values, not to a colour image")
+        array, used = color_to_uint8(array, meta["bits_stored"]), NO_WINDOW
+    else:
+        used = window.name if window is not None else (FILE_WINDOW if meta["window"] else NO_WINDOW)
+    display = DISPLAY_WINDOW if meta["window"] and not meta["color"] else None  # values already in [0, 1]
+    picture = Picture(render_preview(array, display, side), used)
+    if frames > 1:
+        picture.slice_index, picture.slices = frames // 2, frames
+    return picture
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An 8-bit grayscale or RGB PNG of ``image``."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
