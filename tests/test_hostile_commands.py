@@ -324,3 +324,43 @@ def test_json_output_on_a_full_disk_leaves_no_partial_file(commands, small_disk)
     result, output = invoke(*commands["eval retrieval"], "--json", disk / "r.json")
     _assert_clean_refusal(result, output, "r.json", "No space left on device")
     assert [p.name for p in disk.iterdir()] == ["fill.bin"]
+
+
+# -- 5. files outside the dataset folder: every command that loads a dataset refuses them ---------------
+
+def _outside_manifest(phantom_dir: Path, folder: Path) -> Path:
+    """A manifest whose rows name the phantom's images from another folder (as a copied manifest would)."""
+    folder.mkdir()
+    rows = [f"{phantom_dir / 'images' / f'phantom_{i:05d}.png'},report {i},{'ab'[i % 2]}" for i in range(6)]
+    (folder / "manifest.csv").write_text("image,text,finding\n" + "\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
+@pytest.mark.parametrize("name", ["train", "eval zero-shot", "eval retrieval", "eval linear-probe", "bench cv",
+                                  "index build", "index add", "eval case-retrieval"])
+def test_dataset_commands_refuse_files_outside_the_manifest_folder(trained, phantom_dir, tmp_path, name):
+    manifest = _outside_manifest(phantom_dir, tmp_path / "elsewhere")
+    model, out = trained / "model", tmp_path / "out"
+    args = {
+        "train": ["train", "--data", manifest, "--model", "phantom-tiny", "--out", out, "--epochs", 1, "-q"],
+        "eval zero-shot": ["eval", "zero-shot", "--model", model, "--data", manifest, "--split", "all", "-q"],
+        "eval retrieval": ["eval", "retrieval", "--model", model, "--data", manifest, "--split", "all", "-q"],
+        "eval linear-probe": ["eval", "linear-probe", "--model", model, "--train-data", manifest,
+                              "--test-data", manifest, "--train-split", "all", "--test-split", "all", "-q"],
+        "bench cv": ["bench", "cv", "--data", manifest, "-l", "finding", "--model", "phantom-tiny", "--folds", 2, "-q"],
+        "index build": ["index", "build", "--model", model, "--data", manifest, "--out", out, "-q"],
+        "index add": ["index", "add", "--index", out, "--data", manifest, "-q"],
+        "eval case-retrieval": ["eval", "case-retrieval", "--index", out, "--data", manifest, "--split", "all"],
+    }[name]
+    result, output = invoke(*args)
+    _assert_clean_refusal(result, output, "6 of 6 rows name a file outside", "--allow-outside-root")
+    assert not out.exists()
+
+
+def test_allow_outside_root_opts_in(trained, phantom_dir, tmp_path):
+    manifest = _outside_manifest(phantom_dir, tmp_path / "elsewhere")
+    out = tmp_path / "idx"
+    result, output = invoke("index", "build", "--model", trained / "model", "--data", manifest, "--out", out,
+                            "--allow-outside-root", "-q")
+    assert result.exit_code == 0, output
+    assert str(phantom_dir).encode() not in (out / "cases.sqlite").read_bytes()  # no path outside the root is kept

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    AllowOutsideOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
@@ -34,23 +35,6 @@ SplitOption = Annotated[str, typer.Option(help="Split to index; 'all' indexes ev
 BatchOption = Annotated[int, typer.Option(help="Cases embedded (and checkpointed) per batch.")]
 DuplicatesOption = Annotated[bool, typer.Option(
     help="Index a case even if the same image is already indexed (default: skip and report it).")]
-
-
-def _dataset(path: Path, split: str):
-    from ..data import load_dataset
-
-    return load_dataset(path).select(split)
-
-
-def index_model(path: Path | None, index):
-    """The model given, else the one the index was built with."""
-    from ..errors import ModelError
-    from ..models.registry import load_model
-
-    folder = path or index.info["model"].get("dir")
-    if not folder:
-        raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
-    return load_model(folder)
 
 
 def _index_rows(info: dict) -> dict:
@@ -77,18 +61,20 @@ def build_command(
     allow_duplicates: DuplicatesOption = False,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
     stays usable until the new one is complete. Image paths are stored relative to the dataset's
     folder (none for DICOM)."""
+    from ..api import load_split
     from ..index import build_index
     from ..index.build import check_batch_size
     from ..models.registry import load_model
 
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
-    dataset = _dataset(data, split)
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     net = load_model(model)
     info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
                        allow_duplicates=allow_duplicates, show_progress=not quiet)
@@ -110,17 +96,19 @@ def add_command(
     allow_duplicates: DuplicatesOption = False,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
-    from ..index import add_records, open_index
+    from ..api import load_split
+    from ..index import add_records, index_model, open_index
     from ..index.build import check_batch_size
 
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
-        net = index_model(model, opened)
-        result = add_records(opened, net, _dataset(data, split), batch_size=batch_size,
+        result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
@@ -179,13 +167,13 @@ def search_command(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Find the cases closest to a query image or text in an index."""
-    from ..index import describe_target, open_index, search_index
+    from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
 
     check_outputs(overwrite, json=json_out)
     check_k(k)
     with open_index(index) as opened:
-        net = index_model(model, opened)
+        net = index_model(opened, model)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
     _print_hits(hits, columns, target)

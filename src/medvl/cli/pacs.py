@@ -40,41 +40,6 @@ MovePortOption = Annotated[int | None, typer.Option(
     help="DIMSE C-MOVE: port medvl listens on for the instances while pulling.", envvar="MEDVL_PACS_MOVE_PORT")]
 
 
-def _client(url: str, user: str | None, password: str | None, token: str | None, timeout: float,
-            calling_aet: str | None = None, retrieve: str | None = None, move_port: int | None = None):
-    """A DICOMweb client, or a DIMSE client for a ``dicom://`` URL; options of the other protocol refused."""
-    from ..clinical.dimse import DEFAULT_CALLING_AET, DimseClient, is_dicom_url
-    from ..errors import InputError
-
-    dimse = {"--calling-aet": calling_aet, "--retrieve": retrieve, "--move-port": move_port}
-    if is_dicom_url(url):
-        if user or password or token:
-            raise InputError("DIMSE (dicom://) has no user, password or token; the PACS admits AE titles and hosts")
-        return DimseClient.from_url(url, calling_aet=calling_aet or DEFAULT_CALLING_AET, retrieve=retrieve or "get",
-                                    move_port=move_port, timeout=timeout)
-    given = [name for name, value in dimse.items() if value is not None]
-    if given:
-        raise InputError(f"{', '.join(given)} only apply to DIMSE: give --url dicom://AET@host:port")
-    from ..clinical.pacs import DicomWebClient
-
-    return DicomWebClient(url, username=user, password=password, token=token, timeout=timeout)
-
-
-def _filters(patient_id: str | None, patient_name: str | None, modality: str | None, study_date: str | None,
-             accession: str | None, pairs: list[str]) -> dict[str, str]:
-    from ..clinical.pacs import keyword_or_tag
-    from ..errors import InputError
-
-    filters = {"PatientID": patient_id, "PatientName": patient_name, "ModalitiesInStudy": modality,
-               "StudyDate": study_date, "AccessionNumber": accession}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--filter expects KEYWORD=VALUE, got {pair!r}")
-        filters[keyword_or_tag(key)] = value.strip()
-    return {key: value for key, value in filters.items() if value}
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -136,8 +101,11 @@ def search_command(
     timeout: TimeoutOption = 60.0,
 ) -> None:
     """Find studies (or the series of one study) with QIDO-RS or C-FIND. Shows identifiers on this terminal only."""
-    with _client(url, user, password, token, timeout, calling_aet) as client:
-        filters = _filters(patient_id, patient_name, modality, study_date, accession, filter_ or [])
+    from ..clinical.clients import open_pacs, study_filters
+
+    filters = study_filters(patient_id, patient_name, modality, study_date, accession, filter_ or [])
+    with open_pacs(url, user=user, password=password, token=token, timeout=timeout,
+                   calling_aet=calling_aet) as client:
         if study:
             filters.pop("ModalitiesInStudy", None)
             if modality:
@@ -185,12 +153,14 @@ def pull_command(
 ) -> None:
     """Pull whole studies with WADO-RS (or C-GET / C-MOVE) into OUT, de-identified (DICOM PS3.15 basic
     profile), with OUT/pull-report.json. Rerun the same command to resume an interrupted pull."""
+    from ..clinical.clients import open_pacs
     from ..clinical.pull import REPORT_NAME, run_pull
 
     if keep_identifiers:
         err_console.print("[yellow]warning:[/] --keep-identifiers: the files will hold patient names, IDs and "
                           "dates as the PACS sent them; do not share them or anything built from them")
-    with _client(url, user, password, token, timeout, calling_aet, retrieve, move_port) as client:
+    with open_pacs(url, user=user, password=password, token=token, timeout=timeout, calling_aet=calling_aet,
+                   retrieve=retrieve, move_port=move_port) as client:
         report = run_pull(client, study, out, keep_identifiers=keep_identifiers, seed=seed, limit=limit,
                             show_progress=not quiet)
     counts = report["counts"]
@@ -216,12 +186,14 @@ def echo_command(
     """Check a DIMSE connection with C-ECHO (--url dicom://AET@host:port)."""
     import time
 
-    from ..clinical.dimse import is_dicom_url
+    from ..clinical.clients import open_pacs
+    from ..clinical.dimse import DimseClient, is_dicom_url
     from ..errors import InputError
 
-    if not is_dicom_url(url):
+    client = open_pacs(url, timeout=timeout, calling_aet=calling_aet) if is_dicom_url(url) else None
+    if not isinstance(client, DimseClient):
         raise InputError("echo is a DIMSE check: give --url dicom://AET@host:port")
-    with _client(url, None, None, None, timeout, calling_aet) as client:
+    with client:
         started = time.perf_counter()
         client.echo()
     console.print(f"{client.url}: C-ECHO ok as {client.calling_aet} ({(time.perf_counter() - started) * 1000:.0f} ms)")

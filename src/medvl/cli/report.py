@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    AllowOutsideOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
@@ -61,16 +62,15 @@ def draft_command(
 ) -> None:
     """Draft a report from the k nearest cases' reports: consensus findings, sentences ranked by
     support, each citing its case ids; abstains when the cases disagree or are far."""
-    from ..index import describe_target, open_index
+    from ..index import describe_target, index_model, open_index
     from ..rag import draft_report
     from ..rag.draft import check_settings
-    from .index import index_model
 
     check_outputs(overwrite, json=json_out)
     check_settings(k, min_support, min_similarity, related)
     labeller = _labeller(knowledge, builtin_knowledge)
     with open_index(index) as opened:
-        net = index_model(model, opened)
+        net = index_model(opened, model)
         draft = draft_report(opened, net, image, k=k, where=where, labeller=labeller, min_support=min_support,
                              min_similarity=min_similarity, related=related)
     print_draft(draft)
@@ -178,6 +178,7 @@ def case_retrieval_command(
     builtin_knowledge: BuiltinOption = True,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Case retrieval quality: label precision@k and mAP, drafted-report finding F1, with baselines.
@@ -185,17 +186,16 @@ def case_retrieval_command(
     Precision@k and mAP of label agreement between each query and its retrieved cases, beside the
     class-prior baseline; the finding F1 of reports drafted from the neighbours, beside the nearest
     single report."""
-    from ..data import load_dataset
+    from ..api import load_split
     from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings
-    from ..index import describe_target, open_index
-    from .index import index_model
+    from ..index import describe_target, index_model, open_index
 
     check_outputs(overwrite, json=json_out)
     check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
     labeller = _labeller(knowledge, builtin_knowledge)
-    dataset = load_dataset(data, label_columns=label_column).select(split)
+    dataset = load_split(data, split, label_column, allow_outside_root)
     with open_index(index) as opened:
-        net = index_model(model, opened)
+        net = index_model(opened, model)
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)

@@ -13,6 +13,7 @@ from .base import describe_target as describe_target
 from .build import add_records as add_records
 from .build import build_index as build_index
 from .cases import Case as Case
+from .search import index_model as index_model
 from .search import resolve_image as resolve_image
 from .search import search_index as search_index
 from .where import compile_where as compile_where
