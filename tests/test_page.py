@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -19,6 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed (scripts/chromium.sh install)", allow_module_level=True)
 
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medvl.serve import ServeSettings, create_app  # noqa: E402
@@ -46,7 +48,7 @@ def model_dir(phantom_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, phantom_dir, tmp_path_factory):
     index = build_case_index(model_dir, phantom_dir, tmp_path_factory.mktemp("page-index") / "cases.idx")
-    app = create_app(model_dir, index=index, settings=ServeSettings(),
+    app = create_app(model_dir, index=index, settings=ServeSettings(data_root=phantom_dir),
                      token_digests=[token_digest(token) for token in TOKENS])
     with Server(app) as running:
         yield running
@@ -191,6 +193,40 @@ def check_draft(page, expected: dict) -> None:
     assert page.locator("#draft .abstain").count() == 0
 
 
+def shown_pixels(page, selector: str) -> np.ndarray:
+    """The pixels the browser decoded for an image on the page (grayscale: its red channel), once loaded."""
+    image = page.locator(selector)
+    image.wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=image.element_handle(),
+                           timeout=ANSWER_MS)
+    width, height, data = image.evaluate(
+        "image => { const canvas = document.createElement('canvas');"
+        " canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;"
+        " const context = canvas.getContext('2d'); context.drawImage(image, 0, 0);"
+        " const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;"
+        " return [canvas.width, canvas.height, Array.from(pixels)]; }")
+    return np.asarray(data, dtype=np.uint8).reshape(height, width, 4)[..., 0]
+
+
+def png_answer(answer) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png" and answer.headers["cache-control"] == "no-store"
+    return np.asarray(Image.open(io.BytesIO(answer.content)).convert("L"))
+
+
+def check_thumbnails(page, client, token: str) -> None:
+    """Every similar case shows its thumbnail: the service's own PNG for that case, pixel for pixel."""
+    page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                           ".every(card => card.dataset.thumbnail === 'shown')", timeout=ANSWER_MS)
+    cards = page.locator("#similar .case").all()
+    assert cards
+    for number, card in enumerate(cards, 1):
+        case_id = card.get_attribute("data-case-id")
+        expected = png_answer(client.get(f"/v1/cases/{quote(case_id, safe='')}/thumbnail",
+                                         headers={"Authorization": f"Bearer {token}"}))
+        np.testing.assert_array_equal(shown_pixels(page, f"#similar .case:nth-child({number}) .thumb img"), expected)
+
+
 def save_screenshot(page) -> None:
     """A full-page screenshot, its colours reduced so that the committed file stays small."""
     image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
@@ -229,7 +265,9 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     check_zero_shot(page, expected["zero-shot"])
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
-    assert page.locator("#preview img").evaluate("image => image.naturalWidth") > 0
+    check_thumbnails(page, client, TOKENS[1])
+    assert page.locator("#preview img[data-source=browser]").evaluate("image => image.naturalWidth") > 0
+    assert page.locator("#window-field").is_hidden()  # no window for a JPEG
     assert "JPEG read by the service" in page.locator("#file-info").inner_text()
     assert token not in page.content()
     forms = [body for body in watch.bodies if b'name="image"; filename="image"' in body]  # the form parts
@@ -256,19 +294,43 @@ def test_a_citation_leads_to_its_case_by_keyboard(page, client, chest_xray):
     assert highlighted.count() == 1 and highlighted.get_attribute("data-case-id") == cited
 
 
-def test_a_dicom_upload_is_read_by_the_service_and_its_preview_said_unavailable(page, client):
+def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, watch, client):
+    from medvl.clinical.windowing import WINDOW_PRESETS
+
     pydicom_data = pytest.importorskip("pydicom.data")
     dicom = Path(pydicom_data.get_testdata_file("CT_small.dcm"))
     connect(page, TOKENS[3])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
     page.locator("#file").set_input_files(dicom)
     wait_for_panels(page)
-    assert "Preview not available" in page.locator("#preview").inner_text()
+    headers = {"Authorization": f"Bearer {TOKENS[4]}"}
+
+    def service_preview(window: str | None) -> np.ndarray:
+        return png_answer(client.post("/v1/preview", headers=headers, files={"image": ("image", dicom.read_bytes())},
+                                      data={"window": window} if window else {}))
+
+    full_range = shown_pixels(page, "#preview img[data-source=service][data-window=none]")
+    np.testing.assert_array_equal(full_range, service_preview(None))
+    select = page.get_by_label("Window")
+    assert select.is_visible()
+    assert select.locator("option").evaluate_all("options => options.map(option => option.value)") == \
+        ["", *WINDOW_PRESETS]
+    shown = {}
+    for name in ("lung", "bone"):
+        select.select_option(name)
+        shown[name] = shown_pixels(page, f"#preview img[data-source=service][data-window={name}]")
+        np.testing.assert_array_equal(shown[name], service_preview(name))
+    assert not np.array_equal(shown["lung"], full_range) and not np.array_equal(shown["lung"], shown["bone"])
+    assert "lung window" in page.locator("#preview-info").inner_text() or \
+        "bone window" in page.locator("#preview-info").inner_text()
     assert "DICOM read by the service" in page.locator("#file-info").inner_text()
     expected = api_answers(client, TOKENS[4], dicom, page_fields(page))
     check_zero_shot(page, expected["zero-shot"])
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
+    check_thumbnails(page, client, TOKENS[4])
+    previews = [url for url in watch.requests if url.endswith("/v1/preview")]
+    assert len(previews) == 3  # one per window chosen; the other panels were not asked again
 
 
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
