@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from .adapters import HFDualEncoder, transformers_model_type
 from .config import ModelConfig
 from .dual import CONFIG_FILE, DualEncoder
 
@@ -64,10 +65,13 @@ def create_model(name: str, **overrides: Any) -> DualEncoder:
 
 
 def load_model(directory: str | Path) -> DualEncoder:
-    """Load a model written by ``save_pretrained``, or the final model of a ``train`` output dir."""
+    """Load a model written by ``save_pretrained``, the final model of a ``train`` output dir, or a
+    local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only)."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         directory = directory / "model"
+    if transformers_model_type(directory) is not None:
+        return HFDualEncoder.from_pretrained(directory)
     return DualEncoder.from_pretrained(directory)
 
 
@@ -77,8 +81,16 @@ def is_model_dir(value: str | Path) -> bool:
 
 
 def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
-    """A saved model directory (overrides not allowed) or a registered name."""
+    """A model to train: a saved model directory (overrides not allowed) or a registered name.
+
+    A transformers CLIP / SigLIP folder is refused: adapters are inference-only for now (``load_model``
+    opens one for eval, index, search, predict and report drafts).
+    """
     if is_model_dir(name_or_dir):
+        if transformers_model_type(name_or_dir) is not None:
+            raise ModelError(f"{name_or_dir}: a transformers {transformers_model_type(name_or_dir)} folder is "
+                             "inference-only in medvl for now (eval, index, search, predict, report draft); "
+                             "it cannot be trained")
         if overrides:
             raise ModelError("config overrides apply to registered names, not to a saved model")
         return load_model(name_or_dir)

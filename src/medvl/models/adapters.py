@@ -1,0 +1,355 @@
+"""Local transformers CLIP / SigLIP folders as medvl dual encoders (inference only).
+
+A folder written by transformers' ``save_pretrained`` (PubMedCLIP, MedSigLIP and the like) holds
+``config.json`` (``model_type`` "clip" or "siglip"), the weights (``model.safetensors``, sharded or
+``pytorch_model.bin``), ``preprocessor_config.json`` and a tokenizer (any tokenizer
+``AutoTokenizer`` loads from the folder). ``load_model(folder)`` returns an ``HFDualEncoder``: the
+same interface as ``DualEncoder`` (``encode_images`` for files, arrays or a [0, 1] pixel tensor,
+``encode_texts``, both L2-normalised; ``logit_scale``; ``preprocessor``; ``meta``; ``config``), so
+eval, index, search, predict and report drafts run on it unchanged. Nothing is downloaded.
+
+Preprocessing is read from ``preprocessor_config.json`` and checked against the model: the image
+the processor makes (``crop_size`` when it centre-crops, else ``size``) must be the square
+``vision_config.image_size``; ``image_mean`` / ``image_std`` must be written there, three values
+each (std > 0). Images are brought to what such models were trained on, 8-bit RGB: 8-bit images
+as they are, other images (16-bit, DICOM values) scaled by their own min-max to [0, 255];
+grayscale repeated to three channels, an alpha channel dropped. The folder's own image processor
+(its PIL backend) then resizes and crops; ``preprocessor.normalize`` rescales and applies the
+mean/std, so the pixels equal the transformers processor's for the same 8-bit RGB image.
+
+Texts: CLIP pads to the longest text with an attention mask and truncates at
+``text_config.max_position_embeddings``; SigLIP pads every text to that length and passes no
+attention mask, as the model was trained (its text embedding is the last position's).
+
+Zero-shot: CLIP's ``logit_scale`` is its learned log temperature; SigLIP's ``logit_scale`` and
+``logit_bias`` give sigmoid scores ``sigmoid(exp(scale) * cos + bias)``. medvl's zero-shot takes a
+softmax over the classes of ``exp(scale) * cos``; the bias shifts every class alike, so the softmax
+ranks classes as SigLIP's sigmoid scores do (the probabilities differ: they sum to one).
+
+Training an adapted model is not supported yet: ``save_pretrained`` and ``add_head`` raise
+``ModelError``, and ``medvl train`` refuses such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.images import read_image
+from ..data.record import ImageSource
+from ..errors import DataError, ModelError
+from .config import ImageConfig, ModelConfig, TextConfig
+from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
+from .preprocess import ImagePreprocessor, _scale_unit
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = ("clip", "siglip")  # config.json model_type values medvl adapts
+PROCESSOR_FILE = "preprocessor_config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer.model")
+UNHASHED_KEYS = ("transformers_version", "dtype", "torch_dtype")  # vary with the saving library, not the model
+
+
+def transformers_model_type(directory: str | Path) -> str | None:
+    """The ``model_type`` of a transformers folder's config.json; None for a medvl folder (whose
+    config.json has none) or a config.json that is not a JSON object."""
+    try:
+        config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return str(model_type) if model_type is not None else None
+
+
+@dataclass
+class HFModelConfig(ModelConfig):
+    """A transformers folder described for medvl: ``image`` / ``text`` summarise the towers (for
+    listings and the service); the folder's own files are the authority and are kept whole."""
+
+    model_type: str = ""  # clip | siglip: the folder's config.json model_type
+    architecture: dict[str, Any] = field(default_factory=dict)  # config.json (minus UNHASHED_KEYS, _private keys)
+    processor: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json, as checked
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """What ``preprocessor_config.json`` says the model takes, checked against ``vision_config``."""
+
+    image_size: int  # the square side the processor's output has (the model's image_size)
+    input_scale: float  # [0, 1] pixels x input_scale = the processor's rescaled values (1 for 1/255)
+    mean: tuple[float, ...] | None  # per-channel mean after rescaling; None: the processor does not normalise
+    std: tuple[float, ...] | None
+
+
+class HFImagePreprocessor(ImagePreprocessor):
+    """``ImagePreprocessor``'s interface over a transformers image processor: ``load`` gives
+    (3, size, size) in [0, 1], ``normalize`` what the model takes. No training augmentation."""
+
+    def __init__(self, image_processor: Any, settings: ProcessorSettings, config: ImageConfig):
+        self.config = config
+        self.settings = settings
+        self.image_processor = image_processor
+        self._augment = None
+        self._mean = torch.tensor(settings.mean).view(-1, 1, 1) if settings.mean else None
+        self._std = torch.tensor(settings.std).view(-1, 1, 1) if settings.std else None
+
+    def load(self, image: ImageSource | str) -> torch.Tensor:
+        source: Any = image if not isinstance(image, np.ndarray) else "<array>"
+        array = image if isinstance(image, np.ndarray) else read_image(image)
+        rgb = rgb_uint8(array, source)
+        pixels = self.image_processor(images=[rgb], do_normalize=False, do_rescale=True, rescale_factor=1 / 255,
+                                      input_data_format="channels_last", return_tensors="pt")["pixel_values"][0]
+        side = self.settings.image_size
+        if tuple(pixels.shape) != (3, side, side):
+            raise DataError(source, f"image is {rgb.shape[0]}x{rgb.shape[1]} after the model's processor "
+                                    f"(which does not resize it); the model takes {side}x{side}")
+        return pixels.float()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch * self.settings.input_scale if self.settings.input_scale != 1.0 else batch
+        if self._mean is None or self._std is None:
+            return pixels
+        return (pixels - self._mean) / self._std
+
+    def augment(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
+        return batch
+
+
+def rgb_uint8(array: np.ndarray, source: Any) -> np.ndarray:
+    """(H, W, 3) uint8: 8-bit values kept, others min-max scaled; gray repeated, alpha dropped."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise DataError(source, f"image shape {array.shape} does not fit a 2D RGB model "
+                                "(expected H x W grayscale or H x W x 3 RGB)")
+    if array.dtype != np.uint8:
+        array = np.round(_scale_unit(array, source) * 255.0).astype(np.uint8)
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+class HFDualEncoder(DualEncoder):
+    """A transformers ``CLIPModel`` / ``SiglipModel`` with medvl's dual-encoder interface.
+
+    ``image_features`` are the model's own image embeddings before normalisation
+    (``get_image_features``), which ``encode_images(features=True)`` and linear probes use.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, preprocessor: HFImagePreprocessor, config: HFModelConfig,
+                 directory: Path):
+        nn.Module.__init__(self)  # not DualEncoder.__init__: the towers are the transformers model's
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_type = config.model_type  # clip | siglip
+        self.directory = directory
+        self.preprocessor = preprocessor
+        self.logit_scale = model.logit_scale
+        if self.model_type == "siglip":
+            self.logit_bias = model.logit_bias
+        else:
+            self.register_buffer("logit_bias", torch.zeros(()), persistent=False)  # CLIP has none
+        self.heads = nn.ModuleDict()
+        self.meta = {"heads": {}, "name": config.name, "source": {"format": "transformers", "dir": str(directory),
+                                                                  "model_type": self.model_type}}
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixels))
+
+    def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=-1)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        siglip = self.model_type == "siglip"
+        tokens = self.tokenizer(list(texts), padding="max_length" if siglip else True, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        inputs = {"input_ids": tokens["input_ids"]}
+        if not siglip and "attention_mask" in tokens:
+            inputs["attention_mask"] = tokens["attention_mask"]
+        return F.normalize(_pooled(self.model.get_text_features(**inputs)), dim=-1)
+
+    def add_head(self, column: str, classes: Sequence[str]) -> None:
+        raise ModelError(f"{self.directory}: a transformers {self.model_type} folder is "
+                         "inference-only in medvl for now (no supervised heads)")
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        raise ModelError(f"{self.directory}: a transformers {self.model_type} folder is "
+                         "inference-only in medvl for now; use the folder itself")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HFDualEncoder:
+        """Load and check a transformers CLIP / SigLIP folder; ``ModelError`` naming the folder and
+        what is missing or inconsistent otherwise."""
+        directory = Path(directory)
+        model_type = transformers_model_type(directory)
+        if model_type not in SUPPORTED_TYPES:
+            raise ModelError(f"{directory}: config.json model_type {model_type!r} is not supported "
+                             f"(medvl adapts transformers {' and '.join(SUPPORTED_TYPES)} folders)")
+        _require_files(directory)
+        hf_model = _load_weights(directory, model_type)
+        architecture = json.loads((directory / CONFIG_FILE).read_text())
+        processor = _read_json(directory / PROCESSOR_FILE)
+        image_processor = _load_image_processor(directory)
+        settings = processor_settings(directory, processor, image_processor, hf_model.config.vision_config.image_size)
+        tokenizer = _load_tokenizer(directory, hf_model.config.text_config)
+        config = _describe(directory, model_type, hf_model.config, architecture, processor)
+        preprocessor = HFImagePreprocessor(image_processor, settings, config.image)
+        hf_model.eval()
+        return cls(hf_model, tokenizer, preprocessor, config, directory)
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """The embedding tensor of a ``get_*_features`` result (an output object in transformers 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _require_files(directory: Path) -> None:
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{directory}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    if not (directory / PROCESSOR_FILE).is_file():
+        raise ModelError(f"{directory}: no processor config ({PROCESSOR_FILE}: image size, mean and std)")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{directory}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def _load_weights(directory: Path, model_type: str) -> Any:
+    from transformers import CLIPModel, SiglipModel
+
+    model_class = CLIPModel if model_type == "clip" else SiglipModel
+    try:
+        loaded: Any = model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
+                                                  output_loading_info=True)
+        model, info = loaded
+    except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, SafetensorError...
+        raise ModelError(f"{directory}: cannot load the {model_type} model ({err.__class__.__name__}: "
+                         f"{str(err)[:200]})") from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ModelError(f"{directory}: the weights lack {len(missing)} tensor(s) of the {model_type} config "
+                         f"(first: {sorted(missing)[0]})")
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
+    return model
+
+
+def processor_settings(directory: Path, written: dict[str, Any], image_processor: Any,
+                       image_size: int) -> ProcessorSettings:
+    """Check the folder's image processor (``written``: its preprocessor_config.json; settings it
+    leaves out take the processor class's defaults) against ``vision_config.image_size``."""
+    where = directory / PROCESSOR_FILE
+    if "size" not in written:
+        raise ModelError(f"{where}: no size (the side the images are resized to)")
+    if getattr(image_processor, "do_center_crop", False):
+        height, width = _side(image_processor.crop_size, "crop_size", where)
+    elif image_processor.do_resize:
+        height, width = _side(image_processor.size, "size", where)
+    else:
+        height = width = image_size  # no resizing: each image is checked when it is loaded
+    if (height, width) != (image_size, image_size):
+        raise ModelError(f"{where}: the processor makes {height}x{width} images but the model's "
+                         f"vision_config.image_size is {image_size}")
+    mean = std = None
+    if image_processor.do_normalize:
+        mean, std = (_channels(written.get(key), key, where) for key in ("image_mean", "image_std"))
+        if min(std) <= 0:
+            raise ModelError(f"{where}: image_std must be > 0, got {list(std)}")
+    scale = float(image_processor.rescale_factor) * 255.0 if image_processor.do_rescale else 255.0
+    return ProcessorSettings(image_size=image_size, input_scale=1.0 if abs(scale - 1.0) < 1e-9 else scale,
+                             mean=mean, std=std)
+
+
+def _side(size: Any, key: str, where: Path) -> tuple[int, int]:
+    """(height, width) of a size entry; a shortest_edge alone leaves the shape to the image."""
+    if isinstance(size, int):
+        return size, size
+    height, width = (size.get(key) if hasattr(size, "get") else None for key in ("height", "width"))
+    if isinstance(height, int) and isinstance(width, int):
+        return height, width
+    raise ModelError(f"{where}: {key} {size!r} does not fix a square input (expected height and width; "
+                     "shortest_edge needs do_center_crop with a crop_size)")
+
+
+def _channels(values: Any, key: str, where: Path) -> tuple[float, ...]:
+    numbers = isinstance(values, list) and all(isinstance(v, int | float) for v in values)
+    if not numbers or len(values) != 3:
+        raise ModelError(f"{where}: {key} must be 3 numbers (R, G, B), got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _load_tokenizer(directory: Path, text_config: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as err:  # a missing sentencepiece, a broken tokenizer.json...
+        raise ModelError(f"{directory}: cannot load the tokenizer ({err.__class__.__name__}: "
+                         f"{str(err)[:200]})") from None
+    if tokenizer.pad_token is None:
+        raise ModelError(f"{directory}: the tokenizer has no padding token")
+    eos = getattr(text_config, "eos_token_id", None)
+    # CLIP pools the first end-of-text token, unless eos_token_id is 2 (older configs: the largest id)
+    if text_config.model_type == "clip_text_model" and eos not in (None, 2) and tokenizer.eos_token_id != eos:
+        raise ModelError(f"{directory}: the tokenizer's end-of-text id {tokenizer.eos_token_id} differs from "
+                         f"text_config.eos_token_id {eos}")
+    return tokenizer
+
+
+def _load_image_processor(directory: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(directory, backend="pil", local_files_only=True)
+    except Exception as err:
+        raise ModelError(f"{directory}: cannot load the image processor ({err.__class__.__name__}: "
+                         f"{str(err)[:200]})") from None
+
+
+def _describe(directory: Path, model_type: str, hf_config: Any, architecture: dict[str, Any],
+              processor: dict[str, Any]) -> HFModelConfig:
+    vision, text = hf_config.vision_config, hf_config.text_config
+    if model_type == "clip":
+        embed_dim = int(hf_config.projection_dim)
+    else:
+        embed_dim = int(vision.hidden_size)
+        text_dim = int(getattr(text, "projection_size", None) or text.hidden_size)
+        if text_dim != embed_dim:
+            raise ModelError(f"{directory}: image embeddings are {embed_dim}-d but text embeddings {text_dim}-d")
+    image = ImageConfig(arch="vit", in_channels=3, image_size=int(vision.image_size), patch_size=int(vision.patch_size),
+                        hidden_size=int(vision.hidden_size), num_layers=int(vision.num_hidden_layers),
+                        num_heads=int(vision.num_attention_heads), augment=False)
+    text_summary = TextConfig(kind="pretrained", vocab_size=int(text.vocab_size), hidden_size=int(text.hidden_size),
+                              num_layers=int(text.num_hidden_layers), num_heads=int(text.num_attention_heads),
+                              intermediate_size=int(text.intermediate_size),
+                              max_length=int(text.max_position_embeddings))
+    return HFModelConfig(name=directory.resolve().name, embed_dim=embed_dim,
+                         loss="siglip" if model_type == "siglip" else "clip", image=image, text=text_summary,
+                         model_type=model_type, architecture=_hashed(architecture), processor=_hashed(processor))
+
+
+def _hashed(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if key not in UNHASHED_KEYS and not key.startswith("_")}

@@ -1,0 +1,262 @@
+"""Local transformers CLIP / SigLIP folders load as medvl models and run through every command.
+
+Each folder is a tiny random-init ``CLIPModel`` / ``SiglipModel`` saved with ``save_pretrained``,
+with a processor config and a tokenizer built here offline: a real ``CLIPTokenizer`` from a tiny
+vocab for CLIP, and for SigLIP (whose own tokenizer needs sentencepiece) a ``PreTrainedTokenizerFast``
+trained in the test: any tokenizer ``AutoTokenizer`` loads from the folder works.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import invoke
+from medvl.data import load_dataset
+from medvl.errors import ModelError
+from medvl.eval.zero_shot import zero_shot_probabilities
+from medvl.index.base import model_fingerprint
+from medvl.models.adapters import HFDualEncoder
+from medvl.models.registry import load_model, resolve_model
+
+SIDE, PATCH = 32, 8
+TEXTS = ["no acute cardiopulmonary abnormality.", "mild cardiomegaly.", "small left pleural effusion."]
+CORPUS = TEXTS + ["a nodule in the right upper zone.", "the heart is enlarged; no effusion."]
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in sorted(set("".join(CORPUS))) + list("abcdefghijklmnopqrstuvwxyz"):
+        for token in (char, char + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def _siglip_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _towers(vocab_size: int, positions: int) -> tuple[dict, dict]:
+    text = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": positions}
+    vision = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": SIDE, "patch_size": PATCH}
+    return text, vision
+
+
+def save_clip(folder: Path) -> Path:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    text, vision = _towers(len(tokenizer), 64)
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_processor(folder, {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                              "size": {"shortest_edge": 40}, "resample": 3, "do_center_crop": True,
+                              "crop_size": {"height": SIDE, "width": SIDE}, "do_rescale": True,
+                              "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                              "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                              "image_std": [0.26862954, 0.26130258, 0.27577711]})
+    return folder
+
+
+def save_siglip(folder: Path) -> Path:
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(1)
+    tokenizer = _siglip_tokenizer()
+    text, vision = _towers(len(tokenizer), 16)
+    vision["hidden_size"] = 32  # SigLIP's image and text embeddings are the towers' widths
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_processor(folder, {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                              "size": {"height": SIDE, "width": SIDE}, "resample": 2, "do_rescale": True,
+                              "rescale_factor": 1 / 255, "do_normalize": True,
+                              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    return folder
+
+
+def _write_processor(folder: Path, settings: dict) -> None:
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def hf_dir(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}"
+    return save_clip(folder) if request.param == "clip" else save_siglip(folder)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("adapters") / "data"
+    generate_phantom(folder, n=40, seed=0, size=64)
+    return folder
+
+
+def _reference(folder: Path, images: list[Path], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised embeddings computed with transformers alone: its processor, tokenizer and model."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pixels = processor(images=[Image.open(path).convert("RGB") for path in images], return_tensors="pt")
+    if model.config.model_type == "siglip":  # padded to the trained length, no attention mask
+        tokens = tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")
+        text_inputs = {"input_ids": tokens["input_ids"]}
+    else:
+        text_inputs = dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    with torch.no_grad():
+        image_out = model.get_image_features(pixel_values=pixels["pixel_values"])
+        text_out = model.get_text_features(**text_inputs)
+    return (torch.nn.functional.normalize(image_out.pooler_output, dim=-1),
+            torch.nn.functional.normalize(text_out.pooler_output, dim=-1))
+
+
+def _images(phantom: Path, count: int) -> list[Path]:
+    return sorted((phantom / "images").glob("*.png"))[:count]
+
+
+def test_embeddings_equal_the_transformers_models_own(hf_dir, phantom):
+    model = load_model(hf_dir)
+    assert isinstance(model, HFDualEncoder)
+    images = _images(phantom, 4)
+    image_ref, text_ref = _reference(hf_dir, images, TEXTS)
+    image_emb, text_emb = model.encode_images(images), model.encode_texts(TEXTS)
+    assert image_emb.shape == (4, model.config.embed_dim) and text_emb.shape == (3, model.config.embed_dim)
+    assert torch.allclose(image_emb, image_ref, atol=1e-5)
+    assert torch.allclose(text_emb, text_ref, atol=1e-5)
+    pixels = model.preprocessor.load_many(images)  # the [0, 1] tensor path gives the same vectors
+    assert pixels.shape == (4, 3, SIDE, SIDE) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    assert torch.allclose(model.encode_images(pixels), image_ref, atol=1e-5)
+    gray = np.asarray(Image.open(images[0]).convert("L"))  # grayscale arrays are repeated to RGB
+    assert torch.allclose(model.encode_images([gray]), image_ref[:1], atol=1e-5)
+    assert "captions" not in model.meta and model.meta["source"]["dir"] == str(hf_dir)
+
+
+def test_zero_shot_ranks_classes_as_the_models_own_logits(hf_dir, phantom):
+    from transformers import AutoModel
+
+    model = load_model(hf_dir)
+    images = _images(phantom, 6)
+    image_ref, text_ref = _reference(hf_dir, images, TEXTS)
+    probabilities = zero_shot_probabilities(model, model.encode_images(images), [[text] for text in TEXTS])
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    hf = AutoModel.from_pretrained(hf_dir)
+    logits = hf.logit_scale.exp() * image_ref @ text_ref.t()  # SigLIP's sigmoid adds logit_bias: same ranking
+    if model.config.model_type == "siglip":
+        logits = torch.sigmoid(logits + hf.logit_bias)
+    assert (probabilities.argmax(1) == logits.argmax(1).detach().numpy()).all()
+
+
+def test_fingerprint_is_stable_and_names_the_folder(hf_dir):
+    model = load_model(hf_dir)
+    first, second = model_fingerprint(model, hf_dir), model_fingerprint(load_model(hf_dir), hf_dir)
+    assert first == second and first["name"] == hf_dir.name and first["embed_dim"] == model.config.embed_dim
+
+
+def test_cli_predict_and_eval_run_on_the_folder(hf_dir, phantom, tmp_path):
+    images = _images(phantom, 2)
+    result, output = invoke("predict", "--model", hf_dir, *images, "--labels", "no_finding,cardiomegaly",
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert len(predictions) == 2 and all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    result, output = invoke("eval", "zero-shot", "--model", hf_dir, "--data", phantom, "--split", "test",
+                            "--json", tmp_path / "zs.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "zs.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and len(metrics["classes"]) >= 2
+    result, output = invoke("eval", "retrieval", "--model", hf_dir, "--data", phantom, "--split", "test",
+                            "--json", tmp_path / "rt.json", "-q")
+    assert result.exit_code == 0, output
+    assert all(0 <= value <= 1 for key, value in json.loads((tmp_path / "rt.json").read_text()).items()
+               if key.startswith(("image_to_text", "text_to_image")) and isinstance(value, float))
+
+
+def test_cli_index_search_and_report_draft_run_on_the_folder(hf_dir, phantom, tmp_path):
+    index = tmp_path / "index"
+    result, output = invoke("index", "build", "--model", hf_dir, "--data", phantom, "--out", index,
+                            "--split", "train", "--json", tmp_path / "build.json", "-q")
+    assert result.exit_code == 0, output
+    train = load_dataset(phantom).select("train")
+    assert json.loads((tmp_path / "build.json").read_text())["n_cases"] == len(train)
+    query = train[0]
+    result, output = invoke("search", "--index", index, "--image", query.image, "-k", 3, "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, output
+    hits = json.loads((tmp_path / "s.json").read_text())["hits"]
+    assert len(hits) == 3 and hits[0]["id"] == query.id and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    result, output = invoke("search", "--index", index, "--text", "cardiomegaly", "--target", "texts", "-k", 2)
+    assert result.exit_code == 0, output
+    test_image = load_dataset(phantom).select("test")[0].image
+    result, output = invoke("report", "draft", test_image, "--index", index, "-k", 5, "--min-similarity", 0,
+                            "--json", tmp_path / "draft.json")
+    assert result.exit_code == 0, output
+    assert len(json.loads((tmp_path / "draft.json").read_text())["neighbours"]) == 5
+
+
+def test_training_an_adapted_folder_is_refused(hf_dir, phantom, tmp_path):
+    with pytest.raises(ModelError, match="inference-only"):
+        resolve_model(hf_dir)
+    result, output = invoke("train", "--data", phantom, "--model", hf_dir, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2 and "inference-only" in output and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ModelError, match="inference-only"):
+        load_model(hf_dir).save_pretrained(tmp_path / "copy")
+
+
+def _broken_copy(hf_dir: Path, tmp_path: Path, remove: tuple[str, ...] = (), processor: dict | None = None) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(hf_dir, folder)
+    for name in remove:
+        (folder / name).unlink()
+    if processor is not None:
+        settings = json.loads((folder / "preprocessor_config.json").read_text())
+        _write_processor(folder, {key: value for key, value in {**settings, **processor}.items() if value is not None})
+    return folder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"remove": ("model.safetensors",)}, "no weights"),
+    ({"remove": ("preprocessor_config.json",)}, "no processor config"),
+    ({"remove": ("tokenizer.json", "tokenizer_config.json") + ("vocab.json", "merges.txt")}, "no tokenizer"),
+    ({"processor": {"image_mean": [0.5]}}, "image_mean must be 3 numbers"),
+    ({"processor": {"image_std": None}}, "image_std must be 3 numbers"),
+    ({"processor": {"size": {"height": 48, "width": 48}, "crop_size": {"height": 48, "width": 48}}},
+     "48x48 images but the model's vision_config.image_size is 32"),
+])
+def test_an_incomplete_folder_is_a_clear_error(hf_dir, phantom, tmp_path, change, message):
+    remove = tuple(name for name in change.get("remove", ()) if (hf_dir / name).exists())
+    folder = _broken_copy(hf_dir, tmp_path, remove, change.get("processor"))
+    with pytest.raises(ModelError, match=message) as error:
+        load_model(folder)
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+    result, output = invoke("eval", "retrieval", "--model", folder, "--data", phantom, "-q")
+    assert result.exit_code == 2 and message.split(" ")[0] in output and "Traceback" not in output
+
+
+def test_an_unsupported_model_type_is_a_clear_error(phantom, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ModelError, match=r"model_type 'llava' is not supported"):
+        load_model(tmp_path)
+    result, output = invoke("eval", "retrieval", "--model", tmp_path, "--data", phantom, "-q")
+    assert result.exit_code == 2 and "llava" in output
