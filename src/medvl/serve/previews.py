@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..clinical.windowing import DISPLAY_WINDOW, WINDOW_PRESETS, Window, get_window, radiological_view, render_preview
+from ..clinical.windowing import DISPLAY_WINDOW, WINDOW_PRESETS, Window, radiological_view, render_preview
 from ..errors import InputError
 from .settings import ServeSettings
 from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_upload, rejecting
@@ -61,10 +61,10 @@ def parse_window(name: str | None) -> Window | None:
     """A CT preset by name (``lung``, ``soft_tissue``, ...), ``None`` for none; numbers are refused."""
     if name is None or not name.strip():
         return None
-    window = get_window(name)  # InputError naming the presets for an unknown name
-    if window.name not in WINDOW_PRESETS:
-        raise InputError(f"window must be one of {', '.join(WINDOW_PRESETS)}")
-    return window
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")  # as ``get_window`` reads preset names
+    if key not in WINDOW_PRESETS:
+        raise InputError(f"unknown window preset; choose from {', '.join(WINDOW_PRESETS)}")
+    return WINDOW_PRESETS[key]
 
 
 def preview_upload(data: bytes, settings: ServeSettings, window: Window | None) -> tuple[str, Picture]:
