@@ -17,6 +17,10 @@ bone           400     1800   cortical and trabecular bone
 brain          40      80     grey / white matter
 subdural       80      200    thin extra-axial blood against the skull
 =============  ======  =====  ==============================================
+
+``render_preview(array, window=None, max_side=512)`` makes the 8-bit picture shown of an image or a
+volume (its middle slice along axis 0, windowed or min-max scaled, shrunk to ``max_side``): the
+service's previews and case thumbnails.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InputError
 
@@ -144,8 +149,6 @@ def to_uint8(image: np.ndarray, window: WindowSpec | None = None) -> np.ndarray:
 def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     """``image`` (``uint8`` ``HxW[x3]``) shrunk by area averaging so that its longest side is at most
     ``max_side`` pixels, aspect ratio kept; never enlarged."""
-    from PIL import Image
-
     height, width = image.shape[:2]
     if max(height, width) <= max_side:
         return image

@@ -3,8 +3,10 @@
 ``create_app(model_dir, index=None, settings=ServeSettings(...)) -> FastAPI``; ``medvl serve`` runs it
 with uvicorn. Modules: ``app`` (routes, error mapping), ``service`` (the loaded model and what the
 routes do), ``batching`` (dynamic micro-batching), ``uploads`` (sniffing, limits, DICOM
-de-identification), ``auth`` (hashed API tokens, per-token rate limit), ``middleware`` (request id,
-auth and body limit before the body is read), ``logs`` (JSON log lines), ``settings``.
+de-identification), ``previews`` (an upload's preview and a case's thumbnail as PNG, rendered by
+``medvl.clinical.windowing.render_preview``), ``auth`` (hashed API tokens, per-token rate limit),
+``middleware`` (request id, auth and body limit before the body is read), ``logs`` (JSON log lines),
+``settings``.
 """
 
 from .settings import ServeSettings as ServeSettings
