@@ -19,7 +19,7 @@ from PIL import Image
 
 from cli_helpers import invoke
 from medvl.data import load_dataset
-from medvl.errors import ModelError
+from medvl.errors import DataError, ModelError
 from medvl.eval.zero_shot import zero_shot_probabilities
 from medvl.index.base import model_fingerprint
 from medvl.models.adapters import HFDualEncoder
@@ -153,6 +153,20 @@ def test_embeddings_equal_the_transformers_models_own(hf_dir, phantom):
     assert "captions" not in model.meta and model.meta["source"]["dir"] == str(hf_dir)
 
 
+def test_images_of_any_depth_and_channels_become_8_bit_rgb(hf_dir, phantom):
+    model = load_model(hf_dir)
+    gray = np.asarray(Image.open(_images(phantom, 1)[0]).convert("L")).astype(np.float64)
+    stretched = np.round((gray - gray.min()) * 255 / (gray.max() - gray.min())).astype(np.uint8)
+    expected = model.encode_images([stretched])
+    sixteen_bit = stretched.astype(np.uint16) * 257  # min-max scaled back to the same 8-bit values
+    rgba = np.dstack([stretched] * 3 + [np.zeros_like(stretched)])  # alpha dropped
+    assert torch.allclose(model.encode_images([sixteen_bit, rgba]), expected.expand(2, -1), atol=1e-6)
+    features = model.encode_images([stretched], features=True)  # the model's own embedding, unnormalised
+    assert torch.allclose(torch.nn.functional.normalize(features, dim=-1), expected, atol=1e-6)
+    with pytest.raises(DataError, match="does not fit a 2D RGB model"):
+        model.encode_images([np.zeros((4, 16, 16), np.float32)])
+
+
 def test_zero_shot_ranks_classes_as_the_models_own_logits(hf_dir, phantom):
     from transformers import AutoModel
 
@@ -191,6 +205,10 @@ def test_cli_predict_and_eval_run_on_the_folder(hf_dir, phantom, tmp_path):
     assert result.exit_code == 0, output
     assert all(0 <= value <= 1 for key, value in json.loads((tmp_path / "rt.json").read_text()).items()
                if key.startswith(("image_to_text", "text_to_image")) and isinstance(value, float))
+    result, output = invoke("eval", "linear-probe", "--model", hf_dir, "--train-data", phantom, "--test-data",
+                            phantom, "--few-shot", "2", "--json", tmp_path / "lp.json", "-q")
+    assert result.exit_code == 0, output
+    assert isinstance(json.loads((tmp_path / "lp.json").read_text())["auc"], float)
 
 
 def test_cli_index_search_and_report_draft_run_on_the_folder(hf_dir, phantom, tmp_path):
@@ -252,6 +270,27 @@ def test_an_incomplete_folder_is_a_clear_error(hf_dir, phantom, tmp_path, change
     assert str(folder) in str(error.value) and "\n" not in str(error.value)
     result, output = invoke("eval", "retrieval", "--model", folder, "--data", phantom, "-q")
     assert result.exit_code == 2 and message.split(" ")[0] in output and "Traceback" not in output
+
+
+def test_weights_short_of_the_config_are_a_clear_error(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _broken_copy(hf_dir, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    dropped = sorted(state)[0]
+    save_file({name: tensor for name, tensor in state.items() if name != dropped}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"the weights lack 1 tensor.*{dropped}"):
+        load_model(folder)
+
+
+def test_a_clip_tokenizer_with_another_end_token_is_a_clear_error(tmp_path):
+    folder = save_clip(tmp_path / "clip")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="end-of-text id 1 differs from text_config.eos_token_id 5"):
+        load_model(folder)
 
 
 def test_an_unsupported_model_type_is_a_clear_error(phantom, tmp_path):

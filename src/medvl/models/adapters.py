@@ -49,6 +49,7 @@ from ..data.record import ImageSource
 from ..errors import DataError, ModelError
 from .config import ImageConfig, ModelConfig, TextConfig
 from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
+from .image import ImageEncoder
 from .preprocess import ImagePreprocessor, _scale_unit
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,20 @@ def rgb_uint8(array: np.ndarray, source: Any) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
+class HFImageEncoder(ImageEncoder):
+    """``ImageEncoder``'s interface over the transformers model: ``forward`` gives its own image
+    embeddings before normalisation (``get_image_features``), ``num_features`` their size."""
+
+    def __init__(self, model: Any, config: ImageConfig, num_features: int):
+        nn.Module.__init__(self)  # not ImageEncoder.__init__: no MONAI backbone
+        self.config = config
+        self.num_features = num_features
+        self._model = (model,)  # in a tuple: its weights are registered once, under HFDualEncoder.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _pooled(self._model[0].get_image_features(pixel_values=images))
+
+
 class HFDualEncoder(DualEncoder):
     """A transformers ``CLIPModel`` / ``SiglipModel`` with medvl's dual-encoder interface.
 
@@ -157,6 +172,7 @@ class HFDualEncoder(DualEncoder):
         self.model_type = config.model_type  # clip | siglip
         self.directory = directory
         self.preprocessor = preprocessor
+        self.image_encoder = HFImageEncoder(model, config.image, config.embed_dim)
         self.logit_scale = model.logit_scale
         if self.model_type == "siglip":
             self.logit_bias = model.logit_bias
@@ -166,9 +182,6 @@ class HFDualEncoder(DualEncoder):
         self.meta = {"heads": {}, "name": config.name, "source": {"format": "transformers", "dir": str(directory),
                                                                   "model_type": self.model_type}}
         self.max_length = int(model.config.text_config.max_position_embeddings)
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=pixels))
 
     def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features, dim=-1)
