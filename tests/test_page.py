@@ -46,9 +46,13 @@ def model_dir(phantom_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, phantom_dir, tmp_path_factory):
-    index = build_case_index(model_dir, phantom_dir, tmp_path_factory.mktemp("page-index") / "cases.idx")
-    app = create_app(model_dir, index=index, settings=ServeSettings(data_root=phantom_dir),
+def index_dir(model_dir, phantom_dir, tmp_path_factory):
+    return build_case_index(model_dir, phantom_dir, tmp_path_factory.mktemp("page-index") / "cases.idx")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, index_dir, phantom_dir):
+    app = create_app(model_dir, index=index_dir, settings=ServeSettings(data_root=phantom_dir),
                      token_digests=[token_digest(token) for token in TOKENS])
     with Server(app) as running:
         yield running
@@ -358,3 +362,47 @@ def drop(page, path: Path) -> None:
         " transfer.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/jpeg'})); return transfer; }",
         [list(path.read_bytes()), path.name])
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def test_a_nifti_volume_shows_its_middle_slice_while_the_2d_model_says_why_it_cannot_read_it(page, client,
+                                                                                             tmp_path):
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ct", n=1, seed=2, size=32, kind="ct3d", splits={"test": 1.0})
+    [volume] = sorted((tmp_path / "ct").rglob("*.nii.gz"))
+    connect(page, TOKENS[7])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(volume)
+    wait_for_panels(page, "error")
+    assert "does not fit a 2D model" in page.locator("#zero-shot .panel-error").inner_text()
+    page.get_by_label("Window").select_option("soft_tissue")
+    shown = shown_pixels(page, "#preview img[data-source=service][data-window=soft_tissue]")
+    expected = client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[8]}"},
+                           files={"image": ("image", volume.read_bytes())}, data={"window": "soft_tissue"})
+    np.testing.assert_array_equal(shown, png_answer(expected))
+    assert page.locator("#preview-info").inner_text() == "Rendered by the service: slice 17 of 32 (middle) · " \
+                                                         "soft_tissue window."
+
+
+def test_without_a_data_root_similar_cases_show_their_ids_in_place_of_thumbnails(browser, model_dir, index_dir,
+                                                                                 chest_xray):
+    app = create_app(model_dir, index=index_dir, settings=ServeSettings(), token_digests=[token_digest(TOKENS[9])])
+    with Server(app) as running:
+        watch = PageWatch(running.url)
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        context.route("**/*", watch.route)
+        page = context.new_page()
+        page.on("pageerror", lambda error: watch.errors.append(str(error)))
+        page.goto(running.url + "/")
+        connect(page, TOKENS[9])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(chest_xray)
+        wait_for_panels(page)
+        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                               ".every(card => card.dataset.thumbnail === 'none')", timeout=ANSWER_MS)
+        for card in page.locator("#similar .case").all():
+            assert card.locator(".thumb").inner_text() == card.get_attribute("data-case-id")
+            assert "without a data root" in card.locator(".thumb").get_attribute("title")
+            assert card.locator(".thumb img").count() == 0
+        context.close()
+    assert not watch.refused and not watch.errors
