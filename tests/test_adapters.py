@@ -84,6 +84,7 @@ def save_siglip(folder: Path) -> Path:
     tokenizer = _siglip_tokenizer()
     text, vision = _towers(len(tokenizer), 16)
     vision["hidden_size"] = 32  # SigLIP's image and text embeddings are the towers' widths
+    text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
     SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _write_processor(folder, {"image_processor_type": "SiglipImageProcessor", "do_resize": True,

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,9 @@ def _load_weights(directory: Path, model_type: str) -> Any:
 
     model_class = CLIPModel if model_type == "clip" else SiglipModel
     try:
-        loaded: Any = model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
-                                                  output_loading_info=True)
+        with _without_loading_bar():
+            loaded: Any = model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
+                                                      output_loading_info=True)
         model, info = loaded
     except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, SafetensorError...
         raise ModelError(f"{directory}: cannot load the {model_type} model ({err.__class__.__name__}: "
@@ -268,6 +270,21 @@ def _load_weights(directory: Path, model_type: str) -> Any:
     if bad:
         raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
     return model
+
+
+@contextmanager
+def _without_loading_bar() -> Iterator[None]:
+    """transformers' per-tensor loading bar off while a folder loads (medvl has its own progress
+    bars), then back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def processor_settings(directory: Path, written: dict[str, Any], image_processor: Any,
