@@ -531,6 +531,21 @@ def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(
     assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))
 
 
+def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_by_its_middle_frame(client):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    with_window = Path(get_testdata_file("MR_small.dcm"))  # Window Center 600, Width 1600
+    answer = preview(client, with_window.read_bytes())
+    stored = pydicom.dcmread(with_window).pixel_array  # no rescale: stored values are the modality values
+    np.testing.assert_array_equal(_png_pixels(answer), _numpy_window(stored, 600, 1600))
+    assert answer.headers["X-Preview-Window"] == "file" and "X-Preview-Slice" not in answer.headers
+    frames = Path(get_testdata_file("emri_small.dcm"))  # 10 frames of 64 x 64, no window
+    answer = preview(client, frames.read_bytes())
+    np.testing.assert_array_equal(_png_pixels(answer), _numpy_min_max(pydicom.dcmread(frames).pixel_array[5]))
+    assert answer.headers["X-Preview-Slice"] == "5/10" and answer.headers["X-Preview-Window"] == "none"
+
+
 def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
     from medvl.clinical.nifti import read_nifti, write_nifti
     from medvl.data.phantom import generate_phantom
