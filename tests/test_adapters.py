@@ -273,6 +273,14 @@ def test_an_incomplete_folder_is_a_clear_error(hf_dir, phantom, tmp_path, change
     assert result.exit_code == 2 and message.split(" ")[0] in output and "Traceback" not in output
 
 
+def test_a_processor_that_does_not_resize_takes_only_images_of_the_models_size(hf_dir, tmp_path):
+    folder = _broken_copy(hf_dir, tmp_path, processor={"do_resize": False, "do_center_crop": False})
+    model = load_model(folder)
+    assert model.encode_images([np.zeros((SIDE, SIDE), np.uint8)]).shape == (1, model.config.embed_dim)
+    with pytest.raises(DataError, match="image is 64x64 and the model's processor does not resize it"):
+        model.encode_images([np.zeros((64, 64), np.uint8)])
+
+
 def test_weights_short_of_the_config_are_a_clear_error(hf_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

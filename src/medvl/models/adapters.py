@@ -111,12 +111,15 @@ class HFImagePreprocessor(ImagePreprocessor):
         source: Any = image if not isinstance(image, np.ndarray) else "<array>"
         array = image if isinstance(image, np.ndarray) else read_image(image)
         rgb = rgb_uint8(array, source)
-        pixels = self.image_processor(images=[rgb], do_normalize=False, do_rescale=True, rescale_factor=1 / 255,
-                                      input_data_format="channels_last", return_tensors="pt")["pixel_values"][0]
+        try:
+            pixels = self.image_processor(images=[rgb], do_normalize=False, do_rescale=True, rescale_factor=1 / 255,
+                                          input_data_format="channels_last", return_tensors="pt")["pixel_values"][0]
+        except (ValueError, TypeError) as err:
+            raise DataError(source, f"the model's image processor cannot take this image ({err})") from None
         side = self.settings.image_size
         if tuple(pixels.shape) != (3, side, side):
-            raise DataError(source, f"image is {rgb.shape[0]}x{rgb.shape[1]} after the model's processor "
-                                    f"(which does not resize it); the model takes {side}x{side}")
+            raise DataError(source, f"image is {rgb.shape[0]}x{rgb.shape[1]} and the model's processor does not "
+                                    f"resize it (do_resize false); the model takes {side}x{side}")
         return pixels.float()
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
