@@ -308,3 +308,16 @@ def test_an_unsupported_model_type_is_a_clear_error(phantom, tmp_path):
         load_model(tmp_path)
     result, output = invoke("eval", "retrieval", "--model", tmp_path, "--data", phantom, "-q")
     assert result.exit_code == 2 and "llava" in output
+
+
+def test_the_service_loads_the_folder(hf_dir):
+    pytest.importorskip("fastapi")
+    from medvl.serve.service import ModelService
+    from medvl.serve.settings import ServeSettings
+
+    service = ModelService(hf_dir, None, ServeSettings())
+    described = service.describe()
+    assert described["name"] == hf_dir.name and described["image"]["in_channels"] == 3
+    pixels = service.net.preprocessor.load(np.zeros((50, 60), np.uint8))  # what the micro-batcher encodes
+    assert service.net.encode_images(pixels[None]).shape == (1, described["embed_dim"])
+    service.model_thread.shutdown()
