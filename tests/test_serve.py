@@ -29,7 +29,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cli_helpers import invoke  # noqa: E402
@@ -43,6 +42,7 @@ from medvl.serve.auth import digests_from_file, token_digest  # noqa: E402
 from medvl.serve.batching import MicroBatcher, ServiceBusy  # noqa: E402
 from medvl.serve.logs import JsonFormatter  # noqa: E402
 from medvl.serve.uploads import DICOM, JPEG, NIFTI, NIFTI_GZ, PNG, UploadRejected, sniff  # noqa: E402
+from serve_helpers import Server  # noqa: E402
 
 LABELS = "no_finding,cardiomegaly,nodule"
 TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(100)]
@@ -75,31 +75,6 @@ def index_dir(phantom_dir, model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def png(phantom_dir) -> Path:
     return load_dataset(phantom_dir).select("test")[0].image
-
-
-class Server:
-    """A real uvicorn server in a thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.app = app
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
