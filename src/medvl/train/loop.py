@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +191,6 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
 
 def _remove_run_output(out_dir: Path, remove_folder: bool) -> None:
     """Remove what a failed fresh run wrote (the folder was missing or empty when it started)."""
-    import shutil
-
     if remove_folder:
         shutil.rmtree(out_dir, ignore_errors=True)
         return
