@@ -147,6 +147,20 @@ def test_a_burst_from_one_token_is_answered_429_and_other_tokens_are_not_affecte
     assert client.get("/v1/models", headers=auth()).status_code == 200
 
 
+def test_guessing_tokens_from_one_address_is_slowed_to_429_and_valid_tokens_still_pass(model_dir):
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(failed_auth_burst=3, failed_auth_rate=0.001, rate_limit=0)
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(TOKENS[0])])
+    with TestClient(app) as http:
+        guesses = [http.get("/v1/models", headers={"Authorization": f"Bearer guess-{i:020d}"}) for i in range(5)]
+        assert [answer.status_code for answer in guesses] == [401, 401, 401, 429, 429]
+        assert "without a valid API token" in guesses[-1].json()["detail"]
+        assert int(guesses[-1].headers["Retry-After"]) >= 1
+        assert http.get("/v1/models", headers=auth(TOKENS[0])).status_code == 200  # a valid token is not slowed
+        assert http.get("/v1/health").status_code == 200
+
+
 def test_cors_is_off_by_default_and_allows_only_the_origins_given(client, model_dir):
     from fastapi.testclient import TestClient
 

@@ -35,6 +35,8 @@ def serve_command(
         "--no-batching", help="One forward pass per request (no micro-batching).")] = False,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per token (0: no limit).")] = 10.0,
     rate_burst: Annotated[int, typer.Option(help="Requests a token may send at once.")] = 20,
+    failed_auth_burst: Annotated[int, typer.Option(
+        help="Requests without a valid token one address may send before it gets 429 (refills 1 a second).")] = 20,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MiB).")] = 32.0,
     max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
@@ -51,7 +53,8 @@ def serve_command(
     uvicorn, create_app = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             rate_limit=rate_limit, rate_burst=rate_burst, cors_origins=list(cors_origin or []),
+                             rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
+                             cors_origins=list(cors_origin or []),
                              data_root=data_root).validate()
     _check_model_dir(model)
     _setup_logs()

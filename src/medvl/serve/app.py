@@ -143,7 +143,8 @@ def _auth(settings: ServeSettings, digests: Sequence[str] | None, token_file, re
             raise InputError("no API tokens: set MEDVL_API_TOKENS (comma-separated) or give --token-file "
                              "(one SHA-256 digest per line)")
         return None
-    return TokenAuth(digests, rate=settings.rate_limit, burst=settings.rate_burst)
+    return TokenAuth(digests, rate=settings.rate_limit, burst=settings.rate_burst,
+                     failure_rate=settings.failed_auth_rate, failure_burst=settings.failed_auth_burst)
 
 
 async def _bytes(image: UploadFile, service: ModelService) -> bytes:

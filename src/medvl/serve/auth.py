@@ -7,7 +7,10 @@ with every digest by ``hmac.compare_digest`` (constant time). A client is named 
 8 hex digits of its token's digest, never by the token.
 
 Each token has a token bucket: ``burst`` requests at once, refilled at ``rate`` per second; a
-request finding the bucket empty is answered 429 with ``Retry-After``.
+request finding the bucket empty is answered 429 with ``Retry-After``. Requests without a valid
+token are counted the same way per client address (``failure_burst`` at once, ``failure_rate`` per
+second): past that, an address guessing tokens gets 429 instead of 401 until its bucket refills,
+while requests with a valid token from the same address are not affected.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class TokenAuth:
     digests: list[str]
     rate: float = 10.0  # requests per second per token (0: no limit)
     burst: int = 20
+    failure_rate: float = 1.0  # requests without a valid token per second per client address
+    failure_burst: int = 20
     _buckets: dict[str, _Bucket] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -105,15 +110,23 @@ class TokenAuth:
         """0 if ``digest`` may make a request now (and count it), else seconds until it may."""
         if self.rate <= 0:
             return 0.0
+        return self._take(digest, self.rate, self.burst, now)
+
+    def failure_retry_after(self, address: str, now: float | None = None) -> float:
+        """Count a request without a valid token from ``address``: 0 while the address is within
+        its allowance (answer 401), else seconds until it is again (answer 429)."""
+        return self._take(f"failed:{address}", self.failure_rate, self.failure_burst, now)
+
+    def _take(self, key: str, rate: float, burst: int, now: float | None) -> float:
         now = time.monotonic() if now is None else now
         with self._lock:
-            bucket = self._buckets.setdefault(digest, _Bucket(float(self.burst), now))
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket = self._buckets.setdefault(key, _Bucket(float(burst), now))
+            bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
             if bucket.tokens >= 1.0:
                 bucket.tokens -= 1.0
                 return 0.0
-            return (1.0 - bucket.tokens) / self.rate
+            return (1.0 - bucket.tokens) / rate
 
 
 def retry_after_header(seconds: float) -> str:

@@ -67,6 +67,12 @@ class ServiceMiddleware:
         if self.auth is not None and needs_token(scope["method"], scope["path"]):
             client = self.auth.client(headers.get("authorization"))
             if client is None:
+                address = (scope.get("client") or ("unknown",))[0]
+                wait = self.auth.failure_retry_after(str(address))
+                if wait > 0:
+                    timings["error"] = "auth_rate_limited"
+                    return 429, f"too many requests without a valid API token from this address; retry in " \
+                        f"{wait:.1f} s", {"Retry-After": retry_after_header(wait)}
                 timings["error"] = "unauthorized"
                 return 401, "missing or invalid API token (send 'Authorization: Bearer <token>')", \
                     {"WWW-Authenticate": "Bearer"}

@@ -24,6 +24,8 @@ class ServeSettings:
     max_queue: int = 256  # images waiting for the model at most; beyond, 503
     rate_limit: float = 10.0  # requests per second per token, sustained (0: no limit)
     rate_burst: int = 20  # requests a token may send at once before the rate applies
+    failed_auth_rate: float = 1.0  # requests without a valid token per second per client address, sustained
+    failed_auth_burst: int = 20  # such requests an address may send at once; beyond, 429 (slows token guessing)
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off (no cross-origin browser calls)
     # the folder of the indexed dataset: case thumbnails are read from the index's stored paths under it
     # (``/v1/cases/{id}/thumbnail``); None: no thumbnails (404)
@@ -39,6 +41,8 @@ class ServeSettings:
         check_number("max_queue", self.max_queue, minimum=1, integer=True)
         check_number("rate_limit", self.rate_limit, minimum=0)
         check_number("rate_burst", self.rate_burst, minimum=1, integer=True)
+        check_number("failed_auth_rate", self.failed_auth_rate, minimum=0, exclusive_minimum=True)
+        check_number("failed_auth_burst", self.failed_auth_burst, minimum=1, integer=True)
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
