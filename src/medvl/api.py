@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
 from .errors import InputError
@@ -85,16 +87,29 @@ def train_from_path(data: PathLike, out: PathLike, config: Any, model: str = "cx
 
 def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", label_columns: Sequence[str] | None = None,
                        captions: PathLike | None = None, allow_outside_root: bool = False,
-                       show_progress: bool = True) -> dict:
-    """``eval.zero_shot`` on a saved model and a dataset path; the result names what was scored."""
-    from .eval import zero_shot
+                       show_progress: bool = True, calibration_split: str | None = None) -> dict:
+    """``eval.zero_shot`` on a saved model and a dataset path; the result names what was scored.
+
+    ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
+    ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
+    from .eval import calibration, zero_shot
     from .models.registry import load_model
 
+    if calibration_split is not None and calibration_split == split:
+        raise InputError(f"--calibration-split {calibration_split!r} is the evaluated split: "
+                         "fit the temperature on a different split than the one you report")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
     net = load_model(model)
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
-                       show_progress=show_progress)
+                       show_progress=show_progress, keep_logits=calibration_split is not None)
+    if calibration_split is not None:
+        fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+        fit = zero_shot(net, fit_set, column, captions=captions_for(fit_set, captions, net),
+                        classes=result["classes"], show_progress=show_progress, keep_logits=True)
+        block = calibration.calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]),
+                                               np.array(result.pop("logits")), np.array(result.pop("y_true")))
+        result["calibration"] = {"split": calibration_split, **block}
     return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
 
 

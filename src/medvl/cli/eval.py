@@ -36,18 +36,33 @@ def eval_zero_shot(
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
+    calibration_split: Annotated[str | None, typer.Option(
+        help="Fit a softmax temperature on this split and report calibration (ECE, Brier) of --split.")] = None,
 ) -> None:
     """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
     from ..api import evaluate_zero_shot
 
     check_outputs(overwrite, json=json_out)
     result = evaluate_zero_shot(model, data, split, label_column, captions, allow_outside_root,
-                                show_progress=not quiet)
+                                show_progress=not quiet, calibration_split=calibration_split)
     print_metrics(f"zero-shot {result['label']} ({result['n']} images, {len(result['classes'])} classes)", {
         "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
         "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
     print_per_class(result["per_class"])
+    if "calibration" in result:
+        _print_calibration(result["calibration"])
     emit_json(result, json_out, overwrite)
+
+
+def _print_calibration(block: dict) -> None:
+    abstain = block["abstention_threshold_at_risk_0.1"]
+    print_metrics(f"calibration (temperature fitted on {block['split']}, {block['n_fit']} images)", {
+        "temperature": block["temperature"], "ECE before": block["ece_before"], "ECE after": block["ece_after"],
+        "Brier before": block["brier_before"], "Brier after": block["brier_after"],
+        "NLL before": block["nll_before"], "NLL after": block["nll_after"],
+        "risk-coverage AURC": block["risk_coverage"]["aurc"],
+        "abstain below (risk <= 0.1)": abstain["threshold"] if abstain else None,
+        "coverage kept (risk <= 0.1)": abstain["coverage"] if abstain else None})
 
 
 @eval_app.command("retrieval")

@@ -15,24 +15,29 @@ from ..models.dual import DualEncoder
 from .metrics import classification_metrics
 
 
+def zero_shot_logits(model: DualEncoder, image_embeddings: torch.Tensor, prompts: list[list[str]]) -> torch.Tensor:
+    """Scaled cosine similarity (N, K) of each image to each class's prompt ensemble."""
+    classes = class_embeddings(model, prompts)
+    return model.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
+
+
 def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
                             prompts: list[list[str]]) -> np.ndarray:
     """Softmax over classes of scaled cosine similarity to each class's prompt ensemble."""
-    classes = class_embeddings(model, prompts)
-    logits = model.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
-    return logits.softmax(-1).numpy()
+    return zero_shot_logits(model, image_embeddings, prompts).softmax(-1).numpy()
 
 
 def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
               captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
               show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
-              keep_scores: bool = False) -> dict:
+              keep_scores: bool = False, keep_logits: bool = False) -> dict:
     """Classify every record's image among the classes of ``label`` from text prompts alone.
 
     Returns accuracy, balanced accuracy, macro AUC, a per-class table, the confusion matrix and
     the prompts used. ``classes`` defaults to the classes present in the dataset.
     ``image_embeddings`` (rows aligned with ``dataset``) skips embedding; ``keep_scores`` adds
-    the per-image ``probabilities`` and true class indices ``y_true``.
+    the per-image ``probabilities`` and true class indices ``y_true``; ``keep_logits`` adds the
+    scaled similarities ``logits`` the probabilities are the softmax of (for temperature fitting).
     """
     if image_embeddings is not None and len(image_embeddings) != len(dataset):
         raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
@@ -53,7 +58,8 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
         embeddings = image_embeddings[keep]
     else:
         embeddings = embed_images(model, dataset, show_progress=show_progress)
-    probabilities = zero_shot_probabilities(model, embeddings, prompts)
+    logits = zero_shot_logits(model, embeddings, prompts)
+    probabilities = logits.softmax(-1).numpy()
     y_true = np.array([index[str(r.labels[label])] for r in dataset])
     metrics = classification_metrics(y_true, probabilities, class_names)
     metrics.update(label=label, classes=class_names, chance_accuracy=_majority_rate(y_true),
@@ -61,6 +67,8 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
                    prompts=dict(zip(class_names, prompts, strict=True)))
     if keep_scores:
         metrics.update(probabilities=probabilities.tolist(), y_true=y_true.tolist())
+    if keep_logits:
+        metrics.update(logits=logits.numpy().tolist(), y_true=y_true.tolist())
     return metrics
 
 

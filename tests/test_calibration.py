@@ -1,0 +1,192 @@
+"""Calibration metrics against loop references on seeded random data; zero-shot calibration block."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import medvl
+from medvl.api import evaluate_zero_shot
+from medvl.data import captions_for
+from medvl.errors import InputError
+from medvl.eval.calibration import (
+    abstention_threshold,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+    risk_coverage,
+    softmax,
+)
+from medvl.train.loop import TrainConfig
+
+
+def _random(seed, n=300, k=4, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) * scale
+    return logits, rng.integers(0, k, size=n)
+
+
+def _generated(seed, n, k=3, sharpen=1.0):
+    """Targets drawn from softmax(true logits); the model reports true logits * ``sharpen``."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(size=(n, k)) * 2.0
+    probs = softmax(true_logits)
+    targets = np.array([rng.choice(k, p=row) for row in probs])
+    return true_logits * sharpen, targets
+
+
+def _reference_bins(probs, targets, bins):
+    rows = []
+    for b in range(bins):
+        lower, upper = b / bins, (b + 1) / bins
+        members = [i for i in range(len(probs))
+                   if (lower < max(probs[i]) <= upper) or (b == 0 and max(probs[i]) == 0)]
+        conf = [max(probs[i]) for i in members]
+        hits = [float(int(np.argmax(probs[i])) == targets[i]) for i in members]
+        rows.append((len(members), sum(conf) / len(conf) if conf else None, sum(hits) / len(hits) if hits else None))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reliability_and_ece_match_loops(seed):
+    logits, targets = _random(seed)
+    probs = softmax(logits)
+    reference = _reference_bins(probs, targets, 10)
+    table = reliability_bins(probs, targets, bins=10)
+    for row, (count, conf, acc) in zip(table, reference, strict=True):
+        assert row["count"] == count
+        assert row["confidence"] == pytest.approx(conf) if conf is not None else row["confidence"] is None
+        assert row["accuracy"] == pytest.approx(acc) if acc is not None else row["accuracy"] is None
+    ece = sum(c * abs(a - f) for c, f, a in reference if c) / len(targets)
+    assert expected_calibration_error(probs, targets, bins=10) == pytest.approx(ece)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brier_and_nll_match_loops(seed):
+    logits, targets = _random(seed, k=5)
+    probs = softmax(logits)
+    brier = sum(sum((probs[i, k] - (k == targets[i])) ** 2 for k in range(5)) for i in range(len(targets)))
+    assert brier_score(probs, targets) == pytest.approx(brier / len(targets))
+    nll = 0.0
+    for i, row in enumerate(logits / 2.0):
+        nll -= row[targets[i]] - math.log(sum(math.exp(v) for v in row))
+    assert negative_log_likelihood(logits, targets, 2.0) == pytest.approx(nll / len(targets))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_risk_coverage_and_abstention_match_loops(seed):
+    logits, targets = _random(seed, n=120, k=3, scale=1.5)
+    probs = softmax(logits).round(2)  # rounding makes ties in confidence
+    probs /= probs.sum(1, keepdims=True)
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    thresholds = sorted(set(confidence.tolist()), reverse=True)
+    coverage = [float((confidence >= t).mean()) for t in thresholds]
+    risk = [float(1 - correct[confidence >= t].mean()) for t in thresholds]
+    curve = risk_coverage(probs, targets)
+    assert curve["threshold"] == pytest.approx(thresholds)
+    assert curve["coverage"] == pytest.approx(coverage)
+    assert curve["risk"] == pytest.approx(risk)
+    area = sum((coverage[i + 1] - coverage[i]) * (risk[i + 1] + risk[i]) / 2 for i in range(len(coverage) - 1))
+    assert curve["aurc"] == pytest.approx(area)
+    for target in (0.0, 0.2, 0.4, 1.0):
+        passing = [t for t, r in zip(thresholds, risk, strict=True) if r <= target]
+        found = abstention_threshold(probs, targets, target)
+        if not passing:
+            assert found is None
+        else:
+            assert found["threshold"] == pytest.approx(min(passing))
+            assert found["coverage"] == pytest.approx(float((confidence >= min(passing)).mean()))
+            assert found["risk"] <= target
+
+
+def test_temperature_matches_a_fine_grid_and_is_positive():
+    logits, targets = _generated(4, 400, sharpen=3.0)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
+    best = grid[np.argmin([negative_log_likelihood(logits, targets, t) for t in grid])]
+    temperature = fit_temperature(logits, targets)
+    assert temperature > 0
+    assert temperature == pytest.approx(best, rel=2e-3)
+
+
+def test_temperature_scaling_of_overconfident_logits_helps_on_held_out_data():
+    fit_logits, fit_targets = _generated(10, 1000, sharpen=5.0)
+    test_logits, test_targets = _generated(11, 1000, sharpen=5.0)
+    temperature = fit_temperature(fit_logits, fit_targets)
+    assert 3.5 < temperature < 7.0
+    before, after = softmax(test_logits), softmax(test_logits / temperature)
+    assert expected_calibration_error(after, test_targets) < 0.5 * expected_calibration_error(before, test_targets)
+    assert negative_log_likelihood(test_logits, test_targets, temperature) < negative_log_likelihood(
+        test_logits, test_targets)
+    assert brier_score(after, test_targets) < brier_score(before, test_targets)
+
+
+def test_temperature_of_calibrated_logits_is_close_to_one():
+    logits, targets = _generated(12, 3000, sharpen=1.0)
+    assert fit_temperature(logits, targets) == pytest.approx(1.0, abs=0.12)
+
+
+def test_inputs_are_checked():
+    probs, targets = softmax(np.zeros((4, 3))), np.array([0, 1, 2, 0])
+    with pytest.raises(InputError, match="sum to 1"):
+        brier_score(probs * 0.5, targets)
+    with pytest.raises(InputError, match="targets must lie"):
+        expected_calibration_error(probs, np.array([0, 1, 3, 0]))
+    with pytest.raises(InputError, match="shape"):
+        risk_coverage(probs, targets[:3])
+    with pytest.raises(InputError, match="NaN"):
+        fit_temperature(np.full((4, 3), np.nan), targets)
+    with pytest.raises(InputError, match="integer"):
+        reliability_bins(probs, targets.astype(float))
+    with pytest.raises(InputError, match="target_risk"):
+        abstention_threshold(probs, targets, 1.5)
+
+
+@pytest.fixture(scope="module")
+def phantom_model(phantom_dir, tmp_path_factory):
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    config = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=0)
+    out = tmp_path_factory.mktemp("calibration") / "run"
+    torch.manual_seed(0)
+    medvl.train(medvl.create_model("phantom-tiny"), dataset, config, out, captions=captions_for(dataset),
+                show_progress=False)
+    return out / "model"
+
+
+def test_zero_shot_calibration_block(phantom_model, phantom_dir):
+    splits = medvl.load_dataset(phantom_dir).splits
+    fit_split = "val" if "val" in splits else "train"
+    result = evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split=fit_split,
+                                show_progress=False)
+    block = result["calibration"]
+    assert "logits" not in result and "y_true" not in result
+    assert block["split"] == fit_split and block["n"] == result["n"]
+    assert block["temperature"] > 0
+    for key in ("ece_before", "ece_after", "brier_before", "brier_after"):
+        assert 0 <= block[key] <= 2
+    assert block["nll_before"] >= 0 and block["nll_after"] >= 0
+    for when in ("before", "after"):
+        assert sum(b["count"] for b in block["reliability"][when]) == result["n"]
+    curve = block["risk_coverage"]
+    assert curve["coverage"][-1] == pytest.approx(1.0)
+    assert curve["risk"][-1] == pytest.approx(1 - result["accuracy"])
+    assert 0 <= curve["aurc"] <= 1
+    abstain = block["abstention_threshold_at_risk_0.1"]
+    assert abstain is None or (abstain["risk"] <= 0.1 and 0 < abstain["coverage"] <= 1)
+    with pytest.raises(InputError, match="different split"):
+        evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="test", show_progress=False)
+
+
+def test_cli_prints_the_calibration_table(phantom_model, phantom_dir):
+    from cli_helpers import invoke
+
+    fit_split = "val" if "val" in medvl.load_dataset(phantom_dir).splits else "train"
+    result, output = invoke("eval", "zero-shot", "--model", phantom_model, "--data", phantom_dir,
+                            "--calibration-split", fit_split, "--quiet")
+    assert result.exit_code == 0, output
+    assert "ECE before" in output and "temperature" in output
+    refused, output = invoke("eval", "zero-shot", "--model", phantom_model, "--data", phantom_dir,
+                             "--calibration-split", "test", "--quiet")
+    assert refused.exit_code == 2 and "different split" in output
