@@ -25,9 +25,7 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model)
-    config = captions_for(None, captions, net)
-    column = label_column or caption_column_for(config, class_names)
-    prompts = [config.prompts(column, name) for name in class_names]
+    _, prompts = class_prompts(net, class_names, label_column, captions)
     probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
     results = []
     for path, row in zip(images, probabilities, strict=True):
@@ -35,6 +33,14 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
         results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
                         "probabilities": scores})
     return results
+
+
+def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: str | None = None,
+                  captions: CaptionConfig | str | Path | None = None) -> tuple[str, list[list[str]]]:
+    """The label column whose descriptions apply and each class's prompt ensemble (see ``predict``)."""
+    config = captions_for(None, captions, net)
+    column = label_column or caption_column_for(config, class_names)
+    return column, [config.prompts(column, name) for name in class_names]
 
 
 def caption_column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:

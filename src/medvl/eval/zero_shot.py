@@ -15,10 +15,15 @@ from ..models.dual import DualEncoder
 from .metrics import classification_metrics
 
 
+def scaled_similarities(model: DualEncoder, image_embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (N, K) of normalised image and class embeddings times the model's learned
+    scale (1 / temperature, capped at 100 as in training): the zero-shot logits."""
+    return model.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
+
+
 def zero_shot_logits(model: DualEncoder, image_embeddings: torch.Tensor, prompts: list[list[str]]) -> torch.Tensor:
     """Scaled cosine similarity (N, K) of each image to each class's prompt ensemble."""
-    classes = class_embeddings(model, prompts)
-    return model.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
+    return scaled_similarities(model, image_embeddings, class_embeddings(model, prompts))
 
 
 def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,

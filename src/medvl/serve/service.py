@@ -27,9 +27,10 @@ import torch
 from ..data import captions_for
 from ..embed import class_embeddings
 from ..errors import DataError, InputError, MedvlError
+from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
 from ..models.registry import load_model
-from ..predict import caption_column_for
+from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
 from .previews import Picture, parse_window, preview_upload, thumbnail_file
 from .settings import ServeSettings
@@ -143,18 +144,13 @@ class ModelService:
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
-        column, prompts = self._prompts(class_names, label_column)
+        column, prompts = class_prompts(self.net, class_names, label_column)
         embedding = await self.embed(data, timings)
         classes = await self.run_on_model_thread(self._class_embeddings, column, tuple(class_names), prompts)
-        row = zero_shot_probabilities(self.net, torch.from_numpy(embedding[None]), classes)[0]
+        row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
                 "label_column": column or None, "model": self.net.config.name}
-
-    def _prompts(self, class_names: Sequence[str], label_column: str | None) -> tuple[str, list[list[str]]]:
-        config = captions_for(None, None, self.net)
-        column = label_column or caption_column_for(config, class_names)
-        return column, [config.prompts(column, name) for name in class_names]
 
     def _class_embeddings(self, column: str, names: tuple[str, ...], prompts: list[list[str]]) -> torch.Tensor:
         key = (column, names)
@@ -268,13 +264,6 @@ class ServiceUnavailable(MedvlError):
     """A capability this service instance was not started with (HTTP 503)."""
 
     status = 503
-
-
-def zero_shot_probabilities(net, image_embeddings: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
-    """Softmax over classes of scaled cosine similarity: ``eval.zero_shot.zero_shot_probabilities``
-    with the class embeddings given (cached) instead of recomputed from the prompts."""
-    logits = net.logit_scale.detach().clamp(max=4.6052).exp() * image_embeddings @ classes.t()
-    return logits.softmax(-1).numpy()
 
 
 def _note(timings: dict[str, Any], batch: BatchTiming) -> None:
