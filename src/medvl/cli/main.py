@@ -31,7 +31,7 @@ from .index import index_app, search_command
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
 from .serve import serve_command
-from .train import train_command
+from .train import train_app
 
 app = typer.Typer(help="medvl: medical vision-language models, offline on a CPU.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -135,7 +135,7 @@ def demo_command(
     console.print(f"report: {summary['report']}")
 
 
-app.command("train")(train_command)
+app.add_typer(train_app, name="train")
 app.command("deid")(deid_command)
 app.command("dicom-info")(inspect_command)
 app.add_typer(index_app, name="index")

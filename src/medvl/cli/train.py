@@ -1,4 +1,9 @@
-"""``medvl train``: argument parsing over ``medvl.api.train_from_path``."""
+"""``medvl train``: argument parsing over ``medvl.api.train_from_path``.
+
+``medvl train --data ... --out ...`` trains a dual encoder; the other trainable models are
+subcommands of the same group (``medvl train vqa``, ``medvl train report``), registered on
+``train_app`` by their own modules.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,19 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InputError
 from .common import AllowOutsideOption, CaptionsOption, LabelOption, QuietOption, console, handle_errors
 
+train_app = typer.Typer(help="Train a dual encoder (medvl train --data ... --out ...) or another model kind "
+                             "(medvl train vqa|report ...).", invoke_without_command=True)
 
+
+@train_app.callback()
 @handle_errors
 def train_command(
-    data: Annotated[Path, typer.Option(help="Dataset: manifest, folder, .npz or MedPix folder.")],
-    out: Annotated[Path, typer.Option(help="Output folder (model/, checkpoint/, metrics.jsonl).")],
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Option(help="Dataset: manifest, folder, .npz or MedPix folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (model/, checkpoint/, metrics.jsonl).")] = None,
     model: Annotated[str, typer.Option(help="Registered model name or a saved model folder.")] = "cxr-small",
     split: Annotated[str | None, typer.Option(help="Split to train on (default: train if present, else all).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 10,
@@ -36,6 +47,10 @@ def train_command(
     quiet: QuietOption = False,
 ) -> None:
     """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        raise InputError("medvl train needs --data and --out (or a subcommand: see medvl train --help)")
     from ..api import parse_overrides, train_from_path
     from ..train.loop import TrainConfig
 
