@@ -1,8 +1,10 @@
-"""The trainer: contrastive image-text training with optional supervised heads.
+"""The trainer: one loop for every objective (contrastive image-text with optional supervised heads,
+VQA, report generation).
 
-One loop for every dual encoder: AdamW, linear warmup then cosine decay, gradient accumulation,
-checkpoints every N optimizer steps (``resume=True`` continues bit-for-bit from the last one),
-seeded data order and augmentation, a rich progress bar, metrics appended to ``metrics.jsonl``.
+A model kind brings an ``Objective`` (its model, its examples and its loss); ``fit`` runs it:
+AdamW, linear warmup then cosine decay, gradient accumulation, checkpoints every N optimizer
+steps (``resume=True`` continues bit-for-bit from the last one), seeded data order and
+augmentation, a rich progress bar, metrics appended to ``metrics.jsonl``.
 
 Output directory layout::
 
@@ -24,7 +26,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -140,10 +142,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Objective(Protocol):
+    """What a model kind brings to the trainer: the model, the number of examples and the loss.
+
+    ``fit`` calls ``start`` once (``checkpoint`` is the model folder to resume from, or None for a
+    fresh run), then ``losses`` for each batch of example indices; the returned dict's ``"loss"`` is
+    optimised, every entry is logged. ``finish`` fills the model's metadata before the final save.
+    """
+
+    model: Any  # an nn.Module with save_pretrained(dir) and a ``meta`` dict
+
+    def __len__(self) -> int: ...
+
+    def start(self, checkpoint: Path | None, show_progress: bool) -> None: ...
+
+    def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]: ...
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]: ...
+
+    def log_extra(self) -> dict[str, float]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def finish(self, steps: int) -> None: ...
+
+
 def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
           captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """Train ``model`` on ``dataset`` and save it to ``out_dir/model``; returns the trained model.
+    """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
     ``out_dir`` must be missing or empty unless ``resume``. A loss or gradient that becomes NaN or
     infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
@@ -151,33 +178,96 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     ``WriteError`` naming the path; a fresh run then removes everything it wrote.
     """
     config.validate()
+    if len(dataset) < 2:
+        raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
+    objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig())
+    return fit(objective, config, out_dir, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+
+
+def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+        show_progress: bool = True, on_epoch_end: Callable[[Any, int], dict[str, float]] | None = None) -> Any:
+    """Run ``objective`` for ``config``'s epochs, checkpointing into ``out_dir``; returns the trained model.
+
+    The contract of ``train`` (fresh or resumed output folder, NaN stops, atomic checkpoints, a
+    failed fresh run leaves nothing behind) holds for every objective.
+    """
+    config.validate_numbers()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
     fresh_folder = not out_dir.exists()
-    if len(dataset) < 2:
-        raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
-    captions = captions or CaptionConfig()
-    texts = _PairedTexts(dataset, config, captions)
-    if config.loss:
-        model.config.loss = config.loss
     state = _resume_state(out_dir) if resume else None
-    if state is not None:
-        model = DualEncoder.from_pretrained(out_dir / CHECKPOINT_DIR / MODEL_DIR)
-    else:
+    if state is None:
         torch.manual_seed(config.seed)
-        model.text_encoder.fit_tokenizer(texts.corpus())
-        for column in config.label_columns if config.supervised_weight > 0 else []:
-            if column not in model.heads:
-                model.add_head(column, dataset.classes(column))
-    pixels = _load_pixels(model, dataset, show_progress)
-    targets = _head_targets(model, dataset)
-    run = _Run(model, dataset, config, out_dir, texts, pixels, targets, state, show_progress, on_epoch_end)
+    objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
+    run = _Run(objective, config, out_dir, state, show_progress, on_epoch_end)
     try:
         return run.run()
     except WriteError:
         if state is None:  # a fresh run: nothing of it is worth keeping without its final model
             _remove_run_output(out_dir, fresh_folder)
         raise
+
+
+class ContrastiveObjective:
+    """Image-text contrastive loss (CLIP / SigLIP) plus optional supervised heads on the image features."""
+
+    def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
+        self.model, self.dataset, self.config = model, dataset, config
+        self.texts = _PairedTexts(dataset, config, captions)
+        if config.loss:
+            model.config.loss = config.loss
+        self.pixels = torch.empty(0)
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def start(self, checkpoint: Path | None, show_progress: bool) -> None:
+        if checkpoint is not None:
+            self.model = DualEncoder.from_pretrained(checkpoint)
+        else:
+            self.model.text_encoder.fit_tokenizer(self.texts.corpus())
+            for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
+                if column not in self.model.heads:
+                    self.model.add_head(column, self.dataset.classes(column))
+        self.pixels = _load_pixels(self.model, self.dataset, show_progress)
+        self.targets = _head_targets(self.model, self.dataset)
+
+    def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+        model, config = self.model, self.config
+        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)
+        features = model.image_features(model.preprocessor.normalize(pixels))
+        loss = torch.zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        if config.contrastive_weight > 0:
+            texts, pair_ids = self.texts.batch(indices, random.Random(seed))
+            image_emb = model.embed_image_features(features)
+            text_emb = model.embed_texts(texts)
+            parts["contrastive"] = model.contrastive_loss(image_emb, text_emb, pair_ids)
+            loss = loss + config.contrastive_weight * parts["contrastive"]
+        for column, target in self.targets.items():
+            parts[f"ce_{column}"] = F.cross_entropy(model.heads[column](features), target[indices])
+            loss = loss + config.supervised_weight * parts[f"ce_{column}"]
+        parts["loss"] = loss
+        return parts
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        text_lr = config.text_lr
+        if text_lr is None:
+            text_lr = config.lr / 20 if self.model.config.text.kind == "pretrained" else config.lr
+        return param_groups(self.model, config, {"text_encoder.": text_lr})
+
+    def log_extra(self) -> dict[str, float]:
+        return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset)}
+
+    def finish(self, steps: int) -> None:
+        self.model.meta["captions"] = self.texts.captions.to_dict()
+        self.model.meta["label_columns"] = list(self.config.label_columns)
+        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset),
+                                       "data": self.dataset.source, "loss": self.model.config.loss}
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -202,17 +292,17 @@ def _remove_run_output(out_dir: Path, remove_folder: bool) -> None:
 
 
 class _Run:
-    def __init__(self, model, dataset, config, out_dir, texts, pixels, targets, state, show_progress,
-                 on_epoch_end):
-        self.model, self.dataset, self.config, self.out_dir = model, dataset, config, out_dir
-        self.texts, self.pixels, self.targets = texts, pixels, targets
+    def __init__(self, objective: Objective, config: TrainConfig, out_dir: Path, state: dict[str, Any] | None,
+                 show_progress: bool, on_epoch_end: Callable[[Any, int], dict[str, float]] | None):
+        self.objective, self.config, self.out_dir = objective, config, out_dir
         self.show_progress, self.on_epoch_end = show_progress, on_epoch_end
-        self.batches_per_epoch = math.ceil(len(dataset) / config.batch_size)
+        self.examples = len(objective)
+        self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = steps_per_epoch * config.epochs
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.optimizer = _optimizer(model, config)
+        self.optimizer = torch.optim.AdamW(objective.param_groups(config))
         warmup = max(1, int(config.warmup_fraction * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: _warmup_cosine(s, warmup, self.total_steps))
@@ -223,22 +313,21 @@ class _Run:
             self.step, self.batch_index = state["step"], state["batch_index"]
             log.info("resumed from step %d", self.step)
 
-    def run(self) -> DualEncoder:
+    @property
+    def model(self) -> Any:
+        return self.objective.model
+
+    def run(self) -> Any:
         with write_errors_named(self.out_dir):
             self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
-                                                  "model": self.model.config.to_dict(),
-                                                  "data": self.dataset.source,
-                                                  "records": len(self.dataset)})
+                                                  **self.objective.describe()})
         total_batches = self.total_steps * self.config.grad_accum
         with progress_bar("Training", total=total_batches, enabled=self.show_progress) as advance:
             advance(self.batch_index)
             while self.step < self.total_steps:
                 self._train_step(advance)
-        self.model.meta["captions"] = self.texts.captions.to_dict()
-        self.model.meta["label_columns"] = list(self.config.label_columns)
-        self.model.meta["training"] = {"steps": self.step, "records": len(self.dataset),
-                                       "data": self.dataset.source, "loss": self.model.config.loss}
+        self.objective.finish(self.step)
         self._save(self.out_dir / MODEL_DIR)
         return self.model
 
@@ -294,34 +383,18 @@ class _Run:
 
     def _batch_indices(self, batch_index: int) -> list[int]:
         epoch, within = divmod(batch_index, self.batches_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
+        order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(
             self.config.seed * 1000 + epoch))
         return order[within * self.config.batch_size:(within + 1) * self.config.batch_size].tolist()
 
     def _forward(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        model, config = self.model, self.config
         seed = self.config.seed * 1_000_003 + self.batch_index
         torch.manual_seed(seed)  # dropout draws depend only on the step: resume is bit-exact
-        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)
-        features = model.image_features(model.preprocessor.normalize(pixels))
-        loss = torch.zeros(())
-        parts: dict[str, torch.Tensor] = {}
-        if config.contrastive_weight > 0:
-            texts, pair_ids = self.texts.batch(indices, random.Random(seed))
-            image_emb = model.embed_image_features(features)
-            text_emb = model.embed_texts(texts)
-            parts["contrastive"] = model.contrastive_loss(image_emb, text_emb, pair_ids)
-            loss = loss + config.contrastive_weight * parts["contrastive"]
-        for column, target in self.targets.items():
-            parts[f"ce_{column}"] = F.cross_entropy(model.heads[column](features), target[indices])
-            loss = loss + config.supervised_weight * parts[f"ce_{column}"]
-        parts["loss"] = loss
-        return parts
+        return self.objective.losses(indices, seed)
 
     def _log(self, losses: dict[str, float]) -> None:
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0],
-                "temperature": float(1 / self.model.logit_scale.detach().exp()), **losses}
+                "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
     def _end_epoch(self) -> None:
@@ -374,19 +447,18 @@ def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tenso
     return targets
 
 
-def _optimizer(model: DualEncoder, config: TrainConfig) -> torch.optim.Optimizer:
-    text_lr = config.text_lr
-    if text_lr is None:
-        text_lr = config.lr / 20 if model.config.text.kind == "pretrained" else config.lr
+def param_groups(model: torch.nn.Module, config: TrainConfig,
+                 prefix_lr: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: ``config.lr`` (or the lr of the first matching name prefix in ``prefix_lr``),
+    weight decay on matrices only (not on norms, biases, temperatures); frozen parameters left out."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = text_lr if name.startswith("text_encoder.") else config.lr
+        lr = next((value for prefix, value in (prefix_lr or {}).items() if name.startswith(prefix)), config.lr)
         decay = 0.0 if param.ndim < 2 else config.weight_decay
         groups.setdefault((lr, decay), []).append(param)
-    return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd}
-                              for (lr, wd), p in groups.items()])
+    return [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
