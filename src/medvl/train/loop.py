@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
     log_every: int = 10  # optimizer steps between metrics lines
     max_steps: int | None = None  # stop early after this many optimizer steps
+    recipe: str | None = None  # the registered config whose recipe gave the defaults (medvl.train.recipes)
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""
