@@ -25,6 +25,28 @@ def test_registered_model_forward_and_round_trip(name, tmp_path):
     assert torch.equal(loaded.encode_texts(texts), text_emb)
 
 
+@pytest.mark.parametrize("arch", ["resnet", "vit", "densenet", "slicepool"])
+def test_image_tokens_pool_to_the_image_features(arch):
+    """The unpooled tokens (cross-attention input, heatmaps) are the features before pooling, on their grid."""
+    from medvl.models.image import ImageEncoder
+
+    torch.manual_seed(0)
+    base = {"slicepool": "ct3d-slicepool", "vit": "vit-tiny"}.get(arch, "phantom-tiny")
+    config = get_config(base).image
+    if arch == "densenet":
+        config.arch, config.widths, config.growth_rate, config.block_config = "densenet", [8], 4, [2, 2]
+    if arch == "slicepool":
+        config.depth, config.image_size, config.slice_pool = 6, 32, "mean"
+    encoder = ImageEncoder(config).eval()
+    images = torch.rand(2, config.in_channels, *config.volume_shape)
+    with torch.no_grad():
+        tokens, pooled = encoder.tokens(images), encoder(images)
+    grid = encoder.token_grid(images)
+    assert tokens.shape == (2, int(torch.tensor(grid).prod()), encoder.num_features)
+    assert torch.allclose(tokens.mean(dim=1), pooled, atol=1e-5)
+    assert grid == {"resnet": (2, 2), "vit": (4, 4), "densenet": (8, 8), "slicepool": (6,)}[arch]
+
+
 def test_overrides_merge_and_unknown_keys_are_rejected():
     config = get_config("phantom-tiny", embed_dim=32, loss="siglip", **{"image.image_size": 48})
     assert (config.embed_dim, config.loss, config.image.image_size) == (32, "siglip", 48)

@@ -39,6 +39,45 @@ class ImageEncoder(nn.Module):
             return torch.flatten(_densenet_head(self.backbone)[:-1](features), 1)
         return self.backbone(images)
 
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Unpooled features (N, T, F): one token per cell of the last feature map, in row-major
+        (depth,) height, width order (ResNet, DenseNet), the patch tokens (ViT) or one token per
+        axial slice (slicepool). ``forward`` is the mean of these tokens (the attention-pooled
+        slices for slicepool); ``token_grid`` gives the token layout for heatmaps."""
+        _check_input(self.config, images)
+        if self.config.arch == "slicepool":
+            if not isinstance(self.backbone, SlicePoolEncoder):
+                raise ModelError(f"a slicepool encoder holds a {type(self.backbone).__name__}")
+            return self.backbone.slice_tokens(images)
+        if self.config.arch == "vit":
+            tokens, _ = self.backbone(images)
+            return tokens
+        if self.config.arch == "densenet":
+            features = self.backbone.get_submodule("features")(images)
+            activation = _densenet_head(self.backbone)[0]  # the final activation, before pooling
+            return torch.flatten(activation(features), 2).transpose(1, 2)
+        net = self.backbone
+        stages = ["conv1", "bn1", "act", *([] if net.no_max_pool else ["maxpool"]), "layer1", "layer2", "layer3",
+                  "layer4"]  # MONAI ResNet.forward up to its average pooling
+        x = images
+        for stage in stages:
+            x = net.get_submodule(stage)(x)
+        return torch.flatten(x, 2).transpose(1, 2)
+
+    def token_grid(self, images: torch.Tensor) -> tuple[int, ...]:
+        """The spatial shape the tokens of ``images`` were flattened from ((D,) H, W cells; (D,) for slicepool)."""
+        with torch.no_grad():
+            count = self.tokens(images[:1]).shape[1]
+        spatial = images.shape[2:]
+        if self.config.arch == "slicepool":
+            return (spatial[0],)
+        # cells per axis shrink by the same stride on every axis
+        stride = round((float(torch.tensor(spatial).prod()) / count) ** (1 / len(spatial)))
+        grid = tuple(max(1, -(-side // stride)) for side in spatial)
+        if int(torch.tensor(grid).prod()) != count:
+            raise ModelError(f"cannot lay {count} image tokens on a grid for input {tuple(spatial)}")
+        return grid
+
 
 def _resnet(config: ImageConfig) -> tuple[nn.Module, int]:
     from monai.networks.nets import ResNet
@@ -115,14 +154,18 @@ class SlicePoolEncoder(nn.Module):
                                             nn.Linear(hidden, 1)])
         self.num_features = features
 
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+    def slice_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
+        """One position-embedded feature per axial slice (N, D, F), before pooling."""
         count, channels, depth = volumes.shape[:3]
         slices = volumes.transpose(1, 2).reshape(count * depth, channels, *volumes.shape[3:])
         # Training encodes every slice of the batch at once: batch-norm statistics over chunks of one
         # volume's slices would differ from the running statistics used at inference.
         step = len(slices) if self.training else self.slice_batch
         features = torch.cat([self.slice_encoder(slices[start:start + step]) for start in range(0, len(slices), step)])
-        features = features.view(count, depth, -1) + self.position
+        return features.view(count, depth, -1) + self.position
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        features = self.slice_tokens(volumes)
         if self.attention is None:
             return features.mean(dim=1)
         value, gate, score = self.attention
