@@ -64,12 +64,19 @@ def create_model(name: str, **overrides: Any) -> DualEncoder:
     return DualEncoder(get_config(name, **overrides))
 
 
-def load_model(directory: str | Path) -> DualEncoder:
+def load_model(directory: str | Path, backend: str = "torch") -> DualEncoder:
     """Load a model written by ``save_pretrained``, the final model of a ``train`` output dir, or a
-    local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only)."""
+    local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only).
+
+    ``backend`` other than ``torch`` (eager fp32) runs the towers another way, for inference:
+    channels-last, bf16 autocast or an ONNX export (``medvl.scale.backends``)."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         directory = directory / "model"
+    if backend != "torch":
+        from ..scale.backends import load_backend  # scale builds on this package (and needs the [scale] extra)
+
+        return load_backend(directory, backend)
     if transformers_model_type(directory) is not None:
         return HFDualEncoder.from_pretrained(directory)
     return DualEncoder.from_pretrained(directory)

@@ -152,10 +152,14 @@ class TextEncoder(nn.Module):
 
     def _pooled_features(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.tokenize(texts)
-        hidden = self.model(**batch).last_hidden_state
+        return self.token_features(batch["input_ids"], batch["attention_mask"])
+
+    def token_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a tokenised batch (the tensor-only part, which ``medvl.scale`` exports)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.config.pooling == "cls":
             return hidden[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def save(self, directory: Path) -> None:

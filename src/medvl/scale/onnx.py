@@ -1,0 +1,279 @@
+"""ONNX export of a medvl model's towers, and the model running them with onnxruntime.
+
+``export_onnx(model_dir)`` writes ``model_dir/onnx/`` next to the model files:
+
+    image.onnx        normalised pixels (N, C, *spatial) float32 -> pooled backbone features (N, F)
+    text.onnx         input_ids, attention_mask (N, L) int64 -> pooled text features (N, F)
+    image.int8.onnx   the same graphs after onnxruntime's dynamic int8 quantisation (``--no-int8``: absent)
+    text.int8.onnx
+    export.json       what was exported: files, inputs, the SHA-256 of model.safetensors, the largest
+                      difference from eager torch measured at export time, library versions
+
+Only the towers are exported (tokenisation, projections, normalisation and supervised heads stay in
+torch: they are small), so an ``OnnxDualEncoder`` has the whole ``DualEncoder`` interface and the
+same weights (index fingerprints match the torch model's). Batches are dynamic, except for
+``slicepool`` volumes (one volume per run: the slice loop is Python). int8 quantises the MatMul /
+Gemm weights only: onnxruntime's dynamic ConvInteger ran several times slower than fp32 convolutions
+on the CPU we measured (docs/benchmarks.md), so a ResNet or DenseNet image tower is the same in int8 as
+in fp32; the transformer towers (ViT, BERT) are quantised.
+
+An export is made explicitly (no cache on the fly): ``load_model(dir, backend="onnx")`` refuses a
+model folder without one, or with one made from other weights, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from ..io import replace_dir, write_errors_named
+from ..models.dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
+from ..models.image import _check_input
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR, EXPORT_FILE, FORMAT = "onnx", "export.json", "medvl-onnx/1"
+PRECISIONS = ("fp32", "int8")
+INT8_OPS = ["MatMul", "Gemm"]  # convolutions stay fp32 (see the module docstring)
+EXPORT_CHECK_TEXTS = ["no acute cardiopulmonary abnormality", "small left pleural effusion with basal atelectasis"]
+
+
+def model_folder(directory: str | Path) -> Path:
+    """The folder holding the model files: ``directory`` or, for a ``train`` output, its ``model/``."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        return directory / "model"
+    return directory
+
+
+def weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    with open(folder / WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- export --------------------------------------------------------------------------------------
+class _TextTower(nn.Module):
+    """The tensor-only part of a text encoder: token ids and mask -> pooled features."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.text_encoder = model.text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder.token_features(input_ids, attention_mask)
+
+
+def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool = True) -> Path:
+    """Export the towers of the medvl model at ``model_dir`` to ``<folder>/onnx/`` and return that.
+
+    ``out`` (a new or empty folder) receives a copy of the model files first, so it is a complete
+    model folder for every backend; by default the export goes next to the model's own files
+    (a previous export there is replaced once the new one is complete).
+    """
+    from ..models.registry import load_model
+
+    source = model_folder(model_dir)
+    model = load_model(source)
+    if type(model) is not DualEncoder:
+        raise ModelError(f"{model_dir}: ONNX export takes medvl model folders (this is a "
+                         f"{type(model).__name__}); load it with backend 'torch'")
+    folder = source if out is None or Path(out).resolve() == source.resolve() else Path(out)
+    if folder != source:
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ModelError(f"{folder}: exists and is not an empty folder; choose a new --out")
+        model.save_pretrained(folder)
+    with write_errors_named(folder / EXPORT_DIR):
+        staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.tmp-", dir=folder))
+        try:
+            description = _export_towers(model, staging, int8)
+            description["weights_sha256"] = weights_digest(folder)
+            (staging / EXPORT_FILE).write_text(json.dumps(description, indent=2) + "\n")
+            replace_dir(staging, folder / EXPORT_DIR)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return folder / EXPORT_DIR
+
+
+def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, Any]:
+    import onnxruntime
+
+    model.eval()
+    image = _export_image(model, folder / "image.onnx")
+    text = _export_text(model, folder / "text.onnx")
+    if int8:
+        for tower in (image, text):
+            tower["int8"] = _quantize(folder / tower["fp32"])
+    return {"format": FORMAT, "image": image, "text": text,
+            "int8": {"method": "onnxruntime dynamic quantisation", "op_types": INT8_OPS, "weights": "QInt8"}
+            if int8 else None,
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def _export_image(model: DualEncoder, path: Path) -> dict[str, Any]:
+    config = model.config.image
+    fixed_batch = 1 if config.arch == "slicepool" else None  # its slice loop would fix the batch size
+    seeded = torch.Generator().manual_seed(0)
+    pixels = torch.rand(fixed_batch or 2, config.in_channels, *config.volume_shape, generator=seeded)
+    dynamic = None if fixed_batch else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    _torch_export(model.image_encoder, (pixels,), path, ["pixels"], dynamic)
+    with torch.no_grad():
+        expected = model.image_encoder(pixels)
+    error = _max_error(path, {"pixels": pixels.numpy()}, expected)
+    return {"fp32": path.name, "inputs": ["pixels"], "output": "features", "batch": fixed_batch,
+            "shape": [config.in_channels, *config.volume_shape], "max_abs_error": error}
+
+
+def _export_text(model: DualEncoder, path: Path) -> dict[str, Any]:
+    tokens = model.text_encoder.tokenize(EXPORT_CHECK_TEXTS)
+    inputs = (tokens["input_ids"], tokens["attention_mask"])
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    length = torch.export.Dim("length", min=1, max=model.config.text.max_length)
+    _torch_export(_TextTower(model).eval(), inputs, path, ["input_ids", "attention_mask"],
+                  ({0: batch, 1: length}, {0: batch, 1: length}))
+    with torch.no_grad():
+        expected = model.text_encoder.token_features(*inputs)
+    error = _max_error(path, {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}, expected)
+    return {"fp32": path.name, "inputs": ["input_ids", "attention_mask"], "output": "features",
+            "batch": None, "max_length": model.config.text.max_length, "max_abs_error": error}
+
+
+def _torch_export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, names: list[str],
+                  dynamic_shapes: Any) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's dynamo exporter needs it)
+    except ImportError:
+        raise ModelError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'medvl[scale]'") from None
+    with warnings.catch_warnings():
+        # the exporter warns that two inputs share the batch / length axes, which they do on purpose
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=names,
+                                    output_names=["features"], verbose=False)
+    if program is None:
+        raise ModelError(f"{path}: torch.onnx.export returned no program")
+    program.save(str(path))
+
+
+def _max_error(path: Path, feeds: dict[str, np.ndarray], expected: torch.Tensor) -> float:
+    outputs = _session(path).run(None, feeds)[0]
+    return float(np.abs(outputs - expected.numpy()).max())
+
+
+def _quantize(path: Path) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_suffix(".pre.onnx")
+    target = path.with_name(path.stem + ".int8.onnx")
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    quantize_dynamic(str(prepared), str(target), op_types_to_quantize=INT8_OPS, weight_type=QuantType.QInt8)
+    prepared.unlink()
+    return target.name
+
+
+# -- running -------------------------------------------------------------------------------------
+def _session(path: Path) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("the ONNX backends need onnxruntime: pip install 'medvl[scale]'") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
+    options.log_severity_level = 3  # errors only: no per-session optimisation notices
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ModelError(f"{path}: onnxruntime cannot load it ({str(err)[:200]})") from None
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """``folder/onnx/export.json``, checked against the model's weights; ModelError naming the file."""
+    path = folder / EXPORT_DIR / EXPORT_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: no ONNX export for this model; run: medvl export onnx --model {folder}")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: unreadable ONNX export description ({err})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a medvl ONNX export description (format {FORMAT!r} expected)")
+    if description.get("weights_sha256") != weights_digest(folder):
+        raise ModelError(f"{path}: the export was made from other weights than {folder / WEIGHTS_FILE}; "
+                         f"re-run: medvl export onnx --model {folder}")
+    return description
+
+
+class OnnxDualEncoder(DualEncoder):
+    """A ``DualEncoder`` whose image and text towers run in onnxruntime (inference only).
+
+    The torch model is loaded too (projections, heads, temperature, tokenizer and preprocessing come
+    from it, and its weights identify the model to indexes); only the towers' forward passes change.
+    """
+
+    sessions: dict[str, Any]
+    export: dict[str, Any]
+
+    @classmethod
+    def from_export(cls, directory: str | Path, precision: str = "fp32") -> OnnxDualEncoder:
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown ONNX precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        folder = model_folder(directory)
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
+        description = read_export(folder)
+        model = cls.from_pretrained(folder)
+        if not isinstance(model, OnnxDualEncoder):
+            raise ModelError(f"{folder}: not a medvl model folder")
+        model.export = description
+        model.sessions = {tower: _session(_tower_file(folder, description, tower, precision))
+                          for tower in ("image", "text")}
+        model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
+        return model
+
+    def train(self, mode: bool = True) -> OnnxDualEncoder:
+        if mode:
+            raise ModelError("a model on an ONNX backend is for inference only; train the torch model")
+        return super().train(False)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        _check_input(self.config.image, pixels)
+        feeds = np.ascontiguousarray(pixels.detach().numpy(), dtype=np.float32)
+        session = self.sessions["image"]
+        if self.export["image"].get("batch") == 1:
+            rows = [session.run(None, {"pixels": feeds[i:i + 1]})[0] for i in range(len(feeds))]
+            return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self.image_encoder.num_features)
+        return torch.from_numpy(session.run(None, {"pixels": feeds})[0])
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.text_encoder.tokenize(texts)
+        feeds = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
+        features = torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
+        return F.normalize(self.text_projection(features), dim=-1)
+
+
+def _tower_file(folder: Path, description: dict[str, Any], tower: str, precision: str) -> Path:
+    export_file = folder / EXPORT_DIR / EXPORT_FILE
+    name = (description.get(tower) or {}).get(precision)
+    if not name:
+        raise ModelError(f"{export_file}: the export has no {precision} {tower} tower"
+                         + ("; re-export without --no-int8" if precision == "int8" else ""))
+    path = folder / EXPORT_DIR / Path(name).name
+    if not path.is_file():
+        raise ModelError(f"{path}: missing ({export_file} names it); re-run: medvl export onnx --model {folder}")
+    return path
