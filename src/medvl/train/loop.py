@@ -38,6 +38,7 @@ from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..io import atomic_write_bytes, write_errors_named, write_json
 from ..models.dual import DualEncoder
 from ..progress import progress_bar
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +194,20 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     failed fresh run leaves nothing behind) holds for every objective.
     """
     config.validate_numbers()
+    distributed.init_from_env()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
     fresh_folder = not out_dir.exists()
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     state = _resume_state(out_dir) if resume else None
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
-    run = _Run(objective, config, out_dir, state, show_progress, on_epoch_end)
+    run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
     try:
         return run.run()
     except WriteError:
-        if state is None:  # a fresh run: nothing of it is worth keeping without its final model
+        if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
             _remove_run_output(out_dir, fresh_folder)
         raise
 
@@ -235,20 +238,26 @@ class ContrastiveObjective:
         self.targets = _head_targets(self.model, self.dataset)
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+        """The loss of the global batch ``indices``; under torchrun this rank encodes only its shard and
+        the contrastive loss uses every rank's embeddings (global negatives, see ``distributed``)."""
         model, config = self.model, self.config
-        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)
+        local = distributed.shard(len(indices))  # the whole batch in a single process
+        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)[local]
         features = model.image_features(model.preprocessor.normalize(pixels))
         loss = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         if config.contrastive_weight > 0:
             texts, pair_ids = self.texts.batch(indices, random.Random(seed))
-            image_emb = model.embed_image_features(features)
-            text_emb = model.embed_texts(texts)
+            image_emb = distributed.gather_with_grad(model.embed_image_features(features), len(indices))
+            text_emb = distributed.gather_with_grad(model.embed_texts(texts[local]), len(indices))
             parts["contrastive"] = model.contrastive_loss(image_emb, text_emb, pair_ids)
             loss = loss + config.contrastive_weight * parts["contrastive"]
+        divisor = distributed.sample_divisor(len(indices))
         for column, target in self.targets.items():
-            parts[f"ce_{column}"] = F.cross_entropy(model.heads[column](features), target[indices])
-            loss = loss + config.supervised_weight * parts[f"ce_{column}"]
+            local_targets = target[indices][local]
+            ce = F.cross_entropy(model.heads[column](features), local_targets, reduction="sum") / divisor
+            parts[f"ce_{column}"] = ce
+            loss = loss + config.supervised_weight * ce
         parts["loss"] = loss
         return parts
 
@@ -299,6 +308,11 @@ class _Run:
         self.show_progress, self.on_epoch_end = show_progress, on_epoch_end
         self.examples = len(objective)
         self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
+        if 0 < self.examples % config.batch_size < distributed.world_size():
+            self.batches_per_epoch -= 1  # a last batch with fewer records than processes is skipped
+        if self.batches_per_epoch < 1:
+            raise InputError(f"{self.examples} training examples cannot be shared by "
+                             f"{distributed.world_size()} processes")
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = steps_per_epoch * config.epochs
         if config.max_steps:
@@ -319,17 +333,21 @@ class _Run:
         return self.objective.model
 
     def run(self) -> Any:
-        with write_errors_named(self.out_dir):
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
-                                                  **self.objective.describe()})
+        if distributed.is_main():
+            with write_errors_named(self.out_dir):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
+                                                      "processes": distributed.world_size(),
+                                                      **self.objective.describe()})
         total_batches = self.total_steps * self.config.grad_accum
         with progress_bar("Training", total=total_batches, enabled=self.show_progress) as advance:
             advance(self.batch_index)
             while self.step < self.total_steps:
                 self._train_step(advance)
         self.objective.finish(self.step)
-        self._save(self.out_dir / MODEL_DIR)
+        if distributed.is_main():
+            self._save(self.out_dir / MODEL_DIR)
+        distributed.barrier()  # no rank returns before the model is saved
         return self.model
 
     def _save(self, directory: Path) -> None:
@@ -351,6 +369,7 @@ class _Run:
             advance(1)
             if self.batch_index % self.batches_per_epoch == 0:
                 break
+        distributed.average_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self._check_finite("the gradient norm", grad_norm)
         self.optimizer.step()
@@ -366,8 +385,9 @@ class _Run:
             self._checkpoint()
 
     def _check_finite(self, what: str, value: torch.Tensor) -> None:
-        """Stop before a NaN / infinite value reaches the weights (the optimizer has not stepped)."""
-        if bool(torch.isfinite(value.detach()).all()):
+        """Stop before a NaN / infinite value reaches the weights (the optimizer has not stepped); every
+        rank stops together."""
+        if distributed.all_finite(value):
             return
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -394,19 +414,23 @@ class _Run:
         return self.objective.losses(indices, seed)
 
     def _log(self, losses: dict[str, float]) -> None:
+        if not distributed.is_main():
+            return
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
                 "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
     def _end_epoch(self) -> None:
         epoch = self.batch_index // self.batches_per_epoch
-        if self.on_epoch_end is not None:
+        if self.on_epoch_end is not None and distributed.is_main():
             metrics = self.on_epoch_end(self.model, epoch)
             _append_jsonl(self.out_dir / METRICS_FILE, {"step": self.step, "epoch": epoch, **metrics})
         self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Model first, then the small state file: a state file always has its model."""
+        """Model first, then the small state file: a state file always has its model (rank 0 only)."""
+        if not distributed.is_main():
+            return
         directory = self.out_dir / CHECKPOINT_DIR
         self._save(directory / MODEL_DIR)  # creates directory
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

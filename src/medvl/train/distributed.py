@@ -1,0 +1,128 @@
+"""Data-parallel training across processes (``torchrun``): one process group, global batches, global negatives.
+
+``medvl train`` runs unchanged under ``torchrun --nproc-per-node N``: ``init_from_env`` joins the
+process group torchrun describes in the environment (gloo on CPU, NCCL when CUDA is available).
+
+How the work is split, so that N processes compute what one process would on the same global
+batch: every rank draws the same global batch (the same seeded permutation: a distributed sampler
+that keeps batch identity), the same augmentation and the same caption choices, then encodes only
+its contiguous shard (``shard``). Embeddings are gathered from all ranks *with* gradients
+(``gather_with_grad``, as open_clip's ``gather_with_grad``), so every rank computes the contrastive
+loss over the global batch: the negatives are global. Gradients are then averaged across ranks
+(``average_gradients``, what DDP's reducer does) after backward. Sums over samples (supervised
+heads) are divided by (global batch / world size) (``sample_divisor``), so the average is the
+global mean. Batch norm keeps per-rank statistics (no SyncBatchNorm on CPU), as DDP does by default.
+
+Only rank 0 writes files (config, metrics, checkpoints, the model) and shows progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1); True if training is distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise InputError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} are not set "
+                         "(start distributed training with torchrun)")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    log.info("distributed training: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that logs, checkpoints and saves."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard_bounds(count: int, world: int | None = None) -> list[tuple[int, int]]:
+    """Contiguous [start, end) of each rank's share of ``count`` global-batch rows (sizes differ by at most 1)."""
+    world = world or world_size()
+    return [(count * r // world, count * (r + 1) // world) for r in range(world)]
+
+
+def shard(count: int) -> slice:
+    """This rank's rows of a global batch of ``count``."""
+    start, end = shard_bounds(count)[rank()]
+    return slice(start, end)
+
+
+def sample_divisor(global_count: int) -> float:
+    """Divide a *sum* over this rank's samples by this to get, after ``average_gradients``, the
+    gradient of the mean over the global batch (the batch size itself in a single process)."""
+    return global_count / world_size()
+
+
+def gather_with_grad(local: torch.Tensor, global_count: int) -> torch.Tensor:
+    """Concatenate every rank's rows (in rank order) into the global batch, keeping gradients.
+
+    Shards may differ in size by one row: they are padded to the largest for the collective and
+    trimmed after. The backward pass sums the gradients of every rank's copy into each shard.
+    """
+    if world_size() == 1:
+        return local
+    from torch.distributed.nn.functional import all_gather
+
+    bounds = shard_bounds(global_count)
+    largest = max(end - start for start, end in bounds)
+    padded = torch.cat([local, local.new_zeros(largest - len(local), *local.shape[1:])]) if len(local) < largest \
+        else local
+    parts = all_gather(padded)
+    return torch.cat([part[:end - start] for part, (start, end) in zip(parts, bounds, strict=True)])
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce and average the gradients of every trainable parameter (a missing gradient counts as 0)."""
+    world = world_size()
+    if world == 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for param in params:
+        assert param.grad is not None
+        size = param.grad.numel()
+        param.grad.copy_(flat[offset:offset + size].view_as(param.grad))
+        offset += size
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every rank (so all ranks stop together, none waits forever)."""
+    finite = torch.tensor(float(bool(torch.isfinite(value.detach()).all())))
+    if world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

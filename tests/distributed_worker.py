@@ -1,0 +1,51 @@
+"""Run under ``torchrun``: the loss and gradients of one global batch, saved by rank 0 (tests/test_distributed.py).
+
+Arguments: PHANTOM_FOLDER OUT_FILE; one set of gradients per loss (clip, siglip). The model is built
+from the same seed in every process and every run, so a 1-process and a 2-process run see the same
+weights and batch.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import medvl
+from medvl.data.captions import CaptionConfig
+from medvl.train import distributed
+from medvl.train.loop import ContrastiveObjective, TrainConfig
+
+
+def main(folder: str, out_file: str) -> None:
+    distributed.init_from_env()
+    dataset = medvl.load_dataset(folder).select("train")
+    tensors: dict[str, torch.Tensor] = {}
+    for loss in ("clip", "siglip"):
+        tensors.update(gradients(dataset, loss))
+    if distributed.is_main():
+        save_file(tensors, out_file)
+
+
+def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
+    config = TrainConfig(batch_size=12, label_columns=["finding"], supervised_weight=0.5, loss=loss,
+                         text_source="both")
+    torch.manual_seed(0)
+    model = medvl.create_model("vit-tiny")  # layer norm only: no per-rank batch statistics
+    objective = ContrastiveObjective(model, dataset, config, CaptionConfig())
+    objective.start(None, show_progress=False)
+    for module in objective.model.modules():  # dropout masks depend on the shard: switch it off
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    objective.model.train()
+    indices = list(range(3, 3 + 11))  # 11 rows: shards of 5 and 6
+    parts = objective.losses(indices, seed=7)
+    parts["loss"].backward()
+    distributed.average_gradients(objective.model)
+    tensors = {f"{loss}.grad.{name}": torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+               for name, p in objective.model.named_parameters() if p.requires_grad}
+    tensors[f"{loss}.contrastive"] = parts["contrastive"].detach().reshape(1)
+    return tensors
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
