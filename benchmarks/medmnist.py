@@ -1,7 +1,10 @@
 """PneumoniaMNIST with `medvl bench medmnist`, printed beside the MedMNIST v2 reference table.
 
     python benchmarks/medmnist.py [--data ../shared/data/pneumoniamnist/pneumoniamnist.npz]
-                                  [--test-data SAME] [--test-split val] [--epochs 30]
+                                  [--test-data SAME] [--test-split val] [--epochs N]
+
+Training settings: the medmnist-small recipe (``medvl models --recipe medmnist-small``), the same
+``medvl train --model medmnist-small`` uses; --epochs replaces the recipe's 30.
 
 The references are the paper's test-split numbers (Yang et al., MedMNIST v2, Scientific Data 2023);
 the shared data holds train and val only, so medvl is scored on val, which is not the same split:
@@ -31,14 +34,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/pneumoniamnist/pneumoniamnist.npz")
     parser.add_argument("--test-data", type=Path, default=None, help="default: --data")
     parser.add_argument("--test-split", default="val")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         command = [sys.executable, "-m", "medvl.cli.main", "bench", "medmnist", "--train-data", str(args.data),
                    "--test-data", str(args.test_data or args.data), "--test-split", args.test_split,
-                   "--epochs", str(args.epochs), "--seed", str(args.seed), "--json", str(out), "-q"]
+                   "--seed", str(args.seed), "--json", str(out), "-q"]
+        if args.epochs is not None:
+            command += ["--epochs", str(args.epochs)]
         subprocess.run(command, check=True)
         result = json.loads(out.read_text())
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -6,13 +6,17 @@ Runs the recipe documented in docs/benchmarks.md through the Python API (``medvl
 - image->text and text->image Recall@1/5/10 among all captions of the test split (identical
   captions of one case merged into one gallery entry; chance = ``result[direction]["chance"]``);
 - zero-shot accuracy, balanced accuracy and macro AUC for ``modality``, ``plane`` and
-  ``location_category`` from the prompts of ``configs/captions/medpix.yaml`` (chance: the
+  ``location_category`` from the prompts of the recipe's caption set (``medpix``, shipped as
+  ``medvl/models/configs/captions/medpix.yaml``; chance: the
   majority-class accuracy, 1/K balanced accuracy, AUC 0.5). ``plane`` is scored twice: among
   Axial / Coronal / Sagittal (records with another plane left out) and among every plane of the
   test split.
 
-Writes OUT/model (the trained model), OUT/metrics.jsonl and OUT/results.json (every figure, the
-recipe, train time, peak RSS and the machine's load average).
+The training settings are the ``medpix-small`` recipe (``medvl models --recipe medpix-small``), the
+ones ``medvl train --model medpix-small`` uses: options left unset here keep the recipe's value.
+
+Writes OUT/model (the trained model), OUT/metrics.jsonl, OUT/train_config.json and OUT/results.json
+(every figure, the resolved settings, train time, peak RSS and the machine's load average).
 
     python benchmarks/medpix.py --out runs/medpix
     python benchmarks/medpix.py --hold-out 0.15 --out runs/medpix-val  # recipe selection
@@ -31,19 +35,15 @@ from pathlib import Path
 import torch
 
 import medvl
-from medvl.data import Dataset
+from medvl.data import Dataset, captions_for
 from medvl.embed import embed_images
 from medvl.io import write_json
+from medvl.train.recipes import RecipeSettings, resolve_recipe, train_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medpix-2.0"
-CAPTIONS = REPO / "configs" / "captions" / "medpix.yaml"
-LABELS = ["modality", "plane", "location_category"]
+MODEL = "medpix-small"  # its recipe (docs/benchmarks.md: how it was chosen) is the training setting
 PLANES = ["Axial", "Coronal", "Sagittal"]
-# The recipe (see docs/benchmarks.md for how it was chosen): a frozen pretrained text tower
-# (LiT), the image tower trained from scratch on captions and label captions half and half.
-RECIPE = {"model": "medpix-small", "overrides": {"text.freeze": True}, "epochs": 20, "batch_size": 64,
-          "lr": 1e-3, "loss": "clip", "text_source": "both", "label_columns": LABELS, "seed": 0}
 
 
 def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -55,14 +55,17 @@ def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
             dataset.subset([r for r in dataset if r.meta.get("case_id", r.id) in held]))
 
 
-def train_model(train_set: Dataset, recipe: dict, out: Path, show_progress: bool) -> tuple[medvl.DualEncoder, dict]:
-    """Train the recipe on ``train_set``; returns the model and its cost: wall-clock and CPU (user +
-    system) seconds, and the machine's 1-minute load average sampled at every epoch end."""
-    torch.manual_seed(recipe["seed"])  # the image tower's random init; train() seeds the rest
-    model = medvl.create_model(recipe["model"], **recipe["overrides"])
-    config = medvl.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                               loss=recipe["loss"], text_source=recipe["text_source"],
-                               label_columns=recipe["label_columns"], seed=recipe["seed"], log_every=5)
+def settings_for(args: argparse.Namespace) -> RecipeSettings:
+    """The recipe of ``args.model`` with the options given on this script's command line (None: the
+    recipe's), resolved exactly as ``medvl train`` resolves them."""
+    return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source)
+
+
+def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
+                show_progress: bool) -> tuple[medvl.DualEncoder, dict]:
+    """Train with ``settings`` on ``train_set`` (``medvl.train.recipes.train_recipe``, what ``medvl train``
+    runs); returns the model and its cost: wall-clock and CPU (user + system) seconds, and the
+    machine's 1-minute load average sampled at every epoch end."""
     loads: list[float] = []
 
     def sample_load(_model, _epoch) -> dict[str, float]:
@@ -70,8 +73,7 @@ def train_model(train_set: Dataset, recipe: dict, out: Path, show_progress: bool
         return {"load_average_1min": loads[-1]}
 
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    model = medvl.train(model, train_set, config, out, captions=medvl.load_captions(CAPTIONS),
-                        show_progress=show_progress, on_epoch_end=sample_load)
+    model = train_recipe(settings, train_set, out, show_progress=show_progress, on_epoch_end=sample_load)
     cost = {"train_seconds": round(time.perf_counter() - started, 1),
             "train_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
             "load_average_1min_per_epoch": loads, "load_average_1min_mean": round(sum(loads) / len(loads), 2)}
@@ -96,8 +98,9 @@ def zero_shot_tasks(test_set: Dataset) -> dict[str, tuple[str, list[int], list[s
 
 
 def evaluate(model: medvl.DualEncoder, test_set: Dataset, show_progress: bool) -> dict:
-    """Retrieval among all test captions and zero-shot per label, images embedded once."""
-    captions = medvl.load_captions(CAPTIONS)
+    """Retrieval among all test captions and zero-shot per label, images embedded once; the prompts
+    are the captions the model was trained with (as ``medvl eval zero-shot`` picks them)."""
+    captions = captions_for(test_set, model=model)
     image_embeddings = embed_images(model, test_set, show_progress=show_progress)
     result = {"retrieval": medvl.retrieval(model, test_set, image_embeddings=image_embeddings,
                                            show_progress=False), "zero_shot": {}}
@@ -125,7 +128,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="MedPix 2.0 folder.")
     parser.add_argument("--train-split", default="train", help="Split to train on.")
@@ -135,12 +138,18 @@ def main(argv: list[str] | None = None) -> dict:
                              "test split (trained on the rest): for choosing the recipe.")
     parser.add_argument("--out", type=Path, default=Path("medpix-benchmark"),
                         help="Output folder: model/, metrics.jsonl, results.json.")
-    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    parser.add_argument("--model", default=RECIPE["model"], help="Registered model name.")
-    parser.add_argument("--seed", type=int, default=RECIPE["seed"])
-    parser.add_argument("--text-source", default=RECIPE["text_source"], choices=["text", "both"],
-                        help="Training texts: captions only, or captions and label captions half and half.")
+    parser.add_argument("--epochs", type=int, default=None, help="Default: the recipe's.")
+    parser.add_argument("--model", default=MODEL, help="Registered model name (trained with its recipe).")
+    parser.add_argument("--seed", type=int, default=None, help="Default: the recipe's (0).")
+    parser.add_argument("--text-source", default=None, choices=["text", "both"],
+                        help="Training texts: captions only, or captions and label captions half and half "
+                             "(default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} exists and is not empty; pass a new --out")
@@ -149,24 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = medvl.load_dataset(args.data)
     train_set = dataset.select(args.train_split)
+    settings = settings_for(args)
+    seed = settings.train.seed
     if args.hold_out > 0:
-        train_set, test_set = hold_out_cases(train_set, args.hold_out, args.seed)
-        scored = f"{args.train_split} (held-out {args.hold_out:.0%} of cases, seed {args.seed})"
+        train_set, test_set = hold_out_cases(train_set, args.hold_out, seed)
+        scored = f"{args.train_split} (held-out {args.hold_out:.0%} of cases, seed {seed})"
     else:
         test_set, scored = dataset.select(args.test_split), args.test_split
-    recipe = {**RECIPE, "model": args.model, "epochs": args.epochs, "seed": args.seed,
-              "text_source": args.text_source}
-    model, cost = train_model(train_set, recipe, args.out, show_progress=not args.quiet)
+    model, cost = train_model(train_set, settings, args.out, show_progress=not args.quiet)
     result = evaluate(model, test_set, show_progress=not args.quiet)
     result.update(
         data=str(args.data), train=f"{args.train_split} ({len(train_set)} images)",
-        test=f"{scored} ({len(test_set)} images)", recipe=recipe, **cost,
+        test=f"{scored} ({len(test_set)} images)", recipe=settings.to_dict(), **cost,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         machine={"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
     print(f"\nMedPix 2.0: trained on {result['train']}, scored on {result['test']}\n")
     print(markdown_table(result))
     print(f"\ntrain time {cost['train_seconds'] / 60:.1f} min wall, {cost['train_cpu_seconds'] / 60:.1f} min CPU "
-          f"({recipe['epochs']} epochs), peak RSS {result['peak_rss_mb']} MB; mean 1-min load average during "
+          f"({settings.train.epochs} epochs), peak RSS {result['peak_rss_mb']} MB; mean 1-min load average during "
           f"training {cost['load_average_1min_mean']:.1f} on {os.cpu_count()} CPUs")
     write_json(args.out / "results.json", result)
     return result

@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 RSS_MODELS = ("ct3d-small", "ct3d-tiny", "ct3d-vit-tiny", "ct3d-slicepool")
 REFERENCE = "whole-volume reference"
 BIG_SHAPE = (300, 512, 512)  # (D, H, W): 300 axial slices of 512 x 512
-# 4,000 volumes and 36 epochs: with 840 train volumes or 12 epochs the small focal findings are not
+# The data: 4,000 phantom volumes of 64^3. Training is ct3d-small's recipe (medvl models --recipe ct3d-small,
+# the settings medvl train uses): with 840 train volumes or 12 epochs the small focal findings are not
 # learned (zero-shot balanced accuracy 0.40, effusion only; docs/benchmarks.md)
-RECIPE = {"model": "ct3d-small", "n": 4000, "size": 64, "epochs": 36, "batch_size": 32, "lr": 1e-3,
-          "text_source": "both", "label_columns": ["finding"], "supervised_weight": 1.0, "seed": 0}
+DATA = {"model": "ct3d-small", "n": 4000, "size": 64, "seed": 0}
 
 
 def _peak_mib() -> float:
@@ -60,6 +60,7 @@ def _own_peak_mib() -> float:
 
 
 def phantom(out: Path, recipe: dict, show_progress: bool) -> Path:
+    """The CT phantom of ``recipe`` (n, size, seed), reused if ``out/data`` already holds the same one."""
     """The CT phantom of the recipe, reused if ``out/data`` already holds the same one."""
     from medvl.data.phantom import generate_phantom
 
@@ -75,29 +76,34 @@ def phantom(out: Path, recipe: dict, show_progress: bool) -> Path:
     return data
 
 
+def settings_for(recipe: dict):
+    """The training settings: the model's recipe with this script's options (None: the recipe's),
+    resolved as ``medvl train`` resolves them."""
+    from medvl.train.recipes import resolve_recipe
+
+    return resolve_recipe(recipe["model"], epochs=recipe["epochs"], text_source=recipe["text_source"],
+                          supervised_weight=recipe["supervised_weight"], seed=recipe["seed"])
+
+
 def train_and_score(out: Path, recipe: dict, show_progress: bool) -> dict:
     import medvl
     from medvl.data import captions_for
     from medvl.embed import embed_images
-    from medvl.train.loop import seed_everything
+    from medvl.train.recipes import train_recipe
 
     started = time.perf_counter()
     dataset = medvl.load_dataset(phantom(out, recipe, show_progress))
     generated = time.perf_counter() - started
     train_set, test_set = dataset.select("train"), dataset.select("test")
-    captions = captions_for(dataset)
-    seed_everything(recipe["seed"])
-    model = medvl.create_model(recipe["model"])
-    config = medvl.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                               text_source=recipe["text_source"], label_columns=recipe["label_columns"],
-                               supervised_weight=recipe["supervised_weight"], seed=recipe["seed"])
+    settings = settings_for(recipe)
     train_started, cpu_started = time.perf_counter(), time.process_time()
-    model = medvl.train(model, train_set, config, out / "train", captions=captions, show_progress=show_progress)
+    model = train_recipe(settings, train_set, out / "train", show_progress=show_progress)
     train_seconds, cpu_seconds = time.perf_counter() - train_started, time.process_time() - cpu_started
+    captions = captions_for(test_set, settings.captions, model)
     embeddings = embed_images(model, test_set, show_progress=show_progress)
     zero_shot = medvl.zero_shot(model, test_set, "finding", captions=captions, image_embeddings=embeddings)
     retrieval = medvl.retrieval(model, test_set, image_embeddings=embeddings)
-    return {"recipe": recipe, "records": {"train": len(train_set), "test": len(test_set)},
+    return {"recipe": {**recipe, **settings.to_dict()}, "records": {"train": len(train_set), "test": len(test_set)},
             "zero_shot": zero_shot, "retrieval": retrieval, "generate_seconds": round(generated, 1),
             "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1), "load_average": os.getloadavg()}
@@ -207,23 +213,34 @@ def print_report(scores: dict | None, memory: list[dict]) -> None:
                   f"{'yes' if added < raw else 'no'} | {row['vm_hwm_mib']:.0f} | {row['embed_seconds']:.1f} |")
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_options(args: argparse.Namespace) -> dict:
+    """The data settings and the training options given (None: the model's recipe)."""
+    return {"model": args.model, "n": args.n, "size": args.size, "epochs": args.epochs,
+            "text_source": args.text_source, "supervised_weight": args.supervised_weight, "seed": args.seed}
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/volume3d"))
-    parser.add_argument("--model", default=RECIPE["model"])
-    parser.add_argument("--n", type=int, default=RECIPE["n"])
-    parser.add_argument("--size", type=int, default=RECIPE["size"])
-    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    parser.add_argument("--text-source", default=RECIPE["text_source"], help="text | both (reports + label captions)")
-    parser.add_argument("--supervised-weight", type=float, default=RECIPE["supervised_weight"],
-                        help="weight of a cross-entropy head on finding (0 = contrastive only)")
-    parser.add_argument("--seed", type=int, default=RECIPE["seed"])
+    parser.add_argument("--model", default=DATA["model"], help="registered name, trained with its recipe")
+    parser.add_argument("--n", type=int, default=DATA["n"])
+    parser.add_argument("--size", type=int, default=DATA["size"])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--text-source", default=None, help="text | both (reports + label captions); "
+                        "default: the recipe's")
+    parser.add_argument("--supervised-weight", type=float, default=None,
+                        help="weight of a cross-entropy head on finding (0 = contrastive only); default: the recipe's")
+    parser.add_argument("--seed", type=int, default=DATA["seed"])
     parser.add_argument("--skip-train", action="store_true", help="only the memory table")
     parser.add_argument("--skip-memory", action="store_true", help="only training and scoring")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--measure", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--write-volume", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return
@@ -231,9 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         big_volume(args.write_volume)
         return
 
-    recipe = {**RECIPE, "model": args.model, "n": args.n, "size": args.size, "epochs": args.epochs,
-              "text_source": args.text_source, "supervised_weight": args.supervised_weight, "seed": args.seed}
-    if args.model != RECIPE["model"] and args.out == Path("runs/volume3d"):
+    recipe = run_options(args)
+    if args.model != DATA["model"] and args.out == Path("runs/volume3d"):
         args.out = Path(f"runs/volume3d-{args.model}")
     memory = [] if args.skip_memory else memory_table([*RSS_MODELS, REFERENCE], not args.quiet)  # while small
     scores = None if args.skip_train else train_and_score(args.out, recipe, not args.quiet)

@@ -64,25 +64,26 @@ def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> di
     return overrides
 
 
-def train_from_path(data: PathLike, out: PathLike, config: Any, model: str = "cxr-small", *,
+def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,
                     split: str | None = None, label_columns: Sequence[str] | None = None,
                     captions: PathLike | CaptionConfig | None = None, overrides: dict[str, Any] | None = None,
-                    resume: bool = False, allow_outside_root: bool = False,
-                    show_progress: bool = True) -> DualEncoder:
+                    resume: bool = False, allow_outside_root: bool = False, show_progress: bool = True,
+                    **train_options: Any) -> DualEncoder:
     """Train ``model`` (a registered name or a saved model folder) on the dataset at ``data`` and save
-    it to ``out/model``. ``config`` is a ``TrainConfig``; its ``label_columns`` default to the
-    dataset's own. Numbers and the output folder are checked before any data is read."""
-    from .models.registry import resolve_model
-    from .train.loop import check_out_dir, seed_everything, train
+    it to ``out/model``, with the named config's recipe (``medvl.train.recipes``) as the defaults.
 
-    config.validate_numbers()
+    ``train_options`` are ``TrainConfig`` fields; None (or absent) means the recipe's value.
+    ``label_columns`` (also records without them are left out), ``captions`` and ``overrides`` (model
+    config, merged over the recipe's) replace the recipe's. The resolved settings are saved in
+    ``out/train_config.json``. Numbers and the output folder are checked before any data is read."""
+    from .train.loop import check_out_dir
+    from .train.recipes import resolve_recipe, train_recipe
+
+    settings = resolve_recipe(model, model_overrides=overrides, captions=captions,
+                              label_columns=list(label_columns) if label_columns else None, **train_options)
     check_out_dir(Path(out), resume)
     dataset = load_split(data, split, label_columns, allow_outside_root)
-    config.label_columns = list(label_columns or dataset.default_labels)
-    seed_everything(config.seed)  # the random init of the model is part of the run
-    net = resolve_model(model, **(overrides or {}))
-    return train(net, dataset, config, out, captions=captions_for(dataset, captions, net), resume=resume,
-                 show_progress=show_progress)
+    return train_recipe(settings, dataset, out, resume=resume, show_progress=show_progress)
 
 
 def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", label_columns: Sequence[str] | None = None,

@@ -4,8 +4,9 @@ For small labelled sets without an official test split (the ISIC dermoscopy subs
 labelled images): stratified k-fold (``StratifiedGroupKFold`` when a group column such as a
 patient id is given, so a group never sits on both sides), and for each fold a fresh model is
 trained on the other folds with a supervised linear head on the label (cross-entropy) plus the
-image-text contrastive loss on caption templates made from the labels, then scored on the
-held-out fold two ways:
+image-text contrastive loss on caption templates made from the labels (the model's recipe gives
+the epochs, learning rate, batch, loss weights, model overrides and captions unless told otherwise:
+``medvl.train.recipes``), then scored on the held-out fold two ways:
 
 - the head: class probabilities, accuracy and balanced accuracy at the argmax (no threshold is
   tuned), macro one-vs-rest AUC (for two classes, the AUC of either class);
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..checks import check_number
 from ..data import captions_for
@@ -38,8 +38,8 @@ from ..errors import InputError
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
-from ..models.registry import create_model, get_config
-from ..train.loop import TrainConfig, train
+from ..models.registry import get_config
+from ..train.recipes import RecipeSettings, resolve_recipe, train_recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,18 @@ SUMMARY_METRICS = ("auc", "acc", "balanced_accuracy", "zero_shot_auc", "zero_sho
 
 
 def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-small", folds: int = 5,
-                   epochs: int = 40, seed: int = 0, captions: str | Path | CaptionConfig | None = None,
-                   group_column: str | None = None, show_progress: bool = True, *, lr: float = 1e-3,
-                   batch_size: int = 32, contrastive_weight: float = 0.5,
+                   epochs: int | None = None, seed: int = 0, captions: str | Path | CaptionConfig | None = None,
+                   group_column: str | None = None, show_progress: bool = True, *, lr: float | None = None,
+                   batch_size: int | None = None, contrastive_weight: float | None = None,
                    overrides: dict[str, Any] | None = None, allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
-    ``captions``: a caption config (or a YAML/JSON file) with templates and class descriptions;
-    default: the dataset's own, else generic templates. ``overrides`` merge into the model config
-    (``{"image.image_size": 96}``). Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
+    ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``: None = the recipe of ``model_name``
+    (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; the head's weight is 1 and the
+    texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with templates and
+    class descriptions; default: the recipe's caption set, else the dataset's own, else generic
+    templates. ``overrides`` merge into the model config over the recipe's (``{"image.image_size":
+    96}``). ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
     (always answering the commonest class) and the fold means with a ``zero_shot_`` prefix;
     ``folds`` holds one dict per fold (metrics, confusion matrix, test record ids). ``seconds`` is
@@ -64,37 +67,47 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     check_number("folds", folds, minimum=2, maximum=100, integer=True)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, text_source="captions",
-                         label_columns=[label], supervised_weight=1.0, contrastive_weight=contrastive_weight)
-    config.validate()  # bad numbers fail before any data is read
+    settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                           contrastive_weight=contrastive_weight, overrides=overrides, captions=captions)
+    settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
     groups = _groups(dataset, group_column) if group_column else None
-    caption_config = captions_for(dataset, captions)
-    get_config(model_name, **(overrides or {}))  # a bad name or override fails before any training
+    caption_config = captions_for(dataset, settings.captions)
+    settings.captions = caption_config  # read once for every fold
+    get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
     results, pooled = [], np.zeros((len(dataset), len(classes)))
     for fold, (train_index, test_index) in enumerate(splits):
         log.info("fold %d/%d: training on %d records, scoring %d", fold + 1, folds, len(train_index),
                  len(test_index))
-        fold_result, probabilities = _run_fold(dataset, label, classes, train_index, test_index, model_name,
-                                               overrides or {}, config, fold, caption_config, show_progress)
+        fold_result, probabilities = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
+                                               show_progress)
         pooled[test_index] = probabilities
         results.append(fold_result)
     pooled_metrics = classification_metrics(y, pooled, classes)
     return {**_summarise(results), "auc_pooled": pooled_metrics["macro_auc"],
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
-            "n": len(dataset), "data": str(data_path), "model": model_name, "overrides": overrides or {},
-            "folds_k": folds, "seed": seed, "group_column": group_column,
-            "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                      "supervised_weight": config.supervised_weight, "contrastive_weight": contrastive_weight},
-            "captions": caption_config.to_dict(), "folds": results,
+            "n": len(dataset), "data": str(data_path), "model": model_name,
+            "overrides": settings.model_overrides, "folds_k": folds, "seed": seed, "group_column": group_column,
+            "train": dataclasses.asdict(settings.train), "captions": caption_config.to_dict(), "folds": results,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+
+
+def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | None = None, lr: float | None = None,
+                batch_size: int | None = None, contrastive_weight: float | None = None,
+                overrides: dict[str, Any] | None = None,
+                captions: str | Path | CaptionConfig | None = None) -> RecipeSettings:
+    """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
+    and label captions as texts; the options given (not None) replace the recipe's."""
+    return resolve_recipe(model_name, model_overrides=overrides, captions=captions, epochs=epochs, lr=lr,
+                          batch_size=batch_size, contrastive_weight=contrastive_weight, seed=seed,
+                          text_source="captions", label_columns=[label], supervised_weight=1.0)
 
 
 def make_folds(y: np.ndarray, folds: int, seed: int,
@@ -134,17 +147,17 @@ def _groups(dataset: Dataset, column: str) -> np.ndarray:
 
 
 def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.ndarray,
-              test_index: np.ndarray, model_name: str, overrides: dict[str, Any], config: TrainConfig,
-              fold: int, captions: CaptionConfig, show_progress: bool) -> tuple[dict, np.ndarray]:
+              test_index: np.ndarray, settings: RecipeSettings, fold: int,
+              show_progress: bool) -> tuple[dict, np.ndarray]:
     started = time.perf_counter()
     train_set = dataset.subset([dataset[int(i)] for i in train_index])
     test_set = dataset.subset([dataset[int(i)] for i in test_index])
-    fold_config = dataclasses.replace(config, seed=config.seed * 100 + fold)
-    torch.manual_seed(fold_config.seed)  # initial weights differ per fold, reproducibly
-    model = create_model(model_name, **overrides)
-    model.add_head(label, classes)
+    # initial weights, order and augmentation differ per fold, reproducibly
+    fold_settings = dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, seed=settings.train.seed * 100 + fold))
     with tempfile.TemporaryDirectory(prefix="medvl-cv-") as scratch:
-        model = train(model, train_set, fold_config, scratch, captions=captions, show_progress=show_progress)
+        model = train_recipe(fold_settings, train_set, scratch, show_progress=show_progress)
+    captions = captions_for(test_set, fold_settings.captions)  # the CaptionConfig read in cross_validate
     probabilities = head_scores(model, test_set, label, show_progress)
     head = classification_metrics(class_targets(test_set, label, classes), probabilities, classes)
     prompts = zero_shot(model, test_set, label, captions=captions, classes=classes, show_progress=False)

@@ -2,7 +2,8 @@
 
 Recipe (documented in docs/benchmarks.md): the registered ``medmnist-small`` dual encoder is
 trained with a supervised linear head on the label (cross-entropy) plus the image-text contrastive
-loss on caption templates made from the class names (UniMed-CLIP style). Binary tasks get a
+loss on caption templates made from the class names (UniMed-CLIP style), with the settings of the
+model's recipe (``medvl models --recipe medmnist-small``: what ``medvl train`` uses). Binary tasks get a
 decision threshold maximising accuracy on validation data that is never the scored data:
 the train file's ``val`` split when the scored data is something else, otherwise a seeded 10 %
 of the train split held out from training.
@@ -18,33 +19,34 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import check_number
-from ..data.captions import CaptionConfig
+from ..data.captions import CaptionConfig, load_captions
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
-from ..models.registry import create_model
-from ..train.loop import TrainConfig, seed_everything, train
+from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
 
 log = logging.getLogger(__name__)
 
 LABEL = "label"
-# Class names of the MedMNIST v2 tasks this recipe knows (by file-name prefix).
+TEMPLATES = ["a chest x-ray showing {}.", "{}.", "an image of {}."]
+# Class names of the MedMNIST v2 tasks this recipe knows (by file-name prefix), beside the tasks with
+# a caption set shipped with medvl (pneumoniamnist: the medmnist-small recipe's).
+SHIPPED_CAPTIONS = ("pneumoniamnist",)
 KNOWN_CLASSES = {
-    "pneumoniamnist": {"0": ["normal chest x-ray", "clear lungs without pneumonia"],
-                       "1": ["pneumonia", "chest x-ray with pneumonia and airspace opacity"]},
     "breastmnist": {"0": ["malignant breast lesion"], "1": ["normal or benign breast tissue"]},
 }
 
 
 def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str = "test",
-                 model_name: str = "medmnist-small", epochs: int = 30, seed: int = 0,
+                 model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
                  out: str | Path | None = None, show_progress: bool = True) -> dict:
-    """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold)."""
+    """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
+
+    ``epochs`` None = the recipe's; the head on ``label``, its weight and the caption texts are
+    always part of this benchmark, the other settings come from ``model_name``'s recipe."""
     started = time.perf_counter()
-    check_number("epochs", epochs, minimum=1, integer=True)
-    check_number("seed", seed, minimum=0, integer=True)
+    settings = medmnist_settings(model_name, epochs, seed)
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")
@@ -56,17 +58,9 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
         fit_set, calib_set = _hold_out(train_set, 0.1, seed)
         calibration = "10% of train held out"
     classes = sorted(train_set.classes(LABEL), key=class_order)
-    captions = CaptionConfig(templates=["a chest x-ray showing {}.", "{}.", "an image of {}."],
-                             classes={LABEL: _descriptions(Path(train_path), classes)})
-    seed_everything(seed)
-    model = create_model(model_name)
-    model.add_head(LABEL, classes)
-    config = TrainConfig(epochs=epochs, batch_size=128, lr=2e-3, seed=seed, text_source="captions",
-                         label_columns=[LABEL], supervised_weight=1.0, contrastive_weight=0.5,
-                         log_every=20)
+    settings.captions = task_captions(Path(train_path), classes)
     with tempfile.TemporaryDirectory(prefix="medvl-medmnist-") as scratch:
-        model = train(model, fit_set, config, Path(out) if out else Path(scratch),
-                      captions=captions, show_progress=show_progress)
+        model = train_recipe(settings, fit_set, Path(out) if out else Path(scratch), show_progress=show_progress)
     threshold = None
     if len(classes) == 2:
         threshold = _best_threshold(head_scores(model, calib_set, LABEL, show_progress),
@@ -80,8 +74,16 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     return {"auc": metrics["macro_auc"], "acc": metrics["accuracy"], "threshold": threshold,
             "threshold_from": calibration if threshold is not None else None,
             "train": f"{train_path}:train", "n_fit": len(fit_set), "test": f"{test_path}:{test_split}",
-            "n_test": len(test_set), "model": model_name, "epochs": epochs, "seed": seed,
+            "n_test": len(test_set), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
+            "settings": settings.to_dict(),
             "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
+
+
+def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0) -> RecipeSettings:
+    """``model_name``'s recipe with the benchmark's fixed parts: a head on ``label`` (weight 1) trained
+    with class captions as texts; ``epochs`` None = the recipe's."""
+    return resolve_recipe(model_name, epochs=epochs, seed=seed, label_columns=[LABEL], text_source="captions",
+                          supervised_weight=1.0)
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -92,11 +94,17 @@ def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Da
     return dataset.subset([dataset[i] for i in kept]), dataset.subset([dataset[i] for i in held])
 
 
-def _descriptions(path: Path, classes: list[str]) -> dict[str, list[str]]:
+def task_captions(path: Path, classes: list[str]) -> CaptionConfig:
+    """The class captions of a known MedMNIST task (by file-name prefix), else "class N"."""
+    name = path.name.lower()
+    for prefix in SHIPPED_CAPTIONS:
+        shipped = load_captions(caption_set(prefix))
+        if name.startswith(prefix) and set(classes) <= set(shipped.classes.get(LABEL, {})):
+            return shipped
     for prefix, known in KNOWN_CLASSES.items():
-        if path.name.lower().startswith(prefix) and set(classes) <= set(known):
-            return {c: known[c] for c in classes}
-    return {c: [f"class {c}"] for c in classes}
+        if name.startswith(prefix) and set(classes) <= set(known):
+            return CaptionConfig(templates=list(TEMPLATES), classes={LABEL: {c: known[c] for c in classes}})
+    return CaptionConfig(templates=list(TEMPLATES), classes={LABEL: {c: [f"class {c}"] for c in classes}})
 
 
 def _best_threshold(probabilities: np.ndarray, y_true: np.ndarray) -> float:

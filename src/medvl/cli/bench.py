@@ -32,7 +32,7 @@ def bench_medmnist(
     overwrite: OverwriteOption = False,
     out: Annotated[Path | None, typer.Option(help="Also keep the trained model here.")] = None,
     model: Annotated[str, typer.Option(help="Registered model name.")] = "medmnist-small",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the model's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -55,15 +55,15 @@ def bench_cv(
     label_column: Annotated[str, typer.Option("--label-column", "-l", help="Label column to predict.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "derm-small",
     folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
-    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 40,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs per fold (default: the model's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds, init, order and augmentation.")] = 0,
     captions: CaptionsOption = None,
     group_column: Annotated[str | None, typer.Option(
         help="Column of group ids (e.g. patient) kept within one fold.")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Records per batch.")] = 32,
-    contrastive_weight: Annotated[float, typer.Option(
-        help="Weight of the image-caption loss (the supervised head has weight 1).")] = 0.5,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the model's recipe).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Records per batch (default: the model's recipe).")] = None,
+    contrastive_weight: Annotated[float | None, typer.Option(
+        help="Weight of the image-caption loss (the supervised head has weight 1; default: the recipe's).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,

@@ -47,14 +47,22 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 @app.command("models")
 @handle_errors
-def models_command() -> None:
-    """List the registered model configs."""
+def models_command(
+    recipe: Annotated[str | None, typer.Option(
+        help="Print this config's training recipe in full (the defaults of medvl train --model NAME).")] = None,
+) -> None:
+    """List the registered model configs and the recipe each trains with."""
     from rich.table import Table
 
     from ..models.registry import model_summaries
 
+    if recipe is not None:
+        from ..train.recipes import recipe_report
+
+        console.print_json(data=recipe_report(recipe))
+        return
     table = Table(show_header=True, header_style="bold")
-    for column in ("name", "image", "text", "dim", "about"):
+    for column in ("name", "image", "text", "dim", "recipe", "about"):
         table.add_column(column)
     for row in model_summaries():
         table.add_row(*row.values())

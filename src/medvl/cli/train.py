@@ -25,40 +25,51 @@ def train_command(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="Dataset: manifest, folder, .npz or MedPix folder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (model/, checkpoint/, metrics.jsonl).")] = None,
-    model: Annotated[str, typer.Option(help="Registered model name or a saved model folder.")] = "cxr-small",
+    model: Annotated[str, typer.Option(help="Registered model name (trained with its recipe: medvl models "
+                                            "--recipe NAME) or a saved model folder.")] = "cxr-small",
     split: Annotated[str | None, typer.Option(help="Split to train on (default: train if present, else all).")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Records per batch.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed for init, order and augmentation.")] = 0,
-    loss: Annotated[str | None, typer.Option(help="clip or siglip (default: the model's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Records per batch (default: the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the recipe's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init, order and augmentation (default 0).")] = None,
+    loss: Annotated[str | None, typer.Option(help="clip or siglip (default: the recipe's, else the model's).")] = None,
     text_encoder: Annotated[str | None, typer.Option(
         help="bert (random init), all-minilm-l6-v2 (shipped), or a local HF folder.")] = None,
     label_column: LabelOption = None,
     captions: CaptionsOption = None,
-    text_source: Annotated[str, typer.Option(help="auto | text | captions | both.")] = "auto",
-    supervised_weight: Annotated[float, typer.Option(help="Weight of supervised label heads (0 = off).")] = 0.0,
-    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0 = each epoch).")] = 0,
+    text_source: Annotated[str | None, typer.Option(
+        help="auto | text | captions | both (default: the recipe's, else auto).")] = None,
+    supervised_weight: Annotated[float | None, typer.Option(
+        help="Weight of supervised label heads (0 = off; default: the recipe's).")] = None,
+    contrastive_weight: Annotated[float | None, typer.Option(
+        help="Weight of the image-text loss (default: the recipe's, else 1).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Batches per optimizer step (default 1).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Steps between checkpoints (0 = each epoch, the default).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model."""
+    """Train a dual encoder on image-report pairs (or label captions) and save it to OUT/model.
+
+    A registered --model trains with its recipe (the settings measured in docs/benchmarks.md; see
+    medvl models --recipe NAME); every option given replaces the recipe's value. A saved model folder
+    trains with the plain defaults. The resolved settings are saved in OUT/train_config.json.
+    """
     if ctx.invoked_subcommand is not None:
         return
     if data is None or out is None:
         raise InputError("medvl train needs --data and --out (or a subcommand: see medvl train --help)")
     from ..api import parse_overrides, train_from_path
-    from ..train.loop import TrainConfig
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                         text_source=text_source, supervised_weight=supervised_weight, grad_accum=grad_accum,
-                         checkpoint_every=checkpoint_every, max_steps=max_steps)
-    trained = train_from_path(data, out, config, model, split=split, label_columns=label_column, captions=captions,
+    trained = train_from_path(data, out, model, split=split, label_columns=label_column, captions=captions,
                               overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
-                              allow_outside_root=allow_outside_root, show_progress=not quiet)
+                              allow_outside_root=allow_outside_root, show_progress=not quiet,
+                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
+                              text_source=text_source, supervised_weight=supervised_weight,
+                              contrastive_weight=contrastive_weight, grad_accum=grad_accum,
+                              checkpoint_every=checkpoint_every, max_steps=max_steps)
     summary = trained.meta["training"]
     console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")

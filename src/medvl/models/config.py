@@ -164,6 +164,35 @@ class ModelConfig:
             raise InputError(f"text.pooling must be mean or cls, got {self.text.pooling!r}")
 
 
+@dataclass
+class Recipe:
+    """How a named config is trained: the defaults of ``medvl train --model NAME`` (and of the benchmark
+    scripts), each overridden by the matching command-line option. Kept apart from the architecture
+    (the ``recipe`` block of a config JSON); a config without one trains with ``TrainConfig``'s defaults.
+    """
+
+    about: str = ""  # where the recipe comes from (the docs/benchmarks.md section that measured it)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields: epochs, batch_size, lr,
+    # loss, text_source, label_columns ([] = the dataset's own), supervised_weight, contrastive_weight, ...
+    model: dict[str, Any] = field(default_factory=dict)  # model config overrides used for training, as
+    # ``--set`` takes them (``{"text.freeze": true}``: a locked text tower; ``{"image.image_size": 64}``);
+    # they are saved with the trained model's config
+    captions: str | None = None  # a caption set shipped in configs/captions/NAME.yaml (label captions
+    # and zero-shot prompts); None = the dataset's own, else generic templates
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return _build(cls, data, "recipe")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_dataclass(cls, data: dict[str, Any], section: str):
+    """``cls(**data)`` with unknown keys and wrongly typed values refused (an ``InputError`` naming them)."""
+    return _build(cls, data, section)
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -193,6 +222,6 @@ def _same_type(default: Any, value: Any) -> bool:
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float):
         return isinstance(value, int | float)
-    if isinstance(default, dict | ImageConfig | TextConfig):
+    if isinstance(default, ImageConfig | TextConfig):
         return True
     return isinstance(value, type(default))

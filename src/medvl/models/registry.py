@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from importlib import resources
@@ -10,19 +11,30 @@ from typing import Any
 
 from ..errors import ModelError
 from .adapters import HFDualEncoder, transformers_model_type
-from .config import ModelConfig
+from .config import ModelConfig, Recipe
 from .dual import CONFIG_FILE, DualEncoder
 
 
 @cache
 def _registry() -> dict[str, dict[str, Any]]:
+    """Name -> the architecture part of its JSON (``_doc`` and the ``recipe`` block set apart)."""
     configs = {}
     for entry in resources.files(__package__).joinpath("configs").iterdir():
         if entry.name.endswith(".json"):
             data = json.loads(entry.read_text())
             data.pop("_doc", None)
+            data.pop("recipe", None)
             configs[entry.name[: -len(".json")]] = data
     return configs
+
+
+@cache
+def _recipes() -> dict[str, Recipe]:
+    recipes = {}
+    for name in _registry():
+        entry = resources.files(__package__).joinpath("configs", f"{name}.json")
+        recipes[name] = Recipe.from_dict(json.loads(entry.read_text()).get("recipe", {}))
+    return recipes
 
 
 def list_models() -> list[str]:
@@ -36,7 +48,8 @@ def describe_model(name: str) -> str:
 
 
 def model_summaries() -> list[dict[str, str]]:
-    """One row per registered model: name, image input, text tower, embedding size, description."""
+    """One row per registered model: name, image input, text tower, embedding size, training recipe,
+    description."""
     rows = []
     for name in list_models():
         config = get_config(name)
@@ -44,11 +57,33 @@ def model_summaries() -> list[dict[str, str]]:
         shape = f"{image.image_size}px" if image.spatial_dims == 2 else "x".join(map(str, image.volume_shape))
         rows.append({"name": name, "image": f"{image.arch} {shape} x{image.in_channels}",
                      "text": config.text.path or f"bert {config.text.hidden_size}x{config.text.num_layers}",
-                     "dim": str(config.embed_dim), "about": describe_model(name)})
+                     "dim": str(config.embed_dim), "recipe": recipe_summary(name), "about": describe_model(name)})
     return rows
 
 
+def get_recipe(name: str) -> Recipe:
+    """The training recipe of a registered config (an empty ``Recipe`` when it has none)."""
+    if name not in _registry():
+        raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return copy.deepcopy(_recipes()[name])
+
+
+def recipe_summary(name: str) -> str:
+    """One line: the recipe's settings (``medvl models``); "defaults" for a config without one."""
+    recipe = get_recipe(name)
+    parts = [f"{key}={_short(value)}" for key, value in {**recipe.train, **recipe.model}.items()]
+    if recipe.captions:
+        parts.append(f"captions={recipe.captions}")
+    return " ".join(parts) or "defaults"
+
+
+def _short(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The architecture of a registered config (its recipe's model overrides not applied), merged with
+    ``overrides``."""
     if name not in _registry():
         raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     config = ModelConfig.from_dict({**_registry()[name], "name": name})

@@ -1,0 +1,139 @@
+"""Training recipes: the one place where ``medvl train --model NAME`` and the benchmark scripts get
+their settings, so a user and a benchmark cannot drift apart.
+
+A registered config may carry a ``recipe`` block (``medvl.models.config.Recipe``): the ``TrainConfig``
+values, model overrides and caption set it was measured with (docs/benchmarks.md). Settings resolve
+in three layers, later winning:
+
+1. ``TrainConfig``'s defaults;
+2. the recipe of the registered name (``medvl models --recipe NAME`` prints it);
+3. options given explicitly (a value of ``None`` means "the recipe's").
+
+A saved model folder passed as the model has no recipe: it trains with ``TrainConfig``'s defaults
+(plus the options given) and keeps the config it was saved with (a frozen text tower, an image
+size), since continuing from trained weights is another job than the recipe's training from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..data import captions_for
+from ..data.captions import CaptionConfig
+from ..data.record import Dataset
+from ..errors import InputError, ModelError
+from ..eval.head import class_order
+from ..models.config import Recipe, build_dataclass
+from ..models.dual import DualEncoder
+from ..models.registry import get_recipe, is_model_dir, list_models, resolve_model
+from .loop import TrainConfig, seed_everything, train
+
+CaptionSource = str | Path | CaptionConfig | None
+
+
+@dataclass
+class RecipeSettings:
+    """Everything a training run takes from its recipe and options, resolved."""
+
+    model: str  # a registered name or a saved model folder
+    train: TrainConfig  # the resolved training config (``label_columns`` [] = the dataset's own)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into a registered config
+    captions: CaptionSource = None  # caption file or config; None = the dataset's own, else generic
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what a benchmark writes next to its results."""
+        captions: Any = self.captions
+        if isinstance(captions, CaptionConfig):
+            captions = captions.to_dict()
+        elif captions is not None:
+            captions = str(captions)
+        return {"model": self.model, "train": dataclasses.asdict(self.train),
+                "model_overrides": dict(self.model_overrides), "captions": captions}
+
+
+def recipe_of(model: str | Path) -> Recipe:
+    """The recipe of a registered name; an empty one for a saved model folder."""
+    if is_model_dir(model) or isinstance(model, Path) or "/" in str(model):
+        return Recipe()
+    if str(model) not in list_models():
+        raise ModelError(f"unknown model {model!r}; registered: {', '.join(list_models())}")
+    return get_recipe(str(model))
+
+
+def caption_set(name: str) -> Path:
+    """The path of a caption set shipped with medvl (``medvl/models/configs/captions/NAME.yaml``)."""
+    path = Path(str(resources.files("medvl.models").joinpath("configs", "captions", f"{name}.yaml")))
+    if not path.is_file():
+        raise ModelError(f"unknown caption set {name!r} (no {path.name} among medvl's caption sets)")
+    return path
+
+
+def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None = None,
+                   captions: CaptionSource = None, **train_options: Any) -> RecipeSettings:
+    """The settings of a run of ``model``: its recipe, then every option that is not None.
+
+    ``train_options`` are ``TrainConfig`` fields (unknown names and wrong types are an ``InputError``);
+    ``model_overrides`` merge over the recipe's (``--set``); ``captions`` replaces the recipe's set.
+    """
+    recipe = recipe_of(model)
+    given = {key: value for key, value in train_options.items() if value is not None}
+    config = build_dataclass(TrainConfig, {**recipe.train, **given}, "train")
+    config.recipe = str(model) if recipe != Recipe() else None
+    config.validate_numbers()
+    if captions is None and recipe.captions:
+        captions = caption_set(recipe.captions)
+    return RecipeSettings(model=str(model), train=config, model_overrides={**recipe.model, **(model_overrides or {})},
+                          captions=captions)
+
+
+def label_columns_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
+    """The label columns of the run: the settings' (option or recipe), else the dataset's defaults."""
+    columns = list(settings.train.label_columns or dataset.default_labels)
+    missing = [c for c in columns if c not in dataset.label_names]
+    if missing:
+        origin = f"the {settings.train.recipe} recipe trains" if settings.train.recipe else "training was asked"
+        raise InputError(f"{dataset.source}: {origin} with label columns {columns}, but {missing} are not "
+                         f"label columns here (available: {', '.join(dataset.label_names) or 'none'}); "
+                         "pass --label-column")
+    return columns
+
+
+def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *, resume: bool = False,
+                 show_progress: bool = True,
+                 on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """Train with resolved settings: label columns, seeded init, heads, captions, ``train``.
+
+    With a supervised head (``supervised_weight > 0``) records missing one of the label columns are
+    left out; the heads are added right after the model is built (classes in ``class_order``), so the
+    run is the same whether a benchmark or ``medvl train`` starts it.
+    """
+    config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
+    config.validate()
+    if config.supervised_weight > 0:
+        dataset = dataset.with_labels(config.label_columns)
+    seed_everything(config.seed)  # the random init of the model is part of the run
+    model = resolve_model(settings.model, **settings.model_overrides)
+    _add_heads(model, dataset, config.label_columns if config.supervised_weight > 0 else [])
+    return train(model, dataset, config, out, captions=captions_for(dataset, settings.captions, model),
+                 resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+
+
+def _add_heads(model: DualEncoder, dataset: Dataset, columns: Sequence[str]) -> None:
+    for column in columns:
+        if column not in model.heads:
+            model.add_head(column, sorted(dataset.classes(column), key=class_order))
+
+
+def recipe_report(name: str) -> dict[str, Any]:
+    """What ``medvl models --recipe NAME`` prints: where the recipe comes from and every resolved
+    setting of ``medvl train --model NAME`` with no other option."""
+    settings = resolve_recipe(name)
+    recipe = recipe_of(name)
+    return {"model": name, "about": recipe.about or "no recipe: TrainConfig's defaults",
+            "train": dataclasses.asdict(settings.train), "model_overrides": settings.model_overrides,
+            "captions": recipe.captions or "the dataset's own, else generic templates"}

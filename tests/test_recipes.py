@@ -1,0 +1,163 @@
+"""Named configs carry their training recipes: medvl train, medvl models and the benchmark scripts
+resolve the same settings."""
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+import medvl
+from cli_helpers import invoke
+from medvl.bench.cv import cv_settings
+from medvl.bench.medmnist import medmnist_settings, task_captions
+from medvl.data import load_captions
+from medvl.errors import InputError
+from medvl.models.config import Recipe, build_dataclass
+from medvl.models.registry import get_config, get_recipe
+from medvl.train.loop import TrainConfig
+from medvl.train.recipes import caption_set, resolve_recipe
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TUNED = {"medpix-small", "derm-small", "medmnist-small", "ct3d-small", "cxr-small"}
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", medvl.list_models())
+def test_every_recipe_resolves_to_a_valid_training_setup(name):
+    settings = resolve_recipe(name)
+    settings.train.validate_numbers()
+    get_config(name, **settings.model_overrides)  # the overrides fit the architecture
+    if settings.captions is not None:
+        assert load_captions(settings.captions).classes
+    assert (settings.train.recipe == name) == (name in TUNED)
+    if name not in TUNED:
+        assert settings.train == TrainConfig() and not settings.model_overrides
+
+
+def test_the_medpix_recipe_is_the_documented_one():
+    settings = resolve_recipe("medpix-small")
+    assert settings.model_overrides == {"text.freeze": True}
+    train = settings.train
+    assert (train.epochs, train.batch_size, train.lr, train.loss, train.text_source) == (20, 64, 1e-3, "clip", "both")
+    assert train.label_columns == ["modality", "plane", "location_category"]
+    assert settings.captions == caption_set("medpix")
+
+
+def test_options_replace_the_recipe_and_none_keeps_it():
+    settings = resolve_recipe("medpix-small", epochs=3, lr=None, model_overrides={"embed_dim": 64})
+    assert settings.train.epochs == 3 and settings.train.lr == 1e-3 and settings.train.text_source == "both"
+    assert settings.model_overrides == {"text.freeze": True, "embed_dim": 64}
+    assert resolve_recipe("derm-small", captions="mine.yaml").captions == "mine.yaml"
+
+
+def test_unknown_and_mistyped_recipe_settings_are_refused():
+    with pytest.raises(InputError, match="epoch"):
+        resolve_recipe("medpix-small", epoch=3)
+    with pytest.raises(InputError, match="epochs must be int"):
+        build_dataclass(TrainConfig, {"epochs": "20"}, "train")
+    with pytest.raises(InputError, match="unknown recipe config keys"):
+        Recipe.from_dict({"trian": {}})
+    with pytest.raises(InputError, match="recipe.train must be dict"):
+        Recipe.from_dict({"train": [1]})
+    with pytest.raises(InputError, match="epochs"):
+        resolve_recipe("medpix-small", epochs=0)
+
+
+def test_a_saved_model_folder_trains_with_plain_defaults(tmp_path):
+    medvl.create_model("phantom-tiny", **{"text.freeze": True}).save_pretrained(tmp_path / "saved")
+    settings = resolve_recipe(tmp_path / "saved")
+    assert settings.train == TrainConfig() and settings.model_overrides == {} and settings.captions is None
+
+
+def test_recipes_are_copies():
+    get_recipe("medpix-small").train["epochs"] = 1
+    assert resolve_recipe("medpix-small").train.epochs == 20
+
+
+# ---------------------------------------------------------------- benchmarks and CLI: one setting
+
+
+def test_medpix_benchmark_trains_the_recipe():
+    medpix = _benchmark("medpix")
+    assert medpix.settings_for(medpix.make_parser().parse_args([])) == resolve_recipe("medpix-small")
+    assert medpix.settings_for(medpix.make_parser().parse_args(["--epochs", "15"])).train.epochs == 15
+
+
+def test_volume3d_benchmark_trains_the_recipe():
+    volume3d = _benchmark("volume3d")
+    options = volume3d.run_options(volume3d.make_parser().parse_args([]))
+    assert volume3d.settings_for(options) == resolve_recipe("ct3d-small")
+
+
+def test_isic_benchmark_and_bench_cv_train_the_recipe():
+    isic = _benchmark("isic")
+    assert (isic.MODEL, isic.LABEL) == ("derm-small", "diagnosis")
+    assert cv_settings(isic.MODEL, isic.LABEL, seed=0) == resolve_recipe("derm-small")
+    assert cv_settings("derm-small", "diagnosis", epochs=5).train.epochs == 5
+
+
+def test_medmnist_benchmark_trains_the_recipe_with_its_captions():
+    assert medmnist_settings() == resolve_recipe("medmnist-small")
+    recipe_captions = load_captions(resolve_recipe("medmnist-small").captions)
+    assert task_captions(Path("pneumoniamnist.npz"), ["0", "1"]) == recipe_captions
+    assert task_captions(Path("breastmnist.npz"), ["0", "1"]) != recipe_captions
+
+
+def test_demo_defaults_are_the_cxr_recipe():
+    from medvl.demo import run_demo
+
+    defaults = inspect.signature(run_demo).parameters
+    settings = resolve_recipe("cxr-small")
+    assert defaults["epochs"].default == settings.train.epochs
+    assert defaults["image_size"].default == settings.model_overrides["image.image_size"]
+
+
+def test_plain_cli_train_runs_the_recipe_and_saves_it(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke("train", "--data", tiny_npz, "--model", "medmnist-small", "--out", out,
+                            "--max-steps", 2, "-q")
+    assert result.exit_code == 0, output
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["train"] == dataclasses.asdict(resolve_recipe("medmnist-small", max_steps=2).train)
+    model = medvl.load_model(out)
+    assert list(model.heads) == ["label"]  # the recipe's supervised head
+    assert model.meta["captions"] == load_captions(caption_set("pneumoniamnist")).to_dict()
+
+
+def test_cli_options_override_the_recipe(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke("train", "--data", tiny_npz, "--model", "medmnist-small", "--out", out,
+                            "--max-steps", 1, "--lr", 0.01, "--supervised-weight", 0, "--set", "embed_dim=32", "-q")
+    assert result.exit_code == 0, output
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["train"]["lr"] == 0.01 and saved["train"]["supervised_weight"] == 0
+    assert saved["train"]["batch_size"] == 128 and saved["model"]["embed_dim"] == 32
+    assert not medvl.load_model(out).heads
+
+
+def test_recipe_label_columns_missing_from_the_data_are_named(phantom_dir, tmp_path):
+    result, output = invoke("train", "--data", phantom_dir, "--model", "medpix-small", "--out", tmp_path / "x", "-q")
+    assert result.exit_code == 2
+    assert "medpix-small recipe" in output and "--label-column" in output
+    assert not (tmp_path / "x").exists()
+
+
+def test_models_command_shows_the_recipes():
+    result, output = invoke("models")
+    assert result.exit_code == 0 and "recipe" in output and "defaults" in output
+    result, output = invoke("models", "--recipe", "medpix-small")
+    assert result.exit_code == 0, output
+    shown = json.loads(output)
+    assert shown["train"]["epochs"] == 20 and shown["model_overrides"] == {"text.freeze": True}
+    assert shown["captions"] == "medpix"
+    result, output = invoke("models", "--recipe", "no-such-model")
+    assert result.exit_code == 2 and "no-such-model" in output
