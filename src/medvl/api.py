@@ -88,8 +88,10 @@ def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,
 
 def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", label_columns: Sequence[str] | None = None,
                        captions: PathLike | None = None, allow_outside_root: bool = False,
-                       show_progress: bool = True, calibration_split: str | None = None) -> dict:
-    """``eval.zero_shot`` on a saved model and a dataset path; the result names what was scored.
+                       show_progress: bool = True, calibration_split: str | None = None,
+                       backend: str = "torch") -> dict:
+    """``eval.zero_shot`` on a saved model (run on ``backend``, see ``load_model``) and a dataset path;
+    the result names what was scored.
 
     ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
     ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
@@ -101,7 +103,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                          "fit the temperature on a different split than the one you report")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
-    net = load_model(model)
+    net = load_model(model, backend=backend)
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
                        show_progress=show_progress, keep_logits=calibration_split is not None)
     if calibration_split is not None:
@@ -115,13 +117,14 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
 
 
 def evaluate_retrieval(model: PathLike, data: PathLike, split: str = "test", allow_outside_root: bool = False,
-                       show_progress: bool = True) -> dict:
-    """``eval.retrieval`` (image->text and text->image recall) on a saved model and a dataset path."""
+                       show_progress: bool = True, backend: str = "torch") -> dict:
+    """``eval.retrieval`` (image->text and text->image recall) on a saved model (run on ``backend``) and
+    a dataset path."""
     from .eval import retrieval
     from .models.registry import load_model
 
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    result = retrieval(load_model(model), dataset, show_progress=show_progress)
+    result = retrieval(load_model(model, backend=backend), dataset, show_progress=show_progress)
     return {**result, "model": str(model), "data": str(data), "split": split}
 
 

@@ -13,18 +13,19 @@ from .models.registry import load_model
 
 
 def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
-            label_column: str | None = None, captions: CaptionConfig | str | Path | None = None) -> list[dict]:
+            label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
+            backend: str = "torch") -> list[dict]:
     """For each image: the most likely class among ``class_names`` and every class's probability.
 
     Class descriptions come from ``captions`` (a config or a file), else from the captions the
     model was trained with; ``label_column`` picks which column's descriptions apply (default: the
-    first column that describes every requested class).
+    first column that describes every requested class). ``backend``: see ``load_model`` (model paths only).
     """
     if len(set(class_names)) < 2:
         raise InputError(f"need at least 2 distinct labels, got {list(class_names)}")
     if not images:
         raise InputError("no images given")
-    net = model if isinstance(model, DualEncoder) else load_model(model)
+    net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
     _, prompts = class_prompts(net, class_names, label_column, captions)
     probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
     results = []

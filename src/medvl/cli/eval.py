@@ -9,6 +9,7 @@ import typer
 
 from .common import (
     AllowOutsideOption,
+    BackendOption,
     CaptionsOption,
     JsonOption,
     LabelOption,
@@ -38,13 +39,14 @@ def eval_zero_shot(
     quiet: QuietOption = False,
     calibration_split: Annotated[str | None, typer.Option(
         help="Fit a softmax temperature on this split and report calibration (ECE, Brier) of --split.")] = None,
+    backend: BackendOption = "torch",
 ) -> None:
     """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
     from ..api import evaluate_zero_shot
 
     check_outputs(overwrite, json=json_out)
     result = evaluate_zero_shot(model, data, split, label_column, captions, allow_outside_root,
-                                show_progress=not quiet, calibration_split=calibration_split)
+                                show_progress=not quiet, calibration_split=calibration_split, backend=backend)
     print_metrics(f"zero-shot {result['label']} ({result['n']} images, {len(result['classes'])} classes)", {
         "accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
         "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
@@ -75,12 +77,13 @@ def eval_retrieval(
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
+    backend: BackendOption = "torch",
 ) -> None:
     """Image->text and text->image Recall@1/5/10 and median rank."""
     from ..api import evaluate_retrieval
 
     check_outputs(overwrite, json=json_out)
-    result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet)
+    result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet, backend=backend)
     rows = {}
     for direction in ("image_to_text", "text_to_image"):
         for key, value in result[direction].items():

@@ -15,6 +15,7 @@ import typer
 
 from .common import (
     AllowOutsideOption,
+    BackendOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
@@ -63,6 +64,7 @@ def build_command(
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
+    backend: BackendOption = "torch",
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
     stays usable until the new one is complete. Image paths are stored relative to the dataset's
@@ -75,7 +77,7 @@ def build_command(
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    net = load_model(model)
+    net = load_model(model, backend=backend)
     info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
                        allow_duplicates=allow_duplicates, show_progress=not quiet)
     rows = _index_rows(info)
@@ -165,6 +167,7 @@ def search_command(
              "(the index stores paths relative to it).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
+    backend: BackendOption = "torch",
 ) -> None:
     """Find the cases closest to a query image or text in an index."""
     from ..index import describe_target, index_model, open_index, search_index
@@ -173,7 +176,7 @@ def search_command(
     check_outputs(overwrite, json=json_out)
     check_k(k)
     with open_index(index) as opened:
-        net = index_model(opened, model)
+        net = index_model(opened, model, backend=backend)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
     _print_hits(hits, columns, target)

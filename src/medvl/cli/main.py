@@ -15,6 +15,7 @@ import typer
 from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
+    BackendOption,
     CaptionsOption,
     JsonOption,
     OverwriteOption,
@@ -27,6 +28,7 @@ from .common import (
     setup_logging,
 )
 from .eval import eval_app
+from .export import export_app
 from .index import index_app, search_command
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
@@ -108,13 +110,14 @@ def predict_command(
     captions: CaptionsOption = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
+    backend: BackendOption = "torch",
 ) -> None:
     """Zero-shot answer per image among the given labels."""
     from ..predict import predict
 
     check_outputs(overwrite, json=json_out)
     class_names = [name.strip() for name in labels.split(",") if name.strip()]
-    results = predict(model, images, class_names, label_column=label_column, captions=captions)
+    results = predict(model, images, class_names, label_column=label_column, captions=captions, backend=backend)
     for item in results:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
@@ -147,6 +150,7 @@ app.add_typer(train_app, name="train")
 app.command("deid")(deid_command)
 app.command("dicom-info")(inspect_command)
 app.add_typer(index_app, name="index")
+app.add_typer(export_app, name="export")
 app.add_typer(pacs_app, name="pacs")
 app.command("search")(search_command)
 app.add_typer(report_app, name="report")

@@ -19,16 +19,17 @@ from .base import IMAGES, Hit, Index, check_k, check_model, check_target
 from .cases import public_image_path
 
 
-def index_model(index: Index, model_dir: str | Path | None = None):
+def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch"):
     """The model to embed queries for ``index``: ``model_dir`` when given, else the model folder the
-    index was built with (``index.json``'s ``model.dir``); ``check_model`` then makes sure it matches."""
+    index was built with (``index.json``'s ``model.dir``), run on ``backend`` (see ``load_model``);
+    ``check_model`` then makes sure it matches."""
     from ..errors import ModelError
     from ..models.registry import load_model
 
     folder = model_dir or index.info["model"].get("dir")
     if not folder:
         raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
-    return load_model(folder)
+    return load_model(folder, backend=backend)
 
 
 def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:

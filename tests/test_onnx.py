@@ -1,0 +1,219 @@
+"""ONNX export and the inference backends: agreement with eager torch, the CLI round trip, clear errors.
+
+The model is phantom-tiny trained for a few dozen contrastive steps on 160 phantom chest X-rays paired
+with their report's impression line (60 distinct texts), enough that its Recall@5 is far above chance
+(checked), so the rankings the backends are compared on are not noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medvl
+from cli_helpers import invoke
+from medvl.errors import InputError, ModelError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+BACKENDS = ["torch-channels-last", "torch-bf16", "onnx", "onnx-int8"]
+TEXTS = ["a", "left pleural effusion", "no acute cardiopulmonary abnormality. " * 40]  # the last is truncated
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("onnx") / "data"
+    generate_phantom(folder, n=160, seed=7, size=64)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairs(phantom) -> medvl.Dataset:
+    """Every phantom image with its impression sentence as its text."""
+    dataset = medvl.load_dataset(phantom).select("all")
+    return dataset.subset([dataclasses.replace(r, text=r.text.split("IMPRESSION:")[1].strip()) for r in dataset])
+
+
+@pytest.fixture(scope="module")
+def trained_dir(pairs, tmp_path_factory) -> Path:
+    """The trained model (no export)."""
+    torch.manual_seed(0)
+    model = medvl.create_model("phantom-tiny")
+    texts = [r.text for r in pairs]
+    model.text_encoder.fit_tokenizer(texts)
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([r.image for r in pairs]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(40):
+        batch = torch.randperm(len(pairs), generator=order)[:32]
+        image_emb = model.embed_image_features(model.image_features(pixels[batch]))
+        loss = model.contrastive_loss(image_emb, model.embed_texts([texts[i] for i in batch]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.save_pretrained(tmp_path_factory.mktemp("onnx-model") / "model")
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_dir, tmp_path_factory) -> Path:
+    """A copy of the trained model with its export, by ``medvl export onnx --out``."""
+    folder = tmp_path_factory.mktemp("onnx-export") / "exported"
+    result, output = invoke("export", "onnx", "--model", trained_dir, "--out", folder)
+    assert result.exit_code == 0, output
+    assert "export.json" in output
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eager_recall(model_dir, pairs) -> dict:
+    return medvl.retrieval(medvl.load_model(model_dir), pairs, show_progress=False)
+
+
+def test_export_writes_the_model_and_both_towers_in_both_precisions(model_dir, trained_dir):
+    assert (model_dir / "model.safetensors").read_bytes() == (trained_dir / "model.safetensors").read_bytes()
+    assert not (trained_dir / "onnx").exists()
+    description = json.loads((model_dir / "onnx" / "export.json").read_text())
+    for tower in ("image", "text"):
+        for precision in ("fp32", "int8"):
+            assert (model_dir / "onnx" / description[tower][precision]).is_file()
+        assert description[tower]["max_abs_error"] < 1e-4  # checked against torch at export time
+    assert description["text"]["inputs"] == ["input_ids", "attention_mask"]
+
+
+def test_fp32_onnx_embeddings_agree_with_eager(model_dir, pairs):
+    eager, onnx = medvl.load_model(model_dir), medvl.load_model(model_dir, backend="onnx")
+    images = [r.image for r in pairs.records[:40]]
+    for batch_size in (1, 32):  # dynamic batch: a full chunk, a partial one, single images
+        cosine = F.cosine_similarity(onnx.encode_images(images, batch_size=batch_size), eager.encode_images(images))
+        assert cosine.min() >= 0.999
+    assert F.cosine_similarity(onnx.encode_texts(TEXTS), eager.encode_texts(TEXTS)).min() >= 0.999
+    features = onnx.encode_images(images[:8], features=True)  # what linear probes use
+    torch.testing.assert_close(features, eager.encode_images(images[:8], features=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_keep_retrieval_recall_at_5(backend, model_dir, pairs, eager_recall):
+    """Image->text R@5 (160 queries: one query is 0.6 points) within 1 point of eager fp32;
+    text->image R@5 (60 distinct texts: one query is 1.7 points) within one query."""
+    chance = eager_recall["image_to_text"]["chance"]["R@5"]
+    assert eager_recall["i2t_R@5"] >= 3 * chance  # a trained ranking, not noise
+    result = medvl.retrieval(medvl.load_model(model_dir, backend=backend), pairs, show_progress=False)
+    assert abs(result["i2t_R@5"] - eager_recall["i2t_R@5"]) <= 0.01
+    assert abs(result["t2i_R@5"] - eager_recall["t2i_R@5"]) <= 1 / result["n_texts"] + 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_keep_the_dual_encoder_interface(backend, model_dir, pairs):
+    from medvl.index.base import model_fingerprint
+
+    eager, other = medvl.load_model(model_dir), medvl.load_model(model_dir, backend=backend)
+    assert isinstance(other, medvl.DualEncoder) and other.meta["backend"] == backend
+    assert other.logit_scale.item() == eager.logit_scale.item()
+    assert other.config == eager.config and other.preprocessor.config == eager.preprocessor.config
+    assert model_fingerprint(other) == model_fingerprint(eager)  # an index built with one takes the other's queries
+    cosine = F.cosine_similarity(other.encode_images([pairs[0].image]), eager.encode_images([pairs[0].image]))
+    assert cosine.item() >= 0.99
+
+
+def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_path):
+    outputs = {}
+    for backend in ("torch", "onnx"):
+        result, output = invoke("eval", "retrieval", "--model", model_dir, "--data", phantom, "--split", "test",
+                                "--backend", backend, "--json", tmp_path / f"{backend}.json", "-q")
+        assert result.exit_code == 0, output
+        outputs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+    for key in ("i2t_R@5", "t2i_R@5", "i2t_R@1"):
+        assert abs(outputs["onnx"][key] - outputs["torch"][key]) <= 0.01
+
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom, "--out", tmp_path / "index",
+                            "--backend", "onnx-int8", "-q")
+    assert result.exit_code == 0, output
+    hits = {}
+    for backend in ("torch", "onnx"):
+        result, output = invoke("search", "--index", tmp_path / "index", "--text", "Left pneumothorax.", "-k", 5,
+                                "--backend", backend, "--json", tmp_path / f"hits-{backend}.json")
+        assert result.exit_code == 0, output
+        hits[backend] = [hit["id"] for hit in json.loads((tmp_path / f"hits-{backend}.json").read_text())["hits"]]
+    assert hits["onnx"][:3] == hits["torch"][:3]
+
+    image = medvl.load_dataset(phantom)[0].image
+    probabilities = {}
+    for backend in ("torch", "onnx-int8"):
+        result, output = invoke("predict", image, "--model", model_dir, "--labels", "no_finding,cardiomegaly,nodule",
+                                "--backend", backend, "--json", tmp_path / f"predict-{backend}.json")
+        assert result.exit_code == 0, output
+        predicted = json.loads((tmp_path / f"predict-{backend}.json").read_text())["predictions"][0]
+        probabilities[backend] = np.array(list(predicted["probabilities"].values()))
+    np.testing.assert_allclose(probabilities["onnx-int8"], probabilities["torch"], atol=0.02)
+
+
+def test_export_refuses_a_folder_in_use(model_dir, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("keep")
+    result, output = invoke("export", "onnx", "--model", model_dir, "--out", tmp_path / "used")
+    assert result.exit_code == 2 and "not an empty folder" in output
+    assert (tmp_path / "used" / "notes.txt").read_text() == "keep"
+
+
+def _copy(model_dir: Path, target: Path) -> Path:
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def _error_line(output: str) -> str:
+    lines = {line for line in output.splitlines() if line.startswith("error:")}  # output holds stderr twice
+    assert len(lines) == 1, output
+    return lines.pop()
+
+
+def test_missing_or_stale_exports_are_named(model_dir, trained_dir, phantom, tmp_path):
+    result, output = invoke("eval", "retrieval", "--model", trained_dir, "--data", phantom, "--backend", "onnx", "-q")
+    assert result.exit_code == 2
+    line = _error_line(output)
+    assert str(trained_dir / "onnx" / "export.json") in line and "medvl export onnx" in line
+
+    missing = _copy(model_dir, tmp_path / "missing")
+    (missing / "onnx" / "image.int8.onnx").unlink()
+    with pytest.raises(ModelError, match="image.int8.onnx: missing"):
+        medvl.load_model(missing, backend="onnx-int8")
+
+    stale = _copy(model_dir, tmp_path / "stale")
+    model = medvl.load_model(stale)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    model.save_pretrained(stale / "retrained")
+    shutil.copytree(stale / "onnx", stale / "retrained" / "onnx")
+    with pytest.raises(ModelError, match=r"export.json: the export was made from other weights"):
+        medvl.load_model(stale / "retrained", backend="onnx")
+
+    broken = _copy(model_dir, tmp_path / "broken")
+    (broken / "onnx" / "export.json").write_text("{not json")
+    with pytest.raises(ModelError, match="unreadable ONNX export description"):
+        medvl.load_model(broken, backend="onnx")
+
+
+def test_bad_backends_and_folders_exit_2_with_one_line(model_dir, tmp_path):
+    with pytest.raises(InputError, match="unknown backend 'fast'"):
+        medvl.load_model(model_dir, backend="fast")
+    result, output = invoke("predict", tmp_path / "x.png", "--model", model_dir, "--labels", "a,b", "--backend", "gpu")
+    assert result.exit_code == 2 and "unknown backend 'gpu'" in _error_line(output)
+    (tmp_path / "empty").mkdir()
+    result, output = invoke("export", "onnx", "--model", tmp_path / "empty")
+    assert result.exit_code == 2 and "not a medvl model directory" in _error_line(output)
+
+
+def test_an_onnx_model_refuses_training(model_dir):
+    model = medvl.load_model(model_dir, backend="onnx")
+    with pytest.raises(ModelError, match="inference only"):
+        model.train()
