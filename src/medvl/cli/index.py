@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InputError
 from .common import (
     AllowOutsideOption,
     BackendOption,
@@ -65,10 +66,16 @@ def build_command(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
     backend: BackendOption = "torch",
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Decode and embed on Ray workers (Ray Data; a local Ray unless --address).")] = False,
+    address: Annotated[str | None, typer.Option(
+        help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default a local Ray.")] = None,
+    ray_workers: Annotated[int, typer.Option(help="With --ray: embedding workers (one CPU each).")] = 2,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
     stays usable until the new one is complete. Image paths are stored relative to the dataset's
-    folder (none for DICOM)."""
+    folder (none for DICOM). --ray spreads decoding and embedding over Ray workers; the index is
+    the same."""
     from ..api import load_split
     from ..index import build_index
     from ..index.build import check_batch_size
@@ -76,10 +83,17 @@ def build_command(
 
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
+    embedder = None
+    if ray:
+        from ..scale.ray_jobs import RayEmbedder
+
+        embedder = RayEmbedder(model, workers=ray_workers, address=address, backend=backend)
+    elif address is not None:
+        raise InputError("--address is a Ray cluster address: it needs --ray")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     net = load_model(model, backend=backend)
     info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
-                       allow_duplicates=allow_duplicates, show_progress=not quiet)
+                       allow_duplicates=allow_duplicates, show_progress=not quiet, embedder=embedder)
     rows = _index_rows(info)
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})

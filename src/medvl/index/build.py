@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,27 @@ def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images:
     return kept, vectors, text_vectors, duplicates
 
 
+def keep_new(batch: Sequence[Record], digests: Sequence[str], vectors: np.ndarray, text_vectors: np.ndarray,
+             known_images: dict[str, str], allow_duplicates: bool, root: Path | None
+             ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
+    """``embed_records`` for batches embedded elsewhere (every record embedded): the same cases and
+    duplicates, in the same order."""
+    kept, rows, duplicates = [], [], []
+    for row, (record, digest) in enumerate(zip(batch, digests, strict=True)):
+        if digest in known_images and not allow_duplicates:
+            duplicates.append({"id": record.id, "duplicate_of": known_images[digest]})
+            continue
+        known_images.setdefault(digest, record.id)
+        kept.append(Case.from_record(record, digest, root))
+        rows.append(row)
+    return kept, vectors[rows], text_vectors[rows], duplicates
+
+
+# Embeds batches somewhere else (``medvl.scale.ray_jobs.RayEmbedder``): called with the dataset, the
+# records still to do and the batch size; yields (records, pixel hashes, image vectors, text vectors).
+Embedder = Callable[[Dataset, Sequence[Record], int], Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]]
+
+
 def check_batch_size(batch_size: int) -> None:
     """InputError unless the batch size is a whole number >= 1 (callers may check before loading data)."""
     check_number("batch_size", batch_size, minimum=1, integer=True)
@@ -112,11 +133,13 @@ def new_info(backend: str, fingerprint: dict[str, Any], dataset: Dataset) -> dic
 
 def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Path | None = None,
                 batch_size: int = 32, kind: str = "auto", allow_duplicates: bool = False,
-                show_progress: bool = True) -> dict[str, Any]:
+                show_progress: bool = True, embedder: Embedder | None = None) -> dict[str, Any]:
     """Embed every record of ``dataset`` into a new index at ``out`` (a folder, or a Postgres
     URL), replacing any index there only once the new one is complete.
 
     Each batch is checkpointed; rerunning the same build after a crash resumes where it stopped.
+    ``embedder`` (e.g. ``RayEmbedder``: workers on a Ray cluster) embeds the batches instead of
+    ``model`` in this process; the index is the same.
     Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM.
     Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
     """
@@ -135,10 +158,9 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
         duplicates: list[dict] = []
         with progress_bar("Indexing cases", total=len(records), enabled=show_progress) as advance:
             advance(len(records) - len(todo))
-            for batch in _batches(todo, batch_size):
-                items = read_images(batch)
-                cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates,
-                                                                      dataset_root(dataset))
+            root = dataset_root(dataset)
+            for batch, cases, vectors, text_vectors, skipped in _embedded(model, dataset, todo, batch_size, known,
+                                                                          allow_duplicates, root, embedder):
                 duplicates += skipped
                 if cases:
                     builder.append(cases, vectors, text_vectors)
@@ -151,6 +173,17 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
         builder.close()
     return {**info, "duplicates": duplicates, "resumed": len(done),
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, known: dict[str, str],
+              allow_duplicates: bool, root: Path | None, embedder: Embedder | None):
+    """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order."""
+    if embedder is None:
+        for batch in _batches(todo, batch_size):
+            yield batch, *embed_records(model, read_images(batch), known, allow_duplicates, root)
+        return
+    for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size):
+        yield batch, *keep_new(batch, digests, vectors, text_vectors, known, allow_duplicates, root)
 
 
 def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, columns: dict, kind: str,

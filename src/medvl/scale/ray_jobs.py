@@ -1,0 +1,126 @@
+"""Embedding a large dataset on a Ray cluster (or a local Ray): ``medvl index build --ray``.
+
+``RayEmbedder`` is an ``embedder`` for ``medvl.index.build_index``: Ray Data spreads the records
+still to do over ``workers`` actors (one CPU each), each of which loads the model once from its
+folder, decodes its batch of images, hashes the pixels and embeds images and report texts. The
+streaming executor keeps only a bounded number of batches in flight (Ray Data's backpressure: a
+worker does not run ahead of what the driver has consumed), and the results come back in record
+order, so the driver appends them to the staged index exactly as a single-process build does:
+duplicate images are skipped in the same order, and every appended batch is a checkpoint, so an
+interrupted build resumes from the last one when rerun (``build_index``'s contract).
+
+The workers read images themselves: on a cluster, the data path must be readable from every node
+(a shared file system), as must the model folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.record import Dataset, Record
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayEmbedder:
+    """Embed with ``workers`` Ray actors; ``address`` None starts a local Ray (stopped afterwards), else
+    joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
+
+    model_dir: Path
+    workers: int = 2
+    address: str | None = None
+    backend: str = "torch"  # the inference backend each worker loads (medvl.load_model)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
+        self.model_dir = Path(self.model_dir)
+
+    def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int
+                 ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
+        """Yield (records, pixel hashes, image vectors, text vectors) batch by batch, in record order;
+        text vectors of records without text are zero rows."""
+        if not records:
+            return
+        ray = _import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            _init_ray(ray, self.address, self.workers)
+        try:
+            yield from self._embed(ray, dataset, records, batch_size)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _embed(self, ray, dataset: Dataset, records: Sequence[Record], batch_size: int):
+        position = {record.id: i for i, record in enumerate(dataset.records)}  # ids are unique (checked)
+        positions = [position[record.id] for record in records]
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # results in record order: deterministic dedup
+        context.enable_progress_bars = False
+        items = ray.data.from_items([{"position": p} for p in positions],
+                                    override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
+        embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
+            "model_dir": str(self.model_dir), "backend": self.backend, "dataset": dataset},
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
+            batch_format="numpy")
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            batch_records = [dataset.records[int(p)] for p in batch["position"]]
+            yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
+
+
+class _EmbedWorker:
+    """One Ray actor: the model loaded once, one CPU thread, a batch of record positions in, vectors out."""
+
+    def __init__(self, model_dir: str, backend: str, dataset: Dataset):
+        import torch
+
+        from ..models.registry import load_model
+
+        torch.set_num_threads(1)
+        self.model = load_model(model_dir, backend=backend)
+        self.records = dataset.records
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from ..index.build import read_images
+
+        records = [self.records[int(p)] for p in batch["position"]]
+        items = read_images(records)
+        images = self.model.encode_images([array for _, array, _ in items], batch_size=len(items)).numpy()
+        texts = np.zeros_like(images)
+        with_text = [i for i, record in enumerate(records) if record.text]
+        if with_text:
+            texts[with_text] = self.model.encode_texts([records[i].text or "" for i in with_text]).numpy()
+        return {"position": batch["position"], "digest": np.array([digest for _, _, digest in items]),
+                "image": images.astype(np.float32), "text": texts.astype(np.float32)}
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        raise InputError("--ray needs Ray Data: pip install 'medvl[scale]' (or pip install 'ray[data]')") from err
+    return ray
+
+
+def _init_ray(ray, address: str | None, workers: int) -> None:
+    """A local Ray with ``workers`` CPUs (plus one for the driver's reads), or join ``address``."""
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None:
+        options["num_cpus"] = workers + 1
+    else:
+        options["address"] = address
+    try:
+        ray.init(**options)
+    except ConnectionError as err:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {err}") from None
