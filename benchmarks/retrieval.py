@@ -148,10 +148,13 @@ def bench_pgvector(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
 
     from medvl.index.pgvector_store import (
         PG_EF_SEARCH,
+        PG_HNSW_EF_CONSTRUCTION,
+        PG_HNSW_M,
         PgVectorIndex,
         _create_table,
         _ensure_schema,
         _write_info,
+        hnsw_index_sql,
     )
 
     n, dim = vectors.shape
@@ -176,7 +179,7 @@ def bench_pgvector(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
                 copy.write(struct.pack(">h", -1))
             load = time.perf_counter() - started
             started = time.perf_counter()
-            conn.execute("CREATE INDEX ON bench USING hnsw (image_vec vector_ip_ops)")  # as the store does
+            conn.execute(hnsw_index_sql(sql.Identifier("bench"), "image_vec"))  # as the store does
             build = time.perf_counter() - started
             conn.execute("VACUUM ANALYZE bench")
             size = conn.execute("SELECT pg_total_relation_size('bench')").fetchone()[0] / 2**20
@@ -188,14 +191,15 @@ def bench_pgvector(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
         memory = f"{size:,.0f} MB table+index ({index_size:,.0f} MB HNSW)"
         rows = []
         with PgVectorIndex.open(url) as index:
-            for ef in (40, PG_EF_SEARCH, 200):
+            for ef in sorted({40, 100, PG_EF_SEARCH, 200, 400}):
                 index.conn.execute(f"SET hnsw.ef_search = {int(ef)}")
                 started = time.perf_counter()
                 hits = index.search(queries, k=10)  # the store runs a batch as one query per row
                 qps = len(queries) / (time.perf_counter() - started)
                 found = np.array([[int(h.id[4:]) for h in result] + [-1] * (10 - len(result)) for result in hits])
                 lat = latencies_ms(lambda q: index.search(q, k=10), queries[:n_latency])
-                rows.append(row("pgvector HNSW m16", f"ef_search {ef}", round(load + build, 1) if not rows else None,
+                name = f"pgvector HNSW m{PG_HNSW_M} efc{PG_HNSW_EF_CONSTRUCTION}"
+                rows.append(row(name, f"ef_search {ef}", round(load + build, 1) if not rows else None,
                                 memory if not rows else "", recall_at_10(found, truth), lat, qps,
                                 ef == PG_EF_SEARCH))
         rows[0]["setting"] += f" (COPY {load:.0f} s + HNSW {build:.0f} s)"

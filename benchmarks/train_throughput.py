@@ -1,0 +1,92 @@
+"""Training throughput: samples/s and peak memory of ``medvl train``, 1 process vs torchrun with N.
+
+    python benchmarks/train_throughput.py [--model cxr-small] [--n 512] [--batch-size 32]
+                                          [--steps 6,18] [--procs 1,2] [--json out.json]
+
+Each configuration runs the plain command (``medvl train``, or ``torchrun --standalone
+--nproc-per-node N --no-python medvl train``) twice, for the two step counts of ``--steps``;
+the difference of the wall times divided by the difference of the samples is the steady-state
+throughput (start-up, image loading and the final save cancel out). Every process is given
+``cores / N`` torch threads, so each row uses the whole machine. Peak resident memory is the largest
+of any process of the run (``ru_maxrss`` of the children). A 2-process run on one 2-core machine
+is not expected to be faster: it measures what data parallelism costs here (the all-gather of the
+embeddings, the all-reduce of the gradients, one model copy per process), which is the part that
+does not shrink when the processes run on separate machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(command: list[str], threads: int) -> tuple[float, float]:
+    """Wall seconds and the peak RSS (MiB) of the largest child process started by this run."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cxr-small")
+    parser.add_argument("--n", type=int, default=512, help="phantom images")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", default="6,18", help="two step counts; the throughput is from their difference")
+    parser.add_argument("--procs", default="1,2")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    low, high = (int(s) for s in args.steps.split(","))
+    medvl, torchrun = shutil.which("medvl"), shutil.which("torchrun")
+    if medvl is None or torchrun is None:
+        sys.exit("medvl and torchrun must be on PATH (pip install -e .)")
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="medvl-train-throughput-"))
+    data = work / "phantom"
+    subprocess.run([medvl, "phantom", str(data), "--n", str(args.n), "--size", "128", "--quiet"], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = []
+    for procs in (int(p) for p in args.procs.split(",")):
+        threads = max(1, cores // procs)
+        times = {}
+        peak = 0.0
+        for steps in (low, high):
+            out = work / f"out-{procs}-{steps}"
+            train = ["train", "--data", str(data), "--out", str(out), "--model", args.model, "--epochs", "100",
+                     "--batch-size", str(args.batch_size), "--max-steps", str(steps), "--quiet",
+                     "--set", f"image.image_size={args.image_size}"]
+            command = [medvl, *train] if procs == 1 else \
+                [torchrun, "--standalone", f"--nproc-per-node={procs}", "--no-python", medvl, *train]
+            times[steps], rss = run(command, threads)
+            peak = max(peak, rss)
+        samples = (high - low) * args.batch_size
+        rate = samples / (times[high] - times[low])
+        rows.append({"processes": procs, "threads_per_process": threads, "samples_per_s": round(rate, 1),
+                     "seconds": {str(k): round(v, 1) for k, v in times.items()}, "peak_rss_mib": round(peak)})
+    base = rows[0]["samples_per_s"]
+    print(f"medvl train throughput: {args.model} at {args.image_size} px, global batch {args.batch_size}, "
+          f"{cores} cores")
+    print(f"{'processes':>9} {'threads':>7} {'samples/s':>10} {'vs 1 proc':>9} {'peak RSS MiB':>12}")
+    for row in rows:
+        print(f"{row['processes']:>9} {row['threads_per_process']:>7} {row['samples_per_s']:>10.1f} "
+              f"{row['samples_per_s'] / base:>9.2f} {row['peak_rss_mib']:>12}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "cores": cores, "rows": rows}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
