@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from medvl.models.backends import BACKENDS  # noqa: E402
 from medvl.models.registry import create_model, list_models, load_model  # noqa: E402
-from medvl.scale import BACKENDS, export_onnx  # noqa: E402
+from medvl.scale import export_onnx  # noqa: E402
 
 DEFAULT_CONFIG, GOAL_SHARE = "cxr-small", 0.5
 SENTENCES = ["no acute cardiopulmonary abnormality.", "small left pleural effusion with basal atelectasis.",

@@ -21,7 +21,8 @@ def export_onnx_command(
     int8: Annotated[bool, typer.Option(help="Also write dynamically quantised int8 graphs (for onnx-int8).")] = True,
 ) -> None:
     """Export the image and text towers to ONNX (checked against eager torch); then use --backend onnx."""
-    from ..scale.onnx import EXPORT_FILE, export_onnx, read_export
+    from ..models.backends import EXPORT_FILE, read_export
+    from ..scale.onnx import export_onnx
 
     folder = export_onnx(model, out, int8=int8)
     description = read_export(folder.parent)

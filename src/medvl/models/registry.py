@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ModelError
 from .adapters import HFDualEncoder, transformers_model_type
+from .backends import load_backend
 from .config import ModelConfig, Recipe
 from .dual import CONFIG_FILE, DualEncoder
 
@@ -104,13 +105,11 @@ def load_model(directory: str | Path, backend: str = "torch") -> DualEncoder:
     local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only).
 
     ``backend`` other than ``torch`` (eager fp32) runs the towers another way, for inference:
-    channels-last, bf16 autocast or an ONNX export (``medvl.scale.backends``)."""
+    channels-last, bf16 autocast or an ONNX export (``medvl.models.backends``)."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         directory = directory / "model"
     if backend != "torch":
-        from ..scale.backends import load_backend  # scale builds on this package (and needs the [scale] extra)
-
         return load_backend(directory, backend)
     if transformers_model_type(directory) is not None:
         return HFDualEncoder.from_pretrained(directory)

@@ -1,4 +1,4 @@
-"""ONNX export of a medvl model's towers, and the model running them with onnxruntime.
+"""ONNX export of a medvl model's towers, for the ``onnx`` / ``onnx-int8`` backends (``medvl.models.backends``).
 
 ``export_onnx(model_dir)`` writes ``model_dir/onnx/`` next to the model files:
 
@@ -10,7 +10,7 @@
                       difference from eager torch measured at export time, library versions
 
 Only the towers are exported (tokenisation, projections, normalisation and supervised heads stay in
-torch: they are small), so an ``OnnxDualEncoder`` has the whole ``DualEncoder`` interface and the
+torch: they are small), so ``OnnxDualEncoder`` has the whole ``DualEncoder`` interface and the
 same weights (index fingerprints match the torch model's). Batches are dynamic, except for
 ``slicepool`` volumes (one volume per run: the slice loop is Python). int8 quantises the MatMul /
 Gemm weights only: onnxruntime's dynamic ConvInteger ran several times slower than fp32 convolutions
@@ -23,30 +23,22 @@ model folder without one, or with one made from other weights, naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
 from ..io import replace_dir, write_errors_named
-from ..models.dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
-from ..models.image import _check_input
+from ..models.backends import EXPORT_DIR, EXPORT_FILE, EXPORT_FORMAT, onnx_session, weights_digest
+from ..models.dual import CONFIG_FILE, DualEncoder
 
-log = logging.getLogger(__name__)
-
-EXPORT_DIR, EXPORT_FILE, FORMAT = "onnx", "export.json", "medvl-onnx/1"
-PRECISIONS = ("fp32", "int8")
 INT8_OPS = ["MatMul", "Gemm"]  # convolutions stay fp32 (see the module docstring)
 EXPORT_CHECK_TEXTS = ["no acute cardiopulmonary abnormality", "small left pleural effusion with basal atelectasis"]
 
@@ -57,14 +49,6 @@ def model_folder(directory: str | Path) -> Path:
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         return directory / "model"
     return directory
-
-
-def weights_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    with open(folder / WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- export --------------------------------------------------------------------------------------
@@ -120,7 +104,7 @@ def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, An
     if int8:
         for tower in (image, text):
             tower["int8"] = _quantize(folder / tower["fp32"])
-    return {"format": FORMAT, "image": image, "text": text,
+    return {"format": EXPORT_FORMAT, "image": image, "text": text,
             "int8": {"method": "onnxruntime dynamic quantisation", "op_types": INT8_OPS, "weights": "QInt8"}
             if int8 else None,
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
@@ -171,7 +155,7 @@ def _torch_export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
 
 
 def _max_error(path: Path, feeds: dict[str, np.ndarray], expected: torch.Tensor) -> float:
-    outputs = _session(path).run(None, feeds)[0]
+    outputs = onnx_session(path).run(None, feeds)[0]
     return float(np.abs(outputs - expected.numpy()).max())
 
 
@@ -185,95 +169,3 @@ def _quantize(path: Path) -> str:
     quantize_dynamic(str(prepared), str(target), op_types_to_quantize=INT8_OPS, weight_type=QuantType.QInt8)
     prepared.unlink()
     return target.name
-
-
-# -- running -------------------------------------------------------------------------------------
-def _session(path: Path) -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ModelError("the ONNX backends need onnxruntime: pip install 'medvl[scale]'") from None
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
-    options.log_severity_level = 3  # errors only: no per-session optimisation notices
-    try:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
-        raise ModelError(f"{path}: onnxruntime cannot load it ({str(err)[:200]})") from None
-
-
-def read_export(folder: Path) -> dict[str, Any]:
-    """``folder/onnx/export.json``, checked against the model's weights; ModelError naming the file."""
-    path = folder / EXPORT_DIR / EXPORT_FILE
-    if not path.is_file():
-        raise ModelError(f"{path}: no ONNX export for this model; run: medvl export onnx --model {folder}")
-    try:
-        description = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: unreadable ONNX export description ({err})") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a medvl ONNX export description (format {FORMAT!r} expected)")
-    if description.get("weights_sha256") != weights_digest(folder):
-        raise ModelError(f"{path}: the export was made from other weights than {folder / WEIGHTS_FILE}; "
-                         f"re-run: medvl export onnx --model {folder}")
-    return description
-
-
-class OnnxDualEncoder(DualEncoder):
-    """A ``DualEncoder`` whose image and text towers run in onnxruntime (inference only).
-
-    The torch model is loaded too (projections, heads, temperature, tokenizer and preprocessing come
-    from it, and its weights identify the model to indexes); only the towers' forward passes change.
-    """
-
-    sessions: dict[str, Any]
-    export: dict[str, Any]
-
-    @classmethod
-    def from_export(cls, directory: str | Path, precision: str = "fp32") -> OnnxDualEncoder:
-        if precision not in PRECISIONS:
-            raise ModelError(f"unknown ONNX precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        folder = model_folder(directory)
-        if not (folder / CONFIG_FILE).is_file():
-            raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
-        description = read_export(folder)
-        model = cls.from_pretrained(folder)
-        if not isinstance(model, OnnxDualEncoder):
-            raise ModelError(f"{folder}: not a medvl model folder")
-        model.export = description
-        model.sessions = {tower: _session(_tower_file(folder, description, tower, precision))
-                          for tower in ("image", "text")}
-        model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
-        return model
-
-    def train(self, mode: bool = True) -> OnnxDualEncoder:
-        if mode:
-            raise ModelError("a model on an ONNX backend is for inference only; train the torch model")
-        return super().train(False)
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        _check_input(self.config.image, pixels)
-        feeds = np.ascontiguousarray(pixels.detach().numpy(), dtype=np.float32)
-        session = self.sessions["image"]
-        if self.export["image"].get("batch") == 1:
-            rows = [session.run(None, {"pixels": feeds[i:i + 1]})[0] for i in range(len(feeds))]
-            return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self.image_encoder.num_features)
-        return torch.from_numpy(session.run(None, {"pixels": feeds})[0])
-
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.text_encoder.tokenize(texts)
-        feeds = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
-        features = torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
-        return F.normalize(self.text_projection(features), dim=-1)
-
-
-def _tower_file(folder: Path, description: dict[str, Any], tower: str, precision: str) -> Path:
-    export_file = folder / EXPORT_DIR / EXPORT_FILE
-    name = (description.get(tower) or {}).get(precision)
-    if not name:
-        raise ModelError(f"{export_file}: the export has no {precision} {tower} tower"
-                         + ("; re-export without --no-int8" if precision == "int8" else ""))
-    path = folder / EXPORT_DIR / Path(name).name
-    if not path.is_file():
-        raise ModelError(f"{path}: missing ({export_file} names it); re-run: medvl export onnx --model {folder}")
-    return path

@@ -1,0 +1,197 @@
+"""Inference backends: how a loaded model runs its towers on a CPU.
+
+=======================  ===========================================================================
+``torch``                eager PyTorch, fp32 (the default; the only one that trains)
+``torch-channels-last``  eager fp32 with channels-last (NHWC / NDHWC) activations and weights
+``torch-bf16``           eager with bfloat16 autocast of the towers (CPUs with AVX512-BF16 / AMX)
+``onnx``                 onnxruntime, the fp32 graphs of ``medvl export onnx`` (``medvl.scale.onnx``)
+``onnx-int8``            onnxruntime, the dynamically quantised int8 graphs of the same export
+=======================  ===========================================================================
+
+Every backend returns a ``DualEncoder`` (same interface, same weights; projections, heads and the
+temperature stay fp32 torch), so evaluators, indexes, search and predict never special-case one.
+Which one is fastest depends on the model and the CPU: see docs/benchmarks.md.
+
+An ONNX export lives in ``<model folder>/onnx/`` (written by ``medvl.scale.export_onnx``):
+``image.onnx`` (normalised pixels (N, C, *spatial) float32 -> pooled backbone features (N, F)),
+``text.onnx`` (``input_ids``, ``attention_mask`` (N, L) int64 -> pooled text features (N, F)), their
+``*.int8.onnx`` versions and ``export.json`` (files, inputs, the SHA-256 of ``model.safetensors``,
+the largest difference from eager torch measured at export). It is made explicitly, never on the fly:
+a model folder without one, or with one made from other weights, is refused, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, ModelError
+from .adapters import transformers_model_type
+from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
+from .image import _check_input
+
+BACKENDS = ("torch", "torch-channels-last", "torch-bf16", "onnx", "onnx-int8")
+EXPORT_DIR, EXPORT_FILE, EXPORT_FORMAT = "onnx", "export.json", "medvl-onnx/1"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def load_backend(folder: Path, backend: str) -> DualEncoder:
+    """The medvl model in ``folder`` (its model files, not a train run folder) on ``backend``."""
+    check_backend(backend)
+    if transformers_model_type(folder) is not None:
+        raise ModelError(f"{folder}: backend {backend!r} takes medvl model folders, this is a transformers "
+                         f"{transformers_model_type(folder)} folder (use backend 'torch')")
+    if backend.startswith("onnx"):
+        return OnnxDualEncoder.from_export(folder, "int8" if backend == "onnx-int8" else "fp32")
+    model = EagerDualEncoder.from_pretrained(folder)
+    if not isinstance(model, EagerDualEncoder):
+        raise ModelError(f"{folder}: not a medvl model folder")
+    model.configure(channels_last=backend == "torch-channels-last", bf16=backend == "torch-bf16")
+    model.meta = {**model.meta, "backend": backend}
+    return model
+
+
+class EagerDualEncoder(DualEncoder):
+    """A ``DualEncoder`` whose towers run channels-last or under bfloat16 autocast.
+
+    Features leave the towers as fp32, so projections and heads see the same dtype as with ``torch``.
+    """
+
+    channels_last = False
+    bf16 = False
+
+    def configure(self, channels_last: bool = False, bf16: bool = False) -> None:
+        self.channels_last, self.bf16 = channels_last, bf16
+        if channels_last and self.config.image.arch != "slicepool":  # slicepool's convolutions are 2D on 5D input
+            memory_format = self._memory_format(2 + self.config.image.spatial_dims)
+            self.image_encoder.to(memory_format=memory_format)  # type: ignore[call-overload]  # (stubs lack it)
+
+    @staticmethod
+    def _memory_format(ndim: int) -> torch.memory_format:
+        return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and pixels.ndim in (4, 5):
+            pixels = pixels.contiguous(memory_format=self._memory_format(pixels.ndim))
+        with self._autocast():
+            return super().image_features(pixels).float()
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        with self._autocast():
+            features = self.text_encoder(texts).float()
+        return F.normalize(self.text_projection(features), dim=-1)
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------
+def weights_digest(folder: Path) -> str:
+    """SHA-256 of ``model.safetensors``: which weights an export was made from."""
+    digest = hashlib.sha256()
+    with open(folder / WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def onnx_session(path: Path) -> Any:
+    """An onnxruntime CPU session with torch's thread budget; ModelError naming ``path`` if it cannot load."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("the ONNX backends need onnxruntime: pip install 'medvl[scale]'") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: no per-session optimisation notices
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ModelError(f"{path}: onnxruntime cannot load it ({str(err)[:200]})") from None
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """``folder/onnx/export.json``, checked against the model's weights; ModelError naming the file."""
+    path = folder / EXPORT_DIR / EXPORT_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: no ONNX export for this model; run: medvl export onnx --model {folder}")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: unreadable ONNX export description ({err})") from None
+    if not isinstance(description, dict) or description.get("format") != EXPORT_FORMAT:
+        raise ModelError(f"{path}: not a medvl ONNX export description (format {EXPORT_FORMAT!r} expected)")
+    if description.get("weights_sha256") != weights_digest(folder):
+        raise ModelError(f"{path}: the export was made from other weights than {folder / WEIGHTS_FILE}; "
+                         f"re-run: medvl export onnx --model {folder}")
+    return description
+
+
+class OnnxDualEncoder(DualEncoder):
+    """A ``DualEncoder`` whose image and text towers run in onnxruntime (inference only).
+
+    The torch model is loaded too (projections, heads, temperature, tokenizer and preprocessing come
+    from it, and its weights identify the model to indexes); only the towers' forward passes change.
+    ``slicepool`` volumes run one at a time (their export has a fixed batch of one).
+    """
+
+    sessions: dict[str, Any]
+    export: dict[str, Any]
+
+    @classmethod
+    def from_export(cls, folder: Path, precision: str = "fp32") -> OnnxDualEncoder:
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelError(f"{folder}: not a medvl model directory (missing {CONFIG_FILE})")
+        description = read_export(folder)
+        model = cls.from_pretrained(folder)
+        if not isinstance(model, OnnxDualEncoder):
+            raise ModelError(f"{folder}: not a medvl model folder")
+        model.export = description
+        model.sessions = {tower: onnx_session(_tower_file(folder, description, tower, precision))
+                          for tower in ("image", "text")}
+        model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
+        return model
+
+    def train(self, mode: bool = True) -> OnnxDualEncoder:
+        if mode:
+            raise ModelError("a model on an ONNX backend is for inference only; train the torch model")
+        return super().train(False)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        _check_input(self.config.image, pixels)  # the same refusal as the torch tower's
+        feeds = np.ascontiguousarray(pixels.detach().numpy(), dtype=np.float32)
+        session = self.sessions["image"]
+        if self.export["image"].get("batch") == 1:
+            rows = [session.run(None, {"pixels": feeds[i:i + 1]})[0] for i in range(len(feeds))]
+            return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self.image_encoder.num_features)
+        return torch.from_numpy(session.run(None, {"pixels": feeds})[0])
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.text_encoder.tokenize(texts)
+        feeds = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
+        features = torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
+        return F.normalize(self.text_projection(features), dim=-1)
+
+
+def _tower_file(folder: Path, description: dict[str, Any], tower: str, precision: str) -> Path:
+    export_file = folder / EXPORT_DIR / EXPORT_FILE
+    name = (description.get(tower) or {}).get(precision)
+    if not name:
+        raise ModelError(f"{export_file}: the export has no {precision} {tower} tower"
+                         + ("; re-export without --no-int8" if precision == "int8" else ""))
+    path = folder / EXPORT_DIR / Path(name).name
+    if not path.is_file():
+        raise ModelError(f"{path}: missing ({export_file} names it); re-run: medvl export onnx --model {folder}")
+    return path
