@@ -28,6 +28,7 @@ from .common import (
     setup_logging,
 )
 from .eval import eval_app
+from .explain import explain_command
 from .export import export_app
 from .index import index_app, search_command
 from .pacs import pacs_app
@@ -155,6 +156,7 @@ app.add_typer(pacs_app, name="pacs")
 app.command("search")(search_command)
 app.add_typer(report_app, name="report")
 app.command("serve")(serve_command)
+app.command("explain")(explain_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""``medvl explain``: why a model sees a finding in an image (heatmaps, concepts, similar cases)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import CaptionsOption, OverwriteOption, console, handle_errors
+
+
+@handle_errors
+def explain_command(
+    image: Annotated[Path, typer.Argument(help="Image file to explain (2D).")],
+    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    labels: Annotated[str | None, typer.Option(
+        help="Comma-separated findings to choose among (default: every class the model's captions describe).")] = None,
+    label_column: Annotated[str | None, typer.Option(
+        help="Label column whose class descriptions to use (default: the first with all the labels).")] = None,
+    captions: CaptionsOption = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the heatmap overlays (PNG) and explanation.json; without it only the summary prints.")] = None,
+    method: Annotated[list[str] | None, typer.Option(
+        help="Heatmap method (repeatable): patch_text, gradcam (default: both).")] = None,
+    top: Annotated[int, typer.Option(help="Explain the TOP most probable findings.")] = 1,
+    concepts: Annotated[str | None, typer.Option(
+        help="Concept bank: chest_xray, dermoscopy (shipped) or a text file of phrases, one a line.")] = None,
+    concept_data: Annotated[Path | None, typer.Option(
+        help="Dataset to fit the concept bottleneck on (its train split, else all); needs --concepts. "
+             "The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
+    bottleneck: Annotated[Path | None, typer.Option(
+        help="A concept bottleneck fitted before (bottleneck.json) instead of --concept-data.")] = None,
+    index: Annotated[str | None, typer.Option(
+        help="Case index (folder or Postgres URL): list the nearest cases.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 5,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM),
+    top concepts of a concept bottleneck and the nearest indexed cases."""
+    from ..io import check_output_file
+    from ..models.registry import load_model
+
+    saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
+    if saved is not None:
+        check_output_file(saved, overwrite, "--out file")
+    net = load_model(model)
+    fitted = _bottleneck(net, concepts, concept_data, bottleneck, captions)
+    if fitted is not None and saved is not None and concept_data is not None:
+        fitted.save(saved)
+    names = labels.split(",") if labels is not None else (fitted.classes if fitted is not None else None)
+    result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
+    _print(result, out)
+    if fitted is not None and saved is not None:
+        console.print(f"wrote {saved}")
+
+
+def _bottleneck(net, concepts, concept_data, bottleneck, captions):
+    from ..errors import InputError
+    from ..explain.concepts import ConceptBottleneck, fit_bottleneck, load_concepts
+
+    if bottleneck is not None:
+        if concept_data is not None:
+            raise InputError("give --bottleneck or --concept-data, not both")
+        return ConceptBottleneck.load(bottleneck)
+    if concept_data is None:
+        if concepts is not None:
+            load_concepts(concepts)  # a bad bank is reported even when nothing is fitted
+            raise InputError("--concepts needs --concept-data (labelled images to fit the bottleneck on)")
+        return None
+    if concepts is None:
+        raise InputError("--concept-data needs --concepts (a concept bank: chest_xray, dermoscopy or a file)")
+    from ..data import load_dataset
+
+    bank = load_concepts(concepts)
+    data = load_dataset(concept_data)
+    label = data.label_names[0] if data.label_names else None
+    if label is None:
+        raise InputError(f"{concept_data}: the dataset has no label column to fit the concept bottleneck on")
+    train = data.select("train") if "train" in data.splits else data
+    return fit_bottleneck(net, train, label, bank, captions)
+
+
+def _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k):
+    from ..explain.explanation import explain_image
+    from ..explain.heatmaps import METHODS
+
+    kwargs = {"labels": names, "label_column": label_column, "captions": captions, "methods": method or METHODS,
+              "top": top, "out": out, "overwrite": overwrite, "bottleneck": fitted, "k": k}
+    if index is None:
+        return explain_image(net, image, **kwargs)
+    from ..index import open_index
+
+    with open_index(index) as opened:
+        return explain_image(net, image, index=opened, **kwargs)
+
+
+def _print(result: dict, out: Path | None) -> None:
+    for entry in result["findings"]:
+        console.print(f"[bold]{entry['finding']}[/] p={entry['probability']:.2f}")
+        for name, heatmap in entry["heatmaps"].items():
+            where = f" -> {out / heatmap['file']}" if "file" in heatmap else ""
+            console.print(f"  {name}: peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}{where}",
+                          highlight=False, soft_wrap=True)
+        for part in entry.get("concepts", []):
+            console.print(f"  concept {part['concept']!r}: weight {part['weight']:+.3f}, "
+                          f"contribution {part['contribution']:+.3f}", highlight=False)
+    for rank, hit in enumerate(result.get("neighbours", []), 1):
+        console.print(f"  {rank}. {hit['id']} ({hit['split']}) score {hit['score']:.3f}", highlight=False)
+    if out is not None:
+        console.print(f"wrote {out / 'explanation.json'}")

@@ -1,0 +1,217 @@
+"""Concept bottlenecks (LaBo / KnoBo style): findings predicted from named concepts only.
+
+A **concept bank** is a text file of short phrases, one a line (``#`` starts a comment line),
+editable by users like the knowledge base of ``medvl.rag``. Two ship in ``medvl/explain/concepts``:
+``chest_xray`` and ``dermoscopy`` (ABCD rule and 7-point checklist features); ``load_concepts``
+takes one of these names or a file path.
+
+**Concept scores** are the cosine similarities of an image embedding with each concept's text
+embedding (the mean over the caption templates the model was trained with, each filled with the
+phrase). A **bottleneck** standardises the scores over the training images and fits an L1
+(sparse) multinomial logistic regression on them alone (regularisation C chosen by 3-fold
+cross-validation); a finding's explanation is its top concepts by contribution = weight x
+standardised score. ``compare_with_probe`` puts its accuracy beside a linear probe fitted on the
+image embeddings the scores come from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import captions_for
+from ..embed import class_embeddings, embed_images
+from ..errors import DataError, InputError
+from ..eval.linear_probe import fit_and_score
+from ..eval.metrics import classification_metrics
+from ..io import write_json
+
+BUILTIN_DIR = Path(__file__).with_name("concepts")
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+@dataclass
+class ConceptBank:
+    """Named concept phrases and where they came from."""
+
+    name: str  # the file's stem, e.g. "chest_xray"
+    concepts: list[str]  # phrases, in file order, without duplicates
+    source: str  # the file read
+
+
+def builtin_banks() -> list[str]:
+    return sorted(path.stem for path in BUILTIN_DIR.glob("*.txt"))
+
+
+def load_concepts(bank: str | Path) -> ConceptBank:
+    """A shipped bank by name (``builtin_banks()``) or a user's text file by path."""
+    path = Path(bank)
+    if not path.suffix and str(bank) in builtin_banks():
+        path = BUILTIN_DIR / f"{bank}.txt"
+    if not path.is_file():
+        raise DataError(path, f"concept file not found (give a text file or one of {', '.join(builtin_banks())})")
+    return ConceptBank(path.stem, read_concepts(path), str(path))
+
+
+def read_concepts(path: str | Path) -> list[str]:
+    """The phrases of a concept file; DataError naming it when unreadable, empty or repeating a phrase."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text") from None
+    concepts: dict[str, int] = {}
+    for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+        phrase = " ".join(line.split())
+        if not phrase or phrase.startswith("#"):
+            continue
+        if phrase.lower() in concepts:
+            raise DataError(path, f"line {number} repeats the concept of line {concepts[phrase.lower()]}")
+        concepts[phrase.lower()] = number
+    if not concepts:
+        raise DataError(path, "empty concept bank: no concept phrases (one a line; # starts a comment)")
+    return list(concepts)
+
+
+def concept_embeddings(model, bank: ConceptBank, captions=None) -> torch.Tensor:
+    """(M, D) normalised text embedding of each concept, over the model's caption templates."""
+    templates = captions_for(None, captions, model).templates
+    return class_embeddings(model, [[t.format(c) for t in templates] for c in bank.concepts])
+
+
+@dataclass
+class ConceptBottleneck:
+    """A sparse linear model from standardised concept scores to findings (see the module docstring)."""
+
+    concepts: list[str]
+    classes: list[str]
+    label_column: str
+    concept_vectors: np.ndarray  # (M, D) concept text embeddings of the model it was fitted with
+    mean: np.ndarray  # (M,) training mean of the concept scores
+    scale: np.ndarray  # (M,) training standard deviation (1 where constant)
+    weights: np.ndarray  # (K, M); binary models hold +-w/2 so that the softmax is the logistic
+    intercepts: np.ndarray  # (K,)
+    c: float  # the chosen inverse regularisation strength
+
+    def standardised_scores(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        scores = np.asarray(image_embeddings, dtype=np.float64) @ self.concept_vectors.T
+        return (scores - self.mean) / self.scale
+
+    def probabilities(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        logits = self.standardised_scores(image_embeddings) @ self.weights.T + self.intercepts
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def contributions(self, image_embedding: np.ndarray | torch.Tensor, finding: str, top: int = 5) -> list[dict]:
+        """The ``top`` concepts pushing one image towards ``finding``: weight, score, contribution."""
+        if finding not in self.classes:
+            raise InputError(f"the concept bottleneck does not predict {finding!r}; it knows {', '.join(self.classes)}")
+        row = self.classes.index(finding)
+        scores = self.standardised_scores(np.asarray(image_embedding).reshape(1, -1))[0]
+        parts = self.weights[row] * scores
+        order = [int(i) for i in np.argsort(-parts, kind="stable") if self.weights[row, i] != 0][:top]
+        return [{"concept": self.concepts[i], "weight": float(self.weights[row, i]),
+                 "score": float(scores[i]), "contribution": float(parts[i])} for i in order]
+
+    @property
+    def nonzero(self) -> int:
+        """Concepts with a non-zero weight for at least one class."""
+        return int(np.count_nonzero(np.abs(self.weights).sum(axis=0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concepts": self.concepts, "classes": self.classes, "label_column": self.label_column,
+                "concept_vectors": self.concept_vectors.tolist(), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "weights": self.weights.tolist(),
+                "intercepts": self.intercepts.tolist(), "c": self.c}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConceptBottleneck:
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(path, "concept bottleneck file not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            arrays = {k: np.asarray(data[k], dtype=np.float64)
+                      for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
+            return cls(concepts=list(data["concepts"]), classes=list(data["classes"]),
+                       label_column=str(data["label_column"]), c=float(data["c"]), **arrays)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
+
+
+def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
+                   image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
+    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    classes, y = _targets(dataset, label)
+    if image_embeddings is None:
+        image_embeddings = embed_images(model, dataset, show_progress=show_progress)
+    vectors = concept_embeddings(model, bank, captions).numpy().astype(np.float64)
+    scores = image_embeddings.numpy().astype(np.float64) @ vectors.T
+    mean, scale = scores.mean(0), scores.std(0)
+    scale[scale == 0] = 1.0
+    linear = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, random_state=seed)
+    standardised = (scores - mean) / scale
+    folds = min(3, int(np.bincount(y).min()))
+    if folds >= 2:
+        search = GridSearchCV(linear, {"C": list(C_GRID)}, cv=folds, scoring="neg_log_loss").fit(standardised, y)
+        linear, c = search.best_estimator_, float(search.best_params_["C"])
+    else:
+        c = 0.1
+        linear.set_params(C=c).fit(standardised, y)
+    weights, intercepts = _all_classes(linear, len(classes))
+    return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c)
+
+
+def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,
+                       seed: int = 0, show_progress: bool = False) -> dict[str, Any]:
+    """Accuracy of a concept bottleneck and of a linear probe on the same image embeddings."""
+    started = time.perf_counter()
+    classes, y_train = _targets(train_data, label)
+    test_classes, y_test = _targets(test_data, label, classes)
+    train_embeddings = embed_images(model, train_data, show_progress=show_progress)
+    test_embeddings = embed_images(model, test_data, show_progress=show_progress)
+    bottleneck = fit_bottleneck(model, train_data, label, bank, captions, seed, train_embeddings)
+    cbm = classification_metrics(y_test, bottleneck.probabilities(test_embeddings), classes)
+    probe = fit_and_score(train_embeddings.numpy(), y_train, test_embeddings.numpy(), y_test, classes, cv=True)
+    keys = ("accuracy", "balanced_accuracy", "macro_auc")
+    return {"label": label, "classes": classes, "bank": bank.name, "concepts": len(bank.concepts),
+            "nonzero_concepts": bottleneck.nonzero, "c": bottleneck.c, "n_train": len(y_train), "n_test": len(y_test),
+            "bottleneck": {k: cbm[k] for k in keys}, "probe": {k: probe[k] for k in keys},
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _targets(dataset, label: str, classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    dataset = dataset.with_labels([label])
+    values = [str(r.labels[label]) for r in dataset]
+    known = list(classes) if classes is not None else sorted(set(values))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"{dataset.source}: classes {unknown} of {label!r} are not among the training classes {known}")
+    if len(known) < 2:
+        raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {known}")
+    return known, np.array([known.index(v) for v in values])
+
+
+def _all_classes(linear, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, M) weights and (K,) intercepts over every class (binary: +-half of the one vector)."""
+    coef, intercept = np.asarray(linear.coef_, dtype=np.float64), np.asarray(linear.intercept_, dtype=np.float64)
+    if coef.shape[0] == 1:
+        return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    weights, intercepts = np.zeros((count, coef.shape[1])), np.zeros(count)
+    weights[linear.classes_], intercepts[linear.classes_] = coef, intercept
+    return weights, intercepts

@@ -1,0 +1,145 @@
+"""One image explained: the predicted findings, a heatmap per method as a PNG overlay, the top
+contributing concepts of a concept bottleneck and the nearest cases of an index.
+
+Findings are the zero-shot classes of one label column (``--labels``, default every class the
+model's captions describe); the ``top`` most probable are explained. Overlay files are named
+``<image stem>_<finding>_<method>.png``; ``explanation.json`` holds everything else.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import captions_for
+from ..data.images import read_image
+from ..embed import class_embeddings
+from ..errors import InputError
+from ..eval.zero_shot import zero_shot_probabilities
+from ..io import atomic_write_bytes, check_output_file, write_json
+from ..predict import caption_column_for
+from .grounding import normalise_map, peak
+from .heatmaps import METHODS, check_heatmap_model, check_methods, heatmaps, resize_map
+
+EXPLANATION_FILE = "explanation.json"
+
+
+def finding_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
+                    captions=None) -> tuple[str, list[str], list[list[str]]]:
+    """The label column, its classes to explain and each class's prompts.
+
+    ``labels`` must be classes the captions describe (the model's own unless ``captions`` is given)
+    when they describe any: a name outside them is an unknown label (InputError naming it)."""
+    config = captions_for(None, captions, model)
+    requested = [name.strip() for name in labels or [] if name.strip()]
+    column = label_column or (caption_column_for(config, requested) if requested else next(iter(config.classes), ""))
+    known = list(config.classes.get(column, {}))
+    if label_column is not None and config.classes and column not in config.classes:
+        raise InputError(f"unknown label column {column!r}; the captions describe {', '.join(config.classes)}")
+    if requested and config.classes:
+        described = {name for per_class in config.classes.values() for name in per_class}
+        unknown = [name for name in requested if name not in (known or described)]
+        if unknown:
+            raise InputError(f"unknown label {unknown[0]!r}; known labels{f' of {column!r}' if column else ''}: "
+                             f"{', '.join(known or sorted(described))}")
+    classes = list(dict.fromkeys(requested or known))
+    if len(classes) < 2:
+        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes} "
+                         "(pass --labels a,b,...)")
+    return column, classes, [config.prompts(column, name) for name in classes]
+
+
+def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods: Sequence[str]) -> list[Path]:
+    """Every overlay file an explanation of ``image`` may write (checked before any work)."""
+    stem = Path(image).stem
+    return [out / f"{stem}_{_safe(name)}_{method}.png" for name in classes for method in methods]
+
+
+def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
+                  captions=None, methods: Sequence[str] = METHODS, top: int = 1, out: str | Path | None = None,
+                  overwrite: bool = False, bottleneck=None, index=None, k: int = 5) -> dict[str, Any]:
+    """Explain the ``top`` most probable findings of one image (see the module docstring).
+
+    ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
+    ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
+    ``explanation.json`` are written there (existing files refused unless ``overwrite``)."""
+    check_heatmap_model(model)
+    methods = check_methods(methods)
+    column, classes, prompts = finding_classes(model, labels, label_column, captions)
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
+        raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
+            check_output_file(path, overwrite, "--out file")
+    array = read_image(image)
+    pixels = model.preprocessor.load(array)[None]
+    texts = class_embeddings(model, prompts)
+    embedding = model.encode_images(pixels)
+    probabilities = zero_shot_probabilities(model, embedding, prompts)[0]
+    ranked = [int(i) for i in np.argsort(-probabilities, kind="stable")[:top]]
+    findings = []
+    for target in ranked:
+        maps = {m: resize_map(h[0], array.shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
+        entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
+                                 "heatmaps": {m: {"peak": list(peak(h))} for m, h in maps.items()}}
+        if out is not None:
+            for method, heatmap in maps.items():
+                path = overlay_paths(out, image, [classes[target]], [method])[0]
+                save_overlay(path, array, heatmap, f"{classes[target]} ({method}, p={probabilities[target]:.2f})")
+                entry["heatmaps"][method]["file"] = path.name
+        if bottleneck is not None:
+            entry["concepts"] = bottleneck.contributions(embedding, classes[target])
+        findings.append(entry)
+    result: dict[str, Any] = {"image": Path(image).name, "label_column": column,
+                              "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
+                              "findings": findings}
+    if index is not None:
+        result["neighbours"] = nearest_cases(index, model, embedding, k)
+    if out is not None:
+        write_json(out / EXPLANATION_FILE, result)
+    return result
+
+
+def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:
+    """The ``k`` indexed cases closest to the image (id, score, split, labels): no report text."""
+    from ..index.base import check_k, check_model
+
+    check_k(k)
+    check_model(index.info, model, index.location)
+    hits = index.search(embedding.numpy(), k=k)[0]
+    return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits]
+
+
+def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title: str) -> Path:
+    """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
+    its peak marked; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    grey = image.astype(np.float64).mean(axis=-1) if image.ndim == 3 else image.astype(np.float64)
+    figure = Figure(figsize=(4.2, 4.0), dpi=100)
+    axes = figure.add_subplot()
+    axes.imshow(grey, cmap="gray")
+    shown = axes.imshow(normalise_map(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    row, col = peak(heatmap)
+    axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
+    axes.set_title(title, fontsize=9)
+    axes.set_axis_off()
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _safe(name: str) -> str:
+    """A class name as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"

@@ -1,0 +1,201 @@
+"""Grounding quality of heatmaps against boxes and masks: pointing game, IoU, Dice, baselines.
+
+Conventions: a heatmap is a (rows, columns) float array, higher = more evidence; boxes are
+``[x0, y0, x1, y1]`` pixels, end-exclusive (x = column), as the phantom writes them, so
+``mask[y0:y1, x0:x1]`` holds a finding's whole mask.
+
+* **Pointing game** (Zhang et al. 2016): a hit when the map's maximum (the first one in
+  row-major order on ties) lies inside the region, or within ``tolerance`` pixels (Euclidean) of it.
+* **Energy in box**: the share of the min-max normalised map's mass inside the box (Wang et al.
+  2020, Score-CAM's energy-based pointing game); 1 = all the evidence in the box.
+* **IoU / Dice at a threshold t**: the map is min-max normalised to [0, 1] and the pixels >= t form
+  the predicted region, compared with the finding's mask.
+* Baselines: a **random map** (uniform noise per pixel, seeded: its maximum is a uniformly random
+  pixel) and a **centre prior** (an isotropic Gaussian on the image centre, sigma a quarter of the
+  side: its maximum is the centre pixel).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..embed import class_embeddings
+from ..errors import DataError, InputError
+from ..predict import class_prompts
+from .heatmaps import METHODS, check_methods, heatmaps, resize_map
+
+BASELINES = ("random", "centre")
+THRESHOLDS = (0.25, 0.5, 0.75)
+
+
+def normalise_map(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] (float64); a constant map becomes all zeros."""
+    values = np.asarray(heatmap, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the map's maximum; the first in row-major order on ties."""
+    row, col = np.unravel_index(int(np.argmax(heatmap)), np.shape(heatmap))
+    return int(row), int(col)
+
+
+def box_mask(box: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """A boolean (rows, columns) mask of an end-exclusive ``[x0, y0, x1, y1]`` box."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise InputError(f"box {list(box)} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+    mask = np.zeros(tuple(shape[:2]), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def pointing_hit(heatmap: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
+    """True when the map's peak lies in ``region`` (boolean, same shape) or within ``tolerance`` px of it."""
+    _check_same_shape(heatmap, region)
+    row, col = peak(heatmap)
+    if region[row, col]:
+        return True
+    if tolerance <= 0 or not region.any():
+        return False
+    rows, cols = np.nonzero(region)
+    return bool(np.min((rows - row) ** 2 + (cols - col) ** 2) <= tolerance ** 2)
+
+
+def energy_in(heatmap: np.ndarray, region: np.ndarray) -> float:
+    """Share of the normalised map's mass inside ``region`` (0 for a constant map)."""
+    _check_same_shape(heatmap, region)
+    values = normalise_map(heatmap)
+    total = float(values.sum())
+    return float(values[region].sum()) / total if total > 0 else 0.0
+
+
+def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1 when both are empty)."""
+    _check_same_shape(predicted, truth)
+    union = np.logical_or(predicted, truth).sum()
+    return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
+
+
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """2|A and B| / (|A| + |B|) of two boolean masks (1 when both are empty)."""
+    _check_same_shape(predicted, truth)
+    total = int(predicted.sum()) + int(truth.sum())
+    return float(2 * np.logical_and(predicted, truth).sum() / total) if total else 1.0
+
+
+def random_map(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """The random baseline: uniform noise in [0, 1) per pixel."""
+    return rng.random(tuple(shape[:2]))
+
+
+def centre_prior(shape: Sequence[int], sigma: float = 0.25) -> np.ndarray:
+    """The centre baseline: a Gaussian on the image centre, ``sigma`` in fractions of each side."""
+    rows, cols = (np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in shape[:2])
+    return np.exp(-0.5 * ((rows[:, None] / (sigma * shape[0])) ** 2 + (cols[None, :] / (sigma * shape[1])) ** 2))
+
+
+def region_scores(heatmap: np.ndarray, mask: np.ndarray, box: Sequence[int],
+                  thresholds: Sequence[float] = THRESHOLDS, tolerance: float = 0.0) -> dict[str, float]:
+    """Every grounding score of one map against one finding's mask and box."""
+    in_box = box_mask(box, np.shape(heatmap))
+    scores = {"pointing_box": float(pointing_hit(heatmap, in_box, tolerance)),
+              "pointing_mask": float(pointing_hit(heatmap, mask, tolerance)),
+              "energy_box": energy_in(heatmap, in_box)}
+    values = normalise_map(heatmap)
+    for t in thresholds:
+        predicted = values >= t if values.max() > 0 else np.zeros_like(mask)
+        scores[f"iou@{t:g}"] = iou(predicted, mask)
+        scores[f"dice@{t:g}"] = dice(predicted, mask)
+    return scores
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean of each score per finding and method, plus ``all`` (every finding pooled).
+
+    ``rows``: one per (case, finding, method) with keys ``finding``, ``method`` and the scores."""
+    out: dict[str, dict[str, Any]] = {}
+    for finding in sorted({r["finding"] for r in rows}) + ["all"]:
+        chosen = [r for r in rows if finding in ("all", r["finding"])]
+        per_method: dict[str, Any] = {}
+        for method in dict.fromkeys(r["method"] for r in chosen):
+            mine = [r for r in chosen if r["method"] == method]
+            keys = [k for k in mine[0] if k not in ("finding", "method", "id")]
+            per_method[method] = {k: float(np.mean([r[k] for r in mine])) for k in keys}
+        out[finding] = {"n": len({r["id"] for r in chosen}), **per_method}
+    return out
+
+
+def phantom_truth(record, finding: str) -> tuple[np.ndarray, list[int]] | None:
+    """The mask and box of ``finding`` in a phantom record (``boxes`` column and ``masks/`` folder
+    beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it."""
+    from PIL import Image
+
+    boxes = json.loads(record.labels.get("boxes") or "{}")
+    if finding not in boxes:
+        return None
+    image = Path(record.image)
+    mask_path = image.parent.parent / "masks" / f"{image.stem}_{finding}.png"
+    if not mask_path.is_file():
+        raise DataError(mask_path, f"mask of {finding!r} not found (the manifest gives it a box)")
+    with Image.open(mask_path) as handle:
+        mask = np.asarray(handle.convert("L")) > 0
+    return mask, [int(v) for v in boxes[finding]]
+
+
+def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence[str] | None = None,
+                       thresholds: Sequence[float] = THRESHOLDS, tolerance: float = 0.0, seed: int = 0,
+                       captions=None, batch_size: int = 16) -> dict[str, Any]:
+    """Grounding of each heatmap method and both baselines on every record whose ``label`` class has a
+    box and mask (phantom layout, see ``phantom_truth``); the heatmap explains the true class among
+    all of ``label``'s classes in ``dataset``. Returns ``per_finding`` (``summarise``) and settings."""
+    methods = check_methods(methods or METHODS)
+    _check_thresholds(thresholds)
+    dataset.require_label(label)
+    classes = dataset.classes(label)
+    texts = class_embeddings(model, class_prompts(model, classes, label, captions)[1])
+    cases = [(r, str(r.labels[label]), truth) for r in dataset
+             for truth in [phantom_truth(r, str(r.labels[label]))] if truth is not None]
+    if not cases:
+        raise DataError(dataset.source, f"no record has a box and mask for its {label!r} class")
+    started, rng, rows = time.perf_counter(), np.random.default_rng(seed), []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start:start + batch_size]
+        pixels = model.preprocessor.load_many([r.image for r, _, _ in chunk])
+        for finding in dict.fromkeys(f for _, f, _ in chunk):
+            members = [i for i, (_, f, _) in enumerate(chunk) if f == finding]
+            maps = heatmaps(model, pixels[members], texts, classes.index(finding), methods)
+            for j, i in enumerate(members):
+                record, _, (mask, box) = chunk[i]
+                candidates = {m: resize_map(maps[m][j], mask.shape) for m in methods}
+                candidates |= {"random": random_map(mask.shape, rng), "centre": centre_prior(mask.shape)}
+                rows += [{"id": record.id, "finding": finding, "method": m,
+                          **region_scores(heatmap, mask, box, thresholds, tolerance)}
+                         for m, heatmap in candidates.items()]
+    return {"label": label, "classes": classes, "methods": methods, "baselines": list(BASELINES),
+            "thresholds": list(thresholds), "tolerance": tolerance, "seed": seed, "n": len(cases),
+            "seconds": round(time.perf_counter() - started, 2), "per_finding": summarise(rows)}
+
+
+def beats_baselines(per_finding: dict[str, dict[str, Any]], methods: Sequence[str],
+                    score: str = "pointing_box") -> dict[str, bool]:
+    """Per finding: does the best heatmap method score strictly above both baselines?"""
+    return {finding: max(row[m][score] for m in methods) > max(row[b][score] for b in BASELINES)
+            for finding, row in per_finding.items() if finding != "all"}
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
+    if np.shape(a) != np.shape(b):
+        raise InputError(f"heatmap and region shapes differ: {np.shape(a)} vs {np.shape(b)}")
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> None:
+    if not thresholds or any(not 0 < float(t) <= 1 for t in thresholds):
+        raise InputError(f"thresholds must be in (0, 1], got {list(thresholds)}")

@@ -1,0 +1,294 @@
+"""Explanations: grounding metrics by hand, heatmaps of a tiny trained model, concept bottlenecks, medvl explain."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medvl
+from cli_helpers import invoke
+from medvl.data import captions_for
+from medvl.errors import DataError, InputError
+from medvl.explain import grounding
+from medvl.explain.concepts import ConceptBottleneck, compare_with_probe, fit_bottleneck, load_concepts, read_concepts
+from medvl.explain.heatmaps import gradcam_map, patch_text_map, resize_map
+from medvl.train.loop import TrainConfig
+
+# -- grounding metrics against hand-computed values ------------------------------------------------
+
+
+def test_pointing_game_by_hand():
+    heatmap = np.zeros((5, 5))
+    heatmap[1, 3] = 2.0
+    assert grounding.peak(heatmap) == (1, 3)
+    assert grounding.pointing_hit(heatmap, grounding.box_mask([3, 1, 4, 2], heatmap.shape))  # the one pixel (1, 3)
+    left = grounding.box_mask([0, 0, 3, 5], heatmap.shape)  # columns 0-2
+    assert not grounding.pointing_hit(heatmap, left)
+    assert grounding.pointing_hit(heatmap, left, tolerance=1.0)  # (1, 2) is one pixel away
+    assert not grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.0)
+    # nearest pixel of that box is (3, 1): sqrt(4 + 4) = 2.83 > 2
+    assert grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.9)
+    assert grounding.peak(np.ones((3, 3))) == (0, 0)  # ties: the first in row-major order
+
+
+def test_energy_iou_dice_by_hand():
+    heatmap = np.array([[0.0, 1.0], [2.0, 3.0]])  # normalised: 0, 1/3, 2/3, 1 (sum 2)
+    top_row = np.array([[True, True], [False, False]])
+    assert grounding.energy_in(heatmap, top_row) == pytest.approx((1 / 3) / 2)
+    predicted = np.zeros((4, 4), bool)
+    predicted[0, :] = True  # 4 pixels
+    truth = np.zeros((4, 4), bool)
+    truth[0, 2:] = truth[1, :] = True  # 6 pixels, 2 shared
+    assert grounding.iou(predicted, truth) == pytest.approx(2 / 8)
+    assert grounding.dice(predicted, truth) == pytest.approx(4 / 10)
+    assert grounding.iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+def test_region_scores_thresholds_by_hand():
+    heatmap = np.array([[0.0, 1.0, 2.0, 3.0]])  # normalised 0, 1/3, 2/3, 1
+    mask = np.array([[False, True, True, False]])
+    scores = grounding.region_scores(heatmap, mask, [1, 0, 3, 1], thresholds=(0.5, 0.25))
+    # >= 0.5: columns 2, 3 -> 1 shared of 3 in the union; >= 0.25: columns 1-3 -> 2 of 3
+    assert scores["iou@0.5"] == pytest.approx(1 / 3) and scores["dice@0.5"] == pytest.approx(0.5)
+    assert scores["iou@0.25"] == pytest.approx(2 / 3) and scores["dice@0.25"] == pytest.approx(0.8)
+    assert scores["pointing_box"] == 0.0 and scores["pointing_mask"] == 0.0  # the peak is column 3
+    assert scores["energy_box"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+
+
+def test_baselines_and_summary():
+    prior = grounding.centre_prior((9, 7))
+    assert grounding.peak(prior) == (4, 3) and prior[4, 3] == pytest.approx(1.0)
+    a = grounding.random_map((4, 4), np.random.default_rng(1))
+    b = grounding.random_map((4, 4), np.random.default_rng(1))
+    assert np.array_equal(a, b) and 0 <= a.min() and a.max() < 1
+    rows = [{"id": "1", "finding": "x", "method": "m", "pointing_box": 1.0},
+            {"id": "2", "finding": "x", "method": "m", "pointing_box": 0.0},
+            {"id": "3", "finding": "y", "method": "m", "pointing_box": 1.0}]
+    summary = grounding.summarise(rows)
+    assert summary["x"] == {"n": 2, "m": {"pointing_box": 0.5}}
+    assert summary["all"]["m"]["pointing_box"] == pytest.approx(2 / 3) and summary["all"]["n"] == 3
+    table = {"x": {"gradcam": {"pointing_box": 0.6}, "random": {"pointing_box": 0.1}, "centre": {"pointing_box": 0.6}}}
+    assert grounding.beats_baselines(table, ["gradcam"]) == {"x": False}  # a tie does not beat
+    with pytest.raises(InputError, match="box"):
+        grounding.box_mask([3, 0, 3, 2], (4, 4))
+
+
+# -- a tiny model trained a few steps on real phantom files -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(phantom_dir, tmp_path_factory):
+    """phantom-tiny without the stem max-pool (a 4 x 4 token grid at 64 px), trained 2 epochs."""
+    dataset = medvl.load_dataset(phantom_dir)
+    out = tmp_path_factory.mktemp("explain") / "run"
+    torch.manual_seed(0)
+    model = medvl.create_model("phantom-tiny", **{"image.no_max_pool": True})
+    medvl.train(model, dataset.select("train"), TrainConfig(epochs=2, batch_size=32, seed=0), out,
+                captions=captions_for(dataset), show_progress=False)
+    return medvl.load_model(out)
+
+
+@pytest.fixture(scope="module")
+def class_texts(tiny_model):
+    from medvl.embed import class_embeddings
+    from medvl.predict import class_prompts
+
+    classes = ["no_finding", "cardiomegaly", "pleural_effusion", "nodule", "consolidation", "pneumothorax"]
+    return classes, class_embeddings(tiny_model, class_prompts(tiny_model, classes, "finding")[1])
+
+
+def _pixels(model, phantom_dir, count=3):
+    files = sorted((phantom_dir / "images").glob("*.png"))[:count]
+    return model.preprocessor.load_many(files)
+
+
+def test_patch_text_peak_lies_in_the_best_token_cell(tiny_model, phantom_dir, class_texts):
+    _, texts = class_texts
+    pixels = _pixels(tiny_model, phantom_dir)
+    maps = patch_text_map(tiny_model, pixels, texts, target=1)
+    assert maps.shape == (3, 64, 64) and torch.isfinite(maps).all()
+    with torch.no_grad():  # the same similarity by hand, on the 4 x 4 token grid
+        tokens = tiny_model.image_encoder.tokens(tiny_model.preprocessor.normalize(pixels))
+        projected = torch.nn.functional.normalize(tiny_model.image_projection(tokens), dim=-1)
+        cells = (projected @ (texts[1] - texts.mean(0))).view(3, 4, 4)
+    for image in range(3):
+        row, col = grounding.peak(maps[image].numpy())
+        best = int(cells[image].argmax())
+        assert (row // 16, col // 16) == divmod(best, 4)
+        assert float(maps[image].max()) <= float(cells[image].max()) + 1e-5  # bilinear: no overshoot
+
+
+def test_gradcam_matches_a_hand_computed_grad_cam(tiny_model, phantom_dir, class_texts):
+    _, texts = class_texts
+    pixels = _pixels(tiny_model, phantom_dir, count=2)
+    maps = gradcam_map(tiny_model, pixels, texts, target=2)
+    saved = {}
+    layer = tiny_model.image_encoder.backbone.layer4
+    handle = layer.register_forward_hook(lambda module, inputs, output: saved.setdefault("a", output))
+    try:
+        normalised = tiny_model.preprocessor.normalize(pixels)
+        embeddings = tiny_model.embed_image_features(tiny_model.image_encoder(normalised))
+        logits = tiny_model.logit_scale.detach().clamp(max=4.6052).exp() * embeddings @ texts.t()
+        activations = saved["a"]
+        gradients = torch.autograd.grad(logits[:, 2].sum(), activations)[0]
+    finally:
+        handle.remove()
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activations).sum(1, keepdim=True)).detach()
+    expected = torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert maps.shape == (2, 64, 64)
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert resize_map(maps[0].numpy(), (128, 96)).shape == (128, 96)
+
+
+def test_grounding_on_phantom_boxes_and_masks(tiny_model, phantom_dir):
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    result = grounding.evaluate_grounding(tiny_model, test_set, seed=0)
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "test" and r["boxes"]]
+    boxes = [json.loads(r["boxes"])[r["finding"]] for r in rows]
+    assert result["n"] == len(rows) == result["per_finding"]["all"]["n"]
+    centre_hits = [x0 <= 31 < x1 and y0 <= 31 < y1 for x0, y0, x1, y1 in boxes]  # the prior peaks at (31, 31)
+    assert result["per_finding"]["all"]["centre"]["pointing_box"] == pytest.approx(np.mean(centre_hits))
+    for finding, row in result["per_finding"].items():
+        assert finding in {"all", "cardiomegaly", "pleural_effusion", "nodule", "consolidation", "pneumothorax"}
+        for method in ("patch_text", "gradcam", "random", "centre"):
+            assert set(row[method]) >= {"pointing_box", "pointing_mask", "energy_box", "iou@0.5", "dice@0.5"}
+            assert all(0.0 <= v <= 1.0 for v in row[method].values())
+    with pytest.raises(InputError, match="thresholds"):
+        grounding.evaluate_grounding(tiny_model, test_set, thresholds=(0.0,))
+
+
+# -- concept bottleneck -----------------------------------------------------------------------------
+
+
+def test_concept_files(tmp_path):
+    assert len(load_concepts("chest_xray").concepts) >= 10 and len(load_concepts("dermoscopy").concepts) >= 10
+    path = tmp_path / "bank.txt"
+    path.write_text("# comment\nBlue-white  veil\n\nirregular border\n")
+    assert read_concepts(path) == ["blue-white veil", "irregular border"]
+    path.write_text("a\nb\nA\n")
+    with pytest.raises(DataError, match="line 3 repeats the concept of line 1"):
+        read_concepts(path)
+    path.write_text("# nothing\n\n")
+    with pytest.raises(DataError, match="empty concept bank"):
+        read_concepts(path)
+    with pytest.raises(DataError, match="not found"):
+        load_concepts(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("classes", [None, ["cardiomegaly", "pneumothorax"]])
+def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, classes):
+    from sklearn.linear_model import LogisticRegression
+
+    train = medvl.load_dataset(phantom_dir).select("train")
+    if classes:
+        train = train.subset([r for r in train if r.labels["finding"] in classes])
+    bank = load_concepts("chest_xray")
+    fitted = fit_bottleneck(tiny_model, train, "finding", bank)
+    embeddings = tiny_model.encode_images(tiny_model.preprocessor.load_many([r.image for r in train]))
+    scores = fitted.standardised_scores(embeddings)
+    y = [fitted.classes.index(r.labels["finding"]) for r in train]
+    reference = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, C=fitted.c, random_state=0)
+    reference.fit(scores, y)
+    assert np.allclose(fitted.probabilities(embeddings), reference.predict_proba(scores), atol=1e-6)
+    assert fitted.weights.shape == (len(fitted.classes), len(bank.concepts))
+    parts = fitted.contributions(embeddings[0], fitted.classes[0], top=3)
+    assert [p["contribution"] for p in parts] == sorted((p["contribution"] for p in parts), reverse=True)
+    for part in parts:
+        assert part["contribution"] == pytest.approx(part["weight"] * part["score"])
+
+
+def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):
+    data = medvl.load_dataset(phantom_dir)
+    result = compare_with_probe(tiny_model, data.select("train"), data.select("test"), "finding",
+                                load_concepts("chest_xray"))
+    assert result["n_test"] == len(data.select("test"))
+    assert result["concepts"] == len(load_concepts("chest_xray").concepts)
+    assert 0 < result["nonzero_concepts"] <= result["concepts"]
+    for side in ("bottleneck", "probe"):
+        assert 0.0 <= result[side]["accuracy"] <= 1.0
+
+
+# -- medvl explain ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("explain-model") / "model")
+
+
+def _cardiomegaly_image(phantom_dir):
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["finding"] == "cardiomegaly")
+    return phantom_dir / row["image"]
+
+
+def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir, phantom_dir, tmp_path):
+    from PIL import Image
+
+    from medvl.index import build_index
+
+    image = _cardiomegaly_image(phantom_dir)
+    build_index(medvl.load_model(tiny_model_dir), medvl.load_dataset(phantom_dir), tmp_path / "idx",
+                model_dir=tiny_model_dir, show_progress=False)
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "out", "--top", 2,
+                            "--concepts", "chest_xray", "--concept-data", phantom_dir, "--index", tmp_path / "idx",
+                            "--k", 3)
+    assert result.exit_code == 0, output
+    explanation = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    assert sum(explanation["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert len(explanation["findings"]) == 2
+    ranked = sorted(explanation["probabilities"], key=explanation["probabilities"].get, reverse=True)
+    assert [f["finding"] for f in explanation["findings"]] == ranked[:2]
+    for finding in explanation["findings"]:
+        for method in ("patch_text", "gradcam"):
+            overlay = tmp_path / "out" / finding["heatmaps"][method]["file"]
+            with Image.open(overlay) as png:
+                assert png.format == "PNG" and png.size[0] > 100
+            row, col = finding["heatmaps"][method]["peak"]
+            assert 0 <= row < 64 and 0 <= col < 64
+    saved = ConceptBottleneck.load(tmp_path / "out" / "bottleneck.json")
+    embedding = medvl.load_model(tiny_model_dir).encode_images([image])[0]
+    for finding in explanation["findings"]:  # the concepts printed are the saved bottleneck's, recomputed
+        expected = saved.contributions(embedding, finding["finding"])
+        assert [c["concept"] for c in finding["concepts"]] == [c["concept"] for c in expected]
+        assert [c["contribution"] for c in finding["concepts"]] == pytest.approx([c["contribution"] for c in expected],
+                                                                                 abs=1e-5)
+    assert saved.nonzero > 0
+    neighbours = explanation["neighbours"]
+    assert len(neighbours) == 3 and neighbours[0]["id"] == "images/" + image.stem  # the image itself is indexed
+    assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    again, output = invoke("explain", image, "--model", tiny_model_dir, "--top", 2,
+                           "--bottleneck", tmp_path / "out" / "bottleneck.json")
+    assert again.exit_code == 0, output
+    for part in explanation["findings"][0]["concepts"]:
+        assert f"concept {part['concept']!r}" in output
+    assert saved.classes == sorted(explanation["probabilities"])
+    refused, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "out")
+    assert refused.exit_code == 2 and "--overwrite" in output
+
+
+@pytest.mark.parametrize("case", ["unknown label", "corrupt image", "missing concept file", "empty concept bank"])
+def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, tmp_path, case):
+    image = _cardiomegaly_image(phantom_dir)
+    args = ["explain", image, "--model", tiny_model_dir]
+    named = {"unknown label": "'fracture'", "corrupt image": str(tmp_path / "broken.png"),
+             "missing concept file": str(tmp_path / "nowhere.txt"), "empty concept bank": str(tmp_path / "empty.txt")}
+    if case == "unknown label":
+        args += ["--labels", "cardiomegaly,fracture"]
+    elif case == "corrupt image":
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+        args[1] = tmp_path / "broken.png"
+    elif case == "missing concept file":
+        args += ["--concepts", tmp_path / "nowhere.txt", "--concept-data", phantom_dir]
+    else:
+        (tmp_path / "empty.txt").write_text("# only a comment\n")
+        args += ["--concepts", tmp_path / "empty.txt", "--concept-data", phantom_dir]
+    result, output = invoke(*args)
+    assert result.exit_code == 2, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and named[case] in lines[0], output
+    assert "Traceback" not in output
