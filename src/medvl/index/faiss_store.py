@@ -75,6 +75,11 @@ TOMBSTONES = "tombstones"  # deleted ids still in an HNSW graph
 TOMBSTONES_BEFORE_REBUILD = 1000  # at least this many (and a fifth of the live ids) trigger a rebuild
 EF_SEARCH_MAX = 4096
 EXACT_FILTERED_MAX = 20_000  # a filter allowing at most this many cases is searched exactly
+# A broader filter on an HNSW index is applied after the search (post-filtering): the graph returns
+# about POSTFILTER_MARGIN x k / (allowed share) nearest cases, SQLite keeps those the filter allows.
+# The allowed share is estimated on a fixed random sample of FILTER_SAMPLE cases; a query left with
+# fewer than k allowed neighbours falls back to the pre-filtered search (SQLite ids, FAISS selector).
+POSTFILTER_MARGIN, FILTER_SAMPLE = 3.0, 2048
 SINGLE_THREAD_QUERIES = 16  # fewer queries than this are searched on one thread (see faiss_threads)
 
 
@@ -233,11 +238,12 @@ def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
 
 
 def _select_in(conn: sqlite3.Connection, fields: str, column: str, values: Sequence[Any],
-               extra: str = "") -> list[tuple]:
+               extra: str = "", extra_params: Sequence[Any] = ()) -> list[tuple]:
     rows: list[tuple] = []
     for chunk in _chunks(list(values)):
         marks = ", ".join("?" * len(chunk))
-        rows += conn.execute(f"SELECT {fields} FROM cases WHERE {column} IN ({marks}){extra}", chunk).fetchall()
+        rows += conn.execute(f"SELECT {fields} FROM cases WHERE {column} IN ({marks}){extra}",
+                             [*chunk, *extra_params]).fetchall()
     return rows
 
 
@@ -450,6 +456,7 @@ class FaissIndex(IndexBase):
             self.conn.close()
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
         self.workdir: Path | None = None  # the copy being edited, once there is a change
+        self._filter_samples: dict[str, np.ndarray] = {}  # target -> sampled vids (reset by add / delete)
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> FaissIndex:
@@ -505,6 +512,7 @@ class FaissIndex(IndexBase):
         if len(vectors) != len(cases):
             raise InputError(f"{len(cases)} cases but {len(vectors)} vectors")
         check_unique_ids(cases, self.location)
+        self._filter_samples.clear()
         present = self.existing_ids([c.id for c in cases])
         if present:
             raise InputError(f"case {sorted(present)[0]!r} is already in the index; delete it first")
@@ -530,6 +538,7 @@ class FaissIndex(IndexBase):
         return self.anns[target]
 
     def delete(self, ids: Sequence[str]) -> int:
+        self._filter_samples.clear()
         conn = self._edit()
         rows = _select_in(conn, "vid, report IS NOT NULL", "id", list(dict.fromkeys(ids)))
         if not rows:
@@ -621,6 +630,12 @@ class FaissIndex(IndexBase):
             return [[] for _ in vectors]
         ann, kind = self.anns[target], self.info[target]["kind"]
         selectors: list[Any] = []  # kept alive here while FAISS holds pointers to them
+        if where and kind == HNSW:
+            share = self._allowed_share(where, target)
+            if share * ann.ntotal > EXACT_FILTERED_MAX:
+                found_hits = self._postfiltered(ann, where, target, vectors, k, share)
+                if found_hits is not None:
+                    return found_hits
         if where:
             allowed = self.allowed_vids(where, target)
             if len(allowed) == 0:
@@ -639,6 +654,46 @@ class FaissIndex(IndexBase):
         cases = self._hits(found)  # ids missing here were deleted: skipped
         return [[_scored(cases[v], s) for v, s in zip(row, row_scores, strict=True) if v in cases]
                 for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+
+    def _allowed_share(self, where: str, target: str) -> float:
+        """The share of ``target``'s cases the filter allows, estimated on a fixed random sample."""
+        if target not in self._filter_samples:
+            live = self.conn.execute(f"SELECT vid FROM cases{self._has(target)}").fetchall()
+            rng = np.random.default_rng(0)
+            vids = np.asarray([row[0] for row in live], dtype=np.int64)
+            self._filter_samples[target] = rng.choice(vids, min(FILTER_SAMPLE, len(vids)), replace=False)
+        sample = self._filter_samples[target]
+        if len(sample) == 0:
+            return 0.0
+        compiled = compile_where(where, self.columns, quote_column)
+        marks = ", ".join("?" * len(sample))
+        count = self.conn.execute(f"SELECT COUNT(*) FROM cases WHERE vid IN ({marks}) AND ({compiled.sql})",
+                                  [*sample.tolist(), *compiled.params]).fetchone()[0]
+        return count / len(sample)
+
+    def _postfiltered(self, ann: Any, where: str, target: str, vectors: np.ndarray, k: int,
+                      share: float) -> list[list[Hit]] | None:
+        """Search the graph for ~margin x k / share neighbours, keep those the filter allows; None when
+        a query is left with fewer than k (the caller then pre-filters)."""
+        import faiss
+
+        wanted = min(ann.ntotal, int(np.ceil(POSTFILTER_MARGIN * k / share)) + k)
+        if wanted > EF_SEARCH_MAX:
+            return None
+        params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, wanted))  # type: ignore[attr-defined]  # SWIG class missing from the faiss stubs
+        with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
+            scores, found = ann.search(vectors, wanted, params=params)
+        candidates = sorted({int(v) for v in found.ravel() if v >= 0})
+        compiled = compile_where(where, self.columns, quote_column)
+        allowed = {row[0] for row in _select_in(self.conn, "vid", "vid", candidates,
+                                                f" AND ({compiled.sql}){self._has(target, ' AND ')}",
+                                                compiled.params)}
+        kept = [[(v, s) for v, s in zip(row, row_scores, strict=True) if v in allowed][:k]
+                for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+        if any(len(row) < k for row in kept):
+            return None
+        cases = self._hits(np.asarray([v for row in kept for v, _ in row], dtype=np.int64))
+        return [[_scored(cases[v], s) for v, s in row] for row in kept]
 
     def _exact_among(self, ann: Any, allowed: np.ndarray, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Exact search among the few cases a filter allows: their stored vectors, one product
