@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
+from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
+from ..errors import InputError
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
 from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
@@ -40,13 +43,20 @@ KNOWN_CLASSES = {
 
 def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str = "test",
                  model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
-                 out: str | Path | None = None, show_progress: bool = True) -> dict:
+                 out: str | Path | None = None, show_progress: bool = True,
+                 target_prior: float | None = None, bootstrap: int = 2000) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
 
     ``epochs`` None = the recipe's; the head on ``label``, its weight and the caption texts are
-    always part of this benchmark, the other settings come from ``model_name``'s recipe."""
+    always part of this benchmark, the other settings come from ``model_name``'s recipe. For a
+    binary task with ``target_prior`` (the share of positives expected where the model is used),
+    ``operating_points`` adds thresholds chosen for that prior and for balanced accuracy, scored
+    with ``bootstrap`` resamples (``operating_points()``)."""
     started = time.perf_counter()
     settings = medmnist_settings(model_name, epochs, seed)
+    if target_prior is not None:
+        _check_prior(target_prior)  # before any training
+    check_number("bootstrap resamples", bootstrap, minimum=100, integer=True)
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")
@@ -61,17 +71,21 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     settings.captions = task_captions(Path(train_path), classes)
     with tempfile.TemporaryDirectory(prefix="medvl-medmnist-") as scratch:
         model = train_recipe(settings, fit_set, Path(out) if out else Path(scratch), show_progress=show_progress)
-    threshold = None
-    if len(classes) == 2:
-        threshold = _best_threshold(head_scores(model, calib_set, LABEL, show_progress),
-                                    class_targets(calib_set, LABEL, classes))
+    threshold, points = None, None
     probabilities = head_scores(model, test_set, LABEL, show_progress)
     y_true = class_targets(test_set, LABEL, classes)
     metrics = classification_metrics(y_true, probabilities, classes)
-    if threshold is not None:
+    if len(classes) == 2:
+        calibration_scores = head_scores(model, calib_set, LABEL, show_progress)
+        calibration_y = class_targets(calib_set, LABEL, classes)
+        threshold = _best_threshold(calibration_scores, calibration_y)
         metrics["accuracy_argmax"] = metrics["accuracy"]
         metrics["accuracy"] = float(((probabilities[:, 1] >= threshold).astype(int) == y_true).mean())
+        if target_prior is not None:
+            points = operating_points(calibration_scores, calibration_y, probabilities, y_true, target_prior,
+                                      resamples=bootstrap, seed=seed)
     return {"auc": metrics["macro_auc"], "acc": metrics["accuracy"], "threshold": threshold,
+            "operating_points": points,
             "threshold_from": calibration if threshold is not None else None,
             "train": f"{train_path}:train", "n_fit": len(fit_set), "test": f"{test_path}:{test_split}",
             "n_test": len(test_set), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
@@ -107,9 +121,78 @@ def task_captions(path: Path, classes: list[str]) -> CaptionConfig:
     return CaptionConfig(templates=list(TEMPLATES), classes={LABEL: {c: [f"class {c}"] for c in classes}})
 
 
-def _best_threshold(probabilities: np.ndarray, y_true: np.ndarray) -> float:
-    """The positive-class threshold with the best accuracy on calibration data (midpoints)."""
+def _best_threshold(probabilities: np.ndarray, y_true: np.ndarray, prior: float | None = None) -> float:
+    """The positive-class threshold with the best accuracy on calibration data (midpoints); with
+    ``prior``, the best accuracy once the calibration data are re-weighted to that share of positives
+    (``prior`` 0.5: the best balanced accuracy)."""
     scores = np.unique(probabilities[:, 1])
     candidates = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2]) if len(scores) > 1 else np.array([0.5])
-    accuracy = [((probabilities[:, 1] >= t).astype(int) == y_true).mean() for t in candidates]
+    if prior is None:
+        accuracy = [((probabilities[:, 1] >= t).astype(int) == y_true).mean() for t in candidates]
+    else:
+        accuracy = [prior_weighted_accuracy(y_true, (probabilities[:, 1] >= t).astype(int), prior)
+                    for t in candidates]
     return float(candidates[int(np.argmax(accuracy))])
+
+
+def prior_weighted_accuracy(y_true: np.ndarray, predicted: np.ndarray, prior: float) -> float:
+    """Accuracy on data whose share of positives (class 1) were ``prior``: prior x sensitivity +
+    (1 - prior) x specificity (each class re-weighted; the scores and per-class rates unchanged)."""
+    sensitivity, specificity = _rates(y_true, predicted)
+    return prior * sensitivity + (1 - prior) * specificity
+
+
+def _rates(y_true: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    positive, negative = y_true == 1, y_true == 0
+    if not positive.any() or not negative.any():
+        raise InputError("sensitivity and specificity need both classes in the scored data")
+    return float((predicted[positive] == 1).mean()), float((predicted[negative] == 0).mean())
+
+
+def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, scores: np.ndarray,
+                     y_true: np.ndarray, target_prior: float, resamples: int = 2000, seed: int = 0) -> dict:
+    """Binary decision thresholds picked on calibration data, each scored on (scores, y_true).
+
+    Thresholds: ``max_accuracy`` (the calibration data's own class mix), ``max_accuracy_at_prior``
+    (calibration data re-weighted to ``target_prior`` positives) and ``max_balanced_accuracy`` (prior
+    0.5, which does not depend on the class mix). Per threshold: accuracy, sensitivity, specificity,
+    balanced accuracy and the accuracy re-weighted to ``target_prior`` (``accuracy_at_prior``), each
+    with a 95 % percentile bootstrap interval over ``resamples`` resamples of the scored records
+    (seeded); ``auc`` likewise (a ranking, so the same under any prior).
+    """
+    _check_prior(target_prior)
+    check_number("bootstrap resamples", resamples, minimum=100, integer=True)
+    rng = np.random.default_rng(seed)
+    draws = [index for index in (rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples))
+             if 0 < y_true[index].sum() < len(index)]  # a resample needs both classes
+    positive = scores[:, 1]
+    result = {"target_prior": target_prior, "scored_prior": float(y_true.mean()),
+              "calibration_prior": float(calibration_y.mean()), "resamples": len(draws),
+              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, draws)}
+    for name, prior in (("max_accuracy", None), ("max_accuracy_at_prior", target_prior),
+                        ("max_balanced_accuracy", 0.5)):
+        threshold = _best_threshold(calibration_scores, calibration_y, prior)
+        predicted = (positive >= threshold).astype(int)
+        metrics = {
+            "accuracy": lambda i, p=predicted: float((p[i] == y_true[i]).mean()),
+            "sensitivity": lambda i, p=predicted: _rates(y_true[i], p[i])[0],
+            "specificity": lambda i, p=predicted: _rates(y_true[i], p[i])[1],
+            "balanced_accuracy": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], 0.5),
+            "accuracy_at_prior": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], target_prior),
+        }
+        result[name] = {"threshold": threshold, **{key: _with_interval(metric, y_true, draws)
+                                                  for key, metric in metrics.items()}}
+    return result
+
+
+def _check_prior(prior: float) -> None:
+    check_number("target prior", prior, minimum=0, maximum=1, exclusive_minimum=True)
+    if prior >= 1:
+        raise InputError(f"target prior must be a share of positives between 0 and 1, got {prior}")
+
+
+def _with_interval(metric, y_true: np.ndarray, draws: list[np.ndarray]) -> dict[str, float]:
+    """The metric on every record and the 2.5 / 97.5 percentiles of it over the bootstrap draws."""
+    values = np.array([metric(index) for index in draws])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"value": metric(np.arange(len(y_true))), "low": float(low), "high": float(high)}
