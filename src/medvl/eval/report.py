@@ -1,0 +1,211 @@
+"""Report generation quality: language metrics and clinical efficacy, beside the nearest-report baseline.
+
+Language metrics are pycocoevalcap's (the coco-caption code used by R2Gen and its successors), on
+texts lower-cased and split into words and numbers with punctuation dropped (``metric_tokens``; the
+coco-caption PTB tokenizer needs Java):
+
+- **BLEU-1..4**: corpus BLEU (clipped n-gram precision, geometric mean up to n, brevity penalty
+  over the whole corpus);
+- **ROUGE-L**: the mean over reports of the longest-common-subsequence F-measure with beta 1.2
+  (pycocoevalcap's ``Rouge``);
+- **CIDEr**: CIDEr-D's tf-idf n-gram cosine (n = 1..4, x10), document frequencies from the
+  references of the evaluated set (so values depend on the set; compare within one set).
+
+Clinical efficacy: the report labeller (``medvl.rag.ReportLabeller``) reads the positive findings of
+each reference and each generated report; micro precision / recall / F1 over (report, finding)
+pairs and macro F1 over the findings of the knowledge base with at least one reference positive
+(``eval.case_retrieval.finding_f1``), the "no finding" entry included (as CheXpert's).
+
+Baseline, computed in the same run: for each test image, the report of the most similar training
+image (cosine similarity of image embeddings) under a dual encoder: ``baseline_model`` if given,
+else the dual encoder the generator's image tower was initialised from, else (a generator trained
+from scratch) the generator's own pooled image features. Both are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.images import read_image
+from ..data.record import Dataset
+from ..errors import InputError
+from ..progress import progress_bar
+from ..rag.labels import ReportLabeller
+from .case_retrieval import finding_f1
+
+log = logging.getLogger(__name__)
+
+NLG_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")
+BATCH = 16
+_WORDS = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
+
+
+def metric_tokens(text: str) -> str:
+    """The text as the metrics see it: lower-case words and numbers ("0.61" kept whole), space-joined."""
+    return " ".join(_WORDS.findall((text or "").lower()))
+
+
+def nlg_metrics(references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr of ``candidates`` against one reference each (pycocoevalcap)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(references) != len(candidates) or not references:
+        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
+                         f"and {len(references)}")
+    # an empty candidate would fail pycocoevalcap's asserts; an empty string token scores nothing
+    gts = {i: [metric_tokens(r) or "<empty>"] for i, r in enumerate(references)}
+    res = {i: [metric_tokens(c) or "<empty>"] for i, c in enumerate(candidates)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    scores = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
+    scores.update(rouge_l=float(rouge), cider=float(cider))
+    return scores
+
+
+def clinical_efficacy(references: Sequence[str], candidates: Sequence[str],
+                      labeller: ReportLabeller | None = None) -> dict[str, Any]:
+    """Finding precision / recall / F1 (micro, macro) of the candidates, the labeller reading both."""
+    labeller = labeller or ReportLabeller()
+    truth = [labeller.positives(r) for r in references]
+    predicted = [labeller.positives(c) for c in candidates]
+    return finding_f1(truth, predicted, sorted(labeller.knowledge.names))
+
+
+def report_metrics(references: Sequence[str], candidates: Sequence[str],
+                   labeller: ReportLabeller | None = None) -> dict[str, Any]:
+    """Language metrics and clinical efficacy in one dict (``finding`` holds the per-finding table)."""
+    efficacy = clinical_efficacy(references, candidates, labeller)
+    return {**nlg_metrics(references, candidates),
+            **{key: efficacy[key] for key in ("micro_precision", "micro_recall", "micro_f1", "macro_f1")},
+            "per_finding": efficacy["per_finding"]}
+
+
+def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_model=None, index=None,
+                              beam_size: int = 1, max_length: int | None = None,
+                              show_progress: bool = True) -> dict[str, Any]:
+    """Generate a report for every test record and score it beside the nearest training report.
+
+    ``model`` is a ``ReportGenerator``; ``train`` holds the records the baseline retrieves from;
+    ``index`` (open) is required by generators trained with retrieved context.
+    """
+    started = time.perf_counter()
+    test, train = _with_reports(test, "test"), _with_reports(train, "training")
+    if model.config.decoder.context_k and index is None:
+        raise InputError(f"the report generator was trained with {model.config.decoder.context_k} retrieved "
+                         "reports as context: pass --index (the index it was trained with)")
+    images = _read(test, show_progress)
+    generated, cited = generate_for_images(model, images, index=index, records=test.records, beam_size=beam_size,
+                                           max_length=max_length, show_progress=show_progress)
+    embed, describe = _baseline_encoder(model, baseline_model)
+    nearest = _nearest_reports(embed, images, train, show_progress)
+    references = [r.text or "" for r in test]
+    labeller = ReportLabeller()
+    ours = report_metrics(references, generated, labeller)
+    baseline = report_metrics(references, [train[i].text or "" for i in nearest], labeller)
+    result: dict[str, Any] = {
+        "n": len(test), "n_train": len(train), "beam_size": beam_size,
+        "generator": {k: v for k, v in ours.items() if k != "per_finding"},
+        "nearest_report": {k: v for k, v in baseline.items() if k != "per_finding"},
+        "baseline_encoder": describe,
+        "per_finding": {"generator": ours["per_finding"], "nearest_report": baseline["per_finding"]},
+        "context_k": model.config.decoder.context_k,
+        "cases": [{"id": r.id, "nearest_train_id": train[i].id, **({"cited": c} if c is not None else {})}
+                  for r, i, c in zip(test, nearest, cited, strict=True)],
+        "empty_reports": sum(not g.strip() for g in generated),
+    }
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _with_reports(dataset: Dataset, what: str) -> Dataset:
+    kept = dataset.subset([r for r in dataset if r.text and r.text.strip()])
+    if not len(kept):
+        raise InputError(f"{dataset.source}: the {what} split has no record with a report")
+    if len(kept) < len(dataset):
+        log.info("%s: left out %d %s records without a report", dataset.source, len(dataset) - len(kept), what)
+    return kept
+
+
+def _read(dataset: Dataset, show_progress: bool) -> list[np.ndarray]:
+    images = []
+    with progress_bar("Reading images", total=len(dataset), enabled=show_progress) as advance:
+        for record in dataset:
+            images.append(record.image if isinstance(record.image, np.ndarray) else read_image(record.image))
+            advance(1)
+    return images
+
+
+def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, records=None, beam_size: int = 1,
+                        max_length: int | None = None, show_progress: bool = False
+                        ) -> tuple[list[str], list[list[str] | None]]:
+    """Generated reports of image arrays and, with retrieved context, the case ids each was given."""
+    contexts: list[Any] = [None] * len(images)
+    if model.config.decoder.context_k:
+        from ..index import index_model
+        from ..rag.context import retrieve_for_images, retrieve_for_records
+
+        k, encoder = model.config.decoder.context_k, index_model(index)
+        contexts = (retrieve_for_records(index, encoder, records, k) if records is not None
+                    else retrieve_for_images(index, encoder, images, k))
+    reports: list[str] = []
+    with progress_bar("Generating reports", total=len(images), enabled=show_progress) as advance:
+        for start in range(0, len(images), BATCH):
+            chunk = images[start:start + BATCH]
+            pixels = model.preprocessor.normalize(model.preprocessor.load_many(chunk))
+            context = None
+            if model.config.decoder.context_k:
+                context = model.tokenize_contexts([c.texts for c in contexts[start:start + BATCH]])
+            reports += model.generate(pixels, context, beam_size=beam_size, max_length=max_length)
+            advance(len(chunk))
+    return reports, [c.ids if c is not None else None for c in contexts]
+
+
+def _baseline_encoder(model, baseline_model) -> tuple[Callable[[Sequence[np.ndarray]], torch.Tensor], dict[str, Any]]:
+    """How the nearest-report baseline embeds images (normalised, (N, D)), and how the result names it."""
+    if baseline_model is not None:
+        return baseline_model.encode_images, {"kind": "dual encoder", "name": baseline_model.config.name,
+                                              "source": "--baseline-model"}
+    init = (model.meta.get("init") or {}).get("dir")
+    if init and Path(init).exists():
+        from ..models.registry import load_model
+
+        dual = load_model(init)
+        return dual.encode_images, {"kind": "dual encoder", "name": dual.config.name,
+                                    "source": "the dual encoder the generator was initialised from"}
+    if init:
+        log.warning("the dual encoder the generator was initialised from is gone; the baseline retrieves "
+                    "with the generator's own image features")
+    return (lambda images: pooled_features(model, images)), {
+        "kind": "generator image encoder (mean of its image tokens)", "name": model.config.name,
+        "source": "the generator (trained from scratch, no --baseline-model)"}
+
+
+def _nearest_reports(embed: Callable[[Sequence[np.ndarray]], torch.Tensor], images: Sequence[np.ndarray],
+                     train: Dataset, show_progress: bool) -> list[int]:
+    """Per test image, the index of the training record whose image is most similar."""
+    train_images = _read(train, show_progress)
+    query, gallery = embed(list(images)), embed(train_images)
+    return (query @ gallery.T).argmax(1).tolist()
+
+
+def pooled_features(model, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """L2-normalised mean image tokens of a report generator (the baseline of a generator from scratch)."""
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            pixels = model.preprocessor.normalize(model.preprocessor.load_many(images[start:start + 64]))
+            chunks.append(F.normalize(model.image_encoder(pixels), dim=-1))
+    return torch.cat(chunks)

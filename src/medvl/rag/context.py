@@ -1,0 +1,95 @@
+"""Retrieved context for the report generator (MMed-RAG style): the reports of the k nearest indexed
+cases of an image, with the ids of the cases they came from (the citations kept with a report).
+
+The image is embedded by the index's own model (``medvl.index.index_model``: the dual encoder the
+index was built with) and searched among the indexed images. Left out of a query's neighbours:
+cases without a report, the query itself (same id, or the same decoded pixels) and, for records,
+other images of the same case or patient (same ``meta["case_id"]`` / ``meta["patient_id"]``), so a
+generator trained with context learns to use similar cases, not to copy its own case's report.
+
+Report text is patient data: nothing here logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checks import check_number
+from ..data.images import read_image
+from ..data.record import Record
+from ..index.base import Hit, Index, check_model
+from ..index.cases import pixel_sha256
+from ..progress import progress_bar
+
+CASE_KEYS = ("case_id", "patient_id")  # record metadata naming the case / patient an image belongs to
+SEARCH_MARGIN = 32  # extra neighbours fetched, so that k remain after the exclusions
+BATCH = 32
+
+
+@dataclass
+class Retrieved:
+    """The reports given to the generator for one image, nearest first, and whose they are."""
+
+    ids: list[str]  # cited case ids
+    scores: list[float]  # cosine similarities of the cases' images to the query image
+    texts: list[str] = field(repr=False)  # the cases' reports: patient data, kept out of repr
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids, "scores": [round(s, 4) for s in self.scores]}
+
+
+def case_key(meta: dict[str, Any]) -> str | None:
+    """The case / patient an image belongs to, when its metadata says."""
+    return next((str(meta[key]) for key in CASE_KEYS if meta.get(key) not in (None, "")), None)
+
+
+def retrieve_for_images(index: Index, model, images: Sequence[str | Path | np.ndarray], k: int,
+                        show_progress: bool = False) -> list[Retrieved]:
+    """The k nearest reports of each image (files or arrays); the image itself (same pixels) left out."""
+    pixels = [image if isinstance(image, np.ndarray) else read_image(image) for image in images]
+    excluded = [{"sha256": pixel_sha256(p)} for p in pixels]
+    return _retrieve(index, model, pixels, excluded, k, show_progress)
+
+
+def retrieve_for_records(index: Index, model, records: Sequence[Record], k: int,
+                         show_progress: bool = False) -> list[Retrieved]:
+    """The k nearest reports of each record's image, leaving out the record itself and its own case."""
+    pixels = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in records]
+    excluded = [{"id": r.id, "case": case_key(r.meta), "sha256": pixel_sha256(p)} for r, p in zip(records, pixels,
+                                                                                                 strict=True)]
+    return _retrieve(index, model, pixels, excluded, k, show_progress)
+
+
+def _retrieve(index: Index, model, pixels: list[np.ndarray], excluded: list[dict[str, Any]], k: int,
+              show_progress: bool) -> list[Retrieved]:
+    check_number("context k", k, minimum=1, maximum=100, integer=True)
+    check_model(index.info, model, index.location)
+    self_ids = _self_ids(index, excluded)
+    depth = min(len(index), k + SEARCH_MARGIN)
+    found: list[Retrieved] = []
+    with progress_bar("Retrieving similar cases", total=len(pixels), enabled=show_progress) as advance:
+        for start in range(0, len(pixels), BATCH):
+            vectors = model.encode_images(pixels[start:start + BATCH]).numpy()
+            for offset, hits in enumerate(index.search(vectors, k=max(depth, 1))):
+                row = start + offset
+                kept = [h for h in hits if _usable(h, excluded[row], self_ids[row])][:k]
+                found.append(Retrieved([h.id for h in kept], [float(h.score) for h in kept],
+                                       [h.text or "" for h in kept]))
+            advance(len(vectors))
+    return found
+
+
+def _self_ids(index: Index, excluded: list[dict[str, Any]]) -> list[set[str]]:
+    by_hash = index.find_images([e["sha256"] for e in excluded])
+    return [{by_hash[e["sha256"]]} if e["sha256"] in by_hash else set() for e in excluded]
+
+
+def _usable(hit: Hit, excluded: dict[str, Any], self_ids: set[str]) -> bool:
+    if not (hit.text and hit.text.strip()) or hit.id in self_ids or hit.id == excluded.get("id"):
+        return False
+    return excluded.get("case") is None or case_key(hit.meta) != excluded["case"]

@@ -1,0 +1,139 @@
+"""Training the report generator (``medvl.models.decoder``) with the one trainer (``loop.fit``).
+
+``train_report_generator(dataset, out, config)`` builds the generator (its image tower at random
+init from a registered config's image architecture, or copied from a trained dual encoder with
+``init``), learns the WordPiece vocabulary from the training reports, optionally retrieves each
+record's context (the reports of the ``context_k`` nearest other cases of an index,
+``medvl.rag.context``), and runs ``ReportObjective``: teacher-forced next-token cross-entropy of
+each record's report given its (augmented) image and context.
+
+Records without a report are left out (their number is logged). Report text is patient data:
+nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.record import Dataset
+from ..errors import InputError
+from ..models.decoder import ReportGenerator, ReportGeneratorConfig
+from ..models.text import train_wordpiece
+from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
+from .loop import _load_pixels as load_pixels
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_MODEL = "cxr-small"
+
+
+def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfig, *,
+                           image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+                           overrides: dict[str, Any] | None = None, index=None, context_k: int = 0,
+                           resume: bool = False, show_progress: bool = True) -> ReportGenerator:
+    """Train a report generator on ``dataset``'s image-report pairs; saved to ``out/model``.
+
+    ``image_model`` names a registered config whose image architecture is used at random init;
+    ``init`` is a trained dual encoder folder whose image tower (architecture and weights) is copied
+    instead. ``overrides`` are ``decoder.*`` / ``image.*`` config fields. With ``context_k`` > 0,
+    ``index`` (an open ``medvl.index`` index) gives each record the reports of its nearest cases.
+    """
+    config.validate_numbers()
+    check_out_dir(Path(out), resume)
+    if context_k and index is None:
+        raise InputError("--context-k needs --index (the cases whose reports are given as context)")
+    with_text = dataset.subset([r for r in dataset if r.text and r.text.strip()])
+    if len(with_text) < len(dataset):
+        log.info("%s: left out %d records without a report", dataset.source, len(dataset) - len(with_text))
+    if len(with_text) < 2:
+        raise InputError(f"{dataset.source}: need at least 2 records with a report, got {len(with_text)}")
+    seed_everything(config.seed)
+    model = build_generator([r.text or "" for r in with_text], image_model, init, overrides, context_k)
+    contexts = None
+    if context_k:
+        from ..index import index_model
+        from ..rag.context import retrieve_for_records
+
+        found = retrieve_for_records(index, index_model(index), with_text.records, context_k, show_progress)
+        contexts = [item.texts for item in found]
+        model.meta["retrieval"] = {"context_k": context_k, "index_model": index.info["model"].get("name")}
+    objective = ReportObjective(model, with_text, contexts)
+    return fit(objective, config, out, resume=resume, show_progress=show_progress)
+
+
+def build_generator(reports: list[str], image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+                    overrides: dict[str, Any] | None = None, context_k: int = 0) -> ReportGenerator:
+    """A generator at random init with a vocabulary learnt from ``reports`` (see ``train_report_generator``)."""
+    from ..models.registry import get_config, load_model
+
+    dual = None
+    if init is not None:
+        dual = load_model(init)
+        if not hasattr(dual, "image_encoder") or not hasattr(dual.config, "image"):
+            raise InputError(f"{init}: --init needs a medvl dual encoder folder (its image tower is copied)")
+        image = dual.config.image
+    else:
+        image = get_config(image_model).image
+    settings = dict(overrides or {})
+    if context_k:
+        settings["decoder.context_k"] = context_k
+    base = ReportGeneratorConfig(image=image)
+    if init is not None and any(key.startswith("image.") for key in settings):
+        raise InputError("image.* overrides do not apply with --init (the image tower is the dual encoder's)")
+    config = base.merged(settings)
+    model = ReportGenerator(config, tokenizer=train_wordpiece(reports, config.decoder.vocab_size))
+    if dual is not None:
+        model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
+        model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name}
+    return model
+
+
+class ReportObjective:
+    """Next-token cross-entropy of each record's report given its image (and retrieved context)."""
+
+    def __init__(self, model: ReportGenerator, dataset: Dataset, contexts: list[list[str]] | None = None):
+        self.model, self.dataset, self.contexts = model, dataset, contexts
+        self.pixels = torch.empty(0)
+        self.reports: dict[str, torch.Tensor] = {}
+        self.context_tokens: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def start(self, checkpoint: Path | None, show_progress: bool) -> None:
+        if checkpoint is not None:
+            meta = self.model.meta
+            self.model = ReportGenerator.from_pretrained(checkpoint)
+            self.model.meta = {**meta, **self.model.meta}
+        self.pixels = load_pixels(self.model, self.dataset, show_progress)  # type: ignore[arg-type]
+        self.reports = dict(self.model.tokenize_reports([r.text or "" for r in self.dataset]))
+        if self.contexts is not None:
+            self.context_tokens = self.model.tokenize_contexts(self.contexts)
+
+    def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+        model = self.model
+        pixels = model.preprocessor.normalize(model.preprocessor.augment(self.pixels[indices].float(), seed))
+        length = int(self.reports["attention_mask"][indices].sum(1).max())
+        reports = {key: value[indices, :length] for key, value in self.reports.items()}
+        context = None
+        if self.context_tokens is not None:
+            context = {key: value[indices] for key, value in self.context_tokens.items()}
+        return {"loss": model.loss(pixels, reports, context)}
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        return param_groups(self.model, config)
+
+    def log_extra(self) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
+                "init": self.model.meta.get("init"), "retrieval": self.model.meta.get("retrieval")}
+
+    def finish(self, steps: int) -> None:
+        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
+                                       "vocabulary": len(self.model.tokenizer)}

@@ -1,0 +1,234 @@
+"""The report generator: metrics against plain references, training on phantom files, decoding,
+the train / generate / eval commands (with the nearest-report baseline and retrieved context), bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medvl
+from cli_helpers import invoke
+from medvl.eval.report import clinical_efficacy, metric_tokens, nlg_metrics
+from medvl.models.decoder import ReportGenerator
+from medvl.train.loop import TrainConfig
+from medvl.train.report import train_report_generator
+
+TINY = ["--image-model", "phantom-tiny", "--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2",
+        "--set", "decoder.num_layers=1", "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48",
+        "--set", "decoder.vocab_size=400"]
+TINY_OVERRIDES = {"decoder.hidden_size": 32, "decoder.num_heads": 2, "decoder.num_layers": 1,
+                  "decoder.intermediate_size": 64, "decoder.max_length": 48, "decoder.vocab_size": 400}
+
+
+# ------------------------------------------------------------------ metrics on hand examples
+
+
+def test_bleu_on_a_hand_example():
+    # candidate "the cat is on the mat" vs "the cat sat on the mat": 5 of 6 unigrams, 3 of 5 bigrams,
+    # 1 of 4 trigrams match; same length, so no brevity penalty
+    scores = nlg_metrics(["The cat sat on the mat."], ["the cat is on the mat"])
+    assert scores["bleu_1"] == pytest.approx(5 / 6, abs=1e-6)
+    assert scores["bleu_2"] == pytest.approx((5 / 6 * 3 / 5) ** 0.5, abs=1e-6)
+    assert scores["bleu_3"] == pytest.approx((5 / 6 * 3 / 5 * 1 / 4) ** (1 / 3), abs=1e-6)
+    # a shorter candidate pays the brevity penalty exp(1 - r / c)
+    short = nlg_metrics(["the cat sat on the mat"], ["the cat sat"])
+    assert short["bleu_1"] == pytest.approx(np.exp(1 - 6 / 3), abs=1e-6)
+
+
+def test_rouge_l_is_the_lcs_f_measure_with_beta_1_2():
+    from rouge_score import rouge_scorer
+
+    reference, candidate = "the cat sat on the mat", "the cat on the mat"
+    lcs = 5  # "the cat on the mat"
+    precision, recall, beta = lcs / 5, lcs / 6, 1.2
+    by_hand = (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+    assert nlg_metrics([reference], [candidate])["rouge_l"] == pytest.approx(by_hand, abs=1e-6)
+    other = rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)["rougeL"]  # an independent LCS
+    assert (other.precision, other.recall) == pytest.approx((precision, recall))
+
+
+def test_cider_is_ten_for_exact_reports_and_zero_for_disjoint_ones():
+    # CIDEr-D averages the n = 1..4 cosines: every report needs 4 words for an exact match to score 10
+    references = ["there is no pleural effusion", "the heart is enlarged", "a small right apical pneumothorax"]
+    assert nlg_metrics(references, references)["cider"] == pytest.approx(10.0, abs=1e-6)
+    assert nlg_metrics(references, ["x y z", "q r s", "u v w"])["cider"] == 0.0
+
+
+def test_metric_tokens_drop_case_and_punctuation_keep_decimals():
+    assert metric_tokens("FINDINGS: Heart size 0.61, (normal).") == "findings heart size 0.61 normal"
+
+
+def test_clinical_efficacy_on_a_hand_example():
+    references = ["Moderate cardiomegaly. No pleural effusion.", "Large right pleural effusion.", "Clear lungs."]
+    candidates = ["The heart is enlarged.", "No pleural effusion.", "Clear lungs."]
+    # reference findings: {cardiomegaly}, {pleural_effusion}, {no_finding}
+    # generated:          {cardiomegaly}, {no_finding},       {no_finding}
+    scores = clinical_efficacy(references, candidates)
+    tp, fp, fn = 2, 1, 1
+    assert scores["micro_precision"] == pytest.approx(tp / (tp + fp))
+    assert scores["micro_recall"] == pytest.approx(tp / (tp + fn))
+    # per finding F1: cardiomegaly 1, pleural_effusion 0, no_finding 2/3 (P 1/2, R 1)
+    assert scores["macro_f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+# ------------------------------------------------------------------ the model, trained in-process
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    out = tmp_path_factory.mktemp("report") / "run"
+    config = TrainConfig(epochs=1, batch_size=16, lr=1e-2, log_every=1, max_steps=5, seed=0)
+    model = train_report_generator(dataset, out, config, image_model="phantom-tiny", overrides=TINY_OVERRIDES,
+                                   show_progress=False)
+    return model, out, dataset
+
+
+def test_training_lowers_the_loss_and_the_saved_model_decodes_the_same(trained):
+    model, out, dataset = trained
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.5
+    assert set(model.tokenizer.get_vocab()) >= {"effusion", "pneumothorax", "cardiomegaly"}  # the corpus vocabulary
+    reloaded = ReportGenerator.from_pretrained(out)
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([r.image for r in dataset.records[:3]]))
+    for beam_size in (1, 3):
+        first = model.generate(pixels, beam_size=beam_size, max_length=20)
+        assert reloaded.generate(pixels, beam_size=beam_size, max_length=20) == first
+    # batched beam search gives each image what it gets alone
+    batched = model.generate(pixels, beam_size=3, max_length=20)
+    assert batched == [model.generate(pixels[i:i + 1], beam_size=3, max_length=20)[0] for i in range(3)]
+
+
+def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
+    model, _, dataset = trained
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
+    memory, mask = model.memory(pixels)
+    ids = [model.token_id("[CLS]")]
+    with torch.no_grad():
+        for _ in range(11):  # the full forward pass, no cache: the plain reference of the cached decoder
+            logits = model.decoder(input_ids=torch.tensor([ids]), encoder_hidden_states=memory,
+                                   encoder_attention_mask=mask).logits[0, -1]
+            logits[model.token_id("[PAD]")] = float("-inf")
+            ids.append(int(logits.argmax()))
+            if ids[-1] == model.token_id("[SEP]"):
+                ids.pop()
+                break
+    assert model.generate(pixels, max_length=12) == [model.decode(ids[1:])]
+
+
+# ------------------------------------------------------------------ the commands
+
+
+@pytest.fixture(scope="module")
+def dual_dir(tmp_path_factory):
+    """A dual encoder at random init, saved (a real model folder: index, --init, --baseline-model)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dual") / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_run(phantom_dir, dual_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result, output = invoke("train", "report", "--data", phantom_dir, "--out", out, "--init", dual_dir, "--epochs",
+                            "1", "--max-steps", "2", "--batch-size", "16", "--lr", "3e-3", "-q", *TINY[2:])
+    assert result.exit_code == 0, output
+    assert "model saved to" in output
+    return out
+
+
+def test_generate_command_writes_reports(cli_run, phantom_dir, tmp_path):
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    result, output = invoke("report", "generate", image, "--model", cli_run, "--beam-size", "2", "--json",
+                            tmp_path / "out.json")
+    assert result.exit_code == 0, output
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["beam_size"] == 2 and written["reports"][0]["image"] == image.name
+    assert isinstance(written["reports"][0]["report"], str) and "cited" not in written["reports"][0]
+    assert ReportGenerator.from_pretrained(cli_run).meta["init"]["name"] == "phantom-tiny"
+
+
+def test_eval_command_scores_the_generator_beside_the_nearest_training_report(cli_run, phantom_dir, dual_dir,
+                                                                               tmp_path):
+    result, output = invoke("eval", "report", "--model", cli_run, "--data", phantom_dir, "--split", "test",
+                            "--beam-size", "1", "--max-length", "24", "--json", tmp_path / "eval.json", "-q")
+    assert result.exit_code == 0, output
+    assert "nearest report" in output
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    test = medvl.load_dataset(phantom_dir).select("test")
+    train = medvl.load_dataset(phantom_dir).select("train")
+    assert scores["n"] == len(test) and scores["n_train"] == len(train)
+    assert scores["baseline_encoder"]["source"].startswith("the dual encoder the generator was initialised from")
+    for block in (scores["generator"], scores["nearest_report"]):
+        assert all(0.0 <= block[k] <= 1.0 for k in ("bleu_1", "bleu_4", "rouge_l", "micro_f1"))
+    # the baseline is the report of the training image closest under the init dual encoder
+    dual = medvl.load_model(dual_dir)
+    similarity = dual.encode_images([r.image for r in test]) @ dual.encode_images([r.image for r in train]).T
+    nearest = [train[int(i)].id for i in similarity.argmax(1)]
+    assert [case["nearest_train_id"] for case in scores["cases"]] == nearest
+    texts = [r.text for r in test]
+    assert scores["nearest_report"]["bleu_4"] == pytest.approx(nlg_metrics(
+        texts, [train[int(i)].text for i in similarity.argmax(1)])["bleu_4"])
+
+
+def test_retrieved_context_is_given_and_cited(phantom_dir, dual_dir, tmp_path):
+    index = tmp_path / "cases.idx"
+    result, output = invoke("index", "build", "--model", dual_dir, "--data", phantom_dir, "--split", "train",
+                            "--out", index, "-q")
+    assert result.exit_code == 0, output
+    out = tmp_path / "rag"
+    result, output = invoke("train", "report", "--data", phantom_dir, "--out", out, "--index", index, "--context-k",
+                            "2", "--max-steps", "2", "--batch-size", "16", "-q", *TINY)
+    assert result.exit_code == 0, output
+    train_ids = {r.id for r in medvl.load_dataset(phantom_dir).select("train")}
+    query = next(r for r in medvl.load_dataset(phantom_dir).select("train"))
+    result, output = invoke("report", "generate", query.image, "--model", out, "--index", index, "--max-length",
+                            "16", "--json", tmp_path / "gen.json")
+    assert result.exit_code == 0, output
+    cited = json.loads((tmp_path / "gen.json").read_text())["reports"][0]["cited"]
+    assert len(cited) == 2 and set(cited) <= train_ids and query.id not in cited  # itself left out (same pixels)
+    result, output = invoke("report", "generate", query.image, "--model", out)
+    assert result.exit_code == 2 and "pass --index" in output
+    result, output = invoke("report", "generate", query.image, "--model", out, "--index", tmp_path / "missing.idx")
+    assert result.exit_code == 2 and "missing.idx" in output and _one_error_line(result)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cases = [
+        (("report", "generate", empty, "--model", cli_run), "empty.png"),
+        (("report", "generate", corrupt, "--model", cli_run), "corrupt.png"),
+        (("report", "generate", corrupt, "--model", dual_dir), "not a report generator"),
+        (("eval", "report", "--model", dual_dir, "--data", phantom_dir), "not a report generator"),
+        (("report", "generate", empty, "--model", tmp_path / "nowhere"), "nowhere"),
+    ]
+    bad_text = tmp_path / "bad"
+    bad_text.mkdir()
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    cases.append((("report", "generate", image, "--model", cli_run, "--index", tmp_path / "some.idx"),
+                  "trained without retrieved context"))
+    (bad_text / "a.png").write_bytes(image.read_bytes())
+    (bad_text / "b.png").write_bytes(image.read_bytes())
+    # legacy bytes are read as Windows-1252 in the report column only (the manifest's rule); elsewhere they are refused
+    (bad_text / "manifest.csv").write_bytes(b"image,text,finding\na.png,clear lungs,none\nb.png,effusion,caf\xff\n")
+    cases.append((("train", "report", "--data", bad_text / "manifest.csv", "--out", tmp_path / "never", "--max-steps",
+                   "1"), "manifest.csv"))
+    for args, named in cases:
+        result, output = invoke(*args)
+        assert result.exit_code == 2, (args, output)
+        assert named in output and _one_error_line(result), (args, output)
+
+
+def _one_error_line(result) -> bool:
+    """The error is one line on stderr, no traceback."""
+    return len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
