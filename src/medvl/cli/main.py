@@ -33,9 +33,9 @@ from .export import export_app
 from .index import index_app, search_command
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
-from .reportgen import train_report_command as train_report_command  # registers the report generator
 from .serve import serve_command
 from .train import train_app
+from .vqa import vqa_command
 
 app = typer.Typer(help="medvl: medical vision-language models, offline on a CPU.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -157,6 +157,7 @@ app.add_typer(pacs_app, name="pacs")
 app.command("search")(search_command)
 app.add_typer(report_app, name="report")
 app.command("serve")(serve_command)
+app.command("vqa")(vqa_command)
 app.command("explain")(explain_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 

@@ -1,0 +1,234 @@
+"""``medvl train vqa``, ``medvl eval vqa`` and ``medvl vqa``: the VQA model on the command line, over
+``medvl.train.vqa`` and ``medvl.eval.vqa``. Question and answer text is printed for the user who
+asked, never logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import (
+    AllowOutsideOption,
+    JsonOption,
+    OverwriteOption,
+    QuietOption,
+    check_outputs,
+    console,
+    emit_json,
+    fmt,
+    handle_errors,
+    print_metrics,
+)
+from .eval import eval_app
+from .train import train_app
+
+DataOption = Annotated[Path, typer.Option(
+    help="A VQA question file (VQA-RAD / SLAKE JSON) or a folder of them (one split per file).")]
+
+
+@train_app.command("vqa")
+@handle_errors
+def train_vqa_command(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Output folder (model/, checkpoint/, metrics.jsonl).")],
+    split: Annotated[str | None, typer.Option(
+        help="Split to train on (default: train if the data has it, else every question; 'all' for all).")] = None,
+    holdout: Annotated[float, typer.Option(
+        help="Hold out this seeded share of the questions (not images); score them with "
+             "medvl eval vqa --split heldout.")] = 0.0,
+    init: Annotated[Path | None, typer.Option(
+        help="A medvl dual encoder folder whose image tower starts the model.")] = None,
+    image_model: Annotated[str, typer.Option(
+        help="Without --init: the registered config whose image tower is built at random init.")] = "cxr-small",
+    question_encoder: Annotated[str, typer.Option(
+        help="all-minilm-l6-v2 (shipped, frozen), dual (the --init model's text tower) or bert (random init).")]
+        = "all-minilm-l6-v2",
+    image_size: Annotated[int | None, typer.Option(help="Image side in pixels (default: the image tower's).")] = None,
+    hidden_size: Annotated[int, typer.Option(help="Width of the cross-attention fusion.")] = 256,
+    fusion_layers: Annotated[int, typer.Option(help="Cross-attention blocks.")] = 2,
+    max_images: Annotated[int, typer.Option(help="Images per question the model takes.")] = 2,
+    min_answer_count: Annotated[int, typer.Option(
+        help="Answers seen fewer times in training are left out of the vocabulary.")] = 1,
+    image_lr_scale: Annotated[float, typer.Option(
+        help="Image tower learning rate as a multiple of --lr (lower it for a pretrained tower).")] = 1.0,
+    augment: Annotated[bool, typer.Option(help="Random affine / contrast / noise on training images.")] = True,
+    route_by_type: Annotated[bool, typer.Option(
+        help="Answer among the answers seen with the predicted answer type (CLOSED / OPEN).")] = True,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="VQA config override key=value (JSON value), e.g. image.no_max_pool=true.")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the questions.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Questions per batch.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for init, order, augmentation and --holdout.")] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a VQA model (image tokens, question encoder, cross-attention fusion, answer classifier)."""
+    from ..data.loaders.vqa import load_vqa
+    from ..models.vqa import holdout_split, select_questions
+    from ..train.loop import TrainConfig
+    from ..train.vqa import VQAOptions, train_vqa
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)
+    options = VQAOptions(init=init, image_model=image_model, question_encoder=question_encoder,
+                         image_size=image_size, hidden_size=hidden_size, fusion_layers=fusion_layers,
+                         max_images=max_images, min_answer_count=min_answer_count, image_lr_scale=image_lr_scale,
+                         augment=augment, route_by_type=route_by_type, overrides=_overrides(set_ or []))
+    config.validate_numbers()
+    options.validate()
+    items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "train")
+    kept, held = holdout_split(items, holdout, seed)
+    held_meta = None
+    if held:
+        held_meta = {"fraction": holdout, "seed": seed, "split": held[0].split, "qids": [item.qid for item in held]}
+    trained = train_vqa(kept, out, config, options, str(data), resume=resume, show_progress=not quiet,
+                        holdout=held_meta)
+    summary = trained.meta["training"]
+    extra = f", {len(held)} held out" if held else ""
+    console.print(f"trained {summary['steps']} steps on {summary['questions']} questions{extra} "
+                  f"({len(trained.answers)} answers); model saved to {out / 'model'}")
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import json
+
+    from ..errors import InputError
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+@eval_app.command("vqa")
+@handle_errors
+def eval_vqa_command(
+    model: Annotated[Path, typer.Option(help="Trained VQA model folder.")],
+    data: DataOption,
+    split: Annotated[str | None, typer.Option(
+        help="Split to score (default: test if the data has it, else every question; 'all'; 'heldout': the "
+             "questions the model held out with --holdout).")] = None,
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Exact-match accuracy (closed, open, overall), open token F1, per question type, beside the
+    blank-image and question-only baselines."""
+    from ..data.loaders.vqa import load_vqa
+    from ..eval.vqa import evaluate_vqa
+    from ..models.vqa import load_vqa_model, select_questions
+
+    check_outputs(overwrite, json=json_out)
+    net = load_vqa_model(model)
+    items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "test",
+                             holdout=net.meta.get("holdout"))
+    result = evaluate_vqa(net, items, str(data), show_progress=not quiet)
+    result.update(model=model.name, data=data.name, split=split or "default")
+    print_metrics(f"VQA ({result['n']} questions: {result['n_closed']} closed, {result['n_open']} open)", {
+        key: result[key] for key in ("closed_accuracy", "open_accuracy", "overall_accuracy", "open_token_f1",
+                                     "blank_image_overall_accuracy", "question_only_overall_accuracy",
+                                     "answers_in_vocabulary")})
+    _print_types(result["per_question_type"])
+    emit_json(result, json_out, overwrite)
+
+
+def _print_types(per_type: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for column in ("question type", "n", "accuracy", "blank image", "question only"):
+        table.add_column(column, justify="left" if column == "question type" else "right")
+    for name, row in per_type.items():
+        table.add_row(name, str(row["n"]), fmt(row["accuracy"]), fmt(row["blank_image_accuracy"]),
+                      fmt(row["question_only_accuracy"]))
+    console.print(table)
+
+
+@handle_errors
+def vqa_command(
+    images: Annotated[list[Path], typer.Argument(help="Image file(s), earlier film first.")],
+    model: Annotated[Path, typer.Option(help="Trained VQA model folder.")],
+    question: Annotated[str, typer.Option(help="The question about the image(s).")],
+    index: Annotated[Path | None, typer.Option(
+        help="A case index (medvl index build): also list the nearest cases to the first image.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
+    heatmap: Annotated[Path | None, typer.Option(
+        help="Write the attention heatmap over the image(s) to this PNG.")] = None,
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Answer a question about one or more images, with its evidence: probability, the top alternative,
+    an attention heatmap and (with --index) the nearest cases."""
+    from ..eval.vqa import answer_with_rationale, check_question
+    from ..models.vqa import load_vqa_model
+
+    check_question(question)
+    check_outputs(overwrite, json=json_out, heatmap=heatmap)
+    net = load_vqa_model(model)
+    result = answer_with_rationale(net, images, question)
+    if index is not None:
+        result["supporting_cases"] = _nearest_cases(index, images[0], k)
+    _print_answer(result)
+    if heatmap is not None:
+        _write_heatmap(heatmap, images, result["heatmaps"], net, overwrite)
+    emit_json({"model": model.name, **result}, json_out, overwrite)
+
+
+def _nearest_cases(index: Path, image: Path, k: int) -> list[dict[str, Any]]:
+    from ..index import index_model, open_index, search_index
+    from ..index.base import check_k
+
+    check_k(k)
+    with open_index(index) as opened:
+        hits = search_index(opened, index_model(opened), image=image, k=k)
+    return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels} for hit in hits]
+
+
+def _print_answer(result: dict[str, Any]) -> None:
+    console.print(f"answer: [bold]{result['answer']}[/] (p = {result['probability']:.3f}, "
+                  f"{result['answer_type'].lower()} question)", highlight=False)
+    if result["alternative"] is not None:
+        console.print(f"top alternative: {result['alternative']} (p = {result['alternative_probability']:.3f})",
+                      highlight=False)
+    for number, heat in enumerate(result["heatmaps"], 1):
+        peak = heat["peak"]
+        console.print(f"image {number}: attention peak at row {peak['row']:.2f}, column {peak['column']:.2f} of the "
+                      f"image (weight {peak['weight']:.3f})", highlight=False)
+    for case in result.get("supporting_cases", []):
+        console.print(f"supporting case: {case['id']} (similarity {case['score']:.3f})", highlight=False)
+
+
+def _write_heatmap(path: Path, images: list[Path], heatmaps: list[dict[str, Any]], net, overwrite: bool) -> None:
+    """The images side by side (model input size) with the attention in red on top."""
+    import numpy as np
+    from PIL import Image
+
+    from ..eval.vqa import heatmap_array
+    from ..io import atomic_write_bytes, check_output_file
+
+    panels = []
+    for image, heat in zip(images, heatmaps, strict=True):
+        gray = net.preprocessor.load(image).mean(0).numpy()
+        side = gray.shape[-1]
+        weights = np.asarray(Image.fromarray(heatmap_array(heat["grid"], heat["shape"])).resize(
+            (side, side), Image.Resampling.BILINEAR))
+        rgb = np.stack([gray * 0.6 + weights * 0.4, gray * 0.6, gray * 0.6], -1)
+        panels.append((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(panels, axis=1)).save(buffer, format="PNG")
+    check_output_file(path, overwrite, "--heatmap")
+    atomic_write_bytes(path, buffer.getvalue())
+    console.print(f"wrote {path}")

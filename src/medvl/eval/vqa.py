@@ -1,0 +1,205 @@
+"""VQA scoring and answers with their evidence.
+
+``evaluate_vqa`` returns a plain dict (the keys ``medvl eval vqa --json`` writes):
+
+- ``closed_accuracy``, ``open_accuracy``, ``overall_accuracy``: exact match of the normalised answer
+  (``normalize_answer``: lower case, whitespace collapsed, trailing '.' dropped); ``n_closed``,
+  ``n_open``, ``n`` (questions without an answer type count in ``overall`` only);
+- ``open_token_f1``: mean token F1 of open answers (``token_f1``: bag of whitespace tokens of the
+  normalised answers, SQuAD style);
+- SURE-VQA sanity baselines in the same run: ``blank_image_*`` (the same model, every image blank:
+  zeros in [0, 1]) and ``question_only_*`` (the training answer prior per question, kept in the
+  model: the most frequent training answer of the same question, else of its question and answer
+  type, else overall);
+- ``per_question_type``: ``{type: {n, accuracy, blank_image_accuracy, question_only_accuracy}}``;
+- ``answers_in_vocabulary``: share of questions whose answer the model can give.
+
+An answer vocabulary mismatch between the model and the data (under half of the answers in the
+model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
+
+``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
+top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
+on the image encoder's ``token_grid``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.loaders.vqa import VQAItem, normalize_answer
+from ..errors import DataError, InputError
+from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer
+from ..progress import progress_bar
+
+MIN_VOCABULARY_COVERAGE = 0.5  # below this share of answers the model can give, the data is not the model's
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the whitespace tokens of two normalised answers (as bags); 1.0 when both are empty."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    same = sum((Counter(predicted) & Counter(expected)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def check_vocabulary(model: VQAModel, items: Sequence[VQAItem], source: str) -> float:
+    """The share of ``items`` whose answer the model can give; a mismatched model is a ``DataError``."""
+    known = set(model.answers)
+    coverage = sum(item.answer_normalized in known for item in items) / max(1, len(items))
+    model_types = set(model.meta.get("question_types", []))
+    data_types = {item.question_type for item in items if item.question_type}
+    if coverage < MIN_VOCABULARY_COVERAGE or (model_types and data_types and not model_types & data_types):
+        raise DataError(source, f"answer vocabulary mismatch: {coverage:.0%} of its {len(items)} answers are among "
+                                f"the model's {len(known)}, question types {sorted(data_types)[:4]} vs the model's "
+                                f"{sorted(model_types)[:4]}; this model was trained on other questions")
+    return coverage
+
+
+@torch.no_grad()
+def answer_items(model: VQAModel, items: Sequence[VQAItem], blank: bool = False, batch_size: int = 32,
+                 show_progress: bool = False, description: str = "Answering") -> list[dict[str, Any]]:
+    """The model's answer to each item: answer, probability, alternative (+ probability), predicted
+    answer type and the attention over its image tokens (a tensor, (K*T,))."""
+    model.eval()
+    images, image_index = image_table(items, model.config.max_images)
+    pixels = load_images(model, images, blank)
+    answers: list[dict[str, Any]] = []
+    with progress_bar(description, total=len(items), enabled=show_progress) as advance:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            answers += _answer_batch(model, pixels, image_index[start:start + len(chunk)],
+                                     [item.question for item in chunk])
+            advance(len(chunk))
+    return answers
+
+
+def load_images(model: VQAModel, images: Sequence[Path], blank: bool = False) -> torch.Tensor:
+    """Images as [0, 1] tensors (``blank``: zeros of the same shape, nothing read)."""
+    if blank:
+        return torch.zeros(len(images), model.config.image.in_channels, *model.config.image.volume_shape)
+    return model.preprocessor.load_many(images)
+
+
+def _answer_batch(model: VQAModel, pixels: torch.Tensor, image_index: torch.Tensor,
+                  questions: list[str]) -> list[dict[str, Any]]:
+    batch, local = batch_pixels(pixels, image_index)
+    out = model(model.preprocessor.normalize(batch), local, questions)
+    probabilities = model.route(out["answer_logits"], out["type_logits"]).softmax(-1)
+    top = probabilities.topk(min(2, probabilities.shape[1]), dim=-1)
+    kinds = out["type_logits"].argmax(-1)
+    rows = []
+    for row in range(len(questions)):
+        values, indices = top.values[row].tolist(), top.indices[row].tolist()
+        second = len(values) > 1 and values[1] > 0
+        rows.append({"answer": model.answers[indices[0]], "probability": values[0],
+                     "alternative": model.answers[indices[1]] if second else None,
+                     "alternative_probability": values[1] if second else None,
+                     "answer_type": ("CLOSED", "OPEN")[int(kinds[row])], "attention": out["attention"][row]})
+    return rows
+
+
+def _accuracy(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def evaluate_vqa(model: VQAModel, items: Sequence[VQAItem], source: str = "",
+                 show_progress: bool = False) -> dict[str, Any]:
+    """Exact-match accuracy (closed, open, overall), open token F1, per question type, and the blank-image
+    and question-only baselines (see the module docstring)."""
+    if not items:
+        raise InputError(f"{source}: no questions to score")
+    coverage = check_vocabulary(model, items, source)
+    predicted = [row["answer"] for row in answer_items(model, items, show_progress=show_progress)]
+    blank = [row["answer"] for row in answer_items(model, items, blank=True, show_progress=show_progress,
+                                                    description="Answering (blank images)")]
+    prior = [normalize_answer(prior_answer(model.meta["prior"], item)) for item in items]
+    runs = {"": predicted, "blank_image_": blank, "question_only_": prior}
+    result: dict[str, Any] = {"n": len(items), "n_closed": sum(item.answer_type == "CLOSED" for item in items),
+                              "n_open": sum(item.answer_type == "OPEN" for item in items)}
+    for prefix, answers in runs.items():
+        correct = [answer == item.answer_normalized for answer, item in zip(answers, items, strict=True)]
+        for kind in ("closed", "open"):
+            result[f"{prefix}{kind}_accuracy"] = _accuracy([flag for flag, item in zip(correct, items, strict=True)
+                                                             if item.answer_type == kind.upper()])
+        result[f"{prefix}overall_accuracy"] = _accuracy(correct)
+    open_f1 = [token_f1(answer, item.answer_normalized) for answer, item in zip(predicted, items, strict=True)
+               if item.answer_type == "OPEN"]
+    result["open_token_f1"] = sum(open_f1) / len(open_f1) if open_f1 else None
+    result["per_question_type"] = _per_type(items, runs)
+    result["answers_in_vocabulary"] = coverage
+    return result
+
+
+def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[item.question_type or "none"].append(index)
+    table = {}
+    for qtype, indices in sorted(groups.items()):
+        row: dict[str, Any] = {"n": len(indices)}
+        for prefix, answers in runs.items():
+            name = f"{prefix}accuracy" if prefix else "accuracy"
+            row[name] = _accuracy([answers[i] == items[i].answer_normalized for i in indices])
+        table[qtype] = row
+    return table
+
+
+# ---------------------------------------------------------------- one question, with its evidence
+
+
+def check_question(question: str) -> str:
+    """The question, stripped; empty or non-UTF-8 text is an ``InputError``."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("--question: not valid UTF-8 text") from None
+    if not question.strip():
+        raise InputError("--question: the question is empty")
+    return question.strip()
+
+
+def answer_with_rationale(model: VQAModel, images: Sequence[str | Path], question: str) -> dict[str, Any]:
+    """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
+    the top alternative, the predicted answer type and one attention heatmap per image (rows of the
+    image encoder's token grid, summing to 1 over all images)."""
+    question = check_question(question)
+    if not images:
+        raise InputError("give at least one image")
+    if len(images) > model.config.max_images:
+        raise InputError(f"{len(images)} images given; the model takes at most {model.config.max_images}")
+    item = VQAItem(qid="0", image=Path(images[0]), question=question, answer="", answer_normalized="",
+                   answer_type=None, split="", images=tuple(Path(image) for image in images))
+    row = answer_items(model, [item])[0]
+    attention = row.pop("attention")
+    grid = model.image_encoder.token_grid(torch.zeros(1, model.config.image.in_channels,
+                                                      *model.config.image.volume_shape))
+    per_image = attention.view(model.config.max_images, -1)[:len(images)]
+    row["heatmaps"] = [{"image": str(image), "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
+                        "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
+    return row
+
+
+def _peak(weights: torch.Tensor, grid: tuple[int, ...]) -> dict[str, float]:
+    """The most attended cell as fractions of the image (row, column of its centre; 0 = top / left)."""
+    cell = int(weights.argmax())
+    row, column = divmod(cell, grid[-1])
+    return {"row": round((row + 0.5) / grid[0], 3), "column": round((column + 0.5) / grid[-1], 3),
+            "weight": round(float(weights[cell]), 4)}
+
+
+def heatmap_array(weights: Sequence[float], shape: Sequence[int]):
+    """A heatmap as a float array laid out on its grid (rows x columns), scaled to [0, 1]."""
+    import numpy as np
+
+    array = np.asarray(weights, dtype=np.float32).reshape(tuple(shape))
+    high = float(array.max())
+    return array / high if high > 0 else array

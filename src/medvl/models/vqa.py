@@ -1,0 +1,419 @@
+"""The VQA model: an image encoder's patch tokens, a question encoder, cross-attention fusion and an
+answer classifier over the training answers (closed answers and the frequent open ones).
+
+Shape of the network (one forward pass, ``N`` questions, up to ``max_images`` images each)::
+
+    images (N, K, C, H, W) -> ImageEncoder.tokens -> (N, K*T, F) -> linear -> + position + image number
+    question -> TextEncoder tokens (N, L, D) -> linear ------------------------------------+
+    fusion: ``fusion_layers`` x [question tokens attend to the image tokens, feed-forward]  |
+    pooled fused question (N, d) ++ pooled question (N, d) -> MLP -> answer logits (N, A)  |
+    pooled question (N, d) -> answer-type head (CLOSED / OPEN) <---------------------------+
+
+Question-type routing (HiCA-VQA style, ``route_by_type``): the answer-type head reads only the
+question; at inference the answer is chosen among the answers seen with the predicted type in
+training (yes/no questions get yes/no answers). The attention of the last fusion layer over the
+image tokens (averaged over heads and question tokens) is the answer's heatmap, laid out on the
+image encoder's ``token_grid``.
+
+Persistence as ``DualEncoder``: ``config.json`` (``VQAConfig``), ``model.safetensors``, ``meta.json``
+(answer vocabulary, answer types, the training answer prior keyed by a hash of the question, the
+training summary) and ``text/`` (the question tokenizer), written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checks import check_number
+from ..data.loaders.vqa import VQAItem
+from ..errors import DataError, InputError, MedvlError, ModelError
+from ..io import replace_dir, write_errors_named
+from .config import ImageConfig, TextConfig, build_dataclass
+from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors
+from .image import ImageEncoder
+from .preprocess import ImagePreprocessor
+from .text import TextEncoder
+
+MODEL_KIND = "vqa"
+ANSWER_TYPES = ("CLOSED", "OPEN")
+
+
+@dataclass
+class VQAConfig:
+    kind: str = MODEL_KIND  # marks a VQA model folder (a dual encoder's config has no "kind")
+    image: ImageConfig = field(default_factory=ImageConfig)  # the image tower (and its preprocessing)
+    text: TextConfig = field(default_factory=lambda: TextConfig(kind="pretrained", path="all-minilm-l6-v2",
+                                                                max_length=48, freeze=True))  # question tower
+    hidden_size: int = 256  # width of the fusion layers
+    fusion_layers: int = 2  # cross-attention blocks (question tokens attend to image tokens)
+    fusion_heads: int = 4  # attention heads per block
+    dropout: float = 0.1  # in the fusion blocks and the answer head
+    max_images: int = 2  # images per question (two-image questions: earlier film first)
+    route_by_type: bool = True  # choose answers among those seen with the predicted answer type
+    image_tokens: int = 0  # tokens per image (set when the model is built, from the image config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VQAConfig:
+        data = dict(data)
+        image = build_dataclass(ImageConfig, data.pop("image", {}), "image")
+        text = build_dataclass(TextConfig, data.pop("text", {}), "text")
+        config = build_dataclass(cls, data, "vqa")
+        config.image, config.text = image, text
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.kind != MODEL_KIND:
+            raise InputError(f"a VQA config has kind {MODEL_KIND!r}, got {self.kind!r}")
+        self.image.validate()
+        if self.image.spatial_dims != 2:
+            raise InputError("the VQA model takes 2D images (image.spatial_dims 2)")
+        for name in ("hidden_size", "fusion_layers", "fusion_heads", "max_images"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("dropout", self.dropout, minimum=0, maximum=0.9)
+        if self.hidden_size % self.fusion_heads:
+            raise InputError(f"hidden_size {self.hidden_size} must be a multiple of fusion_heads {self.fusion_heads}")
+        if self.text.kind not in ("bert", "pretrained"):
+            raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+
+
+def question_key(question: str) -> str:
+    """The key of a question in the saved answer prior: a hash of its normalised text (no text is stored)."""
+    normalized = " ".join(question.lower().split()).rstrip("?. ")
+    return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:16]
+
+
+class FusionBlock(nn.Module):
+    """Pre-norm cross-attention (queries: question tokens; keys/values: image tokens) then feed-forward."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_query, self.norm_image, self.norm_ff = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.feed_forward = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(2 * width, width))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, image: torch.Tensor,
+                image_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.norm_image(image)
+        attended, weights = self.attention(self.norm_query(queries), keys, keys, key_padding_mask=image_padding,
+                                           need_weights=True, average_attn_weights=True)
+        queries = queries + self.dropout(attended)
+        return queries + self.dropout(self.feed_forward(self.norm_ff(queries))), weights
+
+
+class VQAModel(nn.Module):
+    """Image tokens + question tokens -> cross-attention fusion -> answer logits (see the module docstring).
+
+    ``meta["answers"]`` is the answer vocabulary (normalised answers, the classifier's rows);
+    ``meta["answer_types"]`` maps each answer to the answer types it was seen with.
+    """
+
+    def __init__(self, config: VQAConfig, answers: Sequence[str], text_source_dir: Path | None = None):
+        super().__init__()
+        if not answers:
+            raise InputError("a VQA model needs at least one answer")
+        self.config = config
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_encoder = TextEncoder(config.text, source_dir=text_source_dir)
+        self.preprocessor = ImagePreprocessor(config.image)
+        if not config.image_tokens:
+            config.image_tokens = self._count_image_tokens()
+        width = config.hidden_size
+        self.image_projection = nn.Sequential(nn.Linear(self.image_encoder.num_features, width), nn.LayerNorm(width))
+        self.question_projection = nn.Sequential(nn.Linear(self.text_encoder.num_features, width), nn.LayerNorm(width))
+        self.image_position = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)
+        self.image_number = nn.Parameter(torch.randn(config.max_images, width) * 0.02)
+        self.fusion = nn.ModuleList([FusionBlock(width, config.fusion_heads, config.dropout)
+                                     for _ in range(config.fusion_layers)])
+        self.answer_head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, 2 * width), nn.GELU(),
+                                         nn.Dropout(config.dropout), nn.Linear(2 * width, len(answers)))
+        self.type_head = nn.Linear(width, len(ANSWER_TYPES))
+        self.meta: dict[str, Any] = {"kind": MODEL_KIND, "answers": list(answers), "answer_types": {}}
+        self._frozen_questions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def answers(self) -> list[str]:
+        return self.meta["answers"]
+
+    def _count_image_tokens(self) -> int:
+        was_training = self.image_encoder.training
+        self.image_encoder.eval()  # no batch-norm statistics from the probe
+        with torch.no_grad():
+            probe = torch.zeros(1, self.config.image.in_channels, *self.config.image.volume_shape)
+            count = self.image_encoder.tokens(probe).shape[1]
+        self.image_encoder.train(was_training)
+        return count
+
+    # -- the forward pass ------------------------------------------------------------------------
+    def question_states(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question token states (N, L, D) and their mask (N, L); a frozen tower runs once per question."""
+        if not self.config.text.freeze:
+            return self._encode_questions(questions)
+        missing = [q for q in dict.fromkeys(questions) if q not in self._frozen_questions]
+        if missing:
+            was_training = self.text_encoder.training
+            self.text_encoder.eval()
+            with torch.no_grad():
+                states, mask = self._encode_questions(missing)
+            self.text_encoder.train(was_training)
+            for index, question in enumerate(missing):
+                length = int(mask[index].sum())
+                self._frozen_questions[question] = (states[index, :length], mask[index, :length])
+        rows = [self._frozen_questions[q] for q in questions]
+        length = max(len(m) for _, m in rows)
+        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in rows])
+        return states, torch.stack([F.pad(m, (0, length - len(m))) for _, m in rows])
+
+    def _encode_questions(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.text_encoder.tokenize(questions)
+        hidden = self.text_encoder.model(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+        return hidden, batch["attention_mask"]
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unprojected image tokens (U, T, F) of normalised ``pixels`` (U, C, H, W)."""
+        return self.image_encoder.tokens(pixels)
+
+    def image_tokens(self, features: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected tokens (N, K*T, d) and padding mask (N, K*T) of ``image_features`` (U, T, F);
+        ``image_index`` (N, K) picks each question's images from them (-1 = no image)."""
+        tokens = self.image_projection(features) + self.image_position  # (U, T, d)
+        count, slots = image_index.shape
+        picked = tokens[image_index.clamp(min=0)] + self.image_number[:slots, None, :]  # (N, K, T, d)
+        padding = (image_index < 0)[:, :, None].expand(-1, -1, tokens.shape[1])
+        return picked.reshape(count, -1, tokens.shape[-1]), padding.reshape(count, -1)
+
+    def forward(self, pixels: torch.Tensor, image_index: torch.Tensor, questions: Sequence[str],
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``answer_logits`` (N, A), ``type_logits`` (N, 2) and ``attention`` (N, K*T) of the last block;
+        ``features``: the images' ``image_features`` when already computed (a frozen image tower)."""
+        states, mask = self.question_states(questions)
+        queries = self.question_projection(states)
+        keep = mask.unsqueeze(-1).to(queries.dtype)
+        question = (queries * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        if features is None:
+            features = self.image_features(pixels)
+        image, padding = self.image_tokens(features, image_index)
+        weights = torch.zeros(0)
+        for block in self.fusion:
+            queries, weights = block(queries, image, padding)
+        fused = (queries * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        attention = (weights * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (N, K*T), over question tokens
+        return {"answer_logits": self.answer_head(torch.cat([fused, question], dim=-1)),
+                "type_logits": self.type_head(question), "attention": attention}
+
+    def route(self, answer_logits: torch.Tensor, type_logits: torch.Tensor) -> torch.Tensor:
+        """Answer logits with answers never seen with the predicted answer type removed (-inf)."""
+        if not self.config.route_by_type or not self.meta["answer_types"]:
+            return answer_logits
+        allowed = torch.tensor([[kind in self.meta["answer_types"].get(answer, ANSWER_TYPES) for answer in self.answers]
+                                for kind in ANSWER_TYPES])  # (2, A)
+        keep = allowed[type_logits.argmax(-1)]
+        keep[~keep.any(-1)] = True
+        return answer_logits.masked_fill(~keep, float("-inf"))
+
+    # -- building from a dual encoder ------------------------------------------------------------
+    @classmethod
+    def from_dual_encoder(cls, dual: DualEncoder, config: VQAConfig, answers: Sequence[str],
+                          question_tower: bool) -> VQAModel:
+        """A VQA model whose image tower (and, with ``question_tower``, question tower) are ``dual``'s."""
+        image = dataclasses.replace(dual.config.image, augment=config.image.augment)
+        text = dataclasses.replace(dual.config.text) if question_tower else config.text
+        config = dataclasses.replace(config, image=image, text=text, image_tokens=0)
+        model = cls(config, answers)
+        model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
+        if question_tower:
+            model.text_encoder = dual.text_encoder
+        return model
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json, model.safetensors, meta.json and text/ written atomically (non-finite weights refused)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
+                             f"(first: {bad[0]}); the training diverged")
+        with write_errors_named(directory):
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+            try:
+                (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+                (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
+                save_file(state, str(staging / WEIGHTS_FILE))
+                self.text_encoder.save(staging / TEXT_DIR)
+                replace_dir(staging, directory)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VQAModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR):
+            if not (directory / name).exists():
+                raise ModelError(f"{directory}: not a medvl VQA model directory (missing {name})")
+        try:
+            raw = json.loads((directory / CONFIG_FILE).read_text())
+            if not isinstance(raw, dict) or raw.get("kind") != MODEL_KIND:
+                kind = raw.get("kind") if isinstance(raw, dict) else None
+                raise ModelError(f"{directory}: not a VQA model (config kind {kind!r}; train one with medvl train vqa)")
+            config = VQAConfig.from_dict(raw)
+            meta = json.loads((directory / META_FILE).read_text())
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except ModelError:
+            raise
+        except (ValueError, OSError, SafetensorError, MedvlError) as err:
+            raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
+        if not isinstance(meta.get("answers"), list) or not meta["answers"]:
+            raise ModelError(f"{directory}: meta.json has no answer vocabulary")
+        model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
+        model.meta = meta
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
+        model.eval()
+        return model
+
+
+def load_vqa_model(directory: str | Path) -> VQAModel:
+    """A saved VQA model: its folder, or a ``medvl train vqa`` output folder (its ``model/``)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        directory = directory / "model"
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: model folder not found")
+    return VQAModel.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------- training questions -> model metadata
+
+
+def answer_vocabulary(items: Sequence[VQAItem], min_count: int = 1) -> list[str]:
+    """Normalised training answers seen at least ``min_count`` times, most frequent first (ties by name)."""
+    counts = Counter(item.answer_normalized for item in items)
+    return [answer for answer, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if count >= min_count]
+
+
+def answer_types(items: Sequence[VQAItem]) -> dict[str, list[str]]:
+    """Each normalised answer -> the answer types it was seen with (for routing)."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        if item.answer_type in ANSWER_TYPES:
+            seen[item.answer_normalized].add(item.answer_type)
+    return {answer: sorted(kinds) for answer, kinds in sorted(seen.items())}
+
+
+def answer_prior(items: Sequence[VQAItem]) -> dict[str, Any]:
+    """The question-only baseline: the most frequent training answer per question (keyed by a hash of the
+    normalised question), else per (question type, answer type), else overall; ties by name."""
+    def majority(groups: dict[str, Counter[str]]) -> dict[str, str]:
+        return {key: min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0] for key, counter in groups.items()}
+
+    by_question: dict[str, Counter[str]] = defaultdict(Counter)
+    by_type: dict[str, Counter[str]] = defaultdict(Counter)
+    for item in items:
+        by_question[question_key(item.question)][item.answer_normalized] += 1
+        by_type[prior_type_key(item)][item.answer_normalized] += 1
+    overall = Counter(item.answer_normalized for item in items)
+    return {"by_question": majority(by_question), "by_type": majority(by_type),
+            "overall": majority({"": overall})[""]}
+
+
+def prior_type_key(item: VQAItem) -> str:
+    return f"{item.question_type or ''}|{item.answer_type or ''}"
+
+
+def prior_answer(prior: dict[str, Any], item: VQAItem) -> str:
+    """The question-only answer to ``item`` from a saved ``answer_prior``."""
+    return (prior["by_question"].get(question_key(item.question))
+            or prior["by_type"].get(prior_type_key(item)) or prior["overall"])
+
+
+def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:
+    """Distinct image files and, per question, the indices of its images ((N, max_images), -1 = none)."""
+    index: dict[Path, int] = {}
+    rows = []
+    for item in items:
+        images = item.images or (item.image,)
+        if len(images) > max_images:
+            raise InputError(f"question {item.qid} has {len(images)} images; the model takes at most {max_images}")
+        row = [index.setdefault(image, len(index)) for image in images]
+        rows.append(row + [-1] * (max_images - len(row)))
+    return list(index), torch.tensor(rows, dtype=torch.long).view(len(items), max_images)
+
+
+def holdout_split(items: Sequence[VQAItem], fraction: float, seed: int) -> tuple[list[VQAItem], list[VQAItem]]:
+    """(kept, held out): a seeded ``fraction`` of the questions held out (questions, not images)."""
+    check_number("holdout", fraction, minimum=0, maximum=0.9)
+    count = round(fraction * len(items))
+    held = set(random.Random(seed).sample(range(len(items)), count))
+    return ([item for i, item in enumerate(items) if i not in held],
+            [item for i, item in enumerate(items) if i in held])
+
+
+def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct images (or image features) of a batch, as float32, and the batch's image indices into them."""
+    used = image_index[image_index >= 0].unique()
+    remap = torch.full((len(pixels),), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    local = torch.where(image_index >= 0, remap[image_index.clamp(min=0)], image_index)
+    return pixels[used].float(), local
+
+
+HELDOUT = "heldout"  # the split name of the questions a model held out from its training (meta["holdout"])
+
+
+def select_questions(items: Sequence[VQAItem], split: str | None, source: str, default: str | None,
+                     holdout: dict[str, Any] | None = None) -> list[VQAItem]:
+    """The questions of ``split``: ``None`` takes ``default`` when the data has that split, else every
+    question (a single file is one split); ``all`` every question; ``heldout`` the questions a model
+    held out from its training (``holdout``: its meta, with ``split`` and ``qids``)."""
+    splits = sorted({item.split for item in items})
+    if split == HELDOUT and HELDOUT not in splits:
+        if not holdout:
+            raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
+        qids = set(holdout["qids"])
+        chosen = [item for item in items if item.split == holdout["split"] and item.qid in qids]
+        if len(chosen) != len(qids):
+            raise DataError(source, f"holds {len(chosen)} of the {len(qids)} questions the model held out "
+                                    f"(split {holdout['split']!r}); score it on the file it was trained on")
+        return chosen
+    if split is None:
+        split = default if default in splits else "all"
+    if split == "all":
+        return list(items)
+    if split not in splits:
+        raise DataError(source, f"no split {split!r}; splits: {', '.join(splits)} (or all)")
+    return [item for item in items if item.split == split]
+

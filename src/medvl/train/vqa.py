@@ -1,0 +1,244 @@
+"""VQA training: the ``VQAObjective`` for the one trainer (``medvl.train.loop.fit``), and the model
+built from the training questions (answer vocabulary, answer types, answer prior).
+
+Every question image is read once, kept as float16 [0, 1] and augmented per step with the model's
+preprocessor (each image once per batch, whatever number of questions name it). The loss is the
+cross-entropy over the answer vocabulary (questions whose answer is not in it are left out of that
+term) plus ``type_weight`` x the cross-entropy of the answer-type head (CLOSED / OPEN from the
+question alone, used for routing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import check_numbers
+from ..data.loaders.vqa import VQAItem
+from ..errors import InputError
+from ..models.config import TextConfig
+from ..models.dual import DualEncoder
+from ..models.registry import get_config, load_model
+from ..models.vqa import (
+    ANSWER_TYPES,
+    VQAConfig,
+    VQAModel,
+    answer_prior,
+    answer_types,
+    answer_vocabulary,
+    batch_pixels,
+    image_table,
+)
+from ..progress import progress_bar
+from .loop import TrainConfig, fit, param_groups
+
+log = logging.getLogger(__name__)
+
+QUESTION_ENCODERS = ("all-minilm-l6-v2", "dual", "bert")
+IGNORE = -100
+
+
+@dataclass
+class VQAOptions:
+    """How the VQA model is built (the trainer's own settings are a ``TrainConfig``)."""
+
+    init: Path | None = None  # a dual encoder folder whose image tower (and text tower, see below) start the model
+    image_model: str = "cxr-small"  # without init: the registered config whose image tower is built at random
+    question_encoder: str = "all-minilm-l6-v2"  # all-minilm-l6-v2 (shipped, frozen) | dual (init's text tower) | bert
+    image_size: int | None = None  # image side in pixels (None: the image config's own)
+    hidden_size: int = 256  # fusion width
+    fusion_layers: int = 2  # cross-attention blocks
+    max_images: int = 2  # images per question
+    min_answer_count: int = 1  # answers seen fewer times in training are left out of the vocabulary
+    type_weight: float = 0.5  # weight of the answer-type loss
+    image_lr_scale: float = 1.0  # image tower lr = lr x this (lower it for a pretrained tower)
+    augment: bool = True  # random affine / contrast / noise on the training images
+    route_by_type: bool = True  # answers among those seen with the predicted answer type
+    overrides: dict[str, Any] = field(default_factory=dict)  # VQAConfig fields, nested as "image.no_max_pool"
+
+    def validate(self) -> None:
+        if self.question_encoder not in QUESTION_ENCODERS:
+            raise InputError(f"question encoder must be one of {', '.join(QUESTION_ENCODERS)}, "
+                             f"got {self.question_encoder!r}")
+        if self.question_encoder == "dual" and self.init is None:
+            raise InputError("question encoder 'dual' needs --init (a dual encoder folder)")
+        check_numbers({
+            "image_size": (self.image_size, {"minimum": 16, "maximum": 1024, "integer": True, "optional": True}),
+            "hidden_size": (self.hidden_size, {"minimum": 8, "maximum": 4096, "integer": True}),
+            "fusion_layers": (self.fusion_layers, {"minimum": 1, "maximum": 12, "integer": True}),
+            "max_images": (self.max_images, {"minimum": 1, "maximum": 8, "integer": True}),
+            "min_answer_count": (self.min_answer_count, {"minimum": 1, "integer": True}),
+            "type_weight": (self.type_weight, {"minimum": 0}),
+            "image_lr_scale": (self.image_lr_scale, {"minimum": 0, "maximum": 10}),
+        })
+
+
+def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
+    """A fresh VQA model for ``items``: answer vocabulary, types and prior in its meta."""
+    options.validate()
+    answers = answer_vocabulary(items, options.min_answer_count)
+    if not answers:
+        raise InputError(f"no answer is seen {options.min_answer_count} times or more in the training questions "
+                         "(lower --min-answer-count)")
+    config = VQAConfig(hidden_size=options.hidden_size, fusion_layers=options.fusion_layers,
+                       fusion_heads=max(1, options.hidden_size // 64), max_images=options.max_images,
+                       route_by_type=options.route_by_type)
+    if options.question_encoder == "bert":
+        config.text = TextConfig(kind="bert", vocab_size=2000, hidden_size=128, num_layers=2, num_heads=2,
+                                 intermediate_size=256, max_length=48)  # WordPiece fitted on the questions
+    if options.init is not None:
+        dual = load_model(options.init)
+        if not isinstance(dual, DualEncoder):
+            raise InputError(f"{options.init}: --init takes a medvl dual encoder folder")
+        if options.image_size and options.image_size != dual.config.image.image_size:
+            raise InputError(f"--image-size {options.image_size} differs from the initial model's "
+                             f"{dual.config.image.image_size}")
+        config.image.augment = options.augment
+        config = _with_overrides(config, options.overrides)
+        model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
+        model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
+    else:
+        image = get_config(options.image_model).image
+        image.augment = options.augment
+        if options.image_size:
+            image.image_size = options.image_size
+        config.image = image
+        model = VQAModel(_with_overrides(config, options.overrides), answers)
+        model.meta["init"] = {"image_model": options.image_model}
+    model.meta.update(answer_types=answer_types(items), prior=answer_prior(items),
+                      question_types=sorted({item.question_type for item in items if item.question_type}))
+    return model
+
+
+def _with_overrides(config: VQAConfig, overrides: dict[str, Any]) -> VQAConfig:
+    """``config`` with ``overrides`` merged in (``{"image.no_max_pool": True, "dropout": 0.2}``), validated."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        head, _, tail = key.partition(".")
+        if tail and head in ("image", "text"):
+            data[head][tail] = value
+        else:
+            data[key] = value
+    return VQAConfig.from_dict(data)
+
+
+class VQAObjective:
+    """Answer cross-entropy plus the answer-type cross-entropy, for ``loop.fit``."""
+
+    def __init__(self, model: VQAModel, items: Sequence[VQAItem], options: VQAOptions, source: str):
+        self.model, self.items, self.options, self.source = model, list(items), options, source
+        self.pixels = torch.empty(0)
+        self.image_index = torch.empty(0, dtype=torch.long)
+        self.answer_targets = torch.empty(0, dtype=torch.long)
+        self.type_targets = torch.empty(0, dtype=torch.long)
+        self.features: torch.Tensor | None = None  # image tokens of a frozen image tower, computed once
+        self.frozen_images = options.image_lr_scale == 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def start(self, checkpoint: Path | None, show_progress: bool) -> None:
+        if checkpoint is not None:
+            self.model = VQAModel.from_pretrained(checkpoint)
+            self.model.config.image.augment = self.options.augment
+        elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
+            self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
+        images, self.image_index = image_table(self.items, self.model.config.max_images)
+        self.pixels = load_pixels(self.model, images, show_progress)
+        if self.frozen_images:
+            self.features = self._frozen_features()
+        vocabulary = {answer: i for i, answer in enumerate(self.model.answers)}
+        self.answer_targets = torch.tensor([vocabulary.get(item.answer_normalized, IGNORE) for item in self.items])
+        self.type_targets = torch.tensor([ANSWER_TYPES.index(item.answer_type) if item.answer_type in ANSWER_TYPES
+                                          else IGNORE for item in self.items])
+
+    def _frozen_features(self, chunk: int = 64) -> torch.Tensor:
+        """A frozen image tower (``image_lr_scale`` 0) is a fixed function: every image's tokens once,
+        without augmentation (and the tower's batch-norm statistics stay as they are)."""
+        model = self.model
+        model.image_encoder.requires_grad_(False)
+        model.image_encoder.eval()
+        with torch.no_grad():
+            return torch.cat([model.image_features(model.preprocessor.normalize(self.pixels[i:i + chunk].float()))
+                              for i in range(0, len(self.pixels), chunk)])
+
+    def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+        model = self.model
+        if self.features is not None:
+            model.image_encoder.eval()
+            features, image_index = batch_pixels(self.features, self.image_index[indices])
+            out = model(torch.empty(0), image_index, [self.items[i].question for i in indices], features=features)
+            return self._losses(out, indices)
+        pixels, image_index = batch_pixels(self.pixels, self.image_index[indices])
+        augmented = model.preprocessor.augment(pixels, seed)
+        as_tensor = getattr(augmented, "as_tensor", None)  # a MONAI MetaTensor: its bookkeeping slows every layer
+        pixels = model.preprocessor.normalize(as_tensor() if as_tensor is not None else augmented)
+        out = model(pixels, image_index, [self.items[i].question for i in indices])
+        return self._losses(out, indices)
+
+    def _losses(self, out: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+        parts = {"answer": _cross_entropy(out["answer_logits"], self.answer_targets[indices]),
+                 "type": _cross_entropy(out["type_logits"], self.type_targets[indices])}
+        parts["loss"] = parts["answer"] + self.options.type_weight * parts["type"]
+        return parts
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        text_lr = config.text_lr
+        if text_lr is None:
+            text_lr = config.lr / 20 if self.model.config.text.kind == "pretrained" else config.lr
+        return param_groups(self.model, config, {"text_encoder.": text_lr,
+                                                 "image_encoder.": config.lr * self.options.image_lr_scale})
+
+    def log_extra(self) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.config.to_dict(), "data": self.source, "questions": len(self.items),
+                "answers": len(self.model.answers)}
+
+    def finish(self, steps: int) -> None:
+        in_vocabulary = int((self.answer_targets != IGNORE).sum())
+        self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
+                                       "answers_in_vocabulary": in_vocabulary}
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if bool((targets == IGNORE).all()):
+        return logits.sum() * 0.0  # keeps the graph: no target in this batch
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+
+
+def load_pixels(model: VQAModel, images: Sequence[Path], show_progress: bool) -> torch.Tensor:
+    """Every image read and resized once, as float16 [0, 1]."""
+    loaded = []
+    with progress_bar("Loading images", total=len(images), enabled=show_progress) as advance:
+        for image in images:
+            loaded.append(model.preprocessor.load(image).half())
+            advance(1)
+    return torch.stack(loaded)
+
+
+def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig, options: VQAOptions,
+              source: str, resume: bool = False, show_progress: bool = True,
+              holdout: dict[str, Any] | None = None) -> VQAModel:
+    """Train a VQA model on ``items`` and save it to ``out_dir/model``; returns it.
+
+    ``holdout`` (the held-out questions' split and qids) is kept in the model's meta so that
+    ``medvl eval vqa --split heldout`` scores exactly them.
+    """
+    config.validate_numbers()
+    options.validate()
+    if len(items) < 2:
+        raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
+    torch.manual_seed(config.seed)
+    model = build_vqa_model(items, options)
+    if holdout is not None:
+        model.meta["holdout"] = holdout
+    objective = VQAObjective(model, items, options, source)
+    return fit(objective, config, out_dir, resume=resume, show_progress=show_progress)
