@@ -33,6 +33,7 @@ from .export import export_app
 from .index import index_app, search_command
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
+from .reportgen import train_report_command as train_report_command  # registers the report generator
 from .serve import serve_command
 from .train import train_app
 from .vqa import vqa_command
