@@ -1,0 +1,218 @@
+"""The VQA model: training through the one trainer, scoring with the SURE-VQA baselines, answers with
+their evidence, and the one-line errors of bad input (all on a real phantom VQA folder)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import invoke
+from medvl.data.loaders.vqa import load_vqa, normalize_answer
+from medvl.data.phantom import generate_phantom
+from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
+from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
+from medvl.train.loop import TrainConfig
+from medvl.train.vqa import VQAOptions, train_vqa
+
+TINY = ["--image-model", "phantom-tiny", "--image-size", "32", "--question-encoder", "bert", "--hidden-size", "32",
+        "--fusion-layers", "1", "--set", "text.hidden_size=32", "--set", "text.intermediate_size=64",
+        "--set", "text.num_layers=1", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vqa-model") / "phantom"
+    generate_phantom(folder, n=60, seed=5, size=32, vqa=True, vqa_per_case=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(phantom, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vqa-run") / "run"
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1",
+                            "--max-steps", "2", "--holdout", "0.2", *TINY)
+    assert result.exit_code == 0, output
+    assert "held out" in output
+    return out
+
+
+def test_token_f1_matches_hand_computed_examples():
+    assert token_f1("left lower lobe", "left lower lobe") == 1.0
+    assert token_f1("Left lower lobe.", "left  lower lobe") == 1.0  # normalised first
+    assert token_f1("left lobe", "left lower lobe") == pytest.approx(0.8)  # p 2/2, r 2/3
+    assert token_f1("right", "left lower lobe") == 0.0
+    assert token_f1("lobe lobe", "lobe") == pytest.approx(2 / 3)  # bags: p 1/2, r 1/1
+    assert token_f1("", "") == 1.0
+    assert token_f1("x", "") == 0.0
+
+
+def test_train_writes_a_model_with_vocabulary_prior_and_holdout(trained, phantom):
+    model = load_vqa_model(trained)
+    train = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
+    held = model.meta["holdout"]
+    assert len(held["qids"]) == round(0.2 * len(train))
+    kept = [item for item in train if item.qid not in set(held["qids"])]
+    assert model.meta["training"]["questions"] == len(kept)
+    assert set(model.answers) == {item.answer_normalized for item in kept}
+    assert model.config.max_images == 2
+    assert (trained / "metrics.jsonl").is_file() and (trained / "train_config.json").is_file()
+    assert not any(item.question in (trained / "model" / "meta.json").read_text() for item in kept)  # hashed keys
+
+
+def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
+    out = tmp_path / "scores.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
+                            "--json", out, "--quiet")
+    assert result.exit_code == 0, output
+    scores = json.loads(out.read_text())
+    test = select_questions(load_vqa(phantom / "vqa"), "test", "data", "test")
+    assert scores["n"] == len(test) == scores["n_closed"] + scores["n_open"]
+    for key in ("closed_accuracy", "open_accuracy", "overall_accuracy", "open_token_f1",
+                "blank_image_overall_accuracy", "question_only_overall_accuracy"):
+        assert 0.0 <= scores[key] <= 1.0, key
+    assert {"progression", "which_image", "presence"} <= set(scores["per_question_type"])
+    # the question-only baseline, recomputed by hand from the training file minus the held-out questions
+    model = load_vqa_model(trained)
+    held = set(model.meta["holdout"]["qids"])
+    kept = [item for item in select_questions(load_vqa(phantom / "vqa"), "train", "d", "train") if item.qid not in held]
+    by_question: dict[str, Counter] = {}
+    for item in kept:
+        by_question.setdefault(question_key(item.question), Counter())[item.answer_normalized] += 1
+    overall = min(Counter(i.answer_normalized for i in kept).items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    by_type: dict[str, Counter] = {}
+    for item in kept:
+        by_type.setdefault(f"{item.question_type}|{item.answer_type}", Counter())[item.answer_normalized] += 1
+
+    def prior(item):
+        counts = by_question.get(question_key(item.question)) or by_type.get(f"{item.question_type}|{item.answer_type}")
+        return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else overall
+
+    expected = sum(prior(item) == item.answer_normalized for item in test) / len(test)
+    assert scores["question_only_overall_accuracy"] == pytest.approx(expected)
+
+
+def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path):
+    out = tmp_path / "held.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "heldout",
+                            "--json", out, "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["qids"])
+
+
+def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
+    items = json.loads((phantom / "vqa" / "test.json").read_text())
+    two = next(item for item in items if len(item.get("image_names", [])) == 2)
+    images = [phantom / "vqa" / name for name in two["image_names"]]
+    out, png = tmp_path / "answer.json", tmp_path / "heat.png"
+    result, output = invoke("vqa", *images, "--model", trained, "--question", two["question"], "--json", out,
+                            "--heatmap", png)
+    assert result.exit_code == 0, output
+    answer = json.loads(out.read_text())
+    model = load_vqa_model(trained)
+    assert answer["answer"] in model.answers and answer["alternative"] in model.answers
+    assert 1.0 >= answer["probability"] >= answer["alternative_probability"] >= 0.0
+    assert len(answer["heatmaps"]) == 2
+    total = sum(sum(heat["grid"]) for heat in answer["heatmaps"])
+    assert total == pytest.approx(1.0, abs=1e-2)  # attention over the tokens of both images
+    assert png.stat().st_size > 0
+    assert "answer:" in output and "top alternative" in output
+
+
+def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
+    items = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
+    options = VQAOptions(image_model="phantom-tiny", image_size=32, question_encoder="bert", hidden_size=32,
+                         fusion_layers=1, overrides={"text.hidden_size": 32, "text.num_layers": 1})
+    model = train_vqa(items, tmp_path / "run", TrainConfig(epochs=1, batch_size=32, max_steps=2), options, "phantom",
+                      show_progress=False)
+    loaded = VQAModel.from_pretrained(tmp_path / "run" / "model")
+    sample = items[:12]
+    first, second = answer_items(model, sample), answer_items(loaded, sample)
+    assert [row["answer"] for row in first] == [row["answer"] for row in second]
+    assert torch.allclose(torch.stack([r["attention"] for r in first]), torch.stack([r["attention"] for r in second]))
+
+
+def test_model_learns_to_read_the_image(phantom, tmp_path):
+    """Which of two films shows the finding (balanced first / second): after training, the training
+    questions must be answered well above the blank-image answers of the same model, which cannot tell
+    the films apart."""
+    items = [item for item in select_questions(load_vqa(phantom / "vqa"), "all", "data", None)
+             if item.question_type == "which_image"]
+    options = VQAOptions(image_model="phantom-tiny", image_size=32, question_encoder="bert", hidden_size=32,
+                         fusion_layers=1, augment=False,
+                         overrides={"text.hidden_size": 32, "text.num_layers": 1, "dropout": 0.0})
+    repeated = items * 80  # one long epoch: one checkpoint instead of one per pass
+    model = train_vqa(repeated, tmp_path / "run", TrainConfig(epochs=1, batch_size=64, lr=3e-3, seed=1), options,
+                      "phantom", show_progress=False)
+    scores = evaluate_vqa(model, items, "phantom")
+    assert scores["overall_accuracy"] >= 0.8
+    assert scores["overall_accuracy"] >= scores["blank_image_overall_accuracy"] + 0.25
+
+
+@pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("\udcff\udcfe x", "not valid UTF-8")])
+def test_bad_question_is_one_line(trained, phantom, question, message):
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    result, output = invoke("vqa", image, "--model", trained, "--question", question)
+    assert result.exit_code == 2
+    assert message in output and len(output.strip().splitlines()) == 1
+
+
+def test_more_images_than_the_model_takes(trained, phantom):
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    result, output = invoke("vqa", image, image, image, "--model", trained, "--question", "Which image?")
+    assert result.exit_code == 2
+    assert "3 images given; the model takes at most 2" in output
+
+
+def test_vocabulary_mismatch_names_the_file(trained, phantom):
+    items = json.loads((phantom / "vqa" / "test.json").read_text())
+    other = [{"qid": i, "image_name": item["image_name"], "question": "What organ system is shown?",
+              "answer": f"answer {i}", "answer_type": "OPEN", "question_type": "ORGAN"}
+             for i, item in enumerate(items[:10])]
+    path = phantom / "vqa" / "other_questions.json"
+    path.write_text(json.dumps(other))
+    try:
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", path, "--quiet")
+    finally:
+        path.unlink()
+    assert result.exit_code == 2
+    assert str(path) in output and "answer vocabulary mismatch" in output
+
+
+def test_non_utf8_question_file_is_one_line(phantom, tmp_path):
+    path = phantom / "vqa" / "latin1.json"
+    text = '[{"qid": 1, "image_name": "images/phantom_00000.png", "question": "gr\u00f6\u00dfer?", "answer": "ja"}]'
+    path.write_bytes(text.encode("latin-1"))
+    try:
+        result, output = invoke("train", "vqa", "--data", path, "--out", tmp_path / "run", *TINY)
+    finally:
+        path.unlink()
+    assert result.exit_code == 2
+    assert "latin1.json" in output and len(output.strip().splitlines()) == 1
+
+
+def test_a_dual_encoder_folder_is_not_a_vqa_model(phantom, tmp_path):
+    from medvl.models.registry import create_model
+
+    create_model("phantom-tiny").save_pretrained(tmp_path / "dual")
+    result, output = invoke("eval", "vqa", "--model", tmp_path / "dual", "--data", phantom / "vqa", "--quiet")
+    assert result.exit_code == 2
+    assert "not a VQA model" in output
+
+
+def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):
+    from medvl.models.registry import create_model
+    from medvl.train.vqa import build_vqa_model
+
+    dual = create_model("phantom-tiny", **{"image.image_size": 32})
+    dual.save_pretrained(tmp_path / "dual")
+    items = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
+    model = build_vqa_model(items, VQAOptions(init=tmp_path / "dual", question_encoder="dual", hidden_size=32,
+                                              fusion_layers=1))
+    for name, tensor in dual.image_encoder.state_dict().items():
+        assert torch.equal(tensor, model.image_encoder.state_dict()[name]), name
+    assert model.text_encoder is dual.text_encoder or model.config.text == dual.config.text
+    assert normalize_answer("Yes.") in model.answers
