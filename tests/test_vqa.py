@@ -157,7 +157,7 @@ def test_bad_question_is_one_line(trained, phantom, question, message):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     result, output = invoke("vqa", image, "--model", trained, "--question", question)
     assert result.exit_code == 2
-    assert message in output and len(output.strip().splitlines()) == 1
+    assert message in output and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_more_images_than_the_model_takes(trained, phantom):
@@ -191,7 +191,7 @@ def test_non_utf8_question_file_is_one_line(phantom, tmp_path):
     finally:
         path.unlink()
     assert result.exit_code == 2
-    assert "latin1.json" in output and len(output.strip().splitlines()) == 1
+    assert "latin1.json" in output and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_dual_encoder_folder_is_not_a_vqa_model(phantom, tmp_path):
