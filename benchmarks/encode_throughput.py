@@ -129,11 +129,11 @@ def print_table(results: dict, peak: dict, file=sys.stdout) -> None:
         eager = result["backends"]["torch"]
         for backend, row in result["backends"].items():
             image_gflops = row["images_per_s"] * result["image_gflop"]
-            bf16_share = f"{100 * image_gflops / peak['bf16']:.0f} %" if backend == "torch-bf16" else "-"
+            bf16_share = f"{100 * image_gflops / peak['bf16']:.1f} %" if backend == "torch-bf16" else "-"
             text_share = row["texts_per_s"] * result["text_gflop"] / peak["fp32"]
-            print(f"| {name} | {result['image_gflop']:.3f} | {backend} | {row['images_per_s']:.0f} "
+            print(f"| {name} | {result['image_gflop']:.3f} | {backend} | {row['images_per_s']:.3g} "
                   f"| {row['images_per_s'] / eager['images_per_s']:.2f} | {100 * image_gflops / peak['fp32']:.0f} % "
-                  f"| {bf16_share} | {row['texts_per_s']:.0f} | {row['texts_per_s'] / eager['texts_per_s']:.2f} "
+                  f"| {bf16_share} | {row['texts_per_s']:.3g} | {row['texts_per_s'] / eager['texts_per_s']:.2f} "
                   f"| {100 * text_share:.0f} % | {row['min_cosine']:.5f} |", file=file, flush=True)
 
 
