@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 
 from ..data.record import Dataset
 from ..errors import InputError
@@ -116,7 +117,10 @@ class ReportObjective:
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
         model = self.model
-        pixels = model.preprocessor.normalize(model.preprocessor.augment(self.pixels[indices].float(), seed))
+        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)
+        if isinstance(pixels, MetaTensor):  # MONAI's tensor subclass would wrap every op of the step (~7x slower)
+            pixels = pixels.as_tensor()
+        pixels = model.preprocessor.normalize(pixels)
         length = int(self.reports["attention_mask"][indices].sum(1).max())
         reports = {key: value[indices, :length] for key, value in self.reports.items()}
         context = None
