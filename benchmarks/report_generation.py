@@ -112,6 +112,8 @@ def main() -> None:
     times: dict[str, float] = {}
     for name, argv in commands(args):
         target = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+        if argv[0] == "phantom":
+            target = Path(argv[1])
         if args.skip_done and target is not None and target.exists():
             continue
         if args.skip_done and "--json" in argv and Path(argv[argv.index("--json") + 1]).exists():
