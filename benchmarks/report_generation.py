@@ -10,7 +10,9 @@ Phantom (``--dataset phantom``; docs/benchmarks.md, "Report generation"), in-pro
     medvl eval report --model OUT/report --data OUT/data --split test --beam-size 3 --json OUT/report-eval.json
 
 MedPix 2.0 captions (``--dataset medpix --data ../shared/data/medpix-2.0``): the same with the medpix-small
-dual encoder (its recipe) instead of the phantom steps, train -> dev.
+dual encoder (its recipe) instead of the phantom steps, train -> dev. ``--image-model NAME`` skips the
+dual encoder: the generator's image tower starts from scratch with NAME's architecture and the
+baseline retrieves with the generator's own (mean-pooled) image features.
 
 ``--retrieval K`` also builds an index of the training split with the dual encoder and trains and
 evaluates a second generator given the reports of the K nearest training cases as context
@@ -51,8 +53,12 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         steps = [("train dual encoder", ["train", "--data", str(data), "--out", str(out / "dual"), "--model",
                                          "medpix-small", "--split", "train", "--seed", seed])]
         test_split = "dev"
-    report = ["train", "report", "--data", str(data), "--init", str(out / "dual" / "model"), "--epochs",
-              str(args.epochs), "--batch-size", "32", "--lr", str(args.lr), "--seed", seed, "--split", "train"]
+    start = ["--init", str(out / "dual" / "model")]
+    if args.image_model:  # no dual encoder: the image tower from scratch, the baseline on its own features
+        steps = [step for step in steps if step[0] != "train dual encoder"]
+        start = ["--image-model", args.image_model]
+    report = ["train", "report", "--data", str(data), *start, "--epochs", str(args.epochs), "--batch-size", "32",
+              "--lr", str(args.lr), "--seed", seed, "--split", "train"]
     steps += [("train report generator", [*report, "--out", str(out / "report")]),
               ("eval report generator", ["eval", "report", "--model", str(out / "report"), "--data", str(data),
                                          "--split", test_split, "--beam-size", "3", "--json",
@@ -103,6 +109,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="report generator epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="report generator peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-model", help="train the generator's image tower from scratch with this registered "
+                        "config's architecture (no dual encoder step; the baseline retrieves with the generator's "
+                        "own image features)")
     parser.add_argument("--retrieval", type=int, default=0, help="also train with the reports of K retrieved cases")
     parser.add_argument("--skip-done", action="store_true", help="skip steps whose output exists (rerun the rest)")
     args = parser.parse_args()
