@@ -113,7 +113,41 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
         block = calibration.calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]),
                                                np.array(result.pop("logits")), np.array(result.pop("y_true")))
         result["calibration"] = {"split": calibration_split, **block}
+    if getattr(net, "ood", None) is not None:  # how much of the evaluated data the model's guard flags
+        from .eval.ood import ood_summary
+
+        result["ood"] = ood_summary(net, dataset, show_progress=show_progress)
     return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
+
+
+def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", calibration_split: str = "val",
+                      quantile: float = 0.99, check_data: PathLike | None = None, check_split: str | None = None,
+                      allow_outside_root: bool = False, show_progress: bool = True) -> dict:
+    """Fit the OOD guard of the saved model at ``model`` on ``split``, its threshold the ``quantile`` of
+    ``calibration_split``'s scores, and save it into the model folder (``ood.safetensors``); with
+    ``check_data``, also how much of that dataset (another distribution, or a test split) is flagged."""
+    from .eval.ood import fit_ood, ood_summary
+    from .models.registry import load_model, model_directory
+
+    if calibration_split == split:
+        raise InputError(f"--calibration-split {calibration_split!r} is the fitted split: calibrate the "
+                         "threshold on images the guard was not fitted on")
+    net = load_model(model)
+    if not isinstance(net, DualEncoder):
+        raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")
+    fit_set = load_split(data, split, allow_outside_root=allow_outside_root)
+    calibration_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+    net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
+    directory = model_directory(model)
+    net.save_pretrained(directory)
+    result: dict[str, Any] = {"model": str(model), "data": str(data), "split": split,
+                              "calibration_split": calibration_split, "threshold": round(net.ood.threshold, 4),
+                              **net.ood.info}
+    if check_data is not None:
+        checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root)
+        result["check"] = {"data": str(check_data), "split": check_split,
+                           **ood_summary(net, checked, show_progress=show_progress)}
+    return result
 
 
 def evaluate_retrieval(model: PathLike, data: PathLike, split: str = "test", allow_outside_root: bool = False,

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .data import CaptionConfig, captions_for
 from .errors import InputError
+from .eval.ood import warn_flagged
 from .eval.zero_shot import zero_shot_probabilities
 from .models.dual import DualEncoder
 from .models.registry import load_model
@@ -15,7 +18,9 @@ from .models.registry import load_model
 def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
             label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
             backend: str = "torch") -> list[dict]:
-    """For each image: the most likely class among ``class_names`` and every class's probability.
+    """For each image: the most likely class among ``class_names`` and every class's probability,
+    and, when the model has an OOD guard, ``ood_score`` / ``out_of_distribution`` (answers for
+    images unlike the training images are unreliable; a warning says how many there were).
 
     Class descriptions come from ``captions`` (a config or a file), else from the captions the
     model was trained with; ``label_column`` picks which column's descriptions apply (default: the
@@ -27,13 +32,28 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
     _, prompts = class_prompts(net, class_names, label_column, captions)
-    probabilities = zero_shot_probabilities(net, net.encode_images(list(images)), prompts)
+    if getattr(net, "ood", None) is not None:  # backbone features for the guard, projected for the answer
+        features = net.encode_images(list(images), features=True)
+        with torch.no_grad():
+            embeddings = net.embed_image_features(features)
+    else:
+        features = embeddings = net.encode_images(list(images))
+    probabilities = zero_shot_probabilities(net, embeddings, prompts)
+    flags = ood_flags(net, features)
     results = []
-    for path, row in zip(images, probabilities, strict=True):
+    for path, row, flag in zip(images, probabilities, flags, strict=True):
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
-                        "probabilities": scores})
+                        "probabilities": scores, **flag})
+    warn_flagged([flag for flag in flags if flag], "images")
     return results
+
+
+def ood_flags(net, features) -> list[dict]:
+    """Each image's OOD score and flag from its backbone features (``models.ood``); empty dicts when
+    the model has no guard."""
+    guard = getattr(net, "ood", None)
+    return guard.check(features) if guard is not None else [{} for _ in range(len(features))]
 
 
 def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: str | None = None,

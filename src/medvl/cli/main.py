@@ -31,6 +31,7 @@ from .eval import eval_app
 from .explain import explain_command
 from .export import export_app
 from .index import index_app, search_command
+from .ood import ood_app
 from .pacs import pacs_app
 from .report import case_retrieval_command, report_app
 from .reportgen import train_report_command as train_report_command  # registers the report generator
@@ -124,7 +125,9 @@ def predict_command(
     for item in results:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
-        console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown})")
+        warning = (f" [red]out of distribution (OOD score {item['ood_score']:.3g} > {item['ood_threshold']:.3g}): "
+                   "unreliable[/]" if item.get("out_of_distribution") else "")
+        console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown}){warning}")
     emit_json({"predictions": results}, json_out, overwrite)
 
 
@@ -155,11 +158,12 @@ app.command("dicom-info")(inspect_command)
 app.add_typer(index_app, name="index")
 app.add_typer(export_app, name="export")
 app.add_typer(pacs_app, name="pacs")
+app.add_typer(ood_app, name="ood")
 app.command("search")(search_command)
 app.add_typer(report_app, name="report")
 app.command("serve")(serve_command)
-app.command("vqa")(vqa_command)
 app.command("explain")(explain_command)
+app.command("vqa")(vqa_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ..io import replace_dir, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
+from .ood import OODGuard
 from .preprocess import ImagePreprocessor
 from .text import TextEncoder
 
@@ -48,6 +49,7 @@ class DualEncoder(nn.Module):
         self.heads = nn.ModuleDict()
         self.preprocessor = ImagePreprocessor(config.image)
         self.meta: dict[str, Any] = {"heads": {}}  # labels, training summary; kept apart from config
+        self.ood: OODGuard | None = None  # statistics of the training embeddings (models.ood), if fitted
 
     # -- forward passes with gradients (training) ------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,8 @@ class DualEncoder(nn.Module):
                 (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
                 save_file(state, str(staging / WEIGHTS_FILE))
                 self.text_encoder.save(staging / TEXT_DIR)
+                if self.ood is not None:
+                    self.ood.save(staging)
                 replace_dir(staging, directory)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -159,6 +163,7 @@ class DualEncoder(nn.Module):
             model.load_state_dict(state)
         except RuntimeError as err:
             raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
+        model.ood = OODGuard.load(directory)
         model.eval()
         return model
 

@@ -106,14 +106,20 @@ def load_model(directory: str | Path, backend: str = "torch") -> DualEncoder:
 
     ``backend`` other than ``torch`` (eager fp32) runs the towers another way, for inference:
     channels-last, bf16 autocast or an ONNX export (``medvl.models.backends``)."""
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
-        directory = directory / "model"
+    directory = model_directory(directory)
     if backend != "torch":
         return load_backend(directory, backend)
     if transformers_model_type(directory) is not None:
         return HFDualEncoder.from_pretrained(directory)
     return DualEncoder.from_pretrained(directory)
+
+
+def model_directory(directory: str | Path) -> Path:
+    """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        return directory / "model"
+    return directory
 
 
 def is_model_dir(value: str | Path) -> bool:

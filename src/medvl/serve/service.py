@@ -30,7 +30,7 @@ from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
 from ..models.registry import load_model
-from ..predict import class_prompts
+from ..predict import class_prompts, ood_flags
 from .batching import BatchTiming, MicroBatcher
 from .previews import Picture, parse_window, preview_upload, thumbnail_file
 from .settings import ServeSettings
@@ -110,12 +110,23 @@ class ModelService:
 
     async def embed(self, data: bytes, timings: dict[str, Any]) -> np.ndarray:
         """The normalised embedding of an uploaded image, through the micro-batcher."""
+        return (await self.embed_with_pixels(data, timings))[0]
+
+    async def embed_with_pixels(self, data: bytes, timings: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
+        """The embedding and the preprocessed pixels of an upload."""
         with self.batcher.incoming():
             upload = await self.decode(data, timings)
             pixels = await self._on_worker(self._preprocess, upload)
         embedding, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
-        return embedding
+        return embedding, pixels
+
+    def _ood_flags(self, pixels: torch.Tensor) -> dict[str, Any]:
+        """The OOD score and flag of one preprocessed image ({} when the model has no guard)."""
+        if getattr(self.net, "ood", None) is None:
+            return {}
+        with torch.no_grad():
+            return ood_flags(self.net, self.net.encode_images(pixels[None], features=True))[0]
 
     def _preprocess(self, upload: Upload) -> torch.Tensor:
         try:
@@ -145,12 +156,13 @@ class ModelService:
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         column, prompts = class_prompts(self.net, class_names, label_column)
-        embedding = await self.embed(data, timings)
+        embedding, pixels = await self.embed_with_pixels(data, timings)
         classes = await self.run_on_model_thread(self._class_embeddings, column, tuple(class_names), prompts)
+        flags = await self.run_on_model_thread(self._ood_flags, pixels)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
-                "label_column": column or None, "model": self.net.config.name}
+                "label_column": column or None, "model": self.net.config.name, **flags}
 
     def _class_embeddings(self, column: str, names: tuple[str, ...], prompts: list[list[str]]) -> torch.Tensor:
         key = (column, names)

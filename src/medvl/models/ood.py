@@ -1,0 +1,73 @@
+"""Out-of-distribution guard: how unlike the training images an input is.
+
+A saved model may carry ``ood.safetensors``: the mean and the (Ledoit-Wolf shrunk) precision matrix
+of its training images' backbone features (pooled, before the projection, L2-normalised), and a
+threshold. An input's score is its Mahalanobis distance to the training features (Lee et al.
+2018). The backbone features separate new kinds of images far better than the projected
+embeddings, which are trained to keep only what the reports say (docs/benchmarks.md). Above the
+threshold the input is flagged *out of distribution*: the model was not trained on anything like
+it and its answer should not be trusted (a phantom-trained model shown a real chest X-ray, a CT
+shown to a dermoscopy model). The threshold is a quantile (default 0.99) of the scores of a
+calibration split the guard was not fitted on, so about 1% of in-distribution inputs are
+flagged. ``medvl.eval.ood.fit_ood`` fits a guard; ``medvl ood fit`` saves it into a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+
+OOD_FILE = "ood.safetensors"
+
+
+@dataclass
+class OODGuard:
+    mean: torch.Tensor  # (F,) mean normalised training feature
+    precision: torch.Tensor  # (D, D) inverse of the shrunk covariance
+    threshold: float  # scores above this are out of distribution
+    info: dict[str, Any]  # quantile, calibration split size and flagged share, fit split size
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
+        images' (``DualEncoder.encode_images(..., features=True)``)."""
+        if features.shape[-1] != self.mean.shape[0]:
+            raise ModelError(f"OOD guard expects {self.mean.shape[0]}-d image features, got {features.shape[-1]}-d")
+        centred = torch.nn.functional.normalize(features.float(), dim=-1) - self.mean
+        return ((centred @ self.precision) * centred).sum(-1).clamp(min=0).sqrt()
+
+    def check(self, features: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image: ``ood_score``, ``out_of_distribution`` (score above the threshold) and the threshold."""
+        return [{"ood_score": round(float(score), 4), "out_of_distribution": bool(score > self.threshold),
+                 "ood_threshold": round(self.threshold, 4)} for score in self.scores(features)]
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        metadata = {"threshold": repr(float(self.threshold)), "info": json.dumps(self.info)}
+        save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()},
+                  str(directory / OOD_FILE), metadata=metadata)
+
+    @classmethod
+    def load(cls, directory: Path) -> OODGuard | None:
+        """The guard saved in ``directory``, or None if the model has none."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(directory) / OOD_FILE
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                mean, precision = handle.get_tensor("mean"), handle.get_tensor("precision")
+            threshold, info = float(metadata["threshold"]), json.loads(metadata["info"])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err})") from None
+        if precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all():
+            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed")
+        return cls(mean=mean, precision=precision, threshold=threshold, info=info)

@@ -1,0 +1,123 @@
+"""The out-of-distribution guard: a phantom-trained model flags real chest X-rays and CTs, not new phantoms.
+
+Real images: the Figure 1 COVID chest X-rays and MedPix 2.0 CT/MR images from the shared data; a tiny
+model trained by ``medvl train`` on the phantom; the guard fitted by ``medvl ood fit`` on the train split
+and calibrated on val. Predictions, eval zero-shot and the service then carry the OOD score and flag.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import invoke
+from medvl.api import load_split
+from medvl.errors import ModelError
+from medvl.models.ood import OOD_FILE, OODGuard
+from medvl.models.registry import load_model
+from medvl.predict import predict
+
+LABELS = "no_finding,cardiomegaly,nodule"
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    """400 phantom cases: enough train images for the guard's covariance and val images for its threshold."""
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("ood-phantom") / "data"
+    generate_phantom(folder, n=400, seed=5, size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guarded(phantom_dir, shared_data, tmp_path_factory):
+    """A phantom model with a guard; the fit's JSON (checked on Figure 1)."""
+    out = tmp_path_factory.mktemp("ood") / "run"
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                            "--epochs", 2, "--batch-size", 32, "-q")
+    assert result.exit_code == 0, output
+    report = out / "ood.json"
+    result, output = invoke("ood", "fit", "--model", out, "--data", phantom_dir, "--check-data",
+                            shared_data / "figure1-covid-cxr", "--json", report, "-q")
+    assert result.exit_code == 0, output
+    return out / "model", json.loads(report.read_text())
+
+
+def test_real_images_are_flagged_and_new_phantoms_are_not(guarded, phantom_dir, shared_data):
+    model_dir, fit = guarded
+    assert (model_dir / OOD_FILE).is_file()
+    assert fit["calibration_flagged_share"] <= 0.05 and fit["fit_images"] > 250
+    assert fit["check"]["flagged_share"] >= 0.9  # real chest X-rays (Figure 1) vs a phantom model
+    net = load_model(model_dir)
+    assert net.ood is not None and net.ood.threshold == pytest.approx(fit["threshold"], abs=1e-3)
+    from medvl.eval.ood import ood_summary
+
+    medpix = load_split(shared_data / "medpix-2.0", "dev")[:60]
+    assert ood_summary(net, medpix, show_progress=False)["flagged_share"] >= 0.9  # CT / MR
+    held_out = ood_summary(net, load_split(phantom_dir, "test"), show_progress=False)
+    assert held_out["flagged_share"] <= 0.1  # unseen phantoms (60 images: a loose bound on the ~1% expected)
+
+
+def test_predict_and_eval_report_the_flag(guarded, phantom_dir, shared_data, tmp_path, caplog):
+    model_dir, _ = guarded
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    with caplog.at_level("WARNING"):
+        results = predict(model_dir, [phantom, xray], LABELS.split(","))
+    assert [r["out_of_distribution"] for r in results] == [False, True]
+    assert results[1]["ood_score"] > results[1]["ood_threshold"] > results[0]["ood_score"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("1 of 2 images" in w for w in warnings) and not any(xray.name in w for w in warnings)
+    result, output = invoke("predict", phantom, xray, "--model", model_dir, "--labels", LABELS)
+    assert result.exit_code == 0 and output.count("out of distribution") == 1, output
+    result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", phantom_dir, "--split", "test",
+                            "--json", tmp_path / "zs.json", "-q")
+    assert result.exit_code == 0, output
+    block = json.loads((tmp_path / "zs.json").read_text())["ood"]
+    assert block["n"] == len(load_split(phantom_dir, "test")) and block["flagged_share"] <= 0.1
+
+
+def test_the_service_reports_the_flag(guarded, phantom_dir, shared_data):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from medvl.serve import ServeSettings, create_app
+    from medvl.serve.auth import token_digest
+    from serve_helpers import Server
+
+    model_dir, _ = guarded
+    token = "ood-test-token-0123456789"
+    app = create_app(model_dir, settings=ServeSettings(), token_digests=[token_digest(token)])
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        answers = [client.post("/v1/zero-shot", headers={"Authorization": f"Bearer {token}"},
+                               files={"image": (path.name, path.read_bytes())}, data={"labels": LABELS}).json()
+                   for path in (phantom, xray)]
+    assert [a["out_of_distribution"] for a in answers] == [False, True], answers
+
+
+def test_guard_round_trip_and_bad_input(guarded, phantom_dir, tmp_path):
+    model_dir, _ = guarded
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    guard = OODGuard.load(copy)
+    assert guard is not None
+    features = torch.randn(4, guard.mean.shape[0])
+    assert torch.allclose(guard.scores(features), load_model(copy).ood.scores(features))
+    centred = torch.nn.functional.normalize(features, dim=-1)[0] - guard.mean  # the plain formula
+    assert guard.scores(features)[0].item() == pytest.approx(float(np.sqrt(centred @ guard.precision @ centred)),
+                                                             rel=1e-4)
+    with pytest.raises(ModelError, match="64-d|-d image features"):
+        guard.scores(torch.randn(2, guard.mean.shape[0] + 1))
+    (copy / OOD_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match=OOD_FILE):
+        load_model(copy)
+    result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir, "--calibration-split", "train")
+    assert result.exit_code == 2 and "calibrate" in output
+    result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir, "--quantile", "1.5")
+    assert result.exit_code == 2 and "quantile" in output
