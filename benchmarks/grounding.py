@@ -1,0 +1,100 @@
+"""Grounding of heatmaps on the phantom, and concept-bottleneck accuracy beside a linear probe.
+
+For a trained dual encoder and a phantom data set (boxes and masks per finding), prints per
+finding the pointing game (peak in the box; in the mask), the energy in the box and IoU / Dice of
+the map thresholded at 0.5 against the mask, for each heatmap method (patch_text, gradcam) beside
+a random map and a centre prior, and whether the best method beats both baselines' pointing game.
+Then the concept bottleneck's accuracy beside a linear probe on the same image embeddings
+(phantom; and ISIC when --isic-model / --isic-data are given). Commands and figures:
+docs/benchmarks.md, "Explanations and grounding".
+
+    python benchmarks/grounding.py --model RUN/model --data PHANTOM --split test \\
+        [--isic-model ISIC_RUN/model --isic-data ISIC_MANIFEST] --json grounding.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from medvl.data import load_dataset
+from medvl.explain.concepts import compare_with_probe, load_concepts
+from medvl.explain.grounding import BASELINES, beats_baselines, evaluate_grounding
+from medvl.explain.heatmaps import METHODS
+from medvl.io import write_json
+from medvl.models.registry import load_model
+
+SCORES = ("pointing_box", "pointing_mask", "energy_box", "iou@0.5", "dice@0.5")
+
+
+def grounding_table(result: dict) -> str:
+    """A Markdown table: one row per finding and method."""
+    methods = [*result["methods"], *BASELINES]
+    beats = beats_baselines(result["per_finding"], result["methods"])
+    lines = ["| finding | n | method | " + " | ".join(SCORES) + " |", "|---" * (3 + len(SCORES)) + "|"]
+    for finding, row in result["per_finding"].items():
+        for method in methods:
+            mark = " (beats both)" if finding in beats and beats[finding] and method == _best(row, result) else ""
+            values = " | ".join(f"{row[method][s]:.3f}" for s in SCORES)
+            lines.append(f"| {finding} | {row['n']} | {method}{mark} | {values} |")
+    return "\n".join(lines)
+
+
+def _best(row: dict, result: dict) -> str:
+    return max(result["methods"], key=lambda m: row[m]["pointing_box"])
+
+
+def bottleneck_line(name: str, result: dict) -> str:
+    cbm, probe = result["bottleneck"], result["probe"]
+    return (f"| {name} | {result['bank']} ({result['nonzero_concepts']}/{result['concepts']} concepts used) | "
+            f"{result['n_train']}/{result['n_test']} | {cbm['accuracy']:.3f} / {cbm['balanced_accuracy']:.3f} / "
+            f"{cbm['macro_auc']:.3f} | {probe['accuracy']:.3f} / {probe['balanced_accuracy']:.3f} / "
+            f"{probe['macro_auc']:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="Dual encoder trained on the phantom.")
+    parser.add_argument("--data", type=Path, help="Phantom data set (medvl phantom).")
+    parser.add_argument("--split", default="test", help="Split to score (default test).")
+    parser.add_argument("--label", default="finding")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="Pointing-game tolerance in pixels.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random-map baseline.")
+    parser.add_argument("--isic-model", type=Path, help="Dual encoder trained on the ISIC train split.")
+    parser.add_argument("--isic-data", type=Path, help="ISIC manifest with train / test splits and diagnosis.")
+    parser.add_argument("--json", type=Path, help="Write every figure here.")
+    args = parser.parse_args()
+    if not (args.model and args.data) and not (args.isic_model and args.isic_data):
+        parser.error("give --model and --data (phantom), --isic-model and --isic-data (ISIC), or both")
+
+    started, summary, bottlenecks = time.perf_counter(), {}, {}
+    if args.model and args.data:
+        model, data = load_model(args.model), load_dataset(args.data)
+        grounding = evaluate_grounding(model, data.select(args.split), args.label, METHODS,
+                                       tolerance=args.tolerance, seed=args.seed)
+        print(f"grounding on {args.data} ({args.split}, {grounding['n']} cases with a box, "
+              f"{grounding['seconds']:.1f} s)\n")
+        print(grounding_table(grounding))
+        beats = beats_baselines(grounding["per_finding"], grounding["methods"])
+        print(f"\nbest method's pointing game above both baselines: {beats}\n")
+        summary |= {"grounding": grounding, "beats_baselines": beats}
+        bottlenecks["phantom"] = compare_with_probe(model, data.select("train"), data.select(args.split), args.label,
+                                                    load_concepts("chest_xray"))
+    if args.isic_model and args.isic_data:
+        isic = load_dataset(args.isic_data, label_columns=["diagnosis"], allow_outside_root=True)
+        bottlenecks["isic"] = compare_with_probe(load_model(args.isic_model), isic.select("train"),
+                                                 isic.select("test"), "diagnosis", load_concepts("dermoscopy"))
+    print("| data | concept bank | train/test | bottleneck acc / bal. acc / AUC | probe acc / bal. acc / AUC |")
+    print("|---|---|---|---|---|")
+    for name, result in bottlenecks.items():
+        print(bottleneck_line(name, result))
+    if args.json:
+        write_json(args.json, {**summary, "bottleneck": bottlenecks, "seconds": round(time.perf_counter() - started, 1),
+                               "load_average": os.getloadavg()})
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
