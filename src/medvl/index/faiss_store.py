@@ -457,6 +457,7 @@ class FaissIndex(IndexBase):
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
         self.workdir: Path | None = None  # the copy being edited, once there is a change
         self._filter_samples: dict[str, np.ndarray] = {}  # target -> sampled vids (reset by add / delete)
+        self._shares: dict[tuple[str, str], float] = {}  # (filter, target) -> estimated allowed share (same)
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> FaissIndex:
@@ -513,6 +514,7 @@ class FaissIndex(IndexBase):
             raise InputError(f"{len(cases)} cases but {len(vectors)} vectors")
         check_unique_ids(cases, self.location)
         self._filter_samples.clear()
+        self._shares.clear()
         present = self.existing_ids([c.id for c in cases])
         if present:
             raise InputError(f"case {sorted(present)[0]!r} is already in the index; delete it first")
@@ -539,6 +541,7 @@ class FaissIndex(IndexBase):
 
     def delete(self, ids: Sequence[str]) -> int:
         self._filter_samples.clear()
+        self._shares.clear()
         conn = self._edit()
         rows = _select_in(conn, "vid, report IS NOT NULL", "id", list(dict.fromkeys(ids)))
         if not rows:
@@ -656,7 +659,12 @@ class FaissIndex(IndexBase):
                 for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
 
     def _allowed_share(self, where: str, target: str) -> float:
-        """The share of ``target``'s cases the filter allows, estimated on a fixed random sample."""
+        """The share of ``target``'s cases the filter allows, estimated on a fixed random sample
+        (remembered per filter: a service answers the same filter many times)."""
+        if (where, target) in self._shares:
+            return self._shares[(where, target)]
+        if len(self._shares) >= 256:
+            self._shares.pop(next(iter(self._shares)))
         if target not in self._filter_samples:
             live = self.conn.execute(f"SELECT vid FROM cases{self._has(target)}").fetchall()
             rng = np.random.default_rng(0)
@@ -669,7 +677,8 @@ class FaissIndex(IndexBase):
         marks = ", ".join("?" * len(sample))
         count = self.conn.execute(f"SELECT COUNT(*) FROM cases WHERE vid IN ({marks}) AND ({compiled.sql})",
                                   [*sample.tolist(), *compiled.params]).fetchone()[0]
-        return count / len(sample)
+        self._shares[(where, target)] = count / len(sample)
+        return self._shares[(where, target)]
 
     def _postfiltered(self, ann: Any, where: str, target: str, vectors: np.ndarray, k: int,
                       share: float) -> list[list[Hit]] | None:
