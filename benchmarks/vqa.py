@@ -24,7 +24,8 @@ PUBLISHED = {  # VQA-RAD standard test split (451 questions): open / closed / ov
     "PubMedCLIP": (60.1, 80.0, 72.1),
     "BiomedGPT-B": (60.9, 81.3, 73.2),
 }
-COMMON = ["--image-lr-scale", "0", "--no-augment", "--batch-size", "256", "--lr", "3e-3", "--quiet"]
+RAD = ["--image-lr-scale", "0", "--no-augment", "--batch-size", "256", "--lr", "3e-3", "--epochs", "15", "--quiet"]
+PHANTOM = ["--no-augment", "--batch-size", "64", "--lr", "2e-3", "--epochs", "3", "--quiet"]
 
 
 def run(command: list[str]) -> float:
@@ -34,24 +35,24 @@ def run(command: list[str]) -> float:
     return time.time() - start
 
 
-def vqa_rad(out: Path, data: Path, epochs: int) -> dict:
+def vqa_rad(out: Path, data: Path) -> dict:
     model = out / "vqa-rad"
     seconds = run(["medvl", "train", "vqa", "--data", str(data), "--out", str(model), "--holdout", "0.15",
-                   "--seed", "0", "--image-model", "medpix-small", "--epochs", str(epochs), *COMMON])
+                   "--seed", "0", "--image-model", "medpix-small", *RAD])
     scores = out / "vqa-rad.json"
     run(["medvl", "eval", "vqa", "--model", str(model), "--data", str(data), "--split", "heldout",
          "--json", str(scores), "--overwrite", "--quiet"])
     return {"train_seconds": seconds, **json.loads(scores.read_text())}
 
 
-def phantom(out: Path, epochs: int) -> dict:
+def phantom(out: Path) -> dict:
     data = out / "phantom"
     if not data.exists():
         run(["medvl", "phantom", str(data), "--n", "600", "--size", "64", "--seed", "0", "--vqa",
              "--vqa-per-case", "6", "--quiet"])
     model = out / "phantom-model"
     seconds = run(["medvl", "train", "vqa", "--data", str(data / "vqa"), "--out", str(model), "--image-size", "64",
-                   "--set", "image.no_max_pool=true", "--epochs", str(epochs), *COMMON])
+                   *PHANTOM])
     scores = out / "phantom.json"
     run(["medvl", "eval", "vqa", "--model", str(model), "--data", str(data / "vqa"), "--split", "test",
          "--json", str(scores), "--overwrite", "--quiet"])
@@ -91,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vqa")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "vqa-rad" / "trainset.json")
     parser.add_argument("--only", choices=("rad", "phantom"))
-    parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only != "phantom":
-        result = vqa_rad(args.out, args.data, args.epochs)
+        result = vqa_rad(args.out, args.data)
         print_rad(result)
         print_types(result, "VQA-RAD")
     if args.only != "rad":
-        print_types(phantom(args.out, args.epochs), "Phantom VQA (held-out patients)")
+        print_types(phantom(args.out), "Phantom VQA (held-out patients)")
     return 0
 
 
