@@ -100,11 +100,12 @@ def _print(result: dict, out: Path | None) -> None:
         console.print(f"[bold]{entry['finding']}[/] p={entry['probability']:.2f}")
         for name, heatmap in entry["heatmaps"].items():
             where = f" -> {out / heatmap['file']}" if "file" in heatmap else ""
-            console.print(f"  {name}: peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}{where}",
-                          highlight=False, soft_wrap=True)
+            at = (f"peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}" if heatmap["peak"]
+                  else "constant map (no positive evidence)")
+            console.print(f"  {name}: {at}{where}", highlight=False, soft_wrap=True)
         for part in entry.get("concepts", []):
             console.print(f"  concept {part['concept']!r}: weight {part['weight']:+.3f}, "
-                          f"contribution {part['contribution']:+.3f}", highlight=False)
+                          f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
     for rank, hit in enumerate(result.get("neighbours", []), 1):
         console.print(f"  {rank}. {hit['id']} ({hit['split']}) score {hit['score']:.3f}", highlight=False)
     if out is not None:

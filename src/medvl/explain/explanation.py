@@ -88,7 +88,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     for target in ranked:
         maps = {m: resize_map(h[0], array.shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
         entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
-                                 "heatmaps": {m: {"peak": list(peak(h))} for m, h in maps.items()}}
+                                 "heatmaps": {m: {"peak": _peak(h)} for m, h in maps.items()}}
         if out is not None:
             for method, heatmap in maps.items():
                 path = overlay_paths(out, image, [classes[target]], [method])[0]
@@ -130,14 +130,20 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
     axes = figure.add_subplot()
     axes.imshow(grey, cmap="gray")
     shown = axes.imshow(normalise_map(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    row, col = peak(heatmap)
-    axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
+    if float(np.ptp(heatmap)) > 0:
+        row, col = peak(heatmap)
+        axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
     axes.set_title(title, fontsize=9)
     axes.set_axis_off()
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _peak(heatmap: np.ndarray) -> list[int] | None:
+    """[row, column] of the map's maximum; None for a constant map (Grad-CAM with no positive evidence)."""
+    return list(peak(heatmap)) if float(np.ptp(heatmap)) > 0 else None
 
 
 def _safe(name: str) -> str:
