@@ -216,3 +216,21 @@ def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):
         assert torch.equal(tensor, model.image_encoder.state_dict()[name]), name
     assert model.text_encoder is dual.text_encoder or model.config.text == dual.config.text
     assert normalize_answer("Yes.") in model.answers
+
+
+def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
+    from medvl.models.registry import create_model
+
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+    result, output = invoke("index", "build", "--model", tmp_path / "dual", "--data", phantom, "--split", "all",
+                            "--out", tmp_path / "cases.idx", "--quiet")
+    assert result.exit_code == 0, output
+    image = phantom / "images" / "phantom_00001.png"
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a pleural effusion?",
+                            "--index", tmp_path / "cases.idx", "-k", "2", "--json", out)
+    assert result.exit_code == 0, output
+    cases = json.loads(out.read_text())["supporting_cases"]
+    assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"  # the image itself is indexed
+    assert cases[0]["score"] >= cases[1]["score"]
+    assert "supporting case: images/phantom_00001" in output
