@@ -29,6 +29,8 @@ def explain_command(
     concept_data: Annotated[Path | None, typer.Option(
         help="Dataset to fit the concept bottleneck on (its train split, else all); needs --concepts. "
              "The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
+    concept_label: Annotated[str | None, typer.Option(
+        help="Label column of --concept-data to fit on (default: its first label column).")] = None,
     bottleneck: Annotated[Path | None, typer.Option(
         help="A concept bottleneck fitted before (bottleneck.json) instead of --concept-data.")] = None,
     index: Annotated[str | None, typer.Option(
@@ -45,7 +47,7 @@ def explain_command(
     if saved is not None:
         check_output_file(saved, overwrite, "--out file")
     net = load_model(model)
-    fitted = _bottleneck(net, concepts, concept_data, bottleneck, captions)
+    fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions)
     if fitted is not None and saved is not None and concept_data is not None:
         fitted.save(saved)
     names = labels.split(",") if labels is not None else (fitted.classes if fitted is not None else None)
@@ -55,7 +57,7 @@ def explain_command(
         console.print(f"wrote {saved}")
 
 
-def _bottleneck(net, concepts, concept_data, bottleneck, captions):
+def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions):
     from ..errors import InputError
     from ..explain.concepts import ConceptBottleneck, fit_bottleneck, load_concepts
 
@@ -74,9 +76,10 @@ def _bottleneck(net, concepts, concept_data, bottleneck, captions):
 
     bank = load_concepts(concepts)
     data = load_dataset(concept_data)
-    label = data.label_names[0] if data.label_names else None
+    label = concept_label or (data.label_names[0] if data.label_names else None)
     if label is None:
         raise InputError(f"{concept_data}: the dataset has no label column to fit the concept bottleneck on")
+    data.require_label(label)
     train = data.select("train") if "train" in data.splits else data
     return fit_bottleneck(net, train, label, bank, captions)
 
