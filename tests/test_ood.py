@@ -121,3 +121,19 @@ def test_guard_round_trip_and_bad_input(guarded, phantom_dir, tmp_path):
     assert result.exit_code == 2 and "calibrate" in output
     result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir, "--quantile", "1.5")
     assert result.exit_code == 2 and "quantile" in output
+
+
+def test_search_reports_the_query_flag(guarded, phantom_dir, shared_data, tmp_path):
+    model_dir, _ = guarded
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val",
+                            "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    flags = []
+    for number, image in enumerate((phantom, xray)):
+        out = tmp_path / f"hits{number}.json"
+        result, output = invoke("search", "--index", tmp_path / "idx", "--image", image, "-k", 3, "--json", out)
+        assert result.exit_code == 0, output
+        flags.append(json.loads(out.read_text())["query"]["out_of_distribution"])
+    assert flags == [False, True]

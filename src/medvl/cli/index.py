@@ -193,12 +193,29 @@ def search_command(
         net = index_model(opened, model, backend=backend)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
+        flag = _query_ood(net, image)
     _print_hits(hits, columns, target)
     if data_root is not None:
         _print_image_files(hits, data_root)
-    query = {"image": describe_target(image)} if image is not None else {"text": text}
+    if flag.get("out_of_distribution"):
+        console.print(f"[red]the query image is out of distribution (OOD score {flag['ood_score']:.3g} > "
+                      f"{flag['ood_threshold']:.3g}): similar cases may not be similar[/]")
+    query = {"image": describe_target(image), **flag} if image is not None else {"text": text}
     emit_json({"index": describe_target(index), "query": query, "target": target, "k": k, "where": where,
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)
+
+
+def _query_ood(net, image: Path | None) -> dict:
+    """The query image's OOD score and flag when the model has a guard (``medvl ood fit``), else {}."""
+    if image is None or getattr(net, "ood", None) is None:
+        return {}
+    import torch
+
+    from ..data.images import read_image
+    from ..predict import ood_flags
+
+    with torch.no_grad():
+        return ood_flags(net, net.encode_images([read_image(image)], features=True))[0]
 
 
 def _print_image_files(hits: list, data_root: Path) -> None:
