@@ -34,6 +34,9 @@ SAME_LAYER: dict[str, set[str]] = {
     "predict": {"eval"},
     "eval": {"index", "rag"},  # case retrieval scores the index and the RAG drafts
     "rag": {"index"},  # drafts are written from the nearest indexed cases
+    "scale": {"index"},  # Ray workers embed batches for the index builder
+    "explain": {"eval", "index", "predict"},  # explanations of predictions: probes, nearest cases
+    "train": {"eval", "index", "rag"},  # recipes' class order; the report generator's retrieved context
     "models": {"data", "clinical"},  # model code reads records, captions and images (volumes: NIfTI slabs)
     "data": {"clinical"},  # read_image registers the DICOM / NIfTI readers
     "checks": {"errors"},
