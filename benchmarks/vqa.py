@@ -24,7 +24,7 @@ PUBLISHED = {  # VQA-RAD standard test split (451 questions): open / closed / ov
     "PubMedCLIP": (60.1, 80.0, 72.1),
     "BiomedGPT-B": (60.9, 81.3, 73.2),
 }
-RAD = ["--image-lr-scale", "0", "--no-augment", "--batch-size", "256", "--lr", "3e-3", "--epochs", "15", "--quiet"]
+RAD = ["--image-size", "64", "--no-augment", "--batch-size", "128", "--lr", "2e-3", "--epochs", "6", "--quiet"]
 PHANTOM = ["--no-augment", "--batch-size", "64", "--lr", "2e-3", "--epochs", "3", "--quiet"]
 
 
