@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +36,8 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
-from ..io import replace_dir, write_errors_named
 from .config import ImageConfig, build_dataclass
-from .dual import non_finite_tensors
+from .dual import non_finite_tensors, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 
@@ -306,24 +303,11 @@ class ReportGenerator(nn.Module):
         """Write config.json, model.safetensors, meta.json and tokenizer/ atomically; refuses NaN weights."""
         from safetensors.torch import save_model
 
-        directory = Path(directory)
-        bad = non_finite_tensors(dict(self.state_dict()))
-        if bad:
-            raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
-                             f"(first: {bad[0]}); the training diverged")
-        with write_errors_named(directory):
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-            try:
-                (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-                (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
-                save_model(self, str(staging / WEIGHTS_FILE))  # handles the tied output / input embeddings
-                self.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
-                replace_dir(staging, directory)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        return directory
+        def write(staging: Path) -> None:
+            save_model(self, str(staging / WEIGHTS_FILE))  # handles the tied output / input embeddings
+            self.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
+
+        return save_model_dir(directory, dict(self.state_dict()), self.config.to_dict(), self.meta, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ReportGenerator:

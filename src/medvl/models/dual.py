@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,27 +113,15 @@ class DualEncoder(nn.Module):
         """
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        bad = non_finite_tensors(state)
-        if bad:
-            raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
-                             f"(first: {bad[0]}); the training diverged")
-        with write_errors_named(directory):
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-            try:
-                (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-                (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
-                save_file(state, str(staging / WEIGHTS_FILE))
-                self.text_encoder.save(staging / TEXT_DIR)
-                if self.ood is not None:
-                    self.ood.save(staging)
-                replace_dir(staging, directory)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        return directory
+
+        def write(staging: Path) -> None:
+            save_file(state, str(staging / WEIGHTS_FILE))
+            self.text_encoder.save(staging / TEXT_DIR)
+            if self.ood is not None:
+                self.ood.save(staging)
+
+        return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DualEncoder:
@@ -166,6 +154,31 @@ class DualEncoder(nn.Module):
         model.ood = OODGuard.load(directory)
         model.eval()
         return model
+
+
+def save_model_dir(directory: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                   meta: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """The one way every medvl model kind writes its folder: non-finite weights refused, then
+    config.json, meta.json and what ``write(staging)`` adds (weights, tokenizer...) written into a
+    staging folder that replaces ``directory`` only when complete; a failed write (full disk) names
+    ``directory`` and leaves it as it was."""
+    directory = Path(directory)
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
+                         f"(first: {bad[0]}); the training diverged")
+    with write_errors_named(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+            write(staging)
+            replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return directory
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:

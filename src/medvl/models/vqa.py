@@ -26,8 +26,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,9 +39,8 @@ from torch import nn
 from ..checks import check_number
 from ..data.loaders.vqa import VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
-from ..io import replace_dir, write_errors_named
 from .config import ImageConfig, TextConfig, build_dataclass
-from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors
+from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 from .text import TextEncoder
@@ -250,25 +247,13 @@ class VQAModel(nn.Module):
         """config.json, model.safetensors, meta.json and text/ written atomically (non-finite weights refused)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        bad = non_finite_tensors(state)
-        if bad:
-            raise ModelError(f"{directory}: not saved, {len(bad)} weight tensor(s) hold NaN or infinity "
-                             f"(first: {bad[0]}); the training diverged")
-        with write_errors_named(directory):
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-            try:
-                (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
-                (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
-                save_file(state, str(staging / WEIGHTS_FILE))
-                self.text_encoder.save(staging / TEXT_DIR)
-                replace_dir(staging, directory)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        return directory
+
+        def write(staging: Path) -> None:
+            save_file(state, str(staging / WEIGHTS_FILE))
+            self.text_encoder.save(staging / TEXT_DIR)
+
+        return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VQAModel:
