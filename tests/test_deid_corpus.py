@@ -382,6 +382,22 @@ def test_every_date_spelling_is_found_and_numbers_inside_numbers_are_not():
         assert found.kind_in(harmless) is None, harmless
 
 
+def test_short_name_parts_inside_generated_ids_are_not_leaks():
+    """A de-identified Study ID is random letters and digits: a 2-letter name part between digits there
+    (7WU3) is chance, not the name; longer parts still count next to digits, and glued parts anywhere."""
+    from medvl.clinical.identifiers import collect_identifiers
+
+    ds = base_dataset()
+    ds.PatientName = "WU^LI^^^"
+    found = collect_identifiers(ds)
+    for generated in ("7WU3", "A1LI", "LI9", "20WU"):
+        assert found.kind_in(generated) is None, generated
+    for leak in ("LI WU", "WU-7", "LIWU3", "x WULI"):
+        assert found.kind_in(leak) == "name", leak
+    ds.PatientName = "SMITH^JOHN"
+    assert collect_identifiers(ds).kind_in("SMITH1950") == "name"
+
+
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):
     """Real files name patients ``CQ500-CT-310`` (pydicom-data) or ``OB`` (an obstetric ultrasound):
     the parts CT and OB are in every such file's Modality or Processing Function, so they are not

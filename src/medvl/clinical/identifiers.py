@@ -27,7 +27,9 @@
 Matching ignores case and accents, and a value only matches where it is not glued to more of the
 same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
 ``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
-is found in ``DOB19500131``, not inside a longer number such as a UID).
+is found in ``DOB19500131``, not inside a longer number such as a UID). Name parts of fewer than
+four letters must not touch a digit either (``WU`` is not found in a random Study ID ``7WU3``;
+longer parts are: ``SMITH`` in ``SMITH1950``).
 
 ``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
@@ -66,6 +68,9 @@ MODALITY_CODES = frozenset(code.casefold() for code in (
     "MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE "
     "RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC").split())
 _NAME_SEPARATORS = re.compile(r"[\s,.'\-]+")
+# Name parts this short must not touch a digit either: generated identifiers (de-identified Study IDs,
+# accession numbers) are random letters and digits and hold two- or three-letter runs such as 7WU3.
+SHORT_NAME = 4
 _LETTER = r"[^\W\d_]"
 
 
@@ -75,10 +80,12 @@ def fold(text: str) -> str:
     return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
 
 
-def _edges(value: str) -> str:
-    """``value`` as a regex that does not match inside a longer word (letters) or number (digits)."""
-    before = f"(?<!{_LETTER})" if value[0].isalpha() else r"(?<!\d)" if value[0].isdigit() else ""
-    after = f"(?!{_LETTER})" if value[-1].isalpha() else r"(?!\d)" if value[-1].isdigit() else ""
+def _edges(value: str, alphanumeric: bool = False) -> str:
+    """``value`` as a regex that does not match inside a longer word (letters) or number (digits);
+    ``alphanumeric``: nor next to a letter or digit (short name parts, see ``SHORT_NAME``)."""
+    word = r"[^\W_]" if alphanumeric else _LETTER
+    before = f"(?<!{word})" if value[0].isalpha() else r"(?<!\d)" if value[0].isdigit() else ""
+    after = f"(?!{word})" if value[-1].isalpha() else r"(?!\d)" if value[-1].isdigit() else ""
     return before + re.escape(value) + after
 
 
@@ -126,7 +133,8 @@ class Identifiers:
             for kind, values in (("name", self.names), ("id", self.ids)):
                 chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
                 if chosen and kind in kinds:
-                    groups.append(f"(?P<{kind}>" + "|".join(_edges(v) for v in chosen) + ")")
+                    edged = (_edges(v, alphanumeric=kind == "name" and len(v) < SHORT_NAME) for v in chosen)
+                    groups.append(f"(?P<{kind}>" + "|".join(edged) + ")")
             if self.dates and "date" in kinds:
                 groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
             self._compiled[key] = re.compile("|".join(groups)) if groups else None
