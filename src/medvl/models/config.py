@@ -135,16 +135,7 @@ class ModelConfig:
 
     def merged(self, overrides: dict[str, Any]) -> ModelConfig:
         """A copy with overrides; nested keys as ``image.image_size`` or ``{"image": {...}}``."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            head, _, tail = key.partition(".")
-            if tail:
-                data.setdefault(head, {})[tail] = value
-            elif isinstance(value, dict) and head in ("image", "text"):
-                data[head].update(value)
-            else:
-                data[head] = value
-        return ModelConfig.from_dict(data)
+        return ModelConfig.from_dict(merge_overrides(self.to_dict(), overrides, ("image", "text")))
 
     def validate(self) -> None:
         if self.loss not in ("clip", "siglip"):
@@ -186,6 +177,21 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` (a config's ``to_dict()``) with ``overrides`` merged in: ``section.field`` keys (and a
+    dict under a section's name) go into that section, other keys replace top-level values. Unknown
+    keys are left for ``from_dict`` to refuse, naming them."""
+    for key, value in overrides.items():
+        head, _, tail = key.partition(".")
+        if tail and head in sections:
+            data[head][tail] = value
+        elif not tail and isinstance(value, dict) and head in sections:
+            data[head].update(value)
+        else:
+            data[key] = value
+    return data
 
 
 def build_dataclass(cls, data: dict[str, Any], section: str):

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
-from .config import ImageConfig, build_dataclass
+from .config import ImageConfig, build_dataclass, merge_overrides
 from .dual import non_finite_tensors, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
@@ -94,14 +94,7 @@ class ReportGeneratorConfig:
 
     def merged(self, overrides: dict[str, Any]) -> ReportGeneratorConfig:
         """A copy with ``section.field`` overrides (``decoder.hidden_size``, ``image.image_size``)."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            head, _, tail = key.partition(".")
-            if tail and head in ("image", "decoder"):
-                data[head][tail] = value
-            else:
-                data[key] = value
-        return ReportGeneratorConfig.from_dict(data)
+        return ReportGeneratorConfig.from_dict(merge_overrides(self.to_dict(), overrides, ("image", "decoder")))
 
     def validate(self) -> None:
         if self.kind != KIND:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..checks import check_numbers
 from ..data.loaders.vqa import VQAItem
 from ..errors import InputError
-from ..models.config import TextConfig
+from ..models.config import TextConfig, merge_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
 from ..models.vqa import (
@@ -118,14 +118,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
 
 def _with_overrides(config: VQAConfig, overrides: dict[str, Any]) -> VQAConfig:
     """``config`` with ``overrides`` merged in (``{"image.no_max_pool": True, "dropout": 0.2}``), validated."""
-    data = config.to_dict()
-    for key, value in overrides.items():
-        head, _, tail = key.partition(".")
-        if tail and head in ("image", "text"):
-            data[head][tail] = value
-        else:
-            data[key] = value
-    return VQAConfig.from_dict(data)
+    return VQAConfig.from_dict(merge_overrides(config.to_dict(), overrides, ("image", "text")))
 
 
 class VQAObjective:
