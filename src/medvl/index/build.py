@@ -73,23 +73,24 @@ def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images:
     cases without text are zero rows. ``root`` is the dataset root image paths are stored relative
     to (None: no paths). Returns (cases, image vectors, text vectors, duplicates).
     """
-    kept, pixels, duplicates = [], [], []
-    for record, array, digest in items:
-        if digest in known_images and not allow_duplicates:
-            duplicates.append({"id": record.id, "duplicate_of": known_images[digest]})
-            continue
-        known_images.setdefault(digest, record.id)
-        kept.append(Case.from_record(record, digest, root))
-        pixels.append(array)
-    dim = model.config.embed_dim
-    if not kept:
-        return [], np.empty((0, dim), np.float32), np.empty((0, dim), np.float32), duplicates
-    vectors = model.encode_images(pixels, batch_size=len(pixels)).numpy()
-    text_vectors = np.zeros((len(kept), dim), np.float32)
-    with_text = [i for i, case in enumerate(kept) if case.text]
-    if with_text:
-        text_vectors[with_text] = model.encode_texts([kept[i].text for i in with_text]).numpy()
+    kept, rows, duplicates = _new_cases([record for record, _, _ in items], [digest for _, _, digest in items],
+                                        known_images, allow_duplicates, root)
+    vectors, text_vectors = embed_batch(model, [items[row][1] for row in rows], [case.text for case in kept])
     return kept, vectors, text_vectors, duplicates
+
+
+def embed_batch(model, images: Sequence[Any], texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Image embeddings of ``images`` (decoded arrays or NIfTI paths) and report embeddings of ``texts``
+    (zero rows where there is no text), as float32 (N, dim) arrays."""
+    dim = model.config.embed_dim
+    if not images:
+        return np.empty((0, dim), np.float32), np.empty((0, dim), np.float32)
+    vectors = model.encode_images(list(images), batch_size=len(images)).numpy().astype(np.float32, copy=False)
+    text_vectors = np.zeros((len(images), dim), np.float32)
+    with_text = [i for i, text in enumerate(texts) if text]
+    if with_text:
+        text_vectors[with_text] = model.encode_texts([texts[i] or "" for i in with_text]).numpy()
+    return vectors, text_vectors
 
 
 def keep_new(batch: Sequence[Record], digests: Sequence[str], vectors: np.ndarray, text_vectors: np.ndarray,
@@ -97,15 +98,23 @@ def keep_new(batch: Sequence[Record], digests: Sequence[str], vectors: np.ndarra
              ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
     """``embed_records`` for batches embedded elsewhere (every record embedded): the same cases and
     duplicates, in the same order."""
+    kept, rows, duplicates = _new_cases(batch, digests, known_images, allow_duplicates, root)
+    return kept, vectors[rows], text_vectors[rows], duplicates
+
+
+def _new_cases(records: Sequence[Record], digests: Sequence[str], known_images: dict[str, str],
+               allow_duplicates: bool, root: Path | None) -> tuple[list[Case], list[int], list[dict]]:
+    """The cases of ``records`` whose image is not known yet (``known_images`` updated), their rows, and
+    the duplicates skipped (each with the case its image belongs to)."""
     kept, rows, duplicates = [], [], []
-    for row, (record, digest) in enumerate(zip(batch, digests, strict=True)):
+    for row, (record, digest) in enumerate(zip(records, digests, strict=True)):
         if digest in known_images and not allow_duplicates:
             duplicates.append({"id": record.id, "duplicate_of": known_images[digest]})
             continue
         known_images.setdefault(digest, record.id)
         kept.append(Case.from_record(record, digest, root))
         rows.append(row)
-    return kept, vectors[rows], text_vectors[rows], duplicates
+    return kept, rows, duplicates
 
 
 # Embeds batches somewhere else (``medvl.scale.ray_jobs.RayEmbedder``): called with the dataset, the

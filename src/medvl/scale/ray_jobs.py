@@ -91,17 +91,13 @@ class _EmbedWorker:
         self.records = dataset.records
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from ..index.build import read_images
+        from ..index.build import embed_batch, read_images
 
         records = [self.records[int(p)] for p in batch["position"]]
         items = read_images(records)
-        images = self.model.encode_images([array for _, array, _ in items], batch_size=len(items)).numpy()
-        texts = np.zeros_like(images)
-        with_text = [i for i, record in enumerate(records) if record.text]
-        if with_text:
-            texts[with_text] = self.model.encode_texts([records[i].text or "" for i in with_text]).numpy()
+        images, texts = embed_batch(self.model, [array for _, array, _ in items], [r.text for r in records])
         return {"position": batch["position"], "digest": np.array([digest for _, _, digest in items]),
-                "image": images.astype(np.float32), "text": texts.astype(np.float32)}
+                "image": images, "text": texts}
 
 
 def _import_ray():
