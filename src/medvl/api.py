@@ -104,8 +104,14 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
     net = load_model(model, backend=backend)
+    embeddings, ood_block = None, None
+    if getattr(net, "ood", None) is not None:  # how much of the evaluated data the model's guard flags
+        from .eval.ood import embed_with_guard
+
+        embeddings, ood_block = embed_with_guard(net, dataset, show_progress=show_progress)
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
-                       show_progress=show_progress, keep_logits=calibration_split is not None)
+                       show_progress=show_progress, image_embeddings=embeddings,
+                       keep_logits=calibration_split is not None)
     if calibration_split is not None:
         fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
         fit = zero_shot(net, fit_set, column, captions=captions_for(fit_set, captions, net),
@@ -113,10 +119,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
         block = calibration.calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]),
                                                np.array(result.pop("logits")), np.array(result.pop("y_true")))
         result["calibration"] = {"split": calibration_split, **block}
-    if getattr(net, "ood", None) is not None:  # how much of the evaluated data the model's guard flags
-        from .eval.ood import ood_summary
-
-        result["ood"] = ood_summary(net, dataset, show_progress=show_progress)
+    if ood_block is not None:
+        result["ood"] = ood_block
     return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
 
 

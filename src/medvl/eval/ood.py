@@ -46,11 +46,19 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
 
 def ood_summary(model, dataset: Dataset, show_progress: bool = True) -> dict[str, Any]:
     """How many of ``dataset``'s images the model's guard flags (``ModelError`` if it has none)."""
+    return embed_with_guard(model, dataset, show_progress=show_progress)[1]
+
+
+def embed_with_guard(model, dataset: Dataset, show_progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The normalised image embeddings of ``dataset`` and the guard's summary of it, from one pass of the
+    image tower (the guard scores the backbone features the embeddings are projected from)."""
     guard = getattr(model, "ood", None)
     if guard is None:
         raise ModelError("the model has no OOD guard: fit one with medvl ood fit")
-    scores = guard.scores(embed_images(model, dataset, features=True, show_progress=show_progress)).numpy()
-    return summarize(guard, scores)
+    features = embed_images(model, dataset, features=True, show_progress=show_progress)
+    with torch.no_grad():
+        embeddings = model.embed_image_features(features)
+    return embeddings, summarize(guard, guard.scores(features).numpy())
 
 
 def summarize(guard: OODGuard, scores: np.ndarray) -> dict[str, Any]:
