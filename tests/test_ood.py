@@ -121,6 +121,9 @@ def test_guard_round_trip_and_bad_input(guarded, phantom_dir, tmp_path):
     assert result.exit_code == 2 and "calibrate" in output
     result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir, "--quantile", "1.5")
     assert result.exit_code == 2 and "quantile" in output
+    before = (model_dir / OOD_FILE).read_bytes()
+    result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir)
+    assert result.exit_code == 2 and "--overwrite" in output and (model_dir / OOD_FILE).read_bytes() == before
 
 
 def test_search_reports_the_query_flag(guarded, phantom_dir, shared_data, tmp_path):

@@ -126,16 +126,22 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
 
 def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", calibration_split: str = "val",
                       quantile: float = 0.99, check_data: PathLike | None = None, check_split: str | None = None,
-                      allow_outside_root: bool = False, show_progress: bool = True) -> dict:
+                      allow_outside_root: bool = False, show_progress: bool = True, overwrite: bool = False) -> dict:
     """Fit the OOD guard of the saved model at ``model`` on ``split``, its threshold the ``quantile`` of
-    ``calibration_split``'s scores, and save it into the model folder (``ood.safetensors``); with
-    ``check_data``, also how much of that dataset (another distribution, or a test split) is flagged."""
-    from .eval.ood import fit_ood, ood_summary
+    ``calibration_split``'s scores, and save it into the model folder (``ood.safetensors``; a guard
+    already there is replaced only with ``overwrite``); with ``check_data``, also how much of that
+    dataset (another distribution, or a test split) is flagged."""
+    from .eval.ood import check_quantile, fit_ood, ood_summary
+    from .models.ood import OOD_FILE
     from .models.registry import load_model, model_directory
 
     if calibration_split == split:
         raise InputError(f"--calibration-split {calibration_split!r} is the fitted split: calibrate the "
                          "threshold on images the guard was not fitted on")
+    check_quantile(quantile)
+    if (model_directory(model) / OOD_FILE).exists() and not overwrite:
+        raise InputError(f"{model_directory(model) / OOD_FILE}: the model has an OOD guard already "
+                         "(--overwrite replaces it)")
     net = load_model(model)
     if not isinstance(net, DualEncoder):
         raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")

@@ -40,14 +40,15 @@ def fit_command(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Fit the OOD guard on a split's image embeddings and save it into the model; predict, eval
-    zero-shot and the service then report an OOD score per image and flag those above the threshold."""
+    """Fit the OOD guard on a split's image features and save it into the model (--overwrite replaces a
+    guard it has); predict, eval zero-shot, search and the service then report an OOD score per image
+    and flag those above the threshold."""
     from ..api import fit_ood_from_path
 
     check_outputs(overwrite, json=json_out)
     result = fit_ood_from_path(model, data, split=split, calibration_split=calibration_split, quantile=quantile,
                                check_data=check_data, check_split=check_split,
-                               allow_outside_root=allow_outside_root, show_progress=not quiet)
+                               allow_outside_root=allow_outside_root, show_progress=not quiet, overwrite=overwrite)
     rows = {"threshold": result["threshold"], "fitted images": result["fit_images"],
             "calibration images": result["calibration_images"],
             "calibration flagged": result["calibration_flagged_share"]}

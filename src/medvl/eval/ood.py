@@ -24,8 +24,7 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
     scores (a split the guard was not fitted on: the fitted images score lower than new ones)."""
     from sklearn.covariance import LedoitWolf
 
-    if not 0.5 <= quantile < 1:
-        raise InputError(f"quantile must be in [0.5, 1), got {quantile}")
+    check_quantile(quantile)
     if len(fit_set) < MIN_FIT:
         raise InputError(f"{fit_set.source}: need at least {MIN_FIT} images to fit an OOD guard, got {len(fit_set)}")
     if len(calibration_set) < 10:
@@ -42,6 +41,12 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
                   "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4)}
     return guard
+
+
+def check_quantile(quantile: float) -> None:
+    """The guard's threshold quantile must be in [0.5, 1)."""
+    if not 0.5 <= quantile < 1:
+        raise InputError(f"quantile must be in [0.5, 1), got {quantile}")
 
 
 def ood_summary(model, dataset: Dataset, show_progress: bool = True) -> dict[str, Any]:
