@@ -25,6 +25,7 @@ from ..data.captions import CaptionConfig, load_captions
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..errors import InputError
+from ..eval.bootstrap import percentile_interval
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
 from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
@@ -191,8 +192,6 @@ def _check_prior(prior: float) -> None:
         raise InputError(f"target prior must be a share of positives between 0 and 1, got {prior}")
 
 
-def _with_interval(metric, y_true: np.ndarray, draws: list[np.ndarray]) -> dict[str, float]:
+def _with_interval(metric, y_true: np.ndarray, draws: list[np.ndarray]) -> dict[str, float | None]:
     """The metric on every record and the 2.5 / 97.5 percentiles of it over the bootstrap draws."""
-    values = np.array([metric(index) for index in draws])
-    low, high = np.percentile(values, [2.5, 97.5])
-    return {"value": metric(np.arange(len(y_true))), "low": float(low), "high": float(high)}
+    return percentile_interval(metric, len(y_true), draws, level=0.95)

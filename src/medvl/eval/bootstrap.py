@@ -1,0 +1,138 @@
+"""Percentile bootstrap intervals over records, seeded (plain numpy).
+
+A draw is ``numpy.random.default_rng(seed).integers(0, n, n)`` taken in turn, so the same seed gives
+the same draws everywhere (the MedMNIST operating points use these draws too). With
+``need_both_classes`` a draw that misses a class present in ``y_true`` is skipped, not redrawn, so a
+metric such as AUC is defined on every draw used; ``resamples`` in a result is the count actually used.
+The interval at ``level`` is the ((1 - level) / 2, (1 + level) / 2) percentile pair of the metric over
+the draws (numpy's linear interpolation); ``value`` is the metric on all records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..checks import check_number
+from ..errors import InputError
+
+Metric = Callable[..., float | None]  # metric(y_true, *arrays) on one (re)sample -> a number
+
+
+def bootstrap_draws(y_true: np.ndarray, resamples: int = 1000, seed: int = 0,
+                    need_both_classes: bool = True, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Index arrays of ``resamples`` draws with replacement of ``len(y_true)`` records.
+
+    With ``need_both_classes`` the draws missing any class of ``y_true`` are left out. ``rng``
+    (instead of ``seed``) continues an existing stream.
+    """
+    y_true = np.asarray(y_true)
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    codes = np.unique(y_true, return_inverse=True)[1].reshape(-1)
+    classes = int(codes.max()) + 1 if len(codes) else 0
+    draws = (rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples))
+    if not need_both_classes:
+        return list(draws)
+    return [index for index in draws if np.bincount(codes[index], minlength=classes).all()]
+
+
+def percentile_interval(metric_of_index: Callable[[np.ndarray], float], n: int, draws: Sequence[np.ndarray],
+                        level: float = 0.95) -> dict[str, float | None]:
+    """``value`` of ``metric_of_index`` on all ``n`` records, ``low`` / ``high`` percentiles over ``draws``
+    (None when there is no draw)."""
+    value = metric_of_index(np.arange(n))
+    if not draws:
+        return {"value": value, "low": None, "high": None}
+    values = np.array([metric_of_index(index) for index in draws], dtype=float)
+    tail = (100 - 100 * level) / 2  # 2.5 exactly for level 0.95
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return {"value": value, "low": float(low), "high": float(high)}
+
+
+def bootstrap_ci(metric: Metric, y_true: np.ndarray | Sequence, *arrays: np.ndarray | Sequence,
+                 resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 need_both_classes: bool = True) -> dict:
+    """Percentile bootstrap interval of ``metric(y_true, *arrays)`` over records.
+
+    ``arrays`` (e.g. scores or predictions) are resampled with ``y_true`` along their first axis.
+    Returns ``value`` (on all records), ``low``, ``high`` (None if no draw was usable) and
+    ``resamples`` (draws used). Example: ``bootstrap_ci(roc_auc_score, y, scores)``.
+    """
+    y, rest = _check_sample("y_true", y_true, arrays)
+    _check_settings(resamples, level)
+    if need_both_classes:
+        _require_classes("y_true", y)
+    draws = bootstrap_draws(y, resamples, seed, need_both_classes)
+    interval = percentile_interval(lambda index: _number(metric(y[index], *(a[index] for a in rest))),
+                                   len(y), draws, level)
+    return {**interval, "resamples": len(draws)}
+
+
+def difference_ci(metric: Metric, first: Sequence[np.ndarray | Sequence], second: Sequence[np.ndarray | Sequence],
+                  resamples: int = 1000, seed: int = 0, level: float = 0.95, need_both_classes: bool = True) -> dict:
+    """Bootstrap interval of ``metric(*first) - metric(*second)`` for two groups of records.
+
+    ``first`` and ``second`` are ``(y_true, *arrays)`` of each group; each draw resamples both groups
+    independently (within group, so each keeps its size), and with ``need_both_classes`` a draw is
+    skipped when either group misses one of its classes. Returns ``value``, ``low``, ``high``, ``resamples``.
+    """
+    if len(first) < 1 or len(second) < 1:
+        raise InputError("difference_ci needs (y_true, *arrays) for each group, got an empty group")
+    y_a, rest_a = _check_sample("first group y_true", first[0], first[1:])
+    y_b, rest_b = _check_sample("second group y_true", second[0], second[1:])
+    _check_settings(resamples, level)
+    if need_both_classes:
+        _require_classes("first group y_true", y_a)
+        _require_classes("second group y_true", y_b)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(resamples):
+        a = bootstrap_draws(y_a, 1, rng=rng, need_both_classes=need_both_classes)
+        b = bootstrap_draws(y_b, 1, rng=rng, need_both_classes=need_both_classes)
+        if a and b:
+            pairs.append((a[0], b[0]))
+
+    def gap(index_a: np.ndarray, index_b: np.ndarray) -> float:
+        return (_number(metric(y_a[index_a], *(x[index_a] for x in rest_a)))
+                - _number(metric(y_b[index_b], *(x[index_b] for x in rest_b))))
+
+    value = gap(np.arange(len(y_a)), np.arange(len(y_b)))
+    if not pairs:
+        return {"value": value, "low": None, "high": None, "resamples": 0}
+    tail = (100 - 100 * level) / 2
+    low, high = np.percentile([gap(a, b) for a, b in pairs], [tail, 100 - tail])
+    return {"value": value, "low": float(low), "high": float(high), "resamples": len(pairs)}
+
+
+def _number(value: float | None) -> float:
+    if value is None:
+        raise InputError("the metric is undefined (None) on a bootstrap sample; it needs classes the sample "
+                         "lacks (keep need_both_classes=True for AUC-like metrics)")
+    return float(value)
+
+
+def _check_sample(name: str, y_true: np.ndarray | Sequence,
+                  arrays: Sequence[np.ndarray | Sequence]) -> tuple[np.ndarray, list[np.ndarray]]:
+    y = np.asarray(y_true)
+    if y.ndim != 1 or len(y) == 0:
+        raise InputError(f"{name} must be a non-empty 1D array of labels, got shape {y.shape}")
+    rest = [np.asarray(a) for a in arrays]
+    for position, array in enumerate(rest, start=1):
+        if array.ndim == 0 or len(array) != len(y):
+            raise InputError(f"array {position} beside {name} must have {len(y)} rows (one per record), "
+                             f"got shape {array.shape}")
+    return y, rest
+
+
+def _check_settings(resamples: int, level: float) -> None:
+    check_number("bootstrap resamples", resamples, minimum=1, integer=True)
+    check_number("confidence level", level, minimum=0, maximum=1, exclusive_minimum=True)
+    if level >= 1:
+        raise InputError(f"confidence level must lie strictly between 0 and 1, got {level}")
+
+
+def _require_classes(name: str, y: np.ndarray) -> None:
+    if len(np.unique(y)) < 2:
+        raise InputError(f"{name} holds a single class ({y[0]!r}); a bootstrap that needs both classes "
+                         f"cannot draw any sample (pass need_both_classes=False for a metric defined on one class)")

@@ -1,0 +1,224 @@
+"""Metrics per patient subgroup (sex, age band, view, site...) with bootstrap intervals and the
+worst-group gap.
+
+Conventions: ``y_true`` holds class indices (N,); ``probabilities`` is (N, K) class scores, or (N,)
+positive-class scores of a binary task. AUC is one-vs-rest, averaged over the classes present in
+the (sub)group (the ``medvl.eval.metrics.classification_metrics`` convention); a group holding a
+single class has no AUC (None). Balanced accuracy is the mean recall over the classes present
+(sklearn's ``balanced_accuracy_score``). A group value that is missing (None, empty, NaN) puts the
+record in no group of that column; it is counted under ``missing``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from ..checks import check_number
+from ..data.record import Record
+from ..errors import InputError
+from .bootstrap import bootstrap_ci, difference_ci
+
+# Upper bound (exclusive, years) and name of each age band, in order.
+AGE_BANDS = ((40.0, "<40"), (60.0, "40-59"), (80.0, "60-79"), (math.inf, "80+"))
+UNKNOWN_AGE = "unknown"
+MAX_AGE = 130.0  # years; anything above is taken for a data error, not an age
+METRICS = ("auc", "balanced_accuracy", "accuracy")
+# DICOM age strings (PatientAge, 0010,1010): nnnD / nnnW / nnnM / nnnY
+_DICOM_AGE = re.compile(r"^(\d{1,3})\s*([DWMY])$", re.IGNORECASE)
+_DICOM_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_band(age: Any) -> str:
+    """The age band of an age in years: ``<40``, ``40-59``, ``60-79`` or ``80+``.
+
+    Takes numbers and numeric strings (ISIC's ``age_approx`` is a float such as ``55.0`` or empty),
+    and DICOM age strings (``065Y``, ``018M``); anything missing, unparseable, negative or above
+    130 years is ``unknown``.
+    """
+    years = _years(age)
+    if years is None:
+        return UNKNOWN_AGE
+    return next(name for upper, name in AGE_BANDS if years < upper)
+
+
+def _years(age: Any) -> float | None:
+    if age is None or isinstance(age, bool):
+        return None
+    if isinstance(age, str):
+        text = age.strip()
+        dicom = _DICOM_AGE.match(text)
+        if dicom:
+            return int(dicom.group(1)) * _DICOM_UNIT_YEARS[dicom.group(2).upper()]
+        try:
+            age = float(text)
+        except ValueError:
+            return None
+    try:
+        years = float(age)
+    except (TypeError, ValueError):
+        return None
+    return years if math.isfinite(years) and 0 <= years <= MAX_AGE else None
+
+
+def is_age_column(column: str) -> bool:
+    """True for a column naming an age (``age``, ``age_approx``, ``PatientAge``), not ``image`` or ``stage``."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", column).lower()
+    return "age" in re.split(r"[^a-z0-9]+", words)
+
+
+def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> dict[str, list[str | None]]:
+    """Per column, each record's group value from ``record.labels`` or else ``record.meta``.
+
+    Values become strings; a missing or empty value is None. An age-like column (``is_age_column``)
+    is banded with ``age_band`` (an unknown age is None). A column found in no record is an InputError.
+    """
+    records = list(records)
+    result: dict[str, list[str | None]] = {}
+    for column in columns:
+        raw = [r.labels.get(column, r.meta.get(column)) for r in records]
+        if records and all(_missing(value) for value in raw):
+            seen = sorted({key for r in records for key in (*r.labels, *r.meta)})
+            raise InputError(f"group column {column!r} is in no record's labels or meta; "
+                             f"columns present: {', '.join(seen) or 'none'}")
+        if is_age_column(column):
+            bands = [age_band(value) for value in raw]
+            result[column] = [None if band == UNKNOWN_AGE else band for band in bands]
+        else:
+            result[column] = [None if _missing(value) else str(value) for value in raw]
+    return result
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def macro_auc(y_true: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """One-vs-rest AUC averaged over the classes present in ``y_true``; None for a single class.
+
+    Computed from ranks (the Mann-Whitney identity, ties given mid-ranks), equal to sklearn's
+    ``roc_auc_score`` class by class; a bootstrap calls it thousands of times, and sklearn's input
+    checks cost ~2 ms a call.
+    """
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return None
+    ranks = rankdata(probabilities[:, present], axis=0)
+    positive = y_true[:, None] == present[None, :]
+    n_pos = positive.sum(0)
+    n_neg = len(y_true) - n_pos
+    aucs = ((ranks * positive).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return float(aucs.mean())
+
+
+def balanced_accuracy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean recall of the argmax prediction over the classes present in ``y_true``."""
+    correct = probabilities.argmax(1) == y_true
+    counts = np.bincount(y_true)
+    hits = np.bincount(y_true, weights=correct)
+    present = counts > 0
+    return float((hits[present] / counts[present]).mean())
+
+
+def accuracy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Share of records whose argmax prediction is the true class."""
+    return float((probabilities.argmax(1) == y_true).mean())
+
+
+_METRIC_FUNCTIONS = {"auc": macro_auc, "balanced_accuracy": balanced_accuracy, "accuracy": accuracy}
+
+
+def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence,
+                     groups: dict[str, Sequence[Any]], min_size: int = 10, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95, headline: str = "auc") -> dict:
+    """AUC, balanced accuracy and accuracy with bootstrap intervals per group of each column.
+
+    ``groups`` maps a column name to one value per record (``groups_from_records`` makes it from
+    records). Groups with fewer than ``min_size`` records are listed under ``too_small``, not scored.
+    Per column, the scored group with the lowest ``headline`` metric is ``worst_group``, the highest
+    ``best_group``, and ``gap`` (best minus worst) has an interval from resampling within each of the
+    two groups. The two are chosen on all records, so the gap interval does not cover that choice.
+
+    Returns ``n``, ``headline``, ``min_size``, ``level`` and ``columns``: per column ``groups`` (per
+    value: ``n`` and each metric as ``{value, low, high, resamples}``, or None for AUC of a
+    single-class group), ``too_small`` (value -> n), ``missing`` (records without a value),
+    ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
+    """
+    y, scores = _check_scores(y_true, probabilities)
+    check_number("min_size", min_size, minimum=1, integer=True)
+    if headline not in _METRIC_FUNCTIONS:
+        raise InputError(f"headline metric must be one of {', '.join(METRICS)}, got {headline!r}")
+    settings = {"resamples": resamples, "seed": seed, "level": level}
+    columns = {}
+    for column, values in groups.items():
+        labels = _group_labels(column, values, len(y))
+        columns[column] = _column_metrics(y, scores, labels, min_size, headline, settings)
+    return {"n": int(len(y)), "headline": headline, "min_size": min_size, "level": level, "columns": columns}
+
+
+def _check_scores(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence) -> tuple[np.ndarray, ...]:
+    y = np.asarray(y_true)
+    scores = np.asarray(probabilities, dtype=float)
+    if scores.ndim == 1:
+        scores = np.stack([1 - scores, scores], axis=1)  # positive-class scores of a binary task
+    if y.ndim != 1 or len(y) == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"y_true must be a non-empty 1D array of class indices, got shape {y.shape} "
+                         f"dtype {y.dtype}")
+    if scores.ndim != 2 or scores.shape[0] != len(y) or scores.shape[1] < 2:
+        raise InputError(f"probabilities must be ({len(y)}, K>=2) or ({len(y)},), got shape {np.shape(probabilities)}")
+    if not np.isfinite(scores).all():
+        raise InputError("probabilities contain NaN or infinite values")
+    if y.min() < 0 or y.max() >= scores.shape[1]:
+        raise InputError(f"y_true must lie in [0, {scores.shape[1] - 1}], got [{y.min()}, {y.max()}]")
+    return y, scores
+
+
+def _group_labels(column: str, values: Sequence[Any], n: int) -> list[str | None]:
+    values = list(values)
+    if len(values) != n:
+        raise InputError(f"group column {column!r} has {len(values)} values for {n} records")
+    return [None if _missing(value) else str(value) for value in values]
+
+
+def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None], min_size: int,
+                    headline: str, settings: dict) -> dict:
+    names = sorted({label for label in labels if label is not None}, key=_group_order)
+    members = {name: np.array([i for i, label in enumerate(labels) if label == name]) for name in names}
+    scored = {name: index for name, index in members.items() if len(index) >= min_size}
+    groups = {name: _group_metrics(y[index], scores[index], settings) for name, index in scored.items()}
+    ranked = sorted((g[headline]["value"], name) for name, g in groups.items() if g[headline] is not None)
+    worst, best, gap = None, None, None
+    if len(ranked) >= 2:
+        worst, best = ranked[0][1], ranked[-1][1]
+        metric = _METRIC_FUNCTIONS[headline]
+        gap = difference_ci(metric, (y[scored[best]], scores[scored[best]]), (y[scored[worst]], scores[scored[worst]]),
+                            need_both_classes=headline != "accuracy", **settings)
+    return {"groups": groups,
+            "too_small": {name: len(index) for name, index in members.items() if name not in scored},
+            "missing": sum(label is None for label in labels),
+            "worst_group": worst, "best_group": best, "gap": gap}
+
+
+def _group_order(name: str) -> tuple[int, str]:
+    """Age bands in age order, then other values alphabetically."""
+    bands = [band for _, band in AGE_BANDS]
+    return (bands.index(name), "") if name in bands else (len(bands), name)
+
+
+def _group_metrics(y: np.ndarray, scores: np.ndarray, settings: dict) -> dict:
+    several = len(np.unique(y)) > 1
+    return {
+        "n": int(len(y)),
+        "auc": bootstrap_ci(macro_auc, y, scores, **settings) if several else None,
+        "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, scores, need_both_classes=several, **settings),
+        "accuracy": bootstrap_ci(accuracy, y, scores, need_both_classes=False, **settings),
+    }

@@ -1,0 +1,389 @@
+"""Trust checks of an evaluation: bootstrap intervals against loop references, sanity baselines and
+their verdict, corruption severities, subgroup metrics against hand computation."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+import medvl
+from medvl.data import captions_for
+from medvl.data.images import read_image
+from medvl.data.record import Dataset, Record
+from medvl.embed import class_embeddings
+from medvl.errors import InputError
+from medvl.eval import robustness
+from medvl.eval.bootstrap import bootstrap_ci, difference_ci
+from medvl.eval.metrics import classification_metrics
+from medvl.eval.robustness import CORRUPTIONS, corrupt, corruption_curves
+from medvl.eval.sanity import blank_image_embedding, compare_to_baselines, retrieval_sanity, sanity_baselines
+from medvl.eval.subgroups import age_band, groups_from_records, is_age_column, macro_auc, subgroup_metrics
+from medvl.eval.zero_shot import zero_shot
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _reference_ci(metric, y, scores, resamples, seed, level, need_both):
+    """The percentile bootstrap written out as a plain loop."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(y), len(y))
+        if need_both and len(set(y[index].tolist())) < len(set(y.tolist())):
+            continue
+        values.append(metric(y[index], scores[index]))
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return metric(y, scores), low, high, len(values)
+
+
+@pytest.mark.parametrize("level", [0.95, 0.8])
+def test_bootstrap_ci_matches_a_loop_reference_and_brackets_the_value(level):
+    rng = np.random.default_rng(1)
+    y = np.array([1, 1] + [0] * 10)  # few positives: some draws have none and are skipped
+    scores = rng.random(12) + 0.3 * y
+    result = bootstrap_ci(roc_auc_score, y, scores, resamples=150, seed=7, level=level)
+    value, low, high, used = _reference_ci(roc_auc_score, y, scores, 150, 7, level, need_both=True)
+    assert set(result) == {"value", "low", "high", "resamples"}
+    assert result["value"] == pytest.approx(value) and result["resamples"] == used < 150
+    assert result["low"] == pytest.approx(low) and result["high"] == pytest.approx(high)
+    assert result["low"] <= result["value"] <= result["high"]
+    probabilities = np.stack([1 - scores, scores], 1)
+    fast = bootstrap_ci(macro_auc, y, probabilities, resamples=150, seed=7, level=level)  # the same AUC from ranks
+    assert fast == pytest.approx(result)
+    assert bootstrap_ci(macro_auc, y, probabilities, resamples=150, seed=7, level=level) == fast  # seeded
+    assert bootstrap_ci(macro_auc, y, probabilities, resamples=150, seed=8, level=level) != fast
+
+
+def test_bootstrap_ci_without_class_requirement_uses_every_draw_and_narrows_with_level():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 80)
+    predicted = np.where(rng.random(80) < 0.8, y, 1 - y)
+
+    def accuracy(truth, guess):
+        return float((truth == guess).mean())
+
+    wide = bootstrap_ci(accuracy, y, predicted, resamples=300, need_both_classes=False)
+    narrow = bootstrap_ci(accuracy, y, predicted, resamples=300, need_both_classes=False, level=0.5)
+    assert wide["resamples"] == 300 and wide["value"] == pytest.approx((y == predicted).mean())
+    assert wide["low"] < narrow["low"] <= narrow["high"] < wide["high"]
+
+
+def test_difference_ci_matches_a_loop_reference():
+    rng = np.random.default_rng(3)
+    y_a, y_b = rng.integers(0, 2, 30), rng.integers(0, 2, 20)
+    s_a, s_b = rng.random(30) + 0.5 * y_a, rng.random(20) + 0.1 * y_b
+    result = difference_ci(roc_auc_score, (y_a, s_a), (y_b, s_b), resamples=100, seed=4)
+    draws = np.random.default_rng(4)
+    gaps = []
+    for _ in range(100):
+        a, b = draws.integers(0, 30, 30), draws.integers(0, 20, 20)
+        if len(set(y_a[a])) == 2 and len(set(y_b[b])) == 2:
+            gaps.append(roc_auc_score(y_a[a], s_a[a]) - roc_auc_score(y_b[b], s_b[b]))
+    assert result["value"] == pytest.approx(roc_auc_score(y_a, s_a) - roc_auc_score(y_b, s_b))
+    assert result["resamples"] == len(gaps)
+    assert [result["low"], result["high"]] == pytest.approx(np.percentile(gaps, [2.5, 97.5]))
+    same = difference_ci(roc_auc_score, (y_a, s_a), (y_a, s_a), resamples=100)
+    assert same["value"] == 0 and same["low"] < 0 < same["high"]
+
+
+def test_bootstrap_inputs_are_checked():
+    y, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])
+    with pytest.raises(InputError, match="4 rows"):
+        bootstrap_ci(roc_auc_score, y, scores[:3])
+    with pytest.raises(InputError, match="confidence level"):
+        bootstrap_ci(roc_auc_score, y, scores, level=1.0)
+    with pytest.raises(InputError, match="resamples"):
+        bootstrap_ci(roc_auc_score, y, scores, resamples=0)
+    with pytest.raises(InputError, match="single class"):
+        bootstrap_ci(roc_auc_score, np.zeros(4, int), scores)
+    with pytest.raises(InputError, match="second group"):
+        difference_ci(roc_auc_score, (y, scores), (np.ones(4, int), scores))
+
+
+# ---------------------------------------------------------------- subgroups
+
+
+def test_age_bands_and_age_columns():
+    cases = {39.9: "<40", 40: "40-59", "59.5": "40-59", 60.0: "60-79", "80": "80+", 95: "80+", "065Y": "60-79",
+             "018M": "<40", " 45 ": "40-59", None: "unknown", "": "unknown", float("nan"): "unknown",
+             "unknown": "unknown", -1: "unknown", 200: "unknown", True: "unknown"}
+    for age, band in cases.items():
+        assert age_band(age) == band, age
+    assert all(is_age_column(c) for c in ("age", "age_approx", "PatientAge", "patient_age"))
+    assert not any(is_age_column(c) for c in ("image", "stage", "average", "view"))
+
+
+def _record(i, labels, meta):
+    return Record(id=f"r{i}", images=[np.zeros((4, 4), np.uint8)], labels=labels, meta=meta)
+
+
+def test_groups_from_records_reads_labels_then_meta_and_bands_ages():
+    records = [_record(0, {"finding": "a", "sex": "F"}, {"age_approx": "55.0", "site": "torso"}),
+               _record(1, {"finding": "b"}, {"sex": "M", "age_approx": "", "site": "head"}),
+               _record(2, {"finding": "a"}, {"age_approx": "85"})]
+    groups = groups_from_records(records, ["sex", "age_approx", "site"])
+    assert groups == {"sex": ["F", "M", None], "age_approx": ["40-59", None, "80+"], "site": ["torso", "head", None]}
+    with pytest.raises(InputError, match="'ward'.*columns present: age_approx, finding, sex, site"):
+        groups_from_records(records, ["ward"])
+
+
+def _hand_metrics(y, p):
+    predicted = p.argmax(1)
+    return (roc_auc_score(y, p[:, 1]), balanced_accuracy_score(y, predicted), float((predicted == y).mean()))
+
+
+def test_subgroup_metrics_match_hand_computation_and_find_the_worst_group():
+    rng = np.random.default_rng(5)
+    sizes = {"A": 40, "B": 30, "C": 6}  # C is below min_size
+    separation = {"A": 2.0, "B": 0.3, "C": 2.0}
+    y, p, group = [], [], []
+    for name, n in sizes.items():
+        truth = np.arange(n) % 2
+        positive = 1 / (1 + np.exp(-(rng.normal(size=n) + separation[name] * (2 * truth - 1))))
+        y += truth.tolist()
+        p += np.stack([1 - positive, positive], 1).tolist()
+        group += [name] * n
+    y, p = np.array(y), np.array(p)
+    group[0] = None  # a record without a value: in no group
+    result = subgroup_metrics(y, p, {"site": group}, min_size=10, resamples=300, seed=1)
+    column = result["columns"]["site"]
+    assert result["n"] == 76 and column["missing"] == 1
+    assert set(column["groups"]) == {"A", "B"} and column["too_small"] == {"C": 6}
+    hand = {}
+    for name in ("A", "B"):
+        members = np.array([g == name for g in group])
+        hand[name] = _hand_metrics(y[members], p[members])
+        scored = column["groups"][name]
+        assert scored["n"] == members.sum()
+        for key, expected in zip(("auc", "balanced_accuracy", "accuracy"), hand[name], strict=True):
+            assert scored[key]["value"] == pytest.approx(expected)
+            assert scored[key]["low"] <= scored[key]["value"] <= scored[key]["high"]
+    assert column["worst_group"] == "B" and column["best_group"] == "A"
+    gap = column["gap"]
+    assert gap["value"] == pytest.approx(hand["A"][0] - hand["B"][0]) and gap["value"] > 0.2
+    assert gap["low"] <= gap["value"] <= gap["high"]
+    by_accuracy = subgroup_metrics(y, p[:, 1], {"site": group}, resamples=100, headline="accuracy")  # 1D scores
+    assert by_accuracy["columns"]["site"]["gap"]["value"] == pytest.approx(hand["A"][2] - hand["B"][2])
+
+
+def test_multiclass_subgroup_auc_is_the_macro_over_classes_present():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 4, 60)
+    y[:20] = rng.integers(0, 2, 20)  # group "x" holds classes 0 and 1 only
+    p = rng.dirichlet(np.ones(4), 60)
+    group = ["x"] * 20 + ["y"] * 40
+    column = subgroup_metrics(y, p, {"g": group}, resamples=50)["columns"]["g"]
+    for name, members in (("x", slice(0, 20)), ("y", slice(20, 60))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reference's sklearn notes that group x lacks classes 2 and 3
+            expected = classification_metrics(y[members], p[members], list("abcd"))
+        assert column["groups"][name]["auc"]["value"] == pytest.approx(expected["macro_auc"])
+        assert column["groups"][name]["balanced_accuracy"]["value"] == pytest.approx(expected["balanced_accuracy"])
+    assert macro_auc(np.zeros(5, int), p[:5]) is None
+
+
+def test_single_class_groups_have_no_auc_and_are_left_out_of_the_gap():
+    y = np.array([0] * 12 + [0, 1] * 6)
+    p = np.linspace(0.1, 0.9, 24)
+    column = subgroup_metrics(y, p, {"g": ["one"] * 12 + ["two"] * 12}, resamples=50)["columns"]["g"]
+    assert column["groups"]["one"]["auc"] is None and column["groups"]["one"]["accuracy"]["value"] is not None
+    assert column["worst_group"] is None and column["gap"] is None
+
+
+def test_subgroup_inputs_are_checked():
+    y, p = np.array([0, 1] * 10), np.full(20, 0.5)
+    with pytest.raises(InputError, match="'sex' has 3 values for 20 records"):
+        subgroup_metrics(y, p, {"sex": ["F", "M", "F"]})
+    with pytest.raises(InputError, match="probabilities"):
+        subgroup_metrics(y, np.ones((20, 3, 1)), {"sex": ["F"] * 20})
+    with pytest.raises(InputError, match="headline"):
+        subgroup_metrics(y, p, {"sex": ["F"] * 20}, headline="f1")
+    with pytest.raises(InputError, match="class indices"):
+        subgroup_metrics(y.astype(float), p, {"sex": ["F"] * 20})
+
+
+# ---------------------------------------------------------------- sanity baselines
+
+
+def test_verdict_on_given_metrics():
+    baselines = {"blank_image": {"auc": 0.5, "balanced_accuracy": 0.5},
+                 "shuffled_pairing": {"auc": 0.49, "balanced_accuracy": 0.5},
+                 "label_prior": {"auc": 0.5, "balanced_accuracy": 0.5, "accuracy": 0.9}}
+    assert compare_to_baselines({"auc": 0.81, "balanced_accuracy": 0.7}, baselines) == (True, [])
+    beats, flags = compare_to_baselines({"auc": 0.81, "balanced_accuracy": 0.51}, baselines)
+    assert not beats and len(flags) == 3
+    assert flags[0] == "balanced accuracy 0.510 does not beat the blank-image baseline 0.500 by 0.05"
+    beats, flags = compare_to_baselines({"auc": 0.81, "accuracy": 0.88}, baselines, metrics=["auc", "accuracy"])
+    assert flags == ["accuracy 0.880 does not beat the label-prior baseline 0.900 by 0.05"]
+    assert compare_to_baselines({"auc": 0.55}, baselines, metrics=["auc"], margin=0.05) == (True, [])
+    beats, flags = compare_to_baselines({"auc": None}, baselines, metrics=["auc"])
+    assert not beats and "undefined" in flags[0]
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return medvl.create_model("phantom-tiny")
+
+
+@pytest.fixture(scope="module")
+def phantom(phantom_dir):
+    return medvl.load_dataset(phantom_dir)
+
+
+def test_blank_embedding_is_that_of_a_mid_grey_image_of_any_shape(random_model):
+    blank = blank_image_embedding(random_model)
+    for shape in ((64, 64), (100, 80), (50, 70, 3)):
+        grey = random_model.encode_images([np.full(shape, 128, np.uint8)])
+        assert torch.allclose(grey, blank, atol=1e-5)
+
+
+def test_a_random_model_is_flagged_and_its_baselines_are_at_chance(random_model, phantom):
+    result = sanity_baselines(random_model, phantom, "finding", shuffles=50, show_progress=False)
+    plain = zero_shot(random_model, phantom, "finding", captions_for(phantom, model=random_model),
+                      show_progress=False)
+    k = len(plain["classes"])
+    assert result["model"] == pytest.approx({"auc": plain["macro_auc"], "accuracy": plain["accuracy"],
+                                             "balanced_accuracy": plain["balanced_accuracy"]})
+    blank, prior, shuffled = (result["baselines"][name] for name in ("blank_image", "label_prior", "shuffled_pairing"))
+    assert blank["auc"] == 0.5 and blank["balanced_accuracy"] == pytest.approx(1 / k)  # one answer for all
+    assert prior["auc"] == 0.5 and prior["accuracy"] == pytest.approx(plain["chance_accuracy"])
+    assert 0.44 < shuffled["auc"] < 0.56 and shuffled["shuffles"] == 50
+    assert result["beats_baselines"] is (not result["flags"])
+    assert not result["beats_baselines"]  # random weights do not see the findings
+
+
+def test_a_model_that_cannot_look_is_flagged_and_one_that_does_passes(random_model, phantom):
+    same_image = read_image(phantom[0].image)
+    blind = phantom.subset([dataclasses.replace(r, images=[same_image]) for r in phantom])
+    result = sanity_baselines(random_model, blind, "sex", show_progress=False)
+    assert result["model"]["auc"] == 0.5 and not result["beats_baselines"]
+    assert any("blank-image baseline" in flag for flag in result["flags"])
+    # image embeddings pointing at each record's own class prompts: a perfect zero-shot classifier
+    captions = captions_for(phantom, model=random_model)
+    classes = phantom.classes("sex")
+    prompts = class_embeddings(random_model, [captions.prompts("sex", c) for c in classes])
+    perfect = prompts[[classes.index(r.labels["sex"]) for r in phantom]]
+    result = sanity_baselines(random_model, phantom, "sex", image_embeddings=perfect, show_progress=False)
+    assert result["model"]["auc"] == 1.0 and result["beats_baselines"] and result["flags"] == []
+    assert result["baselines"]["shuffled_pairing"]["p_value"]["auc"] == pytest.approx(1 / 101)
+
+
+def test_retrieval_sanity(random_model, phantom):
+    texts = random_model.encode_texts([r.text for r in phantom])  # images embedded as their own report
+    good = retrieval_sanity(random_model, phantom, image_embeddings=texts, show_progress=False)
+    # a random text tower maps reports close together, so a few near-identical reports outrank their own
+    assert good["model"]["i2t_R@1"] > 0.9 and good["beats_baselines"]
+    assert good["shuffled_pairing"]["i2t_R@1"] < 0.5
+    chance = retrieval_sanity(random_model, phantom, show_progress=False)
+    assert not chance["beats_baselines"] and chance["flags"]
+
+
+def test_sanity_inputs_are_checked(random_model, phantom):
+    with pytest.raises(InputError, match="margin"):
+        sanity_baselines(random_model, phantom, "sex", margin=-0.1)
+    with pytest.raises(InputError, match="compare"):
+        sanity_baselines(random_model, phantom, "sex", compare=["f1"])
+    with pytest.raises(InputError, match="unknown label column 'ward'"):
+        sanity_baselines(random_model, phantom, "ward", show_progress=False)
+
+
+# ---------------------------------------------------------------- corruptions
+
+
+@pytest.fixture(scope="module")
+def images(phantom):
+    gray = read_image(phantom[0].image)
+    assert gray.dtype == np.uint8 and gray.ndim == 2
+    return {"gray": gray, "rgb": np.stack([gray, gray[::-1], gray[:, ::-1]], -1),
+            "float": gray.astype(np.float32) * 3.7 - 100.0, "uint16": gray.astype(np.uint16) * 200 + 50}
+
+
+def _distance(a, b, image):
+    span = 255.0 if image.dtype == np.uint8 else float(image.max()) - float(image.min())
+    return float(np.abs(a.astype(float) - b.astype(float)).mean()) / span
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("name", ["gray", "rgb", "float", "uint16"])
+def test_corruption_grows_with_severity_and_keeps_shape_dtype_and_range(images, kind, name):
+    image = images[name]
+    low, high = (0, 255) if image.dtype == np.uint8 else (image.min(), image.max())
+    distances = []
+    for severity in range(1, 6):
+        out = corrupt(image, kind, severity, seed=3)
+        assert out.shape == image.shape and out.dtype == image.dtype
+        assert low <= out.min() and out.max() <= high
+        assert np.array_equal(out, corrupt(image, kind, severity, seed=3))  # deterministic per seed
+        distances.append(_distance(out, image, image))
+    assert distances[0] > 0 and distances[-1] > distances[0]
+    assert all(later >= earlier for earlier, later in zip(distances, distances[1:], strict=False)), distances
+
+
+def test_noise_depends_on_the_seed_and_constant_images_pass_unchanged(images):
+    assert not np.array_equal(corrupt(images["gray"], "noise", 3, seed=0), corrupt(images["gray"], "noise", 3, seed=1))
+    flat = np.full((16, 16), 7.5, np.float32)
+    assert np.array_equal(corrupt(flat, "noise", 5), flat)
+
+
+def test_corruption_inputs_are_checked(images):
+    for kind, severity in (("snow", 1), ("noise", 0), ("noise", 6), ("blur", 2.5), ("blur", True)):
+        with pytest.raises(InputError, match="corruption"):
+            corrupt(images["gray"], kind, severity)
+    for bad in (np.zeros((8, 8, 2)), np.zeros(8), np.full((8, 8), np.nan)):
+        with pytest.raises(InputError, match="image"):
+            corrupt(bad, "blur", 1)
+
+
+def test_corruption_curves(random_model, phantom, monkeypatch):
+    subset = phantom.subset(phantom.records[:40])
+    reads = []
+
+    def counting_read(source):
+        reads.append(source)
+        return read_image(source)
+
+    monkeypatch.setattr(robustness, "read_image", counting_read)
+    result = corruption_curves(random_model, subset, "sex", kinds=("noise", "contrast"), severities=(1, 5),
+                               show_progress=False)
+    assert len(reads) == len(subset)  # each image read once, corrupted in memory
+    plain = zero_shot(random_model, subset, "sex", captions_for(subset, model=random_model), show_progress=False)
+    assert result["clean"] == pytest.approx({"auc": plain["macro_auc"], "accuracy": plain["accuracy"],
+                                             "balanced_accuracy": plain["balanced_accuracy"]})
+    assert result["parameters"]["noise"] == {"name": "std", "values": [0.04, 0.26]}
+    for kind in ("noise", "contrast"):
+        points = result["corruptions"][kind]
+        assert [p["severity"] for p in points] == [1, 5]
+        assert set(points[0]) == {"severity", "auc", "balanced_accuracy", "accuracy"}
+        expected = np.mean([(result["clean"]["auc"] - p["auc"]) / result["clean"]["auc"] for p in points])
+        assert result["summary"]["relative_degradation"][kind] == pytest.approx(expected)
+    assert result["corruptions"]["contrast"][1] != result["corruptions"]["contrast"][0]
+    summary = result["summary"]
+    assert summary["worst_kind"] == max(summary["relative_degradation"], key=summary["relative_degradation"].get)
+    with pytest.raises(InputError, match="unknown corruption 'snow'"):
+        corruption_curves(random_model, subset, "sex", kinds=("snow",))
+    with pytest.raises(InputError, match="severity"):
+        corruption_curves(random_model, subset, "sex", severities=(0,))
+
+
+def test_in_memory_datasets_work_end_to_end(random_model):
+    rng = np.random.default_rng(0)
+    records = [Record(id=f"m{i}", images=[rng.integers(0, 255, (32, 32), dtype=np.uint8)],
+                      labels={"label": "yes" if i % 2 else "no"}, meta={"age": str(20 + 3 * i)}) for i in range(24)]
+    dataset = Dataset(records, "<memory>", ["label"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sklearn warnings from single-class bootstrap draws
+        curves = corruption_curves(random_model, dataset, "label", kinds=("rotation",), severities=(2,),
+                                   show_progress=False)
+        scored = zero_shot(random_model, dataset, "label", keep_scores=True, show_progress=False)
+        groups = groups_from_records(dataset, ["age"])
+        result = subgroup_metrics(np.array(scored["y_true"]), np.array(scored["probabilities"]), groups,
+                                  min_size=5, resamples=50)
+    assert curves["n"] == 24
+    assert list(result["columns"]["age"]["groups"]) == ["<40", "40-59", "60-79"]  # age order, not alphabetical
+    assert result["columns"]["age"]["too_small"] == {"80+": 4}
