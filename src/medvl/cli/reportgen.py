@@ -25,7 +25,9 @@ from .eval import eval_app
 from .report import report_app
 from .train import train_app
 
-GeneratorOption = Annotated[Path, typer.Option(help="Report generator folder (medvl train report's OUT or OUT/model).")]
+GeneratorOption = Annotated[Path, typer.Option(
+    help="Report generator folder (medvl train report's OUT or OUT/model), or a local transformers VLM folder "
+         "(LLaVA, Gemma 3).")]
 ContextIndexOption = Annotated[str | None, typer.Option(
     help="Index (folder or postgresql:// URL) whose nearest cases' reports are the generator's context; needed by "
          "generators trained with --context-k.")]
@@ -97,10 +99,10 @@ def generate_command(
 
     from ..eval.report import generate_for_images
     from ..index import describe_target
-    from ..models.decoder import ReportGenerator
+    from ..models.decoder import load_report_generator
 
     check_outputs(overwrite, json=json_out)
-    net = ReportGenerator.from_pretrained(model)
+    net = load_report_generator(model)
     arrays = _read_images(images)
     with _context_index(net, index) as opened:
         reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length)
@@ -138,13 +140,13 @@ def eval_report_command(
     from ..errors import InputError
     from ..eval.report import evaluate_report_generator
     from ..index import describe_target
-    from ..models.decoder import ReportGenerator
+    from ..models.decoder import load_report_generator
     from ..models.registry import load_model
 
     check_outputs(overwrite, json=json_out)
     if split == train_split:
         raise InputError(f"--split {split!r} is the --train-split the baseline retrieves from: evaluate another split")
-    net = ReportGenerator.from_pretrained(model)
+    net = load_report_generator(model)
     baseline = load_model(baseline_model) if baseline_model is not None else None
     test = load_split(data, split, allow_outside_root=allow_outside_root)
     train = load_split(data, train_split, allow_outside_root=allow_outside_root)
@@ -184,8 +186,9 @@ def _context_index(net, index: str | None):
 
     from ..errors import InputError
     from ..index import open_index
+    from ..models.decoder import context_k
 
-    k = net.config.decoder.context_k
+    k = context_k(net)
     if k and not index:
         raise InputError(f"the report generator was trained with the reports of {k} retrieved cases as context: "
                          "pass --index")

@@ -113,7 +113,8 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 @eval_app.command("vqa")
 @handle_errors
 def eval_vqa_command(
-    model: Annotated[Path, typer.Option(help="Trained VQA model folder.")],
+    model: Annotated[Path, typer.Option(help="Trained VQA model folder, or a local transformers VLM folder "
+                                             "(LLaVA, Gemma 3; closed questions scored among the file's answers).")],
     data: DataOption,
     split: Annotated[str | None, typer.Option(
         help="Split to score (default: test if the data has it, else every question; 'all'; 'heldout': the "
@@ -158,7 +159,8 @@ def _print_types(per_type: dict[str, dict[str, Any]]) -> None:
 @handle_errors
 def vqa_command(
     images: Annotated[list[Path], typer.Argument(help="Image file(s), earlier film first.")],
-    model: Annotated[Path, typer.Option(help="Trained VQA model folder.")],
+    model: Annotated[Path, typer.Option(help="Trained VQA model folder, or a local transformers VLM folder "
+                                             "(LLaVA, Gemma 3).")],
     question: Annotated[str, typer.Option(help="The question about the image(s).")],
     index: Annotated[Path | None, typer.Option(
         help="A case index (medvl index build): also list the nearest cases to the first image.")] = None,
@@ -170,12 +172,15 @@ def vqa_command(
 ) -> None:
     """Answer a question about one or more images, with its evidence: probability, the top alternative,
     an attention heatmap and (with --index) the nearest cases."""
+    from ..errors import InputError
     from ..eval.vqa import answer_with_rationale, check_question
-    from ..models.vqa import load_vqa_model
+    from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
     check_outputs(overwrite, json=json_out, heatmap=heatmap)
     net = load_vqa_model(model)
+    if heatmap is not None and not isinstance(net, VQAModel):
+        raise InputError(f"--heatmap: {model} is a transformers VLM, which gives no attention heatmap")
     result = answer_with_rationale(net, images, question)
     if index is not None:
         result["supporting_cases"] = _nearest_cases(index, images[0], k)

@@ -19,7 +19,8 @@ pairs and macro F1 over the findings of the knowledge base with at least one ref
 Baseline, computed in the same run: for each test image, the report of the most similar training
 image (cosine similarity of image embeddings) under a dual encoder: ``baseline_model`` if given,
 else the dual encoder the generator's image tower was initialised from, else (a generator trained
-from scratch) the generator's own pooled image features. Both are scored by the same code.
+from scratch, or a transformers VLM: ``models.vlm``) the generator's own pooled image features. Both
+are scored by the same code.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from ..data.images import read_image
 from ..data.record import Dataset
 from ..errors import InputError
+from ..models.decoder import context_k
+from ..models.vlm import REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
 from ..rag.labels import ReportLabeller
 from .case_retrieval import finding_f1
@@ -97,13 +100,14 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
                               show_progress: bool = True) -> dict[str, Any]:
     """Generate a report for every test record and score it beside the nearest training report.
 
-    ``model`` is a ``ReportGenerator``; ``train`` holds the records the baseline retrieves from;
-    ``index`` (open) is required by generators trained with retrieved context.
+    ``model`` is a ``ReportGenerator`` or a transformers ``VisionLanguageModel``; ``train`` holds the
+    records the baseline retrieves from; ``index`` (open) is required by generators trained with
+    retrieved context.
     """
     started = time.perf_counter()
     test, train = _with_reports(test, "test"), _with_reports(train, "training")
-    if model.config.decoder.context_k and index is None:
-        raise InputError(f"the report generator was trained with {model.config.decoder.context_k} retrieved "
+    if context_k(model) and index is None:
+        raise InputError(f"the report generator was trained with {context_k(model)} retrieved "
                          "reports as context: pass --index (the index it was trained with)")
     images = _read(test, show_progress)
     generated, cited = generate_for_images(model, images, index=index, records=test.records, beam_size=beam_size,
@@ -120,7 +124,7 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
         "nearest_report": {k: v for k, v in baseline.items() if k != "per_finding"},
         "baseline_encoder": describe,
         "per_finding": {"generator": ours["per_finding"], "nearest_report": baseline["per_finding"]},
-        "context_k": model.config.decoder.context_k,
+        "context_k": context_k(model),
         "cases": [{"id": r.id, "nearest_train_id": train[i].id, **({"cited": c} if c is not None else {})}
                   for r, i, c in zip(test, nearest, cited, strict=True)],
         "empty_reports": sum(not g.strip() for g in generated),
@@ -150,7 +154,10 @@ def _read(dataset: Dataset, show_progress: bool) -> list[np.ndarray]:
 def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, records=None, beam_size: int = 1,
                         max_length: int | None = None, show_progress: bool = False
                         ) -> tuple[list[str], list[list[str] | None]]:
-    """Generated reports of image arrays and, with retrieved context, the case ids each was given."""
+    """Generated reports of image arrays and, with retrieved context, the case ids each was given
+    (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens)."""
+    if isinstance(model, VisionLanguageModel):
+        return _vlm_reports(model, images, beam_size, max_length, show_progress)
     contexts: list[Any] = [None] * len(images)
     if model.config.decoder.context_k:
         from ..index import index_model
@@ -172,6 +179,16 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
     return reports, [c.ids if c is not None else None for c in contexts]
 
 
+def _vlm_reports(model: VisionLanguageModel, images: Sequence[np.ndarray], beam_size: int, max_length: int | None,
+                 show_progress: bool) -> tuple[list[str], list[list[str] | None]]:
+    reports: list[str] = []
+    with progress_bar("Generating reports", total=len(images), enabled=show_progress) as advance:
+        for image in images:
+            reports.append(model.write_report(image, max_length or REPORT_TOKENS, beam_size))
+            advance(1)
+    return reports, [None] * len(images)
+
+
 def _baseline_encoder(model, baseline_model) -> tuple[Callable[[Sequence[np.ndarray]], torch.Tensor], dict[str, Any]]:
     """How the nearest-report baseline embeds images (normalised, (N, D)), and how the result names it."""
     if baseline_model is not None:
@@ -187,9 +204,10 @@ def _baseline_encoder(model, baseline_model) -> tuple[Callable[[Sequence[np.ndar
     if init:
         log.warning("the dual encoder the generator was initialised from is gone; the baseline retrieves "
                     "with the generator's own image features")
+    source = ("the transformers VLM (no --baseline-model)" if isinstance(model, VisionLanguageModel)
+              else "the generator (trained from scratch, no --baseline-model)")
     return (lambda images: pooled_features(model, images)), {
-        "kind": "generator image encoder (mean of its image tokens)", "name": model.config.name,
-        "source": "the generator (trained from scratch, no --baseline-model)"}
+        "kind": "generator image encoder (mean of its image tokens)", "name": model.config.name, "source": source}
 
 
 def _nearest_reports(embed: Callable[[Sequence[np.ndarray]], torch.Tensor], images: Sequence[np.ndarray],
@@ -202,6 +220,8 @@ def _nearest_reports(embed: Callable[[Sequence[np.ndarray]], torch.Tensor], imag
 
 def pooled_features(model, images: Sequence[np.ndarray]) -> torch.Tensor:
     """L2-normalised mean image tokens of a report generator (the baseline of a generator from scratch)."""
+    if isinstance(model, VisionLanguageModel):
+        return model.image_embeddings(images)
     model.eval()
     chunks = []
     with torch.no_grad():

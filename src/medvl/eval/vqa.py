@@ -17,6 +17,12 @@
 An answer vocabulary mismatch between the model and the data (under half of the answers in the
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
 
+A transformers vision-language model (``models.vlm``) has no answer vocabulary: a closed question
+is answered by scoring candidates (``closed_candidates``: the distinct answers of the scored
+closed questions of the same question type, or of every closed question when the type has fewer
+than two), an open one by greedy generation; the blank-image baseline runs the same way. It has no
+training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
+
 ``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
 top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
 on the image encoder's ``token_grid``.
@@ -29,10 +35,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.loaders.vqa import VQAItem, normalize_answer
 from ..errors import DataError, InputError
+from ..models.vlm import VisionLanguageModel
 from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer
 from ..progress import progress_bar
 
@@ -111,21 +119,33 @@ def _accuracy(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def evaluate_vqa(model: VQAModel, items: Sequence[VQAItem], source: str = "",
+def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem], source: str = "",
                  show_progress: bool = False) -> dict[str, Any]:
     """Exact-match accuracy (closed, open, overall), open token F1, per question type, and the blank-image
     and question-only baselines (see the module docstring)."""
     if not items:
         raise InputError(f"{source}: no questions to score")
-    coverage = check_vocabulary(model, items, source)
-    predicted = [row["answer"] for row in answer_items(model, items, show_progress=show_progress)]
-    blank = [row["answer"] for row in answer_items(model, items, blank=True, show_progress=show_progress,
-                                                    description="Answering (blank images)")]
-    prior = [normalize_answer(prior_answer(model.meta["prior"], item)) for item in items]
-    runs = {"": predicted, "blank_image_": blank, "question_only_": prior}
+    runs: dict[str, list[str] | None]
+    if isinstance(model, VisionLanguageModel):
+        coverage = None
+        candidates = closed_candidates(items)
+        runs = {"": vlm_answers(model, items, candidates, show_progress=show_progress),
+                "blank_image_": vlm_answers(model, items, candidates, blank=True, show_progress=show_progress,
+                                            description="Answering (blank images)"),
+                "question_only_": None}
+    else:
+        coverage = check_vocabulary(model, items, source)
+        runs = {"": [row["answer"] for row in answer_items(model, items, show_progress=show_progress)],
+                "blank_image_": [row["answer"] for row in answer_items(
+                    model, items, blank=True, show_progress=show_progress, description="Answering (blank images)")],
+                "question_only_": [normalize_answer(prior_answer(model.meta["prior"], item)) for item in items]}
+    predicted = runs[""] or []
     result: dict[str, Any] = {"n": len(items), "n_closed": sum(item.answer_type == "CLOSED" for item in items),
                               "n_open": sum(item.answer_type == "OPEN" for item in items)}
     for prefix, answers in runs.items():
+        if answers is None:  # a baseline this model has not (a transformers VLM: no training prior)
+            result.update({f"{prefix}{kind}_accuracy": None for kind in ("closed", "open", "overall")})
+            continue
         correct = [answer == item.answer_normalized for answer, item in zip(answers, items, strict=True)]
         for kind in ("closed", "open"):
             result[f"{prefix}{kind}_accuracy"] = _accuracy([flag for flag, item in zip(correct, items, strict=True)
@@ -139,7 +159,7 @@ def evaluate_vqa(model: VQAModel, items: Sequence[VQAItem], source: str = "",
     return result
 
 
-def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         groups[item.question_type or "none"].append(index)
@@ -148,9 +168,50 @@ def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str]]) -> dict[str,
         row: dict[str, Any] = {"n": len(indices)}
         for prefix, answers in runs.items():
             name = f"{prefix}accuracy" if prefix else "accuracy"
-            row[name] = _accuracy([answers[i] == items[i].answer_normalized for i in indices])
+            row[name] = None if answers is None else _accuracy([answers[i] == items[i].answer_normalized
+                                                                for i in indices])
         table[qtype] = row
     return table
+
+
+# ---------------------------------------------------------------- transformers vision-language models
+
+
+def closed_candidates(items: Sequence[VQAItem]) -> list[list[str] | None]:
+    """Per question, the answers a candidate-scoring model chooses among: for a closed question the
+    distinct answers of the closed questions of its question type in ``items`` (of every closed
+    question when its type has fewer than two); None for other questions (answered by generation)."""
+    by_type: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        if item.answer_type == "CLOSED" and item.answer_normalized:
+            by_type[item.question_type or ""].add(item.answer_normalized)
+    every = sorted(set().union(*by_type.values())) if by_type else []
+    table = {qtype: sorted(answers) if len(answers) >= 2 else every for qtype, answers in by_type.items()}
+    chosen = [table.get(item.question_type or "") if item.answer_type == "CLOSED" else None for item in items]
+    return [options if options and len(options) >= 2 else None for options in chosen]
+
+
+def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates: Sequence[list[str] | None],
+                blank: bool = False, show_progress: bool = False, description: str = "Answering") -> list[str]:
+    """A transformers VLM's normalised answer to each item (``blank``: every image black, same size)."""
+    for item in items:  # before any work
+        if len(item.images or (item.image,)) > model.max_images:
+            raise InputError(f"question {item.qid} has {len(item.images)} images; {model.config.name} takes at most "
+                             f"{model.max_images}")
+    arrays: dict[Path, Any] = {}  # the last images read: questions about one image are usually together
+    answers = []
+    with progress_bar(description, total=len(items), enabled=show_progress) as advance:
+        for item, options in zip(items, candidates, strict=True):
+            paths = item.images or (item.image,)
+            if len(arrays) > 16:
+                arrays.clear()
+            images = [arrays[path] if path in arrays else arrays.setdefault(path, model.read_images([path])[0])
+                      for path in paths]
+            if blank:
+                images = [np.zeros_like(image) for image in images]
+            answers.append(model.answer(images, item.question, options)["answer"])
+            advance(1)
+    return answers
 
 
 # ---------------------------------------------------------------- one question, with its evidence
@@ -167,11 +228,14 @@ def check_question(question: str) -> str:
     return question.strip()
 
 
-def answer_with_rationale(model: VQAModel, images: Sequence[str | Path], question: str) -> dict[str, Any]:
+def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],
+                          question: str) -> dict[str, Any]:
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images)."""
+    image encoder's token grid, summing to 1 over all images; none from a transformers VLM)."""
     question = check_question(question)
+    if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
+        return {**model.answer(list(images), question), "heatmaps": []}
     if not images:
         raise InputError("give at least one image")
     if len(images) > model.config.max_images:

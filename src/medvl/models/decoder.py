@@ -40,6 +40,7 @@ from .config import ImageConfig, build_dataclass, merge_overrides
 from .dual import non_finite_tensors, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
+from .vlm import VisionLanguageModel, is_transformers_folder
 
 KIND = "report-generator"
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "meta.json", "tokenizer"
@@ -328,6 +329,19 @@ class ReportGenerator(nn.Module):
         model.meta = meta
         model.eval()
         return model
+
+
+def load_report_generator(directory: str | Path) -> ReportGenerator | VisionLanguageModel:
+    """A saved report generator (or a training folder's ``model/``); a local transformers
+    vision-language model folder (``models.vlm``) loads as a ``VisionLanguageModel``."""
+    if is_transformers_folder(directory):
+        return VisionLanguageModel.from_pretrained(directory)
+    return ReportGenerator.from_pretrained(directory)
+
+
+def context_k(model: ReportGenerator | VisionLanguageModel) -> int:
+    """Retrieved reports the generator takes as context (0 for a transformers VLM: the image alone)."""
+    return model.config.decoder.context_k if isinstance(model, ReportGenerator) else 0
 
 
 def _model_folder(directory: Path) -> Path:

@@ -44,6 +44,7 @@ from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, n
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 from .text import TextEncoder
+from .vlm import VisionLanguageModel, is_transformers_folder
 
 MODEL_KIND = "vqa"
 ANSWER_TYPES = ("CLOSED", "OPEN")
@@ -291,9 +292,12 @@ class VQAModel(nn.Module):
         return model
 
 
-def load_vqa_model(directory: str | Path) -> VQAModel:
-    """A saved VQA model: its folder, or a ``medvl train vqa`` output folder (its ``model/``)."""
+def load_vqa_model(directory: str | Path) -> VQAModel | VisionLanguageModel:
+    """A saved VQA model: its folder, or a ``medvl train vqa`` output folder (its ``model/``); a local
+    transformers vision-language model folder (``models.vlm``) loads as a ``VisionLanguageModel``."""
     directory = Path(directory)
+    if is_transformers_folder(directory):
+        return VisionLanguageModel.from_pretrained(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         directory = directory / "model"
     if not directory.is_dir():
