@@ -274,6 +274,19 @@ def test_a_model_that_cannot_look_is_flagged_and_one_that_does_passes(random_mod
     assert result["baselines"]["shuffled_pairing"]["p_value"]["auc"] == pytest.approx(1 / 101)
 
 
+def test_sanity_of_given_scores_leaves_out_the_blank_image(random_model, phantom):
+    classes = phantom.classes("view")
+    y = np.array([classes.index(r.labels["view"]) for r in phantom])
+    noisy = np.eye(len(classes))[y] * 0.6 + np.random.default_rng(0).random((len(y), len(classes))) * 0.5
+    result = sanity_baselines(random_model, phantom, "view", probabilities=noisy, show_progress=False)
+    assert set(result["baselines"]) == {"shuffled_pairing", "label_prior"} and "blank_image" in result["skipped"]
+    hand = _hand_metrics(y, noisy)
+    assert [result["model"][k] for k in ("auc", "balanced_accuracy", "accuracy")] == pytest.approx(hand)
+    assert result["beats_baselines"] and hand[0] > 0.8
+    with pytest.raises(InputError, match=r"probabilities must be \(96 records"):
+        sanity_baselines(random_model, phantom, "view", probabilities=noisy[:10])
+
+
 def test_retrieval_sanity(random_model, phantom):
     texts = random_model.encode_texts([r.text for r in phantom])  # images embedded as their own report
     good = retrieval_sanity(random_model, phantom, image_embeddings=texts, show_progress=False)
@@ -357,12 +370,12 @@ def test_corruption_curves(random_model, phantom, monkeypatch):
                                              "balanced_accuracy": plain["balanced_accuracy"]})
     assert result["parameters"]["noise"] == {"name": "std", "values": [0.04, 0.26]}
     for kind in ("noise", "contrast"):
-        points = result["corruptions"][kind]
+        points = result["curves"][kind]
         assert [p["severity"] for p in points] == [1, 5]
         assert set(points[0]) == {"severity", "auc", "balanced_accuracy", "accuracy"}
         expected = np.mean([(result["clean"]["auc"] - p["auc"]) / result["clean"]["auc"] for p in points])
         assert result["summary"]["relative_degradation"][kind] == pytest.approx(expected)
-    assert result["corruptions"]["contrast"][1] != result["corruptions"]["contrast"][0]
+    assert result["curves"]["contrast"][1] != result["curves"]["contrast"][0]
     summary = result["summary"]
     assert summary["worst_kind"] == max(summary["relative_degradation"], key=summary["relative_degradation"].get)
     with pytest.raises(InputError, match="unknown corruption 'snow'"):

@@ -160,7 +160,7 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
     Each image is read once and corrupted in memory (record i with seed derived from (``seed``, i)).
     ``captions`` default to ``captions_for(dataset, model=model)``. Returns ``label``, ``classes``,
     ``n``, ``clean`` (``auc``, ``balanced_accuracy``, ``accuracy``), ``parameters`` (kind ->
-    ``{name, values}`` at the severities run), ``corruptions`` (kind -> a list of ``{severity, auc,
+    ``{name, values}`` at the severities run), ``curves`` (kind -> a list of ``{severity, auc,
     balanced_accuracy, accuracy}``) and ``summary``: ``metric`` (``auc``, or balanced accuracy when the
     AUC is undefined), ``relative_degradation`` (kind -> mean over severities of (clean - corrupted) /
     clean), ``mean_relative_degradation`` and ``worst_kind`` (the largest relative degradation).
@@ -196,7 +196,7 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
     return {"label": label, "classes": class_names, "n": clean["n"], "clean": _metrics(clean),
             "parameters": {kind: {"name": PARAMETERS[kind][0],
                                   "values": [PARAMETERS[kind][1][s - 1] for s in severities]} for kind in kinds},
-            "corruptions": curves, "summary": _summary(_metrics(clean), curves)}
+            "curves": curves, "summary": _summary(_metrics(clean), curves)}
 
 
 def _metrics(result: dict) -> dict:

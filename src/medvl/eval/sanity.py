@@ -89,37 +89,69 @@ def _metric_name(metric: str) -> str:
 def sanity_baselines(model: DualEncoder, dataset: Dataset, label: str, captions: CaptionConfig | None = None,
                      classes: Sequence[str] | None = None, image_embeddings: torch.Tensor | None = None,
                      seed: int = 0, margin: float = 0.05, compare: Sequence[str] = COMPARED,
-                     shuffles: int = 100, show_progress: bool = True) -> dict:
+                     shuffles: int = 100, show_progress: bool = True,
+                     probabilities: np.ndarray | None = None) -> dict:
     """Zero-shot metrics of ``model`` on ``label`` beside the blank-image, shuffled-pairing and
     label-prior baselines (module docstring), with a verdict.
 
     ``captions`` default to ``captions_for(dataset, model=model)``; ``image_embeddings`` (rows aligned
-    with ``dataset``) skip embedding. Returns ``label``, ``classes``, ``n``, ``margin``, ``compared``,
-    ``model`` and ``baselines`` (``blank_image`` + ``predicted_class``, ``shuffled_pairing`` +
-    ``shuffles`` and ``p_value`` per compared metric, ``label_prior`` + ``majority_class``; each with
-    ``auc``, ``balanced_accuracy``, ``accuracy``), ``beats_baselines`` and ``flags``.
+    with ``dataset``) skip embedding. ``probabilities`` (rows aligned with the records that have
+    ``label``, columns with ``classes``) checks another classifier's scores (a linear probe) instead of
+    zero-shot; the blank-image baseline is then left out (listed under ``skipped``), since it needs
+    that classifier's answer on a blank image.
+
+    Returns ``label``, ``classes``, ``n``, ``margin``, ``compared``, ``model`` and ``baselines``
+    (``blank_image`` + ``predicted_class``, ``shuffled_pairing`` + ``shuffles`` and ``p_value`` per
+    compared metric, ``label_prior`` + ``majority_class``; each with ``auc``, ``balanced_accuracy``,
+    ``accuracy``), ``skipped`` (baseline -> reason), ``beats_baselines`` and ``flags``.
     """
     _check_settings(margin, shuffles, compare)
     captions = captions or captions_for(dataset, model=model)
-    scored = zero_shot(model, dataset, label, captions, classes, show_progress=show_progress,
-                       image_embeddings=image_embeddings, keep_scores=True)
-    y_true, probabilities = np.array(scored["y_true"]), np.array(scored["probabilities"])
-    class_names = scored["classes"]
-    own = score_metrics(y_true, probabilities)
+    skipped = {}
+    if probabilities is None:
+        scored = zero_shot(model, dataset, label, captions, classes, show_progress=show_progress,
+                           image_embeddings=image_embeddings, keep_scores=True)
+        y_true, scores, class_names = np.array(scored["y_true"]), np.array(scored["probabilities"]), scored["classes"]
+    else:
+        y_true, scores, class_names = _given_scores(dataset, label, classes, probabilities)
+    own = score_metrics(y_true, scores)
+    baselines = {}
+    if probabilities is None:
+        baselines["blank_image"] = _blank_image(model, dataset, label, captions, class_names, y_true)
+    else:
+        skipped["blank_image"] = "scores given as probabilities: the classifier's answer on a blank image is unknown"
+    baselines["shuffled_pairing"] = _shuffled(y_true, scores, own, compare, shuffles, seed)
+    baselines["label_prior"] = _label_prior(y_true, len(class_names), class_names)
+    beats, flags = compare_to_baselines(own, baselines, compare, margin)
+    return {"label": label, "classes": class_names, "n": int(len(y_true)), "margin": margin,
+            "compared": list(compare), "model": own, "baselines": baselines, "skipped": skipped,
+            "beats_baselines": beats, "flags": flags}
+
+
+def _given_scores(dataset: Dataset, label: str, classes: Sequence[str] | None,
+                  probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    labelled = dataset.with_labels([label])
+    class_names = list(classes) if classes else labelled.classes(label)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({str(r.labels[label]) for r in labelled} - set(index))
+    if unknown:
+        raise InputError(f"{dataset.source}: records have classes {unknown} not in {class_names}")
+    scores = np.asarray(probabilities, dtype=float)
+    if scores.shape != (len(labelled), len(class_names)) or len(class_names) < 2:
+        raise InputError(f"probabilities must be ({len(labelled)} records with {label!r}, {len(class_names)} "
+                         f"classes >= 2), got shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise InputError("probabilities contain NaN or infinite values")
+    return np.array([index[str(r.labels[label])] for r in labelled]), scores, class_names
+
+
+def _blank_image(model: DualEncoder, dataset: Dataset, label: str, captions: CaptionConfig,
+                 class_names: list[str], y_true: np.ndarray) -> dict:
     labelled = dataset.with_labels([label])
     blank = zero_shot(model, labelled, label, captions, class_names, show_progress=False,
                       image_embeddings=blank_image_embedding(model).expand(len(labelled), -1), keep_scores=True)
-    blank_probabilities = np.array(blank["probabilities"])
-    baselines = {
-        "blank_image": {**score_metrics(y_true, blank_probabilities),
-                        "predicted_class": class_names[int(blank_probabilities[0].argmax())]},
-        "shuffled_pairing": _shuffled(y_true, probabilities, own, compare, shuffles, seed),
-        "label_prior": _label_prior(y_true, len(class_names), class_names),
-    }
-    beats, flags = compare_to_baselines(own, baselines, compare, margin)
-    return {"label": label, "classes": class_names, "n": int(len(y_true)), "margin": margin,
-            "compared": list(compare), "model": own, "baselines": baselines, "beats_baselines": beats,
-            "flags": flags}
+    scores = np.array(blank["probabilities"])
+    return {**score_metrics(y_true, scores), "predicted_class": class_names[int(scores[0].argmax())]}
 
 
 def _check_settings(margin: float, shuffles: int, compare: Sequence[str]) -> None:
