@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +60,6 @@ from ..data.record import ImageSource
 from ..errors import InputError, ModelError
 from .adapters import TOKENIZER_FILES, WEIGHT_FILES, _without_loading_bar, rgb_uint8
 from .dual import CONFIG_FILE, non_finite_tensors
-
-log = logging.getLogger(__name__)
 
 KIND = "vlm"
 SUPPORTED_TYPES = {"llava": 1, "gemma3": 2}  # config.json model_type -> most images per prompt
@@ -125,11 +122,15 @@ class VisionLanguageModel:
             messages = [{"role": "user", "content": [*content, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             bos = self.tokenizer.bos_token
-            if bos and text.startswith(bos):  # the tokenizer adds its own start token
+            if bos and text.startswith(bos) and self._tokenizer_adds_bos():  # not twice
                 text = text[len(bos):]
             return str(text)
         image = self.processor.image_token
         return f"USER: {image * image_count}\n{instruction} ASSISTANT:"
+
+    def _tokenizer_adds_bos(self) -> bool:
+        ids = self.tokenizer("x")["input_ids"]
+        return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
     @staticmethod
     def answer_separator(prompt: str) -> str:
