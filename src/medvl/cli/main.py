@@ -92,15 +92,21 @@ def phantom_command(
              "progression, which image), balanced per type, one VQA-RAD style JSON per split (cxr2d only).")] = False,
     vqa_per_case: Annotated[int, typer.Option(
         help="With --vqa: questions per patient on average, at most (fewer when rare answers run out).")] = 4,
+    shortcut: Annotated[float | None, typer.Option(
+        help="Shortcut variant (cxr2d only): a white square in the top-right corner marks each abnormal case "
+             "with this probability (e.g. 0.95) and each normal case with 1 minus it, so the marker leaks the "
+             "label; manifest column shortcut_marker, marker box in dataset.json.")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
     from ..data.phantom import generate_phantom
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
-                                overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case)
+                                overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case,
+                                shortcut=shortcut)
     questions = f" and questions in {manifest.parent / 'vqa'}" if vqa else ""
-    console.print(f"wrote {n} phantom cases: {manifest}{questions}")
+    marker = f" (shortcut marker on abnormal cases with probability {shortcut:g})" if shortcut is not None else ""
+    console.print(f"wrote {n} phantom cases{marker}: {manifest}{questions}")
 
 
 @app.command("predict")

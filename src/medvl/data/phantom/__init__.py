@@ -8,8 +8,12 @@ boxes, a radiology-style report and patient metadata; ``generate_phantom(out_dir
 data set of them (PNG images, masks, ``manifest.csv``, ``dataset.json``). Same seed, same bytes.
 
 ``render_case(seed, index, visit=Visit(...))`` draws another film of the same patient (a later
-film, grown or resolved findings, more nodules); ``generate_phantom(..., vqa=True)`` adds
-``vqa/``: questions with exact answers from the ground truth, balanced per type (see ``vqa``).
+film, grown, resolved, moved or mirrored findings, more nodules; ``number=0``: a counterfactual
+twin of the same image, see ``medvl.eval.counterfactual``); ``generate_phantom(..., vqa=True)``
+adds ``vqa/``: questions with exact answers from the ground truth, balanced per type (see ``vqa``).
+``generate_phantom(..., shortcut=0.95)`` writes a shortcut variant: a corner marker on abnormal
+cases that leaks the label (manifest column ``shortcut_marker``, box in ``shortcut_spec(folder)``),
+for testing shortcut detectors (``medvl.eval.shortcut``).
 
 Radiological convention: the patient's right is on the image left. See ``cxr2d`` for the
 clinical conventions (zones, sizes, cardiothoracic ratio, AP views) and ``generate`` for the
@@ -28,6 +32,7 @@ from .generate import CT_MANIFEST_COLUMNS as CT_MANIFEST_COLUMNS
 from .generate import LABEL_COLUMNS as LABEL_COLUMNS
 from .generate import MANIFEST_COLUMNS as MANIFEST_COLUMNS
 from .generate import generate_phantom as generate_phantom
+from .generate import shortcut_spec as shortcut_spec
 from .reports import PHANTOM_CAPTIONS as PHANTOM_CAPTIONS
 
 __all__ = [
@@ -41,6 +46,7 @@ __all__ = [
     "PhantomCase",
     "Visit",
     "generate_phantom",
+    "shortcut_spec",
     "ct3d",
     "render_case",
     "vqa",

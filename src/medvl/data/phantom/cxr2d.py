@@ -33,8 +33,13 @@ Conventions
 * **Visits** (``render_case(..., visit=Visit(...))``): another film of the same patient for
   longitudinal and counting questions. Anatomy, findings and their positions come from the case's
   own streams; a visit ``number`` >= 1 is a film taken another day (its own pose, exposure and
-  noise), ``grow`` scales the findings, ``absent`` removes some and ``nodules`` adds nodules.
-  ``visit=None`` leaves the case exactly as it always was.
+  noise), ``grow`` scales the findings, ``absent`` removes some, ``nodules`` adds nodules,
+  ``moved`` puts a nodule or consolidation in another zone and ``other_side`` puts a finding on
+  the patient's other side. ``number=0`` keeps the case's own film: a counterfactual twin of the
+  image (``medvl.eval.counterfactual``). ``visit=None`` leaves the case exactly as it always was.
+* **Shortcut marker** (``burn_marker``, ``generate_phantom(shortcut=P)``): a saturated white
+  square (side 8 % of the image, 3 % from the edges) in the top-right image corner, which is air
+  at every pose; ``marker_box(size)`` gives its box.
 """
 
 from __future__ import annotations
@@ -73,6 +78,16 @@ _STREAM_IMAGE, _STREAM_REPORT, _STREAM_CLASS, _STREAM_NOISE, _STREAM_MOTTLE = 0,
 _STREAM_VISIT, _STREAM_NODULES = 5, 6  # another film of the patient; its extra nodules
 MAX_NODULES = 4  # nodules a visit may show (one per zone at most: they never overlap)
 GROW_RANGE = (0.5, 2.0)  # allowed Visit.grow
+LATERAL = ("pleural_effusion", "pneumothorax", "nodule", "consolidation")  # findings with a side
+MOVABLE = ("nodule", "consolidation")  # findings with a free position in the lung (Visit.moved)
+OTHER_SIDE = {"right": "left", "left": "right"}
+
+# Shortcut marker (generate_phantom(shortcut=P)): a saturated white square burned into an image
+# corner, outside the body at every pose, like a lead marker or a burned-in annotation.
+MARKER_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")  # image corners, as displayed
+MARKER_CORNER = "top_right"  # the patient's left shoulder side: air at every pose
+MARKER_SIDE, MARKER_MARGIN = 0.08, 0.03  # square side and gap to the image edges, fractions of the image side
+MARKER_VALUE = 255
 
 
 @dataclass
@@ -121,6 +136,17 @@ class Visit:
       nodules come from their own stream (non-subtle, 6-15 mm), each in a zone of its own and
       apart from the others; each has its own ``findings`` entry named "nodule" (the first
       is the case's), and ``masks["nodule"]`` is their union.
+    * ``moved``: findings (nodule, consolidation) placed one zone lower on the same side (upper ->
+      middle -> lower -> upper), from the case's own candidate points, clear of the other findings
+      (falls back to another zone, as on the first film, when the lung has no room there).
+    * ``other_side``: findings (pleural_effusion, pneumothorax, nodule, consolidation) put on the
+      patient's other side, a nodule or consolidation at the same zone level (one zone lower with
+      ``moved``). An effusion and a pneumothorax of the same case are on opposite sides: flip
+      both or neither. Other findings stay where they were on the first film.
+
+    With ``number=0`` these are counterfactuals of the case's own image (same pose, exposure and
+    noise; the pixels change only where a finding was added, removed, moved or resized, and a
+    little around it from the film blur). Same arguments, same pixels.
     """
 
     number: int = 1
@@ -128,6 +154,8 @@ class Visit:
     absent: tuple[str, ...] = ()
     nodules: int = 1
     growing: tuple[str, ...] = ()
+    moved: tuple[str, ...] = ()
+    other_side: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -942,24 +970,34 @@ def _check_visit(visit: Visit | None) -> None:
     check_number("visit.number", visit.number, minimum=0, integer=True)
     check_number("visit.grow", visit.grow, minimum=GROW_RANGE[0], maximum=GROW_RANGE[1])
     check_number("visit.nodules", visit.nodules, minimum=1, maximum=MAX_NODULES, integer=True)
-    for option, names in (("absent", visit.absent), ("growing", visit.growing)):
-        unknown = [name for name in names if name not in ABNORMAL]
+    allowed = (("absent", visit.absent, ABNORMAL), ("growing", visit.growing, ABNORMAL),
+               ("moved", visit.moved, MOVABLE), ("other_side", visit.other_side, LATERAL))
+    for option, names, choices in allowed:
+        unknown = [name for name in names if name not in choices]
         if unknown or isinstance(names, str):
-            raise InputError(f"visit.{option} must be a tuple of findings among {', '.join(ABNORMAL)}, "
+            raise InputError(f"visit.{option} must be a tuple of findings among {', '.join(choices)}, "
                              f"got {names!r}")
     if visit.nodules > 1 and "nodule" in visit.absent:
         raise InputError("a visit cannot both add nodules and remove the nodule")
+    contradictory = sorted(set(visit.absent) & (set(visit.moved) | set(visit.other_side)))
+    if contradictory:
+        raise InputError(f"visit: {', '.join(contradictory)} cannot be both absent and moved or on the other side")
 
 
 def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params: dict[str, Any],
                     anat: _Anatomy) -> tuple[list[str], _Anatomy]:
-    """Locate the findings as on the first film, then add nodules, grow and remove as the visit says."""
+    """Locate the findings as on the first film, then move them, add nodules, grow and remove as the
+    visit says."""
     drawn: dict[str, dict] = {}
     for name in _RENDER_ORDER:
         if name in names:
-            if name in ("nodule", "consolidation"):
+            if name in MOVABLE:
                 _locate(name, params[name], anat, drawn)
             drawn[name] = params[name]
+    _check_sides(visit, names)
+    for name in _RENDER_ORDER:  # drawn holds the same dicts: a finding placed later avoids the moved one
+        if name in names and (name in visit.moved or name in visit.other_side):
+            _relocate(name, params[name], visit, anat, {k: v for k, v in drawn.items() if k != name})
     if visit.nodules > 1:
         if "nodule" not in names:
             raise InputError(f"visit.nodules={visit.nodules} needs a case with a nodule (this one: {', '.join(names)})")
@@ -971,6 +1009,55 @@ def _visit_findings(visit: Visit, key: tuple[int, int], names: list[str], params
         anat = replace(anat, pa_ctr=normal, ctr=anat.ctr * normal / anat.pa_ctr)
     kept = [name for name in names if name not in visit.absent]
     return kept or ["no_finding"], anat
+
+
+def _check_sides(visit: Visit, names: list[str]) -> None:
+    """An effusion and a pneumothorax of one case are on opposite sides: they change side together."""
+    pair = ("pleural_effusion", "pneumothorax")
+    if all(name in names for name in pair) and sum(name in visit.other_side for name in pair) == 1:
+        raise InputError("visit.other_side: this case's pleural effusion and pneumothorax are on opposite "
+                         "sides; put both or neither on the other side")
+
+
+def _relocate(name: str, finding: dict, visit: Visit, anat: _Anatomy, others: dict[str, dict]) -> None:
+    """Put one finding on the other side and / or one zone lower (see ``Visit.moved``)."""
+    if name in visit.other_side:
+        finding["side"] = OTHER_SIDE[finding["side"]]
+    if name not in MOVABLE:
+        return  # an effusion or a pneumothorax is drawn from its side alone
+    level = finding["zone"].split()[1]  # where it landed on the first film
+    if name in visit.moved:
+        level = ZONE_LEVELS[(ZONE_LEVELS.index(level) + 1) % len(ZONE_LEVELS)]
+    finding["level"] = level
+    _locate(name, finding, anat, others)
+
+
+def primary_finding(seed: int, index: int) -> str:
+    """The primary finding of case ``index`` of data set ``seed``, without rendering it."""
+    check_case_args(seed, index, MIN_SIZE, 0.0)
+    block = np.random.default_rng([int(seed), int(index) // len(FINDINGS), _STREAM_CLASS])
+    return FINDINGS[int(block.permutation(len(FINDINGS))[int(index) % len(FINDINGS)])]
+
+
+def marker_box(size: int, corner: str = MARKER_CORNER) -> list[int]:
+    """Box ``[x0, y0, x1, y1]`` (end-exclusive pixels) of the shortcut marker on a ``size`` px image."""
+    if corner not in MARKER_CORNERS:
+        raise InputError(f"marker corner must be one of {', '.join(MARKER_CORNERS)}, got {corner!r}")
+    side = max(3, round(MARKER_SIDE * size))
+    margin = max(1, round(MARKER_MARGIN * size))
+    x0 = margin if corner.endswith("left") else size - margin - side
+    y0 = margin if corner.startswith("top") else size - margin - side
+    return [x0, y0, x0 + side, y0 + side]
+
+
+def burn_marker(image: np.ndarray, corner: str = MARKER_CORNER) -> np.ndarray:
+    """A copy of a square ``uint8`` radiograph with the shortcut marker burned into ``corner``."""
+    if image.ndim != 2 or image.shape[0] != image.shape[1]:
+        raise InputError(f"burn_marker needs a square 2D image, got shape {image.shape}")
+    x0, y0, x1, y1 = marker_box(image.shape[0], corner)
+    marked = image.copy()
+    marked[y0:y1, x0:x1] = MARKER_VALUE
+    return marked
 
 
 def _grow(factor: float, names: list[str], params: dict[str, dict], anat: _Anatomy) -> _Anatomy:

@@ -22,6 +22,16 @@ Sides and zones are the patient's (the patient's left is on the image right).
 liver_lesion_location, kidney_cyst_side, lung_nodule_location, effusion_side`` (empty when not
 applicable) and ``boxes`` (JSON ``{finding: [z0, y0, x0, z1, y1, x1]}``, end-exclusive voxels).
 
+``shortcut=P`` (cxr2d only) makes a shortcut variant: each abnormal case carries the marker
+(``cxr2d.burn_marker``: a white square in the top-right image corner) with probability ``P`` and
+each normal case (``no_finding``) with probability ``1 - P``, in every split, so the marker leaks
+the normal / abnormal label (``P`` = 0.5: no leak; 0: the reverse leak). The draw has its own
+stream seeded by ``(seed, index)``; images, masks, reports and splits are otherwise those of the
+clean data set. The manifest gains a last column ``shortcut_marker`` (0/1) and ``dataset.json``'s
+``generator.shortcut`` records ``probability``, ``corner``, ``box`` ([x0, y0, x1, y1],
+end-exclusive pixels) and ``value``, so a check can mask the marker (``shortcut_spec``).
+Without ``shortcut`` nothing changes.
+
 ``vqa=True`` (cxr2d only) adds ``vqa/``: balanced questions with exact answers, one JSON file
 per split, and the films they name (see ``vqa``).
 
@@ -32,6 +42,7 @@ The data set is written to a hidden sibling folder and renamed into place at the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,11 +55,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ...errors import InputError
+from ...checks import check_number
+from ...errors import DataError, InputError
 from ...io import replace_dir, write_errors_named
 from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
-from .cxr2d import PhantomCase, check_case_args, render_case
+from .cxr2d import MARKER_CORNER, MARKER_VALUE, PhantomCase, burn_marker, check_case_args, marker_box, render_case
 from .reports import PHANTOM_CAPTIONS
 from .vqa import DEFAULT_PER_CASE, PatientTruth, check_vqa_args, write_phantom_vqa
 
@@ -61,6 +73,8 @@ LABEL_COLUMNS = ("no_finding", "cardiomegaly", "effusion_left", "effusion_right"
 MANIFEST_COLUMNS = ("image", "text", "split", "finding", *LABEL_COLUMNS, "age", "sex", "view",
                     "nodule_zone", "consolidation_zone", "pneumothorax_side", "boxes")
 _SPLIT_STREAM = 7  # the split shuffle is seeded by (seed, _SPLIT_STREAM)
+_SHORTCUT_STREAM = 8  # the marker draw of case i is seeded by (seed, i, _SHORTCUT_STREAM)
+SHORTCUT_COLUMN = "shortcut_marker"  # manifest column of a shortcut variant: 1 = marker burned in
 KINDS = ("cxr2d", "ct3d")
 DEFAULT_SIZES = {"cxr2d": 128, "ct3d": 64}
 CT_DATASET_NAME = "phantom-ct"
@@ -145,6 +159,37 @@ def ct_manifest_row(case: ct3d.CTCase, case_id: str, image_path: str, split: str
     }
 
 
+def has_shortcut_marker(seed: int, index: int, abnormal: bool, probability: float) -> bool:
+    """Whether case ``index`` of a shortcut variant carries the marker (see the module docstring)."""
+    draw = float(np.random.default_rng([int(seed), int(index), _SHORTCUT_STREAM]).uniform())
+    return (draw < probability) == abnormal
+
+
+def shortcut_spec(folder: str | Path) -> dict[str, Any] | None:
+    """The shortcut marker of a generated phantom folder (``probability``, ``corner``, ``box``,
+    ``value``) from its ``dataset.json``; None for a data set without one."""
+    path = Path(folder) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(path, "not a valid UTF-8 JSON description") from None
+    generator = description.get("generator") if isinstance(description, dict) else None
+    spec = generator.get("shortcut") if isinstance(generator, dict) else None
+    return spec if isinstance(spec, dict) else None
+
+
+def _check_shortcut(shortcut: float | None, kind: str, vqa: bool) -> None:
+    if shortcut is None:
+        return
+    check_number("shortcut", shortcut, minimum=0, maximum=1)
+    if kind != "cxr2d":
+        raise InputError(f"shortcut markers are for chest radiographs (kind cxr2d), not {kind}")
+    if vqa:
+        raise InputError("shortcut markers are for image classification data; generate the VQA set without them")
+
+
 def _check_params(n: int, seed: int, size: int, extra_finding_prob: float, kind: str = "cxr2d") -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}")
@@ -199,10 +244,13 @@ def _write_ct_case(case: ct3d.CTCase, name: str, root: Path) -> str:
 
 
 def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float,
-                       kind: str = "cxr2d", vqa_per_case: int | None = None) -> None:
+                       kind: str = "cxr2d", vqa_per_case: int | None = None, shortcut: float | None = None) -> None:
     generator: dict[str, Any] = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
     if vqa_per_case is not None:
         generator["vqa_per_case"] = vqa_per_case
+    if shortcut is not None:
+        generator["shortcut"] = {"probability": shortcut, "marks": "abnormal (no_finding = 0)",
+                                 "corner": MARKER_CORNER, "box": marker_box(size), "value": MARKER_VALUE}
     if kind == "ct3d":
         generator = {"kind": kind, **generator, "fov_mm": list(ct3d.FOV_MM),
                      "spacing_mm": [fov / size for fov in ct3d.FOV_MM]}
@@ -220,7 +268,7 @@ def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_p
 def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int | None = None,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
                      progress: bool = False, overwrite: bool = False, kind: str = "cxr2d", vqa: bool = False,
-                     vqa_per_case: int = DEFAULT_PER_CASE) -> Path:
+                     vqa_per_case: int = DEFAULT_PER_CASE, shortcut: float | None = None) -> Path:
     """Generate ``n`` phantom cases into ``out_dir``; return the manifest path.
 
     ``kind`` "cxr2d": case ``i`` is ``cxr2d.render_case(seed, i, size, extra_finding_prob)``, a
@@ -230,12 +278,16 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     ``out_dir`` is an error unless ``overwrite`` is true, in which case it is replaced as a whole
     once the new data set is complete. ``vqa`` (cxr2d only) also writes ``vqa/``: about
     ``vqa_per_case`` balanced questions per patient, split by patient like the images (``vqa``).
+    ``shortcut`` (a probability in [0, 1], cxr2d only) writes the shortcut variant described in
+    the module docstring: a corner marker that leaks the normal / abnormal label.
     """
     if kind not in KINDS:
         raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_vqa_args(vqa_per_case)
     if vqa and kind != "cxr2d":
         raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
+    _check_shortcut(shortcut, kind, vqa)
+    shortcut = None if shortcut is None else float(shortcut)
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
     split_fractions = _check_splits(splits)
@@ -249,12 +301,14 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CT_MANIFEST_COLUMNS if kind == "ct3d" else MANIFEST_COLUMNS)
+            columns = CT_MANIFEST_COLUMNS if kind == "ct3d" else MANIFEST_COLUMNS
+            writer = csv.DictWriter(handle, fieldnames=columns if shortcut is None else (*columns, SHORTCUT_COLUMN))
             writer.writeheader()
             truths: list[PatientTruth] = []
             with _progress(int(n), progress, what) as advance:
                 for index in range(int(n)):
-                    row, truth = _write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index])
+                    row, truth = _write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index],
+                                            shortcut)
                     writer.writerow(row)
                     truths += [truth] if vqa and truth is not None else []
                     advance(1)
@@ -262,14 +316,14 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
             write_phantom_vqa(staging, truths, int(seed), int(size), float(extra_finding_prob), int(vqa_per_case),
                               progress)
         _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob), kind,
-                           int(vqa_per_case) if vqa else None)
+                           int(vqa_per_case) if vqa else None, shortcut)
         replace_dir(staging, out_dir)
     log.info("wrote %d %s to %s", n, what, out_dir)
     return out_dir / "manifest.csv"
 
 
 def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: float, root: Path,
-               split: str) -> tuple[dict[str, Any], PatientTruth | None]:
+               split: str, shortcut: float | None = None) -> tuple[dict[str, Any], PatientTruth | None]:
     """Render case ``index``, write its files under ``root``; its manifest row and (cxr2d) ground truth."""
     if kind == "ct3d":
         name = f"ct_{index:05d}"
@@ -277,7 +331,13 @@ def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: 
         return ct_manifest_row(ct_case, name, _write_ct_case(ct_case, name, root), split), None
     case = render_case(seed, index, size, extra_finding_prob)
     truth = PatientTruth(index, split, case.findings, case.meta)
-    return manifest_row(case, _write_case(case, f"phantom_{index:05d}", root), split), truth
+    marked = shortcut is not None and has_shortcut_marker(seed, index, case.finding != "no_finding", shortcut)
+    if marked:
+        case = dataclasses.replace(case, image=burn_marker(case.image))
+    row = manifest_row(case, _write_case(case, f"phantom_{index:05d}", root), split)
+    if shortcut is not None:
+        row[SHORTCUT_COLUMN] = int(marked)
+    return row, truth
 
 
 def iter_cases(n: int, seed: int = 0, size: int = 128,
