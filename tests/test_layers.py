@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
 SAME_LAYER: dict[str, set[str]] = {
     "cli": {"serve"},  # `medvl serve` starts the service
     "api": {"eval", "train"},
-    "bench": {"eval", "train"},  # recipes compose training and evaluators
+    "bench": {"eval", "train", "index", "report"},  # recipes and suites compose training, evaluators, the
+    # case index (case retrieval) and the HTML report
     "demo": {"eval", "report", "train"},
     "predict": {"eval"},
     "eval": {"index", "rag"},  # case retrieval scores the index and the RAG drafts

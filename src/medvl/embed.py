@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .data.record import Dataset
@@ -23,7 +25,33 @@ def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
 
 
+# model -> (its weights' state, {prompts: class embeddings}): an evaluation with its checks scores the
+# same classes many times (zero-shot, calibration, sanity, each corruption), each time encoding the prompts
+_CLASS_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor:
-    """One normalised embedding per class: the mean of its prompt-ensemble embeddings."""
+    """One normalised embedding per class: the mean of its prompt-ensemble embeddings.
+
+    Outside training, the result is kept per model and prompts until a weight of the model changes
+    (every in-place change bumps a tensor's version counter: an optimizer step, ``load_state_dict``)."""
+    if model.training and torch.is_grad_enabled():
+        return _class_embeddings(model, prompts)
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    state = tuple((p.data_ptr(), p._version) for p in parameters)
+    key = tuple(tuple(class_prompts) for class_prompts in prompts)
+    try:
+        cached = _CLASS_EMBEDDINGS.get(model)
+    except TypeError:  # an object that cannot be weakly referenced: no cache
+        return _class_embeddings(model, prompts)
+    if cached is None or cached[0] != state:
+        cached = (state, {})
+        _CLASS_EMBEDDINGS[model] = cached
+    if key not in cached[1]:
+        cached[1][key] = _class_embeddings(model, prompts)
+    return cached[1][key].clone()
+
+
+def _class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor:
     rows = [model.encode_texts(class_prompts).mean(0) for class_prompts in prompts]
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)

@@ -16,10 +16,56 @@ from .common import (
     check_outputs,
     emit_json,
     handle_errors,
+    console,
     print_metrics,
 )
 
-bench_app = typer.Typer(help="Run a benchmark recipe end to end.", no_args_is_help=True)
+bench_app = typer.Typer(help="Run a benchmark suite or recipe end to end.", no_args_is_help=True)
+
+
+@bench_app.command("run")
+@handle_errors
+def bench_run(
+    suite: Annotated[str, typer.Argument(help="Suite YAML file, or a shipped suite's name (phantom, "
+                                              "pneumoniamnist, isic, medpix).")],
+    model: Annotated[list[Path], typer.Option(help="Model folder to score (repeat for several, side by side).")],
+    out: Annotated[Path, typer.Option(help="Run folder: results.json, report.html, finished cells (a rerun "
+                                           "into it resumes).")],
+    data: Annotated[list[str] | None, typer.Option(help="NAME=PATH: where the suite's dataset NAME lives.")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="NAME=SPLIT: the split of dataset NAME to score.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Recompute every cell (and run into a folder that holds something else).")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Score models on a suite of datasets, tasks and trust checks; write results.json and report.html."""
+    from ..bench.runner import parse_assignments, run_suite_file
+
+    result = run_suite_file(suite, list(model), out, data=parse_assignments(data or [], "--data"),
+                            splits=parse_assignments(split or [], "--split"), show_progress=not quiet,
+                            overwrite=overwrite)
+    print_suite_summary(result, out)
+
+
+def print_suite_summary(result: dict, out: Path) -> None:
+    headline = {f"{row['model']} {row['task']}@{row['dataset']} {row['metric']}": _interval(row)
+                for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
+    cells = result["cells"]
+    print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
+                  f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
+                                                 "seconds": result["seconds"]})
+    for flag in result["flags"]:
+        console.print(f"[yellow]flag[/yellow] {flag}")
+    console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+
+
+HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "4-shot auc", "precision@k")
+
+
+def _interval(row: dict) -> str:
+    if row["value"] is None:
+        return "-"
+    low, high = row.get("low"), row.get("high")
+    return f"{row['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
 
 @bench_app.command("medmnist")

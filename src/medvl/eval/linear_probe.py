@@ -15,11 +15,12 @@ from .metrics import classification_metrics
 
 def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, label: str,
                  few_shot: Sequence[int] = (1, 4, 16), repeats: int = 5, seed: int = 0,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, keep_scores: bool = False) -> dict:
     """Fit on ``train_data`` features, report AUC / accuracy on ``test_data``.
 
     The regularisation strength (C in 0.001..1) is chosen by 3-fold cross-validation on the training features.
     Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported.
+    ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``.
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
     classes = sorted(set(train_data.classes(label)))
@@ -33,10 +34,11 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
     x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
     x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
-    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True)
+    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True, keep_scores=keep_scores)
+    scores = {key: full.pop(key) for key in ("probabilities", "y_true") if key in full}
     result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
-              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}}
+              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}, **scores}
     rng = np.random.default_rng(seed)
     for k in few_shot:
         runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
@@ -53,7 +55,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
 
 
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                  classes: Sequence[str], cv: bool) -> dict:
+                  classes: Sequence[str], cv: bool, keep_scores: bool = False) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
@@ -67,7 +69,10 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     probe.fit(x_train, y_train)
     probabilities = np.zeros((len(x_test), len(classes)))
     probabilities[:, probe.classes_] = probe.predict_proba(x_test)
-    return classification_metrics(y_test, probabilities, classes)
+    result = classification_metrics(y_test, probabilities, classes)
+    if keep_scores:
+        result.update(probabilities=probabilities.tolist(), y_true=y_test.tolist())
+    return result
 
 
 def _few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) -> dict | None:

@@ -15,12 +15,14 @@ from .metrics import recall_at_k, retrieval_ranks
 
 
 def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 10),
-              show_progress: bool = True, image_embeddings: torch.Tensor | None = None) -> dict:
+              show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
+              keep_ranks: bool = False) -> dict:
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     Identical texts (several images of one case sharing a caption) are merged into one gallery
     entry; an image's query counts as a hit at the rank of its own text, and a text's query at the
     best rank of any of its images. ``image_embeddings`` (aligned with ``dataset``) skips embedding.
+    ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block.
     """
     with_text = [i for i, r in enumerate(dataset) if r.text]
     records = [dataset[i] for i in with_text]
@@ -48,6 +50,8 @@ def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 1
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
                         "mean_rank": float(ranks.mean()),
                         "chance": {f"R@{k}": _chance_recall(k, gallery, name, text_to_images) for k in ks}}
+        if keep_ranks:
+            result[name]["ranks"] = ranks.tolist()
     for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
         for k in ks:
             result[f"{short}_R@{k}"] = result[direction][f"R@{k}"]

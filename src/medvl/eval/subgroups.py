@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,7 +138,7 @@ _METRIC_FUNCTIONS = {"auc": macro_auc, "balanced_accuracy": balanced_accuracy, "
 
 
 def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence,
-                     groups: dict[str, Sequence[Any]], min_size: int = 10, resamples: int = 1000, seed: int = 0,
+                     groups: Mapping[str, Sequence[Any]], min_size: int = 10, resamples: int = 1000, seed: int = 0,
                      level: float = 0.95, headline: str = "auc") -> dict:
     """AUC, balanced accuracy and accuracy with bootstrap intervals per group of each column.
 

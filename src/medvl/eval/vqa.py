@@ -120,9 +120,11 @@ def _accuracy(flags: Sequence[bool]) -> float | None:
 
 
 def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem], source: str = "",
-                 show_progress: bool = False) -> dict[str, Any]:
+                 show_progress: bool = False, keep_answers: bool = False) -> dict[str, Any]:
     """Exact-match accuracy (closed, open, overall), open token F1, per question type, and the blank-image
-    and question-only baselines (see the module docstring)."""
+    and question-only baselines (see the module docstring). ``keep_answers`` adds, per run, each
+    question's exact-match flag (``correct``, ``blank_image_correct``, ``question_only_correct``; None
+    for a baseline the model has not), in the order of ``items``."""
     if not items:
         raise InputError(f"{source}: no questions to score")
     runs: dict[str, list[str] | None]
@@ -145,8 +147,12 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     for prefix, answers in runs.items():
         if answers is None:  # a baseline this model has not (a transformers VLM: no training prior)
             result.update({f"{prefix}{kind}_accuracy": None for kind in ("closed", "open", "overall")})
+            if keep_answers:
+                result[f"{prefix}correct"] = None
             continue
         correct = [answer == item.answer_normalized for answer, item in zip(answers, items, strict=True)]
+        if keep_answers:
+            result[f"{prefix}correct"] = correct
         for kind in ("closed", "open"):
             result[f"{prefix}{kind}_accuracy"] = _accuracy([flag for flag, item in zip(correct, items, strict=True)
                                                              if item.answer_type == kind.upper()])

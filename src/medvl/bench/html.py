@@ -1,0 +1,244 @@
+"""report.html of a suite run: flags first, then per task and dataset a table of every metric with its
+interval (the models side by side) and the plots its checks produced. Self-contained: plots are inline
+PNGs, each an ``<img class="plot" data-plot="ID">``, listed in results.json under ``plots``."""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..report import figure_to_data_uri, write_html
+
+Figure = Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Write the report; returns the ids of the plots in it (every one must be drawn)."""
+    models = list(results["models"])
+    plots: list[str] = []
+    sections = [("Run", _run_table(suite, results)), ("Flags", _flags(results["flags"]))]
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        by_task[cell["key"]].append(cell)
+    for key, task_cells in by_task.items():
+        first = task_cells[0]
+        heading = f"{first['task']} on {first['dataset']} ({first['split']}" + (
+            f", label {first['label']})" if first.get("label") else ")")
+        parts = [_metric_table(task_cells, models)]
+        for name, draw in PLOTS.items():
+            drawn = [(cell["model"], cell["plots"][name]) for cell in task_cells if name in cell["plots"]]
+            if drawn:
+                plot_id = f"{key}/{name}"
+                figure = draw(drawn)
+                if figure is not None:
+                    parts.append(f"<h3>{html.escape(TITLES[name])}</h3><img class='plot' "
+                                 f"data-plot='{html.escape(plot_id)}' alt='{html.escape(plot_id)}' "
+                                 f"src='{figure_to_data_uri(figure)}'>")
+                    plots.append(plot_id)
+        skipped = [f"{cell['model']}: {check}: {reason}"
+                   for cell in task_cells for check, reason in cell["skipped"].items()]
+        if skipped:
+            parts.append("<p class='note'>Skipped checks: " + "; ".join(html.escape(s) for s in skipped) + "</p>")
+        sections.append((heading, "\n".join(parts)))
+    write_html(path, f"medvl bench: {suite.name}", sections)
+    return plots
+
+
+def _run_table(suite, results: dict[str, Any]) -> str:
+    rows = {"suite file": suite.source, "seed": suite.seed, "bootstrap resamples": suite.bootstrap,
+            **{f"model {name}": folder for name, folder in results["models"].items()},
+            **{f"data {name}": f"{block['sha256'][:16]}… ({block['files']} files)"
+               for name, block in results["data_hashes"].items()},
+            **{f"version {name}": value for name, value in results["versions"].items()}}
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f"<table><tr><th>what</th><th>value</th></tr>{body}</table>"
+
+
+def _flags(flags: list[str]) -> str:
+    if not flags:
+        return "<p class='ok'>No check flagged any model.</p>"
+    return "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
+
+
+def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:
+    present = [m for m in models if any(c["model"] == m for c in cells)]
+    values: dict[str, dict[str, str]] = defaultdict(dict)
+    for cell in cells:
+        for row in cell["rows"]:
+            values[row["metric"]][cell["model"]] = _value(row)
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in present)
+    body = "".join(f"<tr><td>{html.escape(metric)}</td>" + "".join(f"<td>{by_model.get(m, '-')}</td>" for m in present)
+                   + "</tr>" for metric, by_model in values.items())
+    return f"<table class='metrics'><tr><th>metric</th>{head}</tr>{body}</table>"
+
+
+def _value(row: dict[str, Any]) -> str:
+    if row["value"] is None:
+        return "-"
+    text = f"{row['value']:.3f}"
+    if row.get("low") is not None and row.get("high") is not None:
+        text += f" <span class='ci'>[{row['low']:.3f}, {row['high']:.3f}]</span>"
+    return text
+
+
+# ------------------------------------------------------------------ plots: (model, plot data) pairs -> figure
+
+
+def _model_axes(count: int, width: float = 4.0, height: float = 3.4):
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return figure, list(axes[0])
+
+
+def _reliability(drawn: list[tuple[str, Any]]) -> Figure:
+    figure, axes = _model_axes(len(drawn))
+    for axis, (model, block) in zip(axes, drawn, strict=True):
+        for stage, style in (("before", "o--"), ("after", "s-")):
+            bins = [b for b in block["reliability"][stage] if b["count"]]
+            axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style,
+                      label=f"{stage} temperature scaling")
+        axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=model)
+        axis.legend(fontsize=7, loc="upper left")
+    return figure
+
+
+def _risk_coverage(drawn: list[tuple[str, Any]]) -> Figure:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    for model, block in drawn:
+        curve = block["risk_coverage"]
+        axis.plot(curve["coverage"], curve["risk"], label=model)
+    axis.set(xlabel="coverage (share answered)", ylabel="risk (error rate among answered)", xlim=(0, 1))
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _corruption(drawn: list[tuple[str, Any]]) -> Figure:
+    kinds = list(drawn[0][1]["curves"])
+    plt = _pyplot()
+    columns = min(4, len(kinds))
+    rows = -(-len(kinds) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.8 * rows), squeeze=False)
+    for i, kind in enumerate(kinds):
+        axis = axes[i // columns][i % columns]
+        for model, block in drawn:
+            points = block["curves"].get(kind, [])
+            clean = block.get("clean", {}).get("auc")
+            xs = [0] + [p["severity"] for p in points]
+            ys = [clean] + [p["auc"] for p in points]
+            axis.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=model)
+        axis.set(title=kind, xlabel="severity", ylabel="AUC", ylim=(0.3, 1.02))
+        axis.legend(fontsize=7)
+    for j in range(len(kinds), rows * columns):
+        axes[j // columns][j % columns].axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def _subgroups(drawn: list[tuple[str, Any]]) -> Figure | None:
+    columns = list(drawn[0][1])
+    if not columns:
+        return None
+    figure, axes = _model_axes(len(columns), width=4.4)
+    width = 0.8 / len(drawn)
+    for axis, column in zip(axes, columns, strict=True):
+        groups = sorted({group for _, block in drawn for group in block.get(column, {}).get("groups", {})})
+        for m, (model, block) in enumerate(drawn):
+            scored = block.get(column, {}).get("groups", {})
+            values, lows, highs = [], [], []
+            for group in groups:
+                auc = scored.get(group, {}).get("auc")
+                value = auc["value"] if isinstance(auc, dict) and auc.get("value") is not None else np.nan
+                values.append(value)
+                lows.append(value - auc["low"] if isinstance(auc, dict) and auc.get("low") is not None else 0)
+                highs.append(auc["high"] - value if isinstance(auc, dict) and auc.get("high") is not None else 0)
+            positions = np.arange(len(groups)) + m * width
+            axis.bar(positions, values, width, yerr=[lows, highs], capsize=2, label=model)
+        axis.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=30, fontsize=8)
+        axis.set(title=column, ylabel="AUC (95% CI)", ylim=(0, 1.05))
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _bars(drawn: list[tuple[str, Any]], series: Callable[[Any], dict[str, float | None]], ylabel: str) -> Figure:
+    plt = _pyplot()
+    names = list(dict.fromkeys(name for _, block in drawn for name in series(block)))
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.3 * len(names) * len(drawn)), 3.4))
+    width = 0.8 / len(drawn)
+    for m, (model, block) in enumerate(drawn):
+        values = series(block)
+        axis.bar(np.arange(len(names)) + m * width, [np.nan if values.get(n) is None else values[n] for n in names],
+                 width, label=model)
+    axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, fontsize=8)
+    axis.set(ylabel=ylabel, ylim=(0, 1.05))
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _sanity(drawn: list[tuple[str, Any]]) -> Figure:
+    def series(block: dict[str, Any]) -> dict[str, float | None]:
+        metric = block.get("metric", "balanced_accuracy")
+        values = {"model": block.get("model", {}).get(metric)}
+        values.update({name: metrics.get(metric) for name, metrics in block["baselines"].items()})
+        return values
+
+    figure = _bars(drawn, series, "model vs sanity baselines")
+    return figure
+
+
+def _counterfactual(drawn: list[tuple[str, Any]]) -> Figure:
+    return _bars(drawn, lambda block: {"single image": block.get("single_accuracy"),
+                                       "pair (both right)": block.get("pair_accuracy"),
+                                       **{f"pair: {k}": v.get("pair_accuracy") for k, v in
+                                          block.get("per_variation", {}).items() if isinstance(v, dict)}},
+                 "accuracy")
+
+
+def _shortcut(drawn: list[tuple[str, Any]]) -> Figure:
+    return _bars(drawn, lambda block: {"accuracy": block.get("accuracy"),
+                                       "accuracy, corner masked": block.get("masked_accuracy")}, "accuracy")
+
+
+def _few_shot(drawn: list[tuple[str, Any]]) -> Figure:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    for model, block in drawn:
+        shots = sorted(block, key=int)
+        means = [block[k]["auc_mean"] for k in shots]
+        stds = [block[k]["auc_std"] or 0 for k in shots]
+        axis.errorbar([int(k) for k in shots], [np.nan if m is None else m for m in means], yerr=stds, marker="o",
+                      capsize=3, label=model)
+    axis.set(xscale="log", xlabel="labelled images per class", ylabel="AUC (mean ± sd over draws)")
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _question_types(drawn: list[tuple[str, Any]]) -> Figure:
+    return _bars(drawn, lambda block: {name: row.get("overall_accuracy") for name, row in block.items()}, "accuracy")
+
+
+PLOTS: dict[str, Callable[[list[tuple[str, Any]]], Figure | None]] = {
+    "calibration": _reliability, "risk_coverage": _risk_coverage, "sanity": _sanity, "corruption": _corruption,
+    "subgroups": _subgroups, "counterfactual": _counterfactual, "shortcut": _shortcut, "few_shot": _few_shot,
+    "per_question_type": _question_types}
+TITLES = {"calibration": "Reliability (top-label confidence vs accuracy)", "risk_coverage": "Risk-coverage",
+          "sanity": "Sanity baselines", "corruption": "Corruption robustness (severity 0 = clean)",
+          "subgroups": "Subgroups", "counterfactual": "Counterfactual pairs", "shortcut": "Shortcut check",
+          "few_shot": "Few-shot linear probe", "per_question_type": "Accuracy per question type"}

@@ -1,0 +1,743 @@
+"""Run a benchmark suite: every model x task x dataset cell, with its checks, into results.json and report.html.
+
+Layout of the output folder::
+
+    suite.json        the parsed suite, the models and the package versions of the run
+    data/NAME/        datasets the suite generates (the phantom), reused by later runs
+    cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
+    results.json      every row of every cell (one row per model x task x dataset x metric)
+    report.html       tables and plots, the models side by side
+
+A cell's fingerprint hashes the model folder's files, the dataset's files, the task, the checks and
+their settings, the seed and medvl's version; a cell file whose fingerprint matches is reused, so an
+interrupted run resumes and a finished run is not recomputed. Evaluation is composed from
+``medvl.eval`` (this module scores nothing by hand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import write_json
+from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "suite.json"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.html"
+CELLS_DIR = "cells"
+DEFAULT_CORRUPTION = {"kinds": ["noise", "blur", "contrast", "gamma", "jpeg", "rotation", "crop"],
+                      "severities": [1, 2, 3, 4, 5], "max_images": 200}
+
+
+# ------------------------------------------------------------------ datasets
+
+
+@dataclass
+class PreparedDataset:
+    """A suite dataset ready to score: its location, loaded records (or questions) and file hashes."""
+
+    spec: DatasetSpec
+    path: Path
+    dataset: Any = None  # medvl Dataset (kind images)
+    questions: list | None = None  # VQA items (kind vqa)
+    hashes: dict[str, Any] = field(default_factory=dict)
+    generator: dict[str, Any] | None = None  # the phantom generator settings, when the data is a phantom
+
+    def split(self, name: str):
+        return self.dataset.select(name)
+
+
+def files_digest(path: Path) -> dict[str, Any]:
+    """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    combined = hashlib.sha256()
+    for file in files:
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        combined.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        combined.update(digest.digest())
+    return {"sha256": combined.hexdigest(), "files": len(files)}
+
+
+def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[str]],
+                     show_progress: bool) -> dict[str, PreparedDataset]:
+    """Generate (phantom) and load every dataset; check the splits, label columns and subgroup columns
+    the suite's tasks need (InputError before any model is run)."""
+    prepared = {}
+    for name, spec in suite.datasets.items():
+        path = Path(spec.path) if spec.path is not None else _generated(spec, out / "data" / name, show_progress)
+        item = PreparedDataset(spec=spec, path=path)
+        if spec.kind == "vqa":
+            _load_questions(item, needed_splits[name])
+        else:
+            _load_images(item, suite, needed_splits[name])
+        item.hashes = files_digest(path)
+        prepared[name] = item
+    return prepared
+
+
+def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
+    from ..data.phantom import generate_phantom
+
+    settings = {"n": 600, "seed": 0, **(spec.generate or {})}
+    description = folder / "dataset.json"
+    if description.is_file():
+        written = json.loads(description.read_text(encoding="utf-8")).get("generator", {})
+        if all(written.get(key) == value for key, value in settings.items() if key in ("n", "seed", "size")):
+            return folder
+    generate_phantom(folder, progress=show_progress, overwrite=True, **settings)
+    return folder
+
+
+def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
+    from ..data import load_dataset
+
+    spec = item.spec
+    dataset = load_dataset(item.path)
+    missing = sorted(splits - set(dataset.splits))
+    if missing:
+        raise InputError(f"{item.path}: dataset {spec.name!r} has no split {', '.join(missing)} "
+                         f"(splits: {', '.join(dataset.splits)}; set it in the suite or with --split)")
+    for task in suite.tasks:
+        label = task.label or spec.label
+        if task.dataset == spec.name and label and TASKS[task.task] == "dual":
+            dataset.require_label(label)
+    present = set(dataset.label_names) | {key for record in dataset.records[:200] for key in record.meta}
+    unknown = [column for column in spec.subgroups if column not in present]
+    if unknown:
+        raise InputError(f"{item.path}: dataset {spec.name!r} has no column {', '.join(unknown)} for subgroups "
+                         f"(columns: {', '.join(sorted(present))})")
+    item.dataset = dataset
+    description = item.path / "dataset.json" if item.path.is_dir() else None
+    if description is not None and description.is_file():
+        raw = json.loads(description.read_text(encoding="utf-8"))
+        if raw.get("name") == "phantom-cxr":
+            item.generator = raw.get("generator")
+
+
+def _load_questions(item: PreparedDataset, splits: set[str]) -> None:
+    from ..data.loaders.vqa import load_vqa
+    from ..models.vqa import select_questions
+
+    questions = load_vqa(item.path)
+    for split in splits:
+        select_questions(questions, split, str(item.path), None)
+    item.questions = questions
+
+
+def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
+    """Per dataset, the splits its tasks and checks read."""
+    needed: dict[str, set[str]] = {name: set() for name in suite.datasets}
+    for task in suite.tasks:
+        spec = suite.datasets[task.dataset]
+        needed[task.dataset].add(spec.split)
+        if task.task in ("linear-probe", "few-shot", "case-retrieval", "report"):
+            source = task.train_dataset or task.dataset
+            train_split = suite.datasets[source].train_split
+            if train_split:
+                needed[source].add(train_split)
+        if "calibration" in suite.task_checks(task) and spec.calibration_split and spec.calibration_split != spec.split:
+            needed[task.dataset].add(spec.calibration_split)
+    return needed
+
+
+# ------------------------------------------------------------------ the run
+
+
+def model_labels(models: list[str | Path]) -> dict[str, str]:
+    """A short unique name per model folder: its name (its parent's for a train output's ``model/``)."""
+    labels: dict[str, str] = {}
+    for model in models:
+        path = Path(model).resolve()
+        name = path.parent.name if path.name == "model" else path.name
+        label, n = name, 2
+        while label in labels.values():
+            label, n = f"{name}-{n}", n + 1
+        labels[str(model)] = label
+    return labels
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("medvl", "torch", "transformers", "monai", "numpy", "scikit-learn"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, show_progress: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Score every model on every task of ``suite`` into ``out`` (see the module docstring).
+
+    Everything that can be checked without running a model is checked first: the models' kinds
+    against the tasks, the output folder, the datasets' splits and columns."""
+    started = time.perf_counter()
+    check_models(suite, models)
+    labels = model_labels(models)
+    out = Path(out)
+    versions = package_versions()
+    _check_out(out, suite, overwrite)
+    datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
+    write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
+                                  "versions": versions})
+    cells, computed = [], 0
+    for model in models:
+        loaded = _LazyModel(str(model))
+        digest = files_digest(_model_folder(model))["sha256"]
+        for task in suite.tasks:
+            cell, fresh = _cell(suite, task, datasets, loaded, labels[str(model)], digest, out, versions,
+                                show_progress)
+            cells.append(cell)
+            computed += fresh
+        loaded.release()
+    rows = [row for cell in cells for row in cell["rows"]]
+    results = {"suite": suite.name, "source": suite.source, "seed": suite.seed, "bootstrap": suite.bootstrap,
+               "models": {labels[str(m)]: str(m) for m in models}, "versions": versions,
+               "data_hashes": {name: d.hashes for name, d in datasets.items()},
+               "rows": rows, "flags": [flag for cell in cells for flag in cell["flags"]],
+               "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
+               "seconds": round(time.perf_counter() - started, 1)}
+    from .html import write_suite_report
+
+    results["plots"] = write_suite_report(out / REPORT_FILE, suite, results, cells)
+    write_json(out / RESULTS_FILE, results)
+    return results
+
+
+def _model_folder(model: str | Path) -> Path:
+    from ..models.registry import model_directory
+
+    return model_directory(model)
+
+
+def _check_out(out: Path, suite: SuiteSpec, overwrite: bool) -> None:
+    """``out`` must be new, empty, or an earlier run of the same suite (resumed); else ``overwrite``."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    state = out / STATE_FILE
+    if not state.is_file():
+        if overwrite:
+            return
+        raise InputError(f"{out}: exists and is not a bench run folder (use a new --out, or --overwrite)")
+    earlier = json.loads(state.read_text(encoding="utf-8")).get("suite", {})
+    if earlier.get("name") != suite.name and not overwrite:
+        raise InputError(f"{out}: holds a run of suite {earlier.get('name')!r}, not {suite.name!r} "
+                         "(use a new --out, or --overwrite to run into it anyway)")
+    if overwrite:
+        for cell in (out / CELLS_DIR).glob("*.json"):
+            cell.unlink()
+
+
+class _LazyModel:
+    """A model folder loaded on first use, once per kind of task (a run whose cells are all done loads
+    nothing; a transformers VLM loads once as a VQA model and once as a report generator)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._nets: dict[str, Any] = {}
+
+    def get(self, kind: str):
+        if kind not in self._nets:
+            if kind == "vqa":
+                from ..models.vqa import load_vqa_model
+
+                self._nets[kind] = load_vqa_model(self.path)
+            elif kind == "report":
+                from ..models.decoder import load_report_generator
+
+                self._nets[kind] = load_report_generator(self.path)
+            else:
+                from ..models.registry import load_model
+
+                self._nets[kind] = load_model(self.path)
+        return self._nets[kind]
+
+    def release(self) -> None:
+        self._nets.clear()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:120]
+
+
+def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset], model: _LazyModel, label: str,
+          digest: str, out: Path, versions: dict[str, str], show_progress: bool) -> tuple[dict[str, Any], bool]:
+    """One model x task x dataset: reused from its cell file when the fingerprint matches, else computed."""
+    checks = suite.task_checks(task)
+    data, train = datasets[task.dataset], datasets[task.train_dataset or task.dataset]
+    fingerprint = hashlib.sha256(json.dumps({
+        "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
+        "dataset": data.spec.__dict__, "train_dataset": train.spec.__dict__,
+        "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
+        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl")},
+        sort_keys=True, default=str).encode()).hexdigest()
+    path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("fingerprint") == fingerprint:
+                log.info("%s %s: done earlier, reused", label, task.key)
+                return cached, False
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cell file is recomputed
+    log.info("%s %s: scoring", label, task.key)
+    started = time.perf_counter()
+    context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress)
+    RUNNERS[task.task](context)
+    for row in context.rows:
+        row.update(seed=suite.seed, data_hashes={data.spec.name: data.hashes["sha256"]}, versions=versions)
+    cell = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
+            "split": data.spec.split, "label": context.label_column, "fingerprint": fingerprint,
+            "rows": context.rows, "plots": context.plots, "flags": context.flags, "skipped": context.skipped,
+            "seconds": round(time.perf_counter() - started, 1)}
+    write_json(path, cell)
+    return cell, True
+
+
+@dataclass
+class _Context:
+    """What a task runner needs, and what it records: rows (metric values with intervals), plot data,
+    flags (a check that failed) and skipped checks (with the reason)."""
+
+    suite: SuiteSpec
+    task: TaskSpec
+    data: PreparedDataset
+    train: PreparedDataset  # the dataset whose train_split trains probes, fills the case index
+    net: Any
+    model: str
+    checks: list[str]
+    show_progress: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    plots: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # what two checks share (the phantom twins)
+
+    @property
+    def label_column(self) -> str | None:
+        return self.task.label or self.data.spec.label
+
+    @property
+    def label(self) -> str:
+        """The label column of a classification task (the suite's check guarantees one)."""
+        column = self.label_column
+        if column is None:
+            raise InputError(f"{self.suite.source}: task {self.task.key} needs a label column")
+        return column
+
+    def row(self, metric: str, value: Any, interval: dict[str, Any] | None = None, **extra: Any) -> None:
+        value = None if value is None else float(value)
+        self.rows.append({"model": self.model, "task": self.task.task, "dataset": self.data.spec.name,
+                          "split": self.data.spec.split, "label": self.label_column, "metric": metric,
+                          "value": value, "low": None if interval is None else interval["low"],
+                          "high": None if interval is None else interval["high"], **extra})
+
+    def training_split(self):
+        """The records probes are fitted on and the case index holds: the train dataset's ``train_split``."""
+        spec = self.train.spec
+        if not spec.train_split:
+            raise InputError(f"{self.suite.source}: dataset {spec.name!r} has no train_split for {self.task.task}")
+        return self.train.split(spec.train_split)
+
+    def flag(self, check: str, message: str) -> None:
+        self.flags.append(f"{self.model} / {self.task.key} / {check}: {message}")
+
+    def bootstrap(self, metric: Callable[..., float], y_true: np.ndarray, *arrays: np.ndarray,
+                  need_both_classes: bool = True) -> dict[str, Any]:
+        from ..eval.bootstrap import bootstrap_ci
+
+        return bootstrap_ci(metric, y_true, *arrays, resamples=self.suite.bootstrap, seed=self.suite.seed,
+                            need_both_classes=need_both_classes)
+
+
+# ------------------------------------------------------------------ tasks
+
+
+def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray) -> None:
+    """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval."""
+    from ..eval.subgroups import accuracy, balanced_accuracy, macro_auc
+
+    metrics = {"auc": lambda y, p: _number(macro_auc(y, p)), "accuracy": accuracy,
+               "balanced_accuracy": balanced_accuracy}
+    for name, metric in metrics.items():
+        interval = ctx.bootstrap(metric, y_true, probabilities)
+        ctx.row(name, interval["value"], interval)
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _zero_shot(ctx: _Context) -> None:
+    from ..data import captions_for
+    from ..embed import embed_images
+    from ..eval import zero_shot
+
+    spec, net, label = ctx.data.spec, ctx.net, ctx.label
+    test = ctx.data.split(spec.split)
+    captions = captions_for(test, spec.captions, net)
+    ood_block = None
+    if getattr(net, "ood", None) is not None:
+        from ..eval.ood import embed_with_guard
+
+        embeddings, ood_block = embed_with_guard(net, test, show_progress=ctx.show_progress)
+    else:
+        embeddings = embed_images(net, test, show_progress=ctx.show_progress)
+    result = zero_shot(net, test, label, captions=captions, image_embeddings=embeddings, keep_scores=True,
+                       keep_logits=True, show_progress=ctx.show_progress)
+    y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
+    _classification_rows(ctx, y_true, probabilities)
+    ctx.plots["classes"] = result["classes"]
+    ctx.plots["confusion_matrix"] = result["confusion_matrix"]
+    scored = test.with_labels([label])
+    for check in ctx.checks:
+        CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings if len(scored) == len(test) else None, y_true,
+                                          probabilities, np.array(result["logits"]), result["classes"], captions,
+                                          ood_block))
+
+
+@dataclass
+class _Scored:
+    """A classification task's scored split, handed to its checks."""
+
+    dataset: Any
+    embeddings: Any
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray | None
+    classes: list[str]
+    captions: Any = None
+    ood: dict[str, Any] | None = None
+
+
+def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
+    from ..eval.linear_probe import linear_probe
+
+    train, test = ctx.training_split(), ctx.data.split(ctx.data.spec.split)
+    result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
+                          repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
+                          keep_scores=True)
+    if few_shot:
+        for k, run in result["few_shot"].items():
+            for metric in ("auc", "accuracy"):
+                mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]
+                interval = None if mean is None else {"low": mean - 1.96 * std, "high": mean + 1.96 * std}
+                ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"], interval_kind="mean ± 1.96 sd")
+        ctx.plots["few_shot"] = result["few_shot"]
+        return
+    y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
+    _classification_rows(ctx, y_true, probabilities)
+    ctx.plots["classes"] = result["classes"]
+    scored = _Scored(test.with_labels([ctx.label]), None, y_true, probabilities, None, result["classes"])
+    for check in ctx.checks:
+        CHECK_RUNNERS[check](ctx, scored)
+
+
+def _few_shot(ctx: _Context) -> None:
+    _linear_probe(ctx, few_shot=True)
+
+
+def _retrieval(ctx: _Context) -> None:
+    from ..eval.retrieval import retrieval
+
+    test = ctx.data.split(ctx.data.spec.split)
+    result = retrieval(ctx.net, test, show_progress=ctx.show_progress, keep_ranks=True)
+    for short, direction in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
+        ranks = np.array(result[direction]["ranks"])
+        for k in (1, 5, 10):
+            interval = ctx.bootstrap(lambda r, k=k: float((r <= k).mean()), ranks, need_both_classes=False)
+            ctx.row(f"{short}_R@{k}", interval["value"], interval, chance=result[direction]["chance"][f"R@{k}"])
+        ctx.row(f"{short}_median_rank", result[direction]["median_rank"])
+    if "sanity" in ctx.checks:
+        for short, direction in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
+            chance, value = result[direction]["chance"]["R@5"], result[f"{short}_R@5"]
+            ctx.row(f"sanity: {short}_R@5 with shuffled pairing (chance)", chance)
+            if value < chance + 0.05:
+                ctx.flag("sanity", f"{short} R@5 {value:.3f} does not beat the shuffled-pairing (chance) "
+                                   f"recall {chance:.3f} by 0.05")
+
+
+def _case_retrieval(ctx: _Context) -> None:
+    import tempfile
+
+    from ..eval.case_retrieval import case_retrieval
+    from ..index import open_index
+    from ..index.build import build_index
+
+    spec = ctx.data.spec
+    label = ctx.label_column
+    with tempfile.TemporaryDirectory(prefix="medvl-bench-index-") as folder:
+        build_index(ctx.net, ctx.training_split(), Path(folder) / "cases", model_dir=None,
+                    show_progress=ctx.show_progress)
+        index = open_index(Path(folder) / "cases")
+        result = case_retrieval(index, ctx.net, ctx.data.split(spec.split), k=ctx.task.k,
+                                label_columns=[label] if label else None, show_progress=ctx.show_progress)
+    for metric in ("precision_at_k", "jaccard_at_k", "map"):
+        ctx.row(f"{metric}", result[metric], k=ctx.task.k)
+        ctx.row(f"sanity: {metric} of a random ranking", result[f"{metric}_baseline"])
+    for block, name in (("draft", "draft"), ("nearest_report", "sanity: nearest report")):
+        for metric in ("micro_f1", "macro_f1"):
+            ctx.row(f"{name} finding {metric}", result[block][metric])
+    ctx.row("draft abstention rate", result["draft"]["abstention_rate"])
+    if "sanity" in ctx.checks and result["precision_at_k"] < result["precision_at_k_baseline"] + 0.05:
+        ctx.flag("sanity", f"precision@{ctx.task.k} {result['precision_at_k']:.3f} does not beat a random "
+                           f"ranking ({result['precision_at_k_baseline']:.3f}) by 0.05")
+
+
+def _vqa(ctx: _Context) -> None:
+    from ..eval.vqa import evaluate_vqa
+    from ..models.vqa import select_questions
+
+    items = select_questions(ctx.data.questions or [], ctx.data.spec.split, str(ctx.data.path), None)
+    result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True)
+    for prefix in ("", "blank_image_", "question_only_"):
+        baseline = prefix.rstrip("_").replace("_", " ")
+        name = f"sanity: {baseline} overall_accuracy" if prefix else "overall_accuracy"
+        if result[f"{prefix}correct"] is None:
+            ctx.skipped[f"sanity: {prefix.rstrip('_')}"] = "the model has no such baseline (no training answer prior)"
+            continue
+        correct = np.array(result[f"{prefix}correct"], dtype=float)
+        interval = ctx.bootstrap(lambda c: float(c.mean()), correct, need_both_classes=False)
+        ctx.row(name, interval["value"], interval)
+    for kind in ("closed", "open"):
+        ctx.row(f"{kind}_accuracy", result[f"{kind}_accuracy"])
+    ctx.plots["per_question_type"] = result["per_question_type"]
+    overall = result["overall_accuracy"] or 0.0
+    for baseline in ("blank_image", "question_only"):
+        other = result[f"{baseline}_overall_accuracy"]
+        if "sanity" in ctx.checks and other is not None and overall < other + 0.05:
+            ctx.flag("sanity", f"overall accuracy {overall:.3f} does not beat the {baseline.replace('_', ' ')} "
+                               f"baseline {other:.3f} by 0.05")
+
+
+def _report(ctx: _Context) -> None:
+    from ..eval.report import evaluate_report_generator
+
+    spec = ctx.data.spec
+    result = evaluate_report_generator(ctx.net, ctx.data.split(spec.split), ctx.training_split(),
+                                       show_progress=ctx.show_progress)
+    for source in ("generator", "nearest_report"):
+        for key in ("bleu4", "rouge_l", "cider", "micro_f1", "macro_f1"):
+            if key in result[source]:
+                name = key if source == "generator" else f"sanity: nearest_report {key}"
+                ctx.row(name, result[source][key])
+    ours, nearest = result["generator"].get("micro_f1"), result["nearest_report"].get("micro_f1")
+    if ours is not None and nearest is not None and ours < nearest:
+        ctx.flag("sanity", f"finding micro F1 {ours:.3f} is below the nearest-training-report baseline {nearest:.3f}")
+
+
+RUNNERS: dict[str, Callable[[_Context], None]] = {
+    "zero-shot": _zero_shot, "linear-probe": _linear_probe, "few-shot": _few_shot, "retrieval": _retrieval,
+    "case-retrieval": _case_retrieval, "vqa": _vqa, "report": _report}
+
+
+# ------------------------------------------------------------------ checks on a scored classification
+
+
+def _check_calibration(ctx: _Context, scored: _Scored) -> None:
+    from ..data import captions_for
+    from ..eval import zero_shot
+    from ..eval.calibration import calibration_report
+
+    spec = ctx.data.spec
+    if scored.logits is None:
+        ctx.skipped["calibration"] = "the task gives probabilities, not logits"
+        return
+    if not spec.calibration_split or spec.calibration_split == spec.split:
+        ctx.skipped["calibration"] = ("the dataset has no calibration_split" if not spec.calibration_split else
+                                      f"the calibration split is the scored split ({spec.split}): a temperature "
+                                      "is never fitted on the split it is reported on")
+        return
+    fit_set = ctx.data.split(spec.calibration_split)
+    fit = zero_shot(ctx.net, fit_set, ctx.label, captions=captions_for(fit_set, spec.captions, ctx.net),
+                    classes=scored.classes, keep_logits=True, show_progress=ctx.show_progress)
+    block = calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]), scored.logits, scored.y_true)
+    for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
+        ctx.row(f"calibration: {key}", block[key])
+    ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])
+    ctx.plots["calibration"] = {"reliability": block["reliability"], "split": spec.calibration_split}
+    ctx.plots["risk_coverage"] = {"risk_coverage": _risk_coverage(scored, block["temperature"])}
+    if block["ece_after"] > block["ece_before"]:
+        ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} raises ECE on {spec.split} "
+                                f"({block['ece_before']:.3f} -> {block['ece_after']:.3f})")
+
+
+def _risk_coverage(scored: _Scored, temperature: float) -> dict[str, list[float]]:
+    from ..eval.calibration import risk_coverage, softmax
+
+    assert scored.logits is not None
+    curve = risk_coverage(softmax(scored.logits / temperature), scored.y_true)
+    picks = np.unique(np.linspace(0, len(curve["coverage"]) - 1, 50).round().astype(int))
+    return {key: [float(curve[key][i]) for i in picks] for key in ("coverage", "risk")}
+
+
+def _check_sanity(ctx: _Context, scored: _Scored) -> None:
+    from ..eval.sanity import sanity_baselines
+
+    if scored.embeddings is None and ctx.task.task == "zero-shot":
+        ctx.skipped["sanity"] = "records without the label were dropped"
+        return
+    result = sanity_baselines(ctx.net, scored.dataset, ctx.label, captions=scored.captions,
+                              classes=scored.classes, image_embeddings=scored.embeddings, seed=ctx.suite.seed,
+                              probabilities=scored.probabilities if ctx.task.task != "zero-shot" else None,
+                              show_progress=ctx.show_progress)
+    for baseline, metrics in result["baselines"].items():
+        for key in result["compared"]:
+            ctx.row(f"sanity: {baseline.replace('_', ' ')} {key}", metrics.get(key))
+    ctx.plots["sanity"] = result
+    for message in result["flags"]:
+        ctx.flag("sanity", message)
+
+
+def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
+    from ..eval.subgroups import groups_from_records, subgroup_metrics
+
+    columns = ctx.data.spec.subgroups
+    if not columns:
+        ctx.skipped["subgroups"] = "the dataset names no subgroup columns"
+        return
+    groups = groups_from_records(scored.dataset.records, columns)
+    result = subgroup_metrics(scored.y_true, scored.probabilities, groups, resamples=ctx.suite.bootstrap,
+                              seed=ctx.suite.seed)
+    for column, block in result["columns"].items():
+        for group, metrics in block["groups"].items():
+            auc = metrics.get("auc")
+            if isinstance(auc, dict):
+                ctx.row(f"subgroup {column}={group}: auc", auc["value"], auc, n=metrics["n"])
+        gap = block.get("gap")
+        if isinstance(gap, dict) and gap.get("value") is not None:
+            ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
+    ctx.plots["subgroups"] = result["columns"]
+
+
+def _check_corruption(ctx: _Context, scored: _Scored) -> None:
+    from ..eval.robustness import corruption_curves
+
+    settings = {**DEFAULT_CORRUPTION, **ctx.suite.corruption}
+    dataset = _sample(scored.dataset, int(settings["max_images"]), ctx.suite.seed)
+    result = corruption_curves(ctx.net, dataset, ctx.label, kinds=tuple(settings["kinds"]),
+                               severities=tuple(settings["severities"]), captions=scored.captions,
+                               classes=scored.classes, seed=ctx.suite.seed, show_progress=ctx.show_progress)
+    for kind, points in result["curves"].items():
+        for point in points:
+            ctx.row(f"corruption {kind} s{point['severity']}: auc", point["auc"])
+    ctx.plots["corruption"] = result
+
+
+def _sample(dataset, limit: int, seed: int):
+    if len(dataset) <= limit:
+        return dataset
+    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    return dataset.subset([dataset[int(i)] for i in chosen])
+
+
+def _phantom_pairs(ctx: _Context) -> list | None:
+    """Counterfactual twins of new patients of the dataset's phantom (indices past the generated ones:
+    in no split), made once per cell; None for data that is not a phantom."""
+    from ..eval.counterfactual import phantom_counterfactual_pairs
+
+    generator = ctx.data.generator
+    if generator is None:
+        return None
+    if "pairs" not in ctx.cache:
+        settings = ctx.suite.counterfactual
+        ctx.cache["pairs"] = phantom_counterfactual_pairs(
+            int(generator.get("seed", 0)), int(settings.get("n", 10)),
+            int(settings.get("size", generator.get("size", 128))), start=int(generator.get("n", 0)))
+    return ctx.cache["pairs"]
+
+
+def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
+    from ..eval import counterfactual
+
+    pairs = _phantom_pairs(ctx)
+    if pairs is not None:
+        source = "phantom twins: the same film with the finding removed, moved, resized or on the other side"
+    else:
+        pairs = counterfactual.nearest_neighbour_pairs(ctx.net, scored.dataset, ctx.label,
+                                                       embeddings=scored.embeddings)
+        source = "nearest-neighbour images with a different label (the model's own hardest pairs)"
+    result = counterfactual.pair_accuracy(ctx.net, pairs, label=ctx.label, captions=scored.captions,
+                                          classes=scored.classes)
+    ctx.row("counterfactual: pair accuracy", result["pair_accuracy"], n=result["n_pairs"])
+    ctx.row("counterfactual: single-image accuracy", result["single_accuracy"])
+    for variation, block in result["per_variation"].items():
+        ctx.row(f"counterfactual: pair accuracy ({variation})", block["pair_accuracy"], n=block["n_pairs"])
+    ctx.plots["counterfactual"] = {**result, "source": source}
+
+
+def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
+    from ..data.phantom import shortcut_spec
+    from ..eval.shortcut import shortcut_check
+
+    marker = shortcut_spec(ctx.data.path) if ctx.data.path.is_dir() else None
+    result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
+                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes)
+    ctx.row("shortcut: masked accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
+    if result.get("pair_accuracy") is not None:
+        ctx.row("shortcut: pair accuracy", result["pair_accuracy"])
+        ctx.row("shortcut: pair accuracy bound", result["pair_accuracy_bound"])
+    ctx.row("shortcut: flagged", float(result["flagged"]))
+    ctx.plots["shortcut"] = {key: value for key, value in result.items() if key not in ("masked", "pairs")}
+    for reason in result["reasons"] if result["flagged"] else []:
+        ctx.flag("shortcut", reason)
+
+
+def _check_ood(ctx: _Context, scored: _Scored) -> None:
+    if scored.ood is None:
+        ctx.skipped["ood"] = "the model has no OOD guard (medvl ood fit)"
+        return
+    ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"])
+    if scored.ood["flagged_share"] > 0.05:
+        ctx.flag("ood", f"the guard flags {scored.ood['flagged_share']:.1%} of the scored split as unlike the "
+                        "model's training images")
+
+
+CHECK_RUNNERS: dict[str, Callable[[_Context, _Scored], None]] = {
+    "calibration": _check_calibration, "sanity": _check_sanity, "subgroups": _check_subgroups,
+    "corruption": _check_corruption, "counterfactual": _check_counterfactual, "shortcut": _check_shortcut,
+    "ood": _check_ood}
+
+
+def run_suite_file(suite: str | Path, models: list[str | Path], out: str | Path, *, data: dict[str, str] | None = None,
+                   splits: dict[str, str] | None = None, show_progress: bool = True,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """``medvl bench run``: load the suite (a file, or a shipped suite's name) with the dataset path and
+    split overrides, then ``run_suite``."""
+    from .suite import load_suite
+
+    return run_suite(load_suite(suite, data=data, splits=splits), models, out, show_progress=show_progress,
+                     overwrite=overwrite)
+
+
+def parse_assignments(pairs: list[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs of a repeatable option (``--data phantom=DIR``) as a dict; InputError otherwise."""
+    parsed: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InputError(f"{option} expects NAME=VALUE (a dataset name of the suite), got {pair!r}")
+        if name.strip() in parsed:
+            raise InputError(f"{option} names dataset {name.strip()!r} twice")
+        parsed[name.strip()] = value.strip()
+    return parsed

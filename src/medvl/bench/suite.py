@@ -1,0 +1,318 @@
+"""Benchmark suites: many evaluations of several models as one reproducible run (``medvl bench run``).
+
+A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
+
+    name: phantom                      # what the suite is called in results and the report
+    seed: 0                            # seeds every sampled thing: bootstrap, shuffles, few-shot draws
+    bootstrap: 1000                    # resamples behind every 95% interval
+    datasets:
+      phantom:                         # a name tasks refer to
+        path: null                     # a dataset path (relative to the suite file, $VARS expanded);
+                                       # --data phantom=DIR overrides it
+        generate: {n: 600, size: 128}  # phantom only: when path is empty, generate it into OUT/data/NAME
+        split: test                    # the split every task scores
+        train_split: train             # linear probe / few-shot / case-retrieval index / report baseline
+        calibration_split: val         # temperature, abstention threshold, nothing reported on it
+        label: finding                 # the default label column of the classification tasks
+        subgroups: [sex, age, view]    # metadata columns scored per group
+        kind: images                   # images (any medvl dataset) | vqa (a VQA question file)
+    tasks:
+      - {task: zero-shot, dataset: phantom}
+      - {task: linear-probe, dataset: phantom, train_dataset: other}  # train split of another dataset
+      - {task: few-shot, dataset: phantom, shots: [1, 4, 16]}
+    checks: [sanity, calibration, subgroups, corruption, counterfactual, shortcut, ood]
+    corruption: {kinds: [noise, blur], severities: [1, 3, 5], max_images: 200}
+    counterfactual: {n: 60}
+
+Tasks: ``zero-shot``, ``linear-probe``, ``few-shot``, ``retrieval``, ``case-retrieval`` (dual
+encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may carry its own
+``checks:`` list and ``label:``. Checks apply to the tasks they make sense for (``CHECKS``) and are
+skipped, with the reason recorded, elsewhere.
+
+``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
+the suite does not define, a dataset path that does not exist, a missing split or label column, and
+(``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checks import check_number
+from ..errors import InputError, ModelError
+
+SUITES_DIR = Path(__file__).with_name("suites")
+
+# task -> the kind of model that can do it
+TASKS: dict[str, str] = {"zero-shot": "dual", "linear-probe": "dual", "few-shot": "dual", "retrieval": "dual",
+                         "case-retrieval": "dual", "vqa": "vqa", "report": "report"}
+# check -> the tasks it applies to
+CHECKS: dict[str, tuple[str, ...]] = {
+    "sanity": ("zero-shot", "linear-probe", "retrieval", "vqa", "report"),
+    "calibration": ("zero-shot", "linear-probe"),
+    "subgroups": ("zero-shot", "linear-probe"),
+    "corruption": ("zero-shot",),
+    "counterfactual": ("zero-shot",),
+    "shortcut": ("zero-shot",),
+    "ood": ("zero-shot",),
+}
+DATASET_KINDS = ("images", "vqa")
+MODEL_KINDS = {"dual": "a dual encoder (medvl train, or a transformers CLIP / SigLIP folder)",
+               "vqa": "a VQA model (medvl train vqa)", "report": "a report generator (medvl train report)"}
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a suite; see the module docstring for each field."""
+
+    name: str
+    path: str | None = None
+    generate: dict[str, Any] | None = None  # phantom generator arguments (n, seed, size, kind, vqa)
+    split: str = "test"
+    train_split: str | None = "train"
+    calibration_split: str | None = "val"
+    label: str | None = None
+    subgroups: list[str] = field(default_factory=list)
+    kind: str = "images"
+    captions: str | None = None  # a caption YAML for zero-shot prompts (default: the dataset's or model's)
+
+
+@dataclass
+class TaskSpec:
+    """One task of a suite, scored for every model on one dataset."""
+
+    task: str
+    dataset: str
+    label: str | None = None  # the label column (default: the dataset's ``label``)
+    checks: list[str] | None = None  # None: the suite's checks
+    shots: list[int] = field(default_factory=lambda: [1, 4, 16])  # few-shot: images per class
+    repeats: int = 5  # few-shot draws per k
+    k: int = 5  # case-retrieval: neighbours scored
+    train_dataset: str | None = None  # where the train split comes from (default: the task's dataset)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}@{self.dataset}" + (f":{self.label}" if self.label else "")
+
+
+@dataclass
+class SuiteSpec:
+    """A parsed suite file."""
+
+    name: str
+    datasets: dict[str, DatasetSpec]
+    tasks: list[TaskSpec]
+    checks: list[str] = field(default_factory=list)
+    seed: int = 0
+    bootstrap: int = 1000
+    corruption: dict[str, Any] = field(default_factory=dict)  # kinds, severities, max_images
+    counterfactual: dict[str, Any] = field(default_factory=dict)  # n (phantom pairs), size
+    source: str = ""  # the suite file
+
+    def task_checks(self, task: TaskSpec) -> list[str]:
+        """The checks that run on ``task``: its own list or the suite's, kept to those that apply."""
+        chosen = self.checks if task.checks is None else task.checks
+        return [check for check in chosen if task.task in CHECKS[check]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def shipped_suites() -> list[str]:
+    """Names of the suites shipped with medvl (``medvl bench run NAME`` takes one)."""
+    return sorted(path.stem for path in SUITES_DIR.glob("*.yaml"))
+
+
+def suite_path(name_or_path: str | Path) -> Path:
+    """A suite file: the path given, else the shipped suite of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix == "" and (SUITES_DIR / f"{path.name}.yaml").is_file():
+        return SUITES_DIR / f"{path.name}.yaml"
+    raise InputError(f"{name_or_path}: suite file not found (shipped suites: {', '.join(shipped_suites())})")
+
+
+def load_suite(name_or_path: str | Path, data: dict[str, str] | None = None,
+               splits: dict[str, str] | None = None) -> SuiteSpec:
+    """Parse and check a suite file; ``data`` / ``splits`` override datasets' paths / scored splits by name."""
+    import yaml
+
+    path = suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise InputError(f"{path}: not a readable suite file ({err.__class__.__name__}: {str(err)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a suite file is a mapping with datasets and tasks")
+    suite = _parse(raw, path)
+    _apply_overrides(suite, data or {}, splits or {}, path)
+    _check(suite)
+    return suite
+
+
+def _parse(raw: dict[str, Any], path: Path) -> SuiteSpec:
+    _known_keys(raw, {"name", "seed", "bootstrap", "datasets", "tasks", "checks", "corruption", "counterfactual"},
+                f"{path}")
+    datasets_raw = raw.get("datasets")
+    if not isinstance(datasets_raw, dict) or not datasets_raw:
+        raise InputError(f"{path}: 'datasets' must map dataset names to their settings")
+    datasets = {str(name): _dataset(str(name), spec or {}, path) for name, spec in datasets_raw.items()}
+    tasks_raw = raw.get("tasks")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise InputError(f"{path}: 'tasks' must be a non-empty list")
+    tasks = [_task(spec, i, path) for i, spec in enumerate(tasks_raw)]
+    checks = _checks(raw.get("checks") or [], f"{path}: checks")
+    suite = SuiteSpec(name=str(raw.get("name") or path.stem), datasets=datasets, tasks=tasks, checks=checks,
+                      seed=raw.get("seed", 0), bootstrap=raw.get("bootstrap", 1000),
+                      corruption=dict(raw.get("corruption") or {}),
+                      counterfactual=dict(raw.get("counterfactual") or {}), source=str(path))
+    _known_keys(suite.corruption, {"kinds", "severities", "max_images"}, f"{path}: corruption")
+    _known_keys(suite.counterfactual, {"n", "size", "max_pairs"}, f"{path}: counterfactual")
+    return suite
+
+
+def _known_keys(raw: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(map(str, raw)) - allowed)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+
+
+def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
+    allowed = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
+    _known_keys(raw, allowed, f"{path}: dataset {name!r}")
+    spec = DatasetSpec(name=name, **raw)
+    if spec.kind not in DATASET_KINDS:
+        raise InputError(f"{path}: dataset {name!r}: kind must be one of {', '.join(DATASET_KINDS)}, got {spec.kind!r}")
+    if spec.path is not None:
+        given = Path(os.path.expandvars(str(spec.path))).expanduser()
+        spec.path = str(given if given.is_absolute() else (path.parent / given))
+    if spec.generate is not None:
+        _known_keys(spec.generate, {"n", "seed", "size", "kind", "vqa", "extra_finding_prob", "shortcut"},
+                    f"{path}: dataset {name!r}: generate")
+    if not isinstance(spec.subgroups, list):
+        raise InputError(f"{path}: dataset {name!r}: subgroups must be a list of column names")
+    return spec
+
+
+def _task(raw: Any, index: int, path: Path) -> TaskSpec:
+    where = f"{path}: task {index + 1}"
+    if not isinstance(raw, dict) or "task" not in raw or "dataset" not in raw:
+        raise InputError(f"{where}: each task needs 'task' and 'dataset', got {raw!r}")
+    allowed = {f.name for f in dataclasses.fields(TaskSpec)}
+    _known_keys(raw, allowed, where)
+    spec = TaskSpec(**raw)
+    if spec.task not in TASKS:
+        raise InputError(f"{where}: unknown task {spec.task!r} (tasks: {', '.join(TASKS)})")
+    if spec.checks is not None:
+        spec.checks = _checks(spec.checks, f"{where}: checks")
+    if not isinstance(spec.shots, list) or not spec.shots:
+        raise InputError(f"{where}: shots must be a non-empty list of images per class")
+    for shots in spec.shots:
+        check_number(f"{where}: shots", shots, minimum=1, integer=True)
+    check_number(f"{where}: repeats", spec.repeats, minimum=1, maximum=100, integer=True)
+    check_number(f"{where}: k", spec.k, minimum=1, maximum=1000, integer=True)
+    return spec
+
+
+def _checks(raw: Any, where: str) -> list[str]:
+    if not isinstance(raw, list):
+        raise InputError(f"{where}: expected a list of checks, got {raw!r}")
+    unknown = [str(check) for check in raw if check not in CHECKS]
+    if unknown:
+        raise InputError(f"{where}: unknown check(s) {', '.join(unknown)} (checks: {', '.join(CHECKS)})")
+    return list(dict.fromkeys(raw))
+
+
+def _apply_overrides(suite: SuiteSpec, data: dict[str, str], splits: dict[str, str], path: Path) -> None:
+    for option, given in (("--data", data), ("--split", splits)):
+        unknown = sorted(set(given) - set(suite.datasets))
+        if unknown:
+            raise InputError(f"{option} {', '.join(unknown)}: no such dataset in {path} "
+                             f"(datasets: {', '.join(suite.datasets)})")
+    for name, value in data.items():
+        suite.datasets[name].path = str(Path(value).expanduser())
+    for name, value in splits.items():
+        suite.datasets[name].split = value
+
+
+def _check(suite: SuiteSpec) -> None:
+    where = suite.source
+    check_number(f"{where}: seed", suite.seed, minimum=0, integer=True)
+    check_number(f"{where}: bootstrap", suite.bootstrap, minimum=100, maximum=100_000, integer=True)
+    for task in suite.tasks:
+        if task.dataset not in suite.datasets:
+            raise InputError(f"{where}: task {task.task} names dataset {task.dataset!r}, which the suite does not "
+                             f"define (datasets: {', '.join(suite.datasets)})")
+        dataset = suite.datasets[task.dataset]
+        wants_vqa = task.task == "vqa"
+        if wants_vqa != (dataset.kind == "vqa"):
+            raise InputError(f"{where}: task {task.task} on dataset {task.dataset!r} of kind {dataset.kind}: "
+                             + ("vqa needs a dataset of kind vqa (a question file)" if wants_vqa
+                                else f"{task.task} needs an image dataset (kind images)"))
+        if task.train_dataset is not None and task.train_dataset not in suite.datasets:
+            raise InputError(f"{where}: task {task.task} takes its training split from dataset "
+                             f"{task.train_dataset!r}, which the suite does not define")
+        if task.task in ("zero-shot", "linear-probe", "few-shot") and not (task.label or dataset.label):
+            raise InputError(f"{where}: task {task.task} on {task.dataset!r} needs a label column "
+                             "(the task's or the dataset's 'label')")
+    for dataset in suite.datasets.values():
+        if dataset.path is None and dataset.generate is None:
+            raise InputError(f"{where}: dataset {dataset.name!r} has no path: give --data {dataset.name}=PATH")
+        if dataset.path is not None and not Path(dataset.path).exists():
+            unset = sorted(set(re.findall(r"\$\{?(\w+)", dataset.path)))
+            hint = f"set {', '.join(unset)} or " if unset else ""
+            raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
+                             f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
+    """What a model folder is, from its config.json alone (nothing loaded): a description and the
+    kinds of task it takes (``dual``, ``vqa``, ``report``; a transformers VLM takes both of the last)."""
+    from ..models.registry import model_directory
+    from ..models.vlm import SUPPORTED_TYPES
+
+    folder = model_directory(directory)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{directory}: not a model folder (no config.json)")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{config}: unreadable model config ({err.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{config}: a model config is a JSON object")
+    kind, model_type = raw.get("kind"), raw.get("model_type")
+    if kind == "vqa":
+        return MODEL_KINDS["vqa"], {"vqa"}
+    if kind == "report-generator":
+        return MODEL_KINDS["report"], {"report"}
+    if model_type in SUPPORTED_TYPES:
+        return f"a transformers {model_type} vision-language model", {"vqa", "report"}
+    if model_type in (None, "clip", "siglip"):
+        return MODEL_KINDS["dual"], {"dual"}
+    raise ModelError(f"{directory}: model_type {model_type!r} is not one medvl can benchmark")
+
+
+def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
+    """InputError naming the model and the task when a model cannot do a task of the suite."""
+    if not models:
+        raise InputError("give at least one --model")
+    for model in models:
+        if not Path(model).is_dir():
+            raise InputError(f"{model}: model folder not found")
+        description, kinds = model_capabilities(model)
+        for task in suite.tasks:
+            needed = TASKS[task.task]
+            if needed not in kinds:
+                raise InputError(f"{model}: is {description}, which cannot do task {task.task} of "
+                                 f"{suite.source} (it needs {MODEL_KINDS[needed]})")

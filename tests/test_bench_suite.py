@@ -1,0 +1,228 @@
+"""``medvl bench run``: suites of tasks and trust checks over several models, on a real phantom and two
+tiny models trained by ``medvl train``; results.json rows, report.html, resuming, and the errors a bad
+suite gets before any work starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_helpers import invoke
+from medvl.bench.suite import load_suite, shipped_suites
+from serve_helpers import train_tiny_model
+
+ROW_KEYS = {"model", "task", "dataset", "split", "metric", "value", "low", "high", "seed", "data_hashes", "versions"}
+
+
+def write_suite(folder: Path, data: Path, **changes) -> Path:
+    suite = {
+        "name": "tiny", "seed": 0, "bootstrap": 200,
+        "datasets": {"phantom": {"path": str(data), "split": "test", "train_split": "train",
+                                 "calibration_split": "val", "label": "finding", "subgroups": ["sex", "view"]}},
+        "tasks": [{"task": "zero-shot", "dataset": "phantom"}, {"task": "linear-probe", "dataset": "phantom"},
+                  {"task": "few-shot", "dataset": "phantom", "shots": [1, 2], "repeats": 2},
+                  {"task": "retrieval", "dataset": "phantom"}, {"task": "case-retrieval", "dataset": "phantom"}],
+        "checks": ["sanity", "calibration", "subgroups", "corruption", "counterfactual", "shortcut", "ood"],
+        "corruption": {"kinds": ["noise", "blur"], "severities": [1, 5], "max_images": 24},
+        "counterfactual": {"n": 8, "size": 64},
+    }
+    suite.update(changes)
+    path = folder / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_models(phantom_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-models")
+    first = train_tiny_model(phantom_dir, folder / "alpha")
+    second = train_tiny_model(phantom_dir, folder / "beta")
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def finished_run(two_models, phantom_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-run")
+    suite = write_suite(folder, phantom_dir)
+    out = folder / "out"
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--model", two_models[1],
+                            "--out", out, "-q")
+    assert result.exit_code == 0, output
+    return suite, out, json.loads((out / "results.json").read_text())
+
+
+def test_results_have_one_row_per_model_task_metric_with_intervals(finished_run):
+    _, out, results = finished_run
+    rows = results["rows"]
+    assert {row["model"] for row in rows} == {"alpha", "beta"}
+    assert {row["task"] for row in rows} == {"zero-shot", "linear-probe", "few-shot", "retrieval", "case-retrieval"}
+    assert all(ROW_KEYS <= set(row) for row in rows)
+    keys = [(r["model"], r["task"], r["dataset"], r.get("label"), r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    with_interval = [r for r in rows if r["low"] is not None]
+    assert len(with_interval) >= 20
+    assert all(r["low"] - 1e-9 <= r["value"] <= r["high"] + 1e-9 for r in with_interval if r["metric"] in (
+        "auc", "accuracy", "balanced_accuracy", "i2t_R@5"))
+    assert results["data_hashes"]["phantom"]["files"] > 96
+    assert results["versions"]["torch"].startswith("2.13")
+    metrics = {r["metric"] for r in rows}
+    for expected in ("auc", "calibration: ece_before", "calibration: ece_after", "i2t_R@5",
+                     "counterfactual: pair accuracy", "shortcut: masked accuracy drop", "1-shot auc"):
+        assert expected in metrics, expected
+    assert any(m.startswith("sanity: ") for m in metrics)
+    assert any(m.startswith("subgroup sex=") for m in metrics)
+    assert any(m.startswith("corruption noise s5") for m in metrics)
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_a_rerun_reuses_every_cell_and_a_changed_model_is_recomputed(finished_run, two_models, tmp_path):
+    suite, out, results = finished_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--model", two_models[1],
+                            "--out", copy, "-q")
+    assert result.exit_code == 0, output
+    again = json.loads((copy / "results.json").read_text())
+    assert again["cells"] == {"total": 10, "computed": 0, "reused": 10}
+    assert again["rows"] == results["rows"]
+    # the second model changes: only its cells run again
+    changed = tmp_path / "beta" / "model"
+    shutil.copytree(two_models[1], changed)
+    weights = next(changed.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: a different model
+    weights.write_bytes(bytes(data))
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--model", changed,
+                            "--out", copy, "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((copy / "results.json").read_text())["cells"]["computed"] == 5
+
+
+def test_the_report_draws_every_plot_in_chromium(finished_run):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is not installed (scripts/chromium.sh install)")
+    _, out, results = finished_run
+    assert len(results["plots"]) >= 8
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "report.html").resolve().as_uri())
+        drawn = page.eval_on_selector_all(
+            "img.plot", "imgs => imgs.map(i => [i.dataset.plot, i.complete && i.naturalWidth > 0])")
+        browser.close()
+    assert sorted(plot for plot, _ in drawn) == sorted(results["plots"])
+    assert all(ok for _, ok in drawn), [plot for plot, ok in drawn if not ok]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": [{"task": "segmentation", "dataset": "phantom"}]}, "unknown task 'segmentation'"),
+    ({"checks": ["sanity", "vibes"]}, "unknown check(s) vibes"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "chest"}]}, "names dataset 'chest'"),
+    ({"tasks": [{"task": "vqa", "dataset": "phantom"}]}, "vqa needs a dataset of kind vqa"),
+    ({"colour": "blue"}, "unknown key(s) colour"),
+])
+def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
+    suite = write_suite(tmp_path, phantom_dir, **change)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    assert message in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_dataset_path_split_or_column_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
+    suite = write_suite(tmp_path, tmp_path / "nowhere")
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "nowhere" in output and "--data phantom=PATH" in " ".join(output.split())
+    suite = write_suite(tmp_path, phantom_dir)
+    for args, message in ((["--split", "phantom=holdout"], "no split holdout"),
+                          (["--data", "chest=/tmp"], "no such dataset"),
+                          (["--data", "phantom"], "NAME=VALUE")):
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out",
+                                "-q", *args)
+        assert result.exit_code == 2 and message in output, output
+        assert not (tmp_path / "out" / "cells").exists()
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": {"path": str(phantom_dir), "label": "finding",
+                                                                     "subgroups": ["blood_type"]}})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "no column blood_type" in output, output
+
+
+def test_a_model_that_cannot_do_a_task_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
+    vqa_model = tmp_path / "vqa-model"
+    vqa_model.mkdir()
+    (vqa_model / "config.json").write_text(json.dumps({"kind": "vqa"}))
+    suite = write_suite(tmp_path, phantom_dir)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--model", vqa_model,
+                            "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    assert "cannot do task zero-shot" in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_of_something_else_is_refused(two_models, phantom_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    suite = write_suite(tmp_path, phantom_dir)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "not a bench run folder" in output, output
+
+
+@pytest.mark.parametrize("name", ["phantom", "pneumoniamnist", "isic", "medpix"])
+def test_every_shipped_suite_parses_and_names_its_data(name, tmp_path, monkeypatch):
+    assert name in shipped_suites()
+    monkeypatch.delenv("MEDVL_DATA", raising=False)
+    suite = load_suite(name, data={dataset: str(tmp_path) for dataset in load_suite_names(name)})
+    assert suite.tasks and all(task.dataset in suite.datasets for task in suite.tasks)
+    assert all(suite.datasets[d].path == str(tmp_path) for d in suite.datasets)
+
+
+def load_suite_names(name: str) -> list[str]:
+    from medvl.bench.suite import suite_path
+
+    return list(yaml.safe_load(suite_path(name).read_text())["datasets"])
+
+
+def test_a_shipped_suite_without_its_data_says_how_to_give_it(two_models, tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDVL_DATA", raising=False)
+    result, output = invoke("bench", "run", "pneumoniamnist", "--model", two_models[0], "--out", tmp_path / "o")
+    assert result.exit_code == 2, output
+    text = " ".join(output.split())
+    assert "set MEDVL_DATA or give its location with --data pneumoniamnist=PATH" in text, output
+
+
+VQA_TINY = ["--image-model", "phantom-tiny", "--image-size", "32", "--question-encoder", "bert", "--hidden-size", "32",
+            "--fusion-layers", "1", "--set", "text.hidden_size=32", "--set", "text.intermediate_size=64",
+            "--set", "text.num_layers=1", "--batch-size", "32", "--quiet"]
+
+
+def test_a_vqa_suite_scores_accuracy_beside_the_blank_image_and_question_only_baselines(tmp_path):
+    from medvl.data.phantom import generate_phantom
+
+    data = tmp_path / "phantom"
+    generate_phantom(data, n=60, seed=5, size=32, vqa=True, vqa_per_case=4)
+    result, output = invoke("train", "vqa", "--data", data / "vqa", "--out", tmp_path / "vqa", "--epochs", "1",
+                            "--max-steps", "2", *VQA_TINY)
+    assert result.exit_code == 0, output
+    suite = tmp_path / "vqa.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "phantom-vqa", "bootstrap": 200,
+        "datasets": {"questions": {"path": str(data / "vqa"), "kind": "vqa", "split": "test"}},
+        "tasks": [{"task": "vqa", "dataset": "questions"}], "checks": ["sanity"]}))
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "vqa", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {row["metric"]: row for row in results["rows"]}
+    overall = rows["overall_accuracy"]
+    assert overall["low"] <= overall["value"] <= overall["high"]
+    assert "sanity: blank image overall_accuracy" in rows and "sanity: question only overall_accuracy" in rows
+    assert any(plot.endswith("/per_question_type") for plot in results["plots"])
+    # a dual encoder cannot answer questions: refused before any work
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "vqa", "--model",
+                            train_tiny_model(data, tmp_path / "dual"), "--out", tmp_path / "out2", "-q")
+    assert result.exit_code == 2 and "cannot do task vqa" in " ".join(output.split()), output
