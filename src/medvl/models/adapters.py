@@ -256,7 +256,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _load_weights(directory: Path, model_type: str) -> Any:
     from transformers import CLIPModel, SiglipModel
 
-    model_class = CLIPModel if model_type == "clip" else SiglipModel
+    return load_transformers_model(CLIPModel if model_type == "clip" else SiglipModel, directory, model_type)
+
+
+def load_transformers_model(model_class: Any, directory: Path, model_type: str) -> Any:
+    """``model_class.from_pretrained(directory)`` in float32 from local files only, checked: every tensor
+    of the config present and finite; any failure a ``ModelError`` naming the folder."""
     try:
         with _without_loading_bar():
             loaded: Any = model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32,

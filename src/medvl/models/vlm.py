@@ -58,8 +58,8 @@ from ..data.images import read_image
 from ..data.loaders.vqa import normalize_answer
 from ..data.record import ImageSource
 from ..errors import InputError, ModelError
-from .adapters import TOKENIZER_FILES, WEIGHT_FILES, _without_loading_bar, rgb_uint8
-from .dual import CONFIG_FILE, non_finite_tensors
+from .adapters import TOKENIZER_FILES, WEIGHT_FILES, load_transformers_model, rgb_uint8
+from .dual import CONFIG_FILE
 
 KIND = "vlm"
 SUPPORTED_TYPES = {"llava": 1, "gemma3": 2}  # config.json model_type -> most images per prompt
@@ -336,19 +336,4 @@ def _load_processor(directory: Path) -> Any:
 def _load_model(directory: Path, model_type: str) -> Any:
     from transformers import AutoModelForImageTextToText
 
-    try:
-        with _without_loading_bar():
-            loaded: Any = AutoModelForImageTextToText.from_pretrained(
-                directory, local_files_only=True, dtype=torch.float32, output_loading_info=True)
-        model, info = loaded
-    except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, SafetensorError...
-        raise ModelError(f"{directory}: cannot load the {model_type} model ({err.__class__.__name__}: "
-                         f"{str(err)[:200]})") from None
-    missing = info.get("missing_keys") or []
-    if missing:
-        raise ModelError(f"{directory}: the weights lack {len(missing)} tensor(s) of the {model_type} config "
-                         f"(first: {sorted(missing)[0]})")
-    bad = non_finite_tensors(model.state_dict())
-    if bad:
-        raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
-    return model.eval()
+    return load_transformers_model(AutoModelForImageTextToText, directory, model_type).eval()
