@@ -226,3 +226,21 @@ def test_a_vqa_suite_scores_accuracy_beside_the_blank_image_and_question_only_ba
     result, output = invoke("bench", "run", suite, "--model", tmp_path / "vqa", "--model",
                             train_tiny_model(data, tmp_path / "dual"), "--out", tmp_path / "out2", "-q")
     assert result.exit_code == 2 and "cannot do task vqa" in " ".join(output.split()), output
+
+
+def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_dir, tmp_path):
+    tiny = ["--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
+            "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48", "--set", "decoder.vocab_size=400"]
+    result, output = invoke("train", "report", "--data", phantom_dir, "--out", tmp_path / "gen", "--image-model",
+                            "phantom-tiny", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "-q", *tiny)
+    assert result.exit_code == 0, output
+    suite = tmp_path / "report.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "phantom-report", "bootstrap": 200,
+        "datasets": {"phantom": {"path": str(phantom_dir), "split": "test", "train_split": "train"}},
+        "tasks": [{"task": "report", "dataset": "phantom"}], "checks": ["sanity"]}))
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "gen", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    for metric in ("bleu_4", "rouge_l", "cider", "micro_f1"):
+        assert rows[metric]["value"] is not None and f"sanity: nearest_report {metric}" in rows, metric

@@ -1,6 +1,7 @@
 """Metrics against plain reference computations on seeded random data."""
 
 import numpy as np
+import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medvl.eval.metrics import classification_metrics, recall_at_k, retrieval_ranks
@@ -34,3 +35,26 @@ def test_retrieval_ranks_match_a_full_sort():
 def test_retrieval_ties_rank_pessimistically():
     similarity = np.array([[1.0, 1.0, 0.0]])
     assert retrieval_ranks(similarity, [[0]])[0] == 2
+
+
+def test_report_intervals_match_pycocoevalcap_on_all_reports_and_on_a_resample():
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from medvl.eval.report import _corpus_bleu_4, metric_tokens, report_intervals, report_metrics
+
+    references = ["Small left pleural effusion. No pneumothorax.", "Heart size is normal. Lungs are clear.",
+                  "Right upper zone nodule measuring 8 mm.", "No acute cardiopulmonary abnormality.",
+                  "Cardiomegaly. Moderate right effusion with blunting."]
+    candidates = ["Left pleural effusion, small.", "Normal heart size; clear lungs.", "", "No acute abnormality.",
+                  "Enlarged heart and a right effusion."]
+    intervals = report_intervals(references, candidates, resamples=300, seed=1)
+    expected = report_metrics(references, candidates)
+    for key, interval in intervals.items():
+        assert interval["value"] == pytest.approx(expected[key], abs=1e-12), key
+        assert interval["low"] <= interval["value"] + 1e-12 and interval["high"] >= interval["value"] - 1e-12
+        assert interval["resamples"] == 300
+    index = np.array([4, 4, 0, 2, 1])  # a draw with repeats, scored the slow way
+    tokens = [metric_tokens(t) or "<empty>" for t in references], [metric_tokens(t) or "<empty>" for t in candidates]
+    slow = Bleu(4).compute_score({k: [tokens[0][i]] for k, i in enumerate(index)},
+                                 {k: [tokens[1][i]] for k, i in enumerate(index)}, verbose=0)[0][3]
+    assert _corpus_bleu_4(*tokens)(index) == pytest.approx(slow, abs=1e-12)

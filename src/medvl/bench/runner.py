@@ -531,18 +531,19 @@ def _vqa(ctx: _Context) -> None:
 
 
 def _report(ctx: _Context) -> None:
-    from ..eval.report import evaluate_report_generator
+    from ..eval.report import evaluate_report_generator, report_intervals
 
     spec = ctx.data.spec
     result = evaluate_report_generator(ctx.net, ctx.data.split(spec.split), ctx.training_split(),
-                                       show_progress=ctx.show_progress)
-    for source in ("generator", "nearest_report"):
-        for key in ("bleu4", "rouge_l", "cider", "micro_f1", "macro_f1"):
-            if key in result[source]:
-                name = key if source == "generator" else f"sanity: nearest_report {key}"
-                ctx.row(name, result[source][key])
-    ours, nearest = result["generator"].get("micro_f1"), result["nearest_report"].get("micro_f1")
-    if ours is not None and nearest is not None and ours < nearest:
+                                       show_progress=ctx.show_progress, keep_texts=True)
+    texts = result.pop("texts")
+    for source, name in (("generated", ""), ("nearest", "sanity: nearest_report ")):
+        intervals = report_intervals(texts["references"], texts[source], resamples=ctx.suite.bootstrap,
+                                     seed=ctx.suite.seed)
+        for key, interval in intervals.items():
+            ctx.row(f"{name}{key}", interval["value"], interval)
+    ours, nearest = result["generator"]["micro_f1"], result["nearest_report"]["micro_f1"]
+    if "sanity" in ctx.checks and ours < nearest:
         ctx.flag("sanity", f"finding micro F1 {ours:.3f} is below the nearest-training-report baseline {nearest:.3f}")
 
 

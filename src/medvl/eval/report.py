@@ -26,6 +26,7 @@ are scored by the same code.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -95,14 +96,79 @@ def report_metrics(references: Sequence[str], candidates: Sequence[str],
             "per_finding": efficacy["per_finding"]}
 
 
+INTERVAL_KEYS = ("bleu_4", "rouge_l", "cider", "micro_f1", "macro_f1")
+
+
+def report_intervals(references: Sequence[str], candidates: Sequence[str], resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95, labeller: ReportLabeller | None = None) -> dict[str, dict[str, Any]]:
+    """Percentile bootstrap intervals over reports of BLEU-4, ROUGE-L, CIDEr and finding micro / macro F1
+    (``eval.bootstrap`` draws). Each report is scored once: ROUGE-L and CIDEr are means of per-report
+    scores (CIDEr's document frequencies from the whole set, as ``nlg_metrics``), F1 comes from the
+    per-report finding sets; BLEU-4, a corpus statistic, is recomputed on each draw from cached tokens.
+    ``value`` equals ``report_metrics``' figure on all reports."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from .bootstrap import bootstrap_draws, percentile_interval
+
+    if len(references) != len(candidates) or not references:
+        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
+                         f"and {len(references)}")
+    refs = [metric_tokens(r) or "<empty>" for r in references]
+    cands = [metric_tokens(c) or "<empty>" for c in candidates]
+    full = {i: [text] for i, text in enumerate(refs)}, {i: [text] for i, text in enumerate(cands)}
+    rouge = np.asarray(Rouge().compute_score(*full)[1], dtype=float)
+    cider = np.asarray(Cider().compute_score(*full)[1], dtype=float)
+    labeller = labeller or ReportLabeller()
+    truth = [labeller.positives(r) for r in references]
+    predicted = [labeller.positives(c) for c in candidates]
+    vocabulary = sorted(labeller.knowledge.names)
+
+    bleu_4 = _corpus_bleu_4(refs, cands)
+
+    def f1(key: str) -> Callable[[np.ndarray], float]:
+        return lambda index: float(finding_f1([truth[i] for i in index], [predicted[i] for i in index],
+                                              vocabulary)[key])
+
+    metrics: dict[str, Callable[[np.ndarray], float]] = {
+        "bleu_4": bleu_4, "rouge_l": lambda index: float(rouge[index].mean()),
+        "cider": lambda index: float(cider[index].mean()), "micro_f1": f1("micro_f1"), "macro_f1": f1("macro_f1")}
+    draws = bootstrap_draws(np.zeros(len(refs)), resamples=resamples, seed=seed, need_both_classes=False)
+    return {key: {**percentile_interval(metric, len(refs), draws, level), "resamples": len(draws)}
+            for key, metric in metrics.items()}
+
+
+def _corpus_bleu_4(refs: Sequence[str], cands: Sequence[str]) -> Callable[[np.ndarray], float]:
+    """Corpus BLEU-4 of any subset (with repeats) of the reports, from each report's n-gram counts taken
+    once: pycocoevalcap's ``BleuScorer`` sums (test length, reference length, guessed and clipped
+    correct n-grams) over the reports, then takes the same formula, epsilons included."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    cooked = [cook_test(cand, cook_refs([ref]), eff="closest") for ref, cand in zip(refs, cands, strict=True)]
+    test_length = np.array([c["testlen"] for c in cooked], dtype=float)
+    ref_length = np.array([c["reflen"] for c in cooked], dtype=float)
+    guess = np.array([c["guess"] for c in cooked], dtype=float)
+    correct = np.array([c["correct"] for c in cooked], dtype=float)
+    tiny, small = 1e-15, 1e-9  # BleuScorer's
+
+    def bleu_4(index: np.ndarray) -> float:
+        precision = (correct[index].sum(0) + tiny) / (guess[index].sum(0) + small)
+        score = float(np.prod(precision) ** 0.25)
+        ratio = (test_length[index].sum() + tiny) / (ref_length[index].sum() + small)
+        return score * math.exp(1 - 1 / ratio) if ratio < 1 else score
+
+    return bleu_4
+
+
 def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_model=None, index=None,
                               beam_size: int = 1, max_length: int | None = None,
-                              show_progress: bool = True) -> dict[str, Any]:
+                              show_progress: bool = True, keep_texts: bool = False) -> dict[str, Any]:
     """Generate a report for every test record and score it beside the nearest training report.
 
     ``model`` is a ``ReportGenerator`` or a transformers ``VisionLanguageModel``; ``train`` holds the
     records the baseline retrieves from; ``index`` (open) is required by generators trained with
-    retrieved context.
+    retrieved context. ``keep_texts`` adds ``texts``: the ``references``, ``generated`` and
+    ``nearest`` reports, in test order (patient data: for scoring in memory, not for logs).
     """
     started = time.perf_counter()
     test, train = _with_reports(test, "test"), _with_reports(train, "training")
@@ -117,7 +183,8 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     references = [r.text or "" for r in test]
     labeller = ReportLabeller()
     ours = report_metrics(references, generated, labeller)
-    baseline = report_metrics(references, [train[i].text or "" for i in nearest], labeller)
+    nearest_texts = [train[i].text or "" for i in nearest]
+    baseline = report_metrics(references, nearest_texts, labeller)
     result: dict[str, Any] = {
         "n": len(test), "n_train": len(train), "beam_size": beam_size,
         "generator": {k: v for k, v in ours.items() if k != "per_finding"},
@@ -129,6 +196,8 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
                   for r, i, c in zip(test, nearest, cited, strict=True)],
         "empty_reports": sum(not g.strip() for g in generated),
     }
+    if keep_texts:
+        result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts}
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
