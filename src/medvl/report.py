@@ -17,7 +17,8 @@ _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em au
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .case{display:flex;gap:1em;margin:1em 0;align-items:flex-start}.case img{width:160px;image-rendering:pixelated}
-.hit{color:#0a7a2f;font-weight:600}.note{color:#666;font-size:90%}"""
+.hit{color:#0a7a2f;font-weight:600}.note{color:#666;font-size:90%}img.plot{max-width:100%;height:auto}
+.flags li{color:#9a3412}.ci{color:#666;font-size:85%}"""
 
 
 def figure_to_data_uri(figure) -> str:

@@ -157,7 +157,7 @@ def _subgroups(drawn: list[tuple[str, Any]]) -> Figure | None:
     figure, axes = _model_axes(len(columns), width=4.4)
     width = 0.8 / len(drawn)
     for axis, column in zip(axes, columns, strict=True):
-        groups = sorted({group for _, block in drawn for group in block.get(column, {}).get("groups", {})})
+        groups = list(dict.fromkeys(group for _, block in drawn for group in block.get(column, {}).get("groups", {})))
         for m, (model, block) in enumerate(drawn):
             scored = block.get(column, {}).get("groups", {})
             values, lows, highs = [], [], []
