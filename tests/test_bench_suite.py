@@ -74,6 +74,8 @@ def test_results_have_one_row_per_model_task_metric_with_intervals(finished_run)
                      "counterfactual: pair accuracy", "shortcut: masked accuracy drop", "1-shot auc"):
         assert expected in metrics, expected
     assert any(m.startswith("sanity: ") for m in metrics)
+    probe = {r["metric"] for r in rows if r["task"] == "linear-probe"}
+    assert {"calibration: ece_before", "calibration: ece_after", "calibration: temperature"} <= probe
     assert any(m.startswith("subgroup sex=") for m in metrics)
     assert any(m.startswith("corruption noise s5") for m in metrics)
     assert (out / "report.html").stat().st_size > 10_000

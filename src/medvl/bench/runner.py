@@ -428,15 +428,18 @@ class _Scored:
     classes: list[str]
     captions: Any = None
     ood: dict[str, Any] | None = None
+    fit: tuple[np.ndarray, np.ndarray] | None = None  # logits and targets on the calibration split, if scored
 
 
 def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     from ..eval.linear_probe import linear_probe
 
-    train, test = ctx.training_split(), ctx.data.split(ctx.data.spec.split)
+    spec = ctx.data.spec
+    train, test = ctx.training_split(), ctx.data.split(spec.split)
+    calibration = _calibration_split(ctx) if "calibration" in ctx.checks and not few_shot else None
     result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
-                          keep_scores=True)
+                          keep_scores=True, calibration_data=calibration)
     if few_shot:
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
@@ -448,9 +451,28 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     _classification_rows(ctx, y_true, probabilities)
     ctx.plots["classes"] = result["classes"]
-    scored = _Scored(test.with_labels([ctx.label]), None, y_true, probabilities, None, result["classes"])
+    fit = None
+    if "calibration" in result:  # log-probabilities serve as logits: softmax(log p / T) rescales p
+        fit = (_log(np.array(result["calibration"]["probabilities"])), np.array(result["calibration"]["y_true"]))
+    scored = _Scored(test.with_labels([ctx.label]), None, y_true, probabilities, _log(probabilities),
+                     result["classes"], fit=fit)
     for check in ctx.checks:
         CHECK_RUNNERS[check](ctx, scored)
+
+
+def _log(probabilities: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probabilities, 1e-12, None))
+
+
+def _calibration_split(ctx: _Context):
+    """The dataset's calibration split, or None (with the reason recorded) when it has none usable."""
+    spec = ctx.data.spec
+    if not spec.calibration_split or spec.calibration_split == spec.split:
+        ctx.skipped["calibration"] = ("the dataset has no calibration_split" if not spec.calibration_split else
+                                      f"the calibration split is the scored split ({spec.split}): a temperature "
+                                      "is never fitted on the split it is reported on")
+        return None
+    return ctx.data.split(spec.calibration_split)
 
 
 def _few_shot(ctx: _Context) -> None:
@@ -561,18 +583,17 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     from ..eval.calibration import calibration_report
 
     spec = ctx.data.spec
-    if scored.logits is None:
-        ctx.skipped["calibration"] = "the task gives probabilities, not logits"
+    fit = scored.fit
+    if fit is None and ctx.task.task == "zero-shot":
+        fit_set = _calibration_split(ctx)
+        if fit_set is not None:
+            scores = zero_shot(ctx.net, fit_set, ctx.label, captions=captions_for(fit_set, spec.captions, ctx.net),
+                               classes=scored.classes, keep_logits=True, show_progress=ctx.show_progress)
+            fit = np.array(scores["logits"]), np.array(scores["y_true"])
+    if fit is None or scored.logits is None:
+        ctx.skipped.setdefault("calibration", "no scores on a calibration split")
         return
-    if not spec.calibration_split or spec.calibration_split == spec.split:
-        ctx.skipped["calibration"] = ("the dataset has no calibration_split" if not spec.calibration_split else
-                                      f"the calibration split is the scored split ({spec.split}): a temperature "
-                                      "is never fitted on the split it is reported on")
-        return
-    fit_set = ctx.data.split(spec.calibration_split)
-    fit = zero_shot(ctx.net, fit_set, ctx.label, captions=captions_for(fit_set, spec.captions, ctx.net),
-                    classes=scored.classes, keep_logits=True, show_progress=ctx.show_progress)
-    block = calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]), scored.logits, scored.y_true)
+    block = calibration_report(fit[0], fit[1], scored.logits, scored.y_true)
     for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
         ctx.row(f"calibration: {key}", block[key])
     ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])

@@ -15,12 +15,15 @@ from .metrics import classification_metrics
 
 def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, label: str,
                  few_shot: Sequence[int] = (1, 4, 16), repeats: int = 5, seed: int = 0,
-                 show_progress: bool = True, keep_scores: bool = False) -> dict:
+                 show_progress: bool = True, keep_scores: bool = False,
+                 calibration_data: Dataset | None = None) -> dict:
     """Fit on ``train_data`` features, report AUC / accuracy on ``test_data``.
 
     The regularisation strength (C in 0.001..1) is chosen by 3-fold cross-validation on the training features.
     Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported.
-    ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``.
+    ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``;
+    ``calibration_data`` adds ``calibration``: the same probe's ``probabilities`` and ``y_true`` on those
+    records (a held-out split to fit a temperature on).
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
     classes = sorted(set(train_data.classes(label)))
@@ -34,11 +37,25 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
     x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
     x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
-    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True, keep_scores=keep_scores)
-    scores = {key: full.pop(key) for key in ("probabilities", "y_true") if key in full}
+    calibration = None
+    if calibration_data is not None:
+        calibration_data = calibration_data.with_labels([label])
+        unknown = set(calibration_data.classes(label)) - set(classes)
+        if unknown:
+            raise InputError(f"{calibration_data.source}: calibration classes {sorted(unknown)} not in training "
+                             f"classes {classes}")
+        y_calibration = np.array([index[str(r.labels[label])] for r in calibration_data])
+        x_calibration = embed_images(model, calibration_data, features=True, show_progress=show_progress).numpy()
+        calibration = (x_calibration, y_calibration)
+    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True, keep_scores=keep_scores,
+                         extra=None if calibration is None else calibration[0])
+    kept = {key: full.pop(key) for key in ("probabilities", "y_true") if key in full}
+    if calibration is not None:
+        kept["calibration"] = {"probabilities": full.pop("extra_probabilities"),
+                                 "y_true": calibration[1].tolist()}
     result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
-              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}, **scores}
+              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}, **kept}
     rng = np.random.default_rng(seed)
     for k in few_shot:
         runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
@@ -55,7 +72,10 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
 
 
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                  classes: Sequence[str], cv: bool, keep_scores: bool = False) -> dict:
+                  classes: Sequence[str], cv: bool, keep_scores: bool = False,
+                  extra: np.ndarray | None = None) -> dict:
+    """Fit the probe, score it on the test features; ``extra`` features also get the probe's
+    ``extra_probabilities`` (columns in ``classes`` order)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
@@ -67,12 +87,20 @@ def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
         grid = {"logisticregression__C": np.logspace(-3, 0, 4).tolist()}
         probe = GridSearchCV(probe, grid, cv=folds, scoring="neg_log_loss")
     probe.fit(x_train, y_train)
-    probabilities = np.zeros((len(x_test), len(classes)))
-    probabilities[:, probe.classes_] = probe.predict_proba(x_test)
+    probabilities = _probabilities(probe, x_test, len(classes))
     result = classification_metrics(y_test, probabilities, classes)
     if keep_scores:
         result.update(probabilities=probabilities.tolist(), y_true=y_test.tolist())
+    if extra is not None:
+        result["extra_probabilities"] = _probabilities(probe, extra, len(classes)).tolist()
     return result
+
+
+def _probabilities(probe, features: np.ndarray, num_classes: int) -> np.ndarray:
+    """The probe's class probabilities, a zero column for a class it never saw in training."""
+    probabilities = np.zeros((len(features), num_classes))
+    probabilities[:, probe.classes_] = probe.predict_proba(features)
+    return probabilities
 
 
 def _few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) -> dict | None:
