@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from cli_helpers import invoke
 from medvl.bench.medmnist import _best_threshold, operating_points, prior_weighted_accuracy
 from medvl.errors import InputError
+from medvl.train.recipes import resolve_recipe
 
 
 def _scores(n_pos: int, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +75,14 @@ def test_bad_priors_are_refused():
 
 def test_bench_medmnist_reports_operating_points_for_a_target_prior(tiny_npz, tmp_path):
     result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
-                            "--test-split", "val", "--epochs", 1, "--target-prior", 0.625, "--bootstrap", 200,
-                            "--json", tmp_path / "b.json", "-q")
+                            "--test-split", "val", "--epochs", 1, "--ensemble", 1, "--target-prior", 0.625,
+                            "--bootstrap", 200, "--json", tmp_path / "b.json", "-q")
     assert result.exit_code == 0, output
-    points = json.loads((tmp_path / "b.json").read_text())["operating_points"]
+    saved = json.loads((tmp_path / "b.json").read_text())
+    points = saved["operating_points"]
     assert points["target_prior"] == 0.625 and points["resamples"] == 200
-    assert points["max_accuracy"]["threshold"] == json.loads((tmp_path / "b.json").read_text())["threshold"]
+    # the headline ACC is the recipe's operating point, scored on every record
+    assert saved["operating_point"] == resolve_recipe("medmnist-small").operating_point
+    assert points[saved["operating_point"]]["threshold"] == saved["threshold"]
+    assert points[saved["operating_point"]]["accuracy"]["value"] == pytest.approx(saved["acc"])
     assert "max_balanced_accuracy" in output

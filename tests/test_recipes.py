@@ -41,6 +41,8 @@ def test_every_recipe_resolves_to_a_valid_training_setup(name):
     assert (settings.train.recipe == name) == (name in TUNED)
     if name not in TUNED:
         assert settings.train == TrainConfig() and not settings.model_overrides
+    if name != "medmnist-small":  # only the MedMNIST benchmark scores an ensemble / test-time views
+        assert (settings.ensemble, settings.test_time_views, settings.operating_point) == (1, [], "max_accuracy")
 
 
 def test_the_medpix_recipe_is_the_documented_one():
@@ -105,8 +107,13 @@ def test_isic_benchmark_and_bench_cv_train_the_recipe():
     assert cv_settings("derm-small", "diagnosis", epochs=5).train.epochs == 5
 
 
-def test_medmnist_benchmark_trains_the_recipe_with_its_captions():
+def test_medmnist_benchmark_trains_the_recipe_with_its_captions(tmp_path):
     assert medmnist_settings() == resolve_recipe("medmnist-small")
+    medmnist = _benchmark("medmnist")
+    command = medmnist.command_for(medmnist.make_parser().parse_args([]), tmp_path / "r.json")
+    recipe_options = {"--epochs", "--ensemble", "--tta", "--no-tta", "--operating-point", "--model"}
+    assert not recipe_options & set(command)  # the script runs the recipe as `medvl bench medmnist` does
+    assert command[command.index("--target-prior") + 1] == "0.625"
     recipe_captions = load_captions(resolve_recipe("medmnist-small").captions)
     assert task_captions(Path("pneumoniamnist.npz"), ["0", "1"]) == recipe_captions
     assert task_captions(Path("breastmnist.npz"), ["0", "1"]) != recipe_captions
@@ -159,5 +166,10 @@ def test_models_command_shows_the_recipes():
     shown = json.loads(output)
     assert shown["train"]["epochs"] == 20 and shown["model_overrides"] == {"text.freeze": True}
     assert shown["captions"] == "medpix"
+    result, output = invoke("models", "--recipe", "medmnist-small")
+    benchmark = json.loads(output)["benchmark"]
+    recipe = get_recipe("medmnist-small")
+    assert benchmark == {"ensemble": recipe.ensemble, "test_time_views": recipe.test_time_views,
+                         "operating_point": recipe.operating_point}
     result, output = invoke("models", "--recipe", "no-such-model")
     assert result.exit_code == 2 and "no-such-model" in output

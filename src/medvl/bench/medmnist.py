@@ -3,21 +3,27 @@
 Recipe (documented in docs/benchmarks.md): the registered ``medmnist-small`` dual encoder is
 trained with a supervised linear head on the label (cross-entropy) plus the image-text contrastive
 loss on caption templates made from the class names (UniMed-CLIP style), with the settings of the
-model's recipe (``medvl models --recipe medmnist-small``: what ``medvl train`` uses). Binary tasks get a
-decision threshold maximising accuracy on validation data that is never the scored data:
-the train file's ``val`` split when the scored data is something else, otherwise a seeded 10 %
-of the train split held out from training.
+model's recipe (``medvl models --recipe medmnist-small``: what ``medvl train`` uses). The recipe also
+says how the benchmark scores: ``ensemble`` members (seeds seed, seed + 1, ...) whose head
+probabilities are averaged over the plain image and the recipe's ``test_time_views`` (small shifts
+and scales; never flips, laterality matters on a chest X-ray), and the ``operating_point``: the
+binary decision threshold behind the headline accuracy, picked on validation data that is never the
+scored data (the train file's ``val`` split when the scored data is something else, otherwise a
+seeded 10 % of the train split held out from training).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from ..checks import check_number
@@ -26,8 +32,10 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..errors import InputError
 from ..eval.bootstrap import percentile_interval
-from ..eval.head import class_order, class_targets, head_scores
+from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
+from ..models.dual import DualEncoder
+from ..progress import progress_bar
 from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
 
 log = logging.getLogger(__name__)
@@ -45,18 +53,24 @@ KNOWN_CLASSES = {
 def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str = "test",
                  model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
                  out: str | Path | None = None, show_progress: bool = True,
-                 target_prior: float | None = None, bootstrap: int = 2000) -> dict:
+                 target_prior: float | None = None, bootstrap: int = 2000, ensemble: int | None = None,
+                 test_time_augmentation: bool | None = None, operating_point: str | None = None) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
 
-    ``epochs`` None = the recipe's; the head on ``label``, its weight and the caption texts are
-    always part of this benchmark, the other settings come from ``model_name``'s recipe. For a
-    binary task with ``target_prior`` (the share of positives expected where the model is used),
-    ``operating_points`` adds thresholds chosen for that prior and for balanced accuracy, scored
-    with ``bootstrap`` resamples (``operating_points()``)."""
+    ``epochs``, ``ensemble``, ``operating_point`` None = the recipe's; ``test_time_augmentation``
+    None = the recipe's views, False = the plain image only. The head on ``label``, its weight and
+    the caption texts are always part of this benchmark. A binary task's ``acc`` uses the threshold of
+    the operating point; with ``target_prior`` (the share of positives expected where the model is
+    used), ``operating_points`` scores every threshold with ``bootstrap`` resamples
+    (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble).
+    """
     started = time.perf_counter()
-    settings = medmnist_settings(model_name, epochs, seed)
+    settings = medmnist_settings(model_name, epochs, seed, ensemble=ensemble, operating_point=operating_point,
+                                 test_time_views=[] if test_time_augmentation is False else None)
     if target_prior is not None:
         _check_prior(target_prior)  # before any training
+    elif settings.operating_point == "max_accuracy_at_prior":
+        raise InputError("the operating point max_accuracy_at_prior needs --target-prior")
     check_number("bootstrap resamples", bootstrap, minimum=100, integer=True)
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
@@ -70,35 +84,92 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
         calibration = "10% of train held out"
     classes = sorted(train_set.classes(LABEL), key=class_order)
     settings.captions = task_captions(Path(train_path), classes)
-    with tempfile.TemporaryDirectory(prefix="medvl-medmnist-") as scratch:
-        model = train_recipe(settings, fit_set, Path(out) if out else Path(scratch), show_progress=show_progress)
+    models = train_members(settings, fit_set, out, show_progress)
     threshold, points = None, None
-    probabilities = head_scores(model, test_set, LABEL, show_progress)
+    probabilities = ensemble_scores(models, test_set, LABEL, settings.test_time_views, show_progress)
     y_true = class_targets(test_set, LABEL, classes)
     metrics = classification_metrics(y_true, probabilities, classes)
     if len(classes) == 2:
-        calibration_scores = head_scores(model, calib_set, LABEL, show_progress)
+        calibration_scores = ensemble_scores(models, calib_set, LABEL, settings.test_time_views, show_progress)
         calibration_y = class_targets(calib_set, LABEL, classes)
-        threshold = _best_threshold(calibration_scores, calibration_y)
+        threshold = _best_threshold(calibration_scores, calibration_y,
+                                    _threshold_prior(settings.operating_point, target_prior))
         metrics["accuracy_argmax"] = metrics["accuracy"]
         metrics["accuracy"] = float(((probabilities[:, 1] >= threshold).astype(int) == y_true).mean())
         if target_prior is not None:
             points = operating_points(calibration_scores, calibration_y, probabilities, y_true, target_prior,
                                       resamples=bootstrap, seed=seed)
     return {"auc": metrics["macro_auc"], "acc": metrics["accuracy"], "threshold": threshold,
+            "operating_point": settings.operating_point if threshold is not None else None,
             "operating_points": points,
             "threshold_from": calibration if threshold is not None else None,
             "train": f"{train_path}:train", "n_fit": len(fit_set), "test": f"{test_path}:{test_split}",
             "n_test": len(test_set), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
+            "ensemble": settings.ensemble, "test_time_views": len(settings.test_time_views),
             "settings": settings.to_dict(),
             "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
 
 
-def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0) -> RecipeSettings:
+def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
+                      **benchmark: Any) -> RecipeSettings:
     """``model_name``'s recipe with the benchmark's fixed parts: a head on ``label`` (weight 1) trained
-    with class captions as texts; ``epochs`` None = the recipe's."""
+    with class captions as texts; ``epochs`` None = the recipe's; ``benchmark``: ``ensemble``,
+    ``test_time_views``, ``operating_point`` (None = the recipe's)."""
     return resolve_recipe(model_name, epochs=epochs, seed=seed, label_columns=[LABEL], text_source="captions",
-                          supervised_weight=1.0)
+                          supervised_weight=1.0, **benchmark)
+
+
+def train_members(settings: RecipeSettings, fit_set: Dataset, out: str | Path | None,
+                  show_progress: bool = True) -> list[DualEncoder]:
+    """The ensemble: member i trained with seed ``settings.train.seed + i`` (into ``out``, or
+    ``out/member-i`` for more than one member; a scratch folder without ``out``)."""
+    models = []
+    with tempfile.TemporaryDirectory(prefix="medvl-medmnist-") as scratch:
+        root = Path(out) if out else Path(scratch)
+        for member in range(settings.ensemble):
+            train_config = dataclasses.replace(settings.train, seed=settings.train.seed + member)
+            folder = root if settings.ensemble == 1 else root / f"member-{member}"
+            if settings.ensemble > 1:
+                log.info("ensemble member %d of %d (seed %d)", member + 1, settings.ensemble, train_config.seed)
+            models.append(train_recipe(dataclasses.replace(settings, train=train_config), fit_set, folder,
+                                       show_progress=show_progress))
+    return models
+
+
+def ensemble_scores(models: list[DualEncoder], dataset: Dataset, label: str, views: list[list[float]],
+                    show_progress: bool = True, chunk: int = 512) -> np.ndarray:
+    """(N, K) head probabilities for ``label`` averaged over the models and over the plain image plus
+    each test-time view (``view_pixels``); images are read ``chunk`` records at a time."""
+    all_views = [[0.0, 0.0, 1.0], *views]
+    chunks = []
+    with progress_bar("Scoring images", total=len(dataset), enabled=show_progress) as advance:
+        for start in range(0, len(dataset), chunk):
+            records = dataset.records[start:start + chunk]
+            pixels = models[0].preprocessor.load_many([r.image for r in records])
+            scores = [model.head_probabilities(label, model.encode_images(view_pixels(pixels, view), features=True))
+                      for model in models for view in all_views]
+            chunks.append(torch.stack(scores).mean(0))
+            advance(len(records))
+    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0))
+
+
+def view_pixels(pixels: torch.Tensor, view: list[float]) -> torch.Tensor:
+    """A (N, C, H, W) batch shifted by ``view[0]``, ``view[1]`` of the image side (x right, y down)
+    and scaled by ``view[2]`` about the centre (> 1 enlarges), bilinear with border padding; the
+    identity view returns ``pixels`` unchanged."""
+    shift_x, shift_y, scale = view
+    if (shift_x, shift_y, scale) == (0.0, 0.0, 1.0):
+        return pixels
+    # affine_grid maps output to input positions in [-1, 1] (a side spans 2): input = (output - 2 shift) / scale
+    theta = torch.tensor([[1 / scale, 0.0, -2 * shift_x / scale], [0.0, 1 / scale, -2 * shift_y / scale]],
+                         dtype=pixels.dtype).expand(len(pixels), 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _threshold_prior(operating_point: str, target_prior: float | None) -> float | None:
+    """The class mix a threshold is chosen for: None = the calibration data's own."""
+    return {"max_accuracy": None, "max_balanced_accuracy": 0.5, "max_accuracy_at_prior": target_prior}[operating_point]
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

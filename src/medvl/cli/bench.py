@@ -84,6 +84,15 @@ def bench_medmnist(
         help="Binary tasks: share of positives where the model is used; adds thresholds for that prior and "
              "for balanced accuracy, scored with bootstrap 95% intervals and re-weighted to the prior.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the --target-prior intervals.")] = 2000,
+    ensemble: Annotated[int | None, typer.Option(
+        help="Models trained with seeds seed, seed+1, ... whose probabilities are averaged (default: the "
+             "recipe's).")] = None,
+    tta: Annotated[bool | None, typer.Option(
+        "--tta/--no-tta", help="Average over the recipe's test-time shifts and scales (default: the recipe's; "
+                               "never flips).")] = None,
+    operating_point: Annotated[str | None, typer.Option(
+        help="Binary threshold behind the headline ACC: max_accuracy, max_balanced_accuracy or "
+             "max_accuracy_at_prior (needs --target-prior); default: the recipe's.")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
@@ -91,8 +100,11 @@ def bench_medmnist(
 
     check_outputs(overwrite, json=json_out)
     result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,
-                          out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap)
-    shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold")}
+                          out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
+                          ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point)
+    shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
+             "operating point": result.get("operating_point"),
+             "ensemble / test-time views": f"{result['ensemble']} / {result['test_time_views']}"}
     for name, point in (result["operating_points"] or {}).items():
         if isinstance(point, dict) and "threshold" in point:
             accuracy, at_prior = point["accuracy"]["value"], point["accuracy_at_prior"]["value"]

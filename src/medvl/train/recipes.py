@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_number
 from ..data import captions_for
 from ..data.captions import CaptionConfig
 from ..data.record import Dataset
@@ -34,6 +35,8 @@ from ..models.registry import get_recipe, is_model_dir, list_models, resolve_mod
 from .loop import TrainConfig, seed_everything, train
 
 CaptionSource = str | Path | CaptionConfig | None
+# Decision thresholds of a binary benchmark, each picked on held-out data (medvl.bench.medmnist)
+OPERATING_POINTS = ("max_accuracy", "max_accuracy_at_prior", "max_balanced_accuracy")
 
 
 @dataclass
@@ -44,6 +47,10 @@ class RecipeSettings:
     train: TrainConfig  # the resolved training config (``label_columns`` [] = the dataset's own)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into a registered config
     captions: CaptionSource = None  # caption file or config; None = the dataset's own, else generic
+    ensemble: int = 1  # benchmark: members trained with seeds seed .. seed + ensemble - 1, averaged
+    test_time_views: list[list[float]] = field(default_factory=list)  # benchmark: [shift_x, shift_y, scale]
+    # test-time views averaged with the plain image (``Recipe.test_time_views``)
+    operating_point: str = "max_accuracy"  # benchmark: the binary threshold behind the headline accuracy
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what a benchmark writes next to its results."""
@@ -53,7 +60,9 @@ class RecipeSettings:
         elif captions is not None:
             captions = str(captions)
         return {"model": self.model, "train": dataclasses.asdict(self.train),
-                "model_overrides": dict(self.model_overrides), "captions": captions}
+                "model_overrides": dict(self.model_overrides), "captions": captions, "ensemble": self.ensemble,
+                "test_time_views": [list(view) for view in self.test_time_views],
+                "operating_point": self.operating_point}
 
 
 def recipe_of(model: str | Path) -> Recipe:
@@ -74,11 +83,14 @@ def caption_set(name: str) -> Path:
 
 
 def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None = None,
-                   captions: CaptionSource = None, **train_options: Any) -> RecipeSettings:
+                   captions: CaptionSource = None, ensemble: int | None = None,
+                   test_time_views: list[list[float]] | None = None, operating_point: str | None = None,
+                   **train_options: Any) -> RecipeSettings:
     """The settings of a run of ``model``: its recipe, then every option that is not None.
 
     ``train_options`` are ``TrainConfig`` fields (unknown names and wrong types are an ``InputError``);
-    ``model_overrides`` merge over the recipe's (``--set``); ``captions`` replaces the recipe's set.
+    ``model_overrides`` merge over the recipe's (``--set``); ``captions`` replaces the recipe's set;
+    ``ensemble``, ``test_time_views`` and ``operating_point`` replace the recipe's benchmark settings.
     """
     recipe = recipe_of(model)
     given = {key: value for key, value in train_options.items() if value is not None}
@@ -87,8 +99,27 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
     config.validate_numbers()
     if captions is None and recipe.captions:
         captions = caption_set(recipe.captions)
-    return RecipeSettings(model=str(model), train=config, model_overrides={**recipe.model, **(model_overrides or {})},
-                          captions=captions)
+    settings = RecipeSettings(
+        model=str(model), train=config, model_overrides={**recipe.model, **(model_overrides or {})},
+        captions=captions, ensemble=recipe.ensemble if ensemble is None else ensemble,
+        test_time_views=[list(map(float, view)) for view in
+                         (recipe.test_time_views if test_time_views is None else test_time_views)],
+        operating_point=operating_point or recipe.operating_point)
+    check_benchmark_settings(settings)
+    return settings
+
+
+def check_benchmark_settings(settings: RecipeSettings) -> None:
+    """An ensemble of at least one member, [shift_x, shift_y, scale] views with shifts under half the
+    side and a scale in (0.5, 2), a known operating point."""
+    check_number("ensemble", settings.ensemble, minimum=1, maximum=20, integer=True)
+    for view in settings.test_time_views:
+        if len(view) != 3 or max(abs(view[0]), abs(view[1])) >= 0.5 or not 0.5 < view[2] < 2:
+            raise InputError(f"a test-time view is [shift_x, shift_y, scale] with shifts in (-0.5, 0.5) of the "
+                             f"image side and scale in (0.5, 2), got {view}")
+    if settings.operating_point not in OPERATING_POINTS:
+        raise InputError(f"operating point must be one of {', '.join(OPERATING_POINTS)}, "
+                         f"got {settings.operating_point!r}")
 
 
 def label_columns_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
@@ -136,4 +167,6 @@ def recipe_report(name: str) -> dict[str, Any]:
     recipe = recipe_of(name)
     return {"model": name, "about": recipe.about or "no recipe: TrainConfig's defaults",
             "train": dataclasses.asdict(settings.train), "model_overrides": settings.model_overrides,
-            "captions": recipe.captions or "the dataset's own, else generic templates"}
+            "captions": recipe.captions or "the dataset's own, else generic templates",
+            "benchmark": {"ensemble": settings.ensemble, "test_time_views": settings.test_time_views,
+                          "operating_point": settings.operating_point}}

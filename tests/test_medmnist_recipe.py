@@ -1,0 +1,102 @@
+"""The MedMNIST benchmark's scoring recipe: seed ensembles, test-time shifts and scales (checked
+against plain references), the recipe's operating point behind the headline accuracy."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medvl
+from cli_helpers import invoke
+from medvl.bench.medmnist import ensemble_scores, run_medmnist, view_pixels
+from medvl.data.loaders import load_dataset
+from medvl.errors import InputError
+from medvl.eval.head import head_scores
+from medvl.models.registry import get_recipe
+from medvl.train.recipes import resolve_recipe
+
+
+def _model(seed: int):
+    torch.manual_seed(seed)
+    model = medvl.create_model("medmnist-small")
+    model.add_head("label", ["0", "1"])
+    return model
+
+
+def test_identity_view_is_the_image_and_a_whole_pixel_shift_moves_it():
+    pixels = torch.rand(2, 1, 28, 28)
+    assert view_pixels(pixels, [0.0, 0.0, 1.0]) is pixels
+    right_down = view_pixels(pixels, [1 / 28, 2 / 28, 1.0])
+    # content moves one pixel right and two down; the first column / rows repeat the border
+    assert torch.allclose(right_down[..., 2:, 1:], pixels[..., :-2, :-1], atol=1e-5)
+    assert torch.allclose(right_down[..., 0, 1:], pixels[..., 0, :-1], atol=1e-5)
+
+
+def test_scaling_keeps_the_centre_and_a_flat_image():
+    flat = torch.full((1, 1, 28, 28), 0.3)
+    assert torch.allclose(view_pixels(flat, [0.0, 0.0, 1.05]), flat)
+    ramp = torch.linspace(0, 1, 28).expand(1, 1, 28, 28).contiguous()  # brightness grows to the right
+    enlarged = view_pixels(ramp, [0.0, 0.0, 1.25])
+    assert enlarged[0, 0, 0, -1] < ramp[0, 0, 0, -1] and enlarged[0, 0, 0, 0] > ramp[0, 0, 0, 0]
+    assert enlarged[0, 0, 0, 13:15].mean() == pytest.approx(ramp[0, 0, 0, 13:15].mean(), abs=1e-5)
+
+
+def test_ensemble_scores_are_the_mean_over_members_and_views(tiny_npz):
+    records = load_dataset(tiny_npz, label_columns=["label"]).select("val")
+    records = records.subset(records.records[:20])
+    members = [_model(0), _model(1)]
+    plain = ensemble_scores(members, records, "label", [], show_progress=False, chunk=8)
+    reference = np.mean([head_scores(m, records, "label", show_progress=False) for m in members], axis=0)
+    assert plain == pytest.approx(reference, abs=1e-5)
+    view = [0.04, -0.04, 0.95]
+    pixels = members[0].preprocessor.load_many([r.image for r in records])
+    shifted = np.mean([m.head_probabilities("label", m.encode_images(view_pixels(pixels, view), features=True)).numpy()
+                       for m in members], axis=0)
+    with_view = ensemble_scores(members, records, "label", [view], show_progress=False, chunk=8)
+    assert with_view == pytest.approx((reference + shifted) / 2, abs=1e-5)
+    assert with_view.sum(axis=1) == pytest.approx(np.ones(len(records)))
+
+
+def test_the_medmnist_recipe_carries_its_scoring_settings():
+    recipe = get_recipe("medmnist-small")
+    settings = resolve_recipe("medmnist-small")
+    assert settings.ensemble == recipe.ensemble and settings.operating_point == recipe.operating_point
+    assert settings.test_time_views == recipe.test_time_views
+    assert all(view[:2] != [0, 0] or view[2] != 1 for view in settings.test_time_views)  # no identity duplicate
+    changed = resolve_recipe("medmnist-small", ensemble=1, test_time_views=[], operating_point="max_accuracy")
+    assert (changed.ensemble, changed.test_time_views, changed.operating_point) == (1, [], "max_accuracy")
+    assert changed.train == settings.train
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"ensemble": 0}, "ensemble"),
+    ({"test_time_views": [[0.6, 0, 1]]}, "test-time view"),
+    ({"test_time_views": [[0, 0]]}, "test-time view"),
+    ({"test_time_views": [[0, 0, 3]]}, "test-time view"),
+    ({"operating_point": "youden"}, "operating point"),
+])
+def test_bad_scoring_settings_are_refused(options, message):
+    with pytest.raises(InputError, match=message):
+        resolve_recipe("medmnist-small", **options)
+
+
+def test_threshold_at_a_prior_needs_the_prior_before_training(tiny_npz):
+    with pytest.raises(InputError, match="target-prior"):
+        run_medmnist(tiny_npz, tiny_npz, "val", operating_point="max_accuracy_at_prior", show_progress=False)
+
+
+def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_npz, tmp_path):
+    out = tmp_path / "models"
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
+                            "--test-split", "val", "--epochs", 1, "--ensemble", 2, "--tta",
+                            "--operating-point", "max_balanced_accuracy", "--target-prior", 0.625,
+                            "--bootstrap", 100, "--out", out, "--json", tmp_path / "b.json", "-q")
+    assert result.exit_code == 0, output
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["ensemble"] == 2 and saved["operating_point"] == "max_balanced_accuracy"
+    assert saved["test_time_views"] == len(get_recipe("medmnist-small").test_time_views)
+    assert saved["threshold"] == saved["operating_points"]["max_balanced_accuracy"]["threshold"]
+    assert saved["acc"] == saved["operating_points"]["max_balanced_accuracy"]["accuracy"]["value"]
+    seeds = [json.loads((out / f"member-{i}" / "train_config.json").read_text())["train"]["seed"] for i in (0, 1)]
+    assert seeds == [0, 1]
