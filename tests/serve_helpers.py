@@ -1,5 +1,7 @@
 """Starting the real service for tests: a tiny model trained by ``medvl train``, an index built by
-``medvl index build``, and a uvicorn server on a free 127.0.0.1 port (imported by the service test modules)."""
+``medvl index build``, a tiny VQA model trained by ``medvl train vqa``, a concept bottleneck fitted by
+``medvl explain --concept-data``, and a uvicorn server on a free 127.0.0.1 port (imported by the
+service test modules)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,31 @@ def build_case_index(model_dir: Path, data: Path, out: Path, split: str = "train
                             "--split", split, "-q")
     assert result.exit_code == 0, output
     return out
+
+
+TINY_VQA = ["--image-model", "phantom-tiny", "--image-size", "32", "--question-encoder", "bert", "--hidden-size", "32",
+            "--fusion-layers", "1", "--set", "text.hidden_size=32", "--set", "text.intermediate_size=64",
+            "--set", "text.num_layers=1", "--batch-size", "32", "--quiet"]  # as tests/test_vqa.py trains it
+
+
+def train_tiny_vqa_model(out: Path) -> Path:
+    """``medvl train vqa`` of a tiny VQA model (2 steps) on a phantom VQA folder; returns its output folder
+    (what ``medvl serve --vqa-model`` is given)."""
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(out / "phantom", n=40, seed=5, size=32, vqa=True, vqa_per_case=4)
+    result, output = invoke("train", "vqa", "--data", out / "phantom" / "vqa", "--out", out / "vqa-tiny",
+                            "--epochs", 1, "--max-steps", 2, *TINY_VQA)
+    assert result.exit_code == 0, output
+    return out / "vqa-tiny"
+
+
+def fit_concept_bottleneck(model_dir: Path, data: Path, image: Path, out: Path) -> Path:
+    """``medvl explain IMAGE --concept-data DATA --concepts chest_xray --out OUT``: the bottleneck it saves."""
+    result, output = invoke("explain", image, "--model", model_dir, "--concepts", "chest_xray",
+                            "--concept-data", data, "--method", "patch_text", "--out", out)
+    assert result.exit_code == 0, output
+    return out / "bottleneck.json"
 
 
 class Server:

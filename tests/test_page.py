@@ -1,7 +1,9 @@
 """The reading page in a real browser: Debian's Chromium, headless, driven by playwright, against the real
-service on 127.0.0.1 (a tiny model trained on a phantom, an index built by ``medvl index build``).
-A real chest X-ray from ../shared/data is uploaded and every panel is checked against the API's own
-answer for the same upload; the browser may reach 127.0.0.1 only, and keeps nothing."""
+service on 127.0.0.1 (a tiny model trained on a phantom, an index built by ``medvl index build``, a
+concept bottleneck fitted by ``medvl explain``, a tiny VQA model trained by ``medvl train vqa``).
+A real chest X-ray from ../shared/data is uploaded and every panel (the heatmap overlay over the image
+and the VQA answer included) is checked against the API's own answer for the same upload; the
+browser may reach 127.0.0.1 only, and keeps nothing."""
 
 from __future__ import annotations
 
@@ -25,7 +27,13 @@ from PIL import Image  # noqa: E402
 
 from medvl.serve import ServeSettings, create_app  # noqa: E402
 from medvl.serve.auth import token_digest  # noqa: E402
-from serve_helpers import Server, build_case_index, train_tiny_model  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    Server,
+    build_case_index,
+    fit_concept_bottleneck,
+    train_tiny_model,
+    train_tiny_vqa_model,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -35,7 +43,8 @@ SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
 TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(12)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
-PANELS = ("zero-shot", "similar", "draft")
+PANELS = ("zero-shot", "explain", "similar", "draft")
+QUESTION = "Is there a nodule?"
 ANSWER_MS = 60_000
 MAX_REQUESTS = 40  # what one test's page may ask of the service at most
 
@@ -51,8 +60,20 @@ def index_dir(model_dir, phantom_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, index_dir, phantom_dir):
-    app = create_app(model_dir, index=index_dir, settings=ServeSettings(data_root=phantom_dir),
+def vqa_dir(tmp_path_factory):
+    return train_tiny_vqa_model(tmp_path_factory.mktemp("page-vqa"))
+
+
+@pytest.fixture(scope="module")
+def bottleneck_file(model_dir, phantom_dir, tmp_path_factory):
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    return fit_concept_bottleneck(model_dir, phantom_dir, image, tmp_path_factory.mktemp("page-concepts") / "out")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, index_dir, phantom_dir, vqa_dir, bottleneck_file):
+    settings = ServeSettings(data_root=phantom_dir, vqa_model=vqa_dir, bottleneck=bottleneck_file)
+    app = create_app(model_dir, index=index_dir, settings=settings,
                      token_digests=[token_digest(token) for token in TOKENS])
     with Server(app) as running:
         yield running
@@ -150,6 +171,7 @@ def api_answers(client, token: str, image: Path, fields: dict[str, str]) -> dict
         return answer.json()
 
     return {"zero-shot": post("/v1/zero-shot", {"labels": fields["labels"]}),
+            "explain": post("/v1/explain", {"labels": fields["labels"]}),
             "similar": post("/v1/search", common),
             "draft": post("/v1/report/draft", {**common, "min_similarity": fields["min_similarity"],
                                                 "min_support": fields["min_support"]})}
@@ -199,6 +221,11 @@ def check_draft(page, expected: dict) -> None:
 
 def shown_pixels(page, selector: str) -> np.ndarray:
     """The pixels the browser decoded for an image on the page (grayscale: its red channel), once loaded."""
+    return shown_rgba(page, selector)[..., 0]
+
+
+def shown_rgba(page, selector: str) -> np.ndarray:
+    """The RGBA pixels the browser decoded for an image on the page, once loaded."""
     image = page.locator(selector)
     image.wait_for(timeout=ANSWER_MS)
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=image.element_handle(),
@@ -209,7 +236,57 @@ def shown_pixels(page, selector: str) -> np.ndarray:
         " const context = canvas.getContext('2d'); context.drawImage(image, 0, 0);"
         " const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;"
         " return [canvas.width, canvas.height, Array.from(pixels)]; }")
-    return np.asarray(data, dtype=np.uint8).reshape(height, width, 4)[..., 0]
+    return np.asarray(data, dtype=np.uint8).reshape(height, width, 4)
+
+
+def check_explain(page, expected: dict) -> None:
+    """The findings and concepts shown are the API's; each heatmap toggled on is the API's overlay, laid over
+    the image shown."""
+    import base64
+
+    blocks = page.locator("#explain .finding").all()
+    assert [block.get_attribute("data-finding") for block in blocks] == [f["finding"] for f in expected["findings"]]
+    for block, finding in zip(blocks, expected["findings"], strict=True):
+        assert float(block.get_attribute("data-probability")) == pytest.approx(finding["probability"], abs=1e-5)
+        concepts = block.locator(".concepts li").all()
+        assert [item.get_attribute("data-concept") for item in concepts] == [c["concept"] for c in finding["concepts"]]
+        for item, concept in zip(concepts, finding["concepts"], strict=True):
+            assert float(item.get_attribute("data-weight")) == pytest.approx(concept["weight"], abs=1e-9)
+            assert item.locator(".weight").inner_text().lstrip("+−") == f"{abs(concept['weight']):.3f}"
+    assert page.locator("#preview img.overlay").count() == 0  # off until asked for
+    top = expected["findings"][0]
+    for method, heatmap in top["heatmaps"].items():
+        page.locator(f"#explain .toggle button[data-method={method}]").click()
+        assert page.locator(f"#explain .toggle button[data-method={method}]").get_attribute("aria-pressed") == "true"
+        shown = shown_rgba(page, f"#preview img.overlay[data-method={method}]")
+        sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap["png"]))).convert("RGBA"))
+        assert shown.shape == sent.shape and shown.shape[:2] == tuple(expected["overlay"]["shape"])
+        assert np.array_equal(shown[..., 3], sent[..., 3])
+        opaque = sent[..., 3] >= 64  # the canvas keeps premultiplied colours: compare where they survive
+        assert np.abs(shown[..., :3][opaque].astype(int) - sent[..., :3][opaque]).max() <= 4
+        base = page.locator("#preview img:not(.overlay)").bounding_box()
+        over = page.locator("#preview img.overlay").bounding_box()
+        assert all(abs(base[key] - over[key]) <= 1 for key in ("x", "y", "width", "height")), (base, over)
+    assert page.locator("#preview img.overlay").get_attribute("data-finding") == top["finding"]
+
+
+def ask(page, question: str) -> None:
+    page.get_by_label("Question").fill(question)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=done]").wait_for(timeout=ANSWER_MS)
+
+
+def check_vqa(page, expected: dict) -> None:
+    answer = page.locator("#vqa .answer")
+    assert answer.get_attribute("data-answer") == expected["answer"]
+    assert answer.locator(".text").inner_text() == expected["answer"]
+    assert float(answer.get_attribute("data-probability")) == pytest.approx(expected["probability"], abs=1e-5)
+    assert float(answer.locator(".probability").inner_text().rstrip("%")) == \
+        pytest.approx(expected["probability"] * 100, abs=0.051)
+    alternative = answer.locator(".alternative")
+    assert alternative.get_attribute("data-alternative") == expected["alternative"]
+    assert float(alternative.get_attribute("data-probability")) == \
+        pytest.approx(expected["alternative_probability"], abs=1e-5)
 
 
 def png_answer(answer) -> np.ndarray:
@@ -270,12 +347,18 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
     check_thumbnails(page, client, TOKENS[1])
+    check_explain(page, expected["explain"])
+    ask(page, QUESTION)
+    vqa = client.post("/v1/vqa", headers={"Authorization": f"Bearer {TOKENS[1]}"},
+                      files={"image": ("image", chest_xray.read_bytes())}, data={"question": QUESTION})
+    assert vqa.status_code == 200, vqa.text
+    check_vqa(page, vqa.json())
     assert page.locator("#preview img[data-source=browser]").evaluate("image => image.naturalWidth") > 0
     assert page.locator("#window-field").is_hidden()  # no window for a JPEG
     assert "JPEG read by the service" in page.locator("#file-info").inner_text()
     assert token not in page.content()
     forms = [body for body in watch.bodies if b'name="image"; filename="image"' in body]  # the form parts
-    assert len(forms) == 3 and not any(chest_xray.stem.encode() in body for body in watch.bodies)  # its name stays
+    assert len(forms) == 5 and not any(chest_xray.stem.encode() in body for body in watch.bodies)  # its name stays
     save_screenshot(page)
 
 
@@ -333,6 +416,12 @@ def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, 
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
     check_thumbnails(page, client, TOKENS[4])
+    page.locator("#explain .toggle button[data-method=patch_text]").click()  # the overlay fits the service's preview
+    overlay = page.locator("#preview img.overlay[data-method=patch_text]")
+    overlay.wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=overlay.element_handle())
+    size = "image => [image.naturalWidth, image.naturalHeight]"
+    assert overlay.evaluate(size) == page.locator("#preview img[data-source=service]").evaluate(size)
     previews = [url for url in watch.requests if url.endswith("/v1/preview")]
     assert len(previews) == 3  # one per window chosen; the other panels were not asked again
 
@@ -404,5 +493,8 @@ def test_without_a_data_root_similar_cases_show_their_ids_in_place_of_thumbnails
             assert card.locator(".thumb").inner_text() == card.get_attribute("data-case-id")
             assert "without a data root" in card.locator(".thumb").get_attribute("title")
             assert card.locator(".thumb img").count() == 0
+        assert "no VQA model" in page.locator("#vqa .body").inner_text()  # started without --vqa-model
+        assert page.get_by_role("button", name="Ask").is_disabled()
+        assert "No concept bottleneck" in page.locator("#explain .body").inner_text()
         context.close()
     assert not watch.refused and not watch.errors

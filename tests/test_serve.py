@@ -1,6 +1,8 @@
-"""The HTTP service end to end: a model trained by ``medvl train``, a real index, a real uvicorn
+"""The HTTP service end to end: a model trained by ``medvl train``, a real index, a tiny VQA model
+trained by ``medvl train vqa``, a concept bottleneck fitted by ``medvl explain``, a real uvicorn
 server on 127.0.0.1 (a free port), real PNG / DICOM / NIfTI uploads; abuse answered 401 / 413 /
-415 / 422 / 429 with a reason, and a correct answer after all of it."""
+415 / 422 / 429 with a reason, and a correct answer after all of it; explanations and VQA answers as
+the library gives them; offline OpenAPI docs."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from medvl.serve.auth import digests_from_file, token_digest  # noqa: E402
 from medvl.serve.batching import MicroBatcher, ServiceBusy  # noqa: E402
 from medvl.serve.logs import JsonFormatter  # noqa: E402
 from medvl.serve.uploads import DICOM, JPEG, NIFTI, NIFTI_GZ, PNG, UploadRejected, sniff  # noqa: E402
-from serve_helpers import Server  # noqa: E402
+from serve_helpers import Server, fit_concept_bottleneck, train_tiny_vqa_model  # noqa: E402
 
 LABELS = "no_finding,cardiomegaly,nodule"
 TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(100)]
@@ -78,9 +80,20 @@ def png(phantom_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, index_dir, phantom_dir):
+def vqa_dir(tmp_path_factory) -> Path:
+    return train_tiny_vqa_model(tmp_path_factory.mktemp("serve-vqa"))
+
+
+@pytest.fixture(scope="module")
+def bottleneck_file(model_dir, phantom_dir, png, tmp_path_factory) -> Path:
+    return fit_concept_bottleneck(model_dir, phantom_dir, png, tmp_path_factory.mktemp("serve-concepts") / "out")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, index_dir, phantom_dir, vqa_dir, bottleneck_file):
     settings = ServeSettings(max_upload_bytes=UPLOAD_LIMIT, max_pixels=4_000_000, max_batch=8, max_wait_ms=30,
-                             rate_limit=1.0, rate_burst=12, data_root=phantom_dir)
+                             rate_limit=1.0, rate_burst=12, data_root=phantom_dir, vqa_model=vqa_dir,
+                             bottleneck=bottleneck_file)
     app = create_app(model_dir, index=index_dir, settings=settings,
                      token_digests=[token_digest(token) for token in TOKENS])
     with Server(app) as running:
@@ -654,6 +667,221 @@ def test_thumbnails_are_404_without_a_data_root_or_a_stored_path_and_403_out_of_
         assert answer.status_code == 404 and "not found under the data root" in answer.json()["detail"]
     with pytest.raises(InputError, match="not a folder"):
         ServeSettings(data_root=tmp_path / "missing").validate()
+
+
+# ------------------------------------------------------------------------- explanations, VQA
+
+
+QUESTION = "is there a nodule in the left lung?"
+
+
+def explain(client, image: bytes, headers=None, **fields):
+    return client.post("/v1/explain", headers=headers or auth(), files={"image": ("image.png", image)},
+                       data={name: str(value) for name, value in fields.items()})
+
+
+def vqa(client, images: list[bytes], question: str = QUESTION, headers=None):
+    return client.post("/v1/vqa", headers=headers or auth(), data={"question": question},
+                       files=[("image", (f"film{n}.png", image)) for n, image in enumerate(images)])
+
+
+def _overlay(heatmap: dict) -> np.ndarray:
+    import base64
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap["png"]))))
+
+
+def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concepts_and_cases(
+        client, model_dir, index_dir, bottleneck_file, png):
+    from medvl.data.images import read_image
+    from medvl.explain.concepts import ConceptBottleneck
+    from medvl.explain.explanation import explain_image
+    from medvl.serve.explanation import explain_pixels
+    from medvl.serve.previews import heatmap_overlay
+
+    answer = explain(client, png.read_bytes(), top=2, k=4)
+    assert answer.status_code == 200, answer.text
+    shown = answer.json()
+    bottleneck = ConceptBottleneck.load(bottleneck_file)
+    model = load_model(model_dir)
+    cli = explain_image(model, png, labels=bottleneck.classes, methods=["patch_text", "gradcam"], top=2,
+                        bottleneck=bottleneck)  # what medvl explain computes for the file
+    library, _ = explain_pixels(model, read_image(png), labels=bottleneck.classes, methods=["patch_text", "gradcam"],
+                                top=2, bottleneck=bottleneck)
+    assert shown["methods"] == ["patch_text", "gradcam"] and shown["image"]["shape"] == [64, 64]
+    assert shown["overlay"]["shape"] == [64, 64]  # a 64 px image: the overlay is the image's own shape
+    assert set(shown["probabilities"]) == set(bottleneck.classes)
+    for name, probability in cli["probabilities"].items():
+        assert shown["probabilities"][name] == pytest.approx(probability, abs=1e-5)
+    assert [f["finding"] for f in shown["findings"]] == [f["finding"] for f in cli["findings"]]
+    for served, expected, maps in zip(shown["findings"], cli["findings"], library["findings"], strict=True):
+        assert served["concepts"] and [c["concept"] for c in served["concepts"]] == \
+            [c["concept"] for c in expected["concepts"]]
+        for concept, reference in zip(served["concepts"], expected["concepts"], strict=True):
+            assert concept["weight"] == pytest.approx(reference["weight"]) and "contribution" in concept
+        for method in ("patch_text", "gradcam"):
+            assert served["heatmaps"][method]["peak"] == expected["heatmaps"][method]["peak"]
+            overlay = _overlay(served["heatmaps"][method])
+            assert overlay.shape == (64, 64, 4)  # RGBA over the image, pixel for pixel
+            reference = heatmap_overlay(maps["heatmaps"][method]["map"]).astype(int)
+            assert np.abs(overlay.astype(int) - reference).max() <= 1
+    with open_index(index_dir) as index:
+        hits = search_index(index, model, image=png, k=4)
+    assert [case["id"] for case in shown["neighbours"]] == [hit.id for hit in hits]
+    assert "text" not in shown["neighbours"][0]  # no report text in an explanation
+
+
+def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client):
+    from medvl.serve.previews import overlay_shape
+
+    rows, columns = np.mgrid[0:300, 0:900]
+    image = ((rows + columns) % 256).astype(np.uint8)
+    answer = explain(client, _png_bytes(image), methods="patch_text", labels="nodule,no_finding")
+    assert answer.status_code == 200, answer.text
+    shape = answer.json()["overlay"]["shape"]
+    assert shape == list(overlay_shape((300, 900))) == [171, 512]  # as the preview shrinks it
+    assert answer.json()["image"]["shape"] == [300, 900]
+    [finding] = answer.json()["findings"]
+    assert list(finding["heatmaps"]) == ["patch_text"]
+    assert _overlay(finding["heatmaps"]["patch_text"]).shape == (171, 512, 4)
+    preview = _png_pixels(client.post("/v1/preview", headers=auth(), files={"image": ("x", _png_bytes(image))}))
+    assert preview.shape == (171, 512)
+
+
+def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png):
+    for fields, reason in (({"methods": "patch_text,lime"}, "heatmap methods must be among patch_text"),
+                           ({"top": 4}, "top must be <= 3"), ({"labels": "nodule"}, "at least 2 distinct labels"),
+                           ({"labels": "nodule,martian"}, "unknown label 'martian'"), ({"k": 0}, "k must be >= 1")):
+        answer = explain(client, png.read_bytes(), **fields)
+        assert answer.status_code == 422 and reason in answer.json()["detail"], (fields, answer.text)
+    assert explain(client, b"GIF89a" + b"\0" * 200).status_code == 415
+    assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
+    assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},
+                       data={"question": QUESTION}).status_code == 401
+
+
+def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phantom_dir, log_lines):
+    from medvl.eval.vqa import answer_with_rationale
+    from medvl.models.vqa import load_vqa_model
+
+    films = [record.image for record in load_dataset(phantom_dir).select("test")[:2]]
+    model = load_vqa_model(vqa_dir)
+    for images in (films[:1], films):
+        answer = vqa(client, [path.read_bytes() for path in images])
+        assert answer.status_code == 200, answer.text
+        expected = answer_with_rationale(model, images, QUESTION)
+        shown = answer.json()
+        assert shown["answer"] == expected["answer"] and shown["alternative"] == expected["alternative"]
+        assert shown["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+        assert shown["alternative_probability"] == pytest.approx(expected["alternative_probability"], abs=1e-5)
+        assert shown["answer_type"] == expected["answer_type"] and shown["answer"] in model.answers
+        assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
+        assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
+    request = _request_line(log_lines, "/v1/vqa")
+    assert request["status"] == 200 and request["model_ms"] >= 0
+    logged = "\n".join(log_lines())
+    assert "nodule in the left" not in logged and "film0" not in logged  # no question, no file name
+
+
+def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
+    for question in ("", "   "):
+        answer = vqa(client, [png.read_bytes()], question)
+        assert answer.status_code == 422 and "question" in answer.json()["detail"], answer.text
+    too_many = vqa(client, [png.read_bytes()] * 3)
+    assert too_many.status_code == 422 and "3 images given; the VQA model takes 1 to 2" in too_many.json()["detail"]
+    assert vqa(client, [png.read_bytes()], "x" * 1001).status_code == 422
+    assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
+    assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
+
+
+def test_without_a_vqa_model_vqa_is_409_and_the_page_is_told(model_dir, png):
+    from fastapi.testclient import TestClient
+
+    app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])])
+    with TestClient(app) as http:
+        answer = vqa(http, [png.read_bytes()], headers=auth(TOKENS[0]))
+        assert answer.status_code == 409 and "--vqa-model" in answer.json()["detail"]
+        described = http.get("/v1/models", headers=auth(TOKENS[0])).json()["models"][0]
+        assert described["vqa"] is None and described["explain"]["concepts"] is None
+        explained = explain(http, png.read_bytes(), headers=auth(TOKENS[0]), labels="nodule,no_finding")
+        assert explained.status_code == 200 and "neighbours" not in explained.json()  # no index: no cases
+        assert all("concepts" not in finding for finding in explained.json()["findings"])
+
+
+def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, bottleneck_file, tmp_path):
+    from medvl.explain.concepts import ConceptBottleneck
+
+    other = ConceptBottleneck.load(bottleneck_file)
+    other.concept_vectors = other.concept_vectors[:, :8]
+    other.save(tmp_path / "other.json")
+    with pytest.raises(InputError, match="fit it with the served model"):
+        create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "other.json"), require_token=False)
+    result, output = invoke("serve", "--model", model_dir, "--vqa-model", tmp_path / "missing", "--no-auth")
+    assert result.exit_code == 2 and "not found" in output
+
+
+def test_zero_shot_answers_while_an_explanation_holds_the_heavy_lane(server, client, png):
+    lane = server.app.state.service.lane
+    gate = threading.Event()
+    lane.thread.submit(gate.wait, 30)  # the lane's one thread is busy, as with a long explanation
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(explain, client, png.read_bytes(), None, labels="nodule,no_finding")
+            started = time.monotonic()
+            answer = zero_shot(client, png.read_bytes())
+            assert answer.status_code == 200 and time.monotonic() - started < 10
+            assert not waiting.done()  # the explanation waits for the lane, zero-shot did not
+            gate.set()
+            assert waiting.result(timeout=60).status_code == 200
+    finally:
+        gate.set()
+
+
+def test_the_heavy_lane_runs_one_at_a_time_and_refuses_beyond_its_queue():
+    from medvl.serve.lane import HeavyLane
+
+    gate = threading.Event()
+
+    async def run():
+        lane = HeavyLane(max_waiting=1)
+        first = asyncio.ensure_future(lane.run(gate.wait, 30))
+        second = asyncio.ensure_future(lane.run(lambda: "second"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceBusy, match="too many explanation / VQA requests waiting"):
+            await lane.run(lambda: "third")
+        gate.set()
+        results = await asyncio.gather(first, second)
+        lane.close()
+        with pytest.raises(ServiceBusy, match="shutting down"):
+            await lane.run(lambda: None)
+        return results
+
+    assert asyncio.run(run()) == [True, "second"]
+
+
+# ------------------------------------------------------------------------------- OpenAPI docs
+
+
+def test_the_docs_load_nothing_from_another_host_and_their_files_are_served(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page.text, re.IGNORECASE), page.text
+    referenced = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(url.endswith(".js") for url in referenced) and any(url.endswith(".css") for url in referenced)
+    for url in referenced:
+        assert url.startswith("/")
+        answer = client.get(url)
+        assert answer.status_code == 200 and answer.content, url
+        if url.endswith(".js"):
+            assert "SwaggerUIBundle" in answer.text and len(answer.content) > 100_000  # the real bundle
+    assert "validatorUrl" in page.text  # no validation badge fetched from validator.swagger.io
+    assert client.get("/redoc").status_code == 404
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/explain", "/v1/vqa"} <= set(schema["paths"])
+    assert schema["paths"]["/v1/vqa"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/v1/health"]["get"]
 
 
 # ------------------------------------------------------------------------------- medvl serve

@@ -188,3 +188,32 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     result = linear_probe(load_model(model), train_set, test_set, column, few_shot=list(few_shot),
                           show_progress=show_progress)
     return {**result, "label": column, "model": str(model)}
+
+
+def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[str, Any]:
+    """``eval.vqa.answer_with_rationale`` for decoded images (uploads held in memory, earlier film
+    first): the answer, its probability, the top alternative, the answer type and, from a medvl VQA
+    model, one attention heatmap per image (``grid`` weights on the image encoder's token grid
+    ``shape``, and its ``peak``); a transformers VLM gives none."""
+    import torch
+
+    from .eval.vqa import _answer_batch, _peak, check_question
+    from .models.vlm import VisionLanguageModel
+
+    question = check_question(question)
+    if isinstance(model, VisionLanguageModel):
+        return {**model.answer(list(images), question), "heatmaps": []}
+    limit = model.config.max_images
+    if not images or len(images) > limit:
+        raise InputError(f"{len(images)} images given; the model takes 1 to {limit} per question")
+    model.eval()
+    pixels = model.preprocessor.load_many(list(images))
+    image_index = torch.tensor([list(range(len(images))) + [-1] * (limit - len(images))])
+    with torch.no_grad():
+        row = _answer_batch(model, pixels, image_index, [question])[0]
+    grid = model.image_encoder.token_grid(torch.zeros(1, model.config.image.in_channels,
+                                                      *model.config.image.volume_shape))
+    per_image = row.pop("attention").view(limit, -1)[:len(images)]
+    row["heatmaps"] = [{"grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
+                        "peak": _peak(weights, grid)} for weights in per_image]
+    return row

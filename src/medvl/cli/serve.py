@@ -21,6 +21,12 @@ def serve_command(
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of the indexed dataset: /v1/cases/{id}/thumbnail reads each case's stored image path "
              "under it (paths leaving it are refused); none: no thumbnails.")] = None,
+    vqa_model: Annotated[Path | None, typer.Option(
+        help="VQA model for /v1/vqa: a medvl train vqa folder or a local transformers VLM folder "
+             "(LLaVA, Gemma 3); none: /v1/vqa answers 409.")] = None,
+    bottleneck: Annotated[Path | None, typer.Option(
+        help="Concept bottleneck fitted with this model (bottleneck.json from medvl explain --concept-data ... "
+             "--out DIR): /v1/explain names each finding's top concepts.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     token_file: Annotated[Path | None, typer.Option(
@@ -43,8 +49,8 @@ def serve_command(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
 ) -> None:
     """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
-    /v1/report/draft, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs). Every route but
-    /v1/health needs 'Authorization: Bearer TOKEN'."""
+    /v1/report/draft, /v1/explain, /v1/vqa, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs).
+    Every route but /v1/health needs 'Authorization: Bearer TOKEN'."""
     from ..errors import InputError
     from ..serve.settings import MIB, ServeSettings
 
@@ -55,7 +61,7 @@ def serve_command(
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
-                             data_root=data_root).validate()
+                             data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck).validate()
     _check_model_dir(model)
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,

@@ -6,6 +6,8 @@ routes do), ``batching`` (dynamic micro-batching), ``uploads`` (sniffing, limits
 de-identification), ``previews`` (an upload's preview and a case's thumbnail as PNG, rendered by
 ``medvl.clinical.windowing.render_preview``), ``auth`` (hashed API tokens, per-token rate limit),
 ``middleware`` (request id, auth and body limit before the body is read), ``logs`` (JSON log lines),
+``lane`` (explanations and VQA answers: one at a time beside the micro-batcher, a bounded wait),
+``explanation`` (``medvl explain``'s computation on an upload's decoded pixels),
 ``settings``.
 """
 

@@ -1,17 +1,24 @@
 """The HTTP service: ``create_app(model_dir, index=None, settings=None) -> FastAPI``.
 
-Versioned routes (OpenAPI at ``/docs`` and ``/openapi.json``): ``GET /v1/health`` (no token),
+Versioned routes (OpenAPI at ``/docs``, its swagger-ui files served by the app itself from the
+``swagger-ui-bundle`` package, nothing from another host; and ``/openapi.json``): ``GET /v1/health`` (no token),
 ``GET /v1/models``, and, with an uploaded image in the multipart field ``image`` and options as
 form fields, ``POST /v1/embed``, ``/v1/zero-shot`` (``labels=effusion,no finding``),
 ``/v1/search`` (``k``, ``where``, ``target``; or a ``text`` query instead of an image) and
 ``/v1/report/draft`` (``k``, ``where``, ``min_support``, ``min_similarity``, ``related``); the
-last two need the index given at start. ``POST /v1/preview`` (``window``: a CT preset) and
+last two need the index given at start. ``POST /v1/explain`` (``labels``, ``methods``,
+``label_column``, ``top``, ``k``): the predicted findings, per finding its heatmaps as RGBA PNG
+overlays (base64, the preview's shape) and its top concepts (with ``--bottleneck``), and the nearest
+cases (with ``--index``). ``POST /v1/vqa`` (``question``; the field ``image`` once per image, earlier
+film first): the answer of the VQA model given at start (``--vqa-model``; else 409), its
+probability and the top alternative. Both run one at a time beside the micro-batcher
+(``lane.HeavyLane``). ``POST /v1/preview`` (``window``: a CT preset) and
 ``GET /v1/cases/{case_id}/thumbnail`` (the id URL-encoded; needs ``data_root``) answer PNG images
 with ``Cache-Control: no-store``. Answers are JSON, the same as the CLI's ``--json``
 outputs for ``medvl predict``, ``medvl search`` and ``medvl report draft``; ``/`` serves the page.
 
 medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 403 (a stored path
-leaving the data root), 404 (no image for a case), 413 (too large),
+leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 413 (too large),
 415 (unsupported type), 422 (unreadable upload, bad option), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
 ``X-Request-ID`` that names its log line.
@@ -29,26 +36,29 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError
 from .auth import TokenAuth, load_digests
-from .middleware import ServiceMiddleware
+from .middleware import PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
-from .service import ModelService, ServiceUnavailable, parse_labels
+from .service import ModelService, ServiceUnavailable, parse_labels, parse_methods
 from .settings import ServeSettings
 from .uploads import Upload, check_byte_size
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+SWAGGER_STATIC = "/static/swagger-ui"  # where the swagger-ui files of /docs are served
 
 ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
 KField = Annotated[int, Form(description="Number of cases.")]
 WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.g. \"sex = 'F' and age > 60\".")]
+ImagesField = Annotated[list[UploadFile], File(description="The image(s) the question is about: the field once per "
+                                                          "image, earlier film first (PNG, JPEG, DICOM, NIfTI).")]
 
 
 def create_app(model_dir: str | Path, index: str | Path | None = None, settings: ServeSettings | None = None,
@@ -78,11 +88,14 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         await task  # a model still loading finishes first, then the queue drains
         await loader.stop()
 
-    app = FastAPI(title="medvl", version=__version__, lifespan=lifespan,
-                  description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts.")
+    app = FastAPI(title="medvl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts, "
+                              "explanations, visual question answering. Every /v1 route but /v1/health needs "
+                              "'Authorization: Bearer TOKEN'.")
     app.state.loader = loader
     app.state.service = loader.service
     _add_routes(app, loader, settings)
+    _add_docs(app)
     _add_error_handlers(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -90,7 +103,8 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
-                       routes=frozenset(getattr(route, "path", "") for route in app.routes))
+                       routes=frozenset(getattr(route, "path", "") for route in app.routes),
+                       files_per_route={"/v1/vqa": settings.max_vqa_images})
     return app
 
 
@@ -217,6 +231,37 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         upload = await _read(image, service, request)
         return await service.draft(upload, k, where, min_support, min_similarity, related)
 
+    @app.post("/v1/explain", tags=["models"])
+    async def explain(request: Request, image: ImageField,
+                      labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
+                                                         "(default: the concept bottleneck's classes, else every "
+                                                         "class the model's captions describe).")] = None,
+                      methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
+                                                          "patch_text,gradcam (default: both on a CNN, else "
+                                                          "patch_text).")] = None,
+                      label_column: Annotated[str | None, Form(
+                          description="Label column whose class descriptions to use.")] = None,
+                      top: Annotated[int, Form(description="Explain the TOP most probable findings.")] = 1,
+                      k: Annotated[int, Form(description="Nearest cases (with an index).")] = 5) -> dict:
+        """Why the model sees its findings: per finding its probability, a heatmap per method (an RGBA PNG
+        overlay, base64, of the preview's shape: lay it over the image) with its peak, the top concepts
+        of the concept bottleneck; and the nearest indexed cases."""
+        service = loader.get()
+        names = parse_labels(labels) if labels and labels.strip() else None
+        chosen = parse_methods(methods) if methods and methods.strip() else None
+        return await service.explain(await _bytes(image, service), names, label_column or None, chosen, top, k,
+                                     request.state.timings)
+
+    @app.post("/v1/vqa", tags=["models"])
+    async def vqa(request: Request, image: ImagesField,
+                  question: Annotated[str, Form(description="The question about the image(s).")]) -> dict:
+        """The VQA model's answer (given at start with --vqa-model; else 409): probability, the top
+        alternative, the answer type and, from a medvl VQA model, its attention over each image."""
+        service = loader.get()
+        service.check_vqa_request(len(image), question)
+        images = [await _bytes(upload, service) for upload in image]
+        return await service.vqa_answer(images, question, request.state.timings)
+
     @app.post("/v1/preview", tags=["images"], response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"}})
     async def preview(request: Request, image: ImageField, window: Annotated[str | None, Form(
@@ -235,6 +280,46 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         stored path (DICOM), no data root."""
         picture = await loader.get().thumbnail(case_id)
         return Response(png_bytes(picture.image), media_type="image/png", headers=picture.headers())
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs`` from swagger-ui files served by the app (an offline machine reaches no CDN); the
+    OpenAPI document names the bearer token so that its "Authorize" button sends it."""
+    _declare_bearer(app)
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        log.warning("no /docs: the swagger-ui-bundle package is missing (pip install 'medvl[serve]')")
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(SWAGGER_STATIC, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="medvl API",
+                                   swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
+                                   swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png",
+                                   oauth2_redirect_url=None,
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from another host
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1/") and path not in PUBLIC_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

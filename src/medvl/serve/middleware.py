@@ -3,7 +3,8 @@
 Checks that need no body run before the body is read, so an unauthenticated or rate-limited client
 cannot make the server take in an upload: ``/v1/*`` routes other than ``/v1/health`` need a valid
 bearer token (401) within its rate (429); a declared ``Content-Length`` above the upload limit is
-refused at once (413) and a streamed (chunked) body is counted and cut off there (413).
+refused at once (413) and a streamed (chunked) body is counted and cut off there (413). A route
+taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def needs_token(method: str, path: str) -> bool:
 class ServiceMiddleware:
     """Request id, auth, rate limit and body limit around the app; logs every request as JSON."""
 
-    def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int, routes: frozenset[str] = frozenset()):
+    def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int, routes: frozenset[str] = frozenset(),
+                 files_per_route: dict[str, int] | None = None):
         self.app = app
         self.auth = auth
-        self.max_body = max_upload_bytes + FORM_OVERHEAD
+        self.max_upload_bytes = max_upload_bytes
+        self.files_per_route = dict(files_per_route or {})
         self.routes = routes  # the app's route paths: a log names one of these, never another path
 
     async def __call__(self, scope, receive, send):
@@ -57,7 +60,7 @@ class ServiceMiddleware:
             if refusal is not None:
                 await _reply(send_with_id, *refusal)
             else:
-                await self.app(scope, self._counting(receive), send_with_id)
+                await self.app(scope, self._counting(receive, self._body_limit(scope["path"])), send_with_id)
         finally:
             self._log(scope, request_id, status[0], started, timings)
 
@@ -82,13 +85,17 @@ class ServiceMiddleware:
                 timings["error"] = "rate_limited"
                 return 429, f"rate limit of this token exceeded; retry in {wait:.1f} s", \
                     {"Retry-After": retry_after_header(wait)}
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        length, limit = headers.get("content-length"), self._body_limit(scope["path"])
+        if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
-            return 413, f"request too large: over {self.max_body:,} bytes", {"Connection": "close"}
+            return 413, f"request too large: over {limit:,} bytes", {"Connection": "close"}
         return None
 
-    def _counting(self, receive):
+    def _body_limit(self, path: str) -> int:
+        """Bytes a request body may hold: one upload and the form around it, or several on a route taking several."""
+        return self.max_upload_bytes * self.files_per_route.get(path, 1) + FORM_OVERHEAD
+
+    def _counting(self, receive, limit: int):
         """``receive`` that refuses (413) a body growing past the limit, whatever its headers said."""
         received = [0]
 
@@ -96,8 +103,8 @@ class ServiceMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
-                if received[0] > self.max_body:
-                    raise HTTPException(413, f"request too large: over {self.max_body:,} bytes")
+                if received[0] > limit:
+                    raise HTTPException(413, f"request too large: over {limit:,} bytes")
             return message
 
         return counted

@@ -16,6 +16,11 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
   viewer's left; the preset, or min-max;
 - PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
   (422): these hold no HU.
+
+A heatmap of ``/v1/explain`` is an RGBA PNG (``heatmap_overlay``) of the preview's shape
+(``overlay_shape``: the image's rows x columns brought within ``PREVIEW_SIDE`` as the preview is), to
+lay over the image as shown: the min-max normalised map in the jet colours, its opacity growing
+with the value (no evidence: transparent).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_upload, reject
 
 PREVIEW_SIDE = 512  # longest side of an upload's preview, pixels
 THUMBNAIL_SIDE = 128  # longest side of a case's thumbnail, pixels
+OVERLAY_OPACITY = 0.65  # opacity of a heatmap overlay where the map is highest
 NO_WINDOW = "none"  # what ``Picture.window`` says when pixels are shown as stored / min-max scaled
 
 
@@ -124,3 +130,26 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def overlay_shape(shape: tuple[int, ...], max_side: int = PREVIEW_SIDE) -> tuple[int, int]:
+    """(rows, columns) of an image's preview: its own within ``max_side``, else scaled down to it
+    (the rounding of ``clinical.windowing.fit_within``, so an overlay fits the preview pixel for pixel)."""
+    height, width = int(shape[0]), int(shape[1])
+    if max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def heatmap_overlay(heatmap: np.ndarray) -> np.ndarray:
+    """(rows, columns, 4) uint8 RGBA of a heatmap: jet colours of the min-max normalised map, the
+    alpha channel ``OVERLAY_OPACITY`` x the value (a constant map is fully transparent)."""
+    from matplotlib import colormaps
+
+    from ..explain.grounding import normalise_map
+
+    values = normalise_map(heatmap)
+    rgba = colormaps["jet"](values)
+    rgba[..., 3] = OVERLAY_OPACITY * values
+    return np.round(rgba * 255).astype(np.uint8)

@@ -6,11 +6,19 @@ concurrently and CPU threads are not oversubscribed. Decoding and preprocessing 
 request's own work and run on the server's worker threads.
 Zero-shot class embeddings (a prompt ensemble per class, the costly text forward passes) are
 computed once per label set and kept (``MAX_LABEL_SETS``, least recently used dropped).
+
+Explanations and VQA answers are heavy (gradient passes, a second model, text generation): they run
+on the ``lane`` (``lane.HeavyLane``: one at a time on its own thread, a bounded wait), never on the
+model thread, so zero-shot answers keep flowing while one computes. Explanations use their own copy
+of the dual encoder (``_explainer``, loaded on the lane at the first one), since Grad-CAM hooks a
+layer of the model it runs and must not see the batcher's forward passes. A nearest-case search of
+an explanation runs on the model thread, as every index search does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import threading
 import time
@@ -24,6 +32,7 @@ import anyio
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..data import captions_for
 from ..embed import class_embeddings
 from ..errors import DataError, InputError, MedvlError
@@ -32,16 +41,31 @@ from ..index.base import describe_target
 from ..models.registry import load_model
 from ..predict import class_prompts, ood_flags
 from .batching import BatchTiming, MicroBatcher
-from .previews import Picture, parse_window, preview_upload, thumbnail_file
+from .lane import HeavyLane
+from .previews import (
+    Picture,
+    heatmap_overlay,
+    overlay_shape,
+    parse_window,
+    png_bytes,
+    preview_upload,
+    thumbnail_file,
+)
 from .settings import ServeSettings
 from .uploads import Upload, UploadRejected, decode_upload
 
 if TYPE_CHECKING:
+    from ..explain.concepts import ConceptBottleneck
+    from ..models.vlm import VisionLanguageModel
+    from ..models.vqa import VQAModel
     from ..rag import ReportLabeller
 
 MAX_LABEL_SETS = 64
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
+MAX_QUESTION_CHARS = 1000  # a longer VQA question is refused (422)
+GRADIENT_FREE_METHODS = ("patch_text",)  # explanation methods every 2D dual encoder supports
+CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains (the default methods then)
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -52,6 +76,13 @@ def parse_labels(labels: str) -> list[str]:
     if len(names) > MAX_LABELS:
         raise InputError(f"at most {MAX_LABELS} labels, got {len(names)}")
     return names
+
+
+def parse_methods(methods: str) -> list[str]:
+    """Comma-separated heatmap methods (``patch_text,gradcam``), checked by the library."""
+    from ..explain.heatmaps import check_methods
+
+    return check_methods([name.strip() for name in methods.split(",") if name.strip()])
 
 
 class ModelService:
@@ -71,6 +102,10 @@ class ModelService:
         self._classes: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._classes_lock = threading.Lock()
         self._workers: anyio.CapacityLimiter | None = None  # made on the server's loop (start)
+        self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
+        self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net.config.embed_dim)
+        self.lane = HeavyLane(settings.heavy_queue)
+        self._explainer: Any = None  # the dual encoder's copy for explanations, loaded on the lane when first asked
 
     def _open_index(self, target: str | Path):
         from ..index import open_index
@@ -87,6 +122,7 @@ class ModelService:
     async def stop(self) -> None:
         """Drain the batcher, then let the model thread finish and close the index."""
         await self.batcher.close()
+        await asyncio.to_thread(self.lane.close)
         self.model_thread.shutdown(wait=True)
         if self.index is not None:
             self.index.close()
@@ -143,7 +179,26 @@ class ModelService:
                 "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
-                "index": self._describe_index()}
+                "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa()}
+
+    def _describe_explain(self) -> dict[str, Any]:
+        from ..explain.heatmaps import METHODS
+
+        bottleneck = self.bottleneck
+        concepts = None if bottleneck is None else {"classes": bottleneck.classes, "concepts": len(bottleneck.concepts),
+                                                    "label_column": bottleneck.label_column}
+        return {"methods": list(METHODS), "default_methods": self.explain_methods(),
+                "max_top": self.settings.max_explain_top, "concepts": concepts}
+
+    def _describe_vqa(self) -> dict[str, Any] | None:
+        from ..models.vqa import VQAModel
+
+        if self.vqa is None or self.settings.vqa_model is None:
+            return None
+        kind = "medvl" if isinstance(self.vqa, VQAModel) else "transformers"
+        answers = len(self.vqa.answers) if isinstance(self.vqa, VQAModel) else None
+        return {"folder": self.settings.vqa_model.name, "kind": kind, "answers": answers,
+                "max_images": self.vqa_image_limit()}
 
     def _describe_index(self) -> dict[str, Any] | None:
         if self.index is None:
@@ -244,6 +299,84 @@ class ModelService:
             raise CaseImageMissing("the index stores no image path for this case")
         return await self._on_worker(thumbnail_file, path)
 
+    # -- explanations and VQA (on the lane) --------------------------------------------------------
+    def explain_methods(self) -> list[str]:
+        """The heatmap methods an explanation uses when none are asked: Grad-CAM too on a CNN."""
+        extra = ["gradcam"] if self.net.config.image.arch in CONVOLUTIONAL else []
+        return [*GRADIENT_FREE_METHODS, *extra]
+
+    async def explain(self, data: bytes, labels: list[str] | None, label_column: str | None,
+                      methods: list[str] | None, top: int, k: int, timings: dict[str, Any]) -> dict[str, Any]:
+        """``medvl explain``'s answer for one upload (``explanation.explain_pixels``), each heatmap an RGBA PNG
+        overlay (base64) of the preview's shape, and the k nearest cases when an index is loaded."""
+        from ..explain.explanation import nearest_cases
+        from ..index.base import check_k
+
+        check_number("top", top, minimum=1, maximum=self.settings.max_explain_top, integer=True)
+        if self.index is not None:
+            check_k(k)
+        self.lane.check()
+        chosen = methods or self.explain_methods()
+        names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
+        upload = await self.decode(data, timings)
+        shape = overlay_shape(upload.pixels.shape)
+        result, embedding = await self.lane.run(self._explain_on_lane, upload.pixels, names, label_column, chosen,
+                                                top, shape, timings=timings)
+        if self.index is not None:
+            result["neighbours"] = await self.run_on_model_thread(nearest_cases, self.index, self.net, embedding, k)
+        await self._on_worker(_encode_overlays, result["findings"])
+        return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
+                                                         "shape": list(upload.pixels.shape[:2])},
+                "overlay": {"shape": list(shape), "format": "image/png;base64 RGBA"},
+                "methods": chosen, **result}
+
+    def _explain_on_lane(self, pixels: np.ndarray, labels, label_column, methods, top, shape):
+        from .explanation import explain_pixels
+
+        if self._explainer is None:
+            self._explainer = load_model(self.model_dir)
+            self._explainer.eval()
+        return explain_pixels(self._explainer, pixels, labels=labels, label_column=label_column, methods=methods,
+                              top=top, bottleneck=self.bottleneck, map_shape=shape)
+
+    def vqa_image_limit(self) -> int:
+        """Images per question: the VQA model's own limit, within the service's ``max_vqa_images``."""
+        from ..models.vqa import VQAModel
+
+        if self.vqa is None:
+            return 0
+        own = self.vqa.config.max_images if isinstance(self.vqa, VQAModel) else self.vqa.max_images
+        return min(own, self.settings.max_vqa_images)
+
+    def check_vqa_request(self, count: int, question: str) -> str:
+        """The question, stripped, if this service has a VQA model (else 409) and ``count`` images fit it."""
+        from ..eval.vqa import check_question
+
+        if self.vqa is None:
+            raise NotLoaded("this service was started without a VQA model (medvl serve --vqa-model DIR)")
+        if not question.strip():
+            raise InputError("question: empty; ask a question about the image(s)")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InputError(f"question: longer than {MAX_QUESTION_CHARS} characters")
+        limit = self.vqa_image_limit()
+        if not 1 <= count <= limit:
+            raise InputError(f"{count} images given; the VQA model takes 1 to {limit} per question "
+                             "(the field image, once per image)")
+        return check_question(question)
+
+    async def vqa_answer(self, images: Sequence[bytes], question: str, timings: dict[str, Any]) -> dict[str, Any]:
+        """``medvl vqa --json``'s answer (``api.answer_pixels``) about the uploads, earlier film first."""
+        from ..api import answer_pixels
+
+        question = self.check_vqa_request(len(images), question)
+        self.lane.check()
+        uploads = [await self.decode(data, timings) for data in images]
+        timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
+        result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
+                                     timings=timings)
+        return {"model": self.settings.vqa_model.name if self.settings.vqa_model else None,
+                "images": [{"kind": upload.kind, "bytes": upload.n_bytes} for upload in uploads], **result}
+
     def _labeller(self):
         if self.labeller is None:
             from ..rag import ReportLabeller, load_knowledge
@@ -258,6 +391,44 @@ def _find_case(index, case_id: str):
     literal = case_id.replace("'", "''")  # the filter language's quoting; the id is a bound parameter
     hits = index.search(np.zeros((1, index.dim), np.float32), k=1, where=f"id = '{literal}'")[0]
     return hits[0] if hits and hits[0].id == case_id else None
+
+
+def _load_vqa(folder: Path | None):
+    """The VQA model of ``--vqa-model`` (a medvl VQA folder or a transformers VLM folder), or None."""
+    if folder is None:
+        return None
+    from ..models.vqa import load_vqa_model
+
+    model = load_vqa_model(folder)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return model
+
+
+def _load_bottleneck(path: Path | None, embed_dim: int):
+    """The concept bottleneck of ``--bottleneck``, checked against the model's embedding size, or None."""
+    if path is None:
+        return None
+    from ..explain.concepts import ConceptBottleneck
+
+    bottleneck = ConceptBottleneck.load(path)
+    if bottleneck.concept_vectors.shape[1] != embed_dim:
+        raise InputError(f"bottleneck {path.name}: its concept vectors have {bottleneck.concept_vectors.shape[1]} "
+                         f"dimensions, the model embeds in {embed_dim}; fit it with the served model")
+    return bottleneck
+
+
+def _encode_overlays(findings: list[dict[str, Any]]) -> None:
+    """Each finding's heatmap maps, in place, as base64 RGBA PNG overlays (``previews.heatmap_overlay``)."""
+    for finding in findings:
+        for heatmap in finding["heatmaps"].values():
+            heatmap["png"] = base64.b64encode(png_bytes(heatmap_overlay(heatmap.pop("map")))).decode("ascii")
+
+
+class NotLoaded(MedvlError):
+    """A model this service instance was not started with (HTTP 409: asking again will not help)."""
+
+    status = 409
 
 
 class CaseImageMissing(MedvlError):

@@ -1,4 +1,5 @@
-"""What a running service allows: upload limits, batching, rate limits, CORS origins, the data root."""
+"""What a running service allows: upload limits, batching, rate limits, CORS origins, the data root,
+and the optional models beside the dual encoder (a VQA model, a concept bottleneck)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ class ServeSettings:
     # the folder of the indexed dataset: case thumbnails are read from the index's stored paths under it
     # (``/v1/cases/{id}/thumbnail``); None: no thumbnails (404)
     data_root: Path | None = None
+    # a VQA model for /v1/vqa: a ``medvl train vqa`` folder or a local transformers VLM folder; None: 409
+    vqa_model: Path | None = None
+    # a concept bottleneck fitted with the served model (``medvl explain --concept-data ... --out DIR`` writes
+    # DIR/bottleneck.json): /v1/explain then names each finding's top concepts; None: no concepts
+    bottleneck: Path | None = None
+    max_vqa_images: int = 4  # image files one /v1/vqa request may carry (the model's own limit applies too)
+    max_explain_top: int = 3  # findings one /v1/explain request may ask to explain (heatmaps each)
+    heavy_queue: int = 4  # explain / VQA requests waiting while one computes; beyond, 503
 
     def validate(self) -> ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting."""
@@ -43,6 +52,15 @@ class ServeSettings:
         check_number("rate_burst", self.rate_burst, minimum=1, integer=True)
         check_number("failed_auth_rate", self.failed_auth_rate, minimum=0, exclusive_minimum=True)
         check_number("failed_auth_burst", self.failed_auth_burst, minimum=1, integer=True)
+        check_number("max_vqa_images", self.max_vqa_images, minimum=1, maximum=64, integer=True)
+        check_number("max_explain_top", self.max_explain_top, minimum=1, maximum=16, integer=True)
+        check_number("heavy_queue", self.heavy_queue, minimum=0, integer=True)
+        for name in ("vqa_model", "bottleneck"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+                if not getattr(self, name).exists():
+                    raise InputError(f"{name.replace('_', ' ')} {value}: not found")
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
