@@ -2,19 +2,23 @@
 
 For a trained dual encoder and a phantom data set (boxes and masks per finding), prints per
 finding the pointing game (peak in the box; in the mask), the energy in the box and IoU / Dice of
-the map thresholded at 0.5 against the mask, for each heatmap method (patch_text, gradcam) beside
-a random map and a centre prior, and whether the best method beats both baselines' pointing game.
+the map thresholded at 0.5 against the mask, for each heatmap method (patch_text, gradcam,
+occlusion, smoothgrad; ``--methods``, settings per method with ``--settings JSON``) beside a random
+map and a centre prior, whether the best method beats both baselines' pointing game, and each
+method's seconds per image. Settings are chosen on ``--split val`` and then reported on ``test``.
 Then the concept bottleneck's accuracy beside a linear probe on the same image embeddings
 (phantom; and ISIC when --isic-model / --isic-data are given). Commands and figures:
 docs/benchmarks.md, "Explanations and grounding".
 
     python benchmarks/grounding.py --model RUN/model --data PHANTOM --split test \\
+        [--methods occlusion,smoothgrad] [--settings '{"occlusion": {"window": 0.25}}'] [--no-bottleneck] \\
         [--isic-model ISIC_RUN/model --isic-data ISIC_MANIFEST] --json grounding.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -62,6 +66,10 @@ def main() -> None:
     parser.add_argument("--label", default="finding")
     parser.add_argument("--tolerance", type=float, default=0.0, help="Pointing-game tolerance in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random-map baseline.")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated heatmap methods.")
+    parser.add_argument("--settings", type=json.loads, default=None,
+                        help='Keyword arguments per method as JSON, e.g. \'{"smoothgrad": {"noise": 0.1}}\'.')
+    parser.add_argument("--no-bottleneck", action="store_true", help="Skip the concept bottleneck comparison.")
     parser.add_argument("--isic-model", type=Path, help="Dual encoder trained on the ISIC train split.")
     parser.add_argument("--isic-data", type=Path, help="ISIC manifest with train / test splits and diagnosis.")
     parser.add_argument("--json", type=Path, help="Write every figure here.")
@@ -72,22 +80,25 @@ def main() -> None:
     started, summary, bottlenecks = time.perf_counter(), {}, {}
     if args.model and args.data:
         model, data = load_model(args.model), load_dataset(args.data)
-        grounding = evaluate_grounding(model, data.select(args.split), args.label, METHODS,
-                                       tolerance=args.tolerance, seed=args.seed)
+        grounding = evaluate_grounding(model, data.select(args.split), args.label, args.methods.split(","),
+                                       tolerance=args.tolerance, seed=args.seed, settings=args.settings)
         print(f"grounding on {args.data} ({args.split}, {grounding['n']} cases with a box, "
               f"{grounding['seconds']:.1f} s)\n")
         print(grounding_table(grounding))
         beats = beats_baselines(grounding["per_finding"], grounding["methods"])
-        print(f"\nbest method's pointing game above both baselines: {beats}\n")
+        print(f"\nbest method's pointing game above both baselines: {beats}")
+        print(f"seconds per image: {grounding['seconds_per_image']}; settings: {grounding['settings']}\n")
         summary |= {"grounding": grounding, "beats_baselines": beats}
-        bottlenecks["phantom"] = compare_with_probe(model, data.select("train"), data.select(args.split), args.label,
-                                                    load_concepts("chest_xray"))
+        if not args.no_bottleneck:
+            bottlenecks["phantom"] = compare_with_probe(model, data.select("train"), data.select(args.split),
+                                                        args.label, load_concepts("chest_xray"))
     if args.isic_model and args.isic_data:
         isic = load_dataset(args.isic_data, label_columns=["diagnosis"], allow_outside_root=True)
         bottlenecks["isic"] = compare_with_probe(load_model(args.isic_model), isic.select("train"),
                                                  isic.select("test"), "diagnosis", load_concepts("dermoscopy"))
-    print("| data | concept bank | train/test | bottleneck acc / bal. acc / AUC | probe acc / bal. acc / AUC |")
-    print("|---|---|---|---|---|")
+    if bottlenecks:
+        print("| data | concept bank | train/test | bottleneck acc / bal. acc / AUC | probe acc / bal. acc / AUC |")
+        print("|---|---|---|---|---|")
     for name, result in bottlenecks.items():
         print(bottleneck_line(name, result))
     if args.json:

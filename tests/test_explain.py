@@ -145,7 +145,7 @@ def test_gradcam_matches_a_hand_computed_grad_cam(tiny_model, phantom_dir, class
 
 def test_grounding_on_phantom_boxes_and_masks(tiny_model, phantom_dir):
     test_set = medvl.load_dataset(phantom_dir).select("test")
-    result = grounding.evaluate_grounding(tiny_model, test_set, seed=0)
+    result = grounding.evaluate_grounding(tiny_model, test_set, methods=["patch_text", "gradcam"], seed=0)
     with open(phantom_dir / "manifest.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["split"] == "test" and r["boxes"]]
     boxes = [json.loads(r["boxes"])[r["finding"]] for r in rows]
@@ -295,4 +295,115 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     assert result.exit_code == 2, output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (INFO logs go there too)
     assert len(lines) == 1 and named[case] in lines[0], output
+    assert "Traceback" not in output
+
+
+# -- pixel-resolution methods: occlusion and SmoothGrad -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def square_case():
+    """A random-init phantom-tiny, a flat grey image with a bright 8 x 8 square at rows 40-47,
+    columns 16-23, and two class directions: the flat image's embedding (0) and the square image's (1).
+    Class 1's evidence is the square and nothing else: hiding any window away from it with the local
+    background leaves the flat image unchanged."""
+    torch.manual_seed(0)
+    model = medvl.create_model("phantom-tiny", **{"image.no_max_pool": True}).eval()
+    flat = torch.full((1, 1, 64, 64), 0.4)
+    square = flat.clone()
+    square[..., 40:48, 16:24] = 0.9
+    with torch.no_grad():
+        texts = torch.nn.functional.normalize(model.encode_images(torch.cat([flat, square])), dim=-1)
+    return model, square, texts
+
+
+def test_occlusion_peak_lies_on_the_known_evidence(square_case):
+    from medvl.explain.heatmaps import occlusion_map
+
+    model, square, texts = square_case
+    for fill, stride in (("ring", 0.0625), ("blur", 0.125), ("mean", 0.125)):  # the default; coarser, faster
+        maps = occlusion_map(model, square, texts, target=1, fill=fill, stride=stride)
+        assert maps.shape == (1, 64, 64) and torch.isfinite(maps).all()
+        row, col = grounding.peak(maps[0].numpy())
+        assert 40 <= row < 48 and 16 <= col < 24, (fill, row, col)
+        assert float(maps[0].max()) > 0  # hiding the square costs class 1 ground
+    raw = occlusion_map(model, square, texts, target=1, stride=0.125, fill="ring", smooth=0.0)  # flat: no change
+    assert raw[0, :24, 32:].abs().max() < 1e-5  # far from the square
+    again = occlusion_map(model, square, texts, target=1, stride=0.125, fill="ring", smooth=0.0, batch_size=7)
+    assert torch.allclose(raw, again, atol=1e-4)  # batching changes nothing but float rounding
+
+
+def test_occlusion_matches_captum_occlusion(square_case):
+    from captum.attr import Occlusion
+
+    from medvl.explain.heatmaps import _log_probability, occlusion_map
+
+    model, square, texts = square_case
+    images = torch.cat([square, square.flip(-1)])  # 64 px: window 8, stride 4, windows fit the side exactly
+    ours = occlusion_map(model, images, texts, target=1, window=0.125, stride=0.0625, fill="mean", smooth=0.0)
+    score = _log_probability(model, texts, 1)
+    with torch.no_grad():
+        theirs = Occlusion(score).attribute(images, sliding_window_shapes=(1, 8, 8), strides=(1, 4, 4),
+                                            baselines=images.mean(dim=(2, 3), keepdim=True).expand_as(images),
+                                            perturbations_per_eval=64)
+    assert torch.allclose(ours, theirs[:, 0], atol=1e-5)
+
+
+def test_smoothgrad_matches_a_hand_computed_gradient_and_is_seeded(square_case):
+    from medvl.explain.heatmaps import _log_probability, smoothgrad_map
+
+    model, square, texts = square_case
+    plain = smoothgrad_map(model, square, texts, target=1, samples=1, noise=0.0, smooth=0.0)
+    pixels = square.clone().requires_grad_(True)
+    expected = torch.autograd.grad(_log_probability(model, texts, 1)(pixels).sum(), pixels)[0].abs().sum(1)
+    assert plain.shape == (1, 64, 64) and torch.allclose(plain, expected, atol=1e-6)
+    first = smoothgrad_map(model, square, texts, target=1, samples=4, seed=3, batch_size=3)
+    same = smoothgrad_map(model, square, texts, target=1, samples=4, seed=3)  # batched differently
+    assert torch.allclose(first, same, rtol=1e-3, atol=1e-7)
+    assert not torch.allclose(first, smoothgrad_map(model, square, texts, target=1, samples=4, seed=4),
+                              rtol=1e-3, atol=1e-7)
+
+
+def test_bad_heatmap_methods_and_settings_are_input_errors(square_case):
+    from medvl.explain.heatmaps import heatmaps as make_heatmaps
+
+    model, square, texts = square_case
+    with pytest.raises(InputError, match="heatmap methods must be among"):
+        make_heatmaps(model, square, texts, 1, ["lime"])
+    with pytest.raises(InputError, match="unknown occlusion setting 'size'"):
+        make_heatmaps(model, square, texts, 1, ["occlusion"], {"occlusion": {"size": 3}})
+    with pytest.raises(InputError, match="not among the methods"):
+        make_heatmaps(model, square, texts, 1, ["gradcam"], {"occlusion": {"window": 0.2}})
+    with pytest.raises(InputError, match="window and stride"):
+        make_heatmaps(model, square, texts, 1, ["occlusion"], {"occlusion": {"window": 2.0}})
+    with pytest.raises(InputError, match="fill"):
+        make_heatmaps(model, square, texts, 1, ["occlusion"], {"occlusion": {"fill": "zeros"}})
+    with pytest.raises(InputError, match="smoothgrad needs"):
+        make_heatmaps(model, square, texts, 1, ["smoothgrad"], {"smoothgrad": {"samples": 0}})
+
+
+def test_grounding_times_each_method_and_keeps_settings(tiny_model, phantom_dir):
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    cases = test_set.subset([r for r in test_set if r.labels["finding"] in ("pneumothorax", "nodule")])
+    settings = {"occlusion": {"window": 0.25, "stride": 0.125}, "smoothgrad": {"samples": 2}}
+    result = grounding.evaluate_grounding(tiny_model, cases, methods=["occlusion", "smoothgrad"], settings=settings)
+    assert result["settings"] == settings and set(result["seconds_per_image"]) == {"occlusion", "smoothgrad"}
+    assert result["n"] == len(cases) == result["per_finding"]["all"]["n"]
+    for row in result["per_finding"].values():
+        assert all(0.0 <= v <= 1.0 for method in ("occlusion", "smoothgrad", "random", "centre")
+                   for v in row[method].values())
+    with pytest.raises(InputError, match="not among the methods"):
+        grounding.evaluate_grounding(tiny_model, cases, methods=["gradcam"], settings=settings)
+
+
+def test_explain_command_with_occlusion_and_a_bad_method(tiny_model_dir, phantom_dir, tmp_path):
+    image = _cardiomegaly_image(phantom_dir)
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--method", "occlusion",
+                            "--method", "smoothgrad", "--out", tmp_path / "out")
+    assert result.exit_code == 0, output
+    explanation = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    assert set(explanation["findings"][0]["heatmaps"]) == {"occlusion", "smoothgrad"}
+    assert "occlusion: peak at row" in output
+    refused, output = invoke("explain", image, "--model", tiny_model_dir, "--method", "lime")
+    assert refused.exit_code == 2 and "heatmap methods must be among" in output and "'lime'" in output
     assert "Traceback" not in output
