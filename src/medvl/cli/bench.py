@@ -58,7 +58,7 @@ def print_suite_summary(result: dict, out: Path) -> None:
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
-HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "4-shot auc", "precision@k")
+HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "4-shot auc", "precision_at_k")
 
 
 def _interval(row: dict) -> str:
