@@ -9,13 +9,14 @@ Layout of the output folder::
     report.html       tables and plots, the models side by side
 
 A cell's fingerprint hashes the model folder's files, the dataset's files, the task, the checks and
-their settings, the seed and medvl's version; a cell file whose fingerprint matches is reused, so an
-interrupted run resumes and a finished run is not recomputed. Evaluation is composed from
+their settings, the seed, medvl's version and its source code; a cell file whose fingerprint matches
+is reused, so an interrupted run resumes and a finished run is not recomputed. Evaluation is composed from
 ``medvl.eval`` (this module scores nothing by hand).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -224,6 +225,18 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     return results
 
 
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 of medvl's own source (every .py and .yaml file of the package): a cell computed by other
+    code is computed again, even under the same version number."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for file in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        digest.update(str(file.relative_to(package)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def _model_folder(model: str | Path) -> Path:
     from ..models.registry import model_directory
 
@@ -289,7 +302,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
         "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
         "dataset": data.spec.__dict__, "train_dataset": train.spec.__dict__,
         "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
-        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl")},
+        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest()},
         sort_keys=True, default=str).encode()).hexdigest()
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}.json"
     if path.is_file():
