@@ -123,7 +123,7 @@ def occlusion_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, t
     covered. A pixel's value is the mean drop over the windows covering it, then Gaussian-smoothed
     with sigma ``smooth`` x stride (0: no smoothing) so the peak falls between window centres.
     ``fill``: what hides a window (see ``_fills``). The model runs on ``batch_size`` occluded images
-    at a time. The defaults (18 px windows every 6 px at 96 px, 225 forward passes per image, the
+    at a time. The defaults (18 px windows every 6 px at 96 px, 196 forward passes per image, the
     image mean as fill) were chosen on the phantom's val split over 12 px windows and over the
     ``ring`` and ``blur`` fills (docs/benchmarks.md, "Explanations and grounding")."""
     check_heatmap_model(model)
