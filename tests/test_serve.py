@@ -695,8 +695,7 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
         client, model_dir, index_dir, bottleneck_file, png):
     from medvl.data.images import read_image
     from medvl.explain.concepts import ConceptBottleneck
-    from medvl.explain.explanation import explain_image
-    from medvl.serve.explanation import explain_pixels
+    from medvl.explain.explanation import explain_image, explain_pixels
     from medvl.serve.previews import heatmap_overlay
 
     answer = explain(client, png.read_bytes(), top=2, k=4)

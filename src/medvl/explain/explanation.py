@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..data import captions_for
 from ..data.images import read_image
 from ..embed import class_embeddings
 from ..errors import InputError
-from ..eval.zero_shot import zero_shot_probabilities
+from ..eval.zero_shot import scaled_similarities
 from ..io import atomic_write_bytes, check_output_file, write_json
 from ..predict import caption_column_for
 from .grounding import normalise_map, peak
@@ -64,47 +65,75 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] = METHODS, top: int = 1, out: str | Path | None = None,
                   overwrite: bool = False, bottleneck=None, index=None, k: int = 5) -> dict[str, Any]:
-    """Explain the ``top`` most probable findings of one image (see the module docstring).
+    """Explain the ``top`` most probable findings of one image file (see the module docstring):
+    ``explain_pixels`` on the decoded image, maps at the image's size.
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
     ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
     ``explanation.json`` are written there (existing files refused unless ``overwrite``)."""
     check_heatmap_model(model)
     methods = check_methods(methods)
-    column, classes, prompts = finding_classes(model, labels, label_column, captions)
+    column, classes, _ = finding_classes(model, labels, label_column, captions)
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
+    unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
+    if unknown:
+        raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
+                         f"{', '.join(bottleneck.classes)}")
     out = Path(out) if out is not None else None
     if out is not None:
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
             check_output_file(path, overwrite, "--out file")
     array = read_image(image)
-    pixels = model.preprocessor.load(array)[None]
-    texts = class_embeddings(model, prompts)
-    embedding = model.encode_images(pixels)
-    probabilities = zero_shot_probabilities(model, embedding, prompts)[0]
-    ranked = [int(i) for i in np.argsort(-probabilities, kind="stable")[:top]]
-    findings = []
-    for target in ranked:
-        maps = {m: resize_map(h[0], array.shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
-        entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
-                                 "heatmaps": {m: {"peak": _peak(h)} for m, h in maps.items()}}
-        if out is not None:
-            for method, heatmap in maps.items():
-                path = overlay_paths(out, image, [classes[target]], [method])[0]
-                save_overlay(path, array, heatmap, f"{classes[target]} ({method}, p={probabilities[target]:.2f})")
-                entry["heatmaps"][method]["file"] = path.name
-        if bottleneck is not None:
-            entry["concepts"] = bottleneck.contributions(embedding, classes[target])
-        findings.append(entry)
-    result: dict[str, Any] = {"image": Path(image).name, "label_column": column,
-                              "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-                              "findings": findings}
+    explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck)
+    for entry in explained["findings"]:
+        for method, block in entry["heatmaps"].items():
+            heatmap = block.pop("map")
+            if out is not None:
+                path = overlay_paths(out, image, [entry["finding"]], [method])[0]
+                save_overlay(path, array, heatmap, f"{entry['finding']} ({method}, p={entry['probability']:.2f})")
+                block["file"] = path.name
+    result: dict[str, Any] = {"image": Path(image).name, **explained}
     if index is not None:
         result["neighbours"] = nearest_cases(index, model, embedding, k)
     if out is not None:
         write_json(out / EXPLANATION_FILE, result)
     return result
+
+
+def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None, label_column: str | None = None,
+                   captions=None, methods: Sequence[str] = ("patch_text",), top: int = 1, bottleneck=None,
+                   map_shape: Sequence[int] | None = None,
+                   concepts_top: int = 5) -> tuple[dict[str, Any], torch.Tensor]:
+    """The ``top`` most probable findings of decoded pixels (a file read by ``explain_image``, or an
+    upload the service holds in memory) among ``labels``, with, per finding, each heatmap method's map
+    (an ``(rows, columns)`` float32 array at ``map_shape``, default the image's own, under ``"map"``)
+    and its ``"peak"`` ([row, column] on that grid; None for a constant map), and with ``bottleneck``
+    (a fitted ``ConceptBottleneck``) the ``concepts_top`` concepts of each finding it predicts.
+
+    Returns the explanation (``label_column``, ``probabilities``, ``findings``) and the image
+    embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
+    backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
+    check_heatmap_model(model)
+    methods = check_methods(methods)
+    column, classes, prompts = finding_classes(model, labels, label_column, captions)
+    check_number("top", top, minimum=1, maximum=len(classes), integer=True)
+    shape = tuple(int(side) for side in (map_shape or image.shape[:2]))
+    pixels = model.preprocessor.load(image)[None]
+    with torch.no_grad():
+        texts = class_embeddings(model, prompts)
+        embedding = model.encode_images(pixels)
+        probabilities = scaled_similarities(model, embedding, texts).softmax(-1)[0].numpy()
+    findings = []
+    for target in [int(i) for i in np.argsort(-probabilities, kind="stable")[:top]]:
+        maps = {m: resize_map(h[0], shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
+        entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
+                                 "heatmaps": {m: {"peak": _peak(h), "map": h} for m, h in maps.items()}}
+        if bottleneck is not None and classes[target] in bottleneck.classes:
+            entry["concepts"] = bottleneck.contributions(embedding, classes[target], top=concepts_top)
+        findings.append(entry)
+    return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
+            "findings": findings}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:

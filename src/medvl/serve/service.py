@@ -307,8 +307,8 @@ class ModelService:
 
     async def explain(self, data: bytes, labels: list[str] | None, label_column: str | None,
                       methods: list[str] | None, top: int, k: int, timings: dict[str, Any]) -> dict[str, Any]:
-        """``medvl explain``'s answer for one upload (``explanation.explain_pixels``), each heatmap an RGBA PNG
-        overlay (base64) of the preview's shape, and the k nearest cases when an index is loaded."""
+        """``medvl explain``'s answer for one upload (``medvl.explain.explanation.explain_pixels``), each
+        heatmap an RGBA PNG overlay (base64) of the preview's shape, and the k nearest cases when an index is loaded."""
         from ..explain.explanation import nearest_cases
         from ..index.base import check_k
 
@@ -331,7 +331,7 @@ class ModelService:
                 "methods": chosen, **result}
 
     def _explain_on_lane(self, pixels: np.ndarray, labels, label_column, methods, top, shape):
-        from .explanation import explain_pixels
+        from ..explain.explanation import explain_pixels
 
         if self._explainer is None:
             self._explainer = load_model(self.model_dir)
