@@ -128,6 +128,11 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
     ({"tasks": [{"task": "zero-shot", "dataset": "chest"}]}, "names dataset 'chest'"),
     ({"tasks": [{"task": "vqa", "dataset": "phantom"}]}, "vqa needs a dataset of kind vqa"),
     ({"colour": "blue"}, "unknown key(s) colour"),
+    ({"corruption": {"kinds": ["fog"]}}, "fog"),
+    ({"corruption": {"severities": [6]}}, "severity"),
+    ({"corruption": ["noise"]}, "expected a mapping"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom"}, {"task": "zero-shot", "dataset": "phantom"}]},
+     "zero-shot@phantom given twice"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     suite = write_suite(tmp_path, phantom_dir, **change)
@@ -232,7 +237,8 @@ def test_a_vqa_suite_scores_accuracy_beside_the_blank_image_and_question_only_ba
 
 def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_dir, tmp_path):
     tiny = ["--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
-            "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48", "--set", "decoder.vocab_size=400"]
+            "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48",
+            "--set", "decoder.vocab_size=400"]
     result, output = invoke("train", "report", "--data", phantom_dir, "--out", tmp_path / "gen", "--image-model",
                             "phantom-tiny", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "-q", *tiny)
     assert result.exit_code == 0, output

@@ -170,13 +170,12 @@ def _parse(raw: dict[str, Any], path: Path) -> SuiteSpec:
         raise InputError(f"{path}: 'tasks' must be a non-empty list")
     tasks = [_task(spec, i, path) for i, spec in enumerate(tasks_raw)]
     checks = _checks(raw.get("checks") or [], f"{path}: checks")
-    suite = SuiteSpec(name=str(raw.get("name") or path.stem), datasets=datasets, tasks=tasks, checks=checks,
-                      seed=raw.get("seed", 0), bootstrap=raw.get("bootstrap", 1000),
-                      corruption=dict(raw.get("corruption") or {}),
-                      counterfactual=dict(raw.get("counterfactual") or {}), source=str(path))
-    _known_keys(suite.corruption, {"kinds", "severities", "max_images"}, f"{path}: corruption")
-    _known_keys(suite.counterfactual, {"n", "size", "max_pairs"}, f"{path}: counterfactual")
-    return suite
+    corruption, counterfactual = raw.get("corruption") or {}, raw.get("counterfactual") or {}
+    _known_keys(corruption, {"kinds", "severities", "max_images"}, f"{path}: corruption")
+    _known_keys(counterfactual, {"n", "size"}, f"{path}: counterfactual")
+    return SuiteSpec(name=str(raw.get("name") or path.stem), datasets=datasets, tasks=tasks, checks=checks,
+                     seed=raw.get("seed", 0), bootstrap=raw.get("bootstrap", 1000), corruption=dict(corruption),
+                     counterfactual=dict(counterfactual), source=str(path))
 
 
 def _known_keys(raw: Any, allowed: set[str], where: str) -> None:
@@ -249,6 +248,12 @@ def _check(suite: SuiteSpec) -> None:
     where = suite.source
     check_number(f"{where}: seed", suite.seed, minimum=0, integer=True)
     check_number(f"{where}: bootstrap", suite.bootstrap, minimum=100, maximum=100_000, integer=True)
+    _check_settings(suite)
+    keys = [task.key for task in suite.tasks]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise InputError(f"{where}: task(s) {', '.join(repeated)} given twice (a task is its name, dataset and "
+                         "label; give the second another label or merge their checks)")
     for task in suite.tasks:
         if task.dataset not in suite.datasets:
             raise InputError(f"{where}: task {task.task} names dataset {task.dataset!r}, which the suite does not "
@@ -273,6 +278,24 @@ def _check(suite: SuiteSpec) -> None:
             hint = f"set {', '.join(unset)} or " if unset else ""
             raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
                              f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def _check_settings(suite: SuiteSpec) -> None:
+    """The corruption and counterfactual settings, checked before any work (InputError)."""
+    from ..eval.robustness import CORRUPTIONS, check_corruption
+
+    where = suite.source
+    kinds, severities = suite.corruption.get("kinds", CORRUPTIONS), suite.corruption.get("severities", [1])
+    if not isinstance(kinds, list | tuple) or not isinstance(severities, list | tuple) or not kinds or not severities:
+        raise InputError(f"{where}: corruption kinds and severities must be non-empty lists")
+    for kind in kinds:
+        for severity in severities:
+            check_corruption(kind, severity)
+    check_number(f"{where}: corruption max_images", suite.corruption.get("max_images", 200), minimum=2, integer=True)
+    check_number(f"{where}: counterfactual n", suite.counterfactual.get("n", 10), minimum=1, maximum=1000,
+                 integer=True)
+    check_number(f"{where}: counterfactual size", suite.counterfactual.get("size", 128), minimum=32, maximum=1024,
+                 integer=True)
 
 
 def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:

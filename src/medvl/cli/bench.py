@@ -14,9 +14,9 @@ from .common import (
     OverwriteOption,
     QuietOption,
     check_outputs,
+    console,
     emit_json,
     handle_errors,
-    console,
     print_metrics,
 )
 
