@@ -45,7 +45,7 @@ def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tens
     except TypeError:  # an object that cannot be weakly referenced: no cache
         return _class_embeddings(model, prompts)
     if cached is None or cached[0] != state:
-        cached = (state, {})
+        cached = (state, dict[tuple[tuple[str, ...], ...], torch.Tensor]())
         _CLASS_EMBEDDINGS[model] = cached
     if key not in cached[1]:
         cached[1][key] = _class_embeddings(model, prompts)
