@@ -168,3 +168,23 @@ def test_nearest_neighbour_pairs_match_a_brute_force_search(head_model):
     assert result["n_pairs"] == len(pairs)
     with pytest.raises(InputError, match="at least 2 classes"):
         nearest_neighbour_pairs(head_model, dataset.subset(records[1:3]), "y")
+
+
+def test_pixel_vectors_compare_appearance_whatever_the_size_and_channels():
+    import numpy as np
+    import torch
+
+    from medvl.data.record import Dataset, Record
+    from medvl.eval.counterfactual import pixel_vectors
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    rgb = np.repeat(base[..., None], 3, axis=-1)
+    other = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    records = [Record(id=str(i), images=[image]) for i, image in enumerate((base, rgb, base // 2 + 60, other))]
+    vectors = pixel_vectors(Dataset(records, source="arrays"), side=16)
+    assert vectors.shape == (4, 256)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(4), atol=1e-5)
+    similarity = vectors @ vectors.t()
+    assert similarity[0, 1] > 0.999 and similarity[0, 2] > 0.999  # grey = RGB copy; contrast and offset removed
+    assert similarity[0, 3] < 0.5  # another image

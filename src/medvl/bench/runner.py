@@ -710,8 +710,8 @@ def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
         source = "phantom twins: the same film with the finding removed, moved, resized or on the other side"
     else:
         pairs = counterfactual.nearest_neighbour_pairs(ctx.net, scored.dataset, ctx.label,
-                                                       embeddings=scored.embeddings)
-        source = "nearest-neighbour images with a different label (the model's own hardest pairs)"
+                                                       embeddings=counterfactual.pixel_vectors(scored.dataset))
+        source = "nearest-neighbour images (in pixel space, not the model's) with a different label"
     result = counterfactual.pair_accuracy(ctx.net, pairs, label=ctx.label, captions=scored.captions,
                                           classes=scored.classes)
     ctx.row("counterfactual: pair accuracy", result["pair_accuracy"], n=result["n_pairs"])

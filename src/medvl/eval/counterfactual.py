@@ -40,6 +40,7 @@ import torch
 
 from ..checks import check_number
 from ..data.captions import CaptionConfig
+from ..data.images import read_image
 from ..data.phantom.cxr2d import ABNORMAL, LATERAL, MOVABLE, Visit, primary_finding, render_case
 from ..data.phantom.generate import case_labels
 from ..data.record import Dataset, ImageSource
@@ -293,6 +294,33 @@ def nearest_neighbour_pairs(model: DualEncoder, dataset: Dataset, label: str, k:
                 pairs.append(_neighbour_pair(dataset, row, neighbour, label, score))
     log.info("%s: %d nearest-neighbour pairs with different %s", dataset.source, len(pairs), label)
     return pairs
+
+
+def pixel_vectors(dataset: Dataset, side: int = 32) -> torch.Tensor:
+    """Model-independent vectors for choosing neighbour pairs: each record's first image in grey (the
+    channel mean; a volume's middle slice), resized to ``side`` x ``side`` (area averaging),
+    standardised and L2-normalised, so cosine similarity compares the images' appearance.
+
+    Pairs chosen with the evaluated model's own embedding are degenerate: the nearest image with the
+    other label of a correctly answered image is mostly one the model gets wrong, so pair accuracy
+    falls to about 0 whatever the model (0.002 on PneumoniaMNIST val for a model with balanced
+    accuracy 0.97). Pixel-space neighbours are as hard for every model (MediConfusion chooses its pairs
+    in an embedding space that is not the evaluated model's, for the same reason)."""
+    from PIL import Image
+
+    check_number("side", side, minimum=4, maximum=256, integer=True)
+    rows = []
+    for record in dataset:
+        source = record.image
+        array = np.asarray(source if isinstance(source, np.ndarray) else read_image(source), dtype=np.float32)
+        if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):  # a volume (D, H, W): its middle slice
+            array = array[array.shape[0] // 2]
+        grey = array.mean(-1) if array.ndim == 3 else array
+        small = np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BOX), dtype=np.float32)
+        small = (small - small.mean()) / (small.std() + 1e-6)
+        rows.append(small.reshape(-1))
+    vectors = torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, side * side)
+    return torch.nn.functional.normalize(vectors, dim=-1)
 
 
 def _neighbour_pair(dataset: Dataset, row: int, neighbour: int, label: str, similarity: float) -> CounterfactualPair:
