@@ -457,8 +457,10 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]
-                interval = None if mean is None else {"low": mean - 1.96 * std, "high": mean + 1.96 * std}
-                ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"], interval_kind="mean ± 1.96 sd")
+                interval = None if mean is None else {"low": max(0.0, mean - 1.96 * std),
+                                                      "high": min(1.0, mean + 1.96 * std)}
+                ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"],
+                        interval_kind="mean ± 1.96 sd over the draws, within [0, 1]")
         ctx.plots["few_shot"] = result["few_shot"]
         return
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
