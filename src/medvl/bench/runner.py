@@ -359,11 +359,13 @@ class _Context:
         return column
 
     def row(self, metric: str, value: Any, interval: dict[str, Any] | None = None, **extra: Any) -> None:
-        value = None if value is None else float(value)
+        def finite(number: Any) -> float | None:  # an undefined metric (AUC of one class) is None, as in the file
+            return None if number is None or not np.isfinite(float(number)) else float(number)
+
         self.rows.append({"model": self.model, "task": self.task.task, "dataset": self.data.spec.name,
                           "split": self.data.spec.split, "label": self.label_column, "metric": metric,
-                          "value": value, "low": None if interval is None else interval["low"],
-                          "high": None if interval is None else interval["high"], **extra})
+                          "value": finite(value), "low": None if interval is None else finite(interval["low"]),
+                          "high": None if interval is None else finite(interval["high"]), **extra})
 
     def training_split(self):
         """The records probes are fitted on and the case index holds: the train dataset's ``train_split``."""
