@@ -76,3 +76,28 @@ def test_load_model_rejects_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "text").mkdir()
     with pytest.raises(ModelError, match=str(tmp_path)):
         medvl.load_model(tmp_path)
+
+
+def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_model(monkeypatch):
+    import torch
+
+    from medvl import embed
+    from medvl.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("phantom-tiny").eval()
+    calls = []
+    encode = model.encode_texts
+    monkeypatch.setattr(model, "encode_texts", lambda texts: calls.append(len(texts)) or encode(texts))
+    prompts = [["a chest film with an effusion"], ["a normal chest film", "no finding"]]
+    first = embed.class_embeddings(model, prompts)
+    assert torch.equal(embed.class_embeddings(model, prompts), first) and len(calls) == 2  # kept: no new passes
+    with torch.no_grad():
+        model.text_projection.weight.add_(1.0)  # a weight changes: computed again
+    again = embed.class_embeddings(model, prompts)
+    assert len(calls) == 4 and not torch.equal(again, first)
+    monkeypatch.setattr(embed, "MAX_CLASS_SETS", 2)
+    for n in range(3):
+        embed.class_embeddings(model, [[f"class {n} a"], [f"class {n} b"]])
+    embed.class_embeddings(model, prompts)  # the oldest set was dropped: computed once more
+    assert len(calls) == 4 + 6 + 2

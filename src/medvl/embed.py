@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import OrderedDict
 
 import torch
 
 from .data.record import Dataset
-from .models.dual import DualEncoder
+from .models.dual import DualEncoder, weights_state
 from .progress import progress_bar
 
 
@@ -25,31 +27,41 @@ def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
 
 
-# model -> (its weights' state, {prompts: class embeddings}): an evaluation with its checks scores the
-# same classes many times (zero-shot, calibration, sanity, each corruption), each time encoding the prompts
+MAX_CLASS_SETS = 64  # prompt sets kept per model (least recently used dropped): a service's users choose labels
+
+# model -> (its weights' state, {prompts: class embeddings}, most recently used last): an evaluation with its
+# checks scores the same classes many times (zero-shot, calibration, sanity, each corruption), a service
+# the same label sets for every request; each time the prompts' text forward passes
 _CLASS_EMBEDDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CLASS_LOCK = threading.Lock()
 
 
 def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor:
     """One normalised embedding per class: the mean of its prompt-ensemble embeddings.
 
-    Outside training, the result is kept per model and prompts until a weight of the model changes
-    (every in-place change bumps a tensor's version counter: an optimizer step, ``load_state_dict``)."""
+    Outside training, the result is kept per model and prompts (``MAX_CLASS_SETS`` per model) until a
+    weight of the model changes (``models.dual.weights_state``). Safe to call from several threads."""
     if model.training and torch.is_grad_enabled():
         return _class_embeddings(model, prompts)
-    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
-    state = tuple((p.data_ptr(), p._version) for p in parameters)
-    key = tuple(tuple(class_prompts) for class_prompts in prompts)
-    try:
+    state, key = weights_state(model), tuple(tuple(class_prompts) for class_prompts in prompts)
+    with _CLASS_LOCK:
+        try:
+            cached = _CLASS_EMBEDDINGS.get(model)
+        except TypeError:  # an object that cannot be weakly referenced: no cache
+            return _class_embeddings(model, prompts)
+        if cached is not None and cached[0] == state and key in cached[1]:
+            cached[1].move_to_end(key)
+            return cached[1][key].clone()
+    embeddings = _class_embeddings(model, prompts)
+    with _CLASS_LOCK:
         cached = _CLASS_EMBEDDINGS.get(model)
-    except TypeError:  # an object that cannot be weakly referenced: no cache
-        return _class_embeddings(model, prompts)
-    if cached is None or cached[0] != state:
-        cached = (state, dict[tuple[tuple[str, ...], ...], torch.Tensor]())
-        _CLASS_EMBEDDINGS[model] = cached
-    if key not in cached[1]:
-        cached[1][key] = _class_embeddings(model, prompts)
-    return cached[1][key].clone()
+        if cached is None or cached[0] != state:
+            cached = (state, OrderedDict[tuple[tuple[str, ...], ...], torch.Tensor]())
+            _CLASS_EMBEDDINGS[model] = cached
+        cached[1][key] = embeddings
+        while len(cached[1]) > MAX_CLASS_SETS:
+            cached[1].popitem(last=False)
+    return embeddings.clone()
 
 
 def _class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor:

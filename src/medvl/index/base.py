@@ -31,6 +31,7 @@ import numpy as np
 
 from ..checks import check_number
 from ..errors import DataError, InputError, ModelError
+from ..models.dual import weights_state
 from .cases import FIXED_COLUMNS, Case
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,13 @@ def weights_sha256(model) -> str:
     (which every in-place change bumps: an optimizer step, ``load_state_dict``, ``copy_``). It is
     recomputed only when that state changes, so a model trained further is hashed again.
     """
-    state = sorted(model.state_dict().items())
-    key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+    key = weights_state(model)
     with _WEIGHTS_LOCK:
         cached = _WEIGHTS_SHA256.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
     weights = hashlib.sha256()
-    for name, tensor in state:
+    for name, tensor in sorted(model.state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     with _WEIGHTS_LOCK:

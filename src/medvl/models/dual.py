@@ -181,6 +181,15 @@ def save_model_dir(directory: str | Path, state: dict[str, torch.Tensor], config
     return directory
 
 
+def weights_state(model: Any) -> tuple:
+    """Each weight and buffer's name, storage address and version counter, in name order (every in-place
+    change bumps a tensor's version: an optimizer step, ``load_state_dict``, ``copy_``): equal exactly
+    while the model's weights are unchanged. Empty for a model that is not a torch module."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in sorted(model.state_dict().items()))
+
+
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
     return [name for name, tensor in state.items()

@@ -5,7 +5,8 @@ forward passes, class-prompt embeddings and the index's searches, so requests ne
 concurrently and CPU threads are not oversubscribed. Decoding and preprocessing an upload are the
 request's own work and run on the server's worker threads.
 Zero-shot class embeddings (a prompt ensemble per class, the costly text forward passes) are
-computed once per label set and kept (``MAX_LABEL_SETS``, least recently used dropped).
+computed once per label set and kept by ``medvl.embed.class_embeddings`` (``MAX_CLASS_SETS`` per
+model, least recently used dropped).
 
 Explanations and VQA answers are heavy (gradient passes, a second model, text generation): they run
 on the ``lane`` (``lane.HeavyLane``: one at a time on its own thread, a bounded wait), never on the
@@ -20,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
     from ..models.vqa import VQAModel
     from ..rag import ReportLabeller
 
-MAX_LABEL_SETS = 64
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
 MAX_QUESTION_CHARS = 1000  # a longer VQA question is refused (422)
@@ -99,8 +97,6 @@ class ModelService:
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
         self.labeller: ReportLabeller | None = None
-        self._classes: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._classes_lock = threading.Lock()
         self._workers: anyio.CapacityLimiter | None = None  # made on the server's loop (start)
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net.config.embed_dim)
@@ -212,25 +208,12 @@ class ModelService:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         column, prompts = class_prompts(self.net, class_names, label_column)
         embedding, pixels = await self.embed_with_pixels(data, timings)
-        classes = await self.run_on_model_thread(self._class_embeddings, column, tuple(class_names), prompts)
+        classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
         flags = await self.run_on_model_thread(self._ood_flags, pixels)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
                 "label_column": column or None, "model": self.net.config.name, **flags}
-
-    def _class_embeddings(self, column: str, names: tuple[str, ...], prompts: list[list[str]]) -> torch.Tensor:
-        key = (column, names)
-        with self._classes_lock:
-            if key in self._classes:
-                self._classes.move_to_end(key)
-                return self._classes[key]
-        classes = class_embeddings(self.net, prompts)
-        with self._classes_lock:
-            self._classes[key] = classes
-            while len(self._classes) > MAX_LABEL_SETS:
-                self._classes.popitem(last=False)
-        return classes
 
     def _require_index(self):
         if self.index is None:
