@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..io import write_json
+from ..io import file_sha256, write_json
 from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,8 @@ def files_digest(path: Path) -> dict[str, Any]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     combined = hashlib.sha256()
     for file in files:
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
         combined.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        combined.update(digest.digest())
+        combined.update(bytes.fromhex(file_sha256(file)))
     return {"sha256": combined.hexdigest(), "files": len(files)}
 
 

@@ -22,7 +22,6 @@ a model folder without one, or with one made from other weights, is refused, nam
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
+from ..io import file_sha256
 from .adapters import transformers_model_type
 from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
 from .image import _check_input
@@ -100,11 +100,7 @@ class EagerDualEncoder(DualEncoder):
 # -- ONNX Runtime ---------------------------------------------------------------------------------
 def weights_digest(folder: Path) -> str:
     """SHA-256 of ``model.safetensors``: which weights an export was made from."""
-    digest = hashlib.sha256()
-    with open(folder / WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(folder / WEIGHTS_FILE)
 
 
 def onnx_session(path: Path) -> Any:
