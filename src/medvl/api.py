@@ -95,7 +95,9 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
 
     ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
     ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
-    from .eval import calibration, zero_shot
+    from .eval import zero_shot
+    from .eval.ood import embed_checked
+    from .eval.zero_shot import zero_shot_calibration
     from .models.registry import load_model
 
     if calibration_split is not None and calibration_split == split:
@@ -104,20 +106,14 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
     net = load_model(model, backend=backend)
-    embeddings, ood_block = None, None
-    if getattr(net, "ood", None) is not None:  # how much of the evaluated data the model's guard flags
-        from .eval.ood import embed_with_guard
-
-        embeddings, ood_block = embed_with_guard(net, dataset, show_progress=show_progress)
+    embeddings, ood_block = embed_checked(net, dataset, show_progress)  # + how much the model's guard flags
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
                        show_progress=show_progress, image_embeddings=embeddings,
                        keep_logits=calibration_split is not None)
     if calibration_split is not None:
         fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
-        fit = zero_shot(net, fit_set, column, captions=captions_for(fit_set, captions, net),
-                        classes=result["classes"], show_progress=show_progress, keep_logits=True)
-        block = calibration.calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]),
-                                               np.array(result.pop("logits")), np.array(result.pop("y_true")))
+        block = zero_shot_calibration(net, fit_set, column, captions_for(fit_set, captions, net), result["classes"],
+                                      np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress)
         result["calibration"] = {"split": calibration_split, **block}
     if ood_block is not None:
         result["ood"] = ood_block

@@ -401,19 +401,13 @@ def _number(value: float | None) -> float:
 
 def _zero_shot(ctx: _Context) -> None:
     from ..data import captions_for
-    from ..embed import embed_images
     from ..eval import zero_shot
+    from ..eval.ood import embed_checked
 
     spec, net, label = ctx.data.spec, ctx.net, ctx.label
     test = ctx.data.split(spec.split)
     captions = captions_for(test, spec.captions, net)
-    ood_block = None
-    if getattr(net, "ood", None) is not None:
-        from ..eval.ood import embed_with_guard
-
-        embeddings, ood_block = embed_with_guard(net, test, show_progress=ctx.show_progress)
-    else:
-        embeddings = embed_images(net, test, show_progress=ctx.show_progress)
+    embeddings, ood_block = embed_checked(net, test, ctx.show_progress)
     result = zero_shot(net, test, label, captions=captions, image_embeddings=embeddings, keep_scores=True,
                        keep_logits=True, show_progress=ctx.show_progress)
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
@@ -592,38 +586,31 @@ RUNNERS: dict[str, Callable[[_Context], None]] = {
 
 def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     from ..data import captions_for
-    from ..eval import zero_shot
     from ..eval.calibration import calibration_report
+    from ..eval.zero_shot import zero_shot_calibration
 
     spec = ctx.data.spec
-    fit = scored.fit
-    if fit is None and ctx.task.task == "zero-shot":
-        fit_set = _calibration_split(ctx)
-        if fit_set is not None:
-            scores = zero_shot(ctx.net, fit_set, ctx.label, captions=captions_for(fit_set, spec.captions, ctx.net),
-                               classes=scored.classes, keep_logits=True, show_progress=ctx.show_progress)
-            fit = np.array(scores["logits"]), np.array(scores["y_true"])
-    if fit is None or scored.logits is None:
+    fit_set = _calibration_split(ctx) if scored.fit is None and ctx.task.task == "zero-shot" else None
+    if scored.logits is not None and scored.fit is not None:
+        block = calibration_report(*scored.fit, scored.logits, scored.y_true, curve_points=RISK_COVERAGE_POINTS)
+    elif scored.logits is not None and fit_set is not None:
+        block = zero_shot_calibration(ctx.net, fit_set, ctx.label, captions_for(fit_set, spec.captions, ctx.net),
+                                      scored.classes, scored.logits, scored.y_true, ctx.show_progress,
+                                      curve_points=RISK_COVERAGE_POINTS)
+    else:
         ctx.skipped.setdefault("calibration", "no scores on a calibration split")
         return
-    block = calibration_report(fit[0], fit[1], scored.logits, scored.y_true)
     for key in ("ece_before", "ece_after", "brier_before", "brier_after", "nll_before", "nll_after", "temperature"):
         ctx.row(f"calibration: {key}", block[key])
     ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])
     ctx.plots["calibration"] = {"reliability": block["reliability"], "split": spec.calibration_split}
-    ctx.plots["risk_coverage"] = {"risk_coverage": _risk_coverage(scored, block["temperature"])}
+    ctx.plots["risk_coverage"] = {"risk_coverage": block["risk_coverage"]}
     if block["ece_after"] > block["ece_before"]:
         ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} raises ECE on {spec.split} "
                                 f"({block['ece_before']:.3f} -> {block['ece_after']:.3f})")
 
 
-def _risk_coverage(scored: _Scored, temperature: float) -> dict[str, list[float]]:
-    from ..eval.calibration import risk_coverage, softmax
-
-    assert scored.logits is not None
-    curve = risk_coverage(softmax(scored.logits / temperature), scored.y_true)
-    picks = np.unique(np.linspace(0, len(curve["coverage"]) - 1, 50).round().astype(int))
-    return {key: [float(curve[key][i]) for i in picks] for key in ("coverage", "risk")}
+RISK_COVERAGE_POINTS = 50  # points of the risk-coverage curve kept for the plot
 
 
 def _check_sanity(ctx: _Context, scored: _Scored) -> None:

@@ -66,6 +66,14 @@ def embed_with_guard(model, dataset: Dataset, show_progress: bool = True) -> tup
     return embeddings, summarize(guard, guard.scores(features).numpy())
 
 
+def embed_checked(model, dataset: Dataset, show_progress: bool = True) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """The normalised image embeddings of ``dataset`` and, when the model has an OOD guard, the guard's
+    summary of them (``embed_with_guard``); None for a model without one. One pass of the image tower."""
+    if getattr(model, "ood", None) is None:
+        return embed_images(model, dataset, show_progress=show_progress), None
+    return embed_with_guard(model, dataset, show_progress=show_progress)
+
+
 def summarize(guard: OODGuard, scores: np.ndarray) -> dict[str, Any]:
     flagged = scores > guard.threshold
     return {"n": int(len(scores)), "flagged": int(flagged.sum()),

@@ -77,5 +77,19 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     return metrics
 
 
+def zero_shot_calibration(model: DualEncoder, fit_set: Dataset, label: str, captions: CaptionConfig,
+                          classes: Sequence[str], logits: np.ndarray, y_true: np.ndarray, show_progress: bool = True,
+                          curve_points: int = 5) -> dict:
+    """``calibration.calibration_report`` of zero-shot ``logits`` / ``y_true`` with the temperature fitted
+    on ``fit_set``'s zero-shot logits for the same ``classes`` and ``captions`` (a split other than the
+    scored one)."""
+    from .calibration import calibration_report
+
+    fit = zero_shot(model, fit_set, label, captions=captions, classes=classes, show_progress=show_progress,
+                    keep_logits=True)
+    return calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]), logits, y_true,
+                              curve_points=curve_points)
+
+
 def _majority_rate(y_true: np.ndarray) -> float:
     return float(np.bincount(y_true).max() / len(y_true))
