@@ -51,6 +51,7 @@ def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> di
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise InputError(f"--set expects key=value, got {pair!r}")
         try:

@@ -68,6 +68,7 @@ def train_vqa_command(
     quiet: QuietOption = False,
 ) -> None:
     """Train a VQA model (image tokens, question encoder, cross-attention fusion, answer classifier)."""
+    from ..api import parse_overrides
     from ..data.loaders.vqa import load_vqa
     from ..models.vqa import holdout_split, select_questions
     from ..train.loop import TrainConfig
@@ -77,7 +78,7 @@ def train_vqa_command(
     options = VQAOptions(init=init, image_model=image_model, question_encoder=question_encoder,
                          image_size=image_size, hidden_size=hidden_size, fusion_layers=fusion_layers,
                          max_images=max_images, min_answer_count=min_answer_count, image_lr_scale=image_lr_scale,
-                         augment=augment, route_by_type=route_by_type, overrides=_overrides(set_ or []))
+                         augment=augment, route_by_type=route_by_type, overrides=parse_overrides(set_ or []))
     config.validate_numbers()
     options.validate()
     items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "train")
@@ -91,23 +92,6 @@ def train_vqa_command(
     extra = f", {len(held)} held out" if held else ""
     console.print(f"trained {summary['steps']} steps on {summary['questions']} questions{extra} "
                   f"({len(trained.answers)} answers); model saved to {out / 'model'}")
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    import json
-
-    from ..errors import InputError
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--set expects key=value, got {pair!r}")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    return overrides
 
 
 @eval_app.command("vqa")
