@@ -90,10 +90,14 @@ def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_mode
     encode = model.encode_texts
     monkeypatch.setattr(model, "encode_texts", lambda texts: calls.append(len(texts)) or encode(texts))
     prompts = [["a chest film with an effusion"], ["a normal chest film", "no finding"]]
+    assert embed.cached_class_embeddings(model, prompts) is None and not calls  # a peek never runs the model
     first = embed.class_embeddings(model, prompts)
     assert torch.equal(embed.class_embeddings(model, prompts), first) and len(calls) == 2  # kept: no new passes
+    kept = embed.cached_class_embeddings(model, prompts)
+    assert kept is not None and torch.equal(kept, first) and len(calls) == 2
     with torch.no_grad():
         model.text_projection.weight.add_(1.0)  # a weight changes: computed again
+    assert embed.cached_class_embeddings(model, prompts) is None  # what was kept is for the old weights
     again = embed.class_embeddings(model, prompts)
     assert len(calls) == 4 and not torch.equal(again, first)
     monkeypatch.setattr(embed, "MAX_CLASS_SETS", 2)

@@ -99,6 +99,8 @@ def test_the_service_reports_the_flag(guarded, phantom_dir, shared_data):
                                files={"image": (path.name, path.read_bytes())}, data={"labels": LABELS}).json()
                    for path in (phantom, xray)]
     assert [a["out_of_distribution"] for a in answers] == [False, True], answers
+    library = predict(model_dir, [phantom, xray], LABELS.split(","))  # the same scores as the library's
+    assert [a["ood_score"] for a in answers] == pytest.approx([p["ood_score"] for p in library], abs=2e-3)
 
 
 def test_guard_round_trip_and_bad_input(guarded, phantom_dir, tmp_path):

@@ -43,18 +43,16 @@ def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tens
     weight of the model changes (``models.dual.weights_state``). Safe to call from several threads."""
     if model.training and torch.is_grad_enabled():
         return _class_embeddings(model, prompts)
-    state, key = weights_state(model), tuple(tuple(class_prompts) for class_prompts in prompts)
+    kept = cached_class_embeddings(model, prompts)
+    if kept is not None:
+        return kept
+    state, key = weights_state(model), _prompts_key(prompts)
+    embeddings = _class_embeddings(model, prompts)
     with _CLASS_LOCK:
         try:
             cached = _CLASS_EMBEDDINGS.get(model)
         except TypeError:  # an object that cannot be weakly referenced: no cache
-            return _class_embeddings(model, prompts)
-        if cached is not None and cached[0] == state and key in cached[1]:
-            cached[1].move_to_end(key)
-            return cached[1][key].clone()
-    embeddings = _class_embeddings(model, prompts)
-    with _CLASS_LOCK:
-        cached = _CLASS_EMBEDDINGS.get(model)
+            return embeddings
         if cached is None or cached[0] != state:
             cached = (state, OrderedDict[tuple[tuple[str, ...], ...], torch.Tensor]())
             _CLASS_EMBEDDINGS[model] = cached
@@ -62,6 +60,25 @@ def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tens
         while len(cached[1]) > MAX_CLASS_SETS:
             cached[1].popitem(last=False)
     return embeddings.clone()
+
+
+def cached_class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor | None:
+    """``class_embeddings`` if it is kept for these prompts and the model's current weights, else None;
+    never runs the model (a service answers from it without waiting for the model's thread)."""
+    state, key = weights_state(model), _prompts_key(prompts)
+    with _CLASS_LOCK:
+        try:
+            cached = _CLASS_EMBEDDINGS.get(model)
+        except TypeError:
+            return None
+        if cached is None or cached[0] != state or key not in cached[1]:
+            return None
+        cached[1].move_to_end(key)
+        return cached[1][key].clone()
+
+
+def _prompts_key(prompts: list[list[str]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(class_prompts) for class_prompts in prompts)
 
 
 def _class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor:

@@ -43,8 +43,12 @@ class OODGuard:
 
     def check(self, features: torch.Tensor) -> list[dict[str, Any]]:
         """Per image: ``ood_score``, ``out_of_distribution`` (score above the threshold) and the threshold."""
-        return [{"ood_score": round(float(score), 4), "out_of_distribution": bool(score > self.threshold),
-                 "ood_threshold": round(self.threshold, 4)} for score in self.scores(features)]
+        return [self.flag(float(score)) for score in self.scores(features)]
+
+    def flag(self, score: float) -> dict[str, Any]:
+        """``check``'s answer for one image's score."""
+        return {"ood_score": round(score, 4), "out_of_distribution": bool(score > self.threshold),
+                "ood_threshold": round(self.threshold, 4)}
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file

@@ -3,8 +3,9 @@
 Requests put their preprocessed pixels (a ``(C, ...)`` tensor) on a queue and await a future. One
 worker task takes the first waiting item, gathers more until ``max_batch`` items or ``max_wait_ms``
 have passed (it does not wait when the queue is empty and no other request is being decoded: a lone
-request pays no batching delay; see ``incoming``), stacks them, runs one ``encode`` (the model's
-``encode_images``) on the model's own thread, and resolves each future with its row.
+request pays no batching delay; see ``incoming``), stacks them, runs one ``encode`` on the model's own
+thread, and resolves each future with its row (``encode`` returns a ``(N, ...)`` tensor, or a tuple of
+them, e.g. embeddings and OOD scores: then each request gets a tuple of its rows, from the same pass).
 ``max_batch=1`` is the unbatched service (one forward pass per request, in arrival order).
 ``close`` stops taking requests and finishes every queued one before returning (graceful
 shutdown drains the queue).
@@ -19,8 +20,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import MedvlError
@@ -56,7 +57,8 @@ _STOP = object()
 class MicroBatcher:
     """Gathers queued images into batches of at most ``max_batch``, waiting at most ``max_wait_ms``."""
 
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], executor: Executor, max_batch: int = 16,
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], executor: Executor,
+                 max_batch: int = 16,
                  max_wait_ms: float = 5.0, max_queue: int = 256):
         self.encode = encode
         self.executor = executor
@@ -87,8 +89,9 @@ class MicroBatcher:
         """Start the worker task on the running event loop."""
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="medvl-batcher")
 
-    async def embed(self, pixels: torch.Tensor) -> tuple[np.ndarray, BatchTiming]:
-        """The normalised embedding of one preprocessed image, and how its batch went."""
+    async def embed(self, pixels: torch.Tensor) -> tuple[Any, BatchTiming]:
+        """``encode``'s row for one preprocessed image (an array, or a tuple of arrays when ``encode``
+        returns a tuple), and how its batch went."""
         if self._closing or self._worker is None:
             raise ServiceBusy("the service is shutting down; retry on another instance")
         if self._queue.qsize() >= self.max_queue:
@@ -146,7 +149,7 @@ class MicroBatcher:
     async def _forward_group(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            embeddings = await asyncio.get_running_loop().run_in_executor(
+            outputs = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.encode, torch.stack([item.pixels for item in items]))
         except Exception as error:  # noqa: BLE001 - every waiting request hears of it
             for item in items:
@@ -156,7 +159,8 @@ class MicroBatcher:
         model_ms = (time.perf_counter() - started) * 1000
         self.batches += 1
         self.items += len(items)
-        rows = embeddings.numpy()
+        rows: list[Any] = (list(zip(*(output.numpy() for output in outputs), strict=True))
+                           if isinstance(outputs, tuple) else list(outputs.numpy()))
         for item, row in zip(items, rows, strict=True):
             if not item.future.done():
                 timing = BatchTiming((started - item.queued) * 1000, model_ms, len(items))

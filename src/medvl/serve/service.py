@@ -33,12 +33,12 @@ import torch
 
 from ..checks import check_number
 from ..data import captions_for
-from ..embed import class_embeddings
+from ..embed import cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
 from ..models.registry import load_model
-from ..predict import class_prompts, ood_flags
+from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .previews import (
@@ -92,7 +92,7 @@ class ModelService:
         self.net = load_model(model_dir)
         self.net.eval()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
-        self.batcher = MicroBatcher(self.net.encode_images, self.model_thread, settings.batch_size,
+        self.batcher = MicroBatcher(self._encode, self.model_thread, settings.batch_size,
                                     settings.max_wait_ms, settings.max_queue)
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
@@ -142,23 +142,28 @@ class ModelService:
 
     async def embed(self, data: bytes, timings: dict[str, Any]) -> np.ndarray:
         """The normalised embedding of an uploaded image, through the micro-batcher."""
-        return (await self.embed_with_pixels(data, timings))[0]
+        return (await self.embed_checked(data, timings))[0]
 
-    async def embed_with_pixels(self, data: bytes, timings: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
-        """The embedding and the preprocessed pixels of an upload."""
+    async def embed_checked(self, data: bytes, timings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """The embedding of an upload and its OOD score and flag ({} when the model has no guard), both
+        from the one forward pass its batch ran."""
         with self.batcher.incoming():
             upload = await self.decode(data, timings)
             pixels = await self._on_worker(self._preprocess, upload)
-        embedding, batch = await self.batcher.embed(pixels)
+        rows, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
-        return embedding, pixels
+        guard = getattr(self.net, "ood", None)
+        return rows[0], (guard.flag(float(rows[1][0])) if guard is not None else {})
 
-    def _ood_flags(self, pixels: torch.Tensor) -> dict[str, Any]:
-        """The OOD score and flag of one preprocessed image ({} when the model has no guard)."""
-        if getattr(self.net, "ood", None) is None:
-            return {}
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One batch's normalised embeddings and, for a model with an OOD guard, each image's OOD score
+        (from the backbone features the embeddings are projected from: one pass of the image tower)."""
+        guard = getattr(self.net, "ood", None)
+        if guard is None:
+            return (self.net.encode_images(pixels),)
         with torch.no_grad():
-            return ood_flags(self.net, self.net.encode_images(pixels[None], features=True))[0]
+            features = self.net.encode_images(pixels, features=True)
+            return self.net.embed_image_features(features), guard.scores(features)[:, None]
 
     def _preprocess(self, upload: Upload) -> torch.Tensor:
         try:
@@ -207,9 +212,10 @@ class ModelService:
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         column, prompts = class_prompts(self.net, class_names, label_column)
-        embedding, pixels = await self.embed_with_pixels(data, timings)
-        classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
-        flags = await self.run_on_model_thread(self._ood_flags, pixels)
+        embedding, flags = await self.embed_checked(data, timings)
+        classes = cached_class_embeddings(self.net, prompts)  # kept: no wait for the model's thread
+        if classes is None:
+            classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
