@@ -96,6 +96,10 @@ def phantom_command(
         help="Shortcut variant (cxr2d only): a white square in the top-right corner marks each abnormal case "
              "with this probability (e.g. 0.95) and each normal case with 1 minus it, so the marker leaks the "
              "label; manifest column shortcut_marker, marker box in dataset.json.")] = None,
+    positioning: Annotated[float, typer.Option(
+        help="Patient positioning variation, 0-1 (cxr2d only; 0 = off, the default): the patient is shifted within "
+             "the field of view, shrunk by up to a quarter and turned by up to 8 degrees more, times this value; "
+             "boxes and masks move with the pixels.")] = 0.0,
     quiet: QuietOption = False,
 ) -> None:
     """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
@@ -103,10 +107,11 @@ def phantom_command(
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
                                 overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case,
-                                shortcut=shortcut)
+                                shortcut=shortcut, positioning=positioning)
     questions = f" and questions in {manifest.parent / 'vqa'}" if vqa else ""
     marker = f" (shortcut marker on abnormal cases with probability {shortcut:g})" if shortcut is not None else ""
-    console.print(f"wrote {n} phantom cases{marker}: {manifest}{questions}")
+    placed = f" (patient positioning {positioning:g})" if positioning else ""
+    console.print(f"wrote {n} phantom cases{marker}{placed}: {manifest}{questions}")
 
 
 @app.command("predict")

@@ -13,7 +13,9 @@ twin of the same image, see ``medvl.eval.counterfactual``); ``generate_phantom(.
 adds ``vqa/``: questions with exact answers from the ground truth, balanced per type (see ``vqa``).
 ``generate_phantom(..., shortcut=0.95)`` writes a shortcut variant: a corner marker on abnormal
 cases that leaks the label (manifest column ``shortcut_marker``, box in ``shortcut_spec(folder)``),
-for testing shortcut detectors (``medvl.eval.shortcut``).
+for testing shortcut detectors (``medvl.eval.shortcut``). ``positioning=S`` (0-1, default off) varies
+the patient's placement in the field of view (shift, scale, slight rotation), boxes and masks moving
+with the pixels, so a centre prior is no longer right by construction (``cxr2d``, "Positioning").
 
 Radiological convention: the patient's right is on the image left. See ``cxr2d`` for the
 clinical conventions (zones, sizes, cardiothoracic ratio, AP views) and ``generate`` for the

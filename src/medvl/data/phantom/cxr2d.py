@@ -37,6 +37,17 @@ Conventions
   ``moved`` puts a nodule or consolidation in another zone and ``other_side`` puts a finding on
   the patient's other side. ``number=0`` keeps the case's own film: a counterfactual twin of the
   image (``medvl.eval.counterfactual``). ``visit=None`` leaves the case exactly as it always was.
+* **Positioning** (``render_case(..., positioning=S)``, ``S`` in [0, 1], default 0 = off): the
+  patient's placement in the field of view varies as on real films (off-centre patients, a wider
+  collimation, a slightly turned patient). On top of the usual pose (shift +-2 % of the side,
+  rotation +-4 degrees, scale 0.9-1.04) the patient is rotated by up to +-``8 S`` degrees more,
+  shrunk by up to ``25 S`` % and shifted by ``S`` times a uniform draw over the room that keeps the
+  lung fields and the heart inside the central 97 % of the field (the thorax is never cut off, so
+  every finding stays whole in the image). Anatomy, findings, masks and boxes are drawn through the
+  same pixel-to-patient mapping, so they move together with the pixels. The draw has its own
+  stream seeded by ``(seed, index)`` (a visit ``number`` >= 1 adds its number; ``number=0`` keeps
+  the case's positioning) and the room is measured on the case's own anatomy, so ``positioning=0``
+  leaves every case byte-identical to a phantom without the option.
 * **Shortcut marker** (``burn_marker``, ``generate_phantom(shortcut=P)``): a saturated white
   square (side 8 % of the image, 3 % from the edges) in the top-right image corner, which is air
   at every pose; ``marker_box(size)`` gives its box.
@@ -76,6 +87,10 @@ _CAGE_CENTER_Y = 0.25  # anatomical height at which the rib cage is widest
 # independent random streams of a case, each seeded by (seed, index, stream)
 _STREAM_IMAGE, _STREAM_REPORT, _STREAM_CLASS, _STREAM_NOISE, _STREAM_MOTTLE = 0, 1, 2, 3, 4
 _STREAM_VISIT, _STREAM_NODULES = 5, 6  # another film of the patient; its extra nodules
+_STREAM_POSITION = 9  # patient positioning (render_case(positioning=S)); 7 and 8 are generate.py's
+POSITIONING_ROTATION = 8.0  # degrees of extra in-plane rotation either way at positioning 1
+POSITIONING_SHRINK = 0.25  # the patient's scale shrinks by up to this fraction at positioning 1
+FIELD_LIMIT = 0.97  # lung fields and heart stay within this fraction of the half-side (image spans -1..1)
 MAX_NODULES = 4  # nodules a visit may show (one per zone at most: they never overlap)
 GROW_RANGE = (0.5, 2.0)  # allowed Visit.grow
 LATERAL = ("pleural_effusion", "pneumothorax", "nodule", "consolidation")  # findings with a side
@@ -919,16 +934,18 @@ def _sample_meta(rng: np.random.Generator) -> dict[str, Any]:
     return {"age": age, "sex": sex, "view": view}
 
 
-def render_case(seed: int, index: int, size: int = 128,
-                extra_finding_prob: float = 0.0, visit: Visit | None = None) -> PhantomCase:
+def render_case(seed: int, index: int, size: int = 128, extra_finding_prob: float = 0.0,
+                visit: Visit | None = None, positioning: float = 0.0) -> PhantomCase:
     """Draw case ``index`` of the phantom data set ``seed`` as a ``size`` x ``size`` radiograph.
 
     ``extra_finding_prob`` is the probability that an abnormal case gets a second, different
     finding (for multi-label use). ``visit`` draws another film of the same patient instead (see
-    ``Visit``). Raises InputError for a size below 32, a negative seed or index, a probability
-    outside [0, 1], or a bad visit.
+    ``Visit``). ``positioning`` (0-1) varies the patient's placement in the field of view (see the
+    module docstring; 0 leaves the case as it always was). Raises InputError for a size below 32, a
+    negative seed or index, a probability or positioning outside [0, 1], or a bad visit.
     """
     check_case_args(seed, index, size, extra_finding_prob)
+    check_number("positioning", positioning, minimum=0, maximum=1)
     _check_visit(visit)
     seed, index, size = int(seed), int(index), int(size)
     rng = np.random.default_rng([seed, index, _STREAM_IMAGE])
@@ -939,13 +956,16 @@ def render_case(seed: int, index: int, size: int = 128,
     ctr = _sample_ctr(rng, "cardiomegaly" in names, subtle["cardiomegaly"])
     anat = _sample_anatomy(rng, meta, ctr)
     params = _finding_params(rng, anat, subtle, names)
-    noise_key = [seed, index, _STREAM_NOISE]
+    noise_key, position_key, patient = [seed, index, _STREAM_NOISE], [seed, index, _STREAM_POSITION], anat
     if visit is not None:
         names, anat = _visit_findings(visit, (seed, index), names, params, anat)
         if visit.number > 0:
             film_rng = np.random.default_rng([seed, index, _STREAM_VISIT, visit.number])
             pose, acq = _sample_pose(film_rng), _sample_acquisition(film_rng, meta["view"])
             noise_key.append(visit.number)
+            position_key.append(visit.number)
+    if positioning > 0:
+        pose = _position(pose, patient, float(positioning), np.random.default_rng(position_key))
     frame = _frame(size, pose, anat)
     mottle_rng = np.random.default_rng([seed, index, _STREAM_MOTTLE])
     findings, masks, layers = _draw_findings(names, params, anat, frame, mottle_rng)
@@ -956,6 +976,45 @@ def render_case(seed: int, index: int, size: int = 128,
     anatomy = {"lungs": frame.lung, "heart": frame.heart}
     return PhantomCase(image=image, findings=findings, masks=masks, report=report, meta=meta,
                        anatomy=anatomy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positioning: the patient's placement in the field of view.
+
+
+def _position(pose: _Pose, anat: _Anatomy, positioning: float, rng: np.random.Generator) -> _Pose:
+    """The pose turned, shrunk and shifted by ``positioning`` (0-1) within the room the thorax leaves.
+
+    Four draws in a fixed order (rotation, shrink, shift x, shift y). Each shift moves from the pose's
+    own shift towards a uniform draw over the shifts that keep the lung fields and heart inside
+    ``FIELD_LIMIT``, by the fraction ``positioning``, so it stays inside that room."""
+    angle = pose.angle + math.radians(positioning * _uniform(rng, -POSITIONING_ROTATION, POSITIONING_ROTATION))
+    scale = pose.scale * (1.0 - positioning * _uniform(rng, 0.0, POSITIONING_SHRINK))
+    draws = (_uniform(rng, 0.0, 1.0), _uniform(rng, 0.0, 1.0))
+    turned = replace(pose, angle=angle, scale=scale, shift_x=0.0, shift_y=0.0)
+    shifts = []
+    for coords, own, draw in zip(_thorax_in_image(turned, anat), (pose.shift_x, pose.shift_y), draws, strict=True):
+        low, high = -FIELD_LIMIT - float(coords.min()), FIELD_LIMIT - float(coords.max())
+        if low > high:  # no room at all (never at the drawn poses): centre the thorax
+            shifts.append((low + high) / 2)
+            continue
+        own = min(max(own, low), high)
+        shifts.append(own + positioning * (low + draw * (high - low) - own))
+    return replace(turned, shift_x=shifts[0], shift_y=shifts[1])
+
+
+def _thorax_in_image(pose: _Pose, anat: _Anatomy, step: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Image coordinates (x, y; -1..1) of the lung fields and the heart under ``pose``, sampled on an
+    anatomical grid of ``step`` (the inverse of ``_frame``'s pixel-to-patient mapping)."""
+    grid = np.arange(-1.2, 1.2, step, dtype=np.float32)
+    x, y = grid[None, :], grid[:, None]
+    in_chest = (y < _dome(anat, x) + 0.02) & (y > anat.apex_y)
+    inside = (_lung_margin(anat, x, y) > 0) | ((_heart_radius(anat, x, y) < 1.0) & in_chest)
+    rows, cols = np.nonzero(inside)
+    u = grid[cols] * pose.scale * pose.aspect
+    v = grid[rows] * pose.scale
+    cos, sin = math.cos(pose.angle), math.sin(pose.angle)
+    return cos * u - sin * v + pose.shift_x, sin * u + cos * v + pose.shift_y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ clean data set. The manifest gains a last column ``shortcut_marker`` (0/1) and `
 end-exclusive pixels) and ``value``, so a check can mask the marker (``shortcut_spec``).
 Without ``shortcut`` nothing changes.
 
+``positioning=S`` (cxr2d only, S in [0, 1]; default 0 = off) varies the patient's placement in the
+field of view (shift, smaller scale, slight rotation; ``cxr2d``, "Positioning"), with masks and boxes
+drawn through the same mapping as the pixels; ``dataset.json``'s ``generator.positioning`` records S.
+Without it (or with 0) every file is byte-identical to a phantom generated before the option existed.
+
 ``vqa=True`` (cxr2d only) adds ``vqa/``: balanced questions with exact answers, one JSON file
 per split, and the films they name (see ``vqa``).
 
@@ -180,6 +185,14 @@ def shortcut_spec(folder: str | Path) -> dict[str, Any] | None:
     return spec if isinstance(spec, dict) else None
 
 
+def _check_positioning(positioning: float, kind: str, vqa: bool) -> None:
+    check_number("positioning", positioning, minimum=0, maximum=1)
+    if positioning and kind != "cxr2d":
+        raise InputError(f"patient positioning is for chest radiographs (kind cxr2d), not {kind}")
+    if positioning and vqa:
+        raise InputError("patient positioning is not applied to the VQA films; generate the VQA set without it")
+
+
 def _check_shortcut(shortcut: float | None, kind: str, vqa: bool) -> None:
     if shortcut is None:
         return
@@ -244,8 +257,11 @@ def _write_ct_case(case: ct3d.CTCase, name: str, root: Path) -> str:
 
 
 def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_prob: float,
-                       kind: str = "cxr2d", vqa_per_case: int | None = None, shortcut: float | None = None) -> None:
+                       kind: str = "cxr2d", vqa_per_case: int | None = None, shortcut: float | None = None,
+                       positioning: float = 0.0) -> None:
     generator: dict[str, Any] = {"seed": seed, "n": n, "size": size, "extra_finding_prob": extra_finding_prob}
+    if positioning:
+        generator["positioning"] = positioning
     if vqa_per_case is not None:
         generator["vqa_per_case"] = vqa_per_case
     if shortcut is not None:
@@ -268,7 +284,8 @@ def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_p
 def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int | None = None,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
                      progress: bool = False, overwrite: bool = False, kind: str = "cxr2d", vqa: bool = False,
-                     vqa_per_case: int = DEFAULT_PER_CASE, shortcut: float | None = None) -> Path:
+                     vqa_per_case: int = DEFAULT_PER_CASE, shortcut: float | None = None,
+                     positioning: float = 0.0) -> Path:
     """Generate ``n`` phantom cases into ``out_dir``; return the manifest path.
 
     ``kind`` "cxr2d": case ``i`` is ``cxr2d.render_case(seed, i, size, extra_finding_prob)``, a
@@ -279,7 +296,8 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     once the new data set is complete. ``vqa`` (cxr2d only) also writes ``vqa/``: about
     ``vqa_per_case`` balanced questions per patient, split by patient like the images (``vqa``).
     ``shortcut`` (a probability in [0, 1], cxr2d only) writes the shortcut variant described in
-    the module docstring: a corner marker that leaks the normal / abnormal label.
+    the module docstring: a corner marker that leaks the normal / abnormal label. ``positioning``
+    (0-1, cxr2d only) varies the patient's placement in the field of view (module docstring).
     """
     if kind not in KINDS:
         raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -287,6 +305,7 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     if vqa and kind != "cxr2d":
         raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
     _check_shortcut(shortcut, kind, vqa)
+    _check_positioning(positioning, kind, vqa)
     shortcut = None if shortcut is None else float(shortcut)
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
@@ -308,7 +327,7 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
             with _progress(int(n), progress, what) as advance:
                 for index in range(int(n)):
                     row, truth = _write_one(kind, seed, index, size, extra_finding_prob, staging, split_of[index],
-                                            shortcut)
+                                            shortcut, float(positioning))
                     writer.writerow(row)
                     truths += [truth] if vqa and truth is not None else []
                     advance(1)
@@ -316,20 +335,22 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
             write_phantom_vqa(staging, truths, int(seed), int(size), float(extra_finding_prob), int(vqa_per_case),
                               progress)
         _write_description(staging, int(seed), int(n), int(size), float(extra_finding_prob), kind,
-                           int(vqa_per_case) if vqa else None, shortcut)
+                           int(vqa_per_case) if vqa else None, shortcut, float(positioning))
         replace_dir(staging, out_dir)
     log.info("wrote %d %s to %s", n, what, out_dir)
     return out_dir / "manifest.csv"
 
 
 def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: float, root: Path,
-               split: str, shortcut: float | None = None) -> tuple[dict[str, Any], PatientTruth | None]:
+               split: str, shortcut: float | None = None,
+               positioning: float = 0.0) -> tuple[dict[str, Any], PatientTruth | None]:
     """Render case ``index``, write its files under ``root``; its manifest row and (cxr2d) ground truth."""
     if kind == "ct3d":
         name = f"ct_{index:05d}"
         ct_case = ct3d.render_case(seed, index, size, extra_finding_prob)
         return ct_manifest_row(ct_case, name, _write_ct_case(ct_case, name, root), split), None
-    case = render_case(seed, index, size, extra_finding_prob)
+    case = (render_case(seed, index, size, extra_finding_prob, positioning=positioning) if positioning
+            else render_case(seed, index, size, extra_finding_prob))  # the default call as it always was
     truth = PatientTruth(index, split, case.findings, case.meta)
     marked = shortcut is not None and has_shortcut_marker(seed, index, case.finding != "no_finding", shortcut)
     if marked:
@@ -340,9 +361,9 @@ def _write_one(kind: str, seed: int, index: int, size: int, extra_finding_prob: 
     return row, truth
 
 
-def iter_cases(n: int, seed: int = 0, size: int = 128,
-               extra_finding_prob: float = 0.0) -> Iterator[PhantomCase]:
+def iter_cases(n: int, seed: int = 0, size: int = 128, extra_finding_prob: float = 0.0,
+               positioning: float = 0.0) -> Iterator[PhantomCase]:
     """Cases ``0..n-1`` in memory, without writing anything."""
     for index in range(n):
-        yield render_case(seed, index, size, extra_finding_prob)
+        yield render_case(seed, index, size, extra_finding_prob, positioning=positioning)
 
