@@ -1,7 +1,7 @@
 """PneumoniaMNIST with `medvl bench medmnist`, printed beside the MedMNIST v2 reference table.
 
     python benchmarks/medmnist.py [--data ../shared/data/pneumoniamnist/pneumoniamnist.npz]
-                                  [--test-data SAME] [--test-split val] [--epochs N]
+                                  [--test-data SAME] [--test-split val] [--epochs N] [--ensemble N]
 
 Training settings: the medmnist-small recipe (``medvl models --recipe medmnist-small``), the same
 ``medvl train --model medmnist-small`` uses for each member; --epochs replaces the recipe's. The
@@ -44,6 +44,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-split", default="val")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="members (seeds seed, seed + 1, ...); default: the recipe's. With more than one, "
+                             "each member is also scored alone")
     parser.add_argument("--target-prior", type=float, default=0.625,
                         help="share of pneumonia to re-weight to (the official test split's 390 / 624)")
     return parser
@@ -54,7 +57,8 @@ def command_for(args: argparse.Namespace, out: Path) -> list[str]:
     command = [sys.executable, "-m", "medvl.cli.main", "bench", "medmnist", "--train-data", str(args.data),
                "--test-data", str(args.test_data or args.data), "--test-split", args.test_split,
                "--seed", str(args.seed), "--target-prior", str(args.target_prior), "--json", str(out), "-q"]
-    return command + (["--epochs", str(args.epochs)] if args.epochs is not None else [])
+    command += ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    return command + (["--ensemble", str(args.ensemble)] if args.ensemble is not None else [])
 
 
 def main() -> None:
@@ -73,6 +77,26 @@ def main() -> None:
           f"{result['test_time_views']} test-time views, threshold {result['threshold']:.3f} "
           f"({result['operating_point']}) from {result['threshold_from']}")
     print(operating_point_table(result["operating_points"], result["threshold_from"]))
+    if result["members"]:
+        print(member_table(result))
+
+
+def member_table(result: dict) -> str:
+    """Each ensemble member alone and the ensemble, at the recipe's operating point: the spread across
+    seeds beside the ensemble (needs --target-prior's intervals)."""
+    point = result["operating_point"]
+    lines = [f"\nEnsemble members alone and together ({point} threshold; worst = the lower of ACC and ACC at "
+             f"{result['operating_points']['target_prior']:.1%} positive)",
+             "| model | threshold | AUC | ACC | ACC at prior | sensitivity / specificity | worst |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [(f"seed {m['seed']}", m) for m in result["members"]] + [(f"ensemble of {result['ensemble']}", result)]
+    for name, scored in rows:
+        figures = scored["operating_points"][point]
+        worst = min(figures["accuracy"]["value"], figures["accuracy_at_prior"]["value"])
+        lines.append(f"| {name} | {figures['threshold']:.3f} | {_ci(scored['operating_points']['auc'])} "
+                     f"| {_ci(figures['accuracy'])} | {_ci(figures['accuracy_at_prior'])} "
+                     f"| {figures['sensitivity']['value']:.3f} / {figures['specificity']['value']:.3f} | {worst:.3f} |")
+    return "\n".join(lines)
 
 
 def operating_point_table(points: dict, source: str) -> str:

@@ -9,7 +9,7 @@ import torch
 
 import medvl
 from cli_helpers import invoke
-from medvl.bench.medmnist import ensemble_scores, run_medmnist, view_pixels
+from medvl.bench.medmnist import benchmark_data, ensemble_scores, run_medmnist, score_models, view_pixels
 from medvl.data.loaders import load_dataset
 from medvl.errors import InputError
 from medvl.eval.head import head_scores
@@ -100,3 +100,12 @@ def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_
     assert saved["acc"] == saved["operating_points"]["max_balanced_accuracy"]["accuracy"]["value"]
     seeds = [json.loads((out / f"member-{i}" / "train_config.json").read_text())["train"]["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
+    # each member alone is in the results, scored as the ensemble is: rescoring the saved member agrees
+    assert [member["seed"] for member in saved["members"]] == [0, 1]
+    data = benchmark_data(tiny_npz, tiny_npz, "val", seed=0)
+    alone = score_models([medvl.load_model(out / "member-1")], data, get_recipe("medmnist-small").test_time_views,
+                         "max_balanced_accuracy", target_prior=0.625, bootstrap=100, show_progress=False)
+    recorded = saved["members"][1]
+    assert (alone["auc"], alone["acc"], alone["threshold"]) == pytest.approx(
+        (recorded["auc"], recorded["acc"], recorded["threshold"]), abs=1e-6)
+    assert alone["operating_points"]["auc"] == pytest.approx(recorded["operating_points"]["auc"], abs=1e-6)

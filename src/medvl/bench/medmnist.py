@@ -63,6 +63,7 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     the operating point; with ``target_prior`` (the share of positives expected where the model is
     used), ``operating_points`` scores every threshold with ``bootstrap`` resamples
     (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble).
+    With more than one member, ``members`` holds each member's own figures, scored the same way.
     """
     started = time.perf_counter()
     settings = medmnist_settings(model_name, epochs, seed, ensemble=ensemble, operating_point=operating_point,
@@ -72,6 +73,41 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     elif settings.operating_point == "max_accuracy_at_prior":
         raise InputError("the operating point max_accuracy_at_prior needs --target-prior")
     check_number("bootstrap resamples", bootstrap, minimum=100, integer=True)
+    data = benchmark_data(train_path, test_path, test_split, seed)
+    settings.captions = task_captions(Path(train_path), data.classes)
+    models = train_members(settings, data.fit, out, show_progress)
+
+    def score(scored: list[DualEncoder]) -> dict:
+        return score_models(scored, data, settings.test_time_views, settings.operating_point, target_prior,
+                            bootstrap, seed, show_progress)
+
+    members = []
+    if len(models) > 1:  # each member alone, scored as the ensemble is: the spread across seeds
+        members = [{"seed": settings.train.seed + i, **score([member])} for i, member in enumerate(models)]
+    scores = score(models)
+    return {**scores, "members": members,
+            "train": f"{train_path}:train", "n_fit": len(data.fit), "test": f"{test_path}:{test_split}",
+            "n_test": len(data.test), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
+            "ensemble": settings.ensemble, "test_time_views": len(settings.test_time_views),
+            "settings": settings.to_dict(),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+@dataclasses.dataclass
+class BenchmarkData:
+    """The records of one benchmark run: trained on ``fit``, threshold chosen on ``calibration``
+    (described by ``calibration_name``), scored on ``test``."""
+
+    fit: Dataset
+    calibration: Dataset
+    calibration_name: str
+    test: Dataset
+    classes: list[str]
+
+
+def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: str, seed: int) -> BenchmarkData:
+    """The train file's ``train`` split to fit on; the threshold data is its ``val`` split unless that is
+    the scored split, else a seeded 10 % of ``train`` held out from training."""
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")
@@ -83,31 +119,31 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
         fit_set, calib_set = _hold_out(train_set, 0.1, seed)
         calibration = "10% of train held out"
     classes = sorted(train_set.classes(LABEL), key=class_order)
-    settings.captions = task_captions(Path(train_path), classes)
-    models = train_members(settings, fit_set, out, show_progress)
+    return BenchmarkData(fit_set, calib_set, calibration, test_set, classes)
+
+
+def score_models(models: list[DualEncoder], data: BenchmarkData, views: list[list[float]], operating_point: str,
+                 target_prior: float | None = None, bootstrap: int = 2000, seed: int = 0,
+                 show_progress: bool = True) -> dict:
+    """AUC and ACC of ``models``' averaged head probabilities (``ensemble_scores``) on ``data.test``; a
+    binary task's ACC at the ``operating_point`` threshold chosen on ``data.calibration``, and with
+    ``target_prior`` every threshold scored with ``bootstrap`` resamples (``operating_points``)."""
     threshold, points = None, None
-    probabilities = ensemble_scores(models, test_set, LABEL, settings.test_time_views, show_progress)
-    y_true = class_targets(test_set, LABEL, classes)
-    metrics = classification_metrics(y_true, probabilities, classes)
-    if len(classes) == 2:
-        calibration_scores = ensemble_scores(models, calib_set, LABEL, settings.test_time_views, show_progress)
-        calibration_y = class_targets(calib_set, LABEL, classes)
-        threshold = _best_threshold(calibration_scores, calibration_y,
-                                    _threshold_prior(settings.operating_point, target_prior))
+    probabilities = ensemble_scores(models, data.test, LABEL, views, show_progress)
+    y_true = class_targets(data.test, LABEL, data.classes)
+    metrics = classification_metrics(y_true, probabilities, data.classes)
+    if len(data.classes) == 2:
+        calibration_scores = ensemble_scores(models, data.calibration, LABEL, views, show_progress)
+        calibration_y = class_targets(data.calibration, LABEL, data.classes)
+        threshold = _best_threshold(calibration_scores, calibration_y, _threshold_prior(operating_point, target_prior))
         metrics["accuracy_argmax"] = metrics["accuracy"]
         metrics["accuracy"] = float(((probabilities[:, 1] >= threshold).astype(int) == y_true).mean())
         if target_prior is not None:
             points = operating_points(calibration_scores, calibration_y, probabilities, y_true, target_prior,
                                       resamples=bootstrap, seed=seed)
     return {"auc": metrics["macro_auc"], "acc": metrics["accuracy"], "threshold": threshold,
-            "operating_point": settings.operating_point if threshold is not None else None,
-            "operating_points": points,
-            "threshold_from": calibration if threshold is not None else None,
-            "train": f"{train_path}:train", "n_fit": len(fit_set), "test": f"{test_path}:{test_split}",
-            "n_test": len(test_set), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
-            "ensemble": settings.ensemble, "test_time_views": len(settings.test_time_views),
-            "settings": settings.to_dict(),
-            "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
+            "operating_point": operating_point if threshold is not None else None, "operating_points": points,
+            "threshold_from": data.calibration_name if threshold is not None else None, "metrics": metrics}
 
 
 def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
