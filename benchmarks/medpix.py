@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import medvl
+from medvl.api import parse_overrides
 from medvl.data import Dataset, captions_for
 from medvl.embed import embed_images
 from medvl.io import write_json
@@ -58,7 +59,9 @@ def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
 def settings_for(args: argparse.Namespace) -> RecipeSettings:
     """The recipe of ``args.model`` with the options given on this script's command line (None: the
     recipe's), resolved exactly as ``medvl train`` resolves them."""
-    return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source)
+    return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source,
+                          loss=args.loss, batch_size=args.batch_size, lr=args.lr,
+                          model_overrides=parse_overrides(args.set))
 
 
 def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
@@ -144,6 +147,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-source", default=None, choices=["text", "both"],
                         help="Training texts: captions only, or captions and label captions half and half "
                              "(default: the recipe's).")
+    parser.add_argument("--loss", default=None, choices=["clip", "siglip"], help="Default: the recipe's.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Default: the recipe's.")
+    parser.add_argument("--lr", type=float, default=None, help="Default: the recipe's.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Model config override merged over the recipe's, as `medvl train --set` "
+                             "(e.g. image.image_size=192); repeatable.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     return parser
 
