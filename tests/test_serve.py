@@ -239,6 +239,36 @@ def test_unsupported_files_are_415_and_empty_ones_422(client):
     assert zero_shot(client, b"").status_code == 422
 
 
+def test_png_and_jpeg_uploads_are_decoded_from_memory_as_the_file_reader_reads_them(tmp_path, monkeypatch):
+    from medvl.data.images import read_image
+    from medvl.serve import uploads
+
+    def no_disk():
+        raise AssertionError("a PNG or JPEG upload was about to be written to disk")
+
+    monkeypatch.setattr(uploads, "private_folder", no_disk)
+    rng = np.random.default_rng(0)
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    sixteen = io.BytesIO()
+    Image.fromarray(rng.integers(0, 65535, (20, 24), dtype=np.uint16)).save(sixteen, format="PNG")
+    for data, suffix in ((_png_bytes(rng.integers(0, 256, (48, 64), dtype=np.uint8)), ".png"),
+                         (sixteen.getvalue(), ".png"), (jpeg.getvalue(), ".jpg")):
+        upload = uploads.decode_upload(data, ServeSettings())
+        path = tmp_path / f"upload{suffix}"
+        path.write_bytes(data)
+        expected = read_image(path)
+        assert upload.pixels.dtype == expected.dtype and np.array_equal(upload.pixels, expected)
+    whole = _png_bytes(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    with pytest.raises(UploadRejected) as truncated:
+        uploads.decode_upload(whole[: len(whole) // 2], ServeSettings())
+    assert truncated.value.status == 422 and "truncated" in str(truncated.value)
+    with pytest.raises(AssertionError, match="written to disk"):  # the guard above does see a DICOM's file
+        from pydicom.data import get_testdata_file
+
+        uploads.decode_upload(Path(get_testdata_file("CT_small.dcm")).read_bytes(), ServeSettings())
+
+
 def test_a_corrupt_dicom_is_422_with_the_reason(client):
     from pydicom.data import get_testdata_file
 

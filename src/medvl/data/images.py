@@ -21,10 +21,12 @@ metric into NaN.
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,28 +67,41 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
 
 def read_pil(path: Path) -> np.ndarray:
     """Read PNG / JPEG / BMP / TIFF with Pillow, forcing a full decode (truncated files fail)."""
+    return _read_pil(path, path)
+
+
+def read_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode an image file's bytes held in memory (PNG, JPEG, ... as ``read_pil``), nothing written to
+    disk; the same array conventions and checks as ``read_image``, errors naming ``name``."""
+    if not data:
+        raise DataError(name, "empty file (0 bytes)")
+    return check_finite(name, _read_pil(io.BytesIO(data), name))
+
+
+def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
+    """``source`` (a path or a binary stream) decoded by Pillow; ``DataError`` naming ``name``."""
     try:
         # Our own limit (MAX_PIXELS) is checked below with the exact size, so Pillow's lower
         # warning threshold is muted here only; its hard error still applies.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 problem = _too_large(*img.size)
                 if problem:
-                    raise DataError(path, problem)
+                    raise DataError(name, problem)
                 frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
                 if frames > 1:
-                    log.warning("%s: %d frames, reading the first only", path, frames)
+                    log.warning("%s: %d frames, reading the first only", name, frames)
                 img.load()
                 return _pil_to_array(img)
     except Image.DecompressionBombError:
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise DataError(path, f"image too large: over {pillow_limit:,} pixels "
+        raise DataError(name, f"image too large: over {pillow_limit:,} pixels "
                               f"(limit {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
-        raise DataError(path, "not a recognised image file (corrupt or wrong format)") from None
+        raise DataError(name, "not a recognised image file (corrupt or wrong format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise DataError(path, f"corrupt or truncated image ({error})") from None
+        raise DataError(name, f"corrupt or truncated image ({error})") from None
 
 
 def read_npy(path: Path) -> np.ndarray:

@@ -3,9 +3,9 @@
 The pictures are made by the library (``medvl.clinical.windowing.render_preview``: the middle
 axial slice of a volume, the window, the size); this module only reads the file the way its kind
 needs and encodes the PNG. Both are patient data: rendered on request, answered with
-``Cache-Control: no-store``, never kept (an upload's file lives in the private folder of
-``uploads.read_upload`` and is deleted before the answer is sent; nothing is written for a
-thumbnail).
+``Cache-Control: no-store``, never kept (a PNG or JPEG upload is decoded from memory; a DICOM or
+NIfTI upload's file lives in the private folder of ``uploads.read_upload`` and is deleted before the
+answer is sent; nothing is written for a thumbnail).
 
 How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or ``None``):
 
@@ -35,7 +35,7 @@ from PIL import Image
 from ..clinical.windowing import DISPLAY_WINDOW, WINDOW_PRESETS, Window, radiological_view, render_preview
 from ..errors import InputError
 from .settings import ServeSettings
-from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_upload, rejecting
+from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_pixels, read_upload, rejecting
 
 PREVIEW_SIDE = 512  # longest side of an upload's preview, pixels
 THUMBNAIL_SIDE = 128  # longest side of a case's thumbnail, pixels
@@ -86,20 +86,19 @@ def thumbnail_file(path: Path) -> Picture:
     return rejecting(_picture, path, kind, None, THUMBNAIL_SIDE)
 
 
-def _picture(path: Path, kind: str, window: Window | None, side: int) -> Picture:
+def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) -> Picture:
+    """The preview of an upload (its bytes for a PNG or JPEG, else its file) or of an indexed file."""
+    if isinstance(source, bytes) or kind not in (DICOM, NIFTI, NIFTI_GZ):
+        if window is not None:
+            raise UploadRejected(422, "window presets apply to CT values (DICOM or NIfTI), not to a PNG or JPEG")
+        return Picture(render_preview(read_pixels(source), None, side), NO_WINDOW)
     if kind == DICOM:
-        return _dicom_picture(path, window, side)
-    if kind in (NIFTI, NIFTI_GZ):
-        from ..clinical.nifti import read_nifti
+        return _dicom_picture(source, window, side)
+    from ..clinical.nifti import read_nifti
 
-        volume = radiological_view(read_nifti(path)[0])
-        return Picture(render_preview(volume, window, side), window.name if window else NO_WINDOW,
-                       volume.shape[0] // 2, volume.shape[0])
-    if window is not None:
-        raise UploadRejected(422, "window presets apply to CT values (DICOM or NIfTI), not to a PNG or JPEG")
-    from ..data.images import read_image
-
-    return Picture(render_preview(read_image(path), None, side), NO_WINDOW)
+    volume = radiological_view(read_nifti(source)[0])
+    return Picture(render_preview(volume, window, side), window.name if window else NO_WINDOW,
+                   volume.shape[0] // 2, volume.shape[0])
 
 
 def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:

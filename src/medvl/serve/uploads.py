@@ -1,9 +1,10 @@
 """Uploaded images: sniffed by content, size-limited, DICOM de-identified, decoded, then deleted.
 
 Every upload is patient data. The service never uses the client's file name (no path from it, no
-log of it): the type comes from the bytes (``sniff``), the file is written under a private temporary
-folder (mode 0700) with a fixed name only because the DICOM and NIfTI readers take paths, and the
-folder is deleted before the request is answered. A DICOM upload is de-identified
+log of it): the type comes from the bytes (``sniff``). PNG and JPEG are decoded from memory and never
+written to disk; a DICOM or NIfTI file is written under a private temporary folder (mode 0700) with a
+fixed name only because their readers take paths, and the folder is deleted before the request is
+answered. A DICOM upload is de-identified
 (``medvl.clinical.deid``, the PS3.15 basic profile) and the original bytes deleted before its
 header or pixels are read for anything else.
 
@@ -123,16 +124,21 @@ def private_folder() -> Iterator[Path]:
 
 def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after."""
-    kind, pixels = read_upload(data, settings, lambda path, kind: _read(path))
+    kind, pixels = read_upload(data, settings, lambda source, kind: read_pixels(source))
     return Upload(kind, len(data), pixels)
 
 
-def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path, str], T]) -> tuple[str, T]:
-    """The upload's kind and what ``read(path, kind)`` makes of its file, after the checks every route
-    shares: size, sniffing, DICOM de-identification, declared pixels / voxels. ``read`` sees the
-    (de-identified) file in the private folder, deleted when it returns; its ``MedvlError`` is a 422."""
+def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path | bytes, str], T]) -> tuple[str, T]:
+    """The upload's kind and what ``read(source, kind)`` makes of it, after the checks every route
+    shares: size, sniffing, DICOM de-identification, declared pixels / voxels. ``source`` is the bytes
+    themselves for a PNG or JPEG (decoded from memory, never written), else the (de-identified) file in
+    the private folder, deleted when ``read`` returns; ``read``'s ``MedvlError`` is a 422."""
     check_byte_size(len(data), settings)
     kind = sniff(data)
+    if kind in (PNG, JPEG):
+        width, height = _image_size(io.BytesIO(data), settings)
+        _check_pixels(width * height, f"{width} x {height}", settings)
+        return kind, rejecting(read, data, kind)
     with private_folder() as folder:
         path = folder / f"upload{SUFFIXES[kind]}"
         _write_private(path, data)
@@ -161,10 +167,7 @@ def _deidentified(raw: Path) -> Path:
 
 
 def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None:
-    if kind in (PNG, JPEG):
-        width, height = _image_size(path, settings)
-        _check_pixels(width * height, f"{width} x {height}", settings)
-    elif kind == DICOM:
+    if kind == DICOM:
         _check_dicom_size(path, settings)
     else:
         from ..clinical.nifti import NiftiSlabs
@@ -173,12 +176,12 @@ def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None
         _check_voxels(int(np.prod(shape)), " x ".join(map(str, shape)), settings)
 
 
-def _image_size(path: Path, settings: ServeSettings) -> tuple[int, int]:
+def _image_size(stream: io.BytesIO, settings: ServeSettings) -> tuple[int, int]:
     """Width and height from the PNG / JPEG header; the pixels are not decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(stream) as image:
                 return image.size
     except Image.DecompressionBombError:
         raise UploadRejected(413, f"image too large: its header declares over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} "
@@ -207,11 +210,12 @@ def _check_voxels(voxels: int, shape: str, settings: ServeSettings) -> None:
         raise UploadRejected(413, f"volume too large: {shape} voxels (limit {settings.max_voxels:,})")
 
 
-def _read(path: Path) -> np.ndarray:
-    """The decoded pixels, as every model route reads them."""
-    from ..data.images import read_image
+def read_pixels(source: Path | bytes) -> np.ndarray:
+    """The decoded pixels of an upload (a PNG or JPEG's bytes, else its file), as every model route
+    reads them."""
+    from ..data.images import read_image, read_image_bytes
 
-    return read_image(path)
+    return read_image_bytes(source, "upload") if isinstance(source, bytes) else read_image(source)
 
 
 def rejecting(read: Callable[..., T], *args) -> T:
