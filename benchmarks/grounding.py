@@ -5,7 +5,11 @@ finding the pointing game (peak in the box; in the mask), the energy in the box 
 the map thresholded at 0.5 against the mask, for each heatmap method (patch_text, gradcam,
 occlusion, smoothgrad; ``--methods``, settings per method with ``--settings JSON``) beside a random
 map and a centre prior, whether the best method beats both baselines' pointing game, and each
-method's seconds per image. Settings are chosen on ``--split val`` and then reported on ``test``.
+method's seconds per image. Settings are chosen on ``--split val`` and then reported on ``test``;
+``--choose-on val --candidates JSON`` does both in one run: each method's candidate settings are
+scored on the ``--choose-on`` split, the one ranked first by ``grounding.selection_key`` (findings on
+which the method beats both baselines' pointing game, then its pooled pointing game; the first
+listed on ties) is kept, and only then is ``--split`` scored, once, with the kept settings.
 Then the concept bottleneck's accuracy beside a linear probe on the same image embeddings
 (phantom; and ISIC when --isic-model / --isic-data are given). Commands and figures:
 docs/benchmarks.md, "Explanations and grounding".
@@ -13,6 +17,8 @@ docs/benchmarks.md, "Explanations and grounding".
     python benchmarks/grounding.py --model RUN/model --data PHANTOM --split test \\
         [--methods occlusion,smoothgrad] [--settings '{"occlusion": {"window": 0.25}}'] [--no-bottleneck] \\
         [--isic-model ISIC_RUN/model --isic-data ISIC_MANIFEST] --json grounding.json
+    python benchmarks/grounding.py --model RUN/model --data PHANTOM --split test --no-bottleneck \
+        --choose-on val --candidates '{"smoothgrad": [{"noise": 0.075}, {"noise": 0.15}], "patch_text": [{}]}'
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 from medvl.data import load_dataset
 from medvl.explain.concepts import compare_with_probe, load_concepts
-from medvl.explain.grounding import BASELINES, beats_baselines, evaluate_grounding
+from medvl.explain.grounding import BASELINES, beats_baselines, choose_settings, evaluate_grounding
 from medvl.explain.heatmaps import METHODS
 from medvl.io import write_json
 from medvl.models.registry import load_model
@@ -69,6 +75,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated heatmap methods.")
     parser.add_argument("--settings", type=json.loads, default=None,
                         help='Keyword arguments per method as JSON, e.g. \'{"smoothgrad": {"noise": 0.1}}\'.')
+    parser.add_argument("--choose-on", help="Split on which to choose each method's settings first (e.g. val).")
+    parser.add_argument("--candidates", type=json.loads, default=None,
+                        help='With --choose-on: candidate settings per method as JSON, e.g. '
+                             '\'{"occlusion": [{"window": 0.1875}, {"window": 0.25}]}\'; the methods named here '
+                             'are the ones scored (default: every method of --methods with its defaults).')
     parser.add_argument("--no-bottleneck", action="store_true", help="Skip the concept bottleneck comparison.")
     parser.add_argument("--isic-model", type=Path, help="Dual encoder trained on the ISIC train split.")
     parser.add_argument("--isic-data", type=Path, help="ISIC manifest with train / test splits and diagnosis.")
@@ -80,8 +91,23 @@ def main() -> None:
     started, summary, bottlenecks = time.perf_counter(), {}, {}
     if args.model and args.data:
         model, data = load_model(args.model), load_dataset(args.data)
-        grounding = evaluate_grounding(model, data.select(args.split), args.label, args.methods.split(","),
-                                       tolerance=args.tolerance, seed=args.seed, settings=args.settings)
+        methods, settings = args.methods.split(","), args.settings
+        if args.choose_on:
+            if args.choose_on == args.split:
+                parser.error("--choose-on must be another split than --split (never choose on the reported split)")
+            candidates = args.candidates or {m: [(args.settings or {}).get(m, {})] for m in methods}
+            selection = choose_settings(model, data.select(args.choose_on), candidates, args.label, seed=args.seed,
+                                        tolerance=args.tolerance)
+            print(f"settings chosen on {args.choose_on}:")
+            for method, tried in selection["tried"].items():
+                for entry in tried:
+                    mark = " <- kept" if entry["settings"] == selection["chosen"][method] else ""
+                    print(f"  {method} {json.dumps(entry['settings'])}: beats both baselines on {entry['key'][0]} "
+                          f"findings, pooled pointing game {entry['key'][1]:.3f}{mark}")
+            methods, settings = list(selection["chosen"]), selection["chosen"]
+            summary["selection"] = {"split": args.choose_on, **selection}
+        grounding = evaluate_grounding(model, data.select(args.split), args.label, methods,
+                                       tolerance=args.tolerance, seed=args.seed, settings=settings)
         print(f"grounding on {args.data} ({args.split}, {grounding['n']} cases with a box, "
               f"{grounding['seconds']:.1f} s)\n")
         print(grounding_table(grounding))

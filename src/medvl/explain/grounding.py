@@ -203,6 +203,39 @@ def beats_baselines(per_finding: dict[str, dict[str, Any]], methods: Sequence[st
             for finding, row in per_finding.items() if finding != "all"}
 
 
+def selection_key(per_finding: dict[str, dict[str, Any]], method: str,
+                  score: str = "pointing_box") -> tuple[int, float]:
+    """The rule that picks a method's settings on a validation split: first the number of findings on
+    which ``method`` scores strictly above both baselines, then its pooled ``score`` (all findings)."""
+    beaten = sum(row[method][score] > max(row[b][score] for b in BASELINES)
+                 for finding, row in per_finding.items() if finding != "all")
+    return int(beaten), float(per_finding["all"][method][score])
+
+
+def choose_settings(model, dataset, candidates: Mapping[str, Sequence[Mapping[str, Any]]], label: str = "finding",
+                    seed: int = 0, tolerance: float = 0.0, captions=None) -> dict[str, Any]:
+    """Score each method's candidate settings on ``dataset`` (a validation split) with
+    ``evaluate_grounding`` and keep, per method, the candidate ranked first by ``selection_key``
+    (the first listed on ties). Returns ``chosen`` (method -> settings) and ``tried`` (method ->
+    one entry per candidate: ``settings``, ``key`` and the candidate's ``per_finding`` scores)."""
+    check_methods(list(candidates))
+    chosen: dict[str, dict[str, Any]] = {}
+    tried: dict[str, list[dict[str, Any]]] = {}
+    for method, options in candidates.items():
+        if not options:
+            raise InputError(f"no candidate settings given for {method!r} (use [{{}}] for its defaults)")
+        for settings in options:
+            result = evaluate_grounding(model, dataset, label, [method], tolerance=tolerance, seed=seed,
+                                        captions=captions, settings={method: dict(settings)})
+            key = selection_key(result["per_finding"], method)
+            tried.setdefault(method, []).append({"settings": dict(settings), "key": list(key),
+                                                 "seconds_per_image": result["seconds_per_image"][method],
+                                                 "per_finding": result["per_finding"]})
+        best = max(range(len(tried[method])), key=lambda i: (tuple(tried[method][i]["key"]), -i))
+        chosen[method] = tried[method][best]["settings"]
+    return {"chosen": chosen, "tried": tried}
+
+
 def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if np.shape(a) != np.shape(b):
         raise InputError(f"heatmap and region shapes differ: {np.shape(a)} vs {np.shape(b)}")
