@@ -48,6 +48,8 @@ def train_vqa_command(
     image_size: Annotated[int | None, typer.Option(help="Image side in pixels (default: the image tower's).")] = None,
     hidden_size: Annotated[int, typer.Option(help="Width of the cross-attention fusion.")] = 256,
     fusion_layers: Annotated[int, typer.Option(help="Cross-attention blocks.")] = 2,
+    image_layers: Annotated[int, typer.Option(
+        help="Self-attention layers over a question's image tokens, all its films together (0: none).")] = 1,
     max_images: Annotated[int, typer.Option(help="Images per question the model takes.")] = 2,
     min_answer_count: Annotated[int, typer.Option(
         help="Answers seen fewer times in training are left out of the vocabulary.")] = 1,
@@ -77,8 +79,9 @@ def train_vqa_command(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)
     options = VQAOptions(init=init, image_model=image_model, question_encoder=question_encoder,
                          image_size=image_size, hidden_size=hidden_size, fusion_layers=fusion_layers,
-                         max_images=max_images, min_answer_count=min_answer_count, image_lr_scale=image_lr_scale,
-                         augment=augment, route_by_type=route_by_type, overrides=parse_overrides(set_ or []))
+                         image_layers=image_layers, max_images=max_images, min_answer_count=min_answer_count,
+                         image_lr_scale=image_lr_scale, augment=augment, route_by_type=route_by_type,
+                         overrides=parse_overrides(set_ or []))
     config.validate_numbers()
     options.validate()
     items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "train")

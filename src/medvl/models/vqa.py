@@ -1,13 +1,25 @@
 """The VQA model: an image encoder's patch tokens, a question encoder, cross-attention fusion and an
 answer classifier over the training answers (closed answers and the frequent open ones).
 
-Shape of the network (one forward pass, ``N`` questions, up to ``max_images`` images each)::
+Shape of the network (one forward pass, ``N`` questions, up to ``K = max_images`` images each)::
 
-    images (N, K, C, H, W) -> ImageEncoder.tokens -> (N, K*T, F) -> linear -> + position + image number
-    question -> TextEncoder tokens (N, L, D) -> linear ------------------------------------+
-    fusion: ``fusion_layers`` x [question tokens attend to the image tokens, feed-forward]  |
-    pooled fused question (N, d) ++ pooled question (N, d) -> MLP -> answer logits (N, A)  |
-    pooled question (N, d) -> answer-type head (CLOSED / OPEN) <---------------------------+
+    images (N, K, C, H, W) -> ImageEncoder.tokens -> (N, K*T, F) -> linear -> + grid cell + film number
+      -> ``image_layers`` x self-attention over the K*T tokens of a question's films together
+    question -> TextEncoder tokens (N, L, D) -> linear -> question tokens, pooled question (N, d)
+    fusion: ``fusion_layers`` x [question tokens attend to the image tokens, feed-forward] -> pooled (N, d)
+    film summaries: the pooled fused question attends to each film's tokens apart -> (N, K, d)
+    pooled fused (N, d) ++ pooled question (N, d) ++ film summaries in film order (N, K*d) -> MLP -> (N, A)
+    pooled question (N, d) -> answer-type head (CLOSED / OPEN)
+
+Where a token is and which film it comes from: every image token gets a learned embedding of its
+cell on the image encoder's token grid (the same for every film) and one of its film's number
+(first, second). The self-attention layers over all of a question's tokens let a token compare
+itself with the other film (a finding grown, resolved or unchanged) before the question reads
+them. The answer head then reads each film's summary in its own slot: an answer pooled over both
+films' tokens at once is blind to film order until the attention has learnt to single out the
+finding *and* the film embedding has grown, and such a model stayed at chance on two-image
+questions (docs/benchmarks.md, VQA; tests/test_vqa_films.py). Single-image questions pad the second
+film out of every attention and get a learned "no film" summary in its slot.
 
 Question-type routing (HiCA-VQA style, ``route_by_type``): the answer-type head reads only the
 question; at inference the answer is chosen among the answers seen with the predicted type in
@@ -61,6 +73,7 @@ class VQAConfig:
     fusion_heads: int = 4  # attention heads per block
     dropout: float = 0.1  # in the fusion blocks and the answer head
     max_images: int = 2  # images per question (two-image questions: earlier film first)
+    image_layers: int = 1  # self-attention layers over a question's image tokens (all its films together)
     route_by_type: bool = True  # choose answers among those seen with the predicted answer type
     image_tokens: int = 0  # tokens per image (set when the model is built, from the image config)
 
@@ -85,6 +98,7 @@ class VQAConfig:
             raise InputError("the VQA model takes 2D images (image.spatial_dims 2)")
         for name in ("hidden_size", "fusion_layers", "fusion_heads", "max_images"):
             check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("image_layers", self.image_layers, minimum=0, maximum=12, integer=True)
         check_number("dropout", self.dropout, minimum=0, maximum=0.9)
         if self.hidden_size % self.fusion_heads:
             raise InputError(f"hidden_size {self.hidden_size} must be a multiple of fusion_heads {self.fusion_heads}")
@@ -140,9 +154,17 @@ class VQAModel(nn.Module):
         self.question_projection = nn.Sequential(nn.Linear(self.text_encoder.num_features, width), nn.LayerNorm(width))
         self.image_position = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)
         self.image_number = nn.Parameter(torch.randn(config.max_images, width) * 0.02)
+        self.image_layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(width, config.fusion_heads, 2 * width, config.dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(config.image_layers)])
         self.fusion = nn.ModuleList([FusionBlock(width, config.fusion_heads, config.dropout)
                                      for _ in range(config.fusion_layers)])
-        self.answer_head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, 2 * width), nn.GELU(),
+        self.film_norm = nn.LayerNorm(width)
+        self.film_readout = nn.MultiheadAttention(width, config.fusion_heads, dropout=config.dropout, batch_first=True)
+        self.no_film = nn.Parameter(torch.zeros(width))  # the summary of a film slot a question does not use
+        head_in = (2 + config.max_images) * width
+        self.answer_head = nn.Sequential(nn.LayerNorm(head_in), nn.Linear(head_in, 2 * width), nn.GELU(),
                                          nn.Dropout(config.dropout), nn.Linear(2 * width, len(answers)))
         self.type_head = nn.Linear(width, len(ANSWER_TYPES))
         self.meta: dict[str, Any] = {"kind": MODEL_KIND, "answers": list(answers), "answer_types": {}}
@@ -192,13 +214,17 @@ class VQAModel(nn.Module):
         return self.image_encoder.tokens(pixels)
 
     def image_tokens(self, features: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected tokens (N, K*T, d) and padding mask (N, K*T) of ``image_features`` (U, T, F);
-        ``image_index`` (N, K) picks each question's images from them (-1 = no image)."""
+        """Tokens (N, K*T, d) and padding mask (N, K*T) of ``image_features`` (U, T, F); ``image_index``
+        (N, K) picks each question's images from them (-1 = no image). Each token carries its grid cell
+        and its film's number, then attends to every token of the question's films (``image_layers``)."""
         tokens = self.image_projection(features) + self.image_position  # (U, T, d)
         count, slots = image_index.shape
         picked = tokens[image_index.clamp(min=0)] + self.image_number[:slots, None, :]  # (N, K, T, d)
-        padding = (image_index < 0)[:, :, None].expand(-1, -1, tokens.shape[1])
-        return picked.reshape(count, -1, tokens.shape[-1]), padding.reshape(count, -1)
+        padding = (image_index < 0)[:, :, None].expand(-1, -1, tokens.shape[1]).reshape(count, -1)
+        joint = picked.reshape(count, -1, tokens.shape[-1])
+        for layer in self.image_layers:
+            joint = layer(joint, src_key_padding_mask=padding)
+        return joint, padding
 
     def forward(self, pixels: torch.Tensor, image_index: torch.Tensor, questions: Sequence[str],
                 features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -216,8 +242,24 @@ class VQAModel(nn.Module):
             queries, weights = block(queries, image, padding)
         fused = (queries * keep).sum(1) / keep.sum(1).clamp(min=1.0)
         attention = (weights * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (N, K*T), over question tokens
-        return {"answer_logits": self.answer_head(torch.cat([fused, question], dim=-1)),
+        films = self.film_summaries(fused, image, padding)
+        return {"answer_logits": self.answer_head(torch.cat([fused, question, films], dim=-1)),
                 "type_logits": self.type_head(question), "attention": attention}
+
+    def film_summaries(self, fused: torch.Tensor, image: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """One summary per film slot, in film order, concatenated (N, max_images * d): the fused question
+        attends to each film's tokens apart (a softmax per film), so the answer head sees what the first
+        film and what the second film show side by side instead of one average over both."""
+        count, width, per_film = len(fused), fused.shape[-1], self.config.image_tokens
+        slots = image.shape[1] // per_film
+        tokens = self.film_norm(image).reshape(count * slots, per_film, width)
+        missing = padding.reshape(count * slots, per_film)[:, 0]
+        mask = padding.reshape(count * slots, per_film) & ~missing[:, None]  # an absent film: attend, then replace
+        query = fused.repeat_interleave(slots, dim=0)[:, None, :]
+        pooled, _ = self.film_readout(query, tokens, tokens, key_padding_mask=mask, need_weights=False)
+        pooled = torch.where(missing[:, None], self.no_film, pooled[:, 0]).reshape(count, slots, width)
+        unused = self.no_film.expand(count, self.config.max_images - slots, width)
+        return torch.cat([pooled, unused], dim=1).reshape(count, -1)
 
     def route(self, answer_logits: torch.Tensor, type_logits: torch.Tensor) -> torch.Tensor:
         """Answer logits with answers never seen with the predicted answer type removed (-inf)."""

@@ -54,6 +54,7 @@ class VQAOptions:
     image_size: int | None = None  # image side in pixels (None: the image config's own)
     hidden_size: int = 256  # fusion width
     fusion_layers: int = 2  # cross-attention blocks
+    image_layers: int = 1  # self-attention layers over a question's image tokens (its films together)
     max_images: int = 2  # images per question
     min_answer_count: int = 1  # answers seen fewer times in training are left out of the vocabulary
     type_weight: float = 0.5  # weight of the answer-type loss
@@ -72,6 +73,7 @@ class VQAOptions:
             "image_size": (self.image_size, {"minimum": 16, "maximum": 1024, "integer": True, "optional": True}),
             "hidden_size": (self.hidden_size, {"minimum": 8, "maximum": 4096, "integer": True}),
             "fusion_layers": (self.fusion_layers, {"minimum": 1, "maximum": 12, "integer": True}),
+            "image_layers": (self.image_layers, {"minimum": 0, "maximum": 12, "integer": True}),
             "max_images": (self.max_images, {"minimum": 1, "maximum": 8, "integer": True}),
             "min_answer_count": (self.min_answer_count, {"minimum": 1, "integer": True}),
             "type_weight": (self.type_weight, {"minimum": 0}),
@@ -88,6 +90,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
                          "(lower --min-answer-count)")
     config = VQAConfig(hidden_size=options.hidden_size, fusion_layers=options.fusion_layers,
                        fusion_heads=max(1, options.hidden_size // 64), max_images=options.max_images,
+                       image_layers=options.image_layers,
                        route_by_type=options.route_by_type)
     if options.question_encoder == "bert":
         config.text = TextConfig(kind="bert", vocab_size=2000, hidden_size=128, num_layers=2, num_heads=2,
