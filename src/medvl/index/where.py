@@ -15,6 +15,12 @@ Columns are limited to the index's known filter columns, each numeric or text, a
 have its column's type. Column names come from that list, never from the input; every literal is
 a bound parameter. Anything else (``;``, ``--``, ``*``, functions, a number where a column must be)
 is an ``InputError`` naming the position. Example: ``sex = 'F' and age >= 60``.
+
+``parse_where`` turns the text into a small expression tree (``Compare``, ``Member``, ``IsNull``,
+``Not``, ``Junction``); ``compile_where`` renders that tree as SQL (SQLite, PostgreSQL), and
+``medvl.index.filter_columns`` evaluates the same tree on column arrays. A comparison or ``in`` on a
+NULL value is unknown, as in SQL (``not`` of unknown is unknown; a row is selected only when the
+whole filter is true).
 """
 
 from __future__ import annotations
@@ -50,12 +56,66 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Compare:
+    """``column op value``; ``op`` is one of ``= != < <= > >=`` (``<>`` is read as ``!=``)."""
+
+    column: str  # a filter column name (lower case)
+    op: str
+    value: str | float  # text for a text column, a float for a numeric one
+
+
+@dataclass(frozen=True)
+class Member:
+    """``column [not] in (values)``."""
+
+    column: str
+    values: tuple[str | float, ...]
+    negated: bool
+
+
+@dataclass(frozen=True)
+class IsNull:
+    """``column is [not] null``: never unknown."""
+
+    column: str
+    negated: bool
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: Expression
+
+
+@dataclass(frozen=True)
+class Junction:
+    """``a and b and ...`` (``op`` "and") or ``a or b or ...`` ("or"), two operands or more."""
+
+    op: str
+    operands: tuple[Expression, ...]
+
+
+Expression = Compare | Member | IsNull | Not | Junction
+
+
+@dataclass(frozen=True)
 class Where:
     """A compiled filter: an SQL boolean expression with placeholders, and its parameters."""
 
     sql: str
     params: tuple[Any, ...]
     columns: frozenset[str]  # the filter columns it reads
+    expression: Expression | None = None  # the parsed filter the SQL was rendered from
+
+
+def parse_where(text: str, columns: dict[str, str]) -> Expression:
+    """Parse ``text`` against ``columns`` (name -> ``number`` | ``text``) into an expression tree;
+    ``InputError`` naming the position of the first problem."""
+    if len(text) > MAX_LENGTH:
+        raise InputError(f"--where is too long ({len(text)} characters, at most {MAX_LENGTH})")
+    parser = _Parser(text, _tokenize(text), columns)
+    expression = parser.expression(0)
+    parser.expect_end()
+    return expression
 
 
 def compile_where(text: str, columns: dict[str, str], quote: Callable[[str], str],
@@ -65,12 +125,37 @@ def compile_where(text: str, columns: dict[str, str], quote: Callable[[str], str
     ``quote(name)`` returns the quoted SQL identifier of a known column; ``placeholder`` is
     ``?`` (sqlite3) or ``%s`` (psycopg).
     """
-    if len(text) > MAX_LENGTH:
-        raise InputError(f"--where is too long ({len(text)} characters, at most {MAX_LENGTH})")
-    parser = _Parser(text, _tokenize(text), columns, quote, placeholder)
-    sql = parser.expression(0)
-    parser.expect_end()
-    return Where(sql, tuple(parser.params), frozenset(parser.used))
+    expression = parse_where(text, columns)
+    params: list[Any] = []
+    sql = to_sql(expression, quote, placeholder, params)
+    return Where(sql, tuple(params), frozenset(columns_of(expression)), expression)
+
+
+def to_sql(expression: Expression, quote: Callable[[str], str], placeholder: str, params: list[Any]) -> str:
+    """The SQL of an expression; its literals are appended to ``params`` in placeholder order."""
+    if isinstance(expression, Junction):
+        parts = [to_sql(operand, quote, placeholder, params) for operand in expression.operands]
+        return "(" + f" {expression.op.upper()} ".join(parts) + ")"
+    if isinstance(expression, Not):
+        return f"(NOT {to_sql(expression.operand, quote, placeholder, params)})"
+    column = quote(expression.column)
+    if isinstance(expression, IsNull):
+        return f"({column} IS {'NOT ' if expression.negated else ''}NULL)"
+    if isinstance(expression, Member):
+        params.extend(expression.values)
+        marks = ", ".join(placeholder for _ in expression.values)
+        return f"({column} {'NOT ' if expression.negated else ''}IN ({marks}))"
+    params.append(expression.value)
+    return f"({column} {expression.op} {placeholder})"
+
+
+def columns_of(expression: Expression) -> set[str]:
+    """The filter columns an expression reads."""
+    if isinstance(expression, Junction):
+        return set().union(*(columns_of(operand) for operand in expression.operands))
+    if isinstance(expression, Not):
+        return columns_of(expression.operand)
+    return {expression.column}
 
 
 def _tokenize(text: str) -> list[Token]:
@@ -102,14 +187,11 @@ def _error(text: str, pos: int, problem: str) -> InputError:
 
 
 class _Parser:
-    """Recursive descent over the tokens; builds SQL from known pieces only."""
+    """Recursive descent over the tokens; builds the expression tree from known pieces only."""
 
-    def __init__(self, text: str, tokens: list[Token], columns: dict[str, str],
-                 quote: Callable[[str], str], placeholder: str):
+    def __init__(self, text: str, tokens: list[Token], columns: dict[str, str]):
         self.text, self.tokens, self.index = text, tokens, 0
-        self.columns, self.quote, self.placeholder = columns, quote, placeholder
-        self.params: list[Any] = []
-        self.used: set[str] = set()
+        self.columns = columns
 
     @property
     def token(self) -> Token:
@@ -139,35 +221,35 @@ class _Parser:
         if self.token.kind != "end":
             raise self.fail("expected 'and', 'or' or the end of the filter")
 
-    def expression(self, depth: int) -> str:
+    def expression(self, depth: int) -> Expression:
         if depth > MAX_DEPTH:
             raise self.fail("too deeply nested")
         parts = [self.term(depth)]
         while self.accept("keyword", "or"):
             parts.append(self.term(depth))
-        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+        return parts[0] if len(parts) == 1 else Junction("or", tuple(parts))
 
-    def term(self, depth: int) -> str:
+    def term(self, depth: int) -> Expression:
         parts = [self.factor(depth)]
         while self.accept("keyword", "and"):
             parts.append(self.factor(depth))
-        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+        return parts[0] if len(parts) == 1 else Junction("and", tuple(parts))
 
-    def factor(self, depth: int) -> str:
+    def factor(self, depth: int) -> Expression:
         if self.accept("keyword", "not"):
-            return f"(NOT {self.factor(depth + 1)})"
+            return Not(self.factor(depth + 1))
         if self.accept("punct", "("):
             inner = self.expression(depth + 1)
             self.expect("punct", ")")
             return inner
         return self.comparison()
 
-    def comparison(self) -> str:
+    def comparison(self) -> Expression:
         column = self.column()
         if self.accept("keyword", "is"):
             negated = self.accept("keyword", "not")
             self.expect("keyword", "null")
-            return f"({column} IS {'NOT ' if negated else ''}NULL)"
+            return IsNull(column, negated)
         negated = self.accept("keyword", "not")
         if negated or self.token.kind == "keyword" and self.token.text == "in":
             self.expect("keyword", "in")
@@ -175,15 +257,15 @@ class _Parser:
         if self.token.kind != "op":
             raise self.fail("expected a comparison (= != < <= > >=), 'in' or 'is'")
         op = self.advance().text
-        return f"({column} {'!=' if op == '<>' else op} {self.literal()})"
+        return Compare(column, "!=" if op == "<>" else op, self.literal(column))
 
-    def membership(self, column: str, negated: bool) -> str:
+    def membership(self, column: str, negated: bool) -> Member:
         self.expect("punct", "(")
-        items = [self.literal()]
+        items = [self.literal(column)]
         while self.accept("punct", ","):
-            items.append(self.literal())
+            items.append(self.literal(column))
         self.expect("punct", ")")
-        return f"({column} {'NOT ' if negated else ''}IN ({', '.join(items)}))"
+        return Member(column, tuple(items), negated)
 
     def column(self) -> str:
         token = self.token
@@ -194,17 +276,14 @@ class _Parser:
             known = ", ".join(sorted(self.columns)) or "none"
             raise _error(self.text, token.pos, f"unknown column {token.text!r} (filter columns: {known})")
         self.index += 1
-        self.used.add(name)
-        self.column_type = self.columns[name]
-        return self.quote(name)
+        return name
 
-    def literal(self) -> str:
+    def literal(self, column: str) -> str | float:
         token = self.token
         if token.kind not in ("string", "number"):
             raise self.fail("expected a value ('text' or a number)")
-        if (token.kind == "number") != (self.column_type == NUMBER):
-            wanted = "a number" if self.column_type == NUMBER else "quoted text (e.g. '1')"
+        if (token.kind == "number") != (self.columns[column] == NUMBER):
+            wanted = "a number" if self.columns[column] == NUMBER else "quoted text (e.g. '1')"
             raise _error(self.text, token.pos, f"this column holds {wanted}, got {token.text}")
         self.index += 1
-        self.params.append(token.value)
-        return self.placeholder
+        return token.value
