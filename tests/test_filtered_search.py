@@ -1,5 +1,5 @@
 """Filtered search on an HNSW index: broad filters are applied after the graph search (post-filtering),
-narrow ones before it; both agree with exact filtered search.
+narrow ones are searched exactly among the allowed cases; both agree with exact filtered search.
 
 A real FAISS HNSW index over 6,000 clustered unit vectors with SQLite metadata. The thresholds that
 pick the path are lowered (``EXACT_FILTERED_MAX``) so that a small index takes the same paths a
@@ -7,6 +7,8 @@ million-case index takes; results are compared with brute-force search among the
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -57,14 +59,11 @@ def _exact(data, allowed: np.ndarray, k: int = 10) -> list[set[str]]:
 ])
 def test_broad_filters_are_post_filtered_and_agree_with_exact_search(data, index_dir, monkeypatch, where, rule):
     monkeypatch.setattr(faiss_store, "EXACT_FILTERED_MAX", 50)
-    calls = []
-    original = FaissIndex.allowed_vids
-    monkeypatch.setattr(FaissIndex, "allowed_vids", lambda self, *a: calls.append(a) or original(self, *a))
     _, ages, sexes, queries = data
     allowed = rule(ages, sexes)
     with FaissIndex.open(index_dir) as index:
         results = index.search(queries, k=10, where=where)
-    assert not calls  # answered from the graph, without selecting every allowed id
+        assert index.filtered_paths == Counter({"post-filtered": 1})  # answered from the graph
     truth = _exact(data, allowed)
     found = [{hit.id for hit in row} for row in results]
     assert all(len(row) == 10 for row in results)
@@ -87,5 +86,6 @@ def test_narrow_filters_are_exact_and_deleted_cases_never_return(data, index_dir
         after = index.search(queries[:1], k=10, where="sex = 'F' and age > 60")[0]
         assert not {hit.id for hit in before[:5]} & {hit.id for hit in after} and len(after) == 10
         rare = index.search(queries, k=10, where="age = 40 and sex = 'F'")  # ~0.6%: 39 cases, exact
+        assert index.filtered_paths["exact"] == 1
     allowed = (ages == 40) & (sexes == "F")
     assert [{hit.id for hit in row} for row in rare] == _exact(data, allowed)

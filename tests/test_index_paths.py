@@ -95,7 +95,8 @@ def test_index_and_json_outputs_hold_no_folder_above_the_data(patient_data, mode
     written = {p.name for p in out.iterdir()}
     assert {"build.json", "add.json", "info.json", "search.json", "search_texts.json", "draft.json",
             "case_retrieval.json"} <= written
-    assert {p.name for p in index.iterdir()} == {"index.json", "index.faiss", "text.faiss", "cases.sqlite"}
+    assert {p.name for p in index.iterdir()} == {"index.json", "index.faiss", "text.faiss", "cases.sqlite",
+                                                   "filters.safetensors"}
     assert leaks(out) == []
     # what is stored instead: paths relative to the dataset folder, and a hash of the data's path
     stored = image_paths(index)

@@ -69,7 +69,8 @@ def index_copy(built, tmp_path):
 
 def test_build_writes_the_folder_layout_and_records_model_and_recall(built, dataset):
     out, info = built
-    assert {p.name for p in out.iterdir()} == {"index.faiss", "text.faiss", "cases.sqlite", "index.json"}
+    assert {p.name for p in out.iterdir()} == {"index.faiss", "text.faiss", "cases.sqlite", "index.json",
+                                                 "filters.safetensors"}
     saved = json.loads((out / "index.json").read_text())
     assert saved["embed_dim"] == 64 and saved["model"]["config_sha256"] and saved["model"]["weights_sha256"]
     assert saved["images"]["kind"] == "flat" and saved["images"]["recall_at_10"] == 1.0
