@@ -1,7 +1,7 @@
 """Case-index scale benchmark: every backend side by side in one run.
 
     python benchmarks/retrieval.py [--n 1000000] [--dim 256] [--backends flat,hnsw,ivfpq,pgvector]
-                                   [--vectors real.npy] [--json out.json]
+                                   [--vectors real.npy] [--json out.json] [--folder-only] [--crossover]
 
 Per backend: build time, memory (index size, and the growth of this process's resident memory
 while it is built; for pgvector the table + index size on disk), recall@10 against exact search,
@@ -19,7 +19,13 @@ real vectors are used instead, shuffled, the last ``--queries`` rows being the q
 pgvector runs against a local PostgreSQL from the ``pgserver`` package: rows are loaded with a
 binary COPY into the table layout ``medvl index build`` creates for a Postgres URL, the HNSW index
 is the store's own statement, and queries go through ``PgVectorIndex.search``. ``--no-folder``
-skips the run of the whole embedded index (SQLite rows, filtered searches).
+skips the run of the whole embedded index (SQLite rows, filtered searches); ``--folder-only`` runs
+only that. The whole-index run reports, per filter, the allowed share, p50, recall@10 against exact
+search among the allowed cases and the path medvl took (exact among the allowed cases, post-filtered
+graph search, FAISS id selector), and the time to select the allowed cases from the filter-column
+arrays and, for reference, with SQLite. ``--crossover`` also times every filter of a range of
+shares with each path forced (the exact path and the graph path), which is how the crossover
+``EXACT_FILTERED_MAX`` was chosen.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from medvl.index import faiss_store  # noqa: E402
 from medvl.index.ann import choose_kind  # noqa: E402
 from medvl.index.base import INFO_FORMAT  # noqa: E402
 from medvl.index.cases import Case  # noqa: E402
@@ -211,7 +218,7 @@ def bench_pgvector(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
 # ------------------------------------------------------------------ the whole embedded index
 
 
-def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator) -> dict:
+def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator, crossover: bool = False) -> dict:
     """The whole embedded index: build through FaissBuilder (SQLite rows, pending vectors, swap),
     then plain and filtered searches through FaissIndex."""
     n, dim = vectors.shape
@@ -239,15 +246,75 @@ def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Genera
                    "where_1pct": ("view = 'LL' and age < 21", (views == "LL") & (ages < 21)),
                    "where_rare": ("view = 'LL' and age = 40", (views == "LL") & (ages == 40))}
         with FaissIndex.open(out) as index:
+            started = time.perf_counter()
+            index.filter_columns()
+            result["filter_columns_open_s"] = round(time.perf_counter() - started, 2)
             for name, (where, allowed) in filters.items():
-                lat = latencies_ms(lambda q, w=where: index.search(q, k=10, where=w), queries[:50])
-                hits = index.search(queries[:50], k=10, where=where)
-                found = np.array([[int(h.id[4:]) for h in row] + [-1] * (10 - len(row)) for row in hits])
-                result[f"{name}_allowed_share"] = round(float(allowed.mean()), 4)
-                result[f"{name}_p50_ms"] = round(float(np.median(lat)), 2)
-                result[f"{name}_recall_at_10"] = round(recall_at_10(found, exact_among(vectors, queries[:50],
-                                                                                      allowed)), 3)
+                result.update({f"{name}_{key}": value for key, value in
+                               filtered_run(index, where, allowed, vectors, queries[:50]).items()})
+                if where:
+                    result[f"{name}_select_ms"], result[f"{name}_select_sql_ms"] = select_times(index, where)
+            if crossover:
+                result["crossover"] = crossover_sweep(index, vectors, queries[:50], ages, sexes, views)
     return result
+
+
+def filtered_run(index: FaissIndex, where: str | None, allowed: np.ndarray, vectors: np.ndarray,
+                 queries: np.ndarray) -> dict:
+    """p50 of single filtered queries, recall@10 against exact search among the allowed cases, the paths taken."""
+    index.filtered_paths.clear()
+    lat = latencies_ms(lambda q: index.search(q, k=10, where=where), queries)
+    hits = index.search(queries, k=10, where=where)
+    found = np.array([[int(h.id[4:]) for h in row] + [-1] * (10 - len(row)) for row in hits])
+    paths = ", ".join(f"{path} {count}" for path, count in sorted(index.filtered_paths.items())) or "unfiltered"
+    return {"allowed_share": round(float(allowed.mean()), 4), "p50_ms": round(float(np.median(lat)), 2),
+            "recall_at_10": round(recall_at_10(found, exact_among(vectors, queries, allowed)), 3), "paths": paths}
+
+
+def select_times(index: FaissIndex, where: str, repeats: int = 5) -> tuple[float, float]:
+    """Median ms to select the allowed cases' ids: filter-column arrays, and SQLite (the reference)."""
+    arrays = latencies_ms(lambda _: index.allowed_vids(where), np.zeros((repeats * 4, 1)))
+    sql = latencies_ms(lambda _: index.allowed_vids_sql(where), np.zeros((repeats, 1)))
+    return round(float(np.median(arrays)), 2), round(float(np.median(sql)), 1)
+
+
+CROSSOVER_FILTERS = ("view = 'LL' and age = 40", "view = 'LL' and age < 20", "view = 'LL' and age < 21",
+                     "view = 'LL' and age < 22", "view = 'LL' and age < 25", "age < 20", "age < 22", "age < 26",
+                     "sex = 'F' and age > 60")
+
+
+def crossover_sweep(index: FaissIndex, vectors: np.ndarray, queries: np.ndarray, ages: np.ndarray,
+                    sexes: np.ndarray, views: np.ndarray) -> list[dict]:
+    """Every filter of CROSSOVER_FILTERS with the exact path forced, then the graph path forced."""
+    from medvl.index.where import parse_where
+
+    rows = []
+    default = faiss_store.EXACT_FILTERED_MAX
+    columns = {"age": ages, "sex": sexes, "view": views}
+    try:
+        for where in CROSSOVER_FILTERS:
+            allowed = index.filter_columns().allowed(parse_where(where, index.columns))
+            assert allowed.sum() == _allowed_by_numpy(where, columns).sum()  # the arrays agree with the data
+            entry = {"where": where, "allowed": int(allowed.sum())}
+            for path, limit in (("exact", 10**9), ("graph", 0)):
+                faiss_store.EXACT_FILTERED_MAX = limit
+                entry[path] = filtered_run(index, where, allowed, vectors, queries)
+            rows.append(entry)
+    finally:
+        faiss_store.EXACT_FILTERED_MAX = default
+    return rows
+
+
+def _allowed_by_numpy(where: str, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The sweep's filters evaluated directly on the generated metadata (a check of the arrays)."""
+    allowed = np.ones(len(columns["age"]), bool)
+    for part in where.split(" and "):
+        name, op, value = part.split(" ", 2)
+        value = value.strip("'")
+        data = columns[name]
+        literal = float(value) if name == "age" else value
+        allowed &= {"=": data == literal, "<": data < literal, ">": data > literal}[op]
+    return allowed
 
 
 def exact_among(vectors: np.ndarray, queries: np.ndarray, allowed: np.ndarray, k: int = 10) -> np.ndarray:
@@ -270,6 +337,47 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['p99_ms']:>9.3f}{r['batch_qps']:>11,}  {r['memory']}", flush=True)
 
 
+def bench_backends(args: argparse.Namespace, vectors: np.ndarray, queries: np.ndarray, source: str,
+                   results: dict) -> None:
+    n, dim = vectors.shape
+    started = time.perf_counter()
+    truth = exact_neighbours(queries, vectors, 10)
+    print(f"{n:,} vectors x {dim} from {source}; {len(queries)} queries; exact top-10 in "
+          f"{time.perf_counter() - started:.1f} s; medvl's automatic kind at this size: {choose_kind(n)}")
+    print(f"goal: p50 < {GOAL_P50_MS} ms at recall@10 >= {GOAL_RECALL} on 2 cores; * = medvl's setting\n")
+    print_header()
+    for backend in args.backends.split(","):
+        rows = (bench_pgvector(vectors, queries, truth, args.latency_queries) if backend == "pgvector"
+                else bench_faiss(backend, vectors, queries, truth, args.latency_queries))
+        results["rows"].extend(rows)
+        print_rows(rows)
+    met = [r for r in results["rows"] if r["p50_ms"] < GOAL_P50_MS and r["recall_at_10"] >= GOAL_RECALL]
+    results["goal_met_by"] = [f"{r['backend']} {r['setting']}" for r in met]
+    print(f"\ngoal met by: {', '.join(results['goal_met_by']) or 'none'}")
+
+
+def print_folder(folder: dict) -> None:
+    print(f"\nwhole embedded index (FaissBuilder + FaissIndex, {folder['n']:,} cases, {folder['kind']}): "
+          f"build {folder['build_total_s']} s ({folder['rows_s']} s of it the SQLite rows), {folder['folder_mb']} MB; "
+          f"filter columns opened in {folder['filter_columns_open_s']} s")
+    print(f"goal for filters allowing >= 1%: p50 < {GOAL_FILTERED_P50_MS} ms at recall@10 >= {GOAL_RECALL}")
+    print(f"{'search':<16} {'allowed':>8} {'p50 ms':>8} {'recall@10':>10} {'select ms':>10} {'SQLite ms':>10}  path")
+    for name in ("plain", "where_sex_age", "where_1pct", "where_rare"):
+        select = f"{folder[name + '_select_ms']:>10.2f} {folder[name + '_select_sql_ms']:>10.1f}" \
+            if name + "_select_ms" in folder else f"{'':>10} {'':>10}"
+        print(f"{name:<16} {folder[name + '_allowed_share']:>8.2%} {folder[name + '_p50_ms']:>8.2f} "
+              f"{folder[name + '_recall_at_10']:>10.3f} {select}  {folder[name + '_paths']}")
+    if "crossover" in folder:
+        print(f"\ncrossover (each path forced; medvl searches exactly up to {faiss_store.EXACT_FILTERED_MAX:,} "
+              f"allowed cases)")
+        print(f"{'filter':<28} {'allowed':>9} {'exact p50':>10} {'recall':>7} {'graph p50':>10} {'recall':>7}  "
+              f"graph path")
+        for entry in folder["crossover"]:
+            exact, graph = entry["exact"], entry["graph"]
+            print(f"{entry['where']:<28} {entry['allowed']:>9,} {exact['p50_ms']:>10.2f} {exact['recall_at_10']:>7.3f} "
+                  f"{graph['p50_ms']:>10.2f} {graph['recall_at_10']:>7.3f}  {graph['paths']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="indexed synthetic vectors")
@@ -279,6 +387,8 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed per setting")
     parser.add_argument("--backends", default="flat,hnsw,ivfpq,pgvector")
     parser.add_argument("--no-folder", action="store_true", help="skip the whole-index (SQLite) run")
+    parser.add_argument("--folder-only", action="store_true", help="only the whole-index run (no backend table)")
+    parser.add_argument("--crossover", action="store_true", help="time filters of many shares on each path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -296,31 +406,13 @@ def main() -> None:
         queries = unit_vectors(args.queries, args.dim, rng, centres)
         source = "synthetic (2,000 clusters)"
     n, dim = vectors.shape
-    started = time.perf_counter()
-    truth = exact_neighbours(queries, vectors, 10)
-    print(f"{n:,} vectors x {dim} from {source}; {len(queries)} queries; exact top-10 in "
-          f"{time.perf_counter() - started:.1f} s; medvl's automatic kind at this size: {choose_kind(n)}")
-    print(f"goal: p50 < {GOAL_P50_MS} ms at recall@10 >= {GOAL_RECALL} on 2 cores; * = medvl's setting\n")
     results = {"n": n, "dim": dim, "source": source, "queries": len(queries), "auto_kind": choose_kind(n),
                "rows": []}
-    print_header()
-    for backend in args.backends.split(","):
-        rows = (bench_pgvector(vectors, queries, truth, args.latency_queries) if backend == "pgvector"
-                else bench_faiss(backend, vectors, queries, truth, args.latency_queries))
-        results["rows"].extend(rows)
-        print_rows(rows)
-    met = [r for r in results["rows"] if r["p50_ms"] < GOAL_P50_MS and r["recall_at_10"] >= GOAL_RECALL]
-    results["goal_met_by"] = [f"{r['backend']} {r['setting']}" for r in met]
-    print(f"\ngoal met by: {', '.join(results['goal_met_by']) or 'none'}")
+    if not args.folder_only:
+        bench_backends(args, vectors, queries, source, results)
     if not args.no_folder:
-        results["folder"] = folder = bench_folder(vectors, queries, rng)
-        print(f"\nwhole embedded index (FaissBuilder + FaissIndex, {folder['kind']}): "
-              f"build {folder['build_total_s']} s, {folder['folder_mb']} MB; goal for filters allowing >= 1%: "
-              f"p50 < {GOAL_FILTERED_P50_MS} ms at recall@10 >= {GOAL_RECALL}")
-        print(f"{'search':<16} {'allowed':>8} {'p50 ms':>8} {'recall@10':>10}")
-        for name in ("plain", "where_sex_age", "where_1pct", "where_rare"):
-            print(f"{name:<16} {folder[name + '_allowed_share']:>8.2%} {folder[name + '_p50_ms']:>8.2f} "
-                  f"{folder[name + '_recall_at_10']:>10.3f}")
+        results["folder"] = folder = bench_folder(vectors, queries, rng, args.crossover)
+        print_folder(folder)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(f"peak RSS of this process: {results['peak_rss_mb']:,} MB")
     if args.json:
