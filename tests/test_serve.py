@@ -356,6 +356,27 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     np.testing.assert_allclose(embedded["embedding"], reference, atol=1e-5)
 
 
+def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
+    token = TOKENS[0]
+    settings = ServeSettings(backend="torch-channels-last")
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(token)])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        headers = {"Authorization": f"Bearer {token}"}
+        assert http.get("/v1/models", headers=headers).json()["models"][0]["backend"] == "torch-channels-last"
+        answer = zero_shot(http, png.read_bytes(), headers=headers).json()
+        embedded = http.post("/v1/embed", headers=headers, files={"image": ("x.png", png.read_bytes())}).json()
+    np.testing.assert_allclose(embedded["embedding"],
+                               load_model(model_dir, backend="torch-channels-last").encode_images([png])[0].numpy(),
+                               atol=1e-5)
+    expected = predict(model_dir, [png], LABELS.split(","))[0]  # eager torch: the same answer
+    for name, probability in expected["probabilities"].items():
+        assert answer["probabilities"][name] == pytest.approx(probability, abs=1e-4)
+    with pytest.raises(InputError, match="unknown backend 'tpu'"):
+        ServeSettings(backend="tpu").validate()
+    result, output = invoke("serve", "--model", model_dir, "--backend", "onnx", "--no-auth")
+    assert result.exit_code == 2 and "medvl export onnx" in output  # refused before the server starts
+
+
 def test_a_real_chest_x_ray_jpeg_is_answered_as_the_library_does(client, model_dir, shared_data):
     jpeg = min((shared_data / "figure1-covid-cxr" / "images").glob("*.jpg"), key=lambda path: path.stat().st_size)
     assert jpeg.stat().st_size < UPLOAD_LIMIT

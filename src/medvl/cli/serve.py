@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import handle_errors
+from .common import BackendOption, handle_errors
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SERVE_HINT = "pip install 'medvl[serve]'"
@@ -47,6 +47,7 @@ def serve_command(
     max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
+    backend: BackendOption = "torch",
 ) -> None:
     """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
     /v1/report/draft, /v1/explain, /v1/vqa, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs).
@@ -61,8 +62,9 @@ def serve_command(
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
-                             data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck).validate()
-    _check_model_dir(model)
+                             data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
+                             backend=backend).validate()
+    _check_model_dir(model, settings.backend)
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
                      load_in_background=True)  # /v1/health answers while the model loads
@@ -72,13 +74,17 @@ def serve_command(
     uvicorn.Server(config).run()
 
 
-def _check_model_dir(model: Path) -> None:
-    """A quick check before the server starts (the model itself loads once it runs)."""
+def _check_model_dir(model: Path, backend: str) -> None:
+    """A quick check before the server starts (the model itself loads once it runs): a model folder, and
+    for an ONNX backend its export, made from these weights."""
     from ..errors import ModelError
-    from ..models.registry import is_model_dir
+    from ..models.backends import read_export
+    from ..models.registry import is_model_dir, model_directory
 
     if not is_model_dir(model):
         raise ModelError(f"{model}: not a medvl model folder (no config.json); give a folder written by medvl train")
+    if backend.startswith("onnx"):
+        read_export(model_directory(model))
 
 
 def _serve_modules():
@@ -106,4 +112,5 @@ def _log_start(host: str, port: int, model: Path, settings) -> None:
 
     logging.getLogger("medvl.serve").info(
         "serving", extra={"host": host, "port": port, "model": model.name, "batching": settings.batching,
-                          "max_batch": settings.batch_size, "max_wait_ms": settings.max_wait_ms})
+                          "max_batch": settings.batch_size, "max_wait_ms": settings.max_wait_ms,
+                          "backend": settings.backend})

@@ -89,7 +89,7 @@ class ModelService:
     def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
         self.settings = settings
         self.model_dir = Path(model_dir)
-        self.net = load_model(model_dir)
+        self.net = load_model(model_dir, backend=settings.backend)
         self.net.eval()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
         self.batcher = MicroBatcher(self._encode, self.model_thread, settings.batch_size,
@@ -182,7 +182,8 @@ class ModelService:
         """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
-        return {"name": config.name, "folder": self.model_dir.name, "embed_dim": config.embed_dim,
+        return {"name": config.name, "folder": self.model_dir.name, "backend": self.settings.backend,
+                "embed_dim": config.embed_dim,
                 "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..checks import check_number
 from ..errors import InputError
+from ..models.backends import check_backend
 
 MIB = 1 << 20
 
@@ -39,6 +40,9 @@ class ServeSettings:
     max_vqa_images: int = 4  # image files one /v1/vqa request may carry (the model's own limit applies too)
     max_explain_top: int = 3  # findings one /v1/explain request may ask to explain (heatmaps each)
     heavy_queue: int = 4  # explain / VQA requests waiting while one computes; beyond, 503
+    # how the dual encoder's towers run for embeddings and zero-shot (``medvl.models.backends``: torch,
+    # torch-channels-last, torch-bf16, onnx, onnx-int8); explanations always use eager torch (gradients)
+    backend: str = "torch"
 
     def validate(self) -> ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting."""
@@ -55,6 +59,7 @@ class ServeSettings:
         check_number("max_vqa_images", self.max_vqa_images, minimum=1, maximum=64, integer=True)
         check_number("max_explain_top", self.max_explain_top, minimum=1, maximum=16, integer=True)
         check_number("heavy_queue", self.heavy_queue, minimum=0, integer=True)
+        check_backend(self.backend)
         for name in ("vqa_model", "bottleneck"):
             value = getattr(self, name)
             if value is not None:
