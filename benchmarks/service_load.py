@@ -3,13 +3,20 @@ micro-batching, side by side in one run.
 
 For each mode (``--max-batch 16 --max-wait-ms 5`` and ``--no-batching``) a ``medvl serve`` process
 is started on a free 127.0.0.1 port (rate limit off), both at once; for each concurrency (1, 4,
-16), that many clients (httpx, one asyncio task each) send zero-shot requests back to back to each
-mode for ``--duration`` seconds, in two halves ordered batched, unbatched, unbatched, batched (so
-a drift in the machine's load hits both alike), each a phantom PNG from a fixed set. Reported
-per cell: requests/s, p50 / p95 / p99 latency, errors, the mean batch size the server ran them in
-(from its JSON request log, matched by request id); per server, its resident memory (RSS) after
-warm-up and at the end. Clients and servers share the machine; its core count and load average
-are recorded.
+16), that many clients (one asyncio task and one keep-alive connection each) send zero-shot
+requests back to back to each mode for ``--duration`` seconds, in two halves ordered batched,
+unbatched, unbatched, batched (so a drift in the machine's load hits both alike), each a phantom PNG
+from a fixed set. Reported per cell: requests/s, p50 / p95 / p99 latency, errors, the mean batch
+size the server ran them in (from its JSON request log, matched by request id); per server, its
+resident memory (RSS) sampled every second from warm-up to the end (start, peak, end, and the
+change over each cell). Clients and servers share the machine; its core count and load average are
+recorded. Before the servers start, the model's own forward pass is timed in this process at batch
+1 and at batch 16: the most batching can gain when nothing else costs.
+
+Clients (``--client``): ``raw`` (default) writes each request's pre-encoded HTTP/1.1 bytes (the
+same multipart upload httpx sends) and reads the answer (status, Content-Length, the JSON checked
+for a prediction), so the load generator takes little of the two cores the servers share with it;
+``httpx`` uses ``httpx.AsyncClient`` (about a millisecond of client CPU per request).
 
 The model is ``--model`` (a folder written by ``medvl train``), else one trained here:
 
@@ -32,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,14 +95,15 @@ def rss_mib(pid: int) -> float:
 class Service:
     """One ``medvl serve`` process; its stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, model: Path, options: list[str], log_path: Path):
+    def __init__(self, model: Path, options: list[str], log_path: Path, backend: str = "torch"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")  # closed in stop()
         env = {**os.environ, "MEDVL_API_TOKENS": TOKEN}
         self.process = subprocess.Popen([sys.executable, "-m", "medvl.cli.main", "serve", "--model", str(model),
-                                         "--port", str(self.port), "--rate-limit", "0", *options],
+                                         "--port", str(self.port), "--rate-limit", "0", "--backend", backend,
+                                         *options],
                                         env=env, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def wait_ready(self, timeout: float = 120) -> float:
@@ -141,9 +150,58 @@ async def client_loop(http: httpx.AsyncClient, images: list[bytes], offset: int,
         n += 1
 
 
-async def load(url: str, images: list[bytes], concurrency: int, duration: float) -> dict:
+def encoded_requests(url: str, images: list[bytes]) -> list[bytes]:
+    """One complete HTTP/1.1 zero-shot request per image (multipart: the ``image`` file, ``labels``)."""
+    host = url.split("://", 1)[1]
+    boundary = "medvl-service-load-boundary"
+    requests = []
+    for image in images:
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n{LABELS}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        head = (f"POST /v1/zero-shot HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+        requests.append(head.encode() + body)
+    return requests
+
+
+async def raw_client_loop(url: str, requests: list[bytes], offset: int, until: float, latencies: list[float],
+                          request_ids: set[str], errors: list[int]) -> None:
+    """Back-to-back zero-shot requests on one keep-alive connection until ``until`` (monotonic seconds)."""
+    host, port = url.split("://", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    n = offset
+    try:
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            writer.write(requests[n % len(requests)])
+            await writer.drain()
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split(" ", 2)[1])
+            fields = {name.strip().lower(): value.strip() for name, _, value in
+                      (line.partition(":") for line in head[1:] if line)}
+            body = await reader.readexactly(int(fields["content-length"]))
+            if status == 200 and "prediction" in json.loads(body):
+                latencies.append((time.perf_counter() - started) * 1000)
+                request_ids.add(fields["x-request-id"])
+            else:
+                errors.append(status)
+            n += 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def load(url: str, images: list[bytes], concurrency: int, duration: float, client: str = "raw") -> dict:
     """``concurrency`` clients for ``duration`` seconds: latencies (ms), request ids, errors, seconds."""
-    run = {"latencies": [], "request_ids": set(), "errors": []}
+    run: dict = {"latencies": [], "request_ids": set(), "errors": []}
+    if client == "raw":
+        requests = encoded_requests(url, images)
+        started = time.monotonic()
+        await asyncio.gather(*(raw_client_loop(url, requests, i, started + duration, run["latencies"],
+                                               run["request_ids"], run["errors"]) for i in range(concurrency)))
+        run["seconds"] = time.monotonic() - started
+        return run
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as http:
@@ -166,29 +224,91 @@ def summary_of(runs: list[dict], concurrency: int, batch_sizes: list[int]) -> di
             "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None}
 
 
-def run_modes(model: Path, images: list[bytes], concurrencies: list[int], duration: float, out: Path) -> list[dict]:
+def forward_bound(model: Path, images: list[bytes], batch: int = 16, repeats: int = 30, backend: str = "torch") -> dict:
+    """The model's own forward pass (``encode_images`` on preprocessed uploads), timed in this process
+    before the servers start: median ms per image at batch 1 and at ``batch``, and their ratio (the
+    throughput batching could add if nothing but the forward pass cost anything)."""
+    import torch
+
+    from medvl.data.images import read_image_bytes
+    from medvl.models.registry import load_model
+
+    net = load_model(model, backend=backend).eval()
+    pixels = torch.stack([net.preprocessor.load(read_image_bytes(image, "query")) for image in images])
+    pixels = pixels[torch.arange(batch) % len(pixels)]
+
+    def ms_per_image(size: int) -> float:
+        started = time.perf_counter()
+        net.encode_images(pixels[:size])
+        return (time.perf_counter() - started) * 1000 / size
+
+    for _ in range(10):  # first passes of each shape set up the kernels (can take a second)
+        ms_per_image(1), ms_per_image(batch)
+    times = [(ms_per_image(1), ms_per_image(batch)) for _ in range(repeats)]  # interleaved: drift hits both
+    one, many = (float(np.median(column)) for column in zip(*times, strict=True))
+    return {"torch_threads": torch.get_num_threads(), "ms_per_image_batch_1": round(one, 3),
+            f"ms_per_image_batch_{batch}": round(many, 3), "batch": batch, "ratio": round(one / many, 2)}
+
+
+class MemorySampler:
+    """Each server's RSS once a second, on a thread, from warm-up to the end."""
+
+    def __init__(self, services: dict[str, Service], every: float = 1.0):
+        self.services, self.every = services, every
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in services}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            for name, service in self.services.items():
+                self.samples[name].append((time.monotonic(), rss_mib(service.process.pid)))
+            if self._stop.wait(self.every):
+                return
+
+    def between(self, name: str, start: float, end: float) -> list[float]:
+        return [rss for at, rss in self.samples[name] if start <= at <= end]
+
+
+def run_modes(model: Path, images: list[bytes], concurrencies: list[int], duration: float, out: Path,
+              client: str = "raw", backend: str = "torch") -> list[dict]:
     """Both servers run at once. Each cell is measured in four quarters, batched / unbatched /
     unbatched / batched (ABBA), so a drift in the machine's load (it is shared) hits both modes alike."""
-    services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log")
+    services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log", backend)
                 for name, options in MODES.items()}
     try:
         results = {name: {"mode": name, "options": MODES[name], "ready_s": round(service.wait_ready(), 2),
                           "cells": []} for name, service in services.items()}
-        for name, service in services.items():
-            asyncio.run(load(service.url, images, 2, 2.0))  # warm-up: class prompts embedded, first passes
-            results[name]["rss_start_mib"] = round(rss_mib(service.process.pid), 1)
-        first, second = list(services)
-        for concurrency in concurrencies:
-            runs: dict[str, list[dict]] = {first: [], second: []}
-            for name in (first, second, second, first):
-                runs[name].append(asyncio.run(load(services[name].url, images, concurrency, duration / 2)))
-            for name, service in services.items():
-                ids = set().union(*(run["request_ids"] for run in runs[name]))
-                cell = summary_of(runs[name], concurrency, service.batch_sizes(ids))
-                results[name]["cells"].append(cell)
-                show(name, cell)
-        for name, service in services.items():
-            results[name]["rss_end_mib"] = round(rss_mib(service.process.pid), 1)
+        for service in services.values():
+            asyncio.run(load(service.url, images, 2, 2.0, client))  # warm-up: class prompts embedded, first passes
+        with MemorySampler(services) as memory:
+            first, second = list(services)
+            for concurrency in concurrencies:
+                runs: dict[str, list[dict]] = {first: [], second: []}
+                cell_start = time.monotonic()
+                for name in (first, second, second, first):
+                    runs[name].append(asyncio.run(load(services[name].url, images, concurrency, duration / 2, client)))
+                cell_end = time.monotonic()
+                for name, service in services.items():
+                    ids = set().union(*(run["request_ids"] for run in runs[name]))
+                    cell = summary_of(runs[name], concurrency, service.batch_sizes(ids))
+                    rss = memory.between(name, cell_start, cell_end)
+                    cell.update(rss_cell_start_mib=round(rss[0], 1), rss_cell_end_mib=round(rss[-1], 1),
+                                rss_cell_peak_mib=round(max(rss), 1))
+                    results[name]["cells"].append(cell)
+                    show(name, cell)
+        for name in services:
+            rss = [value for _, value in memory.samples[name]]
+            results[name].update(rss_start_mib=round(rss[0], 1), rss_peak_mib=round(max(rss), 1),
+                                 rss_end_mib=round(rss[-1], 1), rss_samples=len(rss))
     finally:
         for service in services.values():
             service.stop()
@@ -214,8 +334,11 @@ def table(results: list[dict]) -> str:
                      f"| {b['p50_ms']} / {b['p95_ms']} / {b['p99_ms']} | {p['p50_ms']} / {p['p95_ms']} / {p['p99_ms']} "
                      f"| {b['mean_batch_size']} |")
     for result in results:
-        lines.append(f"\n{result['mode']}: server RSS {result['rss_start_mib']} MiB at start, "
-                     f"{result['rss_end_mib']} MiB at end; ready {result['ready_s']} s after start")
+        cells = "; ".join(f"c={cell['concurrency']}: {cell['rss_cell_start_mib']} -> {cell['rss_cell_end_mib']}"
+                          for cell in result["cells"])
+        lines.append(f"\n{result['mode']}: server RSS {result['rss_start_mib']} MiB after warm-up, peak "
+                     f"{result['rss_peak_mib']}, {result['rss_end_mib']} MiB at the end ({result['rss_samples']} "
+                     f"samples, 1 s apart; per cell, start -> end: {cells}); ready {result['ready_s']} s after start")
     return "\n".join(lines)
 
 
@@ -227,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Registered model trained when --model is not given (phantom-tiny, cxr-small, ...).")
     parser.add_argument("--duration", type=float, default=60.0, help="Seconds per concurrency level.")
     parser.add_argument("--concurrency", default="1,4,16", help="Comma-separated client counts.")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                        help="Load generator: pre-encoded HTTP/1.1 requests (raw) or httpx.AsyncClient.")
+    parser.add_argument("--backend", default="torch", help="medvl serve --backend of both servers (same in both).")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or prepare_model(args.out, args.train_model)
@@ -234,9 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     concurrencies = [int(n) for n in args.concurrency.split(",")]
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "load_average_at_start": os.getloadavg()}
-    results = run_modes(model, images, concurrencies, args.duration, args.out)
+    bound = forward_bound(model, images, backend=args.backend)
+    print(f"forward pass alone: {bound['ms_per_image_batch_1']} ms per image at batch 1, "
+          f"{bound['ms_per_image_batch_16']} at batch 16 ({bound['ratio']}x; {bound['torch_threads']} torch threads)",
+          flush=True)
+    results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, args.backend)
     summary = {"machine": machine, "duration_s": args.duration, "labels": LABELS, "model": model.name,
-               "results": results, "load_average_at_end": os.getloadavg()}
+               "client": args.client, "backend": args.backend, "forward_pass": bound, "results": results,
+               "load_average_at_end": os.getloadavg()}
     write_json(args.out / "service_load.json", summary)
     print(table(results))
     print(f"machine: {machine['cpus']} CPUs, load average {machine['load_average_at_start']} at start, "
