@@ -288,7 +288,7 @@ def run_modes(model: Path, images: list[bytes], concurrencies: list[int], durati
         results = {name: {"mode": name, "options": MODES[name], "ready_s": round(service.wait_ready(), 2),
                           "cells": []} for name, service in services.items()}
         for service in services.values():
-            asyncio.run(load(service.url, images, 2, 2.0, client))  # warm-up: class prompts embedded, first passes
+            asyncio.run(load(service.url, images, max(concurrencies), 5.0, client))  # warm-up: prompts, batch shapes
         with MemorySampler(services) as memory:
             first, second = list(services)
             for concurrency in concurrencies:
@@ -307,8 +307,11 @@ def run_modes(model: Path, images: list[bytes], concurrencies: list[int], durati
                     show(name, cell)
         for name in services:
             rss = [value for _, value in memory.samples[name]]
+            first_at = memory.samples[name][0][0]
             results[name].update(rss_start_mib=round(rss[0], 1), rss_peak_mib=round(max(rss), 1),
-                                 rss_end_mib=round(rss[-1], 1), rss_samples=len(rss))
+                                 rss_end_mib=round(rss[-1], 1), rss_samples=len(rss),
+                                 rss_timeline=[[round(at - first_at, 1), round(value, 1)]
+                                               for at, value in memory.samples[name]])
     finally:
         for service in services.values():
             service.stop()
