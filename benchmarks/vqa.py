@@ -25,7 +25,10 @@ PUBLISHED = {  # VQA-RAD standard test split (451 questions): open / closed / ov
     "BiomedGPT-B": (60.9, 81.3, 73.2),
 }
 RAD = ["--image-size", "64", "--no-augment", "--batch-size", "128", "--lr", "2e-3", "--epochs", "6", "--quiet"]
-PHANTOM = ["--no-augment", "--batch-size", "64", "--lr", "2e-3", "--epochs", "3", "--quiet"]
+PHANTOM_DATA = ["--n", "1500", "--size", "64", "--seed", "0", "--vqa", "--vqa-per-case", "6"]
+# phantom-tiny's ResNet without its stem max-pool: a 4 x 4 token grid per 64 px film
+PHANTOM = ["--image-model", "phantom-tiny", "--image-size", "64", "--set", "image.no_max_pool=true",
+           "--hidden-size", "128", "--no-augment", "--batch-size", "64", "--lr", "2e-3", "--epochs", "5", "--quiet"]
 
 
 def run(command: list[str]) -> float:
@@ -48,11 +51,9 @@ def vqa_rad(out: Path, data: Path) -> dict:
 def phantom(out: Path) -> dict:
     data = out / "phantom"
     if not data.exists():
-        run(["medvl", "phantom", str(data), "--n", "600", "--size", "64", "--seed", "0", "--vqa",
-             "--vqa-per-case", "6", "--quiet"])
+        run(["medvl", "phantom", str(data), *PHANTOM_DATA, "--quiet"])
     model = out / "phantom-model"
-    seconds = run(["medvl", "train", "vqa", "--data", str(data / "vqa"), "--out", str(model), "--image-size", "64",
-                   *PHANTOM])
+    seconds = run(["medvl", "train", "vqa", "--data", str(data / "vqa"), "--out", str(model), *PHANTOM])
     scores = out / "phantom.json"
     run(["medvl", "eval", "vqa", "--model", str(model), "--data", str(data / "vqa"), "--split", "test",
          "--json", str(scores), "--overwrite", "--quiet"])
