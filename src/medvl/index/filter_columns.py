@@ -203,11 +203,13 @@ class FilterColumns:
             parts = [self._truth(operand, want) for operand in expression.operands]
             combine = np.logical_and if (expression.op == "and") == want else np.logical_or
             return functools.reduce(combine, parts)
-        null = self._null(expression.column)
         if isinstance(expression, IsNull):
+            null = self._null(expression.column)
             return null if expression.negated != want else ~null
         holds = self._member(expression) if isinstance(expression, Member) else self._compare(expression)
-        return (holds if want else ~holds) & ~null
+        if want and not _true_on_null(expression):  # = < <= > >= in: never true on NULL, no mask needed
+            return holds
+        return (holds if want else ~holds) & ~self._null(expression.column)
 
     def _null(self, name: str) -> np.ndarray:
         if name in self.numbers:
@@ -301,6 +303,11 @@ class FilterColumns:
         log.info("%s: filter columns of %d cases read from the table in %.1f s (saved with the next change)",
                  folder, len(columns), time.perf_counter() - started)
         return columns
+
+
+def _true_on_null(expression: Compare | Member) -> bool:
+    """Whether the raw comparison may be true on a NULL row (NaN != x, code -1 != c, not in)."""
+    return expression.negated if isinstance(expression, Member) else expression.op == "!="
 
 
 def _fixed(case: Case, name: str) -> str | None:
