@@ -87,7 +87,9 @@ SQL_CHUNK = 500  # ids per IN (...) list
 TOMBSTONES = "tombstones"  # deleted ids still in an HNSW graph
 TOMBSTONES_BEFORE_REBUILD = 1000  # at least this many (and a fifth of the live ids) trigger a rebuild
 EF_SEARCH_MAX = 4096
-EXACT_FILTERED_MAX = 20_000  # a filter allowing at most this many cases is searched exactly
+# a filter allowing at most this many cases is searched exactly: the crossover measured at 1M cases
+# (benchmarks/retrieval.py --crossover; exact 8.0 vs graph 11.4 ms CPU at 12.8k allowed, 11.7 vs 9.1 at 17.2k)
+EXACT_FILTERED_MAX = 15_000
 # A broader filter on an HNSW index is applied after the search (post-filtering): the graph returns
 # about POSTFILTER_MARGIN x k / (allowed share) nearest cases, the filter columns keep those the filter
 # allows; a query left with fewer than k allowed neighbours falls back to a FAISS id selector.
