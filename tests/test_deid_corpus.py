@@ -58,7 +58,8 @@ def write(ds: Dataset, path: Path) -> Path:
 
 def leaks(data: bytes) -> list[str]:
     """Spellings of the corpus identifiers found in a file: long forms anywhere in the bytes, the
-    2-letter name parts as whole words in any decoded text element."""
+    2-letter name parts as whole words in any decoded text element (a word: letters and digits, so a
+    random replacement such as dicognito's accession number ``7WU3`` is one word, not the name part)."""
     lowered = data.lower()
     found = [form.decode() for form in LONG_FORMS if form in lowered]
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -66,7 +67,7 @@ def leaks(data: bytes) -> list[str]:
         for element in dataset.iterall():
             if element.VR in ("SQ", "OB", "OW", "UN") or element.value is None:
                 continue
-            words = set(re.split(r"[^a-z]+", str(element.value).lower()))
+            words = set(re.split(r"[^a-z0-9]+", str(element.value).lower()))
             found += [f"{part} in {element.keyword}" for part in SHORT_PARTS & words]
     return found
 
