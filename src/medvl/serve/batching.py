@@ -58,8 +58,7 @@ class MicroBatcher:
     """Gathers queued images into batches of at most ``max_batch``, waiting at most ``max_wait_ms``."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], executor: Executor,
-                 max_batch: int = 16,
-                 max_wait_ms: float = 5.0, max_queue: int = 256):
+                 max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
         self.encode = encode
         self.executor = executor
         self.max_batch = max_batch
