@@ -8,21 +8,22 @@ from collections import OrderedDict
 
 import torch
 
+from .data.loading import pixel_batches
 from .data.record import Dataset
 from .models.dual import DualEncoder, weights_state
 from .progress import progress_bar
 
 
 def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
-                 features: bool = False, show_progress: bool = True) -> torch.Tensor:
-    """Normalised embeddings (or backbone features) of every record's first image, in order."""
+                 features: bool = False, show_progress: bool = True, workers: int | None = None) -> torch.Tensor:
+    """Normalised embeddings (or backbone features) of every record's first image, in order; the
+    images are read by ``workers`` processes ahead of the model (``medvl.data.loading``; None: auto)."""
     chunks = []
+    images = [record.image for record in dataset.records]
     with progress_bar("Embedding images", total=len(dataset), enabled=show_progress) as advance:
-        for start in range(0, len(dataset), batch_size):
-            records = dataset.records[start:start + batch_size]
-            pixels = model.preprocessor.load_many([r.image for r in records])
+        for pixels in pixel_batches(model.preprocessor, images, batch_size, workers):
             chunks.append(model.encode_images(pixels, batch_size=batch_size, features=features))
-            advance(len(records))
+            advance(len(pixels))
     dim = model.image_encoder.num_features if features else model.config.embed_dim
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
 

@@ -22,6 +22,9 @@ class DataError(MedvlError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # picklable, so an error raised in a worker process reaches the caller intact
+        return type(self), (self.path, self.problem)
+
 
 class InputError(MedvlError):
     """An argument has a value medvl cannot use (unknown label, bad shape, bad option)."""

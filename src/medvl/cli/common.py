@@ -33,6 +33,9 @@ AllowOutsideOption = Annotated[bool, typer.Option(
     "--allow-outside-root", help="Let a manifest name image files outside its own folder (refused by default).")]
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
+WorkersOption = Annotated[int | None, typer.Option(
+    help="Processes reading and resizing images ahead of the model (0 = in this process; default: one per "
+         "core but one, from 512 images on).")]
 BackendOption = Annotated[str, typer.Option(
     help="How the model runs: torch, torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need "
          "'medvl export onnx' first); see docs/benchmarks.md for which is fastest.")]

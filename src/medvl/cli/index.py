@@ -20,6 +20,7 @@ from .common import (
     JsonOption,
     OverwriteOption,
     QuietOption,
+    WorkersOption,
     check_outputs,
     console,
     emit_json,
@@ -71,6 +72,7 @@ def build_command(
     address: Annotated[str | None, typer.Option(
         help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default a local Ray.")] = None,
     ray_workers: Annotated[int, typer.Option(help="With --ray: embedding workers (one CPU each).")] = 2,
+    workers: WorkersOption = None,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
     stays usable until the new one is complete. Image paths are stored relative to the dataset's
@@ -90,10 +92,14 @@ def build_command(
         embedder = RayEmbedder(model, workers=ray_workers, address=address, backend=backend)
     elif address is not None:
         raise InputError("--address is a Ray cluster address: it needs --ray")
+    if ray and workers is not None:
+        raise InputError("--workers sets the reading processes of a build on this machine; with --ray use "
+                         "--ray-workers")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     net = load_model(model, backend=backend)
     info = build_index(net, dataset, out, model_dir=model, batch_size=batch_size, kind=kind,
-                       allow_duplicates=allow_duplicates, show_progress=not quiet, embedder=embedder)
+                       allow_duplicates=allow_duplicates, show_progress=not quiet, embedder=embedder,
+                       workers=workers)
     rows = _index_rows(info)
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})
@@ -114,6 +120,7 @@ def add_command(
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
+    workers: WorkersOption = None,
 ) -> None:
     """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
     from ..api import load_split
@@ -125,7 +132,7 @@ def add_command(
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
-                             allow_duplicates=allow_duplicates, show_progress=not quiet)
+                             allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
     emit_json(result, json_out, overwrite)

@@ -13,7 +13,15 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError
-from .common import AllowOutsideOption, CaptionsOption, LabelOption, QuietOption, console, handle_errors
+from .common import (
+    AllowOutsideOption,
+    CaptionsOption,
+    LabelOption,
+    QuietOption,
+    WorkersOption,
+    console,
+    handle_errors,
+)
 
 train_app = typer.Typer(help="Train a dual encoder (medvl train --data ... --out ...) or another model kind "
                              "(medvl train vqa|report ...).", invoke_without_command=True)
@@ -47,6 +55,7 @@ def train_command(
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between checkpoints (0 = each epoch, the default).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    workers: WorkersOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
     allow_outside_root: AllowOutsideOption = False,
@@ -70,6 +79,6 @@ def train_command(
                               epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                               text_source=text_source, supervised_weight=supervised_weight,
                               contrastive_weight=contrastive_weight, grad_accum=grad_accum,
-                              checkpoint_every=checkpoint_every, max_steps=max_steps)
+                              checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers)
     summary = trained.meta["training"]
     console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")

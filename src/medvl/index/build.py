@@ -1,9 +1,11 @@
 """Embedding a dataset into an index: a resumable, atomic build, and incremental adds.
 
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
-embedding. NIfTI volumes are read twice to keep memory bounded: hashed while streamed slab by slab
-from disk, then embedded from the path (``medvl.models.volumes`` streams them again), so a batch of
-large CTs is never held decoded in memory. A case whose image is already indexed (or appears
+embedding. Worker processes read and resize the next batches while the model embeds this one
+(``medvl.data.loading``); the index is the same with any number of workers. NIfTI volumes are
+read twice to keep memory bounded: hashed while streamed slab by slab from disk, then resized
+from the path (``medvl.models.volumes`` streams them again), so a large CT is never held decoded
+whole. A case whose image is already indexed (or appears
 earlier in the same data) is skipped and reported, unless duplicates are allowed; a case whose id
 is already indexed is skipped on add.
 
@@ -27,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..checks import check_number
 from ..data.images import image_suffix, read_image
+from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record
 from ..progress import progress_bar
 from .backends import open_builder
@@ -39,17 +43,21 @@ from .cases import Case, check_ids_are_not_paths, check_unique_ids, dataset_root
 log = logging.getLogger(__name__)
 
 
-def read_images(records: Sequence[Record]) -> list[tuple[Record, Any, str]]:
-    """Each record with its image (decoded pixels, or a NIfTI path) and that image's pixel hash.
-    A DICOM series (``DicomVolume``) is decoded by ``read_image`` like a file."""
-    items: list[tuple[Record, Any, str]] = []
+def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.ndarray]:
+    """Each record's pixel hash and its image as the model's [0, 1] input, stacked (float32); run in
+    a worker process by ``build_index`` (``medvl.data.loading.map_ahead``). A NIfTI volume is hashed
+    slab by slab from disk, then resized from its path (``medvl.models.volumes`` streams it again), so a
+    large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
+    digests, pixels = [], []
     for record in records:
         if isinstance(record.image, str | Path) and image_suffix(record.image) in (".nii", ".nii.gz"):
-            items.append((record, record.image, nifti_sha256(record.image)))
+            digests.append(nifti_sha256(record.image))
+            pixels.append(preprocessor.load(record.image))
             continue
         array = record.image if isinstance(record.image, np.ndarray) else read_image(record.image)
-        items.append((record, array, pixel_sha256(array)))
-    return items
+        digests.append(pixel_sha256(array))
+        pixels.append(preprocessor.load(array))
+    return digests, torch.stack(pixels).numpy()
 
 
 def nifti_sha256(path) -> str:
@@ -64,28 +72,31 @@ def nifti_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def embed_records(model, items: Sequence[tuple[Record, Any, str]], known_images: dict[str, str],
+def embed_records(model, records: Sequence[Record], read: tuple[list[str], np.ndarray], known_images: dict[str, str],
                   allow_duplicates: bool = False, root: Path | None = None,
                   ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
-    """Cases, image and report embeddings of ``items`` (from ``read_images``), minus duplicates.
+    """Cases, image and report embeddings of ``records`` read by ``read_batch``, minus duplicates
+    (only the cases kept go through the model).
 
     ``known_images`` (pixel hash -> case id) is updated with the cases kept. Report embeddings of
     cases without text are zero rows. ``root`` is the dataset root image paths are stored relative
     to (None: no paths). Returns (cases, image vectors, text vectors, duplicates).
     """
-    kept, rows, duplicates = _new_cases([record for record, _, _ in items], [digest for _, _, digest in items],
-                                        known_images, allow_duplicates, root)
-    vectors, text_vectors = embed_batch(model, [items[row][1] for row in rows], [case.text for case in kept])
+    digests, pixels = read
+    kept, rows, duplicates = _new_cases(records, digests, known_images, allow_duplicates, root)
+    vectors, text_vectors = embed_batch(model, torch.from_numpy(pixels[rows]), [case.text for case in kept])
     return kept, vectors, text_vectors, duplicates
 
 
-def embed_batch(model, images: Sequence[Any], texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Image embeddings of ``images`` (decoded arrays or NIfTI paths) and report embeddings of ``texts``
-    (zero rows where there is no text), as float32 (N, dim) arrays."""
+def embed_batch(model, images: Sequence[Any] | torch.Tensor, texts: Sequence[str | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Image embeddings of ``images`` (decoded arrays, NIfTI paths, or a batch of model-ready pixels)
+    and report embeddings of ``texts`` (zero rows where there is no text), as float32 (N, dim) arrays."""
     dim = model.config.embed_dim
-    if not images:
+    if len(images) == 0:
         return np.empty((0, dim), np.float32), np.empty((0, dim), np.float32)
-    vectors = model.encode_images(list(images), batch_size=len(images)).numpy().astype(np.float32, copy=False)
+    batch = images if isinstance(images, torch.Tensor) else list(images)
+    vectors = model.encode_images(batch, batch_size=len(images)).numpy().astype(np.float32, copy=False)
     text_vectors = np.zeros((len(images), dim), np.float32)
     with_text = [i for i, text in enumerate(texts) if text]
     if with_text:
@@ -127,11 +138,6 @@ def check_batch_size(batch_size: int) -> None:
     check_number("batch_size", batch_size, minimum=1, integer=True)
 
 
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def new_info(backend: str, fingerprint: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """The info of a new index. Of the data it keeps a hash of its path, never the path (a folder
     above the data may be named after a patient)."""
@@ -142,13 +148,15 @@ def new_info(backend: str, fingerprint: dict[str, Any], dataset: Dataset) -> dic
 
 def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Path | None = None,
                 batch_size: int = 32, kind: str = "auto", allow_duplicates: bool = False,
-                show_progress: bool = True, embedder: Embedder | None = None) -> dict[str, Any]:
+                show_progress: bool = True, embedder: Embedder | None = None, workers: int | None = None
+                ) -> dict[str, Any]:
     """Embed every record of ``dataset`` into a new index at ``out`` (a folder, or a Postgres
     URL), replacing any index there only once the new one is complete.
 
     Each batch is checkpointed; rerunning the same build after a crash resumes where it stopped.
     ``embedder`` (e.g. ``RayEmbedder``: workers on a Ray cluster) embeds the batches instead of
-    ``model`` in this process; the index is the same.
+    ``model`` in this process; the index is the same. Otherwise ``workers`` processes read and resize
+    the images ahead of the model (``medvl.data.loading``; None: auto, 0: in this process).
     Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM.
     Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
     """
@@ -169,7 +177,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             advance(len(records) - len(todo))
             root = dataset_root(dataset)
             for batch, cases, vectors, text_vectors, skipped in _embedded(model, dataset, todo, batch_size, known,
-                                                                          allow_duplicates, root, embedder):
+                                                                          allow_duplicates, root, embedder, workers):
                 duplicates += skipped
                 if cases:
                     builder.append(cases, vectors, text_vectors)
@@ -185,11 +193,14 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
 
 
 def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, known: dict[str, str],
-              allow_duplicates: bool, root: Path | None, embedder: Embedder | None):
-    """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order."""
+              allow_duplicates: bool, root: Path | None, embedder: Embedder | None, workers: int | None):
+    """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order; the
+    images are read by ``workers`` processes ahead of the model (None: auto)."""
     if embedder is None:
-        for batch in _batches(todo, batch_size):
-            yield batch, *embed_records(model, read_images(batch), known, allow_duplicates, root)
+        batches = list(batched(todo, batch_size))
+        reads = map_ahead(read_batch, batches, resolve_workers(workers, len(todo)), context=model.preprocessor)
+        for batch, read in zip(batches, reads, strict=True):
+            yield batch, *embed_records(model, batch, read, known, allow_duplicates, root)
         return
     for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size):
         yield batch, *keep_new(batch, digests, vectors, text_vectors, known, allow_duplicates, root)
@@ -205,9 +216,9 @@ def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, c
 
 
 def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,
-                show_progress: bool = True) -> dict[str, Any]:
+                show_progress: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once; image
-    paths are stored relative to this dataset's root, as in ``build_index``."""
+    paths are stored relative to this dataset's root, and images read, as in ``build_index``."""
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
     records = list(dataset)
@@ -219,10 +230,11 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
         log.warning("%d cases are already in the index (same id) and were left as they are", len(present))
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
-        for batch in _batches(todo, batch_size):
-            items = read_images(batch)
-            known.update(index.find_images([digest for _, _, digest in items]))
-            cases, vectors, text_vectors, skipped = embed_records(model, items, known, allow_duplicates,
+        batches = list(batched(todo, batch_size))
+        reads = map_ahead(read_batch, batches, resolve_workers(workers, len(todo)), context=model.preprocessor)
+        for batch, read in zip(batches, reads, strict=True):
+            known.update(index.find_images(read[0]))
+            cases, vectors, text_vectors, skipped = embed_records(model, batch, read, known, allow_duplicates,
                                                                   dataset_root(dataset))
             duplicates += skipped
             if cases:

@@ -91,13 +91,14 @@ class _EmbedWorker:
         self.records = dataset.records
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from ..index.build import embed_batch, read_images
+        import torch
+
+        from ..index.build import embed_batch, read_batch
 
         records = [self.records[int(p)] for p in batch["position"]]
-        items = read_images(records)
-        images, texts = embed_batch(self.model, [array for _, array, _ in items], [r.text for r in records])
-        return {"position": batch["position"], "digest": np.array([digest for _, _, digest in items]),
-                "image": images, "text": texts}
+        digests, pixels = read_batch(self.model.preprocessor, records)
+        images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
+        return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts}
 
 
 def _import_ray():

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..checks import check_numbers
 from ..data.captions import CaptionConfig
+from ..data.loading import load_all
 from ..data.record import Dataset
 from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..io import atomic_write_bytes, write_errors_named, write_json
@@ -65,6 +66,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics lines
     max_steps: int | None = None  # stop early after this many optimizer steps
     recipe: str | None = None  # the registered config whose recipe gave the defaults (medvl.train.recipes)
+    workers: int | None = None  # processes reading the images once before training; None: auto, 0: in-process
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""
@@ -93,6 +95,7 @@ class TrainConfig:
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
+            "workers": (self.workers, {"minimum": 0, "optional": True, **whole}),
         })
         if self.supervised_weight == 0 and self.contrastive_weight == 0:
             raise InputError("supervised_weight and contrastive_weight are both 0: nothing to train")
@@ -234,7 +237,7 @@ class ContrastiveObjective:
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
-        self.pixels = _load_pixels(self.model, self.dataset, show_progress)
+        self.pixels = _load_pixels(self.model, self.dataset, show_progress, self.config.workers)
         self.targets = _head_targets(self.model, self.dataset)
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
@@ -448,14 +451,10 @@ def _resume_state(out_dir: Path) -> dict[str, Any] | None:
     return torch.load(path, weights_only=True)
 
 
-def _load_pixels(model: DualEncoder, dataset: Dataset, show_progress: bool) -> torch.Tensor:
-    """Every training image read and resized once, kept as float16 [0, 1] (augmented per step)."""
-    images = []
-    with progress_bar("Loading images", total=len(dataset), enabled=show_progress) as advance:
-        for record in dataset:
-            images.append(model.preprocessor.load(record.image).half())
-            advance(1)
-    return torch.stack(images)
+def _load_pixels(model: DualEncoder, dataset: Dataset, show_progress: bool, workers: int | None = None
+                 ) -> torch.Tensor:
+    """Every training image read once and kept for every epoch as float16 [0, 1] (augmented per step)."""
+    return load_all(model.preprocessor, [record.image for record in dataset], show_progress, workers)
 
 
 def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:

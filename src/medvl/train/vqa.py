@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..checks import check_numbers
 from ..data.loaders.vqa import VQAItem
+from ..data.loading import load_all
 from ..errors import InputError
 from ..models.config import TextConfig, merge_overrides
 from ..models.dual import DualEncoder
@@ -35,7 +36,6 @@ from ..models.vqa import (
     batch_pixels,
     image_table,
 )
-from ..progress import progress_bar
 from .loop import TrainConfig, fit, param_groups
 
 log = logging.getLogger(__name__)
@@ -210,14 +210,10 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
 
-def load_pixels(model: VQAModel, images: Sequence[Path], show_progress: bool) -> torch.Tensor:
+def load_pixels(model: VQAModel, images: Sequence[Path], show_progress: bool, workers: int | None = None
+                ) -> torch.Tensor:
     """Every image read and resized once, as float16 [0, 1]."""
-    loaded = []
-    with progress_bar("Loading images", total=len(images), enabled=show_progress) as advance:
-        for image in images:
-            loaded.append(model.preprocessor.load(image).half())
-            advance(1)
-    return torch.stack(loaded)
+    return load_all(model.preprocessor, images, show_progress, workers)
 
 
 def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig, options: VQAOptions,

@@ -1,0 +1,146 @@
+"""Reading and preprocessing images in worker processes, ahead of the model.
+
+Decoding a JPEG or DICOM and resizing it costs about as much CPU as a small encoder's forward pass,
+so a loop that reads a batch, then embeds it, leaves the model idle half the time. ``map_ahead``
+runs the reading in worker processes while the caller's process runs the model, keeping at most
+``2 x workers`` batches in flight (backpressure: a slow model never lets decoded batches pile up),
+and hands the results back in order. Batches cross the process boundary as float32 arrays, so a
+batch read by a worker is bit-identical to one read in-process.
+
+Workers are forked (Linux's default for ``multiprocessing``, as in PyTorch's ``DataLoader``): they
+inherit the preprocessor without pickling it; each runs torch on one thread. An error raised while
+reading (a corrupt file) reaches the caller with its own type and message; a worker that dies (out
+of memory, killed) gives a ``DataError`` naming the batch's first item.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from ..checks import check_number
+from ..errors import DataError
+from ..progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+AUTO_MIN_IMAGES = 512  # below this, starting worker processes costs more than it saves
+MAX_AUTO_WORKERS = 4
+
+# in a worker: what it was given at start (inherited by fork, not pickled): (function, context)
+_WORKER_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None
+
+
+def resolve_workers(workers: int | None, n_images: int) -> int:
+    """The number of reading processes: ``workers`` if given (0 = read in this process); ``None``
+    (auto): none for fewer than ``AUTO_MIN_IMAGES`` images or on one core, else one per core
+    but one (the model's process keeps a core), at most ``MAX_AUTO_WORKERS``."""
+    if workers is not None:
+        check_number("workers", workers, minimum=0, integer=True)
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_images < AUTO_MIN_IMAGES or cores < 2:
+        return 0
+    return min(MAX_AUTO_WORKERS, cores - 1)
+
+
+def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], workers: int,
+              context: Any = None, describe: Callable[[Item], str] = str) -> Iterator[Result]:
+    """``function(context, item)`` for each item, in order, computed ``workers`` processes ahead of
+    the consumer (``workers=0``: lazily in this process). ``function`` must be a module-level
+    function; ``context`` (e.g. a preprocessor) reaches the workers by fork, unpickled;
+    ``describe(item)`` names an item in the error raised when a worker dies."""
+    if workers == 0:
+        for item in items:
+            yield function(context, item)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(function, context))
+    pending: deque[tuple[Item, Future]] = deque()
+    try:
+        source = iter(items)
+        for item in source:
+            pending.append((item, pool.submit(_run_task, item)))
+            if len(pending) >= 2 * workers:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(function: Callable[[Any, Any], Any], context: Any) -> None:
+    global _WORKER_TASK
+    _WORKER_TASK = (function, context)
+    torch.set_num_threads(1)  # the model's process keeps the cores' threads; also fork-safe for OpenMP
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which shuts the pool down
+
+
+def _run_task(item: Any) -> Any:
+    if _WORKER_TASK is None:
+        raise RuntimeError("medvl worker started without a task (not forked from map_ahead)")
+    function, context = _WORKER_TASK
+    return function(context, item)
+
+
+def _result(item: Any, future: Future) -> Any:
+    try:
+        return future.result()
+    except BrokenProcessPool as error:
+        raise DataError(None, f"a worker process reading images died while reading the batch starting at "
+                              f"{_first(item)} (out of memory?); rerun with --workers 0 to read in one "
+                              "process") from error
+
+
+def _first(item: Any) -> str:
+    if isinstance(item, Sequence) and not isinstance(item, str | bytes) and item:
+        item = item[0]
+    image = getattr(item, "image", item)
+    return f"<array {getattr(image, 'shape', '')}>" if isinstance(image, np.ndarray) else str(image)
+
+
+def batched(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    """Consecutive slices of ``items`` of ``size`` (the last one shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def pixel_batches(preprocessor, images: Sequence[Any], batch_size: int,
+                  workers: int | None = None) -> Iterator[torch.Tensor]:
+    """Model-ready [0, 1] pixel batches (``preprocessor.load_many``) of ``images`` (paths or arrays),
+    in order, read by ``resolve_workers(workers, len(images))`` processes ahead of the caller."""
+    count = resolve_workers(workers, len(images))
+    for array in map_ahead(_load_batch, batched(images, batch_size), count, context=preprocessor):
+        yield torch.from_numpy(array)
+
+
+def _load_batch(preprocessor, images: Sequence[Any]) -> np.ndarray:
+    return preprocessor.load_many(images).numpy()
+
+
+def load_all(preprocessor, images: Sequence[Any], show_progress: bool = True, workers: int | None = None,
+             batch_size: int = 64) -> torch.Tensor:
+    """Every image read and resized once (by ``workers`` processes, None: auto) and kept as one float16
+    [0, 1] tensor: a training run reads its images once and reuses them every epoch (at 128 px, 32 KiB
+    per grayscale image)."""
+    loaded = []
+    with progress_bar("Loading images", total=len(images), enabled=show_progress) as advance:
+        for pixels in pixel_batches(preprocessor, images, batch_size, workers):
+            loaded.append(pixels.half())
+            advance(len(pixels))
+    return torch.cat(loaded) if loaded else torch.empty(0, dtype=torch.float16)
