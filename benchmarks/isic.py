@@ -1,12 +1,15 @@
-"""ISIC melanoma vs nevus, 5-fold cross-validation, with references computed on the same folds.
+"""ISIC melanoma vs nevus, (repeated) 5-fold cross-validation, with references computed on the same folds.
 
 Runs the ``derm-small`` recipe documented in docs/benchmarks.md (``medvl bench cv``; the training
 settings are the config's recipe, ``medvl models --recipe derm-small``, which ``medvl train`` uses too) and,
 on exactly the same folds, two non-deep baselines (logistic regression, C picked by 3-fold CV
 inside each training fold, on colour histograms / on 16x16 downsampled pixels) and chance (a
-constant score, AUC 0.5). Prints a Markdown table of per-fold and mean ± std AUC.
+constant score, AUC 0.5). Prints a Markdown table of per-fold and mean ± std AUC; with
+``--repeats N`` the whole CV is repeated with fold seeds seed .. seed + N - 1 and the table gives each
+repeat's mean, the mean ± std over all N x 5 folds and each repeat's pooled out-of-fold AUC.
 
     OMP_NUM_THREADS=1 python benchmarks/isic.py --json isic-cv.json   # 1 thread: shared CPU
+    OMP_NUM_THREADS=1 python benchmarks/isic.py --repeats 3 --json isic-cv3.json   # seeds 0, 1, 2
     python benchmarks/isic.py --baselines-only   # seconds, no training
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvl.bench.cv import cross_validate, make_folds
+from medvl.bench.cv import make_folds, repeated_cross_validate
 from medvl.data import load_dataset
 from medvl.data.images import read_image
 from medvl.eval.head import class_order, class_targets
@@ -47,31 +50,39 @@ def downsampled_pixels(image: np.ndarray, side: int = 16) -> np.ndarray:
     return blocks.mean(axis=(1, 3)).ravel() / 255
 
 
-def baseline(features: np.ndarray, y: np.ndarray, classes: list[str], folds) -> dict:
+def baseline(features: np.ndarray, y: np.ndarray, classes: list[str], splits: list) -> dict:
     """Per-fold AUC of the linear probe's logistic regression (C by 3-fold CV inside the training fold)."""
-    aucs = [fit_and_score(features[train], y[train], features[test], y[test], classes, cv=True)["macro_auc"]
-            for train, test in folds]
-    return _row(aucs, None)
+    return _row([[fit_and_score(features[train], y[train], features[test], y[test], classes, cv=True)["macro_auc"]
+                  for train, test in folds] for folds in splits], None)
 
 
-def chance(y: np.ndarray, classes: list[str], folds) -> dict:
+def chance(y: np.ndarray, classes: list[str], splits: list) -> dict:
     """A constant score: AUC 0.5 on every fold."""
-    aucs = [classification_metrics(y[test], np.full((len(test), len(classes)), 1 / len(classes)),
-                                   classes)["macro_auc"] for _, test in folds]
-    return _row(aucs, 0.5)
+    return _row([[classification_metrics(y[test], np.full((len(test), len(classes)), 1 / len(classes)),
+                                         classes)["macro_auc"] for _, test in folds] for folds in splits],
+                [0.5] * len(splits))
 
 
-def _row(aucs: list[float], pooled: float | None) -> dict:
-    return {"folds": aucs, "mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)), "pooled": pooled}
+def _row(repeats: list[list[float]], pooled: list[float] | None) -> dict:
+    """AUCs per repeat and fold -> every fold, the mean and sample std over all folds, pooled per repeat."""
+    aucs = [auc for repeat in repeats for auc in repeat]
+    return {"folds": aucs, "repeats": repeats, "mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)),
+            "pooled": pooled}
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    k = len(next(iter(rows.values()))["folds"])
-    header = ["method", *(f"fold {i + 1}" for i in range(k)), "mean ± std", "pooled"]
+    """One column per fold for a single CV; one per repeat (its mean over folds) when repeated."""
+    first = next(iter(rows.values()))["repeats"]
+    repeated = len(first) > 1
+    columns = [f"repeat {r + 1} mean" for r in range(len(first))] if repeated else \
+        [f"fold {i + 1}" for i in range(len(first[0]))]
+    header = ["method", *columns, "mean ± std" + (f" ({len(first) * len(first[0])} folds)" if repeated else ""),
+              "pooled" + (" per repeat" if repeated else "")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
-        cells = [f"{a:.3f}" for a in row["folds"]] + [f"{row['mean']:.3f} ± {row['std']:.3f}",
-                                                      "-" if row["pooled"] is None else f"{row['pooled']:.3f}"]
+        values = [float(np.mean(r)) for r in row["repeats"]] if repeated else row["folds"]
+        pooled = "-" if row["pooled"] is None else ", ".join(f"{a:.3f}" for a in row["pooled"])
+        cells = [f"{a:.3f}" for a in values] + [f"{row['mean']:.3f} ± {row['std']:.3f}", pooled]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=DATA, help="ISIC folder (metadata.csv + images/).")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the folds and of training.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Repeat the CV with fold seeds seed .. seed + repeats - 1.")
     parser.add_argument("--epochs", type=int, default=None, help="Default: the recipe's.")
     parser.add_argument("--json", type=Path, default=None, help="Write every figure here.")
     parser.add_argument("--baselines-only", action="store_true", help="Skip the deep recipe.")
@@ -91,32 +104,36 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_dataset(args.data, label_columns=[LABEL])
     classes = sorted(dataset.classes(LABEL), key=class_order)
     y = class_targets(dataset, LABEL, classes)
-    folds = make_folds(y, args.folds, args.seed)  # the folds cross_validate makes from the same inputs
+    seeds = [args.seed + r for r in range(args.repeats)]
+    splits = [make_folds(y, args.folds, seed) for seed in seeds]  # the folds cross_validate makes
     images = [read_image(r.image) for r in dataset]
     started = time.perf_counter()
-    rows = {"chance (constant score)": chance(y, classes, folds),
+    rows = {"chance (constant score)": chance(y, classes, splits),
             "logistic regression, colour histogram": baseline(
-                np.stack([colour_histogram(i) for i in images]), y, classes, folds),
+                np.stack([colour_histogram(i) for i in images]), y, classes, splits),
             "logistic regression, 16x16 pixels": baseline(
-                np.stack([downsampled_pixels(i) for i in images]), y, classes, folds)}
+                np.stack([downsampled_pixels(i) for i in images]), y, classes, splits)}
     result = {"baselines_seconds": round(time.perf_counter() - started, 1)}
     if not args.baselines_only:
-        cv = cross_validate(args.data, LABEL, MODEL, folds=args.folds, seed=args.seed, epochs=args.epochs,
-                            show_progress=not args.quiet)
-        if [f["test_ids"] for f in cv["folds"]] != [[dataset[int(i)].id for i in t] for _, t in folds]:
+        cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
+                                     seed=args.seed, epochs=args.epochs, show_progress=not args.quiet)
+        scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
+        if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
             raise RuntimeError("cross_validate scored other folds than the baselines")
-        rows[f"medvl {MODEL} head"] = _row([f["auc"] for f in cv["folds"]], cv["auc_pooled"])
-        rows[f"medvl {MODEL} zero-shot"] = _row([f["zero_shot_auc"] for f in cv["folds"]], None)
+        rows[f"medvl {MODEL} head"] = _row([[f["auc"] for f in r["folds"]] for r in cv["repeats"]],
+                                           cv["auc_pooled"])
+        rows[f"medvl {MODEL} zero-shot"] = _row([[f["zero_shot_auc"] for f in r["folds"]] for r in cv["repeats"]],
+                                                None)
         result.update(cv=cv, recipe={"model": MODEL, "overrides": cv["overrides"], "train": cv["train"]})
     print(f"\n{LABEL}: {', '.join(f'{c} {int((y == i).sum())}' for i, c in enumerate(classes))}; "
-          f"{args.folds}-fold stratified CV, seed {args.seed}; AUC (positive class: melanoma)\n")
+          f"{args.folds}-fold stratified CV, seeds {seeds}; AUC (positive class: melanoma)\n")
     print(markdown_table(rows))
     if "cv" in result:
         cv = result["cv"]
         print(f"\nhead accuracy {cv['acc']:.3f} ± {cv['acc_std']:.3f}, balanced accuracy "
               f"{cv['balanced_accuracy']:.3f} ± {cv['balanced_accuracy_std']:.3f}; "
-              f"{cv['seconds']:.0f} s for {args.folds} folds")
-    result.update(label=LABEL, classes=classes, folds=args.folds, seed=args.seed, auc=rows)
+              f"{cv['seconds']:.0f} s for {args.repeats} x {args.folds} folds")
+    result.update(label=LABEL, classes=classes, folds=args.folds, seed=args.seed, seeds=seeds, auc=rows)
     if args.json:
         write_json(args.json, result)
     return result

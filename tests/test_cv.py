@@ -75,3 +75,20 @@ def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "mole_colour" in errors[0] and "available: diagnosis" in errors[0]
     assert "Traceback" not in output
+
+
+def test_bench_cv_repeats_use_other_folds_and_pool_every_fold(isic_subset, tmp_path):
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--repeats", 2, "--epochs", 1, "--seed", 5,
+                            "--batch-size", 16, "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert "pooled out-of-fold auc per repeat" in output
+    metrics = json.loads(out.read_text())
+    assert metrics["seeds"] == [5, 6] and [r["seed"] for r in metrics["repeats"]] == [5, 6]
+    aucs = [f["auc"] for r in metrics["repeats"] for f in r["folds"]]
+    assert len(aucs) == 4 and metrics["auc"] == pytest.approx(np.mean(aucs))
+    assert metrics["auc_std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert metrics["auc_pooled"] == [r["auc_pooled"] for r in metrics["repeats"]]
+    first, second = ([set(f["test_ids"]) for f in r["folds"]] for r in metrics["repeats"])
+    assert first != second and first[0] | first[1] == second[0] | second[1]  # other folds of the same records

@@ -13,8 +13,10 @@ the epochs, learning rate, batch, loss weights, model overrides and captions unl
 - zero-shot: the caption prompt ensembles of each class (``medvl.zero_shot``).
 
 Reported: every fold, the mean and the sample standard deviation (ddof=1) over folds, and the
-AUC of all out-of-fold head scores pooled. Folds depend only on the labels, groups and ``seed``
-(``make_folds``), so other methods can be scored on exactly the same folds.
+AUC of all out-of-fold head scores pooled. ``repeated_cross_validate`` repeats the whole CV with
+other fold seeds, so a small set is judged by the spread over many splits, never by one split.
+Folds depend only on the labels, groups and ``seed`` (``make_folds``), so other methods can be
+scored on exactly the same folds.
 """
 
 from __future__ import annotations
@@ -95,6 +97,34 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
             "n": len(dataset), "data": str(data_path), "model": model_name,
             "overrides": settings.model_overrides, "folds_k": folds, "seed": seed, "group_column": group_column,
             "train": dataclasses.asdict(settings.train), "captions": caption_config.to_dict(), "folds": results,
+            "seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+
+
+def repeated_cross_validate(data_path: str | Path, label: str, model_name: str = "derm-small", folds: int = 5,
+                            repeats: int = 3, seed: int = 0, **options: Any) -> dict:
+    """Repeated stratified k-fold CV: ``cross_validate`` once per seed ``seed .. seed + repeats - 1``
+    (other folds, other initial weights each time); ``options`` go to ``cross_validate``.
+
+    The spread is over every held-out fold of every repeat (``auc``, ``auc_std`` and the other
+    ``SUMMARY_METRICS`` over ``repeats x folds`` folds, sample std) and over the repeats' pooled
+    out-of-fold AUCs (``auc_pooled`` per repeat, ``auc_pooled_mean`` and ``auc_pooled_std``).
+    ``repeats`` holds each repeat's full ``cross_validate`` result.
+    """
+    check_number("repeats", repeats, minimum=1, maximum=100, integer=True)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    results = []
+    for repeat in range(repeats):
+        log.info("repeat %d/%d: folds seed %d", repeat + 1, repeats, seed + repeat)
+        results.append(cross_validate(data_path, label, model_name, folds=folds, seed=seed + repeat, **options))
+    pooled = [r["auc_pooled"] for r in results]
+    first = results[0]
+    return {**_summarise([fold for r in results for fold in r["folds"]]), "auc_pooled": pooled,
+            "auc_pooled_mean": float(np.mean(pooled)),
+            "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
+            "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "label": label,
+            "classes": first["classes"], "model": model_name, "overrides": first["overrides"],
+            "train": first["train"], "majority_acc": first["majority_acc"], "repeats": results,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1)}
 

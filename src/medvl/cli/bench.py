@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -121,6 +121,8 @@ def bench_cv(
     label_column: Annotated[str, typer.Option("--label-column", "-l", help="Label column to predict.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "derm-small",
     folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
+    repeats: Annotated[int, typer.Option(
+        help="Repeat the whole CV with fold seeds seed .. seed + repeats - 1; spread over all folds.")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Training epochs per fold (default: the model's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds, init, order and augmentation.")] = 0,
     captions: CaptionsOption = None,
@@ -138,20 +140,31 @@ def bench_cv(
 ) -> None:
     """k-fold cross-validation: a fresh model per fold, head and zero-shot AUC / accuracy on held-out folds."""
     from ..api import parse_overrides
-    from ..bench.cv import cross_validate
+    from ..bench.cv import cross_validate, repeated_cross_validate
 
     check_outputs(overwrite, json=json_out)
-    result = cross_validate(data, label_column, model_name=model, folds=folds, epochs=epochs, seed=seed,
-                            captions=captions, group_column=group_column, show_progress=not quiet, lr=lr,
-                            batch_size=batch_size, contrastive_weight=contrastive_weight,
-                            overrides=parse_overrides(set_ or []), allow_outside_root=allow_outside_root)
-    print_metrics(f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)", {
+    options: dict[str, Any] = {
+        "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
+        "batch_size": batch_size, "contrastive_weight": contrastive_weight,
+        "overrides": parse_overrides(set_ or []), "allow_outside_root": allow_outside_root}
+    if repeats > 1:
+        result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,
+                                         epochs=epochs, seed=seed, **options)
+        fold_results = [f for r in result["repeats"] for f in r["folds"]]
+        pooled = {"pooled out-of-fold auc per repeat": " ".join(_fmt_float(a) for a in result["auc_pooled"])}
+        title = f"{repeats} x {folds}-fold CV {label_column} ({result['n']} images, mean ± std over all folds)"
+    else:
+        result = cross_validate(data, label_column, model_name=model, folds=folds, epochs=epochs, seed=seed,
+                                **options)
+        fold_results, pooled = result["folds"], {"pooled out-of-fold auc": result["auc_pooled"]}
+        title = f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)"
+    print_metrics(title, {
         name: _mean_std(result, key) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"))}
-        | {"pooled out-of-fold auc": result["auc_pooled"], "majority-class acc": result["majority_acc"],
-           "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in result["folds"]),
-           "seconds": result["seconds"]})
+        | pooled | {"majority-class acc": result["majority_acc"],
+                    "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
+                    "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
 
 

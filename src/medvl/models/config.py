@@ -39,6 +39,13 @@ class ImageConfig:
     intensity_std: float = 0.25
     augment: bool = True  # random affine / contrast / noise during training
     augment_flip: bool = False  # horizontal flips; off for chest X-ray (laterality matters)
+    augment_rot90: bool = False  # rotations by 0/90/180/270 degrees and vertical flips (with augment_flip:
+    # all 8 orientations of the square); only for images with no orientation (dermoscopy, histology)
+    augment_color: float = 0.0  # RGB colour jitter strength s in [0, 0.9]: brightness, contrast and
+    # saturation factors in [1 - s, 1 + s], hue rotated by up to s / 4 of a turn; 0 = off; 3 channels only
+    color_constancy: float = 0.0  # Shades of Gray colour constancy at load (RGB images): each channel
+    # divided by its Minkowski p-mean (the illuminant estimate, p = this value; 6 is usual for
+    # dermoscopy), rescaled so a grey image is unchanged; 0 = off
     slice_arch: str = "resnet"  # slicepool: the 2D encoder of each axial slice (resnet | vit | densenet),
     # built from the fields above with spatial_dims 2
     slice_pool: str = "attention"  # slicepool: attention (gated, learned) | mean pooling across slices
@@ -78,6 +85,13 @@ class ImageConfig:
         sides = self.volume_shape if self.arch == "vit" else (self.image_size,)
         if vit and any(side % self.patch_size for side in sides):
             raise InputError(f"image sides {sides} must be multiples of image.patch_size {self.patch_size} for a vit")
+        check_number("image.color_constancy", self.color_constancy, minimum=0, maximum=20)
+        check_number("image.augment_color", self.augment_color, minimum=0, maximum=0.9)
+        if (self.color_constancy or self.augment_color) and self.in_channels != 3:
+            raise InputError(f"image.color_constancy and image.augment_color need RGB (in_channels 3), "
+                             f"got in_channels {self.in_channels}")
+        if self.augment_rot90 and self.spatial_dims != 2:
+            raise InputError("image.augment_rot90 is for 2D images (spatial_dims 2)")
         self._validate_window()
 
     def _validate_window(self) -> None:

@@ -7,7 +7,10 @@ square of ``image_size`` with anti-aliasing, then normalised with the model's me
 (``spatial_dims=3``) go through ``medvl.models.volumes.load_volume``: windowed and resized slab by
 slab to ``(depth, image_size, image_size)``, so memory stays bounded for large CTs. Training
 augmentation: small affine jitter, contrast and noise; flips only when the config allows
-(laterality matters on chest X-rays).
+(laterality matters on chest X-rays); for RGB images with no orientation (dermoscopy) the config
+may add rotations by multiples of 90 degrees with vertical flips (``augment_rot90``) and colour
+jitter (``augment_color``). ``color_constancy`` applies Shades of Gray colour constancy at load,
+so training and scoring see the same corrected colours.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ class ImagePreprocessor:
             return load_volume(image, self.config)
         source = image if not isinstance(image, np.ndarray) else "<array>"
         array = read_image(image) if not isinstance(image, np.ndarray) else image
-        return plain_tensor(self.resize(self._intensities(array, source))).float().clamp_(0.0, 1.0)
+        tensor = self._intensities(array, source)
+        if self.config.color_constancy and tensor.shape[0] == 3:
+            tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
+        return plain_tensor(self.resize(tensor)).float().clamp_(0.0, 1.0)
 
     def load_many(self, images: Sequence[ImageSource | str]) -> torch.Tensor:
         return torch.stack([self.load(image) for image in images])
@@ -109,10 +115,16 @@ def _build_augment(config: ImageConfig):
         RandAffine,
         RandFlip,
         RandGaussianNoise,
+        RandRotate90,
     )
 
     dims = config.spatial_dims
-    steps = [
+    steps: list = []
+    if config.augment_color and config.in_channels == 3:
+        steps.append(rand_color_jitter(config.augment_color))
+    if config.augment_rot90:
+        steps += [RandRotate90(prob=0.75, max_k=3, spatial_axes=(0, 1)), RandFlip(prob=0.5, spatial_axis=0)]
+    steps += [
         RandAffine(prob=0.8, rotate_range=(0.12,) * (1 if dims == 2 else 3),
                    scale_range=(0.1,) * dims, translate_range=(config.image_size * 0.06,) * dims,
                    padding_mode="border"),
@@ -122,6 +134,71 @@ def _build_augment(config: ImageConfig):
     if config.augment_flip:
         steps.append(RandFlip(prob=0.5, spatial_axis=dims - 1))
     return Compose(steps)
+
+
+def shades_of_gray(image: torch.Tensor, power: float = 6.0) -> torch.Tensor:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) of a (3, H, W) image in [0, 1].
+
+    The illuminant of each channel is its Minkowski ``power``-mean (p = 1: grey world; large p:
+    max-RGB); each channel is divided by its share of the unit-length illuminant times sqrt(3), so
+    an image whose illuminant is already grey is unchanged. Values are clipped to [0, 1].
+    """
+    illuminant = image.clamp(min=0).pow(power).mean(dim=tuple(range(1, image.ndim))).pow(1.0 / power)
+    unit = illuminant / illuminant.norm().clamp(min=1e-8)
+    gains = 1.0 / (unit * 3**0.5).clamp(min=1e-3)
+    return (image * gains.view(-1, *([1] * (image.ndim - 1)))).clamp(0.0, 1.0)
+
+
+def color_jitter(image: torch.Tensor, brightness: float, contrast: float, saturation: float,
+                 hue: float) -> torch.Tensor:
+    """A (3, H, W) RGB image in [0, 1] with brightness, contrast and saturation scaled by the factors
+    (1 = unchanged) and the hue rotated by ``hue`` turns (chroma rotated in YIQ space); clipped to [0, 1]."""
+    out = image * brightness
+    mean = _luminance(out).mean()
+    out = (out - mean) * contrast + mean
+    gray = _luminance(out)
+    out = (out - gray) * saturation + gray
+    if hue:
+        out = torch.einsum("ij,jhw->ihw", _hue_rotation(hue).to(out.dtype), out)
+    return out.clamp(0.0, 1.0)
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+
+
+def _luminance(image: torch.Tensor) -> torch.Tensor:
+    weights = _RGB_TO_YIQ[0].to(image.dtype).view(3, 1, 1)
+    return (image * weights).sum(0, keepdim=True)
+
+
+def _hue_rotation(turns: float) -> torch.Tensor:
+    """The RGB -> RGB matrix rotating chroma (I, Q) by ``turns`` of a full turn; luminance kept."""
+    angle = torch.tensor(2 * np.pi * turns, dtype=torch.float64)
+    rotation = torch.eye(3, dtype=torch.float64)
+    rotation[1:, 1:] = torch.stack([torch.stack([angle.cos(), -angle.sin()]),
+                                    torch.stack([angle.sin(), angle.cos()])])
+    return torch.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ
+
+
+def rand_color_jitter(strength: float, prob: float = 0.8):
+    """A MONAI random transform of one (3, H, W) RGB image in [0, 1]: with probability ``prob``,
+    brightness, contrast and saturation factors drawn from [1 - strength, 1 + strength] and the hue
+    rotated by up to strength / 4 of a turn (``color_jitter``). A ``RandomizableTransform``, so
+    ``Compose.set_random_state`` seeds it like MONAI's own transforms."""
+    from monai.transforms import RandomizableTransform
+
+    class RandColorJitter(RandomizableTransform):
+        def __call__(self, image) -> torch.Tensor:
+            self.randomize(None)
+            brightness, contrast, saturation = (float(f) for f in self.R.uniform(1 - strength, 1 + strength, 3))
+            hue = float(self.R.uniform(-strength / 4, strength / 4))
+            tensor = torch.as_tensor(image)
+            if not self._do_transform:
+                return tensor
+            return color_jitter(tensor, brightness, contrast, saturation, hue)
+
+    return RandColorJitter(prob)
 
 
 class _VolumeAugment:
