@@ -115,3 +115,13 @@ def test_index_and_embeddings_are_the_same_with_workers(model, phantom_dir: Path
         for hits_a, hits_b in zip(first.search(queries, k=len(data)), second.search(queries, k=len(data)),
                                   strict=True):
             assert [(h.id, h.score) for h in hits_a] == [(h.id, h.score) for h in hits_b]
+
+
+def test_a_bad_worker_count_is_refused_before_any_work(phantom_dir: Path, tmp_path):
+    from cli_helpers import invoke
+
+    for command in (["index", "build", "--model", tmp_path / "missing-model", "--out", tmp_path / "idx"],
+                    ["train", "--model", "phantom-tiny", "--out", tmp_path / "run"]):
+        result, output = invoke(*command, "--data", phantom_dir, "--workers", "-1")
+        assert result.exit_code == 2 and "workers must be >= 0" in output
+        assert not (tmp_path / "idx").exists() and not (tmp_path / "run").exists()

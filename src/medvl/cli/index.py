@@ -79,12 +79,14 @@ def build_command(
     folder (none for DICOM). --ray spreads decoding and embedding over Ray workers; the index is
     the same."""
     from ..api import load_split
+    from ..data.loading import check_workers
     from ..index import build_index
     from ..index.build import check_batch_size
     from ..models.registry import load_model
 
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
+    check_workers(workers)
     embedder = None
     if ray:
         from ..scale.ray_jobs import RayEmbedder
@@ -124,11 +126,13 @@ def add_command(
 ) -> None:
     """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
     from ..api import load_split
+    from ..data.loading import check_workers
     from ..index import add_records, index_model, open_index
     from ..index.build import check_batch_size
 
     check_outputs(overwrite, json=json_out)
     check_batch_size(batch_size)
+    check_workers(workers)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,

@@ -48,13 +48,19 @@ def resolve_workers(workers: int | None, n_images: int) -> int:
     """The number of reading processes: ``workers`` if given (0 = read in this process); ``None``
     (auto): none for fewer than ``AUTO_MIN_IMAGES`` images or on one core, else one per core
     but one (the model's process keeps a core), at most ``MAX_AUTO_WORKERS``."""
+    check_workers(workers)
     if workers is not None:
-        check_number("workers", workers, minimum=0, integer=True)
         return int(workers)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if n_images < AUTO_MIN_IMAGES or cores < 2:
         return 0
     return min(MAX_AUTO_WORKERS, cores - 1)
+
+
+def check_workers(workers: int | None) -> None:
+    """InputError unless ``workers`` is None (auto) or a whole number >= 0 (callers check before any work)."""
+    if workers is not None:
+        check_number("workers", workers, minimum=0, integer=True)
 
 
 def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], workers: int,

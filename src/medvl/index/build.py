@@ -165,6 +165,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    workers = resolve_workers(workers, len(records))
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
     key = _build_key(dataset, records, fingerprint, columns, kind, allow_duplicates)
@@ -193,12 +194,12 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
 
 
 def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, known: dict[str, str],
-              allow_duplicates: bool, root: Path | None, embedder: Embedder | None, workers: int | None):
+              allow_duplicates: bool, root: Path | None, embedder: Embedder | None, workers: int):
     """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order; the
-    images are read by ``workers`` processes ahead of the model (None: auto)."""
+    images are read by ``workers`` processes ahead of the model."""
     if embedder is None:
         batches = list(batched(todo, batch_size))
-        reads = map_ahead(read_batch, batches, resolve_workers(workers, len(todo)), context=model.preprocessor)
+        reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
         for batch, read in zip(batches, reads, strict=True):
             yield batch, *embed_records(model, batch, read, known, allow_duplicates, root)
         return
@@ -224,6 +225,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
     todo = [r for r in records if r.id not in present]
     if present:
@@ -231,7 +233,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         batches = list(batched(todo, batch_size))
-        reads = map_ahead(read_batch, batches, resolve_workers(workers, len(todo)), context=model.preprocessor)
+        reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
         for batch, read in zip(batches, reads, strict=True):
             known.update(index.find_images(read[0]))
             cases, vectors, text_vectors, skipped = embed_records(model, batch, read, known, allow_duplicates,
