@@ -56,6 +56,9 @@ def train_command(
         help="Steps between checkpoints (0 = each epoch, the default).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     workers: WorkersOption = None,
+    leave_out_images_of: Annotated[list[Path] | None, typer.Option(
+        help="A VQA question file (repeatable): leave out the training records whose image it asks about "
+             "(by MedPix synpic id, else file stem), so pretraining never sees a VQA benchmark's images.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
     allow_outside_root: AllowOutsideOption = False,
@@ -79,6 +82,7 @@ def train_command(
                               epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                               text_source=text_source, supervised_weight=supervised_weight,
                               contrastive_weight=contrastive_weight, grad_accum=grad_accum,
-                              checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers)
+                              checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers,
+                              leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None)
     summary = trained.meta["training"]
     console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")

@@ -67,6 +67,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps
     recipe: str | None = None  # the registered config whose recipe gave the defaults (medvl.train.recipes)
     workers: int | None = None  # processes reading the images once before training; None: auto, 0: in-process
+    leave_out_images_of: list[str] = field(default_factory=list)  # VQA question files: records whose image
+    # they ask about are left out (medvl.data.loaders.vqa.leave_out_images; pretraining for a VQA benchmark)
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""

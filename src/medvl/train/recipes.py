@@ -17,6 +17,7 @@ size), since continuing from trained weights is another job than the recipe's tr
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,7 @@ from typing import Any
 from ..checks import check_number
 from ..data import captions_for
 from ..data.captions import CaptionConfig
+from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
 from ..eval.head import class_order
@@ -33,6 +35,8 @@ from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
 from ..models.registry import get_recipe, is_model_dir, list_models, resolve_model
 from .loop import TrainConfig, seed_everything, train
+
+log = logging.getLogger(__name__)
 
 CaptionSource = str | Path | CaptionConfig | None
 # Decision thresholds of a binary benchmark, each picked on held-out data (medvl.bench.medmnist)
@@ -145,6 +149,10 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
     """
     config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
     config.validate()
+    if config.leave_out_images_of:
+        dataset, left_out = leave_out_images(dataset, config.leave_out_images_of)
+        log.info("left out %d training records whose image the %d question file(s) ask about; %d remain",
+                 left_out, len(config.leave_out_images_of), len(dataset))
     if config.supervised_weight > 0:
         dataset = dataset.with_labels(config.label_columns)
     seed_everything(config.seed)  # the random init of the model is part of the run

@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,37 @@ def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
     unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
     records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
     return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN])
+
+
+# ---------------------------------------------------------------- images shared with other datasets
+
+SOURCE_IMAGE_ID = re.compile(r"synpic\d+", re.IGNORECASE)  # MedPix's image id, kept in VQA-RAD's file names
+
+
+def source_image_id(name: str | Path) -> str:
+    """The id of the source image a file name stands for: its MedPix ``synpic`` id when it holds one
+    (``MPX1307_synpic20064.jpg`` and ``synpic20064.jpg`` are the same image), else its lower-cased stem."""
+    stem = Path(str(name)).name.split(".")[0]
+    found = SOURCE_IMAGE_ID.search(stem)
+    return found.group(0).lower() if found else stem.lower()
+
+
+def question_image_ids(path: str | Path) -> set[str]:
+    """``source_image_id`` of every image a question file (or each question file of a folder) names,
+    from the JSON alone: the image files need not be present."""
+    path = Path(path)
+    files = vqa_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(path, "no VQA question file (.json with question, answer and image keys) in this folder")
+    return {source_image_id(name) for file in files for index, raw in enumerate(_read_items(file))
+            for name in _image_names(file, index, raw)}
+
+
+def leave_out_images(dataset: Dataset, question_files: Sequence[str | Path]) -> tuple[Dataset, int]:
+    """``dataset`` without the records whose image is one the question files ask about (by
+    ``source_image_id``), and how many were left out: pretraining must not see the images a VQA
+    benchmark scores (MedPix 2.0 and VQA-RAD share source images)."""
+    asked = set().union(*(question_image_ids(path) for path in question_files))
+    kept = [record for record in dataset
+            if not any(source_image_id(image) in asked for image in record.images if isinstance(image, str | Path))]
+    return dataset.subset(kept), len(dataset) - len(kept)

@@ -1,0 +1,66 @@
+"""Pretraining never sees a VQA benchmark's images: ``leave_out_images`` and ``medvl train
+--leave-out-images-of`` (MedPix 2.0 and VQA-RAD share source images, named by MedPix synpic id)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import invoke
+from medvl import DataError, load_dataset
+from medvl.data.loaders.vqa import leave_out_images, question_image_ids, source_image_id
+
+
+def test_source_image_ids():
+    assert source_image_id("MPX1307_synpic20064.jpg") == source_image_id("images/synpic20064.png") == "synpic20064"
+    assert source_image_id("SYNPIC7.jpg") == "synpic7"
+    assert source_image_id("/data/phantom_00012.png") == "phantom_00012"
+    assert source_image_id("study.nii.gz") == "study"
+
+
+def _questions(path: Path, names: list[str]) -> Path:
+    path.write_text(json.dumps([{"qid": i, "image_name": name, "question": "Is there a lesion?", "answer": "yes"}
+                                for i, name in enumerate(names)]))
+    return path
+
+
+def test_the_real_overlap_of_medpix_and_vqa_rad(shared_data):
+    """VQA-RAD's training questions ask about 18 MedPix 2.0 images (17 train, 1 dev); none may stay."""
+    questions = shared_data / "vqa-rad" / "trainset.json"
+    asked = question_image_ids(questions)  # from the JSON alone
+    assert len(asked) == 314 and all(name.startswith("synpic") for name in asked)
+    medpix = load_dataset(shared_data / "medpix-2.0")
+    for split, expected in (("train", 17), ("dev", 1)):
+        data = medpix.select(split)
+        kept, left_out = leave_out_images(data, [questions])
+        assert left_out == expected and len(kept) == len(data) - expected
+        assert not {source_image_id(r.image) for r in kept} & asked
+        assert {r.id for r in data} - {r.id for r in kept} == {r.id for r in data if source_image_id(r.image) in asked}
+
+
+def test_train_leaves_the_asked_images_out(phantom_dir: Path, tmp_path):
+    data = load_dataset(phantom_dir).select("train")
+    asked = [Path(str(r.image)).name for r in data.records[:3]]
+    questions = _questions(tmp_path / "testset.json", asked)  # the images need not exist next to it
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--max-steps", 1, "--batch-size", 8, "--leave-out-images-of", questions, "-q")
+    assert result.exit_code == 0, output
+    assert f"on {len(data) - 3} records" in output
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["train"]["leave_out_images_of"] == [str(questions)]
+
+
+def test_a_bad_question_file_is_a_clear_error(phantom_dir: Path, tmp_path):
+    data = load_dataset(phantom_dir)
+    with pytest.raises(DataError, match="not found"):
+        leave_out_images(data, [tmp_path / "missing.json"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no VQA question file"):
+        leave_out_images(data, [tmp_path / "empty"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "q", "answer": "a"}]')
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--max-steps", 1, "--leave-out-images-of", bad, "-q")
+    assert result.exit_code == 2 and "bad.json" in output and "image" in output
