@@ -39,20 +39,10 @@ from medvl.data.loading import load_all  # noqa: E402
 from medvl.embed import embed_images  # noqa: E402
 from medvl.train.recipes import recipe_of  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encode_throughput import best_rate  # noqa: E402  (best of interleaved rounds)
+
 BATCH = 64
-
-
-def best_rate(functions: dict[str, Callable[[], object]], count: int, rounds: int) -> dict[str, float]:
-    """Items per second of each function: one warm-up call, then ``rounds`` interleaved timed calls, best kept."""
-    for function in functions.values():
-        function()
-    best = dict.fromkeys(functions, 0.0)
-    for _ in range(rounds):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            best[name] = max(best[name], count / (time.perf_counter() - start))
-    return best
 
 
 def epoch_seconds(model, pixels: torch.Tensor, batch_size: int) -> float:
