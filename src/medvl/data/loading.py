@@ -94,6 +94,12 @@ def _start_worker(function: Callable[[Any, Any], Any], context: Any) -> None:
     global _WORKER_TASK
     _WORKER_TASK = (function, context)
     torch.set_num_threads(1)  # the model's process keeps the cores' threads; also fork-safe for OpenMP
+    # a handler that writes through a rich console may have been mid-write on another thread at the
+    # fork, its lock copied held: log through a plain stream handler instead
+    root = logging.getLogger()
+    plain = logging.StreamHandler()
+    plain.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.handlers = [plain]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which shuts the pool down
 
 
