@@ -9,7 +9,11 @@ method's seconds per image. Settings are chosen on ``--split val`` and then repo
 ``--choose-on val --candidates JSON`` does both in one run: each method's candidate settings are
 scored on the ``--choose-on`` split, the one ranked first by ``grounding.selection_key`` (findings on
 which the method beats both baselines' pointing game, then its pooled pointing game; the first
-listed on ties) is kept, and only then is ``--split`` scored, once, with the kept settings.
+listed on ties) is kept, and only then is ``--split`` scored, once, with the kept settings
+(``--choose-only`` stops after the choice: pass the kept settings to a later run with ``--settings``,
+e.g. to look at the val scores of several models before any test split is scored). Settings may
+name a supervised head (``{"head": "finding"}``, for gradcam, occlusion and smoothgrad): the map then
+explains the head's class, not the zero-shot text class (``medvl.explain.heatmaps``).
 Then the concept bottleneck's accuracy beside a linear probe on the same image embeddings
 (phantom; and ISIC when --isic-model / --isic-data are given). Commands and figures:
 docs/benchmarks.md, "Explanations and grounding".
@@ -80,6 +84,9 @@ def main() -> None:
                         help='With --choose-on: candidate settings per method as JSON, e.g. '
                              '\'{"occlusion": [{"window": 0.1875}, {"window": 0.25}]}\'; the methods named here '
                              'are the ones scored (default: every method of --methods with its defaults).')
+    parser.add_argument("--choose-only", action="store_true",
+                        help="With --choose-on: stop after choosing (nothing else is scored); the kept settings are "
+                             "printed as JSON for --settings.")
     parser.add_argument("--no-bottleneck", action="store_true", help="Skip the concept bottleneck comparison.")
     parser.add_argument("--isic-model", type=Path, help="Dual encoder trained on the ISIC train split.")
     parser.add_argument("--isic-data", type=Path, help="ISIC manifest with train / test splits and diagnosis.")
@@ -106,6 +113,12 @@ def main() -> None:
                           f"findings, pooled pointing game {entry['key'][1]:.3f}{mark}")
             methods, settings = list(selection["chosen"]), selection["chosen"]
             summary["selection"] = {"split": args.choose_on, **selection}
+            print(f"kept: --methods {','.join(methods)} --settings '{json.dumps(settings)}'")
+            if args.choose_only:
+                _finish(args, summary, {}, started)
+                return
+        elif args.choose_only:
+            parser.error("--choose-only needs --choose-on")
         grounding = evaluate_grounding(model, data.select(args.split), args.label, methods,
                                        tolerance=args.tolerance, seed=args.seed, settings=settings)
         print(f"grounding on {args.data} ({args.split}, {grounding['n']} cases with a box, "
@@ -127,6 +140,10 @@ def main() -> None:
         print("|---|---|---|---|---|")
     for name, result in bottlenecks.items():
         print(bottleneck_line(name, result))
+    _finish(args, summary, bottlenecks, started)
+
+
+def _finish(args: argparse.Namespace, summary: dict, bottlenecks: dict, started: float) -> None:
     if args.json:
         write_json(args.json, {**summary, "bottleneck": bottlenecks, "seconds": round(time.perf_counter() - started, 1),
                                "load_average": os.getloadavg()})

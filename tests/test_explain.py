@@ -407,3 +407,122 @@ def test_explain_command_with_occlusion_and_a_bad_method(tiny_model_dir, phantom
     refused, output = invoke("explain", image, "--model", tiny_model_dir, "--method", "lime")
     assert refused.exit_code == 2 and "heatmap methods must be among" in output and "'lime'" in output
     assert "Traceback" not in output
+
+
+# -- explaining a supervised head instead of the zero-shot classes --------------------------------------
+
+
+class _ZeroShotAsHead(torch.nn.Module):
+    """A stand-in head whose logits are the zero-shot logits of ``texts`` (in the head's own class order)."""
+
+    def __init__(self, model, texts):
+        super().__init__()
+        self.projection, self.scale, self.texts = model.image_projection, model.logit_scale, texts
+
+    def forward(self, features):
+        embeddings = torch.nn.functional.normalize(self.projection(features), dim=-1)
+        return self.scale.detach().clamp(max=4.6052).exp() * embeddings @ self.texts.t()
+
+
+@pytest.fixture(scope="module")
+def square_head_case(square_case):
+    """The square case with a linear head "finding" over ("square", "flat"): the reverse of the text
+    order, so a method that indexed the head with the text order would explain the wrong class."""
+    import copy
+
+    model, square, texts = square_case
+    model = copy.deepcopy(model)
+    model.add_head("finding", ["square", "flat"])
+    with torch.no_grad():
+        model.heads["finding"].weight.copy_(texts[[1, 0]] @ model.image_projection.weight)
+        model.heads["finding"].bias.zero_()
+    return model, square, texts
+
+
+def _head_log_probability(model, target):
+    def score(batch):
+        features = model.image_encoder(model.preprocessor.normalize(batch))
+        return torch.log_softmax(model.heads["finding"](features), dim=-1)[:, target]
+    return score
+
+
+def test_occlusion_and_smoothgrad_of_a_supervised_head_match_hand_computations(square_head_case):
+    from captum.attr import Occlusion
+
+    from medvl.explain.heatmaps import occlusion_map, smoothgrad_map, target_index
+
+    model, square, texts = square_head_case
+    target = target_index(model, ["flat", "square"], "square", head="finding")
+    assert target == 0 and target_index(model, ["flat", "square"], "square") == 1
+    ours = occlusion_map(model, square, texts, target, window=0.125, stride=0.0625, smooth=0.0, head="finding")
+    with torch.no_grad():
+        theirs = Occlusion(_head_log_probability(model, 0)).attribute(
+            square, sliding_window_shapes=(1, 8, 8), strides=(1, 4, 4),
+            baselines=square.mean(dim=(2, 3), keepdim=True).expand_as(square), perturbations_per_eval=64)
+    assert torch.allclose(ours, theirs[:, 0], atol=1e-5)
+    row, col = grounding.peak(occlusion_map(model, square, texts, target, stride=0.125, head="finding")[0].numpy())
+    assert 40 <= row < 48 and 16 <= col < 24  # the head's evidence for "square" is the square
+    zero_shot = occlusion_map(model, square, texts, 1, window=0.125, stride=0.0625, smooth=0.0)
+    assert not torch.allclose(ours, zero_shot, atol=1e-3)  # the head's map, not the text classes' one
+    plain = smoothgrad_map(model, square, texts, target, samples=1, noise=0.0, smooth=0.0, head="finding")
+    pixels = square.clone().requires_grad_(True)
+    expected = torch.autograd.grad(_head_log_probability(model, 0)(pixels).sum(), pixels)[0].abs().sum(1)
+    assert torch.allclose(plain, expected, atol=1e-6)
+
+
+def test_gradcam_of_a_supervised_head_matches_a_hand_computed_grad_cam(square_head_case):
+    model, square, texts = square_head_case
+    maps = gradcam_map(model, square, texts, target=0, head="finding")
+    saved = {}
+    handle = model.image_encoder.backbone.layer4.register_forward_hook(
+        lambda module, inputs, output: saved.setdefault("a", output))
+    try:
+        logits = model.heads["finding"](model.image_encoder(model.preprocessor.normalize(square)))
+        gradients = torch.autograd.grad(logits[:, 0].sum(), saved["a"])[0]
+    finally:
+        handle.remove()
+    cam = torch.relu((gradients.mean(dim=(2, 3), keepdim=True) * saved["a"]).sum(1, keepdim=True)).detach()
+    expected = torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(maps, expected, atol=1e-5)
+
+
+def test_a_missing_head_or_class_is_refused(square_head_case, square_case):
+    from medvl.errors import ModelError
+    from medvl.explain.heatmaps import heatmaps as make_heatmaps
+    from medvl.explain.heatmaps import target_index
+
+    model, square, texts = square_head_case
+    with pytest.raises(ModelError, match="no supervised head for 'label'"):
+        make_heatmaps(model, square, texts, 0, ["occlusion"], {"occlusion": {"head": "label"}})
+    with pytest.raises(ModelError, match="no supervised head for 'finding'; heads: none"):
+        make_heatmaps(square_case[0], square, texts, 0, ["smoothgrad"], {"smoothgrad": {"head": "finding"}})
+    with pytest.raises(InputError, match="not among the 2 classes of the supervised head"):
+        make_heatmaps(model, square, texts, 2, ["gradcam"], {"gradcam": {"head": "finding"}})
+    with pytest.raises(InputError, match="unknown patch_text setting 'head'"):
+        make_heatmaps(model, square, texts, 0, ["patch_text"], {"patch_text": {"head": "finding"}})
+    with pytest.raises(InputError, match="'nodule' is not among the supervised head 'finding'"):
+        target_index(model, ["flat", "square"], "nodule", head="finding")
+
+
+def test_grounding_of_a_head_finds_each_class_by_name(tiny_model, phantom_dir):
+    """A head whose logits are the zero-shot logits in another class order must ground exactly as the
+    zero-shot classes do: the finding is looked up by name among the head's classes."""
+    import copy
+
+    from medvl.embed import class_embeddings
+    from medvl.predict import class_prompts
+
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    cases = test_set.subset([r for r in test_set if r.labels["finding"] in ("pneumothorax", "pleural_effusion")])
+    model = copy.deepcopy(tiny_model)
+    order = list(reversed(cases.classes("finding")))  # the zero-shot classes are the data's own
+    texts = class_embeddings(model, class_prompts(model, order, "finding")[1])
+    model.add_head("finding", order)
+    model.heads["finding"] = _ZeroShotAsHead(model, texts)
+    options = {"window": 0.25, "stride": 0.125}
+    plain = grounding.evaluate_grounding(model, cases, methods=["occlusion"], settings={"occlusion": options})
+    by_head = grounding.evaluate_grounding(model, cases, methods=["occlusion"],
+                                           settings={"occlusion": {**options, "head": "finding"}})
+    assert by_head["settings"]["occlusion"]["head"] == "finding"
+    for finding, row in plain["per_finding"].items():
+        assert by_head["per_finding"][finding]["occlusion"] == pytest.approx(row["occlusion"], abs=1e-6)

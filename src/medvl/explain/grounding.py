@@ -28,7 +28,7 @@ import numpy as np
 from ..embed import class_embeddings
 from ..errors import DataError, InputError
 from ..predict import class_prompts
-from .heatmaps import METHODS, check_methods, check_settings, heatmaps, resize_map
+from .heatmaps import METHODS, check_methods, check_settings, heatmaps, resize_map, target_index
 
 BASELINES = ("random", "centre")
 THRESHOLDS = (0.25, 0.5, 0.75)
@@ -156,7 +156,8 @@ def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence
                        settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Grounding of each heatmap method and both baselines on every record whose ``label`` class has a
     box and mask (phantom layout, see ``phantom_truth``); the heatmap explains the true class among
-    all of ``label``'s classes in ``dataset``. ``settings``: keyword arguments per method (``heatmaps``).
+    all of ``label``'s classes in ``dataset`` (with a method's setting ``head``: the class of the same
+    name among that supervised head's). ``settings``: keyword arguments per method (``heatmaps``).
     Returns ``per_finding`` (``summarise``), ``seconds_per_image`` per method and the settings."""
     methods = check_methods(methods or METHODS)
     check_settings(methods, settings)
@@ -178,8 +179,9 @@ def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence
             maps: dict[str, np.ndarray] = {}
             for method in methods:  # one at a time, to time each
                 clock = time.perf_counter()
-                maps |= heatmaps(model, pixels[members], texts, classes.index(finding), [method],
-                                 {method: (settings or {}).get(method, {})})
+                options = dict((settings or {}).get(method, {}))
+                target = target_index(model, classes, finding, options.get("head"))
+                maps |= heatmaps(model, pixels[members], texts, target, [method], {method: options})
                 spent[method] += time.perf_counter() - clock
             for j, i in enumerate(members):
                 record, _, (mask, box) = chunk[i]

@@ -19,6 +19,13 @@ Every method explains one class among a set of class text embeddings (the zero-s
   over noisy copies of the image, Gaussian-smoothed. Model-agnostic, pixel resolution; costs
   one forward and backward pass per noisy copy.
 
+``gradcam``, ``occlusion`` and ``smoothgrad`` can explain a supervised head instead of the zero-shot
+classes: with the setting ``head="finding"`` they explain the model's linear head for that label
+column (trained with ``--supervised-weight``; its class names in ``model.meta["heads"]``), Grad-CAM
+its logit, occlusion and SmoothGrad its log-softmax over the head's classes, and ``target`` indexes
+the head's classes (``target_index`` finds a class by name either way). The class embeddings are
+then not used. ``patch_text`` is a text-direction map and has no head form.
+
 The first two work on the encoder's token grid and are upsampled bilinearly to the model's input
 size; the last two are computed at the input size. Window, stride, noise and smoothing are given
 as fractions of the image side so they mean the same at any input size; ``settings`` passes them
@@ -92,30 +99,26 @@ def patch_text_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, 
     return _upsample(scores.view(len(pixels), *grid), pixels.shape[2:])
 
 
-def gradcam_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, target: int) -> torch.Tensor:
-    """(N, H, W) Grad-CAM of class ``target``'s zero-shot logit at the last convolutional stage."""
+def gradcam_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, target: int,
+                head: str | None = None) -> torch.Tensor:
+    """(N, H, W) Grad-CAM of class ``target``'s zero-shot logit at the last convolutional stage
+    (with ``head``: of the supervised head's logit for its class ``target``)."""
     from captum.attr import LayerGradCam
 
     check_heatmap_model(model)
-    _check_target(class_embeddings, target)
+    _check_explained(model, class_embeddings, target, head)
     layer = _last_conv_stage(model.image_encoder)
-    scale = model.logit_scale.detach().clamp(max=4.6052).exp()
-    texts = class_embeddings.detach()
-
-    def logits(normalised: torch.Tensor) -> torch.Tensor:
-        image_embeddings = model.embed_image_features(model.image_encoder(normalised))
-        return scale * image_embeddings @ texts.t()
-
     model.eval()
     with torch.enable_grad():
         normalised = model.preprocessor.normalize(pixels).requires_grad_(True)
-        cam = LayerGradCam(logits, layer).attribute(normalised, target=target, relu_attributions=True)
+        cam = LayerGradCam(_logits(model, class_embeddings, head), layer).attribute(
+            normalised, target=target, relu_attributions=True)
     return _upsample(cam.detach()[:, 0], pixels.shape[2:])
 
 
 def occlusion_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, target: int,
                   window: float = 0.1875, stride: float = 0.0625, fill: str = "mean", smooth: float = 0.5,
-                  batch_size: int = 256) -> torch.Tensor:
+                  batch_size: int = 256, head: str | None = None) -> torch.Tensor:
     """(N, H, W) drop of class ``target``'s zero-shot log-probability when a window is hidden.
 
     ``window`` and ``stride`` are fractions of the input side (rounded to whole pixels, at least 1);
@@ -125,9 +128,10 @@ def occlusion_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, t
     ``fill``: what hides a window (see ``_fills``). The model runs on ``batch_size`` occluded images
     at a time. The defaults (18 px windows every 6 px at 96 px, 196 forward passes per image, the
     image mean as fill) were chosen on the phantom's val split over 12 px windows and over the
-    ``ring`` and ``blur`` fills (docs/benchmarks.md, "Explanations and grounding")."""
+    ``ring`` and ``blur`` fills (docs/benchmarks.md, "Explanations and grounding"). ``head``: explain
+    that supervised head's class ``target`` (its log-softmax) instead (see the module docstring)."""
     check_heatmap_model(model)
-    _check_target(class_embeddings, target)
+    _check_explained(model, class_embeddings, target, head)
     size = pixels.shape[2:]
     side, step = _occlusion_pixels(window, stride, size)
     if fill not in FILLS:
@@ -135,7 +139,7 @@ def occlusion_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, t
     if not smooth >= 0 or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"occlusion smooth must be >= 0 and batch_size >= 1, got {smooth!r}, {batch_size!r}")
     starts = [(y, x) for y in _starts(size[0], side, step) for x in _starts(size[1], side, step)]
-    scorer = _log_probability(model, class_embeddings, target)
+    scorer = _log_probability(model, class_embeddings, target, head)
     maps = []
     with torch.no_grad():
         for image, background in zip(pixels, _fills(pixels, side, fill), strict=True):
@@ -146,19 +150,20 @@ def occlusion_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, t
 
 def smoothgrad_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, target: int,
                    samples: int = 16, noise: float = 0.075, smooth: float = 0.02, seed: int = 0,
-                   batch_size: int = 64) -> torch.Tensor:
+                   batch_size: int = 64, head: str | None = None) -> torch.Tensor:
     """(N, H, W) SmoothGrad (Smilkov et al. 2017): the mean absolute gradient of class ``target``'s
     zero-shot log-probability with respect to the input pixels over ``samples`` noisy copies
     (Gaussian noise, sigma ``noise`` on the [0, 1] pixel scale, drawn from ``seed``: the map is
     deterministic), summed over channels, then Gaussian-smoothed with sigma ``smooth`` x the
     shorter side. ``batch_size`` noisy copies go through the model at a time. The defaults were
-    chosen on the phantom's val split (noise 0.05-0.2, smoothing 0-0.04, 16 or 32 samples)."""
+    chosen on the phantom's val split (noise 0.05-0.2, smoothing 0-0.04, 16 or 32 samples). ``head``:
+    explain that supervised head's class ``target`` (its log-softmax) instead."""
     check_heatmap_model(model)
-    _check_target(class_embeddings, target)
+    _check_explained(model, class_embeddings, target, head)
     if isinstance(samples, bool) or samples < 1 or not noise >= 0 or not 0 <= smooth <= 1 or batch_size < 1:
         raise InputError(f"smoothgrad needs samples >= 1, noise >= 0, smooth in [0, 1] and batch_size >= 1, got "
                          f"samples={samples!r}, noise={noise!r}, smooth={smooth!r}, batch_size={batch_size!r}")
-    scorer = _log_probability(model, class_embeddings, target)
+    scorer = _log_probability(model, class_embeddings, target, head)
     generator = torch.Generator().manual_seed(seed)
     noisy = pixels.detach().repeat_interleave(samples, 0)
     noisy = noisy + noise * torch.randn(noisy.shape, generator=generator)
@@ -210,16 +215,42 @@ def _last_conv_stage(encoder) -> torch.nn.Module:
                      "use the patch_text method")
 
 
-def _log_probability(model, class_embeddings: torch.Tensor, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Pixels (N, C, H, W) in [0, 1] -> (N,) log-softmax of class ``target`` over the classes'
-    zero-shot logits (a drop = the class loses ground against the others, not just in scale)."""
+def target_index(model, classes: Sequence[str], name: str, head: str | None = None) -> int:
+    """The ``target`` that explains class ``name``: its index among ``classes`` (the zero-shot
+    classes, in the order of the class embeddings) or, with ``head``, among that supervised head's
+    classes (``model.meta["heads"][head]``, the order the head was trained with)."""
+    if head is None:
+        known = list(classes)
+    else:
+        _check_head(model, head)
+        known = list(model.meta["heads"][head])
+    if name not in known:
+        where = f"the supervised head {head!r}" if head is not None else "the classes"
+        raise InputError(f"class {name!r} is not among {where}: {', '.join(known)}")
+    return known.index(name)
+
+
+def _logits(model, class_embeddings: torch.Tensor, head: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised pixels -> (N, K) logits: the zero-shot classes' (scaled cosine of image and class
+    embeddings) or, with ``head``, the supervised head's on the pooled backbone features."""
+    if head is not None:
+        linear = model.heads[head]
+        return lambda normalised: linear(model.image_encoder(normalised))
     scale = model.logit_scale.detach().clamp(max=4.6052).exp()
     texts = class_embeddings.detach()
+    return lambda normalised: scale * model.embed_image_features(model.image_encoder(normalised)) @ texts.t()
+
+
+def _log_probability(model, class_embeddings: torch.Tensor, target: int,
+                     head: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pixels (N, C, H, W) in [0, 1] -> (N,) log-softmax of class ``target`` over the classes'
+    zero-shot logits, or the supervised ``head``'s (a drop = the class loses ground against the
+    others, not just in scale)."""
+    logits = _logits(model, class_embeddings, head)
     model.eval()
 
     def score(batch: torch.Tensor) -> torch.Tensor:
-        embeddings = model.embed_image_features(model.image_encoder(model.preprocessor.normalize(batch)))
-        return torch.log_softmax(scale * embeddings @ texts.t(), dim=-1)[:, target]
+        return torch.log_softmax(logits(model.preprocessor.normalize(batch)), dim=-1)[:, target]
     return score
 
 
@@ -297,6 +328,23 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     padded = F.pad(maps[:, None].float(), (radius,) * 4, mode="replicate")
     rows = F.conv2d(padded, kernel.view(1, 1, -1, 1))
     return F.conv2d(rows, kernel.view(1, 1, 1, -1))[:, 0]
+
+
+def _check_head(model, head: str) -> None:
+    if head not in getattr(model, "heads", {}) or head not in model.meta.get("heads", {}):
+        raise ModelError(f"model has no supervised head for {head!r}; heads: {', '.join(model.heads) or 'none'} "
+                         "(train with --supervised-weight and --label-column)")
+
+
+def _check_explained(model, class_embeddings: torch.Tensor, target: int, head: str | None) -> None:
+    """``target`` must index the class embeddings, or the classes of supervised ``head``."""
+    if head is None:
+        _check_target(class_embeddings, target)
+        return
+    _check_head(model, head)
+    count = len(model.meta["heads"][head])
+    if isinstance(target, bool) or not 0 <= target < count:
+        raise InputError(f"target class {target} is not among the {count} classes of the supervised head {head!r}")
 
 
 def _check_target(class_embeddings: torch.Tensor, target: int) -> None:
