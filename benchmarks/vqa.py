@@ -1,10 +1,22 @@
-"""VQA benchmark: VQA-RAD (a seeded share of trainset questions held out) and phantom VQA (held-out
-patients), each beside the blank-image and question-only baselines and, for VQA-RAD, the published
-references on the standard test split (a different split: see docs/benchmarks.md, VQA).
+"""VQA benchmark: VQA-RAD (a seeded share of trainset questions held out, or an official test file)
+and phantom VQA (held-out patients), each beside the blank-image and question-only baselines and, for
+VQA-RAD, the published references on the standard test split (see docs/benchmarks.md, VQA).
 
     python benchmarks/vqa.py --out runs/vqa            # both
     python benchmarks/vqa.py --out runs/vqa --only rad # VQA-RAD only
+    python benchmarks/vqa.py --out runs/vqa --only rad --test-data testset.json   # train on all of
+        # trainset.json, score the test file (its split name is its stem minus "set")
 
+The VQA-RAD recipe pretrains its image tower on MedPix 2.0 captions first (``--medpix``), leaving out
+every MedPix image that a scored question file asks about (``--leave-out-images-of``: MedPix and
+VQA-RAD share source images), then trains the VQA model on that frozen tower:
+
+    medvl train --data MEDPIX --split train --model medpix-small --max-steps 260 \
+        --leave-out-images-of trainset.json [--leave-out-images-of testset.json] --out OUT/medpix-dual
+    medvl train vqa --data trainset.json --holdout 0.15 --seed 0 --init OUT/medpix-dual/model \
+        --image-lr-scale 0 --no-augment --epochs 15 --batch-size 128 --lr 2e-3 --out OUT/vqa-rad
+
+(the medpix-small recipe's 20-epoch schedule stopped at step 260, its epoch 10, as measured.)
 Each run is ``medvl train vqa`` then ``medvl eval vqa --json``; the commands are printed as run.
 """
 
@@ -24,7 +36,9 @@ PUBLISHED = {  # VQA-RAD standard test split (451 questions): open / closed / ov
     "PubMedCLIP": (60.1, 80.0, 72.1),
     "BiomedGPT-B": (60.9, 81.3, 73.2),
 }
-RAD = ["--image-size", "64", "--no-augment", "--batch-size", "128", "--lr", "2e-3", "--epochs", "6", "--quiet"]
+MEDPIX_DUAL = ["--split", "train", "--model", "medpix-small", "--max-steps", "260", "--seed", "0", "--quiet"]
+RAD = ["--image-lr-scale", "0", "--no-augment", "--batch-size", "128", "--lr", "2e-3", "--epochs", "15", "--seed", "0",
+       "--quiet"]
 PHANTOM_DATA = ["--n", "1500", "--size", "64", "--seed", "0", "--vqa", "--vqa-per-case", "6"]
 # phantom-tiny's ResNet without its stem max-pool: a 4 x 4 token grid per 64 px film
 PHANTOM = ["--image-model", "phantom-tiny", "--image-size", "64", "--set", "image.no_max_pool=true",
@@ -38,13 +52,20 @@ def run(command: list[str]) -> float:
     return time.time() - start
 
 
-def vqa_rad(out: Path, data: Path) -> dict:
+def vqa_rad(out: Path, data: Path, medpix: Path, test_data: Path | None) -> dict:
+    """The MedPix-pretrained image tower (scored questions' images left out), then VQA on it."""
+    dual = out / "medpix-dual"
+    scored = [data] if test_data is None else [data, test_data]
+    if not (dual / "model").exists():
+        run(["medvl", "train", "--data", str(medpix), "--out", str(dual), *MEDPIX_DUAL,
+             *[arg for path in scored for arg in ("--leave-out-images-of", str(path))]])
     model = out / "vqa-rad"
-    seconds = run(["medvl", "train", "vqa", "--data", str(data), "--out", str(model), "--holdout", "0.15",
-                   "--seed", "0", "--image-model", "medpix-small", *RAD])
+    split = ["--holdout", "0.15"] if test_data is None else []
+    seconds = run(["medvl", "train", "vqa", "--data", str(data), "--out", str(model), *split,
+                   "--init", str(dual / "model"), *RAD])
     scores = out / "vqa-rad.json"
-    run(["medvl", "eval", "vqa", "--model", str(model), "--data", str(data), "--split", "heldout",
-         "--json", str(scores), "--overwrite", "--quiet"])
+    target = ["--data", str(data), "--split", "heldout"] if test_data is None else ["--data", str(test_data)]
+    run(["medvl", "eval", "vqa", "--model", str(model), *target, "--json", str(scores), "--overwrite", "--quiet"])
     return {"train_seconds": seconds, **json.loads(scores.read_text())}
 
 
@@ -65,10 +86,10 @@ def percent(value: float | None) -> str:
 
 
 def print_rad(result: dict) -> None:
-    print(f"\nVQA-RAD, {result['n']} held-out trainset questions ({result['n_open']} open, {result['n_closed']} "
+    print(f"\nVQA-RAD, {result['n']} scored questions ({result['n_open']} open, {result['n_closed']} "
           f"closed), trained in {result['train_seconds']:.0f} s")
     print(f"{'model':<34}{'open':>7}{'closed':>8}{'overall':>9}")
-    print(f"{'medvl VQA (held-out questions)':<34}{percent(result['open_accuracy']):>7}"
+    print(f"{'medvl VQA (' + result['split'] + ')':<34}{percent(result['open_accuracy']):>7}"
           f"{percent(result['closed_accuracy']):>8}{percent(result['overall_accuracy']):>9}")
     for prefix, name in (("blank_image_", "  same model, blank images"), ("question_only_", "  question-only prior")):
         print(f"{name:<34}{percent(result[prefix + 'open_accuracy']):>7}"
@@ -92,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vqa")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "vqa-rad" / "trainset.json")
+    parser.add_argument("--test-data", type=Path, default=None,
+                        help="A VQA-RAD test question file: train on all of --data, score this file.")
+    parser.add_argument("--medpix", type=Path, default=ROOT.parent / "shared" / "data" / "medpix-2.0",
+                        help="MedPix 2.0 folder for the image tower's pretraining.")
     parser.add_argument("--only", choices=("rad", "phantom"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only != "phantom":
-        result = vqa_rad(args.out, args.data)
+        result = vqa_rad(args.out, args.data, args.medpix, args.test_data)
         print_rad(result)
         print_types(result, "VQA-RAD")
     if args.only != "rad":
