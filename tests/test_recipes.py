@@ -100,6 +100,18 @@ def test_volume3d_benchmark_trains_the_recipe():
     assert volume3d.settings_for(options) == resolve_recipe("ct3d-small")
 
 
+def test_the_derm_recipe_is_the_documented_one():
+    settings = resolve_recipe("derm-small")
+    assert settings.model_overrides == {"image.image_size": 64, "image.color_constancy": 6.0,
+                                        "image.augment_rot90": True, "image.augment_color": 0.2}
+    train = settings.train
+    assert (train.epochs, train.batch_size, train.lr, train.supervised_weight, train.contrastive_weight) == (
+        40, 32, 1e-3, 1.0, 0.5)
+    assert settings.captions == caption_set("isic")
+    image = get_config("derm-small", **settings.model_overrides).image
+    assert (image.augment_flip, image.augment_rot90, image.in_channels) == (True, True, 3)
+
+
 def test_isic_benchmark_and_bench_cv_train_the_recipe():
     isic = _benchmark("isic")
     assert (isic.MODEL, isic.LABEL) == ("derm-small", "diagnosis")
