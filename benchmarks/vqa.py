@@ -11,7 +11,7 @@ The VQA-RAD recipe pretrains its image tower on MedPix 2.0 captions first (``--m
 every MedPix image that a scored question file asks about (``--leave-out-images-of``: MedPix and
 VQA-RAD share source images), then trains the VQA model on that frozen tower:
 
-    medvl train --data MEDPIX --split train --model medpix-small --max-steps 260 \
+    medvl train --data MEDPIX --split train --model medpix-small --epochs 10 \
         --leave-out-images-of trainset.json [--leave-out-images-of testset.json] --out OUT/medpix-dual
     medvl train vqa --data trainset.json --holdout 0.15 --seed 0 --init OUT/medpix-dual/model \
         --image-lr-scale 0 --no-augment --epochs 15 --batch-size 128 --lr 2e-3 --out OUT/vqa-rad
