@@ -44,7 +44,13 @@ def images(tmp_path_factory) -> list:
 
 def test_workers_give_the_same_pixels_in_order(model, images):
     in_process = torch.cat(list(pixel_batches(model.preprocessor, images, 4, workers=0)))
-    with_workers = torch.cat(list(pixel_batches(model.preprocessor, images, 4, workers=2)))
+    threads = torch.get_num_threads()
+    with_workers = []
+    for pixels in pixel_batches(model.preprocessor, images, 4, workers=1):
+        with_workers.append(pixels)  # meanwhile the model's torch keeps the cores the worker leaves
+        assert torch.get_num_threads() == max(1, min(threads, len(os.sched_getaffinity(0)) - 1))
+    assert torch.get_num_threads() == threads  # restored
+    with_workers = torch.cat(with_workers)
     assert with_workers.shape == (len(images), 1, 64, 64)
     assert torch.equal(in_process, with_workers)  # bit-identical, order kept
     assert torch.equal(in_process[3], model.preprocessor.load(images[3]))
@@ -96,7 +102,8 @@ def test_read_ahead_is_bounded_and_an_early_stop_ends_the_workers():
 def test_auto_workers_and_bad_counts():
     assert resolve_workers(None, loading.AUTO_MIN_IMAGES - 1) == 0
     cores = len(os.sched_getaffinity(0))
-    assert resolve_workers(None, loading.AUTO_MIN_IMAGES) == (0 if cores < 2 else min(4, cores - 1))
+    expected = 0 if cores < loading.AUTO_MIN_CORES else min(loading.MAX_AUTO_WORKERS, cores // 4)
+    assert resolve_workers(None, loading.AUTO_MIN_IMAGES) == expected
     assert resolve_workers(3, 1) == 3
     for bad in (-1, 1.5):
         with pytest.raises(InputError, match="workers"):
@@ -105,8 +112,8 @@ def test_auto_workers_and_bad_counts():
 
 def test_index_and_embeddings_are_the_same_with_workers(model, phantom_dir: Path, tmp_path):
     data = load_dataset(phantom_dir).select("test")
-    assert torch.equal(embed_images(model, data, batch_size=8, show_progress=False, workers=0),
-                       embed_images(model, data, batch_size=8, show_progress=False, workers=2))
+    assert torch.allclose(embed_images(model, data, batch_size=8, show_progress=False, workers=0),
+                          embed_images(model, data, batch_size=8, show_progress=False, workers=2), atol=1e-6)
     build_index(model, data, tmp_path / "a", batch_size=5, show_progress=False, workers=0)
     build_index(model, data, tmp_path / "b", batch_size=5, show_progress=False, workers=2)
     queries = torch.nn.functional.normalize(torch.randn(4, model.config.embed_dim), dim=-1).numpy()
@@ -114,7 +121,9 @@ def test_index_and_embeddings_are_the_same_with_workers(model, phantom_dir: Path
         assert len(first) == len(second) == len(data)
         for hits_a, hits_b in zip(first.search(queries, k=len(data)), second.search(queries, k=len(data)),
                                   strict=True):
-            assert [(h.id, h.score) for h in hits_a] == [(h.id, h.score) for h in hits_b]
+            # the same cases; scores equal to float rounding (the model runs on fewer threads beside workers)
+            assert [h.id for h in hits_a] == [h.id for h in hits_b]
+            assert np.allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-6)
 
 
 def test_a_bad_worker_count_is_refused_before_any_work(phantom_dir: Path, tmp_path):

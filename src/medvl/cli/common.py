@@ -34,8 +34,8 @@ AllowOutsideOption = Annotated[bool, typer.Option(
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
 WorkersOption = Annotated[int | None, typer.Option(
-    help="Processes reading and resizing images ahead of the model (0 = in this process; default: one per "
-         "core but one, from 512 images on).")]
+    help="Processes reading and resizing images ahead of the model (0 = in this process; default: 0 below "
+         "4 cores, else a quarter of the cores, from 512 images on).")]
 BackendOption = Annotated[str, typer.Option(
     help="How the model runs: torch, torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need "
          "'medvl export onnx' first); see docs/benchmarks.md for which is fastest.")]

@@ -38,6 +38,11 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 AUTO_MIN_IMAGES = 512  # below this, starting worker processes costs more than it saves
+# On 2 cores, reading in-process was faster for JPEG datasets (docs/benchmarks.md, "Data loading"): torch
+# already spreads both the resizing and the model over both cores, and a worker takes one of them from
+# the model; reading that cannot use torch's threads (the phantom renderer, large PNG / DICOM decodes)
+# gains from --workers 1 even there. More cores: a share of them read, the model keeps the rest.
+AUTO_MIN_CORES = 4
 MAX_AUTO_WORKERS = 4
 
 # in a worker: what it was given at start (inherited by fork, not pickled): (function, context)
@@ -46,15 +51,19 @@ _WORKER_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None
 
 def resolve_workers(workers: int | None, n_images: int) -> int:
     """The number of reading processes: ``workers`` if given (0 = read in this process); ``None``
-    (auto): none for fewer than ``AUTO_MIN_IMAGES`` images or on one core, else one per core
-    but one (the model's process keeps a core), at most ``MAX_AUTO_WORKERS``."""
+    (auto): none for fewer than ``AUTO_MIN_IMAGES`` images or below ``AUTO_MIN_CORES`` cores, else
+    a quarter of the cores, at most ``MAX_AUTO_WORKERS`` (the model's process keeps the rest)."""
     check_workers(workers)
     if workers is not None:
         return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if n_images < AUTO_MIN_IMAGES or cores < 2:
+    cores = _cores()
+    if n_images < AUTO_MIN_IMAGES or cores < AUTO_MIN_CORES:
         return 0
-    return min(MAX_AUTO_WORKERS, cores - 1)
+    return min(MAX_AUTO_WORKERS, cores // 4)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_workers(workers: int | None) -> None:
@@ -66,7 +75,8 @@ def check_workers(workers: int | None) -> None:
 def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], workers: int,
               context: Any = None, describe: Callable[[Item], str] = str) -> Iterator[Result]:
     """``function(context, item)`` for each item, in order, computed ``workers`` processes ahead of
-    the consumer (``workers=0``: lazily in this process). ``function`` must be a module-level
+    the consumer (``workers=0``: lazily in this process), while the consumer's torch uses the cores the
+    workers leave (at least one thread; restored at the end). ``function`` must be a module-level
     function; ``context`` (e.g. a preprocessor) reaches the workers by fork, unpickled;
     ``describe(item)`` names an item in the error raised when a worker dies."""
     if workers == 0:
@@ -76,6 +86,10 @@ def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], wo
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(function, context))
     pending: deque[tuple[Item, Future]] = deque()
+    threads = torch.get_num_threads()
+    # the workers take cores of their own: the model's thread pool keeps the rest, as an oversubscribed
+    # OpenMP pool (threads waiting at each barrier for one the scheduler parked) is slower than a smaller one
+    torch.set_num_threads(max(1, min(threads, _cores() - workers)))
     try:
         source = iter(items)
         for item in source:
@@ -85,6 +99,7 @@ def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], wo
         while pending:
             yield _result(*pending.popleft())
     finally:
+        torch.set_num_threads(threads)
         for _, future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
