@@ -32,8 +32,6 @@ from ..checks import check_number
 from ..errors import DataError
 from ..progress import progress_bar
 
-log = logging.getLogger(__name__)
-
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -73,12 +71,12 @@ def check_workers(workers: int | None) -> None:
 
 
 def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], workers: int,
-              context: Any = None, describe: Callable[[Item], str] = str) -> Iterator[Result]:
+              context: Any = None) -> Iterator[Result]:
     """``function(context, item)`` for each item, in order, computed ``workers`` processes ahead of
     the consumer (``workers=0``: lazily in this process), while the consumer's torch uses the cores the
     workers leave (at least one thread; restored at the end). ``function`` must be a module-level
-    function; ``context`` (e.g. a preprocessor) reaches the workers by fork, unpickled;
-    ``describe(item)`` names an item in the error raised when a worker dies."""
+    function; ``context`` (e.g. a preprocessor) reaches the workers by fork, unpickled. A worker that
+    dies is a ``DataError`` naming the first image of the item it was reading."""
     if workers == 0:
         for item in items:
             yield function(context, item)
