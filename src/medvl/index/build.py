@@ -2,7 +2,8 @@
 
 Both read each image once: its decoded pixels give the duplicate-detection hash and the
 embedding. Worker processes read and resize the next batches while the model embeds this one
-(``medvl.data.loading``); the index is the same with any number of workers. NIfTI volumes are
+(``medvl.data.loading``); any number of workers gives the same cases and vectors (to float
+rounding: beside workers the model runs on fewer threads). NIfTI volumes are
 read twice to keep memory bounded: hashed while streamed slab by slab from disk, then resized
 from the path (``medvl.models.volumes`` streams them again), so a large CT is never held decoded
 whole. A case whose image is already indexed (or appears
