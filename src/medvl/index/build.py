@@ -199,13 +199,19 @@ def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, 
     """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order; the
     images are read by ``workers`` processes ahead of the model."""
     if embedder is None:
-        batches = list(batched(todo, batch_size))
-        reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
-        for batch, read in zip(batches, reads, strict=True):
+        for batch, read in _read_ahead(model, todo, batch_size, workers):
             yield batch, *embed_records(model, batch, read, known, allow_duplicates, root)
         return
     for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size):
         yield batch, *keep_new(batch, digests, vectors, text_vectors, known, allow_duplicates, root)
+
+
+def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int
+                ) -> Iterator[tuple[Sequence[Record], tuple[list[str], np.ndarray]]]:
+    """Each batch of ``records`` with its ``read_batch`` result, read by ``workers`` processes ahead."""
+    batches = list(batched(records, batch_size))
+    reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
+    yield from zip(batches, reads, strict=True)
 
 
 def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, columns: dict, kind: str,
@@ -233,9 +239,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
         log.warning("%d cases are already in the index (same id) and were left as they are", len(present))
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
-        batches = list(batched(todo, batch_size))
-        reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
-        for batch, read in zip(batches, reads, strict=True):
+        for batch, read in _read_ahead(model, todo, batch_size, workers):
             known.update(index.find_images(read[0]))
             cases, vectors, text_vectors, skipped = embed_records(model, batch, read, known, allow_duplicates,
                                                                   dataset_root(dataset))
