@@ -239,7 +239,9 @@ class ContrastiveObjective:
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
-        self.pixels = _load_pixels(self.model, self.dataset, show_progress, self.config.workers)
+        # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
+        self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
+                               self.config.workers)
         self.targets = _head_targets(self.model, self.dataset)
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
@@ -451,12 +453,6 @@ def _resume_state(out_dir: Path) -> dict[str, Any] | None:
         log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
         return None
     return torch.load(path, weights_only=True)
-
-
-def _load_pixels(model: DualEncoder, dataset: Dataset, show_progress: bool, workers: int | None = None
-                 ) -> torch.Tensor:
-    """Every training image read once and kept for every epoch as float16 [0, 1] (augmented per step)."""
-    return load_all(model.preprocessor, [record.image for record in dataset], show_progress, workers)
 
 
 def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
+from ..data.loading import load_all
 from ..data.record import Dataset
 from ..errors import InputError
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
 from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
-from .loop import _load_pixels as load_pixels
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class ReportObjective:
             meta = self.model.meta
             self.model = ReportGenerator.from_pretrained(checkpoint)
             self.model.meta = {**meta, **self.model.meta}
-        self.pixels = load_pixels(self.model, self.dataset, show_progress)  # type: ignore[arg-type]
+        self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress)
         self.reports = dict(self.model.tokenize_reports([r.text or "" for r in self.dataset]))
         if self.contexts is not None:
             self.context_tokens = self.model.tokenize_contexts(self.contexts)

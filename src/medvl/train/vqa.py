@@ -146,7 +146,7 @@ class VQAObjective:
         elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
             self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
         images, self.image_index = image_table(self.items, self.model.config.max_images)
-        self.pixels = load_pixels(self.model, images, show_progress)
+        self.pixels = load_all(self.model.preprocessor, images, show_progress)  # read once, float16 [0, 1]
         if self.frozen_images:
             self.features = self._frozen_features()
         vocabulary = {answer: i for i, answer in enumerate(self.model.answers)}
@@ -208,12 +208,6 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if bool((targets == IGNORE).all()):
         return logits.sum() * 0.0  # keeps the graph: no target in this batch
     return F.cross_entropy(logits, targets, ignore_index=IGNORE)
-
-
-def load_pixels(model: VQAModel, images: Sequence[Path], show_progress: bool, workers: int | None = None
-                ) -> torch.Tensor:
-    """Every image read and resized once, as float16 [0, 1]."""
-    return load_all(model.preprocessor, images, show_progress, workers)
 
 
 def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig, options: VQAOptions,
