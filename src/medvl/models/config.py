@@ -43,6 +43,10 @@ class ImageConfig:
     # all 8 orientations of the square); only for images with no orientation (dermoscopy, histology)
     augment_color: float = 0.0  # RGB colour jitter strength s in [0, 0.9]: brightness, contrast and
     # saturation factors in [1 - s, 1 + s], hue rotated by up to s / 4 of a turn; 0 = off; 3 channels only
+    test_time_orientations: int = 1  # inference only (2D): backbone features averaged over this many
+    # orientations of the image: 1 = as given, 2 = + its horizontal mirror, 4 = the four 90-degree rotations,
+    # 8 = all eight (rotations x mirror); for images with no orientation (dermoscopy, histology); costs as
+    # many forward passes (every backend). Training and heatmaps see one orientation
     color_constancy: float = 0.0  # Shades of Gray colour constancy at load (RGB images): each channel
     # divided by its Minkowski p-mean (the illuminant estimate, p = this value; 6 is usual for
     # dermoscopy), rescaled so a grey image is unchanged; 0 = off
@@ -92,6 +96,10 @@ class ImageConfig:
                              f"got in_channels {self.in_channels}")
         if self.augment_rot90 and self.spatial_dims != 2:
             raise InputError("image.augment_rot90 is for 2D images (spatial_dims 2)")
+        if self.test_time_orientations not in (1, 2, 4, 8) or isinstance(self.test_time_orientations, bool):
+            raise InputError(f"image.test_time_orientations must be 1, 2, 4 or 8, got {self.test_time_orientations!r}")
+        if self.test_time_orientations != 1 and self.spatial_dims != 2:
+            raise InputError("image.test_time_orientations is for 2D images (spatial_dims 2)")
         self._validate_window()
 
     def _validate_window(self) -> None:

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
 from .ood import OODGuard
-from .preprocess import ImagePreprocessor
+from .preprocess import ImagePreprocessor, orientations
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,17 @@ class DualEncoder(nn.Module):
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocessor.load_many(chunk)
-            feats = self.image_features(self.preprocessor.normalize(pixels))
+            feats = self.oriented_features(self.preprocessor.normalize(pixels))
             outputs.append(feats if features else self.embed_image_features(feats))
         return torch.cat(outputs) if outputs else torch.empty(0, self.config.embed_dim)
+
+    def oriented_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``image_features`` averaged over ``config.image.test_time_orientations`` orientations of a
+        normalised batch (one forward pass per orientation; 1 = ``image_features`` itself)."""
+        views = orientations(pixels, self.config.image.test_time_orientations)
+        if len(views) == 1:
+            return self.image_features(views[0])
+        return torch.stack([self.image_features(view) for view in views]).mean(0)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:

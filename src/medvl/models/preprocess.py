@@ -10,7 +10,8 @@ augmentation: small affine jitter, contrast and noise; flips only when the confi
 (laterality matters on chest X-rays); for RGB images with no orientation (dermoscopy) the config
 may add rotations by multiples of 90 degrees with vertical flips (``augment_rot90``) and colour
 jitter (``augment_color``). ``color_constancy`` applies Shades of Gray colour constancy at load,
-so training and scoring see the same corrected colours.
+so training and scoring see the same corrected colours; at inference the model may average its
+features over ``test_time_orientations`` orientations (``orientations``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,22 @@ def _build_augment(config: ImageConfig):
     if config.augment_flip:
         steps.append(RandFlip(prob=0.5, spatial_axis=dims - 1))
     return Compose(steps)
+
+
+def orientations(batch: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` orientations of a (N, C, H, W) batch, the batch itself first: 1; 2 = + the horizontal
+    mirror; 4 = rotations by 0, 90, 180 and 270 degrees; 8 = those four and their mirrors (the square's
+    symmetry group, each element once)."""
+    if count not in (1, 2, 4, 8):
+        raise ValueError(f"orientations: count must be 1, 2, 4 or 8, got {count}")
+    if count == 1:
+        return [batch]
+    if batch.ndim != 4:
+        raise ValueError(f"orientations: a (N, C, H, W) batch is needed, got shape {tuple(batch.shape)}")
+    if count == 2:
+        return [batch, batch.flip(-1)]
+    rotations = [batch if quarter == 0 else torch.rot90(batch, quarter, dims=(-2, -1)) for quarter in range(4)]
+    return rotations if count == 4 else rotations + [view.flip(-1) for view in rotations]
 
 
 def shades_of_gray(image: torch.Tensor, power: float = 6.0) -> torch.Tensor:
