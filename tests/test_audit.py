@@ -1,0 +1,136 @@
+"""The image audit (``medvl audit``, ``medvl.data.audit``): content checks on real and constructed
+images, exact and near duplicates across splits, unreadable files, and training without flagged images."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import invoke
+from medvl.data import load_dataset
+from medvl.data.audit import audit_dataset, difference_hash, flagged_ids, image_checks
+from medvl.data.images import read_image
+from medvl.errors import InputError
+
+
+def smooth_image(seed: int, side: int = 96) -> np.ndarray:
+    """A natural-looking 8-bit RGB image: low-frequency noise with a dark blob, no orientation."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(60, 200, size=(8, 8, 3)).astype(np.float32)
+    image = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC))
+    yy, xx = np.mgrid[:side, :side]
+    blob = ((yy - side * rng.uniform(0.3, 0.7)) ** 2 + (xx - side * rng.uniform(0.3, 0.7)) ** 2) < (side / 5) ** 2
+    image = image.astype(np.float32)
+    image[blob] *= 0.4
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg_round_trip(array: np.ndarray, path) -> np.ndarray:
+    Image.fromarray(array).save(path, quality=90)
+    return read_image(path)
+
+
+def test_content_checks_on_constructed_images(tmp_path):
+    natural = smooth_image(0)
+    assert image_checks(natural)["flags"] == []
+    assert image_checks(np.full((64, 64), 17, np.uint8))["flags"] == ["blank"]
+    assert image_checks(np.zeros((16, 16, 16), np.float32))["flags"] == ["blank"]  # a constant volume
+    rows = jpeg_round_trip(np.repeat(natural[40:41], 96, axis=0), tmp_path / "rows.jpg")  # one line stretched
+    checked = image_checks(rows)
+    assert checked["flags"] == ["streaked"] and "rows repeat" in checked["detail"]["streaked"]
+    columns = image_checks(np.repeat(natural[:, 50:51], 96, axis=1))
+    assert columns["flags"] == ["streaked"] and "columns repeat" in columns["detail"]["streaked"]
+    # a real structure with strong horizontal edges (stripes with noise) is not a streak
+    stripes = np.repeat((np.arange(96) // 8 % 2 * 120 + 60).astype(np.uint8)[:, None], 96, axis=1)
+    stripes = np.clip(stripes + np.random.default_rng(1).normal(0, 20, stripes.shape), 0, 255).astype(np.uint8)
+    assert image_checks(stripes)["flags"] == []
+    volume = np.random.default_rng(2).normal(size=(8, 32, 32)).astype(np.float32)
+    assert image_checks(volume)["flags"] == []  # no axis check for volumes
+
+
+def test_real_isic_files(shared_data):
+    images = shared_data / "isic-dermoscopy" / "images"
+    streaked = image_checks(read_image(images / "ISIC_0000001.jpg"))  # every row of this file is the same
+    assert streaked["flags"] == ["streaked"]
+    assert image_checks(read_image(images / "ISIC_0000506.jpg"))["flags"] == []  # a lesion on skin
+
+
+def test_difference_hash_survives_resizing_and_reencoding(tmp_path):
+    image = smooth_image(3, side=128)
+    small = np.asarray(Image.fromarray(image).resize((100, 100), Image.Resampling.LANCZOS))
+    again = jpeg_round_trip(small, tmp_path / "again.jpg")
+    gray = image.astype(np.float32).mean(-1)
+    assert difference_hash(gray) == difference_hash(again.astype(np.float32).mean(-1))
+    assert difference_hash(gray) != difference_hash(smooth_image(4, side=128).astype(np.float32).mean(-1))
+
+
+@pytest.fixture()
+def audited_folder(tmp_path):
+    """A manifest: two splits, an exact duplicate across them, a re-encoded copy, a streak, a corrupt file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    first, other = smooth_image(10, 128), smooth_image(11, 128)
+    Image.fromarray(first).save(folder / "a.png")
+    Image.fromarray(first).save(folder / "a_copy.png")  # same pixels
+    Image.fromarray(np.asarray(Image.fromarray(first).resize((112, 112)))).save(folder / "a_small.jpg", quality=85)
+    Image.fromarray(other).save(folder / "b.png")
+    Image.fromarray(np.repeat(other[60:61], 128, axis=0)).save(folder / "streak.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    rows = [("a.png", "train", "nevus"), ("a_copy.png", "test", "nevus"), ("a_small.jpg", "train", "nevus"),
+            ("b.png", "train", "melanoma"), ("streak.png", "train", "melanoma"), ("broken.png", "test", "nevus")]
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "split", "diagnosis"])
+        writer.writerows(rows)
+    return folder / "manifest.csv"
+
+
+def test_audit_finds_duplicates_leaks_streaks_and_unreadable_files(audited_folder):
+    audit = audit_dataset(load_dataset(audited_folder), label="diagnosis", show_progress=False)
+    flags = {r["id"]: sorted(r["flags"]) for r in audit["records"]}
+    assert flags == {"a": ["duplicate", "near_duplicate"], "a_copy": ["duplicate", "near_duplicate"],
+                     "a_small": ["near_duplicate"], "streak": ["streaked"], "broken": ["unreadable"]}
+    assert audit["n"] == 6 and audit["flagged"] == 5
+    assert audit["counts"] == {"unreadable": 1, "blank": 0, "streaked": 1, "duplicate": 2, "near_duplicate": 3}
+    exact = [g for g in audit["duplicate_groups"] if g["kind"] == "exact"]
+    assert exact == [{"kind": "exact", "ids": ["a", "a_copy"], "splits": ["test", "train"], "leak": True}]
+    near = [g for g in audit["duplicate_groups"] if g["kind"] == "near"]
+    assert len(near) == 1 and sorted(near[0]["ids"]) == ["a", "a_copy", "a_small"]
+    broken = next(r for r in audit["records"] if r["id"] == "broken")
+    assert "broken.png" in broken["detail"]["unreadable"]
+    assert audit["by_class"] == {"melanoma": {"records": 2, "content_flagged": 1},
+                                 "nevus": {"records": 4, "content_flagged": 1}}
+    assert flagged_ids(audit) == {"streak", "broken"}
+    assert flagged_ids(audit, ["duplicate"]) == {"a", "a_copy"}
+    with pytest.raises(InputError, match="unknown audit flags"):
+        flagged_ids(audit, ["blurry"])
+    with pytest.raises(InputError, match="unknown label column"):
+        audit_dataset(load_dataset(audited_folder), label="sex", show_progress=False)
+
+
+def test_audit_command(audited_folder, tmp_path):
+    out = tmp_path / "audit.json"
+    result, output = invoke("audit", "--data", audited_folder, "--label-column", "diagnosis", "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert "groups across splits (leaks)" in output and "streak (train): streaked" in output
+    assert json.loads(out.read_text())["leaks"][0]["ids"] == ["a", "a_copy"]
+    result, output = invoke("audit", "--data", audited_folder, "--split", "test", "-q")
+    assert result.exit_code == 0 and "leaks" in output  # one split: no group spans splits
+    result, _ = invoke("audit", "--data", audited_folder, "--label-column", "sex", "-q")
+    assert result.exit_code == 2
+
+
+def test_training_can_skip_flagged_images(audited_folder, tmp_path):
+    from medvl.api import train_from_path
+
+    model = train_from_path(audited_folder, tmp_path / "run", "phantom-tiny", split="train",
+                            label_columns=["diagnosis"], epochs=1, batch_size=4, skip_flagged=True, show_progress=False)
+    assert model.meta["training"]["records"] == 3  # a, a_small, b: the streak is left out (duplicates are kept)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["skip_flagged"] is True
+    only_flagged = audited_folder.with_name("flagged.csv")
+    only_flagged.write_text("image,diagnosis\nstreak.png,melanoma\nbroken.png,nevus\n")
+    with pytest.raises(InputError, match="every training image is flagged"):
+        train_from_path(only_flagged, tmp_path / "run2", "phantom-tiny", label_columns=["diagnosis"], epochs=1,
+                        skip_flagged=True, show_progress=False)
