@@ -134,3 +134,16 @@ def test_training_can_skip_flagged_images(audited_folder, tmp_path):
     with pytest.raises(InputError, match="every training image is flagged"):
         train_from_path(only_flagged, tmp_path / "run2", "phantom-tiny", label_columns=["diagnosis"], epochs=1,
                         skip_flagged=True, show_progress=False)
+
+
+def test_records_sharing_a_file_are_checked_once_and_not_duplicates(shared_data, tmp_path):
+    questions = audit_dataset(load_dataset(shared_data / "vqa-rad" / "trainset.json"), show_progress=False)
+    assert questions["n"] == 3064 and questions["files"] == 314  # about ten questions per image
+    assert questions["counts"]["duplicate"] == 0 and questions["leaks"] == []
+    image = tmp_path / "scan.png"
+    Image.fromarray(smooth_image(5)).save(image)
+    manifest = tmp_path / "shared.csv"
+    manifest.write_text("id,image,split\nq1,scan.png,train\nq2,scan.png,test\n")
+    audit = audit_dataset(load_dataset(manifest), show_progress=False)
+    assert audit["files"] == 1 and audit["flagged"] == 0
+    assert audit["leaks"] == [{"kind": "file", "ids": ["q1", "q2"], "splits": ["test", "train"], "leak": True}]

@@ -15,7 +15,8 @@ six of the shared ISIC dermoscopy images has every row identical). Per image, on
 - ``duplicate``: the same decoded pixels as another record (SHA-256 of the array); ``near_duplicate``:
   the same 64-bit difference hash (a 9x8 grayscale thumbnail's horizontal gradient signs) without being
   identical, i.e. a re-encoding or resize of the same picture (blank and streaked images are left out of
-  near-duplicate groups: their hashes carry too few bits). A group that spans splits is a leak.
+  near-duplicate groups: their hashes carry too few bits). A group that spans splits is a leak, and so
+  is one file used by records of several splits (kind ``file``). Records sharing a file are not duplicates.
 
 Nothing here reads text or logs pixels; ids and file names are reported, as every other command does.
 """
@@ -26,6 +27,7 @@ import hashlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,12 +83,15 @@ def difference_hash(gray: np.ndarray) -> str:
 
 def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | None = None,
                   show_progress: bool = True) -> dict[str, Any]:
-    """Check every record's first image (see the module doc). Returns ``n``, ``flagged`` (records
-    with any flag), ``counts`` (records per flag), ``by_class`` (with ``label``: per class, its
-    records and its records with a content flag), ``records`` (one dict per flagged record: ``id``,
-    ``split``, ``flags``, ``detail``, the label value), ``duplicate_groups`` (``kind`` exact or near,
-    ``ids``, ``splits``, ``leak`` when the group spans splits), ``leaks`` (groups spanning splits),
-    ``seconds``. Images are read by ``workers`` processes (``medvl.data.loading``; None: auto)."""
+    """Check every record's first image (see the module doc). Each distinct file is read once; records
+    that share a file (the questions of one VQA image) share its flags and are not duplicates of each
+    other. Returns ``n`` (records), ``files`` (distinct images), ``flagged`` (records with any flag),
+    ``counts`` (records per flag), ``by_class`` (with ``label``: per class, its records and its records
+    with a content flag), ``records`` (one dict per flagged record: ``id``, ``split``, ``flags``,
+    ``detail``, the label value), ``duplicate_groups`` (``kind`` exact, near, or ``file`` for one file
+    used in several splits; ``ids``, ``splits``, ``leak`` when the group spans splits), ``leaks`` (the
+    groups spanning splits), ``seconds``. Images are read by ``workers`` processes
+    (``medvl.data.loading``; None: auto)."""
     from ..progress import progress_bar
 
     if label is not None and label not in dataset.label_names:
@@ -96,19 +101,29 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
     records = [r for r in dataset.records if r.images]
     if not records:
         raise InputError(f"{dataset.source}: no record has an image to audit")
-    results: list[dict[str, Any]] = []
-    chunks = batched([r.image for r in records], BATCH)
-    with progress_bar("Auditing images", total=len(records), enabled=show_progress) as advance:
-        for checked in map_ahead(_check_batch, chunks, resolve_workers(workers, len(records))):
-            results.extend(checked)
+    files: dict[Any, list] = {}  # one entry per distinct image, with the records that use it
+    for record in records:
+        files.setdefault(_file_key(record.image), []).append(record)
+    sources = [users[0].image for users in files.values()]
+    checks: list[dict[str, Any]] = []
+    with progress_bar("Auditing images", total=len(sources), enabled=show_progress) as advance:
+        for checked in map_ahead(_check_batch, batched(sources, BATCH), resolve_workers(workers, len(sources))):
+            checks.extend(checked)
             advance(len(checked))
-    for record, result in zip(records, results, strict=True):
-        result.update(id=record.id, split=record.split)
-        if label is not None:
-            result["label"] = record.labels.get(label)
-    groups = _duplicate_groups(results)
-    summary = [{key: r[key] for key in ("id", "split", "flags", "detail", "label") if key in r}
-               for r in results if r["flags"]]
+    for check, users in zip(checks, files.values(), strict=True):
+        check.update(ids=[r.id for r in users], splits=sorted({str(r.split) for r in users}))
+    groups = _duplicate_groups(checks)
+    groups += [{"kind": "file", "ids": c["ids"], "splits": c["splits"], "leak": True}
+               for c in checks if len(c["splits"]) > 1]
+    results = []
+    for check, users in zip(checks, files.values(), strict=True):
+        for record in users:
+            result = {"id": record.id, "split": record.split, "flags": list(check["flags"]),
+                      "detail": dict(check["detail"])}
+            if label is not None:
+                result["label"] = record.labels.get(label)
+            results.append(result)
+    summary = [r for r in results if r["flags"]]
     counts = Counter(flag for r in results for flag in r["flags"])
     by_class: dict[str, dict[str, int]] = {}
     if label is not None:
@@ -118,9 +133,10 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
                                         {"records": 0, "content_flagged": 0})
             entry["records"] += 1
             entry["content_flagged"] += any(flag in CONTENT_FLAGS for flag in r["flags"])
-    return {"n": len(results), "flagged": len(summary), "counts": {flag: counts.get(flag, 0) for flag in FLAGS},
-            "by_class": dict(sorted(by_class.items())), "label": label, "records": summary,
-            "duplicate_groups": groups, "leaks": [g for g in groups if g["leak"]],
+    return {"n": len(results), "files": len(checks), "flagged": len(summary),
+            "counts": {flag: counts.get(flag, 0) for flag in FLAGS}, "by_class": dict(sorted(by_class.items())),
+            "label": label, "records": summary, "duplicate_groups": groups,
+            "leaks": [g for g in groups if g["leak"]],
             "thresholds": {"blank_levels": BLANK_LEVELS, "streak_ratio": STREAK_RATIO},
             "source": str(dataset.source), "seconds": round(time.perf_counter() - started, 2)}
 
@@ -143,30 +159,35 @@ def _check_batch(_context: Any, images: Sequence[ImageSource]) -> list[dict[str,
     return out
 
 
-def _duplicate_groups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups of records with identical pixels, then groups with one difference hash but different pixels."""
+def _duplicate_groups(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of files with identical pixels, then groups with one difference hash but different
+    pixels; each file carries ``ids`` and ``splits`` of the records using it."""
     groups = []
     for kind, key in (("exact", "sha256"), ("near", "dhash")):
         members: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in results:
+        for c in checks:
             # a blank or streaked image's hash has at most 8 informative bits: it would match its kind
-            if r[key] is not None and (kind == "exact" or not set(r["flags"]) & set(CONTENT_FLAGS)):
-                members[r[key]].append(r)
+            if c[key] is not None and (kind == "exact" or not set(c["flags"]) & set(CONTENT_FLAGS)):
+                members[c[key]].append(c)
         for same in members.values():
-            if kind == "near" and len({r["sha256"] for r in same}) < 2:
-                continue  # one picture (already an exact group, or alone)
-            if len(same) < 2:
-                continue
+            if len(same) < 2 or (kind == "near" and len({c["sha256"] for c in same}) < 2):
+                continue  # one picture (alone, or already an exact group)
             flag = "duplicate" if kind == "exact" else "near_duplicate"
-            for r in same:
-                if flag not in r["flags"]:
-                    r["flags"].append(flag)
-                others = [o["id"] for o in same if o is not r]
+            for c in same:
+                if flag not in c["flags"]:
+                    c["flags"].append(flag)
+                others = [i for o in same if o is not c for i in o["ids"]]
                 listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-                r["detail"][flag] = f"{'same pixels' if kind == 'exact' else 'same difference hash'} as {listed}"
-            splits = sorted({str(r["split"]) for r in same})
-            groups.append({"kind": kind, "ids": [r["id"] for r in same], "splits": splits, "leak": len(splits) > 1})
+                c["detail"][flag] = f"{'same pixels' if kind == 'exact' else 'same difference hash'} as {listed}"
+            splits = sorted({split for c in same for split in c["splits"]})
+            groups.append({"kind": kind, "ids": [i for c in same for i in c["ids"]], "splits": splits,
+                           "leak": len(splits) > 1})
     return groups
+
+
+def _file_key(image: ImageSource) -> Any:
+    """Records naming the same file share one check; arrays and loadable objects are their own."""
+    return ("path", str(Path(image).resolve())) if isinstance(image, str | Path) else ("object", id(image))
 
 
 def _gray(array: np.ndarray) -> np.ndarray:
