@@ -11,6 +11,11 @@ repeat's mean, the mean ± std over all N x 5 folds and each repeat's pooled out
     OMP_NUM_THREADS=1 python benchmarks/isic.py --json isic-cv.json   # 1 thread: shared CPU
     OMP_NUM_THREADS=1 python benchmarks/isic.py --repeats 3 --json isic-cv3.json   # seeds 0, 1, 2
     python benchmarks/isic.py --baselines-only   # seconds, no training
+    OMP_NUM_THREADS=1 python benchmarks/isic.py --seed 100 --set image.test_time_orientations=1   # a candidate
+
+After the table, the head's pooled out-of-fold AUC is split by the image audit (``medvl audit``): on the
+images it does not flag, and on the streaked ones (in the shared copy, a quarter of the files have every
+row identical: the lesion is gone), so a figure can be read against what the images still hold.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medvl.api import parse_overrides
 from medvl.bench.cv import make_folds, repeated_cross_validate
 from medvl.data import load_dataset
+from medvl.data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from medvl.data.images import read_image
 from medvl.eval.head import class_order, class_targets
 from medvl.eval.linear_probe import fit_and_score
@@ -70,6 +77,25 @@ def _row(repeats: list[list[float]], pooled: list[float] | None) -> dict:
             "pooled": pooled}
 
 
+def audit_breakdown(cv: dict, flagged: set[str], classes: list[str], labels: dict[str, str]) -> dict:
+    """Pooled out-of-fold head AUC per repeat on all images, on those the audit does not flag, on the
+    flagged ones; with the count of each."""
+    out: dict[str, dict] = {}
+    for name, keep in (("all images", lambda i: True), ("not flagged", lambda i: i not in flagged),
+                       ("flagged (streaked)", lambda i: i in flagged)):
+        aucs, count = [], 0
+        for repeat in cv["repeats"]:
+            ids = [i for fold in repeat["folds"] for i in fold["test_ids"]]
+            scores = np.concatenate([np.array(fold["probabilities"]) for fold in repeat["folds"]])
+            chosen = [k for k, i in enumerate(ids) if keep(i)]
+            y = np.array([classes.index(labels[ids[k]]) for k in chosen])
+            count = len(chosen)
+            aucs.append(classification_metrics(y, scores[chosen], classes)["macro_auc"] if len(set(y)) > 1 else None)
+        out[name] = {"images": count, "auc_pooled": aucs,
+                     "melanoma": int(sum(labels[i] == "melanoma" for i in labels if keep(i)))}
+    return out
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
     """One column per fold for a single CV; one per repeat (its mean over folds) when repeated."""
     first = next(iter(rows.values()))["repeats"]
@@ -97,6 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="Default: the recipe's.")
     parser.add_argument("--json", type=Path, default=None, help="Write every figure here.")
     parser.add_argument("--baselines-only", action="store_true", help="Skip the deep recipe.")
+    parser.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                        help="Model config override over the recipe's (repeatable), e.g. image.image_size=96.")
+    parser.add_argument("--skip-flagged", action="store_true", default=None,
+                        help="Train without the images the audit flags (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -116,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"baselines_seconds": round(time.perf_counter() - started, 1)}
     if not args.baselines_only:
         cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
-                                     seed=args.seed, epochs=args.epochs, show_progress=not args.quiet)
+                                     seed=args.seed, epochs=args.epochs, show_progress=not args.quiet,
+                                     overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged)
         scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
         if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
             raise RuntimeError("cross_validate scored other folds than the baselines")
@@ -133,6 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nhead accuracy {cv['acc']:.3f} ± {cv['acc_std']:.3f}, balanced accuracy "
               f"{cv['balanced_accuracy']:.3f} ± {cv['balanced_accuracy_std']:.3f}; "
               f"{cv['seconds']:.0f} s for {args.repeats} x {args.folds} folds")
+        flagged = flagged_ids(audit_dataset(dataset, show_progress=False), CONTENT_FLAGS)
+        labels = {r.id: str(r.labels[LABEL]) for r in dataset}
+        result["audit"] = audit_breakdown(cv, flagged, classes, labels)
+        print("\nhead AUC by image audit (pooled out-of-fold, per repeat):")
+        for name, entry in result["audit"].items():
+            aucs = ", ".join("-" if a is None else f"{a:.3f}" for a in entry["auc_pooled"])
+            print(f"  {name}: {entry['images']} images ({entry['melanoma']} melanoma): {aucs}")
     result.update(label=LABEL, classes=classes, folds=args.folds, seed=args.seed, seeds=seeds, auc=rows)
     if args.json:
         write_json(args.json, result)
