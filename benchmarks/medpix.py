@@ -60,8 +60,8 @@ def settings_for(args: argparse.Namespace) -> RecipeSettings:
     """The recipe of ``args.model`` with the options given on this script's command line (None: the
     recipe's), resolved exactly as ``medvl train`` resolves them."""
     return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source,
-                          loss=args.loss, batch_size=args.batch_size, lr=args.lr,
-                          model_overrides=parse_overrides(args.set))
+                          loss=args.loss, batch_size=args.batch_size, lr=args.lr, meta_text=args.meta_text,
+                          meta_text_share=args.meta_text_share, model_overrides=parse_overrides(args.set))
 
 
 def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
@@ -153,6 +153,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Model config override merged over the recipe's, as `medvl train --set` "
                              "(e.g. image.image_size=192); repeatable.")
+    parser.add_argument("--meta-text", default=None,
+                        help="A record meta field mixed in as training text, e.g. case_diagnosis (default: recipe).")
+    parser.add_argument("--meta-text-share", type=float, default=None,
+                        help="Probability of drawing --meta-text when a record has it (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     return parser
 

@@ -83,3 +83,40 @@ def test_evaluators_on_a_trained_tiny_model(phantom_dir, tmp_path):
     assert rt["image_to_text"]["chance"]["R@1"] == pytest.approx(1 / rt["n_texts"])
     lp = medvl.linear_probe(model, train_set, test_set, "finding", few_shot=(1,), show_progress=False)
     assert 0 <= lp["auc"] <= 1 and "1" in lp["few_shot"]
+
+
+def test_meta_text_is_drawn_with_its_share_and_pairs_a_cases_images(shared_data):
+    """MedPix records carry their case's diagnosis; as a further training text, the images of one case
+    share it and count as positives of each other."""
+    import random
+
+    from medvl.data import load_dataset
+    from medvl.data.captions import CaptionConfig
+    from medvl.train.loop import _PairedTexts
+
+    dataset = load_dataset(shared_data / "medpix-2.0").select("dev")
+    config = TrainConfig(text_source="text", meta_text="case_diagnosis", meta_text_share=1.0)
+    paired = _PairedTexts(dataset, config, CaptionConfig())
+    indices = list(range(40))
+    texts, ids = paired.batch(indices, random.Random(0))
+    records = [dataset.records[i] for i in indices]
+    with_case = [k for k, r in enumerate(records) if r.meta.get("case_diagnosis")]
+    assert len(with_case) > 30
+    for k in with_case:
+        assert texts[k] == records[k].meta["case_diagnosis"]
+    same_case = [(a, b) for a in with_case for b in with_case if a < b
+                 and records[a].meta["case_id"] == records[b].meta["case_id"]]
+    assert same_case and all(ids[a] == ids[b] for a, b in same_case)
+    assert all(records[k].meta["case_diagnosis"] in paired.corpus() for k in with_case)
+    never = _PairedTexts(dataset, TrainConfig(text_source="text", meta_text="case_diagnosis", meta_text_share=0.0),
+                         CaptionConfig())
+    assert never.batch(indices, random.Random(0))[0] == [r.text for r in records]
+    half = _PairedTexts(dataset, TrainConfig(text_source="text", meta_text="case_diagnosis", meta_text_share=0.5),
+                        CaptionConfig())
+    drawn = [t == dataset.records[index].meta["case_diagnosis"] for seed in range(5)
+             for index, t in zip(with_case, half.batch(with_case, random.Random(seed))[0], strict=True)]
+    assert 0.35 < sum(drawn) / len(drawn) < 0.65
+    with pytest.raises(InputError, match="no record has a 'diagnosis' text"):
+        _PairedTexts(dataset, TrainConfig(text_source="text", meta_text="diagnosis"), CaptionConfig())
+    with pytest.raises(InputError, match="meta_text_share"):
+        TrainConfig(meta_text_share=1.5).validate_numbers()

@@ -69,6 +69,11 @@ class TrainConfig:
     workers: int | None = None  # processes reading the images once before training; None: auto, 0: in-process
     leave_out_images_of: list[str] = field(default_factory=list)  # VQA question files: records whose image
     # they ask about are left out (medvl.data.loaders.vqa.leave_out_images; pretraining for a VQA benchmark)
+    meta_text: str | None = None  # a record meta field drawn as a further training text when a record has it
+    # (MedPix: "case_diagnosis", shared by a case's images, which then count as positives of each other)
+    meta_text_share: float = 0.25  # probability that a record with ``meta_text`` is paired with it
+    skip_flagged: bool = False  # leave out training records whose image the audit (medvl.data.audit) finds
+    # unreadable, blank or streaked (content lost along one axis); scoring still sees every image
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""
@@ -98,6 +103,7 @@ class TrainConfig:
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
             "workers": (self.workers, {"minimum": 0, "optional": True, **whole}),
+            "meta_text_share": (self.meta_text_share, {"minimum": 0, "maximum": 1}),
         })
         if self.supervised_weight == 0 and self.contrastive_weight == 0:
             raise InputError("supervised_weight and contrastive_weight are both 0: nothing to train")
@@ -119,12 +125,21 @@ class _PairedTexts:
             raise InputError(f"{dataset.source}: records have no text; pass label columns "
                              f"(--label-column) so captions can be made from labels")
         self.source = source
+        if config.meta_text and not any(r.meta.get(config.meta_text) for r in dataset.records):
+            fields = sorted({key for r in dataset.records for key, value in r.meta.items() if isinstance(value, str)})
+            raise InputError(f"{dataset.source}: no record has a {config.meta_text!r} text (meta_text); "
+                             f"text fields: {', '.join(fields) or 'none'}")
 
     def batch(self, indices: Sequence[int], rng: random.Random) -> tuple[list[str], torch.Tensor]:
         texts: list[str] = []
         keys: list[tuple[str | None, ...]] = []  # one per distinct caption source: positives share it
         for index in indices:
             record = self.records[index]
+            extra = record.meta.get(self.config.meta_text) if self.config.meta_text else None
+            if extra and rng.random() < self.config.meta_text_share:
+                texts.append(str(extra))
+                keys.append(("meta", str(extra)))
+                continue
             use_caption = self.source == "captions" or (self.source == "both" and rng.random() < 0.5)
             if use_caption:
                 texts.append(self.captions.caption(record.labels, self.config.label_columns, rng))
@@ -137,6 +152,8 @@ class _PairedTexts:
 
     def corpus(self) -> list[str]:
         texts = [r.text for r in self.records if r.text]
+        if self.config.meta_text:
+            texts.extend(str(r.meta[self.config.meta_text]) for r in self.records if r.meta.get(self.config.meta_text))
         for column, per_class in self.captions.classes.items():
             for class_name in per_class:
                 texts.extend(self.captions.prompts(column, class_name))
