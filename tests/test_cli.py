@@ -22,7 +22,7 @@ def test_help_lists_every_command():
     result, output = invoke("--help")
     assert result.exit_code == 0
     for command in ("demo", "phantom", "train", "eval", "bench", "predict", "models", "deid", "dicom-info",
-                    "index", "search"):
+                    "index", "search", "audit"):
         assert command in output
 
 
