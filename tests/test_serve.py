@@ -974,6 +974,8 @@ def test_medvl_serve_answers_health_within_10_s_and_drains_on_sigterm(model_dir,
     requests = [line for line in lines if line.get("message") == "request"]
     assert requests and all(line["request_id"] and "ms" in line for line in requests)
     assert any(line.get("message") == "micro-batcher stopped" for line in lines)
+    start = next(line for line in lines if line.get("message") == "serving")
+    assert (start["backend"], start["http"], start["loop"]) == ("torch", "httptools", "uvloop")  # medvl[serve]
 
 
 def _wait_for(http, process, started: float, statuses: set[str]) -> float:

@@ -109,8 +109,12 @@ def _setup_logs() -> None:
 
 def _log_start(host: str, port: int, model: Path, settings) -> None:
     import logging
+    from importlib.util import find_spec
 
+    # uvicorn's "auto" choices: the C parser and event loop when installed (medvl[serve] installs them)
+    http = "httptools" if find_spec("httptools") else "h11"
+    loop = "uvloop" if find_spec("uvloop") else "asyncio"
     logging.getLogger("medvl.serve").info(
         "serving", extra={"host": host, "port": port, "model": model.name, "batching": settings.batching,
                           "max_batch": settings.batch_size, "max_wait_ms": settings.max_wait_ms,
-                          "backend": settings.backend})
+                          "backend": settings.backend, "http": http, "loop": loop})
