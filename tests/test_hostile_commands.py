@@ -70,6 +70,7 @@ def _json_commands(trained: Path, phantom_dir: Path, image: Path) -> dict[str, l
         "eval case-retrieval": ["eval", "case-retrieval", "--index", phantom_dir / "idx", "--data", phantom_dir],
         "dicom-info": ["dicom-info", phantom_dir],
         "deid --report": ["deid", phantom_dir / "images", phantom_dir / "deid-out"],
+        "audit": ["audit", "--data", phantom_dir, "-q"],
     }
 
 
@@ -80,7 +81,7 @@ def commands(trained, phantom_dir):
 
 OUTPUT_COMMANDS = ["eval zero-shot", "eval retrieval", "eval linear-probe", "predict", "bench cv", "bench medmnist",
                    "index build", "index add", "index info", "search", "report draft", "eval case-retrieval",
-                   "dicom-info", "deid --report"]
+                   "dicom-info", "deid --report", "audit"]
 
 
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
@@ -337,7 +338,7 @@ def _outside_manifest(phantom_dir: Path, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["train", "eval zero-shot", "eval retrieval", "eval linear-probe", "bench cv",
-                                  "index build", "index add", "eval case-retrieval"])
+                                  "index build", "index add", "eval case-retrieval", "audit"])
 def test_dataset_commands_refuse_files_outside_the_manifest_folder(trained, phantom_dir, tmp_path, name):
     manifest = _outside_manifest(phantom_dir, tmp_path / "elsewhere")
     model, out = trained / "model", tmp_path / "out"
@@ -351,6 +352,7 @@ def test_dataset_commands_refuse_files_outside_the_manifest_folder(trained, phan
         "index build": ["index", "build", "--model", model, "--data", manifest, "--out", out, "-q"],
         "index add": ["index", "add", "--index", out, "--data", manifest, "-q"],
         "eval case-retrieval": ["eval", "case-retrieval", "--index", out, "--data", manifest, "--split", "all"],
+        "audit": ["audit", "--data", manifest, "-q"],
     }[name]
     result, output = invoke(*args)
     _assert_clean_refusal(result, output, "6 of 6 rows name a file outside", "--allow-outside-root")
