@@ -92,3 +92,52 @@ def test_bench_cv_repeats_use_other_folds_and_pool_every_fold(isic_subset, tmp_p
     assert metrics["auc_pooled"] == [r["auc_pooled"] for r in metrics["repeats"]]
     first, second = ([set(f["test_ids"]) for f in r["folds"]] for r in metrics["repeats"])
     assert first != second and first[0] | first[1] == second[0] | second[1]  # other folds of the same records
+
+
+@pytest.fixture(scope="module")
+def isic_mixed(shared_data, tmp_path_factory):
+    """8 nevus + 8 melanoma ISIC images from the start of the archive, where most files are streaked
+    (every row the same), and 8 + 8 from later ids, which are not."""
+    folder = shared_data / "isic-dermoscopy"
+    with (folder / "metadata.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["diagnosis"]]
+    chosen = []
+    for diagnosis in ("nevus", "melanoma"):
+        ranked = [r for r in rows if r["diagnosis"] == diagnosis]
+        chosen += ranked[:8] + ranked[-8:]
+    manifest = tmp_path_factory.mktemp("isic-mixed") / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "diagnosis"])
+        writer.writerows([folder / "images" / row["image"], row["diagnosis"]] for row in chosen)
+    return manifest
+
+
+def test_bench_cv_keeps_out_of_fold_scores_and_can_skip_flagged_images(isic_mixed, tmp_path):
+    from medvl.data import load_dataset
+    from medvl.data.audit import audit_dataset, flagged_ids
+    from medvl.eval.metrics import classification_metrics
+
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_mixed, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--seed", 3, "--batch-size", 16,
+                            "--skip-flagged", "--json", out, "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads(out.read_text())
+    assert metrics["train"]["skip_flagged"] is True
+    flagged = flagged_ids(audit_dataset(load_dataset(isic_mixed, allow_outside_root=True), show_progress=False))
+    assert 8 <= len(flagged) <= 16  # the early ISIC files in the shared copy are streaked (a real defect)
+    for fold in metrics["folds"]:  # with 2 folds, a fold trains on the other fold's test records
+        other = next(f for f in metrics["folds"] if f is not fold)
+        assert fold["n_train"] == len(other["test_ids"])
+        assert fold["n_trained"] == len(set(other["test_ids"]) - flagged) < fold["n_train"]
+        scores = np.array(fold["probabilities"])  # every held-out image is scored, flagged or not
+        assert scores.shape == (fold["n_test"], 2) and np.allclose(scores.sum(1), 1, atol=1e-4)
+    # the pooled AUC is the AUC of the saved out-of-fold scores
+    ids = [i for f in metrics["folds"] for i in f["test_ids"]]
+    scores = np.concatenate([np.array(f["probabilities"]) for f in metrics["folds"]])
+    labels = {r.id: r.labels["diagnosis"] for r in load_dataset(isic_mixed, allow_outside_root=True).records}
+    y = np.array([metrics["classes"].index(labels[i]) for i in ids])
+    assert len(set(ids)) == len(ids) == 32
+    pooled = classification_metrics(y, scores, metrics["classes"])["macro_auc"]
+    assert pooled == pytest.approx(metrics["auc_pooled"], abs=1e-4)

@@ -33,6 +33,16 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
     return dataset.select(split)
 
 
+def audit_from_path(data: PathLike, split: str = "all", label: str | None = None, workers: int | None = None,
+                    allow_outside_root: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """``medvl.data.audit.audit_dataset`` of one split (default: every record, so that duplicates
+    across splits show as leaks) of the dataset at ``data``; ``label``: counts per class."""
+    from .data.audit import audit_dataset
+
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    return audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress)
+
+
 def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:
     """The one label column a task needs: the one given, else the dataset's default."""
     chosen = list(labels or dataset.default_labels)

@@ -53,10 +53,12 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    epochs: int | None = None, seed: int = 0, captions: str | Path | CaptionConfig | None = None,
                    group_column: str | None = None, show_progress: bool = True, *, lr: float | None = None,
                    batch_size: int | None = None, contrastive_weight: float | None = None,
-                   overrides: dict[str, Any] | None = None, allow_outside_root: bool = False) -> dict:
+                   skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
+                   allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
-    ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``: None = the recipe of ``model_name``
+    ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``skip_flagged`` (train without the
+    images the audit flags; every held-out image is still scored): None = the recipe of ``model_name``
     (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; the head's weight is 1 and the
     texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with templates and
     class descriptions; default: the recipe's caption set, else the dataset's own, else generic
@@ -64,13 +66,16 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     96}``). ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
     (always answering the commonest class) and the fold means with a ``zero_shot_`` prefix;
-    ``folds`` holds one dict per fold (metrics, confusion matrix, test record ids). ``seconds`` is
+    ``folds`` holds one dict per fold (metrics, confusion matrix, ``n_train`` records in the training
+    folds and ``n_trained`` of them trained on, test record ids and the head's
+    ``probabilities`` for them, one list per record in ``classes`` order). ``seconds`` is
     wall time, ``cpu_seconds`` the process CPU time (all threads).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     check_number("folds", folds, minimum=2, maximum=100, integer=True)
     settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
-                           contrastive_weight=contrastive_weight, overrides=overrides, captions=captions)
+                           contrastive_weight=contrastive_weight, skip_flagged=skip_flagged, overrides=overrides,
+                           captions=captions)
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
@@ -131,12 +136,13 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
 
 def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | None = None, lr: float | None = None,
                 batch_size: int | None = None, contrastive_weight: float | None = None,
-                overrides: dict[str, Any] | None = None,
+                skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                 captions: str | Path | CaptionConfig | None = None) -> RecipeSettings:
     """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
     and label captions as texts; the options given (not None) replace the recipe's."""
     return resolve_recipe(model_name, model_overrides=overrides, captions=captions, epochs=epochs, lr=lr,
                           batch_size=batch_size, contrastive_weight=contrastive_weight, seed=seed,
+                          skip_flagged=skip_flagged,
                           text_source="captions", label_columns=[label], supervised_weight=1.0)
 
 
@@ -191,11 +197,13 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     probabilities = head_scores(model, test_set, label, show_progress)
     head = classification_metrics(class_targets(test_set, label, classes), probabilities, classes)
     prompts = zero_shot(model, test_set, label, captions=captions, classes=classes, show_progress=False)
-    result = {"fold": fold + 1, "n_train": len(train_set), "n_test": len(test_set),
+    result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": model.meta["training"]["records"],
+              "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
               "balanced_accuracy": head["balanced_accuracy"], "zero_shot_auc": prompts["macro_auc"],
               "zero_shot_acc": prompts["accuracy"], "zero_shot_balanced_accuracy": prompts["balanced_accuracy"],
               "confusion_matrix": head["confusion_matrix"], "test_ids": [r.id for r in test_set],
+              "probabilities": np.round(probabilities, 5).tolist(),
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("fold %d: head AUC %.3f, zero-shot AUC %.3f", fold + 1, result["auc"] or float("nan"),
              result["zero_shot_auc"] or float("nan"))

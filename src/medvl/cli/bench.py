@@ -13,6 +13,7 @@ from .common import (
     JsonOption,
     OverwriteOption,
     QuietOption,
+    SkipFlaggedOption,
     check_outputs,
     console,
     emit_json,
@@ -132,6 +133,7 @@ def bench_cv(
     batch_size: Annotated[int | None, typer.Option(help="Records per batch (default: the model's recipe).")] = None,
     contrastive_weight: Annotated[float | None, typer.Option(
         help="Weight of the image-caption loss (the supervised head has weight 1; default: the recipe's).")] = None,
+    skip_flagged: SkipFlaggedOption = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
@@ -145,7 +147,7 @@ def bench_cv(
     check_outputs(overwrite, json=json_out)
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
-        "batch_size": batch_size, "contrastive_weight": contrastive_weight,
+        "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
         "overrides": parse_overrides(set_ or []), "allow_outside_root": allow_outside_root}
     if repeats > 1:
         result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,

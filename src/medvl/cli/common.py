@@ -33,6 +33,9 @@ AllowOutsideOption = Annotated[bool, typer.Option(
     "--allow-outside-root", help="Let a manifest name image files outside its own folder (refused by default).")]
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
+SkipFlaggedOption = Annotated[bool | None, typer.Option(
+    "--skip-flagged/--keep-flagged", help="Train without the images the audit (medvl audit) finds unreadable, "
+                                          "blank or streaked (default: the recipe's, else keep).")]
 WorkersOption = Annotated[int | None, typer.Option(
     help="Processes reading and resizing images ahead of the model (0 = in this process; default: 0 below "
          "4 cores, else a quarter of the cores, from 512 images on).")]

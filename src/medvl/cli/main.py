@@ -15,11 +15,13 @@ import typer
 from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
+    AllowOutsideOption,
     BackendOption,
     CaptionsOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
+    WorkersOption,
     check_outputs,
     console,
     emit_json,
@@ -140,6 +142,41 @@ def predict_command(
                    "unreliable[/]" if item.get("out_of_distribution") else "")
         console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown}){warning}")
     emit_json({"predictions": results}, json_out, overwrite)
+
+
+@app.command("audit")
+@handle_errors
+def audit_command(
+    data: Annotated[Path, typer.Option(help="Image dataset (manifest, folder, or a loader's data).")],
+    split: Annotated[str, typer.Option(
+        help="Split to audit; 'all' (default) also finds duplicates across splits.")] = "all",
+    label_column: Annotated[str | None, typer.Option(
+        "--label-column", "-l", help="Count flagged images per class of this column.")] = None,
+    show: Annotated[int, typer.Option(help="Flagged records listed (0: none); all are in --json.")] = 10,
+    workers: WorkersOption = None,
+    json_out: JsonOption = None,
+    overwrite: OverwriteOption = False,
+    allow_outside_root: AllowOutsideOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Check every image of a dataset: unreadable, blank, streaked (rows or columns repeat: content
+    lost), exact and near duplicates, and duplicates that leak across splits."""
+    from ..api import audit_from_path
+
+    check_outputs(overwrite, json=json_out)
+    result = audit_from_path(data, split, label=label_column, workers=workers,
+                             allow_outside_root=allow_outside_root, show_progress=not quiet)
+    print_metrics(f"Image audit of {data} ({split}: {result['n']} images)", {
+        "flagged images": result["flagged"], **{flag.replace("_", " "): n for flag, n in result["counts"].items()},
+        "duplicate groups": len(result["duplicate_groups"]), "groups across splits (leaks)": len(result["leaks"]),
+        "seconds": result["seconds"]})
+    if result["by_class"]:
+        print_metrics(f"Unreadable, blank or streaked images per {label_column}", {
+            name: f"{entry['content_flagged']} of {entry['records']}" for name, entry in result["by_class"].items()})
+    for record in result["records"][:max(show, 0)]:
+        reasons = "; ".join(f"{flag}: {record['detail'][flag]}" for flag in record["flags"])
+        console.print(f"{record['id']} ({record['split']}): {reasons}")
+    emit_json(result, json_out, overwrite)
 
 
 @app.command("demo")

@@ -18,6 +18,7 @@ from .common import (
     CaptionsOption,
     LabelOption,
     QuietOption,
+    SkipFlaggedOption,
     WorkersOption,
     console,
     handle_errors,
@@ -59,6 +60,7 @@ def train_command(
     leave_out_images_of: Annotated[list[Path] | None, typer.Option(
         help="A VQA question file (repeatable): leave out the training records whose image it asks about "
              "(by MedPix synpic id, else file stem), so pretraining never sees a VQA benchmark's images.")] = None,
+    skip_flagged: SkipFlaggedOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
     allow_outside_root: AllowOutsideOption = False,
@@ -83,6 +85,7 @@ def train_command(
                               text_source=text_source, supervised_weight=supervised_weight,
                               contrastive_weight=contrastive_weight, grad_accum=grad_accum,
                               checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers,
-                              leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None)
+                              leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None,
+                              skip_flagged=skip_flagged)
     summary = trained.meta["training"]
     console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..checks import check_number
 from ..data import captions_for
+from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
@@ -155,11 +156,27 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  left_out, len(config.leave_out_images_of), len(dataset))
     if config.supervised_weight > 0:
         dataset = dataset.with_labels(config.label_columns)
+    if config.skip_flagged:
+        dataset = skip_flagged_records(dataset, config.workers, show_progress)
     seed_everything(config.seed)  # the random init of the model is part of the run
     model = resolve_model(settings.model, **settings.model_overrides)
     _add_heads(model, dataset, config.label_columns if config.supervised_weight > 0 else [])
     return train(model, dataset, config, out, captions=captions_for(dataset, settings.captions, model),
                  resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+
+
+def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
+    """``dataset`` without the records whose image ``medvl.data.audit`` flags unreadable, blank or
+    streaked (their count logged per flag); InputError if no record is left."""
+    audit = audit_dataset(dataset, workers=workers, show_progress=show_progress)
+    skipped = flagged_ids(audit, CONTENT_FLAGS)
+    kept = dataset.subset([record for record in dataset.records if record.id not in skipped])
+    counts = ", ".join(f"{flag} {audit['counts'][flag]}" for flag in CONTENT_FLAGS)
+    if not len(kept):
+        raise InputError(f"{dataset.source}: every training image is flagged by the image audit ({counts}); "
+                         "nothing to train on")
+    log.info("skipped %d of %d training records flagged by the image audit (%s)", len(skipped), len(dataset), counts)
+    return kept
 
 
 def _add_heads(model: DualEncoder, dataset: Dataset, columns: Sequence[str]) -> None:
