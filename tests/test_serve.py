@@ -286,7 +286,8 @@ def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log
     answer = zero_shot(client, Path(get_testdata_file("CT_small.dcm")).read_bytes(), "CompressedSamples.dcm")
     assert answer.status_code == 200, answer.text
     assert set(answer.json()["probabilities"]) == set(LABELS.split(","))
-    request = _request_line(log_lines, "/v1/zero-shot")
+    request = _request_line(log_lines, answer)
+    assert request["route"] == "/v1/zero-shot"
     logged = "\n".join(log_lines())
     for identifier in ("CompressedSamples", "CT1", "1CT1"):
         assert identifier not in logged
@@ -294,15 +295,20 @@ def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log
     assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))  # nothing kept
 
 
-def _request_line(log_lines, route: str) -> dict:
-    """The last request line logged for ``route`` (written just after the answer is sent)."""
+def _request_line(log_lines, answer) -> dict:
+    """The request line logged for ``answer``, found by its request id.
+
+    The line is written just after the answer is sent, so it may not be there yet when the client
+    has the answer; earlier requests' lines for the same route are not this one.
+    """
+    request_id = answer.headers["X-Request-ID"]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in log_lines() if f'"route": "{route}"' in line]
+        lines = [json.loads(line) for line in log_lines() if f'"request_id": "{request_id}"' in line]
         if lines:
             return lines[-1]
         time.sleep(0.02)
-    raise AssertionError(f"no log line for {route}")
+    raise AssertionError(f"no log line for request {request_id}")
 
 
 def test_a_nifti_volume_is_recognised_and_a_2d_model_says_why_it_cannot_use_it(client, tmp_path):
@@ -335,7 +341,7 @@ def test_file_names_are_never_used_as_paths_nor_logged(client, png, tmp_path, lo
         assert answer.status_code == 200, answer.text
         assert name not in answer.text and "escape" not in answer.text
     assert not list(tmp_path.iterdir())
-    _request_line(log_lines, "/v1/zero-shot")
+    _request_line(log_lines, answer)
     logged = "\n".join(log_lines())
     assert "escape" not in logged and "Doe^Jane" not in logged and "windows" not in logged
 
@@ -578,7 +584,7 @@ def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(
     assert plain.headers["X-Preview-Window"] == "none"
     unknown = preview(client, original.read_bytes(), "liver; drop table")
     assert unknown.status_code == 422 and "lung, mediastinum, soft_tissue, bone, brain" in unknown.json()["detail"]
-    assert _request_line(log_lines, "/v1/preview")["status"] == 422  # the window is checked first
+    assert _request_line(log_lines, unknown)["status"] == 422  # the window is checked first
     logged = "\n".join(log_lines())
     previews = [json.loads(line) for line in log_lines() if '"route": "/v1/preview"' in line]
     assert [line["upload_kind"] for line in previews if line["status"] == 200] == ["dicom"] * 4
@@ -653,7 +659,8 @@ def test_a_cases_thumbnail_is_its_image_from_the_data_root(client, index_dir, ph
                     "x" * 5000):
         answer = thumbnail(client, unknown)
         assert answer.status_code == 404 and answer.json()["detail"] == "no indexed case has this id", unknown
-    request = _request_line(log_lines, "/v1/cases/{case_id:path}/thumbnail")
+    request = _request_line(log_lines, answer)
+    assert request["route"] == "/v1/cases/{case_id:path}/thumbnail"
     assert request["status"] == 404
     logged = "\n".join(log_lines())
     assert case.id not in logged and "passwd" not in logged
@@ -829,7 +836,8 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
         assert shown["answer_type"] == expected["answer_type"] and shown["answer"] in model.answers
         assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
         assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
-    request = _request_line(log_lines, "/v1/vqa")
+    request = _request_line(log_lines, answer)
+    assert request["route"] == "/v1/vqa"
     assert request["status"] == 200 and request["model_ms"] >= 0
     logged = "\n".join(log_lines())
     assert "nodule in the left" not in logged and "film0" not in logged  # no question, no file name
