@@ -20,22 +20,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.images import read_image
 from ..data.record import ImageSource
 from ..errors import DataError
 from .config import ImageConfig
-from .volumes import load_volume, plain_tensor
+from .volumes import load_volume
 
 
 class ImagePreprocessor:
     """Turns image files or arrays into tensors shaped for one model's image encoder."""
 
     def __init__(self, config: ImageConfig):
-        from monai.transforms import Resize
-
         self.config = config
-        self.resize = Resize(spatial_size=config.volume_shape, mode="area" if config.spatial_dims == 2 else "trilinear")
         self._augment = None
         if config.augment:
             self._augment = _VolumeAugment(config) if config.spatial_dims == 3 else _build_augment(config)
@@ -49,7 +47,16 @@ class ImagePreprocessor:
         tensor = self._intensities(array, source)
         if self.config.color_constancy and tensor.shape[0] == 3:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
-        return plain_tensor(self.resize(tensor)).float().clamp_(0.0, 1.0)
+        return self.resize(tensor).clamp_(0.0, 1.0)
+
+    def resize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A (C, H, W) image as float32 at ``image_size``, a new tensor: area interpolation, the same call
+        MONAI's ``Resize(mode="area")`` makes, without its metadata tracking (most of a small image's
+        preprocessing time, which a service pays per request)."""
+        size = tuple(self.config.volume_shape)
+        if tuple(tensor.shape[1:]) == size:
+            return tensor.to(torch.float32, copy=True)
+        return F.interpolate(tensor.to(torch.float32)[None], size=size, mode="area")[0]
 
     def load_many(self, images: Sequence[ImageSource | str]) -> torch.Tensor:
         return torch.stack([self.load(image) for image in images])
@@ -230,8 +237,6 @@ class _VolumeAugment:
         self._base_grids: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        import torch.nn.functional as F
-
         generator = torch.Generator().manual_seed(seed % (2**63))
         count = len(batch)
         draws = torch.rand(count, 14, generator=generator)  # every random number of a volume, in a fixed order

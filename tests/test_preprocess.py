@@ -1,0 +1,55 @@
+"""The preprocessor's resize is MONAI's ``Resize(mode="area")`` without the metadata tracking: the
+same pixels, bit for bit, for any size in or out, and the caller's array is never written to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from monai.transforms import Resize
+
+from medvl.data.images import read_image
+from medvl.models.config import ImageConfig
+from medvl.models.preprocess import ImagePreprocessor
+
+def monai_resized(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.as_tensor(Resize(spatial_size=(size, size), mode="area")(tensor)).float()
+
+
+@settings(max_examples=60, deadline=None)
+@given(channels=st.sampled_from([1, 3]), height=st.integers(1, 300), width=st.integers(1, 300),
+       size=st.integers(8, 160), dtype=st.sampled_from([torch.float32, torch.float64, torch.uint8]))
+def test_resize_is_monais_area_resize(channels, height, width, size, dtype):
+    generator = torch.Generator().manual_seed(height * 1000 + width)
+    tensor = (torch.rand(channels, height, width, generator=generator) * 255).to(dtype)
+    ours = ImagePreprocessor(ImageConfig(image_size=size, in_channels=channels)).resize(tensor)
+    assert ours.dtype == torch.float32 and ours.shape == (channels, size, size)
+    assert torch.equal(ours, monai_resized(tensor, size))
+
+
+def test_a_same_size_image_is_copied_not_shared():
+    values = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32) * 2 - 0.5  # outside [0, 1]
+    tensor = torch.from_numpy(values)
+    out = ImagePreprocessor(ImageConfig(image_size=32, in_channels=1)).resize(tensor)
+    out.clamp_(0.0, 1.0)
+    assert values.min() < 0 and values.max() > 1  # the caller's array is as it was
+    assert torch.equal(ImagePreprocessor(ImageConfig(image_size=32, in_channels=1)).resize(tensor), tensor)
+
+
+@pytest.mark.parametrize("size", [64, 97, 224])
+def test_real_images_load_as_through_monai(size, shared_data):
+    from pydicom.data import get_testdata_file
+
+    files = [Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
+    isic = sorted((shared_data / "isic-dermoscopy" / "images").glob("*.jpg"))[-1]
+    for path in [*files, isic]:
+        for channels in (1, 3):
+            preprocessor = ImagePreprocessor(ImageConfig(image_size=size, in_channels=channels))
+            array = read_image(path)
+            scaled = preprocessor._intensities(array, path)
+            expected = monai_resized(scaled, size).clamp_(0.0, 1.0)
+            assert torch.equal(preprocessor.load(path), expected), (path.name, channels)
