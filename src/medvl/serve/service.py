@@ -37,6 +37,7 @@ from ..embed import cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
+from ..models.dual import weights_state
 from ..models.registry import load_model
 from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
@@ -91,6 +92,7 @@ class ModelService:
         self.model_dir = Path(model_dir)
         self.net = load_model(model_dir, backend=settings.backend)
         self.net.eval()
+        self.weights = weights_state(self.net)  # the served model's weights never change: read once
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
         self.batcher = MicroBatcher(self._encode, self.model_thread, settings.batch_size,
                                     settings.max_wait_ms, settings.max_queue)
@@ -220,7 +222,7 @@ class ModelService:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         column, prompts = class_prompts(self.net, class_names, label_column)
         embedding, flags = await self.embed_checked(data, timings)
-        classes = cached_class_embeddings(self.net, prompts)  # kept: no wait for the model's thread
+        classes = cached_class_embeddings(self.net, prompts, self.weights)  # kept: no wait for the model's thread
         if classes is None:
             classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
