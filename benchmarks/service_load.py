@@ -23,7 +23,10 @@ The model is ``--model`` (a folder written by ``medvl train``), else one trained
     medvl phantom OUT/data --n 96 --size 64 --seed 3
     medvl train --data OUT/data --model phantom-tiny --out OUT/train-phantom-tiny --epochs 2 --batch-size 32
 
-    python benchmarks/service_load.py --out runs/service-load [--train-model cxr-small | --model DIR] [--duration 60]
+    python benchmarks/service_load.py --out runs/service-load [--train-model cxr-small | --model DIR] [--duration 60] \
+        [--torch-threads N]
+
+``--torch-threads`` is ``medvl serve --torch-threads`` of both servers (and of the forward-pass timing).
 
 Writes OUT/service_load.json and prints the table of docs/benchmarks.md ("Service load").
 """
@@ -95,14 +98,14 @@ def rss_mib(pid: int) -> float:
 class Service:
     """One ``medvl serve`` process; its stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, model: Path, options: list[str], log_path: Path, backend: str = "torch"):
+    def __init__(self, model: Path, options: list[str], log_path: Path, common: list[str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")  # closed in stop()
         env = {**os.environ, "MEDVL_API_TOKENS": TOKEN}
         self.process = subprocess.Popen([sys.executable, "-m", "medvl.cli.main", "serve", "--model", str(model),
-                                         "--port", str(self.port), "--rate-limit", "0", "--backend", backend,
+                                         "--port", str(self.port), "--rate-limit", "0", *common,
                                          *options],
                                         env=env, stdout=subprocess.DEVNULL, stderr=self.log)
 
@@ -224,7 +227,8 @@ def summary_of(runs: list[dict], concurrency: int, batch_sizes: list[int]) -> di
             "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None}
 
 
-def forward_bound(model: Path, images: list[bytes], batch: int = 16, repeats: int = 30, backend: str = "torch") -> dict:
+def forward_bound(model: Path, images: list[bytes], batch: int = 16, repeats: int = 30, backend: str = "torch",
+                  threads: int = 0) -> dict:
     """The model's own forward pass (``encode_images`` on preprocessed uploads), timed in this process
     before the servers start: median ms per image at batch 1 and at ``batch``, and their ratio (the
     throughput batching could add if nothing but the forward pass cost anything)."""
@@ -233,6 +237,8 @@ def forward_bound(model: Path, images: list[bytes], batch: int = 16, repeats: in
     from medvl.data.images import read_image_bytes
     from medvl.models.registry import load_model
 
+    if threads:
+        torch.set_num_threads(threads)
     net = load_model(model, backend=backend).eval()
     pixels = torch.stack([net.preprocessor.load(read_image_bytes(image, "query")) for image in images])
     pixels = pixels[torch.arange(batch) % len(pixels)]
@@ -279,10 +285,10 @@ class MemorySampler:
 
 
 def run_modes(model: Path, images: list[bytes], concurrencies: list[int], duration: float, out: Path,
-              client: str = "raw", backend: str = "torch") -> list[dict]:
+              client: str = "raw", common: list[str] | None = None) -> list[dict]:
     """Both servers run at once. Each cell is measured in four quarters, batched / unbatched /
     unbatched / batched (ABBA), so a drift in the machine's load (it is shared) hits both modes alike."""
-    services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log", backend)
+    services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log", common or [])
                 for name, options in MODES.items()}
     try:
         results = {name: {"mode": name, "options": MODES[name], "ready_s": round(service.wait_ready(), 2),
@@ -356,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="Load generator: pre-encoded HTTP/1.1 requests (raw) or httpx.AsyncClient.")
     parser.add_argument("--backend", default="torch", help="medvl serve --backend of both servers (same in both).")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="medvl serve --torch-threads of both servers (0: one per core) and of the forward timing.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or prepare_model(args.out, args.train_model)
@@ -363,14 +371,15 @@ def main(argv: list[str] | None = None) -> None:
     concurrencies = [int(n) for n in args.concurrency.split(",")]
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "load_average_at_start": os.getloadavg()}
-    bound = forward_bound(model, images, backend=args.backend)
+    bound = forward_bound(model, images, backend=args.backend, threads=args.torch_threads)
     print(f"forward pass alone: {bound['ms_per_image_batch_1']} ms per image at batch 1, "
           f"{bound['ms_per_image_batch_16']} at batch 16 ({bound['ratio']}x; {bound['torch_threads']} torch threads)",
           flush=True)
-    results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, args.backend)
+    common = ["--backend", args.backend, "--torch-threads", str(args.torch_threads)]
+    results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, common)
     summary = {"machine": machine, "duration_s": args.duration, "labels": LABELS, "model": model.name,
-               "client": args.client, "backend": args.backend, "forward_pass": bound, "results": results,
-               "load_average_at_end": os.getloadavg()}
+               "client": args.client, "backend": args.backend, "torch_threads": args.torch_threads,
+               "forward_pass": bound, "results": results, "load_average_at_end": os.getloadavg()}
     write_json(args.out / "service_load.json", summary)
     print(table(results))
     print(f"machine: {machine['cpus']} CPUs, load average {machine['load_average_at_start']} at start, "

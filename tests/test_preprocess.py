@@ -16,6 +16,7 @@ from medvl.data.images import read_image
 from medvl.models.config import ImageConfig
 from medvl.models.preprocess import ImagePreprocessor
 
+
 def monai_resized(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return torch.as_tensor(Resize(spatial_size=(size, size), mode="area")(tensor)).float()
 

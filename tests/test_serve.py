@@ -379,6 +379,8 @@ def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(mod
         assert answer["probabilities"][name] == pytest.approx(probability, abs=1e-4)
     with pytest.raises(InputError, match="unknown backend 'tpu'"):
         ServeSettings(backend="tpu").validate()
+    with pytest.raises(InputError, match="torch_threads"):
+        ServeSettings(torch_threads=-1).validate()
     result, output = invoke("serve", "--model", model_dir, "--backend", "onnx", "--no-auth")
     assert result.exit_code == 2 and "medvl export onnx" in output  # refused before the server starts
 
@@ -958,7 +960,7 @@ def test_medvl_serve_answers_health_within_10_s_and_drains_on_sigterm(model_dir,
     env = {**os.environ, "MEDVL_API_TOKENS": token}
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "medvl.cli.main", "serve", "--model", str(model_dir),
-                                "--port", str(port), "--max-wait-ms", "20"], env=env,
+                                "--port", str(port), "--max-wait-ms", "20", "--torch-threads", "1"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -984,6 +986,27 @@ def test_medvl_serve_answers_health_within_10_s_and_drains_on_sigterm(model_dir,
     assert any(line.get("message") == "micro-batcher stopped" for line in lines)
     start = next(line for line in lines if line.get("message") == "serving")
     assert (start["backend"], start["http"], start["loop"]) == ("torch", "httptools", "uvloop")  # medvl[serve]
+    assert start["torch_threads"] == 1
+
+
+def test_torch_threads_set_the_model_threads_forward_passes(model_dir, png):
+    """In a process of its own: the setting is torch's, process-wide."""
+    script = (
+        "import sys, torch\n"
+        "from medvl.serve.service import ModelService\n"
+        "from medvl.serve.settings import ServeSettings\n"
+        "default = torch.get_num_threads()\n"
+        "service = ModelService(sys.argv[1], None, ServeSettings(torch_threads=1).validate())\n"
+        "on_model = service.model_thread.submit(torch.get_num_threads).result()\n"
+        "plain = ModelService(sys.argv[1], None, ServeSettings().validate())\n"
+        "print(default, on_model, plain.model_thread.submit(torch.get_num_threads).result())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    default, on_model, plain = map(int, done.stdout.split())
+    assert (default, on_model) == (2, 1)
+    assert plain == 1  # torch's setting is the process's: a second service in it keeps it
 
 
 def _wait_for(http, process, started: float, statuses: set[str]) -> float:

@@ -93,7 +93,11 @@ class ModelService:
         self.net = load_model(model_dir, backend=settings.backend)
         self.net.eval()
         self.weights = weights_state(self.net)  # the served model's weights never change: read once
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
+        threads = settings.torch_threads or torch.get_num_threads()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model",
+                                               initializer=torch.set_num_threads, initargs=(threads,))
         self.batcher = MicroBatcher(self._encode, self.model_thread, settings.batch_size,
                                     settings.max_wait_ms, settings.max_queue)
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders

@@ -43,6 +43,10 @@ class ServeSettings:
     # how the dual encoder's towers run for embeddings and zero-shot (``medvl.models.backends``: torch,
     # torch-channels-last, torch-bf16, onnx, onnx-int8); explanations always use eager torch (gradients)
     backend: str = "torch"
+    # threads of each forward pass on the model's thread (torch's intra-op threads; 0: torch's default, one
+    # per core). Under concurrent load on few cores, 1 leaves a core to the requests' own work and often
+    # answers more requests per second; it is process-wide (torch's setting)
+    torch_threads: int = 0
 
     def validate(self) -> ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting."""
@@ -59,6 +63,7 @@ class ServeSettings:
         check_number("max_vqa_images", self.max_vqa_images, minimum=1, maximum=64, integer=True)
         check_number("max_explain_top", self.max_explain_top, minimum=1, maximum=16, integer=True)
         check_number("heavy_queue", self.heavy_queue, minimum=0, integer=True)
+        check_number("torch_threads", self.torch_threads, minimum=0, maximum=1024, integer=True)
         check_backend(self.backend)
         for name in ("vqa_model", "bottleneck"):
             value = getattr(self, name)
