@@ -22,18 +22,18 @@ import asyncio
 import base64
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import numpy as np
 import torch
 
 from ..checks import check_number
 from ..data import captions_for
-from ..embed import cached_class_embeddings, class_embeddings
+from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
@@ -103,7 +103,8 @@ class ModelService:
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
         self.labeller: ReportLabeller | None = None
-        self._workers: anyio.CapacityLimiter | None = None  # made on the server's loop (start)
+        self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
+        self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net.config.embed_dim)
         self.lane = HeavyLane(settings.heavy_queue)
@@ -118,7 +119,6 @@ class ModelService:
         return index
 
     async def start(self) -> None:
-        self._workers = anyio.CapacityLimiter(os.cpu_count() or 1)
         self.batcher.start()
 
     async def stop(self) -> None:
@@ -126,6 +126,7 @@ class ModelService:
         await self.batcher.close()
         await asyncio.to_thread(self.lane.close)
         self.model_thread.shutdown(wait=True)
+        self.workers.shutdown(wait=True)
         if self.index is not None:
             self.index.close()
 
@@ -133,7 +134,7 @@ class ModelService:
     async def _on_worker(self, function, *args):
         """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
         there are CPUs: more would only slow each other and the model's forward passes down."""
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._workers)
+        return await asyncio.get_running_loop().run_in_executor(self.workers, function, *args)
 
     async def run_on_model_thread(self, function, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -224,15 +225,29 @@ class ModelService:
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
-        column, prompts = class_prompts(self.net, class_names, label_column)
+        column, classes = await self._class_set(class_names, label_column)
         embedding, flags = await self.embed_checked(data, timings)
-        classes = cached_class_embeddings(self.net, prompts, self.weights)  # kept: no wait for the model's thread
-        if classes is None:
-            classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
                 "label_column": column or None, "model": self.net.config.name, **flags}
+
+    async def _class_set(self, class_names: Sequence[str], label_column: str | None) -> tuple[str, torch.Tensor]:
+        """The label column and class embeddings of a label set, kept per set (``MAX_CLASS_SETS``, least
+        recently used dropped): the served model and its captions never change, and a service's users
+        send the same few label sets with every request."""
+        key = (tuple(class_names), label_column)
+        kept = self._class_sets.get(key)
+        if kept is None:
+            column, prompts = class_prompts(self.net, class_names, label_column)
+            classes = cached_class_embeddings(self.net, prompts, self.weights)
+            if classes is None:
+                classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
+            kept = self._class_sets[key] = (column, classes)
+            while len(self._class_sets) > MAX_CLASS_SETS:
+                self._class_sets.popitem(last=False)
+        self._class_sets.move_to_end(key)
+        return kept
 
     def _require_index(self):
         if self.index is None:
