@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Model config override over the recipe's (repeatable), e.g. image.image_size=96.")
     parser.add_argument("--skip-flagged", action="store_true", default=None,
                         help="Train without the images the audit flags (default: the recipe's).")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="Models per fold (other seeds) with averaged probabilities (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.baselines_only:
         cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
                                      seed=args.seed, epochs=args.epochs, show_progress=not args.quiet,
-                                     overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged)
+                                     overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged,
+                                     ensemble=args.ensemble)
         scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
         if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
             raise RuntimeError("cross_validate scored other folds than the baselines")

@@ -141,3 +141,39 @@ def test_bench_cv_keeps_out_of_fold_scores_and_can_skip_flagged_images(isic_mixe
     assert len(set(ids)) == len(ids) == 32
     pooled = classification_metrics(y, scores, metrics["classes"])["macro_auc"]
     assert pooled == pytest.approx(metrics["auc_pooled"], abs=1e-4)
+
+
+def test_an_ensemble_fold_averages_members_trained_with_their_own_seeds(isic_subset):
+    """Member m of fold f trains with seed * 100 + f + m * MEMBER_SEED_STRIDE: the two-member fold's
+    scores are the mean of the two one-member folds with those seeds (training is deterministic)."""
+    import dataclasses
+
+    from medvl.bench.cv import MEMBER_SEED_STRIDE, _run_fold, cv_settings
+    from medvl.data import captions_for, load_dataset
+    from medvl.eval.head import class_targets
+
+    dataset = load_dataset(isic_subset, label_columns=["diagnosis"], allow_outside_root=True)
+    classes = ["melanoma", "nevus"]
+    train, test = make_folds(class_targets(dataset, "diagnosis", classes), 2, seed=0)[1]
+    settings = cv_settings("phantom-tiny", "diagnosis", seed=2, epochs=1, batch_size=16, ensemble=2)
+    settings.captions = captions_for(dataset, settings.captions)
+    both, both_scores = _run_fold(dataset, "diagnosis", classes, train, test, settings, 1, False)
+    alone = []
+    for seed in (2, 2 + MEMBER_SEED_STRIDE // 100):  # fold 1, member 0 and 1: 201 and 10201
+        single = dataclasses.replace(settings, ensemble=1, train=dataclasses.replace(settings.train, seed=seed))
+        alone.append(_run_fold(dataset, "diagnosis", classes, train, test, single, 1, False)[1])
+    assert not np.allclose(alone[0], alone[1])  # the members differ
+    np.testing.assert_allclose(both_scores, (alone[0] + alone[1]) / 2, atol=1e-6)
+    assert both["probabilities"] == np.round(both_scores, 5).tolist()
+
+
+def test_bench_cv_ensemble_option(isic_subset, tmp_path):
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--batch-size", 16,
+                            "--ensemble", 2, "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["ensemble"] == 2
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--ensemble", 0, "-q")
+    assert result.exit_code == 2 and "ensemble" in output

@@ -45,6 +45,8 @@ from ..train.recipes import RecipeSettings, resolve_recipe, train_recipe
 
 log = logging.getLogger(__name__)
 
+MEMBER_SEED_STRIDE = 10_000  # ensemble member m of a fold trains with the fold's seed + m * this
+
 SUMMARY_METRICS = ("auc", "acc", "balanced_accuracy", "zero_shot_auc", "zero_shot_acc",
                    "zero_shot_balanced_accuracy")
 
@@ -54,11 +56,12 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    group_column: str | None = None, show_progress: bool = True, *, lr: float | None = None,
                    batch_size: int | None = None, contrastive_weight: float | None = None,
                    skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
-                   allow_outside_root: bool = False) -> dict:
+                   ensemble: int | None = None, allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
     ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``skip_flagged`` (train without the
-    images the audit flags; every held-out image is still scored): None = the recipe of ``model_name``
+    images the audit flags; every held-out image is still scored), ``ensemble`` (models per fold whose
+    head and zero-shot probabilities are averaged): None = the recipe of ``model_name``
     (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; the head's weight is 1 and the
     texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with templates and
     class descriptions; default: the recipe's caption set, else the dataset's own, else generic
@@ -75,7 +78,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     check_number("folds", folds, minimum=2, maximum=100, integer=True)
     settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
                            contrastive_weight=contrastive_weight, skip_flagged=skip_flagged, overrides=overrides,
-                           captions=captions)
+                           captions=captions, ensemble=ensemble)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
@@ -99,7 +102,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     return {**_summarise(results), "auc_pooled": pooled_metrics["macro_auc"],
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
-            "n": len(dataset), "data": str(data_path), "model": model_name,
+            "n": len(dataset), "data": str(data_path), "model": model_name, "ensemble": settings.ensemble,
             "overrides": settings.model_overrides, "folds_k": folds, "seed": seed, "group_column": group_column,
             "train": dataclasses.asdict(settings.train), "captions": caption_config.to_dict(), "folds": results,
             "seconds": round(time.perf_counter() - started, 1),
@@ -129,6 +132,7 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
             "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
             "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "label": label,
             "classes": first["classes"], "model": model_name, "overrides": first["overrides"],
+            "ensemble": first["ensemble"],
             "train": first["train"], "majority_acc": first["majority_acc"], "repeats": results,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1)}
@@ -137,12 +141,12 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
 def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | None = None, lr: float | None = None,
                 batch_size: int | None = None, contrastive_weight: float | None = None,
                 skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
-                captions: str | Path | CaptionConfig | None = None) -> RecipeSettings:
+                captions: str | Path | CaptionConfig | None = None, ensemble: int | None = None) -> RecipeSettings:
     """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
     and label captions as texts; the options given (not None) replace the recipe's."""
     return resolve_recipe(model_name, model_overrides=overrides, captions=captions, epochs=epochs, lr=lr,
                           batch_size=batch_size, contrastive_weight=contrastive_weight, seed=seed,
-                          skip_flagged=skip_flagged,
+                          skip_flagged=skip_flagged, ensemble=ensemble,
                           text_source="captions", label_columns=[label], supervised_weight=1.0)
 
 
@@ -188,16 +192,26 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     started = time.perf_counter()
     train_set = dataset.subset([dataset[int(i)] for i in train_index])
     test_set = dataset.subset([dataset[int(i)] for i in test_index])
-    # initial weights, order and augmentation differ per fold, reproducibly
-    fold_settings = dataclasses.replace(settings, train=dataclasses.replace(
-        settings.train, seed=settings.train.seed * 100 + fold))
-    with tempfile.TemporaryDirectory(prefix="medvl-cv-") as scratch:
-        model = train_recipe(fold_settings, train_set, scratch, show_progress=show_progress)
-    captions = captions_for(test_set, fold_settings.captions)  # the CaptionConfig read in cross_validate
-    probabilities = head_scores(model, test_set, label, show_progress)
-    head = classification_metrics(class_targets(test_set, label, classes), probabilities, classes)
-    prompts = zero_shot(model, test_set, label, captions=captions, classes=classes, show_progress=False)
-    result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": model.meta["training"]["records"],
+    # initial weights, order and augmentation differ per fold and per ensemble member, reproducibly
+    heads, shots, trained = [], [], []
+    for member in range(settings.ensemble):
+        fold_settings = dataclasses.replace(settings, train=dataclasses.replace(
+            settings.train, seed=settings.train.seed * 100 + fold + MEMBER_SEED_STRIDE * member))
+        if settings.ensemble > 1:
+            log.info("fold %d: ensemble member %d of %d (seed %d)", fold + 1, member + 1, settings.ensemble,
+                     fold_settings.train.seed)
+        with tempfile.TemporaryDirectory(prefix="medvl-cv-") as scratch:
+            model = train_recipe(fold_settings, train_set, scratch, show_progress=show_progress)
+        captions = captions_for(test_set, fold_settings.captions)  # the CaptionConfig read in cross_validate
+        heads.append(head_scores(model, test_set, label, show_progress))
+        shots.append(np.asarray(zero_shot(model, test_set, label, captions=captions, classes=classes,
+                                          show_progress=False, keep_scores=True)["probabilities"]))
+        trained.append(model.meta["training"]["records"])
+    y = class_targets(test_set, label, classes)  # every record is labelled: zero_shot scores them in this order
+    probabilities = np.mean(heads, axis=0)
+    head = classification_metrics(y, probabilities, classes)
+    prompts = classification_metrics(y, np.mean(shots, axis=0), classes)
+    result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": trained[0],
               "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
               "balanced_accuracy": head["balanced_accuracy"], "zero_shot_auc": prompts["macro_auc"],

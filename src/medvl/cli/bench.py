@@ -134,6 +134,8 @@ def bench_cv(
     contrastive_weight: Annotated[float | None, typer.Option(
         help="Weight of the image-caption loss (the supervised head has weight 1; default: the recipe's).")] = None,
     skip_flagged: SkipFlaggedOption = None,
+    ensemble: Annotated[int | None, typer.Option(
+        help="Models per fold (other seeds) whose probabilities are averaged (default: the recipe's).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
@@ -148,7 +150,7 @@ def bench_cv(
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
         "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
-        "overrides": parse_overrides(set_ or []), "allow_outside_root": allow_outside_root}
+        "ensemble": ensemble, "overrides": parse_overrides(set_ or []), "allow_outside_root": allow_outside_root}
     if repeats > 1:
         result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,
                                          epochs=epochs, seed=seed, **options)
