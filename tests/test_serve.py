@@ -349,6 +349,11 @@ def test_file_names_are_never_used_as_paths_nor_logged(client, png, tmp_path, lo
 # ----------------------------------------------------------------------------------- answers
 
 
+def test_every_answer_has_its_own_request_id(client):
+    ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
+    assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
 def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     answer = zero_shot(client, png.read_bytes())
     assert answer.status_code == 200 and answer.headers["X-Request-ID"]

@@ -9,10 +9,11 @@ taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uplo
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import secrets
 import time
-import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -35,6 +36,10 @@ class ServiceMiddleware:
 
     def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int, routes: frozenset[str] = frozenset(),
                  files_per_route: dict[str, int] | None = None):
+        # request ids: 16 hex digits, a random prefix per process and a counter (unique without a system
+        # call per request; they name log lines, they are no secret)
+        prefix = secrets.token_hex(4)
+        self._ids = (f"{prefix}{n & 0xFFFFFFFF:08x}" for n in itertools.count())
         self.app = app
         self.auth = auth
         self.max_upload_bytes = max_upload_bytes
@@ -44,7 +49,7 @@ class ServiceMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = uuid.uuid4().hex[:16]
+        request_id = next(self._ids)
         timings: dict = {}
         scope.setdefault("state", {}).update(request_id=request_id, timings=timings)
         started, status = time.perf_counter(), [500]
