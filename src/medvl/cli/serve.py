@@ -49,8 +49,8 @@ def serve_command(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
     backend: BackendOption = "torch",
     torch_threads: Annotated[int, typer.Option(
-        help="Threads per forward pass (0: one per core). Under concurrent load on few cores, 1 often "
-             "answers more requests per second.")] = 0,
+        help="Threads per forward pass (0: one per core). On few cores, 1 leaves a core to the requests' "
+             "own work: faster without micro-batching and at a few clients.")] = 0,
 ) -> None:
     """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
     /v1/report/draft, /v1/explain, /v1/vqa, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs).

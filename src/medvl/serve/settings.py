@@ -44,8 +44,8 @@ class ServeSettings:
     # torch-channels-last, torch-bf16, onnx, onnx-int8); explanations always use eager torch (gradients)
     backend: str = "torch"
     # threads of each forward pass on the model's thread (torch's intra-op threads; 0: torch's default, one
-    # per core). Under concurrent load on few cores, 1 leaves a core to the requests' own work and often
-    # answers more requests per second; it is process-wide (torch's setting)
+    # per core). On few cores, 1 leaves a core to the requests' own work: more requests per second without
+    # micro-batching and at a few clients (docs/benchmarks.md); it is process-wide (torch's setting)
     torch_threads: int = 0
 
     def validate(self) -> ServeSettings:
