@@ -192,8 +192,9 @@ class Recipe:
     # they are saved with the trained model's config
     captions: str | None = None  # a caption set shipped in configs/captions/NAME.yaml (label captions
     # and zero-shot prompts); None = the dataset's own, else generic templates
-    ensemble: int = 1  # classifier benchmarks (``medvl bench medmnist``): members trained with seeds
-    # seed, seed + 1, ... whose class probabilities are averaged; ``medvl train`` trains the first (seed)
+    ensemble: int = 1  # classifier benchmarks: members trained with their own seeds (``medvl bench
+    # medmnist``: seed, seed + 1, ...; ``medvl bench cv``: per fold, ``medvl.bench.cv.MEMBER_SEED_STRIDE``
+    # apart) whose class probabilities are averaged; ``medvl train`` trains the first (seed)
     test_time_views: list[list[float]] = field(default_factory=list)  # benchmark test-time augmentation:
     # [shift_x, shift_y, scale] views (shifts as fractions of the image side, scale about the centre,
     # border padding) averaged with the plain image; [] = the plain image only. No flips (laterality)
