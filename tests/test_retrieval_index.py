@@ -285,8 +285,11 @@ def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):
         with pytest.raises(ModelError, match="64-d.*32-d"):
             search_index(index, create_model("phantom-tiny", embed_dim=32), image=dataset[0].image)
         torch.manual_seed(1)
+        other = create_model("phantom-tiny")
         with pytest.raises(ModelError, match="weights differ"):
-            search_index(index, create_model("phantom-tiny"), text="effusion")
+            search_index(index, other, text="effusion")
+        # a caller that checked once (a service, at start) may skip the check: it is then not made
+        assert len(search_index(index, other, text="effusion", k=2, verify_model=False)) == 2
         with pytest.raises(InputError, match=r"\(N, 64\)"):
             index.search(np.zeros((1, 32), np.float32))
         with pytest.raises(DataError, match="file not found"):

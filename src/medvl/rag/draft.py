@@ -147,18 +147,21 @@ def check_settings(k: int, min_support: float, min_similarity: float, related: i
 
 def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAULT_K, where: str | None = None,
                  labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
-                 min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0) -> Draft:
+                 min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0,
+                 verify_model: bool = True) -> Draft:
     """Draft a report for ``image`` from its ``k`` nearest cases in ``index`` (built with ``model``).
 
     ``exclude`` drops case ids from the neighbours (e.g. the query itself); ``where`` filters cases
     as in ``medvl search``; ``related`` > 0 also retrieves that many knowledge entries by the
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
+    ``verify_model``: as in ``medvl.index.search_index``.
     """
     from ..index.base import check_model
     from ..index.search import embed_query
 
     check_settings(k, min_support, min_similarity, related)
-    check_model(index.info, model, index.location)
+    if verify_model:
+        check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
     vector = embed_query(model, image=image)
     dropped = set(exclude)

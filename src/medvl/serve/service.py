@@ -264,7 +264,7 @@ class ModelService:
         check_k(k)
         pixels = upload.pixels if upload is not None else None
         hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
-                                              where=where, target=target)
+                                              where=where, target=target, verify_model=False)  # checked at start
         query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}} if upload is not None else {"text": text}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
@@ -279,7 +279,8 @@ class ModelService:
         check_settings(k, min_support, min_similarity, related)
         draft = await self.run_on_model_thread(draft_report, index, self.net, upload.pixels, k=k, where=where,
                                                labeller=self._labeller(), min_support=min_support,
-                                               min_similarity=min_similarity, related=related)
+                                               min_similarity=min_similarity, related=related,
+                                               verify_model=False)  # checked at start (_open_index)
         return {"index": self.index_name, **draft.to_dict()}
 
     async def preview(self, data: bytes, window: str | None, timings: dict[str, Any]) -> Picture:
