@@ -63,14 +63,10 @@ def class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tens
     return embeddings.clone()
 
 
-def cached_class_embeddings(model: DualEncoder, prompts: list[list[str]],
-                            state: tuple | None = None) -> torch.Tensor | None:
+def cached_class_embeddings(model: DualEncoder, prompts: list[list[str]]) -> torch.Tensor | None:
     """``class_embeddings`` if it is kept for these prompts and the model's current weights, else None;
-    never runs the model (a service answers from it without waiting for the model's thread).
-
-    ``state``: the model's ``weights_state`` when the caller holds it, for a model whose weights never
-    change once loaded (a service's); reading it walks every weight, which a request need not pay."""
-    state, key = weights_state(model) if state is None else state, _prompts_key(prompts)
+    never runs the model (a service answers from it without waiting for the model's thread)."""
+    state, key = weights_state(model), _prompts_key(prompts)
     with _CLASS_LOCK:
         try:
             cached = _CLASS_EMBEDDINGS.get(model)

@@ -37,7 +37,6 @@ from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
-from ..models.dual import weights_state
 from ..models.registry import load_model
 from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
@@ -92,7 +91,6 @@ class ModelService:
         self.model_dir = Path(model_dir)
         self.net = load_model(model_dir, backend=settings.backend)
         self.net.eval()
-        self.weights = weights_state(self.net)  # the served model's weights never change: read once
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
@@ -240,7 +238,7 @@ class ModelService:
         kept = self._class_sets.get(key)
         if kept is None:
             column, prompts = class_prompts(self.net, class_names, label_column)
-            classes = cached_class_embeddings(self.net, prompts, self.weights)
+            classes = cached_class_embeddings(self.net, prompts)  # kept by the library: no model-thread trip
             if classes is None:
                 classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
             kept = self._class_sets[key] = (column, classes)
