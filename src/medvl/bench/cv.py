@@ -193,7 +193,8 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     train_set = dataset.subset([dataset[int(i)] for i in train_index])
     test_set = dataset.subset([dataset[int(i)] for i in test_index])
     # initial weights, order and augmentation differ per fold and per ensemble member, reproducibly
-    heads, shots, trained = [], [], []
+    captions = captions_for(test_set, settings.captions)  # the CaptionConfig read in cross_validate
+    heads, shots, n_trained = [], [], 0
     for member in range(settings.ensemble):
         fold_settings = dataclasses.replace(settings, train=dataclasses.replace(
             settings.train, seed=settings.train.seed * 100 + fold + MEMBER_SEED_STRIDE * member))
@@ -202,16 +203,16 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
                      fold_settings.train.seed)
         with tempfile.TemporaryDirectory(prefix="medvl-cv-") as scratch:
             model = train_recipe(fold_settings, train_set, scratch, show_progress=show_progress)
-        captions = captions_for(test_set, fold_settings.captions)  # the CaptionConfig read in cross_validate
         heads.append(head_scores(model, test_set, label, show_progress))
         shots.append(np.asarray(zero_shot(model, test_set, label, captions=captions, classes=classes,
                                           show_progress=False, keep_scores=True)["probabilities"]))
-        trained.append(model.meta["training"]["records"])
+        if member == 0:  # every member trains on the same records
+            n_trained = model.meta["training"]["records"]
     y = class_targets(test_set, label, classes)  # every record is labelled: zero_shot scores them in this order
     probabilities = np.mean(heads, axis=0)
     head = classification_metrics(y, probabilities, classes)
     prompts = classification_metrics(y, np.mean(shots, axis=0), classes)
-    result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": trained[0],
+    result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
               "balanced_accuracy": head["balanced_accuracy"], "zero_shot_auc": prompts["macro_auc"],
