@@ -24,6 +24,8 @@ def main(folder: str, out_file: str) -> None:
         tensors.update(gradients(dataset, loss))
     if distributed.is_main():
         save_file(tensors, out_file)
+    distributed.shutdown()
+    distributed.exit_process(0)  # as `medvl` does: no interpreter teardown, which can abort a gloo rank
 
 
 def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:

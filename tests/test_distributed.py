@@ -74,3 +74,24 @@ def test_medvl_train_under_torchrun_matches_one_process(phantom_dir, tmp_path):
     assert weights_one.keys() == weights_two.keys()
     for name in weights_one:
         assert torch.allclose(weights_one[name], weights_two[name], atol=1e-4), name
+
+
+def test_console_script_keeps_the_exit_code(phantom_dir, tmp_path):
+    """The installed ``medvl`` (``cli.main:run``) passes the command's exit code through, in and out of torchrun."""
+    medvl = shutil.which("medvl")
+    assert medvl is not None
+    assert subprocess.run([medvl, "--help"], capture_output=True, timeout=120).returncode == 0
+    missing = [medvl, "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "-q"]
+    done = subprocess.run(missing, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "missing" in done.stderr
+    # 2 ranks join the group, then refuse a non-empty output folder: the exit that skips the interpreter's
+    # teardown still reports the failure
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("not medvl's")
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "--no-python", medvl,
+                           *_train_args(phantom_dir, taken)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "not empty" in done.stderr + done.stdout
+    assert (taken / "keep.txt").read_text() == "not medvl's"

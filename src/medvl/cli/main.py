@@ -7,6 +7,7 @@ clinical.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -214,5 +215,22 @@ app.command("explain")(explain_command)
 app.command("vqa")(vqa_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 
+
+def run() -> None:
+    """The ``medvl`` console script: the Typer app, then, in a process that joined a torchrun group,
+    an exit that skips the interpreter's teardown (``distributed.exit_process``)."""
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    from ..train import distributed
+
+    if distributed.joined():
+        distributed.exit_process(code if isinstance(code, int) else 1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    run()

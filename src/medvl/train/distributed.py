@@ -18,9 +18,12 @@ Only rank 0 writes files (config, metrics, checkpoints, the model) and shows pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -28,11 +31,15 @@ import torch.distributed as dist
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
+_joined = False  # init_from_env joined a process group in this process
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun set up (``WORLD_SIZE`` > 1); True if training is distributed."""
-    if dist.is_available() and dist.is_initialized():
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1); True if training is distributed.
+
+    Whoever joins leaves: pair it with ``shutdown`` when the work is done.
+    """
+    if initialized():
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -42,6 +49,8 @@ def init_from_env() -> bool:
                          "(start distributed training with torchrun)")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    global _joined
+    _joined = True
     log.info("distributed training: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
 
@@ -62,6 +71,42 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def initialized() -> bool:
+    """True if this process is in a process group (ours or one the caller set up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown() -> None:
+    """Leave the process group: call it once communication is over, before the process exits.
+
+    Call it on success only: a rank that failed must not wait for ranks still in a collective.
+    """
+    if initialized():
+        dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """True if ``init_from_env`` joined a process group in this process (whether or not it was left since)."""
+    return _joined
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that took part in a gloo group: flush, then exit without the interpreter's teardown.
+
+    Under torchrun a rank occasionally aborts *after* its work is done and its files are written
+    (SIGABRT, "terminate called without an active exception", with no Python frame left): objects of
+    the gloo backend are destroyed during interpreter finalization while a thread of theirs is still
+    joinable, even after ``destroy_process_group``. torchrun then reports the whole job as failed (and
+    an elastic run would restart it). Skipping the teardown (``os._exit``) after flushing the output
+    streams and the log handlers keeps the exit code the work earned.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def shard_bounds(count: int, world: int | None = None) -> list[tuple[int, int]]:

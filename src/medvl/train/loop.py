@@ -216,7 +216,7 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     failed fresh run leaves nothing behind) holds for every objective.
     """
     config.validate_numbers()
-    distributed.init_from_env()
+    joined = not distributed.initialized() and distributed.init_from_env()  # a caller's own group stays theirs
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
     fresh_folder = not out_dir.exists()
@@ -227,11 +227,14 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
     run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
     try:
-        return run.run()
+        trained = run.run()
     except WriteError:
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
             _remove_run_output(out_dir, fresh_folder)
         raise
+    if joined:
+        distributed.shutdown()
+    return trained
 
 
 class ContrastiveObjective:
