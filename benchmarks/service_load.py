@@ -1,7 +1,8 @@
 """Load on ``/v1/zero-shot``: N concurrent clients against a real ``medvl serve``, with and without
 micro-batching, side by side in one run.
 
-For each mode (``--max-batch 16 --max-wait-ms 5`` and ``--no-batching``) a ``medvl serve`` process
+For each mode (``--max-batch 16 --max-wait-ms 5``, or this script's ``--max-batch`` / ``--max-wait-ms``,
+and ``--no-batching``) a ``medvl serve`` process
 is started on a free 127.0.0.1 port (rate limit off), both at once; for each concurrency (1, 4,
 16), that many clients (one asyncio task and one keep-alive connection each) send zero-shot
 requests back to back to each mode for ``--duration`` seconds, in two halves ordered batched,
@@ -24,7 +25,7 @@ The model is ``--model`` (a folder written by ``medvl train``), else one trained
     medvl train --data OUT/data --model phantom-tiny --out OUT/train-phantom-tiny --epochs 2 --batch-size 32
 
     python benchmarks/service_load.py --out runs/service-load [--train-model cxr-small | --model DIR] [--duration 60] \
-        [--torch-threads N]
+        [--torch-threads N] [--max-batch 16] [--max-wait-ms 5] [--concurrency 1,4,16]
 
 ``--torch-threads`` is ``medvl serve --torch-threads`` of both servers (and of the forward-pass timing).
 
@@ -52,7 +53,10 @@ import numpy as np
 from medvl.io import write_json
 
 LABELS = "no_finding,cardiomegaly,pleural_effusion,nodule,consolidation,pneumothorax"
-MODES = {"micro-batching": ["--max-batch", "16", "--max-wait-ms", "5"], "no batching": ["--no-batching"]}
+def modes(max_batch: int = 16, max_wait_ms: float = 5.0) -> dict[str, list[str]]:
+    """The two servers: micro-batching (``--max-batch``, ``--max-wait-ms``) and none."""
+    return {"micro-batching": ["--max-batch", str(max_batch), "--max-wait-ms", f"{max_wait_ms:g}"],
+            "no batching": ["--no-batching"]}
 TOKEN = "service-load-benchmark-token"
 
 
@@ -285,13 +289,15 @@ class MemorySampler:
 
 
 def run_modes(model: Path, images: list[bytes], concurrencies: list[int], duration: float, out: Path,
-              client: str = "raw", common: list[str] | None = None) -> list[dict]:
+              client: str = "raw", common: list[str] | None = None,
+              modes_run: dict[str, list[str]] | None = None) -> list[dict]:
     """Both servers run at once. Each cell is measured in four quarters, batched / unbatched /
     unbatched / batched (ABBA), so a drift in the machine's load (it is shared) hits both modes alike."""
+    modes_run = modes_run or modes()
     services = {name: Service(model, options, out / f"serve-{name.replace(' ', '-')}.log", common or [])
-                for name, options in MODES.items()}
+                for name, options in modes_run.items()}
     try:
-        results = {name: {"mode": name, "options": MODES[name], "ready_s": round(service.wait_ready(), 2),
+        results = {name: {"mode": name, "options": modes_run[name], "ready_s": round(service.wait_ready(), 2),
                           "cells": []} for name, service in services.items()}
         for service in services.values():
             asyncio.run(load(service.url, images, max(concurrencies), 5.0, client))  # warm-up: prompts, batch shapes
@@ -364,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="torch", help="medvl serve --backend of both servers (same in both).")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="medvl serve --torch-threads of both servers (0: one per core) and of the forward timing.")
+    parser.add_argument("--max-batch", type=int, default=16, help="medvl serve --max-batch of the batched server.")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="medvl serve --max-wait-ms of the batched server.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or prepare_model(args.out, args.train_model)
@@ -376,9 +384,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{bound['ms_per_image_batch_16']} at batch 16 ({bound['ratio']}x; {bound['torch_threads']} torch threads)",
           flush=True)
     common = ["--backend", args.backend, "--torch-threads", str(args.torch_threads)]
-    results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, common)
+    results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, common,
+                        modes(args.max_batch, args.max_wait_ms))
     summary = {"machine": machine, "duration_s": args.duration, "labels": LABELS, "model": model.name,
                "client": args.client, "backend": args.backend, "torch_threads": args.torch_threads,
+               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                "forward_pass": bound, "results": results, "load_average_at_end": os.getloadavg()}
     write_json(args.out / "service_load.json", summary)
     print(table(results))
