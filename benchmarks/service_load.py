@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="medvl serve --torch-threads of both servers (0: one per core) and of the forward timing.")
     parser.add_argument("--max-batch", type=int, default=16, help="medvl serve --max-batch of the batched server.")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="medvl serve --max-wait-ms of the batched server.")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="medvl serve --max-wait-ms of the batched server.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or prepare_model(args.out, args.train_model)
