@@ -61,7 +61,8 @@ def settings_for(args: argparse.Namespace) -> RecipeSettings:
     recipe's), resolved exactly as ``medvl train`` resolves them."""
     return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source,
                           loss=args.loss, batch_size=args.batch_size, lr=args.lr, meta_text=args.meta_text,
-                          meta_text_share=args.meta_text_share, model_overrides=parse_overrides(args.set))
+                          meta_text_share=args.meta_text_share, batch_group=args.batch_group,
+                          batch_group_share=args.batch_group_share, model_overrides=parse_overrides(args.set))
 
 
 def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
@@ -157,6 +158,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="A record meta field mixed in as training text, e.g. case_diagnosis (default: recipe).")
     parser.add_argument("--meta-text-share", type=float, default=None,
                         help="Probability of drawing --meta-text when a record has it (default: the recipe's).")
+    parser.add_argument("--batch-group", default=None,
+                        help="Label column or meta field whose values some batches are drawn from alone (hard "
+                             "negatives, e.g. location_category; default: the recipe's, none).")
+    parser.add_argument("--batch-group-share", type=float, default=None,
+                        help="Share of each group's full batches drawn from that group alone (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     return parser
 

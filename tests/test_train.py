@@ -27,9 +27,11 @@ def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
     assert (tmp_path / "run" / "train_config.json").is_file()
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path):
+@pytest.mark.parametrize("batch_group", [None, "sex"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group):
     dataset = medvl.load_dataset(phantom_dir).select("train")
-    config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, grad_accum=2)
+    config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, grad_accum=2, batch_group=batch_group,
+                         batch_group_share=1.0)
 
     def run(out, on_epoch_end=None, resume=False):
         torch.manual_seed(0)
@@ -120,3 +122,39 @@ def test_meta_text_is_drawn_with_its_share_and_pairs_a_cases_images(shared_data)
         _PairedTexts(dataset, TrainConfig(text_source="text", meta_text="diagnosis"), CaptionConfig())
     with pytest.raises(InputError, match="meta_text_share"):
         TrainConfig(meta_text_share=1.5).validate_numbers()
+
+
+def test_grouped_order_gives_single_group_batches_with_its_share():
+    from medvl.train.loop import grouped_order
+
+    keys = ["a"] * 40 + ["b"] * 25 + ["c"] * 7 + [None] * 5  # full batches of 8: a 5, b 3, c none
+    size = 8
+
+    def batches(share, seed):
+        order = grouped_order(keys, size, share, seed)
+        assert sorted(order) == list(range(len(keys)))  # every index once
+        cut = [order[i:i + size] for i in range(0, len(order), size)]
+        assert all(len(batch) == size for batch in cut[:-1]) and len(cut[-1]) == len(keys) % size
+        return cut
+
+    def pure(cut):
+        return sum(len({keys[i] for i in batch}) == 1 and keys[batch[0]] is not None for batch in cut)
+
+    every = batches(1.0, 0)
+    assert pure(every) >= 8  # every full batch of a and b, and a mixed one only by chance
+    assert sum(len(b) == size and {keys[i] for i in b} == {"a"} for b in every) >= 5
+    assert batches(1.0, 0) == every and batches(1.0, 1) != every  # seeded
+    assert pure(batches(0.0, 0)) <= 1  # share 0: mixed batches as from a plain permutation
+    drawn = [pure(batches(0.5, seed)) for seed in range(40)]
+    assert 3 < sum(drawn) / len(drawn) < 5.5  # about half of the 8
+    assert grouped_order([None] * 10, 4, 1.0, 3) != list(range(10))  # no keys: a shuffle
+
+
+def test_batch_group_is_checked_against_the_data(phantom_dir, tmp_path):
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, batch_group="ward")
+    with pytest.raises(InputError, match="no record has a 'ward' label or meta field.*finding"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InputError, match="batch_group_share"):
+        TrainConfig(batch_group_share=-0.1).validate_numbers()

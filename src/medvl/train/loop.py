@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,9 @@ class TrainConfig:
     meta_text_share: float = 0.25  # probability that a record with ``meta_text`` is paired with it
     skip_flagged: bool = False  # leave out training records whose image the audit (medvl.data.audit) finds
     # unreadable, blank or streaked (content lost along one axis); scoring still sees every image
+    batch_group: str | None = None  # a label column or meta field: some batches are drawn from one value of it
+    # (hard negatives: e.g. MedPix's location_category puts brain images against brain captions), see grouped_order
+    batch_group_share: float = 0.5  # share of the full batches of each group drawn as single-group batches
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""
@@ -104,6 +108,7 @@ class TrainConfig:
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
             "workers": (self.workers, {"minimum": 0, "optional": True, **whole}),
             "meta_text_share": (self.meta_text_share, {"minimum": 0, "maximum": 1}),
+            "batch_group_share": (self.batch_group_share, {"minimum": 0, "maximum": 1}),
         })
         if self.supervised_weight == 0 and self.contrastive_weight == 0:
             raise InputError("supervised_weight and contrastive_weight are both 0: nothing to train")
@@ -251,6 +256,11 @@ class ContrastiveObjective:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def group_keys(self, column: str) -> list[str | None]:
+        """Each record's value of ``column`` (a label, else a meta field; None where missing), for
+        ``TrainConfig.batch_group``; InputError if no record has it."""
+        return record_group_keys(self.dataset, column)
+
     def start(self, checkpoint: Path | None, show_progress: bool) -> None:
         if checkpoint is not None:
             self.model = DualEncoder.from_pretrained(checkpoint)
@@ -334,6 +344,13 @@ class _Run:
         self.objective, self.config, self.out_dir = objective, config, out_dir
         self.show_progress, self.on_epoch_end = show_progress, on_epoch_end
         self.examples = len(objective)
+        self.group_keys: list[str | None] | None = None
+        if config.batch_group:
+            if not hasattr(objective, "group_keys"):
+                raise InputError(f"batch_group is for image-text training; this objective "
+                                 f"({type(objective).__name__}) draws its batches at random")
+            self.group_keys = objective.group_keys(config.batch_group)
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
         if 0 < self.examples % config.batch_size < distributed.world_size():
             self.batches_per_epoch -= 1  # a last batch with fewer records than processes is skipped
@@ -431,9 +448,13 @@ class _Run:
 
     def _batch_indices(self, batch_index: int) -> list[int]:
         epoch, within = divmod(batch_index, self.batches_per_epoch)
-        order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(
-            self.config.seed * 1000 + epoch))
-        return order[within * self.config.batch_size:(within + 1) * self.config.batch_size].tolist()
+        seed, size = self.config.seed * 1000 + epoch, self.config.batch_size
+        if self.group_keys is None:
+            order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(seed))
+            return order[within * size:(within + 1) * size].tolist()
+        if self._epoch_order[0] != epoch:  # every rank computes the same order from the same seed
+            self._epoch_order = (epoch, grouped_order(self.group_keys, size, self.config.batch_group_share, seed))
+        return self._epoch_order[1][within * size:(within + 1) * size]
 
     def _forward(self, indices: list[int]) -> dict[str, torch.Tensor]:
         seed = self.config.seed * 1_000_003 + self.batch_index
@@ -465,6 +486,49 @@ class _Run:
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
         atomic_write_bytes(directory / "state.pt", buffer.getvalue())
+
+
+def record_group_keys(dataset: Dataset, column: str) -> list[str | None]:
+    """Each record's value of ``column``, a label column or else a meta field (None where a record
+    lacks it); InputError naming the columns there are if no record has it."""
+    keys = [record.labels.get(column, record.meta.get(column)) for record in dataset.records]
+    if all(key is None or key == "" for key in keys):
+        fields = sorted(set(dataset.label_names) | {key for r in dataset.records for key in r.meta})
+        raise InputError(f"{dataset.source}: no record has a {column!r} label or meta field (batch_group); "
+                         f"available: {', '.join(fields) or 'none'}")
+    return [None if key is None or key == "" else str(key) for key in keys]
+
+
+def grouped_order(keys: Sequence[str | None], batch_size: int, share: float, seed: int) -> list[int]:
+    """One epoch's order of the indices of ``keys`` in which some batches hold a single group (hard negatives).
+
+    Cut into consecutive ``batch_size`` slices, the order gives every index once. Each group's records
+    (in a seeded random order) make ``len // batch_size`` full batches; each of those is kept as a
+    single-group batch with probability ``share`` (records without a key never are). All other
+    records are shuffled together into mixed batches. The full batches come in a random order and the
+    one short batch, if any, last, so every slice but the last is full, as with a plain permutation.
+    """
+    rng = np.random.default_rng(seed)
+    permutation = rng.permutation(len(keys))
+    by_group: dict[str, list[int]] = {}
+    for index in permutation.tolist():
+        key = keys[index]
+        if key is not None:
+            by_group.setdefault(key, []).append(index)
+    batches: list[list[int]] = []
+    taken: set[int] = set()
+    for group in sorted(by_group):
+        members = by_group[group]
+        for start in range(0, len(members) - batch_size + 1, batch_size):
+            if rng.random() < share:
+                batches.append(members[start:start + batch_size])
+                taken.update(members[start:start + batch_size])
+    rest = [index for index in permutation.tolist() if index not in taken]
+    batches.extend(rest[start:start + batch_size] for start in range(0, len(rest), batch_size))
+    full = [batch for batch in batches if len(batch) == batch_size]
+    short = [batch for batch in batches if len(batch) < batch_size]
+    return [index for position in rng.permutation(len(full)).tolist() for index in full[position]] + \
+        [index for batch in short for index in batch]
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
