@@ -126,6 +126,8 @@ class TextConfig:
     max_length: int = 128  # tokens per text, longer texts are truncated
     pooling: str = "mean"  # mean | cls
     freeze: bool = False  # lock the text tower (LiT): weights fixed, no dropout, features cached while training
+    tune_top_layers: int = 0  # with freeze: the top N transformer layers still train; the layers below stay
+    # fixed and their output is computed once per text while training (a partly unfrozen tower at LiT's cost)
 
 
 @dataclass
@@ -175,6 +177,10 @@ class ModelConfig:
             raise InputError("text.kind 'pretrained' needs text.path (a local HF dir or all-minilm-l6-v2)")
         if self.text.pooling not in ("mean", "cls"):
             raise InputError(f"text.pooling must be mean or cls, got {self.text.pooling!r}")
+        check_number("text.tune_top_layers", self.text.tune_top_layers, minimum=0, integer=True)
+        if self.text.tune_top_layers and not self.text.freeze:
+            raise InputError("text.tune_top_layers is for a locked tower (text.freeze=true): an unlocked tower "
+                             "trains every layer already")
 
 
 @dataclass

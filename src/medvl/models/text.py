@@ -111,9 +111,23 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=max(config.max_length, 64),
             ))
         self.num_features = self.model.config.hidden_size
-        self._frozen_features: dict[str, torch.Tensor] = {}  # text -> features, frozen training only
+        self._frozen_features: dict[str, torch.Tensor] = {}  # text -> features (or lower-layer states), frozen training
         if config.freeze:
             self.model.requires_grad_(False)
+        if config.tune_top_layers:
+            layers = self._layers()
+            if config.tune_top_layers >= len(layers):
+                raise ModelError(f"text.tune_top_layers is {config.tune_top_layers} but the text tower has "
+                                 f"{len(layers)} layers: leave at least one fixed, or train it unlocked")
+            for layer in layers[-config.tune_top_layers:]:
+                layer.requires_grad_(True)
+
+    def _layers(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ModelError(f"text.tune_top_layers needs a BERT-style tower (encoder.layer); "
+                             f"{type(self.model).__name__} has none")
+        return layers
 
     def fit_tokenizer(self, texts: Sequence[str]) -> None:
         """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only)."""
@@ -133,8 +147,34 @@ class TextEncoder(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
+            if self.config.tune_top_layers:
+                return self._top_layer_features(texts)
             return self._cached_features(texts)
         return self._pooled_features(texts)
+
+    def _top_layer_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Pooled features with only the top ``tune_top_layers`` layers run (and trained): the fixed layers'
+        output for each distinct text is computed once, without dropout, and kept."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._frozen_features]
+        if missing:
+            fixed = len(self._layers()) - self.config.tune_top_layers
+            self.model.eval()
+            with torch.no_grad():
+                batch = self.tokenize(missing)
+                states = self.model(**batch, output_hidden_states=True).hidden_states[fixed]
+                for text, state, mask in zip(missing, states, batch["attention_mask"], strict=True):
+                    self._frozen_features[text] = state[: int(mask.sum())].clone()
+            self.model.train()
+        kept = [self._frozen_features[text] for text in texts]
+        hidden = nn.utils.rnn.pad_sequence(kept, batch_first=True)
+        lengths = torch.tensor([len(state) for state in kept])
+        attention_mask = (torch.arange(hidden.shape[1])[None] < lengths[:, None]).long()
+        # additive (batch, 1, 1, length) mask, as BERT's eager and SDPA attention take it: padding gets -inf
+        extended = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self._layers()[-self.config.tune_top_layers:]:
+            output = layer(hidden, attention_mask=extended)
+            hidden = output[0] if isinstance(output, tuple) else output
+        return self._pool(hidden, attention_mask)
 
     def _cached_features(self, texts: Sequence[str]) -> torch.Tensor:
         """A frozen tower is a fixed function (LiT): run it without dropout, once per distinct text."""
@@ -157,6 +197,9 @@ class TextEncoder(nn.Module):
     def token_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled features of a tokenised batch (the tensor-only part, which ``medvl.scale`` exports)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._pool(hidden, attention_mask)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
