@@ -167,8 +167,8 @@ class TextEncoder(nn.Module):
             self.model.train()
         kept = [self._frozen_features[text] for text in texts]
         hidden = nn.utils.rnn.pad_sequence(kept, batch_first=True)
-        lengths = torch.tensor([len(state) for state in kept])
-        attention_mask = (torch.arange(hidden.shape[1])[None] < lengths[:, None]).long()
+        lengths = torch.tensor([len(state) for state in kept], device=hidden.device)
+        attention_mask = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).long()
         # additive (batch, 1, 1, length) mask, as BERT's eager and SDPA attention take it: padding gets -inf
         extended = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in self._layers()[-self.config.tune_top_layers:]:
