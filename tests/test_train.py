@@ -153,7 +153,8 @@ def test_grouped_order_gives_single_group_batches_with_its_share():
 def test_batch_group_is_checked_against_the_data(phantom_dir, tmp_path):
     dataset = medvl.load_dataset(phantom_dir).select("train")
     config = TrainConfig(epochs=1, batch_size=16, batch_group="ward")
-    with pytest.raises(InputError, match="no record has a 'ward' label or meta field.*finding"):
+    with pytest.raises(InputError, match="batch_group: group column 'ward' is in no record's labels or meta; "
+                                         "columns present: .*finding"):
         medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
     with pytest.raises(InputError, match="batch_group_share"):

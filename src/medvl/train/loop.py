@@ -37,6 +37,7 @@ from ..data.captions import CaptionConfig
 from ..data.loading import load_all
 from ..data.record import Dataset
 from ..errors import InputError, ModelError, TrainingError, WriteError
+from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, write_errors_named, write_json
 from ..models.dual import DualEncoder
 from ..progress import progress_bar
@@ -257,9 +258,13 @@ class ContrastiveObjective:
         return len(self.dataset)
 
     def group_keys(self, column: str) -> list[str | None]:
-        """Each record's value of ``column`` (a label, else a meta field; None where missing), for
-        ``TrainConfig.batch_group``; InputError if no record has it."""
-        return record_group_keys(self.dataset, column)
+        """Each record's value of ``column`` for ``TrainConfig.batch_group``, as subgroup analysis reads a
+        group column (``groups_from_records``: a label, else a meta field; None where missing; ages
+        banded); InputError, naming the dataset, if no record has it."""
+        try:
+            return groups_from_records(self.dataset.records, [column])[column]
+        except InputError as error:
+            raise InputError(f"{self.dataset.source}: batch_group: {error}") from None
 
     def start(self, checkpoint: Path | None, show_progress: bool) -> None:
         if checkpoint is not None:
@@ -486,17 +491,6 @@ class _Run:
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
         atomic_write_bytes(directory / "state.pt", buffer.getvalue())
-
-
-def record_group_keys(dataset: Dataset, column: str) -> list[str | None]:
-    """Each record's value of ``column``, a label column or else a meta field (None where a record
-    lacks it); InputError naming the columns there are if no record has it."""
-    keys = [record.labels.get(column, record.meta.get(column)) for record in dataset.records]
-    if all(key is None or key == "" for key in keys):
-        fields = sorted(set(dataset.label_names) | {key for r in dataset.records for key in r.meta})
-        raise InputError(f"{dataset.source}: no record has a {column!r} label or meta field (batch_group); "
-                         f"available: {', '.join(fields) or 'none'}")
-    return [None if key is None or key == "" else str(key) for key in keys]
 
 
 def grouped_order(keys: Sequence[str | None], batch_size: int, share: float, seed: int) -> list[int]:
