@@ -51,6 +51,8 @@ import httpx
 import numpy as np
 
 from medvl.io import write_json
+from medvl.models.backends import resolve_backend
+from medvl.models.registry import model_directory
 
 LABELS = "no_finding,cardiomegaly,pleural_effusion,nodule,consolidation,pneumothorax"
 def modes(max_batch: int = 16, max_wait_ms: float = 5.0) -> dict[str, list[str]]:
@@ -202,12 +204,14 @@ async def raw_client_loop(url: str, requests: list[bytes], offset: int, until: f
 async def load(url: str, images: list[bytes], concurrency: int, duration: float, client: str = "raw") -> dict:
     """``concurrency`` clients for ``duration`` seconds: latencies (ms), request ids, errors, seconds."""
     run: dict = {"latencies": [], "request_ids": set(), "errors": []}
+    cpu = time.process_time()  # this process: the clients (and the once-a-second memory sampler)
     if client == "raw":
         requests = encoded_requests(url, images)
         started = time.monotonic()
         await asyncio.gather(*(raw_client_loop(url, requests, i, started + duration, run["latencies"],
                                                run["request_ids"], run["errors"]) for i in range(concurrency)))
         run["seconds"] = time.monotonic() - started
+        run["client_cpu_s"] = time.process_time() - cpu
         return run
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -216,6 +220,7 @@ async def load(url: str, images: list[bytes], concurrency: int, duration: float,
         await asyncio.gather(*(client_loop(http, images, i, started + duration, run["latencies"],
                                            run["request_ids"], run["errors"]) for i in range(concurrency)))
         run["seconds"] = time.monotonic() - started
+    run["client_cpu_s"] = time.process_time() - cpu
     return run
 
 
@@ -228,6 +233,8 @@ def summary_of(runs: list[dict], concurrency: int, batch_sizes: list[int]) -> di
             "seconds": round(seconds, 2), "requests_per_s": round(len(latencies) / seconds, 2),
             "p50_ms": round(float(percentiles[0]), 1), "p95_ms": round(float(percentiles[1]), 1),
             "p99_ms": round(float(percentiles[2]), 1),
+            "client_cpu_ms_per_request": round(1000 * sum(run["client_cpu_s"] for run in runs)
+                                               / max(len(latencies), 1), 3),
             "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None}
 
 
@@ -333,7 +340,7 @@ def run_modes(model: Path, images: list[bytes], concurrencies: list[int], durati
 def show(name: str, cell: dict) -> None:
     print(f"{name:>15} c={cell['concurrency']:<3} {cell['requests_per_s']:7.1f} req/s  p50 {cell['p50_ms']:7.1f}  "
           f"p95 {cell['p95_ms']:7.1f}  p99 {cell['p99_ms']:7.1f} ms  batch {cell['mean_batch_size']}  "
-          f"errors {cell['errors']}", flush=True)
+          f"errors {cell['errors']}  client CPU {cell['client_cpu_ms_per_request']} ms/request", flush=True)
 
 
 def table(results: list[dict]) -> str:
@@ -367,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", default="1,4,16", help="Comma-separated client counts.")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="Load generator: pre-encoded HTTP/1.1 requests (raw) or httpx.AsyncClient.")
-    parser.add_argument("--backend", default="torch", help="medvl serve --backend of both servers (same in both).")
+    parser.add_argument("--backend", default="auto",
+                        help="medvl serve --backend of both servers (same in both; default auto, as medvl serve).")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="medvl serve --torch-threads of both servers (0: one per core) and of the forward timing.")
     parser.add_argument("--max-batch", type=int, default=16, help="medvl serve --max-batch of the batched server.")
@@ -377,18 +385,20 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or prepare_model(args.out, args.train_model)
     images = query_images(model, args.out)
+    backend = resolve_backend(model_directory(model), args.backend)  # auto: the backend medvl serve would pick
     concurrencies = [int(n) for n in args.concurrency.split(",")]
     machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                "load_average_at_start": os.getloadavg()}
-    bound = forward_bound(model, images, backend=args.backend, threads=args.torch_threads)
+    bound = forward_bound(model, images, backend=backend, threads=args.torch_threads)
     print(f"forward pass alone: {bound['ms_per_image_batch_1']} ms per image at batch 1, "
-          f"{bound['ms_per_image_batch_16']} at batch 16 ({bound['ratio']}x; {bound['torch_threads']} torch threads)",
+          f"{bound['ms_per_image_batch_16']} at batch 16 ({bound['ratio']}x; {bound['torch_threads']} torch threads, "
+          f"backend {backend})",
           flush=True)
-    common = ["--backend", args.backend, "--torch-threads", str(args.torch_threads)]
+    common = ["--backend", backend, "--torch-threads", str(args.torch_threads)]
     results = run_modes(model, images, concurrencies, args.duration, args.out, args.client, common,
                         modes(args.max_batch, args.max_wait_ms))
     summary = {"machine": machine, "duration_s": args.duration, "labels": LABELS, "model": model.name,
-               "client": args.client, "backend": args.backend, "torch_threads": args.torch_threads,
+               "client": args.client, "backend": backend, "torch_threads": args.torch_threads,
                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                "forward_pass": bound, "results": results, "load_average_at_end": os.getloadavg()}
     write_json(args.out / "service_load.json", summary)

@@ -315,8 +315,9 @@ def test_the_service_loads_the_folder(hf_dir):
     from medvl.serve.service import ModelService
     from medvl.serve.settings import ServeSettings
 
-    service = ModelService(hf_dir, None, ServeSettings())
+    service = ModelService(hf_dir, None, ServeSettings())  # backend auto: eager torch for a transformers folder
     described = service.describe()
+    assert described["backend"] == "torch"
     assert described["name"] == hf_dir.name and described["image"]["in_channels"] == 3
     pixels = service.net.preprocessor.load(np.zeros((50, 60), np.uint8))  # what the micro-batcher encodes
     assert service.net.encode_images(pixels[None]).shape == (1, described["embed_dim"])

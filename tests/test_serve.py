@@ -37,6 +37,7 @@ from cli_helpers import invoke  # noqa: E402
 from medvl.data import load_dataset  # noqa: E402
 from medvl.errors import DataError, InputError  # noqa: E402
 from medvl.index import build_index, open_index, search_index  # noqa: E402
+from medvl.models.backends import resolve_backend  # noqa: E402
 from medvl.models.registry import load_model  # noqa: E402
 from medvl.predict import predict  # noqa: E402
 from medvl.serve import ServeSettings, create_app  # noqa: E402
@@ -369,7 +370,9 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
 
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
     token = TOKENS[0]
-    settings = ServeSettings(backend="torch-channels-last")
+    settings = ServeSettings()  # backend auto: channels-last for a medvl model folder
+    assert settings.backend == "auto" and resolve_backend(model_dir, "auto") == "torch-channels-last"
+    assert resolve_backend(model_dir, "onnx") == "onnx"
     app = create_app(model_dir, settings=settings, token_digests=[token_digest(token)])
     with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
         headers = {"Authorization": f"Bearer {token}"}
@@ -990,7 +993,8 @@ def test_medvl_serve_answers_health_within_10_s_and_drains_on_sigterm(model_dir,
     assert requests and all(line["request_id"] and "ms" in line for line in requests)
     assert any(line.get("message") == "micro-batcher stopped" for line in lines)
     start = next(line for line in lines if line.get("message") == "serving")
-    assert (start["backend"], start["http"], start["loop"]) == ("torch", "httptools", "uvloop")  # medvl[serve]
+    # medvl[serve]; the backend is auto's choice for a medvl model
+    assert (start["backend"], start["http"], start["loop"]) == ("torch-channels-last", "httptools", "uvloop")
     assert start["torch_threads"] == 1
 
 

@@ -40,8 +40,9 @@ WorkersOption = Annotated[int | None, typer.Option(
     help="Processes reading and resizing images ahead of the model (0 = in this process; default: 0 below "
          "4 cores, else a quarter of the cores, from 512 images on).")]
 BackendOption = Annotated[str, typer.Option(
-    help="How the model runs: torch, torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need "
-         "'medvl export onnx' first); see docs/benchmarks.md for which is fastest.")]
+    help="How the model runs: auto (channels-last for a medvl model, torch for a transformers one), torch, "
+         "torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need 'medvl export onnx' first); "
+         "see docs/benchmarks.md for which is fastest.")]
 
 
 def check_outputs(overwrite: bool, **paths: Path | None) -> None:

@@ -47,7 +47,7 @@ def serve_command(
     max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
-    backend: BackendOption = "torch",
+    backend: BackendOption = "auto",
     torch_threads: Annotated[int, typer.Option(
         help="Threads per forward pass (0: one per core). On few cores, 1 leaves a core to the requests' "
              "own work: faster without micro-batching and at a few clients.")] = 0,
@@ -66,7 +66,7 @@ def serve_command(
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
                              data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
-                             backend=backend, torch_threads=torch_threads).validate()
+                             backend=backend, torch_threads=torch_threads).validate().for_model(model)
     _check_model_dir(model, settings.backend)
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ModelError
 from .adapters import HFDualEncoder, transformers_model_type
-from .backends import load_backend
+from .backends import load_backend, resolve_backend
 from .config import ModelConfig, Recipe
 from .dual import CONFIG_FILE, DualEncoder
 
@@ -105,8 +105,10 @@ def load_model(directory: str | Path, backend: str = "torch") -> DualEncoder:
     local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only).
 
     ``backend`` other than ``torch`` (eager fp32) runs the towers another way, for inference:
-    channels-last, bf16 autocast or an ONNX export (``medvl.models.backends``)."""
+    channels-last, bf16 autocast or an ONNX export; ``auto`` picks channels-last for a medvl model and
+    eager torch for a transformers one (``medvl.models.backends``)."""
     directory = model_directory(directory)
+    backend = resolve_backend(directory, backend)
     if backend != "torch":
         return load_backend(directory, backend)
     if transformers_model_type(directory) is not None:

@@ -87,7 +87,7 @@ class ModelService:
     """One loaded model (and optionally a case index) behind the routes."""
 
     def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
-        self.settings = settings
+        self.settings = settings.for_model(model_dir)  # backend auto: the one it stands for, as /v1/models says
         self.model_dir = Path(model_dir)
         self.net = load_model(model_dir, backend=settings.backend)
         self.net.eval()

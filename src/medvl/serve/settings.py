@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..checks import check_number
 from ..errors import InputError
-from ..models.backends import check_backend
+from ..models.backends import check_backend, resolve_backend
+from ..models.registry import model_directory
 
 MIB = 1 << 20
 
@@ -40,9 +41,10 @@ class ServeSettings:
     max_vqa_images: int = 4  # image files one /v1/vqa request may carry (the model's own limit applies too)
     max_explain_top: int = 3  # findings one /v1/explain request may ask to explain (heatmaps each)
     heavy_queue: int = 4  # explain / VQA requests waiting while one computes; beyond, 503
-    # how the dual encoder's towers run for embeddings and zero-shot (``medvl.models.backends``: torch,
-    # torch-channels-last, torch-bf16, onnx, onnx-int8); explanations always use eager torch (gradients)
-    backend: str = "torch"
+    # how the dual encoder's towers run for embeddings and zero-shot (``medvl.models.backends``: auto, torch,
+    # torch-channels-last, torch-bf16, onnx, onnx-int8); auto is channels-last for a medvl model, eager torch
+    # for a transformers one (``for_model`` resolves it); explanations always use eager torch (gradients)
+    backend: str = "auto"
     # threads of each forward pass on the model's thread (torch's intra-op threads; 0: torch's default, one
     # per core). On few cores, 1 leaves a core to the requests' own work: more requests per second without
     # micro-batching and at a few clients (docs/benchmarks.md); it is process-wide (torch's setting)
@@ -75,6 +77,12 @@ class ServeSettings:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
                 raise InputError(f"data root {self.data_root}: not a folder")
+        return self
+
+    def for_model(self, model_dir: str | Path) -> ServeSettings:
+        """``self`` with ``backend`` ``auto`` replaced by the backend it stands for with the model in
+        ``model_dir`` (a model folder or a train output folder), so logs and ``/v1/models`` name it."""
+        self.backend = resolve_backend(model_directory(model_dir), self.backend)
         return self
 
     @property
