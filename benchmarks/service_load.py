@@ -1,10 +1,10 @@
 """Load on ``/v1/zero-shot``: N concurrent clients against a real ``medvl serve``, with and without
 micro-batching, side by side in one run.
 
-For each mode (``--max-batch 16 --max-wait-ms 5``, or this script's ``--max-batch`` / ``--max-wait-ms``,
-and ``--no-batching``) a ``medvl serve`` process
-is started on a free 127.0.0.1 port (rate limit off), both at once; for each concurrency (1, 4,
-16), that many clients (one asyncio task and one keep-alive connection each) send zero-shot
+For each mode (``--max-batch 16 --max-wait-ms 10``, medvl serve's defaults, or this script's
+``--max-batch`` / ``--max-wait-ms``, and ``--no-batching``) a ``medvl serve`` process is started
+on a free 127.0.0.1 port (rate limit off), both at once; for each concurrency (1, 4, 16), that
+many clients (one asyncio task and one keep-alive connection each) send zero-shot
 requests back to back to each mode for ``--duration`` seconds, in two halves ordered batched,
 unbatched, unbatched, batched (so a drift in the machine's load hits both alike), each a phantom PNG
 from a fixed set. Reported per cell: requests/s, p50 / p95 / p99 latency, errors, the mean batch
@@ -25,7 +25,7 @@ The model is ``--model`` (a folder written by ``medvl train``), else one trained
     medvl train --data OUT/data --model phantom-tiny --out OUT/train-phantom-tiny --epochs 2 --batch-size 32
 
     python benchmarks/service_load.py --out runs/service-load [--train-model cxr-small | --model DIR] [--duration 60] \
-        [--torch-threads N] [--max-batch 16] [--max-wait-ms 5] [--concurrency 1,4,16]
+        [--torch-threads N] [--max-batch 16] [--max-wait-ms 10] [--concurrency 1,4,16]
 
 ``--torch-threads`` is ``medvl serve --torch-threads`` of both servers (and of the forward-pass timing).
 
@@ -55,7 +55,7 @@ from medvl.models.backends import resolve_backend
 from medvl.models.registry import model_directory
 
 LABELS = "no_finding,cardiomegaly,pleural_effusion,nodule,consolidation,pneumothorax"
-def modes(max_batch: int = 16, max_wait_ms: float = 5.0) -> dict[str, list[str]]:
+def modes(max_batch: int = 16, max_wait_ms: float = 10.0) -> dict[str, list[str]]:
     """The two servers: micro-batching (``--max-batch``, ``--max-wait-ms``) and none."""
     return {"micro-batching": ["--max-batch", str(max_batch), "--max-wait-ms", f"{max_wait_ms:g}"],
             "no batching": ["--no-batching"]}
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="medvl serve --torch-threads of both servers (0: one per core) and of the forward timing.")
     parser.add_argument("--max-batch", type=int, default=16, help="medvl serve --max-batch of the batched server.")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+    parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="medvl serve --max-wait-ms of the batched server.")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from medvl.models.registry import load_model  # noqa: E402
 from medvl.predict import predict  # noqa: E402
 from medvl.serve import ServeSettings, create_app  # noqa: E402
 from medvl.serve.auth import digests_from_file, token_digest  # noqa: E402
-from medvl.serve.batching import MicroBatcher, ServiceBusy  # noqa: E402
+from medvl.serve.batching import RECENT_S, MicroBatcher, ServiceBusy  # noqa: E402
 from medvl.serve.logs import JsonFormatter  # noqa: E402
 from medvl.serve.uploads import DICOM, JPEG, NIFTI, NIFTI_GZ, PNG, UploadRejected, sniff  # noqa: E402
 from serve_helpers import Server, fit_concept_bottleneck, train_tiny_vqa_model  # noqa: E402
@@ -458,6 +458,36 @@ def test_the_batcher_drains_its_queue_on_close(model_dir):
     results, batches = asyncio.run(run())
     assert len(results) == 10 and batches == 3  # 4 + 4 + 2, nothing dropped
     assert [timing.batch_size for _, timing in results] == [4] * 8 + [2] * 2
+
+
+def test_a_batch_waits_for_as_many_requests_as_arrived_together_lately(model_dir):
+    """A lone request is not delayed; after a batch of 4, the next batch waits (up to max_wait) for 4 again:
+    under steady load the clients just answered are about to send their next requests."""
+    model = load_model(model_dir)
+    pixels = model.preprocessor.load(np.zeros((64, 64), np.uint8))
+
+    async def run():
+        with ThreadPoolExecutor(1) as thread:
+            batcher = MicroBatcher(model.encode_images, thread, max_batch=8, max_wait_ms=3000)
+            batcher.start()
+            timings = {"lone": [(await batcher.embed(pixels))[1]]}
+            timings["four"] = [t for _, t in await asyncio.gather(*(batcher.embed(pixels) for _ in range(4)))]
+            expected = batcher.expected()
+            early = [asyncio.ensure_future(batcher.embed(pixels)) for _ in range(2)]
+            await asyncio.sleep(0.3)  # the other two come later, inside max_wait
+            late = [asyncio.ensure_future(batcher.embed(pixels)) for _ in range(2)]
+            timings["waited"] = [t for _, t in await asyncio.gather(*early, *late)]
+            await asyncio.sleep(RECENT_S + 0.2)  # nothing for a while: back to not waiting
+            timings["idle"] = [(await batcher.embed(pixels))[1]]
+            await batcher.close()
+            return timings, expected
+
+    timings, expected = asyncio.run(run())
+    assert [t.batch_size for t in timings["lone"]] == [1] and timings["lone"][0].queue_ms < 1000
+    assert [t.batch_size for t in timings["four"]] == [4] * 4 and expected == 4
+    assert [t.batch_size for t in timings["waited"]] == [4] * 4  # one pass, not 2 + 2
+    assert timings["waited"][0].queue_ms >= 250  # the first two waited for the late ones
+    assert [t.batch_size for t in timings["idle"]] == [1] and timings["idle"][0].queue_ms < 1000
 
 
 def test_a_full_queue_is_answered_busy(model_dir):

@@ -36,7 +36,7 @@ def serve_command(
         "--no-auth", help="Allow serving with no token configured: anyone who reaches the port may call it "
                           "(refused unless --host is a loopback address).")] = False,
     max_batch: Annotated[int, typer.Option(help="Images per forward pass at most (micro-batching).")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (ms).")] = 10.0,
     no_batching: Annotated[bool, typer.Option(
         "--no-batching", help="One forward pass per request (no micro-batching).")] = False,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per token (0: no limit).")] = 10.0,

@@ -2,10 +2,16 @@
 
 Requests put their preprocessed pixels (a ``(C, ...)`` tensor) on a queue and await a future. One
 worker task takes the first waiting item, gathers more until ``max_batch`` items or ``max_wait_ms``
-have passed (it does not wait when the queue is empty and no other request is being decoded: a lone
-request pays no batching delay; see ``incoming``), stacks them, runs one ``encode`` on the model's own
-thread, and resolves each future with its row (``encode`` returns a ``(N, ...)`` tensor, or a tuple of
-them, e.g. embeddings and OOD scores: then each request gets a tuple of its rows, from the same pass).
+have passed, stacks them, runs one ``encode`` on the model's own thread, and resolves each future
+with its row (``encode`` returns a ``(N, ...)`` tensor, or a tuple of them, e.g. embeddings and OOD
+scores: then each request gets a tuple of its rows, from the same pass).
+
+When to stop gathering early: when the queue is empty, no other request is being decoded (see
+``incoming``) and the batch already holds as many requests as arrived together lately (the largest
+batch of the last ``RECENT_S`` seconds; 1 when idle). So a lone request pays no batching delay, and
+under steady load a batch waits (at most ``max_wait_ms``) for the clients its last answers went to:
+their next requests are still on the wire or in HTTP parsing, where neither count sees them.
+
 ``max_batch=1`` is the unbatched service (one forward pass per request, in arrival order).
 ``close`` stops taking requests and finishes every queued one before returning (graceful
 shutdown drains the queue).
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -27,6 +34,7 @@ import torch
 from ..errors import MedvlError
 
 log = logging.getLogger(__name__)
+RECENT_S = 1.0  # how far back the batcher looks to tell how many requests arrive together
 
 
 class ServiceBusy(MedvlError):
@@ -58,7 +66,7 @@ class MicroBatcher:
     """Gathers queued images into batches of at most ``max_batch``, waiting at most ``max_wait_ms``."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], executor: Executor,
-                 max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
+                 max_batch: int = 16, max_wait_ms: float = 10.0, max_queue: int = 256):
         self.encode = encode
         self.executor = executor
         self.max_batch = max_batch
@@ -70,6 +78,7 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         self._incoming = 0  # requests decoding an image they will queue
+        self._recent: deque[tuple[float, int]] = deque()  # (monotonic time, size) of the batches gathered
 
     @contextmanager
     def incoming(self) -> Iterator[None]:
@@ -83,6 +92,14 @@ class MicroBatcher:
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
+
+    def expected(self) -> int:
+        """How many requests arrive together lately: the largest batch gathered in the last ``RECENT_S``
+        seconds (1 when there was none)."""
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] > RECENT_S:
+            self._recent.popleft()
+        return max((size for _, size in self._recent), default=1)
 
     def start(self) -> None:
         """Start the worker task on the running event loop."""
@@ -115,6 +132,7 @@ class MicroBatcher:
             if first is _STOP:
                 break
             batch, stopping = await self._gather(first)
+            self._recent.append((time.monotonic(), len(batch)))
             await self._forward(batch)
         log.info("micro-batcher stopped", extra={"drained": self.items})
 
@@ -122,8 +140,9 @@ class MicroBatcher:
         """``first`` and what else arrives within ``max_wait`` (up to ``max_batch``); True if told to stop."""
         batch = [first]
         deadline = asyncio.get_running_loop().time() + self.max_wait
+        expected = self.expected()
         while len(batch) < self.max_batch:
-            if self._queue.empty() and not self._incoming:
+            if self._queue.empty() and not self._incoming and len(batch) >= expected:
                 break  # nobody else is on the way: waiting would only add latency
             remaining = deadline - asyncio.get_running_loop().time()
             try:

@@ -23,7 +23,7 @@ class ServeSettings:
     max_voxels: int = 256_000_000  # a volume (NIfTI, multi-frame DICOM) declaring more voxels is refused (413)
     batching: bool = True  # gather concurrent requests into one forward pass
     max_batch: int = 16  # images per forward pass at most
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
     max_queue: int = 256  # images waiting for the model at most; beyond, 503
     rate_limit: float = 10.0  # requests per second per token, sustained (0: no limit)
     rate_burst: int = 20  # requests a token may send at once before the rate applies
