@@ -73,7 +73,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     routes 503 until the model is ready (``medvl serve`` does this; a model that fails to load is
     ``"status": "failed"`` with the reason, 503).
     """
-    settings = (settings or ServeSettings()).validate().for_model(model_dir)
+    settings = (settings or ServeSettings()).validate()  # ModelService resolves backend auto for its model
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
     if not load_in_background:
