@@ -177,7 +177,7 @@ class TextEncoder(nn.Module):
         """A frozen tower is a fixed function (LiT): run it without dropout, once per distinct text."""
         return torch.stack(self._kept(texts, self._pooled_features))
 
-    def _kept(self, texts: Sequence[str], compute: Callable[[Sequence[str]], Sequence[torch.Tensor]]
+    def _kept(self, texts: Sequence[str], compute: Callable[[Sequence[str]], Iterable[torch.Tensor]]
               ) -> list[torch.Tensor]:
         """``compute``'s row for each text, run on the fixed tower (no dropout, no gradients) once per distinct
         text and kept until the weights change."""
