@@ -163,6 +163,8 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--grad-accum", 0], "grad_accum"),
     (["--supervised-weight", -1], "supervised_weight"),
     (["--supervised-weight", "nan"], "supervised_weight"),
+    (["--label-smoothing", 1], "label_smoothing"),
+    (["--label-smoothing", -0.1], "label_smoothing"),
     (["--checkpoint-every", -5], "checkpoint_every"),
     (["--seed", -1], "seed"),
     (["--set", "image.image_size=100000"], "image.image_size"),

@@ -159,3 +159,21 @@ def test_batch_group_is_checked_against_the_data(phantom_dir, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(InputError, match="batch_group_share"):
         TrainConfig(batch_group_share=-0.1).validate_numbers()
+
+
+def test_label_smoothing_keeps_the_head_from_certainty(tiny_npz, tmp_path):
+    """Targets of 1 - s + s / K: a smoothed head settles near that probability, a plain one goes past it."""
+    dataset = medvl.load_dataset(tiny_npz, label_columns=["label"]).select("train")
+
+    def confidence(smoothing: float) -> float:
+        model = medvl.create_model("medmnist-small", **{"image.widths": [8, 16, 32, 64], "image.augment": False})
+        config = TrainConfig(epochs=8, batch_size=40, lr=3e-3, label_columns=["label"], supervised_weight=1.0,
+                             contrastive_weight=0.0, label_smoothing=smoothing)
+        medvl.train(model, dataset, config, tmp_path / f"s{smoothing}", show_progress=False)
+        pixels = model.preprocessor.load_many([r.image for r in dataset])
+        with torch.no_grad():
+            probabilities = model.head_probabilities("label", model.encode_images(pixels, features=True))
+        return float(probabilities.max(dim=1).values.mean())
+
+    plain, smoothed = confidence(0.0), confidence(0.6)
+    assert smoothed < 0.8 < plain  # the smoothed target of the true class is 1 - 0.6 + 0.3 = 0.7

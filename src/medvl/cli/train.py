@@ -52,6 +52,9 @@ def train_command(
         help="Weight of supervised label heads (0 = off; default: the recipe's).")] = None,
     contrastive_weight: Annotated[float | None, typer.Option(
         help="Weight of the image-text loss (default: the recipe's, else 1).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        help="Share of each supervised head target spread over the classes, 0-0.9 (default: the recipe's, "
+             "else 0).")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Batches per optimizer step (default 1).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between checkpoints (0 = each epoch, the default).")] = None,
@@ -83,7 +86,8 @@ def train_command(
                               allow_outside_root=allow_outside_root, show_progress=not quiet,
                               epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                               text_source=text_source, supervised_weight=supervised_weight,
-                              contrastive_weight=contrastive_weight, grad_accum=grad_accum,
+                              contrastive_weight=contrastive_weight, label_smoothing=label_smoothing,
+                              grad_accum=grad_accum,
                               checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers,
                               leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None,
                               skip_flagged=skip_flagged)

@@ -64,6 +64,7 @@ class TrainConfig:
     label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
     supervised_weight: float = 0.0  # weight of the cross-entropy of supervised heads (0 = none)
     contrastive_weight: float = 1.0  # weight of the image-text loss (0 = supervised only)
+    label_smoothing: float = 0.0  # supervised heads: share of each target spread evenly over the classes (0-0.9)
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
     log_every: int = 10  # optimizer steps between metrics lines
     max_steps: int | None = None  # stop early after this many optimizer steps
@@ -104,6 +105,7 @@ class TrainConfig:
             "seed": (self.seed, {"minimum": 0, **whole}),
             "supervised_weight": (self.supervised_weight, {"minimum": 0}),
             "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
+            "label_smoothing": (self.label_smoothing, {"minimum": 0, "maximum": 0.9}),
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
@@ -297,7 +299,8 @@ class ContrastiveObjective:
         divisor = distributed.sample_divisor(len(indices))
         for column, target in self.targets.items():
             local_targets = target[indices][local]
-            ce = F.cross_entropy(model.heads[column](features), local_targets, reduction="sum") / divisor
+            ce = F.cross_entropy(model.heads[column](features), local_targets, reduction="sum",
+                                 label_smoothing=config.label_smoothing) / divisor
             parts[f"ce_{column}"] = ce
             loss = loss + config.supervised_weight * ce
         parts["loss"] = loss
