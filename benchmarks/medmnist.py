@@ -47,6 +47,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", type=int, default=None,
                         help="members (seeds seed, seed + 1, ...); default: the recipe's. With more than one, "
                              "each member is also scored alone")
+    parser.add_argument("--label-smoothing", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--shifts", default=None,
+                        help="also score the split under every corruption at these severities, e.g. 1,2,3")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="model config override, e.g. image.image_size=56 (repeatable)")
+    parser.add_argument("--json", type=Path, default=None, help="also keep the full result here")
     parser.add_argument("--target-prior", type=float, default=0.625,
                         help="share of pneumonia to re-weight to (the official test split's 390 / 624)")
     return parser
@@ -58,6 +64,9 @@ def command_for(args: argparse.Namespace, out: Path) -> list[str]:
                "--test-data", str(args.test_data or args.data), "--test-split", args.test_split,
                "--seed", str(args.seed), "--target-prior", str(args.target_prior), "--json", str(out), "-q"]
     command += ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    command += ["--label-smoothing", str(args.label_smoothing)] if args.label_smoothing is not None else []
+    command += ["--shifts", args.shifts] if args.shifts else []
+    command += [part for override in args.overrides for part in ("--set", override)]
     return command + (["--ensemble", str(args.ensemble)] if args.ensemble is not None else [])
 
 
@@ -67,6 +76,8 @@ def main() -> None:
         out = Path(scratch) / "result.json"
         subprocess.run(command_for(args, out), check=True)
         result = json.loads(out.read_text())
+        if args.json:
+            args.json.write_text(out.read_text())
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nPneumoniaMNIST ({args.test_split} split for medvl; references on test)")
     print(f"{'method':<34}{'AUC':>8}{'ACC':>8}")
@@ -79,6 +90,25 @@ def main() -> None:
     print(operating_point_table(result["operating_points"], result["threshold_from"]))
     if result["members"]:
         print(member_table(result))
+    if result["shifted"]:
+        print(shift_table(result["shifted"]))
+
+
+def shift_table(shifted: dict) -> str:
+    """AUC (and balanced accuracy at the clean threshold) per corruption kind and severity."""
+    severities = shifted["severities"]
+    lines = [f"\nUnder corruption (medvl.eval.robustness; threshold from the clean threshold data): mean AUC "
+             f"{shifted['mean_auc']:.3f}, worst {shifted['worst']['auc']:.3f} ({shifted['worst']['kind']} "
+             f"severity {shifted['worst']['severity']})",
+             "| corruption | " + " | ".join(f"AUC s{s}" for s in severities)
+             + (" | " + " | ".join(f"bal. acc s{s}" for s in severities) if shifted["balanced_accuracy"] else "")
+             + " |", "|---" * (1 + len(severities) * (2 if shifted["balanced_accuracy"] else 1)) + "|"]
+    for kind, values in shifted["auc"].items():
+        cells = [f"{v:.3f}" for v in values]
+        if shifted["balanced_accuracy"]:
+            cells += [f"{v:.3f}" for v in shifted["balanced_accuracy"][kind]]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def member_table(result: dict) -> str:
@@ -87,15 +117,16 @@ def member_table(result: dict) -> str:
     point = result["operating_point"]
     lines = [f"\nEnsemble members alone and together ({point} threshold; worst = the lower of ACC and ACC at "
              f"{result['operating_points']['target_prior']:.1%} positive)",
-             "| model | threshold | AUC | ACC | ACC at prior | sensitivity / specificity | worst |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | threshold | AUC | ACC | ACC at prior | sensitivity / specificity | worst "
+             "| AUC under corruption, mean / worst |", "|---|---|---|---|---|---|---|---|"]
     rows = [(f"seed {m['seed']}", m) for m in result["members"]] + [(f"ensemble of {result['ensemble']}", result)]
     for name, scored in rows:
         figures = scored["operating_points"][point]
         worst = min(figures["accuracy"]["value"], figures["accuracy_at_prior"]["value"])
         lines.append(f"| {name} | {figures['threshold']:.3f} | {_ci(scored['operating_points']['auc'])} "
                      f"| {_ci(figures['accuracy'])} | {_ci(figures['accuracy_at_prior'])} "
-                     f"| {figures['sensitivity']['value']:.3f} / {figures['specificity']['value']:.3f} | {worst:.3f} |")
+                     f"| {figures['sensitivity']['value']:.3f} / {figures['specificity']['value']:.3f} | {worst:.3f} "
+                     f"| {_shifted(scored['shifted'])} |")
     return "\n".join(lines)
 
 
@@ -114,6 +145,10 @@ def operating_point_table(points: dict, source: str) -> str:
                                              "accuracy_at_prior")]
         lines.append(f"| {label} | {point['threshold']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shifted(shifted: dict | None) -> str:
+    return f"{shifted['mean_auc']:.3f} / {shifted['worst']['auc']:.3f}" if shifted else "-"
 
 
 def _ci(figure: dict) -> str:

@@ -1,18 +1,28 @@
 """The MedMNIST benchmark's scoring recipe: seed ensembles, test-time shifts and scales (checked
 against plain references), the recipe's operating point behind the headline accuracy."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import medvl
 from cli_helpers import invoke
-from medvl.bench.medmnist import benchmark_data, ensemble_scores, run_medmnist, score_models, view_pixels
+from medvl.bench.medmnist import (
+    benchmark_data,
+    ensemble_scores,
+    run_medmnist,
+    score_models,
+    shifted_scores,
+    view_pixels,
+)
 from medvl.data.loaders import load_dataset
 from medvl.errors import InputError
-from medvl.eval.head import head_scores
+from medvl.eval.head import class_targets, head_scores
+from medvl.eval.robustness import CORRUPTIONS, corrupt
 from medvl.models.registry import get_recipe
 from medvl.train.recipes import resolve_recipe
 
@@ -91,7 +101,8 @@ def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_
     result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
                             "--test-split", "val", "--epochs", 1, "--ensemble", 2, "--tta",
                             "--operating-point", "max_balanced_accuracy", "--target-prior", 0.625,
-                            "--bootstrap", 100, "--out", out, "--json", tmp_path / "b.json", "-q")
+                            "--bootstrap", 100, "--label-smoothing", 0.1, "--shifts", "2",
+                            "--out", out, "--json", tmp_path / "b.json", "-q")
     assert result.exit_code == 0, output
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["ensemble"] == 2 and saved["operating_point"] == "max_balanced_accuracy"
@@ -100,6 +111,15 @@ def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_
     assert saved["acc"] == saved["operating_points"]["max_balanced_accuracy"]["accuracy"]["value"]
     seeds = [json.loads((out / f"member-{i}" / "train_config.json").read_text())["train"]["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
+    smoothing = json.loads((out / "member-0" / "train_config.json").read_text())["train"]["label_smoothing"]
+    assert smoothing == saved["settings"]["train"]["label_smoothing"] == 0.1
+    # the split again under every corruption, for the ensemble and for each member alone
+    for scored in (saved, *saved["members"]):
+        shifted = scored["shifted"]
+        assert shifted["severities"] == [2] and set(shifted["auc"]) == set(CORRUPTIONS)
+        conditions = [(kind, values[0]) for kind, values in shifted["auc"].items()]
+        assert shifted["worst"]["auc"] == min(value for _, value in conditions)
+        assert shifted["mean_auc"] == pytest.approx(np.mean([value for _, value in conditions]))
     # each member alone is in the results, scored as the ensemble is: rescoring the saved member agrees
     assert [member["seed"] for member in saved["members"]] == [0, 1]
     data = benchmark_data(tiny_npz, tiny_npz, "val", seed=0)
@@ -109,3 +129,37 @@ def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_
     assert (alone["auc"], alone["acc"], alone["threshold"]) == pytest.approx(
         (recorded["auc"], recorded["acc"], recorded["threshold"]), abs=1e-6)
     assert alone["operating_points"]["auc"] == pytest.approx(recorded["operating_points"]["auc"], abs=1e-6)
+    # a corrupted copy is scored as the clean split is, at the clean threshold
+    rescored = shifted_scores([medvl.load_model(out / "member-1")], data, get_recipe("medmnist-small").test_time_views,
+                              alone["threshold"], [2], show_progress=False)
+    assert rescored["auc"] == pytest.approx(recorded["shifted"]["auc"], abs=1e-6)
+    assert rescored["balanced_accuracy"] == pytest.approx(recorded["shifted"]["balanced_accuracy"], abs=1e-6)
+
+
+def test_shifted_scores_are_those_of_corrupted_copies(tiny_npz):
+    data = benchmark_data(tiny_npz, tiny_npz, "val", seed=0)
+    data.test = data.test.subset(data.test.records[:24])
+    members = [_model(0), _model(1)]
+    shifted = shifted_scores(members, data, [], 0.5, [1, 3], seed=5, show_progress=False)
+    assert shifted["severities"] == [1, 3] and shifted["parameters"]["gamma"]["values"] == [1.25, 2.0]
+    kind, severity = "noise", 3
+    seeds = [int(np.random.SeedSequence([5, i]).generate_state(1)[0]) for i in range(len(data.test))]
+    copies = data.test.subset([dataclasses.replace(r, images=[corrupt(r.image, kind, severity, s)])
+                               for r, s in zip(data.test, seeds, strict=True)])
+    probabilities = ensemble_scores(members, copies, "label", [], show_progress=False)
+    y_true = class_targets(copies, "label", data.classes)
+    assert shifted["auc"][kind][1] == pytest.approx(roc_auc_score(y_true, probabilities[:, 1]), abs=1e-6)
+    predicted = (probabilities[:, 1] >= 0.5).astype(int)
+    balanced = (np.mean(predicted[y_true == 1] == 1) + np.mean(predicted[y_true == 0] == 0)) / 2
+    assert shifted["balanced_accuracy"][kind][1] == pytest.approx(balanced)
+    # noise is drawn per record from the seed: another seed gives other copies
+    assert shifted_scores(members, data, [], 0.5, [3], seed=6, show_progress=False)["auc"]["noise"] != [
+        shifted["auc"]["noise"][1]]
+
+
+@pytest.mark.parametrize("shifts", ["0", "6", "1,1", "a", ","])
+def test_bench_medmnist_refuses_bad_shift_severities(tiny_npz, tmp_path, shifts):
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
+                            "--shifts", shifts, "--json", tmp_path / "b.json", "-q")
+    assert result.exit_code == 2 and "--shifts" in output
+    assert not (tmp_path / "b.json").exists()

@@ -28,12 +28,14 @@ from sklearn.metrics import roc_auc_score
 
 from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
+from ..data.images import read_image
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..errors import InputError
 from ..eval.bootstrap import percentile_interval
 from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
+from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
 from ..models.dual import DualEncoder
 from ..progress import progress_bar
 from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
@@ -54,7 +56,9 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
                  model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
                  out: str | Path | None = None, show_progress: bool = True,
                  target_prior: float | None = None, bootstrap: int = 2000, ensemble: int | None = None,
-                 test_time_augmentation: bool | None = None, operating_point: str | None = None) -> dict:
+                 test_time_augmentation: bool | None = None, operating_point: str | None = None,
+                 model_overrides: dict[str, Any] | None = None, label_smoothing: float | None = None,
+                 shifts: list[int] | None = None) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
 
     ``epochs``, ``ensemble``, ``operating_point`` None = the recipe's; ``test_time_augmentation``
@@ -63,11 +67,19 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     the operating point; with ``target_prior`` (the share of positives expected where the model is
     used), ``operating_points`` scores every threshold with ``bootstrap`` resamples
     (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble).
-    With more than one member, ``members`` holds each member's own figures, scored the same way.
+    With more than one member, ``members`` holds each member's own figures, scored the same way
+    (``shifted`` included).
+    ``model_overrides`` (``--set``) and ``label_smoothing`` replace the recipe's. ``shifts`` (corruption
+    severities, e.g. [1, 2, 3]) adds ``shifted``: the scored split again under every corruption of
+    ``medvl.eval.robustness`` at those severities (``shifted_scores``), a robustness check for a test split
+    drawn apart from the training data.
     """
     started = time.perf_counter()
     settings = medmnist_settings(model_name, epochs, seed, ensemble=ensemble, operating_point=operating_point,
-                                 test_time_views=[] if test_time_augmentation is False else None)
+                                 test_time_views=[] if test_time_augmentation is False else None,
+                                 model_overrides=model_overrides, label_smoothing=label_smoothing)
+    for severity in shifts or []:
+        check_corruption(CORRUPTIONS[0], severity)
     if target_prior is not None:
         _check_prior(target_prior)  # before any training
     elif settings.operating_point == "max_accuracy_at_prior":
@@ -78,8 +90,10 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     models = train_members(settings, data.fit, out, show_progress)
 
     def score(scored: list[DualEncoder]) -> dict:
-        return score_models(scored, data, settings.test_time_views, settings.operating_point, target_prior,
-                            bootstrap, seed, show_progress)
+        scores = score_models(scored, data, settings.test_time_views, settings.operating_point, target_prior,
+                              bootstrap, seed, show_progress)
+        return {**scores, "shifted": shifted_scores(scored, data, settings.test_time_views, scores["threshold"],
+                                                    shifts, seed, show_progress) if shifts else None}
 
     members = []
     if len(models) > 1:  # each member alone, scored as the ensemble is: the spread across seeds
@@ -146,11 +160,52 @@ def score_models(models: list[DualEncoder], data: BenchmarkData, views: list[lis
             "threshold_from": data.calibration_name if threshold is not None else None, "metrics": metrics}
 
 
+def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[list[float]],
+                   threshold: float | None, severities: list[int], seed: int = 0, show_progress: bool = True) -> dict:
+    """``models`` on ``data.test`` under every corruption kind at each of ``severities``.
+
+    Each image is corrupted in memory (``medvl.eval.robustness.corrupt``, seeded per record) and scored
+    as the clean split is (ensemble, test-time ``views``), with the ``threshold`` chosen on clean
+    calibration data, as a deployed model would be. Returns ``severities``, ``auc`` and (binary tasks)
+    ``balanced_accuracy`` per kind (a list over the severities), ``mean_auc`` over every condition, and
+    ``worst``: the kind and severity with the lowest AUC.
+    """
+    images = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in data.test]
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
+    y_true = class_targets(data.test, LABEL, data.classes)
+    auc: dict[str, list[float]] = {}
+    balanced: dict[str, list[float]] = {}
+    with progress_bar("Shifted copies", total=len(CORRUPTIONS) * len(severities), enabled=show_progress) as advance:
+        for kind in CORRUPTIONS:
+            for severity in severities:
+                shifted = data.test.subset([dataclasses.replace(r, images=[corrupt(image, kind, severity, s)])
+                                            for r, image, s in zip(data.test, images, seeds, strict=True)])
+                probabilities = ensemble_scores(models, shifted, LABEL, views, show_progress=False)
+                metrics = classification_metrics(y_true, probabilities, data.classes)
+                auc.setdefault(kind, []).append(metrics["macro_auc"])
+                if threshold is not None:
+                    predicted = (probabilities[:, 1] >= threshold).astype(int)
+                    balanced.setdefault(kind, []).append(prior_weighted_accuracy(y_true, predicted, 0.5))
+                advance(1)
+    conditions = [(kind, severity, value) for kind, values in auc.items()
+                  for severity, value in zip(severities, values, strict=True)]
+    worst = min(conditions, key=lambda condition: condition[2])
+    return {"severities": list(severities),
+            "parameters": {kind: {"name": PARAMETERS[kind][0],
+                                  "values": [PARAMETERS[kind][1][s - 1] for s in severities]} for kind in auc},
+            "auc": auc, "balanced_accuracy": balanced or None,
+            "mean_auc": float(np.mean([value for _, _, value in conditions])),
+            "mean_balanced_accuracy": float(np.mean([v for values in balanced.values() for v in values]))
+            if balanced else None,
+            "worst": {"kind": worst[0], "severity": worst[1], "auc": worst[2]}}
+
+
 def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
                       **benchmark: Any) -> RecipeSettings:
     """``model_name``'s recipe with the benchmark's fixed parts: a head on ``label`` (weight 1) trained
     with class captions as texts; ``epochs`` None = the recipe's; ``benchmark``: ``ensemble``,
-    ``test_time_views``, ``operating_point`` (None = the recipe's)."""
+    ``test_time_views``, ``operating_point``, ``model_overrides`` and ``TrainConfig`` fields such as
+    ``label_smoothing`` (None = the recipe's)."""
     return resolve_recipe(model_name, epochs=epochs, seed=seed, label_columns=[LABEL], text_source="captions",
                           supervised_weight=1.0, **benchmark)
 

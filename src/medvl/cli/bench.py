@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import InputError
 from .common import (
     AllowOutsideOption,
     CaptionsOption,
@@ -94,15 +95,25 @@ def bench_medmnist(
     operating_point: Annotated[str | None, typer.Option(
         help="Binary threshold behind the headline ACC: max_accuracy, max_balanced_accuracy or "
              "max_accuracy_at_prior (needs --target-prior); default: the recipe's.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
+    shifts: Annotated[str | None, typer.Option(
+        help="Also score the split under every corruption (noise, blur, contrast, gamma, jpeg, rotation, crop) "
+             "at these severities 1-5, e.g. 1,2,3: JSON key 'shifted'.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
+    from ..api import parse_overrides
     from ..bench.medmnist import run_medmnist
 
     check_outputs(overwrite, json=json_out)
+    severities = _severities(shifts) if shifts is not None else None
     result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,
                           out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
-                          ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point)
+                          ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point,
+                          model_overrides=parse_overrides(set_ or []), label_smoothing=label_smoothing,
+                          shifts=severities)
     shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
              "operating point": result.get("operating_point"),
              "ensemble / test-time views": f"{result['ensemble']} / {result['test_time_views']}"}
@@ -111,6 +122,10 @@ def bench_medmnist(
             accuracy, at_prior = point["accuracy"]["value"], point["accuracy_at_prior"]["value"]
             shown[f"{name}: threshold / acc / acc at prior {target_prior}"] = (
                 f"{point['threshold']:.3f} / {accuracy:.3f} / {at_prior:.3f}")
+    if result["shifted"]:
+        worst = result["shifted"]["worst"]
+        shown[f"shifted (severities {shifts}): mean auc / worst"] = (
+            f"{result['shifted']['mean_auc']:.3f} / {worst['auc']:.3f} ({worst['kind']} {worst['severity']})")
     print_metrics(f"MedMNIST {test_data.name}:{test_split}", {**shown, "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
 
@@ -170,6 +185,17 @@ def bench_cv(
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
+
+
+def _severities(text: str) -> list[int]:
+    """``--shifts 1,2,3`` as [1, 2, 3]: whole numbers 1-5, at least one, no repeats."""
+    try:
+        severities = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--shifts takes severities 1-5 separated by commas, e.g. 1,2,3; got {text!r}") from None
+    if not severities or len(set(severities)) != len(severities) or not all(1 <= s <= 5 for s in severities):
+        raise InputError(f"--shifts takes distinct severities 1-5 separated by commas, e.g. 1,2,3; got {text!r}")
+    return severities
 
 
 def _mean_std(result: dict, key: str) -> str:
