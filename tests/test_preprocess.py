@@ -54,3 +54,30 @@ def test_real_images_load_as_through_monai(size, shared_data):
             scaled = preprocessor._intensities(array, path)
             expected = monai_resized(scaled, size).clamp_(0.0, 1.0)
             assert torch.equal(preprocessor.load(path), expected), (path.name, channels)
+
+
+def test_percentile_scaling_undoes_a_change_of_exposure_on_a_real_x_ray(shared_data):
+    image = np.load(shared_data / "pneumoniamnist" / "pneumoniamnist.npz")["val_images"][3]
+    darker = (image.astype(np.float64) * 0.5 + 20).round().astype(np.uint8)  # a linear exposure change
+    plain = ImagePreprocessor(ImageConfig(image_size=28, in_channels=1))
+    scaled = ImagePreprocessor(ImageConfig(image_size=28, in_channels=1, percentile_scaling=1.0))
+    assert (plain.load(image) - plain.load(darker)).abs().mean() > 0.1
+    assert (scaled.load(image) - scaled.load(darker)).abs().max() < 0.02  # only the rounding of `darker` is left
+    loaded = scaled.load(image)
+    values = np.sort(image.ravel().astype(np.float64))
+    low, high = np.percentile(values, [1, 99])
+    inside = (values > low) & (values < high)
+    assert loaded.min() == 0 and loaded.max() == 1
+    assert (loaded.flatten() > 0).float().mean() >= 0.98 and inside.mean() >= 0.97  # 1 % each side clipped
+
+
+def test_percentile_scaling_leaves_a_flat_image_alone_and_is_refused_for_volumes():
+    from medvl.errors import InputError
+    from medvl.models.preprocess import percentile_scale
+
+    flat = torch.full((1, 8, 8), 0.4)
+    assert torch.equal(percentile_scale(flat, 1.0), flat)
+    for fields in ({"percentile_scaling": 1.0, "spatial_dims": 3}, {"percentile_scaling": 30.0},
+                   {"percentile_scaling": -1.0}):
+        with pytest.raises(InputError, match="percentile_scaling"):
+            ImageConfig(**fields).validate()

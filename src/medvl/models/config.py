@@ -50,6 +50,9 @@ class ImageConfig:
     color_constancy: float = 0.0  # Shades of Gray colour constancy at load (RGB images): each channel
     # divided by its Minkowski p-mean (the illuminant estimate, p = this value; 6 is usual for
     # dermoscopy), rescaled so a grey image is unchanged; 0 = off
+    percentile_scaling: float = 0.0  # 2D images, at load: per image, the p-th and (100 - p)-th intensity
+    # percentiles (all channels together) map to 0 and 1, clipped; undoes any exposure / contrast change that
+    # is a linear map of the intensities; 0 = off (uint8 / 255, other dtypes min-max)
     slice_arch: str = "resnet"  # slicepool: the 2D encoder of each axial slice (resnet | vit | densenet),
     # built from the fields above with spatial_dims 2
     slice_pool: str = "attention"  # slicepool: attention (gated, learned) | mean pooling across slices
@@ -91,6 +94,9 @@ class ImageConfig:
             raise InputError(f"image sides {sides} must be multiples of image.patch_size {self.patch_size} for a vit")
         check_number("image.color_constancy", self.color_constancy, minimum=0, maximum=20)
         check_number("image.augment_color", self.augment_color, minimum=0, maximum=0.9)
+        check_number("image.percentile_scaling", self.percentile_scaling, minimum=0, maximum=25)
+        if self.percentile_scaling and self.spatial_dims != 2:
+            raise InputError("image.percentile_scaling is for 2D images (spatial_dims 2)")
         if (self.color_constancy or self.augment_color) and self.in_channels != 3:
             raise InputError(f"image.color_constancy and image.augment_color need RGB (in_channels 3), "
                              f"got in_channels {self.in_channels}")

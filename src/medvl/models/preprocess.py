@@ -10,7 +10,8 @@ augmentation: small affine jitter, contrast and noise; flips only when the confi
 (laterality matters on chest X-rays); for RGB images with no orientation (dermoscopy) the config
 may add rotations by multiples of 90 degrees with vertical flips (``augment_rot90``) and colour
 jitter (``augment_color``). ``color_constancy`` applies Shades of Gray colour constancy at load,
-so training and scoring see the same corrected colours; at inference the model may average its
+and ``percentile_scaling`` stretches each image between two of its own intensity percentiles, so
+training and scoring see the same corrected colours and exposures; at inference the model may average its
 features over ``test_time_orientations`` orientations (``orientations``).
 """
 
@@ -45,6 +46,8 @@ class ImagePreprocessor:
         source = image if not isinstance(image, np.ndarray) else "<array>"
         array = read_image(image) if not isinstance(image, np.ndarray) else image
         tensor = self._intensities(array, source)
+        if self.config.percentile_scaling:
+            tensor = percentile_scale(tensor, self.config.percentile_scaling)
         if self.config.color_constancy and tensor.shape[0] == 3:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
         return self.resize(tensor).clamp_(0.0, 1.0)
@@ -99,6 +102,16 @@ class ImagePreprocessor:
         if tensor.shape[0] == 1 and channels != 1:
             tensor = tensor.repeat(channels, *([1] * dims))
         return tensor
+
+
+def percentile_scale(tensor: torch.Tensor, percent: float) -> torch.Tensor:
+    """``tensor`` with its ``percent``-th and (100 - ``percent``)-th percentiles (over every value) mapped
+    to 0 and 1, clipped; an image whose two percentiles coincide is returned unchanged."""
+    values = tensor.float()
+    low, high = (float(v) for v in np.percentile(values.numpy(), [percent, 100 - percent]))
+    if high <= low:
+        return values
+    return ((values - low) / (high - low)).clamp_(0.0, 1.0)
 
 
 def _scale_unit(array: np.ndarray, source, scale: bool = True) -> np.ndarray:
