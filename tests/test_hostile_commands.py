@@ -191,6 +191,7 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--folds", 1, "-q"], "folds"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--label-smoothing", 0.95, "-q"], "label_smoothing"),
 ])
 def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args, needle):
     out = tmp_path / "out"
