@@ -166,9 +166,10 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
 
     Each image is corrupted in memory (``medvl.eval.robustness.corrupt``, seeded per record) and scored
     as the clean split is (ensemble, test-time ``views``), with the ``threshold`` chosen on clean
-    calibration data, as a deployed model would be. Returns ``severities``, ``auc`` and (binary tasks)
-    ``balanced_accuracy`` per kind (a list over the severities), ``mean_auc`` over every condition, and
-    ``worst``: the kind and severity with the lowest AUC.
+    calibration data, as a deployed model would be. Returns ``severities``, ``parameters`` (each kind's
+    parameter at those severities), ``auc`` and (binary tasks) ``balanced_accuracy`` per kind (a list
+    over the severities), their means over every condition (``mean_auc``, ``mean_balanced_accuracy``)
+    and ``worst``: the kind and severity with the lowest AUC.
     """
     images = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in data.test]
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
