@@ -7,6 +7,7 @@ the library gives them; offline OpenAPI docs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -439,14 +440,27 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(serv
             assert answer.json()["probabilities"][name] == pytest.approx(probability, abs=1e-5)
 
 
-def test_the_batcher_drains_its_queue_on_close(model_dir):
+@pytest.fixture
+def blank(model_dir):
+    """The served model and one blank image, preprocessed: what the batcher tests send."""
     model = load_model(model_dir)
-    pixels = model.preprocessor.load(np.zeros((64, 64), np.uint8))
+    return model, model.preprocessor.load(np.zeros((64, 64), np.uint8))
+
+
+@contextlib.contextmanager
+def started_batcher(encode, **options):
+    """A started ``MicroBatcher`` running ``encode`` on its own thread (inside a running event loop)."""
+    with ThreadPoolExecutor(1) as thread:
+        batcher = MicroBatcher(encode, thread, **options)
+        batcher.start()
+        yield batcher
+
+
+def test_the_batcher_drains_its_queue_on_close(blank):
+    model, pixels = blank
 
     async def run():
-        with ThreadPoolExecutor(1) as thread:
-            batcher = MicroBatcher(model.encode_images, thread, max_batch=4, max_wait_ms=1000)
-            batcher.start()
+        with started_batcher(model.encode_images, max_batch=4, max_wait_ms=1000) as batcher:
             pending = [asyncio.ensure_future(batcher.embed(pixels)) for _ in range(10)]
             await asyncio.sleep(0)  # all queued
             await batcher.close()
@@ -460,16 +474,13 @@ def test_the_batcher_drains_its_queue_on_close(model_dir):
     assert [timing.batch_size for _, timing in results] == [4] * 8 + [2] * 2
 
 
-def test_a_batch_waits_for_as_many_requests_as_arrived_together_lately(model_dir):
+def test_a_batch_waits_for_as_many_requests_as_arrived_together_lately(blank):
     """A lone request is not delayed; after a batch of 4, the next batch waits (up to max_wait) for 4 again:
     under steady load the clients just answered are about to send their next requests."""
-    model = load_model(model_dir)
-    pixels = model.preprocessor.load(np.zeros((64, 64), np.uint8))
+    model, pixels = blank
 
     async def run():
-        with ThreadPoolExecutor(1) as thread:
-            batcher = MicroBatcher(model.encode_images, thread, max_batch=8, max_wait_ms=3000)
-            batcher.start()
+        with started_batcher(model.encode_images, max_batch=8, max_wait_ms=3000) as batcher:
             timings = {"lone": [(await batcher.embed(pixels))[1]]}
             timings["four"] = [t for _, t in await asyncio.gather(*(batcher.embed(pixels) for _ in range(4)))]
             expected = batcher.expected()
@@ -490,9 +501,8 @@ def test_a_batch_waits_for_as_many_requests_as_arrived_together_lately(model_dir
     assert [t.batch_size for t in timings["idle"]] == [1] and timings["idle"][0].queue_ms < 1000
 
 
-def test_a_full_queue_is_answered_busy(model_dir):
-    model = load_model(model_dir)
-    pixels = model.preprocessor.load(np.zeros((64, 64), np.uint8))
+def test_a_full_queue_is_answered_busy(blank):
+    model, pixels = blank
     gate = threading.Event()
 
     def gated_encode(batch):  # the real forward pass, held until the queue has filled
@@ -500,9 +510,7 @@ def test_a_full_queue_is_answered_busy(model_dir):
         return model.encode_images(batch)
 
     async def run():
-        with ThreadPoolExecutor(1) as thread:
-            batcher = MicroBatcher(gated_encode, thread, max_batch=1, max_wait_ms=0, max_queue=1)
-            batcher.start()
+        with started_batcher(gated_encode, max_batch=1, max_wait_ms=0, max_queue=1) as batcher:
             running = asyncio.ensure_future(batcher.embed(pixels))
             await asyncio.sleep(0.05)  # taken by the worker, held in the forward pass
             queued = asyncio.ensure_future(batcher.embed(pixels))
