@@ -380,6 +380,7 @@ def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(mod
         assert http.get("/v1/models", headers=headers).json()["models"][0]["backend"] == "torch-channels-last"
         answer = zero_shot(http, png.read_bytes(), headers=headers).json()
         embedded = http.post("/v1/embed", headers=headers, files={"image": ("x.png", png.read_bytes())}).json()
+    assert settings.backend == "auto"  # the caller's settings are untouched: they may serve a transformers folder next
     np.testing.assert_allclose(embedded["embedding"],
                                load_model(model_dir, backend="torch-channels-last").encode_images([png])[0].numpy(),
                                atol=1e-5)

@@ -89,7 +89,7 @@ class ModelService:
     def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
         self.settings = settings.for_model(model_dir)  # backend auto: the one it stands for, as /v1/models says
         self.model_dir = Path(model_dir)
-        self.net = load_model(model_dir, backend=settings.backend)
+        self.net = load_model(model_dir, backend=self.settings.backend)
         self.net.eval()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too

@@ -3,7 +3,7 @@ and the optional models beside the dual encoder (a VQA model, a concept bottlene
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..checks import check_number
@@ -80,10 +80,10 @@ class ServeSettings:
         return self
 
     def for_model(self, model_dir: str | Path) -> ServeSettings:
-        """``self`` with ``backend`` ``auto`` replaced by the backend it stands for with the model in
-        ``model_dir`` (a model folder or a train output folder), so logs and ``/v1/models`` name it."""
-        self.backend = resolve_backend(model_directory(model_dir), self.backend)
-        return self
+        """A copy of these settings with ``backend`` ``auto`` replaced by the backend it stands for with the
+        model in ``model_dir`` (a model folder or a train output folder), so logs and ``/v1/models`` name it;
+        ``self`` keeps ``auto`` (one settings object may serve models of both kinds)."""
+        return replace(self, backend=resolve_backend(model_directory(model_dir), self.backend))
 
     @property
     def batch_size(self) -> int:
