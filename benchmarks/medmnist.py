@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medvl.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = [  # (method, AUC, ACC) on the PneumoniaMNIST test split, MedMNIST v2 Table
     ("ResNet-18 (28)", 0.944, 0.854),
@@ -76,8 +78,8 @@ def main() -> None:
         out = Path(scratch) / "result.json"
         subprocess.run(command_for(args, out), check=True)
         result = json.loads(out.read_text())
-        if args.json:
-            args.json.write_text(out.read_text())
+    if args.json:
+        write_json(args.json, result)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nPneumoniaMNIST ({args.test_split} split for medvl; references on test)")
     print(f"{'method':<34}{'AUC':>8}{'ACC':>8}")
