@@ -165,6 +165,8 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--supervised-weight", "nan"], "supervised_weight"),
     (["--label-smoothing", 1], "label_smoothing"),
     (["--label-smoothing", -0.1], "label_smoothing"),
+    (["--self-supervised-weight", -1], "self_supervised_weight"),
+    (["--self-supervised-weight", "nan"], "self_supervised_weight"),
     (["--checkpoint-every", -5], "checkpoint_every"),
     (["--seed", -1], "seed"),
     (["--set", "image.image_size=100000"], "image.image_size"),
@@ -192,6 +194,8 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--label-smoothing", 0.95, "-q"], "label_smoothing"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--self-supervised-weight", -0.5, "-q"],
+     "self_supervised_weight"),
 ])
 def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args, needle):
     out = tmp_path / "out"

@@ -27,11 +27,11 @@ def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
     assert (tmp_path / "run" / "train_config.json").is_file()
 
 
-@pytest.mark.parametrize("batch_group", [None, "sex"])
-def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group):
+@pytest.mark.parametrize("batch_group, self_supervised", [(None, 0.0), ("sex", 0.0), (None, 1.0)])
+def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group, self_supervised):
     dataset = medvl.load_dataset(phantom_dir).select("train")
     config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, grad_accum=2, batch_group=batch_group,
-                         batch_group_share=1.0)
+                         batch_group_share=1.0, self_supervised_weight=self_supervised)
 
     def run(out, on_epoch_end=None, resume=False):
         torch.manual_seed(0)
@@ -48,9 +48,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", on_epoch_end=crash_in_second_epoch)
     assert not (tmp_path / "b" / "model").exists()
+    if self_supervised:  # the checkpoint keeps the view projection, so the resumed run continues it
+        checkpoint = json.loads((tmp_path / "b" / "checkpoint" / "model" / "meta.json").read_text())
+        assert checkpoint["view_projection"] == 128
     resumed = run(tmp_path / "b", resume=True)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+    saved = medvl.load_model(tmp_path / "b")  # the final model never carries the training-only projection
+    assert "view_projection" not in saved.meta
+    assert not any(name.startswith("view_projection.") for name in saved.state_dict())
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

@@ -57,10 +57,11 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    batch_size: int | None = None, contrastive_weight: float | None = None,
                    skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                    ensemble: int | None = None, label_smoothing: float | None = None,
-                   allow_outside_root: bool = False) -> dict:
+                   self_supervised_weight: float | None = None, allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
-    ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``label_smoothing``, ``skip_flagged`` (train without the
+    ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``label_smoothing``, ``self_supervised_weight``,
+    ``skip_flagged`` (train without the
     images the audit flags; every held-out image is still scored), ``ensemble`` (models per fold whose
     head and zero-shot probabilities are averaged): None = the recipe of ``model_name``
     (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; the head's weight is 1 and the
@@ -79,8 +80,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     check_number("folds", folds, minimum=2, maximum=100, integer=True)
     settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
                            contrastive_weight=contrastive_weight, skip_flagged=skip_flagged, overrides=overrides,
-                           captions=captions, ensemble=ensemble,
-                           label_smoothing=label_smoothing)  # checks the ensemble size
+                           captions=captions, ensemble=ensemble, label_smoothing=label_smoothing,
+                           self_supervised_weight=self_supervised_weight)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
@@ -144,13 +145,14 @@ def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | Non
                 batch_size: int | None = None, contrastive_weight: float | None = None,
                 skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                 captions: str | Path | CaptionConfig | None = None, ensemble: int | None = None,
-                label_smoothing: float | None = None) -> RecipeSettings:
+                label_smoothing: float | None = None, self_supervised_weight: float | None = None) -> RecipeSettings:
     """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
     and label captions as texts; the options given (not None) replace the recipe's."""
     return resolve_recipe(model_name, model_overrides=overrides, captions=captions, epochs=epochs, lr=lr,
                           batch_size=batch_size, contrastive_weight=contrastive_weight, seed=seed,
                           skip_flagged=skip_flagged, ensemble=ensemble, label_smoothing=label_smoothing,
-                          text_source="captions", label_columns=[label], supervised_weight=1.0)
+                          self_supervised_weight=self_supervised_weight, text_source="captions",
+                          label_columns=[label], supervised_weight=1.0)
 
 
 def make_folds(y: np.ndarray, folds: int, seed: int,

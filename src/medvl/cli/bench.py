@@ -14,6 +14,7 @@ from .common import (
     JsonOption,
     OverwriteOption,
     QuietOption,
+    SelfSupervisedOption,
     SkipFlaggedOption,
     check_outputs,
     console,
@@ -153,6 +154,7 @@ def bench_cv(
         help="Models per fold (other seeds) whose probabilities are averaged (default: the recipe's).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
+    self_supervised_weight: SelfSupervisedOption = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
@@ -167,7 +169,8 @@ def bench_cv(
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
         "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
-        "ensemble": ensemble, "label_smoothing": label_smoothing, "overrides": parse_overrides(set_ or []),
+        "ensemble": ensemble, "label_smoothing": label_smoothing, "self_supervised_weight": self_supervised_weight,
+        "overrides": parse_overrides(set_ or []),
         "allow_outside_root": allow_outside_root}
     if repeats > 1:
         result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,

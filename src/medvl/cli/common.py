@@ -33,6 +33,9 @@ AllowOutsideOption = Annotated[bool, typer.Option(
     "--allow-outside-root", help="Let a manifest name image files outside its own folder (refused by default).")]
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing output files (only regular files are ever replaced).")]
+SelfSupervisedOption = Annotated[float | None, typer.Option(
+    help="Weight of a self-supervised (SimCLR) loss between two views of each training image: a second "
+         "augmentation and a random crop (SLIP; 0 = off; default: the recipe's, else 0).")]
 SkipFlaggedOption = Annotated[bool | None, typer.Option(
     "--skip-flagged/--keep-flagged", help="Train without the images the audit (medvl audit) finds unreadable, "
                                           "blank or streaked (default: the recipe's, else keep).")]

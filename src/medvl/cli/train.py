@@ -18,6 +18,7 @@ from .common import (
     CaptionsOption,
     LabelOption,
     QuietOption,
+    SelfSupervisedOption,
     SkipFlaggedOption,
     WorkersOption,
     console,
@@ -55,6 +56,7 @@ def train_command(
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each supervised head target spread over the classes, 0-0.9 (default: the recipe's, "
              "else 0).")] = None,
+    self_supervised_weight: SelfSupervisedOption = None,
     grad_accum: Annotated[int | None, typer.Option(help="Batches per optimizer step (default 1).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between checkpoints (0 = each epoch, the default).")] = None,
@@ -87,7 +89,7 @@ def train_command(
                               epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                               text_source=text_source, supervised_weight=supervised_weight,
                               contrastive_weight=contrastive_weight, label_smoothing=label_smoothing,
-                              grad_accum=grad_accum,
+                              self_supervised_weight=self_supervised_weight, grad_accum=grad_accum,
                               checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers,
                               leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None,
                               skip_flagged=skip_flagged)

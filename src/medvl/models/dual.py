@@ -27,6 +27,7 @@ from .text import TextEncoder
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetensors", "meta.json", "text"
+VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
 
 
 class DualEncoder(nn.Module):
@@ -50,6 +51,7 @@ class DualEncoder(nn.Module):
         self.preprocessor = ImagePreprocessor(config.image)
         self.meta: dict[str, Any] = {"heads": {}}  # labels, training summary; kept apart from config
         self.ood: OODGuard | None = None  # statistics of the training embeddings (models.ood), if fitted
+        self.view_projection: nn.Module | None = None  # self-supervised training only (add_view_projection)
 
     # -- forward passes with gradients (training) ------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,19 @@ class DualEncoder(nn.Module):
         """Attach a supervised linear head for one label column."""
         self.heads[column] = nn.Linear(self.image_encoder.num_features, len(classes))
         self.meta["heads"][column] = list(classes)
+
+    def add_view_projection(self, dim: int = VIEW_PROJECTION_DIM) -> None:
+        """Attach the MLP that maps image features to the space of the self-supervised (SimCLR) loss between
+        two views of an image (``TrainConfig.self_supervised_weight``). It exists only while training: a
+        checkpoint keeps it (``meta["view_projection"]``) so a resumed run continues it;
+        ``drop_view_projection`` removes it before the final save."""
+        width = self.image_encoder.num_features
+        self.view_projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+        self.meta["view_projection"] = dim
+
+    def drop_view_projection(self) -> None:
+        self.view_projection = None
+        self.meta.pop("view_projection", None)
 
     # -- inference (no gradients, batched) -------------------------------------------------------
     @torch.no_grad()
@@ -154,6 +169,8 @@ class DualEncoder(nn.Module):
         model = cls(config, text_source_dir=directory / TEXT_DIR)
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
+        if meta.get("view_projection"):  # a checkpoint of a self-supervised run
+            model.add_view_projection(int(meta["view_projection"]))
         model.meta = {**meta, "heads": meta.get("heads", {})}
         try:
             model.load_state_dict(state)

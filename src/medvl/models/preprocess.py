@@ -104,6 +104,33 @@ class ImagePreprocessor:
         return tensor
 
 
+def random_resized_crop(batch: torch.Tensor, min_area: float, seed: int) -> torch.Tensor:
+    """Each image of a (N, C, *spatial) batch (2D or 3D) cropped to a random box and resized back: the box
+    covers a share of the image drawn uniformly from [``min_area``, 1], with an aspect ratio
+    log-uniform in [3/4, 4/3] (2D; cubes in 3D) and a random position inside the image (SimCLR's view
+    augmentation, done for the whole batch with one ``grid_sample``). ``min_area`` 1 returns a copy."""
+    count, dims = len(batch), batch.dim() - 2
+    if dims not in (2, 3):
+        raise ValueError(f"random_resized_crop takes (N, C, H, W) or (N, C, D, H, W), got {tuple(batch.shape)}")
+    if not 0 < min_area <= 1:
+        raise ValueError(f"min_area must be in (0, 1], got {min_area}")
+    if min_area == 1:
+        return batch.clone()
+    generator = torch.Generator().manual_seed(seed % (2**63))
+    area = min_area + (1 - min_area) * torch.rand(count, generator=generator)
+    ratio = torch.exp((torch.rand(count, generator=generator) * 2 - 1) * np.log(4 / 3)) if dims == 2 \
+        else torch.ones(count)
+    side = area ** (1 / dims)  # the box's side per axis, as a share of the image's (x first)
+    sides = [side * ratio.sqrt(), side / ratio.sqrt()] if dims == 2 else [side] * 3
+    theta = torch.zeros(count, dims, dims + 1)
+    for axis, scale in enumerate(sides):
+        scale = scale.clamp(max=1.0)
+        theta[:, axis, axis] = scale
+        theta[:, axis, dims] = (torch.rand(count, generator=generator) * 2 - 1) * (1 - scale)
+    grid = F.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def percentile_scale(tensor: torch.Tensor, percent: float) -> torch.Tensor:
     """``tensor`` with its ``percent``-th and (100 - ``percent``)-th percentiles (over every value) mapped
     to 0 and 1, clipped; an image whose two percentiles coincide is returned unchanged."""

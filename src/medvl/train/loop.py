@@ -40,12 +40,15 @@ from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, write_errors_named, write_json
 from ..models.dual import DualEncoder
+from ..models.losses import nt_xent_loss
+from ..models.preprocess import random_resized_crop
 from ..progress import progress_bar
 from . import distributed
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
+SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 
 
@@ -65,6 +68,9 @@ class TrainConfig:
     supervised_weight: float = 0.0  # weight of the cross-entropy of supervised heads (0 = none)
     contrastive_weight: float = 1.0  # weight of the image-text loss (0 = supervised only)
     label_smoothing: float = 0.0  # supervised heads: share of each target spread evenly over the classes (0-0.9)
+    self_supervised_weight: float = 0.0  # weight of a SimCLR loss between two views of each image (SLIP); 0 = off
+    self_supervised_crop: float = 0.25  # the second view: a random crop of this share of the image or more
+    self_supervised_temperature: float = 0.1  # temperature of that loss
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
     log_every: int = 10  # optimizer steps between metrics lines
     max_steps: int | None = None  # stop early after this many optimizer steps
@@ -106,6 +112,9 @@ class TrainConfig:
             "supervised_weight": (self.supervised_weight, {"minimum": 0}),
             "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
             "label_smoothing": (self.label_smoothing, {"minimum": 0, "maximum": 0.9}),
+            "self_supervised_weight": (self.self_supervised_weight, {"minimum": 0}),
+            "self_supervised_crop": (self.self_supervised_crop, {"minimum": 0.01, "maximum": 1}),
+            "self_supervised_temperature": (self.self_supervised_temperature, {"minimum": 0.01, "maximum": 10}),
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
@@ -113,8 +122,9 @@ class TrainConfig:
             "meta_text_share": (self.meta_text_share, {"minimum": 0, "maximum": 1}),
             "batch_group_share": (self.batch_group_share, {"minimum": 0, "maximum": 1}),
         })
-        if self.supervised_weight == 0 and self.contrastive_weight == 0:
-            raise InputError("supervised_weight and contrastive_weight are both 0: nothing to train")
+        if self.supervised_weight == 0 and self.contrastive_weight == 0 and self.self_supervised_weight == 0:
+            raise InputError("supervised_weight, contrastive_weight and self_supervised_weight are all 0: "
+                             "nothing to train")
 
 
 class _PairedTexts:
@@ -246,7 +256,16 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
 
 
 class ContrastiveObjective:
-    """Image-text contrastive loss (CLIP / SigLIP) plus optional supervised heads on the image features."""
+    """Image-text contrastive loss (CLIP / SigLIP) plus optional supervised heads on the image features and
+    an optional self-supervised loss between two views of each image.
+
+    The self-supervised term (``self_supervised_weight``, SLIP: Mu et al. 2022) is SimCLR's NT-Xent
+    between the image features of the batch as the other losses see it and a second view of the same
+    images (augmented with another seed, then cropped to a random box of ``self_supervised_crop`` of the
+    image or more and resized back), each through a small MLP (``DualEncoder.add_view_projection``) that
+    is dropped when training ends. The image tower then also learns from the images alone: what does not
+    change under crops, flips and colour jitter.
+    """
 
     def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
         self.model, self.dataset, self.config = model, dataset, config
@@ -276,6 +295,8 @@ class ContrastiveObjective:
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
+            if self.config.self_supervised_weight > 0:
+                self.model.add_view_projection()
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
                                self.config.workers)
@@ -290,6 +311,9 @@ class ContrastiveObjective:
         features = model.image_features(model.preprocessor.normalize(pixels))
         loss = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
+        if config.self_supervised_weight > 0:
+            parts["self_supervised"] = self._view_loss(indices, local, features, seed)
+            loss = loss + config.self_supervised_weight * parts["self_supervised"]
         if config.contrastive_weight > 0:
             texts, pair_ids = self.texts.batch(indices, random.Random(seed))
             image_emb = distributed.gather_with_grad(model.embed_image_features(features), len(indices))
@@ -306,6 +330,18 @@ class ContrastiveObjective:
         parts["loss"] = loss
         return parts
 
+    def _view_loss(self, indices: list[int], local: slice, features: torch.Tensor, seed: int) -> torch.Tensor:
+        """NT-Xent between ``features`` (the batch's first view) and a second, cropped view of the same
+        images; under torchrun over the global batch of both views."""
+        model, config = self.model, self.config
+        assert model.view_projection is not None  # added in start() (or restored with the checkpoint)
+        second = model.preprocessor.augment(self.pixels[indices].float(), seed + SECOND_VIEW_SEED)
+        second = random_resized_crop(second, config.self_supervised_crop, seed)[local]  # as one process would
+        second_features = model.image_features(model.preprocessor.normalize(second))
+        first = distributed.gather_with_grad(model.view_projection(features), len(indices))
+        other = distributed.gather_with_grad(model.view_projection(second_features), len(indices))
+        return nt_xent_loss(first, other, config.self_supervised_temperature)
+
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         text_lr = config.text_lr
         if text_lr is None:
@@ -319,6 +355,7 @@ class ContrastiveObjective:
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset)}
 
     def finish(self, steps: int) -> None:
+        self.model.drop_view_projection()  # a training device only: the saved model has no use for it
         self.model.meta["captions"] = self.texts.captions.to_dict()
         self.model.meta["label_columns"] = list(self.config.label_columns)
         self.model.meta["training"] = {"steps": steps, "records": len(self.dataset),
