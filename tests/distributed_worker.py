@@ -1,6 +1,7 @@
 """Run under ``torchrun``: the loss and gradients of one global batch, saved by rank 0 (tests/test_distributed.py).
 
-Arguments: PHANTOM_FOLDER OUT_FILE; one set of gradients per loss (clip, siglip). The model is built
+Arguments: PHANTOM_FOLDER OUT_FILE; one set of gradients per loss (clip, siglip; siglip with the
+self-supervised two-view term added). The model is built
 from the same seed in every process and every run, so a 1-process and a 2-process run see the same
 weights and batch.
 """
@@ -30,7 +31,7 @@ def main(folder: str, out_file: str) -> None:
 
 def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
     config = TrainConfig(batch_size=12, label_columns=["finding"], supervised_weight=0.5, loss=loss,
-                         text_source="both")
+                         text_source="both", self_supervised_weight=0.5 if loss == "siglip" else 0.0)
     torch.manual_seed(0)
     model = medvl.create_model("vit-tiny")  # layer norm only: no per-rank batch statistics
     objective = ContrastiveObjective(model, dataset, config, CaptionConfig())
@@ -46,6 +47,8 @@ def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
     tensors = {f"{loss}.grad.{name}": torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                for name, p in objective.model.named_parameters() if p.requires_grad}
     tensors[f"{loss}.contrastive"] = parts["contrastive"].detach().reshape(1)
+    if "self_supervised" in parts:  # the two-view loss over the global batch of both views
+        tensors[f"{loss}.self_supervised"] = parts["self_supervised"].detach().reshape(1)
     return tensors
 
 

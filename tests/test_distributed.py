@@ -1,7 +1,8 @@
 """Data-parallel training under torchrun: 2 processes compute what 1 process computes on the same global batch.
 
 Real ``torchrun`` launches (gloo on CPU). The gradient test compares every parameter's gradient of one
-global batch (11 rows: shards of 5 and 6, CLIP and SigLIP losses with global negatives, a supervised head);
+global batch (11 rows: shards of 5 and 6, CLIP and SigLIP losses with global negatives, a supervised head, the
+self-supervised two-view loss);
 the end-to-end test runs ``medvl train`` under torchrun and compares the trained weights and logged losses
 with a single-process run.
 """
@@ -42,6 +43,7 @@ def test_two_processes_give_the_single_process_loss_and_gradients(phantom_dir, t
         # a wrong gradient scale (e.g. not averaging, or summing the gathered copies twice) shows here
         image_grads = [name for name in one if name.startswith(f"{loss}.grad.image_encoder.")]
         assert image_grads and all(one[name].abs().sum() > 0 for name in image_grads[:3])
+    assert "siglip.self_supervised" in one and any(name.startswith("siglip.grad.view_projection.") for name in one)
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
 
