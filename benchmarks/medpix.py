@@ -63,7 +63,7 @@ def settings_for(args: argparse.Namespace) -> RecipeSettings:
                           loss=args.loss, batch_size=args.batch_size, lr=args.lr, meta_text=args.meta_text,
                           meta_text_share=args.meta_text_share, batch_group=args.batch_group,
                           batch_group_share=args.batch_group_share, self_supervised_weight=args.self_supervised_weight,
-                          model_overrides=parse_overrides(args.set))
+                          supervised_weight=args.supervised_weight, model_overrides=parse_overrides(args.set))
 
 
 def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
@@ -164,6 +164,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "negatives, e.g. location_category; default: the recipe's, none).")
     parser.add_argument("--batch-group-share", type=float, default=None,
                         help="Share of each group's full batches drawn from that group alone (default: the recipe's).")
+    parser.add_argument("--supervised-weight", type=float, default=None,
+                        help="Weight of supervised heads on the recipe's label columns (modality, plane, "
+                             "location_category; records missing one are left out). Default: the recipe's, 0.")
     parser.add_argument("--self-supervised-weight", type=float, default=None,
                         help="Weight of the two-view self-supervised image loss (default: the recipe's, 0).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
