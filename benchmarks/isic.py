@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Train without the images the audit flags (default: the recipe's).")
     parser.add_argument("--ensemble", type=int, default=None,
                         help="Models per fold (other seeds) with averaged probabilities (default: the recipe's).")
+    parser.add_argument("--self-supervised-weight", type=float, default=None,
+                        help="Weight of the two-view self-supervised image loss (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
                                      seed=args.seed, epochs=args.epochs, show_progress=not args.quiet,
                                      overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged,
-                                     ensemble=args.ensemble)
+                                     ensemble=args.ensemble, self_supervised_weight=args.self_supervised_weight)
         scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
         if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
             raise RuntimeError("cross_validate scored other folds than the baselines")

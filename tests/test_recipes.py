@@ -107,8 +107,8 @@ def test_the_derm_recipe_is_the_documented_one():
     assert settings.model_overrides == {"image.image_size": 64, "image.color_constancy": 6.0,
                                         "image.augment_rot90": True, "image.augment_color": 0.2}
     train = settings.train
-    assert (train.epochs, train.batch_size, train.lr, train.supervised_weight, train.contrastive_weight) == (
-        40, 32, 1e-3, 1.0, 0.5)
+    assert (train.epochs, train.batch_size, train.lr, train.supervised_weight, train.contrastive_weight,
+            train.self_supervised_weight) == (40, 32, 1e-3, 1.0, 0.5, 0.3)
     assert settings.captions == caption_set("isic")
     assert settings.ensemble == 3  # bench cv: three models per fold (docs/benchmarks.md, ISIC)
     image = get_config("derm-small", **settings.model_overrides).image
