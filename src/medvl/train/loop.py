@@ -295,8 +295,8 @@ class ContrastiveObjective:
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
-            if self.config.self_supervised_weight > 0:
-                self.model.add_view_projection()
+        if self.config.self_supervised_weight > 0 and self.model.view_projection is None:
+            self.model.add_view_projection()  # a resumed run has it from its checkpoint
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
                                self.config.workers)
@@ -334,7 +334,7 @@ class ContrastiveObjective:
         """NT-Xent between ``features`` (the batch's first view) and a second, cropped view of the same
         images; under torchrun over the global batch of both views."""
         model, config = self.model, self.config
-        assert model.view_projection is not None  # added in start() (or restored with the checkpoint)
+        assert model.view_projection is not None  # added in start() (or restored from the checkpoint)
         second = model.preprocessor.augment(self.pixels[indices].float(), seed + SECOND_VIEW_SEED)
         second = random_resized_crop(second, config.self_supervised_crop, seed)[local]  # as one process would
         second_features = model.image_features(model.preprocessor.normalize(second))
