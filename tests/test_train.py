@@ -183,3 +183,16 @@ def test_label_smoothing_keeps_the_head_from_certainty(tiny_npz, tmp_path):
 
     plain, smoothed = confidence(0.0), confidence(0.6)
     assert smoothed < 0.8 < plain  # the smoothed target of the true class is 1 - 0.6 + 0.3 = 0.7
+
+
+def test_a_last_batch_of_one_record_is_skipped_not_fatal(phantom_dir, tmp_path):
+    """Batch norm cannot train on a single record: with N = k x batch + 1 the lone record is left for that epoch
+    (another one each epoch) instead of stopping the run."""
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    batch_size = len(dataset) - 1  # one full batch, then one record
+    config = TrainConfig(epochs=3, batch_size=batch_size, lr=2e-3, log_every=1)
+    model = medvl.create_model("phantom-tiny")
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.image_encoder.modules())
+    medvl.train(model, dataset, config, tmp_path / "run", show_progress=False)
+    steps = [line["step"] for line in _metrics(tmp_path / "run") if "loss" in line]
+    assert steps == [1, 2, 3]  # one step per epoch: the full batch

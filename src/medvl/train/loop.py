@@ -397,11 +397,13 @@ class _Run:
             self.group_keys = objective.group_keys(config.batch_group)
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
-        if 0 < self.examples % config.batch_size < distributed.world_size():
-            self.batches_per_epoch -= 1  # a last batch with fewer records than processes is skipped
+        if 0 < self.examples % config.batch_size < 2 * distributed.world_size():
+            # a last batch that leaves a process a single record is skipped (it is another record each epoch):
+            # batch norm cannot train on one, and one image-text pair has no negatives
+            self.batches_per_epoch -= 1
         if self.batches_per_epoch < 1:
-            raise InputError(f"{self.examples} training examples cannot be shared by "
-                             f"{distributed.world_size()} processes")
+            raise InputError(f"{self.examples} training examples cannot give each of {distributed.world_size()} "
+                             f"processes at least 2")
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = steps_per_epoch * config.epochs
         if config.max_steps:
