@@ -37,6 +37,7 @@ from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
 from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
 from ..models.dual import DualEncoder
+from ..models.preprocess import affine_warp
 from ..progress import progress_bar
 from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
 
@@ -255,8 +256,7 @@ def view_pixels(pixels: torch.Tensor, view: list[float]) -> torch.Tensor:
     # affine_grid maps output to input positions in [-1, 1] (a side spans 2): input = (output - 2 shift) / scale
     theta = torch.tensor([[1 / scale, 0.0, -2 * shift_x / scale], [0.0, 1 / scale, -2 * shift_y / scale]],
                          dtype=pixels.dtype).expand(len(pixels), 2, 3)
-    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return affine_warp(pixels, theta)
 
 
 def _threshold_prior(operating_point: str, target_prior: float | None) -> float | None:

@@ -127,6 +127,12 @@ def random_resized_crop(batch: torch.Tensor, min_area: float, seed: int) -> torc
         scale = scale.clamp(max=1.0)
         theta[:, axis, axis] = scale
         theta[:, axis, dims] = (torch.rand(count, generator=generator) * 2 - 1) * (1 - scale)
+    return affine_warp(batch, theta)
+
+
+def affine_warp(batch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """A (N, C, *spatial) batch resampled through ``affine_grid`` matrices ``theta`` (N, dims, dims + 1; output
+    to input positions in [-1, 1] grid units): bilinear, border padding, ``align_corners=False``."""
     grid = F.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
