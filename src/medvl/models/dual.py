@@ -86,9 +86,9 @@ class DualEncoder(nn.Module):
         self.meta["view_projection"] = dim
 
     def drop_view_projection(self) -> None:
-        if "view_projection" in self._modules:
-            del self._modules["view_projection"]  # unregistered, so the module tree is a fresh model's
-        self.view_projection = None
+        if self.view_projection is not None:
+            del self.view_projection  # unregisters the module: the module tree is a fresh model's again
+            self.view_projection = None
         self.meta.pop("view_projection", None)
 
     # -- inference (no gradients, batched) -------------------------------------------------------

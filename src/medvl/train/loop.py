@@ -307,12 +307,13 @@ class ContrastiveObjective:
         the contrastive loss uses every rank's embeddings (global negatives, see ``distributed``)."""
         model, config = self.model, self.config
         local = distributed.shard(len(indices))  # the whole batch in a single process
-        pixels = model.preprocessor.augment(self.pixels[indices].float(), seed)[local]
+        batch = self.pixels[indices].float()
+        pixels = model.preprocessor.augment(batch, seed)[local]
         features = model.image_features(model.preprocessor.normalize(pixels))
         loss = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         if config.self_supervised_weight > 0:
-            parts["self_supervised"] = self._view_loss(indices, local, features, seed)
+            parts["self_supervised"] = self._view_loss(batch, local, features, seed)
             loss = loss + config.self_supervised_weight * parts["self_supervised"]
         if config.contrastive_weight > 0:
             texts, pair_ids = self.texts.batch(indices, random.Random(seed))
@@ -330,16 +331,16 @@ class ContrastiveObjective:
         parts["loss"] = loss
         return parts
 
-    def _view_loss(self, indices: list[int], local: slice, features: torch.Tensor, seed: int) -> torch.Tensor:
-        """NT-Xent between ``features`` (the batch's first view) and a second, cropped view of the same
-        images; under torchrun over the global batch of both views."""
+    def _view_loss(self, batch: torch.Tensor, local: slice, features: torch.Tensor, seed: int) -> torch.Tensor:
+        """NT-Xent between ``features`` (this rank's rows of the first view of the global ``batch``) and a
+        second, cropped view of the same images; under torchrun over the global batch of both views."""
         model, config = self.model, self.config
         assert model.view_projection is not None  # added in start() (or restored from the checkpoint)
-        second = model.preprocessor.augment(self.pixels[indices].float(), seed + SECOND_VIEW_SEED)
+        second = model.preprocessor.augment(batch, seed + SECOND_VIEW_SEED)
         second = random_resized_crop(second, config.self_supervised_crop, seed)[local]  # as one process would
         second_features = model.image_features(model.preprocessor.normalize(second))
-        first = distributed.gather_with_grad(model.view_projection(features), len(indices))
-        other = distributed.gather_with_grad(model.view_projection(second_features), len(indices))
+        first = distributed.gather_with_grad(model.view_projection(features), len(batch))
+        other = distributed.gather_with_grad(model.view_projection(second_features), len(batch))
         return nt_xent_loss(first, other, config.self_supervised_temperature)
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
