@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvl.api import parse_overrides
+from medvl.api import parse_key_values, parse_overrides
 from medvl.bench.cv import make_folds, repeated_cross_validate
 from medvl.data import load_dataset
 from medvl.data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Models per fold (other seeds) with averaged probabilities (default: the recipe's).")
     parser.add_argument("--self-supervised-weight", type=float, default=None,
                         help="Weight of the two-view self-supervised image loss (default: the recipe's).")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Any other training setting over the recipe's (repeatable), as medvl bench cv's.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
                                      seed=args.seed, epochs=args.epochs, show_progress=not args.quiet,
                                      overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged,
-                                     ensemble=args.ensemble, self_supervised_weight=args.self_supervised_weight)
+                                     ensemble=args.ensemble, self_supervised_weight=args.self_supervised_weight,
+                                     train_options=parse_key_values(args.train_set, "--train-set"))
         scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
         if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
             raise RuntimeError("cross_validate scored other folds than the baselines")

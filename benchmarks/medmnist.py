@@ -54,6 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="also score the split under every corruption at these severities, e.g. 1,2,3")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="model config override, e.g. image.image_size=56 (repeatable)")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other training setting over the recipe's (repeatable), as medvl bench medmnist's")
     parser.add_argument("--json", type=Path, default=None, help="also keep the full result here")
     parser.add_argument("--target-prior", type=float, default=0.625,
                         help="share of pneumonia to re-weight to (the official test split's 390 / 624)")
@@ -69,6 +71,7 @@ def command_for(args: argparse.Namespace, out: Path) -> list[str]:
     command += ["--label-smoothing", str(args.label_smoothing)] if args.label_smoothing is not None else []
     command += ["--shifts", args.shifts] if args.shifts else []
     command += [part for override in args.overrides for part in ("--set", override)]
+    command += [part for setting in args.train_set for part in ("--train-set", setting)]
     return command + (["--ensemble", str(args.ensemble)] if args.ensemble is not None else [])
 
 

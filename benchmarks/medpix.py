@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import medvl
-from medvl.api import parse_overrides
+from medvl.api import parse_overrides, train_options
 from medvl.data import Dataset, captions_for
 from medvl.embed import embed_images
 from medvl.io import write_json
@@ -59,11 +59,13 @@ def hold_out_cases(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
 def settings_for(args: argparse.Namespace) -> RecipeSettings:
     """The recipe of ``args.model`` with the options given on this script's command line (None: the
     recipe's), resolved exactly as ``medvl train`` resolves them."""
-    return resolve_recipe(args.model, epochs=args.epochs, seed=args.seed, text_source=args.text_source,
-                          loss=args.loss, batch_size=args.batch_size, lr=args.lr, meta_text=args.meta_text,
-                          meta_text_share=args.meta_text_share, batch_group=args.batch_group,
-                          batch_group_share=args.batch_group_share, self_supervised_weight=args.self_supervised_weight,
-                          supervised_weight=args.supervised_weight, model_overrides=parse_overrides(args.set))
+    options = train_options({
+        "epochs": args.epochs, "seed": args.seed, "text_source": args.text_source, "loss": args.loss,
+        "batch_size": args.batch_size, "lr": args.lr, "meta_text": args.meta_text,
+        "meta_text_share": args.meta_text_share, "batch_group": args.batch_group,
+        "batch_group_share": args.batch_group_share, "self_supervised_weight": args.self_supervised_weight,
+        "supervised_weight": args.supervised_weight}, args.train_set)
+    return resolve_recipe(args.model, model_overrides=parse_overrides(args.set), **options)
 
 
 def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
@@ -169,6 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
                              "location_category; records missing one are left out). Default: the recipe's, 0.")
     parser.add_argument("--self-supervised-weight", type=float, default=None,
                         help="Weight of the two-view self-supervised image loss (default: the recipe's, 0).")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Any other training setting over the recipe's (repeatable), as medvl train's.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     return parser
 

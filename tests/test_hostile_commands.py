@@ -167,6 +167,12 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--label-smoothing", -0.1], "label_smoothing"),
     (["--self-supervised-weight", -1], "self_supervised_weight"),
     (["--self-supervised-weight", "nan"], "self_supervised_weight"),
+    (["--train-set", "self_supervised_epochs=-1"], "self_supervised_epochs"),
+    (["--train-set", "self_supervised_epochs=1.5"], "self_supervised_epochs"),
+    (["--train-set", "warmup_fraction=2"], "warmup_fraction"),
+    (["--train-set", "self_supervised_epoch=2"], "unknown train config keys: ['self_supervised_epoch']"),
+    (["--train-set", "epochs=3"], "epochs is given twice: --epochs 1 and --train-set epochs=3"),
+    (["--train-set", "epochs"], "--train-set expects key=value"),
     (["--checkpoint-every", -5], "checkpoint_every"),
     (["--seed", -1], "seed"),
     (["--set", "image.image_size=100000"], "image.image_size"),
@@ -196,6 +202,14 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--label-smoothing", 0.95, "-q"], "label_smoothing"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--self-supervised-weight", -0.5, "-q"],
      "self_supervised_weight"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--train-set", "self_supervised_epochs=-2", "-q"],
+     "self_supervised_epochs"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--train-set", "seed=3", "-q"],
+     "--train-set seed=...: this command sets seed itself"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", 0.01, "--train-set", "lr=0.02", "-q"],
+     "lr is given twice"),
+    (["bench", "medmnist", "--train-data", "{data}", "--test-data", "{data}", "--train-set",
+      "label_columns=[\"x\"]", "-q"], "this command sets label_columns itself"),
 ])
 def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args, needle):
     out = tmp_path / "out"

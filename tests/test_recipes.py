@@ -94,6 +94,23 @@ def test_medpix_benchmark_trains_the_recipe():
     medpix = _benchmark("medpix")
     assert medpix.settings_for(medpix.make_parser().parse_args([])) == resolve_recipe("medpix-small")
     assert medpix.settings_for(medpix.make_parser().parse_args(["--epochs", "15"])).train.epochs == 15
+    extra = medpix.settings_for(medpix.make_parser().parse_args(["--train-set", "self_supervised_epochs=5"]))
+    assert extra == resolve_recipe("medpix-small", self_supervised_epochs=5)
+
+
+def test_train_set_reaches_every_train_config_field_and_refuses_two_values():
+    from medvl.api import train_options
+
+    options = train_options({"epochs": 3, "lr": None}, ["self_supervised_epochs=4", "text_lr=0.0001",
+                                                        "meta_text=case_diagnosis", "lr=0.002", "epochs=3"])
+    assert options == {"epochs": 3, "lr": 0.002, "self_supervised_epochs": 4, "text_lr": 1e-4,
+                       "meta_text": "case_diagnosis"}  # JSON values, else strings; the same value twice is fine
+    settings = resolve_recipe("derm-small", **options)
+    assert (settings.train.self_supervised_epochs, settings.train.epochs, settings.train.batch_size) == (4, 3, 32)
+    with pytest.raises(InputError, match="lr is given twice"):
+        train_options({"lr": 0.01}, ["lr=0.02"])
+    with pytest.raises(InputError, match="self_supervised_epochs must be int"):
+        resolve_recipe("derm-small", **train_options({}, ["self_supervised_epochs=\"4\""]))
 
 
 def test_volume3d_benchmark_trains_the_recipe():
@@ -120,14 +137,21 @@ def test_isic_benchmark_and_bench_cv_train_the_recipe():
     assert (isic.MODEL, isic.LABEL) == ("derm-small", "diagnosis")
     assert cv_settings(isic.MODEL, isic.LABEL, seed=0) == resolve_recipe("derm-small")
     assert cv_settings("derm-small", "diagnosis", epochs=5).train.epochs == 5
+    settings = cv_settings("derm-small", "diagnosis", train_options={"self_supervised_epochs": 40})
+    assert settings == resolve_recipe("derm-small", self_supervised_epochs=40)
+    with pytest.raises(InputError, match="sets supervised_weight itself"):
+        cv_settings("derm-small", "diagnosis", train_options={"supervised_weight": 0.5})
 
 
 def test_medmnist_benchmark_trains_the_recipe_with_its_captions(tmp_path):
     assert medmnist_settings() == resolve_recipe("medmnist-small")
+    assert medmnist_settings(train_options={"weight_decay": 0.1}) == resolve_recipe("medmnist-small", weight_decay=0.1)
     medmnist = _benchmark("medmnist")
     command = medmnist.command_for(medmnist.make_parser().parse_args([]), tmp_path / "r.json")
     recipe_options = {"--epochs", "--ensemble", "--tta", "--no-tta", "--operating-point", "--model"}
     assert not recipe_options & set(command)  # the script runs the recipe as `medvl bench medmnist` does
+    extra = medmnist.command_for(medmnist.make_parser().parse_args(["--train-set", "lr=0.003"]), tmp_path / "r.json")
+    assert extra[extra.index("--train-set") + 1] == "lr=0.003"
     assert command[command.index("--target-prior") + 1] == "0.625"
     recipe_captions = load_captions(resolve_recipe("medmnist-small").captions)
     assert task_captions(Path("pneumoniamnist.npz"), ["0", "1"]) == recipe_captions

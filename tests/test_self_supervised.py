@@ -1,6 +1,7 @@
 """The self-supervised term of training (SLIP-style SimCLR): the second view's random crops, the NT-Xent
 loss, and a run that learns from it."""
 
+import itertools
 import json
 import math
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import medvl
 from medvl.models.losses import nt_xent_loss
 from medvl.models.preprocess import random_resized_crop
-from medvl.train.loop import TrainConfig
+from medvl.train.loop import TrainConfig, _phased_warmup_cosine
 
 
 def _ramp(count: int, size: int = 64, axis: int = -1, dims: int = 2) -> torch.Tensor:
@@ -101,3 +102,49 @@ def test_nothing_to_train_names_all_three_weights():
         TrainConfig(contrastive_weight=0.0).validate_numbers()
     with pytest.raises(medvl.errors.InputError, match="self_supervised_crop"):
         TrainConfig(self_supervised_crop=0.0).validate_numbers()
+
+
+def test_a_self_supervised_phase_comes_first_and_touches_only_the_image_side(tiny_npz, tmp_path):
+    """``self_supervised_epochs``: the two-view loss alone (no text, no label) before the main losses; stopped
+    at the end of that phase, the text tower and the head are as initialised, the image tower is not."""
+    dataset = medvl.load_dataset(tiny_npz, label_columns=["label"]).select("train")
+
+    def run(out, **options):
+        torch.manual_seed(0)
+        model = medvl.create_model("medmnist-small", **{"image.widths": [8, 16, 32, 64]})
+        model.add_head("label", ["0", "1"])
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        config = TrainConfig(epochs=1, batch_size=40, lr=3e-3, log_every=1, label_columns=["label"],
+                             supervised_weight=1.0, self_supervised_epochs=2, **options)
+        medvl.train(model, dataset, config, out, show_progress=False)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        return model, before, lines
+
+    model, before, lines = run(tmp_path / "phase", max_steps=12)  # 240 records, batch 40: 6 steps per epoch
+    assert len(lines) == 12 and all(set(line) >= {"self_supervised", "loss"} for line in lines)
+    assert not any("contrastive" in line or "ce_label" in line for line in lines)
+    after = model.state_dict()
+    for name, value in before.items():
+        if name.startswith(("text_encoder.", "heads.", "text_projection.", "image_projection.", "logit_scale")):
+            assert torch.equal(after[name], value), name  # the phase reads image features only
+    changed = [name for name, value in before.items()
+               if name.startswith("image_encoder.") and not torch.equal(after[name], value)]
+    assert len(changed) > 10
+
+    model, _, lines = run(tmp_path / "both")  # the whole run: the phase, then one epoch of the main losses
+    assert len(lines) == 18
+    assert all("self_supervised" in line and "ce_label" not in line for line in lines[:12])
+    assert all("contrastive" in line and "ce_label" in line and "self_supervised" not in line for line in lines[12:])
+    assert model.view_projection is None  # dropped at the end, as with the joint term
+
+
+def test_each_phase_has_its_own_warmup_and_cosine():
+    first, second = 20, 40
+    factors = [_phased_warmup_cosine(step, first, second, 0.1) for step in range(first + second)]
+    assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)  # 2 warmup steps in the first
+    assert factors[first - 1] < 0.01  # the first phase decays to ~0 ...
+    assert factors[first] == pytest.approx(0.25) and factors[first + 3] == pytest.approx(1.0)  # ... then warms up
+    assert factors[-1] < 0.01
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(factors[first + 3:]))  # cosine: never rises
+    plain = [_phased_warmup_cosine(step, 0, second, 0.1) for step in range(second)]
+    assert plain == factors[first:]  # no phase: the schedule of a plain run

@@ -27,11 +27,16 @@ def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
     assert (tmp_path / "run" / "train_config.json").is_file()
 
 
-@pytest.mark.parametrize("batch_group, self_supervised", [(None, 0.0), ("sex", 0.0), (None, 1.0)])
-def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group, self_supervised):
+@pytest.mark.parametrize("batch_group, self_supervised, self_supervised_epochs",
+                         [(None, 0.0, 0), ("sex", 0.0, 0), (None, 1.0, 0), (None, 0.0, 2)])
+def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group, self_supervised,
+                                                                self_supervised_epochs):
+    """Also with a self-supervised phase: the run stops at the end of its last epoch, before the checkpoint, and
+    the resumed run redoes that epoch and crosses into the main phase with its own schedule."""
     dataset = medvl.load_dataset(phantom_dir).select("train")
     config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, grad_accum=2, batch_group=batch_group,
-                         batch_group_share=1.0, self_supervised_weight=self_supervised)
+                         batch_group_share=1.0, self_supervised_weight=self_supervised,
+                         self_supervised_epochs=self_supervised_epochs)
 
     def run(out, on_epoch_end=None, resume=False):
         torch.manual_seed(0)
@@ -48,7 +53,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", on_epoch_end=crash_in_second_epoch)
     assert not (tmp_path / "b" / "model").exists()
-    if self_supervised:  # the checkpoint keeps the view projection, so the resumed run continues it
+    if self_supervised or self_supervised_epochs:  # the checkpoint keeps the view projection: the resumed run
+        # continues it
         checkpoint = json.loads((tmp_path / "b" / "checkpoint" / "model" / "meta.json").read_text())
         assert checkpoint["view_projection"] == 128
     resumed = run(tmp_path / "b", resume=True)

@@ -55,24 +55,40 @@ def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str
     return chosen[0]
 
 
-def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> dict[str, Any]:
-    """``key=value`` model config overrides (values parsed as JSON, else kept as strings), plus the
-    text encoder choice: ``bert`` (random init) or a pretrained name / local folder."""
-    overrides: dict[str, Any] = {}
+def parse_key_values(pairs: Sequence[str], option: str) -> dict[str, Any]:
+    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings)."""
+    values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise InputError(f"--set expects key=value, got {pair!r}")
+            raise InputError(f"{option} expects key=value, got {pair!r}")
         try:
-            overrides[key] = json.loads(value)
+            values[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
+            values[key] = value
+    return values
+
+
+def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> dict[str, Any]:
+    """``key=value`` model config overrides (``--set``), plus the text encoder choice: ``bert`` (random
+    init) or a pretrained name / local folder."""
+    overrides = parse_key_values(pairs, "--set")
     if text_encoder == "bert":
         overrides.update({"text.kind": "bert", "text.path": None})
     elif text_encoder:
         overrides.update({"text.kind": "pretrained", "text.path": text_encoder})
     return overrides
+
+
+def train_options(named: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
+    """A command's ``TrainConfig`` options: its named options (None = not given) and its ``--train-set
+    key=value`` pairs, which reach every ``TrainConfig`` field (``medvl models --recipe NAME`` lists them;
+    an unknown field or a wrong type is refused when the recipe resolves). A field given both ways with
+    two values is an InputError."""
+    from .train.recipes import merge_train_options
+
+    return merge_train_options(named, parse_key_values(pairs, "--train-set"))
 
 
 def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,

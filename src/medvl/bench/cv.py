@@ -41,7 +41,7 @@ from ..eval.head import class_order, class_targets, head_scores
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
 from ..models.registry import get_config
-from ..train.recipes import RecipeSettings, resolve_recipe, train_recipe
+from ..train.recipes import BENCHMARK_FIXED, RecipeSettings, merge_train_options, resolve_recipe, train_recipe
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,17 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    batch_size: int | None = None, contrastive_weight: float | None = None,
                    skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                    ensemble: int | None = None, label_smoothing: float | None = None,
-                   self_supervised_weight: float | None = None, allow_outside_root: bool = False) -> dict:
+                   self_supervised_weight: float | None = None, train_options: dict[str, Any] | None = None,
+                   allow_outside_root: bool = False) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
     ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``label_smoothing``, ``self_supervised_weight``,
-    ``skip_flagged`` (train without the
-    images the audit flags; every held-out image is still scored), ``ensemble`` (models per fold whose
-    head and zero-shot probabilities are averaged): None = the recipe of ``model_name``
-    (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; the head's weight is 1 and the
-    texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with templates and
-    class descriptions; default: the recipe's caption set, else the dataset's own, else generic
+    ``skip_flagged`` (train without the images the audit flags; every held-out image is still scored),
+    ``ensemble`` (models per fold whose head and zero-shot probabilities are averaged): None = the recipe
+    of ``model_name`` (``medvl models --recipe NAME``), else ``TrainConfig``'s defaults; ``train_options``
+    sets any other ``TrainConfig`` field (``--train-set``) but the seed, label and texts; the head's
+    weight is 1 and the texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with
+    templates and class descriptions; default: the recipe's caption set, else the dataset's own, else generic
     templates. ``overrides`` merge into the model config over the recipe's (``{"image.image_size":
     96}``). ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
@@ -81,7 +82,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
                            contrastive_weight=contrastive_weight, skip_flagged=skip_flagged, overrides=overrides,
                            captions=captions, ensemble=ensemble, label_smoothing=label_smoothing,
-                           self_supervised_weight=self_supervised_weight)  # checks the ensemble size
+                           self_supervised_weight=self_supervised_weight,
+                           train_options=train_options)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     classes = sorted(dataset.classes(label), key=class_order)
@@ -145,14 +147,18 @@ def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | Non
                 batch_size: int | None = None, contrastive_weight: float | None = None,
                 skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                 captions: str | Path | CaptionConfig | None = None, ensemble: int | None = None,
-                label_smoothing: float | None = None, self_supervised_weight: float | None = None) -> RecipeSettings:
+                label_smoothing: float | None = None, self_supervised_weight: float | None = None,
+                train_options: dict[str, Any] | None = None) -> RecipeSettings:
     """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
-    and label captions as texts; the options given (not None) replace the recipe's."""
-    return resolve_recipe(model_name, model_overrides=overrides, captions=captions, epochs=epochs, lr=lr,
-                          batch_size=batch_size, contrastive_weight=contrastive_weight, seed=seed,
-                          skip_flagged=skip_flagged, ensemble=ensemble, label_smoothing=label_smoothing,
-                          self_supervised_weight=self_supervised_weight, text_source="captions",
-                          label_columns=[label], supervised_weight=1.0)
+    and label captions as texts; the options given (not None) and ``train_options`` (any other
+    ``TrainConfig`` field) replace the recipe's."""
+    options = merge_train_options(
+        {"epochs": epochs, "lr": lr, "batch_size": batch_size, "contrastive_weight": contrastive_weight,
+         "skip_flagged": skip_flagged, "label_smoothing": label_smoothing,
+         "self_supervised_weight": self_supervised_weight},
+        train_options or {}, fixed=BENCHMARK_FIXED)
+    return resolve_recipe(model_name, model_overrides=overrides, captions=captions, ensemble=ensemble, seed=seed,
+                          text_source="captions", label_columns=[label], supervised_weight=1.0, **options)
 
 
 def make_folds(y: np.ndarray, folds: int, seed: int,

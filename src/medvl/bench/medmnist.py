@@ -39,7 +39,14 @@ from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
 from ..models.dual import DualEncoder
 from ..models.preprocess import affine_warp
 from ..progress import progress_bar
-from ..train.recipes import RecipeSettings, caption_set, resolve_recipe, train_recipe
+from ..train.recipes import (
+    BENCHMARK_FIXED,
+    RecipeSettings,
+    caption_set,
+    merge_train_options,
+    resolve_recipe,
+    train_recipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
                  target_prior: float | None = None, bootstrap: int = 2000, ensemble: int | None = None,
                  test_time_augmentation: bool | None = None, operating_point: str | None = None,
                  model_overrides: dict[str, Any] | None = None, label_smoothing: float | None = None,
-                 shifts: list[int] | None = None) -> dict:
+                 shifts: list[int] | None = None, train_options: dict[str, Any] | None = None) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
 
     ``epochs``, ``ensemble``, ``operating_point`` None = the recipe's; ``test_time_augmentation``
@@ -70,7 +77,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble).
     With more than one member, ``members`` holds each member's own figures, scored the same way
     (``shifted`` included).
-    ``model_overrides`` (``--set``) and ``label_smoothing`` replace the recipe's. ``shifts`` (corruption
+    ``model_overrides`` (``--set``), ``label_smoothing`` and ``train_options`` (any other ``TrainConfig``
+    field, ``--train-set``) replace the recipe's. ``shifts`` (corruption
     severities, e.g. [1, 2, 3]) adds ``shifted``: the scored split again under every corruption of
     ``medvl.eval.robustness`` at those severities (``shifted_scores``), a robustness check for a test split
     drawn apart from the training data.
@@ -78,7 +86,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     started = time.perf_counter()
     settings = medmnist_settings(model_name, epochs, seed, ensemble=ensemble, operating_point=operating_point,
                                  test_time_views=[] if test_time_augmentation is False else None,
-                                 model_overrides=model_overrides, label_smoothing=label_smoothing)
+                                 model_overrides=model_overrides, label_smoothing=label_smoothing,
+                                 train_options=train_options)
     for severity in shifts or []:
         check_corruption(CORRUPTIONS[0], severity)
     if target_prior is not None:
@@ -203,13 +212,16 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
 
 
 def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
+                      label_smoothing: float | None = None, train_options: dict[str, Any] | None = None,
                       **benchmark: Any) -> RecipeSettings:
     """``model_name``'s recipe with the benchmark's fixed parts: a head on ``label`` (weight 1) trained
-    with class captions as texts; ``epochs`` None = the recipe's; ``benchmark``: ``ensemble``,
-    ``test_time_views``, ``operating_point``, ``model_overrides`` and ``TrainConfig`` fields such as
-    ``label_smoothing`` (None = the recipe's)."""
-    return resolve_recipe(model_name, epochs=epochs, seed=seed, label_columns=[LABEL], text_source="captions",
-                          supervised_weight=1.0, **benchmark)
+    with class captions as texts; ``epochs`` and ``label_smoothing`` None = the recipe's; ``train_options``
+    any other ``TrainConfig`` field; ``benchmark``: ``ensemble``, ``test_time_views``, ``operating_point``,
+    ``model_overrides`` (None = the recipe's)."""
+    options = merge_train_options({"epochs": epochs, "label_smoothing": label_smoothing}, train_options or {},
+                                  fixed=BENCHMARK_FIXED)
+    return resolve_recipe(model_name, seed=seed, label_columns=[LABEL], text_source="captions",
+                          supervised_weight=1.0, **benchmark, **options)
 
 
 def train_members(settings: RecipeSettings, fit_set: Dataset, out: str | Path | None,

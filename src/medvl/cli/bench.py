@@ -16,6 +16,7 @@ from .common import (
     QuietOption,
     SelfSupervisedOption,
     SkipFlaggedOption,
+    TrainSetOption,
     check_outputs,
     console,
     emit_json,
@@ -102,10 +103,11 @@ def bench_medmnist(
         help="Also score the split under every corruption (noise, blur, contrast, gamma, jpeg, rotation, crop) "
              "at these severities 1-5, e.g. 1,2,3: JSON key 'shifted'.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
+    train_set: TrainSetOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
-    from ..api import parse_overrides
+    from ..api import parse_key_values, parse_overrides
     from ..bench.medmnist import run_medmnist
 
     check_outputs(overwrite, json=json_out)
@@ -114,7 +116,7 @@ def bench_medmnist(
                           out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
                           ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point,
                           model_overrides=parse_overrides(set_ or []), label_smoothing=label_smoothing,
-                          shifts=severities)
+                          shifts=severities, train_options=parse_key_values(train_set or [], "--train-set"))
     shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
              "operating point": result.get("operating_point"),
              "ensemble / test-time views": f"{result['ensemble']} / {result['test_time_views']}"}
@@ -156,13 +158,14 @@ def bench_cv(
         help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
     self_supervised_weight: SelfSupervisedOption = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
+    train_set: TrainSetOption = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """k-fold cross-validation: a fresh model per fold, head and zero-shot AUC / accuracy on held-out folds."""
-    from ..api import parse_overrides
+    from ..api import parse_key_values, parse_overrides
     from ..bench.cv import cross_validate, repeated_cross_validate
 
     check_outputs(overwrite, json=json_out)
@@ -170,7 +173,7 @@ def bench_cv(
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
         "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
         "ensemble": ensemble, "label_smoothing": label_smoothing, "self_supervised_weight": self_supervised_weight,
-        "overrides": parse_overrides(set_ or []),
+        "overrides": parse_overrides(set_ or []), "train_options": parse_key_values(train_set or [], "--train-set"),
         "allow_outside_root": allow_outside_root}
     if repeats > 1:
         result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,

@@ -20,6 +20,7 @@ from .common import (
     QuietOption,
     SelfSupervisedOption,
     SkipFlaggedOption,
+    TrainSetOption,
     WorkersOption,
     console,
     handle_errors,
@@ -68,6 +69,7 @@ def train_command(
     skip_flagged: SkipFlaggedOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
+    train_set: TrainSetOption = None,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -81,17 +83,18 @@ def train_command(
         return
     if data is None or out is None:
         raise InputError("medvl train needs --data and --out (or a subcommand: see medvl train --help)")
-    from ..api import parse_overrides, train_from_path
+    from ..api import parse_overrides, train_from_path, train_options
 
-    trained = train_from_path(data, out, model, split=split, label_columns=label_column, captions=captions,
-                              overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
-                              allow_outside_root=allow_outside_root, show_progress=not quiet,
-                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                              text_source=text_source, supervised_weight=supervised_weight,
-                              contrastive_weight=contrastive_weight, label_smoothing=label_smoothing,
-                              self_supervised_weight=self_supervised_weight, grad_accum=grad_accum,
-                              checkpoint_every=checkpoint_every, max_steps=max_steps, workers=workers,
-                              leave_out_images_of=[str(path) for path in leave_out_images_of or []] or None,
-                              skip_flagged=skip_flagged)
+    options = train_options({
+        "label_columns": label_column, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "loss": loss, "text_source": text_source, "supervised_weight": supervised_weight,
+        "contrastive_weight": contrastive_weight, "label_smoothing": label_smoothing,
+        "self_supervised_weight": self_supervised_weight, "grad_accum": grad_accum,
+        "checkpoint_every": checkpoint_every, "max_steps": max_steps, "workers": workers,
+        "leave_out_images_of": [str(path) for path in leave_out_images_of or []] or None,
+        "skip_flagged": skip_flagged}, train_set or [])
+    trained = train_from_path(data, out, model, split=split, label_columns=options.pop("label_columns", None),
+                              captions=captions, overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
+                              allow_outside_root=allow_outside_root, show_progress=not quiet, **options)
     summary = trained.meta["training"]
     console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")

@@ -78,9 +78,9 @@ class DualEncoder(nn.Module):
 
     def add_view_projection(self, dim: int = VIEW_PROJECTION_DIM) -> None:
         """Attach the MLP that maps image features to the space of the self-supervised (SimCLR) loss between
-        two views of an image (``TrainConfig.self_supervised_weight``). It exists only while training: a
-        checkpoint keeps it (``meta["view_projection"]``) so a resumed run continues it;
-        ``drop_view_projection`` removes it before the final save."""
+        two views of an image (``TrainConfig.self_supervised_weight`` and ``self_supervised_epochs``). It exists
+        only while training: a checkpoint keeps it (``meta["view_projection"]``) so a resumed run continues
+        it; ``drop_view_projection`` removes it before the final save."""
         width = self.image_encoder.num_features
         self.view_projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
         self.meta["view_projection"] = dim

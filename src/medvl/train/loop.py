@@ -71,6 +71,8 @@ class TrainConfig:
     self_supervised_weight: float = 0.0  # weight of a SimCLR loss between two views of each image (SLIP); 0 = off
     self_supervised_crop: float = 0.25  # the second view: a random crop of this share of the image or more
     self_supervised_temperature: float = 0.1  # temperature of that loss
+    self_supervised_epochs: int = 0  # epochs of that loss alone (images only, labels and texts unused) before
+    # ``epochs`` of the losses above; each phase has its own warmup and cosine decay. 0 = no such phase
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch
     log_every: int = 10  # optimizer steps between metrics lines
     max_steps: int | None = None  # stop early after this many optimizer steps
@@ -115,6 +117,7 @@ class TrainConfig:
             "self_supervised_weight": (self.self_supervised_weight, {"minimum": 0}),
             "self_supervised_crop": (self.self_supervised_crop, {"minimum": 0.01, "maximum": 1}),
             "self_supervised_temperature": (self.self_supervised_temperature, {"minimum": 0.01, "maximum": 10}),
+            "self_supervised_epochs": (self.self_supervised_epochs, {"minimum": 0, **whole}),
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
@@ -264,7 +267,8 @@ class ContrastiveObjective:
     images (augmented with another seed, then cropped to a random box of ``self_supervised_crop`` of the
     image or more and resized back), each through a small MLP (``DualEncoder.add_view_projection``) that
     is dropped when training ends. The image tower then also learns from the images alone: what does not
-    change under crops, flips and colour jitter.
+    change under crops, flips and colour jitter. With ``self_supervised_epochs`` the run starts with that
+    many epochs of this loss alone (``pretraining_losses``: no text, no label), then trains the losses above.
     """
 
     def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
@@ -295,7 +299,8 @@ class ContrastiveObjective:
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
-        if self.config.self_supervised_weight > 0 and self.model.view_projection is None:
+        wants_views = self.config.self_supervised_weight > 0 or self.config.self_supervised_epochs > 0
+        if wants_views and self.model.view_projection is None:
             self.model.add_view_projection()  # a resumed run has it from its checkpoint
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
@@ -306,10 +311,7 @@ class ContrastiveObjective:
         """The loss of the global batch ``indices``; under torchrun this rank encodes only its shard and
         the contrastive loss uses every rank's embeddings (global negatives, see ``distributed``)."""
         model, config = self.model, self.config
-        local = distributed.shard(len(indices))  # the whole batch in a single process
-        batch = self.pixels[indices].float()
-        pixels = model.preprocessor.augment(batch, seed)[local]
-        features = model.image_features(model.preprocessor.normalize(pixels))
+        local, batch, features = self._first_view(indices, seed)
         loss = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         if config.self_supervised_weight > 0:
@@ -330,6 +332,21 @@ class ContrastiveObjective:
             loss = loss + config.supervised_weight * ce
         parts["loss"] = loss
         return parts
+
+    def pretraining_losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
+        """The loss of a batch of the self-supervised phase (``self_supervised_epochs``): the two-view
+        loss alone, from the images only (no text, no label); same views as in ``losses``."""
+        local, batch, features = self._first_view(indices, seed)
+        view_loss = self._view_loss(batch, local, features, seed)
+        return {"self_supervised": view_loss, "loss": view_loss}
+
+    def _first_view(self, indices: list[int], seed: int) -> tuple[slice, torch.Tensor, torch.Tensor]:
+        """This rank's shard of the global batch (the whole batch in a single process), the batch's
+        pixels (float, [0, 1]) and the image features of this rank's augmented shard."""
+        local = distributed.shard(len(indices))
+        batch = self.pixels[indices].float()
+        pixels = self.model.preprocessor.augment(batch, seed)[local]
+        return local, batch, self.model.image_features(self.model.preprocessor.normalize(pixels))
 
     def _view_loss(self, batch: torch.Tensor, local: slice, features: torch.Tensor, seed: int) -> torch.Tensor:
         """NT-Xent between ``features`` (this rank's rows of the first view of the global ``batch``) and a
@@ -406,13 +423,20 @@ class _Run:
             raise InputError(f"{self.examples} training examples cannot give each of {distributed.world_size()} "
                              f"processes at least 2")
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
-        self.total_steps = steps_per_epoch * config.epochs
-        if config.max_steps:
+        # the self-supervised phase (if any), then the main one, each with its own warmup and cosine decay
+        self.pretraining_steps = steps_per_epoch * config.self_supervised_epochs
+        if self.pretraining_steps and not hasattr(objective, "pretraining_losses"):
+            raise InputError(f"self_supervised_epochs is for image training; this objective "
+                             f"({type(objective).__name__}) has no self-supervised phase")
+        self.total_steps = self.pretraining_steps + steps_per_epoch * config.epochs
+        if config.max_steps:  # a shorter run: the schedules end where it stops
             self.total_steps = min(self.total_steps, config.max_steps)
+            self.pretraining_steps = min(self.pretraining_steps, self.total_steps)
+        main_steps = self.total_steps - self.pretraining_steps
         self.optimizer = torch.optim.AdamW(objective.param_groups(config))
-        warmup = max(1, int(config.warmup_fraction * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _warmup_cosine(s, warmup, self.total_steps))
+            self.optimizer, lambda s: _phased_warmup_cosine(s, self.pretraining_steps, main_steps,
+                                                            config.warmup_fraction))
         self.step, self.batch_index = 0, 0
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -507,6 +531,8 @@ class _Run:
     def _forward(self, indices: list[int]) -> dict[str, torch.Tensor]:
         seed = self.config.seed * 1_000_003 + self.batch_index
         torch.manual_seed(seed)  # dropout draws depend only on the step: resume is bit-exact
+        if self.step < self.pretraining_steps:
+            return self.objective.pretraining_losses(indices, seed)  # type: ignore[attr-defined]
         return self.objective.losses(indices, seed)
 
     def _log(self, losses: dict[str, float]) -> None:
@@ -602,6 +628,14 @@ def param_groups(model: torch.nn.Module, config: TrainConfig,
         decay = 0.0 if param.ndim < 2 else config.weight_decay
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
+
+
+def _phased_warmup_cosine(step: int, first: int, second: int, warmup_fraction: float) -> float:
+    """The learning-rate factor of ``step`` when a phase of ``first`` steps precedes one of ``second`` steps
+    (``first`` may be 0): each phase warms up over ``warmup_fraction`` of its steps, then decays to 0."""
+    if step < first:
+        return _warmup_cosine(step, max(1, int(warmup_fraction * first)), first)
+    return _warmup_cosine(step - first, max(1, int(warmup_fraction * second)), second)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 CaptionSource = str | Path | CaptionConfig | None
 # Decision thresholds of a binary benchmark, each picked on held-out data (medvl.bench.medmnist)
+# TrainConfig fields a labelled benchmark (medvl bench cv / medmnist) sets itself: its own seed option, a head on
+# its label with weight 1, label captions as texts
+BENCHMARK_FIXED = ("seed", "text_source", "label_columns", "supervised_weight")
 OPERATING_POINTS = ("max_accuracy", "max_accuracy_at_prior", "max_balanced_accuracy")
 
 
@@ -112,6 +115,24 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         operating_point=operating_point or recipe.operating_point)
     check_benchmark_settings(settings)
     return settings
+
+
+def merge_train_options(named: dict[str, Any], given: dict[str, Any], fixed: Sequence[str] = ()) -> dict[str, Any]:
+    """``TrainConfig`` options from a command's named options (None = not given) and from ``given``
+    (``--train-set key=value``); a field set both ways with two values, or a ``fixed`` field the command
+    sets itself, is an InputError."""
+    merged = dict(given)
+    for key in fixed:
+        if key in given:
+            raise InputError(f"--train-set {key}=...: this command sets {key} itself")
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key in given and given[key] != value:
+            raise InputError(f"{key} is given twice: --{key.replace('_', '-')} {value!r} and --train-set "
+                             f"{key}={given[key]!r}")
+        merged[key] = value
+    return merged
 
 
 def check_benchmark_settings(settings: RecipeSettings) -> None:
