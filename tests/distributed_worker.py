@@ -1,7 +1,7 @@
 """Run under ``torchrun``: the loss and gradients of one global batch, saved by rank 0 (tests/test_distributed.py).
 
 Arguments: PHANTOM_FOLDER OUT_FILE; one set of gradients per loss (clip, siglip; siglip with the
-self-supervised two-view term added). The model is built
+self-supervised two-view term added) and one of a self-supervised phase's batch. The model is built
 from the same seed in every process and every run, so a 1-process and a 2-process run see the same
 weights and batch.
 """
@@ -16,6 +16,8 @@ from medvl.data.captions import CaptionConfig
 from medvl.train import distributed
 from medvl.train.loop import ContrastiveObjective, TrainConfig
 
+INDICES = list(range(3, 3 + 11))  # one global batch of 11 rows: shards of 5 and 6
+
 
 def main(folder: str, out_file: str) -> None:
     distributed.init_from_env()
@@ -23,15 +25,14 @@ def main(folder: str, out_file: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for loss in ("clip", "siglip"):
         tensors.update(gradients(dataset, loss))
+    tensors.update(pretraining_gradients(dataset))
     if distributed.is_main():
         save_file(tensors, out_file)
     distributed.shutdown()
     distributed.exit_process(0)  # as `medvl` does: no interpreter teardown, which can abort a gloo rank
 
 
-def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
-    config = TrainConfig(batch_size=12, label_columns=["finding"], supervised_weight=0.5, loss=loss,
-                         text_source="both", self_supervised_weight=0.5 if loss == "siglip" else 0.0)
+def started_objective(dataset, config: TrainConfig) -> ContrastiveObjective:
     torch.manual_seed(0)
     model = medvl.create_model("vit-tiny")  # layer norm only: no per-rank batch statistics
     objective = ContrastiveObjective(model, dataset, config, CaptionConfig())
@@ -40,8 +41,14 @@ def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     objective.model.train()
-    indices = list(range(3, 3 + 11))  # 11 rows: shards of 5 and 6
-    parts = objective.losses(indices, seed=7)
+    return objective
+
+
+def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
+    config = TrainConfig(batch_size=12, label_columns=["finding"], supervised_weight=0.5, loss=loss,
+                         text_source="both", self_supervised_weight=0.5 if loss == "siglip" else 0.0)
+    objective = started_objective(dataset, config)
+    parts = objective.losses(INDICES, seed=7)
     parts["loss"].backward()
     distributed.average_gradients(objective.model)
     tensors = {f"{loss}.grad.{name}": torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
@@ -49,6 +56,21 @@ def gradients(dataset, loss: str) -> dict[str, torch.Tensor]:
     tensors[f"{loss}.contrastive"] = parts["contrastive"].detach().reshape(1)
     if "self_supervised" in parts:  # the two-view loss over the global batch of both views
         tensors[f"{loss}.self_supervised"] = parts["self_supervised"].detach().reshape(1)
+    return tensors
+
+
+def pretraining_gradients(dataset) -> dict[str, torch.Tensor]:
+    """A batch of the self-supervised phase: only the parameters with a gradient (the image tower and the
+    view projection; the text side and the head have none, on every rank)."""
+    config = TrainConfig(batch_size=12, label_columns=["finding"], supervised_weight=0.5, text_source="both",
+                         self_supervised_epochs=1)
+    objective = started_objective(dataset, config)
+    parts = objective.pretraining_losses(INDICES, seed=7)
+    parts["loss"].backward()
+    distributed.average_gradients(objective.model)
+    tensors = {f"pretraining.grad.{name}": p.grad.detach().clone()
+               for name, p in objective.model.named_parameters() if p.requires_grad and p.grad is not None}
+    tensors["pretraining.self_supervised"] = parts["loss"].detach().reshape(1)
     return tensors
 
 

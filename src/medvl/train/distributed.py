@@ -148,11 +148,18 @@ def gather_with_grad(local: torch.Tensor, global_count: int) -> torch.Tensor:
 
 
 def average_gradients(module: torch.nn.Module) -> None:
-    """All-reduce and average the gradients of every trainable parameter (a missing gradient counts as 0)."""
+    """All-reduce and average the gradients of every trainable parameter. A gradient missing on one rank
+    counts as 0; a parameter that has none on any rank (e.g. the text tower in a self-supervised phase) keeps
+    none, so AdamW leaves it alone (no weight decay) as it does in a single process."""
     world = world_size()
     if world == 1:
         return
     params = [p for p in module.parameters() if p.requires_grad]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params])
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    params = [p for p, has in zip(params, has_grad.tolist(), strict=True) if has]
+    if not params:
+        return
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
