@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -534,7 +535,10 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
             DimseClient("127.0.0.1", silent.getsockname()[1], called_aet="PACS", timeout=1).echo()
     result, output = invoke("pacs", "pull", "--url", f"dicom://NOT-THE-PACS@{host_port}", "--calling-aet", MOVE_AET,
                             "--study", uploaded.studies["B"], "--out", tmp_path / "y")
-    assert result.exit_code == 2 and "association rejected" in output and not (tmp_path / "y").exists()
+    # as above: a rejection, or now and then an abort (seen under load); either way the error names the called
+    # AE title to check
+    assert result.exit_code == 2 and not (tmp_path / "y").exists()
+    assert re.search(r"(association rejected|the PACS aborted it).*'NOT-THE-PACS'", output, re.S), output
     for args, problem in ((("--url", uploaded.dicomweb, "--retrieve", "move"), "only apply to DIMSE"),
                           (("--url", uploaded.dimse, "--user", USER), "no user, password"),
                           (("--url", uploaded.dimse, "--retrieve", "move"), "--move-port"),

@@ -204,7 +204,8 @@ class DimseClient:
         except OSError as error:
             return f"cannot connect: {error.strerror or type(error).__name__}"
         return (f"no answer to the association request within {self.timeout:g} s (timeout), or the PACS aborted "
-                f"it (is this its DICOM port, and does the PACS know the calling AE title {self.calling_aet!r}?)")
+                f"it (is this its DICOM port, is its AE title {self.called_aet!r}, and does it know the calling AE "
+                f"title {self.calling_aet!r}?)")
 
     def _status(self, status, what: str) -> int:
         """The status code of a response; ``DataError`` for none (timeout / abort) or a failure."""
