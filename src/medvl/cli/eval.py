@@ -78,12 +78,20 @@ def eval_retrieval(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
     backend: BackendOption = "torch",
+    bridge_data: Annotated[Path | None, typer.Option(
+        help="Re-rank image->text with the captions of the nearest images of this dataset (e.g. the training "
+             "data; never the scored split): JSON key 'bridge'.")] = None,
+    bridge_split: Annotated[str, typer.Option(help="Split of --bridge-data used as the bank.")] = "train",
+    bridge_k: Annotated[int, typer.Option(help="Nearest bank images whose captions vote.")] = 10,
+    bridge_weight: Annotated[float, typer.Option(help="Weight of their vote beside the model's own score.")] = 1.0,
 ) -> None:
     """Image->text and text->image Recall@1/5/10 and median rank."""
     from ..api import evaluate_retrieval
 
     check_outputs(overwrite, json=json_out)
-    result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet, backend=backend)
+    result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet, backend=backend,
+                                bridge_data=bridge_data, bridge_split=bridge_split, bridge_k=bridge_k,
+                                bridge_weight=bridge_weight)
     rows = {}
     for direction in ("image_to_text", "text_to_image"):
         for key, value in result[direction].items():

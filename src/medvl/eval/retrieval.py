@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..checks import check_number
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
@@ -14,15 +16,61 @@ from ..models.dual import DualEncoder
 from .metrics import recall_at_k, retrieval_ranks
 
 
+@dataclass
+class CaptionBridge:
+    """Captions of the nearest bank images as a second vote in image->text ranking (retrieval-augmented,
+    as MMed-RAG retrieves similar cases): for a query image, the ``k`` bank images nearest to it (image
+    embedding cosine) each bring their own caption, and a gallery text scores the mean cosine between those
+    captions and it, in the model's text space. The ranking score is ``z(image-text cosine) + weight x
+    z(that mean)``, ``z`` a standardisation over the gallery per query. The bank is data the model may see
+    (its training images and captions), never the images being scored. docs/benchmarks.md (MedPix) has how
+    it was checked.
+    """
+
+    image_embeddings: torch.Tensor  # (bank, dim), unit norm
+    text_embeddings: torch.Tensor  # (bank, dim), unit norm: each bank image's own caption
+    k: int = 10
+    weight: float = 1.0
+
+    @classmethod
+    def from_dataset(cls, model: DualEncoder, bank: Dataset, k: int = 10, weight: float = 1.0,
+                     show_progress: bool = True) -> CaptionBridge:
+        """The bank's records with a text (images embedded by ``model``, captions by its text tower)."""
+        check_number("bridge k", k, minimum=1, maximum=1000, integer=True)
+        check_number("bridge weight", weight, minimum=0, maximum=1000)
+        records = [r for r in bank if r.text]
+        if len(records) < k:
+            raise InputError(f"{bank.source}: the caption bridge needs at least k={k} records with text, "
+                             f"got {len(records)}")
+        subset = bank.subset(records)
+        return cls(embed_images(model, subset, show_progress=show_progress),
+                   model.encode_texts([r.text or "" for r in records]), k, weight)
+
+    def scores(self, image_emb: np.ndarray, text_emb: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        """The bridged image->text scores of queries ``image_emb`` against gallery ``text_emb`` (their plain
+        cosines: ``similarity``)."""
+        bank_images, bank_texts = self.image_embeddings.numpy(), self.text_embeddings.numpy()
+        nearest = np.argsort(-(image_emb @ bank_images.T), axis=1, kind="stable")[:, :self.k]
+        votes = bank_texts[nearest].mean(axis=1) @ text_emb.T  # the mean of the cosines = cosine with the mean
+        return _standardise(similarity) + self.weight * _standardise(votes)
+
+
+def _standardise(scores: np.ndarray) -> np.ndarray:
+    spread = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
+
+
 def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 10),
               show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
-              keep_ranks: bool = False) -> dict:
+              keep_ranks: bool = False, bridge: CaptionBridge | None = None) -> dict:
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     Identical texts (several images of one case sharing a caption) are merged into one gallery
     entry; an image's query counts as a hit at the rank of its own text, and a text's query at the
     best rank of any of its images. ``image_embeddings`` (aligned with ``dataset``) skips embedding.
-    ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block.
+    ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
+    re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
+    stays the plain cosine ranking), and the result gets a ``bridge`` block with its settings.
     """
     with_text = [i for i, r in enumerate(dataset) if r.text]
     records = [dataset[i] for i in with_text]
@@ -43,9 +91,12 @@ def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 1
         image_emb = embed_images(model, subset, show_progress=show_progress).numpy()
     text_emb = model.encode_texts(texts).numpy()
     similarity = image_emb @ text_emb.T
-    i2t = retrieval_ranks(similarity, image_to_text)
+    i2t_scores = similarity if bridge is None else bridge.scores(image_emb, text_emb, similarity)
+    i2t = retrieval_ranks(i2t_scores, image_to_text)
     t2i = retrieval_ranks(similarity.T, text_to_images)
     result: dict = {"n_images": len(records), "n_texts": len(texts)}
+    if bridge is not None:
+        result["bridge"] = {"k": bridge.k, "weight": bridge.weight, "bank": len(bridge.image_embeddings)}
     for name, ranks, gallery in (("image_to_text", i2t, len(texts)), ("text_to_image", t2i, len(records))):
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
                         "mean_rank": float(ranks.mean()),
