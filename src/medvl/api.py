@@ -183,28 +183,38 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     return result
 
 
-def evaluate_retrieval(model: PathLike, data: PathLike, split: str = "test", allow_outside_root: bool = False,
-                       show_progress: bool = True, backend: str = "torch", bridge_data: PathLike | None = None,
-                       bridge_split: str = "train", bridge_k: int = 10, bridge_weight: float = 1.0) -> dict:
+def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, split: str = "test",
+                       allow_outside_root: bool = False, show_progress: bool = True, backend: str = "torch",
+                       bridge_data: PathLike | None = None, bridge_split: str = "train", bridge_k: int = 10,
+                       bridge_weight: float = 1.0) -> dict:
     """``eval.retrieval`` (image->text and text->image recall) on a saved model (run on ``backend``) and
     a dataset path. ``bridge_data`` (its ``bridge_split``) is the bank of a ``CaptionBridge`` for
-    image->text: other images than the scored ones, e.g. the training split."""
+    image->text: other images than the scored ones, e.g. the training split. A list of several model
+    folders is scored as an ensemble (``eval.retrieval``: standardised scores averaged), each member with
+    its own bridge; ``model`` in the result is then the list."""
     from .eval import retrieval
     from .eval.retrieval import CaptionBridge
     from .models.registry import load_model
 
+    paths = [model] if isinstance(model, (str, Path)) else list(model)
+    if not paths:
+        raise InputError("retrieval needs at least one model")
+    if len({Path(p).resolve() for p in paths}) < len(paths):
+        raise InputError("the same model folder is given twice: an ensemble's members must differ")
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    loaded = load_model(model, backend=backend)
-    bridge = None
+    members = [load_model(p, backend=backend) for p in paths]
+    bridges = None
     if bridge_data is not None:
         bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root)
-        bridge = CaptionBridge.from_dataset(loaded, bank, bridge_k, bridge_weight, show_progress=show_progress)
-    result = retrieval(loaded, dataset, show_progress=show_progress, bridge=bridge)
-    return {**result, "model": str(model), "data": str(data), "split": split,
-            **({"bridge_data": str(bridge_data), "bridge_split": bridge_split} if bridge is not None else {})}
+        bridges = [CaptionBridge.from_dataset(member, bank, bridge_k, bridge_weight, show_progress=show_progress)
+                   for member in members]
+    result = retrieval(members, dataset, show_progress=show_progress, bridge=bridges)
+    return {**result, "model": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "data": str(data),
+            "split": split,
+            **({"bridge_data": str(bridge_data), "bridge_split": bridge_split} if bridges is not None else {})}
 
 
 def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: PathLike, train_split: str = "train",

@@ -70,7 +70,9 @@ def _print_calibration(block: dict) -> None:
 @eval_app.command("retrieval")
 @handle_errors
 def eval_retrieval(
-    model: Annotated[Path, typer.Option(help="Trained model folder.")],
+    model: Annotated[list[Path], typer.Option(
+        help="Trained model folder; repeat it to score an ensemble (e.g. one recipe trained with several "
+             "seeds: each model's scores standardised per query and averaged; JSON key 'ensemble').")],
     data: Annotated[Path, typer.Option(help="Dataset path (records need text).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     json_out: JsonOption = None,
@@ -85,7 +87,7 @@ def eval_retrieval(
     bridge_k: Annotated[int, typer.Option(help="Nearest bank images whose captions vote.")] = 10,
     bridge_weight: Annotated[float, typer.Option(help="Weight of their vote beside the model's own score.")] = 1.0,
 ) -> None:
-    """Image->text and text->image Recall@1/5/10 and median rank."""
+    """Image->text and text->image Recall@1/5/10 and median rank, of one model or an ensemble."""
     from ..api import evaluate_retrieval
 
     check_outputs(overwrite, json=json_out)
@@ -97,7 +99,8 @@ def eval_retrieval(
         for key, value in result[direction].items():
             if key != "chance":
                 rows[f"{direction} {key}"] = value
-    print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts)", rows)
+    members = f", {result['ensemble']['members']} models" if "ensemble" in result else ""
+    print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts{members})", rows)
     emit_json(result, json_out, overwrite)
 
 

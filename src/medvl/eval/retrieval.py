@@ -15,6 +15,8 @@ from ..errors import InputError
 from ..models.dual import DualEncoder
 from .metrics import recall_at_k, retrieval_ranks
 
+BRIDGE_CHUNK = 256  # queries whose bank similarities are held at once
+
 
 @dataclass
 class CaptionBridge:
@@ -48,10 +50,17 @@ class CaptionBridge:
 
     def scores(self, image_emb: np.ndarray, text_emb: np.ndarray, similarity: np.ndarray) -> np.ndarray:
         """The bridged image->text scores of queries ``image_emb`` against gallery ``text_emb`` (their plain
-        cosines: ``similarity``)."""
+        cosines: ``similarity``). Queries go in chunks, so memory grows with the chunk times the bank, not
+        with all queries times the bank."""
         bank_images, bank_texts = self.image_embeddings.numpy(), self.text_embeddings.numpy()
-        nearest = np.argsort(-(image_emb @ bank_images.T), axis=1, kind="stable")[:, :self.k]
-        votes = bank_texts[nearest].mean(axis=1) @ text_emb.T  # the mean of the cosines = cosine with the mean
+        k = min(self.k, len(bank_images))
+        votes = np.empty_like(similarity)
+        for start in range(0, len(image_emb), BRIDGE_CHUNK):
+            near = -(image_emb[start:start + BRIDGE_CHUNK] @ bank_images.T)
+            nearest = near.argsort(axis=1, kind="stable") if k == len(bank_images) else np.argpartition(
+                near, k - 1, axis=1)
+            # the mean of the k cosines = the cosine with the mean of the k captions
+            votes[start:start + BRIDGE_CHUNK] = bank_texts[nearest[:, :k]].mean(axis=1) @ text_emb.T
         return _standardise(similarity) + self.weight * _standardise(votes)
 
 
@@ -60,9 +69,9 @@ def _standardise(scores: np.ndarray) -> np.ndarray:
     return (scores - scores.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
 
 
-def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 10),
-              show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
-              keep_ranks: bool = False, bridge: CaptionBridge | None = None) -> dict:
+def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: Sequence[int] = (1, 5, 10),
+              show_progress: bool = True, image_embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
+              keep_ranks: bool = False, bridge: CaptionBridge | Sequence[CaptionBridge] | None = None) -> dict:
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     Identical texts (several images of one case sharing a caption) are merged into one gallery
@@ -71,7 +80,14 @@ def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 1
     ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
     re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
     stays the plain cosine ranking), and the result gets a ``bridge`` block with its settings.
+
+    ``model`` may be a list of models (an ensemble, e.g. one recipe trained with several seeds): each
+    member's scores are standardised over the gallery per query and averaged, and the result gets an
+    ``ensemble`` block. ``image_embeddings`` and ``bridge`` are then lists with one entry per member.
     """
+    members: list[DualEncoder] = list(model) if isinstance(model, Sequence) else [model]
+    embeddings = _per_member("image_embeddings", image_embeddings, len(members))
+    bridges = _per_member("bridge", bridge, len(members))
     with_text = [i for i, r in enumerate(dataset) if r.text]
     records = [dataset[i] for i in with_text]
     if len(records) < 2:
@@ -83,20 +99,30 @@ def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 1
     for i, record in enumerate(records):
         text_to_images[text_index[record.text]].append(i)
     subset = dataset.subset(records)
-    if image_embeddings is not None:
-        if len(image_embeddings) != len(dataset):
-            raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
-        image_emb = image_embeddings[with_text].numpy()
+    scores: list[tuple[np.ndarray, np.ndarray]] = []  # per member: (image->text, text->image)
+    for member, given, member_bridge in zip(members, embeddings, bridges, strict=True):
+        if given is not None:
+            if len(given) != len(dataset):
+                raise InputError(f"{len(given)} embeddings for {len(dataset)} records")
+            image_emb = given[with_text].numpy()
+        else:
+            image_emb = embed_images(member, subset, show_progress=show_progress).numpy()
+        text_emb = member.encode_texts(texts).numpy()
+        similarity = image_emb @ text_emb.T
+        scores.append((similarity if member_bridge is None else member_bridge.scores(image_emb, text_emb, similarity),
+                       similarity.T))
+    if len(scores) == 1:
+        i2t_scores, t2i_scores = scores[0]
     else:
-        image_emb = embed_images(model, subset, show_progress=show_progress).numpy()
-    text_emb = model.encode_texts(texts).numpy()
-    similarity = image_emb @ text_emb.T
-    i2t_scores = similarity if bridge is None else bridge.scores(image_emb, text_emb, similarity)
+        i2t_scores = np.mean([_standardise(i2t) for i2t, _ in scores], axis=0)
+        t2i_scores = np.mean([_standardise(t2i) for _, t2i in scores], axis=0)
     i2t = retrieval_ranks(i2t_scores, image_to_text)
-    t2i = retrieval_ranks(similarity.T, text_to_images)
+    t2i = retrieval_ranks(t2i_scores, text_to_images)
     result: dict = {"n_images": len(records), "n_texts": len(texts)}
-    if bridge is not None:
-        result["bridge"] = {"k": bridge.k, "weight": bridge.weight, "bank": len(bridge.image_embeddings)}
+    if len(members) > 1:
+        result["ensemble"] = {"members": len(members), "combined": "mean of per-query standardised scores"}
+    if bridges[0] is not None:
+        result["bridge"] = {"k": bridges[0].k, "weight": bridges[0].weight, "bank": len(bridges[0].image_embeddings)}
     for name, ranks, gallery in (("image_to_text", i2t, len(texts)), ("text_to_image", t2i, len(records))):
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
                         "mean_rank": float(ranks.mean()),
@@ -107,6 +133,21 @@ def retrieval(model: DualEncoder, dataset: Dataset, ks: Sequence[int] = (1, 5, 1
         for k in ks:
             result[f"{short}_R@{k}"] = result[direction][f"R@{k}"]
     return result
+
+
+def _per_member(name: str, value, members: int) -> list:
+    """``value`` as one entry per ensemble member: a list of that length for an ensemble, a single value
+    (or None) for one model, None for every member."""
+    if value is None:
+        return [None] * members
+    if members == 1 and not isinstance(value, (list, tuple)):
+        return [value]
+    if not isinstance(value, (list, tuple)) or len(value) != members:
+        raise InputError(f"retrieval with {members} models needs one {name} per model, got "
+                         f"{len(value) if isinstance(value, (list, tuple)) else 'one'}")
+    if any(v is None for v in value) and any(v is not None for v in value):
+        raise InputError(f"{name} is given for some ensemble members and not others")
+    return list(value)
 
 
 def _chance_recall(k: int, gallery: int, direction: str, text_to_images: list[list[int]]) -> float:
