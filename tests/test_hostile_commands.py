@@ -173,6 +173,8 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--train-set", "self_supervised_epoch=2"], "unknown train config keys: ['self_supervised_epoch']"),
     (["--train-set", "epochs=3"], "epochs is given twice: --epochs 1 and --train-set epochs=3"),
     (["--train-set", "epochs"], "--train-set expects key=value"),
+    (["--label-column", "finding", "--train-set", 'label_columns=["view"]'],
+     "label_columns is given twice: --label-column ['finding'] and --train-set label_columns=['view']"),
     (["--checkpoint-every", -5], "checkpoint_every"),
     (["--seed", -1], "seed"),
     (["--set", "image.image_size=100000"], "image.image_size"),

@@ -117,6 +117,9 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
     return settings
 
 
+NAMED_FLAGS = {"label_columns": "--label-column"}  # a TrainConfig field whose option is not --<field>
+
+
 def merge_train_options(named: dict[str, Any], given: dict[str, Any], fixed: Sequence[str] = ()) -> dict[str, Any]:
     """``TrainConfig`` options from a command's named options (None = not given) and from ``given``
     (``--train-set key=value``); a field set both ways with two values, or a ``fixed`` field the command
@@ -129,8 +132,8 @@ def merge_train_options(named: dict[str, Any], given: dict[str, Any], fixed: Seq
         if value is None:
             continue
         if key in given and given[key] != value:
-            raise InputError(f"{key} is given twice: --{key.replace('_', '-')} {value!r} and --train-set "
-                             f"{key}={given[key]!r}")
+            flag = NAMED_FLAGS.get(key, f"--{key.replace('_', '-')}")
+            raise InputError(f"{key} is given twice: {flag} {value!r} and --train-set {key}={given[key]!r}")
         merged[key] = value
     return merged
 
