@@ -4,7 +4,9 @@ Runs the recipe documented in docs/benchmarks.md through the Python API (``medvl
 ``medvl.retrieval``, ``medvl.zero_shot``) and prints every figure beside its random-chance figure:
 
 - image->text and text->image Recall@1/5/10 among all captions of the test split (identical
-  captions of one case merged into one gallery entry; chance = ``result[direction]["chance"]``);
+  captions of one case merged into one gallery entry; chance = ``result[direction]["chance"]``), and
+  image->text again with the caption bridge over the training images (``medvl eval retrieval
+  --bridge-data``, its default setting; ``result["retrieval_bridged"]``);
 - zero-shot accuracy, balanced accuracy and macro AUC for ``modality``, ``plane`` and
   ``location_category`` from the prompts of the recipe's caption set (``medpix``, shipped as
   ``medvl/models/configs/captions/medpix.yaml``; chance: the
@@ -38,6 +40,7 @@ import medvl
 from medvl.api import parse_overrides, train_options
 from medvl.data import Dataset, captions_for
 from medvl.embed import embed_images
+from medvl.eval.retrieval import CaptionBridge
 from medvl.io import write_json
 from medvl.train.recipes import RecipeSettings, resolve_recipe, train_recipe
 
@@ -83,7 +86,8 @@ def train_model(train_set: Dataset, settings: RecipeSettings, out: Path,
     model = train_recipe(settings, train_set, out, show_progress=show_progress, on_epoch_end=sample_load)
     cost = {"train_seconds": round(time.perf_counter() - started, 1),
             "train_cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
-            "load_average_1min_per_epoch": loads, "load_average_1min_mean": round(sum(loads) / len(loads), 2)}
+            "load_average_1min_per_epoch": loads,
+            "load_average_1min_mean": round(sum(loads) / len(loads), 2) if loads else None}
     return model, cost
 
 
@@ -104,13 +108,18 @@ def zero_shot_tasks(test_set: Dataset) -> dict[str, tuple[str, list[int], list[s
             "location_category": ("location_category", every, None)}
 
 
-def evaluate(model: medvl.DualEncoder, test_set: Dataset, show_progress: bool) -> dict:
+def evaluate(model: medvl.DualEncoder, test_set: Dataset, bank: Dataset, show_progress: bool) -> dict:
     """Retrieval among all test captions and zero-shot per label, images embedded once; the prompts
-    are the captions the model was trained with (as ``medvl eval zero-shot`` picks them)."""
+    are the captions the model was trained with (as ``medvl eval zero-shot`` picks them). Image->text is
+    scored plainly and again with the caption bridge over ``bank`` (the training images; its defaults, as
+    ``medvl eval retrieval --bridge-data``)."""
     captions = captions_for(test_set, model=model)
     image_embeddings = embed_images(model, test_set, show_progress=show_progress)
-    result = {"retrieval": medvl.retrieval(model, test_set, image_embeddings=image_embeddings,
-                                           show_progress=False), "zero_shot": {}}
+    bridge = CaptionBridge.from_dataset(model, bank, show_progress=show_progress)
+    result = {"retrieval": medvl.retrieval(model, test_set, image_embeddings=image_embeddings, show_progress=False),
+              "retrieval_bridged": medvl.retrieval(model, test_set, image_embeddings=image_embeddings,
+                                                   show_progress=False, bridge=bridge),
+              "zero_shot": {}}
     for task, (label, rows, classes) in zero_shot_tasks(test_set).items():
         subset = test_set.subset([test_set[i] for i in rows])
         result["zero_shot"][task] = medvl.zero_shot(model, subset, label, captions=captions, classes=classes,
@@ -126,6 +135,10 @@ def markdown_table(result: dict) -> str:
         for key, chance in retrieval[direction]["chance"].items():
             lines.append(f"| {name} ({retrieval['n_images']} images, {retrieval['n_texts']} captions) | {key} "
                          f"| {retrieval[direction][key]:.3f} | {chance:.3f} |")
+    bridged = result["retrieval_bridged"]
+    for key, chance in bridged["image_to_text"]["chance"].items():
+        lines.append(f"| image->text, caption bridge (k {bridged['bridge']['k']}, {bridged['bridge']['bank']} "
+                     f"training images) | {key} | {bridged['image_to_text'][key]:.3f} | {chance:.3f} |")
     for task, scores in result["zero_shot"].items():
         where = f"{task} zero-shot ({scores['n']} images, {len(scores['classes'])} classes)"
         lines.append(f"| {where} | accuracy | {scores['accuracy']:.3f} | {scores['chance_accuracy']:.3f} (majority) |")
@@ -143,6 +156,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold-out", type=float, default=0.0,
                         help="Score a seeded random fraction of the train split's cases instead of the "
                              "test split (trained on the rest): for choosing the recipe.")
+    parser.add_argument("--hold-out-seed", type=int, default=None,
+                        help="Seed that draws the --hold-out cases (default: the training seed); fixing it "
+                             "trains several seeds on one split.")
     parser.add_argument("--out", type=Path, default=Path("medpix-benchmark"),
                         help="Output folder: model/, metrics.jsonl, results.json.")
     parser.add_argument("--epochs", type=int, default=None, help="Default: the recipe's.")
@@ -182,20 +198,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} exists and is not empty; pass a new --out")
+    if args.hold_out_seed is not None and args.hold_out <= 0:
+        parser.error("--hold-out-seed needs --hold-out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
     dataset = medvl.load_dataset(args.data)
     train_set = dataset.select(args.train_split)
     settings = settings_for(args)
-    seed = settings.train.seed
+    seed = settings.train.seed if args.hold_out_seed is None else args.hold_out_seed
     if args.hold_out > 0:
         train_set, test_set = hold_out_cases(train_set, args.hold_out, seed)
         scored = f"{args.train_split} (held-out {args.hold_out:.0%} of cases, seed {seed})"
     else:
         test_set, scored = dataset.select(args.test_split), args.test_split
     model, cost = train_model(train_set, settings, args.out, show_progress=not args.quiet)
-    result = evaluate(model, test_set, show_progress=not args.quiet)
+    result = evaluate(model, test_set, train_set, show_progress=not args.quiet)
     result.update(
         data=str(args.data), train=f"{args.train_split} ({len(train_set)} images)",
         test=f"{scored} ({len(test_set)} images)", recipe=settings.to_dict(), **cost,
@@ -203,9 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
         machine={"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
     print(f"\nMedPix 2.0: trained on {result['train']}, scored on {result['test']}\n")
     print(markdown_table(result))
+    load = cost["load_average_1min_mean"]
     print(f"\ntrain time {cost['train_seconds'] / 60:.1f} min wall, {cost['train_cpu_seconds'] / 60:.1f} min CPU "
           f"({settings.train.epochs} epochs), peak RSS {result['peak_rss_mb']} MB; mean 1-min load average during "
-          f"training {cost['load_average_1min_mean']:.1f} on {os.cpu_count()} CPUs")
+          f"training {'not sampled (no epoch ended)' if load is None else f'{load:.1f}'} on {os.cpu_count()} CPUs")
     write_json(args.out / "results.json", result)
     return result
 
