@@ -77,7 +77,8 @@ def test_cli_scores_several_model_folders_as_one_ensemble(phantom_dir, tmp_path)
     result, output = invoke("eval", "retrieval", "--model", runs[0], "--model", runs[1], "--data", phantom_dir,
                             "--split", "test", "--bridge-data", phantom_dir, "--json", tmp_path / "r.json", "-q")
     assert result.exit_code == 0, output
-    assert "2 models" in output
+    title = " ".join(output.split())  # the table title wraps at the terminal width
+    assert "2 models" in title and "image->text bridged by 10 of" in title
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["model"] == [str(r) for r in runs] and saved["ensemble"]["members"] == 2
     assert saved["bridge"]["k"] == 10 and 0 <= saved["i2t_R@5"] <= 1

@@ -99,8 +99,12 @@ def eval_retrieval(
         for key, value in result[direction].items():
             if key != "chance":
                 rows[f"{direction} {key}"] = value
-    members = f", {result['ensemble']['members']} models" if "ensemble" in result else ""
-    print_metrics(f"retrieval ({result['n_images']} images, {result['n_texts']} distinct texts{members})", rows)
+    scored = [f"{result['n_images']} images", f"{result['n_texts']} distinct texts"]
+    if "ensemble" in result:
+        scored.append(f"{result['ensemble']['members']} models")
+    if "bridge" in result:
+        scored.append(f"image->text bridged by {result['bridge']['k']} of {result['bridge']['bank']} bank images")
+    print_metrics(f"retrieval ({', '.join(scored)})", rows)
     emit_json(result, json_out, overwrite)
 
 
