@@ -57,8 +57,7 @@ class CaptionBridge:
         votes = np.empty_like(similarity)
         for start in range(0, len(image_emb), BRIDGE_CHUNK):
             near = -(image_emb[start:start + BRIDGE_CHUNK] @ bank_images.T)
-            nearest = near.argsort(axis=1, kind="stable") if k == len(bank_images) else np.argpartition(
-                near, k - 1, axis=1)
+            nearest = np.argpartition(near, k - 1, axis=1)  # the k nearest first, in no particular order
             # the mean of the k cosines = the cosine with the mean of the k captions
             votes[start:start + BRIDGE_CHUNK] = bank_texts[nearest[:, :k]].mean(axis=1) @ text_emb.T
         return _standardise(similarity) + self.weight * _standardise(votes)
