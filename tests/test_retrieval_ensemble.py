@@ -63,6 +63,8 @@ def test_each_member_takes_its_own_bridge(members_and_test):
         medvl.retrieval(members, test, show_progress=False, bridge=bridges[0])
     with pytest.raises(InputError, match="some ensemble members and not others"):
         medvl.retrieval(members, test, show_progress=False, bridge=[bridges[0], None])
+    with pytest.raises(InputError, match="at least one model"):
+        medvl.retrieval([], test, show_progress=False)
     with pytest.raises(InputError, match="one image_embeddings per model"):
         medvl.retrieval(members, test, show_progress=False, image_embeddings=[torch.zeros(len(test), 8)])
 

@@ -197,8 +197,6 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     from .models.registry import load_model
 
     paths = [model] if isinstance(model, (str, Path)) else list(model)
-    if not paths:
-        raise InputError("retrieval needs at least one model")
     if len({Path(p).resolve() for p in paths}) < len(paths):
         raise InputError("the same model folder is given twice: an ensemble's members must differ")
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:

@@ -85,6 +85,8 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     ``ensemble`` block. ``image_embeddings`` and ``bridge`` are then lists with one entry per member.
     """
     members: list[DualEncoder] = list(model) if isinstance(model, Sequence) else [model]
+    if not members:
+        raise InputError("retrieval needs at least one model")
     embeddings = _per_member("image_embeddings", image_embeddings, len(members))
     bridges = _per_member("bridge", bridge, len(members))
     with_text = [i for i, r in enumerate(dataset) if r.text]
