@@ -46,6 +46,28 @@ def test_crops_cover_at_least_the_minimum_area_inside_the_image():
     assert not torch.equal(crops, random_resized_crop(_ramp(300, axis=-1), min_area, seed=4))
 
 
+
+def test_augment_crop_zooms_in_while_training_and_never_when_scoring():
+    """``image.augment_crop``: the training augmentation ends with a random resized crop, seeded; without it
+    the same augmentation keeps the whole ramp in view; loading for scoring is the same either way."""
+    from medvl.models.config import ImageConfig
+    from medvl.models.preprocess import ImagePreprocessor
+
+    ramp = _ramp(200)
+    cropping = ImagePreprocessor(ImageConfig(image_size=64, in_channels=1, augment_crop=0.3))
+    plain = ImagePreprocessor(ImageConfig(image_size=64, in_channels=1))
+    cropped, whole = _span(cropping.augment(ramp, seed=5), -1), _span(plain.augment(ramp, seed=5), -1)
+    assert whole.min() > 0.85  # the affine jitter alone zooms in by 10 % at most
+    assert cropped.median() < 0.85 and cropped.min() > math.sqrt(0.3 * 0.75) - 0.1  # within the smallest box
+    assert (cropped < whole - 0.05).float().mean() > 0.5
+    assert torch.equal(cropping.augment(ramp, seed=5), cropping.augment(ramp, seed=5))
+    image = (torch.rand(40, 52, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    assert torch.equal(cropping.load(image), plain.load(image))
+    for value in (-0.1, 0.01, 1.5):
+        with pytest.raises(medvl.InputError, match="augment_crop"):
+            ImageConfig(augment_crop=value).validate()
+    ImageConfig(augment_crop=0.35).validate()
+
 def test_full_area_is_the_image_and_volumes_get_cubes():
     batch = torch.rand(4, 3, 32, 32)
     assert torch.equal(random_resized_crop(batch, 1.0, seed=0), batch)

@@ -43,6 +43,9 @@ class ImageConfig:
     # all 8 orientations of the square); only for images with no orientation (dermoscopy, histology)
     augment_color: float = 0.0  # RGB colour jitter strength s in [0, 0.9]: brightness, contrast and
     # saturation factors in [1 - s, 1 + s], hue rotated by up to s / 4 of a turn; 0 = off; 3 channels only
+    augment_crop: float = 0.0  # random resized crop while training (2D and 3D): each image cropped to a box of a
+    # share of its area drawn from [this value, 1] (aspect 3/4-4/3 in 2D, cubes in 3D) and resized back to
+    # image_size, after the other augmentation; e.g. 0.35; 0 = off. Scoring always sees the whole image
     test_time_orientations: int = 1  # inference only (2D): backbone features averaged over this many
     # orientations of the image: 1 = as given, 2 = + its horizontal mirror, 4 = the four 90-degree rotations,
     # 8 = all eight (rotations x mirror); for images with no orientation (dermoscopy, histology); costs as
@@ -95,6 +98,10 @@ class ImageConfig:
         check_number("image.color_constancy", self.color_constancy, minimum=0, maximum=20)
         check_number("image.augment_color", self.augment_color, minimum=0, maximum=0.9)
         check_number("image.percentile_scaling", self.percentile_scaling, minimum=0, maximum=25)
+        check_number("image.augment_crop", self.augment_crop, minimum=0, maximum=1)
+        if 0 < self.augment_crop < 0.05:
+            raise InputError(f"image.augment_crop is the smallest share of the image a crop keeps: 0 (off) or "
+                             f"0.05-1, got {self.augment_crop}")
         if self.percentile_scaling and self.spatial_dims != 2:
             raise InputError("image.percentile_scaling is for 2D images (spatial_dims 2)")
         if (self.color_constancy or self.augment_color) and self.in_channels != 3:

@@ -9,10 +9,11 @@ slab to ``(depth, image_size, image_size)``, so memory stays bounded for large C
 augmentation: small affine jitter, contrast and noise; flips only when the config allows
 (laterality matters on chest X-rays); for RGB images with no orientation (dermoscopy) the config
 may add rotations by multiples of 90 degrees with vertical flips (``augment_rot90``) and colour
-jitter (``augment_color``). ``color_constancy`` applies Shades of Gray colour constancy at load,
-and ``percentile_scaling`` stretches each image between two of its own intensity percentiles, so
-training and scoring see the same corrected colours and exposures; at inference the model may average its
-features over ``test_time_orientations`` orientations (``orientations``).
+jitter (``augment_color``); any config may add random resized crops (``augment_crop``).
+``color_constancy`` applies Shades of Gray colour constancy at load, and ``percentile_scaling``
+stretches each image between two of its own intensity percentiles, so training and scoring see the
+same corrected colours and exposures; at inference the model may average its features over
+``test_time_orientations`` orientations (``orientations``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..data.record import ImageSource
 from ..errors import DataError
 from .config import ImageConfig
 from .volumes import load_volume
+
+CROP_SEED = 104_729  # offset of the random resized crop's seed from the batch's augmentation seed
 
 
 class ImagePreprocessor:
@@ -72,9 +75,13 @@ class ImagePreprocessor:
         if self._augment is None:
             return batch
         if isinstance(self._augment, _VolumeAugment):
-            return self._augment(batch, seed)
-        self._augment.set_random_state(seed=seed % (2**32))
-        return torch.stack([torch.as_tensor(self._augment(item)) for item in batch])
+            batch = self._augment(batch, seed)
+        else:
+            self._augment.set_random_state(seed=seed % (2**32))
+            batch = torch.stack([torch.as_tensor(self._augment(item)) for item in batch])
+        if 0 < self.config.augment_crop < 1:
+            batch = random_resized_crop(batch, self.config.augment_crop, seed + CROP_SEED)
+        return batch
 
     def _intensities(self, array: np.ndarray, source) -> torch.Tensor:
         """(C, *spatial) in [0, 1]: one channel per window for modality values, else scaled and converted."""
