@@ -1,5 +1,5 @@
-"""The self-supervised term of training (SLIP-style SimCLR): the second view's random crops, the NT-Xent
-loss, and a run that learns from it."""
+"""The self-supervised term of training (SLIP-style SimCLR): the second view's random crops (also the
+``image.augment_crop`` augmentation), the NT-Xent loss, and a run that learns from it."""
 
 import itertools
 import json
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import medvl
+from medvl.models.config import ImageConfig
 from medvl.models.losses import nt_xent_loss
-from medvl.models.preprocess import random_resized_crop
+from medvl.models.preprocess import ImagePreprocessor, random_resized_crop
 from medvl.train.loop import TrainConfig, _phased_warmup_cosine
 
 
@@ -46,13 +47,9 @@ def test_crops_cover_at_least_the_minimum_area_inside_the_image():
     assert not torch.equal(crops, random_resized_crop(_ramp(300, axis=-1), min_area, seed=4))
 
 
-
 def test_augment_crop_zooms_in_while_training_and_never_when_scoring():
     """``image.augment_crop``: the training augmentation ends with a random resized crop, seeded; without it
     the same augmentation keeps the whole ramp in view; loading for scoring is the same either way."""
-    from medvl.models.config import ImageConfig
-    from medvl.models.preprocess import ImagePreprocessor
-
     ramp = _ramp(200)
     cropping = ImagePreprocessor(ImageConfig(image_size=64, in_channels=1, augment_crop=0.3))
     plain = ImagePreprocessor(ImageConfig(image_size=64, in_channels=1))
@@ -67,6 +64,7 @@ def test_augment_crop_zooms_in_while_training_and_never_when_scoring():
         with pytest.raises(medvl.InputError, match="augment_crop"):
             ImageConfig(augment_crop=value).validate()
     ImageConfig(augment_crop=0.35).validate()
+
 
 def test_full_area_is_the_image_and_volumes_get_cubes():
     batch = torch.rand(4, 3, 32, 32)
