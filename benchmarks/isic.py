@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            cv["auc_pooled"])
         rows[f"medvl {MODEL} zero-shot"] = _row([[f["zero_shot_auc"] for f in r["folds"]] for r in cv["repeats"]],
                                                 None)
+        rows[f"medvl {MODEL} linear probe"] = _row([[f["probe_auc"] for f in r["folds"]] for r in cv["repeats"]],
+                                                   cv["probe_auc_pooled"])
         result.update(cv=cv, recipe={"model": MODEL, "overrides": cv["overrides"], "train": cv["train"]})
     print(f"\n{LABEL}: {', '.join(f'{c} {int((y == i).sum())}' for i, c in enumerate(classes))}; "
           f"{args.folds}-fold stratified CV, seeds {seeds}; AUC (positive class: melanoma)\n")

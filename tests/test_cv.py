@@ -59,8 +59,10 @@ def test_bench_cv_end_to_end(isic_subset, tmp_path):
     assert result.exit_code == 0, output
     assert "auc" in output
     metrics = json.loads(out.read_text())
-    for key in ("auc", "auc_std", "acc", "balanced_accuracy", "zero_shot_auc"):
+    for key in ("auc", "auc_std", "acc", "balanced_accuracy", "zero_shot_auc", "probe_auc", "probe_auc_std",
+                "probe_balanced_accuracy", "probe_auc_pooled"):
         assert isinstance(metrics[key], float) and 0 <= metrics[key] <= 1, key
+    assert "linear-probe auc" in output
     assert metrics["classes"] == ["melanoma", "nevus"]
     assert [f["n_test"] for f in metrics["folds"]] == [20, 20]
     ids = [set(f["test_ids"]) for f in metrics["folds"]]
@@ -157,14 +159,45 @@ def test_an_ensemble_fold_averages_members_trained_with_their_own_seeds(isic_sub
     train, test = make_folds(class_targets(dataset, "diagnosis", classes), 2, seed=0)[1]
     settings = cv_settings("phantom-tiny", "diagnosis", seed=2, epochs=1, batch_size=16, ensemble=2)
     settings.captions = captions_for(dataset, settings.captions)
-    both, both_scores = _run_fold(dataset, "diagnosis", classes, train, test, settings, 1, False)
-    alone = []
+    both, both_scores, both_probe = _run_fold(dataset, "diagnosis", classes, train, test, settings, 1, False)
+    alone, alone_probe = [], []
     for seed in (2, 2 + MEMBER_SEED_STRIDE // 100):  # fold 1, member 0 and 1: 201 and 10201
         single = dataclasses.replace(settings, ensemble=1, train=dataclasses.replace(settings.train, seed=seed))
-        alone.append(_run_fold(dataset, "diagnosis", classes, train, test, single, 1, False)[1])
+        _, scores, probe = _run_fold(dataset, "diagnosis", classes, train, test, single, 1, False)
+        alone.append(scores)
+        alone_probe.append(probe)
     assert not np.allclose(alone[0], alone[1])  # the members differ
     np.testing.assert_allclose(both_scores, (alone[0] + alone[1]) / 2, atol=1e-6)
     assert both["probabilities"] == np.round(both_scores, 5).tolist()
+    np.testing.assert_allclose(both_probe, (alone_probe[0] + alone_probe[1]) / 2, atol=1e-6)
+
+
+def test_the_fold_probe_is_the_linear_probe_a_user_runs_on_a_trained_model(isic_subset, tmp_path):
+    """The CV's linear-probe column scores a fold as ``medvl eval linear-probe`` scores new images with a
+    model trained on the training folds: the same classifier on the same features, fitted on every
+    training-fold record."""
+    from medvl.bench.cv import _probe, cv_settings
+    from medvl.data import captions_for, load_dataset
+    from medvl.eval.head import class_targets
+    from medvl.eval.linear_probe import linear_probe
+    from medvl.eval.metrics import classification_metrics
+    from medvl.train.recipes import train_recipe
+
+    dataset = load_dataset(isic_subset, label_columns=["diagnosis"], allow_outside_root=True)
+    classes = ["melanoma", "nevus"]
+    train, test = make_folds(class_targets(dataset, "diagnosis", classes), 2, seed=0)[0]
+    train_set = dataset.subset([dataset[int(i)] for i in train])
+    test_set = dataset.subset([dataset[int(i)] for i in test])
+    settings = cv_settings("phantom-tiny", "diagnosis", seed=4, epochs=2, batch_size=16)
+    settings.captions = captions_for(dataset, settings.captions)
+    model = train_recipe(settings, train_set, tmp_path, show_progress=False)
+    y_test = class_targets(test_set, "diagnosis", classes)
+    fold = _probe(model, train_set, class_targets(train_set, "diagnosis", classes), test_set, y_test, classes)
+    user = linear_probe(model, train_set, test_set, "diagnosis", few_shot=(), show_progress=False, keep_scores=True)
+    assert user["classes"] == classes and user["y_true"] == y_test.tolist()
+    np.testing.assert_allclose(fold, user["probabilities"], atol=1e-9)
+    assert fold.shape == (20, 2) and np.allclose(fold.sum(1), 1)
+    assert classification_metrics(y_test, fold, classes)["macro_auc"] == pytest.approx(user["auc"])
 
 
 def test_bench_cv_ensemble_option(isic_subset, tmp_path):

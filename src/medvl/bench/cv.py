@@ -10,7 +10,10 @@ the epochs, learning rate, batch, loss weights, model overrides and captions unl
 
 - the head: class probabilities, accuracy and balanced accuracy at the argmax (no threshold is
   tuned), macro one-vs-rest AUC (for two classes, the AUC of either class);
-- zero-shot: the caption prompt ensembles of each class (``medvl.zero_shot``).
+- zero-shot: the caption prompt ensembles of each class (``medvl.zero_shot``);
+- a linear probe, as ``medvl eval linear-probe`` scores a trained model: logistic regression (C by 3-fold CV)
+  fitted on the fold model's frozen image features of every training-fold record, scored on the held-out
+  fold's features. It is the estimate for a model trained on all the data and probed on new images.
 
 Reported: every fold, the mean and the sample standard deviation (ddof=1) over folds, and the
 AUC of all out-of-fold head scores pooled. ``repeated_cross_validate`` repeats the whole CV with
@@ -36,10 +39,13 @@ from ..data import captions_for
 from ..data.captions import CaptionConfig
 from ..data.loaders import load_dataset
 from ..data.record import Dataset
+from ..embed import embed_images
 from ..errors import InputError
 from ..eval.head import class_order, class_targets, head_scores
+from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
+from ..models.dual import DualEncoder
 from ..models.registry import get_config
 from ..train.recipes import BENCHMARK_FIXED, RecipeSettings, merge_train_options, resolve_recipe, train_recipe
 
@@ -48,7 +54,7 @@ log = logging.getLogger(__name__)
 MEMBER_SEED_STRIDE = 10_000  # ensemble member m of a fold trains with the fold's seed + m * this
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_accuracy", "zero_shot_auc", "zero_shot_acc",
-                   "zero_shot_balanced_accuracy")
+                   "zero_shot_balanced_accuracy", "probe_auc", "probe_acc", "probe_balanced_accuracy")
 
 
 def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-small", folds: int = 5,
@@ -71,7 +77,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     templates. ``overrides`` merge into the model config over the recipe's (``{"image.image_size":
     96}``). ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
-    (always answering the commonest class) and the fold means with a ``zero_shot_`` prefix;
+    (always answering the commonest class), the fold means with a ``zero_shot_`` prefix and with a
+    ``probe_`` prefix (the linear probe), ``probe_auc_pooled``;
     ``folds`` holds one dict per fold (metrics, confusion matrix, ``n_train`` records in the training
     folds and ``n_trained`` of them trained on, test record ids and the head's
     ``probabilities`` for them, one list per record in ``classes`` order). ``seconds`` is
@@ -95,16 +102,17 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings.captions = caption_config  # read once for every fold
     get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
-    results, pooled = [], np.zeros((len(dataset), len(classes)))
+    results, pooled, probe_pooled = [], np.zeros((len(dataset), len(classes))), np.zeros((len(dataset), len(classes)))
     for fold, (train_index, test_index) in enumerate(splits):
         log.info("fold %d/%d: training on %d records, scoring %d", fold + 1, folds, len(train_index),
                  len(test_index))
-        fold_result, probabilities = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
-                                               show_progress)
-        pooled[test_index] = probabilities
+        fold_result, probabilities, probe_probabilities = _run_fold(dataset, label, classes, train_index,
+                                                                    test_index, settings, fold, show_progress)
+        pooled[test_index], probe_pooled[test_index] = probabilities, probe_probabilities
         results.append(fold_result)
     pooled_metrics = classification_metrics(y, pooled, classes)
     return {**_summarise(results), "auc_pooled": pooled_metrics["macro_auc"],
+            "probe_auc_pooled": classification_metrics(y, probe_pooled, classes)["macro_auc"],
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
             "n": len(dataset), "data": str(data_path), "model": model_name, "ensemble": settings.ensemble,
@@ -133,6 +141,7 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
     pooled = [r["auc_pooled"] for r in results]
     first = results[0]
     return {**_summarise([fold for r in results for fold in r["folds"]]), "auc_pooled": pooled,
+            "probe_auc_pooled": [r["probe_auc_pooled"] for r in results],
             "auc_pooled_mean": float(np.mean(pooled)),
             "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
             "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "label": label,
@@ -199,13 +208,15 @@ def _groups(dataset: Dataset, column: str) -> np.ndarray:
 
 def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.ndarray,
               test_index: np.ndarray, settings: RecipeSettings, fold: int,
-              show_progress: bool) -> tuple[dict, np.ndarray]:
+              show_progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
     started = time.perf_counter()
     train_set = dataset.subset([dataset[int(i)] for i in train_index])
     test_set = dataset.subset([dataset[int(i)] for i in test_index])
     # initial weights, order and augmentation differ per fold and per ensemble member, reproducibly
     captions = captions_for(test_set, settings.captions)  # the CaptionConfig read in cross_validate
-    heads, shots, n_trained = [], [], 0
+    # every record is labelled: zero_shot and the probe score them in this order
+    y_train, y = class_targets(train_set, label, classes), class_targets(test_set, label, classes)
+    heads, shots, probes, n_trained = [], [], [], 0
     for member in range(settings.ensemble):
         fold_settings = dataclasses.replace(settings, train=dataclasses.replace(
             settings.train, seed=settings.train.seed * 100 + fold + MEMBER_SEED_STRIDE * member))
@@ -217,23 +228,38 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
         heads.append(head_scores(model, test_set, label, show_progress))
         shots.append(np.asarray(zero_shot(model, test_set, label, captions=captions, classes=classes,
                                           show_progress=False, keep_scores=True)["probabilities"]))
+        probes.append(_probe(model, train_set, y_train, test_set, y, classes))
         if member == 0:  # every member trains on the same records
             n_trained = model.meta["training"]["records"]
-    y = class_targets(test_set, label, classes)  # every record is labelled: zero_shot scores them in this order
     probabilities = np.mean(heads, axis=0)
     head = classification_metrics(y, probabilities, classes)
     prompts = classification_metrics(y, np.mean(shots, axis=0), classes)
+    probe_probabilities = np.mean(probes, axis=0)
+    probe = classification_metrics(y, probe_probabilities, classes)
     result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
               "balanced_accuracy": head["balanced_accuracy"], "zero_shot_auc": prompts["macro_auc"],
               "zero_shot_acc": prompts["accuracy"], "zero_shot_balanced_accuracy": prompts["balanced_accuracy"],
+              "probe_auc": probe["macro_auc"], "probe_acc": probe["accuracy"],
+              "probe_balanced_accuracy": probe["balanced_accuracy"],
               "confusion_matrix": head["confusion_matrix"], "test_ids": [r.id for r in test_set],
               "probabilities": np.round(probabilities, 5).tolist(),
               "seconds": round(time.perf_counter() - started, 1)}
-    log.info("fold %d: head AUC %.3f, zero-shot AUC %.3f", fold + 1, result["auc"] or float("nan"),
-             result["zero_shot_auc"] or float("nan"))
-    return result, probabilities
+    log.info("fold %d: head AUC %.3f, zero-shot AUC %.3f, linear-probe AUC %.3f", fold + 1,
+             result["auc"] or float("nan"), result["zero_shot_auc"] or float("nan"),
+             result["probe_auc"] or float("nan"))
+    return result, probabilities, probe_probabilities
+
+
+def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set: Dataset, y_test: np.ndarray,
+           classes: list[str]) -> np.ndarray:
+    """The held-out fold's class probabilities from ``medvl eval linear-probe``'s probe (C by 3-fold CV) fitted
+    on the fold model's image features of every training-fold record."""
+    x_train = embed_images(model, train_set, features=True, show_progress=False).numpy()
+    x_test = embed_images(model, test_set, features=True, show_progress=False).numpy()
+    return np.asarray(fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True,
+                                    keep_scores=True)["probabilities"])
 
 
 def _summarise(results: list[dict]) -> dict[str, float | None]:

@@ -164,7 +164,8 @@ def bench_cv(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """k-fold cross-validation: a fresh model per fold, head and zero-shot AUC / accuracy on held-out folds."""
+    """k-fold cross-validation: a fresh model per fold, head, zero-shot and linear-probe AUC / accuracy on held-out
+    folds."""
     from ..api import parse_key_values, parse_overrides
     from ..bench.cv import cross_validate, repeated_cross_validate
 
@@ -189,7 +190,8 @@ def bench_cv(
     print_metrics(title, {
         name: _mean_std(result, key) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
-            ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"))}
+            ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
+            ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
         | pooled | {"majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
