@@ -38,7 +38,8 @@ def test_phantom_command_writes_a_loadable_manifest(tmp_path):
     assert result.exit_code == 0, output
     assert (tmp_path / "ph" / "manifest.csv").is_file()
     again, output = invoke("phantom", tmp_path / "ph", "--n", 12, "--size", 48, "-q")
-    assert again.exit_code == 2 and "ph" in output
+    assert again.exit_code == 2 and "ph: directory exists and is not empty" in output
+    assert "--overwrite" in output  # the CLI's flag is named, not only the Python keyword
 
 
 def test_train_writes_model_and_metrics(trained):

@@ -213,7 +213,8 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir}: directory exists and is not empty (pass overwrite=True)")
+        raise InputError(f"{out_dir}: directory exists and is not empty "
+                         "(--overwrite / overwrite=True replaces it; or choose a new folder)")
 
 
 def _progress(total: int, enabled: bool, what: str = "phantom radiographs"):
