@@ -268,7 +268,19 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
         assert f"concept {part['concept']!r}" in output
     assert saved.classes == sorted(explanation["probabilities"])
     refused, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "out")
-    assert refused.exit_code == 2 and "--overwrite" in output
+    assert refused.exit_code == 2
+    assert "explanation.json: --out file exists (use --overwrite to replace it)" in output
+
+
+def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_model_dir, phantom_dir, tmp_path):
+    out = tmp_path / "why"
+    out.mkdir()
+    (out / "explanation.json").write_text("{}")
+    refused, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--out", out,
+                             "--concepts", "chest_xray", "--concept-data", phantom_dir)
+    assert refused.exit_code == 2
+    assert "explanation.json: --out file exists (use --overwrite to replace it)" in output
+    assert sorted(p.name for p in out.iterdir()) == ["explanation.json"]  # no bottleneck.json left behind
 
 
 @pytest.mark.parametrize("case", ["unknown label", "corrupt image", "missing concept file", "empty concept bank",

@@ -41,12 +41,15 @@ def explain_command(
 ) -> None:
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
+    from ..explain.explanation import EXPLANATION_FILE
     from ..io import check_output_file
     from ..models.registry import load_model
 
     saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
-    if saved is not None:
-        check_output_file(saved, overwrite, "--out file")
+    if out is not None:  # before any work: a refusal after fitting would leave bottleneck.json behind
+        for path in (saved, out / EXPLANATION_FILE):
+            if path is not None:
+                check_output_file(path, overwrite, "--out")
     net = load_model(model)
     fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions)
     if fitted is not None and saved is not None and concept_data is not None:

@@ -83,7 +83,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     out = Path(out) if out is not None else None
     if out is not None:
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
-            check_output_file(path, overwrite, "--out file")
+            check_output_file(path, overwrite, "--out")
     array = read_image(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck)
     for entry in explained["findings"]:
