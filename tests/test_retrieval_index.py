@@ -387,9 +387,13 @@ def test_cli_build_info_search_add_delete(model_dir, phantom_dir, dataset, tmp_p
     assert result.exit_code == 0, output
     hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
     assert len(hits) == 3 and hits[0]["id"] == query.id and query.id in output and "finding" in output
+    assert "3 cases closest to the query image, by their images" in output
     result, output = invoke("search", "--index", out, "--text", "pleural effusion", "--target", "texts",
                             "-k", 2, "--show", "age")
     assert result.exit_code == 0 and "report" in output
+    assert "2 cases closest to the query text, by their reports" in output
+    result, output = invoke("search", "--index", out, "--text", "pleural effusion", "-k", 2)
+    assert result.exit_code == 0 and "2 cases closest to the query text, by their images" in output
     result, output = invoke("index", "delete", query.id, "--index", out)
     assert result.exit_code == 0 and "removed 1" in output
     result, output = invoke("index", "add", "--index", out, "--data", phantom_dir, "--split", "val", "-q")

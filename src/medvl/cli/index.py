@@ -205,7 +205,7 @@ def search_command(
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
         flag = _query_ood(net, image)
-    _print_hits(hits, columns, target)
+    _print_hits(hits, columns, target, "image" if image is not None else "text")
     if data_root is not None:
         _print_image_files(hits, data_root)
     if flag.get("out_of_distribution"):
@@ -239,11 +239,13 @@ def _print_image_files(hits: list, data_root: Path) -> None:
                       soft_wrap=True, highlight=False)
 
 
-def _print_hits(hits: list, columns: list[str], target: str) -> None:
+def _print_hits(hits: list, columns: list[str], target: str, query: str) -> None:
+    """The hits as a table whose title says what was compared: the query (image or text) with the
+    cases' images or their reports (``target``)."""
     from rich.table import Table
 
-    table = Table(title=f"{len(hits)} closest cases by {'report' if target == 'texts' else 'image'}",
-                  header_style="bold")
+    compared = "reports" if target == "texts" else "images"
+    table = Table(title=f"{len(hits)} cases closest to the query {query}, by their {compared}", header_style="bold")
     for name in ("rank", "score", "id", "split", *columns, "report" if target == "texts" else "image"):
         table.add_column(name, justify="right" if name in ("rank", "score") else "left")
     for rank, hit in enumerate(hits, 1):
