@@ -159,13 +159,14 @@ def test_an_ensemble_fold_averages_members_trained_with_their_own_seeds(isic_sub
     train, test = make_folds(class_targets(dataset, "diagnosis", classes), 2, seed=0)[1]
     settings = cv_settings("phantom-tiny", "diagnosis", seed=2, epochs=1, batch_size=16, ensemble=2)
     settings.captions = captions_for(dataset, settings.captions)
-    both, both_scores, both_probe = _run_fold(dataset, "diagnosis", classes, train, test, settings, 1, False)
+    both, both_fold = _run_fold(dataset, "diagnosis", classes, train, test, settings, 1, False)
+    both_scores, both_probe = both_fold["head"], both_fold["probe"]
     alone, alone_probe = [], []
     for seed in (2, 2 + MEMBER_SEED_STRIDE // 100):  # fold 1, member 0 and 1: 201 and 10201
         single = dataclasses.replace(settings, ensemble=1, train=dataclasses.replace(settings.train, seed=seed))
-        _, scores, probe = _run_fold(dataset, "diagnosis", classes, train, test, single, 1, False)
-        alone.append(scores)
-        alone_probe.append(probe)
+        _, fold_scores = _run_fold(dataset, "diagnosis", classes, train, test, single, 1, False)
+        alone.append(fold_scores["head"])
+        alone_probe.append(fold_scores["probe"])
     assert not np.allclose(alone[0], alone[1])  # the members differ
     np.testing.assert_allclose(both_scores, (alone[0] + alone[1]) / 2, atol=1e-6)
     assert both["probabilities"] == np.round(both_scores, 5).tolist()

@@ -218,8 +218,10 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
 def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: PathLike, train_split: str = "train",
                           test_split: str = "test", label_columns: Sequence[str] | None = None,
                           few_shot: Sequence[int] = (1, 4, 16),
-                          allow_outside_root: bool = False, show_progress: bool = True) -> dict:
-    """``eval.linear_probe`` fitted on one dataset path and scored on another."""
+                          allow_outside_root: bool = False, show_progress: bool = True,
+                          covariates: Sequence[str] | None = None) -> dict:
+    """``eval.linear_probe`` fitted on one dataset path and scored on another; ``covariates`` (metadata columns
+    fused with the probe) None = the ones the model was trained to use (its recipe's, saved in its meta)."""
     from .eval import linear_probe
     from .models.registry import load_model
 
@@ -228,8 +230,11 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     train_set = load_split(train_data, train_split, allow_outside_root=allow_outside_root)
     test_set = load_split(test_data, test_split, allow_outside_root=allow_outside_root)
     column = pick_label(train_set, label_columns, "linear-probe")
-    result = linear_probe(load_model(model), train_set, test_set, column, few_shot=list(few_shot),
-                          show_progress=show_progress)
+    loaded = load_model(model)
+    if covariates is None:
+        covariates = getattr(loaded, "meta", {}).get("covariates", [])
+    result = linear_probe(loaded, train_set, test_set, column, few_shot=list(few_shot),
+                          show_progress=show_progress, covariates=list(covariates))
     return {**result, "label": column, "model": str(model)}
 
 

@@ -15,6 +15,11 @@ the epochs, learning rate, batch, loss weights, model overrides and captions unl
   fitted on the fold model's frozen image features of every training-fold record, scored on the held-out
   fold's features. It is the estimate for a model trained on all the data and probed on new images.
 
+With covariates (the recipe's ``covariates``, e.g. ISIC's ``age_approx`` and ``sex``), a logistic regression on
+them is fitted on the training folds and fused with the head's and the probe's probabilities
+(``medvl.eval.covariates``): the ``fused_`` and ``probe_fused_`` keys; ``covariates_auc`` is the covariates
+alone. The unprefixed keys stay image-only.
+
 Reported: every fold, the mean and the sample standard deviation (ddof=1) over folds, and the
 AUC of all out-of-fold head scores pooled. ``repeated_cross_validate`` repeats the whole CV with
 other fold seeds, so a small set is judged by the spread over many splits, never by one split.
@@ -41,6 +46,7 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
+from ..eval.covariates import CovariateEncoder, CovariateModel
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
@@ -55,6 +61,8 @@ MEMBER_SEED_STRIDE = 10_000  # ensemble member m of a fold trains with the fold'
 
 SUMMARY_METRICS = ("auc", "acc", "balanced_accuracy", "zero_shot_auc", "zero_shot_acc",
                    "zero_shot_balanced_accuracy", "probe_auc", "probe_acc", "probe_balanced_accuracy")
+COVARIATE_METRICS = ("fused_auc", "fused_acc", "fused_balanced_accuracy", "probe_fused_auc", "probe_fused_acc",
+                     "probe_fused_balanced_accuracy", "covariates_auc")  # folds scored with covariates
 
 
 def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-small", folds: int = 5,
@@ -64,7 +72,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                    ensemble: int | None = None, label_smoothing: float | None = None,
                    self_supervised_weight: float | None = None, train_options: dict[str, Any] | None = None,
-                   allow_outside_root: bool = False) -> dict:
+                   allow_outside_root: bool = False, covariates: list[str] | None = None) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
 
     ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``label_smoothing``, ``self_supervised_weight``,
@@ -75,10 +83,12 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     weight is 1 and the texts are label captions. ``captions``: a caption config (or a YAML/JSON file) with
     templates and class descriptions; default: the recipe's caption set, else the dataset's own, else generic
     templates. ``overrides`` merge into the model config over the recipe's (``{"image.image_size":
-    96}``). ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
+    96}``). ``covariates``: metadata columns fused with the head and the probe (None = the recipe's, [] = none).
+    ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
     (always answering the commonest class), the fold means with a ``zero_shot_`` prefix and with a
-    ``probe_`` prefix (the linear probe), ``probe_auc_pooled``;
+    ``probe_`` prefix (the linear probe), ``probe_auc_pooled``; with covariates also the ``COVARIATE_METRICS``
+    fold means and stds, ``fused_auc_pooled`` and ``probe_fused_auc_pooled``;
     ``folds`` holds one dict per fold (metrics, confusion matrix, ``n_train`` records in the training
     folds and ``n_trained`` of them trained on, test record ids and the head's
     ``probabilities`` for them, one list per record in ``classes`` order). ``seconds`` is
@@ -89,7 +99,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings = cv_settings(model_name, label, seed, epochs=epochs, lr=lr, batch_size=batch_size,
                            contrastive_weight=contrastive_weight, skip_flagged=skip_flagged, overrides=overrides,
                            captions=captions, ensemble=ensemble, label_smoothing=label_smoothing,
-                           self_supervised_weight=self_supervised_weight,
+                           self_supervised_weight=self_supervised_weight, covariates=covariates,
                            train_options=train_options)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
@@ -97,22 +107,28 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
+    if settings.train.covariates:  # a column the data lacks fails before any training
+        CovariateEncoder.fit(dataset.records, settings.train.covariates, str(dataset.source))
     groups = _groups(dataset, group_column) if group_column else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
     get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
-    results, pooled, probe_pooled = [], np.zeros((len(dataset), len(classes))), np.zeros((len(dataset), len(classes)))
+    results = []
+    pooled = {key: np.zeros((len(dataset), len(classes))) for key in ("head", "probe", "fused", "probe_fused")}
     for fold, (train_index, test_index) in enumerate(splits):
         log.info("fold %d/%d: training on %d records, scoring %d", fold + 1, folds, len(train_index),
                  len(test_index))
-        fold_result, probabilities, probe_probabilities = _run_fold(dataset, label, classes, train_index,
-                                                                    test_index, settings, fold, show_progress)
-        pooled[test_index], probe_pooled[test_index] = probabilities, probe_probabilities
+        fold_result, fold_scores = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
+                                             show_progress)
+        for key, scores in fold_scores.items():
+            pooled[key][test_index] = scores
         results.append(fold_result)
-    pooled_metrics = classification_metrics(y, pooled, classes)
-    return {**_summarise(results), "auc_pooled": pooled_metrics["macro_auc"],
-            "probe_auc_pooled": classification_metrics(y, probe_pooled, classes)["macro_auc"],
+    pooled_auc = {key: classification_metrics(y, scores, classes)["macro_auc"] for key, scores in pooled.items()}
+    fused = ({"fused_auc_pooled": pooled_auc["fused"], "probe_fused_auc_pooled": pooled_auc["probe_fused"],
+              "covariates": settings.train.covariates} if settings.train.covariates else {})
+    return {**_summarise(results), "auc_pooled": pooled_auc["head"], "probe_auc_pooled": pooled_auc["probe"],
+            **fused,
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
             "n": len(dataset), "data": str(data_path), "model": model_name, "ensemble": settings.ensemble,
@@ -157,14 +173,14 @@ def cv_settings(model_name: str, label: str, seed: int = 0, *, epochs: int | Non
                 skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                 captions: str | Path | CaptionConfig | None = None, ensemble: int | None = None,
                 label_smoothing: float | None = None, self_supervised_weight: float | None = None,
-                train_options: dict[str, Any] | None = None) -> RecipeSettings:
+                covariates: list[str] | None = None, train_options: dict[str, Any] | None = None) -> RecipeSettings:
     """The training settings of every fold: ``model_name``'s recipe with a head on ``label`` (weight 1)
     and label captions as texts; the options given (not None) and ``train_options`` (any other
     ``TrainConfig`` field) replace the recipe's."""
     options = merge_train_options(
         {"epochs": epochs, "lr": lr, "batch_size": batch_size, "contrastive_weight": contrastive_weight,
          "skip_flagged": skip_flagged, "label_smoothing": label_smoothing,
-         "self_supervised_weight": self_supervised_weight},
+         "self_supervised_weight": self_supervised_weight, "covariates": covariates},
         train_options or {}, fixed=BENCHMARK_FIXED)
     return resolve_recipe(model_name, model_overrides=overrides, captions=captions, ensemble=ensemble, seed=seed,
                           text_source="captions", label_columns=[label], supervised_weight=1.0, **options)
@@ -208,7 +224,7 @@ def _groups(dataset: Dataset, column: str) -> np.ndarray:
 
 def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.ndarray,
               test_index: np.ndarray, settings: RecipeSettings, fold: int,
-              show_progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+              show_progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
     started = time.perf_counter()
     train_set = dataset.subset([dataset[int(i)] for i in train_index])
     test_set = dataset.subset([dataset[int(i)] for i in test_index])
@@ -236,6 +252,20 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     prompts = classification_metrics(y, np.mean(shots, axis=0), classes)
     probe_probabilities = np.mean(probes, axis=0)
     probe = classification_metrics(y, probe_probabilities, classes)
+    scores = {"head": probabilities, "probe": probe_probabilities}
+    fused: dict[str, Any] = {}
+    if settings.train.covariates:
+        covariate_model = CovariateModel.fit(train_set.records, y_train, len(classes), settings.train.covariates,
+                                             str(dataset.source))
+        scores["fused"] = covariate_model.fuse(probabilities, test_set.records)
+        scores["probe_fused"] = covariate_model.fuse(probe_probabilities, test_set.records)
+        for prefix, key in (("fused_", "fused"), ("probe_fused_", "probe_fused")):
+            metrics = classification_metrics(y, scores[key], classes)
+            fused.update({f"{prefix}auc": metrics["macro_auc"], f"{prefix}acc": metrics["accuracy"],
+                          f"{prefix}balanced_accuracy": metrics["balanced_accuracy"]})
+        fused["covariates_auc"] = classification_metrics(
+            y, covariate_model.probabilities(test_set.records), classes)["macro_auc"]
+        fused["fused_probabilities"] = np.round(scores["fused"], 5).tolist()
     result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
@@ -244,12 +274,16 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
               "probe_auc": probe["macro_auc"], "probe_acc": probe["accuracy"],
               "probe_balanced_accuracy": probe["balanced_accuracy"],
               "confusion_matrix": head["confusion_matrix"], "test_ids": [r.id for r in test_set],
-              "probabilities": np.round(probabilities, 5).tolist(),
+              "probabilities": np.round(probabilities, 5).tolist(), **fused,
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("fold %d: head AUC %.3f, zero-shot AUC %.3f, linear-probe AUC %.3f", fold + 1,
              result["auc"] or float("nan"), result["zero_shot_auc"] or float("nan"),
              result["probe_auc"] or float("nan"))
-    return result, probabilities, probe_probabilities
+    if fused:
+        log.info("fold %d: with covariates: head AUC %.3f, linear-probe AUC %.3f (covariates alone %.3f)", fold + 1,
+                 fused["fused_auc"] or float("nan"), fused["probe_fused_auc"] or float("nan"),
+                 fused["covariates_auc"] or float("nan"))
+    return result, scores
 
 
 def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set: Dataset, y_test: np.ndarray,
@@ -264,7 +298,8 @@ def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set
 
 def _summarise(results: list[dict]) -> dict[str, float | None]:
     summary: dict[str, float | None] = {}
-    for key in SUMMARY_METRICS:
+    keys = SUMMARY_METRICS + (COVARIATE_METRICS if results and "fused_auc" in results[0] else ())
+    for key in keys:
         values = [r[key] for r in results if r[key] is not None]
         summary[key] = float(np.mean(values)) if values else None
         summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None

@@ -11,6 +11,7 @@ from ..errors import InputError
 from .common import (
     AllowOutsideOption,
     CaptionsOption,
+    CovariatesOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
@@ -157,6 +158,7 @@ def bench_cv(
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
     self_supervised_weight: SelfSupervisedOption = None,
+    covariates: CovariatesOption = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model config override key=value.")] = None,
     train_set: TrainSetOption = None,
     json_out: JsonOption = None,
@@ -168,12 +170,14 @@ def bench_cv(
     folds."""
     from ..api import parse_key_values, parse_overrides
     from ..bench.cv import cross_validate, repeated_cross_validate
+    from ..eval.covariates import parse_columns
 
     check_outputs(overwrite, json=json_out)
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
         "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
         "ensemble": ensemble, "label_smoothing": label_smoothing, "self_supervised_weight": self_supervised_weight,
+        "covariates": None if covariates is None else parse_columns(covariates),
         "overrides": parse_overrides(set_ or []), "train_options": parse_key_values(train_set or [], "--train-set"),
         "allow_outside_root": allow_outside_root}
     if repeats > 1:
@@ -192,10 +196,21 @@ def bench_cv(
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
-        | pooled | {"majority-class acc": result["majority_acc"],
+        | _fused_rows(result) | pooled | {"majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
+
+
+def _fused_rows(result: dict) -> dict[str, str]:
+    """The rows of a CV scored with covariates (none without)."""
+    if result.get("fused_auc") is None:
+        return {}
+    columns = ", ".join(result["train"]["covariates"])
+    return {f"{name} + covariates ({columns})": _mean_std(result, key) for name, key in (
+        ("auc", "fused_auc"), ("balanced_accuracy", "fused_balanced_accuracy"),
+        ("linear-probe auc", "probe_fused_auc"), ("linear-probe balanced_accuracy", "probe_fused_balanced_accuracy"))
+    } | {"covariates-only auc": _mean_std(result, "covariates_auc")}
 
 
 def _severities(text: str) -> list[int]:

@@ -36,6 +36,9 @@ OverwriteOption = Annotated[bool, typer.Option(
 SelfSupervisedOption = Annotated[float | None, typer.Option(
     help="Weight of a self-supervised (SimCLR) loss between two views of each training image: a second "
          "augmentation and a random crop (SLIP; 0 = off; default: the recipe's, else 0).")]
+CovariatesOption = Annotated[str | None, typer.Option(
+    help="Patient metadata columns fused with the image classifier, comma-separated (e.g. age_approx,sex; "
+         "none = image only; default: the recipe's / the model's).")]
 TrainSetOption = Annotated[list[str] | None, typer.Option(
     "--train-set", help="Any training setting key=value (JSON value; repeatable), e.g. self_supervised_epochs=60: "
                         "the fields medvl models --recipe NAME lists under train (default: the recipe's).")]

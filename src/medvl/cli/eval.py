@@ -11,6 +11,7 @@ from .common import (
     AllowOutsideOption,
     BackendOption,
     CaptionsOption,
+    CovariatesOption,
     JsonOption,
     LabelOption,
     OverwriteOption,
@@ -118,14 +119,17 @@ def eval_linear_probe(
     test_split: Annotated[str, typer.Option(help="Split of --test-data.")] = "test",
     label_column: LabelOption = None,
     few_shot: Annotated[str, typer.Option(help="Comma-separated k images per class.")] = "1,4,16",
+    covariates: CovariatesOption = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Logistic regression on frozen image features: AUC and accuracy, full and few-shot."""
+    """Logistic regression on frozen image features: AUC and accuracy, full and few-shot; with covariates, fused
+    with a logistic regression on patient metadata."""
     from ..api import evaluate_linear_probe
     from ..errors import InputError
+    from ..eval.covariates import parse_columns
 
     check_outputs(overwrite, json=json_out)
     try:
@@ -133,9 +137,15 @@ def eval_linear_probe(
     except ValueError:
         raise InputError(f"--few-shot expects comma-separated integers, got {few_shot!r}") from None
     result = evaluate_linear_probe(model, train_data, test_data, train_split, test_split, label_column,
-                                   few_shot=ks, allow_outside_root=allow_outside_root, show_progress=not quiet)
+                                   few_shot=ks, allow_outside_root=allow_outside_root, show_progress=not quiet,
+                                   covariates=None if covariates is None else parse_columns(covariates))
     rows = {"auc": result["auc"], "accuracy": result["accuracy"],
             "balanced_accuracy": result["balanced_accuracy"]}
+    if "covariates" in result:
+        columns = ", ".join(result["covariates"]["columns"])
+        rows = {f"{key} (image + {columns})": value for key, value in rows.items()}
+        rows |= {f"{key} (image only)": value for key, value in result["image_only"].items()}
+        rows["auc (covariates only)"] = result["covariates"]["auc"]
     for k, scores in result["few_shot"].items():
         rows[f"{k}-shot auc"] = scores["auc_mean"]
     print_metrics(f"linear probe {result['label']} (train {result['n_train']}, test {result['n_test']})", rows)

@@ -10,13 +10,14 @@ from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
+from .covariates import CovariateModel
 from .metrics import classification_metrics
 
 
 def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, label: str,
                  few_shot: Sequence[int] = (1, 4, 16), repeats: int = 5, seed: int = 0,
                  show_progress: bool = True, keep_scores: bool = False,
-                 calibration_data: Dataset | None = None) -> dict:
+                 calibration_data: Dataset | None = None, covariates: Sequence[str] = ()) -> dict:
     """Fit on ``train_data`` features, report AUC / accuracy on ``test_data``.
 
     The regularisation strength (C in 0.001..1) is chosen by 3-fold cross-validation on the training features.
@@ -24,6 +25,13 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``;
     ``calibration_data`` adds ``calibration``: the same probe's ``probabilities`` and ``y_true`` on those
     records (a held-out split to fit a temperature on).
+
+    ``covariates``: metadata columns of the records (e.g. ``age_approx``, ``sex``) whose logistic regression,
+    fitted on ``train_data``, is fused with the full probe's probabilities (``medvl.eval.covariates``): then
+    ``auc``, ``accuracy``, ``balanced_accuracy``, the kept and calibration probabilities are the fused ones,
+    ``image_only`` holds the probe's own three figures, and ``covariates`` the columns (kind, missing share in
+    training and in the scored records) with ``covariates["auc"]``, the covariates alone. Few-shot probes
+    stay image-only.
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
     classes = sorted(set(train_data.classes(label)))
@@ -35,6 +43,10 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     index = {name: i for i, name in enumerate(classes)}
     y_train = np.array([index[str(r.labels[label])] for r in train_data])
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
+    covariate_model = None
+    if covariates:  # a bad column fails before any image is read
+        covariate_model = CovariateModel.fit(train_data.records, y_train, len(classes), covariates,
+                                             str(train_data.source))
     x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
     x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
     calibration = None
@@ -47,15 +59,21 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
         y_calibration = np.array([index[str(r.labels[label])] for r in calibration_data])
         x_calibration = embed_images(model, calibration_data, features=True, show_progress=show_progress).numpy()
         calibration = (x_calibration, y_calibration)
-    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True, keep_scores=keep_scores,
+    full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True,
+                         keep_scores=keep_scores or covariate_model is not None,
                          extra=None if calibration is None else calibration[0])
+    fusion = {}
+    if covariate_model is not None:
+        full, fusion = _fuse_covariates(full, covariate_model, test_data, y_test, classes, calibration_data)
+        if not keep_scores:
+            full.pop("probabilities"), full.pop("y_true")
     kept = {key: full.pop(key) for key in ("probabilities", "y_true") if key in full}
     if calibration is not None:
         kept["calibration"] = {"probabilities": full.pop("extra_probabilities"),
                                  "y_true": calibration[1].tolist()}
     result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
-              "balanced_accuracy": full["balanced_accuracy"], "full": full, "few_shot": {}, **kept}
+              "balanced_accuracy": full["balanced_accuracy"], "full": full, **fusion, "few_shot": {}, **kept}
     rng = np.random.default_rng(seed)
     for k in few_shot:
         runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
@@ -69,6 +87,26 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
                 "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
                 "repeats": len(scores)}
     return result
+
+
+def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_test: np.ndarray, classes: list[str],
+                     calibration_data: Dataset | None) -> tuple[dict, dict]:
+    """The full probe's metrics with its probabilities fused with the covariate model's; and the
+    ``image_only`` and ``covariates`` entries of the result."""
+    image = np.asarray(full["probabilities"])
+    alone = model.probabilities(test_data.records)
+    probabilities = model.fuse(image, test_data.records)
+    fused = {**classification_metrics(y_test, probabilities, classes), "probabilities": probabilities.tolist(),
+             "y_true": y_test.tolist()}
+    if "extra_probabilities" in full:
+        fused["extra_probabilities"] = model.fuse(np.asarray(full["extra_probabilities"]),
+                                                  calibration_data.records).tolist()
+    described = model.describe(test_data.records)
+    fusion = {"image_only": {"auc": full["macro_auc"], "accuracy": full["accuracy"],
+                             "balanced_accuracy": full["balanced_accuracy"]},
+              "covariates": {**described, "auc": classification_metrics(y_test, alone, classes)["macro_auc"],
+                             "fusion": "naive Bayes: p_image * p_covariates / prior"}}
+    return fused, fusion
 
 
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,

@@ -88,6 +88,9 @@ class TrainConfig:
     batch_group: str | None = None  # a label column or meta field: some batches are drawn from one value of it
     # (hard negatives: e.g. MedPix's location_category puts brain images against brain captions), see grouped_order
     batch_group_share: float = 0.5  # share of the full batches of each group drawn as single-group batches
+    covariates: list[str] = field(default_factory=list)  # patient metadata columns (e.g. age_approx, sex) fused
+    # with the model's image classifiers when it is evaluated (medvl.eval.covariates: medvl eval linear-probe, medvl
+    # bench cv); not used in training, saved in the model's meta as ``covariates``
 
     def validate(self) -> None:
         """Refuse values that would train nothing or train garbage (before any data is read)."""
@@ -376,6 +379,7 @@ class ContrastiveObjective:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
         self.model.meta["captions"] = self.texts.captions.to_dict()
         self.model.meta["label_columns"] = list(self.config.label_columns)
+        self.model.meta["covariates"] = list(self.config.covariates)
         self.model.meta["training"] = {"steps": steps, "records": len(self.dataset),
                                        "data": self.dataset.source, "loss": self.model.config.loss}
 

@@ -31,6 +31,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
+from ..eval.covariates import CovariateEncoder
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -180,6 +181,8 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  left_out, len(config.leave_out_images_of), len(dataset))
     if config.supervised_weight > 0:
         dataset = dataset.with_labels(config.label_columns)
+    if config.covariates:  # a column the data lacks fails before training, not at evaluation
+        CovariateEncoder.fit(dataset.records, config.covariates, str(dataset.source))
     if config.skip_flagged:
         dataset = skip_flagged_records(dataset, config.workers, show_progress)
     seed_everything(config.seed)  # the random init of the model is part of the run

@@ -1,0 +1,188 @@
+"""Patient covariates (age, sex, ...) fused with an image classifier's class probabilities.
+
+Some datasets ship patient metadata next to each image (ISIC: ``age_approx`` and ``sex``) that tells
+the classes apart on its own: melanoma patients are older than nevus patients. A covariate model is a
+logistic regression on metadata columns of the training records; its class probabilities are combined
+with the image classifier's by naive-Bayes late fusion (image and covariates taken as independent given
+the class)::
+
+    p(class | image, covariates)  ~  p(class | image) * p(class | covariates) / p(class)
+
+with ``p(class)`` the training class frequencies. A record whose covariates are all missing gets about
+the prior from the covariate model, so its fused probabilities stay about the image's.
+
+Columns are encoded from the training records: a column whose present values all parse as numbers is
+numeric (standardised value, missing = 0, plus a missing indicator); any other column is categorical
+(one indicator per training value; a missing or unseen value sets none). Missing: absent, empty,
+``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..data.record import Record
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
+EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
+
+
+def parse_columns(text: str | Sequence[str] | None) -> list[str]:
+    """Covariate columns from an option: ``"age_approx,sex"`` or a list; ``"none"`` / empty = none."""
+    if text is None:
+        return []
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [name.strip() for name in names if name.strip()]
+    if [name.lower() for name in names] == ["none"]:
+        return []
+    if len(set(names)) != len(names):
+        raise InputError(f"covariate columns repeat a name: {', '.join(names)}")
+    return names
+
+
+def _value(record: Record, column: str) -> str | None:
+    """The record's value of ``column`` as stripped text, None when missing."""
+    value = record.meta.get(column)
+    if value is None and column in record.labels:
+        value = record.labels[column]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text.lower() in MISSING else text
+
+
+def _number(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class CovariateEncoder:
+    """Columns of record metadata as a numeric matrix; fitted on the training records."""
+
+    columns: list[str]
+    numeric: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std)
+    categories: dict[str, list[str]] = field(default_factory=dict)  # column -> training values
+    missing_share: dict[str, float] = field(default_factory=dict)  # column -> share missing in training
+
+    @classmethod
+    def fit(cls, records: Sequence[Record], columns: Sequence[str], source: str = "training data") -> CovariateEncoder:
+        """Each column's kind and scale from ``records``; InputError for a column no record has."""
+        if not columns:
+            raise InputError("no covariate columns given")
+        encoder = cls(list(columns))
+        for column in columns:
+            values = [_value(record, column) for record in records]
+            present = [value for value in values if value is not None]
+            if not present:
+                available = sorted({key for record in records for key in record.meta})
+                raise InputError(f"{source}: no record has a value for covariate column {column!r}; "
+                                 f"metadata columns: {', '.join(available) or 'none'}")
+            encoder.missing_share[column] = 1 - len(present) / len(values)
+            numbers = [_number(value) for value in present]
+            if all(number is not None for number in numbers):
+                array = np.array(numbers, dtype=float)
+                encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
+            else:
+                encoder.categories[column] = sorted(set(present))
+        return encoder
+
+    def transform(self, records: Iterable[Record]) -> np.ndarray:
+        """(N, width) matrix: per numeric column the standardised value and a missing indicator, per
+        categorical column one indicator per training value."""
+        rows = []
+        for record in records:
+            row: list[float] = []
+            for column in self.columns:
+                value = _value(record, column)
+                if column in self.numeric:
+                    mean, std = self.numeric[column]
+                    number = None if value is None else _number(value)
+                    row += [0.0, 1.0] if number is None else [(number - mean) / std, 0.0]
+                else:
+                    row += [float(value == category) for category in self.categories[column]]
+            rows.append(row)
+        return np.array(rows, dtype=float).reshape(len(rows), self.width)
+
+    @property
+    def width(self) -> int:
+        return sum(2 if column in self.numeric else len(self.categories[column]) for column in self.columns)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: each column's kind, training missing share and (categorical) values."""
+        return {column: {"kind": "numeric", "missing_share": round(self.missing_share[column], 4),
+                         "mean": round(self.numeric[column][0], 4), "std": round(self.numeric[column][1], 4)}
+                if column in self.numeric else
+                {"kind": "categorical", "missing_share": round(self.missing_share[column], 4),
+                 "values": self.categories[column]}
+                for column in self.columns}
+
+
+class CovariateModel:
+    """Logistic regression on encoded covariates; fuses its probabilities with an image classifier's."""
+
+    def __init__(self, encoder: CovariateEncoder, num_classes: int, classifier: Any, prior: np.ndarray):
+        self.encoder, self.num_classes, self.classifier, self.prior = encoder, num_classes, classifier, prior
+
+    @classmethod
+    def fit(cls, records: Sequence[Record], y: np.ndarray, num_classes: int, columns: Sequence[str],
+            source: str = "training data") -> CovariateModel:
+        """Fit on ``records`` with class indices ``y`` (0 .. num_classes - 1); C = 1 on standardised inputs
+        (a handful of columns against hundreds of records needs little regularisation)."""
+        from sklearn.linear_model import LogisticRegression
+
+        encoder = CovariateEncoder.fit(records, columns, source)
+        y = np.asarray(y)
+        prior = np.bincount(y, minlength=num_classes) / len(y)
+        classifier = None
+        if len(np.unique(y)) > 1:
+            classifier = LogisticRegression(C=1.0, max_iter=1000).fit(encoder.transform(records), y)
+        return cls(encoder, num_classes, classifier, prior)
+
+    def probabilities(self, records: Sequence[Record]) -> np.ndarray:
+        """(N, num_classes) class probabilities from the covariates alone (a class never seen in training: 0)."""
+        out = np.tile(self.prior, (len(records), 1))
+        if self.classifier is not None and len(records):
+            out = np.zeros((len(records), self.num_classes))
+            out[:, self.classifier.classes_] = self.classifier.predict_proba(self.encoder.transform(records))
+        return out
+
+    def fuse(self, image_probabilities: np.ndarray, records: Sequence[Record]) -> np.ndarray:
+        """Late fusion of an image classifier's (N, num_classes) probabilities with the covariates'."""
+        return fuse_probabilities(image_probabilities, self.probabilities(records), self.prior)
+
+    def describe(self, records: Sequence[Record] | None = None) -> dict[str, Any]:
+        """The columns and, for ``records`` (e.g. the test set), each column's missing share there."""
+        columns = self.encoder.describe()
+        if records is not None:
+            for column in columns:
+                missing = sum(_value(record, column) is None for record in records)
+                columns[column]["missing_share_scored"] = round(missing / max(len(records), 1), 4)
+        return {"columns": columns, "prior": np.round(self.prior, 5).tolist()}
+
+
+def fuse_probabilities(image: np.ndarray, covariates: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """softmax(log p_image + log p_covariates - log prior) per row; a class with zero prior or zero image
+    probability in every row (never seen) keeps probability 0."""
+    image, covariates = np.asarray(image, dtype=float), np.asarray(covariates, dtype=float)
+    if image.shape != covariates.shape:
+        raise InputError(f"image probabilities {image.shape} and covariate probabilities {covariates.shape} differ")
+    seen = (np.asarray(prior) > 0) & (image.max(axis=0) > 0) if len(image) else np.asarray(prior) > 0
+    logits = (np.log(np.clip(image, EPSILON, 1 - EPSILON)) + np.log(np.clip(covariates, EPSILON, 1 - EPSILON))
+              - np.log(np.clip(prior, EPSILON, 1)))
+    logits[:, ~seen] = -np.inf
+    logits -= logits.max(axis=1, keepdims=True)
+    fused = np.exp(logits)
+    return fused / fused.sum(axis=1, keepdims=True)

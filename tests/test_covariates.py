@@ -1,0 +1,156 @@
+"""Patient covariates fused with image classifiers: the encoding, the fusion, and the commands that use it
+(``medvl train --train-set covariates=...``, ``medvl eval linear-probe``, ``medvl bench cv``) on real ISIC images
+with their real age and sex."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy.special import logit
+from sklearn.metrics import roc_auc_score
+
+from cli_helpers import invoke
+from medvl.data.record import Record
+from medvl.errors import InputError
+from medvl.eval.covariates import CovariateEncoder, CovariateModel, fuse_probabilities, parse_columns
+
+
+def _record(i, **meta):
+    return Record(id=f"r{i}", images=[], meta=meta)
+
+
+def test_encoder_numeric_and_categorical_columns_with_missing_values():
+    records = [_record(0, age="30", sex="female"), _record(1, age="50", sex="male"),
+               _record(2, age="", sex="unknown"), _record(3, age=None, sex="male")]
+    encoder = CovariateEncoder.fit(records, ["age", "sex"])
+    assert encoder.numeric == {"age": (40.0, 10.0)} and encoder.categories == {"sex": ["female", "male"]}
+    assert encoder.missing_share == {"age": 0.5, "sex": 0.25}
+    x = encoder.transform(records + [_record(4, age="nan", sex="other"), _record(5)])
+    assert x.tolist() == [[-1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0], [0, 1, 0, 1],
+                          [0, 1, 0, 0],  # "nan" missing, an unseen category sets no indicator
+                          [0, 1, 0, 0]]
+    assert encoder.describe()["sex"] == {"kind": "categorical", "missing_share": 0.25, "values": ["female", "male"]}
+
+
+def test_a_column_no_record_has_is_refused_with_its_name():
+    records = [_record(0, age="30"), _record(1, age="")]
+    with pytest.raises(InputError, match=r"train.csv: no record has a value for covariate column 'sex'.*age"):
+        CovariateEncoder.fit(records, ["age", "sex"], "train.csv")
+
+
+def test_parse_columns():
+    assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
+    assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []
+    with pytest.raises(InputError, match="repeat"):
+        parse_columns("sex,sex")
+
+
+def test_binary_fusion_is_the_sum_of_logits_minus_the_prior():
+    image = np.array([[0.8, 0.2], [0.3, 0.7]])
+    covariates = np.array([[0.6, 0.4], [0.1, 0.9]])
+    prior = np.array([0.7, 0.3])
+    fused = fuse_probabilities(image, covariates, prior)
+    expected = logit(image[:, 1]) + logit(covariates[:, 1]) - logit(prior[1])
+    assert np.allclose(logit(fused[:, 1]), expected)
+    assert np.allclose(fused.sum(axis=1), 1)
+    # covariates that say only the prior leave the image's probabilities as they were
+    assert np.allclose(fuse_probabilities(image, np.tile(prior, (2, 1)), prior), image)
+
+
+def test_a_class_the_image_classifier_never_saw_keeps_zero():
+    image = np.array([[0.6, 0.0, 0.4], [0.2, 0.0, 0.8]])
+    fused = fuse_probabilities(image, np.full((2, 3), 1 / 3), np.array([0.5, 0.0, 0.5]))
+    assert fused[:, 1].tolist() == [0.0, 0.0] and np.allclose(fused.sum(axis=1), 1)
+
+
+def test_fusion_adds_an_independent_covariate_signal():
+    """A weak image score and an age that both carry the class: fused AUC beats either alone; shuffled ages
+    (no signal) do not help."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    image_score = 1 / (1 + np.exp(-(y - 0.5) * 1.2 - rng.normal(0, 1, 600)))
+    ages = 40 + 15 * y + rng.normal(0, 12, 600)
+    records = [_record(i, age=f"{a:.0f}") for i, a in enumerate(ages)]
+    train, test = slice(0, 300), slice(300, 600)
+    model = CovariateModel.fit(records[train], y[train], 2, ["age"])
+    image = np.stack([1 - image_score, image_score], axis=1)[test]
+    fused = model.fuse(image, records[test])
+    auc_image, auc_fused = roc_auc_score(y[test], image[:, 1]), roc_auc_score(y[test], fused[:, 1])
+    auc_age = roc_auc_score(y[test], model.probabilities(records[test])[:, 1])
+    assert auc_fused > max(auc_image, auc_age) + 0.03
+    shuffled = [_record(i, age=r.meta["age"]) for i, r in enumerate(rng.permutation(records))]
+    noise = CovariateModel.fit(shuffled[train], y[train], 2, ["age"]).fuse(image, shuffled[test])
+    assert roc_auc_score(y[test], noise[:, 1]) < auc_image + 0.02
+
+
+@pytest.fixture(scope="module")
+def isic_with_age(shared_data, tmp_path_factory):
+    """60 real ISIC images (30 nevus, 30 melanoma; 40 train, 20 test) with their real age and sex."""
+    folder = shared_data / "isic-dermoscopy"
+    with (folder / "metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:30] + [r for r in rows if r["diagnosis"] == "melanoma"][:30]
+    manifest = tmp_path_factory.mktemp("isic-age") / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "split", "diagnosis", "age_approx", "sex"])
+        for i, row in enumerate(chosen):
+            writer.writerow([folder / "images" / row["image"], "test" if i % 3 == 0 else "train", row["diagnosis"],
+                             row["age_approx"], row["sex"]])
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def model_with_covariates(isic_with_age, tmp_path_factory):
+    out = tmp_path_factory.mktemp("covariate-model") / "run"
+    result, output = invoke("train", "--allow-outside-root", "--data", isic_with_age, "--model", "phantom-tiny",
+                            "--epochs", 1, "--batch-size", 8, "--label-column", "diagnosis",
+                            "--train-set", 'covariates=["age_approx", "sex"]', "--out", out, "-q")
+    assert result.exit_code == 0, output
+    return out / "model"
+
+
+def test_the_model_remembers_its_covariates_and_the_probe_fuses_them(model_with_covariates, isic_with_age, tmp_path):
+    meta = json.loads((model_with_covariates / "meta.json").read_text())
+    assert meta["covariates"] == ["age_approx", "sex"]
+    common = ("eval", "linear-probe", "--allow-outside-root", "--model", model_with_covariates, "--train-data",
+              isic_with_age, "--test-data", isic_with_age, "--label-column", "diagnosis", "--few-shot", "4", "-q")
+    result, output = invoke(*common, "--json", tmp_path / "fused.json")
+    assert result.exit_code == 0, output
+    assert "image + age_approx, sex" in output and "covariates only" in output
+    fused = json.loads((tmp_path / "fused.json").read_text())
+    assert fused["covariates"]["columns"]["age_approx"]["kind"] == "numeric"
+    assert fused["covariates"]["columns"]["sex"]["values"] == ["female", "male"]
+    assert 0 <= fused["covariates"]["auc"] <= 1
+    result, output = invoke(*common, "--covariates", "none", "--json", tmp_path / "image.json")
+    assert result.exit_code == 0, output
+    plain = json.loads((tmp_path / "image.json").read_text())
+    assert "covariates" not in plain and "image_only" not in plain
+    # the fused run's image-only figures are the plain probe's, the headline is the fusion
+    assert fused["image_only"]["auc"] == pytest.approx(plain["auc"])
+    assert fused["auc"] != pytest.approx(plain["auc"])
+
+
+def test_an_unknown_covariate_column_fails_before_training(isic_with_age, tmp_path):
+    result, output = invoke("train", "--allow-outside-root", "--data", isic_with_age, "--model", "phantom-tiny",
+                            "--epochs", 1, "--label-column", "diagnosis", "--train-set", 'covariates=["weight"]',
+                            "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2
+    assert "covariate column 'weight'" in output and "age_approx" in output and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_cv_reports_fused_and_image_only_figures(isic_with_age, tmp_path):
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_with_age, "--label-column",
+                            "diagnosis", "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--batch-size", 16,
+                            "--covariates", "age_approx,sex", "--json", out, "-q")
+    assert result.exit_code == 0, output
+    assert "auc + covariates (age_approx, sex)" in output and "covariates-only auc" in output
+    metrics = json.loads(out.read_text())
+    assert metrics["covariates"] == ["age_approx", "sex"] and metrics["train"]["covariates"] == ["age_approx", "sex"]
+    for key in ("fused_auc", "probe_fused_auc", "covariates_auc", "fused_auc_pooled", "auc", "probe_auc"):
+        assert 0 <= metrics[key] <= 1, key
+    fold = metrics["folds"][0]
+    assert len(fold["fused_probabilities"]) == fold["n_test"] and fold["fused_auc"] != fold["auc"]
