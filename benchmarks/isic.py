@@ -4,13 +4,17 @@ Runs the ``derm-small`` recipe documented in docs/benchmarks.md (``medvl bench c
 settings are the config's recipe, ``medvl models --recipe derm-small``, which ``medvl train`` uses too) and,
 on exactly the same folds, two non-deep baselines (logistic regression, C picked by 3-fold CV
 inside each training fold, on colour histograms / on 16x16 downsampled pixels) and chance (a
-constant score, AUC 0.5). Prints a Markdown table of per-fold and mean ± std AUC; with
-``--repeats N`` the whole CV is repeated with fold seeds seed .. seed + N - 1 and the table gives each
-repeat's mean, the mean ± std over all N x 5 folds and each repeat's pooled out-of-fold AUC.
+constant score, AUC 0.5), and the patients' age and sex alone (``medvl.eval.covariates``: logistic
+regression fitted on the training folds; no image). With covariates (the recipe's, or ``--covariates
+age_approx,sex``) the head and the probe are also scored fused with that age-and-sex model. Prints a
+Markdown table of per-fold and mean ± std AUC; with ``--repeats N`` the whole CV is repeated with fold
+seeds seed .. seed + N - 1 and the table gives each repeat's mean, the mean ± std over all N x 5 folds
+and each repeat's pooled out-of-fold AUC.
 
     OMP_NUM_THREADS=1 python benchmarks/isic.py --json isic-cv.json   # 1 thread: shared CPU
     OMP_NUM_THREADS=1 python benchmarks/isic.py --repeats 3 --json isic-cv3.json   # seeds 0, 1, 2
     python benchmarks/isic.py --baselines-only   # seconds, no training
+    OMP_NUM_THREADS=1 python benchmarks/isic.py --covariates age_approx,sex   # + head and probe fused with age, sex
     OMP_NUM_THREADS=1 python benchmarks/isic.py --seed 100 --set image.test_time_orientations=1   # a candidate
 
 After the table, the head's pooled out-of-fold AUC is split by the image audit (``medvl audit``): on the
@@ -32,10 +36,12 @@ from medvl.bench.cv import make_folds, repeated_cross_validate
 from medvl.data import load_dataset
 from medvl.data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from medvl.data.images import read_image
+from medvl.eval.covariates import CovariateModel, parse_columns
 from medvl.eval.head import class_order, class_targets
 from medvl.eval.linear_probe import fit_and_score
 from medvl.eval.metrics import classification_metrics
 from medvl.io import write_json
+from medvl.train.recipes import resolve_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "isic-dermoscopy"
@@ -61,6 +67,14 @@ def baseline(features: np.ndarray, y: np.ndarray, classes: list[str], splits: li
     """Per-fold AUC of the linear probe's logistic regression (C by 3-fold CV inside the training fold)."""
     return _row([[fit_and_score(features[train], y[train], features[test], y[test], classes, cv=True)["macro_auc"]
                   for train, test in folds] for folds in splits], None)
+
+
+def covariates_only(dataset, columns: list[str], y: np.ndarray, classes: list[str], splits: list) -> dict:
+    """Per-fold AUC of a logistic regression on the records' metadata ``columns`` (no image)."""
+    records = dataset.records
+    return _row([[classification_metrics(y[test], CovariateModel.fit(
+        [records[i] for i in train], y[train], len(classes), columns).probabilities([records[i] for i in test]),
+        classes)["macro_auc"] for train, test in folds] for folds in splits], None)
 
 
 def chance(y: np.ndarray, classes: list[str], splits: list) -> dict:
@@ -133,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Weight of the two-view self-supervised image loss (default: the recipe's).")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="Any other training setting over the recipe's (repeatable), as medvl bench cv's.")
+    parser.add_argument("--covariates", default=None,
+                        help="Metadata columns fused with the head and the probe, e.g. age_approx,sex; none = "
+                             "image only (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -150,11 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
             "logistic regression, 16x16 pixels": baseline(
                 np.stack([downsampled_pixels(i) for i in images]), y, classes, splits)}
     result = {"baselines_seconds": round(time.perf_counter() - started, 1)}
+    recipe_columns = resolve_recipe(MODEL).train.covariates or ["age_approx", "sex"]
+    columns = recipe_columns if args.covariates is None else parse_columns(args.covariates)
+    if columns:
+        rows[f"logistic regression, {' + '.join(columns)} (no image)"] = covariates_only(dataset, columns, y, classes,
+                                                                                         splits)
     if not args.baselines_only:
         cv = repeated_cross_validate(args.data, LABEL, MODEL, folds=args.folds, repeats=args.repeats,
                                      seed=args.seed, epochs=args.epochs, show_progress=not args.quiet,
                                      overrides=parse_overrides(args.set_), skip_flagged=args.skip_flagged,
                                      ensemble=args.ensemble, self_supervised_weight=args.self_supervised_weight,
+                                     covariates=None if args.covariates is None else parse_columns(args.covariates),
                                      train_options=parse_key_values(args.train_set, "--train-set"))
         scored = [[f["test_ids"] for f in repeat["folds"]] for repeat in cv["repeats"]]
         if scored != [[[dataset[int(i)].id for i in t] for _, t in folds] for folds in splits]:
@@ -165,6 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                 None)
         rows[f"medvl {MODEL} linear probe"] = _row([[f["probe_auc"] for f in r["folds"]] for r in cv["repeats"]],
                                                    cv["probe_auc_pooled"])
+        if "fused_auc_pooled" in cv:
+            fused = " + ".join(cv["covariates"])
+            rows[f"medvl {MODEL} head + {fused}"] = _row([[f["fused_auc"] for f in r["folds"]] for r in cv["repeats"]],
+                                                         cv["fused_auc_pooled"])
+            rows[f"medvl {MODEL} linear probe + {fused}"] = _row(
+                [[f["probe_fused_auc"] for f in r["folds"]] for r in cv["repeats"]], cv["probe_fused_auc_pooled"])
         result.update(cv=cv, recipe={"model": MODEL, "overrides": cv["overrides"], "train": cv["train"]})
     print(f"\n{LABEL}: {', '.join(f'{c} {int((y == i).sum())}' for i, c in enumerate(classes))}; "
           f"{args.folds}-fold stratified CV, seeds {seeds}; AUC (positive class: melanoma)\n")

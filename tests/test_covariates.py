@@ -90,7 +90,8 @@ def isic_with_age(shared_data, tmp_path_factory):
     folder = shared_data / "isic-dermoscopy"
     with (folder / "metadata.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:30] + [r for r in rows if r["diagnosis"] == "melanoma"][:30]
+    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:30]
+    chosen += [r for r in rows if r["diagnosis"] == "melanoma"][:30]
     manifest = tmp_path_factory.mktemp("isic-age") / "manifest.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.writer(handle)

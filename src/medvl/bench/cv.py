@@ -146,6 +146,7 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
     The spread is over every held-out fold of every repeat (``auc``, ``auc_std`` and the other
     ``SUMMARY_METRICS`` over ``repeats x folds`` folds, sample std) and over the repeats' pooled
     out-of-fold AUCs (``auc_pooled`` per repeat, ``auc_pooled_mean`` and ``auc_pooled_std``).
+    With covariates, ``fused_auc_pooled`` and ``probe_fused_auc_pooled`` per repeat too.
     ``repeats`` holds each repeat's full ``cross_validate`` result.
     """
     check_number("repeats", repeats, minimum=1, maximum=100, integer=True)
@@ -156,8 +157,10 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
         results.append(cross_validate(data_path, label, model_name, folds=folds, seed=seed + repeat, **options))
     pooled = [r["auc_pooled"] for r in results]
     first = results[0]
+    fused = ({key: [r[key] for r in results] for key in ("fused_auc_pooled", "probe_fused_auc_pooled")}
+             | {"covariates": results[0]["covariates"]} if "fused_auc_pooled" in results[0] else {})
     return {**_summarise([fold for r in results for fold in r["folds"]]), "auc_pooled": pooled,
-            "probe_auc_pooled": [r["probe_auc_pooled"] for r in results],
+            "probe_auc_pooled": [r["probe_auc_pooled"] for r in results], **fused,
             "auc_pooled_mean": float(np.mean(pooled)),
             "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
             "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "label": label,
