@@ -155,3 +155,23 @@ def test_bench_cv_reports_fused_and_image_only_figures(isic_with_age, tmp_path):
         assert 0 <= metrics[key] <= 1, key
     fold = metrics["folds"][0]
     assert len(fold["fused_probabilities"]) == fold["n_test"] and fold["fused_auc"] != fold["auc"]
+
+
+def test_scored_records_without_covariates_keep_the_image_ranking(model_with_covariates, isic_with_age, tmp_path,
+                                                                   caplog):
+    """Test images with no age or sex at all: the covariate model says the same for each, so the fused AUC is
+    the image probe's exactly, and the log says the column is missing (no value of it)."""
+    from medvl.data import load_dataset
+    from medvl.eval.linear_probe import linear_probe
+    from medvl.models.registry import load_model
+
+    dataset = load_dataset(isic_with_age, allow_outside_root=True)
+    train = dataset.select("train")
+    bare = dataset.subset([Record(id=r.id, images=r.images, labels={"diagnosis": r.labels["diagnosis"]},
+                                  split=r.split) for r in dataset.select("test")])
+    with caplog.at_level("WARNING"):
+        result = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
+                              show_progress=False, covariates=["age_approx", "sex"])
+    assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
+    assert result["auc"] == pytest.approx(result["image_only"]["auc"])
+    assert "covariate column 'age_approx' is missing in all 20 scored records" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,8 @@ from ..errors import InputError
 from ..models.dual import DualEncoder
 from .covariates import CovariateModel
 from .metrics import classification_metrics
+
+log = logging.getLogger(__name__)
 
 
 def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, label: str,
@@ -102,6 +105,10 @@ def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_te
         fused["extra_probabilities"] = model.fuse(np.asarray(full["extra_probabilities"]),
                                                   calibration_data.records).tolist()
     described = model.describe(test_data.records)
+    for column, entry in described["columns"].items():
+        if entry["missing_share_scored"] == 1.0:
+            log.warning("%s: covariate column %r is missing in all %d scored records; their fused probabilities "
+                        "are about the image's", test_data.source, column, len(test_data))
     fusion = {"image_only": {"auc": full["macro_auc"], "accuracy": full["accuracy"],
                              "balanced_accuracy": full["balanced_accuracy"]},
               "covariates": {**described, "auc": classification_metrics(y_test, alone, classes)["macro_auc"],
