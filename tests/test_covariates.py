@@ -2,7 +2,6 @@
 (``medvl train --train-set covariates=...``, ``medvl eval linear-probe``, ``medvl bench cv``) on real ISIC images
 with their real age and sex."""
 
-import csv
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from scipy.special import logit
 from sklearn.metrics import roc_auc_score
 
-from cli_helpers import invoke
+from cli_helpers import invoke, isic_rows, write_manifest
 from medvl.data.record import Record
 from medvl.errors import InputError
 from medvl.eval.covariates import CovariateEncoder, CovariateModel, fuse_probabilities, parse_columns
@@ -87,19 +86,11 @@ def test_fusion_adds_an_independent_covariate_signal():
 @pytest.fixture(scope="module")
 def isic_with_age(shared_data, tmp_path_factory):
     """60 real ISIC images (30 nevus, 30 melanoma; 40 train, 20 test) with their real age and sex."""
-    folder = shared_data / "isic-dermoscopy"
-    with (folder / "metadata.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:30]
-    chosen += [r for r in rows if r["diagnosis"] == "melanoma"][:30]
-    manifest = tmp_path_factory.mktemp("isic-age") / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "split", "diagnosis", "age_approx", "sex"])
-        for i, row in enumerate(chosen):
-            writer.writerow([folder / "images" / row["image"], "test" if i % 3 == 0 else "train", row["diagnosis"],
-                             row["age_approx"], row["sex"]])
-    return manifest
+    chosen = isic_rows(shared_data, "nevus")[:30] + isic_rows(shared_data, "melanoma")[:30]
+    return write_manifest(tmp_path_factory.mktemp("isic-age") / "manifest.csv",
+                          ["image", "split", "diagnosis", "age_approx", "sex"],
+                          [[row["path"], "test" if i % 3 == 0 else "train", row["diagnosis"], row["age_approx"],
+                            row["sex"]] for i, row in enumerate(chosen)])
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """k-fold cross-validation: the folds, and ``medvl bench cv`` end to end on 40 real ISIC images."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 
-from cli_helpers import invoke
+from cli_helpers import invoke, isic_rows, write_manifest
 from medvl.bench.cv import make_folds
 from medvl.errors import InputError
 
@@ -14,18 +13,9 @@ from medvl.errors import InputError
 @pytest.fixture(scope="module")
 def isic_subset(shared_data, tmp_path_factory):
     """A manifest of 20 nevus + 20 melanoma ISIC images (read in place) with a fake patient column."""
-    folder = shared_data / "isic-dermoscopy"
-    with (folder / "metadata.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    chosen = [r for r in rows if r["diagnosis"] == "nevus"][:20]
-    chosen += [r for r in rows if r["diagnosis"] == "melanoma"][:20]
-    manifest = tmp_path_factory.mktemp("isic") / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "diagnosis", "patient"])
-        for i, row in enumerate(chosen):
-            writer.writerow([folder / "images" / row["image"], row["diagnosis"], f"p{i // 2}"])
-    return manifest
+    chosen = isic_rows(shared_data, "nevus")[:20] + isic_rows(shared_data, "melanoma")[:20]
+    return write_manifest(tmp_path_factory.mktemp("isic") / "manifest.csv", ["image", "diagnosis", "patient"],
+                          [[row["path"], row["diagnosis"], f"p{i // 2}"] for i, row in enumerate(chosen)])
 
 
 def test_folds_are_stratified_and_partition_the_records():
@@ -100,19 +90,12 @@ def test_bench_cv_repeats_use_other_folds_and_pool_every_fold(isic_subset, tmp_p
 def isic_mixed(shared_data, tmp_path_factory):
     """8 nevus + 8 melanoma ISIC images from the start of the archive, where most files are streaked
     (every row the same), and 8 + 8 from later ids, which are not."""
-    folder = shared_data / "isic-dermoscopy"
-    with (folder / "metadata.csv").open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["diagnosis"]]
     chosen = []
     for diagnosis in ("nevus", "melanoma"):
-        ranked = [r for r in rows if r["diagnosis"] == diagnosis]
+        ranked = isic_rows(shared_data, diagnosis)
         chosen += ranked[:8] + ranked[-8:]
-    manifest = tmp_path_factory.mktemp("isic-mixed") / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "diagnosis"])
-        writer.writerows([folder / "images" / row["image"], row["diagnosis"]] for row in chosen)
-    return manifest
+    return write_manifest(tmp_path_factory.mktemp("isic-mixed") / "manifest.csv", ["image", "diagnosis"],
+                          [[row["path"], row["diagnosis"]] for row in chosen])
 
 
 def test_bench_cv_keeps_out_of_fold_scores_and_can_skip_flagged_images(isic_mixed, tmp_path):
