@@ -321,6 +321,19 @@ def test_case_retrieval_leaves_out_the_query_itself(phantom_dir, model_dir, trai
     assert set(result["label_sets"]) <= {"(none)", "cardiomegaly", "effusion_left"}
 
 
+def test_case_retrieval_keeps_cases_of_another_dataset_that_share_an_id(phantom_dir, model_dir, train_index,
+                                                                         tmp_path):
+    """Another phantom folder names its cases phantom_00000... too: those ids are other patients, not the
+    queries themselves, so nothing is left out (the same folder's queries are, by id and by pixels)."""
+    other = tmp_path / "other"
+    generate_phantom(other, n=24, seed=11, size=64, progress=False)
+    model, queries = load_model(model_dir), load_dataset(other)
+    with open_index(train_index) as index:
+        assert index.existing_ids([r.id for r in queries])  # the ids do coincide
+        result = case_retrieval(index, model, queries, k=3, show_progress=False)
+    assert result["excluded_self"] == 0 and result["n_queries"] == len(queries)
+
+
 def test_case_retrieval_scores_drafts_against_the_queries_own_reports_when_labels_are_not_findings(
         phantom_dir, model_dir, train_index):
     model, test = load_model(model_dir), load_dataset(phantom_dir).select("test")

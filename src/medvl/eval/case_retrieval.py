@@ -1,7 +1,8 @@
 """Case retrieval quality: label agreement of retrieved cases, mAP, and drafted reports' finding F1.
 
 Queries are the records of a dataset (usually a held-out split); the gallery is an index. A query
-found in the index (same id, or the same decoded pixels) is left out of its own results.
+found in the index (the same decoded pixels, or the same id in an index built from the same dataset
+folder) is left out of its own results; a case of another dataset that happens to share an id stays.
 
 Label agreement (over the label columns, by default the index's own):
 
@@ -46,7 +47,7 @@ from ..checks import check_number
 from ..data.images import read_image
 from ..data.record import Dataset, Record
 from ..errors import InputError
-from ..index.base import Hit, Index, check_model
+from ..index.base import Hit, Index, check_model, path_sha256
 from ..index.cases import pixel_sha256
 from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
@@ -76,7 +77,7 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     if n_index < 2:
         raise InputError(f"{index.location}: the index holds {n_index} case(s); need at least 2")
     vectors, hashes = _embed(model, queries, show_progress)
-    excluded = _self_matches(index, queries, hashes)
+    excluded = _self_matches(index, queries, hashes, same_source=_built_from(index, dataset))
     listing = _listing(index, vectors[0], n_index)
     binary = _binary_columns(columns, queries, listing)
     labeller = ReportLabeller(knowledge)
@@ -134,9 +135,16 @@ def _embed(model, records: Sequence[Record], show_progress: bool) -> tuple[np.nd
     return np.concatenate(chunks).astype(np.float32), hashes
 
 
-def _self_matches(index: Index, records: Sequence[Record], hashes: list[str]) -> list[set[str]]:
-    """Per query, the index ids that are the query itself (same id or same pixels)."""
-    present = index.existing_ids([r.id for r in records])
+def _built_from(index: Index, dataset: Dataset) -> bool:
+    """Whether ``index`` was built from ``dataset``'s folder (its ids then name the same cases)."""
+    data = index.info.get("data")
+    return isinstance(data, dict) and data.get("source_sha256") == path_sha256(dataset.source)
+
+
+def _self_matches(index: Index, records: Sequence[Record], hashes: list[str], same_source: bool) -> list[set[str]]:
+    """Per query, the index ids that are the query itself: same pixels, or the same id when the index was
+    built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide)."""
+    present = index.existing_ids([r.id for r in records]) if same_source else set()
     by_hash = index.find_images(hashes)
     return [({r.id} & present) | ({by_hash[h]} if h in by_hash else set())
             for r, h in zip(records, hashes, strict=True)]
