@@ -205,6 +205,30 @@ def test_draft_does_not_mix_sides(labeller, by_finding):
     assert "left lung is clear" not in text
 
 
+def test_findings_and_impression_name_the_same_zone_and_size(labeller):
+    """Two neighbours put the consolidation in the right upper zone, two in the middle zone, and the nearest's
+    impression says middle where its findings say upper (as real reports do). The detail vote runs over every
+    sentence asserting the finding, each neighbour once, so both sections name one zone (a vote within each
+    section would say upper in the findings, middle in the impression); sizes likewise."""
+    reports = ["FINDINGS: Consolidation in the right upper zone. IMPRESSION: Right middle zone consolidation.",
+               "FINDINGS: Consolidation in the right upper zone. IMPRESSION: No pleural effusion.",
+               *["FINDINGS: Consolidation in the right middle zone. IMPRESSION: Right middle zone consolidation."] * 2]
+    hits = [Hit(id=f"case{i}", score=s, split="train", text=text)
+            for i, (text, s) in enumerate(zip(reports, [0.95, 0.9, 0.8, 0.8], strict=True))]
+    draft = draft_from_hits(hits, labeller)
+    stated = [s for s in draft.sentences if "consolidation" in s.findings]
+    assert {s.section for s in stated} == {"findings", "impression"}
+    zones = {zone for s in stated for zone in ("upper", "middle") if zone in s.text.lower()}
+    assert zones == {"middle"}  # 0.95 + 0.8 + 0.8 of the weight name it, 0.95 + 0.9 the upper zone
+    nodules = ["FINDINGS: A 14 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule (14 mm).",
+               "FINDINGS: A 14 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule.",
+               *["FINDINGS: A 8 mm nodule in the left upper zone. IMPRESSION: Left upper zone nodule (8 mm)."] * 2]
+    hits = [Hit(id=f"case{i}", score=s, split="train", text=text)
+            for i, (text, s) in enumerate(zip(nodules, [0.95, 0.9, 0.8, 0.8], strict=True))]
+    text = draft_from_hits(hits, labeller).text()
+    assert "14 mm" in text and "8 mm" not in text
+
+
 def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding):
     mixed = by_finding["cardiomegaly"][:2] + by_finding["nodule"][:2] + by_finding["pneumothorax"][:2]
     disagree = draft_from_hits(hits_of(mixed), labeller)

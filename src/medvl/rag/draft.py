@@ -21,10 +21,13 @@ and calls ``draft_from_hits``:
    the consensus and it states something not yet stated; a group asserting nothing is kept when
    its own support is above ``min_support``. Its text is the member wording closest to all the
    others (weighted), and it cites every neighbour in the group (``cases``), those whose own
-   sentence has that wording first (``wording_from``). Laterality, size and zone words
-   (``DETAILS``) are first put to a weighted vote within the group, and only wordings agreeing
-   with the vote are candidates, so the draft does not state a left effusion in one sentence and
-   a right one in the next.
+   sentence has that wording first (``wording_from``). Details (``DETAILS``: laterality, size and
+   zone words, and measurements such as "14 mm") are first put to a weighted vote, each neighbour
+   counting once per detail: for a sentence asserting a positive or uncertain finding, over every
+   sentence of the neighbours that asserts it, findings and impression alike; else within the
+   group. Only wordings agreeing with the vote are candidates (a finding's group with none is left
+   out), so the draft does not state a left effusion in one sentence and a right one in the next,
+   nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
 5. The knowledge base's entries of the drafted findings are attached, and with a model the
    entries closest to the image embedding (``related``).
 
@@ -67,6 +70,7 @@ FAR, DISAGREE, NO_CASES, NO_REPORTS = "far", "disagree", "no_cases", "no_reports
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
+_MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "14 mm" or "1.5 cm"
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
 
@@ -284,7 +288,12 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
             min_support: float) -> list[DraftSentence]:
     """Sentence groups that agree with the consensus, by support, each stating something new."""
-    scored = [(_support(g, weights), order, g) for order, g in enumerate(_groups(sentences))]
+    groups = _groups(sentences)
+    finding_members: dict[str, list[tuple[int, str]]] = {}  # every sentence asserting a finding, any section
+    for group in groups:
+        for name in _voted_findings(group):
+            finding_members.setdefault(name, []).extend(group.members)
+    scored = [(_support(g, weights), order, g) for order, g in enumerate(groups)]
     kept: list[DraftSentence] = []
     stated: dict[str, set] = {FINDINGS_SECTION: set(), IMPRESSION_SECTION: set()}
     for support, _, group in sorted(scored, key=lambda item: (-item[0], item[1])):
@@ -293,10 +302,14 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
                 continue
             if group.assertions <= stated[group.section]:
                 continue
-            stated[group.section] |= group.assertions
         elif support <= min_support:
             continue
-        kept.append(_drafted(group, support, hits, weights))
+        voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
+        drafted = _drafted(group, support, hits, weights, voters)
+        if drafted is None:
+            continue
+        stated[group.section] |= group.assertions
+        kept.append(drafted)
     sections = [FINDINGS_SECTION, IMPRESSION_SECTION]
     return sorted(kept, key=lambda s: (sections.index(s.section), -s.support))
 
@@ -305,12 +318,23 @@ def _support(group: _Group, weights: np.ndarray) -> float:
     return float(sum(weights[i] for i in {i for i, _ in group.members}))
 
 
-def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray) -> DraftSentence:
-    """The group's wording closest to all its members (weighted), and its citations."""
+def _voted_findings(group: _Group) -> set[str]:
+    """The findings a group asserts as present (positive or uncertain): their details are voted on together."""
+    return {name for name, status in group.assertions if status in (POSITIVE, UNCERTAIN)}
+
+
+def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
+             voters: list[tuple[int, str]]) -> DraftSentence | None:
+    """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
+    ``voters`` (neighbour index, sentence), and its citations; None when a finding's group has no such wording."""
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
-    wordings = _agreeing(list(dict.fromkeys(text for _, text in sorted(group.members))), group, weights)
+    wordings = _agreeing(list(dict.fromkeys(text for _, text in sorted(group.members))), voters, weights)
+    if not wordings:
+        if _voted_findings(group):
+            return None
+        wordings = list(dict.fromkeys(text for _, text in sorted(group.members)))
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
@@ -321,23 +345,34 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
 
 
 def _conflict(first: str, second: str) -> bool:
-    """The two sentences name different details of one kind ("left lung" / "right lung")."""
-    a, b = _tokens(first), _tokens(second)
-    return any((a & words) and (b & words) and (a & words) != (b & words) for words in DETAILS)
+    """The two sentences name different details of one kind ("left lung" / "right lung", "8 mm" / "14 mm")."""
+    return any(a and b and a != b for a, b in zip(_details(first), _details(second), strict=True))
 
 
-def _agreeing(wordings: list[str], group: _Group, weights: np.ndarray) -> list[str]:
-    """The wordings (nearest neighbour's first) whose detail words agree with the group's weighted vote."""
-    winners = []
-    for words in DETAILS:
-        votes: dict[str, float] = {}
-        for i, text in group.members:
-            for word in _tokens(text) & words:
-                votes[word] = votes.get(word, 0.0) + float(weights[i])
-        if votes:
-            winners.append((words, max(sorted(votes), key=lambda w: votes[w])))
-    agreeing = [w for w in wordings if all(_tokens(w) & words <= {winner} for words, winner in winners)]
-    return agreeing or wordings
+@lru_cache(maxsize=65536)
+def _details(text: str) -> tuple[frozenset, ...]:
+    """Per kind of detail (``DETAILS``, then measurements), the ones the sentence names."""
+    tokens = _tokens(text)
+    measures = frozenset(f"{float(value):g} {unit}" for value, unit in _MEASURE.findall(text.lower()))
+    return (*(tokens & words for words in DETAILS), measures)
+
+
+def _agreeing(wordings: list[str], voters: list[tuple[int, str]], weights: np.ndarray) -> list[str]:
+    """The wordings (nearest neighbour's first) whose details agree with the weighted vote of ``voters``
+    (neighbour index, sentence): per kind, each neighbour naming a detail counts once for it."""
+    named: dict[tuple[int, str], set[int]] = {}  # (kind, detail) -> neighbours naming it
+    for i, text in voters:
+        for kind, details in enumerate(_details(text)):
+            for detail in details:
+                named.setdefault((kind, detail), set()).add(i)
+    winners: dict[int, str] = {}
+    for (kind, detail), cases in sorted(named.items()):
+        vote = sum(float(weights[i]) for i in cases)
+        best = winners.get(kind)
+        if best is None or vote > sum(float(weights[i]) for i in named[(kind, best)]):
+            winners[kind] = detail
+    return [w for w in wordings
+            if all(details <= {winners[kind]} for kind, details in enumerate(_details(w)) if kind in winners)]
 
 
 @lru_cache(maxsize=65536)
