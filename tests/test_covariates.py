@@ -166,3 +166,21 @@ def test_scored_records_without_covariates_keep_the_image_ranking(model_with_cov
     assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
     assert result["auc"] == pytest.approx(result["image_only"]["auc"])
     assert "covariate column 'age_approx' is missing in all 20 scored records" in caplog.text
+
+
+def test_the_recipes_covariates_are_left_out_on_data_without_them(isic_with_age, shared_data, tmp_path, caplog):
+    """derm-small's recipe fuses age and sex; on dermoscopy data without them it trains on the image alone
+    (with a warning naming the columns), while the same columns given as an option are required."""
+    from medvl.data import load_dataset
+    from medvl.train.recipes import covariates_for, resolve_recipe
+
+    rows = isic_rows(shared_data, "nevus")[:3] + isic_rows(shared_data, "melanoma")[:3]
+    bare = load_dataset(write_manifest(tmp_path / "bare.csv", ["image", "diagnosis"],
+                                       [[r["path"], r["diagnosis"]] for r in rows]), allow_outside_root=True)
+    recipe = resolve_recipe("derm-small")
+    assert covariates_for(load_dataset(isic_with_age, allow_outside_root=True), recipe) == ["age_approx", "sex"]
+    with caplog.at_level("WARNING"):
+        assert covariates_for(bare, recipe) == []
+    assert "covariate column(s) age_approx, sex" in caplog.text
+    with pytest.raises(InputError, match="no record has a value for covariate column 'age_approx'"):
+        covariates_for(bare, resolve_recipe("derm-small", covariates=["age_approx", "sex"]))

@@ -46,14 +46,21 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
-from ..eval.covariates import CovariateEncoder, CovariateModel
+from ..eval.covariates import CovariateModel
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
 from ..models.dual import DualEncoder
 from ..models.registry import get_config
-from ..train.recipes import BENCHMARK_FIXED, RecipeSettings, merge_train_options, resolve_recipe, train_recipe
+from ..train.recipes import (
+    BENCHMARK_FIXED,
+    RecipeSettings,
+    covariates_for,
+    merge_train_options,
+    resolve_recipe,
+    train_recipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +114,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
-    if settings.train.covariates:  # a column the data lacks fails before any training
-        CovariateEncoder.fit(dataset.records, settings.train.covariates, str(dataset.source))
+    settings.train.covariates = covariates_for(dataset, settings)  # a given column the data lacks fails here
     groups = _groups(dataset, group_column) if group_column else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold

@@ -49,7 +49,7 @@ def parse_columns(text: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def _value(record: Record, column: str) -> str | None:
+def covariate_value(record: Record, column: str) -> str | None:
     """The record's value of ``column`` as stripped text, None when missing."""
     value = record.meta.get(column)
     if value is None and column in record.labels:
@@ -84,7 +84,7 @@ class CovariateEncoder:
             raise InputError("no covariate columns given")
         encoder = cls(list(columns))
         for column in columns:
-            values = [_value(record, column) for record in records]
+            values = [covariate_value(record, column) for record in records]
             present = [value for value in values if value is not None]
             if not present:
                 available = sorted({key for record in records for key in record.meta})
@@ -106,7 +106,7 @@ class CovariateEncoder:
         for record in records:
             row: list[float] = []
             for column in self.columns:
-                value = _value(record, column)
+                value = covariate_value(record, column)
                 if column in self.numeric:
                     mean, std = self.numeric[column]
                     number = None if value is None else _number(value)
@@ -168,7 +168,7 @@ class CovariateModel:
         columns = self.encoder.describe()
         if records is not None:
             for column in columns:
-                missing = sum(_value(record, column) is None for record in records)
+                missing = sum(covariate_value(record, column) is None for record in records)
                 columns[column]["missing_share_scored"] = round(missing / max(len(records), 1), 4)
         return {"columns": columns, "prior": np.round(self.prior, 5).tolist()}
 

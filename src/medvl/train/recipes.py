@@ -31,7 +31,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.covariates import CovariateEncoder
+from ..eval.covariates import CovariateEncoder, covariate_value
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -60,6 +60,7 @@ class RecipeSettings:
     test_time_views: list[list[float]] = field(default_factory=list)  # benchmark: [shift_x, shift_y, scale]
     # test-time views averaged with the plain image (``Recipe.test_time_views``)
     operating_point: str = "max_accuracy"  # benchmark: the binary threshold behind the headline accuracy
+    covariates_given: bool = False  # ``train.covariates`` was given as an option (strict), not the recipe's
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what a benchmark writes next to its results."""
@@ -113,7 +114,7 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         captions=captions, ensemble=recipe.ensemble if ensemble is None else ensemble,
         test_time_views=[list(map(float, view)) for view in
                          (recipe.test_time_views if test_time_views is None else test_time_views)],
-        operating_point=operating_point or recipe.operating_point)
+        operating_point=operating_point or recipe.operating_point, covariates_given="covariates" in given)
     check_benchmark_settings(settings)
     return settings
 
@@ -181,8 +182,7 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  left_out, len(config.leave_out_images_of), len(dataset))
     if config.supervised_weight > 0:
         dataset = dataset.with_labels(config.label_columns)
-    if config.covariates:  # a column the data lacks fails before training, not at evaluation
-        CovariateEncoder.fit(dataset.records, config.covariates, str(dataset.source))
+    config.covariates = covariates_for(dataset, settings)
     if config.skip_flagged:
         dataset = skip_flagged_records(dataset, config.workers, show_progress)
     seed_everything(config.seed)  # the random init of the model is part of the run
@@ -190,6 +190,22 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
     _add_heads(model, dataset, config.label_columns if config.supervised_weight > 0 else [])
     return train(model, dataset, config, out, captions=captions_for(dataset, settings.captions, model),
                  resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+
+
+def covariates_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
+    """The covariate columns of a run on ``dataset``. Columns given as an option must have a value in some
+    record (else an InputError before any training); the recipe's own columns that no record has are left
+    out with a warning, so a recipe made on data with patient metadata still trains on data without it."""
+    columns = list(settings.train.covariates)
+    if settings.covariates_given:
+        if columns:
+            CovariateEncoder.fit(dataset.records, columns, str(dataset.source))
+        return columns
+    present = [c for c in columns if any(covariate_value(record, c) is not None for record in dataset.records)]
+    if present != columns:
+        log.warning("%s: no record has the recipe's covariate column(s) %s; scored on the image alone for them",
+                    dataset.source, ", ".join(c for c in columns if c not in present))
+    return present
 
 
 def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
