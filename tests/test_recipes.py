@@ -128,6 +128,7 @@ def test_the_derm_recipe_is_the_documented_one():
             train.self_supervised_weight) == (40, 32, 1e-3, 1.0, 0.5, 0.3)
     assert settings.captions == caption_set("isic")
     assert settings.ensemble == 3  # bench cv: three models per fold (docs/benchmarks.md, ISIC)
+    assert train.covariates == ["age_approx", "sex"]  # fused with the head and the probe (docs/benchmarks.md)
     image = get_config("derm-small", **settings.model_overrides).image
     assert (image.augment_flip, image.augment_rot90, image.in_channels) == (True, True, 3)
 
