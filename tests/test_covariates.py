@@ -184,3 +184,20 @@ def test_the_recipes_covariates_are_left_out_on_data_without_them(isic_with_age,
     assert "covariate column(s) age_approx, sex" in caplog.text
     with pytest.raises(InputError, match="no record has a value for covariate column 'age_approx'"):
         covariates_for(bare, resolve_recipe("derm-small", covariates=["age_approx", "sex"]))
+
+
+def test_the_probe_leaves_out_the_models_covariates_the_training_data_lacks(model_with_covariates, shared_data,
+                                                                            tmp_path):
+    """A model trained to fuse age and sex, probed on images without them: the image alone, with a warning;
+    the same columns asked for explicitly are an error (exit 2) naming the column."""
+    rows = isic_rows(shared_data, "nevus")[40:48] + isic_rows(shared_data, "melanoma")[40:48]
+    bare = write_manifest(tmp_path / "bare.csv", ["image", "split", "diagnosis"],
+                          [[r["path"], "test" if i % 2 else "train", r["diagnosis"]] for i, r in enumerate(rows)])
+    common = ("eval", "linear-probe", "--allow-outside-root", "--model", model_with_covariates, "--train-data", bare,
+              "--test-data", bare, "--label-column", "diagnosis", "--few-shot", "2")
+    result, output = invoke(*common, "--json", tmp_path / "lp.json")
+    assert result.exit_code == 0, output
+    assert "the model's covariate column(s) age_approx, sex" in " ".join(output.split())  # the log, unwrapped
+    assert "covariates" not in json.loads((tmp_path / "lp.json").read_text())
+    result, output = invoke(*common, "--covariates", "age_approx")
+    assert result.exit_code == 2 and "covariate column 'age_approx'" in output

@@ -60,6 +60,16 @@ def covariate_value(record: Record, column: str) -> str | None:
     return None if text.lower() in MISSING else text
 
 
+def present_columns(records: Sequence[Record], columns: Sequence[str], source: str, whose: str) -> list[str]:
+    """``columns`` that some record has a value of; the others are left out with a warning (names only), for
+    default covariates (``whose``: "the recipe's", "the model's") on data that may not carry them."""
+    present = [c for c in columns if any(covariate_value(record, c) is not None for record in records)]
+    if present != list(columns):
+        log.warning("%s: no record has %s covariate column(s) %s; scored on the image alone for them", source,
+                    whose, ", ".join(c for c in columns if c not in present))
+    return present
+
+
 def _number(text: str) -> float | None:
     try:
         number = float(text)

@@ -31,7 +31,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.covariates import CovariateEncoder, covariate_value
+from ..eval.covariates import CovariateEncoder, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -201,11 +201,7 @@ def covariates_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
         if columns:
             CovariateEncoder.fit(dataset.records, columns, str(dataset.source))
         return columns
-    present = [c for c in columns if any(covariate_value(record, c) is not None for record in dataset.records)]
-    if present != columns:
-        log.warning("%s: no record has the recipe's covariate column(s) %s; scored on the image alone for them",
-                    dataset.source, ", ".join(c for c in columns if c not in present))
-    return present
+    return present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
 
 
 def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
