@@ -162,8 +162,10 @@ def test_scored_records_without_covariates_keep_the_image_ranking(model_with_cov
                                   split=r.split) for r in dataset.select("test")])
     with caplog.at_level("WARNING"):
         result = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
-                              show_progress=False, covariates=["age_approx", "sex"])
+                              show_progress=False, covariates=["age_approx", "sex"], calibration_data=train)
     assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
+    calibration = np.array(result["calibration"]["probabilities"])  # fused too, on records that have age and sex
+    assert calibration.shape == (len(train), 2) and np.allclose(calibration.sum(axis=1), 1)
     assert result["auc"] == pytest.approx(result["image_only"]["auc"])
     assert "covariate column 'age_approx' is missing in all 20 scored records" in caplog.text
 

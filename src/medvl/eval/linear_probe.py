@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     full = fit_and_score(x_train, y_train, x_test, y_test, classes, cv=True,
                          keep_scores=keep_scores or covariate_model is not None,
                          extra=None if calibration is None else calibration[0])
-    fusion = {}
+    fusion: dict[str, Any] = {}
     if covariate_model is not None:
         full, fusion = _fuse_covariates(full, covariate_model, test_data, y_test, classes, calibration_data)
         if not keep_scores:
@@ -101,7 +102,7 @@ def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_te
     probabilities = model.fuse(image, test_data.records)
     fused = {**classification_metrics(y_test, probabilities, classes), "probabilities": probabilities.tolist(),
              "y_true": y_test.tolist()}
-    if "extra_probabilities" in full:
+    if "extra_probabilities" in full and calibration_data is not None:
         fused["extra_probabilities"] = model.fuse(np.asarray(full["extra_probabilities"]),
                                                   calibration_data.records).tolist()
     described = model.describe(test_data.records)
