@@ -1,8 +1,10 @@
 """Patient covariates fused with image classifiers: the encoding, the fusion, and the commands that use it
-(``medvl train --train-set covariates=...``, ``medvl eval linear-probe``, ``medvl bench cv``) on real ISIC images
-with their real age and sex."""
+(``medvl train --train-set covariates=...``, ``medvl eval linear-probe``, ``medvl bench cv``, ``medvl bench run``)
+on real ISIC images with their real age and sex."""
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +205,32 @@ def test_the_probe_leaves_out_the_models_covariates_the_training_data_lacks(mode
     assert "covariates" not in json.loads((tmp_path / "lp.json").read_text())
     result, output = invoke(*common, "--covariates", "age_approx")
     assert result.exit_code == 2 and "covariate column 'age_approx'" in output
+
+
+def test_a_benchmark_suite_probes_with_the_models_covariates(model_with_covariates, isic_with_age, tmp_path):
+    """``medvl bench run``'s linear-probe task fuses the model's covariates as ``medvl eval linear-probe`` does,
+    with the image-only and covariates-only figures as rows of their own."""
+    import shutil
+
+    import yaml
+
+    folder = tmp_path / "isic"  # a suite reads a dataset's own files only: copies next to the manifest
+    (folder / "images").mkdir(parents=True)
+    with isic_with_age.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    for row in rows[1:]:
+        row[0] = f"images/{Path(shutil.copy(row[0], folder / 'images')).name}"
+    write_manifest(folder / "manifest.csv", rows[0], rows[1:])
+    suite = tmp_path / "isic.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "isic-age", "seed": 0, "bootstrap": 100,
+        "datasets": {"isic": {"path": str(folder), "split": "test", "train_split": "train", "label": "diagnosis"}},
+        "tasks": [{"task": "linear-probe", "dataset": "isic"}], "checks": []}))
+    result, output = invoke("bench", "run", suite, "--model", model_with_covariates, "--out", tmp_path / "out",
+                            "-q")
+    assert result.exit_code == 0, output
+    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert {"auc", "image-only auc", "image-only balanced_accuracy", "covariates-only auc"} <= set(rows)
+    assert rows["image-only auc"]["covariates"] == ["age_approx", "sex"]
+    assert rows["auc"]["low"] <= rows["auc"]["value"] <= rows["auc"]["high"]
+    assert rows["auc"]["value"] != pytest.approx(rows["image-only auc"]["value"])

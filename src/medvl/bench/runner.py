@@ -412,6 +412,11 @@ def _zero_shot(ctx: _Context) -> None:
                        keep_logits=True, show_progress=ctx.show_progress)
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     _classification_rows(ctx, y_true, probabilities)
+    if "covariates" in result:  # the rows above are the fused probe's
+        fused_with = list(result["covariates"]["columns"])
+        for metric, value in result["image_only"].items():
+            ctx.row(f"image-only {metric}", value, covariates=fused_with)
+        ctx.row("covariates-only auc", result["covariates"]["auc"], covariates=fused_with)
     ctx.plots["classes"] = result["classes"]
     ctx.plots["confusion_matrix"] = result["confusion_matrix"]
     scored = test.with_labels([label])
@@ -437,14 +442,19 @@ class _Scored:
 
 
 def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
+    """The probe as ``medvl eval linear-probe`` fits it: fused with the model's covariates (``medvl.eval.covariates``;
+    those the training split has) for the full probe, with the image-only and covariates-only figures beside."""
+    from ..eval.covariates import present_columns
     from ..eval.linear_probe import linear_probe
 
     spec = ctx.data.spec
     train, test = ctx.training_split(), ctx.data.split(spec.split)
     calibration = _calibration_split(ctx) if "calibration" in ctx.checks and not few_shot else None
+    covariates = [] if few_shot else present_columns(train.records, getattr(ctx.net, "meta", {}).get("covariates", []),
+                                                     str(train.source), "the model's")
     result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
-                          keep_scores=True, calibration_data=calibration)
+                          keep_scores=True, calibration_data=calibration, covariates=covariates)
     if few_shot:
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
@@ -457,6 +467,11 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
         return
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     _classification_rows(ctx, y_true, probabilities)
+    if "covariates" in result:  # the rows above are the fused probe's
+        fused_with = list(result["covariates"]["columns"])
+        for metric, value in result["image_only"].items():
+            ctx.row(f"image-only {metric}", value, covariates=fused_with)
+        ctx.row("covariates-only auc", result["covariates"]["auc"], covariates=fused_with)
     ctx.plots["classes"] = result["classes"]
     fit = None
     if "calibration" in result:  # log-probabilities serve as logits: softmax(log p / T) rescales p
