@@ -40,6 +40,12 @@ def test_a_column_no_record_has_is_refused_with_its_name():
         CovariateEncoder.fit(records, ["age", "sex"], "train.csv")
 
 
+def test_a_column_of_free_text_or_ids_is_not_a_covariate():
+    records = [_record(i, note=f"patient {i} says ...") for i in range(25)]
+    with pytest.raises(InputError, match=r"notes.csv: covariate column 'note' has 25 distinct non-numeric values"):
+        CovariateEncoder.fit(records, ["note"], "notes.csv")
+
+
 def test_parse_columns():
     assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
     assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []

@@ -13,7 +13,8 @@ the prior from the covariate model, so its fused probabilities stay about the im
 
 Columns are encoded from the training records: a column whose present values all parse as numbers is
 numeric (standardised value, missing = 0, plus a missing indicator); any other column is categorical
-(one indicator per training value; a missing or unseen value sets none). Missing: absent, empty,
+(one indicator per training value, at most ``MAX_CATEGORIES`` of them: a column of ids or free text is
+refused, and its values never reach an output; a missing or unseen value sets none). Missing: absent, empty,
 ``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
 """
 
@@ -33,6 +34,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
+MAX_CATEGORIES = 20  # distinct values a categorical covariate may have
 EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
 
 
@@ -106,7 +108,11 @@ class CovariateEncoder:
                 array = np.array(numbers, dtype=float)
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
             else:
-                encoder.categories[column] = sorted(set(present))
+                values = sorted(set(present))
+                if len(values) > MAX_CATEGORIES:  # an id or free text, not a category: nor shown in outputs
+                    raise InputError(f"{source}: covariate column {column!r} has {len(values)} distinct non-numeric "
+                                     f"values; a covariate is a number or a category of at most {MAX_CATEGORIES}")
+                encoder.categories[column] = values
         return encoder
 
     def transform(self, records: Iterable[Record]) -> np.ndarray:
