@@ -108,11 +108,12 @@ class CovariateEncoder:
                 array = np.array(numbers, dtype=float)
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
             else:
-                values = sorted(set(present))
-                if len(values) > MAX_CATEGORIES:  # an id or free text, not a category: nor shown in outputs
-                    raise InputError(f"{source}: covariate column {column!r} has {len(values)} distinct non-numeric "
-                                     f"values; a covariate is a number or a category of at most {MAX_CATEGORIES}")
-                encoder.categories[column] = values
+                distinct = sorted(set(present))
+                if len(distinct) > MAX_CATEGORIES:  # an id or free text, not a category: nor shown in outputs
+                    raise InputError(f"{source}: covariate column {column!r} has {len(distinct)} distinct "
+                                     f"non-numeric values; a covariate is a number or a category of at most "
+                                     f"{MAX_CATEGORIES}")
+                encoder.categories[column] = distinct
         return encoder
 
     def transform(self, records: Iterable[Record]) -> np.ndarray:
