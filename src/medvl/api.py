@@ -232,10 +232,9 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     column = pick_label(train_set, label_columns, "linear-probe")
     loaded = load_model(model)
     if covariates is None:  # the model's own: those the training data has no value of are left out, with a warning
-        from .eval.covariates import present_columns
+        from .eval.covariates import model_covariates
 
-        covariates = present_columns(train_set.records, getattr(loaded, "meta", {}).get("covariates", []),
-                                     str(train_set.source), "the model's")
+        covariates = model_covariates(loaded, train_set.records, str(train_set.source))
     result = linear_probe(loaded, train_set, test_set, column, few_shot=list(few_shot),
                           show_progress=show_progress, covariates=list(covariates))
     return {**result, "label": column, "model": str(model)}

@@ -266,14 +266,14 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     if settings.train.covariates:
         covariate_model = CovariateModel.fit(train_set.records, y_train, len(classes), settings.train.covariates,
                                              str(dataset.source))
-        scores["fused"] = covariate_model.fuse(probabilities, test_set.records)
-        scores["probe_fused"] = covariate_model.fuse(probe_probabilities, test_set.records)
+        alone = covariate_model.probabilities(test_set.records)
+        scores["fused"] = covariate_model.fuse(probabilities, covariate_probabilities=alone)
+        scores["probe_fused"] = covariate_model.fuse(probe_probabilities, covariate_probabilities=alone)
         for prefix, key in (("fused_", "fused"), ("probe_fused_", "probe_fused")):
             metrics = classification_metrics(y, scores[key], classes)
             fused.update({f"{prefix}auc": metrics["macro_auc"], f"{prefix}acc": metrics["accuracy"],
                           f"{prefix}balanced_accuracy": metrics["balanced_accuracy"]})
-        fused["covariates_auc"] = classification_metrics(
-            y, covariate_model.probabilities(test_set.records), classes)["macro_auc"]
+        fused["covariates_auc"] = classification_metrics(y, alone, classes)["macro_auc"]
         fused["fused_probabilities"] = np.round(scores["fused"], 5).tolist()
     result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),

@@ -444,14 +444,13 @@ class _Scored:
 def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     """The probe as ``medvl eval linear-probe`` fits it: fused with the model's covariates (``medvl.eval.covariates``;
     those the training split has) for the full probe, with the image-only and covariates-only figures beside."""
-    from ..eval.covariates import present_columns
+    from ..eval.covariates import model_covariates
     from ..eval.linear_probe import linear_probe
 
     spec = ctx.data.spec
     train, test = ctx.training_split(), ctx.data.split(spec.split)
     calibration = _calibration_split(ctx) if "calibration" in ctx.checks and not few_shot else None
-    covariates = [] if few_shot else present_columns(train.records, getattr(ctx.net, "meta", {}).get("covariates", []),
-                                                     str(train.source), "the model's")
+    covariates = [] if few_shot else model_covariates(ctx.net, train.records, str(train.source))
     result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
                           keep_scores=True, calibration_data=calibration, covariates=covariates)

@@ -72,6 +72,12 @@ def present_columns(records: Sequence[Record], columns: Sequence[str], source: s
     return present
 
 
+def model_covariates(model: Any, records: Sequence[Record], source: str) -> list[str]:
+    """The covariates a trained model fuses (its meta's ``covariates``, from its recipe) that ``records``, the
+    probe's training records, have; the others are left out with a warning (``present_columns``)."""
+    return present_columns(records, getattr(model, "meta", {}).get("covariates", []), source, "the model's")
+
+
 def _number(text: str) -> float | None:
     try:
         number = float(text)
@@ -176,9 +182,15 @@ class CovariateModel:
             out[:, self.classifier.classes_] = self.classifier.predict_proba(self.encoder.transform(records))
         return out
 
-    def fuse(self, image_probabilities: np.ndarray, records: Sequence[Record]) -> np.ndarray:
-        """Late fusion of an image classifier's (N, num_classes) probabilities with the covariates'."""
-        return fuse_probabilities(image_probabilities, self.probabilities(records), self.prior)
+    def fuse(self, image_probabilities: np.ndarray, records: Sequence[Record] | None = None,
+             covariate_probabilities: np.ndarray | None = None) -> np.ndarray:
+        """Late fusion of an image classifier's (N, num_classes) probabilities with the covariates' of ``records``
+        (or their ``probabilities``, already computed)."""
+        if covariate_probabilities is None:
+            if records is None:
+                raise InputError("fuse needs the records or their covariate probabilities")
+            covariate_probabilities = self.probabilities(records)
+        return fuse_probabilities(image_probabilities, covariate_probabilities, self.prior)
 
     def describe(self, records: Sequence[Record] | None = None) -> dict[str, Any]:
         """The columns and, for ``records`` (e.g. the test set), each column's missing share there."""

@@ -69,9 +69,9 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     fusion: dict[str, Any] = {}
     if covariate_model is not None:
         full, fusion = _fuse_covariates(full, covariate_model, test_data, y_test, classes, calibration_data)
-        if not keep_scores:
-            full.pop("probabilities"), full.pop("y_true")
     kept = {key: full.pop(key) for key in ("probabilities", "y_true") if key in full}
+    if not keep_scores:  # kept above only for the fusion
+        kept.clear()
     if calibration is not None:
         kept["calibration"] = {"probabilities": full.pop("extra_probabilities"),
                                  "y_true": calibration[1].tolist()}
@@ -99,7 +99,7 @@ def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_te
     ``image_only`` and ``covariates`` entries of the result."""
     image = np.asarray(full["probabilities"])
     alone = model.probabilities(test_data.records)
-    probabilities = model.fuse(image, test_data.records)
+    probabilities = model.fuse(image, covariate_probabilities=alone)
     fused = {**classification_metrics(y_test, probabilities, classes), "probabilities": probabilities.tolist(),
              "y_true": y_test.tolist()}
     if "extra_probabilities" in full and calibration_data is not None:

@@ -330,11 +330,12 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
-    wordings = _agreeing(list(dict.fromkeys(text for _, text in sorted(group.members))), voters, weights)
+    every = list(dict.fromkeys(text for _, text in sorted(group.members)))
+    wordings = _agreeing(every, voters, weights)
     if not wordings:
         if _voted_findings(group):
             return None
-        wordings = list(dict.fromkeys(text for _, text in sorted(group.members)))
+        wordings = every
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
@@ -365,11 +366,10 @@ def _agreeing(wordings: list[str], voters: list[tuple[int, str]], weights: np.nd
         for kind, details in enumerate(_details(text)):
             for detail in details:
                 named.setdefault((kind, detail), set()).add(i)
+    votes = {key: sum(float(weights[i]) for i in cases) for key, cases in named.items()}
     winners: dict[int, str] = {}
-    for (kind, detail), cases in sorted(named.items()):
-        vote = sum(float(weights[i]) for i in cases)
-        best = winners.get(kind)
-        if best is None or vote > sum(float(weights[i]) for i in named[(kind, best)]):
+    for (kind, detail), vote in sorted(votes.items()):
+        if kind not in winners or vote > votes[(kind, winners[kind])]:
             winners[kind] = detail
     return [w for w in wordings
             if all(details <= {winners[kind]} for kind, details in enumerate(_details(w)) if kind in winners)]
