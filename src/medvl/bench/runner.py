@@ -412,11 +412,6 @@ def _zero_shot(ctx: _Context) -> None:
                        keep_logits=True, show_progress=ctx.show_progress)
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     _classification_rows(ctx, y_true, probabilities)
-    if "covariates" in result:  # the rows above are the fused probe's
-        fused_with = list(result["covariates"]["columns"])
-        for metric, value in result["image_only"].items():
-            ctx.row(f"image-only {metric}", value, covariates=fused_with)
-        ctx.row("covariates-only auc", result["covariates"]["auc"], covariates=fused_with)
     ctx.plots["classes"] = result["classes"]
     ctx.plots["confusion_matrix"] = result["confusion_matrix"]
     scored = test.with_labels([label])
