@@ -133,6 +133,10 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
     ({"corruption": ["noise"]}, "expected a mapping"),
     ({"tasks": [{"task": "zero-shot", "dataset": "phantom"}, {"task": "zero-shot", "dataset": "phantom"}]},
      "zero-shot@phantom given twice"),
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": 3}]},
+     "covariates must be a list of column names or 'none'"),
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["sex", "sex"]}]},
+     "task 1: covariate column(s) sex given more than once"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     suite = write_suite(tmp_path, phantom_dir, **change)

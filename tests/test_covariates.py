@@ -46,11 +46,46 @@ def test_a_column_of_free_text_or_ids_is_not_a_covariate():
         CovariateEncoder.fit(records, ["note"], "notes.csv")
 
 
+def test_a_small_column_of_one_off_notes_is_not_a_covariate():
+    """Fewer notes than the category limit, but each of one record: free text all the same, refused."""
+    records = [_record(i, note=f"pt {i} reports itching") for i in range(12)]
+    with pytest.raises(InputError, match=r"'note' has 12 distinct non-numeric values, 12 of them in one record"):
+        CovariateEncoder.fit(records, ["note"], "notes.csv")
+    few = [_record(i, site=["head", "trunk", "arm", "leg"][i % 4]) for i in range(12)]  # shared values: a category
+    assert CovariateEncoder.fit(few, ["site"]).categories == {"site": ["arm", "head", "leg", "trunk"]}
+
+
+def _labelled(i, label, **meta):
+    return Record(id=f"r{i}", images=[], labels={"benign_malignant": label}, meta=meta)
+
+
+def test_a_covariate_that_is_or_restates_the_label_is_refused():
+    """The label itself, a category that maps one to one on the classes (ISIC's diagnosis beside
+    benign_malignant), or a number whose ranges per class do not overlap would read the answer back."""
+    from medvl.eval.covariates import check_not_label
+
+    rng = np.random.default_rng(0)
+    targets = ["malignant" if i % 3 == 0 else "benign" for i in range(60)]
+    records = [_labelled(i, t, diagnosis="melanoma" if t == "malignant" else "nevus",
+                         score=str(0.9 if t == "malignant" else 0.1 + rng.uniform(0, 0.3)),
+                         age=str(int(rng.integers(20, 80))), sex=["female", "male"][i % 2])
+               for i, t in enumerate(targets)]
+    y = np.array([int(t == "malignant") for t in targets])
+    with pytest.raises(InputError, match="'benign_malignant' is the label column"):
+        check_not_label(records, ["age", "benign_malignant"], ["benign_malignant"], "isic.csv")
+    for column in ("diagnosis", "score"):
+        with pytest.raises(InputError, match=rf"isic.csv: covariate column '{column}' separates the classes"):
+            CovariateModel.fit(records, y, 2, ["age", column], "isic.csv", label="benign_malignant")
+    CovariateModel.fit(records, y, 2, ["age", "sex"], "isic.csv", label="benign_malignant")  # no leak: fits
+    # below LEAK_MIN_RECORDS records a clean split can be chance: not refused
+    check_not_label(records[:12], ["diagnosis"], ["benign_malignant"], "isic.csv")
+
+
 def test_parse_columns():
     assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
     assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []
-    with pytest.raises(InputError, match="repeat"):
-        parse_columns("sex,sex")
+    with pytest.raises(InputError, match=r"covariate column\(s\) sex given more than once: sex, age, sex"):
+        parse_columns("sex,age,sex")
 
 
 def test_binary_fusion_is_the_sum_of_logits_minus_the_prior():
@@ -172,9 +207,16 @@ def test_scored_records_without_covariates_keep_the_image_ranking(model_with_cov
         result = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
                               show_progress=False, covariates=["age_approx", "sex"], calibration_data=train)
     assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
-    calibration = np.array(result["calibration"]["probabilities"])  # fused too, on records that have age and sex
-    assert calibration.shape == (len(train), 2) and np.allclose(calibration.sum(axis=1), 1)
     assert result["auc"] == pytest.approx(result["image_only"]["auc"])
+    # the calibration records have age and sex: their probabilities are the image probe's fused with them
+    plain = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
+                         show_progress=False, calibration_data=train)
+    y_train = np.array([result["classes"].index(r.labels["diagnosis"]) for r in train])
+    covariates = CovariateModel.fit(train.records, y_train, 2, ["age_approx", "sex"])
+    image = np.array(plain["calibration"]["probabilities"])
+    expected = fuse_probabilities(image, covariates.probabilities(train.records), covariates.prior)
+    calibration = np.array(result["calibration"]["probabilities"])
+    assert np.allclose(calibration, expected) and not np.allclose(calibration, image, atol=1e-3)
     assert "covariate column 'age_approx' is missing in all 20 scored records" in caplog.text
 
 
@@ -237,6 +279,18 @@ def test_a_benchmark_suite_probes_with_the_models_covariates(model_with_covariat
     assert result.exit_code == 0, output
     rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
     assert {"auc", "image-only auc", "image-only balanced_accuracy", "covariates-only auc"} <= set(rows)
-    assert rows["image-only auc"]["covariates"] == ["age_approx", "sex"]
+    # each row names what was fused into its figure
+    assert rows["auc"]["covariates"] == rows["covariates-only auc"]["covariates"] == ["age_approx", "sex"]
+    assert rows["image-only auc"]["covariates"] == []
     assert rows["auc"]["low"] <= rows["auc"]["value"] <= rows["auc"]["high"]
     assert rows["auc"]["value"] != pytest.approx(rows["image-only auc"]["value"])
+    # covariates: none in the task scores the image alone: its auc is the fused run's image-only one
+    plain = yaml.safe_load(suite.read_text())
+    plain["tasks"][0]["covariates"] = "none"
+    suite.write_text(yaml.safe_dump(plain))
+    result, output = invoke("bench", "run", suite, "--model", model_with_covariates, "--out", tmp_path / "plain",
+                            "-q")
+    assert result.exit_code == 0, output
+    rows_plain = {row["metric"]: row for row in json.loads((tmp_path / "plain" / "results.json").read_text())["rows"]}
+    assert "image-only auc" not in rows_plain and rows_plain["auc"]["covariates"] == []
+    assert rows_plain["auc"]["value"] == pytest.approx(rows["image-only auc"]["value"])

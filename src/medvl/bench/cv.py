@@ -114,7 +114,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
-    settings.train.covariates = covariates_for(dataset, settings)  # a given column the data lacks fails here
+    settings.train.covariates = covariates_for(dataset, settings, [label])  # a bad column fails here
     groups = _groups(dataset, group_column) if group_column else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
@@ -265,7 +265,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     fused: dict[str, Any] = {}
     if settings.train.covariates:
         covariate_model = CovariateModel.fit(train_set.records, y_train, len(classes), settings.train.covariates,
-                                             str(dataset.source))
+                                             f"{dataset.source} (fold {fold + 1})", label)
         alone = covariate_model.probabilities(test_set.records)
         scores["fused"] = covariate_model.fuse(probabilities, covariate_probabilities=alone)
         scores["probe_fused"] = covariate_model.fuse(probe_probabilities, covariate_probabilities=alone)

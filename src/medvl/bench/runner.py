@@ -384,15 +384,16 @@ class _Context:
 # ------------------------------------------------------------------ tasks
 
 
-def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray) -> None:
-    """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval."""
+def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, **extra: Any) -> None:
+    """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval (``extra``: more
+    fields of each row)."""
     from ..eval.subgroups import accuracy, balanced_accuracy, macro_auc
 
     metrics = {"auc": lambda y, p: _number(macro_auc(y, p)), "accuracy": accuracy,
                "balanced_accuracy": balanced_accuracy}
     for name, metric in metrics.items():
         interval = ctx.bootstrap(metric, y_true, probabilities)
-        ctx.row(name, interval["value"], interval)
+        ctx.row(name, interval["value"], interval, **extra)
 
 
 def _number(value: float | None) -> float:
@@ -438,14 +439,17 @@ class _Scored:
 
 def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     """The probe as ``medvl eval linear-probe`` fits it: fused with the model's covariates (``medvl.eval.covariates``;
-    those the training split has) for the full probe, with the image-only and covariates-only figures beside."""
+    those the training split has; the task's ``covariates`` instead when given, ``none`` for the image alone) for the
+    full probe, with the image-only and covariates-only figures beside. Each row's ``covariates`` names the columns
+    fused into its figure ([] for the image alone)."""
     from ..eval.covariates import model_covariates
     from ..eval.linear_probe import linear_probe
 
     spec = ctx.data.spec
     train, test = ctx.training_split(), ctx.data.split(spec.split)
     calibration = _calibration_split(ctx) if "calibration" in ctx.checks and not few_shot else None
-    covariates = [] if few_shot else model_covariates(ctx.net, train.records, str(train.source))
+    covariates = ([] if few_shot else model_covariates(ctx.net, train.records, str(train.source))
+                  if ctx.task.covariates is None else list(ctx.task.covariates))
     result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
                           keep_scores=True, calibration_data=calibration, covariates=covariates)
@@ -460,11 +464,11 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
         ctx.plots["few_shot"] = result["few_shot"]
         return
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
-    _classification_rows(ctx, y_true, probabilities)
-    if "covariates" in result:  # the rows above are the fused probe's
-        fused_with = list(result["covariates"]["columns"])
+    fused_with = list(result["covariates"]["columns"]) if "covariates" in result else []
+    _classification_rows(ctx, y_true, probabilities, covariates=fused_with)  # fused when fused_with names columns
+    if fused_with:
         for metric, value in result["image_only"].items():
-            ctx.row(f"image-only {metric}", value, covariates=fused_with)
+            ctx.row(f"image-only {metric}", value, covariates=[])
         ctx.row("covariates-only auc", result["covariates"]["auc"], covariates=fused_with)
     ctx.plots["classes"] = result["classes"]
     fit = None

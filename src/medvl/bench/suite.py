@@ -20,6 +20,8 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
       - {task: zero-shot, dataset: phantom}
       - {task: linear-probe, dataset: phantom, train_dataset: other}  # train split of another dataset
       - {task: few-shot, dataset: phantom, shots: [1, 4, 16]}
+      - {task: linear-probe, dataset: isic, covariates: none}  # image only (default: the model's covariates,
+                                                                # e.g. [age_approx, sex]; medvl.eval.covariates)
     checks: [sanity, calibration, subgroups, corruption, counterfactual, shortcut, ood]
     corruption: {kinds: [noise, blur], severities: [1, 3, 5], max_images: 200}
     counterfactual: {n: 60}
@@ -96,6 +98,7 @@ class TaskSpec:
     repeats: int = 5  # few-shot draws per k
     k: int = 5  # case-retrieval: neighbours scored
     train_dataset: str | None = None  # where the train split comes from (default: the task's dataset)
+    covariates: list[str] | str | None = None  # linear-probe: metadata columns fused (None: the model's; "none")
 
     @property
     def key(self) -> str:
@@ -220,6 +223,15 @@ def _task(raw: Any, index: int, path: Path) -> TaskSpec:
         check_number(f"{where}: shots", shots, minimum=1, integer=True)
     check_number(f"{where}: repeats", spec.repeats, minimum=1, maximum=100, integer=True)
     check_number(f"{where}: k", spec.k, minimum=1, maximum=1000, integer=True)
+    if spec.covariates is not None:
+        from ..eval.covariates import parse_columns
+
+        if not isinstance(spec.covariates, (str, list)) or not all(isinstance(c, str) for c in spec.covariates):
+            raise InputError(f"{where}: covariates must be a list of column names or 'none', got {spec.covariates!r}")
+        try:
+            spec.covariates = parse_columns(spec.covariates)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
     return spec
 
 

@@ -8,18 +8,26 @@ the class)::
 
     p(class | image, covariates)  ~  p(class | image) * p(class | covariates) / p(class)
 
-with ``p(class)`` the training class frequencies. A record whose covariates are all missing gets about
-the prior from the covariate model, so its fused probabilities stay about the image's.
+with ``p(class)`` the training class frequencies. A record whose covariates are all missing gets the
+covariate model's prediction for "all missing": about the prior when missingness does not depend on the
+class, in any case one and the same multiplier for every such record, so a binary ranking among them is
+the image's.
 
 Columns are encoded from the training records: a column whose present values all parse as numbers is
 numeric (standardised value, missing = 0, plus a missing indicator); any other column is categorical
-(one indicator per training value, at most ``MAX_CATEGORIES`` of them: a column of ids or free text is
-refused, and its values never reach an output; a missing or unseen value sets none). Missing: absent, empty,
-``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
+(one indicator per training value, at most ``MAX_CATEGORIES`` of them, and not mostly values of one record
+each: a column of ids or free text is refused, and its values never reach an output; a missing or unseen
+value sets none). Missing: absent, empty, ``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
+
+A covariate may not restate the label: the label column itself is refused, and so is a column that
+separates the training classes perfectly (each category of one class, or numeric ranges of the classes
+that do not overlap) over at least ``LEAK_MIN_RECORDS`` records, e.g. ISIC's ``diagnosis`` when the label
+is ``benign_malignant``: its fused score would be the answer read back, not a prediction.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -36,6 +44,7 @@ log = logging.getLogger(__name__)
 MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
 MAX_CATEGORIES = 20  # distinct values a categorical covariate may have
 EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
+LEAK_MIN_RECORDS = 20  # a column that separates the classes perfectly over this many records restates the label
 
 
 def parse_columns(text: str | Sequence[str] | None) -> list[str]:
@@ -46,8 +55,9 @@ def parse_columns(text: str | Sequence[str] | None) -> list[str]:
     names = [name.strip() for name in names if name.strip()]
     if [name.lower() for name in names] == ["none"]:
         return []
-    if len(set(names)) != len(names):
-        raise InputError(f"covariate columns repeat a name: {', '.join(names)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"covariate column(s) {', '.join(repeated)} given more than once: {', '.join(names)}")
     return names
 
 
@@ -78,6 +88,39 @@ def model_covariates(model: Any, records: Sequence[Record], source: str) -> list
     return present_columns(records, getattr(model, "meta", {}).get("covariates", []), source, "the model's")
 
 
+def check_not_label(records: Sequence[Record], columns: Sequence[str], labels: Sequence[str], source: str) -> None:
+    """InputError for a covariate that is one of ``labels`` or restates one (see the module docstring)."""
+    for label in labels:
+        if label in columns:
+            raise InputError(f"{source}: {label!r} is the label column; it cannot also be a covariate")
+        for column in columns:
+            if _separates(records, column, label):
+                raise InputError(f"{source}: covariate column {column!r} separates the classes of label {label!r} "
+                                 f"perfectly on the training records: it restates the label (a leak), not a "
+                                 f"covariate; leave it out of the covariates")
+
+
+def _separates(records: Sequence[Record], column: str, label: str) -> bool:
+    """Whether ``column``'s present values tell ``label``'s classes apart without error (at least
+    ``LEAK_MIN_RECORDS`` records with both, at least 2 classes among them)."""
+    pairs = [(covariate_value(record, column), record.labels.get(label)) for record in records]
+    known = [(value, str(target).strip()) for value, target in pairs
+             if value is not None and target is not None and str(target).strip()]
+    if len(known) < LEAK_MIN_RECORDS or len({target for _, target in known}) < 2:
+        return False
+    numbers = [_number(value) for value, _ in known]
+    if None not in numbers:  # numeric: the classes' ranges of values, sorted, must not overlap
+        by_class: dict[str, list[float]] = {}
+        for number, (_, target) in zip(numbers, known, strict=True):
+            by_class.setdefault(target, []).append(number or 0.0)
+        spans = sorted((min(values), max(values)) for values in by_class.values())
+        return all(before[1] < after[0] for before, after in itertools.pairwise(spans))
+    classes_of: dict[str, set[str]] = {}
+    for value, target in known:
+        classes_of.setdefault(value, set()).add(target)
+    return all(len(targets) == 1 for targets in classes_of.values())
+
+
 def _number(text: str) -> float | None:
     try:
         number = float(text)
@@ -105,7 +148,7 @@ class CovariateEncoder:
             values = [covariate_value(record, column) for record in records]
             present = [value for value in values if value is not None]
             if not present:
-                available = sorted({key for record in records for key in record.meta})
+                available = sorted({key for record in records for key in (*record.meta, *record.labels)})
                 raise InputError(f"{source}: no record has a value for covariate column {column!r}; "
                                  f"metadata columns: {', '.join(available) or 'none'}")
             encoder.missing_share[column] = 1 - len(present) / len(values)
@@ -115,10 +158,12 @@ class CovariateEncoder:
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
             else:
                 distinct = sorted(set(present))
-                if len(distinct) > MAX_CATEGORIES:  # an id or free text, not a category: nor shown in outputs
+                once = sum(present.count(value) == 1 for value in distinct)
+                if len(distinct) > MAX_CATEGORIES or (len(distinct) >= 3 and once > len(distinct) / 2):
+                    # an id or free text, not a category: refused, so its values never reach an output
                     raise InputError(f"{source}: covariate column {column!r} has {len(distinct)} distinct "
-                                     f"non-numeric values; a covariate is a number or a category of at most "
-                                     f"{MAX_CATEGORIES}")
+                                     f"non-numeric values, {once} of them in one record only; a covariate is a "
+                                     f"number or a category of at most {MAX_CATEGORIES} values shared by records")
                 encoder.categories[column] = distinct
         return encoder
 
@@ -161,12 +206,15 @@ class CovariateModel:
 
     @classmethod
     def fit(cls, records: Sequence[Record], y: np.ndarray, num_classes: int, columns: Sequence[str],
-            source: str = "training data") -> CovariateModel:
+            source: str = "training data", label: str | None = None) -> CovariateModel:
         """Fit on ``records`` with class indices ``y`` (0 .. num_classes - 1); C = 1 on standardised inputs
-        (a handful of columns against hundreds of records needs little regularisation)."""
+        (a handful of columns against hundreds of records needs little regularisation). ``label``: the
+        label column ``y`` comes from; a covariate that is it or restates it is refused (``check_not_label``)."""
         from sklearn.linear_model import LogisticRegression
 
         encoder = CovariateEncoder.fit(records, columns, source)
+        if label is not None:
+            check_not_label(records, columns, [label], source)
         y = np.asarray(y)
         prior = np.bincount(y, minlength=num_classes) / len(y)
         classifier = None
@@ -203,12 +251,12 @@ class CovariateModel:
 
 
 def fuse_probabilities(image: np.ndarray, covariates: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """softmax(log p_image + log p_covariates - log prior) per row; a class with zero prior or zero image
-    probability in every row (never seen) keeps probability 0."""
+    """softmax(log p_image + log p_covariates - log prior) per row; a class with zero prior (never seen in
+    training) keeps probability 0."""
     image, covariates = np.asarray(image, dtype=float), np.asarray(covariates, dtype=float)
     if image.shape != covariates.shape:
         raise InputError(f"image probabilities {image.shape} and covariate probabilities {covariates.shape} differ")
-    seen = (np.asarray(prior) > 0) & (image.max(axis=0) > 0) if len(image) else np.asarray(prior) > 0
+    seen = np.asarray(prior) > 0
     logits = (np.log(np.clip(image, EPSILON, 1 - EPSILON)) + np.log(np.clip(covariates, EPSILON, 1 - EPSILON))
               - np.log(np.clip(prior, EPSILON, 1)))
     logits[:, ~seen] = -np.inf

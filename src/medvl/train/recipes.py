@@ -31,7 +31,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.covariates import CovariateEncoder, present_columns
+from ..eval.covariates import CovariateEncoder, check_not_label, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -182,7 +182,7 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  left_out, len(config.leave_out_images_of), len(dataset))
     if config.supervised_weight > 0:
         dataset = dataset.with_labels(config.label_columns)
-    config.covariates = covariates_for(dataset, settings)
+    config.covariates = covariates_for(dataset, settings, config.label_columns)
     if config.skip_flagged:
         dataset = skip_flagged_records(dataset, config.workers, show_progress)
     seed_everything(config.seed)  # the random init of the model is part of the run
@@ -192,16 +192,19 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
 
 
-def covariates_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
-    """The covariate columns of a run on ``dataset``. Columns given as an option must have a value in some
-    record (else an InputError before any training); the recipe's own columns that no record has are left
-    out with a warning, so a recipe made on data with patient metadata still trains on data without it."""
+def covariates_for(dataset: Dataset, settings: RecipeSettings, labels: Sequence[str] = ()) -> list[str]:
+    """The covariate columns of a run on ``dataset`` whose label columns are ``labels``. Columns given as an
+    option must have a value in some record; the recipe's own columns that no record has are left out with a
+    warning, so a recipe made on data with patient metadata still trains on data without it. Either way the
+    kept columns are checked before any training: an id or free-text column, or one that is or restates a
+    label (``medvl.eval.covariates.check_not_label``), is an InputError."""
     columns = list(settings.train.covariates)
-    if settings.covariates_given:
-        if columns:
-            CovariateEncoder.fit(dataset.records, columns, str(dataset.source))
-        return columns
-    return present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
+    if not settings.covariates_given:
+        columns = present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
+    if columns:
+        CovariateEncoder.fit(dataset.records, columns, str(dataset.source))
+        check_not_label(dataset.records, columns, labels, str(dataset.source))
+    return columns
 
 
 def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
