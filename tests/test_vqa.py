@@ -234,3 +234,36 @@ def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
     assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"  # the image itself is indexed
     assert cases[0]["score"] >= cases[1]["score"]
     assert "supporting case: images/phantom_00001" in output
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tmp_path):
+    """``--index`` takes a postgresql:// URL as every other command's does (a Path would mangle its '//')."""
+    import shutil
+    import tempfile
+
+    from medvl.models.registry import create_model
+
+    pgserver = pytest.importorskip("pgserver", reason="pgserver not installed; pip install -e '.[scale]'")
+    folder = Path(tempfile.mkdtemp(prefix="medvl-pg-vqa-"))  # pgserver opens its parents: keep it apart
+    try:
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
+    try:
+        create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+        url = server.get_uri() + "#vqa_cases"
+        result, output = invoke("index", "build", "--model", tmp_path / "dual", "--data", phantom, "--split", "all",
+                                "--out", url, "--quiet")
+        assert result.exit_code == 0, output
+        out = tmp_path / "answer.json"
+        result, output = invoke("vqa", phantom / "images" / "phantom_00001.png", "--model", trained, "--question",
+                                "Is there a pleural effusion?", "--index", url, "-k", "2", "--json", out)
+        assert result.exit_code == 0, output
+        cases = json.loads(out.read_text())["supporting_cases"]
+        assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)

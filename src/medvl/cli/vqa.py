@@ -149,8 +149,9 @@ def vqa_command(
     model: Annotated[Path, typer.Option(help="Trained VQA model folder, or a local transformers VLM folder "
                                              "(LLaVA, Gemma 3).")],
     question: Annotated[str, typer.Option(help="The question about the image(s).")],
-    index: Annotated[Path | None, typer.Option(
-        help="A case index (medvl index build): also list the nearest cases to the first image.")] = None,
+    index: Annotated[str | None, typer.Option(
+        help="A case index (medvl index build: a folder, or postgresql://user@host/db#table for pgvector): also "
+             "list the nearest cases to the first image.")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
     heatmap: Annotated[Path | None, typer.Option(
         help="Write the attention heatmap over the image(s) to this PNG.")] = None,
@@ -177,7 +178,7 @@ def vqa_command(
     emit_json({"model": model.name, **result}, json_out, overwrite)
 
 
-def _nearest_cases(index: Path, image: Path, k: int) -> list[dict[str, Any]]:
+def _nearest_cases(index: str, image: Path, k: int) -> list[dict[str, Any]]:
     from ..index import index_model, open_index, search_index
     from ..index.base import check_k
 
