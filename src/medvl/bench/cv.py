@@ -121,14 +121,14 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
     results = []
-    pooled = {key: np.zeros((len(dataset), len(classes))) for key in ("head", "probe", "fused", "probe_fused")}
+    pooled: dict[str, np.ndarray] = {}  # out-of-fold scores: head, probe (and fused, probe_fused with covariates)
     for fold, (train_index, test_index) in enumerate(splits):
         log.info("fold %d/%d: training on %d records, scoring %d", fold + 1, folds, len(train_index),
                  len(test_index))
         fold_result, fold_scores = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
                                              show_progress)
         for key, scores in fold_scores.items():
-            pooled[key][test_index] = scores
+            pooled.setdefault(key, np.zeros((len(dataset), len(classes))))[test_index] = scores
         results.append(fold_result)
     pooled_auc = {key: classification_metrics(y, scores, classes)["macro_auc"] for key, scores in pooled.items()}
     fused = ({"fused_auc_pooled": pooled_auc["fused"], "probe_fused_auc_pooled": pooled_auc["probe_fused"],
