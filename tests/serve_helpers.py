@@ -5,6 +5,7 @@ service test modules)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -65,6 +66,9 @@ class Server:
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        # as medvl serve's setup_json_logging: uvicorn's access log (its lines quote the URL) stays off even when a
+        # handler is attached to it, as pytest's caplog (9.2 and later) attaches one to every non-propagating logger
+        logging.getLogger("uvicorn.access").disabled = True
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self):
