@@ -1,8 +1,15 @@
-"""Running the ``medvl`` CLI in-process for tests (imported by the CLI test modules)."""
+"""Running the ``medvl`` CLI in-process for tests (imported by the CLI test modules), and the shared
+fixtures' building blocks: ISIC rows, manifests, a real PostgreSQL server."""
 
+import contextlib
 import csv
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from medvl.cli.main import app
@@ -31,3 +38,26 @@ def write_manifest(path: Path, header: list[str], rows: list[list]) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+@contextlib.contextmanager
+def postgres_server(prefix: str) -> Iterator[tuple[Any, Path]]:
+    """A real PostgreSQL server (the ``pgserver`` package, pgvector included) in a fresh temporary folder, stopped
+    and removed afterwards: yields the server and its folder. Skips the test, with the reason, when pgserver or
+    psycopg is not installed or the server cannot start."""
+    try:
+        import pgserver
+        import psycopg  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"pgserver / psycopg not installed ({err}); pip install -e '.[scale]'")
+    folder = Path(tempfile.mkdtemp(prefix=prefix))  # pgserver opens its parents: keep it apart
+    try:
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
+    try:
+        yield server, folder
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import tempfile
 from contextlib import closing
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import invoke
+from cli_helpers import invoke, postgres_server
 from medvl import DataError, InputError, create_model, load_dataset, load_model
 from medvl.data.record import Dataset, Record
 from medvl.index import Hit, build_index, open_index, resolve_image, search_index
@@ -365,20 +364,8 @@ def test_library_entry_points_check_numbers_first(small_index, patient_data, mod
 
 @pytest.fixture(scope="module")
 def pg_server():
-    try:
-        import pgserver
-        import psycopg  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"pgserver / psycopg not installed ({err}); pip install -e '.[scale]'")
-    folder = Path(tempfile.mkdtemp(prefix="medvl-pg-paths-"))  # pgserver opens its parents: keep it apart
-    try:
-        server = pgserver.get_server(folder, cleanup_mode="stop")
-    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
-    yield server, folder
-    server.cleanup()
-    shutil.rmtree(folder, ignore_errors=True)
+    with postgres_server("medvl-pg-paths-") as running:
+        yield running
 
 
 @pytest.mark.pgvector

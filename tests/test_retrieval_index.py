@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -22,6 +21,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli_helpers import postgres_server
 from medvl import DataError, InputError, ModelError, create_model, load_dataset, load_model
 from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
@@ -423,20 +423,8 @@ def test_cli_search_on_a_missing_index(tmp_path):
 
 @pytest.fixture(scope="module")
 def pg_url():
-    try:
-        import pgserver
-        import psycopg  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"pgserver / psycopg not installed ({err}); pip install -e '.[scale]'")
-    folder = tempfile.mkdtemp(prefix="medvl-pg-")  # pgserver opens its parents: keep it apart
-    try:
-        server = pgserver.get_server(folder, cleanup_mode="stop")
-    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
-    yield server.get_uri() + "#phantom_cases"
-    server.cleanup()
-    shutil.rmtree(folder, ignore_errors=True)
+    with postgres_server("medvl-pg-") as (server, _):
+        yield server.get_uri() + "#phantom_cases"
 
 
 @pytest.mark.pgvector

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import invoke
+from cli_helpers import invoke, postgres_server
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
 from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
@@ -240,19 +240,9 @@ def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tmp_path):
     """``--index`` takes a postgresql:// URL as every other command's does (a Path would mangle its '//')."""
-    import shutil
-    import tempfile
-
     from medvl.models.registry import create_model
 
-    pgserver = pytest.importorskip("pgserver", reason="pgserver not installed; pip install -e '.[scale]'")
-    folder = Path(tempfile.mkdtemp(prefix="medvl-pg-vqa-"))  # pgserver opens its parents: keep it apart
-    try:
-        server = pgserver.get_server(folder, cleanup_mode="stop")
-    except Exception as err:  # noqa: BLE001 - any failure to start means: no server to test against
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"pgserver could not start a PostgreSQL server: {err}")
-    try:
+    with postgres_server("medvl-pg-vqa-") as (server, _):
         create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
         url = server.get_uri() + "#vqa_cases"
         result, output = invoke("index", "build", "--model", tmp_path / "dual", "--data", phantom, "--split", "all",
@@ -264,6 +254,3 @@ def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tm
         assert result.exit_code == 0, output
         cases = json.loads(out.read_text())["supporting_cases"]
         assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"
-    finally:
-        server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
