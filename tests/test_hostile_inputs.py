@@ -713,3 +713,18 @@ def test_outside_root_opt_in_through_the_cli(tmp_path: Path, tiny_model: Path):
     result, output = invoke("eval", "zero-shot", "--model", tiny_model, "--data", target, "--split", "all",
                             "--label-column", "finding", "--allow-outside-root", "-q")
     assert result.exit_code == 0, output
+
+
+def test_a_multi_frame_image_reads_its_first_frame_and_the_log_does_not_name_it(tmp_path, caplog):
+    """A dataset's image paths can carry patient ids: the warning counts frames, it does not name the file."""
+    import logging
+
+    from medvl.data.images import read_pil
+
+    path = tmp_path / "DOE_JOHN_0042.tif"
+    frames = [Image.fromarray(np.full((8, 8), 10 + 40 * i, np.uint8)) for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING):
+        pixels = read_pil(path)
+    assert pixels.shape == (8, 8) and float(pixels.mean()) == 10.0
+    assert "3 frames" in caplog.text and "DOE" not in caplog.text

@@ -327,12 +327,14 @@ def test_vqa_missing_image_error_or_counted_skip(tmp_path, caplog):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "a.jpg")
     path = tmp_path / "trainset.json"
     path.write_text(json.dumps([
-        {"qid": 1, "image_name": "a.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
-        {"qid": 2, "image_name": "gone.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
+        {"qid": 1001, "image_name": "a.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
+        {"qid": 1002, "image_name": "gone.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
     ]))
-    with pytest.raises(DataError, match=r"question 2: image file not found: .*images/gone\.jpg"):
+    with pytest.raises(DataError, match=r"question 1002: image file not found: .*images/gone\.jpg"):
         load_vqa(path)
     with caplog.at_level(logging.WARNING):
         items = load_vqa(path, skip_missing_images=True)
-    assert [item.qid for item in items] == ["1"]
-    assert "skipped 1 of 2 questions whose image file is missing (first: qid 2)" in caplog.text
+    assert [item.qid for item in items] == ["1001"]
+    # the log counts and gives the position in the file, not the id from the data
+    assert "skipped 1 of 2 questions whose image file is missing (first: question 2 of the file)" in caplog.text
+    assert "1002" not in caplog.text

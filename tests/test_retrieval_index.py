@@ -263,11 +263,15 @@ def _duplicate_dataset(dataset, folder: Path) -> Dataset:
     return Dataset(records, source=str(folder))
 
 
-def test_duplicate_images_are_detected(model, model_dir, dataset, tmp_path):
+def test_duplicate_images_are_detected(model, model_dir, dataset, tmp_path, caplog):
     data = _duplicate_dataset(dataset, tmp_path / "dup")
     assert Path(data[0].image).read_bytes() != Path(data[4].image).read_bytes()
-    info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    with caplog.at_level("WARNING"):
+        info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, show_progress=False)
     assert info["n_cases"] == 4 and info["duplicates"] == [{"id": "again", "duplicate_of": data[0].id}]
+    # the log counts them; the ids (accession numbers, say) are in the result only
+    assert "skipped 1 cases whose image is already indexed" in caplog.text
+    assert "again" not in caplog.text and data[0].id not in caplog.text
     with open_index(tmp_path / "idx", writable=True) as index:
         index.delete([data[0].id])
         index.save()

@@ -91,7 +91,8 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                     raise DataError(name, problem)
                 frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
                 if frames > 1:
-                    log.warning("%s: %d frames, reading the first only", name, frames)
+                    # not named: a dataset's image paths can carry patient or study ids
+                    log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)
                 img.load()
                 return _pil_to_array(img)
     except Image.DecompressionBombError:

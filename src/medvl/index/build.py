@@ -185,8 +185,9 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
                     builder.append(cases, vectors, text_vectors)
                 advance(len(batch))
         if duplicates:
-            log.warning("skipped %d cases whose image is already indexed (e.g. %s = %s)", len(duplicates),
-                        duplicates[0]["id"], duplicates[0]["duplicate_of"])
+            # counted only: ids can be accession numbers; the result's "duplicates" lists each with its original
+            log.warning("skipped %d cases whose image is already indexed (listed in the result's duplicates)",
+                        len(duplicates))
         info = builder.finish(new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset), kind)
     finally:
         builder.close()

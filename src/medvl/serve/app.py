@@ -130,8 +130,9 @@ class Loader:
                 service = await asyncio.to_thread(self.load)
             except MedvlError as error:
                 self.failure = f"the model could not be loaded: {error}"
-                # the reason names the model / index folders (the operator's settings), never patient data
-                log.error("model not loaded", extra={"error": type(error).__name__, "detail": str(error)})
+                # the log keeps the error type only (a library's message may quote what it read); the reason, for
+                # the operator, is in /health and every route's 503
+                log.error("model not loaded", extra={"error": type(error).__name__})
                 return
         await service.start()
         app.state.service = service

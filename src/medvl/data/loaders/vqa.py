@@ -223,17 +223,17 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
     check_inside_root(path, path.parent, [(f"item {index}", _outermost(item, path.parent)) for index, (item, _)
                                           in enumerate(parsed)], allow_outside_root, what="questions")
     items, missing = [], []
-    for item, exists in parsed:
+    for position, (item, exists) in enumerate(parsed, 1):
         if exists:
             items.append(item)
         elif skip_missing_images:
-            missing.append(item)
+            missing.append(position)
         else:
             missing_image = next(image for image in item.images if not is_file(image))
             raise DataError(path, f"question {item.qid}: image file not found: {missing_image}")
     if missing:
-        log.warning("%s: skipped %d of %d questions whose image file is missing (first: qid %s)",
-                    path, len(missing), len(missing) + len(items), missing[0].qid)
+        log.warning("%s: skipped %d of %d questions whose image file is missing (first: question %d of the file)",
+                    path, len(missing), len(missing) + len(items), missing[0])
     return items
 
 
