@@ -4,6 +4,7 @@ on real ISIC images with their real age and sex."""
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,45 @@ def test_a_covariate_that_is_or_restates_the_label_is_refused():
     check_not_label(records[:12], ["diagnosis"], ["benign_malignant"], "isic.csv")
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e400", "1.7e308"])
+def test_an_infinite_or_absurd_number_is_refused_naming_the_column(value):
+    """Not turned into a category (inf) nor overflowing the standardisation (1.7e308): one clear error."""
+    records = [_record(i, age=str(30 + i)) for i in range(10)] + [_record(10, age=value)]
+    with pytest.raises(InputError, match=r"ages.csv: covariate column 'age' has a value that is not a finite number"):
+        CovariateEncoder.fit(records, ["age"], "ages.csv")
+    encoder = CovariateEncoder.fit(records[:10], ["age"], "ages.csv")  # in a scored record: the same error
+    with pytest.raises(InputError, match=r"scored records: covariate column 'age'"):
+        encoder.transform(records[10:])
+
+
+def test_a_column_of_one_value_is_kept_with_a_warning(caplog):
+    records = [_record(i, sex="female", age="50") for i in range(6)]
+    with caplog.at_level("WARNING"):
+        encoder = CovariateEncoder.fit(records, ["sex", "age"], "one.csv")
+    assert encoder.categories == {"sex": ["female"]} and encoder.numeric == {"age": (50.0, 1.0)}
+    assert caplog.text.count("has one value in every training record") == 2 and "female" not in caplog.text
+
+
+def test_train_config_checks_its_covariates_as_the_option_does():
+    from medvl.train.loop import TrainConfig
+
+    config = TrainConfig(covariates=[" sex", "age_approx"])
+    config.validate()
+    assert config.covariates == ["sex", "age_approx"]
+    for bad, message in ((["sex", "sex"], "given more than once"), (["none", "sex"], "cannot be combined"),
+                         ([1], "covariates must be a list of column names"), ("sex", "must be a list"),
+                         (None, "must be a list")):
+        with pytest.raises(InputError, match=message):
+            TrainConfig(covariates=bad).validate()
+
+
 def test_parse_columns():
     assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
     assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []
     with pytest.raises(InputError, match=r"covariate column\(s\) sex given more than once: sex, age, sex"):
         parse_columns("sex,age,sex")
+    with pytest.raises(InputError, match="'none' .the image alone. cannot be combined with column names"):
+        parse_columns("none,sex")
 
 
 def test_binary_fusion_is_the_sum_of_logits_minus_the_prior():
@@ -189,6 +224,23 @@ def test_bench_cv_reports_fused_and_image_only_figures(isic_with_age, tmp_path):
         assert 0 <= metrics[key] <= 1, key
     fold = metrics["folds"][0]
     assert len(fold["fused_probabilities"]) == fold["n_test"] and fold["fused_auc"] != fold["auc"]
+
+
+def test_bench_cv_checks_every_folds_training_records_before_training(isic_with_age, tmp_path):
+    """A column with one value in the file: some fold's training records have none, named before any training."""
+    with isic_with_age.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    manifest = write_manifest(tmp_path / "bmi.csv", [*rows[0], "bmi"],
+                              [[*row, "24.5" if i == 0 else ""] for i, row in enumerate(rows[1:])])
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", manifest, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--covariates", "bmi",
+                            "--json", out)
+    assert result.exit_code == 2, output
+    message = " ".join(output.split())
+    assert re.search(r"bmi.csv \(fold [12] training records\): no record has a value for covariate column 'bmi'",
+                     message), message
+    assert not out.exists()
 
 
 def test_scored_records_without_covariates_keep_the_image_ranking(model_with_covariates, isic_with_age, tmp_path,

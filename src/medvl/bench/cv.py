@@ -46,7 +46,7 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
-from ..eval.covariates import CovariateModel
+from ..eval.covariates import CovariateEncoder, CovariateModel, check_not_label
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
@@ -120,6 +120,12 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings.captions = caption_config  # read once for every fold
     get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
+    for fold, (train_index, _) in enumerate(splits if settings.train.covariates else []):
+        # every fold's training records must carry the covariates too: a bad fold fails before any fold trains
+        records = [dataset.records[i] for i in train_index]
+        where = f"{dataset.source} (fold {fold + 1} training records)"
+        CovariateEncoder.fit(records, settings.train.covariates, where)
+        check_not_label(records, settings.train.covariates, [label], where)
     results = []
     pooled: dict[str, np.ndarray] = {}  # out-of-fold scores: head, probe (and fused, probe_fused with covariates)
     for fold, (train_index, test_index) in enumerate(splits):
@@ -265,7 +271,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     fused: dict[str, Any] = {}
     if settings.train.covariates:
         covariate_model = CovariateModel.fit(train_set.records, y_train, len(classes), settings.train.covariates,
-                                             f"{dataset.source} (fold {fold + 1})", label)
+                                             f"{dataset.source} (fold {fold + 1} training records)", label)
         alone = covariate_model.probabilities(test_set.records)
         scores["fused"] = covariate_model.fuse(probabilities, covariate_probabilities=alone)
         scores["probe_fused"] = covariate_model.fuse(probe_probabilities, covariate_probabilities=alone)

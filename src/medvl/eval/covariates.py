@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
 MAX_CATEGORIES = 20  # distinct values a categorical covariate may have
 EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
+MAX_MAGNITUDE = 1e100  # a numeric covariate beyond this (or inf, nan spelled as a number) is refused
 LEAK_MIN_RECORDS = 20  # a column that separates the classes perfectly over this many records restates the label
 
 
@@ -55,6 +56,9 @@ def parse_columns(text: str | Sequence[str] | None) -> list[str]:
     names = [name.strip() for name in names if name.strip()]
     if [name.lower() for name in names] == ["none"]:
         return []
+    if "none" in (name.lower() for name in names):
+        raise InputError(f"covariates: 'none' (the image alone) cannot be combined with column names: "
+                         f"{', '.join(names)}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InputError(f"covariate column(s) {', '.join(repeated)} given more than once: {', '.join(names)}")
@@ -94,13 +98,13 @@ def check_not_label(records: Sequence[Record], columns: Sequence[str], labels: S
         if label in columns:
             raise InputError(f"{source}: {label!r} is the label column; it cannot also be a covariate")
         for column in columns:
-            if _separates(records, column, label):
+            if _separates(records, column, label, source):
                 raise InputError(f"{source}: covariate column {column!r} separates the classes of label {label!r} "
                                  f"perfectly on the training records: it restates the label (a leak), not a "
                                  f"covariate; leave it out of the covariates")
 
 
-def _separates(records: Sequence[Record], column: str, label: str) -> bool:
+def _separates(records: Sequence[Record], column: str, label: str, source: str) -> bool:
     """Whether ``column``'s present values tell ``label``'s classes apart without error (at least
     ``LEAK_MIN_RECORDS`` records with both, at least 2 classes among them)."""
     pairs = [(covariate_value(record, column), record.labels.get(label)) for record in records]
@@ -108,7 +112,7 @@ def _separates(records: Sequence[Record], column: str, label: str) -> bool:
              if value is not None and target is not None and str(target).strip()]
     if len(known) < LEAK_MIN_RECORDS or len({target for _, target in known}) < 2:
         return False
-    numbers = [_number(value) for value, _ in known]
+    numbers = [_parsed(value, column, source) for value, _ in known]
     if None not in numbers:  # numeric: the classes' ranges of values, sorted, must not overlap
         by_class: dict[str, list[float]] = {}
         for number, (_, target) in zip(numbers, known, strict=True):
@@ -122,11 +126,27 @@ def _separates(records: Sequence[Record], column: str, label: str) -> bool:
 
 
 def _number(text: str) -> float | None:
+    """The value as a number; None for text. InputError (``OutOfRange``) for inf or a magnitude of at least
+    ``MAX_MAGNITUDE``, which no covariate has and which would overflow the standardisation."""
     try:
         number = float(text)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
+    if not math.isfinite(number) or abs(number) >= MAX_MAGNITUDE:
+        raise _OutOfRange
+    return number
+
+
+class _OutOfRange(Exception):
+    """A covariate value that parses as a number but is infinite or absurdly large."""
+
+
+def _parsed(value: str, column: str, source: str) -> float | None:
+    try:
+        return _number(value)
+    except _OutOfRange:
+        raise InputError(f"{source}: covariate column {column!r} has a value that is not a finite number of "
+                         f"magnitude below {MAX_MAGNITUDE:g} (inf, or too large)") from None
 
 
 @dataclass
@@ -152,10 +172,13 @@ class CovariateEncoder:
                 raise InputError(f"{source}: no record has a value for covariate column {column!r}; "
                                  f"metadata columns: {', '.join(available) or 'none'}")
             encoder.missing_share[column] = 1 - len(present) / len(values)
-            numbers = [_number(value) for value in present]
+            numbers = [_parsed(value, column, source) for value in present]
             if all(number is not None for number in numbers):
                 array = np.array(numbers, dtype=float)
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
+                if array.std() == 0:
+                    log.warning("%s: covariate column %r has one value in every training record: it tells the "
+                                "classes nothing", source, column)
             else:
                 distinct = sorted(set(present))
                 once = sum(present.count(value) == 1 for value in distinct)
@@ -165,6 +188,9 @@ class CovariateEncoder:
                                      f"non-numeric values, {once} of them in one record only; a covariate is a "
                                      f"number or a category of at most {MAX_CATEGORIES} values shared by records")
                 encoder.categories[column] = distinct
+                if len(distinct) == 1:
+                    log.warning("%s: covariate column %r has one value in every training record: it tells the "
+                                "classes nothing", source, column)
         return encoder
 
     def transform(self, records: Iterable[Record]) -> np.ndarray:
@@ -177,7 +203,7 @@ class CovariateEncoder:
                 value = covariate_value(record, column)
                 if column in self.numeric:
                     mean, std = self.numeric[column]
-                    number = None if value is None else _number(value)
+                    number = None if value is None else _parsed(value, column, "scored records")
                     row += [0.0, 1.0] if number is None else [(number - mean) / std, 0.0]
                 else:
                     row += [float(value == category) for category in self.categories[column]]

@@ -50,7 +50,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     covariate_model = None
     if covariates:  # a bad column fails before any image is read
         covariate_model = CovariateModel.fit(train_data.records, y_train, len(classes), covariates,
-                                             str(train_data.source), label)
+                                             f"{train_data.source} (training records)", label)
     x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
     x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
     calibration = None

@@ -101,6 +101,11 @@ class TrainConfig:
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
+        if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):
+            raise InputError(f"covariates must be a list of column names, got {self.covariates!r}")
+        from ..eval.covariates import parse_columns
+
+        self.covariates = parse_columns(self.covariates)  # trimmed; a repeat or "none" beside a name refused
 
     def validate_numbers(self) -> None:
         """The range of every numeric field (one shared check, as the CLI options)."""
