@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
 MAX_CATEGORIES = 20  # distinct values a categorical covariate may have
 EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
-MAX_MAGNITUDE = 1e100  # a numeric covariate beyond this (or inf, nan spelled as a number) is refused
+MAX_MAGNITUDE = 1e100  # a numeric covariate of this magnitude or more (or inf) is refused; "nan" is missing
 LEAK_MIN_RECORDS = 20  # a column that separates the classes perfectly over this many records restates the label
 
 
@@ -126,8 +126,9 @@ def _separates(records: Sequence[Record], column: str, label: str, source: str) 
 
 
 def _number(text: str) -> float | None:
-    """The value as a number; None for text. InputError (``OutOfRange``) for inf or a magnitude of at least
-    ``MAX_MAGNITUDE``, which no covariate has and which would overflow the standardisation."""
+    """The value as a number; None for text. ``_OutOfRange`` for inf or a magnitude of at least ``MAX_MAGNITUDE``,
+    which no covariate has and which would overflow the standardisation (``_parsed`` turns it into an InputError
+    naming the column)."""
     try:
         number = float(text)
     except ValueError:
