@@ -114,6 +114,16 @@ def test_train_config_checks_its_covariates_as_the_option_does():
             TrainConfig(covariates=bad).validate()
 
 
+def test_values_training_never_had_are_reported_as_unseen():
+    """A category only the scored records have (a split column, a new site) counts as missing, and says so."""
+    train = [_record(i, sex=["female", "male"][i % 2]) for i in range(8)]
+    model = CovariateModel.fit(train, np.array([i % 2 for i in range(8)]), 2, ["sex"])
+    scored = [_record(10, sex="other"), _record(11, sex="female"), _record(12), _record(13, sex="other")]
+    described = model.describe(scored)["columns"]["sex"]
+    assert described["missing_share_scored"] == 0.25 and described["unseen_share_scored"] == 0.5
+    assert np.allclose(model.probabilities(scored[:1]), model.probabilities(scored[2:3]))  # unseen = missing
+
+
 def test_parse_columns():
     assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
     assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []
@@ -245,20 +255,24 @@ def test_bench_cv_checks_every_folds_training_records_before_training(isic_with_
 
 def test_scored_records_without_covariates_keep_the_image_ranking(model_with_covariates, isic_with_age, tmp_path,
                                                                    caplog):
-    """Test images with no age or sex at all: the covariate model says the same for each, so the fused AUC is
-    the image probe's exactly, and the log says the column is missing (no value of it)."""
+    """Test images with no age and a sex training never saw: the covariate model says the same for each, so the
+    fused AUC is the image probe's exactly, and the log says so per column (names only, no value)."""
     from medvl.data import load_dataset
     from medvl.eval.linear_probe import linear_probe
     from medvl.models.registry import load_model
 
     dataset = load_dataset(isic_with_age, allow_outside_root=True)
     train = dataset.select("train")
+    # no age, and a sex value training never had (it counts as missing): every test record alike
     bare = dataset.subset([Record(id=r.id, images=r.images, labels={"diagnosis": r.labels["diagnosis"]},
-                                  split=r.split) for r in dataset.select("test")])
+                                  meta={"sex": "other"}, split=r.split) for r in dataset.select("test")])
     with caplog.at_level("WARNING"):
         result = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
                               show_progress=False, covariates=["age_approx", "sex"], calibration_data=train)
     assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
+    assert result["covariates"]["columns"]["sex"]["unseen_share_scored"] == 1.0
+    assert "covariate column 'sex' has no value in the 20 scored records that the training records had" in caplog.text
+    assert "other" not in caplog.text
     assert result["auc"] == pytest.approx(result["image_only"]["auc"])
     # the calibration records have age and sex: their probabilities are the image probe's fused with them
     plain = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),

@@ -268,12 +268,18 @@ class CovariateModel:
         return fuse_probabilities(image_probabilities, covariate_probabilities, self.prior)
 
     def describe(self, records: Sequence[Record] | None = None) -> dict[str, Any]:
-        """The columns and, for ``records`` (e.g. the test set), each column's missing share there."""
+        """The columns and, for ``records`` (e.g. the test set), each column's missing share there and, for a
+        categorical column, the share of values training never had (they count as missing)."""
         columns = self.encoder.describe()
         if records is not None:
             for column in columns:
-                missing = sum(covariate_value(record, column) is None for record in records)
+                values = [covariate_value(record, column) for record in records]
+                missing = sum(value is None for value in values)
                 columns[column]["missing_share_scored"] = round(missing / max(len(records), 1), 4)
+                if column in self.encoder.categories:
+                    unseen = sum(value is not None and value not in self.encoder.categories[column]
+                                 for value in values)
+                    columns[column]["unseen_share_scored"] = round(unseen / max(len(records), 1), 4)
         return {"columns": columns, "prior": np.round(self.prior, 5).tolist()}
 
 

@@ -110,6 +110,9 @@ def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_te
         if entry["missing_share_scored"] == 1.0:
             log.warning("%s: covariate column %r is missing in all %d scored records; their fused probabilities "
                         "are about the image's", test_data.source, column, len(test_data))
+        elif entry["missing_share_scored"] + entry.get("unseen_share_scored", 0.0) > 1 - 0.5 / len(test_data):
+            log.warning("%s: covariate column %r has no value in the %d scored records that the training records "
+                        "had (values never seen count as missing)", test_data.source, column, len(test_data))
     fusion = {"image_only": {"auc": full["macro_auc"], "accuracy": full["accuracy"],
                              "balanced_accuracy": full["balanced_accuracy"]},
               "covariates": {**described, "auc": classification_metrics(y_test, alone, classes)["macro_auc"],
