@@ -46,7 +46,7 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
-from ..eval.covariates import CovariateEncoder, CovariateModel, check_not_label
+from ..eval.covariates import CovariateModel, check_covariates
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
@@ -122,10 +122,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     splits = make_folds(y, folds, seed, groups)
     for fold, (train_index, _) in enumerate(splits if settings.train.covariates else []):
         # every fold's training records must carry the covariates too: a bad fold fails before any fold trains
-        records = [dataset.records[i] for i in train_index]
-        where = f"{dataset.source} (fold {fold + 1} training records)"
-        CovariateEncoder.fit(records, settings.train.covariates, where)
-        check_not_label(records, settings.train.covariates, [label], where)
+        check_covariates([dataset.records[i] for i in train_index], settings.train.covariates, [label],
+                         f"{dataset.source} (fold {fold + 1} training records)")
     results = []
     pooled: dict[str, np.ndarray] = {}  # out-of-fold scores: head, probe (and fused, probe_fused with covariates)
     for fold, (train_index, test_index) in enumerate(splits):

@@ -448,8 +448,12 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     spec = ctx.data.spec
     train, test = ctx.training_split(), ctx.data.split(spec.split)
     calibration = _calibration_split(ctx) if "calibration" in ctx.checks and not few_shot else None
-    covariates = ([] if few_shot else model_covariates(ctx.net, train.records, str(train.source))
-                  if ctx.task.covariates is None else list(ctx.task.covariates))
+    if few_shot:  # few-shot probes stay image-only
+        covariates = []
+    elif ctx.task.covariates is not None:
+        covariates = list(ctx.task.covariates)
+    else:
+        covariates = model_covariates(ctx.net, train.records, str(train.source))
     result = linear_probe(ctx.net, train, test, ctx.label, few_shot=ctx.task.shots if few_shot else (),
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
                           keep_scores=True, calibration_data=calibration, covariates=covariates)

@@ -92,6 +92,16 @@ def model_covariates(model: Any, records: Sequence[Record], source: str) -> list
     return present_columns(records, getattr(model, "meta", {}).get("covariates", []), source, "the model's")
 
 
+def check_covariates(records: Sequence[Record], columns: Sequence[str], labels: Sequence[str],
+                     source: str) -> CovariateEncoder:
+    """The encoder of ``columns`` fitted on ``records`` (training records), after every check: each column has
+    a value, is a number or a category (``CovariateEncoder.fit``), and is not one of ``labels`` nor restates it
+    (``check_not_label``). InputError naming ``source`` and the column otherwise."""
+    encoder = CovariateEncoder.fit(records, columns, source)
+    check_not_label(records, columns, labels, source)
+    return encoder
+
+
 def check_not_label(records: Sequence[Record], columns: Sequence[str], labels: Sequence[str], source: str) -> None:
     """InputError for a covariate that is one of ``labels`` or restates one (see the module docstring)."""
     for label in labels:
@@ -239,9 +249,7 @@ class CovariateModel:
         label column ``y`` comes from; a covariate that is it or restates it is refused (``check_not_label``)."""
         from sklearn.linear_model import LogisticRegression
 
-        encoder = CovariateEncoder.fit(records, columns, source)
-        if label is not None:
-            check_not_label(records, columns, [label], source)
+        encoder = check_covariates(records, columns, [] if label is None else [label], source)
         y = np.asarray(y)
         prior = np.bincount(y, minlength=num_classes) / len(y)
         classifier = None

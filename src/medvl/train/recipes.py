@@ -31,7 +31,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.covariates import CovariateEncoder, check_not_label, present_columns
+from ..eval.covariates import check_covariates, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -197,13 +197,12 @@ def covariates_for(dataset: Dataset, settings: RecipeSettings, labels: Sequence[
     option must have a value in some record; the recipe's own columns that no record has are left out with a
     warning, so a recipe made on data with patient metadata still trains on data without it. Either way the
     kept columns are checked before any training: an id or free-text column, or one that is or restates a
-    label (``medvl.eval.covariates.check_not_label``), is an InputError."""
+    label (``medvl.eval.covariates.check_covariates``), is an InputError."""
     columns = list(settings.train.covariates)
     if not settings.covariates_given:
         columns = present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
     if columns:
-        CovariateEncoder.fit(dataset.records, columns, str(dataset.source))
-        check_not_label(dataset.records, columns, labels, str(dataset.source))
+        check_covariates(dataset.records, columns, labels, str(dataset.source))
     return columns
 
 
