@@ -98,6 +98,19 @@ def test_predict_answers_each_image(trained, phantom_dir, tmp_path):
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-4
 
 
+def test_predict_takes_repeated_labels_and_refuses_an_undescribed_label_column(trained, phantom_dir, tmp_path):
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly",
+                            "--labels", " nodule ", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    answer = json.loads((tmp_path / "p.json").read_text())["predictions"][0]
+    assert list(answer["probabilities"]) == ["no_finding", "cardiomegaly", "nodule"]  # every repeat, trimmed
+    # a misspelt column used to fall back to the bare class names without a word
+    result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly",
+                            "--label-column", "findings")
+    assert result.exit_code == 2 and "unknown label column 'findings'; the captions describe finding" in output
+
+
 def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
     test_only = tmp_path / "test_only.npz"
     source = np.load(tiny_npz)

@@ -369,6 +369,15 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     np.testing.assert_allclose(embedded["embedding"], reference, atol=1e-5)
 
 
+def test_zero_shot_refuses_a_label_column_the_captions_do_not_describe(client, png):
+    answer = client.post("/v1/zero-shot", headers=auth(), files={"image": ("x.png", png.read_bytes())},
+                         data={"labels": LABELS, "label_column": "findings"})
+    assert answer.status_code == 422 and "unknown label column 'findings'" in answer.json()["detail"]
+    named = client.post("/v1/zero-shot", headers=auth(), files={"image": ("x.png", png.read_bytes())},
+                        data={"labels": LABELS, "label_column": "finding"})
+    assert named.status_code == 200 and named.json()["label_column"] == "finding"
+
+
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
     token = TOKENS[0]
     settings = ServeSettings()  # backend auto: channels-last for a medvl model folder

@@ -24,7 +24,8 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
 
     Class descriptions come from ``captions`` (a config or a file), else from the captions the
     model was trained with; ``label_column`` picks which column's descriptions apply (default: the
-    first column that describes every requested class). ``backend``: see ``load_model`` (model paths only).
+    first column that describes every requested class; one the captions do not describe is refused).
+    ``backend``: see ``load_model`` (model paths only).
     """
     if len(set(class_names)) < 2:
         raise InputError(f"need at least 2 distinct labels, got {list(class_names)}")
@@ -57,9 +58,15 @@ def ood_flags(net, features) -> list[dict]:
 
 
 def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: str | None = None,
-                  captions: CaptionConfig | str | Path | None = None) -> tuple[str, list[list[str]]]:
-    """The label column whose descriptions apply and each class's prompt ensemble (see ``predict``)."""
+                  captions: CaptionConfig | str | Path | None = None,
+                  described_only: bool = True) -> tuple[str, list[list[str]]]:
+    """The label column whose descriptions apply and each class's prompt ensemble (see ``predict``).
+
+    A ``label_column`` the captions do not describe is an unknown label column (InputError) when they
+    describe any; ``described_only=False`` lets a dataset's own column fall back to the class names."""
     config = captions_for(None, captions, net)
+    if label_column and described_only:
+        config.check_column(label_column)
     column = label_column or caption_column_for(config, class_names)
     return column, [config.prompts(column, name) for name in class_names]
 

@@ -7,15 +7,16 @@ from typing import Annotated
 
 import typer
 
-from .common import CaptionsOption, OverwriteOption, console, handle_errors
+from .common import CaptionsOption, OverwriteOption, console, handle_errors, split_names
 
 
 @handle_errors
 def explain_command(
     image: Annotated[Path, typer.Argument(help="Image file to explain (2D).")],
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
-    labels: Annotated[str | None, typer.Option(
-        help="Comma-separated findings to choose among (default: every class the model's captions describe).")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        help="Findings to choose among, comma-separated or the option repeated (default: every class the "
+             "model's captions describe).")] = None,
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: the first with all the labels).")] = None,
     captions: CaptionsOption = None,
@@ -54,7 +55,7 @@ def explain_command(
     fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions)
     if fitted is not None and saved is not None and concept_data is not None:
         fitted.save(saved)
-    names = labels.split(",") if labels is not None else (fitted.classes if fitted is not None else None)
+    names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
     _print(result, out)
     if fitted is not None and saved is not None:

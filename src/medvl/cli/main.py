@@ -29,6 +29,7 @@ from .common import (
     handle_errors,
     print_metrics,
     setup_logging,
+    split_names,
 )
 from .eval import eval_app
 from .explain import explain_command
@@ -122,7 +123,8 @@ def phantom_command(
 def predict_command(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
-    labels: Annotated[str, typer.Option(help="Comma-separated class names.")],
+    labels: Annotated[list[str], typer.Option(
+        help="Class names, comma-separated, or the option repeated (--labels a --labels b).")],
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: first with all these classes).")] = None,
     captions: CaptionsOption = None,
@@ -134,7 +136,7 @@ def predict_command(
     from ..predict import predict
 
     check_outputs(overwrite, json=json_out)
-    class_names = [name.strip() for name in labels.split(",") if name.strip()]
+    class_names = split_names(labels)
     results = predict(model, images, class_names, label_column=label_column, captions=captions, backend=backend)
     for item in results:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])

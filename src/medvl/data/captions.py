@@ -47,6 +47,12 @@ class CaptionConfig:
         }
         return cls(templates=templates, classes=classes)
 
+    def check_column(self, column: str) -> None:
+        """Refuse a label column these captions do not describe when they describe any (a misspelt
+        column would otherwise fall back to the bare class names without a word)."""
+        if self.classes and column not in self.classes:
+            raise InputError(f"unknown label column {column!r}; the captions describe {', '.join(self.classes)}")
+
     def descriptions(self, column: str, class_name: str) -> list[str]:
         described = self.classes.get(column, {}).get(class_name)
         return described or [class_name.replace("_", " ")]

@@ -41,8 +41,8 @@ def finding_classes(model, labels: Sequence[str] | None = None, label_column: st
     requested = [name.strip() for name in labels or [] if name.strip()]
     column = label_column or (caption_column_for(config, requested) if requested else next(iter(config.classes), ""))
     known = list(config.classes.get(column, {}))
-    if label_column is not None and config.classes and column not in config.classes:
-        raise InputError(f"unknown label column {column!r}; the captions describe {', '.join(config.classes)}")
+    if label_column is not None:
+        config.check_column(label_column)
     if requested and config.classes:
         described = {name for per_class in config.classes.values() for name in per_class}
         unknown = [name for name in requested if name not in (known or described)]

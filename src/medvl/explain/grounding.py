@@ -164,7 +164,7 @@ def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence
     _check_thresholds(thresholds)
     dataset.require_label(label)
     classes = dataset.classes(label)
-    texts = class_embeddings(model, class_prompts(model, classes, label, captions)[1])
+    texts = class_embeddings(model, class_prompts(model, classes, label, captions, described_only=False)[1])
     cases = [(r, str(r.labels[label]), truth) for r in dataset
              for truth in [phantom_truth(r, str(r.labels[label]))] if truth is not None]
     if not cases:
