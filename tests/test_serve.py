@@ -378,6 +378,24 @@ def test_zero_shot_refuses_a_label_column_the_captions_do_not_describe(client, p
     assert named.status_code == 200 and named.json()["label_column"] == "finding"
 
 
+def test_a_form_field_that_is_not_utf8_is_refused_naming_the_field(client, png):
+    """Starlette reads such a field as Latin-1 without a word: b"\\xff\\xfe" would become the label "ÿþ"."""
+    image = ("x.png", png.read_bytes())
+    latin1 = client.post("/v1/zero-shot", headers=auth(),
+                         files={"image": image, "labels": (None, b"\xe9panchement,normal")})
+    assert latin1.status_code == 422 and latin1.json()["detail"] == "form field 'labels' is not UTF-8 text"
+    question = client.post("/v1/vqa", headers=auth(), files={"images": image, "question": (None, b"is it \xff?")})
+    assert question.status_code == 422 and "'question' is not UTF-8" in question.json()["detail"]
+    encoded = client.post("/v1/search", headers={**auth(), "Content-Type": "application/x-www-form-urlencoded"},
+                          content=b"text=%FF%FEeffusion&k=3")
+    assert encoded.status_code == 422 and "'text' is not UTF-8" in encoded.json()["detail"]
+    utf8 = client.post("/v1/zero-shot", headers=auth(),
+                       files={"image": image, "labels": (None, "épanchement,normal".encode())})
+    assert utf8.status_code == 200 and list(utf8.json()["probabilities"]) == ["épanchement", "normal"]
+    # an upload's own bytes are no text field: a PNG is full of invalid UTF-8 and is answered
+    assert zero_shot(client, png.read_bytes()).status_code == 200
+
+
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
     token = TOKENS[0]
     settings = ServeSettings()  # backend auto: channels-last for a medvl model folder

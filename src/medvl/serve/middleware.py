@@ -1,10 +1,12 @@
-"""The service's outer layer (plain ASGI): request id, token check, rate limit, body limit, one log line.
+"""The service's outer layer (plain ASGI): request id, token check, rate limit, body limit, UTF-8 form
+text, one log line.
 
 Checks that need no body run before the body is read, so an unauthenticated or rate-limited client
 cannot make the server take in an upload: ``/v1/*`` routes other than ``/v1/health`` need a valid
 bearer token (401) within its rate (429); a declared ``Content-Length`` above the upload limit is
 refused at once (413) and a streamed (chunked) body is counted and cut off there (413). A route
-taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes.
+taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
+text field that is not UTF-8 is refused (422) as the body streams in (``form_text_checked``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 import logging
 import secrets
 import time
+from urllib.parse import unquote_to_bytes
 
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
@@ -65,7 +69,9 @@ class ServiceMiddleware:
             if refusal is not None:
                 await _reply(send_with_id, *refusal)
             else:
-                await self.app(scope, self._counting(receive, self._body_limit(scope["path"])), send_with_id)
+                counted = self._counting(receive, self._body_limit(scope["path"]))
+                await self.app(scope, form_text_checked(counted, Headers(scope=scope).get("content-type")),
+                               send_with_id)
         finally:
             self._log(scope, request_id, status[0], started, timings)
 
@@ -120,6 +126,114 @@ class ServiceMiddleware:
         extra = {"request_id": request_id, "method": scope["method"], "route": route,
                  "status": status, "ms": round((time.perf_counter() - started) * 1000, 2), **timings}
         log.info("request", extra=extra)
+
+
+def form_text_checked(receive, content_type: str | None):
+    """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field.
+
+    Starlette reads such a field as Latin-1 without a word (``labels`` of bytes ``ff fe`` become "ÿþ"), so
+    the body is followed as it streams in: the text parts of a ``multipart/form-data`` body (file parts
+    are passed over; only their boundaries are looked for) and the percent-decoded values of an
+    ``application/x-www-form-urlencoded`` one. A body the follower cannot parse is left to the app,
+    whose own parser reports it."""
+    if content_type is None:
+        return receive
+    kind, options = parse_options_header(content_type)
+    if kind == b"multipart/form-data" and options.get(b"boundary"):
+        follower: _MultipartText | _UrlencodedText = _MultipartText(options[b"boundary"])
+    elif kind == b"application/x-www-form-urlencoded":
+        follower = _UrlencodedText()
+    else:
+        return receive
+
+    async def checked():
+        message = await receive()
+        if message["type"] == "http.request":
+            follower.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                follower.finish()
+            if follower.bad is not None:
+                raise HTTPException(422, f"form field {follower.bad[:64]!r} is not UTF-8 text")
+        return message
+
+    return checked
+
+
+TEXT_PART_LIMIT = 1024 * 1024  # starlette refuses a text part over 1 MiB; no more of one is kept here
+
+
+class _MultipartText:
+    """The text parts of a multipart body, checked for UTF-8 as each ends (``bad``: the first failing field)."""
+
+    def __init__(self, boundary: bytes):
+        self.bad: str | None = None
+        self._broken = False
+        self._header = [bytearray(), bytearray()]  # the header being read: name, value
+        self._disposition = b""
+        self._field: str | None = None  # the text field being read; None in a file part
+        self._data = bytearray()
+        self._parser = MultipartParser(boundary, callbacks={
+            "on_header_field": lambda data, start, end: self._header[0].extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header[1].extend(data[start:end]),
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data, "on_part_end": self._part_end})
+
+    def write(self, chunk: bytes) -> None:
+        if self._broken or self.bad is not None or not chunk:
+            return
+        try:
+            self._parser.write(chunk)
+        except Exception:  # noqa: BLE001 - a malformed body is the app's parser's to report
+            self._broken = True
+
+    def finish(self) -> None:
+        pass  # every part is checked as it ends
+
+    def _header_end(self) -> None:
+        if bytes(self._header[0]).lower() == b"content-disposition":
+            self._disposition = bytes(self._header[1])
+        self._header = [bytearray(), bytearray()]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        self._field = None if b"filename" in options else options.get(b"name", b"").decode("latin-1")
+        self._disposition, self._data = b"", bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._field is not None and len(self._data) <= TEXT_PART_LIMIT:
+            self._data.extend(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._field is not None and self.bad is None and not _is_utf8(bytes(self._data)):
+            self.bad = self._field
+        self._field, self._data = None, bytearray()
+
+
+class _UrlencodedText:
+    """The percent-decoded names and values of an urlencoded body, checked for UTF-8 at its end."""
+
+    def __init__(self):
+        self.bad: str | None = None
+        self._body = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self._body.extend(chunk)  # the body limit above bounds it
+
+    def finish(self) -> None:
+        for pair in bytes(self._body).split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if not (_is_utf8(unquote_to_bytes(name.replace(b"+", b" ")))
+                    and _is_utf8(unquote_to_bytes(value.replace(b"+", b" ")))):
+                self.bad = unquote_to_bytes(name).decode("latin-1")
+                return
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _reply(send, status: int, reason: str, headers: dict[str, str]) -> None:
