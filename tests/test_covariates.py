@@ -101,6 +101,22 @@ def test_a_column_of_one_value_is_kept_with_a_warning(caplog):
     assert caplog.text.count("has one value in every training record") == 2 and "female" not in caplog.text
 
 
+def test_a_column_of_distinct_whole_numbers_is_kept_with_a_warning_that_it_looks_like_ids(caplog):
+    rng = np.random.default_rng(0)
+    rows = [_record(i, row=str(1000 + 7 * i), age=str(int(rng.integers(20, 80))), size=f"{rng.uniform(1, 9):.3f}")
+            for i in range(25)]
+    with caplog.at_level("WARNING"):
+        encoder = CovariateEncoder.fit(rows, ["row", "age", "size"], "ids.csv")
+    assert set(encoder.numeric) == {"row", "age", "size"}  # kept: a fine measurement can look the same
+    assert "ids.csv: covariate column 'row' has its own whole number in every one of the 25 training records" \
+        in caplog.text
+    assert caplog.text.count("looks like an identifier") == 1  # not the repeating ages, not the fractional sizes
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        CovariateEncoder.fit(rows[:19], ["row"], "few.csv")  # too few records to tell an id from chance
+    assert "identifier" not in caplog.text
+
+
 def test_train_config_checks_its_covariates_as_the_option_does():
     from medvl.train.loop import TrainConfig
 

@@ -18,6 +18,8 @@ numeric (standardised value, missing = 0, plus a missing indicator); any other c
 (one indicator per training value, at most ``MAX_CATEGORIES`` of them, and not mostly values of one record
 each: a column of ids or free text is refused, and its values never reach an output; a missing or unseen
 value sets none). Missing: absent, empty, ``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
+A numeric column with a different whole number in every training record looks like a row or patient number:
+it is kept (a fine measurement can look the same) with a warning.
 
 A covariate may not restate the label: the label column itself is refused, and so is a column that
 separates the training classes perfectly (each category of one class, or numeric ranges of the classes
@@ -148,6 +150,13 @@ def _number(text: str) -> float | None:
     return number
 
 
+def _looks_like_ids(numbers: np.ndarray) -> bool:
+    """Whole numbers, a different one in each of at least ``LEAK_MIN_RECORDS`` records: an id's pattern (ages,
+    counts and scores repeat over that many patients). Only warned: a fine measurement can look the same."""
+    return (len(numbers) >= LEAK_MIN_RECORDS and bool(np.all(numbers == np.round(numbers)))
+            and len(np.unique(numbers)) == len(numbers))
+
+
 class _OutOfRange(Exception):
     """A covariate value that parses as a number but is infinite or absurdly large."""
 
@@ -190,6 +199,11 @@ class CovariateEncoder:
                 if array.std() == 0:
                     log.warning("%s: covariate column %r has one value in every training record: it tells the "
                                 "classes nothing", source, column)
+                elif _looks_like_ids(array):
+                    log.warning("%s: covariate column %r has its own whole number in every one of the %d training "
+                                "records: it looks like an identifier (a row or patient number), which tells nothing "
+                                "about the patient and may follow the order the data were collected in; keep it "
+                                "only if it is a measurement", source, column, len(array))
             else:
                 distinct = sorted(set(present))
                 once = sum(present.count(value) == 1 for value in distinct)
