@@ -13,6 +13,7 @@ import yaml
 
 from cli_helpers import invoke
 from medvl.bench.suite import load_suite, shipped_suites
+from medvl.errors import InputError
 from serve_helpers import train_tiny_model
 
 ROW_KEYS = {"model", "task", "dataset", "split", "metric", "value", "low", "high", "seed", "data_hashes", "versions"}
@@ -144,6 +145,17 @@ def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, pha
     assert result.exit_code == 2, output
     assert message in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: r\xe9sum\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.yaml: not valid UTF-8 \(byte offset 7\); save it as UTF-8"):
+        load_suite(latin1)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"broken.yaml: not a readable suite file \(ParserError"):
+        load_suite(broken)
 
 
 def test_a_missing_dataset_path_split_or_column_is_refused_before_any_work(two_models, phantom_dir, tmp_path):

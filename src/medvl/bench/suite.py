@@ -151,7 +151,9 @@ def load_suite(name_or_path: str | Path, data: dict[str, str] | None = None,
     path = suite_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not valid UTF-8 (byte offset {err.start}); save it as UTF-8") from None
+    except (OSError, yaml.YAMLError) as err:
         raise InputError(f"{path}: not a readable suite file ({err.__class__.__name__}: {str(err)[:200]})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a suite file is a mapping with datasets and tasks")
