@@ -152,7 +152,8 @@ def test_model_learns_to_read_the_image(phantom, tmp_path):
     assert scores["overall_accuracy"] >= scores["blank_image_overall_accuracy"] + 0.25
 
 
-@pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("\udcff\udcfe x", "not valid UTF-8")])
+@pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("\udcff\udcfe x", "not valid UTF-8"),
+                                               ("why " * 300, "--question: longer than 1000 characters (1,199)")])
 def test_bad_question_is_one_line(trained, phantom, question, message):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     result, output = invoke("vqa", image, "--model", trained, "--question", question)

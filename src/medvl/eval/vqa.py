@@ -223,14 +223,21 @@ def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates
 # ---------------------------------------------------------------- one question, with its evidence
 
 
-def check_question(question: str) -> str:
-    """The question, stripped; empty or non-UTF-8 text is an ``InputError``."""
+MAX_QUESTION_CHARS = 1000  # a longer question is refused: no question about an image is that long
+
+
+def check_question(question: str, field: str = "--question") -> str:
+    """The question, stripped; empty, non-UTF-8 or longer than ``MAX_QUESTION_CHARS`` is an ``InputError``
+    naming ``field`` (the option or form field it came from)."""
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError("--question: not valid UTF-8 text") from None
+        raise InputError(f"{field}: not valid UTF-8 text") from None
     if not question.strip():
-        raise InputError("--question: the question is empty")
+        raise InputError(f"{field}: the question is empty; ask a question about the image(s)")
+    if len(question.strip()) > MAX_QUESTION_CHARS:
+        raise InputError(f"{field}: longer than {MAX_QUESTION_CHARS} characters ({len(question.strip()):,}); "
+                         "a question longer than that would be cut by the question encoder")
     return question.strip()
 
 

@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
-MAX_QUESTION_CHARS = 1000  # a longer VQA question is refused (422)
 GRADIENT_FREE_METHODS = ("patch_text",)  # explanation methods every 2D dual encoder supports
 CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains (the default methods then)
 
@@ -370,15 +369,12 @@ class ModelService:
 
         if self.vqa is None:
             raise NotLoaded("this service was started without a VQA model (medvl serve --vqa-model DIR)")
-        if not question.strip():
-            raise InputError("question: empty; ask a question about the image(s)")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise InputError(f"question: longer than {MAX_QUESTION_CHARS} characters")
+        question = check_question(question, "question")
         limit = self.vqa_image_limit()
         if not 1 <= count <= limit:
             raise InputError(f"{count} images given; the VQA model takes 1 to {limit} per question "
                              "(the field image, once per image)")
-        return check_question(question)
+        return question
 
     async def vqa_answer(self, images: Sequence[bytes], question: str, timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl vqa --json``'s answer (``api.answer_pixels``) about the uploads, earlier film first."""
