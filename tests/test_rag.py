@@ -149,6 +149,11 @@ def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_
     assert shown.exit_code == 0 and "Pleural effusion" in output
     missing, output = invoke("report", "knowledge", "--knowledge", tmp_path / "nope")
     assert missing.exit_code == 2 and "knowledge folder not found" in output
+    (tmp_path / "notes").mkdir()  # a wrong folder, e.g. the dataset's: it added nothing without a word
+    (tmp_path / "notes" / "README.txt").write_text("not a finding")
+    empty, output = invoke("report", "knowledge", "--knowledge", tmp_path / "notes")
+    assert empty.exit_code == 2 and "no finding files (*.md with YAML front matter) in this knowledge folder" in \
+        " ".join(output.split())
 
 
 # ------------------------------------------------------------------ drafts from given neighbours

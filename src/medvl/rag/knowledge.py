@@ -162,7 +162,10 @@ def load_knowledge(folder: str | Path | None = None, builtin: bool = True) -> Kn
         raise InputError("no knowledge base: pass a folder or keep the built-in one")
     findings: dict[str, Finding] = {}
     for path in folders:
-        for finding in read_folder(path):
+        read = read_folder(path)
+        if not read and path != BUILTIN_DIR:  # a wrong folder would add nothing without a word
+            raise DataError(path, "no finding files (*.md with YAML front matter) in this knowledge folder")
+        for finding in read:
             findings[finding.name] = finding
     if not findings:
         raise DataError(folders[-1], "no finding files (*.md with YAML front matter) in the knowledge base")
