@@ -179,6 +179,32 @@ def test_zero_shot_calibration_block(phantom_model, phantom_dir):
         evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="test", show_progress=False)
 
 
+def test_bad_classes_in_the_scored_or_the_calibration_split_are_refused_before_any_image_is_embedded(
+        phantom_dir, tmp_path):
+    """The checks come before the model is even loaded: a model path that does not exist is never reached."""
+    import csv
+
+    rows = list(csv.DictReader((phantom_dir / "manifest.csv").open()))
+    test = [r for r in rows if r["split"] == "test"]
+    one_class = [dict(r, finding="cardiomegaly") for r in test]  # a scored split of one class
+    val = [dict(r, split="val") for r in rows if r["split"] == "train"][:6]
+    val[0]["finding"] = "mass"  # a calibration class the scored split does not have
+    for name, manifest_rows in (("one", one_class), ("other", test + val)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "images").symlink_to(phantom_dir / "images")
+        with (folder / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(manifest_rows)
+    with pytest.raises(InputError, match=r"label 'finding' needs at least 2 classes, got \['cardiomegaly'\]"):
+        evaluate_zero_shot(tmp_path / "no-model", tmp_path / "one", "test", label_columns=["finding"],
+                           allow_outside_root=True)  # the images are the phantom's, linked
+    with pytest.raises(InputError, match=r"records have classes \['mass'\] not in"):
+        evaluate_zero_shot(tmp_path / "no-model", tmp_path / "other", "test", label_columns=["finding"],
+                           calibration_split="val", allow_outside_root=True)
+
+
 def test_cli_prints_the_calibration_table(phantom_model, phantom_dir):
     from cli_helpers import invoke
 

@@ -124,7 +124,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
     from .eval import zero_shot
     from .eval.ood import embed_checked
-    from .eval.zero_shot import zero_shot_calibration
+    from .eval.zero_shot import zero_shot_calibration, zero_shot_classes
     from .models.registry import load_model
 
     if calibration_split is not None and calibration_split == split:
@@ -132,13 +132,17 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                          "fit the temperature on a different split than the one you report")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
+    classes = zero_shot_classes(dataset, column)  # bad labels and splits are refused before any image is embedded
+    fit_set = None
+    if calibration_split is not None:
+        fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+        zero_shot_classes(fit_set, column, classes)
     net = load_model(model, backend=backend)
     embeddings, ood_block = embed_checked(net, dataset, show_progress)  # + how much the model's guard flags
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
                        show_progress=show_progress, image_embeddings=embeddings,
                        keep_logits=calibration_split is not None)
-    if calibration_split is not None:
-        fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+    if fit_set is not None:
         block = zero_shot_calibration(net, fit_set, column, captions_for(fit_set, captions, net), result["classes"],
                                       np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress)
         result["calibration"] = {"split": calibration_split, **block}

@@ -32,6 +32,23 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
     return zero_shot_logits(model, image_embeddings, prompts).softmax(-1).numpy()
 
 
+def zero_shot_classes(dataset: Dataset, label: str, classes: Sequence[str] | None = None) -> list[str]:
+    """The classes ``dataset``'s ``label`` is scored among (``classes``, else those present), checked before
+    any image is embedded: InputError when no record has the label, fewer than 2 classes, or a record's
+    class is not among them."""
+    dataset.require_label(label)
+    present = [str(r.labels[label]) for r in dataset if label in r.labels]
+    if not present:
+        raise InputError(f"{dataset.source}: no records with label {label!r}")
+    class_names = list(classes) if classes else sorted(set(present))
+    if len(class_names) < 2:
+        raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {class_names}")
+    unknown = set(present) - set(class_names)
+    if unknown:
+        raise InputError(f"{dataset.source}: records have classes {sorted(unknown)} not in {class_names}")
+    return class_names
+
+
 def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
               captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
               show_progress: bool = True, image_embeddings: torch.Tensor | None = None,
@@ -47,17 +64,10 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     if image_embeddings is not None and len(image_embeddings) != len(dataset):
         raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
     keep = [i for i, r in enumerate(dataset) if label in r.labels] if label in dataset.label_names else []
+    class_names = zero_shot_classes(dataset, label, classes)
     dataset = dataset.with_labels([label])
-    if len(dataset) == 0:
-        raise InputError(f"{dataset.source}: no records with label {label!r}")
     captions = captions or CaptionConfig()
-    class_names = list(classes) if classes else dataset.classes(label)
-    if len(class_names) < 2:
-        raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {class_names}")
     index = {name: i for i, name in enumerate(class_names)}
-    unknown = {str(r.labels[label]) for r in dataset} - set(index)
-    if unknown:
-        raise InputError(f"{dataset.source}: records have classes {sorted(unknown)} not in {class_names}")
     prompts = [captions.prompts(label, name) for name in class_names]
     if image_embeddings is not None:
         embeddings = image_embeddings[keep]
