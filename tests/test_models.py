@@ -59,6 +59,30 @@ def test_overrides_merge_and_unknown_keys_are_rejected():
         medvl.create_model("no-such-model")
 
 
+def test_an_override_the_architecture_does_not_read_is_warned(caplog):
+    with caplog.at_level("WARNING"):
+        config = get_config("phantom-tiny", **{"image.layers": [2, 1, 1, 1], "image.widths": [16, 32, 64, 128],
+                                                "embed_dim": 32})
+    assert config.image.layers == [2, 1, 1, 1] and "no effect" not in caplog.text  # a resnet reads these
+    with caplog.at_level("WARNING"):
+        get_config("phantom-tiny", **{"image.patch_size": 8, "image": {"slice_pool": "mean"}})
+    assert "image.patch_size has no effect: it is a vit setting, and the image tower is a resnet" in caplog.text
+    assert "image.slice_pool has no effect: it is a slicepool setting, and image.arch is resnet" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        vit = get_config("vit-tiny", **{"image.num_heads": 2, "image.block_config": [1, 1, 1, 1]})
+    assert vit.image.num_heads == 2 and "image.num_heads" not in caplog.text
+    assert "image.block_config has no effect: it is a densenet setting" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        get_config("ct3d-slicepool", **{"image.slice_pool": "mean", "image.stem_kernel": 3})
+    assert "no effect" not in caplog.text  # its slices go through a resnet
+    with caplog.at_level("WARNING"):
+        get_config("medpix-small", **{"text.vocab_size": 8000, "text.max_length": 64})
+    assert "text.vocab_size has no effect: it is a setting of the random-init BERT, and the text tower is " \
+           "pretrained" in " ".join(caplog.text.split()) and "text.max_length" not in caplog.text
+
+
 def test_siglip_and_clip_losses_prefer_matched_pairs():
     model = medvl.create_model("phantom-tiny")
     emb = torch.nn.functional.normalize(torch.randn(8, 64), dim=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,14 @@ from ..checks import check_number
 from ..errors import InputError
 
 MAX_IMAGE_SIDE = 4096  # pixels (or voxels) a side after resizing; larger inputs are a mistake on a CPU
+# the image fields each architecture reads (``models.image``); the others do nothing for it
+ARCH_FIELDS = {"resnet": frozenset({"layers", "widths", "stem_kernel", "stem_stride", "no_max_pool"}),
+               "vit": frozenset({"patch_size", "hidden_size", "num_layers", "num_heads"}),
+               "densenet": frozenset({"widths", "growth_rate", "block_config"})}  # widths[0]: its stem width
+SLICEPOOL_FIELDS = frozenset({"slice_arch", "slice_pool", "slice_batch"})
+BERT_FIELDS = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"})
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +69,16 @@ class ImageConfig:
     # built from the fields above with spatial_dims 2
     slice_pool: str = "attention"  # slicepool: attention (gated, learned) | mean pooling across slices
     slice_batch: int = 64  # slicepool: slices encoded at once (bounds inference memory)
+
+    def inert_fields(self) -> dict[str, str]:
+        """Fields this config's architecture does not read, each with the reason (for a warning when one is set)."""
+        arch = self.slice_arch if self.arch == "slicepool" else self.arch
+        inert = {name: f"a {' / '.join(a for a, names in ARCH_FIELDS.items() if name in names)} setting, and "
+                       f"the image tower is a {arch}{' per slice' if self.arch == 'slicepool' else ''}"
+                 for name in set().union(*ARCH_FIELDS.values()) - ARCH_FIELDS.get(arch, frozenset())}
+        if self.arch != "slicepool":
+            inert.update(dict.fromkeys(SLICEPOOL_FIELDS, f"a slicepool setting, and image.arch is {self.arch}"))
+        return inert
 
     @property
     def windows(self) -> list[tuple[float, float]]:
@@ -171,8 +190,18 @@ class ModelConfig:
         return config
 
     def merged(self, overrides: dict[str, Any]) -> ModelConfig:
-        """A copy with overrides; nested keys as ``image.image_size`` or ``{"image": {...}}``."""
-        return ModelConfig.from_dict(merge_overrides(self.to_dict(), overrides, ("image", "text")))
+        """A copy with overrides; nested keys as ``image.image_size`` or ``{"image": {...}}``. An override of a
+        field the result's architecture does not read (``image.patch_size`` for a ResNet, ``text.vocab_size``
+        for a pretrained tower) is warned: it would change nothing."""
+        config = ModelConfig.from_dict(merge_overrides(self.to_dict(), overrides, ("image", "text")))
+        inert = {f"image.{name}": why for name, why in config.image.inert_fields().items()}
+        if config.text.kind == "pretrained":
+            inert.update({f"text.{name}": "a setting of the random-init BERT, and the text tower is pretrained (its "
+                                           "own size applies)" for name in BERT_FIELDS})
+        for key in _flat_keys(overrides, ("image", "text")):
+            if key in inert:
+                log.warning("model setting %s has no effect: it is %s", key, inert[key])
+        return config
 
     def validate(self) -> None:
         if self.loss not in ("clip", "siglip"):
@@ -242,6 +271,17 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any], sections: t
         else:
             data[key] = value
     return data
+
+
+def _flat_keys(overrides: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """The ``section.field`` keys of ``overrides`` (a dict under a section's name spelled out)."""
+    keys = []
+    for key, value in overrides.items():
+        if key in sections and isinstance(value, dict):
+            keys += [f"{key}.{name}" for name in value]
+        else:
+            keys.append(key)
+    return keys
 
 
 def build_dataclass(cls, data: dict[str, Any], section: str):
