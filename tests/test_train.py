@@ -202,3 +202,19 @@ def test_a_last_batch_of_one_record_is_skipped_not_fatal(phantom_dir, tmp_path):
     medvl.train(model, dataset, config, tmp_path / "run", show_progress=False)
     steps = [line["step"] for line in _metrics(tmp_path / "run") if "loss" in line]
     assert steps == [1, 2, 3]  # one step per epoch: the full batch
+
+
+def test_a_setting_whose_switch_is_off_is_warned_once_as_having_no_effect(caplog):
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # as every fold of a CV run validates its settings
+            TrainConfig(label_smoothing=0.137, batch_group_share=0.61, self_supervised_crop=0.4).validate()
+    text = " ".join(caplog.text.split())
+    assert text.count("label_smoothing=0.137 has no effect: it smooths the supervised heads' targets") == 1
+    assert text.count("batch_group_share=0.61 has no effect") == 1
+    assert text.count("self_supervised_crop=0.4 has no effect: it tunes the self-supervised loss, which is off") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same values with their switches on, and defaults with them off
+        TrainConfig(label_smoothing=0.137, supervised_weight=1.0, label_columns=["finding"], batch_group="finding",
+                    batch_group_share=0.61, self_supervised_epochs=2, self_supervised_crop=0.4).validate()
+        TrainConfig().validate()
+    assert "no effect" not in caplog.text

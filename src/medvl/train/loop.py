@@ -24,7 +24,7 @@ import math
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
+_WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
 
 
 @dataclass
@@ -106,6 +107,29 @@ class TrainConfig:
         from ..eval.covariates import parse_columns
 
         self.covariates = parse_columns(self.covariates)  # trimmed; a repeat or "none" beside a name refused
+        for name, reason in self.inert_settings().items():
+            if (name, repr(getattr(self, name)), reason) not in _WARNED_INERT:  # once a process, not once a fold
+                _WARNED_INERT.add((name, repr(getattr(self, name)), reason))
+                log.warning("training setting %s=%r has no effect: %s", name, getattr(self, name), reason)
+
+    def inert_settings(self) -> dict[str, str]:
+        """Settings changed from their default that do nothing because the setting they tune is off, each with
+        the reason (a value a user set that would change nothing is warned)."""
+        ssl_off = self.self_supervised_weight == 0 and self.self_supervised_epochs == 0
+        dependent = {
+            "label_smoothing": (self.supervised_weight == 0, "it smooths the supervised heads' targets, and "
+                                                             "supervised_weight is 0"),
+            "self_supervised_crop": (ssl_off, "it tunes the self-supervised loss, which is off "
+                                              "(self_supervised_weight and self_supervised_epochs are 0)"),
+            "self_supervised_temperature": (ssl_off, "it tunes the self-supervised loss, which is off "
+                                                     "(self_supervised_weight and self_supervised_epochs are 0)"),
+            "meta_text_share": (not self.meta_text, "it is how often meta_text is drawn, and meta_text is not set"),
+            "batch_group_share": (not self.batch_group, "it is the share of single-group batches, and batch_group "
+                                                        "is not set"),
+        }
+        defaults = {f.name: f.default for f in fields(self)}
+        return {name: reason for name, (off, reason) in dependent.items()
+                if off and getattr(self, name) != defaults[name]}
 
     def validate_numbers(self) -> None:
         """The range of every numeric field (one shared check, as the CLI options)."""
