@@ -296,6 +296,10 @@ def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, tra
     assert saved["abstained"] or (saved["text"] and all(s["cases"] for s in saved["sentences"]))
     far, output = invoke("report", "draft", image, "--index", train_index, "--min-similarity", 1.0)
     assert far.exit_code == 0 and "No draft" in output and "too far" in output
+    nothing, output = invoke("report", "draft", image, "--index", train_index, "--where", "age < 0")
+    assert nothing.exit_code == 0 and "no similar case to draft from" in output
+    assert "nothing passes the filter" in " ".join(output.split())
+    assert "similarity nan" not in output and "weighted shares" not in output  # no NaN, no empty findings table
 
 
 def test_report_draft_rejects_bad_input(phantom_dir, model_dir, train_index, tmp_path):

@@ -392,6 +392,10 @@ def test_cli_build_info_search_add_delete(model_dir, phantom_dir, dataset, tmp_p
     hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
     assert len(hits) == 3 and hits[0]["id"] == query.id and query.id in output and "finding" in output
     assert "3 cases closest to the query image, by their images" in output
+    result, output = invoke("search", "--index", out, "--image", query.image, "--where", "age < 0",
+                            "--json", tmp_path / "none.json")
+    assert result.exit_code == 0 and json.loads((tmp_path / "none.json").read_text())["hits"] == []
+    assert "no indexed case matches --where 'age < 0'" in output  # said, not an empty table alone
     result, output = invoke("search", "--index", out, "--text", "pleural effusion", "--target", "texts",
                             "-k", 2, "--show", "age")
     assert result.exit_code == 0 and "report" in output

@@ -206,6 +206,8 @@ def search_command(
         columns = show or opened.info.get("label_columns") or []
         flag = _query_ood(net, image)
     _print_hits(hits, columns, target, "image" if image is not None else "text")
+    if not hits:
+        console.print(f"no indexed case matches --where {where!r}" if where else "the index holds no case to return")
     if data_root is not None:
         _print_image_files(hits, data_root)
     if flag.get("out_of_distribution"):

@@ -83,8 +83,8 @@ def print_draft(draft) -> None:
     from rich.panel import Panel
     from rich.table import Table
 
-    nearest = max((n.score for n in draft.neighbours), default=float("nan"))
-    title = f"draft from {len(draft.neighbours)} nearest cases (nearest similarity {nearest:.3f})"
+    title = (f"draft from {len(draft.neighbours)} nearest cases (nearest similarity "
+             f"{max(n.score for n in draft.neighbours):.3f})" if draft.neighbours else "no similar case to draft from")
     if draft.abstained:
         console.print(Panel(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}", title=title))
     else:
@@ -96,7 +96,8 @@ def print_draft(draft) -> None:
                           ", ".join(sentence.cases[:4]) + (f" +{len(sentence.cases) - 4}" if len(sentence.cases) > 4
                                                             else ""))
         console.print(table)
-    _print_findings(draft)
+    if draft.findings:  # none without neighbours: no empty table under the reason
+        _print_findings(draft)
     for card in draft.definitions:
         console.print(f"[bold]{escape(card['title'])}[/]: {escape(card['definition'])}")
     if draft.related:
