@@ -86,6 +86,15 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
 
 
+def test_a_few_shot_k_above_the_smallest_class_is_skipped_and_said(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--test-data", phantom_dir, "--few-shot", "1,500", "--json", tmp_path / "lp.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "lp.json").read_text())
+    assert list(metrics["few_shot"]) == ["1"] and "fewer than 500" in metrics["few_shot_skipped"]["500"]
+    assert "500-shot auc" in output and "skipped (too few training images)" in output  # not left out without a word
+
+
 def test_predict_answers_each_image(trained, phantom_dir, tmp_path):
     images = sorted((phantom_dir / "images").glob("*.png"))[:2]
     result, output = invoke("predict", "--model", trained, *images, "--labels", "no_finding,cardiomegaly,nodule",

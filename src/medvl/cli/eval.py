@@ -148,5 +148,7 @@ def eval_linear_probe(
         rows["auc (covariates only)"] = result["covariates"]["auc"]
     for k, scores in result["few_shot"].items():
         rows[f"{k}-shot auc"] = scores["auc_mean"]
+    for k in result.get("few_shot_skipped", {}):
+        rows[f"{k}-shot auc"] = "skipped (too few training images)"
     print_metrics(f"linear probe {result['label']} (train {result['n_train']}, test {result['n_test']})", rows)
     emit_json(result, json_out, overwrite)

@@ -25,7 +25,8 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     """Fit on ``train_data`` features, report AUC / accuracy on ``test_data``.
 
     The regularisation strength (C in 0.001..1) is chosen by 3-fold cross-validation on the training features.
-    Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported.
+    Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported; a ``k`` above
+    the smallest class's training count is skipped with a warning and named in ``few_shot_skipped``.
     ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``;
     ``calibration_data`` adds ``calibration``: the same probe's ``probabilities`` and ``y_true`` on those
     records (a held-out split to fit a temperature on).
@@ -79,7 +80,14 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
               "balanced_accuracy": full["balanced_accuracy"], "full": full, **fusion, "few_shot": {}, **kept}
     rng = np.random.default_rng(seed)
+    counts = np.bincount(y_train, minlength=len(classes))
     for k in few_shot:
+        if counts.min() < k:  # said, not left out of the table without a word
+            fewest = int(counts.argmin())
+            reason = f"class {classes[fewest]!r} has {int(counts[fewest])} training images, fewer than {k}"
+            log.warning("%d-shot probe skipped: %s", k, reason)
+            result.setdefault("few_shot_skipped", {})[str(k)] = reason
+            continue
         runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
         scores = [run for run in runs if run is not None]
         if scores:
