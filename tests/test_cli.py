@@ -114,6 +114,11 @@ def test_predict_takes_repeated_labels_and_refuses_an_undescribed_label_column(t
     assert result.exit_code == 0, output
     answer = json.loads((tmp_path / "p.json").read_text())["predictions"][0]
     assert list(answer["probabilities"]) == ["no_finding", "cardiomegaly", "nodule"]  # every repeat, trimmed
+    result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly,no_finding",
+                            "--labels", "nodule,cardiomegaly", "--json", tmp_path / "p.json", "--overwrite")
+    assert result.exit_code == 0, output
+    repeated = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["probabilities"]
+    assert repeated == pytest.approx(answer["probabilities"])  # a repeated name is one class: sums to 1 as before
     # a misspelt column used to fall back to the bare class names without a word
     result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly",
                             "--label-column", "findings")

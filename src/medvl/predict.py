@@ -27,8 +27,9 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     first column that describes every requested class; one the captions do not describe is refused).
     ``backend``: see ``load_model`` (model paths only).
     """
-    if len(set(class_names)) < 2:
-        raise InputError(f"need at least 2 distinct labels, got {list(class_names)}")
+    class_names = list(dict.fromkeys(class_names))  # a repeated name is one class, not two in the softmax
+    if len(class_names) < 2:
+        raise InputError(f"need at least 2 distinct labels, got {class_names}")
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
