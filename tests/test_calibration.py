@@ -216,3 +216,15 @@ def test_cli_prints_the_calibration_table(phantom_model, phantom_dir):
     refused, output = invoke("eval", "zero-shot", "--model", phantom_model, "--data", phantom_dir,
                              "--calibration-split", "test", "--quiet")
     assert refused.exit_code == 2 and "different split" in output
+
+
+def test_a_class_named_twice_is_scored_once(phantom_model, phantom_dir):
+    from medvl.eval import zero_shot
+    from medvl.models.registry import load_model
+
+    net, test = load_model(phantom_model), medvl.load_dataset(phantom_dir).select("test")
+    classes = test.classes("finding")
+    once = zero_shot(net, test, "finding", classes=classes, show_progress=False, keep_scores=True)
+    twice = zero_shot(net, test, "finding", classes=classes + classes[:2], show_progress=False, keep_scores=True)
+    assert twice["classes"] == classes  # not a softmax over the repeated names
+    np.testing.assert_allclose(twice["probabilities"], once["probabilities"], atol=1e-6)

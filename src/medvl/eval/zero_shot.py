@@ -40,7 +40,7 @@ def zero_shot_classes(dataset: Dataset, label: str, classes: Sequence[str] | Non
     present = [str(r.labels[label]) for r in dataset if label in r.labels]
     if not present:
         raise InputError(f"{dataset.source}: no records with label {label!r}")
-    class_names = list(classes) if classes else sorted(set(present))
+    class_names = list(dict.fromkeys(classes)) if classes else sorted(set(present))  # a repeat is one class
     if len(class_names) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {class_names}")
     unknown = set(present) - set(class_names)
