@@ -69,6 +69,15 @@ def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("repeats", [0, -2])
+def test_bench_cv_refuses_fewer_than_one_repeat(isic_subset, tmp_path, repeats):
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
+                            "--model", "phantom-tiny", "--folds", 2, "--repeats", repeats, "--epochs", 1,
+                            "--json", tmp_path / "cv.json", "-q")
+    assert result.exit_code == 2 and f"repeats must be >= 1, got {repeats}" in output  # it ran one CV without a word
+    assert not (tmp_path / "cv.json").exists()
+
+
 def test_bench_cv_repeats_use_other_folds_and_pool_every_fold(isic_subset, tmp_path):
     out = tmp_path / "cv.json"
     result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",

@@ -170,9 +170,11 @@ def bench_cv(
     folds."""
     from ..api import parse_key_values, parse_overrides
     from ..bench.cv import cross_validate, repeated_cross_validate
+    from ..checks import check_number
     from ..eval.covariates import parse_columns
 
     check_outputs(overwrite, json=json_out)
+    check_number("repeats", repeats, minimum=1, maximum=100, integer=True)  # 0 or less ran one CV without a word
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,
         "batch_size": batch_size, "contrastive_weight": contrastive_weight, "skip_flagged": skip_flagged,
