@@ -171,7 +171,7 @@ class _MultipartText:
         self._header = [bytearray(), bytearray()]  # the header being read: name, value
         self._disposition = b""
         self._field: str | None = None  # the text field being read; None in a file part
-        self._data = bytearray()
+        self._data: bytearray | None = bytearray()  # None once a part is over TEXT_PART_LIMIT
         self._parser = MultipartParser(boundary, callbacks={
             "on_header_field": lambda data, start, end: self._header[0].extend(data[start:end]),
             "on_header_value": lambda data, start, end: self._header[1].extend(data[start:end]),
@@ -200,11 +200,13 @@ class _MultipartText:
         self._disposition, self._data = b"", bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._field is not None and len(self._data) <= TEXT_PART_LIMIT:
+        if self._field is not None and self._data is not None:
             self._data.extend(data[start:end])
+            if len(self._data) > TEXT_PART_LIMIT:  # the app refuses the part as too large; a cut would misread it
+                self._data = None
 
     def _part_end(self) -> None:
-        if self._field is not None and self.bad is None and not _is_utf8(bytes(self._data)):
+        if self._field is not None and self._data is not None and self.bad is None and not _is_utf8(bytes(self._data)):
             self.bad = self._field
         self._field, self._data = None, bytearray()
 
