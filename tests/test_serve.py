@@ -396,6 +396,38 @@ def test_a_form_field_that_is_not_utf8_is_refused_naming_the_field(client, png):
     assert zero_shot(client, png.read_bytes()).status_code == 200
 
 
+def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
+    """Chunks cut inside multi-byte characters are fine; a part over the 1 MiB part limit is left to the app's
+    own size refusal rather than checked cut; a bad field in a later chunk is still found."""
+    from starlette.exceptions import HTTPException
+
+    from medvl.serve.middleware import form_text_checked
+
+    def body(text: bytes) -> bytes:
+        return (b"--BB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n\xff\xfe\x00"
+                b"\r\n--BB\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n" + text + b"\r\n--BB--\r\n")
+
+    def stream(data: bytes, size: int):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        messages = iter([{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                         for i, c in enumerate(chunks)])
+
+        async def receive():
+            return next(messages)
+
+        checked = form_text_checked(receive, "multipart/form-data; boundary=BB")
+
+        async def drain():
+            for _ in chunks:
+                await checked()
+        return drain
+
+    asyncio.run(stream(body("épanchement,normal".encode()), 7)())  # no refusal
+    asyncio.run(stream(body(("é" * 600_000).encode()), 65_537)())  # 1.2 MB: over the part limit, no refusal
+    with pytest.raises(HTTPException, match="form field 'labels' is not UTF-8 text"):
+        asyncio.run(stream(body("épanchement,normal".encode("latin-1")), 7)())
+
+
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
     token = TOKENS[0]
     settings = ServeSettings()  # backend auto: channels-last for a medvl model folder
