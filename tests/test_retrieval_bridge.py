@@ -79,5 +79,10 @@ def test_cli_bridge_from_the_training_split_and_never_from_the_scored_one(phanto
                             "--bridge-data", phantom_dir, "--bridge-split", "test", "--json", tmp_path / "x.json")
     assert result.exit_code == 2 and "is the scored split" in output and not (tmp_path / "x.json").exists()
     result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
+                            "--bridge-data", phantom_dir, "--bridge-split", "all", "--json", tmp_path / "x.json")
+    test_size = len(medvl.load_dataset(phantom_dir).select("test"))  # every split, the scored one too: its own captions
+    assert result.exit_code == 2 and f"{test_size} of its records are images of the scored split 'test'" in \
+        " ".join(output.split()) and not (tmp_path / "x.json").exists()
+    result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
                             "--bridge-data", phantom_dir, "--bridge-k", 0)
     assert result.exit_code == 2 and "bridge k" in output and "Traceback" not in output

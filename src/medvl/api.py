@@ -207,10 +207,18 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    members = [load_model(p, backend=backend) for p in paths]
-    bridges = None
+    bank = None
     if bridge_data is not None:
         bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root)
+        scored = {source.resolve() for r in dataset for source in r.images if isinstance(source, Path)}
+        shared = sum(any(isinstance(s, Path) and s.resolve() in scored for s in r.images) for r in bank)
+        if shared:  # e.g. --bridge-split all: the scored images would vote for their own captions
+            raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split}: {shared} of its records "
+                             f"are images of the scored split {split!r}; the bridge's bank must hold other images "
+                             "(e.g. the training split)")
+    members = [load_model(p, backend=backend) for p in paths]
+    bridges = None
+    if bank is not None:
         bridges = [CaptionBridge.from_dataset(member, bank, bridge_k, bridge_weight, show_progress=show_progress)
                    for member in members]
     result = retrieval(members, dataset, show_progress=show_progress, bridge=bridges)
