@@ -177,6 +177,8 @@ def test_zero_shot_calibration_block(phantom_model, phantom_dir):
     assert abstain is None or (abstain["risk"] <= 0.1 and 0 < abstain["coverage"] <= 1)
     with pytest.raises(InputError, match="different split"):
         evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="test", show_progress=False)
+    with pytest.raises(InputError, match=r"--calibration-split 'all' holds \d+ images of the evaluated split 'test'"):
+        evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="all", show_progress=False)
 
 
 def test_bad_classes_in_the_scored_or_the_calibration_split_are_refused_before_any_image_is_embedded(

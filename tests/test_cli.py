@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import invoke
+from medvl.data import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,17 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert result.exit_code == 0, output
     metrics = json.loads((tmp_path / "lp.json").read_text())
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
+
+
+def test_a_probe_fitted_on_the_images_it_is_scored_on_is_refused(trained, phantom_dir, tmp_path):
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--test-data", phantom_dir, "--train-split", "all", "--json", tmp_path / "lp.json", "-q")
+    test_size = len(load_dataset(phantom_dir).select("test"))
+    assert result.exit_code == 2 and f"holds {test_size} of the {test_size} scored images" in " ".join(output.split())
+    assert not (tmp_path / "lp.json").exists()
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--test-data", phantom_dir, "--train-split", "train", "--few-shot", "1", "-q")
+    assert result.exit_code == 0, output  # another split of the same folder: apart, accepted
 
 
 def test_a_few_shot_k_above_the_smallest_class_is_skipped_and_said(trained, phantom_dir, tmp_path):

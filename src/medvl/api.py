@@ -136,6 +136,10 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     fit_set = None
     if calibration_split is not None:
         fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+        shared = dataset.shared_images(fit_set)
+        if shared:  # e.g. 'all': the temperature would be fitted on the scored images too
+            raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the evaluated "
+                             f"split {split!r}: fit the temperature on a different split than the one you report")
         zero_shot_classes(fit_set, column, classes)
     net = load_model(model, backend=backend)
     embeddings, ood_block = embed_checked(net, dataset, show_progress)  # + how much the model's guard flags
@@ -210,8 +214,7 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     bank = None
     if bridge_data is not None:
         bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root)
-        scored = {source.resolve() for r in dataset for source in r.images if isinstance(source, Path)}
-        shared = sum(any(isinstance(s, Path) and s.resolve() in scored for s in r.images) for r in bank)
+        shared = dataset.shared_images(bank)
         if shared:  # e.g. --bridge-split all: the scored images would vote for their own captions
             raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split}: {shared} of its records "
                              f"are images of the scored split {split!r}; the bridge's bank must hold other images "
@@ -241,6 +244,11 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         check_number("few-shot k", k, minimum=1, integer=True)
     train_set = load_split(train_data, train_split, allow_outside_root=allow_outside_root)
     test_set = load_split(test_data, test_split, allow_outside_root=allow_outside_root)
+    shared = train_set.shared_images(test_set)
+    if shared:  # e.g. --train-split all over the test split: the probe would be scored on images it was fitted on
+        raise InputError(f"--train-data {train_data} --train-split {train_split} holds {shared} of the {len(test_set)} "
+                         f"scored images (--test-split {test_split}); fit the probe on other images than it is "
+                         "scored on")
     column = pick_label(train_set, label_columns, "linear-probe")
     loaded = load_model(model)
     if covariates is None:  # the model's own: those the training data has no value of are left out, with a warning

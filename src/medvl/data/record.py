@@ -84,6 +84,13 @@ class Dataset(Sequence[Record]):
         self.default_labels = list(default_labels)  # the columns to use when none are asked for
         self.captions = captions  # the dataset's own caption config (templates, class descriptions)
 
+    def shared_images(self, other: Dataset) -> int:
+        """How many records of ``other`` have an image file (same resolved path) that a record of this dataset
+        has: nonzero when a split meant to be apart from this one overlaps it (a leak)."""
+        mine = {source.resolve() for record in self.records for source in record.images if isinstance(source, Path)}
+        return sum(any(isinstance(source, Path) and source.resolve() in mine for source in record.images)
+                   for record in other.records)
+
     def subset(self, records: list[Record], label_names: Sequence[str] | None = None) -> Dataset:
         """A dataset of other records from the same source, keeping its settings."""
         names = self.label_names if label_names is None else label_names
