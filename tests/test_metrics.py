@@ -58,3 +58,15 @@ def test_report_intervals_match_pycocoevalcap_on_all_reports_and_on_a_resample()
     slow = Bleu(4).compute_score({k: [tokens[0][i]] for k, i in enumerate(index)},
                                  {k: [tokens[1][i]] for k, i in enumerate(index)}, verbose=0)[0][3]
     assert _corpus_bleu_4(*tokens)(index) == pytest.approx(slow, abs=1e-12)
+
+
+def test_a_prediction_of_a_class_absent_from_the_truth_counts_as_an_error_without_a_warning():
+    import warnings
+
+    y_true = np.array([0, 0, 1, 1])
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])  # class 2: none
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's "y_pred contains classes not in y_true" would raise here
+        metrics = classification_metrics(y_true, probabilities, ["a", "b", "c"])
+    assert metrics["balanced_accuracy"] == pytest.approx(0.75)  # recall 1/2 on a, 2/2 on b; c has no truth
+    assert metrics["per_class"]["c"]["auc"] is None

@@ -14,7 +14,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
     ``y_true`` holds class indices (N,), ``probabilities`` is (N, K). Classes absent from
     ``y_true`` get AUC None and are left out of the macro AUC.
     """
-    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
     y_pred = probabilities.argmax(1)
     labels = list(range(len(class_names)))
@@ -33,12 +33,24 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
     }
     return {
         "accuracy": float((y_pred == y_true).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
         "macro_auc": float(np.mean(present)) if present else None,
         "n": int(len(y_true)),
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(y_true, y_pred, len(class_names)).tolist(),
     }
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true``; a prediction of a class absent from them (a few-shot
+    probe's, a zero-shot answer) is an error like any other, not worth sklearn's warning on stderr."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y_true, y_pred))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
