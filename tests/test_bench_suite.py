@@ -13,6 +13,7 @@ import yaml
 
 from cli_helpers import invoke
 from medvl.bench.suite import load_suite, shipped_suites
+from medvl.data import load_dataset
 from medvl.errors import InputError
 from serve_helpers import train_tiny_model
 
@@ -145,6 +146,18 @@ def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, pha
     assert result.exit_code == 2, output
     assert message in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_split_that_holds_scored_images_is_refused_before_any_model_runs(two_models, phantom_dir, tmp_path):
+    spec = {"path": str(phantom_dir), "split": "test", "train_split": "test", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom"}, {"task": "linear-probe", "dataset": "phantom"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    test_size = len(load_dataset(phantom_dir).select("test"))
+    assert result.exit_code == 2, output
+    assert (f"task linear-probe@phantom: train_split 'test' of dataset 'phantom' holds {test_size} images of the "
+            "scored split 'test'") in " ".join(output.split())
+    assert not (tmp_path / "out" / "cells").exists()  # not even the zero-shot task ran
 
 
 def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tmp_path):

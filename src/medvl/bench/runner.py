@@ -40,6 +40,7 @@ STATE_FILE = "suite.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 CELLS_DIR = "cells"
+TRAINING_TASKS = ("linear-probe", "few-shot", "case-retrieval", "report")  # fitted on a dataset's train_split
 DEFAULT_CORRUPTION = {"kinds": ["noise", "blur", "contrast", "gamma", "jpeg", "rotation", "crop"],
                       "severities": [1, 2, 3, 4, 5], "max_images": 200}
 
@@ -144,7 +145,7 @@ def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
     for task in suite.tasks:
         spec = suite.datasets[task.dataset]
         needed[task.dataset].add(spec.split)
-        if task.task in ("linear-probe", "few-shot", "case-retrieval", "report"):
+        if task.task in TRAINING_TASKS:
             source = task.train_dataset or task.dataset
             train_split = suite.datasets[source].train_split
             if train_split:
@@ -152,6 +153,23 @@ def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
         if "calibration" in suite.task_checks(task) and spec.calibration_split and spec.calibration_split != spec.split:
             needed[task.dataset].add(spec.calibration_split)
     return needed
+
+
+def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> None:
+    """InputError (before any model runs) when a task's training split holds images of the split it scores:
+    a probe fitted, or a case index filled, with the very images it is scored on."""
+    for task in suite.tasks:
+        if task.task not in TRAINING_TASKS:
+            continue
+        source = task.train_dataset or task.dataset
+        spec, train_split = suite.datasets[task.dataset], suite.datasets[source].train_split
+        if not train_split or prepared[task.dataset].dataset is None or prepared[source].dataset is None:
+            continue
+        shared = prepared[task.dataset].split(spec.split).shared_images(prepared[source].split(train_split))
+        if shared:
+            raise InputError(f"{suite.source}: task {task.key}: train_split {train_split!r} of dataset {source!r} "
+                             f"holds {shared} images of the scored split {spec.split!r}; fit on other images "
+                             "than those scored")
 
 
 # ------------------------------------------------------------------ the run
@@ -195,6 +213,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
+    check_training_apart(suite, datasets)
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
                                   "versions": versions})
     cells, computed = [], 0
