@@ -34,7 +34,8 @@ skipped, with the reason recorded, elsewhere.
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
-work starts.
+work starts; so is a task whose ``train_split`` holds images of the split it scores
+(``runner.check_training_apart``).
 """
 
 from __future__ import annotations
