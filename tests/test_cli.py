@@ -137,6 +137,14 @@ def test_predict_takes_repeated_labels_and_refuses_an_undescribed_label_column(t
     assert result.exit_code == 2 and "unknown label column 'findings'; the captions describe finding" in output
 
 
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_bench_medmnist_refuses_to_score_the_training_images(tiny_npz, tmp_path, split):
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,
+                            "--test-split", split, "--epochs", 1, "--json", tmp_path / "b.json", "-q")
+    assert result.exit_code == 2 and "holds the training images" in " ".join(output.split())
+    assert not (tmp_path / "b.json").exists()  # refused before any training
+
+
 def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
     test_only = tmp_path / "test_only.npz"
     source = np.load(tiny_npz)

@@ -30,7 +30,7 @@ from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
 from ..data.images import read_image
 from ..data.loaders import load_dataset
-from ..data.record import Dataset
+from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
 from ..eval.bootstrap import percentile_interval
 from ..eval.head import class_order, class_targets
@@ -132,10 +132,13 @@ class BenchmarkData:
 def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: str, seed: int) -> BenchmarkData:
     """The train file's ``train`` split to fit on; the threshold data is its ``val`` split unless that is
     the scored split, else a seeded 10 % of ``train`` held out from training."""
+    same_data = Path(train_path).resolve() == Path(test_path).resolve()
+    if same_data and test_split in ("train", ALL_SPLITS):  # the models would be scored on their training images
+        raise InputError(f"--test-data {test_path} --test-split {test_split} holds the training images "
+                         f"(--train-data is the same file and trains on its train split); score val or test")
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")
-    same_data = Path(train_path).resolve() == Path(test_path).resolve()
     if "val" in train_all.splits and not (same_data and test_split == "val"):
         fit_set, calib_set = train_set, train_all.select("val")
         calibration = f"{Path(train_path).name}:val"
