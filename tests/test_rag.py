@@ -282,6 +282,23 @@ def test_draft_report_cites_indexed_cases_and_leaves_out_the_query(phantom_dir, 
         assert len(draft.related) == 3 and {"name", "definition", "score"} <= set(draft.related[0])
         far = draft_report(index, model, load_dataset(phantom_dir).select("test")[0].image, min_similarity=1.0)
         assert far.abstained and far.abstention == FAR
+        assert far.settings["left_out_copies"] == []  # a test image is not in the index
+
+
+def test_a_draft_for_an_indexed_image_leaves_its_own_report_out(phantom_dir, model_dir, train_index, tmp_path):
+    """Without ``exclude``: the same pixels under another name (a copy) are found by their hash."""
+    from PIL import Image
+
+    model, record = load_model(model_dir), load_dataset(phantom_dir).select("train")[3]
+    copy = tmp_path / "copy.png"
+    Image.open(record.image).save(copy)  # other file, same pixels
+    with open_index(train_index) as index:
+        draft = draft_report(index, model, copy, k=5, min_similarity=0.0)
+        plain = draft_report(index, model, copy, k=5, min_similarity=0.0, exclude=[record.id])
+    assert draft.settings["left_out_copies"] == [record.id] and record.id not in {n.id for n in draft.neighbours}
+    assert [n.id for n in draft.neighbours] == [n.id for n in plain.neighbours]  # as if excluded by hand
+    result, output = invoke("report", "draft", copy, "--index", train_index, "--min-similarity", 0)
+    assert result.exit_code == 0 and f"the query image is indexed as {record.id}" in " ".join(output.split())
 
 
 def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, train_index, tmp_path):

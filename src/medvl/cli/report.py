@@ -85,6 +85,10 @@ def print_draft(draft) -> None:
 
     title = (f"draft from {len(draft.neighbours)} nearest cases (nearest similarity "
              f"{max(n.score for n in draft.neighbours):.3f})" if draft.neighbours else "no similar case to draft from")
+    copies = draft.settings.get("left_out_copies") or []
+    if copies:
+        console.print(f"the query image is indexed as {escape(', '.join(copies))}: its own report is left out of "
+                      "the draft")
     if draft.abstained:
         console.print(Panel(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}", title=title))
     else:

@@ -168,15 +168,30 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
     vector = embed_query(model, image=image)
-    dropped = set(exclude)
+    copies = indexed_copies(index, image)
+    dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
     hits = [h for h in hits if h.id not in dropped][:k]
     draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
     draft.settings["k"] = k
+    draft.settings["left_out_copies"] = copies
     if related > 0:
         nearest = labeller.knowledge.retrieve(model, vector, related)
         draft.related = [{**f.card(), "score": round(score, 4)} for f, score in nearest]
     return draft
+
+
+def indexed_copies(index, image: str | Path | np.ndarray) -> list[str]:
+    """Ids of the indexed cases whose image is ``image`` itself (the same decoded pixels, ``pixel_sha256``, as
+    the index records them): a draft for an indexed image would otherwise cite the image's own report. A
+    volume or an image that cannot be hashed here gives none."""
+    from ..data.images import read_image
+    from ..index.cases import pixel_sha256
+
+    pixels = image if isinstance(image, np.ndarray) else read_image(image)
+    if pixels.ndim > 3 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        return []  # a volume: the index hashes those slab by slab while streaming them
+    return sorted(set(index.find_images([pixel_sha256(pixels)]).values()))
 
 
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
