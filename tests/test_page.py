@@ -385,6 +385,20 @@ def test_a_citation_leads_to_its_case_by_keyboard(page, client, chest_xray):
     assert highlighted.count() == 1 and highlighted.get_attribute("data-case-id") == cited
 
 
+def test_an_indexed_image_is_said_to_be_indexed_and_its_own_report_left_out(page, phantom_dir):
+    from medvl.data import load_dataset
+
+    record = load_dataset(phantom_dir).select("train")[0]  # the index holds the train split
+    connect(page, TOKENS[10])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(record.image)
+    wait_for_panels(page)
+    assert f"this image is indexed as {record.id}: its own report is left out" in \
+        page.locator("#draft-note").inner_text()
+    cited = {cite.get_attribute("data-case-id") for cite in page.locator("#draft .cite").all()}
+    assert record.id not in cited
+
+
 def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, watch, client):
     from medvl.clinical.windowing import WINDOW_PRESETS
 
