@@ -1,7 +1,8 @@
 """Retrieval-augmented report drafts: the nearest cases' reports merged by consensus, with citations.
 
 ``draft_report(index, model, image)`` embeds the image, retrieves the ``k`` nearest indexed cases
-and calls ``draft_from_hits``:
+(never the image itself: an indexed case with the same pixels is left out, ``indexed_copies``) and calls
+``draft_from_hits``:
 
 1. Weights: a neighbour weighs its cosine similarity to the query (negative ones count 0; all
    equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
@@ -184,7 +185,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
 def indexed_copies(index, image: str | Path | np.ndarray) -> list[str]:
     """Ids of the indexed cases whose image is ``image`` itself (the same decoded pixels, ``pixel_sha256``, as
     the index records them): a draft for an indexed image would otherwise cite the image's own report. A
-    volume or an image that cannot be hashed here gives none."""
+    volume gives none (the index hashes volumes slab by slab as it streams them)."""
     from ..data.images import read_image
     from ..index.cases import pixel_sha256
 
