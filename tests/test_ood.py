@@ -126,6 +126,10 @@ def test_guard_round_trip_and_bad_input(guarded, phantom_dir, tmp_path):
     before = (model_dir / OOD_FILE).read_bytes()
     result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir)
     assert result.exit_code == 2 and "--overwrite" in output and (model_dir / OOD_FILE).read_bytes() == before
+    result, output = invoke("ood", "fit", "--model", model_dir, "--data", phantom_dir, "--calibration-split", "all",
+                            "--overwrite")  # every split: the fitted training images would set the threshold
+    assert result.exit_code == 2 and "holds" in output and "images of the fitted split 'train'" in \
+        " ".join(output.split()) and (model_dir / OOD_FILE).read_bytes() == before
 
 
 def test_search_reports_the_query_flag(guarded, phantom_dir, shared_data, tmp_path):

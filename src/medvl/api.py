@@ -178,6 +178,10 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
         raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")
     fit_set = load_split(data, split, allow_outside_root=allow_outside_root)
     calibration_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+    shared = fit_set.shared_images(calibration_set)
+    if shared:  # e.g. 'all': images the guard was fitted on would set its threshold
+        raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the fitted split "
+                         f"{split!r}: calibrate the threshold on images the guard was not fitted on")
     net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
     directory = model_directory(model)
     net.save_pretrained(directory)
