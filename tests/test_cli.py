@@ -87,6 +87,27 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
 
 
+def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warning(trained, phantom_dir, tmp_path):
+    train_size = len(load_dataset(phantom_dir).select("train"))
+    meta = json.loads((trained / "model" / "meta.json").read_text())["training"]
+    assert meta["splits"] == ["train"] and len(meta["data_sha256"]) == 64  # the path itself is not added
+    for split, expected in (("test", None), ("train", {"records": train_size, "of": train_size, "splits": ["train"]})):
+        result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", split,
+                                "--json", tmp_path / f"z-{split}.json", "-q")
+        assert result.exit_code == 0, output
+        assert json.loads((tmp_path / f"z-{split}.json").read_text()).get("trained_on_scored") == expected
+        assert ("training figures, not a test" in " ".join(output.split())) == (expected is not None)
+    result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "all",
+                            "--json", tmp_path / "r.json", "-q")  # every split: the train records among them
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "r.json").read_text())["trained_on_scored"]["records"] == train_size
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir, "--test-data",
+                            phantom_dir, "--train-split", "test", "--test-split", "train", "--few-shot", "1",
+                            "--json", tmp_path / "lp.json", "-q")  # probe apart from its scored images, model not
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "lp.json").read_text())["trained_on_scored"]["records"] == train_size
+
+
 def test_a_probe_fitted_on_the_images_it_is_scored_on_is_refused(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
                             "--test-data", phantom_dir, "--train-split", "all", "--json", tmp_path / "lp.json", "-q")

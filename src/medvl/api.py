@@ -17,6 +17,7 @@ import numpy as np
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
 from .errors import InputError
+from .eval.contamination import trained_on_scored
 from .models.dual import DualEncoder
 
 PathLike = str | Path
@@ -152,6 +153,9 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
         result["calibration"] = {"split": calibration_split, **block}
     if ood_block is not None:
         result["ood"] = ood_block
+    seen = trained_on_scored(net, dataset)
+    if seen is not None:
+        result["trained_on_scored"] = seen
     return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
 
 
@@ -229,6 +233,9 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
         bridges = [CaptionBridge.from_dataset(member, bank, bridge_k, bridge_weight, show_progress=show_progress)
                    for member in members]
     result = retrieval(members, dataset, show_progress=show_progress, bridge=bridges)
+    seen = [block for member in members if (block := trained_on_scored(member, dataset)) is not None]
+    if seen:
+        result["trained_on_scored"] = max(seen, key=lambda block: block["records"])
     return {**result, "model": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "data": str(data),
             "split": split,
             **({"bridge_data": str(bridge_data), "bridge_split": bridge_split} if bridges is not None else {})}
@@ -261,6 +268,9 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         covariates = model_covariates(loaded, train_set.records, str(train_set.source))
     result = linear_probe(loaded, train_set, test_set, column, few_shot=list(few_shot),
                           show_progress=show_progress, covariates=list(covariates))
+    seen = trained_on_scored(loaded, test_set, "scored (test) records")
+    if seen is not None:  # the probe's features come from a model that learned these images
+        result["trained_on_scored"] = seen
     return {**result, "label": column, "model": str(model)}
 
 

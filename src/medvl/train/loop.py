@@ -37,6 +37,7 @@ from ..data.captions import CaptionConfig
 from ..data.loading import load_all
 from ..data.record import Dataset
 from ..errors import InputError, ModelError, TrainingError, WriteError
+from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, write_errors_named, write_json
 from ..models.dual import DualEncoder
@@ -409,8 +410,8 @@ class ContrastiveObjective:
         self.model.meta["captions"] = self.texts.captions.to_dict()
         self.model.meta["label_columns"] = list(self.config.label_columns)
         self.model.meta["covariates"] = list(self.config.covariates)
-        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset),
-                                       "data": self.dataset.source, "loss": self.model.config.loss}
+        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
+                                       "loss": self.model.config.loss, **training_data(self.dataset)}
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:

@@ -1,0 +1,47 @@
+"""Was a scored split part of the model's training data? A trust check on every evaluation's inputs.
+
+A model trained by ``medvl train`` records in its meta (``training``) which data it learned from, as a
+SHA-256 of the data's resolved path (``data_sha256``: the path itself, which may name a patient or a
+project, is not kept beyond what ``data`` already holds), and the splits of the records it trained on
+(``splits``). An evaluation of the same data then counts the scored records of those splits: figures on
+them are training figures, not a test, so the result gets a ``trained_on_scored`` block and a warning.
+Only the path and split names are compared: a copy of the data elsewhere is not recognised, and nothing
+about single images is kept in the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..data.record import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def data_sha256(source: str) -> str:
+    """SHA-256 of a dataset source's resolved path (the same data read from another folder differs)."""
+    return hashlib.sha256(str(Path(source).resolve()).encode("utf-8")).hexdigest()
+
+
+def training_data(dataset: Dataset) -> dict[str, Any]:
+    """What a model's meta ``training`` block records of the data it trained on."""
+    return {"data_sha256": data_sha256(dataset.source), "splits": sorted({record.split for record in dataset})}
+
+
+def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records") -> dict[str, Any] | None:
+    """How many records of ``dataset`` come from the data and splits ``model`` was trained on; None when none
+    (or the model records no training data: a transformers folder, or a medvl model saved before this check).
+    A warning says so (counts and split names only)."""
+    training = (getattr(model, "meta", None) or {}).get("training") or {}
+    if not training.get("data_sha256") or training["data_sha256"] != data_sha256(dataset.source):
+        return None
+    splits = set(training.get("splits") or [])
+    seen = sum(record.split in splits for record in dataset)
+    if not seen:
+        return None
+    log.warning("%d of %d %s come from split(s) %s of the data the model was trained on: figures on them are "
+                "training figures, not a test", seen, len(dataset), what, ", ".join(sorted(splits)))
+    return {"records": seen, "of": len(dataset), "splits": sorted(splits)}
