@@ -91,7 +91,8 @@ def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warn
     train_size = len(load_dataset(phantom_dir).select("train"))
     meta = json.loads((trained / "model" / "meta.json").read_text())["training"]
     assert meta["splits"] == ["train"] and len(meta["data_sha256"]) == 64  # the path itself is not added
-    for split, expected in (("test", None), ("train", {"records": train_size, "of": train_size, "splits": ["train"]})):
+    seen = {"records": train_size, "of": train_size, "splits": ["train"], "records_trained": train_size}
+    for split, expected in (("test", None), ("train", seen)):
         result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", split,
                                 "--json", tmp_path / f"z-{split}.json", "-q")
         assert result.exit_code == 0, output

@@ -4,7 +4,9 @@ A model trained by ``medvl train`` records in its meta (``training``) which data
 SHA-256 of the data's resolved path (``data_sha256``: the path itself, which may name a patient or a
 project, is not kept beyond what ``data`` already holds), and the splits of the records it trained on
 (``splits``). An evaluation of the same data then counts the scored records of those splits: figures on
-them are training figures, not a test, so the result gets a ``trained_on_scored`` block and a warning.
+them are training figures, not a test, so the result gets a ``trained_on_scored`` block and a warning
+(``records_trained``: how many the model learned from; fewer than ``records`` when it trained on a part of
+the split, e.g. a benchmark's held-out cases).
 Only the path and split names are compared: a copy of the data elsewhere is not recognised, and nothing
 about single images is kept in the model.
 """
@@ -42,6 +44,8 @@ def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records"
     seen = sum(record.split in splits for record in dataset)
     if not seen:
         return None
-    log.warning("%d of %d %s come from split(s) %s of the data the model was trained on: figures on them are "
-                "training figures, not a test", seen, len(dataset), what, ", ".join(sorted(splits)))
-    return {"records": seen, "of": len(dataset), "splits": sorted(splits)}
+    trained = training.get("records")
+    log.warning("%d of %d %s come from split(s) %s of the data the model was trained on (it learned from %s "
+                "records of them): figures on them are training figures, not a test", seen, len(dataset), what,
+                ", ".join(sorted(splits)), trained if trained is not None else "some")
+    return {"records": seen, "of": len(dataset), "splits": sorted(splits), "records_trained": trained}
