@@ -85,8 +85,13 @@ def _retrieve(index: Index, model, pixels: list[np.ndarray], excluded: list[dict
 
 
 def _self_ids(index: Index, excluded: list[dict[str, Any]]) -> list[set[str]]:
-    by_hash = index.find_images([e["sha256"] for e in excluded])
-    return [{by_hash[e["sha256"]]} if e["sha256"] in by_hash else set() for e in excluded]
+    return indexed_ids(index, [e["sha256"] for e in excluded])
+
+
+def indexed_ids(index: Index, digests: Sequence[str]) -> list[set[str]]:
+    """Per pixel hash (``pixel_sha256``), the id of the indexed case with that image (empty when none)."""
+    by_hash = index.find_images(list(digests))
+    return [{by_hash[digest]} if digest in by_hash else set() for digest in digests]
 
 
 def _usable(hit: Hit, excluded: dict[str, Any], self_ids: set[str]) -> bool:

@@ -161,6 +161,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
     ``verify_model``: as in ``medvl.index.search_index``.
     """
+    from ..data.images import read_image
     from ..index.base import check_model
     from ..index.search import embed_query
 
@@ -168,8 +169,9 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     if verify_model:
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
-    vector = embed_query(model, image=image)
-    copies = indexed_copies(index, image)
+    pixels = image if isinstance(image, np.ndarray) else read_image(image)  # read once: embedded and hashed
+    vector = embed_query(model, image=pixels)
+    copies = indexed_copies(index, pixels)
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
     hits = [h for h in hits if h.id not in dropped][:k]
@@ -182,17 +184,16 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     return draft
 
 
-def indexed_copies(index, image: str | Path | np.ndarray) -> list[str]:
-    """Ids of the indexed cases whose image is ``image`` itself (the same decoded pixels, ``pixel_sha256``, as
-    the index records them): a draft for an indexed image would otherwise cite the image's own report. A
-    volume gives none (the index hashes volumes slab by slab as it streams them)."""
-    from ..data.images import read_image
+def indexed_copies(index, pixels: np.ndarray) -> list[str]:
+    """Ids of the indexed cases whose image is ``pixels`` itself (the same decoded pixels, ``pixel_sha256``, as
+    the index records them; ``context.indexed_ids``): a draft for an indexed image would otherwise cite the
+    image's own report. A volume gives none (the index hashes volumes slab by slab as it streams them)."""
     from ..index.cases import pixel_sha256
+    from .context import indexed_ids
 
-    pixels = image if isinstance(image, np.ndarray) else read_image(image)
     if pixels.ndim > 3 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
         return []  # a volume: the index hashes those slab by slab while streaming them
-    return sorted(set(index.find_images([pixel_sha256(pixels)]).values()))
+    return sorted(indexed_ids(index, [pixel_sha256(pixels)])[0])
 
 
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
