@@ -1,4 +1,5 @@
-"""Range checks for numeric options, shared by the Python API, the CLI and the service.
+"""Range checks for numeric options, and the parsing of name lists, shared by the Python API, the CLI and the
+service.
 
 Library entry points call :func:`check_number` on their numeric arguments before doing any work,
 so ``--max-steps -1`` or ``lr=nan`` fail at once with an :class:`InputError` naming the option,
@@ -8,6 +9,7 @@ the value and the range, instead of training zero steps or producing NaN weights
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 
 from .errors import InputError
@@ -52,3 +54,10 @@ def _show(bound: float) -> str:
 def _describe(minimum: float | None, maximum: float | None, exclusive: bool) -> str:
     low = "-inf" if minimum is None else _show(minimum)
     return f"{'(' if exclusive else '['}{low}, {_show(maximum) if maximum is not None else 'inf'}]"
+
+
+def split_names(values: str | Sequence[str]) -> list[str]:
+    """Names given comma-separated, in one string or in several (a repeatable option: ``--labels a,b --labels
+    c``), trimmed, blanks dropped, in order."""
+    texts = [values] if isinstance(values, str) else values
+    return [name.strip() for text in texts for name in text.split(",") if name.strip()]

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,11 +52,6 @@ BackendOption = Annotated[str, typer.Option(
     help="How the model runs: auto (channels-last for a medvl model, torch for a transformers one), torch, "
          "torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need 'medvl export onnx' first); "
          "see docs/benchmarks.md for which is fastest.")]
-
-
-def split_names(values: Sequence[str]) -> list[str]:
-    """Names given as a repeatable, comma-separated option (``--labels a,b --labels c``), trimmed, blanks dropped."""
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
 def check_outputs(overwrite: bool, **paths: Path | None) -> None:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .common import CaptionsOption, OverwriteOption, console, handle_errors, split_names
+from ..checks import split_names
+from .common import CaptionsOption, OverwriteOption, console, handle_errors
 
 
 @handle_errors

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import split_names
 from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
@@ -29,7 +30,6 @@ from .common import (
     handle_errors,
     print_metrics,
     setup_logging,
-    split_names,
 )
 from .eval import eval_app
 from .explain import explain_command

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checks import split_names
 from ..errors import DataError, InputError
 
 TOKENS_ENV = "MEDVL_API_TOKENS"
@@ -39,7 +40,7 @@ def token_digest(token: str) -> str:
 
 def digests_from_env(value: str | None) -> list[str]:
     """Digests of the comma-separated tokens in ``MEDVL_API_TOKENS`` (none if unset)."""
-    tokens = [token.strip() for token in (value or "").split(",") if token.strip()]
+    tokens = split_names(value or "")
     short = [n for n, token in enumerate(tokens, 1) if len(token) < MIN_TOKEN_CHARS]
     if short:
         raise InputError(f"{TOKENS_ENV}: token {short[0]} has fewer than {MIN_TOKEN_CHARS} characters; "

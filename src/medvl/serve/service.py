@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..checks import check_number
+from ..checks import check_number, split_names
 from ..data import captions_for
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
@@ -67,7 +67,7 @@ CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains 
 
 def parse_labels(labels: str) -> list[str]:
     """Comma-separated class names (as ``medvl predict --labels``): at least 2 distinct."""
-    names = list(dict.fromkeys(name.strip() for name in labels.split(",") if name.strip()))
+    names = list(dict.fromkeys(split_names(labels)))
     if len(names) < 2:
         raise InputError(f"need at least 2 distinct labels, comma-separated; got {len(names)}")
     if len(names) > MAX_LABELS:
@@ -79,7 +79,7 @@ def parse_methods(methods: str) -> list[str]:
     """Comma-separated heatmap methods (``patch_text,gradcam``), checked by the library."""
     from ..explain.heatmaps import check_methods
 
-    return check_methods([name.strip() for name in methods.split(",") if name.strip()])
+    return check_methods(split_names(methods))
 
 
 class ModelService:
