@@ -160,6 +160,22 @@ def test_a_training_split_that_holds_scored_images_is_refused_before_any_model_r
     assert not (tmp_path / "out" / "cells").exists()  # not even the zero-shot task ran
 
 
+def test_a_training_split_that_copies_scored_images_is_a_flag_of_the_run(two_models, phantom_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_dir, copy)
+    datasets = {"phantom": {"path": str(phantom_dir), "split": "test", "label": "finding"},
+                "copy": {"path": str(copy), "split": "test", "train_split": "test", "label": "finding"}}
+    tasks = [{"task": "linear-probe", "dataset": "phantom", "train_dataset": "copy"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets=datasets, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    test_size = len(load_dataset(phantom_dir).select("test"))
+    flag = (f"linear-probe@phantom / leak: {test_size} of {test_size} scored images of split 'test' are "
+            "byte-for-byte copies of images in train_split 'test' of dataset 'copy'")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["flags"] == [flag]
+    assert flag in (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
+
+
 def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("name: r\xe9sum\xe9\n".encode("latin-1"))

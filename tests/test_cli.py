@@ -120,6 +120,28 @@ def test_a_probe_fitted_on_the_images_it_is_scored_on_is_refused(trained, phanto
     assert result.exit_code == 0, output  # another split of the same folder: apart, accepted
 
 
+def test_a_probe_fitted_on_a_copy_of_the_scored_images_is_warned_and_reported(trained, phantom_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_dir, copy)  # another folder: the path check cannot see it
+    test_size = len(load_dataset(phantom_dir).select("test"))
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", copy, "--test-data",
+                            phantom_dir, "--train-split", "all", "--few-shot", "1", "--json", tmp_path / "lp.json",
+                            "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "lp.json").read_text())["copies_in_fit"] == {
+        "records": test_size, "of": test_size, "fit": "the probe's training split 'all'"}
+    assert f"{test_size} of {test_size} scored images are byte-for-byte copies" in " ".join(output.split())
+    result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
+                            "--bridge-data", copy, "--bridge-split", "test", "--json", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "r.json").read_text())["copies_in_fit"]["records"] == test_size
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", copy, "--test-data",
+                            phantom_dir, "--few-shot", "1", "--json", tmp_path / "apart.json", "-q")
+    assert result.exit_code == 0, output  # the copy's train split against the test split: apart, nothing said
+    assert "copies_in_fit" not in json.loads((tmp_path / "apart.json").read_text())
+    assert "byte-for-byte" not in output
+
+
 def test_a_few_shot_k_above_the_smallest_class_is_skipped_and_said(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
                             "--test-data", phantom_dir, "--few-shot", "1,500", "--json", tmp_path / "lp.json", "-q")

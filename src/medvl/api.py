@@ -17,7 +17,7 @@ import numpy as np
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
 from .errors import InputError
-from .eval.contamination import trained_on_scored
+from .eval.contamination import copies_in_fit, trained_on_scored
 from .models.dual import DualEncoder
 
 PathLike = str | Path
@@ -134,7 +134,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     column = pick_label(dataset, label_columns, "zero-shot")
     classes = zero_shot_classes(dataset, column)  # bad labels and splits are refused before any image is embedded
-    fit_set = None
+    fit_set, copies = None, None
     if calibration_split is not None:
         fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
         shared = dataset.shared_images(fit_set)
@@ -142,6 +142,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
             raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the evaluated "
                              f"split {split!r}: fit the temperature on a different split than the one you report")
         zero_shot_classes(fit_set, column, classes)
+        copies = copies_in_fit(fit_set, dataset, f"the calibration split {calibration_split!r}")
     net = load_model(model, backend=backend)
     embeddings, ood_block = embed_checked(net, dataset, show_progress)  # + how much the model's guard flags
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
@@ -150,7 +151,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     if fit_set is not None:
         block = zero_shot_calibration(net, fit_set, column, captions_for(fit_set, captions, net), result["classes"],
                                       np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress)
-        result["calibration"] = {"split": calibration_split, **block}
+        result["calibration"] = {"split": calibration_split, **block,
+                                 **({"copies_in_fit": copies} if copies is not None else {})}
     if ood_block is not None:
         result["ood"] = ood_block
     seen = trained_on_scored(net, dataset)
@@ -186,12 +188,13 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     if shared:  # e.g. 'all': images the guard was fitted on would set its threshold
         raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the fitted split "
                          f"{split!r}: calibrate the threshold on images the guard was not fitted on")
+    copies = copies_in_fit(fit_set, calibration_set, f"the fitted split {split!r}")
     net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
     directory = model_directory(model)
     net.save_pretrained(directory)
     result: dict[str, Any] = {"model": str(model), "data": str(data), "split": split,
                               "calibration_split": calibration_split, "threshold": round(net.ood.threshold, 4),
-                              **net.ood.info}
+                              **net.ood.info, **({"copies_in_fit": copies} if copies is not None else {})}
     if check_data is not None:
         checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root)
         result["check"] = {"data": str(check_data), "split": check_split,
@@ -219,7 +222,7 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    bank = None
+    bank, copies = None, None
     if bridge_data is not None:
         bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root)
         shared = dataset.shared_images(bank)
@@ -227,6 +230,7 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
             raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split}: {shared} of its records "
                              f"are images of the scored split {split!r}; the bridge's bank must hold other images "
                              "(e.g. the training split)")
+        copies = copies_in_fit(bank, dataset, f"the bridge's bank (--bridge-split {bridge_split!r})")
     members = [load_model(p, backend=backend) for p in paths]
     bridges = None
     if bank is not None:
@@ -236,6 +240,8 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     seen = [block for member in members if (block := trained_on_scored(member, dataset)) is not None]
     if seen:
         result["trained_on_scored"] = max(seen, key=lambda block: block["records"])
+    if copies is not None:
+        result["copies_in_fit"] = copies
     return {**result, "model": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "data": str(data),
             "split": split,
             **({"bridge_data": str(bridge_data), "bridge_split": bridge_split} if bridges is not None else {})}
@@ -260,6 +266,7 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         raise InputError(f"--train-data {train_data} --train-split {train_split} holds {shared} of the {len(test_set)} "
                          f"scored images (--test-split {test_split}); fit the probe on other images than it is "
                          "scored on")
+    copies = copies_in_fit(train_set, test_set, f"the probe's training split {train_split!r}")
     column = pick_label(train_set, label_columns, "linear-probe")
     loaded = load_model(model)
     if covariates is None:  # the model's own: those the training data has no value of are left out, with a warning
@@ -271,6 +278,8 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     seen = trained_on_scored(loaded, test_set, "scored (test) records")
     if seen is not None:  # the probe's features come from a model that learned these images
         result["trained_on_scored"] = seen
+    if copies is not None:
+        result["copies_in_fit"] = copies
     return {**result, "label": column, "model": str(model)}
 
 

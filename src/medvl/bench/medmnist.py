@@ -33,6 +33,7 @@ from ..data.loaders import load_dataset
 from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
 from ..eval.bootstrap import percentile_interval
+from ..eval.contamination import copies_in_fit
 from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
 from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
@@ -111,7 +112,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     scores = score(models)
     return {**scores, "members": members,
             "train": f"{train_path}:train", "n_fit": len(data.fit), "test": f"{test_path}:{test_split}",
-            "n_test": len(data.test), "model": model_name, "epochs": settings.train.epochs, "seed": seed,
+            "n_test": len(data.test), **({"copies_in_fit": data.copies_in_fit} if data.copies_in_fit else {}),
+            "model": model_name, "epochs": settings.train.epochs, "seed": seed,
             "ensemble": settings.ensemble, "test_time_views": len(settings.test_time_views),
             "settings": settings.to_dict(),
             "seconds": round(time.perf_counter() - started, 1)}
@@ -127,6 +129,7 @@ class BenchmarkData:
     calibration_name: str
     test: Dataset
     classes: list[str]
+    copies_in_fit: dict | None = None  # scored images that are byte-for-byte copies of training images
 
 
 def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: str, seed: int) -> BenchmarkData:
@@ -146,7 +149,8 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
         fit_set, calib_set = _hold_out(train_set, 0.1, seed)
         calibration = "10% of train held out"
     classes = sorted(train_set.classes(LABEL), key=class_order)
-    return BenchmarkData(fit_set, calib_set, calibration, test_set, classes)
+    copies = copies_in_fit(fit_set, test_set, f"the training split ({Path(train_path).name}:train)")
+    return BenchmarkData(fit_set, calib_set, calibration, test_set, classes, copies)
 
 
 def score_models(models: list[DualEncoder], data: BenchmarkData, views: list[list[float]], operating_point: str,

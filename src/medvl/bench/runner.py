@@ -155,9 +155,14 @@ def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
     return needed
 
 
-def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> None:
+def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
     """InputError (before any model runs) when a task's training split holds images of the split it scores:
-    a probe fitted, or a case index filled, with the very images it is scored on."""
+    a probe fitted, or a case index filled, with the very images it is scored on. Byte-for-byte copies of
+    training images among the scored ones (another file, or one image filed in two splits) are not refused but
+    returned as flags of the run, one per task (``eval.contamination.copies_in_fit``)."""
+    from ..eval.contamination import copies_in_fit
+
+    flags = []
     for task in suite.tasks:
         if task.task not in TRAINING_TASKS:
             continue
@@ -165,11 +170,17 @@ def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset])
         spec, train_split = suite.datasets[task.dataset], suite.datasets[source].train_split
         if not train_split or prepared[task.dataset].dataset is None or prepared[source].dataset is None:
             continue
-        shared = prepared[task.dataset].split(spec.split).shared_images(prepared[source].split(train_split))
+        scored, fitted = prepared[task.dataset].split(spec.split), prepared[source].split(train_split)
+        shared = scored.shared_images(fitted)
         if shared:
             raise InputError(f"{suite.source}: task {task.key}: train_split {train_split!r} of dataset {source!r} "
                              f"holds {shared} images of the scored split {spec.split!r}; fit on other images "
                              "than those scored")
+        copies = copies_in_fit(fitted, scored, f"train_split {train_split!r} of dataset {source!r}")
+        if copies:
+            flags.append(f"{task.key} / leak: {copies['records']} of {copies['of']} scored images of split "
+                         f"{spec.split!r} are byte-for-byte copies of images in {copies['fit']}")
+    return flags
 
 
 # ------------------------------------------------------------------ the run
@@ -213,7 +224,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
-    check_training_apart(suite, datasets)
+    leaks = check_training_apart(suite, datasets)
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
                                   "versions": versions})
     cells, computed = [], 0
@@ -230,7 +241,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     results = {"suite": suite.name, "source": suite.source, "seed": suite.seed, "bootstrap": suite.bootstrap,
                "models": {labels[str(m)]: str(m) for m in models}, "versions": versions,
                "data_hashes": {name: d.hashes for name, d in datasets.items()},
-               "rows": rows, "flags": [flag for cell in cells for flag in cell["flags"]],
+               "rows": rows, "flags": leaks + [flag for cell in cells for flag in cell["flags"]],
                "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
                "seconds": round(time.perf_counter() - started, 1)}
     from .html import write_suite_report

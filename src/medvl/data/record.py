@@ -73,6 +73,32 @@ def hash_split(record_id: str, fractions: Sequence[tuple[str, float]] = SPLIT_FR
     return fractions[-1][0]
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _content_digest(source: ImageSource, sizes: set[int]) -> bytes | None:
+    """SHA-256 of an image file's bytes (only when its size is in ``sizes``: no other file can equal it
+    otherwise) or of an array's dtype, shape and values; None for an image read by its own loader (a DICOM
+    series) or a file that cannot be read."""
+    if isinstance(source, np.ndarray):
+        array = np.ascontiguousarray(source)
+        return hashlib.sha256(array.tobytes() + str((array.dtype.str, array.shape)).encode()).digest()
+    if not isinstance(source, Path) or _file_size(source) not in sizes or _file_size(source) < 0:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return b"file:" + digest.digest()
+
+
 class Dataset(Sequence[Record]):
     """A sized, indexable sequence of records from one source."""
 
@@ -90,6 +116,25 @@ class Dataset(Sequence[Record]):
         mine = {source.resolve() for record in self.records for source in record.images if isinstance(source, Path)}
         return sum(any(isinstance(source, Path) and source.resolve() in mine for source in record.images)
                    for record in other.records)
+
+    def copied_images(self, other: Dataset) -> int:
+        """How many records of ``other`` that share no image file with this dataset (``shared_images``) have
+        an image byte for byte equal to one of this dataset's: a copy of the data under another folder or
+        file name, or one image filed in two splits (arrays: equal dtype, shape and values). Files are read
+        only when their size matches one of the other side's, so two unrelated datasets cost a ``stat`` per
+        file; an image that cannot be read counts as no copy (loading it reports the problem)."""
+        mine_paths = {source.resolve() for record in self.records for source in record.images
+                      if isinstance(source, Path)}
+        candidates = [record for record in other.records
+                      if not any(isinstance(s, Path) and s.resolve() in mine_paths for s in record.images)]
+        their_sizes = {_file_size(s) for record in candidates for s in record.images if isinstance(s, Path)}
+        mine = {digest for record in self.records for source in record.images
+                if (digest := _content_digest(source, their_sizes)) is not None}
+        if not mine:
+            return 0
+        my_sizes = {_file_size(s) for record in self.records for s in record.images if isinstance(s, Path)}
+        return sum(any(_content_digest(source, my_sizes) in mine for source in record.images)
+                   for record in candidates)
 
     def subset(self, records: list[Record], label_names: Sequence[str] | None = None) -> Dataset:
         """A dataset of other records from the same source, keeping its settings."""
