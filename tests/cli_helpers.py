@@ -61,3 +61,23 @@ def postgres_server(prefix: str) -> Iterator[tuple[Any, Path]]:
     finally:
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def with_copied_films(data: Path, out: Path, from_split: str, to_split: str, n: int) -> tuple[Path, int]:
+    """A copy of the phantom folder ``data`` at ``out`` whose first ``n`` rows of ``to_split`` show renamed
+    byte-for-byte copies of the first ``n`` films of ``from_split`` (another file each, so no shared path);
+    returns the folder and how many records ``from_split`` has."""
+    shutil.copytree(data, out)
+    with (out / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    sources = [r for r in rows if r["split"] == from_split]
+    targets = [r for r in rows if r["split"] == to_split][:n]
+    for target, source in zip(targets, sources[:n], strict=True):
+        renamed = f"images/copy_of_{Path(source['image']).name}"
+        shutil.copyfile(out / source["image"], out / renamed)
+        target["image"] = renamed
+    with (out / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out, len(sources)

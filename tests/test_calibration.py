@@ -1,13 +1,13 @@
 """Calibration metrics against loop references on seeded random data; zero-shot calibration block."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import medvl
+from cli_helpers import with_copied_films
 from medvl.api import evaluate_zero_shot
 from medvl.data import captions_for
 from medvl.errors import InputError
@@ -234,29 +234,12 @@ def test_a_class_named_twice_is_scored_once(phantom_model, phantom_dir):
 
 
 def test_calibration_images_that_copy_scored_images_are_reported(phantom_model, phantom_dir, tmp_path):
-    """Two val rows whose films are renamed copies of test films: not the same file, so not refused; counted in
-    the calibration block."""
-    import csv
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(phantom_dir, data)
-    with (data / "manifest.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    tests = [r for r in rows if r["split"] == "test"]
-    vals = [r for r in rows if r["split"] == "val"]
-    fit_split = "val" if vals else "train"
-    targets = [r for r in rows if r["split"] == fit_split][:2]
-    for target, source in zip(targets, tests[:2], strict=True):
-        renamed = f"images/copy_of_{Path(source['image']).name}"
-        shutil.copyfile(data / source["image"], data / renamed)
-        target["image"] = renamed
-    with (data / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """Two calibration rows whose films are renamed copies of test films: not the same file, so not refused;
+    counted in the calibration block."""
+    fit_split = "val" if "val" in medvl.load_dataset(phantom_dir).splits else "train"
+    data, n_test = with_copied_films(phantom_dir, tmp_path / "data", "test", fit_split, 2)
     result = evaluate_zero_shot(phantom_model, data, "test", calibration_split=fit_split, show_progress=False)
-    assert result["calibration"]["copies_in_fit"] == {"records": 2, "of": len(tests),
+    assert result["calibration"]["copies_in_fit"] == {"records": 2, "of": n_test,
                                                       "fit": f"the calibration split {fit_split!r}"}
     plain = evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split=fit_split, show_progress=False)
     assert "copies_in_fit" not in plain["calibration"]

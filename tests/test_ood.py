@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import invoke
+import medvl
+from cli_helpers import invoke, with_copied_films
 from medvl.api import load_split
 from medvl.errors import ModelError
 from medvl.models.ood import OOD_FILE, OODGuard
@@ -146,3 +147,18 @@ def test_search_reports_the_query_flag(guarded, phantom_dir, shared_data, tmp_pa
         assert result.exit_code == 0, output
         flags.append(json.loads(out.read_text())["query"]["out_of_distribution"])
     assert flags == [False, True]
+
+
+def test_calibration_films_that_copy_fitted_films_are_reported(guarded, phantom_dir, tmp_path):
+    """Three val rows show renamed copies of train films: the guard's own training images would pull its threshold
+    down; not the same files, so not refused, but counted."""
+    data, _ = with_copied_films(phantom_dir, tmp_path / "data", "train", "val", 3)
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    result, output = invoke("ood", "fit", "--model", model, "--data", data, "--overwrite", "--json",
+                            tmp_path / "ood.json", "-q")
+    assert result.exit_code == 0, output
+    n_val = len(medvl.load_dataset(data).select("val"))
+    assert json.loads((tmp_path / "ood.json").read_text())["copies_in_fit"] == {
+        "records": 3, "of": n_val, "fit": "the fitted split 'train'"}
+    assert f"3 of {n_val} calibration images are byte-for-byte copies" in " ".join(output.split())

@@ -188,7 +188,7 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     if shared:  # e.g. 'all': images the guard was fitted on would set its threshold
         raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the fitted split "
                          f"{split!r}: calibrate the threshold on images the guard was not fitted on")
-    copies = copies_in_fit(fit_set, calibration_set, f"the fitted split {split!r}")
+    copies = copies_in_fit(fit_set, calibration_set, f"the fitted split {split!r}", "calibration images")
     net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
     directory = model_directory(model)
     net.save_pretrained(directory)

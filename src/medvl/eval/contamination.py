@@ -51,16 +51,17 @@ def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records"
     return {"records": seen, "of": len(dataset), "splits": sorted(splits), "records_trained": trained}
 
 
-def copies_in_fit(fit: Dataset, scored: Dataset, fit_name: str) -> dict[str, Any] | None:
-    """How many scored records have an image that is a byte-for-byte copy of an image in ``fit`` (the images a
-    probe, threshold, temperature or bridge was fitted on, named ``fit_name`` in the result and the warning),
-    under another path or file name: ``Dataset.copied_images``. None when none. Not refused, unlike the same
-    image file in both (``Dataset.shared_images``): official splits can hold a few such copies (PneumoniaMNIST's
-    train and val do), and the figures then say how many. Counts only, no file names, in the warning."""
+def copies_in_fit(fit: Dataset, scored: Dataset, fit_name: str, what: str = "scored images") -> dict[str, Any] | None:
+    """How many records of ``scored`` (``what``, in the warning) have an image that is a byte-for-byte copy of
+    an image in ``fit`` (the images a probe, threshold, temperature or bridge was fitted on, named ``fit_name``
+    in the result and the warning), under another path or file name: ``Dataset.copied_images``. None when
+    none. Not refused, unlike the same image file in both (``Dataset.shared_images``): official splits can
+    hold a few such copies (PneumoniaMNIST's train and val do), and the figures then say how many. Counts
+    only, no file names, in the warning."""
     copies = fit.copied_images(scored)
     if not copies:
         return None
-    log.warning("%d of %d scored images are byte-for-byte copies of images in %s (another file or split): "
-                "on them the figures measure recall of fitted images, not generalisation; `medvl audit` lists "
-                "duplicates", copies, len(scored), fit_name)
+    log.warning("%d of %d %s are byte-for-byte copies of images in %s (another file or split): on them the "
+                "figures measure what was fitted, not generalisation; `medvl audit` lists duplicates", copies,
+                len(scored), what, fit_name)
     return {"records": copies, "of": len(scored), "fit": fit_name}
