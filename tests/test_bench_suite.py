@@ -176,6 +176,19 @@ def test_a_training_split_that_copies_scored_images_is_a_flag_of_the_run(two_mod
     assert flag in (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
 
 
+def test_scoring_the_split_a_model_trained_on_is_a_flag_of_each_task(two_models, phantom_dir, tmp_path):
+    spec = {"path": str(phantom_dir), "split": "train", "train_split": "val", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom"}, {"task": "retrieval", "dataset": "phantom"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    n_train = len(load_dataset(phantom_dir).select("train"))
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert flags == [f"alpha / {task}@phantom / leak: the model was trained on split(s) train of this data: {n_train} "
+                     f"of the {n_train} scored records are training figures, not a test"
+                     for task in ("zero-shot", "retrieval")]
+
+
 def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("name: r\xe9sum\xe9\n".encode("latin-1"))

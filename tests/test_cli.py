@@ -107,6 +107,15 @@ def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warn
                             "--json", tmp_path / "lp.json", "-q")  # probe apart from its scored images, model not
     assert result.exit_code == 0, output
     assert json.loads((tmp_path / "lp.json").read_text())["trained_on_scored"]["records"] == train_size
+    result, output = invoke("index", "build", "--model", trained, "--data", phantom_dir, "--split", "test", "--out",
+                            tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    for split, expected in (("val", None), ("train", train_size)):
+        result, output = invoke("eval", "case-retrieval", "--index", tmp_path / "idx", "--data", phantom_dir,
+                                "--split", split, "-k", 3, "--json", tmp_path / f"cr-{split}.json", "-q")
+        assert result.exit_code == 0, output
+        seen = json.loads((tmp_path / f"cr-{split}.json").read_text()).get("trained_on_scored")
+        assert (seen and seen["records"]) == expected
 
 
 def test_a_probe_fitted_on_the_images_it_is_scored_on_is_refused(trained, phantom_dir, tmp_path):

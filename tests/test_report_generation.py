@@ -175,6 +175,26 @@ def test_eval_command_scores_the_generator_beside_the_nearest_training_report(cl
         texts, [train[int(i)].text for i in similarity.argmax(1)])["bleu_4"])
 
 
+def test_eval_refuses_a_baseline_bank_holding_the_scored_images_and_says_when_they_were_trained_on(
+        cli_run, phantom_dir, tmp_path):
+    data = medvl.load_dataset(phantom_dir)
+    result, output = invoke("eval", "report", "--model", cli_run, "--data", phantom_dir, "--split", "all",
+                            "--json", tmp_path / "all.json", "-q")  # the baseline would retrieve their own reports
+    n_train, n_all = len(data.select("train")), len(data)
+    assert result.exit_code == 2 and f"--train-split 'train' holds {n_train} of the {n_all} scored images" in \
+        " ".join(output.split())
+    assert not (tmp_path / "all.json").exists()
+    training = ReportGenerator.from_pretrained(cli_run).meta["training"]
+    assert training["splits"] == ["train"] and len(training["data_sha256"]) == 64
+    result, output = invoke("eval", "report", "--model", cli_run, "--data", phantom_dir, "--split", "train",
+                            "--train-split", "test", "--max-length", "8", "--beam-size", "1", "--json",
+                            tmp_path / "train.json", "-q")  # apart from the baseline's bank, not from training
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "train.json").read_text())["trained_on_scored"] == {
+        "records": n_train, "of": n_train, "splits": ["train"], "records_trained": n_train}
+    assert "training figures, not a test" in " ".join(output.split())
+
+
 def test_retrieved_context_is_given_and_cited(phantom_dir, dual_dir, tmp_path):
     index = tmp_path / "cases.idx"
     result, output = invoke("index", "build", "--model", dual_dir, "--data", phantom_dir, "--split", "train",

@@ -101,6 +101,27 @@ def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path)
                             "--json", out, "--quiet")
     assert result.exit_code == 0, output
     assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["qids"])
+    assert "trained_on_scored" not in json.loads(out.read_text())
+
+
+def test_scoring_the_questions_trained_on_is_said(trained, phantom, tmp_path):
+    """The training file's own questions, less those held out, are training figures; the held-out ones and the
+    test split are not."""
+    model = load_vqa_model(trained)
+    assert model.meta["training"]["splits"] == ["train"] and len(model.meta["training"]["data_sha256"]) == 64
+    n_kept = model.meta["training"]["questions"]
+    items = load_vqa(phantom / "vqa")
+    for split, of in (("train", sum(i.split == "train" for i in items)), ("all", len(items))):
+        out = tmp_path / f"{split}.json"
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", split,
+                                "--json", out, "--quiet")
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["trained_on_scored"] == {
+            "records": n_kept, "of": of, "splits": ["train"], "records_trained": n_kept}
+        assert f"{n_kept} of {of} scored questions come from split(s) train" in " ".join(output.split())
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
+                            "--json", tmp_path / "test.json", "--quiet")
+    assert result.exit_code == 0 and "trained_on_scored" not in json.loads((tmp_path / "test.json").read_text())
 
 
 def test_two_image_answer_with_evidence(trained, phantom, tmp_path):

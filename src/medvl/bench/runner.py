@@ -343,6 +343,10 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     started = time.perf_counter()
     context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress)
     RUNNERS[task.task](context)
+    if task.task not in ("vqa", "report"):  # those two say it from their own evaluation's result
+        from ..eval.contamination import trained_on_scored
+
+        context.flag_trained(trained_on_scored(context.net, data.split(data.spec.split)))
     for row in context.rows:
         row.update(seed=suite.seed, data_hashes={data.spec.name: data.hashes["sha256"]}, versions=versions)
     cell = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
@@ -402,6 +406,12 @@ class _Context:
 
     def flag(self, check: str, message: str) -> None:
         self.flags.append(f"{self.model} / {self.task.key} / {check}: {message}")
+
+    def flag_trained(self, seen: dict[str, Any] | None) -> None:
+        """A ``leak`` flag when the model learned from scored records (``eval.contamination``'s block)."""
+        if seen is not None:
+            self.flag("leak", f"the model was trained on split(s) {', '.join(seen['splits'])} of this data: "
+                              f"{seen['records']} of the {seen['of']} scored records are training figures, not a test")
 
     def bootstrap(self, metric: Callable[..., float], y_true: np.ndarray, *arrays: np.ndarray,
                   need_both_classes: bool = True) -> dict[str, Any]:
@@ -586,6 +596,7 @@ def _vqa(ctx: _Context) -> None:
 
     items = select_questions(ctx.data.questions or [], ctx.data.spec.split, str(ctx.data.path), None)
     result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True)
+    ctx.flag_trained(result.get("trained_on_scored"))
     for prefix in ("", "blank_image_", "question_only_"):
         baseline = prefix.rstrip("_").replace("_", " ")
         name = f"sanity: {baseline} overall_accuracy" if prefix else "overall_accuracy"
@@ -613,6 +624,7 @@ def _report(ctx: _Context) -> None:
     result = evaluate_report_generator(ctx.net, ctx.data.split(spec.split), ctx.training_split(),
                                        show_progress=ctx.show_progress, keep_texts=True)
     texts = result.pop("texts")
+    ctx.flag_trained(result.get("trained_on_scored"))
     for source, name in (("generated", ""), ("nearest", "sanity: nearest_report ")):
         intervals = report_intervals(texts["references"], texts[source], resamples=ctx.suite.bootstrap,
                                      seed=ctx.suite.seed)

@@ -193,6 +193,7 @@ def case_retrieval_command(
     single report."""
     from ..api import load_split
     from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings
+    from ..eval.contamination import trained_on_scored
     from ..index import describe_target, index_model, open_index
 
     check_outputs(overwrite, json=json_out)
@@ -201,9 +202,12 @@ def case_retrieval_command(
     dataset = load_split(data, split, label_column, allow_outside_root)
     with open_index(index) as opened:
         net = index_model(opened, model)
+        seen = trained_on_scored(net, dataset)  # the encoder learned the queries: its neighbours are training figures
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
+    if seen is not None:
+        result["trained_on_scored"] = seen
     print_case_retrieval(result)
     emit_json({**result, "index": describe_target(index), "data": describe_target(data), "split": split}, json_out,
               overwrite)

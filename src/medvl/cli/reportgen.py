@@ -138,6 +138,7 @@ def eval_report_command(
     the most similar training image (the nearest-report baseline, computed in the same run)."""
     from ..api import load_split
     from ..errors import InputError
+    from ..eval.contamination import copies_in_fit
     from ..eval.report import evaluate_report_generator
     from ..index import describe_target
     from ..models.decoder import load_report_generator
@@ -150,12 +151,19 @@ def eval_report_command(
     baseline = load_model(baseline_model) if baseline_model is not None else None
     test = load_split(data, split, allow_outside_root=allow_outside_root)
     train = load_split(data, train_split, allow_outside_root=allow_outside_root)
+    shared = train.shared_images(test)
+    if shared:  # e.g. --split all: the baseline would retrieve each scored image's own report
+        raise InputError(f"--train-split {train_split!r} holds {shared} of the {len(test)} scored images (--split "
+                         f"{split!r}): the nearest-report baseline would find their own reports; evaluate another "
+                         "split")
+    copies = copies_in_fit(train, test, f"the baseline's training split {train_split!r}")
     with _context_index(net, index) as opened:
         result = evaluate_report_generator(net, test, train, baseline_model=baseline, index=opened,
                                            beam_size=beam_size, max_length=max_length, show_progress=not quiet)
     print_report_metrics(result)
     emit_json({**result, "model": describe_target(model), "data": describe_target(data), "split": split,
-               "train_split": train_split}, json_out, overwrite)
+               "train_split": train_split, **({"copies_in_fit": copies} if copies is not None else {})},
+              json_out, overwrite)
 
 
 def print_report_metrics(result: dict) -> None:

@@ -1,20 +1,25 @@
 """Was a scored split part of the model's training data? A trust check on every evaluation's inputs.
 
-A model trained by ``medvl train`` records in its meta (``training``) which data it learned from, as a
-SHA-256 of the data's resolved path (``data_sha256``: the path itself, which may name a patient or a
-project, is not kept beyond what ``data`` already holds), and the splits of the records it trained on
-(``splits``). An evaluation of the same data then counts the scored records of those splits: figures on
-them are training figures, not a test, so the result gets a ``trained_on_scored`` block and a warning
-(``records_trained``: how many the model learned from; fewer than ``records`` when it trained on a part of
-the split, e.g. a benchmark's held-out cases).
+A model trained by ``medvl train`` (or ``medvl train vqa`` / ``report``) records in its meta (``training``)
+which data it learned from, as a SHA-256 of the data's resolved path (``data_sha256``: the path itself,
+which may name a patient or a project, is not kept beyond what ``data`` already holds), and the splits of
+the records it trained on (``splits``). An evaluation of the same data then counts the scored records of
+those splits: figures on them are training figures, not a test, so the result gets a
+``trained_on_scored`` block and a warning (``records_trained``: how many the model learned from; fewer
+than ``records`` when it trained on a part of the split, e.g. a benchmark's held-out cases).
 Only the path and split names are compared: a copy of the data elsewhere is not recognised, and nothing
-about single images is kept in the model.
+about single images is kept in the model. A VQA model's held-out questions (its ``holdout`` meta) are not
+counted (``questions_trained_on``).
+
+``copies_in_fit`` is the other direction: scored images that are byte-for-byte copies of the images a probe,
+threshold or bank was fitted on, found by content (``Dataset.copied_images``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +42,33 @@ def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records"
     """How many records of ``dataset`` come from the data and splits ``model`` was trained on; None when none
     (or the model records no training data: a transformers folder, or a medvl model saved before this check).
     A warning says so (counts and split names only)."""
+    return _trained_block(model, dataset.source, [record.split for record in dataset], what)
+
+
+def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[str, Any] | None:
+    """``trained_on_scored`` for VQA questions (``VQAItem``) read from ``source``: the questions a VQA model held
+    out from its training (``--holdout``, kept in its meta) are not counted."""
+    holdout = (getattr(model, "meta", None) or {}).get("holdout") or {}
+    held = {(holdout.get("split"), qid) for qid in holdout.get("qids") or ()}
+    return _trained_block(model, source, [None if (item.split, item.qid) in held else item.split for item in items],
+                          "scored questions")
+
+
+def _trained_block(model: Any, source: str, splits_scored: list[str | None], what: str) -> dict[str, Any] | None:
+    """The ``trained_on_scored`` block of scored records from ``source`` whose splits are ``splits_scored``
+    (None: a record known to be held out of training)."""
     training = (getattr(model, "meta", None) or {}).get("training") or {}
-    if not training.get("data_sha256") or training["data_sha256"] != data_sha256(dataset.source):
+    if not training.get("data_sha256") or training["data_sha256"] != data_sha256(source):
         return None
     splits = set(training.get("splits") or [])
-    seen = sum(record.split in splits for record in dataset)
+    seen = sum(split in splits for split in splits_scored)
     if not seen:
         return None
-    trained = training.get("records")
+    trained = training.get("records", training.get("questions"))
     log.warning("%d of %d %s come from split(s) %s of the data the model was trained on (it learned from %s "
-                "records of them): figures on them are training figures, not a test", seen, len(dataset), what,
+                "of them): figures on them are training figures, not a test", seen, len(splits_scored), what,
                 ", ".join(sorted(splits)), trained if trained is not None else "some")
-    return {"records": seen, "of": len(dataset), "splits": sorted(splits), "records_trained": trained}
+    return {"records": seen, "of": len(splits_scored), "splits": sorted(splits), "records_trained": trained}
 
 
 def copies_in_fit(fit: Dataset, scored: Dataset, fit_name: str, what: str = "scored images") -> dict[str, Any] | None:

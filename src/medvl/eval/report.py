@@ -45,6 +45,7 @@ from ..models.vlm import REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
 from ..rag.labels import ReportLabeller
 from .case_retrieval import finding_f1
+from .contamination import trained_on_scored
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     if context_k(model) and index is None:
         raise InputError(f"the report generator was trained with {context_k(model)} retrieved "
                          "reports as context: pass --index (the index it was trained with)")
+    seen = trained_on_scored(model, test, "scored (test) reports")
     images = _read(test, show_progress)
     generated, cited = generate_for_images(model, images, index=index, records=test.records, beam_size=beam_size,
                                            max_length=max_length, show_progress=show_progress)
@@ -196,6 +198,8 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
                   for r, i, c in zip(test, nearest, cited, strict=True)],
         "empty_reports": sum(not g.strip() for g in generated),
     }
+    if seen is not None:
+        result["trained_on_scored"] = seen
     if keep_texts:
         result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts}
     result["seconds"] = round(time.perf_counter() - started, 2)

@@ -43,6 +43,7 @@ from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
 from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer
 from ..progress import progress_bar
+from .contamination import questions_trained_on
 
 MIN_VOCABULARY_COVERAGE = 0.5  # below this share of answers the model can give, the data is not the model's
 
@@ -127,6 +128,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     for a baseline the model has not), in the order of ``items``."""
     if not items:
         raise InputError(f"{source}: no questions to score")
+    seen = questions_trained_on(model, items, source) if source else None
     runs: dict[str, list[str] | None]
     if isinstance(model, VisionLanguageModel):
         coverage = None
@@ -162,6 +164,8 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["open_token_f1"] = sum(open_f1) / len(open_f1) if open_f1 else None
     result["per_question_type"] = _per_type(items, runs)
     result["answers_in_vocabulary"] = coverage
+    if seen is not None:
+        result["trained_on_scored"] = seen
     return result
 
 

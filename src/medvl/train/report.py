@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from ..data.loading import load_all
 from ..data.record import Dataset
 from ..errors import InputError
+from ..eval.contamination import training_data
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
 from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
@@ -140,4 +141,4 @@ class ReportObjective:
 
     def finish(self, steps: int) -> None:
         self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
-                                       "vocabulary": len(self.model.tokenizer)}
+                                       "vocabulary": len(self.model.tokenizer), **training_data(self.dataset)}
