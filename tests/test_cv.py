@@ -67,6 +67,11 @@ def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "mole_colour" in errors[0] and "available: diagnosis" in errors[0]
     assert "Traceback" not in output
+    result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column",
+                            "diagnosis", "--group-column", "patient_id", "--model", "phantom-tiny", "--folds", 2,
+                            "--epochs", 1, "-q")  # the group columns are the metadata's, not the label's
+    assert result.exit_code == 2
+    assert "unknown group column 'patient_id'; columns: diagnosis, patient" in " ".join(output.split())
 
 
 @pytest.mark.parametrize("repeats", [0, -2])

@@ -228,7 +228,7 @@ def _groups(dataset: Dataset, column: str) -> np.ndarray:
     missing = [r.id for r in dataset if column not in r.meta]
     if len(missing) == len(dataset):
         raise InputError(f"{dataset.source}: unknown group column {column!r}; "
-                         f"available: {', '.join(dataset.label_names) or 'none'}")
+                         f"columns: {', '.join(dataset.columns()) or 'none'}")
     if missing:
         raise InputError(f"{dataset.source}: {len(missing)} records have no {column!r} value "
                          f"(first: {missing[0]}); every record needs a group")

@@ -116,7 +116,7 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> N
         label = task.label or spec.label
         if task.dataset == spec.name and label and TASKS[task.task] == "dual":
             dataset.require_label(label)
-    present = set(dataset.label_names) | {key for record in dataset.records[:200] for key in record.meta}
+    present = set(dataset.columns())
     unknown = [column for column in spec.subgroups if column not in present]
     if unknown:
         raise InputError(f"{item.path}: dataset {spec.name!r} has no column {', '.join(unknown)} for subgroups "

@@ -136,6 +136,11 @@ class Dataset(Sequence[Record]):
         return sum(any(_content_digest(source, my_sizes) in mine for source in record.images)
                    for record in candidates)
 
+    def columns(self) -> list[str]:
+        """Every column name the records carry, sorted: the label columns and the metadata keys (names only: a
+        group, subgroup or covariate column is looked up among them)."""
+        return sorted(set(self.label_names) | {key for record in self.records for key in record.meta})
+
     def subset(self, records: list[Record], label_names: Sequence[str] | None = None) -> Dataset:
         """A dataset of other records from the same source, keeping its settings."""
         names = self.label_names if label_names is None else label_names
