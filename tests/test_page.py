@@ -198,6 +198,7 @@ def check_zero_shot(page, expected: dict) -> None:
         assert float(text.rstrip("%")) == pytest.approx(probability * 100, abs=0.051)
     assert [p for _, p, _ in shown] == sorted((p for _, p, _ in shown), reverse=True)
     assert page.locator("#zero-shot .bars li.top").get_attribute("data-label") == expected["prediction"]
+    assert page.locator("#zero-shot [data-input-flags]").count() == (1 if expected["input_flags"] else 0)
 
 
 def check_similar(page, expected: dict) -> None:
@@ -460,6 +461,20 @@ def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(pa
     assert labels.json()["detail"] in page.locator("#zero-shot .panel-error").inner_text()
     for panel in ("similar", "draft"):
         assert where.json()["detail"] in page.locator(f"#{panel} .panel-error").inner_text()
+
+
+def test_a_blank_image_is_answered_with_a_warning_that_there_is_nothing_to_answer_on(page, client, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((80, 80), 200, np.uint8)).save(blank)
+    connect(page, TOKENS[11])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(blank)
+    page.locator("#zero-shot[data-state=done]").wait_for(timeout=ANSWER_MS)
+    warning = page.locator("#zero-shot [data-input-flags]")
+    assert warning.get_attribute("data-input-flags") == "blank" and warning.get_attribute("role") == "alert"
+    assert "No content to answer on: blank as the model sees it" in warning.inner_text()
+    assert "grey levels between the 0.5th and 99.5th percentiles" in warning.inner_text()
+    assert page.locator("#zero-shot .bars li").count() > 0  # the answer is still shown, under the warning
 
 
 def drop(page, path: Path) -> None:

@@ -363,6 +363,11 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     assert answer.json()["prediction"] == expected["prediction"]
     for name, probability in expected["probabilities"].items():
         assert answer.json()["probabilities"][name] == pytest.approx(probability, abs=1e-5)
+    assert answer.json()["input_flags"] == expected["input_flags"] == {}
+    blank = io.BytesIO()
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(blank, format="PNG")
+    flagged = zero_shot(client, blank.getvalue())  # answered, and said to hold nothing to answer on
+    assert flagged.status_code == 200 and list(flagged.json()["input_flags"]) == ["blank"]
     embedded = client.post("/v1/embed", headers=auth(), files={"image": ("x.png", png.read_bytes())}).json()
     reference = load_model(model_dir).encode_images([png])[0].numpy()
     assert embedded["dim"] == reference.shape[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .data import CaptionConfig, captions_for
+from .data.audit import input_flags, warn_without_content
 from .errors import InputError
 from .eval.ood import warn_flagged
 from .eval.zero_shot import zero_shot_probabilities
@@ -17,15 +18,18 @@ from .models.registry import load_model
 
 def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
             label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
-            backend: str = "torch") -> list[dict]:
-    """For each image: the most likely class among ``class_names`` and every class's probability,
-    and, when the model has an OOD guard, ``ood_score`` / ``out_of_distribution`` (answers for
-    images unlike the training images are unreliable; a warning says how many there were).
+            backend: str = "torch", batch_size: int = 64) -> list[dict]:
+    """For each image: the most likely class among ``class_names``, every class's probability, and
+    ``input_flags``: whether the image is blank or streaked as the model sees it (flag -> reason,
+    ``medvl.data.audit.input_flags``; {} for an image with content: an answer on a flagged one means
+    nothing, and a warning says how many there were); when the model has an OOD guard, also
+    ``ood_score`` / ``out_of_distribution`` (answers for images unlike the training images are
+    unreliable; a warning says how many there were).
 
     Class descriptions come from ``captions`` (a config or a file), else from the captions the
     model was trained with; ``label_column`` picks which column's descriptions apply (default: the
     first column that describes every requested class; one the captions do not describe is refused).
-    ``backend``: see ``load_model`` (model paths only).
+    ``backend``: see ``load_model`` (model paths only). Images are read ``batch_size`` at a time.
     """
     class_names = list(dict.fromkeys(class_names))  # a repeated name is one class, not two in the softmax
     if len(class_names) < 2:
@@ -34,20 +38,24 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
     _, prompts = class_prompts(net, class_names, label_column, captions)
-    if getattr(net, "ood", None) is not None:  # backbone features for the guard, projected for the answer
-        features = net.encode_images(list(images), features=True)
-        with torch.no_grad():
-            embeddings = net.embed_image_features(features)
-    else:
-        features = embeddings = net.encode_images(list(images))
-    probabilities = zero_shot_probabilities(net, embeddings, prompts)
-    flags = ood_flags(net, features)
-    results = []
-    for path, row, flag in zip(images, probabilities, flags, strict=True):
-        scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
-        results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
-                        "probabilities": scores, **flag})
-    warn_flagged([flag for flag in flags if flag], "images")
+    results, guarded = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        pixels = net.preprocessor.load_many(chunk)  # read once: checked as the model sees it, then encoded
+        if getattr(net, "ood", None) is not None:  # backbone features for the guard, projected for the answer
+            features = net.encode_images(pixels, features=True)
+            with torch.no_grad():
+                embeddings = net.embed_image_features(features)
+        else:
+            features = embeddings = net.encode_images(pixels)
+        probabilities = zero_shot_probabilities(net, embeddings, prompts)
+        for path, row, flag, image in zip(chunk, probabilities, ood_flags(net, features), pixels, strict=True):
+            scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
+            results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
+                            "probabilities": scores, "input_flags": input_flags(image.numpy()), **flag})
+            guarded += [flag] if flag else []
+    warn_flagged(guarded, "images")
+    warn_without_content([row["input_flags"] for row in results], "images")
     return results
 
 

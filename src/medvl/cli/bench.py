@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ..errors import InputError
 from .common import (
@@ -59,7 +60,7 @@ def print_suite_summary(result: dict, out: Path) -> None:
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
                                                  "seconds": result["seconds"]})
     for flag in result["flags"]:
-        console.print(f"[yellow]flag[/yellow] {flag}")
+        console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 

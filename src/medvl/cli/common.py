@@ -16,7 +16,9 @@ from rich.table import Table
 
 from ..errors import MedvlError
 
-console = Console()
+# stdout prints data (file names, ids, labels, report text) that may hold "[...]": rich markup is off, and the few
+# lines that style their own words turn it on (``markup=True``) with every value in them escaped
+console = Console(markup=False)
 err_console = Console(stderr=True)
 log = logging.getLogger("medvl")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..checks import split_names
 from .common import CaptionsOption, OverwriteOption, console, handle_errors
@@ -105,8 +106,11 @@ def _explain(net, image, names, label_column, captions, method, top, out, overwr
 
 
 def _print(result: dict, out: Path | None) -> None:
+    if result.get("input_flags"):
+        console.print(f"[red]{' and '.join(result['input_flags'])} as the model sees it: no content to explain[/]",
+                      markup=True)
     for entry in result["findings"]:
-        console.print(f"[bold]{entry['finding']}[/] p={entry['probability']:.2f}")
+        console.print(f"[bold]{escape(entry['finding'])}[/] p={entry['probability']:.2f}", markup=True)
         for name, heatmap in entry["heatmaps"].items():
             where = f" -> {out / heatmap['file']}" if "file" in heatmap else ""
             at = (f"peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}" if heatmap["peak"]

@@ -212,7 +212,7 @@ def search_command(
         _print_image_files(hits, data_root)
     if flag.get("out_of_distribution"):
         console.print(f"[red]the query image is out of distribution (OOD score {flag['ood_score']:.3g} > "
-                      f"{flag['ood_threshold']:.3g}): similar cases may not be similar[/]")
+                      f"{flag['ood_threshold']:.3g}): similar cases may not be similar[/]", markup=True)
     query = {"image": describe_target(image), **flag} if image is not None else {"text": text}
     emit_json({"index": describe_target(index), "query": query, "target": target, "k": k, "where": where,
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)

@@ -133,6 +133,8 @@ def predict_command(
     backend: BackendOption = "torch",
 ) -> None:
     """Zero-shot answer per image among the given labels."""
+    from rich.markup import escape
+
     from ..predict import predict
 
     check_outputs(overwrite, json=json_out)
@@ -143,7 +145,10 @@ def predict_command(
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
         warning = (f" [red]out of distribution (OOD score {item['ood_score']:.3g} > {item['ood_threshold']:.3g}): "
                    "unreliable[/]" if item.get("out_of_distribution") else "")
-        console.print(f"{item['image']}: [bold]{item['prediction']}[/] ({shown}){warning}")
+        if item["input_flags"]:
+            warning += f" [red]{' and '.join(item['input_flags'])} as the model sees it: no content to answer on[/]"
+        console.print(f"{escape(item['image'])}: [bold]{escape(item['prediction'])}[/] ({escape(shown)}){warning}",
+                      markup=True)
     emit_json({"predictions": results}, json_out, overwrite)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .common import QuietOption, console, err_console, handle_errors
 
@@ -61,10 +61,10 @@ def _print_rows(title: str, rows: list[dict[str, Any]], columns: dict[str, str],
         wrapped = key.endswith("Description")
         table.add_column(columns[key], overflow="fold", no_wrap=not wrapped)
     for row in rows:
-        first = escape(_cell(row.get(uid_key)))
+        first = Text(_cell(row.get(uid_key)))
         if under_uid and row.get(under_uid):
-            first += f"\n[dim]{escape(_cell(row[under_uid]))}[/]"
-        table.add_row(first, *(escape(_cell(row.get(key))) for key in list(columns)[1:]))
+            first.append("\n" + _cell(row[under_uid]), style="dim")
+        table.add_row(first, *(_cell(row.get(key)) for key in list(columns)[1:]))
     console.print(table)
 
 
@@ -168,11 +168,11 @@ def pull_command(
                   f"{counts['instances']} in {counts['series']} series of {counts['studies']} study(ies) into {out}"
                   + ("" if keep_identifiers else ", de-identified"))
     if not report["complete"]:
-        console.print("[yellow]incomplete:[/] rerun the same command to pull the rest")
+        console.print("[yellow]incomplete:[/] rerun the same command to pull the rest", markup=True)
     deid = report.get("deidentification") or {}
     if deid.get("files_with_burned_in_annotation"):
         console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_annotation']} instance(s) declare burned-in "
-                      "annotation: check their pixels for identifiers")
+                      "annotation: check their pixels for identifiers", markup=True)
     console.print(f"report: {out / REPORT_NAME}")
 
 

@@ -82,30 +82,31 @@ def print_draft(draft) -> None:
     from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     title = (f"draft from {len(draft.neighbours)} nearest cases (nearest similarity "
              f"{max(n.score for n in draft.neighbours):.3f})" if draft.neighbours else "no similar case to draft from")
     copies = draft.settings.get("left_out_copies") or []
     if copies:
-        console.print(f"the query image is indexed as {escape(', '.join(copies))}: its own report is left out of "
+        console.print(f"the query image is indexed as {', '.join(copies)}: its own report is left out of "
                       "the draft")
     if draft.abstained:
-        console.print(Panel(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}", title=title))
+        console.print(Panel(Text.from_markup(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}"), title=title))
     else:
         table = Table(title=title, header_style="bold", show_lines=False)
         for name in ("section", "sentence", "support", "cites"):
             table.add_column(name, justify="right" if name == "support" else "left")
         for sentence in draft.sentences:
-            table.add_row(sentence.section, escape(sentence.text), f"{sentence.support:.2f}",
+            table.add_row(sentence.section, sentence.text, f"{sentence.support:.2f}",
                           ", ".join(sentence.cases[:4]) + (f" +{len(sentence.cases) - 4}" if len(sentence.cases) > 4
                                                             else ""))
         console.print(table)
     if draft.findings:  # none without neighbours: no empty table under the reason
         _print_findings(draft)
     for card in draft.definitions:
-        console.print(f"[bold]{escape(card['title'])}[/]: {escape(card['definition'])}")
+        console.print(f"[bold]{escape(card['title'])}[/]: {escape(card['definition'])}", markup=True)
     if draft.related:
-        shown = ", ".join(f"{escape(card['title'])} {card['score']:.2f}" for card in draft.related)
+        shown = ", ".join(f"{card['title']} {card['score']:.2f}" for card in draft.related)
         console.print(f"knowledge entries closest to the image: {shown}")
 
 
@@ -144,9 +145,9 @@ def knowledge_command(
         entry = base.findings.get(finding) or base.findings.get(base.resolve(finding) or "")
         if entry is None:
             raise InputError(f"no finding {finding!r} in the knowledge base; known: {', '.join(base.names)}")
-        console.print(f"[bold]{escape(entry.title)}[/] ({entry.name}, {entry.path})")
-        console.print(f"definition: {escape(entry.definition)}\nappearance: {escape(entry.appearance)}")
-        console.print(f"synonyms: {escape('; '.join(entry.synonyms))}")
+        console.print(f"[bold]{escape(entry.title)}[/] ({escape(entry.name)}, {escape(str(entry.path))})", markup=True)
+        console.print(f"definition: {entry.definition}\nappearance: {entry.appearance}")
+        console.print(f"synonyms: {'; '.join(entry.synonyms)}")
         return
     scores: dict[str, float] = {}
     entries = list(base)
@@ -162,7 +163,7 @@ def knowledge_command(
         table.add_column(name)
     for entry in entries:
         score = [f"{scores[entry.name]:.3f}"] if scores else []
-        table.add_row(entry.name, escape(entry.title), str(len(entry.synonyms)), *score, escape(entry.definition))
+        table.add_row(entry.name, entry.title, str(len(entry.synonyms)), *score, entry.definition)
     console.print(table)
 
 

@@ -108,9 +108,9 @@ def generate_command(
         reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length)
     rows = []
     for image, report, ids in zip(images, reports, cited, strict=True):
-        console.print(f"[bold]{escape(image.name)}[/]: {escape(report) or '(empty report)'}")
+        console.print(f"[bold]{escape(image.name)}[/]: {escape(report) or '(empty report)'}", markup=True)
         if ids is not None:
-            console.print(f"  context from cases: {escape(', '.join(ids)) or 'none'}")
+            console.print(f"  context from cases: {', '.join(ids) or 'none'}")
         rows.append({"image": describe_target(image), "report": report, **({"cited": ids} if ids is not None else {})})
     emit_json({"model": describe_target(model), "beam_size": beam_size, "reports": rows}, json_out, overwrite)
 

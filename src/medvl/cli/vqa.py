@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from .common import (
     AllowOutsideOption,
@@ -189,8 +190,8 @@ def _nearest_cases(index: str, image: Path, k: int) -> list[dict[str, Any]]:
 
 
 def _print_answer(result: dict[str, Any]) -> None:
-    console.print(f"answer: [bold]{result['answer']}[/] (p = {result['probability']:.3f}, "
-                  f"{result['answer_type'].lower()} question)", highlight=False)
+    console.print(f"answer: [bold]{escape(result['answer'])}[/] (p = {result['probability']:.3f}, "
+                  f"{result['answer_type'].lower()} question)", highlight=False, markup=True)
     if result["alternative"] is not None:
         console.print(f"top alternative: {result['alternative']} (p = {result['alternative_probability']:.3f})",
                       highlight=False)

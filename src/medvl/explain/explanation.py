@@ -19,6 +19,7 @@ import torch
 
 from ..checks import check_number
 from ..data import captions_for
+from ..data.audit import input_flags
 from ..data.images import read_image
 from ..embed import class_embeddings
 from ..errors import InputError
@@ -111,7 +112,8 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     and its ``"peak"`` ([row, column] on that grid; None for a constant map), and with ``bottleneck``
     (a fitted ``ConceptBottleneck``) the ``concepts_top`` concepts of each finding it predicts.
 
-    Returns the explanation (``label_column``, ``probabilities``, ``findings``) and the image
+    Returns the explanation (``label_column``, ``probabilities``, ``findings``, ``input_flags``: whether the
+    image is blank or streaked as the model sees it, ``medvl.data.audit.input_flags``) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
     backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
     check_heatmap_model(model)
@@ -133,7 +135,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
             entry["concepts"] = bottleneck.contributions(embedding, classes[target], top=concepts_top)
         findings.append(entry)
     return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-            "findings": findings}, embedding
+            "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import torch
 
 from ..checks import check_number, split_names
 from ..data import captions_for
+from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError
 from ..eval.zero_shot import scaled_similarities
@@ -149,17 +150,18 @@ class ModelService:
         return (await self.embed_checked(data, timings))[0]
 
     async def embed_checked(self, data: bytes, timings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        """The embedding of an upload and its OOD score and flag ({} when the model has no guard), both
-        from the one forward pass its batch ran."""
+        """The embedding of an upload and its checks: ``input_flags`` (blank or streaked as the model sees it,
+        ``medvl.data.audit.input_flags``; {} for an image with content) and its OOD score and flag (none when the
+        model has no guard), both from the one forward pass its batch ran."""
         with self.batcher.incoming():
             started = time.perf_counter()
-            upload, pixels = await self._on_worker(self._decode_and_preprocess, data)  # one hop to a worker
+            upload, pixels, content = await self._on_worker(self._decode_and_preprocess, data)  # one worker hop
             timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
             timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)  # preprocessing included
         rows, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
         guard = getattr(self.net, "ood", None)
-        return rows[0], (guard.flag(float(rows[1][0])) if guard is not None else {})
+        return rows[0], {"input_flags": content, **(guard.flag(float(rows[1][0])) if guard is not None else {})}
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One batch's normalised embeddings and, for a model with an OOD guard, each image's OOD score
@@ -171,9 +173,10 @@ class ModelService:
             features = self.net.encode_images(pixels, features=True)
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
 
-    def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor]:
+    def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
         upload = decode_upload(data, self.settings)
-        return upload, self._preprocess(upload)
+        pixels = self._preprocess(upload)
+        return upload, pixels, input_flags(pixels.numpy())
 
     def _preprocess(self, upload: Upload) -> torch.Tensor:
         try:

@@ -1,0 +1,100 @@
+"""What the CLI prints is the data as it is: file names, ids and labels holding "[...]" are not read as rich
+markup (which dropped them, or crashed on a closing tag); and predictions say when the model was given no content."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import invoke
+from medvl import create_model
+from medvl.predict import predict
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("output") / "model"
+    create_model("phantom-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bracketed(phantom_dir, tmp_path_factory):
+    """12 phantom films under file names that look like rich markup."""
+    folder = tmp_path_factory.mktemp("bracketed") / "data"
+    (folder / "images").mkdir(parents=True)
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:12]
+    for i, row in enumerate(rows):
+        name = f"images/[b]{i}[red].png"
+        shutil.copyfile(phantom_dir / row["image"], folder / name)
+        row.update(image=name, split="train")
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(folder / "blank.png")
+    Image.fromarray((rng.random((1, 1)) * 255).astype(np.uint8)).save(folder / "one_pixel.png")
+    Image.fromarray((rng.random((3, 600)) * 255).astype(np.uint8)).save(folder / "strip.png")  # stretched to a square
+    return folder
+
+
+def test_predict_says_which_images_hold_no_content_as_the_model_sees_them(model_dir, phantom_dir, odd_images, caplog):
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    images = [film, odd_images / "blank.png", odd_images / "one_pixel.png", odd_images / "strip.png"]
+    rows = predict(model_dir, images, ["nodule", "no_finding"], batch_size=3)  # two batches
+    assert [sorted(row["input_flags"]) for row in rows] == [[], ["blank"], ["blank"], ["streaked"]]
+    assert "the rows repeat" in rows[3]["input_flags"]["streaked"]
+    assert "3 of 4 images are blank or streaked as the model sees them" in caplog.text
+    assert all(sum(row["probabilities"].values()) == pytest.approx(1.0) for row in rows)
+    # the same answers as one batch: reading in batches changes nothing
+    whole = predict(model_dir, images, ["nodule", "no_finding"])
+    for one, batched in zip(whole, rows, strict=True):
+        assert one["probabilities"] == pytest.approx(batched["probabilities"], abs=1e-5)
+        assert one["input_flags"] == batched["input_flags"]
+
+
+def test_predict_prints_names_and_labels_as_they_are(model_dir, bracketed, odd_images, tmp_path):
+    image = bracketed / "images" / "[b]0[red].png"
+    result, output = invoke("predict", image, odd_images / "blank.png", "--model", model_dir, "--labels",
+                            "[b]nodule,[/i]clear", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    assert "[b]0[red].png: " in output and "[b]nodule" in output and "[/i]clear" in output
+    assert "blank as the model sees it: no content to answer on" in " ".join(output.split())
+    flags = [row["input_flags"] for row in json.loads((tmp_path / "p.json").read_text())["predictions"]]
+    assert [list(f) for f in flags] == [[], ["blank"]]
+
+
+def test_search_prints_ids_and_file_names_as_they_are(model_dir, bracketed, tmp_path):
+    result, output = invoke("index", "build", "--model", model_dir, "--data", bracketed, "--split", "train", "--out",
+                            tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", tmp_path / "idx", "--image", bracketed / "images" / "[b]3[red].png",
+                            "-k", 2)
+    assert result.exit_code == 0, output
+    assert "images/[b]3[red]" in output and "[b]3[red].png" in output
+
+
+def test_explain_says_when_the_image_holds_no_content(model_dir, phantom_dir, odd_images, tmp_path):
+    result, output = invoke("explain", odd_images / "strip.png", "--model", model_dir, "--labels", "nodule,no_finding",
+                            "--out", tmp_path / "ex")
+    assert result.exit_code == 0, output
+    assert "streaked as the model sees it: no content to explain" in " ".join(output.split())
+    assert list(json.loads((tmp_path / "ex" / "explanation.json").read_text())["input_flags"]) == ["streaked"]
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    result, output = invoke("explain", film, "--model", model_dir, "--labels", "nodule,no_finding", "--out",
+                            tmp_path / "film")
+    assert result.exit_code == 0 and "no content" not in output
+    assert json.loads((tmp_path / "film" / "explanation.json").read_text())["input_flags"] == {}
