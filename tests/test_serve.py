@@ -949,7 +949,12 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
         assert shown["answer_type"] == expected["answer_type"] and shown["answer"] in model.answers
         assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
         assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
-    request = _request_line(log_lines, answer)
+        assert shown["input_flags"] == expected["input_flags"] == [{}] * len(images)
+    blank = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(blank, format="PNG")
+    flagged = vqa(client, [films[0].read_bytes(), blank.getvalue()])
+    assert flagged.status_code == 200 and [list(f) for f in flagged.json()["input_flags"]] == [[], ["blank"]]
+    request = _request_line(log_lines, flagged)
     assert request["route"] == "/v1/vqa"
     assert request["status"] == 200 and request["model_ms"] >= 0
     logged = "\n".join(log_lines())

@@ -7,8 +7,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cli_helpers import invoke, postgres_server
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
@@ -141,6 +143,15 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
     assert total == pytest.approx(1.0, abs=1e-2)  # attention over the tokens of both images
     assert png.stat().st_size > 0
     assert "answer:" in output and "top alternative" in output
+    assert answer["input_flags"] == [{}, {}]  # both films hold content
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(blank)
+    result, output = invoke("vqa", images[0], blank, "--model", trained, "--question", two["question"], "--json",
+                            tmp_path / "blank.json")
+    assert result.exit_code == 0, output
+    flags = json.loads((tmp_path / "blank.json").read_text())["input_flags"]
+    assert [list(flag) for flag in flags] == [[], ["blank"]]
+    assert "image 2 is blank as the model sees it: no content to answer on" in " ".join(output.split())
 
 
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):

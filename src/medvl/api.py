@@ -287,9 +287,11 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     """``eval.vqa.answer_with_rationale`` for decoded images (uploads held in memory, earlier film
     first): the answer, its probability, the top alternative, the answer type and, from a medvl VQA
     model, one attention heatmap per image (``grid`` weights on the image encoder's token grid
-    ``shape``, and its ``peak``); a transformers VLM gives none."""
+    ``shape``, and its ``peak``) and ``input_flags`` (per image: blank or streaked as the model sees it);
+    a transformers VLM gives neither."""
     import torch
 
+    from .data.audit import input_flags
     from .eval.vqa import _answer_batch, _peak, check_question
     from .models.vlm import VisionLanguageModel
 
@@ -309,4 +311,5 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     per_image = row.pop("attention").view(limit, -1)[:len(images)]
     row["heatmaps"] = [{"grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for weights in per_image]
+    row["input_flags"] = [input_flags(image.numpy()) for image in pixels]
     return row

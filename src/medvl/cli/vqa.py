@@ -190,6 +190,10 @@ def _nearest_cases(index: str, image: Path, k: int) -> list[dict[str, Any]]:
 
 
 def _print_answer(result: dict[str, Any]) -> None:
+    for number, flags in enumerate(result.get("input_flags") or [], 1):
+        if flags:
+            console.print(f"[red]image {number} is {' and '.join(flags)} as the model sees it: no content to answer "
+                          "on[/]", markup=True)
     console.print(f"answer: [bold]{escape(result['answer'])}[/] (p = {result['probability']:.3f}, "
                   f"{result['answer_type'].lower()} question)", highlight=False, markup=True)
     if result["alternative"] is not None:

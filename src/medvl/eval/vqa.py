@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.audit import input_flags
 from ..data.loaders.vqa import VQAItem, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
@@ -249,7 +250,8 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                           question: str) -> dict[str, Any]:
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images; none from a transformers VLM)."""
+    image encoder's token grid, summing to 1 over all images) and ``input_flags`` (per image: blank or streaked
+    as the model sees it, ``medvl.data.audit.input_flags``); neither from a transformers VLM."""
     question = check_question(question)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {**model.answer(list(images), question), "heatmaps": []}
@@ -266,6 +268,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     per_image = attention.view(model.config.max_images, -1)[:len(images)]
     row["heatmaps"] = [{"image": str(image), "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
+    row["input_flags"] = [input_flags(model.preprocessor.load(image).numpy()) for image in images]
     return row
 
 
