@@ -475,6 +475,8 @@ def test_a_blank_image_is_answered_with_a_warning_that_there_is_nothing_to_answe
     assert "No content to answer on: blank as the model sees it" in warning.inner_text()
     assert "grey levels between the 0.5th and 99.5th percentiles" in warning.inner_text()
     assert page.locator("#zero-shot .bars li").count() > 0  # the answer is still shown, under the warning
+    page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#draft .abstain").get_attribute("data-abstention") == "no_content"
     ask(page, QUESTION)
     assert page.locator("#vqa [data-input-flags]").get_attribute("data-input-flags") == "blank"
     assert page.locator("#vqa .answer").count() == 1

@@ -285,6 +285,21 @@ def test_draft_report_cites_indexed_cases_and_leaves_out_the_query(phantom_dir, 
         assert far.settings["left_out_copies"] == []  # a test image is not in the index
 
 
+def test_a_blank_image_gets_no_draft_and_says_why(model_dir, train_index, tmp_path):
+    """A uniform image is near some indexed case too (min_similarity 0 would let any through): no retrieval."""
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 40, np.uint8)).save(blank)
+    with open_index(train_index) as index:
+        draft = draft_report(index, load_model(model_dir), blank, k=5, min_similarity=0.0)
+    assert draft.abstained and draft.abstention == "no_content" and not draft.neighbours and not draft.sentences
+    assert draft.reason.startswith("the image is blank as the model sees it, nothing to draft from (0.0 grey levels")
+    assert list(draft.settings["input_flags"]) == ["blank"]
+    result, output = invoke("report", "draft", blank, "--index", train_index, "--min-similarity", 0)
+    assert result.exit_code == 0 and "No draft:" in output and "blank as the model sees it" in " ".join(output.split())
+
+
 def test_a_draft_for_an_indexed_image_leaves_its_own_report_out(phantom_dir, model_dir, train_index, tmp_path):
     """Without ``exclude``: the same pixels under another name (a copy) are found by their hash."""
     from PIL import Image

@@ -9,7 +9,8 @@
 2. Findings: each neighbour's report is labelled (``ReportLabeller``: positive / uncertain /
    negative per finding, plus the normal entry). A finding's **consensus** status is the status
    whose support is above ``min_support`` (default 0.5, a weighted majority; so at most one).
-3. Abstention, with a reason: no cases or no reports; the nearest case's similarity is below
+3. Abstention, with a reason: the image is blank or streaked as the model sees it (``draft_report``:
+   ``medvl.data.audit.input_flags``; no retrieval); no cases or no reports; the nearest case's similarity is below
    ``min_similarity`` ("far"); or neither normality nor any abnormal finding (positive or
    uncertain) reaches consensus ("disagree").
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
@@ -67,7 +68,7 @@ MAX_K = 1000
 MIN_SUPPORT = 0.5  # a status is the consensus when more than this weighted share of neighbours states it
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
-FAR, DISAGREE, NO_CASES, NO_REPORTS = "far", "disagree", "no_cases", "no_reports"
+FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
@@ -116,7 +117,7 @@ class Draft:
     findings: list[FindingSupport]
     neighbours: list[Neighbour]
     abstained: bool = False
-    abstention: str | None = None  # far | disagree | no_cases | no_reports
+    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content
     reason: str | None = None  # one line for people
     definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
     related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
@@ -161,16 +162,23 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
     ``verify_model``: as in ``medvl.index.search_index``.
     """
+    from ..data.audit import input_flags
     from ..data.images import read_image
     from ..index.base import check_model
-    from ..index.search import embed_query
 
     check_settings(k, min_support, min_similarity, related)
     if verify_model:
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
-    pixels = image if isinstance(image, np.ndarray) else read_image(image)  # read once: embedded and hashed
-    vector = embed_query(model, image=pixels)
+    pixels = image if isinstance(image, np.ndarray) else read_image(image)  # read once: checked, embedded, hashed
+    tensor = model.preprocessor.load(pixels)
+    flags = input_flags(tensor.numpy())
+    if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
+        settings = {"k": k, "min_support": min_support, "min_similarity": min_similarity, "input_flags": flags,
+                    "left_out_copies": []}
+        return _abstain([], [], NO_CONTENT, f"the image is {' and '.join(flags)} as the model sees it, nothing to "
+                        f"draft from ({'; '.join(flags.values())})", settings)
+    vector = model.encode_images(tensor[None]).numpy()
     copies = indexed_copies(index, pixels)
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
