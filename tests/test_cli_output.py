@@ -77,7 +77,7 @@ def test_predict_prints_names_and_labels_as_they_are(model_dir, bracketed, odd_i
     assert [list(f) for f in flags] == [[], ["blank"]]
 
 
-def test_search_prints_ids_and_file_names_as_they_are(model_dir, bracketed, tmp_path):
+def test_search_prints_ids_and_file_names_as_they_are(model_dir, bracketed, odd_images, tmp_path):
     result, output = invoke("index", "build", "--model", model_dir, "--data", bracketed, "--split", "train", "--out",
                             tmp_path / "idx", "-q")
     assert result.exit_code == 0, output
@@ -85,6 +85,11 @@ def test_search_prints_ids_and_file_names_as_they_are(model_dir, bracketed, tmp_
                             "-k", 2)
     assert result.exit_code == 0, output
     assert "images/[b]3[red]" in output and "[b]3[red].png" in output
+    result, output = invoke("search", "--index", tmp_path / "idx", "--image", odd_images / "blank.png", "-k", 2,
+                            "--json", tmp_path / "s.json")
+    assert result.exit_code == 0 and "blank as the model sees it: its nearest cases are not similar" in \
+        " ".join(output.split())
+    assert list(json.loads((tmp_path / "s.json").read_text())["query"]["input_flags"]) == ["blank"]
 
 
 def test_explain_says_when_the_image_holds_no_content(model_dir, phantom_dir, odd_images, tmp_path):

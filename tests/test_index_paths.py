@@ -103,7 +103,7 @@ def test_index_and_json_outputs_hold_no_folder_above_the_data(patient_data, mode
     info = json.loads((index / "index.json").read_text())
     assert info["format"] == 2 and set(info["data"]) == {"source_sha256", "n_records"}
     hits = json.loads((out / "search.json").read_text())
-    assert hits["query"] == {"image": Path(query.image).name} and hits["index"] == "idx"
+    assert hits["query"] == {"image": Path(query.image).name, "input_flags": {}} and hits["index"] == "idx"
     relative = {r.id: Path(r.image).relative_to(patient_data).as_posix() for r in load_dataset(patient_data)}
     assert len(hits["hits"]) == 5 and all(h["image_path"] == relative[h["id"]] for h in hits["hits"])
     # a user who has the data resolves a hit's image against its folder

@@ -476,6 +476,8 @@ def test_a_blank_image_is_answered_with_a_warning_that_there_is_nothing_to_answe
     assert "grey levels between the 0.5th and 99.5th percentiles" in warning.inner_text()
     assert page.locator("#zero-shot .bars li").count() > 0  # the answer is still shown, under the warning
     page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
+    page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#similar [data-input-flags]").get_attribute("data-input-flags") == "blank"
     assert page.locator("#draft .abstain").get_attribute("data-abstention") == "no_content"
     ask(page, QUESTION)
     assert page.locator("#vqa [data-input-flags]").get_attribute("data-input-flags") == "blank"

@@ -481,8 +481,17 @@ def test_search_and_report_draft_answer_as_the_cli_library_calls(client, model_d
         hits = search_index(index, model, image=png, k=5, where="age > 20")
         draft = draft_report(index, model, png, k=6, min_similarity=0.0)
     assert [hit["id"] for hit in answer.json()["hits"]] == [hit.id for hit in hits]
+    assert answer.json()["query"]["input_flags"] == {}
     by_text = client.post("/v1/search", headers=token, data={"text": "enlarged heart", "k": "3"})
     assert by_text.status_code == 200 and len(by_text.json()["hits"]) == 3
+    assert "input_flags" not in by_text.json()["query"]
+    blank = io.BytesIO()
+    Image.fromarray(np.full((50, 70), 7, np.uint8)).save(blank, format="PNG")
+    flagged = client.post("/v1/search", headers=token, files={"image": ("b.png", blank.getvalue())}, data={"k": "2"})
+    assert flagged.status_code == 200 and list(flagged.json()["query"]["input_flags"]) == ["blank"]
+    no_draft = client.post("/v1/report/draft", headers=token, files={"image": ("b.png", blank.getvalue())},
+                           data={"min_similarity": "0"})
+    assert no_draft.status_code == 200 and no_draft.json()["abstention"] == "no_content"
     drafted = client.post("/v1/report/draft", headers=token, files={"image": ("x.png", png.read_bytes())},
                           data={"k": "6", "min_similarity": "0"})
     assert drafted.status_code == 200

@@ -204,12 +204,15 @@ def search_command(
         net = index_model(opened, model, backend=backend)
         hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
-        flag = _query_ood(net, image)
+        flag = _query_checks(net, image)
     _print_hits(hits, columns, target, "image" if image is not None else "text")
     if not hits:
         console.print(f"no indexed case matches --where {where!r}" if where else "the index holds no case to return")
     if data_root is not None:
         _print_image_files(hits, data_root)
+    if flag.get("input_flags"):
+        console.print(f"[red]the query image is {' and '.join(flag['input_flags'])} as the model sees it: its "
+                      "nearest cases are not similar to anything[/]", markup=True)
     if flag.get("out_of_distribution"):
         console.print(f"[red]the query image is out of distribution (OOD score {flag['ood_score']:.3g} > "
                       f"{flag['ood_threshold']:.3g}): similar cases may not be similar[/]", markup=True)
@@ -218,17 +221,22 @@ def search_command(
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)
 
 
-def _query_ood(net, image: Path | None) -> dict:
-    """The query image's OOD score and flag when the model has a guard (``medvl ood fit``), else {}."""
-    if image is None or getattr(net, "ood", None) is None:
+def _query_checks(net, image: Path | None) -> dict:
+    """The query image's ``input_flags`` (blank or streaked as the model sees it) and, when the model has a guard
+    (``medvl ood fit``), its OOD score and flag; {} for a text query."""
+    if image is None:
         return {}
     import torch
 
-    from ..data.images import read_image
+    from ..data.audit import input_flags
     from ..predict import ood_flags
 
-    with torch.no_grad():
-        return ood_flags(net, net.encode_images([read_image(image)], features=True))[0]
+    pixels = net.preprocessor.load(image)
+    checks: dict = {"input_flags": input_flags(pixels.numpy())}
+    if getattr(net, "ood", None) is not None:
+        with torch.no_grad():
+            checks.update(ood_flags(net, net.encode_images(pixels[None], features=True))[0])
+    return checks
 
 
 def _print_image_files(hits: list, data_root: Path) -> None:

@@ -178,6 +178,9 @@ class ModelService:
         pixels = self._preprocess(upload)
         return upload, pixels, input_flags(pixels.numpy())
 
+    def _input_flags(self, upload: Upload) -> dict[str, str]:
+        return input_flags(self._preprocess(upload).numpy())
+
     def _preprocess(self, upload: Upload) -> torch.Tensor:
         try:
             return self.net.preprocessor.load(upload.pixels)
@@ -265,7 +268,10 @@ class ModelService:
         pixels = upload.pixels if upload is not None else None
         hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
                                               where=where, target=target, verify_model=False)  # checked at start
-        query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}} if upload is not None else {"text": text}
+        query: dict[str, Any] = {"text": text}
+        if upload is not None:
+            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes},
+                     "input_flags": await self._on_worker(self._input_flags, upload)}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
 
