@@ -9,11 +9,14 @@ the dataset root (see docs/index-contents.md).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 from .common import (
     AllowOutsideOption,
     BackendOption,
@@ -195,6 +198,7 @@ def search_command(
     backend: BackendOption = "torch",
 ) -> None:
     """Find the cases closest to a query image or text in an index."""
+    from ..data.images import read_image
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
 
@@ -202,9 +206,10 @@ def search_command(
     check_k(k)
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
-        hits = search_index(opened, net, image=image, text=text, k=k, where=where, target=target)
+        pixels = read_image(image) if image is not None else None  # read once: searched and checked
+        hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
-        flag = _query_checks(net, image)
+        flag = _query_checks(net, pixels)
     _print_hits(hits, columns, target, "image" if image is not None else "text")
     if not hits:
         console.print(f"no indexed case matches --where {where!r}" if where else "the index holds no case to return")
@@ -221,7 +226,7 @@ def search_command(
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)
 
 
-def _query_checks(net, image: Path | None) -> dict:
+def _query_checks(net, image: np.ndarray | None) -> dict:
     """The query image's ``input_flags`` (blank or streaked as the model sees it) and, when the model has a guard
     (``medvl ood fit``), its OOD score and flag; {} for a text query."""
     if image is None:
