@@ -59,6 +59,19 @@ def test_train_resume_continues_from_checkpoint(phantom_dir, tmp_path):
     resumed, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
                              "--epochs", 1, "--batch-size", 32, "--resume", "-q")
     assert resumed.exit_code == 0, output
+    settings = (out / "train_config.json").read_bytes()
+    state = (out / "checkpoint" / "state.pt").read_bytes()
+    for changed, named in ((["--model", "phantom-tiny", "--epochs", 3, "--batch-size", 16, "--lr", 0.01],
+                            "changes batch_size 32 -> 16, epochs 1 -> 3, lr 0.001 -> 0.01"),
+                           (["--model", "vit-tiny", "--epochs", 1, "--batch-size", 32], "model 'phantom-tiny' -> "
+                                                                                         "'vit-tiny'")):
+        refused, output = invoke("train", "--data", phantom_dir, "--out", out, "--resume", "-q", *changed)
+        assert refused.exit_code == 2 and named in " ".join(output.split()), output  # it continued under them
+    assert (out / "train_config.json").read_bytes() == settings and (out / "checkpoint" / "state.pt").read_bytes() \
+        == state
+    resumed, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                             "--epochs", 1, "--batch-size", 32, "--resume", "--workers", 0, "-q")
+    assert resumed.exit_code == 0, output  # how the data is read is no setting of the run
 
 
 def test_eval_zero_shot_writes_json(trained, phantom_dir, tmp_path):

@@ -114,14 +114,15 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write JSON atomically; NaN/inf become null so the file stays valid JSON."""
-    return atomic_write_bytes(path, json.dumps(_finite(data), indent=2).encode("utf-8") + b"\n")
+    return atomic_write_bytes(path, json.dumps(json_ready(data), indent=2).encode("utf-8") + b"\n")
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` as ``write_json`` stores it: NaN and inf as null, keys as strings, tuples as lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_ready(v) for v in value]
     return value

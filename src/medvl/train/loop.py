@@ -39,7 +39,7 @@ from ..data.record import Dataset
 from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, write_errors_named, write_json
+from ..io import atomic_write_bytes, json_ready, write_errors_named, write_json
 from ..models.dual import DualEncoder
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
@@ -276,6 +276,8 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     fresh_folder = not out_dir.exists()
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     state = _resume_state(out_dir) if resume else None
+    if state is not None:
+        check_same_run(out_dir, config, objective)
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
@@ -626,6 +628,42 @@ def grouped_order(keys: Sequence[str | None], batch_size: int, share: float, see
     short = [batch for batch in batches if len(batch) < batch_size]
     return [index for position in rng.permutation(len(full)).tolist() for index in full[position]] + \
         [index for batch in short for index in batch]
+
+
+RESUMABLE = ("workers", "log_every", "checkpoint_every")  # settings a resumed run may change: no effect on its result
+
+
+def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
+    """InputError when a resumed run is asked for other settings than the run in ``out_dir`` was started with
+    (its ``train_config.json``): another model, data, record count, number of processes, or any training
+    setting but ``RESUMABLE``. The checkpoint would be continued under the new settings without a word (another
+    schedule, batch order or loss; with another model named, the checkpoint's model all the same), and the run
+    folder's settings would no longer say how its model was trained."""
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # a damaged settings file: the checkpoint alone decides, as before it was written
+    now = json.loads(json.dumps(json_ready({"train": dataclasses.asdict(config),
+                                            "processes": distributed.world_size(), **objective.describe()})))
+    changed = []
+    for key in sorted(set(earlier) | set(now)):
+        before, after = earlier.get(key), now.get(key)
+        if key == "train" and isinstance(before, dict) and isinstance(after, dict):
+            changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
+                        for name in sorted(set(before) | set(after))
+                        if name not in RESUMABLE and before.get(name) != after.get(name)]
+        elif key == "model" and isinstance(before, dict) and isinstance(after, dict) and before != after:
+            names = (before.get("name"), after.get("name"))
+            changed.append(f"model {names[0]!r} -> {names[1]!r}" if names[0] != names[1] else "model config")
+        elif before != after:
+            changed.append(f"{key} {before!r} -> {after!r}")
+    if changed:
+        raise InputError(f"{out_dir}: --resume continues the run there with the settings it was started with "
+                         f"({CONFIG_FILE}); this command changes {', '.join(changed)}. Resume with the run's "
+                         "settings, or train into a new --out")
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
