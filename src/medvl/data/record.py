@@ -87,7 +87,7 @@ def _content_digest(source: ImageSource, sizes: set[int]) -> bytes | None:
     if isinstance(source, np.ndarray):
         array = np.ascontiguousarray(source)
         return hashlib.sha256(array.tobytes() + str((array.dtype.str, array.shape)).encode()).digest()
-    if not isinstance(source, Path) or _file_size(source) not in sizes or _file_size(source) < 0:
+    if not isinstance(source, Path) or (size := _file_size(source)) < 0 or size not in sizes:
         return None
     digest = hashlib.sha256()
     try:
