@@ -14,9 +14,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import InputError
-
-if TYPE_CHECKING:
-    import numpy as np
 from .common import (
     AllowOutsideOption,
     BackendOption,
@@ -30,6 +27,9 @@ from .common import (
     handle_errors,
     print_metrics,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
 
