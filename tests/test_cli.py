@@ -84,6 +84,18 @@ def test_eval_zero_shot_writes_json(trained, phantom_dir, tmp_path):
     assert "balanced_accuracy" in output
 
 
+def test_zero_shot_on_a_column_the_captions_do_not_describe_says_its_prompts_are_bare_names(trained, phantom_dir,
+                                                                                           tmp_path):
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test",
+                            "--label-column", "view", "--json", tmp_path / "zs.json", "-q")
+    assert result.exit_code == 0, output
+    assert "the captions describe no class 'AP', 'PA' of label column 'view'" in " ".join(output.split())
+    prompts = json.loads((tmp_path / "zs.json").read_text())["prompts"]
+    assert all("AP" in prompt for prompt in prompts["AP"])  # the bare name in every template
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test", "-q")
+    assert result.exit_code == 0 and "captions describe no class" not in " ".join(output.split())
+
+
 def test_eval_retrieval_writes_json(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
                             "--json", tmp_path / "rt.json", "-q")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,8 @@ from ..embed import class_embeddings, embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
 from .metrics import classification_metrics
+
+log = logging.getLogger(__name__)
 
 
 def scaled_similarities(model: DualEncoder, image_embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,11 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     captions = captions or CaptionConfig()
     index = {name: i for i, name in enumerate(class_names)}
     prompts = [captions.prompts(label, name) for name in class_names]
+    bare = [name for name in class_names if not captions.classes.get(label, {}).get(name)]
+    if captions.classes and bare:  # captions describe other columns or classes: these get no description
+        shown = ", ".join(map(repr, bare[:5])) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+        log.warning("the captions describe no class %s of label column %r: the prompts are the bare class names "
+                    "in the templates (a caption file with their descriptions: --captions)", shown, label)
     if image_embeddings is not None:
         embeddings = image_embeddings[keep]
     else:
