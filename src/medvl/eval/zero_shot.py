@@ -74,9 +74,9 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     prompts = [captions.prompts(label, name) for name in class_names]
     bare = [name for name in class_names if not captions.classes.get(label, {}).get(name)]
     if captions.classes and bare:  # captions describe other columns or classes: these get no description
-        shown = ", ".join(map(repr, bare[:5])) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
-        log.warning("the captions describe no class %s of label column %r: the prompts are the bare class names "
-                    "in the templates (a caption file with their descriptions: --captions)", shown, label)
+        log.warning("the captions describe %d of the %d classes of label column %r not at all: their prompts are the "
+                    "bare class names in the templates (the JSON's prompts; a caption file with their descriptions: "
+                    "--captions)", len(bare), len(class_names), label)
     if image_embeddings is not None:
         embeddings = image_embeddings[keep]
     else:
