@@ -147,3 +147,61 @@ def test_records_sharing_a_file_are_checked_once_and_not_duplicates(shared_data,
     audit = audit_dataset(load_dataset(manifest), show_progress=False)
     assert audit["files"] == 1 and audit["flagged"] == 0
     assert audit["leaks"] == [{"kind": "file", "ids": ["q1", "q2"], "splits": ["test", "train"], "leak": True}]
+
+
+def test_close_pairs_are_the_pairs_within_the_distance():
+    from medvl.data.audit import _close_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = [int(h) for h in rng.integers(0, 2**63, size=40, dtype=np.int64)]
+    hashes += [hashes[0] ^ 1, hashes[1] ^ 0b1011, hashes[2]]  # 1, 3 and 0 bits from earlier ones
+    for distance in (0, 1, 3, 30):
+        expected = [(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+                    if bin(hashes[i] ^ hashes[j]).count("1") <= distance]
+        assert _close_pairs(hashes, distance) == expected
+    assert (0, 40) in _close_pairs(hashes, 1) and (1, 41) not in _close_pairs(hashes, 2)
+
+
+def test_against_finds_the_copies_of_one_dataset_in_another(audited_folder, tmp_path):
+    """Another folder holding an exact copy of a.png, a re-encoded copy of b.png and an unrelated image: its
+    records are reported apart, and the audited dataset's own figures do not change."""
+    other = tmp_path / "other"
+    other.mkdir()
+    folder = audited_folder.parent
+    (other / "same.png").write_bytes((folder / "a.png").read_bytes())
+    jpeg_round_trip(read_image(folder / "b.png"), other / "b_again.jpg")
+    Image.fromarray(smooth_image(12, 128)).save(other / "new.png")
+    (other / "manifest.csv").write_text("image,diagnosis\nsame.png,nevus\nb_again.jpg,melanoma\nnew.png,nevus\n")
+    plain = audit_dataset(load_dataset(audited_folder), label="diagnosis", show_progress=False)
+    audit = audit_dataset(load_dataset(audited_folder), label="diagnosis", show_progress=False,
+                          against=load_dataset(other / "manifest.csv"))
+    assert (audit["n"], audit["files"], audit["by_class"], audit["leaks"]) == \
+        (plain["n"], plain["files"], plain["by_class"], plain["leaks"])
+    overlap = audit["against"]
+    assert overlap["n"] == 3 and overlap["records"] == {"data": 4, "against": 2}  # a, a_copy, a_small, b; 2 copies
+    exact = [g for g in overlap["overlap_groups"] if g["kind"] == "exact"]
+    assert exact == [{"kind": "exact", "ids": ["a", "a_copy", "against:same"], "splits": ["against:all", "test",
+                                                                                            "train"], "leak": True}]
+    assert {"b", "against:b_again"} <= {i for g in overlap["overlap_groups"] for i in g["ids"]}
+    b = next(r for r in audit["records"] if r["id"] == "b")
+    assert b["flags"] == ["near_duplicate"] and "against:b_again" in b["detail"]["near_duplicate"]
+
+
+def test_against_on_the_real_overlap_of_medpix_and_vqa_rad(shared_data, tmp_path):
+    """VQA-RAD's training questions ask about 17 images of MedPix 2.0's train split (by MedPix id): difference
+    hashes 1 bit apart find 13 of them (the same hash: 5), and 2 other images (an adjacent slice of one of
+    the 17, and a look-alike)."""
+    from medvl.data.loaders.vqa import question_image_ids, source_image_id
+
+    asked = question_image_ids(shared_data / "vqa-rad" / "trainset.json")
+    out = tmp_path / "audit.json"
+    result, output = invoke("audit", "--data", shared_data / "medpix-2.0", "--split", "train", "--against",
+                            shared_data / "vqa-rad" / "trainset.json", "--near-distance", 1, "--show", 0,
+                            "--json", out, "-q")
+    assert result.exit_code == 0, output
+    groups = json.loads(out.read_text())["against"]["overlap_groups"]
+    found = {source_image_id(i) for g in groups for i in g["ids"] if not i.startswith("against:")}
+    assert len(found & asked) == 13 and len(found - asked) == 2
+    assert "groups of near copies" in output and "records of" in output
+    result, output = invoke("audit", "--data", shared_data / "medpix-2.0", "--near-distance", 17, "-q")
+    assert result.exit_code == 2 and "near-distance must be <= 16" in output

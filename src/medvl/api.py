@@ -35,13 +35,22 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
 
 
 def audit_from_path(data: PathLike, split: str = "all", label: str | None = None, workers: int | None = None,
-                    allow_outside_root: bool = False, show_progress: bool = True) -> dict[str, Any]:
+                    allow_outside_root: bool = False, show_progress: bool = True, against: PathLike | None = None,
+                    against_split: str = "all", near_distance: int = 0) -> dict[str, Any]:
     """``medvl.data.audit.audit_dataset`` of one split (default: every record, so that duplicates
-    across splits show as leaks) of the dataset at ``data``; ``label``: counts per class."""
+    across splits show as leaks) of the dataset at ``data``; ``label``: counts per class; ``against``: the
+    images of that dataset's ``against_split`` that copy this one's (``against`` in the result);
+    ``near_distance``: difference-hash bits (0-16) near duplicates may differ by."""
     from .data.audit import audit_dataset
 
+    check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
-    return audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress)
+    other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
+    result = audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress, against=other,
+                           near_distance=near_distance)
+    if "against" in result:
+        result["against"].update(data=str(against), split=against_split)
+    return result
 
 
 def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:

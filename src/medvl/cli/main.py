@@ -161,6 +161,13 @@ def audit_command(
     label_column: Annotated[str | None, typer.Option(
         "--label-column", "-l", help="Count flagged images per class of this column.")] = None,
     show: Annotated[int, typer.Option(help="Flagged records listed (0: none); all are in --json.")] = 10,
+    against: Annotated[Path | None, typer.Option(
+        help="Another dataset (a test set kept apart, data a model was pretrained on): also find its images that "
+             "are exact or near copies of --data's (the 'against' block of --json).")] = None,
+    against_split: Annotated[str, typer.Option(help="Split of --against to compare ('all': every record).")] = "all",
+    near_distance: Annotated[int, typer.Option(
+        help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
+             "1-3 also find re-encoded or resized copies, and more unrelated look-alikes.")] = 0,
     workers: WorkersOption = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
@@ -169,11 +176,14 @@ def audit_command(
 ) -> None:
     """Check every image of a dataset: unreadable, blank, streaked (rows or columns repeat: content
     lost), exact and near duplicates, and duplicates that leak across splits."""
+    from collections import Counter
+
     from ..api import audit_from_path
 
     check_outputs(overwrite, json=json_out)
     result = audit_from_path(data, split, label=label_column, workers=workers,
-                             allow_outside_root=allow_outside_root, show_progress=not quiet)
+                             allow_outside_root=allow_outside_root, show_progress=not quiet, against=against,
+                             against_split=against_split, near_distance=near_distance)
     print_metrics(f"Image audit of {data} ({split}: {result['n']} images)", {
         "flagged images": result["flagged"], **{flag.replace("_", " "): n for flag, n in result["counts"].items()},
         "duplicate groups": len(result["duplicate_groups"]), "groups across splits (leaks)": len(result["leaks"]),
@@ -184,6 +194,13 @@ def audit_command(
     for record in result["records"][:max(show, 0)]:
         reasons = "; ".join(f"{flag}: {record['detail'][flag]}" for flag in record["flags"])
         console.print(f"{record['id']} ({record['split']}): {reasons}")
+    if "against" in result:
+        overlap = result["against"]
+        kinds = Counter(group["kind"] for group in overlap["overlap_groups"])
+        print_metrics(f"Copies shared with {against} ({against_split}: {overlap['n']} records)", {
+            "groups of the same pixels": kinds.get("exact", 0), "groups of near copies": kinds.get("near", 0),
+            "groups of the same file": kinds.get("file", 0), f"records of {data} in them": overlap["records"]["data"],
+            f"records of {against} in them": overlap["records"]["against"]})
     emit_json(result, json_out, overwrite)
 
 
