@@ -94,6 +94,12 @@ def test_zero_shot_on_a_column_the_captions_do_not_describe_says_its_prompts_are
     assert all("AP" in prompt for prompt in prompts["AP"])  # the bare name in every template
     result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test", "-q")
     assert result.exit_code == 0 and "not at all" not in " ".join(output.split())
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    result, output = invoke("predict", film, "--model", trained, "--labels", "nodule,pneumonia")  # not a phantom class
+    assert result.exit_code == 0 and "no label column of the captions describes all 2 classes asked for (1 of them " \
+        "none does)" in " ".join(output.split())
+    result, output = invoke("predict", film, "--model", trained, "--labels", "nodule,cardiomegaly")
+    assert result.exit_code == 0 and "describes" not in output
 
 
 def test_eval_retrieval_writes_json(trained, phantom_dir, tmp_path):

@@ -77,6 +77,7 @@ def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: st
     if label_column and described_only:
         config.check_column(label_column)
     column = label_column or caption_column_for(config, class_names)
+    config.warn_undescribed(column, class_names)
     return column, [config.prompts(column, name) for name in class_names]
 
 

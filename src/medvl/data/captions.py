@@ -14,6 +14,7 @@ A class without descriptions is described by its own name with underscores as sp
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ["{}.", "an image showing {}.", "a medical image of {}.", "findings: {}."]
 
@@ -52,6 +55,23 @@ class CaptionConfig:
         column would otherwise fall back to the bare class names without a word)."""
         if self.classes and column not in self.classes:
             raise InputError(f"unknown label column {column!r}; the captions describe {', '.join(self.classes)}")
+
+    def warn_undescribed(self, column: str, class_names: Sequence[str]) -> list[str]:
+        """The ``class_names`` whose prompts get no description from these captions (every one when ``column``
+        is "": no label column describes them all), when the captions describe any class at all (plain
+        templates describe none, by design), with one warning counting them: their prompts are the bare class
+        names, which a model trained on these captions may never have read."""
+        bare = [name for name in class_names if not self.classes.get(column, {}).get(name)] if self.classes else []
+        if bare and column:
+            log.warning("the captions describe %d of the %d classes of label column %r not at all: their prompts "
+                        "are the bare class names in the templates (a caption file with their descriptions: "
+                        "--captions)", len(bare), len(class_names), column)
+        elif bare:
+            nowhere = sum(not any(name in described for described in self.classes.values()) for name in class_names)
+            log.warning("no label column of the captions describes all %d classes asked for (%d of them none does): "
+                        "the prompts are the bare class names in the templates (--label-column picks a column)",
+                        len(class_names), nowhere)
+        return bare
 
     def descriptions(self, column: str, class_name: str) -> list[str]:
         described = self.classes.get(column, {}).get(class_name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,8 +13,6 @@ from ..embed import class_embeddings, embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
 from .metrics import classification_metrics
-
-log = logging.getLogger(__name__)
 
 
 def scaled_similarities(model: DualEncoder, image_embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -72,11 +69,7 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     captions = captions or CaptionConfig()
     index = {name: i for i, name in enumerate(class_names)}
     prompts = [captions.prompts(label, name) for name in class_names]
-    bare = [name for name in class_names if not captions.classes.get(label, {}).get(name)]
-    if captions.classes and bare:  # captions describe other columns or classes: these get no description
-        log.warning("the captions describe %d of the %d classes of label column %r not at all: their prompts are the "
-                    "bare class names in the templates (the JSON's prompts; a caption file with their descriptions: "
-                    "--captions)", len(bare), len(class_names), label)
+    captions.warn_undescribed(label, class_names)
     if image_embeddings is not None:
         embeddings = image_embeddings[keep]
     else:
