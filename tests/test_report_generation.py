@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import medvl
 from cli_helpers import invoke
@@ -150,6 +151,13 @@ def test_generate_command_writes_reports(cli_run, phantom_dir, tmp_path):
     assert written["beam_size"] == 2 and written["reports"][0]["image"] == image.name
     assert isinstance(written["reports"][0]["report"], str) and "cited" not in written["reports"][0]
     assert ReportGenerator.from_pretrained(cli_run).meta["init"]["name"] == "phantom-tiny"
+    assert written["reports"][0]["input_flags"] == {}
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((40, 40), 3, np.uint8)).save(blank)
+    result, output = invoke("report", "generate", blank, "--model", cli_run, "--json", tmp_path / "blank.json")
+    assert result.exit_code == 0 and "blank as the model sees it: the report describes no content" in \
+        " ".join(output.split())
+    assert list(json.loads((tmp_path / "blank.json").read_text())["reports"][0]["input_flags"]) == ["blank"]
 
 
 def test_eval_command_scores_the_generator_beside_the_nearest_training_report(cli_run, phantom_dir, dual_dir,

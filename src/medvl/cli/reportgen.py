@@ -97,7 +97,7 @@ def generate_command(
     """Write a report for each image with a trained report generator (with retrieved context: the cited case ids)."""
     from rich.markup import escape
 
-    from ..eval.report import generate_for_images
+    from ..eval.report import generate_for_images, image_input_flags
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
@@ -106,12 +106,18 @@ def generate_command(
     arrays = _read_images(images)
     with _context_index(net, index) as opened:
         reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length)
+    checks = image_input_flags(net, arrays)
     rows = []
-    for image, report, ids in zip(images, reports, cited, strict=True):
+    for number, (image, report, ids) in enumerate(zip(images, reports, cited, strict=True)):
         console.print(f"[bold]{escape(image.name)}[/]: {escape(report) or '(empty report)'}", markup=True)
         if ids is not None:
             console.print(f"  context from cases: {', '.join(ids) or 'none'}")
-        rows.append({"image": describe_target(image), "report": report, **({"cited": ids} if ids is not None else {})})
+        flags = checks[number] if checks is not None else None
+        if flags:
+            console.print(f"  [red]{' and '.join(flags)} as the model sees it: the report describes no content[/]",
+                          markup=True)
+        rows.append({"image": describe_target(image), "report": report, **({"cited": ids} if ids is not None else {}),
+                     **({"input_flags": flags} if flags is not None else {})})
     emit_json({"model": describe_target(model), "beam_size": beam_size, "reports": rows}, json_out, overwrite)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.audit import input_flags, warn_without_content
 from ..data.images import read_image
 from ..data.record import Dataset
 from ..errors import InputError
@@ -222,6 +223,17 @@ def _read(dataset: Dataset, show_progress: bool) -> list[np.ndarray]:
             images.append(record.image if isinstance(record.image, np.ndarray) else read_image(record.image))
             advance(1)
     return images
+
+
+def image_input_flags(model, images: Sequence[np.ndarray]) -> list[dict[str, str]] | None:
+    """Each image's ``input_flags`` as a medvl report generator sees it (blank or streaked after its
+    preprocessing, ``medvl.data.audit.input_flags``; a warning counts them); None for a transformers VLM (its own
+    preprocessing)."""
+    if isinstance(model, VisionLanguageModel):
+        return None
+    flags = [input_flags(model.preprocessor.load(image).numpy()) for image in images]
+    warn_without_content(flags, "images")
+    return flags
 
 
 def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, records=None, beam_size: int = 1,
