@@ -478,6 +478,8 @@ def test_a_blank_image_is_answered_with_a_warning_that_there_is_nothing_to_answe
     page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
     page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
     assert page.locator("#similar [data-input-flags]").get_attribute("data-input-flags") == "blank"
+    page.locator("#explain[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#explain [data-input-flags]").get_attribute("data-input-flags") == "blank"
     assert page.locator("#draft .abstain").get_attribute("data-abstention") == "no_content"
     ask(page, QUESTION)
     assert page.locator("#vqa [data-input-flags]").get_attribute("data-input-flags") == "blank"
