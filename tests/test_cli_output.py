@@ -3,7 +3,10 @@ markup (which dropped them, or crashed on a closing tag); and predictions say wh
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,3 +106,24 @@ def test_explain_says_when_the_image_holds_no_content(model_dir, phantom_dir, od
                             tmp_path / "film")
     assert result.exit_code == 0 and "no content" not in output
     assert json.loads((tmp_path / "film" / "explanation.json").read_text())["input_flags"] == {}
+
+
+def _console_script(*args) -> subprocess.CompletedProcess:
+    """``medvl ARGS`` as the installed console script runs it (the argument check runs before the app)."""
+    arguments = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    return subprocess.run([sys.executable.encode(), b"-c", b"from medvl.cli.main import run; run()", *arguments],
+                          capture_output=True, timeout=300)
+
+
+def test_text_that_is_not_utf8_is_refused_and_a_file_name_that_is_not_is_read(model_dir, phantom_dir, tmp_path):
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    refused = _console_script("predict", film, "--model", model_dir, "--labels", b"\xe9panchement,nodule")
+    assert refused.returncode == 2 and b"Traceback" not in refused.stderr  # the tokenizer raised TypeError before
+    assert b"the value of --labels is not UTF-8 text (byte offset 0)" in refused.stderr
+    refused = _console_script("search", "--index", tmp_path / "none", "--text", b"heart caf\xe9")
+    assert refused.returncode == 2 and b"the value of --text is not UTF-8 text (byte offset 9)" in refused.stderr
+    latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # a name the file system holds as it is
+    shutil.copyfile(film, latin1)
+    answered = _console_script("predict", os.fsencode(latin1), "--model", model_dir, "--labels", "nodule,no_finding")
+    assert answered.returncode == 0, answered.stderr.decode(errors="replace")
+    assert b"nodule" in answered.stdout

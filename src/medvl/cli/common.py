@@ -76,10 +76,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except MedvlError as err:
-            _print_error(str(err))
+            print_error(str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as err:  # unreadable / unwritable user paths: permissions, full disk
-            _print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
+            print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -88,7 +88,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _print_error(message: str) -> None:
+def print_error(message: str) -> None:
     from rich.markup import escape
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -17,6 +17,7 @@ from ..checks import split_names
 from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
+    EXIT_BAD_INPUT,
     AllowOutsideOption,
     BackendOption,
     CaptionsOption,
@@ -28,6 +29,7 @@ from .common import (
     console,
     emit_json,
     handle_errors,
+    print_error,
     print_metrics,
     setup_logging,
 )
@@ -240,9 +242,33 @@ app.command("vqa")(vqa_command)
 eval_app.command("case-retrieval")(case_retrieval_command)
 
 
+def undecodable_argument(arguments: list[str]) -> str | None:
+    """Why an argument cannot be read (None when all can): text that is not UTF-8 (a Latin-1 terminal's label or
+    question) reaches Python as lone surrogates, which tokenizers, the index's filters and the terminal itself
+    fail on with a traceback. An existing file or folder's name is exempt: the file system may hold any bytes."""
+    import os
+
+    for position, argument in enumerate(arguments, 1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as error:
+            if os.path.exists(argument):
+                continue
+            offset = len(argument[:error.start].encode("utf-8", "surrogateescape"))
+            option = arguments[position - 2] if position > 1 else ""
+            which = f"the value of {option}" if option.startswith("-") and option.isascii() else f"argument {position}"
+            return (f"{which} is not UTF-8 text (byte offset {offset}): medvl reads labels, questions, names and "
+                    "filters as UTF-8; set the terminal's encoding to UTF-8")
+    return None
+
+
 def run() -> None:
     """The ``medvl`` console script: the Typer app, then, in a process that joined a torchrun group,
     an exit that skips the interpreter's teardown (``distributed.exit_process``)."""
+    problem = undecodable_argument(sys.argv[1:])
+    if problem is not None:
+        print_error(problem)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         app()
     except SystemExit as done:
