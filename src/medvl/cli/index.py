@@ -201,9 +201,11 @@ def search_command(
     from ..data.images import read_image
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
+    from ..index.search import check_one_query
 
     check_outputs(overwrite, json=json_out)
     check_k(k)
+    check_one_query(image, text)
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
         pixels = read_image(image) if image is not None else None  # read once: searched and checked

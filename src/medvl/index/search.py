@@ -32,10 +32,15 @@ def index_model(index: Index, model_dir: str | Path | None = None, backend: str 
     return load_model(folder, backend=backend)
 
 
-def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:
-    """The (1, D) embedding of one query image (file or array) or one text."""
+def check_one_query(image: object, text: str | None) -> None:
+    """InputError unless exactly one of an image and a text is given."""
     if (image is None) == (text is None):
         raise InputError("give exactly one query: an image or a text")
+
+
+def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:
+    """The (1, D) embedding of one query image (file or array) or one text."""
+    check_one_query(image, text)
     if text is not None:
         if not text.strip():
             raise InputError("the query text is empty")
