@@ -655,6 +655,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
                         if name not in RESUMABLE and before.get(name) != after.get(name)]
+        elif key == "data" and isinstance(before, str) and isinstance(after, str):
+            if Path(before).resolve() != Path(after).resolve():  # the same file under another spelling is the same
+                changed.append(f"data {before!r} -> {after!r}")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict) and before != after:
             names = (before.get("name"), after.get("name"))
             changed.append(f"model {names[0]!r} -> {names[1]!r}" if names[0] != names[1] else "model config")
