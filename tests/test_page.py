@@ -26,6 +26,7 @@ if not CHROMIUM.exists():
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cli_helpers import invoke  # noqa: E402
 from medvl.serve import ServeSettings, create_app  # noqa: E402
 from medvl.serve.auth import token_digest  # noqa: E402
 from serve_helpers import (  # noqa: E402
@@ -52,7 +53,11 @@ MAX_REQUESTS = 40  # what one test's page may ask of the service at most
 
 @pytest.fixture(scope="module")
 def model_dir(phantom_dir, tmp_path_factory):
-    return train_tiny_model(phantom_dir, tmp_path_factory.mktemp("page") / "run")
+    """A phantom model with an OOD guard: a real chest X-ray is unlike its training images."""
+    model = train_tiny_model(phantom_dir, tmp_path_factory.mktemp("page") / "run")
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "-q")
+    assert result.exit_code == 0, output
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +204,10 @@ def check_zero_shot(page, expected: dict) -> None:
     assert [p for _, p, _ in shown] == sorted((p for _, p, _ in shown), reverse=True)
     assert page.locator("#zero-shot .bars li.top").get_attribute("data-label") == expected["prediction"]
     assert page.locator("#zero-shot [data-input-flags]").count() == (1 if expected["input_flags"] else 0)
+    warning = page.locator("#zero-shot [data-out-of-distribution]")
+    assert warning.count() == (1 if expected.get("out_of_distribution") else 0)
+    if expected.get("out_of_distribution"):
+        assert "OOD score" in warning.inner_text() and "above the guard's threshold" in warning.inner_text()
 
 
 def check_similar(page, expected: dict) -> None:
@@ -348,6 +357,7 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     page.locator("#file").set_input_files(chest_xray)
     wait_for_panels(page)
     expected = api_answers(client, TOKENS[1], chest_xray, page_fields(page))
+    assert expected["zero-shot"]["out_of_distribution"]  # a real radiograph, a phantom model: its warning is shown
     check_zero_shot(page, expected["zero-shot"])
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
