@@ -256,6 +256,8 @@ def undecodable_argument(arguments: list[str]) -> str | None:
                 continue
             offset = len(argument[:error.start].encode("utf-8", "surrogateescape"))
             option = arguments[position - 2] if position > 1 else ""
+            if argument.startswith("--") and "=" in argument:  # --labels=VALUE
+                option = argument.split("=", 1)[0]
             which = f"the value of {option}" if option.startswith("-") and option.isascii() else f"argument {position}"
             return (f"{which} is not UTF-8 text (byte offset {offset}): medvl reads labels, questions, names and "
                     "filters as UTF-8; set the terminal's encoding to UTF-8")
