@@ -129,3 +129,18 @@ def test_text_that_is_not_utf8_is_refused_and_a_file_name_that_is_not_is_read(mo
     answered = _console_script("predict", os.fsencode(latin1), "--model", model_dir, "--labels", "nodule,no_finding")
     assert answered.returncode == 0, answered.stderr.decode(errors="replace")
     assert b"nodule" in answered.stdout
+
+
+def test_explain_warns_when_no_one_caption_column_describes_the_labels(model_dir, phantom_dir, tmp_path):
+    captions = tmp_path / "captions.yaml"
+    captions.write_text("classes:\n  finding:\n    nodule: [a small round opacity]\n    no_finding: [clear lungs]\n"
+                        "  view:\n    AP: [an anteroposterior film]\n", encoding="utf-8")
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    result, output = invoke("explain", film, "--model", model_dir, "--captions", captions, "--labels", "nodule,AP",
+                            "--method", "patch_text")
+    assert result.exit_code == 0, output
+    assert "no label column of the captions describes all 2 classes asked for (0 of them none does)" in \
+        " ".join(output.split())
+    result, output = invoke("explain", film, "--model", model_dir, "--captions", captions, "--labels",
+                            "nodule,no_finding", "--method", "patch_text")
+    assert result.exit_code == 0 and "describes" not in output

@@ -54,6 +54,7 @@ def finding_classes(model, labels: Sequence[str] | None = None, label_column: st
     if len(classes) < 2:
         raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes} "
                          "(pass --labels a,b,...)")
+    config.warn_undescribed(column, classes)
     return column, classes, [config.prompts(column, name) for name in classes]
 
 
