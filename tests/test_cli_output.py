@@ -1,5 +1,6 @@
-"""What the CLI prints is the data as it is: file names, ids and labels holding "[...]" are not read as rich
-markup (which dropped them, or crashed on a closing tag); and predictions say when the model was given no content."""
+"""What the CLI prints and reads: file names, ids and labels holding "[...]" printed as they are (rich markup dropped
+them, or crashed on a closing tag); answers that say when the image held no content as the model sees it, or when the
+prompts are bare class names; command-line text that is not UTF-8 refused before any work."""
 
 import csv
 import json
