@@ -145,3 +145,32 @@ def test_explain_warns_when_no_one_caption_column_describes_the_labels(model_dir
     result, output = invoke("explain", film, "--model", model_dir, "--captions", captions, "--labels",
                             "nodule,no_finding", "--method", "patch_text")
     assert result.exit_code == 0 and "describes" not in output
+
+
+def test_evaluations_count_the_scored_images_that_hold_no_content(model_dir, phantom_dir, odd_images, tmp_path):
+    """A copy of the phantom whose test split gains a uniform film and a stretched strip."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [row for row in rows if row["split"] == "test"]
+    for name in ("blank.png", "strip.png"):
+        shutil.copyfile(odd_images / name, data / "images" / name)
+        rows.append({**test[0], "image": f"images/{name}"})
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    expected = {"records": 2, "of": len(test) + 2, "flags": {"blank": 1, "streaked": 1}}
+    for command in (["eval", "zero-shot", "--model", model_dir, "--data", data, "--split", "test"],
+                    ["eval", "linear-probe", "--model", model_dir, "--train-data", data, "--test-data", data,
+                     "--few-shot", "1"]):
+        result, output = invoke(*command, "--label-column", "finding", "--json", tmp_path / "out.json", "--overwrite",
+                                "-q")
+        assert result.exit_code == 0, output
+        assert json.loads((tmp_path / "out.json").read_text())["input_content"] == expected
+        assert f"2 of {len(test) + 2} scored images are blank or streaked as the model sees them" in \
+            " ".join(output.split())
+    result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", phantom_dir, "--split", "test",
+                            "--label-column", "finding", "--json", tmp_path / "plain.json", "-q")
+    assert result.exit_code == 0 and "input_content" not in json.loads((tmp_path / "plain.json").read_text())

@@ -132,6 +132,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
 
     ``calibration_split`` fits a softmax temperature on that split's zero-shot logits and adds a
     ``calibration`` block for ``split`` (ECE, Brier, NLL before/after, reliability, risk-coverage)."""
+    from .data.audit import content_summary
     from .eval import zero_shot
     from .eval.ood import embed_checked
     from .eval.zero_shot import zero_shot_calibration, zero_shot_classes
@@ -153,7 +154,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
         zero_shot_classes(fit_set, column, classes)
         copies = copies_in_fit(fit_set, dataset, f"the calibration split {calibration_split!r}")
     net = load_model(model, backend=backend)
-    embeddings, ood_block = embed_checked(net, dataset, show_progress)  # + how much the model's guard flags
+    content: list[dict[str, str]] = []
+    embeddings, ood_block = embed_checked(net, dataset, show_progress, content)  # + what the guard and checks flag
     result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
                        show_progress=show_progress, image_embeddings=embeddings,
                        keep_logits=calibration_split is not None)
@@ -164,6 +166,9 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                                  **({"copies_in_fit": copies} if copies is not None else {})}
     if ood_block is not None:
         result["ood"] = ood_block
+    empty = content_summary(content, "scored images")
+    if empty is not None:
+        result["input_content"] = empty
     seen = trained_on_scored(net, dataset)
     if seen is not None:
         result["trained_on_scored"] = seen

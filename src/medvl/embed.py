@@ -15,13 +15,19 @@ from .progress import progress_bar
 
 
 def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
-                 features: bool = False, show_progress: bool = True, workers: int | None = None) -> torch.Tensor:
+                 features: bool = False, show_progress: bool = True, workers: int | None = None,
+                 content: list[dict[str, str]] | None = None) -> torch.Tensor:
     """Normalised embeddings (or backbone features) of every record's first image, in order; the
-    images are read by ``workers`` processes ahead of the model (``medvl.data.loading``; None: auto)."""
+    images are read by ``workers`` processes ahead of the model (``medvl.data.loading``; None: auto).
+    ``content``, a list, gets each image's ``input_flags`` (blank or streaked as the model sees it)."""
+    from .data.audit import input_flags
+
     chunks = []
     images = [record.image for record in dataset.records]
     with progress_bar("Embedding images", total=len(dataset), enabled=show_progress) as advance:
         for pixels in pixel_batches(model.preprocessor, images, batch_size, workers):
+            if content is not None:
+                content.extend(input_flags(image.numpy()) for image in pixels)
             chunks.append(model.encode_images(pixels, batch_size=batch_size, features=features))
             advance(len(pixels))
     dim = model.image_encoder.num_features if features else model.config.embed_dim

@@ -78,6 +78,18 @@ def warn_without_content(flags: Sequence[dict[str, str]], what: str) -> None:
                     "means nothing", flagged, len(flags), what)
 
 
+def content_summary(flags: Sequence[dict[str, str]], what: str) -> dict[str, Any] | None:
+    """The ``input_content`` block of an evaluation: how many of its images (``input_flags`` of each) hold no
+    content as the model sees them, per flag; None (and no warning) when none does. ``warn_without_content``
+    says it once."""
+    flagged = sum(bool(flag) for flag in flags)
+    if not flagged:
+        return None
+    warn_without_content(flags, what)
+    counts = Counter(name for flag in flags for name in flag)
+    return {"records": flagged, "of": len(flags), "flags": {name: counts[name] for name in ("blank", "streaked")}}
+
+
 def content_checks(gray: np.ndarray, eight_bit: bool) -> dict[str, str]:
     """``blank`` and ``streaked`` (see the module docstring) of a grayscale image or volume: flag -> reason."""
     units = _grey_levels(gray, eight_bit=eight_bit)

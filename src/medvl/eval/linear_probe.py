@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.audit import content_summary
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
@@ -53,7 +54,8 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
         covariate_model = CovariateModel.fit(train_data.records, y_train, len(classes), covariates,
                                              f"{train_data.source} (training records)", label)
     x_train = embed_images(model, train_data, features=True, show_progress=show_progress).numpy()
-    x_test = embed_images(model, test_data, features=True, show_progress=show_progress).numpy()
+    content: list[dict[str, str]] = []
+    x_test = embed_images(model, test_data, features=True, show_progress=show_progress, content=content).numpy()
     calibration = None
     if calibration_data is not None:
         calibration_data = calibration_data.with_labels([label])
@@ -79,6 +81,9 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
               "balanced_accuracy": full["balanced_accuracy"], "full": full, **fusion, "few_shot": {}, **kept}
+    empty = content_summary(content, "scored images")
+    if empty is not None:  # their probe answers are read from noise
+        result["input_content"] = empty
     rng = np.random.default_rng(seed)
     counts = np.bincount(y_train, minlength=len(classes))
     for k in few_shot:

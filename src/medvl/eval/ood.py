@@ -54,24 +54,28 @@ def ood_summary(model, dataset: Dataset, show_progress: bool = True) -> dict[str
     return embed_with_guard(model, dataset, show_progress=show_progress)[1]
 
 
-def embed_with_guard(model, dataset: Dataset, show_progress: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+def embed_with_guard(model, dataset: Dataset, show_progress: bool = True,
+                     content: list[dict[str, str]] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The normalised image embeddings of ``dataset`` and the guard's summary of it, from one pass of the
-    image tower (the guard scores the backbone features the embeddings are projected from)."""
+    image tower (the guard scores the backbone features the embeddings are projected from); ``content``: as
+    for ``embed_images``."""
     guard = getattr(model, "ood", None)
     if guard is None:
         raise ModelError("the model has no OOD guard: fit one with medvl ood fit")
-    features = embed_images(model, dataset, features=True, show_progress=show_progress)
+    features = embed_images(model, dataset, features=True, show_progress=show_progress, content=content)
     with torch.no_grad():
         embeddings = model.embed_image_features(features)
     return embeddings, summarize(guard, guard.scores(features).numpy())
 
 
-def embed_checked(model, dataset: Dataset, show_progress: bool = True) -> tuple[torch.Tensor, dict[str, Any] | None]:
+def embed_checked(model, dataset: Dataset, show_progress: bool = True,
+                  content: list[dict[str, str]] | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
     """The normalised image embeddings of ``dataset`` and, when the model has an OOD guard, the guard's
-    summary of them (``embed_with_guard``); None for a model without one. One pass of the image tower."""
+    summary of them (``embed_with_guard``); None for a model without one. One pass of the image tower.
+    ``content``: as for ``embed_images``."""
     if getattr(model, "ood", None) is None:
-        return embed_images(model, dataset, show_progress=show_progress), None
-    return embed_with_guard(model, dataset, show_progress=show_progress)
+        return embed_images(model, dataset, show_progress=show_progress, content=content), None
+    return embed_with_guard(model, dataset, show_progress=show_progress, content=content)
 
 
 def summarize(guard: OODGuard, scores: np.ndarray) -> dict[str, Any]:
