@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import torch
 
+from .data.audit import input_flags
 from .data.loading import pixel_batches
 from .data.record import Dataset
 from .models.dual import DualEncoder, weights_state
@@ -20,8 +21,6 @@ def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
     """Normalised embeddings (or backbone features) of every record's first image, in order; the
     images are read by ``workers`` processes ahead of the model (``medvl.data.loading``; None: auto).
     ``content``, a list, gets each image's ``input_flags`` (blank or streaked as the model sees it)."""
-    from .data.audit import input_flags
-
     chunks = []
     images = [record.image for record in dataset.records]
     with progress_bar("Embedding images", total=len(dataset), enabled=show_progress) as advance:
