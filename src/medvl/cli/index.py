@@ -29,7 +29,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
+    import torch
 
 index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
 
@@ -208,7 +208,8 @@ def search_command(
     check_one_query(image, text)
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
-        pixels = read_image(image) if image is not None else None  # read once: searched and checked
+        # read and preprocessed once: searched with, and checked
+        pixels = net.preprocessor.load(read_image(image)) if image is not None else None
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
         flag = _query_checks(net, pixels)
@@ -228,17 +229,16 @@ def search_command(
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)
 
 
-def _query_checks(net, image: np.ndarray | None) -> dict:
-    """The query image's ``input_flags`` (blank or streaked as the model sees it) and, when the model has a guard
-    (``medvl ood fit``), its OOD score and flag; {} for a text query."""
-    if image is None:
+def _query_checks(net, pixels: torch.Tensor | None) -> dict:
+    """The query image's ``input_flags`` (blank or streaked as the model sees it: ``pixels``, its preprocessing)
+    and, when the model has a guard (``medvl ood fit``), its OOD score and flag; {} for a text query."""
+    if pixels is None:
         return {}
     import torch
 
     from ..data.audit import input_flags
     from ..predict import ood_flags
 
-    pixels = net.preprocessor.load(image)
     checks: dict = {"input_flags": input_flags(pixels.numpy())}
     if getattr(net, "ood", None) is not None:
         with torch.no_grad():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.images import read_image
 from ..errors import DataError, InputError
@@ -38,8 +39,10 @@ def check_one_query(image: object, text: str | None) -> None:
         raise InputError("give exactly one query: an image or a text")
 
 
-def embed_query(model, image: str | Path | np.ndarray | None = None, text: str | None = None) -> np.ndarray:
-    """The (1, D) embedding of one query image (file or array) or one text."""
+def embed_query(model, image: str | Path | np.ndarray | torch.Tensor | None = None,
+                text: str | None = None) -> np.ndarray:
+    """The (1, D) embedding of one query image (a file, an array, or the model's own preprocessing of one:
+    ``model.preprocessor.load``'s (C, *spatial) tensor, for a caller that checked it) or one text."""
     check_one_query(image, text)
     if text is not None:
         if not text.strip():
@@ -47,12 +50,15 @@ def embed_query(model, image: str | Path | np.ndarray | None = None, text: str |
         return model.encode_texts([text]).numpy()
     if image is None:
         raise InputError("give exactly one query: an image or a text")
+    if isinstance(image, torch.Tensor):
+        return model.encode_images(image[None]).numpy()
     pixels = image if isinstance(image, np.ndarray) else read_image(image)
     return model.encode_images([pixels]).numpy()
 
 
-def search_index(index: Index, model, image: str | Path | np.ndarray | None = None, text: str | None = None,
-                 k: int = 10, where: str | None = None, target: str = IMAGES, verify_model: bool = True) -> list[Hit]:
+def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Tensor | None = None,
+                 text: str | None = None, k: int = 10, where: str | None = None, target: str = IMAGES,
+                 verify_model: bool = True) -> list[Hit]:
     """The ``k`` cases closest to the query among ``target`` (``images`` or ``texts``) vectors.
 
     The model must be the one the index was built with (same embedding size, config and weights),

@@ -165,6 +165,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     from ..data.audit import input_flags
     from ..data.images import read_image
     from ..index.base import check_model
+    from ..index.search import embed_query
 
     check_settings(k, min_support, min_similarity, related)
     if verify_model:
@@ -178,7 +179,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
                     "left_out_copies": []}
         return _abstain([], [], NO_CONTENT, f"the image is {' and '.join(flags)} as the model sees it, nothing to "
                         f"draft from ({'; '.join(flags.values())})", settings)
-    vector = model.encode_images(tensor[None]).numpy()
+    vector = embed_query(model, image=tensor)
     copies = indexed_copies(index, pixels)
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]

@@ -175,11 +175,12 @@ class ModelService:
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
         upload = decode_upload(data, self.settings)
-        pixels = self._preprocess(upload)
-        return upload, pixels, input_flags(pixels.numpy())
+        return upload, *self._checked_pixels(upload)
 
-    def _input_flags(self, upload: Upload) -> dict[str, str]:
-        return input_flags(self._preprocess(upload).numpy())
+    def _checked_pixels(self, upload: Upload) -> tuple[torch.Tensor, dict[str, str]]:
+        """The upload as the model takes it and its ``input_flags`` (blank or streaked as the model sees it)."""
+        pixels = self._preprocess(upload)
+        return pixels, input_flags(pixels.numpy())
 
     def _preprocess(self, upload: Upload) -> torch.Tensor:
         try:
@@ -265,13 +266,13 @@ class ModelService:
 
         index = self._require_index()
         check_k(k)
-        pixels = upload.pixels if upload is not None else None
+        query: dict[str, Any] = {"text": text}
+        pixels = None
+        if upload is not None:  # preprocessed and checked once, on a worker: the model thread only embeds it
+            pixels, content = await self._on_worker(self._checked_pixels, upload)
+            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, "input_flags": content}
         hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
                                               where=where, target=target, verify_model=False)  # checked at start
-        query: dict[str, Any] = {"text": text}
-        if upload is not None:
-            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes},
-                     "input_flags": await self._on_worker(self._input_flags, upload)}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
 
