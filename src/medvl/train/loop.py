@@ -646,8 +646,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # a damaged settings file: the checkpoint alone decides, as before it was written
-    now = json.loads(json.dumps(json_ready({"train": dataclasses.asdict(config),
-                                            "processes": distributed.world_size(), **objective.describe()})))
+    now = json_ready({"train": dataclasses.asdict(config), "processes": distributed.world_size(),
+                      **objective.describe()})  # as the file holds it
     changed = []
     for key in sorted(set(earlier) | set(now)):
         before, after = earlier.get(key), now.get(key)
