@@ -97,7 +97,7 @@ def generate_command(
     """Write a report for each image with a trained report generator (with retrieved context: the cited case ids)."""
     from rich.markup import escape
 
-    from ..eval.report import generate_for_images, image_input_flags
+    from ..eval.report import generate_for_images
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
@@ -105,8 +105,10 @@ def generate_command(
     net = load_report_generator(model)
     arrays = _read_images(images)
     with _context_index(net, index) as opened:
-        reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length)
-    checks = image_input_flags(net, arrays)
+        content: list[dict[str, str]] = []
+        reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length,
+                                             content=content)
+    checks = content or None  # a transformers VLM gives none
     rows = []
     for number, (image, report, ids) in enumerate(zip(images, reports, cited, strict=True)):
         console.print(f"[bold]{escape(image.name)}[/]: {escape(report) or '(empty report)'}", markup=True)

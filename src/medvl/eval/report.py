@@ -225,22 +225,13 @@ def _read(dataset: Dataset, show_progress: bool) -> list[np.ndarray]:
     return images
 
 
-def image_input_flags(model, images: Sequence[np.ndarray]) -> list[dict[str, str]] | None:
-    """Each image's ``input_flags`` as a medvl report generator sees it (blank or streaked after its
-    preprocessing, ``medvl.data.audit.input_flags``; a warning counts them); None for a transformers VLM (its own
-    preprocessing)."""
-    if isinstance(model, VisionLanguageModel):
-        return None
-    flags = [input_flags(model.preprocessor.load(image).numpy()) for image in images]
-    warn_without_content(flags, "images")
-    return flags
-
-
 def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, records=None, beam_size: int = 1,
-                        max_length: int | None = None, show_progress: bool = False
-                        ) -> tuple[list[str], list[list[str] | None]]:
+                        max_length: int | None = None, show_progress: bool = False,
+                        content: list[dict[str, str]] | None = None) -> tuple[list[str], list[list[str] | None]]:
     """Generated reports of image arrays and, with retrieved context, the case ids each was given
-    (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens)."""
+    (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens). ``content``, a list, gets
+    each image's ``input_flags`` as a medvl generator sees it (blank or streaked after its preprocessing; a
+    warning counts them); a transformers VLM, with its own preprocessing, adds none."""
     if isinstance(model, VisionLanguageModel):
         return _vlm_reports(model, images, beam_size, max_length, show_progress)
     contexts: list[Any] = [None] * len(images)
@@ -255,12 +246,17 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
     with progress_bar("Generating reports", total=len(images), enabled=show_progress) as advance:
         for start in range(0, len(images), BATCH):
             chunk = images[start:start + BATCH]
-            pixels = model.preprocessor.normalize(model.preprocessor.load_many(chunk))
+            pixels = model.preprocessor.load_many(chunk)
+            if content is not None:
+                content.extend(input_flags(image.numpy()) for image in pixels)
+            pixels = model.preprocessor.normalize(pixels)
             context = None
             if model.config.decoder.context_k:
                 context = model.tokenize_contexts([c.texts for c in contexts[start:start + BATCH]])
             reports += model.generate(pixels, context, beam_size=beam_size, max_length=max_length)
             advance(len(chunk))
+    if content is not None:
+        warn_without_content(content, "images")
     return reports, [c.ids if c is not None else None for c in contexts]
 
 
