@@ -364,9 +364,7 @@ def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     for name, probability in expected["probabilities"].items():
         assert answer.json()["probabilities"][name] == pytest.approx(probability, abs=1e-5)
     assert answer.json()["input_flags"] == expected["input_flags"] == {}
-    blank = io.BytesIO()
-    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(blank, format="PNG")
-    flagged = zero_shot(client, blank.getvalue())  # answered, and said to hold nothing to answer on
+    flagged = zero_shot(client, _png_bytes(np.full((48, 48), 128, np.uint8)))  # answered, and said to hold no content
     assert flagged.status_code == 200 and list(flagged.json()["input_flags"]) == ["blank"]
     embedded = client.post("/v1/embed", headers=auth(), files={"image": ("x.png", png.read_bytes())}).json()
     reference = load_model(model_dir).encode_images([png])[0].numpy()
@@ -485,11 +483,10 @@ def test_search_and_report_draft_answer_as_the_cli_library_calls(client, model_d
     by_text = client.post("/v1/search", headers=token, data={"text": "enlarged heart", "k": "3"})
     assert by_text.status_code == 200 and len(by_text.json()["hits"]) == 3
     assert "input_flags" not in by_text.json()["query"]
-    blank = io.BytesIO()
-    Image.fromarray(np.full((50, 70), 7, np.uint8)).save(blank, format="PNG")
-    flagged = client.post("/v1/search", headers=token, files={"image": ("b.png", blank.getvalue())}, data={"k": "2"})
+    blank = _png_bytes(np.full((50, 70), 7, np.uint8))
+    flagged = client.post("/v1/search", headers=token, files={"image": ("b.png", blank)}, data={"k": "2"})
     assert flagged.status_code == 200 and list(flagged.json()["query"]["input_flags"]) == ["blank"]
-    no_draft = client.post("/v1/report/draft", headers=token, files={"image": ("b.png", blank.getvalue())},
+    no_draft = client.post("/v1/report/draft", headers=token, files={"image": ("b.png", blank)},
                            data={"min_similarity": "0"})
     assert no_draft.status_code == 200 and no_draft.json()["abstention"] == "no_content"
     drafted = client.post("/v1/report/draft", headers=token, files={"image": ("x.png", png.read_bytes())},
@@ -959,9 +956,7 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
         assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
         assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
         assert shown["input_flags"] == expected["input_flags"] == [{}] * len(images)
-    blank = io.BytesIO()
-    Image.fromarray(np.zeros((40, 40), np.uint8)).save(blank, format="PNG")
-    flagged = vqa(client, [films[0].read_bytes(), blank.getvalue()])
+    flagged = vqa(client, [films[0].read_bytes(), _png_bytes(np.zeros((40, 40), np.uint8))])
     assert flagged.status_code == 200 and [list(f) for f in flagged.json()["input_flags"]] == [[], ["blank"]]
     request = _request_line(log_lines, flagged)
     assert request["route"] == "/v1/vqa"
