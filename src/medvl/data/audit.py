@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import DataError, InputError
 from .images import read_image
 from .loading import batched, map_ahead, resolve_workers
-from .record import Dataset, ImageSource
+from .record import Dataset, ImageSource, canonical_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def image_checks(array: np.ndarray) -> dict[str, Any]:
     ``detail`` (a short reason per flag), ``sha256`` of the pixels and ``dhash`` (16 hex digits)."""
     gray = _gray(array)
     detail = content_checks(gray, eight_bit=array.dtype == np.uint8)
-    return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(_canonical(array)).hexdigest(),
+    return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(canonical_bytes(array)).hexdigest(),
             "dhash": difference_hash(gray)}
 
 
@@ -309,7 +309,3 @@ def _grey_levels(gray: np.ndarray, eight_bit: bool) -> np.ndarray:
         return values
     low, span = float(values.min()), float(np.ptp(values))
     return (values - low) * (255.0 / span) if span > 0 else np.zeros_like(values)
-
-
-def _canonical(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array).tobytes() + str((array.dtype.str, array.shape)).encode()

@@ -80,13 +80,17 @@ def _file_size(path: Path) -> int:
         return -1
 
 
+def canonical_bytes(array: np.ndarray) -> bytes:
+    """An array's values, dtype and shape as bytes: equal for equal arrays only (what their digests hash)."""
+    return np.ascontiguousarray(array).tobytes() + str((array.dtype.str, array.shape)).encode()
+
+
 def _content_digest(source: ImageSource, sizes: set[int]) -> bytes | None:
     """SHA-256 of an image file's bytes (only when its size is in ``sizes``: no other file can equal it
     otherwise) or of an array's dtype, shape and values; None for an image read by its own loader (a DICOM
     series) or a file that cannot be read."""
     if isinstance(source, np.ndarray):
-        array = np.ascontiguousarray(source)
-        return hashlib.sha256(array.tobytes() + str((array.dtype.str, array.shape)).encode()).digest()
+        return hashlib.sha256(canonical_bytes(source)).digest()
     if not isinstance(source, Path) or (size := _file_size(source)) < 0 or size not in sizes:
         return None
     digest = hashlib.sha256()
