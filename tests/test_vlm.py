@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cli_helpers import invoke
+from medvl.data import load_dataset
 from medvl.errors import InputError, ModelError
 from medvl.eval.vqa import closed_candidates, evaluate_vqa
 from medvl.models.decoder import load_report_generator
@@ -297,6 +298,21 @@ def test_eval_vqa_command_on_a_question_file(llava_dir, vqa_file, tmp_path):
     scores = json.loads(out.read_text())
     assert scores["n"] == 6 and scores["model"] == llava_dir.name
     assert scores["question_only_overall_accuracy"] is None and 0.0 <= scores["blank_image_overall_accuracy"] <= 1.0
+    assert "input_content" not in scores
+    # one question about a uniform film: its image is counted once
+    blank = vqa_file.parent / "uniform.png"
+    Image.fromarray(np.full((40, 40), 30, np.uint8)).save(blank)
+    rows = json.loads(vqa_file.read_text())
+    rows.append({**rows[0], "qid": 99, "image_name": blank.name})
+    extended = tmp_path / "with-blank.json"
+    extended.write_text(json.dumps(rows))
+    shutil.copyfile(blank, tmp_path / blank.name)
+    for image in {row["image_name"] for row in rows} - {blank.name}:
+        shutil.copyfile(vqa_file.parent / image, tmp_path / image)
+    result, output = invoke("eval", "vqa", "--model", llava_dir, "--data", extended, "--json", out, "--quiet",
+                            "--overwrite")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["input_content"] == {"records": 1, "of": 4, "flags": {"blank": 1, "streaked": 0}}
 
 
 def test_eval_report_command_scores_a_local_vlm_beside_the_nearest_report(llava_dir, tmp_path):
@@ -311,7 +327,15 @@ def test_eval_report_command_scores_a_local_vlm_beside_the_nearest_report(llava_
     for source in ("generator", "nearest_report"):
         assert {"bleu_4", "rouge_l", "cider", "micro_f1", "macro_f1"} <= set(scores[source])
     assert scores["context_k"] == 0 and scores["baseline_encoder"]["source"].startswith("the transformers VLM")
-    assert scores["empty_reports"] == 0
+    assert scores["empty_reports"] == 0 and "input_content" not in scores
+    # a uniform test film is counted
+    test_image = next(record.image for record in load_dataset(tmp_path / "phantom") if record.split == "test")
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(test_image)
+    result, output = invoke("eval", "report", "--model", llava_dir, "--data", tmp_path / "phantom", "--split", "test",
+                            "--beam-size", "1", "--max-length", "6", "--json", out, "--quiet", "--overwrite")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["input_content"] == {"records": 1, "of": scores["n"],
+                                                            "flags": {"blank": 1, "streaked": 0}}
 
 
 def test_two_image_questions_and_too_many_images(llava_dir, gemma_dir, images, tmp_path):
@@ -364,3 +388,26 @@ def test_incomplete_or_unsupported_folders_are_one_line_errors(llava_dir, images
         assert result.exit_code == 2, output
         assert expected in output and str(broken) in output
         assert len(result.stderr.strip().splitlines()) == 1, output
+
+
+def test_answers_and_reports_flag_an_image_without_content(llava_dir, images, tmp_path):
+    """A blank or streaked image is flagged for a transformers VLM as for medvl's own models, on the 8-bit image
+    its processor is given; an image with content is not."""
+    blank, strip = tmp_path / "black.png", tmp_path / "strip.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(blank)
+    Image.fromarray(np.repeat((np.random.default_rng(1).random((1, 48)) * 255).astype(np.uint8), 48, 0)).save(strip)
+    model = VisionLanguageModel.from_pretrained(llava_dir)
+    assert model.answer([images[0]], "is the heart enlarged?")["input_flags"] == [{}]
+    assert list(model.answer([blank], "is the heart enlarged?", ["yes", "no"])["input_flags"][0]) == ["blank"]
+    assert list(model.answer([strip], "is the heart enlarged?")["input_flags"][0]) == ["streaked"]
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", "--model", llava_dir, blank, "--question", "is the heart enlarged?", "--json", out)
+    assert result.exit_code == 0, output
+    assert "blank as the model sees it" in output and list(json.loads(out.read_text())["input_flags"][0]) == ["blank"]
+    reports = tmp_path / "reports.json"
+    result, output = invoke("report", "generate", "--model", llava_dir, images[0], strip, "--beam-size", "1",
+                            "--max-length", "4", "--json", reports)
+    assert result.exit_code == 0, output
+    rows = json.loads(reports.read_text())["reports"]
+    assert rows[0]["input_flags"] == {} and list(rows[1]["input_flags"]) == ["streaked"]
+    assert "streaked as the model sees it" in output

@@ -287,3 +287,26 @@ def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tm
         assert result.exit_code == 0, output
         cases = json.loads(out.read_text())["supporting_cases"]
         assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"
+
+
+def test_eval_counts_the_scored_images_that_hold_no_content(trained, phantom, tmp_path):
+    """A copy of the question folder in which one test image is a uniform film: counted once, however many
+    questions ask about it."""
+    import shutil
+
+    copy = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", copy)
+    test = select_questions(load_vqa(copy), "test", "data", "test")
+    distinct = {path for item in test for path in item.images}
+    blank = test[0].image
+    Image.fromarray(np.full((32, 32), 120, np.uint8)).save(blank)
+    out = tmp_path / "scores.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", out,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["input_content"] == {"records": 1, "of": len(distinct),
+                                                            "flags": {"blank": 1, "streaked": 0}}
+    assert f"1 of {len(distinct)} scored images are blank or streaked" in " ".join(output.split())
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
+                            "--json", out, "--quiet", "--overwrite")
+    assert result.exit_code == 0 and "input_content" not in json.loads(out.read_text())

@@ -302,7 +302,7 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     first): the answer, its probability, the top alternative, the answer type and, from a medvl VQA
     model, one attention heatmap per image (``grid`` weights on the image encoder's token grid
     ``shape``, and its ``peak``) and ``input_flags`` (per image: blank or streaked as the model sees it);
-    a transformers VLM gives neither."""
+    a transformers VLM gives no heatmaps."""
     import torch
 
     from .data.audit import input_flags

@@ -108,18 +108,17 @@ def generate_command(
         content: list[dict[str, str]] = []
         reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length,
                                              content=content)
-    checks = content or None  # a transformers VLM gives none
     rows = []
     for number, (image, report, ids) in enumerate(zip(images, reports, cited, strict=True)):
         console.print(f"[bold]{escape(image.name)}[/]: {escape(report) or '(empty report)'}", markup=True)
         if ids is not None:
             console.print(f"  context from cases: {', '.join(ids) or 'none'}")
-        flags = checks[number] if checks is not None else None
+        flags = content[number]
         if flags:
             console.print(f"  [red]{' and '.join(flags)} as the model sees it: the report describes no content[/]",
                           markup=True)
         rows.append({"image": describe_target(image), "report": report, **({"cited": ids} if ids is not None else {}),
-                     **({"input_flags": flags} if flags is not None else {})})
+                     "input_flags": flags})
     emit_json({"model": describe_target(model), "beam_size": beam_size, "reports": rows}, json_out, overwrite)
 
 

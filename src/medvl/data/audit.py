@@ -78,14 +78,15 @@ def warn_without_content(flags: Sequence[dict[str, str]], what: str) -> None:
                     "means nothing", flagged, len(flags), what)
 
 
-def content_summary(flags: Sequence[dict[str, str]], what: str) -> dict[str, Any] | None:
+def content_summary(flags: Sequence[dict[str, str]], what: str, warn: bool = True) -> dict[str, Any] | None:
     """The ``input_content`` block of an evaluation: how many of its images (``input_flags`` of each) hold no
     content as the model sees them, per flag; None (and no warning) when none does. ``warn_without_content``
-    says it once."""
+    says it once (``warn=False``: the caller already did)."""
     flagged = sum(bool(flag) for flag in flags)
     if not flagged:
         return None
-    warn_without_content(flags, what)
+    if warn:
+        warn_without_content(flags, what)
     counts = Counter(name for flag in flags for name in flag)
     return {"records": flagged, "of": len(flags), "flags": {name: counts[name] for name in ("blank", "streaked")}}
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.audit import input_flags, warn_without_content
+from ..data.audit import content_summary, input_flags, warn_without_content
 from ..data.images import read_image
 from ..data.record import Dataset
 from ..errors import InputError
@@ -179,8 +179,9 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
                          "reports as context: pass --index (the index it was trained with)")
     seen = trained_on_scored(model, test, "scored (test) reports")
     images = _read(test, show_progress)
+    content: list[dict[str, str]] = []
     generated, cited = generate_for_images(model, images, index=index, records=test.records, beam_size=beam_size,
-                                           max_length=max_length, show_progress=show_progress)
+                                           max_length=max_length, show_progress=show_progress, content=content)
     embed, describe = _baseline_encoder(model, baseline_model)
     nearest = _nearest_reports(embed, images, train, show_progress)
     references = [r.text or "" for r in test]
@@ -201,6 +202,9 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     }
     if seen is not None:
         result["trained_on_scored"] = seen
+    empty = content_summary(content, "scored images", warn=False)  # generate_for_images warned
+    if empty is not None:
+        result["input_content"] = empty
     if keep_texts:
         result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts}
     result["seconds"] = round(time.perf_counter() - started, 2)
@@ -230,10 +234,10 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
                         content: list[dict[str, str]] | None = None) -> tuple[list[str], list[list[str] | None]]:
     """Generated reports of image arrays and, with retrieved context, the case ids each was given
     (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens). ``content``, a list, gets
-    each image's ``input_flags`` as a medvl generator sees it (blank or streaked after its preprocessing; a
-    warning counts them); a transformers VLM, with its own preprocessing, adds none."""
+    each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a transformers
+    VLM: the 8-bit RGB image its processor is given); a warning counts them."""
     if isinstance(model, VisionLanguageModel):
-        return _vlm_reports(model, images, beam_size, max_length, show_progress)
+        return _vlm_reports(model, images, beam_size, max_length, show_progress, content)
     contexts: list[Any] = [None] * len(images)
     if model.config.decoder.context_k:
         from ..index import index_model
@@ -261,12 +265,14 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
 
 
 def _vlm_reports(model: VisionLanguageModel, images: Sequence[np.ndarray], beam_size: int, max_length: int | None,
-                 show_progress: bool) -> tuple[list[str], list[list[str] | None]]:
+                 show_progress: bool, content: list[dict[str, str]] | None) -> tuple[list[str], list[list[str] | None]]:
     reports: list[str] = []
     with progress_bar("Generating reports", total=len(images), enabled=show_progress) as advance:
         for image in images:
-            reports.append(model.write_report(image, max_length or REPORT_TOKENS, beam_size))
+            reports.append(model.write_report(image, max_length or REPORT_TOKENS, beam_size, content=content))
             advance(1)
+    if content is not None:
+        warn_without_content(content, "images")
     return reports, [None] * len(images)
 
 

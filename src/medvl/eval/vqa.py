@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.audit import input_flags
+from ..data.audit import content_summary, input_flags
 from ..data.loaders.vqa import VQAItem, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
@@ -76,12 +76,16 @@ def check_vocabulary(model: VQAModel, items: Sequence[VQAItem], source: str) -> 
 
 @torch.no_grad()
 def answer_items(model: VQAModel, items: Sequence[VQAItem], blank: bool = False, batch_size: int = 32,
-                 show_progress: bool = False, description: str = "Answering") -> list[dict[str, Any]]:
+                 show_progress: bool = False, description: str = "Answering",
+                 content: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """The model's answer to each item: answer, probability, alternative (+ probability), predicted
-    answer type and the attention over its image tokens (a tensor, (K*T,))."""
+    answer type and the attention over its image tokens (a tensor, (K*T,)). ``content``, a list, gets the
+    ``input_flags`` of each distinct image the items ask about, as the model sees it."""
     model.eval()
     images, image_index = image_table(items, model.config.max_images)
     pixels = load_images(model, images, blank)
+    if content is not None:
+        content.extend(input_flags(image.numpy()) for image in pixels)
     answers: list[dict[str, Any]] = []
     with progress_bar(description, total=len(items), enabled=show_progress) as advance:
         for start in range(0, len(items), batch_size):
@@ -131,16 +135,18 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
         raise InputError(f"{source}: no questions to score")
     seen = questions_trained_on(model, items, source) if source else None
     runs: dict[str, list[str] | None]
+    content: list[dict[str, str]] = []  # per distinct image
     if isinstance(model, VisionLanguageModel):
         coverage = None
         candidates = closed_candidates(items)
-        runs = {"": vlm_answers(model, items, candidates, show_progress=show_progress),
+        runs = {"": vlm_answers(model, items, candidates, show_progress=show_progress, content=content),
                 "blank_image_": vlm_answers(model, items, candidates, blank=True, show_progress=show_progress,
                                             description="Answering (blank images)"),
                 "question_only_": None}
     else:
         coverage = check_vocabulary(model, items, source)
-        runs = {"": [row["answer"] for row in answer_items(model, items, show_progress=show_progress)],
+        runs = {"": [row["answer"] for row in answer_items(model, items, show_progress=show_progress,
+                                                           content=content)],
                 "blank_image_": [row["answer"] for row in answer_items(
                     model, items, blank=True, show_progress=show_progress, description="Answering (blank images)")],
                 "question_only_": [normalize_answer(prior_answer(model.meta["prior"], item)) for item in items]}
@@ -167,6 +173,9 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["answers_in_vocabulary"] = coverage
     if seen is not None:
         result["trained_on_scored"] = seen
+    empty = content_summary(content, "scored images")
+    if empty is not None:
+        result["input_content"] = empty
     return result
 
 
@@ -203,13 +212,16 @@ def closed_candidates(items: Sequence[VQAItem]) -> list[list[str] | None]:
 
 
 def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates: Sequence[list[str] | None],
-                blank: bool = False, show_progress: bool = False, description: str = "Answering") -> list[str]:
-    """A transformers VLM's normalised answer to each item (``blank``: every image black, same size)."""
+                blank: bool = False, show_progress: bool = False, description: str = "Answering",
+                content: list[dict[str, str]] | None = None) -> list[str]:
+    """A transformers VLM's normalised answer to each item (``blank``: every image black, same size).
+    ``content``, a list, gets the ``input_flags`` of each distinct image, as the model is given it."""
     for item in items:  # before any work
         if len(item.images or (item.image,)) > model.max_images:
             raise InputError(f"question {item.qid} has {len(item.images)} images; {model.config.name} takes at most "
                              f"{model.max_images}")
     arrays: dict[Path, Any] = {}  # the last images read: questions about one image are usually together
+    flags: dict[Path, dict[str, str]] = {}  # input_flags per distinct image
     answers = []
     with progress_bar(description, total=len(items), enabled=show_progress) as advance:
         for item, options in zip(items, candidates, strict=True):
@@ -220,8 +232,13 @@ def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates
                       for path in paths]
             if blank:
                 images = [np.zeros_like(image) for image in images]
-            answers.append(model.answer(images, item.question, options)["answer"])
+            answer = model.answer(images, item.question, options)
+            if not blank:
+                flags.update(zip(paths, answer["input_flags"], strict=True))
+            answers.append(answer["answer"])
             advance(1)
+    if content is not None:
+        content.extend(flags.values())
     return answers
 
 
@@ -251,7 +268,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
     image encoder's token grid, summing to 1 over all images) and ``input_flags`` (per image: blank or streaked
-    as the model sees it, ``medvl.data.audit.input_flags``); neither from a transformers VLM."""
+    as the model sees it, ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
     question = check_question(question)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {**model.answer(list(images), question), "heatmaps": []}

@@ -20,7 +20,9 @@ are asked for with ``REPORT_INSTRUCTION``.
 
 Images are brought to what such models were trained on, 8-bit RGB, as for the CLIP / SigLIP
 adapters (``adapters.rgb_uint8``: 16-bit and DICOM values min-max scaled, grayscale repeated); the
-folder's processor then resizes and normalises them.
+folder's processor then resizes and normalises them. Each answer carries ``input_flags``, per image the
+``blank`` and ``streaked`` checks of that 8-bit image (``medvl.data.audit.input_flags``), as medvl's own
+models' answers do: an answer about an image without content means nothing.
 
 Answers: greedy decoding (``do_sample`` off and the sampling settings neutral, whatever the folder's
 generation config says; its end tokens and any repetition penalty kept) of at most
@@ -163,6 +165,14 @@ class VisionLanguageModel:
             arrays.append(rgb_uint8(array, source))
         return arrays
 
+    @staticmethod
+    def input_flags(arrays: Sequence[np.ndarray]) -> list[dict[str, str]]:
+        """Per image (``read_images``' 8-bit RGB output), ``blank`` / ``streaked`` as the model is given it
+        (``medvl.data.audit.input_flags``): flag -> reason, {} for an image with content."""
+        from ..data.audit import input_flags
+
+        return [input_flags(np.moveaxis(np.asarray(array, dtype=np.float32), -1, 0) / 255.0) for array in arrays]
+
     # -- scoring and generation ----------------------------------------------------------------------
     @torch.no_grad()
     def candidate_log_likelihoods(self, images: Sequence[np.ndarray], instruction: str,
@@ -245,28 +255,34 @@ class VisionLanguageModel:
     def answer(self, images: Sequence[ImageSource | str | np.ndarray], question: str,
                candidates: Sequence[str] | None = None, max_new_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
         """The answer to ``question`` about ``images`` in the shape of medvl's VQA model: ``answer``,
-        ``probability``, ``alternative`` (+ ``alternative_probability``) and ``answer_type`` (CLOSED
-        when chosen among candidates, else OPEN). ``images``: files or arrays (read_images' output too)."""
+        ``probability``, ``alternative`` (+ ``alternative_probability``), ``answer_type`` (CLOSED
+        when chosen among candidates, else OPEN) and ``input_flags`` (per image, ``input_flags``).
+        ``images``: files or arrays (read_images' output too)."""
         arrays = self.read_images(images)
+        checks = {"input_flags": self.input_flags(arrays)}
         instruction = f"{question}\n{SHORT_ANSWER}"
         if not candidates or len(candidates) < 2:
             text, log_likelihood = self.generate(arrays, instruction, max_new_tokens)
             answer = normalize_answer(text)
             if answer not in YES_NO:
                 return {"answer": answer, "probability": float(np.exp(log_likelihood)), "alternative": None,
-                        "alternative_probability": None, "answer_type": "OPEN"}
+                        "alternative_probability": None, "answer_type": "OPEN", **checks}
             candidates = YES_NO
         scores = torch.tensor(self.candidate_log_likelihoods(arrays, instruction, candidates))
         probabilities = scores.softmax(0)
         order = probabilities.argsort(descending=True).tolist()
         return {"answer": normalize_answer(candidates[order[0]]), "probability": float(probabilities[order[0]]),
                 "alternative": normalize_answer(candidates[order[1]]),
-                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED"}
+                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED", **checks}
 
     def write_report(self, image: ImageSource | np.ndarray, max_new_tokens: int = REPORT_TOKENS,
-                     beam_size: int = 1) -> str:
-        """A report for one image (``REPORT_INSTRUCTION``), greedy or with ``beam_size`` beams."""
-        return self.generate(self.read_images([image]), REPORT_INSTRUCTION, max_new_tokens, beam_size)[0]
+                     beam_size: int = 1, content: list[dict[str, str]] | None = None) -> str:
+        """A report for one image (``REPORT_INSTRUCTION``), greedy or with ``beam_size`` beams. ``content``, a
+        list, gets the image's ``input_flags``."""
+        arrays = self.read_images([image])
+        if content is not None:
+            content.extend(self.input_flags(arrays))
+        return self.generate(arrays, REPORT_INSTRUCTION, max_new_tokens, beam_size)[0]
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[ImageSource | np.ndarray]) -> torch.Tensor:
