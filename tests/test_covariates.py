@@ -140,6 +140,25 @@ def test_values_training_never_had_are_reported_as_unseen():
     assert np.allclose(model.probabilities(scored[:1]), model.probabilities(scored[2:3]))  # unseen = missing
 
 
+def test_a_number_outside_the_training_range_is_clipped_to_it_and_counted():
+    """An age of 700 or -5 (a typo), scored by a model fitted on ages 20-80, is scored as 80 or 20: the linear
+    model does not extrapolate it into a certainty, and the scored share outside the range is reported."""
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 200)
+    y = (rng.random(200) < 1 / (1 + np.exp(-(ages - 50) / 5))).astype(int)
+    train = [_record(i, age=f"{age:.1f}") for i, age in enumerate(ages)]
+    model = CovariateModel.fit(train, y, 2, ["age"])
+    low, high = model.encoder.bounds["age"]
+    assert low == pytest.approx(ages.min(), abs=0.05) and high == pytest.approx(ages.max(), abs=0.05)
+    edge = [_record(0, age=f"{low}"), _record(1, age=f"{high}")]
+    odd = [_record(2, age="-5"), _record(3, age="700")]
+    assert np.allclose(model.probabilities(odd), model.probabilities(edge))
+    assert model.probabilities(odd)[1, 1] < 0.999  # unclipped, 700 would be certain
+    described = model.describe(odd + edge + [_record(4), _record(5, age="50")])["columns"]["age"]
+    assert described["out_of_range_share_scored"] == pytest.approx(2 / 6, abs=1e-4)
+    assert described["range"] == [round(low, 4), round(high, 4)]
+
+
 def test_parse_columns():
     assert parse_columns("age_approx, sex") == ["age_approx", "sex"]
     assert parse_columns("none") == [] and parse_columns("") == [] and parse_columns(None) == []

@@ -14,7 +14,10 @@ class, in any case one and the same multiplier for every such record, so a binar
 the image's.
 
 Columns are encoded from the training records: a column whose present values all parse as numbers is
-numeric (standardised value, missing = 0, plus a missing indicator); any other column is categorical
+numeric (standardised value, missing = 0, plus a missing indicator; a scored value outside the training
+records' range is clipped to it, so a typo such as an age of 700 or -5, or ages in months, pushes no further
+than the oldest or youngest training patient instead of being extrapolated without bound: counted as
+``out_of_range_share_scored`` and warned by the linear probe); any other column is categorical
 (one indicator per training value, at most ``MAX_CATEGORIES`` of them, and not mostly values of one record
 each: a column of ids or free text is refused, and its values never reach an output; a missing or unseen
 value sets none). Missing: absent, empty, ``nan``, ``na``, ``n/a``, ``none``, ``null``, ``unknown`` (any case).
@@ -175,6 +178,7 @@ class CovariateEncoder:
 
     columns: list[str]
     numeric: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std)
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # numeric column -> training (min, max)
     categories: dict[str, list[str]] = field(default_factory=dict)  # column -> training values
     missing_share: dict[str, float] = field(default_factory=dict)  # column -> share missing in training
 
@@ -196,6 +200,7 @@ class CovariateEncoder:
             if all(number is not None for number in numbers):
                 array = np.array(numbers, dtype=float)
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
+                encoder.bounds[column] = (float(array.min()), float(array.max()))
                 if array.std() == 0:
                     log.warning("%s: covariate column %r has one value in every training record: it tells the "
                                 "classes nothing", source, column)
@@ -219,8 +224,8 @@ class CovariateEncoder:
         return encoder
 
     def transform(self, records: Iterable[Record]) -> np.ndarray:
-        """(N, width) matrix: per numeric column the standardised value and a missing indicator, per
-        categorical column one indicator per training value."""
+        """(N, width) matrix: per numeric column the standardised value (clipped to the training range) and a
+        missing indicator, per categorical column one indicator per training value."""
         rows = []
         for record in records:
             row: list[float] = []
@@ -229,6 +234,8 @@ class CovariateEncoder:
                 if column in self.numeric:
                     mean, std = self.numeric[column]
                     number = None if value is None else _parsed(value, column, "scored records")
+                    if number is not None:
+                        number = min(max(number, self.bounds[column][0]), self.bounds[column][1])
                     row += [0.0, 1.0] if number is None else [(number - mean) / std, 0.0]
                 else:
                     row += [float(value == category) for category in self.categories[column]]
@@ -242,7 +249,8 @@ class CovariateEncoder:
     def describe(self) -> dict[str, Any]:
         """JSON-ready: each column's kind, training missing share and (categorical) values."""
         return {column: {"kind": "numeric", "missing_share": round(self.missing_share[column], 4),
-                         "mean": round(self.numeric[column][0], 4), "std": round(self.numeric[column][1], 4)}
+                         "mean": round(self.numeric[column][0], 4), "std": round(self.numeric[column][1], 4),
+                         "range": [round(bound, 4) for bound in self.bounds[column]]}
                 if column in self.numeric else
                 {"kind": "categorical", "missing_share": round(self.missing_share[column], 4),
                  "values": self.categories[column]}
@@ -291,7 +299,8 @@ class CovariateModel:
 
     def describe(self, records: Sequence[Record] | None = None) -> dict[str, Any]:
         """The columns and, for ``records`` (e.g. the test set), each column's missing share there and, for a
-        categorical column, the share of values training never had (they count as missing)."""
+        categorical column, the share of values training never had (they count as missing), for a numeric one
+        the share outside the training range (clipped to it)."""
         columns = self.encoder.describe()
         if records is not None:
             for column in columns:
@@ -302,6 +311,11 @@ class CovariateModel:
                     unseen = sum(value is not None and value not in self.encoder.categories[column]
                                  for value in values)
                     columns[column]["unseen_share_scored"] = round(unseen / max(len(records), 1), 4)
+                else:
+                    low, high = self.encoder.bounds[column]
+                    numbers = [_parsed(value, column, "scored records") for value in values if value is not None]
+                    outside = sum(number is not None and not low <= number <= high for number in numbers)
+                    columns[column]["out_of_range_share_scored"] = round(outside / max(len(records), 1), 4)
         return {"columns": columns, "prior": np.round(self.prior, 5).tolist()}
 
 

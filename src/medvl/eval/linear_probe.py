@@ -126,6 +126,12 @@ def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_te
         elif entry["missing_share_scored"] + entry.get("unseen_share_scored", 0.0) > 1 - 0.5 / len(test_data):
             log.warning("%s: covariate column %r has no value in the %d scored records that the training records "
                         "had (values never seen count as missing)", test_data.source, column, len(test_data))
+        if entry.get("out_of_range_share_scored"):
+            low, high = entry["range"]
+            log.warning("%s: covariate column %r is outside the training records' range [%g, %g] in %d of %d scored "
+                        "records (out_of_range_share_scored); they are scored as the nearest end of that range: "
+                        "check for typos or other units", test_data.source, column, low, high,
+                        round(entry["out_of_range_share_scored"] * len(test_data)), len(test_data))
     fusion = {"image_only": {"auc": full["macro_auc"], "accuracy": full["accuracy"],
                              "balanced_accuracy": full["balanced_accuracy"]},
               "covariates": {**described, "auc": classification_metrics(y_test, alone, classes)["macro_auc"],
