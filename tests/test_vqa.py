@@ -152,6 +152,10 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
     flags = json.loads((tmp_path / "blank.json").read_text())["input_flags"]
     assert [list(flag) for flag in flags] == [[], ["blank"]]
     assert "image 2 is blank as the model sees it: no content to answer on" in " ".join(output.split())
+    result, output = invoke("vqa", blank, blank, "--model", trained, "--question", two["question"], "--json",
+                            tmp_path / "twice.json")  # one file given twice is read once, flagged for both
+    assert result.exit_code == 0, output
+    assert [list(flag) for flag in json.loads((tmp_path / "twice.json").read_text())["input_flags"]] == [["blank"]] * 2
 
 
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):

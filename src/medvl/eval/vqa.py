@@ -278,14 +278,16 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
         raise InputError(f"{len(images)} images given; the model takes at most {model.config.max_images}")
     item = VQAItem(qid="0", image=Path(images[0]), question=question, answer="", answer_normalized="",
                    answer_type=None, split="", images=tuple(Path(image) for image in images))
-    row = answer_items(model, [item])[0]
+    content: list[dict[str, str]] = []  # per distinct image, in the order image_table gives them
+    row = answer_items(model, [item], content=content)[0]
     attention = row.pop("attention")
     grid = model.image_encoder.token_grid(torch.zeros(1, model.config.image.in_channels,
                                                       *model.config.image.volume_shape))
     per_image = attention.view(model.config.max_images, -1)[:len(images)]
     row["heatmaps"] = [{"image": str(image), "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
-    row["input_flags"] = [input_flags(model.preprocessor.load(image).numpy()) for image in images]
+    distinct = image_table([item], model.config.max_images)[0]
+    row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
     return row
 
 
