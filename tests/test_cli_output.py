@@ -162,11 +162,12 @@ def test_evaluations_count_the_scored_images_that_hold_no_content(model_dir, pha
         writer.writeheader()
         writer.writerows(rows)
     expected = {"records": 2, "of": len(test) + 2, "flags": {"blank": 1, "streaked": 1}}
-    for command in (["eval", "zero-shot", "--model", model_dir, "--data", data, "--split", "test"],
+    for command in (["eval", "zero-shot", "--model", model_dir, "--data", data, "--split", "test",
+                     "--label-column", "finding"],
                     ["eval", "linear-probe", "--model", model_dir, "--train-data", data, "--test-data", data,
-                     "--few-shot", "1"]):
-        result, output = invoke(*command, "--label-column", "finding", "--json", tmp_path / "out.json", "--overwrite",
-                                "-q")
+                     "--few-shot", "1", "--label-column", "finding"],
+                    ["eval", "retrieval", "--model", model_dir, "--data", data, "--split", "test"]):
+        result, output = invoke(*command, "--json", tmp_path / "out.json", "--overwrite", "-q")
         assert result.exit_code == 0, output
         assert json.loads((tmp_path / "out.json").read_text())["input_content"] == expected
         assert f"2 of {len(test) + 2} scored images are blank or streaked as the model sees them" in \

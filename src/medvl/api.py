@@ -225,6 +225,7 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     image->text: other images than the scored ones, e.g. the training split. A list of several model
     folders is scored as an ensemble (``eval.retrieval``: standardised scores averaged), each member with
     its own bridge; ``model`` in the result is then the list."""
+    from .data.audit import content_summary
     from .eval import retrieval
     from .eval.retrieval import CaptionBridge
     from .models.registry import load_model
@@ -250,7 +251,11 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     if bank is not None:
         bridges = [CaptionBridge.from_dataset(member, bank, bridge_k, bridge_weight, show_progress=show_progress)
                    for member in members]
-    result = retrieval(members, dataset, show_progress=show_progress, bridge=bridges)
+    content: list[dict[str, str]] = []
+    result = retrieval(members, dataset, show_progress=show_progress, bridge=bridges, content=content)
+    empty = content_summary(content, "scored images")
+    if empty is not None:
+        result["input_content"] = empty
     seen = [block for member in members if (block := trained_on_scored(member, dataset)) is not None]
     if seen:
         result["trained_on_scored"] = max(seen, key=lambda block: block["records"])

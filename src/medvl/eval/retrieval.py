@@ -70,7 +70,8 @@ def _standardise(scores: np.ndarray) -> np.ndarray:
 
 def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: Sequence[int] = (1, 5, 10),
               show_progress: bool = True, image_embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
-              keep_ranks: bool = False, bridge: CaptionBridge | Sequence[CaptionBridge] | None = None) -> dict:
+              keep_ranks: bool = False, bridge: CaptionBridge | Sequence[CaptionBridge] | None = None,
+              content: list[dict[str, str]] | None = None) -> dict:
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     Identical texts (several images of one case sharing a caption) are merged into one gallery
@@ -83,6 +84,9 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     ``model`` may be a list of models (an ensemble, e.g. one recipe trained with several seeds): each
     member's scores are standardised over the gallery per query and averaged, and the result gets an
     ``ensemble`` block. ``image_embeddings`` and ``bridge`` are then lists with one entry per member.
+
+    ``content``, a list, gets the ``input_flags`` of each scored image (the records with text) as the first
+    member sees it, when that member embeds them here (not from ``image_embeddings``).
     """
     members: list[DualEncoder] = list(model) if isinstance(model, Sequence) else [model]
     if not members:
@@ -101,13 +105,14 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
         text_to_images[text_index[record.text]].append(i)
     subset = dataset.subset(records)
     scores: list[tuple[np.ndarray, np.ndarray]] = []  # per member: (image->text, text->image)
-    for member, given, member_bridge in zip(members, embeddings, bridges, strict=True):
+    for number, (member, given, member_bridge) in enumerate(zip(members, embeddings, bridges, strict=True)):
         if given is not None:
             if len(given) != len(dataset):
                 raise InputError(f"{len(given)} embeddings for {len(dataset)} records")
             image_emb = given[with_text].numpy()
         else:
-            image_emb = embed_images(member, subset, show_progress=show_progress).numpy()
+            image_emb = embed_images(member, subset, show_progress=show_progress,
+                                     content=content if number == 0 else None).numpy()
         text_emb = member.encode_texts(texts).numpy()
         similarity = image_emb @ text_emb.T
         scores.append((similarity if member_bridge is None else member_bridge.scores(image_emb, text_emb, similarity),
