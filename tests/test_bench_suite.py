@@ -4,7 +4,9 @@ suite gets before any work starts."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -139,8 +141,19 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "covariates must be a list of column names or 'none'"),
     ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["sex", "sex"]}]},
      "task 1: covariate column(s) sex given more than once"),
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["agee"]}]},
+     "no record has a value for covariate column 'agee'"),
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "checks": ["corruption", "sanity"]}]},
+     "task linear-probe@phantom lists check(s) a linear-probe task cannot take: corruption applies to zero-shot"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom", "label": ["finding"]}]},
+     "task 1: label must be a name, got ['finding']"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "split": 2020, "label": "finding"}}},
+     "dataset 'phantom' has no split 2020"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "captions": "prompts.yaml"}}},
+     "prompts.yaml: caption file of dataset 'phantom'"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
+    change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
     suite = write_suite(tmp_path, phantom_dir, **change)
     result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
     assert result.exit_code == 2, output
@@ -170,8 +183,8 @@ def test_a_training_split_that_copies_scored_images_is_a_flag_of_the_run(two_mod
     result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
     assert result.exit_code == 0, output
     test_size = len(load_dataset(phantom_dir).select("test"))
-    flag = (f"linear-probe@phantom / leak: {test_size} of {test_size} scored images of split 'test' are "
-            "byte-for-byte copies of images in train_split 'test' of dataset 'copy'")
+    flag = (f"linear-probe@phantom (fitted on copy) / leak: {test_size} of {test_size} scored images of split "
+            "'test' are byte-for-byte copies of images in train_split 'test' of dataset 'copy'")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["flags"] == [flag]
     assert flag in (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
 
@@ -196,8 +209,9 @@ def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tm
         load_suite(latin1)
     broken = tmp_path / "broken.yaml"
     broken.write_text("tasks: [\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"broken.yaml: not a readable suite file \(ParserError"):
-        load_suite(broken)
+    with pytest.raises(InputError, match=r"broken.yaml: not valid YAML at line 2, column 1: expected the node "
+                                         r"content, but found '<stream end>'$"):
+        load_suite(broken)  # one line: the place and the problem, not the parser's quoted snippet
 
 
 def test_a_missing_dataset_path_split_or_column_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
@@ -310,3 +324,140 @@ def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_d
     rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
     for metric in ("bleu_4", "rouge_l", "cider", "micro_f1"):
         assert rows[metric]["value"] is not None and f"sanity: nearest_report {metric}" in rows, metric
+
+
+def test_a_failing_task_input_is_found_before_anything_is_written(two_models, phantom_dir, tmp_path):
+    """A calibration split holding a class the scored split lacks is refused before any cell runs, naming the
+    calibration split; a failed rerun into a finished folder leaves no results of the earlier suite beside
+    the new suite.json."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    scored = {row["finding"] for row in rows if row["split"] == "test"}
+    moved = next(finding for finding in sorted(scored) if any(
+        row["finding"] == finding and row["split"] == "val" for row in rows))
+    for row in rows:
+        if row["split"] == "test" and row["finding"] == moved:
+            row["split"] = "train"
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = write_suite(tmp_path / "first", data, tasks=[{"task": "retrieval", "dataset": "phantom"}], checks=[])
+    result, output = invoke("bench", "run", first, "--model", two_models[0], "--out", out, "-q")
+    assert result.exit_code == 0 and (out / "results.json").is_file(), output
+    second = write_suite(tmp_path / "second", data, tasks=[{"task": "retrieval", "dataset": "phantom"},
+                                                {"task": "zero-shot", "dataset": "phantom"}], checks=["calibration"])
+    result, output = invoke("bench", "run", second, "--model", two_models[0], "--out", out, "-q")
+    assert result.exit_code == 2, output
+    assert ("task zero-shot@phantom: calibration_split 'val' (the temperature is fitted among the scored split's "
+            "classes)") in " ".join(output.split())
+    assert moved in output
+    assert len(list((out / "cells").glob("*.json"))) == 1  # the first run's cell only: nothing ran
+    assert json.loads((out / "suite.json").read_text())["suite"]["tasks"] == [
+        {**json.loads(json.dumps(load_suite(first).tasks[0].__dict__))}]  # the finished run's suite, untouched
+    # a rerun that fails inside a task (a model whose weights are cut short loads only there): the earlier
+    # results go, suite.json is the new run's
+    broken = tmp_path / "broken" / "model"
+    shutil.copytree(two_models[0], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    result, output = invoke("bench", "run", first, "--model", broken, "--out", out, "-q")
+    assert result.exit_code == 2, output
+    assert not (out / "results.json").exists() and not (out / "report.html").exists()
+    assert list(json.loads((out / "suite.json").read_text())["models"].values()) == [str(broken)]
+
+
+def test_calibration_images_copied_from_the_scored_split_are_a_flag_of_the_run(two_models, phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    test, val = [r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "val"]
+    for fitted, scored in zip(val, test, strict=False):  # each val film a byte copy of a test film, same labels
+        shutil.copyfile(data / scored["image"], data / fitted["image"])
+        fitted.update({key: value for key, value in scored.items() if key not in ("image", "split", "id")})
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    copied = min(len(val), len(test))
+    suite = write_suite(tmp_path, data, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=["calibration"])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert (f"zero-shot@phantom / leak: {copied} of {len(test)} scored images of split 'test' are byte-for-byte "
+            "copies of images in the calibration split 'val' of dataset 'phantom'") in flags
+
+
+def test_tasks_fitted_on_different_datasets_are_two_rows_sections_and_summary_lines(two_models, phantom_dir,
+                                                                                    tmp_path):
+    datasets = {"phantom": {"path": str(phantom_dir), "split": "test", "label": "finding"},
+                "other": {"path": str(phantom_dir), "split": "test", "train_split": "train", "label": "finding"}}
+    tasks = [{"task": "linear-probe", "dataset": "phantom", "covariates": "none"},
+             {"task": "linear-probe", "dataset": "phantom", "train_dataset": "other", "covariates": "none"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets=datasets, tasks=tasks, checks=[])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = [row for row in results["rows"] if row["metric"] == "auc"]
+    assert sorted((row["key"], row["train_dataset"]) for row in rows) == [
+        ("linear-probe@phantom", "phantom"), ("linear-probe@phantom (fitted on other)", "other")]
+    text = " ".join(output.split())
+    assert "linear-probe@phantom auc" in text and "linear-probe@phantom (fitted on other) auc" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "linear-probe on phantom (test, label finding)" in page
+    assert "linear-probe on phantom (test, label finding, fitted on other)" in page
+
+
+def test_keys_that_slug_alike_keep_their_own_cells_and_resume(two_models, phantom_dir, tmp_path):
+    datasets = {"ph": {"path": str(phantom_dir), "split": "test", "label": "finding"},
+                "ph_sex": {"path": str(phantom_dir), "split": "val", "label": "finding"}}
+    tasks = [{"task": "zero-shot", "dataset": "ph", "label": "sex"}, {"task": "zero-shot", "dataset": "ph_sex"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets=datasets, tasks=tasks, checks=[])
+    for computed in (2, 0):
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        assert json.loads((tmp_path / "out" / "results.json").read_text())["cells"]["computed"] == computed
+    assert len(list((tmp_path / "out" / "cells").glob("*.json"))) == 2
+
+
+def test_a_changed_caption_file_is_scored_again_and_its_path_is_the_suite_files(two_models, phantom_dir, tmp_path):
+    (tmp_path / "prompts").mkdir()
+    captions = tmp_path / "prompts" / "captions.yaml"
+    captions.write_text('templates: ["a chest x-ray showing {}."]\n', encoding="utf-8")
+    datasets = {"phantom": {"path": str(phantom_dir), "split": "test", "label": "finding",
+                            "captions": "prompts/captions.yaml"}}
+    suite = write_suite(tmp_path, phantom_dir, datasets=datasets, tasks=[{"task": "zero-shot", "dataset": "phantom"}],
+                        checks=[])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = Path.cwd()
+    os.chdir(elsewhere)  # the caption path is the suite file's, not the working folder's
+    try:
+        aucs = []
+        for template, computed in (("a chest x-ray showing {}.", 1), ("a chest x-ray showing {}.", 0),
+                                   ("radiograph, finding: {}", 1)):
+            captions.write_text(f'templates: ["{template}"]\n', encoding="utf-8")
+            result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+            assert result.exit_code == 0, output
+            results = json.loads((tmp_path / "out" / "results.json").read_text())
+            assert results["cells"]["computed"] == computed
+            aucs.append(next(row["value"] for row in results["rows"] if row["metric"] == "auc"))
+    finally:
+        os.chdir(cwd)
+    assert aucs[0] == aucs[1] != aucs[2]
+
+
+def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped(two_models, phantom_dir, tmp_path):
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "few-shot", "dataset": "phantom", "shots": [1, 500],
+                                                       "repeats": 2}], checks=[])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert "500-shot" in cell["skipped"] and "fewer than 500" in cell["skipped"]["500-shot"]
+    assert {row["metric"] for row in cell["rows"]} == {"1-shot auc", "1-shot accuracy"}
+    assert "500-shot: class" in (tmp_path / "out" / "report.html").read_text()
+

@@ -36,8 +36,10 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
         by_task[cell["key"]].append(cell)
     for key, task_cells in by_task.items():
         first = task_cells[0]
+        fitted = next((row.get("train_dataset") for row in first["rows"]), None)
         heading = f"{first['task']} on {first['dataset']} ({first['split']}" + (
-            f", label {first['label']})" if first.get("label") else ")")
+            f", label {first['label']}" if first.get("label") else "") + (
+            f", fitted on {fitted}" if fitted not in (None, first["dataset"]) else "") + ")"
         parts = [_metric_table(task_cells, models)]
         for name, draw in PLOTS.items():
             drawn = [(cell["model"], cell["plots"][name]) for cell in task_cells if name in cell["plots"]]
@@ -52,7 +54,7 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
         skipped = [f"{cell['model']}: {check}: {reason}"
                    for cell in task_cells for check, reason in cell["skipped"].items()]
         if skipped:
-            parts.append("<p class='note'>Skipped checks: " + "; ".join(html.escape(s) for s in skipped) + "</p>")
+            parts.append("<p class='note'>Skipped: " + "; ".join(html.escape(s) for s in skipped) + "</p>")
         sections.append((heading, "\n".join(parts)))
     write_html(path, f"medvl bench: {suite.name}", sections)
     return plots

@@ -8,10 +8,11 @@ Layout of the output folder::
     results.json      every row of every cell (one row per model x task x dataset x metric)
     report.html       tables and plots, the models side by side
 
-A cell's fingerprint hashes the model folder's files, the dataset's files, the task, the checks and
-their settings, the seed, medvl's version and its source code; a cell file whose fingerprint matches
-is reused, so an interrupted run resumes and a finished run is not recomputed. Evaluation is composed from
-``medvl.eval`` (this module scores nothing by hand).
+A cell's fingerprint hashes the model folder's files, the dataset's files and caption file, the task, the
+checks and their settings, the seed, medvl's version and its source code; a cell file whose fingerprint
+matches is reused, so an interrupted run resumes and a finished run is not recomputed. A run removes the
+earlier results.json and report.html of its folder before it starts, so the two always describe the
+suite.json beside them. Evaluation is composed from ``medvl.eval`` (this module scores nothing by hand).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
         else:
             _load_images(item, suite, needed_splits[name])
         item.hashes = files_digest(path)
+        if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
+            item.hashes["captions_sha256"] = file_sha256(Path(spec.captions))
         prepared[name] = item
     return prepared
 
@@ -183,6 +186,68 @@ def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset])
     return flags
 
 
+def check_calibration_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
+    """As ``check_training_apart`` for the calibration split a task with the ``calibration`` check fits its
+    temperature on: InputError when it holds images of the scored split, a ``leak`` flag per task when it holds
+    byte-for-byte copies of them (``eval.contamination.copies_in_fit``)."""
+    from ..eval.contamination import copies_in_fit
+
+    flags = []
+    for task in suite.tasks:
+        spec = suite.datasets[task.dataset]
+        fit_name = spec.calibration_split
+        if ("calibration" not in suite.task_checks(task) or not fit_name or fit_name == spec.split
+                or prepared[task.dataset].dataset is None):
+            continue
+        scored, fitted = prepared[task.dataset].split(spec.split), prepared[task.dataset].split(fit_name)
+        shared = scored.shared_images(fitted)
+        if shared:
+            raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r} of dataset "
+                             f"{task.dataset!r} holds {shared} images of the scored split {spec.split!r}; fit the "
+                             "temperature on other images than those scored")
+        copies = copies_in_fit(fitted, scored, f"the calibration split {fit_name!r} of dataset {task.dataset!r}")
+        if copies:
+            flags.append(f"{task.key} / leak: {copies['records']} of {copies['of']} scored images of split "
+                         f"{spec.split!r} are byte-for-byte copies of images in {copies['fit']}")
+    return flags
+
+
+def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> None:
+    """What a task would otherwise find wrong only once it runs, checked before anything is written
+    (InputError): the classes of a probe's training split against its scored split
+    (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
+    (``eval.covariates.check_covariates``), and the classes of a zero-shot task's scored and calibration splits
+    (``eval.zero_shot.zero_shot_classes``; the calibration split may not hold a class the scored split lacks)."""
+    from ..eval.covariates import check_covariates
+    from ..eval.linear_probe import probe_classes
+    from ..eval.zero_shot import zero_shot_classes
+
+    for task in suite.tasks:
+        spec = suite.datasets[task.dataset]
+        label = task.label or spec.label
+        source = suite.datasets[task.train_dataset or task.dataset]
+        if (task.task in ("linear-probe", "few-shot") and label and source.train_split
+                and prepared[source.name].dataset is not None and prepared[task.dataset].dataset is not None):
+            fitted = prepared[source.name].split(source.train_split)
+            where = f"{suite.source}: task {task.key}: train_split {source.train_split!r}"
+            try:
+                probe_classes(fitted, prepared[task.dataset].split(spec.split), label)
+            except InputError as error:
+                raise InputError(f"{where}: {error}") from None
+            if task.task == "linear-probe" and task.covariates:
+                check_covariates(fitted.records, task.covariates, [label], where)
+        if task.task != "zero-shot" or not label or prepared[task.dataset].dataset is None:
+            continue
+        classes = zero_shot_classes(prepared[task.dataset].split(spec.split), label)
+        fit_name = spec.calibration_split
+        if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split:
+            try:
+                zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
+            except InputError as error:
+                raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r} (the temperature "
+                                 f"is fitted among the scored split's classes): {error}") from None
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -224,7 +289,10 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
-    leaks = check_training_apart(suite, datasets)
+    leaks = check_training_apart(suite, datasets) + check_calibration_apart(suite, datasets)
+    check_task_inputs(suite, datasets)
+    for finished in (RESULTS_FILE, REPORT_FILE):  # an earlier run's: rewritten when this one ends
+        (out / finished).unlink(missing_ok=True)
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
                                   "versions": versions})
     cells, computed = [], 0
@@ -330,7 +398,8 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
         "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
         "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest()},
         sort_keys=True, default=str).encode()).hexdigest()
-    path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}.json"
+    unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
+    path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
     if path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -392,8 +461,10 @@ class _Context:
         def finite(number: Any) -> float | None:  # an undefined metric (AUC of one class) is None, as in the file
             return None if number is None or not np.isfinite(float(number)) else float(number)
 
-        self.rows.append({"model": self.model, "task": self.task.task, "dataset": self.data.spec.name,
-                          "split": self.data.spec.split, "label": self.label_column, "metric": metric,
+        self.rows.append({"model": self.model, "task": self.task.task, "key": self.task.key,
+                          "dataset": self.data.spec.name, "split": self.data.spec.split,
+                          "train_dataset": self.train.spec.name if self.task.task in TRAINING_TASKS else None,
+                          "label": self.label_column, "metric": metric,
                           "value": finite(value), "low": None if interval is None else finite(interval["low"]),
                           "high": None if interval is None else finite(interval["high"]), **extra})
 
@@ -498,6 +569,8 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
                           repeats=ctx.task.repeats, seed=ctx.suite.seed, show_progress=ctx.show_progress,
                           keep_scores=True, calibration_data=calibration, covariates=covariates)
     if few_shot:
+        for k, reason in result.get("few_shot_skipped", {}).items():
+            ctx.skipped[f"{k}-shot"] = reason
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]

@@ -16,6 +16,7 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
         label: finding                 # the default label column of the classification tasks
         subgroups: [sex, age, view]    # metadata columns scored per group
         kind: images                   # images (any medvl dataset) | vqa (a VQA question file)
+        captions: prompts.yaml         # zero-shot prompts (a caption file, relative to the suite file)
     tasks:
       - {task: zero-shot, dataset: phantom}
       - {task: linear-probe, dataset: phantom, train_dataset: other}  # train split of another dataset
@@ -28,8 +29,9 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
 
 Tasks: ``zero-shot``, ``linear-probe``, ``few-shot``, ``retrieval``, ``case-retrieval`` (dual
 encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may carry its own
-``checks:`` list and ``label:``. Checks apply to the tasks they make sense for (``CHECKS``) and are
-skipped, with the reason recorded, elsewhere.
+``checks:`` list and ``label:``. The suite's checks apply to the tasks they make sense for (``CHECKS``);
+a check a task's own list names that the task cannot take is an InputError. Split, label and dataset names
+are text (``split: 2020`` is the split "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, and
@@ -103,7 +105,10 @@ class TaskSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.task}@{self.dataset}" + (f":{self.label}" if self.label else "")
+        """``task@dataset[:label]``, and `` (fitted on NAME)`` when the training split is another dataset's."""
+        fitted = self.train_dataset if self.train_dataset not in (None, self.dataset) else None
+        return (f"{self.task}@{self.dataset}" + (f":{self.label}" if self.label else "")
+                + (f" (fitted on {fitted})" if fitted else ""))
 
 
 @dataclass
@@ -154,8 +159,14 @@ def load_suite(name_or_path: str | Path, data: dict[str, str] | None = None,
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not valid UTF-8 (byte offset {err.start}); save it as UTF-8") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(err.problem or err.context or "syntax error").split())
+        raise InputError(f"{path}: not valid YAML{where}: {problem}") from None
     except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"{path}: not a readable suite file ({err.__class__.__name__}: {str(err)[:200]})") from None
+        raise InputError(f"{path}: not a readable suite file ({err.__class__.__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a suite file is a mapping with datasets and tasks")
     suite = _parse(raw, path)
@@ -192,15 +203,37 @@ def _known_keys(raw: Any, allowed: set[str], where: str) -> None:
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
 
 
+def _names(raw: dict[str, Any], keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``raw`` with the values of ``keys`` as text: YAML reads ``split: 2020`` as a number, which is a split name
+    here; a list, a mapping or true / false is an InputError naming the key."""
+    named = dict(raw)
+    for key in keys:
+        value = named.get(key)
+        if isinstance(value, bool) or not isinstance(value, str | int | float | type(None)):
+            raise InputError(f"{where}: {key} must be a name, got {value!r}")
+        if isinstance(value, int | float):
+            named[key] = str(value)
+    return named
+
+
+def _resolved(value: str, path: Path) -> str:
+    """A file path of the suite: ``$VARS`` and ``~`` expanded, relative to the suite file's folder."""
+    given = Path(os.path.expandvars(value)).expanduser()
+    return str(given if given.is_absolute() else (path.parent / given))
+
+
 def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     allowed = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
-    _known_keys(raw, allowed, f"{path}: dataset {name!r}")
-    spec = DatasetSpec(name=name, **raw)
+    where = f"{path}: dataset {name!r}"
+    _known_keys(raw, allowed, where)
+    spec = DatasetSpec(name=name, **_names(raw, ("path", "split", "train_split", "calibration_split", "label",
+                                                  "kind", "captions"), where))
     if spec.kind not in DATASET_KINDS:
         raise InputError(f"{path}: dataset {name!r}: kind must be one of {', '.join(DATASET_KINDS)}, got {spec.kind!r}")
     if spec.path is not None:
-        given = Path(os.path.expandvars(str(spec.path))).expanduser()
-        spec.path = str(given if given.is_absolute() else (path.parent / given))
+        spec.path = _resolved(spec.path, path)
+    if spec.captions is not None:  # like path: relative to the suite file, not to where the command runs
+        spec.captions = _resolved(spec.captions, path)
     if spec.generate is not None:
         _known_keys(spec.generate, {"n", "seed", "size", "kind", "vqa", "extra_finding_prob", "shortcut"},
                     f"{path}: dataset {name!r}: generate")
@@ -215,7 +248,7 @@ def _task(raw: Any, index: int, path: Path) -> TaskSpec:
         raise InputError(f"{where}: each task needs 'task' and 'dataset', got {raw!r}")
     allowed = {f.name for f in dataclasses.fields(TaskSpec)}
     _known_keys(raw, allowed, where)
-    spec = TaskSpec(**raw)
+    spec = TaskSpec(**_names(raw, ("task", "dataset", "label", "train_dataset"), where))
     if spec.task not in TASKS:
         raise InputError(f"{where}: unknown task {spec.task!r} (tasks: {', '.join(TASKS)})")
     if spec.checks is not None:
@@ -267,8 +300,8 @@ def _check(suite: SuiteSpec) -> None:
     keys = [task.key for task in suite.tasks]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
-        raise InputError(f"{where}: task(s) {', '.join(repeated)} given twice (a task is its name, dataset and "
-                         "label; give the second another label or merge their checks)")
+        raise InputError(f"{where}: task(s) {', '.join(repeated)} given twice (a task is its name, dataset, "
+                         "label and training dataset; give the second another label or merge their checks)")
     for task in suite.tasks:
         if task.dataset not in suite.datasets:
             raise InputError(f"{where}: task {task.task} names dataset {task.dataset!r}, which the suite does not "
@@ -279,6 +312,10 @@ def _check(suite: SuiteSpec) -> None:
             raise InputError(f"{where}: task {task.task} on dataset {task.dataset!r} of kind {dataset.kind}: "
                              + ("vqa needs a dataset of kind vqa (a question file)" if wants_vqa
                                 else f"{task.task} needs an image dataset (kind images)"))
+        inapplicable = [check for check in task.checks or [] if task.task not in CHECKS[check]]
+        if inapplicable:
+            raise InputError(f"{where}: task {task.key} lists check(s) a {task.task} task cannot take: "
+                             + "; ".join(f"{check} applies to {', '.join(CHECKS[check])}" for check in inapplicable))
         if task.train_dataset is not None and task.train_dataset not in suite.datasets:
             raise InputError(f"{where}: task {task.task} takes its training split from dataset "
                              f"{task.train_dataset!r}, which the suite does not define")
@@ -288,6 +325,9 @@ def _check(suite: SuiteSpec) -> None:
     for dataset in suite.datasets.values():
         if dataset.path is None and dataset.generate is None:
             raise InputError(f"{where}: dataset {dataset.name!r} has no path: give --data {dataset.name}=PATH")
+        if dataset.captions is not None and not Path(dataset.captions).is_file():
+            raise InputError(f"{dataset.captions}: caption file of dataset {dataset.name!r} of {where} not found "
+                             "(a path relative to the suite file, $VARS expanded)")
         if dataset.path is not None and not Path(dataset.path).exists():
             unset = sorted(set(re.findall(r"\$\{?(\w+)", dataset.path)))
             hint = f"set {', '.join(unset)} or " if unset else ""

@@ -53,8 +53,8 @@ def bench_run(
 
 
 def print_suite_summary(result: dict, out: Path) -> None:
-    headline = {f"{row['model']} {row['task']}@{row['dataset']}" + (f":{row['label']}" if row.get("label") else "")
-                + f" {row['metric']}": _interval(row) for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
+    headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
+                for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
     cells = result["cells"]
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),

@@ -40,12 +40,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     stay image-only.
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
-    classes = sorted(set(train_data.classes(label)))
-    unknown = set(test_data.classes(label)) - set(classes)
-    if unknown:
-        raise InputError(f"{test_data.source}: test classes {sorted(unknown)} not in training classes {classes}")
-    if len(classes) < 2:
-        raise InputError(f"{train_data.source}: label {label!r} needs at least 2 classes in training data")
+    classes = probe_classes(train_data, test_data, label)
     index = {name: i for i, name in enumerate(classes)}
     y_train = np.array([index[str(r.labels[label])] for r in train_data])
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
@@ -104,6 +99,18 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
                 "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
                 "repeats": len(scores)}
     return result
+
+
+def probe_classes(train_data: Dataset, test_data: Dataset, label: str) -> list[str]:
+    """The classes a probe of ``label`` fitted on ``train_data`` scores ``test_data`` among (the training ones,
+    sorted); InputError when the test records hold a class training lacks, or training has fewer than two."""
+    classes = sorted(set(train_data.with_labels([label]).classes(label)))
+    unknown = set(test_data.with_labels([label]).classes(label)) - set(classes)
+    if unknown:
+        raise InputError(f"{test_data.source}: test classes {sorted(unknown)} not in training classes {classes}")
+    if len(classes) < 2:
+        raise InputError(f"{train_data.source}: label {label!r} needs at least 2 classes in training data")
+    return classes
 
 
 def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_test: np.ndarray, classes: list[str],
