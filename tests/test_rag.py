@@ -13,6 +13,7 @@ import torch
 
 from cli_helpers import invoke
 from medvl import DataError, InputError, create_model, load_dataset, load_model
+from medvl.data.images import read_image
 from medvl.data.phantom import FINDINGS, LABEL_COLUMNS, generate_phantom
 from medvl.eval.case_retrieval import (
     average_precision,
@@ -23,6 +24,7 @@ from medvl.eval.case_retrieval import (
 )
 from medvl.index import build_index, open_index
 from medvl.index.base import Hit
+from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
 from medvl.rag.draft import DISAGREE, FAR, NO_CASES, jaccard
 from medvl.rag.labels import split_sentences
@@ -482,3 +484,71 @@ def test_label_sets_of_binary_and_categorical_columns():
     sets = [frozenset(c) for n in range(3) for c in combinations("xy", n)]
     assert all(label_set({"x": "1" if "x" in s else "0", "y": "1" if "y" in s else "0"}, ["x", "y"], {"x", "y"})
                == s for s in sets)
+
+
+@pytest.fixture(scope="module")
+def twice_index(phantom_dir, model_dir, tmp_path_factory):
+    """The first 24 training films, and the first one again under another name (duplicates allowed)."""
+    import csv
+
+    folder = tmp_path_factory.mktemp("twice") / "data"
+    (folder / "images").mkdir(parents=True)
+    rows = [row for row in csv.DictReader((phantom_dir / "manifest.csv").open(newline="")) if row["split"] == "train"]
+    rows = rows[:24]
+    for row in rows:
+        shutil.copyfile(phantom_dir / row["image"], folder / row["image"])
+    rows.append({**rows[0], "image": "images/again.png"})
+    shutil.copyfile(phantom_dir / rows[0]["image"], folder / "images" / "again.png")
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = folder.parent / "idx"
+    build_index(load_model(model_dir), load_dataset(folder), out, model_dir=model_dir, allow_duplicates=True,
+                show_progress=False)
+    return folder, out
+
+
+def test_every_indexed_copy_of_the_query_is_left_out(model_dir, twice_index):
+    """An index holding the query's pixels under two ids: neither votes in a draft, nor is retrieved for it."""
+    folder, out = twice_index
+    dataset = load_dataset(folder)
+    first = dataset[0]
+    with open_index(out) as index:
+        assert index.find_images([pixel_sha256(read_image(first.image))]) == {
+            pixel_sha256(read_image(first.image)): sorted([first.id, "images/again"])}
+        draft = draft_report(index, load_model(model_dir), first.image, k=3, min_similarity=0.0)
+        result = case_retrieval(index, load_model(model_dir), dataset.subset([first]), k=3, label_columns=["finding"],
+                                show_progress=False)
+    assert draft.settings["left_out_copies"] == sorted([first.id, "images/again"])
+    assert not {first.id, "images/again"} & {n.id for n in draft.neighbours}
+    assert result["excluded_self"] == 1 and result["n_index"] == 25
+
+
+def test_case_retrieval_of_indexed_queries_matches_a_brute_force_ranking(model_dir, twice_index):
+    """Queries that are themselves indexed: each is left out of its ranking, and so is it (and its copy) out of
+    its relevant cases and its baselines; mAP, precision@k and their baselines recomputed by hand."""
+    from medvl.eval.case_retrieval import average_precision, random_average_precision
+
+    folder, out = twice_index
+    model, dataset = load_model(model_dir), load_dataset(folder)
+    with open_index(out) as index:
+        result = case_retrieval(index, model, dataset, k=3, label_columns=["finding"], show_progress=False)
+    records = list(dataset)
+    vectors = model.encode_images([r.image for r in records]).numpy()
+    copies = {0, len(records) - 1}  # the first film and its copy
+    aps, base_ap, precision, base_precision = [], [], [], []
+    for i, record in enumerate(records):
+        own = copies if i in copies else {i}
+        others = [j for j in np.argsort(-(vectors @ vectors[i]), kind="stable") if j not in own]
+        relevant = [records[j].labels["finding"] == record.labels["finding"] for j in others]
+        precision.append(np.mean(relevant[:3]))
+        base_precision.append(sum(relevant) / len(others))
+        if sum(relevant):
+            aps.append(average_precision(relevant, sum(relevant)))
+            base_ap.append(random_average_precision(sum(relevant), len(others)))
+    assert result["excluded_self"] == len(records)
+    assert result["map"] == pytest.approx(np.mean(aps), abs=0.02)  # ties among near-equal scores aside
+    assert result["precision_at_k"] == pytest.approx(np.mean(precision), abs=0.03)
+    assert result["map_baseline"] == pytest.approx(np.mean(base_ap))
+    assert result["precision_at_k_baseline"] == pytest.approx(np.mean(base_precision))

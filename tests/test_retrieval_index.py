@@ -253,6 +253,23 @@ def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monke
         assert len(hits) == 71 and not {h.id for h in hits} & set(gone)
 
 
+def test_asking_an_approximate_index_for_every_case_returns_every_case_in_exact_order(model, model_dir, dataset,
+                                                                                       tmp_path):
+    """k at or above the live cases: an HNSW beam (or IVF probes) would miss some; the ranking is the flat one."""
+    for kind in ("flat", "hnsw"):
+        build_index(model, dataset, tmp_path / kind, model_dir=model_dir, kind=kind, show_progress=False)
+    gone = [r.id for r in dataset.records[:5]]
+    query = dataset[7].image
+    with open_index(tmp_path / "flat") as flat, open_index(tmp_path / "hnsw", writable=True) as hnsw:
+        expected = [h.id for h in search_index(flat, model, image=query, k=len(dataset))]
+        assert [h.id for h in search_index(hnsw, model, image=query, k=len(dataset))] == expected
+        hnsw.delete(gone)
+        hnsw.save()
+        live = [case for case in expected if case not in gone]
+        assert [h.id for h in search_index(hnsw, model, image=query, k=len(live))] == live
+        assert [h.id for h in search_index(hnsw, model, image=query, k=1000)] == live
+
+
 def _duplicate_dataset(dataset, folder: Path) -> Dataset:
     """Four phantom cases plus the first image again, re-encoded under another name."""
     folder.mkdir()
@@ -361,6 +378,48 @@ def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, mo
     assert info["resumed"] == 8 and info["n_cases"] == 19
 
 
+def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset, tmp_path, monkeypatch):
+    """A build fails; the user corrects a report and a label (or replaces an image) and reruns: the cases stored
+    before the failure are not kept with their old report, labels or vector."""
+    from dataclasses import replace
+
+    from medvl.index import build as build_module
+
+    data, calls, original = dataset.select("test"), [], build_module.embed_records
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "embed_records", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
+    monkeypatch.setattr(build_module, "embed_records", original)
+    first = data[0]
+    corrected = replace(first, text="FINDINGS: Large right pneumothorax.", labels={**first.labels, "finding": "x"})
+    changed = Dataset([corrected, *data.records[1:]], source=data.source)
+    info = build_index(model, changed, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
+    assert info["resumed"] == 0 and info["n_cases"] == 19
+    with open_index(tmp_path / "idx") as index:
+        hit = search_index(index, model, image=first.image, k=1)[0]
+    assert hit.id == first.id and hit.text == corrected.text and hit.labels["finding"] == "x"
+    # an image file replaced in place (same path, new content and modification time) is a change too
+    copies = tmp_path / "images"
+    copies.mkdir()
+    copied = Dataset([replace(record, images=[Path(shutil.copy(record.image, copies))]) for record in data.records],
+                     source=data.source)
+    monkeypatch.setattr(build_module, "embed_records", failing)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, copied, tmp_path / "again", model_dir=model_dir, batch_size=4, show_progress=False)
+    monkeypatch.setattr(build_module, "embed_records", original)
+    Image.open(data[1].image).rotate(90).save(copied[0].image)
+    assert build_index(model, copied, tmp_path / "again", model_dir=model_dir, batch_size=4,
+                       show_progress=False)["resumed"] == 0
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -457,6 +516,25 @@ def test_pgvector_index_matches_faiss(pg_url, built, model, model_dir, dataset):
         assert len(pg) == 96
         with pytest.raises(ModelError, match="32-d"):
             search_index(pg, create_model("phantom-tiny", embed_dim=32), text="effusion")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_hnsw_returns_every_case_asked_for(pg_url, built, model, model_dir, dataset, monkeypatch):
+    """k above hnsw.ef_search (lowered to 20 here): the beam returns at most ef_search rows; every case comes
+    back, ranked as the exact index ranks them."""
+    from medvl.index import pgvector_store
+
+    monkeypatch.setattr(pgvector_store, "PG_EF_SEARCH", 20)
+    url = pg_url.replace("#phantom_cases", "#phantom_hnsw")
+    build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    with open_index(url) as pg, open_index(built[0]) as local:
+        assert pg.info["images"]["kind"] == "hnsw"
+        pg.conn.execute("SET enable_seqscan = off")  # the planner's choice on a large table: the graph
+        ours = search_index(pg, model, image=dataset[3].image, k=96)
+        reference = search_index(local, model, image=dataset[3].image, k=96)
+    assert len(ours) == 96 and {h.id for h in ours} == {h.id for h in reference}
+    assert [h.score for h in ours] == pytest.approx([h.score for h in reference], abs=1e-4)
 
 
 @pytest.mark.pgvector

@@ -14,7 +14,8 @@ Label agreement (over the label columns, by default the index's own):
   k (the partial credit of multi-label sets; equal to precision@k for one categorical column).
 - **mAP**: the mean over queries of average precision, relevant = same label set, over the ranking
   of the whole index (its first ``map_depth`` cases when the index is larger; the denominator is
-  then capped at ``map_depth``). Queries with no relevant case in the index are left out.
+  then capped at ``map_depth``). Queries with no relevant case in the index are left out. A case left
+  out as the query itself counts neither as relevant nor in the baselines' index.
 - **Class-prior baseline** beside each: its expected value for a random ranking. With ``p`` the
   index's label-set distribution, precision@k and mAP ~ ``sum_q p(q) / n_queries``, which is
   ``sum_c p_c^2`` when the queries follow the index's distribution (also reported as
@@ -146,8 +147,7 @@ def _self_matches(index: Index, records: Sequence[Record], hashes: list[str], sa
     built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide)."""
     present = index.existing_ids([r.id for r in records]) if same_source else set()
     by_hash = index.find_images(hashes)
-    return [({r.id} & present) | ({by_hash[h]} if h in by_hash else set())
-            for r, h in zip(records, hashes, strict=True)]
+    return [({r.id} & present) | set(by_hash.get(h, ())) for r, h in zip(records, hashes, strict=True)]
 
 
 def _listing(index: Index, vector: np.ndarray, n_index: int) -> list[Hit] | None:
@@ -224,23 +224,27 @@ def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: 
                excluded: list[set[str]]) -> dict[str, Any]:
     prior = Counter(label_set(h.labels, columns, binary) for h in listing) if listing else Counter(query_sets)
     total = sum(prior.values())
+    listed = {h.id: label_set(h.labels, columns, binary) for h in listing or []}
     precision: list[float] = []
     jaccards: list[float] = []
     aps: list[float] = []
     base_precision: list[float] = []
     base_jaccard: list[float] = []
     base_ap: list[float] = []
-    for ranking, query in zip(rankings, query_sets, strict=True):
+    for ranking, query, own in zip(rankings, query_sets, excluded, strict=True):
+        # the cases left out as the query itself are neither relevant to it nor part of its random ranking
+        others = prior - Counter(listed[case] for case in own if case in listed)
+        n_others = total - sum(case in listed for case in own)
         top = [label_set(h.labels, columns, binary) for h in ranking[:k]]
         precision.append(float(np.mean([s == query for s in top])) if top else 0.0)
         jaccards.append(float(np.mean([jaccard(s, query) for s in top])) if top else 0.0)
-        base_precision.append(prior[query] / total)
-        base_jaccard.append(sum(n * jaccard(s, query) for s, n in prior.items()) / total)
+        base_precision.append(others[query] / n_others if n_others else 0.0)
+        base_jaccard.append(sum(n * jaccard(s, query) for s, n in others.items()) / n_others if n_others else 0.0)
         ranked = [label_set(h.labels, columns, binary) == query for h in ranking[:map_depth]]
-        n_relevant = prior[query] if listing else sum(ranked)
+        n_relevant = others[query] if listing else sum(ranked)
         if n_relevant:
             aps.append(average_precision(ranked, min(n_relevant, map_depth)))
-            base_ap.append(random_average_precision(n_relevant, total))
+            base_ap.append(random_average_precision(n_relevant, n_others))
     return {"precision_at_k": float(np.mean(precision)), "precision_at_k_baseline": float(np.mean(base_precision)),
             "prior_sum_p2": float(sum((n / total) ** 2 for n in prior.values())),
             "jaccard_at_k": float(np.mean(jaccards)), "jaccard_at_k_baseline": float(np.mean(base_jaccard)),

@@ -117,8 +117,9 @@ class Index(Protocol):
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]: ...
 
-    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
-        """Pixel hash -> id of an indexed case with that image, for the hashes present."""
+    def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        """Pixel hash -> the ids of every indexed case with that image (sorted; more than one when the index was
+        built with duplicates allowed), for the hashes present."""
         ...
 
     def save(self) -> None: ...
@@ -130,6 +131,14 @@ class Index(Protocol):
     def __exit__(self, *exc: object) -> None:
         """Closes the index (without saving: unsaved changes are dropped)."""
         ...
+
+
+def ids_by_hash(rows: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """(pixel hash, id) rows as hash -> sorted ids (``Index.find_images``)."""
+    found: dict[str, list[str]] = {}
+    for digest, case_id in rows:
+        found.setdefault(digest, []).append(case_id)
+    return {digest: sorted(ids) for digest, ids in found.items()}
 
 
 def is_url(target: str | Path) -> bool:

@@ -62,6 +62,7 @@ from .base import (
     check_k,
     check_target,
     check_vectors,
+    ids_by_hash,
 )
 from .cases import (
     FIXED_COLUMNS,
@@ -527,8 +528,8 @@ class FaissIndex(IndexBase):
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {row[0] for row in _select_in(self.conn, "id", "id", ids)}
 
-    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
-        return dict(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))
+    def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return ids_by_hash(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))
 
     # -- changes ---------------------------------------------------------------------------------
     def _edit(self) -> sqlite3.Connection:
@@ -712,10 +713,19 @@ class FaissIndex(IndexBase):
             self.filtered_paths["selector"] += 1
             selectors.append(faiss.IDSelectorBatch(filters.vids[rows]))
             fraction = count / ann.ntotal
-        elif len(dead := self._tombstones(target)):
-            selectors += [faiss.IDSelectorBatch(dead)]
-            selectors.append(faiss.IDSelectorNot(selectors[0]))
-            fraction = 1 - len(dead) / ann.ntotal
+        else:
+            dead = self._tombstones(target)
+            every_case = k >= ann.ntotal - len(dead)  # asked for all: an approximate search would miss some
+            if every_case and kind == HNSW:  # rank them all exactly instead of steering the graph's beam
+                filters = self.filter_columns()
+                live = filters.has_report if target == TEXTS else np.ones(len(filters), dtype=bool)
+                return self._exact_among(ann, target, filters, np.flatnonzero(live), vectors, k)
+            if len(dead):
+                selectors += [faiss.IDSelectorBatch(dead)]
+                selectors.append(faiss.IDSelectorNot(selectors[0]))
+                fraction = 1 - len(dead) / ann.ntotal
+            if every_case and kind == IVFPQ:
+                fraction = 0.0  # probe every list
         params = search_params(ann, kind, selectors[-1] if selectors else None, fraction)
         with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
             scores, found = ann.search(vectors, min(k, ann.ntotal), params=params)

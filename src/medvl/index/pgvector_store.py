@@ -27,7 +27,18 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from .ann import FLAT, FLAT_MAX, HNSW, RECALL_K
-from .base import IMAGES, TEXTS, Hit, IndexBase, check_info_format, check_k, check_target, check_vectors, redact
+from .base import (
+    IMAGES,
+    TEXTS,
+    Hit,
+    IndexBase,
+    check_info_format,
+    check_k,
+    check_target,
+    check_vectors,
+    ids_by_hash,
+    redact,
+)
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
 from .where import compile_where
 
@@ -251,11 +262,14 @@ def _rows(conn, statement, params: tuple, exact: bool) -> list[tuple]:
     with conn.transaction():
         if not exact:
             return conn.execute(statement, params).fetchall()
+        before = conn.execute("SHOW enable_seqscan").fetchone()[0]
         conn.execute("SET LOCAL enable_indexscan = off")
+        conn.execute("SET LOCAL enable_seqscan = on")  # whatever the session says: the scan that is exact
         try:
             return conn.execute(statement, params).fetchall()
-        finally:  # SET LOCAL outlives a savepoint: switch it back within the same transaction
+        finally:  # SET LOCAL outlives a savepoint: switch both back within the same transaction
             conn.execute("SET LOCAL enable_indexscan = on")
+            conn.execute(f"SET LOCAL enable_seqscan = {'on' if before == 'on' else 'off'}")  # a constant
 
 
 # ------------------------------------------------------------------ the index
@@ -298,10 +312,10 @@ class PgVectorIndex(IndexBase):
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {r[0] for r in self.conn.execute(self._q("SELECT id FROM {t} WHERE id = ANY(%s)"), (list(ids),))}
 
-    def find_images(self, hashes: Sequence[str]) -> dict[str, str]:
+    def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         rows = self.conn.execute(self._q("SELECT image_sha256, id FROM {t} WHERE image_sha256 = ANY(%s)"),
                                  ([h for h in hashes if h],)).fetchall()
-        return dict(rows)
+        return ids_by_hash(rows)
 
     def _writable(self) -> None:
         if not self.writable:
@@ -364,8 +378,10 @@ class PgVectorIndex(IndexBase):
         for vector in vectors:
             query = vector_text(vector)
             rows = _rows(self.conn, statement, (query, *params, query, k), exact=False)
-            if where and len(rows) < k and self.info.get(target, {}).get("kind") == HNSW:
-                rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)  # filter starved the beam
+            if len(rows) < k and self.info.get(target, {}).get("kind") == HNSW:
+                # a filter starved the beam, or k is above hnsw.ef_search: rank exactly (the same rows when the
+                # table holds fewer than k)
+                rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)
             results.append([Hit(id=r[0], score=float(r[6]), split=r[1], labels=r[2], meta=r[3], text=r[4],
                                 image_path=public_image_path(r[5])) for r in rows])
         return results

@@ -89,9 +89,10 @@ def _self_ids(index: Index, excluded: list[dict[str, Any]]) -> list[set[str]]:
 
 
 def indexed_ids(index: Index, digests: Sequence[str]) -> list[set[str]]:
-    """Per pixel hash (``pixel_sha256``), the id of the indexed case with that image (empty when none)."""
+    """Per pixel hash (``pixel_sha256``), the ids of the indexed cases with that image (empty when none; several
+    when the index holds the image more than once)."""
     by_hash = index.find_images(list(digests))
-    return [{by_hash[digest]} if digest in by_hash else set() for digest in digests]
+    return [set(by_hash.get(digest, ())) for digest in digests]
 
 
 def _usable(hit: Hit, excluded: dict[str, Any], self_ids: set[str]) -> bool:
