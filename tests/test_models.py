@@ -1,5 +1,7 @@
 """Every registered model builds, runs a seeded forward pass and round-trips save/load."""
 
+import re
+
 import pytest
 import torch
 
@@ -100,6 +102,26 @@ def test_load_model_rejects_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "text").mkdir()
     with pytest.raises(ModelError, match=str(tmp_path)):
         medvl.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (("tokenizer.json", "tokenizer_config.json"), "text/ holds no tokenizer vocabulary"),  # else 5 special tokens
+    (("tokenizer.json",), "text/ holds no tokenizer vocabulary"),
+    (("config.json",), "text/config.json is missing"),
+    ("garbage", "cannot read the text tower in text/ (JSONDecodeError"),
+])
+def test_a_damaged_text_tower_folder_is_one_error_naming_the_model(damage, message, tmp_path):
+    """Without its vocabulary transformers builds a tokenizer of the special tokens alone and every text embeds
+    the same: refused, as a corrupt tokenizer or a missing text config is, naming the folder."""
+    folder = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(folder)
+    if damage == "garbage":
+        (folder / "text" / "tokenizer.json").write_text("garbage")
+    else:
+        for name in damage:
+            (folder / "text" / name).unlink()
+    with pytest.raises(ModelError, match=re.escape(f"{folder}: {message}")):
+        medvl.load_model(folder)
 
 
 def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_model(monkeypatch):

@@ -27,6 +27,8 @@ from .text import TextEncoder
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetensors", "meta.json", "text"
+# files that hold a tokenizer's words (tokenizer_config.json alone does not)
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
 VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
 
 
@@ -168,7 +170,18 @@ class DualEncoder(nn.Module):
         if bad:
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
                              "the model is unusable (its training diverged): retrain it")
-        model = cls(config, text_source_dir=directory / TEXT_DIR)
+        text = directory / TEXT_DIR
+        if not (text / "config.json").is_file():
+            raise ModelError(f"{directory}: {TEXT_DIR}/config.json is missing (the text tower's architecture)")
+        if not any((text / name).is_file() for name in VOCABULARY_FILES):
+            # transformers would build a tokenizer of its special tokens alone: every word [UNK], every text the same
+            raise ModelError(f"{directory}: {TEXT_DIR}/ holds no tokenizer vocabulary (expected one of "
+                             f"{', '.join(VOCABULARY_FILES)})")
+        try:
+            model = cls(config, text_source_dir=text)
+        except (ValueError, OSError, KeyError, TypeError, MedvlError) as err:  # a damaged tokenizer or text config
+            raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({err.__class__.__name__}: "
+                             f"{' '.join(str(err).split())[:200]})") from None
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
