@@ -88,6 +88,7 @@ def test_export_writes_the_model_and_both_towers_in_both_precisions(model_dir, t
         for precision in ("fp32", "int8"):
             assert (model_dir / "onnx" / description[tower][precision]).is_file()
         assert description[tower]["max_abs_error"] < 1e-4  # checked against torch at export time
+        assert 0 <= description[tower]["int8_max_abs_error"] < 0.05  # int8 graphs too (measured, not assumed)
     assert description["text"]["inputs"] == ["input_ids", "attention_mask"]
 
 
@@ -196,6 +197,14 @@ def test_missing_or_stale_exports_are_named(model_dir, trained_dir, phantom, tmp
     shutil.copytree(stale / "onnx", stale / "retrained" / "onnx")
     with pytest.raises(ModelError, match=r"export.json: the export was made from other weights"):
         medvl.load_model(stale / "retrained", backend="onnx")
+
+    for field, value in (("text", {"pooling": "cls"}), ("image", {"image_size": 48})):
+        edited = _copy(model_dir, tmp_path / f"edited-{field}")  # the same weights under another architecture
+        config = json.loads((edited / "config.json").read_text())
+        config[field].update(value)
+        (edited / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelError, match=r"export.json: the export was made from another .*config.json"):
+            medvl.load_model(edited, backend="onnx")
 
     broken = _copy(model_dir, tmp_path / "broken")
     (broken / "onnx" / "export.json").write_text("{not json")

@@ -26,6 +26,7 @@ def export_onnx_command(
 
     folder = export_onnx(model, out, int8=int8)
     description = read_export(folder.parent)
-    errors = ", ".join(f"{tower} {description[tower]['max_abs_error']:.2g}" for tower in ("image", "text"))
+    errors = ", ".join(f"{tower} {description[tower]['max_abs_error']:.2g}" + (
+        f" (int8 {description[tower]['int8_max_abs_error']:.2g})" if int8 else "") for tower in ("image", "text"))
     console.print(f"wrote {folder / EXPORT_FILE} (largest difference from torch: {errors}); "
                   f"load it with --backend onnx" + (" or onnx-int8" if int8 else ""), soft_wrap=True)

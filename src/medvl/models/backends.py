@@ -121,6 +121,12 @@ def weights_digest(folder: Path) -> str:
     return file_sha256(folder / WEIGHTS_FILE)
 
 
+def config_digest(folder: Path) -> str:
+    """SHA-256 of ``config.json``: which architecture settings an export baked into its graphs (input size,
+    pooling, ...)."""
+    return file_sha256(folder / CONFIG_FILE)
+
+
 def onnx_session(path: Path) -> Any:
     """An onnxruntime CPU session with torch's thread budget; ModelError naming ``path`` if it cannot load."""
     try:
@@ -150,6 +156,9 @@ def read_export(folder: Path) -> dict[str, Any]:
     if description.get("weights_sha256") != weights_digest(folder):
         raise ModelError(f"{path}: the export was made from other weights than {folder / WEIGHTS_FILE}; "
                          f"re-run: medvl export onnx --model {folder}")
+    if description.get("config_sha256") != config_digest(folder):  # absent: an export from before configs counted
+        raise ModelError(f"{path}: the export was made from another {folder / CONFIG_FILE} (its graphs bake in "
+                         f"the input size, pooling and layers); re-run: medvl export onnx --model {folder}")
     return description
 
 

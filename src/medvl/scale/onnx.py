@@ -6,8 +6,9 @@
     text.onnx         input_ids, attention_mask (N, L) int64 -> pooled text features (N, F)
     image.int8.onnx   the same graphs after onnxruntime's dynamic int8 quantisation (``--no-int8``: absent)
     text.int8.onnx
-    export.json       what was exported: files, inputs, the SHA-256 of model.safetensors, the largest
-                      difference from eager torch measured at export time, library versions
+    export.json       what was exported: files, inputs, the SHA-256 of model.safetensors and of config.json,
+                      the largest difference from eager torch measured at export time (fp32 and int8),
+                      library versions
 
 Only the towers are exported (tokenisation, projections, normalisation and supervised heads stay in
 torch: they are small), so ``OnnxDualEncoder`` has the whole ``DualEncoder`` interface and the
@@ -18,7 +19,7 @@ on the CPU we measured (docs/benchmarks.md), so a ResNet or DenseNet image tower
 in fp32; the transformer towers (ViT, BERT) are quantised.
 
 An export is made explicitly (no cache on the fly): ``load_model(dir, backend="onnx")`` refuses a
-model folder without one, or with one made from other weights, naming the file.
+model folder without one, or with one made from other weights or another config, naming the file.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from torch import nn
 
 from ..errors import ModelError
 from ..io import replace_dir, write_errors_named
-from ..models.backends import EXPORT_DIR, EXPORT_FILE, EXPORT_FORMAT, onnx_session, weights_digest
+from ..models.backends import (
+    EXPORT_DIR,
+    EXPORT_FILE,
+    EXPORT_FORMAT,
+    config_digest,
+    onnx_session,
+    weights_digest,
+)
 from ..models.dual import CONFIG_FILE, DualEncoder
 
 INT8_OPS = ["MatMul", "Gemm"]  # convolutions stay fp32 (see the module docstring)
@@ -87,6 +95,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
         try:
             description = _export_towers(model, staging, int8)
             description["weights_sha256"] = weights_digest(folder)
+            description["config_sha256"] = config_digest(folder)
             (staging / EXPORT_FILE).write_text(json.dumps(description, indent=2) + "\n")
             replace_dir(staging, folder / EXPORT_DIR)
         except BaseException:
@@ -99,18 +108,22 @@ def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, An
     import onnxruntime
 
     model.eval()
-    image = _export_image(model, folder / "image.onnx")
-    text = _export_text(model, folder / "text.onnx")
+    image, image_check = _export_image(model, folder / "image.onnx")
+    text, text_check = _export_text(model, folder / "text.onnx")
     if int8:
-        for tower in (image, text):
+        for tower, (feeds, expected) in ((image, image_check), (text, text_check)):
             tower["int8"] = _quantize(folder / tower["fp32"])
+            tower["int8_max_abs_error"] = _max_error(folder / tower["int8"], feeds, expected)
     return {"format": EXPORT_FORMAT, "image": image, "text": text,
             "int8": {"method": "onnxruntime dynamic quantisation", "op_types": INT8_OPS, "weights": "QInt8"}
             if int8 else None,
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
 
 
-def _export_image(model: DualEncoder, path: Path) -> dict[str, Any]:
+Check = tuple[dict[str, np.ndarray], torch.Tensor]  # the inputs a graph is run on and eager torch's output
+
+
+def _export_image(model: DualEncoder, path: Path) -> tuple[dict[str, Any], Check]:
     config = model.config.image
     fixed_batch = 1 if config.arch == "slicepool" else None  # its slice loop would fix the batch size
     seeded = torch.Generator().manual_seed(0)
@@ -119,12 +132,13 @@ def _export_image(model: DualEncoder, path: Path) -> dict[str, Any]:
     _torch_export(model.image_encoder, (pixels,), path, ["pixels"], dynamic)
     with torch.no_grad():
         expected = model.image_encoder(pixels)
-    error = _max_error(path, {"pixels": pixels.numpy()}, expected)
+    feeds = {"pixels": pixels.numpy()}
+    error = _max_error(path, feeds, expected)
     return {"fp32": path.name, "inputs": ["pixels"], "output": "features", "batch": fixed_batch,
-            "shape": [config.in_channels, *config.volume_shape], "max_abs_error": error}
+            "shape": [config.in_channels, *config.volume_shape], "max_abs_error": error}, (feeds, expected)
 
 
-def _export_text(model: DualEncoder, path: Path) -> dict[str, Any]:
+def _export_text(model: DualEncoder, path: Path) -> tuple[dict[str, Any], Check]:
     tokens = model.text_encoder.tokenize(EXPORT_CHECK_TEXTS)
     inputs = (tokens["input_ids"], tokens["attention_mask"])
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -133,9 +147,10 @@ def _export_text(model: DualEncoder, path: Path) -> dict[str, Any]:
                   ({0: batch, 1: length}, {0: batch, 1: length}))
     with torch.no_grad():
         expected = model.text_encoder.token_features(*inputs)
-    error = _max_error(path, {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}, expected)
+    feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+    error = _max_error(path, feeds, expected)
     return {"fp32": path.name, "inputs": ["input_ids", "attention_mask"], "output": "features",
-            "batch": None, "max_length": model.config.text.max_length, "max_abs_error": error}
+            "batch": None, "max_length": model.config.text.max_length, "max_abs_error": error}, (feeds, expected)
 
 
 def _torch_export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, names: list[str],
