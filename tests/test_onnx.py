@@ -136,10 +136,15 @@ def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_p
         outputs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
     for key in ("i2t_R@5", "t2i_R@5", "i2t_R@1"):
         assert abs(outputs["onnx"][key] - outputs["torch"][key]) <= 0.01
+    assert [outputs[backend]["backend"] for backend in ("torch", "onnx")] == ["torch", "onnx"]  # figures say how
+    result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", phantom, "--split", "test",
+                            "--backend", "onnx-int8", "--json", tmp_path / "zero-shot.json", "-q")
+    assert result.exit_code == 0 and json.loads((tmp_path / "zero-shot.json").read_text())["backend"] == "onnx-int8"
 
     result, output = invoke("index", "build", "--model", model_dir, "--data", phantom, "--out", tmp_path / "index",
                             "--backend", "onnx-int8", "-q")
     assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["encoder_backend"] == "onnx-int8"
     hits = {}
     for backend in ("torch", "onnx"):
         result, output = invoke("search", "--index", tmp_path / "index", "--text", "Left pneumothorax.", "-k", 5,

@@ -172,7 +172,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     seen = trained_on_scored(net, dataset)
     if seen is not None:
         result["trained_on_scored"] = seen
-    return {**result, "label": column, "model": str(model), "data": str(data), "split": split}
+    return {**result, "label": column, "model": str(model), "backend": net.meta.get("backend", "torch"),
+            "data": str(data), "split": split}
 
 
 def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", calibration_split: str = "val",
@@ -261,7 +262,8 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
         result["trained_on_scored"] = max(seen, key=lambda block: block["records"])
     if copies is not None:
         result["copies_in_fit"] = copies
-    return {**result, "model": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "data": str(data),
+    return {**result, "model": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+            "backend": members[0].meta.get("backend", "torch"), "data": str(data),
             "split": split,
             **({"bridge_data": str(bridge_data), "bridge_split": bridge_split} if bridges is not None else {})}
 

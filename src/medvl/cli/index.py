@@ -44,7 +44,8 @@ DuplicatesOption = Annotated[bool, typer.Option(
 
 
 def _index_rows(info: dict) -> dict:
-    rows = {"cases": info.get("n_cases"), "backend": info.get("backend"), "embedding size": info.get("embed_dim"),
+    rows = {"cases": info.get("n_cases"), "backend": info.get("backend"),
+            "encoder backend": info.get("encoder_backend", "torch"), "embedding size": info.get("embed_dim"),
             "model": info["model"].get("dir") or info["model"].get("name")}
     for target in ("images", "texts"):
         if target in info:

@@ -36,6 +36,7 @@ from ..checks import check_number
 from ..data.images import image_suffix, read_image
 from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record, canonical_bytes
+from ..models.backends import resolve_backend
 from ..progress import progress_bar
 from .backends import open_builder
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
@@ -188,7 +189,12 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             # counted only: ids can be accession numbers; the result's "duplicates" lists each with its original
             log.warning("skipped %d cases whose image is already indexed (listed in the result's duplicates)",
                         len(duplicates))
-        info = builder.finish(new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset), kind)
+        info = new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset)
+        # how the vectors were computed (bf16 / int8 ones differ a little from eager fp32's; queries may use any)
+        encoder_backend = getattr(embedder, "backend", None) or getattr(model, "meta", {}).get("backend")
+        info["encoder_backend"] = resolve_backend(model_dir, encoder_backend) if encoder_backend == "auto" and \
+            model_dir is not None else (encoder_backend or "torch")
+        info = builder.finish(info, kind)
     finally:
         builder.close()
     return {**info, "duplicates": duplicates, "resumed": len(done),
