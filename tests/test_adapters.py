@@ -293,6 +293,24 @@ def test_weights_short_of_the_config_are_a_clear_error(hf_dir, tmp_path):
         load_model(folder)
 
 
+def test_weights_the_config_has_no_place_for_are_a_clear_error(hf_dir, tmp_path):
+    """A checkpoint of two vision layers under a config of one: transformers drops the second layer and builds
+    another network than the one trained; refused. A stale ``position_ids`` buffer of an older checkpoint is not."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _broken_copy(hf_dir, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    layer = "vision_model.encoder.layers.0."
+    extra = {name.replace(layer, "vision_model.encoder.layers.1."): tensor.clone()
+             for name, tensor in state.items() if name.startswith(layer)}
+    buffers = {"text_model.embeddings.position_ids": torch.arange(8)[None]}
+    save_file({**state, **buffers}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert load_model(folder).config.embed_dim  # an old buffer alone loads
+    save_file({**state, **extra}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"the weights hold {len(extra)} tensor.*no place for .*layers.1"):
+        load_model(folder)
+
+
 def test_a_clip_tokenizer_with_another_end_token_is_a_clear_error(tmp_path):
     folder = save_clip(tmp_path / "clip")
     config = json.loads((folder / "config.json").read_text())

@@ -61,6 +61,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
                    "tokenizer.model")
+# buffers (not learned weights) that older checkpoints carry and newer transformers no longer keep
+HARMLESS_UNUSED = ("position_ids", "num_batches_tracked", "inv_freq")
 UNHASHED_KEYS = ("transformers_version", "dtype", "torch_dtype")  # vary with the saving library, not the model
 
 
@@ -261,7 +263,9 @@ def _load_weights(directory: Path, model_type: str) -> Any:
 
 def load_transformers_model(model_class: Any, directory: Path, model_type: str) -> Any:
     """``model_class.from_pretrained(directory)`` in float32 from local files only, checked: every tensor
-    of the config present and finite; any failure a ``ModelError`` naming the folder."""
+    of the config present and finite, and no weight the config has no place for (a checkpoint of another
+    depth or width: the network built would not be the one trained; buffers older checkpoints carry, such as
+    ``position_ids``, aside); any failure a ``ModelError`` naming the folder."""
     try:
         with _without_loading_bar():
             loaded: Any = model_class.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
@@ -274,6 +278,10 @@ def load_transformers_model(model_class: Any, directory: Path, model_type: str) 
     if missing:
         raise ModelError(f"{directory}: the weights lack {len(missing)} tensor(s) of the {model_type} config "
                          f"(first: {sorted(missing)[0]})")
+    unused = sorted(key for key in info.get("unexpected_keys") or [] if not key.endswith(HARMLESS_UNUSED))
+    if unused:
+        raise ModelError(f"{directory}: the weights hold {len(unused)} tensor(s) the {model_type} config has no "
+                         f"place for (first: {unused[0]}); config.json does not describe these weights")
     bad = non_finite_tensors(model.state_dict())
     if bad:
         raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
