@@ -1,5 +1,6 @@
 """Every registered model builds, runs a seeded forward pass and round-trips save/load."""
 
+import json
 import re
 
 import pytest
@@ -102,6 +103,21 @@ def test_load_model_rejects_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "text").mkdir()
     with pytest.raises(ModelError, match=str(tmp_path)):
         medvl.load_model(tmp_path)
+
+
+def test_a_folder_of_another_kind_or_a_damaged_config_is_named_as_such(tmp_path):
+    """A VQA model given where a dual encoder is needed, on any backend, says what it is; a truncated config.json
+    (a transformers folder's too, which has no text/) is named, not taken for a folder missing its text tower."""
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "config.json").write_text(json.dumps({"kind": "vqa", "hidden_size": 32}))
+    for backend in ("torch", "onnx", "torch-bf16"):
+        with pytest.raises(ModelError, match=r"vqa: is a VQA model \(medvl train vqa\), not a dual encoder; use it "
+                                             r"with medvl vqa"):
+            medvl.load_model(tmp_path / "vqa", backend=backend)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text('{"model_type": "clip", "text_config": {"hidden')
+    with pytest.raises(ModelError, match=r"cut: cannot read model files \(config.json: JSONDecodeError"):
+        medvl.load_model(tmp_path / "cut")
 
 
 @pytest.mark.parametrize("damage, message", [

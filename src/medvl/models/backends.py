@@ -177,11 +177,11 @@ class OnnxDualEncoder(DualEncoder):
     def from_export(cls, folder: Path, precision: str = "fp32") -> OnnxDualEncoder:
         if not (folder / CONFIG_FILE).is_file():
             raise ModelError(f"{folder}: not a medvl model directory (missing {CONFIG_FILE})")
-        description = read_export(folder)
-        model = cls.from_pretrained(folder)
+        model = cls.from_pretrained(folder)  # first: a folder of another kind is named as such, not as unexported
         if not isinstance(model, OnnxDualEncoder):
             raise ModelError(f"{folder}: not a medvl model folder")
-        model.export = description
+        model.export = read_export(folder)
+        description = model.export
         model.sessions = {tower: onnx_session(_tower_file(folder, description, tower, precision))
                           for tower in ("image", "text")}
         model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}

@@ -27,6 +27,10 @@ from .text import TextEncoder
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetensors", "meta.json", "text"
+# config.json "kind" of medvl's other model folders, and what takes them
+OTHER_KINDS = {"vqa": "a VQA model (medvl train vqa)", "report-generator": "a report generator (medvl train report)"}
+OTHER_KIND_COMMANDS = {"vqa": "use it with medvl vqa or medvl eval vqa",
+                       "report-generator": "use it with medvl report generate or medvl eval report"}
 # files that hold a tokenizer's words (tokenizer_config.json alone does not)
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
 VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
@@ -155,13 +159,23 @@ class DualEncoder(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, TEXT_DIR):
+        if not (directory / CONFIG_FILE).exists():
+            raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
+        try:  # read first: a damaged config.json is named as such, not as a folder missing its other files
+            raw = json.loads((directory / CONFIG_FILE).read_text())
+        except (ValueError, OSError) as err:
+            raise ModelError(f"{directory}: cannot read model files ({CONFIG_FILE}: {err.__class__.__name__}: "
+                             f"{err})") from None
+        kind = str(raw.get("kind")) if isinstance(raw, dict) else ""
+        if kind in OTHER_KINDS:
+            raise ModelError(f"{directory}: is {OTHER_KINDS[kind]}, not a dual encoder; {OTHER_KIND_COMMANDS[kind]}")
+        for name in (WEIGHTS_FILE, TEXT_DIR):
             if not (directory / name).exists():
                 raise ModelError(f"{directory}: not a medvl model directory (missing {name})")
         from safetensors import SafetensorError
 
         try:
-            config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+            config = ModelConfig.from_dict(raw)
             meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
             state = load_file(str(directory / WEIGHTS_FILE))
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
