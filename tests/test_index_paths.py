@@ -391,3 +391,34 @@ def test_pgvector_stores_relative_paths_and_none_for_dicom(pg_server, patient_da
         assert conn.execute("SELECT count(*) FROM patient_paths WHERE image_path LIKE 'images/%'").fetchone()[0] == 19
     server.psql("CHECKPOINT;")  # table pages and WAL on disk
     assert leaks(folder, tmp_path / "hits.json") == []
+
+
+def test_hits_added_from_another_folder_are_said_under_data_root_not_a_failure(patient_data, model_dir, tmp_path):
+    """A case added from a second folder has a path relative to that folder: under the first folder's
+    --data-root its line says it is not there, the other hits resolve, the JSON is written and the exit is 0;
+    a --data-root that is no folder is refused before anything is printed."""
+    import csv
+
+    index = tmp_path / "idx"
+    build_index(load_model(model_dir), load_dataset(patient_data).select("train"), index, model_dir=model_dir,
+                show_progress=False)
+    extra = tmp_path / "extra"
+    (extra / "images").mkdir(parents=True)
+    rows = list(csv.DictReader((patient_data / "manifest.csv").open(newline="")))
+    row = next(r for r in rows if r["split"] == "test")
+    shutil.copyfile(patient_data / row["image"], extra / "images" / "added.png")
+    with (extra / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow({**row, "image": "images/added.png"})
+    result, output = invoke("index", "add", "--index", index, "--data", extra, "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", index, "--image", extra / "images" / "added.png", "-k", 3,
+                            "--data-root", patient_data, "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    text = " ".join(output.split())
+    assert f"1. - (not found under {patient_data}" in text
+    assert "1 of 3 hits have no image file under --data-root" in text
+    assert f"2. {patient_data}" in text and len(json.loads((tmp_path / "hits.json").read_text())["hits"]) == 3
+    result, output = invoke("search", "--index", index, "--text", "nodule", "--data-root", tmp_path / "none")
+    assert result.exit_code == 2 and "--data-root" in output and "closest" not in output

@@ -8,12 +8,13 @@ the dataset root (see docs/index-contents.md).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..errors import InputError
+from ..errors import DataError, InputError
 from .common import (
     AllowOutsideOption,
     BackendOption,
@@ -30,6 +31,8 @@ from .common import (
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 index_app = typer.Typer(help="Build and edit a case index for similar-case search.", no_args_is_help=True)
 
@@ -207,6 +210,8 @@ def search_command(
     check_outputs(overwrite, json=json_out)
     check_k(k)
     check_one_query(image, text)
+    if data_root is not None and not data_root.is_dir():
+        raise InputError(f"--data-root {data_root}: not a folder")
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
         # read and preprocessed once: searched with, and checked
@@ -214,11 +219,12 @@ def search_command(
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
         flag = _query_checks(net, pixels)
+    files = _image_files(hits, data_root) if data_root is not None else None  # before any output: may refuse
     _print_hits(hits, columns, target, "image" if image is not None else "text")
     if not hits:
         console.print(f"no indexed case matches --where {where!r}" if where else "the index holds no case to return")
-    if data_root is not None:
-        _print_image_files(hits, data_root)
+    for rank, line in enumerate(files or [], 1):
+        console.print(f"{rank}. {line}", soft_wrap=True, highlight=False)
     if flag.get("input_flags"):
         console.print(f"[red]the query image is {' and '.join(flag['input_flags'])} as the model sees it: its "
                       "nearest cases are not similar to anything[/]", markup=True)
@@ -247,14 +253,25 @@ def _query_checks(net, pixels: torch.Tensor | None) -> dict:
     return checks
 
 
-def _print_image_files(hits: list, data_root: Path) -> None:
-    """With ``--data-root``: each hit's image file there, one per line (whole, to copy)."""
+def _image_files(hits: list, data_root: Path) -> list[str]:
+    """With ``--data-root``: each hit's image file there (whole, to copy), or why there is none. A stored path
+    that would leave the root is refused (InputError); a file not under this root (a case added from another
+    folder by ``medvl index add``) is said on its line and counted in one warning."""
     from ..index import resolve_image
 
-    for rank, hit in enumerate(hits, 1):
-        path = resolve_image(hit, data_root)
-        console.print(f"{rank}. {path if path else '- (the index stores no path for this case)'}",
-                      soft_wrap=True, highlight=False)
+    lines, missing = [], 0
+    for hit in hits:
+        try:
+            path = resolve_image(hit, data_root)
+        except DataError:
+            missing += 1
+            lines.append(f"- (not found under {data_root}: added from another folder?)")
+            continue
+        lines.append(str(path) if path else "- (the index stores no path for this case)")
+    if missing:
+        log.warning("%d of %d hits have no image file under --data-root (cases added from another folder have "
+                    "paths relative to it)", missing, len(hits))
+    return lines
 
 
 def _print_hits(hits: list, columns: list[str], target: str, query: str) -> None:
