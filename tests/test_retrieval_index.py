@@ -358,10 +358,11 @@ def test_killed_build_leaves_the_old_index_and_a_rerun_resumes(index_copy, model
         assert len(index) == 67 and search_index(index, model, text="nodule", k=80)[-1].split == "train"
 
 
-def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, monkeypatch):
+def _interrupted_build(model, model_dir, data, out: Path, monkeypatch) -> None:
+    """A build of ``data`` in batches of 4 stopped by an interrupt at its third batch: two are checkpointed."""
     from medvl.index import build as build_module
 
-    data, calls, original = dataset.select("test"), [], build_module.embed_records
+    calls, original = [], build_module.embed_records
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -371,9 +372,14 @@ def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, mo
 
     monkeypatch.setattr(build_module, "embed_records", failing)
     with pytest.raises(KeyboardInterrupt):
-        build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
-    assert not (tmp_path / "idx").exists()
+        build_index(model, data, out, model_dir=model_dir, batch_size=4, show_progress=False)
     monkeypatch.setattr(build_module, "embed_records", original)
+
+
+def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, monkeypatch):
+    data = dataset.select("test")
+    _interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
+    assert not (tmp_path / "idx").exists()
     info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
     assert info["resumed"] == 8 and info["n_cases"] == 19
 
@@ -383,20 +389,8 @@ def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset,
     before the failure are not kept with their old report, labels or vector."""
     from dataclasses import replace
 
-    from medvl.index import build as build_module
-
-    data, calls, original = dataset.select("test"), [], build_module.embed_records
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(build_module, "embed_records", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
-    monkeypatch.setattr(build_module, "embed_records", original)
+    data = dataset.select("test")
+    _interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
     first = data[0]
     corrected = replace(first, text="FINDINGS: Large right pneumothorax.", labels={**first.labels, "finding": "x"})
     changed = Dataset([corrected, *data.records[1:]], source=data.source)
@@ -410,11 +404,7 @@ def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset,
     copies.mkdir()
     copied = Dataset([replace(record, images=[Path(shutil.copy(record.image, copies))]) for record in data.records],
                      source=data.source)
-    monkeypatch.setattr(build_module, "embed_records", failing)
-    calls.clear()
-    with pytest.raises(KeyboardInterrupt):
-        build_index(model, copied, tmp_path / "again", model_dir=model_dir, batch_size=4, show_progress=False)
-    monkeypatch.setattr(build_module, "embed_records", original)
+    _interrupted_build(model, model_dir, copied, tmp_path / "again", monkeypatch)
     Image.open(data[1].image).rotate(90).save(copied[0].image)
     assert build_index(model, copied, tmp_path / "again", model_dir=model_dir, batch_size=4,
                        show_progress=False)["resumed"] == 0

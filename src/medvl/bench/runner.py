@@ -158,58 +158,44 @@ def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
     return needed
 
 
-def check_training_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
-    """InputError (before any model runs) when a task's training split holds images of the split it scores:
-    a probe fitted, or a case index filled, with the very images it is scored on. Byte-for-byte copies of
-    training images among the scored ones (another file, or one image filed in two splits) are not refused but
-    returned as flags of the run, one per task (``eval.contamination.copies_in_fit``)."""
-    from ..eval.contamination import copies_in_fit
-
-    flags = []
-    for task in suite.tasks:
-        if task.task not in TRAINING_TASKS:
-            continue
-        source = task.train_dataset or task.dataset
-        spec, train_split = suite.datasets[task.dataset], suite.datasets[source].train_split
-        if not train_split or prepared[task.dataset].dataset is None or prepared[source].dataset is None:
-            continue
-        scored, fitted = prepared[task.dataset].split(spec.split), prepared[source].split(train_split)
-        shared = scored.shared_images(fitted)
-        if shared:
-            raise InputError(f"{suite.source}: task {task.key}: train_split {train_split!r} of dataset {source!r} "
-                             f"holds {shared} images of the scored split {spec.split!r}; fit on other images "
-                             "than those scored")
-        copies = copies_in_fit(fitted, scored, f"train_split {train_split!r} of dataset {source!r}")
-        if copies:
-            flags.append(f"{task.key} / leak: {copies['records']} of {copies['of']} scored images of split "
-                         f"{spec.split!r} are byte-for-byte copies of images in {copies['fit']}")
-    return flags
-
-
-def check_calibration_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
-    """As ``check_training_apart`` for the calibration split a task with the ``calibration`` check fits its
-    temperature on: InputError when it holds images of the scored split, a ``leak`` flag per task when it holds
-    byte-for-byte copies of them (``eval.contamination.copies_in_fit``)."""
-    from ..eval.contamination import copies_in_fit
-
+def check_fits_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
+    """InputError (before any model runs) when a split a task fits on holds images of the split it scores: a
+    probe fitted, or a case index filled, with the very images it is scored on (the ``train_split``), or a
+    temperature fitted on them (the ``calibration_split`` of a task with the ``calibration`` check).
+    Byte-for-byte copies of fitted images among the scored ones (another file, or one image filed in two
+    splits) are not refused but returned as ``leak`` flags of the run (``eval.contamination.copies_in_fit``)."""
     flags = []
     for task in suite.tasks:
         spec = suite.datasets[task.dataset]
+        source = task.train_dataset or task.dataset
+        train_split = suite.datasets[source].train_split
+        if task.task in TRAINING_TASKS and train_split:
+            flags += _fit_apart(suite, task, prepared, source, train_split, f"train_split {train_split!r}",
+                                "fit on other images than those scored")
         fit_name = spec.calibration_split
-        if ("calibration" not in suite.task_checks(task) or not fit_name or fit_name == spec.split
-                or prepared[task.dataset].dataset is None):
-            continue
-        scored, fitted = prepared[task.dataset].split(spec.split), prepared[task.dataset].split(fit_name)
-        shared = scored.shared_images(fitted)
-        if shared:
-            raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r} of dataset "
-                             f"{task.dataset!r} holds {shared} images of the scored split {spec.split!r}; fit the "
-                             "temperature on other images than those scored")
-        copies = copies_in_fit(fitted, scored, f"the calibration split {fit_name!r} of dataset {task.dataset!r}")
-        if copies:
-            flags.append(f"{task.key} / leak: {copies['records']} of {copies['of']} scored images of split "
-                         f"{spec.split!r} are byte-for-byte copies of images in {copies['fit']}")
+        if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split:
+            flags += _fit_apart(suite, task, prepared, task.dataset, fit_name, f"the calibration split {fit_name!r}",
+                                "fit the temperature on other images than those scored")
     return flags
+
+
+def _fit_apart(suite: SuiteSpec, task: TaskSpec, prepared: dict[str, PreparedDataset], source: str, split: str,
+               what: str, advice: str) -> list[str]:
+    from ..eval.contamination import copies_in_fit
+
+    spec = suite.datasets[task.dataset]
+    if prepared[task.dataset].dataset is None or prepared[source].dataset is None:
+        return []
+    scored, fitted = prepared[task.dataset].split(spec.split), prepared[source].split(split)
+    shared = scored.shared_images(fitted)
+    if shared:
+        raise InputError(f"{suite.source}: task {task.key}: {what} of dataset {source!r} holds {shared} images "
+                         f"of the scored split {spec.split!r}; {advice}")
+    copies = copies_in_fit(fitted, scored, f"{what} of dataset {source!r}")
+    if not copies:
+        return []
+    return [f"{task.key} / leak: {copies['records']} of {copies['of']} scored images of split {spec.split!r} are "
+            f"byte-for-byte copies of images in {copies['fit']}"]
 
 
 def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> None:
@@ -289,7 +275,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
-    leaks = check_training_apart(suite, datasets) + check_calibration_apart(suite, datasets)
+    leaks = check_fits_apart(suite, datasets)
     check_task_inputs(suite, datasets)
     for finished in (RESULTS_FILE, REPORT_FILE):  # an earlier run's: rewritten when this one ends
         (out / finished).unlink(missing_ok=True)

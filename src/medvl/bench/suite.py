@@ -37,7 +37,7 @@ are text (``split: 2020`` is the split "2020").
 the suite does not define, a dataset path that does not exist, a missing split or label column, and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
-(``runner.check_training_apart``).
+(``runner.check_fits_apart``; so is a calibration split holding them).
 """
 
 from __future__ import annotations
