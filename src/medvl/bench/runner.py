@@ -279,6 +279,9 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     check_task_inputs(suite, datasets)
     for finished in (RESULTS_FILE, REPORT_FILE):  # an earlier run's: rewritten when this one ends
         (out / finished).unlink(missing_ok=True)
+    if overwrite:  # only now that every check passed: a refused run leaves the folder as it was
+        for stale in (out / CELLS_DIR).glob("*.json"):
+            stale.unlink()
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
                                   "versions": versions})
     cells, computed = [], 0
@@ -336,9 +339,6 @@ def _check_out(out: Path, suite: SuiteSpec, overwrite: bool) -> None:
     if earlier.get("name") != suite.name and not overwrite:
         raise InputError(f"{out}: holds a run of suite {earlier.get('name')!r}, not {suite.name!r} "
                          "(use a new --out, or --overwrite to run into it anyway)")
-    if overwrite:
-        for cell in (out / CELLS_DIR).glob("*.json"):
-            cell.unlink()
 
 
 class _LazyModel:
