@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,6 +309,44 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (INFO logs go there too)
     assert len(lines) == 1 and named[case] in lines[0], output
     assert "Traceback" not in output
+
+
+def test_overlay_files_of_two_findings_never_coincide():
+    """File-name parts of findings that differ only in what a file name cannot hold stay apart."""
+    from medvl.explain.explanation import overlay_paths
+
+    names = ["pleural effusion", "pleural_effusion", "胸腔积液", "心脏肥大", "nodule"]
+    paths = overlay_paths(Path("out"), "case.png", names, ["patch_text"])
+    assert len(set(paths)) == len(names)
+    assert paths[1].name == "case_pleural_effusion_patch_text.png" and paths[4].name == "case_nodule_patch_text.png"
+
+
+def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(tiny_model_dir, phantom_dir, tmp_path):
+    """A bottleneck fitted with other weights (same embedding size) is refused, not read as that model's concept
+    scores; a refusal that comes after the fit (an index of another model, a bad k) writes no file."""
+    from medvl.index import build_index
+
+    image = _cardiomegaly_image(phantom_dir)
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "first",
+                            "--concepts", "chest_xray", "--concept-data", phantom_dir, "--method", "patch_text")
+    assert result.exit_code == 0, output
+    other = tmp_path / "other"
+    torch.manual_seed(5)
+    medvl.create_model("phantom-tiny").save_pretrained(other)
+    result, output = invoke("explain", image, "--model", other, "--bottleneck", tmp_path / "first" / "bottleneck.json")
+    assert result.exit_code == 2 and "the concept bottleneck was fitted with another model" in " ".join(output.split())
+    build_index(medvl.load_model(other), medvl.load_dataset(phantom_dir).select("test"), tmp_path / "idx",
+                model_dir=other, show_progress=False)
+    for extra in (["--index", tmp_path / "idx"], ["--index", tmp_path / "first" / "missing", "-k", 0]):
+        out = tmp_path / "second"
+        result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--concepts", "chest_xray",
+                                "--concept-data", phantom_dir, "--method", "patch_text", *extra)
+        assert result.exit_code == 2, output
+        assert not out.exists() or not any(out.iterdir())  # no overlay, no bottleneck.json: a rerun is not blocked
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "third", "--method",
+                            "patch_text", "--method", "xray-vision", "--concepts", "chest_xray", "--concept-data",
+                            phantom_dir)
+    assert result.exit_code == 2 and "xray-vision" in output and not (tmp_path / "third").exists()
 
 
 # -- pixel-resolution methods: occlusion and SmoothGrad -----------------------------------------------

@@ -162,3 +162,20 @@ def test_calibration_films_that_copy_fitted_films_are_reported(guarded, phantom_
     assert json.loads((tmp_path / "ood.json").read_text())["copies_in_fit"] == {
         "records": 3, "of": n_val, "fit": "the fitted split 'train'"}
     assert f"3 of {n_val} calibration images are byte-for-byte copies" in " ".join(output.split())
+
+
+def test_a_bad_check_split_leaves_the_model_without_a_guard(guarded, phantom_dir, tmp_path):
+    """--check-data / --check-split are read before the guard is fitted and saved: a typo there leaves the
+    model as it was (no guard that predict would then use), so the corrected rerun needs no --overwrite."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    (model / OOD_FILE).unlink()
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-data", phantom_dir,
+                            "--check-split", "tset", "-q")
+    assert result.exit_code == 2 and "tset" in output, output
+    assert not (model / OOD_FILE).exists()
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-data", phantom_dir,
+                            "--check-split", "test", "-q")
+    assert result.exit_code == 0 and (model / OOD_FILE).is_file(), output

@@ -996,8 +996,13 @@ def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, b
     other = ConceptBottleneck.load(bottleneck_file)
     other.concept_vectors = other.concept_vectors[:, :8]
     other.save(tmp_path / "other.json")
-    with pytest.raises(InputError, match="fit it with the served model"):
+    with pytest.raises(InputError, match=r"bottleneck other.json: .*8 dimensions, the model embeds in 64"):
         create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "other.json"), require_token=False)
+    other = ConceptBottleneck.load(bottleneck_file)
+    other.model = {**other.model, "weights_sha256": "0" * 64}  # the same size, fitted with other weights
+    other.save(tmp_path / "weights.json")
+    with pytest.raises(InputError, match=r"bottleneck weights.json: the concept bottleneck was fitted with another"):
+        create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "weights.json"), require_token=False)
     result, output = invoke("serve", "--model", model_dir, "--vqa-model", tmp_path / "missing", "--no-auth")
     assert result.exit_code == 2 and "not found" in output
 

@@ -204,16 +204,16 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
         raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the fitted split "
                          f"{split!r}: calibrate the threshold on images the guard was not fitted on")
     copies = copies_in_fit(fit_set, calibration_set, f"the fitted split {split!r}", "calibration images")
+    # read before anything is fitted or saved: a bad --check-data must not leave a guard in the model
+    checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root) if check_data else None
     net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
-    directory = model_directory(model)
-    net.save_pretrained(directory)
     result: dict[str, Any] = {"model": str(model), "data": str(data), "split": split,
                               "calibration_split": calibration_split, "threshold": round(net.ood.threshold, 4),
                               **net.ood.info, **({"copies_in_fit": copies} if copies is not None else {})}
-    if check_data is not None:
-        checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root)
+    if checked is not None:
         result["check"] = {"data": str(check_data), "split": check_split,
                            **ood_summary(net, checked, show_progress=show_progress)}
+    net.save_pretrained(model_directory(model))  # last: a failure above leaves the model as it was
     return result
 
 

@@ -45,20 +45,23 @@ def explain_command(
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
     from ..explain.explanation import EXPLANATION_FILE
+    from ..explain.heatmaps import check_methods
     from ..io import check_output_file
     from ..models.registry import load_model
 
     saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
-    if out is not None:  # before any work: a refusal after fitting would leave bottleneck.json behind
+    if out is not None:  # before any work
         for path in (saved, out / EXPLANATION_FILE):
             if path is not None:
                 check_output_file(path, overwrite, "--out")
+    if method:
+        check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)
     fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions)
-    if fitted is not None and saved is not None and concept_data is not None:
-        fitted.save(saved)
     names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
+    if fitted is not None and saved is not None:  # only once the explanation it serves was written
+        fitted.save(saved)
     _print(result, out)
     if fitted is not None and saved is not None:
         console.print(f"wrote {saved}")

@@ -98,6 +98,24 @@ class ConceptBottleneck:
     weights: np.ndarray  # (K, M); binary models hold +-w/2 so that the softmax is the logistic
     intercepts: np.ndarray  # (K,)
     c: float  # the chosen inverse regularisation strength
+    model: dict[str, Any] | None = None  # the model it was fitted with (``index.base.model_fingerprint``)
+
+    def check_model(self, model) -> None:
+        """ModelError unless ``model`` is the one the bottleneck was fitted with: its concept scores are that
+        model's similarities, standardised over that model's training scores (a file from before fingerprints
+        were kept is checked by embedding size only)."""
+        from ..errors import ModelError
+        from ..index.base import model_fingerprint
+
+        if self.concept_vectors.shape[1] != model.config.embed_dim:
+            raise ModelError(f"the concept bottleneck's concept vectors have {self.concept_vectors.shape[1]} "
+                             f"dimensions, the model embeds in {model.config.embed_dim}; fit it with this model")
+        if self.model is not None:
+            ours = model_fingerprint(model)
+            if any(ours[key] != self.model.get(key) for key in ("config_sha256", "weights_sha256")):
+                raise ModelError(f"the concept bottleneck was fitted with another model ({self.model.get('name')}, "
+                                 "other weights): its concept scores mean nothing for this one; fit it with this "
+                                 "model")
 
     def standardised_scores(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         scores = np.asarray(image_embeddings, dtype=np.float64) @ self.concept_vectors.T
@@ -129,7 +147,7 @@ class ConceptBottleneck:
         return {"concepts": self.concepts, "classes": self.classes, "label_column": self.label_column,
                 "concept_vectors": self.concept_vectors.tolist(), "mean": self.mean.tolist(),
                 "scale": self.scale.tolist(), "weights": self.weights.tolist(),
-                "intercepts": self.intercepts.tolist(), "c": self.c}
+                "intercepts": self.intercepts.tolist(), "c": self.c, "model": self.model}
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, self.to_dict())
@@ -145,8 +163,10 @@ class ConceptBottleneck:
             data = json.loads(path.read_text(encoding="utf-8"))
             arrays = {k: np.asarray(data[k], dtype=np.float64)
                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
+            model = data.get("model")
             return cls(concepts=list(data["concepts"]), classes=list(data["classes"]),
-                       label_column=str(data["label_column"]), c=float(data["c"]), **arrays)
+                       label_column=str(data["label_column"]), c=float(data["c"]),
+                       model=dict(model) if isinstance(model, dict) else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
 
@@ -174,7 +194,10 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
         c = 0.1
         linear.set_params(C=c).fit(standardised, y)
     weights, intercepts = _all_classes(linear, len(classes))
-    return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c)
+    from ..index.base import model_fingerprint
+
+    fingerprint = {key: value for key, value in model_fingerprint(model).items() if key != "dir"}
+    return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
 
 
 def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,

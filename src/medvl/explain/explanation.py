@@ -8,6 +8,7 @@ model's captions describe); the ``top`` most probable are explained. Overlay fil
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Sequence
@@ -82,12 +83,20 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if unknown:
         raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
                          f"{', '.join(bottleneck.classes)}")
+    if index is not None:  # before any file is written
+        from ..index.base import check_k, check_model
+
+        check_k(k)
+        check_model(index.info, model, index.location)
+    if bottleneck is not None:
+        bottleneck.check_model(model)
     out = Path(out) if out is not None else None
     if out is not None:
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
             check_output_file(path, overwrite, "--out")
     array = read_image(image)
-    explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck)
+    explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
+                                          source=image)
     for entry in explained["findings"]:
         for method, block in entry["heatmaps"].items():
             heatmap = block.pop("map")
@@ -105,8 +114,8 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
 
 def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None, label_column: str | None = None,
                    captions=None, methods: Sequence[str] = ("patch_text",), top: int = 1, bottleneck=None,
-                   map_shape: Sequence[int] | None = None,
-                   concepts_top: int = 5) -> tuple[dict[str, Any], torch.Tensor]:
+                   map_shape: Sequence[int] | None = None, concepts_top: int = 5,
+                   source: str | Path | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """The ``top`` most probable findings of decoded pixels (a file read by ``explain_image``, or an
     upload the service holds in memory) among ``labels``, with, per finding, each heatmap method's map
     (an ``(rows, columns)`` float32 array at ``map_shape``, default the image's own, under ``"map"``)
@@ -122,7 +131,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     column, classes, prompts = finding_classes(model, labels, label_column, captions)
     check_number("top", top, minimum=1, maximum=len(classes), integer=True)
     shape = tuple(int(side) for side in (map_shape or image.shape[:2]))
-    pixels = model.preprocessor.load(image)[None]
+    pixels = model.preprocessor.load(image, source=source)[None]  # source: the file an error names
     with torch.no_grad():
         texts = class_embeddings(model, prompts)
         embedding = model.encode_images(pixels)
@@ -179,5 +188,8 @@ def _peak(heatmap: np.ndarray) -> list[int] | None:
 
 
 def _safe(name: str) -> str:
-    """A class name as a file-name part."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+    """A class name as a file-name part: the name itself when it is one, else its letters kept and a short hash
+    of the whole name added, so that two findings never share a file ("pleural effusion" and
+    "pleural_effusion", or names in another script)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+    return safe if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"

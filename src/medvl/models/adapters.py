@@ -109,18 +109,18 @@ class HFImagePreprocessor(ImagePreprocessor):
         self._mean = torch.tensor(settings.mean).view(-1, 1, 1) if settings.mean else None
         self._std = torch.tensor(settings.std).view(-1, 1, 1) if settings.std else None
 
-    def load(self, image: ImageSource | str) -> torch.Tensor:
-        source: Any = image if not isinstance(image, np.ndarray) else "<array>"
+    def load(self, image: ImageSource | str, source: str | Path | None = None) -> torch.Tensor:
+        named: Any = image if not isinstance(image, np.ndarray) else (source or "<array>")
         array = image if isinstance(image, np.ndarray) else read_image(image)
-        rgb = rgb_uint8(array, source)
+        rgb = rgb_uint8(array, named)
         try:
             pixels = self.image_processor(images=[rgb], do_normalize=False, do_rescale=True, rescale_factor=1 / 255,
                                           input_data_format="channels_last", return_tensors="pt")["pixel_values"][0]
         except (ValueError, TypeError) as err:
-            raise DataError(source, f"the model's image processor cannot take this image ({err})") from None
+            raise DataError(named, f"the model's image processor cannot take this image ({err})") from None
         side = self.settings.image_size
         if tuple(pixels.shape) != (3, side, side):
-            raise DataError(source, f"image is {rgb.shape[0]}x{rgb.shape[1]} and the model's processor does not "
+            raise DataError(named, f"image is {rgb.shape[0]}x{rgb.shape[1]} and the model's processor does not "
                                     f"resize it (do_resize false); the model takes {side}x{side}")
         return pixels.float()
 

@@ -19,6 +19,7 @@ same corrected colours and exposures; at inference the model may average its fea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,13 +43,14 @@ class ImagePreprocessor:
         if config.augment:
             self._augment = _VolumeAugment(config) if config.spatial_dims == 3 else _build_augment(config)
 
-    def load(self, image: ImageSource | str) -> torch.Tensor:
-        """Read (if a path) and bring one image to (C, *spatial) float in [0, 1], resized."""
+    def load(self, image: ImageSource | str, source: str | Path | None = None) -> torch.Tensor:
+        """Read (if a path) and bring one image to (C, *spatial) float in [0, 1], resized. ``source``: what an
+        error names for an array (the file it was read from; default ``<array>``)."""
         if self.config.spatial_dims == 3:
             return load_volume(image, self.config)
-        source = image if not isinstance(image, np.ndarray) else "<array>"
+        named = image if not isinstance(image, np.ndarray) else (source or "<array>")
         array = read_image(image) if not isinstance(image, np.ndarray) else image
-        tensor = self._intensities(array, source)
+        tensor = self._intensities(array, named)
         if self.config.percentile_scaling:
             tensor = percentile_scale(tensor, self.config.percentile_scaling)
         if self.config.color_constancy and tensor.shape[0] == 3:

@@ -35,7 +35,7 @@ from ..checks import check_number, split_names
 from ..data import captions_for
 from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
-from ..errors import DataError, InputError, MedvlError
+from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
 from ..models.registry import load_model
@@ -104,7 +104,7 @@ class ModelService:
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
-        self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net.config.embed_dim)
+        self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net)
         self.lane = HeavyLane(settings.heavy_queue)
         self._explainer: Any = None  # the dual encoder's copy for explanations, loaded on the lane when first asked
 
@@ -427,16 +427,17 @@ def _load_vqa(folder: Path | None):
     return model
 
 
-def _load_bottleneck(path: Path | None, embed_dim: int):
-    """The concept bottleneck of ``--bottleneck``, checked against the model's embedding size, or None."""
+def _load_bottleneck(path: Path | None, net):
+    """The concept bottleneck of ``--bottleneck``, checked against the served model (``check_model``), or None."""
     if path is None:
         return None
     from ..explain.concepts import ConceptBottleneck
 
     bottleneck = ConceptBottleneck.load(path)
-    if bottleneck.concept_vectors.shape[1] != embed_dim:
-        raise InputError(f"bottleneck {path.name}: its concept vectors have {bottleneck.concept_vectors.shape[1]} "
-                         f"dimensions, the model embeds in {embed_dim}; fit it with the served model")
+    try:
+        bottleneck.check_model(net)
+    except ModelError as error:
+        raise InputError(f"bottleneck {path.name}: {error}") from None
     return bottleneck
 
 
