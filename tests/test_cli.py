@@ -299,3 +299,28 @@ def test_empty_manifest_fails_cleanly(tmp_path):
 def test_missing_model_folder_fails_cleanly(phantom_dir, tmp_path):
     result, output = invoke("eval", "retrieval", "--model", tmp_path / "nope", "--data", phantom_dir)
     assert_clean_failure(result, output, "nope")
+
+
+def test_a_dataset_without_a_train_split_is_not_trained_on_whole_and_case_variants_are_said(phantom_dir, tmp_path):
+    """Train / Val / Test: without --split the run would train on every record, test included: refused. A
+    split column mixing 'train' and 'Train': the 'Train' records are left out of 'train', with a warning."""
+    import csv
+
+    rows = list(csv.DictReader((phantom_dir / "manifest.csv").open(newline="")))
+    for name, rename in (("capital", lambda split, i: split.capitalize()),
+                         ("mixed", lambda split, i: "Train" if split == "train" and i % 2 else split)):
+        data = tmp_path / name
+        shutil.copytree(phantom_dir, data)
+        with (data / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**row, "split": rename(row["split"], i)} for i, row in enumerate(rows))
+    result, output = invoke("train", "--data", tmp_path / "capital", "--model", "phantom-tiny", "--out",
+                            tmp_path / "run", "--epochs", 1, "-q")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    splits = ", ".join(dict.fromkeys(row["split"].capitalize() for row in rows))
+    assert f"no split 'train' (splits: {splits}); pass --split NAME" in " ".join(output.split())
+    moved = sum(row["split"] == "train" and i % 2 for i, row in enumerate(rows))
+    result, output = invoke("audit", "--data", tmp_path / "mixed", "--split", "train", "-q")
+    assert result.exit_code == 0, output
+    assert f"split 'train' leaves out {moved} records of split(s) 'Train'" in " ".join(output.split())

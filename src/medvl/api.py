@@ -26,10 +26,14 @@ PathLike = str | Path
 def load_split(path: PathLike, split: str | None = None, label_columns: Sequence[str] | None = None,
                allow_outside_root: bool = False) -> Dataset:
     """The records of one split of the dataset at ``path``; ``split=None`` means ``train`` when the
-    dataset has one, else every record (``all``)."""
+    dataset has one, every record (``all``) when it has no split column; a dataset whose splits include no
+    ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split."""
     dataset = load_dataset(path, label_columns=list(label_columns) if label_columns else None,
                            allow_outside_root=allow_outside_root)
     if split is None:
+        if "train" not in dataset.splits and dataset.splits not in ([], ["all"]):
+            raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "
+                             "--split NAME (or --split all to use every record, held-out splits included)")
         split = "train" if "train" in dataset.splits else "all"
     return dataset.select(split)
 

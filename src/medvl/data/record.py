@@ -179,6 +179,11 @@ class Dataset(Sequence[Record]):
                 f"{self.source}: no split {split!r}; splits present: {', '.join(self.splits) or 'none'}"
                 f" (or 'all')"
             )
+        variants = [name for name in self.splits if name != split and name.strip().lower() == split.strip().lower()]
+        if variants:  # "train" and "Train": the records of the other spelling are left out
+            log.warning("%s: split %r leaves out %d records of split(s) %s, whose names differ from it only in case "
+                        "or spaces; correct the split column if they belong together", self.source, split,
+                        sum(r.split in variants for r in self.records), ", ".join(map(repr, variants)))
         return self.subset([r for r in self.records if r.split == split])
 
     def classes(self, label: str) -> list[str]:

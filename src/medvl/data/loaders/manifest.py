@@ -182,7 +182,7 @@ def _repair_text_cells(path: Path, raw: bytes, header: list[str], rows: list[Row
 def _read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
     raw = path.read_bytes()
     text = raw.decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
         header = [name.strip() for name in next(reader, [])]
         if any(_INVALID_UTF8.search(name) for name in header):
@@ -199,6 +199,10 @@ def _read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
                 spans.append((first_line, reader.line_num))
             first_line = reader.line_num + 1
     except csv.Error as error:
+        if "unexpected end of data" in str(error):  # it would have read every later row into one cell
+            lines = reader.line_num - first_line + 1
+            raise DataError(path, f"line {first_line}: a quoted cell (\") is never closed; the rest of the file "
+                                  f"({lines} line{'s' if lines != 1 else ''}) would be read into it") from None
         raise DataError(path, f"not a readable CSV file (line {reader.line_num}: {error})") \
             from None
     if any(_INVALID_UTF8.search(value) for _, row in rows for value in row.values()):
@@ -219,10 +223,15 @@ def _check_header(path: Path, header: list[str]) -> None:
 
 
 def _row_dict(path: Path, line: int, header: list[str], cells: list[str]) -> dict[str, str]:
+    """One row's cells by column. A row of more cells than the header (beyond empty trailing ones) or fewer is
+    refused: with a cell left out, every later value would be read under the wrong column (a finding as the
+    split, the split as the report)."""
     if len(cells) > len(header) and any(cell.strip() for cell in cells[len(header):]):
         raise DataError(path, f"line {line}: {len(cells)} cells but the header has "
                               f"{len(header)} columns")
-    cells = cells + [""] * (len(header) - len(cells))
+    if len(cells) < len(header):
+        raise DataError(path, f"line {line}: {len(cells)} cells but the header has {len(header)} columns (a cell "
+                              "is missing; an empty value is an empty cell between two commas)")
     return {name: cell.strip() for name, cell in zip(header, cells, strict=False) if name}
 
 
