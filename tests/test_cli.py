@@ -74,6 +74,27 @@ def test_train_resume_continues_from_checkpoint(phantom_dir, tmp_path):
     assert resumed.exit_code == 0, output  # how the data is read is no setting of the run, nor how its path is spelt
 
 
+def test_resume_refuses_data_whose_records_changed(phantom_dir, tmp_path):
+    """The same path and record count, a report rewritten since: the checkpoint would go on learning other data."""
+    import csv
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    out, args = tmp_path / "run", ["--model", "phantom-tiny", "--epochs", 1, "--batch-size", 32, "-q"]
+    result, output = invoke("train", "--data", data, "--out", out, *args)
+    assert result.exit_code == 0, output
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    rows[0]["text"] = "IMPRESSION: normal."
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    refused, output = invoke("train", "--data", data, "--out", out, "--resume", *args)
+    assert refused.exit_code == 2
+    assert "this command changes the data's records (a report, label, split or image file changed since)" in \
+        " ".join(output.split())
+
+
 def test_eval_zero_shot_writes_json(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test",
                             "--json", tmp_path / "zs.json", "-q")

@@ -9,6 +9,7 @@ whose requested label is empty and log how many they skipped.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -209,3 +210,27 @@ class Dataset(Sequence[Record]):
         subset = self.subset(kept, list(labels))
         subset.default_labels = list(labels)
         return subset
+
+
+def records_digest(records: Sequence[Record]) -> str:
+    """SHA-256 over each record's id, split, labels, metadata and report, and its images: an array's values, a
+    file's path, size and modification time (a replaced file has a new one; reading every file to hash it
+    would double the reading of an index build or a training run). A file that cannot be stat'ed counts as
+    missing: the caller then names it when it reads it. Identifies the data a resumed index build or training
+    run continues."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.id, record.split, record.labels, record.meta, record.text or None],
+                                 sort_keys=True, default=str).encode())
+        for image in record.images:
+            if isinstance(image, np.ndarray):
+                digest.update(hashlib.sha256(canonical_bytes(image)).digest())
+                continue
+            files = [image] if isinstance(image, Path) else list(getattr(getattr(image, "series", None), "files", []))
+            for file in files:  # a DICOM series (``DicomVolume``): its slice files
+                try:
+                    stat = Path(file).stat()
+                    digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(f"{file}|missing".encode())
+    return digest.hexdigest()

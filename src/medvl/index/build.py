@@ -35,7 +35,7 @@ import torch
 from ..checks import check_number
 from ..data.images import image_suffix, read_image
 from ..data.loading import batched, map_ahead, resolve_workers
-from ..data.record import Dataset, Record, canonical_bytes
+from ..data.record import Dataset, Record, records_digest
 from ..models.backends import resolve_backend
 from ..progress import progress_bar
 from .backends import open_builder
@@ -224,33 +224,11 @@ def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int
 def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, columns: dict, kind: str,
                allow_duplicates: bool) -> str:
     """Identifies a build: a rerun resumes only a build of the same data, model and settings. The data is its
-    records as they are now (``_records_digest``), so a rerun after a report, label or image was corrected
+    records as they are now (``data.record.records_digest``), so a rerun after a report, label or image was corrected
     starts afresh instead of keeping the cases stored before the change."""
-    settings = {"data": dataset.source, "records": _records_digest(records), "model": fingerprint,
+    settings = {"data": dataset.source, "records": records_digest(records), "model": fingerprint,
                 "columns": columns, "kind": kind, "allow_duplicates": allow_duplicates}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _records_digest(records: Sequence[Record]) -> str:
-    """SHA-256 over each record's id, split, labels, metadata and report, and its images: an array's values, a
-    file's path, size and modification time (a replaced file has a new one; reading every file twice would
-    double a build's reading). A file that cannot be stat'ed counts as missing: the build then names it."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps([record.id, record.split, record.labels, record.meta, record.text or None],
-                                 sort_keys=True, default=str).encode())
-        for image in record.images:
-            if isinstance(image, np.ndarray):
-                digest.update(hashlib.sha256(canonical_bytes(image)).digest())
-                continue
-            files = [image] if isinstance(image, Path) else list(getattr(getattr(image, "series", None), "files", []))
-            for file in files:  # a DICOM series (``DicomVolume``): its slice files
-                try:
-                    stat = Path(file).stat()
-                    digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-                except OSError:
-                    digest.update(f"{file}|missing".encode())
-    return digest.hexdigest()
 
 
 def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..checks import check_numbers
 from ..data.captions import CaptionConfig
 from ..data.loading import load_all
-from ..data.record import Dataset
+from ..data.record import Dataset, records_digest
 from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
@@ -405,7 +405,8 @@ class ContrastiveObjective:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset)}
+        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
+                "records_sha256": records_digest(self.dataset.records)}
 
     def finish(self, steps: int) -> None:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
@@ -635,10 +636,10 @@ RESUMABLE = ("workers", "log_every", "checkpoint_every")  # settings a resumed r
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
     """InputError when a resumed run is asked for other settings than the run in ``out_dir`` was started with
-    (its ``train_config.json``): another model, data, record count, number of processes, or any training
-    setting but ``RESUMABLE``. The checkpoint would be continued under the new settings without a word (another
-    schedule, batch order or loss; with another model named, the checkpoint's model all the same), and the run
-    folder's settings would no longer say how its model was trained."""
+    (its ``train_config.json``): another model, data (its path or records), record count, number of processes,
+    or any training setting but ``RESUMABLE``. The checkpoint would be continued under the new settings without
+    a word (another schedule, batch order or loss; with another model named, the checkpoint's model all the
+    same), and the run folder's settings would no longer say how its model was trained."""
     path = out_dir / CONFIG_FILE
     if not path.is_file():
         return
@@ -658,6 +659,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             if Path(before).resolve() != Path(after).resolve():  # the same file under another spelling is the same
                 changed.append(f"data {before!r} -> {after!r}")
+        elif key == "records_sha256":  # absent from runs started before it was recorded
+            if before is not None and before != after:
+                changed.append("the data's records (a report, label, split or image file changed since)")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict) and before != after:
             names = (before.get("name"), after.get("name"))
             changed.append(f"model {names[0]!r} -> {names[1]!r}" if names[0] != names[1] else "model config")

@@ -21,7 +21,7 @@ import torch
 from monai.data import MetaTensor
 
 from ..data.loading import load_all
-from ..data.record import Dataset
+from ..data.record import Dataset, records_digest
 from ..errors import InputError
 from ..eval.contamination import training_data
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
@@ -137,6 +137,7 @@ class ReportObjective:
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
+                "records_sha256": records_digest(self.dataset.records),
                 "init": self.model.meta.get("init"), "retrieval": self.model.meta.get("retrieval")}
 
     def finish(self, steps: int) -> None:
