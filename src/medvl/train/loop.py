@@ -288,6 +288,10 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
             _remove_run_output(out_dir, fresh_folder)
         raise
+    except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
+        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / "state.pt").is_file():
+            _remove_run_output(out_dir, fresh_folder)  # its settings file alone would block the corrected rerun
+        raise
     if joined:
         distributed.shutdown()
     return trained
