@@ -266,6 +266,13 @@ def load_npz(path: str | Path, class_names: Sequence[str] | None = None,
     splits = [key[: -len("_images")] for key in arrays if key.endswith("_images")]
     if class_names is None:
         class_names = _stored_class_names(path, arrays)
+    if class_names is not None:
+        class_names = [str(name).strip() for name in class_names]
+        repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+        if repeated:  # two indices (or two label columns) would become one class
+            raise DataError(path, f"class names repeat {', '.join(map(repr, repeated))}: each class needs its own")
+        if any(not name for name in class_names):
+            raise DataError(path, "a class name is empty")
     records: list[Record] = []
     label_names: list[str] | None = None
     for split in splits:
