@@ -390,3 +390,25 @@ def test_decompression_bomb(tmp_path, size, problem):
     _png_header(path, *size)
     with pytest.raises(DataError, match=rf"bomb\.png.*{problem}"):
         read_image(path)
+
+
+def test_a_label_written_two_ways_is_warned(tmp_path):
+    """'Nodule' and 'nodule ', or '1' and '1.0', are two classes to every command: said once, at load."""
+    from cli_helpers import invoke
+    from medvl.data.loaders import label_variants
+
+    (tmp_path / "images").mkdir()
+    rows = ["image,finding,abnormal"]
+    for i, (finding, abnormal) in enumerate([("nodule", "1"), ("Nodule", "1.0"), ("effusion", "1"), ("normal", "0"),
+                                            ("normal", "0.0"), ("Effusion ", "1")]):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,{finding},{abnormal}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    dataset = load_dataset(tmp_path)
+    assert label_variants(dataset) == {"abnormal": [["0", "0.0"], ["1", "1.0"]],
+                                       "finding": [["Effusion", "effusion"], ["Nodule", "nodule"]]}
+    result, output = invoke("audit", "--data", tmp_path, "-q")
+    text = " ".join(output.split())
+    assert "label column 'finding' writes 2 value(s) in more than one way ('Effusion' / 'effusion'; 'Nodule' / " \
+        "'nodule')" in text
+    assert "label column 'abnormal' writes 2 value(s) in more than one way ('0' / '0.0'; '1' / '1.0')" in text

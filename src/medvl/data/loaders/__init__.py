@@ -15,6 +15,7 @@ their headers before reading (``max_npz_bytes``, ``medvl.data.loaders.npz``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +81,29 @@ def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
                           f"supported: {SUPPORTED_KINDS}")
 
 
+def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
+    """Per label column, the groups of its distinct values that read as one value written differently: the same
+    words in another case or spacing ("Nodule" / "nodule"), or the same number ("1" / "1.0"). Empty when none."""
+    found: dict[str, list[list[str]]] = {}
+    for column in dataset.label_names:
+        groups: dict[str, set[str]] = {}
+        for value in {str(r.labels[column]) for r in dataset.records if column in r.labels}:
+            groups.setdefault(_canonical_label(value), set()).add(value)
+        variants = sorted(sorted(group) for group in groups.values() if len(group) > 1)
+        if variants:
+            found[column] = variants
+    return found
+
+
+def _canonical_label(value: str) -> str:
+    text = " ".join(value.split()).casefold()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else text
+
+
 def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
                  allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES) -> Dataset:
     """Load the dataset at ``path`` (see ``SUPPORTED_KINDS``).
@@ -93,6 +117,11 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     dataset = _load(Path(path), allow_outside_root, max_npz_bytes)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
+    for column, groups in label_variants(dataset).items():
+        shown = "; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
+        log.warning("%s: label column %r writes %d value(s) in more than one way (%s%s): each spelling is a class "
+                    "of its own; correct the data if they are one", dataset.source, column, len(groups), shown,
+                    "; ..." if len(groups) > 3 else "")
     if label_columns:
         dataset = dataset.with_labels(list(label_columns))
     return dataset
