@@ -345,3 +345,10 @@ def test_a_dataset_without_a_train_split_is_not_trained_on_whole_and_case_varian
     result, output = invoke("audit", "--data", tmp_path / "mixed", "--split", "train", "-q")
     assert result.exit_code == 0, output
     assert f"split 'train' leaves out {moved} records of split(s) 'Train'" in " ".join(output.split())
+
+
+def test_label_columns_given_as_one_name_is_one_column(phantom_dir, tmp_path):
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--train-set", 'label_columns="finding"', "-q")
+    assert result.exit_code == 0, output  # it was read letter by letter: "unknown label column 'f'"
+    assert json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["label_columns"] == ["finding"]

@@ -120,6 +120,8 @@ def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,
     from .train.loop import check_out_dir
     from .train.recipes import resolve_recipe, train_recipe
 
+    if isinstance(label_columns, str):  # --train-set label_columns="finding": one column, not its letters
+        label_columns = [label_columns]
     settings = resolve_recipe(model, model_overrides=overrides, captions=captions,
                               label_columns=list(label_columns) if label_columns else None, **train_options)
     check_out_dir(Path(out), resume)
