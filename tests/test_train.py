@@ -36,7 +36,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     dataset = medvl.load_dataset(phantom_dir).select("train")
     config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, grad_accum=2, batch_group=batch_group,
                          batch_group_share=1.0, self_supervised_weight=self_supervised,
-                         self_supervised_epochs=self_supervised_epochs)
+                         self_supervised_epochs=self_supervised_epochs, log_every=1)
 
     def run(out, on_epoch_end=None, resume=False):
         torch.manual_seed(0)
@@ -60,6 +60,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     resumed = run(tmp_path / "b", resume=True)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+    def steps(folder):
+        return [line["step"] for line in map(json.loads, (folder / "metrics.jsonl").open()) if "lr" in line]
+
+    assert steps(tmp_path / "b") == steps(tmp_path / "a")  # the steps after the checkpoint logged once
     saved = medvl.load_model(tmp_path / "b")  # the final model never carries the training-only projection
     assert "view_projection" not in saved.meta
     assert not any(name.startswith("view_projection.") for name in saved.state_dict())

@@ -484,6 +484,8 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.batch_index = state["step"], state["batch_index"]
             log.info("resumed from step %d", self.step)
+            if distributed.is_main():
+                _drop_metrics_after(out_dir / METRICS_FILE, self.step)
 
     @property
     def model(self) -> Any:
@@ -726,6 +728,24 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Remove the metrics lines logged after ``step`` (the checkpoint a run resumes from): the resumed run logs
+    those steps again. Written to a temporary file, then renamed."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            logged = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            logged = None  # a line cut short by the interruption: dropped too
+        if isinstance(logged, int) and logged <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
