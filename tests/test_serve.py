@@ -1115,6 +1115,60 @@ def test_medvl_serve_answers_health_within_10_s_and_drains_on_sigterm(model_dir,
     assert start["torch_threads"] == 1
 
 
+def test_a_client_cannot_pose_as_other_addresses_with_x_forwarded_for(model_dir):
+    """The real server (uvicorn): requests without a valid token are slowed per client address, and a loopback
+    client's X-Forwarded-For header does not make it another address (it did: 100 forged addresses, no 429)."""
+    port, started = _free_port(), time.monotonic()
+    env = {**os.environ, "MEDVL_API_TOKENS": TOKENS[0]}
+    process = subprocess.Popen([sys.executable, "-m", "medvl.cli.main", "serve", "--model", str(model_dir),
+                                "--port", str(port), "--failed-auth-burst", "3", "--torch-threads", "1"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            _wait_for(http, process, started, {"ok"})
+            statuses = [http.get("/v1/models", headers={"X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"}).status_code
+                        for i in range(6)]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert statuses == [401, 401, 401, 429, 429, 429]
+
+
+def test_an_upload_over_1_mib_is_not_spooled_to_disk(model_dir, monkeypatch):
+    """Starlette writes a multipart file part over 1 MiB to a temporary file; within the upload limit the
+    service keeps it in memory (a patient image never reaches disk)."""
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    rolled = []
+    original = tempfile.SpooledTemporaryFile.rollover
+
+    def rollover(self):
+        rolled.append(1)
+        return original(self)
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", rollover)
+    stream = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((900, 900, 3)) * 255).astype(np.uint8)).save(stream, "PNG")
+    assert stream.tell() > 2 * 1024 * 1024
+    app = create_app(model_dir, settings=ServeSettings(max_upload_bytes=8 * 1024 * 1024), require_token=False)
+    with TestClient(app) as http:
+        answer = http.post("/v1/zero-shot", files={"image": ("big.png", stream.getvalue())}, data={"labels": LABELS})
+    assert answer.status_code == 200, answer.text
+    assert not rolled
+
+
+def test_rate_limit_counters_stay_bounded():
+    from medvl.serve import auth
+
+    limiter = auth.TokenAuth(digests=[], failure_rate=1.0, failure_burst=2)
+    for i in range(auth.MAX_BUCKETS + 500):  # as many addresses, each failing once
+        limiter.failure_retry_after(f"10.{i}", now=0.0)
+    assert len(limiter._buckets) <= auth.MAX_BUCKETS
+    limiter.failure_retry_after("last", now=0.0)
+    assert limiter.failure_retry_after("last", now=0.0) == 0.0 and limiter.failure_retry_after("last", now=0.0) > 0
+
+
 def test_torch_threads_set_the_model_threads_forward_passes(model_dir, png):
     """In a process of its own: the setting is torch's, process-wide."""
     script = (

@@ -72,8 +72,10 @@ def serve_command(
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
                      load_in_background=True)  # /v1/health answers while the model loads
     _log_start(host, port, model, settings)
+    # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback client as the client's
+    # address, and one client could then pose as any number of addresses (each with its own failed-token allowance)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=30, server_header=False)
+                            timeout_graceful_shutdown=30, server_header=False, proxy_headers=False)
     uvicorn.Server(config).run()
 
 

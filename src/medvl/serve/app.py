@@ -74,6 +74,11 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     ``"status": "failed"`` with the reason, 503).
     """
     settings = (settings or ServeSettings()).validate()  # ModelService resolves backend auto for its model
+    from starlette.formparsers import MultiPartParser
+
+    # an upload within the size limit stays in memory: Starlette spools a file part over 1 MiB to a temporary
+    # file, and a patient image is never written to disk (module docstring of ``uploads``)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
     if not load_in_background:

@@ -121,6 +121,8 @@ class TokenAuth:
     def _take(self, key: str, rate: float, burst: int, now: float | None) -> float:
         now = time.monotonic() if now is None else now
         with self._lock:
+            if key not in self._buckets and len(self._buckets) >= MAX_BUCKETS:
+                self._forget_idle(now)
             bucket = self._buckets.setdefault(key, _Bucket(float(burst), now))
             bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
@@ -128,6 +130,23 @@ class TokenAuth:
                 bucket.tokens -= 1.0
                 return 0.0
             return (1.0 - bucket.tokens) / rate
+
+
+    def _forget_idle(self, now: float) -> None:
+        """Make room among the counters (at most ``MAX_BUCKETS``, one per token and per client address that sent
+        no valid token): first those refilled to their burst, which a fresh counter equals; then the least
+        recently used half."""
+        for key, bucket in list(self._buckets.items()):
+            rate, burst = ((self.failure_rate, self.failure_burst) if key.startswith("failed:")
+                           else (self.rate, self.burst))
+            if bucket.tokens + (now - bucket.updated) * rate >= burst:
+                del self._buckets[key]
+        if len(self._buckets) >= MAX_BUCKETS:
+            for key, _ in sorted(self._buckets.items(), key=lambda item: item[1].updated)[:MAX_BUCKETS // 2]:
+                del self._buckets[key]
+
+
+MAX_BUCKETS = 10_000  # rate-limit counters kept at once (tokens, and client addresses without a valid token)
 
 
 def retry_after_header(seconds: float) -> str:
