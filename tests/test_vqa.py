@@ -15,6 +15,7 @@ from PIL import Image
 from cli_helpers import invoke, postgres_server
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
+from medvl.errors import InputError
 from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
 from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
 from medvl.train.loop import TrainConfig
@@ -55,9 +56,9 @@ def test_token_f1_matches_hand_computed_examples():
 def test_train_writes_a_model_with_vocabulary_prior_and_holdout(trained, phantom):
     model = load_vqa_model(trained)
     train = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
-    held = model.meta["holdout"]
-    assert len(held["qids"]) == round(0.2 * len(train))
-    kept = [item for item in train if item.qid not in set(held["qids"])]
+    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    assert abs(len(held) - round(0.2 * len(train))) <= 3  # whole groups of one question about one image
+    kept = [item for item in train if (item.split, item.qid) not in held]
     assert model.meta["training"]["questions"] == len(kept)
     assert set(model.answers) == {item.answer_normalized for item in kept}
     assert model.config.max_images == 2
@@ -79,8 +80,9 @@ def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
     assert {"progression", "which_image", "presence"} <= set(scores["per_question_type"])
     # the question-only baseline, recomputed by hand from the training file minus the held-out questions
     model = load_vqa_model(trained)
-    held = set(model.meta["holdout"]["qids"])
-    kept = [item for item in select_questions(load_vqa(phantom / "vqa"), "train", "d", "train") if item.qid not in held]
+    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    kept = [item for item in select_questions(load_vqa(phantom / "vqa"), "train", "d", "train")
+            if (item.split, item.qid) not in held]
     by_question: dict[str, Counter] = {}
     for item in kept:
         by_question.setdefault(question_key(item.question), Counter())[item.answer_normalized] += 1
@@ -102,7 +104,7 @@ def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path)
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "heldout",
                             "--json", out, "--quiet")
     assert result.exit_code == 0, output
-    assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["qids"])
+    assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["questions"])
     assert "trained_on_scored" not in json.loads(out.read_text())
 
 
@@ -314,3 +316,26 @@ def test_eval_counts_the_scored_images_that_hold_no_content(trained, phantom, tm
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
                             "--json", out, "--quiet", "--overwrite")
     assert result.exit_code == 0 and "input_content" not in json.loads(out.read_text())
+
+
+def test_holdout_keeps_repeated_questions_together_and_names_questions_by_split():
+    """The same question about the same image twice is held out or kept as one; a holdout over two splits
+    records each question's split (it recorded the first one's alone, and scored the wrong questions)."""
+    from medvl.data.loaders.vqa import VQAItem
+    from medvl.models.vqa import held_out_ids, holdout_meta, holdout_split
+
+    def item(qid, split, image, question):
+        return VQAItem(qid=qid, image=Path(image), question=question, answer="yes", answer_normalized="yes",
+                       answer_type="CLOSED", split=split, images=(Path(image),))
+
+    items = [item(str(i), split, f"img{i % 7}.png", f"is there a finding number {i % 5}?")
+             for split in ("train", "test") for i in range(40)]
+    kept, held = holdout_split(items, 0.3, seed=0)
+    assert 20 <= len(held) <= 30 and len(kept) + len(held) == len(items)
+    key = {(str(i.image), i.question) for i in held}
+    assert not key & {(str(i.image), i.question) for i in kept}  # no held-out question copies a training one
+    assert {i.split for i in held} == {"train", "test"}
+    assert held_out_ids(holdout_meta(held, 0.3, 0)) == {(i.split, i.qid) for i in held}
+    assert select_questions(items, "heldout", "data", None, holdout_meta(held, 0.3, 0)) == held
+    with pytest.raises(InputError, match="question id '1' of split 'train' is given to 2 questions"):
+        holdout_split(items + [item("1", "train", "x.png", "another?")], 0.2, seed=0)

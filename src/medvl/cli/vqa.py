@@ -73,7 +73,7 @@ def train_vqa_command(
     """Train a VQA model (image tokens, question encoder, cross-attention fusion, answer classifier)."""
     from ..api import parse_overrides
     from ..data.loaders.vqa import load_vqa
-    from ..models.vqa import holdout_split, select_questions
+    from ..models.vqa import holdout_meta, holdout_split, select_questions
     from ..train.loop import TrainConfig
     from ..train.vqa import VQAOptions, train_vqa
 
@@ -87,11 +87,8 @@ def train_vqa_command(
     options.validate()
     items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "train")
     kept, held = holdout_split(items, holdout, seed)
-    held_meta = None
-    if held:
-        held_meta = {"fraction": holdout, "seed": seed, "split": held[0].split, "qids": [item.qid for item in held]}
     trained = train_vqa(kept, out, config, options, str(data), resume=resume, show_progress=not quiet,
-                        holdout=held_meta)
+                        holdout=holdout_meta(held, holdout, seed))
     summary = trained.meta["training"]
     extra = f", {len(held)} held out" if held else ""
     console.print(f"trained {summary['steps']} steps on {summary['questions']} questions{extra} "

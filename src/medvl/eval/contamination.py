@@ -48,8 +48,9 @@ def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records"
 def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[str, Any] | None:
     """``trained_on_scored`` for VQA questions (``VQAItem``) read from ``source``: the questions a VQA model held
     out from its training (``--holdout``, kept in its meta) are not counted."""
-    holdout = (getattr(model, "meta", None) or {}).get("holdout") or {}
-    held = {(holdout.get("split"), qid) for qid in holdout.get("qids") or ()}
+    from ..models.vqa import held_out_ids
+
+    held = held_out_ids((getattr(model, "meta", None) or {}).get("holdout") or {})
     return _trained_block(model, source, [None if (item.split, item.qid) in held else item.split for item in items],
                           "scored questions")
 

@@ -405,12 +405,45 @@ def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], 
 
 
 def holdout_split(items: Sequence[VQAItem], fraction: float, seed: int) -> tuple[list[VQAItem], list[VQAItem]]:
-    """(kept, held out): a seeded ``fraction`` of the questions held out (questions, not images)."""
+    """(kept, held out): a seeded ``fraction`` of the questions held out (questions, not images). The same
+    question about the same image(s) asked more than once (VQA-RAD repeats many) is held out or kept as one, so no
+    held-out question is a copy of a training one; the share held out is then ``fraction`` give or take one such
+    group. InputError when two questions of one split share an id: the held-out ones could not be named."""
     check_number("holdout", fraction, minimum=0, maximum=0.9)
+    ids = Counter((item.split, item.qid) for item in items)
+    repeated = [key for key, count in ids.items() if count > 1]
+    if fraction and repeated:
+        raise InputError(f"question id {repeated[0][1]!r} of split {repeated[0][0]!r} is given to {ids[repeated[0]]} "
+                         "questions: --holdout names the questions it holds out by split and id")
     count = round(fraction * len(items))
-    held = set(random.Random(seed).sample(range(len(items)), count))
+    groups: dict[tuple[tuple[str, ...], str], list[int]] = {}
+    for i, item in enumerate(items):
+        images = tuple(str(path) for path in (item.images or (item.image,)))
+        groups.setdefault((images, question_key(item.question)), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held: set[int] = set()
+    for members in order:
+        if len(held) >= count:
+            break
+        held.update(members)
     return ([item for i, item in enumerate(items) if i not in held],
             [item for i, item in enumerate(items) if i in held])
+
+
+def holdout_meta(held: Sequence[VQAItem], fraction: float, seed: int) -> dict[str, Any] | None:
+    """What a model records of the questions it held out (``meta["holdout"]``): each by split and id."""
+    if not held:
+        return None
+    return {"fraction": fraction, "seed": seed, "questions": [[item.split, item.qid] for item in held]}
+
+
+def held_out_ids(holdout: dict[str, Any]) -> set[tuple[str, str]]:
+    """The (split, id) of each question a model held out; a model saved before ids were kept by split records
+    one ``split`` and its ``qids``."""
+    if "questions" in holdout:
+        return {(str(split), str(qid)) for split, qid in holdout["questions"]}
+    return {(str(holdout.get("split")), str(qid)) for qid in holdout.get("qids") or ()}
 
 
 def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,11 +467,11 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
     if split == HELDOUT and HELDOUT not in splits:
         if not holdout:
             raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
-        qids = set(holdout["qids"])
-        chosen = [item for item in items if item.split == holdout["split"] and item.qid in qids]
-        if len(chosen) != len(qids):
-            raise DataError(source, f"holds {len(chosen)} of the {len(qids)} questions the model held out "
-                                    f"(split {holdout['split']!r}); score it on the file it was trained on")
+        held = held_out_ids(holdout)
+        chosen = [item for item in items if (item.split, item.qid) in held]
+        if len(chosen) != len(held) or len({(item.split, item.qid) for item in chosen}) != len(chosen):
+            raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
+                                    "(by split and id); score it on the file it was trained on")
         return chosen
     if split is None:
         split = default if default in splits else "all"
