@@ -435,14 +435,20 @@ VQA_CASES = [
     Case("vqa-deeply-nested", _vqa("[" * 100_000), "JSON nested too deeply"),
     Case("vqa-object-not-array", _vqa('{"question": "q", "answer": "a"}'), "expected a non-empty JSON array"),
     Case("vqa-huge-line", _vqa(json.dumps([{**QUESTIONS[0], "image_name": "x" * 5000}])),
-         "question 1: image file not found"),
+         "question 1: image file 'xxx.* not found"),
     Case("vqa-outside-dotdot", _vqa(image_name=f"../../{MARKER}.png"),
          r"1 of 2 questions name a file outside .*first: item 1"),
     Case("vqa-outside-absolute", _vqa(image_name=f"SECRET/{MARKER}.png"), r"1 of 2 questions name a file outside"),
     Case("vqa-symlink-outside", _vqa(link=True), r"1 of 2 questions name a file outside"),
     Case("vqa-missing-image", _vqa(json.dumps([{**QUESTIONS[0], "image_name": "gone.png"}])),
-         "question 1: image file not found"),
+         "question 1: image file 'gone.png' not found"),
+    Case("vqa-missing-image-in-subfolder", _vqa(json.dumps([{**QUESTIONS[0], "image_name": "images/gone.png"}])),
+         r"question 1: image file 'images/gone.png' not found \(looked in"),  # not 'images/images/gone.png'
     Case("vqa-missing-answer", _vqa(json.dumps([{**QUESTIONS[0], "answer": ""}])), "item 0 .*'answer'"),
+    Case("vqa-question-object", _vqa(json.dumps([{**QUESTIONS[0], "question": {"text": "q"}}])),
+         r"item 0 .*'question' must be text, got a JSON object"),
+    Case("vqa-answer-array", _vqa(json.dumps([{**QUESTIONS[0], "answer": ["yes", "no"]}])),
+         r"item 0 .*'answer' must be text, got a JSON array"),
 ]
 
 

@@ -330,7 +330,7 @@ def test_vqa_missing_image_error_or_counted_skip(tmp_path, caplog):
         {"qid": 1001, "image_name": "a.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
         {"qid": 1002, "image_name": "gone.jpg", "question": "Is it?", "answer": "no", "answer_type": "CLOSED"},
     ]))
-    with pytest.raises(DataError, match=r"question 1002: image file not found: .*images/gone\.jpg"):
+    with pytest.raises(DataError, match=r"question 1002: image file 'gone\.jpg' not found \(looked in .*images"):
         load_vqa(path)
     with caplog.at_level(logging.WARNING):
         items = load_vqa(path, skip_missing_images=True)

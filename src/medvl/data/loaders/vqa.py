@@ -162,6 +162,11 @@ def _first(item: dict[str, Any], keys: tuple[str, ...]) -> str | None:
 
 
 def _required(path: Path, index: int, item: dict[str, Any], keys: tuple[str, ...]) -> str:
+    nested = next((key for key in keys if isinstance(item.get(key), dict | list)), None)
+    if nested is not None:  # it would be read as its JSON text: '{"text": "q"}' scored as a question
+        qid = _text(item.get("qid")) or "?"
+        raise DataError(path, f"item {index} (qid {qid}): {nested!r} must be text, got a JSON "
+                              f"{'object' if isinstance(item[nested], dict) else 'array'}")
     value = _first(item, keys)
     if value is None:
         qid = _text(item.get("qid")) or "?"
@@ -186,8 +191,9 @@ def _image_names(path: Path, index: int, raw: dict[str, Any]) -> list[str]:
     return [name.strip() for name in names]
 
 
-def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, bool]:
-    """(item, every image exists); an image's path is its first candidate when none exists."""
+def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, str | None]:
+    """(item, the name of its first image that exists nowhere, or None); an image's path is its first candidate
+    when none exists."""
     image_names = _image_names(path, index, raw)
     answer = _required(path, index, raw, ("answer",))
     found = [_resolve_image(path.parent, name) for name in image_names]
@@ -205,7 +211,7 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
         **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
         images=images,
     )
-    return item, all(image is not None for image in found)
+    return item, next((name for image, name in zip(found, image_names, strict=True) if image is None), None)
 
 
 def _outermost(item: VQAItem, root: Path) -> Path:
@@ -223,14 +229,14 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
     check_inside_root(path, path.parent, [(f"item {index}", _outermost(item, path.parent)) for index, (item, _)
                                           in enumerate(parsed)], allow_outside_root, what="questions")
     items, missing = [], []
-    for position, (item, exists) in enumerate(parsed, 1):
-        if exists:
+    for position, (item, absent) in enumerate(parsed, 1):
+        if absent is None:
             items.append(item)
         elif skip_missing_images:
             missing.append(position)
-        else:
-            missing_image = next(image for image in item.images if not is_file(image))
-            raise DataError(path, f"question {item.qid}: image file not found: {missing_image}")
+        else:  # the name as the file writes it, and where it was looked for
+            raise DataError(path, f"question {item.qid}: image file {absent!r} not found (looked in "
+                                  f"{', '.join(str(path.parent / sub) for sub in IMAGE_FOLDERS)})")
     if missing:
         log.warning("%s: skipped %d of %d questions whose image file is missing (first: question %d of the file)",
                     path, len(missing), len(missing) + len(items), missing[0])
