@@ -94,10 +94,11 @@ def _declared_layout(path: Path, header) -> tuple[tuple[int, ...], np.dtype, int
     if dtype.kind not in "biuf" or dtype.fields is not None:
         raise DataError(path, f"unsupported NIfTI voxel type {dtype} (need integer or float grayscale)")
     voxels = math.prod(shape)
-    declared = voxels * dtype.itemsize
-    if declared > MAX_DECODED_BYTES or voxels * 4 > MAX_DECODED_BYTES:
-        raise DataError(path, f"volume too large: header declares {'x'.join(map(str, shape))} voxels of {dtype} "
-                              f"({declared:,} bytes; limit {MAX_DECODED_BYTES:,}), refused before decompressing")
+    decoded = voxels * max(dtype.itemsize, 4)  # read as float32 at least
+    if decoded > MAX_DECODED_BYTES:
+        raise DataError(path, f"volume too large: header declares {'x'.join(map(str, shape))} voxels of {dtype}, "
+                              f"{decoded:,} bytes once decoded (as float32 at least; limit {MAX_DECODED_BYTES:,}), "
+                              "refused before decompressing")
     offset = int(header.get_data_offset())
     if offset < 0 or offset > MAX_HEADER_EXTENSION_BYTES:
         raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,} bytes")
