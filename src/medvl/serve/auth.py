@@ -131,7 +131,6 @@ class TokenAuth:
                 return 0.0
             return (1.0 - bucket.tokens) / rate
 
-
     def _forget_idle(self, now: float) -> None:
         """Make room among the counters (at most ``MAX_BUCKETS``, one per token and per client address that sent
         no valid token): first those refilled to their burst, which a fresh counter equals; then the least
