@@ -400,8 +400,8 @@ def test_a_form_field_that_is_not_utf8_is_refused_naming_the_field(client, png):
 
 
 def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
-    """Chunks cut inside multi-byte characters are fine; a part over the 1 MiB part limit is left to the app's
-    own size refusal rather than checked cut; a bad field in a later chunk is still found."""
+    """Chunks cut inside multi-byte characters are fine; a text part over the 1 MiB part limit is refused with
+    413 naming it (Starlette's own refusal is a 400); a bad field in a later chunk is still found."""
     from starlette.exceptions import HTTPException
 
     from medvl.serve.middleware import form_text_checked
@@ -426,7 +426,9 @@ def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
         return drain
 
     asyncio.run(stream(body("épanchement,normal".encode()), 7)())  # no refusal
-    asyncio.run(stream(body(("é" * 600_000).encode()), 65_537)())  # 1.2 MB: over the part limit, no refusal
+    with pytest.raises(HTTPException, match="form field 'labels' is over 1,048,576 bytes") as refused:
+        asyncio.run(stream(body(("é" * 600_000).encode()), 65_537)())  # 1.2 MB: over the part limit
+    assert refused.value.status_code == 413
     with pytest.raises(HTTPException, match="form field 'labels' is not UTF-8 text"):
         asyncio.run(stream(body("épanchement,normal".encode("latin-1")), 7)())
 

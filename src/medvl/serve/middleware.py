@@ -129,7 +129,8 @@ class ServiceMiddleware:
 
 
 def form_text_checked(receive, content_type: str | None):
-    """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field.
+    """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field, and (413) one with a
+    text field over ``TEXT_PART_LIMIT`` (Starlette's own refusal of it is a 400).
 
     Starlette reads such a field as Latin-1 without a word (``labels`` of bytes ``ff fe`` become "ÿþ"), so
     the body is followed as it streams in: the text parts of a ``multipart/form-data`` body (file parts
@@ -154,6 +155,10 @@ def form_text_checked(receive, content_type: str | None):
                 follower.finish()
             if follower.bad is not None:
                 raise HTTPException(422, f"form field {follower.bad[:64]!r} is not UTF-8 text")
+            too_large = getattr(follower, "too_large", None)
+            if too_large is not None:  # Starlette would answer 400 for it
+                raise HTTPException(413, f"form field {str(too_large)[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
+                                         "a text field (labels, a question, a report) is short")
         return message
 
     return checked
@@ -167,6 +172,7 @@ class _MultipartText:
 
     def __init__(self, boundary: bytes):
         self.bad: str | None = None
+        self.too_large: str | None = None  # the first text field over TEXT_PART_LIMIT
         self._broken = False
         self._header = [bytearray(), bytearray()]  # the header being read: name, value
         self._disposition = b""
@@ -202,8 +208,9 @@ class _MultipartText:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field is not None and self._data is not None:
             self._data.extend(data[start:end])
-            if len(self._data) > TEXT_PART_LIMIT:  # the app refuses the part as too large; a cut would misread it
+            if len(self._data) > TEXT_PART_LIMIT:  # refused (413); a cut would misread it
                 self._data = None
+                self.too_large = self.too_large or self._field
 
     def _part_end(self) -> None:
         if self._field is not None and self._data is not None and self.bad is None and not _is_utf8(bytes(self._data)):
