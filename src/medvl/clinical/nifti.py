@@ -36,6 +36,8 @@ MAX_HEADER_EXTENSION_BYTES = 16 << 20  # vox_offset beyond the header: extension
 _HEADER_SIZES = {348: 1, 540: 2}  # sizeof_hdr -> NIfTI version
 
 
+TOO_LARGE = "volume too large"  # how a volume over MAX_DECODED_BYTES is refused (the service answers 413)
+
 def _require_nibabel(path: Path):
     try:
         import nibabel
@@ -96,7 +98,7 @@ def _declared_layout(path: Path, header) -> tuple[tuple[int, ...], np.dtype, int
     voxels = math.prod(shape)
     decoded = voxels * max(dtype.itemsize, 4)  # read as float32 at least
     if decoded > MAX_DECODED_BYTES:
-        raise DataError(path, f"volume too large: header declares {'x'.join(map(str, shape))} voxels of {dtype}, "
+        raise DataError(path, f"{TOO_LARGE}: header declares {'x'.join(map(str, shape))} voxels of {dtype}, "
                               f"{decoded:,} bytes once decoded (as float32 at least; limit {MAX_DECODED_BYTES:,}), "
                               "refused before decompressing")
     offset = int(header.get_data_offset())

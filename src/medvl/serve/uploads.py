@@ -170,9 +170,14 @@ def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None
     if kind == DICOM:
         _check_dicom_size(path, settings)
     else:
-        from ..clinical.nifti import NiftiSlabs
+        from ..clinical.nifti import TOO_LARGE, NiftiSlabs
 
-        shape = NiftiSlabs(path).shape  # header only, with the reader's own 1 GiB guard
+        try:
+            shape = NiftiSlabs(path).shape  # header only, with the reader's own 1 GiB guard
+        except DataError as error:
+            if error.problem.startswith(TOO_LARGE):  # too large, as for the service's own voxel limit
+                raise UploadRejected(413, error.problem) from None
+            raise
         _check_voxels(int(np.prod(shape)), " x ".join(map(str, shape)), settings)
 
 
