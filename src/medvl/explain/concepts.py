@@ -105,17 +105,14 @@ class ConceptBottleneck:
         model's similarities, standardised over that model's training scores (a file from before fingerprints
         were kept is checked by embedding size only)."""
         from ..errors import ModelError
-        from ..index.base import model_fingerprint
+        from ..index.base import fingerprint_differs
 
         if self.concept_vectors.shape[1] != model.config.embed_dim:
             raise ModelError(f"the concept bottleneck's concept vectors have {self.concept_vectors.shape[1]} "
                              f"dimensions, the model embeds in {model.config.embed_dim}; fit it with this model")
-        if self.model is not None:
-            ours = model_fingerprint(model)
-            if any(ours[key] != self.model.get(key) for key in ("config_sha256", "weights_sha256")):
-                raise ModelError(f"the concept bottleneck was fitted with another model ({self.model.get('name')}, "
-                                 "other weights): its concept scores mean nothing for this one; fit it with this "
-                                 "model")
+        if self.model is not None and fingerprint_differs(self.model, model) is not None:
+            raise ModelError(f"the concept bottleneck was fitted with another model ({self.model.get('name')}, "
+                             "other weights): its concept scores mean nothing for this one; fit it with this model")
 
     def standardised_scores(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         scores = np.asarray(image_embeddings, dtype=np.float64) @ self.concept_vectors.T

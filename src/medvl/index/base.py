@@ -207,11 +207,18 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
         raise ModelError(f"{where}: index holds {info['embed_dim']}-d vectors but the model embeds "
                          f"{model.config.embed_dim}-d; use the model the index was built with "
                          f"({built.get('dir') or built.get('name')})")
+    what = fingerprint_differs(built, model)
+    if what is not None:
+        raise ModelError(f"{where}: the model's {what} differ from those the index was built with "
+                         f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
+
+
+def fingerprint_differs(fingerprint: dict[str, Any], model) -> str | None:
+    """``config`` or ``weights`` when ``model`` is not the model ``fingerprint`` (``model_fingerprint``) describes,
+    else None: what an index, or a concept bottleneck, was made with."""
     ours = model_fingerprint(model)
-    for key, what in (("config_sha256", "config"), ("weights_sha256", "weights")):
-        if ours[key] != built[key]:
-            raise ModelError(f"{where}: the model's {what} differ from those the index was built with "
-                             f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
+    return next((what for key, what in (("config_sha256", "config"), ("weights_sha256", "weights"))
+                 if ours[key] != fingerprint.get(key)), None)
 
 
 def check_vectors(vectors: np.ndarray, dim: int, what: str = "query") -> np.ndarray:
