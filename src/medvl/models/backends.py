@@ -180,8 +180,7 @@ class OnnxDualEncoder(DualEncoder):
         model = cls.from_pretrained(folder)  # first: a folder of another kind is named as such, not as unexported
         if not isinstance(model, OnnxDualEncoder):
             raise ModelError(f"{folder}: not a medvl model folder")
-        model.export = read_export(folder)
-        description = model.export
+        model.export = description = read_export(folder)
         model.sessions = {tower: onnx_session(_tower_file(folder, description, tower, precision))
                           for tower in ("image", "text")}
         model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
