@@ -412,3 +412,19 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     assert "label column 'finding' writes 2 value(s) in more than one way ('Effusion' / 'effusion'; 'Nodule' / " \
         "'nodule')" in text
     assert "label column 'abnormal' writes 2 value(s) in more than one way ('0' / '0.0'; '1' / '1.0')" in text
+
+
+def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_path):
+    """A column of many distinct values may hold names or notes: its variants are counted, never logged."""
+    from cli_helpers import invoke
+
+    (tmp_path / "images").mkdir()
+    rows = ["image,finding,referrer"]
+    for i in range(60):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,{'a' if i % 2 else 'b'},{'Dr Smith' if i == 0 else 'dr smith' if i == 1 else i}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    result, output = invoke("audit", "--data", tmp_path, "-q")
+    text = " ".join(output.split())
+    assert "label column 'referrer' writes 1 value(s) in more than one way (values not shown: the column has 60" in text
+    assert "Smith" not in output and "smith" not in output

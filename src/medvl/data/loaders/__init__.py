@@ -81,6 +81,9 @@ def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
                           f"supported: {SUPPORTED_KINDS}")
 
 
+SHOWN_CLASSES = 50  # a label column of at most this many distinct values is a set of classes, named in warnings
+
+
 def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
     """Per label column, the groups of its distinct values that read as one value written differently: the same
     words in another case or spacing ("Nodule" / "nodule"), or the same number ("1" / "1.0"). Empty when none."""
@@ -118,10 +121,13 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     for column, groups in label_variants(dataset).items():
-        shown = "; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
-        log.warning("%s: label column %r writes %d value(s) in more than one way (%s%s): each spelling is a class "
-                    "of its own; correct the data if they are one", dataset.source, column, len(groups), shown,
-                    "; ..." if len(groups) > 3 else "")
+        distinct = len({str(r.labels[column]) for r in dataset.records if column in r.labels})
+        # class names are shown; a column of many distinct values may hold names or notes (patient data): counts only
+        shown = ("; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
+                 + ("; ..." if len(groups) > 3 else "")) if distinct <= SHOWN_CLASSES else \
+            f"values not shown: the column has {distinct} distinct values"
+        log.warning("%s: label column %r writes %d value(s) in more than one way (%s): each spelling is a class "
+                    "of its own; correct the data if they are one", dataset.source, column, len(groups), shown)
     if label_columns:
         dataset = dataset.with_labels(list(label_columns))
     return dataset
