@@ -1152,6 +1152,46 @@ def test_a_client_cannot_pose_as_other_addresses_with_x_forwarded_for(model_dir)
     assert statuses == [401, 401, 401, 429, 429, 429]
 
 
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance(model_dir):
+    """--trusted-proxy 127.0.0.1: the X-Forwarded-For of a request from that proxy names the client counted for
+    requests without a valid token (the last address in the header that is not a trusted proxy itself)."""
+    port, started = _free_port(), time.monotonic()
+    env = {**os.environ, "MEDVL_API_TOKENS": TOKENS[0]}
+    process = subprocess.Popen([sys.executable, "-m", "medvl.cli.main", "serve", "--model", str(model_dir),
+                                "--port", str(port), "--failed-auth-burst", "3", "--torch-threads", "1",
+                                "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "10.9.0.0/16"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            _wait_for(http, process, started, {"ok"})
+
+            def status(forwarded: str) -> int:
+                return http.get("/v1/models", headers={"X-Forwarded-For": forwarded}).status_code
+
+            first = [status("203.0.113.7") for _ in range(4)]
+            other = status("198.51.100.2")
+            # a client's own header before the proxies' addresses: the last untrusted one is the client
+            chained = [status("198.51.100.2, 203.0.113.7, 10.9.3.4"), status("6.6.6.6, 198.51.100.2")]
+            valid = http.get("/v1/models", headers={"X-Forwarded-For": "203.0.113.7",
+                                                     "Authorization": f"Bearer {TOKENS[0]}"}).status_code
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert first == [401, 401, 401, 429]
+    assert other == 401  # its own allowance
+    assert chained == [429, 401]  # 203.0.113.7 (spent); 198.51.100.2 (its second of three)
+    assert valid == 200  # a valid token is rate-limited per token, not per address
+    start = next(json.loads(line) for line in stderr.splitlines() if '"serving"' in line)
+    assert start["trusted_proxies"] == ["127.0.0.1/32", "10.9.0.0/16"]
+
+
+@pytest.mark.parametrize("value", ["localhost", "*", "10.0.0.0/33"])
+def test_a_trusted_proxy_must_be_an_address_or_network(model_dir, value):
+    result, output = invoke("serve", "--model", model_dir, "--trusted-proxy", value)
+    assert result.exit_code == 2
+    assert "--trusted-proxy" in output and "not an IP address or network" in output
+
+
 def test_an_upload_over_1_mib_is_not_spooled_to_disk(model_dir, monkeypatch):
     """Starlette writes a multipart file part over 1 MiB to a temporary file; within the upload limit the
     service keeps it in memory (a patient image never reaches disk)."""

@@ -47,6 +47,10 @@ def serve_command(
     max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="Address or network (e.g. 127.0.0.1, 10.0.0.0/8) of a reverse proxy whose X-Forwarded-For names "
+             "the client (repeatable): requests from it are rate-limited by the client address the header "
+             "gives. None: the header is ignored and a proxy's clients share one address.")] = None,
     backend: BackendOption = "auto",
     torch_threads: Annotated[int, typer.Option(
         help="Threads per forward pass (0: one per core). On few cores, 1 leaves a core to the requests' "
@@ -60,6 +64,7 @@ def serve_command(
 
     if no_auth and host not in LOOPBACK:
         raise InputError(f"--no-auth is refused on {host}: serve without tokens on a loopback address only")
+    proxies = _trusted_proxies(trusted_proxy or [])
     uvicorn, create_app = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -71,12 +76,31 @@ def serve_command(
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
                      load_in_background=True)  # /v1/health answers while the model loads
-    _log_start(host, port, model, settings)
-    # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback client as the client's
-    # address, and one client could then pose as any number of addresses (each with its own failed-token allowance)
+    _log_start(host, port, model, settings, proxies)
+    # proxy headers only from the proxies named: uvicorn would otherwise take X-Forwarded-For from any loopback
+    # client as the client's address, and one client could then pose as any number of addresses (each with its
+    # own failed-token allowance). From a trusted proxy uvicorn takes the last address not itself a proxy.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=30, server_header=False, proxy_headers=False)
+                            timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
+                            forwarded_allow_ips=proxies or None)
     uvicorn.Server(config).run()
+
+
+def _trusted_proxies(values: list[str]) -> list[str]:
+    """The --trusted-proxy values, each an IP address or network; a name or '*' is refused (a proxy trusted by
+    name, or every address, would let any client choose the address it is counted by)."""
+    import ipaddress
+
+    from ..errors import InputError
+
+    proxies = []
+    for value in values:
+        try:
+            proxies.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise InputError(f"--trusted-proxy {value!r}: not an IP address or network (e.g. 127.0.0.1, "
+                             f"10.0.0.0/8)") from None
+    return proxies
 
 
 def _check_model_dir(model: Path, backend: str) -> None:
@@ -118,7 +142,7 @@ def _default_threads() -> int:
     return torch.get_num_threads()
 
 
-def _log_start(host: str, port: int, model: Path, settings) -> None:
+def _log_start(host: str, port: int, model: Path, settings, proxies: list[str]) -> None:
     import logging
     from importlib.util import find_spec
 
@@ -128,5 +152,5 @@ def _log_start(host: str, port: int, model: Path, settings) -> None:
     logging.getLogger("medvl.serve").info(
         "serving", extra={"host": host, "port": port, "model": model.name, "batching": settings.batching,
                           "max_batch": settings.batch_size, "max_wait_ms": settings.max_wait_ms,
-                          "backend": settings.backend, "http": http, "loop": loop,
+                          "backend": settings.backend, "http": http, "loop": loop, "trusted_proxies": proxies,
                           "torch_threads": settings.torch_threads or _default_threads()})

@@ -16,7 +16,8 @@ import time
 # Fields a request log line may carry (``extra=``); anything else on a record is not written.
 FIELDS = ("request_id", "method", "route", "status", "client", "ms", "decode_ms", "queue_ms", "model_ms",
           "batch_size", "upload_kind", "upload_bytes", "error", "host", "port", "model", "batching",
-          "max_batch", "max_wait_ms", "backend", "http", "loop", "torch_threads", "drained", "detail")
+          "max_batch", "max_wait_ms", "backend", "http", "loop", "torch_threads", "trusted_proxies", "drained",
+          "detail")
 
 
 class JsonFormatter(logging.Formatter):
