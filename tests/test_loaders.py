@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from hostile_files import npz_bomb
-from medvl.data.images import read_image
+from medvl.data.images import read_image, read_image_bytes
 from medvl.data.loaders import load_dataset, load_npz
 from medvl.data.record import ALL_SPLITS
 from medvl.errors import DataError, InputError
@@ -340,6 +340,30 @@ def test_read_image_modes(tmp_path):
     assert read_image(tmp_path / "rgba.png").shape == (4, 5, 3)
     assert read_image(tmp_path / "palette.bmp").shape == (4, 5, 3)
     assert read_image(tmp_path / "array.npy").shape == (4, 5)
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                                  (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
+                                                  (2, lambda a: a[:, ::-1])])
+def test_an_exif_orientation_is_turned_upright_as_a_viewer_shows_it(tmp_path, orientation, upright):
+    """A phone's JPEG stores its pixels sideways with an EXIF Orientation tag; browsers (the reading page) show
+    it upright, so the model must see it upright too, from a file and from an upload's bytes alike."""
+    pixels = np.zeros((12, 8), np.uint16)
+    pixels[1:4, 1:3] = 4000  # a mark near the top left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "scan.png", exif=exif.tobytes())
+    assert Image.open(tmp_path / "scan.png").getexif()[0x0112] == orientation
+    expected = upright(pixels)
+    for decoded in (read_image(tmp_path / "scan.png"), read_image_bytes((tmp_path / "scan.png").read_bytes(), "u")):
+        assert decoded.dtype == np.uint16
+        np.testing.assert_array_equal(decoded, expected)
+    rgb = np.zeros((12, 8, 3), np.uint8)
+    rgb[1:4, 1:3] = 255
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=100)
+    photo = read_image(tmp_path / "photo.jpg")
+    assert photo.shape == upright(rgb).shape
+    assert np.abs(photo.astype(int) - upright(rgb)).max() < 40  # JPEG's loss only
 
 
 def test_corrupt_image(tmp_path):

@@ -6,7 +6,8 @@ Array conventions (what every reader returns):
   their full range, no rescaling), ``int32`` / ``float32`` for 32-bit integer / float files;
 - colour: ``HxWx3`` ``uint8`` RGB. RGBA, LA, palette (P), CMYK and other colour modes are
   converted (alpha is dropped, not composited);
-- ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed).
+- ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed);
+- a PNG / JPEG / TIFF with an EXIF Orientation tag is turned upright, as a viewer shows it.
 
 Readers are chosen by file suffix through ``IMAGE_READERS``; more are added with
 ``register_reader``. The clinical readers are registered here: ``.dcm`` / ``.dicom`` (and files
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..clinical.formats import has_dicom_preamble
 from ..clinical.readers import register_clinical_readers
@@ -94,7 +95,9 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                     # not named: a dataset's image paths can carry patient or study ids
                     log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)
                 img.load()
-                return _pil_to_array(img)
+                # upright as every viewer shows it (the reading page's browser too): a camera or phone JPEG
+                # stores its pixels sideways with an EXIF Orientation tag
+                return _pil_to_array(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError:
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise DataError(name, f"image too large: over {pillow_limit:,} pixels "
