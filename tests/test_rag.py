@@ -4,6 +4,7 @@ abstention, and ``medvl eval case-retrieval`` (metrics checked against plain ref
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from itertools import combinations
 
@@ -26,7 +27,7 @@ from medvl.index import build_index, open_index
 from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
-from medvl.rag.draft import DISAGREE, FAR, NO_CASES, jaccard
+from medvl.rag.draft import DISAGREE, FAR, NO_CASES, _identifiers, jaccard
 from medvl.rag.labels import split_sentences
 
 NEW_FINDING = """---
@@ -246,6 +247,31 @@ def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding
     assert draft_from_hits([], labeller).abstention == NO_CASES
     with pytest.raises(InputError, match="min_support"):
         draft_from_hits(hits_of(mixed), labeller, min_support=1.5)
+
+
+def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller):
+    """Sentences that differ only in a date or a doctor's name used to be one wording group: the draft then
+    carried one neighbour's date and doctor (another patient's) and cited every neighbour for them. A number
+    other than a measurement, or a name after a title, is drafted only when neighbours holding over min_support
+    of the weight name it."""
+    dates, doctors = ["12 March 2019", "14 April 2020", "2 May 2021"], ["Smith", "Jones", "Evans"]
+    reports = [f"FINDINGS: Right pleural effusion. Compared with the radiograph of {date}, unchanged. Findings "
+               f"discussed with Dr {doctor} by telephone. Two views (PA and lateral) of the chest. IMPRESSION: "
+               f"Right pleural effusion, new since {date}." for date, doctor in zip(dates, doctors, strict=True)]
+    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    draft = draft_from_hits(hits, labeller)
+    text = draft.text()
+    assert not draft.abstained and "Right pleural effusion" in text and "Two views (PA and lateral)" in text
+    assert not re.search(r"\d", text) and not any(name in text for name in doctors), text
+    assert draft.consensus["pleural_effusion"] == "positive"
+    # shared by a majority (weight 0.9 + 0.9 of 2.7): the date and the name are stated
+    shared = [reports[0], reports[0].replace("Smith", "Jones"), reports[2]]
+    hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(shared)]
+    text = draft_from_hits(hits, labeller).text()
+    assert "12 March 2019" in text and "2 May 2021" not in text and "Dr" not in text
+    # measurements are details put to their own vote (above), not identifiers
+    assert _identifiers("A 14 mm nodule and a 1.5 cm mass, seen by Dr. O'Brien on 3/4/2021.") == \
+        {"3", "4", "2021", "name:o'brien"}
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

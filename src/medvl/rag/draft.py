@@ -30,6 +30,9 @@
    group. Only wordings agreeing with the vote are candidates (a finding's group with none is left
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
+   A wording naming an identifier (a number other than a measurement: a date, time or accession number; a
+   name after a title, "Dr Smith") is a candidate only when neighbours holding more than ``min_support`` of
+   the weight name it too: a draft does not carry one neighbour's (another patient's) dates or names.
 5. The knowledge base's entries of the drafted findings are attached, and with a model the
    entries closest to the image embedding (``related``).
 
@@ -73,6 +76,10 @@ FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases",
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
 _MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "14 mm" or "1.5 cm"
+# What may identify one examination or patient: a number other than a measurement (a date, time, accession or
+# bed number) and a name after a title ("Dr Smith")
+_NUMBER = re.compile(r"\d+")
+_TITLED_NAME = re.compile(r"\b(?:dr|doctor|mr|mrs|ms|miss|prof|professor|nurse)\b\.?\s+([a-z][a-z'-]*)")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
 
@@ -331,7 +338,7 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
         elif support <= min_support:
             continue
         voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
-        drafted = _drafted(group, support, hits, weights, voters)
+        drafted = _drafted(group, support, hits, weights, voters, min_support)
         if drafted is None:
             continue
         stated[group.section] |= group.assertions
@@ -350,9 +357,10 @@ def _voted_findings(group: _Group) -> set[str]:
 
 
 def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
-             voters: list[tuple[int, str]]) -> DraftSentence | None:
+             voters: list[tuple[int, str]], min_support: float) -> DraftSentence | None:
     """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
-    ``voters`` (neighbour index, sentence), and its citations; None when a finding's group has no such wording."""
+    ``voters`` (neighbour index, sentence) and naming no identifier of a minority (``_shared_identifiers``), and
+    its citations; None when the group has no such wording (a finding's group: none agreeing with the vote)."""
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
@@ -362,6 +370,9 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
         if _voted_findings(group):
             return None
         wordings = every
+    wordings = _shared_identifiers(wordings, group, weights, min_support)
+    if not wordings:
+        return None
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
@@ -369,6 +380,25 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
     close = [hits[i].id for i in cited if max(jaccard(chosen, t) for t in by_case[i]) >= WORDING_SIMILARITY]
     return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
+
+
+def _identifiers(text: str) -> frozenset:
+    """Numbers other than measurements, and names after a title: what may identify one examination."""
+    lower = _MEASURE.sub(" ", text.lower())
+    return frozenset(_NUMBER.findall(lower)) | frozenset(f"name:{n}" for n in _TITLED_NAME.findall(lower))
+
+
+def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float) -> list[str]:
+    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a doctor's name)
+    the group's neighbours holding more than ``min_support`` of the weight also name: a draft never carries one
+    neighbour's dates or names (another patient's), cited to every neighbour of the group."""
+    naming: dict[str, set[int]] = {}
+    for i, text in group.members:
+        for identifier in _identifiers(text):
+            naming.setdefault(identifier, set()).add(i)
+    shared = {identifier for identifier, cases in naming.items()
+              if sum(float(weights[i]) for i in cases) > min_support}
+    return [w for w in wordings if _identifiers(w) <= shared]
 
 
 def _conflict(first: str, second: str) -> bool:
