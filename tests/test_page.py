@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(12)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(13)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -453,6 +453,45 @@ def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, 
     assert overlay.evaluate(size) == page.locator("#preview img[data-source=service]").evaluate(size)
     previews = [url for url in watch.requests if url.endswith("/v1/preview")]
     assert len(previews) == 3  # one per window chosen; the other panels were not asked again
+
+
+def test_a_photo_chosen_while_a_dicom_preview_is_on_its_way_keeps_its_own_upright_preview(page, chest_xray,
+                                                                                          tmp_path):
+    """A DICOM's preview answered late (a busy service) used to replace the JPEG chosen after it, so the
+    findings and heatmaps of the JPEG were shown over the CT slice. The JPEG here is stored sideways with an
+    EXIF Orientation tag: the browser shows it upright, and the heatmap, from the service's reading of the same
+    file, fits it (it used to be computed on the sideways pixels and squeezed over the upright picture)."""
+    pydicom_data = pytest.importorskip("pydicom.data")
+    dicom = Path(pydicom_data.get_testdata_file("CT_small.dcm"))
+    upright = Image.open(chest_xray).convert("L").resize((96, 64))  # wider than tall, upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show": the stored pixels are turned the other way
+    photo = tmp_path / "photo.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif.tobytes(), quality=95)
+    assert Image.open(photo).size == (64, 96)
+
+    def slow(route):
+        page.wait_for_timeout(2500)
+        route.fallback()
+
+    page.route("**/v1/preview", slow)
+    connect(page, TOKENS[12])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(dicom)
+    page.wait_for_timeout(300)
+    page.locator("#file").set_input_files(photo)
+    wait_for_panels(page)
+    page.wait_for_timeout(3500)  # the DICOM's preview has come back by now
+    base = page.locator("#preview img:not(.overlay)")
+    assert base.get_attribute("data-source") == "browser"
+    assert "photo.jpg" in page.locator("#file-info").inner_text()
+    size = "image => [image.naturalWidth, image.naturalHeight]"
+    assert base.evaluate(size) == [96, 64]  # the browser turned it upright
+    page.locator("#explain .toggle button[data-method=patch_text]").click()
+    overlay = page.locator("#preview img.overlay[data-method=patch_text]")
+    overlay.wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=overlay.element_handle())
+    assert overlay.evaluate(size) == [96, 64]
 
 
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
