@@ -55,6 +55,12 @@ def test_real_isic_files(shared_data):
     streaked = image_checks(read_image(images / "ISIC_0000001.jpg"))  # every row of this file is the same
     assert streaked["flags"] == ["streaked"]
     assert image_checks(read_image(images / "ISIC_0000506.jpg"))["flags"] == []  # a lesion on skin
+    # smeared as the others (every row the same line) with more JPEG noise across the line: their ratio is 0.26-0.34,
+    # above STREAK_RATIO, but neighbouring rows differ by under half a grey level
+    for number in (111, 114, 116, 121, 122, 131, 137, 143):
+        assert image_checks(read_image(images / f"ISIC_{number:07d}.jpg"))["flags"] == ["streaked"], number
+    for number in (150, 210, 512):  # the next ratios up, lesions on skin
+        assert image_checks(read_image(images / f"ISIC_{number:07d}.jpg"))["flags"] == [], number
 
 
 def test_difference_hash_survives_resizing_and_reencoding(tmp_path):
