@@ -171,6 +171,11 @@ MANIFEST_CASES = [
     *[Case(f"jsonl-truncated-{offset}", _manifest("manifest.jsonl", JSONL_LINE * 2 + JSONL_LINE[:offset]),
            r"line 3: not valid JSON") for offset in (1, 12, 40, len(JSONL_LINE) - 2)],
     Case("jsonl-array-line", _manifest("manifest.jsonl", '["a.png"]\n'), "line 1: expected a JSON object"),
+    Case("jsonl-duplicate-key", _manifest("manifest.jsonl", '{"image": "a.png", "Image": "b.png"}\n'),
+         "line 1: key 'Image' repeats key 'image'"),
+    Case("jsonl-key-respelled", _manifest("manifest.jsonl", '{"image": "a.png", "finding": "x"}\n'
+                                                             '{"image": "b.png", "Finding": "y"}\n'),
+         "line 2: key 'Finding' repeats key 'finding'"),
     Case("jsonl-deeply-nested", _manifest("manifest.jsonl", '{"image": ' + "[" * 100_000 + "\n"),
          "line 1: JSON nested too deeply"),
     Case("jsonl-non-utf8", _manifest("manifest.jsonl", b'{"image": "a.png", "text": "\xff"}\n'),

@@ -140,6 +140,13 @@ def _cell_text(value: Any) -> str:
 def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
     rows = read_jsonl(path)
     columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    spellings: dict[str, str] = {}
+    for line, row in rows:  # keys are matched without case (as a CSV header's): two spellings are refused
+        for key in row:
+            first = spellings.setdefault(key.lower(), key)
+            if first != key:
+                raise DataError(path, f"line {line}: key {key!r} repeats key {first!r} (keys are matched without "
+                                      f"case); use one spelling")
     return columns, [(line, {key: _cell_text(v) for key, v in row.items()}) for line, row in rows]
 
 
