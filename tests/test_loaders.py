@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import invoke
 from hostile_files import npz_bomb
 from medvl.data.images import read_image, read_image_bytes
 from medvl.data.loaders import load_dataset, load_npz
@@ -106,6 +107,25 @@ def test_npz_multi_class_with_stored_names_and_3d(tmp_path):
     assert [record.labels["label"] for record in dataset] == ["bone", "liver", "lung"]
     assert [record.id for record in dataset] == ["val_0", "val_1", "val_2"]
     assert dataset[0].image.shape == (4, 8, 8)
+
+
+def test_npz_images_with_a_channel_axis(tmp_path):
+    """(N, H, W, 1), as Keras saves grayscale, used to be read as volumes one pixel wide (every image then had
+    the same difference hash, and a 2D model refused `<array>`); 2 or 4 channels are refused, naming the array."""
+    images = np.random.default_rng(0).integers(0, 255, (5, 28, 28, 1), dtype=np.uint8)
+    np.savez(tmp_path / "keras.npz", train_images=images, train_labels=np.arange(5) % 2)
+    dataset = load_npz(tmp_path / "keras.npz")
+    assert dataset[0].image.shape == (28, 28)
+    np.testing.assert_array_equal(dataset[3].image, images[3, ..., 0])
+    np.savez(tmp_path / "rgba.npz", train_images=np.zeros((5, 28, 28, 4), np.uint8), train_labels=np.zeros(5))
+    with pytest.raises(DataError, match=r"rgba\.npz.*'train_images' has shape \(5, 28, 28, 4\): 4 channels"):
+        load_npz(tmp_path / "rgba.npz")
+    # an array a 2D model cannot take: the error names the archive and the record (it named `<array>`)
+    np.savez(tmp_path / "volumes.npz", train_images=np.zeros((4, 6, 28, 28), np.uint8), train_labels=np.arange(4) % 2)
+    result, output = invoke("train", "--data", tmp_path / "volumes.npz", "--model", "phantom-tiny", "--out",
+                            tmp_path / "run", "--epochs", "1", "--workers", "0")
+    assert result.exit_code == 2 and "volumes.npz (record train_0): image shape (6, 28, 28)" in output, output
+    assert not (tmp_path / "run").exists()
 
 
 def test_npz_without_images_keys(tmp_path):

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 
 from .data.audit import input_flags
-from .data.loading import pixel_batches
+from .data.loading import image_sources, pixel_batches
 from .data.record import Dataset
 from .models.dual import DualEncoder, weights_state
 from .progress import progress_bar
@@ -24,7 +24,7 @@ def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
     chunks = []
     images = [record.image for record in dataset.records]
     with progress_bar("Embedding images", total=len(dataset), enabled=show_progress) as advance:
-        for pixels in pixel_batches(model.preprocessor, images, batch_size, workers):
+        for pixels in pixel_batches(model.preprocessor, images, batch_size, workers, image_sources(dataset)):
             if content is not None:
                 content.extend(input_flags(image.numpy()) for image in pixels)
             chunks.append(model.encode_images(pixels, batch_size=batch_size, features=features))

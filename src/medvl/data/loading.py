@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -145,27 +146,37 @@ def batched(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
         yield items[start:start + size]
 
 
-def pixel_batches(preprocessor, images: Sequence[Any], batch_size: int,
-                  workers: int | None = None) -> Iterator[torch.Tensor]:
+def pixel_batches(preprocessor, images: Sequence[Any], batch_size: int, workers: int | None = None,
+                  sources: Sequence[str | None] | None = None) -> Iterator[torch.Tensor]:
     """Model-ready [0, 1] pixel batches (``preprocessor.load_many``) of ``images`` (paths or arrays),
-    in order, read by ``resolve_workers(workers, len(images))`` processes ahead of the caller."""
+    in order, read by ``resolve_workers(workers, len(images))`` processes ahead of the caller. ``sources``
+    (``image_sources``): what an error names for each array image."""
     count = resolve_workers(workers, len(images))
-    for array in map_ahead(_load_batch, batched(images, batch_size), count, context=preprocessor):
+    named = list(sources) if sources is not None else [None] * len(images)
+    pairs = list(zip(images, named, strict=True))
+    for array in map_ahead(_load_batch, batched(pairs, batch_size), count, context=preprocessor):
         yield torch.from_numpy(array)
 
 
-def _load_batch(preprocessor, images: Sequence[Any]) -> np.ndarray:
-    return preprocessor.load_many(images).numpy()
+def _load_batch(preprocessor, pairs: Sequence[tuple[Any, str | None]]) -> np.ndarray:
+    return preprocessor.load_many([image for image, _ in pairs], [source for _, source in pairs]).numpy()
+
+
+def image_sources(dataset) -> list[str | None]:
+    """What an error names for each record's first image: None for a file (its path is named), else the
+    dataset's source and the record's id (an ``.npz`` array has no file of its own)."""
+    return [None if isinstance(record.image, str | Path) else f"{dataset.source} (record {record.id})"
+            for record in dataset.records]
 
 
 def load_all(preprocessor, images: Sequence[Any], show_progress: bool = True, workers: int | None = None,
-             batch_size: int = 64) -> torch.Tensor:
+             batch_size: int = 64, sources: Sequence[str | None] | None = None) -> torch.Tensor:
     """Every image read and resized once (by ``workers`` processes, None: auto) and kept as one float16
     [0, 1] tensor: a training run reads its images once and reuses them every epoch (at 128 px, 32 KiB
-    per grayscale image)."""
+    per grayscale image). ``sources``: as for ``pixel_batches``."""
     loaded = []
     with progress_bar("Loading images", total=len(images), enabled=show_progress) as advance:
-        for pixels in pixel_batches(preprocessor, images, batch_size, workers):
+        for pixels in pixel_batches(preprocessor, images, batch_size, workers, sources):
             loaded.append(pixels.half())
             advance(len(pixels))
     return torch.cat(loaded) if loaded else torch.empty(0, dtype=torch.float16)

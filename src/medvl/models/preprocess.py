@@ -47,7 +47,7 @@ class ImagePreprocessor:
         """Read (if a path) and bring one image to (C, *spatial) float in [0, 1], resized. ``source``: what an
         error names for an array (the file it was read from; default ``<array>``)."""
         if self.config.spatial_dims == 3:
-            return load_volume(image, self.config)
+            return load_volume(image, self.config, source)
         named = image if not isinstance(image, np.ndarray) else (source or "<array>")
         array = read_image(image) if not isinstance(image, np.ndarray) else image
         tensor = self._intensities(array, named)
@@ -66,8 +66,11 @@ class ImagePreprocessor:
             return tensor.to(torch.float32, copy=True)
         return F.interpolate(tensor.to(torch.float32)[None], size=size, mode="area")[0]
 
-    def load_many(self, images: Sequence[ImageSource | str]) -> torch.Tensor:
-        return torch.stack([self.load(image) for image in images])
+    def load_many(self, images: Sequence[ImageSource | str],
+                  sources: Sequence[str | None] | None = None) -> torch.Tensor:
+        """``load`` of each image, stacked; ``sources``: what an error names for each array image."""
+        named = sources if sources is not None else [None] * len(images)
+        return torch.stack([self.load(image, source=source) for image, source in zip(images, named, strict=True)])
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return (batch - self.config.intensity_mean) / self.config.intensity_std

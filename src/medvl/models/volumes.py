@@ -46,8 +46,9 @@ def plain_tensor(transformed: torch.Tensor) -> torch.Tensor:
     return cast("MetaTensor", transformed).as_tensor()
 
 
-def load_volume(image: ImageSource | str, config: ImageConfig) -> torch.Tensor:
-    """One volume (path, array or loadable object) as model-ready ``(C, D, H, W)`` in [0, 1]."""
+def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path | None = None) -> torch.Tensor:
+    """One volume (path, array or loadable object) as model-ready ``(C, D, H, W)`` in [0, 1]; ``name``: what an
+    error names for an array (default ``<array>``)."""
     if isinstance(image, str | Path):
         suffix = image_suffix(image)
         if suffix in (".nii", ".nii.gz"):
@@ -55,7 +56,7 @@ def load_volume(image: ImageSource | str, config: ImageConfig) -> torch.Tensor:
         if suffix in _FLAT_SUFFIXES:
             raise DataError(image, f"a 2D image file ({suffix}); this {config.arch} model takes 3D volumes "
                                    "(NIfTI .nii/.nii.gz, a DICOM series or a DxHxW array)")
-    source = "<array>" if isinstance(image, np.ndarray) else image
+    source = (name or "<array>") if isinstance(image, np.ndarray) else image
     array = image if isinstance(image, np.ndarray) else read_image(image)
     return _array_volume(_as_volume(array, source, config), source, config)
 

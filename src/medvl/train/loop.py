@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..checks import check_numbers
 from ..data.captions import CaptionConfig
-from ..data.loading import load_all
+from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
@@ -343,7 +343,7 @@ class ContrastiveObjective:
             self.model.add_view_projection()  # a resumed run has it from its checkpoint
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
-                               self.config.workers)
+                               self.config.workers, sources=image_sources(self.dataset))
         self.targets = _head_targets(self.model, self.dataset)
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:

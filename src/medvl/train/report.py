@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
-from ..data.loading import load_all
+from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import InputError
 from ..eval.contamination import training_data
@@ -111,7 +111,8 @@ class ReportObjective:
             meta = self.model.meta
             self.model = ReportGenerator.from_pretrained(checkpoint)
             self.model.meta = {**meta, **self.model.meta}
-        self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress)
+        self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
+                               sources=image_sources(self.dataset))
         self.reports = dict(self.model.tokenize_reports([r.text or "" for r in self.dataset]))
         if self.contexts is not None:
             self.context_tokens = self.model.tokenize_contexts(self.contexts)

@@ -3,8 +3,9 @@
 The archive holds ``{split}_images`` and ``{split}_labels`` arrays for any set of split names
 (MedMNIST: ``train``, ``val``, ``test``):
 
-- images: ``(N, H, W)`` grayscale, ``(N, H, W, 3)`` RGB, or ``(N, D, H, W)`` 3D volumes; each
-  record holds a view of its slice (no per-record copy);
+- images: ``(N, H, W)`` grayscale (or ``(N, H, W, 1)``, read as such), ``(N, H, W, 3)`` RGB, or
+  ``(N, D, H, W)`` 3D volumes; each record holds a view of its slice (no per-record copy); a last axis
+  of 2 or 4 (grey + alpha, RGBA) is refused rather than read as a volume 2 or 4 pixels wide;
 - labels ``(N,)`` or ``(N, 1)`` integer class indices: one categorical label column ``label``
   whose values are class names, from ``class_names=`` or a ``class_names`` / ``label_names``
   array in the archive, else the index as a string (``"0"``, ``"1"``, ...);
@@ -181,6 +182,9 @@ def _check_images(path: Path, key: str, dtype: np.dtype, shape: tuple[int, ...])
                               f"got {dtype} {shape}")
     if 0 in shape[1:]:
         raise DataError(path, f"{key!r} has an empty image axis: shape {shape}")
+    if len(shape) == 4 and shape[-1] in (2, 4):  # a volume 2 or 4 pixels wide is a channel axis
+        raise DataError(path, f"{key!r} has shape {shape}: {shape[-1]} channels (grey + alpha, RGBA?); give "
+                              f"(N,H,W) grayscale or (N,H,W,3) RGB")
 
 
 def _check_finite(path: Path, key: str, images: np.ndarray) -> None:
@@ -277,6 +281,8 @@ def load_npz(path: str | Path, class_names: Sequence[str] | None = None,
     label_names: list[str] | None = None
     for split in splits:
         images = arrays[f"{split}_images"]
+        if images.ndim == 4 and images.shape[-1] == 1:  # (N, H, W, 1): grayscale with a channel axis (Keras)
+            images = images[..., 0]
         _check_finite(path, f"{split}_images", images)
         columns, labels = _split_labels(path, split, arrays, class_names)
         if label_names is not None and columns != label_names:
