@@ -456,10 +456,17 @@ class _Run:
             self.group_keys = objective.group_keys(config.batch_group)
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
-        if 0 < self.examples % config.batch_size < 2 * distributed.world_size():
+        last = self.examples % config.batch_size
+        if 0 < last < 2 * distributed.world_size():
             # a last batch that leaves a process a single record is skipped (it is another record each epoch):
             # batch norm cannot train on one, and one image-text pair has no negatives
             self.batches_per_epoch -= 1
+            if last >= 2 and distributed.is_main():
+                log.warning("the last batch of each epoch (%d of %d records) is skipped on %d processes: a single "
+                            "process would train on it (%d steps per epoch against %d); a batch size dividing "
+                            "the records, or leaving at least %d in the last batch, keeps the runs equal", last,
+                            self.examples, distributed.world_size(), self.batches_per_epoch,
+                            self.batches_per_epoch + 1, 2 * distributed.world_size())
         if self.batches_per_epoch < 1:
             raise InputError(f"{self.examples} training examples cannot give each of {distributed.world_size()} "
                              f"processes at least 2")
