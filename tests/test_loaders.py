@@ -386,6 +386,24 @@ def test_an_exif_orientation_is_turned_upright_as_a_viewer_shows_it(tmp_path, or
     assert np.abs(photo.astype(int) - upright(rgb)).max() < 40  # JPEG's loss only
 
 
+def test_a_16_bit_gray_alpha_png_is_gray_with_a_warning(tmp_path, caplog):
+    """Pillow decodes 16-bit grey + alpha to 8-bit RGBA: read as 8-bit grayscale (HxW, as the other grey
+    images), not RGB, and said, since 8 bits of depth are lost."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    grey_alpha = (np.random.default_rng(1).random((4, 6, 2)) * 65535).astype(">u2")
+    raw = b"".join(b"\x00" + grey_alpha[row].tobytes() for row in range(4))
+    path = tmp_path / "la16.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 4, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with caplog.at_level("WARNING"):
+        pixels = read_image(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (4, 6)
+    np.testing.assert_array_equal(pixels, (grey_alpha[..., 0].astype(np.uint16) >> 8).astype(np.uint8))
+    assert "16-bit grayscale PNG with an alpha channel" in caplog.text and "la16" not in caplog.text
+
+
 def test_corrupt_image(tmp_path):
     path = tmp_path / "noise.png"
     path.write_bytes(np.random.default_rng(0).bytes(2000))

@@ -7,7 +7,9 @@ Array conventions (what every reader returns):
 - colour: ``HxWx3`` ``uint8`` RGB. RGBA, LA, palette (P), CMYK and other colour modes are
   converted (alpha is dropped, not composited);
 - ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed);
-- a PNG / JPEG / TIFF with an EXIF Orientation tag is turned upright, as a viewer shows it.
+- a PNG / JPEG / TIFF with an EXIF Orientation tag is turned upright, as a viewer shows it;
+- a 16-bit grayscale PNG with an alpha channel is read as 8-bit ``HxW``, with a warning (Pillow decodes
+  it to 8 bits).
 
 Readers are chosen by file suffix through ``IMAGE_READERS``; more are added with
 ``register_reader``. The clinical readers are registered here: ``.dcm`` / ``.dicom`` (and files
@@ -94,10 +96,16 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                 if frames > 1:
                     # not named: a dataset's image paths can carry patient or study ids
                     log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)
+                gray_alpha_16 = str(getattr(getattr(img, "png", None), "im_rawmode", "")).startswith("LA;16")
                 img.load()
                 # upright as every viewer shows it (the reading page's browser too): a camera or phone JPEG
                 # stores its pixels sideways with an EXIF Orientation tag
-                return _pil_to_array(ImageOps.exif_transpose(img))
+                img = ImageOps.exif_transpose(img)
+                if gray_alpha_16:  # Pillow decodes 16-bit grey + alpha as 8-bit RGBA: grey it stays
+                    log.warning("a 16-bit grayscale PNG with an alpha channel: read at 8 bits (the decoder keeps "
+                                "16 bits only without alpha); save it without alpha to keep its full range")
+                    return np.array(img.convert("L"))
+                return _pil_to_array(img)
     except Image.DecompressionBombError:
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise DataError(name, f"image too large: over {pillow_limit:,} pixels "
