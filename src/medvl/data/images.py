@@ -100,12 +100,12 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                 img.load()
                 # upright as every viewer shows it (the reading page's browser too): a camera or phone JPEG
                 # stores its pixels sideways with an EXIF Orientation tag
-                img = ImageOps.exif_transpose(img)
+                upright = ImageOps.exif_transpose(img)
                 if gray_alpha_16:  # Pillow decodes 16-bit grey + alpha as 8-bit RGBA: grey it stays
                     log.warning("a 16-bit grayscale PNG with an alpha channel: read at 8 bits (the decoder keeps "
                                 "16 bits only without alpha); save it without alpha to keep its full range")
-                    return np.array(img.convert("L"))
-                return _pil_to_array(img)
+                    return np.array(upright.convert("L"))
+                return _pil_to_array(upright)
     except Image.DecompressionBombError:
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise DataError(name, f"image too large: over {pillow_limit:,} pixels "
