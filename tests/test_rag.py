@@ -69,6 +69,20 @@ def labeller():
     ("Small pericardial effusion.", {}),  # an excluded phrase is not a pleural effusion
     ("Mild pulmonary edema and bilateral pleural effusions.", {"edema": "positive", "pleural_effusion": "positive"}),
     ("No acute cardiopulmonary abnormality.", {"no_finding": "positive"}),
+    # negations after the finding, and structured reports' answers (all were read as positive)
+    ("Pneumothorax was excluded.", {"pneumothorax": "negative"}),
+    ("Pneumothorax excluded.", {"pneumothorax": "negative"}),
+    ("Tension pneumothorax ruled out.", {"pneumothorax": "negative"}),
+    ("Pneumothorax has been ruled out.", {"pneumothorax": "negative"}),
+    ("Pneumothorax: none.", {"pneumothorax": "negative"}),
+    ("PNEUMOTHORAX: NO.", {"pneumothorax": "negative"}),
+    ("Pneumothorax - none. ", {"pneumothorax": "negative"}),
+    ("Pleural effusion: negative; consolidation: present.",
+     {"pleural_effusion": "negative", "consolidation": "positive"}),
+    ("Pneumothorax?", {"pneumothorax": "uncertain"}),
+    ("Pneumothorax is not excluded.", {"pneumothorax": "uncertain"}),  # the double negation still wins
+    ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
+    ("Consolidation - no change.", {"consolidation": "positive"}),
 ])
 def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, expected):
     assert dict(labeller.sentence_labels(sentence)) == expected

@@ -16,10 +16,12 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved") or up to ``POST_WINDOW`` words after it
-     ("is not seen", "absent", "has resolved"), or a "not"/"no" falls inside a "..." gap ("the cardiac
-     silhouette is not enlarged"), or a normal-range phrase follows at most ``NEAR_WINDOW`` words after
-     it ("vascular engorgement appears within normal limits"); pseudo-negations ("no change", "not
-     only", "partially resolved") are not cues;
+     ("is not seen", "absent", "has resolved", "excluded", "ruled out"), or a "not"/"no" falls inside a
+     "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
+     ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
+     structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
+     pseudo-negations ("no change", "not only", "partially resolved") are not cues;
+   - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
      a possibility"), or lies inside the mention ("borderline heart size");
@@ -67,7 +69,9 @@ POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
     "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent",
     "has resolved", "have resolved", "resolved", "is ruled out", "no longer", "not evident",
-    "has cleared", "have cleared", "cleared",
+    "has cleared", "have cleared", "cleared", "ruled out", "was ruled out", "were ruled out", "are ruled out",
+    "has been ruled out", "have been ruled out", "excluded", "is excluded", "are excluded", "was excluded",
+    "were excluded", "has been excluded", "have been excluded",
 ]
 NEAR_POST_NEGATION = [  # normal-range statements: negations only right after the mention (NEAR_WINDOW words)
     "within normal limits", "within limits of normal", "within the limits of normal", "within normal range",
@@ -171,6 +175,11 @@ _CONJUNCTION = re.compile(r"(?<![a-z0-9])(?:and|or|nor)(?![a-z0-9])")
 _CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
                  "shows", "show", "appears", "appear", "remains", "remain", "seen", "noted", "present", "demonstrated"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
+# a structured report's answer right after the finding, ending its clause: "Pneumothorax: none.", "Effusion - no",
+# "Consolidation: negative;" (not "consolidation, no air bronchograms": there "no" negates the next word)
+_STRUCTURED_NEGATION = re.compile(r"\s*(?:[:=]|\s[-\u2013\u2014]|-)\s*(?:none|no|negative|nil|absent|not seen)"
+                                  r"\s*(?:[.!,;]|$)")
+_QUESTIONED = re.compile(r"\s*\?")  # "Pneumothorax?": asked, not stated
 
 
 def split_sections(report: str) -> list[tuple[str, str]]:
@@ -258,8 +267,11 @@ class _Cues:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
             return UNCERTAIN
         if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end, lists=True) \
-                or self._after(self.near_post_negation, end, NEAR_WINDOW) or any(_GAP_NEGATION.search(g) for g in gaps):
+                or self._after(self.near_post_negation, end, NEAR_WINDOW) \
+                or any(_GAP_NEGATION.search(g) for g in gaps) or _STRUCTURED_NEGATION.match(self.text, end):
             return NEGATIVE
+        if _QUESTIONED.match(self.text, end):
+            return UNCERTAIN
         if self._before(self.pre_uncertain, start, lists=True, conjunction=True) \
                 or self._after(self.post_uncertain, end) \
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
