@@ -251,6 +251,25 @@ def test_findings_and_impression_name_the_same_zone_and_size(labeller):
     assert "14 mm" in text and "8 mm" not in text
 
 
+def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_the_wording(labeller):
+    """An even split on a side or a size used to be settled alphabetically ("left" over "right", "14 mm" over
+    "8 mm"), and the right-sided reports were listed as sources of "Left pleural effusion". A tie (vote and
+    nearest similarity) now leaves the detail out: a wording without it is drafted, or none."""
+    def draft(texts, scores):
+        return draft_from_hits([Hit(id=f"c{i}", score=score, split="train", text=text)
+                                for i, (text, score) in enumerate(zip(texts, scores, strict=True))], labeller)
+
+    sides = ["Right pleural effusion.", "Left pleural effusion."]
+    assert draft(sides * 2, [0.95] * 4).sentences == []
+    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).sentences == []
+    assert draft([*sides, "Pleural effusion."], [0.9] * 3).text() == "FINDINGS: Pleural effusion."
+    nearer = draft(sides, [0.95, 0.9])  # no tie: the nearer case's side
+    assert nearer.text() == "FINDINGS: Right pleural effusion." and nearer.sentences[0].wording_from == ["c0"]
+    majority = draft(["Left pleural effusion."] * 3 + ["Small right pleural effusion."], [0.9, 0.9, 0.9, 0.95])
+    assert majority.text() == "FINDINGS: Left pleural effusion."
+    assert majority.sentences[0].wording_from == ["c0", "c1", "c2"]  # c3 says right: cited, not a source
+
+
 def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding):
     mixed = by_finding["cardiomegaly"][:2] + by_finding["nodule"][:2] + by_finding["pneumothorax"][:2]
     disagree = draft_from_hits(hits_of(mixed), labeller)

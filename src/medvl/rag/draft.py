@@ -23,11 +23,13 @@
    the consensus and it states something not yet stated; a group asserting nothing is kept when
    its own support is above ``min_support``. Its text is the member wording closest to all the
    others (weighted), and it cites every neighbour in the group (``cases``), those whose own
-   sentence has that wording first (``wording_from``). Details (``DETAILS``: laterality, size and
+   sentence has that wording (nearly, and naming no other side, size, zone or measure) first
+   (``wording_from``). Details (``DETAILS``: laterality, size and
    zone words, and measurements such as "14 mm") are first put to a weighted vote, each neighbour
    counting once per detail: for a sentence asserting a positive or uncertain finding, over every
    sentence of the neighbours that asserts it, findings and impression alike; else within the
-   group. Only wordings agreeing with the vote are candidates (a finding's group with none is left
+   group; a tie (in the vote and in the nearest naming neighbour's similarity) elects no detail of the kind.
+   Only wordings agreeing with the vote are candidates (a finding's group with none is left
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
    A wording naming an identifier (a number other than a measurement: a date, time or accession number; a
@@ -377,7 +379,8 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
     cited = sorted(by_case)
-    close = [hits[i].id for i in cited if max(jaccard(chosen, t) for t in by_case[i]) >= WORDING_SIMILARITY]
+    close = [hits[i].id for i in cited
+             if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t) for t in by_case[i])]
     return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
 
@@ -422,13 +425,16 @@ def _agreeing(wordings: list[str], voters: list[tuple[int, str]], weights: np.nd
         for kind, details in enumerate(_details(text)):
             for detail in details:
                 named.setdefault((kind, detail), set()).add(i)
-    votes = {key: sum(float(weights[i]) for i in cases) for key, cases in named.items()}
-    winners: dict[int, str] = {}
-    for (kind, detail), vote in sorted(votes.items()):
-        if kind not in winners or vote > votes[(kind, winners[kind])]:
-            winners[kind] = detail
-    return [w for w in wordings
-            if all(details <= {winners[kind]} for kind, details in enumerate(_details(w)) if kind in winners)]
+    # a detail's vote, then the similarity of its nearest neighbour: a tie on both leaves the kind undecided
+    votes = {key: (round(sum(float(weights[i]) for i in cases), 9), round(max(float(weights[i]) for i in cases), 9))
+             for key, cases in named.items()}
+    winners: dict[int, str | None] = {}
+    for kind in {kind for kind, _ in votes}:
+        ranked = sorted(((vote, detail) for (k, detail), vote in votes.items() if k == kind), reverse=True)
+        tied = len(ranked) > 1 and ranked[0][0] == ranked[1][0]
+        winners[kind] = None if tied else ranked[0][1]
+    return [w for w in wordings if all(details <= ({winners[kind]} if winners[kind] else set())
+                                       for kind, details in enumerate(_details(w)) if kind in winners)]
 
 
 @lru_cache(maxsize=65536)
