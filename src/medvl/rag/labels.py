@@ -43,6 +43,7 @@ Report text is patient data: nothing here logs it.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -59,6 +60,10 @@ PRE_WINDOW = 6  # words between a cue before a mention and the mention
 POST_WINDOW = 3  # words between a mention and a cue after it
 NEAR_WINDOW = 1  # words between a mention and a NEAR_POST_NEGATION cue ("engorgement appears within normal limits")
 MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, c or d")
+# the most words between a cue and a mention it can reach: a list of MAX_LIST_ITEMS items of PRE_WINDOW words
+# joined by two-word links ("to suggest"), with room; cues further away are not looked at (a long sentence
+# without full stops would otherwise take time growing with the cube of its length)
+MAX_REACH = MAX_LIST_ITEMS * (PRE_WINDOW + 2) + 8
 
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
@@ -262,6 +267,11 @@ class _Cues:
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
+        self._word_starts = [m.start() for m in _WORD.finditer(text)]
+
+    def _near(self, start: int, end: int) -> bool:
+        """At most ``MAX_REACH`` words between the two offsets (counted by word starts: cheap)."""
+        return bisect_left(self._word_starts, end) - bisect_left(self._word_starts, start) <= MAX_REACH
 
     def status(self, start: int, end: int, gaps: list[str]) -> str:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
@@ -279,7 +289,7 @@ class _Cues:
         return POSITIVE
 
     def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False) -> bool:
-        return any(e <= start and self._open(e, start)
+        return any(e <= start and self._near(e, start) and self._open(e, start)
                    and (self._words(e, start) <= PRE_WINDOW or lists and self._listed(e, start, conjunction))
                    for _, e in spans)
 
@@ -304,7 +314,7 @@ class _Cues:
             for item in items)
 
     def _after(self, spans: list[tuple[int, int]], end: int, window: int = POST_WINDOW, lists: bool = False) -> bool:
-        return any(s >= end and self._open(end, s)
+        return any(s >= end and self._near(end, s) and self._open(end, s)
                    and (self._words(end, s) <= window or lists and self._listed(end, s, conjunction=True))
                    for s, _ in spans)
 
