@@ -372,6 +372,27 @@ def test_every_answer_has_its_own_request_id(client):
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
 
 
+def test_answers_carry_security_headers_and_the_page_cannot_be_framed(client, png):
+    """Answers holding patient data are never cached; no answer may be sniffed or framed; the page's CSP is sent
+    as a header too (a <meta> tag cannot forbid framing) and says what the tag says."""
+    import re
+
+    from medvl.serve.app import PAGE_CSP
+
+    answers = {"zero-shot": zero_shot(client, png.read_bytes()),
+               "refused": zero_shot(client, b"x", headers={"Authorization": "Bearer wrong-token"}),
+               "page": client.get("/"), "health": client.get("/v1/health")}
+    for name, answer in answers.items():
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", name
+        assert answer.headers["X-Frame-Options"] == "DENY" and answer.headers["Referrer-Policy"] == "no-referrer"
+    assert answers["zero-shot"].status_code == 200 and answers["refused"].status_code == 401
+    assert answers["zero-shot"].headers["Cache-Control"] == "no-store" == answers["refused"].headers["Cache-Control"]
+    page = answers["page"]
+    assert page.headers["Content-Security-Policy"] == PAGE_CSP and "frame-ancestors 'none'" in PAGE_CSP
+    meta = re.search(r'http-equiv="Content-Security-Policy"\s+content="([^"]+)"', page.text).group(1)
+    assert PAGE_CSP == meta + "; frame-ancestors 'none'"
+
+
 def test_zero_shot_and_embed_answer_as_the_library_does(client, model_dir, png):
     answer = zero_shot(client, png.read_bytes())
     assert answer.status_code == 200 and answer.headers["X-Request-ID"]

@@ -52,6 +52,9 @@ from .uploads import Upload, check_byte_size
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+# the page's own policy (its <meta> tag says the same) as a header, which alone can forbid framing
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
+            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 SWAGGER_STATIC = "/static/swagger-ui"  # where the swagger-ui files of /docs are served
 
 ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
@@ -183,7 +186,8 @@ async def _read(image: UploadFile, service: ModelService, request: Request) -> U
 def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     @app.get("/v1/health", tags=["service"])
     async def health() -> JSONResponse:

@@ -27,6 +27,8 @@ from .auth import TokenAuth, retry_after_header
 log = logging.getLogger("medvl.serve.requests")
 
 PUBLIC_PATHS = {"/v1/health"}
+# on every answer: no MIME sniffing, no referrer, never inside another site's frame (clickjacking)
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
 
 
@@ -61,7 +63,12 @@ class ServiceMiddleware:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if scope["path"].startswith("/v1/"):  # answers hold patient data: never kept by a cache
+                    headers.setdefault("Cache-Control", "no-store")
             await send(message)
 
         try:
