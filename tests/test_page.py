@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(13)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(14)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -408,6 +408,43 @@ def test_an_indexed_image_is_said_to_be_indexed_and_its_own_report_left_out(page
         page.locator("#draft-note").inner_text()
     cited = {cite.get_attribute("data-case-id") for cite in page.locator("#draft .cite").all()}
     assert record.id not in cited
+    # the search shows the image itself first; the draft leaves it out and reaches one case further
+    shown = {card.get_attribute("data-case-id") for card in page.locator("#similar .case").all()}
+    assert record.id in shown and cited - shown
+    page.locator(f"#draft .cite[data-case-id='{sorted(cited - shown)[0]}']").first.click()
+    assert "is cited by the draft but is not among the similar cases shown: raise k" in \
+        page.locator("#read-status").inner_text()
+    assert page.locator("#similar .case.highlight").count() == 0
+
+
+def test_no_answer_of_the_previous_image_stays_after_a_refused_one_or_a_forgotten_token(page, chest_xray,
+                                                                                      tmp_path):
+    """A refused upload used to leave the previous image's notes ("prediction: ...") and say "Answered.";
+    forgetting the token left the image, the similar cases' reports and the draft on screen."""
+    connect(page, TOKENS[13])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    assert page.locator("#zero-shot-note").inner_text().startswith("prediction:")
+    notes = tmp_path / "notes.png"
+    notes.write_text("hello")  # not an image: every panel is refused (415)
+    page.locator("#file").set_input_files(notes)
+    wait_for_panels(page, "error")
+    for panel in PANELS:
+        assert page.locator(f"#{panel}-note").inner_text() == "", panel
+        assert page.locator(f"#{panel} .body .panel-error").count() == 1, panel
+    assert page.locator("#similar .case").count() == 0 and page.locator("#draft .cite").count() == 0
+    assert page.locator("#read-status").inner_text() == "Not answered: each panel says why."
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    assert page.locator("#read-status").inner_text() == "Answered."
+    page.get_by_role("button", name="Forget token").click()
+    page.locator("#connect").wait_for(timeout=ANSWER_MS)
+    for panel in PANELS:
+        assert page.locator(f"#{panel}-note").inner_text() == "", panel
+        assert page.locator(f"#{panel} .body").inner_text() == "Connect and choose an image.", panel
+    assert page.locator("#preview img").count() == 0 and page.locator("#file-info").inner_text() == ""
+    assert page.get_by_role("button", name="Read image").is_disabled()
 
 
 def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, watch, client):
