@@ -12,6 +12,7 @@ from PIL import Image
 
 import medvl
 from cli_helpers import invoke
+from medvl.errors import InputError
 from medvl.eval.report import clinical_efficacy, metric_tokens, nlg_metrics
 from medvl.models.decoder import ReportGenerator
 from medvl.train.loop import TrainConfig
@@ -118,6 +119,9 @@ def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
                 ids.pop()
                 break
     assert model.generate(pixels, max_length=12) == [model.decode(ids[1:])]
+    for bad in (0, 1, -3):  # 0 used to mean the model's maximum
+        with pytest.raises(InputError, match="max_length must be >= 2"):
+            model.generate(pixels, max_length=bad)
 
 
 # ------------------------------------------------------------------ the commands

@@ -32,7 +32,7 @@ ContextIndexOption = Annotated[str | None, typer.Option(
     help="Index (folder or postgresql:// URL) whose nearest cases' reports are the generator's context; needed by "
          "generators trained with --context-k.")]
 BeamOption = Annotated[int, typer.Option(help="Beam width (1 = greedy decoding).")]
-MaxLengthOption = Annotated[int | None, typer.Option(help="Most tokens per report (default: the model's).")]
+MaxLengthOption = Annotated[int | None, typer.Option(min=2, help="Most tokens per report (default: the model's).")]
 
 
 @train_app.command("report")

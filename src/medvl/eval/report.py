@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_number
 from ..data.audit import content_summary, input_flags, warn_without_content
 from ..data.images import read_image
 from ..data.record import Dataset
@@ -236,6 +237,7 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
     (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens). ``content``, a list, gets
     each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a transformers
     VLM: the 8-bit RGB image its processor is given); a warning counts them."""
+    check_number("max_length", max_length, minimum=2, integer=True, optional=True)
     if isinstance(model, VisionLanguageModel):
         return _vlm_reports(model, images, beam_size, max_length, show_progress, content)
     contexts: list[Any] = [None] * len(images)

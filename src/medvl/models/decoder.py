@@ -195,8 +195,9 @@ class ReportGenerator(nn.Module):
                  max_length: int | None = None, length_penalty: float = 1.0) -> list[str]:
         """Reports for a normalised pixel batch: greedy (``beam_size=1``) or beam search."""
         check_number("beam_size", beam_size, minimum=1, maximum=32, integer=True)
+        if max_length is not None:  # 0 is refused as 1 is, not read as "not given"
+            check_number("max_length", max_length, minimum=2, integer=True)
         limit = min(max_length or self.config.decoder.max_length, self.config.decoder.max_length)
-        check_number("max_length", limit, minimum=2, integer=True)
         self.eval()
         memory, memory_mask = self.memory(pixels, context)
         if beam_size == 1:
