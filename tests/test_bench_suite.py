@@ -75,7 +75,7 @@ def test_results_have_one_row_per_model_task_metric_with_intervals(finished_run)
     assert results["versions"]["torch"].startswith("2.13")
     metrics = {r["metric"] for r in rows}
     for expected in ("auc", "calibration: ece_before", "calibration: ece_after", "i2t_R@5",
-                     "counterfactual: pair accuracy", "shortcut: masked accuracy drop", "1-shot auc"):
+                     "counterfactual: pair accuracy", "shortcut: masked balanced accuracy drop", "1-shot auc"):
         assert expected in metrics, expected
     assert any(m.startswith("sanity: ") for m in metrics)
     probe = {r["metric"] for r in rows if r["task"] == "linear-probe"}

@@ -102,6 +102,15 @@ def test_evaluators_on_a_trained_tiny_model(phantom_dir, tmp_path):
     assert rt["image_to_text"]["chance"]["R@1"] == pytest.approx(1 / rt["n_texts"])
     lp = medvl.linear_probe(model, train_set, test_set, "finding", few_shot=(1,), show_progress=False)
     assert 0 <= lp["auc"] <= 1 and "1" in lp["few_shot"]
+    # a k-shot figure does not depend on the other k asked for, nor on their order (one stream was shared)
+    both = medvl.linear_probe(model, train_set, test_set, "finding", few_shot=(4, 1), show_progress=False)
+    assert both["few_shot"]["1"] == lp["few_shot"]["1"]
+    # no labelled record to score: one line naming the data, before any image is read
+    unlabelled = test_set.select(test_set.splits[0])
+    for record in unlabelled.records:
+        record.labels.pop("finding", None)
+    with pytest.raises(InputError, match="no scored records with label 'finding'"):
+        medvl.linear_probe(model, train_set, unlabelled, "finding", few_shot=(1,), show_progress=False)
 
 
 def test_meta_text_is_drawn_with_its_share_and_pairs_a_cases_images(shared_data):

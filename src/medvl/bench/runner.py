@@ -833,7 +833,7 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
     marker = shortcut_spec(ctx.data.path) if ctx.data.path.is_dir() else None
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
                             pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes)
-    ctx.row("shortcut: masked accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
+    ctx.row("shortcut: masked balanced accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
     if result.get("pair_accuracy") is not None:
         ctx.row("shortcut: pair accuracy", result["pair_accuracy"])
         ctx.row("shortcut: pair accuracy bound", result["pair_accuracy_bound"])

@@ -26,6 +26,8 @@ EXIT_BAD_INPUT = 2
 
 LabelOption = Annotated[list[str] | None, typer.Option(
     "--label-column", "-l", help="Label column to use (repeatable); default: the dataset's own.")]
+OneLabelOption = Annotated[list[str] | None, typer.Option(
+    "--label-column", "-l", help="Label column to score (one); default: the dataset's own.")]
 SplitOption = Annotated[str, typer.Option(help="Split to use; 'all' uses every record.")]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")]
 CaptionsOption = Annotated[Path | None, typer.Option(

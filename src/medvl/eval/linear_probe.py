@@ -79,7 +79,6 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     empty = content_summary(content, "scored images")
     if empty is not None:  # their probe answers are read from noise
         result["input_content"] = empty
-    rng = np.random.default_rng(seed)
     counts = np.bincount(y_train, minlength=len(classes))
     for k in few_shot:
         if counts.min() < k:  # said, not left out of the table without a word
@@ -88,6 +87,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
             log.warning("%d-shot probe skipped: %s", k, reason)
             result.setdefault("few_shot_skipped", {})[str(k)] = reason
             continue
+        rng = np.random.default_rng([seed, k])  # each k its own draws: a k-shot figure whatever the other k asked
         runs = [_few_shot_once(x_train, y_train, x_test, y_test, classes, k, rng) for _ in range(repeats)]
         scores = [run for run in runs if run is not None]
         if scores:
@@ -104,8 +104,12 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
 def probe_classes(train_data: Dataset, test_data: Dataset, label: str) -> list[str]:
     """The classes a probe of ``label`` fitted on ``train_data`` scores ``test_data`` among (the training ones,
     sorted); InputError when the test records hold a class training lacks, or training has fewer than two."""
-    classes = sorted(set(train_data.with_labels([label]).classes(label)))
-    unknown = set(test_data.with_labels([label]).classes(label)) - set(classes)
+    train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
+    for data, what in ((train_data, "training"), (test_data, "scored")):
+        if not len(data):
+            raise InputError(f"{data.source}: no {what} records with label {label!r}")
+    classes = sorted(set(train_data.classes(label)))
+    unknown = set(test_data.classes(label)) - set(classes)
     if unknown:
         raise InputError(f"{test_data.source}: test classes {sorted(unknown)} not in training classes {classes}")
     if len(classes) < 2:
