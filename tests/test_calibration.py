@@ -77,6 +77,18 @@ def test_brier_and_nll_match_loops(seed):
     assert negative_log_likelihood(logits, targets, 2.0) == pytest.approx(nll / len(targets))
 
 
+def test_aurc_of_an_always_wrong_or_always_right_classifier():
+    """The trapezoids from the first point gave an always-wrong classifier 1 - 1/N (0.75 here), or 1 when its
+    confidences tie."""
+    wrong = np.array([1, 1, 1, 1])
+    for probs in ([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]], [[0.6, 0.4]] * 4):
+        assert risk_coverage(np.array(probs), wrong)["aurc"] == pytest.approx(1.0)
+        assert risk_coverage(np.array(probs), 1 - wrong)["aurc"] == pytest.approx(0.0)
+    # one error among four, at the lowest confidence: risk 0, 0, 0, 1/4 at the four levels
+    assert risk_coverage(np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]),
+                         np.array([0, 0, 0, 1]))["aurc"] == pytest.approx(0.25 / 4)
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_risk_coverage_and_abstention_match_loops(seed):
     logits, targets = _random(seed, n=120, k=3, scale=1.5)
@@ -90,8 +102,9 @@ def test_risk_coverage_and_abstention_match_loops(seed):
     assert curve["threshold"] == pytest.approx(thresholds)
     assert curve["coverage"] == pytest.approx(coverage)
     assert curve["risk"] == pytest.approx(risk)
-    area = sum((coverage[i + 1] - coverage[i]) * (risk[i + 1] + risk[i]) / 2 for i in range(len(coverage) - 1))
-    assert curve["aurc"] == pytest.approx(area)
+    # the mean selective risk over the N coverage levels, each record at its tie's level (Geifman & El-Yaniv)
+    per_record = [float(1 - correct[confidence >= c].mean()) for c in confidence]
+    assert curve["aurc"] == pytest.approx(sum(per_record) / len(per_record))
     for target in (0.0, 0.2, 0.4, 1.0):
         passing = [t for t, r in zip(thresholds, risk, strict=True) if r <= target]
         found = abstention_threshold(probs, targets, target)

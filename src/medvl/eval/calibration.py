@@ -116,7 +116,9 @@ def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> dict:
 
     For each distinct confidence t (descending), keeping predictions with confidence >= t gives a
     ``coverage`` (fraction kept) and a selective ``risk`` (error rate among those kept).
-    ``aurc`` is the area under risk vs coverage (trapezoids, starting from the first point).
+    ``aurc`` is the area under that curve as Geifman & El-Yaniv define it: the mean selective risk over the N
+    coverage levels 1/N .. N/N, records of tied confidence counted at their tie's level (an always-wrong
+    classifier scores 1, whatever its confidences).
     """
     probs, targets = check_probabilities(probs, targets)
     confidence = probs.max(1)
@@ -128,7 +130,8 @@ def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> dict:
     kept = np.arange(1, len(order) + 1)[last_of_tie]
     coverage = kept / len(order)
     risk = cumulative_errors[last_of_tie] / kept
-    aurc = float(np.trapezoid(risk, coverage)) if len(coverage) > 1 else float(risk[0] * coverage[0])
+    sizes = np.diff(np.r_[0, kept])  # records per tie level
+    aurc = float(np.sum(sizes * risk) / len(order))
     return {"threshold": sorted_confidence[last_of_tie].tolist(), "coverage": coverage.tolist(),
             "risk": risk.tolist(), "aurc": aurc}
 
