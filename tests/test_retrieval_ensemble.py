@@ -93,3 +93,52 @@ def test_cli_scores_several_model_folders_as_one_ensemble(phantom_dir, tmp_path)
     result, output = invoke("eval", "retrieval", "--model", runs[0], "--model", runs[0], "--data", phantom_dir,
                             "--split", "test", "--json", tmp_path / "x.json")
     assert result.exit_code == 2 and "given twice" in output and not (tmp_path / "x.json").exists()
+
+
+class _Oracle:
+    """A text tower that embeds each text as its image's embedding (plus a little noise), ignoring letter case
+    as an uncased tower does: a perfect retrieval model."""
+
+    def __init__(self, text_vectors: dict[str, np.ndarray]):
+        self.text_vectors = text_vectors
+
+    def encode_texts(self, texts, batch_size: int = 128):
+        return torch.tensor(np.stack([self.text_vectors[text.lower()] for text in texts]), dtype=torch.float32)
+
+
+def test_a_perfect_model_scores_1_with_several_captions_per_image_and_case_variants(phantom_dir):
+    """Records of one image with several captions used to be several gallery images (each tying with its copy:
+    a perfect model got t2i R@1 0.5), and captions differing in letter case two gallery texts (neither image
+    could reach rank 1). Galleries now hold each image and each text-as-the-model-sees-it once."""
+    from dataclasses import replace
+
+    test = medvl.load_dataset(phantom_dir).select("test")
+    records = [r for r in test if r.text][:15]
+    records[1] = replace(records[1], text=records[0].text.upper())  # another image, its caption in capitals
+    records[2] = replace(records[2], text=records[0].text)  # a third image with the first one's caption
+    second = [replace(r, id=r.id + "-second", text=f"Second reading {n}: " + (r.text or ""))
+              for n, r in enumerate(records[3:8])]
+    dataset = test.subset(records + second)
+    rng = np.random.default_rng(0)
+    unit = {}
+    for record in dataset:
+        vector = rng.normal(size=32)
+        unit.setdefault(str(record.image), vector / np.linalg.norm(vector))
+    captions: dict[str, list[str]] = {}  # a text as the model sees it -> its images
+    for record in dataset:
+        captions.setdefault(record.text.lower(), []).append(str(record.image))  # type: ignore[union-attr]
+    text_vectors = {}
+    for text, images in captions.items():  # a text shared by several images: the mean of theirs
+        mean = np.mean([unit[image] for image in images], axis=0) + 1e-3 * rng.normal(size=32)
+        text_vectors[text] = mean / np.linalg.norm(mean)
+    embeddings = torch.tensor(np.stack([unit[str(r.image)] for r in dataset]), dtype=torch.float32)
+    result = medvl.retrieval(_Oracle(text_vectors), dataset, image_embeddings=embeddings, keep_ranks=True,
+                             show_progress=False)
+    assert (result["n_records"], result["n_images"], result["n_texts"]) == (20, 15, len(captions))
+    assert result["image_to_text"]["R@1"] == 1.0 and result["text_to_image"]["R@1"] == 1.0
+    assert len(result["image_to_text"]["ranks"]) == 15 and len(result["text_to_image"]["ranks"]) == len(captions)
+    # chance with several relevant items: 1 - P(none of them in the first k) = share of relevant at k = 1
+    per_text = [len(set(images)) / 15 for images in captions.values()]
+    assert result["text_to_image"]["chance"]["R@1"] == pytest.approx(np.mean(per_text))
+    texts_per_image = [sum(str(r.image) in images for images in captions.values()) for r in records]
+    assert result["image_to_text"]["chance"]["R@1"] == pytest.approx(np.mean(texts_per_image) / len(captions))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,9 +76,12 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
               content: list[dict[str, str]] | None = None) -> dict:
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
-    Identical texts (several images of one case sharing a caption) are merged into one gallery
-    entry; an image's query counts as a hit at the rank of its own text, and a text's query at the
-    best rank of any of its images. ``image_embeddings`` (aligned with ``dataset``) skips embedding.
+    The galleries hold each image once and each text once: records of one image (one file, or an array's
+    pixels) with several captions share a gallery image, and texts every model embeds alike (identical, or
+    differing in letter case or spacing an uncased tower ignores) are one gallery text. A query counts as a
+    hit at the best rank of any of its texts (image->text) or images (text->image), so a perfect model scores
+    R@1 = 1 in both directions. ``n_images`` and ``n_texts`` count the galleries, ``n_records`` the pairs.
+    ``image_embeddings`` (aligned with ``dataset``) skips embedding.
     ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
     re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
     stays the plain cosine ranking), and the result gets a ``bridge`` block with its settings.
@@ -97,23 +102,45 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     records = [dataset[i] for i in with_text]
     if len(records) < 2:
         raise InputError(f"{dataset.source}: retrieval needs at least 2 records with text, got {len(records)}")
-    texts = list(dict.fromkeys(r.text for r in records))
-    text_index = {text: i for i, text in enumerate(texts)}
-    image_to_text = [[text_index[r.text]] for r in records]
-    text_to_images: list[list[int]] = [[] for _ in texts]
+    # one gallery image per image (records of one image with several captions share it)
+    image_of: dict = {}  # image key -> gallery image
+    first_record: list[int] = []  # gallery image -> its first record
+    record_image: list[int] = []  # record -> gallery image
     for i, record in enumerate(records):
-        text_to_images[text_index[record.text]].append(i)
-    subset = dataset.subset(records)
-    scores: list[tuple[np.ndarray, np.ndarray]] = []  # per member: (image->text, text->image)
-    for number, (member, given, member_bridge) in enumerate(zip(members, embeddings, bridges, strict=True)):
+        key = _image_key(record.image)
+        if key not in image_of:
+            image_of[key] = len(first_record)
+            first_record.append(i)
+        record_image.append(image_of[key])
+    texts = list(dict.fromkeys(r.text for r in records))
+    subset = dataset.subset([records[i] for i in first_record])
+    image_embs: list[np.ndarray] = []
+    text_embs: list[np.ndarray] = []
+    for number, (member, given) in enumerate(zip(members, embeddings, strict=True)):
         if given is not None:
             if len(given) != len(dataset):
                 raise InputError(f"{len(given)} embeddings for {len(dataset)} records")
-            image_emb = given[with_text].numpy()
+            image_embs.append(given[[with_text[i] for i in first_record]].numpy())
         else:
-            image_emb = embed_images(member, subset, show_progress=show_progress,
-                                     content=content if number == 0 else None).numpy()
-        text_emb = member.encode_texts(texts).numpy()
+            image_embs.append(embed_images(member, subset, show_progress=show_progress,
+                                           content=content if number == 0 else None).numpy())
+        text_embs.append(member.encode_texts(texts).numpy())
+    # texts every member embeds alike (letter case or spacing an uncased tower ignores, a report cut at the
+    # tower's length) are one gallery text: the model cannot tell them apart
+    group = _same_embedding_groups(text_embs)
+    kept = sorted(set(group))
+    position = {g: n for n, g in enumerate(kept)}
+    text_of = {text: position[group[i]] for i, text in enumerate(texts)}
+    text_embs = [emb[kept] for emb in text_embs]
+    image_to_text: list[list[int]] = [[] for _ in first_record]
+    text_to_images: list[list[int]] = [[] for _ in kept]
+    for i, record in enumerate(records):
+        image, text = record_image[i], text_of[record.text]
+        if text not in image_to_text[image]:
+            image_to_text[image].append(text)
+            text_to_images[text].append(image)
+    scores: list[tuple[np.ndarray, np.ndarray]] = []  # per member: (image->text, text->image)
+    for image_emb, text_emb, member_bridge in zip(image_embs, text_embs, bridges, strict=True):
         similarity = image_emb @ text_emb.T
         scores.append((similarity if member_bridge is None else member_bridge.scores(image_emb, text_emb, similarity),
                        similarity.T))
@@ -124,15 +151,16 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
         t2i_scores = np.mean([_standardise(t2i) for _, t2i in scores], axis=0)
     i2t = retrieval_ranks(i2t_scores, image_to_text)
     t2i = retrieval_ranks(t2i_scores, text_to_images)
-    result: dict = {"n_images": len(records), "n_texts": len(texts)}
+    result: dict = {"n_images": len(first_record), "n_texts": len(kept), "n_records": len(records)}
     if len(members) > 1:
         result["ensemble"] = {"members": len(members), "combined": "mean of per-query standardised scores"}
     if bridges[0] is not None:
         result["bridge"] = {"k": bridges[0].k, "weight": bridges[0].weight, "bank": len(bridges[0].image_embeddings)}
-    for name, ranks, gallery in (("image_to_text", i2t, len(texts)), ("text_to_image", t2i, len(records))):
+    for name, ranks, gallery, relevant in (("image_to_text", i2t, len(kept), image_to_text),
+                                           ("text_to_image", t2i, len(first_record), text_to_images)):
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
                         "mean_rank": float(ranks.mean()),
-                        "chance": {f"R@{k}": _chance_recall(k, gallery, name, text_to_images) for k in ks}}
+                        "chance": {f"R@{k}": _chance_recall(k, gallery, relevant) for k in ks}}
         if keep_ranks:
             result[name]["ranks"] = ranks.tolist()
     for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
@@ -156,12 +184,38 @@ def _per_member(name: str, value, members: int) -> list:
     return list(value)
 
 
-def _chance_recall(k: int, gallery: int, direction: str, text_to_images: list[list[int]]) -> float:
-    """Expected Recall@K of a random ranking (one relevant item, or several for text->image)."""
-    if direction == "image_to_text":
-        return min(1.0, k / gallery)
+def _chance_recall(k: int, gallery: int, relevant: list[list[int]]) -> float:
+    """Expected Recall@K of a random ranking of a gallery of ``gallery`` items, each query with its own number
+    of relevant items."""
     from math import comb
 
-    misses = [comb(gallery - len(imgs), k) / comb(gallery, k) if gallery - len(imgs) >= k else 0.0
-              for imgs in text_to_images]
+    misses = [comb(gallery - len(items), k) / comb(gallery, k) if gallery - len(items) >= k else 0.0
+              for items in relevant]
     return float(1 - np.mean(misses))
+
+
+def _image_key(image) -> object:
+    """What makes two records' images the same gallery image: the file (resolved path), or an array's pixels."""
+    if isinstance(image, str | Path):
+        return ("file", str(Path(image).resolve()))
+    if isinstance(image, np.ndarray):
+        return ("pixels", image.shape, str(image.dtype), hashlib.sha256(image.tobytes()).hexdigest())
+    return ("object", id(image))
+
+
+SAME_EMBEDDING = 1e-5  # cosine within this of 1 (float noise): the texts are the same to the model
+
+
+def _same_embedding_groups(text_embs: list[np.ndarray]) -> list[int]:
+    """For each text, the index of the first text that every member embeds alike (unit vectors)."""
+    count = len(text_embs[0])
+    group = list(range(count))
+    for start in range(0, count, 1024):
+        same = np.ones((min(1024, count - start), count), dtype=bool)
+        for emb in text_embs:
+            same &= emb[start:start + 1024] @ emb.T >= 1 - SAME_EMBEDDING
+        for row, columns in enumerate(same):
+            i = start + row
+            first = int(np.argmax(columns))  # the first alike text (itself at the latest)
+            group[i] = group[first] if first < i else i
+    return group
