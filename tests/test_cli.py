@@ -105,6 +105,42 @@ def test_eval_zero_shot_writes_json(trained, phantom_dir, tmp_path):
     assert "balanced_accuracy" in output
 
 
+def test_zero_shot_scores_a_split_among_the_labels_classes_over_every_split(trained, phantom_dir, tmp_path):
+    """A split lacking a class was scored among the classes it holds (an easier task, another AUC and chance,
+    without a word); the candidates are now the label's classes over every split, and the absent ones are named.
+    A split of one class is scored too (it was refused)."""
+    import csv
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    every = sorted({row["finding"] for row in rows})
+    gone = sorted({row["finding"] for row in rows if row["split"] == "test"})[0]
+    kept = [row for row in rows if not (row["split"] == "test" and row["finding"] == gone)]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", data, "--split", "test",
+                            "--json", tmp_path / "zs.json")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "zs.json").read_text())
+    assert metrics["classes"] == every and metrics["classes_absent"] == [gone]
+    assert metrics["chance_balanced_accuracy"] == pytest.approx(1 / len(every))
+    assert f"1 of the {len(every)} classes of 'finding' have no scored record" in " ".join(output.split())
+    only = next(row["finding"] for row in kept if row["split"] == "test")
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for row in rows if row["split"] != "test" or row["finding"] == only)
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", data, "--split", "test",
+                            "--json", tmp_path / "one.json", "-q")
+    assert result.exit_code == 0, output
+    single = json.loads((tmp_path / "one.json").read_text())
+    assert single["classes"] == every and single["macro_auc"] is None and 0 <= single["accuracy"] <= 1
+
+
 def test_zero_shot_on_a_column_the_captions_do_not_describe_says_its_prompts_are_bare_names(trained, phantom_dir,
                                                                                            tmp_path):
     result, output = invoke("eval", "zero-shot", "--model", trained, "--data", phantom_dir, "--split", "test",

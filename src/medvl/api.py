@@ -141,18 +141,21 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     from .data.audit import content_summary
     from .eval import zero_shot
     from .eval.ood import embed_checked
-    from .eval.zero_shot import zero_shot_calibration, zero_shot_classes
+    from .eval.zero_shot import label_classes, zero_shot_calibration, zero_shot_classes
     from .models.registry import load_model
 
     if calibration_split is not None and calibration_split == split:
         raise InputError(f"--calibration-split {calibration_split!r} is the evaluated split: "
                          "fit the temperature on a different split than the one you report")
-    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    whole = load_split(data, "all", allow_outside_root=allow_outside_root)
+    dataset = whole.select(split)
     column = pick_label(dataset, label_columns, "zero-shot")
-    classes = zero_shot_classes(dataset, column)  # bad labels and splits are refused before any image is embedded
+    # scored among the label's classes over every split (a class the split lacks is still a possible answer);
+    # bad labels and splits are refused before any image is embedded
+    classes = zero_shot_classes(dataset, column, label_classes(whole, column))
     fit_set, copies = None, None
     if calibration_split is not None:
-        fit_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+        fit_set = whole.select(calibration_split)
         shared = dataset.shared_images(fit_set)
         if shared:  # e.g. 'all': the temperature would be fitted on the scored images too
             raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the evaluated "
@@ -162,7 +165,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     net = load_model(model, backend=backend)
     content: list[dict[str, str]] = []
     embeddings, ood_block = embed_checked(net, dataset, show_progress, content)  # + what the guard and checks flag
-    result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net),
+    result = zero_shot(net, dataset, column, captions=captions_for(dataset, captions, net), classes=classes,
                        show_progress=show_progress, image_embeddings=embeddings,
                        keep_logits=calibration_split is not None)
     if fit_set is not None:

@@ -206,7 +206,7 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
     (``eval.zero_shot.zero_shot_classes``; the calibration split may not hold a class the scored split lacks)."""
     from ..eval.covariates import check_covariates
     from ..eval.linear_probe import probe_classes
-    from ..eval.zero_shot import zero_shot_classes
+    from ..eval.zero_shot import label_classes, zero_shot_classes
 
     for task in suite.tasks:
         spec = suite.datasets[task.dataset]
@@ -224,7 +224,8 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
                 check_covariates(fitted.records, task.covariates, [label], where)
         if task.task != "zero-shot" or not label or prepared[task.dataset].dataset is None:
             continue
-        classes = zero_shot_classes(prepared[task.dataset].split(spec.split), label)
+        classes = zero_shot_classes(prepared[task.dataset].split(spec.split), label,
+                                    label_classes(prepared[task.dataset].dataset, label))
         fit_name = spec.calibration_split
         if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split:
             try:
@@ -501,13 +502,15 @@ def _zero_shot(ctx: _Context) -> None:
     from ..data import captions_for
     from ..eval import zero_shot
     from ..eval.ood import embed_checked
+    from ..eval.zero_shot import label_classes
 
     spec, net, label = ctx.data.spec, ctx.net, ctx.label
     test = ctx.data.split(spec.split)
     captions = captions_for(test, spec.captions, net)
     embeddings, ood_block = embed_checked(net, test, ctx.show_progress)
     result = zero_shot(net, test, label, captions=captions, image_embeddings=embeddings, keep_scores=True,
-                       keep_logits=True, show_progress=ctx.show_progress)
+                       keep_logits=True, show_progress=ctx.show_progress,
+                       classes=label_classes(ctx.data.dataset, label))  # the label's, over every split
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     _classification_rows(ctx, y_true, probabilities)
     ctx.plots["classes"] = result["classes"]

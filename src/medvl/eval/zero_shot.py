@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,8 @@ from ..embed import class_embeddings, embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
 from .metrics import classification_metrics
+
+log = logging.getLogger(__name__)
 
 
 def scaled_similarities(model: DualEncoder, image_embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -30,6 +33,12 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
                             prompts: list[list[str]]) -> np.ndarray:
     """Softmax over classes of scaled cosine similarity to each class's prompt ensemble."""
     return zero_shot_logits(model, image_embeddings, prompts).softmax(-1).numpy()
+
+
+def label_classes(dataset: Dataset, label: str) -> list[str]:
+    """The classes of ``label`` over every record of ``dataset`` (give the whole dataset, all splits): what a
+    split of it is scored among, so that a split lacking a class is not scored as an easier task."""
+    return sorted({str(r.labels[label]) for r in dataset if label in r.labels})
 
 
 def zero_shot_classes(dataset: Dataset, label: str, classes: Sequence[str] | None = None) -> list[str]:
@@ -56,7 +65,9 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     """Classify every record's image among the classes of ``label`` from text prompts alone.
 
     Returns accuracy, balanced accuracy, macro AUC, a per-class table, the confusion matrix and
-    the prompts used. ``classes`` defaults to the classes present in the dataset.
+    the prompts used. ``classes`` defaults to the classes present in the dataset; give the label's classes
+    over the whole dataset (``label_classes``) when scoring one split: a class without a scored record stays a
+    candidate (it can be a wrong answer), and is named in ``classes_absent`` with a warning.
     ``image_embeddings`` (rows aligned with ``dataset``) skips embedding; ``keep_scores`` adds
     the per-image ``probabilities`` and true class indices ``y_true``; ``keep_logits`` adds the
     scaled similarities ``logits`` the probabilities are the softmax of (for temperature fitting).
@@ -78,6 +89,11 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     probabilities = logits.softmax(-1).numpy()
     y_true = np.array([index[str(r.labels[label])] for r in dataset])
     metrics = classification_metrics(y_true, probabilities, class_names)
+    absent = [name for i, name in enumerate(class_names) if not (y_true == i).any()]
+    if absent:
+        metrics["classes_absent"] = absent
+        log.warning("%d of the %d classes of %r have no scored record; they stay candidates: %s", len(absent),
+                    len(class_names), label, ", ".join(absent[:10]))
     metrics.update(label=label, classes=class_names, chance_accuracy=_majority_rate(y_true),
                    chance_balanced_accuracy=1.0 / len(class_names),
                    prompts=dict(zip(class_names, prompts, strict=True)))
