@@ -327,18 +327,16 @@ def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_d
 
 
 def test_a_failing_task_input_is_found_before_anything_is_written(two_models, phantom_dir, tmp_path):
-    """A calibration split holding a class the scored split lacks is refused before any cell runs, naming the
-    calibration split; a failed rerun into a finished folder leaves no results of the earlier suite beside
-    the new suite.json."""
+    """A probe whose scored split holds a class its training split lacks is refused before any cell runs,
+    naming the training split; a failed rerun into a finished folder leaves no results of the earlier suite
+    beside the new suite.json."""
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
     rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
-    scored = {row["finding"] for row in rows if row["split"] == "test"}
-    moved = next(finding for finding in sorted(scored) if any(
-        row["finding"] == finding and row["split"] == "val" for row in rows))
+    moved = sorted({row["finding"] for row in rows if row["split"] == "test"})[0]
     for row in rows:
-        if row["split"] == "test" and row["finding"] == moved:
-            row["split"] = "train"
+        if row["split"] == "train" and row["finding"] == moved:
+            row["split"] = "val"
     with (data / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -350,11 +348,10 @@ def test_a_failing_task_input_is_found_before_anything_is_written(two_models, ph
     result, output = invoke("bench", "run", first, "--model", two_models[0], "--out", out, "-q")
     assert result.exit_code == 0 and (out / "results.json").is_file(), output
     second = write_suite(tmp_path / "second", data, tasks=[{"task": "retrieval", "dataset": "phantom"},
-                                                {"task": "zero-shot", "dataset": "phantom"}], checks=["calibration"])
+                                                {"task": "linear-probe", "dataset": "phantom"}], checks=[])
     result, output = invoke("bench", "run", second, "--model", two_models[0], "--out", out, "-q")
     assert result.exit_code == 2, output
-    assert ("task zero-shot@phantom: calibration_split 'val' (the temperature is fitted among the scored split's "
-            "classes)") in " ".join(output.split())
+    assert "train_split 'train'" in output and "not in training classes" in " ".join(output.split())
     assert moved in output
     assert len(list((out / "cells").glob("*.json"))) == 1  # the first run's cell only: nothing ran
     assert json.loads((out / "suite.json").read_text())["suite"]["tasks"] == [

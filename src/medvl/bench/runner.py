@@ -203,7 +203,7 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
     (InputError): the classes of a probe's training split against its scored split
     (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
     (``eval.covariates.check_covariates``), and the classes of a zero-shot task's scored and calibration splits
-    (``eval.zero_shot.zero_shot_classes``; the calibration split may not hold a class the scored split lacks)."""
+    (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split)."""
     from ..eval.covariates import check_covariates
     from ..eval.linear_probe import probe_classes
     from ..eval.zero_shot import label_classes, zero_shot_classes
@@ -231,8 +231,7 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
             try:
                 zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
             except InputError as error:
-                raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r} (the temperature "
-                                 f"is fitted among the scored split's classes): {error}") from None
+                raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: {error}") from None
 
 
 # ------------------------------------------------------------------ the run
@@ -766,7 +765,8 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
         for group, metrics in block["groups"].items():
             auc = metrics.get("auc")
             if isinstance(auc, dict):
-                ctx.row(f"subgroup {column}={group}: auc", auc["value"], auc, n=metrics["n"])
+                ctx.row(f"subgroup {column}={group}: auc", auc["value"], auc, n=metrics["n"],
+                        smallest_class=metrics["smallest_class"])
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))

@@ -1,9 +1,11 @@
 """Percentile bootstrap intervals over records, seeded (plain numpy).
 
 A draw is ``numpy.random.default_rng(seed).integers(0, n, n)`` taken in turn, so the same seed gives
-the same draws everywhere (the MedMNIST operating points use these draws too). With
-``need_both_classes`` a draw that misses a class present in ``y_true`` is skipped, not redrawn, so a
-metric such as AUC is defined on every draw used; ``resamples`` in a result is the count actually used.
+the same draws everywhere. With ``need_both_classes`` (AUC-like metrics, defined only when every class is
+present) the bootstrap is stratified, as pROC's AUC intervals are: each class's records are drawn among
+themselves, keeping its count, so every draw holds every class and is used. (Draws missing a class used to be
+skipped: on a group with a class of one or two records most draws were, and the interval came from the few
+holding them, its coverage far below the level.) ``resamples`` in a result is the count of draws used.
 The interval at ``level`` is the ((1 - level) / 2, (1 + level) / 2) percentile pair of the metric over
 the draws (numpy's linear interpolation); ``value`` is the metric on all records.
 """
@@ -24,17 +26,17 @@ def bootstrap_draws(y_true: np.ndarray, resamples: int = 1000, seed: int = 0,
                     need_both_classes: bool = True, rng: np.random.Generator | None = None) -> list[np.ndarray]:
     """Index arrays of ``resamples`` draws with replacement of ``len(y_true)`` records.
 
-    With ``need_both_classes`` the draws missing any class of ``y_true`` are left out. ``rng``
-    (instead of ``seed``) continues an existing stream.
+    With ``need_both_classes`` each draw is stratified by class (each class's records drawn among themselves,
+    its count kept). ``rng`` (instead of ``seed``) continues an existing stream.
     """
     y_true = np.asarray(y_true)
     rng = rng if rng is not None else np.random.default_rng(seed)
-    codes = np.unique(y_true, return_inverse=True)[1].reshape(-1)
-    classes = int(codes.max()) + 1 if len(codes) else 0
-    draws = (rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples))
     if not need_both_classes:
-        return list(draws)
-    return [index for index in draws if np.bincount(codes[index], minlength=classes).all()]
+        return [rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples)]
+    codes = np.unique(y_true, return_inverse=True)[1].reshape(-1)
+    members = [np.flatnonzero(codes == code) for code in range(int(codes.max()) + 1 if len(codes) else 0)]
+    return [np.concatenate([group[rng.integers(0, len(group), len(group))] for group in members])
+            for _ in range(resamples)]
 
 
 def percentile_interval(metric_of_index: Callable[[np.ndarray], float], n: int, draws: Sequence[np.ndarray],
@@ -74,8 +76,8 @@ def difference_ci(metric: Metric, first: Sequence[np.ndarray | Sequence], second
     """Bootstrap interval of ``metric(*first) - metric(*second)`` for two groups of records.
 
     ``first`` and ``second`` are ``(y_true, *arrays)`` of each group; each draw resamples both groups
-    independently (within group, so each keeps its size), and with ``need_both_classes`` a draw is
-    skipped when either group misses one of its classes. Returns ``value``, ``low``, ``high``, ``resamples``.
+    independently (within group, so each keeps its size; with ``need_both_classes`` within each class of a
+    group too). Returns ``value``, ``low``, ``high``, ``resamples``.
     """
     if len(first) < 1 or len(second) < 1:
         raise InputError("difference_ci needs (y_true, *arrays) for each group, got an empty group")
