@@ -20,7 +20,9 @@
 # `medvl pacs pull --retrieve move --move-port PORT` listens. Orthanc cannot bind its DICOM port to
 # one address, so it serves only that peer: requests from other AE titles or other hosts are
 # refused. `start` then also prints dimse=dicom://AET@127.0.0.1:PORT, aet=, dicom_port=,
-# peer_aet=, peer_port=.
+# peer_aet=, peer_port=. ORTHANC_LIMIT_FIND (default 0: no cap) caps every search at that many
+# results (Orthanc's LimitFindResults and LimitFindInstances, for QIDO-RS and C-FIND alike), like a
+# PACS with a small result limit.
 # Exit codes: 0 ok, 1 failure, 3 Orthanc or the DICOMweb plugin is not installed.
 # On a machine with systemd, installing the package also starts the system's own Orthanc service
 # (port 8042); this script never uses or stops that one.
@@ -99,6 +101,8 @@ start() {
     local user=${ORTHANC_USER:-} password=${ORTHANC_PASSWORD:-}
     local dicom_port=${ORTHANC_DICOM_PORT:-} aet=${ORTHANC_AET:-MEDVL-PACS} peer_aet=${ORTHANC_PEER_AET:-MEDVL}
     local peer_port=${ORTHANC_PEER_PORT:-}
+    local limit_find=${ORTHANC_LIMIT_FIND:-0}
+    [[ "$limit_find" =~ ^[0-9]+$ ]] || { log "ORTHANC_LIMIT_FIND must be a number, got '$limit_find'"; exit 1; }
     mkdir -p "$dir/db"
     local dicom='"DicomServerEnabled": false'
     if [[ -n "$dicom_port" ]]; then
@@ -132,6 +136,8 @@ PY
   $dicom,
   "HttpCompressionEnabled": false,
   "SaveJobs": false,
+  "LimitFindResults": $limit_find,
+  "LimitFindInstances": $limit_find,
   "Plugins": ["$plugin"],
   "DicomWeb": {"Enable": true, "Root": "/dicom-web/", "EnableWado": true}
 }
