@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -213,14 +214,14 @@ class Orthanc:
         return DicomWebClient(self.dicomweb, username=USER, password=PASSWORD, **options)
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory):
-    """A real Orthanc with the DICOMweb plugin, started by scripts/orthanc.sh; stopped at the end."""
-    folder = tmp_path_factory.mktemp("orthanc")
+def start_orthanc(folder: Path, **settings: str):
+    """Start an Orthanc with scripts/orthanc.sh in ``folder`` (``settings``: more of its environment
+    variables), yield it, stop it."""
     env = {**os.environ, "ORTHANC_DIR": str(folder), "ORTHANC_USER": USER, "ORTHANC_PASSWORD": PASSWORD,
-           "ORTHANC_DICOM_PORT": "auto", "ORTHANC_PEER_AET": MOVE_AET}
-    for name in ("ORTHANC_PORT", "ORTHANC_AET", "ORTHANC_PEER_PORT"):
-        env.pop(name, None)
+           "ORTHANC_DICOM_PORT": "auto", "ORTHANC_PEER_AET": MOVE_AET, **settings}
+    for name in ("ORTHANC_PORT", "ORTHANC_AET", "ORTHANC_PEER_PORT", "ORTHANC_LIMIT_FIND"):
+        if name not in settings:
+            env.pop(name, None)
     started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
     if started.returncode == 3:
         pytest.skip(f"Orthanc not available: {started.stderr.strip()}")
@@ -232,13 +233,9 @@ def orthanc(tmp_path_factory):
         subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def uploaded(orthanc, tmp_path_factory) -> Orthanc:
-    """The made-up patients and the pydicom-data files, uploaded with POST /instances."""
-    folder = tmp_path_factory.mktemp("upload")
-    patients = write_patients(folder / "made-up")
-    store = pydicom_data_copies(folder / "store")
-    orthanc.files = {"A": patients["A"], "B": patients["B"], **{f"store-{i}": [p] for i, p in enumerate(store)}}
+def upload(orthanc: Orthanc, files: dict[str, list[Path]]) -> Orthanc:
+    """POST the files to Orthanc's /instances; ``files``: study name -> files of that study."""
+    orthanc.files = files
     with requests.Session() as session:
         session.auth = (USER, PASSWORD)
         for name, paths in orthanc.files.items():
@@ -247,6 +244,30 @@ def uploaded(orthanc, tmp_path_factory) -> Orthanc:
                 assert answer.status_code == 200 and answer.json()["Status"] == "Success", answer.text
             orthanc.studies[name] = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
     return orthanc
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc with the DICOMweb plugin, started by scripts/orthanc.sh; stopped at the end."""
+    yield from start_orthanc(tmp_path_factory.mktemp("orthanc"))
+
+
+@pytest.fixture(scope="session")
+def uploaded(orthanc, tmp_path_factory) -> Orthanc:
+    """The made-up patients and the pydicom-data files, uploaded with POST /instances."""
+    folder = tmp_path_factory.mktemp("upload")
+    patients = write_patients(folder / "made-up")
+    store = pydicom_data_copies(folder / "store")
+    return upload(orthanc, {"A": patients["A"], "B": patients["B"],
+                            **{f"store-{i}": [p] for i, p in enumerate(store)}})
+
+
+@pytest.fixture(scope="session")
+def capped(tmp_path_factory) -> Iterator[Orthanc]:
+    """A second Orthanc that caps every search at 2 results (LimitFindResults and LimitFindInstances),
+    silently, as many PACS do, holding patient A (a 4-slice CT series, a CR and an MR image)."""
+    for orthanc in start_orthanc(tmp_path_factory.mktemp("orthanc-capped"), ORTHANC_LIMIT_FIND="2"):
+        yield upload(orthanc, {"A": write_patients(tmp_path_factory.mktemp("upload-capped"))["A"]})
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +351,37 @@ def test_pull_is_deidentified_resumable_and_loads(uploaded, pulled_a):
     assert embedding.shape == (1, 64) and torch.isfinite(embedding).all()
     with pytest.raises(InputError, match="holds a finished pull"):
         pull_study(uploaded.client(), uploaded.studies["A"], out, show_progress=False)
+
+
+@pytest.mark.orthanc
+def test_pull_from_a_capped_server_says_what_is_missing_and_resumes_to_the_end(capped, tmp_path, monkeypatch):
+    """Orthanc capped at 2 results lists 3 of the CT series' 4 instances and pages only within those 3;
+    the series' Number of Series Related Instances (4) shows the gap. A pull cut short by --limit stays
+    incomplete, saying so, and its resume brings the unlisted slice (the whole series is asked for)."""
+    from medvl.cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)
+    study, out = capped.studies["A"], tmp_path / "resumed"
+    auth = ("--user", USER, "--password", PASSWORD)
+    result, output = invoke("pacs", "pull", "--url", capped.dicomweb, *auth, "--study", study, "--out", out,
+                            "--limit", 1, "--quiet")
+    assert result.exit_code == 0 and (out / STATE_NAME).is_file(), output
+    assert ("incomplete: 5 instance(s) missing: series 1 of 3 (CT) has 1 of 4, the server listing only 3 (a capped "
+            "search); series 2 of 3 (CR) has 0 of 1; series 3 of 3 (MR) has 0 of 1; rerun the same command") in output
+    result, output = invoke("pacs", "pull", "--url", capped.dicomweb, *auth, "--study", study, "--out", out, "--quiet")
+    assert result.exit_code == 0 and "pulled 5 instance(s) (1 already there) of 6 in 3 series" in output, output
+    assert "incomplete" not in output and not (out / STATE_NAME).exists()
+    with capped.client() as client:
+        whole = pull_study(client, study, tmp_path / "whole", show_progress=False)  # one run, no limit
+    assert whole["complete"] and whole["missing"] is None and whole["counts"]["instances"] == 6
+    assert whole["counts"]["pulled"] == 6  # it said "pulled 6 of 5"
+    for folder in (out, tmp_path / "whole"):
+        assert len(list(folder.rglob("*.dcm"))) == 6
+        [volume] = [r for r in load_dataset(folder) if r.meta["kind"] == "volume"]
+        assert volume.meta["slices"] == "4" and read_image(volume.image).shape == (4, 32, 32)
+    report = read_report(out)
+    assert report["complete"] and [s["missing"] for s in report["series"]] == [0, 0, 0]
+    assert [(s["instances"], s["listed"]) for s in report["series"]] == [(4, 3), (1, 1), (1, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -622,6 +674,52 @@ def test_non_dicom_payloads_are_refused(broken_pacs, tmp_path, kind, body, probl
         pull_study(broken_pacs, "1.2.3", out, show_progress=False)
     assert broken_pacs in str(error.value)
     assert not list(out.rglob("*.dcm"))  # nothing half-written
+
+
+def test_qido_paging_goes_on_past_a_short_page():
+    from medvl.clinical.pacs import _all_pages
+
+    items = [{"SOPInstanceUID": f"1.2.{i}"} for i in range(5)]
+    asked: list[int] = []
+
+    def capped(offset: int) -> list[dict]:  # 2 results a page whatever the limit asked: a capped server
+        asked.append(offset)
+        return items[offset:offset + 2]
+
+    assert _all_pages(capped, "SOPInstanceUID") == items and asked == [0, 2, 4, 5]
+    asked.clear()
+    assert _all_pages(capped, "SOPInstanceUID", expected=4) == items[:4] and asked == [0, 2]  # the count is there
+    assert _all_pages(lambda offset: items[:2], "SOPInstanceUID") == items[:2]  # a server ignoring offset
+
+
+def test_pull_is_never_complete_while_the_source_counts_more_than_it_delivers(tmp_path):
+    """A source listing 3 of the 4 instances it counts, which delivers only what it listed (as a DIMSE
+    retrieve refuses instances not asked for): the pull stays incomplete and keeps its state."""
+    from medvl.clinical.pull import SeriesPlan, run_pull
+
+    slices = sorted(p for p in write_patients(tmp_path / "files")["A"] if "-ct-" in p.name)
+    headers = [pydicom.dcmread(p) for p in slices]
+
+    class CappedSource:
+        url = "test://capped"
+
+        def plan_series(self, study_uids):
+            return [SeriesPlan(headers[0].StudyInstanceUID, headers[0].SeriesInstanceUID, "CT", 1,
+                               [ds.SOPInstanceUID for ds in headers[:3]], expected=4)]
+
+        def fetch_series(self, plan, missing):
+            for path, ds in zip(slices, headers, strict=True):
+                if ds.SOPInstanceUID in missing:
+                    with path.open("rb") as body:
+                        yield body
+
+    out = tmp_path / "out"
+    for run in range(2):  # a rerun gets no further, and says so again
+        report = run_pull(CappedSource(), headers[0].StudyInstanceUID, out, show_progress=False)
+        assert not report["complete"] and (out / STATE_NAME).is_file()
+        assert report["missing"] == ("1 instance(s) missing: series 1 of 1 (CT) has 3 of 4, the server listing "
+                                     "only 3 (a capped search)")
+        assert report["counts"]["pulled"] == (3 if run == 0 else 0) and len(list(out.rglob("*.dcm"))) == 3
 
 
 def test_multipart_parser_handles_any_chunking():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -168,7 +169,8 @@ def pull_command(
                   f"{counts['instances']} in {counts['series']} series of {counts['studies']} study(ies) into {out}"
                   + ("" if keep_identifiers else ", de-identified"))
     if not report["complete"]:
-        console.print("[yellow]incomplete:[/] rerun the same command to pull the rest", markup=True)
+        console.print(f"[yellow]incomplete:[/] {escape(report['missing'] or 'instances missing')}; rerun the same "
+                      "command to pull the rest", markup=True)
     deid = report.get("deidentification") or {}
     if deid.get("files_with_burned_in_annotation"):
         console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_annotation']} instance(s) declare burned-in "

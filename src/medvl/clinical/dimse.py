@@ -268,12 +268,14 @@ class DimseClient:
     # ------------------------------------------------------------- pull source (medvl.clinical.pull)
 
     def plan_series(self, study_uids: list[str]) -> list[SeriesPlan]:
-        """Every series of the studies with the SOP Instance and Class UIDs in each (C-FIND)."""
+        """Every series of the studies with the SOP Instance and Class UIDs in each and the number of
+        instances the PACS counts in it (C-FIND)."""
         plans = []
         with self._find_association("study listing") as assoc:
             for number, study_uid in enumerate(study_uids, 1):
                 series = self._find("SERIES", {"StudyInstanceUID": _uid(study_uid)}, None,
-                                    ("SeriesInstanceUID", "SeriesNumber", "Modality"), None, "series search", assoc)
+                                    ("SeriesInstanceUID", "SeriesNumber", "Modality", "NumberOfSeriesRelatedInstances"),
+                                    None, "series search", assoc)
                 if not series:  # the UID is not repeated: UIDs can embed dates
                     given = f"study {number} of {len(study_uids)} given" if len(study_uids) > 1 else "the study given"
                     raise DataError(self.url, f"{given} is not on the server (C-FIND lists no series for its UID)")
@@ -284,7 +286,8 @@ class DimseClient:
                     plans.append(SeriesPlan(
                         study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
                         list(dict.fromkeys(str(i["SOPInstanceUID"]) for i in instances if i.get("SOPInstanceUID"))),
-                        sop_classes={str(i["SOPClassUID"]) for i in instances if i.get("SOPClassUID")}))
+                        sop_classes={str(i["SOPClassUID"]) for i in instances if i.get("SOPClassUID")},
+                        expected=as_int(item.get("NumberOfSeriesRelatedInstances"))))
         return plans
 
     def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:

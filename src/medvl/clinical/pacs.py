@@ -50,7 +50,7 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 WADO_ACCEPT_FALLBACK = 'multipart/related; type="application/dicom"'  # servers that refuse "*" (HTTP 406)
 SPOOL_BYTES = 64 << 20  # an instance larger than this is spooled to an unnamed temporary file
 CHUNK_BYTES = 1 << 16
-PAGE_SIZE = 1000  # QIDO-RS results asked for per request
+PAGE_SIZE = 1000  # QIDO-RS results asked for per request (servers may send fewer: see _all_pages)
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
                 "StudyDescription", "AccessionNumber", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
@@ -233,21 +233,23 @@ class DicomWebClient:
     # -------------------------------------------------------------- pull source (medvl.clinical.pull)
 
     def plan_series(self, study_uids: list[str]) -> list[SeriesPlan]:
-        """Every series of the studies and the SOP Instance UIDs in each (QIDO-RS)."""
+        """Every series of the studies, the SOP Instance UIDs in each and the number of instances the
+        server counts in it (QIDO-RS; a listing shorter than that count is left to ``run_pull``)."""
         plans = []
         for number, study_uid in enumerate(study_uids, 1):
             series = _all_pages(lambda offset, s=study_uid: self.search_series(
-                s, fields=("SeriesInstanceUID", "SeriesNumber", "Modality"), limit=PAGE_SIZE, offset=offset),
-                "SeriesInstanceUID")
+                s, fields=("SeriesInstanceUID", "SeriesNumber", "Modality", "NumberOfSeriesRelatedInstances"),
+                limit=PAGE_SIZE, offset=offset), "SeriesInstanceUID")
             if not series:  # the UID is not repeated: UIDs can embed dates
                 given = f"study {number} of {len(study_uids)} given" if len(study_uids) > 1 else "the study given"
                 raise DataError(self.url, f"{given} is not on the server (QIDO-RS lists no series for its UID)")
             for item in sorted(series, key=series_order):
                 series_uid = str(item["SeriesInstanceUID"])
+                expected = as_int(item.get("NumberOfSeriesRelatedInstances"))
                 instances = _all_pages(lambda offset, s=study_uid, r=series_uid: self.search_instances(
-                    s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID")
+                    s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID", expected)
                 plans.append(SeriesPlan(study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
-                                        [str(i["SOPInstanceUID"]) for i in instances]))
+                                        [str(i["SOPInstanceUID"]) for i in instances], expected=expected))
         return plans
 
     def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:
@@ -437,16 +439,23 @@ def iter_multipart(chunks: Iterable[bytes], boundary: bytes, where: str) -> Iter
 # ------------------------------------------------------------------------------------- pull
 
 
-def _all_pages(search, key: str) -> list[dict[str, Any]]:
-    """Every result of a QIDO-RS query, page by page (servers cap result counts), deduplicated by
-    ``key``; stops when a page brings nothing new (a server that ignores ``offset``)."""
+def _all_pages(search, key: str, expected: int | None = None) -> list[dict[str, Any]]:
+    """Every result of a QIDO-RS query, page by page, deduplicated by ``key``.
+
+    ``search(offset)`` asks for ``PAGE_SIZE`` results from ``offset``. Servers cap their answers below
+    the ``limit`` asked for (Orthanc's ``LimitFindInstances`` / ``LimitFindResults``, dcm4chee's
+    QIDO max results) without saying so, so a short page is not the last one: ask again from the new
+    offset until a page brings nothing new (empty, or the same again from a server that ignores
+    ``offset``), or ``expected`` results (the count the server gave) are there. A server may still
+    list fewer than it counts (Orthanc pages within its capped results): the caller compares."""
     found: dict[str, dict[str, Any]] = {}
-    while True:
+    while expected is None or len(found) < expected:
         page = search(len(found))
         fresh = {str(item[key]): item for item in page if item.get(key) and str(item[key]) not in found}
+        if not fresh:
+            break
         found.update(fresh)
-        if len(page) < PAGE_SIZE or not fresh:
-            return list(found.values())
+    return list(found.values())
 
 
 

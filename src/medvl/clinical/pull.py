@@ -7,12 +7,19 @@ files, one readable binary stream at a time (``fetch_series``). ``run_pull`` doe
 way for every source:
 
 ``OUT/study-<hash>/series-<hash>/<hash>.dcm`` (short SHA-256 hashes of the de-identified UIDs)
-plus ``pull-report.json`` (server, counts, series with modality and number, the de-identification
-summary: attribute names only; no UIDs, names, IDs or dates). Every instance is de-identified
+plus ``pull-report.json`` (server, counts, series with modality and number, what is missing, the
+de-identification summary: attribute names only; no UIDs, names, IDs or dates). Every instance is de-identified
 before it is written (``medvl.clinical.deid``: the PS3.15 basic profile via dicognito, one
 anonymizer per pull so the studies, series and patients stay linked) and written atomically
 (temporary file + rename). ``keep_identifiers=True`` writes the instances as received instead, with
 a warning.
+
+A pull is complete when every listed instance is there and every series holds as many instances
+as the source counts in it (``SeriesPlan.expected``, DICOM's Number of Series Related Instances,
+where the source gives it). Servers cap their search results without saying so, and a listing may
+be shorter than the series: such a series is retrieved whole (WADO-RS / C-GET / C-MOVE at series
+level) rather than instance by instance, and the pull stays incomplete, its state kept, while any
+instance is known to be missing (``report["missing"]`` says which series, in one line).
 
 A pull is resumable: ``OUT/.medvl-pull-state.json`` records which instances are done (by a hash of
 their original SOP Instance UID) and, for a de-identified pull without ``seed``, the random
@@ -29,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Generator, Iterable
+from collections.abc import Container, Generator, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +63,23 @@ class SeriesPlan:
     series_uid: str
     modality: str | None
     number: int | None
-    instances: list[str]  # original SOP Instance UIDs
+    instances: list[str]  # original SOP Instance UIDs, as the source listed them
     sop_classes: set[str] = field(default_factory=set)  # SOP Class UIDs in the series, where the source lists them
+    expected: int | None = None  # instances the source counts in the series (0020,1209); None: it does not say
     pulled: int = 0
-    already: int = 0
+    already: int = 0  # instances of the series already in OUT when this run started
+    missing: int = 0  # instances known to be absent after this run (listed, or counted by the source)
     folder: str | None = None  # OUT-relative folder of the written instances
+
+    @property
+    def size(self) -> int:
+        """The instances the series holds as far as known: listed, or counted by the source if more."""
+        return max(len(self.instances), self.expected or 0)
+
+    @property
+    def listing_short(self) -> bool:
+        """True when the source counts more instances than it listed (a capped search)."""
+        return self.expected is not None and self.expected > len(self.instances)
 
 
 class PullSource(Protocol):
@@ -69,12 +88,14 @@ class PullSource(Protocol):
     url: str  # where the studies come from, without credentials (shown in messages and the report)
 
     def plan_series(self, study_uids: list[str]) -> list[SeriesPlan]:
-        """Every series of the studies with its SOP Instance UIDs; ``DataError`` for an unknown study."""
+        """Every series of the studies with its SOP Instance UIDs and, where the source says,
+        its number of instances; ``DataError`` for an unknown study."""
         ...
 
     def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:
-        """The ``missing`` instances of one series (more is fine) as DICOM files, each stream valid
-        until the next; closing the iterator early stops the transfer."""
+        """The ``missing`` instances of one series (more is fine; all of ``plan.instances``: the
+        whole series, unlisted instances included) as DICOM files, each stream valid until the
+        next; closing the iterator early stops the transfer."""
         ...
 
 
@@ -156,8 +177,9 @@ class _Writer:
         self.anonymizer = None if keep_identifiers else _anonymizer(seed)
         self.entries: list[dict[str, Any]] = []
 
-    def write(self, body: IO[bytes], where: str) -> tuple[str, str]:
-        """Store one instance; returns (hash of its original SOP Instance UID, OUT-relative path)."""
+    def write(self, body: IO[bytes], where: str, skip: Container[str] = ()) -> tuple[str, str | None]:
+        """Store one instance; returns (hash of its original SOP Instance UID, OUT-relative path),
+        with no path when that hash is in ``skip`` (already there: nothing written)."""
         import pydicom
 
         from .deid import deidentify_dataset
@@ -176,6 +198,8 @@ class _Writer:
             original = str(ds.get("SOPInstanceUID") or "")
             if not original:
                 raise DataError(self.url, f"{where}: a received instance has no SOP Instance UID")
+            if uid_hash(original, 64) in skip:
+                return uid_hash(original, 64), None
             if self.keep_identifiers:
                 body.seek(0)
                 data = body.read()
@@ -236,32 +260,38 @@ def run_pull(source: PullSource, study_uids: str | Iterable[str], out: str | Pat
         state.path.unlink(missing_ok=True)  # takes the seed with it
     log.info("pulled %d instance(s) (%d already there) in %d series into %s%s", report["counts"]["pulled"],
              report["counts"]["already_present"], report["counts"]["series"], out,
-             "" if complete else " (incomplete: rerun to continue)")
+             "" if complete else f" (incomplete, {report['missing']}: rerun to continue)")
     return report
 
 
 def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writer: _Writer,
                 limit: int | None, show_progress: bool) -> bool:
-    """Fetch what is missing, series by series; True when every listed instance is there."""
-    total = sum(len(plan.instances) for plan in plans)
+    """Fetch what is missing, series by series; True when nothing is known to be missing."""
+    total = sum(plan.size for plan in plans)
     budget = limit if limit is not None else total + 1
     saved = time.monotonic()
+    present = _present_by_folder(state)
     try:
         with progress_bar("Pulling DICOM", total=total, enabled=show_progress) as advance:
             for number, plan in enumerate(plans, 1):
                 missing = [sop for sop in plan.instances if uid_hash(sop, 64) not in state.done]
-                plan.already = len(plan.instances) - len(missing)
                 plan.folder = next((str(Path(state.done[uid_hash(s, 64)]).parent) for s in plan.instances
                                     if uid_hash(s, 64) in state.done), None)
+                plan.already = present[plan.folder] if plan.folder else 0
                 advance(plan.already)
-                if not missing or budget <= 0:
+                unlisted = plan.listing_short and plan.already < plan.size
+                if not (missing or unlisted) or budget <= 0:
                     continue
-                with closing(source.fetch_series(plan, missing)) as bodies:
+                # instances the source did not list cannot be asked for by UID: ask for the whole series
+                wanted = list(plan.instances) if unlisted else missing
+                with closing(source.fetch_series(plan, wanted)) as bodies:
                     for body in bodies:
-                        key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})")
-                        if key not in state.done:
-                            plan.pulled, budget = plan.pulled + 1, budget - 1
-                            advance(1)
+                        key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})",
+                                                     skip=state.done)
+                        if relative is None:  # already here: the whole series was asked for again
+                            continue
+                        plan.pulled, budget = plan.pulled + 1, budget - 1
+                        advance(1)
                         state.done[key] = relative
                         plan.folder = str(Path(relative).parent)
                         if time.monotonic() - saved > STATE_SAVE_SECONDS:
@@ -271,19 +301,44 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                             break
     finally:
         state.save()  # an instance written but not yet recorded is fetched and written again on resume
-    return all(uid_hash(sop, 64) in state.done for plan in plans for sop in plan.instances)
+    present = _present_by_folder(state)
+    for plan in plans:
+        absent = sum(1 for sop in plan.instances if uid_hash(sop, 64) not in state.done)
+        plan.missing = max(absent, (plan.expected or 0) - (present[plan.folder] if plan.folder else 0))
+    return not any(plan.missing for plan in plans)
+
+
+def _present_by_folder(state: _State) -> Counter[str]:
+    """Instances in OUT per series folder (a series' instances share one folder, listed or not)."""
+    return Counter(str(Path(relative).parent) for relative in state.done.values())
+
+
+def missing_line(plans: list[SeriesPlan], shown: int = 3) -> str | None:
+    """What a pull still lacks, in one line without identifiers; None when nothing is known missing."""
+    short = [(number, plan) for number, plan in enumerate(plans, 1) if plan.missing]
+    if not short:
+        return None
+    parts = []
+    for number, plan in short[:shown]:
+        modality = plan.modality or "modality unknown"
+        part = f"series {number} of {len(plans)} ({modality}) has {plan.size - plan.missing} of {plan.size}"
+        if plan.listing_short:
+            part += f", the server listing only {len(plan.instances)} (a capped search)"
+        parts.append(part)
+    more = f"; and {len(short) - shown} more series" if len(short) > shown else ""
+    return f"{sum(plan.missing for _, plan in short)} instance(s) missing: {'; '.join(parts)}{more}"
 
 
 def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: bool, keep_identifiers: bool,
                  seconds: float) -> dict[str, Any]:
     series = [{"folder": plan.folder, "modality": plan.modality, "series_number": plan.number,
-               "instances": len(plan.instances), "pulled": plan.pulled, "already_present": plan.already}
-              for plan in plans]
+               "instances": plan.size, "listed": len(plan.instances), "pulled": plan.pulled,
+               "already_present": plan.already, "missing": plan.missing} for plan in plans]
     counts = {"studies": len({plan.study_uid for plan in plans}), "series": len(plans),
-              "instances": sum(len(plan.instances) for plan in plans),
+              "instances": sum(plan.size for plan in plans),
               "pulled": sum(plan.pulled for plan in plans), "already_present": sum(plan.already for plan in plans)}
-    report = {"server": url, "complete": complete, "deidentified": not keep_identifiers, "counts": counts,
-              "series": series, "seconds": round(seconds, 2)}
+    report = {"server": url, "complete": complete, "missing": missing_line(plans), "deidentified": not keep_identifiers,
+              "counts": counts, "series": series, "seconds": round(seconds, 2)}
     if not keep_identifiers:
         report["deidentification"] = _deid_summary(writer.entries)
     return report
