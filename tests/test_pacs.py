@@ -300,6 +300,35 @@ def test_qido_search_finds_the_uploaded_studies(uploaded):
 
 
 @pytest.mark.orthanc
+def test_wildcard_and_name_searches_find_over_dicomweb_what_dimse_finds(uploaded, monkeypatch, caplog):
+    """``*``, ``?`` and the name separator ``^`` reach Orthanc as matching characters (it matches
+    ``%2A`` / ``%5E`` literally): each search finds over QIDO-RS the studies C-FIND finds."""
+    pytest.importorskip("pynetdicom")
+    from medvl.cli.common import console
+
+    a, b = uploaded.studies["A"], uploaded.studies["B"]
+    searches = [({"PatientName": "Vorn*"}, [a]), ({"PatientName": "Vornholt^Ilsabet^Marit"}, [a]),
+                ({"PatientName": "vornhol?^*"}, [a]), ({"PatientName": "Quastenberg^Odilia"}, [b]),
+                ({"PatientName": "*^Odilia"}, [b]), ({"StudyDescription": "Follow*"}, sorted([a, b])),
+                ({"StudyDescription": "Follow-up?of?Quastenberg"}, [b]), ({"PatientID": "MRN5821390?"}, [a]),
+                ({"PatientName": "Vorn*", "ModalitiesInStudy": "CT"}, [a]), ({"PatientName": "Nobody^*"}, [])]
+    dimse = dimse_client(uploaded)
+    with uploaded.client() as client:
+        for filters, expected in searches:
+            over_web = sorted(s["StudyInstanceUID"] for s in client.search_studies(filters))
+            over_dimse = sorted(s["StudyInstanceUID"] for s in dimse.search_studies(filters))
+            assert over_web == over_dimse == expected, filters
+        assert client.search_studies({"StudyDescription": "Follow-up of Vornholt"}) == []  # %20: not decoded
+        assert "sent percent-encoded (space)" in caplog.text and "Vornholt" not in caplog.text
+    assert [s["StudyInstanceUID"] for s in dimse.search_studies({"StudyDescription": "Follow-up of Vornholt"})] == [a]
+    monkeypatch.setattr(console, "width", 200)
+    auth = ("--user", USER, "--password", PASSWORD)
+    for option in (("--patient-name", "Vornholt^*"), ("--filter", "StudyDescription=Follow-up?of?Vorn*")):
+        result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, *option, "--uids")
+        assert result.exit_code == 0 and output.split() == [a], output
+
+
+@pytest.mark.orthanc
 def test_cli_search_shows_studies_on_the_terminal(uploaded, monkeypatch):
     from medvl.cli.common import console
 
@@ -674,6 +703,46 @@ def test_non_dicom_payloads_are_refused(broken_pacs, tmp_path, kind, body, probl
         pull_study(broken_pacs, "1.2.3", out, show_progress=False)
     assert broken_pacs in str(error.value)
     assert not list(out.rglob("*.dcm"))  # nothing half-written
+
+
+def test_query_values_keep_the_dicom_matching_characters():
+    from medvl.clinical.pacs import query_string
+
+    params = [("PatientName", "DOE^J* ?"), ("StudyInstanceUID", "1.2,1.3"), ("StudyDescription", "a&b=c%+"),
+              ("PatientID", "Müller")]
+    assert query_string(params) == ("PatientName=DOE^J*%20?&StudyInstanceUID=1.2,1.3&StudyDescription=a%26b%3Dc%25%2B"
+                                    "&PatientID=M%C3%BCller")
+    assert query_string(params[:1], safe="*?,") == "PatientName=DOE%5EJ*%20?"
+
+
+class StrictPacs(BaseHTTPRequestHandler):
+    """A QIDO-RS server that refuses a bare "^" in the URL (HTTP 400, as RFC 3986 strict servers do)."""
+
+    paths: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        StrictPacs.paths.append(self.path)
+        status, body = (400, b"bad request") if "^" in self.path else (200, b"[]")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_refusing_a_bare_caret_is_asked_again_with_it_encoded():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StrictPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with DicomWebClient(f"http://127.0.0.1:{server.server_address[1]}/dicom-web") as client:
+            assert client.search_studies({"PatientName": "DOE^*"}, fields=()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert StrictPacs.paths == ["/dicom-web/studies?PatientName=DOE^*", "/dicom-web/studies?PatientName=DOE%5E*"]
 
 
 def test_qido_paging_goes_on_past_a_short_page():

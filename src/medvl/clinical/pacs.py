@@ -1,14 +1,22 @@
 """A DICOMweb client: QIDO-RS search and WADO-RS pull from a PACS, de-identifying on the way in.
 
 ``DicomWebClient(url, username=..., password=... | token=..., timeout=...)`` speaks DICOMweb
-(DICOM PS3.18) over HTTP(S) with ``requests``:
+(DICOM PS3.18) over HTTP(S) with ``httpx``:
 
 - ``search_studies(filters)``, ``search_series(study_uid, filters)``, ``search_instances(...)``:
   QIDO-RS queries; ``filters`` maps DICOM keywords to match values (``{"PatientID": "123",
-  "ModalitiesInStudy": "CT", "StudyDate": "20200101-20201231"}``; ``*`` / ``?`` wildcards as the
-  server supports them). Results are plain dicts keyword -> value (person names as their
-  alphabetic text, one value as itself, several as a list). They hold patient identifiers: show
-  them to the user, never log or store them;
+  "ModalitiesInStudy": "CT", "StudyDate": "20200101-20201231"}``; ``*`` / ``?`` wildcards,
+  ``FAMILY^GIVEN`` names, ``,``-separated UID lists). The DICOM matching characters ``*``, ``?``,
+  ``,`` and ``^`` go into the URL as themselves, everything else percent-encoded as UTF-8
+  (``query_string``): PS3.18 allows ``*``, ``?`` and ``,`` unencoded, and Orthanc (1.10 with
+  DICOMweb 1.7) matches ``%2A`` or ``%5E`` literally, so encoded wildcards or name separators find
+  nothing there (``requests`` cannot send a bare ``^``: hence ``httpx``). A server refusing a bare
+  ``^`` (HTTP 400; RFC 3986 wants it encoded) is asked again with ``%5E``. That Orthanc decodes no
+  ``%XX`` at all: a value with a space or a non-ASCII letter finds nothing there (put ``?`` or
+  ``*`` in their place; C-FIND has no such limit), and a search that finds nothing says so in a
+  warning. Results are plain dicts keyword -> value (person names as their alphabetic text, one
+  value as itself, several as a list). They hold patient identifiers: show them to the user, never
+  log or store them;
 - ``retrieve_series`` / ``retrieve_instance``: WADO-RS retrieval as ``multipart/related;
   type="application/dicom"``, asking for the stored transfer syntax (``transfer-syntax=*``, so the
   server does not transcode), parsed as a stream: each instance is spooled (in memory up to 64 MiB,
@@ -29,8 +37,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 import tempfile
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -51,6 +61,8 @@ WADO_ACCEPT_FALLBACK = 'multipart/related; type="application/dicom"'  # servers 
 SPOOL_BYTES = 64 << 20  # an instance larger than this is spooled to an unnamed temporary file
 CHUNK_BYTES = 1 << 16
 PAGE_SIZE = 1000  # QIDO-RS results asked for per request (servers may send fewer: see _all_pages)
+QUERY_SAFE = "*?,^"  # DICOM matching characters sent unencoded in QIDO-RS values (see query_string)
+STRICT_SAFE = "*?,"  # the same as RFC 3986 allows them in a query (for a server refusing a bare "^")
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
                 "StudyDescription", "AccessionNumber", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
@@ -61,12 +73,26 @@ SERIES_FIELDS = ("SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescrip
 # -------------------------------------------------------------------------------- the client
 
 
-def _require_requests():
+def _require_httpx():
     try:
-        import requests
+        import httpx
     except ImportError:
-        raise DataError(None, f"the DICOMweb client needs requests: {INSTALL_HINT}") from None
-    return requests
+        raise DataError(None, f"the DICOMweb client needs httpx: {INSTALL_HINT}") from None
+    return httpx
+
+
+def _verify() -> ssl.SSLContext | bool:
+    """TLS verification: the system's CAs, or the bundle ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``
+    names (as this client honoured when it used requests; httpx itself reads ``SSL_CERT_FILE``)."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not bundle:
+        return True
+    try:
+        if os.path.isdir(bundle):
+            return ssl.create_default_context(capath=bundle)
+        return ssl.create_default_context(cafile=bundle)
+    except (OSError, ssl.SSLError):
+        raise InputError(f"cannot read the CA bundle {bundle!r} (REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE)") from None
 
 
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:
@@ -100,7 +126,7 @@ class DicomWebClient:
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  token: str | None = None, timeout: float = 60.0):
-        requests = _require_requests()
+        httpx = _require_httpx()
         self.url, url_user, url_password = split_credentials(url)
         username, password = username or url_user, password if password is not None else url_password
         if token and username:
@@ -110,12 +136,9 @@ class DicomWebClient:
         if timeout <= 0:
             raise InputError(f"timeout must be positive seconds, got {timeout}")
         self.timeout = timeout
-        self.session = requests.Session()
-        if username:
-            self.session.auth = (username, password or "")
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        self.session.headers["User-Agent"] = "medvl-dicomweb"
+        headers = {"User-Agent": "medvl-dicomweb", **({"Authorization": f"Bearer {token}"} if token else {})}
+        self.session = httpx.Client(auth=httpx.BasicAuth(username, password or "") if username else None,
+                                    headers=headers, timeout=timeout, follow_redirects=True, verify=_verify())
 
     def __repr__(self) -> str:
         return f"DicomWebClient({self.url!r})"
@@ -131,24 +154,25 @@ class DicomWebClient:
 
     # ------------------------------------------------------------------------ HTTP plumbing
 
-    def _get(self, path: str, what: str, accept: str,
-             params: Mapping[str, Any] | Sequence[tuple[str, str]] | None = None, stream: bool = False):
-        """GET ``path`` below the service root; HTTP failures become ``DataError`` naming the URL."""
-        requests = _require_requests()
+    def _get(self, path: str, what: str, accept: str, query: str = "", stream: bool = False):
+        """GET ``path`` below the service root with ``query`` as given (already encoded:
+        ``query_string``); HTTP failures become ``DataError`` naming the URL."""
+        httpx = _require_httpx()
         try:
-            response = self.session.get(self.url + path, params=params, headers={"Accept": accept},
-                                        timeout=self.timeout, stream=stream)
-        except requests.exceptions.SSLError:
-            raise DataError(self.url, "TLS/SSL error (certificate not trusted, or not an https server)") from None
-        except requests.exceptions.Timeout:
+            request = self.session.build_request("GET", self.url + path + (f"?{query}" if query else ""),
+                                                 headers={"Accept": accept})
+            response = self.session.send(request, stream=stream)
+        except httpx.TimeoutException:
             raise DataError(self.url, f"no answer within {self.timeout:g} s (timeout)") from None
-        except requests.exceptions.ConnectionError as error:
+        except httpx.ConnectError as error:
+            if any(word in str(error).lower() for word in ("ssl", "certificate", "tls")):
+                raise DataError(self.url, "TLS/SSL error (certificate not trusted, or not an https server)") from None
             raise DataError(self.url, f"cannot connect: {_connection_reason(error)}") from None
-        except requests.exceptions.RequestException as error:
+        except httpx.HTTPError as error:
             raise DataError(self.url, f"request failed ({type(error).__name__})") from None
         if response.status_code >= 400:
             response.close()
-            raise DataError(self.url, _status_problem(response.status_code, response.reason, what))
+            raise DataError(self.url, _status_problem(response.status_code, response.reason_phrase, what))
         return response
 
     def _query(self, path: str, what: str, filters: Mapping[str, Any] | None, fields: Iterable[str],
@@ -160,8 +184,14 @@ class DicomWebClient:
             params.append(("limit", str(int(limit))))
         if offset:
             params.append(("offset", str(int(offset))))
-        response = self._get(path, what, DICOM_JSON, params=params)
+        try:
+            response = self._get(path, what, DICOM_JSON, query=query_string(params))
+        except DataError as error:
+            if "HTTP 400" not in str(error) or not any("^" in value for _, value in params):
+                raise
+            response = self._get(path, what, DICOM_JSON, query=query_string(params, safe=STRICT_SAFE))
         if response.status_code == 204 or not response.content.strip():
+            _hint_encoded(self.url, params)
             return []
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind not in (DICOM_JSON, "application/json"):
@@ -173,6 +203,8 @@ class DicomWebClient:
             raise DataError(self.url, f"{what}: the response is not valid JSON") from None
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise DataError(self.url, f"{what}: expected a JSON list of DICOM datasets")
+        if not items:
+            _hint_encoded(self.url, params)
         return [from_dicom_json(item) for item in items]
 
     # ----------------------------------------------------------------------------- QIDO-RS
@@ -220,7 +252,7 @@ class DicomWebClient:
             if "HTTP 406" not in str(error):
                 raise
             response = self._get(path, what, WADO_ACCEPT_FALLBACK, stream=True)
-        with response:
+        try:
             boundary = _multipart_boundary(self.url, what, response.headers.get("Content-Type", ""))
             chunks = _checked_chunks(self.url, what, response)
             for headers, body in iter_multipart(chunks, boundary, f"{self.url} ({what})"):
@@ -229,6 +261,8 @@ class DicomWebClient:
                     if kind != DICOM:
                         raise DataError(self.url, f"{what}: a part of the response is {kind}, not {DICOM}")
                     yield body
+        finally:
+            response.close()
 
     # -------------------------------------------------------------- pull source (medvl.clinical.pull)
 
@@ -266,6 +300,26 @@ def _segment(uid: str | None) -> str:
     if not text:
         raise InputError("a UID is required")
     return quote(text, safe="")
+
+
+def query_string(params: Iterable[tuple[str, str]], safe: str = QUERY_SAFE) -> str:
+    """A QIDO-RS query component: ``key=value`` pairs joined by ``&``, each value percent-encoded
+    as UTF-8 except the DICOM matching characters ``safe`` (``QUERY_SAFE``: ``*`` and ``?``
+    wildcards, ``,`` between the UIDs of a list, ``^`` between person name components), which reach
+    the server as themselves. PS3.18 allows ``*``, ``?`` and ``,`` unencoded in a query; ``^`` too
+    is sent as itself because servers that do not decode ``%5E`` (Orthanc 1.10) match it literally."""
+    return "&".join(f"{quote(key, safe='')}={quote(value, safe=safe)}" for key, value in params)
+
+
+def _hint_encoded(url: str, params: Iterable[tuple[str, str]]) -> None:
+    """Say why a search that sent percent-encoded characters may have found nothing."""
+    encoded = {c for key, value in params if key not in ("limit", "offset", "includefield")
+               for c in value if quote(c, safe=QUERY_SAFE) != c}
+    if encoded:  # the characters only, never the values (they may be names)
+        kinds = {"space" if c == " " else "non-ASCII letters" if not c.isascii() else repr(c) for c in encoded}
+        shown = ", ".join(sorted(kinds))
+        log.warning("%s: no match; the search values hold characters sent percent-encoded (%s), which some "
+                    "servers (Orthanc 1.10) match literally: try ? or * in their place", url, shown)
 
 
 def keyword_or_tag(name: str) -> str:
@@ -348,10 +402,10 @@ def _multipart_boundary(url: str, what: str, content_type: str) -> bytes:
 
 
 def _checked_chunks(url: str, what: str, response) -> Iterator[bytes]:
-    requests = _require_requests()
+    httpx = _require_httpx()
     try:
-        yield from response.iter_content(chunk_size=CHUNK_BYTES)
-    except requests.exceptions.RequestException as error:
+        yield from response.iter_bytes(chunk_size=CHUNK_BYTES)
+    except httpx.HTTPError as error:
         raise DataError(url, f"{what}: the transfer broke off ({type(error).__name__})") from None
 
 
