@@ -491,8 +491,9 @@ def _dicom_rows(rows: int) -> bytes:
 DICOM_CASES = [
     Case("dicom-zero-bytes", _dicom(lambda: b""), "", names="a.dcm"),
     *[Case(f"dicom-truncated-header-{cut}", _dicom(lambda cut=cut: _dicom_bytes()[:cut]), match, names=names)
-      for cut, match, names in ((100, "", "a.dcm"), (140, "no DICOM image files found", "dicom"),
-                                (700, "no DICOM image files found", "dicom"))],
+      # a file cut after its file meta, or before its Rows, is truncated: refused, not skipped as "no image"
+      for cut, match, names in ((100, "", "a.dcm"), (140, "truncated DICOM file: nothing after the file meta", "a.dcm"),
+                                (700, "truncated DICOM file: a CT Image Storage object without Rows", "a.dcm"))],
     Case("dicom-truncated-pixels", _dicom(lambda: _dicom_bytes()[:-5000]), "", names="a.dcm", stage="read"),
     Case("dicom-rows-lie", _dicom(lambda: _dicom_rows(4096)), "", names="a.dcm", stage="read"),
     Case("dicom-wrong-magic-png", _dicom(_png_bytes), "", names="a.dcm"),

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 FILE_WINDOW = "file"  # use the window or VOI LUT stored in the DICOM header
 MAX_DECODED_BYTES = 1 << 30  # decoded pixel data above this (1 GiB) is refused before decoding
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # the same, as tags
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 # Implicit / Explicit VR Little Endian, Explicit VR Big Endian, Deflated: pixel data not encapsulated
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -111,7 +112,16 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
 
 def read_dataset(path: str | Path, header_only: bool = False):
     """Parse a DICOM file with pydicom (``header_only``: stop before the pixel data)."""
-    path = Path(path)
+    return _parse(Path(path), header_only)[0]
+
+
+def read_header(path: str | Path) -> tuple[Any, bool]:
+    """The header of a DICOM file (parsed up to its pixel data, not reading it) and whether a pixel
+    data element follows it (the file was not cut before its pixels)."""
+    return _parse(Path(path), header_only=True)
+
+
+def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     pydicom = _require_pydicom(path)
     if not path.is_file():
         raise DataError(path, "file not found" if not path.exists() else "is a folder, not a DICOM file")
@@ -122,9 +132,17 @@ def read_dataset(path: str | Path, header_only: bool = False):
     has_marker = len(head) == 132 and head[128:] == b"DICM"
     if not has_marker and not _looks_like_raw_dataset(head):
         raise DataError(path, _not_dicom_reason(head))
+    reached: list[int] = []  # the pixel data tag, when parsing stopped at it
+
+    def at_pixels(tag, vr, length) -> bool:
+        if header_only and tag in PIXEL_TAGS:
+            reached.append(int(tag))
+            return True
+        return False
+
     try:
-        with quiet_pydicom(path) as warned:
-            ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=not has_marker)
+        with quiet_pydicom(path) as warned, open(path, "rb") as stream:
+            ds = pydicom.filereader.read_partial(stream, at_pixels, force=not has_marker)
     except pydicom.errors.InvalidDicomError as error:
         raise DataError(path, f"not a readable DICOM file ({_short(error)})") from None
     except pydicom.errors.BytesLengthException:  # its message quotes the element's bytes
@@ -136,7 +154,7 @@ def read_dataset(path: str | Path, header_only: bool = False):
     check_value_lengths(path, ds)
     if not header_only:
         _check_native_length(path, ds)
-    return ds
+    return ds, bool(reached) or any(keyword in ds for keyword in PIXEL_KEYWORDS)
 
 
 def check_value_lengths(path: str | Path, ds) -> None:
@@ -203,10 +221,27 @@ def check_complete(path: str | Path, ds) -> None:
         raise DataError(path, "truncated DICOM file: an image object without pixel data")
 
 
+def check_image_header(path: str | Path, ds, has_pixels: bool) -> None:
+    """Refuse a header that a truncated file left: nothing after the file meta, or an image object
+    (an image storage SOP class, or Rows and Columns) cut before its Rows / Columns or its pixel data.
+    ``has_pixels``: whether a pixel data element follows the header (``read_header``)."""
+    if len(ds) == 0:
+        raise DataError(path, "truncated DICOM file: nothing after the file meta information")
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    if object_kind(ds).startswith("DICOMDIR") or not _declares_image(ds, str(sop_class or "")):
+        return
+    kind = object_kind(ds)
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise DataError(path, f"truncated DICOM file: a {kind} object without Rows / Columns")
+    if not has_pixels:
+        raise DataError(path, f"truncated DICOM file: a {kind} object without pixel data")
+
+
 def _declares_image(ds, sop_class: str) -> bool:
     from pydicom.uid import UID
 
-    return "Image Storage" in UID(sop_class).name or ("Rows" in ds and "Columns" in ds)
+    return (bool(sop_class) and "Image Storage" in UID(sop_class).name) or ("Rows" in ds and "Columns" in ds)
 
 
 def _check_native_length(path: Path, ds) -> None:
@@ -532,7 +567,9 @@ def read_dicom(path: str | Path, window: WindowSpec | None = None) -> tuple[np.n
 
 def _read_dicom(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, dict[str, Any]]:
     ds = read_dataset(path)
-    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+    has_pixels = any(keyword in ds for keyword in PIXEL_KEYWORDS)
+    check_image_header(path, ds, has_pixels)
+    if not has_pixels:
         raise DataError(path, f"no pixel data (the file is a {object_kind(ds)}, which carries no image)")
     syntax = transfer_syntax(ds)
     _check_decodable(path, ds, syntax)
@@ -584,7 +621,10 @@ def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """Group the DICOM image files under ``folder`` (recursively) into series.
 
     Files that are not DICOM are skipped; DICOM objects without an image (DICOMDIR, structured
-    reports, RT plans) are skipped with a log line; a DICOM file that cannot be parsed is an error.
+    reports, RT plans) are skipped with a log line; a DICOM file that cannot be parsed is an error,
+    and so is a truncated one: nothing after the file meta, or an image object (image storage SOP
+    class) cut before its Rows / Columns or its pixel data (``check_image_header``), so that a series
+    missing a slice is never stacked as if it were whole.
     Series come sorted by study UID, series number and series UID.
     """
     folder = Path(folder)
@@ -607,8 +647,11 @@ def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
 
 def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path, tuple], path: Path) -> int:
     """File one DICOM file under its series; 1 if it was skipped (no image), else 0."""
-    ds = read_dataset(path, header_only=True)
-    if object_kind(ds).startswith("DICOMDIR") or not ds.get("Rows"):
+    ds, has_pixels = read_header(path)
+    if object_kind(ds).startswith("DICOMDIR"):
+        return 1
+    check_image_header(path, ds, has_pixels)
+    if not ds.get("Rows") or not has_pixels:
         return 1
     key = (str(ds.get("StudyInstanceUID") or ""), str(ds.get("SeriesInstanceUID") or ""))
     series = groups.get(key)

@@ -1,6 +1,7 @@
 """Studies and series of a DICOM file or folder, or a NIfTI file, as plain rows without identifiers
 (what ``medvl dicom-info`` and the service show): study and series as short UID hashes, modality,
-file and frame counts, size and pixel spacing; for one DICOM file, its SOP class and transfer syntax."""
+file and frame counts, size and pixel spacing; for one DICOM file, its SOP class and transfer syntax.
+A truncated DICOM file, or a DICOMDIR given as the file to summarise, is a ``DataError``."""
 
 from __future__ import annotations
 
@@ -52,10 +53,17 @@ def _nifti_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _dicom_file_rows(path: Path) -> list[dict[str, Any]]:
-    from .dicom import quiet_pydicom, read_dataset, safe_meta
+    """One DICOM file's row; a DICOMDIR (it indexes other files, it is no series) and a truncated
+    file (``check_image_header``) are ``DataError``s."""
+    from .dicom import check_image_header, object_kind, quiet_pydicom, read_header, safe_meta
 
     with quiet_pydicom(path):
-        meta = safe_meta(read_dataset(path, header_only=True))
+        ds, has_pixels = read_header(path)
+        if object_kind(ds).startswith("DICOMDIR"):
+            raise DataError(path, "a DICOMDIR (media directory): it lists the files of a DICOM medium and holds "
+                                  f"no image; give the folder that holds it ({path.parent}) instead")
+        check_image_header(path, ds, has_pixels)
+        meta = safe_meta(ds)
     return [{"study": _short(meta["study_uid"]), "series": _short(meta["series_uid"]),
              "number": meta["series_number"], "modality": meta["modality"], "files": 1, "frames": meta["frames"],
              "size": _size(meta["rows"], meta["columns"]), "pixel_spacing_mm": meta["pixel_spacing_mm"],

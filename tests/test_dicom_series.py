@@ -1,0 +1,132 @@
+"""DICOM series and enhanced multi-frame files read into values and geometry, checked against an
+independent computation: pydicom's own LUT functions frame by frame, and nibabel's canonical RAS
+reorientation of a NIfTI written from the same voxels with the affine the DICOM headers describe.
+Series are written here from known arrays (Image Position / Orientation (Patient) set by hand)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from medvl.clinical.dicom import load_volume, read_dicom, read_dicom_series  # noqa: E402
+from medvl.errors import DataError  # noqa: E402
+
+SPACING = (2.5, 0.8, 0.7)  # slice, row (between rows), column (between columns), mm
+ORIGIN = (-100.0, -120.0, -50.0)  # LPS mm, centre of the first voxel of the first slice
+
+
+def write_series(folder: Path, volume: np.ndarray, row=(1, 0, 0), col=(0, 1, 0), spacing=SPACING,
+                 origin=ORIGIN, extra: Callable[[Dataset, int], None] | None = None) -> list[Path]:
+    """One single-frame CT file per slice of ``volume`` (D x H x W stored values, int16); slice k at
+    ``origin + k * spacing[0] * (row x col)``. Files are named in reverse position order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    row_dir, col_dir = np.asarray(row, float), np.asarray(col, float)
+    normal = np.cross(row_dir, col_dir)
+    paths = []
+    for k in range(volume.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta, ds.preamble = meta, b"\0" * 128
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[0] * normal]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[2]], spacing[0]
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        if extra is not None:
+            extra(ds, k)
+        ds.PixelData = volume[k].astype("<i2").tobytes()
+        path = folder / f"slice_{volume.shape[0] - k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def marked_volume(shape=(6, 8, 10)) -> np.ndarray:
+    """Distinct values everywhere, so that any flip or transposition shows."""
+    return np.arange(int(np.prod(shape)), dtype=np.int16).reshape(shape)
+
+
+# ------------------------------------------------------------------- truncated files (F6, M1, M2)
+
+
+def test_a_series_with_a_truncated_slice_is_refused_naming_the_file(tmp_path):
+    paths = write_series(tmp_path / "ct", marked_volume())
+    cut = paths[3]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.find(b"\x28\x00\x10\x00US")])  # cut at an element boundary, before Rows
+    with pytest.raises(DataError, match="truncated DICOM file: a CT Image Storage object without Rows") as error:
+        read_dicom_series(tmp_path / "ct")
+    assert str(cut) in str(error.value)
+    with pytest.raises(DataError, match="truncated"):
+        load_volume(tmp_path / "ct")
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: data.find(b"\xe0\x7f\x10\x00")])  # cut before the pixel data
+    cut.write_bytes(data)
+    with pytest.raises(DataError, match="without pixel data") as error:
+        read_dicom_series(tmp_path / "ct")
+    assert str(paths[0]) in str(error.value)
+
+
+def test_a_file_cut_after_its_meta_is_truncated_not_an_object_without_image(tmp_path):
+    cut = tmp_path / "t.dcm"
+    cut.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:300])
+    with pytest.raises(DataError, match="truncated DICOM file: nothing after the file meta"):
+        read_dicom(cut)
+    from medvl.clinical.summary import series_summaries
+
+    with pytest.raises(DataError, match="truncated") as error:
+        series_summaries(cut)
+    assert str(cut) in str(error.value)
+
+
+def test_dicom_info_on_truncated_files_and_dicomdir_exits_2(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from medvl.cli.clinical import deid_command, inspect_command
+
+    app = typer.Typer()
+    app.command("dicom-info")(inspect_command)
+    app.command("deid")(deid_command)
+    run = CliRunner().invoke
+    cut = tmp_path / "t.dcm"
+    cut.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:300])
+    result = run(app, ["dicom-info", str(cut)])
+    assert result.exit_code == 2 and "truncated DICOM file" in result.output, result.output
+    dicomdir = Path(get_testdata_file("DICOMDIR"))
+    result = run(app, ["dicom-info", str(dicomdir)])
+    assert result.exit_code == 2 and "a DICOMDIR (media directory)" in result.output, result.output
+    assert "1 series" not in result.output
+    series = tmp_path / "series"
+    write_series(series, marked_volume((3, 4, 4)))
+    (series / "slice_002.dcm").write_bytes((series / "slice_002.dcm").read_bytes()[:400])
+    result = run(app, ["dicom-info", str(series)])
+    assert result.exit_code == 2 and "slice_002.dcm" in result.output and "truncated" in result.output
+
+
+def test_objects_without_image_are_still_skipped(tmp_path):
+    write_series(tmp_path / "ct", marked_volume((3, 4, 4)))
+    for name in ("rtplan.dcm", "test-SR.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / "ct" / name)
+    [series] = read_dicom_series(tmp_path / "ct")
+    assert len(series.files) == 3
