@@ -130,3 +130,69 @@ def test_objects_without_image_are_still_skipped(tmp_path):
         shutil.copy(get_testdata_file(name), tmp_path / "ct" / name)
     [series] = read_dicom_series(tmp_path / "ct")
     assert len(series.files) == 3
+
+
+# ------------------------------------------------------------- enhanced multi-frame: per frame (F1)
+
+
+def reference_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 LINEAR, written out, output scaled to [0, 1]."""
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    return np.where(x <= low, 0.0, np.where(x > high, 1.0, (x - (center - 0.5)) / (width - 1) + 0.5))
+
+
+def per_frame_ct(tmp_path: Path, rescales=((1, -1024), (2, 0)), windows=((40, 400), (-600, 1500))) -> Path:
+    """eCT_Supplemental (2 frames) with its Pixel Value Transformation and Frame VOI LUT moved from the
+    shared functional groups to each frame's own, with different values per frame."""
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+        if keyword in shared:
+            delattr(shared, keyword)
+    for group, (slope, intercept), (center, width) in zip(ds.PerFrameFunctionalGroupsSequence, rescales, windows,
+                                                           strict=True):
+        transformation, voi = Dataset(), Dataset()
+        transformation.RescaleSlope, transformation.RescaleIntercept = slope, intercept
+        transformation.RescaleType = "HU"
+        voi.WindowCenter, voi.WindowWidth = center, width
+        group.PixelValueTransformationSequence, group.FrameVOILUTSequence = [transformation], [voi]
+    (tmp_path / "ect").mkdir()
+    path = tmp_path / "ect" / "per_frame.dcm"
+    ds.save_as(path)
+    return path
+
+
+def frame_reference(path: Path) -> list[np.ndarray]:
+    """Each frame through pydicom's apply_modality_lut with that frame's own rescale copied to the top level."""
+    ds = pydicom.dcmread(path)
+    frames = []
+    for index, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        single = Dataset()
+        item = group.PixelValueTransformationSequence[0]
+        single.RescaleSlope, single.RescaleIntercept = item.RescaleSlope, item.RescaleIntercept
+        frames.append(pydicom.pixels.apply_modality_lut(ds.pixel_array[index], single).astype(np.float64))
+    return frames
+
+
+def test_enhanced_multiframe_rescale_and_window_per_frame(tmp_path):
+    path = per_frame_ct(tmp_path)
+    reference = frame_reference(path)
+    values, meta = read_dicom(path)
+    for frame, expected in enumerate(reference):
+        np.testing.assert_array_equal(values[frame], expected)
+    assert meta["rescale"] == {"slope": [1.0, 2.0], "intercept": [-1024.0, 0.0]}
+    shown, meta = read_dicom(path, window="file")
+    for frame, ((center, width), expected) in enumerate(zip(((40, 400), (-600, 1500)), reference, strict=True)):
+        np.testing.assert_allclose(shown[frame], reference_window(expected, center, width), atol=1e-6)
+    assert [(w["center"], w["width"]) for w in meta["window"]["frames"]] == [(40, 400), (-600, 1500)]
+    volume, _ = load_volume(path.parent)  # the 3D path stacks the same per-frame values
+    assert sorted(v.sum(dtype=np.float64) for v in volume) == sorted(v.sum() for v in reference)
+
+
+def test_enhanced_multiframe_with_one_shared_rescale_is_unchanged(tmp_path):
+    path = per_frame_ct(tmp_path, rescales=((1, -1024), (1, -1024)), windows=((40, 400), (40, 400)))
+    values, meta = read_dicom(path)
+    assert meta["rescale"] == {"slope": 1.0, "intercept": -1024.0}
+    np.testing.assert_array_equal(values, np.stack(frame_reference(path)))
+    _, meta = read_dicom(path, window="file")
+    assert (meta["window"]["center"], meta["window"]["width"]) == (40, 400)

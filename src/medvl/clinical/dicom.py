@@ -9,7 +9,9 @@
   MONOCHROME1 images (where the lowest value is displayed white) are inverted so that, as in
   MONOCHROME2, higher means brighter: ``1 - v`` when windowed, ``min + max - v`` otherwise;
 - colour: ``HxWx3`` RGB in the stored bit depth (YBR converted to RGB, palette colour expanded);
-- multi-frame: ``frames x H x W`` (``frames x H x W x 3`` for colour).
+- multi-frame: ``frames x H x W`` (``frames x H x W x 3`` for colour). An enhanced multi-frame file's
+  Rescale Slope/Intercept and window are taken frame by frame (the frame's own Per-Frame Functional
+  Group, else the shared one), so frames stored with different rescales get their own.
 
 ``meta`` holds acquisition facts only (modality, SOP class, transfer syntax, photometric
 interpretation, pixel spacing in mm, slice thickness, study / series / instance UIDs, series and
@@ -389,41 +391,76 @@ def header_value(ds, keyword: str, sequence: str, frame: int = 0) -> Any:
 
 
 def _modality_values(ds, pixels: np.ndarray) -> tuple[np.ndarray, dict | None]:
-    """Stored values -> modality values (float32): Modality LUT, else Rescale Slope/Intercept."""
+    """Stored values -> modality values (float32): Modality LUT, else Rescale Slope/Intercept, the
+    latter frame by frame for an enhanced multi-frame file (each frame's own Pixel Value
+    Transformation, else the shared one). ``rescale`` meta: ``{"slope", "intercept"}`` numbers, or
+    lists with one value per frame when the frames differ."""
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:
         return apply_modality_lut(pixels, ds).astype(np.float32), {"modality_lut": True}
-    slope = header_value(ds, "RescaleSlope", "PixelValueTransformationSequence")
-    intercept = header_value(ds, "RescaleIntercept", "PixelValueTransformationSequence")
     values = pixels.astype(np.float32)
-    if slope is None and intercept is None:
+    rescales = [_rescale(ds, frame) for frame in range(_frames_in(ds, pixels))]
+    if all(rescale is None for rescale in rescales):
         return values, None
-    slope = float(slope) if slope is not None else 1.0
-    intercept = float(intercept) if intercept is not None else 0.0
+    pairs = [rescale or (1.0, 0.0) for rescale in rescales]
+    if len(set(pairs)) == 1:
+        _rescale_in_place(values, *pairs[0])
+        return values, {"slope": pairs[0][0], "intercept": pairs[0][1]}
+    for frame, (slope, intercept) in enumerate(pairs):
+        _rescale_in_place(values[frame], slope, intercept)
+    return values, {"slope": [slope for slope, _ in pairs], "intercept": [intercept for _, intercept in pairs]}
+
+
+def _frames_in(ds, pixels: np.ndarray) -> int:
+    """How many frames the (grayscale) pixels hold along their first axis: 1 for a single frame."""
+    return pixels.shape[0] if _frame_count(ds) > 1 and pixels.ndim == 3 else 1
+
+
+def _rescale(ds, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) of one frame, ``None`` when the header has neither."""
+    slope = header_value(ds, "RescaleSlope", "PixelValueTransformationSequence", frame)
+    intercept = header_value(ds, "RescaleIntercept", "PixelValueTransformationSequence", frame)
+    if slope is None and intercept is None:
+        return None
+    return (float(slope) if slope is not None else 1.0, float(intercept) if intercept is not None else 0.0)
+
+
+def _rescale_in_place(values: np.ndarray, slope: float, intercept: float) -> None:
     if slope != 1.0:
         values *= np.float32(slope)
     if intercept != 0.0:
         values += np.float32(intercept)
-    return values, {"slope": slope, "intercept": intercept}
 
 
-def file_window(ds) -> Window | str | None:
-    """The header's own VOI: ``"lut"`` for a VOI LUT Sequence, else the first Window Center /
-    Width (top level or enhanced shared groups), else ``None``."""
+def file_window(ds, frame: int = 0) -> Window | str | None:
+    """The header's own VOI for one frame: ``"lut"`` for a VOI LUT Sequence, else the first Window
+    Center / Width (top level, else the frame's own Frame VOI LUT, else the shared one of an enhanced
+    multi-frame file), else ``None``."""
     if "VOILUTSequence" in ds and ds.VOILUTSequence:
         return "lut"
-    center = header_value(ds, "WindowCenter", "FrameVOILUTSequence")
-    width = header_value(ds, "WindowWidth", "FrameVOILUTSequence")
+    center = header_value(ds, "WindowCenter", "FrameVOILUTSequence", frame)
+    width = header_value(ds, "WindowWidth", "FrameVOILUTSequence", frame)
     if center is None or width is None or center == "" or width == "":
         return None
-    function = str(header_value(ds, "VOILUTFunction", "FrameVOILUTSequence") or "LINEAR").upper()
+    function = str(header_value(ds, "VOILUTFunction", "FrameVOILUTSequence", frame) or "LINEAR").upper()
     first = [_first(center), _first(width)]
     try:
         return Window(float(first[0]), float(first[1]), function=function, name=FILE_WINDOW)
     except Exception:  # noqa: BLE001 - a malformed window in the header is ignored, not fatal
         log.debug("ignoring an invalid window in the header")
         return None
+
+
+def _file_windows(ds, frames: int) -> list[Window] | str | None:
+    """``file_window`` of every frame: ``"lut"``, one window per frame, or ``None`` when a frame has
+    none (windowing only some frames would mix display values with modality values)."""
+    windows = [file_window(ds, frame) for frame in range(frames)]
+    if windows[0] == "lut":
+        return "lut"
+    if any(not isinstance(window, Window) for window in windows):
+        return None
+    return [window for window in windows if isinstance(window, Window)]
 
 
 def _first(value):
@@ -448,19 +485,28 @@ def _voi_lut(ds, values: np.ndarray) -> np.ndarray:
 
 def _grayscale(ds, pixels: np.ndarray, window: WindowSpec | None) -> tuple[np.ndarray, dict]:
     values, rescale = _modality_values(ds, pixels)
-    chosen = file_window(ds) if isinstance(window, str) and window == FILE_WINDOW else (
-        get_window(window) if window is not None else None)
-    if chosen == "lut":
-        display, window_meta = _voi_lut(ds, values), {"name": FILE_WINDOW, "function": "VOI LUT"}
-    elif isinstance(chosen, Window):
-        display, window_meta = apply_window(values, chosen), chosen.as_dict()
-    else:
-        display, window_meta = values, None
+    display, window_meta = _display(ds, values, window)
     inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if inverted:
         display = 1.0 - display if window_meta else float(display.min()) + float(display.max()) - display
     return display.astype(np.float32, copy=False), {"rescale": rescale, "window": window_meta,
                                                     "inverted": inverted}
+
+
+def _display(ds, values: np.ndarray, window: WindowSpec | None) -> tuple[np.ndarray, dict | None]:
+    """Modality values through the chosen window (the file's own: frame by frame) and its meta."""
+    if not (isinstance(window, str) and window == FILE_WINDOW):
+        chosen = get_window(window) if window is not None else None
+        return (apply_window(values, chosen), chosen.as_dict()) if chosen is not None else (values, None)
+    windows = _file_windows(ds, _frames_in(ds, values))
+    if windows == "lut":
+        return _voi_lut(ds, values), {"name": FILE_WINDOW, "function": "VOI LUT"}
+    if not windows:
+        return values, None
+    if len(set(windows)) == 1:
+        return apply_window(values, windows[0]), windows[0].as_dict()
+    display = np.stack([apply_window(frame, own) for frame, own in zip(values, windows, strict=True)])
+    return display, {"name": FILE_WINDOW, "function": "per frame", "frames": [own.as_dict() for own in windows]}
 
 
 def _color(ds, pixels: np.ndarray) -> tuple[np.ndarray, int]:
