@@ -196,3 +196,28 @@ def test_enhanced_multiframe_with_one_shared_rescale_is_unchanged(tmp_path):
     np.testing.assert_array_equal(values, np.stack(frame_reference(path)))
     _, meta = read_dicom(path, window="file")
     assert (meta["window"]["center"], meta["window"]["width"]) == (40, 400)
+
+
+# ----------------------------------------------------------------- MONOCHROME1 series (F9)
+
+
+def test_monochrome1_series_is_inverted_over_the_series_not_per_slice(tmp_path):
+    stored = np.zeros((3, 4, 4), np.int16)
+    stored[:, 0, 0] = (50, 25, 50)  # modality value 40 on every slice (slopes 1, 2, 1; intercept -10)
+    stored[:, 3, 3] = (100, 1000, 400)  # every slice has its own maximum
+    slopes = (1.0, 2.0, 1.0)
+
+    def monochrome1(ds: Dataset, k: int) -> None:
+        ds.PhotometricInterpretation, ds.RescaleSlope, ds.RescaleIntercept = "MONOCHROME1", slopes[k], -10
+
+    # rows toward the patient's right, columns toward anterior: stored as RAS, so no reorientation applies
+    paths = write_series(tmp_path / "m1", stored, row=(-1, 0, 0), col=(0, -1, 0), extra=monochrome1)
+    modality = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+                         for ds in (pydicom.dcmread(path) for path in paths)]).astype(np.float64)
+    volume, _ = load_volume(tmp_path / "m1")
+    np.testing.assert_allclose(volume, modality.min() + modality.max() - modality)  # one inversion for the volume
+    assert len(set(volume[:, 0, 0].tolist())) == 1  # one modality value, one value on every slice
+    shown, _ = load_volume(tmp_path / "m1", window=(500, 1000))  # windowed: 1 - v, already consistent
+    assert shown.min() >= 0 and shown.max() <= 1
+    single, meta = read_dicom(paths[1])  # a single image keeps its own min / max
+    assert meta["inverted"] and single[0, 0] == modality[1].min() + modality[1].max() - modality[1, 0, 0]

@@ -7,7 +7,9 @@
   ``medvl.clinical.windowing``, ``(center, width)`` or ``"file"`` for the header's own VOI LUT /
   first Window Center/Width) the values are mapped to display intensities in ``[0, 1]``.
   MONOCHROME1 images (where the lowest value is displayed white) are inverted so that, as in
-  MONOCHROME2, higher means brighter: ``1 - v`` when windowed, ``min + max - v`` otherwise;
+  MONOCHROME2, higher means brighter: ``1 - v`` when windowed, ``min + max - v`` otherwise (the
+  image's own min / max; a series stacked by ``load_volume`` uses the whole series' min / max, so
+  one stored value gives one value on every slice);
 - colour: ``HxWx3`` RGB in the stored bit depth (YBR converted to RGB, palette colour expanded);
 - multi-frame: ``frames x H x W`` (``frames x H x W x 3`` for colour). An enhanced multi-frame file's
   Rescale Slope/Intercept and window are taken frame by frame (the frame's own Per-Frame Functional
@@ -483,12 +485,18 @@ def _voi_lut(ds, values: np.ndarray) -> np.ndarray:
     return np.clip(mapped.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
 
 
-def _grayscale(ds, pixels: np.ndarray, window: WindowSpec | None) -> tuple[np.ndarray, dict]:
+def _grayscale(ds, pixels: np.ndarray, window: WindowSpec | None,
+               own_range: bool = True) -> tuple[np.ndarray, dict]:
+    """Modality values, windowed if asked, MONOCHROME1 inverted: ``1 - v`` when windowed, else
+    ``min + max - v`` over this image's values, or not at all with ``own_range=False`` (a series is
+    inverted over its whole range by ``_stack_series``, so that one stored value stays one value)."""
     values, rescale = _modality_values(ds, pixels)
     display, window_meta = _display(ds, values, window)
     inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    if inverted:
-        display = 1.0 - display if window_meta else float(display.min()) + float(display.max()) - display
+    if inverted and window_meta:
+        display = 1.0 - display
+    elif inverted and own_range:
+        display = float(display.min()) + float(display.max()) - display
     return display.astype(np.float32, copy=False), {"rescale": rescale, "window": window_meta,
                                                     "inverted": inverted}
 
@@ -611,7 +619,8 @@ def read_dicom(path: str | Path, window: WindowSpec | None = None) -> tuple[np.n
         return _read_dicom(path, window)
 
 
-def _read_dicom(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom(path: Path, window: WindowSpec | None,
+                own_range: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     ds = read_dataset(path)
     has_pixels = any(keyword in ds for keyword in PIXEL_KEYWORDS)
     check_image_header(path, ds, has_pixels)
@@ -631,7 +640,7 @@ def _read_dicom(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, dict
         array, meta["bits_stored"] = _color(ds, pixels)
         meta.update(rescale=None, window=None, inverted=False, photometric_out="RGB")
     else:
-        array, processing = _grayscale(ds, pixels, window)
+        array, processing = _grayscale(ds, pixels, window, own_range)
         meta.update(processing, photometric_out="MONOCHROME2")
     return array, meta
 
@@ -800,18 +809,25 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry])
     slices: list[np.ndarray] = []
     row_spacing: list[float] | None = None
+    to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
     for index in ranking:
         path = headers[index][0]
-        array, meta = read_dicom(path, window=window)
+        array, meta = _read_dicom(path, window, own_range=False)
         if array.ndim != 2 or meta["color"]:
             raise DataError(path, f"expected a single-frame grayscale slice, got shape {array.shape}")
         if slices and array.shape != slices[0].shape:
             raise DataError(path, f"slice shape {array.shape} differs from {slices[0].shape} in the series")
+        if meta["inverted"] and meta["window"] is None:
+            to_invert.append(len(slices))
         slices.append(array)
         row_spacing = row_spacing or meta["pixel_spacing_mm"]
     if not row_spacing:
         raise DataError(series.files[0], "no Pixel Spacing in the series headers")
-    return np.stack(slices).astype(np.float32, copy=False), (dz, row_spacing[0], row_spacing[1])
+    volume = np.stack(slices).astype(np.float32, copy=False)
+    if to_invert:  # one offset for the whole series: min + max - v over its MONOCHROME1 slices
+        low, high = float(volume[to_invert].min()), float(volume[to_invert].max())
+        volume[to_invert] = low + high - volume[to_invert]
+    return volume, (dz, row_spacing[0], row_spacing[1])
 
 
 def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
