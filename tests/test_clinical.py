@@ -245,7 +245,9 @@ def test_series_becomes_a_volume_sorted_by_position(tmp_path):
                          np.array(ds.ImageOrientationPatient[3:], float)))))
     expected = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds) for ds in headers])
     assert volume.shape == (5, 16, 16) and volume.dtype == np.float32
-    np.testing.assert_array_equal(volume, expected)
+    # axial LPS (rows anterior -> posterior, columns right -> left) to RAS, as read_nifti: rows and columns reversed
+    assert list(headers[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+    np.testing.assert_array_equal(volume, expected[:, ::-1, ::-1])
     assert spacing == pytest.approx((2.5, 0.488281, 0.488281))
     np.testing.assert_array_equal(load_volume(folder)[0], volume)  # a folder with one series
 

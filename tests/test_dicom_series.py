@@ -221,3 +221,116 @@ def test_monochrome1_series_is_inverted_over_the_series_not_per_slice(tmp_path):
     assert shown.min() >= 0 and shown.max() <= 1
     single, meta = read_dicom(paths[1])  # a single image keeps its own min / max
     assert meta["inverted"] and single[0, 0] == modality[1].min() + modality[1].max() - modality[1, 0, 0]
+
+
+# ------------------------------------------------------------- one orientation: RAS, as NIfTI (F2)
+
+
+def lps_affine(row, col, spacing=SPACING, origin=ORIGIN) -> np.ndarray:
+    """The voxel (i = column, j = row, k = slice) -> patient LPS mm affine that write_series's headers describe."""
+    row, col = np.asarray(row, float), np.asarray(col, float)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = row * spacing[2], col * spacing[1], np.cross(row, col) * spacing[0]
+    affine[:3, 3] = origin
+    return affine
+
+
+def nibabel_reference(volume: np.ndarray, row, col) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The same stored voxels as a NIfTI image (RAS affine = diag(-1, -1, 1) @ LPS), through nibabel's
+    as_closest_canonical, as DxHxW: what read_nifti would give for the same patient."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine(row, col)
+    image = nib.as_closest_canonical(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.float32), affine))
+    zooms = image.header.get_zooms()
+    return np.asarray(image.dataobj).transpose(2, 1, 0), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    angle = np.radians(degrees)
+    return np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+
+
+ORIENTATIONS = {
+    "axial": ((1, 0, 0), (0, 1, 0)),  # the usual CT: rows anterior -> posterior, columns right -> left
+    "axial-feet-first": ((-1, 0, 0), (0, 1, 0)),
+    "axial-transposed": ((0, 1, 0), (1, 0, 0)),
+    "sagittal": ((0, 1, 0), (0, 0, -1)),
+    "coronal": ((1, 0, 0), (0, 0, -1)),
+    "coronal-flipped": ((-1, 0, 0), (0, 0, 1)),
+    "oblique-20": (tuple(rotation_z(20) @ [1, 0, 0]), tuple(rotation_z(20) @ [0, 1, 0])),
+    "oblique-sagittal": ((0, np.cos(0.3), np.sin(0.3)), (0, np.sin(0.3), -np.cos(0.3))),
+}
+
+
+@pytest.mark.parametrize("plane", list(ORIENTATIONS))
+def test_a_dicom_series_is_read_in_ras_as_nibabel_reads_the_same_voxels(tmp_path, plane):
+    row, col = ORIENTATIONS[plane]
+    stored = marked_volume()
+    write_series(tmp_path / plane, stored, row=row, col=col)
+    volume, spacing = load_volume(tmp_path / plane)
+    expected, expected_spacing = nibabel_reference(stored, row, col)
+    np.testing.assert_array_equal(volume, expected)
+    assert spacing == pytest.approx(expected_spacing, abs=1e-6)
+
+
+def test_an_enhanced_multiframe_volume_is_read_in_ras(tmp_path):
+    path = Path(get_testdata_file("eCT_Supplemental.dcm"))
+    ds = pydicom.dcmread(path)
+    (tmp_path / "ect").mkdir()
+    shutil.copy(path, tmp_path / "ect" / "ect.dcm")
+    volume, spacing = load_volume(tmp_path / "ect")
+    groups = ds.PerFrameFunctionalGroupsSequence
+    orientation = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    along = [float(np.dot(g.PlanePositionSequence[0].ImagePositionPatient, np.cross(row, col))) for g in groups]
+    stored = read_dicom(path)[0][np.argsort(along)]
+    pixel = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1] = row * float(pixel[1]), col * float(pixel[0])
+    affine[:3, 2] = np.cross(row, col) * float(np.diff(sorted(along))[0])
+    image = nib.as_closest_canonical(nib.Nifti1Image(stored.transpose(2, 1, 0), np.diag([-1, -1, 1, 1]) @ affine))
+    np.testing.assert_array_equal(volume, np.asarray(image.dataobj).transpose(2, 1, 0))
+    assert spacing == pytest.approx(tuple(float(z) for z in image.header.get_zooms()[::-1]), abs=1e-5)
+
+
+def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):
+    nilearn = pytest.importorskip("nilearn")
+    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not template.is_file():
+        pytest.skip("nilearn's bundled MNI152 template not found")
+    from medvl.clinical.nifti import read_nifti
+
+    image = nib.load(template)
+    voxels = np.rint(np.asarray(image.dataobj, dtype=np.float64)[::4, ::4, ::4]).astype(np.int16)  # (i, j, k)
+    affine = image.affine.copy()
+    affine[:3, :3] *= 4
+    small = tmp_path / "mni.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, affine), small)
+    ras, ras_spacing = read_nifti(small)
+    # the same patient as a standard axial DICOM series: LPS, rows anterior -> posterior, columns right -> left
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    assert np.allclose(lps[:3, :3], np.diag([-4.0, -4.0, 4.0]))  # RAS-aligned: i runs to the right, j to the front
+    stored = ras[:, ::-1, ::-1]  # slice k, row = posterior index reversed, column = right -> left
+    first = lps @ [ras.shape[2] - 1, ras.shape[1] - 1, 0, 1]  # the voxel at row 0, column 0 of slice 0
+    write_series(tmp_path / "mni", stored, row=(1, 0, 0), col=(0, 1, 0), spacing=(4.0, 4.0, 4.0),
+                 origin=tuple(first[:3]))
+    volume, spacing = load_volume(tmp_path / "mni")
+    np.testing.assert_array_equal(volume, ras)
+    assert spacing == pytest.approx(ras_spacing)
+
+
+def test_a_3d_model_sees_a_dicom_series_as_the_nifti_of_the_same_patient(tmp_path):
+    from medvl.data.loaders.dicom import load_dicom_folder
+    from medvl.models.config import ImageConfig
+    from medvl.models.volumes import load_volume as model_volume
+
+    stored = np.zeros((6, 8, 10), np.int16)
+    stored[1, 2, 3] = 1000  # one bright voxel: near the patient's right, anterior, second slice from the feet
+    row, col = ORIENTATIONS["axial"]
+    write_series(tmp_path / "ct", stored, row=row, col=col)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine(row, col)
+    nib.save(nib.Nifti1Image(stored.transpose(2, 1, 0), affine), tmp_path / "same.nii.gz")
+    config = ImageConfig(spatial_dims=3, image_size=10, depth=6, augment=False)
+    [record] = list(load_dicom_folder(tmp_path / "ct"))
+    from_dicom = model_volume(record.images[0], config)
+    from_nifti = model_volume(tmp_path / "same.nii.gz", config)
+    assert float((from_dicom - from_nifti).abs().max()) < 1e-6

@@ -24,9 +24,13 @@ text: build it with ``safe_meta`` only.
 ``read_dicom_series(folder)`` groups the DICOM files under a folder into ``DicomSeries`` (one per
 study + series UID); ``load_volume(series)`` stacks a CT/MR series into a ``DxHxW`` ``float32``
 volume, slices sorted by Image Position (Patient) projected on the slice normal (the cross product
-of the Image Orientation row and column directions), with spacing ``(slice, row, column)`` in mm
-from the headers. Axis 0 runs along the normal (usually inferior to superior for axial CT); rows
-and columns are as stored (for axial images usually anterior to posterior, patient right to left).
+of the Image Orientation row and column directions), then reoriented from DICOM's patient axes
+(LPS) to the closest canonical RAS orientation, the layout ``read_nifti`` gives a NIfTI file: axis
+0 inferior -> superior, axis 1 posterior -> anterior, axis 2 the patient's left -> right, whatever
+the acquisition plane (``to_ras``; an axial series stored the usual way, rows anterior -> posterior
+and columns right -> left, has its rows and columns reversed). The spacing in mm is along those
+axes, from the positions (slice step) and Pixel Spacing. A model trained on NIfTI volumes and one
+given DICOM series of the same patients see them the same way round.
 
 Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt, no pixel data
 (a structured report, RT plan, DICOMDIR...), a compressed transfer syntax whose decoder is not
@@ -776,6 +780,43 @@ def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.n
     return order, spacing
 
 
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])  # DICOM patient axes (L, P, S) -> NIfTI's (R, A, S)
+
+
+def ras_orientation(orientation: np.ndarray) -> list[tuple[int, bool]]:
+    """For each voxel axis of a stacked volume (column ``i``, row ``j``, slice ``k``: the Image
+    Orientation (Patient) row direction, column direction and their cross product), the RAS axis
+    (0 = x, 1 = y, 2 = z) it is closest to and whether it runs against it: nibabel's
+    ``io_orientation`` (each voxel axis in turn takes its largest remaining component)."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    directions = np.column_stack([row, col, np.cross(row, col)]) * LPS_TO_RAS[:, None]
+    remaining = directions.copy()
+    axes = []
+    for voxel_axis in range(3):
+        ras_axis = int(np.argmax(np.abs(remaining[:, voxel_axis])))
+        axes.append((ras_axis, bool(directions[ras_axis, voxel_axis] < 0)))
+        remaining[ras_axis, :] = 0.0
+    return axes
+
+
+def to_ras(volume: np.ndarray, orientation: np.ndarray,
+           spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A ``(slice, row, column)`` volume stacked along the normal (``slice_stack``'s order) and its
+    spacing, brought to ``read_nifti``'s layout: the closest canonical RAS orientation, ``DxHxW`` =
+    ``(z, y, x)`` (axis 0 inferior -> superior, 1 posterior -> anterior, 2 the patient's left ->
+    right), as nibabel's ``as_closest_canonical`` does to the same voxels and affine."""
+    axes = ras_orientation(orientation)
+    array_axis = {0: 2, 1: 1, 2: 0}  # voxel axis i, j, k -> array axis of (slice, row, column)
+    voxel_spacing = {0: spacing[2], 1: spacing[1], 2: spacing[0]}
+    for voxel_axis, (_, flipped) in enumerate(axes):
+        if flipped:
+            volume = np.flip(volume, axis=array_axis[voxel_axis])
+    voxel_of = {ras_axis: voxel_axis for voxel_axis, (ras_axis, _) in enumerate(axes)}
+    order = [array_axis[voxel_of[ras_axis]] for ras_axis in (2, 1, 0)]
+    ras_spacing = tuple(voxel_spacing[voxel_of[ras_axis]] for ras_axis in (2, 1, 0))
+    return np.ascontiguousarray(volume.transpose(order)), ras_spacing  # type: ignore[return-value]
+
+
 def _series_from(source: DicomSeries | str | Path) -> DicomSeries:
     if isinstance(source, DicomSeries):
         return source
@@ -789,9 +830,10 @@ def _series_from(source: DicomSeries | str | Path) -> DicomSeries:
 
 def load_volume(series: DicomSeries | str | Path,
                 window: WindowSpec | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Stack one series into a ``DxHxW`` ``float32`` volume and its ``(slice, row, column)``
-    spacing in mm. ``series`` is a ``DicomSeries`` or a folder holding exactly one series;
-    ``window`` as in ``read_dicom`` (default: modality values, HU for CT)."""
+    """Stack one series into a ``DxHxW`` ``float32`` volume in RAS (as ``read_nifti``: axis 0
+    inferior -> superior, axis 1 posterior -> anterior, axis 2 the patient's left -> right) and its
+    spacing in mm along those axes. ``series`` is a ``DicomSeries`` or a folder holding exactly one
+    series; ``window`` as in ``read_dicom`` (default: modality values, HU for CT)."""
     series = _series_from(series)
     with quiet_pydicom(series.files[0].parent):
         return _stack_series(series, window)
@@ -827,7 +869,7 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     if to_invert:  # one offset for the whole series: min + max - v over its MONOCHROME1 slices
         low, high = float(volume[to_invert].min()), float(volume[to_invert].max())
         volume[to_invert] = low + high - volume[to_invert]
-    return volume, (dz, row_spacing[0], row_spacing[1])
+    return to_ras(volume, orientation, (dz, row_spacing[0], row_spacing[1]))
 
 
 def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -849,4 +891,4 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     spacing = meta["pixel_spacing_mm"]
     if not spacing:
         raise DataError(path, "no Pixel Spacing in the header")
-    return np.ascontiguousarray(array[ranking]), (dz, spacing[0], spacing[1])
+    return to_ras(array[ranking], np.asarray(orientation), (dz, spacing[0], spacing[1]))

@@ -2,7 +2,9 @@
 
 ``load_volume(image, config)`` returns a ``(C, D, H, W)`` float32 tensor in [0, 1] of the model's
 ``config.volume_shape`` (RAS: axis 0 inferior -> superior, axis 1 posterior -> anterior, axis 2
-the patient's left -> right, as ``medvl.clinical.nifti.read_nifti``). Intensities:
+the patient's left -> right, as ``medvl.clinical.nifti.read_nifti``; a DICOM series is brought to
+the same orientation by ``medvl.clinical.dicom.load_volume``; an array is taken as RAS already).
+Intensities:
 
 - ``config.window`` pairs (HU for CT) give one channel each: values clipped to
   ``[center - width / 2, center + width / 2]`` and scaled to [0, 1] (DICOM LINEAR_EXACT), before

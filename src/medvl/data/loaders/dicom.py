@@ -8,7 +8,7 @@ Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One
   Position / Orientation (Patient), share one orientation and size, and sit at distinct positions;
   or one enhanced multi-frame CT / MR / PET file with per-frame positions. The image is a
   ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
-  values, HU for CT; ``medvl.clinical.dicom.load_volume``);
+  values, HU for CT) in RAS orientation, as a NIfTI file is read (``medvl.clinical.dicom.load_volume``);
 - 2D image (``kind == "image"``): every other single-frame file; the image is the file path
   (``read_image``: the header's window applied, like an exported PNG).
 
