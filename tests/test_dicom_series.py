@@ -334,3 +334,27 @@ def test_a_3d_model_sees_a_dicom_series_as_the_nifti_of_the_same_patient(tmp_pat
     from_dicom = model_volume(record.images[0], config)
     from_nifti = model_volume(tmp_path / "same.nii.gz", config)
     assert float((from_dicom - from_nifti).abs().max()) < 1e-6
+
+
+# ----------------------------------------------------------- the model's windows win (F8)
+
+
+def test_a_2d_model_with_hu_windows_applies_them_not_the_headers_window(tmp_path):
+    from medvl.data.images import read_image
+    from medvl.models.config import ImageConfig
+    from medvl.models.preprocess import ImagePreprocessor
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # a soft-tissue window stored by the scanner
+    path = tmp_path / "ct_window.dcm"
+    ds.save_as(path)
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float64)  # pydicom, independently
+    windows = [(-600, 1500), (400, 1800)]
+    config = ImageConfig(spatial_dims=2, in_channels=2, image_size=128, window=[v for w in windows for v in w],
+                         augment=False)
+    tensor = ImagePreprocessor(config).load(path).numpy()
+    for channel, (center, width) in zip(tensor, windows, strict=True):  # LINEAR_EXACT, as ImageConfig documents
+        np.testing.assert_allclose(channel, np.clip((hu - (center - width / 2)) / width, 0, 1), atol=1e-6)
+    assert read_image(path).dtype == np.uint8  # without model windows: the header's window, as before
+    plain = ImagePreprocessor(ImageConfig(spatial_dims=2, image_size=128, augment=False)).load(path).numpy()
+    np.testing.assert_allclose(plain[0], np.round(reference_window(hu, 40, 400) * 255) / 255, atol=1e-6)

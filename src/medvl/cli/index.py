@@ -202,7 +202,6 @@ def search_command(
     backend: BackendOption = "torch",
 ) -> None:
     """Find the cases closest to a query image or text in an index."""
-    from ..data.images import read_image
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
     from ..index.search import check_one_query
@@ -215,7 +214,7 @@ def search_command(
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
         # read and preprocessed once: searched with, and checked
-        pixels = net.preprocessor.load(read_image(image)) if image is not None else None
+        pixels = net.preprocessor.load(net.preprocessor.read(image)) if image is not None else None
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
         flag = _query_checks(net, pixels)

@@ -6,7 +6,9 @@ file is read, so ``import medvl`` works without them. What ``read_image`` return
 - DICOM grayscale with a window in its header (Window Center/Width or a VOI LUT): ``HxW`` ``uint8``
   display values, the file's first window applied and MONOCHROME1 inverted (white = dense), like
   an exported PNG; without a window: ``HxW`` ``float32`` modality values (HU for CT, MONOCHROME1
-  inverted), which ``ImagePreprocessor`` min-max scales;
+  inverted), which ``ImagePreprocessor`` min-max scales. ``read_image(path, modality_values=True)``
+  (what a model with its own ``window`` pairs reads, ``ImagePreprocessor.read``) always gives the
+  modality values (``read_dicom_values``): the model's windows win over the header's;
 - DICOM colour (RGB, YBR, palette): ``HxWx3`` ``uint8``;
 - DICOM multi-frame: the same per frame, stacked on a first axis (``frames x H x W[x3]``), which a
   2D model refuses with a clear error;
@@ -33,6 +35,15 @@ def read_dicom_image(path: Path) -> np.ndarray:
     if meta["window"] is not None:
         return np.round(array * 255.0).astype(np.uint8)
     return array
+
+
+def read_dicom_values(path: Path) -> np.ndarray:
+    """A DICOM file as modality values, whatever window its header holds: grayscale ``HxW`` (or
+    ``frames x H x W``) ``float32`` (HU for CT, MONOCHROME1 inverted), colour as ``read_dicom_image``.
+    For a model with its own windows (``ImageConfig.window``, in modality units), which must win over
+    the window the technologist stored."""
+    array, meta = read_dicom(path)
+    return color_to_uint8(array, meta["bits_stored"]) if meta["color"] else array
 
 
 def read_nifti_image(path: Path) -> np.ndarray:

@@ -34,8 +34,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..clinical.formats import has_dicom_preamble
-from ..clinical.readers import register_clinical_readers
+from ..clinical.formats import DICOM_SUFFIXES, has_dicom_preamble
+from ..clinical.readers import read_dicom_values, register_clinical_readers
 from ..errors import DataError
 from .record import LoadableImage
 
@@ -178,8 +178,12 @@ def check_finite(path: object, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def read_image(path: str | Path | LoadableImage) -> np.ndarray:
+def read_image(path: str | Path | LoadableImage, modality_values: bool = False) -> np.ndarray:
     """Read a 2D image file into an ``HxW`` (grayscale) or ``HxWx3`` (RGB) array.
+
+    ``modality_values``: a grayscale DICOM file as its modality values (HU for CT) even when its
+    header holds a window (by default that window is applied, giving ``uint8``), for a model that
+    applies its own windows; other files are read the same either way.
 
     Raises ``DataError`` naming the file if it is missing, empty, of an unsupported type,
     corrupt or truncated, or larger than ``MAX_PIXELS``. An image that is not one file (an object
@@ -204,4 +208,5 @@ def read_image(path: str | Path | LoadableImage) -> np.ndarray:
         )
     if path.stat().st_size == 0:
         raise DataError(path, "empty file (0 bytes)")
-    return check_finite(path, IMAGE_READERS[suffix](path))
+    reader = read_dicom_values if modality_values and suffix in DICOM_SUFFIXES else IMAGE_READERS[suffix]
+    return check_finite(path, reader(path))

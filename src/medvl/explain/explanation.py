@@ -21,7 +21,6 @@ import torch
 from ..checks import check_number
 from ..data import captions_for
 from ..data.audit import input_flags
-from ..data.images import read_image
 from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
@@ -94,7 +93,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if out is not None:
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
             check_output_file(path, overwrite, "--out")
-    array = read_image(image)
+    array = model.preprocessor.read(image)  # as the model reads it (HU for a DICOM when it has windows)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
     for entry in explained["findings"]:

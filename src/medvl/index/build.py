@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..checks import check_number
-from ..data.images import image_suffix, read_image
+from ..data.images import image_suffix
 from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record, records_digest
 from ..models.backends import resolve_backend
@@ -56,7 +56,7 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
             digests.append(nifti_sha256(record.image))
             pixels.append(preprocessor.load(record.image))
             continue
-        array = record.image if isinstance(record.image, np.ndarray) else read_image(record.image)
+        array = record.image if isinstance(record.image, np.ndarray) else preprocessor.read(record.image)
         digests.append(pixel_sha256(array))
         pixels.append(preprocessor.load(array))
     return digests, torch.stack(pixels).numpy()

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import read_image
 from ..errors import DataError, InputError
 from .base import IMAGES, Hit, Index, check_k, check_model, check_target
 from .cases import public_image_path
@@ -52,7 +51,7 @@ def embed_query(model, image: str | Path | np.ndarray | torch.Tensor | None = No
         raise InputError("give exactly one query: an image or a text")
     if isinstance(image, torch.Tensor):
         return model.encode_images(image[None]).numpy()
-    pixels = image if isinstance(image, np.ndarray) else read_image(image)
+    pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
     return model.encode_images([pixels]).numpy()
 
 

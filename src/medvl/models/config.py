@@ -31,7 +31,8 @@ class ImageConfig:
     depth: int = 0  # 3D: slices after resizing along axis 0 (0 = image_size, a cube)
     window: list[float] = field(default_factory=list)  # [center, width, ...] in modality units (HU for
     # CT): each pair is one input channel, clipped to the window and scaled to [0, 1] (e.g. [40, 400]
-    # soft tissue, [-600, 1500] lung; presets in medvl.clinical.windowing); [] = per-image min-max.
+    # soft tissue, [-600, 1500] lung; presets in medvl.clinical.windowing; a DICOM file is read as HU for
+    # them, its header window ignored); [] = per-image min-max.
     # 8-bit images are display values already and are scaled by 1/255 instead
     layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # resnet blocks per stage
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # resnet stage widths

@@ -1,7 +1,8 @@
 """Image preprocessing with MONAI transforms: raw arrays -> model-ready tensors.
 
 Convention: intensities are scaled to [0, 1] (uint8 / 255; other integer and float images through
-the model's ``window`` pairs, one channel each, e.g. HU for CT, else by their own min-max),
+the model's ``window`` pairs, one channel each, e.g. HU for CT, else by their own min-max; a model
+with ``window`` pairs reads DICOM files as HU, never through the window stored in their header),
 channels converted to the model's (grayscale = mean of RGB; RGB = gray repeated), resized to a
 square of ``image_size`` with anti-aliasing, then normalised with the model's mean/std. Volumes
 (``spatial_dims=3``) go through ``medvl.models.volumes.load_volume``: windowed and resized slab by
@@ -49,13 +50,20 @@ class ImagePreprocessor:
         if self.config.spatial_dims == 3:
             return load_volume(image, self.config, source)
         named = image if not isinstance(image, np.ndarray) else (source or "<array>")
-        array = read_image(image) if not isinstance(image, np.ndarray) else image
+        array = self.read(image) if not isinstance(image, np.ndarray) else image
         tensor = self._intensities(array, named)
         if self.config.percentile_scaling:
             tensor = percentile_scale(tensor, self.config.percentile_scaling)
         if self.config.color_constancy and tensor.shape[0] == 3:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
         return self.resize(tensor).clamp_(0.0, 1.0)
+
+    def read(self, image: ImageSource | str) -> np.ndarray:
+        """The pixels this model is fed from an image file: ``read_image``, except that a model with
+        ``window`` pairs reads a DICOM file as modality values (HU), so that its own windows are applied,
+        not the one stored in the file's header. Read with this before ``load`` when the pixels are
+        also needed (hashing, checks)."""
+        return read_image(image, modality_values=bool(self.config.windows))
 
     def resize(self, tensor: torch.Tensor) -> torch.Tensor:
         """A (C, H, W) image as float32 at ``image_size``, a new tensor: area interpolation, the same call

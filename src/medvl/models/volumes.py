@@ -59,7 +59,7 @@ def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path 
             raise DataError(image, f"a 2D image file ({suffix}); this {config.arch} model takes 3D volumes "
                                    "(NIfTI .nii/.nii.gz, a DICOM series or a DxHxW array)")
     source = (name or "<array>") if isinstance(image, np.ndarray) else image
-    array = image if isinstance(image, np.ndarray) else read_image(image)
+    array = image if isinstance(image, np.ndarray) else read_image(image, modality_values=bool(config.windows))
     return _array_volume(_as_volume(array, source, config), source, config)
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_number
-from ..data.images import read_image
 from ..data.record import Record
 from ..index.base import Hit, Index, check_model
 from ..index.cases import pixel_sha256
@@ -51,7 +50,7 @@ def case_key(meta: dict[str, Any]) -> str | None:
 def retrieve_for_images(index: Index, model, images: Sequence[str | Path | np.ndarray], k: int,
                         show_progress: bool = False) -> list[Retrieved]:
     """The k nearest reports of each image (files or arrays); the image itself (same pixels) left out."""
-    pixels = [image if isinstance(image, np.ndarray) else read_image(image) for image in images]
+    pixels = [image if isinstance(image, np.ndarray) else model.preprocessor.read(image) for image in images]
     excluded = [{"sha256": pixel_sha256(p)} for p in pixels]
     return _retrieve(index, model, pixels, excluded, k, show_progress)
 
@@ -59,7 +58,7 @@ def retrieve_for_images(index: Index, model, images: Sequence[str | Path | np.nd
 def retrieve_for_records(index: Index, model, records: Sequence[Record], k: int,
                          show_progress: bool = False) -> list[Retrieved]:
     """The k nearest reports of each record's image, leaving out the record itself and its own case."""
-    pixels = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in records]
+    pixels = [r.image if isinstance(r.image, np.ndarray) else model.preprocessor.read(r.image) for r in records]
     excluded = [{"id": r.id, "case": case_key(r.meta), "sha256": pixel_sha256(p)} for r, p in zip(records, pixels,
                                                                                                  strict=True)]
     return _retrieve(index, model, pixels, excluded, k, show_progress)

@@ -172,7 +172,6 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     ``verify_model``: as in ``medvl.index.search_index``.
     """
     from ..data.audit import input_flags
-    from ..data.images import read_image
     from ..index.base import check_model
     from ..index.search import embed_query
 
@@ -180,7 +179,8 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     if verify_model:
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
-    pixels = image if isinstance(image, np.ndarray) else read_image(image)  # read once: checked, embedded, hashed
+    # read once (as the model reads it: HU for a DICOM when it has windows): checked, embedded, hashed
+    pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
     tensor = model.preprocessor.load(pixels)
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
