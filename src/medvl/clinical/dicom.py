@@ -511,7 +511,7 @@ def _display(ds, values: np.ndarray, window: WindowSpec | None) -> tuple[np.ndar
         chosen = get_window(window) if window is not None else None
         return (apply_window(values, chosen), chosen.as_dict()) if chosen is not None else (values, None)
     windows = _file_windows(ds, _frames_in(ds, values))
-    if windows == "lut":
+    if isinstance(windows, str):  # "lut"
         return _voi_lut(ds, values), {"name": FILE_WINDOW, "function": "VOI LUT"}
     if not windows:
         return values, None

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import read_image
-from ..data.record import ImageSource
+from ..data.record import ImageSource, LoadableImage
 from ..errors import DataError
 from .config import ImageConfig
 from .volumes import load_volume
@@ -58,7 +58,7 @@ class ImagePreprocessor:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
         return self.resize(tensor).clamp_(0.0, 1.0)
 
-    def read(self, image: ImageSource | str) -> np.ndarray:
+    def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
         ``window`` pairs reads a DICOM file as modality values (HU), so that its own windows are applied,
         not the one stored in the file's header. Read with this before ``load`` when the pixels are
