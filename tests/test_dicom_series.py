@@ -358,3 +358,33 @@ def test_a_2d_model_with_hu_windows_applies_them_not_the_headers_window(tmp_path
     assert read_image(path).dtype == np.uint8  # without model windows: the header's window, as before
     plain = ImagePreprocessor(ImageConfig(spatial_dims=2, image_size=128, augment=False)).load(path).numpy()
     np.testing.assert_allclose(plain[0], np.round(reference_window(hu, 40, 400) * 255) / 255, atol=1e-6)
+
+
+def test_the_service_and_the_evaluations_read_a_dicom_upload_as_a_windowed_model_is_fed_it(tmp_path):
+    """The service decoded an upload with the header's window before the model's own windows could apply, and
+    so did the report, robustness, shortcut and case-retrieval evaluations (``read_for``): the same DICOM gave
+    the service another embedding than the library."""
+    pytest.importorskip("fastapi")
+    import torch
+    from starlette.testclient import TestClient
+
+    import medvl
+    from medvl.models.preprocess import read_for
+    from medvl.serve import ServeSettings, create_app
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    path = tmp_path / "ct_window.dcm"
+    ds.save_as(path)
+    torch.manual_seed(0)
+    model = medvl.create_model("phantom-tiny", **{"image.window": [-600, 1500, 400, 1800], "image.in_channels": 2})
+    model.save_pretrained(tmp_path / "model")
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    np.testing.assert_allclose(read_for(model, path), hu)  # HU, not the header's uint8 window
+    app = create_app(tmp_path / "model", settings=ServeSettings(), require_token=False)
+    with TestClient(app) as http:
+        answer = http.post("/v1/embed", files={"image": ("x.dcm", path.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    loaded = medvl.load_model(tmp_path / "model")
+    expected = loaded.encode_images(loaded.preprocessor.load(path)[None])[0].numpy()
+    np.testing.assert_allclose(answer.json()["embedding"], expected, atol=1e-5)

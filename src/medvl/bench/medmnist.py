@@ -28,7 +28,6 @@ from sklearn.metrics import roc_auc_score
 
 from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
-from ..data.images import read_image
 from ..data.loaders import load_dataset
 from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
@@ -38,7 +37,7 @@ from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
 from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
 from ..models.dual import DualEncoder
-from ..models.preprocess import affine_warp
+from ..models.preprocess import affine_warp, read_for
 from ..progress import progress_bar
 from ..train.recipes import (
     BENCHMARK_FIXED,
@@ -188,7 +187,7 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
     over the severities), their means over every condition (``mean_auc``, ``mean_balanced_accuracy``)
     and ``worst``: the kind and severity with the lowest AUC.
     """
-    images = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in data.test]
+    images = [read_for(models[0], r.image) for r in data.test]
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
     y_true = class_targets(data.test, LABEL, data.classes)
     auc: dict[str, list[float]] = {}

@@ -103,7 +103,7 @@ def generate_command(
 
     check_outputs(overwrite, json=json_out)
     net = load_report_generator(model)
-    arrays = _read_images(images)
+    arrays = _read_images(images, net)
     with _context_index(net, index) as opened:
         content: list[dict[str, str]] = []
         reports, cited = generate_for_images(net, arrays, index=opened, beam_size=beam_size, max_length=max_length,
@@ -189,10 +189,10 @@ def print_report_metrics(result: dict) -> None:
     console.print(table)
 
 
-def _read_images(images: list[Path]):
-    from ..data.images import read_image
+def _read_images(images: list[Path], net):
+    from ..models.preprocess import read_for
 
-    return [read_image(path) for path in images]
+    return [read_for(net, path) for path in images]  # as the generator is fed them
 
 
 def _context_index(net, index: str | None):

@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_number
-from ..data.images import read_image
 from ..data.record import Dataset, Record
 from ..errors import InputError
 from ..index.base import Hit, Index, check_model, path_sha256
 from ..index.cases import pixel_sha256
+from ..models.preprocess import read_for
 from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
 from ..rag.knowledge import KnowledgeBase
@@ -129,7 +129,7 @@ def _embed(model, records: Sequence[Record], show_progress: bool) -> tuple[np.nd
     with progress_bar("Embedding queries", total=len(records), enabled=show_progress) as advance:
         for start in range(0, len(records), BATCH):
             batch = records[start:start + BATCH]
-            pixels = [r.image if isinstance(r.image, np.ndarray) else read_image(r.image) for r in batch]
+            pixels = [read_for(model, r.image) for r in batch]  # as the index read them
             hashes += [pixel_sha256(p) for p in pixels]
             chunks.append(model.encode_images(pixels, batch_size=len(pixels)).numpy())
             advance(len(batch))

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from ..checks import check_number
 from ..data.audit import content_summary, input_flags, warn_without_content
-from ..data.images import read_image
 from ..data.record import Dataset
 from ..errors import InputError
 from ..models.decoder import context_k
+from ..models.preprocess import read_for
 from ..models.vlm import REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
 from ..rag.labels import ReportLabeller
@@ -179,12 +179,12 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
         raise InputError(f"the report generator was trained with {context_k(model)} retrieved "
                          "reports as context: pass --index (the index it was trained with)")
     seen = trained_on_scored(model, test, "scored (test) reports")
-    images = _read(test, show_progress)
+    images = _read(test, show_progress, model)
     content: list[dict[str, str]] = []
     generated, cited = generate_for_images(model, images, index=index, records=test.records, beam_size=beam_size,
                                            max_length=max_length, show_progress=show_progress, content=content)
     embed, describe = _baseline_encoder(model, baseline_model)
-    nearest = _nearest_reports(embed, images, train, show_progress)
+    nearest = _nearest_reports(embed, images, train, show_progress, model)
     references = [r.text or "" for r in test]
     labeller = ReportLabeller()
     ours = report_metrics(references, generated, labeller)
@@ -221,11 +221,12 @@ def _with_reports(dataset: Dataset, what: str) -> Dataset:
     return kept
 
 
-def _read(dataset: Dataset, show_progress: bool) -> list[np.ndarray]:
+def _read(dataset: Dataset, show_progress: bool, model: Any) -> list[np.ndarray]:
+    """Each record's image as ``model`` is fed it (``read_for``: its own HU windows on a DICOM)."""
     images = []
     with progress_bar("Reading images", total=len(dataset), enabled=show_progress) as advance:
         for record in dataset:
-            images.append(record.image if isinstance(record.image, np.ndarray) else read_image(record.image))
+            images.append(read_for(model, record.image))
             advance(1)
     return images
 
@@ -300,9 +301,9 @@ def _baseline_encoder(model, baseline_model) -> tuple[Callable[[Sequence[np.ndar
 
 
 def _nearest_reports(embed: Callable[[Sequence[np.ndarray]], torch.Tensor], images: Sequence[np.ndarray],
-                     train: Dataset, show_progress: bool) -> list[int]:
+                     train: Dataset, show_progress: bool, model: Any) -> list[int]:
     """Per test image, the index of the training record whose image is most similar."""
-    train_images = _read(train, show_progress)
+    train_images = _read(train, show_progress, model)
     query, gallery = embed(list(images)), embed(train_images)
     return (query @ gallery.T).argmax(1).tolist()
 

@@ -34,11 +34,11 @@ from PIL import Image
 
 from ..data import captions_for
 from ..data.captions import CaptionConfig
-from ..data.images import read_image
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
 from ..models.dual import DualEncoder
+from ..models.preprocess import read_for
 from ..progress import progress_bar
 from .zero_shot import zero_shot
 
@@ -174,7 +174,7 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
         raise InputError("corruption curves are defined for 2D images; this model takes 3D volumes")
     labelled = dataset.with_labels([label])
     captions = captions or captions_for(dataset, model=model)
-    images = [read_image(r.image) if not isinstance(r.image, np.ndarray) else r.image for r in labelled]
+    images = [read_for(model, r.image) for r in labelled]  # as the model is fed them
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
 
     def score(arrays: list[np.ndarray], class_names: Sequence[str] | None) -> dict:

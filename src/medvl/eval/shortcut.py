@@ -53,6 +53,7 @@ from ..data.images import read_image
 from ..data.record import Dataset, ImageSource
 from ..errors import InputError
 from ..models.dual import DualEncoder
+from ..models.preprocess import read_for
 from .counterfactual import NEAREST_NEIGHBOUR, CounterfactualPair, class_indices, pair_accuracy, predict_probabilities
 from .metrics import classification_metrics
 
@@ -148,7 +149,7 @@ def masked_accuracy_drop(model: DualEncoder, dataset: Dataset, label: str, regio
     method = ""
     for start in range(0, len(dataset), batch_size):
         images = [r.image for r in dataset.records[start:start + batch_size]]
-        arrays = [image if isinstance(image, np.ndarray) else read_image(image) for image in images]
+        arrays = [read_for(model, image) for image in images]  # as the model is fed them
         for name, chosen in (("", None), *regions.items()):
             batch = arrays if chosen is None else [_masked(a, chosen, fraction) for a in arrays]
             probabilities, class_names, method = predict_probabilities(model, batch, label, captions, classes,

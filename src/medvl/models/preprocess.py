@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -350,3 +351,14 @@ def _affine_matrices(draws: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     theta = torch.cat([matrix, shifts[:, :, None]], dim=2)
     identity = torch.eye(3, 4).expand_as(theta)
     return torch.where(apply.view(-1, 1, 1), theta, identity)
+
+
+def read_for(model: Any, image: Any) -> np.ndarray:
+    """``image`` (an array as it is, else a file) read as ``model`` is fed it (``ImagePreprocessor.read``: a model
+    with HU windows reads DICOM as modality values); a model without a medvl preprocessor reads as
+    ``read_image``."""
+    if isinstance(image, np.ndarray):
+        return image
+    preprocessor = getattr(model, "preprocessor", None)
+    return preprocessor.read(image) if isinstance(preprocessor, ImagePreprocessor) else read_image(image)
+

@@ -91,6 +91,9 @@ class ModelService:
         self.model_dir = Path(model_dir)
         self.net = load_model(model_dir, backend=self.settings.backend)
         self.net.eval()
+        # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
+        image_config = getattr(getattr(self.net, "preprocessor", None), "config", None)
+        self.modality_values = bool(getattr(image_config, "windows", None))
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
@@ -140,7 +143,7 @@ class ModelService:
 
     async def decode(self, data: bytes, timings: dict[str, Any]) -> Upload:
         started = time.perf_counter()
-        upload = await self._on_worker(decode_upload, data, self.settings)
+        upload = await self._on_worker(decode_upload, data, self.settings, self.modality_values)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -174,7 +177,7 @@ class ModelService:
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
-        upload = decode_upload(data, self.settings)
+        upload = decode_upload(data, self.settings, self.modality_values)
         return upload, *self._checked_pixels(upload)
 
     def _checked_pixels(self, upload: Upload) -> tuple[torch.Tensor, dict[str, str]]:

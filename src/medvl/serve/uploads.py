@@ -122,9 +122,10 @@ def private_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
-    """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after."""
-    kind, pixels = read_upload(data, settings, lambda source, kind: read_pixels(source))
+def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False) -> Upload:
+    """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
+    ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows."""
+    kind, pixels = read_upload(data, settings, lambda source, kind: read_pixels(source, modality_values))
     return Upload(kind, len(data), pixels)
 
 
@@ -215,12 +216,14 @@ def _check_voxels(voxels: int, shape: str, settings: ServeSettings) -> None:
         raise UploadRejected(413, f"volume too large: {shape} voxels (limit {settings.max_voxels:,})")
 
 
-def read_pixels(source: Path | bytes) -> np.ndarray:
+def read_pixels(source: Path | bytes, modality_values: bool = False) -> np.ndarray:
     """The decoded pixels of an upload (a PNG or JPEG's bytes, else its file), as every model route
-    reads them."""
+    reads them (``modality_values``: see ``read_image``)."""
     from ..data.images import read_image, read_image_bytes
 
-    return read_image_bytes(source, "upload") if isinstance(source, bytes) else read_image(source)
+    if isinstance(source, bytes):
+        return read_image_bytes(source, "upload")
+    return read_image(source, modality_values=modality_values)
 
 
 def rejecting(read: Callable[..., T], *args) -> T:
