@@ -182,7 +182,7 @@ def _check_images(path: Path, key: str, dtype: np.dtype, shape: tuple[int, ...])
                               f"got {dtype} {shape}")
     if 0 in shape[1:]:
         raise DataError(path, f"{key!r} has an empty image axis: shape {shape}")
-    if len(shape) == 4 and shape[-1] in (2, 4):  # a volume 2 or 4 pixels wide is a channel axis
+    if len(shape) == 4 and shape[-1] in (2, 4) and min(shape[1:3]) >= 8:  # 2 or 4 wide under 8+ px: channels
         raise DataError(path, f"{key!r} has shape {shape}: {shape[-1]} channels (grey + alpha, RGBA?); give "
                               f"(N,H,W) grayscale or (N,H,W,3) RGB")
 
