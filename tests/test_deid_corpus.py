@@ -428,3 +428,44 @@ def test_plain_descriptor_rule(value, vr, plain):
     from medvl.clinical.descriptors import is_plain
 
     assert is_plain(value, vr) is plain
+
+
+# ------------------------------------------------------- names in scripts without word spaces
+
+
+def identifiers_of(name: str):
+    from medvl.clinical.identifiers import collect_identifiers
+
+    ds = Dataset()
+    ds.PatientName = name
+    return collect_identifiers(ds)
+
+
+@pytest.mark.parametrize(("name", "text", "found"), [
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "山田太郎様の装置", True),  # the probe's case
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "装置は山田さんのもの", True),
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "やまださんの検査", True),
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "ﾀﾛｳ", False),  # not one of the name's parts
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "富士の装置", False),
+    ("Wang^Xiaoming=王^小明", "患者小明的检查", True),
+    ("Kim^Minjun=김^민준", "김민준님의 검사", True),
+    ("Kim^Minjun=김^민준", "김치", False),  # a one-syllable family name alone is not searched
+    ("Li^Wu", "CLINIC", False),  # Latin script: still whole words only
+    ("Li^Wu", "DR-LI", True),
+])
+def test_names_in_unspaced_scripts_are_found_inside_running_text(name, text, found):
+    assert identifiers_of(name).found_in(text) is found
+
+
+def test_cjk_name_in_a_kept_element_refuses_the_file(tmp_path):
+    ds = pydicom.dcmread(CT)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName, ds.PatientID = "Yamada^Tarou=山田^太郎=やまだ^たろう", "JP00012345"
+    ds.Manufacturer = "山田太郎様の装置"
+    ds.SoftwareVersions = "v2 山田様"
+    ds.save_as(tmp_path / "cjk.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"name survived de-identification in Manufacturer; nothing was written"):
+        deidentify(tmp_path / "cjk.dcm", tmp_path / "k.dcm", clean_descriptors=False)
+    with pytest.raises(DataError, match=r"name survived de-identification in SoftwareVersions"):
+        deidentify(tmp_path / "cjk.dcm", tmp_path / "c.dcm")
+    assert not (tmp_path / "k.dcm").exists() and not (tmp_path / "c.dcm").exists()

@@ -29,7 +29,9 @@ same kind of character: a name part must not touch another letter (``LI`` is fou
 ``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
 is found in ``DOB19500131``, not inside a longer number such as a UID). Name parts of fewer than
 four letters must not touch a digit either (``WU`` is not found in a random Study ID ``7WU3``;
-longer parts are: ``SMITH`` in ``SMITH1950``).
+longer parts are: ``SMITH`` in ``SMITH1950``). Scripts written without spaces between words
+(Chinese, Japanese, Korean, Thai, Lao, Khmer, Myanmar: ``UNSPACED_SCRIPTS``) are the exception: a
+name part in them is found anywhere, as a substring (``山田太郎`` in ``山田太郎様の装置``).
 
 ``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
@@ -72,6 +74,14 @@ _NAME_SEPARATORS = re.compile(r"[\s,.'\-]+")
 # accession numbers) are random letters and digits and hold two- or three-letter runs such as 7WU3.
 SHORT_NAME = 4
 _LETTER = r"[^\W\d_]"
+# Scripts written without spaces between words, as ``fold`` leaves them (Hangul as conjoining jamo,
+# kana without voicing marks, half-width katakana as full-width): Thai, Lao, Myanmar, Hangul, Khmer,
+# kana, CJK ideographs. A name part in them is searched as a substring: in 山田太郎様の装置 the name
+# 山田太郎 touches the letters of the next word.
+UNSPACED_SCRIPTS = ("\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-\u30ff\u3130-\u318f"
+                    "\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+                    "\U00020000-\U0003134f")
+_UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
 
 
 def fold(text: str) -> str:
@@ -80,12 +90,22 @@ def fold(text: str) -> str:
     return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
 
 
+def _edge(char: str, word: str) -> str | None:
+    """What may not stand next to ``char`` at the edge of a match (a regex class), or ``None``."""
+    if _UNSPACED.match(char):
+        return None  # no word spaces in this script: the neighbouring letters belong to other words
+    return word if char.isalpha() else r"\d" if char.isdigit() else None
+
+
 def _edges(value: str, alphanumeric: bool = False) -> str:
     """``value`` as a regex that does not match inside a longer word (letters) or number (digits);
-    ``alphanumeric``: nor next to a letter or digit (short name parts, see ``SHORT_NAME``)."""
+    ``alphanumeric``: nor next to a letter or digit (short name parts, see ``SHORT_NAME``). A value
+    that starts or ends in a script written without word spaces (``UNSPACED_SCRIPTS``) matches as a
+    substring at that end."""
     word = r"[^\W_]" if alphanumeric else _LETTER
-    before = f"(?<!{word})" if value[0].isalpha() else r"(?<!\d)" if value[0].isdigit() else ""
-    after = f"(?!{word})" if value[-1].isalpha() else r"(?!\d)" if value[-1].isdigit() else ""
+    first, last = _edge(value[0], word), _edge(value[-1], word)
+    before = f"(?<!{first})" if first else ""
+    after = f"(?!{last})" if last else ""
     return before + re.escape(value) + after
 
 
@@ -107,12 +127,14 @@ def date_patterns(date: str) -> list[str]:
 
 def name_parts(value: str) -> list[str]:
     """Family, given and middle name parts (2+ characters, folded, placeholders and modality codes
-    left out) of a PN value, in order."""
+    left out) of a PN value, in order. Characters are counted composed: a one-syllable Hangul name
+    (김, three letters once folded) is one character, too short to search alone."""
     parts: list[str] = []
     for group in str(value).split("="):
         for component in group.split("^")[:3]:
             parts += [p for p in _NAME_SEPARATORS.split(fold(component).strip())
-                      if len(p) >= 2 and p not in PLACEHOLDER_NAMES and p not in MODALITY_CODES]
+                      if len(unicodedata.normalize("NFC", p)) >= 2 and p not in PLACEHOLDER_NAMES
+                      and p not in MODALITY_CODES]
     return parts
 
 
