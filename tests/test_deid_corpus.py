@@ -114,6 +114,10 @@ HANDLED: dict[str, Callable[[Dataset, str], None]] = {
         ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4",
         PerformingPhysicianName=v)]),
     "LO and UT in private tags": plant_private,
+    # Table E.1-1 removes Retrieve AE Title; medvl removes the file meta's Source AE Title (the sending site)
+    "AE RetrieveAETitle": lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16]),
+    "AE in the file meta": lambda ds, v: setattr(ds.file_meta, "SourceApplicationEntityTitle",
+                                                 re.sub(r"[^A-Za-z0-9 ]", " ", v)[:16]),
 }
 DATES_HANDLED: dict[str, Callable[[Dataset, str], None]] = {
     "DA PatientBirthDate": lambda ds, v: setattr(ds, "PatientBirthDate", BIRTH),
@@ -130,7 +134,6 @@ KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
     "SH ConvolutionKernel": ("ConvolutionKernel", lambda ds, v: setattr(ds, "ConvolutionKernel", v[:16])),
     "CS ImageType": ("ImageType", lambda ds, v: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY",
                                                                          re.sub(r"[^A-Z0-9 ]", " ", v.upper())])),
-    "AE RetrieveAETitle": ("RetrieveAETitle", lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16])),
     "LO SoftwareVersions": ("SoftwareVersions", lambda ds, v: setattr(ds, "SoftwareVersions", f"v2 {v}")),
     "UR RetrieveURL": ("RetrieveURL", lambda ds, v: setattr(ds, "RetrieveURL", f"https://pacs.example/{v}")),
     "UC in ProcedureCodeSequence": ("ProcedureCodeSequence[0]>LongCodeValue", lambda ds, v: setattr(
@@ -139,8 +142,8 @@ KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
     "LO CodeMeaning in a sequence": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
         ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
                                                     CodeMeaning=f"CT chest {v}")])),
-    "AE in the file meta": ("file meta>SourceApplicationEntityTitle", lambda ds, v: setattr(
-        ds.file_meta, "SourceApplicationEntityTitle", re.sub(r"[^A-Za-z0-9 ]", " ", v)[:16])),
+    "SH in the file meta": ("file meta>ImplementationVersionName", lambda ds, v: setattr(
+        ds.file_meta, "ImplementationVersionName", v[:16])),
 }
 
 
@@ -246,15 +249,15 @@ def test_dummy_name_sharing_a_part_with_the_patient_is_trimmed(tmp_path):
     from dicognito.anonymizer import Anonymizer
 
     probe = base_dataset()
-    probe.PerformingPhysicianName = "Okonkwo^Adaeze"
+    probe.ReferringPhysicianName = "Okonkwo^Adaeze"  # Z in the profile: dicognito's dummy is kept
     Anonymizer(seed="11").anonymize(probe)
-    dummy_family = str(probe.PerformingPhysicianName).split("^")[0]
+    dummy_family = str(probe.ReferringPhysicianName).split("^")[0]
     ds = base_dataset()
-    ds.PatientName, ds.PerformingPhysicianName = f"{dummy_family.title()}^Qzyx", "Okonkwo^Adaeze"
+    ds.PatientName, ds.ReferringPhysicianName = f"{dummy_family.title()}^Qzyx", "Okonkwo^Adaeze"
     out, error = run_api(ds, tmp_path)
     assert error is None, error
     written = pydicom.dcmread(out)
-    assert dummy_family not in str(written.PerformingPhysicianName).split("^")
+    assert written.ReferringPhysicianName and dummy_family not in str(written.ReferringPhysicianName).split("^")
     assert dummy_family.lower().encode() not in out.read_bytes().lower()
 
 

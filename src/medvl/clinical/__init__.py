@@ -7,6 +7,7 @@ dicognito, requests, pynetdicom, and the pylibjpeg / gdcm decoders for compresse
 - ``medvl.clinical.dicom``: ``read_dicom``, ``read_dicom_series``, ``load_volume``;
 - ``medvl.clinical.nifti``: ``read_nifti`` (RAS volume and spacing, decompression-bomb guard);
 - ``medvl.clinical.deid``: ``deidentify`` (DICOM PS3.15 basic profile via dicognito);
+- ``medvl.clinical.profile``: PS3.15 Table E.1-1 as data (``profile_table``) and ``apply_profile``;
 - ``medvl.clinical.pacs``: ``DicomWebClient`` (QIDO-RS / WADO-RS) and ``pull_study`` (de-identifying,
   resumable pulls into a folder; needs ``requests``);
 - ``medvl.clinical.dimse``: ``DimseClient`` (C-ECHO, C-FIND, C-GET / C-MOVE pulls; needs ``pynetdicom``);

@@ -8,23 +8,24 @@ works on one file or a folder. For every DICOM file, in this order:
    header or the last delimiter, an element or sequence that cannot be parsed, a missing SOP Class /
    SOP Instance / Study / Series UID or Modality, or an image object without pixel data are errors
    naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output.
-1. dicognito (one ``Anonymizer`` per run) replaces every person name (PN), the patient and
-   request identifiers (Patient ID, Other Patient IDs, Accession Number, Study ID, ...), the
-   patient's address, institution and station names with dummy values, and every UID except
-   class and transfer syntax UIDs. The same input UID gives the same output UID within a run, so
-   studies, series and references between files stay linked; with the same ``seed`` a later run
-   gives the same UIDs and dummies (without it, runs cannot be linked). All dates and date-times
-   move back by one offset per run (62 to 730 days), keeping intervals (the profile's "Retain
-   Longitudinal Temporal Information with Modified Dates" option). A dummy name part that equals
-   a part of the real name is dropped (``identifiers.drop_name_parts``).
+1. dicognito (one ``Anonymizer`` per run, inside ``RunAnonymizer``) replaces every person name (PN),
+   the patient and request identifiers (Patient ID, Other Patient IDs, Accession Number, Study ID,
+   ...) with dummy values, and every UID except class and transfer syntax UIDs. The same input UID
+   gives the same output UID within a run, so studies, series and references between files stay
+   linked; with the same ``seed`` a later run gives the same UIDs and dummies (without it, runs
+   cannot be linked). All dates and date-times move back by one offset per run (62 to 730 days),
+   keeping intervals (the profile's "Retain Longitudinal Temporal Information with Modified Dates"
+   option). A dummy name part that equals a part of the real name is dropped
+   (``identifiers.drop_name_parts``).
 2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
    short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
    Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
    prose descriptors (comments, notes, narratives) are removed.
-3. The attributes the profile removes (action X) and dicognito keeps are deleted:
-   ``PROFILE_REMOVED`` (free-text comments and descriptions, patient characteristics, device
-   serial numbers, request details, SR content...), overlays and curves; descriptors being
-   cleaned are kept out of this list when the option is on.
+3. Every attribute of PS3.15 Table E.1-1 (``profile``: the table as data, 617 attributes) is removed
+   (X), emptied (Z) or replaced (D, U) in the data set and every sequence item, dicognito's
+   replacements and shifted dates kept where the action allows them (``profile.resolve`` has the
+   rules), plus ``profile.EXTRA_REMOVED``, the sending site's AE titles in the file meta, overlays
+   and curves; descriptors being cleaned are left to step 2 when the option is on.
 4. Private tags are removed; the 128-byte preamble is zeroed.
 5. Files whose pixels may hold burned-in text (``burned_in_risk``: Burned In Annotation YES, or
    ultrasound, secondary capture, screen capture, photograph, endoscopy or scanned document) are
@@ -49,6 +50,8 @@ their values, and neither the seed nor the date offset.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -77,6 +80,7 @@ from .dicom import (
 )
 from .formats import INSTALL_HINT
 from .identifiers import Identifiers, collect_identifiers, drop_name_parts, find_leak
+from .profile import apply_profile, apply_to_file_meta
 
 log = logging.getLogger(__name__)
 
@@ -84,40 +88,6 @@ REPORT_NAME = "deid-report.json"
 METHOD = "medvl PS3.15 basic profile"  # added to De-identification Method (LO: 64 characters at most)
 PROFILE = "DICOM PS3.15 Basic Application Level Confidentiality Profile"
 
-# Basic profile attributes with action X (remove) that dicognito does not replace or remove.
-PROFILE_REMOVED = (
-    "AcquisitionComments", "AcquisitionDeviceProcessingDescription", "AcquisitionProtocolDescription",
-    "ActualHumanPerformersSequence", "AdditionalPatientHistory", "AdmissionID", "AdmittingDiagnosesCodeSequence",
-    "AdmittingDiagnosesDescription", "Allergies", "Arbitrary", "AuthorObserverSequence",
-    "CommentsOnThePerformedProcedureStep", "ConfidentialityConstraintOnPatientDataDescription",
-    "ContentCreatorIdentificationCodeSequence", "ContentSequence", "ContributionDescription",
-    "CustodialOrganizationSequence", "DataSetTrailingPadding", "DerivationDescription", "DeviceSerialNumber",
-    "DischargeDiagnosisDescription", "DistributionAddress", "DistributionName", "EthnicGroup",
-    "FrameComments", "GantryID", "HumanPerformerOrganization", "IconImageSequence",
-    "IdentifyingComments", "ImageComments", "ImagePresentationComments", "ImagingServiceRequestComments",
-    "Impressions", "InsurancePlanIdentification", "IntendedRecipientsOfResultsIdentificationSequence",
-    "InterpretationApproverSequence", "InterpretationAuthor", "InterpretationDiagnosisDescription",
-    "InterpretationIDIssuer", "InterpretationRecorder", "InterpretationText", "InterpretationTranscriber",
-    "IssuerOfAdmissionID", "IssuerOfPatientID", "IssuerOfServiceEpisodeID", "MedicalAlerts",
-    "ModifiedAttributesSequence", "NamesOfIntendedRecipientsOfResults", "OrderCallbackPhoneNumber",
-    "OrderEnteredBy", "OrderEntererLocation", "OriginalAttributesSequence", "OtherPatientIDsSequence",
-    "PatientAge", "PatientBirthTime", "PatientComments", "PatientPrimaryLanguageCodeSequence",
-    "PatientSexNeutered", "PatientSize", "PatientState", "PatientWeight", "PerformedLocation",
-    "PerformedProcedureStepDescription", "PerformingPhysicianIdentificationSequence", "PersonAddress",
-    "PersonTelephoneNumbers", "PhysicianApprovingInterpretation", "PhysiciansOfRecordIdentificationSequence",
-    "PhysiciansReadingStudyIdentificationSequence", "PreMedication", "ProtocolName", "ReasonForStudy",
-    "ReasonForTheImagingServiceRequest", "ReasonForTheRequestedProcedure", "ReferencedPatientAliasSequence",
-    "ReferencedPatientSequence", "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence",
-    "ReferringPhysicianTelephoneNumbers", "RequestAttributesSequence", "RequestedContrastAgent",
-    "RequestedProcedureComments", "RequestedProcedureDescription", "RequestedProcedureLocation",
-    "RequestingPhysician", "ResultsComments", "ResultsDistributionListSequence", "ResultsIDIssuer",
-    "ScheduledPatientInstitutionResidence", "ScheduledProcedureStepDescription", "SeriesDescription",
-    "ServiceEpisodeDescription", "ServiceEpisodeID", "SmokingStatus", "SpecialNeeds", "StudyComments",
-    "StudyDescription", "StudyIDIssuer", "TextComments", "TextString", "TopicAuthor", "TopicKeywords",
-    "TopicSubject", "TopicTitle", "VisitComments",
-)
-PROFILE_EMPTIED = ("PatientSex",)  # action Z: kept, value emptied
-_REPEATING_GROUPS = ((0x5000, None), (0x6000, None))  # curves, overlay planes (data, comments and their layout)
 _DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
                ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
 CLEAN_DESCRIPTORS_CODE = ("113105", "Clean Descriptors Option")
@@ -128,6 +98,7 @@ BURNED_IN_MODALITIES = {"US": "ultrasound", "SC": "secondary capture", "OT": "ot
                         "XC": "external-camera photograph", "ES": "endoscopy", "DOC": "scanned document"}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 multi-frame variants
 ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1")
+_DUMMY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def _require_dicognito():
@@ -136,6 +107,28 @@ def _require_dicognito():
     except ImportError:
         raise DataError(None, f"DICOM de-identification needs dicognito: {INSTALL_HINT}") from None
     return Anonymizer
+
+
+class RunAnonymizer:
+    """One run's dicognito ``Anonymizer`` and the pseudonyms of the values the profile replaces with
+    a dummy that dicognito leaves as they were (action D: a clinical trial subject ID, a verifying
+    organization...): ``ANON`` and 8 letters or digits from a keyed hash of the value, so the same
+    value gives the same dummy within a run (and in any run with the same seed), and nothing else."""
+
+    def __init__(self, seed: str | None = None):
+        self._dicognito = _require_dicognito()(seed=seed)
+        self._key = b"medvl dummy:" + seed.encode("utf-8") if seed is not None else os.urandom(32)
+
+    def anonymize(self, ds) -> None:
+        self._dicognito.anonymize(ds)
+
+    def dummy(self, value: str) -> str:
+        digest = hmac.new(self._key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        number, letters = int.from_bytes(digest[:8], "big"), []
+        for _ in range(8):
+            number, digit = divmod(number, len(_DUMMY_ALPHABET))
+            letters.append(_DUMMY_ALPHABET[digit])
+        return "ANON" + "".join(letters)
 
 
 def _multi(value) -> bool:
@@ -195,25 +188,6 @@ def _changes(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], 
 
 
 # ------------------------------------------------------------------------------ the steps
-
-
-def _remove_profile_attributes(ds, removed: frozenset[str]) -> None:
-    for keyword in PROFILE_EMPTIED:
-        if ds.get(keyword):
-            setattr(ds, keyword, "")
-    for keyword in removed:
-        if keyword in ds:
-            del ds[keyword]
-    for element in list(ds):
-        group, number = element.tag.group, element.tag.element
-        for base, wanted in _REPEATING_GROUPS:
-            if base <= group <= base + 0x1E and group % 2 == 0 and wanted in (None, number):
-                del ds[element.tag]
-                break
-        else:
-            if element.VR == "SQ" and element.tag in ds:
-                for item in element.value or []:
-                    _remove_profile_attributes(item, removed)
 
 
 def _mark(ds, burned_in: bool, cleaned: bool) -> None:
@@ -291,6 +265,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
                        refuse_burned_in: bool = False) -> tuple[bytes, dict[str, Any]]:
     """De-identify one parsed dataset in place; its encoded bytes and its report entry.
 
+    ``anonymizer``: the run's ``RunAnonymizer`` (one per run: consistent dummies and UIDs);
     ``clean_descriptors``: apply the Clean Descriptors option (``medvl.clinical.descriptors``);
     ``refuse_burned_in``: raise ``DataError`` for a file whose pixels may hold burned-in text
     (``burned_in_risk``) instead of flagging it. Raises ``DataError`` for a truncated or incomplete
@@ -306,7 +281,8 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     anonymizer.anonymize(ds)
     drop_name_parts(ds, identifiers)
     cleaned = clean_descriptors_in(ds) if clean_descriptors else []
-    _remove_profile_attributes(ds, frozenset(PROFILE_REMOVED) - (SHORT_DESCRIPTORS if clean_descriptors else set()))
+    apply_profile(ds, anonymizer.dummy, SHORT_DESCRIPTORS if clean_descriptors else frozenset())
+    apply_to_file_meta(getattr(ds, "file_meta", None))
     ds.remove_private_tags()
     _mark(ds, str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES", clean_descriptors)
     data = _encode(ds, path)
@@ -448,9 +424,9 @@ def deidentify(in_path: str | Path, out_path: str | Path, seed: int | str | None
     inside the input folder.
     """
     source, target = Path(in_path), Path(out_path)
-    anonymizer_class = _require_dicognito()
+    _require_dicognito()
     _check_paths(source, target)
-    run = _Run(anonymizer_class(seed=None if seed is None else str(seed)), seed is not None, clean_descriptors,
+    run = _Run(RunAnonymizer(None if seed is None else str(seed)), seed is not None, clean_descriptors,
                refuse_burned_in)
     target.parent.mkdir(parents=True, exist_ok=True)
     with quiet_pydicom(source):

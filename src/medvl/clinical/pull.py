@@ -214,11 +214,13 @@ class _Writer:
 
 
 def _anonymizer(seed: str | None):
+    from .deid import RunAnonymizer
+
     try:
-        from dicognito.anonymizer import Anonymizer
+        import dicognito  # noqa: F401
     except ImportError:
         raise DataError(None, f"de-identifying a pull needs dicognito: {INSTALL_HINT}") from None
-    return Anonymizer(seed=seed)
+    return RunAnonymizer(seed)
 
 
 def check_pull_arguments(study_uids: str | Iterable[str], limit: int | None, keep_identifiers: bool,
