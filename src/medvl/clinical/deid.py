@@ -99,6 +99,7 @@ BURNED_IN_MODALITIES = {"US": "ultrasound", "SC": "secondary capture", "OT": "ot
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 multi-frame variants
 ULTRASOUND_CLASSES = ("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1")
 _DUMMY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+SHIFTED = "shifted"  # snapshot mark of a date or time dicognito moved
 
 
 def _require_dicognito():
@@ -158,7 +159,10 @@ def burned_in_risk(ds) -> str | None:
 
 
 def _snapshot(ds, prefix: str = "") -> dict[str, Any]:
-    """Element path -> comparable value (bulk data by length): what changed is reported by path."""
+    """Element path -> comparable value (bulk data by length): what changed is reported by path.
+    Dates dicognito shifts (DA, DT, and a TM with its date) are marked ``SHIFTED``: they are reported
+    as replaced even when a whole-day offset leaves a time as it was, so a report does not depend on
+    the run's random offset."""
     from pydicom.datadict import keyword_for_tag
 
     values: dict[str, Any] = {}
@@ -171,6 +175,9 @@ def _snapshot(ds, prefix: str = "") -> dict[str, Any]:
                 values.update(_snapshot(item, f"{name}[{index}]>"))
         elif element.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
             values[name] = ("bytes", len(element.value or b""))
+        elif element.value not in (None, "") and (element.VR in ("DA", "DT") or (
+                element.VR == "TM" and element.keyword.replace("Time", "Date") in ds)):
+            values[name] = (SHIFTED, str(element.value))
         else:
             values[name] = str(element.value)
     return values
@@ -180,8 +187,12 @@ def _plain(path: str) -> str:
     return re.sub(r"\[\d+\]", "", path)
 
 
+def _changed(before: Any, after: Any) -> bool:
+    return before != after or (isinstance(after, tuple) and after[0] == SHIFTED)
+
+
 def _changes(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
-    replaced = {_plain(p) for p, v in after.items() if p in before and before[p] != v}
+    replaced = {_plain(p) for p, v in after.items() if p in before and _changed(before[p], v)}
     removed = {_plain(p) for p in before if p not in after} - replaced
     outermost = {p for p in removed if not any(p.startswith(other + ">") for other in removed)}
     return sorted(replaced), sorted(outermost)
