@@ -38,7 +38,8 @@ def deid_command(
         "--overwrite", help="Replace an existing --report file (the de-identified output is always new).")] = False,
 ) -> None:
     """De-identify DICOM (PS3.15 basic profile via dicognito + Clean Descriptors): names, IDs, UIDs, dates,
-    descriptors, private tags; refuses a file in which a patient name, ID or date survives."""
+    every attribute of the profile's table (Table E.1-1), descriptors, private tags; refuses a file in
+    which a patient name, ID or date survives."""
     from ..clinical.deid import REPORT_NAME, deidentify
 
     check_outputs(overwrite, report=report)
