@@ -24,6 +24,7 @@ from medvl.eval.robustness import CORRUPTIONS, corrupt, corruption_curves
 from medvl.eval.sanity import blank_image_embedding, compare_to_baselines, retrieval_sanity, sanity_baselines
 from medvl.eval.subgroups import age_band, groups_from_records, is_age_column, macro_auc, subgroup_metrics
 from medvl.eval.zero_shot import zero_shot
+from medvl.models.preprocess import read_for
 
 # ---------------------------------------------------------------- bootstrap
 
@@ -384,11 +385,11 @@ def test_corruption_curves(random_model, phantom, monkeypatch):
     subset = phantom.subset(phantom.records[:40])
     reads = []
 
-    def counting_read(source):
+    def counting_read(model, source):
         reads.append(source)
-        return read_image(source)
+        return read_for(model, source)
 
-    monkeypatch.setattr(robustness, "read_image", counting_read)
+    monkeypatch.setattr(robustness, "read_for", counting_read)
     result = corruption_curves(random_model, subset, "sex", kinds=("noise", "contrast"), severities=(1, 5),
                                show_progress=False)
     assert len(reads) == len(subset)  # each image read once, corrupted in memory
