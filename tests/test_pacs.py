@@ -368,7 +368,8 @@ def test_pull_is_deidentified_resumable_and_loads(uploaded, pulled_a):
     originals = sorted((pydicom.dcmread(p) for p in uploaded.files["A"] if "-ct-" in p.name),
                        key=lambda ds: float(ds.ImagePositionPatient[2]))
     expected = np.stack([ds.pixel_array.astype(np.float32) - 1024 for ds in originals])
-    np.testing.assert_array_equal(read_image(volume.image), expected)  # HU, sorted inferior to superior
+    # HU, sorted inferior to superior; axial LPS to RAS (as NIfTI is read): rows and columns reversed
+    np.testing.assert_array_equal(read_image(volume.image), expected[:, ::-1, ::-1])
     assert all(r.id.startswith(("img-", "vol-")) and r.meta["deidentified"] == "yes" for r in dataset)
     import torch
 
