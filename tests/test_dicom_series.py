@@ -290,6 +290,11 @@ def test_an_enhanced_multiframe_volume_is_read_in_ras(tmp_path):
     image = nib.as_closest_canonical(nib.Nifti1Image(stored.transpose(2, 1, 0), np.diag([-1, -1, 1, 1]) @ affine))
     np.testing.assert_array_equal(volume, np.asarray(image.dataobj).transpose(2, 1, 0))
     assert spacing == pytest.approx(tuple(float(z) for z in image.header.get_zooms()[::-1]), abs=1e-5)
+    # the file on its own (read_image: what a 3D model, the service and the preview read) is the same volume;
+    # it came in stored frame order, rows and columns mirrored against the NIfTI of the same voxels
+    from medvl.data.images import read_image
+
+    np.testing.assert_array_equal(read_image(tmp_path / "ect" / "ect.dcm", modality_values=True), volume)
 
 
 def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):

@@ -872,6 +872,27 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     return to_ras(volume, orientation, (dz, row_spacing[0], row_spacing[1]))
 
 
+def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
+    """The grayscale ``frames x H x W`` array ``read_dicom`` gave for a multi-frame file, as a RAS volume
+    (``to_ras``) when its frames are placed in space (an enhanced CT / MR: an orientation and a position per
+    frame), so that a 3D model reads it as it reads the NIfTI or the series of the same voxels; else (cine,
+    ultrasound clips: no positions) as stored."""
+    ds = read_dataset(path, header_only=True)
+    count = _frame_count(ds)
+    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
+    positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
+                 for frame in range(count)]
+    if count < 2 or frames.ndim != 3 or len(frames) != count or not orientation or len(orientation) != 6 \
+            or any(not position or len(position) != 3 for position in positions):
+        return frames
+    try:
+        ranking, dz = _volume_order(path, np.asarray(orientation), [np.asarray(p) for p in positions])
+    except DataError:  # frames at one position (a dynamic or cine acquisition): not a volume to place
+        return frames
+    spacing = _floats(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
+    return to_ras(frames[ranking], np.asarray(orientation), (dz, spacing[0], spacing[1]))[0]
+
+
 def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
     """An enhanced (multi-frame) CT/MR file: frames sorted by their Plane Position (Patient)."""
     ds = read_dataset(path, header_only=True)

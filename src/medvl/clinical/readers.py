@@ -11,7 +11,8 @@ file is read, so ``import medvl`` works without them. What ``read_image`` return
   modality values (``read_dicom_values``): the model's windows win over the header's;
 - DICOM colour (RGB, YBR, palette): ``HxWx3`` ``uint8``;
 - DICOM multi-frame: the same per frame, stacked on a first axis (``frames x H x W[x3]``), which a
-  2D model refuses with a clear error;
+  2D model refuses with a clear error; an enhanced CT / MR whose frames are placed in space (orientation
+  and a position per frame) as the RAS volume ``read_nifti`` gives for the same voxels (``multiframe_to_ras``);
 - NIfTI: a ``DxHxW`` ``float32`` volume in RAS orientation (for ``spatial_dims=3`` models).
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom import FILE_WINDOW, read_dicom
+from .dicom import FILE_WINDOW, multiframe_to_ras, read_dicom
 from .formats import DICOM_SUFFIXES, NIFTI_SUFFIXES
 from .nifti import read_nifti
 
@@ -32,6 +33,7 @@ def read_dicom_image(path: Path) -> np.ndarray:
     array, meta = read_dicom(path, window=FILE_WINDOW)
     if meta["color"]:
         return color_to_uint8(array, meta["bits_stored"])
+    array = multiframe_to_ras(path, array) if array.ndim == 3 else array
     if meta["window"] is not None:
         return np.round(array * 255.0).astype(np.uint8)
     return array
@@ -43,7 +45,9 @@ def read_dicom_values(path: Path) -> np.ndarray:
     For a model with its own windows (``ImageConfig.window``, in modality units), which must win over
     the window the technologist stored."""
     array, meta = read_dicom(path)
-    return color_to_uint8(array, meta["bits_stored"]) if meta["color"] else array
+    if meta["color"]:
+        return color_to_uint8(array, meta["bits_stored"])
+    return multiframe_to_ras(path, array) if array.ndim == 3 else array
 
 
 def read_nifti_image(path: Path) -> np.ndarray:
