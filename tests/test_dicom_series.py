@@ -386,10 +386,25 @@ def test_the_service_and_the_evaluations_read_a_dicom_upload_as_a_windowed_model
     model.save_pretrained(tmp_path / "model")
     hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
     np.testing.assert_allclose(read_for(model, path), hu)  # HU, not the header's uint8 window
-    app = create_app(tmp_path / "model", settings=ServeSettings(), require_token=False)
+    # beside it a VQA model without windows: /v1/vqa reads the upload as that model reads files (medvl vqa),
+    # the header's window applied; it read it with the dual encoder's rule (modality values)
+    from medvl.api import answer_pixels
+    from medvl.models.vqa import load_vqa_model
+    from serve_helpers import train_tiny_vqa_model
+
+    vqa_dir = train_tiny_vqa_model(tmp_path / "vqa")
+    question = "Is there a nodule?"
+    app = create_app(tmp_path / "model", settings=ServeSettings(vqa_model=vqa_dir), require_token=False)
     with TestClient(app) as http:
         answer = http.post("/v1/embed", files={"image": ("x.dcm", path.read_bytes())})
+        asked = http.post("/v1/vqa", files={"image": ("x.dcm", path.read_bytes())}, data={"question": question})
     assert answer.status_code == 200, answer.text
     loaded = medvl.load_model(tmp_path / "model")
     expected = loaded.encode_images(loaded.preprocessor.load(path)[None])[0].numpy()
     np.testing.assert_allclose(answer.json()["embedding"], expected, atol=1e-5)
+    assert asked.status_code == 200, asked.text
+    vqa = load_vqa_model(vqa_dir)
+    assert not vqa.preprocessor.config.windows
+    reference = answer_pixels(vqa, [read_for(vqa, path)], question)
+    assert asked.json()["probability"] == pytest.approx(reference["probability"], abs=1e-6)
+    assert asked.json()["answer"] == reference["answer"]

@@ -141,9 +141,11 @@ class ModelService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
 
-    async def decode(self, data: bytes, timings: dict[str, Any]) -> Upload:
+    async def decode(self, data: bytes, timings: dict[str, Any], modality_values: bool | None = None) -> Upload:
+        """One upload decoded as the served model reads files (``modality_values``: as another model does)."""
         started = time.perf_counter()
-        upload = await self._on_worker(decode_upload, data, self.settings, self.modality_values)
+        modality_values = self.modality_values if modality_values is None else modality_values
+        upload = await self._on_worker(decode_upload, data, self.settings, modality_values)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -395,7 +397,9 @@ class ModelService:
 
         question = self.check_vqa_request(len(images), question)
         self.lane.check()
-        uploads = [await self.decode(data, timings) for data in images]
+        # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
+        windows = getattr(getattr(getattr(self.vqa, "preprocessor", None), "config", None), "windows", None)
+        uploads = [await self.decode(data, timings, bool(windows)) for data in images]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
                                      timings=timings)
