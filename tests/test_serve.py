@@ -1233,7 +1233,12 @@ def test_an_upload_over_1_mib_is_not_spooled_to_disk(model_dir, monkeypatch):
     app = create_app(model_dir, settings=ServeSettings(max_upload_bytes=8 * 1024 * 1024), require_token=False)
     with TestClient(app) as http:
         answer = http.post("/v1/zero-shot", files={"image": ("big.png", stream.getvalue())}, data={"labels": LABELS})
+        # a part over the upload limit but within the body limit (the VQA route takes several uploads) is refused
+        # once read, still from memory: it was spooled to disk first
+        over = http.post("/v1/vqa", files={"image": ("big.png", stream.getvalue() + bytes(6 * 1024 * 1024))},
+                         data={"question": "Is there a nodule?"})
     assert answer.status_code == 200, answer.text
+    assert over.status_code in (409, 413), over.text  # no VQA model here: refused after the form was read
     assert not rolled
 
 

@@ -43,7 +43,7 @@ from .. import __version__
 from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError
 from .auth import TokenAuth, load_digests
-from .middleware import PUBLIC_PATHS, ServiceMiddleware
+from .middleware import FORM_OVERHEAD, PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
 from .service import ModelService, ServiceUnavailable, parse_labels, parse_methods
 from .settings import ServeSettings
@@ -79,9 +79,12 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     settings = (settings or ServeSettings()).validate()  # ModelService resolves backend auto for its model
     from starlette.formparsers import MultiPartParser
 
-    # an upload within the size limit stays in memory: Starlette spools a file part over 1 MiB to a temporary
-    # file, and a patient image is never written to disk (module docstring of ``uploads``)
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes)
+    # an upload stays in memory: Starlette spools a file part over 1 MiB to a temporary file, and a patient
+    # image is never written to disk (module docstring of ``uploads``). The threshold is the largest body a
+    # route lets through (the VQA route's several uploads and the form), so that even a part over the upload
+    # limit, refused with 413 once read, never reaches the disk
+    largest_body = settings.max_upload_bytes * max(1, settings.max_vqa_images) + FORM_OVERHEAD
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, largest_body)
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
     if not load_in_background:
