@@ -208,6 +208,24 @@ def test_everything_planted_at_once_through_the_cli(tmp_path):
     assert not any(form.decode() in report.lower() for form in LONG_FORMS)
 
 
+@pytest.mark.parametrize("keyword, value", [("StudyDate", "20199999"), ("StudyTime", "ZZ"), ("StudyTime", "240000"),
+                                            ("AcquisitionDateTime", "notadatetime"), ("PatientBirthDate", "1950-13")])
+def test_a_date_that_cannot_be_shifted_is_emptied_not_a_traceback(keyword, value, tmp_path):
+    """dicognito raised on a malformed date or time halfway through the file: `medvl deid` ended in a traceback
+    (exit 1) and the service answered 500 for every route. Such a value (and a date's paired time) is emptied."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    setattr(ds, keyword, value)
+    source = tmp_path / "in.dcm"
+    ds.save_as(source)
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm")])
+    assert result.exit_code == 0, result.output
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert str(out.get(keyword, "")) == "" and value.encode() not in (tmp_path / "out.dcm").read_bytes()
+    if keyword.startswith("Study"):  # the study's date and time go together
+        assert str(out.get("StudyDate", "")) == str(out.get("StudyTime", "")) == ""
+    assert str(out.get("SeriesDate", "")) not in ("", ds.SeriesDate)  # a valid date is still shifted
+
+
 def test_issue_examples_keep_descriptors_refuses_and_names_the_element(tmp_path):
     """The issue's cases: a name in Body Part Examined, a birth date and hospital in Manufacturer's
     Model Name. Cleaned by default; with --keep-descriptors the final scan refuses the file."""

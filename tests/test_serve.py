@@ -297,6 +297,29 @@ def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log
     assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))  # nothing kept
 
 
+def test_a_dicom_with_a_malformed_date_or_frame_count_is_answered_or_refused_never_a_500(client):
+    """A malformed study date made de-identification raise (500 on every route); a Number of Frames that is not
+    a number made the size check raise (500). The first is answered (the date emptied), the second is a 422."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    def upload(**values) -> bytes:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        stream = io.BytesIO()
+        ds.save_as(stream)
+        return stream.getvalue()
+
+    dated = zero_shot(client, upload(StudyDate="20199999", StudyTime="ZZ"))
+    assert dated.status_code == 200, dated.text
+    counted = upload(NumberOfFrames="9")  # then written over as 'AB' (pydicom refuses to write it)
+    element = b"\x28\x00\x08\x00IS\x02\x009 "
+    assert counted.count(element) == 1
+    frames = zero_shot(client, counted.replace(element, element[:-2] + b"AB"))
+    assert frames.status_code == 422 and "Number of Frames is not a whole number" in frames.json()["detail"]
+
+
 def _request_line(log_lines, answer) -> dict:
     """The request line logged for ``answer``, found by its request id.
 

@@ -121,6 +121,10 @@ class RunAnonymizer:
         self._key = b"medvl dummy:" + seed.encode("utf-8") if seed is not None else os.urandom(32)
 
     def anonymize(self, ds) -> None:
+        blanked = blank_unshiftable_dates(ds)
+        if blanked:  # counted, never quoted: a date is an identifier
+            log.warning("emptied %d date or time value(s) that are not valid DICOM dates or times (they could "
+                        "not be shifted)", blanked)
         self._dicognito.anonymize(ds)
 
     def dummy(self, value: str) -> str:
@@ -130,6 +134,48 @@ class RunAnonymizer:
             number, digit = divmod(number, len(_DUMMY_ALPHABET))
             letters.append(_DUMMY_ALPHABET[digit])
         return "ANON" + "".join(letters)
+
+
+def blank_unshiftable_dates(ds) -> int:
+    """Empty every DA / DT value (in the data set and in every sequence item) that dicognito cannot shift, and
+    a DA's paired time (``StudyDate`` / ``StudyTime``) with it: "20199999", "ZZ", hour 24. dicognito would raise
+    on them halfway through the file (a traceback, HTTP 500); PS3.15 allows such a date to be emptied. Returns
+    how many elements were emptied."""
+    emptied = 0
+    for element in list(ds):
+        if element.VR == "SQ":
+            emptied += sum(blank_unshiftable_dates(item) for item in element.value or [])
+        elif element.VR in ("DA", "DT") and element.value:
+            time_element = None
+            if element.VR == "DA":
+                time_name = element.keyword.replace("Date", "Time")
+                time_element = ds.data_element(time_name) if time_name and time_name in ds else None
+            dates = _values(element.value)
+            times = _values(time_element.value) if time_element is not None and time_element.value else []
+            pairs = [(date.replace(".", ""), (times[i] if i < len(times) else "").replace(":", ""))
+                     for i, date in enumerate(dates)] if element.VR == "DA" else [(value, "") for value in dates]
+            if not all(_shiftable(date + time) for date, time in pairs):
+                element.value = ""
+                emptied += 1
+                if time_element is not None and time_element.value:
+                    time_element.value = ""
+                    emptied += 1
+    return emptied
+
+
+def _values(value) -> list[str]:
+    return [str(v) for v in value] if _multi(value) else [str(value)]
+
+
+def _shiftable(value: str) -> bool:
+    """What dicognito's date shift parses (``DateTimeAnonymizer._shift_datetime``)."""
+    import datetime
+
+    try:
+        datetime.datetime.strptime(value[:10], "%Y%m%d%H"[: len(value) - 2])  # noqa: DTZ007
+    except ValueError:
+        return False
+    return True
 
 
 def _multi(value) -> bool:

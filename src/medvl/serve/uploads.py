@@ -200,8 +200,11 @@ def _check_dicom_size(path: Path, settings: ServeSettings) -> None:
     from ..clinical.dicom import read_dataset
 
     ds = read_dataset(path, header_only=True)
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):  # the values themselves are not quoted: they came with the upload
+        raise UploadRejected(422, "DICOM upload: Rows, Columns or Number of Frames is not a whole number") from None
     _check_pixels(rows * columns, f"{columns} x {rows}", settings)
     _check_voxels(frames * rows * columns, f"{frames} frames of {columns} x {rows}", settings)
 
