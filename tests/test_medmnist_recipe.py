@@ -109,6 +109,16 @@ def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_
     assert saved["test_time_views"] == len(get_recipe("medmnist-small").test_time_views)
     assert saved["threshold"] == saved["operating_points"]["max_balanced_accuracy"]["threshold"]
     assert saved["acc"] == saved["operating_points"]["max_balanced_accuracy"]["accuracy"]["value"]
+    # every figure of the metrics block at that threshold (the balanced accuracy and the confusion matrix were
+    # the argmax's beside the thresholded accuracy), the argmax ones kept apart
+    point, metrics = saved["operating_points"]["max_balanced_accuracy"], saved["metrics"]
+    assert metrics["balanced_accuracy"] == pytest.approx(point["balanced_accuracy"]["value"])
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tp / (tp + fn) == pytest.approx(point["sensitivity"]["value"])
+    assert tn / (tn + fp) == pytest.approx(point["specificity"]["value"])
+    assert metrics["per_class"]["1"]["recall"] == pytest.approx(point["sensitivity"]["value"])
+    argmax = {"accuracy_argmax", "balanced_accuracy_argmax", "confusion_matrix_argmax", "per_class_argmax"}
+    assert argmax <= set(metrics)
     seeds = [json.loads((out / f"member-{i}" / "train_config.json").read_text())["train"]["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
     smoothing = json.loads((out / "member-0" / "train_config.json").read_text())["train"]["label_smoothing"]
@@ -165,3 +175,21 @@ def test_bench_medmnist_refuses_bad_shift_severities(tiny_npz, tmp_path, shifts)
                             "--shifts", shifts, "--json", tmp_path / "b.json", "-q")
     assert result.exit_code == 2 and "--shifts" in output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_the_threshold_is_never_chosen_on_a_copy_of_the_scored_split(tiny_npz, tmp_path, caplog):
+    """A copy of the train file given as --test-data (another path, the same images) made its val split, the
+    scored records, the threshold data: the threshold was tuned in-sample. It now holds out 10 % of train."""
+    import shutil
+
+    copy = tmp_path / "copy.npz"
+    shutil.copy(tiny_npz, copy)
+    with caplog.at_level("WARNING"):
+        data = benchmark_data(tiny_npz, copy, "val", seed=0)
+    assert data.calibration_name == "10% of train held out"
+    assert "scored images are in the train file's val split" in caplog.text
+    assert benchmark_data(tiny_npz, tiny_npz, "val", seed=0).calibration_name == "10% of train held out"
+    source = np.load(tiny_npz)
+    other = tmp_path / "other.npz"  # a test file of other images: the train file's val chooses the threshold
+    np.savez(other, test_images=255 - source["val_images"], test_labels=source["val_labels"])
+    assert benchmark_data(tiny_npz, other, "test", seed=0).calibration_name == f"{tiny_npz.name}:val"

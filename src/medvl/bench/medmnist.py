@@ -133,7 +133,8 @@ class BenchmarkData:
 
 def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: str, seed: int) -> BenchmarkData:
     """The train file's ``train`` split to fit on; the threshold data is its ``val`` split unless that is
-    the scored split, else a seeded 10 % of ``train`` held out from training."""
+    the scored split (the same file, or most of the scored images copied in it), else a seeded 10 % of
+    ``train`` held out from training."""
     same_data = Path(train_path).resolve() == Path(test_path).resolve()
     if same_data and test_split in ("train", ALL_SPLITS):  # the models would be scored on their training images
         raise InputError(f"--test-data {test_path} --test-split {test_split} holds the training images "
@@ -141,7 +142,8 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
     train_all = load_dataset(train_path, label_columns=[LABEL])
     test_set = load_dataset(test_path, label_columns=[LABEL]).select(test_split)
     train_set = train_all.select("train")
-    if "val" in train_all.splits and not (same_data and test_split == "val"):
+    if "val" in train_all.splits and not (same_data and test_split == "val") \
+            and not _mostly_the_same(train_all.select("val"), test_set):
         fit_set, calib_set = train_set, train_all.select("val")
         calibration = f"{Path(train_path).name}:val"
     else:
@@ -152,12 +154,26 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
     return BenchmarkData(fit_set, calib_set, calibration, test_set, classes, copies)
 
 
+def _mostly_the_same(calibration: Any, scored: Any) -> bool:
+    """The train file's ``val`` holds (copies of) most of the scored images, under another path (a copy of the train
+    file given as --test-data): a threshold chosen on it would be tuned on the scored split. Said, and the caller
+    holds out 10 % of train instead."""
+    shared = calibration.shared_images(scored) + calibration.copied_images(scored)
+    if 2 * shared <= len(scored):
+        return False
+    log.warning("%d of the %d scored images are in the train file's val split (a copy of the same data?): the "
+                "threshold is chosen on 10%% of train held out instead", shared, len(scored))
+    return True
+
+
 def score_models(models: list[DualEncoder], data: BenchmarkData, views: list[list[float]], operating_point: str,
                  target_prior: float | None = None, bootstrap: int = 2000, seed: int = 0,
                  show_progress: bool = True) -> dict:
     """AUC and ACC of ``models``' averaged head probabilities (``ensemble_scores``) on ``data.test``; a
     binary task's ACC at the ``operating_point`` threshold chosen on ``data.calibration``, and with
-    ``target_prior`` every threshold scored with ``bootstrap`` resamples (``operating_points``)."""
+    ``target_prior`` every threshold scored with ``bootstrap`` resamples (``operating_points``). For a binary
+    task every figure of ``metrics`` (accuracy, balanced accuracy, confusion matrix, per-class precision,
+    recall and F1) is at that threshold, the argmax ones under ``*_argmax``."""
     threshold, points = None, None
     probabilities = ensemble_scores(models, data.test, LABEL, views, show_progress)
     y_true = class_targets(data.test, LABEL, data.classes)
@@ -166,8 +182,16 @@ def score_models(models: list[DualEncoder], data: BenchmarkData, views: list[lis
         calibration_scores = ensemble_scores(models, data.calibration, LABEL, views, show_progress)
         calibration_y = class_targets(data.calibration, LABEL, data.classes)
         threshold = _best_threshold(calibration_scores, calibration_y, _threshold_prior(operating_point, target_prior))
-        metrics["accuracy_argmax"] = metrics["accuracy"]
-        metrics["accuracy"] = float(((probabilities[:, 1] >= threshold).astype(int) == y_true).mean())
+        # every figure of ``metrics`` at the operating threshold, the argmax ones kept under ``*_argmax`` (only the
+        # accuracy used to be thresholded: beside it the balanced accuracy and the confusion matrix were the argmax's)
+        predicted = (probabilities[:, 1] >= threshold).astype(int)
+        at_threshold = classification_metrics(y_true, np.eye(2)[predicted], data.classes)
+        for key in ("accuracy", "balanced_accuracy", "confusion_matrix"):
+            metrics[f"{key}_argmax"] = metrics[key]
+            metrics[key] = at_threshold[key]
+        for name, row in metrics["per_class"].items():  # precision / recall / F1 at the threshold, AUC as scored
+            metrics.setdefault("per_class_argmax", {})[name] = dict(row)
+            row.update({key: at_threshold["per_class"][name][key] for key in ("precision", "recall", "f1")})
         if target_prior is not None:
             points = operating_points(calibration_scores, calibration_y, probabilities, y_true, target_prior,
                                       resamples=bootstrap, seed=seed)
