@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.out} exists and is not empty; pass a new --out")
     if args.hold_out_seed is not None and args.hold_out <= 0:
         parser.error("--hold-out-seed needs --hold-out")
+    if args.hold_out <= 0 and (args.test_split == args.train_split or "all" in (args.train_split, args.test_split)):
+        # the model would be scored on its training images, and the caption bridge's bank be the scored captions
+        parser.error(f"--test-split {args.test_split} overlaps --train-split {args.train_split}: score another "
+                     "split, or pass --hold-out FRACTION to hold cases of the training split out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
