@@ -36,6 +36,26 @@ def test_group_folds_keep_each_group_on_one_side():
         assert not set(groups[train]) & set(groups[test])
 
 
+def test_group_folds_whose_training_lacks_a_class_are_refused_and_one_class_test_folds_said(caplog):
+    """Every record of one class in one group: the fold holding it trained on one class and ended in a sklearn
+    traceback after training; a fold scoring one class left its AUC out of the mean without a word."""
+    from medvl.bench.cv import SUMMARY_METRICS, _summarise
+
+    y = np.array([1] * 6 + [0] * 24)
+    one_group = np.array(["m0"] * 6 + [f"n{i}" for i in range(24)])
+    with pytest.raises(InputError, match=r"fold \d of 3: its training records hold no class \[1\]"):
+        make_folds(y, 3, seed=0, groups=one_group)
+    two_groups = np.array(["m0"] * 3 + ["m1"] * 3 + [f"n{i}" for i in range(24)])
+    with caplog.at_level("WARNING"):
+        folds = make_folds(y, 3, seed=0, groups=two_groups)
+    one_class = [fold for fold, (_, test) in enumerate(folds, 1) if len(set(y[test])) == 1]
+    assert one_class and f"fold {one_class[0]} of 3 scores records of one class only" in caplog.text
+    results = [{**dict.fromkeys(SUMMARY_METRICS, 0.8), "auc": None if fold in one_class else 0.7}
+               for fold in range(1, 4)]
+    summary = _summarise(results)
+    assert summary["auc_folds"] == 3 - len(one_class) and "acc_folds" not in summary
+
+
 def test_folds_need_enough_records_per_class():
     with pytest.raises(InputError, match="smallest class has 3"):
         make_folds(np.array([0] * 20 + [1] * 3), 5, seed=0)

@@ -221,7 +221,17 @@ def make_folds(y: np.ndarray, folds: int, seed: int,
     if distinct < folds:
         raise InputError(f"{folds} folds need at least {folds} groups, got {distinct}")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(y)), y, groups))
+    splits = list(splitter.split(np.zeros(len(y)), y, groups))
+    classes = set(y.tolist())
+    for fold, (train, test) in enumerate(splits, 1):  # groups can put a whole class in one fold
+        if set(y[train].tolist()) != classes:
+            missing = sorted(classes - set(y[train].tolist()))
+            raise InputError(f"fold {fold} of {folds}: its training records hold no class {missing} (the groups "
+                             f"holding that class all fall in this fold); use fewer folds or other groups")
+        if set(y[test].tolist()) != classes:  # its AUC is undefined: the means are over the other folds
+            log.warning("fold %d of %d scores records of one class only (its groups): its AUC is undefined and "
+                        "left out of the AUC mean, which is then over fewer folds than the accuracy's", fold, folds)
+    return splits
 
 
 def _groups(dataset: Dataset, column: str) -> np.ndarray:
@@ -316,4 +326,6 @@ def _summarise(results: list[dict]) -> dict[str, float | None]:
         values = [r[key] for r in results if r[key] is not None]
         summary[key] = float(np.mean(values)) if values else None
         summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        if len(values) < len(results):  # a fold where it is undefined (one class scored): how many the mean is over
+            summary[f"{key}_folds"] = len(values)
     return summary
