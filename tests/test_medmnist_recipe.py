@@ -193,3 +193,10 @@ def test_the_threshold_is_never_chosen_on_a_copy_of_the_scored_split(tiny_npz, t
     other = tmp_path / "other.npz"  # a test file of other images: the train file's val chooses the threshold
     np.savez(other, test_images=255 - source["val_images"], test_labels=source["val_labels"])
     assert benchmark_data(tiny_npz, other, "test", seed=0).calibration_name == f"{tiny_npz.name}:val"
+    # threshold data of one class: said before training, naming it (it failed after training, blaming the scored data)
+    one = tmp_path / "one.npz"
+    keep = source["val_labels"].reshape(-1) == 1
+    np.savez(one, train_images=source["train_images"], train_labels=source["train_labels"],
+             val_images=source["val_images"][keep], val_labels=source["val_labels"][keep])
+    with pytest.raises(InputError, match=r"the threshold data \(one.npz:val\) holds only class"):
+        benchmark_data(one, other, "test", seed=0)

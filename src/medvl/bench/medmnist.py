@@ -150,6 +150,10 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
         fit_set, calib_set = _hold_out(train_set, 0.1, seed)
         calibration = "10% of train held out"
     classes = sorted(train_set.classes(LABEL), key=class_order)
+    held = sorted(set(calib_set.classes(LABEL)), key=class_order)
+    if len(classes) == 2 and held != classes:  # a threshold cannot be chosen on one class (found after training)
+        raise InputError(f"the threshold data ({calibration}) holds only class(es) {held} of {classes}: a binary "
+                         "task's threshold is chosen on both; give a train file whose val split holds both")
     copies = copies_in_fit(fit_set, test_set, f"the training split ({Path(train_path).name}:train)")
     return BenchmarkData(fit_set, calib_set, calibration, test_set, classes, copies)
 
