@@ -490,3 +490,22 @@ def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_pat
     text = " ".join(output.split())
     assert "label column 'referrer' writes 1 value(s) in more than one way (values not shown: the column has 60" in text
     assert "Smith" not in output and "smith" not in output
+
+
+def test_an_npz_split_is_the_same_records_as_itself_for_the_leak_refusals(tiny_npz, tmp_path):
+    """npz records hold arrays, so the file-path test behind "a probe fitted on its scored split is refused" found
+    no shared image: the same file and split gave AUC 1.000 with only a copy flag. The same file and record id
+    are the same record."""
+    import medvl
+
+    one, again = load_npz(tiny_npz).select("train"), load_npz(tiny_npz).select("train")
+    assert one.shared_images(again) == len(again)
+    assert one.shared_images(load_npz(tiny_npz).select("val")) == 0
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(tiny_npz.read_bytes())
+    assert one.shared_images(load_npz(copy).select("train")) == 0  # another file: the byte-copy check's case
+    model = tmp_path / "model"
+    medvl.create_model("medmnist-small").save_pretrained(model)
+    result, output = invoke("eval", "linear-probe", "--model", model, "--train-data", tiny_npz, "--train-split",
+                            "train", "--test-data", tiny_npz, "--test-split", "train", "-q")
+    assert result.exit_code == 2 and "holds" in output and "scored images" in output, output

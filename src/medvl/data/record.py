@@ -117,9 +117,13 @@ class Dataset(Sequence[Record]):
 
     def shared_images(self, other: Dataset) -> int:
         """How many records of ``other`` have an image file (same resolved path) that a record of this dataset
-        has: nonzero when a split meant to be apart from this one overlaps it (a leak)."""
+        has, or are one of its records held as arrays (an ``.npz``: the same file and record id): nonzero when a
+        split meant to be apart from this one overlaps it (a leak)."""
         mine = {source.resolve() for record in self.records for source in record.images if isinstance(source, Path)}
+        same_file = bool(self.source) and _resolved(self.source) == _resolved(other.source)
+        my_ids = {record.id for record in self.records} if same_file else set()
         return sum(any(isinstance(source, Path) and source.resolve() in mine for source in record.images)
+                   or (record.id in my_ids and not any(isinstance(source, Path) for source in record.images))
                    for record in other.records)
 
     def copied_images(self, other: Dataset) -> int:
@@ -234,3 +238,10 @@ def records_digest(records: Sequence[Record]) -> str:
                 except OSError:
                     digest.update(f"{file}|missing".encode())
     return digest.hexdigest()
+
+
+def _resolved(source: str | Path | None) -> str:
+    """A dataset's source as a resolved path (its file or folder), for telling two loads of one file apart from
+    two files."""
+    return str(Path(source).resolve()) if source else ""
+
