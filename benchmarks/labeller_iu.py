@@ -204,6 +204,10 @@ def main() -> None:
     splits = args.split or ["test"]
     started = time.perf_counter()
     dataset = load_dataset(args.data)
+    unknown = [split for split in splits if split not in dataset.splits]
+    if unknown:  # an empty table would read as a result
+        parser.error(f"{args.data}: no split {', '.join(map(repr, unknown))}; splits present: "
+                     f"{', '.join(dataset.splits)}")
     chosen = [r for r in dataset if r.split in splits]
     records = [r for r in chosen if "status" in r.labels]
     labeller = ReportLabeller()

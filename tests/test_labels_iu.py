@@ -143,3 +143,14 @@ def test_agreement_with_the_iu_mesh_terms_on_the_test_split(shared_data, labelle
     f1 = {name: result[name]["uncertain_negative"]["f1"] for name in TEST_F1_FLOORS}
     assert {name: value for name, value in f1.items() if value < TEST_F1_FLOORS[name]} == {}
     assert result["cardiomegaly"]["support"] == 41 and result["pneumothorax"]["support"] == 6
+
+
+def test_the_benchmark_refuses_an_unknown_split(shared_data, tmp_path):
+    """An unknown split printed an all-zero table and wrote it as a result (exit 0)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCHMARK), "--data", str(shared_data / "iu-xray-reports"),
+                           "--split", "nosuch", "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no split 'nosuch'" in done.stderr
+    assert not (tmp_path / "out.json").exists()
