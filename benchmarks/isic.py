@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "image only (default: the recipe's).")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     dataset = load_dataset(args.data, label_columns=[LABEL])
@@ -217,4 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)

@@ -79,7 +79,9 @@ def main() -> None:
     args = make_parser().parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
-        subprocess.run(command_for(args, out), check=True)
+        done = subprocess.run(command_for(args, out))
+        if done.returncode:  # medvl said why on stderr (one line for bad input)
+            raise SystemExit(done.returncode)
         result = json.loads(out.read_text())
     if args.json:
         write_json(args.json, result)

@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.out} exists and is not empty; pass a new --out")
     if args.hold_out_seed is not None and args.hold_out <= 0:
         parser.error("--hold-out-seed needs --hold-out")
+    if not 0 <= args.hold_out < 1:
+        parser.error(f"--hold-out is a share of the training split's cases in [0, 1), got {args.hold_out}")
     if args.hold_out <= 0 and (args.test_split == args.train_split or "all" in (args.train_split, args.test_split)):
         # the model would be scored on its training images, and the caption bridge's bank be the scored captions
         parser.error(f"--test-split {args.test_split} overlaps --train-split {args.train_split}: score another "
@@ -234,4 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)

@@ -225,3 +225,18 @@ def test_models_command_shows_the_recipes():
                          "operating_point": recipe.operating_point}
     result, output = invoke("models", "--recipe", "no-such-model")
     assert result.exit_code == 2 and "no-such-model" in output
+
+
+def test_benchmark_scripts_answer_bad_input_in_one_line(tmp_path):
+    """They ended in a Python traceback (exit 1), --repeats 0 in an unexplained IndexError."""
+    import subprocess
+    import sys
+
+    cases = (("medpix", ["--test-split", "nosuch", "--out", str(tmp_path / "m")], "no split 'nosuch'"),
+             ("medpix", ["--hold-out", "1.0", "--out", str(tmp_path / "h")], "--hold-out is a share"),
+             ("isic", ["--repeats", "0"], "--repeats must be at least 1"))
+    for script, args, said in cases:
+        done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *args], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()

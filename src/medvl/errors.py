@@ -40,3 +40,16 @@ class WriteError(DataError):
 
 class TrainingError(MedvlError):
     """Training cannot go on: the loss or the gradients became NaN or infinite."""
+
+
+def run_script(main) -> None:
+    """Run a script's ``main()`` (the benchmarks/ scripts) as ``medvl`` runs a command: a ``MedvlError`` is one
+    line on stderr and exit code 2, not a traceback."""
+    import sys
+
+    try:
+        main()
+    except MedvlError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
