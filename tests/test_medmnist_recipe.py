@@ -154,6 +154,10 @@ def test_shifted_scores_are_those_of_corrupted_copies(tiny_npz):
     members = [_model(0), _model(1)]
     shifted = shifted_scores(members, data, [], 0.5, [1, 3], seed=5, show_progress=False)
     assert shifted["severities"] == [1, 3] and shifted["parameters"]["gamma"]["values"] == [1.25, 2.0]
+    # blur at severity 1 (0.005 x 28 px) leaves every 28 px image as it was: said, not a hidden clean condition
+    same = [[kind, s] for kind in CORRUPTIONS for s in (1, 3)
+            if all(np.array_equal(corrupt(r.image, kind, s, 0), r.image) for r in data.test)]
+    assert ["blur", 1] in same and shifted["unchanged"] == same
     kind, severity = "noise", 3
     seeds = [int(np.random.SeedSequence([5, i]).generate_state(1)[0]) for i in range(len(data.test))]
     copies = data.test.subset([dataclasses.replace(r, images=[corrupt(r.image, kind, severity, s)])

@@ -212,19 +212,24 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
     as the clean split is (ensemble, test-time ``views``), with the ``threshold`` chosen on clean
     calibration data, as a deployed model would be. Returns ``severities``, ``parameters`` (each kind's
     parameter at those severities), ``auc`` and (binary tasks) ``balanced_accuracy`` per kind (a list
-    over the severities), their means over every condition (``mean_auc``, ``mean_balanced_accuracy``)
-    and ``worst``: the kind and severity with the lowest AUC.
+    over the severities), their means over every condition (``mean_auc``, ``mean_balanced_accuracy``),
+    ``worst``: the kind and severity with the lowest AUC, and ``unchanged``: the [kind, severity] conditions that
+    leave every image as it was (blur of 0.005 x 28 px rounds away in 8 bits), said with a warning.
     """
     images = [read_for(models[0], r.image) for r in data.test]
     seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(len(images))]
     y_true = class_targets(data.test, LABEL, data.classes)
     auc: dict[str, list[float]] = {}
     balanced: dict[str, list[float]] = {}
+    unchanged: list[list[Any]] = []
     with progress_bar("Shifted copies", total=len(CORRUPTIONS) * len(severities), enabled=show_progress) as advance:
         for kind in CORRUPTIONS:
             for severity in severities:
-                shifted = data.test.subset([dataclasses.replace(r, images=[corrupt(image, kind, severity, s)])
-                                            for r, image, s in zip(data.test, images, seeds, strict=True)])
+                corrupted = [corrupt(image, kind, severity, s) for image, s in zip(images, seeds, strict=True)]
+                if all(np.array_equal(after, before) for after, before in zip(corrupted, images, strict=True)):
+                    unchanged.append([kind, severity])  # e.g. blur of 0.14 px on a 28 px image: the clean split
+                shifted = data.test.subset([dataclasses.replace(r, images=[image])
+                                            for r, image in zip(data.test, corrupted, strict=True)])
                 probabilities = ensemble_scores(models, shifted, LABEL, views, show_progress=False)
                 metrics = classification_metrics(y_true, probabilities, data.classes)
                 auc.setdefault(kind, []).append(metrics["macro_auc"])
@@ -235,6 +240,10 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
     conditions = [(kind, severity, value) for kind, values in auc.items()
                   for severity, value in zip(severities, values, strict=True)]
     worst = min(conditions, key=lambda condition: condition[2])
+    if unchanged:
+        log.warning("%d of the %d shifted conditions leave every image unchanged (%s): they score as the clean "
+                    "split and count so in the means", len(unchanged), len(conditions),
+                    ", ".join(f"{kind} {severity}" for kind, severity in unchanged))
     return {"severities": list(severities),
             "parameters": {kind: {"name": PARAMETERS[kind][0],
                                   "values": [PARAMETERS[kind][1][s - 1] for s in severities]} for kind in auc},
@@ -242,7 +251,7 @@ def shifted_scores(models: list[DualEncoder], data: BenchmarkData, views: list[l
             "mean_auc": float(np.mean([value for _, _, value in conditions])),
             "mean_balanced_accuracy": float(np.mean([v for values in balanced.values() for v in values]))
             if balanced else None,
-            "worst": {"kind": worst[0], "severity": worst[1], "auc": worst[2]}}
+            "worst": {"kind": worst[0], "severity": worst[1], "auc": worst[2]}, "unchanged": unchanged}
 
 
 def medmnist_settings(model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
