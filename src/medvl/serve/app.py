@@ -267,7 +267,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.post("/v1/vqa", tags=["models"])
     async def vqa(request: Request, image: ImagesField,
-                  question: Annotated[str, Form(description="The question about the image(s).")]) -> dict:
+                  question: Annotated[str, Form(description="The question about the image(s).")] = "") -> dict:
         """The VQA model's answer (given at start with --vqa-model; else 409): probability, the top
         alternative, the answer type and, from a medvl VQA model, its attention over each image."""
         service = loader.get()

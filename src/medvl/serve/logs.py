@@ -42,7 +42,11 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "multipart", "python_multipart", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error"):
+    try:  # nibabel adds a plain-text stderr handler when imported: import it now to take that handler away
+        import nibabel  # noqa: F401
+    except ImportError:
+        pass
+    for name in ("uvicorn", "uvicorn.error", "nibabel.global"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True

@@ -38,6 +38,7 @@ from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
+from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.registry import load_model
 from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
@@ -418,6 +419,8 @@ def _find_case(index, case_id: str):
     """The indexed case with this id (a ``Hit``), or None: a search filtered on the id (exact, among
     the one case the filter allows; the query vector does not matter)."""
     literal = case_id.replace("'", "''")  # the filter language's quoting; the id is a bound parameter
+    if len(literal) > WHERE_LENGTH - len("id = ''"):  # quoting doubled it past the filter's length: no such id
+        return None
     hits = index.search(np.zeros((1, index.dim), np.float32), k=1, where=f"id = '{literal}'")[0]
     return hits[0] if hits and hits[0].id == case_id else None
 
