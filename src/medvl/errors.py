@@ -52,4 +52,3 @@ def run_script(main) -> None:
     except MedvlError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-

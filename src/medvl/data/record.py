@@ -244,4 +244,3 @@ def _resolved(source: str | Path | None) -> str:
     """A dataset's source as a resolved path (its file or folder), for telling two loads of one file apart from
     two files."""
     return str(Path(source).resolve()) if source else ""
-

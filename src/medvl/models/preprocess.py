@@ -361,4 +361,3 @@ def read_for(model: Any, image: Any) -> np.ndarray:
         return image
     preprocessor = getattr(model, "preprocessor", None)
     return preprocessor.read(image) if isinstance(preprocessor, ImagePreprocessor) else read_image(image)
-
