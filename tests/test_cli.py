@@ -289,7 +289,8 @@ def test_bench_medmnist_refuses_to_score_the_training_images(tiny_npz, tmp_path,
 def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
     test_only = tmp_path / "test_only.npz"
     source = np.load(tiny_npz)
-    np.savez(test_only, test_images=source["val_images"], test_labels=source["val_labels"])
+    # other images than the train file's val (a copy of it would make the threshold data the scored images)
+    np.savez(test_only, test_images=255 - source["val_images"], test_labels=source["val_labels"])
     result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", test_only,
                             "--test-split", "test", "--epochs", 1, "--json", tmp_path / "b.json", "-q")
     assert result.exit_code == 0, output
