@@ -405,6 +405,20 @@ def test_the_service_logs_are_json_lines_only():
         root.setLevel(saved[1])
 
 
+def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
+    """Two images on a one-image route (or two questions, two label lists) were accepted and the answer was about
+    the last one, without a word; /v1/vqa still takes several images (films in order)."""
+    image = png.read_bytes()
+    two = [("image", ("a.png", image)), ("image", ("b.png", image))]
+    twice = client.post("/v1/zero-shot", headers=auth(), files=two, data={"labels": LABELS})
+    assert twice.status_code == 422 and "image given more than once" in twice.json()["detail"], twice.text
+    questions = client.post("/v1/vqa", headers=auth(), files=[("image", ("a.png", image))],
+                            data={"question": ["Is there a nodule?", "Is it large?"]})
+    assert questions.status_code == 422 and "question given more than once" in questions.json()["detail"]
+    films = client.post("/v1/vqa", headers=auth(), files=two, data={"question": QUESTION})
+    assert films.status_code == 200, films.text
+
+
 def test_every_answer_has_its_own_request_id(client):
     ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)

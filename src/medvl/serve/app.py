@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -100,6 +100,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         await loader.stop()
 
     app = FastAPI(title="medvl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(_fields_once)],
                   description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts, "
                               "explanations, visual question answering. Every /v1 route but /v1/health needs "
                               "'Authorization: Bearer TOKEN'.")
@@ -179,6 +180,21 @@ async def _bytes(image: UploadFile, service: ModelService) -> bytes:
     await image.close()
     check_byte_size(len(data), service.settings)
     return data
+
+
+MULTI_FIELDS = {"/v1/vqa": {"image"}}  # the fields a route takes several of (films in order)
+
+
+async def _fields_once(request: Request) -> None:
+    """A form field given twice is refused (422): a route answered about the last of two images, or the last of
+    two questions, without a word."""
+    if request.method != "POST" or not request.headers.get("content-type", "").startswith("multipart/"):
+        return
+    form = await request.form()  # parsed once: the route's own parameters read the same form
+    repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1
+                      and name not in MULTI_FIELDS.get(request.url.path, set()))
+    if repeated:
+        raise HTTPException(422, f"field(s) {', '.join(repeated)} given more than once; send each once")
 
 
 async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
