@@ -353,6 +353,13 @@ def _affine_matrices(draws: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     return torch.where(apply.view(-1, 1, 1), theta, identity)
 
 
+def reads_modality_values(model: Any) -> bool:
+    """Whether ``model`` is fed a DICOM file as modality values (HU): it has a medvl preprocessor with its own
+    ``window`` pairs (``ImagePreprocessor.read``)."""
+    preprocessor = getattr(model, "preprocessor", None)
+    return isinstance(preprocessor, ImagePreprocessor) and bool(preprocessor.config.windows)
+
+
 def read_for(model: Any, image: Any) -> np.ndarray:
     """``image`` (an array as it is, else a file) read as ``model`` is fed it (``ImagePreprocessor.read``: a model
     with HU windows reads DICOM as modality values); a model without a medvl preprocessor reads as

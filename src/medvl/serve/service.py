@@ -39,6 +39,7 @@ from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
+from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
 from ..predict import class_prompts
 from .batching import BatchTiming, MicroBatcher
@@ -93,8 +94,7 @@ class ModelService:
         self.net = load_model(model_dir, backend=self.settings.backend)
         self.net.eval()
         # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
-        image_config = getattr(getattr(self.net, "preprocessor", None), "config", None)
-        self.modality_values = bool(getattr(image_config, "windows", None))
+        self.modality_values = reads_modality_values(self.net)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
@@ -399,8 +399,7 @@ class ModelService:
         question = self.check_vqa_request(len(images), question)
         self.lane.check()
         # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
-        windows = getattr(getattr(getattr(self.vqa, "preprocessor", None), "config", None), "windows", None)
-        uploads = [await self.decode(data, timings, bool(windows)) for data in images]
+        uploads = [await self.decode(data, timings, reads_modality_values(self.vqa)) for data in images]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
                                      timings=timings)
