@@ -141,26 +141,28 @@ def blank_unshiftable_dates(ds) -> int:
     a DA's paired time (``StudyDate`` / ``StudyTime``) with it: "20199999", "ZZ", hour 24. dicognito would raise
     on them halfway through the file (a traceback, HTTP 500); PS3.15 allows such a date to be emptied. Returns
     how many elements were emptied."""
-    emptied = 0
-    for element in list(ds):
-        if element.VR == "SQ":
-            emptied += sum(blank_unshiftable_dates(item) for item in element.value or [])
-        elif element.VR in ("DA", "DT") and element.value:
-            time_element = None
-            if element.VR == "DA":
-                time_name = element.keyword.replace("Date", "Time")
-                time_element = ds.data_element(time_name) if time_name and time_name in ds else None
-            dates = _values(element.value)
-            times = _values(time_element.value) if time_element is not None and time_element.value else []
-            pairs = [(date.replace(".", ""), (times[i] if i < len(times) else "").replace(":", ""))
-                     for i, date in enumerate(dates)] if element.VR == "DA" else [(value, "") for value in dates]
-            if not all(_shiftable(date + time) for date, time in pairs):
-                element.value = ""
-                emptied += 1
-                if time_element is not None and time_element.value:
-                    time_element.value = ""
-                    emptied += 1
-    return emptied
+    emptied = [0]
+
+    def visit(dataset, element) -> None:  # pydicom's walk: every element, in every sequence item
+        if element.VR not in ("DA", "DT") or not element.value:
+            return
+        time_element = None
+        if element.VR == "DA":
+            time_name = element.keyword.replace("Date", "Time")
+            time_element = dataset.data_element(time_name) if time_name and time_name in dataset else None
+        dates = _values(element.value)
+        times = _values(time_element.value) if time_element is not None and time_element.value else []
+        pairs = [(date.replace(".", ""), (times[i] if i < len(times) else "").replace(":", ""))
+                 for i, date in enumerate(dates)] if element.VR == "DA" else [(value, "") for value in dates]
+        if not all(_shiftable(date + time) for date, time in pairs):
+            element.value = ""
+            emptied[0] += 1
+            if time_element is not None and time_element.value:
+                time_element.value = ""
+                emptied[0] += 1
+
+    ds.walk(visit)
+    return emptied[0]
 
 
 def _values(value) -> list[str]:
