@@ -879,18 +879,27 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     ultrasound clips: no positions) as stored."""
     ds = read_dataset(path, header_only=True)
     count = _frame_count(ds)
-    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
-    positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
-                 for frame in range(count)]
-    if count < 2 or frames.ndim != 3 or len(frames) != count or not orientation or len(orientation) != 6 \
-            or any(not position or len(position) != 3 for position in positions):
+    placement = _frame_placement(ds, count)
+    if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None:
         return frames
+    orientation, positions = placement
     try:
-        ranking, dz = _volume_order(path, np.asarray(orientation), [np.asarray(p) for p in positions])
+        ranking, dz = _volume_order(path, orientation, positions)
     except DataError:  # frames at one position (a dynamic or cine acquisition): not a volume to place
         return frames
     spacing = _floats(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
-    return to_ras(frames[ranking], np.asarray(orientation), (dz, spacing[0], spacing[1]))[0]
+    return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
+
+
+def _frame_placement(ds, frames: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """A multi-frame header's Image Orientation and each frame's Image Position (Patient), from the top level
+    or the functional groups; None when any is missing or malformed."""
+    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
+    positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
+                 for frame in range(frames)]
+    if not orientation or len(orientation) != 6 or any(not p or len(p) != 3 for p in positions):
+        return None
+    return np.asarray(orientation), [np.asarray(p) for p in positions]
 
 
 def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -899,17 +908,16 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     frames = _frame_count(ds)
     if frames < 2:
         raise DataError(path, "a single 2D image, not a volume (a volume needs several slices)")
-    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
-    positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
-                 for frame in range(frames)]
-    if not orientation or len(orientation) != 6 or any(not p or len(p) != 3 for p in positions):
+    placement = _frame_placement(ds, frames)
+    if placement is None:
         raise DataError(path, "multi-frame file without per-frame Image Position / Orientation: cannot place "
                               "its frames in a volume")
-    ranking, dz = _volume_order(path, np.asarray(orientation), [np.asarray(p) for p in positions])
+    orientation, positions = placement
+    ranking, dz = _volume_order(path, orientation, positions)
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")
     spacing = meta["pixel_spacing_mm"]
     if not spacing:
         raise DataError(path, "no Pixel Spacing in the header")
-    return to_ras(array[ranking], np.asarray(orientation), (dz, spacing[0], spacing[1]))
+    return to_ras(array[ranking], orientation, (dz, spacing[0], spacing[1]))
