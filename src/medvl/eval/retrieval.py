@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..checks import check_number
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
+from ..index.cases import pixel_sha256
 from ..models.dual import DualEncoder
 from .metrics import recall_at_k, retrieval_ranks
 
@@ -199,7 +199,7 @@ def _image_key(image) -> object:
     if isinstance(image, str | Path):
         return ("file", str(Path(image).resolve()))
     if isinstance(image, np.ndarray):
-        return ("pixels", image.shape, str(image.dtype), hashlib.sha256(image.tobytes()).hexdigest())
+        return ("pixels", pixel_sha256(image))
     return ("object", id(image))
 
 
