@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -163,9 +162,9 @@ def _load_batch(preprocessor, pairs: Sequence[tuple[Any, str | None]]) -> np.nda
 
 
 def image_sources(dataset) -> list[str | None]:
-    """What an error names for each record's first image: None for a file (its path is named), else the
-    dataset's source and the record's id (an ``.npz`` array has no file of its own)."""
-    return [None if isinstance(record.image, str | Path) else f"{dataset.source} (record {record.id})"
+    """What an error names for each record's first image: for an array (an ``.npz`` record has no file of its
+    own), the dataset's source and the record's id; None for a file or a loadable image, which name themselves."""
+    return [f"{dataset.source} (record {record.id})" if isinstance(record.image, np.ndarray) else None
             for record in dataset.records]
 
 
