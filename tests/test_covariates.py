@@ -395,3 +395,34 @@ def test_a_benchmark_suite_probes_with_the_models_covariates(model_with_covariat
     rows_plain = {row["metric"]: row for row in json.loads((tmp_path / "plain" / "results.json").read_text())["rows"]}
     assert "image-only auc" not in rows_plain and rows_plain["auc"]["covariates"] == []
     assert rows_plain["auc"]["value"] == pytest.approx(rows["image-only auc"]["value"])
+
+
+def test_a_few_non_numeric_ages_are_missing_not_a_reason_to_make_the_column_categorical(caplog):
+    """One "85+" among 19 ages made the whole column categorical (ages as categories), in those folds of a
+    cross-validation whose training records held it and not in the others; now it is a numeric column in every
+    fold, the odd value read as missing and counted (not quoted) in a warning."""
+    ages = [str(20 + 3 * i) for i in range(19)]
+    with_odd = [_record(i, age=age) for i, age in enumerate(ages)] + [_record(19, age="85+")]
+    without = [_record(i, age=age) for i, age in enumerate(ages)]
+    with caplog.at_level("WARNING"):
+        encoder = CovariateEncoder.fit(with_odd, ["age"], "fold 1")
+    assert "age" in encoder.numeric and not encoder.categories
+    assert encoder.numeric["age"] == CovariateEncoder.fit(without, ["age"]).numeric["age"]
+    assert "'age' is numeric but 1 of its 20 present values are not numbers" in caplog.text
+    assert "85+" not in caplog.text
+    assert encoder.transform([_record(0, age="85+")]).tolist() == [[0.0, 1.0]]  # missing
+    described = encoder.describe()["age"]
+    assert described["kind"] == "numeric" and described["non_numeric_share"] == 0.05
+    # a column mostly of words stays categorical: three codes among numbers
+    mixed = [_record(i, stage=["1", "2", "I", "II", "III"][i % 5]) for i in range(20)]
+    assert CovariateEncoder.fit(mixed, ["stage"]).categories == {"stage": ["1", "2", "I", "II", "III"]}
+
+
+def test_the_share_of_non_numeric_scored_values_is_reported():
+    from medvl.eval.covariates import CovariateModel
+
+    train = [_labelled(i, ["benign", "malignant"][i % 2], age=str(30 + i)) for i in range(20)]
+    model = CovariateModel.fit(train, np.array([i % 2 for i in range(20)]), 2, ["age"])
+    scored = [_labelled(0, "benign", age="adult"), _labelled(1, "benign", age="40"), _labelled(2, "benign")]
+    described = model.describe(scored)["columns"]["age"]
+    assert described["non_numeric_share_scored"] == 0.3333 and described["missing_share_scored"] == 0.3333

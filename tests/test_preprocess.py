@@ -81,3 +81,36 @@ def test_percentile_scaling_leaves_a_flat_image_alone_and_is_refused_for_volumes
                    {"percentile_scaling": -1.0}):
         with pytest.raises(InputError, match="percentile_scaling"):
             ImageConfig(**fields).validate()
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 20), (4, 24, 20), (24, 20, 3), (24, 20, 6)])
+def test_a_nifti_volume_is_refused_by_a_2d_model_never_read_as_colour(tmp_path, shape):
+    """A volume 3 or 4 voxels wide along x has a last axis of 3 or 4 once in RAS (D, H, W): it was read as a colour
+    image of D x H by a 2D model."""
+    import nibabel
+
+    from medvl.errors import DataError
+
+    path = tmp_path / "v.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random(shape, dtype=np.float32), np.eye(4)), path)
+    preprocessor = ImagePreprocessor(ImageConfig(image_size=16))
+    for read in (preprocessor.read, preprocessor.load):
+        with pytest.raises(DataError, match=r"v\.nii\.gz: a NIfTI volume of \d+ slices.*2D model reads one image"):
+            read(path)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (12, 10, 1)])
+def test_a_one_slice_nifti_is_a_2d_image_shown_anterior_up_patient_right_on_the_left(tmp_path, shape):
+    """x runs to the patient's right and y to anterior (identity affine, RAS): the viewer's top row is the most
+    anterior (largest y), its left column the patient's right (largest x), as the reading page's preview shows it."""
+    import nibabel
+
+    data = np.arange(120, dtype=np.float32).reshape(12, 10)  # data[x, y]
+    path = tmp_path / "slice.nii"
+    nibabel.save(nibabel.Nifti1Image(data.reshape(shape), np.eye(4)), path)
+    pixels = ImagePreprocessor(ImageConfig(image_size=16)).read(path)
+    assert pixels.shape == (10, 12)
+    for row in range(10):
+        for column in range(12):
+            assert pixels[row, column] == data[11 - column, 9 - row]
+    assert ImagePreprocessor(ImageConfig(image_size=16)).load(path).shape == (1, 16, 16)

@@ -344,7 +344,13 @@ def test_a_nifti_volume_is_recognised_and_a_2d_model_says_why_it_cannot_use_it(c
         path = write_nifti(tmp_path / f"v{suffix}", volume, (2.0, 1.0, 1.0))
         assert sniff(path.read_bytes()) == kind
         answer = zero_shot(client, path.read_bytes(), f"v{suffix}")
-        assert answer.status_code == 422 and "does not fit a 2D model" in answer.json()["detail"], answer.text
+        assert answer.status_code == 422 and "a NIfTI volume of 6 slices" in answer.json()["detail"], answer.text
+    # 3 voxels wide: its last axis in RAS (D, H, W) is 3, which was read as a colour image of 16 x 16
+    narrow = write_nifti(tmp_path / "narrow.nii.gz", volume[..., :3], (2.0, 1.0, 1.0)).read_bytes()
+    answer = zero_shot(client, narrow, "narrow.nii.gz")
+    assert answer.status_code == 422 and "a NIfTI volume of 6 slices" in answer.json()["detail"], answer.text
+    one_slice = write_nifti(tmp_path / "one.nii.gz", volume[:1], (2.0, 1.0, 1.0)).read_bytes()
+    assert zero_shot(client, one_slice, "one.nii.gz").status_code == 200
 
 
 def test_a_nifti_volume_over_the_readers_limit_is_413_as_over_the_services(client):

@@ -34,8 +34,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..clinical.formats import DICOM_SUFFIXES, has_dicom_preamble
+from ..clinical.formats import DICOM_SUFFIXES, NIFTI_SUFFIXES, has_dicom_preamble
 from ..clinical.readers import read_dicom_values, register_clinical_readers
+from ..clinical.windowing import radiological_view
 from ..errors import DataError
 from .record import LoadableImage
 
@@ -210,3 +211,17 @@ def read_image(path: str | Path | LoadableImage, modality_values: bool = False) 
         raise DataError(path, "empty file (0 bytes)")
     reader = read_dicom_values if modality_values and suffix in DICOM_SUFFIXES else IMAGE_READERS[suffix]
     return check_finite(path, reader(path))
+
+
+def read_image_2d(path: str | Path | LoadableImage, modality_values: bool = False) -> np.ndarray:
+    """``read_image`` for a 2D model. A NIfTI file is a volume (``DxHxW``, RAS): a file of one slice comes
+    back as that ``HxW`` slice the way the reading page shows it (``radiological_view``: anterior at the
+    top, the patient's right on the viewer's left); a volume of several slices is a ``DataError``, never
+    read as a colour image because its last axis happens to be 3 or 4 voxels wide."""
+    array = read_image(path, modality_values=modality_values)
+    if isinstance(path, LoadableImage) or image_suffix(path) not in NIFTI_SUFFIXES:
+        return array
+    if array.shape[0] != 1:
+        raise DataError(path, f"a NIfTI volume of {array.shape[0]} slices (shape {array.shape}): a 2D model reads "
+                              "one image; use a 3D model (spatial_dims=3) or a file holding one slice")
+    return np.ascontiguousarray(radiological_view(array)[0])

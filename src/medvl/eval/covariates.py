@@ -13,8 +13,11 @@ covariate model's prediction for "all missing": about the prior when missingness
 class, in any case one and the same multiplier for every such record, so a binary ranking among them is
 the image's.
 
-Columns are encoded from the training records: a column whose present values all parse as numbers is
-numeric (standardised value, missing = 0, plus a missing indicator; a scored value outside the training
+Columns are encoded from the training records: a column of which at least ``NUMERIC_SHARE`` (90 %) of the
+present values parse as numbers is numeric (standardised value, missing = 0, plus a missing indicator; its few
+other values, such as an age written "85+" or "adult", are read as missing, with a warning that counts them and
+``non_numeric_share`` in the description, so that one such value does not turn a column of ages into categories
+in one fold of a cross-validation and leave it numeric in the next; a scored value outside the training
 records' range is clipped to it, so a typo such as an age of 700 or -5, or ages in months, pushes no further
 than the oldest or youngest training patient instead of being extrapolated without bound: counted as
 ``out_of_range_share_scored`` and warned by the linear probe); any other column is categorical
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MISSING = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
 MAX_CATEGORIES = 20  # distinct values a categorical covariate may have
+NUMERIC_SHARE = 0.9  # a column with at least this share of its present values numbers is numeric
 EPSILON = 1e-6  # probabilities are clipped to [EPSILON, 1 - EPSILON] before logs
 MAX_MAGNITUDE = 1e100  # a numeric covariate of this magnitude or more (or inf) is refused; "nan" is missing
 LEAK_MIN_RECORDS = 20  # a column that separates the classes perfectly over this many records restates the label
@@ -181,6 +185,7 @@ class CovariateEncoder:
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # numeric column -> training (min, max)
     categories: dict[str, list[str]] = field(default_factory=dict)  # column -> training values
     missing_share: dict[str, float] = field(default_factory=dict)  # column -> share missing in training
+    non_numeric_share: dict[str, float] = field(default_factory=dict)  # numeric column -> share of other values
 
     @classmethod
     def fit(cls, records: Sequence[Record], columns: Sequence[str], source: str = "training data") -> CovariateEncoder:
@@ -196,8 +201,14 @@ class CovariateEncoder:
                 raise InputError(f"{source}: no record has a value for covariate column {column!r}; "
                                  f"metadata columns: {', '.join(available) or 'none'}")
             encoder.missing_share[column] = 1 - len(present) / len(values)
-            numbers = [_parsed(value, column, source) for value in present]
-            if all(number is not None for number in numbers):
+            parsed = [_parsed(value, column, source) for value in present]
+            numbers = [number for number in parsed if number is not None]
+            if numbers and len(numbers) >= NUMERIC_SHARE * len(present):
+                other = len(present) - len(numbers)
+                encoder.non_numeric_share[column] = other / len(values)
+                if other:  # counted, not quoted: a value may be anything a site typed
+                    log.warning("%s: covariate column %r is numeric but %d of its %d present values are not numbers; "
+                                "they are read as missing", source, column, other, len(present))
                 array = np.array(numbers, dtype=float)
                 encoder.numeric[column] = (float(array.mean()), float(array.std()) or 1.0)
                 encoder.bounds[column] = (float(array.min()), float(array.max()))
@@ -249,6 +260,7 @@ class CovariateEncoder:
     def describe(self) -> dict[str, Any]:
         """JSON-ready: each column's kind, training missing share and (categorical) values."""
         return {column: {"kind": "numeric", "missing_share": round(self.missing_share[column], 4),
+                         "non_numeric_share": round(self.non_numeric_share.get(column, 0.0), 4),
                          "mean": round(self.numeric[column][0], 4), "std": round(self.numeric[column][1], 4),
                          "range": [round(bound, 4) for bound in self.bounds[column]]}
                 if column in self.numeric else
@@ -316,6 +328,8 @@ class CovariateModel:
                     numbers = [_parsed(value, column, "scored records") for value in values if value is not None]
                     outside = sum(number is not None and not low <= number <= high for number in numbers)
                     columns[column]["out_of_range_share_scored"] = round(outside / max(len(records), 1), 4)
+                    other = sum(number is None for number in numbers)  # read as missing
+                    columns[column]["non_numeric_share_scored"] = round(other / max(len(records), 1), 4)
         return {"columns": columns, "prior": np.round(self.prior, 5).tolist()}
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from scipy.stats import norm
 
 from ..data.captions import CaptionConfig
-from ..data.images import read_image
+from ..data.images import read_image_2d
 from ..data.record import Dataset, ImageSource
 from ..errors import InputError
 from ..models.dual import DualEncoder
@@ -114,7 +114,7 @@ def _regions(region: Region | None) -> dict[str, Region]:
 
 
 def _masked(image: ImageSource, region: Region, fraction: float) -> np.ndarray:
-    array = image if isinstance(image, np.ndarray) else read_image(image)
+    array = image if isinstance(image, np.ndarray) else read_image_2d(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise InputError(f"masking needs 2D images (HxW or HxWxC), got shape {array.shape}")
     box = corner_box(array.shape, region, fraction) if isinstance(region, str) else region

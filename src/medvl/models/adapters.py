@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import read_image
+from ..data.images import read_image_2d
 from ..data.record import ImageSource
 from ..errors import DataError, ModelError
 from .config import ImageConfig, ModelConfig, TextConfig
@@ -111,7 +111,7 @@ class HFImagePreprocessor(ImagePreprocessor):
 
     def load(self, image: ImageSource | str, source: str | Path | None = None) -> torch.Tensor:
         named: Any = image if not isinstance(image, np.ndarray) else (source or "<array>")
-        array = image if isinstance(image, np.ndarray) else read_image(image)
+        array = image if isinstance(image, np.ndarray) else read_image_2d(image)
         rgb = rgb_uint8(array, named)
         try:
             pixels = self.image_processor(images=[rgb], do_normalize=False, do_rescale=True, rescale_factor=1 / 255,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.images import read_image
+from ..data.images import read_image, read_image_2d
 from ..data.record import ImageSource, LoadableImage
 from ..errors import DataError
 from .config import ImageConfig
@@ -62,9 +62,11 @@ class ImagePreprocessor:
     def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
         ``window`` pairs reads a DICOM file as modality values (HU), so that its own windows are applied,
-        not the one stored in the file's header. Read with this before ``load`` when the pixels are
-        also needed (hashing, checks)."""
-        return read_image(image, modality_values=bool(self.config.windows))
+        not the one stored in the file's header; a 2D model reads a NIfTI file of one slice as that slice and
+        refuses a volume (``read_image_2d``). Read with this before ``load`` when the pixels are also needed
+        (hashing, checks)."""
+        reader = read_image if self.config.spatial_dims == 3 else read_image_2d
+        return reader(image, modality_values=bool(self.config.windows))
 
     def resize(self, tensor: torch.Tensor) -> torch.Tensor:
         """A (C, H, W) image as float32 at ``image_size``, a new tensor: area interpolation, the same call
@@ -362,9 +364,9 @@ def reads_modality_values(model: Any) -> bool:
 
 def read_for(model: Any, image: Any) -> np.ndarray:
     """``image`` (an array as it is, else a file) read as ``model`` is fed it (``ImagePreprocessor.read``: a model
-    with HU windows reads DICOM as modality values); a model without a medvl preprocessor reads as
-    ``read_image``."""
+    with HU windows reads DICOM as modality values); a model without a medvl preprocessor (a 2D transformers
+    model) reads as ``read_image_2d``."""
     if isinstance(image, np.ndarray):
         return image
     preprocessor = getattr(model, "preprocessor", None)
-    return preprocessor.read(image) if isinstance(preprocessor, ImagePreprocessor) else read_image(image)
+    return preprocessor.read(image) if isinstance(preprocessor, ImagePreprocessor) else read_image_2d(image)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_number
-from ..data.images import read_image
+from ..data.images import read_image_2d
 from ..data.loaders.vqa import normalize_answer
 from ..data.record import ImageSource
 from ..errors import InputError, ModelError
@@ -161,7 +161,7 @@ class VisionLanguageModel:
         arrays = []
         for image in images:
             source: Any = image if not isinstance(image, np.ndarray) else "<array>"
-            array = image if isinstance(image, np.ndarray) else read_image(image)
+            array = image if isinstance(image, np.ndarray) else read_image_2d(image)
             arrays.append(rgb_uint8(array, source))
         return arrays
 

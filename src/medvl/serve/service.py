@@ -95,6 +95,7 @@ class ModelService:
         self.net.eval()
         # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
         self.modality_values = reads_modality_values(self.net)
+        self.spatial_dims = self.net.config.image.spatial_dims  # a 2D model refuses a NIfTI volume upload
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
@@ -142,11 +143,13 @@ class ModelService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
 
-    async def decode(self, data: bytes, timings: dict[str, Any], modality_values: bool | None = None) -> Upload:
-        """One upload decoded as the served model reads files (``modality_values``: as another model does)."""
+    async def decode(self, data: bytes, timings: dict[str, Any], for_vqa: bool = False) -> Upload:
+        """One upload decoded as the served model reads files (``for_vqa``: as the VQA model does, its own HU
+        windows if any; it reads 2D images)."""
         started = time.perf_counter()
-        modality_values = self.modality_values if modality_values is None else modality_values
-        upload = await self._on_worker(decode_upload, data, self.settings, modality_values)
+        modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
+        spatial_dims = 2 if for_vqa else self.spatial_dims
+        upload = await self._on_worker(decode_upload, data, self.settings, modality_values, spatial_dims)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -180,7 +183,7 @@ class ModelService:
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
-        upload = decode_upload(data, self.settings, self.modality_values)
+        upload = decode_upload(data, self.settings, self.modality_values, self.spatial_dims)
         return upload, *self._checked_pixels(upload)
 
     def _checked_pixels(self, upload: Upload) -> tuple[torch.Tensor, dict[str, str]]:
@@ -399,7 +402,7 @@ class ModelService:
         question = self.check_vqa_request(len(images), question)
         self.lane.check()
         # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
-        uploads = [await self.decode(data, timings, reads_modality_values(self.vqa)) for data in images]
+        uploads = [await self.decode(data, timings, for_vqa=True) for data in images]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
                                      timings=timings)

@@ -122,10 +122,12 @@ def private_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False) -> Upload:
+def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
-    ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows."""
-    kind, pixels = read_upload(data, settings, lambda source, kind: read_pixels(source, modality_values))
+    ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows;
+    ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``)."""
+    kind, pixels = read_upload(data, settings,
+                               lambda source, kind: read_pixels(source, modality_values, spatial_dims))
     return Upload(kind, len(data), pixels)
 
 
@@ -219,14 +221,16 @@ def _check_voxels(voxels: int, shape: str, settings: ServeSettings) -> None:
         raise UploadRejected(413, f"volume too large: {shape} voxels (limit {settings.max_voxels:,})")
 
 
-def read_pixels(source: Path | bytes, modality_values: bool = False) -> np.ndarray:
-    """The decoded pixels of an upload (a PNG or JPEG's bytes, else its file), as every model route
-    reads them (``modality_values``: see ``read_image``)."""
-    from ..data.images import read_image, read_image_bytes
+def read_pixels(source: Path | bytes, modality_values: bool = False, spatial_dims: int = 3) -> np.ndarray:
+    """The decoded pixels of an upload (a PNG or JPEG's bytes, else its file), as a model of ``spatial_dims``
+    reads them (``modality_values``: see ``read_image``; 2: ``read_image_2d``, a NIfTI of one slice as that
+    slice and a volume refused; 3: a NIfTI volume as it is)."""
+    from ..data.images import read_image, read_image_2d, read_image_bytes
 
     if isinstance(source, bytes):
         return read_image_bytes(source, "upload")
-    return read_image(source, modality_values=modality_values)
+    reader = read_image_2d if spatial_dims == 2 else read_image
+    return reader(source, modality_values=modality_values)
 
 
 def rejecting(read: Callable[..., T], *args) -> T:
