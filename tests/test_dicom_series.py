@@ -408,3 +408,38 @@ def test_the_service_and_the_evaluations_read_a_dicom_upload_as_a_windowed_model
     reference = answer_pixels(vqa, [read_for(vqa, path)], question)
     assert asked.json()["probability"] == pytest.approx(reference["probability"], abs=1e-6)
     assert asked.json()["answer"] == reference["answer"]
+
+
+# ---------------------------------------------------------------- a folder of DICOM files as a dataset
+
+
+def two_images(folder: Path) -> list[str]:
+    """pydicom's CT_small.dcm and MR_small.dcm copied into ``folder``: two 2D records; their SOP Instance UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = []
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), folder / name)
+        uids.append(str(pydicom.dcmread(folder / name).SOPInstanceUID))
+    return uids
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    (["{0},train", "{1},normal,test"], r"line 2: 2 cells but the header has 3 columns \(a cell is missing"),
+    (["{0},effusion,train", "{1},normal,test,oops"], "line 3: 4 cells but the header has 3 columns"),
+    (['{0},"effusion,train', "{1},normal,test"], r"line 2: a quoted cell \(\"\) is never closed"),
+])
+def test_a_labels_csv_row_that_would_shift_its_cells_is_refused(tmp_path, rows, problem):
+    from medvl.data.loaders import load_dataset
+
+    uids = two_images(tmp_path / "dcm")
+    text = "SOPInstanceUID,finding,split\n" + "\n".join(row.format(*uids) for row in rows) + "\n"
+    (tmp_path / "dcm" / "labels.csv").write_text(text)
+    with pytest.raises(DataError, match=rf"labels\.csv.*{problem}"):
+        load_dataset(tmp_path / "dcm")
+    (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,finding,Finding\n{uids[0]},a,b\n")
+    with pytest.raises(DataError, match=r"labels\.csv.*duplicate column 'Finding'"):
+        load_dataset(tmp_path / "dcm")
+    (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,finding,split\n{uids[0]},effusion,train\n"
+                                                 f"{uids[1]},,test\n")
+    ct, mr = sorted(load_dataset(tmp_path / "dcm"), key=lambda r: r.meta["modality"])
+    assert (ct.labels, ct.split, mr.labels, mr.split) == ({"finding": "effusion"}, "train", {}, "test")

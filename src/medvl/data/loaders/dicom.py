@@ -34,13 +34,13 @@ Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one 
 (matched case-insensitively; a study row labels every record of the study), an optional ``split``
 and ``text`` (or ``report``) column, every other column a label (empty cell = missing). The
 sidecar's UIDs must be those in the files (after de-identification: the new ones). Records without
-a row keep no labels and split ``all``.
+a row keep no labels and split ``all``. The file is read as strictly as a CSV manifest
+(``manifest.read_csv_table``): a row of more or fewer cells than the header, a quoted cell never closed, a
+column named twice or bytes that are not UTF-8 are a ``DataError`` naming the file and the line.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -53,6 +53,7 @@ import numpy as np
 from ...clinical.formats import uid_hash
 from ...errors import DataError
 from ..record import Dataset, Record
+from .manifest import read_csv_table
 from .roots import OPT_IN, outside_root
 
 log = logging.getLogger(__name__)
@@ -266,36 +267,30 @@ class _Labels:
 
 
 def _read_labels(path: Path) -> _Labels:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(path, f"not valid UTF-8 (byte offset {error.start}); save it as UTF-8") from None
-    try:
-        table = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as error:
-        raise DataError(path, f"not a readable CSV file ({error})") from None
-    if not table:
+    """``labels.csv`` read as strictly as a CSV manifest (``manifest.read_csv_table``): a row of more or fewer
+    cells than the header, a quote never closed or a repeated column name is a ``DataError`` naming the file and
+    the line, never labels in the wrong columns."""
+    if path.stat().st_size == 0:
         raise DataError(path, "empty labels file")
-    header = [name.strip() for name in table[0]]
-    lower = [name.lower() for name in header]
-    key = next((k for k in KEY_COLUMNS if k in lower), None)
+    header, table = read_csv_table(path)
+    if not header:
+        raise DataError(path, "empty labels file")
+    by_lower = {name.lower(): name for name in header}
+    key = next((k for k in KEY_COLUMNS if k in by_lower), None)
     if key is None:
         raise DataError(path, f"needs a key column: id, SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
                               f"found {', '.join(header) or 'none'}")
+    key_name = by_lower[key]
     rows: dict[str, dict[str, str]] = {}
-    for line, cells in enumerate(table[1:], start=2):
-        if not any(cell.strip() for cell in cells):
-            continue
-        row = {lower[i]: cell.strip() for i, cell in enumerate(cells) if i < len(header) and cell.strip()}
-        value = row.pop(key, None)
-        if value is None:
-            raise DataError(path, f"line {line}: empty {header[lower.index(key)]}")
+    for line, cells in table:
+        value = cells.get(key_name, "")
+        if not value:
+            raise DataError(path, f"line {line}: empty {key_name}")
         if value in rows:
-            raise DataError(path, f"line {line}: {header[lower.index(key)]} repeats an earlier row")
-        rows[value] = {header[lower.index(name)]: cell for name, cell in row.items()}
+            raise DataError(path, f"line {line}: {key_name} repeats an earlier row")
+        rows[value] = {name: cell for name, cell in cells.items() if cell and name != key_name}
     skip = {key, SPLIT_COLUMN, *TEXT_COLUMNS}
-    columns = [name for name, low in zip(header, lower, strict=True) if name and low not in skip]
+    columns = [name for name in header if name.lower() not in skip]
     return _Labels(key, columns, rows, path)
 
 

@@ -186,7 +186,12 @@ def _repair_text_cells(path: Path, raw: bytes, header: list[str], rows: list[Row
                     path, repaired, text_column)
 
 
-def _read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
+def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
+    """A CSV table as (column names, rows as ``(line number, column -> stripped cell)``), read strictly: UTF-8 (a
+    BOM accepted; legacy bytes only in the free-text column, decoded as Windows-1252 with a warning), a header
+    without a repeated name, every row as many cells as the header and every quote closed; each problem a
+    ``DataError`` naming the file and the line. Blank rows are skipped; columns with an empty header are ignored
+    with a warning."""
     raw = path.read_bytes()
     text = raw.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
@@ -443,7 +448,7 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False) -> Dataset
         raise DataError(path, f"unsupported manifest type {suffix!r}; expected .csv or .jsonl")
     if path.stat().st_size == 0:
         raise DataError(path, "empty manifest (0 bytes)")
-    columns, rows = _read_jsonl_table(path) if suffix == ".jsonl" else _read_csv_table(path)
+    columns, rows = _read_jsonl_table(path) if suffix == ".jsonl" else read_csv_table(path)
     if not rows:
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
