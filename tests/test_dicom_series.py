@@ -443,3 +443,23 @@ def test_a_labels_csv_row_that_would_shift_its_cells_is_refused(tmp_path, rows, 
                                                  f"{uids[1]},,test\n")
     ct, mr = sorted(load_dataset(tmp_path / "dcm"), key=lambda r: r.meta["modality"])
     assert (ct.labels, ct.split, mr.labels, mr.split) == ({"finding": "effusion"}, "train", {}, "test")
+
+
+def test_identifier_columns_of_a_labels_csv_never_become_labels(tmp_path, caplog):
+    from medvl.clinical.formats import uid_hash
+    from medvl.data.loaders import load_dataset
+
+    folder = tmp_path / "dcm"
+    sop, _ = two_images(folder)
+    study = str(pydicom.dcmread(folder / "CT_small.dcm").StudyInstanceUID)
+    (folder / "labels.csv").write_text("id,SOPInstanceUID,StudyInstanceUID,PatientID,StudyDate,finding\n"
+                                       f"img-{uid_hash(sop)},{sop},{study},MRN-1,20040119,normal\n")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(folder)
+    assert dataset.label_names == dataset.default_labels == ["finding"]
+    [ct] = [r for r in dataset if r.labels]
+    assert ct.labels == {"finding": "normal"}
+    assert "ignoring identifier column(s) SOPInstanceUID, StudyInstanceUID, PatientID, StudyDate" in caplog.text
+    (folder / "labels.csv").write_text(f"id,finding,source\nimg-{uid_hash(sop)},normal,{study}\n")
+    with pytest.raises(DataError, match=r"labels\.csv.*line 2: column 'source' holds a DICOM UID of its record"):
+        load_dataset(folder)

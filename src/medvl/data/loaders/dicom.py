@@ -31,8 +31,14 @@ before any file is read (one ``DataError`` with the count; no path is shown) unl
 
 Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one key column,
 ``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
-(matched case-insensitively; a study row labels every record of the study), an optional ``split``
-and ``text`` (or ``report``) column, every other column a label (empty cell = missing). The
+(matched case-insensitively, the first of these present; a study row labels every record of the
+study), an optional ``split`` and ``text`` (or ``report``) column, every other column a label (empty
+cell = missing) except identifier columns, which are ignored with a warning naming them: the other
+key columns, and any column named as a DICOM attribute holding a UID, a person's name, a date or a
+time (VR UI, PN, DA, DT, TM: ``SOPClassUID``, ``PatientName``, ``StudyDate``...), a patient or
+request identifier (``medvl.clinical.profile.DICOGNITO_IDS``: ``PatientID``, ``AccessionNumber``...)
+or an institution (``InstitutionName``...) (``identifier_columns``). A label, split or text cell
+holding one of its record's own UIDs is a ``DataError`` naming the line and column. The
 sidecar's UIDs must be those in the files (after de-identification: the new ones). Records without
 a row keep no labels and split ``all``. The file is read as strictly as a CSV manifest
 (``manifest.read_csv_table``): a row of more or fewer cells than the header, a quoted cell never closed, a
@@ -45,6 +51,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,7 @@ LABELS_NAME = "labels.csv"
 KEY_COLUMNS = ("id", "sopinstanceuid", "seriesinstanceuid", "studyinstanceuid")  # lower case, by priority
 TEXT_COLUMNS = ("text", "report")
 SPLIT_COLUMN = "split"
+IDENTIFIER_VRS = frozenset({"UI", "PN", "DA", "DT", "TM"})  # UIDs, person names, dates, times: never labels
 VOLUME_MULTIFRAME_MODALITIES = ("CT", "MR", "PT")
 SKIPPED_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "SR", "KO", "PR")
 SCAN_LIMIT = 10_000  # files looked at when deciding whether a folder holds DICOM
@@ -262,14 +270,36 @@ def _unique_ids(records: list[tuple[Record, dict[str, str]]]) -> None:
 class _Labels:
     key: str  # one of KEY_COLUMNS
     columns: list[str]  # label columns in file order
-    rows: dict[str, dict[str, str]]  # key value -> column -> value (non-empty cells)
+    rows: dict[str, dict[str, str]]  # key value -> column -> value (non-empty cells of label, split, text columns)
+    lines: dict[str, int]  # key value -> its line in the file
     path: Path
+
+
+@lru_cache(maxsize=1)
+def _identifier_keywords() -> frozenset[str]:
+    """Lower-case DICOM keywords of the attributes that identify a patient, a study or a site: VR UI, PN, DA, DT
+    or TM, a patient or request identifier de-identification replaces, or an institution."""
+    from pydicom.datadict import DicomDictionary
+
+    from ...clinical.profile import DICOGNITO_IDS
+
+    keywords = {entry[4] for entry in DicomDictionary.values()
+                if entry[4] and (entry[0] in IDENTIFIER_VRS or entry[4].startswith("Institution"))}
+    return frozenset(keyword.lower() for keyword in keywords | DICOGNITO_IDS)
+
+
+def identifier_columns(header: Sequence[str], key: str) -> list[str]:
+    """The columns of a ``labels.csv`` header, other than the key column ``key`` (lower case), that identify
+    rather than label: the other key columns, and DICOM attributes holding UIDs, names, IDs, dates, times or
+    institutions (``_identifier_keywords``). They never become labels (the loader stores no identifier)."""
+    return [name for name in header if name.lower() != key
+            and (name.lower() in KEY_COLUMNS or name.lower() in _identifier_keywords())]
 
 
 def _read_labels(path: Path) -> _Labels:
     """``labels.csv`` read as strictly as a CSV manifest (``manifest.read_csv_table``): a row of more or fewer
     cells than the header, a quote never closed or a repeated column name is a ``DataError`` naming the file and
-    the line, never labels in the wrong columns."""
+    the line, never labels in the wrong columns. Identifier columns are ignored with a warning."""
     if path.stat().st_size == 0:
         raise DataError(path, "empty labels file")
     header, table = read_csv_table(path)
@@ -281,17 +311,23 @@ def _read_labels(path: Path) -> _Labels:
         raise DataError(path, f"needs a key column: id, SOPInstanceUID, SeriesInstanceUID or StudyInstanceUID; "
                               f"found {', '.join(header) or 'none'}")
     key_name = by_lower[key]
+    ignored = identifier_columns(header, key)
+    if ignored:
+        log.warning("%s: ignoring identifier column(s) %s (a record key, UID, name, ID, date, time or institution: "
+                    "never a label; the rows are keyed by %s)", path, ", ".join(ignored), key_name)
+    kept = [name for name in header if name != key_name and name not in ignored]
     rows: dict[str, dict[str, str]] = {}
+    lines: dict[str, int] = {}
     for line, cells in table:
         value = cells.get(key_name, "")
         if not value:
             raise DataError(path, f"line {line}: empty {key_name}")
         if value in rows:
             raise DataError(path, f"line {line}: {key_name} repeats an earlier row")
-        rows[value] = {name: cell for name, cell in cells.items() if cell and name != key_name}
-    skip = {key, SPLIT_COLUMN, *TEXT_COLUMNS}
-    columns = [name for name in header if name.lower() not in skip]
-    return _Labels(key, columns, rows, path)
+        rows[value] = {name: cells[name] for name in kept if cells.get(name)}
+        lines[value] = line
+    columns = [name for name in kept if name.lower() not in (SPLIT_COLUMN, *TEXT_COLUMNS)]
+    return _Labels(key, columns, rows, lines, path)
 
 
 def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels) -> None:
@@ -302,7 +338,12 @@ def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels)
         if value is None or row is None:
             continue
         used.add(value)
+        uids = {uid for name, uid in keys.items() if name != "id"}
         for name, cell in row.items():
+            if cell in uids:  # a raw UID would be stored with the record (labels reach indexes and models)
+                raise DataError(labels.path, f"line {labels.lines[value]}: column {name!r} holds a DICOM UID of its "
+                                             "record; medvl stores no raw UID: drop the column (or key the rows "
+                                             "by it)")
             low = name.lower()
             if low == SPLIT_COLUMN:
                 record.split = cell
