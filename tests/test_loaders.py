@@ -230,6 +230,21 @@ def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_a_sidecar_naming_a_manifest_in_a_subfolder_still_applies(tmp_path):
+    _images(tmp_path / "sub", ["images/a0.png", "images/a1.png"])
+    (tmp_path / "sub" / "m.csv").write_text("image,finding,grade\na0.png,x,1\na1.png,y,2\n", encoding="utf-8")
+    captions = {"templates": ["{}."], "classes": {"grade": {"1": ["grade one"], "2": ["grade two"]}}}
+    sidecar = {"manifest": "sub/m.csv", "label_columns": ["grade"], "captions": captions}
+    (tmp_path / "dataset.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    dataset = load_dataset(tmp_path)
+    assert dataset.source == str(tmp_path / "sub" / "m.csv") and len(dataset) == 2
+    assert dataset.default_labels == ["grade"] and dataset.captions == captions
+    sidecar["label_columns"] = ["nosuch"]
+    (tmp_path / "dataset.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{tmp_path.name}/dataset\.json.*nosuch"):
+        load_dataset(tmp_path)
+
+
 @pytest.mark.parametrize(("content", "problem"), [
     (b"", "empty manifest"),
     (b"image,finding\n", "empty manifest"),

@@ -47,7 +47,7 @@ SUPPORTED_KINDS = (
 def _load_folder(folder: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
     manifest = find_manifest(folder, allow_outside_root)
     if manifest is not None:
-        return load_manifest(manifest, allow_outside_root)
+        return load_manifest(manifest, allow_outside_root, sidecar_folder=folder)
     if is_medpix_folder(folder):
         return load_medpix(folder, allow_outside_root)
     if find_report_archive(folder) is not None:

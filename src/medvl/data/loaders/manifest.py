@@ -39,7 +39,9 @@ line number, unless ``allow_outside_root=True`` (see ``medvl.data.loaders.roots`
 An optional ``dataset.json`` sidecar in the folder, e.g.
 ``{"manifest": "manifest.csv", "label_columns": ["diagnosis"], "captions": {...}, "name": "x"}``,
 names the manifest and the default label columns; the loader sets ``dataset.default_labels``
-(``list[str]``, default ``[]``) and ``dataset.captions`` (``dict`` or ``None``) from it.
+(``list[str]``, default ``[]``) and ``dataset.captions`` (``dict`` or ``None``) from it. The manifest
+it names may sit in a subfolder (``"manifest": "tables/m.csv"``); loading the sidecar's folder then
+applies the sidecar, and image paths are read relative to the manifest's own folder.
 """
 
 from __future__ import annotations
@@ -296,11 +298,11 @@ def find_manifest(folder: Path, allow_outside_root: bool = False) -> Path | None
     return None
 
 
-def _sidecar_for(manifest: Path) -> dict[str, Any]:
-    """The sidecar next to a manifest if it describes this manifest, else an empty dict."""
-    sidecar = read_sidecar(manifest.parent) or {}
+def _sidecar_for(manifest: Path, folder: Path) -> dict[str, Any]:
+    """The sidecar in ``folder`` if it describes this manifest, else an empty dict."""
+    sidecar = read_sidecar(folder) or {}
     named = sidecar.get("manifest")
-    if named and (manifest.parent / named).resolve() != manifest.resolve():
+    if named and (folder / named).resolve() != manifest.resolve():
         return {}
     return sidecar
 
@@ -435,12 +437,16 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     return records, labels
 
 
-def load_manifest(path: str | Path, allow_outside_root: bool = False) -> Dataset:
+def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_folder: str | Path | None = None
+                  ) -> Dataset:
     """Load a ``.csv`` or ``.jsonl`` manifest (see the module docstring for the columns).
 
     Image paths resolving outside the manifest's folder are refused unless ``allow_outside_root``.
+    ``sidecar_folder``: the folder whose ``dataset.json`` named this manifest (``find_manifest``), which may be
+    above the manifest's own folder; default the manifest's folder.
     """
     path = Path(path)
+    folder = path.parent if sidecar_folder is None else Path(sidecar_folder)
     if not path.is_file():
         raise DataError(path, "manifest file not found")
     suffix = path.suffix.lower()
@@ -454,11 +460,11 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False) -> Dataset
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
                                      allow_outside_root)
-    sidecar = _sidecar_for(path)
+    sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]
     if unknown:
-        raise DataError(path.parent / SIDECAR_NAME,
+        raise DataError(folder / SIDECAR_NAME,
                         f"label_columns {unknown} are not columns of {path.name}; "
                         f"label columns: {', '.join(labels)}")
     return Dataset(records, source=str(path), label_names=labels, default_labels=list(defaults),
