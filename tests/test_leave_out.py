@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cli_helpers import invoke
 from medvl import DataError, load_dataset
@@ -18,6 +19,25 @@ def test_source_image_ids():
     assert source_image_id("SYNPIC7.jpg") == "synpic7"
     assert source_image_id("/data/phantom_00012.png") == "phantom_00012"
     assert source_image_id("study.nii.gz") == "study"
+    assert source_image_id("xmlab3/source.jpg") == source_image_id("imgs/xmlab3/source.jpg") == "xmlab3/source"
+    assert source_image_id("images/phantom_00012.png") == "phantom_00012"
+
+
+def test_slake_images_are_told_apart_by_their_folder(tmp_path):
+    """Every SLAKE image is ``imgs/xmlabN/source.jpg``: a question about one of them leaves out that image only."""
+    for number in (1, 2, 3):
+        (tmp_path / "slake" / "imgs" / f"xmlab{number}").mkdir(parents=True)
+        Image.new("L", (8, 8), 40 * number).save(tmp_path / "slake" / "imgs" / f"xmlab{number}" / "source.jpg")
+    questions = tmp_path / "slake" / "test.json"
+    questions.write_text(json.dumps([{"qid": 1, "img_name": "xmlab3/source.jpg", "question": "Is this a CT?",
+                                      "answer": "Yes"}]))
+    (tmp_path / "slake" / "pretrain.csv").write_text("image,text,split\n" + "".join(
+        f"imgs/xmlab{number}/source.jpg,image {number},train\n" for number in (1, 2, 3)))
+    data = load_dataset(tmp_path / "slake" / "pretrain.csv")
+    assert question_image_ids(questions) == {"xmlab3/source"}
+    kept, left_out = leave_out_images(data, [questions])
+    assert left_out == 1 and [r.id for r in kept] == ["imgs/xmlab1/source", "imgs/xmlab2/source"]
+    assert load_dataset(questions)[0].meta["image_name"] == "xmlab3/source.jpg"  # the name as the file writes it
 
 
 def _questions(path: Path, names: list[str]) -> Path:

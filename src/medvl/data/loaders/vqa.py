@@ -49,8 +49,8 @@ file (``QUESTION_KEYS`` and an image key near the start), each as one split; oth
 Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` = [image path]
 (every image of a multi-image question); ``text`` = the question; labels ``answer_type``
 (``CLOSED`` / ``OPEN``); meta ``qid``, ``answer``, ``answer_normalized``, ``question_type``, ``organ``,
-``modality``, ``language``, ``image_name``
-(each when present). ``load_vqa`` returns typed ``VQAItem`` s for VQA training and evaluation.
+``modality``, ``language``, ``image_name`` (as the file writes it, folders included: SLAKE's
+``xmlab3/source.jpg``) (each when present). ``load_vqa`` returns typed ``VQAItem`` s for VQA training and evaluation.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import DataError
@@ -102,6 +102,7 @@ class VQAItem:
     modality: str | None = None  # SLAKE only: CT, MRI, X-Ray
     language: str | None = None  # SLAKE only: en, zh
     images: tuple[Path, ...] = ()  # every image in order (earlier film first); (image,) for one image
+    names: tuple[str, ...] = ()  # the images' names as the question file writes them (SLAKE: xmlab3/source.jpg)
 
 
 def normalize_answer(answer: str) -> str:
@@ -210,6 +211,7 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
         split=split,
         **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
         images=images,
+        names=tuple(image_names),
     )
     return item, next((name for image, name in zip(found, image_names, strict=True) if image is None), None)
 
@@ -270,9 +272,10 @@ def _record(item: VQAItem, record_id: str) -> Record:
     meta = {key: value for key, value in asdict(item).items()
             if key in ("qid", "answer", "answer_normalized", "question_type", "organ", "modality", "language")
             and value is not None}
-    meta["image_name"] = item.image.name
-    if len(item.images) > 1:
-        meta["image_names"] = [image.name for image in item.images]
+    names = list(item.names) or [image.name for image in item.images or (item.image,)]
+    meta["image_name"] = names[0]
+    if len(names) > 1:
+        meta["image_names"] = names
     labels = {ANSWER_TYPE_COLUMN: item.answer_type} if item.answer_type else {}
     return Record(id=record_id, images=list(item.images or (item.image,)), text=item.question, labels=labels, meta=meta,
                   split=item.split)
@@ -295,10 +298,31 @@ SOURCE_IMAGE_ID = re.compile(r"synpic\d+", re.IGNORECASE)  # MedPix's image id, 
 
 def source_image_id(name: str | Path) -> str:
     """The id of the source image a file name stands for: its MedPix ``synpic`` id when it holds one
-    (``MPX1307_synpic20064.jpg`` and ``synpic20064.jpg`` are the same image), else its lower-cased stem."""
-    stem = Path(str(name)).name.split(".")[0]
-    found = SOURCE_IMAGE_ID.search(stem)
-    return found.group(0).lower() if found else stem.lower()
+    (``MPX1307_synpic20064.jpg`` and ``synpic20064.jpg`` are the same image), else the name in lower case
+    without its suffix, keeping the folders a relative name writes (SLAKE's ``xmlab3/source.jpg`` ->
+    ``xmlab3/source``: every SLAKE image is a ``source.jpg``, told apart by its folder) below a leading
+    ``images/`` or ``imgs/`` (the image folders a question file's names are relative to); an absolute path
+    gives its stem alone."""
+    path = PurePosixPath(str(name).replace("\\", "/"))
+    found = SOURCE_IMAGE_ID.search(path.name.split(".")[0])
+    if found:
+        return found.group(0).lower()
+    parts = [path.name] if path.is_absolute() else list(path.parts)
+    if ".." in parts:
+        parts = parts[len(parts) - parts[::-1].index(".."):]
+    while len(parts) > 1 and parts[0].lower() in IMAGE_FOLDERS:
+        parts = parts[1:]
+    return "/".join([*parts[:-1], parts[-1].split(".")[0]]).lower()
+
+
+def _path_ids(path: str | Path) -> set[str]:
+    """Every id an image file's path can match a question's name by: its ``synpic`` id, else each tail of the
+    path (``xmlab3/source`` and ``source`` for ``.../imgs/xmlab3/source.jpg``), in ``source_image_id``'s form."""
+    found = SOURCE_IMAGE_ID.search(Path(str(path)).name.split(".")[0])
+    if found:
+        return {found.group(0).lower()}
+    parts = PurePosixPath(Path(str(path)).as_posix()).parts
+    return {source_image_id("/".join(parts[start:])) for start in range(len(parts)) if parts[start] != "/"}
 
 
 def question_image_ids(path: str | Path) -> set[str]:
@@ -313,10 +337,12 @@ def question_image_ids(path: str | Path) -> set[str]:
 
 
 def leave_out_images(dataset: Dataset, question_files: Sequence[str | Path]) -> tuple[Dataset, int]:
-    """``dataset`` without the records whose image is one the question files ask about (by
-    ``source_image_id``), and how many were left out: pretraining must not see the images a VQA
-    benchmark scores (MedPix 2.0 and VQA-RAD share source images)."""
+    """``dataset`` without the records whose image is one the question files ask about, and how many were
+    left out: pretraining must not see the images a VQA benchmark scores (MedPix 2.0 and VQA-RAD share source
+    images). An image is asked about when its MedPix ``synpic`` id is a question's, or, for a name without
+    one, when its path ends with the question's image name (``source_image_id``: a SLAKE question about
+    ``xmlab3/source.jpg`` leaves out ``.../xmlab3/source.jpg``, not every ``source.jpg``)."""
     asked = set().union(*(question_image_ids(path) for path in question_files))
     kept = [record for record in dataset
-            if not any(source_image_id(image) in asked for image in record.images if isinstance(image, str | Path))]
+            if not any(_path_ids(image) & asked for image in record.images if isinstance(image, str | Path))]
     return dataset.subset(kept), len(dataset) - len(kept)
