@@ -463,3 +463,17 @@ def test_identifier_columns_of_a_labels_csv_never_become_labels(tmp_path, caplog
     (folder / "labels.csv").write_text(f"id,finding,source\nimg-{uid_hash(sop)},normal,{study}\n")
     with pytest.raises(DataError, match=r"labels\.csv.*line 2: column 'source' holds a DICOM UID of its record"):
         load_dataset(folder)
+
+
+def test_a_series_missing_a_slice_is_refused_not_stacked_with_the_gap_closed(tmp_path):
+    from medvl.data.loaders import load_dataset
+
+    paths = write_series(tmp_path / "ct", marked_volume((5, 4, 4)), spacing=(10.0, 0.8, 0.7), origin=(0, 0, 0))
+    paths[2].unlink()  # the slice at 20 mm: 0, 10, 30, 40 mm are left
+    gap = r"none lies between 10 and 30 mm along the slice normal \(a 20 mm gap: about 1 slice\(s\) missing\)"
+    with pytest.raises(DataError, match=rf"series 1 \(CT, 4 file\(s\).*{gap}"):
+        load_volume(tmp_path / "ct")
+    with pytest.raises(DataError, match=rf"series 1 .* record vol-[0-9a-f]{{16}}: slices are 10 mm apart, .*{gap}"):
+        load_dataset(tmp_path / "ct")
+    volume, spacing = load_volume(write_series(tmp_path / "whole", marked_volume((4, 4, 4)))[0].parent)
+    assert volume.shape == (4, 4, 4) and spacing[0] == pytest.approx(SPACING[0])

@@ -67,6 +67,7 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one plane orientation
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
+MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
 REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
@@ -761,6 +762,27 @@ def slice_stack(orientation: np.ndarray,
     return order, gaps, float(np.median(gaps)) if distinct else None
 
 
+def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray]) -> str | None:
+    """Where a stack of slices (``slice_stack``'s input) has a hole, in words, or None: a gap between neighbours
+    of ``MISSING_SLICE_STEPS`` slice steps or more. Stacked as it is, the volume would close the gap (the
+    slices beyond it a step or more out of place), so such a series is not a volume."""
+    order, gaps, spacing = slice_stack(orientation, positions)
+    if spacing is None:
+        return None
+    wide = np.flatnonzero(gaps >= MISSING_SLICE_STEPS * spacing)
+    if not len(wide):
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = [float(np.dot(positions[index], normal)) for index in order]
+    first = int(wide[0])
+    missing = max(1, round(gaps[first] / spacing) - 1)
+    more = f"; {len(wide)} such gaps in all" if len(wide) > 1 else ""
+    return (f"slices are {spacing:.3g} mm apart, but none lies between {along[first]:.6g} and "
+            f"{along[first + 1]:.6g} mm along the slice normal (a {gaps[first]:.3g} mm gap: about {missing} "
+            f"slice(s) missing{more}); stacked as it is, the volume would close the gap. Restore the missing "
+            "file(s)")
+
+
 def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     position, orientation = plane_geometry(ds)
     if position is None or orientation is None:
@@ -768,12 +790,17 @@ def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     return position, orientation
 
 
-def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
-    """``slice_stack`` for a volume being loaded: shared positions are a DataError, uneven gaps a warning."""
+def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray],
+                  what: str = "the series") -> tuple[np.ndarray, float]:
+    """``slice_stack`` for a volume being loaded: shared positions and a missing slice (``missing_slices``) are a
+    DataError naming ``what``, other uneven gaps a warning."""
     order, gaps, spacing = slice_stack(orientation, positions)
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
+    hole = missing_slices(orientation, positions)
+    if hole is not None:
+        raise DataError(first.parent, f"{what}: {hole}")
     if np.max(np.abs(gaps - spacing)) > 0.01 * spacing + 1e-3:
         log.warning("%s: uneven slice spacing (%.3g to %.3g mm); using the median %.3g mm",
                     first.parent, gaps.min(), gaps.max(), spacing)
@@ -848,7 +875,8 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     for (path, _), (_, other) in zip(headers, geometry, strict=True):
         if not same_plane(other, orientation):
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
-    ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry])
+    ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
+                                series.describe())
     slices: list[np.ndarray] = []
     row_spacing: list[float] | None = None
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
@@ -883,10 +911,9 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None:
         return frames
     orientation, positions = placement
-    try:
-        ranking, dz = _volume_order(path, orientation, positions)
-    except DataError:  # frames at one position (a dynamic or cine acquisition): not a volume to place
+    if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
+    ranking, dz = _volume_order(path, orientation, positions, path.name)
     spacing = _floats(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
@@ -913,7 +940,7 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
         raise DataError(path, "multi-frame file without per-frame Image Position / Orientation: cannot place "
                               "its frames in a volume")
     orientation, positions = placement
-    ranking, dz = _volume_order(path, orientation, positions)
+    ranking, dz = _volume_order(path, orientation, positions, path.name)
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")

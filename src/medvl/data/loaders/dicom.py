@@ -5,8 +5,10 @@ manifest that holds DICOM files (``.dcm`` / ``.dicom``, or any file with the ``D
 Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One record per:
 
 - 3D series (``meta["kind"] == "volume"``): two or more single-frame slices that all carry Image
-  Position / Orientation (Patient), share one orientation and size, and sit at distinct positions;
-  or one enhanced multi-frame CT / MR / PET file with per-frame positions. The image is a
+  Position / Orientation (Patient), share one orientation and size, and sit at distinct positions
+  with no slice missing (a gap of 1.5 slice steps or more is a ``DataError`` naming the series:
+  ``medvl.clinical.dicom.missing_slices``); or one enhanced multi-frame CT / MR / PET file with
+  per-frame positions. The image is a
   ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
   values, HU for CT) in RAS orientation, as a NIfTI file is read (``medvl.clinical.dicom.load_volume``);
 - 2D image (``kind == "image"``): every other single-frame file; the image is the file path
@@ -124,10 +126,12 @@ def _header(path: Path) -> _Header:
     return _Header(path, ds, _frame_count(ds), *plane_geometry(ds))
 
 
-def _stackable(headers: list[_Header]) -> float | None:
+def _stackable(series, headers: list[_Header]) -> float | None:
     """The median slice spacing (mm) if these single-frame slices form a volume, else None
-    (duplicates or mixed acquisitions are images, not a volume)."""
-    from ...clinical.dicom import same_plane, slice_stack
+    (duplicates or mixed acquisitions are images, not a volume). A volume missing a slice
+    (``medvl.clinical.dicom.missing_slices``) is a DataError naming the series (its number and the record id it
+    would have had), as a truncated slice file is: never stacked with the gap closed."""
+    from ...clinical.dicom import missing_slices, same_plane, slice_stack
 
     if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
@@ -141,7 +145,12 @@ def _stackable(headers: list[_Header]) -> float | None:
     if any(not same_plane(orientation, orientations[0]) for orientation in orientations) or \
             any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers):
         return None
-    return slice_stack(orientations[0], positions)[2]
+    spacing = slice_stack(orientations[0], positions)[2]
+    hole = missing_slices(orientations[0], positions) if spacing is not None else None
+    if hole is not None:
+        raise DataError(headers[0].path.parent, f"{series.describe()}, record vol-{uid_hash(series.series_uid)}: "
+                                                f"{hole}")
+    return spacing
 
 
 def _multiframe_volume(header: _Header) -> bool:
@@ -236,7 +245,7 @@ def _series_records(series, skipped: Counter) -> list[tuple[Record, dict[str, st
     if modality in SKIPPED_MODALITIES:
         skipped[f"{modality} objects (not images)"] += len(headers)
         return []
-    spacing = _stackable(headers)
+    spacing = _stackable(series, headers)
     if spacing is not None:
         return [_volume_record(series, headers, spacing)]
     if len(headers) == 1 and _multiframe_volume(headers[0]):
