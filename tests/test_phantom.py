@@ -351,6 +351,23 @@ def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folders left
 
 
+def test_the_current_folder_is_filled_when_empty_and_never_replaced(tmp_path, monkeypatch):
+    from cli_helpers import invoke
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result, output = invoke("phantom", ".", "--n", 2, "--size", 32)
+    assert result.exit_code == 0, output
+    assert sorted(p.name for p in here.iterdir()) == ["dataset.json", "images", "manifest.csv", "masks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folders left beside it
+    for target in (".", ".."):  # replacing it would delete the folder the command runs in
+        result, output = invoke("phantom", target, "--n", 2, "--size", 32, "--overwrite")
+        assert result.exit_code == 2 and "is or holds the current folder" in output, output
+        assert "Traceback" not in output
+    assert (here / "manifest.csv").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     real_render = generate_module.render_case
 

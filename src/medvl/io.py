@@ -93,8 +93,14 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written staging folder into place; the old target survives until the rename."""
-    if target.exists():
+    """Swap a fully written staging folder into place; the old target survives until the rename. An existing
+    empty target (the current folder, a mount point) is kept and filled: its entries are moved in one by one."""
+    target = target.absolute()  # Path(".") has no name to rename it by
+    if target.is_dir() and not any(target.iterdir()):
+        for entry in sorted(staging.iterdir()):
+            entry.rename(target / entry.name)
+        staging.rmdir()
+    elif target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{staging.name[-8:]}")
         target.rename(old)
         staging.rename(target)

@@ -212,9 +212,13 @@ def _check_params(n: int, seed: int, size: int, extra_finding_prob: float, kind:
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir}: directory exists and is not empty "
-                         "(--overwrite / overwrite=True replaces it; or choose a new folder)")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out_dir}: directory exists and is not empty "
+                             "(--overwrite / overwrite=True replaces it; or choose a new folder)")
+        if Path.cwd().resolve().is_relative_to(out_dir.resolve()):
+            raise InputError(f"{out_dir}: is or holds the current folder; replacing it would delete the folder this "
+                             "command runs in: choose another folder, or run from outside it")
 
 
 def _progress(total: int, enabled: bool, what: str = "phantom radiographs"):
@@ -229,6 +233,7 @@ def _progress(total: int, enabled: bool, what: str = "phantom radiographs"):
 @contextmanager
 def _staging_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling of ``out_dir``, removed unless it was renamed into place."""
+    out_dir = out_dir.absolute()  # "." is a folder whose sibling is in its parent, not in itself
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -294,7 +299,8 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     a CT volume named ``ct_{i:05d}`` (``size`` default 64 voxels a side). ``splits`` maps split
     names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2). An existing non-empty
     ``out_dir`` is an error unless ``overwrite`` is true, in which case it is replaced as a whole
-    once the new data set is complete. ``vqa`` (cxr2d only) also writes ``vqa/``: about
+    once the new data set is complete (never when it is or holds the current folder: an ``InputError``); an
+    existing empty ``out_dir`` (``.`` included) is kept and filled. ``vqa`` (cxr2d only) also writes ``vqa/``: about
     ``vqa_per_case`` balanced questions per patient, split by patient like the images (``vqa``).
     ``shortcut`` (a probability in [0, 1], cxr2d only) writes the shortcut variant described in
     the module docstring: a corner marker that leaks the normal / abnormal label. ``positioning``
