@@ -477,3 +477,24 @@ def test_a_series_missing_a_slice_is_refused_not_stacked_with_the_gap_closed(tmp
         load_dataset(tmp_path / "ct")
     volume, spacing = load_volume(write_series(tmp_path / "whole", marked_volume((4, 4, 4)))[0].parent)
     assert volume.shape == (4, 4, 4) and spacing[0] == pytest.approx(SPACING[0])
+
+
+def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
+    from cli_helpers import invoke
+    from medvl.clinical.deid import deidentify
+    from medvl.data.loaders import load_dataset
+
+    folder = tmp_path / "mac"
+    two_images(folder)
+    (folder / "MR_small.dcm").unlink()
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # not DICOM
+    (folder / "._CT_small.dcm").write_bytes(apple_double)
+    (folder / ".trash").mkdir()
+    (folder / ".trash" / "old.dcm").write_bytes(apple_double)
+    [series] = read_dicom_series(folder)
+    assert series.files == [folder / "CT_small.dcm"]
+    assert [r.meta["modality"] for r in load_dataset(folder)] == ["CT"]
+    result, output = invoke("dicom-info", folder)
+    assert result.exit_code == 0, output
+    report = deidentify(folder, tmp_path / "out", seed=1)
+    assert report["files_written"] == 1 and report["skipped"] == {"hidden file (name starting with '.')": 2}

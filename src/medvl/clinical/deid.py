@@ -74,6 +74,7 @@ from .dicom import (
     check_complete,
     check_file_end,
     is_dicom_candidate,
+    is_hidden,
     quiet_pydicom,
     read_dataset,
     transfer_syntax,
@@ -444,6 +445,9 @@ def _deidentify_folder(source: Path, run: _Run, staging: Path) -> tuple[list, Co
     series: dict[tuple[int, str], int] = {}
     images: Counter = Counter()
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        if is_hidden(path, source):  # a macOS ._ file, .DS_Store: nothing of it is written
+            skipped["hidden file (name starting with '.')"] += 1
+            continue
         if not is_dicom_candidate(path):
             skipped["not DICOM"] += 1
             continue

@@ -677,11 +677,19 @@ def is_dicom_candidate(path: Path) -> bool:
     return path.name.lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path)
 
 
+def is_hidden(path: Path, folder: Path) -> bool:
+    """True for a file under ``folder`` whose name, or the name of a folder between them, starts with ``.``:
+    macOS ``._*`` AppleDouble files (metadata, not DICOM, left by copying or zipping on a Mac), ``.DS_Store``,
+    version control and staging folders."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
 def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """Group the DICOM image files under ``folder`` (recursively) into series.
 
-    Files that are not DICOM are skipped; DICOM objects without an image (DICOMDIR, structured
-    reports, RT plans) are skipped with a log line; a DICOM file that cannot be parsed is an error,
+    Files that are not DICOM are skipped; so are hidden files and folders (``is_hidden``: a macOS
+    ``._CT.dcm`` is not DICOM), and DICOM objects without an image (DICOMDIR, structured
+    reports, RT plans), each counted in a log line; a DICOM file that cannot be parsed is an error,
     and so is a truncated one: nothing after the file meta, or an image object (image storage SOP
     class) cut before its Rows / Columns or its pixel data (``check_image_header``), so that a series
     missing a slice is never stacked as if it were whole.
@@ -692,12 +700,16 @@ def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
         raise DataError(folder, "not a folder" if folder.exists() else "folder not found")
     groups: dict[tuple[str, str], DicomSeries] = {}
     order: dict[Path, tuple] = {}
-    skipped = 0
+    skipped = hidden = 0
     with quiet_pydicom(folder):
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_dicom_candidate(p)):
-            skipped += _add_to_series(groups, order, path)
-    if skipped:
-        log.info("%s: skipped %d DICOM object(s) without an image", folder, skipped)
+            if is_hidden(path, folder):
+                hidden += 1
+            else:
+                skipped += _add_to_series(groups, order, path)
+    if skipped or hidden:
+        log.info("%s: skipped %d DICOM object(s) without an image and %d hidden file(s) (names starting with '.', "
+                 "such as macOS ._ files)", folder, skipped, hidden)
     if not groups:
         raise DataError(folder, "no DICOM image files found")
     for series in groups.values():

@@ -79,13 +79,15 @@ PULL_STATE_NAME = ".medvl-pull-state.json"  # medvl.clinical.pacs.STATE_NAME: an
 
 
 def has_dicom_files(folder: str | Path) -> bool:
-    """True if a file under ``folder`` is DICOM (by suffix, or the ``DICM`` marker)."""
-    from ...clinical.dicom import is_dicom_candidate
+    """True if a file under ``folder`` is DICOM (by suffix, or the ``DICM`` marker); hidden files are not looked
+    at (``medvl.clinical.dicom.is_hidden``), as ``read_dicom_series`` skips them."""
+    from ...clinical.dicom import is_dicom_candidate, is_hidden
 
-    for seen, path in enumerate(Path(folder).rglob("*")):
+    folder = Path(folder)
+    for seen, path in enumerate(folder.rglob("*")):
         if seen >= SCAN_LIMIT:
             return False
-        if path.is_file() and not path.name.startswith(".") and is_dicom_candidate(path):
+        if path.is_file() and not is_hidden(path, folder) and is_dicom_candidate(path):
             return True
     return False
 
