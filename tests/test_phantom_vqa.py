@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import replace
 from functools import cache
@@ -264,6 +265,20 @@ def test_two_image_questions_name_two_films_of_one_patient(phantom):
         assert len(names) == 2 and names[0] != names[1] and item["image_name"] == names[0]
         assert all((phantom / "vqa" / name).is_file() for name in names)
         assert {name.split("/")[-1][:13] for name in names} == {item["patient"]}
+
+
+def test_film_names_say_whose_film_but_not_which(phantom):
+    """A name must not give an answer away: the case's own film (the only one asked a count of 0-1 nodules) was
+    ``phantom_00012.png`` and films with nodules added (counts 2-3) ``phantom_00012_1.png``."""
+    films = _films(phantom)
+    named = re.compile(r"images/phantom_(\d{5})_[0-9a-f]{8,}\.png")
+    for name, row in films.items():
+        match = named.fullmatch(name)
+        assert match and int(match.group(1)) == int(row["case_index"]), name
+    assert {row["visit"] == "" for row in films.values()} == {True, False}  # case films and other films alike
+    counted = [item for items in _items(phantom).values() for item in items if item["question_type"] == "count"]
+    assert {item["answer"] for item in counted} == {"0", "1", "2", "3"}
+    assert all(named.fullmatch(item["image_name"]) for item in counted)
 
 
 def test_loaders_read_the_question_files(phantom):

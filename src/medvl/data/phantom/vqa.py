@@ -47,13 +47,15 @@ no patient's films are in two splits), VQA-RAD keys (``qid``, ``image_name``, ``
 ``answer``, ``answer_type``, ``question_type``, ``image_organ``) plus ``modality``, ``image_names``
 (multi-image questions only, earlier film first), ``patient``, ``template`` and ``options`` (the
 family's answers); ``images/`` holding every film a question names (the case images hard-linked, or
-copied, from ``<phantom>/images/``; other films rendered); ``images.csv`` (each film's patient,
-split and visit: provenance for checking, not for models).
+copied, from ``<phantom>/images/``; other films rendered), each named ``phantom_<patient>_<hash>.png``
+whether it is the case's film or another (``_Films``: no name tells which, so none says anything about
+an answer); ``images.csv`` (each film's patient, split and visit: provenance for checking, not for models).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -340,20 +342,26 @@ def question_text(question: Question) -> tuple[str, str]:
 
 
 class _Films:
-    """Names the films questions use and renders the ones that are not case images."""
+    """Names the films questions use and renders the ones that are not case images.
 
-    def __init__(self) -> None:
+    Every film of a patient, the case's own included, is ``images/phantom_<patient>_<tag>.png``, the tag a hash
+    of the generator seed, the patient and the visit: a name says whose film it is (as the question's
+    ``patient`` does) but not which film, so it says nothing about an answer (a count of 2-3 nodules is only
+    ever asked on a film with nodules added; names that told the case film apart gave that away)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.names: dict[tuple[int, Visit | None], str] = {}
-        self.per_patient: Counter[int] = Counter()
 
     def name(self, patient: int, visit: Visit | None) -> str:
         key = (patient, visit)
         if key not in self.names:
-            if visit is None:
-                self.names[key] = f"images/phantom_{patient:05d}.png"
-            else:
-                self.per_patient[patient] += 1
-                self.names[key] = f"images/phantom_{patient:05d}_{self.per_patient[patient]}.png"
+            digest = hashlib.sha256(repr((self.seed, patient, visit)).encode()).hexdigest()
+            taken = set(self.names.values())
+            length = 8
+            while (name := f"images/phantom_{patient:05d}_{digest[:length]}.png") in taken:
+                length += 1
+            self.names[key] = name
         return self.names[key]
 
 
@@ -388,7 +396,7 @@ def _write_films(root: Path, films: _Films, truths: dict[int, PatientTruth], ren
     with progress_bar("phantom VQA films", len(films.names), enabled=progress) as advance:
         for (patient, visit), name in sorted(films.names.items(), key=lambda item: item[1]):
             if visit is None:
-                _link_or_copy(root / name, out / name)
+                _link_or_copy(root / "images" / f"phantom_{patient:05d}.png", out / name)
             else:
                 case = render_case(render["seed"], patient, render["size"], render["extra_finding_prob"], visit)
                 Image.fromarray(case.image).save(out / name)
@@ -435,7 +443,7 @@ def write_phantom_vqa(root: str | Path, truths: list[PatientTruth], seed: int, s
     by_split: dict[str, list[PatientTruth]] = defaultdict(list)
     for truth in truths:
         by_split[truth.split].append(truth)
-    films, written, qid = _Films(), {}, 0
+    films, written, qid = _Films(seed), {}, 0
     for number, split in enumerate(sorted(by_split)):
         rng = np.random.default_rng([seed, _SELECT_STREAM, number])
         questions = sorted(choose_questions(by_split[split], int(per_case), rng), key=_item_order)
