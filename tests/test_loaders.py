@@ -215,6 +215,19 @@ def test_manifest_jsonl_without_split_column(tmp_path):
     assert "age" not in dataset[1].labels
 
 
+def test_a_jsonl_nan_or_infinity_is_a_missing_value_not_a_class(tmp_path, caplog):
+    _images(tmp_path, ["images/a0.png", "images/a1.png", "images/a2.png"])
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a0.png", "finding": NaN, "size": Infinity}\n{"image": "a1.png", "finding": "nodule", '
+                    '"size": 4.5}\n{"image": "a2.png", "finding": null, "size": -Infinity}\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(path, label_columns=["finding"])
+    assert dataset.classes("finding") == ["nodule"] and [r.id for r in dataset] == ["a1"]
+    assert "3 NaN / Infinity value(s) read as missing, as null is (first: line 1, key 'finding')" in caplog.text
+    a0 = load_dataset(path)[0]
+    assert a0.labels == {} and "size" not in a0.meta
+
+
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")

@@ -15,8 +15,9 @@ Columns (names matched case-insensitively):
 
 Values are kept as the strings written in the file (a 0/1 column gives classes ``"0"``, ``"1"``;
 JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``). An empty cell is a
-missing value: absent from ``Record.labels`` and ``Record.meta``. ``Record.meta`` holds every
-non-empty cell except the image and text columns.
+missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
+``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning).
+``Record.meta`` holds every non-empty cell except the image and text columns.
 
 Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column may hold legacy
 Windows-1252 characters (the Figure 1 notes do); those cells are decoded as Windows-1252 with a
@@ -51,6 +52,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -130,9 +132,14 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _not_a_number(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _cell_text(value: Any) -> str:
-    """A JSON value as manifest text: strings as is, null as empty, anything else as JSON."""
-    if value is None:
+    """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), anything else as
+    JSON."""
+    if value is None or _not_a_number(value):
         return ""
     if isinstance(value, str):
         return value.strip()
@@ -149,6 +156,10 @@ def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
             if first != key:
                 raise DataError(path, f"line {line}: key {key!r} repeats key {first!r} (keys are matched without "
                                       f"case); use one spelling")
+    missing = [(line, key) for line, row in rows for key, value in row.items() if _not_a_number(value)]
+    if missing:  # Python's json.dumps writes a missing float as NaN: a missing value, not a class named "NaN"
+        log.warning("%s: %d NaN / Infinity value(s) read as missing, as null is (first: line %d, key %r)", path,
+                    len(missing), *missing[0])
     return columns, [(line, {key: _cell_text(v) for key, v in row.items()}) for line, row in rows]
 
 
