@@ -133,6 +133,19 @@ def test_report_archive_written_here(tmp_path, caplog):
     assert record.labels["atelectasis"] == "0" and record.meta["mesh_automatic"] == "effusion"
 
 
+def test_an_open_i_folder_with_the_reports_and_the_image_archive_loads_the_reports(tmp_path):
+    write_tgz(tmp_path / "NLMCXR_reports.tgz", {"ecgen-radiology/9.xml": report_xml()})
+    write_tgz(tmp_path / "NLMCXR_png.tgz", {"CXR9_IM-0001-1001.png": b"not really a png"})
+    dataset = load_dataset(tmp_path)
+    assert dataset.source == str(tmp_path / "NLMCXR_reports.tgz") and [r.id for r in dataset] == ["CXR9"]
+    (tmp_path / "NLMCXR_reports.tgz").rename(tmp_path / "NLMCXR_xml.tgz")  # no "report": the nlmcxr one not of images
+    assert [r.id for r in load_dataset(tmp_path)] == ["CXR9"]
+    write_tgz(tmp_path / "old_reports.tgz", {"ecgen-radiology/9.xml": report_xml()})
+    write_tgz(tmp_path / "new_reports.tgz", {"ecgen-radiology/9.xml": report_xml()})
+    with pytest.raises(DataError, match=r"2 report archives \(new_reports\.tgz, old_reports\.tgz\): pass one"):
+        load_dataset(tmp_path)
+
+
 def test_entity_expansion_bomb_is_refused(tmp_path):
     archive = write_tgz(tmp_path / "NLMCXR_reports.tgz", {"ecgen-radiology/1.xml": BOMB})
     with pytest.raises(DataError, match=r"NLMCXR_reports\.tgz: member ecgen-radiology/1\.xml: refused unsafe XML"):

@@ -38,7 +38,8 @@ SUPPORTED_KINDS = (
     "a folder with dataset.json, manifest.csv, manifest.jsonl or metadata.csv; "
     "a MedMNIST-style .npz file (or a folder holding exactly one); "
     f"a MedPix 2.0 folder ({DESCRIPTIONS_GLOB}); "
-    "an Open-i / IU X-ray report archive (.tgz, .tar.gz or .tar; or a folder holding one named *nlmcxr* or *report*); "
+    "an Open-i / IU X-ray report archive (.tgz, .tar.gz or .tar; or a folder holding one named *report*, "
+    "or *nlmcxr* but not NLMCXR_png / NLMCXR_dcm); "
     "a VQA-RAD / SLAKE question .json file (or a folder of them); "
     "a folder of DICOM files (optional labels.csv)"
 )

@@ -212,12 +212,22 @@ def is_report_archive(path: Path) -> bool:
     return path.is_file() and name.endswith(ARCHIVE_SUFFIXES)
 
 
+IMAGE_ARCHIVE_WORDS = ("png", "dcm", "dicom", "image")  # Open-i's image archives: NLMCXR_png.tgz, NLMCXR_dcm.tgz
+
+
 def find_report_archive(folder: Path) -> Path | None:
-    """The one tar archive of a folder whose name says it holds reports (``NLMCXR_reports.tgz``:
-    "nlmcxr" or "report" in the name), or None; any other archive must be passed as a file."""
-    named = [path for path in sorted(folder.iterdir()) if is_report_archive(path)
-             and ("nlmcxr" in path.name.lower() or "report" in path.name.lower())]
-    return named[0] if len(named) == 1 else None
+    """The tar archive of a folder whose name says it holds reports, or None; any other archive must be
+    passed as a file. A name with "report" in it (``NLMCXR_reports.tgz``) comes first; else one with
+    "nlmcxr" that does not name an image archive (``NLMCXR_png.tgz`` and ``NLMCXR_dcm.tgz`` hold the images,
+    and may sit beside the reports). Two such archives are a ``DataError`` naming them."""
+    archives = [path for path in sorted(folder.iterdir()) if is_report_archive(path)]
+    reports = [path for path in archives if "report" in path.name.lower()] or \
+        [path for path in archives if "nlmcxr" in path.name.lower()
+         and not any(word in path.name.lower() for word in IMAGE_ARCHIVE_WORDS)]
+    if len(reports) > 1:
+        raise DataError(folder, f"{len(reports)} report archives ({', '.join(path.name for path in reports)}): "
+                                "pass one as the path")
+    return reports[0] if reports else None
 
 
 def _read_member(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
