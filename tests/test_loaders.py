@@ -301,6 +301,18 @@ def test_missing_image_file(tmp_path):
         load_dataset(path)
 
 
+def test_an_image_cell_naming_a_folder_is_refused_at_load(tmp_path):
+    _images(tmp_path, ["images/a.png", "images/b/c.png"])
+    path = tmp_path / "manifest.csv"
+    path.write_text("image,finding\na.png,x\nimages,y\nb,z\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"manifest\.csv: 2 of 3 image cells name something that is not an image "
+                                        r"file; first: line 3: .*images is a folder"):
+        load_dataset(path)
+    (tmp_path / "a.png").mkdir()  # a folder and a file of one name: the file is the image
+    path.write_text("image,finding\na.png,x\n", encoding="utf-8")
+    assert load_dataset(path)[0].image == tmp_path / "images" / "a.png"
+
+
 def _outside_manifest(tmp_path: Path) -> Path:
     """A dataset folder whose manifest names one image inside and three outside it (a ``..`` path,
     an absolute path, and a symbolic link in the folder pointing out of it)."""

@@ -4,6 +4,8 @@ Columns (names matched case-insensitively):
 
 - image: ``image`` (or ``image_path``, ``path``, ``file``, ``filename``), a path relative to the
   manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout).
+  A cell naming a folder (or anything else that is not a regular file) is a ``DataError`` naming
+  the line.
   A table without an image column may instead name images by file stem in an ``id`` /
   ``image_id`` / ``patientid`` column (the Figure 1 COVID table): the image is the file with that
   stem and a supported suffix in the folder or ``images/``;
@@ -62,7 +64,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix, is_image_file
 from ..record import ALL_SPLITS, Dataset, Record
-from .roots import check_inside_root, path_exists
+from .roots import check_inside_root, is_file, path_exists
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +343,8 @@ class _ImageResolver:
                         self.stems.setdefault(stem, []).append(file)
 
     def resolve(self, value: str) -> tuple[Path, bool]:
-        """(path, exists); the first candidate path if none exists."""
+        """(path, exists); the first candidate that is a file, else the first that exists (a folder: refused by
+        the caller), else the first candidate path."""
         if self.by_stem:
             found = self.stems.get(value, [])
             if len(found) > 1:
@@ -350,7 +353,8 @@ class _ImageResolver:
             return (found[0], True) if found else (self.roots[0] / value, False)
         path = Path(value)
         candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
-        existing = next((c for c in candidates if path_exists(c)), None)
+        existing = next((c for c in candidates if is_file(c)), None) or \
+            next((c for c in candidates if path_exists(c)), None)
         return (existing, True) if existing else (candidates[0], False)
 
 
@@ -421,6 +425,7 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
     records: list[Record] = []
     missing: list[tuple[int, Path]] = []
+    not_files: list[tuple[int, Path]] = []
     first_line: dict[str, int] = {}
     images: list[tuple[str, Path]] = []
     for line, row in rows:
@@ -428,6 +433,8 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
         images.append((f"line {line}", image))
         if not exists:
             missing.append((line, image))
+        elif not is_file(image):
+            not_files.append((line, image))
         if record.id in first_line:
             raise DataError(path, f"duplicate id {record.id!r} on lines {first_line[record.id]} "
                                   f"and {line}")
@@ -435,6 +442,11 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
         if exists:
             records.append(record)
     check_inside_root(path, path.parent, images, allow_outside_root)
+    if not_files:  # a folder would load as a record and fail only when its image is read (audit, training)
+        line, image = not_files[0]
+        kind = "a folder" if image.is_dir() else "not a regular file"
+        raise DataError(path, f"{len(not_files)} of {len(rows)} image cells name something that is not an image "
+                              f"file; first: line {line}: {image} is {kind}")
     if missing and (not skip_missing_images or not records):
         line, image = missing[0]
         raise DataError(path, f"{len(missing)} of {len(rows)} image files not found; "
