@@ -94,9 +94,10 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
 
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written staging folder into place; the old target survives until the rename. An existing
-    empty target (the current folder, a mount point) is kept and filled: its entries are moved in one by one."""
+    empty target is replaced the same way, except the current folder or a mount point, which cannot be renamed:
+    it is kept and filled, its entries moved in one by one (the only case that is not one rename)."""
     target = target.absolute()  # Path(".") has no name to rename it by
-    if target.is_dir() and not any(target.iterdir()):
+    if target.is_dir() and not any(target.iterdir()) and (target.samefile(Path.cwd()) or target.is_mount()):
         for entry in sorted(staging.iterdir()):
             entry.rename(target / entry.name)
         staging.rmdir()
