@@ -14,7 +14,8 @@ import medvl
 from cli_helpers import invoke
 from medvl.errors import InputError
 from medvl.eval.report import clinical_efficacy, metric_tokens, nlg_metrics
-from medvl.models.decoder import ReportGenerator
+from medvl.models.decoder import ReportGenerator, ReportGeneratorConfig
+from medvl.models.registry import get_config
 from medvl.train.loop import TrainConfig
 from medvl.train.report import train_report_generator
 
@@ -227,6 +228,46 @@ def test_retrieved_context_is_given_and_cited(phantom_dir, dual_dir, tmp_path):
     assert result.exit_code == 2 and "pass --index" in output
     result, output = invoke("report", "generate", query.image, "--model", out, "--index", tmp_path / "missing.idx")
     assert result.exit_code == 2 and "missing.idx" in output and _one_error_line(result)
+
+
+# ------------------------------------------------------------------ image towers whose last feature map is 1 pixel
+
+
+@pytest.mark.parametrize(("name", "overrides"), [("ct3d-tiny", {}), ("phantom-tiny", {"image.image_size": 32})])
+def test_a_generator_is_built_when_the_image_tower_ends_at_one_pixel(name, overrides):
+    # the token count is taken from one blank image: batch norm in training mode refuses a batch of one at 1 px
+    model = ReportGenerator(ReportGeneratorConfig(image=get_config(name).image).merged(overrides))
+    assert model.image_position.shape[0] == 1 and model.image_encoder.training  # left in the mode it was built in
+    norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)  # the blank image left no statistics
+
+
+@pytest.fixture(scope="module")
+def ct_dir(tmp_path_factory):
+    """A small CT phantom (20 volumes of 32^3; findings liver lesion, kidney cyst, lung nodule, effusion)."""
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("ct3d") / "data"
+    generate_phantom(folder, n=20, seed=1, size=32, kind="ct3d", splits={"train": 0.6, "test": 0.4})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_generator(ct_dir, tmp_path_factory):
+    """A report generator with the registered ``ct3d-tiny`` tower (its last feature map is 1 voxel)."""
+    out = tmp_path_factory.mktemp("ct3d-report") / "run"
+    result, output = invoke("train", "report", "--data", ct_dir, "--out", out, "--image-model", "ct3d-tiny",
+                            "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "-q", *TINY[2:])
+    assert result.exit_code == 0, output
+    return out
+
+
+def test_a_3d_generator_with_a_one_voxel_feature_map_trains_and_writes_reports(ct_generator, ct_dir, tmp_path):
+    volume = sorted((ct_dir / "images").glob("*.nii.gz"))[0]
+    result, output = invoke("report", "generate", volume, "--model", ct_generator, "--beam-size", "1",
+                            "--max-length", "6", "--json", tmp_path / "out.json")  # loading builds it again
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "out.json").read_text())["reports"][0]["image"] == volume.name
 
 
 # ------------------------------------------------------------------ bad input

@@ -137,9 +137,17 @@ class ReportGenerator(nn.Module):
         self.meta: dict[str, Any] = {}  # training summary, the dual encoder the image tower came from
 
     def _image_token_count(self) -> int:
+        """Image tokens per image: one blank image through the encoder in eval mode. In training mode
+        batch norm refuses a batch of one whose last feature map is 1 pixel / voxel (``ct3d-tiny``, a 2D
+        ResNet at 32 px) and would fold the blank image into its running statistics."""
         shape = (1, self.config.image.in_channels, *self.config.image.volume_shape)
-        with torch.no_grad():
-            return int(self.image_encoder.tokens(torch.zeros(shape)).shape[1])
+        training = self.image_encoder.training
+        self.image_encoder.eval()
+        try:
+            with torch.no_grad():
+                return int(self.image_encoder.tokens(torch.zeros(shape)).shape[1])
+        finally:
+            self.image_encoder.train(training)
 
     def token_id(self, token: str) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(token))
