@@ -107,6 +107,7 @@ def test_training_lowers_the_loss_and_the_saved_model_decodes_the_same(trained):
 
 def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
     model, _, dataset = trained
+    model.eval()  # as generate decodes (the fixture hands the model over in training mode)
     pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
     memory, mask = model.memory(pixels)
     ids = [model.token_id("[CLS]")]
@@ -119,10 +120,34 @@ def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
             if ids[-1] == model.token_id("[SEP]"):
                 ids.pop()
                 break
-    assert model.generate(pixels, max_length=12) == [model.decode(ids[1:])]
-    for bad in (0, 1, -3):  # 0 used to mean the model's maximum
-        with pytest.raises(InputError, match="max_length must be >= 2"):
+    assert model.generate(pixels, max_length=11) == [model.decode(ids[1:])]
+    for bad in (0, -3):  # 0 used to mean the model's maximum
+        with pytest.raises(InputError, match="max_length must be >= 1"):
             model.generate(pixels, max_length=bad)
+
+
+def test_max_length_counts_the_tokens_of_report_text_and_refuses_more_than_the_model_writes(trained):
+    model, _, dataset = trained
+    model.eval()  # as generate decodes (the fixture hands the model over in training mode)
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
+    memory, mask = model.memory(pixels)
+    ids, eos = [model.token_id("[CLS]")], model.token_id("[SEP]")
+    with torch.no_grad():  # the greedy tokens after the start token, the end token included
+        for _ in range(8):
+            logits = model.decoder(input_ids=torch.tensor([ids]), encoder_hidden_states=memory,
+                                   encoder_attention_mask=mask).logits[0, -1]
+            logits[model.token_id("[PAD]")] = float("-inf")
+            ids.append(int(logits.argmax()))
+    written = ids[1:ids.index(eos)] if eos in ids else ids[1:]
+    assert len(written) >= 3  # the tiny model writes on: the limit, not the end token, stops it
+    for n in range(1, len(written) + 1):  # N tokens of text, as a transformers VLM's max_new_tokens
+        assert model.generate(pixels, max_length=n) == [model.decode(written[:n])], n
+        beam = model.generate(pixels, beam_size=2, max_length=n)[0]
+        assert len(model.tokenizer(beam, add_special_tokens=False)["input_ids"]) <= n
+    assert model.max_report_tokens == 47  # decoder.max_length 48 less the start token
+    assert model.generate(pixels, max_length=47) == model.generate(pixels)  # the default is the model's most
+    with pytest.raises(InputError, match="at most 47 tokens of report text"):  # no longer cut to it in silence
+        model.generate(pixels, max_length=48)
 
 
 # ------------------------------------------------------------------ the commands
@@ -271,6 +296,16 @@ def test_a_3d_generator_with_a_one_voxel_feature_map_trains_and_writes_reports(c
 
 
 # ------------------------------------------------------------------ bad input
+
+
+def test_a_max_length_above_the_model_s_is_refused_before_any_work(cli_run, phantom_dir, tmp_path):
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    for args in (("report", "generate", image, "--model", cli_run, "--max-length", "200"),
+                 ("eval", "report", "--model", cli_run, "--data", phantom_dir, "--max-length", "48")):
+        result, output = invoke(*args, "--json", tmp_path / "out.json")
+        assert result.exit_code == 2 and _one_error_line(result), (args, output)
+        assert "at most 47 tokens of report text" in " ".join(output.split())
+        assert not (tmp_path / "out.json").exists()
 
 
 def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_path):

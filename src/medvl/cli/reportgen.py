@@ -32,7 +32,10 @@ ContextIndexOption = Annotated[str | None, typer.Option(
     help="Index (folder or postgresql:// URL) whose nearest cases' reports are the generator's context; needed by "
          "generators trained with --context-k.")]
 BeamOption = Annotated[int, typer.Option(help="Beam width (1 = greedy decoding).")]
-MaxLengthOption = Annotated[int | None, typer.Option(min=2, help="Most tokens per report (default: the model's).")]
+MaxLengthOption = Annotated[int | None, typer.Option(
+    min=1, help="Most tokens of report text per report, the start token not counted (a transformers VLM's new "
+                "tokens). Default and largest for a medvl generator: its decoder.max_length - 1 (127 unless set); "
+                "a transformers VLM: default 128, at most 1024.")]
 
 
 @train_app.command("report")
@@ -97,12 +100,13 @@ def generate_command(
     """Write a report for each image with a trained report generator (with retrieved context: the cited case ids)."""
     from rich.markup import escape
 
-    from ..eval.report import generate_for_images
+    from ..eval.report import check_max_length, generate_for_images
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
     check_outputs(overwrite, json=json_out)
     net = load_report_generator(model)
+    check_max_length(net, max_length)
     arrays = _read_images(images, net)
     with _context_index(net, index) as opened:
         content: list[dict[str, str]] = []
@@ -146,7 +150,7 @@ def eval_report_command(
     from ..api import load_split
     from ..errors import InputError
     from ..eval.contamination import copies_in_fit
-    from ..eval.report import evaluate_report_generator
+    from ..eval.report import check_max_length, evaluate_report_generator
     from ..index import describe_target
     from ..models.decoder import load_report_generator
     from ..models.registry import load_model
@@ -155,6 +159,7 @@ def eval_report_command(
     if split == train_split:
         raise InputError(f"--split {split!r} is the --train-split the baseline retrieves from: evaluate another split")
     net = load_report_generator(model)
+    check_max_length(net, max_length)
     baseline = load_model(baseline_model) if baseline_model is not None else None
     test = load_split(data, split, allow_outside_root=allow_outside_root)
     train = load_split(data, train_split, allow_outside_root=allow_outside_root)

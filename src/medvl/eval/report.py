@@ -43,7 +43,7 @@ from ..data.record import Dataset
 from ..errors import InputError
 from ..models.decoder import context_k
 from ..models.preprocess import read_for
-from ..models.vlm import REPORT_TOKENS, VisionLanguageModel
+from ..models.vlm import MAX_NEW_TOKENS, REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
 from ..rag.labels import ReportLabeller
 from .case_retrieval import finding_f1
@@ -174,6 +174,7 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     ``nearest`` reports, in test order (patient data: for scoring in memory, not for logs).
     """
     started = time.perf_counter()
+    check_max_length(model, max_length)
     test, train = _with_reports(test, "test"), _with_reports(train, "training")
     if context_k(model) and index is None:
         raise InputError(f"the report generator was trained with {context_k(model)} retrieved "
@@ -235,10 +236,10 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
                         max_length: int | None = None, show_progress: bool = False,
                         content: list[dict[str, str]] | None = None) -> tuple[list[str], list[list[str] | None]]:
     """Generated reports of image arrays and, with retrieved context, the case ids each was given
-    (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens). ``content``, a list, gets
-    each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a transformers
-    VLM: the 8-bit RGB image its processor is given); a warning counts them."""
-    check_number("max_length", max_length, minimum=2, integer=True, optional=True)
+    (greedy or beam search, each report at most ``max_length`` tokens: ``check_max_length``). ``content``, a list,
+    gets each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a
+    transformers VLM: the 8-bit RGB image its processor is given); a warning counts them."""
+    check_max_length(model, max_length)
     if isinstance(model, VisionLanguageModel):
         return _vlm_reports(model, images, beam_size, max_length, show_progress, content)
     contexts: list[Any] = [None] * len(images)
@@ -265,6 +266,16 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
     if content is not None:
         warn_without_content(content, "images")
     return reports, [c.ids if c is not None else None for c in contexts]
+
+
+def check_max_length(model, max_length: int | None) -> None:
+    """InputError unless ``model`` can write reports of at most ``max_length`` tokens (None: the model's
+    default). The count is of tokens after the prompt: a transformers VLM's ``max_new_tokens`` (1 to
+    ``MAX_NEW_TOKENS``), a medvl generator's tokens after its start token (1 to ``max_report_tokens``)."""
+    if isinstance(model, VisionLanguageModel):
+        check_number("max_length", max_length, minimum=1, maximum=MAX_NEW_TOKENS, integer=True, optional=True)
+    else:
+        model.check_max_length(max_length)
 
 
 def _vlm_reports(model: VisionLanguageModel, images: Sequence[np.ndarray], beam_size: int, max_length: int | None,
