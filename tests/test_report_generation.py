@@ -64,6 +64,55 @@ def test_metric_tokens_drop_case_and_punctuation_keep_decimals():
     assert metric_tokens("FINDINGS: Heart size 0.61, (normal).") == "findings heart size 0.61 normal"
 
 
+def test_metric_tokens_of_ascii_text_are_lower_case_ascii_words_as_before():
+    import random
+    import re
+    import string
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits * 2 + " " * 6 + ".,:;()-_/%'\n" + "..."
+    for _ in range(500):  # the plain reference: the ASCII rule English figures were measured with
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert metric_tokens(text) == " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())), text
+
+
+MULTILINGUAL = ["Neumotórax derecho, sin derrame pleural.", "Kein Pleuraerguss, Herzgröße normal, Ödem beidseits.",
+                "Œdème pulmonaire bilatéral, épanchement pleural gauche.", "Отёк лёгких, правосторонний пневмоторакс.",
+                "Μικρή πλευριτική συλλογή αριστερά.", "心脏大小正常。双肺清晰，无胸腔积液。",
+                "右肺に小さな結節があります。ごく少量の胸水。", "우측 폐에 작은 결절이 있습니다.",
+                "फेफड़ों में तरल पदार्थ नहीं है।"]
+
+
+def test_a_generator_reproducing_a_report_in_any_script_scores_full_marks():
+    from medvl.train.report import build_generator
+
+    model = build_generator(MULTILINGUAL, "phantom-tiny", overrides=TINY_OVERRIDES)  # its tokenizer strips accents
+    for reference in MULTILINGUAL:
+        written = model.decode(model.tokenize_reports([reference])["input_ids"][0].tolist())
+        assert metric_tokens(written) == metric_tokens(reference), (reference, written)
+        scores = nlg_metrics([reference], [written])
+        assert scores["rouge_l"] == pytest.approx(1.0) and scores["bleu_4"] == pytest.approx(1.0, abs=1e-6), reference
+    assert metric_tokens("Neumotórax") == metric_tokens("neumotorax") == "neumotorax"
+    assert metric_tokens("心脏正常") == "心 脏 正 常"  # an ideograph per token, as BERT splits them
+
+
+def test_unrelated_reports_in_other_scripts_and_empty_reports_score_nothing():
+    unrelated = [(["Отёк лёгких."], ["Пневмоторакс справа."]), (["右侧气胸。"], ["未见异常。"]),
+                 (["Μικρή συλλογή."], ["Καρδιομεγαλία."])]
+    for references, candidates in unrelated:  # used to be empty on both sides, and so a perfect match
+        scores = nlg_metrics(references, candidates)
+        assert scores["bleu_1"] < 1e-6 and scores["rouge_l"] == 0.0 and scores["cider"] == 0.0, references
+    references = ["There is no pleural effusion.", "The heart size is normal."]
+    for empty in ("", "...", " -- "):
+        scores = nlg_metrics(references, [empty, empty])
+        assert max(scores.values()) < 1e-6, empty
+    # an empty report beside an exact one: ROUGE-L and CIDEr average a 0 in, BLEU's brevity penalty falls
+    half = nlg_metrics(references, ["", references[1]])
+    assert half["rouge_l"] == pytest.approx(0.5) and half["bleu_1"] < 0.5
+    with pytest.raises(InputError, match="1 reference report"):  # nothing to score against
+        nlg_metrics(["---", "No pleural effusion."], ["", "no pleural effusion."])
+
+
 def test_clinical_efficacy_on_a_hand_example():
     references = ["Moderate cardiomegaly. No pleural effusion.", "Large right pleural effusion.", "Clear lungs."]
     candidates = ["The heart is enlarged.", "No pleural effusion.", "Clear lungs."]
@@ -148,6 +197,22 @@ def test_max_length_counts_the_tokens_of_report_text_and_refuses_more_than_the_m
     assert model.generate(pixels, max_length=47) == model.generate(pixels)  # the default is the model's most
     with pytest.raises(InputError, match="at most 47 tokens of report text"):  # no longer cut to it in silence
         model.generate(pixels, max_length=48)
+
+
+def test_evaluation_leaves_out_references_without_words(trained, phantom_dir, caplog):
+    import dataclasses
+
+    from medvl.eval.report import evaluate_report_generator
+
+    model, _, train = trained
+    test = medvl.load_dataset(phantom_dir).select("test")
+    records = [dataclasses.replace(test.records[0], text="--- ..."), *test.records[1:4]]
+    with caplog.at_level("WARNING"):
+        result = evaluate_report_generator(model, test.subset(records), train[:8], max_length=4, show_progress=False,
+                                           keep_texts=True)
+    assert result["n"] == 3 and [c["id"] for c in result["cases"]] == [r.id for r in records[1:]]
+    assert "left out 1 test records whose report has no words" in caplog.text
+    assert "---" not in caplog.text  # report text is patient data
 
 
 # ------------------------------------------------------------------ the commands

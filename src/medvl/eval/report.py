@@ -1,8 +1,14 @@
 """Report generation quality: language metrics and clinical efficacy, beside the nearest-report baseline.
 
 Language metrics are pycocoevalcap's (the coco-caption code used by R2Gen and its successors), on
-texts lower-cased and split into words and numbers with punctuation dropped (``metric_tokens``; the
-coco-caption PTB tokenizer needs Java):
+texts split into words and numbers with punctuation dropped (``metric_tokens``; the coco-caption PTB
+tokenizer needs Java). Words are runs of letters and digits of any script, case-folded (NFKC), with
+accents and other combining marks dropped on both sides, as the generator's tokenizer (BERT's
+normaliser) drops them: its "neumotorax" matches a reference's "Neumotórax" (the price: words that
+differ only by a mark, and in scripts that write vowels as marks, such as Devanagari, some distinct
+words, count as one). CJK ideographs (Chinese characters, Japanese kanji) are one token each, as BERT
+splits them; a run of kana, Hangul or Thai is one word. On ASCII text this is lower-casing and
+``[a-z0-9]+`` words (decimals such as "0.61" kept whole).
 
 - **BLEU-1..4**: corpus BLEU (clipped n-gram precision, geometric mean up to n, brevity penalty
   over the whole corpus);
@@ -10,6 +16,12 @@ coco-caption PTB tokenizer needs Java):
   (pycocoevalcap's ``Rouge``);
 - **CIDEr**: CIDEr-D's tf-idf n-gram cosine (n = 1..4, x10), document frequencies from the
   references of the evaluated set (so values depend on the set; compare within one set).
+
+A generated report without words (empty, or "...") scores 0 ROUGE-L and 0 CIDEr, and in BLEU adds
+no n-gram and its reference's length (so the brevity penalty falls). A reference without words has
+nothing to score against: the metric functions refuse it (InputError) and
+``evaluate_report_generator`` leaves its record out, with a warning, as it leaves out records without
+a report.
 
 Clinical efficacy: the report labeller (``medvl.rag.ReportLabeller``) reads the positive findings of
 each reference and each generated report; micro precision / recall / F1 over (report, finding)
@@ -29,6 +41,7 @@ import logging
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,31 +66,54 @@ log = logging.getLogger(__name__)
 
 NLG_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")
 BATCH = 16
-_WORDS = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
+# the CJK ideograph blocks BERT's pre-tokenizer splits into one token per character
+_IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+# an ideograph alone, or a run of letters / digits of any script (\w less "_"), a decimal kept whole ("0.61")
+_WORDS = re.compile(rf"[{_IDEOGRAPHS}]|[^\W_{_IDEOGRAPHS}]+(?:\.\d+)?")
 
 
 def metric_tokens(text: str) -> str:
-    """The text as the metrics see it: lower-case words and numbers ("0.61" kept whole), space-joined."""
-    return " ".join(_WORDS.findall((text or "").lower()))
+    """The text as the metrics see it: words and numbers ("0.61" kept whole), space-joined; NFKC, case-folded,
+    accents and other combining marks dropped (as the generator's BERT normaliser does), an ideograph per token."""
+    folded = unicodedata.normalize("NFKC", text or "").casefold()
+    unmarked = "".join(c for c in unicodedata.normalize("NFD", folded) if unicodedata.category(c) != "Mn")
+    return " ".join(_WORDS.findall(unicodedata.normalize("NFC", unmarked)))
+
+
+def _scored_tokens(references: Sequence[str], candidates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Both sides' ``metric_tokens``; InputError on a count mismatch or a reference without words."""
+    if len(references) != len(candidates) or not references:
+        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
+                         f"and {len(references)}")
+    refs, cands = [metric_tokens(r) for r in references], [metric_tokens(c) for c in candidates]
+    wordless = [i for i, tokens in enumerate(refs) if not tokens]
+    if wordless:
+        raise InputError(f"{len(wordless)} reference report(s) have no words to score against (first: number "
+                         f"{wordless[0] + 1}); leave them out")
+    return refs, cands
+
+
+def _per_report(scorer: Any, refs: Sequence[str], cands: Sequence[str]) -> np.ndarray:
+    """Per-report scores of pycocoevalcap's ``Rouge`` or ``Cider``; 0 for a candidate without words (Rouge
+    would read its empty string as one empty word)."""
+    scores = np.asarray(scorer.compute_score({i: [r] for i, r in enumerate(refs)},
+                                             {i: [c] for i, c in enumerate(cands)})[1], dtype=float)
+    return np.where([bool(c) for c in cands], scores, 0.0)
 
 
 def nlg_metrics(references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr of ``candidates`` against one reference each (pycocoevalcap)."""
+    """BLEU-1..4, ROUGE-L and CIDEr of ``candidates`` against one reference each (pycocoevalcap); a candidate
+    without words scores 0, a reference without words is refused (module docstring)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if len(references) != len(candidates) or not references:
-        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
-                         f"and {len(references)}")
-    # an empty candidate would fail pycocoevalcap's asserts; an empty string token scores nothing
-    gts = {i: [metric_tokens(r) or "<empty>"] for i, r in enumerate(references)}
-    res = {i: [metric_tokens(c) or "<empty>"] for i, c in enumerate(candidates)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
+    refs, cands = _scored_tokens(references, candidates)
+    bleu, _ = Bleu(4).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [c] for i, c in enumerate(cands)},
+                                    verbose=0)
     scores = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
-    scores.update(rouge_l=float(rouge), cider=float(cider))
+    scores.update(rouge_l=float(_per_report(Rouge(), refs, cands).mean()),
+                  cider=float(_per_report(Cider(), refs, cands).mean()))
     return scores
 
 
@@ -114,14 +150,8 @@ def report_intervals(references: Sequence[str], candidates: Sequence[str], resam
 
     from .bootstrap import bootstrap_draws, percentile_interval
 
-    if len(references) != len(candidates) or not references:
-        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
-                         f"and {len(references)}")
-    refs = [metric_tokens(r) or "<empty>" for r in references]
-    cands = [metric_tokens(c) or "<empty>" for c in candidates]
-    full = {i: [text] for i, text in enumerate(refs)}, {i: [text] for i, text in enumerate(cands)}
-    rouge = np.asarray(Rouge().compute_score(*full)[1], dtype=float)
-    cider = np.asarray(Cider().compute_score(*full)[1], dtype=float)
+    refs, cands = _scored_tokens(references, candidates)
+    rouge, cider = _per_report(Rouge(), refs, cands), _per_report(Cider(), refs, cands)
     labeller = labeller or ReportLabeller()
     truth = [labeller.positives(r) for r in references]
     predicted = [labeller.positives(c) for c in candidates]
@@ -214,11 +244,18 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
 
 
 def _with_reports(dataset: Dataset, what: str) -> Dataset:
-    kept = dataset.subset([r for r in dataset if r.text and r.text.strip()])
+    """The records with a report that has words (``metric_tokens``); a report of punctuation alone ("---")
+    is left out with a warning: as a reference it has nothing to score against."""
+    kept = dataset.subset([r for r in dataset if metric_tokens(r.text or "")])
     if not len(kept):
         raise InputError(f"{dataset.source}: the {what} split has no record with a report")
-    if len(kept) < len(dataset):
-        log.info("%s: left out %d %s records without a report", dataset.source, len(dataset) - len(kept), what)
+    wordless = sum(bool(r.text and r.text.strip()) for r in dataset) - len(kept)
+    if wordless:
+        log.warning("%s: left out %d %s records whose report has no words (only punctuation or symbols)",
+                    dataset.source, wordless, what)
+    if len(kept) + wordless < len(dataset):
+        log.info("%s: left out %d %s records without a report", dataset.source,
+                 len(dataset) - len(kept) - wordless, what)
     return kept
 
 
