@@ -360,6 +360,62 @@ def test_a_3d_generator_with_a_one_voxel_feature_map_trains_and_writes_reports(c
     assert json.loads((tmp_path / "out.json").read_text())["reports"][0]["image"] == volume.name
 
 
+CT_KNOWLEDGE = {
+    "kidney_cyst.md": "---\nname: kidney_cyst\ntitle: Kidney cyst\nsynonyms: [cyst]\nlabels: [renal cyst]\n"
+                      "definition: A fluid-filled renal cyst.\n---\n",
+    "liver_lesion.md": "---\nname: liver_lesion\ntitle: Liver lesion\nsynonyms: [lesion, hypoattenuating]\n"
+                       "definition: A focal hepatic lesion.\n---\n",
+}
+
+
+def test_ct_reports_are_scored_with_the_knowledge_base_given_and_the_chest_one_is_warned_about(
+        ct_generator, ct_dir, tmp_path):
+    test = medvl.load_dataset(ct_dir).select("test")
+    counts = {name: sum(r.labels["finding"] == name for r in test) for name in ("no_finding", "kidney_cyst",
+                                                                                 "liver_lesion")}
+    assert counts["kidney_cyst"] + counts["liver_lesion"] > 0  # the seed gives the test split such cases
+    args = ("eval", "report", "--model", ct_generator, "--data", ct_dir, "--beam-size", "1", "--max-length", "4", "-q")
+    result, output = invoke(*args, "--json", tmp_path / "chest.json")  # the shipped base: chest X-ray findings
+    assert result.exit_code == 0, output
+    chest = json.loads((tmp_path / "chest.json").read_text())["knowledge"]
+    unknown = {name: n for name, n in counts.items() if name != "no_finding" and n}
+    assert chest["sources"] == ["built-in"] and chest["unknown_labels"] == unknown
+    assert chest["records_with_unknown_labels"] == sum(unknown.values())
+    assert f"have finding labels the knowledge base (built-in) does not hold ({', '.join(unknown)})" in \
+        " ".join(output.split())
+    folder = tmp_path / "ct-findings"
+    folder.mkdir()
+    for name, text in CT_KNOWLEDGE.items():
+        (folder / name).write_text(text)
+    result, output = invoke(*args, "--knowledge", folder, "--json", tmp_path / "ct.json")
+    assert result.exit_code == 0, output
+    assert "does not hold" not in output and "findings read with the knowledge base built-in + ct-findings" in output
+    scores = json.loads((tmp_path / "ct.json").read_text())
+    assert scores["knowledge"]["sources"] == ["built-in", "ct-findings"] and scores["knowledge"]["unknown_labels"] == {}
+    references = scores["per_finding"]["nearest_report"]  # the references' findings, as the labeller now reads them
+    for name, n in counts.items():  # a kidney cyst or liver lesion is no longer read as "no finding"
+        assert references[name]["support"] == n, name
+
+
+def test_knowledge_coverage_counts_references_that_mention_no_finding_of_the_base(caplog):
+    from medvl.data.record import Record
+    from medvl.eval.report import knowledge_coverage
+    from medvl.rag import ReportLabeller
+
+    captions = ["Axial T2 weighted MR of the brain: a glioma in the left temporal lobe.",
+                "Coronal CT of the abdomen shows a dilated appendix.", "Sagittal MR of the knee: torn ACL.",
+                "There is a small left pleural effusion."]
+    records = [Record(id=str(i), images=[], text=text, labels={"sex": "F"}) for i, text in enumerate(captions)]
+    with caplog.at_level("WARNING"):
+        coverage = knowledge_coverage(records, ReportLabeller())
+    assert coverage["reports_without_mention"] == 3 and coverage["unknown_labels"] == {}  # sex names no finding
+    assert "3 of 4 reference reports mention no finding of the knowledge base (built-in)" in caplog.text
+    caplog.clear()
+    chest = [Record(id="a", images=[], text="No pleural effusion. Clear lungs.", labels={"finding": "no_finding"}),
+             Record(id="b", images=[], text="Cardiomegaly.", labels={"finding": "cardiomegaly"})]
+    assert knowledge_coverage(chest, ReportLabeller())["reports_without_mention"] == 0 and not caplog.text
+
+
 # ------------------------------------------------------------------ bad input
 
 
