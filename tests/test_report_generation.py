@@ -14,7 +14,8 @@ import medvl
 from cli_helpers import invoke
 from medvl.errors import InputError
 from medvl.eval.report import clinical_efficacy, metric_tokens, nlg_metrics
-from medvl.models.decoder import ReportGenerator
+from medvl.models.decoder import ReportGenerator, ReportGeneratorConfig
+from medvl.models.registry import get_config
 from medvl.train.loop import TrainConfig
 from medvl.train.report import train_report_generator
 
@@ -63,6 +64,55 @@ def test_metric_tokens_drop_case_and_punctuation_keep_decimals():
     assert metric_tokens("FINDINGS: Heart size 0.61, (normal).") == "findings heart size 0.61 normal"
 
 
+def test_metric_tokens_of_ascii_text_are_lower_case_ascii_words_as_before():
+    import random
+    import re
+    import string
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits * 2 + " " * 6 + ".,:;()-_/%'\n" + "..."
+    for _ in range(500):  # the plain reference: the ASCII rule English figures were measured with
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert metric_tokens(text) == " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())), text
+
+
+MULTILINGUAL = ["Neumotórax derecho, sin derrame pleural.", "Kein Pleuraerguss, Herzgröße normal, Ödem beidseits.",
+                "Œdème pulmonaire bilatéral, épanchement pleural gauche.", "Отёк лёгких, правосторонний пневмоторакс.",
+                "Μικρή πλευριτική συλλογή αριστερά.", "心脏大小正常。双肺清晰，无胸腔积液。",
+                "右肺に小さな結節があります。ごく少量の胸水。", "우측 폐에 작은 결절이 있습니다.",
+                "फेफड़ों में तरल पदार्थ नहीं है।"]
+
+
+def test_a_generator_reproducing_a_report_in_any_script_scores_full_marks():
+    from medvl.train.report import build_generator
+
+    model = build_generator(MULTILINGUAL, "phantom-tiny", overrides=TINY_OVERRIDES)  # its tokenizer strips accents
+    for reference in MULTILINGUAL:
+        written = model.decode(model.tokenize_reports([reference])["input_ids"][0].tolist())
+        assert metric_tokens(written) == metric_tokens(reference), (reference, written)
+        scores = nlg_metrics([reference], [written])
+        assert scores["rouge_l"] == pytest.approx(1.0) and scores["bleu_4"] == pytest.approx(1.0, abs=1e-6), reference
+    assert metric_tokens("Neumotórax") == metric_tokens("neumotorax") == "neumotorax"
+    assert metric_tokens("心脏正常") == "心 脏 正 常"  # an ideograph per token, as BERT splits them
+
+
+def test_unrelated_reports_in_other_scripts_and_empty_reports_score_nothing():
+    unrelated = [(["Отёк лёгких."], ["Пневмоторакс справа."]), (["右侧气胸。"], ["未见异常。"]),
+                 (["Μικρή συλλογή."], ["Καρδιομεγαλία."])]
+    for references, candidates in unrelated:  # used to be empty on both sides, and so a perfect match
+        scores = nlg_metrics(references, candidates)
+        assert scores["bleu_1"] < 1e-6 and scores["rouge_l"] == 0.0 and scores["cider"] == 0.0, references
+    references = ["There is no pleural effusion.", "The heart size is normal."]
+    for empty in ("", "...", " -- "):
+        scores = nlg_metrics(references, [empty, empty])
+        assert max(scores.values()) < 1e-6, empty
+    # an empty report beside an exact one: ROUGE-L and CIDEr average a 0 in, BLEU's brevity penalty falls
+    half = nlg_metrics(references, ["", references[1]])
+    assert half["rouge_l"] == pytest.approx(0.5) and half["bleu_1"] < 0.5
+    with pytest.raises(InputError, match="1 reference report"):  # nothing to score against
+        nlg_metrics(["---", "No pleural effusion."], ["", "no pleural effusion."])
+
+
 def test_clinical_efficacy_on_a_hand_example():
     references = ["Moderate cardiomegaly. No pleural effusion.", "Large right pleural effusion.", "Clear lungs."]
     candidates = ["The heart is enlarged.", "No pleural effusion.", "Clear lungs."]
@@ -106,6 +156,7 @@ def test_training_lowers_the_loss_and_the_saved_model_decodes_the_same(trained):
 
 def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
     model, _, dataset = trained
+    model.eval()  # as generate decodes (the fixture hands the model over in training mode)
     pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
     memory, mask = model.memory(pixels)
     ids = [model.token_id("[CLS]")]
@@ -118,10 +169,50 @@ def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
             if ids[-1] == model.token_id("[SEP]"):
                 ids.pop()
                 break
-    assert model.generate(pixels, max_length=12) == [model.decode(ids[1:])]
-    for bad in (0, 1, -3):  # 0 used to mean the model's maximum
-        with pytest.raises(InputError, match="max_length must be >= 2"):
+    assert model.generate(pixels, max_length=11) == [model.decode(ids[1:])]
+    for bad in (0, -3):  # 0 used to mean the model's maximum
+        with pytest.raises(InputError, match="max_length must be >= 1"):
             model.generate(pixels, max_length=bad)
+
+
+def test_max_length_counts_the_tokens_of_report_text_and_refuses_more_than_the_model_writes(trained):
+    model, _, dataset = trained
+    model.eval()  # as generate decodes (the fixture hands the model over in training mode)
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
+    memory, mask = model.memory(pixels)
+    ids, eos = [model.token_id("[CLS]")], model.token_id("[SEP]")
+    with torch.no_grad():  # the greedy tokens after the start token, the end token included
+        for _ in range(8):
+            logits = model.decoder(input_ids=torch.tensor([ids]), encoder_hidden_states=memory,
+                                   encoder_attention_mask=mask).logits[0, -1]
+            logits[model.token_id("[PAD]")] = float("-inf")
+            ids.append(int(logits.argmax()))
+    written = ids[1:ids.index(eos)] if eos in ids else ids[1:]
+    assert len(written) >= 3  # the tiny model writes on: the limit, not the end token, stops it
+    for n in range(1, len(written) + 1):  # N tokens of text, as a transformers VLM's max_new_tokens
+        assert model.generate(pixels, max_length=n) == [model.decode(written[:n])], n
+        beam = model.generate(pixels, beam_size=2, max_length=n)[0]
+        assert len(model.tokenizer(beam, add_special_tokens=False)["input_ids"]) <= n
+    assert model.max_report_tokens == 47  # decoder.max_length 48 less the start token
+    assert model.generate(pixels, max_length=47) == model.generate(pixels)  # the default is the model's most
+    with pytest.raises(InputError, match="at most 47 tokens of report text"):  # no longer cut to it in silence
+        model.generate(pixels, max_length=48)
+
+
+def test_evaluation_leaves_out_references_without_words(trained, phantom_dir, caplog):
+    import dataclasses
+
+    from medvl.eval.report import evaluate_report_generator
+
+    model, _, train = trained
+    test = medvl.load_dataset(phantom_dir).select("test")
+    records = [dataclasses.replace(test.records[0], text="--- ..."), *test.records[1:4]]
+    with caplog.at_level("WARNING"):
+        result = evaluate_report_generator(model, test.subset(records), train[:8], max_length=4, show_progress=False,
+                                           keep_texts=True)
+    assert result["n"] == 3 and [c["id"] for c in result["cases"]] == [r.id for r in records[1:]]
+    assert "left out 1 test records whose report has no words" in caplog.text
+    assert "---" not in caplog.text  # report text is patient data
 
 
 # ------------------------------------------------------------------ the commands
@@ -229,7 +320,113 @@ def test_retrieved_context_is_given_and_cited(phantom_dir, dual_dir, tmp_path):
     assert result.exit_code == 2 and "missing.idx" in output and _one_error_line(result)
 
 
+# ------------------------------------------------------------------ image towers whose last feature map is 1 pixel
+
+
+@pytest.mark.parametrize(("name", "overrides"), [("ct3d-tiny", {}), ("phantom-tiny", {"image.image_size": 32})])
+def test_a_generator_is_built_when_the_image_tower_ends_at_one_pixel(name, overrides):
+    # the token count is taken from one blank image: batch norm in training mode refuses a batch of one at 1 px
+    model = ReportGenerator(ReportGeneratorConfig(image=get_config(name).image).merged(overrides))
+    assert model.image_position.shape[0] == 1 and model.image_encoder.training  # left in the mode it was built in
+    norms = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)  # the blank image left no statistics
+
+
+@pytest.fixture(scope="module")
+def ct_dir(tmp_path_factory):
+    """A small CT phantom (20 volumes of 32^3; findings liver lesion, kidney cyst, lung nodule, effusion)."""
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("ct3d") / "data"
+    generate_phantom(folder, n=20, seed=1, size=32, kind="ct3d", splits={"train": 0.6, "test": 0.4})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_generator(ct_dir, tmp_path_factory):
+    """A report generator with the registered ``ct3d-tiny`` tower (its last feature map is 1 voxel)."""
+    out = tmp_path_factory.mktemp("ct3d-report") / "run"
+    result, output = invoke("train", "report", "--data", ct_dir, "--out", out, "--image-model", "ct3d-tiny",
+                            "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "-q", *TINY[2:])
+    assert result.exit_code == 0, output
+    return out
+
+
+def test_a_3d_generator_with_a_one_voxel_feature_map_trains_and_writes_reports(ct_generator, ct_dir, tmp_path):
+    volume = sorted((ct_dir / "images").glob("*.nii.gz"))[0]
+    result, output = invoke("report", "generate", volume, "--model", ct_generator, "--beam-size", "1",
+                            "--max-length", "6", "--json", tmp_path / "out.json")  # loading builds it again
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "out.json").read_text())["reports"][0]["image"] == volume.name
+
+
+CT_KNOWLEDGE = {
+    "kidney_cyst.md": "---\nname: kidney_cyst\ntitle: Kidney cyst\nsynonyms: [cyst]\nlabels: [renal cyst]\n"
+                      "definition: A fluid-filled renal cyst.\n---\n",
+    "liver_lesion.md": "---\nname: liver_lesion\ntitle: Liver lesion\nsynonyms: [lesion, hypoattenuating]\n"
+                       "definition: A focal hepatic lesion.\n---\n",
+}
+
+
+def test_ct_reports_are_scored_with_the_knowledge_base_given_and_the_chest_one_is_warned_about(
+        ct_generator, ct_dir, tmp_path):
+    test = medvl.load_dataset(ct_dir).select("test")
+    counts = {name: sum(r.labels["finding"] == name for r in test) for name in ("no_finding", "kidney_cyst",
+                                                                                 "liver_lesion")}
+    assert counts["kidney_cyst"] + counts["liver_lesion"] > 0  # the seed gives the test split such cases
+    args = ("eval", "report", "--model", ct_generator, "--data", ct_dir, "--beam-size", "1", "--max-length", "4", "-q")
+    result, output = invoke(*args, "--json", tmp_path / "chest.json")  # the shipped base: chest X-ray findings
+    assert result.exit_code == 0, output
+    chest = json.loads((tmp_path / "chest.json").read_text())["knowledge"]
+    unknown = {name: n for name, n in counts.items() if name != "no_finding" and n}
+    assert chest["sources"] == ["built-in"] and chest["unknown_labels"] == unknown
+    assert chest["records_with_unknown_labels"] == sum(unknown.values())
+    assert f"have finding labels the knowledge base (built-in) does not hold ({', '.join(unknown)})" in \
+        " ".join(output.split())
+    folder = tmp_path / "ct-findings"
+    folder.mkdir()
+    for name, text in CT_KNOWLEDGE.items():
+        (folder / name).write_text(text)
+    result, output = invoke(*args, "--knowledge", folder, "--json", tmp_path / "ct.json")
+    assert result.exit_code == 0, output
+    assert "does not hold" not in output and "findings read with the knowledge base built-in + ct-findings" in output
+    scores = json.loads((tmp_path / "ct.json").read_text())
+    assert scores["knowledge"]["sources"] == ["built-in", "ct-findings"] and scores["knowledge"]["unknown_labels"] == {}
+    references = scores["per_finding"]["nearest_report"]  # the references' findings, as the labeller now reads them
+    for name, n in counts.items():  # a kidney cyst or liver lesion is no longer read as "no finding"
+        assert references[name]["support"] == n, name
+
+
+def test_knowledge_coverage_counts_references_that_mention_no_finding_of_the_base(caplog):
+    from medvl.data.record import Record
+    from medvl.eval.report import knowledge_coverage
+    from medvl.rag import ReportLabeller
+
+    captions = ["Axial T2 weighted MR of the brain: a glioma in the left temporal lobe.",
+                "Coronal CT of the abdomen shows a dilated appendix.", "Sagittal MR of the knee: torn ACL.",
+                "There is a small left pleural effusion."]
+    records = [Record(id=str(i), images=[], text=text, labels={"sex": "F"}) for i, text in enumerate(captions)]
+    with caplog.at_level("WARNING"):
+        coverage = knowledge_coverage(records, ReportLabeller())
+    assert coverage["reports_without_mention"] == 3 and coverage["unknown_labels"] == {}  # sex names no finding
+    assert "3 of 4 reference reports mention no finding of the knowledge base (built-in)" in caplog.text
+    caplog.clear()
+    chest = [Record(id="a", images=[], text="No pleural effusion. Clear lungs.", labels={"finding": "no_finding"}),
+             Record(id="b", images=[], text="Cardiomegaly.", labels={"finding": "cardiomegaly"})]
+    assert knowledge_coverage(chest, ReportLabeller())["reports_without_mention"] == 0 and not caplog.text
+
+
 # ------------------------------------------------------------------ bad input
+
+
+def test_a_max_length_above_the_model_s_is_refused_before_any_work(cli_run, phantom_dir, tmp_path):
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    for args in (("report", "generate", image, "--model", cli_run, "--max-length", "200"),
+                 ("eval", "report", "--model", cli_run, "--data", phantom_dir, "--max-length", "48")):
+        result, output = invoke(*args, "--json", tmp_path / "out.json")
+        assert result.exit_code == 2 and _one_error_line(result), (args, output)
+        assert "at most 47 tokens of report text" in " ".join(output.split())
+        assert not (tmp_path / "out.json").exists()
 
 
 def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_path):

@@ -22,7 +22,7 @@ from .common import (
     handle_errors,
 )
 from .eval import eval_app
-from .report import report_app
+from .report import BuiltinOption, KnowledgeOption, report_app
 from .train import train_app
 
 GeneratorOption = Annotated[Path, typer.Option(
@@ -32,7 +32,10 @@ ContextIndexOption = Annotated[str | None, typer.Option(
     help="Index (folder or postgresql:// URL) whose nearest cases' reports are the generator's context; needed by "
          "generators trained with --context-k.")]
 BeamOption = Annotated[int, typer.Option(help="Beam width (1 = greedy decoding).")]
-MaxLengthOption = Annotated[int | None, typer.Option(min=2, help="Most tokens per report (default: the model's).")]
+MaxLengthOption = Annotated[int | None, typer.Option(
+    min=1, help="Most tokens of report text per report, the start token not counted (a transformers VLM's new "
+                "tokens). Default and largest for a medvl generator: its decoder.max_length - 1 (127 unless set); "
+                "a transformers VLM: default 128, at most 1024.")]
 
 
 @train_app.command("report")
@@ -97,12 +100,13 @@ def generate_command(
     """Write a report for each image with a trained report generator (with retrieved context: the cited case ids)."""
     from rich.markup import escape
 
-    from ..eval.report import generate_for_images
+    from ..eval.report import check_max_length, generate_for_images
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
     check_outputs(overwrite, json=json_out)
     net = load_report_generator(model)
+    check_max_length(net, max_length)
     arrays = _read_images(images, net)
     with _context_index(net, index) as opened:
         content: list[dict[str, str]] = []
@@ -136,25 +140,32 @@ def eval_report_command(
     index: ContextIndexOption = None,
     beam_size: BeamOption = 3,
     max_length: MaxLengthOption = None,
+    knowledge: KnowledgeOption = None,
+    builtin_knowledge: BuiltinOption = True,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """BLEU-1..4, ROUGE-L, CIDEr and finding precision / recall / F1 of generated reports, beside the report of
-    the most similar training image (the nearest-report baseline, computed in the same run)."""
+    the most similar training image (the nearest-report baseline, computed in the same run). Findings are read
+    with the knowledge base (the shipped chest X-ray findings, --knowledge DIR for others); a warning says when
+    the references name findings it does not hold."""
     from ..api import load_split
     from ..errors import InputError
     from ..eval.contamination import copies_in_fit
-    from ..eval.report import evaluate_report_generator
+    from ..eval.report import check_max_length, evaluate_report_generator
     from ..index import describe_target
     from ..models.decoder import load_report_generator
     from ..models.registry import load_model
+    from ..rag import ReportLabeller, load_knowledge
 
     check_outputs(overwrite, json=json_out)
     if split == train_split:
         raise InputError(f"--split {split!r} is the --train-split the baseline retrieves from: evaluate another split")
+    labeller = ReportLabeller(load_knowledge(knowledge, builtin=builtin_knowledge))
     net = load_report_generator(model)
+    check_max_length(net, max_length)
     baseline = load_model(baseline_model) if baseline_model is not None else None
     test = load_split(data, split, allow_outside_root=allow_outside_root)
     train = load_split(data, train_split, allow_outside_root=allow_outside_root)
@@ -166,7 +177,8 @@ def eval_report_command(
     copies = copies_in_fit(train, test, f"the baseline's training split {train_split!r}")
     with _context_index(net, index) as opened:
         result = evaluate_report_generator(net, test, train, baseline_model=baseline, index=opened,
-                                           beam_size=beam_size, max_length=max_length, show_progress=not quiet)
+                                           beam_size=beam_size, max_length=max_length, labeller=labeller,
+                                           show_progress=not quiet)
     print_report_metrics(result)
     emit_json({**result, "model": describe_target(model), "data": describe_target(data), "split": split,
                "train_split": train_split, **({"copies_in_fit": copies} if copies is not None else {})},
@@ -187,6 +199,10 @@ def print_report_metrics(result: dict) -> None:
         table.add_row(key.replace("micro_", "finding micro ").replace("macro_f1", "finding macro f1"),
                       fmt(ours[key]), fmt(nearest[key]))
     console.print(table)
+    knowledge = result.get("knowledge")
+    if knowledge:
+        console.print(f"findings read with the knowledge base {' + '.join(knowledge['sources'])} "
+                      f"({knowledge['findings']} entries)")
 
 
 def _read_images(images: list[Path], net):

@@ -1,8 +1,14 @@
 """Report generation quality: language metrics and clinical efficacy, beside the nearest-report baseline.
 
 Language metrics are pycocoevalcap's (the coco-caption code used by R2Gen and its successors), on
-texts lower-cased and split into words and numbers with punctuation dropped (``metric_tokens``; the
-coco-caption PTB tokenizer needs Java):
+texts split into words and numbers with punctuation dropped (``metric_tokens``; the coco-caption PTB
+tokenizer needs Java). Words are runs of letters and digits of any script, case-folded (NFKC), with
+accents and other combining marks dropped on both sides, as the generator's tokenizer (BERT's
+normaliser) drops them: its "neumotorax" matches a reference's "Neumotórax" (the price: words that
+differ only by a mark, and in scripts that write vowels as marks, such as Devanagari, some distinct
+words, count as one). CJK ideographs (Chinese characters, Japanese kanji) are one token each, as BERT
+splits them; a run of kana, Hangul or Thai is one word. On ASCII text this is lower-casing and
+``[a-z0-9]+`` words (decimals such as "0.61" kept whole).
 
 - **BLEU-1..4**: corpus BLEU (clipped n-gram precision, geometric mean up to n, brevity penalty
   over the whole corpus);
@@ -11,10 +17,21 @@ coco-caption PTB tokenizer needs Java):
 - **CIDEr**: CIDEr-D's tf-idf n-gram cosine (n = 1..4, x10), document frequencies from the
   references of the evaluated set (so values depend on the set; compare within one set).
 
+A generated report without words (empty, or "...") scores 0 ROUGE-L and 0 CIDEr, and in BLEU adds
+no n-gram and its reference's length (so the brevity penalty falls). A reference without words has
+nothing to score against: the metric functions refuse it (InputError) and
+``evaluate_report_generator`` leaves its record out, with a warning, as it leaves out records without
+a report.
+
 Clinical efficacy: the report labeller (``medvl.rag.ReportLabeller``) reads the positive findings of
 each reference and each generated report; micro precision / recall / F1 over (report, finding)
 pairs and macro F1 over the findings of the knowledge base with at least one reference positive
-(``eval.case_retrieval.finding_f1``), the "no finding" entry included (as CheXpert's).
+(``eval.case_retrieval.finding_f1``), the "no finding" entry included (as CheXpert's). The knowledge
+base is the caller's (``labeller``; the shipped one holds chest X-ray findings only). A reference
+whose finding the base lacks is read as "no finding", so ``knowledge_coverage`` checks the scored
+records against it and warns when they name findings it does not hold or mostly mention none of its
+findings (CT / MR reports under the chest X-ray base); the result's ``knowledge`` block says which
+base was used and what the check found.
 
 Baseline, computed in the same run: for each test image, the report of the most similar training
 image (cosine similarity of image embeddings) under a dual encoder: ``baseline_model`` if given,
@@ -29,6 +46,8 @@ import logging
 import math
 import re
 import time
+import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,12 +58,13 @@ import torch.nn.functional as F
 
 from ..checks import check_number
 from ..data.audit import content_summary, input_flags, warn_without_content
-from ..data.record import Dataset
+from ..data.record import Dataset, Record
 from ..errors import InputError
 from ..models.decoder import context_k
 from ..models.preprocess import read_for
-from ..models.vlm import REPORT_TOKENS, VisionLanguageModel
+from ..models.vlm import MAX_NEW_TOKENS, REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
+from ..rag.knowledge import BUILTIN_DIR, KnowledgeBase, label_key
 from ..rag.labels import ReportLabeller
 from .case_retrieval import finding_f1
 from .contamination import trained_on_scored
@@ -53,31 +73,55 @@ log = logging.getLogger(__name__)
 
 NLG_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")
 BATCH = 16
-_WORDS = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
+MOSTLY_UNMENTIONED = 0.5  # more than this share of references mentioning no knowledge-base finding: a warning
+# the CJK ideograph blocks BERT's pre-tokenizer splits into one token per character
+_IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+# an ideograph alone, or a run of letters / digits of any script (\w less "_"), a decimal kept whole ("0.61")
+_WORDS = re.compile(rf"[{_IDEOGRAPHS}]|[^\W_{_IDEOGRAPHS}]+(?:\.\d+)?")
 
 
 def metric_tokens(text: str) -> str:
-    """The text as the metrics see it: lower-case words and numbers ("0.61" kept whole), space-joined."""
-    return " ".join(_WORDS.findall((text or "").lower()))
+    """The text as the metrics see it: words and numbers ("0.61" kept whole), space-joined; NFKC, case-folded,
+    accents and other combining marks dropped (as the generator's BERT normaliser does), an ideograph per token."""
+    folded = unicodedata.normalize("NFKC", text or "").casefold()
+    unmarked = "".join(c for c in unicodedata.normalize("NFD", folded) if unicodedata.category(c) != "Mn")
+    return " ".join(_WORDS.findall(unicodedata.normalize("NFC", unmarked)))
+
+
+def _scored_tokens(references: Sequence[str], candidates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Both sides' ``metric_tokens``; InputError on a count mismatch or a reference without words."""
+    if len(references) != len(candidates) or not references:
+        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
+                         f"and {len(references)}")
+    refs, cands = [metric_tokens(r) for r in references], [metric_tokens(c) for c in candidates]
+    wordless = [i for i, tokens in enumerate(refs) if not tokens]
+    if wordless:
+        raise InputError(f"{len(wordless)} reference report(s) have no words to score against (first: number "
+                         f"{wordless[0] + 1}); leave them out")
+    return refs, cands
+
+
+def _per_report(scorer: Any, refs: Sequence[str], cands: Sequence[str]) -> np.ndarray:
+    """Per-report scores of pycocoevalcap's ``Rouge`` or ``Cider``; 0 for a candidate without words (Rouge
+    would read its empty string as one empty word)."""
+    scores = np.asarray(scorer.compute_score({i: [r] for i, r in enumerate(refs)},
+                                             {i: [c] for i, c in enumerate(cands)})[1], dtype=float)
+    return np.where([bool(c) for c in cands], scores, 0.0)
 
 
 def nlg_metrics(references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr of ``candidates`` against one reference each (pycocoevalcap)."""
+    """BLEU-1..4, ROUGE-L and CIDEr of ``candidates`` against one reference each (pycocoevalcap); a candidate
+    without words scores 0, a reference without words is refused (module docstring)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if len(references) != len(candidates) or not references:
-        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
-                         f"and {len(references)}")
-    # an empty candidate would fail pycocoevalcap's asserts; an empty string token scores nothing
-    gts = {i: [metric_tokens(r) or "<empty>"] for i, r in enumerate(references)}
-    res = {i: [metric_tokens(c) or "<empty>"] for i, c in enumerate(candidates)}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
+    refs, cands = _scored_tokens(references, candidates)
+    bleu, _ = Bleu(4).compute_score({i: [r] for i, r in enumerate(refs)}, {i: [c] for i, c in enumerate(cands)},
+                                    verbose=0)
     scores = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
-    scores.update(rouge_l=float(rouge), cider=float(cider))
+    scores.update(rouge_l=float(_per_report(Rouge(), refs, cands).mean()),
+                  cider=float(_per_report(Cider(), refs, cands).mean()))
     return scores
 
 
@@ -114,14 +158,8 @@ def report_intervals(references: Sequence[str], candidates: Sequence[str], resam
 
     from .bootstrap import bootstrap_draws, percentile_interval
 
-    if len(references) != len(candidates) or not references:
-        raise InputError(f"need as many candidates as references (at least one), got {len(candidates)} "
-                         f"and {len(references)}")
-    refs = [metric_tokens(r) or "<empty>" for r in references]
-    cands = [metric_tokens(c) or "<empty>" for c in candidates]
-    full = {i: [text] for i, text in enumerate(refs)}, {i: [text] for i, text in enumerate(cands)}
-    rouge = np.asarray(Rouge().compute_score(*full)[1], dtype=float)
-    cider = np.asarray(Cider().compute_score(*full)[1], dtype=float)
+    refs, cands = _scored_tokens(references, candidates)
+    rouge, cider = _per_report(Rouge(), refs, cands), _per_report(Cider(), refs, cands)
     labeller = labeller or ReportLabeller()
     truth = [labeller.positives(r) for r in references]
     predicted = [labeller.positives(c) for c in candidates]
@@ -164,20 +202,25 @@ def _corpus_bleu_4(refs: Sequence[str], cands: Sequence[str]) -> Callable[[np.nd
 
 
 def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_model=None, index=None,
-                              beam_size: int = 1, max_length: int | None = None,
+                              beam_size: int = 1, max_length: int | None = None, labeller: ReportLabeller | None = None,
                               show_progress: bool = True, keep_texts: bool = False) -> dict[str, Any]:
     """Generate a report for every test record and score it beside the nearest training report.
 
     ``model`` is a ``ReportGenerator`` or a transformers ``VisionLanguageModel``; ``train`` holds the
     records the baseline retrieves from; ``index`` (open) is required by generators trained with
-    retrieved context. ``keep_texts`` adds ``texts``: the ``references``, ``generated`` and
-    ``nearest`` reports, in test order (patient data: for scoring in memory, not for logs).
+    retrieved context. ``labeller`` reads the findings (default: the shipped knowledge base); how well
+    its knowledge base covers the test records is in ``knowledge`` (``knowledge_coverage``, warned
+    about). ``keep_texts`` adds ``texts``: the ``references``, ``generated`` and ``nearest`` reports,
+    in test order (patient data: for scoring in memory, not for logs).
     """
     started = time.perf_counter()
+    check_max_length(model, max_length)
+    labeller = labeller or ReportLabeller()
     test, train = _with_reports(test, "test"), _with_reports(train, "training")
     if context_k(model) and index is None:
         raise InputError(f"the report generator was trained with {context_k(model)} retrieved "
                          "reports as context: pass --index (the index it was trained with)")
+    coverage = knowledge_coverage(test.records, labeller)
     seen = trained_on_scored(model, test, "scored (test) reports")
     images = _read(test, show_progress, model)
     content: list[dict[str, str]] = []
@@ -186,7 +229,6 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     embed, describe = _baseline_encoder(model, baseline_model)
     nearest = _nearest_reports(embed, images, train, show_progress, model)
     references = [r.text or "" for r in test]
-    labeller = ReportLabeller()
     ours = report_metrics(references, generated, labeller)
     nearest_texts = [train[i].text or "" for i in nearest]
     baseline = report_metrics(references, nearest_texts, labeller)
@@ -200,6 +242,7 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
         "cases": [{"id": r.id, "nearest_train_id": train[i].id, **({"cited": c} if c is not None else {})}
                   for r, i, c in zip(test, nearest, cited, strict=True)],
         "empty_reports": sum(not g.strip() for g in generated),
+        "knowledge": coverage,
     }
     if seen is not None:
         result["trained_on_scored"] = seen
@@ -212,12 +255,85 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     return result
 
 
+def knowledge_coverage(records: Sequence[Record], labeller: ReportLabeller, warn: bool = True) -> dict[str, Any]:
+    """Whether the labeller's knowledge base holds the findings of ``records`` (the scored references).
+
+    - ``unknown_labels``: finding labels of the records that name no knowledge-base finding
+      (``KnowledgeBase.resolve``), each with the number of records holding it. A categorical label column
+      counts as findings when at least two of its values, and at least half, name knowledge-base findings;
+      the 0/1 columns, as a group, when at least two of their names, and half, do (the CT phantom's
+      ``no_finding``, ``lung_nodule`` and ``pleural_effusion`` mark its ``kidney_cyst`` and ``liver_lesion``
+      as unknown; a sex or view column names no finding and is not looked at).
+    - ``reports_without_mention``: references in which the labeller finds no finding of the base at all,
+      not even a negated one (CT / MR captions under the chest X-ray base). A warning when more than
+      half of them do (``MOSTLY_UNMENTIONED``).
+
+    Either way the labeller reads such references as "no finding" (CheXpert's rule), which credits a
+    generator that writes nothing abnormal. ``sources`` names the base: ``built-in`` and / or the last
+    component of the user's folder. Counts only: no report text.
+    """
+    knowledge = labeller.knowledge
+    unknown = _unknown_finding_labels(records, knowledge)
+    holding = sum(bool(names) for names in unknown)
+    counts = Counter(name for names in unknown for name in names)
+    texts = [r.text or "" for r in records]
+    unmentioned = sum(not any(s.findings for s in labeller.sentences(text)) for text in texts)
+    named = ["built-in" if Path(source) == BUILTIN_DIR else Path(source).name for source in knowledge.sources]
+    result = {"sources": named, "findings": len(knowledge), "unknown_labels": dict(sorted(counts.items())),
+              "records_with_unknown_labels": holding, "reports_without_mention": unmentioned,
+              "references": len(texts)}
+    if warn and holding:
+        log.warning("%d of %d scored records have finding labels the knowledge base (%s) does not hold (%s): "
+                    "the labeller reads their reports as if those findings were absent, often as no finding, so "
+                    "finding precision / recall / F1 do not score them; use a knowledge base with these findings "
+                    "(medvl eval report --knowledge DIR)", holding, len(texts), " + ".join(named),
+                    ", ".join(sorted(counts)))
+    if warn and unmentioned > MOSTLY_UNMENTIONED * len(texts):
+        log.warning("%d of %d reference reports mention no finding of the knowledge base (%s), not even a negated "
+                    "one: the labeller reads them as no finding, so finding F1 measures little on this data; use a "
+                    "knowledge base with its findings (medvl eval report --knowledge DIR)", unmentioned, len(texts),
+                    " + ".join(named))
+    return result
+
+
+def _unknown_finding_labels(records: Sequence[Record], knowledge: KnowledgeBase) -> list[set[str]]:
+    """Per record, its finding labels that name no knowledge-base finding (``knowledge_coverage``)."""
+    values = {column: {str(v).strip() for r in records if (v := r.labels.get(column)) is not None}
+              for column in sorted({c for r in records for c in r.labels})}
+    flags = [column for column, seen in values.items() if seen <= {"0", "1"}]
+    unknown_flags = [c for c in flags if knowledge.resolve(c) is None] if _name_findings(flags, knowledge) else []
+    categorical = [column for column, seen in values.items()
+                   if column not in flags and _name_findings(sorted(seen), knowledge)]
+    found = []
+    for record in records:
+        names = {label_key(c) for c in unknown_flags if str(record.labels.get(c)).strip() == "1"}
+        for column in categorical:
+            value = record.labels.get(column)
+            if value is not None and knowledge.resolve(value) is None:
+                names.add(label_key(value))
+        found.append(names)
+    return found
+
+
+def _name_findings(names: Sequence[str], knowledge: KnowledgeBase) -> bool:
+    """At least two of ``names``, and at least half, name knowledge-base findings."""
+    known = sum(knowledge.resolve(name) is not None for name in names)
+    return known >= 2 and 2 * known >= len(names)
+
+
 def _with_reports(dataset: Dataset, what: str) -> Dataset:
-    kept = dataset.subset([r for r in dataset if r.text and r.text.strip()])
+    """The records with a report that has words (``metric_tokens``); a report of punctuation alone ("---")
+    is left out with a warning: as a reference it has nothing to score against."""
+    kept = dataset.subset([r for r in dataset if metric_tokens(r.text or "")])
     if not len(kept):
         raise InputError(f"{dataset.source}: the {what} split has no record with a report")
-    if len(kept) < len(dataset):
-        log.info("%s: left out %d %s records without a report", dataset.source, len(dataset) - len(kept), what)
+    wordless = sum(bool(r.text and r.text.strip()) for r in dataset) - len(kept)
+    if wordless:
+        log.warning("%s: left out %d %s records whose report has no words (only punctuation or symbols)",
+                    dataset.source, wordless, what)
+    if len(kept) + wordless < len(dataset):
+        log.info("%s: left out %d %s records without a report", dataset.source,
+                 len(dataset) - len(kept) - wordless, what)
     return kept
 
 
@@ -235,10 +351,10 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
                         max_length: int | None = None, show_progress: bool = False,
                         content: list[dict[str, str]] | None = None) -> tuple[list[str], list[list[str] | None]]:
     """Generated reports of image arrays and, with retrieved context, the case ids each was given
-    (a transformers VLM: greedy or beam search, at most ``max_length`` new tokens). ``content``, a list, gets
-    each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a transformers
-    VLM: the 8-bit RGB image its processor is given); a warning counts them."""
-    check_number("max_length", max_length, minimum=2, integer=True, optional=True)
+    (greedy or beam search, each report at most ``max_length`` tokens: ``check_max_length``). ``content``, a list,
+    gets each image's ``input_flags`` as the model sees it (a medvl generator: after its preprocessing; a
+    transformers VLM: the 8-bit RGB image its processor is given); a warning counts them."""
+    check_max_length(model, max_length)
     if isinstance(model, VisionLanguageModel):
         return _vlm_reports(model, images, beam_size, max_length, show_progress, content)
     contexts: list[Any] = [None] * len(images)
@@ -265,6 +381,16 @@ def generate_for_images(model, images: Sequence[np.ndarray], *, index=None, reco
     if content is not None:
         warn_without_content(content, "images")
     return reports, [c.ids if c is not None else None for c in contexts]
+
+
+def check_max_length(model, max_length: int | None) -> None:
+    """InputError unless ``model`` can write reports of at most ``max_length`` tokens (None: the model's
+    default). The count is of tokens after the prompt: a transformers VLM's ``max_new_tokens`` (1 to
+    ``MAX_NEW_TOKENS``), a medvl generator's tokens after its start token (1 to ``max_report_tokens``)."""
+    if isinstance(model, VisionLanguageModel):
+        check_number("max_length", max_length, minimum=1, maximum=MAX_NEW_TOKENS, integer=True, optional=True)
+    else:
+        model.check_max_length(max_length)
 
 
 def _vlm_reports(model: VisionLanguageModel, images: Sequence[np.ndarray], beam_size: int, max_length: int | None,

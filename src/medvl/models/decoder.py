@@ -56,7 +56,8 @@ class DecoderConfig:
     num_layers: int = 2  # decoder blocks (self-attention, cross-attention, feed-forward)
     num_heads: int = 4  # attention heads
     intermediate_size: int = 256  # feed-forward width
-    max_length: int = 128  # report tokens including start and end; longer reports are truncated in training
+    max_length: int = 128  # report tokens including start and end; longer reports are truncated in training;
+    # decoding writes at most max_length - 1 tokens after the start token
     dropout: float = 0.1  # dropout in the decoder (attention and hidden states)
     context_k: int = 0  # retrieved reports given as extra context (0 = the image alone)
     context_length: int = 64  # tokens kept of each retrieved report
@@ -137,9 +138,17 @@ class ReportGenerator(nn.Module):
         self.meta: dict[str, Any] = {}  # training summary, the dual encoder the image tower came from
 
     def _image_token_count(self) -> int:
+        """Image tokens per image: one blank image through the encoder in eval mode. In training mode
+        batch norm refuses a batch of one whose last feature map is 1 pixel / voxel (``ct3d-tiny``, a 2D
+        ResNet at 32 px) and would fold the blank image into its running statistics."""
         shape = (1, self.config.image.in_channels, *self.config.image.volume_shape)
-        with torch.no_grad():
-            return int(self.image_encoder.tokens(torch.zeros(shape)).shape[1])
+        training = self.image_encoder.training
+        self.image_encoder.eval()
+        try:
+            with torch.no_grad():
+                return int(self.image_encoder.tokens(torch.zeros(shape)).shape[1])
+        finally:
+            self.image_encoder.train(training)
 
     def token_id(self, token: str) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(token))
@@ -193,11 +202,11 @@ class ReportGenerator(nn.Module):
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, context: dict[str, torch.Tensor] | None = None, beam_size: int = 1,
                  max_length: int | None = None, length_penalty: float = 1.0) -> list[str]:
-        """Reports for a normalised pixel batch: greedy (``beam_size=1``) or beam search."""
+        """Reports for a normalised pixel batch: greedy (``beam_size=1``) or beam search, each at most
+        ``max_length`` tokens of report text (default and largest: ``max_report_tokens``), as a transformers
+        VLM's ``max_new_tokens``: the start token is not counted, a report that ends earlier is shorter."""
         check_number("beam_size", beam_size, minimum=1, maximum=32, integer=True)
-        if max_length is not None:  # 0 is refused as 1 is, not read as "not given"
-            check_number("max_length", max_length, minimum=2, integer=True)
-        limit = min(max_length or self.config.decoder.max_length, self.config.decoder.max_length)
+        limit = 1 + self.check_max_length(max_length)  # the sequence decoded: the start token, then the report
         self.eval()
         memory, memory_mask = self.memory(pixels, context)
         if beam_size == 1:
@@ -205,6 +214,24 @@ class ReportGenerator(nn.Module):
         else:
             sequences = self._beam(memory, memory_mask, limit, beam_size, length_penalty)
         return [self.decode(ids) for ids in sequences]
+
+    @property
+    def max_report_tokens(self) -> int:
+        """The most tokens of report text one decoding writes: ``decoder.max_length`` less the start token
+        (the decoder has ``decoder.max_length`` positions)."""
+        return self.config.decoder.max_length - 1
+
+    def check_max_length(self, max_length: int | None) -> int:
+        """Tokens of report text to write at most: ``max_length`` checked (1 to ``max_report_tokens``; 0 is
+        refused, not read as "not given"), or ``max_report_tokens`` when None."""
+        if max_length is None:
+            return self.max_report_tokens
+        check_number("max_length", max_length, minimum=1, integer=True)
+        if max_length > self.max_report_tokens:
+            raise InputError(f"max_length {max_length} is more than this report generator writes: at most "
+                             f"{self.max_report_tokens} tokens of report text (its decoder.max_length "
+                             f"{self.config.decoder.max_length}, less the start token)")
+        return max_length
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids as text, with WordPiece's spaces around punctuation removed ("ratio 0.61.", "findings:")."""
