@@ -591,7 +591,7 @@ def test_a_nifti_volume_shows_its_middle_slice_while_the_2d_model_says_why_it_ca
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
     page.locator("#file").set_input_files(volume)
     wait_for_panels(page, "error")
-    assert "does not fit a 2D model" in page.locator("#zero-shot .panel-error").inner_text()
+    assert "a 2D model reads one image" in page.locator("#zero-shot .panel-error").inner_text()
     page.get_by_label("Window").select_option("soft_tissue")
     shown = shown_pixels(page, "#preview img[data-source=service][data-window=soft_tissue]")
     expected = client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[8]}"},
