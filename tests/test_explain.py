@@ -13,7 +13,15 @@ from cli_helpers import invoke
 from medvl.data import captions_for
 from medvl.errors import DataError, InputError
 from medvl.explain import grounding
-from medvl.explain.concepts import ConceptBottleneck, compare_with_probe, fit_bottleneck, load_concepts, read_concepts
+from medvl.explain.concepts import (
+    ConceptBottleneck,
+    compare_with_probe,
+    concept_embeddings,
+    fit_bottleneck,
+    l1_logistic_regression,
+    load_concepts,
+    read_concepts,
+)
 from medvl.explain.heatmaps import gradcam_map, patch_text_map, resize_map
 from medvl.train.loop import TrainConfig
 
@@ -182,8 +190,6 @@ def test_concept_files(tmp_path):
 
 @pytest.mark.parametrize("classes", [None, ["cardiomegaly", "pneumothorax"]])
 def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, classes):
-    from sklearn.linear_model import LogisticRegression
-
     train = medvl.load_dataset(phantom_dir).select("train")
     if classes:
         train = train.subset([r for r in train if r.labels["finding"] in classes])
@@ -192,14 +198,42 @@ def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, cl
     embeddings = tiny_model.encode_images(tiny_model.preprocessor.load_many([r.image for r in train]))
     scores = fitted.standardised_scores(embeddings)
     y = [fitted.classes.index(r.labels["finding"]) for r in train]
-    reference = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, C=fitted.c, random_state=0)
-    reference.fit(scores, y)
+    reference = l1_logistic_regression(0, C=fitted.c).fit(scores, y)
     assert np.allclose(fitted.probabilities(embeddings), reference.predict_proba(scores), atol=1e-6)
     assert fitted.weights.shape == (len(fitted.classes), len(bank.concepts))
     parts = fitted.contributions(embeddings[0], fitted.classes[0], top=3)
     assert [p["contribution"] for p in parts] == sorted((p["contribution"] for p in parts), reverse=True)
     for part in parts:
         assert part["contribution"] == pytest.approx(part["weight"] * part["score"])
+
+
+def _embeddings_with_scores(model, bank, scores: np.ndarray) -> torch.Tensor:
+    """Image embeddings whose concept scores (cosine with each concept's text embedding) are exactly ``scores``:
+    the concept vectors (M, D) have full row rank (M <= D), so E = scores @ pinv(V^T) gives E V^T = scores."""
+    vectors = concept_embeddings(model, bank).numpy().astype(np.float64)
+    return torch.as_tensor(scores @ np.linalg.pinv(vectors.T))
+
+
+def test_bottleneck_is_sparse_on_uninformative_concepts(tiny_model, phantom_dir):
+    """The bottleneck is an L1 fit on every scikit-learn pyproject allows (before 1.8 ``l1_ratio`` alone left the
+    default L2 penalty: every concept weighted): concept scores made so that the first six concepts each mark one
+    finding and the other 17 are noise give those six a weight and most of the noise weight exactly 0."""
+    train = medvl.load_dataset(phantom_dir).select("train")
+    bank = load_concepts("chest_xray")
+    classes = train.classes("finding")
+    y = np.array([classes.index(r.labels["finding"]) for r in train])
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(len(y), len(bank.concepts)))
+    scores[:, :len(classes)] += 3.0 * np.eye(len(classes))[y]
+    fitted = fit_bottleneck(tiny_model, train, "finding", bank,
+                            image_embeddings=_embeddings_with_scores(tiny_model, bank, scores))
+    assert fitted.classes == classes
+    assert np.allclose(fitted.standardised_scores(_embeddings_with_scores(tiny_model, bank, scores)) * fitted.scale
+                       + fitted.mean, scores)
+    informative, noise = fitted.weights[:, :len(classes)], fitted.weights[:, len(classes):]
+    assert all(informative[k, k] > 0 for k in range(len(classes)))  # each finding's own concept pushes towards it
+    assert np.mean(noise == 0.0) > 0.5, fitted.weights  # exactly zero: L1, not small L2 weights
+    assert fitted.nonzero < len(bank.concepts)
 
 
 def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):

@@ -16,6 +16,7 @@ image embeddings the scores come from.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,7 +172,6 @@ class ConceptBottleneck:
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
                    image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
     """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
 
     classes, y = _targets(dataset, label)
@@ -181,7 +181,7 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
     scores = image_embeddings.numpy().astype(np.float64) @ vectors.T
     mean, scale = scores.mean(0), scores.std(0)
     scale[scale == 0] = 1.0
-    linear = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, random_state=seed)
+    linear = l1_logistic_regression(seed)
     standardised = (scores - mean) / scale
     folds = min(3, int(np.bincount(y).min()))
     if folds >= 2:
@@ -195,6 +195,20 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
 
     fingerprint = {key: value for key, value in model_fingerprint(model).items() if key != "dir"}
     return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
+
+
+def l1_logistic_regression(seed: int = 0, **options: Any):
+    """scikit-learn's L1 (lasso) logistic regression, saga solver, on every version pyproject allows (>= 1.4).
+
+    From 1.8 ``l1_ratio=1.0`` alone is pure L1 (and ``penalty`` is deprecated); before 1.8 the penalty
+    is ``penalty`` (default "l2") and ``l1_ratio`` is ignored unless it is "elasticnet", so a model built
+    the 1.8 way there would silently be a dense L2 regression."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    major, minor = (int(part) for part in re.findall(r"\d+", sklearn.__version__)[:2])
+    penalty = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+    return LogisticRegression(**penalty, solver="saga", max_iter=5000, random_state=seed, **options)
 
 
 def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,
