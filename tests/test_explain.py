@@ -39,7 +39,39 @@ def test_pointing_game_by_hand():
     assert not grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.0)
     # nearest pixel of that box is (3, 1): sqrt(4 + 4) = 2.83 > 2
     assert grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.9)
-    assert grounding.peak(np.ones((3, 3))) == (0, 0)  # ties: the first in row-major order
+    assert grounding.peak(np.ones((3, 3))) is None  # a constant map has no peak
+
+
+def test_the_peak_is_the_centre_of_a_flat_maximum_whatever_the_rounding():
+    """A 2 x 2 token map upsampled to 64 px has a 16 x 16 px plateau at its strongest (border) cell: the peak is its
+    centre, not its top-left corner, and noise at float rounding's size inside it (which depends on how many images
+    shared the forward pass) does not move it."""
+    tokens = np.array([[0.1, 0.2], [0.9, 0.3]], dtype=np.float32)  # the strongest token: bottom left
+    heatmap = resize_map(tokens, (64, 64))
+    plateau = heatmap >= heatmap.max()
+    assert plateau.sum() == 256 and plateau[48:, :16].all()  # rows 48-63, columns 0-15
+    assert grounding.peak(heatmap) == (55, 7)  # nearest the plateau's centroid (55.5, 7.5); first of the four
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        noisy = heatmap.copy()
+        noisy[plateau] *= 1 + rng.uniform(-2e-7, 2e-7, size=int(plateau.sum())).astype(np.float32)
+        assert grounding.peak(noisy) == (55, 7)
+    corner = grounding.box_mask([0, 48, 3, 51], heatmap.shape)  # the plateau's top-left corner only
+    centre = grounding.box_mask([4, 52, 12, 60], heatmap.shape)  # its middle
+    assert not grounding.pointing_hit(heatmap, corner) and grounding.pointing_hit(heatmap, centre)
+    interior = np.zeros((6, 6))
+    interior[2:4, 2:4] = 1.0  # an exact 2 x 2 tie: its first pixel in row-major order
+    assert grounding.peak(interior) == (2, 2)
+    apart = np.zeros((5, 9))
+    apart[2, 0] = apart[2, 8] = apart[2, 5] = 1.0  # separate maxima: the one nearest their centroid (2, 4.33)
+    assert grounding.peak(apart) == (2, 5)
+
+
+def test_a_constant_map_points_nowhere():
+    flat = np.zeros((64, 64))
+    assert not grounding.pointing_hit(flat, grounding.box_mask([0, 0, 5, 5], flat.shape))
+    assert not grounding.pointing_hit(flat, grounding.box_mask([10, 10, 20, 20], flat.shape), tolerance=15)
+    assert not grounding.pointing_hit(np.full((8, 8), 0.3), np.ones((8, 8), bool), tolerance=2)
 
 
 def test_energy_iou_dice_by_hand():
@@ -168,6 +200,20 @@ def test_grounding_on_phantom_boxes_and_masks(tiny_model, phantom_dir):
             assert all(0.0 <= v <= 1.0 for v in row[method].values())
     with pytest.raises(InputError, match="thresholds"):
         grounding.evaluate_grounding(tiny_model, test_set, thresholds=(0.0,))
+
+
+def test_grounding_does_not_depend_on_the_batch_size(tiny_model, phantom_dir):
+    """The same model, data and seed give the same pointing game whatever the batch: the peak is the centre of the
+    flat maxima of upsampled token maps, not the corner float rounding picks (which changes with the batch)."""
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    results = [grounding.evaluate_grounding(tiny_model, test_set, methods=["patch_text", "gradcam"],
+                                            thresholds=(0.5,), batch_size=size)["per_finding"] for size in (1, 5, 16)]
+    for other in results[1:]:
+        for finding, row in results[0].items():
+            for method in ("patch_text", "gradcam"):
+                for score in ("pointing_box", "pointing_mask"):
+                    assert other[finding][method][score] == row[method][score], (finding, method, score)
+                assert other[finding][method] == pytest.approx(row[method], abs=1e-5)
 
 
 # -- concept bottleneck -----------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[st
 
 def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title: str) -> Path:
     """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
-    its peak marked; written atomically as PNG."""
+    its peak (``grounding.peak``) marked; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,8 +170,9 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
     axes = figure.add_subplot()
     axes.imshow(grey, cmap="gray")
     shown = axes.imshow(normalise_map(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    if float(np.ptp(heatmap)) > 0:
-        row, col = peak(heatmap)
+    where = peak(heatmap)
+    if where is not None:
+        row, col = where
         axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
     axes.set_title(title, fontsize=9)
     axes.set_axis_off()
@@ -182,8 +183,10 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
 
 
 def _peak(heatmap: np.ndarray) -> list[int] | None:
-    """[row, column] of the map's maximum; None for a constant map (Grad-CAM with no positive evidence)."""
-    return list(peak(heatmap)) if float(np.ptp(heatmap)) > 0 else None
+    """[row, column] of the centre of the map's maximal region (``grounding.peak``); None for a constant map
+    (Grad-CAM with no positive evidence)."""
+    where = peak(heatmap)
+    return None if where is None else list(where)
 
 
 def _safe(name: str) -> str:

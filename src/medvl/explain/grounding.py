@@ -4,8 +4,14 @@ Conventions: a heatmap is a (rows, columns) float array, higher = more evidence;
 ``[x0, y0, x1, y1]`` pixels, end-exclusive (x = column), as the phantom writes them, so
 ``mask[y0:y1, x0:x1]`` holds a finding's whole mask.
 
-* **Pointing game** (Zhang et al. 2016): a hit when the map's maximum (the first one in
-  row-major order on ties) lies inside the region, or within ``tolerance`` pixels (Euclidean) of it.
+* **Pointing game** (Zhang et al. 2016): a hit when the map's peak lies inside the region, or within
+  ``tolerance`` pixels (Euclidean) of it. The **peak** (``peak``) is the centre of the map's maximal
+  region, not one corner of it: the pixel nearest the centroid of every pixel within ``PEAK_RTOL`` of the
+  maximum (relative to the map's scale). Token maps upsampled bilinearly (patch_text, Grad-CAM) have flat
+  maxima, e.g. a border cell's maximum is a plateau half a cell wide, whose values differ only by float
+  rounding that changes with how many images share a forward pass; the first maximum in row-major order
+  was the plateau's top-left corner, picked by that rounding. A constant map (no evidence anywhere) has
+  no peak and is never a hit.
 * **Energy in box**: the share of the min-max normalised map's mass inside the box (Wang et al.
   2020, Score-CAM's energy-based pointing game); 1 = all the evidence in the box.
 * **IoU / Dice at a threshold t**: the map is min-max normalised to [0, 1] and the pixels >= t form
@@ -32,6 +38,7 @@ from .heatmaps import METHODS, check_methods, check_settings, heatmaps, resize_m
 
 BASELINES = ("random", "centre")
 THRESHOLDS = (0.25, 0.5, 0.75)
+PEAK_RTOL = 1e-6  # values this close to the maximum (relative to the map's scale) tie with it: float32 rounding
 
 
 def normalise_map(heatmap: np.ndarray) -> np.ndarray:
@@ -41,10 +48,21 @@ def normalise_map(heatmap: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def peak(heatmap: np.ndarray) -> tuple[int, int]:
-    """(row, column) of the map's maximum; the first in row-major order on ties."""
-    row, col = np.unravel_index(int(np.argmax(heatmap)), np.shape(heatmap))
-    return int(row), int(col)
+def peak(heatmap: np.ndarray, rtol: float = PEAK_RTOL) -> tuple[int, int] | None:
+    """(row, column) of the centre of the map's maximal region; None for a constant map (no peak).
+
+    The maximal region is every pixel within ``rtol`` x the map's scale (the larger of its range and
+    its maximum's magnitude) of the maximum: a plateau, or a tie, of values equal up to float rounding.
+    Its centre is the region's pixel nearest the region's centroid (the first in row-major order when
+    several are as near), so the peak is always a pixel of the maximal region, also when that region
+    is not convex or lies in separate places."""
+    values = np.asarray(heatmap, dtype=np.float64)
+    high, low = float(values.max()), float(values.min())
+    if not high > low:  # constant, or not finite
+        return None
+    rows, cols = np.nonzero(values >= high - rtol * max(high - low, abs(high)))
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return int(rows[nearest]), int(cols[nearest])
 
 
 def box_mask(box: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -58,9 +76,13 @@ def box_mask(box: Sequence[int], shape: Sequence[int]) -> np.ndarray:
 
 
 def pointing_hit(heatmap: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
-    """True when the map's peak lies in ``region`` (boolean, same shape) or within ``tolerance`` px of it."""
+    """True when the map's peak (``peak``) lies in ``region`` (boolean, same shape) or within ``tolerance`` px
+    of it; False for a constant map, which has no peak."""
     _check_same_shape(heatmap, region)
-    row, col = peak(heatmap)
+    where = peak(heatmap)
+    if where is None:
+        return False
+    row, col = where
     if region[row, col]:
         return True
     if tolerance <= 0 or not region.any():
