@@ -116,6 +116,50 @@ def test_baselines_and_summary():
         grounding.box_mask([3, 0, 3, 2], (4, 4))
 
 
+def test_boxes_outside_the_image_and_empty_masks_are_refused():
+    with pytest.raises(InputError, match=r"reaches outside the image of 64 x 32 pixels"):
+        grounding.box_mask([60, 0, 70, 5], (32, 64))  # used to be clipped silently to columns 60-63
+    with pytest.raises(InputError, match="outside"):
+        grounding.box_mask([0, 30, 4, 33], (32, 64))
+    assert grounding.box_mask([60, 28, 64, 32], (32, 64)).sum() == 16  # flush with the far edges: inside
+    flat, empty = np.zeros((8, 8)), np.zeros((8, 8), bool)
+    with pytest.raises(InputError, match="mask is empty"):  # IoU / Dice of an empty prediction would be 1
+        grounding.region_scores(flat, empty, [0, 0, 2, 2])
+
+
+def _phantom_case(phantom_dir, folder, finding="pneumothorax"):
+    """One phantom case with ``finding`` copied into ``folder`` (images/ and masks/), as a record."""
+    import shutil
+
+    from medvl.data.record import Record
+
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["finding"] == finding and r["boxes"])
+    image = folder / row["image"]
+    mask = folder / "masks" / f"{image.stem}_{finding}.png"
+    for source, target in ((phantom_dir / row["image"], image), (phantom_dir / "masks" / mask.name, mask)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    record = Record(id=row["image"], images=[image], labels={"finding": finding, "boxes": row["boxes"]})
+    return record, mask, json.loads(row["boxes"])[finding]
+
+
+def test_phantom_truth_refuses_an_empty_mask_and_a_box_outside_it(phantom_dir, tmp_path):
+    from PIL import Image
+
+    record, mask_path, box = _phantom_case(phantom_dir, tmp_path)
+    mask, found = grounding.phantom_truth(record, "pneumothorax")
+    assert found == box and mask.any() and mask.shape == (64, 64)
+    assert grounding.phantom_truth(record, "nodule") is None  # no box for it: not scored
+    outside = {**record.labels, "boxes": json.dumps({"pneumothorax": [box[0], box[1], 70, box[3]]})}
+    with pytest.raises(DataError, match=r"box \[.*70.*\] of 'pneumothorax' .* inside the mask's 64 x 64 pixels"):
+        grounding.phantom_truth(type(record)(id=record.id, images=record.images, labels=outside), "pneumothorax")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_path)  # a damaged mask: no pixel set
+    with pytest.raises(DataError, match="mask of 'pneumothorax' is empty") as refused:
+        grounding.phantom_truth(record, "pneumothorax")
+    assert str(mask_path) in str(refused.value)
+
+
 # -- a tiny model trained a few steps on real phantom files -----------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 Conventions: a heatmap is a (rows, columns) float array, higher = more evidence; boxes are
 ``[x0, y0, x1, y1]`` pixels, end-exclusive (x = column), as the phantom writes them, so
-``mask[y0:y1, x0:x1]`` holds a finding's whole mask.
+``mask[y0:y1, x0:x1]`` holds a finding's whole mask. A box reaching outside the image and an empty
+mask are refused, not clipped or scored (an empty mask against a map with no evidence gave IoU 1).
 
 * **Pointing game** (Zhang et al. 2016): a hit when the map's peak lies inside the region, or within
   ``tolerance`` pixels (Euclidean) of it. The **peak** (``peak``) is the centre of the map's maximal
@@ -66,10 +67,13 @@ def peak(heatmap: np.ndarray, rtol: float = PEAK_RTOL) -> tuple[int, int] | None
 
 
 def box_mask(box: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """A boolean (rows, columns) mask of an end-exclusive ``[x0, y0, x1, y1]`` box."""
+    """A boolean (rows, columns) mask of an end-exclusive ``[x0, y0, x1, y1]`` box, which must lie in ``shape``."""
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
         raise InputError(f"box {list(box)} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+    if x1 > shape[1] or y1 > shape[0]:
+        raise InputError(f"box {list(box)} reaches outside the image of {shape[1]} x {shape[0]} pixels (x1 <= width, "
+                         "y1 <= height)")
     mask = np.zeros(tuple(shape[:2]), dtype=bool)
     mask[y0:y1, x0:x1] = True
     return mask
@@ -126,8 +130,12 @@ def centre_prior(shape: Sequence[int], sigma: float = 0.25) -> np.ndarray:
 
 def region_scores(heatmap: np.ndarray, mask: np.ndarray, box: Sequence[int],
                   thresholds: Sequence[float] = THRESHOLDS, tolerance: float = 0.0) -> dict[str, float]:
-    """Every grounding score of one map against one finding's mask and box."""
+    """Every grounding score of one map against one finding's mask and box (InputError for an empty mask: IoU and
+    Dice of an empty prediction would score 1)."""
     in_box = box_mask(box, np.shape(heatmap))
+    _check_same_shape(heatmap, mask)
+    if not np.any(mask):
+        raise InputError("the finding's mask is empty: nothing to ground against")
     scores = {"pointing_box": float(pointing_hit(heatmap, in_box, tolerance)),
               "pointing_mask": float(pointing_hit(heatmap, mask, tolerance)),
               "energy_box": energy_in(heatmap, in_box)}
@@ -157,7 +165,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def phantom_truth(record, finding: str) -> tuple[np.ndarray, list[int]] | None:
     """The mask and box of ``finding`` in a phantom record (``boxes`` column and ``masks/`` folder
-    beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it."""
+    beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it.
+
+    DataError naming the mask when it is missing or empty, or when the box does not lie inside it."""
     from PIL import Image
 
     boxes = json.loads(record.labels.get("boxes") or "{}")
@@ -169,7 +179,14 @@ def phantom_truth(record, finding: str) -> tuple[np.ndarray, list[int]] | None:
         raise DataError(mask_path, f"mask of {finding!r} not found (the manifest gives it a box)")
     with Image.open(mask_path) as handle:
         mask = np.asarray(handle.convert("L")) > 0
-    return mask, [int(v) for v in boxes[finding]]
+    box = [int(v) for v in boxes[finding]]
+    if not mask.any():
+        raise DataError(mask_path, f"mask of {finding!r} is empty (the manifest gives it the box {box})")
+    rows, cols = mask.shape
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= cols and 0 <= box[1] < box[3] <= rows):
+        raise DataError(mask_path, f"the manifest's box {box} of {finding!r} ({record.id}) is not an [x0, y0, x1, y1] "
+                                   f"box inside the mask's {cols} x {rows} pixels")
+    return mask, box
 
 
 def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence[str] | None = None,
