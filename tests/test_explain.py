@@ -160,6 +160,29 @@ def test_phantom_truth_refuses_an_empty_mask_and_a_box_outside_it(phantom_dir, t
     assert str(mask_path) in str(refused.value)
 
 
+@pytest.fixture(scope="module")
+def ct_phantom(tmp_path_factory):
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("ct-phantom") / "ct"
+    generate_phantom(folder, n=6, seed=0, size=32, kind="ct3d")
+    return folder
+
+
+def test_grounding_is_for_2d_models_and_refuses_3d_masks(ct_phantom, tiny_model):
+    """A 3D model is refused for what it is before any mask is looked for (it used to be a wrong "mask not found":
+    the mask name was built from 'ct_00000.nii' + '.png'); a 2D model on the CT phantom is told 3D masks are not
+    supported."""
+    from medvl.errors import ModelError
+
+    data = medvl.load_dataset(ct_phantom)
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match="heatmaps are for 2D images; this model's image encoder is a 3D"):
+        grounding.evaluate_grounding(medvl.create_model("ct3d-tiny"), data, methods=["patch_text"])
+    with pytest.raises(DataError, match=r"ct_00000_pleural_effusion\.nii\.gz: a 3D mask: grounding scores 2D images"):
+        grounding.evaluate_grounding(tiny_model, data, methods=["patch_text"])
+
+
 # -- a tiny model trained a few steps on real phantom files -----------------------------------------
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from ..embed import class_embeddings
 from ..errors import DataError, InputError
 from ..predict import class_prompts
-from .heatmaps import METHODS, check_methods, check_settings, heatmaps, resize_map, target_index
+from .heatmaps import METHODS, check_heatmap_model, check_methods, check_settings, heatmaps, resize_map, target_index
 
 BASELINES = ("random", "centre")
 THRESHOLDS = (0.25, 0.5, 0.75)
@@ -164,18 +164,24 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def phantom_truth(record, finding: str) -> tuple[np.ndarray, list[int]] | None:
-    """The mask and box of ``finding`` in a phantom record (``boxes`` column and ``masks/`` folder
+    """The mask and box of ``finding`` in a 2D phantom record (``boxes`` column and ``masks/`` folder
     beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it.
 
-    DataError naming the mask when it is missing or empty, or when the box does not lie inside it."""
+    DataError naming the mask when it is missing, a 3D (NIfTI) mask, or empty, or when the box does not
+    lie inside it."""
     from PIL import Image
 
     boxes = json.loads(record.labels.get("boxes") or "{}")
     if finding not in boxes:
         return None
     image = Path(record.image)
-    mask_path = image.parent.parent / "masks" / f"{image.stem}_{finding}.png"
+    name = image.name[:-len(".nii.gz")] if image.name.lower().endswith(".nii.gz") else image.stem
+    mask_path = image.parent.parent / "masks" / f"{name}_{finding}.png"
     if not mask_path.is_file():
+        volume = mask_path.with_name(f"{name}_{finding}.nii.gz")
+        if volume.is_file():
+            raise DataError(volume, "a 3D mask: grounding scores 2D images against 2D (PNG) masks; volumes are "
+                                    "not supported")
         raise DataError(mask_path, f"mask of {finding!r} not found (the manifest gives it a box)")
     with Image.open(mask_path) as handle:
         mask = np.asarray(handle.convert("L")) > 0
@@ -194,10 +200,12 @@ def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence
                        captions=None, batch_size: int = 16,
                        settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Grounding of each heatmap method and both baselines on every record whose ``label`` class has a
-    box and mask (phantom layout, see ``phantom_truth``); the heatmap explains the true class among
-    all of ``label``'s classes in ``dataset`` (with a method's setting ``head``: the class of the same
-    name among that supervised head's). ``settings``: keyword arguments per method (``heatmaps``).
-    Returns ``per_finding`` (``summarise``), ``seconds_per_image`` per method and the settings."""
+    box and mask (2D phantom layout, see ``phantom_truth``; a 3D model is a ModelError); the heatmap
+    explains the true class among all of ``label``'s classes in ``dataset`` (with a method's setting
+    ``head``: the class of the same name among that supervised head's). ``settings``: keyword arguments
+    per method (``heatmaps``). Returns ``per_finding`` (``summarise``), ``seconds_per_image`` per method
+    and the settings."""
+    check_heatmap_model(model)  # before any mask is looked for: a 3D model's refusal names the real reason
     methods = check_methods(methods or METHODS)
     check_settings(methods, settings)
     _check_thresholds(thresholds)
