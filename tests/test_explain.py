@@ -349,6 +349,35 @@ def test_bottleneck_is_sparse_on_uninformative_concepts(tiny_model, phantom_dir)
     assert fitted.nonzero < len(bank.concepts)
 
 
+def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir, tmp_path):
+    """Shapes that disagree, values that are not finite and a string of concepts are refused when the file is read,
+    with the file and the fault named (they used to load, then fail in numpy or print NaN contributions)."""
+    import re
+
+    fitted = fit_bottleneck(tiny_model, medvl.load_dataset(phantom_dir).select("train"), "finding",
+                            load_concepts("chest_xray"))
+    data = fitted.to_dict()
+    classes, concepts = fitted.weights.shape
+    damaged = {
+        "shape": ({"weights": np.ones((classes, 5)).tolist()},
+                  f"weights are {classes}x5, expected {classes}x{concepts}"),
+        "mean": ({"mean": [0.0] * (concepts - 1)}, f"mean is {concepts - 1}, expected {concepts} for"),
+        "vectors": ({"concept_vectors": []}, f"concept vectors are 0, expected {concepts}xD"),
+        "nan": ({"weights": [[float("nan")] * concepts] * classes}, "weights are not all finite numbers"),
+        "classes": ({"classes": data["classes"][:-1]},
+                    f"weights are {classes}x{concepts}, expected {classes - 1}x{concepts}"),
+        "string": ({"concepts": "abc"}, "concepts is not a list of names"),
+        "scale": ({"scale": [0.0] * concepts}, "scale holds values that are not above 0"),
+    }
+    for name, (change, problem) in damaged.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**data, **change}))
+        with pytest.raises(DataError, match=re.escape(f"{path}: not a concept bottleneck file ({problem}")):
+            ConceptBottleneck.load(path)
+    loaded = ConceptBottleneck.load(fitted.save(tmp_path / "good.json"))
+    assert loaded.problem() is None and np.array_equal(loaded.weights, fitted.weights)
+
+
 def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):
     data = medvl.load_dataset(phantom_dir)
     result = compare_with_probe(tiny_model, data.select("train"), data.select("test"), "finding",
@@ -456,6 +485,19 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (INFO logs go there too)
     assert len(lines) == 1 and named[case] in lines[0], output
     assert "Traceback" not in output
+
+
+def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phantom_dir, tmp_path):
+    path = tmp_path / "bottleneck.json"
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts",
+                            "chest_xray", "--concept-data", phantom_dir, "--method", "patch_text", "--out", tmp_path)
+    assert result.exit_code == 0, output
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "weights": [row[:5] for row in data["weights"]]}))
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--bottleneck",
+                            path, "--method", "patch_text")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"{path}: not a concept bottleneck file (weights are 6x5, expected 6x" in " ".join(output.split())
 
 
 def test_overlay_files_of_two_findings_never_coincide():

@@ -1104,6 +1104,18 @@ def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, b
     assert result.exit_code == 2 and "not found" in output
 
 
+def test_a_damaged_bottleneck_is_refused_at_start_not_on_every_request(model_dir, bottleneck_file, tmp_path):
+    from medvl.errors import DataError
+
+    data = json.loads(bottleneck_file.read_text())
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({**data, "mean": data["mean"][:-1]}))
+    with pytest.raises(DataError, match=r"damaged.json: not a concept bottleneck file \(mean is"):
+        create_app(model_dir, settings=ServeSettings(bottleneck=damaged), require_token=False)
+    result, output = invoke("serve", "--model", model_dir, "--bottleneck", damaged, "--no-auth")
+    assert result.exit_code == 2 and "not a concept bottleneck file" in output and "Traceback" not in output
+
+
 def test_zero_shot_answers_while_an_explanation_holds_the_heavy_lane(server, client, png):
     lane = server.app.state.service.lane
     gate = threading.Event()

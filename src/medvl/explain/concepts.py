@@ -162,11 +162,42 @@ class ConceptBottleneck:
             arrays = {k: np.asarray(data[k], dtype=np.float64)
                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
             model = data.get("model")
-            return cls(concepts=list(data["concepts"]), classes=list(data["classes"]),
-                       label_column=str(data["label_column"]), c=float(data["c"]),
-                       model=dict(model) if isinstance(model, dict) else None, **arrays)
+            bottleneck = cls(concepts=data["concepts"], classes=data["classes"],  # checked by problem()
+                             label_column=str(data["label_column"]), c=float(data["c"]),
+                             model=dict(model) if isinstance(model, dict) else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
+        problem = bottleneck.problem()
+        if problem is not None:
+            raise DataError(path, f"not a concept bottleneck file ({problem})")
+        return bottleneck
+
+    def problem(self) -> str | None:
+        """What makes this bottleneck unusable, or None: M concepts and K classes (distinct names, M >= 1,
+        K >= 2) need concept vectors (M, D), mean and scale (M,), weights (K, M) and intercepts (K,), all
+        finite, scale and c above 0."""
+        for key, names, least in (("concepts", self.concepts, 1), ("classes", self.classes, 2)):
+            if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+                return f"{key} is not a list of names"
+            if len(set(names)) != len(names) or len(names) < least:
+                return f"{key} must be at least {least} distinct names, got {len(names)}"
+        concepts, classes = len(self.concepts), len(self.classes)
+        dims = self.concept_vectors.shape[-1] if self.concept_vectors.ndim == 2 else 0
+        expected = (("concept vectors are", self.concept_vectors, (concepts, max(dims, 1))),
+                    ("mean is", self.mean, (concepts,)), ("scale is", self.scale, (concepts,)),
+                    ("weights are", self.weights, (classes, concepts)), ("intercepts are", self.intercepts, (classes,)))
+        for name, values, shape in expected:
+            if values.shape != shape:
+                wanted = "x".join(map(str, shape)) if values is not self.concept_vectors else f"{concepts}xD"
+                return (f"{name} {'x'.join(map(str, values.shape)) or 'one number'}, expected {wanted} for "
+                        f"{concepts} concepts and {classes} classes")
+            if not np.isfinite(values).all():
+                return f"{name} not all finite numbers"
+        if not (self.scale > 0).all():
+            return "scale holds values that are not above 0"
+        if not (np.isfinite(self.c) and self.c > 0):
+            return f"c is {self.c}, expected a number above 0"
+        return None
 
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
