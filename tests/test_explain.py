@@ -327,26 +327,58 @@ def _embeddings_with_scores(model, bank, scores: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(scores @ np.linalg.pinv(vectors.T))
 
 
-def test_bottleneck_is_sparse_on_uninformative_concepts(tiny_model, phantom_dir):
-    """The bottleneck is an L1 fit on every scikit-learn pyproject allows (before 1.8 ``l1_ratio`` alone left the
-    default L2 penalty: every concept weighted): concept scores made so that the first six concepts each mark one
-    finding and the other 17 are noise give those six a weight and most of the noise weight exactly 0."""
+@pytest.fixture(scope="module")
+def informative_bottleneck(tiny_model, phantom_dir):
+    """A bottleneck fitted on the phantom's train split with concept scores made so that the first six concepts
+    each mark one finding (+3 on its images) and the other 17 are noise; also the bank and the scores."""
     train = medvl.load_dataset(phantom_dir).select("train")
     bank = load_concepts("chest_xray")
     classes = train.classes("finding")
     y = np.array([classes.index(r.labels["finding"]) for r in train])
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(len(y), len(bank.concepts)))
+    scores = np.random.default_rng(0).normal(size=(len(y), len(bank.concepts)))
     scores[:, :len(classes)] += 3.0 * np.eye(len(classes))[y]
     fitted = fit_bottleneck(tiny_model, train, "finding", bank,
                             image_embeddings=_embeddings_with_scores(tiny_model, bank, scores))
-    assert fitted.classes == classes
+    return fitted, bank, scores
+
+
+def test_bottleneck_is_sparse_on_uninformative_concepts(tiny_model, informative_bottleneck):
+    """The bottleneck is an L1 fit on every scikit-learn pyproject allows (before 1.8 ``l1_ratio`` alone left the
+    default L2 penalty: every concept weighted): the six concepts that mark a finding get a weight, most of the
+    17 noise concepts a weight of exactly 0."""
+    fitted, bank, scores = informative_bottleneck
+    found = len(fitted.classes)
+    assert fitted.classes == sorted(fitted.classes) and found == 6
     assert np.allclose(fitted.standardised_scores(_embeddings_with_scores(tiny_model, bank, scores)) * fitted.scale
                        + fitted.mean, scores)
-    informative, noise = fitted.weights[:, :len(classes)], fitted.weights[:, len(classes):]
-    assert all(informative[k, k] > 0 for k in range(len(classes)))  # each finding's own concept pushes towards it
+    informative, noise = fitted.weights[:, :found], fitted.weights[:, found:]
+    assert all(informative[k, k] > 0 for k in range(found))  # each finding's own concept pushes towards it
     assert np.mean(noise == 0.0) > 0.5, fitted.weights  # exactly zero: L1, not small L2 weights
     assert fitted.nonzero < len(bank.concepts)
+
+
+def test_concepts_for_a_finding_push_towards_it_and_those_against_come_apart(tiny_model, informative_bottleneck):
+    """The concepts given as reasons for a finding all raise it (positive contribution); those that lower it are
+    listed apart, most negative first; together they are every concept with a non-zero contribution."""
+    fitted, bank, scores = informative_bottleneck
+    embedding = _embeddings_with_scores(tiny_model, bank, scores[:1])[0]  # an image of one finding
+    standardised = fitted.standardised_scores(embedding[None])[0]
+    everything = len(bank.concepts)
+    seen_against = 0
+    for row, finding in enumerate(fitted.classes):
+        towards = fitted.contributions(embedding, finding, top=everything)
+        against = fitted.contributions(embedding, finding, top=everything, direction="against")
+        assert all(part["contribution"] > 0 for part in towards), (finding, towards)
+        assert all(part["contribution"] < 0 for part in against), (finding, against)
+        assert [p["contribution"] for p in towards] == sorted((p["contribution"] for p in towards), reverse=True)
+        assert [p["contribution"] for p in against] == sorted(p["contribution"] for p in against)
+        parts = fitted.weights[row] * standardised
+        assert {p["concept"] for p in towards + against} == {bank.concepts[i] for i in np.flatnonzero(parts)}
+        assert fitted.contributions(embedding, finding, top=1) == towards[:1]
+        seen_against += len(against)
+    assert seen_against > 0  # the image's own finding's concept argues against the other findings
+    with pytest.raises(InputError, match="direction"):
+        fitted.contributions(embedding, fitted.classes[0], direction="towards")
 
 
 def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir, tmp_path):
@@ -430,10 +462,13 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
     saved = ConceptBottleneck.load(tmp_path / "out" / "bottleneck.json")
     embedding = medvl.load_model(tiny_model_dir).encode_images([image])[0]
     for finding in explanation["findings"]:  # the concepts printed are the saved bottleneck's, recomputed
-        expected = saved.contributions(embedding, finding["finding"])
-        assert [c["concept"] for c in finding["concepts"]] == [c["concept"] for c in expected]
-        assert [c["contribution"] for c in finding["concepts"]] == pytest.approx([c["contribution"] for c in expected],
-                                                                                 abs=1e-5)
+        for key, direction, top in (("concepts", "for", 5), ("concepts_against", "against", 2)):
+            expected = saved.contributions(embedding, finding["finding"], top=top, direction=direction)
+            assert [c["concept"] for c in finding[key]] == [c["concept"] for c in expected]
+            assert [c["contribution"] for c in finding[key]] == pytest.approx([c["contribution"] for c in expected],
+                                                                              abs=1e-5)
+        assert all(c["contribution"] > 0 for c in finding["concepts"])
+        assert all(c["contribution"] < 0 for c in finding["concepts_against"])
     assert saved.nonzero > 0
     neighbours = explanation["neighbours"]
     assert len(neighbours) == 3 and neighbours[0]["id"] == "images/" + image.stem  # the image itself is indexed
@@ -442,7 +477,11 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
                            "--bottleneck", tmp_path / "out" / "bottleneck.json")
     assert again.exit_code == 0, output
     for part in explanation["findings"][0]["concepts"]:
-        assert f"concept {part['concept']!r}" in output
+        assert f"concept {part['concept']!r} (for): weight {part['weight']:+.3f}" in output
+    for part in explanation["findings"][0]["concepts_against"]:
+        assert f"concept {part['concept']!r} (against): weight {part['weight']:+.3f}" in output
+    if not explanation["findings"][0]["concepts"]:
+        assert "no concept pushes towards" in output
     assert saved.classes == sorted(explanation["probabilities"])
     refused, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "out")
     assert refused.exit_code == 2

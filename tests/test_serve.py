@@ -990,10 +990,13 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
         assert shown["probabilities"][name] == pytest.approx(probability, abs=1e-5)
     assert [f["finding"] for f in shown["findings"]] == [f["finding"] for f in cli["findings"]]
     for served, expected, maps in zip(shown["findings"], cli["findings"], library["findings"], strict=True):
-        assert served["concepts"] and [c["concept"] for c in served["concepts"]] == \
-            [c["concept"] for c in expected["concepts"]]
-        for concept, reference in zip(served["concepts"], expected["concepts"], strict=True):
-            assert concept["weight"] == pytest.approx(reference["weight"]) and "contribution" in concept
+        assert served["concepts"] or served["concepts_against"]
+        for key in ("concepts", "concepts_against"):  # reasons for the finding, and apart, the strongest against
+            assert [c["concept"] for c in served[key]] == [c["concept"] for c in expected[key]]
+            for concept, reference in zip(served[key], expected[key], strict=True):
+                assert concept["weight"] == pytest.approx(reference["weight"])
+                assert concept["contribution"] == pytest.approx(reference["contribution"], abs=1e-5)
+                assert (concept["contribution"] > 0) == (key == "concepts")
         for method in ("patch_text", "gradcam"):
             assert served["heatmaps"][method]["peak"] == expected["heatmaps"][method]["peak"]
             overlay = _overlay(served["heatmaps"][method])

@@ -119,9 +119,13 @@ def _print(result: dict, out: Path | None) -> None:
             at = (f"peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}" if heatmap["peak"]
                   else "constant map (no positive evidence)")
             console.print(f"  {name}: {at}{where}", highlight=False, soft_wrap=True)
-        for part in entry.get("concepts", []):
-            console.print(f"  concept {part['concept']!r}: weight {part['weight']:+.3f}, "
-                          f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
+        if "concepts" in entry and not entry["concepts"]:
+            console.print(f"  no concept pushes towards {entry['finding']!r} in this image", highlight=False,
+                          soft_wrap=True)
+        for side, parts in (("for", entry.get("concepts", [])), ("against", entry.get("concepts_against", []))):
+            for part in parts:
+                console.print(f"  concept {part['concept']!r} ({side}): weight {part['weight']:+.3f}, "
+                              f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
     for rank, hit in enumerate(result.get("neighbours", []), 1):
         console.print(f"  {rank}. {hit['id']} ({hit['split']}) score {hit['score']:.3f}", highlight=False)
     if out is not None:

@@ -10,7 +10,8 @@ embedding (the mean over the caption templates the model was trained with, each 
 phrase). A **bottleneck** standardises the scores over the training images and fits an L1
 (sparse) multinomial logistic regression on them alone (regularisation C chosen by 3-fold
 cross-validation); a finding's explanation is its top concepts by contribution = weight x
-standardised score. ``compare_with_probe`` puts its accuracy beside a linear probe fitted on the
+standardised score, those that push towards the finding (contribution > 0) apart from those
+that push against it. ``compare_with_probe`` puts its accuracy beside a linear probe fitted on the
 image embeddings the scores come from.
 """
 
@@ -125,14 +126,21 @@ class ConceptBottleneck:
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def contributions(self, image_embedding: np.ndarray | torch.Tensor, finding: str, top: int = 5) -> list[dict]:
-        """The ``top`` concepts pushing one image towards ``finding``: weight, score, contribution."""
+    def contributions(self, image_embedding: np.ndarray | torch.Tensor, finding: str, top: int = 5,
+                      direction: str = "for") -> list[dict]:
+        """The ``top`` concepts pushing one image towards ``finding`` (``direction="for"``: positive
+        contributions only, largest first) or away from it (``"against"``: negative ones only, most
+        negative first), each with its weight, standardised score and contribution = weight x score.
+        Fewer than ``top``, or none, when fewer concepts push that way."""
         if finding not in self.classes:
             raise InputError(f"the concept bottleneck does not predict {finding!r}; it knows {', '.join(self.classes)}")
+        if direction not in ("for", "against"):
+            raise InputError(f"direction must be 'for' or 'against', got {direction!r}")
         row = self.classes.index(finding)
         scores = self.standardised_scores(np.asarray(image_embedding).reshape(1, -1))[0]
         parts = self.weights[row] * scores
-        order = [int(i) for i in np.argsort(-parts, kind="stable") if self.weights[row, i] != 0][:top]
+        towards = parts if direction == "for" else -parts
+        order = [int(i) for i in np.argsort(-towards, kind="stable") if towards[i] > 0][:top]
         return [{"concept": self.concepts[i], "weight": float(self.weights[row, i]),
                  "score": float(scores[i]), "contribution": float(parts[i])} for i in order]
 
