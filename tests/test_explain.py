@@ -539,6 +539,24 @@ def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phanto
     assert f"{path}: not a concept bottleneck file (weights are 6x5, expected 6x" in " ".join(output.split())
 
 
+def test_explain_fits_concepts_on_a_manifest_outside_its_folder_when_allowed(tiny_model_dir, phantom_dir, tmp_path):
+    """The refusal of a manifest naming images outside its folder names --allow-outside-root, which explain has
+    (it used to answer 'No such option')."""
+    from cli_helpers import write_manifest
+
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        rows = [[str(phantom_dir / r["image"]), r["split"], r["finding"]] for r in csv.DictReader(handle)]
+    (tmp_path / "elsewhere").mkdir()
+    manifest = write_manifest(tmp_path / "elsewhere" / "manifest.csv", ["image", "split", "finding"], rows)
+    args = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts", "chest_xray",
+            "--concept-data", manifest, "--method", "patch_text"]
+    refused, output = invoke(*args)
+    assert refused.exit_code == 2 and "--allow-outside-root" in output and "Traceback" not in output, output
+    result, output = invoke(*args, "--allow-outside-root", "--out", tmp_path / "why")
+    assert result.exit_code == 0, output
+    assert ConceptBottleneck.load(tmp_path / "why" / "bottleneck.json").label_column == "finding"
+
+
 def test_overlay_files_of_two_findings_never_coincide():
     """File-name parts of findings that differ only in what a file name cannot hold stay apart."""
     from medvl.explain.explanation import overlay_paths
