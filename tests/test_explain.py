@@ -289,8 +289,9 @@ def test_grounding_does_not_depend_on_the_batch_size(tiny_model, phantom_dir):
 def test_concept_files(tmp_path):
     assert len(load_concepts("chest_xray").concepts) >= 10 and len(load_concepts("dermoscopy").concepts) >= 10
     path = tmp_path / "bank.txt"
-    path.write_text("# comment\nBlue-white  veil\n\nirregular border\n")
-    assert read_concepts(path) == ["blue-white veil", "irregular border"]
+    path.write_text("# comment\nBlue-White  Veil\n\nirregular border\nCT Hyperdense\n")
+    assert read_concepts(path) == ["Blue-White Veil", "irregular border", "CT Hyperdense"]  # as written, for display
+    assert load_concepts(path).concepts == ["Blue-White Veil", "irregular border", "CT Hyperdense"]
     path.write_text("a\nb\nA\n")
     with pytest.raises(DataError, match="line 3 repeats the concept of line 1"):
         read_concepts(path)

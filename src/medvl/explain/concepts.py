@@ -43,7 +43,7 @@ class ConceptBank:
     """Named concept phrases and where they came from."""
 
     name: str  # the file's stem, e.g. "chest_xray"
-    concepts: list[str]  # phrases, in file order, without duplicates
+    concepts: list[str]  # phrases as written, in file order, without duplicates (compared without regard to case)
     source: str  # the file read
 
 
@@ -62,23 +62,26 @@ def load_concepts(bank: str | Path) -> ConceptBank:
 
 
 def read_concepts(path: str | Path) -> list[str]:
-    """The phrases of a concept file; DataError naming it when unreadable, empty or repeating a phrase."""
+    """The phrases of a concept file as written (runs of white space made one space); DataError naming it
+    when unreadable, empty or repeating a phrase (compared without regard to case)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(path, "not UTF-8 text") from None
-    concepts: dict[str, int] = {}
+    lines: dict[str, int] = {}  # phrase, lower-cased -> its line
+    concepts: list[str] = []
     for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
         phrase = " ".join(line.split())
         if not phrase or phrase.startswith("#"):
             continue
-        if phrase.lower() in concepts:
-            raise DataError(path, f"line {number} repeats the concept of line {concepts[phrase.lower()]}")
-        concepts[phrase.lower()] = number
+        if phrase.lower() in lines:
+            raise DataError(path, f"line {number} repeats the concept of line {lines[phrase.lower()]}")
+        lines[phrase.lower()] = number
+        concepts.append(phrase)
     if not concepts:
         raise DataError(path, "empty concept bank: no concept phrases (one a line; # starts a comment)")
-    return list(concepts)
+    return concepts
 
 
 def concept_embeddings(model, bank: ConceptBank, captions=None) -> torch.Tensor:
