@@ -382,6 +382,35 @@ def test_concepts_for_a_finding_push_towards_it_and_those_against_come_apart(tin
         fitted.contributions(embedding, fitted.classes[0], direction="towards")
 
 
+def test_a_bottleneck_that_keeps_no_concept_is_said_to_be_the_class_prior(tiny_model, tiny_model_dir, phantom_dir,
+                                                                         tmp_path, caplog):
+    """Concept scores that are pure noise: cross-validation keeps a C at which L1 zeroes every weight. Fitting
+    or loading such a bottleneck warns that it is the class prior; medvl explain says so and lists no concept."""
+    import logging
+
+    train = medvl.load_dataset(phantom_dir).select("train")
+    bank = load_concepts("chest_xray")
+    noise = np.random.default_rng(0).normal(size=(len(train), len(bank.concepts)))
+    with caplog.at_level(logging.WARNING, logger="medvl"):
+        fitted = fit_bottleneck(tiny_model, train, "finding", bank,
+                                image_embeddings=_embeddings_with_scores(tiny_model, bank, noise))
+    assert fitted.nonzero == 0 and not fitted.weights.any()
+    assert "the concept bottleneck uses no concept (every weight is 0 at C=0.1): its predictions are the class " \
+           "prior" in caplog.text
+    probabilities = fitted.probabilities(_embeddings_with_scores(tiny_model, bank, noise[:3]))
+    assert np.allclose(probabilities, probabilities[0])  # the same for every image: the prior
+    path = fitted.save(tmp_path / "prior.json")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medvl"):
+        ConceptBottleneck.load(path)
+    assert f"{path}: the concept bottleneck uses no concept" in caplog.text
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--bottleneck",
+                            path, "--method", "patch_text")
+    assert result.exit_code == 0, output
+    assert "uses no concept" in " ".join(result.stderr.split()) and "class prior" in " ".join(result.stderr.split())
+    assert "no concept pushes towards or against" in result.stdout and "concept '" not in result.stdout
+
+
 def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir, tmp_path):
     """Shapes that disagree, values that are not finite and a string of concepts are refused when the file is read,
     with the file and the fault named (they used to load, then fail in numpy or print NaN contributions)."""

@@ -121,7 +121,8 @@ def _print(result: dict, out: Path | None) -> None:
                   else "constant map (no positive evidence)")
             console.print(f"  {name}: {at}{where}", highlight=False, soft_wrap=True)
         if "concepts" in entry and not entry["concepts"]:
-            console.print(f"  no concept pushes towards {entry['finding']!r} in this image", highlight=False,
+            against = " or against" if not entry.get("concepts_against") else ""
+            console.print(f"  no concept pushes towards{against} {entry['finding']!r} in this image", highlight=False,
                           soft_wrap=True)
         for side, parts in (("for", entry.get("concepts", [])), ("against", entry.get("concepts_against", []))):
             for part in parts:

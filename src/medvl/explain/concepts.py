@@ -17,6 +17,7 @@ image embeddings the scores come from.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from ..errors import DataError, InputError
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..io import write_json
+
+log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).with_name("concepts")
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -152,6 +155,13 @@ class ConceptBottleneck:
         """Concepts with a non-zero weight for at least one class."""
         return int(np.count_nonzero(np.abs(self.weights).sum(axis=0)))
 
+    def warn_if_prior_only(self, source: str | Path) -> None:
+        """A warning when no concept has a weight (L1 at the chosen C kept none): the bottleneck's predictions
+        are then the class prior (its intercepts) and no concept explains any finding."""
+        if self.nonzero == 0:
+            log.warning("%s: the concept bottleneck uses no concept (every weight is 0 at C=%g): its predictions are "
+                        "the class prior, and it names no concept for or against any finding", source, self.c)
+
     def to_dict(self) -> dict[str, Any]:
         return {"concepts": self.concepts, "classes": self.classes, "label_column": self.label_column,
                 "concept_vectors": self.concept_vectors.tolist(), "mean": self.mean.tolist(),
@@ -181,6 +191,7 @@ class ConceptBottleneck:
         problem = bottleneck.problem()
         if problem is not None:
             raise DataError(path, f"not a concept bottleneck file ({problem})")
+        bottleneck.warn_if_prior_only(path)
         return bottleneck
 
     def problem(self) -> str | None:
@@ -213,7 +224,8 @@ class ConceptBottleneck:
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
                    image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
-    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used)."""
+    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used); a warning when
+    it keeps no concept (``ConceptBottleneck.warn_if_prior_only``)."""
     from sklearn.model_selection import GridSearchCV
 
     classes, y = _targets(dataset, label)
@@ -236,7 +248,9 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
     from ..index.base import model_fingerprint
 
     fingerprint = {key: value for key, value in model_fingerprint(model).items() if key != "dir"}
-    return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
+    fitted = ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
+    fitted.warn_if_prior_only(dataset.source)
+    return fitted
 
 
 def l1_logistic_regression(seed: int = 0, **options: Any):
