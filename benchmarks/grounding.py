@@ -151,4 +151,6 @@ def _finish(args: argparse.Namespace, summary: dict, bottlenecks: dict, started:
 
 
 if __name__ == "__main__":
-    main()
+    from medvl.errors import run_script
+
+    run_script(main)  # a medvl error (e.g. a 3D model: heatmaps are for 2D images) is one line, not a traceback

@@ -13,7 +13,15 @@ from cli_helpers import invoke
 from medvl.data import captions_for
 from medvl.errors import DataError, InputError
 from medvl.explain import grounding
-from medvl.explain.concepts import ConceptBottleneck, compare_with_probe, fit_bottleneck, load_concepts, read_concepts
+from medvl.explain.concepts import (
+    ConceptBottleneck,
+    compare_with_probe,
+    concept_embeddings,
+    fit_bottleneck,
+    l1_logistic_regression,
+    load_concepts,
+    read_concepts,
+)
 from medvl.explain.heatmaps import gradcam_map, patch_text_map, resize_map
 from medvl.train.loop import TrainConfig
 
@@ -31,7 +39,39 @@ def test_pointing_game_by_hand():
     assert not grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.0)
     # nearest pixel of that box is (3, 1): sqrt(4 + 4) = 2.83 > 2
     assert grounding.pointing_hit(heatmap, grounding.box_mask([0, 3, 2, 5], heatmap.shape), tolerance=2.9)
-    assert grounding.peak(np.ones((3, 3))) == (0, 0)  # ties: the first in row-major order
+    assert grounding.peak(np.ones((3, 3))) is None  # a constant map has no peak
+
+
+def test_the_peak_is_the_centre_of_a_flat_maximum_whatever_the_rounding():
+    """A 2 x 2 token map upsampled to 64 px has a 16 x 16 px plateau at its strongest (border) cell: the peak is its
+    centre, not its top-left corner, and noise at float rounding's size inside it (which depends on how many images
+    shared the forward pass) does not move it."""
+    tokens = np.array([[0.1, 0.2], [0.9, 0.3]], dtype=np.float32)  # the strongest token: bottom left
+    heatmap = resize_map(tokens, (64, 64))
+    plateau = heatmap >= heatmap.max()
+    assert plateau.sum() == 256 and plateau[48:, :16].all()  # rows 48-63, columns 0-15
+    assert grounding.peak(heatmap) == (55, 7)  # nearest the plateau's centroid (55.5, 7.5); first of the four
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        noisy = heatmap.copy()
+        noisy[plateau] *= 1 + rng.uniform(-2e-7, 2e-7, size=int(plateau.sum())).astype(np.float32)
+        assert grounding.peak(noisy) == (55, 7)
+    corner = grounding.box_mask([0, 48, 3, 51], heatmap.shape)  # the plateau's top-left corner only
+    centre = grounding.box_mask([4, 52, 12, 60], heatmap.shape)  # its middle
+    assert not grounding.pointing_hit(heatmap, corner) and grounding.pointing_hit(heatmap, centre)
+    interior = np.zeros((6, 6))
+    interior[2:4, 2:4] = 1.0  # an exact 2 x 2 tie: its first pixel in row-major order
+    assert grounding.peak(interior) == (2, 2)
+    apart = np.zeros((5, 9))
+    apart[2, 0] = apart[2, 8] = apart[2, 5] = 1.0  # separate maxima: the one nearest their centroid (2, 4.33)
+    assert grounding.peak(apart) == (2, 5)
+
+
+def test_a_constant_map_points_nowhere():
+    flat = np.zeros((64, 64))
+    assert not grounding.pointing_hit(flat, grounding.box_mask([0, 0, 5, 5], flat.shape))
+    assert not grounding.pointing_hit(flat, grounding.box_mask([10, 10, 20, 20], flat.shape), tolerance=15)
+    assert not grounding.pointing_hit(np.full((8, 8), 0.3), np.ones((8, 8), bool), tolerance=2)
 
 
 def test_energy_iou_dice_by_hand():
@@ -74,6 +114,73 @@ def test_baselines_and_summary():
     assert grounding.beats_baselines(table, ["gradcam"]) == {"x": False}  # a tie does not beat
     with pytest.raises(InputError, match="box"):
         grounding.box_mask([3, 0, 3, 2], (4, 4))
+
+
+def test_boxes_outside_the_image_and_empty_masks_are_refused():
+    with pytest.raises(InputError, match=r"reaches outside the image of 64 x 32 pixels"):
+        grounding.box_mask([60, 0, 70, 5], (32, 64))  # used to be clipped silently to columns 60-63
+    with pytest.raises(InputError, match="outside"):
+        grounding.box_mask([0, 30, 4, 33], (32, 64))
+    assert grounding.box_mask([60, 28, 64, 32], (32, 64)).sum() == 16  # flush with the far edges: inside
+    flat, empty = np.zeros((8, 8)), np.zeros((8, 8), bool)
+    with pytest.raises(InputError, match="mask is empty"):  # IoU / Dice of an empty prediction would be 1
+        grounding.region_scores(flat, empty, [0, 0, 2, 2])
+
+
+def _phantom_case(phantom_dir, folder, finding="pneumothorax"):
+    """One phantom case with ``finding`` copied into ``folder`` (images/ and masks/), as a record."""
+    import shutil
+
+    from medvl.data.record import Record
+
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["finding"] == finding and r["boxes"])
+    image = folder / row["image"]
+    mask = folder / "masks" / f"{image.stem}_{finding}.png"
+    for source, target in ((phantom_dir / row["image"], image), (phantom_dir / "masks" / mask.name, mask)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    record = Record(id=row["image"], images=[image], labels={"finding": finding, "boxes": row["boxes"]})
+    return record, mask, json.loads(row["boxes"])[finding]
+
+
+def test_phantom_truth_refuses_an_empty_mask_and_a_box_outside_it(phantom_dir, tmp_path):
+    from PIL import Image
+
+    record, mask_path, box = _phantom_case(phantom_dir, tmp_path)
+    mask, found = grounding.phantom_truth(record, "pneumothorax")
+    assert found == box and mask.any() and mask.shape == (64, 64)
+    assert grounding.phantom_truth(record, "nodule") is None  # no box for it: not scored
+    outside = {**record.labels, "boxes": json.dumps({"pneumothorax": [box[0], box[1], 70, box[3]]})}
+    with pytest.raises(DataError, match=r"box \[.*70.*\] of 'pneumothorax' .* inside the mask's 64 x 64 pixels"):
+        grounding.phantom_truth(type(record)(id=record.id, images=record.images, labels=outside), "pneumothorax")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask_path)  # a damaged mask: no pixel set
+    with pytest.raises(DataError, match="mask of 'pneumothorax' is empty") as refused:
+        grounding.phantom_truth(record, "pneumothorax")
+    assert str(mask_path) in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def ct_phantom(tmp_path_factory):
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("ct-phantom") / "ct"
+    generate_phantom(folder, n=6, seed=0, size=32, kind="ct3d")
+    return folder
+
+
+def test_grounding_is_for_2d_models_and_refuses_3d_masks(ct_phantom, tiny_model):
+    """A 3D model is refused for what it is before any mask is looked for (it used to be a wrong "mask not found":
+    the mask name was built from 'ct_00000.nii' + '.png'); a 2D model on the CT phantom is told 3D masks are not
+    supported."""
+    from medvl.errors import ModelError
+
+    data = medvl.load_dataset(ct_phantom)
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match="heatmaps are for 2D images; this model's image encoder is a 3D"):
+        grounding.evaluate_grounding(medvl.create_model("ct3d-tiny"), data, methods=["patch_text"])
+    with pytest.raises(DataError, match=r"ct_00000_pleural_effusion\.nii\.gz: a 3D mask: grounding scores 2D images"):
+        grounding.evaluate_grounding(tiny_model, data, methods=["patch_text"])
 
 
 # -- a tiny model trained a few steps on real phantom files -----------------------------------------
@@ -162,14 +269,29 @@ def test_grounding_on_phantom_boxes_and_masks(tiny_model, phantom_dir):
         grounding.evaluate_grounding(tiny_model, test_set, thresholds=(0.0,))
 
 
+def test_grounding_does_not_depend_on_the_batch_size(tiny_model, phantom_dir):
+    """The same model, data and seed give the same pointing game whatever the batch: the peak is the centre of the
+    flat maxima of upsampled token maps, not the corner float rounding picks (which changes with the batch)."""
+    test_set = medvl.load_dataset(phantom_dir).select("test")
+    results = [grounding.evaluate_grounding(tiny_model, test_set, methods=["patch_text", "gradcam"],
+                                            thresholds=(0.5,), batch_size=size)["per_finding"] for size in (1, 5, 16)]
+    for other in results[1:]:
+        for finding, row in results[0].items():
+            for method in ("patch_text", "gradcam"):
+                for score in ("pointing_box", "pointing_mask"):
+                    assert other[finding][method][score] == row[method][score], (finding, method, score)
+                assert other[finding][method] == pytest.approx(row[method], abs=1e-5)
+
+
 # -- concept bottleneck -----------------------------------------------------------------------------
 
 
 def test_concept_files(tmp_path):
     assert len(load_concepts("chest_xray").concepts) >= 10 and len(load_concepts("dermoscopy").concepts) >= 10
     path = tmp_path / "bank.txt"
-    path.write_text("# comment\nBlue-white  veil\n\nirregular border\n")
-    assert read_concepts(path) == ["blue-white veil", "irregular border"]
+    path.write_text("# comment\nBlue-White  Veil\n\nirregular border\nCT Hyperdense\n")
+    assert read_concepts(path) == ["Blue-White Veil", "irregular border", "CT Hyperdense"]  # as written, for display
+    assert load_concepts(path).concepts == ["Blue-White Veil", "irregular border", "CT Hyperdense"]
     path.write_text("a\nb\nA\n")
     with pytest.raises(DataError, match="line 3 repeats the concept of line 1"):
         read_concepts(path)
@@ -182,8 +304,6 @@ def test_concept_files(tmp_path):
 
 @pytest.mark.parametrize("classes", [None, ["cardiomegaly", "pneumothorax"]])
 def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, classes):
-    from sklearn.linear_model import LogisticRegression
-
     train = medvl.load_dataset(phantom_dir).select("train")
     if classes:
         train = train.subset([r for r in train if r.labels["finding"] in classes])
@@ -192,14 +312,132 @@ def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, cl
     embeddings = tiny_model.encode_images(tiny_model.preprocessor.load_many([r.image for r in train]))
     scores = fitted.standardised_scores(embeddings)
     y = [fitted.classes.index(r.labels["finding"]) for r in train]
-    reference = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, C=fitted.c, random_state=0)
-    reference.fit(scores, y)
+    reference = l1_logistic_regression(0, C=fitted.c).fit(scores, y)
     assert np.allclose(fitted.probabilities(embeddings), reference.predict_proba(scores), atol=1e-6)
     assert fitted.weights.shape == (len(fitted.classes), len(bank.concepts))
     parts = fitted.contributions(embeddings[0], fitted.classes[0], top=3)
     assert [p["contribution"] for p in parts] == sorted((p["contribution"] for p in parts), reverse=True)
     for part in parts:
         assert part["contribution"] == pytest.approx(part["weight"] * part["score"])
+
+
+def _embeddings_with_scores(model, bank, scores: np.ndarray) -> torch.Tensor:
+    """Image embeddings whose concept scores (cosine with each concept's text embedding) are exactly ``scores``:
+    the concept vectors (M, D) have full row rank (M <= D), so E = scores @ pinv(V^T) gives E V^T = scores."""
+    vectors = concept_embeddings(model, bank).numpy().astype(np.float64)
+    return torch.as_tensor(scores @ np.linalg.pinv(vectors.T))
+
+
+@pytest.fixture(scope="module")
+def informative_bottleneck(tiny_model, phantom_dir):
+    """A bottleneck fitted on the phantom's train split with concept scores made so that the first six concepts
+    each mark one finding (+3 on its images) and the other 17 are noise; also the bank and the scores."""
+    train = medvl.load_dataset(phantom_dir).select("train")
+    bank = load_concepts("chest_xray")
+    classes = train.classes("finding")
+    y = np.array([classes.index(r.labels["finding"]) for r in train])
+    scores = np.random.default_rng(0).normal(size=(len(y), len(bank.concepts)))
+    scores[:, :len(classes)] += 3.0 * np.eye(len(classes))[y]
+    fitted = fit_bottleneck(tiny_model, train, "finding", bank,
+                            image_embeddings=_embeddings_with_scores(tiny_model, bank, scores))
+    return fitted, bank, scores
+
+
+def test_bottleneck_is_sparse_on_uninformative_concepts(tiny_model, informative_bottleneck):
+    """The bottleneck is an L1 fit on every scikit-learn pyproject allows (before 1.8 ``l1_ratio`` alone left the
+    default L2 penalty: every concept weighted): the six concepts that mark a finding get a weight, most of the
+    17 noise concepts a weight of exactly 0."""
+    fitted, bank, scores = informative_bottleneck
+    found = len(fitted.classes)
+    assert fitted.classes == sorted(fitted.classes) and found == 6
+    assert np.allclose(fitted.standardised_scores(_embeddings_with_scores(tiny_model, bank, scores)) * fitted.scale
+                       + fitted.mean, scores)
+    informative, noise = fitted.weights[:, :found], fitted.weights[:, found:]
+    assert all(informative[k, k] > 0 for k in range(found))  # each finding's own concept pushes towards it
+    assert np.mean(noise == 0.0) > 0.5, fitted.weights  # exactly zero: L1, not small L2 weights
+    assert fitted.nonzero < len(bank.concepts)
+
+
+def test_concepts_for_a_finding_push_towards_it_and_those_against_come_apart(tiny_model, informative_bottleneck):
+    """The concepts given as reasons for a finding all raise it (positive contribution); those that lower it are
+    listed apart, most negative first; together they are every concept with a non-zero contribution."""
+    fitted, bank, scores = informative_bottleneck
+    embedding = _embeddings_with_scores(tiny_model, bank, scores[:1])[0]  # an image of one finding
+    standardised = fitted.standardised_scores(embedding[None])[0]
+    everything = len(bank.concepts)
+    seen_against = 0
+    for row, finding in enumerate(fitted.classes):
+        towards = fitted.contributions(embedding, finding, top=everything)
+        against = fitted.contributions(embedding, finding, top=everything, direction="against")
+        assert all(part["contribution"] > 0 for part in towards), (finding, towards)
+        assert all(part["contribution"] < 0 for part in against), (finding, against)
+        assert [p["contribution"] for p in towards] == sorted((p["contribution"] for p in towards), reverse=True)
+        assert [p["contribution"] for p in against] == sorted(p["contribution"] for p in against)
+        parts = fitted.weights[row] * standardised
+        assert {p["concept"] for p in towards + against} == {bank.concepts[i] for i in np.flatnonzero(parts)}
+        assert fitted.contributions(embedding, finding, top=1) == towards[:1]
+        seen_against += len(against)
+    assert seen_against > 0  # the image's own finding's concept argues against the other findings
+    with pytest.raises(InputError, match="direction"):
+        fitted.contributions(embedding, fitted.classes[0], direction="towards")
+
+
+def test_a_bottleneck_that_keeps_no_concept_is_said_to_be_the_class_prior(tiny_model, tiny_model_dir, phantom_dir,
+                                                                         tmp_path, caplog):
+    """Concept scores that are pure noise: cross-validation keeps a C at which L1 zeroes every weight. Fitting
+    or loading such a bottleneck warns that it is the class prior; medvl explain says so and lists no concept."""
+    import logging
+
+    train = medvl.load_dataset(phantom_dir).select("train")
+    bank = load_concepts("chest_xray")
+    noise = np.random.default_rng(0).normal(size=(len(train), len(bank.concepts)))
+    with caplog.at_level(logging.WARNING, logger="medvl"):
+        fitted = fit_bottleneck(tiny_model, train, "finding", bank,
+                                image_embeddings=_embeddings_with_scores(tiny_model, bank, noise))
+    assert fitted.nonzero == 0 and not fitted.weights.any()
+    assert "the concept bottleneck uses no concept (every weight is 0 at C=0.1): its predictions are the class " \
+           "prior" in caplog.text
+    probabilities = fitted.probabilities(_embeddings_with_scores(tiny_model, bank, noise[:3]))
+    assert np.allclose(probabilities, probabilities[0])  # the same for every image: the prior
+    path = fitted.save(tmp_path / "prior.json")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medvl"):
+        ConceptBottleneck.load(path)
+    assert f"{path}: the concept bottleneck uses no concept" in caplog.text
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--bottleneck",
+                            path, "--method", "patch_text")
+    assert result.exit_code == 0, output
+    assert "uses no concept" in " ".join(result.stderr.split()) and "class prior" in " ".join(result.stderr.split())
+    assert "no concept pushes towards or against" in result.stdout and "concept '" not in result.stdout
+
+
+def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir, tmp_path):
+    """Shapes that disagree, values that are not finite and a string of concepts are refused when the file is read,
+    with the file and the fault named (they used to load, then fail in numpy or print NaN contributions)."""
+    import re
+
+    fitted = fit_bottleneck(tiny_model, medvl.load_dataset(phantom_dir).select("train"), "finding",
+                            load_concepts("chest_xray"))
+    data = fitted.to_dict()
+    classes, concepts = fitted.weights.shape
+    damaged = {
+        "shape": ({"weights": np.ones((classes, 5)).tolist()},
+                  f"weights are {classes}x5, expected {classes}x{concepts}"),
+        "mean": ({"mean": [0.0] * (concepts - 1)}, f"mean is {concepts - 1}, expected {concepts} for"),
+        "vectors": ({"concept_vectors": []}, f"concept vectors are 0, expected {concepts}xD"),
+        "nan": ({"weights": [[float("nan")] * concepts] * classes}, "weights are not all finite numbers"),
+        "classes": ({"classes": data["classes"][:-1]},
+                    f"weights are {classes}x{concepts}, expected {classes - 1}x{concepts}"),
+        "string": ({"concepts": "abc"}, "concepts is not a list of names"),
+        "scale": ({"scale": [0.0] * concepts}, "scale holds values that are not above 0"),
+    }
+    for name, (change, problem) in damaged.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**data, **change}))
+        with pytest.raises(DataError, match=re.escape(f"{path}: not a concept bottleneck file ({problem}")):
+            ConceptBottleneck.load(path)
+    loaded = ConceptBottleneck.load(fitted.save(tmp_path / "good.json"))
+    assert loaded.problem() is None and np.array_equal(loaded.weights, fitted.weights)
 
 
 def test_bottleneck_beside_the_probe(tiny_model, phantom_dir):
@@ -254,10 +492,13 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
     saved = ConceptBottleneck.load(tmp_path / "out" / "bottleneck.json")
     embedding = medvl.load_model(tiny_model_dir).encode_images([image])[0]
     for finding in explanation["findings"]:  # the concepts printed are the saved bottleneck's, recomputed
-        expected = saved.contributions(embedding, finding["finding"])
-        assert [c["concept"] for c in finding["concepts"]] == [c["concept"] for c in expected]
-        assert [c["contribution"] for c in finding["concepts"]] == pytest.approx([c["contribution"] for c in expected],
-                                                                                 abs=1e-5)
+        for key, direction, top in (("concepts", "for", 5), ("concepts_against", "against", 2)):
+            expected = saved.contributions(embedding, finding["finding"], top=top, direction=direction)
+            assert [c["concept"] for c in finding[key]] == [c["concept"] for c in expected]
+            assert [c["contribution"] for c in finding[key]] == pytest.approx([c["contribution"] for c in expected],
+                                                                              abs=1e-5)
+        assert all(c["contribution"] > 0 for c in finding["concepts"])
+        assert all(c["contribution"] < 0 for c in finding["concepts_against"])
     assert saved.nonzero > 0
     neighbours = explanation["neighbours"]
     assert len(neighbours) == 3 and neighbours[0]["id"] == "images/" + image.stem  # the image itself is indexed
@@ -266,7 +507,11 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
                            "--bottleneck", tmp_path / "out" / "bottleneck.json")
     assert again.exit_code == 0, output
     for part in explanation["findings"][0]["concepts"]:
-        assert f"concept {part['concept']!r}" in output
+        assert f"concept {part['concept']!r} (for): weight {part['weight']:+.3f}" in output
+    for part in explanation["findings"][0]["concepts_against"]:
+        assert f"concept {part['concept']!r} (against): weight {part['weight']:+.3f}" in output
+    if not explanation["findings"][0]["concepts"]:
+        assert "no concept pushes towards" in output
     assert saved.classes == sorted(explanation["probabilities"])
     refused, output = invoke("explain", image, "--model", tiny_model_dir, "--out", tmp_path / "out")
     assert refused.exit_code == 2
@@ -309,6 +554,37 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (INFO logs go there too)
     assert len(lines) == 1 and named[case] in lines[0], output
     assert "Traceback" not in output
+
+
+def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phantom_dir, tmp_path):
+    path = tmp_path / "bottleneck.json"
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts",
+                            "chest_xray", "--concept-data", phantom_dir, "--method", "patch_text", "--out", tmp_path)
+    assert result.exit_code == 0, output
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "weights": [row[:5] for row in data["weights"]]}))
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--bottleneck",
+                            path, "--method", "patch_text")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"{path}: not a concept bottleneck file (weights are 6x5, expected 6x" in " ".join(output.split())
+
+
+def test_explain_fits_concepts_on_a_manifest_outside_its_folder_when_allowed(tiny_model_dir, phantom_dir, tmp_path):
+    """The refusal of a manifest naming images outside its folder names --allow-outside-root, which explain has
+    (it used to answer 'No such option')."""
+    from cli_helpers import write_manifest
+
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        rows = [[str(phantom_dir / r["image"]), r["split"], r["finding"]] for r in csv.DictReader(handle)]
+    (tmp_path / "elsewhere").mkdir()
+    manifest = write_manifest(tmp_path / "elsewhere" / "manifest.csv", ["image", "split", "finding"], rows)
+    args = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts", "chest_xray",
+            "--concept-data", manifest, "--method", "patch_text"]
+    refused, output = invoke(*args)
+    assert refused.exit_code == 2 and "--allow-outside-root" in output and "Traceback" not in output, output
+    result, output = invoke(*args, "--allow-outside-root", "--out", tmp_path / "why")
+    assert result.exit_code == 0, output
+    assert ConceptBottleneck.load(tmp_path / "why" / "bottleneck.json").label_column == "finding"
 
 
 def test_overlay_files_of_two_findings_never_coincide():

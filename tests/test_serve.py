@@ -990,10 +990,13 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
         assert shown["probabilities"][name] == pytest.approx(probability, abs=1e-5)
     assert [f["finding"] for f in shown["findings"]] == [f["finding"] for f in cli["findings"]]
     for served, expected, maps in zip(shown["findings"], cli["findings"], library["findings"], strict=True):
-        assert served["concepts"] and [c["concept"] for c in served["concepts"]] == \
-            [c["concept"] for c in expected["concepts"]]
-        for concept, reference in zip(served["concepts"], expected["concepts"], strict=True):
-            assert concept["weight"] == pytest.approx(reference["weight"]) and "contribution" in concept
+        assert served["concepts"] or served["concepts_against"]
+        for key in ("concepts", "concepts_against"):  # reasons for the finding, and apart, the strongest against
+            assert [c["concept"] for c in served[key]] == [c["concept"] for c in expected[key]]
+            for concept, reference in zip(served[key], expected[key], strict=True):
+                assert concept["weight"] == pytest.approx(reference["weight"])
+                assert concept["contribution"] == pytest.approx(reference["contribution"], abs=1e-5)
+                assert (concept["contribution"] > 0) == (key == "concepts")
         for method in ("patch_text", "gradcam"):
             assert served["heatmaps"][method]["peak"] == expected["heatmaps"][method]["peak"]
             overlay = _overlay(served["heatmaps"][method])
@@ -1102,6 +1105,18 @@ def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, b
         create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "weights.json"), require_token=False)
     result, output = invoke("serve", "--model", model_dir, "--vqa-model", tmp_path / "missing", "--no-auth")
     assert result.exit_code == 2 and "not found" in output
+
+
+def test_a_damaged_bottleneck_is_refused_at_start_not_on_every_request(model_dir, bottleneck_file, tmp_path):
+    from medvl.errors import DataError
+
+    data = json.loads(bottleneck_file.read_text())
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({**data, "mean": data["mean"][:-1]}))
+    with pytest.raises(DataError, match=r"damaged.json: not a concept bottleneck file \(mean is"):
+        create_app(model_dir, settings=ServeSettings(bottleneck=damaged), require_token=False)
+    result, output = invoke("serve", "--model", model_dir, "--bottleneck", damaged, "--no-auth")
+    assert result.exit_code == 2 and "not a concept bottleneck file" in output and "Traceback" not in output
 
 
 def test_zero_shot_answers_while_an_explanation_holds_the_heavy_lane(server, client, png):

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..checks import split_names
-from .common import CaptionsOption, OverwriteOption, console, handle_errors
+from .common import AllowOutsideOption, CaptionsOption, OverwriteOption, console, handle_errors
 
 
 @handle_errors
@@ -35,6 +35,7 @@ def explain_command(
              "The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
     concept_label: Annotated[str | None, typer.Option(
         help="Label column of --concept-data to fit on (default: its first label column).")] = None,
+    allow_outside_root: AllowOutsideOption = False,
     bottleneck: Annotated[Path | None, typer.Option(
         help="A concept bottleneck fitted before (bottleneck.json) instead of --concept-data.")] = None,
     index: Annotated[str | None, typer.Option(
@@ -57,7 +58,7 @@ def explain_command(
     if method:
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)
-    fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions)
+    fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root)
     names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
     if fitted is not None and saved is not None:  # only once the explanation it serves was written
@@ -67,7 +68,7 @@ def explain_command(
         console.print(f"wrote {saved}")
 
 
-def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions):
+def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root=False):
     from ..errors import InputError
     from ..explain.concepts import ConceptBottleneck, fit_bottleneck, load_concepts
 
@@ -85,7 +86,7 @@ def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions
     from ..data import load_dataset
 
     bank = load_concepts(concepts)
-    data = load_dataset(concept_data)
+    data = load_dataset(concept_data, allow_outside_root=allow_outside_root)
     label = concept_label or (data.label_names[0] if data.label_names else None)
     if label is None:
         raise InputError(f"{concept_data}: the dataset has no label column to fit the concept bottleneck on")
@@ -119,9 +120,14 @@ def _print(result: dict, out: Path | None) -> None:
             at = (f"peak at row {heatmap['peak'][0]}, column {heatmap['peak'][1]}" if heatmap["peak"]
                   else "constant map (no positive evidence)")
             console.print(f"  {name}: {at}{where}", highlight=False, soft_wrap=True)
-        for part in entry.get("concepts", []):
-            console.print(f"  concept {part['concept']!r}: weight {part['weight']:+.3f}, "
-                          f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
+        if "concepts" in entry and not entry["concepts"]:
+            against = " or against" if not entry.get("concepts_against") else ""
+            console.print(f"  no concept pushes towards{against} {entry['finding']!r} in this image", highlight=False,
+                          soft_wrap=True)
+        for side, parts in (("for", entry.get("concepts", [])), ("against", entry.get("concepts_against", []))):
+            for part in parts:
+                console.print(f"  concept {part['concept']!r} ({side}): weight {part['weight']:+.3f}, "
+                              f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
     for rank, hit in enumerate(result.get("neighbours", []), 1):
         console.print(f"  {rank}. {hit['id']} ({hit['split']}) score {hit['score']:.3f}", highlight=False)
     if out is not None:

@@ -73,6 +73,10 @@ def serve_command(
                              data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
                              backend=backend, torch_threads=torch_threads).validate().for_model(model)
     _check_model_dir(model, settings.backend)
+    if settings.bottleneck is not None:  # a damaged file is refused now; whether it fits the model, once that loads
+        from ..explain.concepts import ConceptBottleneck
+
+        ConceptBottleneck.load(settings.bottleneck)
     _setup_logs()
     app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
                      load_in_background=True)  # /v1/health answers while the model loads

@@ -10,12 +10,15 @@ embedding (the mean over the caption templates the model was trained with, each 
 phrase). A **bottleneck** standardises the scores over the training images and fits an L1
 (sparse) multinomial logistic regression on them alone (regularisation C chosen by 3-fold
 cross-validation); a finding's explanation is its top concepts by contribution = weight x
-standardised score. ``compare_with_probe`` puts its accuracy beside a linear probe fitted on the
+standardised score, those that push towards the finding (contribution > 0) apart from those
+that push against it. ``compare_with_probe`` puts its accuracy beside a linear probe fitted on the
 image embeddings the scores come from.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..io import write_json
 
+log = logging.getLogger(__name__)
+
 BUILTIN_DIR = Path(__file__).with_name("concepts")
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -41,7 +46,7 @@ class ConceptBank:
     """Named concept phrases and where they came from."""
 
     name: str  # the file's stem, e.g. "chest_xray"
-    concepts: list[str]  # phrases, in file order, without duplicates
+    concepts: list[str]  # phrases as written, in file order, without duplicates (compared without regard to case)
     source: str  # the file read
 
 
@@ -60,23 +65,26 @@ def load_concepts(bank: str | Path) -> ConceptBank:
 
 
 def read_concepts(path: str | Path) -> list[str]:
-    """The phrases of a concept file; DataError naming it when unreadable, empty or repeating a phrase."""
+    """The phrases of a concept file as written (runs of white space made one space); DataError naming it
+    when unreadable, empty or repeating a phrase (compared without regard to case)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(path, "not UTF-8 text") from None
-    concepts: dict[str, int] = {}
+    lines: dict[str, int] = {}  # phrase, lower-cased -> its line
+    concepts: list[str] = []
     for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
         phrase = " ".join(line.split())
         if not phrase or phrase.startswith("#"):
             continue
-        if phrase.lower() in concepts:
-            raise DataError(path, f"line {number} repeats the concept of line {concepts[phrase.lower()]}")
-        concepts[phrase.lower()] = number
+        if phrase.lower() in lines:
+            raise DataError(path, f"line {number} repeats the concept of line {lines[phrase.lower()]}")
+        lines[phrase.lower()] = number
+        concepts.append(phrase)
     if not concepts:
         raise DataError(path, "empty concept bank: no concept phrases (one a line; # starts a comment)")
-    return list(concepts)
+    return concepts
 
 
 def concept_embeddings(model, bank: ConceptBank, captions=None) -> torch.Tensor:
@@ -124,14 +132,21 @@ class ConceptBottleneck:
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def contributions(self, image_embedding: np.ndarray | torch.Tensor, finding: str, top: int = 5) -> list[dict]:
-        """The ``top`` concepts pushing one image towards ``finding``: weight, score, contribution."""
+    def contributions(self, image_embedding: np.ndarray | torch.Tensor, finding: str, top: int = 5,
+                      direction: str = "for") -> list[dict]:
+        """The ``top`` concepts pushing one image towards ``finding`` (``direction="for"``: positive
+        contributions only, largest first) or away from it (``"against"``: negative ones only, most
+        negative first), each with its weight, standardised score and contribution = weight x score.
+        Fewer than ``top``, or none, when fewer concepts push that way."""
         if finding not in self.classes:
             raise InputError(f"the concept bottleneck does not predict {finding!r}; it knows {', '.join(self.classes)}")
+        if direction not in ("for", "against"):
+            raise InputError(f"direction must be 'for' or 'against', got {direction!r}")
         row = self.classes.index(finding)
         scores = self.standardised_scores(np.asarray(image_embedding).reshape(1, -1))[0]
         parts = self.weights[row] * scores
-        order = [int(i) for i in np.argsort(-parts, kind="stable") if self.weights[row, i] != 0][:top]
+        towards = parts if direction == "for" else -parts
+        order = [int(i) for i in np.argsort(-towards, kind="stable") if towards[i] > 0][:top]
         return [{"concept": self.concepts[i], "weight": float(self.weights[row, i]),
                  "score": float(scores[i]), "contribution": float(parts[i])} for i in order]
 
@@ -139,6 +154,13 @@ class ConceptBottleneck:
     def nonzero(self) -> int:
         """Concepts with a non-zero weight for at least one class."""
         return int(np.count_nonzero(np.abs(self.weights).sum(axis=0)))
+
+    def warn_if_prior_only(self, source: str | Path) -> None:
+        """A warning when no concept has a weight (L1 at the chosen C kept none): the bottleneck's predictions
+        are then the class prior (its intercepts) and no concept explains any finding."""
+        if self.nonzero == 0:
+            log.warning("%s: the concept bottleneck uses no concept (every weight is 0 at C=%g): its predictions are "
+                        "the class prior, and it names no concept for or against any finding", source, self.c)
 
     def to_dict(self) -> dict[str, Any]:
         return {"concepts": self.concepts, "classes": self.classes, "label_column": self.label_column,
@@ -161,17 +183,49 @@ class ConceptBottleneck:
             arrays = {k: np.asarray(data[k], dtype=np.float64)
                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
             model = data.get("model")
-            return cls(concepts=list(data["concepts"]), classes=list(data["classes"]),
-                       label_column=str(data["label_column"]), c=float(data["c"]),
-                       model=dict(model) if isinstance(model, dict) else None, **arrays)
+            bottleneck = cls(concepts=data["concepts"], classes=data["classes"],  # checked by problem()
+                             label_column=str(data["label_column"]), c=float(data["c"]),
+                             model=dict(model) if isinstance(model, dict) else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
+        problem = bottleneck.problem()
+        if problem is not None:
+            raise DataError(path, f"not a concept bottleneck file ({problem})")
+        bottleneck.warn_if_prior_only(path)
+        return bottleneck
+
+    def problem(self) -> str | None:
+        """What makes this bottleneck unusable, or None: M concepts and K classes (distinct names, M >= 1,
+        K >= 2) need concept vectors (M, D), mean and scale (M,), weights (K, M) and intercepts (K,), all
+        finite, scale and c above 0."""
+        for key, names, least in (("concepts", self.concepts, 1), ("classes", self.classes, 2)):
+            if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+                return f"{key} is not a list of names"
+            if len(set(names)) != len(names) or len(names) < least:
+                return f"{key} must be at least {least} distinct names, got {len(names)}"
+        concepts, classes = len(self.concepts), len(self.classes)
+        dims = self.concept_vectors.shape[-1] if self.concept_vectors.ndim == 2 else 0
+        expected = (("concept vectors are", self.concept_vectors, (concepts, max(dims, 1))),
+                    ("mean is", self.mean, (concepts,)), ("scale is", self.scale, (concepts,)),
+                    ("weights are", self.weights, (classes, concepts)), ("intercepts are", self.intercepts, (classes,)))
+        for name, values, shape in expected:
+            if values.shape != shape:
+                wanted = "x".join(map(str, shape)) if values is not self.concept_vectors else f"{concepts}xD"
+                return (f"{name} {'x'.join(map(str, values.shape)) or 'one number'}, expected {wanted} for "
+                        f"{concepts} concepts and {classes} classes")
+            if not np.isfinite(values).all():
+                return f"{name} not all finite numbers"
+        if not (self.scale > 0).all():
+            return "scale holds values that are not above 0"
+        if not (np.isfinite(self.c) and self.c > 0):
+            return f"c is {self.c}, expected a number above 0"
+        return None
 
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
                    image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
-    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used)."""
-    from sklearn.linear_model import LogisticRegression
+    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used); a warning when
+    it keeps no concept (``ConceptBottleneck.warn_if_prior_only``)."""
     from sklearn.model_selection import GridSearchCV
 
     classes, y = _targets(dataset, label)
@@ -181,7 +235,7 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
     scores = image_embeddings.numpy().astype(np.float64) @ vectors.T
     mean, scale = scores.mean(0), scores.std(0)
     scale[scale == 0] = 1.0
-    linear = LogisticRegression(l1_ratio=1.0, solver="saga", max_iter=5000, random_state=seed)
+    linear = l1_logistic_regression(seed)
     standardised = (scores - mean) / scale
     folds = min(3, int(np.bincount(y).min()))
     if folds >= 2:
@@ -194,7 +248,23 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
     from ..index.base import model_fingerprint
 
     fingerprint = {key: value for key, value in model_fingerprint(model).items() if key != "dir"}
-    return ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
+    fitted = ConceptBottleneck(bank.concepts, classes, label, vectors, mean, scale, weights, intercepts, c, fingerprint)
+    fitted.warn_if_prior_only(dataset.source)
+    return fitted
+
+
+def l1_logistic_regression(seed: int = 0, **options: Any):
+    """scikit-learn's L1 (lasso) logistic regression, saga solver, on every version pyproject allows (>= 1.4).
+
+    From 1.8 ``l1_ratio=1.0`` alone is pure L1 (and ``penalty`` is deprecated); before 1.8 the penalty
+    is ``penalty`` (default "l2") and ``l1_ratio`` is ignored unless it is "elasticnet", so a model built
+    the 1.8 way there would silently be a dense L2 regression."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    major, minor = (int(part) for part in re.findall(r"\d+", sklearn.__version__)[:2])
+    penalty = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+    return LogisticRegression(**penalty, solver="saga", max_iter=5000, random_state=seed, **options)
 
 
 def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,

@@ -1,5 +1,6 @@
-"""One image explained: the predicted findings, a heatmap per method as a PNG overlay, the top
-contributing concepts of a concept bottleneck and the nearest cases of an index.
+"""One image explained: the predicted findings, a heatmap per method as a PNG overlay, the concepts
+of a concept bottleneck that push towards each finding (and the strongest against it) and the
+nearest cases of an index.
 
 Findings are the zero-shot classes of one label column (``--labels``, default every class the
 model's captions describe); the ``top`` most probable are explained. Overlay files are named
@@ -113,13 +114,15 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
 
 def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None, label_column: str | None = None,
                    captions=None, methods: Sequence[str] = ("patch_text",), top: int = 1, bottleneck=None,
-                   map_shape: Sequence[int] | None = None, concepts_top: int = 5,
+                   map_shape: Sequence[int] | None = None, concepts_top: int = 5, against_top: int = 2,
                    source: str | Path | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """The ``top`` most probable findings of decoded pixels (a file read by ``explain_image``, or an
     upload the service holds in memory) among ``labels``, with, per finding, each heatmap method's map
     (an ``(rows, columns)`` float32 array at ``map_shape``, default the image's own, under ``"map"``)
     and its ``"peak"`` ([row, column] on that grid; None for a constant map), and with ``bottleneck``
-    (a fitted ``ConceptBottleneck``) the ``concepts_top`` concepts of each finding it predicts.
+    (a fitted ``ConceptBottleneck``), for each finding it predicts, the ``concepts_top`` concepts that
+    push towards it (``"concepts"``, positive contributions only: maybe fewer, or none) and the
+    ``against_top`` that push against it most (``"concepts_against"``, negative contributions).
 
     Returns the explanation (``label_column``, ``probabilities``, ``findings``, ``input_flags``: whether the
     image is blank or streaked as the model sees it, ``medvl.data.audit.input_flags``) and the image
@@ -142,6 +145,8 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
                                  "heatmaps": {m: {"peak": _peak(h), "map": h} for m, h in maps.items()}}
         if bottleneck is not None and classes[target] in bottleneck.classes:
             entry["concepts"] = bottleneck.contributions(embedding, classes[target], top=concepts_top)
+            entry["concepts_against"] = bottleneck.contributions(embedding, classes[target], top=against_top,
+                                                                 direction="against")
         findings.append(entry)
     return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
             "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
@@ -159,7 +164,7 @@ def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[st
 
 def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title: str) -> Path:
     """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
-    its peak marked; written atomically as PNG."""
+    its peak (``grounding.peak``) marked; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,8 +175,9 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
     axes = figure.add_subplot()
     axes.imshow(grey, cmap="gray")
     shown = axes.imshow(normalise_map(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    if float(np.ptp(heatmap)) > 0:
-        row, col = peak(heatmap)
+    where = peak(heatmap)
+    if where is not None:
+        row, col = where
         axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
     axes.set_title(title, fontsize=9)
     axes.set_axis_off()
@@ -182,8 +188,10 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
 
 
 def _peak(heatmap: np.ndarray) -> list[int] | None:
-    """[row, column] of the map's maximum; None for a constant map (Grad-CAM with no positive evidence)."""
-    return list(peak(heatmap)) if float(np.ptp(heatmap)) > 0 else None
+    """[row, column] of the centre of the map's maximal region (``grounding.peak``); None for a constant map
+    (Grad-CAM with no positive evidence)."""
+    where = peak(heatmap)
+    return None if where is None else list(where)
 
 
 def _safe(name: str) -> str:

@@ -2,10 +2,17 @@
 
 Conventions: a heatmap is a (rows, columns) float array, higher = more evidence; boxes are
 ``[x0, y0, x1, y1]`` pixels, end-exclusive (x = column), as the phantom writes them, so
-``mask[y0:y1, x0:x1]`` holds a finding's whole mask.
+``mask[y0:y1, x0:x1]`` holds a finding's whole mask. A box reaching outside the image and an empty
+mask are refused, not clipped or scored (an empty mask against a map with no evidence gave IoU 1).
 
-* **Pointing game** (Zhang et al. 2016): a hit when the map's maximum (the first one in
-  row-major order on ties) lies inside the region, or within ``tolerance`` pixels (Euclidean) of it.
+* **Pointing game** (Zhang et al. 2016): a hit when the map's peak lies inside the region, or within
+  ``tolerance`` pixels (Euclidean) of it. The **peak** (``peak``) is the centre of the map's maximal
+  region, not one corner of it: the pixel nearest the centroid of every pixel within ``PEAK_RTOL`` of the
+  maximum (relative to the map's scale). Token maps upsampled bilinearly (patch_text, Grad-CAM) have flat
+  maxima, e.g. a border cell's maximum is a plateau half a cell wide, whose values differ only by float
+  rounding that changes with how many images share a forward pass; the first maximum in row-major order
+  was the plateau's top-left corner, picked by that rounding. A constant map (no evidence anywhere) has
+  no peak and is never a hit.
 * **Energy in box**: the share of the min-max normalised map's mass inside the box (Wang et al.
   2020, Score-CAM's energy-based pointing game); 1 = all the evidence in the box.
 * **IoU / Dice at a threshold t**: the map is min-max normalised to [0, 1] and the pixels >= t form
@@ -28,10 +35,11 @@ import numpy as np
 from ..embed import class_embeddings
 from ..errors import DataError, InputError
 from ..predict import class_prompts
-from .heatmaps import METHODS, check_methods, check_settings, heatmaps, resize_map, target_index
+from .heatmaps import METHODS, check_heatmap_model, check_methods, check_settings, heatmaps, resize_map, target_index
 
 BASELINES = ("random", "centre")
 THRESHOLDS = (0.25, 0.5, 0.75)
+PEAK_RTOL = 1e-6  # values this close to the maximum (relative to the map's scale) tie with it: float32 rounding
 
 
 def normalise_map(heatmap: np.ndarray) -> np.ndarray:
@@ -41,26 +49,44 @@ def normalise_map(heatmap: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def peak(heatmap: np.ndarray) -> tuple[int, int]:
-    """(row, column) of the map's maximum; the first in row-major order on ties."""
-    row, col = np.unravel_index(int(np.argmax(heatmap)), np.shape(heatmap))
-    return int(row), int(col)
+def peak(heatmap: np.ndarray, rtol: float = PEAK_RTOL) -> tuple[int, int] | None:
+    """(row, column) of the centre of the map's maximal region; None for a constant map (no peak).
+
+    The maximal region is every pixel within ``rtol`` x the map's scale (the larger of its range and
+    its maximum's magnitude) of the maximum: a plateau, or a tie, of values equal up to float rounding.
+    Its centre is the region's pixel nearest the region's centroid (the first in row-major order when
+    several are as near), so the peak is always a pixel of the maximal region, also when that region
+    is not convex or lies in separate places."""
+    values = np.asarray(heatmap, dtype=np.float64)
+    high, low = float(values.max()), float(values.min())
+    if not high > low:  # constant, or not finite
+        return None
+    rows, cols = np.nonzero(values >= high - rtol * max(high - low, abs(high)))
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return int(rows[nearest]), int(cols[nearest])
 
 
 def box_mask(box: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """A boolean (rows, columns) mask of an end-exclusive ``[x0, y0, x1, y1]`` box."""
+    """A boolean (rows, columns) mask of an end-exclusive ``[x0, y0, x1, y1]`` box, which must lie in ``shape``."""
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
         raise InputError(f"box {list(box)} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+    if x1 > shape[1] or y1 > shape[0]:
+        raise InputError(f"box {list(box)} reaches outside the image of {shape[1]} x {shape[0]} pixels (x1 <= width, "
+                         "y1 <= height)")
     mask = np.zeros(tuple(shape[:2]), dtype=bool)
     mask[y0:y1, x0:x1] = True
     return mask
 
 
 def pointing_hit(heatmap: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
-    """True when the map's peak lies in ``region`` (boolean, same shape) or within ``tolerance`` px of it."""
+    """True when the map's peak (``peak``) lies in ``region`` (boolean, same shape) or within ``tolerance`` px
+    of it; False for a constant map, which has no peak."""
     _check_same_shape(heatmap, region)
-    row, col = peak(heatmap)
+    where = peak(heatmap)
+    if where is None:
+        return False
+    row, col = where
     if region[row, col]:
         return True
     if tolerance <= 0 or not region.any():
@@ -104,8 +130,12 @@ def centre_prior(shape: Sequence[int], sigma: float = 0.25) -> np.ndarray:
 
 def region_scores(heatmap: np.ndarray, mask: np.ndarray, box: Sequence[int],
                   thresholds: Sequence[float] = THRESHOLDS, tolerance: float = 0.0) -> dict[str, float]:
-    """Every grounding score of one map against one finding's mask and box."""
+    """Every grounding score of one map against one finding's mask and box (InputError for an empty mask: IoU and
+    Dice of an empty prediction would score 1)."""
     in_box = box_mask(box, np.shape(heatmap))
+    _check_same_shape(heatmap, mask)
+    if not np.any(mask):
+        raise InputError("the finding's mask is empty: nothing to ground against")
     scores = {"pointing_box": float(pointing_hit(heatmap, in_box, tolerance)),
               "pointing_mask": float(pointing_hit(heatmap, mask, tolerance)),
               "energy_box": energy_in(heatmap, in_box)}
@@ -134,20 +164,35 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def phantom_truth(record, finding: str) -> tuple[np.ndarray, list[int]] | None:
-    """The mask and box of ``finding`` in a phantom record (``boxes`` column and ``masks/`` folder
-    beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it."""
+    """The mask and box of ``finding`` in a 2D phantom record (``boxes`` column and ``masks/`` folder
+    beside ``images/``, as ``medvl phantom`` writes them), or None when the case has no box for it.
+
+    DataError naming the mask when it is missing, a 3D (NIfTI) mask, or empty, or when the box does not
+    lie inside it."""
     from PIL import Image
 
     boxes = json.loads(record.labels.get("boxes") or "{}")
     if finding not in boxes:
         return None
     image = Path(record.image)
-    mask_path = image.parent.parent / "masks" / f"{image.stem}_{finding}.png"
+    name = image.name[:-len(".nii.gz")] if image.name.lower().endswith(".nii.gz") else image.stem
+    mask_path = image.parent.parent / "masks" / f"{name}_{finding}.png"
     if not mask_path.is_file():
+        volume = mask_path.with_name(f"{name}_{finding}.nii.gz")
+        if volume.is_file():
+            raise DataError(volume, "a 3D mask: grounding scores 2D images against 2D (PNG) masks; volumes are "
+                                    "not supported")
         raise DataError(mask_path, f"mask of {finding!r} not found (the manifest gives it a box)")
     with Image.open(mask_path) as handle:
         mask = np.asarray(handle.convert("L")) > 0
-    return mask, [int(v) for v in boxes[finding]]
+    box = [int(v) for v in boxes[finding]]
+    if not mask.any():
+        raise DataError(mask_path, f"mask of {finding!r} is empty (the manifest gives it the box {box})")
+    rows, cols = mask.shape
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= cols and 0 <= box[1] < box[3] <= rows):
+        raise DataError(mask_path, f"the manifest's box {box} of {finding!r} ({record.id}) is not an [x0, y0, x1, y1] "
+                                   f"box inside the mask's {cols} x {rows} pixels")
+    return mask, box
 
 
 def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence[str] | None = None,
@@ -155,10 +200,12 @@ def evaluate_grounding(model, dataset, label: str = "finding", methods: Sequence
                        captions=None, batch_size: int = 16,
                        settings: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Grounding of each heatmap method and both baselines on every record whose ``label`` class has a
-    box and mask (phantom layout, see ``phantom_truth``); the heatmap explains the true class among
-    all of ``label``'s classes in ``dataset`` (with a method's setting ``head``: the class of the same
-    name among that supervised head's). ``settings``: keyword arguments per method (``heatmaps``).
-    Returns ``per_finding`` (``summarise``), ``seconds_per_image`` per method and the settings."""
+    box and mask (2D phantom layout, see ``phantom_truth``; a 3D model is a ModelError); the heatmap
+    explains the true class among all of ``label``'s classes in ``dataset`` (with a method's setting
+    ``head``: the class of the same name among that supervised head's). ``settings``: keyword arguments
+    per method (``heatmaps``). Returns ``per_finding`` (``summarise``), ``seconds_per_image`` per method
+    and the settings."""
+    check_heatmap_model(model)  # before any mask is looked for: a 3D model's refusal names the real reason
     methods = check_methods(methods or METHODS)
     check_settings(methods, settings)
     _check_thresholds(thresholds)

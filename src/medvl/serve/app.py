@@ -8,8 +8,9 @@ form fields, ``POST /v1/embed``, ``/v1/zero-shot`` (``labels=effusion,no finding
 ``/v1/report/draft`` (``k``, ``where``, ``min_support``, ``min_similarity``, ``related``); the
 last two need the index given at start. ``POST /v1/explain`` (``labels``, ``methods``,
 ``label_column``, ``top``, ``k``): the predicted findings, per finding its heatmaps as RGBA PNG
-overlays (base64, the preview's shape) and its top concepts (with ``--bottleneck``), and the nearest
-cases (with ``--index``). ``POST /v1/vqa`` (``question``; the field ``image`` once per image, earlier
+overlays (base64, the preview's shape) and, with ``--bottleneck``, the concepts that push towards
+it (``concepts``, positive contributions only) and the strongest against it (``concepts_against``),
+and the nearest cases (with ``--index``). ``POST /v1/vqa`` (``question``; the field ``image`` once per image, earlier
 film first): the answer of the VQA model given at start (``--vqa-model``; else 409), its
 probability and the top alternative. Both run one at a time beside the micro-batcher
 (``lane.HeavyLane``). ``POST /v1/preview`` (``window``: a CT preset) and
@@ -273,8 +274,9 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
                       top: Annotated[int, Form(description="Explain the TOP most probable findings.")] = 1,
                       k: Annotated[int, Form(description="Nearest cases (with an index).")] = 5) -> dict:
         """Why the model sees its findings: per finding its probability, a heatmap per method (an RGBA PNG
-        overlay, base64, of the preview's shape: lay it over the image) with its peak, the top concepts
-        of the concept bottleneck; and the nearest indexed cases."""
+        overlay, base64, of the preview's shape: lay it over the image) with its peak, the concepts of the
+        concept bottleneck that push towards it (and, apart, the strongest against it); and the nearest
+        indexed cases."""
         service = loader.get()
         names = parse_labels(labels) if labels and labels.strip() else None
         chosen = parse_methods(methods) if methods and methods.strip() else None
