@@ -179,3 +179,19 @@ def test_a_bad_check_split_leaves_the_model_without_a_guard(guarded, phantom_dir
     result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-data", phantom_dir,
                             "--check-split", "test", "-q")
     assert result.exit_code == 0 and (model / OOD_FILE).is_file(), output
+
+
+def test_a_damaged_guard_says_how_to_recover_and_overwrite_replaces_it(guarded, phantom_dir, tmp_path):
+    """A guard file cut short (an interrupted copy, a full disk) stops every command on the model: the error says
+    how to recover, and ``medvl ood fit --overwrite``, which replaces the guard, does not read it first."""
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    (model / OOD_FILE).write_bytes((model / OOD_FILE).read_bytes()[:500])
+    phantom = load_split(phantom_dir, "test")[0].image
+    result, output = invoke("predict", phantom, "--model", model, "--labels", LABELS)
+    message = " ".join(output.split())
+    assert result.exit_code == 2 and "cannot read the OOD guard" in message, output
+    assert f"delete {model / OOD_FILE}" in message and "medvl ood fit" in message and "--overwrite" in message
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--overwrite", "-q")
+    assert result.exit_code == 0, output
+    assert load_model(model).ood is not None

@@ -203,7 +203,7 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     if (model_directory(model) / OOD_FILE).exists() and not overwrite:
         raise InputError(f"{model_directory(model) / OOD_FILE}: the model has an OOD guard already "
                          "(--overwrite replaces it)")
-    net = load_model(model)
+    net = load_model(model, load_guard=False)  # the guard is replaced: one that cannot be read must not stop that
     if not isinstance(net, DualEncoder):
         raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")
     fit_set = load_split(data, split, allow_outside_root=allow_outside_root)

@@ -155,7 +155,9 @@ class DualEncoder(nn.Module):
         return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> DualEncoder:
+    def from_pretrained(cls, directory: str | Path, load_guard: bool = True) -> DualEncoder:
+        """The model saved in ``directory``; ``load_guard=False`` leaves its OOD guard (``ood.safetensors``) unread,
+        for ``medvl ood fit --overwrite``, which replaces a guard that may be damaged."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -205,7 +207,7 @@ class DualEncoder(nn.Module):
             model.load_state_dict(state)
         except RuntimeError as err:
             raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
-        model.ood = OODGuard.load(directory)
+        model.ood = OODGuard.load(directory) if load_guard else None
         model.eval()
         return model
 

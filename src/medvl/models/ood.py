@@ -71,7 +71,14 @@ class OODGuard:
                 mean, precision = handle.get_tensor("mean"), handle.get_tensor("precision")
             threshold, info = float(metadata["threshold"]), json.loads(metadata["info"])
         except (SafetensorError, OSError, KeyError, ValueError) as err:
-            raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err})") from None
+            raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
+                             f"{recovery(path)}") from None
         if precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all():
-            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed")
+            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed; {recovery(path)}")
         return cls(mean=mean, precision=precision, threshold=threshold, info=info)
+
+
+def recovery(path: Path) -> str:
+    """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""
+    return (f"delete {path} (the model then runs without a guard) or fit a new one with "
+            f"`medvl ood fit --model {path.parent} --data DATA --overwrite`")
