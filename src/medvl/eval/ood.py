@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,10 @@ MIN_FIT = 20  # fewer training images than this give no usable covariance
 
 def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float = 0.99,
             show_progress: bool = True) -> OODGuard:
-    """Fit the guard on ``fit_set``'s embeddings, its threshold the ``quantile`` of ``calibration_set``'s
-    scores (a split the guard was not fitted on: the fitted images score lower than new ones)."""
+    """Fit the guard on ``fit_set``'s embeddings, its threshold the split-conformal ``quantile`` of
+    ``calibration_set``'s scores (``conformal_threshold``; a split the guard was not fitted on: the fitted images
+    score lower than new ones). A calibration split too small for the quantile (``calibration_needed``) is
+    warned about; ``info["expected_flagged_share"]`` is the share of in-distribution images expected flagged."""
     from sklearn.covariance import LedoitWolf
 
     check_quantile(quantile)
@@ -36,11 +39,34 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
                      precision=torch.from_numpy(shrunk.precision_).float(), threshold=float("inf"), info={})
     calibration = guard.scores(embed_images(model, calibration_set, features=True,
                                             show_progress=show_progress)).numpy()
-    guard.threshold = float(np.quantile(calibration, quantile))
+    guard.threshold, expected = conformal_threshold(calibration, quantile)
+    if expected > 1 - quantile + 1e-12:
+        log.warning("%s: %d calibration images are fewer than the %d the %.4g quantile needs: the threshold is their "
+                    "highest score, and %.1f%% of in-distribution images are expected to be flagged (1 in %d), "
+                    "not %.1f%%", calibration_set.source, len(calibration), calibration_needed(quantile), quantile,
+                    100 * expected, len(calibration) + 1, 100 * (1 - quantile))
     guard.info = {"quantile": quantile, "fit_images": len(fit_set), "calibration_images": len(calibration_set),
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
-                  "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4)}
+                  "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4),
+                  "expected_flagged_share": round(expected, 4)}
     return guard
+
+
+def conformal_threshold(scores: np.ndarray, quantile: float) -> tuple[float, float]:
+    """The split-conformal threshold of ``n`` calibration ``scores`` and the share of new in-distribution images
+    expected above it. The threshold is the k-th smallest score, k = ceil((n + 1) * quantile): for scores
+    exchangeable with the calibration ones, a new image scores above it with probability (n + 1 - k) / (n + 1)
+    (at most that when scores tie), which is at most 1 - quantile. With fewer than ``calibration_needed`` images
+    k exceeds n: the threshold is then the highest score and the expected share 1 / (n + 1), above 1 - quantile."""
+    n = len(scores)
+    rank = min(math.ceil((n + 1) * quantile - 1e-9), n)  # the tolerance: (n + 1) * q of an exact integer in floats
+    return float(np.sort(scores)[rank - 1]), (n + 1 - rank) / (n + 1)
+
+
+def calibration_needed(quantile: float) -> int:
+    """The fewest calibration images whose split-conformal threshold keeps the expected flagged share of
+    in-distribution images at most 1 - quantile: quantile / (1 - quantile), rounded up (99 for 0.99)."""
+    return math.ceil(quantile / (1 - quantile) - 1e-9)
 
 
 def check_quantile(quantile: float) -> None:

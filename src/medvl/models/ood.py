@@ -7,9 +7,12 @@ threshold. An input's score is its Mahalanobis distance to the training features
 embeddings, which are trained to keep only what the reports say (docs/benchmarks.md). Above the
 threshold the input is flagged *out of distribution*: the model was not trained on anything like
 it and its answer should not be trusted (a phantom-trained model shown a real chest X-ray, a CT
-shown to a dermoscopy model). The threshold is a quantile (default 0.99) of the scores of a
-calibration split the guard was not fitted on, so about 1% of in-distribution inputs are
-flagged. ``medvl.eval.ood.fit_ood`` fits a guard; ``medvl ood fit`` saves it into a model.
+shown to a dermoscopy model). The threshold is the split-conformal quantile q (default 0.99) of the
+scores of n calibration images the guard was not fitted on: the ceil((n + 1) q)-th smallest, so a new
+in-distribution input is flagged with probability at most 1 - q (1%), in expectation over the draw of the
+calibration images; with fewer than q / (1 - q) of them (99) the threshold is their highest score and the
+share is 1 / (n + 1) (``info["expected_flagged_share"]``). ``medvl.eval.ood.fit_ood`` fits a guard;
+``medvl ood fit`` saves it into a model.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class OODGuard:
     mean: torch.Tensor  # (F,) mean normalised training feature
     precision: torch.Tensor  # (D, D) inverse of the shrunk covariance
     threshold: float  # scores above this are out of distribution
-    info: dict[str, Any]  # quantile, calibration split size and flagged share, fit split size
+    info: dict[str, Any]  # quantile, calibration split size, flagged and expected flagged share, fit split size
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
