@@ -225,3 +225,59 @@ def test_the_threshold_is_the_split_conformal_order_statistic(guarded, phantom_d
     rank = int(np.ceil((len(train) + 1) * 0.99))
     assert large.threshold == pytest.approx(float(train_scores[rank - 1]), abs=1e-6)
     assert large.info["expected_flagged_share"] == round((len(train) + 1 - rank) / (len(train) + 1), 4) <= 0.01
+
+
+def _films_and_blanks(phantom_dir, folder, films: dict[str, int], blanks: dict[str, int]):
+    """A manifest dataset at ``folder``: per split, that many phantom films (copied) and uniform grey images."""
+    from PIL import Image
+
+    from cli_helpers import write_manifest
+
+    (folder / "images").mkdir(parents=True)
+    sources = [record.image for record in load_split(phantom_dir, "train")]
+    rows = []
+    for split, count in films.items():
+        for _ in range(count):
+            source = sources[len(rows)]
+            shutil.copyfile(source, folder / "images" / f"film{len(rows)}.png")
+            rows.append([f"images/film{len(rows)}.png", split, "no_finding"])
+    for split, count in blanks.items():
+        for _ in range(count):
+            Image.fromarray(np.full((64, 64), 100, np.uint8)).save(folder / "images" / f"grey{len(rows)}.png")
+            rows.append([f"images/grey{len(rows)}.png", split, "no_finding"])
+    return write_manifest(folder / "manifest.csv", ["image", "split", "finding"], rows).parent
+
+
+def test_a_fit_on_identical_features_or_scores_is_refused(guarded, phantom_dir, tmp_path):
+    """Uniform images have one feature vector: its covariance is zero, and so would be the precision (every score
+    0, nothing ever flagged). Such a fit split, or a calibration split whose scores do not spread, is refused with
+    the split named, and no guard is saved."""
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    (model / OOD_FILE).unlink()
+    grey = _films_and_blanks(phantom_dir, tmp_path / "grey", {}, {"train": 25, "val": 12})
+    result, output = invoke("ood", "fit", "--model", model, "--data", grey, "-q")
+    message = " ".join(output.split())
+    assert result.exit_code == 2 and "error: " in message, output
+    assert "25 images of the fitted split 'train' have (near) identical features" in message
+    assert not (model / OOD_FILE).exists()
+    mixed = _films_and_blanks(phantom_dir, tmp_path / "mixed", {"train": 30}, {"val": 12})
+    result, output = invoke("ood", "fit", "--model", model, "--data", mixed, "-q")
+    message = " ".join(output.split())
+    assert result.exit_code == 2 and "12 images of the calibration split 'val' all score" in message, output
+    assert not (model / OOD_FILE).exists()
+
+
+def test_a_zero_precision_is_never_saved_and_refused_at_load(tmp_path):
+    """A guard whose precision is zero scores every image 0 and flags none (what an earlier fit on identical images
+    saved): not written, and refused with the way out when found in a model folder."""
+    from safetensors.torch import save_file
+
+    zero = OODGuard(mean=torch.zeros(8), precision=torch.zeros(8, 8), threshold=0.0, info={})
+    with pytest.raises(ModelError, match="precision matrix is zero"):
+        zero.save(tmp_path)
+    assert not (tmp_path / OOD_FILE).exists()
+    save_file({"mean": zero.mean, "precision": zero.precision}, str(tmp_path / OOD_FILE),
+              metadata={"threshold": "0.0", "info": "{}"})
+    with pytest.raises(ModelError, match=r"precision matrix is malformed; delete .* or fit a new one"):
+        OODGuard.load(tmp_path)

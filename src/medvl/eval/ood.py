@@ -17,6 +17,7 @@ from ..models.ood import OODGuard
 log = logging.getLogger(__name__)
 
 MIN_FIT = 20  # fewer training images than this give no usable covariance
+MIN_SPREAD = 1e-8  # total variance of the fitted (unit-length) features below which they are one image's
 
 
 def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float = 0.99,
@@ -35,10 +36,19 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
     fitted = torch.nn.functional.normalize(embed_images(model, fit_set, features=True, show_progress=show_progress),
                                            dim=-1).double().numpy()
     shrunk = LedoitWolf().fit(fitted)
+    spread = float(np.trace(shrunk.covariance_))
+    if not spread >= MIN_SPREAD:  # a zero covariance gives a zero precision: every score 0, nothing ever flagged
+        raise InputError(f"{fit_set.source}: the {len(fit_set)} images of the fitted split "
+                         f"{', '.join(map(repr, fit_set.splits))} have (near) identical features (total variance "
+                         f"{spread:.2g}): a guard fitted on them cannot flag anything; fit it on varied images")
     guard = OODGuard(mean=torch.from_numpy(shrunk.location_).float(),
                      precision=torch.from_numpy(shrunk.precision_).float(), threshold=float("inf"), info={})
     calibration = guard.scores(embed_images(model, calibration_set, features=True,
                                             show_progress=show_progress)).numpy()
+    if not np.ptp(calibration) > 0:
+        raise InputError(f"{calibration_set.source}: the {len(calibration_set)} images of the calibration split "
+                         f"{', '.join(map(repr, calibration_set.splits))} all score {calibration[0]:.4g}: a threshold "
+                         "needs the spread of varied in-distribution images; calibrate on such a split")
     guard.threshold, expected = conformal_threshold(calibration, quantile)
     if expected > 1 - quantile + 1e-12:
         log.warning("%s: %d calibration images are fewer than the %d the %.4g quantile needs: the threshold is their "

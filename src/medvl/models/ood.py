@@ -56,6 +56,8 @@ class OODGuard:
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
+        if not torch.isfinite(self.precision).all() or not self.precision.abs().max() > 0:
+            raise ModelError(f"{directory}: not saved, the OOD guard's precision matrix is zero or not finite")
         metadata = {"threshold": repr(float(self.threshold)), "info": json.dumps(self.info)}
         save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()},
                   str(directory / OOD_FILE), metadata=metadata)
@@ -76,7 +78,8 @@ class OODGuard:
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
                              f"{recovery(path)}") from None
-        if precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all():
+        if (precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all()
+                or not precision.abs().max() > 0):  # a zero precision scores every image 0: it never flags
             raise ModelError(f"{path}: the OOD guard's precision matrix is malformed; {recovery(path)}")
         return cls(mean=mean, precision=precision, threshold=threshold, info=info)
 
