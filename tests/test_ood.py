@@ -281,3 +281,36 @@ def test_a_zero_precision_is_never_saved_and_refused_at_load(tmp_path):
               metadata={"threshold": "0.0", "info": "{}"})
     with pytest.raises(ModelError, match=r"precision matrix is malformed; delete .* or fit a new one"):
         OODGuard.load(tmp_path)
+
+
+def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weights_is_ignored(guarded, phantom_dir,
+                                                                                               tmp_path, caplog):
+    """The guard describes the features of the weights it was fitted on. Training from a guarded model folder does
+    not carry it into the trained model (a warning says to fit one again); a guard whose weights fingerprint is not
+    the model's (copied into another model) is ignored with a warning, never used; a guard that records no
+    fingerprint (fitted before medvl recorded one) is used, with one warning."""
+    model_dir, fit = guarded
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    guard = OODGuard.load(old)
+    assert fit["image_tower_sha256"] == guard.info.pop("image_tower_sha256")
+    guard.save(old)
+    with caplog.at_level("WARNING"):  # before any command: the CLI sets up its own logging
+        first, second = load_model(old), load_model(old)
+    assert first.ood is not None and second.ood is not None
+    assert len([r for r in caplog.records if "records no fingerprint of the weights" in r.getMessage()]) == 1
+    result, output = invoke("train", "--data", phantom_dir, "--split", "val", "--model", model_dir,
+                            "--out", tmp_path / "ft", "--epochs", 1, "--batch-size", 16, "-q")
+    message = " ".join(output.split())
+    assert result.exit_code == 0, output
+    assert "OOD guard is not carried into the trained model" in message and "medvl ood fit --model" in message
+    tuned = tmp_path / "ft" / "model"
+    assert not (tuned / OOD_FILE).exists() and load_model(tuned).ood is None
+    shutil.copyfile(model_dir / OOD_FILE, tuned / OOD_FILE)  # the base model's guard next to other weights
+    assert load_model(tuned).ood is None
+    phantom = load_split(phantom_dir, "test")[0].image
+    result, output = invoke("predict", phantom, "--model", tuned, "--labels", LABELS, "--json", tmp_path / "p.json")
+    message = " ".join(output.split())
+    assert result.exit_code == 0, output
+    assert "fitted on other image-tower weights than this model's" in message and "ignored" in message
+    assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]

@@ -12,7 +12,7 @@ import torch
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError, ModelError
-from ..models.ood import OODGuard
+from ..models.ood import OODGuard, image_tower_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
     guard.info = {"quantile": quantile, "fit_images": len(fit_set), "calibration_images": len(calibration_set),
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
                   "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4),
-                  "expected_flagged_share": round(expected, 4)}
+                  "expected_flagged_share": round(expected, 4), "image_tower_sha256": image_tower_sha256(model)}
     return guard
 
 

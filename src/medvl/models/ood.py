@@ -13,11 +13,17 @@ in-distribution input is flagged with probability at most 1 - q (1%), in expecta
 calibration images; with fewer than q / (1 - q) of them (99) the threshold is their highest score and the
 share is 1 / (n + 1) (``info["expected_flagged_share"]``). ``medvl.eval.ood.fit_ood`` fits a guard;
 ``medvl ood fit`` saves it into a model.
+
+The guard holds the SHA-256 of the image-tower weights it was fitted on (``info["image_tower_sha256"]``):
+a model loads a guard only when its own weights match (``matching_guard``), and training never carries a
+guard into the trained model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,10 @@ import torch
 
 from ..errors import ModelError
 
+log = logging.getLogger(__name__)
+
 OOD_FILE = "ood.safetensors"
+_warned_unchecked: set[str] = set()  # guard files without a weights fingerprint already warned about
 
 
 @dataclass
@@ -88,3 +97,39 @@ def recovery(path: Path) -> str:
     """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""
     return (f"delete {path} (the model then runs without a guard) or fit a new one with "
             f"`medvl ood fit --model {path.parent} --data DATA --overwrite`")
+
+
+def image_tower_sha256(model: Any) -> str:
+    """SHA-256 of the weights the guard's features come from: every tensor of ``model.image_encoder`` (its name,
+    dtype, shape and bytes), in name order. Saved as ``info["image_tower_sha256"]`` when a guard is fitted."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def matching_guard(guard: OODGuard | None, model: Any, directory: Path) -> OODGuard | None:
+    """``guard`` (read from ``directory``) if it was fitted on ``model``'s image-tower weights, else None with a
+    warning: a guard fitted on other weights (the model trained since, or the file copied from another model)
+    scores features it never saw, and would flag all or nothing. A guard that records no fingerprint (fitted by
+    a medvl before it recorded one) cannot be checked: it is used, with one warning per file and process."""
+    if guard is None:
+        return None
+    path = Path(directory) / OOD_FILE
+    fitted = guard.info.get("image_tower_sha256")
+    if fitted is None:
+        if str(path.resolve()) not in _warned_unchecked:
+            _warned_unchecked.add(str(path.resolve()))
+            log.warning("%s: the OOD guard records no fingerprint of the weights it was fitted on (an earlier medvl "
+                        "fitted it), so it cannot be checked against the model: if the model was trained since, its "
+                        "scores mean nothing; `medvl ood fit --model %s --data DATA --overwrite` refits it and "
+                        "records one", path, path.parent)
+        return guard
+    if fitted != image_tower_sha256(model):
+        log.warning("%s: the OOD guard was fitted on other image-tower weights than this model's (trained since, or "
+                    "the file copied from another model): ignored, the model runs without a guard; fit a new one with "
+                    "`medvl ood fit --model %s --data DATA --overwrite`", path, path.parent)
+        return None
+    return guard
