@@ -458,3 +458,20 @@ def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped(two_models, pha
     assert {row["metric"] for row in cell["rows"]} == {"1-shot auc", "1-shot accuracy"}
     assert "500-shot: class" in (tmp_path / "out" / "report.html").read_text()
 
+
+
+def test_an_ood_row_on_the_split_the_guard_was_calibrated_on_is_a_leak_flag(two_models, phantom_dir, tmp_path):
+    """A guard calibrated on the scored split set its threshold on those very images: the ood row is flagged."""
+    model = tmp_path / "guarded"
+    shutil.copytree(two_models[0], model)
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--calibration-split", "test", "-q")
+    assert result.exit_code == 0, output
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["ood"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    n_test = len(load_dataset(phantom_dir).select("test"))
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert (f"guarded / zero-shot@phantom / leak: the OOD guard was calibrated on split(s) test of this data: {n_test} "
+            f"of the {n_test} scored records; the share it flags among them is not a test") in flags, flags

@@ -314,3 +314,24 @@ def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weig
     assert result.exit_code == 0, output
     assert "fitted on other image-tower weights than this model's" in message and "ignored" in message
     assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]
+
+
+def test_scoring_the_guards_own_splits_is_said(guarded, phantom_dir, tmp_path):
+    """The guard records the data (its path's hash) and the splits it was fitted and calibrated on; eval zero-shot on
+    one of them says so in its ood block and a warning, as a model's own training split is reported."""
+    model_dir, fit = guarded
+    assert fit["fit_data"]["splits"] == ["train"] and fit["calibration_data"]["splits"] == ["val"]
+    assert fit["fit_data"]["data_sha256"] == fit["calibration_data"]["data_sha256"]
+    blocks = {}
+    for split in ("val", "test"):
+        result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", phantom_dir, "--split", split,
+                                "--json", tmp_path / f"{split}.json", "-q")
+        assert result.exit_code == 0, output
+        blocks[split] = json.loads((tmp_path / f"{split}.json").read_text())["ood"]
+        if split == "val":
+            assert "scored records come from split(s) val of the data the OOD guard was fitted or calibrated on" \
+                in " ".join(output.split())
+    n_val = len(load_split(phantom_dir, "val"))
+    assert blocks["val"]["fitted_on_scored"] == {"records": n_val, "of": n_val, "fit_splits": [],
+                                                 "calibration_splits": ["val"]}
+    assert "fitted_on_scored" not in blocks["test"]

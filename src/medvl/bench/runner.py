@@ -851,6 +851,12 @@ def _check_ood(ctx: _Context, scored: _Scored) -> None:
         ctx.skipped["ood"] = "the model has no OOD guard (medvl ood fit)"
         return
     ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"])
+    seen = scored.ood.get("fitted_on_scored")  # eval.ood.guard_fitted_on_scored
+    if seen is not None:
+        roles = [f"{role} on split(s) {', '.join(seen[f'{key}_splits'])}"
+                 for role, key in (("fitted", "fit"), ("calibrated", "calibration")) if seen[f"{key}_splits"]]
+        ctx.flag("leak", f"the OOD guard was {' and '.join(roles)} of this data: {seen['records']} of the "
+                         f"{seen['of']} scored records; the share it flags among them is not a test")
     if scored.ood["flagged_share"] > 0.05:
         ctx.flag("ood", f"the guard flags {scored.ood['flagged_share']:.1%} of the scored split as unlike the "
                         "model's training images")

@@ -13,6 +13,7 @@ from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError, ModelError
 from ..models.ood import OODGuard, image_tower_sha256
+from .contamination import data_sha256, training_data
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
     guard.info = {"quantile": quantile, "fit_images": len(fit_set), "calibration_images": len(calibration_set),
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
                   "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4),
-                  "expected_flagged_share": round(expected, 4), "image_tower_sha256": image_tower_sha256(model)}
+                  "expected_flagged_share": round(expected, 4), "image_tower_sha256": image_tower_sha256(model),
+                  "fit_data": training_data(fit_set), "calibration_data": training_data(calibration_set)}
     return guard
 
 
@@ -101,7 +103,33 @@ def embed_with_guard(model, dataset: Dataset, show_progress: bool = True,
     features = embed_images(model, dataset, features=True, show_progress=show_progress, content=content)
     with torch.no_grad():
         embeddings = model.embed_image_features(features)
-    return embeddings, summarize(guard, guard.scores(features).numpy())
+    summary = summarize(guard, guard.scores(features).numpy())
+    seen = guard_fitted_on_scored(guard, dataset)
+    if seen is not None:
+        summary["fitted_on_scored"] = seen
+    return embeddings, summary
+
+
+def guard_fitted_on_scored(guard: OODGuard, dataset: Dataset) -> dict[str, Any] | None:
+    """How many records of ``dataset`` come from the data and splits the guard was fitted or calibrated on (its
+    ``info["fit_data"]`` / ``["calibration_data"]``: the data path's SHA-256 and the split names, compared as
+    ``eval.contamination`` compares a model's training data); None when none, or when the guard records neither
+    (fitted by an earlier medvl). A warning says so: the guard scores the images it was fitted on lower than new
+    ones, and its calibration images set the threshold, so the share flagged among them is not a test."""
+    scored_splits = {record.split for record in dataset}
+    roles: dict[str, list[str]] = {}
+    for role in ("fit", "calibration"):
+        block = guard.info.get(f"{role}_data") or {}
+        if block.get("data_sha256") == data_sha256(dataset.source):
+            roles[role] = sorted(scored_splits & set(block.get("splits") or []))
+    splits = {split for names in roles.values() for split in names}
+    records = sum(record.split in splits for record in dataset)
+    if not records:
+        return None
+    log.warning("%d of %d scored records come from split(s) %s of the data the OOD guard was fitted or calibrated on: "
+                "the share it flags among them is not a test", records, len(dataset), ", ".join(sorted(splits)))
+    return {"records": records, "of": len(dataset), "fit_splits": roles.get("fit", []),
+            "calibration_splits": roles.get("calibration", [])}
 
 
 def embed_checked(model, dataset: Dataset, show_progress: bool = True,
