@@ -335,3 +335,27 @@ def test_scoring_the_guards_own_splits_is_said(guarded, phantom_dir, tmp_path):
     assert blocks["val"]["fitted_on_scored"] == {"records": n_val, "of": n_val, "fit_splits": [],
                                                  "calibration_splits": ["val"]}
     assert "fitted_on_scored" not in blocks["test"]
+
+
+def test_check_data_is_every_record_by_default_and_never_the_fitted_images(guarded, phantom_dir, tmp_path):
+    """--check-split defaults to every record, as its help says, and the JSON names the split checked; checking the
+    images the guard is fitted or calibrated on (the training data itself) is refused, copies of them are counted."""
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    (model / OOD_FILE).unlink()
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-data", phantom_dir, "-q")
+    message = " ".join(output.split())
+    assert result.exit_code == 2, output
+    n_fitted = len(load_split(phantom_dir, "train")) + len(load_split(phantom_dir, "val"))
+    assert (f"--check-split all: {n_fitted} of its {len(load_split(phantom_dir, 'all'))} records are the images the "
+            "guard is fitted or calibrated on (splits 'train', 'val')") in message
+    assert not (model / OOD_FILE).exists()
+    other = _films_and_blanks(phantom_dir, tmp_path / "other", {"Train": 12}, {"Test": 4})  # no 'train' split
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-data", other,
+                            "--json", tmp_path / "fit.json", "-q")
+    assert result.exit_code == 0, output
+    check = json.loads((tmp_path / "fit.json").read_text())["check"]
+    assert check["split"] == "all" and check["n"] == 16
+    assert check["copies_in_fit"] == {"records": 12, "of": 16, "fit": "the images the guard is fitted or calibrated "
+                                                                       "on (splits 'train', 'val')"}
+    assert "12 of 16 checked images are byte-for-byte copies" in " ".join(output.split())
