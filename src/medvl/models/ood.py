@@ -43,7 +43,8 @@ class OODGuard:
     mean: torch.Tensor  # (F,) mean normalised training feature
     precision: torch.Tensor  # (D, D) inverse of the shrunk covariance
     threshold: float  # scores above this are out of distribution
-    info: dict[str, Any]  # quantile, calibration split size, flagged and expected flagged share, fit split size
+    info: dict[str, Any]  # quantile, split sizes, flagged and expected flagged share, image_tower_sha256 (the
+    # weights it was fitted on), fit_data / calibration_data (data path hash and split names); eval.ood.fit_ood
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
