@@ -2,11 +2,11 @@
 
     python benchmarks/ood.py --model RUN/model --data PHANTOM [--check NAME=PATH[:SPLIT] ...] [--quantile 0.99]
 
-Fits the guard (``medvl.eval.ood.fit_ood``: Ledoit-Wolf Mahalanobis, threshold = the quantile of the
-``val`` scores) on the ``train`` split twice: on the backbone features medvl uses and, for comparison,
-on the projected embeddings; prints the flagged share of the in-distribution splits (train, val,
-test: about 1 - quantile expected on val and test) and of every ``--check`` dataset (another
-distribution: all of it should be flagged). Nothing is saved into the model.
+Fits the guard (``medvl.eval.ood.fit_ood``: Ledoit-Wolf Mahalanobis, threshold = the split-conformal
+quantile of the ``val`` scores) on the ``train`` split twice: on the backbone features medvl uses and, for
+comparison, on the projected embeddings; prints the flagged share of the in-distribution splits (train, val,
+test: at most 1 - quantile expected on test, given at least quantile / (1 - quantile) val images) and of every
+``--check`` dataset (another distribution: all of it should be flagged). Nothing is saved into the model.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from medvl.api import load_split  # noqa: E402
 from medvl.embed import embed_images  # noqa: E402
-from medvl.eval.ood import fit_ood  # noqa: E402
+from medvl.eval.ood import conformal_threshold, fit_ood  # noqa: E402
 from medvl.models.ood import OODGuard  # noqa: E402
 from medvl.models.registry import load_model  # noqa: E402
 
@@ -37,8 +36,8 @@ def embedding_guard(model, fit_set, calibration_set, quantile: float) -> OODGuar
     shrunk = LedoitWolf().fit(fitted)
     guard = OODGuard(torch.from_numpy(shrunk.location_).float(), torch.from_numpy(shrunk.precision_).float(),
                      float("inf"), {})
-    guard.threshold = float(np.quantile(guard.scores(embed_images(model, calibration_set, show_progress=False)),
-                                        quantile))
+    calibration = guard.scores(embed_images(model, calibration_set, show_progress=False)).numpy()
+    guard.threshold = conformal_threshold(calibration, quantile)[0]
     return guard
 
 

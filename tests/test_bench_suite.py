@@ -458,3 +458,48 @@ def test_few_shot_sizes_a_class_cannot_fill_are_named_as_skipped(two_models, pha
     assert {row["metric"] for row in cell["rows"]} == {"1-shot auc", "1-shot accuracy"}
     assert "500-shot: class" in (tmp_path / "out" / "report.html").read_text()
 
+
+
+def test_an_ood_row_on_the_split_the_guard_was_calibrated_on_is_a_leak_flag(two_models, phantom_dir, tmp_path):
+    """A guard calibrated on the scored split set its threshold on those very images: the ood row is flagged."""
+    model = tmp_path / "guarded"
+    shutil.copytree(two_models[0], model)
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--calibration-split", "test", "-q")
+    assert result.exit_code == 0, output
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["ood"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    n_test = len(load_dataset(phantom_dir).select("test"))
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert (f"guarded / zero-shot@phantom / leak: the OOD guard was calibrated on split(s) test of this data: {n_test} "
+            f"of the {n_test} scored records; the share it flags among them is not a test") in flags, flags
+
+
+def test_checks_of_2d_images_are_skipped_for_a_3d_model_and_refused_in_its_task_list(tmp_path):
+    """corruption and shortcut transform or mask 2D images: with a CT model, the suite's list skips them with the
+    reason (named in the cell and the report) instead of failing after the task ran; a task's own list naming them
+    is refused before any work."""
+    import medvl
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ct", n=24, seed=1, size=32, kind="ct3d", progress=False)
+    model = tmp_path / "ct-model"
+    medvl.create_model("ct3d-tiny").save_pretrained(model)
+    spec = {"path": str(tmp_path / "ct"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, tmp_path / "ct", datasets={"ct": spec}, checks=["sanity", "shortcut", "corruption"],
+                        tasks=[{"task": "zero-shot", "dataset": "ct"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert set(cell["skipped"]) == {"shortcut", "corruption"}
+    assert all("defined for 2D images; this model takes 3D volumes" in reason for reason in cell["skipped"].values())
+    assert any(row["metric"].startswith("sanity: ") for row in cell["rows"])
+    assert "shortcut: masking a region is defined for 2D images" in (tmp_path / "out" / "report.html").read_text()
+    suite = write_suite(tmp_path, tmp_path / "ct", datasets={"ct": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "ct", "checks": ["sanity", "shortcut"]}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out2", "-q")
+    assert result.exit_code == 2, output
+    assert "takes 3D volumes, and task zero-shot@ct of" in " ".join(output.split()) and "shortcut" in output
+    assert not (tmp_path / "out2").exists()

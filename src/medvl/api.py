@@ -186,12 +186,14 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
 
 
 def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", calibration_split: str = "val",
-                      quantile: float = 0.99, check_data: PathLike | None = None, check_split: str | None = None,
+                      quantile: float = 0.99, check_data: PathLike | None = None, check_split: str = "all",
                       allow_outside_root: bool = False, show_progress: bool = True, overwrite: bool = False) -> dict:
     """Fit the OOD guard of the saved model at ``model`` on ``split``, its threshold the ``quantile`` of
     ``calibration_split``'s scores, and save it into the model folder (``ood.safetensors``; a guard
-    already there is replaced only with ``overwrite``); with ``check_data``, also how much of that
-    dataset (another distribution, or a test split) is flagged."""
+    already there is replaced only with ``overwrite``); with ``check_data``, also how much of its
+    ``check_split`` (every record by default: another distribution, or a test split) is flagged. Checked records
+    that are images the guard is fitted or calibrated on are refused; byte-for-byte copies of them are counted
+    (``check.copies_in_fit``)."""
     from .eval.ood import check_quantile, fit_ood, ood_summary
     from .models.ood import OOD_FILE
     from .models.registry import load_model, model_directory
@@ -203,7 +205,7 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     if (model_directory(model) / OOD_FILE).exists() and not overwrite:
         raise InputError(f"{model_directory(model) / OOD_FILE}: the model has an OOD guard already "
                          "(--overwrite replaces it)")
-    net = load_model(model)
+    net = load_model(model, load_guard=False)  # the guard is replaced: one that cannot be read must not stop that
     if not isinstance(net, DualEncoder):
         raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")
     fit_set = load_split(data, split, allow_outside_root=allow_outside_root)
@@ -214,14 +216,25 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
                          f"{split!r}: calibrate the threshold on images the guard was not fitted on")
     copies = copies_in_fit(fit_set, calibration_set, f"the fitted split {split!r}", "calibration images")
     # read before anything is fitted or saved: a bad --check-data must not leave a guard in the model
-    checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root) if check_data else None
+    checked, check_copies = None, None
+    if check_data is not None:
+        checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root)
+        fitted = fit_set.subset(fit_set.records + calibration_set.records)
+        fitted_name = f"the images the guard is fitted or calibrated on (splits {split!r}, {calibration_split!r})"
+        shared = fitted.shared_images(checked)
+        if shared:  # e.g. the training data with the default 'all': the fitted images would pass as a check
+            raise InputError(f"--check-data {check_data} --check-split {check_split}: {shared} of its {len(checked)} "
+                             f"records are {fitted_name}; check other images (another dataset, or --check-split "
+                             "test)")
+        check_copies = copies_in_fit(fitted, checked, fitted_name, "checked images")
     net.ood = fit_ood(net, fit_set, calibration_set, quantile=quantile, show_progress=show_progress)
     result: dict[str, Any] = {"model": str(model), "data": str(data), "split": split,
                               "calibration_split": calibration_split, "threshold": round(net.ood.threshold, 4),
                               **net.ood.info, **({"copies_in_fit": copies} if copies is not None else {})}
     if checked is not None:
         result["check"] = {"data": str(check_data), "split": check_split,
-                           **ood_summary(net, checked, show_progress=show_progress)}
+                           **ood_summary(net, checked, show_progress=show_progress),
+                           **({"copies_in_fit": check_copies} if check_copies is not None else {})}
     net.save_pretrained(model_directory(model))  # last: a failure above leaves the model as it was
     return result
 

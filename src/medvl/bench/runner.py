@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import file_sha256, write_json
-from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models
+from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,10 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     cells, computed = [], 0
     for model in models:
         loaded = _LazyModel(str(model))
-        digest = files_digest(_model_folder(model))["sha256"]
+        digest, spatial_dims = files_digest(_model_folder(model))["sha256"], model_spatial_dims(model)
         for task in suite.tasks:
             cell, fresh = _cell(suite, task, datasets, loaded, labels[str(model)], digest, out, versions,
-                                show_progress)
+                                show_progress, spatial_dims=spatial_dims)
             cells.append(cell)
             computed += fresh
         loaded.release()
@@ -374,9 +374,11 @@ def _slug(text: str) -> str:
 
 
 def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset], model: _LazyModel, label: str,
-          digest: str, out: Path, versions: dict[str, str], show_progress: bool) -> tuple[dict[str, Any], bool]:
-    """One model x task x dataset: reused from its cell file when the fingerprint matches, else computed."""
-    checks = suite.task_checks(task)
+          digest: str, out: Path, versions: dict[str, str], show_progress: bool,
+          spatial_dims: int = 2) -> tuple[dict[str, Any], bool]:
+    """One model x task x dataset: reused from its cell file when the fingerprint matches, else computed
+    (``spatial_dims``: the model's, which decides the checks it can take, ``SuiteSpec.model_checks``)."""
+    checks, skipped = suite.model_checks(task, spatial_dims)
     data, train = datasets[task.dataset], datasets[task.train_dataset or task.dataset]
     fingerprint = hashlib.sha256(json.dumps({
         "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
@@ -396,7 +398,8 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
             pass  # a damaged cell file is recomputed
     log.info("%s %s: scoring", label, task.key)
     started = time.perf_counter()
-    context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress)
+    context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress,
+                       skipped=dict(skipped))
     RUNNERS[task.task](context)
     if task.task not in ("vqa", "report"):  # those two say it from their own evaluation's result
         from ..eval.contamination import trained_on_scored
@@ -851,6 +854,12 @@ def _check_ood(ctx: _Context, scored: _Scored) -> None:
         ctx.skipped["ood"] = "the model has no OOD guard (medvl ood fit)"
         return
     ctx.row("ood: flagged share", scored.ood["flagged_share"], n=scored.ood["n"])
+    seen = scored.ood.get("fitted_on_scored")  # eval.ood.guard_fitted_on_scored
+    if seen is not None:
+        roles = [f"{role} on split(s) {', '.join(seen[f'{key}_splits'])}"
+                 for role, key in (("fitted", "fit"), ("calibrated", "calibration")) if seen[f"{key}_splits"]]
+        ctx.flag("leak", f"the OOD guard was {' and '.join(roles)} of this data: {seen['records']} of the "
+                         f"{seen['of']} scored records; the share it flags among them is not a test")
     if scored.ood["flagged_share"] > 0.05:
         ctx.flag("ood", f"the guard flags {scored.ood['flagged_share']:.1%} of the scored split as unlike the "
                         "model's training images")

@@ -37,7 +37,9 @@ are text (``split: 2020`` is the split "2020").
 the suite does not define, a dataset path that does not exist, a missing split or label column, and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
-(``runner.check_fits_apart``; so is a calibration split holding them).
+(``runner.check_fits_apart``; so is a calibration split holding them). The checks that transform or mask
+2D images (``TWO_D_CHECKS``: corruption, shortcut) are skipped, with the reason, for a model of 3D volumes
+when the suite's list names them, and refused before any work when a task's own list does.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "counterfactual": ("zero-shot",),
     "shortcut": ("zero-shot",),
     "ood": ("zero-shot",),
+}
+# check -> why it cannot run on a model that takes 3D volumes (it transforms or masks 2D images): skipped, with this
+# reason, when the suite's list names it; refused when a task's own list does
+TWO_D_CHECKS: dict[str, str] = {
+    "corruption": "corruption curves are defined for 2D images; this model takes 3D volumes",
+    "shortcut": "masking a region is defined for 2D images; this model takes 3D volumes",
 }
 DATASET_KINDS = ("images", "vqa")
 MODEL_KINDS = {"dual": "a dual encoder (medvl train, or a transformers CLIP / SigLIP folder)",
@@ -129,6 +137,13 @@ class SuiteSpec:
         """The checks that run on ``task``: its own list or the suite's, kept to those that apply."""
         chosen = self.checks if task.checks is None else task.checks
         return [check for check in chosen if task.task in CHECKS[check]]
+
+    def model_checks(self, task: TaskSpec, spatial_dims: int) -> tuple[list[str], dict[str, str]]:
+        """``task_checks`` for a model whose images have ``spatial_dims`` dimensions: the checks that run, and
+        those skipped with the reason (``TWO_D_CHECKS`` for a 3D model)."""
+        checks = self.task_checks(task)
+        skipped = {check: TWO_D_CHECKS[check] for check in checks if spatial_dims == 3 and check in TWO_D_CHECKS}
+        return [check for check in checks if check not in skipped], skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -353,14 +368,11 @@ def _check_settings(suite: SuiteSpec) -> None:
                  integer=True)
 
 
-def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
-    """What a model folder is, from its config.json alone (nothing loaded): a description and the
-    kinds of task it takes (``dual``, ``vqa``, ``report``; a transformers VLM takes both of the last)."""
+def _model_config(directory: str | Path) -> dict[str, Any]:
+    """A model folder's config.json (nothing loaded); ModelError when there is none or it is unreadable."""
     from ..models.registry import model_directory
-    from ..models.vlm import SUPPORTED_TYPES
 
-    folder = model_directory(directory)
-    config = folder / "config.json"
+    config = model_directory(directory) / "config.json"
     if not config.is_file():
         raise ModelError(f"{directory}: not a model folder (no config.json)")
     try:
@@ -369,6 +381,21 @@ def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
         raise ModelError(f"{config}: unreadable model config ({err.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{config}: a model config is a JSON object")
+    return raw
+
+
+def model_spatial_dims(directory: str | Path) -> int:
+    """2 for a model of images, 3 for one of volumes (a medvl config's ``image.spatial_dims``; other folders: 2)."""
+    image = _model_config(directory).get("image")
+    return int(image.get("spatial_dims", 2)) if isinstance(image, dict) else 2
+
+
+def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
+    """What a model folder is, from its config.json alone (nothing loaded): a description and the
+    kinds of task it takes (``dual``, ``vqa``, ``report``; a transformers VLM takes both of the last)."""
+    from ..models.vlm import SUPPORTED_TYPES
+
+    raw = _model_config(directory)
     kind, model_type = raw.get("kind"), raw.get("model_type")
     if kind == "vqa":
         return MODEL_KINDS["vqa"], {"vqa"}
@@ -394,3 +421,8 @@ def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
             if needed not in kinds:
                 raise InputError(f"{model}: is {description}, which cannot do task {task.task} of "
                                  f"{suite.source} (it needs {MODEL_KINDS[needed]})")
+            two_d = [check for check in task.checks or [] if check in TWO_D_CHECKS]
+            if two_d and model_spatial_dims(model) == 3:
+                raise InputError(f"{model}: takes 3D volumes, and task {task.key} of {suite.source} lists check(s) "
+                                 f"{', '.join(two_d)}, defined for 2D images (in the suite's checks they are skipped "
+                                 "for 3D models)")

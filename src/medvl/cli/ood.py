@@ -31,10 +31,14 @@ def fit_command(
     calibration_split: Annotated[str, typer.Option(
         help="Another split of in-distribution images: the threshold is a quantile of their scores.")] = "val",
     quantile: Annotated[float, typer.Option(
-        help="Share of in-distribution images under the threshold (0.99: about 1% flagged).")] = 0.99,
+        help="Split-conformal quantile of the calibration scores: at most 1 - QUANTILE of in-distribution images "
+             "flagged (0.99: 1%) given at least QUANTILE / (1 - QUANTILE) calibration images (99), else a warning.")
+    ] = 0.99,
     check_data: Annotated[Path | None, typer.Option(
         help="Also report how much of this dataset is flagged (e.g. real images for a phantom model).")] = None,
-    check_split: Annotated[str | None, typer.Option(help="Split of --check-data (default: all).")] = None,
+    check_split: Annotated[str, typer.Option(
+        help="Split of --check-data (default: every record); images the guard is fitted or calibrated on are "
+             "refused.")] = "all",
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,

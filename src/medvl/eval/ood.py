@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -11,17 +12,21 @@ import torch
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError, ModelError
-from ..models.ood import OODGuard
+from ..models.ood import OODGuard, image_tower_sha256
+from .contamination import data_sha256, training_data
 
 log = logging.getLogger(__name__)
 
 MIN_FIT = 20  # fewer training images than this give no usable covariance
+MIN_SPREAD = 1e-8  # total variance of the fitted (unit-length) features below which they are one image's
 
 
 def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float = 0.99,
             show_progress: bool = True) -> OODGuard:
-    """Fit the guard on ``fit_set``'s embeddings, its threshold the ``quantile`` of ``calibration_set``'s
-    scores (a split the guard was not fitted on: the fitted images score lower than new ones)."""
+    """Fit the guard on ``fit_set``'s embeddings, its threshold the split-conformal ``quantile`` of
+    ``calibration_set``'s scores (``conformal_threshold``; a split the guard was not fitted on: the fitted images
+    score lower than new ones). A calibration split too small for the quantile (``calibration_needed``) is
+    warned about; ``info["expected_flagged_share"]`` is the share of in-distribution images expected flagged."""
     from sklearn.covariance import LedoitWolf
 
     check_quantile(quantile)
@@ -32,15 +37,48 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
     fitted = torch.nn.functional.normalize(embed_images(model, fit_set, features=True, show_progress=show_progress),
                                            dim=-1).double().numpy()
     shrunk = LedoitWolf().fit(fitted)
+    spread = float(np.trace(shrunk.covariance_))
+    if not spread >= MIN_SPREAD:  # a zero covariance gives a zero precision: every score 0, nothing ever flagged
+        raise InputError(f"{fit_set.source}: the {len(fit_set)} images of the fitted split "
+                         f"{', '.join(map(repr, fit_set.splits))} have (near) identical features (total variance "
+                         f"{spread:.2g}): a guard fitted on them cannot flag anything; fit it on varied images")
     guard = OODGuard(mean=torch.from_numpy(shrunk.location_).float(),
                      precision=torch.from_numpy(shrunk.precision_).float(), threshold=float("inf"), info={})
     calibration = guard.scores(embed_images(model, calibration_set, features=True,
                                             show_progress=show_progress)).numpy()
-    guard.threshold = float(np.quantile(calibration, quantile))
+    if not np.ptp(calibration) > 0:
+        raise InputError(f"{calibration_set.source}: the {len(calibration_set)} images of the calibration split "
+                         f"{', '.join(map(repr, calibration_set.splits))} all score {calibration[0]:.4g}: a threshold "
+                         "needs the spread of varied in-distribution images; calibrate on such a split")
+    guard.threshold, expected = conformal_threshold(calibration, quantile)
+    if expected > 1 - quantile + 1e-12:
+        log.warning("%s: %d calibration images are fewer than the %d the %.4g quantile needs: the threshold is their "
+                    "highest score, and %.1f%% of in-distribution images are expected to be flagged (1 in %d), "
+                    "not %.1f%%", calibration_set.source, len(calibration), calibration_needed(quantile), quantile,
+                    100 * expected, len(calibration) + 1, 100 * (1 - quantile))
     guard.info = {"quantile": quantile, "fit_images": len(fit_set), "calibration_images": len(calibration_set),
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
-                  "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4)}
+                  "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4),
+                  "expected_flagged_share": round(expected, 4), "image_tower_sha256": image_tower_sha256(model),
+                  "fit_data": training_data(fit_set), "calibration_data": training_data(calibration_set)}
     return guard
+
+
+def conformal_threshold(scores: np.ndarray, quantile: float) -> tuple[float, float]:
+    """The split-conformal threshold of ``n`` calibration ``scores`` and the share of new in-distribution images
+    expected above it. The threshold is the k-th smallest score, k = ceil((n + 1) * quantile): for scores
+    exchangeable with the calibration ones, a new image scores above it with probability (n + 1 - k) / (n + 1)
+    (at most that when scores tie), which is at most 1 - quantile. With fewer than ``calibration_needed`` images
+    k exceeds n: the threshold is then the highest score and the expected share 1 / (n + 1), above 1 - quantile."""
+    n = len(scores)
+    rank = min(math.ceil((n + 1) * quantile - 1e-9), n)  # the tolerance: (n + 1) * q of an exact integer in floats
+    return float(np.sort(scores)[rank - 1]), (n + 1 - rank) / (n + 1)
+
+
+def calibration_needed(quantile: float) -> int:
+    """The fewest calibration images whose split-conformal threshold keeps the expected flagged share of
+    in-distribution images at most 1 - quantile: quantile / (1 - quantile), rounded up (99 for 0.99)."""
+    return math.ceil(quantile / (1 - quantile) - 1e-9)
 
 
 def check_quantile(quantile: float) -> None:
@@ -65,7 +103,33 @@ def embed_with_guard(model, dataset: Dataset, show_progress: bool = True,
     features = embed_images(model, dataset, features=True, show_progress=show_progress, content=content)
     with torch.no_grad():
         embeddings = model.embed_image_features(features)
-    return embeddings, summarize(guard, guard.scores(features).numpy())
+    summary = summarize(guard, guard.scores(features).numpy())
+    seen = guard_fitted_on_scored(guard, dataset)
+    if seen is not None:
+        summary["fitted_on_scored"] = seen
+    return embeddings, summary
+
+
+def guard_fitted_on_scored(guard: OODGuard, dataset: Dataset) -> dict[str, Any] | None:
+    """How many records of ``dataset`` come from the data and splits the guard was fitted or calibrated on (its
+    ``info["fit_data"]`` / ``["calibration_data"]``: the data path's SHA-256 and the split names, compared as
+    ``eval.contamination`` compares a model's training data); None when none, or when the guard records neither
+    (fitted by an earlier medvl). A warning says so: the guard scores the images it was fitted on lower than new
+    ones, and its calibration images set the threshold, so the share flagged among them is not a test."""
+    scored_splits = {record.split for record in dataset}
+    roles: dict[str, list[str]] = {}
+    for role in ("fit", "calibration"):
+        block = guard.info.get(f"{role}_data") or {}
+        if block.get("data_sha256") == data_sha256(dataset.source):
+            roles[role] = sorted(scored_splits & set(block.get("splits") or []))
+    splits = {split for names in roles.values() for split in names}
+    records = sum(record.split in splits for record in dataset)
+    if not records:
+        return None
+    log.warning("%d of %d scored records come from split(s) %s of the data the OOD guard was fitted or calibrated on: "
+                "the share it flags among them is not a test", records, len(dataset), ", ".join(sorted(splits)))
+    return {"records": records, "of": len(dataset), "fit_splits": roles.get("fit", []),
+            "calibration_splits": roles.get("calibration", [])}
 
 
 def embed_checked(model, dataset: Dataset, show_progress: bool = True,

@@ -210,9 +210,10 @@ class HFDualEncoder(DualEncoder):
                          "inference-only in medvl for now; use the folder itself")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> HFDualEncoder:
+    def from_pretrained(cls, directory: str | Path, load_guard: bool = True) -> HFDualEncoder:
         """Load and check a transformers CLIP / SigLIP folder; ``ModelError`` naming the folder and
-        what is missing or inconsistent otherwise."""
+        what is missing or inconsistent otherwise. (``load_guard``: the ``DualEncoder`` signature; a transformers
+        folder carries no OOD guard.)"""
         directory = Path(directory)
         model_type = transformers_model_type(directory)
         if model_type not in SUPPORTED_TYPES:

@@ -63,17 +63,17 @@ def resolve_backend(folder: str | Path, backend: str) -> str:
     return "torch" if transformers_model_type(Path(folder)) is not None else "torch-channels-last"
 
 
-def load_backend(folder: Path, backend: str) -> DualEncoder:
+def load_backend(folder: Path, backend: str, load_guard: bool = True) -> DualEncoder:
     """The medvl model in ``folder`` (its model files, not a train run folder) on ``backend`` (not ``auto``:
-    ``medvl.load_model`` resolves it)."""
+    ``medvl.load_model`` resolves it); ``load_guard``: as for ``DualEncoder.from_pretrained``."""
     if check_backend(backend) == "auto":
         raise ModelError("backend 'auto' is resolved by load_model (models.backends.resolve_backend) first")
     if transformers_model_type(folder) is not None:
         raise ModelError(f"{folder}: backend {backend!r} takes medvl model folders, this is a transformers "
                          f"{transformers_model_type(folder)} folder (use backend 'torch')")
     if backend.startswith("onnx"):
-        return OnnxDualEncoder.from_export(folder, "int8" if backend == "onnx-int8" else "fp32")
-    model = EagerDualEncoder.from_pretrained(folder)
+        return OnnxDualEncoder.from_export(folder, "int8" if backend == "onnx-int8" else "fp32", load_guard)
+    model = EagerDualEncoder.from_pretrained(folder, load_guard=load_guard)
     if not isinstance(model, EagerDualEncoder):
         raise ModelError(f"{folder}: not a medvl model folder")
     model.configure(channels_last=backend == "torch-channels-last", bf16=backend == "torch-bf16")
@@ -174,10 +174,11 @@ class OnnxDualEncoder(DualEncoder):
     export: dict[str, Any]
 
     @classmethod
-    def from_export(cls, folder: Path, precision: str = "fp32") -> OnnxDualEncoder:
+    def from_export(cls, folder: Path, precision: str = "fp32", load_guard: bool = True) -> OnnxDualEncoder:
         if not (folder / CONFIG_FILE).is_file():
             raise ModelError(f"{folder}: not a medvl model directory (missing {CONFIG_FILE})")
-        model = cls.from_pretrained(folder)  # first: a folder of another kind is named as such, not as unexported
+        # first: a folder of another kind is named as such, not as unexported
+        model = cls.from_pretrained(folder, load_guard=load_guard)
         if not isinstance(model, OnnxDualEncoder):
             raise ModelError(f"{folder}: not a medvl model folder")
         model.export = description = read_export(folder)

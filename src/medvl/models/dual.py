@@ -20,7 +20,7 @@ from ..io import replace_dir, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
-from .ood import OODGuard
+from .ood import OODGuard, matching_guard
 from .preprocess import ImagePreprocessor, orientations
 from .text import TextEncoder
 
@@ -155,7 +155,11 @@ class DualEncoder(nn.Module):
         return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> DualEncoder:
+    def from_pretrained(cls, directory: str | Path, load_guard: bool = True) -> DualEncoder:
+        """The model saved in ``directory``, with its OOD guard (``ood.safetensors``) when the guard was fitted on
+        these image-tower weights (``models.ood.matching_guard``: else ignored, with a warning);
+        ``load_guard=False`` leaves the guard unread, for ``medvl ood fit --overwrite``, which replaces a guard that
+        may be damaged."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -205,7 +209,7 @@ class DualEncoder(nn.Module):
             model.load_state_dict(state)
         except RuntimeError as err:
             raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
-        model.ood = OODGuard.load(directory)
+        model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
         model.eval()
         return model
 

@@ -7,14 +7,23 @@ threshold. An input's score is its Mahalanobis distance to the training features
 embeddings, which are trained to keep only what the reports say (docs/benchmarks.md). Above the
 threshold the input is flagged *out of distribution*: the model was not trained on anything like
 it and its answer should not be trusted (a phantom-trained model shown a real chest X-ray, a CT
-shown to a dermoscopy model). The threshold is a quantile (default 0.99) of the scores of a
-calibration split the guard was not fitted on, so about 1% of in-distribution inputs are
-flagged. ``medvl.eval.ood.fit_ood`` fits a guard; ``medvl ood fit`` saves it into a model.
+shown to a dermoscopy model). The threshold is the split-conformal quantile q (default 0.99) of the
+scores of n calibration images the guard was not fitted on: the ceil((n + 1) q)-th smallest, so a new
+in-distribution input is flagged with probability at most 1 - q (1%), in expectation over the draw of the
+calibration images; with fewer than q / (1 - q) of them (99) the threshold is their highest score and the
+share is 1 / (n + 1) (``info["expected_flagged_share"]``). ``medvl.eval.ood.fit_ood`` fits a guard;
+``medvl ood fit`` saves it into a model.
+
+The guard holds the SHA-256 of the image-tower weights it was fitted on (``info["image_tower_sha256"]``):
+a model loads a guard only when its own weights match (``matching_guard``), and training never carries a
+guard into the trained model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,10 @@ import torch
 
 from ..errors import ModelError
 
+log = logging.getLogger(__name__)
+
 OOD_FILE = "ood.safetensors"
+_warned_unchecked: set[str] = set()  # guard files without a weights fingerprint already warned about
 
 
 @dataclass
@@ -31,7 +43,8 @@ class OODGuard:
     mean: torch.Tensor  # (F,) mean normalised training feature
     precision: torch.Tensor  # (D, D) inverse of the shrunk covariance
     threshold: float  # scores above this are out of distribution
-    info: dict[str, Any]  # quantile, calibration split size and flagged share, fit split size
+    info: dict[str, Any]  # quantile, split sizes, flagged and expected flagged share, image_tower_sha256 (the
+    # weights it was fitted on), fit_data / calibration_data (data path hash and split names); eval.ood.fit_ood
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
@@ -53,6 +66,8 @@ class OODGuard:
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
+        if not torch.isfinite(self.precision).all() or not self.precision.abs().max() > 0:
+            raise ModelError(f"{directory}: not saved, the OOD guard's precision matrix is zero or not finite")
         metadata = {"threshold": repr(float(self.threshold)), "info": json.dumps(self.info)}
         save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()},
                   str(directory / OOD_FILE), metadata=metadata)
@@ -71,7 +86,51 @@ class OODGuard:
                 mean, precision = handle.get_tensor("mean"), handle.get_tensor("precision")
             threshold, info = float(metadata["threshold"]), json.loads(metadata["info"])
         except (SafetensorError, OSError, KeyError, ValueError) as err:
-            raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err})") from None
-        if precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all():
-            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed")
+            raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
+                             f"{recovery(path)}") from None
+        if (precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all()
+                or not precision.abs().max() > 0):  # a zero precision scores every image 0: it never flags
+            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed; {recovery(path)}")
         return cls(mean=mean, precision=precision, threshold=threshold, info=info)
+
+
+def recovery(path: Path) -> str:
+    """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""
+    return (f"delete {path} (the model then runs without a guard) or fit a new one with "
+            f"`medvl ood fit --model {path.parent} --data DATA --overwrite`")
+
+
+def image_tower_sha256(model: Any) -> str:
+    """SHA-256 of the weights the guard's features come from: every tensor of ``model.image_encoder`` (its name,
+    dtype, shape and bytes), in name order. Saved as ``info["image_tower_sha256"]`` when a guard is fitted."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def matching_guard(guard: OODGuard | None, model: Any, directory: Path) -> OODGuard | None:
+    """``guard`` (read from ``directory``) if it was fitted on ``model``'s image-tower weights, else None with a
+    warning: a guard fitted on other weights (the model trained since, or the file copied from another model)
+    scores features it never saw, and would flag all or nothing. A guard that records no fingerprint (fitted by
+    a medvl before it recorded one) cannot be checked: it is used, with one warning per file and process."""
+    if guard is None:
+        return None
+    path = Path(directory) / OOD_FILE
+    fitted = guard.info.get("image_tower_sha256")
+    if fitted is None:
+        if str(path.resolve()) not in _warned_unchecked:
+            _warned_unchecked.add(str(path.resolve()))
+            log.warning("%s: the OOD guard records no fingerprint of the weights it was fitted on (an earlier medvl "
+                        "fitted it), so it cannot be checked against the model: if the model was trained since, its "
+                        "scores mean nothing; `medvl ood fit --model %s --data DATA --overwrite` refits it and "
+                        "records one", path, path.parent)
+        return guard
+    if fitted != image_tower_sha256(model):
+        log.warning("%s: the OOD guard was fitted on other image-tower weights than this model's (trained since, or "
+                    "the file copied from another model): ignored, the model runs without a guard; fit a new one with "
+                    "`medvl ood fit --model %s --data DATA --overwrite`", path, path.parent)
+        return None
+    return guard

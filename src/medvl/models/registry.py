@@ -100,20 +100,21 @@ def create_model(name: str, **overrides: Any) -> DualEncoder:
     return DualEncoder(get_config(name, **overrides))
 
 
-def load_model(directory: str | Path, backend: str = "torch") -> DualEncoder:
+def load_model(directory: str | Path, backend: str = "torch", load_guard: bool = True) -> DualEncoder:
     """Load a model written by ``save_pretrained``, the final model of a ``train`` output dir, or a
     local transformers CLIP / SigLIP folder (``medvl.models.adapters``: inference only).
 
     ``backend`` other than ``torch`` (eager fp32) runs the towers another way, for inference:
     channels-last, bf16 autocast or an ONNX export; ``auto`` picks channels-last for a medvl model and
-    eager torch for a transformers one (``medvl.models.backends``)."""
+    eager torch for a transformers one (``medvl.models.backends``). ``load_guard=False`` leaves a medvl
+    model's OOD guard unread (``DualEncoder.from_pretrained``)."""
     directory = model_directory(directory)
     backend = resolve_backend(directory, backend)
     if backend != "torch":
-        return load_backend(directory, backend)
+        return load_backend(directory, backend, load_guard=load_guard)
     if transformers_model_type(directory) is not None:
         return HFDualEncoder.from_pretrained(directory)
-    return DualEncoder.from_pretrained(directory)
+    return DualEncoder.from_pretrained(directory, load_guard=load_guard)
 
 
 def model_directory(directory: str | Path) -> Path:

@@ -258,6 +258,11 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     config.validate()
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
+    if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
+        log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
+                    "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
+                    "DATA`", Path(out_dir) / MODEL_DIR, Path(out_dir) / MODEL_DIR)
+        model.ood = None
     objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig())
     return fit(objective, config, out_dir, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
 
@@ -332,7 +337,7 @@ class ContrastiveObjective:
 
     def start(self, checkpoint: Path | None, show_progress: bool) -> None:
         if checkpoint is not None:
-            self.model = DualEncoder.from_pretrained(checkpoint)
+            self.model = DualEncoder.from_pretrained(checkpoint, load_guard=False)  # a trained model has no guard
         else:
             self.model.text_encoder.fit_tokenizer(self.texts.corpus())
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
