@@ -175,3 +175,27 @@ def test_evaluations_count_the_scored_images_that_hold_no_content(model_dir, pha
     result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", phantom_dir, "--split", "test",
                             "--label-column", "finding", "--json", tmp_path / "plain.json", "-q")
     assert result.exit_code == 0 and "input_content" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_zero_shot_counts_no_content_among_the_scored_images_only(model_dir, phantom_dir, odd_images, tmp_path):
+    """A blank film without a finding is embedded with its split but not scored: it was counted all the same
+    ("108 of 400 scored images" on ISIC, where 398 were scored)."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [row for row in rows if row["split"] == "test"]
+    shutil.copyfile(odd_images / "blank.png", data / "images" / "blank.png")
+    shutil.copyfile(odd_images / "strip.png", data / "images" / "strip.png")
+    rows.append({**test[0], "image": "images/blank.png"})
+    rows.append({**test[0], "image": "images/strip.png", "finding": ""})  # unlabelled: not scored
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result, output = invoke("eval", "zero-shot", "--model", model_dir, "--data", data, "--split", "test",
+                            "--label-column", "finding", "--json", tmp_path / "out.json", "-q")
+    assert result.exit_code == 0, output
+    scores = json.loads((tmp_path / "out.json").read_text())
+    assert scores["n"] == len(test) + 1
+    assert scores["input_content"] == {"records": 1, "of": len(test) + 1, "flags": {"blank": 1, "streaked": 0}}

@@ -175,7 +175,9 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                                  **({"copies_in_fit": copies} if copies is not None else {})}
     if ood_block is not None:
         result["ood"] = ood_block
-    empty = content_summary(content, "scored images")
+    # the scored images only: a record without the label was embedded with the split but is not scored
+    scored = [flags for flags, record in zip(content, dataset, strict=True) if column in record.labels]
+    empty = content_summary(scored, "scored images")
     if empty is not None:
         result["input_content"] = empty
     seen = trained_on_scored(net, dataset)

@@ -563,7 +563,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         raise TrainingError(f"{self.out_dir}: training stopped at step {self.step + 1}: {what} became "
-                            f"{float(value.detach())} (learning rate {lr:.3g}); lower --lr or check the data for "
+                            f"{float(value.detach())} (learning rate {lr:.3g} at this step, --lr {self.config.lr:g}); "
+                            "lower --lr or check the data for "
                             f"NaN / infinite values; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
