@@ -609,6 +609,45 @@ def test_pgvector_staging_names_are_reserved_and_other_tables_kept(pg_url, model
     _pg_rows(pg_url, "DELETE FROM medvl_indexes WHERE name = 'ward__build'")
 
 
+def _hnsw_indexes(url: str, table: str) -> list[tuple[int, str]]:
+    """(oid, column) of each HNSW index on ``table``."""
+    return _pg_rows(url, "SELECT c.oid::int, a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                         "JOIN pg_am am ON am.oid = c.relam JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                         "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(%s) AND am.amname = 'hnsw' "
+                         "ORDER BY c.oid", (table,))
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_interrupted_hnsw_build_keeps_one_graph_per_column(pg_url, model, model_dir, dataset, monkeypatch):
+    """A build interrupted after its image graph was committed (here: during the recall measurement, which at 1M
+    cases takes minutes) is rerun: the rerun keeps that graph instead of adding another, on every rerun."""
+    from medvl.index import pgvector_store
+
+    url, measure = pg_url.replace("#phantom_cases", "#hnsw_rerun"), pgvector_store._measure_recall
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pgvector_store, "_measure_recall", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    staged = _hnsw_indexes(url, "hnsw_rerun__build")
+    assert [column for _, column in staged] == ["image_vec"]
+    monkeypatch.setattr(pgvector_store, "_measure_recall", measure)
+    info = build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    assert info["resumed"] == 96 and info["images"]["kind"] == info["texts"]["kind"] == "hnsw"
+    final = _hnsw_indexes(url, "hnsw_rerun")
+    assert sorted(column for _, column in final) == ["image_vec", "text_vec"]
+    assert final[0] == staged[0]  # the graph built before the interruption, not a new one
+    assert _hnsw_indexes(url, "hnsw_rerun__build") == []
+    build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)  # a build over it
+    assert sorted(column for _, column in _hnsw_indexes(url, "hnsw_rerun")) == ["image_vec", "text_vec"]
+    with open_index(url) as index:
+        assert len(search_index(index, model, image=dataset[0].image, k=5)) == 5
+
+
 def test_fingerprint_ignores_config_fields_left_at_their_default():
     """A config field added later with a default must not orphan indexes built before it."""
     from medvl.index.base import _non_default, model_fingerprint

@@ -233,9 +233,7 @@ class PgVectorBuilder:
                 continue
             started = time.perf_counter()
             if chosen == HNSW:
-                self.conn.execute(f"SET maintenance_work_mem = '{PG_BUILD_MEMORY}'")  # constants, not input
-                self.conn.execute(hnsw_index_sql(staging, _VECTOR_COLUMN[target]))
-                self.conn.commit()
+                _ensure_hnsw(self.conn, self.staging, _VECTOR_COLUMN[target])
             recall = _measure_recall(self.conn, self.staging, target) if chosen == HNSW else 1.0
             info[target] = {"kind": chosen, "n": count, "recall_at_10": recall,
                             "build_seconds": round(time.perf_counter() - started, 3)}
@@ -259,6 +257,29 @@ def hnsw_index_sql(table: Any, column: str) -> Any:
     statement = "CREATE INDEX ON {t} USING hnsw ({c} vector_ip_ops) WITH (m = {m}, ef_construction = {ef})"
     return sql.SQL(statement).format(t=table, c=sql.Identifier(column), m=sql.Literal(PG_HNSW_M),
                                      ef=sql.Literal(PG_HNSW_EF_CONSTRUCTION))
+
+
+def _ensure_hnsw(conn, table: str, column: str) -> None:
+    """One HNSW index with medvl's settings on ``table``'s ``column``, committed. A build interrupted after
+    it was built (during the recall measurement, or the other column's index) left it on the staging table:
+    the rerun keeps it instead of building a second one; any other HNSW index on the column is dropped."""
+    sql = _sql()
+    wanted = f"USING hnsw ({column} vector_ip_ops) WITH (m='{PG_HNSW_M}', ef_construction='{PG_HNSW_EF_CONSTRUCTION}')"
+    existing = conn.execute(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), i.indisvalid, pg_get_indexdef(c.oid) "
+        "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_am a ON a.oid = c.relam "
+        "JOIN pg_attribute col ON col.attrelid = i.indrelid AND col.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = to_regclass(%s) AND a.amname = 'hnsw' AND col.attname = %s ORDER BY c.oid",
+        (f'"{table}"', column)).fetchall()
+    kept = next((name for name, valid, definition in existing if valid and definition.endswith(wanted)), None)
+    for name, _, _ in existing:
+        if name != kept:  # schema.name, quoted by quote_ident
+            conn.execute(sql.SQL("DROP INDEX {i}").format(i=sql.SQL(name)))
+    if kept is None:
+        conn.execute(f"SET maintenance_work_mem = '{PG_BUILD_MEMORY}'")  # constants, not input
+        conn.execute(hnsw_index_sql(sql.Identifier(table), column))
+    conn.commit()
 
 
 def _measure_recall(conn, table: str, target: str) -> float:
