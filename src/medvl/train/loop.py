@@ -544,7 +544,8 @@ class _Run:
         self.step += 1
         epoch_done = self.batch_index % self.batches_per_epoch == 0
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-            self._log({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
+            # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
+            self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}))
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
