@@ -122,6 +122,34 @@ def test_an_interrupted_ray_build_resumes(local_ray, single, model_dir, data_wit
     _same_index(single[0], out)
 
 
+@pytest.fixture(scope="module")
+def vit_int8_dir(tmp_path_factory):
+    """vit-tiny, exported to ONNX: its int8 towers quantise activations (a scale per input tensor)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from medvl.scale import export_onnx
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("raymodel-int8") / "model"
+    create_model("vit-tiny").save_pretrained(folder)
+    export_onnx(folder)
+    return folder
+
+
+def test_ray_int8_build_matches_the_single_process_build(local_ray, vit_int8_dir, data_with_duplicates, tmp_path):
+    """Ray embeds every record of a batch, a local build only those whose image is new: with int8 towers that
+    run one item at a time the batches' make-up does not reach the vectors, so the indexes are the same."""
+    local = tmp_path / "local"
+    build_index(load_model(vit_int8_dir, backend="onnx-int8"), load_dataset(data_with_duplicates), local,
+                model_dir=vit_int8_dir, batch_size=16, show_progress=False)
+    result, output = invoke("index", "build", "--model", vit_int8_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "ray", "--batch-size", 16, "--backend", "onnx-int8", "--ray", "--ray-workers", 2,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "ray" / "index.json").read_text())["encoder_backend"] == "onnx-int8"
+    _same_index(local, tmp_path / "ray")
+
+
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):
     result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
                             tmp_path / "idx", "--ray", "--ray-workers", 0)
