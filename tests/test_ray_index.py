@@ -21,6 +21,9 @@ from medvl.index import build_index, open_index
 from medvl.index.base import IMAGES, TEXTS
 
 ray = pytest.importorskip("ray", reason="Ray Data is in the [scale] extra")
+# imported here, not first inside a CliRunner call: its import makes the log handler of Ray Data, which keeps the
+# sys.stderr of that moment (a CliRunner's, closed after its call: later records became 'Logging error' tracebacks)
+pytest.importorskip("ray.data")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +151,26 @@ def test_ray_int8_build_matches_the_single_process_build(local_ray, vit_int8_dir
     assert result.exit_code == 0, output
     assert json.loads((tmp_path / "ray" / "index.json").read_text())["encoder_backend"] == "onnx-int8"
     _same_index(local, tmp_path / "ray")
+
+
+def _error_lines(output: str) -> set[str]:
+    return {line for line in output.splitlines() if line.startswith("error:")}  # output holds stderr twice
+
+
+def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, model_dir, data_with_duplicates,
+                                                                      tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(data_with_duplicates, data)
+    corrupt = sorted((data / "images").glob("*.png"))[20]
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    lines = {}
+    for how in ("local", "ray"):
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data, "--out", tmp_path / how,
+                                "--batch-size", 16, *(["--ray"] if how == "ray" else []), "--quiet")
+        assert result.exit_code == 2 and "Traceback" not in output, output
+        lines[how] = _error_lines(output)
+    assert lines["ray"] == lines["local"] and len(lines["ray"]) == 1
+    assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
 
 
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):

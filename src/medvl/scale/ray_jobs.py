@@ -11,12 +11,18 @@ interrupted build resumes from the last one when rerun (``build_index``'s contra
 
 The workers read images themselves: on a cluster, the data path must be readable from every node
 (a shared file system), as must the model folder.
+
+Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file) or ``OSError`` is
+sent back with its batch and raised by the driver as itself when it reaches that batch (the batches
+before it are appended, as in a single-process build), not wrapped in Ray's task error, so ``medvl``
+prints its one line.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError
+from ..errors import InputError, MedvlError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,9 @@ class RayEmbedder:
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
             batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = [error for error in batch["error"] if error]
+            if failed:  # at this batch, as a build in one process raises it
+                raise pickle.loads(bytes.fromhex(failed[0]))
             batch_records = [dataset.records[int(p)] for p in batch["position"]]
             yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
 
@@ -96,9 +105,17 @@ class _EmbedWorker:
         from ..index.build import embed_batch, read_batch
 
         records = [self.records[int(p)] for p in batch["position"]]
-        digests, pixels = read_batch(self.model.preprocessor, records)
-        images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
-        return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts}
+        try:
+            digests, pixels = read_batch(self.model.preprocessor, records)
+            images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
+        except (MedvlError, OSError) as error:
+            # returned, not raised: Ray would wrap it in its task error (the whole traceback as the message,
+            # logged too) and drop the original; the driver raises it, so the CLI prints its one line
+            zeros = np.zeros((len(records), self.model.config.embed_dim), np.float32)
+            return {"position": batch["position"], "digest": np.array([""] * len(records)), "image": zeros,
+                    "text": zeros, "error": np.array([pickle.dumps(error).hex()] * len(records))}
+        return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts,
+                "error": np.array([""] * len(records))}
 
 
 def _import_ray():
@@ -121,3 +138,4 @@ def _init_ray(ray, address: str | None, workers: int) -> None:
         ray.init(**options)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}") from None
+
