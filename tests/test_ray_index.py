@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -171,6 +173,20 @@ def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, 
         lines[how] = _error_lines(output)
     assert lines["ray"] == lines["local"] and len(lines["ray"]) == 1
     assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
+
+
+def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_with_duplicates, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                                tmp_path / "idx", "--ray", "--address", address, "--quiet")
+        assert result.exit_code == 2 and "Traceback" not in output, output
+        assert _error_lines(output) == {f"error: cannot reach the Ray cluster at {address}: Connection refused"}
+        assert time.monotonic() - started < 30  # Ray's own retries kept it waiting for more than 5 minutes
+    assert not list(tmp_path.iterdir())  # no staged build, no lock file
 
 
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):
