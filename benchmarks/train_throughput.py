@@ -1,12 +1,16 @@
 """Training throughput: samples/s and peak memory of ``medvl train``, 1 process vs torchrun with N.
 
     python benchmarks/train_throughput.py [--model cxr-small] [--n 512] [--batch-size 32]
-                                          [--steps 6,18] [--procs 1,2] [--json out.json]
+                                          [--steps 20,140] [--procs 1,2] [--json out.json]
 
 Each configuration runs the plain command (``medvl train``, or ``torchrun --standalone
 --nproc-per-node N --no-python medvl train``) twice, for the two step counts of ``--steps``;
 the difference of the wall times divided by the difference of the samples is the steady-state
-throughput (start-up, image loading and the final save cancel out). Every process is given
+throughput (start-up, image loading and the final save cancel out). The samples are those each run
+trained on: the run trains on the phantom's train split (358 of the default 512 images), so the last
+batch of every epoch is short (6 of 32 records by default) or, under torchrun, skipped when it would
+leave a process a single record (``medvl.train.loop.epoch_batch_sizes``); the count is checked
+against the step and epoch of the run's last ``metrics.jsonl`` line. Every process is given
 ``cores / N`` torch threads, so each row uses the whole machine. Peak resident memory is the largest
 of any process of the run (``ru_maxrss`` of the children). A 2-process run on one 2-core machine
 is not expected to be faster: it measures what data parallelism costs here (the all-gather of the
@@ -26,6 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from medvl.train.loop import epoch_batch_sizes  # noqa: E402
+
 # Runs one command in a fresh Python parent, so the peak RSS it reports is of this run's processes only
 # (ru_maxrss of RUSAGE_CHILDREN is the largest child a parent has ever waited for).
 _PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
@@ -40,6 +48,21 @@ def run(command: list[str], threads: int) -> tuple[float, float]:
                           text=True)
     seconds = time.perf_counter() - started
     return seconds, int(done.stdout.split()[-1]) / 1024
+
+
+def samples_trained(out: Path, steps: int, processes: int) -> tuple[int, int]:
+    """(training records, samples trained on) of the run in ``out`` that stopped after ``steps`` optimizer steps."""
+    described = json.loads((out / "train_config.json").read_text())
+    records, settings = described["records"], described["train"]
+    if settings["grad_accum"] != 1:
+        sys.exit(f"{out}: grad_accum {settings['grad_accum']}: this benchmark counts one batch per step")
+    sizes = epoch_batch_sizes(records, settings["batch_size"], processes)
+    epochs, within = divmod(steps, len(sizes))
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    if last["step"] != steps or abs(last["epoch"] - steps / len(sizes)) > 1e-9:
+        sys.exit(f"{out}: the run logged step {last['step']}, epoch {last['epoch']}; {steps} steps of "
+                 f"{len(sizes)} batches per epoch were expected (medvl.train.loop.epoch_batch_sizes)")
+    return records, epochs * sum(sizes) + sum(sizes[:within])
 
 
 def main() -> None:
@@ -64,7 +87,7 @@ def main() -> None:
     rows = []
     for procs in (int(p) for p in args.procs.split(",")):
         threads = max(1, cores // procs)
-        times = {}
+        times, seen = {}, {}
         peak = 0.0
         for steps in (low, high):
             out = work / f"out-{procs}-{steps}"
@@ -74,18 +97,20 @@ def main() -> None:
             command = [medvl, *train] if procs == 1 else \
                 [torchrun, "--standalone", f"--nproc-per-node={procs}", "--no-python", medvl, *train]
             times[steps], rss = run(command, threads)
+            records, seen[steps] = samples_trained(out, steps, procs)
             peak = max(peak, rss)
-        samples = (high - low) * args.batch_size
+        samples = seen[high] - seen[low]
         rate = samples / (times[high] - times[low])
         rows.append({"processes": procs, "threads_per_process": threads, "samples_per_s": round(rate, 1),
+                     "train_records": records, "samples": samples,
                      "seconds": {str(k): round(v, 1) for k, v in times.items()}, "peak_rss_mib": round(peak)})
     base = rows[0]["samples_per_s"]
     print(f"medvl train throughput: {args.model} at {args.image_size} px, global batch {args.batch_size}, "
-          f"{cores} cores")
-    print(f"{'processes':>9} {'threads':>7} {'samples/s':>10} {'vs 1 proc':>9} {'peak RSS MiB':>12}")
+          f"{rows[0]['train_records']} training records (the train split of {args.n} phantom images), {cores} cores")
+    print(f"{'processes':>9} {'threads':>7} {'samples':>8} {'samples/s':>10} {'vs 1 proc':>9} {'peak RSS MiB':>12}")
     for row in rows:
-        print(f"{row['processes']:>9} {row['threads_per_process']:>7} {row['samples_per_s']:>10.1f} "
-              f"{row['samples_per_s'] / base:>9.2f} {row['peak_rss_mib']:>12}")
+        print(f"{row['processes']:>9} {row['threads_per_process']:>7} {row['samples']:>8} "
+              f"{row['samples_per_s']:>10.1f} {row['samples_per_s'] / base:>9.2f} {row['peak_rss_mib']:>12}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "cores": cores, "rows": rows}, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -164,6 +164,39 @@ def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_p
     np.testing.assert_allclose(probabilities["onnx-int8"], probabilities["torch"], atol=0.02)
 
 
+@pytest.fixture(scope="module")
+def vit_dir(pairs, tmp_path_factory) -> Path:
+    """vit-tiny at random init, exported: a transformer image tower, whose int8 graph quantises activations."""
+    from medvl.scale import export_onnx
+
+    torch.manual_seed(0)
+    model = medvl.create_model("vit-tiny")
+    model.text_encoder.fit_tokenizer([r.text for r in pairs])
+    folder = model.save_pretrained(tmp_path_factory.mktemp("onnx-vit") / "model")
+    export_onnx(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_int8_vectors_do_not_depend_on_their_batch_mates(tower, vit_dir, model_dir, pairs):
+    """int8 quantises activations with one scale per input tensor: batched, an item's vector would depend on the
+    other items (and a text on its batch's padding). A query embedded alone gets the vector it was indexed with,
+    whatever batch that was."""
+    items = [r.image for r in pairs.records[:24]] if tower == "image" else [r.text for r in pairs.records[:24]]
+    for folder in (vit_dir, model_dir):  # a ViT and a ResNet image tower, a BERT text tower
+        model = medvl.load_model(folder, backend="onnx-int8")
+        encode = model.encode_images if tower == "image" else model.encode_texts
+        together = encode(items, batch_size=24)
+        alone = torch.cat([encode([item], batch_size=1) for item in items])
+        reordered = encode(items[::-1], batch_size=5).flip(0)
+        torch.testing.assert_close(alone, together, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reordered, together, rtol=0, atol=1e-6)
+        fp32 = medvl.load_model(folder, backend="onnx")
+        fp32_vectors = fp32.encode_images(items) if tower == "image" else fp32.encode_texts(items)
+        if folder == vit_dir or tower == "text":  # quantised here (a ResNet image tower is fp32 in int8 too)
+            assert (together - fp32_vectors).abs().max() > 1e-4
+
+
 def test_export_refuses_a_folder_in_use(model_dir, tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("keep")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +23,9 @@ from medvl.index import build_index, open_index
 from medvl.index.base import IMAGES, TEXTS
 
 ray = pytest.importorskip("ray", reason="Ray Data is in the [scale] extra")
+# imported here, not first inside a CliRunner call: its import makes the log handler of Ray Data, which keeps the
+# sys.stderr of that moment (a CliRunner's, closed after its call: later records became 'Logging error' tracebacks)
+pytest.importorskip("ray.data")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +125,68 @@ def test_an_interrupted_ray_build_resumes(local_ray, single, model_dir, data_wit
     assert len(appended) == 2 and info["resumed"] == sum(appended) < 99  # batches as Ray's blocks came
     assert info["duplicates"] == single[1]["duplicates"]
     _same_index(single[0], out)
+
+
+@pytest.fixture(scope="module")
+def vit_int8_dir(tmp_path_factory):
+    """vit-tiny, exported to ONNX: its int8 towers quantise activations (a scale per input tensor)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from medvl.scale import export_onnx
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("raymodel-int8") / "model"
+    create_model("vit-tiny").save_pretrained(folder)
+    export_onnx(folder)
+    return folder
+
+
+def test_ray_int8_build_matches_the_single_process_build(local_ray, vit_int8_dir, data_with_duplicates, tmp_path):
+    """Ray embeds every record of a batch, a local build only those whose image is new: with int8 towers that
+    run one item at a time the batches' make-up does not reach the vectors, so the indexes are the same."""
+    local = tmp_path / "local"
+    build_index(load_model(vit_int8_dir, backend="onnx-int8"), load_dataset(data_with_duplicates), local,
+                model_dir=vit_int8_dir, batch_size=16, show_progress=False)
+    result, output = invoke("index", "build", "--model", vit_int8_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "ray", "--batch-size", 16, "--backend", "onnx-int8", "--ray", "--ray-workers", 2,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "ray" / "index.json").read_text())["encoder_backend"] == "onnx-int8"
+    _same_index(local, tmp_path / "ray")
+
+
+def _error_lines(output: str) -> set[str]:
+    return {line for line in output.splitlines() if line.startswith("error:")}  # output holds stderr twice
+
+
+def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, model_dir, data_with_duplicates,
+                                                                      tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(data_with_duplicates, data)
+    corrupt = sorted((data / "images").glob("*.png"))[20]
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    lines = {}
+    for how in ("local", "ray"):
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data, "--out", tmp_path / how,
+                                "--batch-size", 16, *(["--ray"] if how == "ray" else []), "--quiet")
+        assert result.exit_code == 2 and "Traceback" not in output, output
+        lines[how] = _error_lines(output)
+    assert lines["ray"] == lines["local"] and len(lines["ray"]) == 1
+    assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
+
+
+def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_with_duplicates, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                                tmp_path / "idx", "--ray", "--address", address, "--quiet")
+        assert result.exit_code == 2 and "Traceback" not in output, output
+        assert _error_lines(output) == {f"error: cannot reach the Ray cluster at {address}: Connection refused"}
+        assert time.monotonic() - started < 30  # Ray's own retries kept it waiting for more than 5 minutes
+    assert not list(tmp_path.iterdir())  # no staged build, no lock file
 
 
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):

@@ -570,6 +570,84 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
 
 
+def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url.partition("#")[0], autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_staging_names_are_reserved_and_other_tables_kept(pg_url, model, model_dir, dataset):
+    """Building index X stages it in X__build: an index of that name is refused up front, and a table found there
+    that is not a build of X (an index made before the name was reserved, another program's table) is never
+    dropped: the build is refused, naming it."""
+    val = dataset.select("val")
+    ward = pg_url.replace("#phantom_cases", "#ward")
+    with pytest.raises(InputError, match="reserved"):
+        build_index(model, val, ward + "__build", model_dir=model_dir, show_progress=False)
+    with pytest.raises(InputError, match="reserved"):
+        open_index(ward + "__build")
+    # an index named ward__build by an earlier medvl (renamed into place here), then a build of ward
+    build_index(model, val, pg_url.replace("#phantom_cases", "#ward_old"), model_dir=model_dir, show_progress=False)
+    _pg_rows(pg_url, "ALTER TABLE ward_old RENAME TO ward__build")
+    _pg_rows(pg_url, "UPDATE medvl_indexes SET name = 'ward__build' WHERE name = 'ward_old'")
+    with pytest.raises(InputError, match="'ward__build'.* is a medvl index; rename it"):
+        build_index(model, dataset.select("test"), ward, model_dir=model_dir, show_progress=False)
+    assert _pg_rows(pg_url, "SELECT COUNT(*) FROM ward__build") == [(len(val),)]
+    assert _pg_rows(pg_url, "SELECT info->>'n_cases' FROM medvl_indexes WHERE name = 'ward__build'") == [("10",)]
+    assert _pg_rows(pg_url, "SELECT to_regclass('ward')") == [(None,)]
+    # another program's table in the staging place
+    _pg_rows(pg_url, "CREATE TABLE notes__build (note text)")
+    _pg_rows(pg_url, "INSERT INTO notes__build VALUES ('keep me')")
+    with pytest.raises(InputError, match="is a table medvl did not create"):
+        build_index(model, val, pg_url.replace("#phantom_cases", "#notes"), model_dir=model_dir, show_progress=False)
+    assert _pg_rows(pg_url, "SELECT note FROM notes__build") == [("keep me",)]
+    _pg_rows(pg_url, "DROP TABLE ward__build, notes__build")
+    _pg_rows(pg_url, "DELETE FROM medvl_indexes WHERE name = 'ward__build'")
+
+
+def _hnsw_indexes(url: str, table: str) -> list[tuple[int, str]]:
+    """(oid, column) of each HNSW index on ``table``."""
+    return _pg_rows(url, "SELECT c.oid::int, a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                         "JOIN pg_am am ON am.oid = c.relam JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                         "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(%s) AND am.amname = 'hnsw' "
+                         "ORDER BY c.oid", (table,))
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_interrupted_hnsw_build_keeps_one_graph_per_column(pg_url, model, model_dir, dataset, monkeypatch):
+    """A build interrupted after its image graph was committed (here: during the recall measurement, which at 1M
+    cases takes minutes) is rerun: the rerun keeps that graph instead of adding another, on every rerun."""
+    from medvl.index import pgvector_store
+
+    url, measure = pg_url.replace("#phantom_cases", "#hnsw_rerun"), pgvector_store._measure_recall
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pgvector_store, "_measure_recall", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    staged = _hnsw_indexes(url, "hnsw_rerun__build")
+    assert [column for _, column in staged] == ["image_vec"]
+    monkeypatch.setattr(pgvector_store, "_measure_recall", measure)
+    info = build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)
+    assert info["resumed"] == 96 and info["images"]["kind"] == info["texts"]["kind"] == "hnsw"
+    final = _hnsw_indexes(url, "hnsw_rerun")
+    assert sorted(column for _, column in final) == ["image_vec", "text_vec"]
+    assert final[0] == staged[0]  # the graph built before the interruption, not a new one
+    assert _hnsw_indexes(url, "hnsw_rerun__build") == []
+    build_index(model, dataset, url, model_dir=model_dir, kind="hnsw", show_progress=False)  # a build over it
+    assert sorted(column for _, column in _hnsw_indexes(url, "hnsw_rerun")) == ["image_vec", "text_vec"]
+    with open_index(url) as index:
+        assert len(search_index(index, model, image=dataset[0].image, k=5)) == 5
+
+
 def test_fingerprint_ignores_config_fields_left_at_their_default():
     """A config field added later with a default must not orphan indexes built before it."""
     from medvl.index.base import _non_default, model_fingerprint

@@ -232,3 +232,32 @@ def test_a_setting_whose_switch_is_off_is_warned_once_as_having_no_effect(caplog
                     batch_group_share=0.62, self_supervised_epochs=2, self_supervised_crop=0.41).validate()
         TrainConfig().validate()
     assert "no effect" not in caplog.text
+
+
+def test_epoch_batch_sizes_keep_a_short_last_batch_unless_a_process_would_get_one_record():
+    from medvl.train.loop import epoch_batch_sizes
+
+    assert epoch_batch_sizes(358, 32) == epoch_batch_sizes(358, 32, 2) == [32] * 11 + [6]
+    assert epoch_batch_sizes(67, 16) == [16] * 4 + [3] and epoch_batch_sizes(67, 16, 2) == [16] * 4
+    assert epoch_batch_sizes(65, 16) == [16] * 4  # a last batch of one record: skipped on one process too
+    assert epoch_batch_sizes(64, 16, 2) == [16] * 4
+
+
+@pytest.mark.slow
+def test_train_throughput_benchmark_counts_the_samples_trained(tmp_path):
+    """The train split of 60 phantom images holds 42 records: batches of 32 and 10, so steps 3 to 6 train on 84
+    samples, where counting full batches gave 128 (samples/s overstated by half)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    command = [sys.executable, str(script), "--model", "phantom-tiny", "--n", "60", "--image-size", "64",
+               "--batch-size", "32", "--steps", "2,6", "--procs", "1", "--json", str(tmp_path / "out.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "out.json").read_text())["rows"][0]
+    assert (row["train_records"], row["samples"]) == (42, 84)
+    seconds = row["seconds"]["6"] - row["seconds"]["2"]  # each rounded to 0.1 s, as is the rate
+    assert 84 / (seconds + 0.1) - 0.05 <= row["samples_per_s"] <= 84 / max(seconds - 0.1, 1e-3) + 0.05
+    assert "42 training records" in done.stdout

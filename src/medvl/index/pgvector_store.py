@@ -8,8 +8,10 @@ typed column ``m_<name>`` per filter column; the index info lives in ``medvl_ind
 info jsonb). Scores are inner products of normalised vectors (``<#>``).
 
 Atomicity comes from transactions: a build fills ``<table>__build`` (each batch committed, so a
-rerun resumes), then drops the old table and renames the new one in one transaction; ``add`` and
-``delete`` stay in one open transaction until ``save()`` commits it. A session advisory lock keeps
+rerun resumes), then drops the old table and renames the new one in one transaction (index names
+ending in ``__build`` are refused: that name space is the builder's, and it drops only a staging
+table that carries its own build marker); ``add`` and ``delete`` stay in one open transaction until
+``save()`` commits it. A session advisory lock keeps
 writers of one table apart (released when a writer dies). Below ``FLAT_MAX`` rows search is exact
 (no ANN index); above, an HNSW index is built and its recall@10 against exact search measured.
 """
@@ -54,6 +56,7 @@ PG_HNSW_M, PG_HNSW_EF_CONSTRUCTION = 32, 128
 PG_BUILD_MEMORY = "2GB"  # maintenance_work_mem of the build session: the graph is built in memory up to this
 RECALL_SAMPLE = 50
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}\Z")
+STAGING_SUFFIX = "__build"  # <table>__build holds a build of <table> until it is swapped in
 _VECTOR_COLUMN = {IMAGES: "image_vec", TEXTS: "text_vec"}
 _CASE_FIELDS = "id, split, labels, meta, report, image_path"
 
@@ -72,6 +75,9 @@ def parse_url(url: str) -> tuple[str, str]:
     table = table or DEFAULT_TABLE
     if not _TABLE.match(table):
         raise InputError(f"table name {table!r} in the index URL must be lower-case letters, digits and _")
+    if table.endswith(STAGING_SUFFIX):
+        raise InputError(f"table name {table!r} in the index URL ends in {STAGING_SUFFIX!r}, which is reserved: "
+                         f"the build of index {table.removesuffix(STAGING_SUFFIX)!r} is staged under that name")
     return conninfo, table
 
 
@@ -170,17 +176,32 @@ class PgVectorBuilder:
     def __init__(self, url: str, key: str, columns: dict[str, str], dim: int):
         self.url, self.columns, self.dim = url, columns, dim
         _, self.table = parse_url(url)
-        self.staging = f"{self.table}__build"
+        self.staging = f"{self.table}{STAGING_SUFFIX}"
         self.conn = _connect(url, autocommit=False)
-        _lock(self.conn, self.table, url)
-        with self.conn.transaction():
-            _ensure_schema(self.conn)
-            state = _read_info(self.conn, self.staging)
-            if state is None or state.get("build_key") != key or not _table_exists(self.conn, self.staging):
-                self.conn.execute(_sql().SQL("DROP TABLE IF EXISTS {t}").format(t=_sql().Identifier(self.staging)))
-                _create_table(self.conn, self.staging, dim, columns)
-                _write_info(self.conn, self.staging, {"build_key": key})
-        self.conn.commit()
+        try:
+            _lock(self.conn, self.table, url)
+            with self.conn.transaction():
+                _ensure_schema(self.conn)
+                self._stage(key)
+            self.conn.commit()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _stage(self, key: str) -> None:
+        """Keep the staged build of ``key`` (a rerun resumes it), or start one afresh. A table in the staging
+        place is dropped only when it is a build of this index (its info row is a build marker)."""
+        state = _read_info(self.conn, self.staging)
+        exists = _table_exists(self.conn, self.staging)
+        if state is not None and state.get("build_key") == key and exists:
+            return
+        if exists and (state is None or "build_key" not in state):
+            what = "a medvl index" if state is not None else "a table medvl did not create"
+            raise InputError(f"{redact(self.url)}: table {self.staging!r}, where a build of {self.table!r} is "
+                             f"staged, is {what}; rename it (or drop it) before building {self.table!r}")
+        self.conn.execute(_sql().SQL("DROP TABLE IF EXISTS {t}").format(t=_sql().Identifier(self.staging)))
+        _create_table(self.conn, self.staging, self.dim, self.columns)
+        _write_info(self.conn, self.staging, {"build_key": key})
 
     def done_ids(self) -> set[str]:
         sql = _sql()
@@ -212,9 +233,7 @@ class PgVectorBuilder:
                 continue
             started = time.perf_counter()
             if chosen == HNSW:
-                self.conn.execute(f"SET maintenance_work_mem = '{PG_BUILD_MEMORY}'")  # constants, not input
-                self.conn.execute(hnsw_index_sql(staging, _VECTOR_COLUMN[target]))
-                self.conn.commit()
+                _ensure_hnsw(self.conn, self.staging, _VECTOR_COLUMN[target])
             recall = _measure_recall(self.conn, self.staging, target) if chosen == HNSW else 1.0
             info[target] = {"kind": chosen, "n": count, "recall_at_10": recall,
                             "build_seconds": round(time.perf_counter() - started, 3)}
@@ -238,6 +257,29 @@ def hnsw_index_sql(table: Any, column: str) -> Any:
     statement = "CREATE INDEX ON {t} USING hnsw ({c} vector_ip_ops) WITH (m = {m}, ef_construction = {ef})"
     return sql.SQL(statement).format(t=table, c=sql.Identifier(column), m=sql.Literal(PG_HNSW_M),
                                      ef=sql.Literal(PG_HNSW_EF_CONSTRUCTION))
+
+
+def _ensure_hnsw(conn, table: str, column: str) -> None:
+    """One HNSW index with medvl's settings on ``table``'s ``column``, committed. A build interrupted after
+    it was built (during the recall measurement, or the other column's index) left it on the staging table:
+    the rerun keeps it instead of building a second one; any other HNSW index on the column is dropped."""
+    sql = _sql()
+    wanted = f"USING hnsw ({column} vector_ip_ops) WITH (m='{PG_HNSW_M}', ef_construction='{PG_HNSW_EF_CONSTRUCTION}')"
+    existing = conn.execute(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), i.indisvalid, pg_get_indexdef(c.oid) "
+        "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_am a ON a.oid = c.relam "
+        "JOIN pg_attribute col ON col.attrelid = i.indrelid AND col.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = to_regclass(%s) AND a.amname = 'hnsw' AND col.attname = %s ORDER BY c.oid",
+        (f'"{table}"', column)).fetchall()
+    kept = next((name for name, valid, definition in existing if valid and definition.endswith(wanted)), None)
+    for name, _, _ in existing:
+        if name != kept:  # schema.name, quoted by quote_ident
+            conn.execute(sql.SQL("DROP INDEX {i}").format(i=sql.SQL(name)))
+    if kept is None:
+        conn.execute(f"SET maintenance_work_mem = '{PG_BUILD_MEMORY}'")  # constants, not input
+        conn.execute(hnsw_index_sql(sql.Identifier(table), column))
+    conn.commit()
 
 
 def _measure_recall(conn, table: str, target: str) -> float:

@@ -8,7 +8,8 @@
 ``torch-channels-last``  eager fp32 with channels-last (NHWC / NDHWC) activations and weights
 ``torch-bf16``           eager with bfloat16 autocast of the towers (CPUs with AVX512-BF16 / AMX)
 ``onnx``                 onnxruntime, the fp32 graphs of ``medvl export onnx`` (``medvl.scale.onnx``)
-``onnx-int8``            onnxruntime, the dynamically quantised int8 graphs of the same export
+``onnx-int8``            onnxruntime, the dynamically quantised int8 graphs of the same export, run one
+                         image / text at a time (see ``OnnxDualEncoder``)
 =======================  ===========================================================================
 
 Every backend returns a ``DualEncoder`` (same interface, same weights; projections, heads and the
@@ -168,10 +169,18 @@ class OnnxDualEncoder(DualEncoder):
     The torch model is loaded too (projections, heads, temperature, tokenizer and preprocessing come
     from it, and its weights identify the model to indexes); only the towers' forward passes change.
     ``slicepool`` volumes run one at a time (their export has a fixed batch of one).
+
+    An int8 tower whose graph quantises activations (``DynamicQuantizeLinear``: the transformer towers)
+    runs one image or text at a time, each text unpadded: that operator takes one scale and zero point
+    over its whole input tensor, so in a batch an item's vector would depend on the other items (and a
+    text on the padding its batch-mates impose), and an image embedded alone (a query) would not get
+    the vector it was indexed with. ResNet / DenseNet int8 image towers quantise nothing (their
+    convolutions stay fp32) and run batched.
     """
 
     sessions: dict[str, Any]
     export: dict[str, Any]
+    per_item: dict[str, bool]  # tower -> run one item at a time
 
     @classmethod
     def from_export(cls, folder: Path, precision: str = "fp32", load_guard: bool = True) -> OnnxDualEncoder:
@@ -182,8 +191,10 @@ class OnnxDualEncoder(DualEncoder):
         if not isinstance(model, OnnxDualEncoder):
             raise ModelError(f"{folder}: not a medvl model folder")
         model.export = description = read_export(folder)
-        model.sessions = {tower: onnx_session(_tower_file(folder, description, tower, precision))
-                          for tower in ("image", "text")}
+        files = {tower: _tower_file(folder, description, tower, precision) for tower in ("image", "text")}
+        model.sessions = {tower: onnx_session(path) for tower, path in files.items()}
+        model.per_item = {tower: description[tower].get("batch") == 1
+                          or (precision == "int8" and _quantises_activations(path)) for tower, path in files.items()}
         model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
         return model
 
@@ -196,16 +207,31 @@ class OnnxDualEncoder(DualEncoder):
         _check_input(self.config.image, pixels)  # the same refusal as the torch tower's
         feeds = np.ascontiguousarray(pixels.detach().numpy(), dtype=np.float32)
         session = self.sessions["image"]
-        if self.export["image"].get("batch") == 1:
+        if self.per_item["image"]:
             rows = [session.run(None, {"pixels": feeds[i:i + 1]})[0] for i in range(len(feeds))]
             return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self.image_encoder.num_features)
         return torch.from_numpy(session.run(None, {"pixels": feeds})[0])
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        groups = [[text] for text in texts] if self.per_item["text"] and texts else [list(texts)]
+        features = torch.cat([self._text_features(group) for group in groups])
+        return F.normalize(self.text_projection(features), dim=-1)
+
+    def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.text_encoder.tokenize(texts)
         feeds = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
-        features = torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
-        return F.normalize(self.text_projection(features), dim=-1)
+        return torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
+
+
+def _quantises_activations(path: Path) -> bool:
+    """True if the graph at ``path`` quantises activations on the fly (``DynamicQuantizeLinear``: one scale
+    per input tensor, so per batch); True as well when ``onnx`` is missing to read it (the safe answer)."""
+    try:
+        import onnx
+    except ImportError:
+        return True
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
 def _tower_file(folder: Path, description: dict[str, Any], tower: str, precision: str) -> Path:

@@ -16,7 +16,9 @@ same weights (index fingerprints match the torch model's). Batches are dynamic, 
 ``slicepool`` volumes (one volume per run: the slice loop is Python). int8 quantises the MatMul /
 Gemm weights only: onnxruntime's dynamic ConvInteger ran several times slower than fp32 convolutions
 on the CPU we measured (docs/benchmarks.md), so a ResNet or DenseNet image tower is the same in int8 as
-in fp32; the transformer towers (ViT, BERT) are quantised.
+in fp32; the transformer towers (ViT, BERT) are quantised. Their activations are quantised on the fly
+with one scale per input tensor (``DynamicQuantizeLinear``), so ``OnnxDualEncoder`` runs those graphs
+one item at a time (``medvl.models.backends``).
 
 An export is made explicitly (no cache on the fly): ``load_model(dir, backend="onnx")`` refuses a
 model folder without one, or with one made from other weights or another config, naming the file.

@@ -11,12 +11,25 @@ interrupted build resumes from the last one when rerun (``build_index``'s contra
 
 The workers read images themselves: on a cluster, the data path must be readable from every node
 (a shared file system), as must the model folder.
+
+Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file) or ``OSError`` is
+sent back with its batch and raised by the driver as itself when it reaches that batch (the batches
+before it are appended, as in a single-process build), not wrapped in Ray's task error, so ``medvl``
+prints its one line.
+
+A cluster address of the form ``host:port`` (or ``ray://host:port``) is checked with a TCP connection
+when the embedder is made (``RAY_CONNECT_TIMEOUT_S``), before any work: Ray itself keeps retrying an
+unreachable address for many minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import pickle
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +38,14 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError
+from ..errors import InputError, MedvlError
 
 log = logging.getLogger(__name__)
+
+RAY_CONNECT_TIMEOUT_S = 10  # the TCP check of a host:port cluster address
+# Ray's attempts to reach the cluster's GCS (RAY_gcs_server_port_wait_time_s, unless set): each takes about 40 s
+# against a port that answers but is not a Ray head; Ray's own default is 20 attempts
+RAY_CONNECT_ATTEMPTS = 3
 
 
 @dataclass
@@ -44,6 +62,8 @@ class RayEmbedder:
         if self.workers < 1:
             raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
         self.model_dir = Path(self.model_dir)
+        if self.address is not None:
+            check_reachable(self.address)
 
     def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int
                  ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
@@ -74,6 +94,9 @@ class RayEmbedder:
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
             batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = [error for error in batch["error"] if error]
+            if failed:  # at this batch, as a build in one process raises it
+                raise pickle.loads(bytes.fromhex(failed[0]))
             batch_records = [dataset.records[int(p)] for p in batch["position"]]
             yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
 
@@ -96,9 +119,17 @@ class _EmbedWorker:
         from ..index.build import embed_batch, read_batch
 
         records = [self.records[int(p)] for p in batch["position"]]
-        digests, pixels = read_batch(self.model.preprocessor, records)
-        images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
-        return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts}
+        try:
+            digests, pixels = read_batch(self.model.preprocessor, records)
+            images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
+        except (MedvlError, OSError) as error:
+            # returned, not raised: Ray would wrap it in its task error (the whole traceback as the message,
+            # logged too) and drop the original; the driver raises it, so the CLI prints its one line
+            zeros = np.zeros((len(records), self.model.config.embed_dim), np.float32)
+            return {"position": batch["position"], "digest": np.array([""] * len(records)), "image": zeros,
+                    "text": zeros, "error": np.array([pickle.dumps(error).hex()] * len(records))}
+        return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts,
+                "error": np.array([""] * len(records))}
 
 
 def _import_ray():
@@ -118,6 +149,39 @@ def _init_ray(ray, address: str | None, workers: int) -> None:
     else:
         options["address"] = address
     try:
-        ray.init(**options)
+        with _connect_attempts(RAY_CONNECT_ATTEMPTS if address is not None else None):
+            ray.init(**options)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    except ValueError as err:  # an address Ray cannot use (a ray:// address without the ray[client] package)
+        raise InputError(f"--address {address}: {err}") from None
+
+
+@contextlib.contextmanager
+def _connect_attempts(attempts: int | None) -> Iterator[None]:
+    """Bound Ray's attempts to reach a cluster's GCS while ``ray.init`` runs (its ``RAY_gcs_server_port_wait_time_s``,
+    read when the driver connects), unless the environment sets them. Not its reconnect timeout: when that runs out,
+    Ray ends the whole process."""
+    name = "RAY_gcs_server_port_wait_time_s"
+    if attempts is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = str(attempts)
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """InputError unless a ``host:port`` (or ``ray://host:port``) cluster address accepts a TCP connection within
+    ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    if not 0 < int(port) < 65536:
+        raise InputError(f"--address {address}: port {port} is not a TCP port (1-65535)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None

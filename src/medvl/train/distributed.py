@@ -11,7 +11,8 @@ its contiguous shard (``shard``). Embeddings are gathered from all ranks *with* 
 loss over the global batch: the negatives are global. Gradients are then averaged across ranks
 (``average_gradients``, what DDP's reducer does) after backward. Sums over samples (supervised
 heads) are divided by (global batch / world size) (``sample_divisor``), so the average is the
-global mean. Batch norm keeps per-rank statistics (no SyncBatchNorm on CPU), as DDP does by default.
+global mean; the logged loss terms are averaged over the ranks the same way (``mean_over_ranks``).
+Batch norm keeps per-rank statistics (no SyncBatchNorm on CPU), as DDP does by default.
 
 Only rank 0 writes files (config, metrics, checkpoints, the model) and shows progress.
 """
@@ -172,6 +173,19 @@ def average_gradients(module: torch.nn.Module) -> None:
         size = param.grad.numel()
         param.grad.copy_(flat[offset:offset + size].view_as(param.grad))
         offset += size
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank calls it, with the same names). A supervised term is this
+    rank's sum over its shard divided by ``sample_divisor``: its mean over the ranks is the global-batch mean,
+    the figure a single process logs; terms computed on gathered embeddings are equal on every rank already."""
+    world = world_size()
+    if world == 1:
+        return values
+    names = list(values)
+    flat = torch.tensor([values[name] for name in names], dtype=torch.float64)
+    dist.all_reduce(flat)
+    return dict(zip(names, (flat / world).tolist(), strict=True))
 
 
 def all_finite(value: torch.Tensor) -> bool:

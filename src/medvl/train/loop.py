@@ -460,18 +460,15 @@ class _Run:
                                  f"({type(objective).__name__}) draws its batches at random")
             self.group_keys = objective.group_keys(config.batch_group)
         self._epoch_order: tuple[int, list[int]] = (-1, [])
-        self.batches_per_epoch = math.ceil(self.examples / config.batch_size)
+        self.batches_per_epoch = len(epoch_batch_sizes(self.examples, config.batch_size, distributed.world_size()))
         last = self.examples % config.batch_size
-        if 0 < last < 2 * distributed.world_size():
-            # a last batch that leaves a process a single record is skipped (it is another record each epoch):
-            # batch norm cannot train on one, and one image-text pair has no negatives
-            self.batches_per_epoch -= 1
-            if last >= 2 and distributed.is_main():
-                log.warning("the last batch of each epoch (%d of %d records) is skipped on %d processes: a single "
-                            "process would train on it (%d steps per epoch against %d); a batch size dividing "
-                            "the records, or leaving at least %d in the last batch, keeps the runs equal", last,
-                            self.examples, distributed.world_size(), self.batches_per_epoch,
-                            self.batches_per_epoch + 1, 2 * distributed.world_size())
+        skipped = self.batches_per_epoch < math.ceil(self.examples / config.batch_size)
+        if skipped and last >= 2 and distributed.is_main():  # one process would train on it
+            log.warning("the last batch of each epoch (%d of %d records) is skipped on %d processes: a single "
+                        "process would train on it (%d steps per epoch against %d); a batch size dividing "
+                        "the records, or leaving at least %d in the last batch, keeps the runs equal", last,
+                        self.examples, distributed.world_size(), self.batches_per_epoch,
+                        self.batches_per_epoch + 1, 2 * distributed.world_size())
         if self.batches_per_epoch < 1:
             raise InputError(f"{self.examples} training examples cannot give each of {distributed.world_size()} "
                              f"processes at least 2")
@@ -549,7 +546,8 @@ class _Run:
         self.step += 1
         epoch_done = self.batch_index % self.batches_per_epoch == 0
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-            self._log({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
+            # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
+            self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}))
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -616,6 +614,14 @@ class _Run:
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
         atomic_write_bytes(directory / "state.pt", buffer.getvalue())
+
+
+def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
+    """The sizes of one epoch's batches (global batches under torchrun): full ones, then the rest, unless it would
+    leave a process a single record: that last batch is skipped (it is another record each epoch), since batch norm
+    cannot train on one record and one image-text pair has no negatives."""
+    full, last = divmod(examples, batch_size)
+    return [batch_size] * full + ([last] if last >= 2 * processes else [])
 
 
 def grouped_order(keys: Sequence[str | None], batch_size: int, share: float, seed: int) -> list[int]:
