@@ -774,11 +774,13 @@ def slice_stack(orientation: np.ndarray,
     return order, gaps, float(np.median(gaps)) if distinct else None
 
 
-def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray]) -> str | None:
+def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
+                   stack: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> str | None:
     """Where a stack of slices (``slice_stack``'s input) has a hole, in words, or None: a gap between neighbours
     of ``MISSING_SLICE_STEPS`` slice steps or more. Stacked as it is, the volume would close the gap (the
-    slices beyond it a step or more out of place), so such a series is not a volume."""
-    order, gaps, spacing = slice_stack(orientation, positions)
+    slices beyond it a step or more out of place), so such a series is not a volume. ``stack``: ``slice_stack``'s
+    result for these slices, when the caller has it already."""
+    order, gaps, spacing = stack if stack is not None else slice_stack(orientation, positions)
     if spacing is None:
         return None
     wide = np.flatnonzero(gaps >= MISSING_SLICE_STEPS * spacing)
@@ -806,11 +808,11 @@ def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.n
                   what: str = "the series") -> tuple[np.ndarray, float]:
     """``slice_stack`` for a volume being loaded: shared positions and a missing slice (``missing_slices``) are a
     DataError naming ``what``, other uneven gaps a warning."""
-    order, gaps, spacing = slice_stack(orientation, positions)
+    order, gaps, spacing = stack = slice_stack(orientation, positions)
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
-    hole = missing_slices(orientation, positions)
+    hole = missing_slices(orientation, positions, stack)
     if hole is not None:
         raise DataError(first.parent, f"{what}: {hole}")
     if np.max(np.abs(gaps - spacing)) > 0.01 * spacing + 1e-3:

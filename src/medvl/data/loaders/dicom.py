@@ -147,8 +147,9 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     if any(not same_plane(orientation, orientations[0]) for orientation in orientations) or \
             any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers):
         return None
-    spacing = slice_stack(orientations[0], positions)[2]
-    hole = missing_slices(orientations[0], positions) if spacing is not None else None
+    stack = slice_stack(orientations[0], positions)
+    spacing = stack[2]
+    hole = missing_slices(orientations[0], positions, stack) if spacing is not None else None
     if hole is not None:
         raise DataError(headers[0].path.parent, f"{series.describe()}, record vol-{uid_hash(series.series_uid)}: "
                                                 f"{hole}")
