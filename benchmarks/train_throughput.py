@@ -99,10 +99,13 @@ def main() -> None:
             times[steps], rss = run(command, threads)
             records, seen[steps] = samples_trained(out, steps, procs)
             peak = max(peak, rss)
-        samples = seen[high] - seen[low]
-        rate = samples / (times[high] - times[low])
+        samples, elapsed = seen[high] - seen[low], times[high] - times[low]
+        if elapsed <= 0:  # start-up noise larger than the extra steps' time: no rate to report
+            sys.exit(f"{procs} process(es): {high} steps took no longer than {low} ({times[high]:.2f} s against "
+                     f"{times[low]:.2f} s); the runs are too short to time: raise the second --steps count")
+        rate = samples / elapsed
         rows.append({"processes": procs, "threads_per_process": threads, "samples_per_s": round(rate, 1),
-                     "train_records": records, "samples": samples,
+                     "train_records": records, "samples": samples, "elapsed_s": elapsed,
                      "seconds": {str(k): round(v, 1) for k, v in times.items()}, "peak_rss_mib": round(peak)})
     base = rows[0]["samples_per_s"]
     print(f"medvl train throughput: {args.model} at {args.image_size} px, global batch {args.batch_size}, "

@@ -245,19 +245,20 @@ def test_epoch_batch_sizes_keep_a_short_last_batch_unless_a_process_would_get_on
 
 @pytest.mark.slow
 def test_train_throughput_benchmark_counts_the_samples_trained(tmp_path):
-    """The train split of 60 phantom images holds 42 records: batches of 32 and 10, so steps 3 to 6 train on 84
-    samples, where counting full batches gave 128 (samples/s overstated by half)."""
+    """The train split of 60 phantom images holds 42 records: batches of 32 and 10, so steps 3 to 30 train on 588
+    samples (14 epochs), where counting full batches gave 896 (samples/s overstated by half).
+    The rate is checked against the unrounded time the script measured, not against a time of its own: the
+    two runs' wall times are what they are on a shared machine."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
     command = [sys.executable, str(script), "--model", "phantom-tiny", "--n", "60", "--image-size", "64",
-               "--batch-size", "32", "--steps", "2,6", "--procs", "1", "--json", str(tmp_path / "out.json")]
+               "--batch-size", "32", "--steps", "2,30", "--procs", "1", "--json", str(tmp_path / "out.json")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads((tmp_path / "out.json").read_text())["rows"][0]
-    assert (row["train_records"], row["samples"]) == (42, 84)
-    seconds = row["seconds"]["6"] - row["seconds"]["2"]  # each rounded to 0.1 s, as is the rate
-    assert 84 / (seconds + 0.1) - 0.05 <= row["samples_per_s"] <= 84 / max(seconds - 0.1, 1e-3) + 0.05
+    assert (row["train_records"], row["samples"]) == (42, 588)
+    assert row["elapsed_s"] > 0 and row["samples_per_s"] == round(588 / row["elapsed_s"], 1)
     assert "42 training records" in done.stdout
