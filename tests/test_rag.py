@@ -478,6 +478,24 @@ def test_case_retrieval_scores_drafts_against_the_queries_own_reports_when_label
     assert result["draft"]["reference"] == "reports" and "labeller_vs_labels" not in result
     assert set(result["label_sets"]) == {"sex=F", "sex=M"} and 0.3 < result["precision_at_k_baseline"] < 0.7
     assert set(FINDINGS) <= set(result["draft"]["vocabulary"])
+    labeller = ReportLabeller()  # the references are read by the labeller: how well its base covers them is said
+    mentioned = sum(any(s.findings for s in labeller.sentences(r.text)) for r in test)
+    assert result["knowledge"]["sources"] == ["built-in"] and result["knowledge"]["references"] == len(test)
+    assert result["knowledge"]["reports_without_mention"] == len(test) - mentioned < len(test) / 2
+
+
+def test_case_retrieval_warns_when_the_knowledge_base_misses_the_findings_of_the_reports(
+        phantom_dir, model_dir, train_index, tmp_path, caplog):
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    (folder / "kidney_cyst.md").write_text("---\nname: kidney_cyst\ntitle: Kidney cyst\nsynonyms: [renal cyst]\n"
+                                          "definition: A fluid-filled renal cyst.\n---\n")
+    model, test = load_model(model_dir), load_dataset(phantom_dir).select("test")
+    with open_index(train_index) as index, caplog.at_level("WARNING"):
+        result = case_retrieval(index, model, test, k=5, label_columns=["sex"], show_progress=False,
+                                knowledge=load_knowledge(folder, builtin=False))
+    assert result["knowledge"]["reports_without_mention"] == len(test)
+    assert f"{len(test)} of {len(test)} reference reports mention no finding of the knowledge base (ct)" in caplog.text
 
 
 def test_eval_case_retrieval_command(phantom_dir, train_index, tmp_path):

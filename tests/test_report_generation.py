@@ -397,6 +397,55 @@ def test_ct_reports_are_scored_with_the_knowledge_base_given_and_the_chest_one_i
         assert references[name]["support"] == n, name
 
 
+def test_bench_report_and_case_retrieval_tasks_read_findings_with_the_task_s_knowledge(ct_generator, ct_dir,
+                                                                                       tmp_path):
+    import yaml
+
+    folder = tmp_path / "suite" / "ct-findings"
+    folder.mkdir(parents=True)
+    for name, text in CT_KNOWLEDGE.items():
+        (folder / name).write_text(text)
+    suite = {"name": "ct", "bootstrap": 100,
+             "datasets": {"ct": {"path": str(ct_dir), "split": "test", "train_split": "train",
+                                 "calibration_split": None, "label": "finding"}},
+             "tasks": [{"task": "report", "dataset": "ct", "knowledge": "ct-findings"}]}
+    path = tmp_path / "suite" / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    result, output = invoke("bench", "run", path, "--model", ct_generator, "--out", tmp_path / "with", "-q")
+    assert result.exit_code == 0, output
+    assert "does not hold" not in output
+    ours = json.loads((tmp_path / "with" / "results.json").read_text())
+    result, output = invoke("eval", "report", "--model", ct_generator, "--data", ct_dir, "--beam-size", "1", "-q",
+                            "--knowledge", folder, "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, output
+    scored = json.loads((tmp_path / "eval.json").read_text())["generator"]
+    rows = {row["metric"]: row["value"] for row in ours["rows"]}
+    assert rows["micro_f1"] == pytest.approx(scored["micro_f1"])
+    assert rows["macro_f1"] == pytest.approx(scored["macro_f1"])
+    (cell,) = (tmp_path / "with" / "cells").glob("*.json")
+    knowledge = json.loads(cell.read_text())["plots"]["knowledge"]
+    assert knowledge["sources"] == ["built-in", "ct-findings"] and knowledge["unknown_labels"] == {}
+
+    del suite["tasks"][0]["knowledge"]  # the built-in chest X-ray base: the CT findings are unknown, and said so
+    path.write_text(yaml.safe_dump(suite))
+    result, output = invoke("bench", "run", path, "--model", ct_generator, "--out", tmp_path / "without", "-q")
+    assert result.exit_code == 0, output
+    assert "does not hold" in " ".join(output.split())
+
+    for bad, message in (({"knowledge": "missing"}, "knowledge folder not found"),
+                         ({"builtin_knowledge": False}, "builtin_knowledge: false needs a knowledge folder"),
+                         ({"builtin_knowledge": "no"}, "builtin_knowledge must be true or false")):
+        suite["tasks"][0] = {"task": "report", "dataset": "ct", **bad}
+        path.write_text(yaml.safe_dump(suite))
+        result, output = invoke("bench", "run", path, "--model", ct_generator, "--out", tmp_path / "bad", "-q")
+        assert result.exit_code == 2 and message in " ".join(output.split()), output
+    suite["tasks"][0] = {"task": "retrieval", "dataset": "ct", "knowledge": "ct-findings"}
+    path.write_text(yaml.safe_dump(suite))
+    result, output = invoke("bench", "run", path, "--model", ct_generator, "--out", tmp_path / "bad", "-q")
+    assert result.exit_code == 2 and "apply to report and case-retrieval tasks" in " ".join(output.split()), output
+    assert not (tmp_path / "bad" / "cells").exists()
+
+
 def test_knowledge_coverage_counts_references_that_mention_no_finding_of_the_base(caplog):
     from medvl.data.record import Record
     from medvl.eval.report import knowledge_coverage

@@ -8,11 +8,12 @@ Layout of the output folder::
     results.json      every row of every cell (one row per model x task x dataset x metric)
     report.html       tables and plots, the models side by side
 
-A cell's fingerprint hashes the model folder's files, the dataset's files and caption file, the task, the
-checks and their settings, the seed, medvl's version and its source code; a cell file whose fingerprint
-matches is reused, so an interrupted run resumes and a finished run is not recomputed. A run removes the
-earlier results.json and report.html of its folder before it starts, so the two always describe the
-suite.json beside them. Evaluation is composed from ``medvl.eval`` (this module scores nothing by hand).
+A cell's fingerprint hashes the model folder's files, the dataset's files and caption file, the task (and
+the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
+source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
+finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
+before it starts, so the two always describe the suite.json beside them. Evaluation is composed from
+``medvl.eval`` (this module scores nothing by hand).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import file_sha256, write_json
-from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims
+from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims, task_knowledge
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +385,8 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
         "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
         "dataset": data.spec.__dict__, "train_dataset": train.spec.__dict__,
         "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
-        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest()},
+        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest(),
+        "knowledge": files_digest(Path(task.knowledge)) if task.knowledge is not None else None},
         sort_keys=True, default=str).encode()).hexdigest()
     unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
@@ -641,7 +643,10 @@ def _case_retrieval(ctx: _Context) -> None:
                     show_progress=ctx.show_progress)
         index = open_index(Path(folder) / "cases")
         result = case_retrieval(index, ctx.net, ctx.data.split(spec.split), k=ctx.task.k,
-                                label_columns=[label] if label else None, show_progress=ctx.show_progress)
+                                label_columns=[label] if label else None, knowledge=task_knowledge(ctx.task),
+                                show_progress=ctx.show_progress)
+    if "knowledge" in result:
+        ctx.plots["knowledge"] = result["knowledge"]
     for metric in ("precision_at_k", "jaccard_at_k", "map"):
         ctx.row(f"{metric}", result[metric], k=ctx.task.k)
         ctx.row(f"sanity: {metric} of a random ranking", result[f"{metric}_baseline"])
@@ -683,15 +688,18 @@ def _vqa(ctx: _Context) -> None:
 
 def _report(ctx: _Context) -> None:
     from ..eval.report import evaluate_report_generator, report_intervals
+    from ..rag import ReportLabeller
 
     spec = ctx.data.spec
+    labeller = ReportLabeller(task_knowledge(ctx.task))
     result = evaluate_report_generator(ctx.net, ctx.data.split(spec.split), ctx.training_split(),
-                                       show_progress=ctx.show_progress, keep_texts=True)
+                                       labeller=labeller, show_progress=ctx.show_progress, keep_texts=True)
     texts = result.pop("texts")
+    ctx.plots["knowledge"] = result["knowledge"]
     ctx.flag_trained(result.get("trained_on_scored"))
     for source, name in (("generated", ""), ("nearest", "sanity: nearest_report ")):
         intervals = report_intervals(texts["references"], texts[source], resamples=ctx.suite.bootstrap,
-                                     seed=ctx.suite.seed)
+                                     seed=ctx.suite.seed, labeller=labeller)
         for key, interval in intervals.items():
             ctx.row(f"{name}{key}", interval["value"], interval)
     ours, nearest = result["generator"]["micro_f1"], result["nearest_report"]["micro_f1"]

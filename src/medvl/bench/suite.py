@@ -23,15 +23,19 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
       - {task: few-shot, dataset: phantom, shots: [1, 4, 16]}
       - {task: linear-probe, dataset: isic, covariates: none}  # image only (default: the model's covariates,
                                                                 # e.g. [age_approx, sex]; medvl.eval.covariates)
+      - {task: case-retrieval, dataset: ct, knowledge: findings/}  # finding files on top of the built-in base
     checks: [sanity, calibration, subgroups, corruption, counterfactual, shortcut, ood]
     corruption: {kinds: [noise, blur], severities: [1, 3, 5], max_images: 200}
     counterfactual: {n: 60}
 
 Tasks: ``zero-shot``, ``linear-probe``, ``few-shot``, ``retrieval``, ``case-retrieval`` (dual
 encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may carry its own
-``checks:`` list and ``label:``. The suite's checks apply to the tasks they make sense for (``CHECKS``);
-a check a task's own list names that the task cannot take is an InputError. Split, label and dataset names
-are text (``split: 2020`` is the split "2020").
+``checks:`` list and ``label:``. The ``report`` and ``case-retrieval`` tasks read findings in reports
+with the knowledge base: the built-in chest X-ray findings, a task's ``knowledge:`` folder of finding files
+on top (relative to the suite file), or that folder alone with ``builtin_knowledge: false``. The
+suite's checks apply to the tasks they make sense for (``CHECKS``); a check a task's own list names
+that the task cannot take is an InputError. Split, label and dataset names are text (``split: 2020`` is
+the split "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, and
@@ -53,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_number
-from ..errors import InputError, ModelError
+from ..errors import DataError, InputError, ModelError
 
 SUITES_DIR = Path(__file__).with_name("suites")
 
@@ -77,6 +81,7 @@ TWO_D_CHECKS: dict[str, str] = {
     "shortcut": "masking a region is defined for 2D images; this model takes 3D volumes",
 }
 DATASET_KINDS = ("images", "vqa")
+KNOWLEDGE_TASKS = ("report", "case-retrieval")  # tasks whose figures read findings in reports with a knowledge base
 MODEL_KINDS = {"dual": "a dual encoder (medvl train, or a transformers CLIP / SigLIP folder)",
                "vqa": "a VQA model (medvl train vqa)", "report": "a report generator (medvl train report)"}
 
@@ -110,6 +115,8 @@ class TaskSpec:
     k: int = 5  # case-retrieval: neighbours scored
     train_dataset: str | None = None  # where the train split comes from (default: the task's dataset)
     covariates: list[str] | str | None = None  # linear-probe: metadata columns fused (None: the model's; "none")
+    knowledge: str | None = None  # report / case-retrieval: a folder of finding files read on top of the built-in base
+    builtin_knowledge: bool = True  # False: the folder's findings alone
 
     @property
     def key(self) -> str:
@@ -263,9 +270,19 @@ def _task(raw: Any, index: int, path: Path) -> TaskSpec:
         raise InputError(f"{where}: each task needs 'task' and 'dataset', got {raw!r}")
     allowed = {f.name for f in dataclasses.fields(TaskSpec)}
     _known_keys(raw, allowed, where)
-    spec = TaskSpec(**_names(raw, ("task", "dataset", "label", "train_dataset"), where))
+    spec = TaskSpec(**_names(raw, ("task", "dataset", "label", "train_dataset", "knowledge"), where))
     if spec.task not in TASKS:
         raise InputError(f"{where}: unknown task {spec.task!r} (tasks: {', '.join(TASKS)})")
+    reads_findings = spec.task in KNOWLEDGE_TASKS
+    if not reads_findings and ("knowledge" in raw or "builtin_knowledge" in raw):
+        raise InputError(f"{where}: knowledge and builtin_knowledge apply to {' and '.join(KNOWLEDGE_TASKS)} tasks "
+                         f"(the ones that read findings in reports), not to {spec.task}")
+    if not isinstance(spec.builtin_knowledge, bool):
+        raise InputError(f"{where}: builtin_knowledge must be true or false, got {spec.builtin_knowledge!r}")
+    if spec.knowledge is not None:  # like a dataset's path: relative to the suite file
+        spec.knowledge = _resolved(spec.knowledge, path)
+    if reads_findings and spec.knowledge is None and not spec.builtin_knowledge:
+        raise InputError(f"{where}: builtin_knowledge: false needs a knowledge folder")
     if spec.checks is not None:
         spec.checks = _checks(spec.checks, f"{where}: checks")
     if not isinstance(spec.shots, list) or not spec.shots:
@@ -337,6 +354,12 @@ def _check(suite: SuiteSpec) -> None:
         if task.task in ("zero-shot", "linear-probe", "few-shot") and not (task.label or dataset.label):
             raise InputError(f"{where}: task {task.task} on {task.dataset!r} needs a label column "
                              "(the task's or the dataset's 'label')")
+    for task in suite.tasks:
+        if task.task in KNOWLEDGE_TASKS and (task.knowledge is not None or not task.builtin_knowledge):
+            try:
+                task_knowledge(task)
+            except (InputError, DataError) as error:
+                raise InputError(f"{where}: task {task.key}: {error}") from None
     for dataset in suite.datasets.values():
         if dataset.path is None and dataset.generate is None:
             raise InputError(f"{where}: dataset {dataset.name!r} has no path: give --data {dataset.name}=PATH")
@@ -348,6 +371,14 @@ def _check(suite: SuiteSpec) -> None:
             hint = f"set {', '.join(unset)} or " if unset else ""
             raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
                              f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def task_knowledge(task: TaskSpec):
+    """The knowledge base a report or case-retrieval task reads findings with (the task's folder on top of the
+    built-in base, or alone with ``builtin_knowledge: false``)."""
+    from ..rag import load_knowledge
+
+    return load_knowledge(task.knowledge, builtin=task.builtin_knowledge)
 
 
 def _check_settings(suite: SuiteSpec) -> None:

@@ -28,7 +28,10 @@ labeller applied to the query's own report (``reference = "reports"``). An abste
 finding (``answered_micro_f1`` scores the other queries alone). Micro precision / recall / F1 over
 (query, finding) pairs, macro F1 over the findings of the vocabulary with at least one reference
 positive. Beside it, the nearest single report: the top neighbour's report, labelled the same way
-(its ``answered_micro_f1`` over the same queries as the draft's).
+(its ``answered_micro_f1`` over the same queries as the draft's). With report references, ``knowledge``
+says how well the knowledge base covers them (``eval.report.knowledge_coverage``, with its warnings): a
+query whose report names no finding of the base is read as "no finding", which a draft of no finding
+matches (CT / MR reports under the built-in chest X-ray base).
 
 With label references, ``knowledge_retrieval`` gives how often the knowledge-base entry of a query's
 one finding ranks first (``top1``) or in the first three (``top3``) by image-embedding similarity.
@@ -95,6 +98,10 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     if reference["kind"] == "labels":
         result["labeller_vs_labels"] = _labeller_agreement(queries, reference, labeller)
         result["knowledge_retrieval"] = _knowledge_retrieval(model, vectors, reference, labeller.knowledge)
+    else:  # the labeller reads the references too: does its knowledge base hold their findings?
+        from .report import knowledge_coverage
+
+        result["knowledge"] = knowledge_coverage(queries, labeller)
     result["seconds"] = round(time.perf_counter() - started, 2)
     _headline(result)
     return result
