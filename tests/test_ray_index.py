@@ -197,3 +197,16 @@ def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates
                             tmp_path / "idx", "--address", "auto")
     assert result.exit_code == 2 and "needs --ray" in output
     assert not (tmp_path / "idx").exists()
+
+
+def test_a_quiet_ray_build_prints_no_ray_data_or_faiss_chatter(model_dir, data_with_duplicates, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "medvl", "index", "build", "--model", str(model_dir), "--data",
+               str(data_with_duplicates), "--out", str(tmp_path / "idx"), "--ray", "--ray-workers", "1", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for chatter in ("Execution plan", "execution finished", "Progress bars disabled", "Loading faiss"):
+        assert chatter not in done.stderr, chatter
+    assert "images: flat index of 96 vectors" in done.stderr  # medvl's own lines stay

@@ -101,7 +101,7 @@ def setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False)], force=True)
-    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "faiss"):  # faiss: which CPU build loaded
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -86,7 +86,8 @@ class RayEmbedder:
         positions = [position[record.id] for record in records]
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # results in record order: deterministic dedup
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # medvl's own bar counts the records
+        _quiet_ray_data()
         items = ray.data.from_items([{"position": p} for p in positions],
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
         embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
@@ -130,6 +131,19 @@ class _EmbedWorker:
                     "text": zeros, "error": np.array([pickle.dumps(error).hex()] * len(records))}
         return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts,
                 "error": np.array([""] * len(records))}
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console lines at WARNING and above unless medvl logs at DEBUG (``-v``): its INFO lines
+    (execution plans, timings) still go to the session's log file. Its warning that progress bars are off
+    is said once per process, so it is spent here: medvl shows its own bar."""
+    from ray.util.debug import log_once
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, logging.WARNING))
+    log_once("ray_data_progress_manager_disabled")
 
 
 def _import_ray():
