@@ -34,6 +34,15 @@ def test_models_lists_the_registry():
         assert name in output
 
 
+def test_models_lists_the_input_each_recipe_trains_and_refuses_a_missing_folder(tmp_path):
+    from medvl.models.registry import model_summaries
+
+    images = {row["name"]: row["image"] for row in model_summaries()}
+    assert images["cxr-small"] == "resnet 96px x1" and images["derm-small"] == "resnet 64px x3"  # not the 128 px arch
+    result, output = invoke("models", "--recipe", tmp_path / "no-such-model")
+    assert result.exit_code == 2 and "not a model folder" in output, output
+
+
 def test_phantom_command_writes_a_loadable_manifest(tmp_path):
     result, output = invoke("phantom", tmp_path / "ph", "--n", 12, "--size", 48, "-q")
     assert result.exit_code == 0, output
@@ -301,13 +310,26 @@ def test_bench_medmnist_reports_auc_and_acc(tiny_npz, tmp_path):
 
 def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
-    result, output = invoke("demo", "--out", out, "--n", 72, "--epochs", 1, "--model", "phantom-tiny",
+    result, output = invoke("demo", "--out", out, "--n", 60, "--epochs", 1, "--model", "phantom-tiny",
                             "--size", 64, "--image-size", 0, "-q")
     assert result.exit_code == 0, output
     page = (out / "report.html").read_text()
     assert "zero-shot balanced accuracy" in page and "data:image/png;base64" in page
     results = json.loads((out / "results.json").read_text())
     assert isinstance(results["zero_shot_balanced_accuracy"], float)
+    # scored among every finding of the phantom, as medvl eval zero-shot is, though this small test split lacks one
+    zero_shot = results["zero_shot"]
+    findings = sorted({r.labels["finding"] for r in load_dataset(out / "data")})
+    absent = [name for name in findings if zero_shot["per_class"][name]["support"] == 0]
+    assert zero_shot["classes"] == findings and len(findings) == 6 and absent
+    assert zero_shot["chance_balanced_accuracy"] == pytest.approx(1 / 6)
+    assert f"<tr><td>{absent[0]}</td><td>0</td>" in page and "<td>-</td></tr>" in page  # no AUC, not 0.000
+
+
+def test_demo_refuses_a_bad_model_before_making_any_data(tmp_path):
+    result, output = invoke("demo", "--out", tmp_path / "demo", "--n", 60, "--model", "no-such-model", "-q")
+    assert result.exit_code == 2 and "unknown model" in output, output
+    assert not (tmp_path / "demo").exists()
 
 
 # -- bad input: one line naming the file, exit code 2, no traceback, nothing written ------------

@@ -198,6 +198,7 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["demo", "--out", "{out}", "--n", 5, "-q"], "n must be"),
     (["demo", "--out", "{out}", "--epochs", 0, "-q"], "epochs"),
     (["demo", "--out", "{out}", "--image-size", 5, "-q"], "image_size"),
+    (["demo", "--out", "{out}", "--image-size", 12, "--model", "vit-tiny", "-q"], "patch_size"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--folds", 1, "-q"], "folds"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),

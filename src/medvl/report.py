@@ -69,7 +69,7 @@ def curve_figure(steps: Sequence[float], values: Sequence[float], ylabel: str, t
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    axis.plot(steps, values)
+    axis.plot(steps, values, marker="o" if len(steps) <= 20 else None)  # a lone point shows, not an empty chart
     axis.set(xlabel="step", ylabel=ylabel, title=title)
     return figure
 

@@ -74,9 +74,11 @@ def models_command(
         console.print_json(data=recipe_report(recipe))
         return
     table = Table(show_header=True, header_style="bold")
-    for column in ("name", "image", "text", "dim", "recipe", "about"):
-        table.add_column(column)
-    for row in model_summaries():
+    rows = model_summaries()
+    for column in ("name", "image", "text", "dim", "recipe", "about"):  # names stay whole: they are typed
+        whole = column in ("name", "text")
+        table.add_column(column, no_wrap=whole, min_width=max(len(row[column]) for row in rows) if whole else None)
+    for row in rows:
         table.add_row(*row.values())
     console.print(table)
 

@@ -106,12 +106,14 @@ class ImageConfig:
                              f"got {self.slice_pool!r}, {self.slice_batch}")
         check_number("image.image_size", self.image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True)
         check_number("image.depth", self.depth, minimum=0, maximum=MAX_IMAGE_SIDE, integer=True)
-        check_number("image.patch_size", self.patch_size, minimum=1, maximum=self.image_size, integer=True)
+        check_number("image.patch_size", self.patch_size, minimum=1, integer=True)
         check_number("image.intensity_std", self.intensity_std, minimum=0, exclusive_minimum=True)
         check_number("image.intensity_mean", self.intensity_mean)
         for name in ("hidden_size", "num_layers", "num_heads", "growth_rate", "stem_kernel", "stem_stride"):
             check_number(f"image.{name}", getattr(self, name), minimum=1, integer=True)
         vit = self.arch == "vit" or (self.arch == "slicepool" and self.slice_arch == "vit")
+        if vit:  # a ViT field: a ResNet or DenseNet of any allowed side ignores it
+            check_number("image.patch_size", self.patch_size, minimum=1, maximum=self.image_size, integer=True)
         sides = self.volume_shape if self.arch == "vit" else (self.image_size,)
         if vit and any(side % self.patch_size for side in sides):
             raise InputError(f"image sides {sides} must be multiples of image.patch_size {self.patch_size} for a vit")

@@ -49,11 +49,11 @@ def describe_model(name: str) -> str:
 
 
 def model_summaries() -> list[dict[str, str]]:
-    """One row per registered model: name, image input, text tower, embedding size, training recipe,
-    description."""
+    """One row per registered model: name, image input and text tower as its recipe trains them (the recipe's
+    model overrides applied), embedding size, training recipe, description."""
     rows = []
     for name in list_models():
-        config = get_config(name)
+        config = get_config(name, **get_recipe(name).model)  # what medvl train --model NAME trains
         image = config.image
         shape = f"{image.image_size}px" if image.spatial_dims == 2 else "x".join(map(str, image.volume_shape))
         rows.append({"name": name, "image": f"{image.arch} {shape} x{image.in_channels}",

@@ -76,9 +76,13 @@ class RecipeSettings:
 
 
 def recipe_of(model: str | Path) -> Recipe:
-    """The recipe of a registered name; an empty one for a saved model folder."""
-    if is_model_dir(model) or isinstance(model, Path) or "/" in str(model):
+    """The recipe of a registered name; an empty one for a saved model folder (ModelError for a path that is
+    not one)."""
+    if is_model_dir(model):
         return Recipe()
+    if isinstance(model, Path) or "/" in str(model) or Path(str(model)).exists():
+        raise ModelError(f"{model}: not a model folder (no config.json) and not a registered model name "
+                         f"({', '.join(list_models())})")
     if str(model) not in list_models():
         raise ModelError(f"unknown model {model!r}; registered: {', '.join(list_models())}")
     return get_recipe(str(model))
