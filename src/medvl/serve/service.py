@@ -41,7 +41,7 @@ from ..index.base import describe_target
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
-from ..predict import class_prompts
+from ..predict import check_class_names, class_prompts
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .previews import (
@@ -69,12 +69,13 @@ CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains 
 
 
 def parse_labels(labels: str) -> list[str]:
-    """Comma-separated class names (as ``medvl predict --labels``): at least 2 distinct."""
-    names = list(dict.fromkeys(split_names(labels)))
-    if len(names) < 2:
-        raise InputError(f"need at least 2 distinct labels, comma-separated; got {len(names)}")
-    if len(names) > MAX_LABELS:
-        raise InputError(f"at most {MAX_LABELS} labels, got {len(names)}")
+    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``MAX_LABELS``
+    distinct. Too few is for the library to refuse (``check_class_names``, ``finding_classes``): the same
+    words as the CLI's."""
+    names = split_names(labels)
+    distinct = len(dict.fromkeys(names))
+    if distinct > MAX_LABELS:
+        raise InputError(f"at most {MAX_LABELS} labels, got {distinct}")
     return names
 
 
@@ -238,6 +239,7 @@ class ModelService:
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
+        class_names = check_class_names(class_names)
         column, classes = await self._class_set(class_names, label_column)
         embedding, flags = await self.embed_checked(data, timings)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
