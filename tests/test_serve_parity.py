@@ -4,6 +4,7 @@ case index, a tiny ViT, real pydicom-data DICOM files, and the service through F
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,34 @@ def test_too_few_labels_are_refused_in_the_same_words(guarded, http, png):
         assert result.exit_code == 2 and answer.status_code == 422, (output, answer.text)
         detail = answer.json()["detail"]
         assert "need at least 2 distinct labels" in detail and f"error: {detail}" in _flat(output), (output, detail)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("parity-vit") / "model"
+    create_model("vit-tiny").save_pretrained(folder)
+    return folder
+
+
+def test_explain_defaults_to_the_methods_the_architecture_supports(vit, guarded, png, tmp_path):
+    """``medvl explain`` on a ViT runs every method but Grad-CAM by default (gradcam asked for by name is still
+    refused); on a CNN all four. /v1/explain's default is its own subset by the same rule."""
+    from fastapi.testclient import TestClient
+
+    from medvl.explain.heatmaps import METHODS, default_methods
+
+    labels = "no_finding,nodule"
+    for model, expected in ((vit, ["patch_text", "occlusion", "smoothgrad"]), (guarded, list(METHODS))):
+        assert default_methods(load_model(model)) == expected
+        out = tmp_path / model.parent.name
+        result, output = invoke("explain", png, "--model", model, "--labels", labels, "--out", out)
+        assert result.exit_code == 0, output
+        [finding] = json.loads((out / "explanation.json").read_text())["findings"]
+        assert list(finding["heatmaps"]) == expected
+    result, output = invoke("explain", png, "--model", vit, "--labels", labels, "--method", "gradcam")
+    assert result.exit_code == 2 and "Grad-CAM needs a convolutional image encoder (resnet, densenet), not vit" \
+        in _flat(output), output
+    with TestClient(create_app(vit, require_token=False)) as client:
+        answer = client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
+        assert answer.status_code == 200 and answer.json()["methods"] == ["patch_text"], answer.text
+        assert client.get("/v1/models").json()["models"][0]["explain"]["default_methods"] == ["patch_text"]

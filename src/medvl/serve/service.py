@@ -64,8 +64,9 @@ if TYPE_CHECKING:
 
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
-GRADIENT_FREE_METHODS = ("patch_text",)  # explanation methods every 2D dual encoder supports
-CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains (the default methods then)
+# the heatmap methods /v1/explain runs when none are asked for, those the model supports (default_methods):
+# the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
+SERVICE_METHODS = ("patch_text", "gradcam")
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -337,9 +338,11 @@ class ModelService:
 
     # -- explanations and VQA (on the lane) --------------------------------------------------------
     def explain_methods(self) -> list[str]:
-        """The heatmap methods an explanation uses when none are asked: Grad-CAM too on a CNN."""
-        extra = ["gradcam"] if self.net.config.image.arch in CONVOLUTIONAL else []
-        return [*GRADIENT_FREE_METHODS, *extra]
+        """The heatmap methods an explanation uses when none are asked: ``SERVICE_METHODS`` that the model
+        supports (``default_methods``: Grad-CAM on a CNN only)."""
+        from ..explain.heatmaps import default_methods
+
+        return default_methods(self.net, SERVICE_METHODS)
 
     async def explain(self, data: bytes, labels: list[str] | None, label_column: str | None,
                       methods: list[str] | None, top: int, k: int, timings: dict[str, Any]) -> dict[str, Any]:
