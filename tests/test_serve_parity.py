@@ -103,3 +103,28 @@ def test_explain_defaults_to_the_methods_the_architecture_supports(vit, guarded,
         answer = client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
         assert answer.status_code == 200 and answer.json()["methods"] == ["patch_text"], answer.text
         assert client.get("/v1/models").json()["models"][0]["explain"]["default_methods"] == ["patch_text"]
+
+
+def test_search_reports_the_guards_verdict_as_the_cli_does(guarded, index_dir, http, tmp_path):
+    """A CT slice (pydicom-data's CT_small.dcm) against a phantom model's guard: ``medvl search --json`` and
+    /v1/search give the same ``query`` keys and values (the image named each its own way) and the same hits."""
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    result, output = invoke("search", "--index", index_dir, "--model", guarded, "--image", ct, "-k", 3,
+                            "--json", tmp_path / "cli.json")
+    assert result.exit_code == 0 and "the query image is out of distribution" in _flat(output), output
+    cli = json.loads((tmp_path / "cli.json").read_text())
+    answer = http.post("/v1/search", files={"image": ("x", ct.read_bytes())}, data={"k": "3"})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert served["query"].keys() == cli["query"].keys()
+    assert cli["query"]["out_of_distribution"] is served["query"]["out_of_distribution"] is True
+    assert served["query"]["ood_score"] == pytest.approx(cli["query"]["ood_score"], abs=2e-3)
+    assert served["query"]["ood_threshold"] == cli["query"]["ood_threshold"]
+    assert served["query"]["input_flags"] == cli["query"]["input_flags"]
+    assert served["query"]["image"] == {"kind": "dicom", "bytes": ct.stat().st_size}
+    assert [hit["id"] for hit in served["hits"]] == [hit["id"] for hit in cli["hits"]]
+    text = http.post("/v1/search", data={"text": "a nodule", "k": "3"}).json()
+    assert text["query"] == {"text": "a nodule"}
+

@@ -169,6 +169,12 @@ class ModelService:
             upload, pixels, content = await self._on_worker(self._decode_and_preprocess, data)  # one worker hop
             timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
             timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)  # preprocessing included
+        return await self._embed_pixels(pixels, content, timings)
+
+    async def _embed_pixels(self, pixels: torch.Tensor, content: dict[str, str],
+                            timings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """``embed_checked`` of preprocessed pixels: their embedding from the batcher and their checks, the
+        OOD score and flag from the same forward pass."""
         rows, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
         guard = getattr(self.net, "ood", None)
@@ -271,20 +277,28 @@ class ModelService:
         return self.index
 
     async def search(self, upload: Upload | None, text: str | None, k: int, where: str | None,
-                     target: str) -> dict[str, Any]:
-        """``medvl search --json``'s answer: the k closest cases to the uploaded image or the text."""
+                     target: str, timings: dict[str, Any]) -> dict[str, Any]:
+        """``medvl search --json``'s answer: the k closest cases to the uploaded image or the text. An image
+        query's ``query`` holds its checks as the CLI's does: ``input_flags`` and, for a model with a guard,
+        ``ood_score`` / ``out_of_distribution`` / ``ood_threshold`` (its neighbours may not be similar)."""
         from ..index import search_index
-        from ..index.base import check_k
+        from ..index.base import check_k, check_target
+        from ..index.search import check_one_query
 
         index = self._require_index()
         check_k(k)
-        query: dict[str, Any] = {"text": text}
-        pixels = None
-        if upload is not None:  # preprocessed and checked once, on a worker: the model thread only embeds it
+        check_target(target)
+        check_one_query(upload, text)
+        if upload is None:
+            hits = await self.run_on_model_thread(search_index, index, self.net, text=text, k=k, where=where,
+                                                  target=target, verify_model=False)  # checked at start
+            query: dict[str, Any] = {"text": text}
+        else:  # preprocessed and checked on a worker; embedded (and scored by the guard) in the batcher's pass
             pixels, content = await self._on_worker(self._checked_pixels, upload)
-            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, "input_flags": content}
-        hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
-                                              where=where, target=target, verify_model=False)  # checked at start
+            embedding, checks = await self._embed_pixels(pixels, content, timings)
+            found = await self.run_on_model_thread(index.search, embedding[None], k=k, where=where, target=target)
+            hits = found[0]
+            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, **checks}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
 
