@@ -128,3 +128,64 @@ def test_search_reports_the_guards_verdict_as_the_cli_does(guarded, index_dir, h
     text = http.post("/v1/search", data={"text": "a nodule", "k": "3"}).json()
     assert text["query"] == {"text": "a nodule"}
 
+
+WITHOUT_STUDY_SERIES = ("JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
+                        "SC_rgb_jls_lossy_sample.dcm")  # pydicom-data: whole files without Study / Series UIDs
+
+
+@pytest.mark.parametrize("name", WITHOUT_STUDY_SERIES)
+def test_a_whole_dicom_without_study_or_series_uid_is_answered_by_both_layers(name, guarded, http, tmp_path):
+    """Such a file is read by ``medvl predict`` and, de-identified on arrival, by the service, with the same
+    answer; ``medvl deid`` writes it with new Study / Series UIDs and says so in its report."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file(name))
+    original = pydicom.dcmread(source)
+    assert "StudyInstanceUID" not in original and "SeriesInstanceUID" not in original
+    labels = "no_finding,nodule"
+    result, output = invoke("predict", source, "--model", guarded, "--labels", labels, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    [cli] = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    answer = http.post("/v1/zero-shot", files={"image": ("x", source.read_bytes())}, data={"labels": labels})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert served["prediction"] == cli["prediction"]
+    assert served["probabilities"] == pytest.approx(cli["probabilities"], abs=1e-5)
+    assert served["out_of_distribution"] == cli["out_of_distribution"]
+    assert served["input_flags"] == cli["input_flags"]
+    result, output = invoke("deid", source, tmp_path / "out.dcm", "--report", tmp_path / "report.json")
+    assert result.exit_code == 0, output
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    assert written.StudyInstanceUID and written.SeriesInstanceUID
+    assert written.StudyInstanceUID != written.SeriesInstanceUID
+    assert written.SOPInstanceUID != original.SOPInstanceUID
+    [entry] = json.loads((tmp_path / "report.json").read_text())["files"]
+    assert {"no StudyInstanceUID in the input: a new one was given",
+            "no SeriesInstanceUID in the input: a new one was given"} <= set(entry["warnings"])
+
+
+def test_a_dicom_cut_before_its_uids_is_still_truncated_and_a_whole_one_without_its_instance_uid_is_not(http,
+                                                                                                       tmp_path):
+    """The truncation checks stay: CT_small.dcm cut before its Study UID is refused as truncated by
+    ``medvl deid`` and the service alike; a whole file without its SOP Instance UID is refused, not called
+    truncated."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(ct)
+    end = ds["StudyInstanceUID"].file_tell - 8  # its value's offset, less its 8-byte element header
+    assert ct.read_bytes()[end:end + 4] == b"\x20\x00\x0d\x00"
+    cut = ct.read_bytes()[:end]  # the file ends just before (0020,000D), between two elements
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no-instance.dcm")
+    whole_without_instance = (tmp_path / "no-instance.dcm").read_bytes()
+    for data, reason in ((cut, "incomplete DICOM file: no StudyInstanceUID, SeriesInstanceUID (truncated"),
+                         (whole_without_instance, "not a complete DICOM object: no SOPInstanceUID")):
+        (tmp_path / "in.dcm").write_bytes(data)
+        result, output = invoke("deid", tmp_path / "in.dcm", tmp_path / "out.dcm")
+        assert result.exit_code == 2 and reason in _flat(output), output
+        answer = http.post("/v1/embed", files={"image": ("x", data)})
+        assert answer.status_code == 422 and reason in answer.json()["detail"], answer.text
+    assert "(truncated" not in _flat(output) and "truncated DICOM" not in _flat(output)
