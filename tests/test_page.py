@@ -211,6 +211,8 @@ def check_zero_shot(page, expected: dict) -> None:
 
 
 def check_similar(page, expected: dict) -> None:
+    warning = page.locator("#similar [data-out-of-distribution]")  # the query image's verdict, as for zero-shot
+    assert warning.count() == (1 if expected["query"].get("out_of_distribution") else 0)
     cards = page.locator("#similar .case").all()
     assert [card.get_attribute("data-case-id") for card in cards] == [hit["id"] for hit in expected["hits"]]
     for card, hit in zip(cards, expected["hits"], strict=True):
@@ -358,6 +360,7 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     wait_for_panels(page)
     expected = api_answers(client, TOKENS[1], chest_xray, page_fields(page))
     assert expected["zero-shot"]["out_of_distribution"]  # a real radiograph, a phantom model: its warning is shown
+    assert expected["similar"]["query"]["out_of_distribution"]  # under the similar cases too
     check_zero_shot(page, expected["zero-shot"])
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])

@@ -31,9 +31,7 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     first column that describes every requested class; one the captions do not describe is refused).
     ``backend``: see ``load_model`` (model paths only). Images are read ``batch_size`` at a time.
     """
-    class_names = list(dict.fromkeys(class_names))  # a repeated name is one class, not two in the softmax
-    if len(class_names) < 2:
-        raise InputError(f"need at least 2 distinct labels, got {class_names}")
+    class_names = check_class_names(class_names)
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
@@ -57,6 +55,15 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     warn_flagged(guarded, "images")
     warn_without_content([row["input_flags"] for row in results], "images")
     return results
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """The distinct class names, in order (a repeated name is one class, not two in the softmax); InputError
+    for fewer than 2 (the service's /v1/zero-shot refuses with the same words)."""
+    distinct = list(dict.fromkeys(class_names))
+    if len(distinct) < 2:
+        raise InputError(f"need at least 2 distinct labels, got {distinct}")
+    return distinct
 
 
 def ood_flags(net, features) -> list[dict]:

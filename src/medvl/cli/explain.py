@@ -25,8 +25,9 @@ def explain_command(
     out: Annotated[Path | None, typer.Option(
         help="Folder for the heatmap overlays (PNG) and explanation.json; without it only the summary prints.")] = None,
     method: Annotated[list[str] | None, typer.Option(
-        help="Heatmap method (repeatable): patch_text, gradcam, occlusion, smoothgrad (default: all four; "
-             "occlusion is the slowest, about 1-3 s per finding on 2 CPU cores at 96 px).")] = None,
+        help="Heatmap method (repeatable): patch_text, gradcam, occlusion, smoothgrad (default: every one the "
+             "model supports: all four on a CNN (resnet, densenet), all but gradcam on a ViT, where gradcam asked "
+             "for is refused; occlusion is the slowest, about 1-3 s per finding on 2 CPU cores at 96 px).")] = None,
     top: Annotated[int, typer.Option(help="Explain the TOP most probable findings.")] = 1,
     concepts: Annotated[str | None, typer.Option(
         help="Concept bank: chest_xray, dermoscopy (shipped) or a text file of phrases, one a line.")] = None,
@@ -97,9 +98,10 @@ def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions
 
 def _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k):
     from ..explain.explanation import explain_image
-    from ..explain.heatmaps import METHODS
+    from ..explain.heatmaps import default_methods
 
-    kwargs = {"labels": names, "label_column": label_column, "captions": captions, "methods": method or METHODS,
+    kwargs = {"labels": names, "label_column": label_column, "captions": captions,
+              "methods": method or default_methods(net),
               "top": top, "out": out, "overwrite": overwrite, "bottleneck": fitted, "k": k}
     if index is None:
         return explain_image(net, image, **kwargs)

@@ -7,7 +7,8 @@ works on one file or a folder. For every DICOM file, in this order:
 0. The file must be whole: a value shorter than its declared length, a file cut inside an element
    header or the last delimiter, an element or sequence that cannot be parsed, a missing SOP Class /
    SOP Instance / Study / Series UID or Modality, or an image object without pixel data are errors
-   naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output.
+   naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output. A whole
+   object that lacks only its Study or Series UID gets a new one (``dicom.give_missing_uids``; a warning).
 1. dicognito (one ``Anonymizer`` per run, inside ``RunAnonymizer``) replaces every person name (PN),
    the patient and request identifiers (Patient ID, Other Patient IDs, Accession Number, Study ID,
    ...) with dummy values, and every UID except class and transfer syntax UIDs. The same input UID
@@ -73,6 +74,7 @@ from .dicom import (
     PIXEL_KEYWORDS,
     check_complete,
     check_file_end,
+    give_missing_uids,
     is_dicom_candidate,
     is_hidden,
     quiet_pydicom,
@@ -331,6 +333,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     (``burned_in_risk``) instead of flagging it. Raises ``DataError`` for a truncated or incomplete
     data set and when an identifier survives (nothing is returned to write).
     """
+    given = give_missing_uids(ds)  # a whole object without Study / Series UID: new ones, replaced as every UID
     check_complete(path, ds)
     burned_in = burned_in_risk(ds)
     if burned_in and refuse_burned_in:
@@ -349,6 +352,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     _check_nothing_survived(ds, identifiers, path)
     replaced, removed = _changes(before, _full_snapshot(ds))
     warnings = [f"{burned_in}: identifiers may be burned into the pixels, which are not changed"] if burned_in else []
+    warnings += [f"no {keyword} in the input: a new one was given" for keyword in given]
     entry = {"replaced": replaced, "removed": [r for r in removed if not _is_private_path(r)],
              "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}

@@ -70,6 +70,8 @@ MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a posi
 MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
 REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# of those, the ones de-identification gives a whole object that lacks them (it replaces every UID anyway)
+GIVEN_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 _READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                 NotImplementedError, RuntimeError, struct.error)
@@ -204,8 +206,10 @@ def check_complete(path: str | Path, ds) -> None:
     - a value shorter than its declared length;
     - an element or sequence item that cannot be parsed (every value is parsed here, not lazily);
     - no SOP Class UID (in the data set or the file meta), SOP Instance UID, Study or Series
-      Instance UID, which every composite object has (type 1): the file was cut early (or is a
-      fragment, not a complete object);
+      Instance UID, which every composite object has (type 1): the file was cut early, when nothing
+      follows the missing element's tag (elements are stored in tag order), else the object is not a
+      complete one (said so, not called truncated; ``give_missing_uids`` gives a whole object the
+      Study and Series UIDs it lacks before de-identification checks it);
     - an image storage object (or one with Rows and Columns) without pixel data: the file was cut
       before its pixels.
 
@@ -223,11 +227,37 @@ def check_complete(path: str | Path, ds) -> None:
     meta = getattr(ds, "file_meta", None)
     sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
     missing = [keyword for keyword in REQUIRED_KEYWORDS if not ds.get(keyword)] + ([] if sop_class else ["SOPClassUID"])
-    if missing:
+    if any(not _continues_past(ds, keyword) for keyword in missing):
         raise DataError(path, f"incomplete DICOM file: no {', '.join(missing)} (truncated, or not a complete "
                               "DICOM object)")
+    if missing:
+        raise DataError(path, f"not a complete DICOM object: no {', '.join(missing)}, which every composite "
+                              "object has (the file is not truncated)")
     if _declares_image(ds, str(sop_class)) and not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise DataError(path, "truncated DICOM file: an image object without pixel data")
+
+
+def _continues_past(ds, keyword: str) -> bool:
+    """Whether the data set holds an element after ``keyword``'s tag: then a missing ``keyword`` was never
+    in the file (elements are stored in tag order), rather than lost where the file was cut."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return tag is not None and any(element_tag > tag for element_tag in ds.keys())
+
+
+def give_missing_uids(ds) -> list[str]:
+    """Give a whole object that lacks its Study or Series Instance UID (``GIVEN_UID_KEYWORDS``) a new one, in
+    place, before de-identification replaces every UID; returns the keywords given. The new UID derives from
+    the SOP Instance UID (the same file gets the same one; nothing links it to other files). A UID missing
+    because the file was cut (nothing follows its tag) is left missing, for ``check_complete`` to refuse."""
+    from pydicom.uid import generate_uid
+
+    given = [keyword for keyword in GIVEN_UID_KEYWORDS if not ds.get(keyword) and _continues_past(ds, keyword)]
+    instance = str(ds.get("SOPInstanceUID") or "")
+    for keyword in given:
+        setattr(ds, keyword, generate_uid(entropy_srcs=[instance, keyword] if instance else None))
+    return given
 
 
 def check_image_header(path: str | Path, ds, has_pixels: bool) -> None:

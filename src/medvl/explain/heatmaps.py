@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..errors import InputError, ModelError
 
 METHODS = ("patch_text", "gradcam", "occlusion", "smoothgrad")
+CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM explains (at their last convolutional stage)
 FILLS = ("ring", "blur", "mean")
 
 
@@ -66,6 +67,15 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     if unknown or not methods:
         raise InputError(f"heatmap methods must be among {', '.join(METHODS)}, got {list(methods)}")
     return list(dict.fromkeys(methods))
+
+
+def default_methods(model, among: Sequence[str] = METHODS) -> list[str]:
+    """The methods of ``among`` (in its order) that run when none are asked for: each one the model's image
+    encoder supports, i.e. all but ``gradcam`` on an encoder that is not convolutional (a ViT: Grad-CAM of its
+    tokens is not defined here; asked for by name it is refused). ``medvl explain`` runs every method this
+    leaves of ``METHODS``; the service its own cheaper set."""
+    arch = model.config.image.arch
+    return [method for method in among if method != "gradcam" or arch in CONVOLUTIONAL]
 
 
 def check_settings(methods: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None) -> None:
@@ -211,8 +221,8 @@ def _last_conv_stage(encoder) -> torch.nn.Module:
         return encoder.backbone.get_submodule("layer4")
     if arch == "densenet":
         return encoder.backbone.get_submodule("features")
-    raise ModelError(f"Grad-CAM needs a convolutional image encoder (resnet, densenet), not {arch}; "
-                     "use the patch_text method")
+    raise ModelError(f"Grad-CAM needs a convolutional image encoder ({', '.join(CONVOLUTIONAL)}), not {arch}; "
+                     "use the patch_text, occlusion or smoothgrad method")
 
 
 def target_index(model, classes: Sequence[str], name: str, head: str | None = None) -> int:

@@ -250,7 +250,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         """The k indexed cases closest to the query image (or text)."""
         service = loader.get()
         upload = await _read(image, service, request) if image is not None else None
-        return await service.search(upload, text, k, where, target)
+        return await service.search(upload, text, k, where, target, request.state.timings)
 
     @app.post("/v1/report/draft", tags=["cases"])
     async def draft(request: Request, image: ImageField, k: KField = 10, where: WhereField = None,

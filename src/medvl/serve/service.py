@@ -41,7 +41,7 @@ from ..index.base import describe_target
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
-from ..predict import class_prompts
+from ..predict import check_class_names, class_prompts
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .previews import (
@@ -64,17 +64,19 @@ if TYPE_CHECKING:
 
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
-GRADIENT_FREE_METHODS = ("patch_text",)  # explanation methods every 2D dual encoder supports
-CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM also explains (the default methods then)
+# the heatmap methods /v1/explain runs when none are asked for, those the model supports (default_methods):
+# the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
+SERVICE_METHODS = ("patch_text", "gradcam")
 
 
 def parse_labels(labels: str) -> list[str]:
-    """Comma-separated class names (as ``medvl predict --labels``): at least 2 distinct."""
-    names = list(dict.fromkeys(split_names(labels)))
-    if len(names) < 2:
-        raise InputError(f"need at least 2 distinct labels, comma-separated; got {len(names)}")
-    if len(names) > MAX_LABELS:
-        raise InputError(f"at most {MAX_LABELS} labels, got {len(names)}")
+    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``MAX_LABELS``
+    distinct. Too few is for the library to refuse (``check_class_names``, ``finding_classes``): the same
+    words as the CLI's."""
+    names = split_names(labels)
+    distinct = len(dict.fromkeys(names))
+    if distinct > MAX_LABELS:
+        raise InputError(f"at most {MAX_LABELS} labels, got {distinct}")
     return names
 
 
@@ -167,6 +169,12 @@ class ModelService:
             upload, pixels, content = await self._on_worker(self._decode_and_preprocess, data)  # one worker hop
             timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
             timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)  # preprocessing included
+        return await self._embed_pixels(pixels, content, timings)
+
+    async def _embed_pixels(self, pixels: torch.Tensor, content: dict[str, str],
+                            timings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """``embed_checked`` of preprocessed pixels: their embedding from the batcher and their checks, the
+        OOD score and flag from the same forward pass."""
         rows, batch = await self.batcher.embed(pixels)
         _note(timings, batch)
         guard = getattr(self.net, "ood", None)
@@ -238,6 +246,7 @@ class ModelService:
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
+        class_names = check_class_names(class_names)
         column, classes = await self._class_set(class_names, label_column)
         embedding, flags = await self.embed_checked(data, timings)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
@@ -268,20 +277,28 @@ class ModelService:
         return self.index
 
     async def search(self, upload: Upload | None, text: str | None, k: int, where: str | None,
-                     target: str) -> dict[str, Any]:
-        """``medvl search --json``'s answer: the k closest cases to the uploaded image or the text."""
+                     target: str, timings: dict[str, Any]) -> dict[str, Any]:
+        """``medvl search --json``'s answer: the k closest cases to the uploaded image or the text. An image
+        query's ``query`` holds its checks as the CLI's does: ``input_flags`` and, for a model with a guard,
+        ``ood_score`` / ``out_of_distribution`` / ``ood_threshold`` (its neighbours may not be similar)."""
         from ..index import search_index
-        from ..index.base import check_k
+        from ..index.base import check_k, check_target
+        from ..index.search import check_one_query
 
         index = self._require_index()
         check_k(k)
-        query: dict[str, Any] = {"text": text}
-        pixels = None
-        if upload is not None:  # preprocessed and checked once, on a worker: the model thread only embeds it
+        check_target(target)
+        check_one_query(upload, text)
+        if upload is None:
+            hits = await self.run_on_model_thread(search_index, index, self.net, text=text, k=k, where=where,
+                                                  target=target, verify_model=False)  # checked at start
+            query: dict[str, Any] = {"text": text}
+        else:  # preprocessed and checked on a worker; embedded (and scored by the guard) in the batcher's pass
             pixels, content = await self._on_worker(self._checked_pixels, upload)
-            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, "input_flags": content}
-        hits = await self.run_on_model_thread(search_index, index, self.net, image=pixels, text=text, k=k,
-                                              where=where, target=target, verify_model=False)  # checked at start
+            embedding, checks = await self._embed_pixels(pixels, content, timings)
+            found = await self.run_on_model_thread(index.search, embedding[None], k=k, where=where, target=target)
+            hits = found[0]
+            query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, **checks}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
                 "where": where, "hits": [hit.to_dict() for hit in hits]}
 
@@ -335,9 +352,11 @@ class ModelService:
 
     # -- explanations and VQA (on the lane) --------------------------------------------------------
     def explain_methods(self) -> list[str]:
-        """The heatmap methods an explanation uses when none are asked: Grad-CAM too on a CNN."""
-        extra = ["gradcam"] if self.net.config.image.arch in CONVOLUTIONAL else []
-        return [*GRADIENT_FREE_METHODS, *extra]
+        """The heatmap methods an explanation uses when none are asked: ``SERVICE_METHODS`` that the model
+        supports (``default_methods``: Grad-CAM on a CNN only)."""
+        from ..explain.heatmaps import default_methods
+
+        return default_methods(self.net, SERVICE_METHODS)
 
     async def explain(self, data: bytes, labels: list[str] | None, label_column: str | None,
                       methods: list[str] | None, top: int, k: int, timings: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,191 @@
+"""The same input through the CLI and the HTTP service gives the same answer or the same refusal: a tiny
+phantom model (random init, saved by ``save_pretrained``) with an OOD guard fitted by ``medvl ood fit`` and a
+case index, a tiny ViT, real pydicom-data DICOM files, and the service through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from cli_helpers import invoke  # noqa: E402
+from medvl.data import load_dataset  # noqa: E402
+from medvl.index import build_index  # noqa: E402
+from medvl.models.registry import create_model, load_model  # noqa: E402
+from medvl.serve import create_app  # noqa: E402
+
+
+def _flat(text: str) -> str:
+    """Console output with its line wrapping undone."""
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("parity") / "data"
+    generate_phantom(folder, n=120, seed=3, size=64, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guarded(data, tmp_path_factory) -> Path:
+    """A phantom-tiny model (random init: the answers are compared, not scored) with an OOD guard."""
+    folder = tmp_path_factory.mktemp("parity-model") / "model"
+    create_model("phantom-tiny").save_pretrained(folder)
+    result, output = invoke("ood", "fit", "--model", folder, "--data", data, "-q")
+    assert result.exit_code == 0, output
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index_dir(guarded, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("parity-index") / "cases.idx"
+    build_index(load_model(guarded), load_dataset(data).select("train"), out, model_dir=guarded, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def http(guarded, index_dir):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(guarded, index=index_dir, require_token=False)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def png(data) -> Path:
+    return load_dataset(data).select("test")[0].image
+
+
+def test_too_few_labels_are_refused_in_the_same_words(guarded, http, png):
+    """The CLI and the service refuse a label set of fewer than 2 distinct names with the library's message."""
+    for command, route, labels in (("predict", "/v1/zero-shot", "a"), ("predict", "/v1/zero-shot", "a, a,"),
+                                   ("explain", "/v1/explain", "no_finding")):
+        result, output = invoke(command, png, "--model", guarded, "--labels", labels)
+        answer = http.post(route, files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
+        assert result.exit_code == 2 and answer.status_code == 422, (output, answer.text)
+        detail = answer.json()["detail"]
+        assert "need at least 2 distinct labels" in detail and f"error: {detail}" in _flat(output), (output, detail)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("parity-vit") / "model"
+    create_model("vit-tiny").save_pretrained(folder)
+    return folder
+
+
+def test_explain_defaults_to_the_methods_the_architecture_supports(vit, guarded, png, tmp_path):
+    """``medvl explain`` on a ViT runs every method but Grad-CAM by default (gradcam asked for by name is still
+    refused); on a CNN all four. /v1/explain's default is its own subset by the same rule."""
+    from fastapi.testclient import TestClient
+
+    from medvl.explain.heatmaps import METHODS, default_methods
+
+    labels = "no_finding,nodule"
+    for model, expected in ((vit, ["patch_text", "occlusion", "smoothgrad"]), (guarded, list(METHODS))):
+        assert default_methods(load_model(model)) == expected
+        out = tmp_path / model.parent.name
+        result, output = invoke("explain", png, "--model", model, "--labels", labels, "--out", out)
+        assert result.exit_code == 0, output
+        [finding] = json.loads((out / "explanation.json").read_text())["findings"]
+        assert list(finding["heatmaps"]) == expected
+    result, output = invoke("explain", png, "--model", vit, "--labels", labels, "--method", "gradcam")
+    assert result.exit_code == 2 and "Grad-CAM needs a convolutional image encoder (resnet, densenet), not vit" \
+        in _flat(output), output
+    with TestClient(create_app(vit, require_token=False)) as client:
+        answer = client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
+        assert answer.status_code == 200 and answer.json()["methods"] == ["patch_text"], answer.text
+        assert client.get("/v1/models").json()["models"][0]["explain"]["default_methods"] == ["patch_text"]
+
+
+def test_search_reports_the_guards_verdict_as_the_cli_does(guarded, index_dir, http, tmp_path):
+    """A CT slice (pydicom-data's CT_small.dcm) against a phantom model's guard: ``medvl search --json`` and
+    /v1/search give the same ``query`` keys and values (the image named each its own way) and the same hits."""
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    result, output = invoke("search", "--index", index_dir, "--model", guarded, "--image", ct, "-k", 3,
+                            "--json", tmp_path / "cli.json")
+    assert result.exit_code == 0 and "the query image is out of distribution" in _flat(output), output
+    cli = json.loads((tmp_path / "cli.json").read_text())
+    answer = http.post("/v1/search", files={"image": ("x", ct.read_bytes())}, data={"k": "3"})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert served["query"].keys() == cli["query"].keys()
+    assert cli["query"]["out_of_distribution"] is served["query"]["out_of_distribution"] is True
+    assert served["query"]["ood_score"] == pytest.approx(cli["query"]["ood_score"], abs=2e-3)
+    assert served["query"]["ood_threshold"] == cli["query"]["ood_threshold"]
+    assert served["query"]["input_flags"] == cli["query"]["input_flags"]
+    assert served["query"]["image"] == {"kind": "dicom", "bytes": ct.stat().st_size}
+    assert [hit["id"] for hit in served["hits"]] == [hit["id"] for hit in cli["hits"]]
+    text = http.post("/v1/search", data={"text": "a nodule", "k": "3"}).json()
+    assert text["query"] == {"text": "a nodule"}
+
+
+WITHOUT_STUDY_SERIES = ("JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
+                        "SC_rgb_jls_lossy_sample.dcm")  # pydicom-data: whole files without Study / Series UIDs
+
+
+@pytest.mark.parametrize("name", WITHOUT_STUDY_SERIES)
+def test_a_whole_dicom_without_study_or_series_uid_is_answered_by_both_layers(name, guarded, http, tmp_path):
+    """Such a file is read by ``medvl predict`` and, de-identified on arrival, by the service, with the same
+    answer; ``medvl deid`` writes it with new Study / Series UIDs and says so in its report."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file(name))
+    original = pydicom.dcmread(source)
+    assert "StudyInstanceUID" not in original and "SeriesInstanceUID" not in original
+    labels = "no_finding,nodule"
+    result, output = invoke("predict", source, "--model", guarded, "--labels", labels, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    [cli] = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    answer = http.post("/v1/zero-shot", files={"image": ("x", source.read_bytes())}, data={"labels": labels})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert served["prediction"] == cli["prediction"]
+    assert served["probabilities"] == pytest.approx(cli["probabilities"], abs=1e-5)
+    assert served["out_of_distribution"] == cli["out_of_distribution"]
+    assert served["input_flags"] == cli["input_flags"]
+    result, output = invoke("deid", source, tmp_path / "out.dcm", "--report", tmp_path / "report.json")
+    assert result.exit_code == 0, output
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    assert written.StudyInstanceUID and written.SeriesInstanceUID
+    assert written.StudyInstanceUID != written.SeriesInstanceUID
+    assert written.SOPInstanceUID != original.SOPInstanceUID
+    [entry] = json.loads((tmp_path / "report.json").read_text())["files"]
+    assert {"no StudyInstanceUID in the input: a new one was given",
+            "no SeriesInstanceUID in the input: a new one was given"} <= set(entry["warnings"])
+
+
+def test_a_dicom_cut_before_its_uids_is_still_truncated_and_a_whole_one_without_its_instance_uid_is_not(http,
+                                                                                                       tmp_path):
+    """The truncation checks stay: CT_small.dcm cut before its Study UID is refused as truncated by
+    ``medvl deid`` and the service alike; a whole file without its SOP Instance UID is refused, not called
+    truncated."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(ct)
+    end = ds["StudyInstanceUID"].file_tell - 8  # its value's offset, less its 8-byte element header
+    assert ct.read_bytes()[end:end + 4] == b"\x20\x00\x0d\x00"
+    cut = ct.read_bytes()[:end]  # the file ends just before (0020,000D), between two elements
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "no-instance.dcm")
+    whole_without_instance = (tmp_path / "no-instance.dcm").read_bytes()
+    for data, reason in ((cut, "incomplete DICOM file: no StudyInstanceUID, SeriesInstanceUID (truncated"),
+                         (whole_without_instance, "not a complete DICOM object: no SOPInstanceUID")):
+        (tmp_path / "in.dcm").write_bytes(data)
+        result, output = invoke("deid", tmp_path / "in.dcm", tmp_path / "out.dcm")
+        assert result.exit_code == 2 and reason in _flat(output), output
+        answer = http.post("/v1/embed", files={"image": ("x", data)})
+        assert answer.status_code == 422 and reason in answer.json()["detail"], answer.text
+    assert "(truncated" not in _flat(output) and "truncated DICOM" not in _flat(output)
