@@ -420,6 +420,74 @@ def test_short_name_parts_inside_generated_ids_are_not_leaks():
     assert collect_identifiers(ds).kind_in("SMITH1950") == "name"
 
 
+def identifiers_for(name: str, patient_id: str):
+    from medvl.clinical.identifiers import collect_identifiers
+
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = name, patient_id
+    return collect_identifiers(ds)
+
+
+@pytest.mark.parametrize(("name", "patient_id", "text", "kind"), [
+    ("O'BRIEN^MAEVE", "MRN99887766", "Pt OBRIEN M", "name"),  # the apostrophe dropped
+    ("D'ANGELO^LUCA", "X1", "DANGELO", "name"),
+    ("O\u2019BRIEN^MAEVE", "X1", "obrien", "name"),  # a typographic apostrophe
+    ("O'BRIEN^MAEVE", "X1", "MAEVEOBRIEN", "name"),
+    ("VAN DER BERG^PIETER", "X1", "VANDERBERG P", "name"),  # particles glued
+    ("VAN DER BERG^PIETER", "X1", "PIETERVANDERBERG", "name"),
+    ("DE LA CRUZ^ANA", "X1", "DELACRUZ", "name"),
+    ("DOE^JANE", "MRN99887766", "MRN 99887766", "ID"),  # separators in the ID
+    ("DOE^JANE", "MRN99887766", "mrn-99887766", "ID"),
+    ("DOE^JANE", "MRN99887766", "ID 99887766", "ID"),  # the digit run alone
+    ("DOE^JANE", "MRN99887766", "99-887-766", "ID"),
+    ("DOE^JANE", "A-77123", "ID A77123", "ID"),
+    ("DOE^JANE", "A-77123", "A 77123", "ID"),
+    ("DOE^JANE", "99887766", "99-887-766", "ID"),
+    ("DOE^JANE", "99887766", "99 887 766", "ID"),
+    ("DOE^JANE", "99887766", "99/887/766", "ID"),
+])
+def test_names_and_ids_are_found_in_common_spellings(name, patient_id, text, kind):
+    assert identifiers_for(name, patient_id).kind_in(text) == kind
+
+
+@pytest.mark.parametrize(("name", "patient_id", "text"), [
+    ("O'BRIEN^MAEVE", "X1", "OBRIENSKY"),  # glued forms are whole words too
+    ("J P^SMITH", "X1", "JP"),  # initials glued are too short to search
+    ("J P^SMITH", "X1", "JPEG 2000"),
+    ("DOE^JANE", "X1", "2 x 1 mm"),  # short IDs are searched as written only
+    ("DOE^JANE", "A-77123", "ID 77123"),  # a digit run shorter than 6 is not searched alone
+    ("DOE^JANE", "100085", "version 10.0.0.85"),  # a dot between digits is no separator
+    ("DOE^JANE", "100085", "1.2.840.10008.5.1.4.1.1.2"),
+    ("DOE^JANE", "99887766", "1998877660"),  # nor inside a longer number
+])
+def test_glued_and_separated_spellings_do_not_match_inside_other_words(name, patient_id, text):
+    assert identifiers_for(name, patient_id).kind_in(text) is None
+
+
+@pytest.mark.parametrize(("name", "patient_id", "planted"), [
+    ("O'BRIEN^MAEVE", "MRN99887766", "Pt OBRIEN M"),
+    ("O'BRIEN^MAEVE", "MRN99887766", "MRN 99887766"),
+    ("VAN DER BERG^PIETER", "A-77123", "VANDERBERG P"),
+    ("VAN DER BERG^PIETER", "A-77123", "ID A77123"),
+    ("DE LA CRUZ^ANA", "99887766", "DELACRUZ"),
+    ("DE LA CRUZ^ANA", "99887766", "99-887-766"),
+])
+@pytest.mark.parametrize("where", ["SoftwareVersions", "TextValue"])
+def test_probe_spellings_in_a_kept_element_are_refused(name, patient_id, planted, where, tmp_path):
+    """The probe's cases: an apostrophe dropped, particles glued, an ID with or without separators
+    in an element the profile keeps (TextValue with --keep-descriptors) passed the final scan with
+    exit 0. They are refused: exit 2, the element named, nothing written."""
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = name, patient_id
+    setattr(ds, where, planted)
+    source = write(ds, tmp_path / "in" / "planted.dcm")
+    options = ["--keep-descriptors"] if where == "TextValue" else []
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), *options])
+    assert result.exit_code == 2, result.output
+    assert f"survived de-identification in {where}" in result.output.replace("\n", " ")
+    assert planted not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):
     """Real files name patients ``CQ500-CT-310`` (pydicom-data) or ``OB`` (an obstetric ultrasound):
     the parts CT and OB are in every such file's Modality or Processing Function, so they are not
