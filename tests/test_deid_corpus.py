@@ -488,6 +488,42 @@ def test_probe_spellings_in_a_kept_element_are_refused(name, patient_id, planted
     assert planted not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def nested_patient_dataset(**kept) -> Dataset:
+    """The probe's file: a referenced image's patient (name and ID) only inside a Source Image
+    Sequence item, the top-level patient someone else."""
+    ds = base_dataset()
+    ds.PatientName = "ZEBRAQUARTZ^XYLOPHEMA"
+    ds.SourceImageSequence = [sequence_item(
+        ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4.5",
+        PatientName="NESTEDKRUMP^WILMA", PatientID="NESTEDID4455")]
+    for keyword, value in kept.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(("kept", "options", "element", "kind"), [
+    ({"SoftwareVersions": "Scan of NESTEDKRUMP WILMA"}, [], "SoftwareVersions", "name"),
+    ({"SoftwareVersions": "v2 NESTEDID4455"}, [], "SoftwareVersions", "ID"),
+    ({"ProcedureCodeSequence": [sequence_item(CodeValue="123", CodingSchemeDesignator="99LOCAL",
+                                              CodeMeaning="Scan of NESTEDKRUMP WILMA")]},
+     ["--keep-descriptors"], "ProcedureCodeSequence[0]>CodeMeaning", "name"),
+])
+def test_names_and_ids_in_sequence_items_are_searched(kept, options, element, kind, tmp_path):
+    """A Patient's Name / Patient ID found only in a sequence item was replaced by dicognito, but the
+    scan did not know it, so a copy in a kept element passed with exit 0. It is refused."""
+    source = write(nested_patient_dataset(**kept), tmp_path / "in" / "nested.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), *options])
+    assert result.exit_code == 2, result.output
+    assert f"patient's {kind} survived de-identification in {element};" in result.output.replace("\n", " ")
+    assert "NESTED" not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_patient_only_in_a_sequence_item_is_replaced_and_the_file_written(tmp_path):
+    source = write(nested_patient_dataset(), tmp_path / "in" / "nested.dcm")
+    deidentify(source, tmp_path / "out.dcm", seed=3)
+    assert b"nested" not in (tmp_path / "out.dcm").read_bytes().lower()
+
+
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):
     """Real files name patients ``CQ500-CT-310`` (pydicom-data) or ``OB`` (an obstetric ultrasound):
     the parts CT and OB are in every such file's Modality or Processing Function, so they are not

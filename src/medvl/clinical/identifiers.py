@@ -3,31 +3,32 @@
 ``collect_identifiers(ds)`` reads, before de-identification, what must not be in the output:
 
 - names: every part of 2+ characters of the patient's names (Patient Name, Other Patient Names,
-  Patient's Birth Name, Patient's Mother's Birth Name; every component group, alphabetic,
-  ideographic and phonetic), i.e. family, given and middle names split at ``^``, spaces, hyphens,
-  dots, commas and apostrophes, and every two parts glued together in either order (``LIWU``,
-  ``WULI``). Within one name component, every run of two or more consecutive parts is also searched
-  glued, one-letter parts included, as records systems write names without their apostrophes,
-  spaces and hyphens (``O'BRIEN`` -> ``OBRIEN``, ``VAN DER BERG`` -> ``VANDERBERG``, ``DERBERG``,
-  ``DE LA CRUZ`` -> ``DELACRUZ``), and a whole component glued counts as one part for the two-part
-  gluings (``OBRIENMAEVE``); a glued form of fewer than ``GLUED_MIN`` letters (initials: ``J P``) is
-  not searched. Name prefixes and suffixes (PN components 4 and 5: MR, DR, JR, III...) identify no one
-  and would match modality codes such as MR, so they are left out, as are placeholder words that
-  test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST, ANONYMOUS, PHANTOM...) and
-  parts that are DICOM modality codes (a pseudonym such as ``CQ500-CT-310`` holds ``CT``, which
-  every CT file holds in Modality; no one is named CT). ``collect_identifiers(ds, common_words)``
-  also leaves out parts that are common technical words (de-identification passes the Clean
-  Descriptors allow list): test files name patients ``OB`` or ``Perfusion^MCA Stroke``, words a
-  technical element holds anyway, so finding them proves nothing; a real name that is also such a
-  word (``Long``) is still searched glued to the other parts (``LONGWEI``), and the other parts are
-  searched on their own;
-- IDs: Patient ID, Other Patient IDs (and the Patient IDs of Other Patient IDs Sequence) of 2+
-  characters, as written, and the longest run of digits of an ID that has letters too when it has
-  ``DIGIT_RUN_MIN`` (6) or more digits (``99887766`` of ``MRN99887766``). Those of ``SPACED_ID_MIN``
-  (6) or more letters and digits are also searched with their own separators ignored and one
-  space, ``.``, ``/`` or ``-`` allowed between any two characters (``MRN99887766`` is found as
-  ``MRN 99887766``, ``A-77123`` as ``A77123``, ``99887766`` as ``99-887-766``), but not with a
-  ``.`` between two digits (``10.0.0.85`` is a version, ``1.2.840.10008.5.1`` a UID);
+  Patient's Birth Name, Patient's Mother's Birth Name, at the top level and in every sequence item:
+  a referenced image's patient in a Source Image Sequence item, for instance; every component group,
+  alphabetic, ideographic and phonetic), i.e. family, given and middle names split at ``^``, spaces,
+  hyphens, dots, commas and apostrophes, and every two parts glued together in either order
+  (``LIWU``, ``WULI``). Within one name component, every run of two or more consecutive parts is
+  also searched glued, one-letter parts included, as records systems write names without their
+  apostrophes, spaces and hyphens (``O'BRIEN`` -> ``OBRIEN``, ``VAN DER BERG`` -> ``VANDERBERG``,
+  ``DERBERG``, ``DE LA CRUZ`` -> ``DELACRUZ``), and a whole component glued counts as one part for
+  the two-part gluings (``OBRIENMAEVE``); a glued form of fewer than ``GLUED_MIN`` letters
+  (initials: ``J P``) is not searched. Name prefixes and suffixes (PN components 4 and 5: MR, DR,
+  JR, III...) identify no one and would match modality codes such as MR, so they are left out, as
+  are placeholder words that test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST,
+  ANONYMOUS, PHANTOM...) and parts that are DICOM modality codes (a pseudonym such as
+  ``CQ500-CT-310`` holds ``CT``, which every CT file holds in Modality; no one is named CT).
+  ``collect_identifiers(ds, common_words)`` also leaves out parts that are common technical words
+  (de-identification passes the Clean Descriptors allow list): test files name patients ``OB`` or
+  ``Perfusion^MCA Stroke``, words a technical element holds anyway, so finding them proves nothing;
+  a real name that is also such a word (``Long``) is still searched glued to the other parts
+  (``LONGWEI``), and the other parts are searched on their own;
+- IDs of 2+ characters: Patient ID and Other Patient IDs at any depth (in Other Patient IDs
+  Sequence items too), as written, and the longest run of digits of an ID that has letters too when
+  it has ``DIGIT_RUN_MIN`` (6) or more digits (``99887766`` of ``MRN99887766``). Those of
+  ``SPACED_ID_MIN`` (6) or more letters and digits are also searched with their own separators
+  ignored and one space, ``.``, ``/`` or ``-`` allowed between any two characters (``MRN99887766``
+  is found as ``MRN 99887766``, ``A-77123`` as ``A77123``, ``99887766`` as ``99-887-766``), but not
+  with a ``.`` between two digits (``10.0.0.85`` is a version, ``1.2.840.10008.5.1`` a UID);
 - dates: every DA value and the date part of every DT value, in the file meta, the data set and
   its sequences, each spelled ``YYYYMMDD``, ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
   ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
@@ -274,17 +275,19 @@ def _id_forms(value: str) -> list[str]:
 
 
 def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
-    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying);
-    name parts in ``common_words`` (folded) are only searched glued to another part."""
+    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying),
+    from the file meta, the data set and every sequence item at any depth (a Patient's Name or
+    Patient ID in a Source Image Sequence item is searched too); name parts in ``common_words``
+    (folded) are only searched glued to another part."""
     found = Identifiers()
-    names = [str(value or "") for keyword in NAME_KEYWORDS for value in _values(ds.get(keyword))]
-    _add_names(found, names, common_words)
-    id_values = [v for keyword in ID_KEYWORDS for v in _values(ds.get(keyword))]
-    id_values += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence") or []]
-    found.ids.update(form for value in id_values for form in _id_forms(str(value or "")))
+    names: list[str] = []
 
     def visit(dataset, element) -> None:
-        if element.VR in ("DA", "DT") and element.value:
+        if element.keyword in NAME_KEYWORDS and element.value:
+            names.extend(str(value or "") for value in _values(element.value))
+        elif element.keyword in ID_KEYWORDS and element.value:
+            found.ids.update(form for value in _values(element.value) for form in _id_forms(str(value or "")))
+        elif element.VR in ("DA", "DT") and element.value:
             for value in _values(element.value):
                 digits = re.sub(r"\D", "", str(value))[:8]
                 if len(digits) == 8 and 1 <= int(digits[4:6]) <= 12 and 1 <= int(digits[6:]) <= 31:
@@ -292,6 +295,7 @@ def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Ident
 
     for dataset in _datasets(ds):
         dataset.walk(visit)
+    _add_names(found, names, common_words)
     return found
 
 
