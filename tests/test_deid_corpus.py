@@ -114,6 +114,13 @@ HANDLED: dict[str, Callable[[Dataset, str], None]] = {
         ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4",
         PerformingPhysicianName=v)]),
     "LO and UT in private tags": plant_private,
+    # Clean Descriptors: free text beyond the standard's "C" rows, a private scheme's Code Meaning
+    "UT TextValue": lambda ds, v: setattr(ds, "TextValue", f"discussed with {v}"),
+    "LT CommentsOnTheScheduledProcedureStep": lambda ds, v: setattr(ds, "CommentsOnTheScheduledProcedureStep", v),
+    "LO DoseComment": lambda ds, v: setattr(ds, "DoseComment", f"pregnant {v}"),
+    "LO CodeMeaning of a private scheme": lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
+                                                    CodeMeaning=f"CT chest {v}")]),
     # Table E.1-1 removes Retrieve AE Title; medvl removes the file meta's Source AE Title (the sending site)
     "AE RetrieveAETitle": lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16]),
     "AE in the file meta": lambda ds, v: setattr(ds.file_meta, "SourceApplicationEntityTitle",
@@ -139,8 +146,8 @@ KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
     "UC in ProcedureCodeSequence": ("ProcedureCodeSequence[0]>LongCodeValue", lambda ds, v: setattr(
         ds, "ProcedureCodeSequence", [sequence_item(LongCodeValue=v, CodingSchemeDesignator="99LOCAL",
                                                     CodeMeaning="CT chest")])),
-    "LO CodeMeaning in a sequence": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
-        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
+    "LO CodeMeaning of a standard scheme": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="SCT",
                                                     CodeMeaning=f"CT chest {v}")])),
     "SH in the file meta": ("file meta>ImplementationVersionName", lambda ds, v: setattr(
         ds.file_meta, "ImplementationVersionName", v[:16])),
@@ -259,6 +266,152 @@ def test_plain_descriptors_are_kept(tmp_path):
         "CT CHEST W/O CONTRAST", "AX 2.5 MM", "CHEST")
     assert written.ManufacturerModelName == "LightSpeed VCT" and written.ContrastBolusAgent == "ISOVUE300/100"
     assert "113105" in {item.CodeValue for item in written.DeidentificationMethodCodeSequence}
+
+
+# ------------------------------------------------------------- Clean Descriptors: free text
+
+# What the free-text rule catches with pydicom 3.0's dictionary (retired attributes left out here).
+# Emptied: every attribute of VR LT / ST / UT / UC outside Table E.1-1 and the coded keep-list.
+EMPTIED_FREE_TEXT = """
+AcquisitionContextDescription ActualEnvironmentalConditions AlgorithmParameters ApprovalStatusFurtherDescription
+AssertionComments AssessmentSummaryDescription BatteryLevel BeamHardeningCorrectionTechnique
+CalculatedDoseReferenceDescription CalculationComment CalibrationNotes CalibrationProcedure
+CommentsOnPatientPerformanceOfVisualField CommentsOnTheScheduledProcedureStep ComponentManufacturer
+ComponentManufacturingProcedure ConfigurationInformation ConfigurationInformationDescription
+ConstraintViolationCondition CoordinateSystemAxisDescription CouplingMedium CouplingTechnique DelayLawIdentifier
+DetectorDescription DetectorMode DocumentTitle EnvironmentalConditions ExposureControlModeDescription
+ExtendedCodeMeaning FiducialDescription GeneralAccessoryDescription GeneticModificationsDescription
+GraphicGroupDescription GridAbsorbingMaterial GridSpacingMaterial HL7InstanceIdentifier HPGLPenDescription
+ImageFilterDescription ImplantTemplateGroupDescription IndicationDescription InformationSummary
+InstructionDescription InstructionPerformanceComment IntendedStartDayOfWeek InterventionDescription
+InventoryInstanceDescription InventoryPurpose LinearityCorrectionTechnique LocalNamespaceEntityID
+MaskOperationExplanation MaterialGrade MaterialNotes MaterialPropertiesDescription MeasuredDoseDescription
+MediaDisposition MetaboliteMapDescription OOITypeDescriptor ObservationDescription OpticalPathDescription
+OverrideReason PTOLocationDescription PartialViewDescription PositionAcquisitionTemplateID
+PotentialDiagnosticTasks PotentialReasonsForProcedure PreAmplifierNotes PrivateDataElementDescription
+PrivateDataElementEncoding ProbeDriveNotes ProcedureStepProgressDescription ProductDescription
+ProductPackageIdentifier ProtocolDesignRationale ProtocolElementCharacteristicsSummary ProtocolElementPurpose
+ProtocolPlanningInformation PulserNotes RTImageDescription ReasonForCancellation ReceiverNotes
+ReferenceLocationDescription RepairID SOPAuthorizationComment ScanProcedure SegmentDescription SelectorUCValue
+SensorName SetupDeviceDescription SetupImageComment SetupReferenceDescription SpecificationSelectionGuidance
+SpectralSensitivity StrainAdditionalInformation StrainDescription SurfaceComments TextValue
+ThreatCategoryDescription TrackSetDescription TrackingID TransactionStatusComment TransformDescription
+TreatmentStatusComment TreatmentTerminationDescription TreatmentToleranceViolationIdentification
+UnformattedTextValue UniversalEntityID
+""".split()
+# Kept when plain, blanked otherwise: LO / SH attributes named ...Comment(s), Note(s), Description, Label,
+# Title, Explanation, Text or Reason.
+SHORT_FREE_TEXT = """
+ASLCrusherDescription ASLTechniqueDescription AlgorithmDescription ApplicableSafetyStandardDescription
+ApplicatorDescription AssessmentLabel ChannelDerivationDescription ChannelLabel CompletionFlagDescription
+ConfigurationDescription ContainerComponentDescription ContentDescription DataElementDescription
+DataSetDescription DimensionDescriptionLabel DisplaySetLabel DisplaySetPresentationGroupDescription
+DisplaySubsystemDescription DoseComment EffectiveDoseCalculationMethodDescription
+FieldOfViewDescription FilmSessionLabel FixationDeviceLabel FrameLabel FrameOfInterestDescription
+FrameOfReferenceTransformationComment GraphicGroupLabel GraphicLayerDescription HPGLDocumentLabel HPGLPenLabel
+HangingProtocolDescription HistogramExplanation ImageSetLabel IndicationLabel InstructionText LUTExplanation
+LUTLabel LateralSpreadingDeviceDescription LensDescription LensStatusDescription LuminanceResponseDescription
+MatingFeatureSetLabel MultiplexGroupLabel OphthalmicAxialLengthDataSourceDescription
+OphthalmicImageTypeDescription PaddleDescription PatientBreedDescription PatientSetupLabel
+PatientSpeciesDescription PerformedProcedureTypeDescription PixelSpacingCalibrationDescription
+PixelValueMappingExplanation PlanningLandmarkDescription ProcedureStepLabel PropertyLabel
+RGBATransferFunctionDescription RTImageLabel RangeModulatorDescription RangeShifterDescription
+ReasonForChannelOmissionDescription ReconstructionDescription ReferenceLocationLabel ResourceDescription
+SegmentLabel SegmentationCreationTemplateLabel SetupDeviceLabel ShieldingDeviceLabel SourceDescription
+SubstanceAdministrationNotes SurfaceModelLabel SurfaceProcessingDescription SystemStatusComment TargetLabel
+TestResultComment TextureLabel TickLabel ToleranceTableLabel TrackSetLabel VitreousStatusDescription
+WedgeDescription WindowCenterWidthExplanation WorklistLabel
+""".split()
+
+
+def test_free_text_rule_catches_the_listed_attributes_and_nothing_coded():
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    from medvl.clinical.descriptors import (
+        CODED_TEXT,
+        FREE_TEXT_VRS,
+        FREE_TEXT_WORDS,
+        PROSE_DESCRIPTORS,
+        SHORT_DESCRIPTORS,
+        free_text_rule,
+    )
+    from medvl.clinical.profile import profile_table
+
+    emptied, short = free_text_rule()
+    assert set(EMPTIED_FREE_TEXT) <= emptied and set(SHORT_FREE_TEXT) <= short
+    assert all(dictionary_VR(keyword_dict[k]) in FREE_TEXT_VRS for k in emptied)
+    assert all(dictionary_VR(keyword_dict[k]) in ("LO", "SH") and k.endswith(FREE_TEXT_WORDS) for k in short)
+    table = {row.keyword for row in profile_table().values()}
+    assert not (emptied | short) & (CODED_TEXT | table | SHORT_DESCRIPTORS | PROSE_DESCRIPTORS)
+    assert {"CodeMeaning", "CodeValue", "LongCodeValue", "SeriesDescription"}.isdisjoint(emptied | short)
+
+
+def notes_dataset() -> Dataset:
+    """The probe's file: free text in four attributes Table E.1-1 does not list."""
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = "DOE^JANE", "X1"
+    ds.TextValue = "Husband Krumplehorn phoned, home 555-0199"
+    ds.CommentsOnTheScheduledProcedureStep = "Transport from 12 Elm St, Dr Krumplehorn aware"
+    ds.DoseComment = "pregnant - discussed with Krumplehorn"
+    ds.UnformattedTextValue = "free text note"
+    return ds
+
+
+def test_free_text_comments_and_notes_are_removed(tmp_path):
+    """docs/security.md says Clean Descriptors removes free-text comments and notes; only the "C" rows of
+    Table E.1-1 were, and TextValue, Comments on the Scheduled Procedure Step, Dose Comment and Unformatted
+    Text Value came out unchanged (exit 0). They are emptied; --keep-descriptors keeps them."""
+    source = write(notes_dataset(), tmp_path / "in" / "notes.dcm")
+    runner = CliRunner()
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "out.dcm")])
+    assert result.exit_code == 0, result.output
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    keywords = ("TextValue", "CommentsOnTheScheduledProcedureStep", "DoseComment", "UnformattedTextValue")
+    assert {k: written.get(k) for k in keywords} == dict.fromkeys(keywords, "")
+    data = (tmp_path / "out.dcm").read_bytes().lower()
+    assert b"krumplehorn" not in data and b"555-0199" not in data and b"elm st" not in data
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "kept.dcm"), "--keep-descriptors"])
+    assert result.exit_code == 0, result.output
+    assert pydicom.dcmread(tmp_path / "kept.dcm").DoseComment == "pregnant - discussed with Krumplehorn"
+
+
+def test_plain_free_text_and_standard_code_meanings_are_kept(tmp_path):
+    ds = base_dataset()
+    ds.ContentDescription, ds.SegmentLabel = "CHEST", "Liver"
+    ds.ProcedureCodeSequence = [
+        sequence_item(CodeValue="77477000", CodingSchemeDesignator="SCT", CodeMeaning="CT of Krumplehorn scan"),
+        sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL", CodeMeaning="CT CHEST"),
+        sequence_item(CodeValue="CT2", CodingSchemeDesignator="99LOCAL", CodeMeaning="Dr Krumplehorn's CT"),
+        sequence_item(CodeValue="CT3", CodingSchemeDesignator="LOCALRIS", CodeMeaning="Krumplehorn CT")]
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    written = pydicom.dcmread(out)
+    assert (written.ContentDescription, written.SegmentLabel) == ("CHEST", "Liver")
+    meanings = [item.CodeMeaning for item in written.ProcedureCodeSequence]
+    assert meanings == ["CT of Krumplehorn scan", "CT CHEST", "", ""]  # SNOMED CT's text kept, private cleaned
+    assert [item.CodeValue for item in written.ProcedureCodeSequence] == ["77477000", "CT1", "CT2", "CT3"]
+
+
+def test_every_free_text_attribute_is_emptied_and_the_image_still_reads(tmp_path):
+    """Every attribute the rule catches, planted at the top level and in a sequence item: none survives,
+    each stays present (emptied), and the de-identified image reads as the original does."""
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    from medvl.clinical.readers import read_dicom_values
+
+    ds = base_dataset()
+    item = sequence_item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4")
+    for index, keyword in enumerate(EMPTIED_FREE_TEXT + SHORT_FREE_TEXT):
+        for dataset in (ds, item):
+            dataset.add_new(keyword_dict[keyword], dictionary_VR(keyword_dict[keyword]), f"MKR{index:04d} Krump")
+    ds.SourceImageSequence = [item]
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert re.findall(rb"MKR\d{4}", out.read_bytes()) == []
+    written = pydicom.dcmread(out)
+    for dataset in (written, written.SourceImageSequence[0]):
+        assert all(dataset[keyword].value == "" for keyword in EMPTIED_FREE_TEXT + SHORT_FREE_TEXT)
+    assert (read_dicom_values(out) == read_dicom_values(CT)).all()
 
 
 def test_dummy_name_sharing_a_part_with_the_patient_is_trimmed(tmp_path):

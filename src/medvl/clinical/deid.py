@@ -20,7 +20,10 @@ works on one file or a folder. For every DICOM file, in this order:
 2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
    short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
    Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
-   prose descriptors (comments, notes, narratives) are removed.
+   prose descriptors (comments, notes, narratives) are removed; every other free-text attribute at
+   any depth (VR LT / ST / UT / UC) is emptied, and LO / SH attributes named ...Comment(s), Note(s),
+   Description, Label, Title, Explanation, Text or Reason, and a Code Meaning of a non-standard
+   coding scheme, are kept when plain, else blanked (``descriptors.free_text_rule``).
 3. Every attribute of PS3.15 Table E.1-1 (``profile``: the table as data, 617 attributes) is removed
    (X), emptied (Z) or replaced (D, U) in the data set and every sequence item, dicognito's
    replacements and shifted dates kept where the action allows them (``profile.resolve`` has the
