@@ -13,6 +13,7 @@ forms, and a token search of every decoded text value for the 2-letter name part
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -460,6 +461,39 @@ def test_ultrasound_and_secondary_capture_are_flagged_and_skipped_in_a_folder(tm
     assert result.exit_code == 0, result.output
     assert "skipped 2 file(s): possible burned-in text" in result.output
     assert len(list((tmp_path / "safe").rglob("*.dcm"))) == 1
+
+
+def encapsulated_pdf(path: Path) -> Path:
+    """An Encapsulated PDF (modality DOC): no pixel data, the document in Encapsulated Document."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.104.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DOC"
+    ds.PatientName, ds.PatientID = NAME, PATIENT_ID
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n% a report\n%%EOF\n"
+    return write(ds, path)
+
+
+def test_an_encapsulated_document_is_flagged_for_its_content_not_pixels(tmp_path):
+    """The warning called a PDF's content "pixels"; a document has none (its content is replaced)."""
+    source = encapsulated_pdf(tmp_path / "in" / "doc.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), "--report",
+                                      str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads((tmp_path / "report.json").read_text())["files"]
+    assert "document" in entry["burned_in_risk"] and len(entry["warnings"]) == 1
+    assert "document's content" in entry["warnings"][0] and "pixels" not in entry["warnings"][0]
+    assert "encapsulated document" in " ".join(result.output.split())
+    assert pydicom.dcmread(tmp_path / "out.dcm").EncapsulatedDocument == b"\x00\x00"
+    write(base_dataset(), source.parent / "ct.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source.parent), str(tmp_path / "safe"), "--refuse-burned-in"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 file(s): possible identifying text in an encapsulated document" in " ".join(result.output.split())
 
 
 # ---------------------------------------------------------------------- hostile inputs

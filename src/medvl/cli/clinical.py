@@ -63,8 +63,9 @@ def _print_deid_summary(result: dict[str, Any], out: Path, folder: bool, report_
         console.print(f"skipped {count} file(s): {reason}")
     if totals["files_with_burned_in_risk"]:
         console.print(f"[yellow]warning:[/] {totals['files_with_burned_in_risk']} file(s) may hold burned-in text "
-                      "in their pixels (Burned In Annotation YES, or ultrasound / secondary capture...): check "
-                      "them, or use --refuse-burned-in", markup=True)
+                      "in their pixels, or identifying text in an encapsulated document (Burned In Annotation "
+                      "YES, or ultrasound / secondary capture / document...): check them (the report says which), "
+                      "or use --refuse-burned-in", markup=True)
 
 
 def _spacing(values) -> str:

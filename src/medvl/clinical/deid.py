@@ -32,9 +32,11 @@ works on one file or a folder. For every DICOM file, in this order:
 4. Private tags are removed; the 128-byte preamble is zeroed.
 5. Files whose pixels may hold burned-in text (``burned_in_risk``: Burned In Annotation YES, or
    ultrasound, secondary capture, screen capture, photograph, endoscopy or scanned document) are
-   flagged in the report, or refused with ``refuse_burned_in``. Patient Identity Removed is YES
-   (NO when Burned In Annotation is YES: the pixels are never changed). De-identification Method
-   and its code sequence (DCM 113100, 113107, and 113105 for Clean Descriptors) are set.
+   flagged in the report, or refused with ``refuse_burned_in``; so are encapsulated documents
+   (modality DOC), whose content, not pixels, holds text (the profile replaces it with a dummy).
+   Patient Identity Removed is YES (NO when Burned In Annotation is YES: the pixels are never
+   changed). De-identification Method and its code sequence (DCM 113100, 113107, and 113105 for
+   Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
    sequences included, for the input's patient name parts, IDs and dates in their common
    spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
@@ -190,13 +192,21 @@ def _multi(value) -> bool:
     return isinstance(value, MultiValue)
 
 
+def is_encapsulated_document(ds) -> bool:
+    """An encapsulated document (PDF, CDA, STL...): Encapsulated Document and no pixel data."""
+    return "EncapsulatedDocument" in ds and not any(keyword in ds for keyword in PIXEL_KEYWORDS)
+
+
 def burned_in_risk(ds) -> str | None:
-    """Why the pixels may hold burned-in identifiers, or ``None``: Burned In Annotation is YES, or
-    the modality / SOP class is one whose images usually carry text (ultrasound, secondary capture,
-    screen captures, photographs, endoscopy, scanned documents), whatever Burned In Annotation says."""
+    """Why the pixels (an encapsulated document's content) may hold identifiers, or ``None``: Burned In
+    Annotation is YES, or the modality / SOP class is one whose images usually carry text (ultrasound,
+    secondary capture, screen captures, photographs, endoscopy, scanned documents), whatever Burned In
+    Annotation says."""
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         return "Burned In Annotation is YES"
     modality = str(ds.get("Modality", "")).strip().upper()
+    if modality == "DOC" and is_encapsulated_document(ds):
+        return "encapsulated documents (modality DOC) carry text in their content"
     if modality in BURNED_IN_MODALITIES:
         return f"{BURNED_IN_MODALITIES[modality]} images (modality {modality}) often carry burned-in text"
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -335,7 +345,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     data set and when an identifier survives (nothing is returned to write).
     """
     check_complete(path, ds)
-    burned_in = burned_in_risk(ds)
+    burned_in, document = burned_in_risk(ds), is_encapsulated_document(ds)
     if burned_in and refuse_burned_in:
         raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
     identifiers = collect_identifiers(ds, common_words=ALLOWED_WORDS)
@@ -351,11 +361,17 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     data = _encode(ds, path)
     _check_nothing_survived(ds, identifiers, path)
     replaced, removed = _changes(before, _full_snapshot(ds))
-    warnings = [f"{burned_in}: identifiers may be burned into the pixels, which are not changed"] if burned_in else []
+    warnings = [_risk_warning(burned_in, document)] if burned_in else []
     entry = {"replaced": replaced, "removed": [r for r in removed if not _is_private_path(r)],
              "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}
     return data, entry
+
+
+def _risk_warning(risk: str, document: bool) -> str:
+    if document:  # Encapsulated Document is D in Table E.1-1: replaced, so nothing of the content is written
+        return f"{risk}: identifiers may be in the document's content, which is replaced by a dummy (not kept)"
+    return f"{risk}: identifiers may be burned into the pixels, which are not changed"
 
 
 def _iter_all(ds):
@@ -437,6 +453,8 @@ def _skip_reason(ds, run: _Run) -> str | None:
     if storage == MEDIA_STORAGE_DIRECTORY:
         return "DICOMDIR (rebuild it for the new files)"
     if run.refuse_burned_in and burned_in_risk(ds):
+        if is_encapsulated_document(ds):
+            return "possible identifying text in an encapsulated document (--refuse-burned-in)"
         return "possible burned-in text in the pixels (--refuse-burned-in)"
     return None
 
