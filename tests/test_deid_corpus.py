@@ -13,6 +13,7 @@ forms, and a token search of every decoded text value for the 2-letter name part
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,13 @@ HANDLED: dict[str, Callable[[Dataset, str], None]] = {
         ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4",
         PerformingPhysicianName=v)]),
     "LO and UT in private tags": plant_private,
+    # Clean Descriptors: free text beyond the standard's "C" rows, a private scheme's Code Meaning
+    "UT TextValue": lambda ds, v: setattr(ds, "TextValue", f"discussed with {v}"),
+    "LT CommentsOnTheScheduledProcedureStep": lambda ds, v: setattr(ds, "CommentsOnTheScheduledProcedureStep", v),
+    "LO DoseComment": lambda ds, v: setattr(ds, "DoseComment", f"pregnant {v}"),
+    "LO CodeMeaning of a private scheme": lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
+                                                    CodeMeaning=f"CT chest {v}")]),
     # Table E.1-1 removes Retrieve AE Title; medvl removes the file meta's Source AE Title (the sending site)
     "AE RetrieveAETitle": lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16]),
     "AE in the file meta": lambda ds, v: setattr(ds.file_meta, "SourceApplicationEntityTitle",
@@ -139,8 +147,8 @@ KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
     "UC in ProcedureCodeSequence": ("ProcedureCodeSequence[0]>LongCodeValue", lambda ds, v: setattr(
         ds, "ProcedureCodeSequence", [sequence_item(LongCodeValue=v, CodingSchemeDesignator="99LOCAL",
                                                     CodeMeaning="CT chest")])),
-    "LO CodeMeaning in a sequence": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
-        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL",
+    "LO CodeMeaning of a standard scheme": ("ProcedureCodeSequence[0]>CodeMeaning", lambda ds, v: setattr(
+        ds, "ProcedureCodeSequence", [sequence_item(CodeValue="CT1", CodingSchemeDesignator="SCT",
                                                     CodeMeaning=f"CT chest {v}")])),
     "SH in the file meta": ("file meta>ImplementationVersionName", lambda ds, v: setattr(
         ds.file_meta, "ImplementationVersionName", v[:16])),
@@ -261,6 +269,152 @@ def test_plain_descriptors_are_kept(tmp_path):
     assert "113105" in {item.CodeValue for item in written.DeidentificationMethodCodeSequence}
 
 
+# ------------------------------------------------------------- Clean Descriptors: free text
+
+# What the free-text rule catches with pydicom 3.0's dictionary (retired attributes left out here).
+# Emptied: every attribute of VR LT / ST / UT / UC outside Table E.1-1 and the coded keep-list.
+EMPTIED_FREE_TEXT = """
+AcquisitionContextDescription ActualEnvironmentalConditions AlgorithmParameters ApprovalStatusFurtherDescription
+AssertionComments AssessmentSummaryDescription BatteryLevel BeamHardeningCorrectionTechnique
+CalculatedDoseReferenceDescription CalculationComment CalibrationNotes CalibrationProcedure
+CommentsOnPatientPerformanceOfVisualField CommentsOnTheScheduledProcedureStep ComponentManufacturer
+ComponentManufacturingProcedure ConfigurationInformation ConfigurationInformationDescription
+ConstraintViolationCondition CoordinateSystemAxisDescription CouplingMedium CouplingTechnique DelayLawIdentifier
+DetectorDescription DetectorMode DocumentTitle EnvironmentalConditions ExposureControlModeDescription
+ExtendedCodeMeaning FiducialDescription GeneralAccessoryDescription GeneticModificationsDescription
+GraphicGroupDescription GridAbsorbingMaterial GridSpacingMaterial HL7InstanceIdentifier HPGLPenDescription
+ImageFilterDescription ImplantTemplateGroupDescription IndicationDescription InformationSummary
+InstructionDescription InstructionPerformanceComment IntendedStartDayOfWeek InterventionDescription
+InventoryInstanceDescription InventoryPurpose LinearityCorrectionTechnique LocalNamespaceEntityID
+MaskOperationExplanation MaterialGrade MaterialNotes MaterialPropertiesDescription MeasuredDoseDescription
+MediaDisposition MetaboliteMapDescription OOITypeDescriptor ObservationDescription OpticalPathDescription
+OverrideReason PTOLocationDescription PartialViewDescription PositionAcquisitionTemplateID
+PotentialDiagnosticTasks PotentialReasonsForProcedure PreAmplifierNotes PrivateDataElementDescription
+PrivateDataElementEncoding ProbeDriveNotes ProcedureStepProgressDescription ProductDescription
+ProductPackageIdentifier ProtocolDesignRationale ProtocolElementCharacteristicsSummary ProtocolElementPurpose
+ProtocolPlanningInformation PulserNotes RTImageDescription ReasonForCancellation ReceiverNotes
+ReferenceLocationDescription RepairID SOPAuthorizationComment ScanProcedure SegmentDescription SelectorUCValue
+SensorName SetupDeviceDescription SetupImageComment SetupReferenceDescription SpecificationSelectionGuidance
+SpectralSensitivity StrainAdditionalInformation StrainDescription SurfaceComments TextValue
+ThreatCategoryDescription TrackSetDescription TrackingID TransactionStatusComment TransformDescription
+TreatmentStatusComment TreatmentTerminationDescription TreatmentToleranceViolationIdentification
+UnformattedTextValue UniversalEntityID
+""".split()
+# Kept when plain, blanked otherwise: LO / SH attributes named ...Comment(s), Note(s), Description, Label,
+# Title, Explanation, Text or Reason.
+SHORT_FREE_TEXT = """
+ASLCrusherDescription ASLTechniqueDescription AlgorithmDescription ApplicableSafetyStandardDescription
+ApplicatorDescription AssessmentLabel ChannelDerivationDescription ChannelLabel CompletionFlagDescription
+ConfigurationDescription ContainerComponentDescription ContentDescription DataElementDescription
+DataSetDescription DimensionDescriptionLabel DisplaySetLabel DisplaySetPresentationGroupDescription
+DisplaySubsystemDescription DoseComment EffectiveDoseCalculationMethodDescription
+FieldOfViewDescription FilmSessionLabel FixationDeviceLabel FrameLabel FrameOfInterestDescription
+FrameOfReferenceTransformationComment GraphicGroupLabel GraphicLayerDescription HPGLDocumentLabel HPGLPenLabel
+HangingProtocolDescription HistogramExplanation ImageSetLabel IndicationLabel InstructionText LUTExplanation
+LUTLabel LateralSpreadingDeviceDescription LensDescription LensStatusDescription LuminanceResponseDescription
+MatingFeatureSetLabel MultiplexGroupLabel OphthalmicAxialLengthDataSourceDescription
+OphthalmicImageTypeDescription PaddleDescription PatientBreedDescription PatientSetupLabel
+PatientSpeciesDescription PerformedProcedureTypeDescription PixelSpacingCalibrationDescription
+PixelValueMappingExplanation PlanningLandmarkDescription ProcedureStepLabel PropertyLabel
+RGBATransferFunctionDescription RTImageLabel RangeModulatorDescription RangeShifterDescription
+ReasonForChannelOmissionDescription ReconstructionDescription ReferenceLocationLabel ResourceDescription
+SegmentLabel SegmentationCreationTemplateLabel SetupDeviceLabel ShieldingDeviceLabel SourceDescription
+SubstanceAdministrationNotes SurfaceModelLabel SurfaceProcessingDescription SystemStatusComment TargetLabel
+TestResultComment TextureLabel TickLabel ToleranceTableLabel TrackSetLabel VitreousStatusDescription
+WedgeDescription WindowCenterWidthExplanation WorklistLabel
+""".split()
+
+
+def test_free_text_rule_catches_the_listed_attributes_and_nothing_coded():
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    from medvl.clinical.descriptors import (
+        CODED_TEXT,
+        FREE_TEXT_VRS,
+        FREE_TEXT_WORDS,
+        PROSE_DESCRIPTORS,
+        SHORT_DESCRIPTORS,
+        free_text_rule,
+    )
+    from medvl.clinical.profile import profile_table
+
+    emptied, short = free_text_rule()
+    assert set(EMPTIED_FREE_TEXT) <= emptied and set(SHORT_FREE_TEXT) <= short
+    assert all(dictionary_VR(keyword_dict[k]) in FREE_TEXT_VRS for k in emptied)
+    assert all(dictionary_VR(keyword_dict[k]) in ("LO", "SH") and k.endswith(FREE_TEXT_WORDS) for k in short)
+    table = {row.keyword for row in profile_table().values()}
+    assert not (emptied | short) & (CODED_TEXT | table | SHORT_DESCRIPTORS | PROSE_DESCRIPTORS)
+    assert {"CodeMeaning", "CodeValue", "LongCodeValue", "SeriesDescription"}.isdisjoint(emptied | short)
+
+
+def notes_dataset() -> Dataset:
+    """The probe's file: free text in four attributes Table E.1-1 does not list."""
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = "DOE^JANE", "X1"
+    ds.TextValue = "Husband Krumplehorn phoned, home 555-0199"
+    ds.CommentsOnTheScheduledProcedureStep = "Transport from 12 Elm St, Dr Krumplehorn aware"
+    ds.DoseComment = "pregnant - discussed with Krumplehorn"
+    ds.UnformattedTextValue = "free text note"
+    return ds
+
+
+def test_free_text_comments_and_notes_are_removed(tmp_path):
+    """docs/security.md says Clean Descriptors removes free-text comments and notes; only the "C" rows of
+    Table E.1-1 were, and TextValue, Comments on the Scheduled Procedure Step, Dose Comment and Unformatted
+    Text Value came out unchanged (exit 0). They are emptied; --keep-descriptors keeps them."""
+    source = write(notes_dataset(), tmp_path / "in" / "notes.dcm")
+    runner = CliRunner()
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "out.dcm")])
+    assert result.exit_code == 0, result.output
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    keywords = ("TextValue", "CommentsOnTheScheduledProcedureStep", "DoseComment", "UnformattedTextValue")
+    assert {k: written.get(k) for k in keywords} == dict.fromkeys(keywords, "")
+    data = (tmp_path / "out.dcm").read_bytes().lower()
+    assert b"krumplehorn" not in data and b"555-0199" not in data and b"elm st" not in data
+    result = runner.invoke(app, ["deid", str(source), str(tmp_path / "kept.dcm"), "--keep-descriptors"])
+    assert result.exit_code == 0, result.output
+    assert pydicom.dcmread(tmp_path / "kept.dcm").DoseComment == "pregnant - discussed with Krumplehorn"
+
+
+def test_plain_free_text_and_standard_code_meanings_are_kept(tmp_path):
+    ds = base_dataset()
+    ds.ContentDescription, ds.SegmentLabel = "CHEST", "Liver"
+    ds.ProcedureCodeSequence = [
+        sequence_item(CodeValue="77477000", CodingSchemeDesignator="SCT", CodeMeaning="CT of Krumplehorn scan"),
+        sequence_item(CodeValue="CT1", CodingSchemeDesignator="99LOCAL", CodeMeaning="CT CHEST"),
+        sequence_item(CodeValue="CT2", CodingSchemeDesignator="99LOCAL", CodeMeaning="Dr Krumplehorn's CT"),
+        sequence_item(CodeValue="CT3", CodingSchemeDesignator="LOCALRIS", CodeMeaning="Krumplehorn CT")]
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    written = pydicom.dcmread(out)
+    assert (written.ContentDescription, written.SegmentLabel) == ("CHEST", "Liver")
+    meanings = [item.CodeMeaning for item in written.ProcedureCodeSequence]
+    assert meanings == ["CT of Krumplehorn scan", "CT CHEST", "", ""]  # SNOMED CT's text kept, private cleaned
+    assert [item.CodeValue for item in written.ProcedureCodeSequence] == ["77477000", "CT1", "CT2", "CT3"]
+
+
+def test_every_free_text_attribute_is_emptied_and_the_image_still_reads(tmp_path):
+    """Every attribute the rule catches, planted at the top level and in a sequence item: none survives,
+    each stays present (emptied), and the de-identified image reads as the original does."""
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    from medvl.clinical.readers import read_dicom_values
+
+    ds = base_dataset()
+    item = sequence_item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4")
+    for index, keyword in enumerate(EMPTIED_FREE_TEXT + SHORT_FREE_TEXT):
+        for dataset in (ds, item):
+            dataset.add_new(keyword_dict[keyword], dictionary_VR(keyword_dict[keyword]), f"MKR{index:04d} Krump")
+    ds.SourceImageSequence = [item]
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert re.findall(rb"MKR\d{4}", out.read_bytes()) == []
+    written = pydicom.dcmread(out)
+    for dataset in (written, written.SourceImageSequence[0]):
+        assert all(dataset[keyword].value == "" for keyword in EMPTIED_FREE_TEXT + SHORT_FREE_TEXT)
+    assert (read_dicom_values(out) == read_dicom_values(CT)).all()
+
+
 def test_dummy_name_sharing_a_part_with_the_patient_is_trimmed(tmp_path):
     """dicognito draws dummy names from common-name lists; a dummy part equal to a real name part
     is dropped (rather than refusing the file, or keeping the part)."""
@@ -307,6 +461,39 @@ def test_ultrasound_and_secondary_capture_are_flagged_and_skipped_in_a_folder(tm
     assert result.exit_code == 0, result.output
     assert "skipped 2 file(s): possible burned-in text" in result.output
     assert len(list((tmp_path / "safe").rglob("*.dcm"))) == 1
+
+
+def encapsulated_pdf(path: Path) -> Path:
+    """An Encapsulated PDF (modality DOC): no pixel data, the document in Encapsulated Document."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.104.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "DOC"
+    ds.PatientName, ds.PatientID = NAME, PATIENT_ID
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n% a report\n%%EOF\n"
+    return write(ds, path)
+
+
+def test_an_encapsulated_document_is_flagged_for_its_content_not_pixels(tmp_path):
+    """The warning called a PDF's content "pixels"; a document has none (its content is replaced)."""
+    source = encapsulated_pdf(tmp_path / "in" / "doc.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), "--report",
+                                      str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads((tmp_path / "report.json").read_text())["files"]
+    assert "document" in entry["burned_in_risk"] and len(entry["warnings"]) == 1
+    assert "document's content" in entry["warnings"][0] and "pixels" not in entry["warnings"][0]
+    assert "encapsulated document" in " ".join(result.output.split())
+    assert pydicom.dcmread(tmp_path / "out.dcm").EncapsulatedDocument == b"\x00\x00"
+    write(base_dataset(), source.parent / "ct.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source.parent), str(tmp_path / "safe"), "--refuse-burned-in"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 file(s): possible identifying text in an encapsulated document" in " ".join(result.output.split())
 
 
 # ---------------------------------------------------------------------- hostile inputs
@@ -418,6 +605,110 @@ def test_short_name_parts_inside_generated_ids_are_not_leaks():
         assert found.kind_in(leak) == "name", leak
     ds.PatientName = "SMITH^JOHN"
     assert collect_identifiers(ds).kind_in("SMITH1950") == "name"
+
+
+def identifiers_for(name: str, patient_id: str):
+    from medvl.clinical.identifiers import collect_identifiers
+
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = name, patient_id
+    return collect_identifiers(ds)
+
+
+@pytest.mark.parametrize(("name", "patient_id", "text", "kind"), [
+    ("O'BRIEN^MAEVE", "MRN99887766", "Pt OBRIEN M", "name"),  # the apostrophe dropped
+    ("D'ANGELO^LUCA", "X1", "DANGELO", "name"),
+    ("O\u2019BRIEN^MAEVE", "X1", "obrien", "name"),  # a typographic apostrophe
+    ("O'BRIEN^MAEVE", "X1", "MAEVEOBRIEN", "name"),
+    ("VAN DER BERG^PIETER", "X1", "VANDERBERG P", "name"),  # particles glued
+    ("VAN DER BERG^PIETER", "X1", "PIETERVANDERBERG", "name"),
+    ("DE LA CRUZ^ANA", "X1", "DELACRUZ", "name"),
+    ("DOE^JANE", "MRN99887766", "MRN 99887766", "ID"),  # separators in the ID
+    ("DOE^JANE", "MRN99887766", "mrn-99887766", "ID"),
+    ("DOE^JANE", "MRN99887766", "ID 99887766", "ID"),  # the digit run alone
+    ("DOE^JANE", "MRN99887766", "99-887-766", "ID"),
+    ("DOE^JANE", "A-77123", "ID A77123", "ID"),
+    ("DOE^JANE", "A-77123", "A 77123", "ID"),
+    ("DOE^JANE", "99887766", "99-887-766", "ID"),
+    ("DOE^JANE", "99887766", "99 887 766", "ID"),
+    ("DOE^JANE", "99887766", "99/887/766", "ID"),
+])
+def test_names_and_ids_are_found_in_common_spellings(name, patient_id, text, kind):
+    assert identifiers_for(name, patient_id).kind_in(text) == kind
+
+
+@pytest.mark.parametrize(("name", "patient_id", "text"), [
+    ("O'BRIEN^MAEVE", "X1", "OBRIENSKY"),  # glued forms are whole words too
+    ("J P^SMITH", "X1", "JP"),  # initials glued are too short to search
+    ("J P^SMITH", "X1", "JPEG 2000"),
+    ("DOE^JANE", "X1", "2 x 1 mm"),  # short IDs are searched as written only
+    ("DOE^JANE", "A-77123", "ID 77123"),  # a digit run shorter than 6 is not searched alone
+    ("DOE^JANE", "100085", "version 10.0.0.85"),  # a dot between digits is no separator
+    ("DOE^JANE", "100085", "1.2.840.10008.5.1.4.1.1.2"),
+    ("DOE^JANE", "99887766", "1998877660"),  # nor inside a longer number
+])
+def test_glued_and_separated_spellings_do_not_match_inside_other_words(name, patient_id, text):
+    assert identifiers_for(name, patient_id).kind_in(text) is None
+
+
+@pytest.mark.parametrize(("name", "patient_id", "planted"), [
+    ("O'BRIEN^MAEVE", "MRN99887766", "Pt OBRIEN M"),
+    ("O'BRIEN^MAEVE", "MRN99887766", "MRN 99887766"),
+    ("VAN DER BERG^PIETER", "A-77123", "VANDERBERG P"),
+    ("VAN DER BERG^PIETER", "A-77123", "ID A77123"),
+    ("DE LA CRUZ^ANA", "99887766", "DELACRUZ"),
+    ("DE LA CRUZ^ANA", "99887766", "99-887-766"),
+])
+@pytest.mark.parametrize("where", ["SoftwareVersions", "TextValue"])
+def test_probe_spellings_in_a_kept_element_are_refused(name, patient_id, planted, where, tmp_path):
+    """The probe's cases: an apostrophe dropped, particles glued, an ID with or without separators
+    in an element the profile keeps (TextValue with --keep-descriptors) passed the final scan with
+    exit 0. They are refused: exit 2, the element named, nothing written."""
+    ds = base_dataset()
+    ds.PatientName, ds.PatientID = name, patient_id
+    setattr(ds, where, planted)
+    source = write(ds, tmp_path / "in" / "planted.dcm")
+    options = ["--keep-descriptors"] if where == "TextValue" else []
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), *options])
+    assert result.exit_code == 2, result.output
+    assert f"survived de-identification in {where}" in result.output.replace("\n", " ")
+    assert planted not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def nested_patient_dataset(**kept) -> Dataset:
+    """The probe's file: a referenced image's patient (name and ID) only inside a Source Image
+    Sequence item, the top-level patient someone else."""
+    ds = base_dataset()
+    ds.PatientName = "ZEBRAQUARTZ^XYLOPHEMA"
+    ds.SourceImageSequence = [sequence_item(
+        ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4.5",
+        PatientName="NESTEDKRUMP^WILMA", PatientID="NESTEDID4455")]
+    for keyword, value in kept.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(("kept", "options", "element", "kind"), [
+    ({"SoftwareVersions": "Scan of NESTEDKRUMP WILMA"}, [], "SoftwareVersions", "name"),
+    ({"SoftwareVersions": "v2 NESTEDID4455"}, [], "SoftwareVersions", "ID"),
+    ({"ProcedureCodeSequence": [sequence_item(CodeValue="123", CodingSchemeDesignator="99LOCAL",
+                                              CodeMeaning="Scan of NESTEDKRUMP WILMA")]},
+     ["--keep-descriptors"], "ProcedureCodeSequence[0]>CodeMeaning", "name"),
+])
+def test_names_and_ids_in_sequence_items_are_searched(kept, options, element, kind, tmp_path):
+    """A Patient's Name / Patient ID found only in a sequence item was replaced by dicognito, but the
+    scan did not know it, so a copy in a kept element passed with exit 0. It is refused."""
+    source = write(nested_patient_dataset(**kept), tmp_path / "in" / "nested.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), *options])
+    assert result.exit_code == 2, result.output
+    assert f"patient's {kind} survived de-identification in {element};" in result.output.replace("\n", " ")
+    assert "NESTED" not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_patient_only_in_a_sequence_item_is_replaced_and_the_file_written(tmp_path):
+    source = write(nested_patient_dataset(), tmp_path / "in" / "nested.dcm")
+    deidentify(source, tmp_path / "out.dcm", seed=3)
+    assert b"nested" not in (tmp_path / "out.dcm").read_bytes().lower()
 
 
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):

@@ -133,6 +133,53 @@ def test_an_index_built_from_dicom_stores_no_path(dicom_data, model_dir, tmp_pat
         assert not [p for p in index.iterdir() if name.encode() in p.read_bytes()]
 
 
+DESCRIPTOR_SECRETS = (b"OBRIENSKY", b"KRUMPLEHORN", b"ACC123987", b"ZEBRAQUARTZ")
+
+
+def test_an_index_built_from_dicom_keeps_only_plain_descriptors(model_dir, tmp_path, caplog):
+    """The probe's file: a Series Description naming the patient (without the apostrophe), a doctor and an
+    accession number, and a name in Body Part Examined, went into cases.sqlite, the filter columns and
+    search results. Such descriptors are left out (a warning counts them); plain ones are kept."""
+    import logging
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for shift, (name, description, body_part) in enumerate((
+            ("a", "Chest for OBRIENSKY ref Dr KRUMPLEHORN ACC123987", "ZEBRAQUARTZ"), ("b", "AX 2.5 MM", "CHEST"))):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PixelData = (ds.pixel_array + shift * 50).tobytes()  # two images, not one duplicate
+        ds.PatientName, ds.PatientID = "O'BRIENSKY^ZYGMUNT", "MRN99887766"
+        ds.SeriesDescription, ds.BodyPartExamined = description, body_part
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        ds.save_as(folder / f"{name}.dcm")
+    with caplog.at_level(logging.WARNING, logger="medvl.data.loaders.dicom"):
+        dataset = load_dataset(folder)
+    metas = sorted((r.meta.get("series_description", ""), r.meta.get("body_part", "")) for r in dataset)
+    assert metas == [("", ""), ("AX 2.5 MM", "CHEST")]
+    assert "left out the body_part of 1 record(s)" in caplog.text
+    assert "left out the series_description of 1 record(s)" in caplog.text
+    assert not [s for s in DESCRIPTOR_SECRETS if s.decode() in caplog.text]
+    out = tmp_path / "out"
+    index = out / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--split", "all", "--out",
+                            index, "--json", out / "build.json", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", index, "--image", folder / "a.dcm", "-k", 2,
+                            "--json", out / "search.json")
+    assert result.exit_code == 0, output
+    hits = json.loads((out / "search.json").read_text())["hits"]
+    assert sorted(h["meta"].get("series_description", "") for h in hits) == ["", "AX 2.5 MM"]
+    files = [*index.iterdir(), *out.glob("*.json")]
+    assert {p.name for p in files} >= {"cases.sqlite", "filters.safetensors", "search.json"}
+    assert [p.name for p in files if any(s in p.read_bytes().upper() for s in DESCRIPTOR_SECRETS)] == []
+    assert not [s for s in DESCRIPTOR_SECRETS if s.decode() in output.upper()]
+
+
 def test_an_index_of_dicom_series_volumes_stores_no_path(tmp_path):
     """A CT series (four slices of pydicom's CT_small at 5 mm steps) is one volume record; a 3D model
     indexes it (this used to fail on the series object) and no path is stored."""

@@ -27,9 +27,12 @@ def deid_command(
         help="Also write the report (attribute names, no values) to this JSON file.")] = None,
     clean_descriptors: Annotated[bool, typer.Option(
         "--clean-descriptors/--keep-descriptors",
-        help="Clean Descriptors option (default): descriptions, protocol, body part and model names are kept "
-             "only when made of plain technical words, else blanked. --keep-descriptors keeps the ones the "
-             "basic profile keeps as they are (the final identifier scan still runs).")] = True,
+        help="Clean Descriptors option (default), at any depth: descriptions, protocol, body part and model "
+             "names are kept only when made of plain technical words, else blanked; the standard's comments "
+             "and notes are removed; every other LT / ST / UT / UC text is emptied; other LO / SH attributes "
+             "named ...Comment(s), Note(s), Description, Label, Title, Explanation, Text or Reason, and Code "
+             "Meanings of non-standard coding schemes, are kept when plain, else blanked. --keep-descriptors "
+             "keeps the ones the basic profile keeps as they are (the final identifier scan still runs).")] = True,
     refuse_burned_in: Annotated[bool, typer.Option(
         "--refuse-burned-in",
         help="Refuse files whose pixels may hold burned-in text (Burned In Annotation YES; ultrasound, "
@@ -60,8 +63,9 @@ def _print_deid_summary(result: dict[str, Any], out: Path, folder: bool, report_
         console.print(f"skipped {count} file(s): {reason}")
     if totals["files_with_burned_in_risk"]:
         console.print(f"[yellow]warning:[/] {totals['files_with_burned_in_risk']} file(s) may hold burned-in text "
-                      "in their pixels (Burned In Annotation YES, or ultrasound / secondary capture...): check "
-                      "them, or use --refuse-burned-in", markup=True)
+                      "in their pixels, or identifying text in an encapsulated document (Burned In Annotation "
+                      "YES, or ultrasound / secondary capture / document...): check them (the report says which), "
+                      "or use --refuse-burned-in", markup=True)
 
 
 def _spacing(values) -> str:

@@ -21,7 +21,10 @@ works on one file or a folder. For every DICOM file, in this order:
 2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
    short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
    Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
-   prose descriptors (comments, notes, narratives) are removed.
+   prose descriptors (comments, notes, narratives) are removed; every other free-text attribute at
+   any depth (VR LT / ST / UT / UC) is emptied, and LO / SH attributes named ...Comment(s), Note(s),
+   Description, Label, Title, Explanation, Text or Reason, and a Code Meaning of a non-standard
+   coding scheme, are kept when plain, else blanked (``descriptors.free_text_rule``).
 3. Every attribute of PS3.15 Table E.1-1 (``profile``: the table as data, 617 attributes) is removed
    (X), emptied (Z) or replaced (D, U) in the data set and every sequence item, dicognito's
    replacements and shifted dates kept where the action allows them (``profile.resolve`` has the
@@ -30,9 +33,11 @@ works on one file or a folder. For every DICOM file, in this order:
 4. Private tags are removed; the 128-byte preamble is zeroed.
 5. Files whose pixels may hold burned-in text (``burned_in_risk``: Burned In Annotation YES, or
    ultrasound, secondary capture, screen capture, photograph, endoscopy or scanned document) are
-   flagged in the report, or refused with ``refuse_burned_in``. Patient Identity Removed is YES
-   (NO when Burned In Annotation is YES: the pixels are never changed). De-identification Method
-   and its code sequence (DCM 113100, 113107, and 113105 for Clean Descriptors) are set.
+   flagged in the report, or refused with ``refuse_burned_in``; so are encapsulated documents
+   (modality DOC), whose content, not pixels, holds text (the profile replaces it with a dummy).
+   Patient Identity Removed is YES (NO when Burned In Annotation is YES: the pixels are never
+   changed). De-identification Method and its code sequence (DCM 113100, 113107, and 113105 for
+   Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
    sequences included, for the input's patient name parts, IDs and dates in their common
    spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
@@ -189,13 +194,21 @@ def _multi(value) -> bool:
     return isinstance(value, MultiValue)
 
 
+def is_encapsulated_document(ds) -> bool:
+    """An encapsulated document (PDF, CDA, STL...): Encapsulated Document and no pixel data."""
+    return "EncapsulatedDocument" in ds and not any(keyword in ds for keyword in PIXEL_KEYWORDS)
+
+
 def burned_in_risk(ds) -> str | None:
-    """Why the pixels may hold burned-in identifiers, or ``None``: Burned In Annotation is YES, or
-    the modality / SOP class is one whose images usually carry text (ultrasound, secondary capture,
-    screen captures, photographs, endoscopy, scanned documents), whatever Burned In Annotation says."""
+    """Why the pixels (an encapsulated document's content) may hold identifiers, or ``None``: Burned In
+    Annotation is YES, or the modality / SOP class is one whose images usually carry text (ultrasound,
+    secondary capture, screen captures, photographs, endoscopy, scanned documents), whatever Burned In
+    Annotation says."""
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         return "Burned In Annotation is YES"
     modality = str(ds.get("Modality", "")).strip().upper()
+    if modality == "DOC" and is_encapsulated_document(ds):
+        return "encapsulated documents (modality DOC) carry text in their content"
     if modality in BURNED_IN_MODALITIES:
         return f"{BURNED_IN_MODALITIES[modality]} images (modality {modality}) often carry burned-in text"
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -335,7 +348,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     """
     given = give_missing_uids(ds)  # a whole object without Study / Series UID: new ones, replaced as every UID
     check_complete(path, ds)
-    burned_in = burned_in_risk(ds)
+    burned_in, document = burned_in_risk(ds), is_encapsulated_document(ds)
     if burned_in and refuse_burned_in:
         raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
     identifiers = collect_identifiers(ds, common_words=ALLOWED_WORDS)
@@ -351,12 +364,18 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     data = _encode(ds, path)
     _check_nothing_survived(ds, identifiers, path)
     replaced, removed = _changes(before, _full_snapshot(ds))
-    warnings = [f"{burned_in}: identifiers may be burned into the pixels, which are not changed"] if burned_in else []
+    warnings = [_risk_warning(burned_in, document)] if burned_in else []
     warnings += [f"no {keyword} in the input: a new one was given" for keyword in given]
     entry = {"replaced": replaced, "removed": [r for r in removed if not _is_private_path(r)],
              "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}
     return data, entry
+
+
+def _risk_warning(risk: str, document: bool) -> str:
+    if document:  # Encapsulated Document is D in Table E.1-1: replaced, so nothing of the content is written
+        return f"{risk}: identifiers may be in the document's content, which is replaced by a dummy (not kept)"
+    return f"{risk}: identifiers may be burned into the pixels, which are not changed"
 
 
 def _iter_all(ds):
@@ -438,6 +457,8 @@ def _skip_reason(ds, run: _Run) -> str | None:
     if storage == MEDIA_STORAGE_DIRECTORY:
         return "DICOMDIR (rebuild it for the new files)"
     if run.refuse_burned_in and burned_in_risk(ds):
+        if is_encapsulated_document(ds):
+            return "possible identifying text in an encapsulated document (--refuse-burned-in)"
         return "possible burned-in text in the pixels (--refuse-burned-in)"
     return None
 

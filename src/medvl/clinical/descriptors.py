@@ -1,5 +1,5 @@
 """The Clean Descriptors option of DICOM PS3.15 (Annex E, Table E.1-1, column "Clean Desc. Opt."):
-free-text descriptors are kept only when plainly non-identifying.
+free-text descriptors are kept only when plainly non-identifying, other free text is removed.
 
 People type study and series descriptions, protocol names and labels, and site staff sometimes type
 the patient's name, a birth date or a hospital into any text field a device lets them edit. Cleaning
@@ -13,7 +13,24 @@ short; anything else is blanked (emptied, so the attribute stays present for the
   Manufacturer and Manufacturer's Model Name. These are kept when plain, blanked otherwise;
 - ``PROSE_DESCRIPTORS``: the LT / ST / UT / OB attributes and sequences of that column (comments,
   notes, impressions, narratives, coded reasons): sentences are never plain enough, so they are
-  removed, as the basic profile removes most of them anyway.
+  removed, as the basic profile removes most of them anyway;
+- every other free-text attribute, at any depth (``free_text_rule``, built from pydicom's data
+  dictionary; Table E.1-1's other attributes are left to the profile, which removes, empties or
+  replaces them): every attribute of VR LT, ST, UT or UC (Text Value, Unformatted Text Value,
+  Comments on the Scheduled Procedure Step, Document Title, Reason for Cancellation, Material
+  Notes...) is emptied, and every LO / SH attribute whose keyword ends in Comment(s), Note(s),
+  Description, Label, Title, Explanation, Text or Reason (Dose Comment, Content Description, Segment
+  Label, Window Center & Width Explanation...) is kept when plain, blanked otherwise. Emptied, not
+  removed: the profile does not list them, so an IOD may require them (Type 1 or 2), and an empty
+  value keeps the attribute in place. Code Meaning is cleaned like a short descriptor unless the
+  code item's Coding Scheme Designator is a standard scheme (``STANDARD_CODING_SCHEMES``: DCM, SCT,
+  SRT, LN, UCUM, RADLEX, FMA, NCIt...), where the meaning is the scheme's own text for the code; a
+  private scheme's (``99...`` or any other designator) is typed by a site. Kept as they are:
+  ``CODED_TEXT``, attributes of those VRs that hold codes or structure (Long Code Value, a coding
+  scheme's name and identifiers, a film box's Image Display Format, an RT Fraction Pattern, column
+  headers, private dictionary names), and LO / SH attributes with other names (device, coil,
+  algorithm and sequence names, IDs, versions, code values): a name typed into one of those is
+  found only by the final scan, and only if it is the patient's.
 
 A plain value: at most 64 characters; no date-like run of three numbers (``31/01/1950``,
 ``1950-01-31``); every run of letters on the allow list (case and accents ignored); every run of
@@ -29,9 +46,11 @@ scan does not search a patient's name part alone when it is on this list (see
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from .identifiers import fold
+from .profile import profile_table
 
 # Table E.1-1, "C" in the Clean Descriptors column: character attributes of one short value (LO / SH / CS).
 STANDARD_SHORT_DESCRIPTORS = (
@@ -77,6 +96,30 @@ PROSE_DESCRIPTORS = frozenset({
     "SelectorUTValue", "SpecimenDetailedDescription", "StructureSetDescription", "StudyComments",
     "TreatmentTechniqueNotes", "TreatmentToleranceViolationDescription", "VisitComments",
 })
+# Free text beyond the "C" rows (see the module docstring): every attribute of a free-text VR, and
+# every LO / SH attribute whose keyword ends in one of FREE_TEXT_WORDS.
+FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+FREE_TEXT_WORDS = ("Comment", "Comments", "Note", "Notes", "Description", "Label", "Title", "Explanation",
+                   "Text", "Reason")
+# Attributes of a free-text VR or name that hold codes or structure, not text people type: kept.
+CODED_TEXT = frozenset({
+    "LongCodeValue",  # a code value (UC) longer than 16 characters
+    "CodingSchemeName", "CodingSchemeExternalID", "CodingSchemeResponsibleOrganization",  # a coding scheme's identity
+    "ImageDisplayFormat",  # a film box layout: STANDARD\\1,1
+    "FractionPattern",  # an RT fractionation bit pattern
+    "ConceptualVolumeCombinationExpression",  # an expression over conceptual volume numbers
+    "OECFColumnNames", "SpatialFrequencyResponseColumnNames",  # column headers of measurement tables
+    "PrivateDataElementKeyword", "PrivateDataElementName",  # the names of a private dictionary's entries
+    "DeviceAlternateIdentifierFormat", "EXIFVersion",  # formats and versions
+})
+# Code Meaning is kept in a code item of these schemes (PS3.16 Table 8-1: DICOM, SNOMED CT, LOINC, UCUM,
+# RadLex, FMA, NCI Thesaurus, UMLS, MeSH, ICD...): the meaning is the scheme's text for the code. In a
+# private scheme (99..., or any other designator) it is cleaned like a short descriptor.
+STANDARD_CODING_SCHEMES = frozenset({
+    "DCM", "SCT", "SRT", "SNM3", "LN", "UCUM", "RADLEX", "FMA", "NCIT", "UMLS", "MSH", "I10", "I9C", "I10P",
+    "I11", "ACR", "BARI", "C4", "C5", "CD2", "NDC", "RXNORM", "HPC", "ITIS_TSN", "MDC", "NEU", "NICIP",
+    "PUBCHEM_CID", "MGI", "NCBI", "HGNC", "IBSI", "ISO3166_1", "ISO639_1", "ISO639_2", "RFC5646", "UBERON"})
+CODE_MEANING = "CodeMeaning"
 
 ALLOWED_WORDS = frozenset(fold(word) for word in """
 a b c d f i l m o p r s t w x
@@ -158,19 +201,66 @@ def _values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
 
+def _last_word(keyword: str) -> str:
+    words = re.findall(r"[A-Z][a-z0-9]*|[0-9]+", keyword)
+    return words[-1] if words else ""
+
+
+@lru_cache(maxsize=1)
+def free_text_rule() -> tuple[frozenset[str], frozenset[str]]:
+    """(keywords emptied, keywords kept when plain) beyond Table E.1-1's "C" rows, from pydicom's data
+    dictionary: every attribute of VR LT / ST / UT / UC (emptied), and every LO / SH attribute whose
+    keyword ends in one of ``FREE_TEXT_WORDS`` (kept when plain, blanked otherwise), retired ones
+    included, except ``CODED_TEXT``, the "C" rows themselves, the other attributes of Table E.1-1
+    (the profile removes, empties or replaces those) and the command and file meta groups (0000,
+    0002: never in a data set)."""
+    from pydicom.datadict import DicomDictionary
+
+    handled = SHORT_DESCRIPTORS | PROSE_DESCRIPTORS | CODED_TEXT | {row.keyword for row in profile_table().values()}
+    emptied, short = set(), set()
+    for tag, (vr, _, _, _, keyword) in DicomDictionary.items():
+        if not keyword or keyword in handled or tag >> 16 in (0x0000, 0x0002):  # command and file meta groups
+            continue
+        if vr in FREE_TEXT_VRS:
+            emptied.add(keyword)
+        elif vr in ("LO", "SH") and _last_word(keyword) in FREE_TEXT_WORDS:
+            short.add(keyword)
+    return frozenset(emptied), frozenset(short)
+
+
+def _coded_meaning(dataset, element) -> bool:
+    """A Code Meaning of a standard coding scheme (``STANDARD_CODING_SCHEMES``)."""
+    scheme = str(dataset.get("CodingSchemeDesignator") or "").strip().upper()
+    return element.keyword == CODE_MEANING and scheme in STANDARD_CODING_SCHEMES
+
+
+def _empty(element) -> None:
+    element.value = b"" if isinstance(element.value, bytes) else ""
+
+
 def clean_descriptors(ds) -> list[str]:
-    """Blank every short descriptor that is not plain and remove every prose descriptor, in the data
-    set and all its sequences; returns the keywords touched (no values)."""
+    """Blank every short descriptor that is not plain and remove every prose descriptor (the "C" rows),
+    empty every other free-text attribute and blank every other LO / SH one that names free text when
+    not plain (``free_text_rule``; a Code Meaning unless its scheme is standard), in the data set and
+    all its sequences; returns the keywords touched (no values)."""
     touched: list[str] = []
     doomed: list[tuple[Any, Any]] = []
+    emptied, short = free_text_rule()
 
     def visit(dataset, element) -> None:
-        if element.keyword in PROSE_DESCRIPTORS:
+        keyword = element.keyword
+        if keyword in PROSE_DESCRIPTORS:
             doomed.append((dataset, element.tag))
-        elif element.keyword in SHORT_DESCRIPTORS and element.value not in (None, ""):
+        elif element.value in (None, "", b""):
+            return
+        elif keyword in emptied:
+            _empty(element)
+            touched.append(keyword)
+        elif keyword in SHORT_DESCRIPTORS or keyword in short or (
+                keyword == CODE_MEANING and not _coded_meaning(dataset, element)):
             if not all(is_plain(str(v), element.VR) for v in _values(element.value)):
-                element.value = ""
-                touched.append(element.keyword)
+                _empty(element)
+                touched.append(keyword)
 
     ds.walk(visit)
     for dataset, tag in doomed:

@@ -3,21 +3,32 @@
 ``collect_identifiers(ds)`` reads, before de-identification, what must not be in the output:
 
 - names: every part of 2+ characters of the patient's names (Patient Name, Other Patient Names,
-  Patient's Birth Name, Patient's Mother's Birth Name; every component group, alphabetic,
-  ideographic and phonetic), i.e. family, given and middle names split at ``^``, spaces, hyphens,
-  dots, commas and apostrophes, and every two parts glued together in either order (``LIWU``,
-  ``WULI``). Name prefixes and suffixes (PN components 4 and 5: MR, DR, JR, III...) identify no one
-  and would match modality codes such as MR, so they are left out, as are placeholder words that
-  test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST, ANONYMOUS, PHANTOM...) and
-  parts that are DICOM modality codes (a pseudonym such as ``CQ500-CT-310`` holds ``CT``, which
-  every CT file holds in Modality; no one is named CT). ``collect_identifiers(ds, common_words)``
-  also leaves out parts that are common technical words (de-identification passes the Clean
-  Descriptors allow list): test files name patients ``OB`` or ``Perfusion^MCA Stroke``, words a
-  technical element holds anyway, so finding them proves nothing; a real name that is also such a
-  word (``Long``) is still searched glued to the other parts (``LONGWEI``), and the other parts are
-  searched on their own;
-- IDs: Patient ID, Other Patient IDs (and the Patient IDs of Other Patient IDs Sequence) of 2+
-  characters;
+  Patient's Birth Name, Patient's Mother's Birth Name, at the top level and in every sequence item:
+  a referenced image's patient in a Source Image Sequence item, for instance; every component group,
+  alphabetic, ideographic and phonetic), i.e. family, given and middle names split at ``^``, spaces,
+  hyphens, dots, commas and apostrophes, and every two parts glued together in either order
+  (``LIWU``, ``WULI``). Within one name component, every run of two or more consecutive parts is
+  also searched glued, one-letter parts included, as records systems write names without their
+  apostrophes, spaces and hyphens (``O'BRIEN`` -> ``OBRIEN``, ``VAN DER BERG`` -> ``VANDERBERG``,
+  ``DERBERG``, ``DE LA CRUZ`` -> ``DELACRUZ``), and a whole component glued counts as one part for
+  the two-part gluings (``OBRIENMAEVE``); a glued form of fewer than ``GLUED_MIN`` letters
+  (initials: ``J P``) is not searched. Name prefixes and suffixes (PN components 4 and 5: MR, DR,
+  JR, III...) identify no one and would match modality codes such as MR, so they are left out, as
+  are placeholder words that test and phantom files use as names (``PLACEHOLDER_NAMES``: TEST,
+  ANONYMOUS, PHANTOM...) and parts that are DICOM modality codes (a pseudonym such as
+  ``CQ500-CT-310`` holds ``CT``, which every CT file holds in Modality; no one is named CT).
+  ``collect_identifiers(ds, common_words)`` also leaves out parts that are common technical words
+  (de-identification passes the Clean Descriptors allow list): test files name patients ``OB`` or
+  ``Perfusion^MCA Stroke``, words a technical element holds anyway, so finding them proves nothing;
+  a real name that is also such a word (``Long``) is still searched glued to the other parts
+  (``LONGWEI``), and the other parts are searched on their own;
+- IDs of 2+ characters: Patient ID and Other Patient IDs at any depth (in Other Patient IDs
+  Sequence items too), as written, and the longest run of digits of an ID that has letters too when
+  it has ``DIGIT_RUN_MIN`` (6) or more digits (``99887766`` of ``MRN99887766``). Those of
+  ``SPACED_ID_MIN`` (6) or more letters and digits are also searched with their own separators
+  ignored and one space, ``.``, ``/`` or ``-`` allowed between any two characters (``MRN99887766``
+  is found as ``MRN 99887766``, ``A-77123`` as ``A77123``, ``99887766`` as ``99-887-766``), but not
+  with a ``.`` between two digits (``10.0.0.85`` is a version, ``1.2.840.10008.5.1`` a UID);
 - dates: every DA value and the date part of every DT value, in the file meta, the data set and
   its sequences, each spelled ``YYYYMMDD``, ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
   ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
@@ -56,7 +67,9 @@ CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH",
 NUMBER_VRS = frozenset({"IS", "DS", "TM"})
 BYTE_VRS = frozenset({"OB", "UN"})
 PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
-ALL_KINDS = frozenset({"name", "id", "date"})
+# Kinds of identifier: names, IDs as written, IDs with separators (``SPACED_ID_MIN``), dates. UIDs
+# (digits and dots) are searched for IDs as written only.
+ALL_KINDS = frozenset({"name", "id", "spaced_id", "date"})
 # What is searched in each kind of VR: (shortest identifier, kinds of identifier)
 SCAN_RULES: dict[str, tuple[int, frozenset[str]]] = {
     "character": (2, ALL_KINDS), "uid": (6, frozenset({"id", "date"})), "number": (8, frozenset({"date"})),
@@ -69,10 +82,18 @@ MODALITY_CODES = frozenset(code.casefold() for code in (
     "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS "
     "MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE "
     "RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC").split())
-_NAME_SEPARATORS = re.compile(r"[\s,.'\-]+")
+_NAME_SEPARATORS = re.compile(r"[\s,.'\-\u2018\u2019`]+")  # apostrophes: ' ‘ ’ `
 # Name parts this short must not touch a digit either: generated identifiers (de-identified Study IDs,
 # accession numbers) are random letters and digits and hold two- or three-letter runs such as 7WU3.
 SHORT_NAME = 4
+# Glued forms (one-letter parts included) shorter than this are initials, not searched alone.
+GLUED_MIN = 4
+# IDs with at least this many letters and digits are also searched with separators between them;
+# shorter ones would match chance runs (an ID X1 in "2 x 1 mm").
+SPACED_ID_MIN = 6
+DIGIT_RUN_MIN = 6  # the longest digit run of an alphanumeric ID is searched when at least this long
+_ID_SEPARATOR = r"[\s./-]?"
+_DIGIT_SEPARATOR = r"[\s/-]?"
 _LETTER = r"[^\W\d_]"
 # Scripts written without spaces between words, as ``fold`` leaves them (Hangul as conjoining jamo,
 # kana without voicing marks, half-width katakana as full-width): Thai, Lao, Myanmar, Hangul, Khmer,
@@ -102,11 +123,30 @@ def _edges(value: str, alphanumeric: bool = False) -> str:
     ``alphanumeric``: nor next to a letter or digit (short name parts, see ``SHORT_NAME``). A value
     that starts or ends in a script written without word spaces (``UNSPACED_SCRIPTS``) matches as a
     substring at that end."""
+    return _edged(value, re.escape(value), alphanumeric)
+
+
+def _edged(value: str, body: str, alphanumeric: bool = False) -> str:
+    """``body`` (a regex spelling ``value``) with ``_edges``' rules at the ends of ``value``."""
     word = r"[^\W_]" if alphanumeric else _LETTER
     first, last = _edge(value[0], word), _edge(value[-1], word)
     before = f"(?<!{first})" if first else ""
     after = f"(?!{last})" if last else ""
-    return before + re.escape(value) + after
+    return before + body + after
+
+
+def _spaced(value: str) -> str:
+    """``value`` (letters and digits) as a regex allowing one separator between its characters; a
+    dot between two digits is a decimal point or a version (``10.0.0.85``), not a separator."""
+    body = re.escape(value[0])
+    for previous, char in zip(value, value[1:], strict=False):
+        body += (_DIGIT_SEPARATOR if previous.isdigit() and char.isdigit() else _ID_SEPARATOR) + re.escape(char)
+    return _edged(value, body)
+
+
+def alphanumeric(value: str) -> str:
+    """``value`` without anything but letters and digits (``a-77123`` -> ``a77123``)."""
+    return re.sub(r"[\W_]+", "", value)
 
 
 def date_patterns(date: str) -> list[str]:
@@ -125,30 +165,54 @@ def date_patterns(date: str) -> list[str]:
     return [rf"(?<!\d)(?:{pattern})(?!\d)" for pattern in numeric + words]
 
 
+def _components(value: str) -> Iterator[list[str]]:
+    """The family, given and middle name components of a PN value (every component group), each
+    as its folded parts, one-letter parts included."""
+    for group in str(value).split("="):
+        for component in group.split("^")[:3]:
+            yield [part for part in _NAME_SEPARATORS.split(fold(component).strip()) if part]
+
+
+def _searchable_part(part: str) -> bool:
+    return part not in PLACEHOLDER_NAMES and part not in MODALITY_CODES
+
+
 def name_parts(value: str) -> list[str]:
     """Family, given and middle name parts (2+ characters, folded, placeholders and modality codes
     left out) of a PN value, in order. Characters are counted composed: a one-syllable Hangul name
     (김, three letters once folded) is one character, too short to search alone."""
-    parts: list[str] = []
-    for group in str(value).split("="):
-        for component in group.split("^")[:3]:
-            parts += [p for p in _NAME_SEPARATORS.split(fold(component).strip())
-                      if len(unicodedata.normalize("NFC", p)) >= 2 and p not in PLACEHOLDER_NAMES
-                      and p not in MODALITY_CODES]
-    return parts
+    return [part for parts in _components(value) for part in parts
+            if len(unicodedata.normalize("NFC", part)) >= 2 and _searchable_part(part)]
+
+
+def glued_runs(value: str) -> tuple[set[str], set[str]]:
+    """(every run of 2+ consecutive parts of a component glued, one-letter parts included; each
+    component of 2+ parts glued whole) of a PN value: ``VAN DER BERG`` gives ``vander``, ``derberg``
+    and ``vanderberg``, whole ``vanderberg``; ``O'BRIEN`` gives ``obrien``."""
+    runs: set[str] = set()
+    whole: set[str] = set()
+    for parts in _components(value):
+        if len(parts) < 2:
+            continue
+        whole.add("".join(parts))
+        runs.update("".join(parts[start:end]) for start in range(len(parts))
+                    for end in range(start + 2, len(parts) + 1))
+    return ({run for run in runs if _searchable_part(run)},
+            {glued for glued in whole if _searchable_part(glued)})
 
 
 @dataclass
 class Identifiers:
     """A file's patient names, IDs and dates (folded); kept in memory only, never logged or reported."""
 
-    names: set[str] = field(default_factory=set)  # name parts, and two parts glued in either order
-    ids: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)  # name parts, and parts glued (see the module docstring)
+    ids: set[str] = field(default_factory=set)  # as written, and the digit runs of alphanumeric IDs
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
     _compiled: dict[tuple[int, frozenset[str]], re.Pattern | None] = field(default_factory=dict, repr=False)
 
     def pattern(self, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> re.Pattern | None:
-        """One regex with a named group per kind (``name``, ``id``, ``date``) for values this long."""
+        """One regex with a named group per kind (``name``, ``id``, ``spaced_id``, ``date``) for values
+        this long."""
         key = (min_length, kinds)
         if key not in self._compiled:
             groups = []
@@ -157,6 +221,10 @@ class Identifiers:
                 if chosen and kind in kinds:
                     edged = (_edges(v, alphanumeric=kind == "name" and len(v) < SHORT_NAME) for v in chosen)
                     groups.append(f"(?P<{kind}>" + "|".join(edged) + ")")
+            spaced = sorted({alphanumeric(v) for v in self.ids} - {""}, key=len, reverse=True)
+            spaced = [v for v in spaced if len(v) >= max(min_length, SPACED_ID_MIN)]
+            if spaced and "spaced_id" in kinds:
+                groups.append("(?P<spaced_id>" + "|".join(_spaced(v) for v in spaced) + ")")
             if self.dates and "date" in kinds:
                 groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
             self._compiled[key] = re.compile("|".join(groups)) if groups else None
@@ -168,7 +236,7 @@ class Identifiers:
         match = pattern.search(fold(text)) if pattern is not None and text else None
         if match is None:
             return None
-        return {"name": "name", "id": "ID", "date": "date"}[match.lastgroup or "name"]
+        return {"name": "name", "id": "ID", "spaced_id": "ID", "date": "date"}[match.lastgroup or "name"]
 
     def found_in(self, text: str) -> bool:
         return self.kind_in(text) is not None
@@ -188,20 +256,38 @@ def _datasets(ds) -> Iterator[Any]:
     yield ds
 
 
-def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
-    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying);
-    name parts in ``common_words`` (folded) are only searched glued to another part."""
-    found = Identifiers()
-    parts = [part for keyword in NAME_KEYWORDS for value in _values(ds.get(keyword))
-             for part in name_parts(str(value or ""))]
+def _add_names(found: Identifiers, values: list[str], common_words: frozenset[str]) -> None:
+    parts = [part for value in values for part in name_parts(value)]
+    glued = [glued_runs(value) for value in values]
+    runs = {run for value_runs, _ in glued for run in value_runs}
+    units = parts + [whole for _, value_wholes in glued for whole in value_wholes]
     found.names.update(part for part in parts if part not in common_words)
-    found.names.update(a + b for a in parts for b in parts)  # glued, either order (and a part twice)
-    id_values = [v for keyword in ID_KEYWORDS for v in _values(ds.get(keyword))]
-    id_values += [item.get("PatientID") for item in ds.get("OtherPatientIDsSequence") or []]
-    found.ids.update(text for text in (fold(str(v or "")).strip() for v in id_values) if len(text) >= 2)
+    found.names.update(run for run in runs if len(run) >= GLUED_MIN)
+    found.names.update(a + b for a in units for b in units)  # glued, either order (and a part twice)
+
+
+def _id_forms(value: str) -> list[str]:
+    """An ID as written (folded) and, if it has letters too, its longest run of 6+ digits."""
+    text = fold(value).strip()
+    digits = max(re.findall(r"\d+", text), key=len, default="")
+    run = [digits] if len(digits) >= DIGIT_RUN_MIN and digits != alphanumeric(text) else []
+    return [text, *run] if len(text) >= 2 else []
+
+
+def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
+    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying),
+    from the file meta, the data set and every sequence item at any depth (a Patient's Name or
+    Patient ID in a Source Image Sequence item is searched too); name parts in ``common_words``
+    (folded) are only searched glued to another part."""
+    found = Identifiers()
+    names: list[str] = []
 
     def visit(dataset, element) -> None:
-        if element.VR in ("DA", "DT") and element.value:
+        if element.keyword in NAME_KEYWORDS and element.value:
+            names.extend(str(value or "") for value in _values(element.value))
+        elif element.keyword in ID_KEYWORDS and element.value:
+            found.ids.update(form for value in _values(element.value) for form in _id_forms(str(value or "")))
+        elif element.VR in ("DA", "DT") and element.value:
             for value in _values(element.value):
                 digits = re.sub(r"\D", "", str(value))[:8]
                 if len(digits) == 8 and 1 <= int(digits[4:6]) <= 12 and 1 <= int(digits[6:]) <= 31:
@@ -209,6 +295,7 @@ def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Ident
 
     for dataset in _datasets(ds):
         dataset.walk(visit)
+    _add_names(found, names, common_words)
     return found
 
 

@@ -20,16 +20,19 @@ and segmentation objects (SEG: labels, not images).
 Record ids are short SHA-256 hashes of UIDs (``img-`` + the SOP Instance UID's, ``vol-`` + the
 Series Instance UID's), never names or patient IDs; a repeated SOP Instance UID gets ``-2``,
 ``-3``... Metadata is an allow-list of acquisition facts, written as strings: ``kind``,
-``modality``, ``body_part``, ``view_position``, ``laterality``, ``series_description`` (dropped when
-it contains the file's patient name, ID or a date), ``rows``, ``columns``, ``slices``, spacing in mm
+``modality``, ``body_part`` and ``series_description`` (Body Part Examined and Series Description,
+kept only when plain by the Clean Descriptors rule, ``medvl.clinical.descriptors.is_plain``:
+allow-listed technical, anatomical and vendor words and numbers of at most 3 digits, and free of the
+file's patient name, ID and dates; otherwise left out, with a warning giving the count, never the
+value), ``view_position``, ``laterality``, ``rows``, ``columns``, ``slices``, spacing in mm
 (``row_spacing_mm``, ``column_spacing_mm``, ``slice_spacing_mm``, ``slice_thickness_mm``), ``study``
 and ``series`` (12-character hashes of the UIDs, to group records of one study or series) and
 ``deidentified`` (``yes`` when the file says Patient Identity Removed). No names, IDs, dates, times,
 institutions or raw UIDs. File paths are used as they are: de-identify (``medvl deid`` or
-``medvl pacs pull``) a folder whose paths or pixels may hold identifiers before sharing anything
-built from it. A file under the folder that is a symbolic link resolving outside it is refused
-before any file is read (one ``DataError`` with the count; no path is shown) unless
-``allow_outside_root=True`` (see ``medvl.data.loaders.roots``).
+``medvl pacs pull``) a folder whose paths or pixels may hold identifiers before sharing anything built from
+it. A file under the folder that is a symbolic link resolving outside it is refused before any file
+is read (one ``DataError`` with the count; no path is shown) unless ``allow_outside_root=True`` (see
+``medvl.data.loaders.roots``).
 
 Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one key column,
 ``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
@@ -180,24 +183,30 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:.6g}"
 
 
-def _description(ds) -> str | None:
-    """Series Description, unless it holds the file's patient name, ID or one of its dates."""
-    from ...clinical.deid import collect_identifiers
+def _descriptor(ds, keyword: str, vr: str, name: str, dropped: Counter) -> str | None:
+    """A free-text descriptor (Series Description, Body Part Examined) when plain by the Clean Descriptors
+    rule (``medvl.clinical.descriptors.is_plain``: allow-listed technical words, short numbers) and free of
+    the file's patient name, ID and dates; otherwise ``None``, counted in ``dropped[name]``."""
+    from ...clinical.descriptors import is_plain
+    from ...clinical.identifiers import collect_identifiers
 
-    text = _text(ds.get("SeriesDescription"))
-    if text is None or collect_identifiers(ds).found_in(text):
+    text = _text(ds.get(keyword))
+    if text is None:
+        return None
+    if not is_plain(text, vr) or collect_identifiers(ds).found_in(text):
+        dropped[name] += 1
         return None
     return text
 
 
-def _common_meta(ds, study_uid: str, series_uid: str) -> dict[str, str | None]:
+def _common_meta(ds, study_uid: str, series_uid: str, dropped: Counter) -> dict[str, str | None]:
     from ...clinical.dicom import pixel_spacing
 
     spacing, _ = pixel_spacing(ds)
     return {
         "modality": _text(ds.get("Modality")),
-        "body_part": _text(ds.get("BodyPartExamined")),
-        "series_description": _description(ds),
+        "body_part": _descriptor(ds, "BodyPartExamined", "CS", "body_part", dropped),
+        "series_description": _descriptor(ds, "SeriesDescription", "LO", "series_description", dropped),
         "rows": _text(ds.get("Rows")),
         "columns": _text(ds.get("Columns")),
         "row_spacing_mm": _number(spacing[0]) if spacing else None,
@@ -220,21 +229,22 @@ def _present(meta: dict[str, str | None]) -> dict[str, str]:
     return {key: value for key, value in meta.items() if value is not None}
 
 
-def _volume_record(series, headers: list[_Header], spacing: float | None) -> tuple[Record, dict[str, str]]:
+def _volume_record(series, headers: list[_Header], spacing: float | None,
+                   dropped: Counter) -> tuple[Record, dict[str, str]]:
     ds = headers[0].ds
     key = f"vol-{uid_hash(series.series_uid)}"
     slices = headers[0].frames if len(headers) == 1 else len(headers)
-    meta = _common_meta(ds, series.study_uid, series.series_uid)
+    meta = _common_meta(ds, series.study_uid, series.series_uid, dropped)
     meta.update(kind="volume", slices=str(slices), slice_spacing_mm=_number(spacing))
     keys = {"id": key, "seriesinstanceuid": series.series_uid, "studyinstanceuid": series.study_uid}
     return Record(id=key, images=[DicomVolume(series, key)], meta=_present(meta)), keys
 
 
-def _image_record(series, header: _Header) -> tuple[Record, dict[str, str]]:
+def _image_record(series, header: _Header, dropped: Counter) -> tuple[Record, dict[str, str]]:
     ds = header.ds
     sop_uid = str(ds.get("SOPInstanceUID") or header.path.name)
     key = f"img-{uid_hash(sop_uid)}"
-    meta = _common_meta(ds, series.study_uid, series.series_uid)
+    meta = _common_meta(ds, series.study_uid, series.series_uid, dropped)
     meta.update(kind="image", view_position=_text(ds.get("ViewPosition")),
                 laterality=_text(ds.get("ImageLaterality") or ds.get("Laterality")))
     keys = {"id": key, "sopinstanceuid": sop_uid, "seriesinstanceuid": series.series_uid,
@@ -242,7 +252,7 @@ def _image_record(series, header: _Header) -> tuple[Record, dict[str, str]]:
     return Record(id=key, images=[header.path], meta=_present(meta)), keys
 
 
-def _series_records(series, skipped: Counter) -> list[tuple[Record, dict[str, str]]]:
+def _series_records(series, skipped: Counter, dropped: Counter) -> list[tuple[Record, dict[str, str]]]:
     headers = [_header(path) for path in series.files]
     modality = str(headers[0].ds.get("Modality") or "")
     if modality in SKIPPED_MODALITIES:
@@ -250,15 +260,15 @@ def _series_records(series, skipped: Counter) -> list[tuple[Record, dict[str, st
         return []
     spacing = _stackable(series, headers)
     if spacing is not None:
-        return [_volume_record(series, headers, spacing)]
+        return [_volume_record(series, headers, spacing, dropped)]
     if len(headers) == 1 and _multiframe_volume(headers[0]):
-        return [_volume_record(series, headers, None)]
+        return [_volume_record(series, headers, None, dropped)]
     records = []
     for header in headers:
         if header.frames > 1:
             skipped["multi-frame files that are not a volume (cine, time series)"] += 1
         else:
-            records.append(_image_record(series, header))
+            records.append(_image_record(series, header, dropped))
     return records
 
 
@@ -394,12 +404,16 @@ def load_dicom_folder(folder: str | Path, labels: str | Path | None = None,
     if labels is not None and not labels_path.is_file():
         raise DataError(labels_path, "labels file not found")
     skipped: Counter = Counter()
+    dropped: Counter = Counter()
     records: list[tuple[Record, dict[str, str]]] = []
     with quiet_pydicom(folder):
         for series in read_dicom_series(folder):
-            records += _series_records(series, skipped)
+            records += _series_records(series, skipped, dropped)
     for reason, count in sorted(skipped.items()):
         log.warning("%s: skipped %d %s", folder, count, reason)
+    for name, count in sorted(dropped.items()):  # counted, never quoted: the value may name someone
+        log.warning("%s: left out the %s of %d record(s): not made of plain technical words (Clean Descriptors "
+                    "rule)", folder, name, count)
     if not records:
         raise DataError(folder, "no DICOM 2D images or volumes to load")
     _unique_ids(records)
