@@ -95,8 +95,14 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written staging folder into place; the old target survives until the rename. An existing
     empty target is replaced the same way, except the current folder or a mount point, which cannot be renamed:
-    it is kept and filled, its entries moved in one by one (the only case that is not one rename)."""
+    it is kept and filled, its entries moved in one by one (the only case that is not one rename).
+
+    A ``target`` that is a symbolic link (a deployment link, ``models/current -> v3``) is kept: the folder it
+    points to is replaced. That folder must be on the staging folder's file system (one rename), else this
+    refuses with a ``WriteError`` naming both and nothing changes."""
     target = target.absolute()  # Path(".") has no name to rename it by
+    if target.is_symlink():
+        target = _link_destination(staging, target)
     if target.is_dir() and not any(target.iterdir()) and (target.samefile(Path.cwd()) or target.is_mount()):
         for entry in sorted(staging.iterdir()):
             entry.rename(target / entry.name)
@@ -108,6 +114,16 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def _link_destination(staging: Path, link: Path) -> Path:
+    """The folder the symbolic link ``link`` points to, when ``staging`` can be renamed onto it."""
+    destination = link.resolve()
+    parent = destination.parent
+    if not parent.is_dir() or parent.stat().st_dev != staging.parent.stat().st_dev:
+        raise WriteError(link, f"is a symbolic link to {destination}, which is not on the same file system as "
+                               f"{staging.parent} (or its folder is missing); give the folder itself")
+    return destination
 
 
 def file_sha256(path: str | Path) -> str:
