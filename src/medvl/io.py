@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -24,27 +25,48 @@ def write_errors_named(path: str | Path) -> Iterator[None]:
 
     Errors raised while writing often carry no file name (``[Errno 28] No space left on device``
     from a ``write`` call, or safetensors' ``SafetensorError``), so the message would not say
-    where; this names the output being written.
+    where; this names the output being written. Also mapped: SQLite's write failures
+    (``sqlite3.OperationalError`` "database or disk is full", "disk I/O error", "attempt to write a
+    readonly database", with SQLite's reason), FAISS's ``RuntimeError`` from a failed
+    ``write_index`` and ``shutil.Error`` from a ``copytree`` that could not copy some files (the
+    first file's reason). Other errors (bugs) pass through unchanged.
     """
     try:
         yield
     except DataError:
         raise
-    except OSError as err:
-        raise WriteError(path, f"cannot write: {err.strerror or err}") from None
+    except OSError as err:  # shutil.Error is one too, but carries a list of failures, not one errno
+        reason = _copy_failure(err) if isinstance(err, shutil.Error) else err.strerror or str(err)
+        raise WriteError(path, f"cannot write: {reason}") from None
+    except sqlite3.OperationalError as err:
+        if not any(words in str(err) for words in _SQLITE_WRITE_FAILURES):
+            raise
+        raise WriteError(path, f"cannot write: {err}") from None
     except Exception as err:
-        if type(err).__name__ == "SafetensorError" and _is_io_failure(str(err)):
+        faiss_write = isinstance(err, RuntimeError) and ("write error" in str(err) or "for writing" in str(err))
+        if faiss_write or (type(err).__name__ == "SafetensorError" and _is_io_failure(str(err))):
             raise WriteError(path, f"cannot write: {_io_reason(str(err))}") from None
         raise
 
 
+_SQLITE_WRITE_FAILURES = ("disk is full", "disk I/O error", "readonly database", "unable to open database")
+
+
+def _copy_failure(error: shutil.Error) -> str:
+    """The reason of the first file ``shutil.copytree`` could not copy (its errors: (src, dst, reason))."""
+    failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reason = str(failures[0][2]) if failures and len(failures[0]) == 3 else str(error)
+    return _io_reason(reason) if _is_io_failure(reason) else reason[:200]
+
+
 def _is_io_failure(message: str) -> bool:
-    return any(word in message for word in ("No space left", "os error", "I/O error", "Permission denied",
-                                            "Read-only file system", "Disk quota"))
+    return any(word in message for word in ("No space left", "os error", "I/O error", "Input/output error",
+                                            "Permission denied", "Read-only file system", "Disk quota"))
 
 
 def _io_reason(message: str) -> str:
-    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded",
+                   "Input/output error"):
         if reason in message:
             return reason
     return "I/O error"
