@@ -2,6 +2,10 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -330,6 +334,28 @@ def test_demo_refuses_a_bad_model_before_making_any_data(tmp_path):
     result, output = invoke("demo", "--out", tmp_path / "demo", "--n", 60, "--model", "no-such-model", "-q")
     assert result.exit_code == 2 and "unknown model" in output, output
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_interrupted_demo_is_continued_by_the_same_command(tmp_path):
+    """Ctrl-C (a real SIGINT to ``python -m medvl demo``) once the demo's data is written leaves a folder the
+    demo recognises as its own: the same command then runs to the end in it."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--n", 72, "--epochs", 1, "--model", "phantom-tiny", "--size", 64,
+            "--image-size", 0, "-q"]
+    process = subprocess.Popen([sys.executable, "-m", "medvl", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "data" / "manifest.csv").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 130 and not (out / "report.html").exists(), errors
+    assert json.loads((out / "demo.json").read_text())["complete"] is False
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    marker = json.loads((out / "demo.json").read_text())
+    assert marker["complete"] is True and marker["n"] == 72 and (out / "report.html").is_file()
 
 
 # -- bad input: one line naming the file, exit code 2, no traceback, nothing written ------------

@@ -205,6 +205,25 @@ def test_export_refuses_a_folder_in_use(model_dir, tmp_path):
     assert (tmp_path / "used" / "notes.txt").read_text() == "keep"
 
 
+def test_an_export_that_fails_leaves_nothing_at_out_and_can_be_rerun(trained_dir, tmp_path):
+    """A full disk after the model copy (the towers do not fit) leaves no half-made --out (a model without its
+    export, which the rerun would refuse) and no staging folder: the same command then succeeds."""
+    from disk_helpers import folder_bytes, leave_free, small_disk
+
+    with small_disk(tmp_path / "disk", size=f"{4 * folder_bytes(trained_dir) // 1024 + 256}k") as disk:
+        out = disk / "exported"
+        filler = leave_free(disk, folder_bytes(trained_dir) + 64 * 1024)  # the model copy fits, its export not
+        result, output = invoke("export", "onnx", "--model", trained_dir, "--out", out, "--no-int8")
+        assert result.exit_code == 2, output
+        assert "No space left on device" in _error_line(output) and str(out) in _error_line(output)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # neither --out nor a staging folder
+        filler.unlink()
+        result, output = invoke("export", "onnx", "--model", trained_dir, "--out", out, "--no-int8")
+        assert result.exit_code == 0, output
+        assert (out / "onnx" / "export.json").is_file() and (out / "model.safetensors").is_file()
+        assert sorted(p.name for p in disk.iterdir()) == ["exported"]
+
+
 def _copy(model_dir: Path, target: Path) -> Path:
     shutil.copytree(model_dir, target)
     return target

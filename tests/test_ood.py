@@ -183,6 +183,29 @@ def test_a_bad_check_split_leaves_the_model_without_a_guard(guarded, phantom_dir
     assert result.exit_code == 0 and (model / OOD_FILE).is_file(), output
 
 
+def test_fit_writes_only_the_guard_and_keeps_a_symlinked_model_folder(guarded, phantom_dir, tmp_path):
+    """``ood fit`` adds one file: an ONNX export, a model card and the weights stay as they were, and a deployment
+    link (``current -> v3``) keeps pointing at ``v3``, which receives the guard."""
+    version = tmp_path / "v3"
+    shutil.copytree(guarded[0], version)
+    (version / OOD_FILE).unlink()
+    (version / "onnx").mkdir()
+    (version / "onnx" / "export.json").write_text('{"format": 1}')
+    (version / "MODEL_CARD.md").write_text("model card")
+    weights = (version / "model.safetensors").read_bytes()
+    current = tmp_path / "current"
+    current.symlink_to("v3", target_is_directory=True)
+    result, output = invoke("ood", "fit", "--model", current, "--data", phantom_dir, "-q")
+    assert result.exit_code == 0, output
+    assert current.is_symlink() and current.readlink().name == "v3"
+    assert (version / OOD_FILE).is_file() and load_model(current).ood is not None
+    assert (version / "onnx" / "export.json").read_text() == '{"format": 1}'
+    assert (version / "MODEL_CARD.md").read_text() == "model card"
+    assert (version / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]  # no renamed-away copy left
+    assert not [p.name for p in version.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 def test_a_damaged_guard_says_how_to_recover_and_overwrite_replaces_it(guarded, phantom_dir, tmp_path):
     """A guard file cut short (an interrupted copy, a full disk) stops every command on the model: the error says
     how to recover, and ``medvl ood fit --overwrite``, which replaces the guard, does not read it first."""

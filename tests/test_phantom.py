@@ -351,6 +351,21 @@ def test_existing_non_empty_directory_is_refused_then_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folders left
 
 
+def test_overwriting_through_a_symbolic_link_replaces_its_folder_and_keeps_the_link(tmp_path):
+    """``io.replace_dir`` on a link (``current -> v1``) replaces the folder it points to; the link stays a link and
+    no renamed-away copy of it is left beside it."""
+    version = tmp_path / "v1"
+    generate_phantom(version, n=2, size=32, seed=1)
+    (version / "keep.txt").write_text("x")
+    link = tmp_path / "current"
+    link.symlink_to("v1", target_is_directory=True)
+    generate_phantom(link, n=3, size=32, seed=2, overwrite=True)
+    assert link.is_symlink() and link.readlink().name == "v1"
+    assert not (version / "keep.txt").exists()
+    assert len((version / "manifest.csv").read_text().splitlines()) == 4  # the header and the 3 new cases
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+
+
 def test_the_current_folder_is_filled_when_empty_and_never_replaced(tmp_path, monkeypatch):
     from cli_helpers import invoke
 

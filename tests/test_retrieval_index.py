@@ -457,6 +457,72 @@ def test_cli_build_info_search_add_delete(model_dir, phantom_dir, dataset, tmp_p
     assert result.exit_code == 0 and "28" in output
 
 
+def _index_files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def _write_error(output: str, target: Path) -> str:
+    lines = {line for line in output.splitlines() if line.startswith("error:")}  # output may hold stderr twice
+    assert len(lines) == 1 and "Traceback" not in output, output
+    line = lines.pop()
+    assert line.startswith(f"error: {target}: cannot write: "), line
+    assert "No space left on device" in line or "disk is full" in line, line
+    return line
+
+
+def test_a_full_disk_gives_one_line_naming_the_index_and_keeps_it(model_dir, phantom_dir, dataset, tmp_path):
+    """index build / add / delete on a full disk (a real small tmpfs): SQLite's "database or disk is full", FAISS's
+    write error and copytree's list of failures are one line naming the index, exit 2; the index is unchanged."""
+    from disk_helpers import free_bytes, leave_free, small_disk
+
+    train_id = next(record.id for record in dataset if record.split == "train")
+    with small_disk(tmp_path / "disk", size="2m") as disk:
+        out = disk / "new.idx"
+        filler = leave_free(disk, 8 * 1024)
+        result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--out", out, "-q")
+        assert result.exit_code == 2
+        _write_error(output, out)
+        assert not out.exists()
+        filler.unlink()
+
+        index = disk / "idx"
+        result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--out", index,
+                                "--split", "train", "-q")
+        assert result.exit_code == 0, output
+        before = free_bytes(disk)
+        shutil.copytree(index, disk / "probe")
+        copy_size = before - free_bytes(disk)  # what the edit's copy of the index takes on this file system
+        shutil.rmtree(disk / "probe")
+        original = _index_files(index)
+        filler = leave_free(disk, 0)  # no room for the edit's copy: copytree's shutil.Error
+        result, output = invoke("index", "delete", train_id, "--index", index)
+        assert result.exit_code == 2
+        _write_error(output, index)
+        filler.unlink()
+        filler = leave_free(disk, copy_size)  # the copy fits, the added val cases do not
+        result, output = invoke("index", "add", "--index", index, "--data", phantom_dir, "--split", "val", "-q")
+        assert result.exit_code == 2
+        _write_error(output, index)
+        filler.unlink()
+        import faiss
+
+        from medvl.errors import WriteError
+        from medvl.io import write_errors_named
+
+        vectors = faiss.IndexFlatIP(64)
+        vectors.add(np.ones((1024, 64), np.float32))
+        filler = leave_free(disk, 0)
+        with pytest.raises(WriteError, match="cannot write: No space left on device"), write_errors_named(index):
+            faiss.write_index(vectors, str(disk / "vectors.faiss"))  # FAISS's own RuntimeError, mapped
+        (disk / "vectors.faiss").unlink(missing_ok=True)
+        filler.unlink()
+        assert _index_files(index) == original
+        left = sorted(path.name for path in disk.iterdir() if not path.name.startswith(".new.idx."))
+        assert left == [".idx.lock", "idx"]  # no copy of the index left behind (the build's staging is kept)
+        result, output = invoke("index", "delete", train_id, "--index", index)
+        assert result.exit_code == 0 and "removed 1" in output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--where", "sex='F'; DROP TABLE cases"], "unexpected character ';'"),
     (["--where", "modality='CR'"], "unknown column 'modality'"),

@@ -237,7 +237,9 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
         result["check"] = {"data": str(check_data), "split": check_split,
                            **ood_summary(net, checked, show_progress=show_progress),
                            **({"copies_in_fit": check_copies} if check_copies is not None else {})}
-    net.save_pretrained(model_directory(model))  # last: a failure above leaves the model as it was
+    # last, so a failure above leaves the model as it was; only the guard file is written (atomically): the
+    # weights did not change, and the folder's other files (an ONNX export, a model card) stay as they are
+    net.ood.save(model_directory(model))
     return result
 
 

@@ -26,7 +26,7 @@ from .train.loop import METRICS_FILE, TrainConfig, seed_everything, train
 log = logging.getLogger(__name__)
 MIN_CASES = 60  # the smallest demo; a split of so few cases may lack a finding, which is then scored as missed
 
-MARKER = "demo.json"
+MARKER = "demo.json"  # written first ("complete": false) so a rerun recognises an interrupted demo as its own
 LABEL = "finding"
 
 
@@ -35,7 +35,9 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     """Run the whole demo into ``out``; returns the headline numbers and the report path.
 
     ``image_size`` overrides the model's input side (96 px keeps the demo under 10 minutes on two
-    cores; None keeps the registered size).
+    cores; None keeps the registered size). ``out/demo.json`` marks the folder as a demo's before anything
+    else is written (``"complete": false`` until the report is written), so the same command rerun after an
+    interruption continues in it; its phantom data is reused only when the marker says it was complete.
     """
     out = Path(out)
     check_number("n", n, minimum=MIN_CASES, integer=True)
@@ -46,7 +48,12 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     started = time.perf_counter()
     seed_everything(seed)  # the model first: a bad --model or --image-size is refused before any data is made
     model = create_model(model_name, **({"image.image_size": image_size} if image_size else {}))
-    data_dir = _phantom(out, n, seed, size, show_progress)
+    previous = _read_marker(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, {**_data_fields(previous), "complete": False})
+    for stale in ("results.json", "report.html"):  # an earlier run's: they would outlive the model they describe
+        (out / stale).unlink(missing_ok=True)
+    data_dir = _phantom(out, n, seed, size, previous, show_progress)
     dataset = load_dataset(data_dir)
     train_set, test_set = dataset.select("train"), dataset.select("test")
     captions = captions_for(dataset)
@@ -81,20 +88,33 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
                "model": model_name, "image_size": model.config.image.image_size}
     write_json(out / "results.json", results)
     report = _report(out, model, test_set, embeddings, zs, rt, lp, headline, probabilities, y_true)
-    write_json(out / MARKER, {"n": n, "seed": seed, "size": size, "epochs": epochs})
+    write_json(out / MARKER, {"n": n, "seed": seed, "size": size, "epochs": epochs, "complete": True})
     return {"headline": headline, "report": str(report), "results": results}
 
 
-def _phantom(out: Path, n: int, seed: int, size: int, show_progress: bool) -> Path:
-    """Reuse the phantom folder of an earlier run with the same parameters, else generate it."""
+def _read_marker(out: Path) -> dict:
+    """The marker of an earlier run into ``out`` (empty if none, or unreadable: its data is then regenerated)."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _data_fields(marker: dict) -> dict:
+    """The phantom parameters a marker records: those of the data now in ``out/data``."""
+    return {key: marker[key] for key in ("n", "seed", "size") if key in marker}
+
+
+def _phantom(out: Path, n: int, seed: int, size: int, previous: dict, show_progress: bool) -> Path:
+    """Reuse the phantom folder of an earlier run with the same parameters, else generate it. The marker names
+    no parameters while the data is being replaced, so an interrupted generation is never taken for complete."""
     data_dir = out / "data"
-    marker = out / MARKER
-    if data_dir.exists() and marker.exists():
-        previous = json.loads(marker.read_text())
-        if (previous.get("n"), previous.get("seed"), previous.get("size")) == (n, seed, size):
-            return data_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if data_dir.exists() and (previous.get("n"), previous.get("seed"), previous.get("size")) == (n, seed, size):
+        return data_dir
+    write_json(out / MARKER, {"complete": False})
     generate_phantom(data_dir, n=n, seed=seed, size=size, overwrite=True, progress=show_progress)
+    write_json(out / MARKER, {"n": n, "seed": seed, "size": size, "complete": False})
     return data_dir
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -24,27 +25,48 @@ def write_errors_named(path: str | Path) -> Iterator[None]:
 
     Errors raised while writing often carry no file name (``[Errno 28] No space left on device``
     from a ``write`` call, or safetensors' ``SafetensorError``), so the message would not say
-    where; this names the output being written.
+    where; this names the output being written. Also mapped: SQLite's write failures
+    (``sqlite3.OperationalError`` "database or disk is full", "disk I/O error", "attempt to write a
+    readonly database", with SQLite's reason), FAISS's ``RuntimeError`` from a failed
+    ``write_index`` and ``shutil.Error`` from a ``copytree`` that could not copy some files (the
+    first file's reason). Other errors (bugs) pass through unchanged.
     """
     try:
         yield
     except DataError:
         raise
-    except OSError as err:
-        raise WriteError(path, f"cannot write: {err.strerror or err}") from None
+    except OSError as err:  # shutil.Error is one too, but carries a list of failures, not one errno
+        reason = _copy_failure(err) if isinstance(err, shutil.Error) else err.strerror or str(err)
+        raise WriteError(path, f"cannot write: {reason}") from None
+    except sqlite3.OperationalError as err:
+        if not any(words in str(err) for words in _SQLITE_WRITE_FAILURES):
+            raise
+        raise WriteError(path, f"cannot write: {err}") from None
     except Exception as err:
-        if type(err).__name__ == "SafetensorError" and _is_io_failure(str(err)):
+        faiss_write = isinstance(err, RuntimeError) and ("write error" in str(err) or "for writing" in str(err))
+        if faiss_write or (type(err).__name__ == "SafetensorError" and _is_io_failure(str(err))):
             raise WriteError(path, f"cannot write: {_io_reason(str(err))}") from None
         raise
 
 
+_SQLITE_WRITE_FAILURES = ("disk is full", "disk I/O error", "readonly database", "unable to open database")
+
+
+def _copy_failure(error: shutil.Error) -> str:
+    """The reason of the first file ``shutil.copytree`` could not copy (its errors: (src, dst, reason))."""
+    failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reason = str(failures[0][2]) if failures and len(failures[0]) == 3 else str(error)
+    return _io_reason(reason) if _is_io_failure(reason) else reason[:200]
+
+
 def _is_io_failure(message: str) -> bool:
-    return any(word in message for word in ("No space left", "os error", "I/O error", "Permission denied",
-                                            "Read-only file system", "Disk quota"))
+    return any(word in message for word in ("No space left", "os error", "I/O error", "Input/output error",
+                                            "Permission denied", "Read-only file system", "Disk quota"))
 
 
 def _io_reason(message: str) -> str:
-    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+    for reason in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded",
+                   "Input/output error"):
         if reason in message:
             return reason
     return "I/O error"
@@ -95,8 +117,14 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written staging folder into place; the old target survives until the rename. An existing
     empty target is replaced the same way, except the current folder or a mount point, which cannot be renamed:
-    it is kept and filled, its entries moved in one by one (the only case that is not one rename)."""
+    it is kept and filled, its entries moved in one by one (the only case that is not one rename).
+
+    A ``target`` that is a symbolic link (a deployment link, ``models/current -> v3``) is kept: the folder it
+    points to is replaced. That folder must be on the staging folder's file system (one rename), else this
+    refuses with a ``WriteError`` naming both and nothing changes."""
     target = target.absolute()  # Path(".") has no name to rename it by
+    if target.is_symlink():
+        target = _link_destination(staging, target)
     if target.is_dir() and not any(target.iterdir()) and (target.samefile(Path.cwd()) or target.is_mount()):
         for entry in sorted(staging.iterdir()):
             entry.rename(target / entry.name)
@@ -108,6 +136,16 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def _link_destination(staging: Path, link: Path) -> Path:
+    """The folder the symbolic link ``link`` points to, when ``staging`` can be renamed onto it."""
+    destination = link.resolve()
+    parent = destination.parent
+    if not parent.is_dir() or parent.stat().st_dev != staging.parent.stat().st_dev:
+        raise WriteError(link, f"is a symbolic link to {destination}, which is not on the same file system as "
+                               f"{staging.parent} (or its folder is missing); give the folder itself")
+    return destination
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from ..data.audit import input_flags
 from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
-from ..io import atomic_write_bytes, check_output_file, write_json
+from ..io import check_output_file, write_errors_named, write_json
 from ..predict import caption_column_for
 from .grounding import normalise_map, peak
 from .heatmaps import METHODS, check_heatmap_model, check_methods, heatmaps, resize_map
@@ -73,7 +77,9 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
     ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
-    ``explanation.json`` are written there (existing files refused unless ``overwrite``)."""
+    ``explanation.json`` are written there (existing files refused unless ``overwrite``): the overlays into a
+    staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
+    interrupted or failed run leaves none of its files (the same command can be rerun)."""
     check_heatmap_model(model)
     methods = check_methods(methods)
     column, classes, _ = finding_classes(model, labels, label_column, captions)
@@ -97,19 +103,54 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     array = model.preprocessor.read(image)  # as the model reads it (HU for a DICOM when it has windows)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
-    for entry in explained["findings"]:
-        for method, block in entry["heatmaps"].items():
-            heatmap = block.pop("map")
-            if out is not None:
-                path = overlay_paths(out, image, [entry["finding"]], [method])[0]
-                save_overlay(path, array, heatmap, f"{entry['finding']} ({method}, p={entry['probability']:.2f})")
-                block["file"] = path.name
-    result: dict[str, Any] = {"image": Path(image).name, **explained}
-    if index is not None:
-        result["neighbours"] = nearest_cases(index, model, embedding, k)
-    if out is not None:
-        write_json(out / EXPLANATION_FILE, result)
+    with _staged_overlays(out) as staging:
+        for entry in explained["findings"]:
+            for method, block in entry["heatmaps"].items():
+                heatmap = block.pop("map")
+                if out is not None and staging is not None:
+                    name = overlay_paths(out, image, [entry["finding"]], [method])[0].name
+                    title = f"{entry['finding']} ({method}, p={entry['probability']:.2f})"
+                    with write_errors_named(out / name):
+                        (staging / name).write_bytes(overlay_png(array, heatmap, title))
+                    block["file"] = name
+        result: dict[str, Any] = {"image": Path(image).name, **explained}
+        if index is not None:
+            result["neighbours"] = nearest_cases(index, model, embedding, k)
+        if out is not None and staging is not None:
+            _publish(staging, out, result)
     return result
+
+
+@contextmanager
+def _staged_overlays(out: Path | None) -> Iterator[Path | None]:
+    """A staging folder inside ``out`` for the overlays (None without ``out``), removed at the end whatever
+    happens."""
+    if out is None:
+        yield None
+        return
+    with write_errors_named(out):
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".explain.tmp-", dir=out))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path, result: dict[str, Any]) -> None:
+    """Move the staged overlays into ``out``, then write ``explanation.json``; if that fails, the overlays moved
+    so far are removed again."""
+    moved: list[Path] = []
+    try:
+        for overlay in sorted(staging.iterdir()):
+            with write_errors_named(out / overlay.name):
+                os.replace(overlay, out / overlay.name)
+            moved.append(out / overlay.name)
+        write_json(out / EXPLANATION_FILE, result)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None, label_column: str | None = None,
@@ -162,9 +203,9 @@ def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[st
     return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits]
 
 
-def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title: str) -> Path:
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
-    its peak (``grounding.peak``) marked; written atomically as PNG."""
+    its peak (``grounding.peak``) marked, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +225,7 @@ def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, title
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _peak(heatmap: np.ndarray) -> list[int] | None:

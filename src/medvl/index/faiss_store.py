@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
+from ..io import write_errors_named
 from .ann import FLAT, HNSW, IVFPQ, KINDS, RECALL_K, choose_kind
 from .base import (
     IMAGES,
@@ -381,8 +382,11 @@ class FaissBuilder:
         self.out, self.columns = out, columns
         self.lock = _Lock(out)
         try:
-            self._open(key, columns)
+            with write_errors_named(out):
+                self._open(key, columns)
         except BaseException:
+            if hasattr(self, "conn"):  # a full disk while creating the tables: the database is open
+                self.conn.close()
             self.lock.release()
             raise
 
@@ -419,7 +423,8 @@ class FaissBuilder:
         return dict(self.conn.execute("SELECT image_sha256, id FROM cases WHERE image_sha256 IS NOT NULL"))
 
     def append(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None) -> None:
-        with self.conn:  # one transaction: rows and vectors land together or not at all
+        # one transaction: rows and vectors land together or not at all (a full disk: a WriteError naming the index)
+        with write_errors_named(self.out), self.conn:
             vids = insert_cases(self.conn, cases, self.columns)
             for i, (vid, case) in enumerate(zip(vids.tolist(), cases, strict=True)):
                 text = text_vectors[i].astype(np.float32).tobytes() if case.text and text_vectors is not None else None
@@ -427,7 +432,12 @@ class FaissBuilder:
                                   (vid, vectors[i].astype(np.float32).tobytes(), text))
 
     def finish(self, info: dict[str, Any], kind: str = "auto") -> dict[str, Any]:
-        """Build the ANN indexes, write index.json and swap the folder in; returns the info."""
+        """Build the ANN indexes, write index.json and swap the folder in; returns the info. A failed write
+        (full disk) is a ``WriteError`` naming the index; the staging folder is kept for a rerun."""
+        with write_errors_named(self.out):
+            return self._finish(info, kind)
+
+    def _finish(self, info: dict[str, Any], kind: str) -> dict[str, Any]:
         import faiss
 
         dim = info["embed_dim"]
@@ -537,9 +547,15 @@ class FaissIndex(IndexBase):
         if not self.writable:
             raise InputError(f"{self.path}: index opened read-only")
         if self.workdir is None:
-            self.workdir = _sibling(self.path, "edit")
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            shutil.copytree(self.path, self.workdir)
+            workdir = _sibling(self.path, "edit")
+            shutil.rmtree(workdir, ignore_errors=True)
+            with write_errors_named(self.path):
+                try:
+                    shutil.copytree(self.path, workdir)
+                except BaseException:  # a full disk: no partial copy left beside the index
+                    shutil.rmtree(workdir, ignore_errors=True)
+                    raise
+            self.workdir = workdir
             self.conn.close()
             self.conn = _connect(self.workdir / CASES_DB, readonly=False)
         return self.conn
@@ -558,7 +574,7 @@ class FaissIndex(IndexBase):
         columns = {**self.info["columns"], **new_columns}
         for case in cases:  # check every value before changing anything
             column_values(case, columns)
-        with conn:
+        with write_errors_named(self.path), conn:
             add_db_columns(conn, new_columns)
             self.info["columns"] = columns
             vids = insert_cases(conn, cases, columns)
@@ -582,14 +598,15 @@ class FaissIndex(IndexBase):
         rows = _select_in(conn, "vid, report IS NOT NULL", "id", list(dict.fromkeys(ids)))
         if not rows:
             return 0
-        with conn:
+        with write_errors_named(self.path), conn:
             for chunk in _chunks([r[0] for r in rows]):
                 conn.execute(f"DELETE FROM cases WHERE vid IN ({', '.join('?' * len(chunk))})", chunk)
         filters.remove(np.asarray([r[0] for r in rows], dtype=np.int64))
         self._positions.clear()
         for target, vids in ((IMAGES, [r[0] for r in rows]), (TEXTS, [r[0] for r in rows if r[1]])):
             if target in self.anns and vids:
-                self._remove(target, np.asarray(vids, dtype=np.int64))
+                with write_errors_named(self.path):
+                    self._remove(target, np.asarray(vids, dtype=np.int64))
         return len(rows)
 
     def _remove(self, target: str, vids: np.ndarray) -> None:
@@ -620,20 +637,24 @@ class FaissIndex(IndexBase):
         self._positions.pop(target, None)
 
     def save(self) -> None:
-        """Make every change since the last save visible at once (folder swap)."""
+        """Make every change since the last save visible at once (folder swap). A failed write (full disk) is a
+        ``WriteError`` naming the index, which stays as it was."""
+        if self.workdir is not None:
+            with write_errors_named(self.path):
+                self._save(self.workdir)
+
+    def _save(self, workdir: Path) -> None:
         import faiss
 
-        if self.workdir is None:
-            return
         for target, ann in self.anns.items():
-            faiss.write_index(ann, str(self.workdir / INDEX_FILES[target]))
-        self.filter_columns().save(self.workdir)
+            faiss.write_index(ann, str(workdir / INDEX_FILES[target]))
+        self.filter_columns().save(workdir)
         self.conn.commit()
         self.info["n_cases"] = len(self)
         self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.conn.close()
-        (self.workdir / INFO_FILE).write_text(json.dumps(self.info, indent=2))
-        swap_in(self.workdir, self.path)
+        (workdir / INFO_FILE).write_text(json.dumps(self.info, indent=2))
+        swap_in(workdir, self.path)
         self.workdir = None
         self.conn = _connect(self.path / CASES_DB, readonly=True)
 

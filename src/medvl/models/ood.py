@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,15 @@ class OODGuard:
                 "ood_threshold": round(self.threshold, 4)}
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
+        """Write ``directory/ood.safetensors`` atomically (a temporary sibling renamed over it): the folder's
+        other files are never touched, and an interrupted or failed write leaves the previous guard, if any."""
+        from safetensors.torch import save
 
         if not torch.isfinite(self.precision).all() or not self.precision.abs().max() > 0:
             raise ModelError(f"{directory}: not saved, the OOD guard's precision matrix is zero or not finite")
         metadata = {"threshold": repr(float(self.threshold)), "info": json.dumps(self.info)}
-        save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()},
-                  str(directory / OOD_FILE), metadata=metadata)
+        data = save({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()}, metadata=metadata)
+        atomic_write_bytes(Path(directory) / OOD_FILE, data)
 
     @classmethod
     def load(cls, directory: Path) -> OODGuard | None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, WriteError
 from ..io import replace_dir, write_errors_named
 from ..models.backends import (
     EXPORT_DIR,
@@ -76,9 +76,11 @@ class _TextTower(nn.Module):
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool = True) -> Path:
     """Export the towers of the medvl model at ``model_dir`` to ``<folder>/onnx/`` and return that.
 
-    ``out`` (a new or empty folder) receives a copy of the model files first, so it is a complete
-    model folder for every backend; by default the export goes next to the model's own files
-    (a previous export there is replaced once the new one is complete).
+    ``out`` (a new or empty folder) receives a copy of the model files and the export, so it is a
+    complete model folder for every backend: both are written into one staging sibling of ``out``
+    renamed into place at the end, so an interrupted or failed export leaves nothing at ``out`` (the
+    same command can be rerun). By default the export goes next to the model's own files (a previous
+    export there is replaced once the new one is complete).
     """
     from ..models.registry import load_model
 
@@ -91,7 +93,15 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
     if folder != source:
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise ModelError(f"{folder}: exists and is not an empty folder; choose a new --out")
-        model.save_pretrained(folder)
+        _export_with_copy(model, folder, int8)
+    else:
+        _export_beside(model, folder, int8)
+    return folder / EXPORT_DIR
+
+
+def _export_beside(model: DualEncoder, folder: Path, int8: bool) -> None:
+    """Write ``folder/onnx/`` (staged inside ``folder``, swapped in when complete) for the model saved in
+    ``folder``."""
     with write_errors_named(folder / EXPORT_DIR):
         staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.tmp-", dir=folder))
         try:
@@ -103,7 +113,26 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return folder / EXPORT_DIR
+
+
+def _export_with_copy(model: DualEncoder, out: Path, int8: bool) -> None:
+    """The model files and their export written into one staging sibling of ``out``, renamed to ``out`` only
+    once both are complete; a failed write names ``out``, not the staging folder."""
+    with write_errors_named(out):
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.tmp-", dir=out.absolute().parent))
+        try:
+            model.save_pretrained(staging)
+            _export_beside(model, staging, int8)
+            replace_dir(staging, out)
+        except WriteError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            written = Path(err.path or out)
+            named = out / written.relative_to(staging) if written.is_relative_to(staging) else written
+            raise WriteError(named, err.problem) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, Any]:
