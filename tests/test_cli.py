@@ -356,6 +356,16 @@ def test_an_interrupted_demo_is_continued_by_the_same_command(tmp_path):
     assert result.exit_code == 0, output
     marker = json.loads((out / "demo.json").read_text())
     assert marker["complete"] is True and marker["n"] == 72 and (out / "report.html").is_file()
+    # another run into it, interrupted: the earlier report and results go, not left to describe a deleted model
+    process = subprocess.Popen([sys.executable, "-m", "medvl", *map(str, args[:4]), "60", *map(str, args[5:])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while json.loads((out / "demo.json").read_text())["complete"]:
+        assert process.poll() is None and time.monotonic() < deadline + 300, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 130, errors
+    assert not (out / "report.html").exists() and not (out / "results.json").exists()
 
 
 # -- bad input: one line naming the file, exit code 2, no traceback, nothing written ------------
