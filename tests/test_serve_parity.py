@@ -96,6 +96,10 @@ def test_explain_defaults_to_the_methods_the_architecture_supports(vit, guarded,
         assert result.exit_code == 0, output
         [finding] = json.loads((out / "explanation.json").read_text())["findings"]
         assert list(finding["heatmaps"]) == expected
+        from medvl.explain.explanation import explain_image  # the library's own default is the same
+
+        [finding] = explain_image(load_model(model), png, labels=labels.split(","))["findings"]
+        assert list(finding["heatmaps"]) == expected
     result, output = invoke("explain", png, "--model", vit, "--labels", labels, "--method", "gradcam")
     assert result.exit_code == 2 and "Grad-CAM needs a convolutional image encoder (resnet, densenet), not vit" \
         in _flat(output), output

@@ -32,7 +32,7 @@ from ..eval.zero_shot import scaled_similarities
 from ..io import check_output_file, write_errors_named, write_json
 from ..predict import caption_column_for
 from .grounding import normalise_map, peak
-from .heatmaps import METHODS, check_heatmap_model, check_methods, heatmaps, resize_map
+from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
 EXPLANATION_FILE = "explanation.json"
 
@@ -70,10 +70,11 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
 
 
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
-                  captions=None, methods: Sequence[str] = METHODS, top: int = 1, out: str | Path | None = None,
+                  captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
                   overwrite: bool = False, bottleneck=None, index=None, k: int = 5) -> dict[str, Any]:
     """Explain the ``top`` most probable findings of one image file (see the module docstring):
-    ``explain_pixels`` on the decoded image, maps at the image's size.
+    ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default every method the
+    model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT).
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
     ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
@@ -81,7 +82,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
     interrupted or failed run leaves none of its files (the same command can be rerun)."""
     check_heatmap_model(model)
-    methods = check_methods(methods)
+    methods = check_methods(default_methods(model) if methods is None else methods)
     column, classes, _ = finding_classes(model, labels, label_column, captions)
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
