@@ -1,11 +1,14 @@
 """Training in-process on phantom data: the loss goes down, resume is exact, eval runs."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import medvl
+from cli_helpers import invoke
 from medvl.data import captions_for
 from medvl.errors import InputError
 from medvl.train.loop import TrainConfig
@@ -13,6 +16,71 @@ from medvl.train.loop import TrainConfig
 
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory) -> Path:
+    """60 phantom cases at 48 px, with VQA questions (``vqa/``): the output-folder tests of every trainer."""
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("small") / "data"
+    generate_phantom(folder, n=60, seed=4, size=48, vqa=True, vqa_per_case=2)
+    return folder
+
+
+NAN = ["--set", "image.intensity_mean=1e38"]  # overflows the normalisation: the first loss is NaN
+TINY_TRAIN = {  # each trainer at its smallest; DATA stands for the data folder
+    "train": ["train", "--data", "DATA", "--model", "phantom-tiny", "--epochs", 1, "--batch-size", 16,
+              "--set", "image.image_size=48", "-q"],
+    "vqa": ["train", "vqa", "--data", "DATA/vqa", "--image-model", "phantom-tiny", "--image-size", 48,
+            "--question-encoder", "bert", "--hidden-size", 32, "--fusion-layers", 1, "--set", "text.hidden_size=32",
+            "--set", "text.intermediate_size=64", "--set", "text.num_layers=1", "--batch-size", 16, "--epochs", 1,
+            "-q"],
+    "report": ["train", "report", "--data", "DATA", "--image-model", "phantom-tiny", "--set", "image.image_size=48",
+               "--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
+               "--set", "decoder.intermediate_size=64", "--set", "decoder.vocab_size=400", "--batch-size", 16,
+               "--epochs", 1, "-q"],
+}
+
+
+def _tiny_train(command: str, data: Path, *extra) -> list:
+    return [str(data) + arg[4:] if isinstance(arg, str) and arg.startswith("DATA") else arg
+            for arg in TINY_TRAIN[command]] + list(extra)
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_resume_into_a_folder_that_holds_no_run_is_refused_and_touches_nothing(small_phantom, tmp_path, command):
+    """``--data victim --out victim --resume`` once trained into the data set and, when the run failed, emptied it."""
+    victim = tmp_path / "victim"
+    shutil.copytree(small_phantom, victim)
+    before = _tree(victim)
+    result, output = invoke(*_tiny_train(command, victim), "--out", victim, "--resume")
+    assert result.exit_code == 2, output
+    assert f"{victim}: --resume continues a training run, and this folder is not empty and holds no run" in \
+        " ".join(output.split())
+    assert "Traceback" not in output
+    assert _tree(victim) == before
+
+
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_a_failed_fresh_start_under_resume_removes_only_what_it_wrote(small_phantom, tmp_path, command):
+    """A run folder left with its settings file only (a run stopped before its first checkpoint) and files of the
+    user's: ``--resume`` starts fresh, the loss becomes NaN, and only the entries the run created go."""
+    out = tmp_path / "runs"
+    (out / "other_run").mkdir(parents=True)
+    (out / "other_run" / "weights.bin").write_bytes(b"\x00" * 10)
+    (out / "notes.txt").write_text("notes")
+    (out / "train_config.json").write_text("{}")
+    result, output = invoke(*_tiny_train(command, small_phantom, *NAN), "--out", out, "--resume")
+    assert result.exit_code == 2 and "training stopped at step 1" in output, output
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt", "other_run", "train_config.json"]
+    assert (out / "notes.txt").read_text() == "notes"
+    assert (out / "other_run" / "weights.bin").read_bytes() == b"\x00" * 10
 
 
 def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):

@@ -16,6 +16,7 @@ Output directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -49,6 +50,7 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
+STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and batch index
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
@@ -250,10 +252,11 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
-    ``out_dir`` must be missing or empty unless ``resume``. A loss or gradient that becomes NaN or
+    ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run folder (its
+    ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
     infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
     checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
-    ``WriteError`` naming the path; a fresh run then removes everything it wrote.
+    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     config.validate()
     if len(dataset) < 2:
@@ -278,7 +281,7 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     joined = not distributed.initialized() and distributed.init_from_env()  # a caller's own group stays theirs
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
-    fresh_folder = not out_dir.exists()
+    present = _entries(out_dir)  # what the folder held before this run: never removed by its cleanup
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     state = _resume_state(out_dir) if resume else None
     if state is not None:
@@ -291,11 +294,11 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
         trained = run.run()
     except WriteError:
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
-            _remove_run_output(out_dir, fresh_folder)
+            _remove_run_output(out_dir, present)
         raise
     except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
-        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / "state.pt").is_file():
-            _remove_run_output(out_dir, fresh_folder)  # its settings file alone would block the corrected rerun
+        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+            _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
         raise
     if joined:
         distributed.shutdown()
@@ -427,24 +430,47 @@ class ContrastiveObjective:
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """A training output folder must be missing or empty, unless the run resumes."""
+    """A training output folder must be missing or empty, unless the run resumes; a folder resumed must be
+    empty or a medvl run folder (its ``train_config.json`` or ``checkpoint/``): resuming into a data set or
+    any other folder continues no run, and a failure there would have nothing of its own to clean up."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: the output folder is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not resume:
         raise InputError(f"{out_dir}: output folder exists and is not empty "
                          "(--resume / resume=True continues it; or choose a new folder)")
+    if not (out_dir / CONFIG_FILE).is_file() and not (out_dir / CHECKPOINT_DIR).is_dir():
+        raise InputError(f"{out_dir}: --resume continues a training run, and this folder is not empty and holds "
+                         f"no run ({CONFIG_FILE} or {CHECKPOINT_DIR}/); choose a new or empty --out")
 
 
-def _remove_run_output(out_dir: Path, remove_folder: bool) -> None:
-    """Remove what a failed fresh run wrote (the folder was missing or empty when it started)."""
-    if remove_folder:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, MODEL_DIR)  # what a run writes into its folder
+
+
+def _entries(out_dir: Path) -> set[str] | None:
+    """The names in ``out_dir`` (None if it does not exist)."""
+    return {child.name for child in out_dir.iterdir()} if out_dir.is_dir() else None
+
+
+def _remove_run_output(out_dir: Path, present: set[str] | None) -> None:
+    """Remove what a failed fresh run wrote: its own entries (``RUN_ENTRIES`` and their staging siblings,
+    ``.NAME.tmp-*`` / ``.NAME.old-*``) that were not in the folder when it started (``present``; None: the
+    folder itself was missing, and is removed too once empty). Anything else is left as it is."""
     for child in out_dir.iterdir() if out_dir.is_dir() else []:
+        if child.name in (present or set()) or not _is_run_entry(child.name):
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+    if present is None:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # only if empty
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
 
 
 class _Run:
@@ -566,7 +592,7 @@ class _Run:
                             f"NaN / infinite values; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
-        state = self.out_dir / CHECKPOINT_DIR / "state.pt"
+        state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
         if not state.is_file():
             return "no checkpoint was written"
         step = torch.load(state, weights_only=True)["step"]
@@ -613,7 +639,7 @@ class _Run:
                  "step": self.step, "batch_index": self.batch_index}
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
-        atomic_write_bytes(directory / "state.pt", buffer.getvalue())
+        atomic_write_bytes(directory / STATE_FILE, buffer.getvalue())
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -699,7 +725,7 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / CHECKPOINT_DIR / "state.pt"
+    path = out_dir / CHECKPOINT_DIR / STATE_FILE
     if not path.is_file():
         log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
         return None
