@@ -10,7 +10,7 @@ import torch
 import medvl
 from cli_helpers import invoke
 from medvl.data import captions_for
-from medvl.errors import InputError
+from medvl.errors import DataError, InputError, WriteError
 from medvl.train.loop import TrainConfig
 
 
@@ -136,6 +136,81 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     saved = medvl.load_model(tmp_path / "b")  # the final model never carries the training-only projection
     assert "view_projection" not in saved.meta
     assert not any(name.startswith("view_projection.") for name in saved.state_dict())
+
+
+def _train_small(dataset, out, config, **kwargs):
+    """phantom-tiny at 48 px from the same seeded init each time."""
+    torch.manual_seed(0)
+    return medvl.train(medvl.create_model("phantom-tiny", **{"image.image_size": 48}), dataset, config, out,
+                       show_progress=False, **kwargs)
+
+
+def _checkpoint_steps(out: Path) -> tuple[int, int]:
+    """The step the checkpoint's model records and the step of its state file."""
+    meta = json.loads((out / "checkpoint" / "model" / "meta.json").read_text())
+    return meta["checkpoint_step"], torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+
+
+def test_resume_refuses_a_checkpoint_whose_model_and_state_are_of_different_steps(small_phantom, tmp_path):
+    """A newer checkpoint model beside an older state file (two checkpoints' files put together) would resume
+    silently from the older optimizer state and step and train steps twice."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1)
+    out, older = tmp_path / "run", tmp_path / "older-state.pt"
+
+    def keep_the_first_state(model, epoch):
+        if epoch == 2:  # called before the epoch-2 checkpoint replaces the epoch-1 one
+            shutil.copy(out / "checkpoint" / "state.pt", older)
+        return {}
+
+    _train_small(dataset, out, config, on_epoch_end=keep_the_first_state)
+    last, first = _checkpoint_steps(out)[0], torch.load(older, weights_only=True)["step"]
+    assert _checkpoint_steps(out) == (last, last) and 0 < first < last
+    assert "checkpoint_step" not in json.loads((out / "model" / "meta.json").read_text())  # the checkpoint's only
+    shutil.copy(older, out / "checkpoint" / "state.pt")
+    before = _tree(out)
+    with pytest.raises(DataError, match=f"checkpoint: its model is of step {last} and its state.pt of step {first}: "
+                                        "they were not saved together"):
+        _train_small(dataset, out, config, resume=True)
+    assert _tree(out) == before
+
+
+def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(small_phantom, tmp_path,
+                                                                               monkeypatch):
+    """The disk fills up after the checkpoint's model is written, at its state file: the previous checkpoint is
+    kept as it was (model and state of one step), and resuming then matches an uninterrupted run exactly."""
+    from medvl.train import loop
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, log_every=1)
+    straight = _train_small(dataset, tmp_path / "a", config)
+
+    def interrupt_in_second_epoch(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, on_epoch_end=interrupt_in_second_epoch)
+    kept = _tree(out / "checkpoint")
+    write = loop.atomic_write_bytes
+
+    def full_disk_at_the_state_file(path, data):
+        if Path(path).name == "state.pt":
+            raise WriteError(path, "cannot write: No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(loop, "atomic_write_bytes", full_disk_at_the_state_file)
+    with pytest.raises(WriteError, match=f"{out / 'checkpoint' / 'state.pt'}: cannot write: No space left"):
+        _train_small(dataset, out, config, resume=True)
+    monkeypatch.undo()
+    assert _tree(out / "checkpoint") == kept  # not the newer model beside the older state
+    assert _checkpoint_steps(out)[0] == _checkpoint_steps(out)[1]
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "metrics.jsonl", "train_config.json"]
+    resumed = _train_small(dataset, out, config, resume=True)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

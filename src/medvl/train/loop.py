@@ -9,7 +9,8 @@ augmentation, a rich progress bar, metrics appended to ``metrics.jsonl``.
 Output directory layout::
 
     OUT/model/            the final model (save_pretrained); ``load_model(OUT)`` finds it
-    OUT/checkpoint/       model + optimizer/scheduler/RNG state of the last checkpoint
+    OUT/checkpoint/       model + optimizer/scheduler state of the last checkpoint (written as one folder,
+                          both recording its step)
     OUT/metrics.jsonl     one JSON object per logged step / epoch
     OUT/train_config.json the resolved training config
 """
@@ -24,6 +25,7 @@ import logging
 import math
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,11 +39,11 @@ from ..checks import check_numbers
 from ..data.captions import CaptionConfig
 from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
-from ..errors import InputError, ModelError, TrainingError, WriteError
+from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, write_errors_named, write_json
-from ..models.dual import DualEncoder
+from ..io import atomic_write_bytes, json_ready, replace_dir, write_errors_named, write_json
+from ..models.dual import META_FILE, DualEncoder
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
 from ..progress import progress_bar
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
 STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and batch index
+CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
@@ -289,6 +292,7 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
+    objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
     run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
     try:
         trained = run.run()
@@ -630,16 +634,33 @@ class _Run:
         self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Model first, then the small state file: a state file always has its model (rank 0 only)."""
+        """The model and the state file go into one staging folder that replaces the checkpoint in one rename, so
+        the checkpoint is always one step's, and the previous one is kept until the new one is complete. Both
+        record the step (``_resume_state`` compares them). Rank 0 only."""
         if not distributed.is_main():
             return
         directory = self.out_dir / CHECKPOINT_DIR
-        self._save(directory / MODEL_DIR)  # creates directory
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "batch_index": self.batch_index}
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
-        atomic_write_bytes(directory / STATE_FILE, buffer.getvalue())
+        with write_errors_named(directory):
+            staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=self.out_dir))
+        try:
+            self.model.meta[CHECKPOINT_STEP] = self.step
+            try:
+                self._save(staging / MODEL_DIR)
+            finally:
+                self.model.meta.pop(CHECKPOINT_STEP, None)
+            atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
+            with write_errors_named(directory):
+                replace_dir(staging, directory)
+        except WriteError as err:  # named as the checkpoint's own path, not the staging folder's
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WriteError(_in_place_of(err.path, staging, directory), err.problem) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -725,11 +746,41 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
+    """The state of ``out_dir``'s checkpoint, None if it has none. A ``DataError`` if its model is of another
+    step than its state file: a checkpoint put together from two (files copied by hand, or an earlier medvl's
+    checkpoint, written in two steps, interrupted between them) would go on training silently from a mismatched
+    optimizer state and step, training some steps twice."""
     path = out_dir / CHECKPOINT_DIR / STATE_FILE
     if not path.is_file():
         log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
         return None
-    return torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)
+    model_step = _checkpoint_model_step(path.parent / MODEL_DIR)
+    if model_step is not None and model_step != state["step"]:
+        raise DataError(path.parent, f"its model is of step {model_step} and its {STATE_FILE} of step "
+                                     f"{state['step']}: they were not saved together, and resuming would train "
+                                     f"from a mismatched state; delete {path.parent} to start fresh")
+    return state
+
+
+def _checkpoint_model_step(model_dir: Path) -> int | None:
+    """The step a checkpoint's model records in its meta.json; None if it records none (a checkpoint written
+    before the step was recorded) or the file cannot be read (loading the model then names it)."""
+    try:
+        step = json.loads((model_dir / META_FILE).read_text(encoding="utf-8")).get(CHECKPOINT_STEP)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _in_place_of(path: str | None, staging: Path, directory: Path) -> str | None:
+    """``path`` inside ``staging`` as the same path inside ``directory`` (which ``staging`` was to replace)."""
+    if path is None:
+        return None
+    try:
+        return str(directory / Path(path).relative_to(staging))
+    except ValueError:
+        return path
 
 
 def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:
