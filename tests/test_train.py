@@ -10,7 +10,7 @@ import torch
 import medvl
 from cli_helpers import invoke
 from medvl.data import captions_for
-from medvl.errors import DataError, InputError, WriteError
+from medvl.errors import DataError, InputError, TrainingError, WriteError
 from medvl.train.loop import TrainConfig
 
 
@@ -211,6 +211,42 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(
     resumed = _train_small(dataset, out, config, resume=True)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+DAMAGED_STATES = {"cut short": lambda path: path.write_bytes(path.read_bytes()[:100]),
+                  "empty": lambda path: path.write_bytes(b""),
+                  "another object": lambda path: torch.save({"step": 3}, path)}
+
+
+def test_resume_from_a_damaged_state_file_is_a_clear_error(small_phantom, tmp_path):
+    run = tmp_path / "run"
+    result, output = invoke(*_tiny_train("train", small_phantom), "--out", run)
+    assert result.exit_code == 0, output
+    for damage, write in DAMAGED_STATES.items():
+        out = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(run, out)
+        write(out / "checkpoint" / "state.pt")
+        result, output = invoke(*_tiny_train("train", small_phantom), "--out", out, "--resume")
+        assert result.exit_code == 2, (damage, output)
+        assert "Traceback" not in output
+        assert f"{out / 'checkpoint' / 'state.pt'}: damaged checkpoint state" in " ".join(output.split()), damage
+        assert f"delete {out / 'checkpoint'} to start fresh" in " ".join(output.split()), damage
+
+
+def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_stopped(small_phantom, tmp_path):
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    out = tmp_path / "run"
+
+    def damage_then_diverge(model, epoch):
+        if epoch == 2:
+            DAMAGED_STATES["cut short"](out / "checkpoint" / "state.pt")
+            with torch.no_grad():
+                model.image_projection.weight[0, 0] = float("nan")
+        return {}
+
+    with pytest.raises(TrainingError, match="the last checkpoint cannot be resumed .*state.pt: damaged checkpoint "
+                                            "state"):
+        _train_small(dataset, out, TrainConfig(epochs=3, batch_size=16), on_epoch_end=damage_then_diverge)
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

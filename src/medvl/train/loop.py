@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import tempfile
@@ -599,7 +600,10 @@ class _Run:
         state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
         if not state.is_file():
             return "no checkpoint was written"
-        step = torch.load(state, weights_only=True)["step"]
+        try:
+            step = _read_state(state)["step"]
+        except DataError as err:  # said in the message of the error being raised, not instead of it
+            return f"the last checkpoint cannot be resumed ({err})"
         return f"the last good checkpoint (step {step}) is kept in {state.parent}"
 
     def _batch_indices(self, batch_index: int) -> list[int]:
@@ -754,12 +758,32 @@ def _resume_state(out_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
         return None
-    state = torch.load(path, weights_only=True)
+    state = _read_state(path)
     model_step = _checkpoint_model_step(path.parent / MODEL_DIR)
     if model_step is not None and model_step != state["step"]:
         raise DataError(path.parent, f"its model is of step {model_step} and its {STATE_FILE} of step "
                                      f"{state['step']}: they were not saved together, and resuming would train "
                                      f"from a mismatched state; delete {path.parent} to start fresh")
+    return state
+
+
+STATE_KEYS = ("optimizer", "scheduler", "step", "batch_index")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state file; a ``DataError`` naming it if it cannot be read (cut short, overwritten, another
+    file) rather than torch's traceback."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
+        reason = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".") or type(err).__name__  # torch's first
+        # sentence: the rest is advice about checkpoints of its own
+        raise DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or not isinstance(state["step"], int) or not isinstance(state["batch_index"], int):
+        raise DataError(path, f"damaged checkpoint state (not a medvl training state: "
+                              f"{'missing ' + ', '.join(missing) if missing else 'step is not a number'}); "
+                              f"delete {path.parent} to start fresh")
     return state
 
 
