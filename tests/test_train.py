@@ -1,18 +1,86 @@
 """Training in-process on phantom data: the loss goes down, resume is exact, eval runs."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import medvl
+from cli_helpers import invoke
 from medvl.data import captions_for
-from medvl.errors import InputError
+from medvl.errors import DataError, InputError, TrainingError, WriteError
 from medvl.train.loop import TrainConfig
 
 
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory) -> Path:
+    """60 phantom cases at 48 px, with VQA questions (``vqa/``): the output-folder tests of every trainer."""
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path_factory.mktemp("small") / "data"
+    generate_phantom(folder, n=60, seed=4, size=48, vqa=True, vqa_per_case=2)
+    return folder
+
+
+NAN = ["--set", "image.intensity_mean=1e38"]  # overflows the normalisation: the first loss is NaN
+TINY_TRAIN = {  # each trainer at its smallest; DATA stands for the data folder
+    "train": ["train", "--data", "DATA", "--model", "phantom-tiny", "--epochs", 1, "--batch-size", 16,
+              "--set", "image.image_size=48", "-q"],
+    "vqa": ["train", "vqa", "--data", "DATA/vqa", "--image-model", "phantom-tiny", "--image-size", 48,
+            "--question-encoder", "bert", "--hidden-size", 32, "--fusion-layers", 1, "--set", "text.hidden_size=32",
+            "--set", "text.intermediate_size=64", "--set", "text.num_layers=1", "--batch-size", 16, "--epochs", 1,
+            "-q"],
+    "report": ["train", "report", "--data", "DATA", "--image-model", "phantom-tiny", "--set", "image.image_size=48",
+               "--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
+               "--set", "decoder.intermediate_size=64", "--set", "decoder.vocab_size=400", "--batch-size", 16,
+               "--epochs", 1, "-q"],
+}
+
+
+def _tiny_train(command: str, data: Path, *extra) -> list:
+    return [str(data) + arg[4:] if isinstance(arg, str) and arg.startswith("DATA") else arg
+            for arg in TINY_TRAIN[command]] + list(extra)
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_resume_into_a_folder_that_holds_no_run_is_refused_and_touches_nothing(small_phantom, tmp_path, command):
+    """``--data victim --out victim --resume`` once trained into the data set and, when the run failed, emptied it."""
+    victim = tmp_path / "victim"
+    shutil.copytree(small_phantom, victim)
+    before = _tree(victim)
+    result, output = invoke(*_tiny_train(command, victim), "--out", victim, "--resume")
+    assert result.exit_code == 2, output
+    assert f"{victim}: --resume continues a training run, and this folder is not empty and holds no run" in \
+        " ".join(output.split())
+    assert "Traceback" not in output
+    assert _tree(victim) == before
+
+
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_a_failed_fresh_start_under_resume_removes_only_what_it_wrote(small_phantom, tmp_path, command):
+    """A run folder left with its settings file only (a run stopped before its first checkpoint) and files of the
+    user's: ``--resume`` starts fresh, the loss becomes NaN, and only the entries the run created go."""
+    out = tmp_path / "runs"
+    (out / "other_run").mkdir(parents=True)
+    (out / "other_run" / "weights.bin").write_bytes(b"\x00" * 10)
+    (out / "notes.txt").write_text("notes")
+    (out / "train_config.json").write_text("{}")
+    result, output = invoke(*_tiny_train(command, small_phantom, *NAN), "--out", out, "--resume")
+    assert result.exit_code == 2 and "training stopped at step 1" in output, output
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt", "other_run", "train_config.json"]
+    assert (out / "notes.txt").read_text() == "notes"
+    assert (out / "other_run" / "weights.bin").read_bytes() == b"\x00" * 10
 
 
 def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
@@ -68,6 +136,117 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp
     saved = medvl.load_model(tmp_path / "b")  # the final model never carries the training-only projection
     assert "view_projection" not in saved.meta
     assert not any(name.startswith("view_projection.") for name in saved.state_dict())
+
+
+def _train_small(dataset, out, config, **kwargs):
+    """phantom-tiny at 48 px from the same seeded init each time."""
+    torch.manual_seed(0)
+    return medvl.train(medvl.create_model("phantom-tiny", **{"image.image_size": 48}), dataset, config, out,
+                       show_progress=False, **kwargs)
+
+
+def _checkpoint_steps(out: Path) -> tuple[int, int]:
+    """The step the checkpoint's model records and the step of its state file."""
+    meta = json.loads((out / "checkpoint" / "model" / "meta.json").read_text())
+    return meta["checkpoint_step"], torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+
+
+def test_resume_refuses_a_checkpoint_whose_model_and_state_are_of_different_steps(small_phantom, tmp_path):
+    """A newer checkpoint model beside an older state file (two checkpoints' files put together) would resume
+    silently from the older optimizer state and step and train steps twice."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1)
+    out, older = tmp_path / "run", tmp_path / "older-state.pt"
+
+    def keep_the_first_state(model, epoch):
+        if epoch == 2:  # called before the epoch-2 checkpoint replaces the epoch-1 one
+            shutil.copy(out / "checkpoint" / "state.pt", older)
+        return {}
+
+    _train_small(dataset, out, config, on_epoch_end=keep_the_first_state)
+    last, first = _checkpoint_steps(out)[0], torch.load(older, weights_only=True)["step"]
+    assert _checkpoint_steps(out) == (last, last) and 0 < first < last
+    assert "checkpoint_step" not in json.loads((out / "model" / "meta.json").read_text())  # the checkpoint's only
+    shutil.copy(older, out / "checkpoint" / "state.pt")
+    before = _tree(out)
+    with pytest.raises(DataError, match=f"checkpoint: its model is of step {last} and its state.pt of step {first}: "
+                                        "they were not saved together"):
+        _train_small(dataset, out, config, resume=True)
+    assert _tree(out) == before
+
+
+def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(small_phantom, tmp_path,
+                                                                               monkeypatch):
+    """The disk fills up after the checkpoint's model is written, at its state file: the previous checkpoint is
+    kept as it was (model and state of one step), and resuming then matches an uninterrupted run exactly."""
+    from medvl.train import loop
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=3, batch_size=16, lr=2e-3, seed=1, log_every=1)
+    straight = _train_small(dataset, tmp_path / "a", config)
+
+    def interrupt_in_second_epoch(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, on_epoch_end=interrupt_in_second_epoch)
+    kept = _tree(out / "checkpoint")
+    write = loop.atomic_write_bytes
+
+    def full_disk_at_the_state_file(path, data):
+        if Path(path).name == "state.pt":
+            raise WriteError(path, "cannot write: No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(loop, "atomic_write_bytes", full_disk_at_the_state_file)
+    with pytest.raises(WriteError, match=f"{out / 'checkpoint' / 'state.pt'}: cannot write: No space left"):
+        _train_small(dataset, out, config, resume=True)
+    monkeypatch.undo()
+    assert _tree(out / "checkpoint") == kept  # not the newer model beside the older state
+    assert _checkpoint_steps(out)[0] == _checkpoint_steps(out)[1]
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint", "metrics.jsonl", "train_config.json"]
+    resumed = _train_small(dataset, out, config, resume=True)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+DAMAGED_STATES = {"cut short": lambda path: path.write_bytes(path.read_bytes()[:100]),
+                  "empty": lambda path: path.write_bytes(b""),
+                  "another object": lambda path: torch.save({"step": 3}, path)}
+
+
+def test_resume_from_a_damaged_state_file_is_a_clear_error(small_phantom, tmp_path):
+    run = tmp_path / "run"
+    result, output = invoke(*_tiny_train("train", small_phantom), "--out", run)
+    assert result.exit_code == 0, output
+    for damage, write in DAMAGED_STATES.items():
+        out = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(run, out)
+        write(out / "checkpoint" / "state.pt")
+        result, output = invoke(*_tiny_train("train", small_phantom), "--out", out, "--resume")
+        assert result.exit_code == 2, (damage, output)
+        assert "Traceback" not in output
+        assert f"{out / 'checkpoint' / 'state.pt'}: damaged checkpoint state" in " ".join(output.split()), damage
+        assert f"delete {out / 'checkpoint'} to start fresh" in " ".join(output.split()), damage
+
+
+def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_stopped(small_phantom, tmp_path):
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    out = tmp_path / "run"
+
+    def damage_then_diverge(model, epoch):
+        if epoch == 2:
+            DAMAGED_STATES["cut short"](out / "checkpoint" / "state.pt")
+            with torch.no_grad():
+                model.image_projection.weight[0, 0] = float("nan")
+        return {}
+
+    with pytest.raises(TrainingError, match="the last checkpoint cannot be resumed .*state.pt: damaged checkpoint "
+                                            "state"):
+        _train_small(dataset, out, TrainConfig(epochs=3, batch_size=16), on_epoch_end=damage_then_diverge)
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

@@ -9,20 +9,24 @@ augmentation, a rich progress bar, metrics appended to ``metrics.jsonl``.
 Output directory layout::
 
     OUT/model/            the final model (save_pretrained); ``load_model(OUT)`` finds it
-    OUT/checkpoint/       model + optimizer/scheduler/RNG state of the last checkpoint
+    OUT/checkpoint/       model + optimizer/scheduler state of the last checkpoint (written as one folder,
+                          both recording its step)
     OUT/metrics.jsonl     one JSON object per logged step / epoch
     OUT/train_config.json the resolved training config
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,11 +40,11 @@ from ..checks import check_numbers
 from ..data.captions import CaptionConfig
 from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
-from ..errors import InputError, ModelError, TrainingError, WriteError
+from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, write_errors_named, write_json
-from ..models.dual import DualEncoder
+from ..io import atomic_write_bytes, json_ready, replace_dir, write_errors_named, write_json
+from ..models.dual import META_FILE, DualEncoder
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
 from ..progress import progress_bar
@@ -49,6 +53,8 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
+STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and batch index
+CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
@@ -250,10 +256,11 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
-    ``out_dir`` must be missing or empty unless ``resume``. A loss or gradient that becomes NaN or
+    ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run folder (its
+    ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
     infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
     checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
-    ``WriteError`` naming the path; a fresh run then removes everything it wrote.
+    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     config.validate()
     if len(dataset) < 2:
@@ -278,7 +285,7 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     joined = not distributed.initialized() and distributed.init_from_env()  # a caller's own group stays theirs
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
-    fresh_folder = not out_dir.exists()
+    present = _entries(out_dir)  # what the folder held before this run: never removed by its cleanup
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     state = _resume_state(out_dir) if resume else None
     if state is not None:
@@ -286,16 +293,17 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
+    objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
     run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
     try:
         trained = run.run()
     except WriteError:
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
-            _remove_run_output(out_dir, fresh_folder)
+            _remove_run_output(out_dir, present)
         raise
     except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
-        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / "state.pt").is_file():
-            _remove_run_output(out_dir, fresh_folder)  # its settings file alone would block the corrected rerun
+        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+            _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
         raise
     if joined:
         distributed.shutdown()
@@ -427,24 +435,47 @@ class ContrastiveObjective:
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """A training output folder must be missing or empty, unless the run resumes."""
+    """A training output folder must be missing or empty, unless the run resumes; a folder resumed must be
+    empty or a medvl run folder (its ``train_config.json`` or ``checkpoint/``): resuming into a data set or
+    any other folder continues no run, and a failure there would have nothing of its own to clean up."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: the output folder is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not resume:
         raise InputError(f"{out_dir}: output folder exists and is not empty "
                          "(--resume / resume=True continues it; or choose a new folder)")
+    if not (out_dir / CONFIG_FILE).is_file() and not (out_dir / CHECKPOINT_DIR).is_dir():
+        raise InputError(f"{out_dir}: --resume continues a training run, and this folder is not empty and holds "
+                         f"no run ({CONFIG_FILE} or {CHECKPOINT_DIR}/); choose a new or empty --out")
 
 
-def _remove_run_output(out_dir: Path, remove_folder: bool) -> None:
-    """Remove what a failed fresh run wrote (the folder was missing or empty when it started)."""
-    if remove_folder:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, MODEL_DIR)  # what a run writes into its folder
+
+
+def _entries(out_dir: Path) -> set[str] | None:
+    """The names in ``out_dir`` (None if it does not exist)."""
+    return {child.name for child in out_dir.iterdir()} if out_dir.is_dir() else None
+
+
+def _remove_run_output(out_dir: Path, present: set[str] | None) -> None:
+    """Remove what a failed fresh run wrote: its own entries (``RUN_ENTRIES`` and their staging siblings,
+    ``.NAME.tmp-*`` / ``.NAME.old-*``) that were not in the folder when it started (``present``; None: the
+    folder itself was missing, and is removed too once empty). Anything else is left as it is."""
     for child in out_dir.iterdir() if out_dir.is_dir() else []:
+        if child.name in (present or set()) or not _is_run_entry(child.name):
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+    if present is None:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # only if empty
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
 
 
 class _Run:
@@ -566,10 +597,13 @@ class _Run:
                             f"NaN / infinite values; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
-        state = self.out_dir / CHECKPOINT_DIR / "state.pt"
+        state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
         if not state.is_file():
             return "no checkpoint was written"
-        step = torch.load(state, weights_only=True)["step"]
+        try:
+            step = _read_state(state)["step"]
+        except DataError as err:  # said in the message of the error being raised, not instead of it
+            return f"the last checkpoint cannot be resumed ({err})"
         return f"the last good checkpoint (step {step}) is kept in {state.parent}"
 
     def _batch_indices(self, batch_index: int) -> list[int]:
@@ -604,16 +638,33 @@ class _Run:
         self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Model first, then the small state file: a state file always has its model (rank 0 only)."""
+        """The model and the state file go into one staging folder that replaces the checkpoint in one rename, so
+        the checkpoint is always one step's, and the previous one is kept until the new one is complete. Both
+        record the step (``_resume_state`` compares them). Rank 0 only."""
         if not distributed.is_main():
             return
         directory = self.out_dir / CHECKPOINT_DIR
-        self._save(directory / MODEL_DIR)  # creates directory
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "batch_index": self.batch_index}
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
-        atomic_write_bytes(directory / "state.pt", buffer.getvalue())
+        with write_errors_named(directory):
+            staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=self.out_dir))
+        try:
+            self.model.meta[CHECKPOINT_STEP] = self.step
+            try:
+                self._save(staging / MODEL_DIR)
+            finally:
+                self.model.meta.pop(CHECKPOINT_STEP, None)
+            atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
+            with write_errors_named(directory):
+                replace_dir(staging, directory)
+        except WriteError as err:  # named as the checkpoint's own path, not the staging folder's
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WriteError(_in_place_of(err.path, staging, directory), err.problem) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -699,11 +750,61 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / CHECKPOINT_DIR / "state.pt"
+    """The state of ``out_dir``'s checkpoint, None if it has none. A ``DataError`` if its model is of another
+    step than its state file: a checkpoint put together from two (files copied by hand, or an earlier medvl's
+    checkpoint, written in two steps, interrupted between them) would go on training silently from a mismatched
+    optimizer state and step, training some steps twice."""
+    path = out_dir / CHECKPOINT_DIR / STATE_FILE
     if not path.is_file():
         log.warning("%s: no checkpoint to resume from; starting fresh", out_dir)
         return None
-    return torch.load(path, weights_only=True)
+    state = _read_state(path)
+    model_step = _checkpoint_model_step(path.parent / MODEL_DIR)
+    if model_step is not None and model_step != state["step"]:
+        raise DataError(path.parent, f"its model is of step {model_step} and its {STATE_FILE} of step "
+                                     f"{state['step']}: they were not saved together, and resuming would train "
+                                     f"from a mismatched state; delete {path.parent} to start fresh")
+    return state
+
+
+STATE_KEYS = ("optimizer", "scheduler", "step", "batch_index")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state file; a ``DataError`` naming it if it cannot be read (cut short, overwritten, another
+    file) rather than torch's traceback."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
+        reason = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".") or type(err).__name__  # torch's first
+        # sentence: the rest is advice about checkpoints of its own
+        raise DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or not isinstance(state["step"], int) or not isinstance(state["batch_index"], int):
+        raise DataError(path, f"damaged checkpoint state (not a medvl training state: "
+                              f"{'missing ' + ', '.join(missing) if missing else 'step is not a number'}); "
+                              f"delete {path.parent} to start fresh")
+    return state
+
+
+def _checkpoint_model_step(model_dir: Path) -> int | None:
+    """The step a checkpoint's model records in its meta.json; None if it records none (a checkpoint written
+    before the step was recorded) or the file cannot be read (loading the model then names it)."""
+    try:
+        step = json.loads((model_dir / META_FILE).read_text(encoding="utf-8")).get(CHECKPOINT_STEP)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _in_place_of(path: str | None, staging: Path, directory: Path) -> str | None:
+    """``path`` inside ``staging`` as the same path inside ``directory`` (which ``staging`` was to replace)."""
+    if path is None:
+        return None
+    try:
+        return str(directory / Path(path).relative_to(staging))
+    except ValueError:
+        return path
 
 
 def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:
