@@ -88,8 +88,13 @@ def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
     model = medvl.create_model("phantom-tiny")
     config = TrainConfig(epochs=8, batch_size=32, lr=3e-3, log_every=1, seed=0)
     medvl.train(model, dataset, config, tmp_path / "run", captions=captions_for(dataset), show_progress=False)
-    losses = [line["loss"] for line in _metrics(tmp_path / "run") if "loss" in line]
+    lines = [line for line in _metrics(tmp_path / "run") if "loss" in line]
+    losses = [line["loss"] for line in lines]
     assert len(losses) >= 16
+    # each epoch's last step trains the short remainder batch, and its line says so (plots leave it out)
+    per_epoch = -(-len(dataset) // 32)
+    assert len(dataset) % 32 and [line["full_batch"] for line in lines] == [
+        line["step"] % per_epoch != 0 for line in lines]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "train_config.json").is_file()

@@ -147,11 +147,13 @@ def _loss_curve(metrics_path: Path) -> str | None:
     if not metrics_path.exists():
         return None
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    points = [(line["step"], line["loss"]) for line in lines if "loss" in line]
+    # an epoch's short last batch is left out: its contrastive loss, over fewer candidates, is on a lower scale
+    points = [(line["step"], line["loss"]) for line in lines if "loss" in line and line.get("full_batch", True)]
     if not points:
         return None
     steps, losses = zip(*points, strict=True)
-    return figure_to_data_uri(curve_figure(steps, losses, "training loss", "contrastive loss"))
+    return figure_to_data_uri(curve_figure(steps, losses, "loss of the logged step's batch",
+                                           "training loss (full batches)"))
 
 
 def _examples(model, test_set, embeddings, per_class: int = 1, top: int = 3) -> str:

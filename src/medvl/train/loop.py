@@ -11,7 +11,8 @@ Output directory layout::
     OUT/model/            the final model (save_pretrained); ``load_model(OUT)`` finds it
     OUT/checkpoint/       model + optimizer/scheduler state of the last checkpoint (written as one folder,
                           both recording its step)
-    OUT/metrics.jsonl     one JSON object per logged step / epoch
+    OUT/metrics.jsonl     one JSON object per logged step (its batch's losses; full_batch false for an
+                          epoch's short last batch) / epoch
     OUT/train_config.json the resolved training config
 """
 
@@ -559,8 +560,11 @@ class _Run:
     def _train_step(self, advance) -> None:
         self.model.train()
         losses: list[dict[str, float]] = []
+        full = True  # every batch of this step has batch_size examples (an epoch's last batch may have fewer)
         for _ in range(self.config.grad_accum):
-            parts = self._forward(self._batch_indices(self.batch_index))
+            indices = self._batch_indices(self.batch_index)
+            full = full and len(indices) == self.config.batch_size
+            parts = self._forward(indices)
             self._check_finite("the loss", parts["loss"])
             (parts["loss"] / self.config.grad_accum).backward()
             losses.append({k: float(v.detach()) for k, v in parts.items()})
@@ -578,7 +582,8 @@ class _Run:
         epoch_done = self.batch_index % self.batches_per_epoch == 0
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
             # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
-            self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}))
+            self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}),
+                      full)
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -623,11 +628,14 @@ class _Run:
             return self.objective.pretraining_losses(indices, seed)  # type: ignore[attr-defined]
         return self.objective.losses(indices, seed)
 
-    def _log(self, losses: dict[str, float]) -> None:
+    def _log(self, losses: dict[str, float], full_batch: bool) -> None:
+        """One metrics line: the losses of this step's batch (``full_batch`` false for an epoch's short last
+        batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out)."""
         if not distributed.is_main():
             return
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses}
+                "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses,
+                "full_batch": full_batch}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
     def _end_epoch(self) -> None:
