@@ -167,3 +167,69 @@ def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_mode
         embed.class_embeddings(model, [[f"class {n} a"], [f"class {n} b"]])
     embed.class_embeddings(model, prompts)  # the oldest set was dropped: computed once more
     assert len(calls) == 4 + 6 + 2
+
+
+# ------------------------------------------------------------------ the WordPiece vocabulary keeps no rare word
+
+COMMON_REPORTS = [f"Heart size normal. Lungs clear. No pleural effusion. Study {i}." for i in range(20)]
+# a name, record number and date written five times in one report, given twice (a study's two images share it)
+PLANTED = ("Discussed with Dr Krumplehorn. " * 5 + "Patient Zebraquartz, MRN 99887766, DOB 12/03/1947, "
+           "seen by Þórður Ʒ.")
+
+
+def test_a_word_of_one_report_is_spelled_from_characters_not_kept_in_the_vocabulary():
+    from medvl.models.text import train_wordpiece
+
+    tokenizer = train_wordpiece([*COMMON_REPORTS, PLANTED, PLANTED], 4000)
+    vocab = tokenizer.get_vocab()
+    kept = [w for w in ("krumplehorn", "zebraquartz", "99887766", "1947", "mrn", "dob", "discussed", "ʒ", "##ʒ")
+            if w in vocab]
+    assert kept == []  # ʒ: a character of no other text and not in the base alphabet
+    assert {"heart", "lungs", "clear", "pleural", "effusion", "study"} <= set(vocab)  # words of many reports
+    assert tokenizer.tokenize("Dr Krumplehorn") == ["d", "##r", "k", *(f"##{c}" for c in "rumplehorn")]
+    assert tokenizer.tokenize("Þórður") == ["þ", "##o", "##r", "##ð", "##u", "##r"]  # base alphabet, accent stripped
+    ids = tokenizer("MRN 99887766, DOB 12/03/1947", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids).replace(" ", "") == "mrn99887766,dob12/03/1947"
+    assert tokenizer.tokenize("Ʒ lungs") == ["[UNK]", "lungs"]
+    assert train_wordpiece([PLANTED, *reversed(COMMON_REPORTS)], 4000).get_vocab() == vocab  # order-free
+
+
+@pytest.mark.parametrize("min_texts", [None, 2])  # None: the default
+def test_a_word_or_character_enters_the_vocabulary_from_k_distinct_texts(min_texts):
+    from medvl.models.text import MIN_WORD_TEXTS, train_wordpiece
+
+    k = min_texts or MIN_WORD_TEXTS
+    enough = [f"kappa жук {i}" for i in range(k)]  # in k texts
+    too_few = [f"lambda lambda lambda ягода {i}" for i in range(k - 1)] * 3  # in k - 1 distinct texts, many times
+    options = {"min_texts": min_texts} if min_texts else {}
+    vocab = train_wordpiece([*enough, *too_few], 4000, **options).get_vocab()
+    assert "kappa" in vocab and "lambda" not in vocab
+    assert {"ж", "##у", "##к", "жук"} <= set(vocab)
+    assert not {"я", "##г", "##д", "ягода"} & set(vocab)
+    tokenizer = train_wordpiece([*enough, *too_few], 4000, **options)
+    assert tokenizer.tokenize("lambda") == ["l", "##a", "##m", "##b", "##d", "##a"]
+    assert tokenizer.tokenize("ягода") == ["[UNK]"]  # WordPiece has no piece for я: the whole word is unknown
+
+
+def test_prompts_are_public_and_the_minimum_is_a_text_config_field(tmp_path):
+    """Caption prompts hold no patient data: their words enter from one prompt. ``text.vocab_min_texts`` sets the
+    minimum; a config.json saved before the field existed still loads, with its own saved vocabulary."""
+    from medvl.models.text import MIN_WORD_TEXTS, train_wordpiece
+
+    assert "cardiomegaly" in train_wordpiece([], 4000, public_texts=["an image showing cardiomegaly."]).get_vocab()
+    with pytest.raises(InputError, match="text.vocab_min_texts"):
+        get_config("phantom-tiny", **{"text.vocab_min_texts": 0})
+    with pytest.raises(InputError, match="vocabulary size of 100 is below"):
+        medvl.create_model("phantom-tiny", **{"text.vocab_size": 100})
+    model = medvl.create_model("phantom-tiny", **{"text.vocab_min_texts": 2})
+    model.text_encoder.fit_tokenizer(["pleural effusion", "small effusion", "a nodule"])
+    assert "effusion" in model.text_encoder.tokenizer.get_vocab()
+    assert "nodule" not in model.text_encoder.tokenizer.get_vocab()
+    model.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["text"].pop("vocab_min_texts") == 2
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    loaded = medvl.load_model(tmp_path / "model")
+    assert loaded.config.text.vocab_min_texts == MIN_WORD_TEXTS
+    assert loaded.text_encoder.tokenizer.get_vocab() == model.text_encoder.tokenizer.get_vocab()
