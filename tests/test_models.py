@@ -233,3 +233,24 @@ def test_prompts_are_public_and_the_minimum_is_a_text_config_field(tmp_path):
     loaded = medvl.load_model(tmp_path / "model")
     assert loaded.config.text.vocab_min_texts == MIN_WORD_TEXTS
     assert loaded.text_encoder.tokenizer.get_vocab() == model.text_encoder.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(("caption_set", "digest", "size"), [
+    ("isic", "2e227bf86cc230bcd5233a2ff9128a4739a61845ce6f20255da5acaeffdb7993", 152),
+    ("pneumoniamnist", "078e9785d9e2ca6743bc2a9268a192708361039a2e7d171d1b305d726cb2a3ef", 140),
+])
+def test_a_caption_trained_recipe_keeps_the_vocabulary_it_had_before_the_rare_word_rule(caption_set, digest, size):
+    """derm-small and medmnist-small train their text tower on caption prompts alone (no patient text): their
+    vocabulary, token ids included, is the one their documented figures were measured with (digests of the
+    vocabularies before words needed 5 distinct texts)."""
+    import hashlib
+
+    from medvl.data.captions import load_captions
+    from medvl.models.text import train_wordpiece
+    from medvl.train.recipes import caption_set as shipped
+
+    captions = load_captions(shipped(caption_set))
+    prompts = [p for column, per_class in captions.classes.items() for name in per_class
+               for p in captions.prompts(column, name)]
+    vocab = sorted(train_wordpiece([], 4000, public_texts=prompts).get_vocab().items(), key=lambda item: item[1])
+    assert len(vocab) == size and hashlib.sha256(json.dumps(vocab).encode()).hexdigest() == digest

@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MINILM = "all-minilm-l6-v2"
-# Words every vocabulary may hold whatever the corpus: fixed text, no patient's.
-_BOOTSTRAP_CORPUS = ["no acute cardiopulmonary abnormality. the heart size is normal. clear lungs."]
-# The base alphabet: characters every vocabulary holds, so that any word written with them can be spelled
-# whatever the corpus, and holding them reveals nothing about it. Printable ASCII, the Latin-1 supplement
-# (degree, plus-minus, micro, superscripts, fractions, the letters accent stripping leaves: ß æ ø ð þ), the
-# Greek letters and the typographic and math signs of pasted reports; all after the tokenizer's lower-casing
-# and accent stripping (é -> e). Other characters enter only when MIN_WORD_TEXTS distinct texts hold them,
-# otherwise they are [UNK], and so is a whole word holding one (WordPiece has no piece to spell it with).
+# Seeds the WordPiece vocabulary before a corpus is seen, so a fresh model can tokenise anything: fixed text, no
+# patient's (its words always qualify).
+_BOOTSTRAP_CORPUS = [
+    "abcdefghijklmnopqrstuvwxyz 0123456789 .,;:()-/%!?'\"+=<>[]",
+    "no acute cardiopulmonary abnormality. the heart size is normal. clear lungs.",
+]
+# The base alphabet: characters a vocabulary may hold when any text uses them, since holding them reveals
+# nothing about the corpus: printable ASCII, the Latin-1 supplement (degree, plus-minus, micro, superscripts,
+# fractions, the letters accent stripping leaves: ß æ ø ð þ), the Greek letters and the typographic and math
+# signs of pasted reports; all after the tokenizer's lower-casing and accent stripping (é -> e). Other
+# characters enter only when MIN_WORD_TEXTS distinct texts hold them, otherwise they are [UNK], and so is a
+# whole word holding one (WordPiece has no piece to spell it with).
 _BASE_CODE_POINTS = (*range(0x21, 0x7F), *range(0xA1, 0x100), *range(0x3B1, 0x3CA))
 _BASE_SIGNS = "–—‘’“”•…′″€™←↑→↓−≈≠≤≥"
 
@@ -56,14 +60,14 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_texts: int = MIN_
     """A lower-casing BERT WordPiece tokenizer whose vocabulary is learnt from ``texts``.
 
     The vocabulary is deterministic (the ``tokenizers`` trainer is not: its ties break by thread
-    timing): special tokens, the characters (alone, and as a ``##`` continuation where the
-    pre-tokenizer does not split them off) so any word can be spelled, then whole words by frequency
-    (ties alphabetical) up to ``vocab_size``. Training texts are patient data and the vocabulary is
-    saved with the model, so a word enters it only when at least ``min_texts`` distinct texts hold it
-    (document frequency: a name written five times in one report counts once), and a character only
-    when it is in the base alphabet or ``min_texts`` distinct texts hold it; rarer words are spelled
-    from characters. ``public_texts`` hold no patient data (caption templates and class
-    descriptions): all their words and characters are eligible.
+    timing): special tokens, the characters the texts use (alone and as a ``##`` continuation) so any
+    word can be spelled, then whole words by frequency (ties alphabetical) up to ``vocab_size``.
+    Training texts are patient data and the vocabulary is saved with the model, so a word enters it
+    only when at least ``min_texts`` distinct texts hold it (document frequency: a name written five
+    times in one report counts once), and a character only when it is in the base alphabet or
+    ``min_texts`` distinct texts hold it; rarer words are spelled from characters. ``public_texts``
+    hold no patient data (caption templates and class descriptions): all their words and characters
+    are eligible.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -91,19 +95,22 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_texts: int = MIN_
 
 def _wordpiece_vocabulary(private: list[list[str]], public: list[list[str]], vocab_size: int, min_texts: int,
                           words_of: Callable[[str], list[str]]) -> list[str]:
-    """Special tokens, characters, ``##`` continuations, then the eligible words of ``private`` (each
-    text's words, patient data) and ``public`` texts by frequency; see ``train_wordpiece``."""
+    """Special tokens, characters, their ``##`` continuations, then the eligible words of ``private`` (each
+    text's words, patient data) and ``public`` texts by frequency; see ``train_wordpiece``. A corpus in
+    which every word and character qualifies gets the vocabulary it got before the rule (same tokens, same
+    ids): caption-trained recipes are unchanged."""
     distinct = {tuple(words) for words in private}  # the same text twice (two images of a study) counts once
     public_words = {word for words in public for word in words}
     eligible = _common(distinct, min_texts) | public_words
-    characters = sorted(_base_alphabet(words_of) | _common(["".join(words) for words in distinct], min_texts)
-                        | set("".join(public_words)))
-    continuing = [char for char in characters if len(words_of(f"a{char}a")) == 1]  # not split off as punctuation
-    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{char}" for char in continuing)]
+    seen = {char for words in [*private, *public] for word in words for char in word}
+    allowed = _base_alphabet(words_of) | _common(["".join(words) for words in distinct], min_texts) \
+        | set("".join(public_words))
+    characters = sorted(seen & allowed)
+    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{char}" for char in characters)]
     if len(vocab) > vocab_size:
         raise InputError(f"a WordPiece vocabulary size of {vocab_size} is below the {len(vocab)} special tokens "
-                         f"and characters every vocabulary holds: raise vocab_size")
-    frequency = Counter(word for words in [*private, *public] for word in words if word in eligible)
+                         f"and characters of this corpus: raise vocab_size")
+    frequency = Counter(word for words in [*public, *private] for word in words if word in eligible)
     taken = set(vocab)
     for word, _ in sorted(frequency.items(), key=lambda item: (-item[1], item[0])):
         if len(vocab) >= vocab_size:
