@@ -31,6 +31,23 @@ def isic_rows(shared_data: Path, diagnosis: str) -> list[dict[str, str]]:
     return [{**r, "path": str(folder / "images" / r["image"])} for r in rows]
 
 
+PLANTED_WORDS = ("krumplehorn", "zebraquartz", "99887766", "1947", "mrn")  # in one report of planted_phantom
+
+
+def planted_phantom(phantom_dir: Path, folder: Path) -> Path:
+    """A copy of the phantom data whose fourth training report names a doctor, a patient, an MRN and a birth date."""
+    shutil.copytree(phantom_dir, folder)
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = [r for r in rows if r["split"] == "train"][3]
+    row["text"] += " Discussed with Dr Krumplehorn; patient Zebraquartz DOB 12/03/1947, MRN 99887766."
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
 def write_manifest(path: Path, header: list[str], rows: list[list]) -> Path:
     """A CSV manifest (images read in place)."""
     with path.open("w", newline="") as handle:

@@ -167,3 +167,90 @@ def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_mode
         embed.class_embeddings(model, [[f"class {n} a"], [f"class {n} b"]])
     embed.class_embeddings(model, prompts)  # the oldest set was dropped: computed once more
     assert len(calls) == 4 + 6 + 2
+
+
+# ------------------------------------------------------------------ the WordPiece vocabulary keeps no rare word
+
+COMMON_REPORTS = [f"Heart size normal. Lungs clear. No pleural effusion. Study {i}." for i in range(20)]
+# a name, record number and date written five times in one report, given twice (a study's two images share it)
+PLANTED = ("Discussed with Dr Krumplehorn. " * 5 + "Patient Zebraquartz, MRN 99887766, DOB 12/03/1947, "
+           "seen by Þórður Ʒ.")
+
+
+def test_a_word_of_one_report_is_spelled_from_characters_not_kept_in_the_vocabulary():
+    from medvl.models.text import train_wordpiece
+
+    tokenizer = train_wordpiece([*COMMON_REPORTS, PLANTED, PLANTED], 4000)
+    vocab = tokenizer.get_vocab()
+    kept = [w for w in ("krumplehorn", "zebraquartz", "99887766", "1947", "mrn", "dob", "discussed", "ʒ", "##ʒ")
+            if w in vocab]
+    assert kept == []  # ʒ: a character of no other text and not in the base alphabet
+    assert {"heart", "lungs", "clear", "pleural", "effusion", "study"} <= set(vocab)  # words of many reports
+    assert tokenizer.tokenize("Dr Krumplehorn") == ["d", "##r", "k", *(f"##{c}" for c in "rumplehorn")]
+    assert tokenizer.tokenize("Þórður") == ["þ", "##o", "##r", "##ð", "##u", "##r"]  # base alphabet, accent stripped
+    ids = tokenizer("MRN 99887766, DOB 12/03/1947", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids).replace(" ", "") == "mrn99887766,dob12/03/1947"
+    assert tokenizer.tokenize("Ʒ lungs") == ["[UNK]", "lungs"]
+    assert train_wordpiece([PLANTED, *reversed(COMMON_REPORTS)], 4000).get_vocab() == vocab  # order-free
+
+
+@pytest.mark.parametrize("min_texts", [None, 2])  # None: the default
+def test_a_word_or_character_enters_the_vocabulary_from_k_distinct_texts(min_texts):
+    from medvl.models.text import MIN_WORD_TEXTS, train_wordpiece
+
+    k = min_texts or MIN_WORD_TEXTS
+    enough = [f"kappa жук {i}" for i in range(k)]  # in k texts
+    too_few = [f"lambda lambda lambda ягода {i}" for i in range(k - 1)] * 3  # in k - 1 distinct texts, many times
+    options = {"min_texts": min_texts} if min_texts else {}
+    vocab = train_wordpiece([*enough, *too_few], 4000, **options).get_vocab()
+    assert "kappa" in vocab and "lambda" not in vocab
+    assert {"ж", "##у", "##к", "жук"} <= set(vocab)
+    assert not {"я", "##г", "##д", "ягода"} & set(vocab)
+    tokenizer = train_wordpiece([*enough, *too_few], 4000, **options)
+    assert tokenizer.tokenize("lambda") == ["l", "##a", "##m", "##b", "##d", "##a"]
+    assert tokenizer.tokenize("ягода") == ["[UNK]"]  # WordPiece has no piece for я: the whole word is unknown
+
+
+def test_prompts_are_public_and_the_minimum_is_a_text_config_field(tmp_path):
+    """Caption prompts hold no patient data: their words enter from one prompt. ``text.vocab_min_texts`` sets the
+    minimum; a config.json saved before the field existed still loads, with its own saved vocabulary."""
+    from medvl.models.text import MIN_WORD_TEXTS, train_wordpiece
+
+    assert "cardiomegaly" in train_wordpiece([], 4000, public_texts=["an image showing cardiomegaly."]).get_vocab()
+    with pytest.raises(InputError, match="text.vocab_min_texts"):
+        get_config("phantom-tiny", **{"text.vocab_min_texts": 0})
+    with pytest.raises(InputError, match="vocabulary size of 100 is below"):
+        medvl.create_model("phantom-tiny", **{"text.vocab_size": 100})
+    model = medvl.create_model("phantom-tiny", **{"text.vocab_min_texts": 2})
+    model.text_encoder.fit_tokenizer(["pleural effusion", "small effusion", "a nodule"])
+    assert "effusion" in model.text_encoder.tokenizer.get_vocab()
+    assert "nodule" not in model.text_encoder.tokenizer.get_vocab()
+    model.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["text"].pop("vocab_min_texts") == 2
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    loaded = medvl.load_model(tmp_path / "model")
+    assert loaded.config.text.vocab_min_texts == MIN_WORD_TEXTS
+    assert loaded.text_encoder.tokenizer.get_vocab() == model.text_encoder.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(("caption_set", "digest", "size"), [
+    ("isic", "2e227bf86cc230bcd5233a2ff9128a4739a61845ce6f20255da5acaeffdb7993", 152),
+    ("pneumoniamnist", "078e9785d9e2ca6743bc2a9268a192708361039a2e7d171d1b305d726cb2a3ef", 140),
+])
+def test_a_caption_trained_recipe_keeps_the_vocabulary_it_had_before_the_rare_word_rule(caption_set, digest, size):
+    """derm-small and medmnist-small train their text tower on caption prompts alone (no patient text): their
+    vocabulary, token ids included, is the one their documented figures were measured with (digests of the
+    vocabularies before words needed 5 distinct texts)."""
+    import hashlib
+
+    from medvl.data.captions import load_captions
+    from medvl.models.text import train_wordpiece
+    from medvl.train.recipes import caption_set as shipped
+
+    captions = load_captions(shipped(caption_set))
+    prompts = [p for column, per_class in captions.classes.items() for name in per_class
+               for p in captions.prompts(column, name)]
+    vocab = sorted(train_wordpiece([], 4000, public_texts=prompts).get_vocab().items(), key=lambda item: item[1])
+    assert len(vocab) == size and hashlib.sha256(json.dumps(vocab).encode()).hexdigest() == digest

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import medvl
-from cli_helpers import invoke
+from cli_helpers import PLANTED_WORDS, invoke, planted_phantom
 from medvl.errors import InputError
 from medvl.eval.report import clinical_efficacy, metric_tokens, nlg_metrics
 from medvl.models.decoder import ReportGenerator, ReportGeneratorConfig
@@ -86,7 +86,10 @@ MULTILINGUAL = ["Neumotórax derecho, sin derrame pleural.", "Kein Pleuraerguss,
 def test_a_generator_reproducing_a_report_in_any_script_scores_full_marks():
     from medvl.train.report import build_generator
 
-    model = build_generator(MULTILINGUAL, "phantom-tiny", overrides=TINY_OVERRIDES)  # its tokenizer strips accents
+    # every word and character of these reports in the vocabulary (by default a word needs 5 reports), beside the
+    # base alphabet
+    model = build_generator(MULTILINGUAL, "phantom-tiny", overrides={**TINY_OVERRIDES, "decoder.vocab_min_texts": 1,
+                                                                     "decoder.vocab_size": 1000})
     for reference in MULTILINGUAL:
         written = model.decode(model.tokenize_reports([reference])["input_ids"][0].tolist())
         assert metric_tokens(written) == metric_tokens(reference), (reference, written)
@@ -152,6 +155,34 @@ def test_training_lowers_the_loss_and_the_saved_model_decodes_the_same(trained):
     # batched beam search gives each image what it gets alone
     batched = model.generate(pixels, beam_size=3, max_length=20)
     assert batched == [model.generate(pixels[i:i + 1], beam_size=3, max_length=20)[0] for i in range(3)]
+
+
+def test_a_generator_config_saved_before_vocab_min_texts_still_loads(trained, tmp_path):
+    import shutil
+
+    model, out, dataset = trained
+    shutil.copytree(out / "model", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["decoder"]["vocab_min_texts"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    reloaded = ReportGenerator.from_pretrained(tmp_path / "old")
+    assert reloaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
+    assert reloaded.generate(pixels, max_length=8) == model.generate(pixels, max_length=8)
+
+
+def test_a_generator_keeps_no_word_of_a_single_report_and_writes_it_from_characters(phantom_dir, tmp_path):
+    data = planted_phantom(phantom_dir, tmp_path / "data")
+    result, output = invoke("train", "report", "--data", data, "--out", tmp_path / "run", "--max-steps", "1",
+                            "--batch-size", "16", "-q", *TINY)
+    assert result.exit_code == 0, output
+    vocab = json.loads((tmp_path / "run" / "model" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert [word for word in PLANTED_WORDS if word in vocab] == []
+    assert {"effusion", "pneumothorax", "cardiomegaly"} <= set(vocab)
+    model = ReportGenerator.from_pretrained(tmp_path / "run")
+    planted = "Zebraquartz, MRN 99887766, 1947."  # spelled: 29 tokens, within the tiny decoder's 48
+    assert metric_tokens(model.decode(model.tokenize_reports([planted])["input_ids"][0].tolist())) == \
+        metric_tokens(planted)  # the vocabulary is what a generator can write: a rare word, spelled
 
 
 def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):

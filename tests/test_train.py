@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import medvl
-from cli_helpers import invoke
+from cli_helpers import PLANTED_WORDS, invoke, planted_phantom
 from medvl.data import captions_for
 from medvl.errors import DataError, InputError, TrainingError, WriteError
 from medvl.train.loop import TrainConfig
@@ -446,3 +446,13 @@ def test_train_throughput_benchmark_counts_the_samples_trained(tmp_path):
     assert (row["train_records"], row["samples"]) == (42, 588)
     assert row["elapsed_s"] > 0 and row["samples_per_s"] == round(588 / row["elapsed_s"], 1)
     assert "42 training records" in done.stdout
+
+
+def test_a_trained_model_folder_keeps_no_word_of_a_single_report(phantom_dir, tmp_path):
+    data = planted_phantom(phantom_dir, tmp_path / "data")
+    result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--max-steps", "1", "-q")
+    assert result.exit_code == 0, output
+    vocab = json.loads((tmp_path / "run" / "model" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert [word for word in PLANTED_WORDS if word in vocab] == []
+    assert {"effusion", "pneumothorax", "cardiomegaly"} <= set(vocab)  # words of many reports stay whole

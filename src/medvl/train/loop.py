@@ -212,13 +212,17 @@ class _PairedTexts:
         return texts, torch.tensor([ids[key] for key in keys])
 
     def corpus(self) -> list[str]:
+        """The records' texts (reports, ``meta_text``): patient data, for the tokenizer."""
         texts = [r.text for r in self.records if r.text]
         if self.config.meta_text:
             texts.extend(str(r.meta[self.config.meta_text]) for r in self.records if r.meta.get(self.config.meta_text))
-        for column, per_class in self.captions.classes.items():
-            for class_name in per_class:
-                texts.extend(self.captions.prompts(column, class_name))
         return texts
+
+    def prompts(self) -> list[str]:
+        """The captions' prompts of every described class: no patient data (the captions are kept in the
+        model's meta), so every word of theirs may enter the tokenizer's vocabulary."""
+        return [prompt for column, per_class in self.captions.classes.items() for class_name in per_class
+                for prompt in self.captions.prompts(column, class_name)]
 
 
 def seed_everything(seed: int) -> None:
@@ -348,7 +352,7 @@ class ContrastiveObjective:
         if checkpoint is not None:
             self.model = DualEncoder.from_pretrained(checkpoint, load_guard=False)  # a trained model has no guard
         else:
-            self.model.text_encoder.fit_tokenizer(self.texts.corpus())
+            self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))

@@ -87,7 +87,8 @@ def build_generator(reports: list[str], image_model: str = DEFAULT_IMAGE_MODEL, 
     if init is not None and any(key.startswith("image.") for key in settings):
         raise InputError("image.* overrides do not apply with --init (the image tower is the dual encoder's)")
     config = base.merged(settings)
-    model = ReportGenerator(config, tokenizer=train_wordpiece(reports, config.decoder.vocab_size))
+    model = ReportGenerator(config, tokenizer=train_wordpiece(reports, config.decoder.vocab_size,
+                                                               config.decoder.vocab_min_texts))
     if dual is not None:
         model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
         model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name}
