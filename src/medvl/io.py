@@ -72,6 +72,46 @@ def _io_reason(message: str) -> str:
     return "I/O error"
 
 
+def _umask_without_setting_it() -> int | None:
+    """The process's umask as Linux reports it (``/proc/self/status``), or None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    if (found := _umask_without_setting_it()) is not None:
+        return found
+    old = os.umask(0o077)  # read by setting it: done once, at import, before any thread of ours runs
+    os.umask(old)
+    return old
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def output_mode(folder: bool = False) -> int:
+    """The permissions of a new output, as any Unix tool gives them: 0o666 (files) or 0o777 (folders) less
+    the user's umask. Temporary files and staging folders are created private (0o600 / 0o700) and keep
+    that mode through the rename, so every atomic output is set to this first; ``umask 077`` keeps
+    outputs private (docs/security.md)."""
+    umask = _umask_without_setting_it()
+    return (0o777 if folder else 0o666) & ~(_UMASK_AT_IMPORT if umask is None else umask)
+
+
+def staging_folder(parent: str | Path, prefix: str, suffix: str = "") -> Path:
+    """A new, uniquely named folder in ``parent`` (``tempfile.mkdtemp``) to write an output into before it is
+    renamed into place, with the mode any new output folder gets (``output_mode``), not mkdtemp's 0o700."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(staging, output_mode(folder=True))
+    return staging
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling, then rename it over ``path``; a failed write
     (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``."""
@@ -80,6 +120,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.chmod(tmp, output_mode())
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
             os.replace(tmp, path)

@@ -64,14 +64,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, staging_folder
 from .descriptors import ALLOWED_WORDS, SHORT_DESCRIPTORS
 from .descriptors import clean_descriptors as clean_descriptors_in
 from .dicom import (
@@ -541,7 +540,7 @@ def _deidentify_file(source: Path, target: Path, run: _Run) -> dict[str, Any]:
 def _run(source: Path, target: Path, run: _Run) -> dict[str, Any]:
     if source.is_file():
         return _deidentify_file(source, target, run)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    staging = staging_folder(target.parent, f".{target.name}.", ".staging")
     try:
         entries, skipped = _deidentify_folder(source, run, staging)
         report = _report(entries, skipped, run.seeded, run.clean_descriptors)

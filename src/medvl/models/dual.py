@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MedvlError, ModelError
-from ..io import replace_dir, write_errors_named
+from ..io import replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
@@ -227,7 +226,7 @@ def save_model_dir(directory: str | Path, state: dict[str, torch.Tensor], config
                          f"(first: {bad[0]}); the training diverged")
     with write_errors_named(directory):
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = staging_folder(directory.parent, f".{directory.name}.tmp-")
         try:
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
