@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,8 @@ def staging_folder(parent: str | Path, prefix: str, suffix: str = "") -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling, then rename it over ``path``; a failed write
-    (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``."""
+    (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``.
+    The file gets the umask's permissions (``output_mode``), also when it replaces one."""
     path = Path(path)
     with write_errors_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,21 +131,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, overwrite: bool = False, option: str = "output") -> Path:
+InputPaths = Mapping[str, str | Path | Iterable[str | Path] | None]
+"""A command's inputs by option name (``{"--model": model, "IMAGES": images}``): a path, several, or None."""
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, option: str = "output",
+                      inputs: InputPaths | None = None) -> Path:
     """Refuse an output file path before any work is done, unless it can be safely replaced.
 
-    A path that does not exist is fine (its folder is created when written). An existing path is
-    refused unless ``overwrite`` is set, and even then only a regular file is ever replaced: a
-    symlink, folder, device, FIFO or socket is refused whatever ``overwrite`` says, so that
-    ``--json /dev/sda`` or ``--json link-to-config.json`` cannot clobber what they point at.
+    A path that does not exist is fine (its folder is created when written). An output that is one
+    of the command's ``inputs`` or lies inside one of its folders is refused whatever ``overwrite``
+    says (``check_not_an_input``). An existing path is refused unless ``overwrite`` is set, and even
+    then only a regular file is ever replaced: a symlink, folder, device, FIFO or socket is refused
+    whatever ``overwrite`` says, so that ``--json /dev/sda`` or ``--json link-to-config.json`` cannot
+    clobber what they point at.
     """
     path = Path(path)
     try:
         info = path.lstat()
     except FileNotFoundError:
-        return path
+        info = None
     except NotADirectoryError:
         raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
+    check_not_an_input(path, option, inputs or {})
+    if info is None:
+        return path
     if stat.S_ISLNK(info.st_mode):
         raise InputError(f"{path}: {option} is a symbolic link; give a regular file path")
     if not stat.S_ISREG(info.st_mode):
@@ -153,6 +164,33 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     if not overwrite:
         raise InputError(f"{path}: {option} file exists (use --overwrite to replace it)")
     return path
+
+
+def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> None:
+    """Refuse an output ``path`` that is one of a command's input files, or lies inside one of its folders (a
+    model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:
+    ``--json model/config.json --overwrite`` would destroy the model, and a new file in a dataset folder may
+    be read back as data. Paths are compared resolved (symbolic links followed; hard links count); a folder
+    input that does not exist yet (an output folder) counts as a folder."""
+    target = os.path.realpath(path)
+    for name, given in _input_paths(inputs):
+        source = os.path.realpath(given)
+        if os.path.isdir(source) or not os.path.lexists(source):
+            if target == source or os.path.commonpath([target, source]) == source:
+                where = "is" if target == source else "lies inside"
+                raise InputError(f"{path}: {option} {where} {given} ({name}), which this command reads or writes; "
+                                 "give a path outside it")
+        elif target == source or (os.path.exists(target) and os.path.samefile(target, source)):
+            raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
+
+
+def _input_paths(inputs: InputPaths) -> Iterator[tuple[str, str | Path]]:
+    for name, given in inputs.items():
+        if given is None:
+            continue
+        for one in [given] if isinstance(given, str | Path) else given:
+            if one is not None and str(one) and "://" not in str(one):  # not a database URL
+                yield name, one
 
 
 def replace_dir(staging: Path, target: Path) -> None:

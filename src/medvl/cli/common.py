@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import MedvlError
+from ..io import InputPaths
 
 # stdout prints data (file names, ids, labels, report text) that may hold "[...]": rich markup is off, and the few
 # lines that style their own words turn it on (``markup=True``) with every value in them escaped
@@ -58,16 +59,20 @@ BackendOption = Annotated[str, typer.Option(
          "see docs/benchmarks.md for which is fastest.")]
 
 
-def check_outputs(overwrite: bool, **paths: Path | None) -> None:
-    """Refuse existing output files before a command starts its work (see ``io.check_output_file``).
+def check_outputs(overwrite: bool, inputs: InputPaths | None = None, **paths: Path | None) -> None:
+    """Refuse a command's output files before it starts its work (see ``io.check_output_file``): existing
+    ones without ``overwrite``; whatever ``overwrite`` says, an output
+    that is one of the command's ``inputs`` (option -> path or paths: the model, index and dataset folders,
+    input files, folders it writes) or lies inside one of their folders.
 
-    Keyword names are the options, e.g. ``check_outputs(overwrite, json=json_out)`` -> ``--json``.
+    Keyword names are the options, e.g. ``check_outputs(overwrite, {"--model": model}, json=json_out)`` ->
+    ``--json``.
     """
     from ..io import check_output_file
 
     for option, path in paths.items():
         if path is not None:
-            check_output_file(path, overwrite, "--" + option.replace("_", "-"))
+            check_output_file(path, overwrite, "--" + option.replace("_", "-"), inputs)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -52,10 +52,12 @@ def explain_command(
     from ..models.registry import load_model
 
     saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
+    inputs = {"IMAGE": image, "--model": model, "--captions": captions, "--concept-data": concept_data,
+              "--bottleneck": bottleneck, "--index": index}
     if out is not None:  # before any work
         for path in (saved, out / EXPLANATION_FILE):
             if path is not None:
-                check_output_file(path, overwrite, "--out")
+                check_output_file(path, overwrite, "--out", inputs)
     if method:
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)

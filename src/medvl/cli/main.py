@@ -141,7 +141,7 @@ def predict_command(
 
     from ..predict import predict
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"IMAGES": images, "--model": model, "--captions": captions}, json=json_out)
     class_names = split_names(labels)
     results = predict(model, images, class_names, label_column=label_column, captions=captions, backend=backend)
     for item in results:
@@ -184,7 +184,7 @@ def audit_command(
 
     from ..api import audit_from_path
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--data": data, "--against": against}, json=json_out)
     result = audit_from_path(data, split, label=label_column, workers=workers,
                              allow_outside_root=allow_outside_root, show_progress=not quiet, against=against,
                              against_split=against_split, near_distance=near_distance)

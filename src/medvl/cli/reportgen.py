@@ -104,7 +104,7 @@ def generate_command(
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out)
     net = load_report_generator(model)
     check_max_length(net, max_length)
     arrays = _read_images(images, net)
@@ -160,7 +160,8 @@ def eval_report_command(
     from ..models.registry import load_model
     from ..rag import ReportLabeller, load_knowledge
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data, "--baseline-model": baseline_model, "--index": index,
+                              "--knowledge": knowledge}, json=json_out)
     if split == train_split:
         raise InputError(f"--split {split!r} is the --train-split the baseline retrieves from: evaluate another split")
     labeller = ReportLabeller(load_knowledge(knowledge, builtin=builtin_knowledge))
