@@ -441,3 +441,16 @@ def test_an_output_reached_through_a_symlinked_folder_is_still_an_input(trained,
                             "--json", tmp_path / "alias" / "config.json", "--overwrite")
     _assert_clean_refusal(result, output, "lies inside")
     assert config.read_bytes() == before
+
+
+def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):
+    image = next((phantom_dir / "images").glob("*.png"))
+    same = tmp_path / "same.out"
+    result, output = invoke("vqa", image, "--model", trained / "model", "--question", "is there an effusion?",
+                            "--heatmap", same, "--json", same, "--overwrite")
+    _assert_clean_refusal(result, output, "--json and --heatmap name the same file")
+    assert not same.exists()
+    out = tmp_path / "dout"
+    result, output = invoke("deid", phantom_dir / "images", out, "--report", out / "deid-report.json")
+    _assert_clean_refusal(result, output, "--report lies inside", "OUT")
+    assert not out.exists()  # nothing de-identified

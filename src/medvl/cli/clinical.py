@@ -45,7 +45,7 @@ def deid_command(
     which a patient name, ID or date survives."""
     from ..clinical.deid import REPORT_NAME, deidentify
 
-    check_outputs(overwrite, {"SOURCE": source}, report=report)
+    check_outputs(overwrite, {"SOURCE": source, "OUT": out}, report=report)
     result = deidentify(source, out, seed=seed, clean_descriptors=clean_descriptors,
                         refuse_burned_in=refuse_burned_in)
     _print_deid_summary(result, out, source.is_dir(), REPORT_NAME)

@@ -61,18 +61,24 @@ BackendOption = Annotated[str, typer.Option(
 
 def check_outputs(overwrite: bool, inputs: InputPaths | None = None, **paths: Path | None) -> None:
     """Refuse a command's output files before it starts its work (see ``io.check_output_file``): existing
-    ones without ``overwrite``; whatever ``overwrite`` says, an output
+    ones without ``overwrite``; whatever ``overwrite`` says, two options naming the same file and an output
     that is one of the command's ``inputs`` (option -> path or paths: the model, index and dataset folders,
     input files, folders it writes) or lies inside one of their folders.
 
     Keyword names are the options, e.g. ``check_outputs(overwrite, {"--model": model}, json=json_out)`` ->
     ``--json``.
     """
+    from ..errors import InputError
     from ..io import check_output_file
 
+    named: dict[str, str] = {}
     for option, path in paths.items():
         if path is not None:
-            check_output_file(path, overwrite, "--" + option.replace("_", "-"), inputs)
+            flag = "--" + option.replace("_", "-")
+            check_output_file(path, overwrite, flag, inputs)
+            same = named.setdefault(os.path.realpath(path), flag)
+            if same != flag:
+                raise InputError(f"{path}: {same} and {flag} name the same file; give each its own")
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
