@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -224,3 +225,26 @@ def test_outputs_follow_the_umask(model_dir, phantom_dir, tmp_path, umask):
                        (tmp_path / "model" / "config.json", file_mode), (tmp_path / "ph", folder_mode),
                        (tmp_path / "ph" / "manifest.csv", file_mode)):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM (timeout, docker stop, Slurm) left the staging folder behind and exited -15 without a word."""
+    out = tmp_path / "ph"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(
+        __import__("medvl").__file__)), os.environ.get("PYTHONPATH", "")] if p)}
+    process = subprocess.Popen([sys.executable, "-m", "medvl", "phantom", str(out), "--n", "3000", "--size", "48",
+                                "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(1200):  # the staging folder appears once the imports are done
+            if any(p.name.startswith(".ph.tmp-") for p in tmp_path.iterdir()) or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+        process.terminate()  # SIGTERM
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "terminated" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []  # no staging folder, nothing at OUT

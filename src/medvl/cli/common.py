@@ -24,6 +24,13 @@ err_console = Console(stderr=True)
 log = logging.getLogger("medvl")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm preemption, systemd) raised where the program is, as
+    Ctrl-C raises KeyboardInterrupt, so that the same cleanups run (staging folders, a fresh run's folder)."""
 
 LabelOption = Annotated[list[str] | None, typer.Option(
     "--label-column", "-l", help="Label column to use (repeatable); default: the dataset's own.")]
@@ -94,9 +101,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:  # unreadable / unwritable user paths: permissions, full disk
             print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, Terminated)
+            err_console.print("terminated" if terminated else "interrupted")
+            raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
 
     return wrapper
 

@@ -7,6 +7,8 @@ clinical.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,12 +20,14 @@ from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
     EXIT_BAD_INPUT,
+    EXIT_TERMINATED,
     AllowOutsideOption,
     BackendOption,
     CaptionsOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
+    Terminated,
     WorkersOption,
     check_outputs,
     console,
@@ -266,6 +270,25 @@ def undecodable_argument(arguments: list[str]) -> str | None:
     return None
 
 
+_sigterm_received: list[bool] = []
+
+
+def terminate_like_ctrl_c() -> None:
+    """Make SIGTERM raise ``Terminated`` (a KeyboardInterrupt) in this process, so it cleans up as after Ctrl-C,
+    says ``terminated`` and exits 143; forked workers (data loading) keep the default: they just end."""
+    main_process = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != main_process:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _sigterm_received.append(True)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def run() -> None:
     """The ``medvl`` console script: the Typer app, then, in a process that joined a torchrun group,
     an exit that skips the interpreter's teardown (``distributed.exit_process``)."""
@@ -273,12 +296,17 @@ def run() -> None:
     if problem is not None:
         print_error(problem)
         sys.exit(EXIT_BAD_INPUT)
+    terminate_like_ctrl_c()
     try:
         app()
     except SystemExit as done:
         code = done.code
+    except Terminated:
+        code = EXIT_TERMINATED
     else:
         code = 0
+    if _sigterm_received:  # also when it came before a command's own handling (click says "Aborted!")
+        code = EXIT_TERMINATED
     from ..train import distributed
 
     if distributed.joined():
