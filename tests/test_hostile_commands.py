@@ -454,3 +454,26 @@ def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, p
     result, output = invoke("deid", phantom_dir / "images", out, "--report", out / "deid-report.json")
     _assert_clean_refusal(result, output, "--report lies inside", "OUT")
     assert not out.exists()  # nothing de-identified
+
+
+@pytest.mark.parametrize("args", [["phantom", "{out}", "--n", 8, "-q"],
+                                  ["index", "build", "--model", "{model}", "--data", "{data}", "--out", "{out}"],
+                                  ["deid", "{images}", "{out}"]])
+def test_a_folder_output_under_a_file_says_so(trained, phantom_dir, tmp_path, args):
+    afile = tmp_path / "afile.txt"
+    afile.write_bytes(SENTINEL)
+    values = {"out": afile / "sub", "model": trained / "model", "data": phantom_dir, "images": phantom_dir / "images"}
+    result, output = invoke(*[str(a).format(**values) for a in args])
+    _assert_clean_refusal(result, output, f"{afile / 'sub'}", "path runs through a file, not a folder")
+    assert afile.read_bytes() == SENTINEL
+
+
+def test_an_unreadable_meta_json_is_named(trained, phantom_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    (model / "meta.json").write_text("")
+    result, output = invoke("predict", next((phantom_dir / "images").glob("*.png")), "--model", model,
+                            "--labels", "a,b")
+    _assert_clean_refusal(result, output, "cannot read model files (meta.json: JSONDecodeError")

@@ -166,6 +166,19 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     return path
 
 
+def check_output_folder(path: str | Path | None, option: str = "output") -> None:
+    """Refuse an output folder whose path runs through a regular file (``afile.txt/out``) before any work, in
+    the words ``check_output_file`` uses (creating it would fail later with a bare "File exists")."""
+    if path is None:
+        return
+    try:
+        Path(path).lstat()
+    except NotADirectoryError:
+        raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
+    except FileNotFoundError:
+        pass
+
+
 def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> None:
     """Refuse an output ``path`` that is one of a command's input files, or lies inside one of its folders (a
     model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:

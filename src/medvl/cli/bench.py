@@ -45,8 +45,9 @@ def bench_run(
 ) -> None:
     """Score models on a suite of datasets, tasks and trust checks; write results.json and report.html."""
     from ..bench.runner import parse_assignments, run_suite_file
-    from ..io import check_not_an_input
+    from ..io import check_not_an_input, check_output_folder
 
+    check_output_folder(out, "--out")
     datasets = parse_assignments(data or [], "--data")
     check_not_an_input(out, "--out", {"--model": model, "--data": datasets.values(),
                                       "SUITE": suite if Path(suite).is_file() else None})
@@ -115,7 +116,9 @@ def bench_medmnist(
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
     from ..api import parse_key_values, parse_overrides
     from ..bench.medmnist import run_medmnist
+    from ..io import check_output_folder
 
+    check_output_folder(out, "--out")
     check_outputs(overwrite, {"--train-data": train_data, "--test-data": test_data, "--out": out}, json=json_out)
     severities = _severities(shifts) if shifts is not None else None
     result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,

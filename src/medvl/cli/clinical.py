@@ -44,7 +44,9 @@ def deid_command(
     every attribute of the profile's table (Table E.1-1), descriptors, private tags; refuses a file in
     which a patient name, ID or date survives."""
     from ..clinical.deid import REPORT_NAME, deidentify
+    from ..io import check_output_folder
 
+    check_output_folder(out, "OUT")
     check_outputs(overwrite, {"SOURCE": source, "OUT": out}, report=report)
     result = deidentify(source, out, seed=seed, clean_descriptors=clean_descriptors,
                         refuse_burned_in=refuse_burned_in)

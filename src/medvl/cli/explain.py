@@ -48,8 +48,10 @@ def explain_command(
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
     from ..explain.explanation import EXPLANATION_FILE
     from ..explain.heatmaps import check_methods
-    from ..io import check_output_file
+    from ..io import check_output_file, check_output_folder
     from ..models.registry import load_model
+
+    check_output_folder(out, "--out")
 
     saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
     inputs = {"IMAGE": image, "--model": model, "--captions": captions, "--concept-data": concept_data,

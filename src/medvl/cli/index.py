@@ -89,8 +89,10 @@ def build_command(
     from ..data.loading import check_workers
     from ..index import build_index
     from ..index.build import check_batch_size
+    from ..io import check_output_folder
     from ..models.registry import load_model
 
+    check_output_folder(out, "--out")
     check_outputs(overwrite, {"--model": model, "--data": data, "--out": out}, json=json_out)
     check_batch_size(batch_size)
     check_workers(workers)

@@ -116,6 +116,9 @@ def phantom_command(
 ) -> None:
     """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
     from ..data.phantom import generate_phantom
+    from ..io import check_output_folder
+
+    check_output_folder(out, "OUT")
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
                                 overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case,
@@ -226,6 +229,9 @@ def demo_command(
 ) -> None:
     """Generate phantom data, train, evaluate and write OUT/report.html (under 10 min on 2 cores)."""
     from ..demo import run_demo
+    from ..io import check_output_folder
+
+    check_output_folder(out, "--out")
 
     summary = run_demo(out, n=n, epochs=epochs, seed=seed, size=size, model_name=model,
                        image_size=image_size or None, show_progress=not quiet)

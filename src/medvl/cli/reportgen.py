@@ -69,8 +69,11 @@ def train_report_command(
 
     from ..api import load_split, parse_overrides
     from ..index import open_index
+    from ..io import check_output_folder
     from ..train.loop import TrainConfig, check_out_dir
     from ..train.report import train_report_generator
+
+    check_output_folder(out, "--out")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, grad_accum=grad_accum,
                          checkpoint_every=checkpoint_every, max_steps=max_steps)

@@ -73,9 +73,12 @@ def train_vqa_command(
     """Train a VQA model (image tokens, question encoder, cross-attention fusion, answer classifier)."""
     from ..api import parse_overrides
     from ..data.loaders.vqa import load_vqa
+    from ..io import check_output_folder
     from ..models.vqa import holdout_meta, holdout_split, select_questions
     from ..train.loop import TrainConfig
     from ..train.vqa import VQAOptions, train_vqa
+
+    check_output_folder(out, "--out")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)
     options = VQAOptions(init=init, image_model=image_model, question_encoder=question_encoder,

@@ -177,12 +177,16 @@ class DualEncoder(nn.Module):
                 raise ModelError(f"{directory}: not a medvl model directory (missing {name})")
         from safetensors import SafetensorError
 
+        reading = CONFIG_FILE  # the file the message names
         try:
             config = ModelConfig.from_dict(raw)
+            reading = META_FILE
             meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+            reading = WEIGHTS_FILE
             state = load_file(str(directory / WEIGHTS_FILE))
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
-            raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+            raise ModelError(f"{directory}: cannot read model files ({reading}: {err.__class__.__name__}: "
+                             f"{err})") from None
         bad = non_finite_tensors(state)
         if bad:
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
