@@ -223,6 +223,7 @@ def test_outputs_follow_the_umask(model_dir, phantom_dir, tmp_path, umask):
     file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
     for path, mode in ((replaced, file_mode), (tmp_path / "model", folder_mode),
                        (tmp_path / "model" / "config.json", file_mode), (tmp_path / "ph", folder_mode),
+                       (tmp_path / "model" / "model.safetensors", file_mode),  # safetensors writes 0600
                        (tmp_path / "ph" / "manifest.csv", file_mode)):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path
 

@@ -104,6 +104,13 @@ def output_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~(_UMASK_AT_IMPORT if umask is None else umask)
 
 
+def give_output_mode(path: str | Path) -> Path:
+    """Set a file written by a library that creates its files owner-only (safetensors' ``save_file``: 0o600)
+    to the mode every output gets (``output_mode``)."""
+    os.chmod(path, output_mode())
+    return Path(path)
+
+
 def staging_folder(parent: str | Path, prefix: str, suffix: str = "") -> Path:
     """A new, uniquely named folder in ``parent`` (``tempfile.mkdtemp``) to write an output into before it is
     renamed into place, with the mode any new output folder gets (``output_mode``), not mkdtemp's 0o700."""

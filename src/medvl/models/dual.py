@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MedvlError, ModelError
-from ..io import replace_dir, staging_folder, write_errors_named
+from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
@@ -147,6 +147,7 @@ class DualEncoder(nn.Module):
 
         def write(staging: Path) -> None:
             save_file(state, str(staging / WEIGHTS_FILE))
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600
             self.text_encoder.save(staging / TEXT_DIR)
             if self.ood is not None:
                 self.ood.save(staging)

@@ -51,6 +51,7 @@ from torch import nn
 from ..checks import check_number
 from ..data.loaders.vqa import VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
+from ..io import give_output_mode
 from .config import ImageConfig, TextConfig, build_dataclass
 from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors, save_model_dir
 from .image import ImageEncoder
@@ -294,6 +295,7 @@ class VQAModel(nn.Module):
 
         def write(staging: Path) -> None:
             save_file(state, str(staging / WEIGHTS_FILE))
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600
             self.text_encoder.save(staging / TEXT_DIR)
 
         return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
