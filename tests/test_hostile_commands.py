@@ -417,13 +417,15 @@ def _input_targets(trained: Path, phantom_dir: Path, index: Path) -> dict[str, t
         "index.json": (["search", "--index", index, "--text", "effusion", "--json", index / "index.json"],
                        index / "index.json"),
         "input image": (["predict", image, "--model", model, "--labels", "a,b", "--json", image], image),
+        "run folder as --model": (["eval", "zero-shot", "--model", trained, "-q", "--data", phantom_dir, "--json",
+                                   trained / "train_config.json"], trained / "train_config.json"),
         "index build into its --out": (["index", "build", "--model", model, "--data", phantom_dir, "--out", index,
                                         "--json", index / "index.json"], index / "index.json"),
     }
 
 
 @pytest.mark.parametrize("case", ["model config", "manifest file", "file in the data folder", "index.json",
-                                  "input image", "index build into its --out"])
+                                  "input image", "run folder as --model", "index build into its --out"])
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(trained, phantom_dir, built_index, case):
     """--json r/model/config.json --overwrite replaced the model's config (and the same for a manifest, an index)."""
     args, precious = _input_targets(trained, phantom_dir, built_index)[case]

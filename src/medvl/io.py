@@ -191,17 +191,29 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
     model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:
     ``--json model/config.json --overwrite`` would destroy the model, and a new file in a dataset folder may
     be read back as data. Paths are compared resolved (symbolic links followed; hard links count); a folder
-    input that does not exist yet (an output folder) counts as a folder."""
+    input that does not exist yet (an output folder) counts as a folder. A training run's folder given for its
+    model (``--model run``, which reads ``run/model``) protects what it holds; a new file beside it is fine."""
     target = os.path.realpath(path)
     for name, given in _input_paths(inputs):
         source = os.path.realpath(given)
-        if os.path.isdir(source) or not os.path.lexists(source):
+        if _is_run_folder(source) and target != source and os.path.commonpath([target, source]) == source:
+            entry = os.path.join(source, os.path.relpath(target, source).split(os.sep)[0])
+            if os.path.lexists(entry):
+                raise InputError(f"{path}: {option} would replace {entry} of {given} ({name}), a training run "
+                                 "this command reads; give a path outside it")
+        elif os.path.isdir(source) or not os.path.lexists(source):
             if target == source or os.path.commonpath([target, source]) == source:
                 where = "is" if target == source else "lies inside"
                 raise InputError(f"{path}: {option} {where} {given} ({name}), which this command reads or writes; "
                                  "give a path outside it")
         elif target == source or (os.path.exists(target) and os.path.samefile(target, source)):
             raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
+
+
+def _is_run_folder(folder: str) -> bool:
+    """A ``medvl train`` output folder (``model/config.json`` inside, no ``config.json`` of its own)."""
+    return os.path.isfile(os.path.join(folder, "model", "config.json")) and not os.path.isfile(
+        os.path.join(folder, "config.json"))
 
 
 def _input_paths(inputs: InputPaths) -> Iterator[tuple[str, str | Path]]:
