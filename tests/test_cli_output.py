@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -199,3 +200,52 @@ def test_zero_shot_counts_no_content_among_the_scored_images_only(model_dir, pha
     scores = json.loads((tmp_path / "out.json").read_text())
     assert scores["n"] == len(test) + 1
     assert scores["input_content"] == {"records": 1, "of": len(test) + 1, "flags": {"blank": 1, "streaked": 0}}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(model_dir, phantom_dir, tmp_path, umask):
+    """Atomic outputs were created 0600 / 0700 whatever the umask (a team or a service account could not read
+    them), and --overwrite turned a 0644 file into 0600."""
+    film = sorted((phantom_dir / "images").glob("*.png"))[0]
+    replaced = tmp_path / "p.json"
+    replaced.write_text("{}")
+    replaced.chmod(0o640)
+    old = os.umask(umask)
+    try:
+        result, output = invoke("predict", film, "--model", model_dir, "--labels", "a,b", "--json", replaced,
+                                "--overwrite")
+        assert result.exit_code == 0, output
+        create_model("phantom-tiny").save_pretrained(tmp_path / "model")
+        result, output = invoke("phantom", tmp_path / "ph", "--n", 8, "--size", 32, "-q")
+        assert result.exit_code == 0, output
+    finally:
+        os.umask(old)
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    for path, mode in ((replaced, file_mode), (tmp_path / "model", folder_mode),
+                       (tmp_path / "model" / "config.json", file_mode), (tmp_path / "ph", folder_mode),
+                       (tmp_path / "model" / "model.safetensors", file_mode),  # safetensors writes 0600
+                       (tmp_path / "ph" / "manifest.csv", file_mode)):
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), path
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM (timeout, docker stop, Slurm) left the staging folder behind and exited -15 without a word."""
+    out = tmp_path / "ph"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(
+        __import__("medvl").__file__)), os.environ.get("PYTHONPATH", "")] if p)}
+    process = subprocess.Popen([sys.executable, "-m", "medvl", "phantom", str(out), "--n", "3000", "--size", "48",
+                                "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(1200):  # the staging folder appears once the imports are done
+            if any(p.name.startswith(".ph.tmp-") for p in tmp_path.iterdir()) or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+        process.terminate()  # SIGTERM
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "terminated" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []  # no staging folder, nothing at OUT

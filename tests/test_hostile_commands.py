@@ -392,3 +392,90 @@ def test_allow_outside_root_opts_in(trained, phantom_dir, tmp_path):
                             "--allow-outside-root", "-q")
     assert result.exit_code == 0, output
     assert str(phantom_dir).encode() not in (out / "cases.sqlite").read_bytes()  # no path outside the root is kept
+
+
+# -- 10. an output is never one of the command's inputs, nor two options the same file ------------------
+
+@pytest.fixture(scope="module")
+def built_index(trained, phantom_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("inputs") / "cases.idx"
+    result, output = invoke("index", "build", "--model", trained / "model", "--data", phantom_dir, "--out", out, "-q")
+    assert result.exit_code == 0, output
+    return out
+
+
+def _input_targets(trained: Path, phantom_dir: Path, index: Path) -> dict[str, tuple[list, Path]]:
+    """Commands whose output option names one of their own inputs, with the file it would destroy."""
+    model, image = trained / "model", next((phantom_dir / "images").glob("*.png"))
+    zero_shot = ["eval", "zero-shot", "--model", model, "-q"]
+    return {
+        "model config": ([*zero_shot, "--data", phantom_dir, "--json", model / "config.json"], model / "config.json"),
+        "manifest file": ([*zero_shot, "--data", phantom_dir / "manifest.csv", "--json", phantom_dir / "manifest.csv"],
+                          phantom_dir / "manifest.csv"),
+        "file in the data folder": ([*zero_shot, "--data", phantom_dir, "--json", phantom_dir / "dataset.json"],
+                                    phantom_dir / "dataset.json"),
+        "index.json": (["search", "--index", index, "--text", "effusion", "--json", index / "index.json"],
+                       index / "index.json"),
+        "input image": (["predict", image, "--model", model, "--labels", "a,b", "--json", image], image),
+        "run folder as --model": (["eval", "zero-shot", "--model", trained, "-q", "--data", phantom_dir, "--json",
+                                   trained / "train_config.json"], trained / "train_config.json"),
+        "index build into its --out": (["index", "build", "--model", model, "--data", phantom_dir, "--out", index,
+                                        "--json", index / "index.json"], index / "index.json"),
+    }
+
+
+@pytest.mark.parametrize("case", ["model config", "manifest file", "file in the data folder", "index.json",
+                                  "input image", "run folder as --model", "index build into its --out"])
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(trained, phantom_dir, built_index, case):
+    """--json r/model/config.json --overwrite replaced the model's config (and the same for a manifest, an index)."""
+    args, precious = _input_targets(trained, phantom_dir, built_index)[case]
+    before = precious.read_bytes()
+    result, output = invoke(*args, "--overwrite")
+    _assert_clean_refusal(result, output, "--json", "give a", str(precious))
+    assert precious.read_bytes() == before
+
+
+def test_an_output_reached_through_a_symlinked_folder_is_still_an_input(trained, phantom_dir, tmp_path):
+    (tmp_path / "alias").symlink_to(trained / "model")
+    config = trained / "model" / "config.json"
+    before = config.read_bytes()
+    result, output = invoke("eval", "zero-shot", "--model", trained / "model", "--data", phantom_dir, "-q",
+                            "--json", tmp_path / "alias" / "config.json", "--overwrite")
+    _assert_clean_refusal(result, output, "lies inside")
+    assert config.read_bytes() == before
+
+
+def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):
+    image = next((phantom_dir / "images").glob("*.png"))
+    same = tmp_path / "same.out"
+    result, output = invoke("vqa", image, "--model", trained / "model", "--question", "is there an effusion?",
+                            "--heatmap", same, "--json", same, "--overwrite")
+    _assert_clean_refusal(result, output, "--json and --heatmap name the same file")
+    assert not same.exists()
+    out = tmp_path / "dout"
+    result, output = invoke("deid", phantom_dir / "images", out, "--report", out / "deid-report.json")
+    _assert_clean_refusal(result, output, "--report lies inside", "OUT")
+    assert not out.exists()  # nothing de-identified
+
+
+@pytest.mark.parametrize("args", [["phantom", "{out}", "--n", 8, "-q"],
+                                  ["index", "build", "--model", "{model}", "--data", "{data}", "--out", "{out}"],
+                                  ["deid", "{images}", "{out}"]])
+def test_a_folder_output_under_a_file_says_so(trained, phantom_dir, tmp_path, args):
+    afile = tmp_path / "afile.txt"
+    afile.write_bytes(SENTINEL)
+    values = {"out": afile / "sub", "model": trained / "model", "data": phantom_dir, "images": phantom_dir / "images"}
+    result, output = invoke(*[str(a).format(**values) for a in args])
+    _assert_clean_refusal(result, output, f"{afile / 'sub'}", "path runs through a file, not a folder")
+    assert afile.read_bytes() == SENTINEL
+
+
+def test_an_unreadable_meta_json_is_named(trained, phantom_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    (model / "meta.json").write_text("")
+    result, output = invoke("predict", next((phantom_dir / "images").glob("*.png")), "--model", model,
+                            "--labels", "a,b")
+    _assert_clean_refusal(result, output, "cannot read model files (meta.json: JSONDecodeError")

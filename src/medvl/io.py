@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,14 +72,63 @@ def _io_reason(message: str) -> str:
     return "I/O error"
 
 
+def _umask_without_setting_it() -> int | None:
+    """The process's umask as Linux reports it (``/proc/self/status``), or None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    if (found := _umask_without_setting_it()) is not None:
+        return found
+    old = os.umask(0o077)  # read by setting it: done once, at import, before any thread of ours runs
+    os.umask(old)
+    return old
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def output_mode(folder: bool = False) -> int:
+    """The permissions of a new output, as any Unix tool gives them: 0o666 (files) or 0o777 (folders) less
+    the user's umask. Temporary files and staging folders are created private (0o600 / 0o700) and keep
+    that mode through the rename, so every atomic output is set to this first; ``umask 077`` keeps
+    outputs private (docs/security.md)."""
+    umask = _umask_without_setting_it()
+    return (0o777 if folder else 0o666) & ~(_UMASK_AT_IMPORT if umask is None else umask)
+
+
+def give_output_mode(path: str | Path) -> Path:
+    """Set a file written by a library that creates its files owner-only (safetensors' ``save_file``: 0o600)
+    to the mode every output gets (``output_mode``)."""
+    os.chmod(path, output_mode())
+    return Path(path)
+
+
+def staging_folder(parent: str | Path, prefix: str, suffix: str = "") -> Path:
+    """A new, uniquely named folder in ``parent`` (``tempfile.mkdtemp``) to write an output into before it is
+    renamed into place, with the mode any new output folder gets (``output_mode``), not mkdtemp's 0o700."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(staging, output_mode(folder=True))
+    return staging
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling, then rename it over ``path``; a failed write
-    (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``."""
+    (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``.
+    The file gets the umask's permissions (``output_mode``), also when it replaces one."""
     path = Path(path)
     with write_errors_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.chmod(tmp, output_mode())
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
             os.replace(tmp, path)
@@ -89,21 +138,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, overwrite: bool = False, option: str = "output") -> Path:
+InputPaths = Mapping[str, str | Path | Iterable[str | Path] | None]
+"""A command's inputs by option name (``{"--model": model, "IMAGES": images}``): a path, several, or None."""
+
+
+def check_output_file(path: str | Path, overwrite: bool = False, option: str = "output",
+                      inputs: InputPaths | None = None) -> Path:
     """Refuse an output file path before any work is done, unless it can be safely replaced.
 
-    A path that does not exist is fine (its folder is created when written). An existing path is
-    refused unless ``overwrite`` is set, and even then only a regular file is ever replaced: a
-    symlink, folder, device, FIFO or socket is refused whatever ``overwrite`` says, so that
-    ``--json /dev/sda`` or ``--json link-to-config.json`` cannot clobber what they point at.
+    A path that does not exist is fine (its folder is created when written). An output that is one
+    of the command's ``inputs`` or lies inside one of its folders is refused whatever ``overwrite``
+    says (``check_not_an_input``). An existing path is refused unless ``overwrite`` is set, and even
+    then only a regular file is ever replaced: a symlink, folder, device, FIFO or socket is refused
+    whatever ``overwrite`` says, so that ``--json /dev/sda`` or ``--json link-to-config.json`` cannot
+    clobber what they point at.
     """
     path = Path(path)
     try:
         info = path.lstat()
     except FileNotFoundError:
-        return path
+        info = None
     except NotADirectoryError:
         raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
+    check_not_an_input(path, option, inputs or {})
+    if info is None:
+        return path
     if stat.S_ISLNK(info.st_mode):
         raise InputError(f"{path}: {option} is a symbolic link; give a regular file path")
     if not stat.S_ISREG(info.st_mode):
@@ -112,6 +171,58 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     if not overwrite:
         raise InputError(f"{path}: {option} file exists (use --overwrite to replace it)")
     return path
+
+
+def check_output_folder(path: str | Path | None, option: str = "output") -> None:
+    """Refuse an output folder whose path runs through a regular file (``afile.txt/out``) before any work, in
+    the words ``check_output_file`` uses (creating it would fail later with a bare "File exists")."""
+    if path is None:
+        return
+    try:
+        Path(path).lstat()
+    except NotADirectoryError:
+        raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
+    except FileNotFoundError:
+        pass
+
+
+def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> None:
+    """Refuse an output ``path`` that is one of a command's input files, or lies inside one of its folders (a
+    model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:
+    ``--json model/config.json --overwrite`` would destroy the model, and a new file in a dataset folder may
+    be read back as data. Paths are compared resolved (symbolic links followed; hard links count); a folder
+    input that does not exist yet (an output folder) counts as a folder. A training run's folder given for its
+    model (``--model run``, which reads ``run/model``) protects what it holds; a new file beside it is fine."""
+    target = os.path.realpath(path)
+    for name, given in _input_paths(inputs):
+        source = os.path.realpath(given)
+        if _is_run_folder(source) and target != source and os.path.commonpath([target, source]) == source:
+            entry = os.path.join(source, os.path.relpath(target, source).split(os.sep)[0])
+            if os.path.lexists(entry):
+                raise InputError(f"{path}: {option} would replace {entry} of {given} ({name}), a training run "
+                                 "this command reads; give a path outside it")
+        elif os.path.isdir(source) or not os.path.lexists(source):
+            if target == source or os.path.commonpath([target, source]) == source:
+                where = "is" if target == source else "lies inside"
+                raise InputError(f"{path}: {option} {where} {given} ({name}), which this command reads or writes; "
+                                 "give a path outside it")
+        elif target == source or (os.path.exists(target) and os.path.samefile(target, source)):
+            raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
+
+
+def _is_run_folder(folder: str) -> bool:
+    """A ``medvl train`` output folder (``model/config.json`` inside, no ``config.json`` of its own)."""
+    return os.path.isfile(os.path.join(folder, "model", "config.json")) and not os.path.isfile(
+        os.path.join(folder, "config.json"))
+
+
+def _input_paths(inputs: InputPaths) -> Iterator[tuple[str, str | Path]]:
+    for name, given in inputs.items():
+        if given is None:
+            continue
+        for one in [given] if isinstance(given, str | Path) else given:
+            if one is not None and str(one) and "://" not in str(one):  # not a database URL
+                yield name, one
 
 
 def replace_dir(staging: Path, target: Path) -> None:

@@ -45,8 +45,13 @@ def bench_run(
 ) -> None:
     """Score models on a suite of datasets, tasks and trust checks; write results.json and report.html."""
     from ..bench.runner import parse_assignments, run_suite_file
+    from ..io import check_not_an_input, check_output_folder
 
-    result = run_suite_file(suite, list(model), out, data=parse_assignments(data or [], "--data"),
+    check_output_folder(out, "--out")
+    datasets = parse_assignments(data or [], "--data")
+    check_not_an_input(out, "--out", {"--model": model, "--data": datasets.values(),
+                                      "SUITE": suite if Path(suite).is_file() else None})
+    result = run_suite_file(suite, list(model), out, data=datasets,
                             splits=parse_assignments(split or [], "--split"), show_progress=not quiet,
                             overwrite=overwrite)
     print_suite_summary(result, out)
@@ -111,8 +116,10 @@ def bench_medmnist(
     """The MedMNIST recipe end to end: train on train, threshold on val, score AUC/ACC on the test split."""
     from ..api import parse_key_values, parse_overrides
     from ..bench.medmnist import run_medmnist
+    from ..io import check_output_folder
 
-    check_outputs(overwrite, json=json_out)
+    check_output_folder(out, "--out")
+    check_outputs(overwrite, {"--train-data": train_data, "--test-data": test_data, "--out": out}, json=json_out)
     severities = _severities(shifts) if shifts is not None else None
     result = run_medmnist(train_data, test_data, test_split, model_name=model, epochs=epochs, seed=seed,
                           out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
@@ -174,7 +181,7 @@ def bench_cv(
     from ..checks import check_number
     from ..eval.covariates import parse_columns
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--data": data, "--captions": captions}, json=json_out)
     check_number("repeats", repeats, minimum=1, maximum=100, integer=True)  # 0 or less ran one CV without a word
     options: dict[str, Any] = {
         "captions": captions, "group_column": group_column, "show_progress": not quiet, "lr": lr,

@@ -44,8 +44,10 @@ def deid_command(
     every attribute of the profile's table (Table E.1-1), descriptors, private tags; refuses a file in
     which a patient name, ID or date survives."""
     from ..clinical.deid import REPORT_NAME, deidentify
+    from ..io import check_output_folder
 
-    check_outputs(overwrite, report=report)
+    check_output_folder(out, "OUT")
+    check_outputs(overwrite, {"SOURCE": source, "OUT": out}, report=report)
     result = deidentify(source, out, seed=seed, clean_descriptors=clean_descriptors,
                         refuse_burned_in=refuse_burned_in)
     _print_deid_summary(result, out, source.is_dir(), REPORT_NAME)
@@ -81,7 +83,7 @@ def inspect_command(
     """Studies and series with modality, size, frames and pixel spacing (no patient identifiers)."""
     from ..clinical.summary import series_summaries
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"PATH": path}, json=json_out)
     rows = series_summaries(path)
     table = Table(title=f"{path.name}: {len(rows)} series", show_header=True, header_style="bold")
     columns = ("study", "series", "number", "modality", "files", "frames", "size", "pixel_spacing_mm")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import MedvlError
+from ..io import InputPaths
 
 # stdout prints data (file names, ids, labels, report text) that may hold "[...]": rich markup is off, and the few
 # lines that style their own words turn it on (``markup=True``) with every value in them escaped
@@ -23,6 +24,13 @@ err_console = Console(stderr=True)
 log = logging.getLogger("medvl")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Slurm preemption, systemd) raised where the program is, as
+    Ctrl-C raises KeyboardInterrupt, so that the same cleanups run (staging folders, a fresh run's folder)."""
 
 LabelOption = Annotated[list[str] | None, typer.Option(
     "--label-column", "-l", help="Label column to use (repeatable); default: the dataset's own.")]
@@ -58,16 +66,26 @@ BackendOption = Annotated[str, typer.Option(
          "see docs/benchmarks.md for which is fastest.")]
 
 
-def check_outputs(overwrite: bool, **paths: Path | None) -> None:
-    """Refuse existing output files before a command starts its work (see ``io.check_output_file``).
+def check_outputs(overwrite: bool, inputs: InputPaths | None = None, **paths: Path | None) -> None:
+    """Refuse a command's output files before it starts its work (see ``io.check_output_file``): existing
+    ones without ``overwrite``; whatever ``overwrite`` says, two options naming the same file and an output
+    that is one of the command's ``inputs`` (option -> path or paths: the model, index and dataset folders,
+    input files, folders it writes) or lies inside one of their folders.
 
-    Keyword names are the options, e.g. ``check_outputs(overwrite, json=json_out)`` -> ``--json``.
+    Keyword names are the options, e.g. ``check_outputs(overwrite, {"--model": model}, json=json_out)`` ->
+    ``--json``.
     """
+    from ..errors import InputError
     from ..io import check_output_file
 
+    named: dict[str, str] = {}
     for option, path in paths.items():
         if path is not None:
-            check_output_file(path, overwrite, "--" + option.replace("_", "-"))
+            flag = "--" + option.replace("_", "-")
+            check_output_file(path, overwrite, flag, inputs)
+            same = named.setdefault(os.path.realpath(path), flag)
+            if same != flag:
+                raise InputError(f"{path}: {same} and {flag} name the same file; give each its own")
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,9 +101,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:  # unreadable / unwritable user paths: permissions, full disk
             print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, Terminated)
+            err_console.print("terminated" if terminated else "interrupted")
+            raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
 
     return wrapper
 

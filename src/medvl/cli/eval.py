@@ -45,7 +45,7 @@ def eval_zero_shot(
     """Prompt-ensemble zero-shot classification: accuracy, balanced accuracy, macro AUC."""
     from ..api import evaluate_zero_shot
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data, "--captions": captions}, json=json_out)
     result = evaluate_zero_shot(model, data, split, label_column, captions, allow_outside_root,
                                 show_progress=not quiet, calibration_split=calibration_split, backend=backend)
     print_metrics(f"zero-shot {result['label']} ({result['n']} images, {len(result['classes'])} classes)", {
@@ -91,7 +91,7 @@ def eval_retrieval(
     """Image->text and text->image Recall@1/5/10 and median rank, of one model or an ensemble."""
     from ..api import evaluate_retrieval
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data, "--bridge-data": bridge_data}, json=json_out)
     result = evaluate_retrieval(model, data, split, allow_outside_root, show_progress=not quiet, backend=backend,
                                 bridge_data=bridge_data, bridge_split=bridge_split, bridge_k=bridge_k,
                                 bridge_weight=bridge_weight)
@@ -131,7 +131,7 @@ def eval_linear_probe(
     from ..errors import InputError
     from ..eval.covariates import parse_columns
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--train-data": train_data, "--test-data": test_data}, json=json_out)
     try:
         ks = [int(k) for k in few_shot.split(",") if k.strip()]
     except ValueError:

@@ -48,14 +48,18 @@ def explain_command(
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
     from ..explain.explanation import EXPLANATION_FILE
     from ..explain.heatmaps import check_methods
-    from ..io import check_output_file
+    from ..io import check_output_file, check_output_folder
     from ..models.registry import load_model
 
+    check_output_folder(out, "--out")
+
     saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
+    inputs = {"IMAGE": image, "--model": model, "--captions": captions, "--concept-data": concept_data,
+              "--bottleneck": bottleneck, "--index": index}
     if out is not None:  # before any work
         for path in (saved, out / EXPLANATION_FILE):
             if path is not None:
-                check_output_file(path, overwrite, "--out")
+                check_output_file(path, overwrite, "--out", inputs)
     if method:
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)

@@ -21,8 +21,11 @@ def export_onnx_command(
     int8: Annotated[bool, typer.Option(help="Also write dynamically quantised int8 graphs (for onnx-int8).")] = True,
 ) -> None:
     """Export the image and text towers to ONNX (checked against eager torch); then use --backend onnx."""
+    from ..io import check_output_folder
     from ..models.backends import EXPORT_FILE, read_export
     from ..scale.onnx import export_onnx
+
+    check_output_folder(out, "--out")
 
     folder = export_onnx(model, out, int8=int8)
     description = read_export(folder.parent)

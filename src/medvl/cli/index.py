@@ -89,9 +89,11 @@ def build_command(
     from ..data.loading import check_workers
     from ..index import build_index
     from ..index.build import check_batch_size
+    from ..io import check_output_folder
     from ..models.registry import load_model
 
-    check_outputs(overwrite, json=json_out)
+    check_output_folder(out, "--out")
+    check_outputs(overwrite, {"--model": model, "--data": data, "--out": out}, json=json_out)
     check_batch_size(batch_size)
     check_workers(workers)
     embedder = None
@@ -137,7 +139,7 @@ def add_command(
     from ..index import add_records, index_model, open_index
     from ..index.build import check_batch_size
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--index": index, "--data": data, "--model": model}, json=json_out)
     check_batch_size(batch_size)
     check_workers(workers)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
@@ -173,7 +175,7 @@ def info_command(index: IndexOption, json_out: JsonOption = None, overwrite: Ove
     """Describe an index: size, model, ANN kind and recall, filter columns."""
     from ..index import open_index
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--index": index}, json=json_out)
     with open_index(index) as opened:
         info = {**opened.info, "n_cases": len(opened)}
     print_metrics(f"index {index}", _index_rows(info))
@@ -206,7 +208,8 @@ def search_command(
     from ..index.base import check_k
     from ..index.search import check_one_query
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--index": index, "--image": image, "--model": model, "--data-root": data_root},
+                  json=json_out)
     check_k(k)
     check_one_query(image, text)
     if data_root is not None and not data_root.is_dir():

@@ -7,6 +7,8 @@ clinical.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,12 +20,14 @@ from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
     EXIT_BAD_INPUT,
+    EXIT_TERMINATED,
     AllowOutsideOption,
     BackendOption,
     CaptionsOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
+    Terminated,
     WorkersOption,
     check_outputs,
     console,
@@ -112,6 +116,9 @@ def phantom_command(
 ) -> None:
     """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
     from ..data.phantom import generate_phantom
+    from ..io import check_output_folder
+
+    check_output_folder(out, "OUT")
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
                                 overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case,
@@ -141,7 +148,7 @@ def predict_command(
 
     from ..predict import predict
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"IMAGES": images, "--model": model, "--captions": captions}, json=json_out)
     class_names = split_names(labels)
     results = predict(model, images, class_names, label_column=label_column, captions=captions, backend=backend)
     for item in results:
@@ -184,7 +191,7 @@ def audit_command(
 
     from ..api import audit_from_path
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--data": data, "--against": against}, json=json_out)
     result = audit_from_path(data, split, label=label_column, workers=workers,
                              allow_outside_root=allow_outside_root, show_progress=not quiet, against=against,
                              against_split=against_split, near_distance=near_distance)
@@ -222,6 +229,9 @@ def demo_command(
 ) -> None:
     """Generate phantom data, train, evaluate and write OUT/report.html (under 10 min on 2 cores)."""
     from ..demo import run_demo
+    from ..io import check_output_folder
+
+    check_output_folder(out, "--out")
 
     summary = run_demo(out, n=n, epochs=epochs, seed=seed, size=size, model_name=model,
                        image_size=image_size or None, show_progress=not quiet)
@@ -266,6 +276,25 @@ def undecodable_argument(arguments: list[str]) -> str | None:
     return None
 
 
+_sigterm_received: list[bool] = []
+
+
+def terminate_like_ctrl_c() -> None:
+    """Make SIGTERM raise ``Terminated`` (a KeyboardInterrupt) in this process, so it cleans up as after Ctrl-C,
+    says ``terminated`` and exits 143; forked workers (data loading) keep the default: they just end."""
+    main_process = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != main_process:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _sigterm_received.append(True)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def run() -> None:
     """The ``medvl`` console script: the Typer app, then, in a process that joined a torchrun group,
     an exit that skips the interpreter's teardown (``distributed.exit_process``)."""
@@ -273,12 +302,17 @@ def run() -> None:
     if problem is not None:
         print_error(problem)
         sys.exit(EXIT_BAD_INPUT)
+    terminate_like_ctrl_c()
     try:
         app()
     except SystemExit as done:
         code = done.code
+    except Terminated:
+        code = EXIT_TERMINATED
     else:
         code = 0
+    if _sigterm_received:  # also when it came before a command's own handling (click says "Aborted!")
+        code = EXIT_TERMINATED
     from ..train import distributed
 
     if distributed.joined():

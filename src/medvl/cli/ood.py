@@ -49,7 +49,7 @@ def fit_command(
     and flag those above the threshold."""
     from ..api import fit_ood_from_path
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data, "--check-data": check_data}, json=json_out)
     result = fit_ood_from_path(model, data, split=split, calibration_split=calibration_split, quantile=quantile,
                                check_data=check_data, check_split=check_split,
                                allow_outside_root=allow_outside_root, show_progress=not quiet, overwrite=overwrite)

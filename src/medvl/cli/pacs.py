@@ -156,6 +156,9 @@ def pull_command(
     profile), with OUT/pull-report.json. Rerun the same command to resume an interrupted pull."""
     from ..clinical.clients import open_pacs
     from ..clinical.pull import REPORT_NAME, run_pull
+    from ..io import check_output_folder
+
+    check_output_folder(out, "--out")
 
     if keep_identifiers:
         err_console.print("[yellow]warning:[/] --keep-identifiers: the files will hold patient names, IDs and "

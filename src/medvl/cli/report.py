@@ -66,7 +66,8 @@ def draft_command(
     from ..rag import draft_report
     from ..rag.draft import check_settings
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"IMAGE": image, "--index": index, "--model": model, "--knowledge": knowledge},
+                  json=json_out)
     check_settings(k, min_support, min_similarity, related)
     labeller = _labeller(knowledge, builtin_knowledge)
     with open_index(index) as opened:
@@ -197,7 +198,8 @@ def case_retrieval_command(
     from ..eval.contamination import trained_on_scored
     from ..index import describe_target, index_model, open_index
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--index": index, "--data": data, "--model": model, "--knowledge": knowledge},
+                  json=json_out)
     check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_split(data, split, label_column, allow_outside_root)

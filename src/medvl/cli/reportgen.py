@@ -69,8 +69,11 @@ def train_report_command(
 
     from ..api import load_split, parse_overrides
     from ..index import open_index
+    from ..io import check_output_folder
     from ..train.loop import TrainConfig, check_out_dir
     from ..train.report import train_report_generator
+
+    check_output_folder(out, "--out")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, grad_accum=grad_accum,
                          checkpoint_every=checkpoint_every, max_steps=max_steps)
@@ -104,7 +107,7 @@ def generate_command(
     from ..index import describe_target
     from ..models.decoder import load_report_generator
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out)
     net = load_report_generator(model)
     check_max_length(net, max_length)
     arrays = _read_images(images, net)
@@ -160,7 +163,8 @@ def eval_report_command(
     from ..models.registry import load_model
     from ..rag import ReportLabeller, load_knowledge
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data, "--baseline-model": baseline_model, "--index": index,
+                              "--knowledge": knowledge}, json=json_out)
     if split == train_split:
         raise InputError(f"--split {split!r} is the --train-split the baseline retrieves from: evaluate another split")
     labeller = ReportLabeller(load_knowledge(knowledge, builtin=builtin_knowledge))

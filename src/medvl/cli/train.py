@@ -84,6 +84,9 @@ def train_command(
     if data is None or out is None:
         raise InputError("medvl train needs --data and --out (or a subcommand: see medvl train --help)")
     from ..api import parse_overrides, train_from_path, train_options
+    from ..io import check_output_folder
+
+    check_output_folder(out, "--out")
 
     options = train_options({
         "label_columns": label_column, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,

@@ -73,9 +73,12 @@ def train_vqa_command(
     """Train a VQA model (image tokens, question encoder, cross-attention fusion, answer classifier)."""
     from ..api import parse_overrides
     from ..data.loaders.vqa import load_vqa
+    from ..io import check_output_folder
     from ..models.vqa import holdout_meta, holdout_split, select_questions
     from ..train.loop import TrainConfig
     from ..train.vqa import VQAOptions, train_vqa
+
+    check_output_folder(out, "--out")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps)
     options = VQAOptions(init=init, image_model=image_model, question_encoder=question_encoder,
@@ -115,7 +118,7 @@ def eval_vqa_command(
     from ..eval.vqa import evaluate_vqa
     from ..models.vqa import load_vqa_model, select_questions
 
-    check_outputs(overwrite, json=json_out)
+    check_outputs(overwrite, {"--model": model, "--data": data}, json=json_out)
     net = load_vqa_model(model)
     items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "test",
                              holdout=net.meta.get("holdout"))
@@ -163,7 +166,7 @@ def vqa_command(
     from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
-    check_outputs(overwrite, json=json_out, heatmap=heatmap)
+    check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
     net = load_vqa_model(model)
     if heatmap is not None and not isinstance(net, VQAModel):
         raise InputError(f"--heatmap: {model} is a transformers VLM, which gives no attention heatmap")

@@ -64,14 +64,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, staging_folder, write_errors_named
 from .descriptors import ALLOWED_WORDS, SHORT_DESCRIPTORS
 from .descriptors import clean_descriptors as clean_descriptors_in
 from .dicom import (
@@ -463,7 +462,7 @@ def _skip_reason(ds, run: _Run) -> str | None:
     return None
 
 
-def _deidentify_folder(source: Path, run: _Run, staging: Path) -> tuple[list, Counter]:
+def _deidentify_folder(source: Path, run: _Run, staging: Path, target: Path) -> tuple[list, Counter]:
     entries: list[dict[str, Any]] = []
     skipped: Counter = Counter()
     studies: dict[str, int] = {}
@@ -488,8 +487,9 @@ def _deidentify_folder(source: Path, run: _Run, staging: Path) -> tuple[list, Co
             series[key] = sum(1 for other in series if other[0] == study) + 1
         images[key] += 1
         relative = f"study_{study:03d}/series_{series[key]:03d}/image_{images[key]:04d}.dcm"
-        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        (staging / relative).write_bytes(data)
+        with write_errors_named(target / relative):  # a full disk names the output, not the staging folder
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).write_bytes(data)
         entries.append({"output": relative, **entry})
     if not entries:
         raise DataError(source, "no DICOM files to de-identify" + (f" ({sum(skipped.values())} skipped)"
@@ -541,11 +541,12 @@ def _deidentify_file(source: Path, target: Path, run: _Run) -> dict[str, Any]:
 def _run(source: Path, target: Path, run: _Run) -> dict[str, Any]:
     if source.is_file():
         return _deidentify_file(source, target, run)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    staging = staging_folder(target.parent, f".{target.name}.", ".staging")
     try:
-        entries, skipped = _deidentify_folder(source, run, staging)
+        entries, skipped = _deidentify_folder(source, run, staging, target)
         report = _report(entries, skipped, run.seeded, run.clean_descriptors)
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        with write_errors_named(target / REPORT_NAME):
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..io import give_output_mode
 from .cases import NUMBER, Case, column_values, quote_column
 from .where import Compare, Expression, IsNull, Junction, Member, Not
 
@@ -259,6 +260,7 @@ class FilterColumns:
                     "columns": json.dumps(self.kinds, sort_keys=True)}
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / FILTERS_FILE),
                   metadata=metadata)
+        give_output_mode(folder / FILTERS_FILE)  # safetensors writes 0600
 
     @property
     def max_vid(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MedvlError, ModelError
-from ..io import replace_dir, write_errors_named
+from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
@@ -148,6 +147,7 @@ class DualEncoder(nn.Module):
 
         def write(staging: Path) -> None:
             save_file(state, str(staging / WEIGHTS_FILE))
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600
             self.text_encoder.save(staging / TEXT_DIR)
             if self.ood is not None:
                 self.ood.save(staging)
@@ -178,12 +178,16 @@ class DualEncoder(nn.Module):
                 raise ModelError(f"{directory}: not a medvl model directory (missing {name})")
         from safetensors import SafetensorError
 
+        reading = CONFIG_FILE  # the file the message names
         try:
             config = ModelConfig.from_dict(raw)
+            reading = META_FILE
             meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+            reading = WEIGHTS_FILE
             state = load_file(str(directory / WEIGHTS_FILE))
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
-            raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+            raise ModelError(f"{directory}: cannot read model files ({reading}: {err.__class__.__name__}: "
+                             f"{err})") from None
         bad = non_finite_tensors(state)
         if bad:
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
@@ -227,7 +231,7 @@ def save_model_dir(directory: str | Path, state: dict[str, torch.Tensor], config
                          f"(first: {bad[0]}); the training diverged")
     with write_errors_named(directory):
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = staging_folder(directory.parent, f".{directory.name}.tmp-")
         try:
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))

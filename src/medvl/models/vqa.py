@@ -51,6 +51,7 @@ from torch import nn
 from ..checks import check_number
 from ..data.loaders.vqa import VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
+from ..io import give_output_mode
 from .config import ImageConfig, TextConfig, build_dataclass
 from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors, save_model_dir
 from .image import ImageEncoder
@@ -294,6 +295,7 @@ class VQAModel(nn.Module):
 
         def write(staging: Path) -> None:
             save_file(state, str(staging / WEIGHTS_FILE))
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600
             self.text_encoder.save(staging / TEXT_DIR)
 
         return save_model_dir(directory, state, self.config.to_dict(), self.meta, write)
@@ -307,18 +309,22 @@ class VQAModel(nn.Module):
         for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR):
             if not (directory / name).exists():
                 raise ModelError(f"{directory}: not a medvl VQA model directory (missing {name})")
+        reading = CONFIG_FILE  # the file the message names
         try:
             raw = json.loads((directory / CONFIG_FILE).read_text())
             if not isinstance(raw, dict) or raw.get("kind") != MODEL_KIND:
                 kind = raw.get("kind") if isinstance(raw, dict) else None
                 raise ModelError(f"{directory}: not a VQA model (config kind {kind!r}; train one with medvl train vqa)")
             config = VQAConfig.from_dict(raw)
+            reading = META_FILE
             meta = json.loads((directory / META_FILE).read_text())
+            reading = WEIGHTS_FILE
             state = load_file(str(directory / WEIGHTS_FILE))
         except ModelError:
             raise
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
-            raise ModelError(f"{directory}: cannot read model files ({err.__class__.__name__}: {err})") from None
+            raise ModelError(f"{directory}: cannot read model files ({reading}: {err.__class__.__name__}: "
+                             f"{err})") from None
         bad = non_finite_tensors(state)
         if bad:
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")

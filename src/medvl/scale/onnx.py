@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, WriteError
-from ..io import replace_dir, write_errors_named
+from ..io import replace_dir, staging_folder, write_errors_named
 from ..models.backends import (
     EXPORT_DIR,
     EXPORT_FILE,
@@ -103,7 +102,7 @@ def _export_beside(model: DualEncoder, folder: Path, int8: bool) -> None:
     """Write ``folder/onnx/`` (staged inside ``folder``, swapped in when complete) for the model saved in
     ``folder``."""
     with write_errors_named(folder / EXPORT_DIR):
-        staging = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.tmp-", dir=folder))
+        staging = staging_folder(folder, f".{EXPORT_DIR}.tmp-")
         try:
             description = _export_towers(model, staging, int8)
             description["weights_sha256"] = weights_digest(folder)
@@ -120,7 +119,7 @@ def _export_with_copy(model: DualEncoder, out: Path, int8: bool) -> None:
     once both are complete; a failed write names ``out``, not the staging folder."""
     with write_errors_named(out):
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.tmp-", dir=out.absolute().parent))
+        staging = staging_folder(out.absolute().parent, f".{out.absolute().name}.tmp-")
         try:
             model.save_pretrained(staging)
             _export_beside(model, staging, int8)

@@ -51,7 +51,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -62,7 +61,7 @@ from PIL import Image
 
 from ...checks import check_number
 from ...errors import DataError, InputError
-from ...io import replace_dir, write_errors_named
+from ...io import replace_dir, staging_folder, write_errors_named
 from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
 from .cxr2d import MARKER_CORNER, MARKER_VALUE, PhantomCase, burn_marker, check_case_args, marker_box, render_case
@@ -235,7 +234,7 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling of ``out_dir``, removed unless it was renamed into place."""
     out_dir = out_dir.absolute()  # "." is a folder whose sibling is in its parent, not in itself
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_folder(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield staging
     finally:
