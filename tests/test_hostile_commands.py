@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -443,6 +444,20 @@ def test_an_output_reached_through_a_symlinked_folder_is_still_an_input(trained,
                             "--json", tmp_path / "alias" / "config.json", "--overwrite")
     _assert_clean_refusal(result, output, "lies inside")
     assert config.read_bytes() == before
+
+
+def test_a_new_results_file_beside_the_data_is_fine_but_not_one_a_loader_would_read(trained, phantom_dir, tmp_path):
+    """Run from inside a dataset folder (``--data .``), a results JSON lands beside the data; a new table or
+    image there would be read back as data, and is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    zero_shot = ["eval", "zero-shot", "--model", trained / "model", "--data", data, "--split", "test", "-q"]
+    result, output = invoke(*zero_shot, "--json", data / "results.json")
+    assert result.exit_code == 0 and (data / "results.json").is_file(), output
+    for name in ("extra.csv", "images/new.png"):
+        result, output = invoke(*zero_shot, "--json", data / name)
+        _assert_clean_refusal(result, output, "lies inside", str(data))
+        assert not (data / name).exists()
 
 
 def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):

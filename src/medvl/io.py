@@ -189,8 +189,9 @@ def check_output_folder(path: str | Path | None, option: str = "output") -> None
 def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> None:
     """Refuse an output ``path`` that is one of a command's input files, or lies inside one of its folders (a
     model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:
-    ``--json model/config.json --overwrite`` would destroy the model, and a new file in a dataset folder may
-    be read back as data. Paths are compared resolved (symbolic links followed; hard links count); a folder
+    ``--json model/config.json --overwrite`` would destroy the model, and a new image, DICOM, NIfTI or table in
+    a dataset folder may be read back as data (a new results JSON beside the data is fine:
+    ``_new_file_beside_data``). Paths are compared resolved (symbolic links followed; hard links count); a folder
     input that does not exist yet (an output folder) counts as a folder. A training run's folder given for its
     model (``--model run``, which reads ``run/model``) protects what it holds; a new file beside it is fine."""
     target = os.path.realpath(path)
@@ -202,12 +203,28 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
                 raise InputError(f"{path}: {option} would replace {entry} of {given} ({name}), a training run "
                                  "this command reads; give a path outside it")
         elif os.path.isdir(source) or not os.path.lexists(source):
-            if target == source or os.path.commonpath([target, source]) == source:
+            inside = target == source or os.path.commonpath([target, source]) == source
+            if inside and not _new_file_beside_data(target, name):
                 where = "is" if target == source else "lies inside"
                 raise InputError(f"{path}: {option} {where} {given} ({name}), which this command reads or writes; "
                                  "give a path outside it")
         elif target == source or (os.path.exists(target) and os.path.samefile(target, source)):
             raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
+
+
+FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge")  # nothing new inside
+# what a dataset loader may read back from its folder: a new file of these kinds there would become data
+DATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".nii",
+                 ".nii.gz", ".npz", ".npy", ".csv", ".tsv", ".jsonl", ".xml", ".tgz", ".tar.gz", ".zip")
+
+
+def _new_file_beside_data(target: str, name: str) -> bool:
+    """A new file in a dataset folder that no loader reads (a results JSON written beside the data, e.g. with
+    ``--data .``): allowed. A file that exists there (it would be replaced), one of a kind loaders read, a
+    ``dataset.json``, or anything inside a model, index or output folder is not."""
+    lower = os.path.basename(target).lower()
+    return (name not in FOLDERS_KEPT_WHOLE and not os.path.lexists(target) and lower != "dataset.json"
+            and not lower.endswith(DATA_SUFFIXES))
 
 
 def _is_run_folder(folder: str) -> bool:
