@@ -458,6 +458,10 @@ def test_a_new_results_file_beside_the_data_is_fine_but_not_one_a_loader_would_r
         result, output = invoke(*zero_shot, "--json", data / name)
         _assert_clean_refusal(result, output, "lies inside", str(data))
         assert not (data / name).exists()
+    # a DICOM folder's files need no suffix: nothing new goes into the folder deid reads
+    result, output = invoke("deid", data / "images", tmp_path / "deid-out", "--report", data / "images" / "r.json")
+    _assert_clean_refusal(result, output, "lies inside", "SOURCE")
+    assert not (tmp_path / "deid-out").exists()
 
 
 def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):

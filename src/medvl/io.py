@@ -212,7 +212,9 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
             raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
 
 
-FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge")  # nothing new inside
+# folders in which no new output may go: models, indexes, output folders, knowledge bases, and the DICOM folders of
+# deid and dicom-info (a DICOM file needs no suffix: any new file there may be read as one)
+FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge", "SOURCE", "PATH")
 # what a dataset loader may read back from its folder: a new file of these kinds there would become data
 DATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".nii",
                  ".nii.gz", ".npz", ".npy", ".csv", ".tsv", ".jsonl", ".xml", ".tgz", ".tar.gz", ".zip")
