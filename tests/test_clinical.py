@@ -145,6 +145,14 @@ def test_meta_holds_no_patient_data():
     assert meta["study_uid"] == ds.StudyInstanceUID and meta["series_uid"] == ds.SeriesInstanceUID
 
 
+def test_a_body_part_someone_typed_a_name_into_is_left_out_of_the_metadata(tmp_path):
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    for typed, kept in (("CHEST", "CHEST"), ("KRUMPLEHORN", None), ("OBRIEN MAEVE", None)):
+        ds.BodyPartExamined = typed
+        ds.save_as(tmp_path / "a.dcm")
+        assert read_dicom(tmp_path / "a.dcm")[1]["body_part"] == kept, typed
+
+
 def test_read_image_gives_preprocessor_ready_arrays(tmp_path):
     from medvl.models.config import ImageConfig
     from medvl.models.preprocess import ImagePreprocessor

@@ -610,9 +610,15 @@ def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
 
 
 def safe_meta(ds, syntax=None) -> dict[str, Any]:
-    """Acquisition facts from a header, from an allow-list: no patient identifiers, no dates."""
+    """Acquisition facts from a header, from an allow-list: no patient identifiers, no dates. Body Part
+    Examined, a code string a person can type anything into, is kept only when plain by the Clean
+    Descriptors rule (``descriptors.is_plain``), else None."""
+    from .descriptors import is_plain
+
     meta: dict[str, Any] = {key: str(ds.get(keyword)) if ds.get(keyword) not in (None, "") else None
                             for key, keyword in _SAFE_TEXT.items()}
+    if meta["body_part"] is not None and not is_plain(meta["body_part"], "CS"):
+        meta["body_part"] = None
     syntax = syntax if syntax is not None else transfer_syntax(ds)
     spacing, spacing_source = pixel_spacing(ds)
     meta.update({
