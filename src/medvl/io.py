@@ -198,10 +198,10 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
     for name, given in _input_paths(inputs):
         source = os.path.realpath(given)
         if _is_run_folder(source) and target != source and os.path.commonpath([target, source]) == source:
-            entry = os.path.join(source, os.path.relpath(target, source).split(os.sep)[0])
-            if os.path.lexists(entry):
-                raise InputError(f"{path}: {option} would replace {entry} of {given} ({name}), a training run "
-                                 "this command reads; give a path outside it")
+            first = os.path.relpath(target, source).split(os.sep)[0]
+            if os.path.lexists(os.path.join(source, first)):
+                raise InputError(f"{path}: {option} would replace {os.path.join(given, first)} of {given} ({name}), "
+                                 "a training run this command reads; give a path outside it")
         elif os.path.isdir(source) or not os.path.lexists(source):
             inside = target == source or os.path.commonpath([target, source]) == source
             if inside and not _new_file_beside_data(target, name):
