@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -87,6 +88,9 @@ def serve_command(
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
                             forwarded_allow_ips=proxies or None)
+    # a SIGTERM is the service's normal stop: uvicorn drains the requests in flight, then re-raises the signal,
+    # which must end the process as a plain SIGTERM, not as the 'terminated' cleanup path of the other commands
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.Server(config).run()
 
 
