@@ -17,7 +17,7 @@ ROOT = "medvl"  # the package itself: medvl/__init__.py, the public API
 
 # Top to bottom. A package may import any package of a lower layer.
 LAYERS: list[set[str]] = [
-    {"cli", "serve"},  # the apps: command line, HTTP service
+    {"cli", "serve", "__main__"},  # the apps: command line (also as python -m medvl), HTTP service
     {ROOT},  # medvl/__init__.py: the public API, names re-exported from the packages below
     {"api", "bench", "eval", "explain", "rag", "index", "train", "demo", "report", "predict", "scale"},
     {"embed"},  # batched encoding, shared by eval, rag, index and serve
@@ -28,9 +28,10 @@ LAYERS: list[set[str]] = [
 # Imports between packages of the same layer: only these, each one way.
 SAME_LAYER: dict[str, set[str]] = {
     "cli": {"serve"},  # `medvl serve` starts the service
+    "__main__": {"cli"},  # python -m medvl runs the command line
     "api": {"eval", "train"},
-    "bench": {"eval", "train", "index", "report"},  # recipes and suites compose training, evaluators, the
-    # case index (case retrieval) and the HTML report
+    "bench": {"eval", "train", "index", "rag", "report"},  # recipes and suites compose training, evaluators, the
+    # case index (case retrieval), the knowledge base findings are read with, and the HTML report
     "demo": {"eval", "report", "train"},
     "predict": {"eval"},
     "eval": {"index", "rag"},  # case retrieval scores the index and the RAG drafts

@@ -29,7 +29,7 @@ finding (``answered_micro_f1`` scores the other queries alone). Micro precision 
 (query, finding) pairs, macro F1 over the findings of the vocabulary with at least one reference
 positive. Beside it, the nearest single report: the top neighbour's report, labelled the same way
 (its ``answered_micro_f1`` over the same queries as the draft's). With report references, ``knowledge``
-says how well the knowledge base covers them (``eval.report.knowledge_coverage``, with its warnings): a
+says how well the knowledge base covers them (``eval.coverage.knowledge_coverage``, with its warnings): a
 query whose report names no finding of the base is read as "no finding", which a draft of no finding
 matches (CT / MR reports under the built-in chest X-ray base).
 
@@ -57,6 +57,7 @@ from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
 from ..rag.knowledge import KnowledgeBase
 from ..rag.labels import ReportLabeller
+from .coverage import knowledge_coverage
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
         result["labeller_vs_labels"] = _labeller_agreement(queries, reference, labeller)
         result["knowledge_retrieval"] = _knowledge_retrieval(model, vectors, reference, labeller.knowledge)
     else:  # the labeller reads the references too: does its knowledge base hold their findings?
-        from .report import knowledge_coverage
-
         result["knowledge"] = knowledge_coverage(queries, labeller)
     result["seconds"] = round(time.perf_counter() - started, 2)
     _headline(result)
