@@ -218,10 +218,16 @@ def test_outputs_follow_the_umask(model_dir, phantom_dir, tmp_path, umask):
         create_model("phantom-tiny").save_pretrained(tmp_path / "model")
         result, output = invoke("phantom", tmp_path / "ph", "--n", 8, "--size", 32, "-q")
         assert result.exit_code == 0, output
+        result, output = invoke("train", "--data", tmp_path / "ph", "--split", "all", "--model", "phantom-tiny",
+                                "--out", tmp_path / "run", "--max-steps", 2, "--checkpoint-every", 1,
+                                "--batch-size", 4, "--set", "image.image_size=32", "-q")
+        assert result.exit_code == 0, output
     finally:
         os.umask(old)
     file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
     for path, mode in ((replaced, file_mode), (tmp_path / "model", folder_mode),
+                       (tmp_path / "run" / "checkpoint", folder_mode), (tmp_path / "run" / "model", folder_mode),
+                       (tmp_path / "run" / "checkpoint" / "state.pt", file_mode),
                        (tmp_path / "model" / "config.json", file_mode), (tmp_path / "ph", folder_mode),
                        (tmp_path / "model" / "model.safetensors", file_mode),  # safetensors writes 0600
                        (tmp_path / "ph" / "manifest.csv", file_mode)):

@@ -27,7 +27,6 @@ import math
 import pickle
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, replace_dir, write_errors_named, write_json
+from ..io import atomic_write_bytes, json_ready, replace_dir, staging_folder, write_errors_named, write_json
 from ..models.dual import META_FILE, DualEncoder
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
@@ -661,7 +660,7 @@ class _Run:
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
         with write_errors_named(directory):
-            staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=self.out_dir))
+            staging = staging_folder(self.out_dir, f".{CHECKPOINT_DIR}.tmp-")  # the umask's mode, as any output
         try:
             self.model.meta[CHECKPOINT_STEP] = self.step
             try:
