@@ -85,6 +85,16 @@ def test_train_resume_continues_from_checkpoint(phantom_dir, tmp_path):
     resumed, output = invoke("train", "--data", phantom_dir / "manifest.csv", "--model", "phantom-tiny", "--out", out,
                              "--epochs", 1, "--batch-size", 32, "--resume", "--workers", 0, "-q")
     assert resumed.exit_code == 0, output  # how the data is read is no setting of the run, nor how its path is spelt
+    # a run started before text.vocab_min_texts existed resumes: its settings file lacks the field, held at its default
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["model"]["text"].pop("vocab_min_texts") == 5
+    (out / "train_config.json").write_text(json.dumps(saved))
+    resumed, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out,
+                             "--epochs", 1, "--batch-size", 32, "--resume", "-q")
+    assert resumed.exit_code == 0, output
+    refused, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", out, "--epochs", 1,
+                             "--batch-size", 32, "--resume", "-q", "--set", "text.vocab_min_texts=2")
+    assert refused.exit_code == 2 and "model config" in output, output
 
 
 def test_resume_refuses_data_whose_records_changed(phantom_dir, tmp_path):

@@ -454,14 +454,18 @@ def test_a_new_results_file_beside_the_data_is_fine_but_not_one_a_loader_would_r
     zero_shot = ["eval", "zero-shot", "--model", trained / "model", "--data", data, "--split", "test", "-q"]
     result, output = invoke(*zero_shot, "--json", data / "results.json")
     assert result.exit_code == 0 and (data / "results.json").is_file(), output
+    result, output = invoke(*zero_shot, "--json", data / "results.json", "--overwrite")  # a rerun replaces it
+    assert result.exit_code == 0, output
+    run = tmp_path / "run"  # the same beside a training run's own files
+    shutil.copytree(trained, run)
+    for _ in range(2):
+        result, output = invoke("eval", "zero-shot", "--model", run, "--data", data, "--split", "test", "-q",
+                                "--json", run / "zs.json", "--overwrite")
+        assert result.exit_code == 0, output
     for name in ("extra.csv", "images/new.png"):
         result, output = invoke(*zero_shot, "--json", data / name)
         _assert_clean_refusal(result, output, "lies inside", str(data))
         assert not (data / name).exists()
-    # a DICOM folder's files need no suffix: nothing new goes into the folder deid reads
-    result, output = invoke("deid", data / "images", tmp_path / "deid-out", "--report", data / "images" / "r.json")
-    _assert_clean_refusal(result, output, "lies inside", "SOURCE")
-    assert not (tmp_path / "deid-out").exists()
 
 
 def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):

@@ -193,13 +193,14 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
     a dataset folder may be read back as data (a new results JSON beside the data is fine:
     ``_new_file_beside_data``). Paths are compared resolved (symbolic links followed; hard links count); a folder
     input that does not exist yet (an output folder) counts as a folder. A training run's folder given for its
-    model (``--model run``, which reads ``run/model``) protects what it holds; a new file beside it is fine."""
+    model (``--model run``, which reads ``run/model``) protects the run's own entries (``RUN_OWN_ENTRIES``); another
+    file there, new or replaced with ``--overwrite``, is fine."""
     target = os.path.realpath(path)
     for name, given in _input_paths(inputs):
         source = os.path.realpath(given)
         if _is_run_folder(source) and target != source and os.path.commonpath([target, source]) == source:
             first = os.path.relpath(target, source).split(os.sep)[0]
-            if os.path.lexists(os.path.join(source, first)):
+            if first in RUN_OWN_ENTRIES and os.path.lexists(os.path.join(source, first)):
                 raise InputError(f"{path}: {option} would replace {os.path.join(given, first)} of {given} ({name}), "
                                  "a training run this command reads; give a path outside it")
         elif os.path.isdir(source) or not os.path.lexists(source):
@@ -212,21 +213,20 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
             raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
 
 
-# folders in which no new output may go: models, indexes, output folders, knowledge bases, and the DICOM folders of
-# deid and dicom-info (a DICOM file needs no suffix: any new file there may be read as one)
-FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge", "SOURCE", "PATH")
+FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge")  # nothing new inside
+RUN_OWN_ENTRIES = ("model", "checkpoint", "train_config.json", "metrics.jsonl")  # what a training run folder holds
 # what a dataset loader may read back from its folder: a new file of these kinds there would become data
 DATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".nii",
                  ".nii.gz", ".npz", ".npy", ".csv", ".tsv", ".jsonl", ".xml", ".tgz", ".tar.gz", ".zip")
 
 
 def _new_file_beside_data(target: str, name: str) -> bool:
-    """A new file in a dataset folder that no loader reads (a results JSON written beside the data, e.g. with
-    ``--data .``): allowed. A file that exists there (it would be replaced), one of a kind loaders read, a
-    ``dataset.json``, or anything inside a model, index or output folder is not."""
+    """A file in a dataset folder of a kind no loader reads (a results JSON written beside the data, e.g. with
+    ``--data .``, and replaced by a rerun with ``--overwrite``): allowed. One of a kind loaders read, a
+    ``dataset.json``, or anything inside a model, index or output folder is not (DICOM files are read by
+    their DICM marker, not their suffix, so a JSON beside them is never read as one)."""
     lower = os.path.basename(target).lower()
-    return (name not in FOLDERS_KEPT_WHOLE and not os.path.lexists(target) and lower != "dataset.json"
-            and not lower.endswith(DATA_SUFFIXES))
+    return name not in FOLDERS_KEPT_WHOLE and lower != "dataset.json" and not lower.endswith(DATA_SUFFIXES)
 
 
 def _is_run_folder(folder: str) -> bool:

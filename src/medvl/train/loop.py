@@ -44,6 +44,7 @@ from ..errors import DataError, InputError, ModelError, TrainingError, WriteErro
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, json_ready, replace_dir, staging_folder, write_errors_named, write_json
+from ..models.config import MIN_WORD_TEXTS
 from ..models.dual import META_FILE, DualEncoder
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
@@ -749,15 +750,30 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key == "records_sha256":  # absent from runs started before it was recorded
             if before is not None and before != after:
                 changed.append("the data's records (a report, label, split or image file changed since)")
-        elif key == "model" and isinstance(before, dict) and isinstance(after, dict) and before != after:
-            names = (before.get("name"), after.get("name"))
-            changed.append(f"model {names[0]!r} -> {names[1]!r}" if names[0] != names[1] else "model config")
+        elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
+            if _with_added_defaults(before) != after:
+                names = (before.get("name"), after.get("name"))
+                changed.append(f"model {names[0]!r} -> {names[1]!r}" if names[0] != names[1] else "model config")
         elif before != after:
             changed.append(f"{key} {before!r} -> {after!r}")
     if changed:
         raise InputError(f"{out_dir}: --resume continues the run there with the settings it was started with "
                          f"({CONFIG_FILE}); this command changes {', '.join(changed)}. Resume with the run's "
                          "settings, or train into a new --out")
+
+
+# model config fields added after runs could have started, with the default those runs behaved as: a saved
+# train_config.json without one is the same config as a new one holding the default
+ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder", "vocab_min_texts"): MIN_WORD_TEXTS}
+
+
+def _with_added_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config with the fields added since (``ADDED_MODEL_DEFAULTS``) at their defaults."""
+    filled = {key: dict(value) if isinstance(value, dict) else value for key, value in model.items()}
+    for (section, name), default in ADDED_MODEL_DEFAULTS.items():
+        if isinstance(filled.get(section), dict) and name not in filled[section]:
+            filled[section][name] = default
+    return filled
 
 
 def _resume_state(out_dir: Path) -> dict[str, Any] | None:
