@@ -183,20 +183,29 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:.6g}"
 
 
-def _descriptor(ds, keyword: str, vr: str, name: str, dropped: Counter) -> str | None:
-    """A free-text descriptor (Series Description, Body Part Examined) when plain by the Clean Descriptors
-    rule (``medvl.clinical.descriptors.is_plain``: allow-listed technical words, short numbers) and free of
-    the file's patient name, ID and dates; otherwise ``None``, counted in ``dropped[name]``."""
+# the free-text descriptors kept in a record's meta when plain: meta key -> (keyword, VR)
+DESCRIPTORS = {"body_part": ("BodyPartExamined", "CS"), "series_description": ("SeriesDescription", "LO")}
+
+
+def _descriptors(ds, dropped: Counter) -> dict[str, str | None]:
+    """Each of ``DESCRIPTORS`` when plain by the Clean Descriptors rule (``medvl.clinical.descriptors.is_plain``:
+    allow-listed technical words, short numbers) and free of the file's patient name, ID and dates (read
+    once, and only when a descriptor is plain); otherwise ``None``, counted in ``dropped[key]``."""
     from ...clinical.descriptors import is_plain
     from ...clinical.identifiers import collect_identifiers
 
-    text = _text(ds.get(keyword))
-    if text is None:
-        return None
-    if not is_plain(text, vr) or collect_identifiers(ds).found_in(text):
-        dropped[name] += 1
-        return None
-    return text
+    texts = {key: _text(ds.get(keyword)) for key, (keyword, _) in DESCRIPTORS.items()}
+    plain = {key for key, text in texts.items() if text is not None and is_plain(text, DESCRIPTORS[key][1])}
+    identifiers = collect_identifiers(ds) if plain else None
+    kept: dict[str, str | None] = {}
+    for key, text in texts.items():
+        if text is not None and key in plain and identifiers is not None and not identifiers.found_in(text):
+            kept[key] = text
+        else:
+            kept[key] = None
+            if text is not None:
+                dropped[key] += 1
+    return kept
 
 
 def _common_meta(ds, study_uid: str, series_uid: str, dropped: Counter) -> dict[str, str | None]:
@@ -205,8 +214,7 @@ def _common_meta(ds, study_uid: str, series_uid: str, dropped: Counter) -> dict[
     spacing, _ = pixel_spacing(ds)
     return {
         "modality": _text(ds.get("Modality")),
-        "body_part": _descriptor(ds, "BodyPartExamined", "CS", "body_part", dropped),
-        "series_description": _descriptor(ds, "SeriesDescription", "LO", "series_description", dropped),
+        **_descriptors(ds, dropped),
         "rows": _text(ds.get("Rows")),
         "columns": _text(ds.get("Columns")),
         "row_spacing_mm": _number(spacing[0]) if spacing else None,
