@@ -119,6 +119,25 @@ def staging_folder(parent: str | Path, prefix: str, suffix: str = "") -> Path:
     return staging
 
 
+@contextmanager
+def staged_for(target: Path, parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A staging folder (``staging_folder``) for the whole of ``target``, written inside the ``with`` and
+    renamed into place there (``replace_dir``). Any failure removes it; a ``WriteError`` about a file in it is
+    raised again naming the same file under ``target``, the path the user knows."""
+    staging = staging_folder(parent, prefix)
+    try:
+        yield staging
+    except WriteError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        written = Path(err.path) if err.path is not None else None
+        named = target / written.relative_to(staging) if written is not None and written.is_relative_to(staging) \
+            else err.path
+        raise WriteError(named, err.problem) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling, then rename it over ``path``; a failed write
     (e.g. a full disk) leaves neither a partial file nor the temporary one, and names ``path``.

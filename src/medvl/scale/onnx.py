@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError, WriteError
-from ..io import replace_dir, staging_folder, write_errors_named
+from ..errors import ModelError
+from ..io import replace_dir, staged_for, staging_folder, write_errors_named
 from ..models.backends import (
     EXPORT_DIR,
     EXPORT_FILE,
@@ -119,19 +119,10 @@ def _export_with_copy(model: DualEncoder, out: Path, int8: bool) -> None:
     once both are complete; a failed write names ``out``, not the staging folder."""
     with write_errors_named(out):
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_folder(out.absolute().parent, f".{out.absolute().name}.tmp-")
-        try:
+        with staged_for(out, out.absolute().parent, f".{out.absolute().name}.tmp-") as staging:
             model.save_pretrained(staging)
             _export_beside(model, staging, int8)
             replace_dir(staging, out)
-        except WriteError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            written = Path(err.path or out)
-            named = out / written.relative_to(staging) if written.is_relative_to(staging) else written
-            raise WriteError(named, err.problem) from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
 
 def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, replace_dir, staging_folder, write_errors_named, write_json
+from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
 from ..models.config import MIN_WORD_TEXTS
 from ..models.dual import META_FILE, DualEncoder
 from ..models.losses import nt_xent_loss
@@ -660,23 +660,14 @@ class _Run:
                  "step": self.step, "batch_index": self.batch_index}
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
-        with write_errors_named(directory):
-            staging = staging_folder(self.out_dir, f".{CHECKPOINT_DIR}.tmp-")  # the umask's mode, as any output
-        try:
+        with write_errors_named(directory), staged_for(directory, self.out_dir, f".{CHECKPOINT_DIR}.tmp-") as staging:
             self.model.meta[CHECKPOINT_STEP] = self.step
             try:
                 self._save(staging / MODEL_DIR)
             finally:
                 self.model.meta.pop(CHECKPOINT_STEP, None)
             atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
-            with write_errors_named(directory):
-                replace_dir(staging, directory)
-        except WriteError as err:  # named as the checkpoint's own path, not the staging folder's
-            shutil.rmtree(staging, ignore_errors=True)
-            raise WriteError(_in_place_of(err.path, staging, directory), err.problem) from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            replace_dir(staging, directory)
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -822,16 +813,6 @@ def _checkpoint_model_step(model_dir: Path) -> int | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
     return step if isinstance(step, int) else None
-
-
-def _in_place_of(path: str | None, staging: Path, directory: Path) -> str | None:
-    """``path`` inside ``staging`` as the same path inside ``directory`` (which ``staging`` was to replace)."""
-    if path is None:
-        return None
-    try:
-        return str(directory / Path(path).relative_to(staging))
-    except ValueError:
-        return path
 
 
 def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tensor]:
