@@ -255,3 +255,43 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert process.returncode == 143, stderr
     assert "terminated" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []  # no staging folder, nothing at OUT
+
+
+CTRL_C_IN_IMPORT = """
+import sys
+
+class CtrlC:  # Ctrl-C raises KeyboardInterrupt wherever the program is: here, once, in the middle of an import
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from medvl.cli.launch import run
+run()
+"""
+
+
+@pytest.mark.parametrize("module", ["typer", "torch"])  # the command line's own imports; a command's (models)
+def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceback(module):
+    """Ctrl-C in the first seconds, while `import medvl` imported torch and the rest, printed a traceback."""
+    stopped = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT.replace("MODULE", repr(module)), "models"],
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr == "interrupted\n"
+    assert stopped.stdout == ""
+    started = subprocess.run([sys.executable, "-c", "from medvl.cli.launch import run; run()", "models"],
+                             capture_output=True, text=True, timeout=300)  # the same entry, not interrupted
+    assert started.returncode == 0, started.stderr
+    assert "cxr-small" in started.stdout
+
+
+def test_import_medvl_is_cheap_and_its_names_resolve_on_use():
+    """`import medvl` imported torch and every subpackage; its public names now load on first use."""
+    probe = ("import sys, medvl; before = 'torch' in sys.modules; import medvl.train.recipes; "
+             "from medvl.train.loop import train; "
+             "print(before, medvl.train is train, medvl.load_model.__module__, sorted(medvl.__all__) == medvl.__all__)")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["False", "True", "medvl.models.registry", "True"], shown.stdout

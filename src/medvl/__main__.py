@@ -1,6 +1,6 @@
 """``python -m medvl``: the ``medvl`` command."""
 
-from medvl.cli.main import run
+from medvl.cli.launch import run
 
 if __name__ == "__main__":
     run()

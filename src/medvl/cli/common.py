@@ -16,16 +16,15 @@ from rich.table import Table
 
 from ..errors import MedvlError
 from ..io import InputPaths
+from .exits import EXIT_BAD_INPUT as EXIT_BAD_INPUT
+from .exits import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from .exits import EXIT_TERMINATED as EXIT_TERMINATED
 
 # stdout prints data (file names, ids, labels, report text) that may hold "[...]": rich markup is off, and the few
 # lines that style their own words turn it on (``markup=True``) with every value in them escaped
 console = Console(markup=False)
 err_console = Console(stderr=True)
 log = logging.getLogger("medvl")
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
