@@ -118,3 +118,28 @@ def png_declaring(path: Path, width: int, height: int, mode: int = 0, depth: int
 def gzip_bytes(data: bytes) -> bytes:
     """``data`` gzip-compressed with a fixed timestamp (same input, same bytes)."""
     return gzip.compress(data, mtime=0)
+
+
+def zero_affine_nifti(path: Path) -> Path:
+    """A NIfTI file whose sform is all zeros (sform_code 1, qform_code 0): no voxel axis has a direction."""
+    import nibabel
+
+    stored = bytearray(nibabel.Nifti1Image(np.zeros((12, 10, 8), np.int16), np.diag([2.0, 2.0, 3.0, 1.0])).to_bytes())
+    for k in range(12):
+        struct.pack_into("<f", stored, 280 + 4 * k, 0.0)  # srow_x / srow_y / srow_z
+    struct.pack_into("<h", stored, 252, 0)  # qform_code
+    struct.pack_into("<h", stored, 254, 1)  # sform_code
+    path.write_bytes(bytes(stored))
+    return path
+
+
+def corrupt_gzip_nifti(path: Path) -> Path:
+    """A stored (level 0) .nii.gz with one bit flipped in the voxel data: only the gzip CRC can tell."""
+    import nibabel
+
+    volume = (np.indices((12, 10, 8)).sum(0) * 10 - 100).astype(np.int16)
+    stored = nibabel.Nifti1Image(volume.transpose(2, 1, 0), np.diag([2.0, 2.0, 3.0, 1.0])).to_bytes()
+    data = bytearray(gzip.compress(stored, compresslevel=0, mtime=0))
+    data[len(data) - 200] ^= 0x40
+    path.write_bytes(bytes(data))
+    return path

@@ -193,3 +193,41 @@ def test_a_dicom_cut_before_its_uids_is_still_truncated_and_a_whole_one_without_
         answer = http.post("/v1/embed", files={"image": ("x", data)})
         assert answer.status_code == 422 and reason in answer.json()["detail"], answer.text
     assert "(truncated" not in _flat(output) and "truncated DICOM" not in _flat(output)
+
+
+# --- a 3D model: NIfTI volumes through the CLI and the service ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ct3d(tmp_path_factory) -> Path:
+    """A ct3d-tiny model at random init (the answers are compared, not scored)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("parity-ct3d") / "model"
+    torch.manual_seed(0)
+    create_model("ct3d-tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct3d_http(ct3d):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(ct3d, require_token=False)) as client:
+        yield client
+
+
+def test_damaged_nifti_files_are_refused_by_the_cli_and_the_service_alike(ct3d, ct3d_http, tmp_path):
+    """A zero affine (a traceback and a 500 before) and a corrupt gzip stream (predicted by the CLI before):
+    exit 2 and 422, with the same reason."""
+    from hostile_files import corrupt_gzip_nifti, zero_affine_nifti
+
+    for path, reason in ((zero_affine_nifti(tmp_path / "zero.nii"), "its affine (sform / qform) is singular"),
+                         (corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz"),
+                          "corrupt or truncated gzip stream after the voxel data")):
+        result, output = invoke("predict", path, "--model", ct3d, "--labels", "no_finding,kidney_cyst")
+        assert result.exit_code == 2 and f"{path.name}:" in output and reason in _flat(output), output
+        for route in ("/v1/zero-shot", "/v1/preview"):
+            answer = ct3d_http.post(route, files={"image": (path.name, path.read_bytes())},
+                                    data={"labels": "no_finding,kidney_cyst"})
+            assert answer.status_code == 422 and reason in answer.json()["detail"], (route, answer.text)

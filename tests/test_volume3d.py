@@ -14,6 +14,7 @@ from PIL import Image
 
 import medvl
 from cli_helpers import invoke
+from hostile_files import corrupt_gzip_nifti, zero_affine_nifti
 from medvl.clinical.nifti import NiftiSlabs, read_nifti, write_nifti
 from medvl.data.phantom import CT3D_CAPTIONS, CT_MANIFEST_COLUMNS, generate_phantom
 from medvl.data.phantom.ct3d import FINDINGS, render_case
@@ -225,6 +226,28 @@ def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
         model.encode_images(torch.zeros(1, 2, 32, 32))
 
 
+def test_a_nifti_file_without_an_orientation_is_refused_by_both_readers(tmp_path):
+    """A zero (singular) affine: read_nifti refused it, the streamed reader crashed on NaN axes (ValueError)."""
+    path = zero_affine_nifti(tmp_path / "zero.nii")
+    with pytest.raises(DataError, match=r"zero\.nii.*affine.*singular") as whole:
+        read_nifti(path)
+    with pytest.raises(DataError) as streamed:
+        NiftiSlabs(path)
+    assert str(streamed.value) == str(whole.value)
+    with pytest.raises(DataError, match="singular"):
+        medvl.create_model("ct3d-tiny").encode_images([path])
+
+
+def test_a_corrupt_gzip_stream_is_refused_when_streamed_as_when_read_whole(tmp_path):
+    path = corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")
+    with pytest.raises(DataError, match=r"corrupt\.nii\.gz.*CRC"):
+        read_nifti(path)
+    with pytest.raises(DataError, match=r"corrupt\.nii\.gz.*corrupt or truncated gzip stream after the voxel data"):
+        list(NiftiSlabs(path).slabs())
+    with pytest.raises(DataError, match="CRC"):
+        medvl.create_model("ct3d-tiny").encode_images([path])
+
+
 def test_config_checks_for_volumes():
     with pytest.raises(InputError, match="window"):
         get_config("ct3d-tiny", **{"image.window": [40]})
@@ -314,6 +337,26 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
     result, output = invoke("predict", png, "--model", ct_model, "--labels", "no_finding,lung_nodule")
     assert result.exit_code == 2
     assert "xray.png" in output and "3D volumes" in output and "Traceback" not in output
+
+
+def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_path):
+    """predict and index build exit 2 naming the file (a zero affine crashed with a traceback; a corrupt gzip
+    stream was predicted and indexed without a word)."""
+    import shutil
+
+    damaged = {"zero.nii": zero_affine_nifti(tmp_path / "zero.nii"),
+               "corrupt.nii.gz": corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")}
+    for name, path in damaged.items():
+        result, output = invoke("predict", path, "--model", ct_model, "--labels", "no_finding,kidney_cyst")
+        assert result.exit_code == 2 and f"{name}:" in output and "Traceback" not in output, output
+        assert ("singular" if name == "zero.nii" else "CRC") in output, output
+    data = tmp_path / "data"
+    shutil.copytree(ct_dir, data)
+    shutil.copyfile(damaged["corrupt.nii.gz"], data / "images/ct_00002.nii.gz")
+    result, output = invoke("index", "build", "--model", ct_model, "--data", data, "--out", tmp_path / "idx",
+                            "--quiet")
+    assert result.exit_code == 2 and "ct_00002.nii.gz" in output and "CRC" in output, output
+    assert not (tmp_path / "idx").exists()
 
 
 def test_index_hashes_nifti_volumes_streamed_and_finds_a_recompressed_copy(ct_dir, ct_model, tmp_path):

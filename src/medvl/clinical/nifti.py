@@ -9,7 +9,8 @@
 - ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order.
 
 A 4D file with one volume is squeezed; a 2D file becomes one slice; a time series, RGB or complex
-data is refused, so are NaN or infinite voxels. Decompression bombs are refused before
+data is refused, so are NaN or infinite voxels and a singular affine (no orientation).
+Decompression bombs are refused before
 decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
 voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
 declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
@@ -138,6 +139,21 @@ def _to_volume(path: Path, data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.transpose(2, 1, 0))
 
 
+def _ras_orientation(nib, path: Path, affine: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Per voxel axis (i, j, k): the RAS axis it becomes in the closest canonical orientation (nibabel's
+    ``io_orientation``, as ``as_closest_canonical`` uses) and whether it is reversed. A singular affine (all
+    zeros, or two voxel axes along one direction) leaves an axis without a direction: ``DataError``."""
+    try:
+        orientation = nib.orientations.io_orientation(affine)
+    except Exception as error:  # noqa: BLE001 - a non-finite affine fails nibabel's SVD
+        raise DataError(path, f"cannot read the NIfTI image: its affine cannot be oriented ({type(error).__name__}: "
+                              f"{error})") from None
+    if np.isnan(orientation).any():
+        raise DataError(path, "cannot read the NIfTI image: its affine (sform / qform) is singular, so a voxel axis "
+                              "has no direction in space")
+    return (tuple(int(axis) for axis in orientation[:, 0]), tuple(bool(flip < 0) for flip in orientation[:, 1]))
+
+
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a ``.nii`` / ``.nii.gz`` file into a RAS ``DxHxW`` float32 volume and its spacing (mm)."""
     path = Path(path)
@@ -147,7 +163,12 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
     header_class, raw = _bounded_bytes(nib, path)
     image_class = nib.Nifti1Image if header_class is nib.Nifti1Header else nib.Nifti2Image
     try:
-        image = nib.as_closest_canonical(image_class.from_bytes(raw))
+        image = image_class.from_bytes(raw)
+    except Exception as error:  # noqa: BLE001 - nibabel's header errors
+        raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
+    _ras_orientation(nib, path, image.affine)  # the streamed reader's check, in the same words
+    try:
+        image = nib.as_closest_canonical(image)
         data = image.get_fdata(dtype=np.float32)
         zooms = [float(z) for z in image.header.get_zooms()[:3]]
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
@@ -166,8 +187,10 @@ class NiftiSlabs:
     The header is read and checked on construction (the same limits as ``read_nifti``); ``slabs``
     then streams the voxel data along the third voxel axis (NIfTI stores it slowest, so a slab is
     contiguous bytes), ``max_voxels`` at a time, as float32 arrays ``(k, j, i)`` with scl_slope /
-    scl_inter applied. ``ras_axes[n]`` and ``ras_flips[n]`` say which RAS axis (0 = x, 1 = y, 2 = z)
-    voxel axis ``n`` becomes in ``read_nifti``'s canonical orientation, and whether it is reversed.
+    scl_inter applied; after the last slab one more byte is read, so a gzip file's length and CRC are
+    checked as ``read_nifti`` checks them. ``ras_axes[n]`` and ``ras_flips[n]`` say which RAS axis (0 = x,
+    1 = y, 2 = z) voxel axis ``n`` becomes in ``read_nifti``'s canonical orientation, and whether it is reversed.
+    The same files are refused, in the same words, as by ``read_nifti``.
     """
 
     def __init__(self, path: str | Path):
@@ -191,9 +214,7 @@ class NiftiSlabs:
         slope, inter = header.get_slope_inter()
         self._slope = 1.0 if slope is None else float(slope)
         self._inter = 0.0 if inter is None else float(inter)
-        orientation = nib.orientations.io_orientation(header.get_best_affine())
-        self.ras_axes = tuple(int(axis) for axis in orientation[:, 0])
-        self.ras_flips = tuple(bool(flip < 0) for flip in orientation[:, 1])
+        self.ras_axes, self.ras_flips = _ras_orientation(nib, self.path, header.get_best_affine())
 
     def slabs(self, max_voxels: int = 4 << 20):
         """Yield float32 ``(k, j, i)`` slabs of consecutive third-axis slices, in file order."""
@@ -212,6 +233,7 @@ class NiftiSlabs:
                     if not np.isfinite(slab).all():
                         raise DataError(self.path, "volume contains NaN or infinite values")
                     yield slab
+                _check_stream_end(stream, self.path)  # a gzip file's CRC and length, as read_nifti checks them
         except OSError as error:
             raise DataError(self.path, f"cannot read the file ({error})") from None
 
