@@ -231,3 +231,23 @@ def test_damaged_nifti_files_are_refused_by_the_cli_and_the_service_alike(ct3d, 
             answer = ct3d_http.post(route, files={"image": (path.name, path.read_bytes())},
                                     data={"labels": "no_finding,kidney_cyst"})
             assert answer.status_code == 422 and reason in answer.json()["detail"], (route, answer.text)
+
+
+def test_a_5d_file_of_one_volume_is_taken_by_the_cli_and_the_service_alike(ct3d, ct3d_http, tmp_path):
+    """X x Y x Z x 1 x 1: the CLI predicted it, the service refused it (422 'expected a 3D volume'); both read it now
+    and give the answer of the same volume stored as 3D."""
+    import nibabel
+    import numpy as np
+
+    volume = (np.random.default_rng(4).normal(0, 300, (20, 18, 16))).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(volume[..., None, None], np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "v5d.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "v3d.nii.gz")
+    result, output = invoke("predict", tmp_path / "v5d.nii.gz", tmp_path / "v3d.nii.gz", "--model", ct3d,
+                            "--labels", "no_finding,kidney_cyst", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    five, three = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert five["probabilities"] == three["probabilities"]
+    answer = ct3d_http.post("/v1/zero-shot", files={"image": ("v5d.nii.gz", (tmp_path / "v5d.nii.gz").read_bytes())},
+                            data={"labels": "no_finding,kidney_cyst"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["probabilities"] == pytest.approx(five["probabilities"], abs=1e-5)

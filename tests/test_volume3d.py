@@ -248,6 +248,23 @@ def test_a_corrupt_gzip_stream_is_refused_when_streamed_as_when_read_whole(tmp_p
         medvl.create_model("ct3d-tiny").encode_images([path])
 
 
+def test_trailing_singleton_dimensions_are_squeezed_by_both_readers(tmp_path):
+    """One rule: dimensions of size 1 after the third are dropped (a 5D 40x50x30x1x1 file is one volume), as the
+    streamed reader did; read_nifti refused such a file."""
+    import nibabel
+
+    volume = np.arange(12 * 10 * 8, dtype=np.int16).reshape(12, 10, 8)
+    nibabel.save(nibabel.Nifti1Image(volume[..., None, None], np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "v5d.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "v3d.nii.gz")
+    array, spacing = read_nifti(tmp_path / "v5d.nii.gz")
+    assert np.array_equal(array, read_nifti(tmp_path / "v3d.nii.gz")[0]) and spacing == (3.0, 2.0, 2.0)
+    assert NiftiSlabs(tmp_path / "v5d.nii.gz").shape == (12, 10, 8)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((12, 10, 8, 1, 2), np.int16), np.eye(4)), tmp_path / "vec.nii.gz")
+    for read in (read_nifti, NiftiSlabs):
+        with pytest.raises(DataError, match=r"vec\.nii\.gz.*expected a 3D volume, got shape \(12, 10, 8, 1, 2\)"):
+            read(tmp_path / "vec.nii.gz")
+
+
 def test_config_checks_for_volumes():
     with pytest.raises(InputError, match="window"):
         get_config("ct3d-tiny", **{"image.window": [40]})

@@ -8,9 +8,9 @@
   ``(z, y, x)``);
 - ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order.
 
-A 4D file with one volume is squeezed; a 2D file becomes one slice; a time series, RGB or complex
-data is refused, so are NaN or infinite voxels and a singular affine (no orientation).
-Decompression bombs are refused before
+Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
+a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
+infinite voxels and a singular affine (no orientation). Decompression bombs are refused before
 decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
 voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
 declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
@@ -129,14 +129,8 @@ def _bounded_bytes(nib, path: Path):
 
 
 def _to_volume(path: Path, data: np.ndarray) -> np.ndarray:
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise DataError(path, f"expected a 3D volume, got shape {data.shape} (a time series or multi-channel "
-                              "image: pass one volume)")
-    return np.ascontiguousarray(data.transpose(2, 1, 0))
+    """The (i, j, k) voxel array as ``DxHxW`` (k, j, i), its shape made 3D by ``_volume_shape``."""
+    return np.ascontiguousarray(data.reshape(_volume_shape(path, data.shape)).transpose(2, 1, 0))
 
 
 def _ras_orientation(nib, path: Path, affine: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
@@ -239,7 +233,9 @@ class NiftiSlabs:
 
 
 def _volume_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(i, j, k) of a 2D, 3D or single-volume 4D file (as ``_to_volume`` accepts)."""
+    """(i, j, k) of a file's voxel dimensions, the one rule of both readers: dimensions of size 1 after the
+    third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``), a 2D file is one slice; any
+    other dimension after the third (a time series, a vector or multi-channel image) is refused."""
     dims = list(shape)
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
