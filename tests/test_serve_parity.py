@@ -251,3 +251,34 @@ def test_a_5d_file_of_one_volume_is_taken_by_the_cli_and_the_service_alike(ct3d,
                             data={"labels": "no_finding,kidney_cyst"})
     assert answer.status_code == 200, answer.text
     assert answer.json()["probabilities"] == pytest.approx(five["probabilities"], abs=1e-5)
+
+
+def test_a_sagittal_file_and_its_axial_copy_get_one_answer_from_the_cli_and_the_service(ct3d, ct3d_http, tmp_path):
+    """The CLI streams a NIfTI file in its stored planes, the service resizes the upload's RAS array in axial
+    planes; with each axis resized on its own both build the same model input, so a sagittally stored file, its
+    axial copy (identical read_nifti arrays) and their uploads get the same probabilities (they differed in the
+    third decimal). 1e-5 allows for float rounding: the axes are resized in another order on each path."""
+    import nibabel
+    import numpy as np
+
+    from medvl.clinical.nifti import read_nifti, write_nifti
+
+    rng = np.random.default_rng(0)
+    stored = (np.indices((40, 50, 30)).sum(0) * 10 - 500 + rng.normal(0, 50, (40, 50, 30))).astype(np.int16)
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = 2.0, 3.0, -1.5, 1.0  # voxel axes i, j, k: y, z, -x
+    sagittal, axial = tmp_path / "sag.nii.gz", tmp_path / "axial.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(stored, affine), sagittal)
+    write_nifti(axial, *read_nifti(sagittal))
+    labels = "no_finding,kidney_cyst,liver_lesion"
+    result, output = invoke("predict", sagittal, axial, "--model", ct3d, "--labels", labels,
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    answers = [p["probabilities"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
+    for path in (sagittal, axial):
+        answer = ct3d_http.post("/v1/zero-shot", files={"image": (path.name, path.read_bytes())},
+                                data={"labels": labels})
+        assert answer.status_code == 200, answer.text
+        answers.append(answer.json()["probabilities"])
+    for other in answers[1:]:
+        assert other == pytest.approx(answers[0], abs=1e-5), answers

@@ -198,6 +198,41 @@ def test_streamed_nifti_matches_the_whole_volume_in_any_orientation(tmp_path, mo
     assert torch.allclose(in_memory, volumes.load_volume(tmp_path / "ras.nii.gz", config), atol=1e-6)
 
 
+def _sagittal_and_axial_copies(folder: Path) -> tuple[Path, Path]:
+    """The same noisy 40 x 50 x 30 volume stored sagittally (voxel axes i, j, k along y, z, -x) and, through
+    read_nifti and write_nifti, axially: identical read_nifti arrays."""
+    import nibabel
+
+    rng = np.random.default_rng(0)
+    stored = (np.indices((40, 50, 30)).sum(0) * 10 - 500 + rng.normal(0, 50, (40, 50, 30))).astype(np.int16)
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = 2.0, 3.0, -1.5, 1.0
+    nibabel.save(nibabel.Nifti1Image(stored, affine), folder / "sag.nii.gz")
+    write_nifti(folder / "axial.nii.gz", *read_nifti(folder / "sag.nii.gz"))
+    assert np.array_equal(read_nifti(folder / "sag.nii.gz")[0], read_nifti(folder / "axial.nii.gz")[0])
+    return folder / "sag.nii.gz", folder / "axial.nii.gz"
+
+
+def test_one_volume_gives_one_model_input_whatever_its_storage_order(tmp_path):
+    """Each axis is resized on its own (area when it shrinks, linear when it grows), so the streamed path (in-plane
+    = the file's voxel axes) and the in-memory path (in-plane = RAS y, x) agree. The mode was chosen per plane: a
+    plane with one axis shrinking and one growing was interpolated on both, and a sagittal file differed from its
+    axial copy and from its read_nifti array by up to 0.16."""
+    sagittal, axial = _sagittal_and_axial_copies(tmp_path)
+    config = get_config("ct3d-tiny").image  # 32^3: RAS (z 50, y 40, x 30) shrinks z and y, grows x
+    in_memory = volumes.load_volume(read_nifti(sagittal)[0], config)
+    for path in (sagittal, axial):
+        assert (volumes.load_volume(path, config) - in_memory).abs().max() < 1e-6
+    # area averaging on a shrinking axis whatever the other axis of its plane does: rows 6 -> 4 average the
+    # windows [0, 2), [1, 3), [3, 5), [4, 6) while columns 2 -> 4 grow (column 0 stays the first column)
+    config = ImageConfig(spatial_dims=3, image_size=4, depth=2)
+    volume = np.random.default_rng(1).random((2, 6, 2)).astype(np.float32)
+    scaled = (volume - volume.min()) / (volume.max() - volume.min())
+    loaded = volumes.load_volume(volume, config)[0].numpy()
+    expected = [scaled[0, start:start + 2, 0].mean() for start in (0, 1, 3, 4)]
+    np.testing.assert_allclose(loaded[0, :, 0], expected, atol=1e-6)
+
+
 def test_depth_resize_min_max_and_channel_conversion():
     volume = np.random.default_rng(0).normal(size=(20, 24, 24)).astype(np.float32)
     config = ImageConfig(spatial_dims=3, image_size=12, depth=40, in_channels=3)

@@ -12,40 +12,37 @@ Intensities:
 - without a window, the resampled volume is min-max scaled (as 2D images are);
 - 8-bit volumes (display values, e.g. a windowed DICOM series) are divided by 255.
 
+Resizing: each axis on its own (``_resize_axis``), area averaging when it shrinks (anti-aliased),
+linear interpolation when it grows. The two are separable, so the order the axes are resized in does
+not matter (up to float rounding): a NIfTI file stored sagittally, its axial copy and its
+``read_nifti`` array give the same model input, and so do the CLI (which streams the file) and the
+service (which holds the upload's RAS array).
+
 Memory: a NIfTI file is streamed from disk ``SLAB_VOXELS`` voxels at a time (its third voxel axis
-is stored slowest); each slab is windowed and resized in-plane (MONAI ``Resize``, area averaging
-when shrinking) before the next is read, and only the in-plane-resized stack is kept, so a
-512 x 512 x 300 CT never exists in memory as a whole (see docs/benchmarks.md for the peak RSS).
-Arrays and other files (DICOM series, ``.npy``) are already in memory as read; they are processed
-the same slab-wise way, which keeps the extra memory to a slab. The stack is finally resized along
-the remaining axis and, for NIfTI, brought to RAS like ``read_nifti`` does.
+is stored slowest); each slab is windowed and resized in-plane (its two stored axes) before the
+next is read, and only the in-plane-resized stack is kept, so a 512 x 512 x 300 CT never exists in
+memory as a whole (see docs/benchmarks.md for the peak RSS). Arrays and other files (DICOM series,
+``.npy``) are already in memory as read; they are processed the same slab-wise way (axial slabs), which
+keeps the extra memory to a slab. The stack is finally resized along the remaining axis and, for
+NIfTI, brought to RAS like ``read_nifti`` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.images import image_suffix, read_image
 from ..data.record import ImageSource
 from ..errors import DataError
 from .config import ImageConfig
 
-if TYPE_CHECKING:
-    from monai.data import MetaTensor
-
 SLAB_VOXELS = 2 << 20  # voxels read and resampled at a time (8 MiB as float32)
 _FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def plain_tensor(transformed: torch.Tensor) -> torch.Tensor:
-    """A MONAI transform's output as a plain tensor: the transforms return a ``MetaTensor``,
-    which their annotations call a ``Tensor``."""
-    return cast("MetaTensor", transformed).as_tensor()
 
 
 def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path | None = None) -> torch.Tensor:
@@ -83,22 +80,16 @@ def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
 class _SlabResampler:
     """Collects slabs (k, j, i), each windowed and resized in-plane, then resizes along k."""
 
-    def __init__(self, config: ImageConfig, plane: tuple[int, int], target: tuple[int, int, int], eight_bit: bool):
-        from monai.transforms import Resize
-
+    def __init__(self, config: ImageConfig, target: tuple[int, int, int], eight_bit: bool):
         self.config, self.target, self.eight_bit = config, target, eight_bit
-        self.resize_plane = Resize(spatial_size=target[1:], mode=_mode(plane, target[1:], 2))
         self.parts: list[torch.Tensor] = []
         self.low, self.high = np.inf, -np.inf
 
     def add(self, slab: np.ndarray, source) -> None:
         if slab.dtype != np.uint8 and not np.isfinite(slab).all():
             raise DataError(source, "image contains NaN or infinite values")
-        channels = self._intensities(slab)  # (C, k, j, i)
-        count, rows, cols = slab.shape
-        flat = torch.from_numpy(channels.reshape(-1, rows, cols))
-        resized = plain_tensor(self.resize_plane(flat)).float()
-        self.parts.append(resized.view(channels.shape[0], count, *self.target[1:]))
+        channels = torch.from_numpy(self._intensities(slab))  # (C, k, j, i)
+        self.parts.append(_resize_axis(_resize_axis(channels, 2, self.target[1]), 3, self.target[2]))
 
     def _intensities(self, slab: np.ndarray) -> np.ndarray:
         if self.eight_bit:
@@ -116,23 +107,28 @@ class _SlabResampler:
 
     def finish(self) -> torch.Tensor:
         """The (C, D, H, W) volume in voxel order (k, j, i), values in [0, 1]."""
-        from monai.transforms import Resize
-
-        stack = torch.cat(self.parts, dim=1)
-        depth = (stack.shape[1],)
-        resize = Resize(spatial_size=self.target, mode=_mode(depth, self.target[:1], 1))
-        volume = plain_tensor(resize(stack)).float()
+        volume = _resize_axis(torch.cat(self.parts, dim=1), 1, self.target[0])
         if not self.eight_bit and not self.config.windows:
             span = self.high - self.low
             volume = (volume - self.low) / span if span > 0 else torch.zeros_like(volume)
         return volume.clamp_(0.0, 1.0)
 
 
-def _mode(source: Sequence[int], target: Sequence[int], dims: int) -> str:
-    """Area averaging when no axis grows (anti-aliased shrinking); linear interpolation otherwise."""
-    if all(t <= s for s, t in zip(source, target, strict=True)):
-        return "area"
-    return "bilinear" if dims == 2 else "trilinear"
+def _resize_axis(values: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``values`` (float32) resized along ``axis`` alone to ``size``: area averaging when the axis shrinks
+    (anti-aliased), linear interpolation (``align_corners=False``) when it grows, unchanged when it keeps its
+    length. Both are separable, so resizing one axis after another gives the same volume in any order: a file
+    resized in its stored planes and its RAS array resized in axial planes reach the model alike."""
+    length = values.shape[axis]
+    if length == size:
+        return values
+    moved = values.movedim(axis, -1)
+    lines = moved.reshape(-1, 1, length)
+    if size < length:
+        resized = F.interpolate(lines, size=size, mode="area")
+    else:
+        resized = F.interpolate(lines, size=size, mode="linear", align_corners=False)
+    return resized.reshape(*moved.shape[:-1], size).movedim(-1, axis)
 
 
 def _finish_channels(volume: torch.Tensor, config: ImageConfig) -> torch.Tensor:
@@ -145,7 +141,7 @@ def _array_volume(array: np.ndarray, source, config: ImageConfig) -> torch.Tenso
     """A DxHxW array (already RAS) through the same slab-wise path."""
     depth, rows, cols = array.shape
     target_depth, target_rows, target_cols = config.volume_shape
-    resampler = _SlabResampler(config, (rows, cols), (target_depth, target_rows, target_cols), array.dtype == np.uint8)
+    resampler = _SlabResampler(config, (target_depth, target_rows, target_cols), array.dtype == np.uint8)
     step = max(1, SLAB_VOXELS // (rows * cols))
     _feed(resampler, (array[start:start + step] for start in range(0, depth, step)), source)
     return _finish_channels(resampler.finish(), config)
@@ -167,7 +163,7 @@ def _nifti_volume(path: Path, config: ImageConfig) -> torch.Tensor:
     depth, side = config.volume_shape[0], config.image_size
     size_of = [depth if volume.ras_axes[axis] == 2 else side for axis in range(3)]  # per voxel axis i, j, k
     target = (size_of[2], size_of[1], size_of[0])
-    resampler = _SlabResampler(config, (nj, ni), target, eight_bit=False)  # NIfTI holds modality values
+    resampler = _SlabResampler(config, target, eight_bit=False)  # NIfTI holds modality values
     _feed(resampler, volume.slabs(SLAB_VOXELS), path)
     return _finish_channels(_to_ras(resampler.finish(), volume.ras_axes, volume.ras_flips), config)
 
