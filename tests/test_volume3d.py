@@ -300,6 +300,24 @@ def test_trailing_singleton_dimensions_are_squeezed_by_both_readers(tmp_path):
             read(tmp_path / "vec.nii.gz")
 
 
+def test_a_npy_file_is_a_2d_image_to_a_3d_model_whatever_its_dtype(tmp_path):
+    """A .npy file holds a 2D image (HxW or HxWx3, read_npy): a float or 16-bit colour one was taken as a volume of
+    H slices 3 voxels wide and got a prediction, while the 8-bit one was refused. Every .npy is refused by a 3D
+    model, naming the file, when loaded and when read for hashing (index build) alike; a volume is given as NIfTI."""
+    rng = np.random.default_rng(0)
+    arrays = {"rgb_float.npy": (rng.random((64, 64, 3)) * 255).astype(np.float32),
+              "rgb_u16.npy": (rng.random((64, 64, 3)) * 4000).astype(np.uint16),
+              "rgb_u8.npy": (rng.random((64, 64, 3)) * 255).astype(np.uint8),
+              "gray.npy": rng.random((64, 64)).astype(np.float32),
+              "vol.npy": rng.random((30, 50, 40)).astype(np.float32)}
+    model = medvl.create_model("ct3d-tiny")
+    for name, array in arrays.items():
+        np.save(tmp_path / name, array)
+        for load in (lambda path: model.encode_images([path]), model.preprocessor.read):
+            with pytest.raises(DataError, match=rf"{re.escape(name)}: a \.npy file.*2D image.*NIfTI"):
+                load(tmp_path / name)
+
+
 def test_config_checks_for_volumes():
     with pytest.raises(InputError, match="window"):
         get_config("ct3d-tiny", **{"image.window": [40]})
@@ -389,6 +407,10 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
     result, output = invoke("predict", png, "--model", ct_model, "--labels", "no_finding,lung_nodule")
     assert result.exit_code == 2
     assert "xray.png" in output and "3D volumes" in output and "Traceback" not in output
+    np.save(tmp_path / "colour.npy", np.random.default_rng(0).random((64, 64, 3)).astype(np.float32))
+    result, output = invoke("predict", tmp_path / "colour.npy", "--model", ct_model,
+                            "--labels", "no_finding,lung_nodule")
+    assert result.exit_code == 2 and "colour.npy: a .npy file" in " ".join(output.split()), output
 
 
 def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_path):

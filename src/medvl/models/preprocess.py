@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.images import read_image, read_image_2d
+from ..data.images import read_image_2d
 from ..data.record import ImageSource, LoadableImage
 from ..errors import DataError
 from .config import ImageConfig
-from .volumes import load_volume
+from .volumes import load_volume, read_volume
 
 CROP_SEED = 104_729  # offset of the random resized crop's seed from the batch's augmentation seed
 
@@ -62,11 +62,12 @@ class ImagePreprocessor:
     def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
         ``window`` pairs reads a DICOM file as modality values (HU), so that its own windows are applied,
-        not the one stored in the file's header; a 2D model reads a NIfTI file of one slice as that slice and
-        refuses a volume (``read_image_2d``). Read with this before ``load`` when the pixels are also needed
-        (hashing, checks)."""
-        reader = read_image if self.config.spatial_dims == 3 else read_image_2d
-        return reader(image, modality_values=bool(self.config.windows))
+        not the one stored in the file's header; a 3D model refuses a file of a 2D image (``read_volume``); a
+        2D model reads a NIfTI file of one slice as that slice and refuses a volume (``read_image_2d``). Read
+        with this before ``load`` when the pixels are also needed (hashing, checks)."""
+        if self.config.spatial_dims == 3:
+            return read_volume(image, self.config)  # a 2D image file (PNG, .npy) refused, as load refuses it
+        return read_image_2d(image, modality_values=bool(self.config.windows))
 
     def resize(self, tensor: torch.Tensor) -> torch.Tensor:
         """A (C, H, W) image as float32 at ``image_size``, a new tensor: area interpolation, the same call

@@ -21,10 +21,10 @@ service (which holds the upload's RAS array).
 Memory: a NIfTI file is streamed from disk ``SLAB_VOXELS`` voxels at a time (its third voxel axis
 is stored slowest); each slab is windowed and resized in-plane (its two stored axes) before the
 next is read, and only the in-plane-resized stack is kept, so a 512 x 512 x 300 CT never exists in
-memory as a whole (see docs/benchmarks.md for the peak RSS). Arrays and other files (DICOM series,
-``.npy``) are already in memory as read; they are processed the same slab-wise way (axial slabs), which
-keeps the extra memory to a slab. The stack is finally resized along the remaining axis and, for
-NIfTI, brought to RAS like ``read_nifti`` does.
+memory as a whole (see docs/benchmarks.md for the peak RSS). Arrays and DICOM series are already in
+memory as read; they are processed the same slab-wise way (axial slabs), which keeps the extra memory
+to a slab. Files of 2D images (PNG, JPEG, ``.npy``: an HxW or HxWx3 image) are refused (``read_volume``).
+The stack is finally resized along the remaining axis and, for NIfTI, brought to RAS like ``read_nifti`` does.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import image_suffix, read_image
-from ..data.record import ImageSource
+from ..data.record import ImageSource, LoadableImage
 from ..errors import DataError
 from .config import ImageConfig
 
@@ -48,16 +48,27 @@ _FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path | None = None) -> torch.Tensor:
     """One volume (path, array or loadable object) as model-ready ``(C, D, H, W)`` in [0, 1]; ``name``: what an
     error names for an array (default ``<array>``)."""
+    if isinstance(image, str | Path) and image_suffix(image) in (".nii", ".nii.gz"):
+        return _nifti_volume(Path(image), config)
+    source = (name or "<array>") if isinstance(image, np.ndarray) else image
+    array = image if isinstance(image, np.ndarray) else read_volume(image, config)
+    return _array_volume(_as_volume(array, source, config), source, config)
+
+
+def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.ndarray:
+    """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values when the model has
+    windows), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
+    reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series)."""
     if isinstance(image, str | Path):
         suffix = image_suffix(image)
-        if suffix in (".nii", ".nii.gz"):
-            return _nifti_volume(Path(image), config)
         if suffix in _FLAT_SUFFIXES:
             raise DataError(image, f"a 2D image file ({suffix}); this {config.arch} model takes 3D volumes "
                                    "(NIfTI .nii/.nii.gz, a DICOM series or a DxHxW array)")
-    source = (name or "<array>") if isinstance(image, np.ndarray) else image
-    array = image if isinstance(image, np.ndarray) else read_image(image, modality_values=bool(config.windows))
-    return _array_volume(_as_volume(array, source, config), source, config)
+        if suffix == ".npy":
+            raise DataError(image, f"a .npy file holds a 2D image (HxW or HxWx3); this {config.arch} model takes 3D "
+                                   "volumes: save one as NIfTI (medvl.clinical.nifti.write_nifti), or pass a DxHxW "
+                                   "array")
+    return read_image(image, modality_values=bool(config.windows))
 
 
 def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
