@@ -282,3 +282,32 @@ def test_a_sagittal_file_and_its_axial_copy_get_one_answer_from_the_cli_and_the_
         answers.append(answer.json()["probabilities"])
     for other in answers[1:]:
         assert other == pytest.approx(answers[0], abs=1e-5), answers
+
+
+def test_a_3d_model_advertises_no_explain_methods_and_explain_refuses_it_as_the_cli_does(ct3d, ct3d_http, tmp_path):
+    """/v1/models listed four heatmap methods (two by default) for a 3D model that /v1/explain always refused after
+    decoding the upload and a forward pass. Now: no methods, the reason given, and /v1/explain refuses at once with
+    the CLI's words (exit 2 / 422)."""
+    import numpy as np
+
+    from medvl.clinical.nifti import write_nifti
+    from medvl.explain.heatmaps import default_methods
+
+    reason = "heatmaps are for 2D images; this model's image encoder is a 3D resnet"
+    assert default_methods(load_model(ct3d)) == []
+    explain = ct3d_http.get("/v1/models").json()["models"][0]["explain"]
+    assert explain["methods"] == [] and explain["default_methods"] == [] and explain["unavailable"] == reason
+    volume = write_nifti(tmp_path / "v.nii.gz", np.zeros((8, 16, 16), np.int16), (2.0, 1.0, 1.0))
+    result, output = invoke("explain", volume, "--model", ct3d, "--labels", "no_finding,kidney_cyst",
+                            "--out", tmp_path / "out")
+    assert result.exit_code == 2 and reason in _flat(output) and not (tmp_path / "out").exists(), output
+    for data in (volume.read_bytes(), b"not an image"):  # refused before the upload is decoded
+        answer = ct3d_http.post("/v1/explain", files={"image": ("v.nii.gz", data)},
+                                data={"labels": "no_finding,kidney_cyst"})
+        assert answer.status_code == 422 and answer.json()["detail"] == reason, answer.text
+
+
+def test_a_2d_model_still_advertises_its_explain_methods(http):
+    explain = http.get("/v1/models").json()["models"][0]["explain"]
+    assert explain["methods"] == ["patch_text", "gradcam", "occlusion", "smoothgrad"]
+    assert explain["default_methods"] == ["patch_text", "gradcam"] and explain["unavailable"] is None

@@ -52,14 +52,23 @@ CONVOLUTIONAL = ("resnet", "densenet")  # image encoders Grad-CAM explains (at t
 FILLS = ("ring", "blur", "mean")
 
 
+def heatmap_refusal(image) -> str | None:
+    """Why no heatmap can be drawn for an image encoder of this ``ImageConfig`` (a volume model's, a slice-pooling
+    one's), or None when they can: the one rule of ``check_heatmap_model``, ``default_methods`` and the service's
+    ``/v1/models``."""
+    if image.spatial_dims != 2 or image.arch == "slicepool":
+        return f"heatmaps are for 2D images; this model's image encoder is a {image.spatial_dims}D {image.arch}"
+    return None
+
+
 def check_heatmap_model(model) -> None:
     """Refuse models whose image tokens cannot be laid on a 2D grid (volumes, adapters)."""
     encoder = getattr(model, "image_encoder", None)
     if encoder is None or not hasattr(encoder, "tokens") or not hasattr(model, "image_projection"):
         raise ModelError(f"heatmaps need a medvl dual encoder with image tokens, got a {type(model).__name__}")
-    if encoder.config.spatial_dims != 2 or encoder.config.arch == "slicepool":
-        raise ModelError(f"heatmaps are for 2D images; this model's image encoder is a "
-                         f"{encoder.config.spatial_dims}D {encoder.config.arch}")
+    refusal = heatmap_refusal(encoder.config)
+    if refusal:
+        raise ModelError(refusal)
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -72,10 +81,13 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 def default_methods(model, among: Sequence[str] = METHODS) -> list[str]:
     """The methods of ``among`` (in its order) that run when none are asked for: each one the model's image
     encoder supports, i.e. all but ``gradcam`` on an encoder that is not convolutional (a ViT: Grad-CAM of its
-    tokens is not defined here; asked for by name it is refused). ``medvl explain`` runs every method this
-    leaves of ``METHODS``; the service its own cheaper set."""
-    arch = model.config.image.arch
-    return [method for method in among if method != "gradcam" or arch in CONVOLUTIONAL]
+    tokens is not defined here; asked for by name it is refused), and none for a model that takes no heatmap
+    (``heatmap_refusal``: 3D and slice-pooling encoders). ``medvl explain`` runs every method this leaves of
+    ``METHODS``; the service its own cheaper set."""
+    image = model.config.image
+    if heatmap_refusal(image):
+        return []
+    return [method for method in among if method != "gradcam" or image.arch in CONVOLUTIONAL]
 
 
 def check_settings(methods: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None) -> None:

@@ -218,13 +218,16 @@ class ModelService:
                 "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa()}
 
     def _describe_explain(self) -> dict[str, Any]:
-        from ..explain.heatmaps import METHODS
+        """What /v1/explain can do: ``methods`` (none, and the reason in ``unavailable``, for a model that takes
+        no heatmap: /v1/explain refuses it), the defaults, the concept bottleneck."""
+        from ..explain.heatmaps import METHODS, heatmap_refusal
 
         bottleneck = self.bottleneck
         concepts = None if bottleneck is None else {"classes": bottleneck.classes, "concepts": len(bottleneck.concepts),
                                                     "label_column": bottleneck.label_column}
-        return {"methods": list(METHODS), "default_methods": self.explain_methods(),
-                "max_top": self.settings.max_explain_top, "concepts": concepts}
+        refusal = heatmap_refusal(self.net.config.image)
+        return {"methods": [] if refusal else list(METHODS), "default_methods": self.explain_methods(),
+                "unavailable": refusal, "max_top": self.settings.max_explain_top, "concepts": concepts}
 
     def _describe_vqa(self) -> dict[str, Any] | None:
         from ..models.vqa import VQAModel
@@ -363,8 +366,12 @@ class ModelService:
         """``medvl explain``'s answer for one upload (``medvl.explain.explanation.explain_pixels``), each
         heatmap an RGBA PNG overlay (base64) of the preview's shape, and the k nearest cases when an index is loaded."""
         from ..explain.explanation import nearest_cases
+        from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
 
+        refusal = heatmap_refusal(self.net.config.image)
+        if refusal:  # before the upload is decoded, in medvl explain's words
+            raise ModelError(refusal)
         check_number("top", top, minimum=1, maximum=self.settings.max_explain_top, integer=True)
         if self.index is not None:
             check_k(k)
