@@ -503,3 +503,52 @@ def test_checks_of_2d_images_are_skipped_for_a_3d_model_and_refused_in_its_task_
     assert result.exit_code == 2, output
     assert "takes 3D volumes, and task zero-shot@ct of" in " ".join(output.split()) and "shortcut" in output
     assert not (tmp_path / "out2").exists()
+
+
+def _blank_split(data: Path, manifest: Path, split: str) -> None:
+    """Every image of ``split`` (as ``manifest`` names them, relative to ``data``) replaced by a black one."""
+    from PIL import Image
+
+    for row in csv.DictReader(manifest.open(newline="")):
+        if row["split"] == split:
+            with Image.open(data / row["image"]) as image:
+                mode, size = image.mode, image.size
+            Image.new(mode, size, 0).save(data / row["image"])
+
+
+def test_a_manifest_file_dataset_is_scored_again_when_the_images_it_names_change(two_models, phantom_dir, tmp_path):
+    """The data hash of a dataset given as a manifest file covers the images its records name, not the manifest
+    alone: new pixels under the same names make the cell run again, with another recorded hash."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    spec = {"path": str(data / "manifest.csv"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    runs = []
+    for change in (None, "blank"):
+        if change:
+            _blank_split(data, data / "manifest.csv", "test")
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        runs.append(json.loads((tmp_path / "out" / "results.json").read_text()))
+    assert runs[1]["cells"]["computed"] == 1
+    assert runs[0]["data_hashes"]["phantom"]["sha256"] != runs[1]["data_hashes"]["phantom"]["sha256"]
+    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data))  # the manifest and its images
+
+
+def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resumes(two_models, phantom_dir,
+                                                                                    tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    suite = write_suite(tmp_path, data, checks=[], tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "apart", "-q")
+    assert result.exit_code == 0, output
+    apart = json.loads((tmp_path / "apart" / "results.json").read_text())["data_hashes"]
+    runs = []
+    for _ in range(2):
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", data / "bench", "-q")
+        assert result.exit_code == 0, output
+        runs.append(json.loads((data / "bench" / "results.json").read_text()))
+    assert [run["cells"]["computed"] for run in runs] == [1, 0]
+    assert runs[0]["data_hashes"] == runs[1]["data_hashes"] == apart  # the run's own files are not data
+

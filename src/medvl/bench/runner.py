@@ -8,7 +8,9 @@ Layout of the output folder::
     results.json      every row of every cell (one row per model x task x dataset x metric)
     report.html       tables and plots, the models side by side
 
-A cell's fingerprint hashes the model folder's files, the dataset's files and caption file, the task (and
+A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
+its records name: a manifest file's images, a manifest's images outside its folder; never the run's own output
+folder inside a dataset folder) and caption file, the task (and
 the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
 source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
 finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
@@ -25,14 +27,14 @@ import logging
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..io import file_sha256, write_json
 from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims, task_knowledge
 
@@ -65,14 +67,52 @@ class PreparedDataset:
         return self.dataset.select(name)
 
 
-def files_digest(path: Path) -> dict[str, Any]:
-    """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def files_digest(path: Path, referenced: Iterable[Path] = (), exclude: Path | None = None) -> dict[str, Any]:
+    """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order), then
+    of every ``referenced`` file not among those (the images a manifest file names, or a manifest's images outside
+    its folder; named relative to the data's folder where they lie under it). ``exclude``: a folder under ``path``
+    left out (the run's own output inside a dataset folder, which is not data)."""
+    root = path if path.is_dir() else path.parent
+    if path.is_dir():
+        skip = exclude.resolve() if exclude is not None else None
+        if skip is not None and (skip == path.resolve() or not skip.is_relative_to(path.resolve())):
+            skip = None  # a folder outside the data (or holding it, as OUT/data/NAME): nothing to leave out
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and (skip is None or not p.resolve().is_relative_to(skip)))
+    else:
+        files = [path]
+    hashed = {file.resolve() for file in files}
+    extra = sorted({file.resolve() for file in referenced} - hashed)
     combined = hashlib.sha256()
     for file in files:
         combined.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         combined.update(bytes.fromhex(file_sha256(file)))
-    return {"sha256": combined.hexdigest(), "files": len(files)}
+    for file in extra:
+        combined.update(_data_name(file, root).encode())
+        try:
+            combined.update(bytes.fromhex(file_sha256(file)))
+        except OSError as err:
+            raise DataError(file, f"image named by dataset {path} cannot be read ({err.strerror or err})") from None
+    return {"sha256": combined.hexdigest(), "files": len(files) + len(extra)}
+
+
+def _data_name(file: Path, root: Path) -> str:
+    """A referenced file's name in the data hash: relative to the data's folder when under it, else absolute."""
+    try:
+        return str(file.relative_to(root.resolve()))
+    except ValueError:
+        return str(file)
+
+
+def _image_files(item: PreparedDataset) -> list[Path]:
+    """The image files the loaded records (or questions) name; arrays held in the data file itself are hashed
+    with it."""
+    if item.questions is not None:
+        return [Path(image) for question in item.questions for image in (question.images or (question.image,))]
+    if item.dataset is None:
+        return []
+    return [Path(image) for record in item.dataset.records for image in record.images
+            if isinstance(image, str | Path)]
 
 
 def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[str]],
@@ -87,7 +127,7 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
             _load_questions(item, needed_splits[name])
         else:
             _load_images(item, suite, needed_splits[name])
-        item.hashes = files_digest(path)
+        item.hashes = files_digest(path, _image_files(item), exclude=out)
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
             item.hashes["captions_sha256"] = file_sha256(Path(spec.captions))
         prepared[name] = item
