@@ -552,3 +552,22 @@ def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resu
     assert [run["cells"]["computed"] for run in runs] == [1, 0]
     assert runs[0]["data_hashes"] == runs[1]["data_hashes"] == apart  # the run's own files are not data
 
+
+def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two_models, tmp_path):
+    """Not only n, seed and size: a changed shortcut (or extra finding, kind, vqa) setting generates the data
+    again, and suite.json says what the data in the run folder was generated with."""
+    runs = []
+    for generate in ({"n": 30, "size": 64, "seed": 5}, {"n": 30, "size": 64, "seed": 5, "shortcut": 1.0},
+                     {"n": 30, "size": 64, "seed": 5, "shortcut": 1.0}):
+        spec = {"path": None, "generate": generate, "split": "test", "label": "finding"}
+        suite = write_suite(tmp_path, tmp_path, datasets={"phantom": spec}, checks=[],
+                            tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        written = json.loads((tmp_path / "out" / "data" / "phantom" / "dataset.json").read_text())["generator"]
+        state = json.loads((tmp_path / "out" / "suite.json").read_text())
+        assert state["generated"]["phantom"] == written
+        runs.append((written, json.loads((tmp_path / "out" / "results.json").read_text())))
+    assert "shortcut" not in runs[0][0] and runs[1][0]["shortcut"]["probability"] == 1.0
+    assert runs[0][1]["data_hashes"] != runs[1][1]["data_hashes"] == runs[2][1]["data_hashes"]
+    assert [run["cells"]["computed"] for _, run in runs] == [1, 1, 0]  # the same settings: data and cell reused

@@ -2,8 +2,10 @@
 
 Layout of the output folder::
 
-    suite.json        the parsed suite, the models and the package versions of the run
-    data/NAME/        datasets the suite generates (the phantom), reused by later runs
+    suite.json        the parsed suite, the models, what each generated dataset was generated with (its
+                      dataset.json generator block) and the package versions of the run
+    data/NAME/        datasets the suite generates (the phantom), reused by later runs with the same settings
+    data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
     results.json      every row of every cell (one row per model x task x dataset x metric)
     report.html       tables and plots, the models side by side
@@ -135,16 +137,32 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
 
 
 def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
+    """The phantom of ``spec.generate`` in ``folder``: reused when it was generated with every one of the same
+    settings (``NAME.generate.json`` beside it says which), else generated again."""
     from ..data.phantom import generate_phantom
 
     settings = {"n": 600, "seed": 0, **(spec.generate or {})}
-    description = folder / "dataset.json"
-    if description.is_file():
-        written = json.loads(description.read_text(encoding="utf-8")).get("generator", {})
-        if all(written.get(key) == value for key, value in settings.items() if key in ("n", "seed", "size")):
-            return folder
+    marker = folder.with_name(f"{folder.name}.generate.json")
+    if folder.is_dir() and marker.is_file():
+        try:
+            if json.loads(marker.read_text(encoding="utf-8")) == settings:
+                return folder
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            pass  # an unreadable marker: generated again
+    marker.unlink(missing_ok=True)  # until the new data is complete, the folder matches no settings
     generate_phantom(folder, progress=show_progress, overwrite=True, **settings)
+    write_json(marker, settings)
     return folder
+
+
+def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
+    """The generator block (``dataset.json``) of every dataset the suite generated, by name."""
+    described = {}
+    for name, item in datasets.items():
+        if item.spec.path is None:
+            description = json.loads((item.path / "dataset.json").read_text(encoding="utf-8"))
+            described[name] = description.get("generator")
+    return described
 
 
 def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
@@ -324,7 +342,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
         for stale in (out / CELLS_DIR).glob("*.json"):
             stale.unlink()
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
-                                  "versions": versions})
+                                  "generated": generated_data(datasets), "versions": versions})
     cells, computed = [], 0
     for model in models:
         loaded = _LazyModel(str(model))

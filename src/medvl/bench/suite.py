@@ -10,6 +10,7 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
         path: null                     # a dataset path (relative to the suite file, $VARS expanded);
                                        # --data phantom=DIR overrides it
         generate: {n: 600, size: 128}  # phantom only: when path is empty, generate it into OUT/data/NAME
+                                       # (a rerun reuses it only if every generate setting is the same)
         split: test                    # the split every task scores
         train_split: train             # linear probe / few-shot / case-retrieval index / report baseline
         calibration_split: val         # temperature, abstention threshold, nothing reported on it
@@ -92,7 +93,7 @@ class DatasetSpec:
 
     name: str
     path: str | None = None
-    generate: dict[str, Any] | None = None  # phantom generator arguments (n, seed, size, kind, vqa)
+    generate: dict[str, Any] | None = None  # phantom generator arguments (n, seed, size, kind, vqa, shortcut, ...)
     split: str = "test"
     train_split: str | None = "train"
     calibration_split: str | None = "val"
