@@ -571,3 +571,32 @@ def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two
     assert "shortcut" not in runs[0][0] and runs[1][0]["shortcut"]["probability"] == 1.0
     assert runs[0][1]["data_hashes"] != runs[1][1]["data_hashes"] == runs[2][1]["data_hashes"]
     assert [run["cells"]["computed"] for _, run in runs] == [1, 1, 0]  # the same settings: data and cell reused
+
+
+def test_accuracy_intervals_are_a_plain_bootstrap_over_the_scored_images(two_models, phantom_dir, tmp_path):
+    """bench run's accuracy interval is the plain bootstrap over records (bench medmnist's), and balanced
+    accuracy's the plain one without the draws lacking a class; recomputed from the model's own answers."""
+    import numpy as np
+
+    from medvl.data import captions_for
+    from medvl.eval import zero_shot
+    from medvl.eval.bootstrap import bootstrap_ci
+    from medvl.eval.subgroups import accuracy, balanced_accuracy
+    from medvl.eval.zero_shot import label_classes
+    from medvl.models.registry import load_model
+
+    suite = write_suite(tmp_path, phantom_dir, checks=[], tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    dataset, net = load_dataset(phantom_dir), load_model(two_models[0])
+    test = dataset.select("test")
+    scored = zero_shot(net, test, "finding", captions=captions_for(test, None, net), keep_scores=True,
+                       show_progress=False, classes=label_classes(dataset, "finding"))
+    y, probabilities = np.array(scored["y_true"]), np.array(scored["probabilities"])
+    settings = {"resamples": 200, "seed": 0, "stratified": False}
+    for metric, function, needs_classes in (("accuracy", accuracy, False), ("balanced_accuracy", balanced_accuracy,
+                                                                             True)):
+        expected = bootstrap_ci(function, y, probabilities, need_both_classes=needs_classes, **settings)
+        assert (rows[metric]["value"], rows[metric]["low"], rows[metric]["high"]) == pytest.approx(
+            (expected["value"], expected["low"], expected["high"])), metric

@@ -31,7 +31,7 @@ from ..data.captions import CaptionConfig, load_captions
 from ..data.loaders import load_dataset
 from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
-from ..eval.bootstrap import percentile_interval
+from ..eval.bootstrap import bootstrap_draws, every_class_draws, percentile_interval
 from ..eval.contamination import copies_in_fit
 from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
@@ -376,18 +376,20 @@ def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, 
     (calibration data re-weighted to ``target_prior`` positives) and ``max_balanced_accuracy`` (prior
     0.5, which does not depend on the class mix). Per threshold: accuracy, sensitivity, specificity,
     balanced accuracy and the accuracy re-weighted to ``target_prior`` (``accuracy_at_prior``), each
-    with a 95 % percentile bootstrap interval over ``resamples`` resamples of the scored records
-    (seeded); ``auc`` likewise (a ranking, so the same under any prior).
+    with a 95 % percentile bootstrap interval over ``resamples`` plain resamples of the scored records
+    (seeded; ``medvl.eval.bootstrap``, the draws ``bench run`` takes): accuracy over every draw, the others
+    over the ``resamples_with_both_classes`` draws holding both classes; ``auc`` likewise (a ranking, so the
+    same under any prior).
     """
     _check_prior(target_prior)
     check_number("bootstrap resamples", resamples, minimum=100, integer=True)
-    rng = np.random.default_rng(seed)
-    draws = [index for index in (rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples))
-             if 0 < y_true[index].sum() < len(index)]  # a resample needs both classes
+    draws = bootstrap_draws(y_true, resamples, seed, need_both_classes=False)  # bench run's plain draws
+    complete = every_class_draws(y_true, draws)  # for the figures a draw of one class leaves undefined
     positive = scores[:, 1]
     result = {"target_prior": target_prior, "scored_prior": float(y_true.mean()),
               "calibration_prior": float(calibration_y.mean()), "resamples": len(draws),
-              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, draws)}
+              "resamples_with_both_classes": len(complete),
+              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, complete)}
     for name, prior in (("max_accuracy", None), ("max_accuracy_at_prior", target_prior),
                         ("max_balanced_accuracy", 0.5)):
         threshold = _best_threshold(calibration_scores, calibration_y, prior)
@@ -399,8 +401,9 @@ def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, 
             "balanced_accuracy": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], 0.5),
             "accuracy_at_prior": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], target_prior),
         }
-        result[name] = {"threshold": threshold, **{key: _with_interval(metric, y_true, draws)
-                                                  for key, metric in metrics.items()}}
+        result[name] = {"threshold": threshold, **{
+            key: _with_interval(metric, y_true, draws if key == "accuracy" else complete)
+            for key, metric in metrics.items()}}
     return result
 
 

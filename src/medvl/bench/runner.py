@@ -534,11 +534,11 @@ class _Context:
                               f"{seen['records']} of the {seen['of']} scored records are training figures, not a test")
 
     def bootstrap(self, metric: Callable[..., float], y_true: np.ndarray, *arrays: np.ndarray,
-                  need_both_classes: bool = True) -> dict[str, Any]:
+                  need_both_classes: bool = True, stratified: bool = True) -> dict[str, Any]:
         from ..eval.bootstrap import bootstrap_ci
 
         return bootstrap_ci(metric, y_true, *arrays, resamples=self.suite.bootstrap, seed=self.suite.seed,
-                            need_both_classes=need_both_classes)
+                            need_both_classes=need_both_classes, stratified=stratified)
 
 
 # ------------------------------------------------------------------ tasks
@@ -546,14 +546,17 @@ class _Context:
 
 def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, **extra: Any) -> None:
     """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval (``extra``: more
-    fields of each row)."""
+    fields of each row). AUC's draws are stratified by class; accuracy's and balanced accuracy's are plain draws
+    over the scored records (balanced accuracy's without those lacking a class), as ``bench medmnist`` draws them
+    (``medvl.eval.bootstrap``)."""
     from ..eval.subgroups import accuracy, balanced_accuracy, macro_auc
 
-    metrics = {"auc": lambda y, p: _number(macro_auc(y, p)), "accuracy": accuracy,
-               "balanced_accuracy": balanced_accuracy}
-    for name, metric in metrics.items():
-        interval = ctx.bootstrap(metric, y_true, probabilities)
-        ctx.row(name, interval["value"], interval, **extra)
+    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities)
+    ctx.row("auc", interval["value"], interval, **extra)
+    interval = ctx.bootstrap(accuracy, y_true, probabilities, need_both_classes=False)
+    ctx.row("accuracy", interval["value"], interval, **extra)
+    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, stratified=False)
+    ctx.row("balanced_accuracy", interval["value"], interval, **extra)
 
 
 def _number(value: float | None) -> float:
