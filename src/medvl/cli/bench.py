@@ -202,7 +202,7 @@ def bench_cv(
         fold_results, pooled = result["folds"], {"pooled out-of-fold auc": result["auc_pooled"]}
         title = f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)"
     print_metrics(title, {
-        name: _mean_std(result, key) for name, key in (
+        name: _mean_std(result, key, len(fold_results)) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
@@ -217,10 +217,11 @@ def _fused_rows(result: dict) -> dict[str, str]:
     if result.get("fused_auc") is None:
         return {}
     columns = ", ".join(result["train"]["covariates"])
-    return {f"{name} + covariates ({columns})": _mean_std(result, key) for name, key in (
+    folds = sum(len(r["folds"]) for r in result["repeats"]) if "repeats" in result else len(result["folds"])
+    return {f"{name} + covariates ({columns})": _mean_std(result, key, folds) for name, key in (
         ("auc", "fused_auc"), ("balanced_accuracy", "fused_balanced_accuracy"),
         ("linear-probe auc", "probe_fused_auc"), ("linear-probe balanced_accuracy", "probe_fused_balanced_accuracy"))
-    } | {"covariates-only auc": _mean_std(result, "covariates_auc")}
+    } | {"covariates-only auc": _mean_std(result, "covariates_auc", folds)}
 
 
 def _severities(text: str) -> list[int]:
@@ -234,8 +235,11 @@ def _severities(text: str) -> list[int]:
     return severities
 
 
-def _mean_std(result: dict, key: str) -> str:
-    return f"{_fmt_float(result[key])} ± {_fmt_float(result[f'{key}_std'])}"
+def _mean_std(result: dict, key: str, folds: int) -> str:
+    """``mean ± std``, and over how many of the ``folds`` when the metric is undefined on some (one class scored)."""
+    over = result.get(f"{key}_folds")
+    return f"{_fmt_float(result[key])} ± {_fmt_float(result[f'{key}_std'])}" + (
+        f" ({over} of {folds} folds)" if over is not None else "")
 
 
 def _fmt_float(value: float | None) -> str:
