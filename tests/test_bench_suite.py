@@ -151,6 +151,8 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no split 2020"),
     ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "captions": "prompts.yaml"}}},
      "prompts.yaml: caption file of dataset 'phantom'"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "train_split": None, "label": "finding"}}},
+     "dataset 'phantom' has no train_split for task linear-probe@phantom"),  # not after the zero-shot cell ran
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))

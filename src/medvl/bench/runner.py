@@ -38,7 +38,16 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..io import file_sha256, write_json
-from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims, task_knowledge
+from .suite import (
+    TASKS,
+    TRAINING_TASKS,
+    DatasetSpec,
+    SuiteSpec,
+    TaskSpec,
+    check_models,
+    model_spatial_dims,
+    task_knowledge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,6 @@ STATE_FILE = "suite.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 CELLS_DIR = "cells"
-TRAINING_TASKS = ("linear-probe", "few-shot", "case-retrieval", "report")  # fitted on a dataset's train_split
 DEFAULT_CORRUPTION = {"kinds": ["noise", "blur", "contrast", "gamma", "jpeg", "rotation", "crop"],
                       "severities": [1, 2, 3, 4, 5], "max_images": 200}
 
