@@ -87,13 +87,16 @@ def bench_medmnist(
     test_split: Annotated[str, typer.Option(help="Split of --test-data to score.")] = "test",
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
-    out: Annotated[Path | None, typer.Option(help="Also keep the trained model here.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Also keep the trained model here (new or empty; --overwrite replaces an earlier run's models), "
+             "written once the run succeeds.")] = None,
     model: Annotated[str, typer.Option(help="Registered model name.")] = "medmnist-small",
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the model's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     target_prior: Annotated[float | None, typer.Option(
-        help="Binary tasks: share of positives where the model is used; adds thresholds for that prior and "
-             "for balanced accuracy, scored with bootstrap 95% intervals and re-weighted to the prior.")] = None,
+        help="Binary tasks (refused for more classes): share of positives where the model is used; adds "
+             "thresholds for that prior and for balanced accuracy, scored with bootstrap 95% intervals and "
+             "re-weighted to the prior.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the --target-prior intervals.")] = 2000,
     ensemble: Annotated[int | None, typer.Option(
         help="Models trained with seeds seed, seed+1, ... whose probabilities are averaged (default: the "
@@ -103,7 +106,8 @@ def bench_medmnist(
                                "never flips).")] = None,
     operating_point: Annotated[str | None, typer.Option(
         help="Binary threshold behind the headline ACC: max_accuracy, max_balanced_accuracy or "
-             "max_accuracy_at_prior (needs --target-prior); default: the recipe's.")] = None,
+             "max_accuracy_at_prior (needs --target-prior); default: the recipe's. Refused for a task of more "
+             "classes (scored by the argmax).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
     shifts: Annotated[str | None, typer.Option(
@@ -125,7 +129,8 @@ def bench_medmnist(
                           out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
                           ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point,
                           model_overrides=parse_overrides(set_ or []), label_smoothing=label_smoothing,
-                          shifts=severities, train_options=parse_key_values(train_set or [], "--train-set"))
+                          shifts=severities, train_options=parse_key_values(train_set or [], "--train-set"),
+                          overwrite=overwrite)
     shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
              "operating point": result.get("operating_point"),
              "ensemble / test-time views": f"{result['ensemble']} / {result['test_time_views']}"}
