@@ -151,6 +151,8 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no split 2020"),
     ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "captions": "prompts.yaml"}}},
      "prompts.yaml: caption file of dataset 'phantom'"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "train_split": None, "label": "finding"}}},
+     "dataset 'phantom' has no train_split for task linear-probe@phantom"),  # not after the zero-shot cell ran
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
@@ -503,3 +505,100 @@ def test_checks_of_2d_images_are_skipped_for_a_3d_model_and_refused_in_its_task_
     assert result.exit_code == 2, output
     assert "takes 3D volumes, and task zero-shot@ct of" in " ".join(output.split()) and "shortcut" in output
     assert not (tmp_path / "out2").exists()
+
+
+def _blank_split(data: Path, manifest: Path, split: str) -> None:
+    """Every image of ``split`` (as ``manifest`` names them, relative to ``data``) replaced by a black one."""
+    from PIL import Image
+
+    for row in csv.DictReader(manifest.open(newline="")):
+        if row["split"] == split:
+            with Image.open(data / row["image"]) as image:
+                mode, size = image.mode, image.size
+            Image.new(mode, size, 0).save(data / row["image"])
+
+
+def test_a_manifest_file_dataset_is_scored_again_when_the_images_it_names_change(two_models, phantom_dir, tmp_path):
+    """The data hash of a dataset given as a manifest file covers the images its records name, not the manifest
+    alone: new pixels under the same names make the cell run again, with another recorded hash."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    spec = {"path": str(data / "manifest.csv"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    runs = []
+    for change in (None, "blank"):
+        if change:
+            _blank_split(data, data / "manifest.csv", "test")
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        runs.append(json.loads((tmp_path / "out" / "results.json").read_text()))
+    assert runs[1]["cells"]["computed"] == 1
+    assert runs[0]["data_hashes"]["phantom"]["sha256"] != runs[1]["data_hashes"]["phantom"]["sha256"]
+    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data))  # the manifest and its images
+
+
+def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resumes(two_models, phantom_dir,
+                                                                                    tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    suite = write_suite(tmp_path, data, checks=[], tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "apart", "-q")
+    assert result.exit_code == 0, output
+    apart = json.loads((tmp_path / "apart" / "results.json").read_text())["data_hashes"]
+    runs = []
+    for _ in range(2):
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", data / "bench", "-q")
+        assert result.exit_code == 0, output
+        runs.append(json.loads((data / "bench" / "results.json").read_text()))
+    assert [run["cells"]["computed"] for run in runs] == [1, 0]
+    assert runs[0]["data_hashes"] == runs[1]["data_hashes"] == apart  # the run's own files are not data
+
+
+def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two_models, tmp_path):
+    """Not only n, seed and size: a changed shortcut (or extra finding, kind, vqa) setting generates the data
+    again, and suite.json says what the data in the run folder was generated with."""
+    runs = []
+    for generate in ({"n": 30, "size": 64, "seed": 5}, {"n": 30, "size": 64, "seed": 5, "shortcut": 1.0},
+                     {"n": 30, "size": 64, "seed": 5, "shortcut": 1.0}):
+        spec = {"path": None, "generate": generate, "split": "test", "label": "finding"}
+        suite = write_suite(tmp_path, tmp_path, datasets={"phantom": spec}, checks=[],
+                            tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        written = json.loads((tmp_path / "out" / "data" / "phantom" / "dataset.json").read_text())["generator"]
+        state = json.loads((tmp_path / "out" / "suite.json").read_text())
+        assert state["generated"]["phantom"] == written
+        runs.append((written, json.loads((tmp_path / "out" / "results.json").read_text())))
+    assert "shortcut" not in runs[0][0] and runs[1][0]["shortcut"]["probability"] == 1.0
+    assert runs[0][1]["data_hashes"] != runs[1][1]["data_hashes"] == runs[2][1]["data_hashes"]
+    assert [run["cells"]["computed"] for _, run in runs] == [1, 1, 0]  # the same settings: data and cell reused
+
+
+def test_accuracy_intervals_are_a_plain_bootstrap_over_the_scored_images(two_models, phantom_dir, tmp_path):
+    """bench run's accuracy interval is the plain bootstrap over records (bench medmnist's), and balanced
+    accuracy's the plain one without the draws lacking a class; recomputed from the model's own answers."""
+    import numpy as np
+
+    from medvl.data import captions_for
+    from medvl.eval import zero_shot
+    from medvl.eval.bootstrap import bootstrap_ci
+    from medvl.eval.subgroups import accuracy, balanced_accuracy
+    from medvl.eval.zero_shot import label_classes
+    from medvl.models.registry import load_model
+
+    suite = write_suite(tmp_path, phantom_dir, checks=[], tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    dataset, net = load_dataset(phantom_dir), load_model(two_models[0])
+    test = dataset.select("test")
+    scored = zero_shot(net, test, "finding", captions=captions_for(test, None, net), keep_scores=True,
+                       show_progress=False, classes=label_classes(dataset, "finding"))
+    y, probabilities = np.array(scored["y_true"]), np.array(scored["probabilities"])
+    settings = {"resamples": 200, "seed": 0, "stratified": False}
+    for metric, function, needs_classes in (("accuracy", accuracy, False), ("balanced_accuracy", balanced_accuracy,
+                                                                             True)):
+        expected = bootstrap_ci(function, y, probabilities, need_both_classes=needs_classes, **settings)
+        assert (rows[metric]["value"], rows[metric]["low"], rows[metric]["high"]) == pytest.approx(
+            (expected["value"], expected["low"], expected["high"])), metric

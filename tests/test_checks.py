@@ -64,6 +64,30 @@ def test_bootstrap_ci_matches_a_loop_reference_and_brackets_the_value(level):
     assert bootstrap_ci(macro_auc, y, probabilities, resamples=150, seed=8, level=level) != fast
 
 
+def test_a_plain_bootstrap_of_a_metric_needing_every_class_leaves_out_only_draws_lacking_one():
+    """Accuracy and balanced accuracy take plain draws over records (the class mix varies from draw to draw);
+    balanced accuracy leaves out the draws that lack a class. A model answering one class keeps an interval
+    as wide as its sampling uncertainty, where a stratified draw (each class's count fixed) gave it none."""
+    from medvl.eval.subgroups import accuracy, balanced_accuracy
+
+    y = np.array([0] * 9 + [1] * 3)
+    answers = np.zeros((12, 2))
+    answers[:, 0] = 1  # always class 0
+    rng = np.random.default_rng(4)
+    draws = [rng.integers(0, 12, 12) for _ in range(400)]
+    complete = [index for index in draws if len(np.unique(y[index])) == 2]
+    assert 0 < len(complete) < len(draws)  # some draws hold no positive
+    for metric, used in ((accuracy, draws), (balanced_accuracy, complete)):
+        values = [metric(y[index], answers[index]) for index in used]
+        low, high = np.percentile(values, [2.5, 97.5])
+        result = bootstrap_ci(metric, y, answers, resamples=400, seed=4, need_both_classes=metric is balanced_accuracy,
+                              stratified=False)
+        assert result == {"value": metric(y, answers), "low": low, "high": high, "resamples": len(used)}
+    assert bootstrap_ci(accuracy, y, answers, resamples=400, seed=4, need_both_classes=False)["low"] < 0.75
+    stratified = bootstrap_ci(accuracy, y, answers, resamples=400, seed=4)
+    assert stratified["low"] == stratified["high"] == 0.75  # why a stratified draw is not for accuracy
+
+
 def test_bootstrap_ci_without_class_requirement_uses_every_draw_and_narrows_with_level():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 80)

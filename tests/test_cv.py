@@ -229,3 +229,38 @@ def test_bench_cv_ensemble_option(isic_subset, tmp_path):
     result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
                             "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--ensemble", 0, "-q")
     assert result.exit_code == 2 and "ensemble" in output
+
+
+def test_a_fold_scoring_one_class_leaves_balanced_accuracy_out_of_the_mean_like_auc(tmp_path):
+    """Groups that put only negatives in a held-out fold: a one-class answer has a recall of 1.0 there, which is no
+    balanced accuracy; it is left out of every balanced-accuracy mean (head, zero-shot, probe) and counted."""
+    import csv
+
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ph", n=80, seed=0, size=32)
+    rows = list(csv.DictReader((tmp_path / "ph" / "manifest.csv").open(newline="")))
+    positives = negatives = 0
+    for row in rows:  # the positives in two groups, the negatives in six
+        if row["cardiomegaly"] == "1":
+            row["patient"], positives = f"P{positives % 2}", positives + 1
+        else:
+            row["patient"], negatives = f"N{negatives % 6}", negatives + 1
+    with (tmp_path / "ph" / "grouped.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result, output = invoke("bench", "cv", "--data", tmp_path / "ph" / "grouped.csv", "--label-column", "cardiomegaly",
+                            "--model", "phantom-tiny", "--folds", 3, "--epochs", 1, "--group-column", "patient",
+                            "--json", tmp_path / "cv.json", "-q")
+    assert result.exit_code == 0, output
+    saved = json.loads((tmp_path / "cv.json").read_text())
+    one_class = [fold for fold in saved["folds"] if min(map(sum, fold["confusion_matrix"])) == 0]
+    both = [fold for fold in saved["folds"] if fold not in one_class]
+    assert one_class and both
+    for prefix in ("", "zero_shot_", "probe_"):
+        key = f"{prefix}balanced_accuracy"
+        assert all(fold[key] is None for fold in one_class), key
+        assert saved[key] == pytest.approx(np.mean([fold[key] for fold in both])), key
+        assert saved[f"{key}_folds"] == len(both) == saved[f"{prefix}auc_folds"], key
+    assert f"({len(both)} of 3 folds)" in output

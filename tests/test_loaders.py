@@ -109,6 +109,20 @@ def test_npz_multi_class_with_stored_names_and_3d(tmp_path):
     assert dataset[0].image.shape == (4, 8, 8)
 
 
+def test_npz_class_names_that_are_not_utf8_are_a_data_error_naming_the_file(tmp_path):
+    path = tmp_path / "badnames.npz"
+    labels = np.array([[0], [1], [0], [1]])
+    np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=labels,
+             val_images=np.zeros((4, 8, 8), np.uint8), val_labels=labels, class_names=np.array([b"\xe9t\xe9", b"pneu"]))
+    with pytest.raises(DataError, match=r"badnames.npz: 'class_names' entry 0 is not UTF-8 text \(byte 0xe9 at "
+                                         r"offset 0\)"):
+        load_npz(path)
+    result, output = invoke("bench", "medmnist", "--train-data", path, "--test-data", path, "--test-split", "val",
+                            "--epochs", 1, "-q")
+    assert result.exit_code == 2, output
+    assert "badnames.npz: 'class_names'" in output and "Traceback" not in output
+
+
 def test_npz_images_with_a_channel_axis(tmp_path):
     """(N, H, W, 1), as Keras saves grayscale, used to be read as volumes one pixel wide (every image then had
     the same difference hash, and a 2D model refused `<array>`); 2 or 4 channels are refused, naming the array."""

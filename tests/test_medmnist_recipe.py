@@ -204,3 +204,73 @@ def test_the_threshold_is_never_chosen_on_a_copy_of_the_scored_split(tiny_npz, t
              val_images=source["val_images"][keep], val_labels=source["val_labels"][keep])
     with pytest.raises(InputError, match=r"the threshold data \(one.npz:val\) holds only class"):
         benchmark_data(one, other, "test", seed=0)
+
+
+def test_scored_classes_and_image_shapes_are_checked_before_training_and_out_is_left_alone(tiny_npz, tmp_path):
+    """A class the training data lacks, or images the model cannot read (3D arrays for a 2D model), in the scored
+    split are refused before any member trains, naming the file (and the record), and --out is not created."""
+    source = np.load(tiny_npz)
+    unseen, volumes = tmp_path / "unseen_test.npz", tmp_path / "3d.npz"
+    np.savez(unseen, test_images=source["val_images"], test_labels=np.where(source["val_labels"] == 1, 2, 0))
+    np.savez(volumes, val_images=np.repeat(source["val_images"][:, None], 4, 1), val_labels=source["val_labels"])
+    for test_data, split, message in (
+            (unseen, "test", f"{unseen}:test: classes ['2'] were not in the training data"),
+            (volumes, "val", f"{volumes} (record val_0): image shape (4, 28, 28) does not fit a 2D model")):
+        out = tmp_path / f"out-{split}"
+        result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", test_data,
+                                "--test-split", split, "--epochs", 1, "--out", out, "-q")
+        assert result.exit_code == 2, output
+        assert message in " ".join(output.split()), output
+        assert not out.exists()
+
+
+def test_scoring_errors_name_the_file_and_record():
+    """An array that fails when scored is named by its file and record, not <array>."""
+    dataset = load_dataset_from_arrays(np.zeros((2, 4, 28, 28), np.float32))
+    with pytest.raises(medvl.errors.DataError, match=r"volumes.npz \(record test_0\): image shape \(4, 28, 28\)"):
+        ensemble_scores([_model(0)], dataset, "label", [], show_progress=False)
+
+
+def load_dataset_from_arrays(images: np.ndarray):
+    """A dataset of in-memory arrays as the npz loader makes them, with ``volumes.npz`` as its source."""
+    from medvl.data.record import Dataset, Record
+
+    records = [Record(id=f"test_{i}", images=[image], labels={"label": "0"}, split="test")
+               for i, image in enumerate(images)]
+    return Dataset(records, source="volumes.npz", label_names=["label"])
+
+
+def test_an_used_out_folder_is_refused_in_the_commands_words_and_overwrite_replaces_an_earlier_model(tiny_npz,
+                                                                                                   tmp_path):
+    out = tmp_path / "o3"
+    args = ("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz, "--test-split", "val",
+            "--epochs", 1, "--ensemble", 1, "--out", out, "-q")
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    first = (out / "model" / "model.safetensors").read_bytes()
+    result, output = invoke(*args)
+    text = " ".join(output.split())
+    assert result.exit_code == 2 and "--resume" not in text, output
+    assert f"{out}: --out exists and is not empty; choose a new --out, or --overwrite to replace" in text
+    result, output = invoke(*args, "--overwrite", "--seed", 1)
+    assert result.exit_code == 0, output
+    assert (out / "model" / "model.safetensors").read_bytes() != first  # the new run's model
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("mine")
+    result, output = invoke(*args[:-3], "--out", other, "--overwrite", "-q")
+    assert result.exit_code == 2 and "not a bench medmnist output" in " ".join(output.split()), output
+    assert (other / "mine.txt").read_text() == "mine"
+
+
+def test_binary_only_options_on_a_task_of_more_classes_are_refused_before_training(tiny_npz, tmp_path):
+    source = np.load(tiny_npz)
+    three = tmp_path / "three.npz"
+    np.savez(three, train_images=source["train_images"], train_labels=np.arange(240) % 3,
+             val_images=source["val_images"], val_labels=np.arange(80) % 3)
+    for options, named in ((["--target-prior", 0.6], "--target-prior"),
+                           (["--operating-point", "max_balanced_accuracy"], "--operating-point")):
+        result, output = invoke("bench", "medmnist", "--train-data", three, "--test-data", three, "--test-split",
+                                "val", "--epochs", 1, "-q", *options)
+        assert result.exit_code == 2, output
+        assert f"{named} applies to binary tasks; {three} has 3 classes" in " ".join(output.split()), output

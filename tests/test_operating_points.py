@@ -66,6 +66,26 @@ def test_operating_points_report_full_data_figures_inside_bootstrap_intervals():
     assert again == result  # seeded
 
 
+def test_operating_point_intervals_are_the_plain_bootstrap_of_bench_run():
+    """bench medmnist and bench run draw the same plain bootstrap (medvl.eval.bootstrap): accuracy over every draw,
+    balanced accuracy over the draws holding both classes; on a small split where some draws hold one class the
+    two commands still give the same intervals for the same predictions."""
+    from medvl.eval.bootstrap import bootstrap_ci
+    from medvl.eval.subgroups import accuracy, balanced_accuracy
+
+    calibration, calibration_y = _scores(30, 10, seed=3)
+    scores, y = _scores(3, 11, seed=4)
+    result = operating_points(calibration, calibration_y, scores, y, target_prior=0.5, resamples=300, seed=2)
+    assert result["resamples"] == 300 and result["resamples_with_both_classes"] < 300
+    for name in ("max_accuracy", "max_balanced_accuracy"):
+        predicted = np.eye(2)[(scores[:, 1] >= result[name]["threshold"]).astype(int)]
+        plain = bootstrap_ci(accuracy, y, predicted, resamples=300, seed=2, need_both_classes=False)
+        both = bootstrap_ci(balanced_accuracy, y, predicted, resamples=300, seed=2, stratified=False)
+        assert result[name]["accuracy"] == pytest.approx({key: plain[key] for key in ("value", "low", "high")})
+        assert result[name]["balanced_accuracy"] == pytest.approx({key: both[key] for key in ("value", "low", "high")})
+        assert both["resamples"] == result["resamples_with_both_classes"]
+
+
 def test_bad_priors_are_refused():
     scores, y = _scores(10, 10, seed=5)
     for prior in (0, 1, 1.5):

@@ -9,7 +9,8 @@ the epochs, learning rate, batch, loss weights, model overrides and captions unl
 ``medvl.train.recipes``), then scored on the held-out fold two ways:
 
 - the head: class probabilities, accuracy and balanced accuracy at the argmax (no threshold is
-  tuned), macro one-vs-rest AUC (for two classes, the AUC of either class);
+  tuned), macro one-vs-rest AUC (for two classes, the AUC of either class); on a fold that scores one class
+  only (groups can do that) AUC and balanced accuracy are undefined (None) and left out of their means;
 - zero-shot: the caption prompt ensembles of each class (``medvl.zero_shot``);
 - a linear probe, as ``medvl eval linear-probe`` scores a trained model: logistic regression (C by 3-fold CV)
   fitted on the fold model's frozen image features of every training-fold record, scored on the held-out
@@ -229,8 +230,9 @@ def make_folds(y: np.ndarray, folds: int, seed: int,
             raise InputError(f"fold {fold} of {folds}: its training records hold no class {missing} (the groups "
                              f"holding that class all fall in this fold); use fewer folds or other groups")
         if set(y[test].tolist()) != classes:  # its AUC is undefined: the means are over the other folds
-            log.warning("fold %d of %d scores records of one class only (its groups): its AUC is undefined and "
-                        "left out of the AUC mean, which is then over fewer folds than the accuracy's", fold, folds)
+            log.warning("fold %d of %d scores records of one class only (its groups): its AUC and balanced accuracy "
+                        "are undefined and left out of their means, which are then over fewer folds than the "
+                        "accuracy's", fold, folds)
     return splits
 
 
@@ -271,10 +273,10 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
         if member == 0:  # every member trains on the same records
             n_trained = model.meta["training"]["records"]
     probabilities = np.mean(heads, axis=0)
-    head = classification_metrics(y, probabilities, classes)
-    prompts = classification_metrics(y, np.mean(shots, axis=0), classes)
+    head = _fold_metrics(y, probabilities, classes)
+    prompts = _fold_metrics(y, np.mean(shots, axis=0), classes)
     probe_probabilities = np.mean(probes, axis=0)
-    probe = classification_metrics(y, probe_probabilities, classes)
+    probe = _fold_metrics(y, probe_probabilities, classes)
     scores = {"head": probabilities, "probe": probe_probabilities}
     fused: dict[str, Any] = {}
     if settings.train.covariates:
@@ -284,7 +286,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
         scores["fused"] = covariate_model.fuse(probabilities, covariate_probabilities=alone)
         scores["probe_fused"] = covariate_model.fuse(probe_probabilities, covariate_probabilities=alone)
         for prefix, key in (("fused_", "fused"), ("probe_fused_", "probe_fused")):
-            metrics = classification_metrics(y, scores[key], classes)
+            metrics = _fold_metrics(y, scores[key], classes)
             fused.update({f"{prefix}auc": metrics["macro_auc"], f"{prefix}acc": metrics["accuracy"],
                           f"{prefix}balanced_accuracy": metrics["balanced_accuracy"]})
         fused["covariates_auc"] = classification_metrics(y, alone, classes)["macro_auc"]
@@ -309,6 +311,16 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
     return result, scores
 
 
+def _fold_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """``classification_metrics`` of a held-out fold, with balanced accuracy None (as AUC is) when the fold scores
+    one class only: the recall of that one class is no balanced accuracy (a model answering one class would score
+    1.0 on it), so ``_summarise`` leaves it out of the mean and counts the folds."""
+    metrics = classification_metrics(y, probabilities, classes)
+    if len(np.unique(y)) < 2:
+        metrics["balanced_accuracy"] = None
+    return metrics
+
+
 def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set: Dataset, y_test: np.ndarray,
            classes: list[str]) -> np.ndarray:
     """The held-out fold's class probabilities from ``medvl eval linear-probe``'s probe (C by 3-fold CV) fitted
@@ -320,6 +332,8 @@ def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set
 
 
 def _summarise(results: list[dict]) -> dict[str, float | None]:
+    """Mean and sample std over folds of every metric; a metric undefined on a fold (None: AUC and balanced
+    accuracy of a fold scoring one class) is left out, and ``KEY_folds`` says how many folds its mean is over."""
     summary: dict[str, float | None] = {}
     keys = SUMMARY_METRICS + (COVARIATE_METRICS if results and "fused_auc" in results[0] else ())
     for key in keys:

@@ -14,11 +14,13 @@ seeded 10 % of the train split held out from training).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,15 @@ from sklearn.metrics import roc_auc_score
 from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
 from ..data.loaders import load_dataset
+from ..data.loading import image_sources
 from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
-from ..eval.bootstrap import percentile_interval
+from ..eval.bootstrap import bootstrap_draws, every_class_draws, percentile_interval
 from ..eval.contamination import copies_in_fit
 from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
 from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
+from ..io import RUN_OWN_ENTRIES, replace_dir, staged_for, write_errors_named
 from ..models.dual import DualEncoder
 from ..models.preprocess import affine_warp, read_for
 from ..progress import progress_bar
@@ -66,7 +70,8 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
                  target_prior: float | None = None, bootstrap: int = 2000, ensemble: int | None = None,
                  test_time_augmentation: bool | None = None, operating_point: str | None = None,
                  model_overrides: dict[str, Any] | None = None, label_smoothing: float | None = None,
-                 shifts: list[int] | None = None, train_options: dict[str, Any] | None = None) -> dict:
+                 shifts: list[int] | None = None, train_options: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> dict:
     """Train and score; returns a dict with top-level ``auc`` and ``acc`` (and the threshold).
 
     ``epochs``, ``ensemble``, ``operating_point`` None = the recipe's; ``test_time_augmentation``
@@ -74,7 +79,11 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     the caption texts are always part of this benchmark. A binary task's ``acc`` uses the threshold of
     the operating point; with ``target_prior`` (the share of positives expected where the model is
     used), ``operating_points`` scores every threshold with ``bootstrap`` resamples
-    (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble).
+    (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble): a new or empty
+    folder, or with ``overwrite`` an earlier run's (``check_out_folder``), written only once the whole run has
+    succeeded (a failure leaves ``out`` as it was). The scored and threshold splits' classes and image shapes are
+    checked before any training (``check_scored_data``). ``target_prior`` and an ``operating_point`` apply to
+    binary tasks: given for a task of more classes they are an InputError.
     With more than one member, ``members`` holds each member's own figures, scored the same way
     (``shifted`` included).
     ``model_overrides`` (``--set``), ``label_smoothing`` and ``train_options`` (any other ``TrainConfig``
@@ -95,9 +104,11 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     elif settings.operating_point == "max_accuracy_at_prior":
         raise InputError("the operating point max_accuracy_at_prior needs --target-prior")
     check_number("bootstrap resamples", bootstrap, minimum=100, integer=True)
+    check_out_folder(out, overwrite)
     data = benchmark_data(train_path, test_path, test_split, seed)
+    _check_binary_options(data, train_path, target_prior, operating_point)
+    check_scored_data(data, settings, f"{test_path}:{test_split}", f"{train_path}:train")
     settings.captions = task_captions(Path(train_path), data.classes)
-    models = train_members(settings, data.fit, out, show_progress)
 
     def score(scored: list[DualEncoder]) -> dict:
         scores = score_models(scored, data, settings.test_time_views, settings.operating_point, target_prior,
@@ -105,10 +116,12 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
         return {**scores, "shifted": shifted_scores(scored, data, settings.test_time_views, scores["threshold"],
                                                     shifts, seed, show_progress) if shifts else None}
 
-    members = []
-    if len(models) > 1:  # each member alone, scored as the ensemble is: the spread across seeds
-        members = [{"seed": settings.train.seed + i, **score([member])} for i, member in enumerate(models)]
-    scores = score(models)
+    with _staged(out) as folder:  # --out gets the models only once every figure is computed
+        models = train_members(settings, data.fit, folder, show_progress)
+        members = []
+        if len(models) > 1:  # each member alone, scored as the ensemble is: the spread across seeds
+            members = [{"seed": settings.train.seed + i, **score([member])} for i, member in enumerate(models)]
+        scores = score(models)
     return {**scores, "members": members,
             "train": f"{train_path}:train", "n_fit": len(data.fit), "test": f"{test_path}:{test_split}",
             "n_test": len(data.test), **({"copies_in_fit": data.copies_in_fit} if data.copies_in_fit else {}),
@@ -156,6 +169,76 @@ def benchmark_data(train_path: str | Path, test_path: str | Path, test_split: st
                          "task's threshold is chosen on both; give a train file whose val split holds both")
     copies = copies_in_fit(fit_set, test_set, f"the training split ({Path(train_path).name}:train)")
     return BenchmarkData(fit_set, calib_set, calibration, test_set, classes, copies)
+
+
+def check_out_folder(out: str | Path | None, overwrite: bool = False) -> None:
+    """``--out`` must be new or empty; with ``overwrite`` it may hold an earlier run's models (a training run's
+    entries, or ``member-N`` folders), replaced once the new run has succeeded. Anything else is refused
+    (InputError) before any work: the folder is replaced as a whole, so it is never one holding other files."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    earlier = all(entry.name in RUN_OWN_ENTRIES or (entry.is_dir() and entry.name.startswith("member-"))
+                  for entry in out.iterdir())
+    if not overwrite:
+        raise InputError(f"{out}: --out exists and is not empty; choose a new --out"
+                         + (", or --overwrite to replace the models there" if earlier else ""))
+    if not earlier:
+        raise InputError(f"{out}: --out holds files that are not a bench medmnist output (its models); "
+                         "--overwrite replaces only an earlier run's folder; choose a new --out")
+
+
+@contextlib.contextmanager
+def _staged(out: str | Path | None) -> Iterator[Path | None]:
+    """A staging folder beside ``out`` renamed onto it when the block succeeds (removed on failure); None
+    without ``out`` (the models go to a scratch folder)."""
+    if out is None:
+        yield None
+        return
+    target = Path(out).absolute()
+    with write_errors_named(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staged_for(target, target.parent, f".{target.name}.tmp-") as staging:
+            yield staging
+            replace_dir(staging, target)
+
+
+def check_scored_data(data: BenchmarkData, settings: RecipeSettings, test_name: str, train_name: str) -> None:
+    """Before any training (InputError / DataError): every class of the scored and the threshold split is one
+    the training split has, and their images are read as the model will read them (one image of each array
+    shape and type, named by file and record)."""
+    from ..models.registry import resolve_model
+
+    for name, dataset in ((test_name, data.test), (data.calibration_name, data.calibration)):
+        unknown = sorted(set(dataset.classes(LABEL)) - set(data.classes), key=class_order)
+        if unknown:
+            raise InputError(f"{name}: classes {unknown} were not in the training data ({train_name} holds "
+                             f"{data.classes})")
+    preprocessor = resolve_model(settings.model, **settings.model_overrides).preprocessor
+    seen: set[tuple] = set()
+    for dataset in (data.test, data.calibration):
+        for record, source in zip(dataset.records, image_sources(dataset), strict=True):
+            image = record.image
+            kind = (image.shape, image.dtype.str) if isinstance(image, np.ndarray) else None
+            if kind is not None and kind not in seen:
+                seen.add(kind)
+                preprocessor.load(image, source=source)
+
+
+def _check_binary_options(data: BenchmarkData, train_path: str | Path, target_prior: float | None,
+                          operating_point: str | None) -> None:
+    """--target-prior and --operating-point choose a binary task's threshold: refused (InputError) for a task of
+    more classes, where nothing would use them."""
+    if len(data.classes) == 2:
+        return
+    for option, value in (("--target-prior", target_prior), ("--operating-point", operating_point)):
+        if value is not None:
+            raise InputError(f"{option} applies to binary tasks; {train_path} has {len(data.classes)} classes "
+                             f"({', '.join(data.classes)}), scored by the argmax")
 
 
 def _mostly_the_same(calibration: Any, scored: Any) -> bool:
@@ -290,10 +373,11 @@ def ensemble_scores(models: list[DualEncoder], dataset: Dataset, label: str, vie
     each test-time view (``view_pixels``); images are read ``chunk`` records at a time."""
     all_views = [[0.0, 0.0, 1.0], *views]
     chunks = []
+    sources = image_sources(dataset)  # an array image's error names its file and record
     with progress_bar("Scoring images", total=len(dataset), enabled=show_progress) as advance:
         for start in range(0, len(dataset), chunk):
             records = dataset.records[start:start + chunk]
-            pixels = models[0].preprocessor.load_many([r.image for r in records])
+            pixels = models[0].preprocessor.load_many([r.image for r in records], sources[start:start + chunk])
             scores = [model.head_probabilities(label, model.encode_images(view_pixels(pixels, view), features=True))
                       for model in models for view in all_views]
             chunks.append(torch.stack(scores).mean(0))
@@ -376,18 +460,20 @@ def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, 
     (calibration data re-weighted to ``target_prior`` positives) and ``max_balanced_accuracy`` (prior
     0.5, which does not depend on the class mix). Per threshold: accuracy, sensitivity, specificity,
     balanced accuracy and the accuracy re-weighted to ``target_prior`` (``accuracy_at_prior``), each
-    with a 95 % percentile bootstrap interval over ``resamples`` resamples of the scored records
-    (seeded); ``auc`` likewise (a ranking, so the same under any prior).
+    with a 95 % percentile bootstrap interval over ``resamples`` plain resamples of the scored records
+    (seeded; ``medvl.eval.bootstrap``, the draws ``bench run`` takes): accuracy over every draw, the others
+    over the ``resamples_with_both_classes`` draws holding both classes; ``auc`` likewise (a ranking, so the
+    same under any prior).
     """
     _check_prior(target_prior)
     check_number("bootstrap resamples", resamples, minimum=100, integer=True)
-    rng = np.random.default_rng(seed)
-    draws = [index for index in (rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples))
-             if 0 < y_true[index].sum() < len(index)]  # a resample needs both classes
+    draws = bootstrap_draws(y_true, resamples, seed, need_both_classes=False)  # bench run's plain draws
+    complete = every_class_draws(y_true, draws)  # for the figures a draw of one class leaves undefined
     positive = scores[:, 1]
     result = {"target_prior": target_prior, "scored_prior": float(y_true.mean()),
               "calibration_prior": float(calibration_y.mean()), "resamples": len(draws),
-              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, draws)}
+              "resamples_with_both_classes": len(complete),
+              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, complete)}
     for name, prior in (("max_accuracy", None), ("max_accuracy_at_prior", target_prior),
                         ("max_balanced_accuracy", 0.5)):
         threshold = _best_threshold(calibration_scores, calibration_y, prior)
@@ -399,8 +485,9 @@ def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, 
             "balanced_accuracy": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], 0.5),
             "accuracy_at_prior": lambda i, p=predicted: prior_weighted_accuracy(y_true[i], p[i], target_prior),
         }
-        result[name] = {"threshold": threshold, **{key: _with_interval(metric, y_true, draws)
-                                                  for key, metric in metrics.items()}}
+        result[name] = {"threshold": threshold, **{
+            key: _with_interval(metric, y_true, draws if key == "accuracy" else complete)
+            for key, metric in metrics.items()}}
     return result
 
 

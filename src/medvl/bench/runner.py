@@ -2,13 +2,17 @@
 
 Layout of the output folder::
 
-    suite.json        the parsed suite, the models and the package versions of the run
-    data/NAME/        datasets the suite generates (the phantom), reused by later runs
+    suite.json        the parsed suite, the models, what each generated dataset was generated with (its
+                      dataset.json generator block) and the package versions of the run
+    data/NAME/        datasets the suite generates (the phantom), reused by later runs with the same settings
+    data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
     results.json      every row of every cell (one row per model x task x dataset x metric)
     report.html       tables and plots, the models side by side
 
-A cell's fingerprint hashes the model folder's files, the dataset's files and caption file, the task (and
+A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
+its records name: a manifest file's images, a manifest's images outside its folder; never the run's own output
+folder inside a dataset folder) and caption file, the task (and
 the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
 source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
 finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
@@ -25,16 +29,25 @@ import logging
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..io import file_sha256, write_json
-from .suite import TASKS, DatasetSpec, SuiteSpec, TaskSpec, check_models, model_spatial_dims, task_knowledge
+from .suite import (
+    TASKS,
+    TRAINING_TASKS,
+    DatasetSpec,
+    SuiteSpec,
+    TaskSpec,
+    check_models,
+    model_spatial_dims,
+    task_knowledge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +55,6 @@ STATE_FILE = "suite.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 CELLS_DIR = "cells"
-TRAINING_TASKS = ("linear-probe", "few-shot", "case-retrieval", "report")  # fitted on a dataset's train_split
 DEFAULT_CORRUPTION = {"kinds": ["noise", "blur", "contrast", "gamma", "jpeg", "rotation", "crop"],
                       "severities": [1, 2, 3, 4, 5], "max_images": 200}
 
@@ -65,14 +77,52 @@ class PreparedDataset:
         return self.dataset.select(name)
 
 
-def files_digest(path: Path) -> dict[str, Any]:
-    """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def files_digest(path: Path, referenced: Iterable[Path] = (), exclude: Path | None = None) -> dict[str, Any]:
+    """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order), then
+    of every ``referenced`` file not among those (the images a manifest file names, or a manifest's images outside
+    its folder; named relative to the data's folder where they lie under it). ``exclude``: a folder under ``path``
+    left out (the run's own output inside a dataset folder, which is not data)."""
+    root = path if path.is_dir() else path.parent
+    if path.is_dir():
+        skip = exclude.resolve() if exclude is not None else None
+        if skip is not None and (skip == path.resolve() or not skip.is_relative_to(path.resolve())):
+            skip = None  # a folder outside the data (or holding it, as OUT/data/NAME): nothing to leave out
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and (skip is None or not p.resolve().is_relative_to(skip)))
+    else:
+        files = [path]
+    hashed = {file.resolve() for file in files}
+    extra = sorted({file.resolve() for file in referenced} - hashed)
     combined = hashlib.sha256()
     for file in files:
         combined.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         combined.update(bytes.fromhex(file_sha256(file)))
-    return {"sha256": combined.hexdigest(), "files": len(files)}
+    for file in extra:
+        combined.update(_data_name(file, root).encode())
+        try:
+            combined.update(bytes.fromhex(file_sha256(file)))
+        except OSError as err:
+            raise DataError(file, f"image named by dataset {path} cannot be read ({err.strerror or err})") from None
+    return {"sha256": combined.hexdigest(), "files": len(files) + len(extra)}
+
+
+def _data_name(file: Path, root: Path) -> str:
+    """A referenced file's name in the data hash: relative to the data's folder when under it, else absolute."""
+    try:
+        return str(file.relative_to(root.resolve()))
+    except ValueError:
+        return str(file)
+
+
+def _image_files(item: PreparedDataset) -> list[Path]:
+    """The image files the loaded records (or questions) name; arrays held in the data file itself are hashed
+    with it."""
+    if item.questions is not None:
+        return [Path(image) for question in item.questions for image in (question.images or (question.image,))]
+    if item.dataset is None:
+        return []
+    return [Path(image) for record in item.dataset.records for image in record.images
+            if isinstance(image, str | Path)]
 
 
 def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[str]],
@@ -87,7 +137,7 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
             _load_questions(item, needed_splits[name])
         else:
             _load_images(item, suite, needed_splits[name])
-        item.hashes = files_digest(path)
+        item.hashes = files_digest(path, _image_files(item), exclude=out)
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
             item.hashes["captions_sha256"] = file_sha256(Path(spec.captions))
         prepared[name] = item
@@ -95,16 +145,32 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
 
 
 def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
+    """The phantom of ``spec.generate`` in ``folder``: reused when it was generated with every one of the same
+    settings (``NAME.generate.json`` beside it says which), else generated again."""
     from ..data.phantom import generate_phantom
 
     settings = {"n": 600, "seed": 0, **(spec.generate or {})}
-    description = folder / "dataset.json"
-    if description.is_file():
-        written = json.loads(description.read_text(encoding="utf-8")).get("generator", {})
-        if all(written.get(key) == value for key, value in settings.items() if key in ("n", "seed", "size")):
-            return folder
+    marker = folder.with_name(f"{folder.name}.generate.json")
+    if folder.is_dir() and marker.is_file():
+        try:
+            if json.loads(marker.read_text(encoding="utf-8")) == settings:
+                return folder
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            pass  # an unreadable marker: generated again
+    marker.unlink(missing_ok=True)  # until the new data is complete, the folder matches no settings
     generate_phantom(folder, progress=show_progress, overwrite=True, **settings)
+    write_json(marker, settings)
     return folder
+
+
+def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
+    """The generator block (``dataset.json``) of every dataset the suite generated, by name."""
+    described = {}
+    for name, item in datasets.items():
+        if item.spec.path is None:
+            description = json.loads((item.path / "dataset.json").read_text(encoding="utf-8"))
+            described[name] = description.get("generator")
+    return described
 
 
 def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
@@ -284,7 +350,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
         for stale in (out / CELLS_DIR).glob("*.json"):
             stale.unlink()
     write_json(out / STATE_FILE, {"suite": suite.to_dict(), "models": {labels[str(m)]: str(m) for m in models},
-                                  "versions": versions})
+                                  "generated": generated_data(datasets), "versions": versions})
     cells, computed = [], 0
     for model in models:
         loaded = _LazyModel(str(model))
@@ -476,11 +542,11 @@ class _Context:
                               f"{seen['records']} of the {seen['of']} scored records are training figures, not a test")
 
     def bootstrap(self, metric: Callable[..., float], y_true: np.ndarray, *arrays: np.ndarray,
-                  need_both_classes: bool = True) -> dict[str, Any]:
+                  need_both_classes: bool = True, stratified: bool = True) -> dict[str, Any]:
         from ..eval.bootstrap import bootstrap_ci
 
         return bootstrap_ci(metric, y_true, *arrays, resamples=self.suite.bootstrap, seed=self.suite.seed,
-                            need_both_classes=need_both_classes)
+                            need_both_classes=need_both_classes, stratified=stratified)
 
 
 # ------------------------------------------------------------------ tasks
@@ -488,14 +554,17 @@ class _Context:
 
 def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, **extra: Any) -> None:
     """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval (``extra``: more
-    fields of each row)."""
+    fields of each row). AUC's draws are stratified by class; accuracy's and balanced accuracy's are plain draws
+    over the scored records (balanced accuracy's without those lacking a class), as ``bench medmnist`` draws them
+    (``medvl.eval.bootstrap``)."""
     from ..eval.subgroups import accuracy, balanced_accuracy, macro_auc
 
-    metrics = {"auc": lambda y, p: _number(macro_auc(y, p)), "accuracy": accuracy,
-               "balanced_accuracy": balanced_accuracy}
-    for name, metric in metrics.items():
-        interval = ctx.bootstrap(metric, y_true, probabilities)
-        ctx.row(name, interval["value"], interval, **extra)
+    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities)
+    ctx.row("auc", interval["value"], interval, **extra)
+    interval = ctx.bootstrap(accuracy, y_true, probabilities, need_both_classes=False)
+    ctx.row("accuracy", interval["value"], interval, **extra)
+    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, stratified=False)
+    ctx.row("balanced_accuracy", interval["value"], interval, **extra)
 
 
 def _number(value: float | None) -> float:

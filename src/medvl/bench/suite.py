@@ -10,6 +10,7 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
         path: null                     # a dataset path (relative to the suite file, $VARS expanded);
                                        # --data phantom=DIR overrides it
         generate: {n: 600, size: 128}  # phantom only: when path is empty, generate it into OUT/data/NAME
+                                       # (a rerun reuses it only if every generate setting is the same)
         split: test                    # the split every task scores
         train_split: train             # linear probe / few-shot / case-retrieval index / report baseline
         calibration_split: val         # temperature, abstention threshold, nothing reported on it
@@ -38,7 +39,8 @@ that the task cannot take is an InputError. Split, label and dataset names are t
 the split "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
-the suite does not define, a dataset path that does not exist, a missing split or label column, and
+the suite does not define, a dataset path that does not exist, a missing split or label column, a
+``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
 (``runner.check_fits_apart``; so is a calibration split holding them). The checks that transform or mask
@@ -80,6 +82,7 @@ TWO_D_CHECKS: dict[str, str] = {
     "corruption": "corruption curves are defined for 2D images; this model takes 3D volumes",
     "shortcut": "masking a region is defined for 2D images; this model takes 3D volumes",
 }
+TRAINING_TASKS = ("linear-probe", "few-shot", "case-retrieval", "report")  # fitted on a dataset's train_split
 DATASET_KINDS = ("images", "vqa")
 KNOWLEDGE_TASKS = ("report", "case-retrieval")  # tasks whose figures read findings in reports with a knowledge base
 MODEL_KINDS = {"dual": "a dual encoder (medvl train, or a transformers CLIP / SigLIP folder)",
@@ -92,7 +95,7 @@ class DatasetSpec:
 
     name: str
     path: str | None = None
-    generate: dict[str, Any] | None = None  # phantom generator arguments (n, seed, size, kind, vqa)
+    generate: dict[str, Any] | None = None  # phantom generator arguments (n, seed, size, kind, vqa, shortcut, ...)
     split: str = "test"
     train_split: str | None = "train"
     calibration_split: str | None = "val"
@@ -354,6 +357,10 @@ def _check(suite: SuiteSpec) -> None:
         if task.task in ("zero-shot", "linear-probe", "few-shot") and not (task.label or dataset.label):
             raise InputError(f"{where}: task {task.task} on {task.dataset!r} needs a label column "
                              "(the task's or the dataset's 'label')")
+        source = suite.datasets.get(task.train_dataset or task.dataset)
+        if task.task in TRAINING_TASKS and source is not None and not source.train_split:
+            raise InputError(f"{where}: dataset {source.name!r} has no train_split for task {task.key} (it is "
+                             "fitted on that split); set the dataset's train_split")
     for task in suite.tasks:
         if task.task in KNOWLEDGE_TASKS and (task.knowledge is not None or not task.builtin_knowledge):
             try:

@@ -87,13 +87,16 @@ def bench_medmnist(
     test_split: Annotated[str, typer.Option(help="Split of --test-data to score.")] = "test",
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
-    out: Annotated[Path | None, typer.Option(help="Also keep the trained model here.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Also keep the trained model here (new or empty; --overwrite replaces an earlier run's models), "
+             "written once the run succeeds.")] = None,
     model: Annotated[str, typer.Option(help="Registered model name.")] = "medmnist-small",
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the model's recipe).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     target_prior: Annotated[float | None, typer.Option(
-        help="Binary tasks: share of positives where the model is used; adds thresholds for that prior and "
-             "for balanced accuracy, scored with bootstrap 95% intervals and re-weighted to the prior.")] = None,
+        help="Binary tasks (refused for more classes): share of positives where the model is used; adds "
+             "thresholds for that prior and for balanced accuracy, scored with bootstrap 95% intervals and "
+             "re-weighted to the prior.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the --target-prior intervals.")] = 2000,
     ensemble: Annotated[int | None, typer.Option(
         help="Models trained with seeds seed, seed+1, ... whose probabilities are averaged (default: the "
@@ -103,7 +106,8 @@ def bench_medmnist(
                                "never flips).")] = None,
     operating_point: Annotated[str | None, typer.Option(
         help="Binary threshold behind the headline ACC: max_accuracy, max_balanced_accuracy or "
-             "max_accuracy_at_prior (needs --target-prior); default: the recipe's.")] = None,
+             "max_accuracy_at_prior (needs --target-prior); default: the recipe's. Refused for a task of more "
+             "classes (scored by the argmax).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each head target spread over the classes, 0-0.9 (default: the recipe's).")] = None,
     shifts: Annotated[str | None, typer.Option(
@@ -125,7 +129,8 @@ def bench_medmnist(
                           out=out, show_progress=not quiet, target_prior=target_prior, bootstrap=bootstrap,
                           ensemble=ensemble, test_time_augmentation=tta, operating_point=operating_point,
                           model_overrides=parse_overrides(set_ or []), label_smoothing=label_smoothing,
-                          shifts=severities, train_options=parse_key_values(train_set or [], "--train-set"))
+                          shifts=severities, train_options=parse_key_values(train_set or [], "--train-set"),
+                          overwrite=overwrite)
     shown = {"auc": result["auc"], "acc": result["acc"], "threshold": result.get("threshold"),
              "operating point": result.get("operating_point"),
              "ensemble / test-time views": f"{result['ensemble']} / {result['test_time_views']}"}
@@ -202,7 +207,7 @@ def bench_cv(
         fold_results, pooled = result["folds"], {"pooled out-of-fold auc": result["auc_pooled"]}
         title = f"{folds}-fold CV {label_column} ({result['n']} images, mean ± std over folds)"
     print_metrics(title, {
-        name: _mean_std(result, key) for name, key in (
+        name: _mean_std(result, key, len(fold_results)) for name, key in (
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
@@ -217,10 +222,11 @@ def _fused_rows(result: dict) -> dict[str, str]:
     if result.get("fused_auc") is None:
         return {}
     columns = ", ".join(result["train"]["covariates"])
-    return {f"{name} + covariates ({columns})": _mean_std(result, key) for name, key in (
+    folds = sum(len(r["folds"]) for r in result["repeats"]) if "repeats" in result else len(result["folds"])
+    return {f"{name} + covariates ({columns})": _mean_std(result, key, folds) for name, key in (
         ("auc", "fused_auc"), ("balanced_accuracy", "fused_balanced_accuracy"),
         ("linear-probe auc", "probe_fused_auc"), ("linear-probe balanced_accuracy", "probe_fused_balanced_accuracy"))
-    } | {"covariates-only auc": _mean_std(result, "covariates_auc")}
+    } | {"covariates-only auc": _mean_std(result, "covariates_auc", folds)}
 
 
 def _severities(text: str) -> list[int]:
@@ -234,8 +240,11 @@ def _severities(text: str) -> list[int]:
     return severities
 
 
-def _mean_std(result: dict, key: str) -> str:
-    return f"{_fmt_float(result[key])} ± {_fmt_float(result[f'{key}_std'])}"
+def _mean_std(result: dict, key: str, folds: int) -> str:
+    """``mean ± std``, and over how many of the ``folds`` when the metric is undefined on some (one class scored)."""
+    over = result.get(f"{key}_folds")
+    return f"{_fmt_float(result[key])} ± {_fmt_float(result[f'{key}_std'])}" + (
+        f" ({over} of {folds} folds)" if over is not None else "")
 
 
 def _fmt_float(value: float | None) -> str:

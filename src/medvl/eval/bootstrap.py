@@ -8,6 +8,13 @@ skipped: on a group with a class of one or two records most draws were, and the 
 holding them, its coverage far below the level.) ``resamples`` in a result is the count of draws used.
 The interval at ``level`` is the ((1 - level) / 2, (1 + level) / 2) percentile pair of the metric over
 the draws (numpy's linear interpolation); ``value`` is the metric on all records.
+
+A metric that is a share of records (accuracy) or a mean of per-class recalls (balanced accuracy, sensitivity,
+specificity) takes the plain bootstrap instead (``stratified=False``): the class mix is part of what varies from
+sample to sample, and a stratified draw would hide it (a model answering one class would get an interval of zero
+width). Balanced accuracy is undefined on a draw lacking a class: such draws are left out (``every_class_draws``),
+which at the sizes these figures are reported for (tens of records per class) is almost never one.
+``bench run`` and ``bench medmnist`` both take these draws, so the two give the same interval for the same figure.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ def bootstrap_draws(y_true: np.ndarray, resamples: int = 1000, seed: int = 0,
             for _ in range(resamples)]
 
 
+def every_class_draws(y_true: np.ndarray, draws: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The ``draws`` that hold every class of ``y_true`` (a plain bootstrap of a metric needing every class)."""
+    y_true = np.asarray(y_true)
+    classes = len(np.unique(y_true))
+    return [index for index in draws if len(np.unique(y_true[index])) == classes]
+
+
 def percentile_interval(metric_of_index: Callable[[np.ndarray], float], n: int, draws: Sequence[np.ndarray],
                         level: float = 0.95) -> dict[str, float | None]:
     """``value`` of ``metric_of_index`` on all ``n`` records, ``low`` / ``high`` percentiles over ``draws``
@@ -54,18 +68,22 @@ def percentile_interval(metric_of_index: Callable[[np.ndarray], float], n: int, 
 
 def bootstrap_ci(metric: Metric, y_true: np.ndarray | Sequence, *arrays: np.ndarray | Sequence,
                  resamples: int = 1000, seed: int = 0, level: float = 0.95,
-                 need_both_classes: bool = True) -> dict:
+                 need_both_classes: bool = True, stratified: bool = True) -> dict:
     """Percentile bootstrap interval of ``metric(y_true, *arrays)`` over records.
 
     ``arrays`` (e.g. scores or predictions) are resampled with ``y_true`` along their first axis.
-    Returns ``value`` (on all records), ``low``, ``high`` (None if no draw was usable) and
-    ``resamples`` (draws used). Example: ``bootstrap_ci(roc_auc_score, y, scores)``.
+    ``need_both_classes`` (the metric is undefined without every class): stratified draws, or with
+    ``stratified=False`` plain draws of which those lacking a class are left out (balanced accuracy); without
+    it, plain draws, all used (accuracy). Returns ``value`` (on all records), ``low``, ``high`` (None if no draw
+    was usable) and ``resamples`` (draws used). Example: ``bootstrap_ci(roc_auc_score, y, scores)``.
     """
     y, rest = _check_sample("y_true", y_true, arrays)
     _check_settings(resamples, level)
     if need_both_classes:
         _require_classes("y_true", y)
-    draws = bootstrap_draws(y, resamples, seed, need_both_classes)
+    draws = bootstrap_draws(y, resamples, seed, need_both_classes and stratified)
+    if need_both_classes and not stratified:
+        draws = every_class_draws(y, draws)
     interval = percentile_interval(lambda index: _number(metric(y[index], *(a[index] for a in rest))),
                                    len(y), draws, level)
     return {**interval, "resamples": len(draws)}

@@ -172,7 +172,18 @@ def _stored_class_names(path: Path, arrays: dict[str, np.ndarray]) -> list[str] 
     if names.ndim != 1 or names.dtype.kind not in "US":
         raise DataError(path, f"{key!r} must be a 1-D string array, got {names.dtype} "
                               f"{names.shape}")
-    return [name.decode() if isinstance(name, bytes) else str(name) for name in names.tolist()]
+    return [_decoded(path, key, position, name) for position, name in enumerate(names.tolist())]
+
+
+def _decoded(path: Path, key: str, position: int, name: bytes | str) -> str:
+    """A stored class name as text: bytes must be UTF-8 (DataError naming the entry otherwise)."""
+    if not isinstance(name, bytes):
+        return str(name)
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"{key!r} entry {position} is not UTF-8 text (byte 0x{name[err.start]:02x} at offset "
+                              f"{err.start}); store the class names as UTF-8") from None
 
 
 def _check_images(path: Path, key: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
