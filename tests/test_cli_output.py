@@ -295,3 +295,13 @@ def test_import_medvl_is_cheap_and_its_names_resolve_on_use():
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split() == ["False", "True", "medvl.models.registry", "True"], shown.stdout
+
+
+def test_a_metrics_table_title_naming_a_folder_stays_on_one_line(capsys):
+    """`medvl ood fit` printed "OOD guard saved into" and the model folder on two lines: the title wrapped at the
+    width of the two narrow columns."""
+    from medvl.cli.common import print_metrics
+
+    print_metrics("OOD guard saved into medvl-demo/train", {"threshold": 25.439, "fitted images": 1680})
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "OOD guard saved into medvl-demo/train" in lines

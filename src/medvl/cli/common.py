@@ -126,7 +126,8 @@ def setup_logging(verbose: bool) -> None:
 
 
 def print_metrics(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=True, header_style="bold")
+    # a title (it may name a folder) wider than the columns would wrap: the table widens to it, up to the terminal
+    table = Table(title=title, show_header=True, header_style="bold", min_width=min(len(title), console.width))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
