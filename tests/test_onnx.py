@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def model_dir(trained_dir, tmp_path_factory) -> Path:
     result, output = invoke("export", "onnx", "--model", trained_dir, "--out", folder)
     assert result.exit_code == 0, output
     assert "export.json" in output
+    # the exporter's graph passes and the int8 quantiser's per-tensor notices are not shown (warnings would be)
+    assert not any(notice in output for notice in ("Quantization parameters", "Ignore MatMul", "unused",
+                                                   "constant folding", "Replaced initializer")), output
     return folder
 
 
@@ -283,3 +287,27 @@ def test_an_onnx_model_refuses_training(model_dir):
     model = medvl.load_model(model_dir, backend="onnx")
     with pytest.raises(ModelError, match="inference only"):
         model.train()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(text="zz"), "the text tower entry is not an object"),
+    (lambda d: d["image"].update(fp32=7), "the image tower entry must name its graph files"),
+    (lambda d: d["text"].update(inputs=["pixels"]), "the text tower entry must take the inputs"),
+    (lambda d: d["image"].update(batch="many"), "the image tower entry has batch 'many'"),
+    (lambda d: d["image"].update(fp32="text.onnx"), "text.onnx: the graph takes ['input_ids', 'attention_mask'], "
+                                                    "not the image tower's inputs ['pixels']"),
+])
+def test_a_hand_edited_export_description_is_one_line_naming_it(edit, message, model_dir, phantom, tmp_path):
+    """export.json's tower entries are checked, and each graph's inputs against its tower's: a damaged file is a
+    ModelError (CLI exit 2) naming it, never a traceback from onnxruntime or a dict lookup."""
+    folder = _copy(model_dir, tmp_path / "edited")
+    path = folder / "onnx" / "export.json"
+    description = json.loads(path.read_text())
+    edit(description)
+    path.write_text(json.dumps(description))
+    with pytest.raises(ModelError, match=re.escape(message)) as caught:
+        medvl.load_model(folder, backend="onnx")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    image = next((phantom / "images").glob("*.png"))
+    result, output = invoke("predict", image, "--model", folder, "--labels", "a,b", "--backend", "onnx")
+    assert result.exit_code == 2 and message in _error_line(output), output

@@ -412,7 +412,7 @@ def test_report_draft_rejects_bad_input(phantom_dir, model_dir, train_index, tmp
     torch.manual_seed(1)
     create_model("phantom-tiny").save_pretrained(tmp_path / "other")
     other, output = invoke("report", "draft", image, "--index", train_index, "--model", tmp_path / "other")
-    assert other.exit_code == 2 and "differ from those the index was built with" in output
+    assert other.exit_code == 2 and "weights differ from the weights the index was built with" in output
     bad_k, output = invoke("report", "draft", image, "--index", train_index, "-k", 0)
     assert bad_k.exit_code == 2 and "k must be" in output
 
@@ -518,7 +518,7 @@ def test_eval_case_retrieval_rejects_bad_input(phantom_dir, train_index, tmp_pat
     create_model("phantom-tiny").save_pretrained(tmp_path / "other")
     other, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
                            "--model", tmp_path / "other", "-q")
-    assert other.exit_code == 2 and "differ from those the index was built with" in output
+    assert other.exit_code == 2 and "weights differ from the weights the index was built with" in output
     label, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
                            "--label-column", "colour", "-q")
     assert label.exit_code == 2 and "colour" in output

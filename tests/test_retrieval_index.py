@@ -725,3 +725,22 @@ def test_fingerprint_ignores_config_fields_left_at_their_default():
         {"name": "m", "image": {"arch": "vit"}}
     a, b = create_model("phantom-tiny"), create_model("phantom-tiny", **{"image.image_size": 48})
     assert model_fingerprint(a)["config_sha256"] != model_fingerprint(b)["config_sha256"]
+
+
+def test_a_query_model_other_than_the_indexs_says_which_part_differs():
+    """The refusal names the config or the weights, in a sentence that agrees with its subject."""
+    from medvl.index.base import check_model, model_fingerprint
+
+    torch.manual_seed(0)
+    built = create_model("phantom-tiny", **{"image.image_size": 32})
+    info = {"model": {**model_fingerprint(built), "name": "built"}, "embed_dim": built.config.embed_dim}
+    other_config = create_model("phantom-tiny", **{"image.image_size": 48})
+    with pytest.raises(ModelError, match=r"idx: the model's config differs from the config the index was built "
+                                         r"with \(built\); rebuild the index or use that model"):
+        check_model(info, other_config, "idx")
+    torch.manual_seed(1)
+    other_weights = create_model("phantom-tiny", **{"image.image_size": 32})
+    with pytest.raises(ModelError, match=r"idx: the model's weights differ from the weights the index was built "
+                                         r"with \(built\)"):
+        check_model(info, other_weights, "idx")
+    check_model(info, built, "idx")

@@ -728,6 +728,44 @@ def test_a_model_loading_in_the_background_is_reported_and_routes_wait(model_dir
         assert http.get("/v1/models").status_code == 503
 
 
+def _edit_text_config(folder: Path) -> None:
+    path = folder / "text" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_attention_heads": "MRN123"}))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda m: (m / "meta.json").write_text('["MRN123"]'), "damaged: cannot read model files (meta.json: not a JSON "
+                                                            "object"),
+    (_edit_text_config, "damaged: cannot read the text tower in text/"),
+    # an index.json that is not an object fails inside the index reader with AttributeError, not medvl's error
+    (lambda m: (m / "index").mkdir() or (m / "index" / "index.json").write_text('["MRN123"]'), "AttributeError"),
+])
+def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left_loading(
+        damage, reason, model_dir, tmp_path, log_lines):
+    """A load that raises, whatever the exception, ends in ``failed`` with the reason (the CLI's line for medvl's
+    errors), and one log line naming the error type only (no file content)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    index = folder / "index" if (folder / "index").exists() else None
+    app = create_app(folder, index=index, token_digests=[], require_token=False, load_in_background=True)
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 30
+        while (health := http.get("/v1/health")).json()["status"] == "loading":
+            assert time.monotonic() < deadline, "still loading"
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "could not be loaded" in health.json()["detail"] and reason in health.json()["detail"]
+        assert http.get("/v1/models").status_code == 503
+    failures = [line for line in log_lines() if "model not loaded" in line]
+    assert len(failures) == 1 and "Error" in json.loads(failures[0])["error"]
+    assert not any("MRN123" in line for line in log_lines())
+
+
 # -------------------------------------------------------------------------- previews, thumbnails
 
 

@@ -119,7 +119,8 @@ def setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False)], force=True)
-    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "faiss"):  # faiss: which CPU build loaded
+    # faiss: which CPU build loaded; onnxscript, onnx_ir: the ONNX exporter's graph passes, a line per node
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "faiss", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

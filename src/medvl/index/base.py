@@ -209,7 +209,8 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
                          f"({built.get('dir') or built.get('name')})")
     what = fingerprint_differs(built, model)
     if what is not None:
-        raise ModelError(f"{where}: the model's {what} differ from those the index was built with "
+        verb = "differ" if what == "weights" else "differs"  # config | weights
+        raise ModelError(f"{where}: the model's {what} {verb} from the {what} the index was built with "
                          f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
 
 

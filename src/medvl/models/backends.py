@@ -41,6 +41,7 @@ from .adapters import transformers_model_type
 from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
 from .image import _check_input
 
+TOWER_INPUTS = {"image": ["pixels"], "text": ["input_ids", "attention_mask"]}  # what each exported graph takes
 BACKENDS = ("auto", "torch", "torch-channels-last", "torch-bf16", "onnx", "onnx-int8")
 EXPORT_DIR, EXPORT_FILE, EXPORT_FORMAT = "onnx", "export.json", "medvl-onnx/1"
 
@@ -154,6 +155,8 @@ def read_export(folder: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: unreadable ONNX export description ({err})") from None
     if not isinstance(description, dict) or description.get("format") != EXPORT_FORMAT:
         raise ModelError(f"{path}: not a medvl ONNX export description (format {EXPORT_FORMAT!r} expected)")
+    for tower, inputs in TOWER_INPUTS.items():
+        _check_tower_entry(path, tower, description.get(tower), inputs)
     if description.get("weights_sha256") != weights_digest(folder):
         raise ModelError(f"{path}: the export was made from other weights than {folder / WEIGHTS_FILE}; "
                          f"re-run: medvl export onnx --model {folder}")
@@ -161,6 +164,22 @@ def read_export(folder: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: the export was made from another {folder / CONFIG_FILE} (its graphs bake in "
                          f"the input size, pooling and layers); re-run: medvl export onnx --model {folder}")
     return description
+
+
+def _check_tower_entry(path: Path, tower: str, entry: Any, inputs: list[str]) -> None:
+    """ModelError naming ``path`` unless ``entry`` describes a tower as ``medvl.scale.onnx`` writes it: its
+    graph files' names, the inputs medvl feeds it, a batch of null or 1."""
+    if not isinstance(entry, dict):
+        problem = "is not an object"
+    elif not isinstance(entry.get("fp32"), str) or not isinstance(entry.get("int8"), str | None):
+        problem = "must name its graph files (fp32, int8)"
+    elif entry.get("inputs") != inputs:
+        problem = f"must take the inputs {inputs}, got {entry.get('inputs')!r}"
+    elif entry.get("batch") not in (None, 1):
+        problem = f"has batch {entry.get('batch')!r} (null or 1 expected)"
+    else:
+        return
+    raise ModelError(f"{path}: the {tower} tower entry {problem}; re-run medvl export onnx")
 
 
 class OnnxDualEncoder(DualEncoder):
@@ -193,6 +212,12 @@ class OnnxDualEncoder(DualEncoder):
         model.export = description = read_export(folder)
         files = {tower: _tower_file(folder, description, tower, precision) for tower in ("image", "text")}
         model.sessions = {tower: onnx_session(path) for tower, path in files.items()}
+        for tower, session in model.sessions.items():
+            taken = [graph_input.name for graph_input in session.get_inputs()]
+            if sorted(taken) != sorted(TOWER_INPUTS[tower]):
+                raise ModelError(f"{files[tower]}: the graph takes {taken}, not the {tower} tower's inputs "
+                                 f"{TOWER_INPUTS[tower]} ({folder / EXPORT_DIR / EXPORT_FILE} names it for the "
+                                 f"{tower} tower); re-run: medvl export onnx --model {folder}")
         model.per_item = {tower: description[tower].get("batch") == 1
                           or (precision == "int8" and _quantises_activations(path)) for tower, path in files.items()}
         model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}

@@ -140,7 +140,21 @@ class ImageConfig:
             raise InputError(f"image.test_time_orientations must be 1, 2, 4 or 8, got {self.test_time_orientations!r}")
         if self.test_time_orientations != 1 and self.spatial_dims != 2:
             raise InputError("image.test_time_orientations is for 2D images (spatial_dims 2)")
+        self._validate_lists()
         self._validate_window()
+
+    def _validate_lists(self) -> None:
+        """The list fields the architecture reads: a ResNet takes 4 stages (``layers``, ``widths``), a DenseNet
+        one or more blocks (``block_config``) and its stem width (``widths[0]``); every entry a positive integer."""
+        arch = self.slice_arch if self.arch == "slicepool" else self.arch
+        lengths: dict[str, dict[str, int | None]] = {"resnet": {"layers": 4, "widths": 4},
+                                                     "densenet": {"widths": None, "block_config": None}}
+        for name, length in lengths.get(arch, {}).items():
+            values = getattr(self, name)
+            if (len(values) != length if length else not values) or any(value < 1 for value in values):
+                count = f"{length}" if length else "one or more"
+                raise InputError(f"image.{name} must be a list of {count} positive integers for a {arch}, "
+                                 f"got {values}")
 
     def _validate_window(self) -> None:
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in self.window)
@@ -309,6 +323,8 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _build(cls, data: dict[str, Any], section: str):
+    if not isinstance(data, dict):
+        raise InputError(f"the {section} config must be an object of settings, got {json_type(data)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
@@ -321,7 +337,25 @@ def _build(cls, data: dict[str, Any], section: str):
             raise InputError(
                 f"{section}.{f.name} must be {type(default).__name__}, got {type(value).__name__}"
             )
+        element = LIST_ELEMENTS.get(str(f.type))
+        if element is not None and isinstance(value, list) and not all(map(element[0], value)):
+            raise InputError(f"{section}.{f.name} must be a list of {element[1]}, got {value!r}")
     return instance
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# a list field's annotation -> the check of each of its entries and how a message names them (``image.window``,
+# a list of numbers, is checked with its pairing by ``ImageConfig``)
+LIST_ELEMENTS = {"list[int]": (_is_int, "whole numbers")}
+
+
+def json_type(value: Any) -> str:
+    """How JSON spells the type of a parsed value (for messages about a hand-edited file)."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _same_type(default: Any, value: Any) -> bool:

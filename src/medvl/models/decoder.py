@@ -37,7 +37,7 @@ from torch import nn
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
 from .config import MIN_WORD_TEXTS, ImageConfig, build_dataclass, merge_overrides
-from .dual import non_finite_tensors, save_model_dir
+from .dual import non_finite_tensors, read_meta, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 from .vlm import VisionLanguageModel, is_transformers_folder
@@ -345,7 +345,7 @@ class ReportGenerator(nn.Module):
         directory = _model_folder(Path(directory))
         try:
             config = ReportGeneratorConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-            meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+            meta = read_meta(directory)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory / TOKENIZER_DIR))
             bad = non_finite_tensors(load_file(str(directory / WEIGHTS_FILE)))
             if bad:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MedvlError, ModelError
+from ..errors import InputError, MedvlError, ModelError
 from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
-from .config import ModelConfig
+from .config import ModelConfig, json_type
 from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
 from .ood import OODGuard, matching_guard
@@ -180,11 +180,16 @@ class DualEncoder(nn.Module):
 
         reading = CONFIG_FILE  # the file the message names
         try:
+            missing = [section for section in ("image", "text") if isinstance(raw, dict) and section not in raw]
+            if missing:  # every save writes both: a section's defaults could change what the towers compute
+                raise InputError(f"no {' or '.join(missing)} section (a saved model's config holds every section)")
             config = ModelConfig.from_dict(raw)
             reading = META_FILE
-            meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+            meta = read_meta(directory)
             reading = WEIGHTS_FILE
             state = load_file(str(directory / WEIGHTS_FILE))
+        except ModelError:
+            raise
         except (ValueError, OSError, SafetensorError, MedvlError) as err:
             raise ModelError(f"{directory}: cannot read model files ({reading}: {err.__class__.__name__}: "
                              f"{err})") from None
@@ -201,7 +206,10 @@ class DualEncoder(nn.Module):
                              f"{', '.join(VOCABULARY_FILES)})")
         try:
             model = cls(config, text_source_dir=text)
-        except (ValueError, OSError, KeyError, TypeError, MedvlError) as err:  # a damaged tokenizer or text config
+        except MedvlError as err:  # a setting of config.json the saved tower cannot take (text.max_length)
+            raise ModelError(f"{directory}: {CONFIG_FILE} does not fit the text tower in {TEXT_DIR}/ ({err})") from None
+        except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
+            # exception types (a mistyped field of text/config.json: StrictDataclassFieldValidationError)
             raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({err.__class__.__name__}: "
                              f"{' '.join(str(err).split())[:200]})") from None
         for column, classes in meta.get("heads", {}).items():
@@ -209,13 +217,55 @@ class DualEncoder(nn.Module):
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
             model.add_view_projection(int(meta["view_projection"]))
         model.meta = {**meta, "heads": meta.get("heads", {})}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
+        load_weights(model, state, directory)
         model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
         model.eval()
         return model
+
+
+def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
+    """``directory/meta.json`` as a dict ({} when absent and not ``required``); ModelError naming the file when it
+    is not a JSON object, or when its ``heads`` (column -> class names) or ``view_projection`` (a width) are
+    malformed. A file that is not JSON raises ``ValueError`` for the caller to name."""
+    path = directory / META_FILE
+    if not path.exists() and not required:
+        return {}
+    meta = json.loads(path.read_text())
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"not a JSON object, got {json_type(meta)}"
+    elif not isinstance(meta.get("heads", {}), dict) or not all(
+            isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
+            for classes in meta.get("heads", {}).values()):
+        problem = "heads must map each label column to its list of class names"
+    elif meta.get("view_projection") not in (None, False) and not (
+            isinstance(meta["view_projection"], int) and not isinstance(meta["view_projection"], bool)
+            and meta["view_projection"] > 0):
+        problem = f"view_projection must be a positive whole number, got {meta['view_projection']!r}"
+    if problem:
+        raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {problem})")
+    return meta
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """``model.load_state_dict(state)``, or one ModelError line naming model.safetensors and the first missing,
+    unexpected or wrongly shaped tensor (torch's own message spans lines and every tensor)."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    shapes = [f"{name} is {tuple(state[name].shape)}, the config makes {tuple(tensor.shape)}"
+              for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    problems = [f"{len(found)} {what} tensor(s) (first: {found[0]})"
+                for what, found in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", shapes))
+                if found]
+    if problems:
+        raise ModelError(f"{directory}: {WEIGHTS_FILE} does not match the architecture of {CONFIG_FILE} and "
+                         f"{TEXT_DIR}/{CONFIG_FILE}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelError(f"{directory}: {WEIGHTS_FILE} does not match the config "
+                         f"({' '.join(str(err).split())[:300]})") from None
 
 
 def save_model_dir(directory: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],

@@ -133,6 +133,23 @@ def _base_alphabet(words_of: Callable[[str], list[str]]) -> set[str]:
             for char in word}
 
 
+# transformers model types whose position ids start after the padding index (RoBERTa's scheme), so that
+# padding_idx + 1 of their max_position_embeddings hold no token
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"})
+
+
+def position_limit(model_config) -> int | None:
+    """The most tokens (special tokens included) a transformers text model's absolute position embeddings
+    take, or None when its config states none."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if getattr(model_config, "model_type", None) in _OFFSET_POSITIONS:
+        padding = getattr(model_config, "pad_token_id", None)
+        positions -= (1 if padding is None else int(padding)) + 1
+    return positions
+
+
 class TextEncoder(nn.Module):
     """A transformers encoder plus its tokenizer; ``forward(texts)`` returns pooled features."""
 
@@ -160,6 +177,10 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=max(config.max_length, 64),
             ))
         self.num_features = self.model.config.hidden_size
+        limit = position_limit(self.model.config)
+        if limit is not None and config.max_length > limit:
+            raise InputError(f"text.max_length {config.max_length} exceeds the text tower's {limit} positions: "
+                             f"set text.max_length to {limit} or less")
         self._frozen_features: dict[str, torch.Tensor] = {}  # text -> features (or lower-layer states), frozen training
         if config.freeze:
             self.model.requires_grad_(False)

@@ -53,7 +53,17 @@ from ..data.loaders.vqa import VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..io import give_output_mode
 from .config import ImageConfig, TextConfig, build_dataclass
-from .dual import CONFIG_FILE, META_FILE, TEXT_DIR, WEIGHTS_FILE, DualEncoder, non_finite_tensors, save_model_dir
+from .dual import (
+    CONFIG_FILE,
+    META_FILE,
+    TEXT_DIR,
+    WEIGHTS_FILE,
+    DualEncoder,
+    load_weights,
+    non_finite_tensors,
+    read_meta,
+    save_model_dir,
+)
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 from .text import TextEncoder
@@ -317,7 +327,7 @@ class VQAModel(nn.Module):
                 raise ModelError(f"{directory}: not a VQA model (config kind {kind!r}; train one with medvl train vqa)")
             config = VQAConfig.from_dict(raw)
             reading = META_FILE
-            meta = json.loads((directory / META_FILE).read_text())
+            meta = read_meta(directory, required=True)
             reading = WEIGHTS_FILE
             state = load_file(str(directory / WEIGHTS_FILE))
         except ModelError:
@@ -332,10 +342,7 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: meta.json has no answer vocabulary")
         model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
         model.meta = meta
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(f"{directory}: weights do not match the config ({str(err)[:200]})") from None
+        load_weights(model, state, directory)
         model.eval()
         return model
 

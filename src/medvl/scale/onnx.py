@@ -27,8 +27,11 @@ model folder without one, or with one made from other weights or another config,
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +204,35 @@ def _quantize(path: Path) -> str:
 
     prepared = path.with_suffix(".pre.onnx")
     target = path.with_name(path.stem + ".int8.onnx")
-    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
-    quantize_dynamic(str(prepared), str(target), op_types_to_quantize=INT8_OPS, weight_type=QuantType.QInt8)
+    with _quiet_quantiser():
+        quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(target), op_types_to_quantize=INT8_OPS, weight_type=QuantType.QInt8)
     prepared.unlink()
     return target.name
+
+
+class _BelowWarningFrom(logging.Filter):
+    """Drops records under WARNING logged from the modules in ``folder``."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = str(folder)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.folder)
+
+
+@contextmanager
+def _quiet_quantiser() -> Iterator[None]:
+    """onnxruntime's quantiser logs a line per tensor on the root logger itself (``logging.info``), so no logger
+    level of its own can quiet it: while it runs, the root logger drops its records under WARNING (a logger's
+    filter sees only the records logged on that logger, so every other library's and medvl's pass)."""
+    import onnxruntime.quantization
+
+    quiet = _BelowWarningFrom(Path(onnxruntime.quantization.__file__).parent)
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)

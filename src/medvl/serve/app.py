@@ -141,8 +141,10 @@ class Loader:
         if service is None:
             try:
                 service = await asyncio.to_thread(self.load)
-            except MedvlError as error:
-                self.failure = f"the model could not be loaded: {error}"
+            except Exception as error:  # any failure, medvl's or not: a load that raised never becomes ready
+                reason = str(error) if isinstance(error, MedvlError) else \
+                    f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+                self.failure = f"the model could not be loaded: {reason}"
                 # the log keeps the error type only (a library's message may quote what it read); the reason, for
                 # the operator, is in /health and every route's 503
                 log.error("model not loaded", extra={"error": type(error).__name__})
