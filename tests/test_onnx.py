@@ -79,6 +79,20 @@ def model_dir(trained_dir, tmp_path_factory) -> Path:
     return folder
 
 
+def test_an_export_in_a_fresh_process_prints_only_its_own_line(trained_dir, tmp_path):
+    """torch's exporter printed eight 'torchvision is not installed' warnings (detection ops no medvl model has)
+    and a deprecation warning of its own pytree code before medvl's line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "medvl", "export", "onnx", "--model", str(trained_dir), "--out",
+                           str(tmp_path / "exported")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "torchvision" not in said and "LeafSpec" not in said and "Warning" not in said, said
+    assert "export.json" in said
+
+
 @pytest.fixture(scope="module")
 def eager_recall(model_dir, pairs) -> dict:
     return medvl.retrieval(medvl.load_model(model_dir), pairs, show_progress=False)

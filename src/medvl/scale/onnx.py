@@ -183,11 +183,19 @@ def _torch_export(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
         import onnxscript  # noqa: F401  (torch's dynamo exporter needs it)
     except ImportError:
         raise ModelError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'medvl[scale]'") from None
-    with warnings.catch_warnings():
-        # the exporter warns that two inputs share the batch / length axes, which they do on purpose
-        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
-        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=names,
-                                    output_names=["features"], verbose=False)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    no_torchvision = _Dropping("torchvision is not installed")  # its detection ops, which no medvl model uses
+    registration.addFilter(no_torchvision)
+    try:
+        with warnings.catch_warnings():
+            # the exporter warns that two inputs share the batch / length axes, which they do on purpose, and
+            # torch's own pytree code trips a deprecation warning of torch
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        input_names=names, output_names=["features"], verbose=False)
+    finally:
+        registration.removeFilter(no_torchvision)
     if program is None:
         raise ModelError(f"{path}: torch.onnx.export returned no program")
     program.save(str(path))
@@ -209,6 +217,17 @@ def _quantize(path: Path) -> str:
         quantize_dynamic(str(prepared), str(target), op_types_to_quantize=INT8_OPS, weight_type=QuantType.QInt8)
     prepared.unlink()
     return target.name
+
+
+class _Dropping(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 class _BelowWarningFrom(logging.Filter):
