@@ -4,6 +4,7 @@ their evidence, and the one-line errors of bad input (all on a real phantom VQA 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import torch
 from PIL import Image
 
 from cli_helpers import invoke, postgres_server
+from medvl.data import load_dataset
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
 from medvl.errors import InputError
+from medvl.eval.contamination import trained_on_scored, training_data
 from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
+from medvl.models.registry import create_model
 from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
 from medvl.train.loop import TrainConfig
 from medvl.train.vqa import VQAOptions, train_vqa
@@ -126,6 +130,53 @@ def test_scoring_the_questions_trained_on_is_said(trained, phantom, tmp_path):
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
                             "--json", tmp_path / "test.json", "--quiet")
     assert result.exit_code == 0 and "trained_on_scored" not in json.loads((tmp_path / "test.json").read_text())
+
+
+def test_the_training_questions_named_another_way_are_still_said(trained, phantom, tmp_path):
+    """The file trained on, named directly instead of through its folder, through a symbolic link, or copied
+    elsewhere under another name, is still the training data: what was read is compared, not how it was named."""
+    n_kept = load_vqa_model(trained).meta["training"]["questions"]
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    (tmp_path / "link").symlink_to(phantom / "vqa", target_is_directory=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom / "vqa", copy)
+    (copy / "train.json").rename(copy / "asked.json")  # the split is named by the file: now "asked"
+    for number, data in enumerate((phantom / "vqa" / "train.json", tmp_path / "link" / "train.json",
+                                   copy / "asked.json")):
+        out = tmp_path / f"scores-{number}.json"
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", data, "--json", out, "--quiet")
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["trained_on_scored"] == {
+            "records": n_kept, "of": n_train, "splits": ["train"], "records_trained": n_kept}, data
+        assert "training figures, not a test" in " ".join(output.split())
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test",
+                            "--json", tmp_path / "test.json", "--quiet")
+    assert result.exit_code == 0 and "trained_on_scored" not in json.loads((tmp_path / "test.json").read_text())
+
+
+def test_a_model_trained_on_the_file_is_said_when_its_folder_is_scored(phantom, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa" / "train.json", "--out", out, "--epochs", "1",
+                            "--max-steps", "1", *TINY)
+    assert result.exit_code == 0, output
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    for split, expected in (("train", n_train), ("test", None)):
+        result, output = invoke("eval", "vqa", "--model", out, "--data", phantom / "vqa", "--split", split,
+                                "--json", tmp_path / f"{split}.json", "--quiet")
+        assert result.exit_code == 0, output
+        seen = json.loads((tmp_path / f"{split}.json").read_text()).get("trained_on_scored")
+        assert (seen and seen["records"]) == expected
+
+
+def test_a_dataset_of_the_training_files_is_the_training_data_however_named(phantom):
+    """The check every evaluator of a ``Dataset`` shares (zero-shot, retrieval, linear probe, case retrieval,
+    report) compares the files read, as VQA scoring does."""
+    model = create_model("phantom-tiny")
+    model.meta["training"] = training_data(load_dataset(phantom / "vqa").select("train"))
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    seen = trained_on_scored(model, load_dataset(phantom / "vqa" / "train.json"))
+    assert seen is not None and seen["records"] == n_train
+    assert trained_on_scored(model, load_dataset(phantom / "vqa" / "test.json")) is None
 
 
 def test_two_image_answer_with_evidence(trained, phantom, tmp_path):

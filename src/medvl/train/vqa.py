@@ -23,7 +23,7 @@ from ..checks import check_numbers
 from ..data.loaders.vqa import VQAItem
 from ..data.loading import load_all
 from ..errors import InputError
-from ..eval.contamination import data_sha256
+from ..eval.contamination import data_sha256, file_entries
 from ..models.config import TextConfig, merge_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
@@ -201,9 +201,11 @@ class VQAObjective:
 
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())
+        splits = sorted({item.split for item in self.items})
+        files = [(item.file, item.split) for item in self.items if item.file is not None]
         self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
                                        "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
-                                       "splits": sorted({item.split for item in self.items})}
+                                       "splits": splits, "files": file_entries(files, splits)}
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

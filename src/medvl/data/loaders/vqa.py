@@ -103,6 +103,7 @@ class VQAItem:
     language: str | None = None  # SLAKE only: en, zh
     images: tuple[Path, ...] = ()  # every image in order (earlier film first); (image,) for one image
     names: tuple[str, ...] = ()  # the images' names as the question file writes them (SLAKE: xmlab3/source.jpg)
+    file: Path | None = None  # the question file it was read from (None: a question asked directly)
 
 
 def normalize_answer(answer: str) -> str:
@@ -212,6 +213,7 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
         **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
         images=images,
         names=tuple(image_names),
+        file=path,
     )
     return item, next((name for image, name in zip(found, image_names, strict=True) if image is None), None)
 
@@ -288,7 +290,9 @@ def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
     qids = [item.qid for item in items]
     unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
     records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
-    return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN])
+    files = list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
+    return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN],
+                   files=files)
 
 
 # ---------------------------------------------------------------- images shared with other datasets
