@@ -179,6 +179,31 @@ def test_a_dataset_of_the_training_files_is_the_training_data_however_named(phan
     assert trained_on_scored(model, load_dataset(phantom / "vqa" / "test.json")) is None
 
 
+def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tmp_path):
+    """--resume continues the run with the settings and questions it was started with: another --image-lr-scale
+    (another optimizer layout) or edited answers are one-line refusals, not a traceback or a silent mix."""
+    data = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", data)
+    out = tmp_path / "run"
+    train = ("train", "vqa", "--data", data, "--out", out, "--epochs", "1", *TINY)
+    result, output = invoke(*train)
+    assert result.exit_code == 0, output
+    for scale in ("0.5", "0"):
+        result, output = invoke(*train, "--resume", "--image-lr-scale", scale)
+        assert result.exit_code == 2, output
+        assert f"this command changes image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
+        assert len(result.stderr.strip().splitlines()) == 1
+    result, output = invoke(*train, "--resume")  # the same settings and questions: it goes on
+    assert result.exit_code == 0, output
+    questions = json.loads((data / "train.json").read_text())
+    flip = {"yes": "no", "no": "yes", "first": "second", "second": "first"}
+    (data / "train.json").write_text(json.dumps([{**q, "answer": flip.get(q["answer"], q["answer"])}
+                                                 for q in questions]))
+    result, output = invoke(*train, "--resume")
+    assert result.exit_code == 2, output
+    assert "the questions (a question, answer, split or image file changed since)" in " ".join(output.split())
+
+
 def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
     items = json.loads((phantom / "vqa" / "test.json").read_text())
     two = next(item for item in items if len(item.get("image_names", [])) == 2)

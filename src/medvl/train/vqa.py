@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_numbers
-from ..data.loaders.vqa import VQAItem
+from ..data.loaders.vqa import VQAItem, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
 from ..eval.contamination import data_sha256, file_entries
@@ -196,8 +196,13 @@ class VQAObjective:
         return {}
 
     def describe(self) -> dict[str, Any]:
+        """What ``loop.check_same_run`` compares on --resume: besides the model, the data and its questions
+        (``questions_sha256``), the VQA options (``image_lr_scale`` sets the optimizer's parameter groups,
+        ``type_weight`` the loss) and the share of questions held out."""
+        options = {**asdict(self.options), "init": str(self.options.init.resolve()) if self.options.init else None}
         return {"model": self.model.config.to_dict(), "data": self.source, "questions": len(self.items),
-                "answers": len(self.model.answers)}
+                "answers": len(self.model.answers), "questions_sha256": questions_digest(self.items),
+                "vqa": options, "holdout": (self.model.meta.get("holdout") or {}).get("fraction", 0.0)}
 
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())

@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import DataError
-from ..record import Dataset, Record
+from ..record import Dataset, Record, records_digest
 from .manifest import decode_utf8
 from .roots import check_inside_root, is_file, is_inside
 
@@ -281,6 +281,12 @@ def _record(item: VQAItem, record_id: str) -> Record:
     labels = {ANSWER_TYPE_COLUMN: item.answer_type} if item.answer_type else {}
     return Record(id=record_id, images=list(item.images or (item.image,)), text=item.question, labels=labels, meta=meta,
                   split=item.split)
+
+
+def questions_digest(items: Sequence[VQAItem]) -> str:
+    """SHA-256 over each question's split, id, text, answer, types and images (``records_digest``: an image file's
+    path, size and modification time): identifies the questions a resumed VQA training run continues."""
+    return records_digest([_record(item, f"{item.split}/{item.qid}") for item in items])
 
 
 def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
