@@ -282,6 +282,21 @@ def test_more_images_than_the_model_takes(trained, phantom):
     assert "3 images given; the model takes at most 2" in output
 
 
+def test_too_many_images_names_the_question_file_and_the_option(trained, phantom, tmp_path):
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "run", "--epochs", "1",
+                            "--max-images", "1", *TINY)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, output
+    flat = " ".join(output.split())
+    assert f"{phantom / 'vqa' / 'train.json'}: question" in flat and "has 2 images" in flat
+    assert "raise --max-images" in flat and "tokenizer" not in flat  # refused before any work
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps([{"qid": 1, "image_names": [str(image)] * 3, "question": "Is it?", "answer": "yes"}]))
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", three, "--allow-outside-root", "--quiet")
+    assert result.exit_code == 2, output
+    assert f"{three}: question 1 has 3 images; the model takes at most 2" in " ".join(output.split())
+
+
 def test_vocabulary_mismatch_names_the_file(trained, phantom):
     items = json.loads((phantom / "vqa" / "test.json").read_text())
     other = [{"qid": i, "image_name": item["image_name"], "question": "What organ system is shown?",

@@ -397,14 +397,24 @@ def prior_answer(prior: dict[str, Any], item: VQAItem) -> str:
             or prior["by_type"].get(prior_type_key(item)) or prior["overall"])
 
 
+def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = "") -> None:
+    """InputError naming the question file and the first question with more than ``max_images`` images
+    (``hint``: what to do about it, e.g. the training option that sets the limit)."""
+    for item in items:
+        count = len(item.images or (item.image,))
+        if count > max_images:
+            where = f"{item.file}: " if item.file is not None else ""
+            raise InputError(f"{where}question {item.qid} has {count} images; the model takes at most {max_images}"
+                             f"{hint}")
+
+
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:
     """Distinct image files and, per question, the indices of its images ((N, max_images), -1 = none)."""
+    check_image_counts(items, max_images)
     index: dict[Path, int] = {}
     rows = []
     for item in items:
         images = item.images or (item.image,)
-        if len(images) > max_images:
-            raise InputError(f"question {item.qid} has {len(images)} images; the model takes at most {max_images}")
         row = [index.setdefault(image, len(index)) for image in images]
         rows.append(row + [-1] * (max_images - len(row)))
     return list(index), torch.tensor(rows, dtype=torch.long).view(len(items), max_images)

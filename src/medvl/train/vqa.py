@@ -35,6 +35,7 @@ from ..models.vqa import (
     answer_types,
     answer_vocabulary,
     batch_pixels,
+    check_image_counts,
     image_table,
 )
 from .loop import TrainConfig, fit, param_groups
@@ -231,6 +232,7 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     options.validate()
     if len(items) < 2:
         raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
+    check_image_counts(items, options.max_images, " (raise --max-images)")
     torch.manual_seed(config.seed)
     model = build_vqa_model(items, options)
     if holdout is not None:
