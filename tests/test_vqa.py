@@ -103,6 +103,16 @@ def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
     assert scores["question_only_overall_accuracy"] == pytest.approx(expected)
 
 
+def test_eval_json_names_the_split_scored(trained, phantom, tmp_path):
+    for data, split, expected in ((phantom / "vqa", None, "test"), (phantom / "vqa" / "train.json", None, "all"),
+                                  (phantom / "vqa", "heldout", "heldout"), (phantom / "vqa", "val", "val")):
+        out = tmp_path / f"{expected}.json"
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", data, "--json", out, "--quiet",
+                                *(["--split", split] if split else []))
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["split"] == expected
+
+
 def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path):
     out = tmp_path / "held.json"
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "heldout",

@@ -474,12 +474,20 @@ def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch
 HELDOUT = "heldout"  # the split name of the questions a model held out from its training (meta["holdout"])
 
 
+def scored_split(items: Sequence[VQAItem], split: str | None, default: str | None) -> str:
+    """The split ``select_questions`` takes: ``split``, else ``default`` when the data has it, else ``all``."""
+    if split is not None:
+        return split
+    return default if default is not None and any(item.split == default for item in items) else "all"
+
+
 def select_questions(items: Sequence[VQAItem], split: str | None, source: str, default: str | None,
                      holdout: dict[str, Any] | None = None) -> list[VQAItem]:
     """The questions of ``split``: ``None`` takes ``default`` when the data has that split, else every
     question (a single file is one split); ``all`` every question; ``heldout`` the questions a model
     held out from its training (``holdout``: its meta, with ``split`` and ``qids``)."""
     splits = sorted({item.split for item in items})
+    split = scored_split(items, split, default)
     if split == HELDOUT and HELDOUT not in splits:
         if not holdout:
             raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
@@ -489,8 +497,6 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
             raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
                                     "(by split and id); score it on the file it was trained on")
         return chosen
-    if split is None:
-        split = default if default in splits else "all"
     if split == "all":
         return list(items)
     if split not in splits:
