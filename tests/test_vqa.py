@@ -307,6 +307,19 @@ def test_too_many_images_names_the_question_file_and_the_option(trained, phantom
     assert f"{three}: question 1 has 3 images; the model takes at most 2" in " ".join(output.split())
 
 
+def test_heatmap_is_written_as_png_and_another_suffix_refused(trained, phantom, tmp_path):
+    """--heatmap writes PNG, as medvl explain's heatmap files are: a name promising another format is refused."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    for name in ("h.jpg", "h", "h.png.tif"):
+        result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", tmp_path / name)
+        assert result.exit_code == 2, output
+        assert "--heatmap: writes PNG; name the file .png" in " ".join(output.split())
+        assert not (tmp_path / name).exists()
+    result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", tmp_path / "h.PNG")
+    assert result.exit_code == 0, output
+    assert (tmp_path / "h.PNG").read_bytes().startswith(b"\x89PNG")
+
+
 def test_vocabulary_mismatch_names_the_file(trained, phantom):
     items = json.loads((phantom / "vqa" / "test.json").read_text())
     other = [{"qid": i, "image_name": item["image_name"], "question": "What organ system is shown?",

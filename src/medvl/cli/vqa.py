@@ -155,7 +155,7 @@ def vqa_command(
              "list the nearest cases to the first image.")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
     heatmap: Annotated[Path | None, typer.Option(
-        help="Write the attention heatmap over the image(s) to this PNG.")] = None,
+        help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -166,6 +166,8 @@ def vqa_command(
     from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
+    if heatmap is not None and heatmap.suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
+        raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap.name!r}")
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
     net = load_vqa_model(model)
     if heatmap is not None and not isinstance(net, VQAModel):
