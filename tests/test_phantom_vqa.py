@@ -354,3 +354,11 @@ def test_cli_writes_questions_and_bad_arguments_exit_2(tmp_path):
         assert result.exit_code == 2, (args, output)
         assert not (tmp_path / "bad").exists()
     assert "--vqa-per-case" in invoke("phantom", "--help")[1]
+
+
+def test_questions_per_case_without_vqa_is_refused(tmp_path):
+    """--vqa-per-case sets the questions --vqa writes: given alone it would be dropped without a word."""
+    result, output = invoke("phantom", tmp_path / "a", "--n", 20, "--size", 32, "--vqa-per-case", 3, "-q")
+    assert result.exit_code == 2, output
+    assert "--vqa-per-case applies to the questions --vqa writes; add --vqa" in " ".join(output.split())
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()

@@ -4,6 +4,7 @@ their evidence, and the one-line errors of bad input (all on a real phantom VQA 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import torch
 from PIL import Image
 
 from cli_helpers import invoke, postgres_server
+from medvl.data import load_dataset
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
 from medvl.errors import InputError
+from medvl.eval.contamination import trained_on_scored, training_data
 from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
+from medvl.models.registry import create_model
 from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
 from medvl.train.loop import TrainConfig
 from medvl.train.vqa import VQAOptions, train_vqa
@@ -99,6 +103,16 @@ def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
     assert scores["question_only_overall_accuracy"] == pytest.approx(expected)
 
 
+def test_eval_json_names_the_split_scored(trained, phantom, tmp_path):
+    for data, split, expected in ((phantom / "vqa", None, "test"), (phantom / "vqa" / "train.json", None, "all"),
+                                  (phantom / "vqa", "heldout", "heldout"), (phantom / "vqa", "val", "val")):
+        out = tmp_path / f"{expected}.json"
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", data, "--json", out, "--quiet",
+                                *(["--split", split] if split else []))
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["split"] == expected
+
+
 def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path):
     out = tmp_path / "held.json"
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "heldout",
@@ -126,6 +140,78 @@ def test_scoring_the_questions_trained_on_is_said(trained, phantom, tmp_path):
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "test",
                             "--json", tmp_path / "test.json", "--quiet")
     assert result.exit_code == 0 and "trained_on_scored" not in json.loads((tmp_path / "test.json").read_text())
+
+
+def test_the_training_questions_named_another_way_are_still_said(trained, phantom, tmp_path):
+    """The file trained on, named directly instead of through its folder, through a symbolic link, or copied
+    elsewhere under another name, is still the training data: what was read is compared, not how it was named."""
+    n_kept = load_vqa_model(trained).meta["training"]["questions"]
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    (tmp_path / "link").symlink_to(phantom / "vqa", target_is_directory=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom / "vqa", copy)
+    (copy / "train.json").rename(copy / "asked.json")  # the split is named by the file: now "asked"
+    for number, data in enumerate((phantom / "vqa" / "train.json", tmp_path / "link" / "train.json",
+                                   copy / "asked.json")):
+        out = tmp_path / f"scores-{number}.json"
+        result, output = invoke("eval", "vqa", "--model", trained, "--data", data, "--json", out, "--quiet")
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["trained_on_scored"] == {
+            "records": n_kept, "of": n_train, "splits": ["train"], "records_trained": n_kept}, data
+        assert "training figures, not a test" in " ".join(output.split())
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test",
+                            "--json", tmp_path / "test.json", "--quiet")
+    assert result.exit_code == 0 and "trained_on_scored" not in json.loads((tmp_path / "test.json").read_text())
+
+
+def test_a_model_trained_on_the_file_is_said_when_its_folder_is_scored(phantom, tmp_path):
+    out = tmp_path / "run"
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa" / "train.json", "--out", out, "--epochs", "1",
+                            "--max-steps", "1", *TINY)
+    assert result.exit_code == 0, output
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    for split, expected in (("train", n_train), ("test", None)):
+        result, output = invoke("eval", "vqa", "--model", out, "--data", phantom / "vqa", "--split", split,
+                                "--json", tmp_path / f"{split}.json", "--quiet")
+        assert result.exit_code == 0, output
+        seen = json.loads((tmp_path / f"{split}.json").read_text()).get("trained_on_scored")
+        assert (seen and seen["records"]) == expected
+
+
+def test_a_dataset_of_the_training_files_is_the_training_data_however_named(phantom):
+    """The check every evaluator of a ``Dataset`` shares (zero-shot, retrieval, linear probe, case retrieval,
+    report) compares the files read, as VQA scoring does."""
+    model = create_model("phantom-tiny")
+    model.meta["training"] = training_data(load_dataset(phantom / "vqa").select("train"))
+    n_train = len(json.loads((phantom / "vqa" / "train.json").read_text()))
+    seen = trained_on_scored(model, load_dataset(phantom / "vqa" / "train.json"))
+    assert seen is not None and seen["records"] == n_train
+    assert trained_on_scored(model, load_dataset(phantom / "vqa" / "test.json")) is None
+
+
+def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tmp_path):
+    """--resume continues the run with the settings and questions it was started with: another --image-lr-scale
+    (another optimizer layout) or edited answers are one-line refusals, not a traceback or a silent mix."""
+    data = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", data)
+    out = tmp_path / "run"
+    train = ("train", "vqa", "--data", data, "--out", out, "--epochs", "1", *TINY)
+    result, output = invoke(*train)
+    assert result.exit_code == 0, output
+    for scale in ("0.5", "0"):
+        result, output = invoke(*train, "--resume", "--image-lr-scale", scale)
+        assert result.exit_code == 2, output
+        assert f"this command changes image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
+        assert len(result.stderr.strip().splitlines()) == 1
+    result, output = invoke(*train, "--resume")  # the same settings and questions: it goes on
+    assert result.exit_code == 0, output
+    questions = json.loads((data / "train.json").read_text())
+    flip = {"yes": "no", "no": "yes", "first": "second", "second": "first"}
+    (data / "train.json").write_text(json.dumps([{**q, "answer": flip.get(q["answer"], q["answer"])}
+                                                 for q in questions]))
+    result, output = invoke(*train, "--resume")
+    assert result.exit_code == 2, output
+    assert "the questions (a question, answer, split or image file changed since)" in " ".join(output.split())
 
 
 def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
@@ -204,6 +290,34 @@ def test_more_images_than_the_model_takes(trained, phantom):
     result, output = invoke("vqa", image, image, image, "--model", trained, "--question", "Which image?")
     assert result.exit_code == 2
     assert "3 images given; the model takes at most 2" in output
+
+
+def test_too_many_images_names_the_question_file_and_the_option(trained, phantom, tmp_path):
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "run", "--epochs", "1",
+                            "--max-images", "1", *TINY)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, output
+    flat = " ".join(output.split())
+    assert f"{phantom / 'vqa' / 'train.json'}: question" in flat and "has 2 images" in flat
+    assert "raise --max-images" in flat and "tokenizer" not in flat  # refused before any work
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps([{"qid": 1, "image_names": [str(image)] * 3, "question": "Is it?", "answer": "yes"}]))
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", three, "--allow-outside-root", "--quiet")
+    assert result.exit_code == 2, output
+    assert f"{three}: question 1 has 3 images; the model takes at most 2" in " ".join(output.split())
+
+
+def test_heatmap_is_written_as_png_and_another_suffix_refused(trained, phantom, tmp_path):
+    """--heatmap writes PNG, as medvl explain's heatmap files are: a name promising another format is refused."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    for name in ("h.jpg", "h", "h.png.tif"):
+        result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", tmp_path / name)
+        assert result.exit_code == 2, output
+        assert "--heatmap: writes PNG; name the file .png" in " ".join(output.split())
+        assert not (tmp_path / name).exists()
+    result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", tmp_path / "h.PNG")
+    assert result.exit_code == 0, output
+    assert (tmp_path / "h.PNG").read_bytes().startswith(b"\x89PNG")
 
 
 def test_vocabulary_mismatch_names_the_file(trained, phantom):

@@ -102,8 +102,9 @@ def phantom_command(
     vqa: Annotated[bool, typer.Option(
         help="Also write OUT/vqa/: questions with exact answers (presence, location, count, size, ratio, "
              "progression, which image), balanced per type, one VQA-RAD style JSON per split (cxr2d only).")] = False,
-    vqa_per_case: Annotated[int, typer.Option(
-        help="With --vqa: questions per patient on average, at most (fewer when rare answers run out).")] = 4,
+    vqa_per_case: Annotated[int | None, typer.Option(
+        help="With --vqa (refused without it): questions per patient on average, at most (fewer when rare answers "
+             "run out; default 4).")] = None,
     shortcut: Annotated[float | None, typer.Option(
         help="Shortcut variant (cxr2d only): a white square in the top-right corner marks each abnormal case "
              "with this probability (e.g. 0.95) and each normal case with 1 minus it, so the marker leaks the "
@@ -116,12 +117,17 @@ def phantom_command(
 ) -> None:
     """Generate a procedural phantom dataset (chest X-rays or CT volumes, reports, boxes, masks; --vqa: questions)."""
     from ..data.phantom import generate_phantom
+    from ..data.phantom.vqa import DEFAULT_PER_CASE
+    from ..errors import InputError
     from ..io import check_output_folder
 
     check_output_folder(out, "OUT")
+    if vqa_per_case is not None and not vqa:
+        raise InputError("--vqa-per-case applies to the questions --vqa writes; add --vqa")
 
     manifest = generate_phantom(out, n=n, seed=seed, size=size, extra_finding_prob=extra_finding_prob,
-                                overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa, vqa_per_case=vqa_per_case,
+                                overwrite=overwrite, progress=not quiet, kind=kind, vqa=vqa,
+                                vqa_per_case=DEFAULT_PER_CASE if vqa_per_case is None else vqa_per_case,
                                 shortcut=shortcut, positioning=positioning)
     questions = f" and questions in {manifest.parent / 'vqa'}" if vqa else ""
     marker = f" (shortcut marker on abnormal cases with probability {shortcut:g})" if shortcut is not None else ""

@@ -116,14 +116,14 @@ def eval_vqa_command(
     blank-image and question-only baselines."""
     from ..data.loaders.vqa import load_vqa
     from ..eval.vqa import evaluate_vqa
-    from ..models.vqa import load_vqa_model, select_questions
+    from ..models.vqa import load_vqa_model, scored_split, select_questions
 
     check_outputs(overwrite, {"--model": model, "--data": data}, json=json_out)
     net = load_vqa_model(model)
-    items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "test",
-                             holdout=net.meta.get("holdout"))
+    questions = load_vqa(data, allow_outside_root=allow_outside_root)
+    items = select_questions(questions, split, str(data), "test", holdout=net.meta.get("holdout"))
     result = evaluate_vqa(net, items, str(data), show_progress=not quiet)
-    result.update(model=model.name, data=data.name, split=split or "default")
+    result.update(model=model.name, data=data.name, split=scored_split(questions, split, "test"))
     print_metrics(f"VQA ({result['n']} questions: {result['n_closed']} closed, {result['n_open']} open)", {
         key: result[key] for key in ("closed_accuracy", "open_accuracy", "overall_accuracy", "open_token_f1",
                                      "blank_image_overall_accuracy", "question_only_overall_accuracy",
@@ -155,7 +155,7 @@ def vqa_command(
              "list the nearest cases to the first image.")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
     heatmap: Annotated[Path | None, typer.Option(
-        help="Write the attention heatmap over the image(s) to this PNG.")] = None,
+        help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -166,6 +166,8 @@ def vqa_command(
     from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
+    if heatmap is not None and heatmap.suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
+        raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap.name!r}")
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
     net = load_vqa_model(model)
     if heatmap is not None and not isinstance(net, VQAModel):

@@ -108,9 +108,13 @@ class Dataset(Sequence[Record]):
     """A sized, indexable sequence of records from one source."""
 
     def __init__(self, records: list[Record], source: str, label_names: Sequence[str] = (),
-                 default_labels: Sequence[str] = (), captions: dict[str, Any] | None = None):
+                 default_labels: Sequence[str] = (), captions: dict[str, Any] | None = None,
+                 files: Sequence[tuple[Path, str | None]] | None = None):
         self.records = list(records)
         self.source = source  # the path it was read from, for error messages
+        # the files the records were read from, each with the one split it holds (None: any split); None: the
+        # source itself when it is a file (a folder of VQA question files names each file and its split)
+        self.files = None if files is None else list(files)
         self.label_names = list(label_names)  # every candidate label column
         self.default_labels = list(default_labels)  # the columns to use when none are asked for
         self.captions = captions  # the dataset's own caption config (templates, class descriptions)
@@ -154,7 +158,7 @@ class Dataset(Sequence[Record]):
         """A dataset of other records from the same source, keeping its settings."""
         names = self.label_names if label_names is None else label_names
         defaults = [c for c in self.default_labels if c in names]
-        return Dataset(records, self.source, names, defaults, self.captions)
+        return Dataset(records, self.source, names, defaults, self.captions, self.files)
 
     def __len__(self) -> int:
         return len(self.records)

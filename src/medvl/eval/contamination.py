@@ -1,15 +1,20 @@
 """Was a scored split part of the model's training data? A trust check on every evaluation's inputs.
 
 A model trained by ``medvl train`` (or ``medvl train vqa`` / ``report``) records in its meta (``training``)
-which data it learned from, as a SHA-256 of the data's resolved path (``data_sha256``: the path itself,
-which may name a patient or a project, is not kept beyond what ``data`` already holds), and the splits of
-the records it trained on (``splits``). An evaluation of the same data then counts the scored records of
-those splits: figures on them are training figures, not a test, so the result gets a
-``trained_on_scored`` block and a warning (``records_trained``: how many the model learned from; fewer
-than ``records`` when it trained on a part of the split, e.g. a benchmark's held-out cases).
-Only the path and split names are compared: a copy of the data elsewhere is not recognised, and nothing
-about single images is kept in the model. A VQA model's held-out questions (its ``holdout`` meta) are not
-counted (``questions_trained_on``).
+which data it learned from: a SHA-256 of the data's resolved path (``data_sha256``: the path itself, which may
+name a patient or a project, is not kept beyond what ``data`` already holds), the splits of the records it
+trained on (``splits``), and each file those records were read from (``files``: a manifest, an ``.npz``, each
+VQA question file), by the SHA-256 of its resolved path and of its bytes, with the splits learned from it. An
+evaluation then counts the scored records that come from those splits of the same data path, or from one of
+those files however it is named (a folder or the file in it, a relative or absolute path, a symbolic link) or
+copied: figures on them are training figures, not a test, so the result gets a ``trained_on_scored`` block and
+a warning (``records_trained``: how many the model learned from; fewer than ``records`` when it trained on a
+part of the split, e.g. a benchmark's held-out cases). A question file holds one split named by the file, so a
+copy under another name counts under the split it was learned as. Only those files are compared: images
+copied under a new table or question file are not recognised here (``copies_in_fit`` compares images), and
+nothing about single images is kept in the model. A VQA model's held-out questions (its ``holdout`` meta) are
+not counted (``questions_trained_on``). An OOD guard's fit and calibration data are recorded and compared the
+same way (``eval.ood.guard_fitted_on_scored``).
 
 ``copies_in_fit`` is the other direction: scored images that are byte-for-byte copies of the images a probe,
 threshold or bank was fitted on, found by content (``Dataset.copied_images``).
@@ -28,21 +33,102 @@ from ..data.record import Dataset
 log = logging.getLogger(__name__)
 
 
-def data_sha256(source: str) -> str:
+def data_sha256(source: str | Path) -> str:
     """SHA-256 of a dataset source's resolved path (the same data read from another folder differs)."""
     return hashlib.sha256(str(Path(source).resolve()).encode("utf-8")).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes, read in blocks; None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+DataFiles = Sequence[tuple[Path, str | None]]  # each file read, with the one split it holds (None: any split)
+
+
+def dataset_files(dataset: Dataset) -> list[tuple[Path, str | None]]:
+    """The files ``dataset``'s records were read from (``Dataset.files``; else its source when it is a file)."""
+    if dataset.files is not None:
+        return list(dataset.files)
+    return [(Path(dataset.source), None)] if dataset.source and Path(dataset.source).is_file() else []
+
+
+def file_entries(files: DataFiles, splits: Sequence[str]) -> list[dict[str, Any]]:
+    """What a ``training`` block records of the files learned from: each file whose split (or any split) is one of
+    ``splits``, by the SHA-256 of its resolved path and of its bytes, with the splits learned from it."""
+    entries = []
+    for path, held in dict.fromkeys(files):
+        learned = sorted(set(splits) if held is None else {held} & set(splits))
+        if learned:
+            entries.append({"path_sha256": data_sha256(path), "sha256": file_sha256(path), "splits": learned})
+    return entries
+
+
 def training_data(dataset: Dataset) -> dict[str, Any]:
     """What a model's meta ``training`` block records of the data it trained on."""
-    return {"data_sha256": data_sha256(dataset.source), "splits": sorted({record.split for record in dataset})}
+    splits = sorted({record.split for record in dataset})
+    return {"data_sha256": data_sha256(dataset.source), "splits": splits,
+            "files": file_entries(dataset_files(dataset), splits)}
+
+
+def learned_splits(block: dict[str, Any], source: str, files: DataFiles,
+                   scored: Sequence[tuple[Path | None, str]]) -> list[str | None]:
+    """Per scored record (the file it was read from, or None when not known, and its split), the split it was
+    learned under by the model (or fitted on by a guard) whose ``training_data`` block is ``block``; None for a
+    record it did not learn from. A record counts when it comes from the same data path (``data_sha256``) in a
+    split of the block, or from a file the block records, named in any way (the resolved path: a folder or the
+    file in it, a relative path, a symbolic link) or a byte-for-byte copy of one: for a file that holds one split
+    named by the file (a VQA question file), every record of it, under the split the block learned it as."""
+    splits = set(block.get("splits") or [])
+    if block.get("data_sha256") and block["data_sha256"] == data_sha256(source):
+        return [split if split in splits else None for _, split in scored]
+    entries = [entry for entry in block.get("files") or [] if isinstance(entry, dict)]
+    held = dict(files)
+    matched = {path: _matching_entry(entries, path) for path in held} if entries else {}
+    learned: list[str | None] = []
+    for path, split in scored:
+        entry = matched.get(path) if path is not None else None
+        names = set(entry["splits"]) if entry else set()
+        if entry and path is not None and held.get(path) is not None and len(names) == 1:
+            learned.append(next(iter(names)))
+        else:
+            learned.append(split if split in names else None)
+    return learned
+
+
+def _matching_entry(entries: list[dict[str, Any]], path: Path) -> dict[str, Any] | None:
+    """The recorded file entry that is ``path`` (its resolved path), else one with its bytes (read only then)."""
+    by_path = data_sha256(path)
+    found = next((entry for entry in entries if entry.get("path_sha256") == by_path), None)
+    if found is not None:
+        return found
+    content = file_sha256(path)
+    return next((entry for entry in entries if content and entry.get("sha256") == content), None)
+
+
+def record_files(dataset: Dataset) -> list[tuple[Path | None, str]]:
+    """Per record of ``dataset``, the file it was read from (None when not known) and its split."""
+    files = dataset_files(dataset)
+    by_split = {held: path for path, held in files if held is not None}
+    anywhere = next((path for path, held in files if held is None), None)
+    return [(by_split.get(record.split, anywhere), record.split) for record in dataset]
 
 
 def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records") -> dict[str, Any] | None:
     """How many records of ``dataset`` come from the data and splits ``model`` was trained on; None when none
     (or the model records no training data: a transformers folder, or a medvl model saved before this check).
     A warning says so (counts and split names only)."""
-    return _trained_block(model, dataset.source, [record.split for record in dataset], what)
+    training = _training(model)
+    learned = learned_splits(training, dataset.source, dataset_files(dataset), record_files(dataset)) \
+        if training else []
+    return _trained_block(training, learned, len(dataset), what)
 
 
 def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[str, Any] | None:
@@ -50,26 +136,33 @@ def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[
     out from its training (``--holdout``, kept in its meta) are not counted."""
     from ..models.vqa import held_out_ids
 
-    held = held_out_ids((getattr(model, "meta", None) or {}).get("holdout") or {})
-    return _trained_block(model, source, [None if (item.split, item.qid) in held else item.split for item in items],
-                          "scored questions")
-
-
-def _trained_block(model: Any, source: str, splits_scored: list[str | None], what: str) -> dict[str, Any] | None:
-    """The ``trained_on_scored`` block of scored records from ``source`` whose splits are ``splits_scored``
-    (None: a record known to be held out of training)."""
-    training = (getattr(model, "meta", None) or {}).get("training") or {}
-    if not training.get("data_sha256") or training["data_sha256"] != data_sha256(source):
+    training = _training(model)
+    if not training:
         return None
-    splits = set(training.get("splits") or [])
-    seen = sum(split in splits for split in splits_scored)
+    files = list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
+    learned = learned_splits(training, source, files, [(item.file, item.split) for item in items])
+    held = held_out_ids((getattr(model, "meta", None) or {}).get("holdout") or {})
+    learned = [None if (split, item.qid) in held else split for split, item in zip(learned, items, strict=True)]
+    return _trained_block(training, learned, len(items), "scored questions")
+
+
+def _training(model: Any) -> dict[str, Any]:
+    return (getattr(model, "meta", None) or {}).get("training") or {}
+
+
+def _trained_block(training: dict[str, Any], learned: list[str | None], scored: int,
+                   what: str) -> dict[str, Any] | None:
+    """The ``trained_on_scored`` block of ``scored`` records, given the split each was learned under (None: not
+    learned from, e.g. held out of training)."""
+    seen = sum(split is not None for split in learned)
     if not seen:
         return None
+    splits = sorted({split for split in learned if split is not None})
     trained = training.get("records", training.get("questions"))
     log.warning("%d of %d %s come from split(s) %s of the data the model was trained on (it learned from %s "
-                "of them): figures on them are training figures, not a test", seen, len(splits_scored), what,
-                ", ".join(sorted(splits)), trained if trained is not None else "some")
-    return {"records": seen, "of": len(splits_scored), "splits": sorted(splits), "records_trained": trained}
+                "of them): figures on them are training figures, not a test", seen, scored, what,
+                ", ".join(splits), trained if trained is not None else "some")
+    return {"records": seen, "of": scored, "splits": splits, "records_trained": trained}
 
 
 def copies_in_fit(fit: Dataset, scored: Dataset, fit_name: str, what: str = "scored images") -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError, ModelError
 from ..models.ood import OODGuard, image_tower_sha256
-from .contamination import data_sha256, training_data
+from .contamination import dataset_files, learned_splits, record_files, training_data
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,24 @@ def embed_with_guard(model, dataset: Dataset, show_progress: bool = True,
 
 def guard_fitted_on_scored(guard: OODGuard, dataset: Dataset) -> dict[str, Any] | None:
     """How many records of ``dataset`` come from the data and splits the guard was fitted or calibrated on (its
-    ``info["fit_data"]`` / ``["calibration_data"]``: the data path's SHA-256 and the split names, compared as
-    ``eval.contamination`` compares a model's training data); None when none, or when the guard records neither
-    (fitted by an earlier medvl). A warning says so: the guard scores the images it was fitted on lower than new
+    ``info["fit_data"]`` / ``["calibration_data"]``: the SHA-256s of the data path and files and the split names,
+    compared as ``eval.contamination`` compares a model's training data); None when none, or when the guard records
+    neither (fitted by an earlier medvl). A warning says so: the guard scores the images it was fitted on lower than new
     ones, and its calibration images set the threshold, so the share flagged among them is not a test."""
-    scored_splits = {record.split for record in dataset}
+    scored = record_files(dataset)
+    files = dataset_files(dataset)
     roles: dict[str, list[str]] = {}
+    learned: set[int] = set()
     for role in ("fit", "calibration"):
         block = guard.info.get(f"{role}_data") or {}
-        if block.get("data_sha256") == data_sha256(dataset.source):
-            roles[role] = sorted(scored_splits & set(block.get("splits") or []))
+        if not block:
+            continue
+        found = learned_splits(block, dataset.source, files, scored)
+        if any(split is not None for split in found):
+            roles[role] = sorted({split for split in found if split is not None})
+            learned |= {position for position, split in enumerate(found) if split is not None}
     splits = {split for names in roles.values() for split in names}
-    records = sum(record.split in splits for record in dataset)
+    records = len(learned)
     if not records:
         return None
     log.warning("%d of %d scored records come from split(s) %s of the data the OOD guard was fitted or calibrated on: "

@@ -404,14 +404,24 @@ def prior_answer(prior: dict[str, Any], item: VQAItem) -> str:
             or prior["by_type"].get(prior_type_key(item)) or prior["overall"])
 
 
+def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = "") -> None:
+    """InputError naming the question file and the first question with more than ``max_images`` images
+    (``hint``: what to do about it, e.g. the training option that sets the limit)."""
+    for item in items:
+        count = len(item.images or (item.image,))
+        if count > max_images:
+            where = f"{item.file}: " if item.file is not None else ""
+            raise InputError(f"{where}question {item.qid} has {count} images; the model takes at most {max_images}"
+                             f"{hint}")
+
+
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:
     """Distinct image files and, per question, the indices of its images ((N, max_images), -1 = none)."""
+    check_image_counts(items, max_images)
     index: dict[Path, int] = {}
     rows = []
     for item in items:
         images = item.images or (item.image,)
-        if len(images) > max_images:
-            raise InputError(f"question {item.qid} has {len(images)} images; the model takes at most {max_images}")
         row = [index.setdefault(image, len(index)) for image in images]
         rows.append(row + [-1] * (max_images - len(row)))
     return list(index), torch.tensor(rows, dtype=torch.long).view(len(items), max_images)
@@ -471,12 +481,20 @@ def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch
 HELDOUT = "heldout"  # the split name of the questions a model held out from its training (meta["holdout"])
 
 
+def scored_split(items: Sequence[VQAItem], split: str | None, default: str | None) -> str:
+    """The split ``select_questions`` takes: ``split``, else ``default`` when the data has it, else ``all``."""
+    if split is not None:
+        return split
+    return default if default is not None and any(item.split == default for item in items) else "all"
+
+
 def select_questions(items: Sequence[VQAItem], split: str | None, source: str, default: str | None,
                      holdout: dict[str, Any] | None = None) -> list[VQAItem]:
     """The questions of ``split``: ``None`` takes ``default`` when the data has that split, else every
     question (a single file is one split); ``all`` every question; ``heldout`` the questions a model
     held out from its training (``holdout``: its meta, with ``split`` and ``qids``)."""
     splits = sorted({item.split for item in items})
+    split = scored_split(items, split, default)
     if split == HELDOUT and HELDOUT not in splits:
         if not holdout:
             raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
@@ -486,8 +504,6 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
             raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
                                     "(by split and id); score it on the file it was trained on")
         return chosen
-    if split is None:
-        split = default if default in splits else "all"
     if split == "all":
         return list(items)
     if split not in splits:

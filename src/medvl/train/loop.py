@@ -711,6 +711,11 @@ def grouped_order(keys: Sequence[str | None], batch_size: int, share: float, see
 
 
 RESUMABLE = ("workers", "log_every", "checkpoint_every")  # settings a resumed run may change: no effect on its result
+DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it differs
+    "records_sha256": "the data's records (a report, label, split or image file changed since)",
+    "questions_sha256": "the questions (a question, answer, split or image file changed since)",
+}
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout")  # recorded since runs could have started: compared when present
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -731,16 +736,18 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
     changed = []
     for key in sorted(set(earlier) | set(now)):
         before, after = earlier.get(key), now.get(key)
-        if key == "train" and isinstance(before, dict) and isinstance(after, dict):
+        if key in ADDED_RUN_KEYS and key not in earlier:  # a run started before the key was recorded
+            continue
+        if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
                         if name not in RESUMABLE and before.get(name) != after.get(name)]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             if Path(before).resolve() != Path(after).resolve():  # the same file under another spelling is the same
                 changed.append(f"data {before!r} -> {after!r}")
-        elif key == "records_sha256":  # absent from runs started before it was recorded
-            if before is not None and before != after:
-                changed.append("the data's records (a report, label, split or image file changed since)")
+        elif key in DATA_DIGESTS:
+            if before != after:
+                changed.append(DATA_DIGESTS[key])
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
             if _with_added_defaults(before) != after:
                 names = (before.get("name"), after.get("name"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_numbers
-from ..data.loaders.vqa import VQAItem
+from ..data.loaders.vqa import VQAItem, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
-from ..eval.contamination import data_sha256
+from ..eval.contamination import data_sha256, file_entries
 from ..models.config import TextConfig, merge_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
@@ -35,6 +35,7 @@ from ..models.vqa import (
     answer_types,
     answer_vocabulary,
     batch_pixels,
+    check_image_counts,
     image_table,
 )
 from .loop import TrainConfig, fit, param_groups
@@ -196,14 +197,21 @@ class VQAObjective:
         return {}
 
     def describe(self) -> dict[str, Any]:
+        """What ``loop.check_same_run`` compares on --resume: besides the model, the data and its questions
+        (``questions_sha256``), the VQA options (``image_lr_scale`` sets the optimizer's parameter groups,
+        ``type_weight`` the loss) and the share of questions held out."""
+        options = {**asdict(self.options), "init": str(self.options.init.resolve()) if self.options.init else None}
         return {"model": self.model.config.to_dict(), "data": self.source, "questions": len(self.items),
-                "answers": len(self.model.answers)}
+                "answers": len(self.model.answers), "questions_sha256": questions_digest(self.items),
+                "vqa": options, "holdout": (self.model.meta.get("holdout") or {}).get("fraction", 0.0)}
 
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())
+        splits = sorted({item.split for item in self.items})
+        files = [(item.file, item.split) for item in self.items if item.file is not None]
         self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
                                        "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
-                                       "splits": sorted({item.split for item in self.items})}
+                                       "splits": splits, "files": file_entries(files, splits)}
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -224,6 +232,7 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     options.validate()
     if len(items) < 2:
         raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
+    check_image_counts(items, options.max_images, " (raise --max-images)")
     torch.manual_seed(config.seed)
     model = build_vqa_model(items, options)
     if holdout is not None:

@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import DataError
-from ..record import Dataset, Record
+from ..record import Dataset, Record, records_digest
 from .manifest import decode_utf8
 from .roots import check_inside_root, is_file, is_inside
 
@@ -103,6 +103,7 @@ class VQAItem:
     language: str | None = None  # SLAKE only: en, zh
     images: tuple[Path, ...] = ()  # every image in order (earlier film first); (image,) for one image
     names: tuple[str, ...] = ()  # the images' names as the question file writes them (SLAKE: xmlab3/source.jpg)
+    file: Path | None = None  # the question file it was read from (None: a question asked directly)
 
 
 def normalize_answer(answer: str) -> str:
@@ -212,6 +213,7 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
         **{name: _first(raw, keys) for name, keys in OPTIONAL_KEYS.items()},
         images=images,
         names=tuple(image_names),
+        file=path,
     )
     return item, next((name for image, name in zip(found, image_names, strict=True) if image is None), None)
 
@@ -281,6 +283,12 @@ def _record(item: VQAItem, record_id: str) -> Record:
                   split=item.split)
 
 
+def questions_digest(items: Sequence[VQAItem]) -> str:
+    """SHA-256 over each question's split, id, text, answer, types and images (``records_digest``: an image file's
+    path, size and modification time): identifies the questions a resumed VQA training run continues."""
+    return records_digest([_record(item, f"{item.split}/{item.qid}") for item in items])
+
+
 def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
                      allow_outside_root: bool = False) -> Dataset:
     """The questions as a ``Dataset`` of records (one per question, see the module docstring)."""
@@ -288,7 +296,9 @@ def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
     qids = [item.qid for item in items]
     unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
     records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
-    return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN])
+    files = list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
+    return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN],
+                   files=files)
 
 
 # ---------------------------------------------------------------- images shared with other datasets
