@@ -469,3 +469,20 @@ def test_hits_added_from_another_folder_are_said_under_data_root_not_a_failure(p
     assert f"2. {patient_data}" in text and len(json.loads((tmp_path / "hits.json").read_text())["hits"]) == 3
     result, output = invoke("search", "--index", index, "--text", "nodule", "--data-root", tmp_path / "none")
     assert result.exit_code == 2 and "--data-root" in output and "closest" not in output
+
+
+@pytest.mark.parametrize("damage", ["a list", "embed_dim text", "embed_dim zero", "columns list"])
+def test_a_damaged_index_json_is_one_line_naming_it(damage, patient_data, model_dir, tmp_path):
+    """index.json holding a JSON list made `medvl search` (and `serve --index`) crash with an AttributeError."""
+    index = tmp_path / "idx"
+    build_index(load_model(model_dir), load_dataset(patient_data).select("test"), index, model_dir=model_dir,
+                show_progress=False)
+    info = json.loads((index / "index.json").read_text())
+    info = {"a list": [1, 2], "embed_dim text": {**info, "embed_dim": "32"}, "embed_dim zero": {**info, "embed_dim": 0},
+            "columns list": {**info, "columns": ["finding"]}}[damage]
+    (index / "index.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="index.json" if damage == "a list" else "rebuild it"):
+        open_index(index)
+    result, output = invoke("search", "--index", index, "--text", "effusion")
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output and "index" in output

@@ -365,6 +365,8 @@ def read_info(path: Path) -> dict[str, Any]:
         info = json.loads((path / INFO_FILE).read_text())
     except (OSError, ValueError) as err:
         raise DataError(path / INFO_FILE, f"unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise DataError(path / INFO_FILE, f"not a JSON object (got a {type(info).__name__})")
     if info.get("format") not in (LEGACY_FORMAT, INFO_FORMAT) or info.get("backend") != "faiss":
         raise DataError(path / INFO_FILE, f"not a FAISS index of format {INFO_FORMAT}")
     return info
