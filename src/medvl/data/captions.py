@@ -37,16 +37,28 @@ class CaptionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "captions") -> CaptionConfig:
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a mapping with templates and classes, got {type(data).__name__}")
         unknown = set(data) - {"templates", "classes"}
         if unknown:
             raise InputError(f"{source}: unknown keys {sorted(unknown)}; expected templates, classes")
+        if not isinstance(data.get("templates") or [], list):
+            raise InputError(f"{source}: templates must be a list of strings with one '{{}}' each")
+        given = data.get("classes") or {}
+        if not isinstance(given, dict) or not all(
+                isinstance(per_class, dict | None) and all(
+                    isinstance(desc, str) or (isinstance(desc, list) and all(isinstance(d, str) for d in desc))
+                    for desc in (per_class or {}).values())
+                for per_class in given.values()):
+            raise InputError(f"{source}: classes must map each label column to its classes, and each class to a "
+                             "description or a list of descriptions")
         templates = list(data.get("templates") or DEFAULT_TEMPLATES)
         for template in templates:
             if not isinstance(template, str) or template.count("{}") != 1:
                 raise InputError(f"{source}: template {template!r} must contain exactly one '{{}}'")
         classes = {
             str(column): {str(name): _as_list(desc) for name, desc in (per_class or {}).items()}
-            for column, per_class in (data.get("classes") or {}).items()
+            for column, per_class in given.items()
         }
         return cls(templates=templates, classes=classes)
 

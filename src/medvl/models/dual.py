@@ -242,6 +242,13 @@ def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
             isinstance(meta["view_projection"], int) and not isinstance(meta["view_projection"], bool)
             and meta["view_projection"] > 0):
         problem = f"view_projection must be a positive whole number, got {meta['view_projection']!r}"
+    elif "captions" in meta:
+        from ..data.captions import CaptionConfig
+
+        try:
+            CaptionConfig.from_dict(meta["captions"], source="captions")
+        except InputError as err:
+            problem = str(err)
     if problem:
         raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {problem})")
     return meta
