@@ -470,7 +470,7 @@ def test_a_new_results_file_beside_the_data_is_fine_but_not_one_a_loader_would_r
 
 def test_two_outputs_naming_the_same_file_are_refused_before_any_work(trained, phantom_dir, tmp_path):
     image = next((phantom_dir / "images").glob("*.png"))
-    same = tmp_path / "same.out"
+    same = tmp_path / "same.png"
     result, output = invoke("vqa", image, "--model", trained / "model", "--question", "is there an effusion?",
                             "--heatmap", same, "--json", same, "--overwrite")
     _assert_clean_refusal(result, output, "--json and --heatmap name the same file")

@@ -737,20 +737,30 @@ def _edit_text_config(folder: Path) -> None:
     (lambda m: (m / "meta.json").write_text('["MRN123"]'), "damaged: cannot read model files (meta.json: not a JSON "
                                                             "object"),
     (_edit_text_config, "damaged: cannot read the text tower in text/"),
-    # an index.json that is not an object fails inside the index reader with AttributeError, not medvl's error
-    (lambda m: (m / "index").mkdir() or (m / "index" / "index.json").write_text('["MRN123"]'), "AttributeError"),
+    (lambda m: (m / "index").mkdir() or (m / "index" / "index.json").write_text('["MRN123"]'),
+     "index.json: not a JSON object"),
+    # every damaged file above is medvl's error; a library failing in a way medvl does not foresee is injected
+    (None, "RuntimeError: a library failed reading MRN123"),
 ])
 def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left_loading(
-        damage, reason, model_dir, tmp_path, log_lines):
+        damage, reason, model_dir, tmp_path, log_lines, monkeypatch):
     """A load that raises, whatever the exception, ends in ``failed`` with the reason (the CLI's line for medvl's
     errors), and one log line naming the error type only (no file content)."""
     import shutil
 
     from fastapi.testclient import TestClient
 
+    from medvl.serve import service as service_module
+
     folder = tmp_path / "damaged"
     shutil.copytree(model_dir, folder)
-    damage(folder)
+    if damage is None:
+        def failing(*args, **kwargs):
+            raise RuntimeError("a library failed reading MRN123")
+
+        monkeypatch.setattr(service_module, "load_model", failing)
+    else:
+        damage(folder)
     index = folder / "index" if (folder / "index").exists() else None
     app = create_app(folder, index=index, token_digests=[], require_token=False, load_in_background=True)
     with TestClient(app) as http:
