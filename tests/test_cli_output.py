@@ -273,7 +273,7 @@ run()
 """
 
 
-@pytest.mark.parametrize("module", ["typer", "torch"])  # the command line's own imports; a command's (models)
+@pytest.mark.parametrize("module", ["typer", "torch", "torch.nn"])  # the command line's imports; a command's (models)
 def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceback(module):
     """Ctrl-C in the first seconds, while `import medvl` imported torch and the rest, printed a traceback."""
     stopped = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT.replace("MODULE", repr(module)), "models"],
@@ -295,6 +295,12 @@ def test_import_medvl_is_cheap_and_its_names_resolve_on_use():
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split() == ["False", "True", "medvl.models.registry", "True"], shown.stdout
+    # subpackages stay attributes of the package, as when `import medvl` imported them all (the README names
+    # functions as medvl.clinical.windowing..., medvl.eval.counterfactual...)
+    probe = ("import medvl; print(medvl.eval.__name__, medvl.clinical.__name__, medvl.models.load_model is "
+             "medvl.load_model, hasattr(medvl, 'no_such_name'))")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert shown.stdout.split() == ["medvl.eval", "medvl.clinical", "True", "False"], shown.stderr
 
 
 def test_a_metrics_table_title_naming_a_folder_stays_on_one_line(capsys):

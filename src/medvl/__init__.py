@@ -7,6 +7,7 @@ The public names below are imported on first use (PEP 562), so ``import medvl`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a subpackage: medvl.eval, medvl.clinical, ...
         raise AttributeError(f"module 'medvl' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value  # later lookups skip this function

@@ -319,9 +319,10 @@ def run() -> None:
         code = 0
     if _sigterm_received:  # also when it came before a command's own handling (click says "Aborted!")
         code = EXIT_TERMINATED
-    from ..train import distributed
-
-    if distributed.joined():
+    # only a process that imported medvl.train.distributed can have joined a torchrun group; importing it here
+    # otherwise would import torch after the command, again after a Ctrl-C cut torch's import short
+    distributed = sys.modules.get("medvl.train.distributed")
+    if distributed is not None and distributed.joined():
         distributed.exit_process(code if isinstance(code, int) else 1)
     sys.exit(code)
 
