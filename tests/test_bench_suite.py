@@ -533,6 +533,7 @@ def test_a_manifest_file_dataset_is_scored_again_when_the_images_it_names_change
         result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
         assert result.exit_code == 0, output
         runs.append(json.loads((tmp_path / "out" / "results.json").read_text()))
+    assert "scoring again, since it was computed, these changed: the scored data" in " ".join(output.split())
     assert runs[1]["cells"]["computed"] == 1
     assert runs[0]["data_hashes"]["phantom"]["sha256"] != runs[1]["data_hashes"]["phantom"]["sha256"]
     assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data))  # the manifest and its images
@@ -566,6 +567,8 @@ def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two
                             tasks=[{"task": "zero-shot", "dataset": "phantom"}])
         result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
         assert result.exit_code == 0, output
+        said = " ".join(output.split())
+        assert ("generating again, its generate settings changed" in said) == (len(runs) == 1), said
         written = json.loads((tmp_path / "out" / "data" / "phantom" / "dataset.json").read_text())["generator"]
         state = json.loads((tmp_path / "out" / "suite.json").read_text())
         assert state["generated"]["phantom"] == written
@@ -573,6 +576,16 @@ def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two
     assert "shortcut" not in runs[0][0] and runs[1][0]["shortcut"]["probability"] == 1.0
     assert runs[0][1]["data_hashes"] != runs[1][1]["data_hashes"] == runs[2][1]["data_hashes"]
     assert [run["cells"]["computed"] for _, run in runs] == [1, 1, 0]  # the same settings: data and cell reused
+    # a folder of a medvl that recorded neither the generate settings nor what a cell depends on: both say so
+    (tmp_path / "out" / "data" / "phantom.generate.json").unlink()
+    for cell in (tmp_path / "out" / "cells").glob("*.json"):
+        cell.write_text(json.dumps({k: v for k, v in json.loads(cell.read_text()).items() if k != "fingerprint_parts"}
+                                   | {"fingerprint": "older"}))
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    said = " ".join(output.split())
+    assert result.exit_code == 0, output
+    assert "generating again, no record of the settings it was generated with" in said
+    assert "scoring again, it was computed by an earlier medvl that did not record what it depends on" in said
 
 
 def test_accuracy_intervals_are_a_plain_bootstrap_over_the_scored_images(two_models, phantom_dir, tmp_path):

@@ -157,6 +157,9 @@ def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
                 return folder
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pass  # an unreadable marker: generated again
+    if folder.is_dir() and any(folder.iterdir()):
+        log.info("%s: generating again, %s", folder, "its generate settings changed" if marker.is_file() else
+                 "no record of the settings it was generated with (an earlier medvl, or an interrupted generation)")
     marker.unlink(missing_ok=True)  # until the new data is complete, the folder matches no settings
     generate_phantom(folder, progress=show_progress, overwrite=True, **settings)
     write_json(marker, settings)
@@ -440,6 +443,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:120]
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# what a changed part of a cell's fingerprint means, in the words of the log line
+_CHANGED = {"model": "the model's files", "data": "the scored data", "train_data": "the training data",
+            "task": "the task's settings", "dataset": "the dataset's settings", "train_dataset": "the training "
+            "dataset's settings", "checks": "the checks", "corruption": "the corruption settings", "counterfactual":
+            "the counterfactual settings", "seed": "the seed", "bootstrap": "the bootstrap settings", "medvl":
+            "medvl's version", "code": "medvl's code", "knowledge": "the knowledge folder's files"}
+
+
+def _what_changed(before: Any, now: dict[str, str]) -> str:
+    """Why a cell computed earlier is not reused: the parts of its fingerprint that differ."""
+    if not isinstance(before, dict):
+        return "it was computed by an earlier medvl that did not record what it depends on"
+    changed = [_CHANGED.get(name, name) for name in now if before.get(name) != now[name]]
+    return f"since it was computed, these changed: {', '.join(changed)}" if changed else "its fingerprint changed"
+
+
 def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset], model: _LazyModel, label: str,
           digest: str, out: Path, versions: dict[str, str], show_progress: bool,
           spatial_dims: int = 2) -> tuple[dict[str, Any], bool]:
@@ -447,13 +470,14 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     (``spatial_dims``: the model's, which decides the checks it can take, ``SuiteSpec.model_checks``)."""
     checks, skipped = suite.model_checks(task, spatial_dims)
     data, train = datasets[task.dataset], datasets[task.train_dataset or task.dataset]
-    fingerprint = hashlib.sha256(json.dumps({
+    inputs = {
         "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
         "dataset": data.spec.__dict__, "train_dataset": train.spec.__dict__,
         "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
         "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest(),
-        "knowledge": files_digest(Path(task.knowledge)) if task.knowledge is not None else None},
-        sort_keys=True, default=str).encode()).hexdigest()
+        "knowledge": files_digest(Path(task.knowledge)) if task.knowledge is not None else None}
+    fingerprint = _digest(inputs)
+    parts = {name: _digest(value) for name, value in inputs.items()}  # which of them changed, when one did
     unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
     if path.is_file():
@@ -462,9 +486,11 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
             if cached.get("fingerprint") == fingerprint:
                 log.info("%s %s: done earlier, reused", label, task.key)
                 return cached, False
+            log.info("%s %s: scoring again, %s", label, task.key, _what_changed(cached.get("fingerprint_parts"), parts))
         except (OSError, json.JSONDecodeError):
-            pass  # a damaged cell file is recomputed
-    log.info("%s %s: scoring", label, task.key)
+            log.info("%s %s: scoring again, its cell file is unreadable", label, task.key)
+    else:
+        log.info("%s %s: scoring", label, task.key)
     started = time.perf_counter()
     context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress,
                        skipped=dict(skipped))
@@ -477,6 +503,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
         row.update(seed=suite.seed, data_hashes={data.spec.name: data.hashes["sha256"]}, versions=versions)
     cell = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
             "split": data.spec.split, "label": context.label_column, "fingerprint": fingerprint,
+            "fingerprint_parts": parts,
             "rows": context.rows, "plots": context.plots, "flags": context.flags, "skipped": context.skipped,
             "seconds": round(time.perf_counter() - started, 1)}
     write_json(path, cell)
