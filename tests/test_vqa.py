@@ -205,6 +205,10 @@ def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tm
         assert len(result.stderr.strip().splitlines()) == 1
     result, output = invoke(*train, "--resume")  # the same settings and questions: it goes on
     assert result.exit_code == 0, output
+    named_otherwise = list(train)
+    named_otherwise[named_otherwise.index(data)] = data / "train.json"  # the folder's train split, as its file
+    result, output = invoke(*named_otherwise, "--resume")
+    assert result.exit_code == 0, output
     questions = json.loads((data / "train.json").read_text())
     flip = {"yes": "no", "no": "yes", "first": "second", "second": "first"}
     (data / "train.json").write_text(json.dumps([{**q, "answer": flip.get(q["answer"], q["answer"])}

@@ -743,7 +743,10 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                         for name in sorted(set(before) | set(after))
                         if name not in RESUMABLE and before.get(name) != after.get(name)]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
-            if Path(before).resolve() != Path(after).resolve():  # the same file under another spelling is the same
+            # the same file under another spelling is the same data; so is a folder named instead of the question
+            # or manifest file in it when the records read are the same (their digest covers each image file's path)
+            same_records = any(name in earlier and earlier.get(name) == now.get(name) for name in DATA_DIGESTS)
+            if Path(before).resolve() != Path(after).resolve() and not same_records:
                 changed.append(f"data {before!r} -> {after!r}")
         elif key in DATA_DIGESTS:
             if before != after:
