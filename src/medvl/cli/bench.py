@@ -211,18 +211,17 @@ def bench_cv(
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
-        | _fused_rows(result) | pooled | {"majority-class acc": result["majority_acc"],
+        | _fused_rows(result, len(fold_results)) | pooled | {"majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
 
 
-def _fused_rows(result: dict) -> dict[str, str]:
-    """The rows of a CV scored with covariates (none without)."""
+def _fused_rows(result: dict, folds: int) -> dict[str, str]:
+    """The rows of a CV scored with covariates (none without), over ``folds`` folds in all."""
     if result.get("fused_auc") is None:
         return {}
     columns = ", ".join(result["train"]["covariates"])
-    folds = sum(len(r["folds"]) for r in result["repeats"]) if "repeats" in result else len(result["folds"])
     return {f"{name} + covariates ({columns})": _mean_std(result, key, folds) for name, key in (
         ("auc", "fused_auc"), ("balanced_accuracy", "fused_balanced_accuracy"),
         ("linear-probe auc", "probe_fused_auc"), ("linear-probe balanced_accuracy", "probe_fused_balanced_accuracy"))
