@@ -260,10 +260,11 @@ def describe_target(target: str | Path) -> str:
 def check_info_format(info: dict[str, Any], location: str, writable: bool) -> dict[str, Any]:
     """The info of a readable index; a format 1 index (absolute paths) loses its data path here,
     and opening it for writing is a DataError saying to rebuild it."""
-    dim, columns = info.get("embed_dim"), info.get("columns")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise DataError(location, f"embed_dim must be a positive whole number, got {dim!r} (a damaged index: rebuild "
-                                  "it with `medvl index build`)")
+    try:
+        check_number("embed_dim", info.get("embed_dim"), minimum=1, integer=True)
+    except InputError as err:
+        raise DataError(location, f"{err} (a damaged index: rebuild it with `medvl index build`)") from None
+    columns = info.get("columns")
     if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         raise DataError(location, "columns must map each filter column to its type (a damaged index: rebuild it with "
                                   "`medvl index build`)")

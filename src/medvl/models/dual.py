@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number
+from ..data.captions import CaptionConfig
 from ..errors import InputError, MedvlError, ModelError
 from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig, json_type
@@ -225,8 +227,9 @@ class DualEncoder(nn.Module):
 
 def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
     """``directory/meta.json`` as a dict ({} when absent and not ``required``); ModelError naming the file when it
-    is not a JSON object, or when its ``heads`` (column -> class names) or ``view_projection`` (a width) are
-    malformed. A file that is not JSON raises ``ValueError`` for the caller to name."""
+    is not a JSON object, or when its ``heads`` (column -> class names), ``view_projection`` (a width) or
+    ``captions`` (a caption config) are malformed. A file that is not JSON raises ``ValueError`` for the caller
+    to name."""
     path = directory / META_FILE
     if not path.exists() and not required:
         return {}
@@ -238,13 +241,12 @@ def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
             isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
             for classes in meta.get("heads", {}).values()):
         problem = "heads must map each label column to its list of class names"
-    elif meta.get("view_projection") not in (None, False) and not (
-            isinstance(meta["view_projection"], int) and not isinstance(meta["view_projection"], bool)
-            and meta["view_projection"] > 0):
-        problem = f"view_projection must be a positive whole number, got {meta['view_projection']!r}"
-    elif "captions" in meta:
-        from ..data.captions import CaptionConfig
-
+    elif meta.get("view_projection") not in (None, False):
+        try:
+            check_number("view_projection", meta["view_projection"], minimum=1, integer=True)
+        except InputError as err:
+            problem = str(err)
+    if problem is None and "captions" in meta:
         try:
             CaptionConfig.from_dict(meta["captions"], source="captions")
         except InputError as err:
