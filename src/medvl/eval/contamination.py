@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.loaders.vqa import question_files
 from ..data.record import Dataset
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,7 @@ def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[
     training = _training(model)
     if not training:
         return None
-    files = list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
-    learned = learned_splits(training, source, files, [(item.file, item.split) for item in items])
+    learned = learned_splits(training, source, question_files(items), [(item.file, item.split) for item in items])
     held = held_out_ids((getattr(model, "meta", None) or {}).get("holdout") or {})
     learned = [None if (split, item.qid) in held else split for split, item in zip(learned, items, strict=True)]
     return _trained_block(training, learned, len(items), "scored questions")

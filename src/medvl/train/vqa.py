@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_numbers
-from ..data.loaders.vqa import VQAItem, questions_digest
+from ..data.loaders.vqa import VQAItem, question_files, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
 from ..eval.contamination import data_sha256, file_entries
@@ -208,10 +208,9 @@ class VQAObjective:
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())
         splits = sorted({item.split for item in self.items})
-        files = [(item.file, item.split) for item in self.items if item.file is not None]
         self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
                                        "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
-                                       "splits": splits, "files": file_entries(files, splits)}
+                                       "splits": splits, "files": file_entries(question_files(self.items), splits)}
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -289,6 +289,12 @@ def questions_digest(items: Sequence[VQAItem]) -> str:
     return records_digest([_record(item, f"{item.split}/{item.qid}") for item in items])
 
 
+def question_files(items: Sequence[VQAItem]) -> list[tuple[Path, str]]:
+    """The question files ``items`` were read from, each with the split it holds, in first-seen order (what
+    ``Dataset.files`` and a model's ``training`` block record of VQA data)."""
+    return list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
+
+
 def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
                      allow_outside_root: bool = False) -> Dataset:
     """The questions as a ``Dataset`` of records (one per question, see the module docstring)."""
@@ -296,9 +302,8 @@ def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
     qids = [item.qid for item in items]
     unique = len(set(qids)) == len(qids)  # else the split prefixes the id, e.g. "test/12"
     records = [_record(item, item.qid if unique else f"{item.split}/{item.qid}") for item in items]
-    files = list(dict.fromkeys((item.file, item.split) for item in items if item.file is not None))
     return Dataset(records, source=str(path), label_names=[ANSWER_TYPE_COLUMN], default_labels=[ANSWER_TYPE_COLUMN],
-                   files=files)
+                   files=question_files(items))
 
 
 # ---------------------------------------------------------------- images shared with other datasets
