@@ -100,7 +100,8 @@ class _SlabResampler:
         if slab.dtype != np.uint8 and not np.isfinite(slab).all():
             raise DataError(source, "image contains NaN or infinite values")
         channels = torch.from_numpy(self._intensities(slab))  # (C, k, j, i)
-        self.parts.append(_resize_axis(_resize_axis(channels, 2, self.target[1]), 3, self.target[2]))
+        # the stored last axis first: it is contiguous (no copy to move it), and the second resize sees less
+        self.parts.append(_resize_axis(_resize_axis(channels, 3, self.target[2]), 2, self.target[1]))
 
     def _intensities(self, slab: np.ndarray) -> np.ndarray:
         if self.eight_bit:
