@@ -615,3 +615,15 @@ def test_accuracy_intervals_are_a_plain_bootstrap_over_the_scored_images(two_mod
         expected = bootstrap_ci(function, y, probabilities, need_both_classes=needs_classes, **settings)
         assert (rows[metric]["value"], rows[metric]["low"], rows[metric]["high"]) == pytest.approx(
             (expected["value"], expected["low"], expected["high"])), metric
+
+
+def test_a_model_named_through_a_symlink_keeps_the_name_the_user_gave(tmp_path):
+    from medvl.bench.runner import model_labels
+
+    trained = tmp_path / "runs" / "demo" / "train" / "model"
+    trained.mkdir(parents=True)
+    (tmp_path / "clean").symlink_to(trained)
+    (tmp_path / "shortcut").mkdir()
+    (tmp_path / "shortcut" / "model").mkdir()
+    labels = model_labels([tmp_path / "clean", tmp_path / "shortcut" / "model", trained, tmp_path / "shortcut" / "."])
+    assert list(labels.values()) == ["clean", "shortcut", "train", "shortcut-2"]

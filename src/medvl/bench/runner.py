@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
 import time
@@ -308,10 +309,11 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
 
 
 def model_labels(models: list[str | Path]) -> dict[str, str]:
-    """A short unique name per model folder: its name (its parent's for a train output's ``model/``)."""
+    """A short unique name per model folder: its name (its parent's for a train output's ``model/``), as the user
+    named it: a symlink keeps its own name (``.`` and ``..`` are resolved, links are not followed)."""
     labels: dict[str, str] = {}
     for model in models:
-        path = Path(model).resolve()
+        path = Path(os.path.abspath(model))
         name = path.parent.name if path.name == "model" else path.name
         label, n = name, 2
         while label in labels.values():
