@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,26 @@ def test_slake_images_are_told_apart_by_their_folder(tmp_path):
     kept, left_out = leave_out_images(data, [questions])
     assert left_out == 1 and [r.id for r in kept] == ["imgs/xmlab1/source", "imgs/xmlab2/source"]
     assert load_dataset(questions)[0].meta["image_name"] == "xmlab3/source.jpg"  # the name as the file writes it
+
+
+def test_dots_inside_a_file_name_are_part_of_its_id(phantom_dir: Path, tmp_path):
+    """DICOM exports name images by UID (``1.2.840.113619.2.55.1000.png``): a question about one of them leaves
+    out that image only, not every image whose name shares the UID's first component."""
+    assert source_image_id("images/1.2.840.113619.2.55.1000.png") == "1.2.840.113619.2.55.1000"
+    assert source_image_id("case.1.png") != source_image_id("case.2.png")
+    assert source_image_id("1.2.840.5") == "1.2.840.5"  # a DICOM file without a suffix: the whole name
+    sources = load_dataset(phantom_dir).select("train").records[:6]
+    (tmp_path / "uid" / "images").mkdir(parents=True)
+    lines = ["image,text,split"]
+    for number, record in enumerate(sources):
+        name = f"images/1.2.840.113619.2.55.{1000 + number}.png"
+        shutil.copy(record.image, tmp_path / "uid" / name)
+        lines.append(f"{name},image {number},train")
+    (tmp_path / "uid" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    questions = _questions(tmp_path / "uid" / "testset.json", ["1.2.840.113619.2.55.1003.png"])
+    kept, left_out = leave_out_images(load_dataset(tmp_path / "uid"), [questions])
+    assert left_out == 1
+    assert [r.id for r in kept] == [f"images/1.2.840.113619.2.55.{1000 + number}" for number in (0, 1, 2, 4, 5)]
 
 
 def _questions(path: Path, names: list[str]) -> Path:

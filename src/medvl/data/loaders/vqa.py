@@ -64,6 +64,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...errors import DataError
+from ..images import image_suffix
 from ..record import Dataset, Record, records_digest
 from .manifest import decode_utf8
 from .roots import check_inside_root, is_file, is_inside
@@ -311,15 +312,22 @@ def load_vqa_dataset(path: str | Path, skip_missing_images: bool = False,
 SOURCE_IMAGE_ID = re.compile(r"synpic\d+", re.IGNORECASE)  # MedPix's image id, kept in VQA-RAD's file names
 
 
+def _without_image_suffix(name: str) -> str:
+    """A file name less its image suffix (``.png``, ``.nii.gz``: ``image_suffix``), whole when it has none: dots
+    before the suffix are part of the name (DICOM UIDs such as ``1.2.840.113619.2.55.1000.png``, ``case.1.png``)."""
+    suffix = image_suffix(name)
+    return name[:len(name) - len(suffix)] if suffix else name
+
+
 def source_image_id(name: str | Path) -> str:
     """The id of the source image a file name stands for: its MedPix ``synpic`` id when it holds one
     (``MPX1307_synpic20064.jpg`` and ``synpic20064.jpg`` are the same image), else the name in lower case
-    without its suffix, keeping the folders a relative name writes (SLAKE's ``xmlab3/source.jpg`` ->
-    ``xmlab3/source``: every SLAKE image is a ``source.jpg``, told apart by its folder) below a leading
-    ``images/`` or ``imgs/`` (the image folders a question file's names are relative to); an absolute path
-    gives its stem alone."""
+    without its image suffix (``_without_image_suffix``), keeping the folders a relative name writes (SLAKE's
+    ``xmlab3/source.jpg`` -> ``xmlab3/source``: every SLAKE image is a ``source.jpg``, told apart by its folder)
+    below a leading ``images/`` or ``imgs/`` (the image folders a question file's names are relative to); an
+    absolute path gives its file name alone, less the suffix."""
     path = PurePosixPath(str(name).replace("\\", "/"))
-    found = SOURCE_IMAGE_ID.search(path.name.split(".")[0])
+    found = SOURCE_IMAGE_ID.search(_without_image_suffix(path.name))
     if found:
         return found.group(0).lower()
     parts = [path.name] if path.is_absolute() else list(path.parts)
@@ -327,13 +335,13 @@ def source_image_id(name: str | Path) -> str:
         parts = parts[len(parts) - parts[::-1].index(".."):]
     while len(parts) > 1 and parts[0].lower() in IMAGE_FOLDERS:
         parts = parts[1:]
-    return "/".join([*parts[:-1], parts[-1].split(".")[0]]).lower()
+    return "/".join([*parts[:-1], _without_image_suffix(parts[-1])]).lower()
 
 
 def _path_ids(path: str | Path) -> set[str]:
     """Every id an image file's path can match a question's name by: its ``synpic`` id, else each tail of the
     path (``xmlab3/source`` and ``source`` for ``.../imgs/xmlab3/source.jpg``), in ``source_image_id``'s form."""
-    found = SOURCE_IMAGE_ID.search(Path(str(path)).name.split(".")[0])
+    found = SOURCE_IMAGE_ID.search(_without_image_suffix(Path(str(path)).name))
     if found:
         return {found.group(0).lower()}
     parts = PurePosixPath(Path(str(path)).as_posix()).parts
