@@ -556,6 +556,23 @@ def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resu
     assert runs[0]["data_hashes"] == runs[1]["data_hashes"] == apart  # the run's own files are not data
 
 
+def test_a_file_name_in_the_data_that_is_not_utf8_is_hashed_by_its_bytes(two_models, phantom_dir, tmp_path):
+    """A file name may hold any bytes: the data hash covers a Latin-1 ``\xe9`` name (and tells it from another)."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    notes = Path(os.fsdecode(bytes(data) + b"/notes_\xe9.txt"))
+    notes.write_text("notes\n")
+    suite = write_suite(tmp_path, data, checks=[], tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    hashes = []
+    for name in (None, b"/notes_\xe8.txt"):
+        if name:
+            notes.rename(os.fsdecode(bytes(data) + name))
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+        assert result.exit_code == 0, output
+        hashes.append(json.loads((tmp_path / "out" / "results.json").read_text())["data_hashes"]["phantom"])
+    assert hashes[0]["files"] == hashes[1]["files"] and hashes[0]["sha256"] != hashes[1]["sha256"]
+
+
 def test_a_generated_phantom_is_made_again_when_any_generate_setting_changes(two_models, tmp_path):
     """Not only n, seed and size: a changed shortcut (or extra finding, kind, vqa) setting generates the data
     again, and suite.json says what the data in the run folder was generated with."""

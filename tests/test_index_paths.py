@@ -5,7 +5,9 @@ are range-checked before any work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sqlite3
 from contextlib import closing
@@ -112,6 +114,23 @@ def test_index_and_json_outputs_hold_no_folder_above_the_data(patient_data, mode
     assert resolve_image(hit, patient_data) == patient_data / relative[hit.id]
     result, output = invoke("search", "--index", index, "--image", query.image, "-k", 1, "--data-root", patient_data)
     assert result.exit_code == 0 and f"1. {patient_data / relative[hit.id]}" in output, output
+
+
+def test_a_data_folder_whose_name_is_not_utf8_is_indexed_and_known_as_the_index_data(phantom_dir, model_dir,
+                                                                                     tmp_path):
+    """A file name may hold any bytes: the index keeps the hash of the data path's bytes, and case retrieval on
+    the same folder still knows the index was built from it (each query is not its own hit)."""
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/ph_\xe9"))
+    shutil.copytree(phantom_dir, data)
+    index = tmp_path / "idx"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data, "--out", index, "-q")
+    assert result.exit_code == 0, output
+    info = json.loads((index / "index.json").read_text())
+    source = os.path.abspath(load_dataset(data).source)  # the folder's manifest
+    assert info["data"]["source_sha256"] == hashlib.sha256(os.fsencode(source)).hexdigest()
+    result, output = invoke("eval", "case-retrieval", "--index", index, "--data", data, "--split", "test", "-k", 3,
+                            "--json", tmp_path / "case_retrieval.json", "-q")
+    assert result.exit_code == 0, output
 
 
 def test_an_index_built_from_dicom_stores_no_path(dicom_data, model_dir, tmp_path):

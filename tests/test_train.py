@@ -1,6 +1,8 @@
 """Training in-process on phantom data: the loss goes down, resume is exact, eval runs."""
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import medvl
 from cli_helpers import PLANTED_WORDS, invoke, planted_phantom
 from medvl.data import captions_for
 from medvl.errors import DataError, InputError, TrainingError, WriteError
+from medvl.eval.contamination import data_sha256
 from medvl.train.loop import TrainConfig
 
 
@@ -98,6 +101,25 @@ def test_tiny_model_loss_goes_down(phantom_dir, tmp_path):
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "train_config.json").is_file()
+
+
+def test_a_data_folder_whose_name_is_not_utf8_trains_and_is_known_as_training_data(phantom_dir, tmp_path):
+    """A file name may hold any bytes (a Latin-1 ``\xe9``): the run's data digest and the model's ``training``
+    block hash the name's bytes, and scoring the training split is flagged as such."""
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/ph_\xe9"))
+    shutil.copytree(phantom_dir, data)
+    result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--max-steps", 1, "--batch-size", 8, "-q")
+    assert result.exit_code == 0, output
+    training = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["training"]
+    source = Path(medvl.load_dataset(data).source).resolve()  # the folder's manifest
+    assert training["data_sha256"] == data_sha256(source) == hashlib.sha256(os.fsencode(source)).hexdigest()
+    result, output = invoke("eval", "zero-shot", "--model", tmp_path / "run" / "model", "--data", data,
+                            "--split", "train", "--json", tmp_path / "zero_shot.json", "-q")
+    assert result.exit_code == 0, output
+    n_train = len(medvl.load_dataset(phantom_dir).select("train"))
+    flagged = json.loads((tmp_path / "zero_shot.json").read_text())["trained_on_scored"]
+    assert flagged["records"] == flagged["of"] == n_train and flagged["splits"] == ["train"]
 
 
 @pytest.mark.parametrize("batch_group, self_supervised, self_supervised_epochs",

@@ -82,7 +82,8 @@ def files_digest(path: Path, referenced: Iterable[Path] = (), exclude: Path | No
     """SHA-256 of a data file, or of every file under a folder (relative path and content, in path order), then
     of every ``referenced`` file not among those (the images a manifest file names, or a manifest's images outside
     its folder; named relative to the data's folder where they lie under it). ``exclude``: a folder under ``path``
-    left out (the run's own output inside a dataset folder, which is not data)."""
+    left out (the run's own output inside a dataset folder, which is not data). Names are hashed as the bytes the
+    file system holds (they need not be UTF-8)."""
     root = path if path.is_dir() else path.parent
     if path.is_dir():
         skip = exclude.resolve() if exclude is not None else None
@@ -96,10 +97,10 @@ def files_digest(path: Path, referenced: Iterable[Path] = (), exclude: Path | No
     extra = sorted({file.resolve() for file in referenced} - hashed)
     combined = hashlib.sha256()
     for file in files:
-        combined.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        combined.update(os.fsencode(file.relative_to(path) if path.is_dir() else file.name))
         combined.update(bytes.fromhex(file_sha256(file)))
     for file in extra:
-        combined.update(_data_name(file, root).encode())
+        combined.update(os.fsencode(_data_name(file, root)))
         try:
             combined.update(bytes.fromhex(file_sha256(file)))
         except OSError as err:

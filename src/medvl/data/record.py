@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,9 +239,10 @@ def records_digest(records: Sequence[Record]) -> str:
             for file in files:  # a DICOM series (``DicomVolume``): its slice files
                 try:
                     stat = Path(file).stat()
-                    digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                    state = f"|{stat.st_size}|{stat.st_mtime_ns}"
                 except OSError:
-                    digest.update(f"{file}|missing".encode())
+                    state = "|missing"
+                digest.update(os.fsencode(file) + state.encode())  # the name's bytes: it may hold any
     return digest.hexdigest()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def data_sha256(source: str | Path) -> str:
-    """SHA-256 of a dataset source's resolved path (the same data read from another folder differs)."""
-    return hashlib.sha256(str(Path(source).resolve()).encode("utf-8")).hexdigest()
+    """SHA-256 of a dataset source's resolved path, as the bytes that name it (the same data read from another
+    folder differs; a name may hold bytes that are not UTF-8)."""
+    return hashlib.sha256(os.fsencode(Path(source).resolve())).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str | None:

@@ -245,8 +245,9 @@ def check_k(k: int) -> None:
 
 def path_sha256(path: str | Path) -> str:
     """SHA-256 of a path made absolute: tells whether two indexes came from the same place without
-    naming it (a guessed path can still be confirmed, so it is not a secret)."""
-    return hashlib.sha256(os.path.abspath(path).encode("utf-8")).hexdigest()
+    naming it (a guessed path can still be confirmed, so it is not a secret). The path's bytes are hashed: a
+    name may hold bytes that are not UTF-8."""
+    return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
 
 
 def describe_target(target: str | Path) -> str:
