@@ -185,3 +185,18 @@ def test_texts_the_tower_reads_alike_are_one_gallery_text(members_and_test):
     # base = base.upper(); long = long + " heart"; base + " heart" and records[1] apart
     assert (result["n_images"], result["n_texts"]) == (6, 4)
 
+
+def test_one_model_under_two_spellings_or_copied_is_not_an_ensemble(members_and_test, phantom_dir, tmp_path):
+    """A training run folder is read as its model/ folder, so --model run --model run/model is one model twice
+    (it was scored as a 2-model ensemble with the single model's figures); so is a byte-identical copy."""
+    import shutil
+
+    members, _ = members_and_test
+    members[0].save_pretrained(tmp_path / "run" / "model")
+    shutil.copytree(tmp_path / "run" / "model", tmp_path / "copy")
+    for first, second, message in (("run", "run/model", "the same model folder is given twice"),
+                                   ("run/model", "copy", "hold the same model")):
+        out = tmp_path / f"{first.replace('/', '-')}.json"
+        result, output = invoke("eval", "retrieval", "--model", tmp_path / first, "--model", tmp_path / second,
+                                "--data", phantom_dir, "--split", "test", "--json", out, "-q")
+        assert result.exit_code == 2 and message in output and not out.exists(), output
