@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from itertools import combinations
 
 import numpy as np
@@ -548,6 +549,36 @@ def test_random_average_precision_matches_simulation():
     simulated = np.mean([average_precision(rng.permutation(n) < n_relevant, n_relevant) for _ in range(20000)])
     assert random_average_precision(n_relevant, n) == pytest.approx(simulated, abs=0.005)
     assert random_average_precision(n, n) == pytest.approx(1.0)
+
+
+def simulated_average_precision(n_relevant: int, n: int, depth: int, draws: int, seed: int = 0) -> float:
+    """The mean AP@depth (denominator min(n_relevant, depth)) of ``draws`` random rankings of ``n`` items."""
+    relevant = np.random.default_rng(seed).permuted(np.tile(np.arange(n) < n_relevant, (draws, 1)), axis=1)[:, :depth]
+    precision = np.cumsum(relevant, axis=1) / np.arange(1, relevant.shape[1] + 1)
+    return float(np.mean((relevant * precision).sum(axis=1) / min(n_relevant, depth)))
+
+
+@pytest.mark.parametrize("n_relevant, n, depth", [(4, 12, 3), (4, 12, 8), (9, 40, 5), (30, 140, 10), (5, 20, 20)])
+def test_random_average_precision_at_a_depth_matches_simulation(n_relevant, n, depth):
+    """The baseline of AP@depth is that of a random ranking cut at the same depth, same denominator."""
+    simulated = simulated_average_precision(n_relevant, n, depth, draws=20000)
+    assert random_average_precision(n_relevant, n, depth) == pytest.approx(simulated, abs=0.004)
+    assert random_average_precision(n_relevant, n, n) == pytest.approx(random_average_precision(n_relevant, n))
+
+
+def test_case_retrieval_map_baseline_uses_the_map_depth(phantom_dir, model_dir, train_index):
+    """With --map-depth below the index size the mAP baseline is a random ranking's AP at that depth (the whole
+    index's expected AP is far higher, so a better-than-chance model looked worse than chance)."""
+    model, data = load_model(model_dir), load_dataset(phantom_dir)
+    queries, train = data.select("test"), data.select("train")
+    with open_index(train_index) as index:
+        result = case_retrieval(index, model, queries, k=5, label_columns=["finding"], map_depth=5,
+                                show_progress=False)
+    counts = Counter(r.labels["finding"] for r in train)
+    expected = [simulated_average_precision(counts[r.labels["finding"]], len(train), 5, draws=4000, seed=i)
+                for i, r in enumerate(queries) if counts[r.labels["finding"]]]
+    assert result["map_depth"] == 5 and result["map_queries"] == len(expected)
+    assert result["map_baseline"] == pytest.approx(np.mean(expected), abs=0.01)
 
 
 def test_finding_f1_matches_sklearn():

@@ -1,7 +1,10 @@
 """Retrieval with an ensemble of models (``medvl.retrieval`` given a list; ``medvl eval retrieval --model A
 --model B``): each member's scores standardised over the gallery per query, then averaged."""
 
+import copy
 import json
+import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -105,6 +108,9 @@ class _Oracle:
     def encode_texts(self, texts, batch_size: int = 128):
         return torch.tensor(np.stack([self.text_vectors[text.lower()] for text in texts]), dtype=torch.float32)
 
+    def text_tokens(self, texts):
+        return [tuple(text.lower().encode()) for text in texts]  # letter case is not read
+
 
 def test_a_perfect_model_scores_1_with_several_captions_per_image_and_case_variants(phantom_dir):
     """Records of one image with several captions used to be several gallery images (each tying with its copy:
@@ -142,3 +148,55 @@ def test_a_perfect_model_scores_1_with_several_captions_per_image_and_case_varia
     assert result["text_to_image"]["chance"]["R@1"] == pytest.approx(np.mean(per_text))
     texts_per_image = [sum(str(r.image) in images for images in captions.values()) for r in records]
     assert result["image_to_text"]["chance"]["R@1"] == pytest.approx(np.mean(texts_per_image) / len(captions))
+
+
+def test_a_collapsed_text_tower_scores_no_better_than_chance(members_and_test, caplog):
+    """A text tower whose output hardly depends on its input embeds every report alike. Texts embedded alike
+    used to be merged into one gallery text, which every image then ranked first (R@1 = 1 both ways, 1 distinct
+    text); they are now distinct texts tied with each other, and ties count against the model."""
+    members, test = members_and_test
+    collapsed = copy.deepcopy(members[0])
+    norm = collapsed.text_encoder.model.encoder.layer[-1].output.LayerNorm  # the tower's output: ~ its bias
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(1e-4 * torch.randn(norm.weight.shape, generator=generator))
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator))
+    with caplog.at_level(logging.WARNING, logger="medvl.eval.retrieval"):
+        result = medvl.retrieval(collapsed, test, show_progress=False)
+    n_texts = len({r.text for r in test if r.text})
+    assert result["i2t_R@1"] == result["i2t_R@10"] == 0.0 and result["t2i_R@1"] <= 2 * result["text_to_image"][
+        "chance"]["R@1"]
+    assert result["n_texts"] == result["texts_embedded_alike"] == n_texts > 10
+    assert result["image_to_text"]["median_rank"] == n_texts
+    assert f"{n_texts} of the {n_texts} distinct texts are embedded alike" in caplog.text
+    assert medvl.retrieval(members[0], test, show_progress=False)["texts_embedded_alike"] == 0
+
+
+def test_texts_the_tower_reads_alike_are_one_gallery_text(members_and_test):
+    """Letter case (an uncased WordPiece tower) and words past the tower's max_length are not read: such texts
+    are one gallery text; a text differing in a word the tower reads is another."""
+    members, test = members_and_test
+    records = [r for r in test if r.text][:6]
+    base = records[0].text or ""
+    long = base + " lung" * members[0].config.text.max_length
+    variants = [base.upper(), long, long + " heart", base + " heart"]
+    dataset = test.subset(records[:2] + [replace(r, text=t) for r, t in zip(records[2:], variants, strict=True)])
+    result = medvl.retrieval(members[0], dataset, show_progress=False)
+    # base = base.upper(); long = long + " heart"; base + " heart" and records[1] apart
+    assert (result["n_images"], result["n_texts"]) == (6, 4)
+
+
+def test_one_model_under_two_spellings_or_copied_is_not_an_ensemble(members_and_test, phantom_dir, tmp_path):
+    """A training run folder is read as its model/ folder, so --model run --model run/model is one model twice
+    (it was scored as a 2-model ensemble with the single model's figures); so is a byte-identical copy."""
+    import shutil
+
+    members, _ = members_and_test
+    members[0].save_pretrained(tmp_path / "run" / "model")
+    shutil.copytree(tmp_path / "run" / "model", tmp_path / "copy")
+    for first, second, message in (("run", "run/model", "the same model folder is given twice"),
+                                   ("run/model", "copy", "hold the same model")):
+        out = tmp_path / f"{first.replace('/', '-')}.json"
+        result, output = invoke("eval", "retrieval", "--model", tmp_path / first, "--model", tmp_path / second,
+                                "--data", phantom_dir, "--split", "test", "--json", out, "-q")
+        assert result.exit_code == 2 and message in output and not out.exists(), output

@@ -101,6 +101,8 @@ def eval_retrieval(
             if key != "chance":
                 rows[f"{direction} {key}"] = value
     scored = [f"{result['n_images']} images", f"{result['n_texts']} distinct texts"]
+    if result["texts_embedded_alike"]:
+        scored.append(f"{result['texts_embedded_alike']} of them embedded alike (ties)")
     if "ensemble" in result:
         scored.append(f"{result['ensemble']['members']} models")
     if "bridge" in result:

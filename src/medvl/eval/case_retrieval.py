@@ -19,7 +19,8 @@ Label agreement (over the label columns, by default the index's own):
 - **Class-prior baseline** beside each: its expected value for a random ranking. With ``p`` the
   index's label-set distribution, precision@k and mAP ~ ``sum_q p(q) / n_queries``, which is
   ``sum_c p_c^2`` when the queries follow the index's distribution (also reported as
-  ``prior_sum_p2``); mAP's uses the exact expectation of AP under a random ranking.
+  ``prior_sum_p2``); mAP's uses the exact expectation under a random ranking of AP as the model is
+  scored (over the first ``map_depth`` ranks, the denominator capped at ``map_depth``).
 
 Drafted reports (``medvl.rag.draft``, ``draft_k`` neighbours) are scored by the findings the
 report labeller reads in their text against a reference per query: the query's label columns
@@ -216,13 +217,18 @@ def average_precision(relevant: Sequence[bool], n_relevant: int) -> float:
     return total / n_relevant if n_relevant else 0.0
 
 
-def random_average_precision(n_relevant: int, n: int) -> float:
-    """The expected AP of a uniformly random ranking of ``n`` items, ``n_relevant`` of them relevant."""
+def random_average_precision(n_relevant: int, n: int, depth: int | None = None) -> float:
+    """The expected AP of a uniformly random ranking of ``n`` items, ``n_relevant`` (R) of them relevant,
+    scored as the model is: over the first ``depth`` (D) ranks, divided by ``min(R, D)`` (AP@D; the
+    whole ranking when ``depth`` is None). Exact: ``E[rel_k P@k] = (R/n) (1/k + (k-1)(R-1)/(k(n-1)))``,
+    summed over ``k <= min(D, n)``."""
     if n_relevant == 0 or n == 0:
         return 0.0
-    harmonic = sum(1.0 / i for i in range(1, n + 1))
+    ranks = n if depth is None else min(depth, n)
+    harmonic = sum(1.0 / i for i in range(1, ranks + 1))
     spread = (n_relevant - 1) / (n - 1) if n > 1 else 0.0
-    return (harmonic + spread * (n - harmonic)) / n
+    denominator = n_relevant if depth is None else min(n_relevant, depth)
+    return n_relevant * (harmonic + spread * (ranks - harmonic)) / (n * denominator)
 
 
 def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: Sequence[str], binary: set[str],
@@ -250,7 +256,7 @@ def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: 
         n_relevant = others[query] if listing else sum(ranked)
         if n_relevant:
             aps.append(average_precision(ranked, min(n_relevant, map_depth)))
-            base_ap.append(random_average_precision(n_relevant, n_others))
+            base_ap.append(random_average_precision(n_relevant, n_others, map_depth))
     return {"precision_at_k": float(np.mean(precision)), "precision_at_k_baseline": float(np.mean(base_precision)),
             "prior_sum_p2": float(sum((n / total) ** 2 for n in prior.values())),
             "jaccard_at_k": float(np.mean(jaccards)), "jaccard_at_k_baseline": float(np.mean(base_jaccard)),

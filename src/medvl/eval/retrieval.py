@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from ..errors import InputError
 from ..index.cases import pixel_sha256
 from ..models.dual import DualEncoder
 from .metrics import recall_at_k, retrieval_ranks
+
+log = logging.getLogger(__name__)
 
 BRIDGE_CHUNK = 256  # queries whose bank similarities are held at once
 
@@ -77,10 +81,14 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     The galleries hold each image once and each text once: records of one image (one file, or an array's
-    pixels) with several captions share a gallery image, and texts every model embeds alike (identical, or
-    differing in letter case or spacing an uncased tower ignores) are one gallery text. A query counts as a
-    hit at the best rank of any of its texts (image->text) or images (text->image), so a perfect model scores
-    R@1 = 1 in both directions. ``n_images`` and ``n_texts`` count the galleries, ``n_records`` the pairs.
+    pixels) with several captions share a gallery image, and texts every model reads alike (the same token ids
+    after its tokenizer's normalisation and truncation: identical, differing in letter case or spacing an
+    uncased tower ignores, or only past the tower's length; ``DualEncoder.text_tokens``) are one gallery text.
+    A query counts as a hit at the best rank of any of its texts (image->text) or images (text->image), so a
+    perfect model scores R@1 = 1 in both directions. Gallery texts that the model reads differently but
+    embeds alike (cosine within ``SAME_EMBEDDING`` of 1 in every model: a text tower that cannot tell them
+    apart, or has collapsed) are ties, and ties count against the query; ``texts_embedded_alike`` counts
+    them (with a warning). ``n_images`` and ``n_texts`` count the galleries, ``n_records`` the pairs.
     ``image_embeddings`` (aligned with ``dataset``) skips embedding.
     ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
     re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
@@ -112,7 +120,7 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
             image_of[key] = len(first_record)
             first_record.append(i)
         record_image.append(image_of[key])
-    texts = list(dict.fromkeys(r.text for r in records))
+    gallery_texts, text_of = _gallery_texts(members, [r.text or "" for r in records])
     subset = dataset.subset([records[i] for i in first_record])
     image_embs: list[np.ndarray] = []
     text_embs: list[np.ndarray] = []
@@ -124,16 +132,18 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
         else:
             image_embs.append(embed_images(member, subset, show_progress=show_progress,
                                            content=content if number == 0 else None).numpy())
-        text_embs.append(member.encode_texts(texts).numpy())
-    # texts every member embeds alike (letter case or spacing an uncased tower ignores, a report cut at the
-    # tower's length) are one gallery text: the model cannot tell them apart
-    group = _same_embedding_groups(text_embs)
-    kept = sorted(set(group))
-    position = {g: n for n, g in enumerate(kept)}
-    text_of = {text: position[group[i]] for i, text in enumerate(texts)}
-    text_embs = [emb[kept] for emb in text_embs]
+        text_embs.append(member.encode_texts(gallery_texts).numpy())
+    # texts read differently that every member embeds alike stay apart, as exact ties (below), and ties count
+    # against the query: a collapsed text tower scores as chance or worse, not as a perfect model with one
+    # gallery text
+    alike = _same_embedding_groups(text_embs)
+    tied = _tied_texts(alike)
+    if tied:
+        log.warning("%d of the %d distinct texts are embedded alike to another one (cosine within %g of 1) "
+                    "though the model reads them differently: they are ranked as ties, against the model",
+                    tied, len(gallery_texts), SAME_EMBEDDING)
     image_to_text: list[list[int]] = [[] for _ in first_record]
-    text_to_images: list[list[int]] = [[] for _ in kept]
+    text_to_images: list[list[int]] = [[] for _ in gallery_texts]
     for i, record in enumerate(records):
         image, text = record_image[i], text_of[record.text]
         if text not in image_to_text[image]:
@@ -149,14 +159,18 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     else:
         i2t_scores = np.mean([_standardise(i2t) for i2t, _ in scores], axis=0)
         t2i_scores = np.mean([_standardise(t2i) for _, t2i in scores], axis=0)
+    # each text embedded alike takes the first alike text's scores (equal embeddings need not give bit-equal
+    # products: a matrix product may round its last columns another way)
+    i2t_scores, t2i_scores = i2t_scores[:, alike], t2i_scores[alike]
     i2t = retrieval_ranks(i2t_scores, image_to_text)
     t2i = retrieval_ranks(t2i_scores, text_to_images)
-    result: dict = {"n_images": len(first_record), "n_texts": len(kept), "n_records": len(records)}
+    result: dict = {"n_images": len(first_record), "n_texts": len(gallery_texts), "n_records": len(records),
+                    "texts_embedded_alike": tied}
     if len(members) > 1:
         result["ensemble"] = {"members": len(members), "combined": "mean of per-query standardised scores"}
     if bridges[0] is not None:
         result["bridge"] = {"k": bridges[0].k, "weight": bridges[0].weight, "bank": len(bridges[0].image_embeddings)}
-    for name, ranks, gallery, relevant in (("image_to_text", i2t, len(kept), image_to_text),
+    for name, ranks, gallery, relevant in (("image_to_text", i2t, len(gallery_texts), image_to_text),
                                            ("text_to_image", t2i, len(first_record), text_to_images)):
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
                         "mean_rank": float(ranks.mean()),
@@ -203,7 +217,30 @@ def _image_key(image) -> object:
     return ("object", id(image))
 
 
-SAME_EMBEDDING = 1e-5  # cosine within this of 1 (float noise): the texts are the same to the model
+SAME_EMBEDDING = 1e-5  # cosine within this of 1 (float noise): the model cannot tell the texts apart
+
+
+def _gallery_texts(members: Sequence[DualEncoder], record_texts: list[str]) -> tuple[list[str], dict[str, int]]:
+    """One gallery text per text as every member reads it (its tokens: the model cannot tell such texts
+    apart), and each text's gallery text."""
+    texts = list(dict.fromkeys(record_texts))
+    read_as = _same_token_groups(members, texts)
+    kept = sorted(set(read_as))
+    position = {first: n for n, first in enumerate(kept)}
+    return [texts[i] for i in kept], {text: position[read_as[i]] for i, text in enumerate(texts)}
+
+
+def _same_token_groups(members: Sequence[DualEncoder], texts: list[str]) -> list[int]:
+    """For each text, the index of the first text that every member reads as the same tokens."""
+    first: dict[tuple, int] = {}
+    keys = zip(*(member.text_tokens(texts) for member in members), strict=True)
+    return [first.setdefault(key, i) for i, key in enumerate(keys)]
+
+
+def _tied_texts(group: list[int]) -> int:
+    """How many items share their group with another item."""
+    sizes = Counter(group)
+    return sum(size for size in sizes.values() if size > 1)
 
 
 def _same_embedding_groups(text_embs: list[np.ndarray]) -> list[int]:

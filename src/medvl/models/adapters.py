@@ -201,6 +201,11 @@ class HFDualEncoder(DualEncoder):
             inputs["attention_mask"] = tokens["attention_mask"]
         return F.normalize(_pooled(self.model.get_text_features(**inputs)), dim=-1)
 
+    def text_tokens(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """The token ids ``embed_texts`` feeds the text tower, without padding."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return [tuple(row) for row in ids]
+
     def add_head(self, column: str, classes: Sequence[str]) -> None:
         raise ModelError(f"{self.directory}: a transformers {self.model_type} folder is "
                          "inference-only in medvl for now (no supervised heads)")

@@ -127,6 +127,13 @@ class DualEncoder(nn.Module):
         chunks = [self.embed_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         return torch.cat(chunks) if chunks else torch.empty(0, self.config.embed_dim)
 
+    def text_tokens(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """What the text tower reads of each text: its token ids after the tokenizer's normalisation and
+        truncation. Two texts with the same tokens get the same embedding; evaluators use it to tell texts
+        that differ only in what the tower ignores (letter case, spacing, words past its length) from
+        texts that the tower reads differently."""
+        return [tuple(ids) for ids in self.text_encoder.token_ids(texts)]
+
     @torch.no_grad()
     def head_probabilities(self, column: str, features: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a supervised head from backbone features."""

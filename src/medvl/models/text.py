@@ -216,6 +216,13 @@ class TextEncoder(nn.Module):
         )
         return {k: v.to(device) for k, v in batch.items()}
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the tower reads them (``tokenize`` without the padding): after the
+        tokenizer's normalisation (lower case, accents stripped for the WordPiece ones) and truncation to
+        ``max_length``. Texts with the same ids are the same text to the tower."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
+                              return_token_type_ids=False)["input_ids"]
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
             if self.config.tune_top_layers:
