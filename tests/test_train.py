@@ -218,6 +218,25 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(
         assert torch.equal(a, b), name
 
 
+def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
+    """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
+    started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and
+    logs each step once."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1, max_steps=2, log_every=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    other = TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=1, log_every=1)
+    with pytest.raises(InputError, match="this command changes epochs 2 -> 3, lr 0.002 -> 0.01, max_steps 2 -> None"):
+        _train_small(dataset, out, other, resume=True)
+    assert _tree(out) == before
+    _train_small(dataset, out, config, resume=True)
+    assert [line["step"] for line in _metrics(out)] == [1, 2]
+    assert _tree(out) == before  # seeded: the fresh start is the same run
+
+
 DAMAGED_STATES = {"cut short": lambda path: path.write_bytes(path.read_bytes()[:100]),
                   "empty": lambda path: path.write_bytes(b""),
                   "another object": lambda path: torch.save({"step": 3}, path)}

@@ -292,9 +292,9 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     check_out_dir(out_dir, resume)
     present = _entries(out_dir)  # what the folder held before this run: never removed by its cleanup
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
-    state = _resume_state(out_dir) if resume else None
-    if state is not None:
+    if resume:  # also when there is no checkpoint: a fresh start would replace the model of the run there
         check_same_run(out_dir, config, objective)
+    state = _resume_state(out_dir) if resume else None
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
@@ -529,8 +529,8 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.batch_index = state["step"], state["batch_index"]
             log.info("resumed from step %d", self.step)
-            if distributed.is_main():
-                _drop_metrics_after(out_dir / METRICS_FILE, self.step)
+        if distributed.is_main():  # a fresh start in a run folder (step 0) logs every step again
+            _drop_metrics_after(out_dir / METRICS_FILE, self.step)
 
     @property
     def model(self) -> Any:
@@ -723,7 +723,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
     (its ``train_config.json``): another model, data (its path or records), record count, number of processes,
     or any training setting but ``RESUMABLE``. The checkpoint would be continued under the new settings without
     a word (another schedule, batch order or loss; with another model named, the checkpoint's model all the
-    same), and the run folder's settings would no longer say how its model was trained."""
+    same), and the run folder's settings would no longer say how its model was trained. Checked whether or not
+    the folder holds a checkpoint: a run without one (stopped by ``max_steps`` within an epoch) starts fresh, and
+    under other settings that would replace the run's model with another run's."""
     path = out_dir / CONFIG_FILE
     if not path.is_file():
         return
@@ -731,6 +733,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # a damaged settings file: the checkpoint alone decides, as before it was written
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("train"), dict):
+        return  # not a run's settings (damaged, or not written by medvl): nothing to compare with
     now = json_ready({"train": dataclasses.asdict(config), "processes": distributed.world_size(),
                       **objective.describe()})  # as the file holds it
     changed = []
