@@ -237,6 +237,33 @@ def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_i
     assert _tree(out) == before  # seeded: the fresh start is the same run
 
 
+def test_resume_with_another_caption_set_is_refused(small_phantom, tmp_path):
+    """The caption set made the label captions of the steps before the checkpoint and fitted its tokenizer: the
+    rest of the run trained on another one, which the model's meta then claimed for the whole run."""
+    from medvl.data.captions import CaptionConfig
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1, text_source="captions", label_columns=["finding"])
+    out = tmp_path / "run"
+
+    def interrupt(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, captions=captions_for(dataset), on_epoch_end=interrupt)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["captions"] == captions_for(dataset).to_dict()
+    before = _tree(out)
+    other = CaptionConfig(templates=["zzz {} zzz."], classes={"finding": {"nodule": ["qqq spot"]}})
+    with pytest.raises(InputError, match=r"this command changes the caption set \(captions\)\. Resume"):
+        _train_small(dataset, out, config, captions=other, resume=True)
+    assert _tree(out) == before
+    _train_small(dataset, out, config, captions=captions_for(dataset), resume=True)
+    assert json.loads((out / "model" / "meta.json").read_text())["captions"] == saved["captions"]
+
+
 DAMAGED_STATES = {"cut short": lambda path: path.write_bytes(path.read_bytes()[:100]),
                   "empty": lambda path: path.write_bytes(b""),
                   "another object": lambda path: torch.save({"step": 3}, path)}

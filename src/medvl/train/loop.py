@@ -427,8 +427,10 @@ class ContrastiveObjective:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
 
     def describe(self) -> dict[str, Any]:
+        """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
+        prompts are the texts of label captions and fitted the tokenizer; the model's meta keeps it)."""
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
-                "records_sha256": records_digest(self.dataset.records)}
+                "records_sha256": records_digest(self.dataset.records), "captions": self.texts.captions.to_dict()}
 
     def finish(self, steps: int) -> None:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
@@ -715,7 +717,8 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "records_sha256": "the data's records (a report, label, split or image file changed since)",
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout")  # recorded since runs could have started: compared when present
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions")  # recorded since runs could have started: compared
+# when present
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -755,6 +758,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key in DATA_DIGESTS:
             if before != after:
                 changed.append(DATA_DIGESTS[key])
+        elif key == "captions":
+            if before != after:  # named, not quoted: a caption set can be long
+                changed.append("the caption set (captions)")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
             if _with_added_defaults(before) != after:
                 names = (before.get("name"), after.get("name"))
