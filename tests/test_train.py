@@ -300,6 +300,18 @@ def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_st
         _train_small(dataset, out, TrainConfig(epochs=3, batch_size=16), on_epoch_end=damage_then_diverge)
 
 
+def test_a_learning_rate_that_runs_the_temperature_away_stops_the_run(small_phantom, tmp_path):
+    """lr 10 (accepted) drove the learned temperature to 3.6e19: every logit 0, the loss finite at ln(batch), and
+    the run saved a constant model with exit 0. It now stops as a NaN loss does; no checkpoint, nothing left."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"run: training stopped at step 1: the temperature of the image-text "
+                                            r"logits became .* \(above 100\): every image scores every text alike.*"
+                                            r"--lr 10\); lower --lr; no checkpoint was written"):
+        _train_small(dataset, out, TrainConfig(epochs=2, batch_size=16, lr=10.0, seed=1))
+    assert not out.exists()
+
+
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):
     dataset = medvl.load_dataset(tiny_npz, label_columns=["label"]).select("train")
     model = medvl.create_model("medmnist-small", **{"image.widths": [8, 16, 32, 64]})

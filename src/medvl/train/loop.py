@@ -58,6 +58,8 @@ STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and bat
 CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
+MAX_TEMPERATURE = 100.0  # a learned temperature above this (the highest a model may start at) leaves the image-text
+# logits within 0.02 of each other: the contrastive loss sits at its chance value and teaches nothing
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
 
 
@@ -426,6 +428,17 @@ class ContrastiveObjective:
     def log_extra(self) -> dict[str, float]:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
 
+    def collapse(self) -> str | None:
+        """Why the model can no longer learn, else None: a learned temperature run away past ``MAX_TEMPERATURE``
+        (too high a learning rate; ``contrastive_loss`` clamps it from below only). Every logit is then about the
+        same, the loss stays finite at its chance value and the gradients reaching the towers vanish, so the run
+        would go on and save a constant model."""
+        temperature = float(1 / self.model.logit_scale.detach().exp())
+        if self.config.contrastive_weight == 0 or temperature <= MAX_TEMPERATURE:
+            return None
+        return (f"the temperature of the image-text logits became {temperature:.3g} (above {MAX_TEMPERATURE:g}): "
+                "every image scores every text alike, and the model learns nothing more")
+
     def describe(self) -> dict[str, Any]:
         """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
         prompts are the texts of label captions and fitted the tokenizer; the model's meta keeps it)."""
@@ -582,6 +595,7 @@ class _Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self._check_finite("the gradient norm", grad_norm)
         self.optimizer.step()
+        self._check_learning()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -606,6 +620,18 @@ class _Run:
                             f"{float(value.detach())} (learning rate {lr:.3g} at this step, --lr {self.config.lr:g}); "
                             "lower --lr or check the data for "
                             f"NaN / infinite values; {self._last_checkpoint()}")
+
+    def _check_learning(self) -> None:
+        """Stop when the objective's model can no longer learn (its ``collapse``, if it has one, gives the reason):
+        the loss stays finite, so ``_check_finite`` never fires, and the run would save a constant model. Checked
+        after the optimizer step, before a checkpoint could keep the weights; every rank holds the same ones."""
+        collapse = getattr(self.objective, "collapse", None)
+        reason = collapse() if collapse is not None else None
+        if reason is None:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        raise TrainingError(f"{self.out_dir}: training stopped at step {self.step + 1}: {reason} (learning rate "
+                            f"{lr:.3g} at this step, --lr {self.config.lr:g}); lower --lr; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
         state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
