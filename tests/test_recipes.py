@@ -123,6 +123,9 @@ def test_train_set_reaches_every_train_config_field_and_refuses_two_values():
         train_options({"lr": 0.01}, ["lr=0.02"])
     with pytest.raises(InputError, match="self_supervised_epochs must be int"):
         resolve_recipe("derm-small", **train_options({}, ["self_supervised_epochs=\"4\""]))
+    # the recipe comes from the model: a recipe given as a setting was dropped without a word
+    with pytest.raises(InputError, match="recipe='cxr-small': the recipe is the model's, not a training option"):
+        resolve_recipe("phantom-tiny", **train_options({}, ["recipe=cxr-small"]))
 
 
 def test_volume3d_benchmark_trains_the_recipe():

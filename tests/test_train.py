@@ -240,6 +240,52 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(
         assert torch.equal(a, b), name
 
 
+def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
+    """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
+    started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and
+    logs each step once."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1, max_steps=2, log_every=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    other = TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=1, log_every=1)
+    with pytest.raises(InputError, match="this command changes epochs 2 -> 3, lr 0.002 -> 0.01, max_steps 2 -> None"):
+        _train_small(dataset, out, other, resume=True)
+    assert _tree(out) == before
+    _train_small(dataset, out, config, resume=True)
+    assert [line["step"] for line in _metrics(out)] == [1, 2]
+    assert _tree(out) == before  # seeded: the fresh start is the same run
+
+
+def test_resume_with_another_caption_set_is_refused(small_phantom, tmp_path):
+    """The caption set made the label captions of the steps before the checkpoint and fitted its tokenizer: the
+    rest of the run trained on another one, which the model's meta then claimed for the whole run."""
+    from medvl.data.captions import CaptionConfig
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1, text_source="captions", label_columns=["finding"])
+    out = tmp_path / "run"
+
+    def interrupt(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, captions=captions_for(dataset), on_epoch_end=interrupt)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["captions"] == captions_for(dataset).to_dict()
+    before = _tree(out)
+    other = CaptionConfig(templates=["zzz {} zzz."], classes={"finding": {"nodule": ["qqq spot"]}})
+    with pytest.raises(InputError, match=r"this command changes the caption set \(captions\)\. Resume"):
+        _train_small(dataset, out, config, captions=other, resume=True)
+    assert _tree(out) == before
+    _train_small(dataset, out, config, captions=captions_for(dataset), resume=True)
+    assert json.loads((out / "model" / "meta.json").read_text())["captions"] == saved["captions"]
+
+
 DAMAGED_STATES = {"cut short": lambda path: path.write_bytes(path.read_bytes()[:100]),
                   "empty": lambda path: path.write_bytes(b""),
                   "another object": lambda path: torch.save({"step": 3}, path)}
@@ -274,6 +320,18 @@ def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_st
     with pytest.raises(TrainingError, match="the last checkpoint cannot be resumed .*state.pt: damaged checkpoint "
                                             "state"):
         _train_small(dataset, out, TrainConfig(epochs=3, batch_size=16), on_epoch_end=damage_then_diverge)
+
+
+def test_a_learning_rate_that_runs_the_temperature_away_stops_the_run(small_phantom, tmp_path):
+    """lr 10 (accepted) drove the learned temperature to 3.6e19: every logit 0, the loss finite at ln(batch), and
+    the run saved a constant model with exit 0. It now stops as a NaN loss does; no checkpoint, nothing left."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"run: training stopped at step 1: the temperature of the image-text "
+                                            r"logits became .* \(above 100\): every image scores every text alike.*"
+                                            r"--lr 10\); lower --lr; no checkpoint was written"):
+        _train_small(dataset, out, TrainConfig(epochs=2, batch_size=16, lr=10.0, seed=1))
+    assert not out.exists()
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

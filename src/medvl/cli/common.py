@@ -52,7 +52,8 @@ CovariatesOption = Annotated[str | None, typer.Option(
          "none = image only; default: the recipe's / the model's).")]
 TrainSetOption = Annotated[list[str] | None, typer.Option(
     "--train-set", help="Any training setting key=value (JSON value; repeatable), e.g. self_supervised_epochs=60: "
-                        "the fields medvl models --recipe NAME lists under train (default: the recipe's).")]
+                        "the fields medvl models --recipe NAME lists under train, but recipe, which --model sets "
+                        "(default: the recipe's).")]
 SkipFlaggedOption = Annotated[bool | None, typer.Option(
     "--skip-flagged/--keep-flagged", help="Train without the images the audit (medvl audit) finds unreadable, "
                                           "blank or streaked (default: the recipe's, else keep).")]

@@ -58,6 +58,8 @@ STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and bat
 CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
+MAX_TEMPERATURE = 100.0  # a learned temperature above this (the highest a model may start at) leaves the image-text
+# logits within 0.02 of each other: the contrastive loss sits at its chance value and teaches nothing
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
 
 
@@ -292,9 +294,9 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     check_out_dir(out_dir, resume)
     present = _entries(out_dir)  # what the folder held before this run: never removed by its cleanup
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
-    state = _resume_state(out_dir) if resume else None
-    if state is not None:
+    if resume:  # also when there is no checkpoint: a fresh start would replace the model of the run there
         check_same_run(out_dir, config, objective)
+    state = _resume_state(out_dir) if resume else None
     if state is None:
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
@@ -426,9 +428,22 @@ class ContrastiveObjective:
     def log_extra(self) -> dict[str, float]:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
 
+    def collapse(self) -> str | None:
+        """Why the model can no longer learn, else None: a learned temperature run away past ``MAX_TEMPERATURE``
+        (too high a learning rate; ``contrastive_loss`` clamps it from below only). Every logit is then about the
+        same, the loss stays finite at its chance value and the gradients reaching the towers vanish, so the run
+        would go on and save a constant model."""
+        temperature = float(1 / self.model.logit_scale.detach().exp())
+        if self.config.contrastive_weight == 0 or temperature <= MAX_TEMPERATURE:
+            return None
+        return (f"the temperature of the image-text logits became {temperature:.3g} (above {MAX_TEMPERATURE:g}): "
+                "every image scores every text alike, and the model learns nothing more")
+
     def describe(self) -> dict[str, Any]:
+        """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
+        prompts are the texts of label captions and fitted the tokenizer; the model's meta keeps it)."""
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
-                "records_sha256": records_digest(self.dataset.records)}
+                "records_sha256": records_digest(self.dataset.records), "captions": self.texts.captions.to_dict()}
 
     def finish(self, steps: int) -> None:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
@@ -529,8 +544,8 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.batch_index = state["step"], state["batch_index"]
             log.info("resumed from step %d", self.step)
-            if distributed.is_main():
-                _drop_metrics_after(out_dir / METRICS_FILE, self.step)
+        if distributed.is_main():  # a fresh start in a run folder (step 0) logs every step again
+            _drop_metrics_after(out_dir / METRICS_FILE, self.step)
 
     @property
     def model(self) -> Any:
@@ -580,6 +595,7 @@ class _Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self._check_finite("the gradient norm", grad_norm)
         self.optimizer.step()
+        self._check_learning()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -604,6 +620,18 @@ class _Run:
                             f"{float(value.detach())} (learning rate {lr:.3g} at this step, --lr {self.config.lr:g}); "
                             "lower --lr or check the data for "
                             f"NaN / infinite values; {self._last_checkpoint()}")
+
+    def _check_learning(self) -> None:
+        """Stop when the objective's model can no longer learn (its ``collapse``, if it has one, gives the reason):
+        the loss stays finite, so ``_check_finite`` never fires, and the run would save a constant model. Checked
+        after the optimizer step, before a checkpoint could keep the weights; every rank holds the same ones."""
+        collapse = getattr(self.objective, "collapse", None)
+        reason = collapse() if collapse is not None else None
+        if reason is None:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        raise TrainingError(f"{self.out_dir}: training stopped at step {self.step + 1}: {reason} (learning rate "
+                            f"{lr:.3g} at this step, --lr {self.config.lr:g}); lower --lr; {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
         state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
@@ -715,7 +743,8 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "records_sha256": "the data's records (a report, label, split or image file changed since)",
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout")  # recorded since runs could have started: compared when present
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions")  # recorded since runs could have started: compared
+# when present
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -723,7 +752,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
     (its ``train_config.json``): another model, data (its path or records), record count, number of processes,
     or any training setting but ``RESUMABLE``. The checkpoint would be continued under the new settings without
     a word (another schedule, batch order or loss; with another model named, the checkpoint's model all the
-    same), and the run folder's settings would no longer say how its model was trained."""
+    same), and the run folder's settings would no longer say how its model was trained. Checked whether or not
+    the folder holds a checkpoint: a run without one (stopped by ``max_steps`` within an epoch) starts fresh, and
+    under other settings that would replace the run's model with another run's."""
     path = out_dir / CONFIG_FILE
     if not path.is_file():
         return
@@ -731,6 +762,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # a damaged settings file: the checkpoint alone decides, as before it was written
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("train"), dict):
+        return  # not a run's settings (damaged, or not written by medvl): nothing to compare with
     now = json_ready({"train": dataclasses.asdict(config), "processes": distributed.world_size(),
                       **objective.describe()})  # as the file holds it
     changed = []
@@ -751,6 +784,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key in DATA_DIGESTS:
             if before != after:
                 changed.append(DATA_DIGESTS[key])
+        elif key == "captions":
+            if before != after:  # named, not quoted: a caption set can be long
+                changed.append("the caption set (captions)")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
             if _with_added_defaults(before) != after:
                 names = (before.get("name"), after.get("name"))

@@ -108,6 +108,10 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
     """
     recipe = recipe_of(model)
     given = {key: value for key, value in train_options.items() if value is not None}
+    if "recipe" in given:  # it records where the defaults came from: set here, from the model, so a value given
+        # would be dropped without a word
+        raise InputError(f"recipe={given['recipe']!r}: the recipe is the model's, not a training option "
+                         "(--model NAME trains NAME's recipe; `medvl models --recipe NAME` prints it)")
     config = build_dataclass(TrainConfig, {**recipe.train, **given}, "train")
     config.recipe = str(model) if recipe != Recipe() else None
     config.validate_numbers()
