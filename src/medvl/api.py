@@ -58,13 +58,18 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
 
 
 def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:
-    """The one label column a task needs: the one given, else the dataset's default."""
+    """The one label column a task needs: the one given, else the dataset's default. A dataset with several
+    default label columns (a multi-label ``.npz``, a DICOM folder's ``labels.csv``) is an InputError naming
+    them: scoring the first one alone would leave the others out without a word."""
     chosen = list(labels or dataset.default_labels)
     if not chosen:
         raise InputError(f"{dataset.source}: {task} needs a label column (--label-column); "
                          f"available: {', '.join(dataset.label_names) or 'none'}")
     if len(chosen) > 1 and labels:
         raise InputError(f"{task} takes one label column, got {', '.join(labels)}")
+    if len(chosen) > 1:
+        raise InputError(f"{dataset.source}: the dataset has {len(chosen)} default label columns "
+                         f"({', '.join(chosen)}) and {task} takes one: pass --label-column")
     dataset.require_label(chosen[0])
     return chosen[0]
 
