@@ -335,6 +335,22 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     return {**result, "label": column, "model": str(model)}
 
 
+def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = None,
+                           allow_outside_root: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """``eval.vqa.evaluate_vqa`` of a saved VQA model (or a local transformers VLM folder) on the questions at
+    ``data``: ``split`` (None: ``test`` when the data has it, else every question; ``heldout``: the questions
+    the model held out); the result names the model and data as given, as every evaluator's does."""
+    from .data.loaders.vqa import load_vqa
+    from .eval.vqa import evaluate_vqa
+    from .models.vqa import load_vqa_model, scored_split, select_questions
+
+    net = load_vqa_model(model)
+    questions = load_vqa(data, allow_outside_root=allow_outside_root)
+    items = select_questions(questions, split, str(data), "test", holdout=net.meta.get("holdout"))
+    result = evaluate_vqa(net, items, str(data), show_progress=show_progress)
+    return {**result, "model": str(model), "data": str(data), "split": scored_split(questions, split, "test")}
+
+
 def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[str, Any]:
     """``eval.vqa.answer_with_rationale`` for decoded images (uploads held in memory, earlier film
     first): the answer, its probability, the top alternative, the answer type and, from a medvl VQA
