@@ -198,6 +198,29 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
 
 
+def test_a_probe_scored_on_a_split_lacking_a_class_names_it(trained, phantom_dir, tmp_path):
+    """The probe left a class without a scored record out of its macro AUC without a word (zero-shot says it)."""
+    import csv
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    gone = sorted({row["finding"] for row in rows if row["split"] == "test"})[0]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for row in rows if not (row["split"] == "test" and row["finding"] == gone))
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", data, "--test-data", data,
+                            "--few-shot", "1", "--json", tmp_path / "lp.json")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "lp.json").read_text())
+    assert metrics["classes_absent"] == [gone] and gone in metrics["classes"]
+    n_classes = len(metrics["classes"])
+    assert f"1 of the {n_classes} classes of 'finding' have no scored record; the macro AUC leaves them out: " \
+        f"{gone}" in " ".join(output.split())
+
+
 def test_a_dataset_with_several_default_label_columns_needs_one_named(trained, tmp_path):
     """A multi-label npz has every column as a default label: zero-shot and linear-probe scored the first one
     alone and left the others out without a word; they now ask for --label-column, naming the columns."""
