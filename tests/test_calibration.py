@@ -142,6 +142,27 @@ def test_temperature_of_calibrated_logits_is_close_to_one():
     assert fit_temperature(logits, targets) == pytest.approx(1.0, abs=0.12)
 
 
+def test_a_temperature_fitted_at_the_end_of_its_search_range_is_said(caplog):
+    """Two confidently wrong records push the NLL's optimum past T = 100: every probability came out near uniform
+    and 'ECE after' fell by flattening, reported as a plain temperature without a word."""
+    from medvl.eval.calibration import calibration_report
+
+    scored, y_scored = _random(4, n=60, k=3)
+    wrong = np.array([[6.0, 0.0, 0.0], [0.0, 6.0, 0.0]]), np.array([1, 2])
+    with caplog.at_level("WARNING"):
+        block = calibration_report(*wrong, scored, y_scored)
+    assert block["temperature"] == pytest.approx(100.0) and block["temperature_at_bound"] == "upper"
+    assert "the temperature fitted on 2 records is 100, the upper end of its search range 0.01..100" in caplog.text
+    right = np.array([[6.0, 0.0, 0.0], [0.0, 6.0, 0.0]]), np.array([0, 1])  # separable: T wants to go to 0
+    assert calibration_report(*right, scored, y_scored)["temperature_at_bound"] == "lower"
+    caplog.clear()
+    logits, targets = _random(5, n=200, k=3)
+    with caplog.at_level("WARNING"):
+        fitted = calibration_report(logits + 3 * np.eye(3)[targets], targets, scored, y_scored)
+    assert fitted["temperature_at_bound"] is None and 0.01 < fitted["temperature"] < 100
+    assert "search range" not in caplog.text
+
+
 def test_inputs_are_checked():
     probs, targets = softmax(np.zeros((4, 3))), np.array([0, 1, 2, 0])
     with pytest.raises(InputError, match="sum to 1"):

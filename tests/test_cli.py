@@ -198,6 +198,52 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
 
 
+def test_a_probe_scored_on_a_split_lacking_a_class_names_it(trained, phantom_dir, tmp_path):
+    """The probe left a class without a scored record out of its macro AUC without a word (zero-shot says it)."""
+    import csv
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    gone = sorted({row["finding"] for row in rows if row["split"] == "test"})[0]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for row in rows if not (row["split"] == "test" and row["finding"] == gone))
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", data, "--test-data", data,
+                            "--few-shot", "1", "--json", tmp_path / "lp.json")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "lp.json").read_text())
+    assert metrics["classes_absent"] == [gone] and gone in metrics["classes"]
+    n_classes = len(metrics["classes"])
+    assert f"1 of the {n_classes} classes of 'finding' have no scored record; the macro AUC leaves them out: " \
+        f"{gone}" in " ".join(output.split())
+
+
+def test_a_dataset_with_several_default_label_columns_needs_one_named(trained, tmp_path):
+    """A multi-label npz has every column as a default label: zero-shot and linear-probe scored the first one
+    alone and left the others out without a word; they now ask for --label-column, naming the columns."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "multi.npz"
+    sizes = {"train": 24, "test": 12}
+    np.savez(data, **{f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in sizes.items()},
+             **{f"{s}_labels": np.tile([[0, 1, 1], [1, 0, 0]], (n // 2, 1)).astype(np.uint8)
+                for s, n in sizes.items()})
+    columns = "the dataset has 3 default label columns (label_0, label_1, label_2)"
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", data, "--split", "test",
+                            "--json", tmp_path / "zs.json", "-q")
+    assert_clean_failure(result, output, "multi.npz", columns, "--label-column")
+    assert not (tmp_path / "zs.json").exists()
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", data, "--test-data", data,
+                            "--few-shot", "1", "-q")
+    assert_clean_failure(result, output, "multi.npz", columns, "--label-column")
+    result, output = invoke("eval", "zero-shot", "--model", trained, "--data", data, "--split", "test",
+                            "--label-column", "label_1", "--json", tmp_path / "zs.json", "-q")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "zs.json").read_text())["label"] == "label_1"
+
+
 def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warning(trained, phantom_dir, tmp_path):
     train_size = len(load_dataset(phantom_dir).select("train"))
     meta = json.loads((trained / "model" / "meta.json").read_text())["training"]

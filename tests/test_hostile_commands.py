@@ -98,6 +98,28 @@ def test_existing_output_file_is_refused_before_any_work(commands, name, phantom
 
 
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_an_output_where_no_file_can_be_written_is_refused_before_any_work(commands, name, phantom_dir):
+    """Only the existence and kind of the output were checked first: the command did all its work, printed it and
+    then failed to write in /proc (or a read-only mount). The nearest existing folder is now tried first."""
+    option = "--report" if name.startswith("deid") else "--json"
+    before = _files(phantom_dir)
+    for target in ("/proc/medvl-result.json", "/proc/no/such/folder/result.json"):
+        result, output = invoke(*commands[name], option, target)
+        line = f"error: {target}: cannot write: No such file or directory"
+        _assert_clean_refusal(result, output, line)
+        assert set(output.strip().splitlines()) == {line}, output  # nothing loaded or printed before it
+    assert _files(phantom_dir) == before
+
+
+@pytest.mark.parametrize("name", [name for name in OUTPUT_COMMANDS if not name.startswith("deid")])
+def test_a_json_path_ending_with_a_slash_is_a_folder_and_refused(commands, name, tmp_path):
+    """``--json newdir/`` wrote a file named ``newdir``: Path drops the slash."""
+    result, output = invoke(*commands[name], "--json", f"{tmp_path / 'newdir'}/")
+    _assert_clean_refusal(result, output, "--json names a folder (it ends with a slash)")
+    assert not (tmp_path / "newdir").exists()
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
 def test_a_symlinked_output_is_never_followed(commands, name, tmp_path):
     precious = tmp_path / "precious.json"
     precious.write_bytes(SENTINEL)

@@ -216,6 +216,20 @@ def test_manifest_csv_with_split_column(tmp_path):
     assert len(load_dataset(tmp_path, ["finding"]).select("train")) == 2
 
 
+def test_a_split_named_all_beside_other_splits_is_refused(tmp_path):
+    """``--split all`` means every record: rows whose split is 'all' beside a test split could not be selected
+    alone, and ``--split all`` took the test rows with them without a word."""
+    _images(tmp_path, ["a.png", "b.png", "c.png"])
+    (tmp_path / "manifest.csv").write_text(
+        "image,finding,split\na.png,normal,test\nb.png,effusion,all\nc.png,normal,all\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"manifest.csv: 2 of 3 rows have the split 'all' \(first: line 3\) beside "
+                                        r"other splits; 'all' is the reserved name for every record"):
+        load_dataset(tmp_path)
+    (tmp_path / "manifest.csv").write_text(  # every row 'all': one split, as without a split column
+        "image,finding,split\na.png,normal,all\nb.png,effusion,all\n", encoding="utf-8")
+    assert load_dataset(tmp_path).splits == [ALL_SPLITS]
+
+
 def test_manifest_jsonl_without_split_column(tmp_path):
     _images(tmp_path, ["x.png", "y.png"])
     rows = [{"image": "x.png", "caption": "a cxr", "id": "case-1", "positive": 1},

@@ -246,6 +246,19 @@ def test_evaluation_leaves_out_references_without_words(trained, phantom_dir, ca
     assert "---" not in caplog.text  # report text is patient data
 
 
+def test_the_result_has_the_headline_numbers_as_top_level_keys(trained, phantom_dir):
+    """BLEU, ROUGE-L, CIDEr and finding F1 were only nested under ``generator`` / ``nearest_report``, unlike every
+    other evaluator's JSON."""
+    from medvl.eval.report import evaluate_report_generator
+
+    model, _, train = trained
+    test = medvl.load_dataset(phantom_dir).select("test")[:3]
+    result = evaluate_report_generator(model, test, train[:8], max_length=4, show_progress=False)
+    for key in ("bleu_1", "bleu_4", "rouge_l", "cider", "micro_f1", "macro_f1"):
+        assert result[key] == result["generator"][key]
+        assert result[f"nearest_report_{key}"] == result["nearest_report"][key]
+
+
 # ------------------------------------------------------------------ the commands
 
 

@@ -113,6 +113,22 @@ def test_eval_json_names_the_split_scored(trained, phantom, tmp_path):
         assert json.loads(out.read_text())["split"] == expected
 
 
+def test_eval_json_names_the_model_and_data_as_given(trained, phantom, tmp_path):
+    """The JSON kept only their last names (``"model": "model", "data": "vqa"``), losing where the figures came
+    from; it names them as given, as the other evaluators do, in the CLI and the Python API."""
+    out = tmp_path / "v.json"
+    result, output = invoke("eval", "vqa", "--model", trained / "model", "--data", phantom / "vqa", "--split", "test",
+                            "--json", out, "--quiet")
+    assert result.exit_code == 0, output
+    written = json.loads(out.read_text())
+    assert (written["model"], written["data"]) == (str(trained / "model"), str(phantom / "vqa"))
+    from medvl.api import evaluate_vqa_from_path
+
+    direct = evaluate_vqa_from_path(trained, phantom / "vqa", "test", show_progress=False)
+    assert (direct["model"], direct["data"], direct["split"]) == (str(trained), str(phantom / "vqa"), "test")
+    assert direct["overall_accuracy"] == written["overall_accuracy"]
+
+
 def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path):
     out = tmp_path / "held.json"
     result, output = invoke("eval", "vqa", "--model", trained, "--data", phantom / "vqa", "--split", "heldout",

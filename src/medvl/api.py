@@ -58,13 +58,18 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
 
 
 def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:
-    """The one label column a task needs: the one given, else the dataset's default."""
+    """The one label column a task needs: the one given, else the dataset's default. A dataset with several
+    default label columns (a multi-label ``.npz``, a DICOM folder's ``labels.csv``) is an InputError naming
+    them: scoring the first one alone would leave the others out without a word."""
     chosen = list(labels or dataset.default_labels)
     if not chosen:
         raise InputError(f"{dataset.source}: {task} needs a label column (--label-column); "
                          f"available: {', '.join(dataset.label_names) or 'none'}")
     if len(chosen) > 1 and labels:
         raise InputError(f"{task} takes one label column, got {', '.join(labels)}")
+    if len(chosen) > 1:
+        raise InputError(f"{dataset.source}: the dataset has {len(chosen)} default label columns "
+                         f"({', '.join(chosen)}) and {task} takes one: pass --label-column")
     dataset.require_label(chosen[0])
     return chosen[0]
 
@@ -353,6 +358,22 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
     if copies is not None:
         result["copies_in_fit"] = copies
     return {**result, "label": column, "model": str(model)}
+
+
+def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = None,
+                           allow_outside_root: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """``eval.vqa.evaluate_vqa`` of a saved VQA model (or a local transformers VLM folder) on the questions at
+    ``data``: ``split`` (None: ``test`` when the data has it, else every question; ``heldout``: the questions
+    the model held out); the result names the model and data as given, as every evaluator's does."""
+    from .data.loaders.vqa import load_vqa
+    from .eval.vqa import evaluate_vqa
+    from .models.vqa import load_vqa_model, scored_split, select_questions
+
+    net = load_vqa_model(model)
+    questions = load_vqa(data, allow_outside_root=allow_outside_root)
+    items = select_questions(questions, split, str(data), "test", holdout=net.meta.get("holdout"))
+    result = evaluate_vqa(net, items, str(data), show_progress=show_progress)
+    return {**result, "model": str(model), "data": str(data), "split": scored_split(questions, split, "test")}
 
 
 def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[str, Any]:

@@ -171,7 +171,14 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     then only a regular file is ever replaced: a symlink, folder, device, FIFO or socket is refused
     whatever ``overwrite`` says, so that ``--json /dev/sda`` or ``--json link-to-config.json`` cannot
     clobber what they point at.
+
+    A path given as text that ends with a slash (``--json newdir/``) names a folder and is refused (``Path``
+    would drop the slash and write a file ``newdir``). The nearest existing folder on the way must let a file
+    be created in it (a file is created there and removed at once): an unwritable place (a read-only mount,
+    ``/proc``, ``/sys``, a folder of another user) is a ``WriteError`` now, not after the command's work.
     """
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise InputError(f"{path}: {option} names a folder (it ends with a slash); give a file path")
     path = Path(path)
     try:
         info = path.lstat()
@@ -180,16 +187,31 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     except NotADirectoryError:
         raise InputError(f"{path}: {option} path runs through a file, not a folder") from None
     check_not_an_input(path, option, inputs or {})
-    if info is None:
-        return path
-    if stat.S_ISLNK(info.st_mode):
-        raise InputError(f"{path}: {option} is a symbolic link; give a regular file path")
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-        raise InputError(f"{path}: {option} is {kind}; give a regular file path")
-    if not overwrite:
-        raise InputError(f"{path}: {option} file exists (use --overwrite to replace it)")
+    if info is not None:
+        if stat.S_ISLNK(info.st_mode):
+            raise InputError(f"{path}: {option} is a symbolic link; give a regular file path")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise InputError(f"{path}: {option} is {kind}; give a regular file path")
+        if not overwrite:
+            raise InputError(f"{path}: {option} file exists (use --overwrite to replace it)")
+    _check_creatable(path, option)
     return path
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """Create and remove a file in the nearest existing folder of ``path`` (where ``atomic_write_bytes`` puts its
+    temporary file, or creates the missing folders): a ``WriteError`` naming ``path`` when that fails. Trying is
+    the only sure test: ``os.access`` says yes to root on a read-only mount or in ``/proc``."""
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: {option} path runs through a file, not a folder")
+    with write_errors_named(path):
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
 
 
 def check_output_folder(path: str | Path | None, option: str = "output") -> None:

@@ -838,6 +838,10 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     if block["ece_after"] > block["ece_before"]:
         ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} raises ECE on {spec.split} "
                                 f"({block['ece_before']:.3f} -> {block['ece_after']:.3f})")
+    if block["temperature_at_bound"] is not None:
+        ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} ({block['n_fit']} records) is "
+                                f"{block['temperature']:g}, the {block['temperature_at_bound']} end of its search "
+                                "range: the figures after scaling do not come from calibration")
 
 
 RISK_COVERAGE_POINTS = 50  # points of the risk-coverage curve kept for the plot

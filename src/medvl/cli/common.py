@@ -36,7 +36,8 @@ LabelOption = Annotated[list[str] | None, typer.Option(
 OneLabelOption = Annotated[list[str] | None, typer.Option(
     "--label-column", "-l", help="Label column to score (one); default: the dataset's own.")]
 SplitOption = Annotated[str, typer.Option(help="Split to use; 'all' uses every record.")]
-JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")]
+# text, not Path: a trailing slash (``--json newdir/``, a folder) must reach io.check_output_file, and Path drops it
+JsonOption = Annotated[str | None, typer.Option("--json", help="Write the metrics to this JSON file.")]
 CaptionsOption = Annotated[Path | None, typer.Option(
     help="Caption templates / class descriptions (YAML or JSON) for prompts and label captions.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -66,7 +67,7 @@ BackendOption = Annotated[str, typer.Option(
          "see docs/benchmarks.md for which is fastest.")]
 
 
-def check_outputs(overwrite: bool, inputs: InputPaths | None = None, **paths: Path | None) -> None:
+def check_outputs(overwrite: bool, inputs: InputPaths | None = None, **paths: str | Path | None) -> None:
     """Refuse a command's output files before it starts its work (see ``io.check_output_file``): existing
     ones without ``overwrite``; whatever ``overwrite`` says, two options naming the same file and an output
     that is one of the command's ``inputs`` (option -> path or paths: the model, index and dataset folders,
@@ -159,7 +160,7 @@ def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-def emit_json(result: dict, json_path: Path | None, overwrite: bool = False, option: str = "--json") -> None:
+def emit_json(result: dict, json_path: str | Path | None, overwrite: bool = False, option: str = "--json") -> None:
     """Write a command's result to ``--json`` (atomically) when one was given, and say so.
 
     The target is checked again at write time (it may have appeared while the command ran).

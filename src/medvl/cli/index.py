@@ -199,7 +199,7 @@ def search_command(
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of the dataset the index was built from: also list each hit's image file there "
              "(the index stores paths relative to it).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
     backend: BackendOption = "torch",
 ) -> None:

@@ -57,7 +57,7 @@ def draft_command(
     related: Annotated[int, typer.Option(
         help="Also list this many knowledge entries closest to the image embedding (a weak signal with "
              "small models).")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the draft to this JSON file.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the draft to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Draft a report from the k nearest cases' reports: consensus findings, sentences ranked by

@@ -114,16 +114,10 @@ def eval_vqa_command(
 ) -> None:
     """Exact-match accuracy (closed, open, overall), open token F1, per question type, beside the
     blank-image and question-only baselines."""
-    from ..data.loaders.vqa import load_vqa
-    from ..eval.vqa import evaluate_vqa
-    from ..models.vqa import load_vqa_model, scored_split, select_questions
+    from ..api import evaluate_vqa_from_path
 
     check_outputs(overwrite, {"--model": model, "--data": data}, json=json_out)
-    net = load_vqa_model(model)
-    questions = load_vqa(data, allow_outside_root=allow_outside_root)
-    items = select_questions(questions, split, str(data), "test", holdout=net.meta.get("holdout"))
-    result = evaluate_vqa(net, items, str(data), show_progress=not quiet)
-    result.update(model=model.name, data=data.name, split=scored_split(questions, split, "test"))
+    result = evaluate_vqa_from_path(model, data, split, allow_outside_root, show_progress=not quiet)
     print_metrics(f"VQA ({result['n']} questions: {result['n_closed']} closed, {result['n_open']} open)", {
         key: result[key] for key in ("closed_accuracy", "open_accuracy", "overall_accuracy", "open_token_f1",
                                      "blank_image_overall_accuracy", "question_only_overall_accuracy",

@@ -7,9 +7,15 @@ the target. Each function is checked against a loop reference in the tests.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+TEMPERATURE_BOUNDS = (0.01, 100.0)  # fit_temperature's search range
 
 
 def _check_targets(targets: np.ndarray, n: int, num_classes: int) -> np.ndarray:
@@ -93,7 +99,8 @@ def brier_score(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(((probs - one_hot) ** 2).sum(1).mean())
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.01, 100.0)) -> float:
+def fit_temperature(logits: np.ndarray, targets: np.ndarray,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The scalar T > 0 in ``bounds`` minimising the NLL of softmax(logits / T).
 
     A grid over log T followed by two finer grids around the best point; the NLL is smooth and
@@ -109,6 +116,16 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float
         best = float(grid[at])
         low, high = grid[max(at - 1, 0)], grid[min(at + 1, len(grid) - 1)]
     return float(np.exp(best))
+
+
+def temperature_at_bound(temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> str | None:
+    """``"upper"`` or ``"lower"`` when a fitted temperature is the end of ``fit_temperature``'s search range (the
+    NLL still fell there: the optimum lies beyond it), else None. At the upper end every probability is near
+    uniform, which lowers ECE by flattening, not by calibrating (a few fitted records all misclassified do it)."""
+    for name, bound in (("lower", bounds[0]), ("upper", bounds[1])):
+        if abs(np.log(temperature) - np.log(bound)) < 1e-6:
+            return name
+    return None
 
 
 def risk_coverage(probs: np.ndarray, targets: np.ndarray) -> dict:
@@ -157,14 +174,23 @@ def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: 
     """Fit a temperature on (``fit_logits``, ``fit_targets``) and report calibration of (``logits``,
     ``targets``) before and after dividing by it: ECE, Brier, NLL, reliability bins, a few points of
     the risk-coverage curve (after scaling) with its area, and the abstention threshold at ``target_risk``.
+    ``temperature_at_bound`` is ``"upper"`` / ``"lower"`` when the fitted temperature is the end of its search
+    range (``temperature_at_bound``; warned about: the figures after scaling then mean little), else None.
     Temperature scaling leaves the argmax, hence accuracy and the risk-coverage ranking, unchanged."""
     temperature = fit_temperature(fit_logits, fit_targets)
+    at_bound = temperature_at_bound(temperature)
+    if at_bound is not None:
+        log.warning("the temperature fitted on %d records is %g, the %s end of its search range %g..%g: the optimum "
+                    "lies beyond it and the 'after' figures come from %s probabilities, not from calibration; fit it "
+                    "on a larger calibration split", len(fit_targets), temperature, at_bound, *TEMPERATURE_BOUNDS,
+                    "flattened (near uniform)" if at_bound == "upper" else "sharpened (near 0 / 1)")
     logits, targets = _check_scores(logits, targets, "logits")
     before, after = softmax(logits), softmax(logits / temperature)
     curve = risk_coverage(after, targets)
     picks = np.unique(np.linspace(0, len(curve["coverage"]) - 1, curve_points).round().astype(int))
     return {
-        "temperature": temperature, "n_fit": int(len(fit_targets)), "n": int(len(targets)),
+        "temperature": temperature, "temperature_at_bound": at_bound, "n_fit": int(len(fit_targets)),
+        "n": int(len(targets)),
         "ece_before": expected_calibration_error(before, targets, bins),
         "ece_after": expected_calibration_error(after, targets, bins),
         "brier_before": brier_score(before, targets), "brier_after": brier_score(after, targets),

@@ -27,7 +27,8 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
 
     The regularisation strength (C in 0.001..1) is chosen by 3-fold cross-validation on the training features.
     Few-shot: ``k`` training images per class, ``repeats`` random draws, mean and std reported; a ``k`` above
-    the smallest class's training count is skipped with a warning and named in ``few_shot_skipped``.
+    the smallest class's training count is skipped with a warning and named in ``few_shot_skipped``. A training
+    class without a scored record is left out of the macro AUC and named in ``classes_absent``, with a warning.
     ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``;
     ``calibration_data`` adds ``calibration``: the same probe's ``probabilities`` and ``y_true`` on those
     records (a held-out split to fit a temperature on).
@@ -76,6 +77,11 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     result = {"label": label, "classes": classes, "n_train": len(y_train), "n_test": len(y_test),
               "auc": full["macro_auc"], "accuracy": full["accuracy"],
               "balanced_accuracy": full["balanced_accuracy"], "full": full, **fusion, "few_shot": {}, **kept}
+    absent = [name for i, name in enumerate(classes) if not (y_test == i).any()]
+    if absent:  # said, as zero-shot says it: the macro AUC is over fewer classes than the probe knows
+        result["classes_absent"] = absent
+        log.warning("%d of the %d classes of %r have no scored record; the macro AUC leaves them out: %s",
+                    len(absent), len(classes), label, ", ".join(absent[:10]))
     empty = content_summary(content, "scored images")
     if empty is not None:  # their probe answers are read from noise
         result["input_content"] = empty

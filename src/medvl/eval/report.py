@@ -250,7 +250,19 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     if keep_texts:
         result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts}
     result["seconds"] = round(time.perf_counter() - started, 2)
+    _headline(result)
     return result
+
+
+HEADLINE_KEYS = ("bleu_1", "bleu_4", "rouge_l", "cider", "micro_f1", "macro_f1")
+
+
+def _headline(result: dict[str, Any]) -> None:
+    """Top-level keys for the headline numbers (as every evaluator's JSON has): the generator's under their
+    own names, the nearest-report baseline's prefixed ``nearest_report_``."""
+    for key in HEADLINE_KEYS:
+        result[key] = result["generator"][key]
+        result[f"nearest_report_{key}"] = result["nearest_report"][key]
 
 
 def _with_reports(dataset: Dataset, what: str) -> Dataset:

@@ -10,7 +10,8 @@ Columns (names matched case-insensitively):
   ``image_id`` / ``patientid`` column (the Figure 1 COVID table): the image is the file with that
   stem and a supported suffix in the folder or ``images/``;
 - text (optional): ``text`` (or ``report``, ``caption``, ``notes``);
-- split (optional): ``split``; without it every record is in split ``all``;
+- split (optional): ``split``; without it every record is in split ``all`` (the name ``--split all`` uses for every
+  record: a split column holding ``all`` beside other splits is a DataError);
 - id (optional): ``id``; without it the image path as written, minus its suffix (the file stem
   for a flat folder);
 - every other column is a candidate label column (``Dataset.label_names``, in file order).
@@ -417,9 +418,23 @@ def _default_id(image_value: str, image: Path, root: Path) -> str:
         return "file-" + hashlib.sha256(image_value.encode()).hexdigest()[:16]
 
 
+def _check_reserved_split(path: Path, rows: list[Row], column: str | None) -> None:
+    """A DataError when some rows, not all, have the split ``all``: ``--split all`` (``Dataset.select``) means
+    every record, so those rows could never be selected alone, and ``--split all`` would silently take the other
+    splits (a test split) too. Every row ``all`` is one split, as a manifest without a split column is."""
+    if column is None:
+        return
+    reserved = [line for line, row in rows if row.get(column) == ALL_SPLITS]
+    if reserved and len(reserved) < len(rows):
+        raise DataError(path, f"{len(reserved)} of {len(rows)} rows have the split {ALL_SPLITS!r} (first: line "
+                              f"{reserved[0]}) beside other splits; {ALL_SPLITS!r} is the reserved name for every "
+                              "record (--split all), so they could not be selected alone: rename their split")
+
+
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
                    allow_outside_root: bool = False) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
+    _check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
