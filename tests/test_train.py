@@ -456,3 +456,26 @@ def test_a_trained_model_folder_keeps_no_word_of_a_single_report(phantom_dir, tm
     vocab = json.loads((tmp_path / "run" / "model" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
     assert [word for word in PLANTED_WORDS if word in vocab] == []
     assert {"effusion", "pneumothorax", "cardiomegaly"} <= set(vocab)  # words of many reports stay whole
+
+
+@pytest.mark.parametrize("columns, message", [
+    (["nope"], r"\['nope'\] are not label columns here \(available: finding"),
+    ("finding", "label_columns must be a list of column names, got 'finding'"),
+    (None, "label_columns must be a list of column names, got None"),
+    (["finding", "finding"], "label column.s. finding given more than once"),
+])
+def test_the_python_api_refuses_label_columns_the_data_or_a_list_cannot_have(small_phantom, tmp_path, columns,
+                                                                              message):
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=columns)
+    with pytest.raises(InputError, match=message):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_repeated_label_column_is_refused_by_the_cli(small_phantom, tmp_path):
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "-l", "finding", "-l", "finding", "--text-source", "captions", "-q")
+    assert result.exit_code == 2, output
+    assert "label column(s) finding given more than once" in " ".join(output.split())
+    assert not (tmp_path / "run").exists()

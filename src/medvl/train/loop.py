@@ -108,6 +108,7 @@ class TrainConfig:
             raise InputError(f"text_source must be auto, text, captions or both, got {self.text_source!r}")
         if self.loss not in (None, "clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
+        self.check_label_columns()
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
         if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):
@@ -119,6 +120,16 @@ class TrainConfig:
             if (name, repr(getattr(self, name)), reason) not in _WARNED_INERT:  # once a process, not once a fold
                 _WARNED_INERT.add((name, repr(getattr(self, name)), reason))
                 log.warning("training setting %s=%r has no effect: %s", name, getattr(self, name), reason)
+
+    def check_label_columns(self) -> None:
+        """``label_columns`` is a list of distinct column names (a string would be read as its letters, None
+        fails only once training is over, a repeat repeats the column in every caption)."""
+        columns = self.label_columns
+        if not isinstance(columns, list) or not all(isinstance(c, str) and c.strip() for c in columns):
+            raise InputError(f"label_columns must be a list of column names, got {columns!r}")
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
 
     def inert_settings(self) -> dict[str, str]:
         """Settings changed from their default that do nothing because the setting they tune is off, each with
@@ -168,6 +179,16 @@ class TrainConfig:
         if self.supervised_weight == 0 and self.contrastive_weight == 0 and self.self_supervised_weight == 0:
             raise InputError("supervised_weight, contrastive_weight and self_supervised_weight are all 0: "
                              "nothing to train")
+
+
+def check_label_columns(dataset: Dataset, config: TrainConfig) -> None:
+    """InputError when a label column of ``config`` is not a label column of ``dataset`` (its captions would name
+    no label, and its head would have no class)."""
+    missing = [c for c in config.label_columns if c not in dataset.label_names]
+    if missing:
+        available = ", ".join(dataset.label_names) or "none"
+        raise InputError(f"{dataset.source}: training was asked with label columns {config.label_columns}, but "
+                         f"{missing} are not label columns here (available: {available})")
 
 
 class _PairedTexts:
@@ -268,6 +289,7 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     config.validate()
+    check_label_columns(dataset, config)
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
