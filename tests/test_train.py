@@ -555,3 +555,15 @@ def test_captions_without_label_columns_ask_for_label_columns_not_for_text(small
                                          r"columns \(--label-column\)"):
         medvl.train(medvl.create_model("phantom-tiny"), dataset, TrainConfig(epochs=1, text_source="captions"),
                     tmp_path / "run", show_progress=False)
+
+
+def test_a_label_of_one_class_is_warned_as_teaching_the_head_and_the_captions_nothing(small_phantom, tmp_path,
+                                                                                      caplog):
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(finding="nodule"))
+    dataset = medvl.load_dataset(data).select("train")
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=["finding"], supervised_weight=1.0)
+    with caplog.at_level("WARNING"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    text = " ".join(caplog.text.split())
+    assert f"label 'finding' has one class in the {len(dataset)} training records: its supervised head" in text
+    assert "same class in label column(s) finding: their captions are positives of one another" in text

@@ -240,6 +240,22 @@ def trainable_records(dataset: Dataset, config: TrainConfig, source: str) -> Dat
     return dataset
 
 
+def warn_single_class(dataset: Dataset, config: TrainConfig, source: str) -> None:
+    """Warn of labels with a single class in the training records: a supervised head on it has nothing to tell
+    apart, and captions that all name the same labels are positives of one another, so the image-text loss
+    learns nothing from them."""
+    columns = config.label_columns
+    for column in columns if config.supervised_weight > 0 else []:
+        if len(dataset.classes(column)) == 1:
+            log.warning("label %r has one class in the %d training records: its supervised head has nothing to "
+                        "tell apart and learns nothing", column, len(dataset))
+    if source in ("captions", "both") and config.contrastive_weight > 0 and columns:
+        if len({tuple(str(r.labels.get(c)) for c in columns) for r in dataset.records}) == 1:
+            log.warning("every one of the %d training records has the same class in label column(s) %s: their "
+                        "captions are positives of one another, and the image-text loss learns nothing from them",
+                        len(dataset), ", ".join(columns))
+
+
 class _PairedTexts:
     """Chooses the training text of each record and the key that marks identical pairs."""
 
@@ -334,6 +350,7 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     dataset = trainable_records(dataset, config, source)
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
+    warn_single_class(dataset, config, source)
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
