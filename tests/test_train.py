@@ -536,3 +536,114 @@ def test_a_trained_model_folder_keeps_no_word_of_a_single_report(phantom_dir, tm
     vocab = json.loads((tmp_path / "run" / "model" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
     assert [word for word in PLANTED_WORDS if word in vocab] == []
     assert {"effusion", "pneumothorax", "cardiomegaly"} <= set(vocab)  # words of many reports stay whole
+
+
+def _edited_phantom(source: Path, folder: Path, edit) -> Path:
+    """A copy of the phantom data (images copied, its dataset.json kept) with ``edit(i, row)`` applied to the i-th
+    training row of its manifest."""
+    import csv
+
+    shutil.copytree(source, folder)
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(r for r in rows if r["split"] == "train"):
+        edit(i, row)
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_records_whose_caption_would_name_no_label_are_left_out_whatever_names_the_columns(small_phantom, tmp_path,
+                                                                                            caplog):
+    """A record with none of the run's label columns would train on a bare template ("findings: .") as a positive
+    of every other such record; one with some of them keeps its caption from those."""
+    from medvl.api import train_from_path
+
+    def blank(i, row):
+        row["finding"] = "" if i % 4 in (0, 1) else row["finding"]
+        row["view"] = "" if i % 4 == 0 else row["view"]
+
+    data = _edited_phantom(small_phantom, tmp_path / "data", blank)
+    records = len(medvl.load_dataset(data).select("train"))
+    no_finding = len(range(0, records, 4)) + len(range(1, records, 4))
+    with caplog.at_level("INFO"):  # the columns named by dataset.json (or a recipe), not by --label-column
+        trained = train_from_path(data, tmp_path / "a", "phantom-tiny", text_source="captions", max_steps=1,
+                                  show_progress=False)
+    assert trained.meta["training"]["records"] == records - no_finding
+    assert f"left out {no_finding} of {records} training records with none of the label columns finding" in \
+        " ".join(caplog.text.split())
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=["finding", "view"])
+    trained = medvl.train(medvl.create_model("phantom-tiny"), medvl.load_dataset(data).select("train"), config,
+                          tmp_path / "b", show_progress=False)
+    assert trained.meta["training"]["records"] == records - len(range(0, records, 4))  # only those with neither
+
+
+@pytest.mark.parametrize("columns, message", [
+    (["nope"], r"\['nope'\] are not label columns here \(available: finding"),
+    ("finding", "label_columns must be a list of column names, got 'finding'"),
+    (None, "label_columns must be a list of column names, got None"),
+    (["finding", "finding"], "label column.s. finding given more than once"),
+])
+def test_the_python_api_refuses_label_columns_the_data_or_a_list_cannot_have(small_phantom, tmp_path, columns,
+                                                                              message):
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=columns)
+    with pytest.raises(InputError, match=message):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_repeated_label_column_is_refused_by_the_cli(small_phantom, tmp_path):
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "-l", "finding", "-l", "finding", "--text-source", "captions", "-q")
+    assert result.exit_code == 2, output
+    assert "label column(s) finding given more than once" in " ".join(output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_supervised_heads_through_the_python_api_leave_out_records_without_the_label(small_phantom, tmp_path):
+    data = _edited_phantom(small_phantom, tmp_path / "data",
+                           lambda i, row: row.update(finding="" if i % 3 == 0 else row["finding"]))
+    dataset = medvl.load_dataset(data).select("train")
+    config = TrainConfig(epochs=1, supervised_weight=1.0, label_columns=["finding"])
+    trained = medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    assert trained.meta["training"]["records"] == len(dataset) - len(range(0, len(dataset), 3))
+
+
+def test_text_source_auto_says_and_records_that_a_record_without_text_turns_every_record_to_captions(
+        small_phantom, tmp_path, caplog):
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(text="" if i == 0 else
+                                                                                         row["text"]))
+    dataset = medvl.load_dataset(data).select("train")
+    with caplog.at_level("WARNING"):
+        trained = medvl.train(medvl.create_model("phantom-tiny"), dataset,
+                              TrainConfig(epochs=1, label_columns=["finding"]), tmp_path / "run", show_progress=False)
+    assert f"text_source auto: 1 of {len(dataset)} training records have no report text, so every record trains " \
+           f"on captions made from its labels and the {len(dataset) - 1} reports are not used" in \
+           " ".join(caplog.text.split())
+    assert medvl.load_model(tmp_path / "run").meta["training"]["text_source"] == "captions"
+    reports = medvl.train(medvl.create_model("phantom-tiny"), medvl.load_dataset(small_phantom).select("train"),
+                          TrainConfig(epochs=1, label_columns=["finding"]), tmp_path / "text", show_progress=False)
+    assert trained.meta["training"]["text_source"] == "captions" and reports.meta["training"]["text_source"] == "text"
+
+
+def test_captions_without_label_columns_ask_for_label_columns_not_for_text(small_phantom, tmp_path):
+    dataset = medvl.load_dataset(small_phantom).select("train")  # every record has its report
+    with pytest.raises(InputError, match=r"text_source captions makes captions from labels and needs label "
+                                         r"columns \(--label-column\)"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, TrainConfig(epochs=1, text_source="captions"),
+                    tmp_path / "run", show_progress=False)
+
+
+def test_a_label_of_one_class_is_warned_as_teaching_the_head_and_the_captions_nothing(small_phantom, tmp_path,
+                                                                                      caplog):
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(finding="nodule"))
+    dataset = medvl.load_dataset(data).select("train")
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=["finding"], supervised_weight=1.0)
+    with caplog.at_level("WARNING"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    text = " ".join(caplog.text.split())
+    assert f"label 'finding' has one class in the {len(dataset)} training records: its supervised head" in text
+    assert "same class in label column(s) finding: their captions are positives of one another" in text

@@ -110,6 +110,7 @@ class TrainConfig:
             raise InputError(f"text_source must be auto, text, captions or both, got {self.text_source!r}")
         if self.loss not in (None, "clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
+        self.check_label_columns()
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
         if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):
@@ -121,6 +122,16 @@ class TrainConfig:
             if (name, repr(getattr(self, name)), reason) not in _WARNED_INERT:  # once a process, not once a fold
                 _WARNED_INERT.add((name, repr(getattr(self, name)), reason))
                 log.warning("training setting %s=%r has no effect: %s", name, getattr(self, name), reason)
+
+    def check_label_columns(self) -> None:
+        """``label_columns`` is a list of distinct column names (a string would be read as its letters, None
+        fails only once training is over, a repeat repeats the column in every caption)."""
+        columns = self.label_columns
+        if not isinstance(columns, list) or not all(isinstance(c, str) and c.strip() for c in columns):
+            raise InputError(f"label_columns must be a list of column names, got {columns!r}")
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
 
     def inert_settings(self) -> dict[str, str]:
         """Settings changed from their default that do nothing because the setting they tune is off, each with
@@ -172,22 +183,88 @@ class TrainConfig:
                              "nothing to train")
 
 
+def text_source_for(dataset: Dataset, config: TrainConfig) -> str:
+    """The text source of a run on ``dataset``: ``config.text_source``, with ``auto`` resolved (the records'
+    report text when every record has one, else captions made from labels for every record) and logged, with a
+    warning when that leaves reports unused. An InputError when the records lack the text or the label columns
+    the source needs."""
+    source, with_text = config.text_source, sum(bool(r.text) for r in dataset.records)
+    without_text = len(dataset) - with_text
+    if source == "auto":
+        source = "captions" if without_text else "text"
+        if without_text and with_text:
+            log.warning("text_source auto: %d of %d training records have no report text, so every record trains "
+                        "on captions made from its labels and the %d reports are not used (text_source text or "
+                        "both needs a report in every record)", without_text, len(dataset), with_text)
+        else:
+            log.info("text_source auto: training on %s", "the records' report text" if source == "text" else
+                     "captions made from the records' labels (no record has report text)")
+    if source in ("text", "both") and without_text:
+        raise InputError(f"{dataset.source}: {without_text} records have no text; "
+                         f"use text_source='captions' with label columns")
+    if source in ("captions", "both") and not config.label_columns:
+        if config.text_source == "auto":
+            raise InputError(f"{dataset.source}: {without_text} of {len(dataset)} records have no text; pass label "
+                             f"columns (--label-column) so captions can be made from labels")
+        raise InputError(f"{dataset.source}: text_source {source} makes captions from labels and needs label "
+                         f"columns (--label-column)")
+    return source
+
+
+def check_label_columns(dataset: Dataset, config: TrainConfig) -> None:
+    """InputError when a label column of ``config`` is not a label column of ``dataset`` (its captions would name
+    no label, and its head would have no class)."""
+    missing = [c for c in config.label_columns if c not in dataset.label_names]
+    if missing:
+        available = ", ".join(dataset.label_names) or "none"
+        raise InputError(f"{dataset.source}: training was asked with label columns {config.label_columns}, but "
+                         f"{missing} are not label columns here (available: {available})")
+
+
+def trainable_records(dataset: Dataset, config: TrainConfig, source: str) -> Dataset:
+    """``dataset`` without the records the run cannot train on, their count logged: with supervised heads, a
+    record missing one of the label columns (it has no target); with captions, a record that has none of them
+    (its caption would be a bare template, the same for every such record, so they would all be positives of
+    one another). A record with some of the label columns has its caption made from those."""
+    columns = config.label_columns
+    if config.supervised_weight > 0:
+        kept = [r for r in dataset.records if all(c in r.labels for c in columns)]
+        reason = "missing one of the label columns {} (the supervised heads need each)"
+    elif source in ("captions", "both") and config.contrastive_weight > 0:
+        kept = [r for r in dataset.records if any(c in r.labels for c in columns)]
+        reason = "with none of the label columns {} (their caption would name no label)"
+    else:
+        return dataset
+    if len(kept) < len(dataset):
+        log.info("left out %d of %d training records %s", len(dataset) - len(kept), len(dataset),
+                 reason.format(", ".join(columns)))
+        return dataset.subset(kept)
+    return dataset
+
+
+def warn_single_class(dataset: Dataset, config: TrainConfig, source: str) -> None:
+    """Warn of labels with a single class in the training records: a supervised head on it has nothing to tell
+    apart, and captions that all name the same labels are positives of one another, so the image-text loss
+    learns nothing from them."""
+    columns = config.label_columns
+    for column in columns if config.supervised_weight > 0 else []:
+        if len(dataset.classes(column)) == 1:
+            log.warning("label %r has one class in the %d training records: its supervised head has nothing to "
+                        "tell apart and learns nothing", column, len(dataset))
+    if source in ("captions", "both") and config.contrastive_weight > 0 and columns:
+        if len({tuple(str(r.labels.get(c)) for c in columns) for r in dataset.records}) == 1:
+            log.warning("every one of the %d training records has the same class in label column(s) %s: their "
+                        "captions are positives of one another, and the image-text loss learns nothing from them",
+                        len(dataset), ", ".join(columns))
+
+
 class _PairedTexts:
     """Chooses the training text of each record and the key that marks identical pairs."""
 
-    def __init__(self, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
+    def __init__(self, dataset: Dataset, config: TrainConfig, captions: CaptionConfig, source: str | None = None):
+        """``source``: the resolved text source (``text_source_for``); None resolves it here."""
         self.records, self.config, self.captions = dataset.records, config, captions
-        has_text = [bool(r.text) for r in dataset.records]
-        source = config.text_source
-        if source == "auto":
-            source = "text" if all(has_text) else "captions"
-        if source in ("text", "both") and not all(has_text):
-            raise InputError(f"{dataset.source}: {has_text.count(False)} records have no text; "
-                             f"use text_source='captions' with label columns")
-        if source in ("captions", "both") and not config.label_columns:
-            raise InputError(f"{dataset.source}: records have no text; pass label columns "
-                             f"(--label-column) so captions can be made from labels")
-        self.source = source
+        self.source = source or text_source_for(dataset, config)
         if config.meta_text and not any(r.meta.get(config.meta_text) for r in dataset.records):
             fields = sorted({key for r in dataset.records for key, value in r.meta.items() if isinstance(value, str)})
             raise InputError(f"{dataset.source}: no record has a {config.meta_text!r} text (meta_text); "
@@ -270,14 +347,18 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     config.validate()
+    check_label_columns(dataset, config)
+    source = text_source_for(dataset, config)
+    dataset = trainable_records(dataset, config, source)
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
+    warn_single_class(dataset, config, source)
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
                     "DATA`", Path(out_dir) / MODEL_DIR, Path(out_dir) / MODEL_DIR)
         model.ood = None
-    objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig())
+    objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig(), source)
     return fit(objective, config, out_dir, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
 
 
@@ -330,9 +411,10 @@ class ContrastiveObjective:
     many epochs of this loss alone (``pretraining_losses``: no text, no label), then trains the losses above.
     """
 
-    def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig):
+    def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig,
+                 text_source: str | None = None):
         self.model, self.dataset, self.config = model, dataset, config
-        self.texts = _PairedTexts(dataset, config, captions)
+        self.texts = _PairedTexts(dataset, config, captions, text_source)
         if config.loss:
             model.config.loss = config.loss
         self.pixels = torch.empty(0)
@@ -451,7 +533,8 @@ class ContrastiveObjective:
         self.model.meta["label_columns"] = list(self.config.label_columns)
         self.model.meta["covariates"] = list(self.config.covariates)
         self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
-                                       "loss": self.model.config.loss, **training_data(self.dataset)}
+                                       "loss": self.model.config.loss, "text_source": self.texts.source,
+                                       **training_data(self.dataset)}
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -866,6 +949,10 @@ def _head_targets(model: DualEncoder, dataset: Dataset) -> dict[str, torch.Tenso
     for column, classes in model.meta["heads"].items():
         if column not in dataset.label_names:
             continue
+        missing = sum(column not in r.labels for r in dataset)
+        if missing:  # a head the model brings that the run's label columns do not name: no target to train it on
+            raise InputError(f"{dataset.source}: {missing} of {len(dataset)} training records have no {column!r} "
+                             f"label, which the model's head {column!r} is trained on")
         index = {name: i for i, name in enumerate(classes)}
         unknown = {str(r.labels[column]) for r in dataset} - set(index)
         if unknown:
