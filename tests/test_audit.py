@@ -128,6 +128,13 @@ def test_audit_command(audited_folder, tmp_path):
     assert result.exit_code == 2
 
 
+def test_audit_refuses_a_negative_show(audited_folder):
+    """A negative --show is one line and exit 2 before any image is read (it listed no record, exit 0)."""
+    result, output = invoke("audit", "--data", audited_folder, "--show", -1, "-q")
+    assert result.exit_code == 2 and "show must be >= 0, got -1" in output
+    assert "Image audit" not in output
+
+
 def test_training_can_skip_flagged_images(audited_folder, tmp_path):
     from medvl.api import train_from_path
 
