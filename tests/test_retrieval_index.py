@@ -744,3 +744,24 @@ def test_a_query_model_other_than_the_indexs_says_which_part_differs():
                                          r"with \(built\)"):
         check_model(info, other_weights, "idx")
     check_model(info, built, "idx")
+
+
+def test_an_image_a_2d_model_cannot_take_is_named_by_its_file(model_dir, phantom_dir, tmp_path):
+    """A 2-frame RGB DICOM among PNGs: ``index build`` and ``search --image`` name the file (they said ``<array>``)."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for number in range(3):
+        shutil.copy(phantom_dir / "images" / f"phantom_{number:05d}.png", folder / f"p{number}.png")
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), folder / "scan.dcm")
+    (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\nscan.dcm,e f\np2.png,g h\n")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 2 and "<array>" not in output
+    assert "scan.dcm: image shape (2, 100, 100, 3) does not fit a 2D model" in " ".join(output.split())
+    (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\n")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", tmp_path / "idx", "--image", folder / "scan.dcm", "-k", 1)
+    assert result.exit_code == 2 and "<array>" not in output
+    assert "scan.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())

@@ -217,7 +217,7 @@ def search_command(
     with open_index(index) as opened:
         net = index_model(opened, model, backend=backend)
         # read and preprocessed once: searched with, and checked
-        pixels = net.preprocessor.load(net.preprocessor.read(image)) if image is not None else None
+        pixels = net.preprocessor.load(image) if image is not None else None  # an error names the file
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
         columns = show or opened.info.get("label_columns") or []
         flag = _query_checks(net, pixels)

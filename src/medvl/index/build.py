@@ -57,8 +57,9 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
             pixels.append(preprocessor.load(record.image))
             continue
         array = record.image if isinstance(record.image, np.ndarray) else preprocessor.read(record.image)
-        digests.append(pixel_sha256(array))
-        pixels.append(preprocessor.load(array))
+        digests.append(pixel_sha256(array))  # an error names the file, or the record of an array
+        source = record.image if isinstance(record.image, str | Path) else f"record {record.id}"
+        pixels.append(preprocessor.load(array, source=source))
     return digests, torch.stack(pixels).numpy()
 
 

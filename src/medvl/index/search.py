@@ -51,8 +51,7 @@ def embed_query(model, image: str | Path | np.ndarray | torch.Tensor | None = No
         raise InputError("give exactly one query: an image or a text")
     if isinstance(image, torch.Tensor):
         return model.encode_images(image[None]).numpy()
-    pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
-    return model.encode_images([pixels]).numpy()
+    return model.encode_images(model.preprocessor.load(image)[None]).numpy()  # an error names the file
 
 
 def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Tensor | None = None,
