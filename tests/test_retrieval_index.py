@@ -765,3 +765,17 @@ def test_an_image_a_2d_model_cannot_take_is_named_by_its_file(model_dir, phantom
     result, output = invoke("search", "--index", tmp_path / "idx", "--image", folder / "scan.dcm", "-k", 1)
     assert result.exit_code == 2 and "<array>" not in output
     assert "scan.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())
+
+
+def test_search_show_names_a_column_of_the_index_or_is_refused(built, tmp_path):
+    """--show takes the index's columns in any case, as --where does; any other name is one line, exit 2 (it showed
+    a column of '-' and exited 0, as if no case had a value)."""
+    result, output = invoke("search", "--index", built[0], "--text", "effusion", "-k", 2, "--show", "nosuchcol")
+    assert result.exit_code == 2 and "unknown column 'nosuchcol' to show" in output and "finding" in output
+    result, output = invoke("search", "--index", built[0], "--text", "effusion", "-k", 2, "--show", "Finding",
+                            "--show", "AGE", "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
+    table = [line.split("│") for line in output.splitlines() if line.startswith("│")]
+    assert [row[6].strip() for row in table] == [str(hit["meta"]["age"]) for hit in hits]
+    assert all(row[5].strip() not in ("", "-") for row in table)  # the finding
