@@ -188,6 +188,28 @@ def test_delete_and_add_back(index_copy, model, dataset):
         assert search_index(index, model, image=dataset[2].image, k=1)[0].id == gone[1]
 
 
+def test_vectors_of_another_version_of_the_index_are_refused(built, index_copy, model, model_dir, dataset, tmp_path):
+    """index.faiss / text.faiss copied from another index (or from before a delete + add) are refused on opening,
+    one line naming the file; they used to put other vectors under this index's cases and drop the rest."""
+    other = tmp_path / "other"
+    build_index(model, dataset.select("test"), other, model_dir=model_dir, show_progress=False)
+    for name in ("index.faiss", "text.faiss"):
+        mixed = tmp_path / f"mixed-{name}"
+        shutil.copytree(built[0], mixed)
+        shutil.copy(other / name, mixed / name)
+        with pytest.raises(DataError, match=f"{name} holds 19 vectors but cases.sqlite 96 cases"):
+            open_index(mixed)
+        result, output = invoke("search", "--index", mixed, "--text", "effusion", "-k", 3)
+        assert result.exit_code == 2 and "different versions of the index" in output
+    gone = [dataset[i].id for i in (4, 5)]
+    with open_index(index_copy, writable=True) as index:  # the same ids again, under new vids
+        index.delete(gone)
+        add_records(index, model, dataset, show_progress=False)
+    shutil.copy(built[0] / "index.faiss", index_copy / "index.faiss")  # as many vectors, other vids
+    with pytest.raises(DataError, match="index.faiss holds the vectors of other cases than the 96 cases"):
+        open_index(index_copy, writable=True)
+
+
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
     cases = [Case(id="new1", meta={"age": "44", "ward": "A"}), Case(id="new2", meta={"age": "unknown"})]
     with open_index(index_copy, writable=True) as index:
