@@ -210,6 +210,40 @@ def test_vectors_of_another_version_of_the_index_are_refused(built, index_copy, 
         open_index(index_copy, writable=True)
 
 
+def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, model, dataset, phantom_dir, tmp_path):
+    """A second export with the same layout (other patients, the same relative ids) and a corrected report are
+    refused before anything changes, naming how many and one id; --replace replaces them. They used to be
+    counted as already present and left out."""
+    from cli_helpers import planted_phantom
+    from medvl.data.phantom import generate_phantom
+
+    second = tmp_path / "second"
+    generate_phantom(second, n=10, seed=9, size=64)
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=r"10 cases have an id already in the index .* another image or "
+                                             r"report \(e\.g\. 'images/phantom_00000'\); pass --replace"):
+            add_records(index, model, load_dataset(second), show_progress=False)
+    corrected = load_dataset(planted_phantom(phantom_dir, tmp_path / "corrected"))  # one report changed
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match="1 cases have an id"):
+            add_records(index, model, corrected, show_progress=False)
+        result = add_records(index, model, corrected, show_progress=False, replace=True)
+        assert (result["added"], result["already_present"], result["replaced"]) == (0, 95, 1)
+    with open_index(index_copy) as index:
+        assert sum("Krumplehorn" in (h.text or "") for h in search_index(index, model, text="effusion", k=96)) == 1
+    result, output = invoke("index", "add", "--index", index_copy, "--data", second, "-q")
+    assert result.exit_code == 2 and "10 cases have an id already in the index" in " ".join(output.split())
+    result, output = invoke("index", "add", "--index", index_copy, "--data", second, "--replace", "-q",
+                            "--json", tmp_path / "add.json")
+    assert result.exit_code == 0, output
+    saved = json.loads((tmp_path / "add.json").read_text())
+    assert (saved["added"], saved["already_present"], saved["replaced"], saved["n_cases"]) == (0, 0, 10, 96)
+    query = load_dataset(second)[3]
+    with open_index(index_copy) as index:
+        hit = search_index(index, model, image=query.image, k=1)[0]
+        assert hit.id == query.id and hit.score == pytest.approx(1.0, abs=1e-5) and hit.text == query.text
+
+
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
     cases = [Case(id="new1", meta={"age": "44", "ward": "A"}), Case(id="new2", meta={"age": "unknown"})]
     with open_index(index_copy, writable=True) as index:

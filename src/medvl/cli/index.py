@@ -122,11 +122,16 @@ def build_command(
 @handle_errors
 def add_command(
     index: IndexOption,
-    data: Annotated[Path, typer.Option(help="Dataset with the cases to add (ids already indexed are left).")],
+    data: Annotated[Path, typer.Option(
+        help="Dataset with the cases to add (ids already indexed with the same image and report are left; with "
+             "another image or report they are refused, unless --replace).")],
     model: ModelOption = None,
     split: SplitOption = "all",
     batch_size: BatchOption = 32,
     allow_duplicates: DuplicatesOption = False,
+    replace: Annotated[bool, typer.Option(
+        help="Replace the indexed cases whose id comes again with another image or report (default: refuse).")
+    ] = False,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
@@ -145,8 +150,10 @@ def add_command(
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
-                             allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers)
+                             allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
+                             replace=replace)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
+                                     "replaced": result["replaced"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
     emit_json(result, json_out, overwrite)
 
