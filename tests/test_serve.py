@@ -1077,9 +1077,16 @@ def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(clie
 def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png):
     for fields, reason in (({"methods": "patch_text,lime"}, "heatmap methods must be among patch_text"),
                            ({"top": 4}, "top must be <= 3"), ({"labels": "nodule"}, "at least 2 distinct labels"),
-                           ({"labels": "nodule,martian"}, "unknown label 'martian'"), ({"k": 0}, "k must be >= 1")):
+                           ({"labels": "nodule,martian", "label_column": "findings"}, "unknown label column"),
+                           ({"k": 0}, "k must be >= 1")):
         answer = explain(client, png.read_bytes(), **fields)
         assert answer.status_code == 422 and reason in answer.json()["detail"], (fields, answer.text)
+    # a class the captions never describe: explained with bare-name prompts, as /v1/zero-shot answers it
+    answer = explain(client, png.read_bytes(), labels="nodule,martian", methods="patch_text")
+    predicted = client.post("/v1/zero-shot", headers=auth(), files={"image": ("image.png", png.read_bytes())},
+                            data={"labels": "nodule,martian"})
+    assert answer.status_code == 200 and predicted.status_code == 200, answer.text
+    assert answer.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
     assert explain(client, b"GIF89a" + b"\0" * 200).status_code == 415
     assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
     assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},
