@@ -481,6 +481,7 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
     explanation = json.loads((tmp_path / "out" / "explanation.json").read_text())
     assert sum(explanation["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert len(explanation["findings"]) == 2
+    assert explanation["map_shape"] == list(Image.open(image).size[::-1])  # peaks are on the image's own grid
     ranked = sorted(explanation["probabilities"], key=explanation["probabilities"].get, reverse=True)
     assert [f["finding"] for f in explanation["findings"]] == ranked[:2]
     for finding in explanation["findings"]:

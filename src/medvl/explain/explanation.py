@@ -167,8 +167,9 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     push towards it (``"concepts"``, positive contributions only: maybe fewer, or none) and the
     ``against_top`` that push against it most (``"concepts_against"``, negative contributions).
 
-    Returns the explanation (``label_column``, ``probabilities``, ``findings``, ``input_flags``: whether the
-    image is blank or streaked as the model sees it, ``medvl.data.audit.input_flags``) and the image
+    Returns the explanation (``label_column``, ``probabilities``, ``map_shape``: [rows, columns] of the grid every
+    map and peak is on, ``findings``, ``input_flags``: whether the image is blank or streaked as the model sees
+    it, ``medvl.data.audit.input_flags``) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
     backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
     check_heatmap_model(model)
@@ -192,7 +193,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
                                                                  direction="against")
         findings.append(entry)
     return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-            "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
+            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:
