@@ -128,6 +128,13 @@ def test_audit_command(audited_folder, tmp_path):
     assert result.exit_code == 2
 
 
+def test_audit_refuses_a_negative_show(audited_folder):
+    """A negative --show is one line and exit 2 before any image is read (it listed no record, exit 0)."""
+    result, output = invoke("audit", "--data", audited_folder, "--show", -1, "-q")
+    assert result.exit_code == 2 and "show must be >= 0, got -1" in output
+    assert "Image audit" not in output
+
+
 def test_training_can_skip_flagged_images(audited_folder, tmp_path):
     from medvl.api import train_from_path
 
@@ -211,3 +218,25 @@ def test_against_on_the_real_overlap_of_medpix_and_vqa_rad(shared_data, tmp_path
     assert "groups of near copies" in output and "records of" in output
     result, output = invoke("audit", "--data", shared_data / "medpix-2.0", "--near-distance", 17, "-q")
     assert result.exit_code == 2 and "near-distance must be <= 16" in output
+
+
+def test_multi_frame_colour_dicom_is_checked_as_its_frames(tmp_path):
+    """pydicom's 2-frame RGB DICOM (2, 100, 100, 3): the audit checks it as its channel-mean frames (and hashes
+    their mean frame), as it does a multi-frame grayscale DICOM; it used to stop the audit with a TypeError."""
+    pytest.importorskip("data_store")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("SC_rgb_2frame.dcm")
+    frames = read_image(source)
+    assert frames.shape == (2, 100, 100, 3)
+    checked = image_checks(frames)
+    assert checked["flags"] == [] and len(checked["dhash"]) == 16
+    assert checked["dhash"] == difference_hash(frames.astype(np.float32).mean(-1).mean(0))
+    (tmp_path / "scan.dcm").write_bytes(open(source, "rb").read())
+    Image.fromarray(smooth_image(6)).save(tmp_path / "a.png")
+    (tmp_path / "manifest.csv").write_text("image,label\nscan.dcm,x\na.png,y\n")
+    out = tmp_path / "audit.json"
+    result, output = invoke("audit", "--data", tmp_path / "manifest.csv", "--json", out, "-q")
+    assert result.exit_code == 0, output
+    audit = json.loads(out.read_text())
+    assert (audit["n"], audit["files"], audit["flagged"]) == (2, 2, 0)

@@ -481,6 +481,7 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
     explanation = json.loads((tmp_path / "out" / "explanation.json").read_text())
     assert sum(explanation["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert len(explanation["findings"]) == 2
+    assert explanation["map_shape"] == list(Image.open(image).size[::-1])  # peaks are on the image's own grid
     ranked = sorted(explanation["probabilities"], key=explanation["probabilities"].get, reverse=True)
     assert [f["finding"] for f in explanation["findings"]] == ranked[:2]
     for finding in explanation["findings"]:
@@ -530,16 +531,16 @@ def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_mo
     assert sorted(p.name for p in out.iterdir()) == ["explanation.json"]  # no bottleneck.json left behind
 
 
-@pytest.mark.parametrize("case", ["unknown label", "corrupt image", "missing concept file", "empty concept bank",
-                                  "unknown concept label"])
+@pytest.mark.parametrize("case", ["unknown label column", "corrupt image", "missing concept file",
+                                  "empty concept bank", "unknown concept label"])
 def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, tmp_path, case):
     image = _cardiomegaly_image(phantom_dir)
     args = ["explain", image, "--model", tiny_model_dir]
-    named = {"unknown label": "'fracture'", "corrupt image": str(tmp_path / "broken.png"),
+    named = {"unknown label column": "'findings'", "corrupt image": str(tmp_path / "broken.png"),
              "missing concept file": str(tmp_path / "nowhere.txt"), "empty concept bank": str(tmp_path / "empty.txt"),
              "unknown concept label": "'diagnosis'"}
-    if case == "unknown label":
-        args += ["--labels", "cardiomegaly,fracture"]
+    if case == "unknown label column":
+        args += ["--labels", "cardiomegaly,fracture", "--label-column", "findings"]
     elif case == "corrupt image":
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
         args[1] = tmp_path / "broken.png"
@@ -555,6 +556,28 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # (INFO logs go there too)
     assert len(lines) == 1 and named[case] in lines[0], output
     assert "Traceback" not in output
+
+
+def test_explain_answers_a_class_the_captions_do_not_describe_as_predict_does(tiny_model_dir, phantom_dir,
+                                                                               caplog):
+    """``predict``'s rule: a class the captions never describe gets the bare class name as its prompts, with a
+    warning, and the same probabilities as ``predict``. explain refused it as an unknown label."""
+    import logging
+
+    from medvl.explain.explanation import explain_image
+    from medvl.predict import predict
+
+    image, labels = _cardiomegaly_image(phantom_dir), ["cardiomegaly", "fracture"]
+    model = medvl.load_model(tiny_model_dir)
+    with caplog.at_level(logging.WARNING, logger="medvl"):
+        explained = explain_image(model, image, labels=labels, methods=["patch_text"], top=2)
+    assert caplog.text.count("the prompts are the bare class names") == 1
+    [expected] = predict(model, [image], labels)
+    assert explained["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+    assert {entry["finding"] for entry in explained["findings"]} == set(labels)
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--labels", "cardiomegaly,fracture",
+                            "--method", "patch_text")
+    assert result.exit_code == 0 and "patch_text: peak at" in output, output
 
 
 def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phantom_dir, tmp_path):

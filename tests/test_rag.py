@@ -416,6 +416,12 @@ def test_report_draft_rejects_bad_input(phantom_dir, model_dir, train_index, tmp
     assert other.exit_code == 2 and "weights differ from the weights the index was built with" in output
     bad_k, output = invoke("report", "draft", image, "--index", train_index, "-k", 0)
     assert bad_k.exit_code == 2 and "k must be" in output
+    from pydicom.data import get_testdata_file
+
+    frames = tmp_path / "frames.dcm"  # 2 frames of RGB: no 2D model takes it; the error names the file (not <array>)
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), frames)
+    shape, output = invoke("report", "draft", frames, "--index", train_index)
+    assert shape.exit_code == 2 and "frames.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())
 
 
 def test_case_retrieval_metrics_match_plain_references(phantom_dir, model_dir, train_index):

@@ -188,6 +188,62 @@ def test_delete_and_add_back(index_copy, model, dataset):
         assert search_index(index, model, image=dataset[2].image, k=1)[0].id == gone[1]
 
 
+def test_vectors_of_another_version_of_the_index_are_refused(built, index_copy, model, model_dir, dataset, tmp_path):
+    """index.faiss / text.faiss copied from another index (or from before a delete + add) are refused on opening,
+    one line naming the file; they used to put other vectors under this index's cases and drop the rest."""
+    other = tmp_path / "other"
+    build_index(model, dataset.select("test"), other, model_dir=model_dir, show_progress=False)
+    for name in ("index.faiss", "text.faiss"):
+        mixed = tmp_path / f"mixed-{name}"
+        shutil.copytree(built[0], mixed)
+        shutil.copy(other / name, mixed / name)
+        with pytest.raises(DataError, match=f"{name} holds 19 vectors but cases.sqlite 96 cases"):
+            open_index(mixed)
+        result, output = invoke("search", "--index", mixed, "--text", "effusion", "-k", 3)
+        assert result.exit_code == 2 and "different versions of the index" in output
+    gone = [dataset[i].id for i in (4, 5)]
+    with open_index(index_copy, writable=True) as index:  # the same ids again, under new vids
+        index.delete(gone)
+        add_records(index, model, dataset, show_progress=False)
+    shutil.copy(built[0] / "index.faiss", index_copy / "index.faiss")  # as many vectors, other vids
+    with pytest.raises(DataError, match="index.faiss holds the vectors of other cases than the 96 cases"):
+        open_index(index_copy, writable=True)
+
+
+def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, model, dataset, phantom_dir, tmp_path):
+    """A second export with the same layout (other patients, the same relative ids) and a corrected report are
+    refused before anything changes, naming how many and one id; --replace replaces them. They used to be
+    counted as already present and left out."""
+    from cli_helpers import planted_phantom
+    from medvl.data.phantom import generate_phantom
+
+    second = tmp_path / "second"
+    generate_phantom(second, n=10, seed=9, size=64)
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=r"10 cases have an id already in the index .* another image or "
+                                             r"report \(e\.g\. 'images/phantom_00000'\); pass --replace"):
+            add_records(index, model, load_dataset(second), show_progress=False)
+    corrected = load_dataset(planted_phantom(phantom_dir, tmp_path / "corrected"))  # one report changed
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match="1 cases have an id"):
+            add_records(index, model, corrected, show_progress=False)
+        result = add_records(index, model, corrected, show_progress=False, replace=True)
+        assert (result["added"], result["already_present"], result["replaced"]) == (0, 95, 1)
+    with open_index(index_copy) as index:
+        assert sum("Krumplehorn" in (h.text or "") for h in search_index(index, model, text="effusion", k=96)) == 1
+    result, output = invoke("index", "add", "--index", index_copy, "--data", second, "-q")
+    assert result.exit_code == 2 and "10 cases have an id already in the index" in " ".join(output.split())
+    result, output = invoke("index", "add", "--index", index_copy, "--data", second, "--replace", "-q",
+                            "--json", tmp_path / "add.json")
+    assert result.exit_code == 0, output
+    saved = json.loads((tmp_path / "add.json").read_text())
+    assert (saved["added"], saved["already_present"], saved["replaced"], saved["n_cases"]) == (0, 0, 10, 96)
+    query = load_dataset(second)[3]
+    with open_index(index_copy) as index:
+        hit = search_index(index, model, image=query.image, k=1)[0]
+        assert hit.id == query.id and hit.score == pytest.approx(1.0, abs=1e-5) and hit.text == query.text
+
+
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
     cases = [Case(id="new1", meta={"age": "44", "ward": "A"}), Case(id="new2", meta={"age": "unknown"})]
     with open_index(index_copy, writable=True) as index:
@@ -744,3 +800,38 @@ def test_a_query_model_other_than_the_indexs_says_which_part_differs():
                                          r"with \(built\)"):
         check_model(info, other_weights, "idx")
     check_model(info, built, "idx")
+
+
+def test_an_image_a_2d_model_cannot_take_is_named_by_its_file(model_dir, phantom_dir, tmp_path):
+    """A 2-frame RGB DICOM among PNGs: ``index build`` and ``search --image`` name the file (they said ``<array>``)."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for number in range(3):
+        shutil.copy(phantom_dir / "images" / f"phantom_{number:05d}.png", folder / f"p{number}.png")
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), folder / "scan.dcm")
+    (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\nscan.dcm,e f\np2.png,g h\n")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 2 and "<array>" not in output
+    assert "scan.dcm: image shape (2, 100, 100, 3) does not fit a 2D model" in " ".join(output.split())
+    (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\n")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("search", "--index", tmp_path / "idx", "--image", folder / "scan.dcm", "-k", 1)
+    assert result.exit_code == 2 and "<array>" not in output
+    assert "scan.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())
+
+
+def test_search_show_names_a_column_of_the_index_or_is_refused(built, tmp_path):
+    """--show takes the index's columns in any case, as --where does; any other name is one line, exit 2 (it showed
+    a column of '-' and exited 0, as if no case had a value)."""
+    result, output = invoke("search", "--index", built[0], "--text", "effusion", "-k", 2, "--show", "nosuchcol")
+    assert result.exit_code == 2 and "unknown column 'nosuchcol' to show" in output and "finding" in output
+    result, output = invoke("search", "--index", built[0], "--text", "effusion", "-k", 2, "--show", "Finding",
+                            "--show", "AGE", "--json", tmp_path / "hits.json")
+    assert result.exit_code == 0, output
+    hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
+    table = [line.split("│") for line in output.splitlines() if line.startswith("│")]
+    assert [row[6].strip() for row in table] == [str(hit["meta"]["age"]) for hit in hits]
+    assert all(row[5].strip() not in ("", "-") for row in table)  # the finding

@@ -1057,7 +1057,8 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
     assert "text" not in shown["neighbours"][0]  # no report text in an explanation
 
 
-def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client):
+def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client, model_dir):
+    from medvl.explain.explanation import explain_pixels
     from medvl.serve.previews import overlay_shape
 
     rows, columns = np.mgrid[0:300, 0:900]
@@ -1066,6 +1067,14 @@ def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(clie
     assert answer.status_code == 200, answer.text
     shape = answer.json()["overlay"]["shape"]
     assert shape == list(overlay_shape((300, 900))) == [171, 512]  # as the preview shrinks it
+    # the peaks are on that grid, and the answer says so; scaled to the image's they land near medvl explain's
+    assert answer.json()["map_shape"] == shape and answer.json()["image"]["shape"] == [300, 900]
+    cli, _ = explain_pixels(load_model(model_dir), image, labels=["nodule", "no_finding"], methods=["patch_text"])
+    assert cli["map_shape"] == [300, 900]
+    served, expected = answer.json()["findings"][0]["heatmaps"]["patch_text"]["peak"], \
+        cli["findings"][0]["heatmaps"]["patch_text"]["peak"]
+    scale = np.array([300, 900]) / np.array(shape)
+    assert np.all(np.abs(np.array(served) * scale - np.array(expected)) <= scale + 1), (served, expected)
     assert answer.json()["image"]["shape"] == [300, 900]
     [finding] = answer.json()["findings"]
     assert list(finding["heatmaps"]) == ["patch_text"]
@@ -1077,9 +1086,16 @@ def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(clie
 def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png):
     for fields, reason in (({"methods": "patch_text,lime"}, "heatmap methods must be among patch_text"),
                            ({"top": 4}, "top must be <= 3"), ({"labels": "nodule"}, "at least 2 distinct labels"),
-                           ({"labels": "nodule,martian"}, "unknown label 'martian'"), ({"k": 0}, "k must be >= 1")):
+                           ({"labels": "nodule,martian", "label_column": "findings"}, "unknown label column"),
+                           ({"k": 0}, "k must be >= 1")):
         answer = explain(client, png.read_bytes(), **fields)
         assert answer.status_code == 422 and reason in answer.json()["detail"], (fields, answer.text)
+    # a class the captions never describe: explained with bare-name prompts, as /v1/zero-shot answers it
+    answer = explain(client, png.read_bytes(), labels="nodule,martian", methods="patch_text")
+    predicted = client.post("/v1/zero-shot", headers=auth(), files={"image": ("image.png", png.read_bytes())},
+                            data={"labels": "nodule,martian"})
+    assert answer.status_code == 200 and predicted.status_code == 200, answer.text
+    assert answer.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
     assert explain(client, b"GIF89a" + b"\0" * 200).status_code == 415
     assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
     assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},

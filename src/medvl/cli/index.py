@@ -122,11 +122,16 @@ def build_command(
 @handle_errors
 def add_command(
     index: IndexOption,
-    data: Annotated[Path, typer.Option(help="Dataset with the cases to add (ids already indexed are left).")],
+    data: Annotated[Path, typer.Option(
+        help="Dataset with the cases to add (ids already indexed with the same image and report are left; with "
+             "another image or report they are refused, unless --replace).")],
     model: ModelOption = None,
     split: SplitOption = "all",
     batch_size: BatchOption = 32,
     allow_duplicates: DuplicatesOption = False,
+    replace: Annotated[bool, typer.Option(
+        help="Replace the indexed cases whose id comes again with another image or report (default: refuse).")
+    ] = False,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
@@ -145,8 +150,10 @@ def add_command(
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
-                             allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers)
+                             allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
+                             replace=replace)
     print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
+                                     "replaced": result["replaced"],
                                      "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
     emit_json(result, json_out, overwrite)
 
@@ -195,7 +202,8 @@ def search_command(
         help="images: similar cases by image; texts: closest reports (image->text, text->text).")] = "images",
     model: ModelOption = None,
     show: Annotated[list[str] | None, typer.Option(
-        help="Metadata column to show (repeatable; default: the dataset's label columns).")] = None,
+        help="Metadata column to show (repeatable; a filter or label column of the index, any case; default: the "
+             "dataset's label columns).")] = None,
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of the dataset the index was built from: also list each hit's image file there "
              "(the index stores paths relative to it).")] = None,
@@ -206,7 +214,7 @@ def search_command(
     """Find the cases closest to a query image or text in an index."""
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
-    from ..index.search import check_one_query
+    from ..index.search import check_one_query, shown_columns
 
     check_outputs(overwrite, {"--index": index, "--image": image, "--model": model, "--data-root": data_root},
                   json=json_out)
@@ -215,11 +223,11 @@ def search_command(
     if data_root is not None and not data_root.is_dir():
         raise InputError(f"--data-root {data_root}: not a folder")
     with open_index(index) as opened:
+        columns = shown_columns(opened, show) if show else opened.info.get("label_columns") or []
         net = index_model(opened, model, backend=backend)
         # read and preprocessed once: searched with, and checked
-        pixels = net.preprocessor.load(net.preprocessor.read(image)) if image is not None else None
+        pixels = net.preprocessor.load(image) if image is not None else None  # an error names the file
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
-        columns = show or opened.info.get("label_columns") or []
         flag = _query_checks(net, pixels)
     files = _image_files(hits, data_root) if data_root is not None else None  # before any output: may refuse
     _print_hits(hits, columns, target, "image" if image is not None else "text")
@@ -281,13 +289,15 @@ def _print_hits(hits: list, columns: list[str], target: str, query: str) -> None
     cases' images or their reports (``target``)."""
     from rich.table import Table
 
+    from ..index.search import hit_value
+
     compared = "reports" if target == "texts" else "images"
     table = Table(title=f"{len(hits)} cases closest to the query {query}, by their {compared}", header_style="bold")
     for name in ("rank", "score", "id", "split", *columns, "report" if target == "texts" else "image"):
         table.add_column(name, justify="right" if name in ("rank", "score") else "left")
     for rank, hit in enumerate(hits, 1):
         last = _short(hit.text) if target == "texts" else Path(hit.image_path).name if hit.image_path else "-"
-        values = [str(hit.meta.get(c, hit.labels.get(c, "-"))) for c in columns]
+        values = ["-" if (value := hit_value(hit, c)) is None else str(value) for c in columns]
         table.add_row(str(rank), f"{hit.score:.3f}", hit.id, hit.split, *values, last)
     console.print(table)
 

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from ..checks import split_names
+from ..checks import check_number, split_names
 from .bench import bench_app
 from .clinical import deid_command, inspect_command
 from .common import (
@@ -197,6 +197,7 @@ def audit_command(
 
     from ..api import audit_from_path
 
+    check_number("show", show, minimum=0, integer=True)
     check_outputs(overwrite, {"--data": data, "--against": against}, json=json_out)
     result = audit_from_path(data, split, label=label_column, workers=workers,
                              allow_outside_root=allow_outside_root, show_progress=not quiet, against=against,
@@ -208,7 +209,7 @@ def audit_command(
     if result["by_class"]:
         print_metrics(f"Unreadable, blank or streaked images per {label_column}", {
             name: f"{entry['content_flagged']} of {entry['records']}" for name, entry in result["by_class"].items()})
-    for record in result["records"][:max(show, 0)]:
+    for record in result["records"][:show]:
         reasons = "; ".join(f"{flag}: {record['detail'][flag]}" for flag in record["flags"])
         console.print(f"{record['id']} ({record['split']}): {reasons}")
     if "against" in result:

@@ -4,7 +4,8 @@ content is smeared along one axis, and duplicate images (within a split, or leak
 A model cannot learn from an image whose lesion was lost in a broken conversion, and a duplicate
 across train and test inflates every test figure; both happen in public collections (about one in
 six of the shared ISIC dermoscopy images has every row identical). Per image, on the decoded array
-(grayscale: the channel mean; volumes: the whole array for the content checks, no axis check):
+(grayscale: the channel mean, of each frame for a multi-frame colour DICOM; volumes and multi-frame images: the
+whole array for the content checks, no axis check):
 
 - ``unreadable``: the reader raised ``DataError`` (missing, empty, corrupt, too large); the reason is kept;
 - ``blank``: fewer than ``BLANK_LEVELS`` grey levels between the 0.5th and 99.5th percentiles (on the
@@ -115,10 +116,11 @@ def content_checks(gray: np.ndarray, eight_bit: bool) -> dict[str, str]:
 
 def difference_hash(gray: np.ndarray) -> str:
     """64-bit difference hash of a grayscale image (Krawetz's dHash) as 16 hex digits: the signs of
-    the horizontal gradient of a 9x8 area-averaged thumbnail; a volume is hashed by its mean slice."""
+    the horizontal gradient of a 9x8 area-averaged thumbnail; a volume (or the frames of a multi-frame
+    image) is hashed by its mean slice."""
     from PIL import Image
 
-    plane = gray.mean(axis=0) if gray.ndim == 3 else gray
+    plane = gray.reshape(-1, *gray.shape[-2:]).mean(axis=0) if gray.ndim > 2 else gray
     plane = plane.astype(np.float32)
     thumbnail = np.asarray(Image.fromarray(plane, mode="F").resize((9, 8), Image.Resampling.BOX))
     bits = (thumbnail[:, 1:] > thumbnail[:, :-1]).flatten()
@@ -303,7 +305,8 @@ def _file_key(image: ImageSource) -> Any:
 
 
 def _gray(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
+    """The channel mean of a colour image, or of each frame of a multi-frame colour image (F, H, W, 3|4)."""
+    if array.ndim in (3, 4) and array.shape[-1] in (3, 4):
         return array[..., :3].astype(np.float32).mean(-1)
     return array.astype(np.float32, copy=False)
 

@@ -3,8 +3,8 @@ of a concept bottleneck that push towards each finding (and the strongest agains
 nearest cases of an index.
 
 Findings are the zero-shot classes of one label column (``--labels``, default every class the
-model's captions describe); the ``top`` most probable are explained. Overlay files are named
-``<image stem>_<finding>_<method>.png``; ``explanation.json`` holds everything else.
+model's captions describe; labels follow ``predict``'s rule); the ``top`` most probable are explained.
+Overlay files are named ``<image stem>_<finding>_<method>.png``; ``explanation.json`` holds everything else.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
 from ..io import check_output_file, write_errors_named, write_json
-from ..predict import caption_column_for
+from ..predict import class_prompts
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
@@ -39,28 +39,29 @@ EXPLANATION_FILE = "explanation.json"
 
 def finding_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
                     captions=None) -> tuple[str, list[str], list[list[str]]]:
-    """The label column, its classes to explain and each class's prompts.
+    """The label column, its classes to explain and each class's prompts: ``predict``'s rule
+    (``predict.class_prompts``), so that any prediction can be explained. Without ``labels``, every class
+    of ``label_column`` (default: the first column the captions describe; the model's own captions unless
+    ``captions`` is given). A class the captions do not describe gets the bare class name in the templates as
+    its prompts, with a warning; a label column they do not describe is refused (InputError)."""
+    classes = _classes(model, labels, label_column, captions)
+    column, prompts = class_prompts(model, classes, label_column, captions)
+    return column, classes, prompts
 
-    ``labels`` must be classes the captions describe (the model's own unless ``captions`` is given)
-    when they describe any: a name outside them is an unknown label (InputError naming it)."""
-    config = captions_for(None, captions, model)
+
+def _classes(model, labels: Sequence[str] | None, label_column: str | None, captions) -> list[str]:
+    """``finding_classes``'s classes, checked, without their prompts (nor the warning about bare ones)."""
     requested = [name.strip() for name in labels or [] if name.strip()]
-    column = label_column or (caption_column_for(config, requested) if requested else next(iter(config.classes), ""))
-    known = list(config.classes.get(column, {}))
+    config = captions_for(None, captions, model)
     if label_column is not None:
         config.check_column(label_column)
-    if requested and config.classes:
-        described = {name for per_class in config.classes.values() for name in per_class}
-        unknown = [name for name in requested if name not in (known or described)]
-        if unknown:
-            raise InputError(f"unknown label {unknown[0]!r}; known labels{f' of {column!r}' if column else ''}: "
-                             f"{', '.join(known or sorted(described))}")
-    classes = list(dict.fromkeys(requested or known))
+    if not requested:
+        requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
+    classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
         raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes} "
                          "(pass --labels a,b,...)")
-    config.warn_undescribed(column, classes)
-    return column, classes, [config.prompts(column, name) for name in classes]
+    return classes
 
 
 def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods: Sequence[str]) -> list[Path]:
@@ -83,7 +84,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     interrupted or failed run leaves none of its files (the same command can be rerun)."""
     check_heatmap_model(model)
     methods = check_methods(default_methods(model) if methods is None else methods)
-    column, classes, _ = finding_classes(model, labels, label_column, captions)
+    classes = _classes(model, labels, label_column, captions)  # checked before any work; warned once, below
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
     unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
@@ -166,8 +167,9 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     push towards it (``"concepts"``, positive contributions only: maybe fewer, or none) and the
     ``against_top`` that push against it most (``"concepts_against"``, negative contributions).
 
-    Returns the explanation (``label_column``, ``probabilities``, ``findings``, ``input_flags``: whether the
-    image is blank or streaked as the model sees it, ``medvl.data.audit.input_flags``) and the image
+    Returns the explanation (``label_column``, ``probabilities``, ``map_shape``: [rows, columns] of the grid every
+    map and peak is on, ``findings``, ``input_flags``: whether the image is blank or streaked as the model sees
+    it, ``medvl.data.audit.input_flags``) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
     backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
     check_heatmap_model(model)
@@ -191,7 +193,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
                                                                  direction="against")
         findings.append(entry)
     return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-            "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
+            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:

@@ -117,6 +117,11 @@ class Index(Protocol):
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]: ...
 
+    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+        """Id -> (pixel hash, report) of the indexed cases among ``ids``: what tells a case added again apart from
+        another case under the same id."""
+        ...
+
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         """Pixel hash -> the ids of every indexed case with that image (sorted; more than one when the index was
         built with duplicates allowed), for the hashes present."""

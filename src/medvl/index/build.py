@@ -36,6 +36,7 @@ from ..checks import check_number
 from ..data.images import image_suffix
 from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record, records_digest
+from ..errors import InputError
 from ..models.backends import resolve_backend
 from ..progress import progress_bar
 from .backends import open_builder
@@ -52,14 +53,24 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
     large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
     digests, pixels = [], []
     for record in records:
-        if isinstance(record.image, str | Path) and image_suffix(record.image) in (".nii", ".nii.gz"):
-            digests.append(nifti_sha256(record.image))
-            pixels.append(preprocessor.load(record.image))
-            continue
-        array = record.image if isinstance(record.image, np.ndarray) else preprocessor.read(record.image)
-        digests.append(pixel_sha256(array))
-        pixels.append(preprocessor.load(array))
+        digest, image = _hashed(preprocessor, record)
+        digests.append(digest)  # an error names the file, or the record of an array
+        source = record.image if isinstance(record.image, str | Path) else f"record {record.id}"
+        pixels.append(preprocessor.load(image, source=source))
     return digests, torch.stack(pixels).numpy()
+
+
+def read_digests(preprocessor, records: Sequence[Record]) -> list[str]:
+    """Each record's pixel hash, as ``read_batch`` gives it (run in a worker process by ``add_records``)."""
+    return [_hashed(preprocessor, record)[0] for record in records]
+
+
+def _hashed(preprocessor, record: Record) -> tuple[str, Any]:
+    """A record's pixel hash and what ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path."""
+    if isinstance(record.image, str | Path) and image_suffix(record.image) in (".nii", ".nii.gz"):
+        return nifti_sha256(record.image), record.image
+    array = record.image if isinstance(record.image, np.ndarray) else preprocessor.read(record.image)
+    return pixel_sha256(array), array
 
 
 def nifti_sha256(path) -> str:
@@ -232,9 +243,14 @@ def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, c
 
 
 def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, allow_duplicates: bool = False,
-                show_progress: bool = True, workers: int | None = None) -> dict[str, Any]:
+                show_progress: bool = True, workers: int | None = None, replace: bool = False) -> dict[str, Any]:
     """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once; image
-    paths are stored relative to this dataset's root, and images read, as in ``build_index``."""
+    paths are stored relative to this dataset's root, and images read, as in ``build_index``.
+
+    A record whose id is indexed with the same pixels and report is left as it is (``already_present``). One
+    whose id is indexed with another image or report (a second export with the same layout, a corrected
+    report) is an ``InputError`` naming how many and one id, before anything changes; ``replace=True`` replaces
+    those cases instead (``replaced``)."""
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
     records = list(dataset)
@@ -242,9 +258,17 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
-    todo = [r for r in records if r.id not in present]
-    if present:
-        log.warning("%d cases are already in the index (same id) and were left as they are", len(present))
+    changed = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)
+    if changed and not replace:
+        raise InputError(f"{dataset.source}: {len(changed)} cases have an id already in the index {index.location} "
+                         f"but another image or report (e.g. {changed[0]!r}); pass --replace (Python: replace=True) "
+                         "to replace them, or give them other ids")
+    if changed:
+        index.delete(changed)  # staged, as the additions: saved at once with them
+    todo = [r for r in records if r.id not in present or r.id in set(changed)]
+    if len(present) > len(changed):
+        log.warning("%d cases are already in the index (same id, image and report) and were left as they are",
+                    len(present) - len(changed))
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
@@ -257,5 +281,18 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
                 added += len(cases)
             advance(len(batch))
     index.save()
-    return {"added": added, "already_present": len(present), "duplicates": duplicates, "n_cases": len(index)}
+    replaced = len(set(changed) & index.existing_ids(changed)) if changed else 0
+    return {"added": added - replaced, "already_present": len(present) - len(changed), "replaced": replaced,
+            "duplicates": duplicates, "n_cases": len(index)}
+
+
+def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: int, workers: int) -> list[str]:
+    """The ids of ``records`` (indexed ids) whose pixels or report differ from the indexed case's, in order."""
+    if not records:
+        return []
+    stored = index.stored_contents([r.id for r in records])
+    batches = list(batched(records, batch_size))
+    digests = [d for ds in map_ahead(read_digests, batches, workers, context=model.preprocessor) for d in ds]
+    return [r.id for r, digest in zip(records, digests, strict=True)
+            if stored[r.id] != (digest, Case.from_record(r).text)]
 

@@ -14,7 +14,8 @@ Folder layout::
 Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (resumable: every
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
-``.INDEX.lock`` keeps writers apart.
+``.INDEX.lock`` keeps writers apart. Opening checks that each FAISS file holds the vectors of exactly
+the table's cases (by count, sum and largest vid): files of two versions of an index are a ``DataError``.
 
 ANN kind by size (``medvl.index.ann.choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
 ``HNSW_MAX``, IVF-PQ (compressed, for memory) above; the recall@10 of an approximate index
@@ -201,6 +202,18 @@ def describe_ann(kind: str, n: int, recall: float) -> dict[str, Any]:
     elif kind == IVFPQ:
         described.update(nprobe=IVF_NPROBE)
     return described
+
+
+def ann_ids(ann: Any) -> np.ndarray:
+    """The ids of the vectors an index holds (flat and HNSW: their id map; IVF-PQ: its inverted lists)."""
+    import faiss
+
+    if hasattr(ann, "id_map"):
+        return faiss.vector_to_array(ann.id_map)
+    lists: Any = faiss.extract_index_ivf(ann).invlists  # the stubs allow None: an IVF index always has lists
+    chunks = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(lists.nlist)
+              if lists.list_size(i)]
+    return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
 
 
 def stored_vectors(ann: Any) -> np.ndarray | None:
@@ -501,6 +514,11 @@ class FaissIndex(IndexBase):
         except RuntimeError as err:
             self.conn.close()
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
+        try:
+            self._check_vectors_match_cases()
+        except BaseException:
+            self.conn.close()
+            raise
         self.workdir: Path | None = None  # the copy being edited, once there is a change
         self._filters: FilterColumns | None = None  # read at the first filtered search or change
         self._filters_lock = threading.Lock()
@@ -537,8 +555,31 @@ class FaissIndex(IndexBase):
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
 
+    def _check_vectors_match_cases(self) -> None:
+        """DataError unless each FAISS file holds the vectors of exactly the table's cases (those with a report for
+        ``text.faiss``; plus the deleted ones an HNSW graph still holds), compared by count, sum and largest vid.
+        Files of two versions of an index (a partial restore, a copy of a folder being swapped) would put other
+        vectors under this index's cases and drop the rest from every search without a word."""
+        for target, ann in self.anns.items():
+            live = self.conn.execute(f"SELECT COUNT(*), TOTAL(vid), MAX(vid) FROM cases{self._has(target)}").fetchone()
+            dead = self._tombstones(target)
+            ids = ann_ids(ann)
+            largest = max(-1 if live[2] is None else live[2], int(dead.max()) if len(dead) else -1)
+            expected = (live[0] + len(dead), float(live[1]) + float(dead.sum()), largest)
+            held = (len(ids), float(ids.sum()), int(ids.max()) if len(ids) else -1)
+            if held == expected:
+                continue
+            cases = f"{expected[0]} cases" + ("" if target == IMAGES else " with a report")
+            mismatch = (f"holds {held[0]} vectors but {CASES_DB} {cases}" if held[0] != expected[0]
+                        else f"holds the vectors of other cases than the {cases} of {CASES_DB}")
+            raise DataError(self.path, f"{INDEX_FILES[target]} {mismatch}: its files are of different versions "
+                                       "of the index; rebuild it (medvl index build)")
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {row[0] for row in _select_in(self.conn, "id", "id", ids)}
+
+    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+        return {row[0]: (row[1], row[2]) for row in _select_in(self.conn, "id, image_sha256, report", "id", ids)}
 
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return ids_by_hash(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))

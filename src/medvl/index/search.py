@@ -10,6 +10,7 @@ DICOM); ``resolve_image(hit, data_root)`` finds the file under a data root the u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,7 @@ def embed_query(model, image: str | Path | np.ndarray | torch.Tensor | None = No
         raise InputError("give exactly one query: an image or a text")
     if isinstance(image, torch.Tensor):
         return model.encode_images(image[None]).numpy()
-    pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
-    return model.encode_images([pixels]).numpy()
+    return model.encode_images(model.preprocessor.load(image)[None]).numpy()  # an error names the file
 
 
 def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Tensor | None = None,
@@ -70,6 +70,29 @@ def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Ten
     if verify_model:
         check_model(index.info, model, index.location)
     return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]
+
+
+def shown_columns(index: Index, names: list[str]) -> list[str]:
+    """The metadata columns ``names`` (as given to ``--show``) under the names the index knows them by: its filter
+    columns (any case, as ``where`` reads them) or its label columns; InputError naming the columns for any other
+    (a typo would show a column of blanks, as if no case had a value)."""
+    known = {name.lower(): name for name in [*index.info.get("label_columns", []), *index.columns]}
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise InputError(f"unknown column {unknown[0]!r} to show (columns: {', '.join(sorted(known.values()))})")
+    return [known[name.lower()] for name in names]
+
+
+def hit_value(hit: Hit, column: str) -> Any:
+    """A hit's value of a shown column (``shown_columns``): its metadata or label of that name, in any case;
+    the id and split for those; None when the case has none."""
+    if column in ("id", "split"):
+        return getattr(hit, column)
+    for values in (hit.meta, hit.labels):
+        found = next((value for key, value in values.items() if str(key).lower() == column.lower()), None)
+        if found is not None:
+            return found
+    return None
 
 
 def resolve_image(hit: Hit, data_root: str | Path) -> Path | None:

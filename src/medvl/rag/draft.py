@@ -181,7 +181,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     labeller = labeller or ReportLabeller()
     # read once (as the model reads it: HU for a DICOM when it has windows): checked, embedded, hashed
     pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
-    tensor = model.preprocessor.load(pixels)
+    tensor = model.preprocessor.load(pixels, source=None if isinstance(image, np.ndarray) else image)
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
         settings = {"k": k, "min_support": min_support, "min_similarity": min_similarity, "input_flags": flags,

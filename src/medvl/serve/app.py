@@ -278,7 +278,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         """Why the model sees its findings: per finding its probability, a heatmap per method (an RGBA PNG
         overlay, base64, of the preview's shape: lay it over the image) with its peak, the concepts of the
         concept bottleneck that push towards it (and, apart, the strongest against it); and the nearest
-        indexed cases."""
+        indexed cases. Peaks are [row, column] on the overlay's grid (``map_shape`` = ``overlay.shape``), not the
+        image's (``image.shape``) when the image is larger than the preview: scale by their ratio."""
         service = loader.get()
         names = parse_labels(labels) if labels and labels.strip() else None
         chosen = parse_methods(methods) if methods and methods.strip() else None

@@ -364,7 +364,9 @@ class ModelService:
     async def explain(self, data: bytes, labels: list[str] | None, label_column: str | None,
                       methods: list[str] | None, top: int, k: int, timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl explain``'s answer for one upload (``medvl.explain.explanation.explain_pixels``), each
-        heatmap an RGBA PNG overlay (base64) of the preview's shape, and the k nearest cases when an index is loaded."""
+        heatmap an RGBA PNG overlay (base64) of the preview's shape, its peak on that grid (``map_shape``, the
+        overlay's shape: smaller than the image's when the image is larger than a preview), and the k nearest
+        cases when an index is loaded."""
         from ..explain.explanation import nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
