@@ -226,9 +226,12 @@ def test_a_missing_or_stale_file_is_read_from_the_table_and_saved_with_the_next_
     shutil.copytree(out, copy)
     if change == "missing":  # an index built before the file existed
         (copy / FILTERS_FILE).unlink()
-    else:  # an index changed by an older medvl, which does not know the file
-        with sqlite3.connect(copy / "cases.sqlite") as conn:
-            conn.execute("DELETE FROM cases WHERE id IN ('case10', 'case11')")
+    else:  # an index changed by an older medvl, which edits the table and the vectors but does not know the file
+        before = (copy / FILTERS_FILE).read_bytes()
+        with FaissIndex.open(copy, writable=True) as index:
+            index.delete(["case10", "case11"])
+            index.save()
+        (copy / FILTERS_FILE).write_bytes(before)
     with caplog.at_level(logging.INFO, logger="medvl.index.filter_columns"), FaissIndex.open(copy) as index:
         _check_equal(index)
         assert "read from the table" in caplog.text

@@ -561,7 +561,8 @@ class FaissIndex(IndexBase):
         Files of two versions of an index (a partial restore, a copy of a folder being swapped) would put other
         vectors under this index's cases and drop the rest from every search without a word."""
         for target, ann in self.anns.items():
-            live = self.conn.execute(f"SELECT COUNT(*), TOTAL(vid), MAX(vid) FROM cases{self._has(target)}").fetchone()
+            query = f"SELECT COUNT(*), TOTAL(vid), MAX(vid) FROM cases{self._vectored(target)}"
+            live = self.conn.execute(query).fetchone()
             dead = self._tombstones(target)
             ids = ann_ids(ann)
             largest = max(-1 if live[2] is None else live[2], int(dead.max()) if len(dead) else -1)
@@ -638,7 +639,7 @@ class FaissIndex(IndexBase):
     def delete(self, ids: Sequence[str]) -> int:
         filters = self.filter_columns()  # before the table changes: the saved arrays match it
         conn = self._edit()
-        rows = _select_in(conn, "vid, report IS NOT NULL", "id", list(dict.fromkeys(ids)))
+        rows = _select_in(conn, "vid, report IS NOT NULL AND report != ''", "id", list(dict.fromkeys(ids)))  # a vector?
         if not rows:
             return 0
         with write_errors_named(self.path), conn:
@@ -673,7 +674,7 @@ class FaissIndex(IndexBase):
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     def _rebuild_hnsw(self, target: str) -> None:
-        live = np.asarray([r[0] for r in self.conn.execute(f"SELECT vid FROM cases{self._has(target)}")],
+        live = np.asarray([r[0] for r in self.conn.execute(f"SELECT vid FROM cases{self._vectored(target)}")],
                           dtype=np.int64)
         vectors = self.anns[target].reconstruct_batch(live) if len(live) else np.empty((0, self.dim), np.float32)
         self.anns[target] = build_ann(vectors, live, HNSW)
@@ -710,11 +711,17 @@ class FaissIndex(IndexBase):
             self.lock.release()
 
     # -- search ----------------------------------------------------------------------------------
+    @staticmethod
+    def _vectored(target: str) -> str:
+        """The cases that have a vector in ``target``'s file: every case, or for reports those with a non-empty
+        one (a report vector is added only then; an empty report is stored as '', not NULL)."""
+        return " WHERE report IS NOT NULL AND report != ''" if target == TEXTS else ""
+
     def _has(self, target: str, joiner: str = " WHERE ") -> str:
         return f"{joiner}report IS NOT NULL" if target == TEXTS else ""
 
     def _live(self, target: str) -> int:
-        return self.conn.execute(f"SELECT COUNT(*) FROM cases{self._has(target)}").fetchone()[0]
+        return self.conn.execute(f"SELECT COUNT(*) FROM cases{self._vectored(target)}").fetchone()[0]
 
     def _dead(self, target: str) -> int:
         return self.anns[target].ntotal - self._live(target)
