@@ -676,3 +676,40 @@ def test_case_retrieval_of_indexed_queries_matches_a_brute_force_ranking(model_d
     assert result["precision_at_k"] == pytest.approx(np.mean(precision), abs=0.03)
     assert result["map_baseline"] == pytest.approx(np.mean(base_ap))
     assert result["precision_at_k_baseline"] == pytest.approx(np.mean(base_precision))
+
+
+@pytest.mark.parametrize("map_depth, scored", [(8, 8), (20, 10)])
+def test_case_retrieval_of_an_index_larger_than_one_search_matches_a_brute_force_ranking(
+        model_dir, twice_index, monkeypatch, caplog, map_depth, scored):
+    """An index larger than one search returns (10,000 cases, lowered here to 12 so that a 25-case index is one):
+    mAP still divides by the query's relevant cases in the whole index (capped at the depth), and its baseline
+    and the class prior come from the index's own label counts, not from the queries; a depth beyond what one
+    search returns is cut to it, warned, and the JSON's ``map_depth`` is the depth scored."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("medvl.eval.case_retrieval"), "LIST_MAX", 12)
+    folder, out = twice_index
+    model, dataset = load_model(model_dir), load_dataset(folder)
+    queries = dataset.subset(list(dataset)[:6])  # the first film (indexed twice) and 5 others
+    with open_index(out) as index, caplog.at_level("WARNING"):
+        result = case_retrieval(index, model, queries, k=3, label_columns=["finding"], map_depth=map_depth,
+                                show_progress=False)
+    assert result["n_index"] == 25 and result["map_depth"] == scored
+    assert ("mAP is scored over the first 10 ranks, not 20" in caplog.text) == (scored != map_depth)
+    records = list(dataset)
+    vectors = model.encode_images([r.image for r in records]).numpy()
+    copies = {0, len(records) - 1}  # the first film and its copy
+    aps, base_ap, base_precision = [], [], []
+    for i in range(6):
+        own = copies if i in copies else {i}
+        others = [j for j in np.argsort(-(vectors @ vectors[i]), kind="stable") if j not in own]
+        relevant = [records[j].labels["finding"] == records[i].labels["finding"] for j in others]
+        base_precision.append(sum(relevant) / len(others))
+        if sum(relevant):
+            aps.append(average_precision(relevant[:scored], min(sum(relevant), scored)))
+            base_ap.append(random_average_precision(sum(relevant), len(others), scored))
+    assert result["map"] == pytest.approx(np.mean(aps), abs=0.02)  # ties among near-equal scores aside
+    assert result["map_baseline"] == pytest.approx(np.mean(base_ap))
+    assert result["precision_at_k_baseline"] == pytest.approx(np.mean(base_precision))
+    prior = Counter(r.labels["finding"] for r in records)
+    assert result["label_sets"] == {f"finding={c}": n for c, n in prior.items()}

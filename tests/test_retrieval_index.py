@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -626,6 +627,13 @@ def test_pgvector_index_matches_faiss(pg_url, built, model, model_dir, dataset):
             with pytest.raises(InputError, match="--where"):
                 search_index(pg, model, image=dataset[0].image, where=injection)
         assert len(pg) == 96
+
+        def counted(index):  # the label distribution read from the case table (case retrieval's prior)
+            return Counter({json.dumps(labels, sort_keys=True): n for labels, n in index.label_counts()})
+
+        assert counted(pg) == counted(local) and sum(counted(pg).values()) == 96
+        ids = [dataset[0].id, dataset[5].id, "not-indexed"]
+        assert pg.case_labels(ids) == local.case_labels(ids) == {r.id: r.labels for r in (dataset[0], dataset[5])}
         with pytest.raises(ModelError, match="32-d"):
             search_index(pg, create_model("phantom-tiny", embed_dim=32), text="effusion")
 

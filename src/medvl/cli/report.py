@@ -180,7 +180,8 @@ def case_retrieval_command(
     draft_k: Annotated[int, typer.Option(help="Nearest cases each drafted report is made from.")] = 10,
     min_support: SupportOption = 0.5,
     min_similarity: SimilarityOption = 0.5,
-    map_depth: Annotated[int, typer.Option(help="Ranks scored by mAP (the whole index when smaller).")] = 1000,
+    map_depth: Annotated[int, typer.Option(
+        help="Ranks scored by mAP (the whole index when smaller; at most 10,000).")] = 1000,
     knowledge: KnowledgeOption = None,
     builtin_knowledge: BuiltinOption = True,
     json_out: JsonOption = None,

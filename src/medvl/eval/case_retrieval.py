@@ -13,9 +13,11 @@ Label agreement (over the label columns, by default the index's own):
 - **Jaccard@k**: the mean Jaccard similarity of the query's and retrieved label sets over the first
   k (the partial credit of multi-label sets; equal to precision@k for one categorical column).
 - **mAP**: the mean over queries of average precision, relevant = same label set, over the ranking
-  of the whole index (its first ``map_depth`` cases when the index is larger; the denominator is
-  then capped at ``map_depth``). Queries with no relevant case in the index are left out. A case left
-  out as the query itself counts neither as relevant nor in the baselines' index.
+  of the whole index (its first ``map_depth`` cases when the index is larger, at most 10,000, what
+  one search returns; the denominator, the query's relevant cases in the whole index, is then capped
+  at ``map_depth``). Queries with no relevant case in the index are left out. A case left out as the
+  query itself counts neither as relevant nor in the baselines' index. The index's label-set counts
+  come from its case table (``Index.label_counts``), whatever its size.
 - **Class-prior baseline** beside each: its expected value for a random ranking. With ``p`` the
   index's label-set distribution, precision@k and mAP ~ ``sum_q p(q) / n_queries``, which is
   ``sum_c p_c^2`` when the queries follow the index's distribution (also reported as
@@ -84,16 +86,24 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
         raise InputError(f"{index.location}: the index holds {n_index} case(s); need at least 2")
     vectors, hashes = _embed(model, queries, show_progress)
     excluded = _self_matches(index, queries, hashes, same_source=_built_from(index, dataset))
-    listing = _listing(index, vectors[0], n_index)
-    binary = _binary_columns(columns, queries, listing)
+    index_labels = index.label_counts()  # the whole index's label distribution, at any size
+    binary = _binary_columns(columns, queries, [labels for labels, _ in index_labels])
     labeller = ReportLabeller(knowledge)
-    depth = min(max(k, draft_k, map_depth) + max(map(len, excluded)), n_index, LIST_MAX)
+    most_excluded = max(map(len, excluded))
+    map_depth = _scored_depth(map_depth, n_index, most_excluded)
+    depth = min(max(k, draft_k, map_depth) + most_excluded, n_index, LIST_MAX)
     rankings = _rankings(index, vectors, excluded, depth, show_progress)
     query_sets = [label_set(r.labels, columns, binary) for r in queries]
+    own_sets = {case: label_set(labels, columns, binary)
+                for case, labels in index.case_labels(sorted(set().union(*excluded))).items()}
+    prior: Counter[frozenset] = Counter()
+    for labels, count in index_labels:
+        prior[label_set(labels, columns, binary)] += count
     result: dict[str, Any] = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
               "label_columns": columns, "k": k, "excluded_self": sum(bool(e) for e in excluded)}
-    result.update(_agreement(rankings, query_sets, columns, binary, k, listing, n_index, map_depth, excluded))
-    reference = _reference(queries, columns, binary, labeller, [h.labels for h in listing or []])
+    found_sets = [[label_set(h.labels, columns, binary) for h in ranking] for ranking in rankings]
+    result.update(_agreement(found_sets, query_sets, k, prior, own_sets, map_depth, excluded))
+    reference = _reference(queries, columns, binary, labeller, [labels for labels, _ in index_labels])
     result["draft"], result["nearest_report"] = _drafts(rankings, reference, labeller, draft_k, min_support,
                                                         min_similarity)
     result["draft"]["reference"] = result["nearest_report"]["reference"] = reference["kind"]
@@ -157,17 +167,20 @@ def _self_matches(index: Index, records: Sequence[Record], hashes: list[str], sa
     return [({r.id} & present) | set(by_hash.get(h, ())) for r, h in zip(records, hashes, strict=True)]
 
 
-def _listing(index: Index, vector: np.ndarray, n_index: int) -> list[Hit] | None:
-    """Every case of the index (for its label distribution), or None if it is too large to list."""
-    if n_index > LIST_MAX:
-        log.warning("index of %d cases is too large to list; the class prior is estimated from the queries",
-                    n_index)
-        return None
-    return index.search(vector[None], k=n_index)[0]
+def _scored_depth(map_depth: int, n_index: int, most_excluded: int) -> int:
+    """The ranks mAP scores: ``map_depth``, at most the index's size and what one search returns once the
+    queries' own cases are left out (warned: the JSON's ``map_depth`` is then the depth scored)."""
+    searchable = max(1, LIST_MAX - most_excluded)
+    if min(map_depth, n_index) > searchable:
+        log.warning("mAP is scored over the first %d ranks, not %d: one search returns at most %d cases",
+                    searchable, min(map_depth, n_index), LIST_MAX)
+        return searchable
+    return min(map_depth, n_index)
 
 
-def _binary_columns(columns: Sequence[str], records: Sequence[Record], listing: list[Hit] | None) -> set[str]:
-    cases = [r.labels for r in records] + [h.labels for h in listing or []]
+def _binary_columns(columns: Sequence[str], records: Sequence[Record],
+                    index_labels: Sequence[dict[str, Any]]) -> set[str]:
+    cases = [r.labels for r in records] + list(index_labels)
     return {c for c in columns if {str(lab[c]) for lab in cases if c in lab} <= {"0", "1"}}
 
 
@@ -231,29 +244,29 @@ def random_average_precision(n_relevant: int, n: int, depth: int | None = None) 
     return n_relevant * (harmonic + spread * (ranks - harmonic)) / (n * denominator)
 
 
-def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: Sequence[str], binary: set[str],
-               k: int, listing: list[Hit] | None, n_index: int, map_depth: int,
-               excluded: list[set[str]]) -> dict[str, Any]:
-    prior = Counter(label_set(h.labels, columns, binary) for h in listing) if listing else Counter(query_sets)
+def _agreement(found_sets: list[list[frozenset]], query_sets: list[frozenset], k: int, prior: Counter[frozenset],
+               own_sets: dict[str, frozenset], map_depth: int, excluded: list[set[str]]) -> dict[str, Any]:
+    """Label agreement of the rankings (the label sets of the cases found, in order). ``prior`` counts the
+    label sets of every indexed case, ``own_sets`` gives those of the cases left out as queries themselves,
+    ``map_depth`` the ranks mAP scores."""
     total = sum(prior.values())
-    listed = {h.id: label_set(h.labels, columns, binary) for h in listing or []}
     precision: list[float] = []
     jaccards: list[float] = []
     aps: list[float] = []
     base_precision: list[float] = []
     base_jaccard: list[float] = []
     base_ap: list[float] = []
-    for ranking, query, own in zip(rankings, query_sets, excluded, strict=True):
+    for ranking, query, own in zip(found_sets, query_sets, excluded, strict=True):
         # the cases left out as the query itself are neither relevant to it nor part of its random ranking
-        others = prior - Counter(listed[case] for case in own if case in listed)
-        n_others = total - sum(case in listed for case in own)
-        top = [label_set(h.labels, columns, binary) for h in ranking[:k]]
+        others = prior - Counter(own_sets[case] for case in own if case in own_sets)
+        n_others = total - sum(case in own_sets for case in own)
+        top = ranking[:k]
         precision.append(float(np.mean([s == query for s in top])) if top else 0.0)
         jaccards.append(float(np.mean([jaccard(s, query) for s in top])) if top else 0.0)
         base_precision.append(others[query] / n_others if n_others else 0.0)
         base_jaccard.append(sum(n * jaccard(s, query) for s, n in others.items()) / n_others if n_others else 0.0)
-        ranked = [label_set(h.labels, columns, binary) == query for h in ranking[:map_depth]]
-        n_relevant = others[query] if listing else sum(ranked)
+        ranked = [found == query for found in ranking[:map_depth]]
+        n_relevant = others[query]  # every relevant case of the index, found in the ranks scored or not
         if n_relevant:
             aps.append(average_precision(ranked, min(n_relevant, map_depth)))
             base_ap.append(random_average_precision(n_relevant, n_others, map_depth))
@@ -261,8 +274,7 @@ def _agreement(rankings: list[list[Hit]], query_sets: list[frozenset], columns: 
             "prior_sum_p2": float(sum((n / total) ** 2 for n in prior.values())),
             "jaccard_at_k": float(np.mean(jaccards)), "jaccard_at_k_baseline": float(np.mean(base_jaccard)),
             "map": float(np.mean(aps)) if aps else None, "map_baseline": float(np.mean(base_ap)) if base_ap else None,
-            "map_queries": len(aps), "map_depth": min(map_depth, n_index),
-            "prior_from": "index" if listing else "queries",
+            "map_queries": len(aps), "map_depth": map_depth,
             "label_sets": {" + ".join(sorted(s)) or "(none)": n for s, n in prior.most_common()}}
 
 

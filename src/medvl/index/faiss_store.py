@@ -585,6 +585,13 @@ class FaissIndex(IndexBase):
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return ids_by_hash(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))
 
+    def label_counts(self) -> list[tuple[dict[str, Any], int]]:
+        rows = self.conn.execute("SELECT labels, COUNT(*) FROM cases GROUP BY labels").fetchall()
+        return [(json.loads(labels), count) for labels, count in rows]
+
+    def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return {row[0]: json.loads(row[1]) for row in _select_in(self.conn, "id, labels", "id", ids)}
+
     # -- changes ---------------------------------------------------------------------------------
     def _edit(self) -> sqlite3.Connection:
         """Start (once) working on a private copy of the folder."""

@@ -363,6 +363,14 @@ class PgVectorIndex(IndexBase):
                                  ([h for h in hashes if h],)).fetchall()
         return ids_by_hash(rows)
 
+    def label_counts(self) -> list[tuple[dict[str, Any], int]]:
+        rows = self.conn.execute(self._q("SELECT labels, COUNT(*) FROM {t} GROUP BY labels")).fetchall()
+        return [(labels, int(count)) for labels, count in rows]
+
+    def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        rows = self.conn.execute(self._q("SELECT id, labels FROM {t} WHERE id = ANY(%s)"), (list(ids),))
+        return {row[0]: row[1] for row in rows}
+
     def _writable(self) -> None:
         if not self.writable:
             raise InputError(f"{self.location}: index opened read-only")
