@@ -647,3 +647,15 @@ def test_a_label_of_one_class_is_warned_as_teaching_the_head_and_the_captions_no
     text = " ".join(caplog.text.split())
     assert f"label 'finding' has one class in the {len(dataset)} training records: its supervised head" in text
     assert "same class in label column(s) finding: their captions are positives of one another" in text
+
+
+def test_a_label_of_one_class_beside_another_caption_column_is_warned(small_phantom, tmp_path, caplog):
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(finding="nodule"))
+    dataset = medvl.load_dataset(data).select("train")
+    assert len(dataset.classes("sex")) == 2
+    config = TrainConfig(epochs=1, text_source="captions", label_columns=["finding", "sex"])
+    with caplog.at_level("WARNING"):
+        medvl.train(medvl.create_model("phantom-tiny"), dataset, config, tmp_path / "run", show_progress=False)
+    text = " ".join(caplog.text.split())
+    assert f"label 'finding' has one class in the {len(dataset)} training records: every caption names it" in text
+    assert "label 'sex'" not in text

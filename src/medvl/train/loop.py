@@ -256,6 +256,11 @@ def warn_single_class(dataset: Dataset, config: TrainConfig, source: str) -> Non
             log.warning("every one of the %d training records has the same class in label column(s) %s: their "
                         "captions are positives of one another, and the image-text loss learns nothing from them",
                         len(dataset), ", ".join(columns))
+        elif len(columns) > 1:
+            for column in columns:
+                if len(dataset.classes(column)) == 1:
+                    log.warning("label %r has one class in the %d training records: every caption names it, so "
+                                "the image-text loss learns nothing about it", column, len(dataset))
 
 
 class _PairedTexts:
