@@ -244,6 +244,28 @@ def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, 
         assert hit.id == query.id and hit.score == pytest.approx(1.0, abs=1e-5) and hit.text == query.text
 
 
+def test_replacing_with_an_image_indexed_under_another_id_is_refused(index_copy, model, dataset):
+    """A replacement whose new image is another indexed case's (or a case's earlier in the data) is refused,
+    naming how many and one pair, and the index is left as it was; --allow-duplicates replaces it. The case used
+    to be deleted and nothing added, reported only as a skipped duplicate."""
+    from dataclasses import replace
+
+    first, second, image = dataset[0], dataset[1], np.full((64, 64), 7, np.uint8)
+    swapped = dataset.subset([replace(first, images=second.images, text="corrected report")])
+    within = dataset.subset([Record(id="new", images=[image], split="train"), replace(first, images=[image])])
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=rf"1 cases to replace have an image already in the index .* \(e\.g\. "
+                                             rf"'{first.id}': the image of '{second.id}'\); pass --allow-duplicates"):
+            add_records(index, model, swapped, show_progress=False, replace=True)
+        with pytest.raises(InputError, match=rf"\(e\.g\. '{first.id}': the image of 'new'\)"):
+            add_records(index, model, within, show_progress=False, replace=True)
+    with open_index(index_copy, writable=True) as index:
+        assert len(index) == 96 and index.stored_contents([first.id])[first.id][1] == first.text
+        result = add_records(index, model, swapped, show_progress=False, replace=True, allow_duplicates=True)
+        assert (result["replaced"], result["duplicates"], result["n_cases"]) == (1, [], 96)
+        assert index.stored_contents([first.id])[first.id][1] == "corrected report"
+
+
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
     cases = [Case(id="new1", meta={"age": "44", "ward": "A"}), Case(id="new2", meta={"age": "unknown"})]
     with open_index(index_copy, writable=True) as index:
