@@ -200,7 +200,7 @@ def case_retrieval_command(
 
     check_outputs(overwrite, {"--index": index, "--data": data, "--model": model, "--knowledge": knowledge},
                   json=json_out)
-    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
+    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth, label_column)
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_split(data, split, label_column, allow_outside_root)
     with open_index(index) as opened:
