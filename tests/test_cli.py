@@ -276,8 +276,9 @@ def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warn
 
 
 def test_the_leak_block_counts_the_scored_records_only(phantom_dir, tmp_path):
-    """Records left out of the scoring (no label for zero-shot and linear-probe, no report for retrieval) are not
-    counted in trained_on_scored; they were, so '48 of 48 scored records' came from a split with 24 scored."""
+    """Records left out of the scoring (no label for zero-shot, linear-probe and case-retrieval, no report for
+    retrieval) are not counted in trained_on_scored; they were, so '48 of 48 scored records' came from a split
+    with 24 scored."""
     import csv
 
     folder = shutil.copytree(phantom_dir, tmp_path / "data")
@@ -291,6 +292,7 @@ def test_the_leak_block_counts_the_scored_records_only(phantom_dir, tmp_path):
         writer = csv.DictWriter(handle, fieldnames=["image", "text", "split", "finding"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    (folder / "dataset.json").write_text(json.dumps({"manifest": "part.csv", "label_columns": ["finding"]}))
     train = [row for row in rows if row["split"] == "train"]
     labelled, reported = sum(bool(row["finding"]) for row in train), sum(bool(row["text"]) for row in train)
     assert labelled < len(train) and reported < len(train)
@@ -302,7 +304,12 @@ def test_the_leak_block_counts_the_scored_records_only(phantom_dir, tmp_path):
                 "retrieval": (reported, ["eval", "retrieval", "--model", run, "--data", data]),
                 "linear-probe": (labelled, ["eval", "linear-probe", "--model", run, "--train-data", data,
                                             "--test-data", data, "--train-split", "test", "--few-shot", "1",
-                                            "-l", "finding"])}
+                                            "-l", "finding"]),
+                "case-retrieval": (labelled, ["eval", "case-retrieval", "--index", tmp_path / "idx", "--data", data,
+                                              "-k", 3])}  # compares the index's label column
+    result, output = invoke("index", "build", "--model", run, "--data", data, "--split", "test", "--out",
+                            tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
     for name, (scored, command) in commands.items():
         split = ["--test-split", "train"] if name == "linear-probe" else ["--split", "train"]
         result, output = invoke(*command, *split, "--json", tmp_path / f"{name}.json", "-q")

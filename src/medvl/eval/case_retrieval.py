@@ -76,7 +76,7 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth, label_columns)
     check_model(index.info, model, index.location)
     columns = _label_columns(index, dataset, label_columns)
-    queries = [r for r in dataset if all(c in r.labels for c in columns)]
+    queries = query_records(dataset, columns)
     if not queries:
         raise InputError(f"{dataset.source}: no record has every label column ({', '.join(columns)})")
     n_index = len(index)
@@ -123,6 +123,11 @@ def check_case_retrieval_settings(k: int, draft_k: int, min_support: float, min_
     check_number("map_depth", map_depth, minimum=1, integer=True)
     check_number("draft_k", draft_k, minimum=1, maximum=1000, integer=True)
     check_settings(draft_k, min_support, min_similarity)
+
+
+def query_records(dataset: Dataset, columns: Sequence[str]) -> list[Record]:
+    """The records of ``dataset`` scored as queries: those with every label column (the rest are ``n_skipped``)."""
+    return [r for r in dataset if all(c in r.labels for c in columns)]
 
 
 def _label_columns(index: Index, dataset: Dataset, given: Sequence[str] | None) -> list[str]:
