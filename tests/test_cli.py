@@ -275,6 +275,50 @@ def test_scoring_the_split_the_model_trained_on_is_said_in_the_result_and_a_warn
         assert (seen and seen["records"]) == expected
 
 
+def test_the_leak_block_counts_the_scored_records_only(phantom_dir, tmp_path):
+    """Records left out of the scoring (no label for zero-shot, linear-probe and case-retrieval, no report for
+    retrieval) are not counted in trained_on_scored; they were, so '48 of 48 scored records' came from a split
+    with 24 scored."""
+    import csv
+
+    folder = shutil.copytree(phantom_dir, tmp_path / "data")
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows):  # the scored split (train) only: the probe is fitted on all of test
+        if row["split"] == "train":
+            row["finding"] = "" if number % 2 else row["finding"]
+            row["text"] = "" if number % 3 == 0 else row["text"]
+    with (folder / "part.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "text", "split", "finding"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "dataset.json").write_text(json.dumps({"manifest": "part.csv", "label_columns": ["finding"]}))
+    train = [row for row in rows if row["split"] == "train"]
+    labelled, reported = sum(bool(row["finding"]) for row in train), sum(bool(row["text"]) for row in train)
+    assert labelled < len(train) and reported < len(train)
+    data, run = folder / "part.csv", tmp_path / "run"
+    result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", run, "-l", "finding",
+                            "--epochs", 1, "-q")
+    assert result.exit_code == 0, output
+    commands = {"zero-shot": (labelled, ["eval", "zero-shot", "--model", run, "--data", data, "-l", "finding"]),
+                "retrieval": (reported, ["eval", "retrieval", "--model", run, "--data", data]),
+                "linear-probe": (labelled, ["eval", "linear-probe", "--model", run, "--train-data", data,
+                                            "--test-data", data, "--train-split", "test", "--few-shot", "1",
+                                            "-l", "finding"]),
+                "case-retrieval": (labelled, ["eval", "case-retrieval", "--index", tmp_path / "idx", "--data", data,
+                                              "-k", 3])}  # compares the index's label column
+    result, output = invoke("index", "build", "--model", run, "--data", data, "--split", "test", "--out",
+                            tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    for name, (scored, command) in commands.items():
+        split = ["--test-split", "train"] if name == "linear-probe" else ["--split", "train"]
+        result, output = invoke(*command, *split, "--json", tmp_path / f"{name}.json", "-q")
+        assert result.exit_code == 0, output
+        seen = json.loads((tmp_path / f"{name}.json").read_text())["trained_on_scored"]
+        assert (name, seen["records"], seen["of"]) == (name, scored, scored)
+        assert f"{scored} of {scored} scored" in " ".join(output.split())
+
+
 def test_a_probe_fitted_on_the_images_it_is_scored_on_is_refused(trained, phantom_dir, tmp_path):
     result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
                             "--test-data", phantom_dir, "--train-split", "all", "--json", tmp_path / "lp.json", "-q")

@@ -533,6 +533,18 @@ def test_eval_case_retrieval_rejects_bad_input(phantom_dir, train_index, tmp_pat
     assert no_index.exit_code == 2 and "Traceback" not in output
 
 
+def test_case_retrieval_refuses_a_label_column_given_twice(phantom_dir, model_dir, train_index, tmp_path):
+    """-l finding -l finding is refused as medvl train refuses it (one line, exit 2, no JSON); it was scored with
+    the column compared twice."""
+    result, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir, "--split", "test",
+                            "-l", "finding", "-l", "sex", "-l", "finding", "--json", tmp_path / "cr.json", "-q")
+    assert result.exit_code == 2 and "label column(s) finding given more than once: finding, sex, finding" in output
+    assert not (tmp_path / "cr.json").exists()
+    with open_index(train_index) as index, pytest.raises(InputError, match="finding given more than once"):
+        case_retrieval(index, load_model(model_dir), load_dataset(phantom_dir).select("test"),
+                       label_columns=["finding", "finding"], show_progress=False)
+
+
 # ------------------------------------------------------------------ metric references
 
 

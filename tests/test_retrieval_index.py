@@ -3,6 +3,7 @@ a real SIGKILL during a build, and the same API against a real PostgreSQL with p
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -221,8 +222,8 @@ def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, 
     second = tmp_path / "second"
     generate_phantom(second, n=10, seed=9, size=64)
     with open_index(index_copy, writable=True) as index:
-        with pytest.raises(InputError, match=r"10 cases have an id already in the index .* another image or "
-                                             r"report \(e\.g\. 'images/phantom_00000'\); pass --replace"):
+        with pytest.raises(InputError, match=r"10 cases have an id already in the index .* another image, "
+                                             r"report or labels \(e\.g\. 'images/phantom_00000'\); pass --replace"):
             add_records(index, model, load_dataset(second), show_progress=False)
     corrected = load_dataset(planted_phantom(phantom_dir, tmp_path / "corrected"))  # one report changed
     with open_index(index_copy, writable=True) as index:
@@ -243,6 +244,54 @@ def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, 
     with open_index(index_copy) as index:
         hit = search_index(index, model, image=query.image, k=1)[0]
         assert hit.id == query.id and hit.score == pytest.approx(1.0, abs=1e-5) and hit.text == query.text
+
+
+def test_replacing_with_an_image_indexed_under_another_id_is_refused(index_copy, model, dataset):
+    """A replacement whose new image is another indexed case's (or a case's earlier in the data) is refused,
+    naming how many and one pair, and the index is left as it was; --allow-duplicates replaces it. The case used
+    to be deleted and nothing added, reported only as a skipped duplicate."""
+    from dataclasses import replace
+
+    first, second, image = dataset[0], dataset[1], np.full((64, 64), 7, np.uint8)
+    swapped = dataset.subset([replace(first, images=second.images, text="corrected report")])
+    within = dataset.subset([Record(id="new", images=[image], split="train"), replace(first, images=[image])])
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=rf"1 cases to replace have an image already in the index .* \(e\.g\. "
+                                             rf"'{first.id}': the image of '{second.id}'\); pass --allow-duplicates"):
+            add_records(index, model, swapped, show_progress=False, replace=True)
+        with pytest.raises(InputError, match=rf"\(e\.g\. '{first.id}': the image of 'new'\)"):
+            add_records(index, model, within, show_progress=False, replace=True)
+    with open_index(index_copy, writable=True) as index:
+        assert len(index) == 96 and index.stored_contents([first.id])[first.id][1] == first.text
+        result = add_records(index, model, swapped, show_progress=False, replace=True, allow_duplicates=True)
+        assert (result["replaced"], result["duplicates"], result["n_cases"]) == (1, [], 96)
+        assert index.stored_contents([first.id])[first.id][1] == "corrected report"
+
+
+def test_a_corrected_label_is_a_changed_case(index_copy, model, phantom_dir, tmp_path):
+    """A case added again with the same image and report but another label is refused like a corrected report,
+    and --replace stores the new label (filter column included). It used to count as already present, and
+    --replace left the old label."""
+    folder = shutil.copytree(phantom_dir, tmp_path / "relabelled")
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    case_id, old_label = Path(rows[0]["image"]).with_suffix("").as_posix(), rows[0]["finding"]
+    new_label = rows[0]["finding"] = "cardiomegaly" if old_label != "cardiomegaly" else "nodule"
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    relabelled = load_dataset(folder)
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=rf"1 cases have an id .* another image, report or labels "
+                                             rf"\(e\.g\. '{case_id}'\)"):
+            add_records(index, model, relabelled, show_progress=False)
+        result = add_records(index, model, relabelled, show_progress=False, replace=True)
+        assert (result["added"], result["already_present"], result["replaced"]) == (0, 95, 1)
+    with open_index(index_copy) as index:
+        hit = index.search(np.ones(64) / 8, k=1, where=f"id = '{case_id}'")[0][0]
+        assert hit.labels["finding"] == new_label
+        assert index.search(np.ones(64) / 8, k=1, where=f"id = '{case_id}' and finding = '{old_label}'")[0] == []
 
 
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
@@ -674,6 +723,8 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         again = Record(id="copy", images=[dataset.select("test")[0].image], meta={"sex": "M"})
         result = add_records(index, model, dataset.subset([again]), show_progress=False)
         assert result["duplicates"] == [{"id": "copy", "duplicate_of": dataset.select("test")[0].id}]
+        result = add_records(index, model, dataset.select("test"), show_progress=False)  # labels read back from jsonb
+        assert (result["already_present"], result["replaced"], len(index)) == (19, 0, 29)
     # a build interrupted after two batches leaves the old table; the rerun resumes
     from medvl.index import build as build_module
 

@@ -185,7 +185,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     empty = content_summary(scored, "scored images")
     if empty is not None:
         result["input_content"] = empty
-    seen = trained_on_scored(net, dataset)
+    seen = trained_on_scored(net, dataset.subset([record for record in dataset if column in record.labels]))
     if seen is not None:
         result["trained_on_scored"] = seen
     return {**result, "label": column, "model": str(model), "backend": net.meta.get("backend", "torch"),
@@ -313,7 +313,8 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     empty = content_summary(content, "scored images")
     if empty is not None:
         result["input_content"] = empty
-    seen = [block for member in members if (block := trained_on_scored(member, dataset)) is not None]
+    scored = dataset.subset([record for record in dataset if record.text])  # retrieval scores those with a report
+    seen = [block for member in members if (block := trained_on_scored(member, scored)) is not None]
     if seen:
         result["trained_on_scored"] = max(seen, key=lambda block: block["records"])
     if copies is not None:
@@ -352,7 +353,8 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         covariates = model_covariates(loaded, train_set.records, str(train_set.source))
     result = linear_probe(loaded, train_set, test_set, column, few_shot=list(few_shot),
                           show_progress=show_progress, covariates=list(covariates))
-    seen = trained_on_scored(loaded, test_set, "scored (test) records")
+    scored = test_set.subset([record for record in test_set if column in record.labels])
+    seen = trained_on_scored(loaded, scored, "scored (test) records")
     if seen is not None:  # the probe's features come from a model that learned these images
         result["trained_on_scored"] = seen
     if copies is not None:

@@ -195,21 +195,22 @@ def case_retrieval_command(
     class-prior baseline; the finding F1 of reports drafted from the neighbours, beside the nearest
     single report."""
     from ..api import load_split
-    from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings
+    from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings, query_records
     from ..eval.contamination import trained_on_scored
     from ..index import describe_target, index_model, open_index
 
     check_outputs(overwrite, {"--index": index, "--data": data, "--model": model, "--knowledge": knowledge},
                   json=json_out)
-    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
+    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth, label_column)
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_split(data, split, label_column, allow_outside_root)
     with open_index(index) as opened:
         net = index_model(opened, model)
-        seen = trained_on_scored(net, dataset)  # the encoder learned the queries: its neighbours are training figures
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
+    # the encoder learned the queries (the scored records only): its neighbours are training figures
+    seen = trained_on_scored(net, dataset.subset(query_records(dataset, result["label_columns"])))
     if seen is not None:
         result["trained_on_scored"] = seen
     print_case_retrieval(result)

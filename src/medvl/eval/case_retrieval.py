@@ -75,10 +75,10 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     """Score image->image case retrieval of ``dataset``'s records against ``index`` (see the module
     docstring for every definition). Returns a JSON-serialisable dict."""
     started = time.perf_counter()
-    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth)
+    check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth, label_columns)
     check_model(index.info, model, index.location)
     columns = _label_columns(index, dataset, label_columns)
-    queries = [r for r in dataset if all(c in r.labels for c in columns)]
+    queries = query_records(dataset, columns)
     if not queries:
         raise InputError(f"{dataset.source}: no record has every label column ({', '.join(columns)})")
     n_index = len(index)
@@ -121,13 +121,23 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
 
 
 def check_case_retrieval_settings(k: int, draft_k: int, min_support: float, min_similarity: float,
-                                  map_depth: int) -> None:
-    """InputError unless 1 <= k <= 1000, map_depth >= 1 (whole numbers) and the draft settings are
-    valid (``medvl.rag.draft.check_settings``); callers may check before loading anything."""
+                                  map_depth: int, label_columns: Sequence[str] | None = None) -> None:
+    """InputError unless 1 <= k <= 1000, map_depth >= 1 (whole numbers), the draft settings are
+    valid (``medvl.rag.draft.check_settings``) and no label column is given twice; callers may check
+    before loading anything."""
+    columns = list(label_columns or [])
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:  # as medvl train: the column would be compared, and named, twice
+        raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
     check_number("k", k, minimum=1, maximum=1000, integer=True)
     check_number("map_depth", map_depth, minimum=1, integer=True)
     check_number("draft_k", draft_k, minimum=1, maximum=1000, integer=True)
     check_settings(draft_k, min_support, min_similarity)
+
+
+def query_records(dataset: Dataset, columns: Sequence[str]) -> list[Record]:
+    """The records of ``dataset`` scored as queries: those with every label column (the rest are ``n_skipped``)."""
+    return [r for r in dataset if all(c in r.labels for c in columns)]
 
 
 def _label_columns(index: Index, dataset: Dataset, given: Sequence[str] | None) -> list[str]:

@@ -7,8 +7,8 @@ rounding: beside workers the model runs on fewer threads). NIfTI volumes are
 read twice to keep memory bounded: hashed while streamed slab by slab from disk, then resized
 from the path (``medvl.models.volumes`` streams them again), so a large CT is never held decoded
 whole. A case whose image is already indexed (or appears
-earlier in the same data) is skipped and reported, unless duplicates are allowed; a case whose id
-is already indexed is skipped on add.
+earlier in the same data) is skipped and reported, unless duplicates are allowed; on add, a case whose id
+is already indexed with the same image, report and labels is left as it is (``add_records``).
 
 What a case stores comes from its record (id, split, labels, meta, text, pixel hash, and its image's
 path relative to the dataset root: none for DICOM files, arrays or files outside the root); the
@@ -247,10 +247,12 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once; image
     paths are stored relative to this dataset's root, and images read, as in ``build_index``.
 
-    A record whose id is indexed with the same pixels and report is left as it is (``already_present``). One
-    whose id is indexed with another image or report (a second export with the same layout, a corrected
-    report) is an ``InputError`` naming how many and one id, before anything changes; ``replace=True`` replaces
-    those cases instead (``replaced``)."""
+    A record whose id is indexed with the same pixels, report and labels is left as it is (``already_present``).
+    One whose id is indexed with another image, report or labels (a second export with the same layout, a
+    corrected report or label) is an ``InputError`` naming how many and one id, before anything changes;
+    ``replace=True`` replaces those cases instead (``replaced``). A replacement whose image is already indexed
+    under another id (or comes earlier in the data) would be skipped as a duplicate after its case was
+    deleted: unless duplicates are allowed, that is an ``InputError`` too, and the index is left unchanged."""
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
     records = list(dataset)
@@ -258,17 +260,20 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
-    changed = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)
+    new_images = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)
+    changed = list(new_images)
     if changed and not replace:
         raise InputError(f"{dataset.source}: {len(changed)} cases have an id already in the index {index.location} "
-                         f"but another image or report (e.g. {changed[0]!r}); pass --replace (Python: replace=True) "
-                         "to replace them, or give them other ids")
+                         f"but another image, report or labels (e.g. {changed[0]!r}); pass --replace (Python: "
+                         "replace=True) to replace them, or give them other ids")
+    if changed and not allow_duplicates:
+        _check_replacements_are_new(index, new_images, dataset.source)
     if changed:
         index.delete(changed)  # staged, as the additions: saved at once with them
-    todo = [r for r in records if r.id not in present or r.id in set(changed)]
+    todo = [r for r in records if r.id not in present or r.id in new_images]
     if len(present) > len(changed):
-        log.warning("%d cases are already in the index (same id, image and report) and were left as they are",
-                    len(present) - len(changed))
+        log.warning("%d cases are already in the index (same id, image, report and labels) and were left as they "
+                    "are", len(present) - len(changed))
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
@@ -280,19 +285,50 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
                 index.add(cases, vectors, text_vectors)
                 added += len(cases)
             advance(len(batch))
+    lost = [d for d in duplicates if d["id"] in new_images]
+    if lost:  # its old case is deleted (staged): refused before the save, the index is left as it was
+        _refuse_duplicate_replacements(lost, index, dataset.source)
     index.save()
     replaced = len(set(changed) & index.existing_ids(changed)) if changed else 0
     return {"added": added - replaced, "already_present": len(present) - len(changed), "replaced": replaced,
             "duplicates": duplicates, "n_cases": len(index)}
 
 
-def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: int, workers: int) -> list[str]:
-    """The ids of ``records`` (indexed ids) whose pixels or report differ from the indexed case's, in order."""
+def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: int, workers: int) -> dict[str, str]:
+    """Id -> new pixel hash of the ``records`` (indexed ids) whose pixels, report or labels differ from the indexed
+    case's, in order."""
     if not records:
-        return []
+        return {}
     stored = index.stored_contents([r.id for r in records])
     batches = list(batched(records, batch_size))
     digests = [d for ds in map_ahead(read_digests, batches, workers, context=model.preprocessor) for d in ds]
-    return [r.id for r, digest in zip(records, digests, strict=True)
-            if stored[r.id] != (digest, Case.from_record(r).text)]
+    return {r.id: digest for r, digest in zip(records, digests, strict=True)
+            if stored[r.id] != (digest, Case.from_record(r).text, _canonical(r.labels))}
 
+
+def _canonical(labels: dict[str, Any]) -> str:
+    """Labels as compared with the stored ones: JSON with sorted keys (a NaN equals a NaN, key order is not kept)."""
+    return json.dumps(labels, sort_keys=True)
+
+
+def _check_replacements_are_new(index: Index, new_images: dict[str, str], source: str) -> None:
+    """InputError when a replacement's image (``new_images``: id -> pixel hash) is that of an indexed case that
+    stays (not one being replaced), or of an earlier replacement: it would be skipped as a duplicate."""
+    owners = index.find_images(list(new_images.values()))
+    first: dict[str, str] = {}
+    clashes = []
+    for case_id, digest in new_images.items():
+        others = [owner for owner in owners.get(digest, []) if owner not in new_images]
+        if others or digest in first:
+            clashes.append({"id": case_id, "duplicate_of": others[0] if others else first[digest]})
+        first.setdefault(digest, case_id)
+    if clashes:
+        _refuse_duplicate_replacements(clashes, index, source)
+
+
+def _refuse_duplicate_replacements(clashes: list[dict], index: Index, source: str) -> None:
+    example = clashes[0]
+    raise InputError(f"{source}: {len(clashes)} cases to replace have an image already in the index {index.location} "
+                     f"or earlier in the data under another id (e.g. {example['id']!r}: the image of "
+                     f"{example['duplicate_of']!r}); pass --allow-duplicates (Python: allow_duplicates=True) to "
+                     "replace them anyway, or leave them out")
