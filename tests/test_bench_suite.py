@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -202,6 +203,31 @@ def test_scoring_the_split_a_model_trained_on_is_a_flag_of_each_task(two_models,
     assert flags == [f"alpha / {task}@phantom / leak: the model was trained on split(s) train of this data: {n_train} "
                      f"of the {n_train} scored records are training figures, not a test"
                      for task in ("zero-shot", "retrieval")]
+
+
+def test_the_leak_flag_counts_the_records_each_task_scores(phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    train = [row for row in rows if row["split"] == "train"]
+    for row in train[:3]:
+        row["finding"] = ""  # zero-shot does not score these
+    for row in train[3:5]:
+        row["text"] = ""  # retrieval does not score these
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    spec = {"path": str(data), "split": "train", "train_split": "val", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom"}, {"task": "retrieval", "dataset": "phantom"}]
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    model = train_tiny_model(data, tmp_path / "run")  # trained on the edited data's train split
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    counts = [re.search(r"(\d+) of the (\d+) scored records", flag).groups() for flag in flags]
+    assert counts == [(str(len(train) - 3),) * 2, (str(len(train) - 2),) * 2], flags
 
 
 def test_a_suite_file_that_is_not_utf8_or_not_yaml_is_refused_naming_the_file(tmp_path):
