@@ -58,11 +58,14 @@ def write(ds: Dataset, path: Path) -> Path:
 
 
 def leaks(data: bytes) -> list[str]:
-    """Spellings of the corpus identifiers found in a file: long forms anywhere in the bytes, the
+    """Spellings of the corpus identifiers found in a file: long forms as words anywhere in the bytes, the
     2-letter name parts as whole words in any decoded text element (a word: letters and digits, so a
     random replacement such as dicognito's accession number ``7WU3`` is one word, not the name part)."""
     lowered = data.lower()
-    found = [form.decode() for form in LONG_FORMS if form in lowered]
+    # a long form counts as a word of its own: a random replacement value may hold its letters by chance
+    # (dicognito's study ID WULIYP45ID5H holds "wuli"), while a planted spelling stands apart
+    found = [form.decode() for form in LONG_FORMS
+             if re.search(rb"(?<![a-z0-9])" + re.escape(form) + rb"(?![a-z0-9])", lowered)]
     ds = pydicom.dcmread(io.BytesIO(data))
     for dataset in (ds.file_meta, ds):
         for element in dataset.iterall():
