@@ -17,7 +17,7 @@ import numpy as np
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
 from .errors import InputError
-from .eval.contamination import copies_in_fit, trained_on_scored
+from .eval.contamination import copies_in_fit, scored_records, trained_on_scored
 from .models.dual import DualEncoder
 
 PathLike = str | Path
@@ -185,7 +185,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     empty = content_summary(scored, "scored images")
     if empty is not None:
         result["input_content"] = empty
-    seen = trained_on_scored(net, dataset.subset([record for record in dataset if column in record.labels]))
+    seen = trained_on_scored(net, scored_records(dataset, "zero-shot", column))
     if seen is not None:
         result["trained_on_scored"] = seen
     return {**result, "label": column, "model": str(model), "backend": net.meta.get("backend", "torch"),
@@ -313,7 +313,7 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     empty = content_summary(content, "scored images")
     if empty is not None:
         result["input_content"] = empty
-    scored = dataset.subset([record for record in dataset if record.text])  # retrieval scores those with a report
+    scored = scored_records(dataset, "retrieval")
     seen = [block for member in members if (block := trained_on_scored(member, scored)) is not None]
     if seen:
         result["trained_on_scored"] = max(seen, key=lambda block: block["records"])
@@ -353,7 +353,7 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         covariates = model_covariates(loaded, train_set.records, str(train_set.source))
     result = linear_probe(loaded, train_set, test_set, column, few_shot=list(few_shot),
                           show_progress=show_progress, covariates=list(covariates))
-    scored = test_set.subset([record for record in test_set if column in record.labels])
+    scored = scored_records(test_set, "linear-probe", column)
     seen = trained_on_scored(loaded, scored, "scored (test) records")
     if seen is not None:  # the probe's features come from a model that learned these images
         result["trained_on_scored"] = seen

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +49,6 @@ from .suite import (
     model_spatial_dims,
     task_knowledge,
 )
-
-if TYPE_CHECKING:
-    from ..data.record import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -502,9 +499,9 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
                        skipped=dict(skipped))
     RUNNERS[task.task](context)
     if task.task not in ("vqa", "report"):  # those two say it from their own evaluation's result
-        from ..eval.contamination import trained_on_scored
+        from ..eval.contamination import scored_records, trained_on_scored
 
-        context.flag_trained(trained_on_scored(context.net, _scored_records(data.split(data.spec.split), task.task,
+        context.flag_trained(trained_on_scored(context.net, scored_records(data.split(data.spec.split), task.task,
                                                                             context.label_column)))
     for row in context.rows:
         row.update(seed=suite.seed, data_hashes={data.spec.name: data.hashes["sha256"]}, versions=versions)
@@ -515,16 +512,6 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
             "seconds": round(time.perf_counter() - started, 1)}
     write_json(path, cell)
     return cell, True
-
-
-def _scored_records(split: Dataset, task: str, label: str | None) -> Dataset:
-    """The records of ``split`` a task scores, as its evaluation picks them: those with a report for retrieval,
-    those with the task's label otherwise (every record when it has none)."""
-    if task == "retrieval":
-        return split.subset([record for record in split if record.text])
-    if label is not None:
-        return split.subset([record for record in split if label in record.labels])
-    return split
 
 
 @dataclass

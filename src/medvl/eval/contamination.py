@@ -124,6 +124,16 @@ def record_files(dataset: Dataset) -> list[tuple[Path | None, str]]:
     return [(by_split.get(record.split, anywhere), record.split) for record in dataset]
 
 
+def scored_records(dataset: Dataset, task: str, label: str | None = None) -> Dataset:
+    """The records of ``dataset`` a task scores, as its evaluation picks them: those with a report for
+    retrieval, those with ``label`` otherwise (every record when there is no label)."""
+    if task == "retrieval":
+        return dataset.subset([record for record in dataset if record.text])
+    if label is not None:
+        return dataset.subset([record for record in dataset if label in record.labels])
+    return dataset
+
+
 def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records") -> dict[str, Any] | None:
     """How many records of ``dataset`` come from the data and splits ``model`` was trained on; None when none
     (or the model records no training data: a transformers folder, or a medvl model saved before this check).

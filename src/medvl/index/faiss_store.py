@@ -88,6 +88,7 @@ IVF_NPROBE = 16
 RECALL_SAMPLE = 200  # queries sampled to measure recall
 SQL_CHUNK = 500  # ids per IN (...) list
 TOMBSTONES = "tombstones"  # deleted ids still in an HNSW graph
+REPORT_VECTORED = "report IS NOT NULL AND report != ''"  # the cases with a report vector: a non-empty report
 TOMBSTONES_BEFORE_REBUILD = 1000  # at least this many (and a fifth of the live ids) trigger a rebuild
 EF_SEARCH_MAX = 4096
 # a filter allowing at most this many cases is searched exactly: the crossover measured at 1M cases
@@ -647,7 +648,7 @@ class FaissIndex(IndexBase):
     def delete(self, ids: Sequence[str]) -> int:
         filters = self.filter_columns()  # before the table changes: the saved arrays match it
         conn = self._edit()
-        rows = _select_in(conn, "vid, report IS NOT NULL AND report != ''", "id", list(dict.fromkeys(ids)))  # a vector?
+        rows = _select_in(conn, f"vid, {REPORT_VECTORED}", "id", list(dict.fromkeys(ids)))  # a report vector?
         if not rows:
             return 0
         with write_errors_named(self.path), conn:
@@ -723,7 +724,7 @@ class FaissIndex(IndexBase):
     def _vectored(target: str) -> str:
         """The cases that have a vector in ``target``'s file: every case, or for reports those with a non-empty
         one (a report vector is added only then; an empty report is stored as '', not NULL)."""
-        return " WHERE report IS NOT NULL AND report != ''" if target == TEXTS else ""
+        return f" WHERE {REPORT_VECTORED}" if target == TEXTS else ""
 
     def _has(self, target: str, joiner: str = " WHERE ") -> str:
         return f"{joiner}report IS NOT NULL" if target == TEXTS else ""
