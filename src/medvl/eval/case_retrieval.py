@@ -53,7 +53,7 @@ import numpy as np
 from ..checks import check_number
 from ..data.record import Dataset, Record
 from ..errors import InputError
-from ..index.base import Hit, Index, check_model, path_sha256
+from ..index.base import MAX_K, Hit, Index, check_model, path_sha256
 from ..index.cases import pixel_sha256
 from ..models.preprocess import read_for
 from ..progress import progress_bar
@@ -64,7 +64,7 @@ from .coverage import knowledge_coverage
 
 log = logging.getLogger(__name__)
 
-LIST_MAX = 10_000  # the most cases one search returns (the index's k limit)
+LIST_MAX = MAX_K  # the most cases one search returns (the index's k limit)
 BATCH = 32
 
 
