@@ -651,6 +651,72 @@ def test_connection_refused_names_the_url(tmp_path):
         DicomWebClient("pacs.example.org/dicom-web")
 
 
+def both_transports(port: int) -> list:
+    """A DICOMweb and a DIMSE client for a port where nothing listens: a search that reaches the network
+    fails with a DataError (connection refused), one refused for its arguments with an InputError."""
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dimse import DimseClient
+
+    return [DicomWebClient(f"http://127.0.0.1:{port}/dicom-web"), DimseClient.from_url(f"dicom://PACS@127.0.0.1:{port}")]
+
+
+@pytest.mark.parametrize(("filters", "problem"), [
+    ({"limit": "1"}, "'limit' is a QIDO-RS query parameter"),
+    ({"includefield": "PatientBirthDate"}, "'includefield' is a QIDO-RS query parameter"),
+    ({"0011ABCD": "x"}, "tag 0011ABCD is not in the DICOM dictionary"),
+    ({"PixelData": "1"}, "PixelData: holds binary data"),
+    ({"Rows": "abc"}, "Rows expects a whole number from 0 to 65535 (VR US), got 'abc'"),
+    ({"Rows": "70000"}, "Rows expects a whole number"),
+    ({"ReferencedStudySequence": "x"}, "ReferencedStudySequence: a sequence cannot be matched"),
+    ({"StudyDate": "2004-01-19"}, "StudyDate expects YYYYMMDD or YYYYMMDD-YYYYMMDD, got '2004-01-19'"),
+    ({"StudyDate": "20041399"}, "StudyDate expects YYYYMMDD"),
+    ({"PatientBirthDate": "20040119-2004"}, "PatientBirthDate expects YYYYMMDD"),
+    ({"StudyDate": "20041231-20040101"}, "ends before it starts"),
+])
+def test_search_filters_no_transport_can_match_are_refused_before_asking(filters, problem):
+    """The same InputError over DICOMweb and DIMSE, before any connection: never a crash in C-FIND's
+    encoding, a sequence filter dropped, or a wrong date sent to find nothing."""
+    for client in both_transports(free_port()):
+        with pytest.raises(InputError, match=re.escape(problem)):
+            client.search_studies(filters)
+        with pytest.raises(InputError, match=re.escape(problem)):
+            client.search_series("1.2.3", filters)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_search_limit_below_one_is_refused_on_both_transports(limit):
+    for client in both_transports(free_port()):
+        with pytest.raises(InputError, match=f"limit must be at least 1, got {limit}"):
+            client.search_studies({"PatientID": "x"}, limit=limit)
+
+
+def test_cli_search_refuses_bad_filters_dates_and_limits_with_one_line(tmp_path):
+    pytest.importorskip("pynetdicom")
+    port = free_port()
+    for url in (f"http://127.0.0.1:{port}/dicom-web", f"dicom://PACS@127.0.0.1:{port}"):
+        for args, problem in ((("--study-date", "2004-01-19"),
+                               "--study-date expects YYYYMMDD or YYYYMMDD-YYYYMMDD, got '2004-01-19'"),
+                              (("--filter", "StudyDate=yesterday"), "--filter StudyDate expects YYYYMMDD"),
+                              (("--filter", "limit=1"), "'limit' is a QIDO-RS query parameter"),
+                              (("--filter", "Rows=abc"), "--filter Rows expects a whole number"),
+                              (("--filter", "ReferencedStudySequence=x"), "a sequence cannot be matched"),
+                              (("--limit", "0"), "limit must be at least 1, got 0"),
+                              (("--limit", "-1"), "limit must be at least 1, got -1")):
+            result, output = invoke("pacs", "search", "--url", url, *args)
+            assert result.exit_code == 2 and problem in output and "Traceback" not in output, (url, args, output)
+
+
+def test_valid_match_values_are_sent_as_servers_compare_them():
+    from medvl.clinical.clients import study_filters
+    from medvl.clinical.pacs import search_filters
+
+    assert search_filters({"Rows": "+064", "StudyDate": "20040101-", "PatientBirthDate": "-19991231",
+                           "00100020": "MRN*", "ModalitiesInStudy": ""}) == {
+        "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
+    assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
+                                                                             "SeriesNumber": "3"}
+
+
 class BrokenPacs(BaseHTTPRequestHandler):
     """Answers QIDO-RS with one series of one instance, and WADO-RS with whatever ``wado`` holds."""
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..errors import InputError
 from .dimse import DEFAULT_CALLING_AET, DimseClient, is_dicom_url
-from .pacs import DicomWebClient, keyword_or_tag
+from .pacs import DicomWebClient, check_date_match, keyword_or_tag, search_filters
 
 
 def open_pacs(url: str, *, user: str | None = None, password: str | None = None, token: str | None = None,
@@ -31,12 +31,19 @@ def study_filters(patient_id: str | None = None, patient_name: str | None = None
                   study_date: str | None = None, accession: str | None = None,
                   pairs: Sequence[str] = ()) -> dict[str, str]:
     """QIDO-RS / C-FIND match keys from the usual fields plus ``KEYWORD=VALUE`` pairs (keywords or
-    tags, checked against the DICOM dictionary); empty values are left out."""
-    filters = {"PatientID": patient_id, "PatientName": patient_name, "ModalitiesInStudy": modality,
-               "StudyDate": study_date, "AccessionNumber": accession}
+    tags, checked against the DICOM dictionary, with values their VR can match:
+    ``medvl.clinical.pacs.search_filters``); empty values are left out. InputError, before any
+    server is asked, naming the option: ``--study-date`` must be ``YYYYMMDD`` or
+    ``YYYYMMDD-YYYYMMDD``, as must a date given with ``--filter``."""
+    if study_date:
+        check_date_match(study_date, "--study-date")
+    filters: dict[str, str | None] = {"PatientID": patient_id, "PatientName": patient_name,
+                                      "ModalitiesInStudy": modality, "StudyDate": study_date,
+                                      "AccessionNumber": accession}
+    pairs_given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--filter expects KEYWORD=VALUE, got {pair!r}")
-        filters[keyword_or_tag(key)] = value.strip()
-    return {key: value for key, value in filters.items() if value}
+        pairs_given[keyword_or_tag(key)] = value.strip()
+    return {**search_filters(filters), **search_filters(pairs_given, "--filter")}

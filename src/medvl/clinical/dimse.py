@@ -8,9 +8,10 @@ query/retrieve information model:
 - ``echo()``: C-ECHO (verification);
 - ``search_studies(filters)``, ``search_series(study_uid, filters)``, ``search_instances(...)``:
   C-FIND at STUDY / SERIES / IMAGE level, with the same filters (DICOM keyword -> match value,
-  ``*`` / ``?`` wildcards, ``YYYYMMDD-YYYYMMDD`` date ranges) and the same plain keyword -> value
-  results as ``DicomWebClient``; they hold patient identifiers: show them, never log or store them.
-  DIMSE has no paging: ``limit`` keeps the first results;
+  ``*`` / ``?`` wildcards, ``YYYYMMDD-YYYYMMDD`` date ranges, checked before the query by
+  ``medvl.clinical.pacs.search_filters``) and the same plain keyword -> value results as
+  ``DicomWebClient``; they hold patient identifiers: show them, never log or store them. DIMSE has
+  no paging: ``limit`` (at least 1) keeps the first results;
 - ``plan_series`` / ``fetch_series``: a ``medvl.clinical.pull.PullSource``, so ``run_pull(client,
   study_uids, out)`` (or ``pull_study``) writes the same de-identified, resumable folder with the
   same ``pull-report.json`` as a DICOMweb pull. Instances are retrieved a series at a time (only the
@@ -49,7 +50,7 @@ from typing import IO, Any
 
 from ..errors import DataError, InputError
 from .formats import INSTALL_HINT
-from .pacs import SERIES_FIELDS, STUDY_FIELDS, keyword_or_tag
+from .pacs import INTEGER_RANGES, SERIES_FIELDS, STUDY_FIELDS, check_paging, filter_vr, keyword_or_tag, search_filters
 from .pull import SeriesPlan, as_int, series_order
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ class DimseClient:
 
     def _find(self, level: str, keys: dict[str, str], filters: Mapping[str, Any] | None, fields: Iterable[str],
               limit: int | None, what: str, assoc=None) -> list[dict[str, Any]]:
+        check_paging(limit)
         query = _identifier(level, keys, filters, fields)
         if assoc is None:
             with self._find_association(what) as opened:
@@ -466,21 +468,48 @@ def _uid(uid: str | None) -> str:
 
 
 def _identifier(level: str, keys: Mapping[str, str], filters: Mapping[str, Any] | None, fields: Iterable[str]):
-    """A query / retrieve identifier: the level, unique keys, match values, empty return keys."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    """A query / retrieve identifier: the level, unique keys, match values (checked as for QIDO-RS:
+    ``medvl.clinical.pacs.search_filters``), empty return keys (a sequence's left out). InputError
+    for a value its VR cannot encode."""
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset
 
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     values = {keyword_or_tag(f): "" for f in fields}
-    values.update({keyword_or_tag(k): str(v) for k, v in (filters or {}).items() if v is not None and str(v) != ""})
+    values.update(search_filters(filters))
     values.update(keys)
     for name, value in values.items():
-        tag = tag_for_keyword(name) or int(name, 16)
-        vr = dictionary_VR(tag)
-        if vr != "SQ":
-            identifier.add_new(tag, vr, value)
+        tag = tag_for_keyword(name)
+        tag, vr = (tag if tag is not None else int(name, 16)), filter_vr(name)
+        if vr != "SQ":  # a sequence as a return key is left out; as a match key search_filters refused it
+            identifier.add_new(tag, vr, _typed(value, vr))
+            _check_encodable(identifier[tag], name)
     return identifier
+
+
+def _typed(value: str, vr: str) -> Any:
+    """A match value as pydicom holds it for its VR: binary numbers as numbers, anything else as text."""
+    if value and vr in INTEGER_RANGES:
+        return int(value)
+    if value and vr in ("FL", "FD"):
+        return float(value)
+    return value
+
+
+def _check_encodable(element, name: str) -> None:
+    """InputError naming the attribute when ``element`` of an identifier cannot be encoded (C-FIND
+    would fail on the whole identifier without saying which)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    for little_endian, implicit in ((True, True), (True, False)):
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = little_endian, implicit
+        try:
+            write_data_element(buffer, element)
+        except Exception:  # noqa: BLE001 - pydicom raises several types for a value its VR cannot hold
+            raise InputError(f"search filter {name}: the value cannot be sent as a DICOM {element.VR} value") from None
 
 
 def plain_values(identifier) -> dict[str, Any]:

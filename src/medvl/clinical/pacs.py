@@ -6,9 +6,10 @@
 - ``search_studies(filters)``, ``search_series(study_uid, filters)``, ``search_instances(...)``:
   QIDO-RS queries; ``filters`` maps DICOM keywords to match values (``{"PatientID": "123",
   "ModalitiesInStudy": "CT", "StudyDate": "20200101-20201231"}``; ``*`` / ``?`` wildcards,
-  ``FAMILY^GIVEN`` names, ``,``-separated UID lists). The DICOM matching characters ``*``, ``?``,
-  ``,`` and ``^`` go into the URL as themselves, everything else percent-encoded as UTF-8
-  (``query_string``): PS3.18 allows ``*``, ``?`` and ``,`` unencoded, and Orthanc (1.10 with
+  ``FAMILY^GIVEN`` names, ``,``-separated UID lists), checked by ``search_filters`` before anything
+  is sent, as ``DimseClient`` checks them; ``limit`` at least 1 (``check_paging``). The DICOM
+  matching characters ``*``, ``?``, ``,`` and ``^`` go into the URL as themselves, everything else
+  percent-encoded as UTF-8 (``query_string``): PS3.18 allows ``*``, ``?`` and ``,`` unencoded, and Orthanc (1.10 with
   DICOMweb 1.7) matches ``%2A`` or ``%5E`` literally, so encoded wildcards or name separators find
   nothing there (``requests`` cannot send a bare ``^``: hence ``httpx``). A server refusing a bare
   ``^`` (HTTP 400; RFC 3986 wants it encoded) is asked again with ``%5E``. That Orthanc decodes no
@@ -35,8 +36,10 @@ is not a DICOM file, a transfer cut short.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import math
 import os
 import ssl
 import tempfile
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from ..checks import check_number
 from ..errors import DataError, InputError
 from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
@@ -63,6 +67,10 @@ CHUNK_BYTES = 1 << 16
 PAGE_SIZE = 1000  # QIDO-RS results asked for per request (servers may send fewer: see _all_pages)
 QUERY_SAFE = "*?,^"  # DICOM matching characters sent unencoded in QIDO-RS values (see query_string)
 STRICT_SAFE = "*?,"  # the same as RFC 3986 allows them in a query (for a server refusing a bare "^")
+QIDO_PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")  # a search's arguments, never filters
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})  # no value matching (PS3.4 C.2.2.2)
+INTEGER_RANGES = {"US": (0, 2**16 - 1), "SS": (-(2**15), 2**15 - 1), "UL": (0, 2**32 - 1),
+                  "SL": (-(2**31), 2**31 - 1), "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1)}
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
                 "StudyDescription", "AccessionNumber", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
@@ -177,8 +185,8 @@ class DicomWebClient:
 
     def _query(self, path: str, what: str, filters: Mapping[str, Any] | None, fields: Iterable[str],
                limit: int | None, offset: int | None) -> list[dict[str, Any]]:
-        params: list[tuple[str, str]] = [(keyword_or_tag(k), str(v)) for k, v in (filters or {}).items()
-                                         if v is not None and str(v) != ""]
+        check_paging(limit, offset)
+        params: list[tuple[str, str]] = list(search_filters(filters).items())
         params += [("includefield", keyword_or_tag(f)) for f in fields]
         if limit is not None:
             params.append(("limit", str(int(limit))))
@@ -323,16 +331,112 @@ def _hint_encoded(url: str, params: Iterable[tuple[str, str]]) -> None:
 
 
 def keyword_or_tag(name: str) -> str:
-    """A DICOM keyword (``PatientID``) or tag (``00100020``) as QIDO accepts it; InputError if neither."""
-    from pydicom.datadict import tag_for_keyword
+    """A DICOM keyword (``PatientID``) or tag (``00100020``) of the DICOM dictionary, as QIDO accepts
+    it; InputError for anything else: a QIDO-RS query parameter (``limit``, ``offset``,
+    ``includefield``, ``fuzzymatching``: a search's own arguments, never attributes), or a private or
+    unknown tag (C-FIND cannot give it a VR, so neither transport searches on it)."""
+    from pydicom.datadict import get_entry, tag_for_keyword
 
     text = str(name).strip()
-    if tag_for_keyword(text) is not None or text in ("limit", "offset", "fuzzymatching", "includefield"):
+    if text.lower() in QIDO_PARAMETERS:
+        raise InputError(f"{text!r} is a QIDO-RS query parameter, not a DICOM attribute: it cannot be a search "
+                         "filter (a search takes limit, offset and fields as its own arguments; --limit)")
+    if tag_for_keyword(text) is not None:
         return text
     if len(text) == 8 and all(c in "0123456789abcdefABCDEF" for c in text):
+        try:
+            get_entry(int(text, 16))
+        except KeyError:
+            raise InputError(f"tag {text.upper()} is not in the DICOM dictionary (a private or unknown attribute): "
+                             "a search matches standard attributes only") from None
         return text.upper()
     raise InputError(f"unknown DICOM attribute {text!r} for a search filter (use a keyword such as PatientID, "
                      "or an 8-digit hex tag)")
+
+
+def filter_vr(name: str) -> str:
+    """The VR a search sends the match value of ``name`` (a ``keyword_or_tag`` result) with: the
+    dictionary's, the first one where it lists several (``US or SS``)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(name)
+    return str(dictionary_VR(tag if tag is not None else int(name, 16))).split(" or ")[0]
+
+
+def search_filters(filters: Mapping[str, Any] | None, option: str = "") -> dict[str, str]:
+    """``filters`` checked as both transports send them: keyword or tag (``keyword_or_tag``) -> match
+    value as text, empty values left out. InputError, before anything is sent, for a value no search
+    can match (``check_match_value``). ``option``: how the caller names the filters (``--filter``)."""
+    checked: dict[str, str] = {}
+    for key, value in (filters or {}).items():
+        if value is None or str(value) == "":
+            continue
+        name = keyword_or_tag(key)
+        checked[name] = check_match_value(name, str(value), f"{option} {name}".strip())
+    return checked
+
+
+def check_match_value(name: str, value: str, what: str) -> str:
+    """``value`` if a QIDO-RS / C-FIND match on the attribute ``name`` can hold it (PS3.4 C.2.2.2),
+    else InputError naming ``what``: sequences and binary values (VR SQ, OB, OW, UN...) match no
+    value; numbers (US, SL, FD, IS, DS...) must be numbers in their VR's range (single value matching,
+    no wildcards; whole numbers come back as plain digits); dates (DA) ``YYYYMMDD`` or a range
+    (``check_date_match``)."""
+    vr = filter_vr(name)
+    if vr == "SQ":
+        raise InputError(f"{what}: a sequence cannot be matched with a value (give the attribute inside it "
+                         "as its own keyword, if the server matches it at this level)")
+    if vr in BINARY_VRS:
+        raise InputError(f"{what}: holds binary data (VR {vr}), which a search cannot match")
+    if vr in INTEGER_RANGES or vr == "IS":
+        low, high = INTEGER_RANGES.get(vr, (-(2**31), 2**31 - 1))
+        text = value.strip()
+        if not text.lstrip("+-").isdigit() or not low <= int(text) <= high:
+            raise InputError(f"{what} expects a whole number from {low} to {high} (VR {vr}), got {value!r}")
+        return str(int(text))  # as servers compare it: no sign or leading zeros
+    elif vr in ("FL", "FD", "DS"):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise InputError(f"{what} expects a number (VR {vr}), got {value!r}")
+    elif vr == "DA":
+        check_date_match(value, what)
+    return value
+
+
+def check_date_match(value: str, what: str) -> str:
+    """``value`` if it is a DICOM date match: ``YYYYMMDD``, or a range ``YYYYMMDD-YYYYMMDD`` (either end
+    may be left out: ``YYYYMMDD-``, ``-YYYYMMDD``) of real calendar dates; else InputError naming ``what``."""
+    start, dash, end = value.strip().partition("-")
+    ends = [start, end] if dash else [start]
+    if not any(ends) or not all(text == "" or _is_date(text) for text in ends):
+        raise InputError(f"{what} expects YYYYMMDD or YYYYMMDD-YYYYMMDD, got {value!r}")
+    if start and end and end < start:
+        raise InputError(f"{what}: the range {value!r} ends before it starts")
+    return value
+
+
+def _is_date(text: str) -> bool:
+    if len(text) != 8 or not text.isdigit():
+        return False
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+def check_paging(limit: int | None, offset: int | None = None) -> None:
+    """InputError unless ``limit`` (results wanted) is None or at least 1 and ``offset`` None or at least 0:
+    servers read ``limit=0`` as "no limit" or fail on a negative one, and a C-FIND result cut at -1 loses
+    its last row."""
+    if limit is not None:
+        check_number("limit", limit, integer=True)
+        if limit < 1:
+            raise InputError(f"limit must be at least 1, got {limit}")
+    check_number("offset", offset, minimum=0, integer=True, optional=True)
 
 
 def _connection_reason(error: BaseException) -> str:
