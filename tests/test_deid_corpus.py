@@ -787,3 +787,56 @@ def test_cjk_name_in_a_kept_element_refuses_the_file(tmp_path):
     with pytest.raises(DataError, match=r"name survived de-identification in SoftwareVersions"):
         deidentify(tmp_path / "cjk.dcm", tmp_path / "c.dcm")
     assert not (tmp_path / "k.dcm").exists() and not (tmp_path / "c.dcm").exists()
+
+
+def test_unknown_public_elements_held_as_un_are_removed(tmp_path):
+    """A public tag the dictionary does not know, sent as UN (a newer attribute through an older node), is
+    opaque to the profile: a date in it would keep its value next to the shifted ones and give the offset
+    away, a name in it (UTF-16 here) would stay. It is removed, as private tags are, at any depth."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = base_dataset()
+    ds.StudyDate = "20210704"
+    item = Dataset()
+    item.add_new(0x00080020, "DA", "20210705")  # the next day: not an input date the scan knows
+    item.add_new(0x0040A123, "PN", "Kowalczyk^Bartholomew")
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, item)
+    ds.add_new(0x00189FF1, "UN", b"\xfe\xff\x00\xe0" + len(encoded.getvalue()).to_bytes(4, "little")
+               + encoded.getvalue())
+    ds.add_new(0x00109999, "UN", "Zimmermann Li Wu".encode("utf-16-le"))
+    ds.SourceImageSequence = [sequence_item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                                            ReferencedSOPInstanceUID="1.2.3.4")]
+    ds.SourceImageSequence[0].add_new(0x00189FF3, "UN", b"20210705")
+    source = write(ds, tmp_path / "in" / "un.dcm")
+    assert pydicom.dcmread(source)[0x00189FF1].VR == "UN"  # read back as sent
+    out = tmp_path / "out.dcm"
+    report = deidentify(source, out, seed=11)
+    written = pydicom.dcmread(out)
+    assert 0x00189FF1 not in written and 0x00109999 not in written
+    assert 0x00189FF3 not in written.SourceImageSequence[0]
+    data = out.read_bytes()
+    assert b"20210705" not in data and b"Kowalczyk" not in data and "Li Wu".encode("utf-16-le") not in data
+    removed = json.dumps(report)
+    assert "(0018,9FF1)" in removed and "(0010,9999)" in removed
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: text.encode("utf-16-le"), lambda text: text.encode("utf-16-be"),
+    lambda text: b"\x01" + text.encode("utf-16-le"), lambda text: b"\x01\x02\x03" + text.encode("utf-16-be"),
+    lambda text: text.encode("utf-8")], ids=["utf-16-le", "utf-16-be", "utf-16-le-odd", "utf-16-be-odd", "utf-8"])
+def test_final_scan_reads_byte_values_as_utf16_and_utf8(encode):
+    """An OB / UN value is searched as latin-1, UTF-8 and UTF-16 of either byte order at either alignment:
+    a vendor blob holding the patient's name in UTF-16 is a leak, as one in latin-1 is."""
+    from medvl.clinical.identifiers import collect_identifiers, find_leak
+
+    ds = base_dataset()
+    ds.PatientName = "Jürgensen^Åsa"
+    found = collect_identifiers(ds)
+    blob = Dataset()
+    blob.add_new(0x00420011, "OB", b"\x00\x07vendor " + encode("seen by JÜRGENSEN today") + b"\x00")
+    assert find_leak(blob, found) == ("EncapsulatedDocument", "name")
+    blob.EncapsulatedDocument = b"\x00\x07vendor " + encode("seen by nobody today") + b"\x00"
+    assert find_leak(blob, found) is None

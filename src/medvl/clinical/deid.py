@@ -30,7 +30,9 @@ works on one file or a folder. For every DICOM file, in this order:
    replacements and shifted dates kept where the action allows them (``profile.resolve`` has the
    rules), plus ``profile.EXTRA_REMOVED``, the sending site's AE titles in the file meta, overlays
    and curves; descriptors being cleaned are left to step 2 when the option is on.
-4. Private tags are removed; the 128-byte preamble is zeroed.
+4. Private tags are removed, and public elements held as UN whose tag the DICOM dictionary does not
+   know (``remove_unknown_public``: a value the profile can neither shift nor judge); the 128-byte
+   preamble is zeroed.
 5. Files whose pixels may hold burned-in text (``burned_in_risk``: Burned In Annotation YES, or
    ultrasound, secondary capture, screen capture, photograph, endoscopy or scanned document) are
    flagged in the report, or refused with ``refuse_burned_in``; so are encapsulated documents
@@ -359,6 +361,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     apply_profile(ds, anonymizer.dummy, SHORT_DESCRIPTORS if clean_descriptors else frozenset())
     apply_to_file_meta(getattr(ds, "file_meta", None))
     ds.remove_private_tags()
+    remove_unknown_public(ds)  # listed in "removed" by tag, as any removed attribute
     _mark(ds, str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES", clean_descriptors)
     data = _encode(ds, path)
     _check_nothing_survived(ds, identifiers, path)
@@ -369,6 +372,30 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
              "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}
     return data, entry
+
+
+def remove_unknown_public(ds) -> int:
+    """Remove, at any depth, the public elements held as UN (value representation unknown) whose tag the
+    DICOM dictionary does not know (a newer standard attribute that passed an older node); returns how
+    many went. Like a private tag's, such a value is opaque to the profile: a date in it cannot be
+    shifted, nor a name in it replaced, so it is removed as private tags are (PS3.15 treats what it
+    cannot classify conservatively). Public elements the dictionary knows are read with their own VR."""
+    from pydicom.datadict import get_entry
+
+    removed = 0
+
+    def visit(dataset, element) -> None:
+        nonlocal removed
+        if element.VR != "UN" or element.tag.is_private:
+            return
+        try:
+            get_entry(element.tag)
+        except KeyError:
+            del dataset[element.tag]
+            removed += 1
+
+    ds.walk(visit)
+    return removed
 
 
 def _risk_warning(risk: str, document: bool) -> str:

@@ -48,7 +48,8 @@ name part in them is found anywhere, as a substring (``山田太郎`` in ``山�
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
 identifier; UIDs (UI) for IDs of 6+ characters and dates (shorter IDs would match UID components);
 numbers and times (IS DS TM) for dates only (a numeric ID cannot be told from a number there); byte
-VRs that may hold text (OB UN, never the pixel data) for identifiers of 4+ characters. It returns
+VRs that may hold text (OB UN, never the pixel data) for identifiers of 4+ characters, their bytes
+read as latin-1, UTF-8 and UTF-16 of either byte order (``byte_text``). It returns
 the element's path and the kind of identifier, never the value. The identifiers only live in
 memory while a file is processed; they are never logged.
 """
@@ -314,12 +315,21 @@ def _searchable(element) -> tuple[str, int, frozenset[str]] | None:
     if element.VR in BYTE_VRS:
         if element.keyword in PIXEL_KEYWORDS or not isinstance(element.value, bytes):
             return None
-        return element.value.decode("latin-1"), *SCAN_RULES["bytes"]
+        return byte_text(element.value), *SCAN_RULES["bytes"]
     kind = ("character" if element.VR in CHARACTER_VRS else "uid" if element.VR == "UI"
             else "number" if element.VR in NUMBER_VRS else None)
     if kind is None:
         return None
     return "\\".join(str(v) for v in _values(element.value)), *SCAN_RULES[kind]
+
+
+def byte_text(value: bytes) -> str:
+    """The text a byte value (OB, UN) may hold, in every encoding the scan reads, one per line: latin-1
+    (any single-byte text), UTF-8, and UTF-16 little- and big-endian (vendor blobs often hold
+    UTF-16): the UTF-16 decodings start at byte 0 and at byte 1, so either byte order at either
+    alignment reads as text. Undecodable bytes are dropped."""
+    return "\n".join((value.decode("latin-1"), value.decode("utf-8", errors="ignore"),
+                      value.decode("utf-16-le", errors="ignore"), value[1:].decode("utf-16-le", errors="ignore")))
 
 
 def _walk(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
