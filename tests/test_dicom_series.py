@@ -498,3 +498,49 @@ def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
     assert result.exit_code == 0, output
     report = deidentify(folder, tmp_path / "out", seed=1)
     assert report["files_written"] == 1 and report["skipped"] == {"hidden file (name starting with '.')": 2}
+
+
+def mixed_pull(folder: Path) -> Path:
+    """A folder as a PACS pull often is: a 4-slice CT series (one 3D record) next to two 2D images
+    (pydicom's CT_small and MR_small), with a report for each record in ``labels.csv``."""
+    from medvl.data.loaders import load_dataset
+
+    write_series(folder / "ct", marked_volume((4, 8, 10)))
+    two_images(folder / "images")
+    rows = [f"{record.id},{record.meta['kind']} of the chest" for record in load_dataset(folder)]
+    (folder / "labels.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_each_model_takes_the_records_of_its_kind_from_a_folder_of_images_and_series(tmp_path, caplog):
+    """A 2D model indexes and trains on the folder's 2D images, a 3D model indexes its series; the records
+    of the other kind are left out with a warning counting them, and a folder with none of the model's kind
+    is a clear error."""
+    import torch
+
+    from medvl.api import evaluate_retrieval, train_from_path
+    from medvl.data.loaders import load_dataset
+    from medvl.errors import InputError
+    from medvl.index import build_index
+    from medvl.models.registry import create_model
+
+    folder = mixed_pull(tmp_path / "pulled")
+    dataset = load_dataset(folder)
+    assert sorted(record.meta["kind"] for record in dataset) == ["image", "image", "volume"]
+    torch.manual_seed(0)
+    flat, deep = create_model("phantom-tiny"), create_model("ct3d-tiny")
+    with caplog.at_level("WARNING"):
+        flat_info = build_index(flat, dataset, tmp_path / "flat", show_progress=False)
+    assert "left out 1 3D volume(s), which a 2D model cannot take" in caplog.text
+    assert "2 record(s) remain" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        deep_info = build_index(deep, dataset, tmp_path / "deep", show_progress=False)
+    assert "left out 2 2D image(s), which a 3D model cannot take" in caplog.text
+    assert (flat_info["data"]["n_records"], deep_info["data"]["n_records"]) == (2, 1)
+    trained = train_from_path(folder, tmp_path / "run", "phantom-tiny", epochs=1, batch_size=2, show_progress=False)
+    assert trained.meta["training"]["records"] == 2
+    result = evaluate_retrieval(tmp_path / "run", folder, split="all", show_progress=False)
+    assert result["n_records"] == 2
+    with pytest.raises(InputError, match=r"no record fits a 3D model, which takes 3D volumes.*2 2D image\(s\)"):
+        build_index(deep, load_dataset(folder / "images"), tmp_path / "none", show_progress=False)

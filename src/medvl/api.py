@@ -24,10 +24,12 @@ PathLike = str | Path
 
 
 def load_split(path: PathLike, split: str | None = None, label_columns: Sequence[str] | None = None,
-               allow_outside_root: bool = False) -> Dataset:
+               allow_outside_root: bool = False, model: PathLike | None = None) -> Dataset:
     """The records of one split of the dataset at ``path``; ``split=None`` means ``train`` when the
     dataset has one, every record (``all``) when it has no split column; a dataset whose splits include no
-    ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split."""
+    ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split.
+    ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
+    folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
     dataset = load_dataset(path, label_columns=list(label_columns) if label_columns else None,
                            allow_outside_root=allow_outside_root)
     if split is None:
@@ -35,7 +37,12 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
             raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "
                              "--split NAME (or --split all to use every record, held-out splits included)")
         split = "train" if "train" in dataset.splits else "all"
-    return dataset.select(split)
+    selected = dataset.select(split)
+    if model is None:
+        return selected
+    from .models.registry import model_spatial_dims
+
+    return selected.for_spatial_dims(model_spatial_dims(model))
 
 
 def audit_from_path(data: PathLike, split: str = "all", label: str | None = None, workers: int | None = None,
@@ -152,7 +159,7 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
     if calibration_split is not None and calibration_split == split:
         raise InputError(f"--calibration-split {calibration_split!r} is the evaluated split: "
                          "fit the temperature on a different split than the one you report")
-    whole = load_split(data, "all", allow_outside_root=allow_outside_root)
+    whole = load_split(data, "all", allow_outside_root=allow_outside_root, model=model)
     dataset = whole.select(split)
     column = pick_label(dataset, label_columns, "zero-shot")
     # scored among the label's classes over every split (a class the split lacks is still a possible answer);
@@ -215,8 +222,8 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     net = load_model(model, load_guard=False)  # the guard is replaced: one that cannot be read must not stop that
     if not isinstance(net, DualEncoder):
         raise InputError(f"{model}: an OOD guard is saved into medvl models only, not a {type(net).__name__}")
-    fit_set = load_split(data, split, allow_outside_root=allow_outside_root)
-    calibration_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root)
+    fit_set = load_split(data, split, allow_outside_root=allow_outside_root, model=model)
+    calibration_set = load_split(data, calibration_split, allow_outside_root=allow_outside_root, model=model)
     shared = fit_set.shared_images(calibration_set)
     if shared:  # e.g. 'all': images the guard was fitted on would set its threshold
         raise InputError(f"--calibration-split {calibration_split!r} holds {shared} images of the fitted split "
@@ -225,7 +232,7 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     # read before anything is fitted or saved: a bad --check-data must not leave a guard in the model
     checked, check_copies = None, None
     if check_data is not None:
-        checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root)
+        checked = load_split(check_data, check_split, allow_outside_root=allow_outside_root, model=model)
         fitted = fit_set.subset(fit_set.records + calibration_set.records)
         fitted_name = f"the images the guard is fitted or calibrated on (splits {split!r}, {calibration_split!r})"
         shared = fitted.shared_images(checked)
@@ -293,10 +300,10 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")
-    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root, model=paths[0])
     bank, copies = None, None
     if bridge_data is not None:
-        bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root)
+        bank = load_split(bridge_data, bridge_split, allow_outside_root=allow_outside_root, model=paths[0])
         shared = dataset.shared_images(bank)
         if shared:  # e.g. --bridge-split all: the scored images would vote for their own captions
             raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split}: {shared} of its records "
@@ -337,8 +344,8 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
 
     for k in few_shot:
         check_number("few-shot k", k, minimum=1, integer=True)
-    train_set = load_split(train_data, train_split, allow_outside_root=allow_outside_root)
-    test_set = load_split(test_data, test_split, allow_outside_root=allow_outside_root)
+    train_set = load_split(train_data, train_split, allow_outside_root=allow_outside_root, model=model)
+    test_set = load_split(test_data, test_split, allow_outside_root=allow_outside_root, model=model)
     shared = train_set.shared_images(test_set)
     if shared:  # e.g. --train-split all over the test split: the probe would be scored on images it was fitted on
         raise InputError(f"--train-data {train_data} --train-split {train_split} holds {shared} of the {len(test_set)} "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 ALL_SPLITS = "all"
+# a record's ``meta["kind"]`` (the DICOM folder loader's: a 2D image or a 3D series) -> the model it fits
+KIND_DIMS = {"image": 2, "volume": 3}
+KIND_NAMES = {"image": "2D image(s)", "volume": "3D volume(s)"}
+MODEL_TAKES = {2: "2D images", 3: "3D volumes (DxHxW)"}
 
 
 @runtime_checkable
@@ -195,6 +200,27 @@ class Dataset(Sequence[Record]):
                         "or spaces; correct the split column if they belong together", self.source, split,
                         sum(r.split in variants for r in self.records), ", ".join(map(repr, variants)))
         return self.subset([r for r in self.records if r.split == split])
+
+    def for_spatial_dims(self, spatial_dims: int) -> Dataset:
+        """The records a model of ``spatial_dims`` (2: images, 3: volumes) can take. Records whose
+        ``meta["kind"]`` is of the other kind (a DICOM folder, a PACS pull, holds 2D images, ``image``,
+        next to 3D series, ``volume``) are left out, with a warning counting them per kind; records
+        without a kind (other loaders: their images are checked when read) are all kept. InputError
+        when no record is left."""
+        other = Counter(kind for record in self.records
+                        if (kind := record.meta.get("kind")) in KIND_DIMS and KIND_DIMS[kind] != spatial_dims)
+        if not other:
+            return self
+        kept = [record for record in self.records
+                if KIND_DIMS.get(str(record.meta.get("kind")), spatial_dims) == spatial_dims]
+        counts = " and ".join(f"{count} {KIND_NAMES[kind]}" for kind, count in sorted(other.items()))
+        takes = MODEL_TAKES.get(spatial_dims, f"{spatial_dims}D input")
+        if not kept:
+            raise InputError(f"{self.source}: no record fits a {spatial_dims}D model, which takes {takes}: its "
+                             f"{len(self)} record(s) are {counts}")
+        log.warning("%s: left out %s, which a %dD model cannot take (it takes %s); %d record(s) remain",
+                    self.source, counts, spatial_dims, takes, len(kept))
+        return self.subset(kept)
 
     def classes(self, label: str) -> list[str]:
         """Sorted distinct class names of a categorical label column."""

@@ -170,11 +170,14 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     ``embedder`` (e.g. ``RayEmbedder``: workers on a Ray cluster) embeds the batches instead of
     ``model`` in this process; the index is the same. Otherwise ``workers`` processes read and resize
     the images ahead of the model (``medvl.data.loading``; None: auto, 0: in this process).
-    Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM.
+    Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM. Records the
+    model cannot take (a DICOM folder's 3D series for a 2D model, its 2D images for a 3D one) are left
+    out, with a warning (``Dataset.for_spatial_dims``).
     Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
     """
     check_batch_size(batch_size)
     started = time.perf_counter()
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
@@ -255,6 +258,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     deleted: unless duplicates are allowed, that is an ``InputError`` too, and the index is left unchanged."""
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)

@@ -130,6 +130,23 @@ def is_model_dir(value: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() or (path / "model" / CONFIG_FILE).is_file()
 
 
+def model_spatial_dims(name_or_dir: str | Path, **overrides: Any) -> int:
+    """2 for a model of images, 3 for one of volumes, from its config alone (nothing built or loaded): a
+    saved model folder's ``config.json`` (a transformers folder's: 2), or a registered name's config merged
+    with ``overrides``."""
+    if is_model_dir(name_or_dir):
+        path = model_directory(name_or_dir) / CONFIG_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise ModelError(f"{path}: cannot read the model config (not JSON)") from None
+        image = raw.get("image") if isinstance(raw, dict) else None
+        return int(image.get("spatial_dims", 2)) if isinstance(image, dict) else 2
+    if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
+        raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
+    return get_config(str(name_or_dir), **overrides).image.spatial_dims
+
+
 def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
     """A model to train: a saved model directory (overrides not allowed) or a registered name.
 

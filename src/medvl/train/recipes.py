@@ -35,7 +35,7 @@ from ..eval.covariates import check_covariates, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
-from ..models.registry import get_recipe, is_model_dir, list_models, resolve_model
+from ..models.registry import get_recipe, is_model_dir, list_models, model_spatial_dims, resolve_model
 from .loop import TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,11 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
 
     With a supervised head (``supervised_weight > 0``) records missing one of the label columns are
     left out; the heads are added right after the model is built (classes in ``class_order``), so the
-    run is the same whether a benchmark or ``medvl train`` starts it.
+    run is the same whether a benchmark or ``medvl train`` starts it. Records the model cannot take (a
+    DICOM folder's 2D images for a 3D model, its 3D series for a 2D one) are left out first, with a
+    warning (``Dataset.for_spatial_dims``).
     """
+    dataset = dataset.for_spatial_dims(model_spatial_dims(settings.model, **settings.model_overrides))
     config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
     config.validate()
     if config.leave_out_images_of:

@@ -15,7 +15,9 @@ Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One
   (``read_image``: the header's window applied, like an exported PNG).
 
 Skipped, with a logged count: multi-frame files that are not a volume (cine loops, time series)
-and segmentation objects (SEG: labels, not images).
+and segmentation objects (SEG: labels, not images). A folder holding both kinds feeds each model
+the records of its kind: training, indexing and evaluation leave out the others with a counted
+warning (``Dataset.for_spatial_dims``).
 
 Record ids are short SHA-256 hashes of UIDs (``img-`` + the SOP Instance UID's, ``vol-`` + the
 Series Instance UID's), never names or patient IDs; a repeated SOP Instance UID gets ``-2``,
