@@ -751,6 +751,26 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
 
 
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, phantom_dir, tmp_path):
+    """libpq takes the password as ``?password=`` too: the CLI's tables, messages and --json show it as ***."""
+    url = pg_url.replace("#phantom_cases", "&password=hunter2SECRET#pw_query")  # trust auth: any password works
+    outputs = []
+    for args in (("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val", "--out", url,
+                  "--json", tmp_path / "build.json", "-q"),
+                 ("index", "info", "--index", url),
+                 ("search", "--index", url, "--text", "effusion", "-k", 2, "--json", tmp_path / "hits.json")):
+        result, output = invoke(*args)
+        assert result.exit_code == 0, output
+        outputs.append(output)
+    outputs += [(tmp_path / name).read_text() for name in ("build.json", "hits.json")]
+    assert not [text for text in outputs if "hunter2SECRET" in text]
+    assert json.loads(outputs[-1])["index"].endswith("&password=***#pw_query")
+    with open_index(url) as index:
+        assert "hunter2SECRET" not in index.location
+
+
 def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
     import psycopg
 
