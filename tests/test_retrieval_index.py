@@ -771,6 +771,39 @@ def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, ph
         assert "hunter2SECRET" not in index.location
 
 
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_orders_text_filters_by_code_point_on_a_locale_database(pg_url, model, model_dir, dataset,
+                                                                         tmp_path):
+    """A database made with an en_US collation (as a Debian cluster's usually is) orders 'Banana' after 'apple':
+    < <= > >= on text still pick the cases the FAISS index picks, in code-point order."""
+    import dataclasses
+
+    try:
+        _pg_rows(pg_url, "CREATE DATABASE en_us TEMPLATE template0 LC_COLLATE 'en_US.utf8' LC_CTYPE 'en_US.utf8'")
+    except Exception as err:  # noqa: BLE001 - whatever the reason, there is no such database to test against
+        pytest.skip(f"PostgreSQL cannot make an en_US.utf8 database here: {str(err).strip()}")
+    en_url = pg_url.replace("@/postgres?", "@/en_us?")
+    assert _pg_rows(en_url, "SELECT 'Banana' > 'apple'") == [(True,)]  # the database orders by locale
+    sites = ["apple", "Banana", "cherry", "Zulu", "éclair", "b-2", "b1"]
+    records = [dataclasses.replace(r, meta={"site": sites[i % len(sites)]}) for i, r in enumerate(dataset[:21])]
+    data = dataset.subset(records)
+    build_index(model, data, en_url.replace("#phantom_cases", "#sites"), model_dir=model_dir, show_progress=False)
+    build_index(model, data, tmp_path / "sites", model_dir=model_dir, show_progress=False)
+    filters = {"site < 'b'": lambda r: r.meta["site"] < "b",
+               "site >= 'b1' and site <= 'cherry'": lambda r: "b1" <= r.meta["site"] <= "cherry",
+               "not site > 'Zulu'": lambda r: not r.meta["site"] > "Zulu",
+               "site > 'z'": lambda r: r.meta["site"] > "z",
+               f"id < '{records[5].id}'": lambda r: r.id < records[5].id}
+    with open_index(en_url.replace("#phantom_cases", "#sites")) as pg, open_index(tmp_path / "sites") as local:
+        for where, keep in filters.items():
+            expected = {r.id for r in records if keep(r)}
+            assert 0 < len(expected) < len(records), where
+            for index in (pg, local):
+                hits = search_index(index, model, text="effusion", k=21, where=where)
+                assert {h.id for h in hits} == expected, (index.location, where)
+
+
 def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
     import psycopg
 
