@@ -647,6 +647,48 @@ def test_cli_search_on_a_missing_index(tmp_path):
     assert result.exit_code == 2 and "index not found" in output
 
 
+def _with_nul(phantom_dir: Path, folder: Path, split: str, column: str) -> Path:
+    """A copy of the phantom data whose second ``split`` case holds a NUL character in ``column`` (a damaged
+    export); returns the folder."""
+    shutil.copytree(phantom_dir, folder)
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = [r for r in rows if r["split"] == split][1]
+    row[column] += " \x00 tail"
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def _refused_nul(args: tuple, data: Path, split: str, field: str) -> None:
+    result, output = invoke(*args)
+    case_id = [r.id for r in load_dataset(data) if r.split == split][1]
+    assert result.exit_code == 2, output
+    assert f"error: {data / 'manifest.csv'}: case {case_id!r}: {field} holds a NUL character" in output
+    assert "tail" not in output and "Traceback" not in output
+
+
+def test_a_nul_character_in_a_report_or_metadata_is_refused_before_anything_is_written(model_dir, phantom_dir,
+                                                                                        tmp_path):
+    """PostgreSQL stores no NUL in text or jsonb; a FAISS index refuses it too, so the same data builds the
+    same index on both."""
+    damaged = _with_nul(phantom_dir, tmp_path / "report-nul", "test", "text")
+    _refused_nul(("index", "build", "--model", model_dir, "--data", damaged, "--out", tmp_path / "idx", "-q"),
+                 damaged, "test", "the report")
+    assert not (tmp_path / "idx").exists() and not list(tmp_path.glob("idx*"))
+    result, output = invoke("index", "build", "--model", model_dir, "--data", damaged, "--split", "val",
+                            "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    before = _index_files(tmp_path / "idx")
+    damaged = _with_nul(phantom_dir, tmp_path / "view-nul", "train", "view")
+    _refused_nul(("index", "add", "--index", tmp_path / "idx", "--data", damaged, "--split", "train", "-q"),
+                 damaged, "train", "label 'view'")
+    assert _index_files(tmp_path / "idx") == before
+
+
+# ------------------------------------------------------------------ PostgreSQL + pgvector
 # ------------------------------------------------------------------ PostgreSQL + pgvector
 
 
@@ -802,6 +844,25 @@ def test_pgvector_orders_text_filters_by_code_point_on_a_locale_database(pg_url,
             for index in (pg, local):
                 hits = search_index(index, model, text="effusion", k=21, where=where)
                 assert {h.id for h in hits} == expected, (index.location, where)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_refuses_a_nul_character_in_one_line_before_anything_is_written(pg_url, model_dir, phantom_dir,
+                                                                                 tmp_path):
+    url = pg_url.replace("#phantom_cases", "#nul")
+    damaged = _with_nul(phantom_dir, tmp_path / "report-nul", "test", "text")
+    _refused_nul(("index", "build", "--model", model_dir, "--data", damaged, "--out", url, "-q"),
+                 damaged, "test", "the report")
+    tables = "SELECT tablename FROM pg_tables WHERE tablename LIKE 'nul%%'"
+    assert _pg_rows(url, tables) == []  # no staging table left behind
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val",
+                            "--out", url, "-q")
+    assert result.exit_code == 0, output
+    damaged = _with_nul(phantom_dir, tmp_path / "view-nul", "train", "view")  # a jsonb value
+    _refused_nul(("index", "add", "--index", url, "--data", damaged, "--split", "train", "-q"),
+                 damaged, "train", "label 'view'")
+    assert _pg_rows(url, "SELECT count(*) FROM nul") == [(len(load_dataset(phantom_dir).select("val")),)]
 
 
 def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
