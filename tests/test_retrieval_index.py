@@ -796,8 +796,10 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
 @pytest.mark.pgvector
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, phantom_dir, tmp_path):
-    """libpq takes the password as ``?password=`` too: the CLI's tables, messages and --json show it as ***."""
+    """libpq takes the password as ``?password=`` too: the CLI's tables, messages and --json show it as ***, and
+    the one in ``user:password@`` too."""
     url = pg_url.replace("#phantom_cases", "&password=hunter2SECRET#pw_query")  # trust auth: any password works
+    url = url.replace("postgres:@", "postgres:userinfoSECRET@")
     outputs = []
     for args in (("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val", "--out", url,
                   "--json", tmp_path / "build.json", "-q"),
@@ -807,10 +809,11 @@ def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, ph
         assert result.exit_code == 0, output
         outputs.append(output)
     outputs += [(tmp_path / name).read_text() for name in ("build.json", "hits.json")]
-    assert not [text for text in outputs if "hunter2SECRET" in text]
+    assert "postgresql://postgres:***@" in outputs[1]  # the table's title names the index
+    assert not [text for text in outputs if "SECRET" in "".join(text.split())]  # also where a line wrapped
     assert json.loads(outputs[-1])["index"].endswith("&password=***#pw_query")
     with open_index(url) as index:
-        assert "hunter2SECRET" not in index.location
+        assert "SECRET" not in index.location
 
 
 @pytest.mark.pgvector

@@ -87,7 +87,7 @@ def build_command(
     the same."""
     from ..api import load_split
     from ..data.loading import check_workers
-    from ..index import build_index
+    from ..index import build_index, shown_location
     from ..index.build import check_batch_size
     from ..io import check_output_folder
     from ..models.registry import load_model
@@ -114,7 +114,7 @@ def build_command(
     rows = _index_rows(info)
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})
-    print_metrics(f"index {out}", rows)
+    print_metrics(f"index {shown_location(out)}", rows)
     emit_json(info, json_out, overwrite)
 
 
@@ -153,9 +153,9 @@ def add_command(
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
                              replace=replace)
-    print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
-                                     "replaced": result["replaced"],
-                                     "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
+    print_metrics(f"index {opened.location}", {
+        "added": result["added"], "already present": result["already_present"], "replaced": result["replaced"],
+        "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
     emit_json(result, json_out, overwrite)
 
 
@@ -185,8 +185,8 @@ def info_command(index: IndexOption, json_out: JsonOption = None, overwrite: Ove
 
     check_outputs(overwrite, {"--index": index}, json=json_out)
     with open_index(index) as opened:
-        info = {**opened.info, "n_cases": len(opened)}
-    print_metrics(f"index {index}", _index_rows(info))
+        info, location = {**opened.info, "n_cases": len(opened)}, opened.location
+    print_metrics(f"index {location}", _index_rows(info))
     emit_json(info, json_out, overwrite)
 
 

@@ -288,6 +288,11 @@ def path_sha256(path: str | Path) -> str:
     return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
 
 
+def shown_location(target: str | Path) -> str:
+    """How the terminal names an index: a folder as given, a PostgreSQL URL without its password."""
+    return redact(str(target)) if is_url(target) else str(target)
+
+
 def describe_target(target: str | Path) -> str:
     """How outputs (``--json``) name an index, dataset or query file: a Postgres URL without its
     password, else the last path component only (the folders above may name a patient)."""
