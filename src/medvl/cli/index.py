@@ -78,7 +78,8 @@ def build_command(
         "--ray", help="Decode and embed on Ray workers (Ray Data; a local Ray unless --address).")] = False,
     address: Annotated[str | None, typer.Option(
         help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default a local Ray.")] = None,
-    ray_workers: Annotated[int, typer.Option(help="With --ray: embedding workers (one CPU each).")] = 2,
+    ray_workers: Annotated[int | None, typer.Option(
+        help="With --ray: embedding workers (one CPU each; default 2).")] = None,
     workers: WorkersOption = None,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
@@ -100,9 +101,13 @@ def build_command(
     if ray:
         from ..scale.ray_jobs import RayEmbedder
 
-        embedder = RayEmbedder(model, workers=ray_workers, address=address, backend=backend)
+        embedder = RayEmbedder(model, address=address, backend=backend,
+                               **({"workers": ray_workers} if ray_workers is not None else {}))
     elif address is not None:
         raise InputError("--address is a Ray cluster address: it needs --ray")
+    elif ray_workers is not None:
+        raise InputError("--ray-workers sets the embedding workers on Ray: it needs --ray (for reading processes "
+                         "on this machine use --workers)")
     if ray and workers is not None:
         raise InputError("--workers sets the reading processes of a build on this machine; with --ray use "
                          "--ray-workers")
