@@ -8,11 +8,18 @@ For each config (random init: weights do not change the speed) the model is save
 [0, 1] pixels (normalisation, tower, projection; no file decoding); texts/s is ``encode_texts`` on a
 batch of phantom-like report sentences (tokenisation included). The backends are timed in turn,
 round after round, and each keeps its best round, so a burst of load from other processes hurts
-them alike; the peak is measured the same way (a 2048^2 torch matmul in fp32 and in bf16, before
-and after the models, best of both). FLOPs are counted on the eager model with
-``torch.utils.flop_counter`` (multiply-adds x 2: convolutions, matmuls, attention), so "% of peak" =
-images/s x FLOPs per image / peak FLOP/s. ``cos`` is the smallest cosine similarity between a
-backend's embeddings and eager fp32 torch's on the benchmark batch.
+them alike. The peak is a 2048^2 torch matmul in fp32 and in bf16, timed call by call
+(``PEAK_CALLS`` calls per round, every round, before and after the models), the fastest call kept:
+a loaded machine slows most calls, and the fastest is the nearest to the idle machine's rate.
+FLOPs are counted on the eager model with ``torch.utils.flop_counter`` (multiply-adds x 2:
+convolutions, matmuls, attention), so "% of peak" = images/s x FLOPs per image / peak FLOP/s.
+``cos`` is the smallest cosine similarity between a backend's embeddings and eager fp32 torch's on
+the benchmark batch.
+
+A peak cannot be below what a model reached on that arithmetic. When the matmul still measured less
+than the best fp32 path (torch, channels-last, onnx; images or texts) or the bf16 path, the machine was
+busy while it ran: the peak is taken as that model rate instead, the table says so (its shares are
+then upper bounds) and the goal is not judged, never "met".
 
 The goal from the issue: the default image encoder (cxr-small, ``medvl train``'s default) at >= 50 %
 of the fp32 peak on its best path.
@@ -40,21 +47,27 @@ from medvl.models.registry import create_model, list_models, load_model  # noqa:
 from medvl.scale import export_onnx  # noqa: E402
 
 DEFAULT_CONFIG, GOAL_SHARE = "cxr-small", 0.5
+PEAK_CALLS = 5  # matmuls timed one by one in each round of the peak
+# the paths whose arithmetic is fp32 / bf16: the rate of each bounds that peak from below (int8 is neither)
+PEAK_PATHS = {"fp32": ("torch", "torch-channels-last", "onnx"), "bf16": ("torch-bf16",)}
 SENTENCES = ["no acute cardiopulmonary abnormality.", "small left pleural effusion with basal atelectasis.",
              "the cardiac silhouette is enlarged. no pneumothorax.", "13 mm right upper zone nodule. recommend ct.",
              "patchy consolidation in the right lower zone, in keeping with pneumonia. no effusion."]
 
 
-def best_rate(functions: dict[str, Callable[[], object]], count: int, rounds: int) -> dict[str, float]:
-    """Items per second of each function: one warm-up call, then ``rounds`` interleaved timed calls, best kept."""
+def best_rate(functions: dict[str, Callable[[], object]], count: int, rounds: int, calls: int = 1
+              ) -> dict[str, float]:
+    """Items per second of each function: one warm-up call, then ``rounds`` interleaved rounds of ``calls`` calls
+    each, every call timed by itself; the fastest call kept."""
     for function in functions.values():
         function()
     best = dict.fromkeys(functions, 0.0)
     for _ in range(rounds):
         for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            best[name] = max(best[name], count / (time.perf_counter() - start))
+            for _ in range(calls):
+                start = time.perf_counter()
+                function()
+                best[name] = max(best[name], count / (time.perf_counter() - start))
     return best
 
 
@@ -62,8 +75,37 @@ def matmul_peak(rounds: int, side: int = 2048) -> dict[str, float]:
     """GFLOP/s of a large square matmul in fp32 and bf16 (the machine's practical peak for each)."""
     operands = {dtype: (torch.randn(side, side).to(dtype), torch.randn(side, side).to(dtype))
                 for dtype in (torch.float32, torch.bfloat16)}
-    rates = best_rate({str(dtype): (lambda a=a, b=b: a @ b) for dtype, (a, b) in operands.items()}, 1, rounds)
+    rates = best_rate({str(dtype): (lambda a=a, b=b: a @ b) for dtype, (a, b) in operands.items()}, 1, rounds,
+                      calls=PEAK_CALLS)
     return {"fp32": rates["torch.float32"] * 2 * side**3 / 1e9, "bf16": rates["torch.bfloat16"] * 2 * side**3 / 1e9}
+
+
+def best_model_rates(results: dict) -> dict[str, tuple[float, str]]:
+    """Per arithmetic (fp32, bf16): the highest GFLOP/s a model path reached, and which (config, path, images or
+    texts)."""
+    best: dict[str, tuple[float, str]] = {}
+    for name, result in results.items():
+        for kind, paths in PEAK_PATHS.items():
+            for backend in paths:
+                row = result["backends"].get(backend)
+                for items, gflop in (("images", result["image_gflop"]), ("texts", result["text_gflop"])):
+                    rate = row[f"{items}_per_s"] * gflop if row else 0.0
+                    if rate > best.get(kind, (0.0, ""))[0]:
+                        best[kind] = (rate, f"{name} {backend} {items}")
+    return best
+
+
+def effective_peak(peaks: list[dict[str, float]], results: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """The peak to divide by: the best matmul measurement, or where a model path was faster (the matmul ran on a
+    busy machine), that model's rate; and per raised peak a note saying so."""
+    peak = {kind: max(p[kind] for p in peaks) for kind in ("fp32", "bf16")}
+    notes = {}
+    for kind, (rate, by) in best_model_rates(results).items():
+        if rate > peak[kind]:
+            notes[kind] = (f"measured {peak[kind]:.0f} GFLOP/s, below the {rate:.0f} GFLOP/s of {by}: the machine "
+                           "was busy while the matmul ran; taken as that rate, so the shares are upper bounds")
+            peak[kind] = rate
+    return peak, notes
 
 
 def flops_per_item(function: Callable[[], object], count: int) -> float:
@@ -119,9 +161,11 @@ def machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()}
 
 
-def print_table(results: dict, peak: dict, file=sys.stdout) -> None:
+def print_table(results: dict, peak: dict, notes: dict[str, str], file=sys.stdout) -> None:
     """One row per config and path; the bf16 path is also given as a share of the bf16 peak."""
     print(f"peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", file=file)
+    for kind, note in notes.items():
+        print(f"INVALID {kind} peak: {note}", file=file)
     print("| config | GFLOP/img | path | images/s | x eager | % fp32 peak | % bf16 peak "
           "| texts/s | x eager | % fp32 peak | min cos |", file=file)
     print("|---|---|---|---|---|---|---|---|---|---|---|", file=file)
@@ -137,13 +181,16 @@ def print_table(results: dict, peak: dict, file=sys.stdout) -> None:
                   f"| {100 * text_share:.0f} % | {row['min_cosine']:.5f} |", file=file, flush=True)
 
 
-def goal_line(results: dict, peak: dict) -> str:
+def goal_line(results: dict, peak: dict, notes: dict[str, str]) -> str:
     if DEFAULT_CONFIG not in results:
         return f"goal: {DEFAULT_CONFIG} not benchmarked"
     result = results[DEFAULT_CONFIG]
     backend, row = max(result["backends"].items(), key=lambda item: item[1]["images_per_s"])
     share = row["images_per_s"] * result["image_gflop"] / peak["fp32"]
-    verdict = "met" if share >= GOAL_SHARE else f"NOT met (gap {100 * (GOAL_SHARE - share):.0f} points)"
+    if "fp32" in notes:  # the peak is a model's rate, not the machine's: a share of it proves nothing
+        verdict = "NOT JUDGED (the fp32 peak measurement is invalid, see above; rerun on a quiet machine)"
+    else:
+        verdict = "met" if share >= GOAL_SHARE else f"NOT met (gap {100 * (GOAL_SHARE - share):.0f} points)"
     return (f"goal: {DEFAULT_CONFIG} image encoder at >= {100 * GOAL_SHARE:.0f} % of the fp32 peak on its best "
             f"path: {backend} {100 * share:.0f} % -> {verdict}")
 
@@ -165,15 +212,16 @@ def main() -> None:
         for name in args.configs.split(","):
             results[name] = bench_config(name, Path(scratch) / name, args.rounds, args.texts)
             # each config as it completes (against the first peak), so a long run shows its progress
-            print_table({name: results[name]}, peaks[0], file=sys.stderr)
+            print_table({name: results[name]}, *effective_peak(peaks[:1], {name: results[name]}), file=sys.stderr)
     peaks.append(matmul_peak(args.rounds))
-    peak = {key: max(p[key] for p in peaks) for key in ("fp32", "bf16")}
+    peak, notes = effective_peak(peaks, results)
     info["load_average_after"] = os.getloadavg()
     print(json.dumps(info))
-    print_table(results, peak)
-    print(goal_line(results, peak))
+    print_table(results, peak, notes)
+    print(goal_line(results, peak, notes))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "peak_gflops": peaks, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": info, "peak_gflops": peaks, "peak_used_gflops": peak,
+                                         "invalid_peaks": notes, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

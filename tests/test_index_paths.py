@@ -245,6 +245,12 @@ def test_outputs_name_files_by_their_last_component_and_urls_without_password():
     assert describe_target(f"/data/{PATIENT_FOLDER}/idx") == "idx"
     assert describe_target("postgresql://medvl:s3cret@db.example:5432/cases#chest") == \
         "postgresql://medvl:***@db.example:5432/cases#chest"
+    # libpq also takes the password (and other secrets) as query parameters
+    assert describe_target("postgresql://medvl@/cases?host=/run/pg&password=s3cret&port=5433#chest") == \
+        "postgresql://medvl@/cases?host=/run/pg&password=***&port=5433#chest"
+    assert describe_target("postgres://medvl@db/cases?sslpassword=s3cret&pass%77ord=s3cret&sslmode=require&s3cret") \
+        == "postgres://medvl@db/cases?sslpassword=***&pass%77ord=***&sslmode=require&***"
+    assert describe_target("postgresql://medvl:s3c#r?et@db/cases") == "postgresql://medvl:***@db/cases"
 
 
 def test_resolve_image_refuses_paths_leaving_the_data_root(tmp_path):

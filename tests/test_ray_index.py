@@ -196,6 +196,9 @@ def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates
     result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
                             tmp_path / "idx", "--address", "auto")
     assert result.exit_code == 2 and "needs --ray" in output
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--ray-workers", 3)  # not silently a build in this process
+    assert result.exit_code == 2 and "error: --ray-workers sets the embedding workers on Ray: it needs --ray" in output
     assert not (tmp_path / "idx").exists()
 
 

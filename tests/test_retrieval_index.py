@@ -647,6 +647,48 @@ def test_cli_search_on_a_missing_index(tmp_path):
     assert result.exit_code == 2 and "index not found" in output
 
 
+def _with_nul(phantom_dir: Path, folder: Path, split: str, column: str) -> Path:
+    """A copy of the phantom data whose second ``split`` case holds a NUL character in ``column`` (a damaged
+    export); returns the folder."""
+    shutil.copytree(phantom_dir, folder)
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = [r for r in rows if r["split"] == split][1]
+    row[column] += " \x00 tail"
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def _refused_nul(args: tuple, data: Path, split: str, field: str) -> None:
+    result, output = invoke(*args)
+    case_id = [r.id for r in load_dataset(data) if r.split == split][1]
+    assert result.exit_code == 2, output
+    assert f"error: {data / 'manifest.csv'}: case {case_id!r}: {field} holds a NUL character" in output
+    assert "tail" not in output and "Traceback" not in output
+
+
+def test_a_nul_character_in_a_report_or_metadata_is_refused_before_anything_is_written(model_dir, phantom_dir,
+                                                                                        tmp_path):
+    """PostgreSQL stores no NUL in text or jsonb; a FAISS index refuses it too, so the same data builds the
+    same index on both."""
+    damaged = _with_nul(phantom_dir, tmp_path / "report-nul", "test", "text")
+    _refused_nul(("index", "build", "--model", model_dir, "--data", damaged, "--out", tmp_path / "idx", "-q"),
+                 damaged, "test", "the report")
+    assert not (tmp_path / "idx").exists() and not list(tmp_path.glob("idx*"))
+    result, output = invoke("index", "build", "--model", model_dir, "--data", damaged, "--split", "val",
+                            "--out", tmp_path / "idx", "-q")
+    assert result.exit_code == 0, output
+    before = _index_files(tmp_path / "idx")
+    damaged = _with_nul(phantom_dir, tmp_path / "view-nul", "train", "view")
+    _refused_nul(("index", "add", "--index", tmp_path / "idx", "--data", damaged, "--split", "train", "-q"),
+                 damaged, "train", "label 'view'")
+    assert _index_files(tmp_path / "idx") == before
+
+
+# ------------------------------------------------------------------ PostgreSQL + pgvector
 # ------------------------------------------------------------------ PostgreSQL + pgvector
 
 
@@ -749,6 +791,81 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert len(index) == 96
         hits = search_index(index, model, image=dataset[0].image, k=3, where="view = 'PA'")
         assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, phantom_dir, tmp_path):
+    """libpq takes the password as ``?password=`` too: the CLI's tables, messages and --json show it as ***, and
+    the one in ``user:password@`` too."""
+    url = pg_url.replace("#phantom_cases", "&password=hunter2SECRET#pw_query")  # trust auth: any password works
+    url = url.replace("postgres:@", "postgres:userinfoSECRET@")
+    outputs = []
+    for args in (("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val", "--out", url,
+                  "--json", tmp_path / "build.json", "-q"),
+                 ("index", "info", "--index", url),
+                 ("search", "--index", url, "--text", "effusion", "-k", 2, "--json", tmp_path / "hits.json")):
+        result, output = invoke(*args)
+        assert result.exit_code == 0, output
+        outputs.append(output)
+    outputs += [(tmp_path / name).read_text() for name in ("build.json", "hits.json")]
+    assert "postgresql://postgres:***@" in outputs[1]  # the table's title names the index
+    assert not [text for text in outputs if "SECRET" in "".join(text.split())]  # also where a line wrapped
+    assert json.loads(outputs[-1])["index"].endswith("&password=***#pw_query")
+    with open_index(url) as index:
+        assert "SECRET" not in index.location
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_orders_text_filters_by_code_point_on_a_locale_database(pg_url, model, model_dir, dataset,
+                                                                         tmp_path):
+    """A database made with an en_US collation (as a Debian cluster's usually is) orders 'Banana' after 'apple':
+    < <= > >= on text still pick the cases the FAISS index picks, in code-point order."""
+    import dataclasses
+
+    try:
+        _pg_rows(pg_url, "CREATE DATABASE en_us TEMPLATE template0 LC_COLLATE 'en_US.utf8' LC_CTYPE 'en_US.utf8'")
+    except Exception as err:  # noqa: BLE001 - whatever the reason, there is no such database to test against
+        pytest.skip(f"PostgreSQL cannot make an en_US.utf8 database here: {str(err).strip()}")
+    en_url = pg_url.replace("@/postgres?", "@/en_us?")
+    assert _pg_rows(en_url, "SELECT 'Banana' > 'apple'") == [(True,)]  # the database orders by locale
+    sites = ["apple", "Banana", "cherry", "Zulu", "éclair", "b-2", "b1"]
+    records = [dataclasses.replace(r, meta={"site": sites[i % len(sites)]}) for i, r in enumerate(dataset[:21])]
+    data = dataset.subset(records)
+    build_index(model, data, en_url.replace("#phantom_cases", "#sites"), model_dir=model_dir, show_progress=False)
+    build_index(model, data, tmp_path / "sites", model_dir=model_dir, show_progress=False)
+    filters = {"site < 'b'": lambda r: r.meta["site"] < "b",
+               "site >= 'b1' and site <= 'cherry'": lambda r: "b1" <= r.meta["site"] <= "cherry",
+               "not site > 'Zulu'": lambda r: not r.meta["site"] > "Zulu",
+               "site > 'z'": lambda r: r.meta["site"] > "z",
+               f"id < '{records[5].id}'": lambda r: r.id < records[5].id}
+    with open_index(en_url.replace("#phantom_cases", "#sites")) as pg, open_index(tmp_path / "sites") as local:
+        for where, keep in filters.items():
+            expected = {r.id for r in records if keep(r)}
+            assert 0 < len(expected) < len(records), where
+            for index in (pg, local):
+                hits = search_index(index, model, text="effusion", k=21, where=where)
+                assert {h.id for h in hits} == expected, (index.location, where)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_refuses_a_nul_character_in_one_line_before_anything_is_written(pg_url, model_dir, phantom_dir,
+                                                                                 tmp_path):
+    url = pg_url.replace("#phantom_cases", "#nul")
+    damaged = _with_nul(phantom_dir, tmp_path / "report-nul", "test", "text")
+    _refused_nul(("index", "build", "--model", model_dir, "--data", damaged, "--out", url, "-q"),
+                 damaged, "test", "the report")
+    tables = "SELECT tablename FROM pg_tables WHERE tablename LIKE 'nul%%'"
+    assert _pg_rows(url, tables) == []  # no staging table left behind
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val",
+                            "--out", url, "-q")
+    assert result.exit_code == 0, output
+    damaged = _with_nul(phantom_dir, tmp_path / "view-nul", "train", "view")  # a jsonb value
+    _refused_nul(("index", "add", "--index", url, "--data", damaged, "--split", "train", "-q"),
+                 damaged, "train", "label 'view'")
+    assert _pg_rows(url, "SELECT count(*) FROM nul") == [(len(load_dataset(phantom_dir).select("val")),)]
 
 
 def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:

@@ -78,7 +78,8 @@ def build_command(
         "--ray", help="Decode and embed on Ray workers (Ray Data; a local Ray unless --address).")] = False,
     address: Annotated[str | None, typer.Option(
         help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default a local Ray.")] = None,
-    ray_workers: Annotated[int, typer.Option(help="With --ray: embedding workers (one CPU each).")] = 2,
+    ray_workers: Annotated[int | None, typer.Option(
+        help="With --ray: embedding workers (one CPU each; default 2).")] = None,
     workers: WorkersOption = None,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
@@ -87,7 +88,7 @@ def build_command(
     the same."""
     from ..api import load_split
     from ..data.loading import check_workers
-    from ..index import build_index
+    from ..index import build_index, shown_location
     from ..index.build import check_batch_size
     from ..io import check_output_folder
     from ..models.registry import load_model
@@ -100,9 +101,13 @@ def build_command(
     if ray:
         from ..scale.ray_jobs import RayEmbedder
 
-        embedder = RayEmbedder(model, workers=ray_workers, address=address, backend=backend)
+        embedder = RayEmbedder(model, address=address, backend=backend,
+                               **({"workers": ray_workers} if ray_workers is not None else {}))
     elif address is not None:
         raise InputError("--address is a Ray cluster address: it needs --ray")
+    elif ray_workers is not None:
+        raise InputError("--ray-workers sets the embedding workers on Ray: it needs --ray (for reading processes "
+                         "on this machine use --workers)")
     if ray and workers is not None:
         raise InputError("--workers sets the reading processes of a build on this machine; with --ray use "
                          "--ray-workers")
@@ -114,7 +119,7 @@ def build_command(
     rows = _index_rows(info)
     rows.update({"duplicates skipped": len(info["duplicates"]), "resumed cases": info["resumed"],
                  "seconds": info["seconds"]})
-    print_metrics(f"index {out}", rows)
+    print_metrics(f"index {shown_location(out)}", rows)
     emit_json(info, json_out, overwrite)
 
 
@@ -153,9 +158,9 @@ def add_command(
         result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
                              replace=replace)
-    print_metrics(f"index {index}", {"added": result["added"], "already present": result["already_present"],
-                                     "replaced": result["replaced"],
-                                     "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
+    print_metrics(f"index {opened.location}", {
+        "added": result["added"], "already present": result["already_present"], "replaced": result["replaced"],
+        "duplicates skipped": len(result["duplicates"]), "cases": result["n_cases"]})
     emit_json(result, json_out, overwrite)
 
 
@@ -185,8 +190,8 @@ def info_command(index: IndexOption, json_out: JsonOption = None, overwrite: Ove
 
     check_outputs(overwrite, {"--index": index}, json=json_out)
     with open_index(index) as opened:
-        info = {**opened.info, "n_cases": len(opened)}
-    print_metrics(f"index {index}", _index_rows(info))
+        info, location = {**opened.info, "n_cases": len(opened)}, opened.location
+    print_metrics(f"index {location}", _index_rows(info))
     emit_json(info, json_out, overwrite)
 
 

@@ -220,7 +220,7 @@ def _context_index(net, index: str | None):
     from contextlib import nullcontext
 
     from ..errors import InputError
-    from ..index import open_index
+    from ..index import open_index, shown_location
     from ..models.decoder import context_k
 
     k = context_k(net)
@@ -228,5 +228,6 @@ def _context_index(net, index: str | None):
         raise InputError(f"the report generator was trained with the reports of {k} retrieved cases as context: "
                          "pass --index")
     if not k and index:
-        raise InputError(f"{index}: this report generator was trained without retrieved context; drop --index")
+        raise InputError(f"{shown_location(index)}: this report generator was trained without retrieved context; "
+                         "drop --index")
     return open_index(index) if index else nullcontext()

@@ -10,6 +10,7 @@ from .backends import open_index as open_index
 from .base import Hit as Hit
 from .base import Index as Index
 from .base import describe_target as describe_target
+from .base import shown_location as shown_location
 from .build import add_records as add_records
 from .build import build_index as build_index
 from .cases import Case as Case

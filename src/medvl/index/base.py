@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -160,9 +161,32 @@ def is_url(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+# libpq URL parameters whose values are shown in messages and outputs; every other parameter's value
+# (password, sslpassword, passfile, sslkey, options, ...) is replaced by ``***``
+SHOWN_URL_PARAMETERS = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "connect_timeout", "sslmode", "gssencmode", "application_name",
+    "fallback_application_name", "target_session_attrs", "load_balance_hosts", "client_encoding", "keepalives",
+    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "channel_binding",
+})
+
+
 def redact(url: str) -> str:
-    """A URL with its password replaced by ``***``, for messages and outputs."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """A URL with its password replaced by ``***``, for messages and outputs: the one of ``user:password@``
+    and the value of every query parameter but the plain connection ones (``SHOWN_URL_PARAMETERS``), so
+    ``?password=``, ``sslpassword=`` and the like never show. The ``#table`` part is kept."""
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)  # first: a password may hold an unescaped ? or #
+    address, hash_sign, fragment = url.partition("#")
+    address, question, query = address.partition("?")
+    if question:
+        query = "&".join(_redact_parameter(part) for part in query.split("&"))
+    return f"{address}{question}{query}{hash_sign}{fragment}"
+
+
+def _redact_parameter(part: str) -> str:
+    name, equals, _ = part.partition("=")
+    if not equals:
+        return "***" if part else part  # not name=value: nothing tells it is not a secret
+    return part if unquote(name) in SHOWN_URL_PARAMETERS else f"{name}=***"
 
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
@@ -262,6 +286,11 @@ def path_sha256(path: str | Path) -> str:
     naming it (a guessed path can still be confirmed, so it is not a secret). The path's bytes are hashed: a
     name may hold bytes that are not UTF-8."""
     return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
+
+
+def shown_location(target: str | Path) -> str:
+    """How the terminal names an index: a folder as given, a PostgreSQL URL without its password."""
+    return redact(str(target)) if is_url(target) else str(target)
 
 
 def describe_target(target: str | Path) -> str:

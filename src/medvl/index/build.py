@@ -41,7 +41,15 @@ from ..models.backends import resolve_backend
 from ..progress import progress_bar
 from .backends import open_builder
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
-from .cases import Case, check_ids_are_not_paths, check_unique_ids, dataset_root, infer_columns, pixel_sha256
+from .cases import (
+    Case,
+    check_ids_are_not_paths,
+    check_no_nul,
+    check_unique_ids,
+    dataset_root,
+    infer_columns,
+    pixel_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +189,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    check_no_nul(records, dataset.source)
     workers = resolve_workers(workers, len(records))
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
@@ -262,6 +271,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
+    check_no_nul(records, dataset.source)
     workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
     new_images = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)

@@ -162,6 +162,37 @@ def check_ids_are_not_paths(ids: Sequence[str], source: str) -> None:
                                 f"or name images relative to the manifest")
 
 
+def check_no_nul(records: Sequence[Record], source: str) -> None:
+    """DataError if the id, split, report, labels or metadata of a record hold a NUL character (U+0000,
+    usually a damaged export): PostgreSQL stores none in text or jsonb, and the same data builds the same
+    index on every backend, so a FAISS build refuses it too, before anything is written. The message
+    counts the cases and names the first one and the field, never the text."""
+    bad = [(record, where) for record in records if (where := _nul_field(record))]
+    if bad:
+        record, where = bad[0]
+        more = f" (and {len(bad) - 1} more case{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise DataError(source, f"case {record.id!r}: {where} holds a NUL character (\\x00){more}, which an index "
+                                "cannot store (PostgreSQL refuses it); remove it from the data")
+
+
+def _nul_field(record: Record) -> str | None:
+    """Which field of ``record`` holds a NUL character, or None."""
+    fields: list[tuple[str, Any]] = [("the id", record.id), ("the split", record.split), ("the report", record.text)]
+    fields += [(f"label {name!r}", (name, value)) for name, value in record.labels.items()]
+    fields += [(f"metadata {name!r}", (name, value)) for name, value in record.meta.items()]
+    return next((where for where, value in fields if _holds_nul(value)), None)
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def quote_column(name: str) -> str:
     """The SQL identifier of a filter column (names are checked identifiers, see ``filter_name``)."""
     return name if name in FIXED_COLUMNS else f'"m_{name}"'

@@ -424,7 +424,8 @@ class PgVectorIndex(IndexBase):
         column = _sql().Identifier(_VECTOR_COLUMN[target])
         condition, params = _sql().SQL("{c} IS NOT NULL").format(c=column), ()
         if where:
-            compiled = compile_where(where, self.columns, quote_column, placeholder="%s")
+            # "C": code-point order, as the FAISS index; the database's own collation may follow a locale
+            compiled = compile_where(where, self.columns, quote_column, placeholder="%s", text_collation='"C"')
             condition = _sql().SQL("{c} AND ({w})").format(c=condition, w=_sql().SQL(compiled.sql))
             params = compiled.params
         statement = self._q("SELECT " + _CASE_FIELDS + ", -({c} <#> %s::vector) FROM {t} WHERE {w} "

@@ -35,6 +35,7 @@ from .cases import NUMBER
 
 KEYWORDS = {"and", "or", "not", "in", "is", "null"}
 OPERATORS = ("<=", ">=", "!=", "<>", "=", "<", ">")
+ORDERING = ("<", "<=", ">", ">=")  # the comparisons that depend on a collation for text
 MAX_LENGTH = 2000
 MAX_DEPTH = 50
 _TOKEN = re.compile(r"""
@@ -119,25 +120,38 @@ def parse_where(text: str, columns: dict[str, str]) -> Expression:
 
 
 def compile_where(text: str, columns: dict[str, str], quote: Callable[[str], str],
-                  placeholder: str = "?") -> Where:
+                  placeholder: str = "?", text_collation: str | None = None) -> Where:
     """Parse ``text`` against ``columns`` (name -> ``number`` | ``text``) into SQL.
 
     ``quote(name)`` returns the quoted SQL identifier of a known column; ``placeholder`` is
-    ``?`` (sqlite3) or ``%s`` (psycopg).
+    ``?`` (sqlite3) or ``%s`` (psycopg). Text is ordered (``< <= > >=``) by code point, the order of
+    SQLite's BINARY collation of UTF-8 text and of ``medvl.index.filter_columns``; a database that
+    would order it by its locale is given ``text_collation``, the quoted name of a code-point
+    collation (PostgreSQL: ``'"C"'``), and its ordering comparisons of text say ``COLLATE`` it.
     """
     expression = parse_where(text, columns)
     params: list[Any] = []
-    sql = to_sql(expression, quote, placeholder, params)
+
+    def order_quote(name: str) -> str:
+        collate = text_collation and columns.get(name) != NUMBER
+        return f"{quote(name)} COLLATE {text_collation}" if collate else quote(name)
+
+    sql = to_sql(expression, quote, placeholder, params, order_quote)
     return Where(sql, tuple(params), frozenset(columns_of(expression)), expression)
 
 
-def to_sql(expression: Expression, quote: Callable[[str], str], placeholder: str, params: list[Any]) -> str:
-    """The SQL of an expression; its literals are appended to ``params`` in placeholder order."""
+def to_sql(expression: Expression, quote: Callable[[str], str], placeholder: str, params: list[Any],
+           order_quote: Callable[[str], str] | None = None) -> str:
+    """The SQL of an expression; its literals are appended to ``params`` in placeholder order.
+    ``order_quote`` (default ``quote``) names a column in ``< <= > >=`` comparisons."""
     if isinstance(expression, Junction):
-        parts = [to_sql(operand, quote, placeholder, params) for operand in expression.operands]
+        parts = [to_sql(operand, quote, placeholder, params, order_quote) for operand in expression.operands]
         return "(" + f" {expression.op.upper()} ".join(parts) + ")"
     if isinstance(expression, Not):
-        return f"(NOT {to_sql(expression.operand, quote, placeholder, params)})"
+        return f"(NOT {to_sql(expression.operand, quote, placeholder, params, order_quote)})"
+    if isinstance(expression, Compare) and expression.op in ORDERING:
+        params.append(expression.value)
+        return f"({(order_quote or quote)(expression.column)} {expression.op} {placeholder})"
     column = quote(expression.column)
     if isinstance(expression, IsNull):
         return f"({column} IS {'NOT ' if expression.negated else ''}NULL)"
