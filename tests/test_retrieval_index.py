@@ -868,6 +868,15 @@ def test_pgvector_refuses_a_nul_character_in_one_line_before_anything_is_written
     assert _pg_rows(url, "SELECT count(*) FROM nul") == [(len(load_dataset(phantom_dir).select("val")),)]
 
 
+def test_a_postgres_server_that_cannot_be_reached_is_one_line_without_the_password():
+    pytest.importorskip("psycopg")
+    with pytest.raises(DataError) as caught:  # port 1: nothing listens; libpq answers in two lines
+        open_index("postgresql://u:secret@127.0.0.1:1/db#t")
+    message = str(caught.value)
+    assert "cannot connect to PostgreSQL" in message and "Connection refused" in message, message
+    assert "\n" not in message and "secret" not in message, message
+
+
 def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
     import psycopg
 

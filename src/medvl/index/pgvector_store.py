@@ -87,7 +87,8 @@ def _connect(url: str, autocommit: bool):
     try:
         conn = psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
     except psycopg.Error as err:
-        raise DataError(redact(url), f"cannot connect to PostgreSQL ({str(err).strip()[:200]})") from None
+        reason = " ".join(str(err).split())[:200]  # libpq's message has several lines: one error line
+        raise DataError(redact(url), f"cannot connect to PostgreSQL ({reason})") from None
     conn.execute(f"SET hnsw.ef_search = {int(PG_EF_SEARCH)}")  # a constant, not input
     return conn
 
