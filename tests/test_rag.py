@@ -169,6 +169,16 @@ def test_malformed_finding_files_name_the_file_and_problem(tmp_path, text, messa
     assert "x.md" in str(caught.value)
 
 
+def test_a_second_normal_entry_is_refused_naming_its_file(tmp_path):
+    """The error named no file (every other knowledge error does), so a user could not tell which one to fix."""
+    (tmp_path / "n.md").write_text("---\nname: normal2\nkind: normal\nsynonyms: [all normal]\n---\n")
+    with pytest.raises(DataError, match="a second 'normal' entry") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "n.md") and "no_finding" in str(caught.value)
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
+    assert result.exit_code == 2 and "n.md: a second 'normal' entry" in " ".join(output.split())
+
+
 def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
     (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
     result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
