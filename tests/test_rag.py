@@ -303,6 +303,24 @@ def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding
         draft_from_hits(hits_of(mixed), labeller, min_support=1.5)
 
 
+def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_index):
+    """With min_support 0.3 the first status above it in a fixed order (positive) was the consensus, not the
+    largest: an effusion negated by 60 % of the neighbours was drafted, with 'no finding' positive beside it.
+    A consensus is a weighted majority: below 0.5 is refused (library, CLI; the service calls the same check)."""
+    reports = ["Large left pleural effusion.", *["No pleural effusion. Lungs clear."] * 3,
+               "Small left pleural effusion."]
+    hits = [Hit(id=f"c{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    draft = draft_from_hits(hits, labeller)
+    assert draft.consensus == {"no_finding": "positive", "pleural_effusion": "negative"}
+    assert "No pleural effusion" in draft.text()
+    for low in (0.3, 0.0, 0.4999):
+        with pytest.raises(InputError, match=r"min_support must be >= 0\.5"):
+            draft_from_hits(hits, labeller, min_support=low)
+    image = load_dataset(phantom_dir).select("test")[0].image
+    result, output = invoke("report", "draft", image, "--index", train_index, "--min-support", 0.3)
+    assert result.exit_code == 2 and "min_support must be >= 0.5" in output and "Traceback" not in output
+
+
 def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller):
     """Sentences that differ only in a date or a doctor's name used to be one wording group: the draft then
     carried one neighbour's date and doctor (another patient's) and cited every neighbour for them. A number
@@ -355,7 +373,7 @@ def train_index(phantom_dir, model_dir, tmp_path_factory):
 def test_draft_report_cites_indexed_cases_and_leaves_out_the_query(phantom_dir, model_dir, train_index):
     model, record = load_model(model_dir), load_dataset(phantom_dir).select("train")[0]
     with open_index(train_index) as index:
-        draft = draft_report(index, model, record.image, k=8, min_support=0.3, min_similarity=0.0,
+        draft = draft_report(index, model, record.image, k=8, min_support=0.5, min_similarity=0.0,
                              exclude=[record.id], related=3)
         ids = {n.id for n in draft.neighbours}
         assert len(ids) == 8 and record.id not in ids and index.existing_ids(list(ids)) == ids

@@ -8,7 +8,9 @@
    equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
 2. Findings: each neighbour's report is labelled (``ReportLabeller``: positive / uncertain /
    negative per finding, plus the normal entry). A finding's **consensus** status is the status
-   whose support is above ``min_support`` (default 0.5, a weighted majority; so at most one).
+   whose support is above ``min_support`` (0.5 <= min_support < 1, default 0.5: a weighted majority, so at
+   most one; a lower threshold would let a minority status, or normality and an abnormal finding together,
+   be the consensus, and is refused).
 3. Abstention, with a reason: the image is blank or streaked as the model sees it (``draft_report``:
    ``medvl.data.audit.input_flags``; no retrieval); no cases or no reports; the nearest case's similarity is below
    ``min_similarity`` ("far"); or neither normality nor any abnormal finding (positive or
@@ -71,6 +73,7 @@ from .labels import (
 DEFAULT_K = 10
 MAX_K = 1000
 MIN_SUPPORT = 0.5  # a status is the consensus when more than this weighted share of neighbours states it
+LOWEST_MIN_SUPPORT = 0.5  # below it two statuses (or normality and a finding) could both be the consensus
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
@@ -150,10 +153,13 @@ class Draft:
 
 
 def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
-    """InputError unless 1 <= k <= 1000, 0 <= min_support < 1 (a consensus needs more than it),
-    -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
+    """InputError unless 1 <= k <= 1000, 0.5 <= min_support < 1 (a consensus needs more than it: a weighted
+    majority), -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
     check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
     check_number("min_support", min_support, minimum=0, maximum=1)
+    if min_support < LOWEST_MIN_SUPPORT:
+        raise InputError(f"min_support must be >= {LOWEST_MIN_SUPPORT} (a weighted majority; below it a minority "
+                         f"status, or normality and a finding together, could be the consensus), got {min_support}")
     if min_support >= 1:
         raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}")
     check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
@@ -265,7 +271,8 @@ def _finding_support(hits: Sequence[Hit], weights: np.ndarray, sentences: list[l
     for name in names:
         support = {status: float(sum(w for w, lab in zip(weights, labels, strict=True) if lab.get(name) == status))
                    for status in STATUSES}
-        consensus = next((s for s in STATUSES if support[s] > min_support), None)
+        above = [s for s in STATUSES if support[s] > min_support]  # one at most: min_support >= 0.5
+        consensus = max(above, key=lambda s: support[s]) if above else None
         cases = [h.id for h, lab in zip(hits, labels, strict=True)
                  if name in lab and (consensus is None or lab[name] == consensus)]
         result.append(FindingSupport(name, consensus, {s: round(v, 4) for s, v in support.items() if v > 0}, cases))
