@@ -303,6 +303,18 @@ def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding
         draft_from_hits(hits_of(mixed), labeller, min_support=1.5)
 
 
+def test_far_abstention_shows_the_threshold_as_given_and_a_true_inequality(labeller):
+    """The reason rounded both sides to 3 decimals: --min-similarity 0.9999 read "1.000", and a similarity of
+    0.9995 gave "1.000 < 1.000"."""
+    def reason(score, threshold):
+        hit = Hit(id="c0", score=score, split="train", text="Large left pleural effusion.")
+        return draft_from_hits([hit], labeller, min_similarity=threshold).reason
+
+    assert reason(0.9995, 0.9999).endswith("similarity 0.9995 < 0.9999 (--min-similarity)")
+    assert reason(0.97, 0.9999).endswith("similarity 0.970 < 0.9999 (--min-similarity)")
+    assert reason(0.3, 0.5).endswith("similarity 0.300 < 0.5 (--min-similarity)")
+
+
 def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_index):
     """With min_support 0.3 the first status above it in a fixed order (positive) was the consensus, not the
     largest: an effusion negated by 60 % of the neighbours was drafted, with 'no finding' positive beside it.

@@ -240,8 +240,9 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     if not with_report:
         return _abstain(neighbours, findings, NO_REPORTS, "none of the nearest cases has a report", settings)
     if top < min_similarity:
-        return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {top:.3f} < "
-                        f"{min_similarity:.3f} (--min-similarity)", settings)
+        shown = _below(top, min_similarity)
+        return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {shown} < "
+                        f"{min_similarity:g} (--min-similarity)", settings)
     consensus = {f.name: f.consensus for f in findings if f.consensus}
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
@@ -249,6 +250,16 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     kept = _select(with_report, weights, sentences, consensus, min_support)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
     return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
+
+
+def _below(value: float, threshold: float) -> str:
+    """``value`` (< ``threshold``) with 3 decimals, or as many more as it takes to show it below the threshold
+    (0.9995 < 0.9999, not "1.000 < 1.000")."""
+    for digits in range(3, 10):
+        shown = f"{value:.{digits}f}"
+        if float(shown) < threshold:
+            return shown
+    return f"{value:.10g}"
 
 
 def _abstain(neighbours, findings, code: str, reason: str, settings: dict) -> Draft:
