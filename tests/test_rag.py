@@ -28,7 +28,7 @@ from medvl.index import build_index, open_index
 from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
-from medvl.rag.draft import DISAGREE, FAR, NO_CASES, _identifiers, jaccard
+from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, jaccard
 from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
 
 NEW_FINDING = """---
@@ -281,8 +281,9 @@ def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_th
                                 for i, (text, score) in enumerate(zip(texts, scores, strict=True))], labeller)
 
     sides = ["Right pleural effusion.", "Left pleural effusion."]
-    assert draft(sides * 2, [0.95] * 4).sentences == []
-    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).sentences == []
+    tied = draft(sides * 2, [0.95] * 4)  # the effusion is the consensus: not drafted, so an abstention
+    assert tied.sentences == [] and tied.abstention == NO_WORDING and "pleural_effusion" in tied.reason
+    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).abstention == NO_WORDING
     assert draft([*sides, "Pleural effusion."], [0.9] * 3).text() == "FINDINGS: Pleural effusion."
     nearer = draft(sides, [0.95, 0.9])  # no tie: the nearer case's side
     assert nearer.text() == "FINDINGS: Right pleural effusion." and nearer.sentences[0].wording_from == ["c0"]
@@ -356,6 +357,23 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
     # measurements are details put to their own vote (above), not identifiers
     assert _identifiers("A 14 mm nodule and a 1.5 cm mass, seen by Dr. O'Brien on 3/4/2021.") == \
         {"3", "4", "2021", "name:o'brien"}
+
+
+def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abstention(labeller):
+    """Each neighbour's only effusion sentence names its own date: all were left out, and the draft came back
+    empty but not abstained (text '', the effusion's definition attached, exit 0), the finding silently gone."""
+    texts = [f"Right pleural effusion, new since the study of {day}." for day in ("March 3rd", "June 5th", "Dec 9th")]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.consensus["pleural_effusion"] == "positive"
+    assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == "" and not draft.definitions
+    assert draft.reason == ("every wording of pleural_effusion names a date, number or name that most of the "
+                            "neighbours do not (another patient's): nothing to draft it from")
+    # a wording without the date, in any section, still drafts the finding
+    texts[2] += " IMPRESSION: Right pleural effusion."
+    drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                              labeller)
+    assert not drafted.abstained and drafted.text() == "IMPRESSION: Right pleural effusion."
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

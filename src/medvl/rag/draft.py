@@ -13,8 +13,10 @@
    be the consensus, and is refused).
 3. Abstention, with a reason: the image is blank or streaked as the model sees it (``draft_report``:
    ``medvl.data.audit.input_flags``; no retrieval); no cases or no reports; the nearest case's similarity is below
-   ``min_similarity`` ("far"); or neither normality nor any abnormal finding (positive or
-   uncertain) reaches consensus ("disagree").
+   ``min_similarity`` ("far"); neither normality nor any abnormal finding (positive or
+   uncertain) reaches consensus ("disagree"); or a present or possible consensus finding has no sentence
+   left to draft (step 4: every wording names a detail the vote does not elect or a minority's identifier,
+   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence.
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
    sentences that assert the same findings with the same statuses; sentences asserting nothing
    (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
@@ -77,6 +79,9 @@ LOWEST_MIN_SUPPORT = 0.5  # below it two statuses (or normality and a finding) c
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
+NO_WORDING = "no_wording"  # a consensus finding whose every wording was left out (details vote, identifiers)
+# why a finding's sentences were all left out, for the no_wording reason
+_IDENTIFIER_LEFT, _DETAIL_LEFT = "identifier", "detail"
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
@@ -129,7 +134,7 @@ class Draft:
     findings: list[FindingSupport]
     neighbours: list[Neighbour]
     abstained: bool = False
-    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content
+    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content | no_wording
     reason: str | None = None  # one line for people
     definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
     related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
@@ -247,7 +252,9 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
                         settings)
-    kept = _select(with_report, weights, sentences, consensus, min_support)
+    kept, unworded = _select(with_report, weights, sentences, consensus, min_support)
+    if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
+        return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
     return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
 
@@ -339,8 +346,10 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 
 
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
-            min_support: float) -> list[DraftSentence]:
-    """Sentence groups that agree with the consensus, by support, each stating something new."""
+            min_support: float) -> tuple[list[DraftSentence], dict[str, str]]:
+    """Sentence groups that agree with the consensus, by support, each stating something new; and the present
+    or possible consensus findings none of whose groups could be drafted, with why (``_drafted``): no wording
+    agreeing with the details vote, or every wording naming a minority's identifier."""
     groups = _groups(sentences)
     finding_members: dict[str, list[tuple[int, str]]] = {}  # every sentence asserting a finding, any section
     for group in groups:
@@ -348,6 +357,7 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
             finding_members.setdefault(name, []).extend(group.members)
     scored = [(_support(g, weights), order, g) for order, g in enumerate(groups)]
     kept: list[DraftSentence] = []
+    left_out: dict[str, str] = {}
     stated: dict[str, set] = {FINDINGS_SECTION: set(), IMPRESSION_SECTION: set()}
     for support, _, group in sorted(scored, key=lambda item: (-item[0], item[1])):
         if group.assertions:
@@ -359,12 +369,28 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
             continue
         voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
         drafted = _drafted(group, support, hits, weights, voters, min_support)
-        if drafted is None:
+        if isinstance(drafted, str):
+            for name in _voted_findings(group):
+                left_out.setdefault(name, drafted)
             continue
         stated[group.section] |= group.assertions
         kept.append(drafted)
+    said = {name for assertions in stated.values() for name, _ in assertions}
     sections = [FINDINGS_SECTION, IMPRESSION_SECTION]
-    return sorted(kept, key=lambda s: (sections.index(s.section), -s.support))
+    return (sorted(kept, key=lambda s: (sections.index(s.section), -s.support)),
+            {name: why for name, why in sorted(left_out.items()) if name not in said})
+
+
+def _unworded_reason(unworded: dict[str, str]) -> str:
+    """One line: which consensus findings have no wording to draft, and why."""
+    parts = []
+    for why, text in ((_IDENTIFIER_LEFT, "names a date, number or name that most of the neighbours do not "
+                                         "(another patient's)"),
+                      (_DETAIL_LEFT, "names a side, size, zone or measurement the neighbours' vote does not elect")):
+        names = [name for name, cause in unworded.items() if cause == why]
+        if names:
+            parts.append(f"every wording of {', '.join(names)} {text}")
+    return "; ".join(parts) + ": nothing to draft it from"
 
 
 def _support(group: _Group, weights: np.ndarray) -> float:
@@ -377,10 +403,11 @@ def _voted_findings(group: _Group) -> set[str]:
 
 
 def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
-             voters: list[tuple[int, str]], min_support: float) -> DraftSentence | None:
+             voters: list[tuple[int, str]], min_support: float) -> DraftSentence | str:
     """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
     ``voters`` (neighbour index, sentence) and naming no identifier of a minority (``_shared_identifiers``), and
-    its citations; None when the group has no such wording (a finding's group: none agreeing with the vote)."""
+    its citations; when the group has no such wording, why: ``_DETAIL_LEFT`` (a finding's group: none agreeing
+    with the vote) or ``_IDENTIFIER_LEFT``."""
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
@@ -388,11 +415,11 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
     wordings = _agreeing(every, voters, weights)
     if not wordings:
         if _voted_findings(group):
-            return None
+            return _DETAIL_LEFT
         wordings = every
     wordings = _shared_identifiers(wordings, group, weights, min_support)
     if not wordings:
-        return None
+        return _IDENTIFIER_LEFT
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
