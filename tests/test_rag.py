@@ -84,6 +84,26 @@ def labeller():
     ("Pneumothorax is not excluded.", {"pneumothorax": "uncertain"}),  # the double negation still wins
     ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
     ("Consolidation - no change.", {"consolidation": "positive"}),
+    # hedges against a finding (all were read as positive)
+    ("Cardiomegaly is unlikely.", {"cardiomegaly": "negative"}),
+    ("Pneumonia very unlikely.", {"pneumonia": "negative"}),
+    ("Unlikely to represent pneumonia.", {"pneumonia": "negative"}),
+    ("Doubtful pneumothorax.", {"pneumothorax": "negative"}),
+    ("Pneumothorax is doubtful.", {"pneumothorax": "negative"}),
+    ("Improbable effusion.", {"pleural_effusion": "negative"}),
+    ("Pleural effusions are improbable.", {"pleural_effusion": "negative"}),
+    ("Pneumonia is not favored.", {"pneumonia": "negative"}),
+    ("Pneumothorax not favoured.", {"pneumothorax": "negative"}),
+    ("Pneumonia is not likely.", {"pneumonia": "negative"}),
+    ("Pneumonia or edema is unlikely.", {"pneumonia": "negative", "edema": "negative"}),
+    ("Pneumonia less likely.", {"pneumonia": "uncertain"}),
+    ("Atelectasis is less likely.", {"atelectasis": "uncertain"}),
+    # ... and where those words are not about the finding before them
+    ("Atelectasis, unlikely pneumonia.", {"atelectasis": "positive", "pneumonia": "negative"}),
+    ("Atelectasis or less likely pneumonia.", {"atelectasis": "positive", "pneumonia": "uncertain"}),
+    ("Left lower lobe opacity, likely atelectasis, pneumonia less likely.",
+     {"lung_opacity": "positive", "atelectasis": "uncertain", "pneumonia": "uncertain"}),
+    ("Small nodule of doubtful significance.", {"nodule": "positive"}),
 ])
 def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, expected):
     assert dict(labeller.sentence_labels(sentence)) == expected
