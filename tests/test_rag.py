@@ -135,6 +135,23 @@ def test_sentences_keep_decimals_and_drop_list_numbers():
         ["Ratio of about 0.57.", "Cardiomegaly.", "Effusion."]
 
 
+def test_a_report_with_one_finding_per_line_and_no_full_stops_is_read_line_by_line(labeller):
+    """A single line break did not end a sentence, so the 'no' of one line negated the next line's finding: a
+    large pneumothorax was labelled absent and the study normal. A line break before a capitalised word now ends
+    the sentence, unless the line before ends in a comma or a word asking for more (hard-wrapped lines)."""
+    assert labeller.label("No pleural effusion\nLarge right pneumothorax") == \
+        {"pleural_effusion": "negative", "pneumothorax": "positive", "no_finding": "negative"}
+    report = "FINDINGS:\nNo pleural effusion\r\nLarge right pneumothorax\nIMPRESSION:\nRight pneumothorax"
+    assert [(s.text, s.findings) for s in labeller.sentences(report)] == [
+        ("No pleural effusion", {"pleural_effusion": "negative"}),
+        ("Large right pneumothorax", {"pneumothorax": "positive"}),
+        ("Right pneumothorax", {"pneumothorax": "positive"})]
+    assert split_sentences("There is no focal consolidation, pleural\neffusion or pneumothorax. Compared with "
+                           "the\nPA view, no\nPneumothorax") == \
+        ["There is no focal consolidation, pleural effusion or pneumothorax.", "Compared with the PA view, no "
+         "Pneumothorax"]
+
+
 def phantom_truth(record, knowledge) -> set[str]:
     return {knowledge.resolve(c) for c in LABEL_COLUMNS if record.labels[c] == "1"}
 

@@ -5,8 +5,11 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
 
 1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
    ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
-2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole); fragments
-   without letters ("1.") are dropped.
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at a blank line, at a
+   line starting with a bullet (``-``, ``*``, a digit), and at a line break before a capitalised word
+   ("No pleural effusion⏎Large right pneumothorax": one finding per line, no full stops) unless the line
+   before ends in a comma or a word that asks for more ("the", "of", "and", "with", "no", "is", ...), so
+   hard-wrapped lines stay whole; fragments without letters ("1.") are dropped.
 3. Mentions: a synonym as whole words, case-insensitive, the last word also in its plural (+s / +es);
    "..." in a synonym matches up to ``GAP_WORDS`` words ("cardiac silhouette ... enlarged"). A
    mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
@@ -140,6 +143,20 @@ _SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "findin
 _HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*[-*\d])")
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
+# a line break before a capitalised word ("No pleural effusion\nLarge right pneumothorax"): a report with one
+# finding per line and no full stops; a sentence ends there unless the line before ends in a word that needs more
+# ("compared with the\nPA view", "effusion and\nAtelectasis") or a comma (hard-wrapped lines stay whole)
+_LINE_END = re.compile(r"([A-Za-z0-9)%]+)[ \t]*\r?\n(?=[ \t]*[A-Z][a-z])")
+_CONTINUING = {"a", "an", "the", "of", "in", "on", "at", "to", "for", "from", "with", "without", "by", "and", "or",
+               "nor", "but", "no", "not", "is", "are", "was", "were", "be", "been", "has", "have", "than", "as",
+               "this", "that", "which", "its", "their", "his", "her", "dr", "mr", "mrs", "ms", "versus", "vs"}
+
+
+def _line_end(match: re.Match) -> str:
+    """A sentence end (a blank line) at a line break before a capitalised word, unless the word before asks
+    for more."""
+    word = match.group(1)
+    return match.group(0) if word.lower() in _CONTINUING else word + "\n\n"
 
 
 @dataclass
@@ -218,7 +235,7 @@ def split_sections(report: str) -> list[tuple[str, str]]:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of a section's text; pieces without letters ("1.") are dropped."""
-    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(text))
+    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(_LINE_END.sub(_line_end, text)))
     return [p for p in pieces if re.search(r"[A-Za-z]", p)]
 
 
