@@ -216,6 +216,16 @@ def test_a_second_normal_entry_is_refused_naming_its_file(tmp_path):
     assert result.exit_code == 2 and "n.md: a second 'normal' entry" in " ".join(output.split())
 
 
+def test_a_phrase_in_another_script_is_refused_saying_why(tmp_path):
+    """A Chinese or Cyrillic synonym was refused as "must have words", which it has: the limit is the script."""
+    for phrase in ("胸腔积液", "плевральный выпот"):
+        (tmp_path / "x.md").write_text(f"---\nname: x\nsynonyms: [{phrase}]\n---\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r"has no Latin letters or digits: only English \(Latin-script\)"):
+            load_knowledge(tmp_path)
+    (tmp_path / "x.md").write_text("---\nname: x\nsynonyms: [épanchement pleural]\n---\n", encoding="utf-8")
+    assert load_knowledge(tmp_path)["x"].synonyms == ["épanchement pleural"]
+
+
 def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
     (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
     result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
@@ -411,6 +421,25 @@ def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abs
     drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
                               labeller)
     assert not drafted.abstained and drafted.text() == "IMPRESSION: Right pleural effusion."
+
+
+def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(labeller):
+    """Full-width stops did not end a sentence, and two sentences without Latin words had Jaccard 1.0: one
+    neighbour's "left lung clear" (in Chinese) was drafted and every neighbour cited as having that wording."""
+    assert split_sentences("左肺清晰。右肺清晰！心脏大小正常？ Large effusion.") == \
+        ["左肺清晰。", "右肺清晰！", "心脏大小正常？", "Large effusion."]
+    assert jaccard("左肺清晰。", "右肺清晰。") == 0.0 and jaccard("左肺清晰。", "左肺清晰。") == 1.0
+    assert jaccard("Левое лёгкое чистое.", "Левое лёгкое чистое.") == 1.0
+    assert jaccard("Левое лёгкое чистое.", "Сердце не увеличено.") == 0.0
+    texts = ["左肺清晰。 Large left pleural effusion.", "右肺清晰。 Large left pleural effusion.",
+             "心脏大小正常。 Large left pleural effusion."]
+    draft = draft_from_hits([Hit(id=i, score=0.9, split="train", text=t) for i, t in zip("abc", texts, strict=True)],
+                            labeller)
+    assert [(s.text, s.cases, s.wording_from) for s in draft.sentences] == \
+        [("Large left pleural effusion.", ["a", "b", "c"], ["a", "b", "c"])]
+    shared = draft_from_hits([Hit(id=i, score=0.9, split="train", text="左肺清晰。 Large left pleural effusion.")
+                              for i in "abc"], labeller)
+    assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

@@ -484,19 +484,21 @@ def _agreeing(wordings: list[str], voters: list[tuple[int, str]], weights: np.nd
 
 @lru_cache(maxsize=65536)
 def _tokens(text: str) -> frozenset:
-    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP)
+    """Lower-case runs of letters of any script ("左肺清晰" is one), stop words left out."""
+    return frozenset(w for w in re.findall(r"[^\W\d_]+", text.lower()) if w not in _STOP)
 
 
 def jaccard(first: str, second: str) -> float:
-    """Token Jaccard similarity of two sentences (lower case words, stop words and numbers left out)."""
+    """Token Jaccard similarity of two sentences (lower case words of any script, stop words and numbers left
+    out); two sentences without such words are the same wording only when equal."""
     a, b = _tokens(first), _tokens(second)
     if not a and not b:
-        return 1.0
+        return 1.0 if " ".join(first.lower().split()) == " ".join(second.lower().split()) else 0.0
     return len(a & b) / len(a | b)
 
 
 def _sentence_case(text: str) -> str:
     text = text.strip()
     text = text[:1].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
+    return text if text.endswith((".", "!", "?", "\u3002", "\uff01", "\uff1f")) else text + "."
 

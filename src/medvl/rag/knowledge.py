@@ -226,6 +226,9 @@ def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
         raise DataError(path, "'synonyms' must list at least one phrase")
     exclude = [s.lower().strip() for s in _strings(path, data, "exclude")]
     for phrase in synonyms + exclude:
+        if re.search(r"[^\W_]", phrase) and not re.search(r"[a-z0-9]", phrase.lower()):
+            raise DataError(path, f"phrase {phrase!r} has no Latin letters or digits: only English (Latin-script) "
+                                  "phrases are supported, as the labeller's negation and uncertainty cues are English")
         if not re.search(r"[a-z0-9]", phrase.lower()) or phrase.strip().startswith("...") \
                 or phrase.strip().endswith("..."):
             raise DataError(path, f"phrase {phrase!r} must have words, with '...' only between words")

@@ -5,11 +5,14 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
 
 1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
    ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
-2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at a blank line, at a
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at the full-width
+   ``。``, ``！``, ``？`` (Chinese, Japanese), at a blank line, at a
    line starting with a bullet (``-``, ``*``, a digit), and at a line break before a capitalised word
    ("No pleural effusion⏎Large right pneumothorax": one finding per line, no full stops) unless the line
    before ends in a comma or a word that asks for more ("the", "of", "and", "with", "no", "is", ...), so
-   hard-wrapped lines stay whole; fragments without letters ("1.") are dropped.
+   hard-wrapped lines stay whole; fragments without letters ("1.") are dropped. The phrases and cues are
+   English (``knowledge`` refuses a phrase without Latin letters or digits): text in another script is kept
+   as sentences but states no finding.
 3. Mentions: a synonym as whole words, case-insensitive, the last word also in its plural (+s / +es);
    "..." in a synonym matches up to ``GAP_WORDS`` words ("cardiac silhouette ... enlarged"). A
    mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
@@ -141,7 +144,7 @@ SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", 
 IMPRESSION_SECTIONS = {"impression", "impressions", "conclusion", "conclusions", "summary", "opinion"}
 _SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "finding", "report"}, key=len, reverse=True)
 _HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*[-*\d])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*|\n\s*\n|\n(?=\s*[-*\d])")
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
 # a line break before a capitalised word ("No pleural effusion\nLarge right pneumothorax"): a report with one
 # finding per line and no full stops; a sentence ends there unless the line before ends in a word that needs more
@@ -234,9 +237,9 @@ def split_sections(report: str) -> list[tuple[str, str]]:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of a section's text; pieces without letters ("1.") are dropped."""
+    """Sentences of a section's text; pieces without letters of any script ("1.") are dropped."""
     pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(_LINE_END.sub(_line_end, text)))
-    return [p for p in pieces if re.search(r"[A-Za-z]", p)]
+    return [p for p in pieces if re.search(r"[^\W\d_]", p)]
 
 
 class ReportLabeller:
