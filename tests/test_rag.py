@@ -28,7 +28,7 @@ from medvl.index import build_index, open_index
 from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
-from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, jaccard
+from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, common_words, jaccard
 from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
 
 NEW_FINDING = """---
@@ -440,6 +440,34 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
     shared = draft_from_hits([Hit(id=i, score=0.9, split="train", text="左肺清晰。 Large left pleural effusion.")
                               for i in "abc"], labeller)
     assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
+
+
+def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(labeller):
+    """Only digits and a word after a title were identifiers: one neighbour's "since the study of December" or
+    "the referring clinician Peter Brown" was drafted and cited to every neighbour, each naming another month
+    or person. Month and weekday names, and capitalised words used in lower case by no neighbour's report and
+    absent from the knowledge base, are identifiers now."""
+    def draft(texts):
+        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                               labeller)
+
+    months = [f"Right pleural effusion. Compared with the study of {m}, unchanged." for m in ("March", "June",
+                                                                                               "December")]
+    assert draft(months).text() == "FINDINGS: Right pleural effusion."
+    tail = "Findings were discussed by telephone with the referring clinician {} at the end of the examination."
+    named = ["Right pleural effusion. " + tail.format(n) for n in ("John Smith", "Mary Jones", "Peter Brown")]
+    assert draft(named).text() == "FINDINGS: Right pleural effusion."
+    # a majority's month is drafted, and the neighbour naming another one is cited, not a source of the wording
+    shared = draft([months[2], months[2], months[1]])
+    compared = [s for s in shared.sentences if "Compared" in s.text]
+    assert [(s.text, s.cases, s.wording_from) for s in compared] == \
+        [(months[2].split(". ")[1], ["c0", "c1", "c2"], ["c0", "c1"])]
+    common = common_words(labeller.knowledge, ["the lungs are clear, may be atelectasis"])
+    assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
+        {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}
+    for text in ("Comparison with PA and AP views: Lungs Clear.", "There may be a Small Pleural Effusion.",
+                 "No change; Right lower lobe atelectasis."):
+        assert _identifiers(text, common) == frozenset(), text
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

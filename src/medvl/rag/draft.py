@@ -36,9 +36,12 @@
    Only wordings agreeing with the vote are candidates (a finding's group with none is left
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
-   A wording naming an identifier (a number other than a measurement: a date, time or accession number; a
-   name after a title, "Dr Smith") is a candidate only when neighbours holding more than ``min_support`` of
-   the weight name it too: a draft does not carry one neighbour's (another patient's) dates or names.
+   A wording naming an identifier (``_identifiers``: a number other than a measurement, a date in words such
+   as a month or weekday name, a name after a title, "Dr Smith", or a capitalised word that is no word of the
+   knowledge base nor used in lower case by any neighbour's report, "John Smith") is a candidate only when
+   neighbours holding more than ``min_support`` of the weight name it too, and a neighbour naming another
+   identifier is not in ``wording_from``: a draft does not carry one neighbour's (another patient's) dates or
+   names that these rules catch (a lower-case name, or one that is a word the reports use, is not caught).
 5. The knowledge base's entries of the drafted findings are attached, and with a model the
    entries closest to the image embedding (``related``).
 
@@ -89,7 +92,20 @@ _MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "
 # What may identify one examination or patient: a number other than a measurement (a date, time, accession or
 # bed number) and a name after a title ("Dr Smith")
 _NUMBER = re.compile(r"\d+")
-_TITLED_NAME = re.compile(r"\b(?:dr|doctor|mr|mrs|ms|miss|prof|professor|nurse)\b\.?\s+([a-z][a-z'-]*)")
+_TITLES = ("dr", "doctor", "mr", "mrs", "ms", "miss", "prof", "professor", "nurse")
+_TITLED_NAME = re.compile(r"\b(?:" + "|".join(_TITLES) + r")\b\.?\s+([a-z][a-z'-]*)")
+# dates in words: month and weekday names, "yesterday" / "today" / "tonight" / "tomorrow"; three-letter month
+# abbreviations only capitalised ("Dec 9", not "dec" for decreased), "May" only beside a number ("May 5", "5 May")
+_DATE_WORD = re.compile(r"\b(january|february|march|april|june|july|august|september|october|november|december|"
+                        r"monday|tuesday|wednesday|thursday|friday|saturday|sunday|yesterday|today|tonight|tomorrow)\b",
+                        re.I)
+_MONTH_ABBREVIATION = re.compile(r"\b(Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\b")
+_MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
+# a capitalised word (not all capitals: PA, ICU) that does not start the sentence or a clause: a name when no
+# report of the neighbours uses it in lower case and the knowledge base does not hold it ("John Smith")
+_CAPITALISED = re.compile(r"(?<![\w'-])([A-Z](?:[a-z]+|['-]?[A-Z]?[a-z]+)(?:['-]?[A-Z]?[a-z]+)*)(?![\w'-])")
+_CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -")
+_LOWER_WORD = re.compile(r"(?<![\w'-])([a-z]+(?:['-][a-z]+)*)(?![\w'-])")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
 
@@ -252,7 +268,8 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
                         settings)
-    kept, unworded = _select(with_report, weights, sentences, consensus, min_support)
+    common = common_words(labeller.knowledge, [h.text for h in with_report])
+    kept, unworded = _select(with_report, weights, sentences, consensus, min_support, common)
     if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
         return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
@@ -346,7 +363,7 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 
 
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
-            min_support: float) -> tuple[list[DraftSentence], dict[str, str]]:
+            min_support: float, common: frozenset = frozenset()) -> tuple[list[DraftSentence], dict[str, str]]:
     """Sentence groups that agree with the consensus, by support, each stating something new; and the present
     or possible consensus findings none of whose groups could be drafted, with why (``_drafted``): no wording
     agreeing with the details vote, or every wording naming a minority's identifier."""
@@ -368,7 +385,7 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
         elif support <= min_support:
             continue
         voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
-        drafted = _drafted(group, support, hits, weights, voters, min_support)
+        drafted = _drafted(group, support, hits, weights, voters, min_support, common)
         if isinstance(drafted, str):
             for name in _voted_findings(group):
                 left_out.setdefault(name, drafted)
@@ -403,7 +420,7 @@ def _voted_findings(group: _Group) -> set[str]:
 
 
 def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
-             voters: list[tuple[int, str]], min_support: float) -> DraftSentence | str:
+             voters: list[tuple[int, str]], min_support: float, common: frozenset = frozenset()) -> DraftSentence | str:
     """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
     ``voters`` (neighbour index, sentence) and naming no identifier of a minority (``_shared_identifiers``), and
     its citations; when the group has no such wording, why: ``_DETAIL_LEFT`` (a finding's group: none agreeing
@@ -417,36 +434,62 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
         if _voted_findings(group):
             return _DETAIL_LEFT
         wordings = every
-    wordings = _shared_identifiers(wordings, group, weights, min_support)
+    wordings = _shared_identifiers(wordings, group, weights, min_support, common)
     if not wordings:
         return _IDENTIFIER_LEFT
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
     cited = sorted(by_case)
+    named = _identifiers(chosen, common)  # a sentence naming another date or name is not a source of the wording
     close = [hits[i].id for i in cited
-             if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t) for t in by_case[i])]
+             if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t)
+                    and _identifiers(t, common) == named for t in by_case[i])]
     return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
 
 
-def _identifiers(text: str) -> frozenset:
-    """Numbers other than measurements, and names after a title: what may identify one examination."""
+def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
+    """Words that are not names: the knowledge base's (titles, phrases, definitions, notes), and those the
+    ``reports`` use in lower case; a capitalised word outside them is taken for a name (``_identifiers``)."""
+    texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
+    words = {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+(?:['-][A-Za-z]+)*", text)}
+    words |= {w for text in reports for w in _LOWER_WORD.findall(text or "")}
+    return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind})
+
+
+@lru_cache(maxsize=65536)
+def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
+    """What may identify one examination or patient: numbers other than measurements; dates in words (month and
+    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); and a capitalised word not
+    starting the sentence or a clause, not all capitals, and not in ``common`` (``common_words``: "John Smith")."""
     lower = _MEASURE.sub(" ", text.lower())
-    return frozenset(_NUMBER.findall(lower)) | frozenset(f"name:{n}" for n in _TITLED_NAME.findall(lower))
+    found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _TITLED_NAME.findall(lower)}
+    found |= {f"date:{d.lower()}" for d in _DATE_WORD.findall(text)}
+    found |= {f"date:{d.lower()[:3]}" for d in _MONTH_ABBREVIATION.findall(text)}
+    found |= {"date:may" for _ in _MAY.finditer(text)}
+    for match in _CAPITALISED.finditer(text):
+        word = match.group(1).lower()
+        before = text[:match.start()].rstrip()
+        if not before or before.endswith(_CLAUSE_MARKS) or word in common or _DATE_WORD.fullmatch(word) \
+                or _MONTH_ABBREVIATION.fullmatch(match.group(1)) or word in ("may", *_TITLES):
+            continue
+        found.add(f"name:{word}")
+    return frozenset(found)
 
 
-def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float) -> list[str]:
-    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a doctor's name)
-    the group's neighbours holding more than ``min_support`` of the weight also name: a draft never carries one
-    neighbour's dates or names (another patient's), cited to every neighbour of the group."""
+def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float,
+                        common: frozenset = frozenset()) -> list[str]:
+    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a name) the group's
+    neighbours holding more than ``min_support`` of the weight also name: a draft does not carry one neighbour's
+    dates or names (another patient's), cited to every neighbour of the group."""
     naming: dict[str, set[int]] = {}
     for i, text in group.members:
-        for identifier in _identifiers(text):
+        for identifier in _identifiers(text, common):
             naming.setdefault(identifier, set()).add(i)
     shared = {identifier for identifier, cases in naming.items()
               if sum(float(weights[i]) for i in cases) > min_support}
-    return [w for w in wordings if _identifiers(w) <= shared]
+    return [w for w in wordings if _identifiers(w, common) <= shared]
 
 
 def _conflict(first: str, second: str) -> bool:
