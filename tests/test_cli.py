@@ -547,3 +547,22 @@ def test_label_columns_given_as_one_name_is_one_column(phantom_dir, tmp_path):
                             "--epochs", 1, "--train-set", 'label_columns="finding"', "-q")
     assert result.exit_code == 0, output  # it was read letter by letter: "unknown label column 'f'"
     assert json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["label_columns"] == ["finding"]
+
+
+@pytest.mark.parametrize("command, holds", [
+    (("report", "generate"), "generated reports"), (("index", "add"), "counts"), (("index", "build"), "index"),
+    (("index", "info"), "index"), (("predict",), "predictions"), (("vqa",), "answer"), (("audit",), "audit"),
+    (("dicom-info",), "series"), (("eval", "zero-shot"), "metrics"),
+])
+def test_json_option_help_says_what_the_file_holds(command, holds):
+    """Every --json said "Write the metrics to this JSON file", also where the file holds generated reports,
+    index counts, predictions or answers."""
+    import typer
+
+    from medvl.cli.main import app
+
+    group = typer.main.get_command(app)
+    for name in command:
+        group = group.commands[name]  # type: ignore[attr-defined]
+    (option,) = [p for p in group.params if "--json" in p.opts]
+    assert option.help.startswith(f"Write the {holds}") and option.help.endswith("to this JSON file.")

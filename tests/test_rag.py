@@ -28,7 +28,7 @@ from medvl.index import build_index, open_index
 from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
-from medvl.rag.draft import DISAGREE, FAR, NO_CASES, _identifiers, jaccard
+from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, common_words, jaccard
 from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
 
 NEW_FINDING = """---
@@ -84,6 +84,26 @@ def labeller():
     ("Pneumothorax is not excluded.", {"pneumothorax": "uncertain"}),  # the double negation still wins
     ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
     ("Consolidation - no change.", {"consolidation": "positive"}),
+    # hedges against a finding (all were read as positive)
+    ("Cardiomegaly is unlikely.", {"cardiomegaly": "negative"}),
+    ("Pneumonia very unlikely.", {"pneumonia": "negative"}),
+    ("Unlikely to represent pneumonia.", {"pneumonia": "negative"}),
+    ("Doubtful pneumothorax.", {"pneumothorax": "negative"}),
+    ("Pneumothorax is doubtful.", {"pneumothorax": "negative"}),
+    ("Improbable effusion.", {"pleural_effusion": "negative"}),
+    ("Pleural effusions are improbable.", {"pleural_effusion": "negative"}),
+    ("Pneumonia is not favored.", {"pneumonia": "negative"}),
+    ("Pneumothorax not favoured.", {"pneumothorax": "negative"}),
+    ("Pneumonia is not likely.", {"pneumonia": "negative"}),
+    ("Pneumonia or edema is unlikely.", {"pneumonia": "negative", "edema": "negative"}),
+    ("Pneumonia less likely.", {"pneumonia": "uncertain"}),
+    ("Atelectasis is less likely.", {"atelectasis": "uncertain"}),
+    # ... and where those words are not about the finding before them
+    ("Atelectasis, unlikely pneumonia.", {"atelectasis": "positive", "pneumonia": "negative"}),
+    ("Atelectasis or less likely pneumonia.", {"atelectasis": "positive", "pneumonia": "uncertain"}),
+    ("Left lower lobe opacity, likely atelectasis, pneumonia less likely.",
+     {"lung_opacity": "positive", "atelectasis": "uncertain", "pneumonia": "uncertain"}),
+    ("Small nodule of doubtful significance.", {"nodule": "positive"}),
 ])
 def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, expected):
     assert dict(labeller.sentence_labels(sentence)) == expected
@@ -113,6 +133,23 @@ def test_report_labels_add_normality_and_skip_the_indication(labeller):
 def test_sentences_keep_decimals_and_drop_list_numbers():
     assert split_sentences("Ratio of about 0.57. 1. Cardiomegaly. 2. Effusion.") == \
         ["Ratio of about 0.57.", "Cardiomegaly.", "Effusion."]
+
+
+def test_a_report_with_one_finding_per_line_and_no_full_stops_is_read_line_by_line(labeller):
+    """A single line break did not end a sentence, so the 'no' of one line negated the next line's finding: a
+    large pneumothorax was labelled absent and the study normal. A line break before a capitalised word now ends
+    the sentence, unless the line before ends in a comma or a word asking for more (hard-wrapped lines)."""
+    assert labeller.label("No pleural effusion\nLarge right pneumothorax") == \
+        {"pleural_effusion": "negative", "pneumothorax": "positive", "no_finding": "negative"}
+    report = "FINDINGS:\nNo pleural effusion\r\nLarge right pneumothorax\nIMPRESSION:\nRight pneumothorax"
+    assert [(s.text, s.findings) for s in labeller.sentences(report)] == [
+        ("No pleural effusion", {"pleural_effusion": "negative"}),
+        ("Large right pneumothorax", {"pneumothorax": "positive"}),
+        ("Right pneumothorax", {"pneumothorax": "positive"})]
+    assert split_sentences("There is no focal consolidation, pleural\neffusion or pneumothorax. Compared with "
+                           "the\nPA view, no\nPneumothorax") == \
+        ["There is no focal consolidation, pleural effusion or pneumothorax.", "Compared with the PA view, no "
+         "Pneumothorax"]
 
 
 def phantom_truth(record, knowledge) -> set[str]:
@@ -167,6 +204,26 @@ def test_malformed_finding_files_name_the_file_and_problem(tmp_path, text, messa
     with pytest.raises(DataError, match=message) as caught:
         load_knowledge(tmp_path)
     assert "x.md" in str(caught.value)
+
+
+def test_a_second_normal_entry_is_refused_naming_its_file(tmp_path):
+    """The error named no file (every other knowledge error does), so a user could not tell which one to fix."""
+    (tmp_path / "n.md").write_text("---\nname: normal2\nkind: normal\nsynonyms: [all normal]\n---\n")
+    with pytest.raises(DataError, match="a second 'normal' entry") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "n.md") and "no_finding" in str(caught.value)
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
+    assert result.exit_code == 2 and "n.md: a second 'normal' entry" in " ".join(output.split())
+
+
+def test_a_phrase_in_another_script_is_refused_saying_why(tmp_path):
+    """A Chinese or Cyrillic synonym was refused as "must have words", which it has: the limit is the script."""
+    for phrase in ("胸腔积液", "плевральный выпот"):
+        (tmp_path / "x.md").write_text(f"---\nname: x\nsynonyms: [{phrase}]\n---\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r"has no Latin letters or digits: only English \(Latin-script\)"):
+            load_knowledge(tmp_path)
+    (tmp_path / "x.md").write_text("---\nname: x\nsynonyms: [épanchement pleural]\n---\n", encoding="utf-8")
+    assert load_knowledge(tmp_path)["x"].synonyms == ["épanchement pleural"]
 
 
 def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
@@ -271,8 +328,9 @@ def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_th
                                 for i, (text, score) in enumerate(zip(texts, scores, strict=True))], labeller)
 
     sides = ["Right pleural effusion.", "Left pleural effusion."]
-    assert draft(sides * 2, [0.95] * 4).sentences == []
-    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).sentences == []
+    tied = draft(sides * 2, [0.95] * 4)  # the effusion is the consensus: not drafted, so an abstention
+    assert tied.sentences == [] and tied.abstention == NO_WORDING and "pleural_effusion" in tied.reason
+    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).abstention == NO_WORDING
     assert draft([*sides, "Pleural effusion."], [0.9] * 3).text() == "FINDINGS: Pleural effusion."
     nearer = draft(sides, [0.95, 0.9])  # no tie: the nearer case's side
     assert nearer.text() == "FINDINGS: Right pleural effusion." and nearer.sentences[0].wording_from == ["c0"]
@@ -291,6 +349,36 @@ def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding
     assert draft_from_hits([], labeller).abstention == NO_CASES
     with pytest.raises(InputError, match="min_support"):
         draft_from_hits(hits_of(mixed), labeller, min_support=1.5)
+
+
+def test_far_abstention_shows_the_threshold_as_given_and_a_true_inequality(labeller):
+    """The reason rounded both sides to 3 decimals: --min-similarity 0.9999 read "1.000", and a similarity of
+    0.9995 gave "1.000 < 1.000"."""
+    def reason(score, threshold):
+        hit = Hit(id="c0", score=score, split="train", text="Large left pleural effusion.")
+        return draft_from_hits([hit], labeller, min_similarity=threshold).reason
+
+    assert reason(0.9995, 0.9999).endswith("similarity 0.9995 < 0.9999 (--min-similarity)")
+    assert reason(0.97, 0.9999).endswith("similarity 0.970 < 0.9999 (--min-similarity)")
+    assert reason(0.3, 0.5).endswith("similarity 0.300 < 0.5 (--min-similarity)")
+
+
+def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_index):
+    """With min_support 0.3 the first status above it in a fixed order (positive) was the consensus, not the
+    largest: an effusion negated by 60 % of the neighbours was drafted, with 'no finding' positive beside it.
+    A consensus is a weighted majority: below 0.5 is refused (library, CLI; the service calls the same check)."""
+    reports = ["Large left pleural effusion.", *["No pleural effusion. Lungs clear."] * 3,
+               "Small left pleural effusion."]
+    hits = [Hit(id=f"c{i}", score=0.9, split="train", text=text) for i, text in enumerate(reports)]
+    draft = draft_from_hits(hits, labeller)
+    assert draft.consensus == {"no_finding": "positive", "pleural_effusion": "negative"}
+    assert "No pleural effusion" in draft.text()
+    for low in (0.3, 0.0, 0.4999):
+        with pytest.raises(InputError, match=r"min_support must be >= 0\.5"):
+            draft_from_hits(hits, labeller, min_support=low)
+    image = load_dataset(phantom_dir).select("test")[0].image
+    result, output = invoke("report", "draft", image, "--index", train_index, "--min-support", 0.3)
+    assert result.exit_code == 2 and "min_support must be >= 0.5" in output and "Traceback" not in output
 
 
 def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller):
@@ -316,6 +404,70 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
     # measurements are details put to their own vote (above), not identifiers
     assert _identifiers("A 14 mm nodule and a 1.5 cm mass, seen by Dr. O'Brien on 3/4/2021.") == \
         {"3", "4", "2021", "name:o'brien"}
+
+
+def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abstention(labeller):
+    """Each neighbour's only effusion sentence names its own date: all were left out, and the draft came back
+    empty but not abstained (text '', the effusion's definition attached, exit 0), the finding silently gone."""
+    texts = [f"Right pleural effusion, new since the study of {day}." for day in ("March 3rd", "June 5th", "Dec 9th")]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.consensus["pleural_effusion"] == "positive"
+    assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == "" and not draft.definitions
+    assert draft.reason == ("every wording of pleural_effusion names a date, number or name that most of the "
+                            "neighbours do not (another patient's): nothing to draft it from")
+    # a wording without the date, in any section, still drafts the finding
+    texts[2] += " IMPRESSION: Right pleural effusion."
+    drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                              labeller)
+    assert not drafted.abstained and drafted.text() == "IMPRESSION: Right pleural effusion."
+
+
+def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(labeller):
+    """Full-width stops did not end a sentence, and two sentences without Latin words had Jaccard 1.0: one
+    neighbour's "left lung clear" (in Chinese) was drafted and every neighbour cited as having that wording."""
+    assert split_sentences("左肺清晰。右肺清晰！心脏大小正常？ Large effusion.") == \
+        ["左肺清晰。", "右肺清晰！", "心脏大小正常？", "Large effusion."]
+    assert jaccard("左肺清晰。", "右肺清晰。") == 0.0 and jaccard("左肺清晰。", "左肺清晰。") == 1.0
+    assert jaccard("Левое лёгкое чистое.", "Левое лёгкое чистое.") == 1.0
+    assert jaccard("Левое лёгкое чистое.", "Сердце не увеличено.") == 0.0
+    texts = ["左肺清晰。 Large left pleural effusion.", "右肺清晰。 Large left pleural effusion.",
+             "心脏大小正常。 Large left pleural effusion."]
+    draft = draft_from_hits([Hit(id=i, score=0.9, split="train", text=t) for i, t in zip("abc", texts, strict=True)],
+                            labeller)
+    assert [(s.text, s.cases, s.wording_from) for s in draft.sentences] == \
+        [("Large left pleural effusion.", ["a", "b", "c"], ["a", "b", "c"])]
+    shared = draft_from_hits([Hit(id=i, score=0.9, split="train", text="左肺清晰。 Large left pleural effusion.")
+                              for i in "abc"], labeller)
+    assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
+
+
+def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(labeller):
+    """Only digits and a word after a title were identifiers: one neighbour's "since the study of December" or
+    "the referring clinician Peter Brown" was drafted and cited to every neighbour, each naming another month
+    or person. Month and weekday names, and capitalised words used in lower case by no neighbour's report and
+    absent from the knowledge base, are identifiers now."""
+    def draft(texts):
+        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                               labeller)
+
+    months = [f"Right pleural effusion. Compared with the study of {m}, unchanged." for m in ("March", "June",
+                                                                                               "December")]
+    assert draft(months).text() == "FINDINGS: Right pleural effusion."
+    tail = "Findings were discussed by telephone with the referring clinician {} at the end of the examination."
+    named = ["Right pleural effusion. " + tail.format(n) for n in ("John Smith", "Mary Jones", "Peter Brown")]
+    assert draft(named).text() == "FINDINGS: Right pleural effusion."
+    # a majority's month is drafted, and the neighbour naming another one is cited, not a source of the wording
+    shared = draft([months[2], months[2], months[1]])
+    compared = [s for s in shared.sentences if "Compared" in s.text]
+    assert [(s.text, s.cases, s.wording_from) for s in compared] == \
+        [(months[2].split(". ")[1], ["c0", "c1", "c2"], ["c0", "c1"])]
+    common = common_words(labeller.knowledge, ["the lungs are clear, may be atelectasis"])
+    assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
+        {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}
+    for text in ("Comparison with PA and AP views: Lungs Clear.", "There may be a Small Pleural Effusion.",
+                 "No change; Right lower lobe atelectasis."):
+        assert _identifiers(text, common) == frozenset(), text
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():
@@ -345,7 +497,7 @@ def train_index(phantom_dir, model_dir, tmp_path_factory):
 def test_draft_report_cites_indexed_cases_and_leaves_out_the_query(phantom_dir, model_dir, train_index):
     model, record = load_model(model_dir), load_dataset(phantom_dir).select("train")[0]
     with open_index(train_index) as index:
-        draft = draft_report(index, model, record.image, k=8, min_support=0.3, min_similarity=0.0,
+        draft = draft_report(index, model, record.image, k=8, min_support=0.5, min_similarity=0.0,
                              exclude=[record.id], related=3)
         ids = {n.id for n in draft.neighbours}
         assert len(ids) == 8 and record.id not in ids and index.existing_ids(list(ids)) == ids

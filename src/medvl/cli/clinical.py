@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import JsonOption, OverwriteOption, check_outputs, console, emit_json, handle_errors
+from .common import OverwriteOption, check_outputs, console, emit_json, handle_errors
 
 
 @handle_errors
@@ -77,7 +77,8 @@ def _spacing(values) -> str:
 @handle_errors
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="DICOM file, folder of DICOM files, or NIfTI file.")],
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the series description to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Studies and series with modality, size, frames and pixel spacing (no patient identifiers)."""

@@ -18,7 +18,6 @@ from ..errors import DataError, InputError
 from .common import (
     AllowOutsideOption,
     BackendOption,
-    JsonOption,
     OverwriteOption,
     QuietOption,
     WorkersOption,
@@ -69,7 +68,9 @@ def build_command(
     kind: Annotated[str, typer.Option(
         help="ANN index: auto (by size), flat (exact), hnsw, ivfpq (FAISS only).")] = "auto",
     allow_duplicates: DuplicatesOption = False,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the index description (size, model, ANN kind, duplicates skipped, timing) to this "
+                        "JSON file.")] = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
@@ -138,7 +139,9 @@ def add_command(
         help="Replace the indexed cases whose id comes again with another image, report or labels "
              "(default: refuse).")
     ] = False,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the counts (added, already present, replaced, duplicates skipped, cases) to this "
+                        "JSON file.")] = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
@@ -184,7 +187,12 @@ def delete_command(
 
 @index_app.command("info")
 @handle_errors
-def info_command(index: IndexOption, json_out: JsonOption = None, overwrite: OverwriteOption = False) -> None:
+def info_command(
+    index: IndexOption,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the index description to this JSON file.")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
     """Describe an index: size, model, ANN kind and recall, filter columns."""
     from ..index import open_index
 
@@ -213,7 +221,8 @@ def search_command(
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of the dataset the index was built from: also list each hit's image file there "
              "(the index stores paths relative to it).")] = None,
-    json_out: Annotated[str | None, typer.Option("--json", help="Write the query and hits to this JSON file.")] = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the query and hits to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
     backend: BackendOption = "torch",
 ) -> None:

@@ -24,7 +24,6 @@ from .common import (
     AllowOutsideOption,
     BackendOption,
     CaptionsOption,
-    JsonOption,
     OverwriteOption,
     QuietOption,
     Terminated,
@@ -145,7 +144,8 @@ def predict_command(
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: first with all these classes).")] = None,
     captions: CaptionsOption = None,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the predictions to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
     backend: BackendOption = "torch",
 ) -> None:
@@ -186,7 +186,8 @@ def audit_command(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
              "1-3 also find re-encoded or resized copies, and more unrelated look-alikes.")] = 0,
     workers: WorkersOption = None,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,

@@ -31,7 +31,8 @@ KnowledgeOption = Annotated[Path | None, typer.Option(
 BuiltinOption = Annotated[bool, typer.Option(
     "--builtin-knowledge/--no-builtin-knowledge", help="Start from the shipped finding files.")]
 SupportOption = Annotated[float, typer.Option(
-    help="A finding or sentence is drafted when more than this weighted share of the neighbours states it.")]
+    help="A finding or sentence is drafted when more than this weighted share of the neighbours states it "
+         "(0.5 to below 1: a weighted majority).")]
 SimilarityOption = Annotated[float, typer.Option(
     help="Abstain when the nearest case's cosine similarity is below this.")]
 

@@ -97,7 +97,9 @@ def generate_command(
     index: ContextIndexOption = None,
     beam_size: BeamOption = 3,
     max_length: MaxLengthOption = None,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the generated reports (per image: the report, the cited case ids, the input flags) to "
+                        "this JSON file.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Write a report for each image with a trained report generator (with retrieved context: the cited case ids)."""

@@ -150,7 +150,8 @@ def vqa_command(
     k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
     heatmap: Annotated[Path | None, typer.Option(
         help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
-    json_out: JsonOption = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Write the answer and its evidence to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Answer a question about one or more images, with its evidence: probability, the top alternative,

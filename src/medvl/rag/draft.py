@@ -8,11 +8,15 @@
    equal if none is positive). "Support" below is a weighted share of the neighbours with a report.
 2. Findings: each neighbour's report is labelled (``ReportLabeller``: positive / uncertain /
    negative per finding, plus the normal entry). A finding's **consensus** status is the status
-   whose support is above ``min_support`` (default 0.5, a weighted majority; so at most one).
+   whose support is above ``min_support`` (0.5 <= min_support < 1, default 0.5: a weighted majority, so at
+   most one; a lower threshold would let a minority status, or normality and an abnormal finding together,
+   be the consensus, and is refused).
 3. Abstention, with a reason: the image is blank or streaked as the model sees it (``draft_report``:
    ``medvl.data.audit.input_flags``; no retrieval); no cases or no reports; the nearest case's similarity is below
-   ``min_similarity`` ("far"); or neither normality nor any abnormal finding (positive or
-   uncertain) reaches consensus ("disagree").
+   ``min_similarity`` ("far"); neither normality nor any abnormal finding (positive or
+   uncertain) reaches consensus ("disagree"); or a present or possible consensus finding has no sentence
+   left to draft (step 4: every wording names a detail the vote does not elect or a minority's identifier,
+   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence.
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
    sentences that assert the same findings with the same statuses; sentences asserting nothing
    (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
@@ -32,9 +36,12 @@
    Only wordings agreeing with the vote are candidates (a finding's group with none is left
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
-   A wording naming an identifier (a number other than a measurement: a date, time or accession number; a
-   name after a title, "Dr Smith") is a candidate only when neighbours holding more than ``min_support`` of
-   the weight name it too: a draft does not carry one neighbour's (another patient's) dates or names.
+   A wording naming an identifier (``_identifiers``: a number other than a measurement, a date in words such
+   as a month or weekday name, a name after a title, "Dr Smith", or a capitalised word that is no word of the
+   knowledge base nor used in lower case by any neighbour's report, "John Smith") is a candidate only when
+   neighbours holding more than ``min_support`` of the weight name it too, and a neighbour naming another
+   identifier is not in ``wording_from``: a draft does not carry one neighbour's (another patient's) dates or
+   names that these rules catch (a lower-case name, or one that is a word the reports use, is not caught).
 5. The knowledge base's entries of the drafted findings are attached, and with a model the
    entries closest to the image embedding (``related``).
 
@@ -71,9 +78,13 @@ from .labels import (
 DEFAULT_K = 10
 MAX_K = 1000
 MIN_SUPPORT = 0.5  # a status is the consensus when more than this weighted share of neighbours states it
+LOWEST_MIN_SUPPORT = 0.5  # below it two statuses (or normality and a finding) could both be the consensus
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
+NO_WORDING = "no_wording"  # a consensus finding whose every wording was left out (details vote, identifiers)
+# why a finding's sentences were all left out, for the no_wording reason
+_IDENTIFIER_LEFT, _DETAIL_LEFT = "identifier", "detail"
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
@@ -81,7 +92,20 @@ _MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "
 # What may identify one examination or patient: a number other than a measurement (a date, time, accession or
 # bed number) and a name after a title ("Dr Smith")
 _NUMBER = re.compile(r"\d+")
-_TITLED_NAME = re.compile(r"\b(?:dr|doctor|mr|mrs|ms|miss|prof|professor|nurse)\b\.?\s+([a-z][a-z'-]*)")
+_TITLES = ("dr", "doctor", "mr", "mrs", "ms", "miss", "prof", "professor", "nurse")
+_TITLED_NAME = re.compile(r"\b(?:" + "|".join(_TITLES) + r")\b\.?\s+([a-z][a-z'-]*)")
+# dates in words: month and weekday names, "yesterday" / "today" / "tonight" / "tomorrow"; three-letter month
+# abbreviations only capitalised ("Dec 9", not "dec" for decreased), "May" only beside a number ("May 5", "5 May")
+_DATE_WORD = re.compile(r"\b(january|february|march|april|june|july|august|september|october|november|december|"
+                        r"monday|tuesday|wednesday|thursday|friday|saturday|sunday|yesterday|today|tonight|tomorrow)\b",
+                        re.I)
+_MONTH_ABBREVIATION = re.compile(r"\b(Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\b")
+_MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
+# a capitalised word (not all capitals: PA, ICU) that does not start the sentence or a clause: a name when no
+# report of the neighbours uses it in lower case and the knowledge base does not hold it ("John Smith")
+_CAPITALISED = re.compile(r"(?<![\w'-])([A-Z](?:[a-z]+|['-]?[A-Z]?[a-z]+)(?:['-]?[A-Z]?[a-z]+)*)(?![\w'-])")
+_CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -")
+_LOWER_WORD = re.compile(r"(?<![\w'-])([a-z]+(?:['-][a-z]+)*)(?![\w'-])")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
 
@@ -126,7 +150,7 @@ class Draft:
     findings: list[FindingSupport]
     neighbours: list[Neighbour]
     abstained: bool = False
-    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content
+    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content | no_wording
     reason: str | None = None  # one line for people
     definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
     related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
@@ -150,10 +174,13 @@ class Draft:
 
 
 def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
-    """InputError unless 1 <= k <= 1000, 0 <= min_support < 1 (a consensus needs more than it),
-    -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
+    """InputError unless 1 <= k <= 1000, 0.5 <= min_support < 1 (a consensus needs more than it: a weighted
+    majority), -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
     check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
     check_number("min_support", min_support, minimum=0, maximum=1)
+    if min_support < LOWEST_MIN_SUPPORT:
+        raise InputError(f"min_support must be >= {LOWEST_MIN_SUPPORT} (a weighted majority; below it a minority "
+                         f"status, or normality and a finding together, could be the consensus), got {min_support}")
     if min_support >= 1:
         raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}")
     check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
@@ -234,15 +261,29 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     if not with_report:
         return _abstain(neighbours, findings, NO_REPORTS, "none of the nearest cases has a report", settings)
     if top < min_similarity:
-        return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {top:.3f} < "
-                        f"{min_similarity:.3f} (--min-similarity)", settings)
+        shown = _below(top, min_similarity)
+        return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {shown} < "
+                        f"{min_similarity:g} (--min-similarity)", settings)
     consensus = {f.name: f.consensus for f in findings if f.consensus}
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
                         settings)
-    kept = _select(with_report, weights, sentences, consensus, min_support)
+    common = common_words(labeller.knowledge, [h.text for h in with_report])
+    kept, unworded = _select(with_report, weights, sentences, consensus, min_support, common)
+    if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
+        return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
     return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
+
+
+def _below(value: float, threshold: float) -> str:
+    """``value`` (< ``threshold``) with 3 decimals, or as many more as it takes to show it below the threshold
+    (0.9995 < 0.9999, not "1.000 < 1.000")."""
+    for digits in range(3, 10):
+        shown = f"{value:.{digits}f}"
+        if float(shown) < threshold:
+            return shown
+    return f"{value:.10g}"
 
 
 def _abstain(neighbours, findings, code: str, reason: str, settings: dict) -> Draft:
@@ -265,7 +306,8 @@ def _finding_support(hits: Sequence[Hit], weights: np.ndarray, sentences: list[l
     for name in names:
         support = {status: float(sum(w for w, lab in zip(weights, labels, strict=True) if lab.get(name) == status))
                    for status in STATUSES}
-        consensus = next((s for s in STATUSES if support[s] > min_support), None)
+        above = [s for s in STATUSES if support[s] > min_support]  # one at most: min_support >= 0.5
+        consensus = max(above, key=lambda s: support[s]) if above else None
         cases = [h.id for h, lab in zip(hits, labels, strict=True)
                  if name in lab and (consensus is None or lab[name] == consensus)]
         result.append(FindingSupport(name, consensus, {s: round(v, 4) for s, v in support.items() if v > 0}, cases))
@@ -321,8 +363,10 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 
 
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
-            min_support: float) -> list[DraftSentence]:
-    """Sentence groups that agree with the consensus, by support, each stating something new."""
+            min_support: float, common: frozenset = frozenset()) -> tuple[list[DraftSentence], dict[str, str]]:
+    """Sentence groups that agree with the consensus, by support, each stating something new; and the present
+    or possible consensus findings none of whose groups could be drafted, with why (``_drafted``): no wording
+    agreeing with the details vote, or every wording naming a minority's identifier."""
     groups = _groups(sentences)
     finding_members: dict[str, list[tuple[int, str]]] = {}  # every sentence asserting a finding, any section
     for group in groups:
@@ -330,6 +374,7 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
             finding_members.setdefault(name, []).extend(group.members)
     scored = [(_support(g, weights), order, g) for order, g in enumerate(groups)]
     kept: list[DraftSentence] = []
+    left_out: dict[str, str] = {}
     stated: dict[str, set] = {FINDINGS_SECTION: set(), IMPRESSION_SECTION: set()}
     for support, _, group in sorted(scored, key=lambda item: (-item[0], item[1])):
         if group.assertions:
@@ -340,13 +385,29 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
         elif support <= min_support:
             continue
         voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
-        drafted = _drafted(group, support, hits, weights, voters, min_support)
-        if drafted is None:
+        drafted = _drafted(group, support, hits, weights, voters, min_support, common)
+        if isinstance(drafted, str):
+            for name in _voted_findings(group):
+                left_out.setdefault(name, drafted)
             continue
         stated[group.section] |= group.assertions
         kept.append(drafted)
+    said = {name for assertions in stated.values() for name, _ in assertions}
     sections = [FINDINGS_SECTION, IMPRESSION_SECTION]
-    return sorted(kept, key=lambda s: (sections.index(s.section), -s.support))
+    return (sorted(kept, key=lambda s: (sections.index(s.section), -s.support)),
+            {name: why for name, why in sorted(left_out.items()) if name not in said})
+
+
+def _unworded_reason(unworded: dict[str, str]) -> str:
+    """One line: which consensus findings have no wording to draft, and why."""
+    parts = []
+    for why, text in ((_IDENTIFIER_LEFT, "names a date, number or name that most of the neighbours do not "
+                                         "(another patient's)"),
+                      (_DETAIL_LEFT, "names a side, size, zone or measurement the neighbours' vote does not elect")):
+        names = [name for name, cause in unworded.items() if cause == why]
+        if names:
+            parts.append(f"every wording of {', '.join(names)} {text}")
+    return "; ".join(parts) + ": nothing to draft it from"
 
 
 def _support(group: _Group, weights: np.ndarray) -> float:
@@ -359,10 +420,11 @@ def _voted_findings(group: _Group) -> set[str]:
 
 
 def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
-             voters: list[tuple[int, str]], min_support: float) -> DraftSentence | None:
+             voters: list[tuple[int, str]], min_support: float, common: frozenset = frozenset()) -> DraftSentence | str:
     """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
     ``voters`` (neighbour index, sentence) and naming no identifier of a minority (``_shared_identifiers``), and
-    its citations; None when the group has no such wording (a finding's group: none agreeing with the vote)."""
+    its citations; when the group has no such wording, why: ``_DETAIL_LEFT`` (a finding's group: none agreeing
+    with the vote) or ``_IDENTIFIER_LEFT``."""
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
@@ -370,38 +432,64 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
     wordings = _agreeing(every, voters, weights)
     if not wordings:
         if _voted_findings(group):
-            return None
+            return _DETAIL_LEFT
         wordings = every
-    wordings = _shared_identifiers(wordings, group, weights, min_support)
+    wordings = _shared_identifiers(wordings, group, weights, min_support, common)
     if not wordings:
-        return None
+        return _IDENTIFIER_LEFT
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
     cited = sorted(by_case)
+    named = _identifiers(chosen, common)  # a sentence naming another date or name is not a source of the wording
     close = [hits[i].id for i in cited
-             if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t) for t in by_case[i])]
+             if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t)
+                    and _identifiers(t, common) == named for t in by_case[i])]
     return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
 
 
-def _identifiers(text: str) -> frozenset:
-    """Numbers other than measurements, and names after a title: what may identify one examination."""
+def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
+    """Words that are not names: the knowledge base's (titles, phrases, definitions, notes), and those the
+    ``reports`` use in lower case; a capitalised word outside them is taken for a name (``_identifiers``)."""
+    texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
+    words = {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+(?:['-][A-Za-z]+)*", text)}
+    words |= {w for text in reports for w in _LOWER_WORD.findall(text or "")}
+    return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind})
+
+
+@lru_cache(maxsize=65536)
+def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
+    """What may identify one examination or patient: numbers other than measurements; dates in words (month and
+    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); and a capitalised word not
+    starting the sentence or a clause, not all capitals, and not in ``common`` (``common_words``: "John Smith")."""
     lower = _MEASURE.sub(" ", text.lower())
-    return frozenset(_NUMBER.findall(lower)) | frozenset(f"name:{n}" for n in _TITLED_NAME.findall(lower))
+    found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _TITLED_NAME.findall(lower)}
+    found |= {f"date:{d.lower()}" for d in _DATE_WORD.findall(text)}
+    found |= {f"date:{d.lower()[:3]}" for d in _MONTH_ABBREVIATION.findall(text)}
+    found |= {"date:may" for _ in _MAY.finditer(text)}
+    for match in _CAPITALISED.finditer(text):
+        word = match.group(1).lower()
+        before = text[:match.start()].rstrip()
+        if not before or before.endswith(_CLAUSE_MARKS) or word in common or _DATE_WORD.fullmatch(word) \
+                or _MONTH_ABBREVIATION.fullmatch(match.group(1)) or word in ("may", *_TITLES):
+            continue
+        found.add(f"name:{word}")
+    return frozenset(found)
 
 
-def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float) -> list[str]:
-    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a doctor's name)
-    the group's neighbours holding more than ``min_support`` of the weight also name: a draft never carries one
-    neighbour's dates or names (another patient's), cited to every neighbour of the group."""
+def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float,
+                        common: frozenset = frozenset()) -> list[str]:
+    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a name) the group's
+    neighbours holding more than ``min_support`` of the weight also name: a draft does not carry one neighbour's
+    dates or names (another patient's), cited to every neighbour of the group."""
     naming: dict[str, set[int]] = {}
     for i, text in group.members:
-        for identifier in _identifiers(text):
+        for identifier in _identifiers(text, common):
             naming.setdefault(identifier, set()).add(i)
     shared = {identifier for identifier, cases in naming.items()
               if sum(float(weights[i]) for i in cases) > min_support}
-    return [w for w in wordings if _identifiers(w) <= shared]
+    return [w for w in wordings if _identifiers(w, common) <= shared]
 
 
 def _conflict(first: str, second: str) -> bool:
@@ -439,19 +527,21 @@ def _agreeing(wordings: list[str], voters: list[tuple[int, str]], weights: np.nd
 
 @lru_cache(maxsize=65536)
 def _tokens(text: str) -> frozenset:
-    return frozenset(w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP)
+    """Lower-case runs of letters of any script ("左肺清晰" is one), stop words left out."""
+    return frozenset(w for w in re.findall(r"[^\W\d_]+", text.lower()) if w not in _STOP)
 
 
 def jaccard(first: str, second: str) -> float:
-    """Token Jaccard similarity of two sentences (lower case words, stop words and numbers left out)."""
+    """Token Jaccard similarity of two sentences (lower case words of any script, stop words and numbers left
+    out); two sentences without such words are the same wording only when equal."""
     a, b = _tokens(first), _tokens(second)
     if not a and not b:
-        return 1.0
+        return 1.0 if " ".join(first.lower().split()) == " ".join(second.lower().split()) else 0.0
     return len(a & b) / len(a | b)
 
 
 def _sentence_case(text: str) -> str:
     text = text.strip()
     text = text[:1].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
+    return text if text.endswith((".", "!", "?", "\u3002", "\uff01", "\uff1f")) else text + "."
 

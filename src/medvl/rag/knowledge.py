@@ -84,11 +84,12 @@ class KnowledgeBase:
     def __init__(self, findings: Iterable[Finding], sources: Sequence[str] = ()):
         self.findings = {f.name: f for f in findings}
         self.sources = list(sources)
-        normals = [f.name for f in self.findings.values() if f.kind == NORMAL]
-        if len(normals) > 1:
-            raise DataError(None, f"knowledge base has {len(normals)} 'normal' entries ({', '.join(normals)}); "
-                                  "at most one is allowed")
-        self.normal = normals[0] if normals else None  # the no-finding entry's name
+        normals = [f for f in self.findings.values() if f.kind == NORMAL]
+        if len(normals) > 1:  # named by the last file read (a user's, on top of the shipped one), the others listed
+            others = ", ".join(f"{f.name} ({f.path})" if f.path else f.name for f in normals[:-1])
+            raise DataError(normals[-1].path, f"a second 'normal' entry ({normals[-1].name}); the knowledge base "
+                                              f"already has {others}, and at most one is allowed")
+        self.normal = normals[0].name if normals else None  # the no-finding entry's name
         self._aliases: dict[str, str] = {}
         for finding in self.findings.values():
             for alias in (finding.name, finding.title, *finding.labels):
@@ -225,6 +226,9 @@ def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
         raise DataError(path, "'synonyms' must list at least one phrase")
     exclude = [s.lower().strip() for s in _strings(path, data, "exclude")]
     for phrase in synonyms + exclude:
+        if re.search(r"[^\W_]", phrase) and not re.search(r"[a-z0-9]", phrase.lower()):
+            raise DataError(path, f"phrase {phrase!r} has no Latin letters or digits: only English (Latin-script) "
+                                  "phrases are supported, as the labeller's negation and uncertainty cues are English")
         if not re.search(r"[a-z0-9]", phrase.lower()) or phrase.strip().startswith("...") \
                 or phrase.strip().endswith("..."):
             raise DataError(path, f"phrase {phrase!r} must have words, with '...' only between words")

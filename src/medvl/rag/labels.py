@@ -5,8 +5,14 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
 
 1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
    ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
-2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole); fragments
-   without letters ("1.") are dropped.
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at the full-width
+   ``。``, ``！``, ``？`` (Chinese, Japanese), at a blank line, at a
+   line starting with a bullet (``-``, ``*``, a digit), and at a line break before a capitalised word
+   ("No pleural effusion⏎Large right pneumothorax": one finding per line, no full stops) unless the line
+   before ends in a comma or a word that asks for more ("the", "of", "and", "with", "no", "is", ...), so
+   hard-wrapped lines stay whole; fragments without letters ("1.") are dropped. The phrases and cues are
+   English (``knowledge`` refuses a phrase without Latin letters or digits): text in another script is kept
+   as sentences but states no finding.
 3. Mentions: a synonym as whole words, case-insensitive, the last word also in its plural (+s / +es);
    "..." in a synonym matches up to ``GAP_WORDS`` words ("cardiac silhouette ... enlarged"). A
    mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
@@ -15,8 +21,11 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
-     "negative for", "free of", "no evidence of", "resolved") or up to ``POST_WINDOW`` words after it
-     ("is not seen", "absent", "has resolved", "excluded", "ruled out"), or a "not"/"no" falls inside a
+     "negative for", "free of", "no evidence of", "resolved", "unlikely", "doubtful", "improbable") or up to
+     ``POST_WINDOW`` words after it ("is not seen", "absent", "has resolved", "excluded", "ruled out", "is
+     unlikely", "is doubtful", "is not favored"; "unlikely", "doubtful", "not favored" only right after it,
+     ``NEAR_WINDOW`` words at most, ending the clause: "atelectasis, unlikely pneumonia" negates the pneumonia
+     alone), or a "not"/"no" falls inside a
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
@@ -24,7 +33,8 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
-     a possibility"), or lies inside the mention ("borderline heart size");
+     a possibility", "is less likely", a "less likely" right after it ending the clause), or lies inside the
+     mention ("borderline heart size");
    - **positive** otherwise.
 
    Lists: a cue before a list of short items covers the whole list however long it is ("no focal
@@ -68,7 +78,7 @@ MAX_REACH = MAX_LIST_ITEMS * (PRE_WINDOW + 2) + 8
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
     "no signs of", "no sign of", "no findings of", "absence of", "resolution of", "rules out", "ruled out",
-    "never", "nor", "resolved", "clearing of",
+    "never", "nor", "resolved", "clearing of", "unlikely", "doubtful", "improbable",
 ]
 POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
@@ -77,7 +87,16 @@ POST_NEGATION = [
     "has cleared", "have cleared", "cleared", "ruled out", "was ruled out", "were ruled out", "are ruled out",
     "has been ruled out", "have been ruled out", "excluded", "is excluded", "are excluded", "was excluded",
     "were excluded", "has been excluded", "have been excluded",
+    # hedges against the finding: NegBio reads them as negations ("pneumonia is unlikely"); the bare words
+    # after a finding are FINAL_POST_NEGATION
+    "is unlikely", "are unlikely", "is doubtful", "are doubtful", "is improbable", "are improbable",
+    "is not likely", "are not likely", "is not favored", "is not favoured", "are not favored", "are not favoured",
 ]
+# hedges that negate (or, FINAL_POST_UNCERTAIN, leave possible) the finding at most NEAR_WINDOW words before them,
+# and only where they end the clause: "pneumonia (very) unlikely." but not "atelectasis, unlikely pneumonia" (a cue
+# before the pneumonia) nor the opacity of "opacity, likely atelectasis, pneumonia less likely"
+FINAL_POST_NEGATION = ["unlikely", "doubtful", "improbable", "not favored", "not favoured", "not likely"]
+FINAL_POST_UNCERTAIN = ["less likely"]
 NEAR_POST_NEGATION = [  # normal-range statements: negations only right after the mention (NEAR_WINDOW words)
     "within normal limits", "within limits of normal", "within the limits of normal", "within normal range",
     "within the normal range",
@@ -98,6 +117,7 @@ POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
     "versus", "vs", "is likely", "are likely", "is not certain", "may be present", "may",
     "is in the differential", "would be a consideration", "is a consideration", "is a possibility",
+    "is less likely", "are less likely",  # a differential's second place: still possible
 ]
 NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
     "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
@@ -112,6 +132,7 @@ PSEUDO_NEGATION = [  # look like negations, are not
     "no further change", "not significantly changed", "gram negative", "not necessarily",
     "without significant change", "without significant interval change", "almost completely resolved",
     "nearly resolved", "almost resolved", "partially resolved", "incompletely resolved", "not completely resolved",
+    "of doubtful",  # "nodule of doubtful significance": the nodule is there
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
@@ -123,8 +144,22 @@ SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", 
 IMPRESSION_SECTIONS = {"impression", "impressions", "conclusion", "conclusions", "summary", "opinion"}
 _SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "finding", "report"}, key=len, reverse=True)
 _HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*[-*\d])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*|\n\s*\n|\n(?=\s*[-*\d])")
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
+# a line break before a capitalised word ("No pleural effusion\nLarge right pneumothorax"): a report with one
+# finding per line and no full stops; a sentence ends there unless the line before ends in a word that needs more
+# ("compared with the\nPA view", "effusion and\nAtelectasis") or a comma (hard-wrapped lines stay whole)
+_LINE_END = re.compile(r"([A-Za-z0-9)%]+)[ \t]*\r?\n(?=[ \t]*[A-Z][a-z])")
+_CONTINUING = {"a", "an", "the", "of", "in", "on", "at", "to", "for", "from", "with", "without", "by", "and", "or",
+               "nor", "but", "no", "not", "is", "are", "was", "were", "be", "been", "has", "have", "than", "as",
+               "this", "that", "which", "its", "their", "his", "her", "dr", "mr", "mrs", "ms", "versus", "vs"}
+
+
+def _line_end(match: re.Match) -> str:
+    """A sentence end (a blank line) at a line break before a capitalised word, unless the word before asks
+    for more."""
+    word = match.group(1)
+    return match.group(0) if word.lower() in _CONTINUING else word + "\n\n"
 
 
 @dataclass
@@ -170,6 +205,9 @@ def _phrase_regex(phrase: str, plural: bool = True) -> str:
 
 
 _PRE_NEG, _POST_NEG, _NEAR_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION), _cue_regex(NEAR_POST_NEGATION)
+_FINAL = r"(?=\s*(?:[.,;:!?)]|$))"  # a clause-final cue: punctuation or the end of the sentence follows
+_FINAL_NEG = re.compile(_cue_regex(FINAL_POST_NEGATION).pattern + _FINAL)
+_FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
@@ -199,9 +237,9 @@ def split_sections(report: str) -> list[tuple[str, str]]:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of a section's text; pieces without letters ("1.") are dropped."""
-    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(text))
-    return [p for p in pieces if re.search(r"[A-Za-z]", p)]
+    """Sentences of a section's text; pieces without letters of any script ("1.") are dropped."""
+    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(_LINE_END.sub(_line_end, text)))
+    return [p for p in pieces if re.search(r"[^\W\d_]", p)]
 
 
 class ReportLabeller:
@@ -263,9 +301,11 @@ class _Cues:
         blocked += self.negated_uncertain
         self.pre_negation = _spans(_PRE_NEG, text, blocked)
         self.post_negation = _spans(_POST_NEG, text, blocked)
+        self.final_negation = _spans(_FINAL_NEG, text, blocked)
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked)
+        self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
         self._word_starts = [m.start() for m in _WORD.finditer(text)]
 
@@ -277,13 +317,13 @@ class _Cues:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
             return UNCERTAIN
         if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end, lists=True) \
-                or self._after(self.near_post_negation, end, NEAR_WINDOW) \
+                or self._after(self.near_post_negation + self.final_negation, end, NEAR_WINDOW) \
                 or any(_GAP_NEGATION.search(g) for g in gaps) or _STRUCTURED_NEGATION.match(self.text, end):
             return NEGATIVE
         if _QUESTIONED.match(self.text, end):
             return UNCERTAIN
         if self._before(self.pre_uncertain, start, lists=True, conjunction=True) \
-                or self._after(self.post_uncertain, end) \
+                or self._after(self.post_uncertain, end) or self._after(self.final_uncertain, end, NEAR_WINDOW) \
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
