@@ -104,6 +104,20 @@ def labeller():
     ("Left lower lobe opacity, likely atelectasis, pneumonia less likely.",
      {"lung_opacity": "positive", "atelectasis": "uncertain", "pneumonia": "uncertain"}),
     ("Small nodule of doubtful significance.", {"nodule": "positive"}),
+    # a hedge about what follows the finding, not the finding ("... is unlikely to be X")
+    ("The opacity is not likely to be pneumonia.", {"lung_opacity": "positive", "pneumonia": "negative"}),
+    ("Right lower lobe opacity is unlikely to represent pneumonia, more likely atelectasis.",
+     {"lung_opacity": "positive", "pneumonia": "negative", "atelectasis": "uncertain"}),
+    ("The nodule is unlikely to be malignant.", {"nodule": "positive"}),
+    ("Small left pleural effusion is unlikely to be clinically significant.", {"pleural_effusion": "positive"}),
+    ("The pneumothorax is unlikely to require a chest tube.",
+     {"pneumothorax": "positive", "support_devices": "positive"}),
+    ("Contusion - no history of trauma, and unlikely with enhancing soft tissue mass", {"mass": "positive"}),
+    # an item starting with a hedge after a comma ends a negated list
+    ("No effusion, possible atelectasis.", {"pleural_effusion": "negative", "atelectasis": "uncertain"}),
+    ("No pneumothorax, likely atelectasis.", {"pneumothorax": "negative", "atelectasis": "uncertain"}),
+    ("No pneumonia, more likely atelectasis.", {"pneumonia": "negative", "atelectasis": "uncertain"}),
+    ("No findings suggesting pneumonia.", {"pneumonia": "negative"}),
 ])
 def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, expected):
     assert dict(labeller.sentence_labels(sentence)) == expected

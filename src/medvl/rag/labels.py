@@ -21,11 +21,12 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
-     "negative for", "free of", "no evidence of", "resolved", "unlikely", "doubtful", "improbable") or up to
-     ``POST_WINDOW`` words after it ("is not seen", "absent", "has resolved", "excluded", "ruled out", "is
-     unlikely", "is doubtful", "is not favored"; "unlikely", "doubtful", "not favored" only right after it,
-     ``NEAR_WINDOW`` words at most, ending the clause: "atelectasis, unlikely pneumonia" negates the pneumonia
-     alone), or a "not"/"no" falls inside a
+     "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
+     bare "unlikely", "doubtful", "improbable" only right before it: "atelectasis, unlikely pneumonia"), or up
+     to ``POST_WINDOW`` words after it ("is not seen", "absent", "has resolved", "excluded", "ruled out"), or a
+     hedge ends the clause right after it ("unlikely", "doubtful", "not favored", "not likely", ``NEAR_WINDOW``
+     words at most: "pneumonia is unlikely.", "pneumonia or edema is unlikely.", but not the opacity of "the
+     opacity is unlikely to represent pneumonia"), or a "not"/"no" falls inside a
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
@@ -41,7 +42,9 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    consolidation, suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "no
    opacity to suggest pneumonia"), as does a cue after a list joined by "and" / "or" ("infiltrates
    and venous engorgement have resolved"); an item holding a verb or "with" starts a new clause and
-   ends the list. Hedged lists need an "and" / "or" or three items.
+   ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
+   after a comma ends a negated list: in "no effusion, possible atelectasis" (or "no pneumonia, more
+   likely atelectasis") the atelectasis is uncertain.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
    else negative; findings never mentioned are absent from the result. The knowledge base's
    ``normal`` entry (no finding) is positive when no abnormal finding is positive or uncertain,
@@ -78,8 +81,12 @@ MAX_REACH = MAX_LIST_ITEMS * (PRE_WINDOW + 2) + 8
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
     "no signs of", "no sign of", "no findings of", "absence of", "resolution of", "rules out", "ruled out",
-    "never", "nor", "resolved", "clearing of", "unlikely", "doubtful", "improbable",
+    "never", "nor", "resolved", "clearing of", "unlikely to be", "unlikely to represent", "unlikely to reflect",
+    "unlikely to indicate", "doubtful for",
 ]
+# hedges that negate the finding right after them ("atelectasis, unlikely pneumonia"), not one further on: in
+# "unlikely with enhancing soft tissue mass" the mass is there
+NEAR_PRE_NEGATION = ["unlikely", "doubtful", "improbable"]
 POST_NEGATION = [
     "is not seen", "are not seen", "not seen", "is not identified", "not identified", "not present",
     "not appreciated", "not visualized", "not demonstrated", "is absent", "are absent", "absent",
@@ -87,15 +94,15 @@ POST_NEGATION = [
     "has cleared", "have cleared", "cleared", "ruled out", "was ruled out", "were ruled out", "are ruled out",
     "has been ruled out", "have been ruled out", "excluded", "is excluded", "are excluded", "was excluded",
     "were excluded", "has been excluded", "have been excluded",
-    # hedges against the finding: NegBio reads them as negations ("pneumonia is unlikely"); the bare words
-    # after a finding are FINAL_POST_NEGATION
-    "is unlikely", "are unlikely", "is doubtful", "are doubtful", "is improbable", "are improbable",
-    "is not likely", "are not likely", "is not favored", "is not favoured", "are not favored", "are not favoured",
 ]
-# hedges that negate (or, FINAL_POST_UNCERTAIN, leave possible) the finding at most NEAR_WINDOW words before them,
-# and only where they end the clause: "pneumonia (very) unlikely." but not "atelectasis, unlikely pneumonia" (a cue
-# before the pneumonia) nor the opacity of "opacity, likely atelectasis, pneumonia less likely"
+# hedges against the finding (NegBio reads them as negations): they negate (or, FINAL_POST_UNCERTAIN, leave
+# possible) the finding at most NEAR_WINDOW words before them, and only where they end the clause: "pneumonia is
+# unlikely." but not "atelectasis, unlikely pneumonia" (a cue before the pneumonia), the opacity of "opacity is
+# unlikely to represent pneumonia" (the hedge is about the pneumonia) nor that of "opacity, likely atelectasis,
+# pneumonia less likely"
 FINAL_POST_NEGATION = ["unlikely", "doubtful", "improbable", "not favored", "not favoured", "not likely"]
+# the same after "is" / "are": they also cover a list before them ("pneumonia or edema is unlikely.")
+FINAL_LIST_NEGATION = [f"{verb} {hedge}" for verb in ("is", "are") for hedge in FINAL_POST_NEGATION]
 FINAL_POST_UNCERTAIN = ["less likely"]
 NEAR_POST_NEGATION = [  # normal-range statements: negations only right after the mention (NEAR_WINDOW words)
     "within normal limits", "within limits of normal", "within the limits of normal", "within normal range",
@@ -205,8 +212,12 @@ def _phrase_regex(phrase: str, plural: bool = True) -> str:
 
 
 _PRE_NEG, _POST_NEG, _NEAR_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGATION), _cue_regex(NEAR_POST_NEGATION)
+_NEAR_PRE_NEG = _cue_regex(NEAR_PRE_NEGATION)
+# what precedes a hedge that starts an item of a list: a comma, then at most "more" / "most" ("..., more likely")
+_ITEM_START = re.compile(r"[,;]\s*(?:(?:more|most)\s+)?$", re.I)
 _FINAL = r"(?=\s*(?:[.,;:!?)]|$))"  # a clause-final cue: punctuation or the end of the sentence follows
 _FINAL_NEG = re.compile(_cue_regex(FINAL_POST_NEGATION).pattern + _FINAL)
+_FINAL_LIST_NEG = re.compile(_cue_regex(FINAL_LIST_NEGATION).pattern + _FINAL)
 _FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
@@ -300,8 +311,10 @@ class _Cues:
         self.negated_uncertain = [m.span() for m in _NEG_UNC.finditer(text)]
         blocked += self.negated_uncertain
         self.pre_negation = _spans(_PRE_NEG, text, blocked)
+        self.near_pre_negation = _spans(_NEAR_PRE_NEG, text, blocked)
         self.post_negation = _spans(_POST_NEG, text, blocked)
         self.final_negation = _spans(_FINAL_NEG, text, blocked)
+        self.final_list_negation = _spans(_FINAL_LIST_NEG, text, blocked)
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
         self.post_uncertain = _spans(_POST_UNC, text, blocked)
@@ -316,8 +329,12 @@ class _Cues:
     def status(self, start: int, end: int, gaps: list[str]) -> str:
         if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
             return UNCERTAIN
-        if self._before(self.pre_negation, start, lists=True) or self._after(self.post_negation, end, lists=True) \
-                or self._after(self.near_post_negation + self.final_negation, end, NEAR_WINDOW) \
+        if self._before(self._unhedged(self.pre_negation, start), start, lists=True) \
+                or self._after(self.post_negation, end, lists=True) \
+                or self._before(self.near_pre_negation, start, window=0) \
+                or self._after(self.near_post_negation, end, NEAR_WINDOW) \
+                or self._after(self.final_negation, end, NEAR_WINDOW) \
+                or self._after(self.final_list_negation, end, 0, lists=True) \
                 or any(_GAP_NEGATION.search(g) for g in gaps) or _STRUCTURED_NEGATION.match(self.text, end):
             return NEGATIVE
         if _QUESTIONED.match(self.text, end):
@@ -328,10 +345,20 @@ class _Cues:
             return UNCERTAIN
         return POSITIVE
 
-    def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False) -> bool:
+    def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False,
+                window: int = PRE_WINDOW) -> bool:
         return any(e <= start and self._near(e, start) and self._open(e, start)
-                   and (self._words(e, start) <= PRE_WINDOW or lists and self._listed(e, start, conjunction))
+                   and (self._words(e, start) <= window or lists and self._listed(e, start, conjunction))
                    for _, e in spans)
+
+    def _unhedged(self, spans: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
+        """The negation cues whose list does not reach the mention at ``start`` through a hedged item: in "no
+        effusion, possible atelectasis" the "no" covers the effusion, the "possible" the atelectasis. An
+        uncertainty cue that starts a new item (after a comma) ends the negation's reach; one inside the
+        negated phrase does not ("no findings suggesting pneumonia")."""
+        hedges = [s for s, _ in self.pre_uncertain if s < start]
+        return [(s, e) for s, e in spans
+                if not any(e <= h and _ITEM_START.search(self.text, e, h) for h in hedges)]
 
     def _inside(self, spans: list[tuple[int, int]], start: int, end: int) -> bool:
         """A cue within the mention itself ("borderline heart size")."""
