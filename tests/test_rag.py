@@ -459,8 +459,9 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
 def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(labeller):
     """Only digits and a word after a title were identifiers: one neighbour's "since the study of December" or
     "the referring clinician Peter Brown" was drafted and cited to every neighbour, each naming another month
-    or person. Month and weekday names, and capitalised words used in lower case by no neighbour's report and
-    absent from the knowledge base, are identifiers now."""
+    or person. Month and weekday names, and two or more capitalised words in a row used in lower case by no
+    neighbour's report and absent from the knowledge base, are identifiers now; one such word alone is not (a
+    term: "Hounsfield units")."""
     def draft(texts):
         return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
                                labeller)
@@ -480,7 +481,9 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
     assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
         {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}
     for text in ("Comparison with PA and AP views: Lungs Clear.", "There may be a Small Pleural Effusion.",
-                 "No change; Right lower lobe atelectasis."):
+                 "No change; Right lower lobe atelectasis.", "There are T-spine osteophytes.",
+                 "Testicle Ultrasound \u2022 Well-circumscribed, heterogeneously hypoechoic mass.",
+                 "Attenuation of minus twenty Hounsfield units.", "CXR (AP Portable): mediastinal mass."):
         assert _identifiers(text, common) == frozenset(), text
 
 

@@ -37,8 +37,9 @@
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
    A wording naming an identifier (``_identifiers``: a number other than a measurement, a date in words such
-   as a month or weekday name, a name after a title, "Dr Smith", or a capitalised word that is no word of the
-   knowledge base nor used in lower case by any neighbour's report, "John Smith") is a candidate only when
+   as a month or weekday name, a name after a title, "Dr Smith", or two or more capitalised words in a row
+   that are no words of the knowledge base nor used in lower case by any neighbour's report, "John Smith") is a
+   candidate only when
    neighbours holding more than ``min_support`` of the weight name it too, and a neighbour naming another
    identifier is not in ``wording_from``: a draft does not carry one neighbour's (another patient's) dates or
    names that these rules catch (a lower-case name, or one that is a word the reports use, is not caught).
@@ -101,10 +102,11 @@ _DATE_WORD = re.compile(r"\b(january|february|march|april|june|july|august|septe
                         re.I)
 _MONTH_ABBREVIATION = re.compile(r"\b(Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\b")
 _MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
-# a capitalised word (not all capitals: PA, ICU) that does not start the sentence or a clause: a name when no
-# report of the neighbours uses it in lower case and the knowledge base does not hold it ("John Smith")
+# a capitalised word (not all capitals: PA, ICU) that does not start the sentence or a clause: part of a name when
+# no report of the neighbours uses it in lower case, the knowledge base does not hold it and another such word is
+# next to it ("John Smith"; alone it is as likely a term: "Hounsfield units")
 _CAPITALISED = re.compile(r"(?<![\w'-])([A-Z](?:[a-z]+|['-]?[A-Z]?[a-z]+)(?:['-]?[A-Z]?[a-z]+)*)(?![\w'-])")
-_CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -")
+_CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -", "\u2022", "\u00b7")  # "\u2022": an inline bullet
 _LOWER_WORD = re.compile(r"(?<![\w'-])([a-z]+(?:['-][a-z]+)*)(?![\w'-])")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
@@ -461,21 +463,38 @@ def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> fro
 @lru_cache(maxsize=65536)
 def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
     """What may identify one examination or patient: numbers other than measurements; dates in words (month and
-    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); and a capitalised word not
-    starting the sentence or a clause, not all capitals, and not in ``common`` (``common_words``: "John Smith")."""
+    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); and two or more capitalised
+    words in a row, each not starting the sentence or a clause, not all capitals, and not in ``common``
+    (``common_words``: "John Smith")."""
     lower = _MEASURE.sub(" ", text.lower())
     found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _TITLED_NAME.findall(lower)}
     found |= {f"date:{d.lower()}" for d in _DATE_WORD.findall(text)}
     found |= {f"date:{d.lower()[:3]}" for d in _MONTH_ABBREVIATION.findall(text)}
     found |= {"date:may" for _ in _MAY.finditer(text)}
+    run: list[str] = []  # consecutive capitalised words that may be a name, one space apart
+    last_end = -1
     for match in _CAPITALISED.finditer(text):
         word = match.group(1).lower()
         before = text[:match.start()].rstrip()
-        if not before or before.endswith(_CLAUSE_MARKS) or word in common or _DATE_WORD.fullmatch(word) \
-                or _MONTH_ABBREVIATION.fullmatch(match.group(1)) or word in ("may", *_TITLES):
-            continue
-        found.add(f"name:{word}")
-    return frozenset(found)
+        candidate = bool(before) and not before.endswith(_CLAUSE_MARKS) and word not in common \
+            and not _DATE_WORD.fullmatch(word) and not _MONTH_ABBREVIATION.fullmatch(match.group(1)) \
+            and word not in ("may", *_TITLES)
+        if match.start() != last_end + 1 or text[last_end] != " ":  # not right after the run's last word
+            found |= _names(run)
+            run = []
+        if candidate:
+            run.append(word)
+        else:
+            found |= _names(run)
+            run = []
+        last_end = match.end()
+    return frozenset(found | _names(run))
+
+
+def _names(run: list[str]) -> set[str]:
+    """A run of two or more capitalised words that are no common words is a name ("John Smith"); one such word
+    alone is not: capitalised terms of the trade ("Hounsfield units", "lower T-spine") are not names."""
+    return {f"name:{word}" for word in run} if len(run) >= 2 else set()
 
 
 def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float,
