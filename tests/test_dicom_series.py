@@ -544,3 +544,47 @@ def test_each_model_takes_the_records_of_its_kind_from_a_folder_of_images_and_se
     assert result["n_records"] == 2
     with pytest.raises(InputError, match=r"no record fits a 3D model, which takes 3D volumes.*2 2D image\(s\)"):
         build_index(deep, load_dataset(folder / "images"), tmp_path / "none", show_progress=False)
+
+
+def labelled_pull(folder: Path) -> Path:
+    """A PACS pull of both kinds with splits, a label and a report per record: 3 CT series (3D records: two in
+    ``train``, one in ``test``) next to 6 one-file 2D images (four in ``train``, two in ``test``), all pixels
+    distinct; ``finding`` alternates yes / no within each kind."""
+    from medvl.data.loaders import load_dataset
+
+    for number in range(3):
+        write_series(folder / f"ct{number}", marked_volume((4, 8, 10)) + 500 * number)
+    for number in range(6):  # one slice is no series: a 2D image
+        write_series(folder / f"image{number}", marked_volume((1, 8, 10)) * (number + 2))
+    rows, seen = [], {"image": 0, "volume": 0}
+    for record in load_dataset(folder):
+        kind = record.meta["kind"]
+        order = seen[kind] = seen[kind] + 1
+        split = "train" if order <= {"image": 4, "volume": 2}[kind] else "test"
+        finding = "yes" if order % 2 else "no"
+        rows.append(f"{record.id},{split},{finding},{kind} {'with' if order % 2 else 'without'} effusion")
+    (folder / "labels.csv").write_text("id,split,finding,text\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_case_retrieval_scores_the_queries_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """Case retrieval (``medvl eval case-retrieval``) of a folder holding 2D images and 3D series: a 2D model's
+    queries are the images, a 3D model's the series; the others are left out with a counted warning."""
+    import torch
+
+    from medvl.data.loaders import load_dataset
+    from medvl.eval.case_retrieval import case_retrieval
+    from medvl.index import build_index, open_index
+    from medvl.models.registry import create_model
+
+    folder = labelled_pull(tmp_path / "pulled")
+    dataset = load_dataset(folder)
+    torch.manual_seed(0)
+    for name, dims, queries, other in (("phantom-tiny", 2, 6, "3 3D volume(s)"), ("ct3d-tiny", 3, 3, "6 2D image(s)")):
+        model = create_model(name)
+        build_index(model, dataset, tmp_path / name, show_progress=False)
+        caplog.clear()
+        with open_index(tmp_path / name) as index, caplog.at_level("WARNING"):
+            result = case_retrieval(index, model, dataset, k=1, label_columns=["finding"], show_progress=False)
+        assert (result["n_queries"], result["n_index"], result["n_skipped"]) == (queries, queries, 0)
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text

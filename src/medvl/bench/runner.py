@@ -498,7 +498,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress,
                        skipped=dict(skipped))
     RUNNERS[task.task](context)
-    if task.task not in ("vqa", "report"):  # those two say it from their own evaluation's result
+    if task.task not in ("vqa", "report", "case-retrieval"):  # those say it from their own evaluation's result
         from ..eval.contamination import scored_records, trained_on_scored
 
         context.flag_trained(trained_on_scored(context.net, scored_records(data.split(data.spec.split), task.task,
@@ -745,6 +745,7 @@ def _case_retrieval(ctx: _Context) -> None:
         result = case_retrieval(index, ctx.net, ctx.data.split(spec.split), k=ctx.task.k,
                                 label_columns=[label] if label else None, knowledge=task_knowledge(ctx.task),
                                 show_progress=ctx.show_progress)
+    ctx.flag_trained(result.get("trained_on_scored"))
     if "knowledge" in result:
         ctx.plots["knowledge"] = result["knowledge"]
     for metric in ("precision_at_k", "jaccard_at_k", "map"):
