@@ -46,7 +46,6 @@ from .suite import (
     SuiteSpec,
     TaskSpec,
     check_models,
-    model_spatial_dims,
     task_knowledge,
 )
 
@@ -341,6 +340,8 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
 
     Everything that can be checked without running a model is checked first: the models' kinds
     against the tasks, the output folder, the datasets' splits and columns."""
+    from ..models.registry import model_spatial_dims
+
     started = time.perf_counter()
     check_models(suite, models)
     labels = model_labels(models)

@@ -422,12 +422,6 @@ def _model_config(directory: str | Path) -> dict[str, Any]:
     return raw
 
 
-def model_spatial_dims(directory: str | Path) -> int:
-    """2 for a model of images, 3 for one of volumes (a medvl config's ``image.spatial_dims``; other folders: 2)."""
-    image = _model_config(directory).get("image")
-    return int(image.get("spatial_dims", 2)) if isinstance(image, dict) else 2
-
-
 def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
     """What a model folder is, from its config.json alone (nothing loaded): a description and the
     kinds of task it takes (``dual``, ``vqa``, ``report``; a transformers VLM takes both of the last)."""
@@ -448,6 +442,8 @@ def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
 
 def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
     """InputError naming the model and the task when a model cannot do a task of the suite."""
+    from ..models.registry import model_spatial_dims
+
     if not models:
         raise InputError("give at least one --model")
     for model in models:
