@@ -547,12 +547,12 @@ def test_each_model_takes_the_records_of_its_kind_from_a_folder_of_images_and_se
 
 
 def labelled_pull(folder: Path) -> Path:
-    """A PACS pull of both kinds with splits, a label and a report per record: 3 CT series (3D records: two in
-    ``train``, one in ``test``) next to 6 one-file 2D images (four in ``train``, two in ``test``), all pixels
-    distinct; ``finding`` alternates yes / no within each kind."""
+    """A PACS pull of both kinds with splits, a label and a report per record: 4 CT series (3D records) next to
+    6 one-file 2D images, all pixels distinct; the last two of each kind in ``test``, the others in ``train``;
+    ``finding`` alternates yes / no within each kind."""
     from medvl.data.loaders import load_dataset
 
-    for number in range(3):
+    for number in range(4):
         write_series(folder / f"ct{number}", marked_volume((4, 8, 10)) + 500 * number)
     for number in range(6):  # one slice is no series: a 2D image
         write_series(folder / f"image{number}", marked_volume((1, 8, 10)) * (number + 2))
@@ -580,7 +580,7 @@ def test_case_retrieval_scores_the_queries_of_the_models_kind_from_a_folder_of_b
     folder = labelled_pull(tmp_path / "pulled")
     dataset = load_dataset(folder)
     torch.manual_seed(0)
-    for name, dims, queries, other in (("phantom-tiny", 2, 6, "3 3D volume(s)"), ("ct3d-tiny", 3, 3, "6 2D image(s)")):
+    for name, dims, queries, other in (("phantom-tiny", 2, 6, "4 3D volume(s)"), ("ct3d-tiny", 3, 4, "6 2D image(s)")):
         model = create_model(name)
         build_index(model, dataset, tmp_path / name, show_progress=False)
         caplog.clear()
@@ -588,3 +588,43 @@ def test_case_retrieval_scores_the_queries_of_the_models_kind_from_a_folder_of_b
             result = case_retrieval(index, model, dataset, k=1, label_columns=["finding"], show_progress=False)
         assert (result["n_queries"], result["n_index"], result["n_skipped"]) == (queries, queries, 0)
         assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+
+
+def test_bench_run_gives_each_model_the_records_of_its_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl bench run`` on a folder holding 2D images and 3D series scores a 2D and a 3D model side by side,
+    each on the records of its kind (the others left out with a counted warning); a split the suite reads that
+    holds none of a model's kind is refused before any work."""
+    import json
+
+    import torch
+    import yaml
+
+    from medvl.bench.runner import run_suite_file
+    from medvl.errors import InputError
+    from medvl.models.registry import create_model
+
+    folder = labelled_pull(tmp_path / "pulled")
+    torch.manual_seed(0)
+    for name in ("phantom-tiny", "ct3d-tiny"):
+        create_model(name).save_pretrained(tmp_path / name)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "pull", "bootstrap": 100, "checks": [],
+        "datasets": {"pull": {"path": str(folder), "split": "test", "train_split": "train", "label": "finding"}},
+        "tasks": [{"task": "linear-probe", "dataset": "pull"}, {"task": "case-retrieval", "dataset": "pull", "k": 1}]}))
+    models = [tmp_path / "phantom-tiny", tmp_path / "ct3d-tiny"]
+    with caplog.at_level("WARNING"):
+        results = run_suite_file(suite, models, tmp_path / "run", show_progress=False)
+    assert "left out 4 3D volume(s), which a 2D model cannot take" in caplog.text
+    assert "left out 6 2D image(s), which a 3D model cannot take" in caplog.text
+    scored = {(row["model"], row["task"]) for row in results["rows"]}
+    assert scored == {(model, task) for model in ("phantom-tiny", "ct3d-tiny")
+                      for task in ("linear-probe", "case-retrieval")}
+    cells = [json.loads(path.read_text()) for path in (tmp_path / "run" / "cells").glob("*.json")]
+    assert len(cells) == 4
+    lines = (folder / "labels.csv").read_text().splitlines()  # every series in train: none left to score
+    (folder / "labels.csv").write_text("\n".join(line.replace(",test,", ",train,") if line.startswith("vol-")
+                                                 else line for line in lines) + "\n")
+    with pytest.raises(InputError, match=r"dataset 'pull' has no record a 3D model can take in split 'test'"):
+        run_suite_file(suite, models, tmp_path / "again", show_progress=False)
+    assert not (tmp_path / "again").exists()
