@@ -628,3 +628,26 @@ def test_bench_run_gives_each_model_the_records_of_its_kind_from_a_folder_of_bot
     with pytest.raises(InputError, match=r"dataset 'pull' has no record a 3D model can take in split 'test'"):
         run_suite_file(suite, models, tmp_path / "again", show_progress=False)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_concept_bottleneck_is_fitted_on_the_records_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """The concept data of ``medvl explain --concept-data`` may be a folder holding 2D images and 3D series: the
+    bottleneck is fitted on the records the model takes, the others left out with a counted warning."""
+    import torch
+
+    from medvl.data.loaders import load_dataset
+    from medvl.explain.concepts import compare_with_probe, fit_bottleneck, load_concepts
+    from medvl.models.registry import create_model
+
+    dataset = load_dataset(labelled_pull(tmp_path / "pulled"))
+    bank = load_concepts("chest_xray")
+    torch.manual_seed(0)
+    for name, dims, other in (("phantom-tiny", 2, "2 3D volume(s)"), ("ct3d-tiny", 3, "4 2D image(s)")):
+        model = create_model(name)  # the train split: 4 images, 2 series
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fitted = fit_bottleneck(model, dataset.select("train"), "finding", bank)
+        assert fitted.classes == ["no", "yes"]
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+        compared = compare_with_probe(model, dataset.select("train"), dataset.select("test"), "finding", bank)
+        assert (compared["n_train"], compared["n_test"]) == ((4, 2) if dims == 2 else (2, 2))
