@@ -651,3 +651,33 @@ def test_a_concept_bottleneck_is_fitted_on_the_records_of_the_models_kind_from_a
         assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
         compared = compare_with_probe(model, dataset.select("train"), dataset.select("test"), "finding", bank)
         assert (compared["n_train"], compared["n_test"]) == ((4, 2) if dims == 2 else (2, 2))
+
+
+def test_a_report_generator_trains_and_is_scored_on_the_records_of_its_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl train report`` and ``medvl eval report`` on a folder holding 2D images and 3D series: a generator
+    with a 2D image tower takes the images, one with a 3D tower the series; the others are left out with a
+    counted warning."""
+    import torch
+
+    from cli_helpers import invoke
+    from medvl.data.loaders import load_dataset
+    from medvl.train.loop import TrainConfig
+    from medvl.train.report import train_report_generator
+
+    folder = labelled_pull(tmp_path / "pulled")
+    train = load_dataset(folder).select("train")  # 4 images, 2 series
+    tiny = {"decoder.hidden_size": 32, "decoder.num_heads": 2, "decoder.num_layers": 1,
+            "decoder.intermediate_size": 64, "decoder.max_length": 16, "decoder.vocab_size": 200}
+    torch.manual_seed(0)
+    for image_model, dims, records, other in (("phantom-tiny", 2, 4, "2 3D volume(s)"),
+                                              ("ct3d-tiny", 3, 2, "4 2D image(s)")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            generator = train_report_generator(train, tmp_path / image_model, TrainConfig(epochs=1, batch_size=2),
+                                               image_model=image_model, overrides=tiny, show_progress=False)
+        assert generator.meta["training"]["records"] == records
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+    result, output = invoke("eval", "report", "--model", tmp_path / "ct3d-tiny", "--data", folder, "--split", "test",
+                            "--beam-size", 1, "-q")
+    assert result.exit_code == 0, output
+    assert "2 test reports" in output and "nearest of 2 training reports" in output
