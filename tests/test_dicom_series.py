@@ -681,3 +681,17 @@ def test_a_report_generator_trains_and_is_scored_on_the_records_of_its_kind_from
                             "--beam-size", 1, "-q")
     assert result.exit_code == 0, output
     assert "2 test reports" in output and "nearest of 2 training reports" in output
+
+
+def test_cross_validation_folds_the_records_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl bench cv`` on a folder holding 2D images and 3D series draws its folds from the records the model
+    takes; the others are left out with a counted warning."""
+    from medvl.bench.cv import cross_validate
+
+    folder = labelled_pull(tmp_path / "pulled")
+    with caplog.at_level("WARNING"):
+        result = cross_validate(folder, "finding", "phantom-tiny", folds=2, epochs=1, batch_size=2,
+                                show_progress=False)
+    assert result["n"] == 6 and sorted(len(fold["test_ids"]) for fold in result["folds"]) == [3, 3]
+    assert all(record.startswith("img-") for fold in result["folds"] for record in fold["test_ids"])
+    assert "left out 4 3D volume(s), which a 2D model cannot take" in caplog.text
