@@ -544,3 +544,154 @@ def test_each_model_takes_the_records_of_its_kind_from_a_folder_of_images_and_se
     assert result["n_records"] == 2
     with pytest.raises(InputError, match=r"no record fits a 3D model, which takes 3D volumes.*2 2D image\(s\)"):
         build_index(deep, load_dataset(folder / "images"), tmp_path / "none", show_progress=False)
+
+
+def labelled_pull(folder: Path) -> Path:
+    """A PACS pull of both kinds with splits, a label and a report per record: 4 CT series (3D records) next to
+    6 one-file 2D images, all pixels distinct; the last two of each kind in ``test``, the others in ``train``;
+    ``finding`` alternates yes / no within each kind."""
+    from medvl.data.loaders import load_dataset
+
+    for number in range(4):
+        write_series(folder / f"ct{number}", marked_volume((4, 8, 10)) + 500 * number)
+    for number in range(6):  # one slice is no series: a 2D image
+        write_series(folder / f"image{number}", marked_volume((1, 8, 10)) * (number + 2))
+    rows, seen = [], {"image": 0, "volume": 0}
+    for record in load_dataset(folder):
+        kind = record.meta["kind"]
+        order = seen[kind] = seen[kind] + 1
+        split = "train" if order <= {"image": 4, "volume": 2}[kind] else "test"
+        finding = "yes" if order % 2 else "no"
+        rows.append(f"{record.id},{split},{finding},{kind} {'with' if order % 2 else 'without'} effusion")
+    (folder / "labels.csv").write_text("id,split,finding,text\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_case_retrieval_scores_the_queries_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """Case retrieval (``medvl eval case-retrieval``) of a folder holding 2D images and 3D series: a 2D model's
+    queries are the images, a 3D model's the series; the others are left out with a counted warning."""
+    import torch
+
+    from medvl.data.loaders import load_dataset
+    from medvl.eval.case_retrieval import case_retrieval
+    from medvl.index import build_index, open_index
+    from medvl.models.registry import create_model
+
+    folder = labelled_pull(tmp_path / "pulled")
+    dataset = load_dataset(folder)
+    torch.manual_seed(0)
+    for name, dims, queries, other in (("phantom-tiny", 2, 6, "4 3D volume(s)"), ("ct3d-tiny", 3, 4, "6 2D image(s)")):
+        model = create_model(name)
+        build_index(model, dataset, tmp_path / name, show_progress=False)
+        caplog.clear()
+        with open_index(tmp_path / name) as index, caplog.at_level("WARNING"):
+            result = case_retrieval(index, model, dataset, k=1, label_columns=["finding"], show_progress=False)
+        assert (result["n_queries"], result["n_index"], result["n_skipped"]) == (queries, queries, 0)
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+
+
+def test_bench_run_gives_each_model_the_records_of_its_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl bench run`` on a folder holding 2D images and 3D series scores a 2D and a 3D model side by side,
+    each on the records of its kind (the others left out with a counted warning); a split the suite reads that
+    holds none of a model's kind is refused before any work."""
+    import json
+
+    import torch
+    import yaml
+
+    from medvl.bench.runner import run_suite_file
+    from medvl.errors import InputError
+    from medvl.models.registry import create_model
+
+    folder = labelled_pull(tmp_path / "pulled")
+    torch.manual_seed(0)
+    for name in ("phantom-tiny", "ct3d-tiny"):
+        create_model(name).save_pretrained(tmp_path / name)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "pull", "bootstrap": 100, "checks": [],
+        "datasets": {"pull": {"path": str(folder), "split": "test", "train_split": "train", "label": "finding"}},
+        "tasks": [{"task": "linear-probe", "dataset": "pull"}, {"task": "case-retrieval", "dataset": "pull", "k": 1}]}))
+    models = [tmp_path / "phantom-tiny", tmp_path / "ct3d-tiny"]
+    with caplog.at_level("WARNING"):
+        results = run_suite_file(suite, models, tmp_path / "run", show_progress=False)
+    assert "left out 4 3D volume(s), which a 2D model cannot take" in caplog.text
+    assert "left out 6 2D image(s), which a 3D model cannot take" in caplog.text
+    scored = {(row["model"], row["task"]) for row in results["rows"]}
+    assert scored == {(model, task) for model in ("phantom-tiny", "ct3d-tiny")
+                      for task in ("linear-probe", "case-retrieval")}
+    cells = [json.loads(path.read_text()) for path in (tmp_path / "run" / "cells").glob("*.json")]
+    assert len(cells) == 4
+    lines = (folder / "labels.csv").read_text().splitlines()  # every series in train: none left to score
+    (folder / "labels.csv").write_text("\n".join(line.replace(",test,", ",train,") if line.startswith("vol-")
+                                                 else line for line in lines) + "\n")
+    with pytest.raises(InputError, match=r"dataset 'pull' has no record a 3D model can take in split 'test'"):
+        run_suite_file(suite, models, tmp_path / "again", show_progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_concept_bottleneck_is_fitted_on_the_records_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """The concept data of ``medvl explain --concept-data`` may be a folder holding 2D images and 3D series: the
+    bottleneck is fitted on the records the model takes, the others left out with a counted warning."""
+    import torch
+
+    from medvl.data.loaders import load_dataset
+    from medvl.explain.concepts import compare_with_probe, fit_bottleneck, load_concepts
+    from medvl.models.registry import create_model
+
+    dataset = load_dataset(labelled_pull(tmp_path / "pulled"))
+    bank = load_concepts("chest_xray")
+    torch.manual_seed(0)
+    for name, dims, other in (("phantom-tiny", 2, "2 3D volume(s)"), ("ct3d-tiny", 3, "4 2D image(s)")):
+        model = create_model(name)  # the train split: 4 images, 2 series
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fitted = fit_bottleneck(model, dataset.select("train"), "finding", bank)
+        assert fitted.classes == ["no", "yes"]
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+        compared = compare_with_probe(model, dataset.select("train"), dataset.select("test"), "finding", bank)
+        assert (compared["n_train"], compared["n_test"]) == ((4, 2) if dims == 2 else (2, 2))
+
+
+def test_a_report_generator_trains_and_is_scored_on_the_records_of_its_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl train report`` and ``medvl eval report`` on a folder holding 2D images and 3D series: a generator
+    with a 2D image tower takes the images, one with a 3D tower the series; the others are left out with a
+    counted warning."""
+    import torch
+
+    from cli_helpers import invoke
+    from medvl.data.loaders import load_dataset
+    from medvl.train.loop import TrainConfig
+    from medvl.train.report import train_report_generator
+
+    folder = labelled_pull(tmp_path / "pulled")
+    train = load_dataset(folder).select("train")  # 4 images, 2 series
+    tiny = {"decoder.hidden_size": 32, "decoder.num_heads": 2, "decoder.num_layers": 1,
+            "decoder.intermediate_size": 64, "decoder.max_length": 16, "decoder.vocab_size": 200}
+    torch.manual_seed(0)
+    for image_model, dims, records, other in (("phantom-tiny", 2, 4, "2 3D volume(s)"),
+                                              ("ct3d-tiny", 3, 2, "4 2D image(s)")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            generator = train_report_generator(train, tmp_path / image_model, TrainConfig(epochs=1, batch_size=2),
+                                               image_model=image_model, overrides=tiny, show_progress=False)
+        assert generator.meta["training"]["records"] == records
+        assert f"left out {other}, which a {dims}D model cannot take" in caplog.text
+    result, output = invoke("eval", "report", "--model", tmp_path / "ct3d-tiny", "--data", folder, "--split", "test",
+                            "--beam-size", 1, "-q")
+    assert result.exit_code == 0, output
+    assert "2 test reports" in output and "nearest of 2 training reports" in output
+
+
+def test_cross_validation_folds_the_records_of_the_models_kind_from_a_folder_of_both(tmp_path, caplog):
+    """``medvl bench cv`` on a folder holding 2D images and 3D series draws its folds from the records the model
+    takes; the others are left out with a counted warning."""
+    from medvl.bench.cv import cross_validate
+
+    folder = labelled_pull(tmp_path / "pulled")
+    with caplog.at_level("WARNING"):
+        result = cross_validate(folder, "finding", "phantom-tiny", folds=2, epochs=1, batch_size=2,
+                                show_progress=False)
+    assert result["n"] == 6 and sorted(len(fold["test_ids"]) for fold in result["folds"]) == [3, 3]
+    assert all(record.startswith("img-") for fold in result["folds"] for record in fold["test_ids"])
+    assert "left out 4 3D volume(s), which a 2D model cannot take" in caplog.text

@@ -53,7 +53,7 @@ from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
 from ..models.dual import DualEncoder
-from ..models.registry import get_config
+from ..models.registry import model_spatial_dims
 from ..train.recipes import (
     BENCHMARK_FIXED,
     RecipeSettings,
@@ -92,6 +92,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     templates and class descriptions; default: the recipe's caption set, else the dataset's own, else generic
     templates. ``overrides`` merge into the model config over the recipe's (``{"image.image_size":
     96}``). ``covariates``: metadata columns fused with the head and the probe (None = the recipe's, [] = none).
+    Records the model cannot take (a DICOM folder's 3D series for a 2D model, its 2D images for a 3D one) are
+    left out before the folds are drawn, with a warning (``Dataset.for_spatial_dims``).
     ``train`` in the result holds the resolved settings. Top-level numeric keys: ``auc``, ``auc_std``, ``acc``,
     ``acc_std``, ``balanced_accuracy``, ``balanced_accuracy_std``, ``auc_pooled``, ``majority_acc``
     (always answering the commonest class), the fold means with a ``zero_shot_`` prefix and with a
@@ -111,6 +113,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                            train_options=train_options)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
+    # a bad name or override fails here, before any training; a DICOM folder's records of the other kind are left out
+    dataset = dataset.for_spatial_dims(model_spatial_dims(model_name, **settings.model_overrides))
     classes = sorted(dataset.classes(label), key=class_order)
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
@@ -119,7 +123,6 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     groups = _groups(dataset, group_column) if group_column else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
-    get_config(model_name, **settings.model_overrides)  # a bad name or override fails before any training
     splits = make_folds(y, folds, seed, groups)
     for fold, (train_index, _) in enumerate(splits if settings.train.covariates else []):
         # every fold's training records must carry the covariates too: a bad fold fails before any fold trains

@@ -22,6 +22,7 @@ before it starts, so the two always describe the suite.json beside them. Evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -46,7 +47,6 @@ from .suite import (
     SuiteSpec,
     TaskSpec,
     check_models,
-    model_spatial_dims,
     task_knowledge,
 )
 
@@ -76,6 +76,21 @@ class PreparedDataset:
 
     def split(self, name: str):
         return self.dataset.select(name)
+
+    def for_spatial_dims(self, spatial_dims: int, splits: set[str]) -> PreparedDataset:
+        """The records a model of ``spatial_dims`` can take (``Dataset.for_spatial_dims``: a DICOM folder's 2D
+        images for a 2D model, its 3D series for a 3D one; the others left out with a warning); InputError when
+        one of ``splits`` (those the suite reads) is left with none."""
+        if self.dataset is None:
+            return self
+        kept = self.dataset.for_spatial_dims(spatial_dims)
+        if kept is self.dataset:
+            return self
+        empty = sorted(split for split in splits if not any(record.split == split for record in kept))
+        if empty:
+            raise InputError(f"{self.path}: dataset {self.spec.name!r} has no record a {spatial_dims}D model can "
+                             f"take in split {', '.join(map(repr, empty))}")
+        return dataclasses.replace(self, dataset=kept)
 
 
 def files_digest(path: Path, referenced: Iterable[Path] = (), exclude: Path | None = None) -> dict[str, Any]:
@@ -341,15 +356,23 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
 
     Everything that can be checked without running a model is checked first: the models' kinds
     against the tasks, the output folder, the datasets' splits and columns."""
+    from ..models.registry import model_spatial_dims
+
     started = time.perf_counter()
     check_models(suite, models)
     labels = model_labels(models)
     out = Path(out)
     versions = package_versions()
     _check_out(out, suite, overwrite)
-    datasets = prepare_datasets(suite, out, needed_splits(suite), show_progress)
+    needed = needed_splits(suite)
+    datasets = prepare_datasets(suite, out, needed, show_progress)
     leaks = check_fits_apart(suite, datasets)
-    check_task_inputs(suite, datasets)
+    dims = {str(model): model_spatial_dims(model) for model in models}
+    # per kind of model, the records it takes (a DICOM folder's 2D images, or its 3D series)
+    of_kind = {spatial_dims: {name: item.for_spatial_dims(spatial_dims, needed[name])
+                              for name, item in datasets.items()} for spatial_dims in sorted(set(dims.values()))}
+    for kept in of_kind.values():
+        check_task_inputs(suite, kept)
     for finished in (RESULTS_FILE, REPORT_FILE):  # an earlier run's: rewritten when this one ends
         (out / finished).unlink(missing_ok=True)
     if overwrite:  # only now that every check passed: a refused run leaves the folder as it was
@@ -360,10 +383,10 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     cells, computed = [], 0
     for model in models:
         loaded = _LazyModel(str(model))
-        digest, spatial_dims = files_digest(_model_folder(model))["sha256"], model_spatial_dims(model)
+        digest, spatial_dims = files_digest(_model_folder(model))["sha256"], dims[str(model)]
         for task in suite.tasks:
-            cell, fresh = _cell(suite, task, datasets, loaded, labels[str(model)], digest, out, versions,
-                                show_progress, spatial_dims=spatial_dims)
+            cell, fresh = _cell(suite, task, of_kind[spatial_dims], loaded, labels[str(model)], digest, out,
+                                versions, show_progress, spatial_dims=spatial_dims)
             cells.append(cell)
             computed += fresh
         loaded.release()
@@ -498,7 +521,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     context = _Context(suite, task, data, train, model.get(TASKS[task.task]), label, checks, show_progress,
                        skipped=dict(skipped))
     RUNNERS[task.task](context)
-    if task.task not in ("vqa", "report"):  # those two say it from their own evaluation's result
+    if task.task not in ("vqa", "report", "case-retrieval"):  # those say it from their own evaluation's result
         from ..eval.contamination import scored_records, trained_on_scored
 
         context.flag_trained(trained_on_scored(context.net, scored_records(data.split(data.spec.split), task.task,
@@ -745,6 +768,7 @@ def _case_retrieval(ctx: _Context) -> None:
         result = case_retrieval(index, ctx.net, ctx.data.split(spec.split), k=ctx.task.k,
                                 label_columns=[label] if label else None, knowledge=task_knowledge(ctx.task),
                                 show_progress=ctx.show_progress)
+    ctx.flag_trained(result.get("trained_on_scored"))
     if "knowledge" in result:
         ctx.plots["knowledge"] = result["knowledge"]
     for metric in ("precision_at_k", "jaccard_at_k", "map"):

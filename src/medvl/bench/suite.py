@@ -43,7 +43,9 @@ the suite does not define, a dataset path that does not exist, a missing split o
 ``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
-(``runner.check_fits_apart``; so is a calibration split holding them). The checks that transform or mask
+(``runner.check_fits_apart``; so is a calibration split holding them), and a split the suite reads that
+holds no record of a model's kind (each model is scored on the records it takes: a DICOM folder's 2D images
+for a 2D model, its 3D series for a 3D one, ``PreparedDataset.for_spatial_dims``). The checks that transform or mask
 2D images (``TWO_D_CHECKS``: corruption, shortcut) are skipped, with the reason, for a model of 3D volumes
 when the suite's list names them, and refused before any work when a task's own list does.
 """
@@ -422,12 +424,6 @@ def _model_config(directory: str | Path) -> dict[str, Any]:
     return raw
 
 
-def model_spatial_dims(directory: str | Path) -> int:
-    """2 for a model of images, 3 for one of volumes (a medvl config's ``image.spatial_dims``; other folders: 2)."""
-    image = _model_config(directory).get("image")
-    return int(image.get("spatial_dims", 2)) if isinstance(image, dict) else 2
-
-
 def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
     """What a model folder is, from its config.json alone (nothing loaded): a description and the
     kinds of task it takes (``dual``, ``vqa``, ``report``; a transformers VLM takes both of the last)."""
@@ -448,6 +444,8 @@ def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
 
 def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
     """InputError naming the model and the task when a model cannot do a task of the suite."""
+    from ..models.registry import model_spatial_dims
+
     if not models:
         raise InputError("give at least one --model")
     for model in models:

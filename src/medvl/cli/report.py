@@ -196,8 +196,7 @@ def case_retrieval_command(
     class-prior baseline; the finding F1 of reports drafted from the neighbours, beside the nearest
     single report."""
     from ..api import load_split
-    from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings, query_records
-    from ..eval.contamination import trained_on_scored
+    from ..eval.case_retrieval import case_retrieval, check_case_retrieval_settings
     from ..index import describe_target, index_model, open_index
 
     check_outputs(overwrite, {"--index": index, "--data": data, "--model": model, "--knowledge": knowledge},
@@ -210,10 +209,6 @@ def case_retrieval_command(
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)
-    # the encoder learned the queries (the scored records only): its neighbours are training figures
-    seen = trained_on_scored(net, dataset.subset(query_records(dataset, result["label_columns"])))
-    if seen is not None:
-        result["trained_on_scored"] = seen
     print_case_retrieval(result)
     emit_json({**result, "index": describe_target(index), "data": describe_target(data), "split": split}, json_out,
               overwrite)

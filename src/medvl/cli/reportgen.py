@@ -173,8 +173,8 @@ def eval_report_command(
     net = load_report_generator(model)
     check_max_length(net, max_length)
     baseline = load_model(baseline_model) if baseline_model is not None else None
-    test = load_split(data, split, allow_outside_root=allow_outside_root)
-    train = load_split(data, train_split, allow_outside_root=allow_outside_root)
+    test = load_split(data, split, allow_outside_root=allow_outside_root, model=model)
+    train = load_split(data, train_split, allow_outside_root=allow_outside_root, model=model)
     shared = train.shared_images(test)
     if shared:  # e.g. --split all: the baseline would retrieve each scored image's own report
         raise InputError(f"--train-split {train_split!r} holds {shared} of the {len(test)} scored images (--split "

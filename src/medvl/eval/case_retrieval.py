@@ -60,6 +60,7 @@ from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
 from ..rag.knowledge import KnowledgeBase
 from ..rag.labels import ReportLabeller
+from .contamination import trained_on_scored
 from .coverage import knowledge_coverage
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,14 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
                    min_similarity: float = MIN_SIMILARITY, map_depth: int = 1000,
                    show_progress: bool = True) -> dict[str, Any]:
     """Score image->image case retrieval of ``dataset``'s records against ``index`` (see the module
-    docstring for every definition). Returns a JSON-serialisable dict."""
+    docstring for every definition). Records the model cannot take (a DICOM folder's 3D series for a 2D
+    model, its 2D images for a 3D one) are left out first, with a warning (``Dataset.for_spatial_dims``).
+    Returns a JSON-serialisable dict; ``trained_on_scored`` when the model learned from queries
+    (``eval.contamination.trained_on_scored``)."""
     started = time.perf_counter()
     check_case_retrieval_settings(k, draft_k, min_support, min_similarity, map_depth, label_columns)
     check_model(index.info, model, index.location)
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     columns = _label_columns(index, dataset, label_columns)
     queries = query_records(dataset, columns)
     if not queries:
@@ -112,6 +117,10 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
         result["knowledge_retrieval"] = _knowledge_retrieval(model, vectors, reference, labeller.knowledge)
     else:  # the labeller reads the references too: does its knowledge base hold their findings?
         result["knowledge"] = knowledge_coverage(queries, labeller)
+    # the encoder learned the queries: its neighbours are training figures
+    seen = trained_on_scored(model, dataset.subset(queries))
+    if seen is not None:
+        result["trained_on_scored"] = seen
     result["seconds"] = round(time.perf_counter() - started, 2)
     _headline(result)
     return result

@@ -224,10 +224,13 @@ class ConceptBottleneck:
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
                    image_embeddings: torch.Tensor | None = None, show_progress: bool = False) -> ConceptBottleneck:
-    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record is used); a warning when
-    it keeps no concept (``ConceptBottleneck.warn_if_prior_only``)."""
+    """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record the model can take is used:
+    a DICOM folder's 3D series are left out for a 2D model, its 2D images for a 3D one, with a warning,
+    ``Dataset.for_spatial_dims``); a warning when it keeps no concept (``ConceptBottleneck.warn_if_prior_only``).
+    ``image_embeddings``: those of the records the model takes, in order."""
     from sklearn.model_selection import GridSearchCV
 
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     classes, y = _targets(dataset, label)
     if image_embeddings is None:
         image_embeddings = embed_images(model, dataset, show_progress=show_progress)
@@ -269,8 +272,11 @@ def l1_logistic_regression(seed: int = 0, **options: Any):
 
 def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBank, captions=None,
                        seed: int = 0, show_progress: bool = False) -> dict[str, Any]:
-    """Accuracy of a concept bottleneck and of a linear probe on the same image embeddings."""
+    """Accuracy of a concept bottleneck and of a linear probe on the same image embeddings (of the records the
+    model can take, ``Dataset.for_spatial_dims``)."""
     started = time.perf_counter()
+    spatial_dims = model.config.image.spatial_dims
+    train_data, test_data = train_data.for_spatial_dims(spatial_dims), test_data.for_spatial_dims(spatial_dims)
     classes, y_train = _targets(train_data, label)
     test_classes, y_test = _targets(test_data, label, classes)
     train_embeddings = embed_images(model, train_data, show_progress=show_progress)

@@ -48,13 +48,15 @@ def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfi
     check_out_dir(Path(out), resume)
     if context_k and index is None:
         raise InputError("--context-k needs --index (the cases whose reports are given as context)")
+    seed_everything(config.seed)
+    settings, dual = generator_config(image_model, init, overrides, context_k)
+    dataset = dataset.for_spatial_dims(settings.image.spatial_dims)  # a DICOM folder's other kind left out
     with_text = dataset.subset([r for r in dataset if r.text and r.text.strip()])
     if len(with_text) < len(dataset):
         log.info("%s: left out %d records without a report", dataset.source, len(dataset) - len(with_text))
     if len(with_text) < 2:
         raise InputError(f"{dataset.source}: need at least 2 records with a report, got {len(with_text)}")
-    seed_everything(config.seed)
-    model = build_generator([r.text or "" for r in with_text], image_model, init, overrides, context_k)
+    model = _generator(settings, [r.text or "" for r in with_text], dual, init)
     contexts = None
     if context_k:
         from ..index import index_model
@@ -70,6 +72,15 @@ def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfi
 def build_generator(reports: list[str], image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
                     overrides: dict[str, Any] | None = None, context_k: int = 0) -> ReportGenerator:
     """A generator at random init with a vocabulary learnt from ``reports`` (see ``train_report_generator``)."""
+    config, dual = generator_config(image_model, init, overrides, context_k)
+    return _generator(config, reports, dual, init)
+
+
+def generator_config(image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+                     overrides: dict[str, Any] | None = None,
+                     context_k: int = 0) -> tuple[ReportGeneratorConfig, Any]:
+    """The generator's config (see ``train_report_generator``) and the dual encoder loaded from ``init``
+    (None without), whose image tower the generator copies."""
     from ..models.registry import get_config, load_model
 
     dual = None
@@ -86,7 +97,11 @@ def build_generator(reports: list[str], image_model: str = DEFAULT_IMAGE_MODEL, 
     base = ReportGeneratorConfig(image=image)
     if init is not None and any(key.startswith("image.") for key in settings):
         raise InputError("image.* overrides do not apply with --init (the image tower is the dual encoder's)")
-    config = base.merged(settings)
+    return base.merged(settings), dual
+
+
+def _generator(config: ReportGeneratorConfig, reports: list[str], dual: Any,
+               init: str | Path | None) -> ReportGenerator:
     model = ReportGenerator(config, tokenizer=train_wordpiece(reports, config.decoder.vocab_size,
                                                                config.decoder.vocab_min_texts))
     if dual is not None:
