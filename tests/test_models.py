@@ -365,3 +365,16 @@ def test_a_max_length_beyond_the_text_towers_positions_is_refused_when_the_model
                             "--epochs", 1, "--text-encoder", "all-minilm-l6-v2", "--set", "text.max_length=1000", "-q")
     assert result.exit_code == 2 and "Traceback" not in output and "exceeds the text tower's 512 positions" in output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dims", ["x", 4, None, True])
+def test_a_model_folder_whose_spatial_dims_is_not_2_or_3_is_one_line_naming_the_config(dims, tmp_path):
+    """A model's kind (images or volumes) is read from its config alone; a hand-edited value crashed with a bare
+    ValueError (or passed as 1 / 4)."""
+    from medvl.models.registry import model_spatial_dims
+
+    (tmp_path / "config.json").write_text(json.dumps({"image": {"spatial_dims": dims}}), encoding="utf-8")
+    with pytest.raises(ModelError, match=r"config\.json: image\.spatial_dims must be 2 or 3"):
+        model_spatial_dims(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"image": {"spatial_dims": 3}}), encoding="utf-8")
+    assert model_spatial_dims(tmp_path) == 3

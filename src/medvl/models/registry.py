@@ -141,7 +141,10 @@ def model_spatial_dims(name_or_dir: str | Path, **overrides: Any) -> int:
         except (OSError, UnicodeDecodeError, ValueError):
             raise ModelError(f"{path}: cannot read the model config (not JSON)") from None
         image = raw.get("image") if isinstance(raw, dict) else None
-        return int(image.get("spatial_dims", 2)) if isinstance(image, dict) else 2
+        dims = image.get("spatial_dims", 2) if isinstance(image, dict) else 2
+        if dims not in (2, 3) or isinstance(dims, bool):
+            raise ModelError(f"{path}: image.spatial_dims must be 2 or 3, got {dims!r}")
+        return int(dims)
     if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
         raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
     return get_config(str(name_or_dir), **overrides).image.spatial_dims
