@@ -170,6 +170,21 @@ def ct_phantom(tmp_path_factory):
     return folder
 
 
+def test_explain_refuses_a_volume_model_before_it_reads_the_concept_data(ct_phantom, tmp_path):
+    """A 3D model was refused only after the concept bottleneck was fitted on --concept-data (the slow step): its
+    data was read and checked first, so a dataset without labels gave that error instead of the real one."""
+    torch.manual_seed(0)
+    medvl.create_model("ct3d-tiny").save_pretrained(tmp_path / "ct-model")
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    (unlabelled / "labels.csv").write_text("image,report\nct_00000.nii.gz,A scan.\n", encoding="utf-8")
+    volume = next(ct_phantom.glob("**/ct_00000.nii.gz"))
+    (unlabelled / volume.name).write_bytes(volume.read_bytes())
+    result, output = invoke("explain", volume, "--model", tmp_path / "ct-model", "--concept-data", unlabelled)
+    assert result.exit_code == 2, output
+    assert "heatmaps are for 2D images; this model's image encoder is a 3D" in output, output
+
+
 def test_grounding_is_for_2d_models_and_refuses_3d_masks(ct_phantom, tiny_model):
     """A 3D model is refused for what it is before any mask is looked for (it used to be a wrong "mask not found":
     the mask name was built from 'ct_00000.nii' + '.png'); a 2D model on the CT phantom is told 3D masks are not

@@ -47,7 +47,7 @@ def explain_command(
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
     from ..explain.explanation import EXPLANATION_FILE
-    from ..explain.heatmaps import check_methods
+    from ..explain.heatmaps import check_heatmap_model, check_methods
     from ..io import check_output_file, check_output_folder
     from ..models.registry import load_model
 
@@ -63,6 +63,7 @@ def explain_command(
     if method:
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)
+    check_heatmap_model(net)  # a volume model's refusal before a bottleneck is fitted (slow)
     fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root)
     names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
