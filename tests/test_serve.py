@@ -1435,6 +1435,43 @@ def test_no_auth_is_refused_off_loopback(model_dir):
     assert result.exit_code == 2 and "loopback" in output
 
 
+def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir, monkeypatch):
+    """--max-upload-mb nan / inf crashed with a traceback (exit 1) when converted to bytes; a value below one byte
+    was refused as 'max_upload_bytes ... got 0', and --max-batch 0 as 'max_batch': the settings' names, not the
+    options'."""
+    monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
+    for options, reason in ((["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
+                            (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number, got inf"),
+                            (["--max-upload-mb", "-1"], "--max-upload-mb must be >= "),
+                            (["--max-upload-mb", "0.0000001"], "--max-upload-mb must be >= "),
+                            (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+                            (["--rate-burst", "0"], "--rate-burst must be >= 1"),
+                            (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number")):
+        result, output = invoke("serve", "--model", model_dir, "--port", _free_port(), *options)
+        assert result.exit_code == 2, (options, output)
+        errors = {line for line in output.splitlines() if line.startswith("error:")}  # result.output holds stderr too
+        assert len(errors) == 1 and reason in output and "max_" not in output and "Traceback" not in output, output
+
+
+def test_a_port_out_of_range_or_taken_is_refused_before_the_model_loads(model_dir, monkeypatch):
+    """--port 70000 listened on 4464 (70000 - 65536) while the log announced 70000; a taken port failed only after
+    the model had loaded, as a JSON log line and exit 3."""
+    monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result, output = invoke("serve", "--model", model_dir, "--port", port)
+        assert result.exit_code == 2, output
+        assert f"error: --host 127.0.0.1 --port {port}: cannot listen there" in output, output
+        assert "model ready" not in output and time.monotonic() - started < 5
+    for port, reason in ((70000, "--port must be <= 65535, got 70000"), (0, "--port must be >= 1, got 0"),
+                         (-5, "--port must be >= 1, got -5")):
+        result, output = invoke("serve", "--model", model_dir, "--port", port)
+        assert result.exit_code == 2 and reason in output, output
+
+
 def test_the_weights_hash_is_computed_once_per_loaded_model_and_again_after_a_change(model_dir):
     import torch
 
