@@ -425,6 +425,34 @@ def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     assert films.status_code == 200, films.text
 
 
+def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fields(client, png):
+    """A field spelt the CLI's way (min-similarity), in another case (K) or guessed (filter for where) was dropped
+    and the answer computed with the default, without a word; every route's own fields are still taken."""
+    image = ("x.png", png.read_bytes())
+    for path, fields, unknown, takes in (
+            ("/v1/report/draft", {"min-similarity": "0.999"}, "'min-similarity'",
+             "image, k, where, min_support, min_similarity, related"),
+            ("/v1/search", {"K": "1", "filter": "sex = 'M'"}, "'K', 'filter'", "image, text, k, where, target"),
+            ("/v1/zero-shot", {"labels": LABELS, "label-column": "sex"}, "'label-column'",
+             "image, labels, label_column"),
+            ("/v1/explain", {"label": "nodule,no_finding"}, "'label'", "image, labels, methods, label_column, top, k"),
+            ("/v1/vqa", {"question": QUESTION, "images": "x"}, "'images'", "image, question"),
+            ("/v1/preview", {"windows": "lung"}, "'windows'", "image, window"),
+            ("/v1/embed", {"model": "other"}, "'model'", "image")):
+        answer = client.post(path, headers=auth(), files={"image": image}, data=fields)
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.json()["detail"] == f"unknown field(s) {unknown}; {path} takes {takes}", answer.text
+    encoded = client.post("/v1/search", headers={**auth(), "Content-Type": "application/x-www-form-urlencoded"},
+                          content=b"text=effusion&kk=3")
+    assert encoded.status_code == 422 and "unknown field(s) 'kk'" in encoded.json()["detail"]
+    draft = client.post("/v1/report/draft", headers=auth(), files={"image": image},
+                        data={"k": "3", "where": "age > 0", "min_support": "0.5", "min_similarity": "0.999",
+                              "related": "1"})
+    assert draft.status_code == 200 and draft.json()["settings"]["min_similarity"] == 0.999, draft.text
+    searched = client.post("/v1/search", headers=auth(), data={"text": "effusion", "k": "1", "target": "texts"})
+    assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
+
+
 def test_every_answer_has_its_own_request_id(client):
     ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)

@@ -20,7 +20,8 @@ outputs for ``medvl predict``, ``medvl search`` and ``medvl report draft``; ``/`
 
 medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 403 (a stored path
 leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 413 (too large),
-415 (unsupported type), 422 (unreadable upload, bad option), 503 (queue full, no index); 401 / 429
+415 (unsupported type), 422 (unreadable upload, bad option, a field the route does not
+take or one given twice), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
 ``X-Request-ID`` that names its log line.
 """
@@ -101,13 +102,14 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         await loader.stop()
 
     app = FastAPI(title="medvl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  dependencies=[Depends(_fields_once)],
+                  dependencies=[Depends(_check_fields)],
                   description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts, "
                               "explanations, visual question answering. Every /v1 route but /v1/health needs "
                               "'Authorization: Bearer TOKEN'.")
     app.state.loader = loader
     app.state.service = loader.service
     _add_routes(app, loader, settings)
+    app.state.form_fields = _form_fields(app)
     _add_docs(app)
     _add_error_handlers(app)
     if settings.cors_origins:
@@ -186,16 +188,35 @@ async def _bytes(image: UploadFile, service: ModelService) -> bytes:
 
 
 MULTI_FIELDS = {"/v1/vqa": {"image"}}  # the fields a route takes several of (films in order)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+SHOWN_UNKNOWN = 10  # unknown field names an answer quotes at most (each cut to 40 characters)
 
 
-async def _fields_once(request: Request) -> None:
-    """A form field given twice is refused (422): a route answered about the last of two images, or the last of
-    two questions, without a word."""
-    if request.method != "POST" or not request.headers.get("content-type", "").startswith("multipart/"):
+def _form_fields(app: FastAPI) -> dict[str, tuple[str, ...]]:
+    """Each POST route's form fields (its ``Form`` and ``File`` parameters), in the order it declares them."""
+    from fastapi.routing import APIRoute
+
+    return {route.path: tuple(param.alias for param in route.dependant.body_params)
+            for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
+
+
+async def _check_fields(request: Request) -> None:
+    """A form field the route does not take (422 naming it and the route's fields: a misspelt ``min-similarity``
+    or ``K`` was dropped and the default answered, without a word), or a field given twice (422: a route answered
+    about the last of two images, or the last of two questions, without a word)."""
+    content_type = request.headers.get("content-type", "").lower()
+    if request.method != "POST" or not content_type.startswith(FORM_TYPES):
         return
     form = await request.form()  # parsed once: the route's own parameters read the same form
+    path = request.url.path
+    accepted = request.app.state.form_fields.get(path, ())
+    unknown = sorted(name for name in set(form.keys()) if name not in accepted)
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:SHOWN_UNKNOWN])
+        more = f" and {len(unknown) - SHOWN_UNKNOWN} more" if len(unknown) > SHOWN_UNKNOWN else ""
+        raise HTTPException(422, f"unknown field(s) {shown}{more}; {path} takes {', '.join(accepted) or 'none'}")
     repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1
-                      and name not in MULTI_FIELDS.get(request.url.path, set()))
+                      and name not in MULTI_FIELDS.get(path, set()))
     if repeated:
         raise HTTPException(422, f"field(s) {', '.join(repeated)} given more than once; send each once")
 
