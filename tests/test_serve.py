@@ -428,7 +428,7 @@ def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
 def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fields(client, png):
     """A field spelt the CLI's way (min-similarity), in another case (K) or guessed (filter for where) was dropped
     and the answer computed with the default, without a word; every route's own fields are still taken."""
-    image = ("x.png", png.read_bytes())
+    image, token = ("x.png", png.read_bytes()), auth()  # one token: 10 requests, within its burst
     for path, fields, unknown, takes in (
             ("/v1/report/draft", {"min-similarity": "0.999"}, "'min-similarity'",
              "image, k, where, min_support, min_similarity, related"),
@@ -439,17 +439,17 @@ def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fie
             ("/v1/vqa", {"question": QUESTION, "images": "x"}, "'images'", "image, question"),
             ("/v1/preview", {"windows": "lung"}, "'windows'", "image, window"),
             ("/v1/embed", {"model": "other"}, "'model'", "image")):
-        answer = client.post(path, headers=auth(), files={"image": image}, data=fields)
+        answer = client.post(path, headers=token, files={"image": image}, data=fields)
         assert answer.status_code == 422, (path, answer.text)
         assert answer.json()["detail"] == f"unknown field(s) {unknown}; {path} takes {takes}", answer.text
-    encoded = client.post("/v1/search", headers={**auth(), "Content-Type": "application/x-www-form-urlencoded"},
+    encoded = client.post("/v1/search", headers={**token, "Content-Type": "application/x-www-form-urlencoded"},
                           content=b"text=effusion&kk=3")
     assert encoded.status_code == 422 and "unknown field(s) 'kk'" in encoded.json()["detail"]
-    draft = client.post("/v1/report/draft", headers=auth(), files={"image": image},
+    draft = client.post("/v1/report/draft", headers=token, files={"image": image},
                         data={"k": "3", "where": "age > 0", "min_support": "0.5", "min_similarity": "0.999",
                               "related": "1"})
     assert draft.status_code == 200 and draft.json()["settings"]["min_similarity"] == 0.999, draft.text
-    searched = client.post("/v1/search", headers=auth(), data={"text": "effusion", "k": "1", "target": "texts"})
+    searched = client.post("/v1/search", headers=token, data={"text": "effusion", "k": "1", "target": "texts"})
     assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
 
 
@@ -1168,6 +1168,15 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
 
 
+def test_a_refused_film_of_several_is_named_by_its_place(client, png):
+    """A truncated second film was refused as 'corrupt or truncated image' without saying which of the two."""
+    whole = png.read_bytes()
+    answer = vqa(client, [whole, whole[: len(whole) // 2]])
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("image 2 of 2: corrupt or truncated image"), answer.text
+    assert vqa(client, [b"GIF89a" + b"\0" * 200, whole]).json()["detail"].startswith("image 1 of 2: unsupported")
+
+
 def test_without_a_vqa_model_vqa_is_409_and_the_page_is_told(model_dir, png):
     from fastapi.testclient import TestClient
 
@@ -1248,6 +1257,28 @@ def test_the_heavy_lane_runs_one_at_a_time_and_refuses_beyond_its_queue():
         return results
 
     assert asyncio.run(run()) == [True, "second"]
+
+
+def test_a_busy_heavy_lane_answers_503_with_retry_after(server, client, png):
+    """The 429s carried Retry-After, the heavy lane's 'retry shortly' 503 did not: a client could not back off."""
+    lane = server.app.state.service.lane
+    gate, token = threading.Event(), auth()  # one token: 6 requests, within its burst
+    lane.thread.submit(gate.wait, 60)  # the lane's one thread is busy, as with a long explanation
+    try:
+        full = lane.max_waiting + 1  # requests on the lane when it is full: one computing, max_waiting waiting
+        with ThreadPoolExecutor(full) as pool:
+            waiting = [pool.submit(explain, client, png.read_bytes(), token, labels="nodule,no_finding",
+                                   methods="patch_text") for _ in range(full)]
+            deadline = time.monotonic() + 30
+            while lane.pending < full and time.monotonic() < deadline:
+                time.sleep(0.02)
+            busy = explain(client, png.read_bytes(), token, labels="nodule,no_finding", methods="patch_text")
+            gate.set()
+            assert all(future.result(timeout=120).status_code == 200 for future in waiting)
+    finally:
+        gate.set()
+    assert busy.status_code == 503 and "retry shortly" in busy.json()["detail"], busy.text
+    assert int(busy.headers["Retry-After"]) >= 1
 
 
 # ------------------------------------------------------------------------------- OpenAPI docs

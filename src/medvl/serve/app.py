@@ -382,7 +382,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def medvl_error(request: Request, error: MedvlError) -> JSONResponse:
         request.state.timings["error"] = type(error).__name__
         reason = error.problem if isinstance(error, DataError) else str(error)
-        return JSONResponse({"detail": reason}, status_code=getattr(error, "status", 422))
+        retry_after = getattr(error, "retry_after", None)  # a busy service says when to ask again, as a 429 does
+        return JSONResponse({"detail": reason}, status_code=getattr(error, "status", 422),
+                            headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_form(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -430,12 +430,22 @@ class ModelService:
         question = self.check_vqa_request(len(images), question)
         self.lane.check()
         # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
-        uploads = [await self.decode(data, timings, for_vqa=True) for data in images]
+        uploads = [await self._decode_film(data, number, len(images), timings) for number, data in enumerate(images, 1)]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
                                      timings=timings)
         return {"model": self.settings.vqa_model.name if self.settings.vqa_model else None,
                 "images": [{"kind": upload.kind, "bytes": upload.n_bytes} for upload in uploads], **result}
+
+    async def _decode_film(self, data: bytes, number: int, count: int, timings: dict[str, Any]) -> Upload:
+        """One of a VQA request's uploads, decoded as the VQA model reads files; of several, a refusal names
+        which (``image 2: ...``), as ``medvl vqa`` names the file."""
+        try:
+            return await self.decode(data, timings, for_vqa=True)
+        except UploadRejected as error:
+            if count == 1:
+                raise
+            raise UploadRejected(error.status, f"image {number} of {count}: {error}") from None
 
     def _labeller(self):
         if self.labeller is None:
