@@ -772,8 +772,9 @@ def _edit_text_config(folder: Path) -> None:
 ])
 def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left_loading(
         damage, reason, model_dir, tmp_path, log_lines, monkeypatch):
-    """A load that raises, whatever the exception, ends in ``failed`` with the reason (the CLI's line for medvl's
-    errors), and one log line naming the error type only (no file content)."""
+    """A load that raises, whatever the exception, ends in ``failed``: the routes behind a token give the reason (the
+    CLI's line for medvl's errors); the public /v1/health and one log line name the error type only (no file
+    content, no path: /v1/health gave out the reason, with the server's absolute model path in it, to anyone)."""
     import shutil
 
     from fastapi.testclient import TestClient
@@ -797,8 +798,10 @@ def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left
             assert time.monotonic() < deadline, "still loading"
             time.sleep(0.05)
         assert health.status_code == 503 and health.json()["status"] == "failed"
-        assert "could not be loaded" in health.json()["detail"] and reason in health.json()["detail"]
-        assert http.get("/v1/models").status_code == 503
+        assert health.json()["error"].endswith("Error") and "could not be loaded" in health.json()["detail"]
+        assert reason not in health.text and "MRN123" not in health.text and str(tmp_path) not in health.text
+        refused = http.get("/v1/models")  # a token would be needed, but for require_token=False
+        assert refused.status_code == 503 and reason in refused.json()["detail"], refused.text
     failures = [line for line in log_lines() if "model not loaded" in line]
     assert len(failures) == 1 and "Error" in json.loads(failures[0])["error"]
     assert not any("MRN123" in line for line in log_lines())

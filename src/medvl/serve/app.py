@@ -76,7 +76,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     be asked for: ``require_token=False``). The model is loaded here, or with ``load_in_background``
     once the server runs: ``/v1/health`` then answers at once (``"status": "loading"``) and the other
     routes 503 until the model is ready (``medvl serve`` does this; a model that fails to load is
-    ``"status": "failed"`` with the reason, 503).
+    ``"status": "failed"`` with the error's type, 503; the other routes' 503 gives the reason).
     """
     settings = (settings or ServeSettings()).validate()  # ModelService resolves backend auto for its model
     from starlette.formparsers import MultiPartParser
@@ -130,7 +130,8 @@ class Loader:
         self.arguments = (model_dir, index, settings)
         self.service: ModelService | None = None
         self.ready = False  # loaded and its batcher running
-        self.failure: str | None = None
+        self.failure: str | None = None  # why the load failed, for the routes behind a token (may name paths)
+        self.failure_type: str | None = None  # the error's type only, for /v1/health (public) and the log
 
     def load(self) -> ModelService:
         self.service = ModelService(*self.arguments)
@@ -147,9 +148,10 @@ class Loader:
                 reason = str(error) if isinstance(error, MedvlError) else \
                     f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
                 self.failure = f"the model could not be loaded: {reason}"
-                # the log keeps the error type only (a library's message may quote what it read); the reason, for
-                # the operator, is in /health and every route's 503
-                log.error("model not loaded", extra={"error": type(error).__name__})
+                self.failure_type = type(error).__name__
+                # the log and the public /v1/health keep the error type only (a library's message may quote what it
+                # read, medvl's names files); the reason, for the operator, is in every other route's 503
+                log.error("model not loaded", extra={"error": self.failure_type})
                 return
         await service.start()
         app.state.service = service
@@ -234,9 +236,12 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.get("/v1/health", tags=["service"])
     async def health() -> JSONResponse:
-        """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the reason)."""
+        """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the error's type only: the
+        reason may name the server's files; the routes behind a token give it)."""
         if loader.failure:
-            return JSONResponse({"status": "failed", "detail": loader.failure}, status_code=503)
+            return JSONResponse({"status": "failed", "error": loader.failure_type,
+                                 "detail": f"the model could not be loaded ({loader.failure_type}); the routes that "
+                                           "need a token give the reason"}, status_code=503)
         if not loader.ready or loader.service is None:
             return JSONResponse({"status": "loading", "batching": settings.batching})
         return JSONResponse({"status": "ok", "batching": settings.batching, "waiting": loader.service.batcher.waiting})
