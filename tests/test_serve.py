@@ -1133,6 +1133,21 @@ def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png)
                        data={"question": QUESTION}).status_code == 401
 
 
+def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):
+    """The service's answers said '--where: ...', '(pass --labels a,b,...)' and '(--min-similarity)'."""
+    image, token = ("x.png", png.read_bytes()), auth()
+    where = client.post("/v1/search", headers=token, files={"image": image}, data={"where": "age > 50 --"})
+    assert where.status_code == 422 and where.json()["detail"].startswith("where: unexpected character '-'")
+    labels = explain(client, png.read_bytes(), token, labels="nodule")
+    assert labels.status_code == 422 and labels.json()["detail"] == (
+        "need at least 2 distinct labels to explain a prediction, got ['nodule']")
+    draft = client.post("/v1/report/draft", headers=token, files={"image": image}, data={"min_similarity": "1"})
+    assert draft.status_code == 200 and draft.json()["abstained"], draft.text
+    assert draft.json()["reason"].endswith("< 1.000 (min_similarity)"), draft.json()["reason"]
+    for answer in (where, labels, draft):
+        assert "--" not in answer.text.replace("age > 50 --", ""), answer.text
+
+
 def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phantom_dir, log_lines):
     from medvl.eval.vqa import answer_with_rationale
     from medvl.models.vqa import load_vqa_model

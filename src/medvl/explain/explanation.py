@@ -59,8 +59,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
-        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes} "
-                         "(pass --labels a,b,...)")
+        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}")
     return classes
 
 
