@@ -1121,16 +1121,33 @@ def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png)
                            ({"k": 0}, "k must be >= 1")):
         answer = explain(client, png.read_bytes(), **fields)
         assert answer.status_code == 422 and reason in answer.json()["detail"], (fields, answer.text)
-    # a class the captions never describe: explained with bare-name prompts, as /v1/zero-shot answers it
-    answer = explain(client, png.read_bytes(), labels="nodule,martian", methods="patch_text")
-    predicted = client.post("/v1/zero-shot", headers=auth(), files={"image": ("image.png", png.read_bytes())},
-                            data={"labels": "nodule,martian"})
-    assert answer.status_code == 200 and predicted.status_code == 200, answer.text
-    assert answer.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
     assert explain(client, b"GIF89a" + b"\0" * 200).status_code == 415
     assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
     assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},
                        data={"question": QUESTION}).status_code == 401
+
+
+def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_explain_does(
+        client, model_dir, bottleneck_file, png, tmp_path):
+    """With --bottleneck, /v1/explain answered 200 for labels the bottleneck does not know, their findings without
+    concept keys and without a word, while medvl explain refused them (exit 2)."""
+    from medvl.data.images import read_image
+    from medvl.explain.concepts import ConceptBottleneck
+    from medvl.explain.explanation import explain_pixels
+
+    token = auth()
+    for labels in ("foo,bar", "nodule,martian"):
+        answer = explain(client, png.read_bytes(), token, labels=labels, methods="patch_text")
+        result, output = invoke("explain", png, "--model", model_dir, "--labels", labels, "--method", "patch_text",
+                                "--bottleneck", bottleneck_file, "--out", tmp_path / labels.replace(",", "-"))
+        assert answer.status_code == 422 and result.exit_code == 2, (answer.text, output)
+        detail = answer.json()["detail"]
+        unknown = labels.removeprefix("nodule,").replace(",", ", ")
+        assert detail.startswith(f"the concept bottleneck does not predict {unknown}; it knows"), detail
+        assert f"error: {detail}" in " ".join(output.split()), (output, detail)
+    with pytest.raises(InputError, match="the concept bottleneck does not predict martian"):  # the library's call
+        explain_pixels(load_model(model_dir), read_image(png), labels=["nodule", "martian"],
+                       bottleneck=ConceptBottleneck.load(bottleneck_file))
 
 
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):

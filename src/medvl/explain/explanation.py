@@ -63,6 +63,24 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
     return classes
 
 
+def explained_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
+                      captions=None, bottleneck=None) -> list[str]:
+    """The classes an explanation chooses among (``finding_classes``'s, without their prompts), checked before
+    any image is read: at least 2, a known ``label_column``, and with ``bottleneck`` only classes it predicts."""
+    classes = _classes(model, labels, label_column, captions)
+    check_bottleneck_classes(classes, bottleneck)
+    return classes
+
+
+def check_bottleneck_classes(classes: Sequence[str], bottleneck=None) -> None:
+    """InputError naming the classes a concept bottleneck does not predict: their findings would have no concepts,
+    without a word."""
+    unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
+    if unknown:
+        raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
+                         f"{', '.join(bottleneck.classes)}")
+
+
 def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods: Sequence[str]) -> list[Path]:
     """Every overlay file an explanation of ``image`` may write (checked before any work)."""
     stem = Path(image).stem
@@ -86,10 +104,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     classes = _classes(model, labels, label_column, captions)  # checked before any work; warned once, below
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
-    unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
-    if unknown:
-        raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
-                         f"{', '.join(bottleneck.classes)}")
+    check_bottleneck_classes(classes, bottleneck)
     if index is not None:  # before any file is written
         from ..index.base import check_k, check_model
 
@@ -174,6 +189,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     check_heatmap_model(model)
     methods = check_methods(methods)
     column, classes, prompts = finding_classes(model, labels, label_column, captions)
+    check_bottleneck_classes(classes, bottleneck)
     check_number("top", top, minimum=1, maximum=len(classes), integer=True)
     shape = tuple(int(side) for side in (map_shape or image.shape[:2]))
     pixels = model.preprocessor.load(image, source=source)[None]  # source: the file an error names
@@ -186,7 +202,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
         maps = {m: resize_map(h[0], shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
         entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
                                  "heatmaps": {m: {"peak": _peak(h), "map": h} for m, h in maps.items()}}
-        if bottleneck is not None and classes[target] in bottleneck.classes:
+        if bottleneck is not None:
             entry["concepts"] = bottleneck.contributions(embedding, classes[target], top=concepts_top)
             entry["concepts_against"] = bottleneck.contributions(embedding, classes[target], top=against_top,
                                                                  direction="against")

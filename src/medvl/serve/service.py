@@ -367,7 +367,7 @@ class ModelService:
         heatmap an RGBA PNG overlay (base64) of the preview's shape, its peak on that grid (``map_shape``, the
         overlay's shape: smaller than the image's when the image is larger than a preview), and the k nearest
         cases when an index is loaded."""
-        from ..explain.explanation import nearest_cases
+        from ..explain.explanation import explained_classes, nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
 
@@ -380,6 +380,7 @@ class ModelService:
         self.lane.check()
         chosen = methods or self.explain_methods()
         names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
+        explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
         shape = overlay_shape(upload.pixels.shape)
         result, embedding = await self.lane.run(self._explain_on_lane, upload.pixels, names, label_column, chosen,
