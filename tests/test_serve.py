@@ -1150,6 +1150,29 @@ def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_expla
                        bottleneck=ConceptBottleneck.load(bottleneck_file))
 
 
+def test_zero_shot_and_explain_tell_the_client_of_bare_name_prompts_and_agree_on_the_label_column(model_dir, png):
+    """/v1/zero-shot did not tell the client its prompts fell back to the bare class names (only the operator's
+    log did), and said "label_column": null where /v1/explain (and medvl explain --json) said "". A service
+    without a bottleneck: with one, /v1/explain refuses classes it does not predict."""
+    from fastapi.testclient import TestClient
+
+    from medvl.explain.explanation import explain_image
+
+    image = {"image": ("x.png", png.read_bytes())}
+    bare = "no label column of the captions describes all 2 classes asked for (2 of them none does): the prompts " \
+           "are the bare class names in the templates"
+    with TestClient(create_app(model_dir, require_token=False)) as http:
+        for labels, column, warnings in (("foo,bar", None, [bare]), ("no_finding,nodule", "finding", [])):
+            predicted = http.post("/v1/zero-shot", files=image, data={"labels": labels})
+            explained = http.post("/v1/explain", files=image, data={"labels": labels, "methods": "patch_text"})
+            assert predicted.status_code == 200 and explained.status_code == 200, (predicted.text, explained.text)
+            for answer in (predicted.json(), explained.json()):
+                assert answer["label_column"] == column and answer["warnings"] == warnings, answer
+            assert explained.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
+    cli = explain_image(load_model(model_dir), png, labels=["foo", "bar"], methods=["patch_text"])  # its --json
+    assert cli["label_column"] is None and cli["warnings"] == [bare]
+
+
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):
     """The service's answers said '--where: ...', '(pass --labels a,b,...)' and '(--min-similarity)'."""
     image, token = ("x.png", png.read_bytes()), auth()

@@ -30,7 +30,7 @@ from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
 from ..io import check_output_file, write_errors_named, write_json
-from ..predict import class_prompts
+from ..predict import class_prompts, prompt_warnings
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
@@ -181,7 +181,9 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     push towards it (``"concepts"``, positive contributions only: maybe fewer, or none) and the
     ``against_top`` that push against it most (``"concepts_against"``, negative contributions).
 
-    Returns the explanation (``label_column``, ``probabilities``, ``map_shape``: [rows, columns] of the grid every
+    Returns the explanation (``label_column``: the column whose descriptions the prompts use, None when none
+    describes every class; ``warnings``: what the caller should be told, e.g. that the prompts are the bare class
+    names; ``probabilities``, ``map_shape``: [rows, columns] of the grid every
     map and peak is on, ``findings``, ``input_flags``: whether the image is blank or streaked as the model sees
     it, ``medvl.data.audit.input_flags``) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
@@ -207,8 +209,10 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
             entry["concepts_against"] = bottleneck.contributions(embedding, classes[target], top=against_top,
                                                                  direction="against")
         findings.append(entry)
-    return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
+    return {"label_column": column or None,
+            "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
+            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy()),
+            "warnings": prompt_warnings(model, classes, column, captions)}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:
