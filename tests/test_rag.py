@@ -372,9 +372,9 @@ def test_far_abstention_shows_the_threshold_as_given_and_a_true_inequality(label
         hit = Hit(id="c0", score=score, split="train", text="Large left pleural effusion.")
         return draft_from_hits([hit], labeller, min_similarity=threshold).reason
 
-    assert reason(0.9995, 0.9999).endswith("similarity 0.9995 < 0.9999 (--min-similarity)")
-    assert reason(0.97, 0.9999).endswith("similarity 0.970 < 0.9999 (--min-similarity)")
-    assert reason(0.3, 0.5).endswith("similarity 0.300 < 0.5 (--min-similarity)")
+    assert reason(0.9995, 0.9999).endswith("similarity 0.9995 < 0.9999 (min_similarity)")
+    assert reason(0.97, 0.9999).endswith("similarity 0.970 < 0.9999 (min_similarity)")
+    assert reason(0.3, 0.5).endswith("similarity 0.300 < 0.5 (min_similarity)")
 
 
 def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_index):

@@ -146,7 +146,7 @@ def test_filtered_search_through_faiss_selectors_matches_the_exact_path(built, m
 @pytest.mark.parametrize("where", INJECTIONS)
 def test_where_rejects_injection_and_the_table_survives(built, model, dataset, where):
     with open_index(built[0]) as index:
-        with pytest.raises(InputError, match="--where"):
+        with pytest.raises(InputError, match="where: "):
             search_index(index, model, image=dataset[0].image, where=where)
         assert len(index) == 96
     with closing(sqlite3.connect(built[0] / "cases.sqlite")) as conn:
@@ -715,7 +715,7 @@ def test_pgvector_index_matches_faiss(pg_url, built, model, model_dir, dataset):
         assert {h.id for h in hits} == {h.id for h in search_index(local, model, image=dataset[0].image, k=96,
                                                                     where=where)}
         for injection in INJECTIONS:
-            with pytest.raises(InputError, match="--where"):
+            with pytest.raises(InputError, match="where: "):
                 search_index(pg, model, image=dataset[0].image, where=injection)
         assert len(pg) == 96
 

@@ -425,6 +425,34 @@ def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     assert films.status_code == 200, films.text
 
 
+def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fields(client, png):
+    """A field spelt the CLI's way (min-similarity), in another case (K) or guessed (filter for where) was dropped
+    and the answer computed with the default, without a word; every route's own fields are still taken."""
+    image, token = ("x.png", png.read_bytes()), auth()  # one token: 10 requests, within its burst
+    for path, fields, unknown, takes in (
+            ("/v1/report/draft", {"min-similarity": "0.999"}, "'min-similarity'",
+             "image, k, where, min_support, min_similarity, related"),
+            ("/v1/search", {"K": "1", "filter": "sex = 'M'"}, "'K', 'filter'", "image, text, k, where, target"),
+            ("/v1/zero-shot", {"labels": LABELS, "label-column": "sex"}, "'label-column'",
+             "image, labels, label_column"),
+            ("/v1/explain", {"label": "nodule,no_finding"}, "'label'", "image, labels, methods, label_column, top, k"),
+            ("/v1/vqa", {"question": QUESTION, "images": "x"}, "'images'", "image, question"),
+            ("/v1/preview", {"windows": "lung"}, "'windows'", "image, window"),
+            ("/v1/embed", {"model": "other"}, "'model'", "image")):
+        answer = client.post(path, headers=token, files={"image": image}, data=fields)
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.json()["detail"] == f"unknown field(s) {unknown}; {path} takes {takes}", answer.text
+    encoded = client.post("/v1/search", headers={**token, "Content-Type": "application/x-www-form-urlencoded"},
+                          content=b"text=effusion&kk=3")
+    assert encoded.status_code == 422 and "unknown field(s) 'kk'" in encoded.json()["detail"]
+    draft = client.post("/v1/report/draft", headers=token, files={"image": image},
+                        data={"k": "3", "where": "age > 0", "min_support": "0.5", "min_similarity": "0.999",
+                              "related": "1"})
+    assert draft.status_code == 200 and draft.json()["settings"]["min_similarity"] == 0.999, draft.text
+    searched = client.post("/v1/search", headers=token, data={"text": "effusion", "k": "1", "target": "texts"})
+    assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
+
+
 def test_every_answer_has_its_own_request_id(client):
     ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
@@ -744,8 +772,9 @@ def _edit_text_config(folder: Path) -> None:
 ])
 def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left_loading(
         damage, reason, model_dir, tmp_path, log_lines, monkeypatch):
-    """A load that raises, whatever the exception, ends in ``failed`` with the reason (the CLI's line for medvl's
-    errors), and one log line naming the error type only (no file content)."""
+    """A load that raises, whatever the exception, ends in ``failed``: the routes behind a token give the reason (the
+    CLI's line for medvl's errors); the public /v1/health and one log line name the error type only (no file
+    content, no path: /v1/health gave out the reason, with the server's absolute model path in it, to anyone)."""
     import shutil
 
     from fastapi.testclient import TestClient
@@ -769,8 +798,10 @@ def test_a_model_that_fails_to_load_for_any_reason_is_reported_failed_never_left
             assert time.monotonic() < deadline, "still loading"
             time.sleep(0.05)
         assert health.status_code == 503 and health.json()["status"] == "failed"
-        assert "could not be loaded" in health.json()["detail"] and reason in health.json()["detail"]
-        assert http.get("/v1/models").status_code == 503
+        assert health.json()["error"].endswith("Error") and "could not be loaded" in health.json()["detail"]
+        assert reason not in health.text and "MRN123" not in health.text and str(tmp_path) not in health.text
+        refused = http.get("/v1/models")  # a token would be needed, but for require_token=False
+        assert refused.status_code == 503 and reason in refused.json()["detail"], refused.text
     failures = [line for line in log_lines() if "model not loaded" in line]
     assert len(failures) == 1 and "Error" in json.loads(failures[0])["error"]
     assert not any("MRN123" in line for line in log_lines())
@@ -1090,16 +1121,71 @@ def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png)
                            ({"k": 0}, "k must be >= 1")):
         answer = explain(client, png.read_bytes(), **fields)
         assert answer.status_code == 422 and reason in answer.json()["detail"], (fields, answer.text)
-    # a class the captions never describe: explained with bare-name prompts, as /v1/zero-shot answers it
-    answer = explain(client, png.read_bytes(), labels="nodule,martian", methods="patch_text")
-    predicted = client.post("/v1/zero-shot", headers=auth(), files={"image": ("image.png", png.read_bytes())},
-                            data={"labels": "nodule,martian"})
-    assert answer.status_code == 200 and predicted.status_code == 200, answer.text
-    assert answer.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
     assert explain(client, b"GIF89a" + b"\0" * 200).status_code == 415
     assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
     assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},
                        data={"question": QUESTION}).status_code == 401
+
+
+def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_explain_does(
+        client, model_dir, bottleneck_file, png, tmp_path):
+    """With --bottleneck, /v1/explain answered 200 for labels the bottleneck does not know, their findings without
+    concept keys and without a word, while medvl explain refused them (exit 2)."""
+    from medvl.data.images import read_image
+    from medvl.explain.concepts import ConceptBottleneck
+    from medvl.explain.explanation import explain_pixels
+
+    token = auth()
+    for labels in ("foo,bar", "nodule,martian"):
+        answer = explain(client, png.read_bytes(), token, labels=labels, methods="patch_text")
+        result, output = invoke("explain", png, "--model", model_dir, "--labels", labels, "--method", "patch_text",
+                                "--bottleneck", bottleneck_file, "--out", tmp_path / labels.replace(",", "-"))
+        assert answer.status_code == 422 and result.exit_code == 2, (answer.text, output)
+        detail = answer.json()["detail"]
+        unknown = labels.removeprefix("nodule,").replace(",", ", ")
+        assert detail.startswith(f"the concept bottleneck does not predict {unknown}; it knows"), detail
+        assert f"error: {detail}" in " ".join(output.split()), (output, detail)
+    with pytest.raises(InputError, match="the concept bottleneck does not predict martian"):  # the library's call
+        explain_pixels(load_model(model_dir), read_image(png), labels=["nodule", "martian"],
+                       bottleneck=ConceptBottleneck.load(bottleneck_file))
+
+
+def test_zero_shot_and_explain_tell_the_client_of_bare_name_prompts_and_agree_on_the_label_column(model_dir, png):
+    """/v1/zero-shot did not tell the client its prompts fell back to the bare class names (only the operator's
+    log did), and said "label_column": null where /v1/explain (and medvl explain --json) said "". A service
+    without a bottleneck: with one, /v1/explain refuses classes it does not predict."""
+    from fastapi.testclient import TestClient
+
+    from medvl.explain.explanation import explain_image
+
+    image = {"image": ("x.png", png.read_bytes())}
+    bare = "no label column of the captions describes all 2 classes asked for (2 of them none does): the prompts " \
+           "are the bare class names in the templates"
+    with TestClient(create_app(model_dir, require_token=False)) as http:
+        for labels, column, warnings in (("foo,bar", None, [bare]), ("no_finding,nodule", "finding", [])):
+            predicted = http.post("/v1/zero-shot", files=image, data={"labels": labels})
+            explained = http.post("/v1/explain", files=image, data={"labels": labels, "methods": "patch_text"})
+            assert predicted.status_code == 200 and explained.status_code == 200, (predicted.text, explained.text)
+            for answer in (predicted.json(), explained.json()):
+                assert answer["label_column"] == column and answer["warnings"] == warnings, answer
+            assert explained.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
+    cli = explain_image(load_model(model_dir), png, labels=["foo", "bar"], methods=["patch_text"])  # its --json
+    assert cli["label_column"] is None and cli["warnings"] == [bare]
+
+
+def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):
+    """The service's answers said '--where: ...', '(pass --labels a,b,...)' and '(--min-similarity)'."""
+    image, token = ("x.png", png.read_bytes()), auth()
+    where = client.post("/v1/search", headers=token, files={"image": image}, data={"where": "age > 50 --"})
+    assert where.status_code == 422 and where.json()["detail"].startswith("where: unexpected character '-'")
+    labels = explain(client, png.read_bytes(), token, labels="nodule")
+    assert labels.status_code == 422 and labels.json()["detail"] == (
+        "need at least 2 distinct labels to explain a prediction, got ['nodule']")
+    draft = client.post("/v1/report/draft", headers=token, files={"image": image}, data={"min_similarity": "1"})
+    assert draft.status_code == 200 and draft.json()["abstained"], draft.text
+    assert draft.json()["reason"].endswith(" < 1 (min_similarity)"), draft.json()["reason"]
+    for answer in (where, labels, draft):
+        assert "--" not in answer.text.replace("age > 50 --", ""), answer.text
 
 
 def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phantom_dir, log_lines):
@@ -1138,6 +1224,15 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
     assert vqa(client, [png.read_bytes()], "x" * 1001).status_code == 422
     assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
+
+
+def test_a_refused_film_of_several_is_named_by_its_place(client, png):
+    """A truncated second film was refused as 'corrupt or truncated image' without saying which of the two."""
+    whole = png.read_bytes()
+    answer = vqa(client, [whole, whole[: len(whole) // 2]])
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("image 2 of 2: corrupt or truncated image"), answer.text
+    assert vqa(client, [b"GIF89a" + b"\0" * 200, whole]).json()["detail"].startswith("image 1 of 2: unsupported")
 
 
 def test_without_a_vqa_model_vqa_is_409_and_the_page_is_told(model_dir, png):
@@ -1220,6 +1315,28 @@ def test_the_heavy_lane_runs_one_at_a_time_and_refuses_beyond_its_queue():
         return results
 
     assert asyncio.run(run()) == [True, "second"]
+
+
+def test_a_busy_heavy_lane_answers_503_with_retry_after(server, client, png):
+    """The 429s carried Retry-After, the heavy lane's 'retry shortly' 503 did not: a client could not back off."""
+    lane = server.app.state.service.lane
+    gate, token = threading.Event(), auth()  # one token: 6 requests, within its burst
+    lane.thread.submit(gate.wait, 60)  # the lane's one thread is busy, as with a long explanation
+    try:
+        full = lane.max_waiting + 1  # requests on the lane when it is full: one computing, max_waiting waiting
+        with ThreadPoolExecutor(full) as pool:
+            waiting = [pool.submit(explain, client, png.read_bytes(), token, labels="nodule,no_finding",
+                                   methods="patch_text") for _ in range(full)]
+            deadline = time.monotonic() + 30
+            while lane.pending < full and time.monotonic() < deadline:
+                time.sleep(0.02)
+            busy = explain(client, png.read_bytes(), token, labels="nodule,no_finding", methods="patch_text")
+            gate.set()
+            assert all(future.result(timeout=120).status_code == 200 for future in waiting)
+    finally:
+        gate.set()
+    assert busy.status_code == 503 and "retry shortly" in busy.json()["detail"], busy.text
+    assert int(busy.headers["Retry-After"]) >= 1
 
 
 # ------------------------------------------------------------------------------- OpenAPI docs
@@ -1433,6 +1550,43 @@ def _status(http, image: bytes, token: str):
 def test_no_auth_is_refused_off_loopback(model_dir):
     result, output = invoke("serve", "--model", model_dir, "--host", "0.0.0.0", "--no-auth")
     assert result.exit_code == 2 and "loopback" in output
+
+
+def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir, monkeypatch):
+    """--max-upload-mb nan / inf crashed with a traceback (exit 1) when converted to bytes; a value below one byte
+    was refused as 'max_upload_bytes ... got 0', and --max-batch 0 as 'max_batch': the settings' names, not the
+    options'."""
+    monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
+    for options, reason in ((["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
+                            (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number, got inf"),
+                            (["--max-upload-mb", "-1"], "--max-upload-mb must be >= "),
+                            (["--max-upload-mb", "0.0000001"], "--max-upload-mb must be >= "),
+                            (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+                            (["--rate-burst", "0"], "--rate-burst must be >= 1"),
+                            (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number")):
+        result, output = invoke("serve", "--model", model_dir, "--port", _free_port(), *options)
+        assert result.exit_code == 2, (options, output)
+        errors = {line for line in output.splitlines() if line.startswith("error:")}  # result.output holds stderr too
+        assert len(errors) == 1 and reason in output and "max_" not in output and "Traceback" not in output, output
+
+
+def test_a_port_out_of_range_or_taken_is_refused_before_the_model_loads(model_dir, monkeypatch):
+    """--port 70000 listened on 4464 (70000 - 65536) while the log announced 70000; a taken port failed only after
+    the model had loaded, as a JSON log line and exit 3."""
+    monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result, output = invoke("serve", "--model", model_dir, "--port", port)
+        assert result.exit_code == 2, output
+        assert f"error: --host 127.0.0.1 --port {port}: cannot listen there" in output, output
+        assert "model ready" not in output and time.monotonic() - started < 5
+    for port, reason in ((70000, "--port must be <= 65535, got 70000"), (0, "--port must be >= 1, got 0"),
+                         (-5, "--port must be >= 1, got -5")):
+        result, output = invoke("serve", "--model", model_dir, "--port", port)
+        assert result.exit_code == 2 and reason in output, output
 
 
 def test_the_weights_hash_is_computed_once_per_loaded_model_and_again_after_a_change(model_dir):

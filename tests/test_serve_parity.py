@@ -227,9 +227,8 @@ def test_damaged_nifti_files_are_refused_by_the_cli_and_the_service_alike(ct3d, 
                           "corrupt or truncated gzip stream after the voxel data")):
         result, output = invoke("predict", path, "--model", ct3d, "--labels", "no_finding,kidney_cyst")
         assert result.exit_code == 2 and f"{path.name}:" in output and reason in _flat(output), output
-        for route in ("/v1/zero-shot", "/v1/preview"):
-            answer = ct3d_http.post(route, files={"image": (path.name, path.read_bytes())},
-                                    data={"labels": "no_finding,kidney_cyst"})
+        for route, fields in (("/v1/zero-shot", {"labels": "no_finding,kidney_cyst"}), ("/v1/preview", {})):
+            answer = ct3d_http.post(route, files={"image": (path.name, path.read_bytes())}, data=fields)
             assert answer.status_code == 422 and reason in answer.json()["detail"], (route, answer.text)
 
 

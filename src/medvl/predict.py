@@ -88,6 +88,14 @@ def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: st
     return column, [config.prompts(column, name) for name in class_names]
 
 
+def prompt_warnings(net: DualEncoder, class_names: Sequence[str], column: str,
+                    captions: CaptionConfig | str | Path | None = None) -> list[str]:
+    """The warning ``class_prompts`` logs about a label set's prompts (bare class names: no label column describes
+    them), as a list for an answer to carry (the service's ``warnings``); empty when every class is described."""
+    warning = captions_for(None, captions, net).undescribed_warning(column, class_names)
+    return [warning] if warning else []
+
+
 def caption_column_for(config: CaptionConfig, class_names: Sequence[str]) -> str:
     """The first label column whose class descriptions cover every requested class ("" for none:
     the generic templates apply)."""

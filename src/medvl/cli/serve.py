@@ -11,6 +11,12 @@ import typer
 from .common import BackendOption, handle_errors
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# the options behind each ServeSettings field, so that a refusal names what was typed (--max-upload-mb is checked in
+# MiB before it becomes max_upload_bytes)
+OPTION_NAMES = {"max_pixels": "--max-pixels", "max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms",
+                "rate_limit": "--rate-limit", "rate_burst": "--rate-burst", "failed_auth_burst": "--failed-auth-burst",
+                "torch_threads": "--torch-threads", "data_root": "--data-root", "vqa_model": "--vqa-model",
+                "bottleneck": "--bottleneck"}
 SERVE_HINT = "pip install 'medvl[serve]'"
 
 
@@ -60,11 +66,14 @@ def serve_command(
     """Serve a model over HTTP: /v1/health, /v1/models, /v1/embed, /v1/zero-shot, /v1/search,
     /v1/report/draft, /v1/explain, /v1/vqa, /v1/preview, /v1/cases/{id}/thumbnail (OpenAPI at /docs).
     Every route but /v1/health needs 'Authorization: Bearer TOKEN'."""
+    from ..checks import check_number
     from ..errors import InputError
     from ..serve.settings import MIB, ServeSettings
 
     if no_auth and host not in LOOPBACK:
         raise InputError(f"--no-auth is refused on {host}: serve without tokens on a loopback address only")
+    check_number("--port", port, minimum=1, maximum=65535, integer=True)
+    check_number("--max-upload-mb", max_upload_mb, minimum=1 / MIB)  # at least one byte, a finite number
     proxies = _trusted_proxies(trusted_proxy or [])
     uvicorn, create_app = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
@@ -72,26 +81,49 @@ def serve_command(
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
                              data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
-                             backend=backend, torch_threads=torch_threads).validate().for_model(model)
+                             backend=backend, torch_threads=torch_threads).validate(OPTION_NAMES).for_model(model)
     _check_model_dir(model, settings.backend)
     if settings.bottleneck is not None:  # a damaged file is refused now; whether it fits the model, once that loads
         from ..explain.concepts import ConceptBottleneck
 
         ConceptBottleneck.load(settings.bottleneck)
-    _setup_logs()
-    app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
-                     load_in_background=True)  # /v1/health answers while the model loads
-    _log_start(host, port, model, settings, proxies)
-    # proxy headers only from the proxies named: uvicorn would otherwise take X-Forwarded-For from any loopback
-    # client as the client's address, and one client could then pose as any number of addresses (each with its
-    # own failed-token allowance). From a trusted proxy uvicorn takes the last address not itself a proxy.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
-                            forwarded_allow_ips=proxies or None)
-    # a SIGTERM is the service's normal stop: uvicorn drains the requests in flight, then re-raises the signal,
-    # which must end the process as a plain SIGTERM, not as the 'terminated' cleanup path of the other commands
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    uvicorn.Server(config).run()
+    listener = _listen(host, port)  # a port taken or not ours is refused now, before the model loads
+    try:
+        _setup_logs()
+        app = create_app(model, index=index, settings=settings, token_file=token_file, require_token=not no_auth,
+                         load_in_background=True)  # /v1/health answers while the model loads
+        _log_start(host, port, model, settings, proxies)
+        # proxy headers only from the proxies named: uvicorn would otherwise take X-Forwarded-For from any loopback
+        # client as the client's address, and one client could then pose as any number of addresses (each with its
+        # own failed-token allowance). From a trusted proxy uvicorn takes the last address not itself a proxy.
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
+                                forwarded_allow_ips=proxies or None)
+        # a SIGTERM is the service's normal stop: uvicorn drains the requests in flight, then re-raises the signal,
+        # which must end the process as a plain SIGTERM, not as the 'terminated' cleanup path of the other commands
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def _listen(host: str, port: int):
+    """A socket bound to ``host``:``port`` (as uvicorn binds one), or ``InputError`` naming both: a port in use,
+    an address not on this machine, a host name that does not resolve."""
+    import socket
+
+    from ..errors import InputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+    listener.set_inheritable(True)
+    return listener
 
 
 def _trusted_proxies(values: list[str]) -> list[str]:

@@ -71,19 +71,29 @@ class CaptionConfig:
     def warn_undescribed(self, column: str, class_names: Sequence[str]) -> list[str]:
         """The ``class_names`` whose prompts get no description from these captions (every one when ``column``
         is "": no label column describes them all), when the captions describe any class at all (plain
-        templates describe none, by design), with one warning counting them: their prompts are the bare class
-        names, which a model trained on these captions may never have read."""
-        bare = [name for name in class_names if not self.classes.get(column, {}).get(name)] if self.classes else []
+        templates describe none, by design), with one warning counting them (``undescribed_warning``): their
+        prompts are the bare class names, which a model trained on these captions may never have read."""
+        warning = self.undescribed_warning(column, class_names)
+        if warning:
+            hint = "a caption file with their descriptions: --captions" if column else "--label-column picks a column"
+            log.warning("%s (%s)", warning, hint)
+        return self._undescribed(column, class_names)
+
+    def undescribed_warning(self, column: str, class_names: Sequence[str]) -> str | None:
+        """The warning ``warn_undescribed`` logs (counts only, no class name), for a caller to pass on (the
+        service's answers carry it), or None when every class is described."""
+        bare = self._undescribed(column, class_names)
         if bare and column:
-            log.warning("the captions describe %d of the %d classes of label column %r not at all: their prompts "
-                        "are the bare class names in the templates (a caption file with their descriptions: "
-                        "--captions)", len(bare), len(class_names), column)
-        elif bare:
+            return (f"the captions describe {len(bare)} of the {len(class_names)} classes of label column "
+                    f"{column!r} not at all: their prompts are the bare class names in the templates")
+        if bare:
             nowhere = sum(not any(name in described for described in self.classes.values()) for name in class_names)
-            log.warning("no label column of the captions describes all %d classes asked for (%d of them none does): "
-                        "the prompts are the bare class names in the templates (--label-column picks a column)",
-                        len(class_names), nowhere)
-        return bare
+            return (f"no label column of the captions describes all {len(class_names)} classes asked for "
+                    f"({nowhere} of them none does): the prompts are the bare class names in the templates")
+        return None
+
+    def _undescribed(self, column: str, class_names: Sequence[str]) -> list[str]:
+        return [name for name in class_names if not self.classes.get(column, {}).get(name)] if self.classes else []
 
     def descriptions(self, column: str, class_name: str) -> list[str]:
         described = self.classes.get(column, {}).get(class_name)

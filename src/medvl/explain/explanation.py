@@ -30,7 +30,7 @@ from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
 from ..io import check_output_file, write_errors_named, write_json
-from ..predict import class_prompts
+from ..predict import class_prompts, prompt_warnings
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
@@ -59,9 +59,26 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
-        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes} "
-                         "(pass --labels a,b,...)")
+        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}")
     return classes
+
+
+def explained_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
+                      captions=None, bottleneck=None) -> list[str]:
+    """The classes an explanation chooses among (``finding_classes``'s, without their prompts), checked before
+    any image is read: at least 2, a known ``label_column``, and with ``bottleneck`` only classes it predicts."""
+    classes = _classes(model, labels, label_column, captions)
+    check_bottleneck_classes(classes, bottleneck)
+    return classes
+
+
+def check_bottleneck_classes(classes: Sequence[str], bottleneck=None) -> None:
+    """InputError naming the classes a concept bottleneck does not predict: their findings would have no concepts,
+    without a word."""
+    unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
+    if unknown:
+        raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
+                         f"{', '.join(bottleneck.classes)}")
 
 
 def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods: Sequence[str]) -> list[Path]:
@@ -87,10 +104,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     classes = _classes(model, labels, label_column, captions)  # checked before any work; warned once, below
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
-    unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
-    if unknown:
-        raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
-                         f"{', '.join(bottleneck.classes)}")
+    check_bottleneck_classes(classes, bottleneck)
     if index is not None:  # before any file is written
         from ..index.base import check_k, check_model
 
@@ -167,7 +181,9 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     push towards it (``"concepts"``, positive contributions only: maybe fewer, or none) and the
     ``against_top`` that push against it most (``"concepts_against"``, negative contributions).
 
-    Returns the explanation (``label_column``, ``probabilities``, ``map_shape``: [rows, columns] of the grid every
+    Returns the explanation (``label_column``: the column whose descriptions the prompts use, None when none
+    describes every class; ``warnings``: what the caller should be told, e.g. that the prompts are the bare class
+    names; ``probabilities``, ``map_shape``: [rows, columns] of the grid every
     map and peak is on, ``findings``, ``input_flags``: whether the image is blank or streaked as the model sees
     it, ``medvl.data.audit.input_flags``) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
@@ -175,6 +191,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     check_heatmap_model(model)
     methods = check_methods(methods)
     column, classes, prompts = finding_classes(model, labels, label_column, captions)
+    check_bottleneck_classes(classes, bottleneck)
     check_number("top", top, minimum=1, maximum=len(classes), integer=True)
     shape = tuple(int(side) for side in (map_shape or image.shape[:2]))
     pixels = model.preprocessor.load(image, source=source)[None]  # source: the file an error names
@@ -187,13 +204,15 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
         maps = {m: resize_map(h[0], shape) for m, h in heatmaps(model, pixels, texts, target, methods).items()}
         entry: dict[str, Any] = {"finding": classes[target], "probability": float(probabilities[target]),
                                  "heatmaps": {m: {"peak": _peak(h), "map": h} for m, h in maps.items()}}
-        if bottleneck is not None and classes[target] in bottleneck.classes:
+        if bottleneck is not None:
             entry["concepts"] = bottleneck.contributions(embedding, classes[target], top=concepts_top)
             entry["concepts_against"] = bottleneck.contributions(embedding, classes[target], top=against_top,
                                                                  direction="against")
         findings.append(entry)
-    return {"label_column": column, "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
-            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy())}, embedding
+    return {"label_column": column or None,
+            "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
+            "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy()),
+            "warnings": prompt_warnings(model, classes, column, captions)}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:

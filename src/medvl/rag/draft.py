@@ -262,10 +262,10 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
     top = max(float(h.score) for h in hits)
     if not with_report:
         return _abstain(neighbours, findings, NO_REPORTS, "none of the nearest cases has a report", settings)
-    if top < min_similarity:
+    if top < min_similarity:  # named as in the draft's settings: the service's field, the CLI's --min-similarity
         shown = _below(top, min_similarity)
         return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {shown} < "
-                        f"{min_similarity:g} (--min-similarity)", settings)
+                        f"{min_similarity:g} (min_similarity)", settings)
     consensus = {f.name: f.consensus for f in findings if f.consensus}
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),

@@ -20,7 +20,8 @@ outputs for ``medvl predict``, ``medvl search`` and ``medvl report draft``; ``/`
 
 medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 403 (a stored path
 leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 413 (too large),
-415 (unsupported type), 422 (unreadable upload, bad option), 503 (queue full, no index); 401 / 429
+415 (unsupported type), 422 (unreadable upload, bad option, a field the route does not
+take or one given twice), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
 ``X-Request-ID`` that names its log line.
 """
@@ -75,7 +76,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     be asked for: ``require_token=False``). The model is loaded here, or with ``load_in_background``
     once the server runs: ``/v1/health`` then answers at once (``"status": "loading"``) and the other
     routes 503 until the model is ready (``medvl serve`` does this; a model that fails to load is
-    ``"status": "failed"`` with the reason, 503).
+    ``"status": "failed"`` with the error's type, 503; the other routes' 503 gives the reason).
     """
     settings = (settings or ServeSettings()).validate()  # ModelService resolves backend auto for its model
     from starlette.formparsers import MultiPartParser
@@ -101,13 +102,14 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
         await loader.stop()
 
     app = FastAPI(title="medvl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  dependencies=[Depends(_fields_once)],
+                  dependencies=[Depends(_check_fields)],
                   description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts, "
                               "explanations, visual question answering. Every /v1 route but /v1/health needs "
                               "'Authorization: Bearer TOKEN'.")
     app.state.loader = loader
     app.state.service = loader.service
     _add_routes(app, loader, settings)
+    app.state.form_fields = _form_fields(app)
     _add_docs(app)
     _add_error_handlers(app)
     if settings.cors_origins:
@@ -128,7 +130,8 @@ class Loader:
         self.arguments = (model_dir, index, settings)
         self.service: ModelService | None = None
         self.ready = False  # loaded and its batcher running
-        self.failure: str | None = None
+        self.failure: str | None = None  # why the load failed, for the routes behind a token (may name paths)
+        self.failure_type: str | None = None  # the error's type only, for /v1/health (public) and the log
 
     def load(self) -> ModelService:
         self.service = ModelService(*self.arguments)
@@ -145,9 +148,10 @@ class Loader:
                 reason = str(error) if isinstance(error, MedvlError) else \
                     f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
                 self.failure = f"the model could not be loaded: {reason}"
-                # the log keeps the error type only (a library's message may quote what it read); the reason, for
-                # the operator, is in /health and every route's 503
-                log.error("model not loaded", extra={"error": type(error).__name__})
+                self.failure_type = type(error).__name__
+                # the log and the public /v1/health keep the error type only (a library's message may quote what it
+                # read, medvl's names files); the reason, for the operator, is in every other route's 503
+                log.error("model not loaded", extra={"error": self.failure_type})
                 return
         await service.start()
         app.state.service = service
@@ -186,16 +190,35 @@ async def _bytes(image: UploadFile, service: ModelService) -> bytes:
 
 
 MULTI_FIELDS = {"/v1/vqa": {"image"}}  # the fields a route takes several of (films in order)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+SHOWN_UNKNOWN = 10  # unknown field names an answer quotes at most (each cut to 40 characters)
 
 
-async def _fields_once(request: Request) -> None:
-    """A form field given twice is refused (422): a route answered about the last of two images, or the last of
-    two questions, without a word."""
-    if request.method != "POST" or not request.headers.get("content-type", "").startswith("multipart/"):
+def _form_fields(app: FastAPI) -> dict[str, tuple[str, ...]]:
+    """Each POST route's form fields (its ``Form`` and ``File`` parameters), in the order it declares them."""
+    from fastapi.routing import APIRoute
+
+    return {route.path: tuple(param.alias for param in route.dependant.body_params)
+            for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
+
+
+async def _check_fields(request: Request) -> None:
+    """A form field the route does not take (422 naming it and the route's fields: a misspelt ``min-similarity``
+    or ``K`` was dropped and the default answered, without a word), or a field given twice (422: a route answered
+    about the last of two images, or the last of two questions, without a word)."""
+    content_type = request.headers.get("content-type", "").lower()
+    if request.method != "POST" or not content_type.startswith(FORM_TYPES):
         return
     form = await request.form()  # parsed once: the route's own parameters read the same form
+    path = request.url.path
+    accepted = request.app.state.form_fields.get(path, ())
+    unknown = sorted(name for name in set(form.keys()) if name not in accepted)
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:SHOWN_UNKNOWN])
+        more = f" and {len(unknown) - SHOWN_UNKNOWN} more" if len(unknown) > SHOWN_UNKNOWN else ""
+        raise HTTPException(422, f"unknown field(s) {shown}{more}; {path} takes {', '.join(accepted) or 'none'}")
     repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1
-                      and name not in MULTI_FIELDS.get(request.url.path, set()))
+                      and name not in MULTI_FIELDS.get(path, set()))
     if repeated:
         raise HTTPException(422, f"field(s) {', '.join(repeated)} given more than once; send each once")
 
@@ -213,9 +236,12 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.get("/v1/health", tags=["service"])
     async def health() -> JSONResponse:
-        """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the reason)."""
+        """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the error's type only: the
+        reason may name the server's files; the routes behind a token give it)."""
         if loader.failure:
-            return JSONResponse({"status": "failed", "detail": loader.failure}, status_code=503)
+            return JSONResponse({"status": "failed", "error": loader.failure_type,
+                                 "detail": f"the model could not be loaded ({loader.failure_type}); the routes that "
+                                           "need a token give the reason"}, status_code=503)
         if not loader.ready or loader.service is None:
             return JSONResponse({"status": "loading", "batching": settings.batching})
         return JSONResponse({"status": "ok", "batching": settings.batching, "waiting": loader.service.batcher.waiting})
@@ -361,7 +387,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def medvl_error(request: Request, error: MedvlError) -> JSONResponse:
         request.state.timings["error"] = type(error).__name__
         reason = error.problem if isinstance(error, DataError) else str(error)
-        return JSONResponse({"detail": reason}, status_code=getattr(error, "status", 422))
+        retry_after = getattr(error, "retry_after", None)  # a busy service says when to ask again, as a 429 does
+        return JSONResponse({"detail": reason}, status_code=getattr(error, "status", 422),
+                            headers={"Retry-After": str(retry_after)} if retry_after else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_form(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -38,9 +38,10 @@ RECENT_S = 1.0  # how far back the batcher looks to tell how many requests arriv
 
 
 class ServiceBusy(MedvlError):
-    """The queue is full or the service is shutting down (HTTP 503)."""
+    """The queue is full or the service is shutting down (HTTP 503, with ``Retry-After``)."""
 
     status = 503
+    retry_after = 1  # seconds a client waits before asking again (the answer's Retry-After header)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from ..index.base import describe_target
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
-from ..predict import check_class_names, class_prompts
+from ..predict import check_class_names, class_prompts, prompt_warnings
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .previews import (
@@ -109,7 +109,7 @@ class ModelService:
         self.index = self._open_index(index) if index is not None else None
         self.labeller: ReportLabeller | None = None
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
-        self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor]] = OrderedDict()
+        self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net)
         self.lane = HeavyLane(settings.heavy_queue)
@@ -250,15 +250,17 @@ class ModelService:
                         timings: dict[str, Any]) -> dict[str, Any]:
         """``medvl predict --json``'s answer for one upload: prediction and every class's probability."""
         class_names = check_class_names(class_names)
-        column, classes = await self._class_set(class_names, label_column)
+        column, classes, warnings = await self._class_set(class_names, label_column)
         embedding, flags = await self.embed_checked(data, timings)
         row = scaled_similarities(self.net, torch.from_numpy(embedding[None]), classes).softmax(-1)[0].numpy()
         scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
         return {"prediction": max(scores, key=scores.__getitem__), "probabilities": scores,
-                "label_column": column or None, "model": self.net.config.name, **flags}
+                "label_column": column or None, "model": self.net.config.name, **flags, "warnings": list(warnings)}
 
-    async def _class_set(self, class_names: Sequence[str], label_column: str | None) -> tuple[str, torch.Tensor]:
-        """The label column and class embeddings of a label set, kept per set (``MAX_CLASS_SETS``, least
+    async def _class_set(self, class_names: Sequence[str],
+                         label_column: str | None) -> tuple[str, torch.Tensor, list[str]]:
+        """The label column, class embeddings and prompt warnings (``predict.prompt_warnings``) of a label set,
+        kept per set (``MAX_CLASS_SETS``, least
         recently used dropped): the served model and its captions never change, and a service's users
         send the same few label sets with every request."""
         key = (tuple(class_names), label_column)
@@ -268,7 +270,7 @@ class ModelService:
             classes = cached_class_embeddings(self.net, prompts)  # kept by the library: no model-thread trip
             if classes is None:
                 classes = await self.run_on_model_thread(class_embeddings, self.net, prompts)
-            kept = self._class_sets[key] = (column, classes)
+            kept = self._class_sets[key] = (column, classes, prompt_warnings(self.net, class_names, column))
             while len(self._class_sets) > MAX_CLASS_SETS:
                 self._class_sets.popitem(last=False)
         self._class_sets.move_to_end(key)
@@ -367,7 +369,7 @@ class ModelService:
         heatmap an RGBA PNG overlay (base64) of the preview's shape, its peak on that grid (``map_shape``, the
         overlay's shape: smaller than the image's when the image is larger than a preview), and the k nearest
         cases when an index is loaded."""
-        from ..explain.explanation import nearest_cases
+        from ..explain.explanation import explained_classes, nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
 
@@ -380,6 +382,7 @@ class ModelService:
         self.lane.check()
         chosen = methods or self.explain_methods()
         names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
+        explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
         shape = overlay_shape(upload.pixels.shape)
         result, embedding = await self.lane.run(self._explain_on_lane, upload.pixels, names, label_column, chosen,
@@ -430,12 +433,22 @@ class ModelService:
         question = self.check_vqa_request(len(images), question)
         self.lane.check()
         # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
-        uploads = [await self.decode(data, timings, for_vqa=True) for data in images]
+        uploads = [await self._decode_film(data, number, len(images), timings) for number, data in enumerate(images, 1)]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
                                      timings=timings)
         return {"model": self.settings.vqa_model.name if self.settings.vqa_model else None,
                 "images": [{"kind": upload.kind, "bytes": upload.n_bytes} for upload in uploads], **result}
+
+    async def _decode_film(self, data: bytes, number: int, count: int, timings: dict[str, Any]) -> Upload:
+        """One of a VQA request's uploads, decoded as the VQA model reads files; of several, a refusal names
+        which (``image 2: ...``), as ``medvl vqa`` names the file."""
+        try:
+            return await self.decode(data, timings, for_vqa=True)
+        except UploadRejected as error:
+            if count == 1:
+                raise
+            raise UploadRejected(error.status, f"image {number} of {count}: {error}") from None
 
     def _labeller(self):
         if self.labeller is None:

@@ -3,6 +3,7 @@ and the optional models beside the dual encoder (a VQA model, a concept bottlene
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,33 +51,38 @@ class ServeSettings:
     # micro-batching and at a few clients (docs/benchmarks.md); it is process-wide (torch's setting)
     torch_threads: int = 0
 
-    def validate(self) -> ServeSettings:
-        """``self`` if every number is in range, else ``InputError`` naming the setting."""
-        check_number("max_upload_bytes", self.max_upload_bytes, minimum=1, integer=True)
-        check_number("max_pixels", self.max_pixels, minimum=1, integer=True)
-        check_number("max_voxels", self.max_voxels, minimum=1, integer=True)
-        check_number("max_batch", self.max_batch, minimum=1, maximum=1024, integer=True)
-        check_number("max_wait_ms", self.max_wait_ms, minimum=0, maximum=10_000)
-        check_number("max_queue", self.max_queue, minimum=1, integer=True)
-        check_number("rate_limit", self.rate_limit, minimum=0)
-        check_number("rate_burst", self.rate_burst, minimum=1, integer=True)
-        check_number("failed_auth_rate", self.failed_auth_rate, minimum=0, exclusive_minimum=True)
-        check_number("failed_auth_burst", self.failed_auth_burst, minimum=1, integer=True)
-        check_number("max_vqa_images", self.max_vqa_images, minimum=1, maximum=64, integer=True)
-        check_number("max_explain_top", self.max_explain_top, minimum=1, maximum=16, integer=True)
-        check_number("heavy_queue", self.heavy_queue, minimum=0, integer=True)
-        check_number("torch_threads", self.torch_threads, minimum=0, maximum=1024, integer=True)
+    def validate(self, names: Mapping[str, str] | None = None) -> ServeSettings:
+        """``self`` if every number is in range, else ``InputError`` naming the setting: by ``names[setting]``
+        when given (``medvl serve`` passes its option names, ``max_batch`` -> ``--max-batch``), else by its
+        attribute name."""
+        def name(setting: str) -> str:
+            return (names or {}).get(setting, setting)
+
+        checks: dict[str, dict] = {
+            "max_upload_bytes": {"minimum": 1, "integer": True}, "max_pixels": {"minimum": 1, "integer": True},
+            "max_voxels": {"minimum": 1, "integer": True},
+            "max_batch": {"minimum": 1, "maximum": 1024, "integer": True},
+            "max_wait_ms": {"minimum": 0, "maximum": 10_000}, "max_queue": {"minimum": 1, "integer": True},
+            "rate_limit": {"minimum": 0}, "rate_burst": {"minimum": 1, "integer": True},
+            "failed_auth_rate": {"minimum": 0, "exclusive_minimum": True},
+            "failed_auth_burst": {"minimum": 1, "integer": True},
+            "max_vqa_images": {"minimum": 1, "maximum": 64, "integer": True},
+            "max_explain_top": {"minimum": 1, "maximum": 16, "integer": True},
+            "heavy_queue": {"minimum": 0, "integer": True},
+            "torch_threads": {"minimum": 0, "maximum": 1024, "integer": True}}
+        for setting, bounds in checks.items():
+            check_number(name(setting), getattr(self, setting), **bounds)
         check_backend(self.backend)
-        for name in ("vqa_model", "bottleneck"):
-            value = getattr(self, name)
+        for setting in ("vqa_model", "bottleneck"):
+            value = getattr(self, setting)
             if value is not None:
-                setattr(self, name, Path(value))
-                if not getattr(self, name).exists():
-                    raise InputError(f"{name.replace('_', ' ')} {value}: not found")
+                setattr(self, setting, Path(value))
+                if not getattr(self, setting).exists():
+                    raise InputError(f"{(names or {}).get(setting, setting.replace('_', ' '))} {value}: not found")
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
-                raise InputError(f"data root {self.data_root}: not a folder")
+                raise InputError(f"{(names or {}).get('data_root', 'data root')} {self.data_root}: not a folder")
         return self
 
     def for_model(self, model_dir: str | Path) -> ServeSettings:
