@@ -399,10 +399,28 @@ def test_a_citation_leads_to_its_case_by_keyboard(page, client, chest_xray):
     assert highlighted.count() == 1 and highlighted.get_attribute("data-case-id") == cited
 
 
-def test_an_indexed_image_is_said_to_be_indexed_and_its_own_report_left_out(page, phantom_dir):
+def _drafted_beyond_the_shown_cases(server, records, token: str):
+    """The first indexed record whose draft (the page's k, 5) is not an abstention and cites a case beyond the
+    5 similar cases shown (the draft leaves the image itself out, so it reaches one case further)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=ANSWER_MS / 1000) as client:
+        for record in records:
+            upload = {"image": ("image", Path(record.image).read_bytes())}
+            draft = client.post("/v1/report/draft", files=upload, data={"k": "5"}).json()
+            hits = client.post("/v1/search", files=upload, data={"k": "5"}).json()["hits"]
+            cited = {case for sentence in draft.get("sentences", []) for case in sentence["cases"]}
+            if not draft["abstained"] and cited - {hit["id"] for hit in hits}:
+                return record
+    pytest.fail("no indexed phantom image drafts beyond the cases shown")
+
+
+def test_an_indexed_image_is_said_to_be_indexed_and_its_own_report_left_out(page, server, phantom_dir):
     from medvl.data import load_dataset
 
-    record = load_dataset(phantom_dir).select("train")[0]  # the index holds the train split
+    train = load_dataset(phantom_dir).select("train")  # the index holds the train split
+    record = _drafted_beyond_the_shown_cases(server, list(train)[:30], TOKENS[10])
     connect(page, TOKENS[10])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
     page.locator("#file").set_input_files(record.image)

@@ -38,7 +38,7 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
                              "--split NAME (or --split all to use every record, held-out splits included)")
         split = "train" if "train" in dataset.splits else "all"
     selected = dataset.select(split)
-    if model is None:
+    if model is None or not selected.kinds():  # no kind to choose by: the model is read only when one is needed
         return selected
     from .models.registry import model_spatial_dims
 

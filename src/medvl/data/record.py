@@ -201,6 +201,11 @@ class Dataset(Sequence[Record]):
                         sum(r.split in variants for r in self.records), ", ".join(map(repr, variants)))
         return self.subset([r for r in self.records if r.split == split])
 
+    def kinds(self) -> set[str]:
+        """The record kinds (``meta["kind"]``: ``image`` / ``volume``) of a DICOM folder's records; empty for
+        other loaders, whose records carry none."""
+        return {kind for record in self.records if (kind := record.meta.get("kind")) in KIND_DIMS}
+
     def for_spatial_dims(self, spatial_dims: int) -> Dataset:
         """The records a model of ``spatial_dims`` (2: images, 3: volumes) can take. Records whose
         ``meta["kind"]`` is of the other kind (a DICOM folder, a PACS pull, holds 2D images, ``image``,
