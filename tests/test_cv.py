@@ -264,3 +264,15 @@ def test_a_fold_scoring_one_class_leaves_balanced_accuracy_out_of_the_mean_like_
         assert saved[key] == pytest.approx(np.mean([fold[key] for fold in both])), key
         assert saved[f"{key}_folds"] == len(both) == saved[f"{prefix}auc_folds"], key
     assert f"({len(both)} of 3 folds)" in output
+
+
+def test_a_saved_model_folder_is_refused_as_the_model_to_cross_validate(phantom_dir, tmp_path):
+    """Cross-validation trains each fold from a registered config; a saved model folder (perhaps trained on the
+    records it would score) is refused before any training, as it was before the 2D/3D record rule."""
+    import medvl
+
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "saved")
+    result, output = invoke("bench", "cv", "--data", phantom_dir, "--label-column", "finding",
+                            "--model", tmp_path / "saved", "--epochs", 1, "-q")
+    assert result.exit_code == 2, output
+    assert "unknown model" in output and "registered:" in output, output

@@ -53,7 +53,7 @@ from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
 from ..eval.zero_shot import zero_shot
 from ..models.dual import DualEncoder
-from ..models.registry import model_spatial_dims
+from ..models.registry import get_config
 from ..train.recipes import (
     BENCHMARK_FIXED,
     RecipeSettings,
@@ -114,7 +114,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings.train.validate()  # bad numbers fail before any data is read
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     # a bad name or override fails here, before any training; a DICOM folder's records of the other kind are left out
-    dataset = dataset.for_spatial_dims(model_spatial_dims(model_name, **settings.model_overrides))
+    # (a registered name: cross-validation trains each fold from it; a saved model folder is refused)
+    dataset = dataset.for_spatial_dims(get_config(model_name, **settings.model_overrides).image.spatial_dims)
     classes = sorted(dataset.classes(label), key=class_order)
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
