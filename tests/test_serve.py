@@ -1180,7 +1180,7 @@ def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(clien
     assert where.status_code == 422 and where.json()["detail"].startswith("where: unexpected character '-'")
     labels = explain(client, png.read_bytes(), token, labels="nodule")
     assert labels.status_code == 422 and labels.json()["detail"] == (
-        "need at least 2 distinct labels to explain a prediction, got ['nodule']")
+        "need at least 2 distinct labels to explain a prediction, got ['nodule']: name them (labels a,b,...)")
     draft = client.post("/v1/report/draft", headers=token, files={"image": image}, data={"min_similarity": "1"})
     assert draft.status_code == 200 and draft.json()["abstained"], draft.text
     assert draft.json()["reason"].endswith(" < 1 (min_similarity)"), draft.json()["reason"]

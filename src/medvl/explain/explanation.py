@@ -59,7 +59,8 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
-        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}")
+        raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}: name them "
+                         "(labels a,b,...)")
     return classes
 
 
