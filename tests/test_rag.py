@@ -113,6 +113,11 @@ def labeller():
     ("The pneumothorax is unlikely to require a chest tube.",
      {"pneumothorax": "positive", "support_devices": "positive"}),
     ("Contusion - no history of trauma, and unlikely with enhancing soft tissue mass", {"mass": "positive"}),
+    # ... and hedges about the finding that the clause goes on to qualify
+    ("Pneumonia is unlikely in this patient.", {"pneumonia": "negative"}),
+    ("Pneumothorax is unlikely given the absence of a pleural line.", {"pneumothorax": "negative"}),
+    ("A pleural effusion is unlikely to be present.", {"pleural_effusion": "negative"}),
+    ("Unlikely small effusion.", {"pleural_effusion": "negative"}),
     # an item starting with a hedge after a comma ends a negated list
     ("No effusion, possible atelectasis.", {"pleural_effusion": "negative", "atelectasis": "uncertain"}),
     ("No pneumothorax, likely atelectasis.", {"pneumothorax": "negative", "atelectasis": "uncertain"}),

@@ -215,7 +215,12 @@ _PRE_NEG, _POST_NEG, _NEAR_NEG = _cue_regex(PRE_NEGATION), _cue_regex(POST_NEGAT
 _NEAR_PRE_NEG = _cue_regex(NEAR_PRE_NEGATION)
 # what precedes a hedge that starts an item of a list: a comma, then at most "more" / "most" ("..., more likely")
 _ITEM_START = re.compile(r"[,;]\s*(?:(?:more|most)\s+)?$", re.I)
-_FINAL = r"(?=\s*(?:[.,;:!?)]|$))"  # a clause-final cue: punctuation or the end of the sentence follows
+# a hedge about the finding before it: punctuation or the end of the sentence follows, or what qualifies the hedge
+# itself ("unlikely in this patient", "given ...", "to be present"); not "unlikely to represent pneumonia" (a hedge
+# about the pneumonia) nor "unlikely to be malignant" (about a property of the finding)
+_FINAL = (r"(?=\s*(?:[.,;:!?)]|$|(?:in|given|as|because|since|due|based|considering|at this time|on this)\b"
+          r"|to\s+be\s+(?:present|seen|visible|identified|there)\b))")
+NEAR_PRE_WINDOW = 2  # words between a NEAR_PRE_NEGATION cue and the mention ("unlikely small effusion")
 _FINAL_NEG = re.compile(_cue_regex(FINAL_POST_NEGATION).pattern + _FINAL)
 _FINAL_LIST_NEG = re.compile(_cue_regex(FINAL_LIST_NEGATION).pattern + _FINAL)
 _FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
@@ -331,7 +336,7 @@ class _Cues:
             return UNCERTAIN
         if self._before(self._unhedged(self.pre_negation, start), start, lists=True) \
                 or self._after(self.post_negation, end, lists=True) \
-                or self._before(self.near_pre_negation, start, window=0) \
+                or self._before(self.near_pre_negation, start, window=NEAR_PRE_WINDOW) \
                 or self._after(self.near_post_negation, end, NEAR_WINDOW) \
                 or self._after(self.final_negation, end, NEAR_WINDOW) \
                 or self._after(self.final_list_negation, end, 0, lists=True) \
