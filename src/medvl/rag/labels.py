@@ -22,11 +22,14 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
-     bare "unlikely", "doubtful", "improbable" only right before it: "atelectasis, unlikely pneumonia"), or up
+     bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
      to ``POST_WINDOW`` words after it ("is not seen", "absent", "has resolved", "excluded", "ruled out"), or a
-     hedge ends the clause right after it ("unlikely", "doubtful", "not favored", "not likely", ``NEAR_WINDOW``
-     words at most: "pneumonia is unlikely.", "pneumonia or edema is unlikely.", but not the opacity of "the
-     opacity is unlikely to represent pneumonia"), or a "not"/"no" falls inside a
+     hedge follows right after it ("unlikely", "doubtful", "not favored", "not likely", ``NEAR_WINDOW`` words at
+     most) ending the clause or qualified itself ("pneumonia is unlikely.", "pneumonia or edema is unlikely.",
+     "... unlikely in this patient", "... unlikely to be present"), but not the opacity of "the opacity is
+     unlikely to represent pneumonia" nor the nodule of "the nodule is unlikely to be malignant"; the bare
+     "unlikely" before a mention reaches ``NEAR_PRE_WINDOW`` words ("unlikely small effusion"), or a "not"/"no"
+     falls inside a
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
