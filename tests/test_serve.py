@@ -1559,8 +1559,9 @@ def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir
     monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
     for options, reason in ((["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
                             (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number, got inf"),
-                            (["--max-upload-mb", "-1"], "--max-upload-mb must be >= "),
-                            (["--max-upload-mb", "0.0000001"], "--max-upload-mb must be >= "),
+                            (["--max-upload-mb", "-1"], "--max-upload-mb must allow at least one byte (> 0), got -1"),
+                            (["--max-upload-mb", "0.0000001"],
+                             "--max-upload-mb must allow at least one byte (> 0), got 1e-07"),
                             (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
                             (["--rate-burst", "0"], "--rate-burst must be >= 1"),
                             (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number")):

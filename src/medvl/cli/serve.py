@@ -73,7 +73,9 @@ def serve_command(
     if no_auth and host not in LOOPBACK:
         raise InputError(f"--no-auth is refused on {host}: serve without tokens on a loopback address only")
     check_number("--port", port, minimum=1, maximum=65535, integer=True)
-    check_number("--max-upload-mb", max_upload_mb, minimum=1 / MIB)  # at least one byte, a finite number
+    check_number("--max-upload-mb", max_upload_mb)  # a finite number
+    if max_upload_mb * MIB < 1:
+        raise InputError(f"--max-upload-mb must allow at least one byte (> 0), got {max_upload_mb:g}")
     proxies = _trusted_proxies(trusted_proxy or [])
     uvicorn, create_app = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
