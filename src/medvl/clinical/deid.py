@@ -17,7 +17,9 @@ works on one file or a folder. For every DICOM file, in this order:
    cannot be linked). All dates and date-times move back by one offset per run (62 to 730 days),
    keeping intervals (the profile's "Retain Longitudinal Temporal Information with Modified Dates"
    option). A dummy name part that equals a part of the real name is dropped
-   (``identifiers.drop_name_parts``).
+   (``identifiers.drop_name_parts``), and a random dummy ID that holds a patient identifier by chance
+   (a patient ID as short as ``X1``) is replaced by the run's keyed pseudonym
+   (``reroll_chance_identifiers``).
 2. Clean Descriptors (``descriptors``, on unless ``clean_descriptors=False`` / ``--keep-descriptors``):
    short descriptors (Study / Series Description, Protocol Name, Body Part Examined, Manufacturer's
    Model Name, RT labels...) are kept only when made of allow-listed technical words, else blanked;
@@ -88,8 +90,8 @@ from .dicom import (
     transfer_syntax,
 )
 from .formats import INSTALL_HINT
-from .identifiers import Identifiers, collect_identifiers, drop_name_parts, find_leak
-from .profile import apply_profile, apply_to_file_meta
+from .identifiers import CHARACTER_VRS, SCAN_RULES, Identifiers, collect_identifiers, drop_name_parts, find_leak
+from .profile import DICOGNITO_IDS, apply_profile, apply_to_file_meta
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +359,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     private = sum(1 for element in _iter_all(ds) if element.tag.is_private)
     anonymizer.anonymize(ds)
     drop_name_parts(ds, identifiers)
+    reroll_chance_identifiers(ds, identifiers, anonymizer.dummy)
     cleaned = clean_descriptors_in(ds) if clean_descriptors else []
     apply_profile(ds, anonymizer.dummy, SHORT_DESCRIPTORS if clean_descriptors else frozenset())
     apply_to_file_meta(getattr(ds, "file_meta", None))
@@ -372,6 +375,41 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
              "private_tags_removed": private, "descriptors_cleaned": cleaned, "burned_in_risk": burned_in,
              "warnings": warnings}
     return data, entry
+
+
+REROLLS = 32  # dummies tried for one value (each holds a patient identifier by chance with p < 0.01)
+
+
+def reroll_chance_identifiers(ds, identifiers: Identifiers, dummy) -> int:
+    """Replace the random IDs dicognito gave (``DICOGNITO_IDS``: Study ID, Accession Number, ...) that hold a
+    patient identifier by chance: a patient ID as short as ``X1`` sits in about one study ID of 300 (``7X1B...``),
+    and the final scan would refuse the file as if the ID had survived. Such a value becomes ``dummy`` of it
+    (the run's keyed pseudonym, ``RunAnonymizer.dummy``) with a counter, the first that holds none: the same
+    dicognito value gives the same replacement in every file of a run. Returns how many values changed."""
+    changed = 0
+
+    def visit(dataset, element) -> None:
+        nonlocal changed
+        if element.keyword not in DICOGNITO_IDS or element.VR not in CHARACTER_VRS or not element.value:
+            return
+        values = [str(v) for v in _values(element.value)]
+        rerolled = [_reroll(v, identifiers, dummy, SCAN_RULES["character"]) for v in values]
+        if rerolled != values:
+            changed += 1
+            element.value = rerolled if len(rerolled) > 1 else rerolled[0]
+
+    ds.walk(visit)
+    return changed
+
+
+def _reroll(value: str, identifiers: Identifiers, dummy, rules: tuple) -> str:
+    if identifiers.kind_in(value, *rules) is None:
+        return value
+    for attempt in range(REROLLS):
+        candidate = dummy(f"{value}#{attempt}")
+        if identifiers.kind_in(candidate, *rules) is None:
+            return candidate
+    return value  # the final scan refuses the file
 
 
 def remove_unknown_public(ds) -> int:
