@@ -73,16 +73,19 @@ class CaptionConfig:
         is "": no label column describes them all), when the captions describe any class at all (plain
         templates describe none, by design), with one warning counting them (``undescribed_warning``): their
         prompts are the bare class names, which a model trained on these captions may never have read."""
-        warning = self.undescribed_warning(column, class_names)
+        bare = self._undescribed(column, class_names)
+        warning = self._warning(column, class_names, bare)
         if warning:
             hint = "a caption file with their descriptions: --captions" if column else "--label-column picks a column"
             log.warning("%s (%s)", warning, hint)
-        return self._undescribed(column, class_names)
+        return bare
 
     def undescribed_warning(self, column: str, class_names: Sequence[str]) -> str | None:
         """The warning ``warn_undescribed`` logs (counts only, no class name), for a caller to pass on (the
         service's answers carry it), or None when every class is described."""
-        bare = self._undescribed(column, class_names)
+        return self._warning(column, class_names, self._undescribed(column, class_names))
+
+    def _warning(self, column: str, class_names: Sequence[str], bare: list[str]) -> str | None:
         if bare and column:
             return (f"the captions describe {len(bare)} of the {len(class_names)} classes of label column "
                     f"{column!r} not at all: their prompts are the bare class names in the templates")

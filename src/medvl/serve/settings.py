@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checks import check_number
+from ..checks import check_numbers
 from ..errors import InputError
 from ..models.backends import check_backend, resolve_backend
 from ..models.registry import model_directory
@@ -55,10 +55,8 @@ class ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting: by ``names[setting]``
         when given (``medvl serve`` passes its option names, ``max_batch`` -> ``--max-batch``), else by its
         attribute name."""
-        def name(setting: str) -> str:
-            return (names or {}).get(setting, setting)
-
-        checks: dict[str, dict] = {
+        names = names or {}
+        bounds: dict[str, dict] = {
             "max_upload_bytes": {"minimum": 1, "integer": True}, "max_pixels": {"minimum": 1, "integer": True},
             "max_voxels": {"minimum": 1, "integer": True},
             "max_batch": {"minimum": 1, "maximum": 1024, "integer": True},
@@ -70,19 +68,19 @@ class ServeSettings:
             "max_explain_top": {"minimum": 1, "maximum": 16, "integer": True},
             "heavy_queue": {"minimum": 0, "integer": True},
             "torch_threads": {"minimum": 0, "maximum": 1024, "integer": True}}
-        for setting, bounds in checks.items():
-            check_number(name(setting), getattr(self, setting), **bounds)
+        check_numbers({names.get(setting, setting): (getattr(self, setting), limits)
+                       for setting, limits in bounds.items()})
         check_backend(self.backend)
         for setting in ("vqa_model", "bottleneck"):
             value = getattr(self, setting)
             if value is not None:
                 setattr(self, setting, Path(value))
                 if not getattr(self, setting).exists():
-                    raise InputError(f"{(names or {}).get(setting, setting.replace('_', ' '))} {value}: not found")
+                    raise InputError(f"{names.get(setting, setting.replace('_', ' '))} {value}: not found")
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
-                raise InputError(f"{(names or {}).get('data_root', 'data root')} {self.data_root}: not a folder")
+                raise InputError(f"{names.get('data_root', 'data root')} {self.data_root}: not a folder")
         return self
 
     def for_model(self, model_dir: str | Path) -> ServeSettings:
