@@ -310,3 +310,34 @@ def test_a_2d_model_still_advertises_its_explain_methods(http):
     explain = http.get("/v1/models").json()["models"][0]["explain"]
     assert explain["methods"] == ["patch_text", "gradcam", "occlusion", "smoothgrad"]
     assert explain["default_methods"] == ["patch_text", "gradcam"] and explain["unavailable"] is None
+
+
+def test_predict_json_carries_the_label_column_and_warnings_the_service_answers_with(data, png, tmp_path):
+    """``medvl predict --json`` used to hold the predictions only: which label column's descriptions were used
+    and the warning that some classes were answered from their bare names were left to the log. It now carries
+    ``label_column`` and ``warnings`` as /v1/zero-shot does, for a described and a partly undescribed set."""
+    from fastapi.testclient import TestClient
+
+    net = create_model("phantom-tiny")
+    net.meta["captions"] = load_dataset(data).captions  # as training stores the captions it used
+    net.save_pretrained(tmp_path / "model")
+    with TestClient(create_app(tmp_path / "model", require_token=False)) as http:
+        _compare_label_columns(tmp_path / "model", http, png, tmp_path)
+
+
+def _compare_label_columns(model, http, png, tmp_path):
+    for n, labels in enumerate(("no_finding,cardiomegaly", "no_finding,unicorn")):
+        out = tmp_path / f"p{n}.json"
+        result, output = invoke("predict", png, "--model", model, "--labels", labels, "--json", out)
+        assert result.exit_code == 0, output
+        cli = json.loads(out.read_text())
+        answer = http.post("/v1/zero-shot", files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
+        assert answer.status_code == 200, answer.text
+        served = answer.json()
+        assert (cli["label_column"], cli["warnings"]) == (served["label_column"], served["warnings"])
+        assert cli["predictions"][0]["probabilities"] == pytest.approx(served["probabilities"], abs=1e-5)
+        if n == 0:
+            assert cli["label_column"] == "finding" and cli["warnings"] == []
+        else:
+            assert cli["label_column"] is None and len(cli["warnings"]) == 1
+            assert "bare class names" in cli["warnings"][0] and "unicorn" not in cli["warnings"][0]

@@ -19,7 +19,14 @@ from .models.registry import load_model
 def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
             label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
             backend: str = "torch", batch_size: int = 64) -> list[dict]:
-    """For each image: the most likely class among ``class_names``, every class's probability, and
+    """The answer for each image (``predict_answers``'s ``predictions``)."""
+    return predict_answers(model, images, class_names, label_column, captions, backend, batch_size)["predictions"]
+
+
+def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
+                    label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
+                    backend: str = "torch", batch_size: int = 64) -> dict:
+    """``predictions``, for each image: the most likely class among ``class_names``, every class's probability, and
     ``input_flags``: whether the image is blank or streaked as the model sees it (flag -> reason,
     ``medvl.data.audit.input_flags``; {} for an image with content: an answer on a flagged one means
     nothing, and a warning says how many there were); when the model has an OOD guard, also
@@ -30,12 +37,16 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
     model was trained with; ``label_column`` picks which column's descriptions apply (default: the
     first column that describes every requested class; one the captions do not describe is refused).
     ``backend``: see ``load_model`` (model paths only). Images are read ``batch_size`` at a time.
+
+    Beside them, as the service's /v1/zero-shot answers: ``label_column`` (the column whose descriptions
+    were used; None for the generic templates) and ``warnings`` (``prompt_warnings``: classes answered
+    from their bare names).
     """
     class_names = check_class_names(class_names)
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
-    _, prompts = class_prompts(net, class_names, label_column, captions)
+    column, prompts = class_prompts(net, class_names, label_column, captions)
     results, guarded = [], []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
@@ -54,7 +65,8 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
             guarded += [flag] if flag else []
     warn_flagged(guarded, "images")
     warn_without_content([row["input_flags"] for row in results], "images")
-    return results
+    return {"predictions": results, "label_column": column or None,
+            "warnings": prompt_warnings(net, class_names, column, captions)}
 
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:

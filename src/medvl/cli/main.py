@@ -152,12 +152,13 @@ def predict_command(
     """Zero-shot answer per image among the given labels."""
     from rich.markup import escape
 
-    from ..predict import predict
+    from ..predict import predict_answers
 
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--captions": captions}, json=json_out)
     class_names = split_names(labels)
-    results = predict(model, images, class_names, label_column=label_column, captions=captions, backend=backend)
-    for item in results:
+    answers = predict_answers(model, images, class_names, label_column=label_column, captions=captions,
+                              backend=backend)
+    for item in answers["predictions"]:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
         warning = (f" [red]out of distribution (OOD score {item['ood_score']:.3g} > {item['ood_threshold']:.3g}): "
@@ -166,7 +167,7 @@ def predict_command(
             warning += f" [red]{' and '.join(item['input_flags'])} as the model sees it: no content to answer on[/]"
         console.print(f"{escape(item['image'])}: [bold]{escape(item['prediction'])}[/] ({escape(shown)}){warning}",
                       markup=True)
-    emit_json({"predictions": results}, json_out, overwrite)
+    emit_json(answers, json_out, overwrite)
 
 
 @app.command("audit")
