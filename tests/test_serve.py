@@ -756,6 +756,47 @@ def test_a_model_loading_in_the_background_is_reported_and_routes_wait(model_dir
         assert http.get("/v1/models").status_code == 503
 
 
+def test_a_route_asked_while_the_model_loads_says_when_to_ask_again_and_a_failed_load_does_not(
+        model_dir, tmp_path, monkeypatch):
+    """The 503 of a model still loading carried no ``Retry-After`` although asking again is the answer (a full
+    queue's 503 has one); it now does. The 503 of a load that failed has none: asking again does not help."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from medvl.serve import service as service_module
+
+    loadable = threading.Event()
+    real_load = service_module.load_model
+
+    def slow_load(*args, **kwargs):  # the real load, held back until the test has asked once
+        assert loadable.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "load_model", slow_load)
+    with TestClient(create_app(model_dir, token_digests=[], require_token=False, load_in_background=True)) as http:
+        answer = http.get("/v1/models")
+        assert answer.status_code == 503 and "still loading" in answer.json()["detail"]
+        assert answer.headers["Retry-After"] == "2"
+        loadable.set()
+        deadline = time.monotonic() + 30
+        while http.get("/v1/health").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert http.get("/v1/models").status_code == 200
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with TestClient(create_app(tmp_path / "broken", token_digests=[], require_token=False,
+                               load_in_background=True)) as http:
+        deadline = time.monotonic() + 30
+        while http.get("/v1/health").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        answer = http.get("/v1/models")
+        assert answer.status_code == 503 and "could not be loaded" in answer.json()["detail"]
+        assert "Retry-After" not in answer.headers
+
+
 def _edit_text_config(folder: Path) -> None:
     path = folder / "text" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_attention_heads": "MRN123"}))

@@ -47,7 +47,7 @@ from ..errors import DataError, InputError, MedvlError
 from .auth import TokenAuth, load_digests
 from .middleware import FORM_OVERHEAD, PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
-from .service import ModelService, ServiceUnavailable, parse_labels, parse_methods
+from .service import ModelLoading, ModelService, ServiceUnavailable, parse_labels, parse_methods
 from .settings import ServeSettings
 from .uploads import Upload, check_byte_size
 
@@ -164,9 +164,12 @@ class Loader:
             await self.service.stop()
 
     def get(self) -> ModelService:
-        """The running service, or ``ServiceUnavailable`` (503) while it loads or if it failed."""
+        """The running service, or 503: ``ModelLoading`` (with Retry-After) while it loads, ``ServiceUnavailable`` if it
+        failed."""
+        if self.failure:
+            raise ServiceUnavailable(self.failure)
         if not self.ready or self.service is None:
-            raise ServiceUnavailable(self.failure or "the model is still loading; retry in a few seconds")
+            raise ModelLoading("the model is still loading; retry in a few seconds")
         return self.service
 
 

@@ -525,6 +525,12 @@ class ServiceUnavailable(MedvlError):
     status = 503
 
 
+class ModelLoading(ServiceUnavailable):
+    """The model is still loading (HTTP 503 with ``Retry-After``: unlike a failed load, asking again helps)."""
+
+    retry_after = 2  # seconds
+
+
 def _note(timings: dict[str, Any], batch: BatchTiming) -> None:
     timings.update(queue_ms=round(batch.queue_ms, 2), model_ms=round(batch.model_ms, 2),
                    batch_size=batch.batch_size)
