@@ -425,6 +425,26 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
         {"3", "4", "2021", "name:o'brien"}
 
 
+def test_a_consensus_finding_stated_only_beside_findings_without_consensus_is_an_abstention(labeller):
+    """Two of three neighbours state cardiomegaly, each in one sentence with a finding only that neighbour has. Such
+    sentences are never drafted, and the cardiomegaly was dropped without a word: an empty draft that did not
+    abstain (beside other sentences, a draft without the consensus finding). It is now a ``no_wording``
+    abstention naming the finding; with a sentence of its own, the finding is drafted."""
+    texts = ["Cardiomegaly with a pleural effusion.", "Cardiomegaly and atelectasis.",
+             "Heart size is normal. No pneumothorax."]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.consensus["cardiomegaly"] == "positive" and "pleural_effusion" not in draft.consensus
+    assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == ""
+    assert draft.reason == ("every wording of cardiomegaly also states a finding the neighbours do not agree on: "
+                            "nothing to draft it from")
+    texts[1] = "Cardiomegaly and atelectasis. The heart is enlarged."
+    drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                              labeller)
+    assert not drafted.abstained and labeller.label(drafted.text()).get("cardiomegaly") == "positive"
+    assert "effusion" not in drafted.text() and "atelectasis" not in drafted.text()
+
+
 def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abstention(labeller):
     """Each neighbour's only effusion sentence names its own date: all were left out, and the draft came back
     empty but not abstained (text '', the effusion's definition attached, exit 0), the finding silently gone."""

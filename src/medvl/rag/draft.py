@@ -16,7 +16,8 @@
    ``min_similarity`` ("far"); neither normality nor any abnormal finding (positive or
    uncertain) reaches consensus ("disagree"); or a present or possible consensus finding has no sentence
    left to draft (step 4: every wording names a detail the vote does not elect or a minority's identifier,
-   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence.
+   or, for an abnormal finding, also states a finding without consensus; "no_wording"), as a draft silent on a
+   finding most neighbours state would read as its absence.
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
    sentences that assert the same findings with the same statuses; sentences asserting nothing
    (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
@@ -85,7 +86,7 @@ WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the 
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
 NO_WORDING = "no_wording"  # a consensus finding whose every wording was left out (details vote, identifiers)
 # why a finding's sentences were all left out, for the no_wording reason
-_IDENTIFIER_LEFT, _DETAIL_LEFT = "identifier", "detail"
+_IDENTIFIER_LEFT, _DETAIL_LEFT, _MIXED_LEFT = "identifier", "detail", "mixed"
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
 DETAILS = ({"left", "right", "bilateral"}, {"small", "moderate", "large", "mild", "marked", "tiny", "massive"},
            {"upper", "middle", "lower", "apical", "basal", "basilar"})
@@ -271,7 +272,8 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
                         settings)
     common = common_words(labeller.knowledge, [h.text for h in with_report])
-    kept, unworded = _select(with_report, weights, sentences, consensus, min_support, common)
+    kept, unworded = _select(with_report, weights, sentences, consensus, min_support, common,
+                             abnormal=set(labeller.knowledge.abnormal))
     if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
         return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
@@ -365,10 +367,14 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 
 
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
-            min_support: float, common: frozenset = frozenset()) -> tuple[list[DraftSentence], dict[str, str]]:
+            min_support: float, common: frozenset = frozenset(),
+            abnormal: set[str] | None = None) -> tuple[list[DraftSentence], dict[str, str]]:
     """Sentence groups that agree with the consensus, by support, each stating something new; and the present
     or possible consensus findings none of whose groups could be drafted, with why (``_drafted``): no wording
-    agreeing with the details vote, or every wording naming a minority's identifier."""
+    agreeing with the details vote, or every wording naming a minority's identifier; or, for an ``abnormal``
+    finding, ``_MIXED_LEFT``: every sentence stating it also states a finding the neighbours do not agree on
+    (such a sentence is never drafted). Normality is not listed: a draft without an abnormal finding reads as
+    normal anyway."""
     groups = _groups(sentences)
     finding_members: dict[str, list[tuple[int, str]]] = {}  # every sentence asserting a finding, any section
     for group in groups:
@@ -395,6 +401,10 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
         stated[group.section] |= group.assertions
         kept.append(drafted)
     said = {name for assertions in stated.values() for name, _ in assertions}
+    for group in groups:  # an abnormal consensus finding stated only beside findings without consensus
+        for name, status in group.assertions:
+            if name in (abnormal or ()) and consensus.get(name) == status and status in (POSITIVE, UNCERTAIN):
+                left_out.setdefault(name, _MIXED_LEFT)
     sections = [FINDINGS_SECTION, IMPRESSION_SECTION]
     return (sorted(kept, key=lambda s: (sections.index(s.section), -s.support)),
             {name: why for name, why in sorted(left_out.items()) if name not in said})
@@ -405,7 +415,8 @@ def _unworded_reason(unworded: dict[str, str]) -> str:
     parts = []
     for why, text in ((_IDENTIFIER_LEFT, "names a date, number or name that most of the neighbours do not "
                                          "(another patient's)"),
-                      (_DETAIL_LEFT, "names a side, size, zone or measurement the neighbours' vote does not elect")):
+                      (_DETAIL_LEFT, "names a side, size, zone or measurement the neighbours' vote does not elect"),
+                      (_MIXED_LEFT, "also states a finding the neighbours do not agree on")):
         names = [name for name, cause in unworded.items() if cause == why]
         if names:
             parts.append(f"every wording of {', '.join(names)} {text}")
