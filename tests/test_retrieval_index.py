@@ -4,6 +4,7 @@ a real SIGKILL during a build, and the same API against a real PostgreSQL with p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -223,7 +224,8 @@ def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, 
     generate_phantom(second, n=10, seed=9, size=64)
     with open_index(index_copy, writable=True) as index:
         with pytest.raises(InputError, match=r"10 cases have an id already in the index .* another image, "
-                                             r"report or labels \(e\.g\. 'images/phantom_00000'\); pass --replace"):
+                                             r"report, labels, metadata or split \(e\.g\. 'images/phantom_00000'\); "
+                                             r"pass --replace"):
             add_records(index, model, load_dataset(second), show_progress=False)
     corrected = load_dataset(planted_phantom(phantom_dir, tmp_path / "corrected"))  # one report changed
     with open_index(index_copy, writable=True) as index:
@@ -283,7 +285,7 @@ def test_a_corrected_label_is_a_changed_case(index_copy, model, phantom_dir, tmp
         writer.writerows(rows)
     relabelled = load_dataset(folder)
     with open_index(index_copy, writable=True) as index:
-        with pytest.raises(InputError, match=rf"1 cases have an id .* another image, report or labels "
+        with pytest.raises(InputError, match=rf"1 cases have an id .* another image, report, labels, metadata or split "
                                              rf"\(e\.g\. '{case_id}'\)"):
             add_records(index, model, relabelled, show_progress=False)
         result = add_records(index, model, relabelled, show_progress=False, replace=True)
@@ -292,6 +294,36 @@ def test_a_corrected_label_is_a_changed_case(index_copy, model, phantom_dir, tmp
         hit = index.search(np.ones(64) / 8, k=1, where=f"id = '{case_id}'")[0][0]
         assert hit.labels["finding"] == new_label
         assert index.search(np.ones(64) / 8, k=1, where=f"id = '{case_id}' and finding = '{old_label}'")[0] == []
+
+
+def test_a_corrected_metadata_value_or_a_moved_split_is_a_changed_case(index_copy, model, phantom_dir, tmp_path):
+    """A case added again with the same image, report and labels but a corrected metadata value (here its age) or in
+    another split counted as already present: the index kept the old age, so filtered searches (``age > 60``) and
+    the split shown in every hit stayed wrong without a word. Both are now refused like a corrected report, and
+    --replace stores the new values."""
+    folder = shutil.copytree(phantom_dir, tmp_path / "corrected")
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    first, second = (Path(row["image"]).with_suffix("").as_posix() for row in rows[:2])
+    old_age, old_split = rows[0]["age"], rows[1]["split"]
+    rows[0]["age"] = str(int(old_age) + 7)
+    rows[1]["split"] = "val" if old_split != "val" else "train"
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    corrected = load_dataset(folder)
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(InputError, match=rf"2 cases have an id .* \(e\.g\. '{first}'\)"):
+            add_records(index, model, corrected, show_progress=False)
+        result = add_records(index, model, corrected, show_progress=False, replace=True)
+        assert (result["added"], result["already_present"], result["replaced"]) == (0, 94, 2)
+        assert add_records(index, model, corrected, show_progress=False)["already_present"] == 96  # now the same
+    with open_index(index_copy) as index:
+        [hit] = index.search(np.ones(64) / 8, k=1, where=f"id = '{first}'")[0]
+        assert str(hit.meta["age"]) == str(int(old_age) + 7)
+        [moved] = index.search(np.ones(64) / 8, k=1, where=f"id = '{second}'")[0]
+        assert moved.split == rows[1]["split"] != old_split
 
 
 def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
@@ -767,6 +799,11 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert result["duplicates"] == [{"id": "copy", "duplicate_of": dataset.select("test")[0].id}]
         result = add_records(index, model, dataset.select("test"), show_progress=False)  # labels read back from jsonb
         assert (result["already_present"], result["replaced"], len(index)) == (19, 0, 29)
+        first = dataset.select("test")[0]  # metadata and split read back from jsonb are compared too
+        for changed in (dataclasses.replace(first, meta={**first.meta, "age": 101}),
+                        dataclasses.replace(first, split="train")):
+            with pytest.raises(InputError, match=rf"1 cases have an id .* \(e\.g\. '{first.id}'\)"):
+                add_records(index, model, dataset.subset([changed]), show_progress=False)
     # a build interrupted after two batches leaves the old table; the rerun resumes
     from medvl.index import build as build_module
 

@@ -129,14 +129,15 @@ def build_command(
 def add_command(
     index: IndexOption,
     data: Annotated[Path, typer.Option(
-        help="Dataset with the cases to add (ids already indexed with the same image, report and labels are left; "
-             "with another image, report or labels they are refused, unless --replace).")],
+        help="Dataset with the cases to add (ids already indexed with the same image, report, labels, metadata and "
+             "split are left; with another image, report, labels, metadata or split they are refused, unless "
+             "--replace).")],
     model: ModelOption = None,
     split: SplitOption = "all",
     batch_size: BatchOption = 32,
     allow_duplicates: DuplicatesOption = False,
     replace: Annotated[bool, typer.Option(
-        help="Replace the indexed cases whose id comes again with another image, report or labels "
+        help="Replace the indexed cases whose id comes again with another image, report, labels, metadata or split "
              "(default: refuse).")
     ] = False,
     json_out: Annotated[str | None, typer.Option(

@@ -118,9 +118,9 @@ class Index(Protocol):
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]: ...
 
-    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str]]:
-        """Id -> (pixel hash, report, labels as JSON with sorted keys) of the indexed cases among ``ids``: what tells
-        a case added again apart from another case (or a corrected one) under the same id."""
+    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str, str, str | None]]:
+        """Id -> (pixel hash, report, labels and metadata as JSON with sorted keys, split) of the indexed cases among
+        ``ids``: what tells a case added again apart from another case (or a corrected one) under the same id."""
         ...
 
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ read twice to keep memory bounded: hashed while streamed slab by slab from disk,
 from the path (``medvl.models.volumes`` streams them again), so a large CT is never held decoded
 whole. A case whose image is already indexed (or appears
 earlier in the same data) is skipped and reported, unless duplicates are allowed; on add, a case whose id
-is already indexed with the same image, report and labels is left as it is (``add_records``).
+is already indexed with the same image, report, labels, metadata and split is left as it is (``add_records``).
 
 What a case stores comes from its record (id, split, labels, meta, text, pixel hash, and its image's
 path relative to the dataset root: none for DICOM files, arrays or files outside the root); the
@@ -259,9 +259,10 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     """Add the records of ``dataset`` not yet in ``index`` (by id), then ``save()`` once; image
     paths are stored relative to this dataset's root, and images read, as in ``build_index``.
 
-    A record whose id is indexed with the same pixels, report and labels is left as it is (``already_present``).
-    One whose id is indexed with another image, report or labels (a second export with the same layout, a
-    corrected report or label) is an ``InputError`` naming how many and one id, before anything changes;
+    A record whose id is indexed with the same pixels, report, labels, metadata and split is left as it is
+    (``already_present``). One whose id is indexed with another image, report, labels, metadata or split (a second
+    export with the same layout, a corrected report, label or metadata, a record moved to another split) is an
+    ``InputError`` naming how many and one id, before anything changes;
     ``replace=True`` replaces those cases instead (``replaced``). A replacement whose image is already indexed
     under another id (or comes earlier in the data) would be skipped as a duplicate after its case was
     deleted: unless duplicates are allowed, that is an ``InputError`` too, and the index is left unchanged."""
@@ -278,16 +279,16 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     changed = list(new_images)
     if changed and not replace:
         raise InputError(f"{dataset.source}: {len(changed)} cases have an id already in the index {index.location} "
-                         f"but another image, report or labels (e.g. {changed[0]!r}); pass --replace (Python: "
-                         "replace=True) to replace them, or give them other ids")
+                         f"but another image, report, labels, metadata or split (e.g. {changed[0]!r}); pass "
+                         "--replace (Python: replace=True) to replace them, or give them other ids")
     if changed and not allow_duplicates:
         _check_replacements_are_new(index, new_images, dataset.source)
     if changed:
         index.delete(changed)  # staged, as the additions: saved at once with them
     todo = [r for r in records if r.id not in present or r.id in new_images]
     if len(present) > len(changed):
-        log.warning("%d cases are already in the index (same id, image, report and labels) and were left as they "
-                    "are", len(present) - len(changed))
+        log.warning("%d cases are already in the index (same id, image, report, labels, metadata and split) and were "
+                    "left as they are", len(present) - len(changed))
     added, duplicates, known = 0, [], {}
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
@@ -309,20 +310,22 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
 
 
 def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: int, workers: int) -> dict[str, str]:
-    """Id -> new pixel hash of the ``records`` (indexed ids) whose pixels, report or labels differ from the indexed
-    case's, in order."""
+    """Id -> new pixel hash of the ``records`` (indexed ids) whose pixels, report, labels, metadata or split differ from
+    the indexed case's, in order."""
     if not records:
         return {}
     stored = index.stored_contents([r.id for r in records])
     batches = list(batched(records, batch_size))
     digests = [d for ds in map_ahead(read_digests, batches, workers, context=model.preprocessor) for d in ds]
-    return {r.id: digest for r, digest in zip(records, digests, strict=True)
-            if stored[r.id] != (digest, Case.from_record(r).text, _canonical(r.labels))}
+    cases = [Case.from_record(r) for r in records]
+    return {case.id: digest for case, digest in zip(cases, digests, strict=True)
+            if stored[case.id] != (digest, case.text, _canonical(case.labels), _canonical(case.meta), case.split)}
 
 
-def _canonical(labels: dict[str, Any]) -> str:
-    """Labels as compared with the stored ones: JSON with sorted keys (a NaN equals a NaN, key order is not kept)."""
-    return json.dumps(labels, sort_keys=True)
+def _canonical(values: dict[str, Any]) -> str:
+    """Labels or metadata as compared with the stored ones: JSON with sorted keys, read back as stored (a NaN equals
+    a NaN, key order is not kept)."""
+    return json.dumps(json.loads(json.dumps(values)), sort_keys=True)
 
 
 def _check_replacements_are_new(index: Index, new_images: dict[str, str], source: str) -> None:

@@ -580,9 +580,10 @@ class FaissIndex(IndexBase):
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {row[0] for row in _select_in(self.conn, "id", "id", ids)}
 
-    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str]]:
-        rows = _select_in(self.conn, "id, image_sha256, report, labels", "id", ids)
-        return {row[0]: (row[1], row[2], json.dumps(json.loads(row[3]), sort_keys=True)) for row in rows}
+    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str, str, str | None]]:
+        rows = _select_in(self.conn, "id, image_sha256, report, labels, meta, split", "id", ids)
+        return {row[0]: (row[1], row[2], json.dumps(json.loads(row[3]), sort_keys=True),
+                         json.dumps(json.loads(row[4]), sort_keys=True), row[5]) for row in rows}
 
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return ids_by_hash(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))

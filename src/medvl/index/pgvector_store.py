@@ -355,10 +355,11 @@ class PgVectorIndex(IndexBase):
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {r[0] for r in self.conn.execute(self._q("SELECT id FROM {t} WHERE id = ANY(%s)"), (list(ids),))}
 
-    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str]]:
-        rows = self.conn.execute(self._q("SELECT id, image_sha256, report, labels FROM {t} WHERE id = ANY(%s)"),
-                                 (list(ids),))
-        return {row[0]: (row[1], row[2], json.dumps(row[3], sort_keys=True)) for row in rows}
+    def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str, str, str | None]]:
+        rows = self.conn.execute(self._q("SELECT id, image_sha256, report, labels, meta, split FROM {t} "
+                                         "WHERE id = ANY(%s)"), (list(ids),))
+        return {row[0]: (row[1], row[2], json.dumps(row[3], sort_keys=True), json.dumps(row[4], sort_keys=True),
+                         row[5]) for row in rows}
 
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         rows = self.conn.execute(self._q("SELECT image_sha256, id FROM {t} WHERE image_sha256 = ANY(%s)"),
