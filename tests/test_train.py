@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -332,6 +333,23 @@ def test_a_learning_rate_that_runs_the_temperature_away_stops_the_run(small_phan
                                             r"--lr 10\); lower --lr; no checkpoint was written"):
         _train_small(dataset, out, TrainConfig(epochs=2, batch_size=16, lr=10.0, seed=1))
     assert not out.exists()
+
+
+def test_a_learning_rate_that_flattens_the_logits_below_the_temperature_limit_stops_the_run(small_phantom, tmp_path):
+    """lr 1 collapsed phantom-tiny's text tower (every report embedded alike) while the temperature stayed under 100:
+    the loss sat at its chance value ln(16) and the run saved a model that scores every text alike, exit 0. Logits
+    this flat for 20 steps in a row now stop it; the checkpoint is kept but not called good (it may be collapsed)."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"run: training stopped at step \d+: the logits of each image lay within "
+                                            r"0.05 of each other in each of the last 20 batches .* --lr 1\); lower "
+                                            r"--lr; the last checkpoint \(step \d+\) is kept"):
+        _train_small(dataset, out, TrainConfig(epochs=40, batch_size=16, lr=1.0, seed=0))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["temperature"] < 100 and not (out / "model").exists()
+    # the same data at the default learning rate trains as before: its logits never come near that flat
+    trained = _train_small(dataset, tmp_path / "fine", TrainConfig(epochs=12, batch_size=16, seed=0))
+    assert trained.meta["training"]["steps"] == 12 * math.ceil(len(dataset) / 16) > 20
 
 
 def test_label_only_data_trains_from_captions_and_supervised_head(tiny_npz, tmp_path):

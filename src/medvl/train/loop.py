@@ -60,6 +60,10 @@ SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervis
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 MAX_TEMPERATURE = 100.0  # a learned temperature above this (the highest a model may start at) leaves the image-text
 # logits within 0.02 of each other: the contrastive loss sits at its chance value and teaches nothing
+# Logits of one image within this of each other (softmax within ~5 % of uniform) for COLLAPSE_STEPS steps in a row:
+# the model has collapsed (a tower embedding every input alike, or a temperature run high), unless its logits were
+# already that flat at the first step (a high init_temperature): then below a tenth of the first step's spread
+FLAT_LOGITS, COLLAPSE_STEPS = 0.05, 20
 _WARNED_INERT: set[tuple[str, str, str]] = set()  # (setting, value, reason) warned as having no effect
 
 
@@ -263,6 +267,17 @@ def warn_single_class(dataset: Dataset, config: TrainConfig, source: str) -> Non
                                 "the image-text loss learns nothing about it", column, len(dataset))
 
 
+def _logit_spread(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                  pair_ids: torch.Tensor) -> float | None:
+    """The largest difference between two logits of one image over the batch's texts (None: one pair only)."""
+    if len(set(pair_ids.tolist())) < 2:
+        return None
+    with torch.no_grad():
+        logits = logit_scale.detach().exp() * (F.normalize(image_emb.detach().float(), dim=-1)
+                                               @ F.normalize(text_emb.detach().float(), dim=-1).T)
+        return float((logits.max(dim=1).values - logits.min(dim=1).values).max())
+
+
 class _PairedTexts:
     """Chooses the training text of each record and the key that marks identical pairs."""
 
@@ -424,6 +439,9 @@ class ContrastiveObjective:
             model.config.loss = config.loss
         self.pixels = torch.empty(0)
         self.targets: dict[str, torch.Tensor] = {}
+        self._spread: float | None = None  # the last batch's largest spread of one image's logits
+        self._first_spread: float | None = None  # the same at the run's first step (of this process)
+        self._flat_steps = 0  # steps in a row with flat logits (``collapse``)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -469,6 +487,7 @@ class ContrastiveObjective:
             text_emb = distributed.gather_with_grad(model.embed_texts(texts[local]), len(indices))
             parts["contrastive"] = model.contrastive_loss(image_emb, text_emb, pair_ids)
             loss = loss + config.contrastive_weight * parts["contrastive"]
+            self._spread = _logit_spread(image_emb, text_emb, model.logit_scale, pair_ids)
         divisor = distributed.sample_divisor(len(indices))
         for column, target in self.targets.items():
             local_targets = target[indices][local]
@@ -516,15 +535,30 @@ class ContrastiveObjective:
         return {"temperature": float(1 / self.model.logit_scale.detach().exp())}
 
     def collapse(self) -> str | None:
-        """Why the model can no longer learn, else None: a learned temperature run away past ``MAX_TEMPERATURE``
-        (too high a learning rate; ``contrastive_loss`` clamps it from below only). Every logit is then about the
-        same, the loss stays finite at its chance value and the gradients reaching the towers vanish, so the run
-        would go on and save a constant model."""
-        temperature = float(1 / self.model.logit_scale.detach().exp())
-        if self.config.contrastive_weight == 0 or temperature <= MAX_TEMPERATURE:
+        """Why the model can no longer learn, else None (too high a learning rate, both): a learned temperature run
+        away past ``MAX_TEMPERATURE`` (``contrastive_loss`` clamps it from below only), or, at any temperature,
+        each image's logits within ``FLAT_LOGITS`` of each other for ``COLLAPSE_STEPS`` steps in a row (a tower
+        that embeds every input alike; for a model whose logits were that flat at its first step, a tenth of that
+        step's spread). Every logit is then about the same, the loss stays finite at its chance value and the
+        gradients reaching the towers vanish, so the run would go on and save a constant model."""
+        if self.config.contrastive_weight == 0:
             return None
-        return (f"the temperature of the image-text logits became {temperature:.3g} (above {MAX_TEMPERATURE:g}): "
-                "every image scores every text alike, and the model learns nothing more")
+        temperature = float(1 / self.model.logit_scale.detach().exp())
+        if temperature > MAX_TEMPERATURE:
+            return (f"the temperature of the image-text logits became {temperature:.3g} (above "
+                    f"{MAX_TEMPERATURE:g}): every image scores every text alike, and the model learns nothing more")
+        spread, self._spread = self._spread, None
+        if spread is None:  # one pair only in the batch: nothing to compare
+            return None
+        if self._first_spread is None:
+            self._first_spread = spread
+        flat = min(FLAT_LOGITS, self._first_spread / 10)
+        self._flat_steps = self._flat_steps + 1 if spread < flat else 0
+        if self._flat_steps < COLLAPSE_STEPS:
+            return None
+        return (f"the logits of each image lay within {flat:.3g} of each other in each of the last {COLLAPSE_STEPS} "
+                f"batches (last {spread:.3g}, temperature {temperature:.3g}): every image scores every text alike, "
+                "and the model learns nothing more")
 
     def describe(self) -> dict[str, Any]:
         """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
@@ -718,10 +752,14 @@ class _Run:
         if reason is None:
             return
         lr = self.scheduler.get_last_lr()[0]
+        seen_over_steps = bool(getattr(self.objective, "_flat_steps", 0))  # the last checkpoint may hold it too
         raise TrainingError(f"{self.out_dir}: training stopped at step {self.step + 1}: {reason} (learning rate "
-                            f"{lr:.3g} at this step, --lr {self.config.lr:g}); lower --lr; {self._last_checkpoint()}")
+                            f"{lr:.3g} at this step, --lr {self.config.lr:g}); lower --lr; "
+                            f"{self._last_checkpoint(good=not seen_over_steps)}")
 
-    def _last_checkpoint(self) -> str:
+    def _last_checkpoint(self, good: bool = True) -> str:
+        """Where the last checkpoint is, "good" unless it may hold the weights of the failure (``good=False``: a
+        collapse seen over several steps)."""
         state = self.out_dir / CHECKPOINT_DIR / STATE_FILE
         if not state.is_file():
             return "no checkpoint was written"
@@ -729,7 +767,7 @@ class _Run:
             step = _read_state(state)["step"]
         except DataError as err:  # said in the message of the error being raised, not instead of it
             return f"the last checkpoint cannot be resumed ({err})"
-        return f"the last good checkpoint (step {step}) is kept in {state.parent}"
+        return f"the last {'good ' if good else ''}checkpoint (step {step}) is kept in {state.parent}"
 
     def _batch_indices(self, batch_index: int) -> list[int]:
         epoch, within = divmod(batch_index, self.batches_per_epoch)
