@@ -270,20 +270,29 @@ def test_replacing_with_an_image_indexed_under_another_id_is_refused(index_copy,
         assert index.stored_contents([first.id])[first.id][1] == "corrected report"
 
 
-def test_a_corrected_label_is_a_changed_case(index_copy, model, phantom_dir, tmp_path):
-    """A case added again with the same image and report but another label is refused like a corrected report,
-    and --replace stores the new label (filter column included). It used to count as already present, and
-    --replace left the old label."""
-    folder = shutil.copytree(phantom_dir, tmp_path / "relabelled")
+def _manifest_rows(folder: Path) -> list[dict[str, str]]:
     with (folder / "manifest.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    case_id, old_label = Path(rows[0]["image"]).with_suffix("").as_posix(), rows[0]["finding"]
-    new_label = rows[0]["finding"] = "cardiomegaly" if old_label != "cardiomegaly" else "nodule"
+        return list(csv.DictReader(handle))
+
+
+def _edited_copy(source: Path, folder: Path, rows: list[dict[str, str]]) -> Path:
+    """A copy of the dataset folder ``source`` whose manifest holds ``rows``."""
+    shutil.copytree(source, folder)
     with (folder / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    relabelled = load_dataset(folder)
+    return folder
+
+
+def test_a_corrected_label_is_a_changed_case(index_copy, model, phantom_dir, tmp_path):
+    """A case added again with the same image and report but another label is refused like a corrected report,
+    and --replace stores the new label (filter column included). It used to count as already present, and
+    --replace left the old label."""
+    rows = _manifest_rows(phantom_dir)
+    case_id, old_label = Path(rows[0]["image"]).with_suffix("").as_posix(), rows[0]["finding"]
+    new_label = rows[0]["finding"] = "cardiomegaly" if old_label != "cardiomegaly" else "nodule"
+    relabelled = load_dataset(_edited_copy(phantom_dir, tmp_path / "relabelled", rows))
     with open_index(index_copy, writable=True) as index:
         with pytest.raises(InputError, match=rf"1 cases have an id .* another image, report, labels, metadata or split "
                                              rf"\(e\.g\. '{case_id}'\)"):
@@ -301,18 +310,12 @@ def test_a_corrected_metadata_value_or_a_moved_split_is_a_changed_case(index_cop
     another split counted as already present: the index kept the old age, so filtered searches (``age > 60``) and
     the split shown in every hit stayed wrong without a word. Both are now refused like a corrected report, and
     --replace stores the new values."""
-    folder = shutil.copytree(phantom_dir, tmp_path / "corrected")
-    with (folder / "manifest.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _manifest_rows(phantom_dir)
     first, second = (Path(row["image"]).with_suffix("").as_posix() for row in rows[:2])
     old_age, old_split = rows[0]["age"], rows[1]["split"]
     rows[0]["age"] = str(int(old_age) + 7)
     rows[1]["split"] = "val" if old_split != "val" else "train"
-    with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    corrected = load_dataset(folder)
+    corrected = load_dataset(_edited_copy(phantom_dir, tmp_path / "corrected", rows))
     with open_index(index_copy, writable=True) as index:
         with pytest.raises(InputError, match=rf"2 cases have an id .* \(e\.g\. '{first}'\)"):
             add_records(index, model, corrected, show_progress=False)

@@ -337,7 +337,7 @@ def test_a_learning_rate_that_runs_the_temperature_away_stops_the_run(small_phan
 
 def test_a_learning_rate_that_flattens_the_logits_below_the_temperature_limit_stops_the_run(small_phantom, tmp_path):
     """lr 1 collapsed phantom-tiny's text tower (every report embedded alike) while the temperature stayed under 100:
-    the loss sat at its chance value ln(16) and the run saved a model that scores every text alike, exit 0. Logits
+    the loss sat at its chance value and the run saved a model that scores every text alike, exit 0. Logits
     this flat for 20 steps in a row now stop it; the checkpoint is kept but not called good (it may be collapsed)."""
     dataset = medvl.load_dataset(small_phantom).select("train")
     out = tmp_path / "run"
