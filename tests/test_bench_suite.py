@@ -670,3 +670,49 @@ def test_a_model_named_through_a_symlink_keeps_the_name_the_user_gave(tmp_path):
     (tmp_path / "shortcut" / "model").mkdir()
     labels = model_labels([tmp_path / "clean", tmp_path / "shortcut" / "model", trained, tmp_path / "shortcut" / "."])
     assert list(labels.values()) == ["clean", "shortcut", "train", "shortcut-2"]
+
+
+def _image_blind_copy(model: Path, out: Path) -> Path:
+    """``model`` with a rank-1 image projection: every image gets the same embedding (a model that ignores it)."""
+    import torch
+
+    import medvl
+
+    net = medvl.load_model(model)
+    weight = net.image_projection.weight
+    with torch.no_grad():
+        weight.copy_(weight[:, :1].clone() * torch.ones(1, weight.shape[1]))
+    net.save_pretrained(out)
+    return out
+
+
+def _unlabel(data: Path, split: str, count: int, column: str = "finding") -> None:
+    """The first ``count`` records of ``split`` lose their value of ``column`` in the manifest of ``data``."""
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in [row for row in rows if row["split"] == split][:count]:
+        row[column] = ""
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_zero_shot_sanity_runs_on_the_labelled_records_when_some_lack_the_label(two_models, phantom_dir, tmp_path):
+    """Records without the label are not scored; the sanity check still runs on those that have it, and an
+    image-blind model is flagged there as on fully labelled data."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    _unlabel(data, "test", 4)
+    model = _image_blind_copy(two_models[0], tmp_path / "blind")
+    spec = {"path": str(data), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["sanity"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert "sanity" not in cell["skipped"]
+    assert cell["plots"]["sanity"]["n"] == len(load_dataset(data).select("test").with_labels(["finding"]))
+    assert "sanity: blank image balanced_accuracy" in {row["metric"] for row in cell["rows"]}
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert any("/ sanity: balanced accuracy" in flag and "blank-image baseline" in flag for flag in flags), flags

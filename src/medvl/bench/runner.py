@@ -643,10 +643,10 @@ def _zero_shot(ctx: _Context) -> None:
     ctx.plots["classes"] = result["classes"]
     ctx.plots["confusion_matrix"] = result["confusion_matrix"]
     scored = test.with_labels([label])
+    labelled = [i for i, record in enumerate(test) if label in record.labels]  # the scored records' rows
     for check in ctx.checks:
-        CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings if len(scored) == len(test) else None, y_true,
-                                          probabilities, np.array(result["logits"]), result["classes"], captions,
-                                          ood_block))
+        CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings[labelled], y_true, probabilities,
+                                          np.array(result["logits"]), result["classes"], captions, ood_block))
 
 
 @dataclass
@@ -875,9 +875,6 @@ RISK_COVERAGE_POINTS = 50  # points of the risk-coverage curve kept for the plot
 def _check_sanity(ctx: _Context, scored: _Scored) -> None:
     from ..eval.sanity import sanity_baselines
 
-    if scored.embeddings is None and ctx.task.task == "zero-shot":
-        ctx.skipped["sanity"] = "records without the label were dropped"
-        return
     result = sanity_baselines(ctx.net, scored.dataset, ctx.label, captions=scored.captions,
                               classes=scored.classes, image_embeddings=scored.embeddings, seed=ctx.suite.seed,
                               probabilities=scored.probabilities if ctx.task.task != "zero-shot" else None,
