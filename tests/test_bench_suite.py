@@ -716,3 +716,23 @@ def test_zero_shot_sanity_runs_on_the_labelled_records_when_some_lack_the_label(
     assert "sanity: blank image balanced_accuracy" in {row["metric"] for row in cell["rows"]}
     flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
     assert any("/ sanity: balanced accuracy" in flag and "blank-image baseline" in flag for flag in flags), flags
+
+
+def test_shortcut_and_counterfactual_of_a_zero_shot_cell_judge_zero_shot_not_the_head(phantom_dir, tmp_path):
+    """A model with a supervised head on the label: the zero-shot cell's shortcut and counterfactual checks answer
+    with zero-shot (the classifier whose rows the cell reports), not with the head."""
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--batch-size", 32, "--supervised-weight", 1, "-l", "finding", "-q")
+    assert result.exit_code == 0, output
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["shortcut", "counterfactual"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "run" / "model", "--out", tmp_path / "out",
+                            "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    rows = {row["metric"]: row["value"] for row in cell["rows"]}
+    assert cell["plots"]["shortcut"]["method"] == "zero_shot"
+    assert cell["plots"]["counterfactual"]["method"] == "zero_shot"
+    assert cell["plots"]["shortcut"]["accuracy"] == pytest.approx(rows["accuracy"])
+    assert cell["plots"]["shortcut"]["balanced_accuracy"] == pytest.approx(rows["balanced_accuracy"])

@@ -946,6 +946,12 @@ def _phantom_pairs(ctx: _Context) -> list | None:
     return ctx.cache["pairs"]
 
 
+def _method(ctx: _Context) -> str | None:
+    """How the counterfactual and shortcut checks answer: a zero-shot cell's checks judge zero-shot, not a
+    supervised head the model may also have."""
+    return "zero_shot" if ctx.task.task == "zero-shot" else None
+
+
 def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
     from ..eval import counterfactual
 
@@ -957,7 +963,7 @@ def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
                                                        embeddings=counterfactual.pixel_vectors(scored.dataset))
         source = "nearest-neighbour images (in pixel space, not the model's) with a different label"
     result = counterfactual.pair_accuracy(ctx.net, pairs, label=ctx.label, captions=scored.captions,
-                                          classes=scored.classes)
+                                          classes=scored.classes, method=_method(ctx))
     ctx.row("counterfactual: pair accuracy", result["pair_accuracy"], n=result["n_pairs"])
     ctx.row("counterfactual: single-image accuracy", result["single_accuracy"])
     for variation, block in result["per_variation"].items():
@@ -971,7 +977,8 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
 
     marker = shortcut_spec(ctx.data.path) if ctx.data.path.is_dir() else None
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
-                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes)
+                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes,
+                            method=_method(ctx))
     ctx.row("shortcut: masked balanced accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
     if result.get("pair_accuracy") is not None:
         ctx.row("shortcut: pair accuracy", result["pair_accuracy"])
