@@ -736,3 +736,25 @@ def test_shortcut_and_counterfactual_of_a_zero_shot_cell_judge_zero_shot_not_the
     assert cell["plots"]["counterfactual"]["method"] == "zero_shot"
     assert cell["plots"]["shortcut"]["accuracy"] == pytest.approx(rows["accuracy"])
     assert cell["plots"]["shortcut"]["balanced_accuracy"] == pytest.approx(rows["balanced_accuracy"])
+
+
+def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_models, phantom_dir, tmp_path):
+    """A check that did not run is not a pass: results.json lists it with the reason, so do the printed summary
+    and the report's first section, which then does not say that no check flagged any model; a probe's sanity
+    check names the blank-image baseline it leaves out."""
+    spec = {"path": str(phantom_dir), "split": "test", "train_split": "train", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom", "checks": ["ood"]},
+             {"task": "linear-probe", "dataset": "phantom", "checks": ["sanity"]}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    skipped = json.loads((tmp_path / "out" / "results.json").read_text())["skipped"]
+    assert [(s["model"], s["key"], s["check"]) for s in skipped] == [
+        ("alpha", "zero-shot@phantom", "ood"), ("alpha", "linear-probe@phantom", "sanity: blank_image")]
+    assert skipped[0]["reason"] == "the model has no OOD guard (medvl ood fit)"
+    lines = [f"{s['model']} / {s['key']} / {s['check']}: {s['reason']}" for s in skipped]
+    flat = " ".join(output.split())
+    assert "skipped checks │ 2" in flat and all(f"skipped {line}" in flat for line in lines), output
+    report = (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
+    first = report[:report.index("zero-shot on phantom")]  # the Run and Flags sections
+    assert "No check flagged any model." not in report and all(line in first for line in lines)

@@ -30,7 +30,7 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
     """Write the report; returns the ids of the plots in it (every one must be drawn)."""
     models = list(results["models"])
     plots: list[str] = []
-    sections = [("Run", _run_table(suite, results)), ("Flags", _flags(results["flags"]))]
+    sections = [("Run", _run_table(suite, results)), ("Flags", _flags(results["flags"], results.get("skipped", [])))]
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         by_task[cell["key"]].append(cell)
@@ -70,10 +70,23 @@ def _run_table(suite, results: dict[str, Any]) -> str:
     return f"<table><tr><th>what</th><th>value</th></tr>{body}</table>"
 
 
-def _flags(flags: list[str]) -> str:
-    if not flags:
+def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
+    """The flags, then the checks that did not run: "no flag" is a pass only of the checks that ran."""
+    if flags:
+        text = "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
+    elif skipped:
+        text = (f"<p class='note'>No check that ran flagged any model; {len(skipped)} did not run (below), so "
+                "they did not pass either.</p>")
+    else:
         return "<p class='ok'>No check flagged any model.</p>"
-    return "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
+    if skipped:
+        text += "<p class='note'>Not run:</p><ul class='skipped'>" + "".join(
+            f"<li>{html.escape(_skip_line(skip))}</li>" for skip in skipped) + "</ul>"
+    return text
+
+
+def _skip_line(skip: dict[str, str]) -> str:
+    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
 
 
 def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:

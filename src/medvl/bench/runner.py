@@ -7,7 +7,8 @@ Layout of the output folder::
     data/NAME/        datasets the suite generates (the phantom), reused by later runs with the same settings
     data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
-    results.json      every row of every cell (one row per model x task x dataset x metric)
+    results.json      every row of every cell (one row per model x task x dataset x metric), the flags, and
+                      ``skipped``: every check (or part of one) a cell did not run, with the reason
     report.html       tables and plots, the models side by side
 
 A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
@@ -395,6 +396,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
                "models": {labels[str(m)]: str(m) for m in models}, "versions": versions,
                "data_hashes": {name: d.hashes for name, d in datasets.items()},
                "rows": rows, "flags": leaks + [flag for cell in cells for flag in cell["flags"]],
+               "skipped": skipped_checks(cells),
                "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
                "seconds": round(time.perf_counter() - started, 1)}
     from .html import write_suite_report
@@ -402,6 +404,13 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     results["plots"] = write_suite_report(out / REPORT_FILE, suite, results, cells)
     write_json(out / RESULTS_FILE, results)
     return results
+
+
+def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every check (or part of one: ``sanity: blank_image``) a cell did not run: ``model``, ``key``, ``check``
+    and ``reason``, in cell order; a run with no flag and skipped checks did not pass them."""
+    return [{"model": cell["model"], "key": cell["key"], "check": check, "reason": reason}
+            for cell in cells for check, reason in cell["skipped"].items()]
 
 
 @functools.cache
@@ -883,6 +892,8 @@ def _check_sanity(ctx: _Context, scored: _Scored) -> None:
         for key in result["compared"]:
             ctx.row(f"sanity: {baseline.replace('_', ' ')} {key}", metrics.get(key))
     ctx.plots["sanity"] = result
+    for baseline, reason in result["skipped"].items():  # a linear probe's blank-image baseline
+        ctx.skipped[f"sanity: {baseline}"] = reason
     for message in result["flags"]:
         ctx.flag("sanity", message)
 
