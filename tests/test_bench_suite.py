@@ -758,3 +758,26 @@ def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_mod
     report = (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
     first = report[:report.index("zero-shot on phantom")]  # the Run and Flags sections
     assert "No check flagged any model." not in report and all(line in first for line in lines)
+
+
+@pytest.mark.parametrize("task", ["zero-shot", "linear-probe"])
+def test_a_scored_split_of_one_class_is_refused_before_any_work(task, two_models, phantom_dir, tmp_path):
+    """AUC, the headline row with its interval, needs two classes: a scored split holding one class of the label
+    is one line naming the suite, the task, the split, the data and the class, before anything is written."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if row["split"] != "test" or row["finding"] == "pneumothorax"]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    spec = {"path": str(data), "split": "test", "train_split": "train", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": task, "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    expected = f"{suite}: task {task}@phantom: split 'test' of {data} holds one class of 'finding' (pneumothorax)"
+    assert "".join(expected.split()) in "".join(output.split()).replace("/manifest.csv", ""), output
+    assert not (tmp_path / "out").exists()

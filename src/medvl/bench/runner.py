@@ -290,8 +290,9 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
     """What a task would otherwise find wrong only once it runs, checked before anything is written
     (InputError): the classes of a probe's training split against its scored split
     (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
-    (``eval.covariates.check_covariates``), and the classes of a zero-shot task's scored and calibration splits
-    (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split)."""
+    (``eval.covariates.check_covariates``), the classes of a zero-shot task's scored and calibration splits
+    (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split), and a scored split of a
+    zero-shot or linear-probe task that holds one class of its label (its AUC, the headline row, is undefined)."""
     from ..eval.covariates import check_covariates
     from ..eval.linear_probe import probe_classes
     from ..eval.zero_shot import label_classes, zero_shot_classes
@@ -300,6 +301,8 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
         spec = suite.datasets[task.dataset]
         label = task.label or spec.label
         source = suite.datasets[task.train_dataset or task.dataset]
+        if task.task in ("zero-shot", "linear-probe") and label and prepared[task.dataset].dataset is not None:
+            _check_two_classes(suite, task, prepared[task.dataset].split(spec.split), label)
         if (task.task in ("linear-probe", "few-shot") and label and source.train_split
                 and prepared[source.name].dataset is not None and prepared[task.dataset].dataset is not None):
             fitted = prepared[source.name].split(source.train_split)
@@ -320,6 +323,15 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
                 zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
             except InputError as error:
                 raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: {error}") from None
+
+
+def _check_two_classes(suite: SuiteSpec, task: TaskSpec, scored, label: str) -> None:
+    """InputError when the scored split's records with ``label`` hold a single class of it."""
+    present = scored.classes(label) if label in scored.label_names else []
+    if len(present) == 1:
+        split = suite.datasets[task.dataset].split
+        raise InputError(f"{suite.source}: task {task.key}: split {split!r} of {scored.source} holds one class of "
+                         f"{label!r} ({present[0]}); its AUC is undefined (score a split with two classes or more)")
 
 
 # ------------------------------------------------------------------ the run
