@@ -781,3 +781,27 @@ def test_a_scored_split_of_one_class_is_refused_before_any_work(task, two_models
     expected = f"{suite}: task {task}@phantom: split 'test' of {data} holds one class of 'finding' (pneumothorax)"
     assert "".join(expected.split()) in "".join(output.split()).replace("/manifest.csv", ""), output
     assert not (tmp_path / "out").exists()
+
+
+def test_phantom_twins_are_never_films_of_a_larger_phantom_of_the_same_seed(two_models, phantom_dir, tmp_path):
+    """Case i of a phantom seed is the same film whatever the phantom's size: twins of a small phantom of the seed
+    the models trained on (96 cases) must still be patients the models never saw."""
+    import numpy as np
+    from PIL import Image
+
+    from medvl.data.phantom import generate_phantom
+    from medvl.eval.counterfactual import phantom_counterfactual_pairs
+
+    generate_phantom(tmp_path / "small", n=24, seed=3, size=64, progress=False)
+    spec = {"path": str(tmp_path / "small"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, tmp_path / "small", datasets={"phantom": spec}, checks=["counterfactual"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    source = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())["plots"]["counterfactual"]
+    seed, first = re.search(r"patients (\d+)/(\d+) on", source["source"]).groups()
+    twins = phantom_counterfactual_pairs(int(seed), 2, 64, start=int(first))
+    assert len(twins) == source["n_pairs"]
+    trained = [np.array(Image.open(phantom_dir / record.image)) for record in load_dataset(phantom_dir)]
+    assert not any(np.array_equal(film, image) for pair in twins for image in (pair.image_a, pair.image_b)
+                   for film in trained)

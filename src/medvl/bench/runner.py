@@ -954,9 +954,11 @@ def _sample(dataset, limit: int, seed: int):
 
 
 def _phantom_pairs(ctx: _Context) -> list | None:
-    """Counterfactual twins of new patients of the dataset's phantom (indices past the generated ones:
-    in no split), made once per cell; None for data that is not a phantom."""
-    from ..eval.counterfactual import phantom_counterfactual_pairs
+    """Counterfactual twins of new patients of the dataset's phantom seed, from index ``UNSEEN_PATIENTS``
+    (``eval.counterfactual``): in no split of it, nor in a larger phantom of the same seed a model was trained on
+    (case i of a seed is the same film whatever the phantom's size); made once per cell; None for data that is
+    not a phantom."""
+    from ..eval.counterfactual import UNSEEN_PATIENTS, phantom_counterfactual_pairs
 
     generator = ctx.data.generator
     if generator is None:
@@ -965,7 +967,8 @@ def _phantom_pairs(ctx: _Context) -> list | None:
         settings = ctx.suite.counterfactual
         ctx.cache["pairs"] = phantom_counterfactual_pairs(
             int(generator.get("seed", 0)), int(settings.get("n", 10)),
-            int(settings.get("size", generator.get("size", 128))), start=int(generator.get("n", 0)))
+            int(settings.get("size", generator.get("size", 128))),
+            start=max(UNSEEN_PATIENTS, int(generator.get("n", 0))))
     return ctx.cache["pairs"]
 
 
@@ -980,7 +983,8 @@ def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
 
     pairs = _phantom_pairs(ctx)
     if pairs is not None:
-        source = "phantom twins: the same film with the finding removed, moved, resized or on the other side"
+        source = (f"phantom twins of patients {pairs[0].meta['seed']}/{min(p.meta['index'] for p in pairs)} on: the "
+                  "same film with the finding removed, moved, resized or on the other side")
     else:
         pairs = counterfactual.nearest_neighbour_pairs(ctx.net, scored.dataset, ctx.label,
                                                        embeddings=counterfactual.pixel_vectors(scored.dataset))

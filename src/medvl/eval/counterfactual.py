@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 VARIATIONS = ("absent", "moved", "resized", "other_side")
 NEAREST_NEIGHBOUR = "nearest_neighbour"
+# First patient index of twins no phantom a model was trained on holds: case i of a seed is the same film whatever
+# the phantom's n, so twins from index n of a small phantom can be training films of a larger one of that seed.
+UNSEEN_PATIENTS = 1_000_000_000
 RESIZE_FACTOR = 1.5  # Visit.grow of the "resized" twin: larger, so the finding stays visible at 64 px
 _APPLIES = {"absent": ABNORMAL, "resized": ABNORMAL, "moved": MOVABLE, "other_side": LATERAL}
 
@@ -80,7 +83,8 @@ def phantom_counterfactual_pairs(seed: int, n: int, size: int = 128, findings: S
     """Counterfactual pairs of ``n`` phantom patients per finding (see the module docstring).
 
     Patients are the first ``n`` cases from index ``start`` whose finding is the one asked for
-    (``start`` past a training set's size gives patients the model has not seen). Each patient
+    (``start`` past a training set's size gives patients the model has not seen; ``UNSEEN_PATIENTS``, past any
+    phantom of the seed that can be generated in practice, whatever the training set was). Each patient
     gives one pair per variation that applies to its finding. Same arguments, same pixels.
     """
     check_number("n", n, minimum=1, integer=True)
