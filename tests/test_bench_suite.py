@@ -805,3 +805,42 @@ def test_phantom_twins_are_never_films_of_a_larger_phantom_of_the_same_seed(two_
     trained = [np.array(Image.open(phantom_dir / record.image)) for record in load_dataset(phantom_dir)]
     assert not any(np.array_equal(film, image) for pair in twins for image in (pair.image_a, pair.image_b)
                    for film in trained)
+
+
+def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_score(two_models, phantom_dir,
+                                                                                    tmp_path):
+    """Per group: AUC, balanced accuracy and accuracy rows. A column whose values are all unreadable, or whose
+    groups are too small or of one class, is named as skipped with the reason instead of vanishing."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [row for row in rows if row["split"] == "test"]
+    for row in rows:  # site: the abnormal films (one class of no_finding) and the normal ones (fewer than 10)
+        row["site"] = "x" if row["split"] != "test" else ("A" if row["no_finding"] == "0" else "small")
+        row["age"] = "n/a" if row["split"] == "test" else row["age"]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    normal = sum(row["no_finding"] == "1" for row in test)
+    assert 0 < normal < 10 <= len(test) - normal  # what the site column is made of
+    spec = {"path": str(data), "split": "test", "train_split": "train", "label": "no_finding",
+            "subgroups": ["sex", "age", "site"]}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
+                        tasks=[{"task": "linear-probe", "dataset": "phantom", "covariates": "none"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    metrics = {row["metric"] for row in results["rows"]}
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    scored = [(column, group) for column, block in cell["plots"]["subgroups"].items() for group in block["groups"]]
+    assert ("site", "A") in scored
+    assert {f"subgroup {column}={group}: {metric}" for column, group in scored
+            for metric in ("balanced_accuracy", "accuracy")} <= metrics
+    assert "subgroup site=A: auc" not in metrics  # one class: no AUC
+    skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
+    assert skipped["subgroups: age"].startswith(f"{len(test)} of {len(test)} scored records have no value")
+    assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
+                                          "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
+    assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()

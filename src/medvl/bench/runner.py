@@ -922,14 +922,35 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
                               seed=ctx.suite.seed)
     for column, block in result["columns"].items():
         for group, metrics in block["groups"].items():
-            auc = metrics.get("auc")
-            if isinstance(auc, dict):
-                ctx.row(f"subgroup {column}={group}: auc", auc["value"], auc, n=metrics["n"],
-                        smallest_class=metrics["smallest_class"])
+            for metric in ("auc", "balanced_accuracy", "accuracy"):  # AUC is None for a single-class group
+                interval = metrics.get(metric)
+                if isinstance(interval, dict):
+                    ctx.row(f"subgroup {column}={group}: {metric}", interval["value"], interval, n=metrics["n"],
+                            smallest_class=metrics["smallest_class"])
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
+        unscored = _unscored_groups(block, result["n"], result["min_size"])
+        if unscored:
+            ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
+
+
+def _unscored_groups(block: dict[str, Any], n: int, min_size: int) -> str | None:
+    """What of a subgroup column was not scored, in words (None when every record's group was): records
+    without a value, groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
+    parts = []
+    if block["missing"]:
+        parts.append(f"{block['missing']} of {n} scored records have no value")
+    if block["too_small"]:
+        small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
+        parts.append(f"groups under {min_size} records not scored: {small}")
+    single = [name for name, metrics in block["groups"].items() if metrics.get("auc") is None]
+    if single:
+        parts.append(f"groups of one class (no AUC): {', '.join(single)}")
+    if block.get("gap") is None:
+        parts.append("no worst-group gap (it needs two groups with an AUC)")
+    return "; ".join(parts) or None
 
 
 def _check_corruption(ctx: _Context, scored: _Scored) -> None:
