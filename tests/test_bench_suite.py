@@ -562,7 +562,8 @@ def test_a_manifest_file_dataset_is_scored_again_when_the_images_it_names_change
     assert "scoring again, since it was computed, these changed: the scored data" in " ".join(output.split())
     assert runs[1]["cells"]["computed"] == 1
     assert runs[0]["data_hashes"]["phantom"]["sha256"] != runs[1]["data_hashes"]["phantom"]["sha256"]
-    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data))  # the manifest and its images
+    # the manifest, its images and the phantom's dataset.json (its marker box and twins are read from it)
+    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data)) + 1
 
 
 def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resumes(two_models, phantom_dir,
@@ -844,3 +845,24 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
                                           "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
     assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_its_folder(two_models, tmp_path):
+    """The marker box and the twins come from the phantom's dataset.json, whether the suite names the folder or
+    the manifest file in it: the same shortcut and counterfactual rows."""
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "sc", n=60, seed=3, size=64, shortcut=1.0, progress=False)
+    cells = {}
+    for name, path in (("folder", tmp_path / "sc"), ("file", tmp_path / "sc" / "manifest.csv")):
+        spec = {"path": str(path), "split": "test", "label": "finding"}
+        suite = write_suite(tmp_path, path, datasets={"phantom": spec}, checks=["shortcut", "counterfactual"],
+                            tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / name, "-q")
+        assert result.exit_code == 0, output
+        cells[name] = json.loads(next((tmp_path / name / "cells").glob("*.json")).read_text())
+    for cell in cells.values():
+        assert cell["plots"]["shortcut"]["masked_region"] == "box"
+        assert cell["plots"]["counterfactual"]["source"].startswith("phantom twins")
+    rows = [{row["metric"]: (row["value"], row.get("region")) for row in cell["rows"]} for cell in cells.values()]
+    assert rows[0] == rows[1]

@@ -12,8 +12,8 @@ Layout of the output folder::
     report.html       tables and plots, the models side by side
 
 A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
-its records name: a manifest file's images, a manifest's images outside its folder; never the run's own output
-folder inside a dataset folder) and caption file, the task (and
+its records name: a manifest file's images and the phantom dataset.json beside it, a manifest's images outside its
+folder; never the run's own output folder inside a dataset folder) and caption file, the task (and
 the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
 source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
 finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
@@ -147,6 +147,8 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
                      show_progress: bool) -> dict[str, PreparedDataset]:
     """Generate (phantom) and load every dataset; check the splits, label columns and subgroup columns
     the suite's tasks need (InputError before any model is run)."""
+    from ..data.phantom.generate import phantom_description
+
     prepared = {}
     for name, spec in suite.datasets.items():
         path = Path(spec.path) if spec.path is not None else _generated(spec, out / "data" / name, show_progress)
@@ -155,7 +157,8 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
             _load_questions(item, needed_splits[name])
         else:
             _load_images(item, suite, needed_splits[name])
-        item.hashes = files_digest(path, _image_files(item), exclude=out)
+        described = [path.parent / "dataset.json"] if path.is_file() and phantom_description(path) else []
+        item.hashes = files_digest(path, [*_image_files(item), *described], exclude=out)  # the sidecar read too
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
             item.hashes["captions_sha256"] = file_sha256(Path(spec.captions))
         prepared[name] = item
@@ -196,6 +199,7 @@ def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
 
 def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
     from ..data import load_dataset
+    from ..data.phantom.generate import phantom_description
 
     spec = item.spec
     dataset = load_dataset(item.path)
@@ -213,11 +217,9 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> N
         raise InputError(f"{item.path}: dataset {spec.name!r} has no column {', '.join(unknown)} for subgroups "
                          f"(columns: {', '.join(sorted(present))})")
     item.dataset = dataset
-    description = item.path / "dataset.json" if item.path.is_dir() else None
-    if description is not None and description.is_file():
-        raw = json.loads(description.read_text(encoding="utf-8"))
-        if raw.get("name") == "phantom-cxr":
-            item.generator = raw.get("generator")
+    description = phantom_description(item.path)  # a phantom folder, or its manifest file
+    if description is not None and description.get("name") == "phantom-cxr":
+        item.generator = description.get("generator")
 
 
 def _load_questions(item: PreparedDataset, splits: set[str]) -> None:
@@ -1023,7 +1025,7 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
     from ..data.phantom import shortcut_spec
     from ..eval.shortcut import shortcut_check
 
-    marker = shortcut_spec(ctx.data.path) if ctx.data.path.is_dir() else None
+    marker = shortcut_spec(ctx.data.path)  # a shortcut phantom's folder or manifest file
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
                             pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes,
                             method=_method(ctx))
