@@ -866,3 +866,33 @@ def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_i
         assert cell["plots"]["counterfactual"]["source"].startswith("phantom twins")
     rows = [{row["metric"]: (row["value"], row.get("region")) for row in cell["rows"]} for cell in cells.values()]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("corruption, message", [
+    ({"severities": [1, 7]}, "corruption severity must be a whole number from 1 to 5, got 7"),
+    ({"kinds": ["fog"]}, "unknown corruption 'fog'"),
+])
+def test_a_bad_corruption_setting_names_the_suite_file(corruption, message, two_models, phantom_dir, tmp_path):
+    suite = write_suite(tmp_path, phantom_dir, corruption=corruption)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    assert "".join(f"{suite}: {message}".split()) in "".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortcut_check_uses():
+    """The corruption axes reach down to the lowest AUC; the shortcut bars are the balanced accuracy the check and
+    its flag use, named by the region hidden (the marker box, or a corner)."""
+    from medvl.bench.html import _corruption, _shortcut
+
+    curves = {"curves": {"noise": [{"severity": 1, "auc": 0.21}, {"severity": 5, "auc": 0.12}]},
+              "clean": {"auc": 0.213}}
+    bottom, top = _corruption([("phantom", curves)]).axes[0].get_ylim()
+    assert bottom <= 0.12 and top >= 1.0
+    block = {"accuracy": 0.9, "balanced_accuracy": 0.8, "masked_accuracy": 0.7, "masked_balanced_accuracy": 0.6,
+             "masked_region": "box"}
+    axis = _shortcut([("sc", block), ("clean", {**block, "masked_region": "top_left"})]).axes[0]
+    labels = [label.get_text() for label in axis.get_xticklabels()]
+    assert labels == ["balanced accuracy", "marker box hidden", "top left corner hidden"]
+    heights = [bar.get_height() for bar in axis.patches]
+    assert heights[:2] == [0.8, 0.6]
