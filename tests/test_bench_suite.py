@@ -562,7 +562,8 @@ def test_a_manifest_file_dataset_is_scored_again_when_the_images_it_names_change
     assert "scoring again, since it was computed, these changed: the scored data" in " ".join(output.split())
     assert runs[1]["cells"]["computed"] == 1
     assert runs[0]["data_hashes"]["phantom"]["sha256"] != runs[1]["data_hashes"]["phantom"]["sha256"]
-    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data))  # the manifest and its images
+    # the manifest, its images and the phantom's dataset.json (its marker box and twins are read from it)
+    assert runs[1]["data_hashes"]["phantom"]["files"] == 1 + len(load_dataset(data)) + 1
 
 
 def test_a_run_folder_inside_the_dataset_folder_is_not_part_of_the_data_and_resumes(two_models, phantom_dir,
@@ -670,3 +671,228 @@ def test_a_model_named_through_a_symlink_keeps_the_name_the_user_gave(tmp_path):
     (tmp_path / "shortcut" / "model").mkdir()
     labels = model_labels([tmp_path / "clean", tmp_path / "shortcut" / "model", trained, tmp_path / "shortcut" / "."])
     assert list(labels.values()) == ["clean", "shortcut", "train", "shortcut-2"]
+
+
+def _image_blind_copy(model: Path, out: Path) -> Path:
+    """``model`` with a rank-1 image projection: every image gets the same embedding (a model that ignores it)."""
+    import torch
+
+    import medvl
+
+    net = medvl.load_model(model)
+    weight = net.image_projection.weight
+    with torch.no_grad():
+        weight.copy_(weight[:, :1].clone() * torch.ones(1, weight.shape[1]))
+    net.save_pretrained(out)
+    return out
+
+
+def _unlabel(data: Path, split: str, count: int, column: str = "finding") -> None:
+    """The first ``count`` records of ``split`` lose their value of ``column`` in the manifest of ``data``."""
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in [row for row in rows if row["split"] == split][:count]:
+        row[column] = ""
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_zero_shot_sanity_runs_on_the_labelled_records_when_some_lack_the_label(two_models, phantom_dir, tmp_path):
+    """Records without the label are not scored; the sanity check still runs on those that have it, and an
+    image-blind model is flagged there as on fully labelled data."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    _unlabel(data, "test", 4)
+    model = _image_blind_copy(two_models[0], tmp_path / "blind")
+    spec = {"path": str(data), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["sanity"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert "sanity" not in cell["skipped"]
+    assert cell["plots"]["sanity"]["n"] == len(load_dataset(data).select("test").with_labels(["finding"]))
+    assert "sanity: blank image balanced_accuracy" in {row["metric"] for row in cell["rows"]}
+    flags = json.loads((tmp_path / "out" / "results.json").read_text())["flags"]
+    assert any("/ sanity: balanced accuracy" in flag and "blank-image baseline" in flag for flag in flags), flags
+
+
+def test_shortcut_and_counterfactual_of_a_zero_shot_cell_judge_zero_shot_not_the_head(phantom_dir, tmp_path):
+    """A model with a supervised head on the label: the zero-shot cell's shortcut and counterfactual checks answer
+    with zero-shot (the classifier whose rows the cell reports), not with the head."""
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--batch-size", 32, "--supervised-weight", 1, "-l", "finding", "-q")
+    assert result.exit_code == 0, output
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["shortcut", "counterfactual"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "run" / "model", "--out", tmp_path / "out",
+                            "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    rows = {row["metric"]: row["value"] for row in cell["rows"]}
+    assert cell["plots"]["shortcut"]["method"] == "zero_shot"
+    assert cell["plots"]["counterfactual"]["method"] == "zero_shot"
+    assert cell["plots"]["shortcut"]["accuracy"] == pytest.approx(rows["accuracy"])
+    assert cell["plots"]["shortcut"]["balanced_accuracy"] == pytest.approx(rows["balanced_accuracy"])
+
+
+def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_models, phantom_dir, tmp_path):
+    """A check that did not run is not a pass: results.json lists it with the reason, so do the printed summary
+    and the report's first section, which then does not say that no check flagged any model; a probe's sanity
+    check names the blank-image baseline it leaves out."""
+    spec = {"path": str(phantom_dir), "split": "test", "train_split": "train", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom", "checks": ["ood"]},
+             {"task": "linear-probe", "dataset": "phantom", "checks": ["sanity"]}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    skipped = json.loads((tmp_path / "out" / "results.json").read_text())["skipped"]
+    assert [(s["model"], s["key"], s["check"]) for s in skipped] == [
+        ("alpha", "zero-shot@phantom", "ood"), ("alpha", "linear-probe@phantom", "sanity: blank_image")]
+    assert skipped[0]["reason"] == "the model has no OOD guard (medvl ood fit)"
+    lines = [f"{s['model']} / {s['key']} / {s['check']}: {s['reason']}" for s in skipped]
+    flat = " ".join(output.split())
+    assert "skipped checks │ 2" in flat and all(f"skipped {line}" in flat for line in lines), output
+    report = (tmp_path / "out" / "report.html").read_text().replace("&#x27;", "'")
+    first = report[:report.index("zero-shot on phantom")]  # the Run and Flags sections
+    assert "No check flagged any model." not in report and all(line in first for line in lines)
+
+
+@pytest.mark.parametrize("task", ["zero-shot", "linear-probe"])
+def test_a_scored_split_of_one_class_is_refused_before_any_work(task, two_models, phantom_dir, tmp_path):
+    """AUC, the headline row with its interval, needs two classes: a scored split holding one class of the label
+    is one line naming the suite, the task, the split, the data and the class, before anything is written."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if row["split"] != "test" or row["finding"] == "pneumothorax"]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    spec = {"path": str(data), "split": "test", "train_split": "train", "label": "finding"}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": task, "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    expected = f"{suite}: task {task}@phantom: split 'test' of {data} holds one class of 'finding' (pneumothorax)"
+    assert "".join(expected.split()) in "".join(output.split()).replace("/manifest.csv", ""), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_phantom_twins_are_never_films_of_a_larger_phantom_of_the_same_seed(two_models, phantom_dir, tmp_path):
+    """Case i of a phantom seed is the same film whatever the phantom's size: twins of a small phantom of the seed
+    the models trained on (96 cases) must still be patients the models never saw."""
+    import numpy as np
+    from PIL import Image
+
+    from medvl.data.phantom import generate_phantom
+    from medvl.eval.counterfactual import phantom_counterfactual_pairs
+
+    generate_phantom(tmp_path / "small", n=24, seed=3, size=64, progress=False)
+    spec = {"path": str(tmp_path / "small"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, tmp_path / "small", datasets={"phantom": spec}, checks=["counterfactual"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    source = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())["plots"]["counterfactual"]
+    seed, first = re.search(r"patients (\d+)/(\d+) on", source["source"]).groups()
+    twins = phantom_counterfactual_pairs(int(seed), 2, 64, start=int(first))
+    assert len(twins) == source["n_pairs"]
+    trained = [np.array(Image.open(phantom_dir / record.image)) for record in load_dataset(phantom_dir)]
+    assert not any(np.array_equal(film, image) for pair in twins for image in (pair.image_a, pair.image_b)
+                   for film in trained)
+
+
+def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_score(two_models, phantom_dir,
+                                                                                    tmp_path):
+    """Per group: AUC, balanced accuracy and accuracy rows. A column whose values are all unreadable, or whose
+    groups are too small or of one class, is named as skipped with the reason instead of vanishing."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [row for row in rows if row["split"] == "test"]
+    for row in rows:  # site: the abnormal films (one class of no_finding) and the normal ones (fewer than 10)
+        row["site"] = "x" if row["split"] != "test" else ("A" if row["no_finding"] == "0" else "small")
+        row["age"] = "n/a" if row["split"] == "test" else row["age"]
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    normal = sum(row["no_finding"] == "1" for row in test)
+    assert 0 < normal < 10 <= len(test) - normal  # what the site column is made of
+    spec = {"path": str(data), "split": "test", "train_split": "train", "label": "no_finding",
+            "subgroups": ["sex", "age", "site"]}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
+                        tasks=[{"task": "linear-probe", "dataset": "phantom", "covariates": "none"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    metrics = {row["metric"] for row in results["rows"]}
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    scored = [(column, group) for column, block in cell["plots"]["subgroups"].items() for group in block["groups"]]
+    assert ("site", "A") in scored
+    assert {f"subgroup {column}={group}: {metric}" for column, group in scored
+            for metric in ("balanced_accuracy", "accuracy")} <= metrics
+    assert "subgroup site=A: auc" not in metrics  # one class: no AUC
+    skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
+    assert skipped["subgroups: age"].startswith(f"{len(test)} of {len(test)} scored records have no value")
+    assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
+                                          "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
+    assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_its_folder(two_models, tmp_path):
+    """The marker box and the twins come from the phantom's dataset.json, whether the suite names the folder or
+    the manifest file in it: the same shortcut and counterfactual rows."""
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "sc", n=60, seed=3, size=64, shortcut=1.0, progress=False)
+    cells = {}
+    for name, path in (("folder", tmp_path / "sc"), ("file", tmp_path / "sc" / "manifest.csv")):
+        spec = {"path": str(path), "split": "test", "label": "finding"}
+        suite = write_suite(tmp_path, path, datasets={"phantom": spec}, checks=["shortcut", "counterfactual"],
+                            tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / name, "-q")
+        assert result.exit_code == 0, output
+        cells[name] = json.loads(next((tmp_path / name / "cells").glob("*.json")).read_text())
+    for cell in cells.values():
+        assert cell["plots"]["shortcut"]["masked_region"] == "box"
+        assert cell["plots"]["counterfactual"]["source"].startswith("phantom twins")
+    rows = [{row["metric"]: (row["value"], row.get("region")) for row in cell["rows"]} for cell in cells.values()]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("corruption, message", [
+    ({"severities": [1, 7]}, "corruption severity must be a whole number from 1 to 5, got 7"),
+    ({"kinds": ["fog"]}, "unknown corruption 'fog'"),
+])
+def test_a_bad_corruption_setting_names_the_suite_file(corruption, message, two_models, phantom_dir, tmp_path):
+    suite = write_suite(tmp_path, phantom_dir, corruption=corruption)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    assert "".join(f"{suite}: {message}".split()) in "".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortcut_check_uses():
+    """The corruption axes reach down to the lowest AUC; the shortcut bars are the balanced accuracy the check and
+    its flag use, named by the region hidden (the marker box, or a corner)."""
+    from medvl.bench.html import _corruption, _shortcut
+
+    curves = {"curves": {"noise": [{"severity": 1, "auc": 0.21}, {"severity": 5, "auc": 0.12}]},
+              "clean": {"auc": 0.213}}
+    bottom, top = _corruption([("phantom", curves)]).axes[0].get_ylim()
+    assert bottom <= 0.12 and top >= 1.0
+    block = {"accuracy": 0.9, "balanced_accuracy": 0.8, "masked_accuracy": 0.7, "masked_balanced_accuracy": 0.6,
+             "masked_region": "box"}
+    axis = _shortcut([("sc", block), ("clean", {**block, "masked_region": "top_left"})]).axes[0]
+    labels = [label.get_text() for label in axis.get_xticklabels()]
+    assert labels == ["balanced accuracy", "marker box hidden", "top left corner hidden"]
+    heights = [bar.get_height() for bar in axis.patches]
+    assert heights[:2] == [0.8, 0.6]

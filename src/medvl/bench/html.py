@@ -30,7 +30,7 @@ def write_suite_report(path: Path, suite, results: dict[str, Any], cells: Sequen
     """Write the report; returns the ids of the plots in it (every one must be drawn)."""
     models = list(results["models"])
     plots: list[str] = []
-    sections = [("Run", _run_table(suite, results)), ("Flags", _flags(results["flags"]))]
+    sections = [("Run", _run_table(suite, results)), ("Flags", _flags(results["flags"], results.get("skipped", [])))]
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         by_task[cell["key"]].append(cell)
@@ -70,10 +70,23 @@ def _run_table(suite, results: dict[str, Any]) -> str:
     return f"<table><tr><th>what</th><th>value</th></tr>{body}</table>"
 
 
-def _flags(flags: list[str]) -> str:
-    if not flags:
+def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
+    """The flags, then the checks that did not run: "no flag" is a pass only of the checks that ran."""
+    if flags:
+        text = "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
+    elif skipped:
+        text = (f"<p class='note'>No check that ran flagged any model; {len(skipped)} did not run (below), so "
+                "they did not pass either.</p>")
+    else:
         return "<p class='ok'>No check flagged any model.</p>"
-    return "<ul class='flags'>" + "".join(f"<li>{html.escape(flag)}</li>" for flag in flags) + "</ul>"
+    if skipped:
+        text += "<p class='note'>Not run:</p><ul class='skipped'>" + "".join(
+            f"<li>{html.escape(_skip_line(skip))}</li>" for skip in skipped) + "</ul>"
+    return text
+
+
+def _skip_line(skip: dict[str, str]) -> str:
+    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
 
 
 def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:
@@ -132,6 +145,9 @@ def _risk_coverage(drawn: list[tuple[str, Any]]) -> Figure:
 
 def _corruption(drawn: list[tuple[str, Any]]) -> Figure:
     kinds = list(drawn[0][1]["curves"])
+    aucs = [value for _, block in drawn for value in (block.get("clean", {}).get("auc"),
+            *(p["auc"] for points in block["curves"].values() for p in points)) if value is not None]
+    bottom = max(0.0, min([0.3, *aucs]) - 0.02)  # every curve drawn, however low (an AUC below 0.5 too)
     plt = _pyplot()
     columns = min(4, len(kinds))
     rows = -(-len(kinds) // columns)
@@ -144,7 +160,7 @@ def _corruption(drawn: list[tuple[str, Any]]) -> Figure:
             xs = [0] + [p["severity"] for p in points]
             ys = [clean] + [p["auc"] for p in points]
             axis.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=model)
-        axis.set(title=kind, xlabel="severity", ylabel="AUC", ylim=(0.3, 1.02))
+        axis.set(title=kind, xlabel="severity", ylabel="AUC", ylim=(bottom, 1.02))
         axis.legend(fontsize=7)
     for j in range(len(kinds), rows * columns):
         axes[j // columns][j % columns].axis("off")
@@ -214,8 +230,15 @@ def _counterfactual(drawn: list[tuple[str, Any]]) -> Figure:
 
 
 def _shortcut(drawn: list[tuple[str, Any]]) -> Figure:
-    return _bars(drawn, lambda block: {"accuracy": block.get("accuracy"),
-                                       "accuracy, corner masked": block.get("masked_accuracy")}, "accuracy")
+    """Balanced accuracy, as the check and its flag use it, with and without the region whose hiding lowered it
+    most (the marker box of a shortcut phantom, else a corner)."""
+    def series(block: dict[str, Any]) -> dict[str, float | None]:
+        region = str(block.get("masked_region"))
+        hidden = "marker box" if region == "box" else f"{region.replace('_', ' ')} corner"
+        return {"balanced accuracy": block.get("balanced_accuracy"),
+                f"{hidden} hidden": block.get("masked_balanced_accuracy")}
+
+    return _bars(drawn, series, "balanced accuracy")
 
 
 def _few_shot(drawn: list[tuple[str, Any]]) -> Figure:

@@ -7,12 +7,13 @@ Layout of the output folder::
     data/NAME/        datasets the suite generates (the phantom), reused by later runs with the same settings
     data/NAME.generate.json  the generate settings data/NAME was made with (other settings: generated again)
     cells/*.json      one finished cell each (written atomically): its rows, plots, flags and fingerprint
-    results.json      every row of every cell (one row per model x task x dataset x metric)
+    results.json      every row of every cell (one row per model x task x dataset x metric), the flags, and
+                      ``skipped``: every check (or part of one) a cell did not run, with the reason
     report.html       tables and plots, the models side by side
 
 A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
-its records name: a manifest file's images, a manifest's images outside its folder; never the run's own output
-folder inside a dataset folder) and caption file, the task (and
+its records name: a manifest file's images and the phantom dataset.json beside it, a manifest's images outside its
+folder; never the run's own output folder inside a dataset folder) and caption file, the task (and
 the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
 source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
 finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
@@ -146,6 +147,8 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
                      show_progress: bool) -> dict[str, PreparedDataset]:
     """Generate (phantom) and load every dataset; check the splits, label columns and subgroup columns
     the suite's tasks need (InputError before any model is run)."""
+    from ..data.phantom.generate import phantom_description
+
     prepared = {}
     for name, spec in suite.datasets.items():
         path = Path(spec.path) if spec.path is not None else _generated(spec, out / "data" / name, show_progress)
@@ -154,7 +157,8 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
             _load_questions(item, needed_splits[name])
         else:
             _load_images(item, suite, needed_splits[name])
-        item.hashes = files_digest(path, _image_files(item), exclude=out)
+        described = [path.parent / "dataset.json"] if path.is_file() and phantom_description(path) else []
+        item.hashes = files_digest(path, [*_image_files(item), *described], exclude=out)  # the sidecar read too
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
             item.hashes["captions_sha256"] = file_sha256(Path(spec.captions))
         prepared[name] = item
@@ -195,6 +199,7 @@ def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
 
 def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
     from ..data import load_dataset
+    from ..data.phantom.generate import phantom_description
 
     spec = item.spec
     dataset = load_dataset(item.path)
@@ -212,11 +217,9 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> N
         raise InputError(f"{item.path}: dataset {spec.name!r} has no column {', '.join(unknown)} for subgroups "
                          f"(columns: {', '.join(sorted(present))})")
     item.dataset = dataset
-    description = item.path / "dataset.json" if item.path.is_dir() else None
-    if description is not None and description.is_file():
-        raw = json.loads(description.read_text(encoding="utf-8"))
-        if raw.get("name") == "phantom-cxr":
-            item.generator = raw.get("generator")
+    description = phantom_description(item.path)  # a phantom folder, or its manifest file
+    if description is not None and description.get("name") == "phantom-cxr":
+        item.generator = description.get("generator")
 
 
 def _load_questions(item: PreparedDataset, splits: set[str]) -> None:
@@ -289,8 +292,9 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
     """What a task would otherwise find wrong only once it runs, checked before anything is written
     (InputError): the classes of a probe's training split against its scored split
     (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
-    (``eval.covariates.check_covariates``), and the classes of a zero-shot task's scored and calibration splits
-    (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split)."""
+    (``eval.covariates.check_covariates``), the classes of a zero-shot task's scored and calibration splits
+    (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split), and a scored split of a
+    zero-shot or linear-probe task that holds one class of its label (its AUC, the headline row, is undefined)."""
     from ..eval.covariates import check_covariates
     from ..eval.linear_probe import probe_classes
     from ..eval.zero_shot import label_classes, zero_shot_classes
@@ -299,6 +303,8 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
         spec = suite.datasets[task.dataset]
         label = task.label or spec.label
         source = suite.datasets[task.train_dataset or task.dataset]
+        if task.task in ("zero-shot", "linear-probe") and label and prepared[task.dataset].dataset is not None:
+            _check_two_classes(suite, task, prepared[task.dataset].split(spec.split), label)
         if (task.task in ("linear-probe", "few-shot") and label and source.train_split
                 and prepared[source.name].dataset is not None and prepared[task.dataset].dataset is not None):
             fitted = prepared[source.name].split(source.train_split)
@@ -319,6 +325,15 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
                 zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
             except InputError as error:
                 raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: {error}") from None
+
+
+def _check_two_classes(suite: SuiteSpec, task: TaskSpec, scored, label: str) -> None:
+    """InputError when the scored split's records with ``label`` hold a single class of it."""
+    present = scored.classes(label) if label in scored.label_names else []
+    if len(present) == 1:
+        split = suite.datasets[task.dataset].split
+        raise InputError(f"{suite.source}: task {task.key}: split {split!r} of {scored.source} holds one class of "
+                         f"{label!r} ({present[0]}); its AUC is undefined (score a split with two classes or more)")
 
 
 # ------------------------------------------------------------------ the run
@@ -395,6 +410,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
                "models": {labels[str(m)]: str(m) for m in models}, "versions": versions,
                "data_hashes": {name: d.hashes for name, d in datasets.items()},
                "rows": rows, "flags": leaks + [flag for cell in cells for flag in cell["flags"]],
+               "skipped": skipped_checks(cells),
                "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
                "seconds": round(time.perf_counter() - started, 1)}
     from .html import write_suite_report
@@ -402,6 +418,13 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     results["plots"] = write_suite_report(out / REPORT_FILE, suite, results, cells)
     write_json(out / RESULTS_FILE, results)
     return results
+
+
+def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every check (or part of one: ``sanity: blank_image``) a cell did not run: ``model``, ``key``, ``check``
+    and ``reason``, in cell order; a run with no flag and skipped checks did not pass them."""
+    return [{"model": cell["model"], "key": cell["key"], "check": check, "reason": reason}
+            for cell in cells for check, reason in cell["skipped"].items()]
 
 
 @functools.cache
@@ -643,10 +666,10 @@ def _zero_shot(ctx: _Context) -> None:
     ctx.plots["classes"] = result["classes"]
     ctx.plots["confusion_matrix"] = result["confusion_matrix"]
     scored = test.with_labels([label])
+    labelled = [i for i, record in enumerate(test) if label in record.labels]  # the scored records' rows
     for check in ctx.checks:
-        CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings if len(scored) == len(test) else None, y_true,
-                                          probabilities, np.array(result["logits"]), result["classes"], captions,
-                                          ood_block))
+        CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings[labelled], y_true, probabilities,
+                                          np.array(result["logits"]), result["classes"], captions, ood_block))
 
 
 @dataclass
@@ -875,9 +898,6 @@ RISK_COVERAGE_POINTS = 50  # points of the risk-coverage curve kept for the plot
 def _check_sanity(ctx: _Context, scored: _Scored) -> None:
     from ..eval.sanity import sanity_baselines
 
-    if scored.embeddings is None and ctx.task.task == "zero-shot":
-        ctx.skipped["sanity"] = "records without the label were dropped"
-        return
     result = sanity_baselines(ctx.net, scored.dataset, ctx.label, captions=scored.captions,
                               classes=scored.classes, image_embeddings=scored.embeddings, seed=ctx.suite.seed,
                               probabilities=scored.probabilities if ctx.task.task != "zero-shot" else None,
@@ -886,6 +906,8 @@ def _check_sanity(ctx: _Context, scored: _Scored) -> None:
         for key in result["compared"]:
             ctx.row(f"sanity: {baseline.replace('_', ' ')} {key}", metrics.get(key))
     ctx.plots["sanity"] = result
+    for baseline, reason in result["skipped"].items():  # a linear probe's blank-image baseline
+        ctx.skipped[f"sanity: {baseline}"] = reason
     for message in result["flags"]:
         ctx.flag("sanity", message)
 
@@ -902,14 +924,35 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
                               seed=ctx.suite.seed)
     for column, block in result["columns"].items():
         for group, metrics in block["groups"].items():
-            auc = metrics.get("auc")
-            if isinstance(auc, dict):
-                ctx.row(f"subgroup {column}={group}: auc", auc["value"], auc, n=metrics["n"],
-                        smallest_class=metrics["smallest_class"])
+            for metric in ("auc", "balanced_accuracy", "accuracy"):  # AUC is None for a single-class group
+                interval = metrics.get(metric)
+                if isinstance(interval, dict):
+                    ctx.row(f"subgroup {column}={group}: {metric}", interval["value"], interval, n=metrics["n"],
+                            smallest_class=metrics["smallest_class"])
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
+        unscored = _unscored_groups(block, result["n"], result["min_size"])
+        if unscored:
+            ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
+
+
+def _unscored_groups(block: dict[str, Any], n: int, min_size: int) -> str | None:
+    """What of a subgroup column was not scored, in words (None when every record's group was): records
+    without a value, groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
+    parts = []
+    if block["missing"]:
+        parts.append(f"{block['missing']} of {n} scored records have no value")
+    if block["too_small"]:
+        small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
+        parts.append(f"groups under {min_size} records not scored: {small}")
+    single = [name for name, metrics in block["groups"].items() if metrics.get("auc") is None]
+    if single:
+        parts.append(f"groups of one class (no AUC): {', '.join(single)}")
+    if block.get("gap") is None:
+        parts.append("no worst-group gap (it needs two groups with an AUC)")
+    return "; ".join(parts) or None
 
 
 def _check_corruption(ctx: _Context, scored: _Scored) -> None:
@@ -934,9 +977,11 @@ def _sample(dataset, limit: int, seed: int):
 
 
 def _phantom_pairs(ctx: _Context) -> list | None:
-    """Counterfactual twins of new patients of the dataset's phantom (indices past the generated ones:
-    in no split), made once per cell; None for data that is not a phantom."""
-    from ..eval.counterfactual import phantom_counterfactual_pairs
+    """Counterfactual twins of new patients of the dataset's phantom seed, from index ``UNSEEN_PATIENTS``
+    (``eval.counterfactual``): in no split of it, nor in a larger phantom of the same seed a model was trained on
+    (case i of a seed is the same film whatever the phantom's size); made once per cell; None for data that is
+    not a phantom."""
+    from ..eval.counterfactual import UNSEEN_PATIENTS, phantom_counterfactual_pairs
 
     generator = ctx.data.generator
     if generator is None:
@@ -945,8 +990,15 @@ def _phantom_pairs(ctx: _Context) -> list | None:
         settings = ctx.suite.counterfactual
         ctx.cache["pairs"] = phantom_counterfactual_pairs(
             int(generator.get("seed", 0)), int(settings.get("n", 10)),
-            int(settings.get("size", generator.get("size", 128))), start=int(generator.get("n", 0)))
+            int(settings.get("size", generator.get("size", 128))),
+            start=max(UNSEEN_PATIENTS, int(generator.get("n", 0))))
     return ctx.cache["pairs"]
+
+
+def _method(ctx: _Context) -> str | None:
+    """How the counterfactual and shortcut checks answer: a zero-shot cell's checks judge zero-shot, not a
+    supervised head the model may also have."""
+    return "zero_shot" if ctx.task.task == "zero-shot" else None
 
 
 def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
@@ -954,13 +1006,14 @@ def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
 
     pairs = _phantom_pairs(ctx)
     if pairs is not None:
-        source = "phantom twins: the same film with the finding removed, moved, resized or on the other side"
+        source = (f"phantom twins of patients {pairs[0].meta['seed']}/{min(p.meta['index'] for p in pairs)} on: the "
+                  "same film with the finding removed, moved, resized or on the other side")
     else:
         pairs = counterfactual.nearest_neighbour_pairs(ctx.net, scored.dataset, ctx.label,
                                                        embeddings=counterfactual.pixel_vectors(scored.dataset))
         source = "nearest-neighbour images (in pixel space, not the model's) with a different label"
     result = counterfactual.pair_accuracy(ctx.net, pairs, label=ctx.label, captions=scored.captions,
-                                          classes=scored.classes)
+                                          classes=scored.classes, method=_method(ctx))
     ctx.row("counterfactual: pair accuracy", result["pair_accuracy"], n=result["n_pairs"])
     ctx.row("counterfactual: single-image accuracy", result["single_accuracy"])
     for variation, block in result["per_variation"].items():
@@ -972,9 +1025,10 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
     from ..data.phantom import shortcut_spec
     from ..eval.shortcut import shortcut_check
 
-    marker = shortcut_spec(ctx.data.path) if ctx.data.path.is_dir() else None
+    marker = shortcut_spec(ctx.data.path)  # a shortcut phantom's folder or manifest file
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
-                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes)
+                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes,
+                            method=_method(ctx))
     ctx.row("shortcut: masked balanced accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
     if result.get("pair_accuracy") is not None:
         ctx.row("shortcut: pair accuracy", result["pair_accuracy"])

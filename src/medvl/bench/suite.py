@@ -400,7 +400,10 @@ def _check_settings(suite: SuiteSpec) -> None:
         raise InputError(f"{where}: corruption kinds and severities must be non-empty lists")
     for kind in kinds:
         for severity in severities:
-            check_corruption(kind, severity)
+            try:
+                check_corruption(kind, severity)
+            except InputError as error:
+                raise InputError(f"{where}: {error}") from None
     check_number(f"{where}: corruption max_images", suite.corruption.get("max_images", 200), minimum=2, integer=True)
     check_number(f"{where}: counterfactual n", suite.counterfactual.get("n", 10), minimum=1, maximum=1000,
                  integer=True)

@@ -63,9 +63,13 @@ def print_suite_summary(result: dict, out: Path) -> None:
     cells = result["cells"]
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
+                                                 "skipped checks": len(result["skipped"]),
                                                  "seconds": result["seconds"]})
     for flag in result["flags"]:
         console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
+    for skip in result["skipped"]:
+        console.print(f"skipped {escape(skip['model'])} / {escape(skip['key'])} / {escape(skip['check'])}: "
+                      f"{escape(skip['reason'])}", markup=True)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 

@@ -21,9 +21,11 @@ answer, so it fails the pair even when its single-image accuracy looks good.
   embedding, so their accuracy is not comparable to a random pair's.
 
 **Answers** (``pair_accuracy``): each image's answer is the model's predicted class for ``label``:
-the model's supervised head for ``label`` when it has one (``method`` "head"), else zero-shot with
-the prompt ensembles of ``captions`` (default: the captions the model was trained with, saved in its
-``meta``; ``method`` "zero_shot"). For a binary column (``no_finding``, ``nodule``: "0"/"1") this is
+by default the model's supervised head for ``label`` when it has one (``method`` "head"), else zero-shot
+with the prompt ensembles of ``captions`` (default: the captions the model was trained with, saved in its
+``meta``; ``method`` "zero_shot"). Passing ``method`` chooses one of the two (``bench run`` checks a
+zero-shot cell with ``method="zero_shot"``, so a model with a head is judged on the classifier the cell
+scored). For a binary column (``no_finding``, ``nodule``: "0"/"1") this is
 the "finding present?" answer; for ``finding`` it is the class among the phantom's six. An image is
 correct when its answer is its own label; a pair is correct when both are.
 """
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 
 VARIATIONS = ("absent", "moved", "resized", "other_side")
 NEAREST_NEIGHBOUR = "nearest_neighbour"
+# First patient index of twins no phantom a model was trained on holds: case i of a seed is the same film whatever
+# the phantom's n, so twins from index n of a small phantom can be training films of a larger one of that seed.
+UNSEEN_PATIENTS = 1_000_000_000
 RESIZE_FACTOR = 1.5  # Visit.grow of the "resized" twin: larger, so the finding stays visible at 64 px
 _APPLIES = {"absent": ABNORMAL, "resized": ABNORMAL, "moved": MOVABLE, "other_side": LATERAL}
 
@@ -78,7 +83,8 @@ def phantom_counterfactual_pairs(seed: int, n: int, size: int = 128, findings: S
     """Counterfactual pairs of ``n`` phantom patients per finding (see the module docstring).
 
     Patients are the first ``n`` cases from index ``start`` whose finding is the one asked for
-    (``start`` past a training set's size gives patients the model has not seen). Each patient
+    (``start`` past a training set's size gives patients the model has not seen; ``UNSEEN_PATIENTS``, past any
+    phantom of the seed that can be generated in practice, whatever the training set was). Each patient
     gives one pair per variation that applies to its finding. Same arguments, same pixels.
     """
     check_number("n", n, minimum=1, integer=True)
@@ -156,14 +162,15 @@ def _where(case, finding: str) -> dict[str, Any] | None:
 
 def predict_probabilities(model: DualEncoder, images: Sequence[ImageSource], label: str,
                           captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
-                          batch_size: int = 64) -> tuple[np.ndarray, list[str], str]:
+                          batch_size: int = 64, method: str | None = None) -> tuple[np.ndarray, list[str], str]:
     """(N, K) class probabilities of ``images`` for ``label``, the K class names and the method.
 
-    The model's head for ``label`` when it has one ("head": its own classes), else zero-shot
-    ("zero_shot") among ``classes`` (default: the classes ``captions`` describes for ``label``)
-    with the prompt ensembles of ``captions`` (default: the model's training captions).
+    ``method`` None: the model's head for ``label`` when it has one ("head": its own classes), else
+    zero-shot ("zero_shot") among ``classes`` (default: the classes ``captions`` describes for
+    ``label``) with the prompt ensembles of ``captions`` (default: the model's training captions).
+    ``method`` "head" or "zero_shot" answers that way (InputError for "head" without a head for ``label``).
     """
-    if label in model.heads:
+    if use_head(model, label, method):
         head_classes = list(model.meta["heads"][label])
         if not images:
             return np.zeros((0, len(head_classes))), head_classes, "head"
@@ -179,6 +186,15 @@ def predict_probabilities(model: DualEncoder, images: Sequence[ImageSource], lab
         return np.zeros((0, len(class_names))), class_names, "zero_shot"
     embeddings = _encode(model, images, batch_size)
     return zero_shot_logits(model, embeddings, prompts).softmax(-1).numpy(), class_names, "zero_shot"
+
+
+def use_head(model: DualEncoder, label: str, method: str | None) -> bool:
+    """Whether answers for ``label`` come from the model's head (``method``: None, "head" or "zero_shot")."""
+    if method not in (None, "head", "zero_shot"):
+        raise InputError(f"method must be 'head' or 'zero_shot', got {method!r}")
+    if method == "head" and label not in model.heads:
+        raise InputError(f"the model has no head for {label!r} (heads: {', '.join(model.heads) or 'none'})")
+    return label in model.heads if method is None else method == "head"
 
 
 def _encode(model: DualEncoder, images: Sequence[ImageSource], batch_size: int, features: bool = False) -> torch.Tensor:
@@ -209,9 +225,10 @@ def class_indices(labels: Sequence[dict[str, Any]], label: str, classes: Sequenc
 
 def pair_accuracy(model: DualEncoder, pairs: Sequence[CounterfactualPair], label: str = "finding",
                   captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
-                  batch_size: int = 64, keep_pairs: bool = False) -> dict[str, Any]:
+                  batch_size: int = 64, keep_pairs: bool = False, method: str | None = None) -> dict[str, Any]:
     """Single-image and pair accuracy of the model's answers for ``label`` on counterfactual pairs.
 
+    ``method``: None (the head for ``label`` if the model has one, else zero-shot), "head" or "zero_shot".
     Returns ``label``, ``method`` ("head" or "zero_shot", see the module docstring), ``classes``,
     ``n_pairs``, ``single_accuracy`` (over the 2 x n_pairs images), ``pair_accuracy`` (both images
     right), ``per_variation`` and ``per_finding`` (each ``{n_pairs, single_accuracy, pair_accuracy}``);
@@ -220,12 +237,13 @@ def pair_accuracy(model: DualEncoder, pairs: Sequence[CounterfactualPair], label
     """
     if not pairs:
         raise InputError("pair_accuracy needs at least one pair")
-    if not classes and label not in model.heads:
+    if not classes and not use_head(model, label, method):
         described = model_captions(model) if captions is None else captions
         if not described.classes.get(label):
             classes = sorted({str(p.labels_a.get(label)) for p in pairs} | {str(p.labels_b.get(label)) for p in pairs})
     images = [image for pair in pairs for image in (pair.image_a, pair.image_b)]
-    probabilities, class_names, method = predict_probabilities(model, images, label, captions, classes, batch_size)
+    probabilities, class_names, method = predict_probabilities(model, images, label, captions, classes, batch_size,
+                                                               method)
     truth = class_indices([lab for p in pairs for lab in (p.labels_a, p.labels_b)], label, class_names, "pairs")
     right = (probabilities.argmax(1) == truth).reshape(-1, 2)
     result: dict[str, Any] = {"label": label, "method": method, "classes": class_names,

@@ -54,7 +54,14 @@ from ..data.record import Dataset, ImageSource
 from ..errors import InputError
 from ..models.dual import DualEncoder
 from ..models.preprocess import read_for
-from .counterfactual import NEAREST_NEIGHBOUR, CounterfactualPair, class_indices, pair_accuracy, predict_probabilities
+from .counterfactual import (
+    NEAREST_NEIGHBOUR,
+    CounterfactualPair,
+    class_indices,
+    pair_accuracy,
+    predict_probabilities,
+    use_head,
+)
 from .metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -123,12 +130,14 @@ def _masked(image: ImageSource, region: Region, fraction: float) -> np.ndarray:
 
 def masked_accuracy_drop(model: DualEncoder, dataset: Dataset, label: str, region: Region | None = None,
                          fraction: float = CORNER_FRACTION, captions: CaptionConfig | None = None,
-                         classes: Sequence[str] | None = None, batch_size: int = 64) -> dict[str, Any]:
+                         classes: Sequence[str] | None = None, batch_size: int = 64,
+                         method: str | None = None) -> dict[str, Any]:
     """Accuracy of the model's answers for ``label`` with and without each region hidden.
 
     ``region``: a box ``[x0, y0, x1, y1]`` (pixels, e.g. a shortcut phantom's marker box), a corner
     name, or None for each of the four corners (``fraction`` of the shorter side). Answers as in
-    ``counterfactual.pair_accuracy`` (the model's head for ``label``, else zero-shot).
+    ``counterfactual.pair_accuracy`` (``method`` None: the model's head for ``label``, else zero-shot;
+    "head" or "zero_shot" chooses).
 
     Returns ``label``, ``method``, ``classes``, ``n``, ``unmasked`` (``accuracy``,
     ``balanced_accuracy``, ``macro_auc``, ``recall`` per class), ``regions`` (name -> ``box`` or
@@ -142,22 +151,22 @@ def masked_accuracy_drop(model: DualEncoder, dataset: Dataset, label: str, regio
     dataset = dataset.with_labels([label])
     if len(dataset) == 0:
         raise InputError(f"{dataset.source}: no records with label {label!r}")
-    if not classes and label not in model.heads:
+    if not classes and not use_head(model, label, method):
         classes = dataset.classes(label)  # zero-shot among the data set's classes, as ``zero_shot``
     answers: dict[str, list[np.ndarray]] = {name: [] for name in ("", *regions)}
     class_names: list[str] = []
-    method = ""
+    answered = ""
     for start in range(0, len(dataset), batch_size):
         images = [r.image for r in dataset.records[start:start + batch_size]]
         arrays = [read_for(model, image) for image in images]  # as the model is fed them
         for name, chosen in (("", None), *regions.items()):
             batch = arrays if chosen is None else [_masked(a, chosen, fraction) for a in arrays]
-            probabilities, class_names, method = predict_probabilities(model, batch, label, captions, classes,
-                                                                       batch_size)
+            probabilities, class_names, answered = predict_probabilities(model, batch, label, captions, classes,
+                                                                         batch_size, method)
             answers[name].append(probabilities)
     truth = class_indices([r.labels for r in dataset], label, class_names, dataset.source)
     unmasked = np.concatenate(answers[""])
-    result: dict[str, Any] = {"label": label, "method": method, "classes": class_names, "n": len(dataset),
+    result: dict[str, Any] = {"label": label, "method": answered, "classes": class_names, "n": len(dataset),
                               "unmasked": _scores(truth, unmasked, class_names, recall=True), "regions": {}}
     for name, chosen in regions.items():
         masked = np.concatenate(answers[name])
@@ -194,8 +203,11 @@ def _changes(truth: np.ndarray, unmasked: np.ndarray, masked: np.ndarray, before
 def shortcut_check(model: DualEncoder, dataset: Dataset, label: str, region: Region | None = None,
                    pairs: Sequence[CounterfactualPair] | None = None, fraction: float = CORNER_FRACTION,
                    captions: CaptionConfig | None = None, classes: Sequence[str] | None = None,
-                   batch_size: int = 64) -> dict[str, Any]:
+                   batch_size: int = 64, method: str | None = None) -> dict[str, Any]:
     """Flag a model whose answers for ``label`` on ``dataset`` come from a shortcut (module docstring).
+
+    ``method``: the answers checked, as in ``masked_accuracy_drop`` (None: the head for ``label`` if the
+    model has one, else zero-shot; "head" or "zero_shot").
 
     ``region`` as in ``masked_accuracy_drop`` (a marker box if known, else the four corners).
     ``pairs``: counterfactual pairs labelled with ``label`` (phantom twins rendered at the data
@@ -211,7 +223,7 @@ def shortcut_check(model: DualEncoder, dataset: Dataset, label: str, region: Reg
     (the ``masked_accuracy_drop`` result) and ``pairs`` (the ``pair_accuracy`` result with per-pair
     answers, or None).
     """
-    masked = masked_accuracy_drop(model, dataset, label, region, fraction, captions, classes, batch_size)
+    masked = masked_accuracy_drop(model, dataset, label, region, fraction, captions, classes, batch_size, method)
     z_needed = float(norm.isf(MASKED_ALPHA / len(masked["regions"])))
     reasons = _masked_reasons(masked, z_needed)
     worst = masked["regions"][masked["worst_region"]]
@@ -225,7 +237,8 @@ def shortcut_check(model: DualEncoder, dataset: Dataset, label: str, region: Reg
         "masked": masked, "pairs": None,
     }
     if pairs:
-        paired = pair_accuracy(model, pairs, label, captions, masked["classes"], batch_size, keep_pairs=True)
+        paired = pair_accuracy(model, pairs, label, captions, masked["classes"], batch_size, keep_pairs=True,
+                               method=masked["method"])
         result.update(pairs=paired, pair_accuracy=paired["pair_accuracy"])
         bound = _pair_bound(paired, masked["unmasked"]["recall"])
         result["pair_accuracy_bound"] = bound

@@ -169,17 +169,32 @@ def has_shortcut_marker(seed: int, index: int, abnormal: bool, probability: floa
     return (draw < probability) == abnormal
 
 
-def shortcut_spec(folder: str | Path) -> dict[str, Any] | None:
-    """The shortcut marker of a generated phantom folder (``probability``, ``corner``, ``box``,
-    ``value``) from its ``dataset.json``; None for a data set without one."""
-    path = Path(folder) / "dataset.json"
-    if not path.is_file():
+def phantom_description(path: str | Path) -> dict[str, Any] | None:
+    """The ``dataset.json`` of a generated phantom, given its folder or its manifest file (the sidecar beside a
+    manifest, when it names that manifest or none: the one ``load_dataset`` reads for it); None for data without
+    one."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    sidecar = folder / "dataset.json"
+    if not sidecar.is_file():
         return None
     try:
-        description = json.loads(path.read_text(encoding="utf-8"))
+        description = json.loads(sidecar.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DataError(path, "not a valid UTF-8 JSON description") from None
-    generator = description.get("generator") if isinstance(description, dict) else None
+        raise DataError(sidecar, "not a valid UTF-8 JSON description") from None
+    if not isinstance(description, dict):
+        return None
+    named = description.get("manifest")
+    if not path.is_dir() and isinstance(named, str) and (folder / named).resolve() != path.resolve():
+        return None  # the sidecar describes another manifest of the folder
+    return description
+
+
+def shortcut_spec(folder: str | Path) -> dict[str, Any] | None:
+    """The shortcut marker of a generated phantom (``probability``, ``corner``, ``box``, ``value``) from the
+    ``dataset.json`` of its folder or manifest file (``phantom_description``); None for a data set without one."""
+    description = phantom_description(folder)
+    generator = description.get("generator") if description is not None else None
     spec = generator.get("shortcut") if isinstance(generator, dict) else None
     return spec if isinstance(spec, dict) else None
 
