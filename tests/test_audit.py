@@ -263,3 +263,22 @@ def test_multi_frame_colour_dicom_is_checked_as_its_frames(tmp_path):
     assert result.exit_code == 0, output
     audit = json.loads(out.read_text())
     assert (audit["n"], audit["files"], audit["flagged"]) == (2, 2, 0)
+
+
+def test_every_film_of_a_multi_image_question_is_audited(tmp_path):
+    """A VQA question on two films: only its first film used to be read, so a corrupt film that is only ever a
+    second film left 'unreadable 0'. Each film is read once, and a question gets the flags of all its films."""
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ph", n=40, seed=1, size=32, vqa=True)
+    dataset = load_dataset(tmp_path / "ph" / "vqa")
+    every = {film.resolve() for record in dataset for film in record.images}
+    later = sorted(every - {record.images[0].resolve() for record in dataset})
+    assert later, "the phantom has questions whose second film no question names first"
+    later[0].write_bytes(b"not a png")
+    audit = audit_dataset(dataset, show_progress=False)
+    assert audit["files"] == len(every) and audit["counts"]["unreadable"] > 0
+    damaged = [r for r in dataset if later[0].resolve() in {film.resolve() for film in r.images}]
+    flagged = {r["id"]: r for r in audit["records"] if "unreadable" in r["flags"]}
+    assert set(flagged) == {r.id for r in damaged}
+    assert all("image 2: " in flagged[r.id]["detail"]["unreadable"] for r in damaged)

@@ -162,9 +162,10 @@ AGAINST = "against:"  # prefix of the ids and splits of the records of ``audit_d
 def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | None = None,
                   show_progress: bool = True, against: Dataset | None = None,
                   near_distance: int = 0) -> dict[str, Any]:
-    """Check every record's first image (see the module doc). Each distinct file is read once; records
-    that share a file (the questions of one VQA image) share its flags and are not duplicates of each
-    other. Returns ``n`` (records), ``files`` (distinct images), ``flagged`` (records with any flag),
+    """Check every image of every record (see the module doc; a record with several images, such as a VQA
+    question on two films, gets the flags of all of them). Each distinct file is read once; records that share
+    a file (the questions of one VQA image) share its flags and are not duplicates of each other. Returns ``n``
+    (records), ``files`` (distinct images), ``flagged`` (records with any flag),
     ``counts`` (records per flag), ``by_class`` (with ``label``: per class, its records and its records
     with a content flag), ``records`` (one dict per flagged record: ``id``, ``split``, ``flags``,
     ``detail``, the label value), ``duplicate_groups`` (``kind`` exact, near, or ``file`` for one file
@@ -199,9 +200,15 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
         if not others:
             raise InputError(f"{against.source}: no record has an image to compare against")
     files: dict[Any, list] = {}  # one entry per distinct image, with the records that use it
+    sources: list[ImageSource] = []  # the image of each entry
     for record in records + others:
-        files.setdefault(_file_key(record.image), []).append(record)
-    sources = [users[0].image for users in files.values()]
+        for image in record.images:  # every film of a multi-image record (a VQA question on two films)
+            users = files.get(_file_key(image))
+            if users is None:
+                users = files[_file_key(image)] = []
+                sources.append(image)
+            if not any(user is record for user in users):
+                users.append(record)
     checks: list[dict[str, Any]] = []
     with progress_bar("Auditing images", total=len(sources), enabled=show_progress) as advance:
         for checked in map_ahead(_check_batch, batched(sources, BATCH), resolve_workers(workers, len(sources))):
@@ -219,16 +226,13 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
     if against is not None:
         cross = [g for g in _file_groups(checks, near_distance)
                  if {s.startswith(AGAINST) for s in g["splits"]} == {True, False}]
+    check_of = dict(zip(files, checks, strict=True))
     results = []
-    for check, users in zip(checks, files.values(), strict=True):
-        for record in users:
-            if str(record.split).startswith(AGAINST):
-                continue
-            result = {"id": record.id, "split": record.split, "flags": list(check["flags"]),
-                      "detail": dict(check["detail"])}
-            if label is not None:
-                result["label"] = record.labels.get(label)
-            results.append(result)
+    for record in records:
+        result = _record_result(record, [check_of[_file_key(image)] for image in record.images])
+        if label is not None:
+            result["label"] = record.labels.get(label)
+        results.append(result)
     summary = [r for r in results if r["flags"]]
     counts = Counter(flag for r in results for flag in r["flags"])
     by_class: dict[str, dict[str, int]] = {}
@@ -255,6 +259,22 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
                            "near_distance": near_distance},
             "source": str(dataset.source), **({"against": overlap} if overlap is not None else {}),
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _record_result(record: Any, checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A record's audit entry: the flags of all its images; a detail from an image other than the first is
+    prefixed with that image's place (``image 2: ...``)."""
+    flags: list[str] = []
+    detail: dict[str, str] = {}
+    for place, check in enumerate(checks, start=1):
+        for flag in check["flags"]:
+            reason = check["detail"][flag] if place == 1 else f"image {place}: {check['detail'][flag]}"
+            if flag not in flags:
+                flags.append(flag)
+                detail[flag] = reason
+            elif reason not in detail[flag]:
+                detail[flag] += f"; {reason}"
+    return {"id": record.id, "split": record.split, "flags": flags, "detail": detail}
 
 
 def flagged_ids(audit: dict[str, Any], flags: Sequence[str] = CONTENT_FLAGS) -> set[str]:
