@@ -151,6 +151,13 @@ def test_audit_command(audited_folder, tmp_path):
     assert result.exit_code == 2
 
 
+def test_against_split_without_against_is_refused(audited_folder):
+    """--against-split without --against was ignored without a word, even naming a split that does not exist."""
+    result, output = invoke("audit", "--data", audited_folder, "--against-split", "nosuchsplit", "-q")
+    assert result.exit_code == 2 and "against-split 'nosuchsplit' needs against" in output
+    assert "Image audit" not in output
+
+
 def test_audit_refuses_a_negative_show(audited_folder):
     """A negative --show is one line and exit 2 before any image is read (it listed no record, exit 0)."""
     result, output = invoke("audit", "--data", audited_folder, "--show", -1, "-q")

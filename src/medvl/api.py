@@ -16,6 +16,7 @@ import numpy as np
 
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
+from .data.record import ALL_SPLITS
 from .errors import InputError
 from .eval.contamination import copies_in_fit, scored_records, trained_on_scored
 from .models.dual import DualEncoder
@@ -55,6 +56,8 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
     from .data.audit import audit_dataset
 
     check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
+    if against is None and against_split != ALL_SPLITS:
+        raise InputError(f"against-split {against_split!r} needs against: the dataset whose split to compare with")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
     result = audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress, against=other,
