@@ -192,6 +192,18 @@ def test_records_sharing_a_file_are_checked_once_and_not_duplicates(shared_data,
     assert audit["leaks"] == [{"kind": "file", "ids": ["q1", "q2"], "splits": ["test", "train"], "leak": True}]
 
 
+def test_audit_command_names_a_file_used_in_two_splits_and_counts_records_and_images(tmp_path):
+    """A file named by a train and a test row is a leak the output counted but never named (no record flag names
+    it), and the title called the records images."""
+    Image.fromarray(smooth_image(7)).save(tmp_path / "a.png")
+    Image.fromarray(smooth_image(8)).save(tmp_path / "b.png")
+    (tmp_path / "manifest.csv").write_text("id,image,split\nq1,a.png,train\nq2,a.png,test\nq3,b.png,train\n")
+    result, output = invoke("audit", "--data", tmp_path / "manifest.csv", "-q")
+    assert result.exit_code == 0, output
+    output = " ".join(output.split())
+    assert "(all: 3 records, 2 images)" in output and "one file used in test, train: q1, q2" in output
+
+
 def test_close_pairs_are_the_pairs_within_the_distance():
     from medvl.data.audit import _close_pairs
 
