@@ -577,3 +577,40 @@ def test_an_npz_split_is_the_same_records_as_itself_for_the_leak_refusals(tiny_n
     result, output = invoke("eval", "linear-probe", "--model", model, "--train-data", tiny_npz, "--train-split",
                             "train", "--test-data", tiny_npz, "--test-split", "train", "-q")
     assert result.exit_code == 2 and "holds" in output and "scored images" in output, output
+
+
+@pytest.fixture()
+def small_phantom_folder(tmp_path) -> Path:
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ph", n=8, seed=0, size=32)
+    return tmp_path / "ph"
+
+
+def test_a_dataset_json_path_loads_its_folder(small_phantom_folder):
+    """Every .json went to the VQA loader, so the sidecar itself failed as 'a non-empty JSON array of questions'."""
+    folder = small_phantom_folder
+    assert [r.id for r in load_dataset(folder / "dataset.json")] == [r.id for r in load_dataset(folder)]
+    result, output = invoke("audit", "--data", folder / "dataset.json", "--show", 0, "-q")
+    assert result.exit_code == 0, output
+
+
+def test_label_columns_named_twice_are_refused_where_they_are_given(small_phantom_folder):
+    """Repeated label columns passed the API and the sidecar; training then blamed 'label column(s) given more
+    than once' without saying they came from dataset.json."""
+    with pytest.raises(InputError, match="label column\\(s\\) finding given more than once"):
+        load_dataset(small_phantom_folder, label_columns=["finding", "finding"])
+    sidecar = small_phantom_folder / "dataset.json"
+    settings = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**settings, "label_columns": ["finding", "finding"]}))
+    with pytest.raises(DataError, match="dataset.json: 'label_columns' names finding more than once"):
+        load_dataset(small_phantom_folder)
+
+
+def test_label_columns_given_as_a_string_is_refused_not_split_into_letters(small_phantom_folder):
+    """list('finding') made the columns f, i, n, ... : 'unknown label column 'f'', a column the user never named."""
+    from medvl.api import load_split
+
+    for load in (load_dataset, load_split):
+        with pytest.raises(InputError, match="label_columns must be a list of column names, got a str"):
+            load(small_phantom_folder, label_columns="finding")

@@ -31,8 +31,7 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
     ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split.
     ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
     folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
-    dataset = load_dataset(path, label_columns=list(label_columns) if label_columns else None,
-                           allow_outside_root=allow_outside_root)
+    dataset = load_dataset(path, label_columns=label_columns or None, allow_outside_root=allow_outside_root)
     if split is None:
         if "train" not in dataset.splits and dataset.splits not in ([], ["all"]):
             raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "

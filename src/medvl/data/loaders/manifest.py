@@ -290,6 +290,9 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     labels = sidecar.get("label_columns") or []
     if not all(isinstance(label, str) for label in labels):
         raise DataError(path, "'label_columns' must be a list of column names")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise DataError(path, f"'label_columns' names {', '.join(repeated)} more than once")
     return sidecar
 
 
