@@ -614,3 +614,13 @@ def test_label_columns_given_as_a_string_is_refused_not_split_into_letters(small
     for load in (load_dataset, load_split):
         with pytest.raises(InputError, match="label_columns must be a list of column names, got a str"):
             load(small_phantom_folder, label_columns="finding")
+
+
+def test_a_report_over_128_kib_is_a_readable_csv_cell(tmp_path):
+    """The csv module's default cap on a cell made a valid CSV with a long report 'not a readable CSV file (field
+    larger than field limit (131072))'."""
+    Image.fromarray(np.zeros((8, 8), np.uint8) + 100).save(tmp_path / "a.png")
+    report = "no acute findings. " * 8000  # 152,000 characters
+    (tmp_path / "long.csv").write_text(f'image,text\na.png,"{report}"\n')
+    [record] = load_dataset(tmp_path / "long.csv")
+    assert record.text == report.strip()

@@ -210,6 +210,9 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
     with a warning."""
     raw = path.read_bytes()
     text = raw.decode("utf-8-sig", errors="surrogateescape")
+    # the csv module's own cap on a cell (128 KiB) guards nothing here, the file being in memory already; a long
+    # report is a valid cell (raised only, never lowered: other readers keep theirs)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
         header = [name.strip() for name in next(reader, [])]
