@@ -28,8 +28,8 @@ warning. Invalid bytes anywhere else are a ``DataError`` with the byte offset.
 
 Known tables: a published table recognised by its header (``KNOWN_TABLES``) brings its own
 defaults. The Figure 1 COVID-19 chest X-ray table (``patientid``, ``finding``, ``view``,
-``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty, their
-records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
+``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty and 1 says
+``N/A``: their records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
 ``No finding``, ``Pneumonia``; empty in 15 rows), meta = every other non-empty cell (``view``,
 ``modality``, ``age``, ``sex``, ``offset``...). A row whose image file is missing is skipped and
 counted in a warning rather than failing the load (unless no row is left).
@@ -89,11 +89,12 @@ class KnownTable:
     signature: frozenset[str]  # lower-case column names that must all be present
     default_labels: tuple[str, ...]  # used when no dataset.json names label columns
     skip_missing_images: bool = False  # a row with a missing image file is skipped and counted, not an error
+    no_text: frozenset[str] = frozenset()  # text cells that say there is no text (Figure 1's 'N/A' note)
 
 
 KNOWN_TABLES = (
     KnownTable("Figure 1 COVID-19 chest X-ray", frozenset({"patientid", "finding", "view", "modality", "notes"}),
-               default_labels=("finding",), skip_missing_images=True),
+               default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
 )
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
@@ -504,6 +505,10 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
                                      allow_outside_root)
+    no_text = known.no_text if known else frozenset()
+    for record in records:
+        if record.text is not None and record.text.strip() in no_text:
+            record.text = None  # counted with the empty ones: training on 'N/A' as a report teaches nothing
     sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]
