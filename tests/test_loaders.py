@@ -530,7 +530,7 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     (tmp_path / "images").mkdir()
     rows = ["image,finding,abnormal"]
     for i, (finding, abnormal) in enumerate([("nodule", "1"), ("Nodule", "1.0"), ("effusion", "1"), ("normal", "0"),
-                                            ("normal", "0.0"), ("Effusion ", "1")]):
+                                            ("normal", "0.0"), ("Effusion ", "1")] * 2):  # classes: values repeat
         Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
         rows.append(f"images/{i}.png,{finding},{abnormal}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -558,6 +558,22 @@ def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_pat
     text = " ".join(output.split())
     assert "label column 'referrer' writes 1 value(s) in more than one way (values not shown: the column has 60" in text
     assert "Smith" not in output and "smith" not in output
+
+
+def test_label_variants_of_a_column_of_mostly_distinct_values_are_counted_not_shown(tmp_path, caplog):
+    """A small table's free-text column (a history note on every row) is no set of classes, however few its values:
+    two notes differing in case were quoted in the warning."""
+    notes = ["Smoker with cough for 3 weeks", "smoker with cough for 3 weeks", "Jane Doe 45F chest pain"]
+    rows = ["image,text,history"]
+    for i, note in enumerate(notes):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,report {i},{note}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        load_dataset(tmp_path / "m.csv")
+    assert "label column 'history' writes 1 value(s) in more than one way (values not shown: the column has 3 " \
+        "distinct values in 3 rows)" in caplog.text
+    assert "cough" not in caplog.text and "Jane" not in caplog.text
 
 
 def test_an_npz_split_is_the_same_records_as_itself_for_the_leak_refusals(tiny_npz, tmp_path):

@@ -84,7 +84,9 @@ def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
                           f"supported: {SUPPORTED_KINDS}")
 
 
-SHOWN_CLASSES = 50  # a label column of at most this many distinct values is a set of classes, named in warnings
+SHOWN_CLASSES = 50  # a label column of at most this many distinct values is a set of classes, named in warnings ...
+CLASS_REPEATS = 2  # ... when its rows hold each value this many times on average: a column whose values are mostly
+# distinct (a pilot table's history or indication notes) is free text, whatever its size: counts only
 
 
 def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
@@ -132,11 +134,14 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     for column, groups in label_variants(dataset).items():
+        filled = sum(column in r.labels for r in dataset.records)
         distinct = len({str(r.labels[column]) for r in dataset.records if column in r.labels})
-        # class names are shown; a column of many distinct values may hold names or notes (patient data): counts only
+        # class names are shown; a column of many, or mostly distinct, values may hold names or notes (patient data):
+        # counts only
+        categorical = distinct <= SHOWN_CLASSES and distinct * CLASS_REPEATS <= filled
         shown = ("; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
-                 + ("; ..." if len(groups) > 3 else "")) if distinct <= SHOWN_CLASSES else \
-            f"values not shown: the column has {distinct} distinct values"
+                 + ("; ..." if len(groups) > 3 else "")) if categorical else \
+            f"values not shown: the column has {distinct} distinct values in {filled} rows"
         log.warning("%s: label column %r writes %d value(s) in more than one way (%s): each spelling is a class "
                     "of its own; correct the data if they are one", dataset.source, column, len(groups), shown)
     if label_columns:
