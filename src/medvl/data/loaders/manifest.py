@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename")
 STEM_COLUMNS = ("id", "image_id", "patientid")  # only when there is no image column
 TEXT_COLUMNS = ("text", "report", "caption", "notes")
+MAX_CELL_CHARS = 131_072  # characters of any other cell (the csv module's default cap): no class name is longer
 ID_COLUMN = "id"
 SPLIT_COLUMN = "split"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "metadata.csv")
@@ -212,7 +213,7 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
     raw = path.read_bytes()
     text = raw.decode("utf-8-sig", errors="surrogateescape")
     # the csv module's own cap on a cell (128 KiB) guards nothing here, the file being in memory already; a long
-    # report is a valid cell (raised only, never lowered: other readers keep theirs)
+    # report is a valid cell (raised only, never lowered: other readers keep theirs). Other cells keep the cap below
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
@@ -237,6 +238,7 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
                                   f"({lines} line{'s' if lines != 1 else ''}) would be read into it") from None
         raise DataError(path, f"not a readable CSV file (line {reader.line_num}: {error})") \
             from None
+    _check_cell_lengths(path, header, rows)
     if any(_INVALID_UTF8.search(value) for _, row in rows for value in row.values()):
         _repair_text_cells(path, raw, header, rows, spans)
     named = [name for name in header if name]
@@ -244,6 +246,17 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
         log.warning("%s: ignoring %d column(s) with an empty header", path,
                     len(header) - len(named))
     return named, rows
+
+
+def _check_cell_lengths(path: Path, header: list[str], rows: list[Row]) -> None:
+    """A label, id, split or path cell over ``MAX_CELL_CHARS`` is a DataError: no class name or path is that long
+    (the free-text column may be: a long report)."""
+    text_column = _find_column(header, TEXT_COLUMNS)
+    for line, row in rows:
+        for column, value in row.items():
+            if len(value) > MAX_CELL_CHARS and column != text_column:
+                raise DataError(path, f"line {line}: column {column!r} holds a cell of {len(value):,} characters; "
+                                      f"only the text column may hold more than {MAX_CELL_CHARS:,}")
 
 
 def _check_header(path: Path, header: list[str]) -> None:
