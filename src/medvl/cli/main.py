@@ -185,7 +185,7 @@ def audit_command(
     against_split: Annotated[str, typer.Option(help="Split of --against to compare ('all': every record).")] = "all",
     near_distance: Annotated[int, typer.Option(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
-             "1-3 also find re-encoded or resized copies, and more unrelated look-alikes.")] = 0,
+             "1-3 also find re-encoded or resized copies (each match is confirmed on the pixels).")] = 0,
     workers: WorkersOption = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,

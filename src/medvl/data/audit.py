@@ -183,7 +183,8 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
     ``near_distance`` > 0 also links difference hashes that many bits apart (of 64) as near duplicates: a
     re-encoded, resized or re-windowed copy often moves a bit or two. Of the 18 images MedPix 2.0 (train and
     dev) and VQA-RAD's training questions share (by MedPix id), 0 pairs 6, 1 pairs 14 and 3 pairs 16, while
-    pairing 0, 2 and 7 other images of the two sets (look-alikes, or adjacent slices of one study)."""
+    pairing 0, 1 and 1 other images of the two sets (an adjacent slice of one study; the hash alone paired 0, 2 and
+    7: look-alikes, which the pixel check leaves out)."""
     from ..progress import progress_bar
 
     if label is not None and label not in dataset.label_names:
