@@ -5,6 +5,7 @@ Series are written here from known arrays (Image Position / Orientation (Patient
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -695,3 +696,23 @@ def test_cross_validation_folds_the_records_of_the_models_kind_from_a_folder_of_
     assert result["n"] == 6 and sorted(len(fold["test_ids"]) for fold in result["folds"]) == [3, 3]
     assert all(record.startswith("img-") for fold in result["folds"] for record in fold["test_ids"])
     assert "left out 4 3D volume(s), which a 2D model cannot take" in caplog.text
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    (["{0},test,a", "{1},all,b"], "1 of 2 rows have the split 'all' (first: line 3) beside other splits"),
+    (["{0},test,a", "{1},,b"], "line 3: empty 'split' cell"),
+])
+def test_a_labels_csv_split_follows_the_manifest_rules(tmp_path, rows, problem):
+    """'all' beside other splits, or an empty split cell, loaded as the split 'all' beside 'test': --split all then
+    took the test records in, and those records could never be selected alone. A manifest refuses the same table."""
+    from medvl.data.loaders import load_dataset
+
+    uids = two_images(tmp_path / "dcm")
+    (tmp_path / "dcm" / "labels.csv").write_text("SOPInstanceUID,split,finding\n"
+                                                 + "\n".join(row.format(*uids) for row in rows) + "\n")
+    with pytest.raises(DataError, match=re.escape(problem)):
+        load_dataset(tmp_path / "dcm")
+    (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,split,finding\n{uids[0]},all,a\n{uids[1]},,b\n")
+    assert load_dataset(tmp_path / "dcm").splits == ["all"]  # no row names another split
+    (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,split,finding\n{uids[0]},test,a\n")
+    assert load_dataset(tmp_path / "dcm").splits == ["test", "all"]  # a record without a row: unlabelled, in 'all'

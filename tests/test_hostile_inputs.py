@@ -154,7 +154,7 @@ MANIFEST_CASES = [
     Case("csv-non-utf8-label", _manifest("manifest.csv", b"image,finding\na.png,norm\xe9al\n"),
          r"not valid UTF-8 \(byte offset 24, line 2, column 'finding'\)"),
     Case("csv-huge-cell", _manifest("manifest.csv", "image,finding\na.png," + "x" * 300_000 + "\n"),
-         "not a readable CSV file"),
+         "line 2: column 'finding' holds a cell of 300,000 characters; only the text column may hold more than"),
     Case("csv-huge-path", _manifest("manifest.csv", "image\n" + "d/" * 3000 + "a.png\n"),
          "1 of 1 image files not found"),
     Case("csv-nul-in-path", _manifest("manifest.csv", "image\na\x00.png\n"), "not found"),

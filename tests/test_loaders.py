@@ -530,7 +530,7 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     (tmp_path / "images").mkdir()
     rows = ["image,finding,abnormal"]
     for i, (finding, abnormal) in enumerate([("nodule", "1"), ("Nodule", "1.0"), ("effusion", "1"), ("normal", "0"),
-                                            ("normal", "0.0"), ("Effusion ", "1")]):
+                                            ("normal", "0.0"), ("Effusion ", "1")] * 2):  # classes: values repeat
         Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
         rows.append(f"images/{i}.png,{finding},{abnormal}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -560,6 +560,22 @@ def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_pat
     assert "Smith" not in output and "smith" not in output
 
 
+def test_label_variants_of_a_column_of_mostly_distinct_values_are_counted_not_shown(tmp_path, caplog):
+    """A small table's free-text column (a history note on every row) is no set of classes, however few its values:
+    two notes differing in case were quoted in the warning."""
+    notes = ["Smoker with cough for 3 weeks", "smoker with cough for 3 weeks", "Jane Doe 45F chest pain"]
+    rows = ["image,text,history"]
+    for i, note in enumerate(notes):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,report {i},{note}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        load_dataset(tmp_path / "m.csv")
+    assert "label column 'history' writes 1 value(s) in more than one way (values not shown: the column has 3 " \
+        "distinct values in 3 rows)" in caplog.text
+    assert "cough" not in caplog.text and "Jane" not in caplog.text
+
+
 def test_an_npz_split_is_the_same_records_as_itself_for_the_leak_refusals(tiny_npz, tmp_path):
     """npz records hold arrays, so the file-path test behind "a probe fitted on its scored split is refused" found
     no shared image: the same file and split gave AUC 1.000 with only a copy flag. The same file and record id
@@ -577,3 +593,50 @@ def test_an_npz_split_is_the_same_records_as_itself_for_the_leak_refusals(tiny_n
     result, output = invoke("eval", "linear-probe", "--model", model, "--train-data", tiny_npz, "--train-split",
                             "train", "--test-data", tiny_npz, "--test-split", "train", "-q")
     assert result.exit_code == 2 and "holds" in output and "scored images" in output, output
+
+
+@pytest.fixture()
+def small_phantom_folder(tmp_path) -> Path:
+    from medvl.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ph", n=8, seed=0, size=32)
+    return tmp_path / "ph"
+
+
+def test_a_dataset_json_path_loads_its_folder(small_phantom_folder):
+    """Every .json went to the VQA loader, so the sidecar itself failed as 'a non-empty JSON array of questions'."""
+    folder = small_phantom_folder
+    assert [r.id for r in load_dataset(folder / "dataset.json")] == [r.id for r in load_dataset(folder)]
+    result, output = invoke("audit", "--data", folder / "dataset.json", "--show", 0, "-q")
+    assert result.exit_code == 0, output
+
+
+def test_label_columns_named_twice_are_refused_where_they_are_given(small_phantom_folder):
+    """Repeated label columns passed the API and the sidecar; training then blamed 'label column(s) given more
+    than once' without saying they came from dataset.json."""
+    with pytest.raises(InputError, match="label column\\(s\\) finding given more than once"):
+        load_dataset(small_phantom_folder, label_columns=["finding", "finding"])
+    sidecar = small_phantom_folder / "dataset.json"
+    settings = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**settings, "label_columns": ["finding", "finding"]}))
+    with pytest.raises(DataError, match="dataset.json: 'label_columns' names finding more than once"):
+        load_dataset(small_phantom_folder)
+
+
+def test_label_columns_given_as_a_string_is_refused_not_split_into_letters(small_phantom_folder):
+    """list('finding') made the columns f, i, n, ... : 'unknown label column 'f'', a column the user never named."""
+    from medvl.api import load_split
+
+    for load in (load_dataset, load_split):
+        with pytest.raises(InputError, match="label_columns must be a list of column names, got a str"):
+            load(small_phantom_folder, label_columns="finding")
+
+
+def test_a_report_over_128_kib_is_a_readable_csv_cell(tmp_path):
+    """The csv module's default cap on a cell made a valid CSV with a long report 'not a readable CSV file (field
+    larger than field limit (131072))'."""
+    Image.fromarray(np.zeros((8, 8), np.uint8) + 100).save(tmp_path / "a.png")
+    report = "no acute findings. " * 8000  # 152,000 characters
+    (tmp_path / "long.csv").write_text(f'image,text\na.png,"{report}"\n')
+    [record] = load_dataset(tmp_path / "long.csv")
+    assert record.text == report.strip()

@@ -477,3 +477,22 @@ def test_classes_are_learnable_from_pixels_but_not_from_mean_intensity():
     assert recall["cardiomegaly"] > 0.8, recall
     for name in ("pleural_effusion", "consolidation", "pneumothorax"):
         assert recall[name] > 0.4, recall
+
+
+@pytest.mark.parametrize(("splits", "message"), [
+    ({"train": float("nan")}, "split fractions must be finite numbers >= 0"),
+    ({"train": float("inf"), "test": 0.0}, "split fractions must be finite numbers >= 0"),
+    ({"train": 0.9, "all": 0.1}, "split name 'all' is reserved for every record"),
+    ({"train": 0.5, "": 0.5}, "split name '' must be a non-empty string"),
+    ({" train ": 0.5, "train": 0.5}, "split name ' train ' must be a non-empty string without surrounding spaces"),
+])
+def test_split_fractions_and_names_the_loader_would_refuse_are_refused_before_writing(tmp_path, splits, message):
+    """A NaN fraction passed both checks (a numpy traceback followed), and split names the manifest loader refuses
+    ('all' beside others, empty) or merges (' train ' and 'train') were written into an unloadable manifest."""
+    from medvl.data import load_dataset
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        generate_phantom(tmp_path / "out", n=20, size=32, splits=splits)
+    assert not (tmp_path / "out").exists()
+    generate_phantom(tmp_path / "every", n=4, size=32, splits={"all": 1.0})  # 'all' alone: one split, as loaded
+    assert load_dataset(tmp_path / "every").splits == ["all"]

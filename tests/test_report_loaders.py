@@ -227,7 +227,8 @@ def test_figure1_notes_finding_and_meta(shared_data):
         "view": "AP erect", "modality": "X-ray", "age": "33", "sex": "M"}
     assert "notes" not in record.meta and record.image.is_file()
     assert by_id["COVID-00022"].text is None  # an empty notes cell: kept, no text (6 rows)
-    assert sum(r.text is None for r in dataset) == 6
+    assert by_id["COVID-00005"].text is None  # the note 'N/A' is no text either (it was read as a report)
+    assert sum(r.text is None for r in dataset) == 7
     assert all(r.image.is_file() for r in dataset)
     labelled = load_dataset(shared_data / "figure1-covid-cxr", label_columns=dataset.default_labels)
     assert len(labelled) == 40

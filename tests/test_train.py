@@ -677,3 +677,47 @@ def test_a_label_of_one_class_beside_another_caption_column_is_warned(small_phan
     text = " ".join(caplog.text.split())
     assert f"label 'finding' has one class in the {len(dataset)} training records: every caption names it" in text
     assert "label 'sex'" not in text
+
+
+def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_classes(small_phantom, tmp_path,
+                                                                                      caplog):
+    """YAML 1.1 made booleans of `yes`/`no` (stored as 'True'/'False'), None of `null`, and one key of `1` and `1.0`:
+    a yes/no label column trained on the bare words without a warning. The keys are kept as written, a repeated
+    key is refused, and training warns (as zero-shot does) when the captions leave its classes undescribed."""
+    import csv as csv_module
+
+    from medvl.data.captions import load_captions
+
+    captions = tmp_path / "captions.yaml"
+    captions.write_text('templates: ["a chest x-ray with {}."]\nclasses:\n  effusion:\n'
+                        '    yes: ["a pleural effusion"]\n    no: ["no pleural effusion"]\n'
+                        '  grade:\n    1: mild\n    1.0: grade one\n    null: none\n')
+    config = load_captions(captions)
+    assert config.classes == {"effusion": {"yes": ["a pleural effusion"], "no": ["no pleural effusion"]},
+                              "grade": {"1": ["mild"], "1.0": ["grade one"], "null": ["none"]}}
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text('classes:\n  effusion:\n    yes: a\n    "yes": b\n')
+    with pytest.raises(DataError, match=r"repeated.yaml: key 'yes' is given twice \(line 4\)"):
+        load_captions(repeated)
+    rows = list(csv_module.DictReader((small_phantom / "manifest.csv").open()))
+    table = tmp_path / "yes_no.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv_module.writer(handle)
+        writer.writerow(["image", "split", "effusion"])
+        writer.writerows([str(small_phantom / row["image"]), row["split"],
+                          "yes" if "1" in (row["effusion_left"], row["effusion_right"]) else "no"] for row in rows)
+    result, output = invoke("train", "--data", table, "--out", tmp_path / "run", "--model", "phantom-tiny",
+                            "--epochs", 1, "--batch-size", 16, "--set", "image.image_size=48", "-l", "effusion",
+                            "--captions", captions, "--allow-outside-root", "-q")
+    assert result.exit_code == 0, output
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["captions"]["classes"]["effusion"] == {"yes": ["a pleural effusion"], "no": ["no pleural effusion"]}
+    assert "describe" not in caplog.text
+    other = tmp_path / "other.yaml"
+    other.write_text('classes:\n  effusion:\n    present: ["a pleural effusion"]\n')
+    result, output = invoke("train", "--data", table, "--out", tmp_path / "run2", "--model", "phantom-tiny",
+                            "--epochs", 1, "--batch-size", 16, "--set", "image.image_size=48", "-l", "effusion",
+                            "--captions", other, "--allow-outside-root", "-q")
+    assert result.exit_code == 0, output
+    assert ("the captions describe 2 of the 2 classes of label column 'effusion' not at all: their training "
+            "captions are the bare class names") in " ".join((output + caplog.text).split())

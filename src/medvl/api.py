@@ -16,6 +16,7 @@ import numpy as np
 
 from .checks import check_number
 from .data import CaptionConfig, Dataset, captions_for, load_dataset
+from .data.record import ALL_SPLITS
 from .errors import InputError
 from .eval.contamination import copies_in_fit, scored_records, trained_on_scored
 from .models.dual import DualEncoder
@@ -30,8 +31,7 @@ def load_split(path: PathLike, split: str | None = None, label_columns: Sequence
     ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split.
     ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
     folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
-    dataset = load_dataset(path, label_columns=list(label_columns) if label_columns else None,
-                           allow_outside_root=allow_outside_root)
+    dataset = load_dataset(path, label_columns=label_columns or None, allow_outside_root=allow_outside_root)
     if split is None:
         if "train" not in dataset.splits and dataset.splits not in ([], ["all"]):
             raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "
@@ -55,6 +55,8 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
     from .data.audit import audit_dataset
 
     check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
+    if against is None and against_split != ALL_SPLITS:
+        raise InputError(f"against-split {against_split!r} needs against: the dataset whose split to compare with")
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
     result = audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress, against=other,

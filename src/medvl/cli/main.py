@@ -185,7 +185,7 @@ def audit_command(
     against_split: Annotated[str, typer.Option(help="Split of --against to compare ('all': every record).")] = "all",
     near_distance: Annotated[int, typer.Option(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
-             "1-3 also find re-encoded or resized copies, and more unrelated look-alikes.")] = 0,
+             "1-3 also find re-encoded or resized copies (each match is confirmed on the pixels).")] = 0,
     workers: WorkersOption = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,
@@ -204,7 +204,7 @@ def audit_command(
     result = audit_from_path(data, split, label=label_column, workers=workers,
                              allow_outside_root=allow_outside_root, show_progress=not quiet, against=against,
                              against_split=against_split, near_distance=near_distance)
-    print_metrics(f"Image audit of {data} ({split}: {result['n']} images)", {
+    print_metrics(f"Image audit of {data} ({split}: {result['n']} records, {result['files']} images)", {
         "flagged images": result["flagged"], **{flag.replace("_", " "): n for flag, n in result["counts"].items()},
         "duplicate groups": len(result["duplicate_groups"]), "groups across splits (leaks)": len(result["leaks"]),
         "seconds": result["seconds"]})
@@ -214,6 +214,8 @@ def audit_command(
     for record in result["records"][:show]:
         reasons = "; ".join(f"{flag}: {record['detail'][flag]}" for flag in record["flags"])
         console.print(f"{record['id']} ({record['split']}): {reasons}")
+    for group in [g for g in result["leaks"] if g["kind"] == "file"][:show]:  # no record flag names these
+        console.print(f"one file used in {', '.join(group['splits'])}: {', '.join(group['ids'])}")
     if "against" in result:
         overlap = result["against"]
         kinds = Counter(group["kind"] for group in overlap["overlap_groups"])

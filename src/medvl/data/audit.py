@@ -16,9 +16,12 @@ whole array for the content checks, no axis check):
   pixels stretched over the image;
 - ``duplicate``: the same decoded pixels as another record (SHA-256 of the array); ``near_duplicate``:
   the same 64-bit difference hash (a 9x8 grayscale thumbnail's horizontal gradient signs) without being
-  identical, i.e. a re-encoding or resize of the same picture (blank and streaked images are left out of
-  near-duplicate groups: their hashes carry too few bits). A group that spans splits is a leak, and so
-  is one file used by records of several splits (kind ``file``). Records sharing a file are not duplicates.
+  identical, confirmed on the pixels: 95 % of the pixels of the two images' 32x32 grayscale thumbnails differ
+  by under ``NEAR_LEVELS`` grey levels, i.e. a re-encoding or resize of the same picture (blank and
+  streaked images are left out of near-duplicate groups: their hashes carry too few bits). The hash alone
+  is not enough: radiographs of one kind share its gradient layout, and it pairs different patients. A group
+  that spans splits is a leak, and so is one file used by records of several splits (kind ``file``). Records
+  sharing a file are not duplicates.
 
 Nothing here reads text or logs pixels; ids and file names are reported, as every other command does.
 """
@@ -52,16 +55,25 @@ STREAK_RATIO = 0.25  # along-axis / across-axis neighbour difference below which
 STREAK_NOISE = 0.5  # grey levels: rows differing by less on average repeat up to compression noise ...
 STREAK_NOISE_RATIO = 0.5  # ... when the other axis varies at least twice as much. The 109 smeared ISIC files
 # reach 0.40 grey levels; among the shared images with a ratio under 0.6 and not smeared the least is 0.66
+NEAR_LEVELS = 12.0  # grey levels (of 255): 95th percentile of the absolute difference of two 32x32 thumbnails under
+# which a hash match is a copy. Copies (resized to 0.8 and JPEG 75, or JPEG 50) of 128 px phantom and of MedPix
+# images reach 9, the same image in MedPix and VQA-RAD 3; pairs of one hash and different patients reach down to 20
+# on a 2,400-case 128 px phantom, 23 on a 1,000-case 64 px one and 35 on the shared PneumoniaMNIST (their mean
+# differences reach down to 5.7: the mean alone does not part them). A copy of an image under about 100 px resized
+# by another 10-20 % can differ by more (up to 17 on the 64 px phantom) and is then not found
+THUMBNAIL = 32  # side of the thumbnail the near-duplicate pixel check compares
 BATCH = 32  # images per worker task
 
 
 def image_checks(array: np.ndarray) -> dict[str, Any]:
     """The content checks of one decoded image: ``flags`` (subset of ``blank``, ``streaked``),
-    ``detail`` (a short reason per flag), ``sha256`` of the pixels and ``dhash`` (16 hex digits)."""
+    ``detail`` (a short reason per flag), ``sha256`` of the pixels, ``dhash`` (16 hex digits) and ``thumbnail``
+    (``thumbnail``'s 32x32 grey levels, for the near-duplicate pixel check)."""
     gray = _gray(array)
-    detail = content_checks(gray, eight_bit=array.dtype == np.uint8)
+    eight_bit = array.dtype == np.uint8
+    detail = content_checks(gray, eight_bit=eight_bit)
     return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(canonical_bytes(array)).hexdigest(),
-            "dhash": difference_hash(gray)}
+            "dhash": difference_hash(gray), "thumbnail": thumbnail(gray, eight_bit=eight_bit)}
 
 
 def input_flags(pixels: np.ndarray) -> dict[str, str]:
@@ -127,15 +139,33 @@ def difference_hash(gray: np.ndarray) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
+def thumbnail(gray: np.ndarray, eight_bit: bool) -> np.ndarray:
+    """A grayscale image (a volume: its mean slice) as a 32x32 area-averaged thumbnail of uint8 grey levels (on
+    the 0-255 scale of 8-bit images, else of the image's own range)."""
+    from PIL import Image
+
+    plane = gray.reshape(-1, *gray.shape[-2:]).mean(axis=0) if gray.ndim > 2 else gray
+    levels = _grey_levels(plane, eight_bit=eight_bit).astype(np.float32)
+    small = Image.fromarray(levels, mode="F").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    return np.clip(np.rint(np.asarray(small)), 0, 255).astype(np.uint8)
+
+
+def same_picture(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether 95 % of the pixels of two ``thumbnail``s differ by under ``NEAR_LEVELS`` grey levels."""
+    difference = np.abs(first.astype(np.float32) - second.astype(np.float32))
+    return float(np.percentile(difference, 95)) < NEAR_LEVELS
+
+
 AGAINST = "against:"  # prefix of the ids and splits of the records of ``audit_dataset``'s ``against`` data
 
 
 def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | None = None,
                   show_progress: bool = True, against: Dataset | None = None,
                   near_distance: int = 0) -> dict[str, Any]:
-    """Check every record's first image (see the module doc). Each distinct file is read once; records
-    that share a file (the questions of one VQA image) share its flags and are not duplicates of each
-    other. Returns ``n`` (records), ``files`` (distinct images), ``flagged`` (records with any flag),
+    """Check every image of every record (see the module doc; a record with several images, such as a VQA
+    question on two films, gets the flags of all of them). Each distinct file is read once; records that share
+    a file (the questions of one VQA image) share its flags and are not duplicates of each other. Returns ``n``
+    (records), ``files`` (distinct images), ``flagged`` (records with any flag),
     ``counts`` (records per flag), ``by_class`` (with ``label``: per class, its records and its records
     with a content flag), ``records`` (one dict per flagged record: ``id``, ``split``, ``flags``,
     ``detail``, the label value), ``duplicate_groups`` (``kind`` exact, near, or ``file`` for one file
@@ -153,7 +183,8 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
     ``near_distance`` > 0 also links difference hashes that many bits apart (of 64) as near duplicates: a
     re-encoded, resized or re-windowed copy often moves a bit or two. Of the 18 images MedPix 2.0 (train and
     dev) and VQA-RAD's training questions share (by MedPix id), 0 pairs 6, 1 pairs 14 and 3 pairs 16, while
-    pairing 0, 2 and 7 other images of the two sets (look-alikes, or adjacent slices of one study)."""
+    pairing 0, 1 and 1 other images of the two sets (an adjacent slice of one study; the hash alone paired 0, 2 and
+    7: look-alikes, which the pixel check leaves out)."""
     from ..progress import progress_bar
 
     if label is not None and label not in dataset.label_names:
@@ -170,9 +201,15 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
         if not others:
             raise InputError(f"{against.source}: no record has an image to compare against")
     files: dict[Any, list] = {}  # one entry per distinct image, with the records that use it
+    sources: list[ImageSource] = []  # the image of each entry
     for record in records + others:
-        files.setdefault(_file_key(record.image), []).append(record)
-    sources = [users[0].image for users in files.values()]
+        for image in record.images:  # every film of a multi-image record (a VQA question on two films)
+            users = files.get(_file_key(image))
+            if users is None:
+                users = files[_file_key(image)] = []
+                sources.append(image)
+            if not any(user is record for user in users):
+                users.append(record)
     checks: list[dict[str, Any]] = []
     with progress_bar("Auditing images", total=len(sources), enabled=show_progress) as advance:
         for checked in map_ahead(_check_batch, batched(sources, BATCH), resolve_workers(workers, len(sources))):
@@ -190,16 +227,13 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
     if against is not None:
         cross = [g for g in _file_groups(checks, near_distance)
                  if {s.startswith(AGAINST) for s in g["splits"]} == {True, False}]
+    check_of = dict(zip(files, checks, strict=True))
     results = []
-    for check, users in zip(checks, files.values(), strict=True):
-        for record in users:
-            if str(record.split).startswith(AGAINST):
-                continue
-            result = {"id": record.id, "split": record.split, "flags": list(check["flags"]),
-                      "detail": dict(check["detail"])}
-            if label is not None:
-                result["label"] = record.labels.get(label)
-            results.append(result)
+    for record in records:
+        result = _record_result(record, [check_of[_file_key(image)] for image in record.images])
+        if label is not None:
+            result["label"] = record.labels.get(label)
+        results.append(result)
     summary = [r for r in results if r["flags"]]
     counts = Counter(flag for r in results for flag in r["flags"])
     by_class: dict[str, dict[str, int]] = {}
@@ -222,9 +256,26 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
             "label": label, "records": summary, "duplicate_groups": groups,
             "leaks": [g for g in groups if g["leak"]],
             "thresholds": {"blank_levels": BLANK_LEVELS, "streak_ratio": STREAK_RATIO, "streak_noise": STREAK_NOISE,
-                           "streak_noise_ratio": STREAK_NOISE_RATIO, "near_distance": near_distance},
+                           "streak_noise_ratio": STREAK_NOISE_RATIO, "near_levels": NEAR_LEVELS,
+                           "near_distance": near_distance},
             "source": str(dataset.source), **({"against": overlap} if overlap is not None else {}),
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _record_result(record: Any, checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A record's audit entry: the flags of all its images; a detail from an image other than the first is
+    prefixed with that image's place (``image 2: ...``)."""
+    flags: list[str] = []
+    detail: dict[str, str] = {}
+    for place, check in enumerate(checks, start=1):
+        for flag in check["flags"]:
+            reason = check["detail"][flag] if place == 1 else f"image {place}: {check['detail'][flag]}"
+            if flag not in flags:
+                flags.append(flag)
+                detail[flag] = reason
+            elif reason not in detail[flag]:
+                detail[flag] += f"; {reason}"
+    return {"id": record.id, "split": record.split, "flags": flags, "detail": detail}
 
 
 def flagged_ids(audit: dict[str, Any], flags: Sequence[str] = CONTENT_FLAGS) -> set[str]:
@@ -241,7 +292,8 @@ def _check_batch(_context: Any, images: Sequence[ImageSource]) -> list[dict[str,
         try:
             out.append(image_checks(read_image(image) if not isinstance(image, np.ndarray) else image))
         except DataError as err:
-            out.append({"flags": ["unreadable"], "detail": {"unreadable": str(err)}, "sha256": None, "dhash": None})
+            out.append({"flags": ["unreadable"], "detail": {"unreadable": str(err)}, "sha256": None, "dhash": None,
+                        "thumbnail": None})
     return out
 
 
@@ -252,10 +304,11 @@ def _file_groups(checks: list[dict[str, Any]], near_distance: int) -> list[dict[
 
 
 def _duplicate_groups(checks: list[dict[str, Any]], near_distance: int = 0) -> list[dict[str, Any]]:
-    """Groups of files with identical pixels, then groups with one difference hash but different pixels
-    (``near_distance`` > 0: pairs of files whose hashes are at most that many bits apart, each pair its own
-    group: look-alikes would chain into one group otherwise); each file carries ``ids`` and ``splits`` of the
-    records using it."""
+    """Groups of files with identical pixels, then groups with one difference hash but different pixels whose
+    thumbnails are the same picture (``same_picture``; files of one hash linked through such pairs form a group)
+    (``near_distance`` > 0: pairs of files whose hashes are at most that many bits apart and the same picture,
+    each pair its own group: look-alikes would chain into one group otherwise); each file carries ``ids`` and
+    ``splits`` of the records using it."""
     groups = []
     for kind, key in (("exact", "sha256"), ("near", "dhash")):
         members: dict[Any, list[dict[str, Any]]] = defaultdict(list)  # a key -> its files
@@ -264,7 +317,15 @@ def _duplicate_groups(checks: list[dict[str, Any]], near_distance: int = 0) -> l
                     if c[key] is not None and (kind == "exact" or not set(c["flags"]) & set(CONTENT_FLAGS))]
         if kind == "near" and near_distance > 0:
             for pair in _close_pairs([int(c[key], 16) for c in eligible], near_distance):
-                members[pair] = [eligible[i] for i in pair]
+                if same_picture(eligible[pair[0]]["thumbnail"], eligible[pair[1]]["thumbnail"]):
+                    members[pair] = [eligible[i] for i in pair]
+        elif kind == "near":
+            by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for c in eligible:
+                by_hash[c[key]].append(c)
+            for value, same_hash in by_hash.items():
+                for number, linked in enumerate(_same_pictures(same_hash)):
+                    members[(value, number)] = linked
         else:
             for c in eligible:
                 members[c[key]].append(c)
@@ -277,13 +338,33 @@ def _duplicate_groups(checks: list[dict[str, Any]], near_distance: int = 0) -> l
                     c["flags"].append(flag)
                 others = [i for o in same if o is not c for i in o["ids"]]
                 listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-                how = ("same pixels" if kind == "exact" else "same difference hash" if not near_distance
-                       else f"difference hash within {near_distance} bits")
+                how = ("same pixels" if kind == "exact" else "same difference hash and thumbnail" if not near_distance
+                       else f"difference hash within {near_distance} bits and same thumbnail")
                 c["detail"][flag] = f"{how} as {listed}"
             splits = sorted({split for c in same for split in c["splits"]})
             groups.append({"kind": kind, "ids": [i for c in same for i in c["ids"]], "splits": splits,
                            "leak": len(splits) > 1})
     return groups
+
+
+def _same_pictures(checks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The files of one difference hash in groups linked by ``same_picture`` pairs (groups of one left out)."""
+    parent = list(range(len(checks)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(checks)):
+        for j in range(i + 1, len(checks)):
+            if root(i) != root(j) and same_picture(checks[i]["thumbnail"], checks[j]["thumbnail"]):
+                parent[root(j)] = root(i)
+    linked: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for i, check in enumerate(checks):
+        linked[root(i)].append(check)
+    return [group for group in linked.values() if len(group) > 1]
 
 
 _BITS = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)  # set bits of each byte

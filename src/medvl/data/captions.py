@@ -8,7 +8,9 @@ A caption config is a dict (from YAML/JSON)::
         cardiomegaly: ["cardiomegaly", "an enlarged cardiac silhouette"]
         no_finding: ["no acute abnormality"]
 
-A class without descriptions is described by its own name with underscores as spaces.
+A class without descriptions is described by its own name with underscores as spaces. YAML keys are read
+as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names (YAML 1.1 would
+make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is refused.
 """
 
 from __future__ import annotations
@@ -68,13 +70,14 @@ class CaptionConfig:
         if self.classes and column not in self.classes:
             raise InputError(f"unknown label column {column!r}; the captions describe {', '.join(self.classes)}")
 
-    def warn_undescribed(self, column: str, class_names: Sequence[str]) -> list[str]:
+    def warn_undescribed(self, column: str, class_names: Sequence[str], what: str = "prompts") -> list[str]:
         """The ``class_names`` whose prompts get no description from these captions (every one when ``column``
         is "": no label column describes them all), when the captions describe any class at all (plain
         templates describe none, by design), with one warning counting them (``undescribed_warning``): their
-        prompts are the bare class names, which a model trained on these captions may never have read."""
+        prompts are the bare class names, which a model trained on these captions may never have read.
+        ``what``: the texts the warning names (training passes "training captions")."""
         bare = self._undescribed(column, class_names)
-        warning = self._warning(column, class_names, bare)
+        warning = self._warning(column, class_names, bare, what)
         if warning:
             hint = "a caption file with their descriptions: --captions" if column else "--label-column picks a column"
             log.warning("%s (%s)", warning, hint)
@@ -85,10 +88,11 @@ class CaptionConfig:
         service's answers carry it), or None when every class is described."""
         return self._warning(column, class_names, self._undescribed(column, class_names))
 
-    def _warning(self, column: str, class_names: Sequence[str], bare: list[str]) -> str | None:
+    def _warning(self, column: str, class_names: Sequence[str], bare: list[str],
+                 what: str = "prompts") -> str | None:
         if bare and column:
             return (f"the captions describe {len(bare)} of the {len(class_names)} classes of label column "
-                    f"{column!r} not at all: their prompts are the bare class names in the templates")
+                    f"{column!r} not at all: their {what} are the bare class names in the templates")
         if bare:
             nowhere = sum(not any(name in described for described in self.classes.values()) for name in class_names)
             return (f"no label column of the captions describes all {len(class_names)} classes asked for "
@@ -119,8 +123,26 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _yaml_loader(path: Path) -> type:
+    """A safe YAML loader whose mapping keys are strings as written (see the module doc), refusing a repeated key."""
+    import yaml
+
+    class KeysAsWritten(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            mapping: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else self.construct_object(key_node)
+                if key in mapping:
+                    raise DataError(path, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+                mapping[key] = self.construct_object(value_node, deep=deep)
+            return mapping
+
+    KeysAsWritten.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, KeysAsWritten.construct_mapping)
+    return KeysAsWritten
+
+
 def load_captions(path: str | Path) -> CaptionConfig:
-    """Read a caption config from a .json, .yaml or .yml file."""
+    """Read a caption config from a .json, .yaml or .yml file (YAML keys as written: see the module doc)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "caption config not found")
@@ -132,9 +154,11 @@ def load_captions(path: str | Path) -> CaptionConfig:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader(path))  # a SafeLoader subclass
         else:
             data = json.loads(text)
+    except DataError:
+        raise
     except Exception as err:  # yaml and json raise different types
         raise DataError(path, f"cannot parse caption config: {err.__class__.__name__}") from None
     if not isinstance(data, dict):

@@ -285,6 +285,9 @@ class _PairedTexts:
         """``source``: the resolved text source (``text_source_for``); None resolves it here."""
         self.records, self.config, self.captions = dataset.records, config, captions
         self.source = source or text_source_for(dataset, config)
+        if self.source in ("captions", "both") and config.contrastive_weight > 0:
+            for column in config.label_columns:  # bare label words as captions: a caption file with other names
+                captions.warn_undescribed(column, dataset.classes(column), what="training captions")
         if config.meta_text and not any(r.meta.get(config.meta_text) for r in dataset.records):
             fields = sorted({key for r in dataset.records for key, value in r.meta.items() if isinstance(value, str)})
             raise InputError(f"{dataset.source}: no record has a {config.meta_text!r} text (meta_text); "

@@ -19,11 +19,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...errors import DataError
+from ...errors import DataError, InputError
 from ..record import Dataset
 from .dicom import has_dicom_files, load_dicom_folder
 from .iu_xray import find_report_archive, is_report_archive, load_iu_xray
-from .manifest import MANIFEST_SUFFIXES, find_manifest, load_manifest
+from .manifest import MANIFEST_SUFFIXES, SIDECAR_NAME, find_manifest, load_manifest
 from .medpix import DESCRIPTIONS_GLOB, is_medpix_folder, load_medpix
 from .npz import MAX_NPZ_BYTES, load_npz
 from .vqa import load_vqa, load_vqa_dataset, vqa_files
@@ -76,13 +76,17 @@ def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
         return load_npz(path, max_bytes=max_npz_bytes)
     if is_report_archive(path):
         return load_iu_xray(path)
+    if path.name == SIDECAR_NAME:  # the file that makes its folder a manifest dataset, not a VQA question file
+        return _load_folder(path.parent, allow_outside_root, max_npz_bytes)
     if suffix == ".json":
         return load_vqa_dataset(path, allow_outside_root=allow_outside_root)
     raise DataError(path, f"unrecognised dataset file {suffix or '(no suffix)'!r}; "
                           f"supported: {SUPPORTED_KINDS}")
 
 
-SHOWN_CLASSES = 50  # a label column of at most this many distinct values is a set of classes, named in warnings
+SHOWN_CLASSES = 50  # a label column of at most this many distinct values is a set of classes, named in warnings ...
+CLASS_REPEATS = 2  # ... when its rows hold each value this many times on average: a column whose values are mostly
+# distinct (a pilot table's history or indication notes) is free text, whatever its size: counts only
 
 
 def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
@@ -112,21 +116,32 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
                  allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES) -> Dataset:
     """Load the dataset at ``path`` (see ``SUPPORTED_KINDS``).
 
-    With ``label_columns``, keep only those label columns and drop records where any of them is
+    ``path`` may name a folder's ``dataset.json`` (the folder is loaded). With ``label_columns`` (a list of
+    names, each once), keep only those label columns and drop records where any of them is
     empty (the count is logged); an unknown column is an ``InputError`` naming the source and the
     available columns. Files named by the dataset that resolve outside its folder are a
     ``DataError`` (with their count) unless ``allow_outside_root`` (``--allow-outside-root``).
     ``max_npz_bytes`` caps the array bytes an ``.npz`` may declare (see ``medvl.data.loaders.npz``).
     """
+    if isinstance(label_columns, str | bytes):  # list() would split it into letters: columns never named
+        raise InputError(f"label_columns must be a list of column names, got a {type(label_columns).__name__} "
+                         f"({label_columns!r}); pass [{label_columns!r}]")
+    columns = list(label_columns or [])
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
     dataset = _load(Path(path), allow_outside_root, max_npz_bytes)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     for column, groups in label_variants(dataset).items():
+        filled = sum(column in r.labels for r in dataset.records)
         distinct = len({str(r.labels[column]) for r in dataset.records if column in r.labels})
-        # class names are shown; a column of many distinct values may hold names or notes (patient data): counts only
+        # class names are shown; a column of many, or mostly distinct, values may hold names or notes (patient data):
+        # counts only
+        categorical = distinct <= SHOWN_CLASSES and distinct * CLASS_REPEATS <= filled
         shown = ("; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
-                 + ("; ..." if len(groups) > 3 else "")) if distinct <= SHOWN_CLASSES else \
-            f"values not shown: the column has {distinct} distinct values"
+                 + ("; ..." if len(groups) > 3 else "")) if categorical else \
+            f"values not shown: the column has {distinct} distinct values in {filled} rows"
         log.warning("%s: label column %r writes %d value(s) in more than one way (%s): each spelling is a class "
                     "of its own; correct the data if they are one", dataset.source, column, len(groups), shown)
     if label_columns:

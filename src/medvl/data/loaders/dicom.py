@@ -47,7 +47,8 @@ request identifier (``medvl.clinical.profile.DICOGNITO_IDS``: ``PatientID``, ``A
 or an institution (``InstitutionName``...) (``identifier_columns``). A label, split or text cell
 holding one of its record's own UIDs is a ``DataError`` naming the line and column. The
 sidecar's UIDs must be those in the files (after de-identification: the new ones). Records without
-a row keep no labels and split ``all``. The file is read as strictly as a CSV manifest
+a row keep no labels and split ``all``; a row's split cell may be empty, or ``all``, only when no row names
+another split (as in a manifest). The file is read as strictly as a CSV manifest
 (``manifest.read_csv_table``): a row of more or fewer cells than the header, a quoted cell never closed, a
 column named twice or bytes that are not UTF-8 are a ``DataError`` naming the file and the line.
 """
@@ -66,7 +67,7 @@ import numpy as np
 
 from ...clinical.formats import uid_hash
 from ...errors import DataError
-from ..record import Dataset, Record
+from ..record import ALL_SPLITS, Dataset, Record
 from .manifest import read_csv_table
 from .roots import OPT_IN, outside_root
 
@@ -305,6 +306,7 @@ class _Labels:
     rows: dict[str, dict[str, str]]  # key value -> column -> value (non-empty cells of label, split, text columns)
     lines: dict[str, int]  # key value -> its line in the file
     path: Path
+    split_column: str | None = None  # the split column's name as written, if the file has one
 
 
 @lru_cache(maxsize=1)
@@ -359,7 +361,8 @@ def _read_labels(path: Path) -> _Labels:
         rows[value] = {name: cells[name] for name in kept if cells.get(name)}
         lines[value] = line
     columns = [name for name in kept if name.lower() not in (SPLIT_COLUMN, *TEXT_COLUMNS)]
-    return _Labels(key, columns, rows, lines, path)
+    split_column = next((name for name in kept if name.lower() == SPLIT_COLUMN), None)
+    return _Labels(key, columns, rows, lines, path, split_column)
 
 
 def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels) -> None:
@@ -383,10 +386,32 @@ def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels)
                 record.text = cell
             else:
                 record.labels[name] = cell
+    _check_splits(records, labels, used)
     unmatched = len(labels.rows) - len(used)
     if unmatched:
         log.warning("%s: %d of %d rows match no record (after de-identification, key the rows by the new "
                     "UIDs or by record id)", labels.path, unmatched, len(labels.rows))
+
+
+def _check_splits(records: list[tuple[Record, dict[str, str]]], labels: _Labels, used: set[str]) -> None:
+    """The rules of a manifest's split column (``manifest._check_reserved_split``) for the rows of a split column
+    where some rows name other splits: an empty split cell, or the split ``all`` (the reserved name for every
+    record), is a ``DataError``: those records could not be selected alone, and ``--split all`` would take the
+    other splits in too. (Records without a row are unlabelled and stay in ``all``, as documented.)"""
+    if labels.split_column is None:
+        return
+    rows = sorted(used, key=labels.lines.__getitem__)
+    if all(labels.rows[value].get(labels.split_column, ALL_SPLITS) == ALL_SPLITS for value in rows):
+        return
+    for value in rows:
+        if labels.split_column not in labels.rows[value]:
+            raise DataError(labels.path, f"line {labels.lines[value]}: empty {labels.split_column!r} cell")
+    reserved = [labels.lines[value] for value in rows if labels.rows[value][labels.split_column] == ALL_SPLITS]
+    if reserved:
+        raise DataError(labels.path, f"{len(reserved)} of {len(rows)} rows have the split {ALL_SPLITS!r} (first: "
+                                     f"line {reserved[0]}) beside other splits; {ALL_SPLITS!r} is the reserved name "
+                                     "for every record (--split all), so they could not be selected alone: rename "
+                                     "their split")
 
 
 # ----------------------------------------------------------------------------------- loader

@@ -28,8 +28,8 @@ warning. Invalid bytes anywhere else are a ``DataError`` with the byte offset.
 
 Known tables: a published table recognised by its header (``KNOWN_TABLES``) brings its own
 defaults. The Figure 1 COVID-19 chest X-ray table (``patientid``, ``finding``, ``view``,
-``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty, their
-records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
+``modality``, ``notes``...): text = ``notes`` (clinical history; 6 of 55 rows are empty and 1 says
+``N/A``: their records have no text and the count is logged), default label column ``finding`` (``COVID-19``,
 ``No finding``, ``Pneumonia``; empty in 15 rows), meta = every other non-empty cell (``view``,
 ``modality``, ``age``, ``sex``, ``offset``...). A row whose image file is missing is skipped and
 counted in a warning rather than failing the load (unless no row is left).
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename")
 STEM_COLUMNS = ("id", "image_id", "patientid")  # only when there is no image column
 TEXT_COLUMNS = ("text", "report", "caption", "notes")
+MAX_CELL_CHARS = 131_072  # characters of any other cell (the csv module's default cap): no class name is longer
 ID_COLUMN = "id"
 SPLIT_COLUMN = "split"
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "metadata.csv")
@@ -89,11 +90,12 @@ class KnownTable:
     signature: frozenset[str]  # lower-case column names that must all be present
     default_labels: tuple[str, ...]  # used when no dataset.json names label columns
     skip_missing_images: bool = False  # a row with a missing image file is skipped and counted, not an error
+    no_text: frozenset[str] = frozenset()  # text cells that say there is no text (Figure 1's 'N/A' note)
 
 
 KNOWN_TABLES = (
     KnownTable("Figure 1 COVID-19 chest X-ray", frozenset({"patientid", "finding", "view", "modality", "notes"}),
-               default_labels=("finding",), skip_missing_images=True),
+               default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
 )
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
@@ -210,6 +212,9 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
     with a warning."""
     raw = path.read_bytes()
     text = raw.decode("utf-8-sig", errors="surrogateescape")
+    # the csv module's own cap on a cell (128 KiB) guards nothing here, the file being in memory already; a long
+    # report is a valid cell (raised only, never lowered: other readers keep theirs). Other cells keep the cap below
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
     try:
         header = [name.strip() for name in next(reader, [])]
@@ -233,6 +238,7 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
                                   f"({lines} line{'s' if lines != 1 else ''}) would be read into it") from None
         raise DataError(path, f"not a readable CSV file (line {reader.line_num}: {error})") \
             from None
+    _check_cell_lengths(path, header, rows)
     if any(_INVALID_UTF8.search(value) for _, row in rows for value in row.values()):
         _repair_text_cells(path, raw, header, rows, spans)
     named = [name for name in header if name]
@@ -240,6 +246,17 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
         log.warning("%s: ignoring %d column(s) with an empty header", path,
                     len(header) - len(named))
     return named, rows
+
+
+def _check_cell_lengths(path: Path, header: list[str], rows: list[Row]) -> None:
+    """A label, id, split or path cell over ``MAX_CELL_CHARS`` is a DataError: no class name or path is that long
+    (the free-text column may be: a long report)."""
+    text_column = _find_column(header, TEXT_COLUMNS)
+    for line, row in rows:
+        for column, value in row.items():
+            if len(value) > MAX_CELL_CHARS and column != text_column:
+                raise DataError(path, f"line {line}: column {column!r} holds a cell of {len(value):,} characters; "
+                                      f"only the text column may hold more than {MAX_CELL_CHARS:,}")
 
 
 def _check_header(path: Path, header: list[str]) -> None:
@@ -290,6 +307,9 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     labels = sidecar.get("label_columns") or []
     if not all(isinstance(label, str) for label in labels):
         raise DataError(path, "'label_columns' must be a list of column names")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise DataError(path, f"'label_columns' names {', '.join(repeated)} more than once")
     return sidecar
 
 
@@ -498,6 +518,10 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
                                      allow_outside_root)
+    no_text = known.no_text if known else frozenset()
+    for record in records:
+        if record.text is not None and record.text.strip() in no_text:
+            record.text = None  # counted with the empty ones: training on 'N/A' as a report teaches nothing
     sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]

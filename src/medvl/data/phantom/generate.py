@@ -50,6 +50,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -62,6 +63,7 @@ from PIL import Image
 from ...checks import check_number
 from ...errors import DataError, InputError
 from ...io import replace_dir, staging_folder, write_errors_named
+from ..record import ALL_SPLITS
 from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
 from .cxr2d import MARKER_CORNER, MARKER_VALUE, PhantomCase, burn_marker, check_case_args, marker_box, render_case
@@ -136,11 +138,20 @@ def assign_splits(n: int, seed: int, splits: dict[str, float]) -> list[str]:
 
 
 def _check_splits(splits: dict[str, float] | None) -> dict[str, float]:
+    """The split fractions, refused unless each is a finite number >= 0, they sum to 1, and each name is one the
+    manifest loader reads back as given: not empty, no surrounding spaces, ``all`` only alone."""
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     if not splits:
         raise InputError("splits must name at least one split, e.g. {'train': 0.8, 'test': 0.2}")
-    if any(not isinstance(v, (int, float)) or v < 0 for v in splits.values()):
-        raise InputError(f"split fractions must be numbers >= 0, got {splits}")
+    for name in splits:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise InputError(f"split name {name!r} must be a non-empty string without surrounding spaces "
+                             "(the manifest loader strips them)")
+    if ALL_SPLITS in splits and len(splits) > 1:
+        raise InputError(f"split name {ALL_SPLITS!r} is reserved for every record (--split all); beside other "
+                         "splits its cases could not be selected alone: rename it")
+    if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in splits.values()):
+        raise InputError(f"split fractions must be finite numbers >= 0, got {splits}")
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6:
         raise InputError(f"split fractions must sum to 1, got {total:.6g} from {splits}")
