@@ -958,6 +958,19 @@ def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_b
     assert answer.headers["X-Preview-Slice"] == "5/10" and answer.headers["X-Preview-Window"] == "none"
 
 
+def test_a_ct_window_preset_on_an_mr_dicom_is_refused(client):
+    """A lung window (HU) used to be applied to MR signal values without a word: a nearly white picture
+    captioned "lung window"."""
+    from pydicom.data import get_testdata_file
+
+    mr = Path(get_testdata_file("emri_small.dcm")).read_bytes()  # Modality MR
+    refused = preview(client, mr, "lung")
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == ("window presets are CT windows in HU; this DICOM's modality is MR, whose "
+                                        "values hold no HU: choose no preset (the file's own window)")
+    assert preview(client, mr).status_code == 200
+
+
 def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
     from medvl.clinical.nifti import read_nifti, write_nifti
     from medvl.data.phantom import generate_phantom
