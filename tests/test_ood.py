@@ -382,3 +382,36 @@ def test_check_data_is_every_record_by_default_and_never_the_fitted_images(guard
     assert check["copies_in_fit"] == {"records": 12, "of": 16, "fit": "the images the guard is fitted or calibrated "
                                                                        "on (splits 'train', 'val')"}
     assert "12 of 16 checked images are byte-for-byte copies" in " ".join(output.split())
+
+
+def test_a_report_draft_and_an_explanation_carry_the_flag(guarded, phantom_dir, shared_data, tmp_path):
+    """A draft for a real chest X-ray from a phantom model's index used to carry no OOD flag at all (library, JSON
+    and CLI), nor did an explanation: the most consequential answer read as if the image were like the others."""
+    from medvl.explain.explanation import explain_image
+    from medvl.index import open_index
+    from medvl.rag import draft_report
+    from serve_helpers import build_case_index
+
+    model_dir, _ = guarded
+    index = build_case_index(model_dir, phantom_dir, tmp_path / "cases.idx")
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    net = load_model(model_dir)
+    library = predict(net, [phantom, xray], LABELS.split(","))
+    with open_index(index) as opened:
+        drafts = [draft_report(opened, net, image, k=5, min_similarity=-1).to_dict() for image in (phantom, xray)]
+    for draft, expected in zip(drafts, library, strict=True):
+        assert {key: draft[key] for key in ("ood_score", "out_of_distribution", "ood_threshold")} == \
+            pytest.approx({key: expected[key] for key in ("ood_score", "out_of_distribution", "ood_threshold")},
+                          abs=1e-3)
+    assert [draft["out_of_distribution"] for draft in drafts] == [False, True] and "ood" not in drafts[1]
+    result, output = invoke("report", "draft", xray, "--model", model_dir, "--index", index, "-k", 5,
+                            "--json", tmp_path / "draft.json")
+    assert result.exit_code == 0, output
+    assert "out of distribution (OOD score" in output and "this draft are unreliable" in output
+    assert json.loads((tmp_path / "draft.json").read_text())["out_of_distribution"] is True
+    explained = [explain_image(net, image, labels=LABELS.split(","), methods=["patch_text"])
+                 for image in (phantom, xray)]
+    assert [e["out_of_distribution"] for e in explained] == [False, True]
+    result, output = invoke("explain", xray, "--model", model_dir, "--labels", LABELS, "--method", "patch_text")
+    assert result.exit_code == 0 and "this explanation is unreliable" in output, output

@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(14)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(24)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -204,6 +204,7 @@ def check_zero_shot(page, expected: dict) -> None:
     assert [p for _, p, _ in shown] == sorted((p for _, p, _ in shown), reverse=True)
     assert page.locator("#zero-shot .bars li.top").get_attribute("data-label") == expected["prediction"]
     assert page.locator("#zero-shot [data-input-flags]").count() == (1 if expected["input_flags"] else 0)
+    check_warnings(page, "zero-shot", expected)
     warning = page.locator("#zero-shot [data-out-of-distribution]")
     assert warning.count() == (1 if expected.get("out_of_distribution") else 0)
     if expected.get("out_of_distribution"):
@@ -223,13 +224,26 @@ def check_similar(page, expected: dict) -> None:
 
 def check_draft(page, expected: dict) -> None:
     if expected["abstained"]:
-        assert page.locator("#draft .abstain .reason").inner_text() == expected["reason"]
+        assert page.locator("#draft [data-abstention] .reason").inner_text() == expected["reason"]
         return
     shown = [(item.locator(".text").inner_text(), [cite.inner_text() for cite in item.locator(".cite").all()])
              for item in page.locator("#draft .sentences li").all()]
     ordered = [s for section in ("findings", "impression") for s in expected["sentences"] if s["section"] == section]
     assert shown == [(s["text"], s["cases"]) for s in ordered]
-    assert page.locator("#draft .abstain").count() == 0
+    assert page.locator("#draft [data-abstention]").count() == 0
+    check_warnings(page, "draft", expected)
+
+
+def check_warnings(page, panel: str, expected: dict) -> None:
+    """The answer's OOD flag and prompt warnings are shown in its panel, as the API gives them."""
+    warning = page.locator(f"#{panel} [data-out-of-distribution]")
+    assert warning.count() == (1 if expected.get("out_of_distribution") else 0), panel
+    if expected.get("out_of_distribution"):
+        assert f"OOD score {expected['ood_score']:.3g}" in warning.inner_text()
+    prompts = page.locator(f"#{panel} [data-prompt-warnings]")
+    assert prompts.count() == (1 if expected.get("warnings") else 0), panel
+    for text in expected.get("warnings") or []:
+        assert text in prompts.inner_text()
 
 
 def shown_pixels(page, selector: str) -> np.ndarray:
@@ -261,11 +275,16 @@ def check_explain(page, expected: dict) -> None:
     assert [block.get_attribute("data-finding") for block in blocks] == [f["finding"] for f in expected["findings"]]
     for block, finding in zip(blocks, expected["findings"], strict=True):
         assert float(block.get_attribute("data-probability")) == pytest.approx(finding["probability"], abs=1e-5)
-        concepts = block.locator(".concepts li").all()
-        assert [item.get_attribute("data-concept") for item in concepts] == [c["concept"] for c in finding["concepts"]]
-        for item, concept in zip(concepts, finding["concepts"], strict=True):
-            assert float(item.get_attribute("data-weight")) == pytest.approx(concept["weight"], abs=1e-9)
-            assert item.locator(".weight").inner_text().lstrip("+−") == f"{abs(concept['weight']):.3f}"
+        for side, key in (("for", "concepts"), ("against", "concepts_against")):  # each concept by its contribution
+            concepts = block.locator(f".concepts[data-side={side}] li").all()
+            assert [item.get_attribute("data-concept") for item in concepts] == \
+                [c["concept"] for c in finding.get(key, [])]
+            for item, concept in zip(concepts, finding.get(key, []), strict=True):
+                assert float(item.get_attribute("data-weight")) == pytest.approx(concept["weight"], abs=1e-9)
+                sign = "+" if concept["contribution"] >= 0 else "−"
+                assert sign == ("+" if side == "for" else "−")
+                assert item.locator(".contribution").inner_text() == f"{sign}{abs(concept['contribution']):.3f}"
+    check_warnings(page, "explain", expected)
     assert page.locator("#preview img.overlay").count() == 0  # off until asked for
     top = expected["findings"][0]
     for method, heatmap in top["heatmaps"].items():
@@ -361,6 +380,7 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     expected = api_answers(client, TOKENS[1], chest_xray, page_fields(page))
     assert expected["zero-shot"]["out_of_distribution"]  # a real radiograph, a phantom model: its warning is shown
     assert expected["similar"]["query"]["out_of_distribution"]  # under the similar cases too
+    assert expected["draft"]["out_of_distribution"] and expected["explain"]["out_of_distribution"]  # and there
     check_zero_shot(page, expected["zero-shot"])
     check_similar(page, expected["similar"])
     check_draft(page, expected["draft"])
@@ -390,7 +410,7 @@ def test_a_citation_leads_to_its_case_by_keyboard(page, client, chest_xray):
     page.get_by_label("Min. similarity").fill("-1")  # a draft whatever the neighbours' similarity
     page.keyboard.press("Enter")  # reads the image again with it
     wait_for_panels(page)
-    assert page.locator("#draft .abstain").count() == 0
+    assert page.locator("#draft [data-abstention]").count() == 0
     cite = page.locator("#draft .cite").first
     cited = cite.get_attribute("data-case-id")
     cite.focus()
@@ -542,6 +562,9 @@ def test_a_photo_chosen_while_a_dicom_preview_is_on_its_way_keeps_its_own_uprigh
     page.wait_for_timeout(3500)  # the DICOM's preview has come back by now
     base = page.locator("#preview img:not(.overlay)")
     assert base.get_attribute("data-source") == "browser"
+    # the superseded preview used to leave the box busy: the photo dimmed (opacity .55) and aria-busy for good
+    assert page.locator("#preview").get_attribute("aria-busy") == "false"
+    assert base.evaluate("image => getComputedStyle(image).opacity") == "1"
     assert "photo.jpg" in page.locator("#file-info").inner_text()
     size = "image => [image.naturalWidth, image.naturalHeight]"
     assert base.evaluate(size) == [96, 64]  # the browser turned it upright
@@ -587,7 +610,7 @@ def test_a_blank_image_is_answered_with_a_warning_that_there_is_nothing_to_answe
     assert page.locator("#similar [data-input-flags]").get_attribute("data-input-flags") == "blank"
     page.locator("#explain[data-state=done]").wait_for(timeout=ANSWER_MS)
     assert page.locator("#explain [data-input-flags]").get_attribute("data-input-flags") == "blank"
-    assert page.locator("#draft .abstain").get_attribute("data-abstention") == "no_content"
+    assert page.locator("#draft [data-abstention]").get_attribute("data-abstention") == "no_content"
     ask(page, QUESTION)
     assert page.locator("#vqa [data-input-flags]").get_attribute("data-input-flags") == "blank"
     assert page.locator("#vqa .answer").count() == 1
@@ -647,3 +670,165 @@ def test_without_a_data_root_similar_cases_show_their_ids_in_place_of_thumbnails
         assert "No concept bottleneck" in page.locator("#explain .body").inner_text()
         context.close()
     assert not watch.refused and not watch.errors
+
+
+def test_labels_the_captions_do_not_describe_are_answered_with_the_services_warning(page, client, phantom_dir):
+    """Labels answered from their bare names (no caption column describes them) used to be shown as any other
+    answer: the service's warning was dropped."""
+    image = sorted((phantom_dir / "images").glob("*.png"))[2]
+    connect(page, TOKENS[14])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Labels (comma-separated)").fill("effusion, normal chest")
+    page.locator("#file").set_input_files(image)
+    page.locator("#zero-shot[data-state=done]").wait_for(timeout=ANSWER_MS)
+    expected = client.post("/v1/zero-shot", headers={"Authorization": f"Bearer {TOKENS[15]}"},
+                           files={"image": ("image", image.read_bytes())},
+                           data={"labels": "effusion, normal chest"}).json()
+    assert expected["warnings"] and "bare class names" in expected["warnings"][0]
+    check_zero_shot(page, expected)
+    assert page.locator("#zero-shot [data-prompt-warnings]").get_attribute("role") == "alert"
+
+
+def test_long_words_wrap_inside_their_cards_and_a_phone_wide_page_does_not_scroll_sideways(page, browser, server,
+                                                                                          phantom_dir):
+    """One unbroken word (a long label, a long case id in a refusal) widened its card over the next column (the
+    zero-shot bars slid under the similar cases, the page 2,751 px wide), and at 375 px the top bar alone was
+    525 px wide."""
+    connect(page, TOKENS[16])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    long_label = "left_lower_lobe_consolidation_with_air_bronchograms_" * 3
+    page.get_by_label("Labels (comma-separated)").fill(f"{long_label}, no_finding, {'x' * 200}")
+    page.locator("#file").set_input_files(sorted((phantom_dir / "images").glob("*.png"))[5])
+    page.locator("#zero-shot[data-state=done]").wait_for(timeout=ANSWER_MS)
+    page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1360
+    cards = {name: page.locator(f"#{name}").bounding_box() for name in ("zero-shot", "similar")}
+    assert cards["zero-shot"]["x"] + cards["zero-shot"]["width"] <= cards["similar"]["x"]
+    for value in page.locator("#zero-shot .bars .value").all():  # every percentage inside its own card
+        box = value.bounding_box()
+        assert box["x"] + box["width"] <= cards["zero-shot"]["x"] + cards["zero-shot"]["width"]
+    phone = browser.new_context(viewport={"width": 375, "height": 800}, service_workers="block")
+    narrow = phone.new_page()
+    narrow.goto(server.url + "/")
+    narrow.locator("#service[data-status=ok]").wait_for(timeout=ANSWER_MS)
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 375
+    phone.close()
+
+
+def test_many_similar_cases_all_show_their_thumbnails_within_the_tokens_rate(browser, model_dir, index_dir,
+                                                                          phantom_dir, chest_xray):
+    """Every thumbnail was asked for at once: past the token's burst most were refused (429) and the cases showed
+    their ids only. They are now asked for a few at a time, a 429 waited out (Retry-After) and asked again."""
+    settings = ServeSettings(data_root=phantom_dir, rate_limit=4.0, rate_burst=8)
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[17])])
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[17])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.get_by_label("Number of cases").fill("12")
+        page.locator("#file").set_input_files(chest_xray)
+        page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                               ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
+        shown = page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+        context.close()
+    assert shown == ["shown"] * 12, (shown, statuses)
+    assert 429 in statuses  # the budget was spent: the refusals were waited out
+
+
+def test_a_model_still_loading_keeps_the_token_and_connects_when_ready(page):
+    """A 503 'still loading' from /v1/models was taken for a bad token: the token was thrown away and the error
+    stayed after the model was ready."""
+    answers = []
+
+    def loading_once(route):
+        answers.append(route.request.url)
+        if len(answers) == 1:
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                          body='{"detail": "the model is still loading; retry in a few seconds"}')
+        else:
+            route.fallback()
+
+    page.route("**/v1/models", loading_once)
+    connect(page, TOKENS[18])
+    page.get_by_role("alert").wait_for(timeout=ANSWER_MS)
+    assert "503" in page.locator("#error").inner_text() and "token is kept" in page.locator("#error").inner_text()
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)  # asked again after Retry-After, with the same token
+    assert page.locator("#error").is_hidden() and len(answers) == 2
+    assert page.evaluate("document.activeElement.id") == "file"  # focus goes on to the image, not to <body>
+
+
+def test_draft_settings_take_what_the_service_takes_and_an_empty_k_is_never_sent(page, watch, chest_xray,
+                                                                                  tmp_path):
+    """Min. similarity 0.33 was blocked by the browser (step 0.05), min. support stopped at 0.95 (the service
+    takes up to below 1), and an emptied 'Number of cases' was sent as nothing: the service's default of 10."""
+    connect(page, TOKENS[19])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.locator("details.more summary").click()
+    page.get_by_label("Min. similarity").fill("0.33")
+    page.get_by_label("Min. support").fill("0.99")
+    sent = len(watch.bodies)
+    page.get_by_role("button", name="Read image").click()
+    wait_for_panels(page)
+    draft = [body for body in watch.bodies[sent:] if b'name="min_support"' in body]
+    assert len(draft) == 1 and b"\r\n\r\n0.33\r\n" in draft[0] and b"\r\n\r\n0.99\r\n" in draft[0]
+    page.get_by_label("Number of cases").fill("")
+    sent = len(watch.requests)
+    other = tmp_path / "other.jpg"
+    other.write_bytes(chest_xray.read_bytes())
+    page.locator("#file").set_input_files(other)  # a read not through the form's button is checked too
+    page.wait_for_timeout(1000)
+    assert not [url for url in watch.requests[sent:] if "/v1/" in url]
+    assert page.locator("#read-status").inner_text().startswith("Not read: Number of cases:")
+
+
+def test_forget_token_also_clears_the_question(page, chest_xray):
+    """The question box kept its text (which may name the patient) after "Forget token"."""
+    connect(page, TOKENS[20])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    assert page.evaluate("document.activeElement.id") == "file"
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.get_by_label("Question").fill("Is Mr Smith's nodule (MRN 123456) larger?")
+    page.get_by_role("button", name="Forget token").click()
+    assert page.get_by_label("Question").input_value() == ""
+
+
+
+def test_concepts_are_shown_by_their_contribution_for_and_against_the_finding(browser, model_dir, bottleneck_file,
+                                                                             chest_xray, tmp_path):
+    """A concept pushing towards the finding through a negative weight was shown as '−0.041' under it (the weight,
+    read as evidence against), and the concepts pushing against it were never shown. The tiny phantom model's
+    fitted bottleneck keeps no concept (its L1 fit), so its weights are set here, seeded, half of them negative:
+    with 23 concepts, the image's concepts then push both ways through weights of both signs."""
+    from medvl.explain.concepts import ConceptBottleneck
+
+    bottleneck = ConceptBottleneck.load(bottleneck_file)
+    bottleneck.weights = np.random.default_rng(0).normal(0, 1, bottleneck.weights.shape)
+    weighted = bottleneck.save(tmp_path / "weighted.json")
+    settings = ServeSettings(bottleneck=weighted)
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(token) for token in TOKENS[21:23]])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        expected = http.post("/v1/explain", headers={"Authorization": f"Bearer {TOKENS[21]}"},
+                             files={"image": ("image", chest_xray.read_bytes())}).json()
+        [top] = expected["findings"]
+        assert any(c["weight"] < 0 for c in top["concepts"]) and top["concepts_against"]
+        watch = PageWatch(running.url)
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        context.route("**/*", watch.route)
+        page = context.new_page()
+        page.goto(running.url + "/")
+        connect(page, TOKENS[22])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(chest_xray)
+        page.locator("#explain[data-state=done]").wait_for(timeout=ANSWER_MS)
+        check_explain(page, expected)
+        assert "contribution" in page.locator("#explain .caption").inner_text()
+        context.close()
+    assert not watch.refused

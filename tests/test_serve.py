@@ -159,6 +159,8 @@ def test_a_burst_from_one_token_is_answered_429_and_other_tokens_are_not_affecte
     refused = [answer for answer in statuses if answer.status_code == 429]
     assert len(refused) >= 5 and all(answer.status_code in (200, 429) for answer in statuses)
     assert int(refused[0].headers["Retry-After"]) >= 1 and "rate limit" in refused[0].json()["detail"]
+    # the reason says the wait Retry-After says (it said "retry in 0.0 s" for a wait under 0.05 s)
+    assert all(f"retry in {answer.headers['Retry-After']} s" in answer.json()["detail"] for answer in refused)
     assert client.get("/v1/models", headers=auth()).status_code == 200
 
 
@@ -232,6 +234,19 @@ def test_uploads_over_the_byte_or_pixel_limit_are_413(client):
     assert over.status_code == 413 and "3000 x 3000 pixels (limit 4,000,000)" in over.json()["detail"]
     bomb = zero_shot(client, _png_declaring(60_000, 60_000))
     assert bomb.status_code == 413 and "image too large" in bomb.json()["detail"]
+
+
+def test_a_request_or_a_file_over_the_upload_limit_is_refused_naming_the_same_limit(client):
+    """A request over the limit and the form's allowance was refused quoting that sum (33,619,968 bytes for
+    32 MiB), a file just over the limit quoting the limit itself: one setting announced as two limits."""
+    header = b"\x89PNG\r\n\x1a\n"
+    just_over = header + b"\0" * (UPLOAD_LIMIT + 1 - len(header))  # within the form's allowance: read, then refused
+    far_over = header + b"\0" * (2 * UPLOAD_LIMIT)  # refused from its Content-Length
+    answers = [zero_shot(client, data) for data in (just_over, far_over)]
+    assert [answer.status_code for answer in answers] == [413, 413]
+    details = [answer.json()["detail"] for answer in answers]
+    assert details[0] == details[1] == f"upload too large: over {UPLOAD_LIMIT:,} bytes (0.25 MiB), the service's " \
+        "limit (medvl serve --max-upload-mb)"
 
 
 def test_unsupported_files_are_415_and_empty_ones_422(client):
@@ -941,6 +956,19 @@ def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_b
     answer = preview(client, frames.read_bytes())
     np.testing.assert_array_equal(_png_pixels(answer), _numpy_min_max(pydicom.dcmread(frames).pixel_array[5]))
     assert answer.headers["X-Preview-Slice"] == "5/10" and answer.headers["X-Preview-Window"] == "none"
+
+
+def test_a_ct_window_preset_on_an_mr_dicom_is_refused(client):
+    """A lung window (HU) used to be applied to MR signal values without a word: a nearly white picture
+    captioned "lung window"."""
+    from pydicom.data import get_testdata_file
+
+    mr = Path(get_testdata_file("emri_small.dcm")).read_bytes()  # Modality MR
+    refused = preview(client, mr, "lung")
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == ("window presets are CT windows in HU; this DICOM's modality is MR, whose "
+                                        "values hold no HU: choose no preset (the file's own window)")
+    assert preview(client, mr).status_code == 200
 
 
 def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):

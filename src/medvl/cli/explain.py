@@ -120,6 +120,10 @@ def _print(result: dict, out: Path | None) -> None:
     if result.get("input_flags"):
         console.print(f"[red]{' and '.join(result['input_flags'])} as the model sees it: no content to explain[/]",
                       markup=True)
+    if result.get("out_of_distribution"):
+        console.print(f"[red]out of distribution (OOD score {result['ood_score']:.3g} > "
+                      f"{result['ood_threshold']:.3g}): unlike the model's training images, this explanation is "
+                      "unreliable[/]", markup=True)
     for entry in result["findings"]:
         console.print(f"[bold]{escape(entry['finding'])}[/] p={entry['probability']:.2f}", markup=True)
         for name, heatmap in entry["heatmaps"].items():

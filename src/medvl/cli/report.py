@@ -92,6 +92,10 @@ def print_draft(draft) -> None:
     if copies:
         console.print(f"the query image is indexed as {', '.join(copies)}: its own report is left out of "
                       "the draft")
+    if draft.ood.get("out_of_distribution"):
+        console.print(f"[red]the image is out of distribution (OOD score {draft.ood['ood_score']:.3g} > "
+                      f"{draft.ood['ood_threshold']:.3g}): unlike the model's training images, its nearest cases and "
+                      "this draft are unreliable[/]", markup=True)
     if draft.abstained:
         console.print(Panel(Text.from_markup(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}"), title=title))
     else:

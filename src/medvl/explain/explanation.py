@@ -30,6 +30,7 @@ from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
 from ..io import check_output_file, write_errors_named, write_json
+from ..models.ood import embed_checked
 from ..predict import class_prompts, prompt_warnings
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
@@ -186,7 +187,9 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     describes every class; ``warnings``: what the caller should be told, e.g. that the prompts are the bare class
     names; ``probabilities``, ``map_shape``: [rows, columns] of the grid every
     map and peak is on, ``findings``, ``input_flags``: whether the image is blank or streaked as the model sees
-    it, ``medvl.data.audit.input_flags``) and the image
+    it, ``medvl.data.audit.input_flags``; and, when the model has an OOD guard, ``ood_score`` /
+    ``out_of_distribution`` / ``ood_threshold``: an explanation of an image unlike the training images is
+    unreliable) and the image
     embedding, (1, D), for a nearest-case search. The model is only read (one forward pass, and one
     backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
     check_heatmap_model(model)
@@ -198,7 +201,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     pixels = model.preprocessor.load(image, source=source)[None]  # source: the file an error names
     with torch.no_grad():
         texts = class_embeddings(model, prompts)
-        embedding = model.encode_images(pixels)
+        embedding, [ood] = embed_checked(model, pixels)  # the guard's flag (if any) from the same pass
         probabilities = scaled_similarities(model, embedding, texts).softmax(-1)[0].numpy()
     findings = []
     for target in [int(i) for i in np.argsort(-probabilities, kind="stable")[:top]]:
@@ -213,7 +216,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     return {"label_column": column or None,
             "probabilities": dict(zip(classes, map(float, probabilities), strict=True)),
             "map_shape": list(shape), "findings": findings, "input_flags": input_flags(pixels[0].numpy()),
-            "warnings": prompt_warnings(model, classes, column, captions)}, embedding
+            "warnings": prompt_warnings(model, classes, column, captions), **ood}, embedding
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:

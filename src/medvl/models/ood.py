@@ -97,6 +97,18 @@ class OODGuard:
         return cls(mean=mean, precision=precision, threshold=threshold, info=info)
 
 
+def embed_checked(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The normalised embeddings of a (N, C, *spatial) pixel batch (``preprocessor.load``'s) and each image's OOD
+    flag (``OODGuard.flag``: score, ``out_of_distribution``, threshold; {} when the model has no guard), from one
+    pass of the image tower."""
+    guard = getattr(model, "ood", None)
+    with torch.no_grad():
+        if guard is None:
+            return model.encode_images(pixels), [{} for _ in range(len(pixels))]
+        features = model.encode_images(pixels, features=True)
+        return model.embed_image_features(features), guard.check(features)
+
+
 def recovery(path: Path) -> str:
     """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""
     return (f"delete {path} (the model then runs without a guard) or fit a new one with "

@@ -44,7 +44,10 @@
    neighbours holding more than ``min_support`` of the weight name it too, and a neighbour naming another
    identifier is not in ``wording_from``: a draft does not carry one neighbour's (another patient's) dates or
    names that these rules catch (a lower-case name, or one that is a word the reports use, is not caught).
-5. The knowledge base's entries of the drafted findings are attached, and with a model the
+5. With a model that has an OOD guard (``medvl ood fit``), the draft carries the image's OOD score and flag
+   (``Draft.ood``): a draft for an image unlike the model's training images is flagged, not withheld, as the
+   zero-shot and search answers are.
+6. The knowledge base's entries of the drafted findings are attached, and with a model the
    entries closest to the image embedding (``related``).
 
 Report text is patient data: nothing here logs it.
@@ -158,6 +161,9 @@ class Draft:
     definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
     related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
     settings: dict[str, Any] = field(default_factory=dict)
+    # with a model that has an OOD guard: the image's ood_score / out_of_distribution / ood_threshold
+    # (models.ood); a draft for an image unlike the training images is unreliable, however well the cases agree
+    ood: dict[str, Any] = field(default_factory=dict)
 
     @property
     def consensus(self) -> dict[str, str]:
@@ -173,7 +179,10 @@ class Draft:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "text": self.text(), "consensus": self.consensus}
+        """The draft as JSON, the OOD flag (``ood``) at the top level as in the search and zero-shot answers."""
+        data = asdict(self)
+        ood = data.pop("ood")
+        return {**data, **ood, "text": self.text(), "consensus": self.consensus}
 
 
 def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
@@ -203,7 +212,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     """
     from ..data.audit import input_flags
     from ..index.base import check_model
-    from ..index.search import embed_query
+    from ..models.ood import embed_checked
 
     check_settings(k, min_support, min_similarity, related)
     if verify_model:
@@ -218,7 +227,8 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
                     "left_out_copies": []}
         return _abstain([], [], NO_CONTENT, f"the image is {' and '.join(flags)} as the model sees it, nothing to "
                         f"draft from ({'; '.join(flags.values())})", settings)
-    vector = embed_query(model, image=tensor)
+    embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
+    vector = embedding.numpy()
     copies = indexed_copies(index, pixels)
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
@@ -226,6 +236,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
     draft.settings["k"] = k
     draft.settings["left_out_copies"] = copies
+    draft.ood = ood
     if related > 0:
         nearest = labeller.knowledge.retrieve(model, vector, related)
         draft.related = [{**f.card(), "score": round(score, 4)} for f, score in nearest]

@@ -23,6 +23,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
 from .auth import TokenAuth, retry_after_header
+from .uploads import too_large_text
 
 log = logging.getLogger("medvl.serve.requests")
 
@@ -76,7 +77,7 @@ class ServiceMiddleware:
             if refusal is not None:
                 await _reply(send_with_id, *refusal)
             else:
-                counted = self._counting(receive, self._body_limit(scope["path"]))
+                counted = self._counting(receive, self._body_limit(scope["path"]), scope["path"])
                 await self.app(scope, form_text_checked(counted, Headers(scope=scope).get("content-type")),
                                send_with_id)
         finally:
@@ -93,7 +94,7 @@ class ServiceMiddleware:
                 if wait > 0:
                     timings["error"] = "auth_rate_limited"
                     return 429, f"too many requests without a valid API token from this address; retry in " \
-                        f"{wait:.1f} s", {"Retry-After": retry_after_header(wait)}
+                        f"{retry_after_header(wait)} s", {"Retry-After": retry_after_header(wait)}
                 timings["error"] = "unauthorized"
                 return 401, "missing or invalid API token (send 'Authorization: Bearer <token>')", \
                     {"WWW-Authenticate": "Bearer"}
@@ -101,19 +102,24 @@ class ServiceMiddleware:
             wait = self.auth.retry_after(client)
             if wait > 0:
                 timings["error"] = "rate_limited"
-                return 429, f"rate limit of this token exceeded; retry in {wait:.1f} s", \
+                return 429, f"rate limit of this token exceeded; retry in {retry_after_header(wait)} s", \
                     {"Retry-After": retry_after_header(wait)}
         length, limit = headers.get("content-length"), self._body_limit(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
-            return 413, f"request too large: over {limit:,} bytes", {"Connection": "close"}
+            return 413, self._too_large(scope["path"]), {"Connection": "close"}
         return None
 
     def _body_limit(self, path: str) -> int:
         """Bytes a request body may hold: one upload and the form around it, or several on a route taking several."""
         return self.max_upload_bytes * self.files_per_route.get(path, 1) + FORM_OVERHEAD
 
-    def _counting(self, receive, limit: int):
+    def _too_large(self, path: str) -> str:
+        """The refusal names the configured upload limit (as a file over it is refused), not the body limit
+        with the form's allowance added."""
+        return too_large_text(self.max_upload_bytes, self.files_per_route.get(path, 1))
+
+    def _counting(self, receive, limit: int, path: str):
         """``receive`` that refuses (413) a body growing past the limit, whatever its headers said."""
         received = [0]
 
@@ -122,7 +128,7 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
                 if received[0] > limit:
-                    raise HTTPException(413, f"request too large: over {limit:,} bytes")
+                    raise HTTPException(413, self._too_large(path))
             return message
 
         return counted

@@ -9,7 +9,8 @@ answer is sent; nothing is written for a thumbnail).
 
 How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or ``None``):
 
-- DICOM grayscale: the preset on the modality values (HU for CT); without one, the file's own
+- DICOM grayscale: the preset on the modality values (HU: a preset on a file of another stated modality,
+  MR or PET, is refused, 422); without one, the file's own
   VOI (Window Center / Width or VOI LUT), else min-max. MONOCHROME1 is inverted (white = dense).
   Multi-frame: the middle frame, frames in stored order;
 - NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
@@ -116,6 +117,10 @@ def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
             raise UploadRejected(422, "window presets apply to grayscale CT values, not to a colour image")
         array, used = color_to_uint8(array, meta["bits_stored"]), NO_WINDOW
     else:
+        modality = str(meta.get("modality") or "").upper()
+        if window is not None and modality not in ("", "CT"):
+            raise UploadRejected(422, f"window presets are CT windows in HU; this DICOM's modality is {modality}, "
+                                 "whose values hold no HU: choose no preset (the file's own window)")
         used = window.name if window is not None else (FILE_WINDOW if meta["window"] else NO_WINDOW)
     display = DISPLAY_WINDOW if meta["window"] and not meta["color"] else None  # values already in [0, 1]
     picture = Picture(render_preview(array, display, side), used)

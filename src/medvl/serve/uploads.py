@@ -104,10 +104,19 @@ def _gunzip_head(data: bytes, size: int) -> bytes:
         return b""
 
 
+def too_large_text(max_upload_bytes: int, files: int = 1) -> str:
+    """The one wording of a refused upload, whether the whole request (the middleware, which also allows the form
+    around the files) or the file itself is over the limit: the configured limit, per file when a route takes
+    several."""
+    per = " per image" if files > 1 else ""
+    return (f"upload too large: over {max_upload_bytes:,} bytes ({max_upload_bytes / 2**20:.4g} MiB){per}, "
+            "the service's limit (medvl serve --max-upload-mb)")
+
+
 def check_byte_size(n_bytes: int, settings: ServeSettings) -> None:
     """413 above ``max_upload_bytes``, 422 for an empty file."""
     if n_bytes > settings.max_upload_bytes:
-        raise UploadRejected(413, f"upload too large: over {settings.max_upload_bytes:,} bytes")
+        raise UploadRejected(413, too_large_text(settings.max_upload_bytes))
     if n_bytes == 0:
         raise UploadRejected(422, "empty upload (0 bytes)")
 
