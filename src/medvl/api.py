@@ -82,13 +82,18 @@ def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str
 
 
 def parse_key_values(pairs: Sequence[str], option: str) -> dict[str, Any]:
-    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings)."""
+    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings).
+    A key given twice is an InputError (the later value would silently replace the earlier)."""
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise InputError(f"{option} expects key=value, got {pair!r}")
+        if key in given:
+            raise InputError(f"{option}: {key} is given twice ({given[key]} and {pair})")
+        given[key] = pair
         try:
             values[key] = json.loads(value)
         except json.JSONDecodeError:
