@@ -919,3 +919,19 @@ def test_grounding_of_a_head_finds_each_class_by_name(tiny_model, phantom_dir):
     assert by_head["settings"]["occlusion"]["head"] == "finding"
     for finding, row in plain["per_finding"].items():
         assert by_head["per_finding"][finding]["occlusion"] == pytest.approx(row["occlusion"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, needed", [
+    (["--k", 7], "--k (nearest cases to list) needs --index"),
+    (["--k", -2], "--k (nearest cases to list) needs --index"),
+    (["--concept-label", "finding"], "--concept-label needs --concept-data"),
+])
+def test_an_option_that_needs_another_is_refused_without_it(tiny_model_dir, phantom_dir, tmp_path, args, needed):
+    """--k lists nearest cases of --index and --concept-label names a column of --concept-data: alone they
+    would be ignored."""
+    out = tmp_path / "ex"
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir,
+                            "--method", "patch_text", "--out", out, *args)
+    assert result.exit_code == 2 and needed in output, output
+    assert not out.exists()
+

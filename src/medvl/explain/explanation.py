@@ -35,6 +35,7 @@ from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
 EXPLANATION_FILE = "explanation.json"
+DEFAULT_NEIGHBOURS = 5  # nearest cases listed with an index
 
 
 def finding_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
@@ -90,13 +91,14 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
 
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
-                  overwrite: bool = False, bottleneck=None, index=None, k: int = 5) -> dict[str, Any]:
+                  overwrite: bool = False, bottleneck=None, index=None, k: int | None = None) -> dict[str, Any]:
     """Explain the ``top`` most probable findings of one image file (see the module docstring):
     ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default every method the
     model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT).
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
-    ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
+    ``index``: an open ``medvl.index`` index built with this model, whose ``k`` nearest cases are listed (default
+    5; ``k`` without ``index`` is an InputError, as it would be ignored). With ``out``, overlays and
     ``explanation.json`` are written there (existing files refused unless ``overwrite``): the overlays into a
     staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
     interrupted or failed run leaves none of its files (the same command can be rerun)."""
@@ -106,9 +108,12 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
     check_bottleneck_classes(classes, bottleneck)
+    if index is None and k is not None:
+        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
     if index is not None:  # before any file is written
         from ..index.base import check_k, check_model
 
+        k = DEFAULT_NEIGHBOURS if k is None else k
         check_k(k)
         check_model(index.info, model, index.location)
     if bottleneck is not None:
@@ -132,7 +137,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                     block["file"] = name
         result: dict[str, Any] = {"image": Path(image).name, **explained}
         if index is not None:
-            result["neighbours"] = nearest_cases(index, model, embedding, k)
+            result["neighbours"] = nearest_cases(index, model, embedding, k or DEFAULT_NEIGHBOURS)
         if out is not None and staging is not None:
             _publish(staging, out, result)
     return result
