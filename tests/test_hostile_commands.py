@@ -196,6 +196,7 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--train-set", "self_supervised_epoch=2"], "unknown train config keys: ['self_supervised_epoch']"),
     (["--train-set", "epochs=3"], "epochs is given twice: --epochs 1 and --train-set epochs=3"),
     (["--train-set", "epochs"], "--train-set expects key=value"),
+    (["--text-encoder", ""], "--text-encoder: empty name"),
     (["--train-set", "lr=0.01", "--train-set", "lr=0.02"], "--train-set: lr is given twice (lr=0.01 and lr=0.02)"),
     (["--set", "embed_dim=32", "--set", "embed_dim=64"],
      "--set: embed_dim is given twice (embed_dim=32 and embed_dim=64)"),
@@ -226,6 +227,8 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["demo", "--out", "{out}", "--image-size", 5, "-q"], "image_size"),
     (["demo", "--out", "{out}", "--image-size", 12, "--model", "vit-tiny", "-q"], "patch_size"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--folds", 1, "-q"], "folds"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--model", "phantom-tiny", "--folds", 2, "--epochs", 1,
+      "--group-column", "", "-q"], "--group-column: empty column name"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--label-smoothing", 0.95, "-q"], "label_smoothing"),
@@ -249,6 +252,18 @@ def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args,
     result, output = invoke(*filled)
     _assert_clean_refusal(result, output, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["predict", "{image}", "--labels", "cardiomegaly,nodule", "--label-column", ""],
+     "--label-column: empty column name"),
+    (["explain", "{image}", "--method", "patch_text", "--labels", ""], "need at least 2 distinct labels"),
+    (["explain", "{image}", "--method", "patch_text", "--labels", " , "], "need at least 2 distinct labels"),
+])
+def test_an_empty_name_is_refused_not_taken_for_the_default(trained, phantom_dir, args, needle):
+    image = phantom_dir / "images" / "phantom_00001.png"
+    result, output = invoke(*[str(a).format(image=image) for a in args], "--model", trained / "model")
+    _assert_clean_refusal(result, output, needle)
 
 
 def test_linear_probe_refuses_a_zero_shot_count(trained, phantom_dir, tmp_path):

@@ -105,6 +105,9 @@ def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> di
     """``key=value`` model config overrides (``--set``), plus the text encoder choice: ``bert`` (random
     init) or a pretrained name / local folder."""
     overrides = parse_key_values(pairs, "--set")
+    if text_encoder is not None and not text_encoder.strip():  # not "the recipe's encoder"
+        raise InputError("--text-encoder: empty name (bert, a shipped encoder's name or a local folder; leave the "
+                         "option out for the recipe's)")
     if text_encoder == "bert":
         overrides.update({"text.kind": "bert", "text.path": None})
     elif text_encoder:

@@ -56,7 +56,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
     config = captions_for(None, captions, model)
     if label_column is not None:
         config.check_column(label_column)
-    if not requested:
+    if labels is None:  # labels given but all blank are refused below, as predict refuses them
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
