@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -99,7 +100,8 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
     ``index``: an open ``medvl.index`` index built with this model, whose ``k`` nearest cases are listed (default
     5; ``k`` without ``index`` is an InputError, as it would be ignored). With ``out``, overlays and
-    ``explanation.json`` are written there (existing files refused unless ``overwrite``): the overlays into a
+    ``explanation.json`` are written there (existing files refused unless ``overwrite``, which also removes the
+    overlays the replaced ``explanation.json`` listed and this run does not rewrite): the overlays into a
     staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
     interrupted or failed run leaves none of its files (the same command can be rerun)."""
     check_heatmap_model(model)
@@ -139,7 +141,10 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
         if index is not None:
             result["neighbours"] = nearest_cases(index, model, embedding, k or DEFAULT_NEIGHBOURS)
         if out is not None and staging is not None:
+            earlier = _listed_overlays(out) if overwrite else set()
             _publish(staging, out, result)
+            for name in earlier - _overlay_files(result):  # the replaced explanation's own overlays, only
+                (out / name).unlink(missing_ok=True)
     return result
 
 
@@ -157,6 +162,22 @@ def _staged_overlays(out: Path | None) -> Iterator[Path | None]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _listed_overlays(out: Path) -> set[str]:
+    """The overlay files ``out/explanation.json`` lists (none when it is missing or unreadable): an explanation
+    replaced with ``overwrite`` takes them with it, so no heatmap of another run is left beside the new one."""
+    try:
+        return _overlay_files(json.loads((out / EXPLANATION_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
+def _overlay_files(explanation: dict[str, Any]) -> set[str]:
+    """The overlay file names an explanation lists (plain PNG names in its folder; anything else is not one)."""
+    blocks = [block for entry in explanation["findings"] for block in entry["heatmaps"].values()]
+    names = {block.get("file") for block in blocks if isinstance(block, dict)}
+    return {name for name in names if isinstance(name, str) and name.endswith(".png") and Path(name).name == name}
 
 
 def _publish(staging: Path, out: Path, result: dict[str, Any]) -> None:
