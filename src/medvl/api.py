@@ -263,32 +263,6 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     return result
 
 
-def _check_distinct_models(paths: Sequence[PathLike]) -> None:
-    """InputError when two of an ensemble's model folders are one model: the same folder however spelled (a
-    training run folder and its ``model/``, a trailing slash, a link), or copies with the same ``config.json``
-    and ``model.safetensors`` bytes."""
-    from .io import file_sha256
-    from .models.dual import CONFIG_FILE, WEIGHTS_FILE
-    from .models.registry import model_directory
-
-    if len(paths) < 2:
-        return
-    seen: dict[object, PathLike] = {}
-    for path in paths:
-        folder = model_directory(path).resolve()
-        if folder in seen:
-            raise InputError(f"the same model folder is given twice ({seen[folder]} and {path}): an ensemble's "
-                             "members must differ")
-        seen[folder] = path
-        files = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
-        if all(f.is_file() for f in files):
-            content = tuple(file_sha256(f) for f in files)
-            if content in seen:
-                raise InputError(f"{seen[content]} and {path} hold the same model (identical {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE}): an ensemble's members must differ")
-            seen[content] = path
-
-
 def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, split: str = "test",
                        allow_outside_root: bool = False, show_progress: bool = True, backend: str = "torch",
                        bridge_data: PathLike | None = None, bridge_split: str = "train", bridge_k: int = 10,
@@ -301,10 +275,10 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     from .data.audit import content_summary
     from .eval import retrieval
     from .eval.retrieval import CaptionBridge
-    from .models.registry import load_model
+    from .models.registry import check_distinct_models, load_model
 
     paths = [model] if isinstance(model, (str, Path)) else list(model)
-    _check_distinct_models(paths)
+    check_distinct_models(paths, "an ensemble's members must differ")
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")
