@@ -50,12 +50,14 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
                     against_split: str = "all", near_distance: int = 0) -> dict[str, Any]:
     """``medvl.data.audit.audit_dataset`` of one split (default: every record, so that duplicates
     across splits show as leaks) of the dataset at ``data``; ``label``: counts per class; ``against``: the
-    images of that dataset's ``against_split`` that copy this one's (``against`` in the result);
+    images of that dataset's ``against_split`` that copy this one's (``against`` in the result; its missing image
+    files are an error);
     ``near_distance``: difference-hash bits (0-16) near duplicates may differ by."""
     from .data.audit import audit_dataset
 
     check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
-    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    # a manifest row whose image file is missing is listed as unreadable, as a damaged file is, not a refusal
+    dataset = load_dataset(data, allow_outside_root=allow_outside_root, keep_missing_images=True).select(split)
     other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
     result = audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress, against=other,
                            near_distance=near_distance)
