@@ -243,6 +243,7 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
                             "--heatmap", png)
     assert result.exit_code == 0, output
     answer = json.loads(out.read_text())
+    assert answer["model"] == str(trained)  # the path as given, as every other command's JSON has it
     model = load_vqa_model(trained)
     assert answer["answer"] in model.answers and answer["alternative"] in model.answers
     assert 1.0 >= answer["probability"] >= answer["alternative_probability"] >= 0.0

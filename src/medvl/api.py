@@ -83,8 +83,12 @@ def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str
     return chosen[0]
 
 
+NON_FINITE = ("nan", "inf", "infinity")  # a --set / --train-set value spelt so is a number, not a string
+
+
 def parse_key_values(pairs: Sequence[str], option: str) -> dict[str, Any]:
-    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings).
+    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings; ``nan``
+    and ``inf`` in any case are numbers, as JSON's ``NaN`` and ``Infinity`` are, so the range check names them).
     A key given twice is an InputError (the later value would silently replace the earlier)."""
     values: dict[str, Any] = {}
     given: dict[str, str] = {}
@@ -99,7 +103,7 @@ def parse_key_values(pairs: Sequence[str], option: str) -> dict[str, Any]:
         try:
             values[key] = json.loads(value)
         except json.JSONDecodeError:
-            values[key] = value
+            values[key] = float(value) if value.strip().lower().lstrip("+-") in NON_FINITE else value
     return values
 
 

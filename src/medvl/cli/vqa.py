@@ -177,7 +177,7 @@ def vqa_command(
     _print_answer(result)
     if heatmap is not None:
         _write_heatmap(heatmap, images, result["heatmaps"], net, overwrite)
-    emit_json({"model": model.name, **result}, json_out, overwrite)
+    emit_json({"model": str(model), **result}, json_out, overwrite)
 
 
 def _nearest_cases(index: str, image: Path, k: int | None) -> list[dict[str, Any]]:

@@ -119,8 +119,11 @@ def load_model(directory: str | Path, backend: str = "torch", load_guard: bool =
 
 
 def model_directory(directory: str | Path) -> Path:
-    """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder)."""
+    """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder). A file
+    (its ``config.json``, say) is a ModelError saying so: "not a model folder (missing config.json)" would mislead."""
     directory = Path(directory)
+    if directory.is_file():
+        raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         return directory / "model"
     return directory
