@@ -158,6 +158,23 @@ def test_against_split_without_against_is_refused(audited_folder):
     assert "Image audit" not in output
 
 
+def test_audit_lists_missing_image_files_as_unreadable_while_training_still_refuses_them(audited_folder, tmp_path):
+    """One audit run lists every problem: missing files beside the damaged one, where the loader stopped at the
+    first missing file before any image was checked."""
+    (audited_folder.parent / "b.png").unlink()
+    (audited_folder.parent / "streak.png").unlink()
+    out = tmp_path / "audit.json"
+    result, output = invoke("audit", "--data", audited_folder, "--json", out, "-q")
+    assert result.exit_code == 0, output
+    audit = json.loads(out.read_text())
+    unreadable = {r["id"]: r["detail"]["unreadable"] for r in audit["records"] if "unreadable" in r["flags"]}
+    assert sorted(unreadable) == ["b", "broken", "streak"] and audit["counts"]["unreadable"] == 3
+    assert "b.png: file not found" in unreadable["b"] and "streak.png" in unreadable["streak"]
+    assert audit["n"] == 6
+    result, output = invoke("train", "--data", audited_folder, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2 and "2 of 6 image files not found" in output, output
+
+
 def test_audit_refuses_a_negative_show(audited_folder):
     """A negative --show is one line and exit 2 before any image is read (it listed no record, exit 0)."""
     result, output = invoke("audit", "--data", audited_folder, "--show", -1, "-q")

@@ -272,6 +272,19 @@ def test_a_model_that_cannot_do_a_task_is_refused_before_any_work(two_models, ph
     assert not (tmp_path / "out").exists()
 
 
+def test_one_model_given_twice_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
+    """Its run folder and its model/, or the folder through a link: every cell would be scored twice under two
+    names."""
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=[])
+    (tmp_path / "link").symlink_to(two_models[0])
+    for other in (two_models[0].parent, tmp_path / "link"):
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--model", other,
+                                "--out", tmp_path / "out", "-q")
+        message = f"the same model folder is given twice ({two_models[0]} and {other}): a suite scores each model once"
+        assert result.exit_code == 2 and message in " ".join(output.split()), output
+        assert not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_of_something_else_is_refused(two_models, phantom_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -436,6 +436,28 @@ def test_demo_refuses_a_bad_model_before_making_any_data(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--size", 5], "size must be 32-2048 pixels, got 5"),
+    (["--seed", -1], "seed"),
+    (["--model", "ct3d-tiny"], "takes 3D volumes"),
+])
+def test_a_bad_demo_rerun_leaves_the_finished_demo_as_it_was(tmp_path, args, needle):
+    """A bad --size / --seed or a 3D model is refused before the folder is touched: a finished demo keeps its
+    report and results, and a new folder is not made."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    finished = {"demo.json": '{"n": 60, "seed": 0, "size": 32, "epochs": 1, "complete": true}',
+                "results.json": '{"n": 60}', "report.html": "<html>the finished demo</html>"}
+    for name, text in finished.items():
+        (out / name).write_text(text)
+    result, output = invoke("demo", "--out", out, "--n", 60, "--epochs", 1, *args, "-q")
+    assert result.exit_code == 2 and needle in output, output
+    assert {p.name: p.read_text() for p in out.iterdir()} == finished
+    result, output = invoke("demo", "--out", tmp_path / "new", "--n", 60, "--epochs", 1, *args, "-q")
+    assert result.exit_code == 2 and needle in output, output
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_interrupted_demo_is_continued_by_the_same_command(tmp_path):
     """Ctrl-C (a real SIGINT to ``python -m medvl demo``) once the demo's data is written leaves a folder the
     demo recognises as its own: the same command then runs to the end in it."""

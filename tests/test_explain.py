@@ -535,6 +535,25 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
     assert "explanation.json: --out file exists (use --overwrite to replace it)" in output
 
 
+def test_overwrite_replaces_the_earlier_explanation_s_overlays_and_keeps_other_files(tiny_model_dir, phantom_dir,
+                                                                                    tmp_path):
+    """Three overlays, then one with --overwrite: the two the new explanation does not list go with the old
+    explanation.json; a file it never listed stays."""
+    image, out = _cardiomegaly_image(phantom_dir), tmp_path / "ex"
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--top", 3)
+    assert result.exit_code == 0, output
+    first = json.loads((out / "explanation.json").read_text())
+    assert len({f["heatmaps"]["patch_text"]["file"] for f in first["findings"]}) == 3
+    (out / "notes.png").write_bytes(b"kept")
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--top", 1, "--overwrite")
+    assert result.exit_code == 0, output
+    [finding] = json.loads((out / "explanation.json").read_text())["findings"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["explanation.json", "notes.png",
+                                                            finding["heatmaps"]["patch_text"]["file"]])
+
+
 def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_model_dir, phantom_dir, tmp_path):
     out = tmp_path / "why"
     out.mkdir()
@@ -919,3 +938,19 @@ def test_grounding_of_a_head_finds_each_class_by_name(tiny_model, phantom_dir):
     assert by_head["settings"]["occlusion"]["head"] == "finding"
     for finding, row in plain["per_finding"].items():
         assert by_head["per_finding"][finding]["occlusion"] == pytest.approx(row["occlusion"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, needed", [
+    (["--k", 7], "--k (nearest cases to list) needs --index"),
+    (["--k", -2], "--k (nearest cases to list) needs --index"),
+    (["--concept-label", "finding"], "--concept-label needs --concept-data"),
+])
+def test_an_option_that_needs_another_is_refused_without_it(tiny_model_dir, phantom_dir, tmp_path, args, needed):
+    """--k lists nearest cases of --index and --concept-label names a column of --concept-data: alone they
+    would be ignored."""
+    out = tmp_path / "ex"
+    result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir,
+                            "--method", "patch_text", "--out", out, *args)
+    assert result.exit_code == 2 and needed in output, output
+    assert not out.exists()
+

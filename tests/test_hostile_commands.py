@@ -196,6 +196,12 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--train-set", "self_supervised_epoch=2"], "unknown train config keys: ['self_supervised_epoch']"),
     (["--train-set", "epochs=3"], "epochs is given twice: --epochs 1 and --train-set epochs=3"),
     (["--train-set", "epochs"], "--train-set expects key=value"),
+    (["--text-encoder", ""], "--text-encoder: empty name"),
+    (["--train-set", "lr=nan"], "lr must be a finite number, got nan"),  # not "train.lr must be float, got str"
+    (["--train-set", "lr=-INF"], "lr must be a finite number, got -inf"),
+    (["--train-set", "lr=0.01", "--train-set", "lr=0.02"], "--train-set: lr is given twice (lr=0.01 and lr=0.02)"),
+    (["--set", "embed_dim=32", "--set", "embed_dim=64"],
+     "--set: embed_dim is given twice (embed_dim=32 and embed_dim=64)"),
     (["--label-column", "finding", "--train-set", 'label_columns=["view"]'],
      "label_columns is given twice: --label-column ['finding'] and --train-set label_columns=['view']"),
     (["--checkpoint-every", -5], "checkpoint_every"),
@@ -218,11 +224,14 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
     (["phantom", "{out}", "--n", 10, "--size", 100000], "size must be"),
     (["phantom", "{out}", "--n", 10, "--extra-finding-prob", 1.5], "extra_finding_prob"),
     (["phantom", "{out}", "--n", 10, "--extra-finding-prob", "nan"], "extra_finding_prob"),
+    (["phantom", "{out}", "--n", 10, "--seed", -1], "error: seed must be >= 0, got -1\n"),  # no internal index
     (["demo", "--out", "{out}", "--n", 5, "-q"], "n must be"),
     (["demo", "--out", "{out}", "--epochs", 0, "-q"], "epochs"),
     (["demo", "--out", "{out}", "--image-size", 5, "-q"], "image_size"),
     (["demo", "--out", "{out}", "--image-size", 12, "--model", "vit-tiny", "-q"], "patch_size"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--folds", 1, "-q"], "folds"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--model", "phantom-tiny", "--folds", 2, "--epochs", 1,
+      "--group-column", "", "-q"], "--group-column: empty column name"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", "nan", "-q"], "lr"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--epochs", -3, "-q"], "epochs"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--label-smoothing", 0.95, "-q"], "label_smoothing"),
@@ -234,6 +243,9 @@ def test_train_refuses_out_of_range_numbers_and_writes_nothing(phantom_dir, tmp_
      "--train-set seed=...: this command sets seed itself"),
     (["bench", "cv", "--data", "{data}", "-l", "finding", "--lr", 0.01, "--train-set", "lr=0.02", "-q"],
      "lr is given twice"),
+    (["bench", "cv", "--data", "{data}", "-l", "finding", "--model", "phantom-tiny", "--folds", 2, "--epochs", 1,
+      "--set", "embed_dim=32", "--set", "embed_dim=32", "-q"],
+     "--set: embed_dim is given twice"),
     (["bench", "medmnist", "--train-data", "{data}", "--test-data", "{data}", "--train-set",
       "label_columns=[\"x\"]", "-q"], "this command sets label_columns itself"),
 ])
@@ -243,6 +255,27 @@ def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args,
     result, output = invoke(*filled)
     _assert_clean_refusal(result, output, needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["predict", "{image}", "--labels", "cardiomegaly,nodule", "--label-column", ""],
+     "--label-column: empty column name"),
+    (["explain", "{image}", "--method", "patch_text", "--labels", ""], "need at least 2 distinct labels"),
+    (["explain", "{image}", "--method", "patch_text", "--labels", " , "], "need at least 2 distinct labels"),
+])
+def test_an_empty_name_is_refused_not_taken_for_the_default(trained, phantom_dir, args, needle):
+    image = phantom_dir / "images" / "phantom_00001.png"
+    result, output = invoke(*[str(a).format(image=image) for a in args], "--model", trained / "model")
+    _assert_clean_refusal(result, output, needle)
+
+
+def test_a_file_given_for_a_model_folder_is_said_to_be_a_file(trained, phantom_dir):
+    """It said "not a medvl model directory (missing config.json)" of the config.json itself."""
+    config = trained / "model" / "config.json"
+    for args in (["eval", "zero-shot", "--model", config, "--data", phantom_dir, "-q"],
+                 ["predict", phantom_dir / "images" / "phantom_00001.png", "--model", config, "--labels", "a,b"]):
+        result, output = invoke(*args)
+        _assert_clean_refusal(result, output, f"{config}: is a file, not a model folder")
 
 
 def test_linear_probe_refuses_a_zero_shot_count(trained, phantom_dir, tmp_path):

@@ -223,6 +223,16 @@ def test_export_refuses_a_folder_in_use(model_dir, tmp_path):
     assert (tmp_path / "used" / "notes.txt").read_text() == "keep"
 
 
+def test_export_refuses_an_out_inside_the_model_folder(trained_dir, tmp_path):
+    """A copy of the model written into its own folder would put a second model inside the first."""
+    model = _copy(trained_dir, tmp_path / "model")
+    before = sorted(str(p.relative_to(model)) for p in model.rglob("*"))
+    result, output = invoke("export", "onnx", "--model", model, "--out", model / "sub", "--no-int8")
+    assert result.exit_code == 2, output
+    assert f"--out lies inside {model} (--model)" in _error_line(output)
+    assert sorted(str(p.relative_to(model)) for p in model.rglob("*")) == before
+
+
 def test_an_export_that_fails_leaves_nothing_at_out_and_can_be_rerun(trained_dir, tmp_path):
     """A full disk after the model copy (the towers do not fit) leaves no half-made --out (a model without its
     export, which the rerun would refuse) and no staging folder: the same command then succeeds."""

@@ -364,6 +364,22 @@ def test_retrieved_context_is_given_and_cited(phantom_dir, dual_dir, tmp_path):
     assert result.exit_code == 2 and "missing.idx" in output and _one_error_line(result)
 
 
+def test_train_refuses_options_it_would_ignore(phantom_dir, dual_dir, tmp_path):
+    """--index without --context-k trained on the image alone, and --image-model beside --init was dropped for the
+    --init model's tower, each without a word."""
+    index = tmp_path / "cases.idx"
+    result, output = invoke("index", "build", "--model", dual_dir, "--data", phantom_dir, "--split", "train",
+                            "--out", index, "-q")
+    assert result.exit_code == 0, output
+    for args, needle in ((["--index", index, "--image-model", "phantom-tiny"], "--index needs --context-k"),
+                         (["--init", dual_dir, "--image-model", "vit-tiny"], "give --init or --image-model, not both")):
+        out = tmp_path / "never"
+        result, output = invoke("train", "report", "--data", phantom_dir, "--out", out, *args, "--epochs", 1,
+                                "--max-steps", 1, "-q", *TINY[2:])
+        assert result.exit_code == 2 and needle in output and _one_error_line(result), output
+        assert not out.exists()
+
+
 # ------------------------------------------------------------------ image towers whose last feature map is 1 pixel
 
 

@@ -148,6 +148,9 @@ def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, 
     monkeypatch.delenv("MEDVL_API_TOKENS", raising=False)
     with pytest.raises(InputError, match="no API tokens"):
         create_app(model_dir)
+    (tmp_path / "empty.txt").write_text("# no digest yet\n")
+    with pytest.raises(InputError, match="empty.txt: no API token digest in the token file"):
+        create_app(model_dir, token_file=tmp_path / "empty.txt")
     monkeypatch.setenv("MEDVL_API_TOKENS", "short")
     with pytest.raises(InputError, match="fewer than 16 characters"):
         create_app(model_dir)

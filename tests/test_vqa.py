@@ -243,6 +243,7 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
                             "--heatmap", png)
     assert result.exit_code == 0, output
     answer = json.loads(out.read_text())
+    assert answer["model"] == str(trained)  # the path as given, as every other command's JSON has it
     model = load_vqa_model(trained)
     assert answer["answer"] in model.answers and answer["alternative"] in model.answers
     assert 1.0 >= answer["probability"] >= answer["alternative_probability"] >= 0.0
@@ -303,6 +304,23 @@ def test_bad_question_is_one_line(trained, phantom, question, message):
     result, output = invoke("vqa", image, "--model", trained, "--question", question)
     assert result.exit_code == 2
     assert message in output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_k_without_an_index_is_refused(trained, phantom):
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    for k in ("3", "-7"):
+        result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a nodule?", "--k", k)
+        assert result.exit_code == 2 and "--k (nearest cases to list) needs --index" in output, output
+
+
+def test_train_refuses_init_and_image_model_together(phantom, tmp_path):
+    from medvl.models.registry import create_model
+
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--init",
+                            tmp_path / "dual", "--image-model", "vit-tiny", "--epochs", 1, "--max-steps", 1, "-q")
+    assert result.exit_code == 2 and "give --init or --image-model, not both" in output, output
+    assert not (tmp_path / "out").exists()
 
 
 def test_more_images_than_the_model_takes(trained, phantom):

@@ -50,14 +50,16 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
                     against_split: str = "all", near_distance: int = 0) -> dict[str, Any]:
     """``medvl.data.audit.audit_dataset`` of one split (default: every record, so that duplicates
     across splits show as leaks) of the dataset at ``data``; ``label``: counts per class; ``against``: the
-    images of that dataset's ``against_split`` that copy this one's (``against`` in the result);
+    images of that dataset's ``against_split`` that copy this one's (``against`` in the result; its missing image
+    files are an error);
     ``near_distance``: difference-hash bits (0-16) near duplicates may differ by."""
     from .data.audit import audit_dataset
 
     check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
     if against is None and against_split != ALL_SPLITS:
         raise InputError(f"against-split {against_split!r} needs against: the dataset whose split to compare with")
-    dataset = load_split(data, split, allow_outside_root=allow_outside_root)
+    # a manifest row whose image file is missing is listed as unreadable, as a damaged file is, not a refusal
+    dataset = load_dataset(data, allow_outside_root=allow_outside_root, keep_missing_images=True).select(split)
     other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
     result = audit_dataset(dataset, label=label, workers=workers, show_progress=show_progress, against=other,
                            near_distance=near_distance)
@@ -83,18 +85,27 @@ def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str
     return chosen[0]
 
 
+NON_FINITE = ("nan", "inf", "infinity")  # a --set / --train-set value spelt so is a number, not a string
+
+
 def parse_key_values(pairs: Sequence[str], option: str) -> dict[str, Any]:
-    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings)."""
+    """``key=value`` pairs of a repeatable option as a dict (values parsed as JSON, else kept as strings; ``nan``
+    and ``inf`` in any case are numbers, as JSON's ``NaN`` and ``Infinity`` are, so the range check names them).
+    A key given twice is an InputError (the later value would silently replace the earlier)."""
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise InputError(f"{option} expects key=value, got {pair!r}")
+        if key in given:
+            raise InputError(f"{option}: {key} is given twice ({given[key]} and {pair})")
+        given[key] = pair
         try:
             values[key] = json.loads(value)
         except json.JSONDecodeError:
-            values[key] = value
+            values[key] = float(value) if value.strip().lower().lstrip("+-") in NON_FINITE else value
     return values
 
 
@@ -102,6 +113,9 @@ def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> di
     """``key=value`` model config overrides (``--set``), plus the text encoder choice: ``bert`` (random
     init) or a pretrained name / local folder."""
     overrides = parse_key_values(pairs, "--set")
+    if text_encoder is not None and not text_encoder.strip():  # not "the recipe's encoder"
+        raise InputError("--text-encoder: empty name (bert, a shipped encoder's name or a local folder; leave the "
+                         "option out for the recipe's)")
     if text_encoder == "bert":
         overrides.update({"text.kind": "bert", "text.path": None})
     elif text_encoder:
@@ -257,32 +271,6 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
     return result
 
 
-def _check_distinct_models(paths: Sequence[PathLike]) -> None:
-    """InputError when two of an ensemble's model folders are one model: the same folder however spelled (a
-    training run folder and its ``model/``, a trailing slash, a link), or copies with the same ``config.json``
-    and ``model.safetensors`` bytes."""
-    from .io import file_sha256
-    from .models.dual import CONFIG_FILE, WEIGHTS_FILE
-    from .models.registry import model_directory
-
-    if len(paths) < 2:
-        return
-    seen: dict[object, PathLike] = {}
-    for path in paths:
-        folder = model_directory(path).resolve()
-        if folder in seen:
-            raise InputError(f"the same model folder is given twice ({seen[folder]} and {path}): an ensemble's "
-                             "members must differ")
-        seen[folder] = path
-        files = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
-        if all(f.is_file() for f in files):
-            content = tuple(file_sha256(f) for f in files)
-            if content in seen:
-                raise InputError(f"{seen[content]} and {path} hold the same model (identical {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE}): an ensemble's members must differ")
-            seen[content] = path
-
-
 def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, split: str = "test",
                        allow_outside_root: bool = False, show_progress: bool = True, backend: str = "torch",
                        bridge_data: PathLike | None = None, bridge_split: str = "train", bridge_k: int = 10,
@@ -295,10 +283,10 @@ def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, spl
     from .data.audit import content_summary
     from .eval import retrieval
     from .eval.retrieval import CaptionBridge
-    from .models.registry import load_model
+    from .models.registry import check_distinct_models, load_model
 
     paths = [model] if isinstance(model, (str, Path)) else list(model)
-    _check_distinct_models(paths)
+    check_distinct_models(paths, "an ensemble's members must differ")
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:
         raise InputError(f"--bridge-data {bridge_data} --bridge-split {bridge_split} is the scored split: the "
                          "bridge's bank must hold other images (e.g. the training split)")

@@ -13,6 +13,7 @@ import numpy as np
 from .checks import check_number
 from .data import captions_for, load_dataset
 from .data.phantom import generate_phantom
+from .data.phantom.generate import check_phantom_params
 from .embed import embed_images
 from .errors import InputError
 from .eval import linear_probe, retrieval, zero_shot
@@ -43,11 +44,15 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     check_number("n", n, minimum=MIN_CASES, integer=True)
     check_number("epochs", epochs, minimum=1, integer=True)
     check_number("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True, optional=True)
+    check_phantom_params(n, seed, size)  # --size and --seed: refused before anything in ``out`` is touched
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out}: folder exists, is not empty and is not a medvl demo folder")
     started = time.perf_counter()
     seed_everything(seed)  # the model first: a bad --model or --image-size is refused before any data is made
     model = create_model(model_name, **({"image.image_size": image_size} if image_size else {}))
+    if model.config.image.spatial_dims != 2:
+        raise InputError(f"model {model_name}: takes 3D volumes; the demo trains on 2D phantom chest radiographs "
+                         "(choose a 2D model, e.g. cxr-small or phantom-tiny)")
     previous = _read_marker(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MARKER, {**_data_fields(previous), "complete": False})

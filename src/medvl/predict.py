@@ -46,6 +46,8 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
+    if label_column is not None and not label_column.strip():  # not "the default column"
+        raise InputError("--label-column: empty column name (leave the option out for the default)")
     column, prompts = class_prompts(net, class_names, label_column, captions)
     results, guarded = [], []
     for start in range(0, len(images), batch_size):

@@ -112,6 +112,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                            self_supervised_weight=self_supervised_weight, covariates=covariates,
                            train_options=train_options)  # checks the ensemble size
     settings.train.validate()  # bad numbers fail before any data is read
+    if group_column is not None and not group_column.strip():  # not "no grouping": folds that leak patients
+        raise InputError("--group-column: empty column name (leave the option out to split without groups)")
     dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
     # a bad name or override fails here, before any training; a DICOM folder's records of the other kind are left out
     # (a registered name: cross-validation trains each fold from it; a saved model folder is refused)
@@ -121,7 +123,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
     y = class_targets(dataset, label, classes)
     settings.train.covariates = covariates_for(dataset, settings, [label])  # a bad column fails here
-    groups = _groups(dataset, group_column) if group_column else None
+    groups = _groups(dataset, group_column) if group_column is not None else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
     splits = make_folds(y, folds, seed, groups)

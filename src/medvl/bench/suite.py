@@ -447,7 +447,7 @@ def model_capabilities(directory: str | Path) -> tuple[str, set[str]]:
 
 def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
     """InputError naming the model and the task when a model cannot do a task of the suite."""
-    from ..models.registry import model_spatial_dims
+    from ..models.registry import check_distinct_models, model_spatial_dims
 
     if not models:
         raise InputError("give at least one --model")
@@ -465,3 +465,5 @@ def check_models(suite: SuiteSpec, models: list[str | Path]) -> None:
                 raise InputError(f"{model}: takes 3D volumes, and task {task.key} of {suite.source} lists check(s) "
                                  f"{', '.join(two_d)}, defined for 2D images (in the suite's checks they are skipped "
                                  "for 3D models)")
+    # the same folder only: two runs of one seeded recipe are byte-identical, and may be compared on purpose
+    check_distinct_models(models, "a suite scores each model once", copies=False)

@@ -35,13 +35,15 @@ def explain_command(
         help="Dataset to fit the concept bottleneck on (its train split, else all); needs --concepts. "
              "The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
     concept_label: Annotated[str | None, typer.Option(
-        help="Label column of --concept-data to fit on (default: its first label column).")] = None,
+        help="Label column of --concept-data to fit on (default: its first label column; needs --concept-data).")]
+        = None,
     allow_outside_root: AllowOutsideOption = False,
     bottleneck: Annotated[Path | None, typer.Option(
         help="A concept bottleneck fitted before (bottleneck.json) instead of --concept-data.")] = None,
     index: Annotated[str | None, typer.Option(
         help="Case index (folder or Postgres URL): list the nearest cases.")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 5,
+    k: Annotated[int | None, typer.Option(
+        "--k", "-k", help="Nearest cases to list with --index (default 5; needs --index).")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
@@ -78,6 +80,8 @@ def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions
     from ..errors import InputError
     from ..explain.concepts import ConceptBottleneck, fit_bottleneck, load_concepts
 
+    if concept_label is not None and concept_data is None:
+        raise InputError("--concept-label needs --concept-data (the dataset whose label column it names)")
     if bottleneck is not None:
         if concept_data is not None:
             raise InputError("give --bottleneck or --concept-data, not both")

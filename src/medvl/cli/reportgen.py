@@ -46,11 +46,13 @@ def train_report_command(
     split: Annotated[str | None, typer.Option(help="Split to train on (default: train if present, else all).")] = None,
     init: Annotated[Path | None, typer.Option(
         help="Trained dual encoder folder whose image tower (architecture and weights) starts the generator.")] = None,
-    image_model: Annotated[str, typer.Option(
-        help="Registered config whose image architecture is used at random init (without --init).")] = "cxr-small",
+    image_model: Annotated[str | None, typer.Option(
+        help="Registered config whose image architecture is used at random init (default cxr-small; not with "
+             "--init).")] = None,
     index: ContextIndexOption = None,
     context_k: Annotated[int, typer.Option(
-        help="Reports of this many nearest cases of --index given as context (0 = the image alone).")] = 0,
+        help="Reports of this many nearest cases of --index given as context (0 = the image alone; --index needs "
+             "it).")] = 0,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Records per batch.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 5e-4,
@@ -71,7 +73,7 @@ def train_report_command(
     from ..index import open_index
     from ..io import check_output_folder
     from ..train.loop import TrainConfig, check_out_dir
-    from ..train.report import train_report_generator
+    from ..train.report import check_generator_options, train_report_generator
 
     check_output_folder(out, "--out")
 
@@ -79,6 +81,7 @@ def train_report_command(
                          checkpoint_every=checkpoint_every, max_steps=max_steps)
     config.validate_numbers()
     check_out_dir(out, resume)
+    check_generator_options(image_model, init, index, context_k)  # before the data is read
     overrides = parse_overrides(set_ or [])
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index) if index else nullcontext() as opened:

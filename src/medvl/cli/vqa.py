@@ -41,8 +41,9 @@ def train_vqa_command(
              "medvl eval vqa --split heldout.")] = 0.0,
     init: Annotated[Path | None, typer.Option(
         help="A medvl dual encoder folder whose image tower starts the model.")] = None,
-    image_model: Annotated[str, typer.Option(
-        help="Without --init: the registered config whose image tower is built at random init.")] = "cxr-small",
+    image_model: Annotated[str | None, typer.Option(
+        help="Without --init: the registered config whose image tower is built at random init (default "
+             "cxr-small; not with --init).")] = None,
     question_encoder: Annotated[str, typer.Option(
         help="all-minilm-l6-v2 (shipped, frozen), dual (the --init model's text tower) or bert (random init).")]
         = "all-minilm-l6-v2",
@@ -147,7 +148,8 @@ def vqa_command(
     index: Annotated[str | None, typer.Option(
         help="A case index (medvl index build: a folder, or postgresql://user@host/db#table for pgvector): also "
              "list the nearest cases to the first image.")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Nearest cases to list with --index.")] = 3,
+    k: Annotated[int | None, typer.Option(
+        "--k", "-k", help="Nearest cases to list with --index (default 3; needs --index).")] = None,
     heatmap: Annotated[Path | None, typer.Option(
         help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
     json_out: Annotated[str | None, typer.Option(
@@ -161,6 +163,8 @@ def vqa_command(
     from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
+    if k is not None and index is None:
+        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
     if heatmap is not None and heatmap.suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
         raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap.name!r}")
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
@@ -173,13 +177,14 @@ def vqa_command(
     _print_answer(result)
     if heatmap is not None:
         _write_heatmap(heatmap, images, result["heatmaps"], net, overwrite)
-    emit_json({"model": model.name, **result}, json_out, overwrite)
+    emit_json({"model": str(model), **result}, json_out, overwrite)
 
 
-def _nearest_cases(index: str, image: Path, k: int) -> list[dict[str, Any]]:
+def _nearest_cases(index: str, image: Path, k: int | None) -> list[dict[str, Any]]:
     from ..index import index_model, open_index, search_index
     from ..index.base import check_k
 
+    k = 3 if k is None else k
     check_k(k)
     with open_index(index) as opened:
         hits = search_index(opened, index_model(opened), image=image, k=k)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
 EXPLANATION_FILE = "explanation.json"
+DEFAULT_NEIGHBOURS = 5  # nearest cases listed with an index
 
 
 def finding_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
@@ -56,7 +58,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
     config = captions_for(None, captions, model)
     if label_column is not None:
         config.check_column(label_column)
-    if not requested:
+    if labels is None:  # labels given but all blank are refused below, as predict refuses them
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
@@ -91,14 +93,16 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
 
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
-                  overwrite: bool = False, bottleneck=None, index=None, k: int = 5) -> dict[str, Any]:
+                  overwrite: bool = False, bottleneck=None, index=None, k: int | None = None) -> dict[str, Any]:
     """Explain the ``top`` most probable findings of one image file (see the module docstring):
     ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default every method the
     model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT).
 
     ``bottleneck``: a fitted ``concepts.ConceptBottleneck`` (its classes must be these);
-    ``index``: an open ``medvl.index`` index built with this model. With ``out``, overlays and
-    ``explanation.json`` are written there (existing files refused unless ``overwrite``): the overlays into a
+    ``index``: an open ``medvl.index`` index built with this model, whose ``k`` nearest cases are listed (default
+    5; ``k`` without ``index`` is an InputError, as it would be ignored). With ``out``, overlays and
+    ``explanation.json`` are written there (existing files refused unless ``overwrite``, which also removes the
+    overlays the replaced ``explanation.json`` listed and this run does not rewrite): the overlays into a
     staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
     interrupted or failed run leaves none of its files (the same command can be rerun)."""
     check_heatmap_model(model)
@@ -107,9 +111,12 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
     check_bottleneck_classes(classes, bottleneck)
+    if index is None and k is not None:
+        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
     if index is not None:  # before any file is written
         from ..index.base import check_k, check_model
 
+        k = DEFAULT_NEIGHBOURS if k is None else k
         check_k(k)
         check_model(index.info, model, index.location)
     if bottleneck is not None:
@@ -133,9 +140,12 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                     block["file"] = name
         result: dict[str, Any] = {"image": Path(image).name, **explained}
         if index is not None:
-            result["neighbours"] = nearest_cases(index, model, embedding, k)
+            result["neighbours"] = nearest_cases(index, model, embedding, k or DEFAULT_NEIGHBOURS)
         if out is not None and staging is not None:
+            earlier = _listed_overlays(out) if overwrite else set()
             _publish(staging, out, result)
+            for name in earlier - _overlay_files(result):  # the replaced explanation's own overlays, only
+                (out / name).unlink(missing_ok=True)
     return result
 
 
@@ -153,6 +163,22 @@ def _staged_overlays(out: Path | None) -> Iterator[Path | None]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _listed_overlays(out: Path) -> set[str]:
+    """The overlay files ``out/explanation.json`` lists (none when it is missing or unreadable): an explanation
+    replaced with ``overwrite`` takes them with it, so no heatmap of another run is left beside the new one."""
+    try:
+        return _overlay_files(json.loads((out / EXPLANATION_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
+def _overlay_files(explanation: dict[str, Any]) -> set[str]:
+    """The overlay file names an explanation lists (plain PNG names in its folder; anything else is not one)."""
+    blocks = [block for entry in explanation["findings"] for block in entry["heatmaps"].values()]
+    names = {block.get("file") for block in blocks if isinstance(block, dict)}
+    return {name for name in names if isinstance(name, str) and name.endswith(".png") and Path(name).name == name}
 
 
 def _publish(staging: Path, out: Path, result: dict[str, Any]) -> None:

@@ -172,6 +172,8 @@ class DualEncoder(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        if directory.is_file():
+            raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
         if not (directory / CONFIG_FILE).exists():
             raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
         try:  # read first: a damaged config.json is named as such, not as a folder missing its other files

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from .adapters import HFDualEncoder, transformers_model_type
 from .backends import load_backend, resolve_backend
 from .config import ModelConfig, Recipe
-from .dual import CONFIG_FILE, DualEncoder
+from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
 
 
 @cache
@@ -118,11 +119,36 @@ def load_model(directory: str | Path, backend: str = "torch", load_guard: bool =
 
 
 def model_directory(directory: str | Path) -> Path:
-    """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder)."""
+    """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder). A file
+    (its ``config.json``, say) is a ModelError saying so: "not a model folder (missing config.json)" would mislead."""
     directory = Path(directory)
+    if directory.is_file():
+        raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         return directory / "model"
     return directory
+
+
+def check_distinct_models(paths: Sequence[str | Path], why: str, copies: bool = True) -> None:
+    """InputError when two of ``paths`` are one model: the same folder however spelled (a training run folder and
+    its ``model/``, a trailing slash, a link), or, with ``copies``, folders with the same ``config.json`` and
+    ``model.safetensors`` bytes. ``why`` ends the message (an ensemble's members must differ; a suite scores each
+    model once)."""
+    from ..io import file_sha256
+
+    seen: dict[object, str | Path] = {}
+    for path in paths:
+        folder = model_directory(path).resolve()
+        if folder in seen:
+            raise InputError(f"the same model folder is given twice ({seen[folder]} and {path}): {why}")
+        seen[folder] = path
+        files = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
+        if copies and all(f.is_file() for f in files):
+            content = tuple(file_sha256(f) for f in files)
+            if content in seen:
+                raise InputError(f"{seen[content]} and {path} hold the same model (identical {CONFIG_FILE} and "
+                                 f"{WEIGHTS_FILE}): {why}")
+            seen[content] = path
 
 
 def is_model_dir(value: str | Path) -> bool:

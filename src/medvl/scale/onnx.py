@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..io import replace_dir, staged_for, staging_folder, write_errors_named
+from ..io import check_not_an_input, replace_dir, staged_for, staging_folder, write_errors_named
 from ..models.backends import (
     EXPORT_DIR,
     EXPORT_FILE,
@@ -78,8 +78,8 @@ class _TextTower(nn.Module):
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool = True) -> Path:
     """Export the towers of the medvl model at ``model_dir`` to ``<folder>/onnx/`` and return that.
 
-    ``out`` (a new or empty folder) receives a copy of the model files and the export, so it is a
-    complete model folder for every backend: both are written into one staging sibling of ``out``
+    ``out`` (a new or empty folder outside the model's) receives a copy of the model files and the export, so it
+    is a complete model folder for every backend: both are written into one staging sibling of ``out``
     renamed into place at the end, so an interrupted or failed export leaves nothing at ``out`` (the
     same command can be rerun). By default the export goes next to the model's own files (a previous
     export there is replaced once the new one is complete).
@@ -93,6 +93,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
                          f"{type(model).__name__}); load it with backend 'torch'")
     folder = source if out is None or Path(out).resolve() == source.resolve() else Path(out)
     if folder != source:
+        check_not_an_input(folder, "--out", {"--model": model_dir})  # a copy inside the model it copies
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise ModelError(f"{folder}: exists and is not an empty folder; choose a new --out")
         _export_with_copy(model, folder, int8)

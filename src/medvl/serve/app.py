@@ -176,6 +176,9 @@ class Loader:
 def _auth(settings: ServeSettings, digests: Sequence[str] | None, token_file, required: bool) -> TokenAuth | None:
     digests = list(digests) if digests is not None else load_digests(token_file)
     if not digests:
+        if required and token_file is not None:  # the file was given: say that it holds none
+            raise InputError(f"{token_file}: no API token digest in the token file (one SHA-256 digest per line), "
+                             "and MEDVL_API_TOKENS sets none")
         if required:
             raise InputError("no API tokens: set MEDVL_API_TOKENS (comma-separated) or give --token-file "
                              "(one SHA-256 digest per line)")

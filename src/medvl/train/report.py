@@ -34,20 +34,20 @@ DEFAULT_IMAGE_MODEL = "cxr-small"
 
 
 def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfig, *,
-                           image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+                           image_model: str | None = None, init: str | Path | None = None,
                            overrides: dict[str, Any] | None = None, index=None, context_k: int = 0,
                            resume: bool = False, show_progress: bool = True) -> ReportGenerator:
     """Train a report generator on ``dataset``'s image-report pairs; saved to ``out/model``.
 
-    ``image_model`` names a registered config whose image architecture is used at random init;
-    ``init`` is a trained dual encoder folder whose image tower (architecture and weights) is copied
-    instead. ``overrides`` are ``decoder.*`` / ``image.*`` config fields. With ``context_k`` > 0,
-    ``index`` (an open ``medvl.index`` index) gives each record the reports of its nearest cases.
+    ``image_model`` names a registered config whose image architecture is used at random init (default
+    cxr-small); ``init`` is a trained dual encoder folder whose image tower (architecture and weights) is copied
+    instead (giving both is an InputError). ``overrides`` are ``decoder.*`` / ``image.*`` config fields. With
+    ``context_k`` > 0, ``index`` (an open ``medvl.index`` index) gives each record the reports of its nearest
+    cases; ``index`` without ``context_k`` is an InputError (it would not be used).
     """
     config.validate_numbers()
     check_out_dir(Path(out), resume)
-    if context_k and index is None:
-        raise InputError("--context-k needs --index (the cases whose reports are given as context)")
+    check_generator_options(image_model, init, index, context_k)
     seed_everything(config.seed)
     settings, dual = generator_config(image_model, init, overrides, context_k)
     dataset = dataset.for_spatial_dims(settings.image.spatial_dims)  # a DICOM folder's other kind left out
@@ -69,14 +69,27 @@ def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfi
     return fit(objective, config, out, resume=resume, show_progress=show_progress)
 
 
-def build_generator(reports: list[str], image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+def check_generator_options(image_model: str | None = None, init: str | Path | None = None, index=None,
+                            context_k: int = 0) -> None:
+    """InputError for options of ``train_report_generator`` that need another or exclude one (callers check them
+    before reading any data): each would otherwise be ignored without a word."""
+    if context_k and index is None:
+        raise InputError("--context-k needs --index (the cases whose reports are given as context)")
+    if index is not None and not context_k:
+        raise InputError("--index needs --context-k (how many nearest cases' reports to give as context); "
+                         "without it the generator is trained on the image alone")
+    if init is not None and image_model is not None:
+        raise InputError("give --init or --image-model, not both (with --init the image tower is the dual encoder's)")
+
+
+def build_generator(reports: list[str], image_model: str | None = None, init: str | Path | None = None,
                     overrides: dict[str, Any] | None = None, context_k: int = 0) -> ReportGenerator:
     """A generator at random init with a vocabulary learnt from ``reports`` (see ``train_report_generator``)."""
     config, dual = generator_config(image_model, init, overrides, context_k)
     return _generator(config, reports, dual, init)
 
 
-def generator_config(image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | None = None,
+def generator_config(image_model: str | None = None, init: str | Path | None = None,
                      overrides: dict[str, Any] | None = None,
                      context_k: int = 0) -> tuple[ReportGeneratorConfig, Any]:
     """The generator's config (see ``train_report_generator``) and the dual encoder loaded from ``init``
@@ -84,13 +97,14 @@ def generator_config(image_model: str = DEFAULT_IMAGE_MODEL, init: str | Path | 
     from ..models.registry import get_config, load_model
 
     dual = None
+    check_generator_options(image_model, init)
     if init is not None:
         dual = load_model(init)
         if not hasattr(dual, "image_encoder") or not hasattr(dual.config, "image"):
             raise InputError(f"{init}: --init needs a medvl dual encoder folder (its image tower is copied)")
         image = dual.config.image
     else:
-        image = get_config(image_model).image
+        image = get_config(image_model or DEFAULT_IMAGE_MODEL).image
     settings = dict(overrides or {})
     if context_k:
         settings["decoder.context_k"] = context_k

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 QUESTION_ENCODERS = ("all-minilm-l6-v2", "dual", "bert")
 IGNORE = -100
+DEFAULT_IMAGE_MODEL = "cxr-small"  # the image tower without --init or --image-model
 
 
 @dataclass
@@ -51,7 +52,8 @@ class VQAOptions:
     """How the VQA model is built (the trainer's own settings are a ``TrainConfig``)."""
 
     init: Path | None = None  # a dual encoder folder whose image tower (and text tower, see below) start the model
-    image_model: str = "cxr-small"  # without init: the registered config whose image tower is built at random
+    image_model: str | None = None  # without init: the registered config whose image tower is built at random
+    # (None: cxr-small); not with init
     question_encoder: str = "all-minilm-l6-v2"  # all-minilm-l6-v2 (shipped, frozen) | dual (init's text tower) | bert
     image_size: int | None = None  # image side in pixels (None: the image config's own)
     hidden_size: int = 256  # fusion width
@@ -69,6 +71,9 @@ class VQAOptions:
         if self.question_encoder not in QUESTION_ENCODERS:
             raise InputError(f"question encoder must be one of {', '.join(QUESTION_ENCODERS)}, "
                              f"got {self.question_encoder!r}")
+        if self.init is not None and self.image_model is not None:
+            raise InputError("give --init or --image-model, not both (with --init the image tower is the dual "
+                             "encoder's)")
         if self.question_encoder == "dual" and self.init is None:
             raise InputError("question encoder 'dual' needs --init (a dual encoder folder)")
         check_numbers({
@@ -109,13 +114,14 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
         model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
     else:
-        image = get_config(options.image_model).image
+        image_model = options.image_model or DEFAULT_IMAGE_MODEL
+        image = get_config(image_model).image
         image.augment = options.augment
         if options.image_size:
             image.image_size = options.image_size
         config.image = image
         model = VQAModel(_with_overrides(config, options.overrides), answers)
-        model.meta["init"] = {"image_model": options.image_model}
+        model.meta["init"] = {"image_model": image_model}
     model.meta.update(answer_types=answer_types(items), prior=answer_prior(items),
                       question_types=sorted({item.question_type for item in items if item.question_type}))
     return model

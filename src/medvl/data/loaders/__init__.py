@@ -45,10 +45,12 @@ SUPPORTED_KINDS = (
 )
 
 
-def _load_folder(folder: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
+def _load_folder(folder: Path, allow_outside_root: bool, max_npz_bytes: int, keep_missing_images: bool = False
+                 ) -> Dataset:
     manifest = find_manifest(folder, allow_outside_root)
     if manifest is not None:
-        return load_manifest(manifest, allow_outside_root, sidecar_folder=folder)
+        return load_manifest(manifest, allow_outside_root, sidecar_folder=folder,
+                             keep_missing_images=keep_missing_images)
     if is_medpix_folder(folder):
         return load_medpix(folder, allow_outside_root)
     if find_report_archive(folder) is not None:
@@ -64,20 +66,20 @@ def _load_folder(folder: Path, allow_outside_root: bool, max_npz_bytes: int) -> 
     raise DataError(folder, f"unrecognised dataset folder{found}; supported: {SUPPORTED_KINDS}")
 
 
-def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int) -> Dataset:
+def _load(path: Path, allow_outside_root: bool, max_npz_bytes: int, keep_missing_images: bool = False) -> Dataset:
     if not path.exists():
         raise DataError(path, "dataset path not found")
     if path.is_dir():
-        return _load_folder(path, allow_outside_root, max_npz_bytes)
+        return _load_folder(path, allow_outside_root, max_npz_bytes, keep_missing_images)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
-        return load_manifest(path, allow_outside_root)
+        return load_manifest(path, allow_outside_root, keep_missing_images=keep_missing_images)
     if suffix == ".npz":
         return load_npz(path, max_bytes=max_npz_bytes)
     if is_report_archive(path):
         return load_iu_xray(path)
     if path.name == SIDECAR_NAME:  # the file that makes its folder a manifest dataset, not a VQA question file
-        return _load_folder(path.parent, allow_outside_root, max_npz_bytes)
+        return _load_folder(path.parent, allow_outside_root, max_npz_bytes, keep_missing_images)
     if suffix == ".json":
         return load_vqa_dataset(path, allow_outside_root=allow_outside_root)
     raise DataError(path, f"unrecognised dataset file {suffix or '(no suffix)'!r}; "
@@ -113,7 +115,8 @@ def _canonical_label(value: str) -> str:
 
 
 def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
-                 allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES) -> Dataset:
+                 allow_outside_root: bool = False, max_npz_bytes: int = MAX_NPZ_BYTES,
+                 keep_missing_images: bool = False) -> Dataset:
     """Load the dataset at ``path`` (see ``SUPPORTED_KINDS``).
 
     ``path`` may name a folder's ``dataset.json`` (the folder is loaded). With ``label_columns`` (a list of
@@ -122,6 +125,8 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     available columns. Files named by the dataset that resolve outside its folder are a
     ``DataError`` (with their count) unless ``allow_outside_root`` (``--allow-outside-root``).
     ``max_npz_bytes`` caps the array bytes an ``.npz`` may declare (see ``medvl.data.loaders.npz``).
+    ``keep_missing_images``: a manifest's rows whose image file is missing are kept as records (for an audit,
+    which lists them as unreadable) instead of being an error.
     """
     if isinstance(label_columns, str | bytes):  # list() would split it into letters: columns never named
         raise InputError(f"label_columns must be a list of column names, got a {type(label_columns).__name__} "
@@ -130,7 +135,7 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
     repeated = sorted({column for column in columns if columns.count(column) > 1})
     if repeated:
         raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
-    dataset = _load(Path(path), allow_outside_root, max_npz_bytes)
+    dataset = _load(Path(path), allow_outside_root, max_npz_bytes, keep_missing_images)
     log.info("%s: %d records, splits %s, label columns %s", dataset.source, len(dataset),
              dataset.splits, dataset.label_names)
     for column, groups in label_variants(dataset).items():

@@ -452,7 +452,8 @@ def _check_reserved_split(path: Path, rows: list[Row], column: str | None) -> No
 
 
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
-                   allow_outside_root: bool = False) -> tuple[list[Record], list[str]]:
+                   allow_outside_root: bool = False, keep_missing_images: bool = False
+                   ) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
     _check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
@@ -474,7 +475,7 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
             raise DataError(path, f"duplicate id {record.id!r} on lines {first_line[record.id]} "
                                   f"and {line}")
         first_line[record.id] = line
-        if exists:
+        if exists or keep_missing_images:
             records.append(record)
     check_inside_root(path, path.parent, images, allow_outside_root)
     if not_files:  # a folder would load as a record and fail only when its image is read (audit, training)
@@ -482,11 +483,14 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
         kind = "a folder" if image.is_dir() else "not a regular file"
         raise DataError(path, f"{len(not_files)} of {len(rows)} image cells name something that is not an image "
                               f"file; first: line {line}: {image} is {kind}")
-    if missing and (not skip_missing_images or not records):
+    if missing and keep_missing_images:
+        log.warning("%s: %d of %d image files not found (first: line %d); their records are kept", path,
+                    len(missing), len(rows), missing[0][0])
+    elif missing and (not skip_missing_images or not records):
         line, image = missing[0]
         raise DataError(path, f"{len(missing)} of {len(rows)} image files not found; "
                               f"first: line {line}: {image}")
-    if missing:
+    elif missing:
         log.warning("%s: skipped %d of %d rows whose image file is missing (first: line %d)",
                     path, len(missing), len(rows), missing[0][0])
     if roles["text"] and any(record.text is None for record in records):
@@ -495,13 +499,14 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     return records, labels
 
 
-def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_folder: str | Path | None = None
-                  ) -> Dataset:
+def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_folder: str | Path | None = None,
+                  keep_missing_images: bool = False) -> Dataset:
     """Load a ``.csv`` or ``.jsonl`` manifest (see the module docstring for the columns).
 
     Image paths resolving outside the manifest's folder are refused unless ``allow_outside_root``.
     ``sidecar_folder``: the folder whose ``dataset.json`` named this manifest (``find_manifest``), which may be
-    above the manifest's own folder; default the manifest's folder.
+    above the manifest's own folder; default the manifest's folder. ``keep_missing_images``: rows whose image file
+    is missing are kept as records (counted in a warning; reading their image fails) instead of being an error.
     """
     path = Path(path)
     folder = path.parent if sidecar_folder is None else Path(sidecar_folder)
@@ -517,7 +522,7 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
-                                     allow_outside_root)
+                                     allow_outside_root, keep_missing_images)
     no_text = known.no_text if known else frozenset()
     for record in records:
         if record.text is not None and record.text.strip() in no_text:

@@ -917,8 +917,9 @@ def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float,
     for name, value in (("seed", seed), ("index", index), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise InputError(f"{name} must be an integer, got {value!r}")
-    if seed < 0 or index < 0:
-        raise InputError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    for name, value in (("seed", seed), ("index", index)):  # each named alone: index is the library's, not an option
+        if value < 0:
+            raise InputError(f"{name} must be >= 0, got {value}")
     low, high = size_range
     if size < low or (high is not None and size > high):
         bounds = f">= {low}" if high is None else f"{low}-{high}"

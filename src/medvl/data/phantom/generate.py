@@ -228,7 +228,9 @@ def _check_shortcut(shortcut: float | None, kind: str, vqa: bool) -> None:
         raise InputError("shortcut markers are for image classification data; generate the VQA set without them")
 
 
-def _check_params(n: int, seed: int, size: int, extra_finding_prob: float, kind: str = "cxr2d") -> None:
+def check_phantom_params(n: int, seed: int, size: int, extra_finding_prob: float = 0.0, kind: str = "cxr2d") -> None:
+    """Raise InputError unless ``generate_phantom`` accepts these numbers (callers that write elsewhere first
+    check them before touching anything)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}")
     (ct3d.check_case_args if kind == "ct3d" else check_case_args)(seed, 0, size, extra_finding_prob)
@@ -342,7 +344,7 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
     split_fractions = _check_splits(splits)
-    _check_params(n, seed, size, extra_finding_prob, kind)
+    check_phantom_params(n, seed, size, extra_finding_prob, kind)
     _check_target(out_dir, overwrite)
     split_of = assign_splits(int(n), int(seed), split_fractions)
     what = "phantom CT volumes" if kind == "ct3d" else "phantom radiographs"
