@@ -944,6 +944,8 @@ def test_grounding_of_a_head_finds_each_class_by_name(tiny_model, phantom_dir):
     (["--k", 7], "--k (nearest cases to list) needs --index"),
     (["--k", -2], "--k (nearest cases to list) needs --index"),
     (["--concept-label", "finding"], "--concept-label needs --concept-data"),
+    # refused before the concept data is read and a bottleneck fitted on it (the slow part), not after
+    (["--k", 3, "--concepts", "chest_xray", "--concept-data", "no-such-folder"], "--k (nearest cases to list) needs"),
 ])
 def test_an_option_that_needs_another_is_refused_without_it(tiny_model_dir, phantom_dir, tmp_path, args, needed):
     """--k lists nearest cases of --index and --concept-label names a column of --concept-data: alone they

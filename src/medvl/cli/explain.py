@@ -48,7 +48,7 @@ def explain_command(
 ) -> None:
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
-    from ..explain.explanation import EXPLANATION_FILE
+    from ..explain.explanation import EXPLANATION_FILE, check_neighbour_options
     from ..explain.heatmaps import check_heatmap_model, check_methods
     from ..io import check_output_file, check_output_folder
     from ..models.registry import load_model
@@ -62,6 +62,7 @@ def explain_command(
         for path in (saved, out / EXPLANATION_FILE):
             if path is not None:
                 check_output_file(path, overwrite, "--out", inputs)
+    check_neighbour_options(index, k)  # before a bottleneck is fitted (slow)
     if method:
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)

@@ -91,6 +91,17 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
     return [out / f"{stem}_{_safe(name)}_{method}.png" for name in classes for method in methods]
 
 
+def check_neighbour_options(index, k: int | None) -> None:
+    """InputError for ``k`` without ``index`` (it would be ignored) or out of range; the CLI calls it before a
+    concept bottleneck is fitted (slow), ``explain_image`` again."""
+    from ..index.base import check_k
+
+    if index is None and k is not None:
+        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
+    if k is not None:
+        check_k(k)
+
+
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
                   overwrite: bool = False, bottleneck=None, index=None, k: int | None = None) -> dict[str, Any]:
@@ -111,13 +122,11 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
     check_bottleneck_classes(classes, bottleneck)
-    if index is None and k is not None:
-        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
+    check_neighbour_options(index, k)
     if index is not None:  # before any file is written
-        from ..index.base import check_k, check_model
+        from ..index.base import check_model
 
         k = DEFAULT_NEIGHBOURS if k is None else k
-        check_k(k)
         check_model(index.info, model, index.location)
     if bottleneck is not None:
         bottleneck.check_model(model)
