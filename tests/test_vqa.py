@@ -311,6 +311,10 @@ def test_k_without_an_index_is_refused(trained, phantom):
     for k in ("3", "-7"):
         result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a nodule?", "--k", k)
         assert result.exit_code == 2 and "--k (nearest cases to list) needs --index" in output, output
+    # with an index, a k out of range is refused before the model is loaded and answers (it was checked after)
+    result, output = invoke("vqa", image, "--model", phantom / "no-model", "--question", "Is there a nodule?",
+                            "--index", phantom / "no-index", "--k", "0")
+    assert result.exit_code == 2 and "k must be >= 1" in output, output
 
 
 def test_train_refuses_init_and_image_model_together(phantom, tmp_path):

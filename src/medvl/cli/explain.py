@@ -48,8 +48,9 @@ def explain_command(
 ) -> None:
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
-    from ..explain.explanation import EXPLANATION_FILE, check_neighbour_options
+    from ..explain.explanation import EXPLANATION_FILE
     from ..explain.heatmaps import check_heatmap_model, check_methods
+    from ..index.base import check_neighbour_options
     from ..io import check_output_file, check_output_folder
     from ..models.registry import load_model
 

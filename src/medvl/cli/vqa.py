@@ -25,6 +25,7 @@ from .common import (
 from .eval import eval_app
 from .train import train_app
 
+VQA_NEIGHBOURS = 3  # nearest cases listed with --index when --k is not given
 DataOption = Annotated[Path, typer.Option(
     help="A VQA question file (VQA-RAD / SLAKE JSON) or a folder of them (one split per file).")]
 
@@ -149,7 +150,7 @@ def vqa_command(
         help="A case index (medvl index build: a folder, or postgresql://user@host/db#table for pgvector): also "
              "list the nearest cases to the first image.")] = None,
     k: Annotated[int | None, typer.Option(
-        "--k", "-k", help="Nearest cases to list with --index (default 3; needs --index).")] = None,
+        "--k", "-k", help=f"Nearest cases to list with --index (default {VQA_NEIGHBOURS}; needs --index).")] = None,
     heatmap: Annotated[Path | None, typer.Option(
         help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
     json_out: Annotated[str | None, typer.Option(
@@ -160,11 +161,11 @@ def vqa_command(
     an attention heatmap and (with --index) the nearest cases."""
     from ..errors import InputError
     from ..eval.vqa import answer_with_rationale, check_question
+    from ..index.base import check_neighbour_options
     from ..models.vqa import VQAModel, load_vqa_model
 
     check_question(question)
-    if k is not None and index is None:
-        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
+    check_neighbour_options(index, k)  # before the model answers
     if heatmap is not None and heatmap.suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
         raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap.name!r}")
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
@@ -182,10 +183,8 @@ def vqa_command(
 
 def _nearest_cases(index: str, image: Path, k: int | None) -> list[dict[str, Any]]:
     from ..index import index_model, open_index, search_index
-    from ..index.base import check_k
 
-    k = 3 if k is None else k
-    check_k(k)
+    k = VQA_NEIGHBOURS if k is None else k
     with open_index(index) as opened:
         hits = search_index(opened, index_model(opened), image=image, k=k)
     return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels} for hit in hits]

@@ -30,6 +30,7 @@ from ..data.audit import input_flags
 from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
+from ..index.base import check_neighbour_options
 from ..io import check_output_file, write_errors_named, write_json
 from ..models.ood import embed_checked
 from ..predict import class_prompts, prompt_warnings
@@ -91,17 +92,6 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
     return [out / f"{stem}_{_safe(name)}_{method}.png" for name in classes for method in methods]
 
 
-def check_neighbour_options(index, k: int | None) -> None:
-    """InputError for ``k`` without ``index`` (it would be ignored) or out of range; the CLI calls it before a
-    concept bottleneck is fitted (slow), ``explain_image`` again."""
-    from ..index.base import check_k
-
-    if index is None and k is not None:
-        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
-    if k is not None:
-        check_k(k)
-
-
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
                   overwrite: bool = False, bottleneck=None, index=None, k: int | None = None) -> dict[str, Any]:
@@ -122,7 +112,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
     check_bottleneck_classes(classes, bottleneck)
-    check_neighbour_options(index, k)
+    check_neighbour_options(index, k)  # the CLI calls it too, before a bottleneck is fitted
     if index is not None:  # before any file is written
         from ..index.base import check_model
 

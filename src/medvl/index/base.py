@@ -281,6 +281,15 @@ def check_k(k: int) -> None:
     check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
 
 
+def check_neighbour_options(index: object, k: int | None) -> None:
+    """InputError for ``k`` (nearest cases to list) without ``index`` (it would be ignored) or out of range; a
+    command calls it before its slow work (``medvl explain``, ``medvl vqa``)."""
+    if index is None and k is not None:
+        raise InputError("--k (nearest cases to list) needs --index (the case index to search)")
+    if k is not None:
+        check_k(k)
+
+
 def path_sha256(path: str | Path) -> str:
     """SHA-256 of a path made absolute: tells whether two indexes came from the same place without
     naming it (a guessed path can still be confirmed, so it is not a secret). The path's bytes are hashed: a
