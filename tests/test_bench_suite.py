@@ -833,6 +833,7 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     for row in rows:  # site: the abnormal films (one class of no_finding) and the normal ones (fewer than 10)
         row["site"] = "x" if row["split"] != "test" else ("A" if row["no_finding"] == "0" else "small")
         row["age"] = "n/a" if row["split"] == "test" else row["age"]
+        row["ward"] = "" if row["split"] == "test" else "W1"  # a column no scored record fills: failed mid-run
     with (data / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -840,7 +841,7 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     normal = sum(row["no_finding"] == "1" for row in test)
     assert 0 < normal < 10 <= len(test) - normal  # what the site column is made of
     spec = {"path": str(data), "split": "test", "train_split": "train", "label": "no_finding",
-            "subgroups": ["sex", "age", "site"]}
+            "subgroups": ["sex", "age", "site", "ward"]}
     suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
                         tasks=[{"task": "linear-probe", "dataset": "phantom", "covariates": "none"}])
     result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
@@ -858,6 +859,7 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
                                           "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
     assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()
+    assert skipped["subgroups: ward"] == f"none of the {len(test)} scored records has a value"
 
 
 def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_its_folder(two_models, tmp_path):

@@ -913,11 +913,17 @@ def _check_sanity(ctx: _Context, scored: _Scored) -> None:
 
 
 def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
-    from ..eval.subgroups import groups_from_records, subgroup_metrics
+    from ..eval.subgroups import groups_from_records, subgroup_metrics, valued_columns
 
-    columns = ctx.data.spec.subgroups
-    if not columns:
+    if not ctx.data.spec.subgroups:
         ctx.skipped["subgroups"] = "the dataset names no subgroup columns"
+        return
+    # a column of the dataset that no record of the scored split fills: skipped, not a failure mid-run
+    columns = valued_columns(scored.dataset.records, ctx.data.spec.subgroups)
+    for column in ctx.data.spec.subgroups:
+        if column not in columns:
+            ctx.skipped[f"subgroups: {column}"] = f"none of the {len(scored.dataset)} scored records has a value"
+    if not columns:
         return
     groups = groups_from_records(scored.dataset.records, columns)
     result = subgroup_metrics(scored.y_true, scored.probabilities, groups, resamples=ctx.suite.bootstrap,

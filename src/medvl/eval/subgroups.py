@@ -94,6 +94,14 @@ def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> di
     return result
 
 
+def valued_columns(records: Iterable[Record], columns: Sequence[str]) -> list[str]:
+    """The ``columns`` at least one of ``records`` has a value for (in its labels or meta): those
+    ``groups_from_records`` can group by."""
+    records = list(records)
+    return [column for column in columns
+            if any(not _missing(r.labels.get(column, r.meta.get(column))) for r in records)]
+
+
 def _missing(value: Any) -> bool:
     if value is None:
         return True
