@@ -205,6 +205,26 @@ def test_a_dataset_of_the_training_files_is_the_training_data_however_named(phan
     assert trained_on_scored(model, load_dataset(phantom / "vqa" / "test.json")) is None
 
 
+def test_a_run_started_with_the_default_image_model_resumes_with_or_without_init(phantom, tmp_path):
+    """Runs have always recorded image_model 'cxr-small' when none was given, with --init too. When the option's
+    default became None (to tell it from one given beside --init), such runs could not be resumed: 'changes
+    image_model 'cxr-small' -> None', and with --init no command could resume them."""
+    from medvl.models.registry import create_model
+
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+    small = TINY[4:]  # without --image-model phantom-tiny --image-size 32
+    assert TINY[:4] == ["--image-model", "phantom-tiny", "--image-size", "32"]
+    for name, extra in (("plain", ["--max-steps", "1", "--image-size", "32"]), ("init", ["--init", tmp_path / "dual"])):
+        out = tmp_path / name
+        train = ("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1", *extra, *small)
+        result, output = invoke(*train)
+        assert result.exit_code == 0, output
+        settings = json.loads((out / "train_config.json").read_text())
+        assert settings["vqa"]["image_model"] == "cxr-small"  # as every run before recorded it
+        result, output = invoke(*train, "--resume")
+        assert result.exit_code == 0, output
+
+
 def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tmp_path):
     """--resume continues the run with the settings and questions it was started with: another --image-lr-scale
     (another optimizer layout) or edited answers are one-line refusals, not a traceback or a silent mix."""
