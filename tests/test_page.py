@@ -293,7 +293,9 @@ def check_explain(page, expected: dict) -> None:
         shown = shown_rgba(page, f"#preview img.overlay[data-method={method}]")
         sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap["png"]))).convert("RGBA"))
         assert shown.shape == sent.shape and shown.shape[:2] == tuple(expected["overlay"]["shape"])
-        assert np.array_equal(shown[..., 3], sent[..., 3])
+        # the same overlay: its alpha within one level (an explanation computed beside the page's other requests
+        # can round a weight on the 0.5 boundary the other way; 2 of 215,552 pixels did once)
+        assert np.abs(shown[..., 3].astype(int) - sent[..., 3].astype(int)).max() <= 1
         opaque = sent[..., 3] >= 64  # the canvas keeps premultiplied colours: compare where they survive
         assert np.abs(shown[..., :3][opaque].astype(int) - sent[..., :3][opaque]).max() <= 4
         base = page.locator("#preview img:not(.overlay)").bounding_box()
