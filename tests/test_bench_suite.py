@@ -774,7 +774,7 @@ def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_mod
     assert "No check flagged any model." not in report and all(line in first for line in lines)
 
 
-@pytest.mark.parametrize("task", ["zero-shot", "linear-probe"])
+@pytest.mark.parametrize("task", ["zero-shot", "linear-probe", "few-shot"])
 def test_a_scored_split_of_one_class_is_refused_before_any_work(task, two_models, phantom_dir, tmp_path):
     """AUC, the headline row with its interval, needs two classes: a scored split holding one class of the label
     is one line naming the suite, the task, the split, the data and the class, before anything is written."""

@@ -294,7 +294,8 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
     (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
     (``eval.covariates.check_covariates``), the classes of a zero-shot task's scored and calibration splits
     (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split), and a scored split of a
-    zero-shot or linear-probe task that holds one class of its label (its AUC, the headline row, is undefined)."""
+    zero-shot, linear-probe or few-shot task that holds one class of its label (its AUC, the headline row, is
+    undefined)."""
     from ..eval.covariates import check_covariates
     from ..eval.linear_probe import probe_classes
     from ..eval.zero_shot import label_classes, zero_shot_classes
@@ -303,7 +304,7 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
         spec = suite.datasets[task.dataset]
         label = task.label or spec.label
         source = suite.datasets[task.train_dataset or task.dataset]
-        if task.task in ("zero-shot", "linear-probe") and label and prepared[task.dataset].dataset is not None:
+        if task.task in AUC_TASKS and label and prepared[task.dataset].dataset is not None:
             _check_two_classes(suite, task, prepared[task.dataset].split(spec.split), label)
         if (task.task in ("linear-probe", "few-shot") and label and source.train_split
                 and prepared[source.name].dataset is not None and prepared[task.dataset].dataset is not None):
@@ -325,6 +326,9 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
                 zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
             except InputError as error:
                 raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: {error}") from None
+
+
+AUC_TASKS = ("zero-shot", "linear-probe", "few-shot")  # tasks whose headline is an AUC: a one-class split is refused
 
 
 def _check_two_classes(suite: SuiteSpec, task: TaskSpec, scored, label: str) -> None:
