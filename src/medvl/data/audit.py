@@ -357,10 +357,14 @@ def _same_pictures(checks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             i = parent[i]
         return i
 
-    for i in range(len(checks)):
-        for j in range(i + 1, len(checks)):
-            if root(i) != root(j) and same_picture(checks[i]["thumbnail"], checks[j]["thumbnail"]):
-                parent[root(j)] = root(i)
+    thumbnails = np.stack([c["thumbnail"] for c in checks]).reshape(len(checks), -1).astype(np.float32)
+    for i in range(len(checks) - 1):  # one row of pairs at a time: a hash bucket can hold thousands of files
+        rest = np.array([j for j in range(i + 1, len(checks)) if root(j) != root(i)], dtype=int)
+        if not len(rest):
+            continue
+        close = np.percentile(np.abs(thumbnails[rest] - thumbnails[i]), 95, axis=1) < NEAR_LEVELS  # same_picture
+        for j in rest[close]:
+            parent[root(int(j))] = root(i)
     linked: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for i, check in enumerate(checks):
         linked[root(i)].append(check)
