@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .data import CaptionConfig, captions_for
 from .data.audit import input_flags, warn_without_content
 from .errors import InputError
 from .eval.ood import warn_flagged
 from .eval.zero_shot import zero_shot_probabilities
 from .models.dual import DualEncoder
+from .models.ood import embed_checked
 from .models.registry import load_model
 
 
@@ -53,14 +52,9 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
         pixels = net.preprocessor.load_many(chunk)  # read once: checked as the model sees it, then encoded
-        if getattr(net, "ood", None) is not None:  # backbone features for the guard, projected for the answer
-            features = net.encode_images(pixels, features=True)
-            with torch.no_grad():
-                embeddings = net.embed_image_features(features)
-        else:
-            features = embeddings = net.encode_images(pixels)
+        embeddings, flags = embed_checked(net, pixels)  # the guard's flags (if any) from the same pass
         probabilities = zero_shot_probabilities(net, embeddings, prompts)
-        for path, row, flag, image in zip(chunk, probabilities, ood_flags(net, features), pixels, strict=True):
+        for path, row, flag, image in zip(chunk, probabilities, flags, pixels, strict=True):
             scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
             results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
                             "probabilities": scores, "input_flags": input_flags(image.numpy()), **flag})
@@ -78,13 +72,6 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     if len(distinct) < 2:
         raise InputError(f"need at least 2 distinct labels, got {distinct}")
     return distinct
-
-
-def ood_flags(net, features) -> list[dict]:
-    """Each image's OOD score and flag from its backbone features (``models.ood``); empty dicts when
-    the model has no guard."""
-    guard = getattr(net, "ood", None)
-    return guard.check(features) if guard is not None else [{} for _ in range(len(features))]
 
 
 def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: str | None = None,

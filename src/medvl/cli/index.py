@@ -267,15 +267,13 @@ def _query_checks(net, pixels: torch.Tensor | None) -> dict:
     and, when the model has a guard (``medvl ood fit``), its OOD score and flag; {} for a text query."""
     if pixels is None:
         return {}
-    import torch
 
     from ..data.audit import input_flags
-    from ..predict import ood_flags
+    from ..models.ood import embed_checked
 
     checks: dict = {"input_flags": input_flags(pixels.numpy())}
     if getattr(net, "ood", None) is not None:
-        with torch.no_grad():
-            checks.update(ood_flags(net, net.encode_images(pixels[None], features=True))[0])
+        checks.update(embed_checked(net, pixels[None])[1][0])
     return checks
 
 
