@@ -172,8 +172,7 @@ class DualEncoder(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if directory.is_file():
-            raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
+        refuse_a_file(directory)
         if not (directory / CONFIG_FILE).exists():
             raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
         try:  # read first: a damaged config.json is named as such, not as a folder missing its other files
@@ -324,3 +323,10 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
     return [name for name, tensor in state.items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def refuse_a_file(directory: Path) -> None:
+    """ModelError when a model folder's path names a file (its ``config.json``, say): "not a model folder
+    (missing config.json)" would mislead."""
+    if directory.is_file():
+        raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")

@@ -14,7 +14,7 @@ from ..errors import InputError, ModelError
 from .adapters import HFDualEncoder, transformers_model_type
 from .backends import load_backend, resolve_backend
 from .config import ModelConfig, Recipe
-from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
+from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder, refuse_a_file
 
 
 @cache
@@ -122,8 +122,7 @@ def model_directory(directory: str | Path) -> Path:
     """The folder holding the model files: ``directory``, or its ``model/`` (a ``train`` output folder). A file
     (its ``config.json``, say) is a ModelError saying so: "not a model folder (missing config.json)" would mislead."""
     directory = Path(directory)
-    if directory.is_file():
-        raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
+    refuse_a_file(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
         return directory / "model"
     return directory
