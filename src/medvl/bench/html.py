@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..report import figure_to_data_uri, write_html
+from .runner import skip_line
 
 Figure = Any
 
@@ -81,12 +82,8 @@ def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
         return "<p class='ok'>No check flagged any model.</p>"
     if skipped:
         text += "<p class='note'>Not run:</p><ul class='skipped'>" + "".join(
-            f"<li>{html.escape(_skip_line(skip))}</li>" for skip in skipped) + "</ul>"
+            f"<li>{html.escape(skip_line(skip))}</li>" for skip in skipped) + "</ul>"
     return text
-
-
-def _skip_line(skip: dict[str, str]) -> str:
-    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
 
 
 def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:

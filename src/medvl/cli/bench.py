@@ -58,6 +58,8 @@ def bench_run(
 
 
 def print_suite_summary(result: dict, out: Path) -> None:
+    from ..bench.runner import skip_line
+
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
                 for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
     cells = result["cells"]
@@ -68,8 +70,7 @@ def print_suite_summary(result: dict, out: Path) -> None:
     for flag in result["flags"]:
         console.print(f"[yellow]flag[/yellow] {escape(flag)}", markup=True)
     for skip in result["skipped"]:
-        console.print(f"skipped {escape(skip['model'])} / {escape(skip['key'])} / {escape(skip['check'])}: "
-                      f"{escape(skip['reason'])}", markup=True)
+        console.print(f"skipped {escape(skip_line(skip))}", markup=True)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
