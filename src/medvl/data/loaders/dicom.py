@@ -68,7 +68,7 @@ import numpy as np
 from ...clinical.formats import uid_hash
 from ...errors import DataError
 from ..record import ALL_SPLITS, Dataset, Record
-from .manifest import read_csv_table
+from .manifest import check_reserved_split, read_csv_table
 from .roots import OPT_IN, outside_root
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ def _apply_labels(records: list[tuple[Record, dict[str, str]]], labels: _Labels)
 
 
 def _check_splits(records: list[tuple[Record, dict[str, str]]], labels: _Labels, used: set[str]) -> None:
-    """The rules of a manifest's split column (``manifest._check_reserved_split``) for the rows of a split column
+    """The rules of a manifest's split column (``manifest.check_reserved_split``) for the rows of a split column
     where some rows name other splits: an empty split cell, or the split ``all`` (the reserved name for every
     record), is a ``DataError``: those records could not be selected alone, and ``--split all`` would take the
     other splits in too. (Records without a row are unlabelled and stay in ``all``, as documented.)"""
@@ -406,12 +406,8 @@ def _check_splits(records: list[tuple[Record, dict[str, str]]], labels: _Labels,
     for value in rows:
         if labels.split_column not in labels.rows[value]:
             raise DataError(labels.path, f"line {labels.lines[value]}: empty {labels.split_column!r} cell")
-    reserved = [labels.lines[value] for value in rows if labels.rows[value][labels.split_column] == ALL_SPLITS]
-    if reserved:
-        raise DataError(labels.path, f"{len(reserved)} of {len(rows)} rows have the split {ALL_SPLITS!r} (first: "
-                                     f"line {reserved[0]}) beside other splits; {ALL_SPLITS!r} is the reserved name "
-                                     "for every record (--split all), so they could not be selected alone: rename "
-                                     "their split")
+    check_reserved_split(labels.path, [(labels.lines[value], labels.rows[value]) for value in rows],
+                         labels.split_column)
 
 
 # ----------------------------------------------------------------------------------- loader

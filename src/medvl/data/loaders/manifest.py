@@ -438,7 +438,7 @@ def _default_id(image_value: str, image: Path, root: Path) -> str:
         return "file-" + hashlib.sha256(image_value.encode()).hexdigest()[:16]
 
 
-def _check_reserved_split(path: Path, rows: list[Row], column: str | None) -> None:
+def check_reserved_split(path: Path, rows: list[Row], column: str | None) -> None:
     """A DataError when some rows, not all, have the split ``all``: ``--split all`` (``Dataset.select``) means
     every record, so those rows could never be selected alone, and ``--split all`` would silently take the other
     splits (a test split) too. Every row ``all`` is one split, as a manifest without a split column is."""
@@ -455,7 +455,7 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
                    allow_outside_root: bool = False, keep_missing_images: bool = False
                    ) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
-    _check_reserved_split(path, rows, roles["split"])
+    check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
