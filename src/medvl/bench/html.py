@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from ..report import figure_to_data_uri, write_html
-from .runner import skip_line
 
 Figure = Any
 
@@ -84,6 +83,11 @@ def _flags(flags: list[str], skipped: list[dict[str, str]]) -> str:
         text += "<p class='note'>Not run:</p><ul class='skipped'>" + "".join(
             f"<li>{html.escape(skip_line(skip))}</li>" for skip in skipped) + "</ul>"
     return text
+
+
+def skip_line(skip: dict[str, str]) -> str:
+    """One ``runner.skipped_checks`` entry as a line of text (the report and the CLI summary)."""
+    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
 
 
 def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:

@@ -431,11 +431,6 @@ def skipped_checks(cells: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
             for cell in cells for check, reason in cell["skipped"].items()]
 
 
-def skip_line(skip: dict[str, str]) -> str:
-    """One ``skipped_checks`` entry as a line of text (the CLI summary and the report)."""
-    return f"{skip['model']} / {skip['key']} / {skip['check']}: {skip['reason']}"
-
-
 @functools.cache
 def code_digest() -> str:
     """SHA-256 of medvl's own source (every .py and .yaml file of the package): a cell computed by other

@@ -58,7 +58,7 @@ def bench_run(
 
 
 def print_suite_summary(result: dict, out: Path) -> None:
-    from ..bench.runner import skip_line
+    from ..bench.html import skip_line
 
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
                 for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
