@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(24)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(26)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -533,6 +533,52 @@ def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, 
     assert overlay.evaluate(size) == page.locator("#preview img[data-source=service]").evaluate(size)
     previews = [url for url in watch.requests if url.endswith("/v1/preview")]
     assert len(previews) == 3  # one per window chosen; the other panels were not asked again
+
+
+def test_an_mr_dicom_is_shown_in_its_own_window_and_the_ct_presets_are_not_offered_for_it(page, watch):
+    """The page offered the lung, bone, ... presets (CT windows in HU) for an MR file: each choice was refused."""
+    pydicom_data = pytest.importorskip("pydicom.data")
+    connect(page, TOKENS[23])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    presets = page.locator("#window option:not([value=''])")
+    page.locator("#file").set_input_files(Path(pydicom_data.get_testdata_file("MR_small.dcm")))
+    page.locator("#preview img[data-source=service][data-window=file]").wait_for(timeout=ANSWER_MS)
+    assert presets.count() > 0 and all(option.is_disabled() for option in presets.all())
+    assert "CT windows in HU" in page.locator("#preview-info").inner_text()
+    page.locator("#file").set_input_files(Path(pydicom_data.get_testdata_file("CT_small.dcm")))
+    page.locator("#preview img[data-source=service][data-window=none]").wait_for(timeout=ANSWER_MS)
+    assert not any(option.is_disabled() for option in presets.all())
+    assert "CT windows" not in page.locator("#preview-info").inner_text()
+    page.get_by_label("Window").select_option("lung")
+    page.locator("#preview img[data-source=service][data-window=lung]").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page)
+    assert not [url for url in watch.requests if url.endswith("/v1/preview")][3:]  # MR, CT, CT in the lung window
+
+
+def test_a_file_over_the_services_upload_limit_is_not_sent(page, watch, chest_xray):
+    """A file over the limit was uploaded whole to every route, each refusing it (413) after the upload."""
+    limit = chest_xray.stat().st_size - 1
+
+    def smaller_limit(route):
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["limits"]["max_upload_bytes"] = limit
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", smaller_limit)
+    connect(page, TOKENS[24])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    status = page.locator("#read-status")
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Not read')")
+    assert f"the service takes files up to {limit / 1024:.1f} KB" in status.inner_text()
+    assert chest_xray.name in status.inner_text()
+    page.get_by_label("Question").fill(QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
+    assert "Not asked" in page.locator("#vqa").inner_text()
+    sent = [url for url in watch.requests if not url.endswith(("/", "/v1/health", "/v1/models"))]
+    assert sent == [], sent
 
 
 def test_a_photo_chosen_while_a_dicom_preview_is_on_its_way_keeps_its_own_upright_preview(page, chest_xray,

@@ -136,6 +136,7 @@ def test_health_is_public_and_every_other_route_needs_a_valid_token(client):
     models = client.get("/v1/models", headers=auth()).json()["models"]
     assert models[0]["name"] == "phantom-tiny" and models[0]["index"]["cases"] > 0
     assert "/" not in models[0]["folder"] and "/" not in models[0]["index"]["name"]
+    assert models[0]["limits"] == {"max_upload_bytes": UPLOAD_LIMIT}  # the page checks a file before sending it
 
 
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
@@ -971,7 +972,19 @@ def test_a_ct_window_preset_on_an_mr_dicom_is_refused(client):
     assert refused.status_code == 422
     assert refused.json()["detail"] == ("window presets are CT windows in HU; this DICOM's modality is MR, whose "
                                         "values hold no HU: choose no preset (the file's own window)")
-    assert preview(client, mr).status_code == 200
+    shown = preview(client, mr)
+    assert shown.status_code == 200 and shown.headers["X-Preview-Presets"] == "none"  # the page offers none
+
+
+def test_a_preview_says_whether_the_ct_presets_apply_to_the_file(client, png):
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    assert preview(client, ct).headers["X-Preview-Presets"] == "ct"
+    assert preview(client, ct, "lung").headers["X-Preview-Presets"] == "ct"
+    assert preview(client, png.read_bytes()).headers["X-Preview-Presets"] == "none"
+    colour = Path(get_testdata_file("SC_rgb.dcm")).read_bytes()  # an RGB secondary capture: no HU either
+    assert preview(client, colour).headers["X-Preview-Presets"] == "none"
 
 
 def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):

@@ -18,6 +18,10 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
 - PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
   (422): these hold no HU.
 
+The answer's headers say what was shown: ``X-Preview-Window`` (the preset, ``file`` or ``none``),
+``X-Preview-Slice`` (``index/slices`` of a volume or multi-frame file) and ``X-Preview-Presets``
+(``ct`` when the CT presets apply to the file, else ``none``: the page then offers none).
+
 A heatmap of ``/v1/explain`` is an RGBA PNG (``heatmap_overlay``) of the preview's shape
 (``overlay_shape``: the image's rows x columns brought within ``PREVIEW_SIDE`` as the preview is), to
 lay over the image as shown: the min-max normalised map in the jet colours, its opacity growing
@@ -52,13 +56,15 @@ class Picture:
     window: str  # the preset's name, "file" (the DICOM header's VOI) or NO_WINDOW
     slice_index: int | None = None  # the slice shown, for a volume
     slices: int | None = None  # the volume's number of slices
+    presets: bool = False  # whether the CT presets apply to the file (HU values: CT or unstated DICOM, NIfTI)
 
     def __repr__(self) -> str:
         return f"Picture(shape={self.image.shape}, window={self.window!r}, slice={self.slice_index}/{self.slices})"
 
     def headers(self) -> dict[str, str]:
         """What the answer says about the picture: the window, and the slice shown of a volume."""
-        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Preview-Window": self.window}
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Preview-Window": self.window,
+                   "X-Preview-Presets": "ct" if self.presets else "none"}
         if self.slices is not None:
             headers["X-Preview-Slice"] = f"{self.slice_index}/{self.slices}"
         return headers
@@ -99,7 +105,7 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
 
     volume = radiological_view(read_nifti(source)[0])
     return Picture(render_preview(volume, window, side), window.name if window else NO_WINDOW,
-                   volume.shape[0] // 2, volume.shape[0])
+                   volume.shape[0] // 2, volume.shape[0], presets=True)
 
 
 def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
@@ -112,18 +118,19 @@ def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
     array, meta = read_dicom(path, window=window if window is not None else FILE_WINDOW)
     check_finite(path, array)
     frames = int(meta["frames"])
+    modality = str(meta.get("modality") or "").upper()
+    presets = not meta["color"] and modality in ("", "CT")
     if meta["color"]:
         if window is not None:
             raise UploadRejected(422, "window presets apply to grayscale CT values, not to a colour image")
         array, used = color_to_uint8(array, meta["bits_stored"]), NO_WINDOW
     else:
-        modality = str(meta.get("modality") or "").upper()
-        if window is not None and modality not in ("", "CT"):
+        if window is not None and not presets:
             raise UploadRejected(422, f"window presets are CT windows in HU; this DICOM's modality is {modality}, "
                                  "whose values hold no HU: choose no preset (the file's own window)")
         used = window.name if window is not None else (FILE_WINDOW if meta["window"] else NO_WINDOW)
     display = DISPLAY_WINDOW if meta["window"] and not meta["color"] else None  # values already in [0, 1]
-    picture = Picture(render_preview(array, display, side), used)
+    picture = Picture(render_preview(array, display, side), used, presets=presets)
     if frames > 1:
         picture.slice_index, picture.slices = frames // 2, frames
     return picture

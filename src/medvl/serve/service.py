@@ -215,7 +215,8 @@ class ModelService:
                 "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
-                "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa()}
+                "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa(),
+                "limits": {"max_upload_bytes": self.settings.max_upload_bytes}}
 
     def _describe_explain(self) -> dict[str, Any]:
         """What /v1/explain can do: ``methods`` (none, and the reason in ``unavailable``, for a model that takes
