@@ -56,6 +56,29 @@ def test_phantom_command_writes_a_loadable_manifest(tmp_path):
     assert "--overwrite" in output  # the CLI's flag is named, not only the Python keyword
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--n", 0], "--n must be an integer >= 1, got 0"),
+    (["--extra-finding-prob", 2], "--extra-finding-prob must be in [0, 1], got 2.0"),
+    (["--shortcut", 2], "--shortcut must be <= 1, got 2.0"),
+    (["--vqa", "--vqa-per-case", 0], "--vqa-per-case must be >= 1, got 0"),
+])
+def test_a_refused_number_is_named_as_the_option_the_user_typed(tmp_path, args, message):
+    """The library names its Python argument (extra_finding_prob); the CLI said that name, not its option."""
+    result, output = invoke("phantom", tmp_path / "ph", *args, "-q")
+    assert result.exit_code == 2 and f"error: {message}" in " ".join(output.split()), output
+    assert not (tmp_path / "ph").exists()
+
+
+def test_an_option_is_named_as_its_command_spells_it():
+    from medvl.cli.common import cli_name
+    from medvl.cli.main import phantom_command
+    from medvl.cli.report import draft_command
+
+    assert cli_name(phantom_command, "out") == "OUT" and cli_name(phantom_command, "n") == "--n"
+    assert cli_name(draft_command, "min_similarity") == "--min-similarity" and cli_name(draft_command, "k") == "--k"
+    assert cli_name(draft_command, "no_such_argument") is None
+
+
 def test_train_writes_model_and_metrics(trained):
     assert (trained / "model" / "config.json").is_file()
     lines = (trained / "metrics.jsonl").read_text().splitlines()

@@ -383,22 +383,23 @@ def test_every_json_output_refuses_an_existing_file_unless_overwrite(small_index
 
 
 @pytest.mark.parametrize("args, message", [
-    (["search", "--text", "nodule", "-k", 0], "k must be >= 1"),
-    (["search", "--text", "nodule", "-k", 10_001], "k must be <= 10000"),
+    (["search", "--text", "nodule", "-k", 0], "--k must be >= 1"),
+    (["search", "--text", "nodule", "-k", 10_001], "--k must be <= 10000"),
     (["index", "build", "--model", "MODEL", "--data", "MISSING", "--out", "OUT", "--batch-size", 0],
-     "batch_size must be >= 1"),
-    (["index", "add", "--data", "MISSING", "--batch-size", -3], "batch_size must be >= 1"),
-    (["report", "draft", "IMAGE", "-k", 0], "k must be >= 1"),
-    (["report", "draft", "IMAGE", "--related", -1], "related must be >= 0"),
-    (["report", "draft", "IMAGE", "--min-support", 1.0], "min_support must be < 1"),
-    (["report", "draft", "IMAGE", "--min-similarity", "nan"], "min_similarity must be a finite number"),
-    (["report", "draft", "IMAGE", "--min-similarity", 2], "min_similarity must be <= 1"),
-    (["eval", "case-retrieval", "--data", "MISSING", "--map-depth", 0], "map_depth must be >= 1"),
-    (["eval", "case-retrieval", "--data", "MISSING", "-k", 1001], "k must be <= 1000"),
-    (["eval", "case-retrieval", "--data", "MISSING", "--draft-k", 0], "draft_k must be >= 1"),
+     "--batch-size must be >= 1"),
+    (["index", "add", "--data", "MISSING", "--batch-size", -3], "--batch-size must be >= 1"),
+    (["report", "draft", "IMAGE", "-k", 0], "--k must be >= 1"),
+    (["report", "draft", "IMAGE", "--related", -1], "--related must be >= 0"),
+    (["report", "draft", "IMAGE", "--min-support", 1.0], "--min-support must be < 1"),
+    (["report", "draft", "IMAGE", "--min-similarity", "nan"], "--min-similarity must be a finite number"),
+    (["report", "draft", "IMAGE", "--min-similarity", 2], "--min-similarity must be <= 1"),
+    (["eval", "case-retrieval", "--data", "MISSING", "--map-depth", 0], "--map-depth must be >= 1"),
+    (["eval", "case-retrieval", "--data", "MISSING", "-k", 1001], "--k must be <= 1000"),
+    (["eval", "case-retrieval", "--data", "MISSING", "--draft-k", 0], "--draft-k must be >= 1"),
 ])
 def test_numeric_options_are_checked_before_any_work(small_index, model_dir, tmp_path, args, message):
-    """Each command fails on the number alone: the data path is missing and no output is created."""
+    """Each command fails on the number alone, naming its own option: the data path is missing and no output is
+    created."""
     swap = {"MODEL": model_dir, "MISSING": tmp_path / "missing", "OUT": tmp_path / "new", "IMAGE": tmp_path / "no.png"}
     args = [swap.get(a, a) if isinstance(a, str) else a for a in args]
     index = [] if args[:2] == ["index", "build"] else ["--index", small_index]

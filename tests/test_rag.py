@@ -397,7 +397,7 @@ def test_min_support_below_a_majority_is_refused(labeller, phantom_dir, train_in
             draft_from_hits(hits, labeller, min_support=low)
     image = load_dataset(phantom_dir).select("test")[0].image
     result, output = invoke("report", "draft", image, "--index", train_index, "--min-support", 0.3)
-    assert result.exit_code == 2 and "min_support must be >= 0.5" in output and "Traceback" not in output
+    assert result.exit_code == 2 and "--min-support must be >= 0.5" in output and "Traceback" not in output
 
 
 def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller):

@@ -26,19 +26,19 @@ def check_number(name: str, value: object, *, minimum: float | None = None, maxi
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise InputError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {value!r}", parameter=name)
     if integer and not isinstance(value, Integral):
-        raise InputError(f"{name} must be a whole number, got {value!r}")
+        raise InputError(f"{name} must be a whole number, got {value!r}", parameter=name)
     number = float(value)
     if not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value}")
+        raise InputError(f"{name} must be a finite number, got {value}", parameter=name)
     if minimum is not None and (number <= minimum if exclusive_minimum else number < minimum):
         raise InputError(f"{name} must be {'>' if exclusive_minimum else '>='} {_show(minimum)}, got {value}"
                          + (f" (range {_describe(minimum, maximum, exclusive_minimum)})" if maximum is not None
-                            else ""))
+                            else ""), parameter=name)
     if maximum is not None and number > maximum:
         raise InputError(f"{name} must be <= {_show(maximum)}, got {value} "
-                         f"(range {_describe(minimum, maximum, exclusive_minimum)})")
+                         f"(range {_describe(minimum, maximum, exclusive_minimum)})", parameter=name)
 
 
 def check_numbers(checks: dict[str, tuple[object, dict]]) -> None:

@@ -27,7 +27,15 @@ class DataError(MedvlError):
 
 
 class InputError(MedvlError):
-    """An argument has a value medvl cannot use (unknown label, bad shape, bad option)."""
+    """An argument has a value medvl cannot use (unknown label, bad shape, bad option).
+
+    ``parameter``: the Python name of the argument at fault when the message starts with it (``"n must be >= 1,
+    got 0"``), so that the CLI can name its own option instead (``--n``); the service's form fields carry the
+    Python names already."""
+
+    def __init__(self, message: str = "", *, parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class ModelError(MedvlError):

@@ -97,7 +97,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except MedvlError as err:
-            print_error(str(err))
+            print_error(_named_as_option(command, err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as err:  # unreadable / unwritable user paths: permissions, full disk
             print_error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
@@ -108,6 +108,39 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def _named_as_option(command: Callable[..., Any], error: MedvlError) -> str:
+    """The error's message, naming the command's own option (``--n``, ``--min-similarity``) where the library
+    named the Python argument the command passed it (``n``, ``min_similarity``: ``InputError.parameter``)."""
+    message = str(error)
+    parameter = getattr(error, "parameter", None)
+    if not parameter or not message.startswith(parameter) or message[len(parameter):][:1].isidentifier():
+        return message
+    option = cli_name(command, parameter)
+    return option + message[len(parameter):] if option else message
+
+
+def cli_name(command: Callable[..., Any], parameter: str) -> str | None:
+    """How the command's user writes its argument ``parameter``: ``--name`` (its first long flag), ``NAME`` for a
+    positional argument, ``None`` when the command takes no such argument."""
+    import inspect
+    import typing
+
+    if parameter not in inspect.signature(command).parameters:
+        return None
+    try:
+        hint = typing.get_type_hints(command, include_extras=True).get(parameter)
+    except Exception:  # noqa: BLE001 -- an annotation that does not resolve: the default spelling
+        hint = None
+    for info in getattr(hint, "__metadata__", ()):
+        if isinstance(info, typer.models.ArgumentInfo):
+            return parameter.upper()
+        if isinstance(info, typer.models.OptionInfo):
+            flags = [flag for decl in (info.param_decls or ()) for flag in decl.split("/") if flag.startswith("--")]
+            if flags:
+                return flags[0].strip()
+    return "--" + parameter.replace("_", "-")
 
 
 def print_error(message: str) -> None:

@@ -112,7 +112,7 @@ def parse_where(text: str, columns: dict[str, str]) -> Expression:
     """Parse ``text`` against ``columns`` (name -> ``number`` | ``text``) into an expression tree;
     ``InputError`` naming the position of the first problem."""
     if len(text) > MAX_LENGTH:
-        raise InputError(f"where: too long ({len(text)} characters, at most {MAX_LENGTH})")
+        raise InputError(f"where: too long ({len(text)} characters, at most {MAX_LENGTH})", parameter="where")
     parser = _Parser(text, _tokenize(text), columns)
     expression = parser.expression(0)
     parser.expect_end()
@@ -197,7 +197,7 @@ def _tokenize(text: str) -> list[Token]:
 
 def _error(text: str, pos: int, problem: str) -> InputError:
     shown = text if len(text) <= 80 else text[:77] + "..."
-    return InputError(f"where: {problem} at position {pos + 1}: {shown!r}")  # the option's and the field's name
+    return InputError(f"where: {problem} at position {pos + 1}: {shown!r}", parameter="where")
 
 
 class _Parser:

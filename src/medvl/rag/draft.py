@@ -192,9 +192,11 @@ def check_settings(k: int, min_support: float, min_similarity: float, related: i
     check_number("min_support", min_support, minimum=0, maximum=1)
     if min_support < LOWEST_MIN_SUPPORT:
         raise InputError(f"min_support must be >= {LOWEST_MIN_SUPPORT} (a weighted majority; below it a minority "
-                         f"status, or normality and a finding together, could be the consensus), got {min_support}")
+                         f"status, or normality and a finding together, could be the consensus), got {min_support}",
+                         parameter="min_support")
     if min_support >= 1:
-        raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}")
+        raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}",
+                         parameter="min_support")
     check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
     check_number("related", related, minimum=0, integer=True)
 

@@ -916,16 +916,17 @@ def check_case_args(seed: int, index: int, size: int, extra_finding_prob: float,
     3D phantoms; ``size_range`` is the allowed image side, ``None`` for no upper bound)."""
     for name, value in (("seed", seed), ("index", index), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"{name} must be an integer, got {value!r}")
+            raise InputError(f"{name} must be an integer, got {value!r}", parameter=name)
     for name, value in (("seed", seed), ("index", index)):  # each named alone: index is the library's, not an option
         if value < 0:
-            raise InputError(f"{name} must be >= 0, got {value}")
+            raise InputError(f"{name} must be >= 0, got {value}", parameter=name)
     low, high = size_range
     if size < low or (high is not None and size > high):
         bounds = f">= {low}" if high is None else f"{low}-{high}"
-        raise InputError(f"size must be {bounds} {unit}, got {size}")
+        raise InputError(f"size must be {bounds} {unit}, got {size}", parameter="size")
     if not 0.0 <= float(extra_finding_prob) <= 1.0:
-        raise InputError(f"extra_finding_prob must be in [0, 1], got {extra_finding_prob}")
+        raise InputError(f"extra_finding_prob must be in [0, 1], got {extra_finding_prob}",
+                         parameter="extra_finding_prob")
 
 
 def _sample_meta(rng: np.random.Generator) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def check_phantom_params(n: int, seed: int, size: int, extra_finding_prob: float
     """Raise InputError unless ``generate_phantom`` accepts these numbers (callers that write elsewhere first
     check them before touching anything)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InputError(f"n must be an integer >= 1, got {n!r}")
+        raise InputError(f"n must be an integer >= 1, got {n!r}", parameter="n")
     (ct3d.check_case_args if kind == "ct3d" else check_case_args)(seed, 0, size, extra_finding_prob)
 
 
