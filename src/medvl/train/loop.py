@@ -58,6 +58,7 @@ STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and bat
 CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
+MAX_EPOCHS = 10_000  # more is a typo: the warmup alone would hold the learning rate near 0 for a lifetime
 MAX_TEMPERATURE = 100.0  # a learned temperature above this (the highest a model may start at) leaves the image-text
 # logits within 0.02 of each other: the contrastive loss sits at its chance value and teaches nothing
 # Logits of one image within this of each other (softmax within ~5 % of uniform) for COLLAPSE_STEPS steps in a row:
@@ -160,7 +161,7 @@ class TrainConfig:
         """The range of every numeric field (one shared check, as the CLI options)."""
         whole = {"integer": True}
         check_numbers({
-            "epochs": (self.epochs, {"minimum": 1, **whole}),
+            "epochs": (self.epochs, {"minimum": 1, "maximum": MAX_EPOCHS, **whole}),
             "batch_size": (self.batch_size, {"minimum": 2, **whole}),
             "grad_accum": (self.grad_accum, {"minimum": 1, **whole}),
             "lr": (self.lr, {"minimum": 0, "exclusive_minimum": True, "maximum": MAX_LR}),
@@ -174,7 +175,7 @@ class TrainConfig:
             "self_supervised_weight": (self.self_supervised_weight, {"minimum": 0}),
             "self_supervised_crop": (self.self_supervised_crop, {"minimum": 0.01, "maximum": 1}),
             "self_supervised_temperature": (self.self_supervised_temperature, {"minimum": 0.01, "maximum": 10}),
-            "self_supervised_epochs": (self.self_supervised_epochs, {"minimum": 0, **whole}),
+            "self_supervised_epochs": (self.self_supervised_epochs, {"minimum": 0, "maximum": MAX_EPOCHS, **whole}),
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
