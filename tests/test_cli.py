@@ -481,6 +481,28 @@ def test_a_bad_demo_rerun_leaves_the_finished_demo_as_it_was(tmp_path, args, nee
     assert not (tmp_path / "new").exists()
 
 
+def test_a_complete_demo_is_run_again_only_with_overwrite(tmp_path):
+    """The same command rerun on a finished demo deleted its model folder, with the OOD guard, the ONNX export and
+    any file the user had put there, and trained it again without a word."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--n", 60, "--epochs", 1, "--model", "phantom-tiny", "--size", 32,
+            "--image-size", 0, "-q"]
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    (out / "train" / "model" / "NOTES.txt").write_text("my notes")
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again, output = invoke(*args[:-1])  # the same command: the results of the run, nothing redone or deleted
+    assert again.exit_code == 0 and "was complete: its results, not run again" in " ".join(output.split()), output
+    assert f"{json.loads((out / 'results.json').read_text())['i2t_R@5']:.3f}" in output
+    other, output = invoke(*args[:4], 72, *args[5:])  # other settings: refused
+    assert other.exit_code == 2, output
+    assert "holds a complete demo of other settings (n); --overwrite" in " ".join(output.split()), output
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    redone, output = invoke(*args, "--overwrite")
+    assert redone.exit_code == 0, output
+    assert not (out / "train" / "model" / "NOTES.txt").exists() and (out / "report.html").is_file()
+
+
 def test_an_interrupted_demo_is_continued_by_the_same_command(tmp_path):
     """Ctrl-C (a real SIGINT to ``python -m medvl demo``) once the demo's data is written leaves a folder the
     demo recognises as its own: the same command then runs to the end in it."""
@@ -502,7 +524,12 @@ def test_an_interrupted_demo_is_continued_by_the_same_command(tmp_path):
     marker = json.loads((out / "demo.json").read_text())
     assert marker["complete"] is True and marker["n"] == 72 and (out / "report.html").is_file()
     # another run into it, interrupted: the earlier report and results go, not left to describe a deleted model
-    process = subprocess.Popen([sys.executable, "-m", "medvl", *map(str, args[:4]), "60", *map(str, args[5:])],
+    again, output = invoke(*args[:4], "60", *args[5:])  # a complete demo is not replaced without --overwrite
+    assert again.exit_code == 2, output
+    assert "holds a complete demo of other settings (n); --overwrite" in " ".join(output.split()), output
+    assert (out / "report.html").is_file() and json.loads((out / "demo.json").read_text())["complete"] is True
+    process = subprocess.Popen([sys.executable, "-m", "medvl", *map(str, args[:4]), "60", *map(str, args[5:]),
+                                "--overwrite"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while json.loads((out / "demo.json").read_text())["complete"]:
         assert process.poll() is None and time.monotonic() < deadline + 300, process.communicate()

@@ -22,7 +22,7 @@ from .io import write_json
 from .models.config import MAX_IMAGE_SIDE
 from .models.registry import create_model
 from .report import curve_figure, figure_to_data_uri, image_to_data_uri, roc_figure, table_html, write_html
-from .train.loop import METRICS_FILE, TrainConfig, seed_everything, train
+from .train.loop import MAX_EPOCHS, METRICS_FILE, TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
 MIN_CASES = 60  # the smallest demo; a split of so few cases may lack a finding, which is then scored as missed
@@ -32,17 +32,20 @@ LABEL = "finding"
 
 
 def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, size: int = 128,
-             model_name: str = "cxr-small", image_size: int | None = 96, show_progress: bool = True) -> dict:
+             model_name: str = "cxr-small", image_size: int | None = 96, show_progress: bool = True,
+             overwrite: bool = False) -> dict:
     """Run the whole demo into ``out``; returns the headline numbers and the report path.
 
     ``image_size`` overrides the model's input side (96 px keeps the demo under 10 minutes on two
     cores; None keeps the registered size). ``out/demo.json`` marks the folder as a demo's before anything
     else is written (``"complete": false`` until the report is written), so the same command rerun after an
-    interruption continues in it; its phantom data is reused only when the marker says it was complete.
+    interruption continues in it; its phantom data is reused only when the marker says it was complete. A
+    complete demo is run again only with ``overwrite``: the run replaces ``out/train`` (with whatever was added to
+    it since, e.g. an OOD guard or an ONNX export), ``results.json`` and ``report.html``.
     """
     out = Path(out)
     check_number("n", n, minimum=MIN_CASES, integer=True)
-    check_number("epochs", epochs, minimum=1, integer=True)
+    check_number("epochs", epochs, minimum=1, maximum=MAX_EPOCHS, integer=True)
     check_number("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True, optional=True)
     check_phantom_params(n, seed, size)  # --size and --seed: refused before anything in ``out`` is touched
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
@@ -54,6 +57,14 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
         raise InputError(f"model {model_name}: takes 3D volumes; the demo trains on 2D phantom chest radiographs "
                          "(choose a 2D model, e.g. cxr-small or phantom-tiny)")
     previous = _read_marker(out)
+    settings = {"n": n, "seed": seed, "size": size, "epochs": epochs, "model": model_name,
+                "image_size": model.config.image.image_size}
+    if previous.get("complete") is True and not overwrite:
+        done, why_not = _finished(out, previous, settings)
+        if done is not None:  # the same command again: its results, nothing redone or deleted
+            return done
+        raise InputError(f"{out}: holds a complete demo {why_not}; --overwrite runs it again, replacing its train "
+                         "folder (the model and anything added to it), results.json and report.html")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MARKER, {**_data_fields(previous), "complete": False})
     for stale in ("results.json", "report.html"):  # an earlier run's: they would outlive the model they describe
@@ -73,17 +84,7 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
                    classes=label_classes(dataset, LABEL))
     rt = retrieval(model, test_set, image_embeddings=embeddings)
     lp = linear_probe(model, train_set, test_set, LABEL, show_progress=show_progress)
-    headline = {
-        "zero-shot balanced accuracy": zs["balanced_accuracy"],
-        "zero-shot balanced accuracy (chance)": zs["chance_balanced_accuracy"],
-        "zero-shot macro AUC": zs["macro_auc"],
-        "image->text R@5": rt["image_to_text"]["R@5"],
-        "image->text R@5 (chance)": rt["image_to_text"]["chance"]["R@5"],
-        "text->image R@5": rt["text_to_image"]["R@5"],
-        "text->image R@5 (chance)": rt["text_to_image"]["chance"]["R@5"],
-        "linear probe macro AUC": lp["auc"],
-        "minutes": (time.perf_counter() - started) / 60,
-    }
+    headline = _headline(zs, rt, lp, (time.perf_counter() - started) / 60)
     probabilities, y_true = np.array(zs.pop("probabilities")), np.array(zs.pop("y_true"))
     results = {"zero_shot": zs, "retrieval": rt, "linear_probe": lp,
                "zero_shot_balanced_accuracy": zs["balanced_accuracy"],
@@ -93,8 +94,40 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
                "model": model_name, "image_size": model.config.image.image_size}
     write_json(out / "results.json", results)
     report = _report(out, model, test_set, embeddings, zs, rt, lp, headline, probabilities, y_true)
-    write_json(out / MARKER, {"n": n, "seed": seed, "size": size, "epochs": epochs, "complete": True})
+    write_json(out / MARKER, {**settings, "complete": True})
     return {"headline": headline, "report": str(report), "results": results}
+
+
+def _headline(zs: dict, rt: dict, lp: dict, minutes: float) -> dict:
+    return {
+        "zero-shot balanced accuracy": zs["balanced_accuracy"],
+        "zero-shot balanced accuracy (chance)": zs["chance_balanced_accuracy"],
+        "zero-shot macro AUC": zs["macro_auc"],
+        "image->text R@5": rt["image_to_text"]["R@5"],
+        "image->text R@5 (chance)": rt["image_to_text"]["chance"]["R@5"],
+        "text->image R@5": rt["text_to_image"]["R@5"],
+        "text->image R@5 (chance)": rt["text_to_image"]["chance"]["R@5"],
+        "linear probe macro AUC": lp["auc"],
+        "minutes": minutes,
+    }
+
+
+def _finished(out: Path, marker: dict, settings: dict) -> tuple[dict | None, str]:
+    """The summary of the complete demo in ``out`` (``"reused": True``) when it was run with ``settings`` (a marker
+    written before the model and image size were recorded matches on the rest), else None and why not."""
+    changed = [key for key, value in settings.items() if marker.get(key, value) != value]
+    if changed or any(key not in marker for key in ("n", "seed", "size", "epochs")):
+        return None, f"of other settings ({', '.join(changed) or 'not recorded'})"
+    report = out / "report.html"
+    try:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        headline = _headline(results["zero_shot"], results["retrieval"], results["linear_probe"],
+                             results["total_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "whose results.json is missing or unreadable"
+    if not report.is_file():
+        return None, "whose report.html is missing"
+    return {"headline": headline, "report": str(report), "results": results, "reused": True}, ""
 
 
 def _read_marker(out: Path) -> dict:

@@ -236,6 +236,8 @@ def demo_command(
     model: Annotated[str, typer.Option(help="Registered model name.")] = "cxr-small",
     size: Annotated[int, typer.Option(help="Phantom image side in pixels.")] = 128,
     image_size: Annotated[int, typer.Option(help="Model input side (0 = the model's own).")] = 96,
+    overwrite: Annotated[bool, typer.Option(
+        help="Run a complete demo in --out again (its model folder, results and report are replaced).")] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Generate phantom data, train, evaluate and write OUT/report.html (under 10 min on 2 cores)."""
@@ -245,9 +247,11 @@ def demo_command(
     check_output_folder(out, "--out")
 
     summary = run_demo(out, n=n, epochs=epochs, seed=seed, size=size, model_name=model,
-                       image_size=image_size or None, show_progress=not quiet)
+                       image_size=image_size or None, show_progress=not quiet, overwrite=overwrite)
     print_metrics("medvl demo: held-out phantom test split", summary["headline"])
     console.print(f"report: {summary['report']}")
+    if summary.get("reused"):
+        console.print(f"(the demo in {out} was complete: its results, not run again; --overwrite runs it again)")
 
 
 app.add_typer(train_app, name="train")
