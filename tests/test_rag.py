@@ -255,6 +255,45 @@ def test_a_phrase_in_another_script_is_refused_saying_why(tmp_path):
     assert load_knowledge(tmp_path)["x"].synonyms == ["épanchement pleural"]
 
 
+def test_a_field_given_twice_is_refused_naming_the_file_and_field(tmp_path):
+    """YAML keeps the last of two equal keys: a second 'synonyms' list dropped the first without a word."""
+    (tmp_path / "d.md").write_text("---\nname: dupkeys\nsynonyms: [alpha]\nsynonyms: [beta]\n---\n")
+    with pytest.raises(DataError, match=r"field 'synonyms' is given twice in the front matter \(line 3\)") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "d.md")
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path, "--finding", "dupkeys")
+    assert result.exit_code == 2 and "d.md: field 'synonyms' is given twice" in " ".join(output.split())
+
+
+def test_replacing_the_normal_entry_with_a_finding_is_refused(tmp_path):
+    """A user's no_finding.md without 'kind: normal' replaced the shipped normal entry by an abnormal finding:
+    "No acute disease." then made a study abnormal, and drafts of normal studies abstained. A replacement of
+    another kind is refused naming the file; with 'kind: normal' it replaces the entry."""
+    entry = "---\nname: no_finding\ntitle: No finding\n{}synonyms: [no acute disease]\n---\n"
+    (tmp_path / "no_finding.md").write_text(entry.format(""))
+    with pytest.raises(DataError, match="replaces the entry 'no_finding' of kind normal \\(no_finding.md\\) with "
+                                        "kind finding; write 'kind: normal'") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "no_finding.md")
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
+    assert result.exit_code == 2 and "no_finding.md: replaces the entry" in " ".join(output.split())
+    (tmp_path / "no_finding.md").write_text(entry.format("kind: normal\n"))
+    knowledge = load_knowledge(tmp_path)
+    assert knowledge.normal == "no_finding" and "no_finding" not in knowledge.abnormal
+    assert ReportLabeller(knowledge).label("Heart normal. No acute disease.") == {"no_finding": "positive"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-k", "-3"], "-k needs --query"),
+    (["--model", "nowhere"], "--model needs --query"),
+    (["--finding", "nodule", "--query", "fluid"], "--finding and --query cannot be combined"),
+])
+def test_knowledge_command_refuses_options_it_would_ignore(options, message):
+    """-k and --model without --query, and --query beside --finding, were ignored with exit 0."""
+    result, output = invoke("report", "knowledge", *options)
+    assert result.exit_code == 2 and message in output and "Traceback" not in output
+
+
 def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
     (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
     result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
