@@ -28,7 +28,17 @@ from medvl.index import build_index, open_index
 from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
-from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, common_words, jaccard
+from medvl.rag.draft import (
+    DISAGREE,
+    FAR,
+    FEW_REPORTS,
+    NO_CASES,
+    NO_WORDING,
+    _identifiers,
+    check_settings,
+    common_words,
+    jaccard,
+)
 from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
 
 NEW_FINDING = """---
@@ -245,6 +255,45 @@ def test_a_phrase_in_another_script_is_refused_saying_why(tmp_path):
     assert load_knowledge(tmp_path)["x"].synonyms == ["épanchement pleural"]
 
 
+def test_a_field_given_twice_is_refused_naming_the_file_and_field(tmp_path):
+    """YAML keeps the last of two equal keys: a second 'synonyms' list dropped the first without a word."""
+    (tmp_path / "d.md").write_text("---\nname: dupkeys\nsynonyms: [alpha]\nsynonyms: [beta]\n---\n")
+    with pytest.raises(DataError, match=r"field 'synonyms' is given twice in the front matter \(line 3\)") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "d.md")
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path, "--finding", "dupkeys")
+    assert result.exit_code == 2 and "d.md: field 'synonyms' is given twice" in " ".join(output.split())
+
+
+def test_replacing_the_normal_entry_with_a_finding_is_refused(tmp_path):
+    """A user's no_finding.md without 'kind: normal' replaced the shipped normal entry by an abnormal finding:
+    "No acute disease." then made a study abnormal, and drafts of normal studies abstained. A replacement of
+    another kind is refused naming the file; with 'kind: normal' it replaces the entry."""
+    entry = "---\nname: no_finding\ntitle: No finding\n{}synonyms: [no acute disease]\n---\n"
+    (tmp_path / "no_finding.md").write_text(entry.format(""))
+    with pytest.raises(DataError, match="replaces the entry 'no_finding' of kind normal \\(no_finding.md\\) with "
+                                        "kind finding; write 'kind: normal'") as caught:
+        load_knowledge(tmp_path)
+    assert caught.value.path == str(tmp_path / "no_finding.md")
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
+    assert result.exit_code == 2 and "no_finding.md: replaces the entry" in " ".join(output.split())
+    (tmp_path / "no_finding.md").write_text(entry.format("kind: normal\n"))
+    knowledge = load_knowledge(tmp_path)
+    assert knowledge.normal == "no_finding" and "no_finding" not in knowledge.abnormal
+    assert ReportLabeller(knowledge).label("Heart normal. No acute disease.") == {"no_finding": "positive"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-k", "-3"], "-k needs --query"),
+    (["--model", "nowhere"], "--model needs --query"),
+    (["--finding", "nodule", "--query", "fluid"], "--finding and --query cannot be combined"),
+])
+def test_knowledge_command_refuses_options_it_would_ignore(options, message):
+    """-k and --model without --query, and --query beside --finding, were ignored with exit 0."""
+    result, output = invoke("report", "knowledge", *options)
+    assert result.exit_code == 2 and message in output and "Traceback" not in output
+
+
 def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_path):
     (tmp_path / "pleural_plaque.md").write_text(NEW_FINDING)
     result, output = invoke("report", "knowledge", "--knowledge", tmp_path)
@@ -349,13 +398,14 @@ def test_a_tied_detail_is_not_drafted_and_an_opposite_side_is_not_a_source_of_th
     sides = ["Right pleural effusion.", "Left pleural effusion."]
     tied = draft(sides * 2, [0.95] * 4)  # the effusion is the consensus: not drafted, so an abstention
     assert tied.sentences == [] and tied.abstention == NO_WORDING and "pleural_effusion" in tied.reason
-    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."], [0.9, 0.9]).abstention == NO_WORDING
+    assert draft(["Nodule measuring 14 mm.", "Nodule measuring 8 mm."] * 2, [0.9] * 4).abstention == NO_WORDING
     assert draft([*sides, "Pleural effusion."], [0.9] * 3).text() == "FINDINGS: Pleural effusion."
-    nearer = draft(sides, [0.95, 0.9])  # no tie: the nearer case's side
+    nearer = draft([*sides, "No pneumothorax."], [0.95, 0.9, 0.8])  # no tie: the nearer case's side
     assert nearer.text() == "FINDINGS: Right pleural effusion." and nearer.sentences[0].wording_from == ["c0"]
     majority = draft(["Left pleural effusion."] * 3 + ["Small right pleural effusion."], [0.9, 0.9, 0.9, 0.95])
     assert majority.text() == "FINDINGS: Left pleural effusion."
-    assert majority.sentences[0].wording_from == ["c0", "c1", "c2"]  # c3 says right: cited, not a source
+    assert majority.sentences[0].wording_from == ["c0", "c1", "c2"]  # c3 says right: neither cited nor a source
+    assert majority.sentences[0].cases == ["c0", "c1", "c2"]
 
 
 def test_draft_abstains_when_neighbours_disagree_or_are_far(labeller, by_finding):
@@ -415,11 +465,11 @@ def test_a_draft_carries_no_dates_or_names_of_a_minority_of_neighbours(labeller)
     assert not draft.abstained and "Right pleural effusion" in text and "Two views (PA and lateral)" in text
     assert not re.search(r"\d", text) and not any(name in text for name in doctors), text
     assert draft.consensus["pleural_effusion"] == "positive"
-    # shared by a majority (weight 0.9 + 0.9 of 2.7): the date and the name are stated
-    shared = [reports[0], reports[0].replace("Smith", "Jones"), reports[2]]
+    # a name three neighbours holding a majority of the weight share is stated; a date never is, however shared
+    shared = [reports[0]] * 3 + [reports[0].replace("Smith", "Jones")]
     hits = [Hit(id=f"case{i}", score=0.9, split="train", text=text) for i, text in enumerate(shared)]
     text = draft_from_hits(hits, labeller).text()
-    assert "12 March 2019" in text and "2 May 2021" not in text and "Dr" not in text
+    assert "Dr Smith" in text and "Jones" not in text and not re.search(r"\d|March", text), text
     # measurements are details put to their own vote (above), not identifiers
     assert _identifiers("A 14 mm nodule and a 1.5 cm mass, seen by Dr. O'Brien on 3/4/2021.") == \
         {"3", "4", "2021", "name:o'brien"}
@@ -453,8 +503,9 @@ def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abs
                             labeller)
     assert draft.consensus["pleural_effusion"] == "positive"
     assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == "" and not draft.definitions
-    assert draft.reason == ("every wording of pleural_effusion names a date, number or name that most of the "
-                            "neighbours do not (another patient's): nothing to draft it from")
+    assert draft.reason == ("every wording of pleural_effusion names a date, a long number, or a number, name or word "
+                            "that fewer than 3 of the neighbours or a minority of the weight use (maybe another "
+                            "patient's): nothing to draft it from")
     # a wording without the date, in any section, still drafts the finding
     texts[2] += " IMPRESSION: Right pleural effusion."
     drafted = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
@@ -497,11 +548,13 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
     tail = "Findings were discussed by telephone with the referring clinician {} at the end of the examination."
     named = ["Right pleural effusion. " + tail.format(n) for n in ("John Smith", "Mary Jones", "Peter Brown")]
     assert draft(named).text() == "FINDINGS: Right pleural effusion."
-    # a majority's month is drafted, and the neighbour naming another one is cited, not a source of the wording
-    shared = draft([months[2], months[2], months[1]])
-    compared = [s for s in shared.sentences if "Compared" in s.text]
-    assert [(s.text, s.cases, s.wording_from) for s in compared] == \
-        [(months[2].split(". ")[1], ["c0", "c1", "c2"], ["c0", "c1"])]
+    # a month is a date: never drafted, however many neighbours name it
+    assert draft([months[2]] * 4).text() == "FINDINGS: Right pleural effusion."
+    # a name shared by three neighbours is, and the neighbour naming another one is cited, not a source of it
+    shared = draft([named[0]] * 3 + [named[1]])
+    told = [s for s in shared.sentences if "Findings" in s.text]
+    assert [(s.text, s.cases, s.wording_from) for s in told] == \
+        [(tail.format("John Smith"), ["c0", "c1", "c2", "c3"], ["c0", "c1", "c2"])]
     common = common_words(labeller.knowledge, ["the lungs are clear, may be atelectasis"])
     assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
         {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}
@@ -510,6 +563,51 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
                  "Testicle Ultrasound \u2022 Well-circumscribed, heterogeneously hypoechoic mass.",
                  "Attenuation of minus twenty Hounsfield units.", "CXR (AP Portable): mediastinal mass."):
         assert _identifiers(text, common) == frozenset(), text
+
+
+def test_a_draft_carries_no_identifier_of_one_or_two_neighbours_whatever_k_and_the_weights(labeller, phantom_dir,
+                                                                                           train_index):
+    """An identifier needed only neighbours holding over min_support of the weight: with -k 1 or 2, or one
+    neighbour holding most of the weight (the others' similarity <= 0), that neighbour's date, accession number
+    and doctor were drafted, and a name in lower case was never an identifier. Now a date or a long number is
+    never drafted, and a number, a name or any word outside the vocabulary only when at least 3 neighbours use
+    it; k below 3 is refused, fewer than 3 reports abstain."""
+    doctors = ["Kowalczyk", "Okonkwo", "Nakamura", "Haddad", "Lindqvist", "Ferreira", "Moreau", "Novak", "Schulz",
+               "Rossi"]
+    texts = [f"FINDINGS: Small left pleural effusion, unchanged since the study of {i + 1:02d}/12/2019. Accession "
+             f"88{i}2345. Discussed with Dr {name} by telephone. Reviewed with {name.lower()} at the time of "
+             "dictation. IMPRESSION: Small left pleural effusion." for i, name in enumerate(doctors)]
+    hits = [Hit(id=f"c{i}", score=0.9 if i == 0 else -0.1, split="train", text=t) for i, t in enumerate(texts)]
+    draft = draft_from_hits(hits, labeller)  # c0 holds all the weight
+    assert draft.neighbours[0].weight == 1.0
+    assert draft.text() == "IMPRESSION: Small left pleural effusion.", draft.text()
+    assert draft_from_hits(hits[:3], labeller).text() == "IMPRESSION: Small left pleural effusion."
+    few = draft_from_hits(hits[:2], labeller)
+    assert few.abstention == FEW_REPORTS and not few.text()
+    assert few.reason == ("only 2 of the nearest cases have reports; a draft needs at least 3, as it states a word, "
+                          "number or name only when 3 of them use it")
+    for k in (1, 2):
+        with pytest.raises(InputError, match=f"^k must be >= 3, got {k}: a draft states a word outside"):
+            check_settings(k, 0.5, 0.5)
+    image = load_dataset(phantom_dir).select("test")[0].image
+    result, output = invoke("report", "draft", image, "--index", train_index, "-k", 2)
+    assert result.exit_code == 2 and "--k must be >= 3, got 2" in output and "Traceback" not in output
+
+
+def test_a_sentence_cites_only_the_cases_stating_its_side_and_size(labeller):
+    """Sentences were grouped by finding alone: "Small left pleural effusion." cited all ten neighbours with
+    support 1.0, five of them saying "Large right pleural effusion." A sentence now cites the members naming no
+    other side, size, zone or measurement (one naming none still agrees), and its support is their weight."""
+    texts = ["Small left pleural effusion."] * 5 + ["Large right pleural effusion."] * 4 + ["Pleural effusion."]
+    scores = [0.9] * 5 + [0.89] * 4 + [0.9]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=s, split="train", text=t)
+                             for i, (t, s) in enumerate(zip(texts, scores, strict=True))], labeller)
+    [sentence] = draft.sentences
+    assert sentence.text == "Small left pleural effusion."
+    assert sentence.cases == ["c0", "c1", "c2", "c3", "c4", "c9"]
+    assert sentence.wording_from == sentence.cases
+    assert sentence.support == pytest.approx(round(6 * 0.9 / (6 * 0.9 + 4 * 0.89), 4))
+    assert draft.consensus["pleural_effusion"] == "positive"  # the finding itself: all ten state it
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

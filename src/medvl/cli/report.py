@@ -137,7 +137,7 @@ def knowledge_command(
     finding: Annotated[str | None, typer.Option(help="Show one finding's entry in full.")] = None,
     query: Annotated[str | None, typer.Option(help="Rank entries by similarity to this text (needs --model).")] = None,
     model: Annotated[Path | None, typer.Option(help="Model whose text encoder ranks entries for --query.")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Entries to show for --query.")] = 3,
+    k: Annotated[int | None, typer.Option("--k", "-k", help="Entries to show for --query (default 3).")] = None,
 ) -> None:
     """List the knowledge base (checks user files), show one entry, or retrieve entries for a text."""
     from rich.markup import escape
@@ -146,6 +146,12 @@ def knowledge_command(
     from ..errors import InputError
     from ..rag import load_knowledge
 
+    if finding is not None and query is not None:
+        raise InputError("--finding and --query cannot be combined: --finding shows one entry, --query ranks them all")
+    if query is None:  # options that only rank entries would be ignored without a word
+        for option, value in (("--model", model), ("-k", k)):
+            if value is not None:
+                raise InputError(f"{option} needs --query (it ranks the entries for a text)")
     base = load_knowledge(knowledge, builtin=builtin_knowledge)
     if finding is not None:
         entry = base.findings.get(finding) or base.findings.get(base.resolve(finding) or "")
@@ -162,7 +168,7 @@ def knowledge_command(
             raise InputError("--query needs --model (its text encoder ranks the entries)")
         from ..models.registry import load_model
 
-        ranked = base.retrieve(load_model(model), query, k)
+        ranked = base.retrieve(load_model(model), query, 3 if k is None else k)
         entries, scores = [f for f, _ in ranked], {f.name: s for f, s in ranked}
     table = Table(header_style="bold")
     for name in ("name", "title", "synonyms", *(["score"] if scores else []), "definition"):

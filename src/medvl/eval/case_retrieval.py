@@ -57,7 +57,7 @@ from ..index.base import MAX_K, Hit, Index, check_model, path_sha256
 from ..index.cases import pixel_sha256
 from ..models.preprocess import read_for
 from ..progress import progress_bar
-from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_settings, draft_from_hits
+from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_k, check_settings, draft_from_hits
 from ..rag.knowledge import KnowledgeBase
 from ..rag.labels import ReportLabeller
 from .contamination import trained_on_scored
@@ -140,7 +140,7 @@ def check_case_retrieval_settings(k: int, draft_k: int, min_support: float, min_
         raise InputError(f"label column(s) {', '.join(repeated)} given more than once: {', '.join(columns)}")
     check_number("k", k, minimum=1, maximum=1000, integer=True)
     check_number("map_depth", map_depth, minimum=1, integer=True)
-    check_number("draft_k", draft_k, minimum=1, maximum=1000, integer=True)
+    check_k(draft_k, "draft_k")  # named as the caller knows it, before check_settings names it k
     check_settings(draft_k, min_support, min_similarity)
 
 

@@ -13,17 +13,18 @@
    be the consensus, and is refused).
 3. Abstention, with a reason: the image is blank or streaked as the model sees it (``draft_report``:
    ``medvl.data.audit.input_flags``; no retrieval); no cases or no reports; the nearest case's similarity is below
-   ``min_similarity`` ("far"); neither normality nor any abnormal finding (positive or
-   uncertain) reaches consensus ("disagree"); or a present or possible consensus finding has no sentence
-   left to draft (step 4: every wording names a detail the vote does not elect or a minority's identifier,
-   or, for an abnormal finding, also states a finding without consensus; "no_wording"), as a draft silent on a
-   finding most neighbours state would read as its absence.
+   ``min_similarity`` ("far"); fewer than ``MIN_CASES`` (3) neighbours have a report ("few_reports"); neither
+   normality nor any abnormal finding (positive or uncertain) reaches consensus ("disagree"); or a present or
+   possible consensus finding has no sentence left to draft (step 4: every wording names a detail the vote does not
+   elect or a few neighbours' identifier, or, for an abnormal finding, also states a finding without consensus;
+   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence.
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
    sentences that assert the same findings with the same statuses; sentences asserting nothing
    (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
    no different laterality, size or zone words: "the left lung is clear" is not "the right lung is
    clear").
-   A group's support is the weighted share of neighbours having a sentence in it. Groups are
+   A group's support is the weighted share of neighbours having a sentence in it (for the drafted sentence,
+   of those whose sentence agrees with its details, below). Groups are
    taken by support, highest first: a group asserting findings is kept when every assertion is
    the consensus and it states something not yet stated; a group asserting nothing is kept when
    its own support is above ``min_support``. Its text is the member wording closest to all the
@@ -37,13 +38,18 @@
    Only wordings agreeing with the vote are candidates (a finding's group with none is left
    out), so the draft does not state a left effusion in one sentence and a right one in the next,
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
-   A wording naming an identifier (``_identifiers``: a number other than a measurement, a date in words such
-   as a month or weekday name, a name after a title, "Dr Smith", or two or more capitalised words in a row
-   that are no words of the knowledge base nor used in lower case by any neighbour's report, "John Smith") is a
-   candidate only when
-   neighbours holding more than ``min_support`` of the weight name it too, and a neighbour naming another
-   identifier is not in ``wording_from``: a draft does not carry one neighbour's (another patient's) dates or
-   names that these rules catch (a lower-case name, or one that is a word the reports use, is not caught).
+   A wording naming a date (3/12/2019, 10:45, a month or weekday name) or a number of ``LONG_NUMBER`` (4) or more
+   digits is never a candidate; one naming another identifier (``_identifiers``: a number other than a
+   measurement, a name after a title, "Dr Smith", or two or more capitalised words in a row that are no words of
+   the knowledge base nor used in lower case by any neighbour's report, "John Smith") only when at least
+   ``MIN_CASES`` (3) of the group's neighbours, holding more than ``min_support`` of the weight, name it too; one
+   holding a word outside the knowledge base's and the labeller's vocabulary (``vocabulary``) only when at least
+   ``MIN_CASES`` neighbours' reports use it, whatever their weights (a name in any case or script). A neighbour
+   naming another identifier is not in ``wording_from``, and a group member whose sentence names another side,
+   size, zone or measurement than the drafted wording is not cited: a sentence's ``cases`` and support are the
+   members that state what it states. So a draft does not carry one or two neighbours' (other patients') dates
+   or names, whatever k and the weights; k below ``MIN_CASES`` is refused (``check_k``), and with fewer
+   neighbours holding a report the draft abstains ("few_reports").
 5. With a model that has an OOD guard (``medvl ood fit``), the draft carries the image's OOD score and flag
    (``Draft.ood``): a draft for an image unlike the model's training images is flagged, not withheld, as the
    zero-shot and search answers are.
@@ -56,6 +62,7 @@ Report text is patient data: nothing here logs it.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -88,6 +95,7 @@ MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is bel
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
 NO_WORDING = "no_wording"  # a consensus finding whose every wording was left out (details vote, identifiers)
+FEW_REPORTS = "few_reports"  # fewer than MIN_CASES neighbours with a report: every word would be one case's
 # why a finding's sentences were all left out, for the no_wording reason
 _IDENTIFIER_LEFT, _DETAIL_LEFT, _MIXED_LEFT = "identifier", "detail", "mixed"
 # Detail words voted on within a group, so one draft does not mix a left and a right effusion
@@ -111,6 +119,15 @@ _MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
 # next to it ("John Smith"; alone it is as likely a term: "Hounsfield units")
 _CAPITALISED = re.compile(r"(?<![\w'-])([A-Z](?:[a-z]+|['-]?[A-Z]?[a-z]+)(?:['-]?[A-Z]?[a-z]+)*)(?![\w'-])")
 _CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -", "\u2022", "\u00b7")  # "\u2022": an inline bullet
+# Words a draft may carry from a few reports: a word outside the vocabulary (``vocabulary``: the knowledge base's
+# and the labeller's words), a number or a name is drafted only when at least MIN_CASES distinct neighbours use it,
+# whatever their weights, so that no draft carries one patient's (or two patients') identifiers; and a date-like
+# token (3/12/2019, 10:45, a month or weekday name) or a number of LONG_NUMBER or more digits (a year, an accession
+# or record number) is never drafted. A draft therefore needs at least MIN_CASES neighbours with a report.
+MIN_CASES = 3
+LONG_NUMBER = 4
+_DATE_LIKE = re.compile(r"(?<![\d.])\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}(?![\d.])|(?<!\d)\d{1,2}:\d{2}(?!\d)")
+_LETTERS = re.compile(r"[^\W\d_]+")  # the words of any script, as the wording similarity reads them (``_tokens``)
 _LOWER_WORD = re.compile(r"(?<![\w'-])([a-z]+(?:['-][a-z]+)*)(?![\w'-])")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
@@ -156,7 +173,7 @@ class Draft:
     findings: list[FindingSupport]
     neighbours: list[Neighbour]
     abstained: bool = False
-    abstention: str | None = None  # far | disagree | no_cases | no_reports | no_content | no_wording
+    abstention: str | None = None  # far | disagree | no_cases | no_reports | few_reports | no_content | no_wording
     reason: str | None = None  # one line for people
     definitions: list[dict[str, Any]] = field(default_factory=list)  # knowledge entries of drafted findings
     related: list[dict[str, Any]] = field(default_factory=list)  # entries closest to the image (with score)
@@ -186,9 +203,26 @@ class Draft:
 
 
 def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
-    """InputError unless 1 <= k <= 1000, 0.5 <= min_support < 1 (a consensus needs more than it: a weighted
-    majority), -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
-    check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
+    """InputError unless 3 <= k <= 1000 (``check_k``), 0.5 <= min_support < 1 (a consensus needs more than it: a
+    weighted majority), -1 <= min_similarity <= 1 (a cosine similarity) and related >= 0, all finite."""
+    check_k(k)
+    _check_thresholds(min_support, min_similarity)
+    check_number("related", related, minimum=0, integer=True)
+
+
+def check_k(k: int, name: str = "k") -> None:
+    """InputError unless ``MIN_CASES`` (3) <= k <= 1000: a word outside the vocabulary, a number or a name is drafted
+    only when at least 3 neighbours use it, so fewer neighbours could draft almost nothing, and with one a draft
+    would be a copy of the nearest report, its patient's identifiers included. ``name``: the setting as the
+    caller's user knows it (``draft_k``)."""
+    check_number(name, k, minimum=1, maximum=MAX_K, integer=True)
+    if k < MIN_CASES:
+        raise InputError(f"{name} must be >= {MIN_CASES}, got {k}: a draft states a word outside the knowledge "
+                         f"base's vocabulary, a number or a name only when at least {MIN_CASES} of the cases use it "
+                         "(never one patient's identifiers)", parameter=name)
+
+
+def _check_thresholds(min_support: float, min_similarity: float) -> None:
     check_number("min_support", min_support, minimum=0, maximum=1)
     if min_support < LOWEST_MIN_SUPPORT:
         raise InputError(f"min_support must be >= {LOWEST_MIN_SUPPORT} (a weighted majority; below it a minority "
@@ -198,7 +232,6 @@ def check_settings(k: int, min_support: float, min_similarity: float, related: i
         raise InputError(f"min_support must be < 1 (a consensus needs more than this share), got {min_support}",
                          parameter="min_support")
     check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
-    check_number("related", related, minimum=0, integer=True)
 
 
 def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAULT_K, where: str | None = None,
@@ -260,7 +293,7 @@ def indexed_copies(index, pixels: np.ndarray) -> list[str]:
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
                     min_support: float = MIN_SUPPORT, min_similarity: float = MIN_SIMILARITY) -> Draft:
     """Draft from already retrieved neighbours (nearest first); see the module docstring."""
-    check_settings(max(1, len(hits)), min_support, min_similarity)
+    _check_thresholds(min_support, min_similarity)
     labeller = labeller or ReportLabeller()
     settings = {"k": len(hits), "min_support": min_support, "min_similarity": min_similarity}
     with_report = [h for h in hits if h.text and h.text.strip()]
@@ -280,13 +313,19 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
         shown = _below(top, min_similarity)
         return _abstain(neighbours, findings, FAR, f"the nearest case is too far: similarity {shown} < "
                         f"{min_similarity:g} (min_similarity)", settings)
+    if len(with_report) < MIN_CASES:
+        return _abstain(neighbours, findings, FEW_REPORTS, f"only {len(with_report)} of the nearest cases "
+                        f"{'has a report' if len(with_report) == 1 else 'have reports'}; a draft needs at least "
+                        f"{MIN_CASES}, as it states a word, number or name only when {MIN_CASES} of them use it",
+                        settings)
     consensus = {f.name: f.consensus for f in findings if f.consensus}
     if not _agreed(consensus, labeller.knowledge):
         return _abstain(neighbours, findings, DISAGREE, _disagreement(findings, labeller.knowledge, min_support),
                         settings)
     common = common_words(labeller.knowledge, [h.text for h in with_report])
+    rare = rare_words(labeller.knowledge, [h.text for h in with_report])
     kept, unworded = _select(with_report, weights, sentences, consensus, min_support, common,
-                             abnormal=set(labeller.knowledge.abnormal))
+                             abnormal=set(labeller.knowledge.abnormal), rare=rare)
     if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
         return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
@@ -380,8 +419,8 @@ def _wording_key(groups: dict[Any, _Group], sentence: Sentence) -> Any:
 
 
 def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sentence]], consensus: dict[str, str],
-            min_support: float, common: frozenset = frozenset(),
-            abnormal: set[str] | None = None) -> tuple[list[DraftSentence], dict[str, str]]:
+            min_support: float, common: frozenset = frozenset(), abnormal: set[str] | None = None,
+            rare: frozenset = frozenset()) -> tuple[list[DraftSentence], dict[str, str]]:
     """Sentence groups that agree with the consensus, by support, each stating something new; and the present
     or possible consensus findings none of whose groups could be drafted, with why (``_drafted``): no wording
     agreeing with the details vote, or every wording naming a minority's identifier; or, for an ``abnormal``
@@ -406,10 +445,12 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
         elif support <= min_support:
             continue
         voters = [m for name in sorted(_voted_findings(group)) for m in finding_members[name]] or group.members
-        drafted = _drafted(group, support, hits, weights, voters, min_support, common)
+        drafted = _drafted(group, hits, weights, voters, min_support, common, rare)
         if isinstance(drafted, str):
             for name in _voted_findings(group):
                 left_out.setdefault(name, drafted)
+            continue
+        if not group.assertions and drafted.support <= min_support:  # its agreeing members are no majority
             continue
         stated[group.section] |= group.assertions
         kept.append(drafted)
@@ -426,8 +467,9 @@ def _select(hits: Sequence[Hit], weights: np.ndarray, sentences: list[list[Sente
 def _unworded_reason(unworded: dict[str, str]) -> str:
     """One line: which consensus findings have no wording to draft, and why."""
     parts = []
-    for why, text in ((_IDENTIFIER_LEFT, "names a date, number or name that most of the neighbours do not "
-                                         "(another patient's)"),
+    for why, text in ((_IDENTIFIER_LEFT, f"names a date, a long number, or a number, name or word that fewer than "
+                                         f"{MIN_CASES} of the neighbours or a minority of the weight use (maybe "
+                                         "another patient's)"),
                       (_DETAIL_LEFT, "names a side, size, zone or measurement the neighbours' vote does not elect"),
                       (_MIXED_LEFT, "also states a finding the neighbours do not agree on")):
         names = [name for name, cause in unworded.items() if cause == why]
@@ -445,12 +487,13 @@ def _voted_findings(group: _Group) -> set[str]:
     return {name for name, status in group.assertions if status in (POSITIVE, UNCERTAIN)}
 
 
-def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.ndarray,
-             voters: list[tuple[int, str]], min_support: float, common: frozenset = frozenset()) -> DraftSentence | str:
+def _drafted(group: _Group, hits: Sequence[Hit], weights: np.ndarray, voters: list[tuple[int, str]],
+             min_support: float, common: frozenset = frozenset(), rare: frozenset = frozenset()) -> DraftSentence | str:
     """The group's wording closest to all its members (weighted) among those agreeing with the detail vote of
-    ``voters`` (neighbour index, sentence) and naming no identifier of a minority (``_shared_identifiers``), and
-    its citations; when the group has no such wording, why: ``_DETAIL_LEFT`` (a finding's group: none agreeing
-    with the vote) or ``_IDENTIFIER_LEFT``."""
+    ``voters`` (neighbour index, sentence) and naming nothing of a few neighbours (``_shared_identifiers``), and
+    its citations: the members with a sentence naming no other detail (side, size, zone, measurement) than the
+    wording, its support their share of the weight; when the group has no such wording, why: ``_DETAIL_LEFT`` (a
+    finding's group: none agreeing with the vote) or ``_IDENTIFIER_LEFT``."""
     by_case: dict[int, list[str]] = {}
     for i, text in group.members:
         by_case.setdefault(i, []).append(text)
@@ -460,17 +503,19 @@ def _drafted(group: _Group, support: float, hits: Sequence[Hit], weights: np.nda
         if _voted_findings(group):
             return _DETAIL_LEFT
         wordings = every
-    wordings = _shared_identifiers(wordings, group, weights, min_support, common)
+    wordings = _shared_identifiers(wordings, group, weights, min_support, common, rare)
     if not wordings:
         return _IDENTIFIER_LEFT
     closeness = [sum(weights[i] * max(jaccard(w, t) for t in texts) for i, texts in by_case.items())
                  for w in wordings]
     chosen = wordings[int(np.argmax(closeness))]
-    cited = sorted(by_case)
+    # a member stating another side, size, zone or measurement does not support the sentence: not cited
+    cited = [i for i in sorted(by_case) if any(not _conflict(chosen, t) for t in by_case[i])]
     named = _identifiers(chosen, common)  # a sentence naming another date or name is not a source of the wording
     close = [hits[i].id for i in cited
              if any(jaccard(chosen, t) >= WORDING_SIMILARITY and not _conflict(chosen, t)
                     and _identifiers(t, common) == named for t in by_case[i])]
+    support = float(sum(weights[i] for i in cited))
     return DraftSentence(text=chosen, section=group.section, findings=dict(sorted(group.assertions)),
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
 
@@ -522,17 +567,51 @@ def _names(run: list[str]) -> set[str]:
 
 
 def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray, min_support: float,
-                        common: frozenset = frozenset()) -> list[str]:
-    """The wordings each of whose identifiers (``_identifiers``: a date, an accession number, a name) the group's
-    neighbours holding more than ``min_support`` of the weight also name: a draft does not carry one neighbour's
-    dates or names (another patient's), cited to every neighbour of the group."""
+                        common: frozenset = frozenset(), rare: frozenset = frozenset()) -> list[str]:
+    """The wordings naming no date-like token or long number (``_dated``), no ``rare`` word (``rare_words``: used
+    by fewer than ``MIN_CASES`` neighbours), and no identifier (``_identifiers``: a number, a name) that fewer than
+    ``MIN_CASES`` of the group's neighbours, or neighbours holding no more than ``min_support`` of the weight, name:
+    a draft does not carry one neighbour's dates or names (another patient's), cited to every neighbour of the
+    group, whatever k and the weights."""
     naming: dict[str, set[int]] = {}
     for i, text in group.members:
         for identifier in _identifiers(text, common):
             naming.setdefault(identifier, set()).add(i)
     shared = {identifier for identifier, cases in naming.items()
-              if sum(float(weights[i]) for i in cases) > min_support}
-    return [w for w in wordings if _identifiers(w, common) <= shared]
+              if len(cases) >= MIN_CASES and sum(float(weights[i]) for i in cases) > min_support}
+    return [w for w in wordings if not _dated(w, common) and _identifiers(w, common) <= shared
+            and not rare.intersection(_LETTERS.findall(w.lower()))]
+
+
+def _dated(text: str, common: frozenset = frozenset()) -> bool:
+    """The text names a date or time (3/12/2019, 2019-12-03, 10:45, a month or weekday name, "yesterday") or a
+    number of ``LONG_NUMBER`` or more digits (a year, an accession or record number): never drafted."""
+    if _DATE_LIKE.search(_MEASURE.sub(" ", text.lower())):
+        return True
+    return any(i.startswith("date:") or (i.isdigit() and len(i) >= LONG_NUMBER) for i in _identifiers(text, common))
+
+
+def vocabulary(knowledge: KnowledgeBase) -> frozenset:
+    """Words that name no one: the knowledge base's (titles, phrases, definitions, notes), the report labeller's
+    (its negation, uncertainty and scope cues, section names), stop words, titles, detail words and units."""
+    from . import labels
+
+    cues = [*labels.PRE_NEGATION, *labels.NEAR_PRE_NEGATION, *labels.POST_NEGATION, *labels.FINAL_POST_NEGATION,
+            *labels.FINAL_POST_UNCERTAIN, *labels.NEAR_POST_NEGATION, *labels.PRE_UNCERTAIN, *labels.POST_UNCERTAIN,
+            *labels.NEGATED_UNCERTAIN, *labels.PSEUDO_NEGATION, *labels.TERMINATORS, *labels.SKIPPED_SECTIONS,
+            *labels.IMPRESSION_SECTIONS, "findings", "finding", "report"]
+    texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
+    words = {w for text in [*texts, *cues] for w in _LETTERS.findall(text.lower())}
+    return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind} | {"mm", "cm"})
+
+
+def rare_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
+    """The words (lower case, any script) outside ``vocabulary`` that fewer than ``MIN_CASES`` of the ``reports``
+    use: a name ("Nakamura", whatever its case or title), or a word only one or two cases use, might be theirs
+    alone and is never drafted."""
+    known = vocabulary(knowledge)
+    used = Counter(w for text in reports for w in set(_LETTERS.findall((text or "").lower())) if w not in known)
+    return frozenset(w for w, cases in used.items() if cases < MIN_CASES)
 
 
 def _conflict(first: str, second: str) -> bool:

@@ -18,7 +18,8 @@ Each file (``*.md``) starts with YAML front matter and may go on with free notes
     Free notes (kept as ``notes``).
 
 ``load_knowledge()`` reads the shipped folder (``medvl/rag/knowledge``); ``load_knowledge(folder)``
-adds a user's folder on top, where a file with the same ``name`` replaces the shipped entry;
+adds a user's folder on top, where a file with the same ``name`` replaces the shipped entry (keeping
+its ``kind``: a ``no_finding`` without ``kind: normal`` is refused);
 ``builtin=False`` uses the user's files alone. The finding vocabulary of the report labeller is the
 knowledge base's, so a new file is a new finding.
 """
@@ -167,6 +168,13 @@ def load_knowledge(folder: str | Path | None = None, builtin: bool = True) -> Kn
         if not read and path != BUILTIN_DIR:  # a wrong folder would add nothing without a word
             raise DataError(path, "no finding files (*.md with YAML front matter) in this knowledge folder")
         for finding in read:
+            replaced = findings.get(finding.name)
+            if replaced is not None and replaced.kind != finding.kind:  # e.g. no_finding without kind: normal
+                shipped = Path(str(replaced.path)).name
+                raise DataError(finding.path, f"replaces the entry {finding.name!r} of kind {replaced.kind} "
+                                              f"({shipped}) with kind {finding.kind}; write 'kind: {replaced.kind}' "
+                                              "to keep what the entry means (the normal entry is what makes a study "
+                                              "normal)")
             findings[finding.name] = finding
     if not findings:
         raise DataError(folders[-1], "no finding files (*.md with YAML front matter) in the knowledge base")
@@ -203,7 +211,10 @@ def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader refusing repeated keys
+    except _RepeatedField as err:
+        raise DataError(path, f"field {err.name!r} is given twice in the front matter (line {err.line}); "
+                              "YAML would keep the last one without a word") from None
     except yaml.YAMLError as err:
         raise DataError(path, f"front matter is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -212,6 +223,30 @@ def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
     if unknown:
         raise DataError(path, f"unknown fields {unknown}; expected {', '.join(sorted(_KEYS))}")
     return data
+
+
+class _RepeatedField(Exception):
+    def __init__(self, name: str, line: int):
+        super().__init__(name)
+        self.name, self.line = name, line
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that raises ``_RepeatedField`` for a key given twice in one mapping (``safe_load``
+    keeps the last: "synonyms: [a]" then "synonyms: [b]" would drop the first list)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                key = str(self.construct_object(key_node, deep=deep))
+                if key in seen:
+                    raise _RepeatedField(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
