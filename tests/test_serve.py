@@ -642,6 +642,47 @@ def test_search_and_report_draft_answer_as_the_cli_library_calls(client, model_d
     assert bad.status_code == 422 and "k must be >= 1" in bad.json()["detail"]
 
 
+USER_FINDING = """---
+name: air_leak
+title: Air leak
+synonyms: [pneumothorax]
+definition: A user's finding, air outside the lung.
+---
+"""
+
+
+def test_report_drafts_use_the_services_knowledge_base_as_the_cli_uses_its_own(client, model_dir, index_dir, png,
+                                                                               tmp_path):
+    """The service always drafted with the shipped knowledge base: a user's finding files (--knowledge of
+    medvl report draft) could not be served, and the API's drafts differed from the CLI's."""
+    from medvl.rag import ReportLabeller, draft_report, load_knowledge
+
+    (tmp_path / "knowledge").mkdir()
+    (tmp_path / "knowledge" / "air_leak.md").write_text(USER_FINDING)
+    fields = {"k": "6", "min_similarity": "0"}
+    shipped = client.post("/v1/report/draft", headers=auth(), files={"image": ("x.png", png.read_bytes())},
+                          data=fields).json()
+    token = TOKENS[0]
+    app = create_app(model_dir, index=index_dir, settings=ServeSettings(knowledge=tmp_path / "knowledge"),
+                     token_digests=[token_digest(token)])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        served = http.post("/v1/report/draft", headers={"Authorization": f"Bearer {token}"},
+                           files={"image": ("x.png", png.read_bytes())}, data=fields).json()
+    with open_index(index_dir) as index:
+        expected = draft_report(index, load_model(model_dir), png, k=6, min_similarity=0.0,
+                                labeller=ReportLabeller(load_knowledge(tmp_path / "knowledge"))).to_dict()
+    assert "air_leak" in [f["name"] for f in served["findings"]]  # the phantom reports name pneumothorax
+    assert "air_leak" not in [f["name"] for f in shipped["findings"]]
+    assert {key: served[key] for key in expected} == json.loads(json.dumps(expected))
+    for args, message in ((["--knowledge", tmp_path / "nope"], "--knowledge"), (["--no-builtin-knowledge"],
+                                                                               "--no-builtin-knowledge")):
+        result, output = invoke("serve", "--model", model_dir, "--no-auth", *args)
+        assert result.exit_code == 2 and message in output, output
+    (tmp_path / "knowledge" / "broken.md").write_text("---\nname: [unclosed\n---\n")
+    result, output = invoke("serve", "--model", model_dir, "--no-auth", "--knowledge", tmp_path / "knowledge")
+    assert result.exit_code == 2 and "broken.md" in output, output  # refused before the service listens
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher

@@ -16,7 +16,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 OPTION_NAMES = {"max_pixels": "--max-pixels", "max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms",
                 "rate_limit": "--rate-limit", "rate_burst": "--rate-burst", "failed_auth_burst": "--failed-auth-burst",
                 "torch_threads": "--torch-threads", "data_root": "--data-root", "vqa_model": "--vqa-model",
-                "bottleneck": "--bottleneck"}
+                "bottleneck": "--bottleneck", "knowledge": "--knowledge", "builtin_knowledge": "--no-builtin-knowledge"}
 SERVE_HINT = "pip install 'medvl[serve]'"
 
 
@@ -34,6 +34,11 @@ def serve_command(
     bottleneck: Annotated[Path | None, typer.Option(
         help="Concept bottleneck fitted with this model (bottleneck.json from medvl explain --concept-data ... "
              "--out DIR): /v1/explain names each finding's top concepts.")] = None,
+    knowledge: Annotated[Path | None, typer.Option(
+        help="Folder of finding files (*.md) added on top of the shipped knowledge base (same name replaces) for "
+             "/v1/report/draft, as medvl report draft --knowledge.")] = None,
+    builtin_knowledge: Annotated[bool, typer.Option(
+        "--builtin-knowledge/--no-builtin-knowledge", help="Start from the shipped finding files.")] = True,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     token_file: Annotated[Path | None, typer.Option(
@@ -83,12 +88,17 @@ def serve_command(
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
                              data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
-                             backend=backend, torch_threads=torch_threads).validate(OPTION_NAMES).for_model(model)
+                             knowledge=knowledge, builtin_knowledge=builtin_knowledge, backend=backend,
+                             torch_threads=torch_threads).validate(OPTION_NAMES).for_model(model)
     _check_model_dir(model, settings.backend)
     if settings.bottleneck is not None:  # a damaged file is refused now; whether it fits the model, once that loads
         from ..explain.concepts import ConceptBottleneck
 
         ConceptBottleneck.load(settings.bottleneck)
+    if settings.knowledge is not None:  # a damaged finding file is refused now, not at the first draft
+        from ..rag import load_knowledge
+
+        load_knowledge(settings.knowledge, builtin=settings.builtin_knowledge)
     listener = _listen(host, port)  # a port taken or not ours is refused now, before the model loads
     try:
         _setup_logs()

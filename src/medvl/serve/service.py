@@ -455,7 +455,8 @@ class ModelService:
         if self.labeller is None:
             from ..rag import ReportLabeller, load_knowledge
 
-            self.labeller = ReportLabeller(load_knowledge(None, builtin=True))
+            self.labeller = ReportLabeller(load_knowledge(self.settings.knowledge,
+                                                          builtin=self.settings.builtin_knowledge))
         return self.labeller
 
 

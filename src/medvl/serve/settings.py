@@ -39,6 +39,10 @@ class ServeSettings:
     # a concept bottleneck fitted with the served model (``medvl explain --concept-data ... --out DIR`` writes
     # DIR/bottleneck.json): /v1/explain then names each finding's top concepts; None: no concepts
     bottleneck: Path | None = None
+    # /v1/report/draft's knowledge base, as ``medvl report draft --knowledge`` takes it: a folder of finding files
+    # on top of the shipped ones (same name replaces), or alone with ``builtin_knowledge`` False
+    knowledge: Path | None = None
+    builtin_knowledge: bool = True
     max_vqa_images: int = 4  # image files one /v1/vqa request may carry (the model's own limit applies too)
     max_explain_top: int = 3  # findings one /v1/explain request may ask to explain (heatmaps each)
     heavy_queue: int = 4  # explain / VQA requests waiting while one computes; beyond, 503
@@ -77,6 +81,13 @@ class ServeSettings:
                 setattr(self, setting, Path(value))
                 if not getattr(self, setting).exists():
                     raise InputError(f"{names.get(setting, setting.replace('_', ' '))} {value}: not found")
+        if self.knowledge is not None:
+            self.knowledge = Path(self.knowledge)
+            if not self.knowledge.is_dir():
+                raise InputError(f"{names.get('knowledge', 'knowledge')} {self.knowledge}: not a folder")
+        elif not self.builtin_knowledge:
+            raise InputError(f"{names.get('builtin_knowledge', 'builtin_knowledge=False')} leaves no knowledge base: "
+                             f"give a folder of finding files ({names.get('knowledge', 'knowledge')})")
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
             if not self.data_root.is_dir():
