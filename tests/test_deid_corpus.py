@@ -717,6 +717,44 @@ def test_a_patient_only_in_a_sequence_item_is_replaced_and_the_file_written(tmp_
     assert b"nested" not in (tmp_path / "out.dcm").read_bytes().lower()
 
 
+@pytest.mark.parametrize(("request_ids", "kept", "element"), [
+    ({"AccessionNumber": "A7712345"}, {"ConvolutionKernel": "A7712345"}, "ConvolutionKernel"),
+    ({"StudyID": "ST55123"}, {"SoftwareVersions": "ST55123"}, "SoftwareVersions"),
+    ({"AccessionNumber": "A7712345"},
+     {"AnatomicRegionSequence": [sequence_item(CodeValue="1", CodingSchemeDesignator="DCM",
+                                               CodeMeaning="order A7712345")]},
+     "AnatomicRegionSequence[0]>CodeMeaning"),
+    ({"RequestedProcedureID": "RP-998877"}, {"SoftwareVersions": "v2 RP 998877"}, "SoftwareVersions"),
+    ({"RequestAttributesSequence": [sequence_item(PlacerOrderNumberImagingServiceRequest="PLC4455667")]},
+     {"ConvolutionKernel": "PLC4455667"}, "ConvolutionKernel"),
+])
+def test_request_ids_copied_into_a_kept_element_are_refused(request_ids, kept, element, tmp_path):
+    """An accession number, study ID or order number copied into an attribute the profile keeps (a
+    kernel, a software version, a standard Code Meaning) was written out unchanged with exit 0, while
+    a patient ID there was refused. The final scan searches request IDs too: exit 2, the element
+    named, nothing written."""
+    ds = base_dataset()
+    for keyword, value in {**request_ids, **kept}.items():
+        setattr(ds, keyword, value)
+    source = write(ds, tmp_path / "in" / "request.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm")])
+    assert result.exit_code == 2, result.output
+    assert f"patient's request ID survived de-identification in {element};" in result.output.replace("\n", " ")
+    assert "7712345" not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_short_request_ids_are_not_searched_and_long_ones_are_replaced(tmp_path):
+    """Study IDs are often counters (1, 4MR1, 1234) that technical values hold by chance: those of
+    fewer than 6 letters and digits are not searched, so the file is written; a long accession
+    number is replaced and appears nowhere in the output."""
+    ds = base_dataset()
+    ds.StudyID, ds.ConvolutionKernel, ds.AccessionNumber = "1234", "B1234f", "ACC99001122"
+    deidentify(write(ds, tmp_path / "in" / "short.dcm"), tmp_path / "out.dcm", seed=3)
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    assert written.ConvolutionKernel == "B1234f" and written.StudyID != "1234"
+    assert b"99001122" not in (tmp_path / "out.dcm").read_bytes()
+
+
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):
     """Real files name patients ``CQ500-CT-310`` (pydicom-data) or ``OB`` (an obstetric ultrasound):
     the parts CT and OB are in every such file's Modality or Processing Function, so they are not

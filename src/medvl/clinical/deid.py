@@ -43,9 +43,9 @@ works on one file or a folder. For every DICOM file, in this order:
    changed). De-identification Method and its code sequence (DCM 113100, 113107, and 113105 for
    Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
-   sequences included, for the input's patient name parts, IDs and dates in their common
-   spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
-   and the element (never the value), and nothing is written.
+   sequences included, for the input's patient name parts, IDs, request IDs (accession number, study
+   ID...) and dates in their common spellings, then the encoded header bytes. A hit refuses the
+   file: ``DataError`` naming the file and the element (never the value), and nothing is written.
 
 Output: a file for a file; for a folder, ``study_NNN/series_NNN/image_NNNN.dcm`` (numbered in
 input order: input paths may hold names or IDs) plus ``deid-report.json``. Everything is written to
