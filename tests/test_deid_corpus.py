@@ -550,6 +550,34 @@ def test_header_truncation_is_an_error_through_the_api(cut, tmp_path):
     assert "rtplan_truncated.dcm" in str(error.value) and not (tmp_path / "plan.dcm").exists()
 
 
+def ct_with_transfer_syntax(uid: str) -> bytes:
+    """CT_small (explicit VR little endian, native pixels) with its file meta's Transfer Syntax UID
+    patched to ``uid`` (20 characters, the length of the one it replaces)."""
+    data, written = ct_bytes(), b"1.2.840.10008.1.2.1\x00"
+    assert data.count(written) == 1 and len(uid) == len(written)
+    return data.replace(written, uid.encode())
+
+
+@pytest.mark.parametrize(("uid", "reason"), [
+    ("1.2.3.4.5.6.7.8.9.10", "unsupported transfer syntax 1.2.3.4.5.6.7.8.9.10: not a DICOM transfer syntax"),
+    ("1.2.840.10008.1.2.5\x00", "pixel data not encapsulated as its transfer syntax RLE Lossless"),
+])
+def test_an_unwritable_transfer_syntax_is_a_one_line_error_for_a_file_and_a_folder(uid, reason, tmp_path):
+    """A private / unknown transfer syntax crashed ``medvl deid`` with a traceback (exit 1) when the
+    header was encoded for the final scan, and native pixels under a compressed syntax were reported
+    as a failure to write. Both are refused before any change, naming the file and the syntax: exit
+    2, nothing written, for a file and in a folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "odd.dcm").write_bytes(ct_with_transfer_syntax(uid))
+    runner = CliRunner()
+    for source, out in ((folder / "odd.dcm", tmp_path / "out.dcm"), (folder, tmp_path / "out")):
+        result = runner.invoke(app, ["deid", str(source), str(out)])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert f"odd.dcm: {reason}" in " ".join(result.output.split()), result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_folder_skips_non_dicom_but_refuses_a_broken_dcm_file(tmp_path):
     """Files that are not DICOM are skipped and counted; a ``.dcm`` file that is empty or truncated
     claims to be DICOM, so the whole run stops, naming it, and writes nothing."""
