@@ -329,6 +329,29 @@ def test_wildcard_and_name_searches_find_over_dicomweb_what_dimse_finds(uploaded
 
 
 @pytest.mark.orthanc
+def test_lists_of_values_find_the_same_studies_over_dicomweb_and_dimse(uploaded):
+    """A list written with ',' (QIDO-RS's separator) found the studies over DICOMweb and none over
+    C-FIND, which took it for one invalid value; written with '\\' (DICOM's) the other way round, both
+    with exit code 0. Either separator now finds the same studies over both."""
+    pytest.importorskip("pynetdicom")
+    a, b = uploaded.studies["A"], uploaded.studies["B"]
+    dimse = dimse_client(uploaded)
+    with uploaded.client() as client:
+        for separator in (",", "\\", " , "):
+            for filters, expected in (({"StudyInstanceUID": separator.join([a, b])}, sorted([a, b])),
+                                      ({"ModalitiesInStudy": separator.strip().join(["CR", "DX"])}, sorted([a, b])),
+                                      ({"ModalitiesInStudy": "DX,SEG", "PatientID": "MRN*"}, [b])):
+                over_web = sorted(s["StudyInstanceUID"] for s in client.search_studies(filters))
+                over_dimse = sorted(s["StudyInstanceUID"] for s in dimse.search_studies(filters))
+                assert over_web == over_dimse == expected, filters
+    for url in (uploaded.dicomweb, uploaded.dimse):
+        options = ("--user", USER, "--password", PASSWORD) if url.startswith("http") else ("--calling-aet", MOVE_AET)
+        result, output = invoke("pacs", "search", "--url", url, *options, "--filter", f"StudyInstanceUID={a},{b}",
+                                "--uids")
+        assert result.exit_code == 0 and sorted(output.split()) == sorted([a, b]), (url, output)
+
+
+@pytest.mark.orthanc
 def test_cli_search_shows_studies_on_the_terminal(uploaded, monkeypatch):
     from medvl.cli.common import console
 
@@ -715,6 +738,23 @@ def test_valid_match_values_are_sent_as_servers_compare_them():
         "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
     assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
                                                                              "SeriesNumber": "3"}
+
+
+def test_a_list_of_values_is_sent_in_each_transports_own_form():
+    """Lists come back from search_filters in DICOM's form ('\\', what C-FIND sends); QIDO-RS sends
+    them with ','; an empty item is refused on both transports before any server is asked."""
+    from medvl.clinical.pacs import qido_value, search_filters
+
+    lists = {"StudyInstanceUID": "1.2.3, 1.2.4\\1.2.5", "ModalitiesInStudy": "CT,MR", "PatientName": "Vorn*"}
+    checked = search_filters(lists)
+    assert checked == {"StudyInstanceUID": "1.2.3\\1.2.4\\1.2.5", "ModalitiesInStudy": "CT\\MR",
+                       "PatientName": "Vorn*"}
+    assert search_filters(checked) == checked
+    assert [qido_value(value) for value in checked.values()] == ["1.2.3,1.2.4,1.2.5", "CT,MR", "Vorn*"]
+    for client in both_transports(free_port()):
+        for value in ("1.2.3,", "1.2.3,,1.2.4", ",1.2.3"):
+            with pytest.raises(InputError, match="StudyInstanceUID: an empty item in its list of values"):
+                client.search_studies({"StudyInstanceUID": value})
 
 
 class BrokenPacs(BaseHTTPRequestHandler):
