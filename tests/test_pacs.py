@@ -655,6 +655,45 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
         assert not (tmp_path / "z").exists()
 
 
+def post_instances(orthanc: Orthanc, paths: list[Path]) -> list[str]:
+    """POST files to Orthanc (not recorded in ``orthanc.files``); their Study Instance UIDs."""
+    with requests.Session() as session:
+        session.auth = (USER, PASSWORD)
+        for path in paths:
+            answer = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=60)
+            assert answer.status_code == 200, answer.text
+    return [str(pydicom.dcmread(path).StudyInstanceUID) for path in paths]
+
+
+@pytest.mark.orthanc
+def test_c_move_receives_retired_and_private_storage_classes(uploaded, tmp_path):
+    """The C-MOVE storage SCP accepted only pynetdicom's storage classes, so Orthanc found no context for
+    a retired class (pydicom-data's color-pl.dcm: Ultrasound Image Storage of 1993) or a private one, and
+    the pull failed with a bare 'status 0xC000' while C-GET and WADO-RS pulled the same study. Both now
+    arrive; a retrieval the PACS still refuses names the series and its SOP class."""
+    pytest.importorskip("pynetdicom")
+    from pydicom.uid import generate_uid
+
+    private = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    private.SOPClassUID = private.file_meta.MediaStorageSOPClassUID = "1.2.246.352.70.1.70"  # a vendor's class
+    private.StudyInstanceUID, private.SeriesInstanceUID = generate_uid(), generate_uid()
+    private.SOPInstanceUID = private.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    private.save_as(tmp_path / "private.dcm")
+    retired_study, private_study, refused_study = post_instances(
+        uploaded, [STORE / "color-pl.dcm", tmp_path / "private.dcm", STORE / "explicit_VR-UN.dcm"])
+    move = ("--url", uploaded.dimse, "--calling-aet", MOVE_AET, "--retrieve", "move", "--move-port", uploaded.peer_port)
+    result, output = invoke("pacs", "pull", *move, "--study", retired_study, "--study", private_study,
+                            "--out", tmp_path / "moved", "--quiet")
+    assert result.exit_code == 0 and "pulled 2 instance(s) (0 already there) of 2" in output, output
+    classes = {str(pydicom.dcmread(p).SOPClassUID) for p in (tmp_path / "moved").rglob("*.dcm")}
+    assert classes == {"1.2.840.10008.5.1.4.1.1.6", "1.2.246.352.70.1.70"}
+    # Orthanc 1.10 cannot send this JPEG 2000 file over DIMSE at all (C-GET neither; WADO-RS can)
+    result, output = invoke("pacs", "pull", *move, "--study", refused_study, "--out", tmp_path / "refused")
+    assert result.exit_code == 2, output
+    assert ("C-MOVE of a series without a number (CT, CT Image Storage): the PACS answered with status 0xC000"
+            in " ".join(output.split())), output
+
+
 # ------------------------------------------------------------------ no server needed
 
 
