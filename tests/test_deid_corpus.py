@@ -550,6 +550,34 @@ def test_header_truncation_is_an_error_through_the_api(cut, tmp_path):
     assert "rtplan_truncated.dcm" in str(error.value) and not (tmp_path / "plan.dcm").exists()
 
 
+def ct_with_transfer_syntax(uid: str) -> bytes:
+    """CT_small (explicit VR little endian, native pixels) with its file meta's Transfer Syntax UID
+    patched to ``uid`` (20 characters, the length of the one it replaces)."""
+    data, written = ct_bytes(), b"1.2.840.10008.1.2.1\x00"
+    assert data.count(written) == 1 and len(uid) == len(written)
+    return data.replace(written, uid.encode())
+
+
+@pytest.mark.parametrize(("uid", "reason"), [
+    ("1.2.3.4.5.6.7.8.9.10", "unsupported transfer syntax 1.2.3.4.5.6.7.8.9.10: not a DICOM transfer syntax"),
+    ("1.2.840.10008.1.2.5\x00", "pixel data not encapsulated as its transfer syntax RLE Lossless"),
+])
+def test_an_unwritable_transfer_syntax_is_a_one_line_error_for_a_file_and_a_folder(uid, reason, tmp_path):
+    """A private / unknown transfer syntax crashed ``medvl deid`` with a traceback (exit 1) when the
+    header was encoded for the final scan, and native pixels under a compressed syntax were reported
+    as a failure to write. Both are refused before any change, naming the file and the syntax: exit
+    2, nothing written, for a file and in a folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "odd.dcm").write_bytes(ct_with_transfer_syntax(uid))
+    runner = CliRunner()
+    for source, out in ((folder / "odd.dcm", tmp_path / "out.dcm"), (folder, tmp_path / "out")):
+        result = runner.invoke(app, ["deid", str(source), str(out)])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert f"odd.dcm: {reason}" in " ".join(result.output.split()), result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_folder_skips_non_dicom_but_refuses_a_broken_dcm_file(tmp_path):
     """Files that are not DICOM are skipped and counted; a ``.dcm`` file that is empty or truncated
     claims to be DICOM, so the whole run stops, naming it, and writes nothing."""
@@ -715,6 +743,44 @@ def test_a_patient_only_in_a_sequence_item_is_replaced_and_the_file_written(tmp_
     source = write(nested_patient_dataset(), tmp_path / "in" / "nested.dcm")
     deidentify(source, tmp_path / "out.dcm", seed=3)
     assert b"nested" not in (tmp_path / "out.dcm").read_bytes().lower()
+
+
+@pytest.mark.parametrize(("request_ids", "kept", "element"), [
+    ({"AccessionNumber": "A7712345"}, {"ConvolutionKernel": "A7712345"}, "ConvolutionKernel"),
+    ({"StudyID": "ST55123"}, {"SoftwareVersions": "ST55123"}, "SoftwareVersions"),
+    ({"AccessionNumber": "A7712345"},
+     {"AnatomicRegionSequence": [sequence_item(CodeValue="1", CodingSchemeDesignator="DCM",
+                                               CodeMeaning="order A7712345")]},
+     "AnatomicRegionSequence[0]>CodeMeaning"),
+    ({"RequestedProcedureID": "RP-998877"}, {"SoftwareVersions": "v2 RP 998877"}, "SoftwareVersions"),
+    ({"RequestAttributesSequence": [sequence_item(PlacerOrderNumberImagingServiceRequest="PLC4455667")]},
+     {"ConvolutionKernel": "PLC4455667"}, "ConvolutionKernel"),
+])
+def test_request_ids_copied_into_a_kept_element_are_refused(request_ids, kept, element, tmp_path):
+    """An accession number, study ID or order number copied into an attribute the profile keeps (a
+    kernel, a software version, a standard Code Meaning) was written out unchanged with exit 0, while
+    a patient ID there was refused. The final scan searches request IDs too: exit 2, the element
+    named, nothing written."""
+    ds = base_dataset()
+    for keyword, value in {**request_ids, **kept}.items():
+        setattr(ds, keyword, value)
+    source = write(ds, tmp_path / "in" / "request.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm")])
+    assert result.exit_code == 2, result.output
+    assert f"patient's request ID survived de-identification in {element};" in result.output.replace("\n", " ")
+    assert "7712345" not in result.output and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_short_request_ids_are_not_searched_and_long_ones_are_replaced(tmp_path):
+    """Study IDs are often counters (1, 4MR1, 1234) that technical values hold by chance: those of
+    fewer than 6 letters and digits are not searched, so the file is written; a long accession
+    number is replaced and appears nowhere in the output."""
+    ds = base_dataset()
+    ds.StudyID, ds.ConvolutionKernel, ds.AccessionNumber = "1234", "B1234f", "ACC99001122"
+    deidentify(write(ds, tmp_path / "in" / "short.dcm"), tmp_path / "out.dcm", seed=3)
+    written = pydicom.dcmread(tmp_path / "out.dcm")
+    assert written.ConvolutionKernel == "B1234f" and written.StudyID != "1234"
+    assert b"99001122" not in (tmp_path / "out.dcm").read_bytes()
 
 
 def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tmp_path):

@@ -329,6 +329,29 @@ def test_wildcard_and_name_searches_find_over_dicomweb_what_dimse_finds(uploaded
 
 
 @pytest.mark.orthanc
+def test_lists_of_values_find_the_same_studies_over_dicomweb_and_dimse(uploaded):
+    """A list written with ',' (QIDO-RS's separator) found the studies over DICOMweb and none over
+    C-FIND, which took it for one invalid value; written with '\\' (DICOM's) the other way round, both
+    with exit code 0. Either separator now finds the same studies over both."""
+    pytest.importorskip("pynetdicom")
+    a, b = uploaded.studies["A"], uploaded.studies["B"]
+    dimse = dimse_client(uploaded)
+    with uploaded.client() as client:
+        for separator in (",", "\\", " , "):
+            for filters, expected in (({"StudyInstanceUID": separator.join([a, b])}, sorted([a, b])),
+                                      ({"ModalitiesInStudy": separator.strip().join(["CR", "DX"])}, sorted([a, b])),
+                                      ({"ModalitiesInStudy": "DX,SEG", "PatientID": "MRN*"}, [b])):
+                over_web = sorted(s["StudyInstanceUID"] for s in client.search_studies(filters))
+                over_dimse = sorted(s["StudyInstanceUID"] for s in dimse.search_studies(filters))
+                assert over_web == over_dimse == expected, filters
+    for url in (uploaded.dicomweb, uploaded.dimse):
+        options = ("--user", USER, "--password", PASSWORD) if url.startswith("http") else ("--calling-aet", MOVE_AET)
+        result, output = invoke("pacs", "search", "--url", url, *options, "--filter", f"StudyInstanceUID={a},{b}",
+                                "--uids")
+        assert result.exit_code == 0 and sorted(output.split()) == sorted([a, b]), (url, output)
+
+
+@pytest.mark.orthanc
 def test_cli_search_shows_studies_on_the_terminal(uploaded, monkeypatch):
     from medvl.cli.common import console
 
@@ -632,6 +655,45 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
         assert not (tmp_path / "z").exists()
 
 
+def post_instances(orthanc: Orthanc, paths: list[Path]) -> list[str]:
+    """POST files to Orthanc (not recorded in ``orthanc.files``); their Study Instance UIDs."""
+    with requests.Session() as session:
+        session.auth = (USER, PASSWORD)
+        for path in paths:
+            answer = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=60)
+            assert answer.status_code == 200, answer.text
+    return [str(pydicom.dcmread(path).StudyInstanceUID) for path in paths]
+
+
+@pytest.mark.orthanc
+def test_c_move_receives_retired_and_private_storage_classes(uploaded, tmp_path):
+    """The C-MOVE storage SCP accepted only pynetdicom's storage classes, so Orthanc found no context for
+    a retired class (pydicom-data's color-pl.dcm: Ultrasound Image Storage of 1993) or a private one, and
+    the pull failed with a bare 'status 0xC000' while C-GET and WADO-RS pulled the same study. Both now
+    arrive; a retrieval the PACS still refuses names the series and its SOP class."""
+    pytest.importorskip("pynetdicom")
+    from pydicom.uid import generate_uid
+
+    private = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    private.SOPClassUID = private.file_meta.MediaStorageSOPClassUID = "1.2.246.352.70.1.70"  # a vendor's class
+    private.StudyInstanceUID, private.SeriesInstanceUID = generate_uid(), generate_uid()
+    private.SOPInstanceUID = private.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    private.save_as(tmp_path / "private.dcm")
+    retired_study, private_study, refused_study = post_instances(
+        uploaded, [STORE / "color-pl.dcm", tmp_path / "private.dcm", STORE / "explicit_VR-UN.dcm"])
+    move = ("--url", uploaded.dimse, "--calling-aet", MOVE_AET, "--retrieve", "move", "--move-port", uploaded.peer_port)
+    result, output = invoke("pacs", "pull", *move, "--study", retired_study, "--study", private_study,
+                            "--out", tmp_path / "moved", "--quiet")
+    assert result.exit_code == 0 and "pulled 2 instance(s) (0 already there) of 2" in output, output
+    classes = {str(pydicom.dcmread(p).SOPClassUID) for p in (tmp_path / "moved").rglob("*.dcm")}
+    assert classes == {"1.2.840.10008.5.1.4.1.1.6", "1.2.246.352.70.1.70"}
+    # Orthanc 1.10 cannot send this JPEG 2000 file over DIMSE at all (C-GET neither; WADO-RS can)
+    result, output = invoke("pacs", "pull", *move, "--study", refused_study, "--out", tmp_path / "refused")
+    assert result.exit_code == 2, output
+    assert ("C-MOVE of a series without a number (CT, CT Image Storage): the PACS answered with status 0xC000"
+            in " ".join(output.split())), output
+
+
 # ------------------------------------------------------------------ no server needed
 
 
@@ -715,6 +777,23 @@ def test_valid_match_values_are_sent_as_servers_compare_them():
         "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
     assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
                                                                              "SeriesNumber": "3"}
+
+
+def test_a_list_of_values_is_sent_in_each_transports_own_form():
+    """Lists come back from search_filters in DICOM's form ('\\', what C-FIND sends); QIDO-RS sends
+    them with ','; an empty item is refused on both transports before any server is asked."""
+    from medvl.clinical.pacs import qido_value, search_filters
+
+    lists = {"StudyInstanceUID": "1.2.3, 1.2.4\\1.2.5", "ModalitiesInStudy": "CT,MR", "PatientName": "Vorn*"}
+    checked = search_filters(lists)
+    assert checked == {"StudyInstanceUID": "1.2.3\\1.2.4\\1.2.5", "ModalitiesInStudy": "CT\\MR",
+                       "PatientName": "Vorn*"}
+    assert search_filters(checked) == checked
+    assert [qido_value(value) for value in checked.values()] == ["1.2.3,1.2.4,1.2.5", "CT,MR", "Vorn*"]
+    for client in both_transports(free_port()):
+        for value in ("1.2.3,", "1.2.3,,1.2.4", ",1.2.3"):
+            with pytest.raises(InputError, match="StudyInstanceUID: an empty item in its list of values"):
+                client.search_studies({"StudyInstanceUID": value})
 
 
 class BrokenPacs(BaseHTTPRequestHandler):

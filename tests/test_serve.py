@@ -301,6 +301,22 @@ def test_a_corrupt_dicom_is_422_with_the_reason(client):
     assert zero_shot(client, whole[:140], "ct.dcm").status_code == 422
 
 
+def test_a_dicom_with_an_unknown_transfer_syntax_is_422_not_500(client):
+    """De-identification on arrival crashed on a private transfer syntax (it could not encode the
+    header for the final scan): /v1/zero-shot and /v1/embed answered 500. They answer 422 naming
+    the syntax."""
+    from pydicom.data import get_testdata_file
+
+    whole = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    assert whole.count(b"1.2.840.10008.1.2.1\x00") == 1
+    private = whole.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.10")
+    answers = [zero_shot(client, private, "ct.dcm"),
+               client.post("/v1/embed", headers=auth(), files={"image": ("ct.dcm", private)})]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert "unsupported transfer syntax 1.2.3.4.5.6.7.8.9.10" in answer.json()["detail"]
+
+
 def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log_lines):
     from pydicom.data import get_testdata_file
 

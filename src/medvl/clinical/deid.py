@@ -7,7 +7,8 @@ works on one file or a folder. For every DICOM file, in this order:
 0. The file must be whole: a value shorter than its declared length, a file cut inside an element
    header or the last delimiter, an element or sequence that cannot be parsed, a missing SOP Class /
    SOP Instance / Study / Series UID or Modality, or an image object without pixel data are errors
-   naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output. A whole
+   naming the file (``dicom.check_complete``, ``dicom.check_file_end``), never a smaller output; so
+   is a transfer syntax the output cannot be written in (``check_writable_syntax``). A whole
    object that lacks only its Study or Series UID gets a new one (``dicom.give_missing_uids``; a warning).
 1. dicognito (one ``Anonymizer`` per run, inside ``RunAnonymizer``) replaces every person name (PN),
    the patient and request identifiers (Patient ID, Other Patient IDs, Accession Number, Study ID,
@@ -43,9 +44,9 @@ works on one file or a folder. For every DICOM file, in this order:
    changed). De-identification Method and its code sequence (DCM 113100, 113107, and 113105 for
    Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
-   sequences included, for the input's patient name parts, IDs and dates in their common
-   spellings, then the encoded header bytes. A hit refuses the file: ``DataError`` naming the file
-   and the element (never the value), and nothing is written.
+   sequences included, for the input's patient name parts, IDs, request IDs (accession number, study
+   ID...) and dates in their common spellings, then the encoded header bytes. A hit refuses the
+   file: ``DataError`` naming the file and the element (never the value), and nothing is written.
 
 Output: a file for a file; for a folder, ``study_NNN/series_NNN/image_NNNN.dcm`` (numbered in
 input order: input paths may hold names or IDs) plus ``deid-report.json``. Everything is written to
@@ -287,6 +288,32 @@ def _mark(ds, burned_in: bool, cleaned: bool) -> None:
     ds.DeidentificationMethodCodeSequence = codes
 
 
+def check_writable_syntax(path: Path | str, ds) -> None:
+    """Refuse, before anything is changed, a file whose transfer syntax the output cannot be written in:
+    a private or unknown UID (its encoding, implicit or explicit VR, byte order, is not known), and
+    native pixel data under a compressed syntax, which requires it encapsulated (a mislabelled or
+    corrupt input, not a failure to write)."""
+    syntax = transfer_syntax(ds)
+    if syntax is None:
+        return  # the file meta lacks it and the encoding read is used (``_encode``)
+    if not syntax.is_transfer_syntax:
+        known = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
+        raise DataError(path, f"unsupported transfer syntax {known}: not a DICOM transfer syntax, so its encoding "
+                              "is not known and the de-identified file cannot be written")
+    if syntax.is_encapsulated and "PixelData" in ds and not ds["PixelData"].is_undefined_length:
+        raise DataError(path, f"pixel data not encapsulated as its transfer syntax {syntax.name} ({syntax}) "
+                              "requires: the file is mislabelled or corrupt")
+
+
+def _save(ds, path: Path | str, what: str) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as error:
+        raise DataError(path, f"cannot write the de-identified {what} ({type(error).__name__})") from None
+    return buffer.getvalue()
+
+
 def _encode(ds, path: Path | str) -> bytes:
     from pydicom.dataset import FileMetaDataset
 
@@ -299,15 +326,10 @@ def _encode(ds, path: Path | str) -> bytes:
         if source in ds:
             setattr(ds.file_meta, keyword, ds.get(source))
     ds.preamble = b"\x00" * 128
-    buffer = io.BytesIO()
-    try:
-        ds.save_as(buffer, enforce_file_format=True)
-    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as error:
-        raise DataError(path, f"cannot write the de-identified file ({type(error).__name__})") from None
-    return buffer.getvalue()
+    return _save(ds, path, "file")
 
 
-def _header_bytes(ds) -> bytes:
+def _header_bytes(ds, path: Path | str) -> bytes:
     """The encoded file without its pixel data (pixels are not searched: chance matches)."""
     from pydicom.dataset import Dataset
 
@@ -316,9 +338,7 @@ def _header_bytes(ds) -> bytes:
         if element.keyword not in PIXEL_KEYWORDS:
             header.add(element)
     header.file_meta, header.preamble = ds.file_meta, ds.preamble
-    buffer = io.BytesIO()
-    header.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return _save(header, path, "header")
 
 
 def _full_snapshot(ds) -> dict[str, Any]:
@@ -334,7 +354,7 @@ def _check_nothing_survived(ds, identifiers: Identifiers, path: Path | str) -> N
     if leak is not None:
         element, kind = leak
         raise DataError(path, f"the patient's {kind} survived de-identification in {element}; nothing was written")
-    if identifiers.kind_in(_header_bytes(ds).decode("latin-1"), *HEADER_SCAN) is not None:
+    if identifiers.kind_in(_header_bytes(ds, path).decode("latin-1"), *HEADER_SCAN) is not None:
         raise DataError(path, "a patient identifier survived de-identification in the encoded header; "
                               "nothing was written")
 
@@ -351,6 +371,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     """
     given = give_missing_uids(ds)  # a whole object without Study / Series UID: new ones, replaced as every UID
     check_complete(path, ds)
+    check_writable_syntax(path, ds)
     burned_in, document = burned_in_risk(ds), is_encapsulated_document(ds)
     if burned_in and refuse_burned_in:
         raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
@@ -572,9 +593,10 @@ def deidentify(in_path: str | Path, out_path: str | Path, seed: int | str | None
     the basic profile keeps (Body Part Examined, Manufacturer's Model Name...) as they are.
     ``refuse_burned_in``: a file whose pixels may hold burned-in text (``burned_in_risk``) is an
     error for a file input and skipped (counted in the report) in a folder; off, it is flagged.
-    Raises ``DataError`` for an unreadable, truncated, incomplete or non-DICOM input file, and when
-    an identifier survives (nothing is written), and ``InputError`` if the output exists or lies
-    inside the input folder.
+    Raises ``DataError`` for an unreadable, truncated, incomplete or non-DICOM input file or one in a
+    transfer syntax that cannot be written (``check_writable_syntax``), and when an identifier
+    survives (nothing is written), and ``InputError`` if the output exists or lies inside the input
+    folder.
     """
     source, target = Path(in_path), Path(out_path)
     _require_dicognito()

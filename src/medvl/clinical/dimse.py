@@ -24,7 +24,8 @@ query/retrieve information model:
   - C-MOVE: medvl runs a storage SCP on ``move_port`` (all interfaces, or ``move_bind``) from the
     first retrieval until ``close()`` (use the client in a ``with`` block) and asks the PACS to send
     the instances to its own AE title (``calling_aet``): the PACS must know that AE title with this
-    host and port.
+    host and port. The SCP accepts every storage SOP class (``storage_sop_classes``: retired ones
+    included) and the classes C-FIND lists for the series (a private one), in every transfer syntax.
 
   Instances received that were not asked for are refused (status 0xC001). Received instances
   wait in a bounded queue (``INBOX_SIZE``), each in memory up to 64 MiB and in an unnamed
@@ -33,7 +34,8 @@ query/retrieve information model:
 Errors are ``DataError`` naming ``dicom://AET@host:port``: connection refused, host not found,
 association rejected (with the PACS's reason: usually a wrong called AE title, or a calling AE
 title / host the PACS does not know), no answer within ``timeout`` seconds, a failed query or
-retrieval status, an unknown study, an unknown C-MOVE destination. pynetdicom's own log (which
+retrieval status (naming the series by number and modality, and its SOP classes), an unknown study,
+an unknown C-MOVE destination. pynetdicom's own log (which
 dumps whole datasets at debug level) is silenced unless its logger level was set deliberately.
 """
 
@@ -63,6 +65,7 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
 PENDING = (0xFF00, 0xFF01)
 NOT_ASKED_FOR = 0xC001  # C-STORE status for an instance this retrieval did not request
 OUT_OF_RESOURCES = 0xA700
+NOT_STORED = ("Storage Commitment", "Media Storage Directory")  # SOP classes named "Storage" that store nothing
 RESPONSE_ONLY = {"QueryRetrieveLevel", "RetrieveAETitle", "SpecificCharacterSet", "InstanceAvailability"}
 
 
@@ -301,13 +304,13 @@ class DimseClient:
             identifiers = [_identifier("IMAGE", {**keys, "SOPInstanceUID": sop}, None, ()) for sop in missing]
         inbox = _Inbox(set(missing))
         if self.retrieve == "get":
-            yield from self._get(identifiers, plan.sop_classes, inbox)
+            yield from self._get(identifiers, plan.sop_classes, inbox, _retrieval_name("C-GET", plan))
         else:
-            yield from self._move(identifiers, inbox)
+            yield from self._move(identifiers, plan.sop_classes, inbox, _retrieval_name("C-MOVE", plan))
 
     # ------------------------------------------------------------------------ C-GET / C-MOVE
 
-    def _get(self, identifiers: list, sop_classes: set[str], inbox: _Inbox) -> Iterator[IO[bytes]]:
+    def _get(self, identifiers: list, sop_classes: set[str], inbox: _Inbox, what: str) -> Iterator[IO[bytes]]:
         from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
@@ -316,22 +319,36 @@ class DimseClient:
         with self._association([(Get, None), *contexts], "C-GET", roles,
                                [(evt.EVT_C_STORE, inbox.on_store)]) as assoc:
             requests = (assoc.send_c_get(identifier, Get) for identifier in identifiers)
-            yield from self._run(assoc, requests, inbox, "C-GET")
+            yield from self._run(assoc, requests, inbox, what)
 
-    def _move(self, identifiers: list, inbox: _Inbox) -> Iterator[IO[bytes]]:
+    def _move(self, identifiers: list, sop_classes: set[str], inbox: _Inbox, what: str) -> Iterator[IO[bytes]]:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         self._start_storage_server()
+        self._accept_sop_classes(sop_classes)
         self._inbox = inbox
         try:
             with self._association([(Move, None)], "C-MOVE") as assoc:
                 requests = (assoc.send_c_move(identifier, self.calling_aet, Move) for identifier in identifiers)
-                yield from self._run(assoc, requests, inbox, "C-MOVE")
+                yield from self._run(assoc, requests, inbox, what)
         finally:
             self._inbox = None
 
+    def _accept_sop_classes(self, sop_classes: set[str]) -> None:
+        """Add to the running storage SCP the SOP classes C-FIND listed for a series that it does not
+        accept yet (a private class): each new association the PACS opens to store reads the list."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
+
+        server = self._storage_server
+        if server is None:
+            return
+        new = sorted(sop_classes - {str(context.abstract_syntax) for context in server.contexts})
+        _register_storage(new)
+        server.contexts.extend(build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in new)
+
     def _start_storage_server(self) -> None:
-        """The C-MOVE storage SCP, started on first use and kept until ``close()``."""
+        """The C-MOVE storage SCP, started on first use and kept until ``close()``: it accepts every
+        storage SOP class (``storage_sop_classes``) in every transfer syntax."""
         if self._storage_server is not None:
             return
         if self.move_port is None:  # __init__ refuses retrieve="move" without a port
@@ -553,10 +570,53 @@ def _storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
 
 def _accepted_storage_contexts():
     """What the C-MOVE storage SCP accepts: every storage SOP class in every transfer syntax."""
-    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
 
-    return [build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES) for c in AllStoragePresentationContexts
-            if c.abstract_syntax is not None]
+    classes = storage_sop_classes()
+    _register_storage(classes)
+    return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in classes]
+
+
+def _register_storage(uids: Iterable[str]) -> None:
+    """Have pynetdicom handle a C-STORE of the SOP classes ``uids`` it has no service for (retired and
+    private storage classes) with its storage service, through its own ``register_uid``: an SCP
+    context alone is not enough, it aborts the association on a C-STORE of a class it does not know."""
+    from pynetdicom import register_uid
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    for uid in uids:
+        if uid_to_service_class(uid) is ServiceClass:
+            register_uid(uid, "MedvlStorage_" + uid.replace(".", "_"), StorageServiceClass)
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class UID: pynetdicom's storage classes, and the ones pydicom's UID dictionary
+    lists beyond them, retired ones included (Ultrasound Image Storage and Nuclear Medicine Image
+    Storage of 1993, which legacy archives still hold: without them the PACS can find no presentation
+    context to send such a series, and the C-MOVE fails as a whole). Storage Commitment and the
+    DICOMDIR's Media Storage Directory are other services, not instances."""
+    from pydicom._uid_dict import UID_dictionary
+    from pynetdicom import AllStoragePresentationContexts
+
+    classes = [str(c.abstract_syntax) for c in AllStoragePresentationContexts if c.abstract_syntax is not None]
+    classes += [uid for uid, (name, kind, *_) in UID_dictionary.items()
+                if kind == "SOP Class" and "Storage" in name and not name.startswith(NOT_STORED)]
+    return list(dict.fromkeys(classes))
+
+
+def _retrieval_name(what: str, plan: SeriesPlan) -> str:
+    """``C-MOVE of series 2 (US, Ultrasound Image Storage (retired))``: which series a failed retrieval
+    was for, by the series number and modality (never a UID) and the SOP classes C-FIND listed."""
+    from pydicom._uid_dict import UID_dictionary
+
+    names = []
+    for uid in sorted(plan.sop_classes):
+        name, _, _, retired, *_ = UID_dictionary.get(uid, (uid, "", "", "", ""))
+        names.append(f"{name} (retired)" if retired else name)
+    parts = [plan.modality or "modality not given", *names]
+    number = f"series {plan.number}" if plan.number is not None else "a series without a number"
+    return f"{what} of {number} ({', '.join(parts)})"
 
 
 def _status_text(code: int) -> str:

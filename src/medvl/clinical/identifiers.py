@@ -29,6 +29,10 @@
   ignored and one space, ``.``, ``/`` or ``-`` allowed between any two characters (``MRN99887766``
   is found as ``MRN 99887766``, ``A-77123`` as ``A77123``, ``99887766`` as ``99-887-766``), but not
   with a ``.`` between two digits (``10.0.0.85`` is a version, ``1.2.840.10008.5.1`` a UID);
+- request IDs, in the same forms as IDs and reported as ``request ID``: Accession Number, Study ID,
+  Requested Procedure ID, Scheduled / Performed Procedure Step ID and the Placer / Filler Order
+  Numbers (``REQUEST_ID_KEYWORDS``) at any depth, when they have ``REQUEST_ID_MIN`` (6) or more
+  letters and digits (shorter ones are mostly counters such as Study ID ``1`` or ``4MR1``);
 - dates: every DA value and the date part of every DT value, in the file meta, the data set and
   its sequences, each spelled ``YYYYMMDD``, ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
   ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
@@ -64,12 +68,21 @@ from typing import Any
 
 NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName")
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs")
+# The request identifiers the profile replaces: they link a study to the order and so to the patient.
+REQUEST_ID_KEYWORDS = (
+    "AccessionNumber", "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID", "PerformedProcedureStepID",
+    "PlacerOrderNumberImagingServiceRequest", "PlacerOrderNumberImagingServiceRequestRetired",
+    "PlacerOrderNumberProcedure", "FillerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequestRetired", "FillerOrderNumberProcedure")
+# Request IDs with fewer letters and digits are not searched: Study IDs are often counters (1, 10, S1,
+# 4MR1, 1234) that technical values hold by chance (a kernel B10f, a version V1234).
+REQUEST_ID_MIN = 6
 CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 NUMBER_VRS = frozenset({"IS", "DS", "TM"})
 BYTE_VRS = frozenset({"OB", "UN"})
 PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
 # Kinds of identifier: names, IDs as written, IDs with separators (``SPACED_ID_MIN``), dates. UIDs
-# (digits and dots) are searched for IDs as written only.
+# (digits and dots) are searched for IDs as written only. Request IDs are searched as IDs are.
 ALL_KINDS = frozenset({"name", "id", "spaced_id", "date"})
 # What is searched in each kind of VR: (shortest identifier, kinds of identifier)
 SCAN_RULES: dict[str, tuple[int, frozenset[str]]] = {
@@ -104,6 +117,10 @@ UNSPACED_SCRIPTS = ("\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-
                     "\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
                     "\U00020000-\U0003134f")
 _UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
+
+
+KIND_NAMES = {"name": "name", "id": "ID", "spaced_id": "ID", "request_id": "request ID",
+              "spaced_request_id": "request ID", "date": "date"}
 
 
 def fold(text: str) -> str:
@@ -204,40 +221,44 @@ def glued_runs(value: str) -> tuple[set[str], set[str]]:
 
 @dataclass
 class Identifiers:
-    """A file's patient names, IDs and dates (folded); kept in memory only, never logged or reported."""
+    """A file's patient names, IDs, request IDs and dates (folded); kept in memory only, never logged or
+    reported."""
 
     names: set[str] = field(default_factory=set)  # name parts, and parts glued (see the module docstring)
     ids: set[str] = field(default_factory=set)  # as written, and the digit runs of alphanumeric IDs
+    request_ids: set[str] = field(default_factory=set)  # accession numbers, study IDs...: the same forms
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
     _compiled: dict[tuple[int, frozenset[str]], re.Pattern | None] = field(default_factory=dict, repr=False)
 
     def pattern(self, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> re.Pattern | None:
-        """One regex with a named group per kind (``name``, ``id``, ``spaced_id``, ``date``) for values
-        this long."""
+        """One regex with a named group per kind (``name``, ``id``, ``request_id``, ``spaced_id``,
+        ``spaced_request_id``, ``date``) for values this long; ``kinds`` ``id`` and ``spaced_id`` cover
+        request IDs too."""
         key = (min_length, kinds)
         if key not in self._compiled:
             groups = []
-            for kind, values in (("name", self.names), ("id", self.ids)):
+            for kind, values in (("name", self.names), ("id", self.ids), ("request_id", self.request_ids)):
                 chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
-                if chosen and kind in kinds:
+                if chosen and kind.removeprefix("request_") in kinds:
                     edged = (_edges(v, alphanumeric=kind == "name" and len(v) < SHORT_NAME) for v in chosen)
                     groups.append(f"(?P<{kind}>" + "|".join(edged) + ")")
-            spaced = sorted({alphanumeric(v) for v in self.ids} - {""}, key=len, reverse=True)
-            spaced = [v for v in spaced if len(v) >= max(min_length, SPACED_ID_MIN)]
-            if spaced and "spaced_id" in kinds:
-                groups.append("(?P<spaced_id>" + "|".join(_spaced(v) for v in spaced) + ")")
+            for kind, values in (("spaced_id", self.ids), ("spaced_request_id", self.request_ids)):
+                spaced = sorted({alphanumeric(v) for v in values} - {""}, key=len, reverse=True)
+                spaced = [v for v in spaced if len(v) >= max(min_length, SPACED_ID_MIN)]
+                if spaced and "spaced_id" in kinds:
+                    groups.append(f"(?P<{kind}>" + "|".join(_spaced(v) for v in spaced) + ")")
             if self.dates and "date" in kinds:
                 groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
             self._compiled[key] = re.compile("|".join(groups)) if groups else None
         return self._compiled[key]
 
     def kind_in(self, text: str, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> str | None:
-        """``name``, ``ID`` or ``date`` if ``text`` holds one of the identifiers, else ``None``."""
+        """``name``, ``ID``, ``request ID`` or ``date`` if ``text`` holds one of the identifiers, else ``None``."""
         pattern = self.pattern(min_length, kinds)
         match = pattern.search(fold(text)) if pattern is not None and text else None
         if match is None:
             return None
-        return {"name": "name", "id": "ID", "spaced_id": "ID", "date": "date"}[match.lastgroup or "name"]
+        return KIND_NAMES[match.lastgroup or "name"]
 
     def found_in(self, text: str) -> bool:
         return self.kind_in(text) is not None
@@ -276,9 +297,9 @@ def _id_forms(value: str) -> list[str]:
 
 
 def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
-    """The patient's name parts, IDs and every DA / DT date of ``ds`` (read before de-identifying),
-    from the file meta, the data set and every sequence item at any depth (a Patient's Name or
-    Patient ID in a Source Image Sequence item is searched too); name parts in ``common_words``
+    """The patient's name parts, IDs, request IDs and every DA / DT date of ``ds`` (read before
+    de-identifying), from the file meta, the data set and every sequence item at any depth (a Patient's
+    Name or Patient ID in a Source Image Sequence item is searched too); name parts in ``common_words``
     (folded) are only searched glued to another part."""
     found = Identifiers()
     names: list[str] = []
@@ -288,6 +309,10 @@ def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Ident
             names.extend(str(value or "") for value in _values(element.value))
         elif element.keyword in ID_KEYWORDS and element.value:
             found.ids.update(form for value in _values(element.value) for form in _id_forms(str(value or "")))
+        elif element.keyword in REQUEST_ID_KEYWORDS and element.value:
+            forms = [_id_forms(str(value or "")) for value in _values(element.value)]
+            found.request_ids.update(form for value_forms in forms if value_forms
+                                     and len(alphanumeric(value_forms[0])) >= REQUEST_ID_MIN for form in value_forms)
         elif element.VR in ("DA", "DT") and element.value:
             for value in _values(element.value):
                 digits = re.sub(r"\D", "", str(value))[:8]

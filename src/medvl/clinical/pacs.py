@@ -6,8 +6,9 @@
 - ``search_studies(filters)``, ``search_series(study_uid, filters)``, ``search_instances(...)``:
   QIDO-RS queries; ``filters`` maps DICOM keywords to match values (``{"PatientID": "123",
   "ModalitiesInStudy": "CT", "StudyDate": "20200101-20201231"}``; ``*`` / ``?`` wildcards,
-  ``FAMILY^GIVEN`` names, ``,``-separated UID lists), checked by ``search_filters`` before anything
-  is sent, as ``DimseClient`` checks them; ``limit`` at least 1 (``check_paging``). The DICOM
+  ``FAMILY^GIVEN`` names, lists of UIDs or other values separated by ``,`` or ``\\``), checked by
+  ``search_filters`` before anything is sent, as ``DimseClient`` checks them (a list is sent with
+  ``,`` here, with ``\\`` over C-FIND); ``limit`` at least 1 (``check_paging``). The DICOM
   matching characters ``*``, ``?``, ``,`` and ``^`` go into the URL as themselves, everything else
   percent-encoded as UTF-8 (``query_string``): PS3.18 allows ``*``, ``?`` and ``,`` unencoded, and Orthanc (1.10 with
   DICOMweb 1.7) matches ``%2A`` or ``%5E`` literally, so encoded wildcards or name separators find
@@ -41,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import Generator, Iterable, Iterator, Mapping
@@ -65,6 +67,7 @@ WADO_ACCEPT_FALLBACK = 'multipart/related; type="application/dicom"'  # servers 
 SPOOL_BYTES = 64 << 20  # an instance larger than this is spooled to an unnamed temporary file
 CHUNK_BYTES = 1 << 16
 PAGE_SIZE = 1000  # QIDO-RS results asked for per request (servers may send fewer: see _all_pages)
+LIST_SEPARATOR = re.compile(r"[,\\]")  # between the values of a list filter (search_filters)
 QUERY_SAFE = "*?,^"  # DICOM matching characters sent unencoded in QIDO-RS values (see query_string)
 STRICT_SAFE = "*?,"  # the same as RFC 3986 allows them in a query (for a server refusing a bare "^")
 QIDO_PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")  # a search's arguments, never filters
@@ -186,7 +189,7 @@ class DicomWebClient:
     def _query(self, path: str, what: str, filters: Mapping[str, Any] | None, fields: Iterable[str],
                limit: int | None, offset: int | None) -> list[dict[str, Any]]:
         check_paging(limit, offset)
-        params: list[tuple[str, str]] = list(search_filters(filters).items())
+        params = [(name, qido_value(value)) for name, value in search_filters(filters).items()]
         params += [("includefield", keyword_or_tag(f)) for f in fields]
         if limit is not None:
             params.append(("limit", str(int(limit))))
@@ -366,14 +369,37 @@ def filter_vr(name: str) -> str:
 def search_filters(filters: Mapping[str, Any] | None, option: str = "") -> dict[str, str]:
     """``filters`` checked as both transports send them: keyword or tag (``keyword_or_tag``) -> match
     value as text, empty values left out. InputError, before anything is sent, for a value no search
-    can match (``check_match_value``). ``option``: how the caller names the filters (``--filter``)."""
+    can match (``check_match_value``). A list of values (any one matches: UIDs, modalities), written
+    with ``,`` as QIDO-RS separates them or ``\\`` as DICOM does, comes back in DICOM's form,
+    ``\\``-separated, which C-FIND sends as it is and QIDO-RS with ``,`` (``qido_value``), so a list
+    finds the same studies over both. ``option``: how the caller names the filters (``--filter``)."""
     checked: dict[str, str] = {}
     for key, value in (filters or {}).items():
         if value is None or str(value) == "":
             continue
         name = keyword_or_tag(key)
-        checked[name] = check_match_value(name, str(value), f"{option} {name}".strip())
+        what = f"{option} {name}".strip()
+        checked[name] = match_list(check_match_value(name, str(value), what), name, what)
     return checked
+
+
+def match_list(value: str, name: str, what: str) -> str:
+    """``value`` with its list separators (``,`` or ``\\``) made DICOM's ``\\``; a UID list's items without
+    the spaces around them. InputError naming ``what`` for an empty item (``A,,B``, a trailing ``,``),
+    which would match every study on some servers and none on others."""
+    items = LIST_SEPARATOR.split(value)
+    if len(items) == 1:
+        return value
+    if filter_vr(name) == "UI":
+        items = [item.strip() for item in items]
+    if any(not item.strip() for item in items):
+        raise InputError(f"{what}: an empty item in its list of values (separate the values with ',')")
+    return "\\".join(items)
+
+
+def qido_value(value: str) -> str:
+    """A ``search_filters`` value as QIDO-RS sends it: a list's items separated by ``,`` (PS3.18)."""
+    return value.replace("\\", ",")
 
 
 def check_match_value(name: str, value: str, what: str) -> str:
