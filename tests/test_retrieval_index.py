@@ -956,6 +956,26 @@ def test_pgvector_staging_names_are_reserved_and_other_tables_kept(pg_url, model
     _pg_rows(pg_url, "DELETE FROM medvl_indexes WHERE name = 'ward__build'")
 
 
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_build_never_replaces_a_table_that_is_not_an_index(pg_url, model, model_dir, dataset):
+    """The swap drops the table it replaces: a ``#table`` naming another program's table (a typo, a shared
+    database) is refused before any work, as a FAISS --out folder that is not an index is; an index is rebuilt."""
+    val = dataset.select("val")
+    _pg_rows(pg_url, "CREATE TABLE patients (mrn text PRIMARY KEY, name text)")
+    _pg_rows(pg_url, "INSERT INTO patients VALUES ('778899', 'Smith John')")
+    for table in ("patients", "medvl_indexes"):  # the second: medvl's own table of index infos
+        with pytest.raises(InputError, match=rf"table '{table}' exists and is not a medvl index; refusing"):
+            build_index(model, val, pg_url.replace("#phantom_cases", f"#{table}"), model_dir=model_dir,
+                        show_progress=False)
+        assert _pg_rows(pg_url, "SELECT to_regclass(%s)", (f"{table}__build",)) == [(None,)]  # nothing staged
+    assert _pg_rows(pg_url, "SELECT * FROM patients") == [("778899", "Smith John")]
+    _pg_rows(pg_url, "DROP TABLE patients")
+    rebuilt = pg_url.replace("#phantom_cases", "#rebuilt")
+    for _ in range(2):  # an index there is replaced
+        assert build_index(model, val, rebuilt, model_dir=model_dir, show_progress=False)["n_cases"] == len(val)
+
+
 def _hnsw_indexes(url: str, table: str) -> list[tuple[int, str]]:
     """(oid, column) of each HNSW index on ``table``."""
     return _pg_rows(url, "SELECT c.oid::int, a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "

@@ -8,7 +8,8 @@ typed column ``m_<name>`` per filter column; the index info lives in ``medvl_ind
 info jsonb). Scores are inner products of normalised vectors (``<#>``).
 
 Atomicity comes from transactions: a build fills ``<table>__build`` (each batch committed, so a
-rerun resumes), then drops the old table and renames the new one in one transaction (index names
+rerun resumes), then drops the old table and renames the new one in one transaction (a table there that
+is not a medvl index is never dropped: the build is refused before it starts; index names
 ending in ``__build`` are refused: that name space is the builder's, and it drops only a staging
 table that carries its own build marker); ``add`` and ``delete`` stay in one open transaction until
 ``save()`` commits it. A session advisory lock keeps
@@ -183,11 +184,22 @@ class PgVectorBuilder:
             _lock(self.conn, self.table, url)
             with self.conn.transaction():
                 _ensure_schema(self.conn)
+                self._check_replaceable()
                 self._stage(key)
             self.conn.commit()
         except BaseException:
             self.conn.close()
             raise
+
+    def _check_replaceable(self) -> None:
+        """Refuse to build over a table that is not a medvl index (a typo in ``#table``, another program's
+        table): the swap drops the table it replaces. Checked before the build starts, and again at the swap."""
+        if not _table_exists(self.conn, self.table):
+            return
+        info = _read_info(self.conn, self.table)
+        if not isinstance(info, dict) or "build_key" in info:
+            raise InputError(f"{redact(self.url)}: table {self.table!r} exists and is not a medvl index; "
+                             "refusing to replace it")
 
     def _stage(self, key: str) -> None:
         """Keep the staged build of ``key`` (a rerun resumes it), or start one afresh. A table in the staging
@@ -240,6 +252,7 @@ class PgVectorBuilder:
                             "build_seconds": round(time.perf_counter() - started, 3)}
         info.update(columns=self.columns, n_cases=n)
         with self.conn.transaction():  # the swap: readers see the old table or the new, never neither
+            self._check_replaceable()
             self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(self.table)))
             self.conn.execute(sql.SQL("ALTER TABLE {s} RENAME TO {t}").format(s=staging, t=sql.Identifier(self.table)))
             _write_info(self.conn, self.table, info)
