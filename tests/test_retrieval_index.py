@@ -411,6 +411,27 @@ def test_asking_an_approximate_index_for_every_case_returns_every_case_in_exact_
         assert [h.id for h in search_index(hnsw, model, image=query, k=1000)] == live
 
 
+def test_an_hnsw_index_returns_k_cases_when_its_graph_search_ends_short(model, model_dir, dataset, tmp_path):
+    """k below the live cases but large for the graph: its search can end with fewer than k neighbours (FAISS pads
+    the row with -1); every one of the k comes back, as from the flat index, also after deletes."""
+    for kind in ("flat", "hnsw"):
+        build_index(model, dataset, tmp_path / kind, model_dir=model_dir, kind=kind, show_progress=False)
+    query, gone = dataset[7].image, [r.id for r in dataset.records[:5]]
+    with open_index(tmp_path / "flat", writable=True) as flat, open_index(tmp_path / "hnsw", writable=True) as hnsw:
+        for k in (80, 95):
+            for target, text in (("images", None), ("texts", "pleural effusion")):
+                asked = {"text": text} if text else {"image": query}
+                found = search_index(hnsw, model, **asked, k=k, target=target)
+                expected = search_index(flat, model, **asked, k=k, target=target)
+                assert len(found) == len(expected) == min(k, len(expected)), (k, target)
+                assert len({h.id for h in found} & {h.id for h in expected}) >= 0.95 * len(expected)
+        for index in (flat, hnsw):
+            index.delete(gone)
+            index.save()
+        found = search_index(hnsw, model, image=query, k=90)  # 91 live cases, 96 vectors in the graph
+        assert len(found) == 90 and not {h.id for h in found} & set(gone)
+
+
 def _duplicate_dataset(dataset, folder: Path) -> Dataset:
     """Four phantom cases plus the first image again, re-encoded under another name."""
     folder.mkdir()

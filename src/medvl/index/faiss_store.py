@@ -28,7 +28,8 @@ cases; SQLite took ~130 ms to select the allowed ids). A filter allowing at most
 ``EXACT_FILTERED_MAX`` cases is answered exactly: the allowed cases' vectors are gathered from the
 flat storage and scored with one product. A broader one on an HNSW index is applied after the graph
 search (post-filtering), and a query left with fewer than k allowed neighbours (or an IVF-PQ index)
-is searched with a FAISS id selector.
+is searched with a FAISS id selector. An HNSW search (filtered or not) that ends with fewer than k neighbours
+while the index holds k (the graph search can stop short of a large k) is answered exactly instead.
 """
 
 from __future__ import annotations
@@ -796,11 +797,11 @@ class FaissIndex(IndexBase):
             fraction = count / ann.ntotal
         else:
             dead = self._tombstones(target)
-            every_case = k >= ann.ntotal - len(dead)  # asked for all: an approximate search would miss some
+            count = ann.ntotal - len(dead)
+            every_case = k >= count  # asked for all: an approximate search would miss some
             if every_case and kind == HNSW:  # rank them all exactly instead of steering the graph's beam
                 filters = self.filter_columns()
-                live = filters.has_report if target == TEXTS else np.ones(len(filters), dtype=bool)
-                return self._exact_among(ann, target, filters, np.flatnonzero(live), vectors, k)
+                return self._exact_among(ann, target, filters, self._live_rows(filters, target), vectors, k)
             if len(dead):
                 selectors += [faiss.IDSelectorBatch(dead)]
                 selectors.append(faiss.IDSelectorNot(selectors[0]))
@@ -810,9 +811,20 @@ class FaissIndex(IndexBase):
         params = search_params(ann, kind, selectors[-1] if selectors else None, fraction)
         with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
             scores, found = ann.search(vectors, min(k, ann.ntotal), params=params)
+        if kind == HNSW and (np.count_nonzero(found >= 0, axis=1) < min(k, count)).any():
+            # the graph search ended before k cases (FAISS pads a short row with -1, whatever ef_search): rank
+            # exactly, so k cases come back whenever the index (or the filter) holds k
+            filters = self.filter_columns()
+            rows = np.flatnonzero(allowed) if where else self._live_rows(filters, target)
+            return self._exact_among(ann, target, filters, rows, vectors, k)
         cases = self._hits(found)  # ids missing here were deleted: skipped
         return [[_scored(cases[v], s) for v, s in zip(row, row_scores, strict=True) if v in cases]
                 for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+
+    @staticmethod
+    def _live_rows(filters: FilterColumns, target: str) -> np.ndarray:
+        """The filter rows (live cases) that have a vector in ``target``: every case, or those with a report."""
+        return np.flatnonzero(filters.has_report) if target == TEXTS else np.arange(len(filters))
 
     def _postfiltered(self, ann: Any, filters: FilterColumns, allowed: np.ndarray, vectors: np.ndarray, k: int,
                       share: float) -> list[list[Hit]] | None:
