@@ -411,6 +411,33 @@ def test_asking_an_approximate_index_for_every_case_returns_every_case_in_exact_
         assert [h.id for h in search_index(hnsw, model, image=query, k=1000)] == live
 
 
+def test_an_ivfpq_index_ranks_every_case_and_a_narrow_filter_exactly_with_cosine_scores(model, model_dir, dataset,
+                                                                                        tmp_path):
+    """IVF-PQ's compressed codes only approximate the vectors (scores off by ~0.03): the index keeps the vectors,
+    so k >= its cases and a filter allowing few cases rank exactly, and every hit's score is its cosine
+    similarity; also after cases are deleted and added again."""
+    for kind in ("flat", "ivfpq"):
+        build_index(model, dataset, tmp_path / kind, model_dir=model_dir, kind=kind, show_progress=False)
+    query, gone = dataset[7].image, dataset.records[:3]
+    with open_index(tmp_path / "flat", writable=True) as flat, open_index(tmp_path / "ivfpq", writable=True) as pq:
+        assert pq.info["images"]["kind"] == "ivfpq"
+        for index in (flat, pq):
+            index.delete([r.id for r in gone])
+            add_records(index, model, dataset.subset(gone), show_progress=False)
+            index.save()
+        for asked, where in (({"image": query}, None), ({"image": query}, "sex = 'F' and age > 40"),
+                             ({"text": "pleural effusion"}, None)):
+            for target in ("images", "texts"):
+                found = search_index(pq, model, **asked, k=len(dataset), where=where, target=target)
+                expected = search_index(flat, model, **asked, k=len(dataset), where=where, target=target)
+                assert [h.id for h in found] == [h.id for h in expected], (asked, where, target)
+                assert [h.score for h in found] == pytest.approx([h.score for h in expected], abs=1e-5)
+        cosine = {h.id: h.score for h in search_index(flat, model, image=query, k=len(dataset))}
+        nearest = search_index(pq, model, image=query, k=10)  # approximate neighbours, exact scores
+        assert len(nearest) == 10 and [h.score for h in nearest] == sorted((h.score for h in nearest), reverse=True)
+        assert [h.score for h in nearest] == pytest.approx([cosine[h.id] for h in nearest], abs=1e-5)
+
+
 def test_an_hnsw_index_returns_k_cases_when_its_graph_search_ends_short(model, model_dir, dataset, tmp_path):
     """k below the live cases but large for the graph: its search can end with fewer than k neighbours (FAISS pads
     the row with -1); every one of the k comes back, as from the flat index, also after deletes."""
