@@ -411,6 +411,54 @@ def test_asking_an_approximate_index_for_every_case_returns_every_case_in_exact_
         assert [h.id for h in search_index(hnsw, model, image=query, k=1000)] == live
 
 
+def test_an_ivfpq_index_ranks_every_case_and_a_narrow_filter_exactly_with_cosine_scores(model, model_dir, dataset,
+                                                                                        tmp_path):
+    """IVF-PQ's compressed codes only approximate the vectors (scores off by ~0.03): the index keeps the vectors,
+    so k >= its cases and a filter allowing few cases rank exactly, and every hit's score is its cosine
+    similarity; also after cases are deleted and added again."""
+    for kind in ("flat", "ivfpq"):
+        build_index(model, dataset, tmp_path / kind, model_dir=model_dir, kind=kind, show_progress=False)
+    query, gone = dataset[7].image, dataset.records[:3]
+    with open_index(tmp_path / "flat", writable=True) as flat, open_index(tmp_path / "ivfpq", writable=True) as pq:
+        assert pq.info["images"]["kind"] == "ivfpq"
+        for index in (flat, pq):
+            index.delete([r.id for r in gone])
+            add_records(index, model, dataset.subset(gone), show_progress=False)
+            index.save()
+        for asked, where in (({"image": query}, None), ({"image": query}, "sex = 'F' and age > 40"),
+                             ({"text": "pleural effusion"}, None)):
+            for target in ("images", "texts"):
+                found = search_index(pq, model, **asked, k=len(dataset), where=where, target=target)
+                expected = search_index(flat, model, **asked, k=len(dataset), where=where, target=target)
+                assert [h.id for h in found] == [h.id for h in expected], (asked, where, target)
+                assert [h.score for h in found] == pytest.approx([h.score for h in expected], abs=1e-5)
+        cosine = {h.id: h.score for h in search_index(flat, model, image=query, k=len(dataset))}
+        nearest = search_index(pq, model, image=query, k=10)  # approximate neighbours, exact scores
+        assert len(nearest) == 10 and [h.score for h in nearest] == sorted((h.score for h in nearest), reverse=True)
+        assert [h.score for h in nearest] == pytest.approx([cosine[h.id] for h in nearest], abs=1e-5)
+
+
+def test_an_hnsw_index_returns_k_cases_when_its_graph_search_ends_short(model, model_dir, dataset, tmp_path):
+    """k below the live cases but large for the graph: its search can end with fewer than k neighbours (FAISS pads
+    the row with -1); every one of the k comes back, as from the flat index, also after deletes."""
+    for kind in ("flat", "hnsw"):
+        build_index(model, dataset, tmp_path / kind, model_dir=model_dir, kind=kind, show_progress=False)
+    query, gone = dataset[7].image, [r.id for r in dataset.records[:5]]
+    with open_index(tmp_path / "flat", writable=True) as flat, open_index(tmp_path / "hnsw", writable=True) as hnsw:
+        for k in (80, 95):
+            for target, text in (("images", None), ("texts", "pleural effusion")):
+                asked = {"text": text} if text else {"image": query}
+                found = search_index(hnsw, model, **asked, k=k, target=target)
+                expected = search_index(flat, model, **asked, k=k, target=target)
+                assert len(found) == len(expected) == min(k, len(expected)), (k, target)
+                assert len({h.id for h in found} & {h.id for h in expected}) >= 0.95 * len(expected)
+        for index in (flat, hnsw):
+            index.delete(gone)
+            index.save()
+        found = search_index(hnsw, model, image=query, k=90)  # 91 live cases, 96 vectors in the graph
+        assert len(found) == 90 and not {h.id for h in found} & set(gone)
+
+
 def _duplicate_dataset(dataset, folder: Path) -> Dataset:
     """Four phantom cases plus the first image again, re-encoded under another name."""
     folder.mkdir()
@@ -954,6 +1002,26 @@ def test_pgvector_staging_names_are_reserved_and_other_tables_kept(pg_url, model
     assert _pg_rows(pg_url, "SELECT note FROM notes__build") == [("keep me",)]
     _pg_rows(pg_url, "DROP TABLE ward__build, notes__build")
     _pg_rows(pg_url, "DELETE FROM medvl_indexes WHERE name = 'ward__build'")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_build_never_replaces_a_table_that_is_not_an_index(pg_url, model, model_dir, dataset):
+    """The swap drops the table it replaces: a ``#table`` naming another program's table (a typo, a shared
+    database) is refused before any work, as a FAISS --out folder that is not an index is; an index is rebuilt."""
+    val = dataset.select("val")
+    _pg_rows(pg_url, "CREATE TABLE patients (mrn text PRIMARY KEY, name text)")
+    _pg_rows(pg_url, "INSERT INTO patients VALUES ('778899', 'Smith John')")
+    for table in ("patients", "medvl_indexes"):  # the second: medvl's own table of index infos
+        with pytest.raises(InputError, match=rf"table '{table}' exists and is not a medvl index; refusing"):
+            build_index(model, val, pg_url.replace("#phantom_cases", f"#{table}"), model_dir=model_dir,
+                        show_progress=False)
+        assert _pg_rows(pg_url, "SELECT to_regclass(%s)", (f"{table}__build",)) == [(None,)]  # nothing staged
+    assert _pg_rows(pg_url, "SELECT * FROM patients") == [("778899", "Smith John")]
+    _pg_rows(pg_url, "DROP TABLE patients")
+    rebuilt = pg_url.replace("#phantom_cases", "#rebuilt")
+    for _ in range(2):  # an index there is replaced
+        assert build_index(model, val, rebuilt, model_dir=model_dir, show_progress=False)["n_cases"] == len(val)
 
 
 def _hnsw_indexes(url: str, table: str) -> list[tuple[int, str]]:

@@ -699,6 +699,54 @@ def test_report_drafts_use_the_services_knowledge_base_as_the_cli_uses_its_own(c
     assert result.exit_code == 2 and "broken.md" in output, output  # refused before the service listens
 
 
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_pgvector_index_rebuilt_under_the_service_is_followed_or_refused(model_dir, phantom_dir, png, tmp_path):
+    """A PostgreSQL index is a live table: ``medvl index build`` swaps it under a running service. Rebuilt with
+    another model, its vectors no longer match the served model's queries: search, draft and explain answer 503
+    with the reason (as the CLI refuses that model), never hits scored by a foreign model. Rebuilt with the
+    served model and other filter columns, the service filters on the new columns: an unknown one is a 422."""
+    from fastapi.testclient import TestClient
+
+    from cli_helpers import postgres_server, write_manifest
+    from medvl.models.registry import create_model
+
+    train = load_dataset(phantom_dir).select("train")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    other_dir = tmp_path / "other"
+    create_model("phantom-tiny").save_pretrained(other_dir)
+    few = tmp_path / "few"
+    (few / "images").mkdir(parents=True)
+    for record in train[:5]:
+        (few / "images" / Path(record.image).name).write_bytes(Path(record.image).read_bytes())
+    write_manifest(few / "manifest.csv", ["image", "kind"],
+                   [[f"images/{Path(r.image).name}", "x"] for r in train[:5]])
+    with postgres_server("medvl-pg-serve-") as (server, _):
+        url = server.get_uri() + "#served"
+        build_index(load_model(model_dir), train, url, model_dir=model_dir, show_progress=False)
+        with TestClient(create_app(model_dir, index=url, require_token=False)) as http:
+            def search(**fields):
+                return http.post("/v1/search", data={"k": "3", **fields})
+
+            assert search(text="pleural effusion").status_code == 200
+            build_index(load_model(other_dir), train, url, model_dir=other_dir, show_progress=False)
+            refusals = [search(text="pleural effusion"),
+                        http.post("/v1/search", files={"image": ("x.png", png.read_bytes())}, data={"k": "3"}),
+                        http.post("/v1/report/draft", files={"image": ("x.png", png.read_bytes())})]
+            for answer in refusals:
+                assert answer.status_code == 503, answer.text
+                assert "rebuilt with another model since it was opened" in answer.json()["detail"]
+            result, output = invoke("search", "--index", url, "--model", model_dir, "--text", "effusion")
+            assert result.exit_code == 2 and "weights differ" in output  # the CLI's refusal of the same model
+            build_index(load_model(model_dir), load_dataset(few), url, model_dir=model_dir, show_progress=False)
+            followed = search(text="pleural effusion", k="10")
+            assert followed.status_code == 200 and len(followed.json()["hits"]) == 5
+            assert search(text="x", where="kind = 'x'").status_code == 200
+            unknown = search(text="x", where="age > 50")
+            assert unknown.status_code == 422 and "age" in unknown.json()["detail"], unknown.text
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher

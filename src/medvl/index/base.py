@@ -252,6 +252,24 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
                          f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
 
 
+class IndexRebuilt(ModelError):
+    """An index opened for search was rebuilt, by another process, with another model than the one it was opened
+    with (a PostgreSQL table swapped under a running service): query vectors of the model checked at opening would
+    be ranked against vectors of another. Reopening it with the model it was built with is the way on."""
+
+
+def model_changed(opened: dict[str, Any], current: dict[str, Any], location: str) -> None:
+    """``IndexRebuilt`` when the index info ``current`` records another model (embedding size, config or weights)
+    than ``opened``, the info the index was opened (and its model checked) with."""
+    keys = ("embed_dim", "config_sha256", "weights_sha256")
+    before, now = opened.get("model") or {}, current.get("model") or {}
+    if opened.get("embed_dim") == current.get("embed_dim") and all(before.get(k) == now.get(k) for k in keys):
+        return
+    raise IndexRebuilt(f"{location}: the index was rebuilt with another model since it was opened "
+                       f"({now.get('dir') or now.get('name')}); its vectors no longer match the model checked "
+                       "against it: reopen it with the model it was built with")
+
+
 def fingerprint_differs(fingerprint: dict[str, Any], model) -> str | None:
     """``config`` or ``weights`` when ``model`` is not the model ``fingerprint`` (``model_fingerprint``) describes,
     else None: what an index, or a concept bottleneck, was made with."""

@@ -11,6 +11,10 @@ Folder layout::
     INDEX/filters.safetensors  the filter columns as arrays, one row per case (``medvl.index.filter_columns``):
                          what ``--where`` filters are evaluated on
 
+An IVF-PQ index also keeps, in table ``vectors`` of ``cases.sqlite`` (vid, image, text: float32 bytes), the
+full vectors its compressed codes approximate: its neighbours are scored again with them (scores are cosine
+similarities), and a filter allowing few cases, or k at or above the index size, is ranked exactly with them.
+
 Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (resumable: every
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
@@ -26,9 +30,11 @@ dropped when the graph is rebuilt (once they exceed a fifth of the live ones).
 Filtered search (``where``): the filter is evaluated on the filter-column arrays (a few ms for 1M
 cases; SQLite took ~130 ms to select the allowed ids). A filter allowing at most
 ``EXACT_FILTERED_MAX`` cases is answered exactly: the allowed cases' vectors are gathered from the
-flat storage and scored with one product. A broader one on an HNSW index is applied after the graph
-search (post-filtering), and a query left with fewer than k allowed neighbours (or an IVF-PQ index)
-is searched with a FAISS id selector.
+flat storage (IVF-PQ: the ``vectors`` table) and scored with one product. A broader one on an HNSW
+index is applied after the graph search (post-filtering), and a query left with fewer than k allowed
+neighbours (or an IVF-PQ index) is searched with a FAISS id selector. An HNSW search (filtered or not)
+that ends with fewer than k neighbours while the index holds k (the graph search can stop short of a
+large k) is answered exactly instead.
 """
 
 from __future__ import annotations
@@ -254,6 +260,9 @@ _BUILD_TABLES = """
 CREATE TABLE pending (vid INTEGER PRIMARY KEY, image BLOB NOT NULL, text BLOB);  -- vectors of a build
 CREATE TABLE build (key TEXT NOT NULL);
 """
+# an IVF-PQ index keeps its build's ``pending`` table under this name: the full vectors (float32 bytes) its
+# compressed codes approximate, read only to rank a few cases (or every case) exactly
+VECTORS = "vectors"
 
 
 def add_db_columns(conn: sqlite3.Connection, columns: dict[str, str]) -> None:
@@ -476,8 +485,10 @@ class FaissBuilder:
                             "build_seconds": round(time.perf_counter() - started, 3)}
             log.info("%s: %s index of %d vectors, recall@10 %.3f", target, chosen, len(ids), recall)
         FilterColumns.from_table(self.conn, {**FIXED_COLUMNS, **self.columns}).save(self.staging)
+        kept = any(info[target]["kind"] == IVFPQ for target in sets)  # its codes are approximations: keep vectors
         with self.conn:
-            self.conn.executescript("DROP TABLE pending; DROP TABLE build;")
+            self.conn.executescript(f"ALTER TABLE pending RENAME TO {VECTORS}; DROP TABLE build;" if kept
+                                    else "DROP TABLE pending; DROP TABLE build;")
         self.conn.execute("VACUUM")
         self.conn.close()
         info.update(columns=self.columns, n_cases=len(rows))
@@ -628,14 +639,19 @@ class FaissIndex(IndexBase):
         columns = {**self.info["columns"], **new_columns}
         for case in cases:  # check every value before changing anything
             column_values(case, columns)
+        has_text = np.asarray([bool(c.text) for c in cases])
         with write_errors_named(self.path), conn:
             add_db_columns(conn, new_columns)
             self.info["columns"] = columns
             vids = insert_cases(conn, cases, columns)
+            if self._keeps_vectors():
+                conn.executemany(f"INSERT INTO {VECTORS} (vid, image, text) VALUES (?, ?, ?)", [
+                    (int(vid), vectors[i].tobytes(),
+                     np.asarray(text_vectors[i], np.float32).tobytes() if has_text[i] and text_vectors is not None
+                     else None) for i, vid in enumerate(vids.tolist())])
         filters.append(vids, cases, self.columns)
         self._positions.clear()
         self._ann(IMAGES).add_with_ids(vectors, vids)
-        has_text = np.asarray([bool(c.text) for c in cases])
         if text_vectors is not None and has_text.any():
             text_vectors = check_vectors(text_vectors, self.dim, "report")
             self._ann(TEXTS).add_with_ids(np.ascontiguousarray(text_vectors[has_text]), vids[has_text])
@@ -655,6 +671,8 @@ class FaissIndex(IndexBase):
         with write_errors_named(self.path), conn:
             for chunk in _chunks([r[0] for r in rows]):
                 conn.execute(f"DELETE FROM cases WHERE vid IN ({', '.join('?' * len(chunk))})", chunk)
+                if self._keeps_vectors():
+                    conn.execute(f"DELETE FROM {VECTORS} WHERE vid IN ({', '.join('?' * len(chunk))})", chunk)
         filters.remove(np.asarray([r[0] for r in rows], dtype=np.int64))
         self._positions.clear()
         for target, vids in ((IMAGES, [r[0] for r in rows]), (TEXTS, [r[0] for r in rows if r[1]])):
@@ -788,7 +806,7 @@ class FaissIndex(IndexBase):
                     self.filtered_paths["post-filtered"] += 1
                     return found_hits
             rows = np.flatnonzero(allowed)
-            if kind != IVFPQ and count <= EXACT_FILTERED_MAX:
+            if count <= EXACT_FILTERED_MAX and (kind != IVFPQ or self._keeps_vectors()):
                 self.filtered_paths["exact"] += 1
                 return self._exact_among(ann, target, filters, rows, vectors, k)
             self.filtered_paths["selector"] += 1
@@ -796,23 +814,47 @@ class FaissIndex(IndexBase):
             fraction = count / ann.ntotal
         else:
             dead = self._tombstones(target)
-            every_case = k >= ann.ntotal - len(dead)  # asked for all: an approximate search would miss some
-            if every_case and kind == HNSW:  # rank them all exactly instead of steering the graph's beam
+            count = ann.ntotal - len(dead)
+            every_case = k >= count  # asked for all: an approximate search would miss some
+            if every_case and (kind == HNSW or kind == IVFPQ and self._keeps_vectors()):  # rank them all exactly
                 filters = self.filter_columns()
-                live = filters.has_report if target == TEXTS else np.ones(len(filters), dtype=bool)
-                return self._exact_among(ann, target, filters, np.flatnonzero(live), vectors, k)
+                return self._exact_among(ann, target, filters, self._live_rows(filters, target), vectors, k)
             if len(dead):
                 selectors += [faiss.IDSelectorBatch(dead)]
                 selectors.append(faiss.IDSelectorNot(selectors[0]))
                 fraction = 1 - len(dead) / ann.ntotal
             if every_case and kind == IVFPQ:
-                fraction = 0.0  # probe every list
+                fraction = 0.0  # probe every list (an IVF-PQ index built before it kept its vectors)
         params = search_params(ann, kind, selectors[-1] if selectors else None, fraction)
         with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
             scores, found = ann.search(vectors, min(k, ann.ntotal), params=params)
+        if kind == HNSW and (np.count_nonzero(found >= 0, axis=1) < min(k, count)).any():
+            # the graph search ended before k cases (FAISS pads a short row with -1, whatever ef_search): rank
+            # exactly, so k cases come back whenever the index (or the filter) holds k
+            filters = self.filter_columns()
+            rows = np.flatnonzero(allowed) if where else self._live_rows(filters, target)
+            return self._exact_among(ann, target, filters, rows, vectors, k)
+        if kind == IVFPQ and self._keeps_vectors():
+            scores, found = self._rescored(target, vectors, found)
         cases = self._hits(found)  # ids missing here were deleted: skipped
         return [[_scored(cases[v], s) for v, s in zip(row, row_scores, strict=True) if v in cases]
                 for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+
+    def _rescored(self, target: str, vectors: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ's neighbours scored again with their kept vectors and put in that order: the scores are then
+        cosine similarities, not the compressed codes' approximations of them (rows padded with -1, as FAISS's)."""
+        scores, ranked = np.full(found.shape, -np.inf, np.float32), np.full(found.shape, -1, np.int64)
+        for query, (vector, row) in enumerate(zip(vectors, found, strict=True)):
+            vids, matrix = self._kept_vectors(target, row[row >= 0])
+            exact = matrix @ vector
+            order = np.argsort(-exact, kind="stable")
+            scores[query, :len(order)], ranked[query, :len(order)] = exact[order], vids[order]
+        return scores, ranked
+
+    @staticmethod
+    def _live_rows(filters: FilterColumns, target: str) -> np.ndarray:
+        """The filter rows (live cases) that have a vector in ``target``: every case, or those with a report."""
+        return np.flatnonzero(filters.has_report) if target == TEXTS else np.arange(len(filters))
 
     def _postfiltered(self, ann: Any, filters: FilterColumns, allowed: np.ndarray, vectors: np.ndarray, k: int,
                       share: float) -> list[list[Hit]] | None:
@@ -855,17 +897,13 @@ class FaissIndex(IndexBase):
 
     def _exact_among(self, ann: Any, target: str, filters: FilterColumns, rows: np.ndarray, vectors: np.ndarray,
                      k: int) -> list[list[Hit]]:
-        """Exact search among the few cases a filter allows: their vectors gathered from the flat
-        storage, one product (faster than steering a graph around the excluded majority, and exact)."""
+        """Exact search among the few cases a filter allows (or every case): their vectors gathered
+        (``_exact_vectors``), one product (faster than steering a graph around the excluded majority, and exact)."""
         import faiss
 
-        positions = self._positions_of(target, ann, filters)[rows]
-        rows = rows[positions >= 0]
-        vids, positions = filters.vids[rows], positions[positions >= 0]
+        vids, candidates = self._exact_vectors(ann, target, filters, rows)
         if len(vids) == 0:
             return [[] for _ in vectors]
-        stored = stored_vectors(ann)
-        candidates = stored[positions] if stored is not None else ann.reconstruct_batch(vids)
         # FAISS's own kernels on one thread for a few queries: numpy's BLAS starts threads for a
         # product this size, and waiting for a busy core cost ~20 ms (0.3 ms on one thread, 12.8k x 256)
         with faiss_threads(1 if len(vectors) < SINGLE_THREAD_QUERIES else 64):
@@ -874,6 +912,34 @@ class FaissIndex(IndexBase):
         cases = self._hits(found)
         return [[_scored(cases[v], s) for v, s in zip(row, row_scores, strict=True) if v in cases]
                 for row, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]
+
+    def _exact_vectors(self, ann: Any, target: str, filters: FilterColumns,
+                       rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vids of the filter rows' cases that have a vector in ``target``, and those vectors as they were
+        embedded: from the flat storage (flat, HNSW), or for IVF-PQ, whose codes only approximate them, from
+        the ``vectors`` table."""
+        if not hasattr(ann, "id_map"):
+            return self._kept_vectors(target, filters.vids[rows])
+        positions = self._positions_of(target, ann, filters)[rows]
+        vids, positions = filters.vids[rows[positions >= 0]], positions[positions >= 0]
+        stored = stored_vectors(ann)
+        return vids, stored[positions] if stored is not None else ann.reconstruct_batch(vids)
+
+    def _keeps_vectors(self) -> bool:
+        """Whether the table keeps the full vectors (an IVF-PQ index, built by this medvl or a later one)."""
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (VECTORS,)).fetchone() is not None
+
+    def _kept_vectors(self, target: str, vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``vids`` that have a ``target`` vector in the ``vectors`` table, and those vectors (in that order)."""
+        column = "image" if target == IMAGES else "text"
+        found: dict[int, bytes] = {}
+        for chunk in _chunks(vids.tolist()):
+            found.update(self.conn.execute(f"SELECT vid, {column} FROM {VECTORS} WHERE {column} IS NOT NULL AND "
+                                           f"vid IN ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        kept = [vid for vid in vids.tolist() if vid in found]
+        matrix = np.frombuffer(b"".join(found[vid] for vid in kept), np.float32).reshape(len(kept), self.dim)
+        return np.asarray(kept, dtype=np.int64), np.ascontiguousarray(matrix)
 
     def _hits(self, found: np.ndarray) -> dict[int, Hit]:
         vids = sorted({int(v) for v in found.ravel() if v >= 0})

@@ -8,10 +8,13 @@ typed column ``m_<name>`` per filter column; the index info lives in ``medvl_ind
 info jsonb). Scores are inner products of normalised vectors (``<#>``).
 
 Atomicity comes from transactions: a build fills ``<table>__build`` (each batch committed, so a
-rerun resumes), then drops the old table and renames the new one in one transaction (index names
+rerun resumes), then drops the old table and renames the new one in one transaction (a table there that
+is not a medvl index is never dropped: the build is refused before it starts; index names
 ending in ``__build`` are refused: that name space is the builder's, and it drops only a staging
 table that carries its own build marker); ``add`` and ``delete`` stay in one open transaction until
-``save()`` commits it. A session advisory lock keeps
+``save()`` commits it. A reader opened before a build's swap follows it: each search reads the info row again
+(``follow_rebuild``: the new table's columns; a table rebuilt with another model is ``IndexRebuilt``, since the
+model was checked against the info at opening). A session advisory lock keeps
 writers of one table apart (released when a writer dies). Below ``FLAT_MAX`` rows search is exact
 (no ANN index); above, an HNSW index is built and its recall@10 against exact search measured.
 """
@@ -39,6 +42,7 @@ from .base import (
     check_target,
     check_vectors,
     ids_by_hash,
+    model_changed,
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
@@ -183,11 +187,22 @@ class PgVectorBuilder:
             _lock(self.conn, self.table, url)
             with self.conn.transaction():
                 _ensure_schema(self.conn)
+                self._check_replaceable()
                 self._stage(key)
             self.conn.commit()
         except BaseException:
             self.conn.close()
             raise
+
+    def _check_replaceable(self) -> None:
+        """Refuse to build over a table that is not a medvl index (a typo in ``#table``, another program's
+        table): the swap drops the table it replaces. Checked before the build starts, and again at the swap."""
+        if not _table_exists(self.conn, self.table):
+            return
+        info = _read_info(self.conn, self.table)
+        if not isinstance(info, dict) or "build_key" in info:
+            raise InputError(f"{redact(self.url)}: table {self.table!r} exists and is not a medvl index; "
+                             "refusing to replace it")
 
     def _stage(self, key: str) -> None:
         """Keep the staged build of ``key`` (a rerun resumes it), or start one afresh. A table in the staging
@@ -240,6 +255,7 @@ class PgVectorBuilder:
                             "build_seconds": round(time.perf_counter() - started, 3)}
         info.update(columns=self.columns, n_cases=n)
         with self.conn.transaction():  # the swap: readers see the old table or the new, never neither
+            self._check_replaceable()
             self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(self.table)))
             self.conn.execute(sql.SQL("ALTER TABLE {s} RENAME TO {t}").format(s=staging, t=sql.Identifier(self.table)))
             _write_info(self.conn, self.table, info)
@@ -324,6 +340,7 @@ class PgVectorIndex(IndexBase):
 
     def __init__(self, url: str, conn, info: dict[str, Any], writable: bool):
         self.url, self.conn, self.info, self.writable = url, conn, info, writable
+        self.opened_info = info  # the info the model was checked against (check_model) when it was opened
         _, self.table = parse_url(url)
         self.location = redact(url if "#" in url else f"{url}#{self.table}")
 
@@ -344,6 +361,23 @@ class PgVectorIndex(IndexBase):
             raise
         return cls(url, conn, info, writable)
 
+
+    def follow_rebuild(self) -> None:
+        """Read the index's info again (one row by its key): a build by another process swaps the table under a
+        reader opened before it. Its filter columns and vector sets are then the new table's; a table rebuilt
+        with another model is an ``IndexRebuilt`` error, a dropped one a ``DataError``. A writable index holds
+        the table's lock, which every build takes: nothing swaps it."""
+        if self.writable:
+            return
+        info = _read_info(self.conn, self.table)
+        if info is None:
+            raise DataError(self.location, f"no medvl index named {self.table!r} in this database any more "
+                                           "(dropped since it was opened)")
+        if info == self.info:
+            return
+        info = check_info_format(info, self.location, writable=False)
+        model_changed(self.opened_info, info, self.location)
+        self.info = info
 
     def _q(self, template: str, **parts: Any):
         sql = _sql()
@@ -420,6 +454,7 @@ class PgVectorIndex(IndexBase):
                target: str = IMAGES) -> list[list[Hit]]:
         check_target(target)
         check_k(k)
+        self.follow_rebuild()
         vectors = check_vectors(vectors, self.dim)
         if target == TEXTS and TEXTS not in self.info:
             raise InputError(f"{self.location}: index holds no report texts to search")

@@ -145,6 +145,17 @@ class ModelService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
 
+    async def on_index(self, function, *args, **kwargs):
+        """``run_on_model_thread`` for work that searches the index. An index rebuilt with another model since the
+        service checked it at start (a PostgreSQL table swapped underneath, ``IndexRebuilt``) answers 503 with
+        the reason: this service cannot search it until restarted with that model."""
+        from ..index.base import IndexRebuilt
+
+        try:
+            return await self.run_on_model_thread(function, *args, **kwargs)
+        except IndexRebuilt as error:
+            raise ServiceUnavailable(str(error)) from None
+
     async def decode(self, data: bytes, timings: dict[str, Any], for_vqa: bool = False) -> Upload:
         """One upload decoded as the served model reads files (``for_vqa``: as the VQA model does, its own HU
         windows if any; it reads 2D images)."""
@@ -296,13 +307,13 @@ class ModelService:
         check_target(target)
         check_one_query(upload, text)
         if upload is None:
-            hits = await self.run_on_model_thread(search_index, index, self.net, text=text, k=k, where=where,
-                                                  target=target, verify_model=False)  # checked at start
+            hits = await self.on_index(search_index, index, self.net, text=text, k=k, where=where,
+                                       target=target, verify_model=False)  # checked at start
             query: dict[str, Any] = {"text": text}
         else:  # preprocessed and checked on a worker; embedded (and scored by the guard) in the batcher's pass
             pixels, content = await self._on_worker(self._checked_pixels, upload)
             embedding, checks = await self._embed_pixels(pixels, content, timings)
-            found = await self.run_on_model_thread(index.search, embedding[None], k=k, where=where, target=target)
+            found = await self.on_index(index.search, embedding[None], k=k, where=where, target=target)
             hits = found[0]
             query = {"image": {"kind": upload.kind, "bytes": upload.n_bytes}, **checks}
         return {"index": self.index_name, "query": query, "target": target, "k": k,
@@ -316,10 +327,10 @@ class ModelService:
 
         index = self._require_index()
         check_settings(k, min_support, min_similarity, related)
-        draft = await self.run_on_model_thread(draft_report, index, self.net, upload.pixels, k=k, where=where,
-                                               labeller=self._labeller(), min_support=min_support,
-                                               min_similarity=min_similarity, related=related,
-                                               verify_model=False)  # checked at start (_open_index)
+        draft = await self.on_index(draft_report, index, self.net, upload.pixels, k=k, where=where,
+                                    labeller=self._labeller(), min_support=min_support,
+                                    min_similarity=min_similarity, related=related,
+                                    verify_model=False)  # checked at start (_open_index); a rebuild: 503
         return {"index": self.index_name, **draft.to_dict()}
 
     async def preview(self, data: bytes, window: str | None, timings: dict[str, Any]) -> Picture:
@@ -341,7 +352,7 @@ class ModelService:
         index = self._require_index()
         if self.settings.data_root is None:
             raise CaseImageMissing("this service was started without a data root (medvl serve --data-root)")
-        hit = await self.run_on_model_thread(_find_case, index, case_id) if len(case_id) <= MAX_CASE_ID else None
+        hit = await self.on_index(_find_case, index, case_id) if len(case_id) <= MAX_CASE_ID else None
         if hit is None:
             raise CaseImageMissing("no indexed case has this id")
         if hit.image_path is None:
@@ -389,7 +400,7 @@ class ModelService:
         result, embedding = await self.lane.run(self._explain_on_lane, upload.pixels, names, label_column, chosen,
                                                 top, shape, timings=timings)
         if self.index is not None:
-            result["neighbours"] = await self.run_on_model_thread(nearest_cases, self.index, self.net, embedding, k)
+            result["neighbours"] = await self.on_index(nearest_cases, self.index, self.net, embedding, k)
         await self._on_worker(_encode_overlays, result["findings"])
         return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
                                                          "shape": list(upload.pixels.shape[:2])},
