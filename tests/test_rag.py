@@ -154,6 +154,17 @@ def test_sentences_keep_decimals_and_drop_list_numbers():
         ["Ratio of about 0.57.", "Cardiomegaly.", "Effusion."]
 
 
+def test_an_abbreviations_full_stop_does_not_end_the_sentence(labeller):
+    """Every full stop before a space ended a sentence: "Atelectasis vs." was one sentence and "pneumonia." the
+    next, so the hedge "vs" did not reach the pneumonia (read as present)."""
+    assert split_sentences("Discussed with Dr. J. Smith today. Atelectasis vs. pneumonia. Nodule (e.g. granuloma), "
+                           "approx. 5 mm, cf. prior. Tube no. 5 in place. Pneumothorax: no. 2. Effusion.") == \
+        ["Discussed with Dr. J. Smith today.", "Atelectasis vs. pneumonia.",
+         "Nodule (e.g. granuloma), approx. 5 mm, cf. prior.", "Tube no. 5 in place.", "Pneumothorax: no.", "Effusion."]
+    assert labeller.label("Atelectasis vs. pneumonia.") == \
+        {"atelectasis": "uncertain", "pneumonia": "uncertain", "no_finding": "negative"}
+
+
 def test_a_report_with_one_finding_per_line_and_no_full_stops_is_read_line_by_line(labeller):
     """A single line break did not end a sentence, so the 'no' of one line negated the next line's finding: a
     large pneumothorax was labelled absent and the study normal. A line break before a capitalised word now ends
@@ -479,6 +490,17 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
     shared = draft_from_hits([Hit(id=i, score=0.9, split="train", text="左肺清晰。 Large left pleural effusion.")
                               for i in "abc"], labeller)
     assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
+
+
+def test_a_draft_carries_no_name_after_a_title_with_a_full_stop(labeller):
+    """"Dr." ended a sentence, so the name started the next one ("Nakamura by telephone ..."), where neither a title
+    nor a capitalised word in mid-sentence stood before it: one neighbour's doctor was drafted, cited to all."""
+    names = ("Kowalczyk", "Okonkwo", "Nakamura", "Haddad", "Lindqvist")
+    texts = [f"FINDINGS: Small left pleural effusion. Findings were discussed with Dr. {name} by telephone at the "
+             f"time of dictation." for name in names]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.text() == "FINDINGS: Small left pleural effusion."
 
 
 def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(labeller):

@@ -5,7 +5,9 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
 
 1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
    ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
-2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at the full-width
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole; not the full stop of an
+   abbreviation, ``ABBREVIATIONS``: "Dr. Smith", "atelectasis vs. pneumonia", "e.g.", "approx.", nor "no." before a
+   number, nor a title's initial, "Dr. J. Smith"), at the full-width
    ``。``, ``！``, ``？`` (Chinese, Japanese), at a blank line, at a
    line starting with a bullet (``-``, ``*``, a digit), and at a line break before a capitalised word
    ("No pleural effusion⏎Large right pneumothorax": one finding per line, no full stops) unless the line
@@ -155,6 +157,14 @@ IMPRESSION_SECTIONS = {"impression", "impressions", "conclusion", "conclusions",
 _SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "finding", "report"}, key=len, reverse=True)
 _HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*|\n\s*\n|\n(?=\s*[-*\d])")
+# abbreviations whose full stop does not end a sentence ("discussed with Dr. Smith", "atelectasis vs. pneumonia"),
+# "no." before a number ("tube no. 5"), and an initial after a title ("Dr. J. Smith", "Dr J. Smith")
+ABBREVIATIONS = ["dr", "drs", "mr", "mrs", "ms", "prof", "st", "vs", "approx", "e.g", "i.e", "cf", "incl", "fig"]
+_TITLE_ABBREVIATIONS = ["dr", "drs", "mr", "mrs", "ms", "prof"]
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:" + "|".join(re.escape(a) for a in ABBREVIATIONS) + r")\.$", re.I)
+_INITIAL = re.compile(r"(?<![\w.])(?:" + "|".join(_TITLE_ABBREVIATIONS) + r")\.?\s+[^\W\d_]\.$", re.I)
+_NUMBER_SIGN = re.compile(r"(?<![\w.])no\.$", re.I)
+_NUMBER = re.compile(r"\d+(?!\d|\.(?:\s|$))")  # a number, not a list's ("Pneumothorax: no. 2. Effusion: yes.")
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
 # a line break before a capitalised word ("No pleural effusion\nLarge right pneumothorax"): a report with one
 # finding per line and no full stops; a sentence ends there unless the line before ends in a word that needs more
@@ -257,8 +267,25 @@ def split_sections(report: str) -> list[tuple[str, str]]:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of a section's text; pieces without letters of any script ("1.") are dropped."""
-    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(_LINE_END.sub(_line_end, text)))
-    return [p for p in pieces if re.search(r"[^\W\d_]", p)]
+    text = _LINE_END.sub(_line_end, text)
+    pieces, position = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        if not _abbreviated(text, match):
+            pieces.append(text[position:match.start()])
+            position = match.end()
+    pieces.append(text[position:])
+    return [p for p in (" ".join(p.split()) for p in pieces) if re.search(r"[^\W\d_]", p)]
+
+
+def _abbreviated(text: str, end: re.Match) -> bool:
+    """The full stop before a sentence end ``end`` (a stop and a space, not a blank line) closes an
+    abbreviation (``ABBREVIATIONS``; "no." before a number other than a list's) or a title's initial
+    ("Dr. J. Smith")."""
+    if not text.endswith(".", 0, end.start()) or "\n\n" in "".join(end.group(0).split(" ")):
+        return False
+    before = text[max(0, end.start() - 24):end.start()]
+    return bool(_ABBREVIATION.search(before) or _INITIAL.search(before)
+                or _NUMBER_SIGN.search(before) and _NUMBER.match(text, end.end()) is not None)
 
 
 class ReportLabeller:
