@@ -534,6 +534,24 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
         assert _identifiers(text, common) == frozenset(), text
 
 
+def test_a_draft_carries_no_name_after_dr_without_a_space_nor_a_name_with_accented_letters(labeller):
+    """A title's name needed a space after "Dr." and ASCII letters, and a capitalised word ASCII letters: "Dr.Novak"
+    and "the referring clinician Renée Dubois" were drafted from one neighbour, cited to all, and "Dr Müller" and
+    "Dr Mäkinen" were one identifier ("m")."""
+    def draft(texts):
+        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                               labeller).text()
+
+    tail = "Findings were discussed with {} by telephone at the time of dictation."
+    titled = [f"Small left pleural effusion. {tail.format('Dr.' + n)}" for n in ("Novak", "Rossi", "Haddad")]
+    assert draft(titled) == "FINDINGS: Small left pleural effusion."
+    accented = [f"Small left pleural effusion. {tail.format('the referring clinician ' + n)}"
+                for n in ("Renée Dubois", "Jürgen Müller", "Łukasz Żuk")]
+    assert draft(accented) == "FINDINGS: Small left pleural effusion."
+    assert _identifiers("Seen by Dr Müller.") == {"name:müller"} != _identifiers("Seen by Dr Mäkinen.")
+    assert _identifiers("Seen by Dr. J. Smith and Ólafur Jónsson.") == {"name:smith", "name:ólafur", "name:jónsson"}
+
+
 def test_wording_similarity_ignores_numbers_and_stop_words():
     assert jaccard("A 6 mm nodule in the left upper zone.", "A 11 mm nodule in the left upper zone.") == 1.0
     assert jaccard("Left pleural effusion.", "Right pleural effusion.") == pytest.approx(0.5)
