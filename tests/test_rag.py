@@ -65,6 +65,14 @@ def labeller():
     ("Pneumonia cannot be excluded.", {"pneumonia": "uncertain"}),
     ("Findings may represent atelectasis.", {"atelectasis": "uncertain"}),
     ("No change in the moderate left pleural effusion.", {"pleural_effusion": "positive"}),  # pseudo-negation
+    # variants of "no change in X" (all read as negations of X): X is there, unchanged
+    ("No changes in the left pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No appreciable change in the right pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No interval changes in cardiomegaly.", {"cardiomegaly": "positive"}),
+    ("No definite interval change in the right pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No worsening of the left pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No changes of emphysema.", {"emphysema": "negative"}),  # "changes" as findings: a negation
+    ("No new or worsening consolidation.", {"consolidation": "negative"}),
     ("No pneumothorax, but there is a small right effusion.",
      {"pneumothorax": "negative", "pleural_effusion": "positive"}),  # "but" ends the negation's scope
     ("Small pericardial effusion.", {}),  # an excluded phrase is not a pleural effusion

@@ -35,7 +35,8 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
-     pseudo-negations ("no change", "not only", "partially resolved") are not cues;
+     pseudo-negations ("no change", "no appreciable interval change", "no changes in", "no worsening of", "not
+     only", "partially resolved") are not cues;
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
@@ -138,13 +139,17 @@ NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before neg
     "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
     "are not ruled out", "is not entirely excluded", "are not entirely excluded",
 ]
-PSEUDO_NEGATION = [  # look like negations, are not
-    "no change", "no interval change", "no significant change", "no significant interval change", "not changed",
-    "no increase", "no decrease", "not only", "without change", "without interval change", "no new change",
-    "no further change", "not significantly changed", "gram negative", "not necessarily",
-    "without significant change", "without significant interval change", "almost completely resolved",
-    "nearly resolved", "almost resolved", "partially resolved", "incompletely resolved", "not completely resolved",
+PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
+    "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
+    "not necessarily", "almost completely resolved", "nearly resolved", "almost resolved", "partially resolved",
+    "incompletely resolved", "not completely resolved",
     "of doubtful",  # "nodule of doubtful significance": the nodule is there
+]
+# words that may stand between "no" / "without" and "change" in a pseudo-negation ("no appreciable interval change")
+CHANGE_MODIFIERS = [
+    "interval", "significant", "appreciable", "definite", "visible", "radiographic", "new", "further", "substantial",
+    "major", "marked", "gross", "obvious", "apparent", "acute", "real", "notable", "measurable", "discernible",
+    "detectable", "perceptible", "demonstrable", "evident", "overall", "clinically", "relevant", "important",
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
@@ -239,6 +244,13 @@ _FINAL_LIST_NEG = re.compile(_cue_regex(FINAL_LIST_NEGATION).pattern + _FINAL)
 _FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
+# "no change / worsening / improvement / progression in X", up to two CHANGE_MODIFIERS between ("no appreciable
+# change", "without significant interval change"): X is there, unchanged. The plural "changes" only before "in" or
+# after "interval" ("no changes in the effusion", "no interval changes"): "no changes of emphysema" negates
+_CHANGE_MODIFIER = r"(?:(?:" + "|".join(CHANGE_MODIFIERS) + r")\s+)"
+_CHANGE_PSEUDO = re.compile(
+    r"(?<![a-z0-9])(?:no|without)\s+(?:" + _CHANGE_MODIFIER + r"{0,2}(?:change|changes(?=\s+in\b)|worsening|"
+    r"improvement|progression)|" + _CHANGE_MODIFIER + r"?interval\s+" + _CHANGE_MODIFIER + r"?changes)(?![a-z0-9])")
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
 # "no opacity to suggest pneumonia"
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
@@ -342,7 +354,7 @@ class _Cues:
 
     def __init__(self, text: str):
         self.text = text
-        blocked = [m.span() for m in _PSEUDO.finditer(text)]
+        blocked = [m.span() for pattern in (_PSEUDO, _CHANGE_PSEUDO) for m in pattern.finditer(text)]
         self.negated_uncertain = [m.span() for m in _NEG_UNC.finditer(text)]
         blocked += self.negated_uncertain
         self.pre_negation = _spans(_PRE_NEG, text, blocked)
