@@ -90,6 +90,13 @@ def labeller():
      {"pleural_effusion": "negative", "consolidation": "positive"}),
     ("Pneumothorax?", {"pneumothorax": "uncertain"}),
     ("Pneumothorax is not excluded.", {"pneumothorax": "uncertain"}),  # the double negation still wins
+    # a direct negation nearer the mention than a double negation (both read as uncertain), and "not excluding"
+    ("Pneumonia cannot be excluded, no effusion.", {"pneumonia": "uncertain", "pleural_effusion": "negative"}),
+    ("No effusion, pneumonia cannot be excluded.", {"pleural_effusion": "negative", "pneumonia": "uncertain"}),
+    ("Cannot exclude pneumonia, no effusion or pneumothorax.",
+     {"pneumonia": "uncertain", "pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("Pneumonia or effusion cannot be excluded.", {"pneumonia": "uncertain", "pleural_effusion": "uncertain"}),
+    ("Not excluding pneumonia.", {"pneumonia": "uncertain"}),
     ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
     ("Consolidation - no change.", {"consolidation": "positive"}),
     # hedges against a finding (all were read as positive)

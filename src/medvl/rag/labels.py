@@ -21,7 +21,10 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a mention inside a longer mention of the same finding is counted once.
 4. Status of a mention, first rule that applies (cues are whole words, same sentence, not across
    a scope terminator such as "but", "however", "although", ";"):
-   - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
+   - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
+     excluding"), unless a negation cue takes the mention over: one between the phrase and the mention
+     ("cannot exclude pneumonia, no effusion"), or one right before the mention when the phrase after it is past
+     another item ("no effusion, pneumonia cannot be excluded");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
      bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
@@ -137,7 +140,8 @@ NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before neg
     "cannot be ruled out", "can not be ruled out", "cannot rule out", "can not rule out", "not ruled out",
     "not be excluded", "not be ruled out", "can't exclude", "can't be excluded", "cannot be entirely excluded",
     "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
-    "are not ruled out", "is not entirely excluded", "are not entirely excluded",
+    "are not ruled out", "is not entirely excluded", "are not entirely excluded", "not excluding", "without excluding",
+    "not ruling out", "without ruling out",
 ]
 PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
     "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
@@ -374,9 +378,10 @@ class _Cues:
         return bisect_left(self._word_starts, end) - bisect_left(self._word_starts, start) <= MAX_REACH
 
     def status(self, start: int, end: int, gaps: list[str]) -> str:
-        if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
+        negations = self._unhedged(self.pre_negation, start)
+        if self._negated_uncertain(negations, start, end):
             return UNCERTAIN
-        if self._before(self._unhedged(self.pre_negation, start), start, lists=True) \
+        if self._before(negations, start, lists=True) \
                 or self._after(self.post_negation, end, lists=True) \
                 or self._before(self.near_pre_negation, start, window=NEAR_PRE_WINDOW) \
                 or self._after(self.near_post_negation, end, NEAR_WINDOW) \
@@ -391,6 +396,20 @@ class _Cues:
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
+
+    def _negated_uncertain(self, negations: list[tuple[int, int]], start: int, end: int) -> bool:
+        """A negated-uncertainty cue ("cannot be excluded") reaches the mention, and a direct negation does not
+        take it over: one between the cue and the mention ("cannot exclude pneumonia, no effusion"), or one right
+        before the mention when the cue after it is past another item ("no effusion, pneumonia cannot be
+        excluded": the effusion is negated, the pneumonia possible)."""
+        before = [(s, e) for s, e in self.negated_uncertain if e <= start and self._near(e, start)
+                  and not self._before([n for n in negations if e <= n[0]], start, lists=True)]
+        after = [(s, e) for s, e in self.negated_uncertain if s >= end and self._near(end, s)]
+        if after and any(e <= start and self._near(e, start) and self._words(e, start) <= PRE_WINDOW
+                         and self._open(e, start) and not _LIST_SEPARATOR.search(self.text, e, start)
+                         for _, e in negations):  # the mention is negated directly
+            after = [(s, e) for s, e in after if not _LIST_SEPARATOR.search(self.text, end, s)]
+        return self._before(before, start) or self._after(after, end, lists=True)
 
     def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False,
                 window: int = PRE_WINDOW) -> bool:
