@@ -29,7 +29,7 @@ from medvl.index.base import Hit
 from medvl.index.cases import pixel_sha256
 from medvl.rag import ReportLabeller, draft_from_hits, draft_report, load_knowledge
 from medvl.rag.draft import DISAGREE, FAR, NO_CASES, NO_WORDING, _identifiers, common_words, jaccard
-from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
+from medvl.rag.labels import MAX_REACH, split_sentences
 
 NEW_FINDING = """---
 name: pleural_plaque
@@ -149,8 +149,16 @@ def test_a_long_sentence_without_full_stops_is_labelled_like_its_short_parts(lab
     are those of the short sentence, and a cue still reaches the end of the longest list."""
     short = "no focal consolidation pleural effusion or pneumothorax"
     assert labeller.label(" ".join([short] * 250)) == labeller.label(short)
-    items = ", ".join(["small bilateral apical pleural thickening here"] * (MAX_LIST_ITEMS - 1))
+    items = ", ".join(["small bilateral apical pleural thickening here"] * (MAX_REACH // 6 - 1))
     assert dict(labeller.sentence_labels(f"No {items} or pneumothorax.")) == {"pneumothorax": "negative"}
+
+
+def test_a_negation_covers_a_list_of_more_than_eight_items(labeller):
+    """A list past eight items fell out of the negation's reach: in a normal report's "No pneumonia, ..., mass,
+    fracture or emphysema." the fracture and the emphysema were read as present."""
+    items = "pneumonia, consolidation, edema, atelectasis, effusion, pneumothorax, nodule, mass, fracture or emphysema"
+    labels = labeller.label(f"No {items}.")
+    assert len(labels) == 11 and labels.pop("no_finding") == "positive" and set(labels.values()) == {"negative"}
 
 
 def test_report_labels_add_normality_and_skip_the_indication(labeller):

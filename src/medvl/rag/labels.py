@@ -47,11 +47,11 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      mention ("borderline heart size");
    - **positive** otherwise.
 
-   Lists: a cue before a list of short items covers the whole list however long it is ("no focal
-   consolidation, suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "no
-   opacity to suggest pneumonia"), as does a cue after a list joined by "and" / "or" ("infiltrates
-   and venous engorgement have resolved"); an item holding a verb or "with" starts a new clause and
-   ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
+   Lists: a cue before a list of short items covers the whole list, however many items it has, up to
+   ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
+   definite pleural effusion"; "no opacity to suggest pneumonia"), as does a cue after a list joined by "and" /
+   "or" ("infiltrates and venous engorgement have resolved"); an item holding a verb or "with" starts a new
+   clause and ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
    after a comma ends a negated list: in "no effusion, possible atelectasis" (or "no pneumonia, more
    likely atelectasis") the atelectasis is uncertain.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
@@ -81,11 +81,11 @@ GAP_WORDS = 5  # words a "..." in a synonym may stand for
 PRE_WINDOW = 6  # words between a cue before a mention and the mention
 POST_WINDOW = 3  # words between a mention and a cue after it
 NEAR_WINDOW = 1  # words between a mention and a NEAR_POST_NEGATION cue ("engorgement appears within normal limits")
-MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, c or d")
-# the most words between a cue and a mention it can reach: a list of MAX_LIST_ITEMS items of PRE_WINDOW words
-# joined by two-word links ("to suggest"), with room; cues further away are not looked at (a long sentence
-# without full stops would otherwise take time growing with the cube of its length)
-MAX_REACH = MAX_LIST_ITEMS * (PRE_WINDOW + 2) + 8
+# the most words between a cue and a mention it can reach through a list, however many items it has ("no a, b,
+# c, ... or z"; eight items of PRE_WINDOW words joined by two-word links such as "to suggest", with room); cues
+# further away are not looked at (a long sentence without full stops would otherwise take time growing with the
+# cube of its length)
+MAX_REACH = 72
 
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
@@ -433,7 +433,8 @@ class _Cues:
     def _listed(self, start: int, end: int, conjunction: bool = False) -> bool:
         """The text between a cue and a mention is a list of short items ("no focal consolidation,
         suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "infiltrates and
-        venous engorgement have resolved"), so the cue covers the whole list, however long; a verb or
+        venous engorgement have resolved"), so the cue covers the whole list, however many items it has (up to
+        ``MAX_REACH`` words from the cue: ``_near``); a verb or
         "with" in an item starts a new clause and ends it. With ``conjunction`` a list of two must have
         an "and" / "or": hedged lists ("possible atelectasis, effusion or edema") and lists before a cue
         after them ("infiltrates and engorgement have resolved"), where a bare comma often starts
@@ -442,7 +443,7 @@ class _Cues:
         items = _LIST_SEPARATOR.split(between)
         if conjunction and not _CONJUNCTION.search(between) and len(items) < 3:
             return False
-        return 1 < len(items) <= MAX_LIST_ITEMS and all(
+        return len(items) > 1 and all(
             len(words := _WORD.findall(item)) <= PRE_WINDOW and not _CLAUSE_WORDS.intersection(words)
             for item in items)
 
