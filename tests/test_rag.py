@@ -97,6 +97,14 @@ def labeller():
      {"pneumonia": "uncertain", "pleural_effusion": "negative", "pneumothorax": "negative"}),
     ("Pneumonia or effusion cannot be excluded.", {"pneumonia": "uncertain", "pleural_effusion": "uncertain"}),
     ("Not excluding pneumonia.", {"pneumonia": "uncertain"}),
+    # a colon or dash between two statements ends a negation's scope (the pneumothorax was read as absent) ...
+    ("Negative for effusion: pneumothorax is large.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion - large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion\u2014large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    # ... not one right after the cue or the finding, nor one between digits
+    ("Negative for: effusion, pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("Effusion: not identified.", {"pleural_effusion": "negative"}),
+    ("No 2\u20133 mm nodules.", {"nodule": "negative"}),
     ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
     ("Consolidation - no change.", {"consolidation": "positive"}),
     # hedges against a finding (all were read as positive)

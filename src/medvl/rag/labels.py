@@ -20,7 +20,8 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
    a mention inside a longer mention of the same finding is counted once.
 4. Status of a mention, first rule that applies (cues are whole words, same sentence, not across
-   a scope terminator such as "but", "however", "although", ";"):
+   a scope terminator such as "but", "however", "although", ";", nor a colon or dash between two
+   statements: "no effusion - large pneumothorax", "negative for effusion: pneumothorax is large"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
      excluding"), unless a negation cue takes the mention over: one between the phrase and the mention
      ("cannot exclude pneumonia, no effusion"), or one right before the mention when the phrase after it is past
@@ -159,6 +160,10 @@ TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
     "nevertheless", "which is", "otherwise", "there is", "there are", ";",
 ]
+# a colon or a dash between two statements ends a cue's scope too ("no effusion - large pneumothorax", "negative for
+# effusion: pneumothorax is large"), but not right after the cue or the finding ("negative for: effusion, ...",
+# "effusion: not seen"), nor a colon or dash between digits ("10:30", "2–3 mm"): _Cues._open
+_CLAUSE_MARK = re.compile(r"(?<!\d):(?!\d)|\s-{1,2}\s|(?<!\d)[\u2013\u2014]|[\u2013\u2014](?!\d)")
 SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", "comparison", "comparisons",
                     "reason for exam", "reason for examination", "clinical information", "technique",
                     "examination", "exam", "procedure"}
@@ -371,6 +376,7 @@ class _Cues:
         self.post_uncertain = _spans(_POST_UNC, text, blocked)
         self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
+        self.clause_marks = [m.span() for m in _CLAUSE_MARK.finditer(text)]
         self._word_starts = [m.start() for m in _WORD.finditer(text)]
 
     def _near(self, start: int, end: int) -> bool:
@@ -456,8 +462,12 @@ class _Cues:
         return len(_WORD.findall(self.text[start:end]))
 
     def _open(self, start: int, end: int) -> bool:
-        """No scope terminator between the cue and the mention."""
-        return not any(start <= t < end for t in self.terminators)
+        """No scope terminator between the cue and the mention (whichever comes first), nor a colon or dash
+        after a word of the text between them ("negative for effusion: pneumothorax ...", not "negative for:
+        effusion" nor "effusion: not seen")."""
+        return not any(start <= t < end for t in self.terminators) and not any(
+            start <= s and e <= end and bisect_left(self._word_starts, s) > bisect_left(self._word_starts, start)
+            for s, e in self.clause_marks)
 
 
 def _spans(pattern: re.Pattern, text: str, blocked: list[tuple[int, int]]) -> list[tuple[int, int]]:
