@@ -141,6 +141,16 @@ def labeller():
     ("Pneumothorax is unlikely given the absence of a pleural line.", {"pneumothorax": "negative"}),
     ("A pleural effusion is unlikely to be present.", {"pleural_effusion": "negative"}),
     ("Unlikely small effusion.", {"pleural_effusion": "negative"}),
+    # a hedge after the finding about its cause, nature or consequence leaves it stated (all read as uncertain) ...
+    ("The pneumothorax may be due to the recent biopsy.", {"pneumothorax": "positive"}),
+    ("Pneumothorax is likely iatrogenic.", {"pneumothorax": "positive"}),
+    ("Large effusion, which may represent hemothorax.", {"pleural_effusion": "positive"}),
+    ("Left base opacity may represent atelectasis.", {"lung_opacity": "positive", "atelectasis": "uncertain"}),
+    # ... but not one about the finding itself, nor one going on to name the same finding
+    ("Pneumonia is likely.", {"pneumonia": "uncertain"}),
+    ("Atelectasis may also be present.", {"atelectasis": "uncertain"}),
+    ("Blunting of the right costophrenic angle, which may represent a small effusion.",
+     {"pleural_effusion": "uncertain"}),
     # an item starting with a hedge after a comma ends a negated list
     ("No effusion, possible atelectasis.", {"pleural_effusion": "negative", "atelectasis": "uncertain"}),
     ("No pneumothorax, likely atelectasis.", {"pneumothorax": "negative", "atelectasis": "uncertain"}),

@@ -44,8 +44,11 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
-     a possibility", "is less likely", a "less likely" right after it ending the clause), or lies inside the
-     mention ("borderline heart size");
+     a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
+     where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
+     may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
+     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or a hedge after it goes
+     on to name the same finding ("blunting of the costophrenic angle, which may represent a small effusion");
    - **positive** otherwise.
 
    Lists: a cue before a list of short items covers the whole list, however many items it has, up to
@@ -132,10 +135,16 @@ PRE_UNCERTAIN = [
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
-    "versus", "vs", "is likely", "are likely", "is not certain", "may be present", "may",
+    "versus", "vs", "is not certain", "may be present",
     "is in the differential", "would be a consideration", "is a consideration", "is a possibility",
     "is less likely", "are less likely",  # a differential's second place: still possible
 ]
+# hedges after the finding that are about it only where they end the clause, say that it is there or are qualified
+# themselves ("pneumonia is likely.", "atelectasis may also be present", "fractures may not be demonstrated",
+# "pneumonia is likely given the history");
+# not a hedge about its cause, nature or consequence ("the pneumothorax may be due to the biopsy", "pneumothorax is
+# likely iatrogenic", "effusion, which may represent hemothorax", "may require a chest tube"): _POST_HEDGE_FINAL
+FINAL_POST_HEDGE = ["may", "is likely", "are likely"]
 NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
     "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
     "cannot be ruled out", "can not be ruled out", "cannot rule out", "can not rule out", "not ruled out",
@@ -251,6 +260,12 @@ NEAR_PRE_WINDOW = 2  # words between a NEAR_PRE_NEGATION cue and the mention ("u
 _FINAL_NEG = re.compile(_cue_regex(FINAL_POST_NEGATION).pattern + _FINAL)
 _FINAL_LIST_NEG = re.compile(_cue_regex(FINAL_LIST_NEGATION).pattern + _FINAL)
 _FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
+_POST_HEDGE_FINAL = (r"(?=\s*(?:[.,;:!?)]|$|(?:in|given|as|because|since|based|considering|at this time|on this)\b"
+                     r"|(?:(?:also|still|not)\s+)?(?:be|have\s+been)\s+(?:present|seen|visible|identified|there|noted"
+                     r"|demonstrated|detected|evident|apparent|visualized|appreciated)\b"
+                     r"|(?:also|still|exist|persist)\b|to\s+be\s+(?:present|seen|visible|identified|there)\b))")
+_POST_HEDGE = _cue_regex(FINAL_POST_HEDGE)
+_FINAL_HEDGE = re.compile(_POST_HEDGE.pattern + _POST_HEDGE_FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
 # "no change / worsening / improvement / progression in X", up to two CHANGE_MODIFIERS between ("no appreciable
@@ -342,13 +357,15 @@ class ReportLabeller:
         """Every finding mention in one sentence with its status."""
         text = sentence.lower()
         cues = _Cues(text)
+        matches = [(name, match) for name, pattern in self._patterns for match in pattern.finditer(text)
+                   if not self._excluded(name, text, match.start(), match.end())]
         found = []
-        for name, pattern in self._patterns:
-            for match in pattern.finditer(text):
-                if self._excluded(name, text, match.start(), match.end()):
-                    continue
-                gaps = [match.group(i) or "" for i in range(1, (pattern.groups or 0) + 1)]
-                found.append(Mention(name, cues.status(match.start(), match.end(), gaps), match.start(), match.end()))
+        for name, match in matches:
+            gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
+            status = cues.status(match.start(), match.end(), gaps)
+            if status == POSITIVE and cues.renamed(match.end(), [m.start() for n, m in matches if n == name]):
+                status = UNCERTAIN
+            found.append(Mention(name, status, match.start(), match.end()))
         return _outermost(found)
 
     def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
@@ -373,7 +390,8 @@ class _Cues:
         self.final_list_negation = _spans(_FINAL_LIST_NEG, text, blocked)
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
-        self.post_uncertain = _spans(_POST_UNC, text, blocked)
+        self.post_uncertain = _spans(_POST_UNC, text, blocked) + _spans(_FINAL_HEDGE, text, blocked)
+        self.post_hedges = _spans(_POST_HEDGE, text, blocked)
         self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
         self.clause_marks = [m.span() for m in _CLAUSE_MARK.finditer(text)]
@@ -402,6 +420,12 @@ class _Cues:
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
+
+    def renamed(self, end: int, starts: list[int]) -> bool:
+        """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
+        may represent a small effusion": the effusion is possible, not stated)."""
+        return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
+                   for other in starts if other >= e)
 
     def _negated_uncertain(self, negations: list[tuple[int, int]], start: int, end: int) -> bool:
         """A negated-uncertainty cue ("cannot be excluded") reaches the mention, and a direct negation does not
