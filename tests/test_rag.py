@@ -39,7 +39,7 @@ from medvl.rag.draft import (
     common_words,
     jaccard,
 )
-from medvl.rag.labels import MAX_LIST_ITEMS, split_sentences
+from medvl.rag.labels import MAX_REACH, split_sentences
 
 NEW_FINDING = """---
 name: pleural_plaque
@@ -75,6 +75,14 @@ def labeller():
     ("Pneumonia cannot be excluded.", {"pneumonia": "uncertain"}),
     ("Findings may represent atelectasis.", {"atelectasis": "uncertain"}),
     ("No change in the moderate left pleural effusion.", {"pleural_effusion": "positive"}),  # pseudo-negation
+    # variants of "no change in X" (all read as negations of X): X is there, unchanged
+    ("No changes in the left pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No appreciable change in the right pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No interval changes in cardiomegaly.", {"cardiomegaly": "positive"}),
+    ("No definite interval change in the right pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No worsening of the left pleural effusion.", {"pleural_effusion": "positive"}),
+    ("No changes of emphysema.", {"emphysema": "negative"}),  # "changes" as findings: a negation
+    ("No new or worsening consolidation.", {"consolidation": "negative"}),
     ("No pneumothorax, but there is a small right effusion.",
      {"pneumothorax": "negative", "pleural_effusion": "positive"}),  # "but" ends the negation's scope
     ("Small pericardial effusion.", {}),  # an excluded phrase is not a pleural effusion
@@ -92,6 +100,21 @@ def labeller():
      {"pleural_effusion": "negative", "consolidation": "positive"}),
     ("Pneumothorax?", {"pneumothorax": "uncertain"}),
     ("Pneumothorax is not excluded.", {"pneumothorax": "uncertain"}),  # the double negation still wins
+    # a direct negation nearer the mention than a double negation (both read as uncertain), and "not excluding"
+    ("Pneumonia cannot be excluded, no effusion.", {"pneumonia": "uncertain", "pleural_effusion": "negative"}),
+    ("No effusion, pneumonia cannot be excluded.", {"pleural_effusion": "negative", "pneumonia": "uncertain"}),
+    ("Cannot exclude pneumonia, no effusion or pneumothorax.",
+     {"pneumonia": "uncertain", "pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("Pneumonia or effusion cannot be excluded.", {"pneumonia": "uncertain", "pleural_effusion": "uncertain"}),
+    ("Not excluding pneumonia.", {"pneumonia": "uncertain"}),
+    # a colon or dash between two statements ends a negation's scope (the pneumothorax was read as absent) ...
+    ("Negative for effusion: pneumothorax is large.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion - large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion\u2014large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    # ... not one right after the cue or the finding, nor one between digits
+    ("Negative for: effusion, pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "negative"}),
+    ("Effusion: not identified.", {"pleural_effusion": "negative"}),
+    ("No 2\u20133 mm nodules.", {"nodule": "negative"}),
     ("Right lower lobe consolidation, no air bronchograms.", {"consolidation": "positive"}),
     ("Consolidation - no change.", {"consolidation": "positive"}),
     # hedges against a finding (all were read as positive)
@@ -128,6 +151,16 @@ def labeller():
     ("Pneumothorax is unlikely given the absence of a pleural line.", {"pneumothorax": "negative"}),
     ("A pleural effusion is unlikely to be present.", {"pleural_effusion": "negative"}),
     ("Unlikely small effusion.", {"pleural_effusion": "negative"}),
+    # a hedge after the finding about its cause, nature or consequence leaves it stated (all read as uncertain) ...
+    ("The pneumothorax may be due to the recent biopsy.", {"pneumothorax": "positive"}),
+    ("Pneumothorax is likely iatrogenic.", {"pneumothorax": "positive"}),
+    ("Large effusion, which may represent hemothorax.", {"pleural_effusion": "positive"}),
+    ("Left base opacity may represent atelectasis.", {"lung_opacity": "positive", "atelectasis": "uncertain"}),
+    # ... but not one about the finding itself, nor one going on to name the same finding
+    ("Pneumonia is likely.", {"pneumonia": "uncertain"}),
+    ("Atelectasis may also be present.", {"atelectasis": "uncertain"}),
+    ("Blunting of the right costophrenic angle, which may represent a small effusion.",
+     {"pleural_effusion": "uncertain"}),
     # an item starting with a hedge after a comma ends a negated list
     ("No effusion, possible atelectasis.", {"pleural_effusion": "negative", "atelectasis": "uncertain"}),
     ("No pneumothorax, likely atelectasis.", {"pneumothorax": "negative", "atelectasis": "uncertain"}),
@@ -144,8 +177,16 @@ def test_a_long_sentence_without_full_stops_is_labelled_like_its_short_parts(lab
     are those of the short sentence, and a cue still reaches the end of the longest list."""
     short = "no focal consolidation pleural effusion or pneumothorax"
     assert labeller.label(" ".join([short] * 250)) == labeller.label(short)
-    items = ", ".join(["small bilateral apical pleural thickening here"] * (MAX_LIST_ITEMS - 1))
+    items = ", ".join(["small bilateral apical pleural thickening here"] * (MAX_REACH // 6 - 1))
     assert dict(labeller.sentence_labels(f"No {items} or pneumothorax.")) == {"pneumothorax": "negative"}
+
+
+def test_a_negation_covers_a_list_of_more_than_eight_items(labeller):
+    """A list past eight items fell out of the negation's reach: in a normal report's "No pneumonia, ..., mass,
+    fracture or emphysema." the fracture and the emphysema were read as present."""
+    items = "pneumonia, consolidation, edema, atelectasis, effusion, pneumothorax, nodule, mass, fracture or emphysema"
+    labels = labeller.label(f"No {items}.")
+    assert len(labels) == 11 and labels.pop("no_finding") == "positive" and set(labels.values()) == {"negative"}
 
 
 def test_report_labels_add_normality_and_skip_the_indication(labeller):
@@ -162,6 +203,17 @@ def test_report_labels_add_normality_and_skip_the_indication(labeller):
 def test_sentences_keep_decimals_and_drop_list_numbers():
     assert split_sentences("Ratio of about 0.57. 1. Cardiomegaly. 2. Effusion.") == \
         ["Ratio of about 0.57.", "Cardiomegaly.", "Effusion."]
+
+
+def test_an_abbreviations_full_stop_does_not_end_the_sentence(labeller):
+    """Every full stop before a space ended a sentence: "Atelectasis vs." was one sentence and "pneumonia." the
+    next, so the hedge "vs" did not reach the pneumonia (read as present)."""
+    assert split_sentences("Discussed with Dr. J. Smith today. Atelectasis vs. pneumonia. Nodule (e.g. granuloma), "
+                           "approx. 5 mm, cf. prior. Tube no. 5 in place. Pneumothorax: no. 2. Effusion.") == \
+        ["Discussed with Dr. J. Smith today.", "Atelectasis vs. pneumonia.",
+         "Nodule (e.g. granuloma), approx. 5 mm, cf. prior.", "Tube no. 5 in place.", "Pneumothorax: no.", "Effusion."]
+    assert labeller.label("Atelectasis vs. pneumonia.") == \
+        {"atelectasis": "uncertain", "pneumonia": "uncertain", "no_finding": "negative"}
 
 
 def test_a_report_with_one_finding_per_line_and_no_full_stops_is_read_line_by_line(labeller):
@@ -532,6 +584,17 @@ def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(label
     assert shared.text() == "FINDINGS: 左肺清晰。 Large left pleural effusion."  # shared: drafted, whatever the script
 
 
+def test_a_draft_carries_no_name_after_a_title_with_a_full_stop(labeller):
+    """"Dr." ended a sentence, so the name started the next one ("Nakamura by telephone ..."), where neither a title
+    nor a capitalised word in mid-sentence stood before it: one neighbour's doctor was drafted, cited to all."""
+    names = ("Kowalczyk", "Okonkwo", "Nakamura", "Haddad", "Lindqvist")
+    texts = [f"FINDINGS: Small left pleural effusion. Findings were discussed with Dr. {name} by telephone at the "
+             f"time of dictation." for name in names]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.text() == "FINDINGS: Small left pleural effusion."
+
+
 def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(labeller):
     """Only digits and a word after a title were identifiers: one neighbour's "since the study of December" or
     "the referring clinician Peter Brown" was drafted and cited to every neighbour, each naming another month
@@ -608,6 +671,24 @@ def test_a_sentence_cites_only_the_cases_stating_its_side_and_size(labeller):
     assert sentence.wording_from == sentence.cases
     assert sentence.support == pytest.approx(round(6 * 0.9 / (6 * 0.9 + 4 * 0.89), 4))
     assert draft.consensus["pleural_effusion"] == "positive"  # the finding itself: all ten state it
+
+
+def test_a_draft_carries_no_name_after_dr_without_a_space_nor_a_name_with_accented_letters(labeller):
+    """A title's name needed a space after "Dr." and ASCII letters, and a capitalised word ASCII letters: "Dr.Novak"
+    and "the referring clinician Renée Dubois" were drafted from one neighbour, cited to all, and "Dr Müller" and
+    "Dr Mäkinen" were one identifier ("m")."""
+    def draft(texts):
+        return draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                               labeller).text()
+
+    tail = "Findings were discussed with {} by telephone at the time of dictation."
+    titled = [f"Small left pleural effusion. {tail.format('Dr.' + n)}" for n in ("Novak", "Rossi", "Haddad")]
+    assert draft(titled) == "FINDINGS: Small left pleural effusion."
+    accented = [f"Small left pleural effusion. {tail.format('the referring clinician ' + n)}"
+                for n in ("Renée Dubois", "Jürgen Müller", "Łukasz Żuk")]
+    assert draft(accented) == "FINDINGS: Small left pleural effusion."
+    assert _identifiers("Seen by Dr Müller.") == {"name:müller"} != _identifiers("Seen by Dr Mäkinen.")
+    assert _identifiers("Seen by Dr. J. Smith and Ólafur Jónsson.") == {"name:smith", "name:ólafur", "name:jónsson"}
 
 
 def test_wording_similarity_ignores_numbers_and_stop_words():

@@ -40,8 +40,9 @@
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
    A wording naming a date (3/12/2019, 10:45, a month or weekday name) or a number of ``LONG_NUMBER`` (4) or more
    digits is never a candidate; one naming another identifier (``_identifiers``: a number other than a
-   measurement, a name after a title, "Dr Smith", or two or more capitalised words in a row that are no words of
-   the knowledge base nor used in lower case by any neighbour's report, "John Smith") only when at least
+   measurement, a name after a title, "Dr Smith", "Dr. Smith", "Dr.Smith", or two or more capitalised words in a
+   row (letters of any script: "Renée Dubois") that are no words of the knowledge base nor used in lower case by
+   any neighbour's report, "John Smith") only when at least
    ``MIN_CASES`` (3) of the group's neighbours, holding more than ``min_support`` of the weight, name it too; one
    holding a word outside the knowledge base's and the labeller's vocabulary (``vocabulary``) only when at least
    ``MIN_CASES`` neighbours' reports use it, whatever their weights (a name in any case or script). A neighbour
@@ -106,7 +107,10 @@ _MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "
 # bed number) and a name after a title ("Dr Smith")
 _NUMBER = re.compile(r"\d+")
 _TITLES = ("dr", "doctor", "mr", "mrs", "ms", "miss", "prof", "professor", "nurse")
-_TITLED_NAME = re.compile(r"\b(?:" + "|".join(_TITLES) + r")\b\.?\s+([a-z][a-z'-]*)")
+# the name after a title, any script's letters ("Dr Müller"), with or without a space after the full stop
+# ("Dr.Smith"), initials skipped ("Dr. J. Smith")
+_TITLED_NAME = re.compile(r"\b(?:" + "|".join(_TITLES) + r")\b(?:\.\s*|\s+)(?:[^\W\d_]\.\s*)*"
+                          r"([^\W\d_]+(?:['-][^\W\d_]+)*)")
 # dates in words: month and weekday names, "yesterday" / "today" / "tonight" / "tomorrow"; three-letter month
 # abbreviations only capitalised ("Dec 9", not "dec" for decreased), "May" only beside a number ("May 5", "5 May")
 _DATE_WORD = re.compile(r"\b(january|february|march|april|june|july|august|september|october|november|december|"
@@ -116,8 +120,10 @@ _MONTH_ABBREVIATION = re.compile(r"\b(Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|N
 _MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
 # a capitalised word (not all capitals: PA, ICU) that does not start the sentence or a clause: part of a name when
 # no report of the neighbours uses it in lower case, the knowledge base does not hold it and another such word is
-# next to it ("John Smith"; alone it is as likely a term: "Hounsfield units")
-_CAPITALISED = re.compile(r"(?<![\w'-])([A-Z](?:[a-z]+|['-]?[A-Z]?[a-z]+)(?:['-]?[A-Z]?[a-z]+)*)(?![\w'-])")
+# next to it ("John Smith"; alone it is as likely a term: "Hounsfield units"). Words of letters of any script
+# ("Renée Dubois", "Łukasz Żuk"); the case of each letter is checked against _NAME_SHAPE
+_LETTER_WORD = re.compile(r"(?<![\w'-])([^\W\d_]+(?:['-][^\W\d_]+)*)(?![\w'-])")
+_NAME_SHAPE = re.compile(r"A(?:a+|['-]?A?a+)(?:['-]?A?a+)*")  # A an upper-case letter, a a lower-case one
 _CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -", "\u2022", "\u00b7")  # "\u2022": an inline bullet
 # Words a draft may carry from a few reports: a word outside the vocabulary (``vocabulary``: the knowledge base's
 # and the labeller's words), a number or a name is drafted only when at least MIN_CASES distinct neighbours use it,
@@ -128,7 +134,6 @@ MIN_CASES = 3
 LONG_NUMBER = 4
 _DATE_LIKE = re.compile(r"(?<![\d.])\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}(?![\d.])|(?<!\d)\d{1,2}:\d{2}(?!\d)")
 _LETTERS = re.compile(r"[^\W\d_]+")  # the words of any script, as the wording similarity reads them (``_tokens``)
-_LOWER_WORD = re.compile(r"(?<![\w'-])([a-z]+(?:['-][a-z]+)*)(?![\w'-])")
 _STOP = {"a", "an", "the", "is", "are", "there", "of", "in", "with", "and", "to", "at", "for", "on", "be", "this",
          "that", "about", "seen", "noted", "identified", "which", "it", "its", "as", "by", "also"}
 
@@ -524,8 +529,8 @@ def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> fro
     """Words that are not names: the knowledge base's (titles, phrases, definitions, notes), and those the
     ``reports`` use in lower case; a capitalised word outside them is taken for a name (``_identifiers``)."""
     texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
-    words = {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+(?:['-][A-Za-z]+)*", text)}
-    words |= {w for text in reports for w in _LOWER_WORD.findall(text or "")}
+    words = {w.lower() for text in texts for w in _LETTER_WORD.findall(text)}
+    words |= {w for text in reports for w in _LETTER_WORD.findall(text or "") if w.islower()}
     return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind})
 
 
@@ -542,7 +547,7 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
     found |= {"date:may" for _ in _MAY.finditer(text)}
     run: list[str] = []  # consecutive capitalised words that may be a name, one space apart
     last_end = -1
-    for match in _CAPITALISED.finditer(text):
+    for match in _capitalised(text):
         word = match.group(1).lower()
         before = text[:match.start()].rstrip()
         candidate = bool(before) and not before.endswith(_CLAUSE_MARKS) and word not in common \
@@ -558,6 +563,15 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
             run = []
         last_end = match.end()
     return frozenset(found | _names(run))
+
+
+def _capitalised(text: str) -> list[re.Match]:
+    """The capitalised words of ``text`` (not all capitals: PA, ICU), in any script with upper and lower case."""
+    return [m for m in _LETTER_WORD.finditer(text) if _NAME_SHAPE.fullmatch(_shape(m.group(1)))]
+
+
+def _shape(word: str) -> str:
+    return "".join("A" if c.isupper() else "a" if c.islower() else c for c in word)
 
 
 def _names(run: list[str]) -> set[str]:

@@ -5,7 +5,9 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
 
 1. Sections: text after ``INDICATION:``, ``HISTORY:``, ``COMPARISON:`` (and the like) is skipped;
    ``IMPRESSION:`` / ``CONCLUSION:`` sentences are marked as impression, the rest as findings.
-2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole), at the full-width
+2. Sentences end at ``.``, ``!`` or ``?`` followed by a space (so "0.57" stays whole; not the full stop of an
+   abbreviation, ``ABBREVIATIONS``: "Dr. Smith", "atelectasis vs. pneumonia", "e.g.", "approx.", nor "no." before a
+   number, nor a title's initial, "Dr. J. Smith"), at the full-width
    ``。``, ``！``, ``？`` (Chinese, Japanese), at a blank line, at a
    line starting with a bullet (``-``, ``*``, a digit), and at a line break before a capitalised word
    ("No pleural effusion⏎Large right pneumothorax": one finding per line, no full stops) unless the line
@@ -18,8 +20,12 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    mention inside one of the finding's ``exclude`` phrases ("pericardial effusion") is not one;
    a mention inside a longer mention of the same finding is counted once.
 4. Status of a mention, first rule that applies (cues are whole words, same sentence, not across
-   a scope terminator such as "but", "however", "although", ";"):
-   - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out");
+   a scope terminator such as "but", "however", "although", ";", nor a colon or dash between two
+   statements: "no effusion - large pneumothorax", "negative for effusion: pneumothorax is large"):
+   - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
+     excluding"), unless a negation cue takes the mention over: one between the phrase and the mention
+     ("cannot exclude pneumonia, no effusion"), or one right before the mention when the phrase after it is past
+     another item ("no effusion, pneumonia cannot be excluded");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
      bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
@@ -33,19 +39,23 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
-     pseudo-negations ("no change", "not only", "partially resolved") are not cues;
+     pseudo-negations ("no change", "no appreciable interval change", "no changes in", "no worsening of", "not
+     only", "partially resolved") are not cues;
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
-     a possibility", "is less likely", a "less likely" right after it ending the clause), or lies inside the
-     mention ("borderline heart size");
+     a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
+     where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
+     may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
+     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or a hedge after it goes
+     on to name the same finding ("blunting of the costophrenic angle, which may represent a small effusion");
    - **positive** otherwise.
 
-   Lists: a cue before a list of short items covers the whole list however long it is ("no focal
-   consolidation, suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "no
-   opacity to suggest pneumonia"), as does a cue after a list joined by "and" / "or" ("infiltrates
-   and venous engorgement have resolved"); an item holding a verb or "with" starts a new clause and
-   ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
+   Lists: a cue before a list of short items covers the whole list, however many items it has, up to
+   ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
+   definite pleural effusion"; "no opacity to suggest pneumonia"), as does a cue after a list joined by "and" /
+   "or" ("infiltrates and venous engorgement have resolved"); an item holding a verb or "with" starts a new
+   clause and ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
    after a comma ends a negated list: in "no effusion, possible atelectasis" (or "no pneumonia, more
    likely atelectasis") the atelectasis is uncertain.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
@@ -75,11 +85,11 @@ GAP_WORDS = 5  # words a "..." in a synonym may stand for
 PRE_WINDOW = 6  # words between a cue before a mention and the mention
 POST_WINDOW = 3  # words between a mention and a cue after it
 NEAR_WINDOW = 1  # words between a mention and a NEAR_POST_NEGATION cue ("engorgement appears within normal limits")
-MAX_LIST_ITEMS = 8  # items of a list a negation before it may cover ("no a, b, c or d")
-# the most words between a cue and a mention it can reach: a list of MAX_LIST_ITEMS items of PRE_WINDOW words
-# joined by two-word links ("to suggest"), with room; cues further away are not looked at (a long sentence
-# without full stops would otherwise take time growing with the cube of its length)
-MAX_REACH = MAX_LIST_ITEMS * (PRE_WINDOW + 2) + 8
+# the most words between a cue and a mention it can reach through a list, however many items it has ("no a, b,
+# c, ... or z"; eight items of PRE_WINDOW words joined by two-word links such as "to suggest", with room); cues
+# further away are not looked at (a long sentence without full stops would otherwise take time growing with the
+# cube of its length)
+MAX_REACH = 72
 
 PRE_NEGATION = [
     "no", "not", "without", "negative for", "free of", "clear of", "no evidence of", "no radiographic evidence of",
@@ -125,29 +135,44 @@ PRE_UNCERTAIN = [
 ]
 POST_UNCERTAIN = [
     "is suspected", "are suspected", "suspected", "is possible", "are possible", "is questioned",
-    "versus", "vs", "is likely", "are likely", "is not certain", "may be present", "may",
+    "versus", "vs", "is not certain", "may be present",
     "is in the differential", "would be a consideration", "is a consideration", "is a possibility",
     "is less likely", "are less likely",  # a differential's second place: still possible
 ]
+# hedges after the finding that are about it only where they end the clause, say that it is there or are qualified
+# themselves ("pneumonia is likely.", "atelectasis may also be present", "fractures may not be demonstrated",
+# "pneumonia is likely given the history");
+# not a hedge about its cause, nature or consequence ("the pneumothorax may be due to the biopsy", "pneumothorax is
+# likely iatrogenic", "effusion, which may represent hemothorax", "may require a chest tube"): _POST_HEDGE_FINAL
+FINAL_POST_HEDGE = ["may", "is likely", "are likely"]
 NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before negation, either side
     "cannot be excluded", "can not be excluded", "cannot exclude", "can not exclude", "not excluded",
     "cannot be ruled out", "can not be ruled out", "cannot rule out", "can not rule out", "not ruled out",
     "not be excluded", "not be ruled out", "can't exclude", "can't be excluded", "cannot be entirely excluded",
     "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
-    "are not ruled out", "is not entirely excluded", "are not entirely excluded",
+    "are not ruled out", "is not entirely excluded", "are not entirely excluded", "not excluding", "without excluding",
+    "not ruling out", "without ruling out",
 ]
-PSEUDO_NEGATION = [  # look like negations, are not
-    "no change", "no interval change", "no significant change", "no significant interval change", "not changed",
-    "no increase", "no decrease", "not only", "without change", "without interval change", "no new change",
-    "no further change", "not significantly changed", "gram negative", "not necessarily",
-    "without significant change", "without significant interval change", "almost completely resolved",
-    "nearly resolved", "almost resolved", "partially resolved", "incompletely resolved", "not completely resolved",
+PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
+    "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
+    "not necessarily", "almost completely resolved", "nearly resolved", "almost resolved", "partially resolved",
+    "incompletely resolved", "not completely resolved",
     "of doubtful",  # "nodule of doubtful significance": the nodule is there
+]
+# words that may stand between "no" / "without" and "change" in a pseudo-negation ("no appreciable interval change")
+CHANGE_MODIFIERS = [
+    "interval", "significant", "appreciable", "definite", "visible", "radiographic", "new", "further", "substantial",
+    "major", "marked", "gross", "obvious", "apparent", "acute", "real", "notable", "measurable", "discernible",
+    "detectable", "perceptible", "demonstrable", "evident", "overall", "clinically", "relevant", "important",
 ]
 TERMINATORS = [
     "but", "however", "although", "though", "except", "aside from", "apart from", "whereas", "while", "yet",
     "nevertheless", "which is", "otherwise", "there is", "there are", ";",
 ]
+# a colon or a dash between two statements ends a cue's scope too ("no effusion - large pneumothorax", "negative for
+# effusion: pneumothorax is large"), but not right after the cue or the finding ("negative for: effusion, ...",
+# "effusion: not seen"), nor a colon or dash between digits ("10:30", "2–3 mm"): _Cues._open
+_CLAUSE_MARK = re.compile(r"(?<!\d):(?!\d)|\s-{1,2}\s|(?<!\d)[\u2013\u2014]|[\u2013\u2014](?!\d)")
 SKIPPED_SECTIONS = {"indication", "indications", "history", "clinical history", "comparison", "comparisons",
                     "reason for exam", "reason for examination", "clinical information", "technique",
                     "examination", "exam", "procedure"}
@@ -155,6 +180,14 @@ IMPRESSION_SECTIONS = {"impression", "impressions", "conclusion", "conclusions",
 _SECTIONS = sorted(SKIPPED_SECTIONS | IMPRESSION_SECTIONS | {"findings", "finding", "report"}, key=len, reverse=True)
 _HEADER = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(s) for s in _SECTIONS) + r")\s*:", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])\s*|\n\s*\n|\n(?=\s*[-*\d])")
+# abbreviations whose full stop does not end a sentence ("discussed with Dr. Smith", "atelectasis vs. pneumonia"),
+# "no." before a number ("tube no. 5"), and an initial after a title ("Dr. J. Smith", "Dr J. Smith")
+ABBREVIATIONS = ["dr", "drs", "mr", "mrs", "ms", "prof", "st", "vs", "approx", "e.g", "i.e", "cf", "incl", "fig"]
+_TITLE_ABBREVIATIONS = ["dr", "drs", "mr", "mrs", "ms", "prof"]
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:" + "|".join(re.escape(a) for a in ABBREVIATIONS) + r")\.$", re.I)
+_INITIAL = re.compile(r"(?<![\w.])(?:" + "|".join(_TITLE_ABBREVIATIONS) + r")\.?\s+[^\W\d_]\.$", re.I)
+_NUMBER_SIGN = re.compile(r"(?<![\w.])no\.$", re.I)
+_NUMBER = re.compile(r"\d+(?!\d|\.(?:\s|$))")  # a number, not a list's ("Pneumothorax: no. 2. Effusion: yes.")
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
 # a line break before a capitalised word ("No pleural effusion\nLarge right pneumothorax"): a report with one
 # finding per line and no full stops; a sentence ends there unless the line before ends in a word that needs more
@@ -227,8 +260,21 @@ NEAR_PRE_WINDOW = 2  # words between a NEAR_PRE_NEGATION cue and the mention ("u
 _FINAL_NEG = re.compile(_cue_regex(FINAL_POST_NEGATION).pattern + _FINAL)
 _FINAL_LIST_NEG = re.compile(_cue_regex(FINAL_LIST_NEGATION).pattern + _FINAL)
 _FINAL_UNC = re.compile(_cue_regex(FINAL_POST_UNCERTAIN).pattern + _FINAL)
+_POST_HEDGE_FINAL = (r"(?=\s*(?:[.,;:!?)]|$|(?:in|given|as|because|since|based|considering|at this time|on this)\b"
+                     r"|(?:(?:also|still|not)\s+)?(?:be|have\s+been)\s+(?:present|seen|visible|identified|there|noted"
+                     r"|demonstrated|detected|evident|apparent|visualized|appreciated)\b"
+                     r"|(?:also|still|exist|persist)\b|to\s+be\s+(?:present|seen|visible|identified|there)\b))")
+_POST_HEDGE = _cue_regex(FINAL_POST_HEDGE)
+_FINAL_HEDGE = re.compile(_POST_HEDGE.pattern + _POST_HEDGE_FINAL)
 _PRE_UNC, _POST_UNC = _cue_regex(PRE_UNCERTAIN), _cue_regex(POST_UNCERTAIN)
 _NEG_UNC, _PSEUDO, _TERM = _cue_regex(NEGATED_UNCERTAIN), _cue_regex(PSEUDO_NEGATION), _cue_regex(TERMINATORS[:-1])
+# "no change / worsening / improvement / progression in X", up to two CHANGE_MODIFIERS between ("no appreciable
+# change", "without significant interval change"): X is there, unchanged. The plural "changes" only before "in" or
+# after "interval" ("no changes in the effusion", "no interval changes"): "no changes of emphysema" negates
+_CHANGE_MODIFIER = r"(?:(?:" + "|".join(CHANGE_MODIFIERS) + r")\s+)"
+_CHANGE_PSEUDO = re.compile(
+    r"(?<![a-z0-9])(?:no|without)\s+(?:" + _CHANGE_MODIFIER + r"{0,2}(?:change|changes(?=\s+in\b)|worsening|"
+    r"improvement|progression)|" + _CHANGE_MODIFIER + r"?interval\s+" + _CHANGE_MODIFIER + r"?changes)(?![a-z0-9])")
 # what joins the items of a negated list: commas, "or", "nor", "and", "and/or", "/", and the links of
 # "no opacity to suggest pneumonia"
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
@@ -257,8 +303,25 @@ def split_sections(report: str) -> list[tuple[str, str]]:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of a section's text; pieces without letters of any script ("1.") are dropped."""
-    pieces = (" ".join(p.split()) for p in _SENTENCE_END.split(_LINE_END.sub(_line_end, text)))
-    return [p for p in pieces if re.search(r"[^\W\d_]", p)]
+    text = _LINE_END.sub(_line_end, text)
+    pieces, position = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        if not _abbreviated(text, match):
+            pieces.append(text[position:match.start()])
+            position = match.end()
+    pieces.append(text[position:])
+    return [p for p in (" ".join(p.split()) for p in pieces) if re.search(r"[^\W\d_]", p)]
+
+
+def _abbreviated(text: str, end: re.Match) -> bool:
+    """The full stop before a sentence end ``end`` (a stop and a space, not a blank line) closes an
+    abbreviation (``ABBREVIATIONS``; "no." before a number other than a list's) or a title's initial
+    ("Dr. J. Smith")."""
+    if not text.endswith(".", 0, end.start()) or "\n\n" in "".join(end.group(0).split(" ")):
+        return False
+    before = text[max(0, end.start() - 24):end.start()]
+    return bool(_ABBREVIATION.search(before) or _INITIAL.search(before)
+                or _NUMBER_SIGN.search(before) and _NUMBER.match(text, end.end()) is not None)
 
 
 class ReportLabeller:
@@ -294,13 +357,15 @@ class ReportLabeller:
         """Every finding mention in one sentence with its status."""
         text = sentence.lower()
         cues = _Cues(text)
+        matches = [(name, match) for name, pattern in self._patterns for match in pattern.finditer(text)
+                   if not self._excluded(name, text, match.start(), match.end())]
         found = []
-        for name, pattern in self._patterns:
-            for match in pattern.finditer(text):
-                if self._excluded(name, text, match.start(), match.end()):
-                    continue
-                gaps = [match.group(i) or "" for i in range(1, (pattern.groups or 0) + 1)]
-                found.append(Mention(name, cues.status(match.start(), match.end(), gaps), match.start(), match.end()))
+        for name, match in matches:
+            gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
+            status = cues.status(match.start(), match.end(), gaps)
+            if status == POSITIVE and cues.renamed(match.end(), [m.start() for n, m in matches if n == name]):
+                status = UNCERTAIN
+            found.append(Mention(name, status, match.start(), match.end()))
         return _outermost(found)
 
     def _sentence_labels(self, sentence: str) -> tuple[tuple[str, str], ...]:
@@ -315,7 +380,7 @@ class _Cues:
 
     def __init__(self, text: str):
         self.text = text
-        blocked = [m.span() for m in _PSEUDO.finditer(text)]
+        blocked = [m.span() for pattern in (_PSEUDO, _CHANGE_PSEUDO) for m in pattern.finditer(text)]
         self.negated_uncertain = [m.span() for m in _NEG_UNC.finditer(text)]
         blocked += self.negated_uncertain
         self.pre_negation = _spans(_PRE_NEG, text, blocked)
@@ -325,9 +390,11 @@ class _Cues:
         self.final_list_negation = _spans(_FINAL_LIST_NEG, text, blocked)
         self.near_post_negation = _spans(_NEAR_NEG, text, blocked)
         self.pre_uncertain = _spans(_PRE_UNC, text, blocked)
-        self.post_uncertain = _spans(_POST_UNC, text, blocked)
+        self.post_uncertain = _spans(_POST_UNC, text, blocked) + _spans(_FINAL_HEDGE, text, blocked)
+        self.post_hedges = _spans(_POST_HEDGE, text, blocked)
         self.final_uncertain = _spans(_FINAL_UNC, text, blocked)
         self.terminators = [m.start() for m in _TERM.finditer(text)] + [i for i, c in enumerate(text) if c == ";"]
+        self.clause_marks = [m.span() for m in _CLAUSE_MARK.finditer(text)]
         self._word_starts = [m.start() for m in _WORD.finditer(text)]
 
     def _near(self, start: int, end: int) -> bool:
@@ -335,9 +402,10 @@ class _Cues:
         return bisect_left(self._word_starts, end) - bisect_left(self._word_starts, start) <= MAX_REACH
 
     def status(self, start: int, end: int, gaps: list[str]) -> str:
-        if self._before(self.negated_uncertain, start) or self._after(self.negated_uncertain, end, lists=True):
+        negations = self._unhedged(self.pre_negation, start)
+        if self._negated_uncertain(negations, start, end):
             return UNCERTAIN
-        if self._before(self._unhedged(self.pre_negation, start), start, lists=True) \
+        if self._before(negations, start, lists=True) \
                 or self._after(self.post_negation, end, lists=True) \
                 or self._before(self.near_pre_negation, start, window=NEAR_PRE_WINDOW) \
                 or self._after(self.near_post_negation, end, NEAR_WINDOW) \
@@ -352,6 +420,26 @@ class _Cues:
                 or self._inside(self.pre_uncertain + self.post_uncertain, start, end):
             return UNCERTAIN
         return POSITIVE
+
+    def renamed(self, end: int, starts: list[int]) -> bool:
+        """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
+        may represent a small effusion": the effusion is possible, not stated)."""
+        return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
+                   for other in starts if other >= e)
+
+    def _negated_uncertain(self, negations: list[tuple[int, int]], start: int, end: int) -> bool:
+        """A negated-uncertainty cue ("cannot be excluded") reaches the mention, and a direct negation does not
+        take it over: one between the cue and the mention ("cannot exclude pneumonia, no effusion"), or one right
+        before the mention when the cue after it is past another item ("no effusion, pneumonia cannot be
+        excluded": the effusion is negated, the pneumonia possible)."""
+        before = [(s, e) for s, e in self.negated_uncertain if e <= start and self._near(e, start)
+                  and not self._before([n for n in negations if e <= n[0]], start, lists=True)]
+        after = [(s, e) for s, e in self.negated_uncertain if s >= end and self._near(end, s)]
+        if after and any(e <= start and self._near(e, start) and self._words(e, start) <= PRE_WINDOW
+                         and self._open(e, start) and not _LIST_SEPARATOR.search(self.text, e, start)
+                         for _, e in negations):  # the mention is negated directly
+            after = [(s, e) for s, e in after if not _LIST_SEPARATOR.search(self.text, end, s)]
+        return self._before(before, start) or self._after(after, end, lists=True)
 
     def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False,
                 window: int = PRE_WINDOW) -> bool:
@@ -375,7 +463,8 @@ class _Cues:
     def _listed(self, start: int, end: int, conjunction: bool = False) -> bool:
         """The text between a cue and a mention is a list of short items ("no focal consolidation,
         suspicious pulmonary opacity, pneumothorax or definite pleural effusion"; "infiltrates and
-        venous engorgement have resolved"), so the cue covers the whole list, however long; a verb or
+        venous engorgement have resolved"), so the cue covers the whole list, however many items it has (up to
+        ``MAX_REACH`` words from the cue: ``_near``); a verb or
         "with" in an item starts a new clause and ends it. With ``conjunction`` a list of two must have
         an "and" / "or": hedged lists ("possible atelectasis, effusion or edema") and lists before a cue
         after them ("infiltrates and engorgement have resolved"), where a bare comma often starts
@@ -384,7 +473,7 @@ class _Cues:
         items = _LIST_SEPARATOR.split(between)
         if conjunction and not _CONJUNCTION.search(between) and len(items) < 3:
             return False
-        return 1 < len(items) <= MAX_LIST_ITEMS and all(
+        return len(items) > 1 and all(
             len(words := _WORD.findall(item)) <= PRE_WINDOW and not _CLAUSE_WORDS.intersection(words)
             for item in items)
 
@@ -397,8 +486,12 @@ class _Cues:
         return len(_WORD.findall(self.text[start:end]))
 
     def _open(self, start: int, end: int) -> bool:
-        """No scope terminator between the cue and the mention."""
-        return not any(start <= t < end for t in self.terminators)
+        """No scope terminator between the cue and the mention (whichever comes first), nor a colon or dash
+        after a word of the text between them ("negative for effusion: pneumothorax ...", not "negative for:
+        effusion" nor "effusion: not seen")."""
+        return not any(start <= t < end for t in self.terminators) and not any(
+            start <= s and e <= end and bisect_left(self._word_starts, s) > bisect_left(self._word_starts, start)
+            for s, e in self.clause_marks)
 
 
 def _spans(pattern: re.Pattern, text: str, blocked: list[tuple[int, int]]) -> list[tuple[int, int]]:
