@@ -49,7 +49,7 @@ from medvl.serve.uploads import DICOM, JPEG, NIFTI, NIFTI_GZ, PNG, UploadRejecte
 from serve_helpers import Server, fit_concept_bottleneck, train_tiny_vqa_model  # noqa: E402
 
 LABELS = "no_finding,cardiomegaly,nodule"
-TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(100)]
+TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(200)]
 UPLOAD_LIMIT = 256 * 1024
 _next_token = iter(TOKENS[1:])
 

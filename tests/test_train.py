@@ -179,6 +179,52 @@ def _checkpoint_steps(out: Path) -> tuple[int, int]:
     return meta["checkpoint_step"], torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
 
 
+def test_a_weight_average_is_the_saved_model_and_a_resumed_run_continues_it(small_phantom, tmp_path):
+    """ema_decay: the saved model is the exponential moving average of the weights, d = min(decay, (1 + n) / (10 +
+    n)) at the n-th step; a checkpoint keeps the average, so a resumed run saves the model of an unbroken one."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=4, batch_size=len(dataset), lr=5e-3, seed=2, ema_decay=0.5)  # one step an epoch
+    raw: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(model, epoch):
+        raw[epoch] = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return {}
+
+    straight = _train_small(dataset, tmp_path / "a", config, on_epoch_end=keep).state_dict()
+    trained = [name for name, param in medvl.load_model(tmp_path / "a").named_parameters() if param.requires_grad]
+    assert not all(torch.equal(straight[name], raw[4][name]) for name in trained)  # not the last step's weights
+
+    def crash(model, epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt  # before the epoch-4 checkpoint
+        return keep(model, epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, tmp_path / "b", config, on_epoch_end=crash)
+    state = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)["ema"]
+    assert state["updates"] == 3
+    resumed = _train_small(dataset, tmp_path / "b", config, resume=True, on_epoch_end=keep).state_dict()
+    decay = min(0.5, (1 + 4) / (10 + 4))
+    for name, value in resumed.items():
+        assert torch.allclose(value, straight[name], atol=1e-6), name
+        if name in state["average"]:
+            expected = decay * state["average"][name] + (1 - decay) * raw[4][name]
+            assert torch.allclose(value, expected, atol=1e-6), name
+        else:  # an integer buffer (BatchNorm's batch count): the last step's
+            assert torch.equal(value, raw[4][name]), name
+    assert set(trained) <= set(state["average"])
+    plain = TrainConfig(epochs=2, batch_size=len(dataset), lr=5e-3, seed=2)  # a run from before ema_decay existed
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, tmp_path / "c", plain, on_epoch_end=lambda model, epoch: crash(model, epoch + 2))
+    settings = json.loads((tmp_path / "c" / "train_config.json").read_text())
+    del settings["train"]["ema_decay"]
+    (tmp_path / "c" / "train_config.json").write_text(json.dumps(settings))
+    _train_small(dataset, tmp_path / "c", plain, resume=True)  # resumed as the same run, not refused
+    with pytest.raises(InputError, match="ema_decay 0.0 -> 0.5"):
+        _train_small(dataset, tmp_path / "c", TrainConfig(epochs=2, batch_size=len(dataset), lr=5e-3, seed=2,
+                                                         ema_decay=0.5), resume=True)
+
+
 def test_resume_refuses_a_checkpoint_whose_model_and_state_are_of_different_steps(small_phantom, tmp_path):
     """A newer checkpoint model beside an older state file (two checkpoints' files put together) would resume
     silently from the older optimizer state and step and train steps twice."""

@@ -104,6 +104,8 @@ class TrainConfig:
     batch_group: str | None = None  # a label column or meta field: some batches are drawn from one value of it
     # (hard negatives: e.g. MedPix's location_category puts brain images against brain captions), see grouped_order
     batch_group_share: float = 0.5  # share of the full batches of each group drawn as single-group batches
+    ema_decay: float = 0.0  # an exponential moving average of the trained weights (and BatchNorm statistics) with
+    # this decay per optimizer step (e.g. 0.99: about the last 100 steps) is the saved model; 0 = off, the last step's
     covariates: list[str] = field(default_factory=list)  # patient metadata columns (e.g. age_approx, sex) fused
     # with the model's image classifiers when it is evaluated (medvl.eval.covariates: medvl eval linear-probe, medvl
     # bench cv); not used in training, saved in the model's meta as ``covariates``
@@ -182,6 +184,7 @@ class TrainConfig:
             "workers": (self.workers, {"minimum": 0, "optional": True, **whole}),
             "meta_text_share": (self.meta_text_share, {"minimum": 0, "maximum": 1}),
             "batch_group_share": (self.batch_group_share, {"minimum": 0, "maximum": 1}),
+            "ema_decay": (self.ema_decay, {"minimum": 0, "maximum": 0.9999}),
         })
         if self.supervised_weight == 0 and self.contrastive_weight == 0 and self.self_supervised_weight == 0:
             raise InputError("supervised_weight, contrastive_weight and self_supervised_weight are all 0: "
@@ -665,10 +668,13 @@ class _Run:
             self.optimizer, lambda s: _phased_warmup_cosine(s, self.pretraining_steps, main_steps,
                                                             config.warmup_fraction))
         self.step, self.batch_index = 0, 0
+        self.average = WeightAverage(objective.model, config.ema_decay) if config.ema_decay else None
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.batch_index = state["step"], state["batch_index"]
+            if self.average is not None:
+                self.average.load_state_dict(state.get("ema"), out_dir / CHECKPOINT_DIR / STATE_FILE)
             log.info("resumed from step %d", self.step)
         if distributed.is_main():  # a fresh start in a run folder (step 0) logs every step again
             _drop_metrics_after(out_dir / METRICS_FILE, self.step)
@@ -689,6 +695,8 @@ class _Run:
             advance(self.batch_index)
             while self.step < self.total_steps:
                 self._train_step(advance)
+        if self.average is not None:
+            self.average.copy_to(self.model)  # the saved model is the average
         self.objective.finish(self.step)
         if distributed.is_main():
             self._save(self.out_dir / MODEL_DIR)
@@ -722,6 +730,8 @@ class _Run:
         self._check_finite("the gradient norm", grad_norm)
         self.optimizer.step()
         self._check_learning()
+        if self.average is not None:
+            self.average.update(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -816,6 +826,8 @@ class _Run:
         directory = self.out_dir / CHECKPOINT_DIR
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "batch_index": self.batch_index}
+        if self.average is not None:
+            state["ema"] = self.average.state_dict()
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError: write the bytes ourselves
         torch.save(state, buffer)
         with write_errors_named(directory), staged_for(directory, self.out_dir, f".{CHECKPOINT_DIR}.tmp-") as staging:
@@ -826,6 +838,48 @@ class _Run:
                 self.model.meta.pop(CHECKPOINT_STEP, None)
             atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
             replace_dir(staging, directory)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trained parameters and floating-point buffers (BatchNorm's
+    running statistics), updated after each optimizer step: ``average = d * average + (1 - d) * weights`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update, so that the first steps, far from the end, weigh
+    little (Polyak averaging as TensorFlow's ExponentialMovingAverage does it). Frozen parameters (a frozen text
+    tower) are not copied: they do not change."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        buffers = [name for name, buffer in model.named_buffers() if buffer.is_floating_point()]
+        self.names = [name for name, param in model.named_parameters() if param.requires_grad] + buffers
+        current = model.state_dict()
+        self.average = {name: current[name].detach().clone() for name in self.names}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name in self.names:
+            self.average[name].lerp_(current[name].detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        current = model.state_dict()
+        for name in self.names:
+            current[name].copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any] | None, path: Path) -> None:
+        """The average of a checkpoint (``path``: its state file, named if the state holds none that fits)."""
+        if not isinstance(state, dict) or not isinstance(state.get("average"), dict) or \
+                set(state["average"]) != set(self.names):
+            raise DataError(path, "the checkpoint holds no weight average of this model (ema_decay); delete "
+                                  f"{path.parent} to start fresh")
+        self.average = {name: tensor.clone() for name, tensor in state["average"].items()}
+        self.updates = int(state["updates"])
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -904,7 +958,7 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
-                        if name not in RESUMABLE and before.get(name) != after.get(name)]
+                        if name not in RESUMABLE and before.get(name, _added_default(key, name)) != after.get(name)]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             # the same file under another spelling is the same data; so is a folder named instead of the question
             # or manifest file in it when the records read are the same (their digest covers each image file's path)
@@ -932,6 +986,15 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
 # model config fields added after runs could have started, with the default those runs behaved as: a saved
 # train_config.json without one is the same config as a new one holding the default
 ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder", "vocab_min_texts"): MIN_WORD_TEXTS}
+
+
+# training settings added after runs could have started: a saved train_config.json without one was trained as the
+# default (the run is then the same run under the new settings)
+ADDED_TRAIN_DEFAULTS = {"ema_decay": 0.0}
+
+
+def _added_default(key: str, name: str) -> Any:
+    return ADDED_TRAIN_DEFAULTS.get(name) if key == "train" else None
 
 
 def _with_added_defaults(model: dict[str, Any]) -> dict[str, Any]:
