@@ -1060,3 +1060,26 @@ def test_search_show_names_a_column_of_the_index_or_is_refused(built, tmp_path):
     table = [line.split("│") for line in output.splitlines() if line.startswith("│")]
     assert [row[6].strip() for row in table] == [str(hit["meta"]["age"]) for hit in hits]
     assert all(row[5].strip() not in ("", "-") for row in table)  # the finding
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_metadata_keys_too_long_for_a_postgres_column_stay_in_the_metadata_on_both_backends(pg_url, model, model_dir,
+                                                                                          dataset, tmp_path):
+    """PostgreSQL cuts a column name to 63 bytes: two keys agreeing in their first 61 characters made one
+    column ``m_<name>`` there and the build died with psycopg's DuplicateColumn (a FAISS build took them). A
+    filter column's name is now at most 61 characters on both backends; longer keys stay in the metadata."""
+    fits, first, second = "k" * 61, "a" * 61 + "x1", "a" * 61 + "x2"
+    records = [dataclasses.replace(r, meta={fits: str(i), first: str(i), second: f"t{i}"})
+               for i, r in enumerate(dataset[:5])]
+    data = dataset.subset(records)
+    url = pg_url.replace("#phantom_cases", "#long_keys")
+    for out in (tmp_path / "long", url):
+        info = build_index(model, data, out, model_dir=model_dir, show_progress=False)
+        assert info["columns"] == {fits: "number"}, out
+        with open_index(out) as index:
+            hits = search_index(index, model, text="effusion", k=5, where=f"{fits} >= 3")
+            assert sorted(h.id for h in hits) == sorted(r.id for r in records[3:])
+            assert {h.meta[second] for h in hits} == {"t3", "t4"}  # kept in the metadata
+            with pytest.raises(InputError, match="where: "):
+                search_index(index, model, text="effusion", where=f"{first} = 1")
