@@ -54,6 +54,7 @@ from ..errors import DataError, InputError
 from ..io import write_errors_named
 from .ann import FLAT, HNSW, IVFPQ, KINDS, RECALL_K, choose_kind
 from .base import (
+    DAMAGED,
     IMAGES,
     INFO_FORMAT,
     LEGACY_FORMAT,
@@ -503,12 +504,16 @@ class FaissIndex(IndexBase):
 
         self.path, self.writable, self.lock = path, writable, lock
         self.location = str(path)
-        self.info = check_info_format(read_info(path), self.location, writable)
+        self.info = check_info_format(read_info(path), self.location, writable, str(path / INFO_FILE))
         try:
             self.conn = _connect(path / CASES_DB, readonly=True)
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
         except sqlite3.Error as err:
             raise DataError(path / CASES_DB, f"cannot read the cases table ({err})") from None
+        unnamed = next((f for t, f in INDEX_FILES.items() if t not in self.info and (path / f).exists()), None)
+        if unnamed is not None:  # its vectors would never be searched
+            self.conn.close()
+            raise DataError(path / INFO_FILE, f"does not describe {unnamed}, which the folder holds ({DAMAGED})")
         try:
             self.anns = {t: faiss.read_index(str(path / f)) for t, f in INDEX_FILES.items()
                          if t in self.info}

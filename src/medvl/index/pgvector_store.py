@@ -338,7 +338,7 @@ class PgVectorIndex(IndexBase):
             info = _read_info(conn, table) if exists else None
             if info is None:
                 raise DataError(redact(url), f"no medvl index named {table!r} in this database")
-            info = check_info_format(info, redact(url), writable)
+            info = check_info_format(info, redact(url), writable, f"{redact(url)} ({INFO_TABLE} row {table!r})")
         except BaseException:
             conn.close()
             raise
