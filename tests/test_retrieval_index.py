@@ -677,6 +677,34 @@ def test_cli_search_rejects_bad_queries(built, args, message):
     assert result.exit_code == 2 and message in output and "Traceback" not in output
 
 
+def _unread(tmp_path: Path, n: int, reports: int) -> Dataset:
+    """``n`` records whose image files do not exist (``reports`` of them with a report): a build that reads an image
+    fails naming the file."""
+    return Dataset([Record(id=f"c{i}", images=[str(tmp_path / f"missing{i}.png")], text="x y" if i < reports else None)
+                    for i in range(n)], source=str(tmp_path))
+
+
+def test_a_kind_that_cannot_be_built_is_refused_before_any_image_is_read(model, model_dir, tmp_path):
+    """An unknown --kind, or IVF-PQ on fewer than 16 cases (or reports), failed only once every case was embedded,
+    and left the whole staged build behind, which the corrected rerun threw away."""
+    out = tmp_path / "idx"
+    for kind, data, message in (("bogus", _unread(tmp_path, 20, 20), "kind 'bogus' is not an index kind; choose auto, "
+                                                                      "flat, hnsw, ivfpq"),
+                                ("ivfpq", _unread(tmp_path, 15, 15), "kind 'ivfpq' needs at least 16 vectors to train "
+                                                                      "on, and the data has 15 cases and 15 reports"),
+                                ("ivfpq", _unread(tmp_path, 20, 3), "the data has 3 reports; use kind 'flat' or "
+                                                                     "'hnsw'")):
+        with pytest.raises(InputError, match=message) as caught:
+            build_index(model, data, out, model_dir=model_dir, kind=kind, show_progress=False)
+        assert caught.value.parameter == "kind"
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder, no lock, no index
+    # the CLI refuses it before loading the data (here: none there)
+    result, output = invoke("index", "build", "--model", model_dir, "--data", tmp_path / "none", "--out", out,
+                            "--kind", "bogus", "-q")
+    assert result.exit_code == 2 and "--kind 'bogus' is not an index kind" in output, output
+    assert not out.exists() and not (tmp_path / ".idx.build").exists()
+
+
 def test_cli_search_on_a_missing_index(tmp_path):
     result, output = invoke("search", "--index", tmp_path / "none", "--text", "x")
     assert result.exit_code == 2 and "index not found" in output
@@ -1083,3 +1111,19 @@ def test_metadata_keys_too_long_for_a_postgres_column_stay_in_the_metadata_on_bo
             assert {h.meta[second] for h in hits} == {"t3", "t4"}  # kept in the metadata
             with pytest.raises(InputError, match="where: "):
                 search_index(index, model, text="effusion", where=f"{first} = 1")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_refuses_a_kind_it_cannot_build_before_any_image_is_read(pg_url, model, model_dir, tmp_path):
+    """--kind ivfpq (FAISS only) on PostgreSQL failed after every case was embedded into ``<table>__build``, and the
+    staging table with every report, metadata and vector stayed."""
+    url = pg_url.replace("#phantom_cases", "#kinds")
+    for kind, message in (("ivfpq", "kind 'ivfpq' is not available with pgvector; choose auto, flat, hnsw"),
+                          ("bogus", "kind 'bogus' is not an index kind")):
+        with pytest.raises(InputError, match=message):
+            build_index(model, _unread(tmp_path, 20, 20), url, model_dir=model_dir, kind=kind, show_progress=False)
+    assert _pg_rows(url, "SELECT tablename FROM pg_tables WHERE tablename LIKE 'kinds%%'") == []
+    result, output = invoke("index", "build", "--model", model_dir, "--data", tmp_path / "none", "--out", url,
+                            "--kind", "ivfpq", "-q")
+    assert result.exit_code == 2 and "--kind 'ivfpq' is not available with pgvector" in output, output

@@ -90,6 +90,7 @@ def build_command(
     from ..api import load_split
     from ..data.loading import check_workers
     from ..index import build_index, shown_location
+    from ..index.backends import check_kind
     from ..index.build import check_batch_size
     from ..io import check_output_folder
     from ..models.registry import load_model
@@ -97,6 +98,7 @@ def build_command(
     check_output_folder(out, "--out")
     check_outputs(overwrite, {"--model": model, "--data": data, "--out": out}, json=json_out)
     check_batch_size(batch_size)
+    check_kind(out, kind)
     check_workers(workers)
     embedder = None
     if ray:

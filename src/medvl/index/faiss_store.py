@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..io import write_errors_named
-from .ann import FLAT, HNSW, IVFPQ, KINDS, RECALL_K, choose_kind
+from .ann import FLAT, HNSW, IVFPQ, IVFPQ_MIN, KINDS, RECALL_K, choose_kind
 from .base import (
     DAMAGED,
     IMAGES,
@@ -145,8 +145,8 @@ def _train_ivfpq(vectors: np.ndarray, seed: int) -> Any:
     import faiss
 
     n, dim = vectors.shape
-    if n < 16:
-        raise InputError(f"an IVF-PQ index needs at least 16 vectors, got {n}; use kind 'flat'")
+    if n < IVFPQ_MIN:
+        raise InputError(f"an IVF-PQ index needs at least {IVFPQ_MIN} vectors, got {n}; use kind 'flat'")
     nlist = int(max(1, min(4 * math.sqrt(n), n // 39)))
     # two dimensions per sub-quantizer (four cost half the bytes but lost a third of recall@10 on
     # clustered 128-d vectors: 0.45 vs 0.72 at 100k); at most 128 bytes per vector
