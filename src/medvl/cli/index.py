@@ -233,7 +233,9 @@ def search_command(
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
     from ..index.search import check_one_query, shown_columns
+    from ..index.where import given_filter
 
+    where = given_filter(where)  # blank: no filter (the --json says null, as the service's answer)
     check_outputs(overwrite, {"--index": index, "--image": image, "--model": model, "--data-root": data_root},
                   json=json_out)
     check_k(k)

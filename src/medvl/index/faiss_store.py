@@ -78,7 +78,7 @@ from .cases import (
     quote_column,
 )
 from .filter_columns import FilterColumns
-from .where import compile_where, parse_where
+from .where import compile_where, given_filter, parse_where
 
 log = logging.getLogger(__name__)
 
@@ -782,6 +782,7 @@ class FaissIndex(IndexBase):
         ann, kind = self.anns[target], self.info[target]["kind"]
         selectors: list[Any] = []  # kept alive here while FAISS holds pointers to them
         fraction = 1.0
+        where = given_filter(where)  # blank: no filter
         if where:
             filters, allowed = self._allowed(where, target)
             count = int(np.count_nonzero(allowed))

@@ -42,7 +42,7 @@ from .base import (
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
-from .where import compile_where
+from .where import compile_where, given_filter
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,7 @@ class PgVectorIndex(IndexBase):
             raise InputError(f"{self.location}: index holds no report texts to search")
         column = _sql().Identifier(_VECTOR_COLUMN[target])
         condition, params = _sql().SQL("{c} IS NOT NULL").format(c=column), ()
+        where = given_filter(where)  # blank: no filter
         if where:
             # "C": code-point order, as the FAISS index; the database's own collation may follow a locale
             compiled = compile_where(where, self.columns, quote_column, placeholder="%s", text_collation='"C"')
