@@ -342,6 +342,29 @@ def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
         assert [h.id for h in index.search(np.ones(64) / 8, k=1, where="ward = 'A'")[0]] == ["new1"]
 
 
+def test_add_names_the_data_and_the_index_of_a_value_a_numeric_column_cannot_take(index_copy, model, dataset,
+                                                                                   tmp_path):
+    """``index add`` of a case whose ``age`` is not a number (the index's age column is numeric) said only "case 'm1':
+    ...", naming neither the manifest nor the index, once its batch was embedded; now it names both, before any image
+    is read, and nothing changes."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    for name, record in (("a.png", dataset[0]), ("b.png", dataset[1])):  # new images: not skipped as duplicates
+        Image.open(record.image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / name)
+    manifest = folder / "manifest.csv"
+    manifest.write_text("id,image,age,finding\nm0,b.png,50,x\nm1,a.png,sixty,x\n")
+    message = (f"{manifest}: case 'm1': metadata 'age' must be a number for the index {index_copy} (its filter column "
+               "is numeric), got 'sixty'")
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(DataError) as caught:
+            add_records(index, model, load_dataset(manifest), show_progress=False)
+        assert str(caught.value) == message
+    result, output = invoke("index", "add", "--index", index_copy, "--data", manifest, "-q")
+    assert result.exit_code == 2 and message in " ".join(output.split()), output
+    with open_index(index_copy) as index:
+        assert len(index) == 96
+
+
 def test_unsaved_changes_are_not_visible(index_copy, dataset):
     with open_index(index_copy, writable=True) as index:
         index.delete([dataset[0].id])

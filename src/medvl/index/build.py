@@ -46,6 +46,7 @@ from .cases import (
     check_ids_are_not_paths,
     check_no_nul,
     check_unique_ids,
+    column_values,
     dataset_root,
     infer_columns,
     pixel_sha256,
@@ -275,6 +276,8 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     check_no_nul(records, dataset.source)
+    for record in records:  # before any image is read: a value the index's numeric columns cannot take
+        column_values(Case.from_record(record), index.info["columns"], dataset.source, index.location)
     workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
     new_images = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)

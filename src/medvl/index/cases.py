@@ -136,9 +136,10 @@ def infer_columns(cases: Iterable[Case], known: dict[str, str] | None = None) ->
     return {name: NUMBER if numeric else TEXT for name, numeric in seen.items()}
 
 
-def column_values(case: Case, columns: dict[str, str]) -> dict[str, Any]:
+def column_values(case: Case, columns: dict[str, str], source: str | Path | None = None,
+                  index: str | None = None) -> dict[str, Any]:
     """The typed filter-column values of one case (None where absent); DataError if a numeric
-    column gets a value that is not a number."""
+    column gets a value that is not a number, naming ``source`` (the data the case came from) and ``index``."""
     values: dict[str, Any] = dict.fromkeys(columns)
     for key, value in case.meta.items():
         name = str(key).lower()  # not filter_name: an index made before MAX_FILTER_NAME may have longer columns
@@ -146,8 +147,9 @@ def column_values(case: Case, columns: dict[str, str]) -> dict[str, Any]:
             continue
         if columns[name] == NUMBER:
             if not is_number(value):
-                raise DataError(None, f"case {case.id!r}: metadata {key!r} must be a number for this index "
-                                      f"(its filter column is numeric), got {str(value)[:40]!r}")
+                target = f"the index {index}" if index else "this index"
+                raise DataError(source, f"case {case.id!r}: metadata {key!r} must be a number for {target} "
+                                        f"(its filter column is numeric), got {str(value)[:40]!r}")
             values[name] = float(value)
         else:
             values[name] = str(value)
