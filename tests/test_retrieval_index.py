@@ -728,6 +728,22 @@ def test_a_kind_that_cannot_be_built_is_refused_before_any_image_is_read(model, 
     assert not out.exists() and not (tmp_path / ".idx.build").exists()
 
 
+def test_a_moved_model_folder_is_named_as_the_one_the_index_was_built_with(model, model_dir, dataset, tmp_path):
+    """After the model folder an index recorded moved, ``medvl search`` said only "<folder>: not a medvl model
+    directory (missing config.json)"; it now says that is the index's model, gone, and that --model gives it."""
+    moved, index = tmp_path / "run" / "model", tmp_path / "idx"
+    shutil.copytree(model_dir, moved)
+    build_index(model, dataset.select("val"), index, model_dir=moved, show_progress=False)
+    moved.parent.rename(tmp_path / "run-moved")
+    result, output = invoke("search", "--index", index, "--text", "effusion")
+    assert result.exit_code == 2, output
+    assert (f"{index} was built with the model at {moved}, which is gone (moved or deleted); pass its new place with "
+            "--model") in " ".join(output.split()), output
+    result, output = invoke("search", "--index", index, "--text", "effusion", "--model",
+                            tmp_path / "run-moved" / "model")
+    assert result.exit_code == 0, output
+
+
 def test_cli_search_on_a_missing_index(tmp_path):
     result, output = invoke("search", "--index", tmp_path / "none", "--text", "x")
     assert result.exit_code == 2 and "index not found" in output

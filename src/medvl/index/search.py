@@ -23,13 +23,19 @@ from .cases import public_image_path
 def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch"):
     """The model to embed queries for ``index``: ``model_dir`` when given, else the model folder the
     index was built with (``index.json``'s ``model.dir``), run on ``backend`` (see ``load_model``);
-    ``check_model`` then makes sure it matches."""
+    ``check_model`` then makes sure it matches. A recorded folder that is no longer there (moved, deleted) is a
+    ModelError saying it is the index's and how to give the model instead."""
     from ..errors import ModelError
     from ..models.registry import load_model
 
-    folder = model_dir or index.info["model"].get("dir")
+    if model_dir:
+        return load_model(model_dir, backend=backend)
+    folder = index.info["model"].get("dir")
     if not folder:
         raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
+    if not Path(folder).is_dir():
+        raise ModelError(f"{index.location} was built with the model at {folder}, which is gone (moved or deleted); "
+                         "pass its new place with --model (Python: model_dir=)")
     return load_model(folder, backend=backend)
 
 
