@@ -1166,3 +1166,34 @@ def test_pgvector_refuses_a_kind_it_cannot_build_before_any_image_is_read(pg_url
     result, output = invoke("index", "build", "--model", model_dir, "--data", tmp_path / "none", "--out", url,
                             "--kind", "ivfpq", "-q")
     assert result.exit_code == 2 and "--kind 'ivfpq' is not available with pgvector" in output, output
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_keeps_the_key_order_of_labels_metadata_and_filter_columns(pg_url, built, model, model_dir, dataset):
+    """jsonb sorts an object's keys (by length, then bytes): hits' labels and meta, and the filter columns of ``index
+    info``, came back from PostgreSQL in another order than from FAISS (age, sex, view, boxes, ... instead of the
+    manifest's finding, no_finding, ...). Both backends now give the data's order; the label counts stay whole."""
+    url = pg_url.replace("#phantom_cases", "#ordered")
+    build_index(model, dataset, url, model_dir=model_dir, show_progress=False)
+    with open_index(url) as pg, open_index(built[0]) as local:
+        assert list(pg.info["columns"]) == list(local.info["columns"])
+        assert list(local.info["columns"])[:2] == ["finding", "no_finding"]  # the manifest's order
+        for ours, reference in zip(search_index(pg, model, text="effusion", k=10),
+                                   search_index(local, model, text="effusion", k=10), strict=True):
+            assert ours.id == reference.id
+            record = next(r for r in dataset if r.id == ours.id)
+            assert list(ours.labels) == list(reference.labels) == list(record.labels)
+            assert list(ours.meta) == list(reference.meta) == list(record.meta)
+        assert sum(n for _, n in pg.label_counts()) == 96
+    rows = []
+    for index in (url, built[0]):
+        result, output = invoke("index", "info", "--index", index)
+        assert result.exit_code == 0, output
+        rows.append(" ".join(output.split()).split("filter columns")[1])
+    assert rows[0] == rows[1] and rows[0].index("finding (text)") < rows[0].index("age (number)")
+    with open_index(url, writable=True) as pg:  # an add keeps the order, new columns after
+        extra = dataclasses.replace(dataset[0], id="extra", meta={**dataset[0].meta, "zz_new": "1", "a": "x"})
+        add_records(pg, model, dataset.subset([extra]), allow_duplicates=True, show_progress=False)
+    with open_index(url) as pg:
+        assert list(pg.info["columns"]) == [*local.info["columns"], "zz_new", "a"]
