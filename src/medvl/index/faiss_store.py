@@ -632,7 +632,7 @@ class FaissIndex(IndexBase):
         new_columns = infer_columns(cases, self.info["columns"])
         columns = {**self.info["columns"], **new_columns}
         for case in cases:  # check every value before changing anything
-            column_values(case, columns, index=self.location)
+            column_values(case, columns)
         with write_errors_named(self.path), conn:
             add_db_columns(conn, new_columns)
             self.info["columns"] = columns
