@@ -161,7 +161,7 @@ def add_command(
     check_workers(workers)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
-        result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
+        result = add_records(opened, index_model(opened, model, option="--model"), dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
                              replace=replace)
     print_metrics(f"index {opened.location}", {
@@ -244,7 +244,7 @@ def search_command(
         raise InputError(f"--data-root {data_root}: not a folder")
     with open_index(index) as opened:
         columns = shown_columns(opened, show) if show else opened.info.get("label_columns") or []
-        net = index_model(opened, model, backend=backend)
+        net = index_model(opened, model, backend=backend, option="--model")
         # read and preprocessed once: searched with, and checked
         pixels = net.preprocessor.load(image) if image is not None else None  # an error names the file
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)
