@@ -497,18 +497,36 @@ def test_hits_added_from_another_folder_are_said_under_data_root_not_a_failure(p
     assert result.exit_code == 2 and "--data-root" in output and "closest" not in output
 
 
-@pytest.mark.parametrize("damage", ["a list", "embed_dim text", "embed_dim zero", "columns list"])
+DAMAGES = {  # what is changed in index.json -> what the one-line error names
+    "a list": (lambda info: [1, 2], "not a JSON object"),
+    "embed_dim text": (lambda info: {**info, "embed_dim": "32"}, "embed_dim must be a number"),
+    "embed_dim zero": (lambda info: {**info, "embed_dim": 0}, "embed_dim must be >= 1"),
+    "columns list": (lambda info: {**info, "columns": ["finding"]}, "columns must map"),
+    # these made a KeyError or AttributeError traceback, or (images left out) "the index holds no case to return"
+    "model missing": (lambda info: {k: v for k, v in info.items() if k != "model"}, "model is missing"),
+    "model text": (lambda info: {**info, "model": "x"}, "model is a str, not an object"),
+    "model dir number": (lambda info: {**info, "model": {**info["model"], "dir": 5}}, "model.dir must be a string"),
+    "images empty": (lambda info: {**info, "images": {}}, "images.kind must be one of flat, hnsw, ivfpq"),
+    "images missing": (lambda info: {k: v for k, v in info.items() if k != "images"}, "images is missing"),
+    "texts missing": (lambda info: {k: v for k, v in info.items() if k != "texts"}, "does not describe text.faiss"),
+    "texts recall text": (lambda info: {**info, "texts": {**info["texts"], "recall_at_10": "1"}},
+                          "texts.recall_at_10 must be a number"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_index_json_is_one_line_naming_it(damage, patient_data, model_dir, tmp_path):
-    """index.json holding a JSON list made `medvl search` (and `serve --index`) crash with an AttributeError."""
+    """index.json holding a JSON list made `medvl search` (and `serve --index`) crash with an AttributeError; so did
+    a missing or odd model, and an empty images block (KeyError); without its images block, an index of cases
+    answered that it held none. Each is one line naming index.json and the field, exit 2."""
     index = tmp_path / "idx"
     build_index(load_model(model_dir), load_dataset(patient_data).select("test"), index, model_dir=model_dir,
                 show_progress=False)
-    info = json.loads((index / "index.json").read_text())
-    info = {"a list": [1, 2], "embed_dim text": {**info, "embed_dim": "32"}, "embed_dim zero": {**info, "embed_dim": 0},
-            "columns list": {**info, "columns": ["finding"]}}[damage]
-    (index / "index.json").write_text(json.dumps(info))
-    with pytest.raises(DataError, match="index.json" if damage == "a list" else "rebuild it"):
+    change, problem = DAMAGES[damage]
+    (index / "index.json").write_text(json.dumps(change(json.loads((index / "index.json").read_text()))))
+    with pytest.raises(DataError, match=f"^{index / 'index.json'}: {problem}"):
         open_index(index)
-    result, output = invoke("search", "--index", index, "--text", "effusion")
-    assert result.exit_code == 2, output
-    assert "Traceback" not in output and "index" in output
+    for command in (["search", "--index", index, "--text", "effusion"], ["index", "info", "--index", index]):
+        result, output = invoke(*command)
+        assert result.exit_code == 2, output
+        assert "Traceback" not in output and problem in " ".join(output.split()), output

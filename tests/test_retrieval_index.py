@@ -342,6 +342,29 @@ def test_add_checks_every_case_before_changing_anything(index_copy, dataset):
         assert [h.id for h in index.search(np.ones(64) / 8, k=1, where="ward = 'A'")[0]] == ["new1"]
 
 
+def test_add_names_the_data_and_the_index_of_a_value_a_numeric_column_cannot_take(index_copy, model, dataset,
+                                                                                   tmp_path):
+    """``index add`` of a case whose ``age`` is not a number (the index's age column is numeric) said only "case 'm1':
+    ...", naming neither the manifest nor the index, once its batch was embedded; now it names both, before any image
+    is read, and nothing changes."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    for name, record in (("a.png", dataset[0]), ("b.png", dataset[1])):  # new images: not skipped as duplicates
+        Image.open(record.image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / name)
+    manifest = folder / "manifest.csv"
+    manifest.write_text("id,image,age,finding\nm0,b.png,50,x\nm1,a.png,sixty,x\n")
+    message = (f"{manifest}: case 'm1': metadata 'age' must be a number for the index {index_copy} (its filter column "
+               "is numeric), got 'sixty'")
+    with open_index(index_copy, writable=True) as index:
+        with pytest.raises(DataError) as caught:
+            add_records(index, model, load_dataset(manifest), show_progress=False)
+        assert str(caught.value) == message
+    result, output = invoke("index", "add", "--index", index_copy, "--data", manifest, "-q")
+    assert result.exit_code == 2 and message in " ".join(output.split()), output
+    with open_index(index_copy) as index:
+        assert len(index) == 96
+
+
 def test_unsaved_changes_are_not_visible(index_copy, dataset):
     with open_index(index_copy, writable=True) as index:
         index.delete([dataset[0].id])
@@ -723,6 +746,50 @@ def test_cli_search_rejects_bad_queries(built, args, message):
     extra = [] if "--image" in args or "--text" in args else ["--text", "effusion"] if args else []
     result, output = invoke("search", "--index", built[0], *args, *extra)
     assert result.exit_code == 2 and message in output and "Traceback" not in output
+
+
+def _unread(tmp_path: Path, n: int, reports: int) -> Dataset:
+    """``n`` records whose image files do not exist (``reports`` of them with a report): a build that reads an image
+    fails naming the file."""
+    return Dataset([Record(id=f"c{i}", images=[str(tmp_path / f"missing{i}.png")], text="x y" if i < reports else None)
+                    for i in range(n)], source=str(tmp_path))
+
+
+def test_a_kind_that_cannot_be_built_is_refused_before_any_image_is_read(model, model_dir, tmp_path):
+    """An unknown --kind, or IVF-PQ on fewer than 16 cases (or reports), failed only once every case was embedded,
+    and left the whole staged build behind, which the corrected rerun threw away."""
+    out = tmp_path / "idx"
+    for kind, data, message in (("bogus", _unread(tmp_path, 20, 20), "kind 'bogus' is not an index kind; choose auto, "
+                                                                      "flat, hnsw, ivfpq"),
+                                ("ivfpq", _unread(tmp_path, 15, 15), "kind 'ivfpq' needs at least 16 vectors to train "
+                                                                      "on, and the data has 15 cases and 15 reports"),
+                                ("ivfpq", _unread(tmp_path, 20, 3), "the data has 3 reports; use kind 'flat' or "
+                                                                     "'hnsw'")):
+        with pytest.raises(InputError, match=message) as caught:
+            build_index(model, data, out, model_dir=model_dir, kind=kind, show_progress=False)
+        assert caught.value.parameter == "kind"
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder, no lock, no index
+    # the CLI refuses it before loading the data (here: none there)
+    result, output = invoke("index", "build", "--model", model_dir, "--data", tmp_path / "none", "--out", out,
+                            "--kind", "bogus", "-q")
+    assert result.exit_code == 2 and "--kind 'bogus' is not an index kind" in output, output
+    assert not out.exists() and not (tmp_path / ".idx.build").exists()
+
+
+def test_a_moved_model_folder_is_named_as_the_one_the_index_was_built_with(model, model_dir, dataset, tmp_path):
+    """After the model folder an index recorded moved, ``medvl search`` said only "<folder>: not a medvl model
+    directory (missing config.json)"; it now says that is the index's model, gone, and that --model gives it."""
+    moved, index = tmp_path / "run" / "model", tmp_path / "idx"
+    shutil.copytree(model_dir, moved)
+    build_index(model, dataset.select("val"), index, model_dir=moved, show_progress=False)
+    moved.parent.rename(tmp_path / "run-moved")
+    result, output = invoke("search", "--index", index, "--text", "effusion")
+    assert result.exit_code == 2, output
+    assert (f"{index} was built with the model at {moved}, which is gone (moved or deleted); pass its new place with "
+            "--model") in " ".join(output.split()), output
+    result, output = invoke("search", "--index", index, "--text", "effusion", "--model",
+                            tmp_path / "run-moved" / "model")
+    assert result.exit_code == 0, output
 
 
 def test_cli_search_on_a_missing_index(tmp_path):
@@ -1128,3 +1195,73 @@ def test_search_show_names_a_column_of_the_index_or_is_refused(built, tmp_path):
     table = [line.split("│") for line in output.splitlines() if line.startswith("│")]
     assert [row[6].strip() for row in table] == [str(hit["meta"]["age"]) for hit in hits]
     assert all(row[5].strip() not in ("", "-") for row in table)  # the finding
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_metadata_keys_too_long_for_a_postgres_column_stay_in_the_metadata_on_both_backends(pg_url, model, model_dir,
+                                                                                          dataset, tmp_path):
+    """PostgreSQL cuts a column name to 63 bytes: two keys agreeing in their first 61 characters made one
+    column ``m_<name>`` there and the build died with psycopg's DuplicateColumn (a FAISS build took them). A
+    filter column's name is now at most 61 characters on both backends; longer keys stay in the metadata."""
+    fits, first, second = "k" * 61, "a" * 61 + "x1", "a" * 61 + "x2"
+    records = [dataclasses.replace(r, meta={fits: str(i), first: str(i), second: f"t{i}"})
+               for i, r in enumerate(dataset[:5])]
+    data = dataset.subset(records)
+    url = pg_url.replace("#phantom_cases", "#long_keys")
+    for out in (tmp_path / "long", url):
+        info = build_index(model, data, out, model_dir=model_dir, show_progress=False)
+        assert info["columns"] == {fits: "number"}, out
+        with open_index(out) as index:
+            hits = search_index(index, model, text="effusion", k=5, where=f"{fits} >= 3")
+            assert sorted(h.id for h in hits) == sorted(r.id for r in records[3:])
+            assert {h.meta[second] for h in hits} == {"t3", "t4"}  # kept in the metadata
+            with pytest.raises(InputError, match="where: "):
+                search_index(index, model, text="effusion", where=f"{first} = 1")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_refuses_a_kind_it_cannot_build_before_any_image_is_read(pg_url, model, model_dir, tmp_path):
+    """--kind ivfpq (FAISS only) on PostgreSQL failed after every case was embedded into ``<table>__build``, and the
+    staging table with every report, metadata and vector stayed."""
+    url = pg_url.replace("#phantom_cases", "#kinds")
+    for kind, message in (("ivfpq", "kind 'ivfpq' is not available with pgvector; choose auto, flat, hnsw"),
+                          ("bogus", "kind 'bogus' is not an index kind")):
+        with pytest.raises(InputError, match=message):
+            build_index(model, _unread(tmp_path, 20, 20), url, model_dir=model_dir, kind=kind, show_progress=False)
+    assert _pg_rows(url, "SELECT tablename FROM pg_tables WHERE tablename LIKE 'kinds%%'") == []
+    result, output = invoke("index", "build", "--model", model_dir, "--data", tmp_path / "none", "--out", url,
+                            "--kind", "ivfpq", "-q")
+    assert result.exit_code == 2 and "--kind 'ivfpq' is not available with pgvector" in output, output
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_keeps_the_key_order_of_labels_metadata_and_filter_columns(pg_url, built, model, model_dir, dataset):
+    """jsonb sorts an object's keys (by length, then bytes): hits' labels and meta, and the filter columns of ``index
+    info``, came back from PostgreSQL in another order than from FAISS (age, sex, view, boxes, ... instead of the
+    manifest's finding, no_finding, ...). Both backends now give the data's order; the label counts stay whole."""
+    url = pg_url.replace("#phantom_cases", "#ordered")
+    build_index(model, dataset, url, model_dir=model_dir, show_progress=False)
+    with open_index(url) as pg, open_index(built[0]) as local:
+        assert list(pg.info["columns"]) == list(local.info["columns"])
+        assert list(local.info["columns"])[:2] == ["finding", "no_finding"]  # the manifest's order
+        for ours, reference in zip(search_index(pg, model, text="effusion", k=10),
+                                   search_index(local, model, text="effusion", k=10), strict=True):
+            assert ours.id == reference.id
+            record = next(r for r in dataset if r.id == ours.id)
+            assert list(ours.labels) == list(reference.labels) == list(record.labels)
+            assert list(ours.meta) == list(reference.meta) == list(record.meta)
+        assert sum(n for _, n in pg.label_counts()) == 96
+    rows = []
+    for index in (url, built[0]):
+        result, output = invoke("index", "info", "--index", index)
+        assert result.exit_code == 0, output
+        rows.append(" ".join(output.split()).split("filter columns")[1])
+    assert rows[0] == rows[1] and rows[0].index("finding (text)") < rows[0].index("age (number)")
+    with open_index(url, writable=True) as pg:  # an add keeps the order, new columns after
+        extra = dataclasses.replace(dataset[0], id="extra", meta={**dataset[0].meta, "zz_new": "1", "a": "x"})
+        add_records(pg, model, dataset.subset([extra]), allow_duplicates=True, show_progress=False)
+    with open_index(url) as pg:
+        assert list(pg.info["columns"]) == [*local.info["columns"], "zz_new", "a"]

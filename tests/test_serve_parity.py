@@ -135,6 +135,27 @@ def test_search_reports_the_guards_verdict_as_the_cli_does(guarded, index_dir, h
     assert text["query"] == {"text": "a nodule"}
 
 
+def test_a_blank_where_is_no_filter_in_the_cli_the_service_and_the_library(guarded, index_dir, http, tmp_path):
+    """``--where "   "`` was refused by the CLI ("expected a column name") while the service, which reads a blank form
+    field as absent, searched unfiltered; ``--where ""`` was no filter in both. A blank filter is now no filter
+    everywhere: the same hits as no --where, and ``where`` null in the JSON, as the service answers."""
+    from medvl.index import open_index, search_index
+
+    with open_index(index_dir) as index:
+        model = load_model(guarded)
+        unfiltered = [hit.id for hit in search_index(index, model, text="a nodule", k=5)]
+        for blank in ("   ", "\t", ""):
+            assert [hit.id for hit in search_index(index, model, text="a nodule", k=5, where=blank)] == unfiltered
+    for blank in ("   ", ""):
+        result, output = invoke("search", "--index", index_dir, "--model", guarded, "--text", "a nodule", "-k", 5,
+                                "--where", blank, "--json", tmp_path / "cli.json", "--overwrite")
+        assert result.exit_code == 0, output
+        cli = json.loads((tmp_path / "cli.json").read_text())
+        served = http.post("/v1/search", data={"text": "a nodule", "k": "5", "where": blank}).json()
+        assert cli["where"] is served["where"] is None
+        assert [hit["id"] for hit in cli["hits"]] == [hit["id"] for hit in served["hits"]] == unfiltered
+
+
 WITHOUT_STUDY_SERIES = ("JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
                         "SC_rgb_jls_lossy_sample.dcm")  # pydicom-data: whole files without Study / Series UIDs
 

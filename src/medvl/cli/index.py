@@ -90,6 +90,7 @@ def build_command(
     from ..api import load_split
     from ..data.loading import check_workers
     from ..index import build_index, shown_location
+    from ..index.backends import check_kind
     from ..index.build import check_batch_size
     from ..io import check_output_folder
     from ..models.registry import load_model
@@ -97,6 +98,7 @@ def build_command(
     check_output_folder(out, "--out")
     check_outputs(overwrite, {"--model": model, "--data": data, "--out": out}, json=json_out)
     check_batch_size(batch_size)
+    check_kind(out, kind)
     check_workers(workers)
     embedder = None
     if ray:
@@ -159,7 +161,7 @@ def add_command(
     check_workers(workers)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
-        result = add_records(opened, index_model(opened, model), dataset, batch_size=batch_size,
+        result = add_records(opened, index_model(opened, model, option="--model"), dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
                              replace=replace)
     print_metrics(f"index {opened.location}", {
@@ -231,7 +233,9 @@ def search_command(
     from ..index import describe_target, index_model, open_index, search_index
     from ..index.base import check_k
     from ..index.search import check_one_query, shown_columns
+    from ..index.where import given_filter
 
+    where = given_filter(where)  # blank: no filter (the --json says null, as the service's answer)
     check_outputs(overwrite, {"--index": index, "--image": image, "--model": model, "--data-root": data_root},
                   json=json_out)
     check_k(k)
@@ -240,7 +244,7 @@ def search_command(
         raise InputError(f"--data-root {data_root}: not a folder")
     with open_index(index) as opened:
         columns = shown_columns(opened, show) if show else opened.info.get("label_columns") or []
-        net = index_model(opened, model, backend=backend)
+        net = index_model(opened, model, backend=backend, option="--model")
         # read and preprocessed once: searched with, and checked
         pixels = net.preprocessor.load(image) if image is not None else None  # an error names the file
         hits = search_index(opened, net, image=pixels, text=text, k=k, where=where, target=target)

@@ -72,7 +72,7 @@ def draft_command(
     check_settings(k, min_support, min_similarity, related)
     labeller = _labeller(knowledge, builtin_knowledge)
     with open_index(index) as opened:
-        net = index_model(opened, model)
+        net = index_model(opened, model, option="--model")
         draft = draft_report(opened, net, image, k=k, where=where, labeller=labeller, min_support=min_support,
                              min_similarity=min_similarity, related=related)
     print_draft(draft)
@@ -215,7 +215,7 @@ def case_retrieval_command(
     labeller = _labeller(knowledge, builtin_knowledge)
     dataset = load_split(data, split, label_column, allow_outside_root)
     with open_index(index) as opened:
-        net = index_model(opened, model)
+        net = index_model(opened, model, option="--model")
         result = case_retrieval(opened, net, dataset, k=k, label_columns=label_column, draft_k=draft_k,
                                 knowledge=labeller.knowledge, min_support=min_support, min_similarity=min_similarity,
                                 map_depth=map_depth, show_progress=not quiet)

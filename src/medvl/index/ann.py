@@ -10,6 +10,7 @@ KINDS = (FLAT, HNSW, IVFPQ)
 # 2M; IVF-PQ above, where memory decides: dim/2 bytes per vector, at a recall cost recorded at build
 FLAT_MAX, HNSW_MAX = 50_000, 2_000_000
 RECALL_K = 10
+IVFPQ_MIN = 16  # vectors an IVF-PQ index needs to train its quantizers on
 
 
 def choose_kind(n: int) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
+from .ann import IVFPQ, IVFPQ_MIN, KINDS
 from .base import Index, is_url
 from .faiss_store import FaissBuilder, FaissIndex
-from .pgvector_store import PgVectorBuilder, PgVectorIndex
+from .pgvector_store import PG_KINDS, PgVectorBuilder, PgVectorIndex
 
 
 def open_index(target: str | Path, writable: bool = False) -> Index:
@@ -28,3 +30,20 @@ def open_builder(out: str | Path, key: str, columns: dict[str, str], dim: int) -
     if is_url(out):
         return PgVectorBuilder(str(out), key, columns, dim)
     return FaissBuilder(Path(out), key, columns)
+
+
+def check_kind(out: str | Path, kind: str, n_images: int | None = None, n_reports: int | None = None) -> None:
+    """InputError unless ``kind`` (``auto`` or an ANN kind) can be built at ``out``: a kind its backend offers and,
+    once the sizes are known, for IVF-PQ at least ``IVFPQ_MIN`` images, and reports when any case has one, to
+    train on. A build checks it before reading any image (the CLI before loading the data)."""
+    kinds = PG_KINDS if is_url(out) else KINDS
+    if kind != "auto" and kind not in kinds:
+        known = "is not available with pgvector" if kind in KINDS else "is not an index kind"
+        raise InputError(f"kind {kind!r} {known}; choose auto, {', '.join(kinds)}", parameter="kind")
+    if kind != IVFPQ or n_images is None:
+        return
+    short = [f"{n} {what}" for n, what in ((n_images, "cases"), (n_reports or 0, "reports"))
+             if n < IVFPQ_MIN and (n or what == "cases")]
+    if short:
+        raise InputError(f"kind 'ivfpq' needs at least {IVFPQ_MIN} vectors to train on, and the data has "
+                         f"{' and '.join(short)}; use kind 'flat' or 'hnsw'", parameter="kind")

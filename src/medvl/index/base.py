@@ -33,6 +33,7 @@ import numpy as np
 from ..checks import check_number
 from ..errors import DataError, InputError, ModelError
 from ..models.dual import weights_state
+from .ann import KINDS
 from .cases import FIXED_COLUMNS, Case
 
 log = logging.getLogger(__name__)
@@ -328,17 +329,25 @@ def describe_target(target: str | Path) -> str:
     return Path(target).name
 
 
-def check_info_format(info: dict[str, Any], location: str, writable: bool) -> dict[str, Any]:
+DAMAGED = "a damaged index: rebuild it with `medvl index build`"
+
+
+def check_info_format(info: dict[str, Any], location: str, writable: bool, source: str | None = None
+                      ) -> dict[str, Any]:
     """The info of a readable index; a format 1 index (absolute paths) loses its data path here,
-    and opening it for writing is a DataError saying to rebuild it."""
+    and opening it for writing is a DataError saying to rebuild it. A damaged info (a field missing or of
+    the wrong type) is a DataError naming ``source`` (the info's file, default ``location``) and the field."""
+    source = source or location
     try:
         check_number("embed_dim", info.get("embed_dim"), minimum=1, integer=True)
     except InputError as err:
-        raise DataError(location, f"{err} (a damaged index: rebuild it with `medvl index build`)") from None
+        raise DataError(source, f"{err} ({DAMAGED})") from None
     columns = info.get("columns")
     if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
-        raise DataError(location, "columns must map each filter column to its type (a damaged index: rebuild it with "
-                                  "`medvl index build`)")
+        raise DataError(source, f"columns must map each filter column to its type ({DAMAGED})")
+    _check_model_block(info.get("model"), source)
+    for target in TARGETS:
+        _check_vector_set(info, target, source)
     if info.get("format") == INFO_FORMAT:
         return info
     if info.get("format") != LEGACY_FORMAT:
@@ -350,3 +359,34 @@ def check_info_format(info: dict[str, Any], location: str, writable: bool) -> di
     log.warning("%s: index built by an older medvl stores full image paths (not shown); rebuild it", location)
     data = info.get("data")
     return {**info, "data": {"source_sha256": path_sha256(data)} if isinstance(data, str) else data}
+
+
+def _check_model_block(model: Any, source: str) -> None:
+    """DataError unless ``model`` is a model fingerprint (``model_fingerprint``): queries are checked against it."""
+    if not isinstance(model, dict):
+        got = "missing" if model is None else f"a {type(model).__name__}, not an object"
+        raise DataError(source, f"model is {got}: it must describe the model the index was built with ({DAMAGED})")
+    # the hashes may be missing (an index of synthetic vectors, benchmarks/retrieval.py): check_model refuses any model
+    for key in ("dir", "name", "config_sha256", "weights_sha256"):
+        if not isinstance(model.get(key), str | None):
+            raise DataError(source, f"model.{key} must be a string, got {model.get(key)!r} ({DAMAGED})")
+
+
+def _check_vector_set(info: dict[str, Any], target: str, source: str) -> None:
+    """DataError unless ``info[target]`` describes a vector set (ANN kind, size, recall): every index has
+    ``images`` (a build of no case is refused), ``texts`` when a case has a report."""
+    block = info.get(target)
+    if block is None and target == TEXTS:
+        return
+    if not isinstance(block, dict):
+        got = "missing" if block is None else f"a {type(block).__name__}, not an object"
+        vectors = "image" if target == IMAGES else "report"
+        raise DataError(source, f"{target} is {got}: it must describe the index's {vectors} vectors ({DAMAGED})")
+    if block.get("kind") not in KINDS:
+        raise DataError(source, f"{target}.kind must be one of {', '.join(KINDS)}, got {block.get('kind')!r} "
+                                f"({DAMAGED})")
+    try:
+        check_number(f"{target}.n", block.get("n"), minimum=0, integer=True)
+        check_number(f"{target}.recall_at_10", block.get("recall_at_10"), minimum=0, maximum=1)
+    except InputError as err:
+        raise DataError(source, f"{err} ({DAMAGED})") from None

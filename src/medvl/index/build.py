@@ -39,13 +39,14 @@ from ..data.record import Dataset, Record, records_digest
 from ..errors import InputError
 from ..models.backends import resolve_backend
 from ..progress import progress_bar
-from .backends import open_builder
+from .backends import check_kind, open_builder
 from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
 from .cases import (
     Case,
     check_ids_are_not_paths,
     check_no_nul,
     check_unique_ids,
+    column_values,
     dataset_root,
     infer_columns,
     pixel_sha256,
@@ -184,12 +185,14 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     Returns the index info plus ``duplicates`` (skipped cases) and ``resumed`` (cases found done).
     """
     check_batch_size(batch_size)
+    check_kind(out, kind)
     started = time.perf_counter()
     dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     check_no_nul(records, dataset.source)
+    check_kind(out, kind, len(records), sum(1 for r in records if r.text))  # before any image is read
     workers = resolve_workers(workers, len(records))
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
@@ -273,6 +276,8 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     check_ids_are_not_paths([r.id for r in records], dataset.source)
     check_unique_ids([Case(id=r.id) for r in records], dataset.source)
     check_no_nul(records, dataset.source)
+    for record in records:  # before any image is read: a value the index's numeric columns cannot take
+        column_values(Case.from_record(record), index.info["columns"], dataset.source, index.location)
     workers = resolve_workers(workers, len(records))
     present = index.existing_ids([r.id for r in records])
     new_images = _changed_cases(index, model, [r for r in records if r.id in present], batch_size, workers)

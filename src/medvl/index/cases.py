@@ -7,10 +7,11 @@ outside that root, for images given as arrays, and for DICOM files and series (t
 identified by hashed UIDs: see ``medvl.data.loaders.dicom``). See docs/index-contents.md.
 
 A case's metadata values are strings (as loaders write them). Each metadata key that is a plain
-identifier becomes a filter column for ``--where``: numeric if every non-empty value seen parses
-as a finite number (so ``age > 60`` compares numbers), text otherwise. The filter name is the
-key in lower case; ``id`` and ``split`` are always filterable. Other keys stay in the case's
-metadata JSON only.
+identifier of at most ``MAX_FILTER_NAME`` characters becomes a filter column for ``--where``: numeric if
+every non-empty value seen parses as a finite number (so ``age > 60`` compares numbers), text otherwise.
+The filter name is the key in lower case; ``id`` and ``split`` are always filterable. Other keys stay in
+the case's metadata JSON only (a longer name would not fit PostgreSQL's 63-byte identifiers as
+``m_<name>``: two keys sharing their first 61 characters would be one column there).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from ..errors import DataError
 NUMBER, TEXT = "number", "text"
 FIXED_COLUMNS = {"id": TEXT, "split": TEXT}  # stored as their own columns, always filterable
 MAX_FILTER_COLUMNS = 200  # more metadata keys than this stay in the JSON only
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+# PostgreSQL cuts identifiers to 63 bytes (NAMEDATALEN - 1): "m_" + 61 ASCII characters is the longest column
+# name that stays whole, so that the same data makes the same filter columns on every backend
+MAX_FILTER_NAME = 61
+_IDENTIFIER = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_FILTER_NAME - 1}}}\Z")
 
 
 @dataclass
@@ -132,18 +136,20 @@ def infer_columns(cases: Iterable[Case], known: dict[str, str] | None = None) ->
     return {name: NUMBER if numeric else TEXT for name, numeric in seen.items()}
 
 
-def column_values(case: Case, columns: dict[str, str]) -> dict[str, Any]:
+def column_values(case: Case, columns: dict[str, str], source: str | Path | None = None,
+                  index: str | None = None) -> dict[str, Any]:
     """The typed filter-column values of one case (None where absent); DataError if a numeric
-    column gets a value that is not a number."""
+    column gets a value that is not a number, naming ``source`` (the data the case came from) and ``index``."""
     values: dict[str, Any] = dict.fromkeys(columns)
     for key, value in case.meta.items():
-        name = filter_name(key)
-        if name not in columns or _empty(value) or values[name] is not None:
+        name = str(key).lower()  # not filter_name: an index made before MAX_FILTER_NAME may have longer columns
+        if name not in columns or name in FIXED_COLUMNS or _empty(value) or values[name] is not None:
             continue
         if columns[name] == NUMBER:
             if not is_number(value):
-                raise DataError(None, f"case {case.id!r}: metadata {key!r} must be a number for this index "
-                                      f"(its filter column is numeric), got {str(value)[:40]!r}")
+                target = f"the index {index}" if index else "this index"
+                raise DataError(source, f"case {case.id!r}: metadata {key!r} must be a number for {target} "
+                                        f"(its filter column is numeric), got {str(value)[:40]!r}")
             values[name] = float(value)
         else:
             values[name] = str(value)

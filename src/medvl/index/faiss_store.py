@@ -58,8 +58,9 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..io import write_errors_named
-from .ann import FLAT, HNSW, IVFPQ, KINDS, RECALL_K, choose_kind
+from .ann import FLAT, HNSW, IVFPQ, IVFPQ_MIN, KINDS, RECALL_K, choose_kind
 from .base import (
+    DAMAGED,
     IMAGES,
     INFO_FORMAT,
     LEGACY_FORMAT,
@@ -83,7 +84,7 @@ from .cases import (
     quote_column,
 )
 from .filter_columns import FilterColumns
-from .where import compile_where, parse_where
+from .where import compile_where, given_filter, parse_where
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ def _train_ivfpq(vectors: np.ndarray, seed: int) -> Any:
     import faiss
 
     n, dim = vectors.shape
-    if n < 16:
-        raise InputError(f"an IVF-PQ index needs at least 16 vectors, got {n}; use kind 'flat'")
+    if n < IVFPQ_MIN:
+        raise InputError(f"an IVF-PQ index needs at least {IVFPQ_MIN} vectors, got {n}; use kind 'flat'")
     nlist = int(max(1, min(4 * math.sqrt(n), n // 39)))
     # two dimensions per sub-quantizer (four cost half the bytes but lost a third of recall@10 on
     # clustered 128-d vectors: 0.45 vs 0.72 at 100k); at most 128 bytes per vector
@@ -514,12 +515,16 @@ class FaissIndex(IndexBase):
 
         self.path, self.writable, self.lock = path, writable, lock
         self.location = str(path)
-        self.info = check_info_format(read_info(path), self.location, writable)
+        self.info = check_info_format(read_info(path), self.location, writable, str(path / INFO_FILE))
         try:
             self.conn = _connect(path / CASES_DB, readonly=True)
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
         except sqlite3.Error as err:
             raise DataError(path / CASES_DB, f"cannot read the cases table ({err})") from None
+        unnamed = next((f for t, f in INDEX_FILES.items() if t not in self.info and (path / f).exists()), None)
+        if unnamed is not None:  # its vectors would never be searched
+            self.conn.close()
+            raise DataError(path / INFO_FILE, f"does not describe {unnamed}, which the folder holds ({DAMAGED})")
         try:
             self.anns = {t: faiss.read_index(str(path / f)) for t, f in INDEX_FILES.items()
                          if t in self.info}
@@ -795,6 +800,7 @@ class FaissIndex(IndexBase):
         ann, kind = self.anns[target], self.info[target]["kind"]
         selectors: list[Any] = []  # kept alive here while FAISS holds pointers to them
         fraction = 1.0
+        where = given_filter(where)  # blank: no filter
         if where:
             filters, allowed = self._allowed(where, target)
             count = int(np.count_nonzero(allowed))

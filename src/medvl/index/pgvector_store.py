@@ -3,9 +3,11 @@
 Address: ``postgresql://user:password@host:port/db#table`` (``#table`` defaults to ``medvl_cases``).
 One table per index: ``id`` (primary key), split, image_path (relative to the dataset root, NULL
 for DICOM: as in the FAISS folder, see ``medvl.index.cases``), image_sha256, report, labels and
-meta (jsonb), ``image_vec vector(D)``, ``text_vec vector(D)`` (NULL without a report) and one
+meta (json: their keys in the data's order, as FAISS keeps them; jsonb would sort them, and tables made by
+an earlier medvl have jsonb), ``image_vec vector(D)``, ``text_vec vector(D)`` (NULL without a report) and one
 typed column ``m_<name>`` per filter column; the index info lives in ``medvl_indexes`` (name,
-info jsonb). Scores are inner products of normalised vectors (``<#>``).
+info jsonb, with the filter columns' order kept in ``column_order``). Scores are inner products of normalised
+vectors (``<#>``).
 
 Atomicity comes from transactions: a build fills ``<table>__build`` (each batch committed, so a
 rerun resumes), then drops the old table and renames the new one in one transaction (a table there that
@@ -46,7 +48,7 @@ from .base import (
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
-from .where import compile_where
+from .where import compile_where, given_filter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}\Z")
 STAGING_SUFFIX = "__build"  # <table>__build holds a build of <table> until it is swapped in
 _VECTOR_COLUMN = {IMAGES: "image_vec", TEXTS: "text_vec"}
 _CASE_FIELDS = "id, split, labels, meta, report, image_path"
+# info key listing the filter columns in order (jsonb keeps an object's keys sorted by length, then bytes)
+COLUMN_ORDER = "column_order"
 
 
 def _psycopg():
@@ -125,7 +129,7 @@ def _create_table(conn, table: str, dim: int, columns: dict[str, str]) -> None:
     sql = _sql()
     conn.execute(sql.SQL(
         "CREATE TABLE {t} (id text PRIMARY KEY, split text, image_path text, image_sha256 text, report text, "
-        "labels jsonb NOT NULL, meta jsonb NOT NULL, image_vec vector({d}) NOT NULL, text_vec vector({d}))"
+        "labels json NOT NULL, meta json NOT NULL, image_vec vector({d}) NOT NULL, text_vec vector({d}))"
     ).format(t=sql.Identifier(table), d=sql.Literal(int(dim))))
     conn.execute(sql.SQL("CREATE INDEX ON {t} (image_sha256)").format(t=sql.Identifier(table)))
     _add_columns(conn, table, columns)
@@ -160,10 +164,20 @@ def _insert(conn, table: str, cases: Sequence[Case], vectors: np.ndarray, text_v
 
 def _read_info(conn, name: str) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT info FROM {INFO_TABLE} WHERE name = %s", (name,)).fetchone()
-    return row[0] if row else None
+    if not row:
+        return None
+    info, order = row[0], None
+    if isinstance(info, dict):
+        order = info.pop(COLUMN_ORDER, None)
+    if isinstance(order, list) and isinstance(info.get("columns"), dict):  # jsonb sorted them: the data's order
+        columns = info["columns"]
+        info["columns"] = {**{n: columns[n] for n in order if n in columns}, **columns}  # then any not listed
+    return info
 
 
 def _write_info(conn, name: str, info: dict[str, Any]) -> None:
+    if isinstance(info.get("columns"), dict):
+        info = {**info, COLUMN_ORDER: list(info["columns"])}
     conn.execute(f"INSERT INTO {INFO_TABLE} (name, info) VALUES (%s, %s::jsonb) "
                  "ON CONFLICT (name) DO UPDATE SET info = EXCLUDED.info", (name, json.dumps(info)))
 
@@ -355,7 +369,7 @@ class PgVectorIndex(IndexBase):
             info = _read_info(conn, table) if exists else None
             if info is None:
                 raise DataError(redact(url), f"no medvl index named {table!r} in this database")
-            info = check_info_format(info, redact(url), writable)
+            info = check_info_format(info, redact(url), writable, f"{redact(url)} ({INFO_TABLE} row {table!r})")
         except BaseException:
             conn.close()
             raise
@@ -401,8 +415,9 @@ class PgVectorIndex(IndexBase):
         return ids_by_hash(rows)
 
     def label_counts(self) -> list[tuple[dict[str, Any], int]]:
-        rows = self.conn.execute(self._q("SELECT labels, COUNT(*) FROM {t} GROUP BY labels")).fetchall()
-        return [(labels, int(count)) for labels, count in rows]
+        # as text: json has no equality (a table made by an earlier medvl has jsonb, whose text is canonical)
+        rows = self.conn.execute(self._q("SELECT labels::text, COUNT(*) FROM {t} GROUP BY labels::text")).fetchall()
+        return [(json.loads(labels), int(count)) for labels, count in rows]
 
     def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute(self._q("SELECT id, labels FROM {t} WHERE id = ANY(%s)"), (list(ids),))
@@ -460,6 +475,7 @@ class PgVectorIndex(IndexBase):
             raise InputError(f"{self.location}: index holds no report texts to search")
         column = _sql().Identifier(_VECTOR_COLUMN[target])
         condition, params = _sql().SQL("{c} IS NOT NULL").format(c=column), ()
+        where = given_filter(where)  # blank: no filter
         if where:
             # "C": code-point order, as the FAISS index; the database's own collation may follow a locale
             compiled = compile_where(where, self.columns, quote_column, placeholder="%s", text_collation='"C"')

@@ -20,16 +20,25 @@ from .base import IMAGES, Hit, Index, check_k, check_model, check_target
 from .cases import public_image_path
 
 
-def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch"):
+def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch",
+                option: str | None = None):
     """The model to embed queries for ``index``: ``model_dir`` when given, else the model folder the
     index was built with (``index.json``'s ``model.dir``), run on ``backend`` (see ``load_model``);
-    ``check_model`` then makes sure it matches."""
+    ``check_model`` then makes sure it matches. A recorded folder that is no longer there (moved, deleted) is a
+    ModelError saying it is the index's, and that ``option`` (the caller's way to give ``model_dir``, e.g.
+    ``--model``) gives its new place, or without one to put it back."""
     from ..errors import ModelError
     from ..models.registry import load_model
 
-    folder = model_dir or index.info["model"].get("dir")
+    if model_dir:
+        return load_model(model_dir, backend=backend)
+    folder = index.info["model"].get("dir")
     if not folder:
         raise ModelError(f"{index.location}: the index does not name its model folder; pass --model")
+    if not Path(folder).is_dir():
+        how = f"pass its new place with {option} (Python: model_dir=)" if option else "put it back where it was"
+        raise ModelError(f"{index.location} was built with the model at {folder}, which is gone (moved or deleted); "
+                         f"{how}")
     return load_model(folder, backend=backend)
 
 

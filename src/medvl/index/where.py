@@ -21,6 +21,9 @@ is an ``InputError`` naming the position. Example: ``sex = 'F' and age >= 60``.
 ``medvl.index.filter_columns`` evaluates the same tree on column arrays. A comparison or ``in`` on a
 NULL value is unknown, as in SQL (``not`` of unknown is unknown; a row is selected only when the
 whole filter is true).
+
+A blank filter (``None``, empty, or only spaces) is no filter (``given_filter``): the same on the command line
+(``--where ""``, ``--where "  "``) and in the service, which reads a blank form field as absent.
 """
 
 from __future__ import annotations
@@ -106,6 +109,11 @@ class Where:
     params: tuple[Any, ...]
     columns: frozenset[str]  # the filter columns it reads
     expression: Expression | None = None  # the parsed filter the SQL was rendered from
+
+
+def given_filter(where: str | None) -> str | None:
+    """``where`` when it holds anything but spaces, else None (no filter): what every search filters by."""
+    return where if where is not None and where.strip() else None
 
 
 def parse_where(text: str, columns: dict[str, str]) -> Expression:

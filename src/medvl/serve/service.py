@@ -301,8 +301,10 @@ class ModelService:
         from ..index import search_index
         from ..index.base import check_k, check_target
         from ..index.search import check_one_query
+        from ..index.where import given_filter
 
         index = self._require_index()
+        where = given_filter(where)  # blank: no filter, answered as null (medvl search --json says the same)
         check_k(k)
         check_target(target)
         check_one_query(upload, text)
