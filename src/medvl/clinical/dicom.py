@@ -594,17 +594,27 @@ def _int(value) -> int | None:
         return None
 
 
+def _spacing_pair(value) -> list[float] | None:
+    """Two spacings in mm, both positive and finite (Pixel Spacing's rule, PS3.3 C.7.6.2.1.1), else None:
+    a ``0\\0`` some writers leave in place of an unknown spacing is no spacing."""
+    spacing = _floats(value)
+    if not spacing or len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
+
+
 def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
-    """(row spacing, column spacing) in mm and the attribute it came from, or (None, None).
+    """(row spacing, column spacing) in mm and the attribute it came from, or (None, None); a spacing
+    of zero, below zero or not finite counts as none.
 
     Pixel Spacing is in the patient; Imager Pixel Spacing (projection radiography) is at the
     detector, magnified relative to the patient by the source-to-detector geometry."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = _floats(ds.get(keyword))
-        if spacing and len(spacing) == 2:
+        spacing = _spacing_pair(ds.get(keyword))
+        if spacing:
             return spacing, keyword
-    spacing = _floats(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
-    if spacing and len(spacing) == 2:
+    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    if spacing:
         return spacing, "PixelSpacing"
     return None, None
 
@@ -964,7 +974,7 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
     ranking, dz = _volume_order(path, orientation, positions, path.name)
-    spacing = _floats(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
+    spacing = _spacing_pair(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
 
