@@ -632,6 +632,39 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
         assert not (tmp_path / "z").exists()
 
 
+def post_instances(orthanc: Orthanc, paths: list[Path]) -> list[str]:
+    """POST files to Orthanc's /instances without adding them to ``orthanc.files`` (the fixtures' studies);
+    their Study Instance UIDs."""
+    with requests.Session() as session:
+        session.auth = (USER, PASSWORD)
+        for path in paths:
+            answer = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=60)
+            assert answer.status_code == 200, answer.text
+    return [str(pydicom.dcmread(path, force=True).StudyInstanceUID) for path in paths]
+
+
+@pytest.mark.orthanc
+def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploaded, tmp_path):
+    """Orthanc stores and serves pydicom-data's OT-PAL-8-face.dcm as it came: a data set without the
+    128-byte preamble, DICM and file meta, which medvl deid and predict read. A pull takes it too (WADO-RS
+    and C-GET), de-identified into a Part 10 file."""
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dicom import read_dicom
+    from medvl.clinical.pull import run_pull
+
+    source = STORE / "OT-PAL-8-face.dcm"
+    assert source.read_bytes()[128:132] != b"DICM"
+    [study] = post_instances(uploaded, [source])
+    for client, out in ((uploaded.client(), tmp_path / "web"), (dimse_client(uploaded), tmp_path / "get")):
+        report = run_pull(client, study, out, show_progress=False)
+        assert report["complete"] and report["counts"]["pulled"] == 1, out
+        [written] = out.rglob("*.dcm")
+        assert written.read_bytes()[128:132] == b"DICM"
+        ds = pydicom.dcmread(written)
+        assert ds.PatientIdentityRemoved == "YES"
+        np.testing.assert_array_equal(read_dicom(written)[0], read_dicom(source)[0])  # the pixels as deid reads them
+
+
 # ------------------------------------------------------------------ no server needed
 
 
@@ -856,6 +889,47 @@ def test_pull_is_never_complete_while_the_source_counts_more_than_it_delivers(tm
         assert report["missing"] == ("1 instance(s) missing: series 1 of 1 (CT) has 3 of 4, the server listing "
                                      "only 3 (a capped search)")
         assert report["counts"]["pulled"] == (3 if run == 0 else 0) and len(list(out.rglob("*.dcm"))) == 3
+
+
+class FilesSource:
+    """A pull source serving files as a PACS serves them: one series per file, the bytes as stored."""
+
+    url = "test://files"
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.headers = [pydicom.dcmread(path, force=True, stop_before_pixels=True) for path in paths]
+
+    def plan_series(self, study_uids):
+        from medvl.clinical.pull import SeriesPlan
+
+        return [SeriesPlan(str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", index)),
+                           str(ds.get("Modality")), index, [str(ds.SOPInstanceUID)])
+                for index, ds in enumerate(self.headers)]
+
+    def fetch_series(self, plan, missing):
+        for path, ds in zip(self.paths, self.headers, strict=True):
+            if str(ds.SOPInstanceUID) in missing:
+                with path.open("rb") as body:
+                    yield body
+
+
+def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):
+    from medvl.clinical.pull import run_pull
+
+    raw = STORE / "OT-PAL-8-face.dcm"  # no preamble, DICM or file meta: as medvl deid / predict read it
+    report = run_pull(FilesSource([raw]), "1.2.3", tmp_path / "out", show_progress=False)
+    assert report["complete"] and report["counts"]["pulled"] == 1
+    [written] = (tmp_path / "out").rglob("*.dcm")
+    assert written.read_bytes()[128:132] == b"DICM" and pydicom.dcmread(written).PatientIdentityRemoved == "YES"
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"MZ" + os.urandom(400))
+    source = FilesSource([raw])
+    source.paths = [junk]
+    with pytest.raises(DataError, match="not a DICOM file") as error:
+        run_pull(source, "1.2.3", tmp_path / "junk-out", show_progress=False)
+    assert str(error.value).startswith("test://files (series 1 of 1): a received instance is not a DICOM file")
+    assert str(error.value).count("test://files") == 1
 
 
 def test_multipart_parser_handles_any_chunking():

@@ -116,7 +116,7 @@ def _not_dicom_reason(head: bytes) -> str:
     return "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header at the start)"
 
 
-def _looks_like_raw_dataset(head: bytes) -> bool:
+def looks_like_raw_dataset(head: bytes) -> bool:
     """A DICOM dataset written without preamble / file meta starts with group 0x0002 or 0x0008."""
     return head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
@@ -141,7 +141,7 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     if not head:
         raise DataError(path, "empty file (0 bytes)")
     has_marker = len(head) == 132 and head[128:] == b"DICM"
-    if not has_marker and not _looks_like_raw_dataset(head):
+    if not has_marker and not looks_like_raw_dataset(head):
         raise DataError(path, _not_dicom_reason(head))
     reached: list[tuple[int, int, int]] = []  # pixel data's tag, value offset and length, where parsing stopped
 

@@ -183,21 +183,23 @@ class _Writer:
         import pydicom
 
         from .deid import deidentify_dataset
-        from .dicom import quiet_pydicom
+        from .dicom import looks_like_raw_dataset, quiet_pydicom
 
         head = body.read(132)
-        if len(head) < 132 or head[128:] != b"DICM":
-            raise DataError(self.url, f"{where}: a received instance is not a DICOM file (no DICM marker)")
+        # a PACS serves what it stored: now and then a data set without preamble and file meta, as medvl reads files
+        has_marker = len(head) == 132 and head[128:] == b"DICM"
+        if not has_marker and not looks_like_raw_dataset(head):
+            raise DataError(where, "a received instance is not a DICOM file (no DICM marker at byte 128 and no "
+                                   "DICOM header at the start)")
         body.seek(0)
         with quiet_pydicom(where):
             try:
-                ds = pydicom.dcmread(body)
+                ds = pydicom.dcmread(body, force=not has_marker)
             except Exception as error:  # noqa: BLE001 - any parser failure: a corrupt instance
-                raise DataError(self.url, f"{where}: a received instance is not readable DICOM "
-                                          f"({type(error).__name__})") from None
+                raise DataError(where, f"a received instance is not readable DICOM ({type(error).__name__})") from None
             original = str(ds.get("SOPInstanceUID") or "")
             if not original:
-                raise DataError(self.url, f"{where}: a received instance has no SOP Instance UID")
+                raise DataError(where, "a received instance has no SOP Instance UID")
             if uid_hash(original, 64) in skip:
                 return uid_hash(original, 64), None
             if self.keep_identifiers:
