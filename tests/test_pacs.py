@@ -644,6 +644,24 @@ def post_instances(orthanc: Orthanc, paths: list[Path]) -> list[str]:
 
 
 @pytest.mark.orthanc
+def test_cli_pull_counts_instances_at_risk_of_burned_in_text_in_deids_words(uploaded, tmp_path):
+    """pydicom-data's SC_rgb.dcm (a secondary capture, modality OT, no Burned In Annotation) is flagged for its
+    kind, as medvl deid flags it: the pull says it may hold burned-in text, never that it declares any."""
+    out = tmp_path / "sc"
+    result, output = invoke("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+                            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert "1 instance(s) may hold burned-in text in their pixels" in " ".join(output.split())
+    assert "declare" not in output
+    deid = read_report(out)["deidentification"]
+    assert deid["files_with_burned_in_risk"] == 1 and deid["files_with_warnings"] == 1
+    [flagged] = deid["burned_in_risk_files"]
+    ds = pydicom.dcmread(out / flagged)
+    assert ds.Modality == "OT" and "BurnedInAnnotation" not in ds
+
+
+@pytest.mark.orthanc
 def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploaded, tmp_path):
     """Orthanc stores and serves pydicom-data's OT-PAL-8-face.dcm as it came: a data set without the
     128-byte preamble, DICM and file meta, which medvl deid and predict read. A pull takes it too (WADO-RS
@@ -912,6 +930,27 @@ class FilesSource:
             if str(ds.SOPInstanceUID) in missing:
                 with path.open("rb") as body:
                     yield body
+
+
+def test_pull_report_counts_burned_in_risk_not_every_warning(tmp_path, caplog):
+    """An ultrasound image without Burned In Annotation is at risk for its kind (``deid.burned_in_risk``); a CT
+    image warned only because it had no Study Instance UID is not: the report and the log count the first."""
+    from medvl.clinical.pull import run_pull
+
+    ct = write_dicom(tmp_path / "ct.dcm", PATIENTS["B"], study="9", series="1", number=1, modality="CT",
+                     pixels=np.zeros((8, 8)), series_number=1, description="Thorax")
+    ds = pydicom.dcmread(ct)
+    del ds.StudyInstanceUID  # a whole object without it: given one, with a warning
+    ds.save_as(ct)
+    ultrasound = STORE / "color-pl.dcm"
+    assert pydicom.dcmread(ultrasound, stop_before_pixels=True).get("BurnedInAnnotation") is None
+    report = run_pull(FilesSource([ct, ultrasound]), "1.2.3", tmp_path / "out", show_progress=False)
+    deid = report["deidentification"]
+    assert deid["files_with_burned_in_risk"] == 1 and deid["files_with_warnings"] == 2
+    [flagged] = deid["burned_in_risk_files"]
+    assert pydicom.dcmread(tmp_path / "out" / flagged).Modality == "US"
+    assert "1 pulled instance(s) may hold burned-in text in their pixels" in caplog.text
+    assert "declare" not in caplog.text
 
 
 def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):

@@ -175,9 +175,11 @@ def pull_command(
         console.print(f"[yellow]incomplete:[/] {escape(report['missing'] or 'instances missing')}; rerun the same "
                       "command to pull the rest", markup=True)
     deid = report.get("deidentification") or {}
-    if deid.get("files_with_burned_in_annotation"):
-        console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_annotation']} instance(s) declare burned-in "
-                      "annotation: check their pixels for identifiers", markup=True)
+    if deid.get("files_with_burned_in_risk"):
+        console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_risk']} instance(s) may hold burned-in text "
+                      "in their pixels, or identifying text in an encapsulated document (Burned In Annotation YES, or "
+                      "ultrasound / secondary capture / document...): check them (the report's burned_in_risk_files "
+                      "says which)", markup=True)
     console.print(f"report: {out / REPORT_NAME}")
 
 

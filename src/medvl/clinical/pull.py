@@ -211,6 +211,8 @@ class _Writer:
         relative = (f"study-{uid_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
                     f"series-{uid_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
                     f"{uid_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
+        if not self.keep_identifiers:
+            self.entries[-1]["output"] = relative
         atomic_write_bytes(self.out / relative, data)
         return uid_hash(original, 64), relative
 
@@ -355,16 +357,18 @@ def _deid_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
     replaced = Counter(name for entry in entries for name in entry["replaced"])
     removed = Counter(name for entry in entries for name in entry["removed"])
-    warned = sum(1 for entry in entries if entry["warnings"])
-    if warned:
-        log.warning("%d pulled instance(s) declare burned-in annotation: identifiers may be in their pixels, "
-                    "which de-identification does not change", warned)
+    at_risk = sorted(entry["output"] for entry in entries if entry["burned_in_risk"])
+    if at_risk:
+        log.warning("%d pulled instance(s) may hold burned-in text in their pixels, or identifying text in an "
+                    "encapsulated document (Burned In Annotation YES, or ultrasound / secondary capture / "
+                    "document...), which de-identification does not change", len(at_risk))
     return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
             "uids": "replaced, consistent within the pull", "dates": "shifted back by one offset per pull",
             "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
             "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),
-            "files_with_burned_in_annotation": warned}
+            "files_with_burned_in_risk": len(at_risk), "burned_in_risk_files": at_risk,
+            "files_with_warnings": sum(1 for entry in entries if entry["warnings"])}
 
 
 def read_report(folder: str | Path) -> dict[str, Any]:
