@@ -683,6 +683,28 @@ def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploade
         np.testing.assert_array_equal(read_dicom(written)[0], read_dicom(source)[0])  # the pixels as deid reads them
 
 
+@pytest.mark.orthanc
+def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, tmp_path, caplog):
+    """Orthanc's QIDO-RS matches ``%C3%BC`` literally, and ``?`` stands for one byte of the two an ``ü`` takes
+    (over C-FIND too): the warning advises ``*``, which finds the study over both transports."""
+    pytest.importorskip("pynetdicom")
+    ds = pydicom.dcmread(uploaded.files["A"][-1])
+    ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", "Müllerstraß^Jördis", "MRN77120455"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = f"{UID_ROOT}.77120455.1", f"{UID_ROOT}.77120455.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.77120455.1.1.1"
+    ds.save_as(tmp_path / "umlaut.dcm", enforce_file_format=True)
+    [study] = post_instances(uploaded, [tmp_path / "umlaut.dcm"])
+    dimse = dimse_client(uploaded)
+    with uploaded.client() as client:
+        assert client.search_studies({"PatientName": "Müllerstraß*"}) == []
+        assert "non-ASCII letters" in caplog.text and "try * in their place" in caplog.text
+        assert "? or *" not in caplog.text and "Müller" not in caplog.text
+        for search in (client, dimse):
+            assert [s["StudyInstanceUID"] for s in search.search_studies({"PatientName": "M*llerstra*^J*rdis"})] \
+                == [study]
+            assert search.search_studies({"PatientName": "M?llerstra?^J?rdis"}) == []
+
+
 # ------------------------------------------------------------------ no server needed
 
 
@@ -861,6 +883,24 @@ def test_a_server_refusing_a_bare_caret_is_asked_again_with_it_encoded():
         server.shutdown()
         server.server_close()
     assert StrictPacs.paths == ["/dicom-web/studies?PatientName=DOE^*", "/dicom-web/studies?PatientName=DOE%5E*"]
+
+
+def test_the_no_match_warning_advises_star_for_non_ascii_letters(caplog):
+    """A space may be replaced by ? (one byte); a non-ASCII letter is two or more bytes in UTF-8, so only *
+    matches it (Orthanc: ``M?ller*`` finds nothing, over C-FIND too)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StrictPacs)  # answers [] to any search without a bare ^
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with DicomWebClient(f"http://127.0.0.1:{server.server_address[1]}/dicom-web") as client:
+            assert client.search_studies({"PatientName": "Müller*"}, fields=()) == []
+            assert "(non-ASCII letters)" in caplog.text and caplog.text.rstrip().endswith("try * in their place")
+            caplog.clear()
+            assert client.search_studies({"StudyDescription": "Follow-up of*"}, fields=()) == []
+            assert "(space)" in caplog.text and "try ? or * in their place" in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Müller" not in caplog.text and "Follow" not in caplog.text
 
 
 def test_qido_paging_goes_on_past_a_short_page():

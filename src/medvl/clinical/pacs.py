@@ -14,9 +14,10 @@
   nothing there (``requests`` cannot send a bare ``^``: hence ``httpx``). A server refusing a bare
   ``^`` (HTTP 400; RFC 3986 wants it encoded) is asked again with ``%5E``. That Orthanc decodes no
   ``%XX`` at all: a value with a space or a non-ASCII letter finds nothing there (put ``?`` or
-  ``*`` in their place; C-FIND has no such limit), and a search that finds nothing says so in a
-  warning. Results are plain dicts keyword -> value (person names as their alphabetic text, one
-  value as itself, several as a list). They hold patient identifiers: show them to the user, never
+  ``*`` in place of a space, ``*`` in place of a non-ASCII letter: it is several bytes, ``?`` matches
+  one; C-FIND has no such limit), and a search that finds nothing says so in a warning. Results
+  are plain dicts keyword -> value (person names as their alphabetic text, one value as itself,
+  several as a list). They hold patient identifiers: show them to the user, never
   log or store them;
 - ``retrieve_series`` / ``retrieve_instance``: WADO-RS retrieval as ``multipart/related;
   type="application/dicom"``, asking for the stored transfer syntax (``transfer-syntax=*``, so the
@@ -326,8 +327,10 @@ def _hint_encoded(url: str, params: Iterable[tuple[str, str]]) -> None:
     if encoded:  # the characters only, never the values (they may be names)
         kinds = {"space" if c == " " else "non-ASCII letters" if not c.isascii() else repr(c) for c in encoded}
         shown = ", ".join(sorted(kinds))
+        # a non-ASCII letter is two or more bytes in UTF-8, and ? stands for one: only * replaces it
+        advice = "try * in their place" if "non-ASCII letters" in kinds else "try ? or * in their place"
         log.warning("%s: no match; the search values hold characters sent percent-encoded (%s), which some "
-                    "servers (Orthanc 1.10) match literally: try ? or * in their place", url, shown)
+                    "servers (Orthanc 1.10) match literally: %s", url, shown, advice)
 
 
 def keyword_or_tag(name: str) -> str:
