@@ -705,6 +705,35 @@ def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, 
             assert search.search_studies({"PatientName": "M?llerstra?^J?rdis"}) == []
 
 
+@pytest.mark.orthanc
+def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(uploaded, caplog, recwarn):
+    """pydicom complains, quoting the value, about a match value outside its VR's rules and about a
+    non-conformant UID the PACS returns (pydicom-data's bad_sequence.dcm has a 64-hex-digit Study UID):
+    neither reaches the log or Python's warnings. A value longer than its VR holds is refused up front,
+    without quoting it, and a code string is sent in upper case, as it is stored."""
+    import logging
+
+    pytest.importorskip("pynetdicom")
+    caplog.set_level(logging.DEBUG)
+    [odd_uid] = post_instances(uploaded, [STORE / "bad_sequence.dcm"])
+    patient_id = str(pydicom.dcmread(STORE / "bad_sequence.dcm", stop_before_pixels=True).PatientID)
+    caplog.clear()  # reading the file here, pydicom complained about its UID itself
+    recwarn.clear()
+    dimse = dimse_client(uploaded)
+    assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientID": patient_id})] == [odd_uid]
+    assert dimse.search_studies({"PatientSex": "Smith John", "PatientID": PATIENTS["A"]["id"]}) == []
+    assert dimse.search_studies({"BodyPartExamined": "l-spine", "PatientID": PATIENTS["A"]["id"]}) == []
+    with uploaded.client() as web:
+        for search in (web, dimse):
+            found = search.search_studies({"ModalitiesInStudy": "ct", "PatientID": PATIENTS["A"]["id"]})
+            assert [s["StudyInstanceUID"] for s in found] == [uploaded.studies["A"]]
+            with pytest.raises(InputError, match="AccessionNumber: a value of 21 characters, more than the 16"):
+                search.search_studies({"AccessionNumber": "ACC-SECRET-1234567890"})
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    for value in (odd_uid, "Smith John", "SMITH JOHN", "L-SPINE", "SECRET"):
+        assert value not in said, value
+
+
 # ------------------------------------------------------------------ no server needed
 
 
@@ -745,6 +774,11 @@ def both_transports(port: int) -> list:
     ({"StudyDate": "20041399"}, "StudyDate expects YYYYMMDD"),
     ({"PatientBirthDate": "20040119-2004"}, "PatientBirthDate expects YYYYMMDD"),
     ({"StudyDate": "20041231-20040101"}, "ends before it starts"),
+    ({"AccessionNumber": "ACC-2209-11873-AB-77"}, "AccessionNumber: a value of 20 characters, more than the 16 a "
+                                                  "DICOM SH value holds"),
+    ({"PatientSex": "FEMALEFEMALEFEMALE"}, "PatientSex: a value of 18 characters, more than the 16 a DICOM CS"),
+    ({"PatientName": "A" * 65 + "*"}, "PatientName: a value of 65 characters, more than the 64 a DICOM PN"),
+    ({"StudyInstanceUID": "1.2.3," + "1" * 65}, "a value of 65 characters, more than the 64 a DICOM UI"),
 ])
 def test_search_filters_no_transport_can_match_are_refused_before_asking(filters, problem):
     """The same InputError over DICOMweb and DIMSE, before any connection: never a crash in C-FIND's
@@ -788,6 +822,27 @@ def test_valid_match_values_are_sent_as_servers_compare_them():
         "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
     assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
                                                                              "SeriesNumber": "3"}
+    # code strings are stored in upper case: sent so; * does not count towards a length
+    assert search_filters({"ModalitiesInStudy": "ct", "PatientSex": "f", "BodyPartExamined": "l-spine*",
+                           "AccessionNumber": "*" + "A" * 16 + "*", "PatientName": "Müller*^*"}) == {
+        "ModalitiesInStudy": "CT", "PatientSex": "F", "BodyPartExamined": "L-SPINE*",
+        "AccessionNumber": "*" + "A" * 16 + "*", "PatientName": "Müller*^*"}
+
+
+def test_a_c_find_identifier_sends_values_pydicom_complains_about_without_warning(caplog, recwarn):
+    """A value outside its VR's character rules (a hyphen in a code string, an umlaut) is sent, as stored data
+    may hold it; pydicom's complaint, which quotes it, reaches neither the log nor Python's warnings."""
+    import logging
+
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dimse import _identifier
+
+    caplog.set_level(logging.DEBUG)
+    identifier = _identifier("STUDY", {"StudyInstanceUID": "05fa52f0e599f17b8186ff18fcdf2b55"},
+                             {"BodyPartExamined": "l-spine", "PatientSex": "ö"}, ("PatientName",))
+    assert identifier.BodyPartExamined == "L-SPINE" and identifier.PatientSex == "Ö"
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "L-SPINE" not in said and "05fa52f0" not in said and "Ö" not in said
 
 
 class BrokenPacs(BaseHTTPRequestHandler):
