@@ -684,6 +684,24 @@ def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploade
 
 
 @pytest.mark.orthanc
+def test_a_piped_search_table_keeps_every_column(uploaded, monkeypatch):
+    """Redirected to a file (not a terminal), the table is as wide as its columns need: rich's 80 columns
+    would crop the modalities and counts away without a mark."""
+    from medvl.cli.common import console
+
+    monkeypatch.setattr(console, "width", 80)
+    auth = ("--user", USER, "--password", PASSWORD)
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--patient-id", PATIENTS["A"]["id"])
+    assert result.exit_code == 0, output
+    header = next(line for line in output.splitlines() if "study UID" in line)
+    assert header.split()[-4:] == ["date", "modalities", "series", "images"], output
+    row = next(line for line in output.splitlines() if uploaded.studies["A"] in line)
+    assert row.split()[-4:] == [PATIENTS["A"]["date"], "CR\\CT\\MR", "3", "6"], output
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--study", uploaded.studies["A"])
+    assert result.exit_code == 0 and "Thorax 2.5 mm" in output and "description" in output, output
+
+
+@pytest.mark.orthanc
 def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, tmp_path, caplog):
     """Orthanc's QIDO-RS matches ``%C3%BC`` literally, and ``?`` stands for one byte of the two an ``ü`` takes
     (over C-FIND too): the warning advises ``*``, which finds the study over both transports."""

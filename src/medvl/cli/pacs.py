@@ -66,7 +66,20 @@ def _print_rows(title: str, rows: list[dict[str, Any]], columns: dict[str, str],
         if under_uid and row.get(under_uid):
             first.append("\n" + _cell(row[under_uid]), style="dim")
         table.add_row(first, *(_cell(row.get(key)) for key in list(columns)[1:]))
-    console.print(table)
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """On a terminal, the table as wide as the terminal; piped or redirected, as wide as it needs: rich
+    would lay it out for 80 columns and crop every line there, losing whole columns without a mark."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, markup=False, width=max(console.width, needed)).print(table)
 
 
 def _with_patient(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
