@@ -145,6 +145,30 @@ def test_meta_holds_no_patient_data():
     assert meta["study_uid"] == ds.StudyInstanceUID and meta["series_uid"] == ds.SeriesInstanceUID
 
 
+def test_a_pixel_spacing_of_zero_is_no_spacing(tmp_path):
+    """pydicom-data's RG1_UNCI.dcm (a CR) holds Pixel Spacing 0\\0, which PS3.3 does not allow (> 0): it is read
+    as no spacing, in the metadata, dicom-info's rows and the dataset records, never as 0 mm."""
+    from medvl.clinical.summary import series_summaries
+    from medvl.data import load_dataset
+
+    folder = tmp_path / "cr"
+    folder.mkdir()
+    shutil.copy(STORE / "RG1_UNCI.dcm", folder / "cr.dcm")
+    assert [float(v) for v in pydicom.dcmread(folder / "cr.dcm", stop_before_pixels=True).PixelSpacing] == [0, 0]
+    [row] = series_summaries(folder)
+    assert row["pixel_spacing_mm"] is None
+    assert series_summaries(folder / "cr.dcm")[0]["pixel_spacing_mm"] is None
+    [record] = load_dataset(folder)
+    assert record.meta.get("row_spacing_mm") is None and record.meta.get("column_spacing_mm") is None
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    for spacing, expected in (([0, 0], None), ([-0.5, 0.5], None), ([0.5, 0], None), ([0.5, 0.25], [0.5, 0.25])):
+        ds.PixelSpacing = spacing
+        ds.save_as(tmp_path / "ct.dcm")
+        meta = read_dicom(tmp_path / "ct.dcm")[1]
+        assert meta["pixel_spacing_mm"] == expected, spacing
+        assert meta["pixel_spacing_source"] == (None if expected is None else "PixelSpacing")
+
+
 def test_a_body_part_someone_typed_a_name_into_is_left_out_of_the_metadata(tmp_path):
     ds = pydicom.dcmread(dicom("CT_small.dcm"))
     for typed, kept in (("CHEST", "CHEST"), ("KRUMPLEHORN", None), ("OBRIEN MAEVE", None)):

@@ -125,6 +125,47 @@ def test_dicom_info_on_truncated_files_and_dicomdir_exits_2(tmp_path):
     assert result.exit_code == 2 and "slice_002.dcm" in result.output and "truncated" in result.output
 
 
+def test_a_file_cut_inside_its_pixel_data_is_truncated_for_dicom_info_and_series_too(tmp_path):
+    """A header read stops before the pixels, yet a file ending before the pixel data it declares is refused
+    as reading it whole refuses it (predict, deid, the service), naming the file: never listed as a normal
+    series."""
+    import typer
+    from typer.testing import CliRunner
+
+    from medvl.cli.clinical import inspect_command
+    from medvl.clinical.summary import series_summaries
+
+    whole = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    cut = tmp_path / "d" / "cut.dcm"
+    cut.parent.mkdir()
+    cut.write_bytes(whole[:19603])  # 13,303 of the 32,768 pixel data bytes
+    problem = "truncated DICOM file: element (7FE0,0010) has 13,303 of its 32,768 bytes"
+    for read in (read_dicom, series_summaries):
+        with pytest.raises(DataError, match=re.escape(problem)) as error:
+            read(cut)
+        assert str(cut) in str(error.value)
+    with pytest.raises(DataError, match=re.escape(problem)):
+        read_dicom_series(cut.parent)
+    app = typer.Typer()
+    app.command("dicom-info")(inspect_command)
+    for target in (cut, cut.parent):
+        result = CliRunner().invoke(app, [str(target)])
+        assert result.exit_code == 2 and problem in result.output and "1 series" not in result.output, result.output
+
+
+def test_files_holding_the_same_instance_are_named_in_a_warning(tmp_path, caplog):
+    paths = write_series(tmp_path / "ct", marked_volume((3, 4, 4)))
+    shutil.copy(paths[0], tmp_path / "ct" / "copy.dcm")
+    [series] = read_dicom_series(tmp_path / "ct")
+    assert len(series.files) == 4
+    assert "1 file(s) hold the same instance (SOP Instance UID) as another file of their series" in caplog.text
+    assert f"copy.dcm and {paths[0].name}" in caplog.text
+    caplog.clear()
+    (tmp_path / "ct" / "copy.dcm").unlink()
+    read_dicom_series(tmp_path / "ct")
+    assert "same instance" not in caplog.text
+
+
 def test_objects_without_image_are_still_skipped(tmp_path):
     write_series(tmp_path / "ct", marked_volume((3, 4, 4)))
     for name in ("rtplan.dcm", "test-SR.dcm"):

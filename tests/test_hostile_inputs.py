@@ -494,7 +494,9 @@ DICOM_CASES = [
       # a file cut after its file meta, or before its Rows, is truncated: refused, not skipped as "no image"
       for cut, match, names in ((100, "", "a.dcm"), (140, "truncated DICOM file: nothing after the file meta", "a.dcm"),
                                 (700, "truncated DICOM file: a CT Image Storage object without Rows", "a.dcm"))],
-    Case("dicom-truncated-pixels", _dicom(lambda: _dicom_bytes()[:-5000]), "", names="a.dcm", stage="read"),
+    # cut inside its pixel data: refused when the folder is read (its header says so), as when cut before them
+    Case("dicom-truncated-pixels", _dicom(lambda: _dicom_bytes()[:-5000]),
+         r"truncated DICOM file: element \(7FE0,0010\) has [\d,]+ of its [\d,]+ bytes", names="a.dcm"),
     Case("dicom-rows-lie", _dicom(lambda: _dicom_rows(4096)), "", names="a.dcm", stage="read"),
     Case("dicom-wrong-magic-png", _dicom(_png_bytes), "", names="a.dcm"),
     Case("dicom-symlink-outside", _dicom(_dicom_bytes, link=True),

@@ -656,13 +656,14 @@ def test_dimse_errors_are_clear(uploaded, tmp_path):
 
 
 def post_instances(orthanc: Orthanc, paths: list[Path]) -> list[str]:
-    """POST files to Orthanc (not recorded in ``orthanc.files``); their Study Instance UIDs."""
+    """POST files to Orthanc's /instances without adding them to ``orthanc.files`` (the fixtures' studies);
+    their Study Instance UIDs."""
     with requests.Session() as session:
         session.auth = (USER, PASSWORD)
         for path in paths:
             answer = session.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=60)
             assert answer.status_code == 200, answer.text
-    return [str(pydicom.dcmread(path).StudyInstanceUID) for path in paths]
+    return [str(pydicom.dcmread(path, force=True).StudyInstanceUID) for path in paths]
 
 
 @pytest.mark.orthanc
@@ -692,6 +693,115 @@ def test_c_move_receives_retired_and_private_storage_classes(uploaded, tmp_path)
     assert result.exit_code == 2, output
     assert ("C-MOVE of a series without a number (CT, CT Image Storage): the PACS answered with status 0xC000"
             in " ".join(output.split())), output
+
+
+@pytest.mark.orthanc
+def test_cli_pull_counts_instances_at_risk_of_burned_in_text_in_deids_words(uploaded, tmp_path):
+    """pydicom-data's SC_rgb.dcm (a secondary capture, modality OT, no Burned In Annotation) is flagged for its
+    kind, as medvl deid flags it: the pull says it may hold burned-in text, never that it declares any."""
+    out = tmp_path / "sc"
+    result, output = invoke("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+                            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert "1 instance(s) may hold burned-in text in their pixels" in " ".join(output.split())
+    assert "declare" not in output
+    deid = read_report(out)["deidentification"]
+    assert deid["files_with_burned_in_risk"] == 1 and deid["files_with_warnings"] == 1
+    [flagged] = deid["burned_in_risk_files"]
+    ds = pydicom.dcmread(out / flagged)
+    assert ds.Modality == "OT" and "BurnedInAnnotation" not in ds
+
+
+@pytest.mark.orthanc
+def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploaded, tmp_path):
+    """Orthanc stores and serves pydicom-data's OT-PAL-8-face.dcm as it came: a data set without the
+    128-byte preamble, DICM and file meta, which medvl deid and predict read. A pull takes it too (WADO-RS
+    and C-GET), de-identified into a Part 10 file."""
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dicom import read_dicom
+    from medvl.clinical.pull import run_pull
+
+    source = STORE / "OT-PAL-8-face.dcm"
+    assert source.read_bytes()[128:132] != b"DICM"
+    [study] = post_instances(uploaded, [source])
+    for client, out in ((uploaded.client(), tmp_path / "web"), (dimse_client(uploaded), tmp_path / "get")):
+        report = run_pull(client, study, out, show_progress=False)
+        assert report["complete"] and report["counts"]["pulled"] == 1, out
+        [written] = out.rglob("*.dcm")
+        assert written.read_bytes()[128:132] == b"DICM"
+        ds = pydicom.dcmread(written)
+        assert ds.PatientIdentityRemoved == "YES"
+        np.testing.assert_array_equal(read_dicom(written)[0], read_dicom(source)[0])  # the pixels as deid reads them
+
+
+@pytest.mark.orthanc
+def test_a_piped_search_table_keeps_every_column(uploaded, monkeypatch):
+    """Redirected to a file (not a terminal), the table is as wide as its columns need: rich's 80 columns
+    would crop the modalities and counts away without a mark."""
+    from medvl.cli.common import console
+
+    monkeypatch.setattr(console, "width", 80)
+    auth = ("--user", USER, "--password", PASSWORD)
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--patient-id", PATIENTS["A"]["id"])
+    assert result.exit_code == 0, output
+    header = next(line for line in output.splitlines() if "study UID" in line)
+    assert header.split()[-4:] == ["date", "modalities", "series", "images"], output
+    row = next(line for line in output.splitlines() if uploaded.studies["A"] in line)
+    assert row.split()[-4:] == [PATIENTS["A"]["date"], "CR\\CT\\MR", "3", "6"], output
+    result, output = invoke("pacs", "search", "--url", uploaded.dicomweb, *auth, "--study", uploaded.studies["A"])
+    assert result.exit_code == 0 and "Thorax 2.5 mm" in output and "description" in output, output
+
+
+@pytest.mark.orthanc
+def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, tmp_path, caplog):
+    """Orthanc's QIDO-RS matches ``%C3%BC`` literally, and ``?`` stands for one byte of the two an ``ü`` takes
+    (over C-FIND too): the warning advises ``*``, which finds the study over both transports."""
+    pytest.importorskip("pynetdicom")
+    ds = pydicom.dcmread(uploaded.files["A"][-1])
+    ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", "Müllerstraß^Jördis", "MRN77120455"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = f"{UID_ROOT}.77120455.1", f"{UID_ROOT}.77120455.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_ROOT}.77120455.1.1.1"
+    ds.save_as(tmp_path / "umlaut.dcm", enforce_file_format=True)
+    [study] = post_instances(uploaded, [tmp_path / "umlaut.dcm"])
+    dimse = dimse_client(uploaded)
+    with uploaded.client() as client:
+        assert client.search_studies({"PatientName": "Müllerstraß*"}) == []
+        assert "non-ASCII letters" in caplog.text and "try * in their place" in caplog.text
+        assert "? or *" not in caplog.text and "Müller" not in caplog.text
+        for search in (client, dimse):
+            assert [s["StudyInstanceUID"] for s in search.search_studies({"PatientName": "M*llerstra*^J*rdis"})] \
+                == [study]
+            assert search.search_studies({"PatientName": "M?llerstra?^J?rdis"}) == []
+
+
+@pytest.mark.orthanc
+def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(uploaded, caplog, recwarn):
+    """pydicom complains, quoting the value, about a match value outside its VR's rules and about a
+    non-conformant UID the PACS returns (pydicom-data's bad_sequence.dcm has a 64-hex-digit Study UID):
+    neither reaches the log or Python's warnings. A value longer than its VR holds is refused up front,
+    without quoting it, and a code string is sent in upper case, as it is stored."""
+    import logging
+
+    pytest.importorskip("pynetdicom")
+    caplog.set_level(logging.DEBUG)
+    [odd_uid] = post_instances(uploaded, [STORE / "bad_sequence.dcm"])
+    patient_id = str(pydicom.dcmread(STORE / "bad_sequence.dcm", stop_before_pixels=True).PatientID)
+    caplog.clear()  # reading the file here, pydicom complained about its UID itself
+    recwarn.clear()
+    dimse = dimse_client(uploaded)
+    assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientID": patient_id})] == [odd_uid]
+    assert dimse.search_studies({"PatientSex": "Smith John", "PatientID": PATIENTS["A"]["id"]}) == []
+    assert dimse.search_studies({"BodyPartExamined": "l-spine", "PatientID": PATIENTS["A"]["id"]}) == []
+    with uploaded.client() as web:
+        for search in (web, dimse):
+            found = search.search_studies({"ModalitiesInStudy": "ct", "PatientID": PATIENTS["A"]["id"]})
+            assert [s["StudyInstanceUID"] for s in found] == [uploaded.studies["A"]]
+            with pytest.raises(InputError, match="AccessionNumber: a value of 21 characters, more than the 16"):
+                search.search_studies({"AccessionNumber": "ACC-SECRET-1234567890"})
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    for value in (odd_uid, "Smith John", "SMITH JOHN", "L-SPINE", "SECRET"):
+        assert value not in said, value
 
 
 # ------------------------------------------------------------------ no server needed
@@ -734,6 +844,11 @@ def both_transports(port: int) -> list:
     ({"StudyDate": "20041399"}, "StudyDate expects YYYYMMDD"),
     ({"PatientBirthDate": "20040119-2004"}, "PatientBirthDate expects YYYYMMDD"),
     ({"StudyDate": "20041231-20040101"}, "ends before it starts"),
+    ({"AccessionNumber": "ACC-2209-11873-AB-77"}, "AccessionNumber: a value of 20 characters, more than the 16 a "
+                                                  "DICOM SH value holds"),
+    ({"PatientSex": "FEMALEFEMALEFEMALE"}, "PatientSex: a value of 18 characters, more than the 16 a DICOM CS"),
+    ({"PatientName": "A" * 65 + "*"}, "PatientName: a value of 65 characters, more than the 64 a DICOM PN"),
+    ({"StudyInstanceUID": "1.2.3," + "1" * 65}, "a value of 65 characters, more than the 64 a DICOM UI"),
 ])
 def test_search_filters_no_transport_can_match_are_refused_before_asking(filters, problem):
     """The same InputError over DICOMweb and DIMSE, before any connection: never a crash in C-FIND's
@@ -777,6 +892,27 @@ def test_valid_match_values_are_sent_as_servers_compare_them():
         "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
     assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
                                                                              "SeriesNumber": "3"}
+    # code strings are stored in upper case: sent so; * does not count towards a length
+    assert search_filters({"ModalitiesInStudy": "ct", "PatientSex": "f", "BodyPartExamined": "l-spine*",
+                           "AccessionNumber": "*" + "A" * 16 + "*", "PatientName": "Müller*^*"}) == {
+        "ModalitiesInStudy": "CT", "PatientSex": "F", "BodyPartExamined": "L-SPINE*",
+        "AccessionNumber": "*" + "A" * 16 + "*", "PatientName": "Müller*^*"}
+
+
+def test_a_c_find_identifier_sends_values_pydicom_complains_about_without_warning(caplog, recwarn):
+    """A value outside its VR's character rules (a hyphen in a code string, an umlaut) is sent, as stored data
+    may hold it; pydicom's complaint, which quotes it, reaches neither the log nor Python's warnings."""
+    import logging
+
+    pytest.importorskip("pynetdicom")
+    from medvl.clinical.dimse import _identifier
+
+    caplog.set_level(logging.DEBUG)
+    identifier = _identifier("STUDY", {"StudyInstanceUID": "05fa52f0e599f17b8186ff18fcdf2b55"},
+                             {"BodyPartExamined": "l-spine", "PatientSex": "ö"}, ("PatientName",))
+    assert identifier.BodyPartExamined == "L-SPINE" and identifier.PatientSex == "Ö"
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "L-SPINE" not in said and "05fa52f0" not in said and "Ö" not in said
 
 
 def test_a_list_of_values_is_sent_in_each_transports_own_form():
@@ -891,6 +1027,24 @@ def test_a_server_refusing_a_bare_caret_is_asked_again_with_it_encoded():
     assert StrictPacs.paths == ["/dicom-web/studies?PatientName=DOE^*", "/dicom-web/studies?PatientName=DOE%5E*"]
 
 
+def test_the_no_match_warning_advises_star_for_non_ascii_letters(caplog):
+    """A space may be replaced by ? (one byte); a non-ASCII letter is two or more bytes in UTF-8, so only *
+    matches it (Orthanc: ``M?ller*`` finds nothing, over C-FIND too)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StrictPacs)  # answers [] to any search without a bare ^
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with DicomWebClient(f"http://127.0.0.1:{server.server_address[1]}/dicom-web") as client:
+            assert client.search_studies({"PatientName": "Müller*"}, fields=()) == []
+            assert "(non-ASCII letters)" in caplog.text and caplog.text.rstrip().endswith("try * in their place")
+            caplog.clear()
+            assert client.search_studies({"StudyDescription": "Follow-up of*"}, fields=()) == []
+            assert "(space)" in caplog.text and "try ? or * in their place" in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Müller" not in caplog.text and "Follow" not in caplog.text
+
+
 def test_qido_paging_goes_on_past_a_short_page():
     from medvl.clinical.pacs import _all_pages
 
@@ -935,6 +1089,68 @@ def test_pull_is_never_complete_while_the_source_counts_more_than_it_delivers(tm
         assert report["missing"] == ("1 instance(s) missing: series 1 of 1 (CT) has 3 of 4, the server listing "
                                      "only 3 (a capped search)")
         assert report["counts"]["pulled"] == (3 if run == 0 else 0) and len(list(out.rglob("*.dcm"))) == 3
+
+
+class FilesSource:
+    """A pull source serving files as a PACS serves them: one series per file, the bytes as stored."""
+
+    url = "test://files"
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.headers = [pydicom.dcmread(path, force=True, stop_before_pixels=True) for path in paths]
+
+    def plan_series(self, study_uids):
+        from medvl.clinical.pull import SeriesPlan
+
+        return [SeriesPlan(str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", index)),
+                           str(ds.get("Modality")), index, [str(ds.SOPInstanceUID)])
+                for index, ds in enumerate(self.headers)]
+
+    def fetch_series(self, plan, missing):
+        for path, ds in zip(self.paths, self.headers, strict=True):
+            if str(ds.SOPInstanceUID) in missing:
+                with path.open("rb") as body:
+                    yield body
+
+
+def test_pull_report_counts_burned_in_risk_not_every_warning(tmp_path, caplog):
+    """An ultrasound image without Burned In Annotation is at risk for its kind (``deid.burned_in_risk``); a CT
+    image warned only because it had no Study Instance UID is not: the report and the log count the first."""
+    from medvl.clinical.pull import run_pull
+
+    ct = write_dicom(tmp_path / "ct.dcm", PATIENTS["B"], study="9", series="1", number=1, modality="CT",
+                     pixels=np.zeros((8, 8)), series_number=1, description="Thorax")
+    ds = pydicom.dcmread(ct)
+    del ds.StudyInstanceUID  # a whole object without it: given one, with a warning
+    ds.save_as(ct)
+    ultrasound = STORE / "color-pl.dcm"
+    assert pydicom.dcmread(ultrasound, stop_before_pixels=True).get("BurnedInAnnotation") is None
+    report = run_pull(FilesSource([ct, ultrasound]), "1.2.3", tmp_path / "out", show_progress=False)
+    deid = report["deidentification"]
+    assert deid["files_with_burned_in_risk"] == 1 and deid["files_with_warnings"] == 2
+    [flagged] = deid["burned_in_risk_files"]
+    assert pydicom.dcmread(tmp_path / "out" / flagged).Modality == "US"
+    assert "1 pulled instance(s) may hold burned-in text in their pixels" in caplog.text
+    assert "declare" not in caplog.text
+
+
+def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):
+    from medvl.clinical.pull import run_pull
+
+    raw = STORE / "OT-PAL-8-face.dcm"  # no preamble, DICM or file meta: as medvl deid / predict read it
+    report = run_pull(FilesSource([raw]), "1.2.3", tmp_path / "out", show_progress=False)
+    assert report["complete"] and report["counts"]["pulled"] == 1
+    [written] = (tmp_path / "out").rglob("*.dcm")
+    assert written.read_bytes()[128:132] == b"DICM" and pydicom.dcmread(written).PatientIdentityRemoved == "YES"
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"MZ" + os.urandom(400))
+    source = FilesSource([raw])
+    source.paths = [junk]
+    with pytest.raises(DataError, match="not a DICOM file") as error:
+        run_pull(source, "1.2.3", tmp_path / "junk-out", show_progress=False)
+    assert str(error.value).startswith("test://files (series 1 of 1): a received instance is not a DICOM file")
+    assert str(error.value).count("test://files") == 1
 
 
 def test_multipart_parser_handles_any_chunking():

@@ -66,7 +66,20 @@ def _print_rows(title: str, rows: list[dict[str, Any]], columns: dict[str, str],
         if under_uid and row.get(under_uid):
             first.append("\n" + _cell(row[under_uid]), style="dim")
         table.add_row(first, *(_cell(row.get(key)) for key in list(columns)[1:]))
-    console.print(table)
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """On a terminal, the table as wide as the terminal; piped or redirected, as wide as it needs: rich
+    would lay it out for 80 columns and crop every line there, losing whole columns without a mark."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, markup=False, width=max(console.width, needed)).print(table)
 
 
 def _with_patient(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,9 +188,11 @@ def pull_command(
         console.print(f"[yellow]incomplete:[/] {escape(report['missing'] or 'instances missing')}; rerun the same "
                       "command to pull the rest", markup=True)
     deid = report.get("deidentification") or {}
-    if deid.get("files_with_burned_in_annotation"):
-        console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_annotation']} instance(s) declare burned-in "
-                      "annotation: check their pixels for identifiers", markup=True)
+    if deid.get("files_with_burned_in_risk"):
+        console.print(f"[yellow]warning:[/] {deid['files_with_burned_in_risk']} instance(s) may hold burned-in text "
+                      "in their pixels, or identifying text in an encapsulated document (Burned In Annotation YES, or "
+                      "ultrasound / secondary capture / document...): check them (the report's burned_in_risk_files "
+                      "says which)", markup=True)
     console.print(f"report: {out / REPORT_NAME}")
 
 

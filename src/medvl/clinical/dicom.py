@@ -116,7 +116,7 @@ def _not_dicom_reason(head: bytes) -> str:
     return "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header at the start)"
 
 
-def _looks_like_raw_dataset(head: bytes) -> bool:
+def looks_like_raw_dataset(head: bytes) -> bool:
     """A DICOM dataset written without preamble / file meta starts with group 0x0002 or 0x0008."""
     return head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
@@ -141,19 +141,19 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     if not head:
         raise DataError(path, "empty file (0 bytes)")
     has_marker = len(head) == 132 and head[128:] == b"DICM"
-    if not has_marker and not _looks_like_raw_dataset(head):
+    if not has_marker and not looks_like_raw_dataset(head):
         raise DataError(path, _not_dicom_reason(head))
-    reached: list[int] = []  # the pixel data tag, when parsing stopped at it
+    reached: list[tuple[int, int, int]] = []  # pixel data's tag, value offset and length, where parsing stopped
 
     def at_pixels(tag, vr, length) -> bool:
         if header_only and tag in PIXEL_TAGS:
-            reached.append(int(tag))
+            reached.append((int(tag), source.tell(), length))  # pydicom calls this with the file at the value
             return True
         return False
 
     try:
-        with quiet_pydicom(path) as warned, open(path, "rb") as stream:
-            ds = pydicom.filereader.read_partial(stream, at_pixels, force=not has_marker)
+        with quiet_pydicom(path) as warned, open(path, "rb") as source:
+            ds = pydicom.filereader.read_partial(source, at_pixels, force=not has_marker)
     except pydicom.errors.InvalidDicomError as error:
         raise DataError(path, f"not a readable DICOM file ({_short(error)})") from None
     except pydicom.errors.BytesLengthException:  # its message quotes the element's bytes
@@ -165,7 +165,21 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     check_value_lengths(path, ds)
     if not header_only:
         _check_native_length(path, ds)
+    elif reached:
+        _check_pixels_in_file(path, ds, *reached[0])
     return ds, bool(reached) or any(keyword in ds for keyword in PIXEL_KEYWORDS)
+
+
+def _check_pixels_in_file(path: Path, ds, tag: int, offset: int, length: int) -> None:
+    """Refuse a file that ends before the pixel data it declares, without reading the pixels (a header
+    read stops at them): what ``check_value_lengths`` finds when the whole file is read. Encapsulated
+    pixel data (no declared length) is checked when decoded."""
+    if length == UNDEFINED_LENGTH or transfer_syntax(ds) == DEFLATED:  # deflated: offsets are in the inflated stream
+        return
+    present = max(0, path.stat().st_size - offset)
+    if present < length:
+        raise DataError(path, f"truncated DICOM file: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has {present:,} of "
+                              f"its {length:,} bytes")
 
 
 def check_value_lengths(path: str | Path, ds) -> None:
@@ -594,17 +608,27 @@ def _int(value) -> int | None:
         return None
 
 
+def _spacing_pair(value) -> list[float] | None:
+    """Two spacings in mm, both positive and finite (Pixel Spacing's rule, PS3.3 C.7.6.2.1.1), else None:
+    a ``0\\0`` some writers leave in place of an unknown spacing is no spacing."""
+    spacing = _floats(value)
+    if not spacing or len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
+
+
 def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
-    """(row spacing, column spacing) in mm and the attribute it came from, or (None, None).
+    """(row spacing, column spacing) in mm and the attribute it came from, or (None, None); a spacing
+    of zero, below zero or not finite counts as none.
 
     Pixel Spacing is in the patient; Imager Pixel Spacing (projection radiography) is at the
     detector, magnified relative to the patient by the source-to-detector geometry."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = _floats(ds.get(keyword))
-        if spacing and len(spacing) == 2:
+        spacing = _spacing_pair(ds.get(keyword))
+        if spacing:
             return spacing, keyword
-    spacing = _floats(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
-    if spacing and len(spacing) == 2:
+    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    if spacing:
         return spacing, "PixelSpacing"
     return None, None
 
@@ -727,8 +751,10 @@ def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
     ``._CT.dcm`` is not DICOM), and DICOM objects without an image (DICOMDIR, structured
     reports, RT plans), each counted in a log line; a DICOM file that cannot be parsed is an error,
     and so is a truncated one: nothing after the file meta, or an image object (image storage SOP
-    class) cut before its Rows / Columns or its pixel data (``check_image_header``), so that a series
-    missing a slice is never stacked as if it were whole.
+    class) cut before its Rows / Columns or its pixel data (``check_image_header``), or inside
+    uncompressed pixel data (the file shorter than the element declares), so that a series missing
+    a slice is never stacked as if it were whole. Files holding the same instance (SOP Instance UID)
+    as another file of their series are kept, and named in a warning.
     Series come sorted by study UID, series number and series UID.
     """
     folder = Path(folder)
@@ -736,25 +762,39 @@ def read_dicom_series(folder: str | Path) -> list[DicomSeries]:
         raise DataError(folder, "not a folder" if folder.exists() else "folder not found")
     groups: dict[tuple[str, str], DicomSeries] = {}
     order: dict[Path, tuple] = {}
+    instances: dict[tuple[str, str, str], list[Path]] = {}  # (study, series, SOP Instance UID) -> its files
     skipped = hidden = 0
     with quiet_pydicom(folder):
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_dicom_candidate(p)):
             if is_hidden(path, folder):
                 hidden += 1
             else:
-                skipped += _add_to_series(groups, order, path)
+                skipped += _add_to_series(groups, order, path, instances)
     if skipped or hidden:
         log.info("%s: skipped %d DICOM object(s) without an image and %d hidden file(s) (names starting with '.', "
                  "such as macOS ._ files)", folder, skipped, hidden)
     if not groups:
         raise DataError(folder, "no DICOM image files found")
+    _warn_duplicates(folder, [paths for paths in instances.values() if len(paths) > 1])
     for series in groups.values():
         series.files.sort(key=order.__getitem__)
     return sorted(groups.values(), key=lambda s: (s.study_uid, s.series_number or 0, s.series_uid))
 
 
-def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path, tuple], path: Path) -> int:
-    """File one DICOM file under its series; 1 if it was skipped (no image), else 0."""
+def _warn_duplicates(folder: Path, repeated: list[list[Path]]) -> None:
+    """Say which files hold an instance another file of the series holds too (a copy: counted twice,
+    and a volume of them has two slices at one position)."""
+    if repeated:
+        first = repeated[0]
+        log.warning("%s: %d file(s) hold the same instance (SOP Instance UID) as another file of their series, "
+                    "e.g. %s (copies?): they count twice in a series", folder, sum(len(p) - 1 for p in repeated),
+                    " and ".join(str(p.relative_to(folder)) for p in first))
+
+
+def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path, tuple], path: Path,
+                   instances: dict[tuple[str, str, str], list[Path]]) -> int:
+    """File one DICOM file under its series (and under its instance, in ``instances``); 1 if it was
+    skipped (no image), else 0."""
     ds, has_pixels = read_header(path)
     if object_kind(ds).startswith("DICOMDIR"):
         return 1
@@ -769,6 +809,7 @@ def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path,
                                            pixel_spacing_mm=pixel_spacing(ds)[0])
     series.files.append(path)
     series.frames += _frame_count(ds)
+    instances.setdefault((*key, str(ds.get("SOPInstanceUID") or path)), []).append(path)
     order[path] = (_int(ds.get("InstanceNumber")) or 0, path.name)
     return 0
 
@@ -964,7 +1005,7 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
     ranking, dz = _volume_order(path, orientation, positions, path.name)
-    spacing = _floats(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
+    spacing = _spacing_pair(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
 

@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 from ..errors import DataError, InputError
+from .dicom import quiet_pydicom
 from .formats import INSTALL_HINT
 from .pacs import INTEGER_RANGES, SERIES_FIELDS, STUDY_FIELDS, check_paging, filter_vr, keyword_or_tag, search_filters
 from .pull import SeriesPlan, as_int, series_order
@@ -260,9 +261,10 @@ class DimseClient:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]  # pynetdicom creates its SOP classes at import time
 
         rows = []
-        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-            if self._status(status, what) in PENDING and identifier is not None:
-                rows.append(plain_values(identifier))
+        with quiet_pydicom(self.url):  # pydicom's complaints about a value quote it: a UID, a name, an ID
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if self._status(status, what) in PENDING and identifier is not None:
+                    rows.append(plain_values(identifier))
         return rows[:limit] if limit is not None else rows
 
     def _find_association(self, what: str):
@@ -496,12 +498,14 @@ def _identifier(level: str, keys: Mapping[str, str], filters: Mapping[str, Any] 
     values = {keyword_or_tag(f): "" for f in fields}
     values.update(search_filters(filters))
     values.update(keys)
-    for name, value in values.items():
-        tag = tag_for_keyword(name)
-        tag, vr = (tag if tag is not None else int(name, 16)), filter_vr(name)
-        if vr != "SQ":  # a sequence as a return key is left out; as a match key search_filters refused it
-            identifier.add_new(tag, vr, _typed(value, vr))
-            _check_encodable(identifier[tag], name)
+    # pydicom warns, quoting it, about a value outside its VR's rules (a name, an ID): kept out of logs
+    with quiet_pydicom("search identifier"):
+        for name, value in values.items():
+            tag = tag_for_keyword(name)
+            tag, vr = (tag if tag is not None else int(name, 16)), filter_vr(name)
+            if vr != "SQ":  # a sequence as a return key is left out; as a match key search_filters refused it
+                identifier.add_new(tag, vr, _typed(value, vr))
+                _check_encodable(identifier[tag], name)
     return identifier
 
 

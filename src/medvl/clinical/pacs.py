@@ -15,9 +15,10 @@
   nothing there (``requests`` cannot send a bare ``^``: hence ``httpx``). A server refusing a bare
   ``^`` (HTTP 400; RFC 3986 wants it encoded) is asked again with ``%5E``. That Orthanc decodes no
   ``%XX`` at all: a value with a space or a non-ASCII letter finds nothing there (put ``?`` or
-  ``*`` in their place; C-FIND has no such limit), and a search that finds nothing says so in a
-  warning. Results are plain dicts keyword -> value (person names as their alphabetic text, one
-  value as itself, several as a list). They hold patient identifiers: show them to the user, never
+  ``*`` in place of a space, ``*`` in place of a non-ASCII letter: it is several bytes, ``?`` matches
+  one; C-FIND has no such limit), and a search that finds nothing says so in a warning. Results
+  are plain dicts keyword -> value (person names as their alphabetic text, one value as itself,
+  several as a list). They hold patient identifiers: show them to the user, never
   log or store them;
 - ``retrieve_series`` / ``retrieve_instance``: WADO-RS retrieval as ``multipart/related;
   type="application/dicom"``, asking for the stored transfer syntax (``transfer-syntax=*``, so the
@@ -72,6 +73,8 @@ QUERY_SAFE = "*?,^"  # DICOM matching characters sent unencoded in QIDO-RS value
 STRICT_SAFE = "*?,"  # the same as RFC 3986 allows them in a query (for a server refusing a bare "^")
 QIDO_PARAMETERS = ("limit", "offset", "fuzzymatching", "includefield")  # a search's arguments, never filters
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})  # no value matching (PS3.4 C.2.2.2)
+# characters a value of these VRs holds at most (PS3.5 table 6.2-1; PN: per component group)
+TEXT_LENGTHS = {"AE": 16, "AS": 4, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "UI": 64, "ST": 1024, "LT": 10240}
 INTEGER_RANGES = {"US": (0, 2**16 - 1), "SS": (-(2**15), 2**15 - 1), "UL": (0, 2**32 - 1),
                   "SL": (-(2**31), 2**31 - 1), "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1)}
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
@@ -329,8 +332,10 @@ def _hint_encoded(url: str, params: Iterable[tuple[str, str]]) -> None:
     if encoded:  # the characters only, never the values (they may be names)
         kinds = {"space" if c == " " else "non-ASCII letters" if not c.isascii() else repr(c) for c in encoded}
         shown = ", ".join(sorted(kinds))
+        # a non-ASCII letter is two or more bytes in UTF-8, and ? stands for one: only * replaces it
+        advice = "try * in their place" if "non-ASCII letters" in kinds else "try ? or * in their place"
         log.warning("%s: no match; the search values hold characters sent percent-encoded (%s), which some "
-                    "servers (Orthanc 1.10) match literally: try ? or * in their place", url, shown)
+                    "servers (Orthanc 1.10) match literally: %s", url, shown, advice)
 
 
 def keyword_or_tag(name: str) -> str:
@@ -407,7 +412,8 @@ def check_match_value(name: str, value: str, what: str) -> str:
     else InputError naming ``what``: sequences and binary values (VR SQ, OB, OW, UN...) match no
     value; numbers (US, SL, FD, IS, DS...) must be numbers in their VR's range (single value matching,
     no wildcards; whole numbers come back as plain digits); dates (DA) ``YYYYMMDD`` or a range
-    (``check_date_match``)."""
+    (``check_date_match``); text no longer than its VR holds, code strings in upper case
+    (``check_text_match``)."""
     vr = filter_vr(name)
     if vr == "SQ":
         raise InputError(f"{what}: a sequence cannot be matched with a value (give the attribute inside it "
@@ -429,6 +435,26 @@ def check_match_value(name: str, value: str, what: str) -> str:
             raise InputError(f"{what} expects a number (VR {vr}), got {value!r}")
     elif vr == "DA":
         check_date_match(value, what)
+    elif vr in TEXT_LENGTHS:
+        return check_text_match(value, vr, what)
+    return value
+
+
+def check_text_match(value: str, vr: str, what: str) -> str:
+    """A text match value as servers compare it: a code string (CS) in upper case, the only case it is
+    stored in (Orthanc's QIDO-RS ignores case there, its C-FIND does not). InputError naming ``what``
+    (never the value: it may be a name or an ID) when a value is longer than its VR holds
+    (``TEXT_LENGTHS``; ``*`` not counted): no stored value can match it, and C-FIND would send it anyway
+    to match nothing. Several values (``\\`` or ``,`` between them) are measured one by one."""
+    if vr == "CS":
+        value = value.upper()
+    limit = TEXT_LENGTHS[vr]
+    for single in value.replace(",", "\\").split("\\"):
+        for part in single.split("=") if vr == "PN" else [single]:
+            length = len(part.replace("*", ""))
+            if length > limit:
+                raise InputError(f"{what}: a value of {length} characters, more than the {limit} a DICOM {vr} value "
+                                 "holds (no stored value can match it)")
     return value
 
 

@@ -183,21 +183,23 @@ class _Writer:
         import pydicom
 
         from .deid import deidentify_dataset
-        from .dicom import quiet_pydicom
+        from .dicom import looks_like_raw_dataset, quiet_pydicom
 
         head = body.read(132)
-        if len(head) < 132 or head[128:] != b"DICM":
-            raise DataError(self.url, f"{where}: a received instance is not a DICOM file (no DICM marker)")
+        # a PACS serves what it stored: now and then a data set without preamble and file meta, as medvl reads files
+        has_marker = len(head) == 132 and head[128:] == b"DICM"
+        if not has_marker and not looks_like_raw_dataset(head):
+            raise DataError(where, "a received instance is not a DICOM file (no DICM marker at byte 128 and no "
+                                   "DICOM header at the start)")
         body.seek(0)
         with quiet_pydicom(where):
             try:
-                ds = pydicom.dcmread(body)
+                ds = pydicom.dcmread(body, force=not has_marker)
             except Exception as error:  # noqa: BLE001 - any parser failure: a corrupt instance
-                raise DataError(self.url, f"{where}: a received instance is not readable DICOM "
-                                          f"({type(error).__name__})") from None
+                raise DataError(where, f"a received instance is not readable DICOM ({type(error).__name__})") from None
             original = str(ds.get("SOPInstanceUID") or "")
             if not original:
-                raise DataError(self.url, f"{where}: a received instance has no SOP Instance UID")
+                raise DataError(where, "a received instance has no SOP Instance UID")
             if uid_hash(original, 64) in skip:
                 return uid_hash(original, 64), None
             if self.keep_identifiers:
@@ -209,6 +211,8 @@ class _Writer:
         relative = (f"study-{uid_hash(str(ds.get('StudyInstanceUID', '')), 12)}/"
                     f"series-{uid_hash(str(ds.get('SeriesInstanceUID', '')), 12)}/"
                     f"{uid_hash(str(ds.get('SOPInstanceUID', '')), 20)}.dcm")
+        if not self.keep_identifiers:
+            self.entries[-1]["output"] = relative
         atomic_write_bytes(self.out / relative, data)
         return uid_hash(original, 64), relative
 
@@ -353,16 +357,18 @@ def _deid_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
     replaced = Counter(name for entry in entries for name in entry["replaced"])
     removed = Counter(name for entry in entries for name in entry["removed"])
-    warned = sum(1 for entry in entries if entry["warnings"])
-    if warned:
-        log.warning("%d pulled instance(s) declare burned-in annotation: identifiers may be in their pixels, "
-                    "which de-identification does not change", warned)
+    at_risk = sorted(entry["output"] for entry in entries if entry["burned_in_risk"])
+    if at_risk:
+        log.warning("%d pulled instance(s) may hold burned-in text in their pixels, or identifying text in an "
+                    "encapsulated document (Burned In Annotation YES, or ultrasound / secondary capture / "
+                    "document...), which de-identification does not change", len(at_risk))
     return {"profile": PROFILE, "tool": f"dicognito {dicognito_version}",
             "uids": "replaced, consistent within the pull", "dates": "shifted back by one offset per pull",
             "files_this_run": len(entries), "replaced": dict(sorted(replaced.items())),
             "removed": dict(sorted(removed.items())),
             "private_tags_removed": sum(entry["private_tags_removed"] for entry in entries),
-            "files_with_burned_in_annotation": warned}
+            "files_with_burned_in_risk": len(at_risk), "burned_in_risk_files": at_risk,
+            "files_with_warnings": sum(1 for entry in entries if entry["warnings"])}
 
 
 def read_report(folder: str | Path) -> dict[str, Any]:
