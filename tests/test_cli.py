@@ -498,6 +498,13 @@ def test_a_complete_demo_is_run_again_only_with_overwrite(tmp_path):
     assert other.exit_code == 2, output
     assert "holds a complete demo of other settings (n); --overwrite" in " ".join(output.split()), output
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    marker = json.loads((out / "demo.json").read_text())  # a demo finished before the marker named its model
+    kept = ("n", "seed", "size", "epochs", "complete")
+    (out / "demo.json").write_text(json.dumps({key: marker[key] for key in kept}))
+    again, output = invoke(*args[:-1])  # the same: its results.json names the model and the image size
+    assert again.exit_code == 0 and "not run again" in " ".join(output.split()), output
+    other, output = invoke(*args[:8], "cxr-small", *args[9:])
+    assert other.exit_code == 2 and "of other settings (model" in " ".join(output.split()), output
     redone, output = invoke(*args, "--overwrite")
     assert redone.exit_code == 0, output
     assert not (out / "train" / "model" / "NOTES.txt").exists() and (out / "report.html").is_file()

@@ -113,18 +113,21 @@ def _headline(zs: dict, rt: dict, lp: dict, minutes: float) -> dict:
 
 
 def _finished(out: Path, marker: dict, settings: dict) -> tuple[dict | None, str]:
-    """The summary of the complete demo in ``out`` (``"reused": True``) when it was run with ``settings`` (a marker
-    written before the model and image size were recorded matches on the rest), else None and why not."""
-    changed = [key for key, value in settings.items() if marker.get(key, value) != value]
-    if changed or any(key not in marker for key in ("n", "seed", "size", "epochs")):
-        return None, f"of other settings ({', '.join(changed) or 'not recorded'})"
+    """The summary of the complete demo in ``out`` (``"reused": True``) when it was run with ``settings``, else None
+    and why not. A marker written before the model and image size were recorded is read with the values its
+    ``results.json`` records."""
     report = out / "report.html"
     try:
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
         headline = _headline(results["zero_shot"], results["retrieval"], results["linear_probe"],
                              results["total_minutes"])
+        recorded = {**{key: results[key] for key in ("model", "image_size") if key in results}, **marker}
     except (OSError, ValueError, KeyError, TypeError):
         return None, "whose results.json is missing or unreadable"
+    missing = [key for key in settings if key not in recorded]
+    changed = [key for key in settings if key in recorded and recorded[key] != settings[key]]
+    if changed or missing:
+        return None, f"of other settings ({', '.join(changed) or 'not recorded: ' + ', '.join(missing)})"
     if not report.is_file():
         return None, "whose report.html is missing"
     return {"headline": headline, "report": str(report), "results": results, "reused": True}, ""
