@@ -757,3 +757,16 @@ def test_a_labels_csv_split_follows_the_manifest_rules(tmp_path, rows, problem):
     assert load_dataset(tmp_path / "dcm").splits == ["all"]  # no row names another split
     (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,split,finding\n{uids[0]},test,a\n")
     assert load_dataset(tmp_path / "dcm").splits == ["test", "all"]  # a record without a row: unlabelled, in 'all'
+
+
+def test_pydicoms_complaints_stay_out_of_a_fresh_processs_log(tmp_path):
+    """pydicom's first import inside medvl's quiet context set its logger back to WARNING, so `medvl dicom-info` in a
+    fresh process logged 'Invalid value for VR UI: ...' with the header's value (pydicom's bad_sequence.dcm)."""
+    import subprocess
+    import sys
+
+    shutil.copy(get_testdata_file("bad_sequence.dcm"), tmp_path / "bad_sequence.dcm")
+    done = subprocess.run([sys.executable, "-m", "medvl", "dicom-info", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Invalid value" not in done.stdout + done.stderr, done.stderr

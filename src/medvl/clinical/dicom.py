@@ -95,6 +95,8 @@ def quiet_pydicom(path: str | Path | None = None) -> Iterator[list[str]]:
 
     pydicom both warns and logs (logger ``pydicom``) and converts values lazily, so every public
     function here runs under this, not only the parsing."""
+    import pydicom.config  # noqa: F401 -- imported first: its import sets the logger's level (to WARNING)
+
     texts: list[str] = []
     pydicom_log = logging.getLogger("pydicom")
     level = pydicom_log.level
