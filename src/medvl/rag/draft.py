@@ -525,13 +525,22 @@ def _drafted(group: _Group, hits: Sequence[Hit], weights: np.ndarray, voters: li
                          support=round(support, 4), cases=[hits[i].id for i in cited], wording_from=close)
 
 
+def _knowledge_texts(knowledge: KnowledgeBase) -> list[str]:
+    """Each entry's words in one text: title, phrases, definition, appearance, notes."""
+    return [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
+
+
+def _never_names() -> set[str]:
+    """Stop words, titles and detail words: words of every draft that name no one."""
+    return _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind}
+
+
 def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
     """Words that are not names: the knowledge base's (titles, phrases, definitions, notes), and those the
     ``reports`` use in lower case; a capitalised word outside them is taken for a name (``_identifiers``)."""
-    texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
-    words = {w.lower() for text in texts for w in _LETTER_WORD.findall(text)}
+    words = {w.lower() for text in _knowledge_texts(knowledge) for w in _LETTER_WORD.findall(text)}
     words |= {w for text in reports for w in _LETTER_WORD.findall(text or "") if w.islower()}
-    return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind})
+    return frozenset(words | _never_names())
 
 
 @lru_cache(maxsize=65536)
@@ -614,9 +623,8 @@ def vocabulary(knowledge: KnowledgeBase) -> frozenset:
             *labels.FINAL_POST_UNCERTAIN, *labels.NEAR_POST_NEGATION, *labels.PRE_UNCERTAIN, *labels.POST_UNCERTAIN,
             *labels.NEGATED_UNCERTAIN, *labels.PSEUDO_NEGATION, *labels.TERMINATORS, *labels.SKIPPED_SECTIONS,
             *labels.IMPRESSION_SECTIONS, "findings", "finding", "report"]
-    texts = [" ".join([f.title, *f.synonyms, *f.exclude, f.definition, f.appearance, f.notes]) for f in knowledge]
-    words = {w for text in [*texts, *cues] for w in _LETTERS.findall(text.lower())}
-    return frozenset(words | _STOP | set(_TITLES) | {w for kind in DETAILS for w in kind} | {"mm", "cm"})
+    words = {w for text in [*_knowledge_texts(knowledge), *cues] for w in _LETTERS.findall(text.lower())}
+    return frozenset(words | _never_names() | {"mm", "cm"})
 
 
 def rare_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
