@@ -66,9 +66,12 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
         raise InputError(f"{out}: holds a complete demo {why_not}; --overwrite runs it again, replacing its train "
                          "folder (the model and anything added to it), results.json and report.html")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MARKER, {**_data_fields(previous), "complete": False})
-    for stale in ("results.json", "report.html"):  # an earlier run's: they would outlive the model they describe
+    # an earlier run's report and results would outlive the model they describe: gone before the marker says the
+    # demo is incomplete, so an interruption at any point never leaves them beside an incomplete marker (one
+    # between the two steps leaves a complete marker without them, which a rerun names and refuses)
+    for stale in ("report.html", "results.json"):
         (out / stale).unlink(missing_ok=True)
+    write_json(out / MARKER, {**_data_fields(previous), "complete": False})
     data_dir = _phantom(out, n, seed, size, previous, show_progress)
     dataset = load_dataset(data_dir)
     train_set, test_set = dataset.select("train"), dataset.select("test")
