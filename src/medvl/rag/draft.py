@@ -67,6 +67,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -616,15 +617,34 @@ def _dated(text: str, common: frozenset = frozenset()) -> bool:
 
 def vocabulary(knowledge: KnowledgeBase) -> frozenset:
     """Words that name no one: the knowledge base's (titles, phrases, definitions, notes), the report labeller's
-    (its negation, uncertainty and scope cues, section names), stop words, titles, detail words and units."""
+    (its negation, uncertainty and scope cues, section names), ordinary report words (``report_words``), stop
+    words, titles, detail words and units."""
+    return frozenset({w for text in _knowledge_texts(knowledge) for w in _LETTERS.findall(text.lower())}
+                     | _fixed_vocabulary())
+
+
+@lru_cache(maxsize=1)
+def _fixed_vocabulary() -> frozenset:
+    """``vocabulary`` less the knowledge base's words: the labeller's cues, ``report_words`` and the rest."""
     from . import labels
 
     cues = [*labels.PRE_NEGATION, *labels.NEAR_PRE_NEGATION, *labels.POST_NEGATION, *labels.FINAL_POST_NEGATION,
             *labels.FINAL_POST_UNCERTAIN, *labels.NEAR_POST_NEGATION, *labels.PRE_UNCERTAIN, *labels.POST_UNCERTAIN,
             *labels.NEGATED_UNCERTAIN, *labels.PSEUDO_NEGATION, *labels.TERMINATORS, *labels.SKIPPED_SECTIONS,
             *labels.IMPRESSION_SECTIONS, "findings", "finding", "report"]
-    words = {w for text in [*_knowledge_texts(knowledge), *cues] for w in _LETTERS.findall(text.lower())}
+    words = {w for text in [*cues, *report_words()] for w in _LETTERS.findall(text.lower())}
     return frozenset(words | _never_names() | {"mm", "cm"})
+
+
+@lru_cache(maxsize=1)
+def report_words() -> frozenset:
+    """Ordinary words of radiology and pathology reports (``report_words.txt``, written by hand): anatomy,
+    descriptors, change over time, devices, the examination, function words. None names anyone: no month or
+    weekday names and no word that is also a common surname, so a word a draft carries from fewer than
+    ``MIN_CASES`` reports because it is listed here cannot be a patient's or a doctor's name."""
+    text = resources.files("medvl.rag").joinpath("report_words.txt").read_text(encoding="utf-8")
+    return frozenset(word.lower() for line in text.splitlines() if not line.lstrip().startswith("#")
+                     for word in line.split())
 
 
 def rare_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> frozenset:
