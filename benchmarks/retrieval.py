@@ -218,9 +218,10 @@ def bench_pgvector(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
 # ------------------------------------------------------------------ the whole embedded index
 
 
-def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator, crossover: bool = False) -> dict:
-    """The whole embedded index: build through FaissBuilder (SQLite rows, pending vectors, swap),
-    then plain and filtered searches through FaissIndex."""
+def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator, crossover: bool = False,
+                 kind: str = "auto") -> dict:
+    """The whole embedded index: build through FaissBuilder (SQLite rows, pending vectors, swap; ``kind``: the
+    ANN kind, ``auto`` as medvl picks it by size), then plain and filtered searches through FaissIndex."""
     n, dim = vectors.shape
     columns = {"age": "number", "sex": "text", "view": "text"}
     ages, sexes, views = rng.integers(18, 96, n), rng.choice(["F", "M"], n), rng.choice(["PA", "AP", "LL"], n)
@@ -236,11 +237,12 @@ def bench_folder(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Genera
         rows = time.perf_counter() - started
         info = {"format": INFO_FORMAT, "backend": "faiss", "embed_dim": dim,
                 "model": {"name": "synthetic", "embed_dim": dim}, "label_columns": []}
-        info = builder.finish(info)
+        info = builder.finish(info, kind)
         total = time.perf_counter() - started
-        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+        files = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(out.iterdir()) if p.is_file()}
         result = {"n": n, "kind": info["images"]["kind"], "recall_at_10_recorded": info["images"]["recall_at_10"],
-                  "rows_s": round(rows, 1), "build_total_s": round(total, 1), "folder_mb": round(size, 1)}
+                  "rows_s": round(rows, 1), "build_total_s": round(total, 1),
+                  "folder_mb": round(sum(files.values()), 1), "files_mb": files}
         filters = {"plain": (None, np.ones(n, bool)),  # name: (where, the cases it allows)
                    "where_sex_age": ("sex = 'F' and age > 60", (sexes == "F") & (ages > 60)),
                    "where_1pct": ("view = 'LL' and age < 21", (views == "LL") & (ages < 21)),
@@ -378,7 +380,8 @@ def bench_backends(args: argparse.Namespace, vectors: np.ndarray, queries: np.nd
 
 def print_folder(folder: dict) -> None:
     print(f"\nwhole embedded index (FaissBuilder + FaissIndex, {folder['n']:,} cases, {folder['kind']}): "
-          f"build {folder['build_total_s']} s ({folder['rows_s']} s of it the SQLite rows), {folder['folder_mb']} MB; "
+          f"build {folder['build_total_s']} s ({folder['rows_s']} s of it the SQLite rows), {folder['folder_mb']} MB "
+          f"({', '.join(f'{name} {mb}' for name, mb in folder.get('files_mb', {}).items())}); "
           f"filter columns opened in {folder['filter_columns_open_s']} s")
     if "open_s" in folder:
         print(f"index opened in {folder['open_s']} s, of it the check that the FAISS files match the table "
@@ -416,6 +419,8 @@ def main() -> None:
     parser.add_argument("--no-folder", action="store_true", help="skip the whole-index (SQLite) run")
     parser.add_argument("--folder-only", action="store_true", help="only the whole-index run (no backend table)")
     parser.add_argument("--crossover", action="store_true", help="time filters of many shares on each path")
+    parser.add_argument("--folder-kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                        help="the whole-index run's ANN kind (auto: as medvl picks it by size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -438,7 +443,7 @@ def main() -> None:
     if not args.folder_only:
         bench_backends(args, vectors, queries, source, results)
     if not args.no_folder:
-        results["folder"] = folder = bench_folder(vectors, queries, rng, args.crossover)
+        results["folder"] = folder = bench_folder(vectors, queries, rng, args.crossover, args.folder_kind)
         print_folder(folder)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(f"peak RSS of this process: {results['peak_rss_mb']:,} MB")
