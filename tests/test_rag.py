@@ -160,6 +160,8 @@ def labeller():
     # ... but not one about the finding itself, nor one going on to name the same finding
     ("Pneumonia is likely.", {"pneumonia": "uncertain"}),
     ("Atelectasis may also be present.", {"atelectasis": "uncertain"}),
+    ("Left basilar opacity may be artifactual.", {"lung_opacity": "uncertain"}),  # the finding doubted
+    ("Mild cardiomegaly may be positional.", {"cardiomegaly": "uncertain"}),
     ("Blunting of the right costophrenic angle, which may represent a small effusion.",
      {"pleural_effusion": "uncertain"}),
     # an item starting with a hedge after a comma ends a negated list

@@ -138,6 +138,10 @@ POST_UNCERTAIN = [
     "versus", "vs", "is not certain", "may be present",
     "is in the differential", "would be a consideration", "is a consideration", "is a possibility",
     "is less likely", "are less likely",  # a differential's second place: still possible
+    # the finding itself doubted as an artefact of the technique ("opacity may be artifactual")
+    "may be artifactual", "could be artifactual", "possibly artifactual", "is possibly artifactual",
+    "may be artefactual", "could be artefactual", "may be an artifact", "could be an artifact",
+    "may be artifact", "may be technical", "may be positional",
 ]
 # hedges after the finding that are about it only where they end the clause, say that it is there or are qualified
 # themselves ("pneumonia is likely.", "atelectasis may also be present", "fractures may not be demonstrated",
