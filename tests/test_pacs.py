@@ -892,6 +892,11 @@ def test_valid_match_values_are_sent_as_servers_compare_them():
         "Rows": "64", "StudyDate": "20040101-", "PatientBirthDate": "-19991231", "00100020": "MRN*"}
     assert study_filters(study_date="20040119", pairs=["SeriesNumber=3"]) == {"StudyDate": "20040119",
                                                                              "SeriesNumber": "3"}
+    # a bad value of a named option names the option, not only the attribute it matches
+    with pytest.raises(InputError, match="^--accession AccessionNumber: a value of 20 characters"):
+        study_filters(accession="ACC-2209-11873-AB-77")
+    with pytest.raises(InputError, match="^--modality ModalitiesInStudy: "):
+        study_filters(modality="CT,,MR")
     # code strings are stored in upper case: sent so; * does not count towards a length
     assert search_filters({"ModalitiesInStudy": "ct", "PatientSex": "f", "BodyPartExamined": "l-spine*",
                            "AccessionNumber": "*" + "A" * 16 + "*", "PatientName": "Müller*^*"}) == {

@@ -37,13 +37,16 @@ def study_filters(patient_id: str | None = None, patient_name: str | None = None
     ``YYYYMMDD-YYYYMMDD``, as must a date given with ``--filter``."""
     if study_date:
         check_date_match(study_date, "--study-date")
-    filters: dict[str, str | None] = {"PatientID": patient_id, "PatientName": patient_name,
-                                      "ModalitiesInStudy": modality, "StudyDate": study_date,
-                                      "AccessionNumber": accession}
+    named = {"PatientID": ("--patient-id", patient_id), "PatientName": ("--patient-name", patient_name),
+             "ModalitiesInStudy": ("--modality", modality), "StudyDate": ("--study-date", study_date),
+             "AccessionNumber": ("--accession", accession)}
+    filters: dict[str, str] = {}
+    for keyword, (option, value) in named.items():  # an error names the option and the attribute it matches
+        filters.update(search_filters({keyword: value}, option))
     pairs_given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--filter expects KEYWORD=VALUE, got {pair!r}")
         pairs_given[keyword_or_tag(key)] = value.strip()
-    return {**search_filters(filters), **search_filters(pairs_given, "--filter")}
+    return {**filters, **search_filters(pairs_given, "--filter")}
