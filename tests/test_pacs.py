@@ -736,6 +736,39 @@ def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploade
 
 
 @pytest.mark.orthanc
+def test_a_series_the_deidentification_refuses_is_skipped_named_and_the_other_studies_pulled(uploaded, tmp_path):
+    """One instance whose accession number was copied into a kept attribute (the final scan refuses it) stopped
+    the whole multi-study pull, and a rerun stopped at it again: the studies after it could not be pulled. Now
+    its series is skipped and named (report, log line, exit code 3), every other series pulled, and a rerun
+    asks only for the refused one."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(uploaded.files["B"][0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ConvolutionKernel = ds.AccessionNumber  # a request ID in an attribute the profile keeps
+    leaky = tmp_path / "leaky.dcm"
+    ds.save_as(leaky)
+    [bad] = post_instances(uploaded, [leaky])
+    out = tmp_path / "out"
+    args = ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+            "--study", bad, "--study", uploaded.studies["A"], "--out", out, "--quiet")
+    for run in range(2):
+        result, output = invoke(*args)
+        assert result.exit_code == 3, output
+        report = read_report(out)
+        failed = [series for series in report["series"] if series["error"]]
+        assert [series["missing"] for series in failed] == [1] and not report["complete"]
+        assert "request ID survived de-identification in ConvolutionKernel" in failed[0]["error"]
+        assert "its retrieve failed: " in report["missing"] and "incomplete:" in output
+        assert report["counts"]["pulled"] == (len(uploaded.files["A"]) if run == 0 else 0)
+        assert len(list(out.rglob("*.dcm"))) == len(uploaded.files["A"])
+        assert str(ds.AccessionNumber) not in json.dumps(report) + output
+    result, output = invoke(*args[:-7], "--study", bad, "--out", tmp_path / "alone", "--quiet")
+    assert result.exit_code == 2 and "survived de-identification" in output  # nothing else asked: one error
+
+
+@pytest.mark.orthanc
 def test_a_piped_search_table_keeps_every_column(uploaded, monkeypatch):
     """Redirected to a file (not a terminal), the table is as wide as its columns need: rich's 80 columns
     would crop the modalities and counts away without a mark."""
@@ -1138,6 +1171,41 @@ def test_pull_report_counts_burned_in_risk_not_every_warning(tmp_path, caplog):
     assert pydicom.dcmread(tmp_path / "out" / flagged).Modality == "US"
     assert "1 pulled instance(s) may hold burned-in text in their pixels" in caplog.text
     assert "declare" not in caplog.text
+
+
+def test_a_series_that_fails_is_skipped_but_a_lost_connection_stops_the_pull(tmp_path):
+    """A series the source fails to deliver (here an instance that is not DICOM) no longer stops the series
+    after it; a connection lost stops the pull at once (every other series would fail the same way)."""
+    from medvl.clinical.pull import STATE_NAME, run_pull
+    from medvl.errors import ConnectionFailure
+
+    good = [write_dicom(tmp_path / f"ct{i}.dcm", PATIENTS["B"], study=str(i), series="1", number=1, modality="CT",
+                        pixels=np.zeros((8, 8)), series_number=1, description="Thorax") for i in range(2)]
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"MZ" + os.urandom(400))
+    source = FilesSource([good[0], good[1], good[1]])
+    source.paths = [good[0], junk, good[1]]
+    source.headers[1] = pydicom.Dataset()
+    source.headers[1].SOPInstanceUID, source.headers[1].Modality = "1.2.3.4.5", "CT"
+    report = run_pull(source, "1.2.3", tmp_path / "out", show_progress=False)
+    assert report["counts"]["pulled"] == 2 and not report["complete"] and (tmp_path / "out" / STATE_NAME).is_file()
+    assert [series["error"] for series in report["series"]] == [
+        None, "a received instance is not a DICOM file (no DICM marker at byte 128 and no DICOM header at the "
+              "start)", None]
+    assert report["missing"].startswith("1 instance(s) missing: series 2 of 3 (CT) has 0 of 1, its retrieve "
+                                        "failed: a received instance is not a DICOM file")
+
+    class Unreachable(FilesSource):
+        asked = 0
+
+        def fetch_series(self, plan, missing):
+            Unreachable.asked += 1
+            raise ConnectionFailure(self.url, "cannot connect: connection refused")
+            yield
+
+    with pytest.raises(ConnectionFailure, match="connection refused"):
+        run_pull(Unreachable(good), "1.2.3", tmp_path / "gone", show_progress=False)
+    assert Unreachable.asked == 1
 
 
 def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):

@@ -42,6 +42,12 @@ class ModelError(MedvlError):
     """A model name, directory or checkpoint cannot be used."""
 
 
+class ConnectionFailure(DataError):
+    """A server cannot be reached or stopped answering (connection refused, timeout, TLS, an association the
+    PACS refused, a transfer that broke off): nothing else asked of it in this run would fare better, so a
+    multi-series pull stops there instead of trying every other series."""
+
+
 class WriteError(DataError):
     """An output could not be written (full disk, quota, read-only file system, permissions)."""
 

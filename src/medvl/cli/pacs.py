@@ -166,10 +166,12 @@ def pull_command(
     quiet: QuietOption = False,
 ) -> None:
     """Pull whole studies with WADO-RS (or C-GET / C-MOVE) into OUT, de-identified (DICOM PS3.15 basic
-    profile), with OUT/pull-report.json. Rerun the same command to resume an interrupted pull."""
+    profile), with OUT/pull-report.json. Rerun the same command to resume an interrupted pull. A series the
+    PACS will not send is skipped and named, the others pulled, and the exit code is 3."""
     from ..clinical.clients import open_pacs
     from ..clinical.pull import REPORT_NAME, run_pull
     from ..io import check_output_folder
+    from .exits import EXIT_PARTIAL
 
     check_output_folder(out, "--out")
 
@@ -194,6 +196,8 @@ def pull_command(
                       "ultrasound / secondary capture / document...): check them (the report's burned_in_risk_files "
                       "says which)", markup=True)
     console.print(f"report: {out / REPORT_NAME}")
+    if any(series["error"] for series in report["series"]):
+        raise typer.Exit(EXIT_PARTIAL)  # a script must not take a pull with refused series for a whole one
 
 
 @pacs_app.command("echo")

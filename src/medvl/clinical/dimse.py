@@ -50,7 +50,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
 
-from ..errors import DataError, InputError
+from ..errors import ConnectionFailure, DataError, InputError
 from .dicom import quiet_pydicom
 from .formats import INSTALL_HINT
 from .pacs import INTEGER_RANGES, SERIES_FIELDS, STUDY_FIELDS, check_paging, filter_vr, keyword_or_tag, search_filters
@@ -182,7 +182,7 @@ class DimseClient:
                 abstract_syntax)
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet, ext_neg=roles, evt_handlers=handlers)
         if not assoc.is_established:
-            raise DataError(self.url, f"{what}: {self._association_problem(assoc)}")
+            raise ConnectionFailure(self.url, f"{what}: {self._association_problem(assoc)}")
         try:
             yield assoc
         except BaseException:
@@ -215,7 +215,7 @@ class DimseClient:
     def _status(self, status, what: str) -> int:
         """The status code of a response; ``DataError`` for none (timeout / abort) or a failure."""
         if status is None or "Status" not in status:
-            raise DataError(self.url, f"{what}: no answer within {self.timeout:g} s (timeout), or the PACS "
+            raise ConnectionFailure(self.url, f"{what}: no answer within {self.timeout:g} s (timeout), or the PACS "
                                       "aborted the association")
         code = int(status.Status)
         if code == 0x0000 or code in PENDING or code == 0xB000:

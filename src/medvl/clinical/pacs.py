@@ -52,7 +52,7 @@ from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..checks import check_number
-from ..errors import DataError, InputError
+from ..errors import ConnectionFailure, DataError, InputError
 from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
 from .pull import STATE_NAME as STATE_NAME
@@ -177,13 +177,14 @@ class DicomWebClient:
                                                  headers={"Accept": accept})
             response = self.session.send(request, stream=stream)
         except httpx.TimeoutException:
-            raise DataError(self.url, f"no answer within {self.timeout:g} s (timeout)") from None
+            raise ConnectionFailure(self.url, f"no answer within {self.timeout:g} s (timeout)") from None
         except httpx.ConnectError as error:
             if any(word in str(error).lower() for word in ("ssl", "certificate", "tls")):
-                raise DataError(self.url, "TLS/SSL error (certificate not trusted, or not an https server)") from None
-            raise DataError(self.url, f"cannot connect: {_connection_reason(error)}") from None
+                raise ConnectionFailure(self.url, "TLS/SSL error (certificate not trusted, or not an https "
+                                                  "server)") from None
+            raise ConnectionFailure(self.url, f"cannot connect: {_connection_reason(error)}") from None
         except httpx.HTTPError as error:
-            raise DataError(self.url, f"request failed ({type(error).__name__})") from None
+            raise ConnectionFailure(self.url, f"request failed ({type(error).__name__})") from None
         if response.status_code >= 400:
             response.close()
             raise DataError(self.url, _status_problem(response.status_code, response.reason_phrase, what))
@@ -562,7 +563,7 @@ def _checked_chunks(url: str, what: str, response) -> Iterator[bytes]:
     try:
         yield from response.iter_bytes(chunk_size=CHUNK_BYTES)
     except httpx.HTTPError as error:
-        raise DataError(url, f"{what}: the transfer broke off ({type(error).__name__})") from None
+        raise ConnectionFailure(url, f"{what}: the transfer broke off ({type(error).__name__})") from None
 
 
 class _Buffer:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from ..errors import DataError, InputError
+from ..errors import ConnectionFailure, DataError, InputError, WriteError
 from ..io import atomic_write_bytes, write_json
 from ..progress import progress_bar
 from .formats import INSTALL_HINT, uid_hash
@@ -70,6 +70,7 @@ class SeriesPlan:
     already: int = 0  # instances of the series already in OUT when this run started
     missing: int = 0  # instances known to be absent after this run (listed, or counted by the source)
     folder: str | None = None  # OUT-relative folder of the written instances
+    error: str | None = None  # why fetching the series failed in this run (no identifiers); the others went on
 
     @property
     def size(self) -> int:
@@ -277,6 +278,8 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
     budget = limit if limit is not None else total + 1
     saved = time.monotonic()
     present = _present_by_folder(state)
+    failures: list[DataError] = []  # series whose fetch failed, each alone: the others go on
+    attempts = 0
     try:
         with progress_bar("Pulling DICOM", total=total, enabled=show_progress) as advance:
             for number, plan in enumerate(plans, 1):
@@ -290,23 +293,34 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                     continue
                 # instances the source did not list cannot be asked for by UID: ask for the whole series
                 wanted = list(plan.instances) if unlisted else missing
-                with closing(source.fetch_series(plan, wanted)) as bodies:
-                    for body in bodies:
-                        key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})",
-                                                     skip=state.done)
-                        if relative is None:  # already here: the whole series was asked for again
-                            continue
-                        plan.pulled, budget = plan.pulled + 1, budget - 1
-                        advance(1)
-                        state.done[key] = relative
-                        plan.folder = str(Path(relative).parent)
-                        if time.monotonic() - saved > STATE_SAVE_SECONDS:
-                            state.save()
-                            saved = time.monotonic()
-                        if budget <= 0:
-                            break
+                attempts += 1
+                try:
+                    with closing(source.fetch_series(plan, wanted)) as bodies:
+                        for body in bodies:
+                            key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})",
+                                                         skip=state.done)
+                            if relative is None:  # already here: the whole series was asked for again
+                                continue
+                            plan.pulled, budget = plan.pulled + 1, budget - 1
+                            advance(1)
+                            state.done[key] = relative
+                            plan.folder = str(Path(relative).parent)
+                            if time.monotonic() - saved > STATE_SAVE_SECONDS:
+                                state.save()
+                                saved = time.monotonic()
+                            if budget <= 0:
+                                break
+                except (ConnectionFailure, WriteError):
+                    raise  # the server is gone, or the disk: no other series would fare better
+                except DataError as error:  # this series only (a refused retrieve, an unreadable instance)
+                    plan.error = error.problem  # what failed, not where: the report names the server once
+                    failures.append(error)
+                    log.warning("series %d of %d (%s): %s; the other series go on (rerun to retry it)", number,
+                                len(plans), plan.modality or "modality unknown", plan.error)
     finally:
         state.save()  # an instance written but not yet recorded is fetched and written again on resume
+    if failures and not state.done and len(failures) == attempts:
+        raise failures[0]  # every series asked for failed and the folder holds nothing: one error, as before
     present = _present_by_folder(state)
     for plan in plans:
         absent = sum(1 for sop in plan.instances if uid_hash(sop, 64) not in state.done)
@@ -330,6 +344,8 @@ def missing_line(plans: list[SeriesPlan], shown: int = 3) -> str | None:
         part = f"series {number} of {len(plans)} ({modality}) has {plan.size - plan.missing} of {plan.size}"
         if plan.listing_short:
             part += f", the server listing only {len(plan.instances)} (a capped search)"
+        if plan.error:
+            part += f", its retrieve failed: {plan.error}"
         parts.append(part)
     more = f"; and {len(short) - shown} more series" if len(short) > shown else ""
     return f"{sum(plan.missing for _, plan in short)} instance(s) missing: {'; '.join(parts)}{more}"
@@ -339,7 +355,7 @@ def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: b
                  seconds: float) -> dict[str, Any]:
     series = [{"folder": plan.folder, "modality": plan.modality, "series_number": plan.number,
                "instances": plan.size, "listed": len(plan.instances), "pulled": plan.pulled,
-               "already_present": plan.already, "missing": plan.missing} for plan in plans]
+               "already_present": plan.already, "missing": plan.missing, "error": plan.error} for plan in plans]
     counts = {"studies": len({plan.study_uid for plan in plans}), "series": len(plans),
               "instances": sum(plan.size for plan in plans),
               "pulled": sum(plan.pulled for plan in plans), "already_present": sum(plan.already for plan in plans)}
