@@ -1265,3 +1265,67 @@ def test_pgvector_keeps_the_key_order_of_labels_metadata_and_filter_columns(pg_u
         add_records(pg, model, dataset.subset([extra]), allow_duplicates=True, show_progress=False)
     with open_index(url) as pg:
         assert list(pg.info["columns"]) == [*local.info["columns"], "zz_new", "a"]
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_pgvector_swap_landing_during_a_search_is_followed_or_refused(pg_url, model, model_dir, dataset, tmp_path):
+    """A reader read the index's info, then its query waited for a rebuild's swap (which holds the table's lock)
+    and ran on the new table: with the old info's columns (a PostgreSQL UndefinedColumn error, a 500 in the
+    service) or with vectors of another model (hits scored by a foreign model, silently). The info is read
+    again in the search's transaction now: the search follows the new table, or is refused."""
+    import threading
+
+    import psycopg
+
+    from medvl.index.base import IndexRebuilt
+    from medvl.index.pgvector_store import INFO_TABLE
+
+    base = pg_url.rsplit("#", 1)[0]
+    other_dir = tmp_path / "other"
+    torch.manual_seed(11)
+    create_model("phantom-tiny").save_pretrained(other_dir)
+    without_age = Dataset([dataclasses.replace(r, meta={k: v for k, v in r.meta.items() if k != "age"})
+                           for r in dataset], source=dataset.source)
+
+    def swap_during(search, new_model, new_model_dir, data):
+        """Build ``#swapped_next``, then swap it in by hand as a build does, committing only once ``search``
+        (run on a reader of ``#swapped`` opened before) waits for the swap's lock."""
+        build_index(model, dataset, base + "#swapped", model_dir=model_dir, show_progress=False)
+        build_index(new_model, data, base + "#swapped_next", model_dir=new_model_dir, show_progress=False)
+        outcome: dict = {}
+        with open_index(base + "#swapped") as reader, psycopg.connect(base) as writer:
+            reader.follow_rebuild()
+            writer.execute('DROP TABLE "swapped"')
+            writer.execute('ALTER TABLE "swapped_next" RENAME TO "swapped"')
+            writer.execute(f"UPDATE {INFO_TABLE} SET info = (SELECT info FROM {INFO_TABLE} WHERE name = "
+                           "'swapped_next') WHERE name = 'swapped'")
+            writer.execute(f"DELETE FROM {INFO_TABLE} WHERE name = 'swapped_next'")
+
+            def run():
+                try:
+                    outcome["hits"] = search(reader)
+                except Exception as error:  # noqa: BLE001 - the outcome is checked below
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            with psycopg.connect(base, autocommit=True) as watcher:
+                deadline = time.monotonic() + 30
+                while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                          "AND query LIKE '%%swapped%%'").fetchone()[0]:
+                    assert time.monotonic() < deadline and thread.is_alive(), outcome
+                    time.sleep(0.02)
+            writer.commit()
+            thread.join(30)
+        return outcome
+
+    image = dataset[3].image
+    foreign = swap_during(lambda index: search_index(index, model, image=image, k=5), load_model(other_dir),
+                          other_dir, dataset)
+    assert isinstance(foreign.get("error"), IndexRebuilt), foreign
+    filtered = swap_during(lambda index: search_index(index, model, image=image, k=5, where="age > 50"), model,
+                           model_dir, without_age)
+    assert isinstance(filtered.get("error"), InputError) and "age" in str(filtered["error"]), filtered
+    plain = swap_during(lambda index: search_index(index, model, image=image, k=5), model, model_dir, without_age)
+    assert len(plain.get("hits", [])) == 5, plain

@@ -739,7 +739,12 @@ def test_a_pgvector_index_rebuilt_under_the_service_is_followed_or_refused(model
                 assert "rebuilt with another model since it was opened" in answer.json()["detail"]
             result, output = invoke("search", "--index", url, "--model", model_dir, "--text", "effusion")
             assert result.exit_code == 2 and "weights differ" in output  # the CLI's refusal of the same model
+            described = http.get("/v1/models").json()["models"][0]["index"]
+            assert "rebuilt with another model" in described["unavailable"] and described["cases"] is None
             build_index(load_model(model_dir), load_dataset(few), url, model_dir=model_dir, show_progress=False)
+            described = http.get("/v1/models").json()["models"][0]["index"]  # read again before any search
+            assert described["filter_columns"] == {"kind": "text"} and described["cases"] == 5
+            assert described["unavailable"] is None
             followed = search(text="pleural effusion", k="10")
             assert followed.status_code == 200 and len(followed.json()["hits"]) == 5
             assert search(text="x", where="kind = 'x'").status_code == 200

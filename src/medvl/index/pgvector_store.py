@@ -467,9 +467,29 @@ class PgVectorIndex(IndexBase):
 
     def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
                target: str = IMAGES) -> list[list[Hit]]:
+        """The nearest cases of each vector. A read-only index follows a rebuild by another process
+        (``follow_rebuild``), and a swap that lands between reading the info and the search (the query waits
+        for the swap's lock, then reads the new table) is seen at the end, in the same transaction: the
+        search is run again on the new table, or refused (``IndexRebuilt``) if another model built it."""
         check_target(target)
         check_k(k)
-        self.follow_rebuild()
+        errors = _psycopg().errors
+        for attempt in range(3):
+            self.follow_rebuild()
+            used = self.info
+            try:
+                with self.conn.transaction():  # the table read locked until the info is read again
+                    results = self._search(vectors, k, where, target)
+                    current = self.writable or _read_info(self.conn, self.table) == used
+            except (errors.UndefinedColumn, errors.UndefinedTable, errors.DataException):
+                if self.writable or attempt == 2 or _read_info(self.conn, self.table) == used:
+                    raise  # not a swap: the table is the one the info describes
+                continue
+            if current:
+                return results
+        raise DataError(self.location, "the index was rebuilt three times while it was searched; search again")
+
+    def _search(self, vectors: np.ndarray, k: int, where: str | None, target: str) -> list[list[Hit]]:
         vectors = check_vectors(vectors, self.dim)
         if target == TEXTS and TEXTS not in self.info:
             raise InputError(f"{self.location}: index holds no report texts to search")

@@ -252,11 +252,23 @@ class ModelService:
                 "max_images": self.vqa_image_limit()}
 
     def _describe_index(self) -> dict[str, Any] | None:
+        """The index as it is now: a PostgreSQL table rebuilt by another process since the last search is read
+        again (its columns, its size), and one this service cannot search any more says why (``unavailable``)."""
+        from ..index.base import IndexRebuilt
+
         if self.index is None:
             return None
+        unavailable = None
+        follow = getattr(self.index, "follow_rebuild", None)
+        if follow is not None:
+            try:
+                follow()
+            except (IndexRebuilt, DataError) as error:
+                unavailable = str(error)
         info = self.index.info
-        return {"name": self.index_name, "cases": len(self.index), "backend": info.get("backend"),
-                "label_columns": info.get("label_columns"), "filter_columns": info.get("columns")}
+        return {"name": self.index_name, "cases": None if unavailable else len(self.index),
+                "backend": info.get("backend"), "label_columns": info.get("label_columns"),
+                "filter_columns": info.get("columns"), "unavailable": unavailable}
 
     async def zero_shot(self, data: bytes, class_names: Sequence[str], label_column: str | None,
                         timings: dict[str, Any]) -> dict[str, Any]:
