@@ -14,6 +14,7 @@ from pathlib import Path
 import uvicorn
 
 from cli_helpers import invoke
+from medvl.serve.connections import server_config
 
 
 def train_tiny_model(data: Path, out: Path) -> Path:
@@ -58,14 +59,15 @@ def fit_concept_bottleneck(model_dir: Path, data: Path, image: Path, out: Path) 
 
 
 class Server:
-    """A real uvicorn server in a thread on a free 127.0.0.1 port; ``url`` is its base address."""
+    """A real uvicorn server in a thread on a free 127.0.0.1 port, configured as ``medvl serve`` configures it
+    (``medvl.serve.connections.server_config``: the header deadline); ``url`` is its base address."""
 
-    def __init__(self, app):
+    def __init__(self, app, **options):
         self.app = app
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        self.server = uvicorn.Server(server_config(app, log_config=None, access_log=False, **options))
         # as medvl serve's setup_json_logging: uvicorn's access log (its lines quote the URL) stays off even when a
         # handler is attached to it, as pytest's caplog (9.2 and later) attaches one to every non-propagating logger
         logging.getLogger("uvicorn.access").disabled = True

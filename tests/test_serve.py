@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -136,7 +137,8 @@ def test_health_is_public_and_every_other_route_needs_a_valid_token(client):
     models = client.get("/v1/models", headers=auth()).json()["models"]
     assert models[0]["name"] == "phantom-tiny" and models[0]["index"]["cases"] > 0
     assert "/" not in models[0]["folder"] and "/" not in models[0]["index"]["name"]
-    assert models[0]["limits"] == {"max_upload_bytes": UPLOAD_LIMIT}  # the page checks a file before sending it
+    # the page checks a file before sending it
+    assert models[0]["limits"] == {"max_upload_bytes": UPLOAD_LIMIT, "max_inflight_bytes": 8 * (UPLOAD_LIMIT + 65536)}
 
 
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
@@ -1662,6 +1664,180 @@ def test_a_trusted_proxy_must_be_an_address_or_network(model_dir, value):
     assert "--trusted-proxy" in output and "not an IP address or network" in output
 
 
+# ------------------------------------------------------------------ slow clients, uploads in flight (real sockets)
+
+def _form_body(image: bytes) -> bytes:
+    """A multipart body of one ``image`` field (boundary ``B``)."""
+    return (b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+            + image + b"\r\n--B--\r\n")
+
+
+def _post_head(token: str, length: int | None, route: str = "/v1/embed") -> bytes:
+    """A POST's request line and headers: ``Content-Length: length``, or a chunked body when ``length`` is None."""
+    size = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return (f"POST {route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: multipart/form-data; boundary=B\r\n{size}\r\n\r\n").encode()
+
+
+def _connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+
+
+def _answer(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes] | None:
+    """One HTTP answer read from ``sock``: (status, headers with lower-case names, body); None when the connection
+    closes without one or nothing comes within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = (line.partition(":") for line in lines[1:])
+        headers = {name.strip().lower(): value.strip() for name, _, value in fields}
+        while len(body) < int(headers.get("content-length", 0)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    except TimeoutError:
+        return None
+    return int(lines[0].split()[1]), headers, body
+
+
+def _seconds_until_closed(sock: socket.socket, since: float, limit: float = 5.0) -> float | None:
+    """Seconds from ``since`` until the server closes ``sock`` (None: still open after ``limit`` seconds)."""
+    sock.settimeout(max(limit - (time.monotonic() - since), 0.01))
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    except OSError:  # reset
+        pass
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_connection_not_finishing_its_headers_in_time_is_closed_and_logged_without_client_data(
+        model_dir, log_lines, parser):
+    """uvicorn has no deadline for request headers: a connection sending half of its headers stayed open for
+    ever, and about a thousand of them (ulimit -n) made the service unreachable, with nothing in the log (the
+    token check and its rate limits run once the headers are complete). It is closed after header_timeout
+    seconds from its opening, and from the answer before on a kept-alive connection; headers that arrive in
+    pieces within the time are answered; one WARNING line counts the closed connections."""
+    from medvl.serve.connections import http_protocol
+
+    app = create_app(model_dir, settings=ServeSettings(header_timeout=0.5), token_digests=[token_digest(TOKENS[0])])
+    with Server(app, http=http_protocol(parser)) as server:
+        half, opened = _connect(server), time.monotonic()
+        half.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        kept = _connect(server)
+        kept.sendall(b"GET /v1/health HTTP/1.1\r\n")
+        time.sleep(0.2)
+        kept.sendall(b"Host: x\r\n\r\n")  # in two pieces, complete within the time
+        health = _answer(kept)
+        answered = time.monotonic()
+        time.sleep(0.2)
+        kept.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # the next request, never finished
+        half_closed = _seconds_until_closed(half, opened)
+        kept_closed = _seconds_until_closed(kept, answered)
+        unbroken = httpx.get(f"{server.url}/v1/health", timeout=10).status_code
+        half.close()
+        kept.close()
+    assert health is not None and health[0] == 200
+    assert half_closed is not None and 0.45 <= half_closed < 4, half_closed
+    # uvicorn's own keep-alive timeout (5 s) does not apply: the second request's first bytes cancelled it
+    assert kept_closed is not None and 0.45 <= kept_closed < 4, kept_closed
+    assert unbroken == 200
+    warnings = [json.loads(line) for line in log_lines() if '"medvl.serve.connections"' in line]
+    assert warnings and warnings[0]["level"] == "WARNING" and warnings[0]["connections"] == 1, warnings
+    assert "127.0.0.1" not in json.dumps(warnings) and "health" not in json.dumps(warnings)
+
+
+def test_a_body_trickling_in_is_refused_408_and_one_arriving_in_time_is_answered(model_dir, png):
+    """A client that sent its headers and then one byte every few seconds held its request (and its upload's
+    memory) for ever. A body gets body_timeout seconds and one more per min_body_rate bytes received."""
+    app = create_app(model_dir, settings=ServeSettings(body_timeout=1.0, rate_limit=0),
+                     token_digests=[token_digest(TOKENS[0])])
+    body = _form_body(png.read_bytes())
+    with Server(app) as server:
+        paced = _connect(server)
+        paced.sendall(_post_head(TOKENS[0], len(body)) + body[: len(body) // 2])
+        time.sleep(0.5)
+        paced.sendall(body[len(body) // 2:])
+        in_time = _answer(paced, timeout=30)
+        trickle, started = _connect(server), time.monotonic()
+        trickle.sendall(_post_head(TOKENS[0], len(body)) + body[:200])
+        for offset in range(200, 230):  # a byte every 0.2 s
+            if select.select([trickle], [], [], 0.2)[0]:
+                break
+            trickle.sendall(body[offset:offset + 1])
+        refused = _answer(trickle, timeout=1)
+        took = time.monotonic() - started
+        closed = _seconds_until_closed(trickle, time.monotonic(), limit=2)
+        paced.close()
+        trickle.close()
+    assert in_time is not None and in_time[0] == 200, in_time
+    assert refused is not None and refused[0] == 408, refused
+    assert "did not arrive in time" in json.loads(refused[2])["detail"] and refused[1]["connection"] == "close"
+    assert 0.9 < took < 4 and closed is not None
+
+
+def test_uploads_in_flight_are_bounded_and_a_request_beyond_is_503_before_its_body_is_read(model_dir):
+    """Uploads are held in memory (never on disk), and nothing bounded how many: 60 clients each holding back
+    the last bytes of a 30 MB upload took 1.8 GB. The bytes of the bodies in flight are bounded: a declared body
+    that would go over is refused at once (503, Retry-After), a chunked one as it streams in; the budget is
+    given back when a request ends, and /v1/models reports it."""
+    from medvl.serve.settings import FORM_OVERHEAD
+
+    image = _png_bytes((np.random.default_rng(0).random((480, 480)) * 255).astype(np.uint8))
+    body = _form_body(image)
+    budget = 2 * (UPLOAD_LIMIT + FORM_OVERHEAD)  # room for two of these bodies, not three
+    assert 2 * len(body) <= budget < 3 * len(body) and len(image) <= UPLOAD_LIMIT
+    settings = ServeSettings(max_upload_bytes=UPLOAD_LIMIT, max_vqa_images=1, max_inflight_bytes=budget, rate_limit=0)
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(TOKENS[0])])
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        limits = http.get("/v1/models", headers=auth(TOKENS[0])).json()["models"][0]["limits"]
+        held = [_connect(server), _connect(server)]
+        for sock in held:  # all but the last bytes: the request waits for them, its upload in memory
+            sock.sendall(_post_head(TOKENS[0], len(body)) + body[:-100])
+        time.sleep(0.5)
+        third = _connect(server)
+        third.sendall(_post_head(TOKENS[0], len(body)))  # headers only: refused before any byte of its body
+        busy = _answer(third)
+        chunked = _connect(server)
+        chunked.sendall(_post_head(TOKENS[0], None) + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        busy_chunked = _answer(chunked)
+        for sock in held:
+            sock.sendall(body[-100:])
+        answers = [_answer(sock, timeout=30) for sock in held]
+        time.sleep(0.2)
+        after = http.post("/v1/embed", headers=auth(TOKENS[0]), files={"image": ("x.png", image)})
+        for sock in (*held, third, chunked):
+            sock.close()
+    assert limits == {"max_upload_bytes": UPLOAD_LIMIT, "max_inflight_bytes": budget}
+    assert [answer and answer[0] for answer in answers] == [200, 200]
+    assert busy is not None and busy[0] == 503 and busy[1]["retry-after"] == "2", busy
+    assert json.loads(busy[2])["detail"].startswith("too many uploads in flight (the service takes in 0.6 MiB")
+    assert busy_chunked is not None and busy_chunked[0] == 503 and busy_chunked[1]["retry-after"] == "2"
+    assert after.status_code == 200, after.text  # the budget was given back
+
+
+def test_the_in_flight_budget_defaults_to_eight_uploads_and_holds_the_largest_body():
+    from medvl.serve.settings import FORM_OVERHEAD, MIB
+
+    assert ServeSettings().inflight_limit == 8 * (32 * MIB + FORM_OVERHEAD)  # 256.5 MiB
+    assert ServeSettings(max_upload_bytes=MIB, max_vqa_images=16).inflight_limit == 16 * MIB + FORM_OVERHEAD
+    assert ServeSettings(max_inflight_bytes=200 * MIB).validate().inflight_limit == 200 * MIB
+    with pytest.raises(InputError, match=r"max_inflight_bytes must hold the largest request body, 128\.06 MiB "
+                                         r"\(/v1/vqa's 4 uploads and their form\), got 100 MiB"):
+        ServeSettings(max_inflight_bytes=100 * MIB).validate()
+
+
 def test_an_upload_over_1_mib_is_not_spooled_to_disk(model_dir, monkeypatch):
     """Starlette writes a multipart file part over 1 MiB to a temporary file; within the upload limit the
     service keeps it in memory (a patient image never reaches disk)."""
@@ -1759,7 +1935,12 @@ def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir
                              "--max-upload-mb must allow at least one byte (> 0), got 1e-07"),
                             (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
                             (["--rate-burst", "0"], "--rate-burst must be >= 1"),
-                            (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number")):
+                            (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number"),
+                            (["--max-inflight-mb", "0"], "--max-inflight-mb must be > 0, got 0"),
+                            (["--max-inflight-mb", "100"], "--max-inflight-mb must hold the largest request body, "
+                                                           "128.06 MiB (/v1/vqa's 4 uploads and their form), got 100"),
+                            (["--header-timeout", "0"], "--header-timeout must be > 0"),
+                            (["--body-timeout", "nan"], "--body-timeout must be a finite number")):
         result, output = invoke("serve", "--model", model_dir, "--port", _free_port(), *options)
         assert result.exit_code == 2, (options, output)
         errors = {line for line in output.splitlines() if line.startswith("error:")}  # result.output holds stderr too

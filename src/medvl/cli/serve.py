@@ -16,7 +16,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 OPTION_NAMES = {"max_pixels": "--max-pixels", "max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms",
                 "rate_limit": "--rate-limit", "rate_burst": "--rate-burst", "failed_auth_burst": "--failed-auth-burst",
                 "torch_threads": "--torch-threads", "data_root": "--data-root", "vqa_model": "--vqa-model",
-                "bottleneck": "--bottleneck", "knowledge": "--knowledge", "builtin_knowledge": "--no-builtin-knowledge"}
+                "bottleneck": "--bottleneck", "knowledge": "--knowledge", "builtin_knowledge": "--no-builtin-knowledge",
+                "max_inflight_bytes": "--max-inflight-mb", "header_timeout": "--header-timeout",
+                "body_timeout": "--body-timeout"}
 SERVE_HINT = "pip install 'medvl[serve]'"
 
 
@@ -56,6 +58,16 @@ def serve_command(
     failed_auth_burst: Annotated[int, typer.Option(
         help="Requests without a valid token one address may send before it gets 429 (refills 1 a second).")] = 20,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MiB).")] = 32.0,
+    max_inflight_mb: Annotated[float | None, typer.Option(
+        help="Request bodies taken in at once, all clients together (MiB; uploads are held in memory): a request "
+             "that would go over gets 503 with Retry-After before its body is read. Default: 8 uploads' worth "
+             "(8 x --max-upload-mb and their forms).")] = None,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a connection has to send a request's headers (from its opening or the previous answer); "
+             "then it is closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a request body may take, plus one per 64 KiB received (bodies at 64 KiB/s or faster are "
+             "never cut); a slower one gets 408.")] = 10.0,
     max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
@@ -81,15 +93,18 @@ def serve_command(
     check_number("--max-upload-mb", max_upload_mb)  # a finite number
     if max_upload_mb * MIB < 1:
         raise InputError(f"--max-upload-mb must allow at least one byte (> 0), got {max_upload_mb:g}")
+    check_number("--max-inflight-mb", max_inflight_mb, minimum=0, exclusive_minimum=True, optional=True)
     proxies = _trusted_proxies(trusted_proxy or [])
-    uvicorn, create_app = _serve_modules()
+    uvicorn, create_app, server_config = _serve_modules()
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MIB), max_pixels=max_pixels,
                              batching=not no_batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              rate_limit=rate_limit, rate_burst=rate_burst, failed_auth_burst=failed_auth_burst,
                              cors_origins=list(cors_origin or []),
                              data_root=data_root, vqa_model=vqa_model, bottleneck=bottleneck,
                              knowledge=knowledge, builtin_knowledge=builtin_knowledge, backend=backend,
-                             torch_threads=torch_threads).validate(OPTION_NAMES).for_model(model)
+                             torch_threads=torch_threads, header_timeout=header_timeout, body_timeout=body_timeout,
+                             max_inflight_bytes=None if max_inflight_mb is None else int(max_inflight_mb * MIB),
+                             ).validate(OPTION_NAMES).for_model(model)
     _check_model_dir(model, settings.backend)
     if settings.bottleneck is not None:  # a damaged file is refused now; whether it fits the model, once that loads
         from ..explain.concepts import ConceptBottleneck
@@ -108,9 +123,10 @@ def serve_command(
         # proxy headers only from the proxies named: uvicorn would otherwise take X-Forwarded-For from any loopback
         # client as the client's address, and one client could then pose as any number of addresses (each with its
         # own failed-token allowance). From a trusted proxy uvicorn takes the last address not itself a proxy.
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
-                                forwarded_allow_ips=proxies or None)
+        # a connection whose request headers are not complete within --header-timeout is closed (connections)
+        config = server_config(app, host=host, port=port, log_config=None, access_log=False,
+                               timeout_graceful_shutdown=30, server_header=False, proxy_headers=bool(proxies),
+                               forwarded_allow_ips=proxies or None)
         # a SIGTERM is the service's normal stop: uvicorn drains the requests in flight, then re-raises the signal,
         # which must end the process as a plain SIGTERM, not as the 'terminated' cleanup path of the other commands
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -175,9 +191,10 @@ def _serve_modules():
         import uvicorn
 
         from ..serve.app import create_app
+        from ..serve.connections import server_config
     except ImportError as error:
         raise InputError(f"medvl serve needs FastAPI and uvicorn ({error.name} is missing): {SERVE_HINT}") from None
-    return uvicorn, create_app
+    return uvicorn, create_app, server_config
 
 
 def _setup_logs() -> None:

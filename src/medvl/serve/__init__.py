@@ -7,6 +7,7 @@ de-identification), ``previews`` (an upload's preview and a case's thumbnail as 
 ``medvl.clinical.windowing.render_preview``), ``auth`` (hashed API tokens, per-token rate limit),
 ``middleware`` (request id, auth and body limit before the body is read), ``logs`` (JSON log lines),
 ``lane`` (explanations and VQA answers: one at a time beside the micro-batcher, a bounded wait),
+``connections`` (the uvicorn config ``medvl serve`` runs: a connection's request headers have a deadline),
 ``explanation`` (``medvl explain``'s computation on an upload's decoded pixels),
 ``settings``.
 """

@@ -106,6 +106,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
                   description="Medical vision-language models: zero-shot, embeddings, similar cases, report drafts, "
                               "explanations, visual question answering. Every /v1 route but /v1/health needs "
                               "'Authorization: Bearer TOKEN'.")
+    app.state.settings = settings  # the server's header timeout (``connections.server_config``) reads it
     app.state.loader = loader
     app.state.service = loader.service
     _add_routes(app, loader, settings)
@@ -119,7 +120,8 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
                        routes=frozenset(getattr(route, "path", "") for route in app.routes),
-                       files_per_route={"/v1/vqa": settings.max_vqa_images})
+                       files_per_route={"/v1/vqa": settings.max_vqa_images}, inflight_bytes=settings.inflight_limit,
+                       body_timeout=settings.body_timeout, min_body_rate=settings.min_body_rate)
     return app
 
 

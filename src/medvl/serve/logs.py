@@ -17,7 +17,7 @@ import time
 FIELDS = ("request_id", "method", "route", "status", "client", "ms", "decode_ms", "queue_ms", "model_ms",
           "batch_size", "upload_kind", "upload_bytes", "error", "host", "port", "model", "batching",
           "max_batch", "max_wait_ms", "backend", "http", "loop", "torch_threads", "trusted_proxies", "drained",
-          "detail")
+          "detail", "connections")
 
 
 class JsonFormatter(logging.Formatter):

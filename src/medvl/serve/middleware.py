@@ -7,10 +7,17 @@ bearer token (401) within its rate (429); a declared ``Content-Length`` above th
 refused at once (413) and a streamed (chunked) body is counted and cut off there (413). A route
 taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
 text field that is not UTF-8 is refused (422) as the body streams in (``form_text_checked``).
+
+Bodies are held in memory, so the bytes of all bodies in flight are bounded (``BodyBudget``): a request
+whose ``Content-Length`` would take them over the budget is refused at once (503 with ``Retry-After``),
+and a chunked body is counted as it streams in (503 once it would). A body must arrive within
+``body_timeout`` seconds plus one per ``min_body_rate`` bytes received, else 408 and the connection is
+closed (a client trickling a body in would otherwise hold its share of the budget for ever).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -23,6 +30,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
 from .auth import TokenAuth, retry_after_header
+from .settings import FORM_OVERHEAD, MIB
 from .uploads import too_large_text
 
 log = logging.getLogger("medvl.serve.requests")
@@ -30,7 +38,7 @@ log = logging.getLogger("medvl.serve.requests")
 PUBLIC_PATHS = {"/v1/health"}
 # on every answer: no MIME sniffing, no referrer, never inside another site's frame (clickjacking)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
-FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
+BUSY_RETRY_AFTER_S = 2  # when a client refused for the bodies in flight may try again
 
 
 def needs_token(method: str, path: str) -> bool:
@@ -42,7 +50,8 @@ class ServiceMiddleware:
     """Request id, auth, rate limit and body limit around the app; logs every request as JSON."""
 
     def __init__(self, app, auth: TokenAuth | None, max_upload_bytes: int, routes: frozenset[str] = frozenset(),
-                 files_per_route: dict[str, int] | None = None):
+                 files_per_route: dict[str, int] | None = None, inflight_bytes: int | None = None,
+                 body_timeout: float | None = None, min_body_rate: int = 64 * 1024):
         # request ids: 16 hex digits, a random prefix per process and a counter (unique without a system
         # call per request; they name log lines, they are no secret)
         prefix = secrets.token_hex(4)
@@ -52,6 +61,8 @@ class ServiceMiddleware:
         self.max_upload_bytes = max_upload_bytes
         self.files_per_route = dict(files_per_route or {})
         self.routes = routes  # the app's route paths: a log names one of these, never another path
+        self.budget = BodyBudget(inflight_bytes)  # None: no bound
+        self.body_timeout, self.min_body_rate = body_timeout, min_body_rate  # None: no body deadline
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,15 +83,17 @@ class ServiceMiddleware:
                     headers.setdefault("Cache-Control", "no-store")
             await send(message)
 
+        held = self.budget.hold()
         try:
-            refusal = self._refusal(scope, timings)
+            refusal = self._refusal(scope, timings) or self._busy(scope, held, timings)
             if refusal is not None:
                 await _reply(send_with_id, *refusal)
             else:
-                counted = self._counting(receive, self._body_limit(scope["path"]), scope["path"])
+                counted = self._counting(receive, self._body_limit(scope["path"]), scope["path"], held)
                 await self.app(scope, form_text_checked(counted, Headers(scope=scope).get("content-type")),
                                send_with_id)
         finally:
+            held.release()
             self._log(scope, request_id, status[0], started, timings)
 
     def _refusal(self, scope, timings: dict) -> tuple[int, str, dict[str, str]] | None:
@@ -119,16 +132,46 @@ class ServiceMiddleware:
         with the form's allowance added."""
         return too_large_text(self.max_upload_bytes, self.files_per_route.get(path, 1))
 
-    def _counting(self, receive, limit: int, path: str):
-        """``receive`` that refuses (413) a body growing past the limit, whatever its headers said."""
-        received = [0]
+    def _busy(self, scope, held: BodyHold, timings: dict) -> tuple[int, str, dict[str, str]] | None:
+        """503 when the declared body does not fit in what is left of the in-flight budget; else it is held."""
+        length = Headers(scope=scope).get("content-length")  # digits: _refusal refused any other value
+        if length is None or held.take(int(length)):
+            return None
+        timings["error"] = "uploads_in_flight"
+        return 503, self._busy_text(), {"Retry-After": str(BUSY_RETRY_AFTER_S)}
+
+    def _busy_text(self) -> str:
+        limit = (self.budget.limit or 0) / MIB
+        return f"too many uploads in flight (the service takes in {limit:.1f} MiB of request bodies at once); " \
+               f"retry in {BUSY_RETRY_AFTER_S} s"
+
+    def _counting(self, receive, limit: int, path: str, held: BodyHold):
+        """``receive`` that refuses a body growing past the limit, whatever its headers said (413), a chunked body
+        growing past what is left of the in-flight budget (503), and a body arriving too slowly (408)."""
+        received, started, complete = [0], time.monotonic(), [False]
 
         async def counted():
-            message = await receive()
-            if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
-                if received[0] > limit:
-                    raise HTTPException(413, self._too_large(path))
+            if complete[0] or self.body_timeout is None:
+                message = await receive()
+            else:  # the body's deadline moves on by a second per min_body_rate bytes received
+                allowed = self.body_timeout + received[0] / self.min_body_rate - (time.monotonic() - started)
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=max(allowed, 0.0))
+                except TimeoutError:
+                    raise HTTPException(408, f"the request body did not arrive in time (it gets "
+                                             f"{self.body_timeout:g} s and one more per "
+                                             f"{self.min_body_rate // 1024} KiB received)",
+                                        headers={"Connection": "close"}) from None
+            if message["type"] != "http.request":
+                complete[0] = True
+                return message
+            received[0] += len(message.get("body", b""))
+            complete[0] = not message.get("more_body", False)
+            if received[0] > limit:
+                raise HTTPException(413, self._too_large(path))
+            if not held.take(received[0] - held.bytes):  # a chunked body: counted as it arrives
+                raise HTTPException(503, self._busy_text(), headers={"Retry-After": str(BUSY_RETRY_AFTER_S),
+                                                                    "Connection": "close"})
             return message
 
         return counted
@@ -139,6 +182,40 @@ class ServiceMiddleware:
         extra = {"request_id": request_id, "method": scope["method"], "route": route,
                  "status": status, "ms": round((time.perf_counter() - started) * 1000, 2), **timings}
         log.info("request", extra=extra)
+
+
+class BodyBudget:
+    """The bytes of request bodies in flight, all requests together, kept within ``limit`` (None: no bound)."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.used = 0
+
+    def hold(self) -> BodyHold:
+        """One request's share, empty at first; released when the request ends."""
+        return BodyHold(self)
+
+
+class BodyHold:
+    """What one request holds of a ``BodyBudget``."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes if they fit in the budget (a size of 0 or less always fits)."""
+        if size <= 0:
+            return True
+        if self.budget.limit is not None and self.budget.used + size > self.budget.limit:
+            return False
+        self.budget.used += size
+        self.bytes += size
+        return True
+
+    def release(self) -> None:
+        self.budget.used -= self.bytes
+        self.bytes = 0
 
 
 def form_text_checked(receive, content_type: str | None):

@@ -227,7 +227,8 @@ class ModelService:
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
                 "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa(),
-                "limits": {"max_upload_bytes": self.settings.max_upload_bytes}}
+                "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
+                           "max_inflight_bytes": self.settings.inflight_limit}}
 
     def _describe_explain(self) -> dict[str, Any]:
         """What /v1/explain can do: ``methods`` (none, and the reason in ``unavailable``, for a model that takes

@@ -13,6 +13,8 @@ from ..models.backends import check_backend, resolve_backend
 from ..models.registry import model_directory
 
 MIB = 1 << 20
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
+INFLIGHT_UPLOADS = 8  # the default in-flight budget: this many request bodies of one upload each
 
 
 @dataclass
@@ -54,6 +56,20 @@ class ServeSettings:
     # per core). On few cores, 1 leaves a core to the requests' own work: more requests per second without
     # micro-batching and at a few clients (docs/benchmarks.md); it is process-wide (torch's setting)
     torch_threads: int = 0
+    # bytes of request bodies the service takes in at once, all requests together: a request whose declared body
+    # (a chunked one's bytes so far) would take them over is refused with 503 and Retry-After, before its body is
+    # read. Uploads are held in memory (never written to disk), so this bounds their memory. None: INFLIGHT_UPLOADS
+    # (8) bodies of one upload each (``inflight_limit``); never less than the largest body a route takes
+    max_inflight_bytes: int | None = None
+    # seconds a connection has to send a request's headers, from its opening or from the previous answer: a
+    # connection still sending them is closed (a client holding many half-open connections would otherwise make
+    # the service unreachable)
+    header_timeout: float = 10.0
+    # seconds a request's body may take, plus one for every ``min_body_rate`` bytes received: a body arriving at
+    # 64 KiB/s or faster is never cut (a 32 MiB upload may take 522 s), a slower one is refused with 408 and its
+    # connection closed
+    body_timeout: float = 10.0
+    min_body_rate: int = 64 * 1024
 
     def validate(self, names: Mapping[str, str] | None = None) -> ServeSettings:
         """``self`` if every number is in range, else ``InputError`` naming the setting: by ``names[setting]``
@@ -71,9 +87,17 @@ class ServeSettings:
             "max_vqa_images": {"minimum": 1, "maximum": 64, "integer": True},
             "max_explain_top": {"minimum": 1, "maximum": 16, "integer": True},
             "heavy_queue": {"minimum": 0, "integer": True},
-            "torch_threads": {"minimum": 0, "maximum": 1024, "integer": True}}
+            "torch_threads": {"minimum": 0, "maximum": 1024, "integer": True},
+            "max_inflight_bytes": {"minimum": 0, "integer": True, "optional": True},  # then at least the largest body
+            "header_timeout": {"minimum": 0, "exclusive_minimum": True, "maximum": 3600},
+            "body_timeout": {"minimum": 0, "exclusive_minimum": True, "maximum": 3600},
+            "min_body_rate": {"minimum": 1, "integer": True}}
         check_numbers({names.get(setting, setting): (getattr(self, setting), limits)
                        for setting, limits in bounds.items()})
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.largest_body:
+            raise InputError(f"{names.get('max_inflight_bytes', 'max_inflight_bytes')} must hold the largest request "
+                             f"body, {self.largest_body / MIB:.2f} MiB (/v1/vqa's {self.max_vqa_images} uploads and "
+                             f"their form), got {self.max_inflight_bytes / MIB:g} MiB")
         check_backend(self.backend)
         for setting in ("vqa_model", "bottleneck"):
             value = getattr(self, setting)
@@ -99,6 +123,19 @@ class ServeSettings:
         model in ``model_dir`` (a model folder or a train output folder), so logs and ``/v1/models`` name it;
         ``self`` keeps ``auto`` (one settings object may serve models of both kinds)."""
         return replace(self, backend=resolve_backend(model_directory(model_dir), self.backend))
+
+    @property
+    def largest_body(self) -> int:
+        """Bytes of the largest request body a route takes: ``/v1/vqa``'s uploads and their form."""
+        return self.max_upload_bytes * self.max_vqa_images + FORM_OVERHEAD
+
+    @property
+    def inflight_limit(self) -> int:
+        """Bytes of request bodies taken in at once: ``max_inflight_bytes``, by default ``INFLIGHT_UPLOADS`` bodies
+        of one upload each (8 x 32 MiB and their forms: 256.5 MiB), or the largest body if that is more."""
+        if self.max_inflight_bytes is not None:
+            return self.max_inflight_bytes
+        return max(INFLIGHT_UPLOADS * (self.max_upload_bytes + FORM_OVERHEAD), self.largest_body)
 
     @property
     def batch_size(self) -> int:
