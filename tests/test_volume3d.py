@@ -14,7 +14,7 @@ from PIL import Image
 
 import medvl
 from cli_helpers import invoke
-from hostile_files import corrupt_gzip_nifti, zero_affine_nifti
+from hostile_files import corrupt_gzip_nifti, patched_nifti, zero_affine_nifti
 from medvl.clinical.nifti import NiftiSlabs, read_nifti, write_nifti
 from medvl.data.phantom import CT3D_CAPTIONS, CT_MANIFEST_COLUMNS, generate_phantom
 from medvl.data.phantom.ct3d import FINDINGS, render_case
@@ -273,6 +273,44 @@ def test_a_nifti_file_without_an_orientation_is_refused_by_both_readers(tmp_path
         medvl.create_model("ct3d-tiny").encode_images([path])
 
 
+NAN = float("nan")
+# header faults nibabel raises on when it scales (get_slope_inter) or computes the affine (get_best_affine)
+UNREADABLE_HEADERS = {
+    "nan_inter.nii": ([("<ff", 112, (1.0, NAN))],  # scl_slope 1, scl_inter NaN
+                      r"cannot read the NIfTI image \(HeaderDataError: Valid slope but invalid intercept nan\)"),
+    "bad_quaternion.nii": ([("<hh", 252, (1, 0)), ("<fff", 256, (1.0, 1.0, 0.0))],  # qform only, b^2 + c^2 > 1
+                           r"cannot read the NIfTI image \(ValueError: w2 should be positive"),
+}
+
+
+def _refused_alike(path: Path, match: str) -> str:
+    """The one message both NIfTI readers and a 3D model refuse ``path`` with (it names the file)."""
+    with pytest.raises(DataError, match=rf"{re.escape(path.name)}: {match}") as whole:
+        read_nifti(path)
+    with pytest.raises(DataError) as streamed:
+        NiftiSlabs(path)
+    assert str(streamed.value) == str(whole.value)
+    with pytest.raises(DataError) as encoded:  # predict, train, eval and index build read a volume this way
+        medvl.create_model("ct3d-tiny").encode_images([path])
+    assert str(encoded.value) == str(whole.value)
+    return str(whole.value)
+
+
+@pytest.mark.parametrize("name", UNREADABLE_HEADERS)
+def test_a_nifti_header_nibabel_cannot_scale_or_orient_is_refused_alike_by_both_readers(name, tmp_path):
+    """A NaN scl_inter beside a valid slope, or an impossible qform quaternion: read_nifti refused the file, the
+    streamed reader (3D models, the service's size check) crashed with nibabel's HeaderDataError / ValueError."""
+    fields, match = UNREADABLE_HEADERS[name]
+    _refused_alike(patched_nifti(tmp_path / name, *fields), match)
+
+
+def test_a_nifti_voxel_size_that_is_not_a_positive_number_is_refused_by_both_readers(tmp_path):
+    """A NaN pixdim: read_nifti refused the file, the streamed reader never read the voxel sizes and a 3D model
+    predicted it."""
+    _refused_alike(patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))),
+                   r"broken NIfTI header: voxel sizes \[nan, 2\.0, 3\.0\] mm")
+
+
 def test_a_corrupt_gzip_stream_is_refused_when_streamed_as_when_read_whole(tmp_path):
     path = corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")
     with pytest.raises(DataError, match=r"corrupt\.nii\.gz.*CRC"):
@@ -414,19 +452,23 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
 
 
 def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_path):
-    """predict and index build exit 2 naming the file (a zero affine crashed with a traceback; a corrupt gzip
-    stream was predicted and indexed without a word)."""
+    """predict and index build exit 2 naming the file (a zero affine, a NaN scl_inter or an impossible quaternion
+    crashed with a traceback; a corrupt gzip stream or a NaN voxel size was predicted and indexed without a
+    word)."""
     import shutil
 
-    damaged = {"zero.nii": zero_affine_nifti(tmp_path / "zero.nii"),
-               "corrupt.nii.gz": corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")}
-    for name, path in damaged.items():
+    damaged = {"zero.nii": (zero_affine_nifti(tmp_path / "zero.nii"), "singular"),
+               "corrupt.nii.gz": (corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz"), "CRC"),
+               "pixdim_nan.nii": (patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))), "voxel sizes"),
+               **{name: (patched_nifti(tmp_path / name, *fields), "cannot read the NIfTI image")
+                  for name, (fields, _) in UNREADABLE_HEADERS.items()}}
+    for name, (path, problem) in damaged.items():
         result, output = invoke("predict", path, "--model", ct_model, "--labels", "no_finding,kidney_cyst")
         assert result.exit_code == 2 and f"{name}:" in output and "Traceback" not in output, output
-        assert ("singular" if name == "zero.nii" else "CRC") in output, output
+        assert problem in output, output
     data = tmp_path / "data"
     shutil.copytree(ct_dir, data)
-    shutil.copyfile(damaged["corrupt.nii.gz"], data / "images/ct_00002.nii.gz")
+    shutil.copyfile(damaged["corrupt.nii.gz"][0], data / "images/ct_00002.nii.gz")
     result, output = invoke("index", "build", "--model", ct_model, "--data", data, "--out", tmp_path / "idx",
                             "--quiet")
     assert result.exit_code == 2 and "ct_00002.nii.gz" in output and "CRC" in output, output
