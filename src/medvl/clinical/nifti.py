@@ -11,7 +11,8 @@
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
 infinite voxels, a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot
-apply and voxel sizes that are not positive numbers. Decompression bombs are refused before
+apply, voxel sizes that are not positive numbers and voxel data said to start inside the header (vox_offset
+0: nibabel would read the header as voxels). Decompression bombs are refused before
 decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
 voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
 declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
@@ -105,7 +106,10 @@ def _declared_layout(path: Path, header) -> tuple[tuple[int, ...], np.dtype, int
                               f"{decoded:,} bytes once decoded (as float32 at least; limit {MAX_DECODED_BYTES:,}), "
                               "refused before decompressing")
     offset = int(header.get_data_offset())
-    if offset < 0 or offset > MAX_HEADER_EXTENSION_BYTES:
+    if offset < header.single_vox_offset:  # nibabel reads an offset of 0 from byte 0: the header as voxels
+        raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,}; a single-file NIfTI stores its "
+                              f"voxels from byte {header.single_vox_offset} or later")
+    if offset > MAX_HEADER_EXTENSION_BYTES:
         raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,} bytes")
     return shape, dtype, offset
 
@@ -123,7 +127,7 @@ def _bounded_bytes(nib, path: Path):
             except Exception as error:  # noqa: BLE001 - HeaderDataError and friends
                 raise DataError(path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
             shape, dtype, offset = _declared_layout(path, header)
-            total = max(offset, size) + math.prod(shape) * dtype.itemsize
+            total = offset + math.prod(shape) * dtype.itemsize  # offset: past the header (_declared_layout)
             raw = head + _read_exactly(stream, total - size, path, "voxel data")
             _check_stream_end(stream, path)
             return header, raw
@@ -241,7 +245,7 @@ class NiftiSlabs:
         slice_bytes = ni * nj * self.dtype.itemsize
         try:
             with _open(self.path) as stream:
-                _read_exactly(stream, max(self._offset, self._header_size), self.path, "header")
+                _read_exactly(stream, self._offset, self.path, "header")
                 for start in range(0, nk, per_slab):
                     count = min(per_slab, nk - start)
                     raw = _read_exactly(stream, count * slice_bytes, self.path, "voxel data")
