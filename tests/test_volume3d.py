@@ -243,6 +243,42 @@ def test_depth_resize_min_max_and_channel_conversion():
     assert torch.allclose(eight_bit, torch.ones(1, 8, 8, 8))
 
 
+def _wide_range_box(size: int) -> np.ndarray:
+    """A finite float32 volume spanning -3e38 .. 3e38, more than float32 holds: a box of 3e38 in -3e38."""
+    volume = np.full((size, size, size), -3e38, np.float32)
+    volume[size // 4:size - size // 4, size // 4:size - size // 4, size // 4:size - size // 4] = 3e38
+    return volume
+
+
+def test_a_volume_spanning_more_than_float32_holds_is_scaled_without_overflow(tmp_path):
+    """Without windows a volume is min-max scaled after resizing: (volume - min) / (max - min) overflowed for a
+    finite volume from -3e38 to 3e38, so every voxel was NaN and predict, the service and index build answered or
+    stored NaN. It is now the volume's box, as for the same volume at a smaller scale; a volume whose values
+    overflow when averaged (shrunk) is refused, naming the file, never given to the model as NaN."""
+    config = ImageConfig(spatial_dims=3, image_size=32)
+    wide = _wide_range_box(20)
+    path = write_nifti(tmp_path / "wide_range.nii.gz", wide, (2.0, 2.0, 2.0))
+    expected = volumes.load_volume((wide > 0).astype(np.float32), config)
+    for image in (wide, path):
+        loaded = volumes.load_volume(image, config)
+        assert torch.isfinite(loaded).all() and (loaded - expected).abs().max() < 1e-6
+    shrunk = write_nifti(tmp_path / "shrunk.nii.gz", _wide_range_box(64), (1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match=r"shrunk\.nii\.gz: voxel values too large to resample"):
+        volumes.load_volume(shrunk, config)
+
+
+def test_cli_predicts_a_volume_spanning_more_than_float32_holds(tmp_path):
+    """A model without windows: predict printed 'nan' probabilities and wrote null ones with exit 0."""
+    model = medvl.create_model("ct3d-tiny", **{"image.window": [], "image.in_channels": 1})
+    model.save_pretrained(tmp_path / "model")
+    path = write_nifti(tmp_path / "wide_range.nii.gz", _wide_range_box(20), (2.0, 2.0, 2.0))
+    result, output = invoke("predict", path, "--model", tmp_path / "model", "--labels", "no_finding,kidney_cyst",
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "nan" not in output, output
+    probabilities = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["probabilities"]
+    assert all(isinstance(p, float) and 0 <= p <= 1 for p in probabilities.values()), probabilities
+
+
 def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
     png = tmp_path / "slice.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)
