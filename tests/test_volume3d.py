@@ -402,6 +402,27 @@ def test_a_npy_file_is_a_2d_image_to_a_3d_model_whatever_its_dtype(tmp_path):
                 load(tmp_path / name)
 
 
+def test_an_rgb_array_is_a_2d_image_to_a_3d_model_whatever_its_dtype(tmp_path):
+    """An (N, H, W, 3) .npz holds RGB images (the npz loader's layout): a float one was trained on by a 3D model as
+    volumes of H slices 3 voxels wide, and a float HxWx3 array was loaded as a volume, while the 8-bit ones were
+    refused. Every dtype is refused now; an (N, D, H, W) .npz of volumes is still taken."""
+    rng = np.random.default_rng(0)
+    model = medvl.create_model("ct3d-tiny")
+    for dtype in (np.float32, np.uint16, np.uint8):
+        with pytest.raises(DataError, match=r"<array>: a 2D RGB image \(28, 28, 3\)"):
+            volumes.load_volume((rng.random((28, 28, 3)) * 200).astype(dtype), model.config.image)
+    images = rng.random((6, 28, 28, 3)).astype(np.float32)
+    np.savez(tmp_path / "rgb.npz", train_images=images, train_labels=rng.integers(0, 2, (6, 1)))
+    result, output = invoke("train", "--data", tmp_path / "rgb.npz", "--out", tmp_path / "run", "--model", "ct3d-tiny",
+                            "--epochs", 1, "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "rgb.npz (record train_0): a 2D RGB image (28, 28, 3)" in " ".join(output.split()), output
+    assert not (tmp_path / "run").exists()
+    np.savez(tmp_path / "vol.npz", train_images=rng.random((2, 8, 28, 28)).astype(np.float32),
+             train_labels=rng.integers(0, 2, (2, 1)))
+    assert model.encode_images([record.image for record in medvl.load_dataset(tmp_path / "vol.npz")]).shape == (2, 64)
+
+
 def test_config_checks_for_volumes():
     with pytest.raises(InputError, match="window"):
         get_config("ct3d-tiny", **{"image.window": [40]})

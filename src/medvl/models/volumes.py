@@ -25,7 +25,8 @@ is stored slowest); each slab is windowed and resized in-plane (its two stored a
 next is read, and only the in-plane-resized stack is kept, so a 512 x 512 x 300 CT never exists in
 memory as a whole (see docs/benchmarks.md for the peak RSS). Arrays and DICOM series are already in
 memory as read; they are processed the same slab-wise way (axial slabs), which keeps the extra memory
-to a slab. Files of 2D images (PNG, JPEG, ``.npy``: an HxW or HxWx3 image) are refused (``read_volume``).
+to a slab. Files of 2D images (PNG, JPEG, ``.npy``: an HxW or HxWx3 image) are refused (``read_volume``), and so
+is an array whose last axis is 3 or 4 (an HxWx3 colour image, whatever its dtype, e.g. from an ``.npz``).
 The stack is finally resized along the remaining axis and, for NIfTI, brought to RAS like ``read_nifti`` does.
 """
 
@@ -76,12 +77,14 @@ def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.nd
 
 
 def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
-    """A DxHxW grayscale volume (an RGB volume DxHxWx3 is averaged to gray), or DataError."""
+    """A DxHxW grayscale volume (an RGB volume DxHxWx3 is averaged to gray), or DataError. A last axis of 3 or 4 is
+    colour whatever the dtype, as ``read_npy`` and the ``.npz`` loader read it: an HxWx3 array is a 2D RGB image,
+    never a volume 3 voxels wide."""
     if array.ndim == 4 and array.shape[-1] in (3, 4):
         array = array[..., :3].mean(axis=-1, dtype=np.float32)
         if config.windows:
             raise DataError(source, "an RGB volume has no modality values to window; drop image.window")
-    elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:
+    elif array.ndim == 3 and array.shape[-1] in (3, 4):
         raise DataError(source, f"a 2D RGB image {array.shape}; this {config.arch} model takes 3D volumes")
     if array.ndim != 3:
         raise DataError(source, f"image shape {array.shape} does not fit a 3D model (expected a DxHxW volume)")
