@@ -143,3 +143,16 @@ def corrupt_gzip_nifti(path: Path) -> Path:
     data[len(data) - 200] ^= 0x40
     path.write_bytes(bytes(data))
     return path
+
+
+def patched_nifti(path: Path, *fields: tuple[str, int, tuple]) -> Path:
+    """A small valid NIfTI-1 volume (12 x 10 x 8 int16, 2 x 2 x 3 mm, voxels from byte 352) with header fields
+    overwritten: each ``(struct format, byte offset, values)``; gzip-compressed when ``path`` ends in ``.gz``."""
+    import nibabel
+
+    volume = (np.indices((12, 10, 8)).sum(0) * 10 - 100).astype(np.int16)
+    stored = bytearray(nibabel.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0])).to_bytes())
+    for layout, offset, values in fields:
+        struct.pack_into(layout, stored, offset, *values)
+    path.write_bytes(gzip_bytes(bytes(stored)) if path.name.endswith(".gz") else bytes(stored))
+    return path

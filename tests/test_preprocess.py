@@ -114,3 +114,14 @@ def test_a_one_slice_nifti_is_a_2d_image_shown_anterior_up_patient_right_on_the_
         for column in range(12):
             assert pixels[row, column] == data[11 - column, 9 - row]
     assert ImagePreprocessor(ImageConfig(image_size=16)).load(path).shape == (1, 16, 16)
+
+
+def test_min_max_scaling_of_values_spanning_more_than_float32_holds():
+    """A finite float32 image from -3e38 to 3e38: (x - min) / (max - min) overflowed, so every pixel was NaN and the
+    model answered NaN; it is now the image's box, as for the same image at a smaller scale."""
+    wide = np.full((40, 40), -3e38, np.float32)
+    wide[10:30, 10:30] = 3e38
+    preprocessor = ImagePreprocessor(ImageConfig(image_size=32))
+    loaded = preprocessor.load(wide)
+    assert torch.isfinite(loaded).all()
+    assert torch.equal(loaded, preprocessor.load((wide > 0).astype(np.float32)))

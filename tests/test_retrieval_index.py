@@ -596,6 +596,18 @@ def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, mo
     assert info["resumed"] == 8 and info["n_cases"] == 19
 
 
+def test_a_nan_image_embedding_is_refused_naming_the_file_and_never_stored(dataset, tmp_path):
+    """build_index stored a NaN vector without a word (a case counted that no search can find), where index add
+    refuses one; it is now a DataError naming the image, and no index is written."""
+    broken = create_model("phantom-tiny")
+    with torch.no_grad():
+        broken.image_projection.weight[0, 0] = float("nan")  # a real model whose weights went bad
+    data = dataset.select("test")
+    with pytest.raises(DataError, match=rf"{data[0].image.name}: its image embedding contains NaN or infinite"):
+        build_index(broken, data, tmp_path / "idx", batch_size=4, workers=0, show_progress=False)
+    assert not (tmp_path / "idx").exists()
+
+
 def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset, tmp_path, monkeypatch):
     """A build fails; the user corrects a report and a label (or replaces an image) and reruns: the cases stored
     before the failure are not kept with their old report, labels or vector."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 import medvl
 from cli_helpers import invoke
-from hostile_files import corrupt_gzip_nifti, zero_affine_nifti
+from hostile_files import corrupt_gzip_nifti, patched_nifti, zero_affine_nifti
 from medvl.clinical.nifti import NiftiSlabs, read_nifti, write_nifti
 from medvl.data.phantom import CT3D_CAPTIONS, CT_MANIFEST_COLUMNS, generate_phantom
 from medvl.data.phantom.ct3d import FINDINGS, render_case
@@ -243,6 +243,42 @@ def test_depth_resize_min_max_and_channel_conversion():
     assert torch.allclose(eight_bit, torch.ones(1, 8, 8, 8))
 
 
+def _wide_range_box(size: int) -> np.ndarray:
+    """A finite float32 volume spanning -3e38 .. 3e38, more than float32 holds: a box of 3e38 in -3e38."""
+    volume = np.full((size, size, size), -3e38, np.float32)
+    volume[size // 4:size - size // 4, size // 4:size - size // 4, size // 4:size - size // 4] = 3e38
+    return volume
+
+
+def test_a_volume_spanning_more_than_float32_holds_is_scaled_without_overflow(tmp_path):
+    """Without windows a volume is min-max scaled after resizing: (volume - min) / (max - min) overflowed for a
+    finite volume from -3e38 to 3e38, so every voxel was NaN and predict, the service and index build answered or
+    stored NaN. It is now the volume's box, as for the same volume at a smaller scale; a volume whose values
+    overflow when averaged (shrunk) is refused, naming the file, never given to the model as NaN."""
+    config = ImageConfig(spatial_dims=3, image_size=32)
+    wide = _wide_range_box(20)
+    path = write_nifti(tmp_path / "wide_range.nii.gz", wide, (2.0, 2.0, 2.0))
+    expected = volumes.load_volume((wide > 0).astype(np.float32), config)
+    for image in (wide, path):
+        loaded = volumes.load_volume(image, config)
+        assert torch.isfinite(loaded).all() and (loaded - expected).abs().max() < 1e-6
+    shrunk = write_nifti(tmp_path / "shrunk.nii.gz", _wide_range_box(64), (1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match=r"shrunk\.nii\.gz: voxel values too large to resample"):
+        volumes.load_volume(shrunk, config)
+
+
+def test_cli_predicts_a_volume_spanning_more_than_float32_holds(tmp_path):
+    """A model without windows: predict printed 'nan' probabilities and wrote null ones with exit 0."""
+    model = medvl.create_model("ct3d-tiny", **{"image.window": [], "image.in_channels": 1})
+    model.save_pretrained(tmp_path / "model")
+    path = write_nifti(tmp_path / "wide_range.nii.gz", _wide_range_box(20), (2.0, 2.0, 2.0))
+    result, output = invoke("predict", path, "--model", tmp_path / "model", "--labels", "no_finding,kidney_cyst",
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "nan" not in output, output
+    probabilities = json.loads((tmp_path / "p.json").read_text())["predictions"][0]["probabilities"]
+    assert all(isinstance(p, float) and 0 <= p <= 1 for p in probabilities.values()), probabilities
+
+
 def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
     png = tmp_path / "slice.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)
@@ -271,6 +307,54 @@ def test_a_nifti_file_without_an_orientation_is_refused_by_both_readers(tmp_path
     assert str(streamed.value) == str(whole.value)
     with pytest.raises(DataError, match="singular"):
         medvl.create_model("ct3d-tiny").encode_images([path])
+
+
+NAN = float("nan")
+# header faults nibabel raises on when it scales (get_slope_inter) or computes the affine (get_best_affine)
+UNREADABLE_HEADERS = {
+    "nan_inter.nii": ([("<ff", 112, (1.0, NAN))],  # scl_slope 1, scl_inter NaN
+                      r"cannot read the NIfTI image \(HeaderDataError: Valid slope but invalid intercept nan\)"),
+    "bad_quaternion.nii": ([("<hh", 252, (1, 0)), ("<fff", 256, (1.0, 1.0, 0.0))],  # qform only, b^2 + c^2 > 1
+                           r"cannot read the NIfTI image \(ValueError: w2 should be positive"),
+}
+
+
+def _refused_alike(path: Path, match: str) -> str:
+    """The one message both NIfTI readers and a 3D model refuse ``path`` with (it names the file)."""
+    with pytest.raises(DataError, match=rf"{re.escape(path.name)}: {match}") as whole:
+        read_nifti(path)
+    with pytest.raises(DataError) as streamed:
+        NiftiSlabs(path)
+    assert str(streamed.value) == str(whole.value)
+    with pytest.raises(DataError) as encoded:  # predict, train, eval and index build read a volume this way
+        medvl.create_model("ct3d-tiny").encode_images([path])
+    assert str(encoded.value) == str(whole.value)
+    return str(whole.value)
+
+
+@pytest.mark.parametrize("name", UNREADABLE_HEADERS)
+def test_a_nifti_header_nibabel_cannot_scale_or_orient_is_refused_alike_by_both_readers(name, tmp_path):
+    """A NaN scl_inter beside a valid slope, or an impossible qform quaternion: read_nifti refused the file, the
+    streamed reader (3D models, the service's size check) crashed with nibabel's HeaderDataError / ValueError."""
+    fields, match = UNREADABLE_HEADERS[name]
+    _refused_alike(patched_nifti(tmp_path / name, *fields), match)
+
+
+def test_a_nifti_voxel_size_that_is_not_a_positive_number_is_refused_by_both_readers(tmp_path):
+    """A NaN pixdim: read_nifti refused the file, the streamed reader never read the voxel sizes and a 3D model
+    predicted it."""
+    _refused_alike(patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))),
+                   r"broken NIfTI header: voxel sizes \[nan, 2\.0, 3\.0\] mm")
+
+
+@pytest.mark.parametrize("name", ["offset0.nii", "offset0.nii.gz"])
+def test_a_nifti_voxel_offset_of_zero_is_refused_by_both_readers(name, tmp_path):
+    """vox_offset 0 in a single-file NIfTI: nibabel (read_nifti, the service) read the header's bytes as voxels and
+    the streamed reader read from byte 348, 4 bytes early; both took the file without a word."""
+    _refused_alike(patched_nifti(tmp_path / name, ("<f", 108, (0.0,))),
+                   "broken NIfTI header: voxel data offset 0; a single-file NIfTI stores its voxels from byte 352")
+    volume, _ = read_nifti(patched_nifti(tmp_path / "offset352.nii", ("<f", 108, (352.0,))))
+    assert volume.min() == -100 and volume.max() == 170  # from the stated offset: the voxels exactly
 
 
 def test_a_corrupt_gzip_stream_is_refused_when_streamed_as_when_read_whole(tmp_path):
@@ -316,6 +400,27 @@ def test_a_npy_file_is_a_2d_image_to_a_3d_model_whatever_its_dtype(tmp_path):
         for load in (lambda path: model.encode_images([path]), model.preprocessor.read):
             with pytest.raises(DataError, match=rf"{re.escape(name)}: a \.npy file.*2D image.*NIfTI"):
                 load(tmp_path / name)
+
+
+def test_an_rgb_array_is_a_2d_image_to_a_3d_model_whatever_its_dtype(tmp_path):
+    """An (N, H, W, 3) .npz holds RGB images (the npz loader's layout): a float one was trained on by a 3D model as
+    volumes of H slices 3 voxels wide, and a float HxWx3 array was loaded as a volume, while the 8-bit ones were
+    refused. Every dtype is refused now; an (N, D, H, W) .npz of volumes is still taken."""
+    rng = np.random.default_rng(0)
+    model = medvl.create_model("ct3d-tiny")
+    for dtype in (np.float32, np.uint16, np.uint8):
+        with pytest.raises(DataError, match=r"<array>: a 2D RGB image \(28, 28, 3\)"):
+            volumes.load_volume((rng.random((28, 28, 3)) * 200).astype(dtype), model.config.image)
+    images = rng.random((6, 28, 28, 3)).astype(np.float32)
+    np.savez(tmp_path / "rgb.npz", train_images=images, train_labels=rng.integers(0, 2, (6, 1)))
+    result, output = invoke("train", "--data", tmp_path / "rgb.npz", "--out", tmp_path / "run", "--model", "ct3d-tiny",
+                            "--epochs", 1, "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "rgb.npz (record train_0): a 2D RGB image (28, 28, 3)" in " ".join(output.split()), output
+    assert not (tmp_path / "run").exists()
+    np.savez(tmp_path / "vol.npz", train_images=rng.random((2, 8, 28, 28)).astype(np.float32),
+             train_labels=rng.integers(0, 2, (2, 1)))
+    assert model.encode_images([record.image for record in medvl.load_dataset(tmp_path / "vol.npz")]).shape == (2, 64)
 
 
 def test_config_checks_for_volumes():
@@ -414,19 +519,24 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
 
 
 def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_path):
-    """predict and index build exit 2 naming the file (a zero affine crashed with a traceback; a corrupt gzip
-    stream was predicted and indexed without a word)."""
+    """predict and index build exit 2 naming the file (a zero affine, a NaN scl_inter or an impossible quaternion
+    crashed with a traceback; a corrupt gzip stream, a NaN voxel size or a voxel offset of 0 was predicted and
+    indexed without a word)."""
     import shutil
 
-    damaged = {"zero.nii": zero_affine_nifti(tmp_path / "zero.nii"),
-               "corrupt.nii.gz": corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")}
-    for name, path in damaged.items():
+    damaged = {"zero.nii": (zero_affine_nifti(tmp_path / "zero.nii"), "singular"),
+               "corrupt.nii.gz": (corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz"), "CRC"),
+               "pixdim_nan.nii": (patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))), "voxel sizes"),
+               "offset0.nii": (patched_nifti(tmp_path / "offset0.nii", ("<f", 108, (0.0,))), "voxel data offset 0"),
+               **{name: (patched_nifti(tmp_path / name, *fields), "cannot read the NIfTI image")
+                  for name, (fields, _) in UNREADABLE_HEADERS.items()}}
+    for name, (path, problem) in damaged.items():
         result, output = invoke("predict", path, "--model", ct_model, "--labels", "no_finding,kidney_cyst")
         assert result.exit_code == 2 and f"{name}:" in output and "Traceback" not in output, output
-        assert ("singular" if name == "zero.nii" else "CRC") in output, output
+        assert problem in output, output
     data = tmp_path / "data"
     shutil.copytree(ct_dir, data)
-    shutil.copyfile(damaged["corrupt.nii.gz"], data / "images/ct_00002.nii.gz")
+    shutil.copyfile(damaged["corrupt.nii.gz"][0], data / "images/ct_00002.nii.gz")
     result, output = invoke("index", "build", "--model", ct_model, "--data", data, "--out", tmp_path / "idx",
                             "--quiet")
     assert result.exit_code == 2 and "ct_00002.nii.gz" in output and "CRC" in output, output

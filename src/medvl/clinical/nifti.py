@@ -10,7 +10,9 @@
 
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
-infinite voxels and a singular affine (no orientation). Decompression bombs are refused before
+infinite voxels, a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot
+apply, voxel sizes that are not positive numbers and voxel data said to start inside the header (vox_offset
+0: nibabel would read the header as voxels). Decompression bombs are refused before
 decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
 voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
 declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
@@ -26,6 +28,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,13 +106,17 @@ def _declared_layout(path: Path, header) -> tuple[tuple[int, ...], np.dtype, int
                               f"{decoded:,} bytes once decoded (as float32 at least; limit {MAX_DECODED_BYTES:,}), "
                               "refused before decompressing")
     offset = int(header.get_data_offset())
-    if offset < 0 or offset > MAX_HEADER_EXTENSION_BYTES:
+    if offset < header.single_vox_offset:  # nibabel reads an offset of 0 from byte 0: the header as voxels
+        raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,}; a single-file NIfTI stores its "
+                              f"voxels from byte {header.single_vox_offset} or later")
+    if offset > MAX_HEADER_EXTENSION_BYTES:
         raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,} bytes")
     return shape, dtype, offset
 
 
 def _bounded_bytes(nib, path: Path):
-    """Read header, then exactly the declared bytes (never more) from the (gzip) stream."""
+    """The checked header and the file's bytes: the header, then exactly the declared bytes (never more) from the
+    (gzip) stream."""
     try:
         with _open(path) as stream:
             head = _read_exactly(stream, 4, path, "header")
@@ -120,10 +127,10 @@ def _bounded_bytes(nib, path: Path):
             except Exception as error:  # noqa: BLE001 - HeaderDataError and friends
                 raise DataError(path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
             shape, dtype, offset = _declared_layout(path, header)
-            total = max(offset, size) + math.prod(shape) * dtype.itemsize
+            total = offset + math.prod(shape) * dtype.itemsize  # offset: past the header (_declared_layout)
             raw = head + _read_exactly(stream, total - size, path, "voxel data")
             _check_stream_end(stream, path)
-            return header_class, raw
+            return header, raw
     except OSError as error:
         raise DataError(path, f"cannot read the file ({error})") from None
 
@@ -148,21 +155,45 @@ def _ras_orientation(nib, path: Path, affine: np.ndarray) -> tuple[tuple[int, ..
     return (tuple(int(axis) for axis in orientation[:, 0]), tuple(bool(flip < 0) for flip in orientation[:, 1]))
 
 
+class _Geometry(NamedTuple):
+    """What both readers take from a header beyond the voxel layout."""
+
+    slope: float  # scl_slope, 1 when the file does not scale
+    inter: float  # scl_inter, 0 when the file does not scale
+    ras_axes: tuple[int, ...]  # per voxel axis (i, j, k): the RAS axis it becomes (``_ras_orientation``)
+    ras_flips: tuple[bool, ...]  # per voxel axis: whether it is reversed
+
+
+def _geometry(nib, path: Path, header) -> _Geometry:
+    """The scaling and orientation of a header, and its voxel sizes, checked the same way for both readers, so that they
+    refuse the same files in the same words: a scl_inter that nibabel cannot use (NaN or infinite beside a valid
+    slope), an affine it cannot compute (an impossible qform quaternion) or orient (singular), and voxel sizes
+    that are not finite and positive."""
+    try:
+        slope, inter = header.get_slope_inter()
+        affine = header.get_best_affine()
+        zooms = [float(z) for z in header.get_zooms()[:3]]
+    except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
+        raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
+    zooms += [1.0] * (3 - len(zooms))  # a 2D file: one slice
+    ras_axes, ras_flips = _ras_orientation(nib, path, affine)
+    if any(not np.isfinite(z) or z <= 0 for z in zooms):
+        raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
+    return _Geometry(1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter),
+                     ras_axes, ras_flips)
+
+
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a ``.nii`` / ``.nii.gz`` file into a RAS ``DxHxW`` float32 volume and its spacing (mm)."""
     path = Path(path)
     nib = _require_nibabel(path)
     if not path.is_file():
         raise DataError(path, "file not found" if not path.exists() else "is a folder, not a NIfTI file")
-    header_class, raw = _bounded_bytes(nib, path)
-    image_class = nib.Nifti1Image if header_class is nib.Nifti1Header else nib.Nifti2Image
+    header, raw = _bounded_bytes(nib, path)
+    _geometry(nib, path, header)  # the streamed reader's checks, in the same words
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        image = image_class.from_bytes(raw)
-    except Exception as error:  # noqa: BLE001 - nibabel's header errors
-        raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
-    _ras_orientation(nib, path, image.affine)  # the streamed reader's check, in the same words
-    try:
-        image = nib.as_closest_canonical(image)
+        image = nib.as_closest_canonical(image_class.from_bytes(raw))
         data = image.get_fdata(dtype=np.float32)
         zooms = [float(z) for z in image.header.get_zooms()[:3]]
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
@@ -170,8 +201,6 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
     if not np.isfinite(data).all():
         raise DataError(path, "volume contains NaN or infinite values")
     zooms += [1.0] * (3 - len(zooms))
-    if any(not np.isfinite(z) or z <= 0 for z in zooms):
-        raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
     return _to_volume(path, data), (zooms[2], zooms[1], zooms[0])
 
 
@@ -205,10 +234,9 @@ class NiftiSlabs:
             raise DataError(self.path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
         shape, self.dtype, self._offset = _declared_layout(self.path, header)
         self.shape = _volume_shape(self.path, shape)  # (i, j, k)
-        slope, inter = header.get_slope_inter()
-        self._slope = 1.0 if slope is None else float(slope)
-        self._inter = 0.0 if inter is None else float(inter)
-        self.ras_axes, self.ras_flips = _ras_orientation(nib, self.path, header.get_best_affine())
+        geometry = _geometry(nib, self.path, header)
+        self._slope, self._inter = geometry.slope, geometry.inter
+        self.ras_axes, self.ras_flips = geometry.ras_axes, geometry.ras_flips
 
     def slabs(self, max_voxels: int = 4 << 20):
         """Yield float32 ``(k, j, i)`` slabs of consecutive third-axis slices, in file order."""
@@ -217,7 +245,7 @@ class NiftiSlabs:
         slice_bytes = ni * nj * self.dtype.itemsize
         try:
             with _open(self.path) as stream:
-                _read_exactly(stream, max(self._offset, self._header_size), self.path, "header")
+                _read_exactly(stream, self._offset, self.path, "header")
                 for start in range(0, nk, per_slab):
                     count = min(per_slab, nk - start)
                     raw = _read_exactly(stream, count * slice_bytes, self.path, "voxel data")

@@ -36,11 +36,11 @@ from ..checks import check_number
 from ..data.images import image_suffix
 from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record, records_digest
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..models.backends import resolve_backend
 from ..progress import progress_bar
 from .backends import check_kind, open_builder
-from .base import INFO_FORMAT, Index, check_model, is_url, model_fingerprint, path_sha256
+from .base import INFO_FORMAT, Index, check_model, check_vectors, is_url, model_fingerprint, path_sha256
 from .cases import (
     Case,
     check_ids_are_not_paths,
@@ -64,9 +64,13 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
     for record in records:
         digest, image = _hashed(preprocessor, record)
         digests.append(digest)  # an error names the file, or the record of an array
-        source = record.image if isinstance(record.image, str | Path) else f"record {record.id}"
-        pixels.append(preprocessor.load(image, source=source))
+        pixels.append(preprocessor.load(image, source=_source(record)))
     return digests, torch.stack(pixels).numpy()
+
+
+def _source(record: Record) -> str | Path:
+    """What an error about a record's image names: its file, or the record of an array or a DICOM series."""
+    return record.image if isinstance(record.image, str | Path) else f"record {record.id}"
 
 
 def read_digests(preprocessor, records: Sequence[Record]) -> list[str]:
@@ -107,6 +111,7 @@ def embed_records(model, records: Sequence[Record], read: tuple[list[str], np.nd
     digests, pixels = read
     kept, rows, duplicates = _new_cases(records, digests, known_images, allow_duplicates, root)
     vectors, text_vectors = embed_batch(model, torch.from_numpy(pixels[rows]), [case.text for case in kept])
+    _check_finite([records[row] for row in rows], vectors)
     return kept, vectors, text_vectors, duplicates
 
 
@@ -132,7 +137,17 @@ def keep_new(batch: Sequence[Record], digests: Sequence[str], vectors: np.ndarra
     """``embed_records`` for batches embedded elsewhere (every record embedded): the same cases and
     duplicates, in the same order."""
     kept, rows, duplicates = _new_cases(batch, digests, known_images, allow_duplicates, root)
+    _check_finite([batch[row] for row in rows], vectors[rows])
     return kept, vectors[rows], text_vectors[rows], duplicates
+
+
+def _check_finite(records: Sequence[Record], vectors: np.ndarray) -> None:
+    """DataError naming the image of the first record whose embedding holds NaN or infinity: stored, it would count
+    as a case that no search can find."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise DataError(_source(records[int(np.argmin(finite))]), "its image embedding contains NaN or infinite "
+                                                                  "values; it cannot be indexed")
 
 
 def _new_cases(records: Sequence[Record], digests: Sequence[str], known_images: dict[str, str],
@@ -208,8 +223,10 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             for batch, cases, vectors, text_vectors, skipped in _embedded(model, dataset, todo, batch_size, known,
                                                                           allow_duplicates, root, embedder, workers):
                 duplicates += skipped
-                if cases:
-                    builder.append(cases, vectors, text_vectors)
+                if cases:  # checked as index add checks them: no NaN or infinite vector is stored
+                    dim = fingerprint["embed_dim"]
+                    builder.append(cases, check_vectors(vectors, dim, "case"),
+                                   check_vectors(text_vectors, dim, "report"))
                 advance(len(batch))
         if duplicates:
             # counted only: ids can be accession numbers; the result's "duplicates" lists each with its original

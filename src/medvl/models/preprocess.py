@@ -31,7 +31,7 @@ from ..data.images import read_image_2d
 from ..data.record import ImageSource, LoadableImage
 from ..errors import DataError
 from .config import ImageConfig
-from .volumes import load_volume, read_volume
+from .volumes import load_volume, read_volume, unit_range
 
 CROP_SEED = 104_729  # offset of the random resized crop's seed from the batch's augmentation seed
 
@@ -57,7 +57,10 @@ class ImagePreprocessor:
             tensor = percentile_scale(tensor, self.config.percentile_scaling)
         if self.config.color_constancy and tensor.shape[0] == 3:
             tensor = shades_of_gray(tensor.float(), self.config.color_constancy)
-        return self.resize(tensor).clamp_(0.0, 1.0)
+        tensor = self.resize(tensor)
+        if not bool(torch.isfinite(tensor).all()):  # a model input, and so an embedding, is never NaN
+            raise DataError(str(named), "pixel values too large to scale (they overflow float32)")
+        return tensor.clamp_(0.0, 1.0)
 
     def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
@@ -183,7 +186,7 @@ def _scale_unit(array: np.ndarray, source, scale: bool = True) -> np.ndarray:
     if not scale:
         return array
     low, high = float(array.min()), float(array.max())
-    return (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return unit_range(array, low, high) if high > low else np.zeros_like(array)
 
 
 def _build_augment(config: ImageConfig):

@@ -9,7 +9,9 @@ Intensities:
 - ``config.window`` pairs (HU for CT) give one channel each: values clipped to
   ``[center - width / 2, center + width / 2]`` and scaled to [0, 1] (DICOM LINEAR_EXACT), before
   any resampling so that bone or air never bleed into soft tissue;
-- without a window, the resampled volume is min-max scaled (as 2D images are);
+- without a window, the resampled volume is min-max scaled (as 2D images are; ``unit_range``, which does not
+  overflow when the values span more than float32 holds); a volume whose values overflow float32 when averaged
+  (near +-3e38) is refused, so a model input is never NaN;
 - 8-bit volumes (display values, e.g. a windowed DICOM series) are divided by 255.
 
 Resizing: each axis on its own (``_resize_axis``), area averaging when it shrinks (anti-aliased),
@@ -23,7 +25,8 @@ is stored slowest); each slab is windowed and resized in-plane (its two stored a
 next is read, and only the in-plane-resized stack is kept, so a 512 x 512 x 300 CT never exists in
 memory as a whole (see docs/benchmarks.md for the peak RSS). Arrays and DICOM series are already in
 memory as read; they are processed the same slab-wise way (axial slabs), which keeps the extra memory
-to a slab. Files of 2D images (PNG, JPEG, ``.npy``: an HxW or HxWx3 image) are refused (``read_volume``).
+to a slab. Files of 2D images (PNG, JPEG, ``.npy``: an HxW or HxWx3 image) are refused (``read_volume``), and so
+is an array whose last axis is 3 or 4 (an HxWx3 colour image, whatever its dtype, e.g. from an ``.npz``).
 The stack is finally resized along the remaining axis and, for NIfTI, brought to RAS like ``read_nifti`` does.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +47,7 @@ from .config import ImageConfig
 
 SLAB_VOXELS = 2 << 20  # voxels read and resampled at a time (8 MiB as float32)
 _FLAT_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+Values = TypeVar("Values", np.ndarray, torch.Tensor)
 
 
 def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path | None = None) -> torch.Tensor:
@@ -72,12 +77,14 @@ def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.nd
 
 
 def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
-    """A DxHxW grayscale volume (an RGB volume DxHxWx3 is averaged to gray), or DataError."""
+    """A DxHxW grayscale volume (an RGB volume DxHxWx3 is averaged to gray), or DataError. A last axis of 3 or 4 is
+    colour whatever the dtype, as ``read_npy`` and the ``.npz`` loader read it: an HxWx3 array is a 2D RGB image,
+    never a volume 3 voxels wide."""
     if array.ndim == 4 and array.shape[-1] in (3, 4):
         array = array[..., :3].mean(axis=-1, dtype=np.float32)
         if config.windows:
             raise DataError(source, "an RGB volume has no modality values to window; drop image.window")
-    elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:
+    elif array.ndim == 3 and array.shape[-1] in (3, 4):
         raise DataError(source, f"a 2D RGB image {array.shape}; this {config.arch} model takes 3D volumes")
     if array.ndim != 3:
         raise DataError(source, f"image shape {array.shape} does not fit a 3D model (expected a DxHxW volume)")
@@ -117,13 +124,27 @@ class _SlabResampler:
             np.clip(channel, 0.0, 1.0, out=channel)
         return channels
 
-    def finish(self) -> torch.Tensor:
-        """The (C, D, H, W) volume in voxel order (k, j, i), values in [0, 1]."""
+    def finish(self, source) -> torch.Tensor:
+        """The (C, D, H, W) volume in voxel order (k, j, i), values in [0, 1]; DataError naming ``source`` if a value
+        is not finite (voxels near float32's limits that overflowed while resized)."""
         volume = _resize_axis(torch.cat(self.parts, dim=1), 1, self.target[0])
         if not self.eight_bit and not self.config.windows:
-            span = self.high - self.low
-            volume = (volume - self.low) / span if span > 0 else torch.zeros_like(volume)
+            volume = _min_max(volume, self.low, self.high)
+        if not bool(torch.isfinite(volume).all()):
+            raise DataError(source, "voxel values too large to resample (they overflow float32 when averaged); "
+                                    "rescale the volume")
         return volume.clamp_(0.0, 1.0)
+
+
+def _min_max(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return unit_range(values, low, high) if high > low else torch.zeros_like(values)
+
+
+def unit_range(values: Values, low: float, high: float) -> Values:
+    """``(values - low) / (high - low)`` (``high > low``) for float32 arrays or tensors, without overflow: the span
+    of finite float32 values can exceed float32's range (-3e38 .. 3e38 spans 6e38), which made every value NaN.
+    Halved first, which is exact, so the result is the same wherever the plain formula does not overflow."""
+    return (values * 0.5 - low * 0.5) / ((high - low) * 0.5)
 
 
 def _resize_axis(values: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -156,7 +177,7 @@ def _array_volume(array: np.ndarray, source, config: ImageConfig) -> torch.Tenso
     resampler = _SlabResampler(config, (target_depth, target_rows, target_cols), array.dtype == np.uint8)
     step = max(1, SLAB_VOXELS // (rows * cols))
     _feed(resampler, (array[start:start + step] for start in range(0, depth, step)), source)
-    return _finish_channels(resampler.finish(), config)
+    return _finish_channels(resampler.finish(source), config)
 
 
 def _feed(resampler: _SlabResampler, slabs: Iterable[np.ndarray], source) -> None:
@@ -177,7 +198,7 @@ def _nifti_volume(path: Path, config: ImageConfig) -> torch.Tensor:
     target = (size_of[2], size_of[1], size_of[0])
     resampler = _SlabResampler(config, target, eight_bit=False)  # NIfTI holds modality values
     _feed(resampler, volume.slabs(SLAB_VOXELS), path)
-    return _finish_channels(_to_ras(resampler.finish(), volume.ras_axes, volume.ras_flips), config)
+    return _finish_channels(_to_ras(resampler.finish(path), volume.ras_axes, volume.ras_flips), config)
 
 
 def _to_ras(volume: torch.Tensor, ras_axes: tuple[int, ...], ras_flips: tuple[bool, ...]) -> torch.Tensor:

@@ -10,8 +10,8 @@ header or pixels are read for anything else.
 
 Limits, each checked before the pixels are decoded (decompression bombs are refused from their
 declared size): bytes (``max_upload_bytes``), 2D pixels (``max_pixels``: PNG / JPEG header, DICOM
-Rows x Columns) and volume voxels (``max_voxels``: NIfTI header through ``NiftiSlabs``, the
-reader's own guard, and DICOM frames x Rows x Columns).
+Rows x Columns, the largest plane of a NIfTI file, one slice or a volume) and volume voxels (``max_voxels``:
+NIfTI header through ``NiftiSlabs``, the reader's own guard, and DICOM frames x Rows x Columns).
 Refusals are ``UploadRejected`` with the HTTP status: 413 (too large), 415 (not PNG, JPEG, DICOM
 or NIfTI), 422 (recognised but unreadable: truncated, corrupt, no pixel data).
 """
@@ -190,6 +190,8 @@ def _check_declared_size(path: Path, kind: str, settings: ServeSettings) -> None
             if error.problem.startswith(TOO_LARGE):  # too large, as for the service's own voxel limit
                 raise UploadRejected(413, error.problem) from None
             raise
+        plane = max(((shape[0], shape[1]), (shape[1], shape[2]), (shape[0], shape[2])), key=lambda p: p[0] * p[1])
+        _check_pixels(plane[0] * plane[1], f"{plane[0]} x {plane[1]}", settings)  # a slice shown, whatever its axis
         _check_voxels(int(np.prod(shape)), " x ".join(map(str, shape)), settings)
 
 

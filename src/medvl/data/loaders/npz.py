@@ -3,9 +3,10 @@
 The archive holds ``{split}_images`` and ``{split}_labels`` arrays for any set of split names
 (MedMNIST: ``train``, ``val``, ``test``):
 
-- images: ``(N, H, W)`` grayscale (or ``(N, H, W, 1)``, read as such), ``(N, H, W, 3)`` RGB, or
-  ``(N, D, H, W)`` 3D volumes; each record holds a view of its slice (no per-record copy); a last axis
-  of 2 or 4 (grey + alpha, RGBA) is refused rather than read as a volume 2 or 4 pixels wide;
+- images: ``(N, H, W)`` grayscale (or ``(N, H, W, 1)``, read as such), ``(N, H, W, 3)`` RGB (whatever the
+  dtype: a 3D model refuses them), or ``(N, D, H, W)`` 3D volumes; each record holds a view of its slice (no
+  per-record copy); a last axis of 2 or 4 (grey + alpha, RGBA) is refused rather than read as a volume 2 or 4
+  pixels wide;
 - labels ``(N,)`` or ``(N, 1)`` integer class indices: one categorical label column ``label``
   whose values are class names, from ``class_names=`` or a ``class_names`` / ``label_names``
   array in the archive, else the index as a string (``"0"``, ``"1"``, ...);
