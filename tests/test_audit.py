@@ -259,6 +259,26 @@ def test_against_finds_the_copies_of_one_dataset_in_another(audited_folder, tmp_
     assert b["flags"] == ["near_duplicate"] and "against:b_again" in b["detail"]["near_duplicate"]
 
 
+def test_against_the_other_split_of_the_same_file_counts_both_sides(tmp_path):
+    """``--data X --split val --against X --against-split train`` (one manifest's val against its train): the table
+    has a row per side, named by option and split. The rows were named by path, so the second overwrote the first
+    and the val count was lost."""
+    for name, seed in (("a", 7), ("b", 8), ("c", 9)):
+        Image.fromarray(smooth_image(seed)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a_copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "a_again.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "manifest.csv").write_text("id,image,split\nv1,a.png,val\nv2,c.png,val\n"
+                                           "t1,a_copy.png,train\nt2,a_again.png,train\nt3,b.png,train\n")
+    out = tmp_path / "audit.json"
+    result, output = invoke("audit", "--data", tmp_path / "manifest.csv", "--split", "val", "--against",
+                            tmp_path / "manifest.csv", "--against-split", "train", "--json", out, "--show", 0, "-q")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["against"]["records"] == {"data": 1, "against": 2}
+    output = " ".join(output.split())
+    assert "records of --data (val) in them │ 1 │" in output, output
+    assert "records of --against (train) in them │ 2 │" in output, output
+
+
 def test_against_on_the_real_overlap_of_medpix_and_vqa_rad(shared_data, tmp_path):
     """VQA-RAD's training questions ask about 17 images of MedPix 2.0's train split (by MedPix id): difference
     hashes 1 bit apart find 13 of them (the same hash: 5), and 1 other image (an adjacent slice of an image

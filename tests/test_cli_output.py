@@ -311,3 +311,52 @@ def test_a_metrics_table_title_naming_a_folder_stays_on_one_line(capsys):
     print_metrics("OOD guard saved into medvl-demo/train", {"threshold": 25.439, "fitted images": 1680})
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert "OOD guard saved into medvl-demo/train" in lines
+
+
+def _written_commands(text: str):
+    """The words after ``medvl`` of each command a Markdown text writes: its inline code spans that start with
+    ``medvl`` and the lines of its code blocks (continuations joined, ``&&`` / ``;`` / ``|`` split, comments and
+    leading ``NAME=value`` settings dropped)."""
+    import re
+
+    pieces = re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+    pieces += re.findall(r"(?<!`)`(medvl [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    for piece in pieces:
+        for line in piece.replace("\\\n", " ").splitlines():
+            for segment in re.split(r"&&|;|\|", line.split(" # ")[0]):
+                words = segment.split()
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                    words.pop(0)
+                if words[:1] == ["medvl"]:
+                    yield words[1:]
+
+
+def test_every_option_the_docs_give_a_command_exists():
+    """Each ``--option`` README.md and docs/ write after a ``medvl`` command is one of that command's options (the
+    README named a ``medvl explain --json``, which does not exist: explain writes OUT/explanation.json)."""
+    import re
+    from pathlib import Path
+
+    import typer
+    from typer.main import _click
+
+    from medvl.cli.main import app
+
+    root = typer.main.get_command(app)
+    documents = [Path(__file__).parents[1] / "README.md", *sorted((Path(__file__).parents[1] / "docs").glob("*.md"))]
+    unknown, checked = [], 0
+    for document in documents:
+        for words in _written_commands(document.read_text(encoding="utf-8")):
+            command, names = root, []
+            while hasattr(command, "list_commands") and words \
+                    and (sub := command.get_command(_click.Context(command), words[0])) is not None:
+                command, names = sub, [*names, words.pop(0)]
+            if hasattr(command, "list_commands"):
+                continue  # a group named alone (`medvl index`)
+            options = {o for param in command.params for o in (*param.opts, *param.secondary_opts)} | {"--help"}
+            for word in words:
+                option = re.match(r"\[?(--[\w-]+)", word)
+                checked += option is not None
+                if option and option.group(1) not in options:
+                    unknown.append(f"{document.name}: medvl {' '.join(names)} {option.group(1)}")
+    assert checked > 300 and unknown == []

@@ -268,6 +268,50 @@ def test_resolve_image_refuses_paths_leaving_the_data_root(tmp_path):
         resolve_image(Hit(id="m", score=1.0, split="all", image_path="images/missing.png"), tmp_path / "data")
 
 
+def test_a_file_under_the_data_root_that_is_not_the_indexed_image_is_never_shown_as_the_case(
+        phantom_dir, model_dir, tmp_path):
+    """``index add --replace`` from another folder gives a case another image under the same relative path: the old
+    file under the first data root is another patient's film, not the case's. It used to be listed (and shown as
+    the service's thumbnail) because a file was there; the file's pixels are now checked against the case's hash.
+    A file overwritten after a first check is caught too (the hash is cached per file version only)."""
+    from medvl.data.phantom import generate_phantom
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    other = tmp_path / "other"
+    generate_phantom(other, n=4, seed=9, size=64)  # other patients under the same ids as data's first 4
+    index = tmp_path / "idx"
+    build_index(load_model(model_dir), load_dataset(data), index, model_dir=model_dir, show_progress=False)
+    result, output = invoke("index", "add", "--index", index, "--data", other, "--replace", "-q")
+    assert result.exit_code == 0, output
+    query = load_dataset(other)[3]
+    relative = Path(query.image).relative_to(other).as_posix()
+    assert (data / relative).read_bytes() != (other / relative).read_bytes()
+    with open_index(index) as opened:
+        [hit] = search_index(opened, load_model(model_dir), image=query.image, k=1)
+    assert (hit.id, hit.image_path) == (query.id, relative) and "image_sha256" not in hit.to_dict()
+    with pytest.raises(DataError, match=f"not the indexed image of case '{query.id}'"):  # medvl.index.ImageChanged
+        resolve_image(hit, data)
+    assert resolve_image(hit, other) == other / relative
+    result, output = invoke("search", "--index", index, "--image", query.image, "-k", 1, "--data-root", data)
+    assert result.exit_code == 0, output
+    assert "1. - (the file under --data-root is not the indexed image)" in output, output
+    assert str(data / relative) not in output.replace("\n", "")
+    assert f"case '{query.id}'" in output  # the warning names the case
+    result, output = invoke("search", "--index", index, "--image", query.image, "-k", 1, "--data-root", other)
+    assert result.exit_code == 0 and f"1. {other / relative}" in output, output
+    # a file overwritten with another image after it was checked (and its hash cached)
+    shutil.copy(other / relative, tmp_path / "kept.png")
+    shutil.copy(data / relative, other / relative)
+    with pytest.raises(DataError, match="not the indexed image"):
+        resolve_image(hit, other)
+    (other / relative).write_bytes(b"not an image any more")
+    with pytest.raises(DataError, match="not the indexed image"):
+        resolve_image(hit, other)
+    shutil.copy(tmp_path / "kept.png", other / relative)
+    assert resolve_image(hit, other) == other / relative
+
+
 def test_images_outside_the_dataset_root_store_no_path(patient_data, model_dir, tmp_path):
     """A manifest may reach outside its folder (when allowed): such a case keeps no path at all."""
     records = list(load_dataset(patient_data).select("test"))[:3]
@@ -456,6 +500,8 @@ def test_pgvector_stores_relative_paths_and_none_for_dicom(pg_server, patient_da
     with open_index(url) as index:
         hits = search_index(index, model, image=data[0].image, k=2)
         assert hits[0].image_path == Path(data[0].image).relative_to(patient_data).as_posix()
+        assert hits[0].image_sha256 is not None  # what resolve_image checks the file against, as on FAISS
+        assert resolve_image(hits[0], patient_data) == patient_data / hits[0].image_path
         assert set(index.info["data"]) == {"source_sha256", "n_records"}
     result, output = invoke("search", "--index", url, "--image", data[0].image, "--json", tmp_path / "hits.json")
     assert result.exit_code == 0, output

@@ -1236,6 +1236,33 @@ def test_thumbnails_are_404_without_a_data_root_or_a_stored_path_and_403_out_of_
         ServeSettings(data_root=tmp_path / "missing").validate()
 
 
+def test_a_thumbnail_is_404_when_the_file_under_the_data_root_is_not_the_indexed_image(model_dir, index_dir,
+                                                                                         phantom_dir, tmp_path):
+    """A file at a case's stored path that holds another image (overwritten since indexing, or the case replaced
+    from another folder by ``medvl index add --replace``) is not the case's image: 404 saying so, never another
+    patient's picture. It used to be shown because a file was there; a file rewritten after a first thumbnail is
+    checked again."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with open_index(index_dir) as index:
+        first, second = index.search(np.zeros((1, index.dim), np.float32), k=2)[0]
+    token = TOKENS[-3]
+    app = create_app(model_dir, index=index_dir, settings=ServeSettings(data_root=data),
+                     token_digests=[token_digest(token)])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        assert thumbnail(http, first.id, auth(token)).status_code == 200
+        shutil.copy(data / second.image_path, data / first.image_path)  # another patient's film at its path
+        answer = thumbnail(http, first.id, auth(token))
+        assert answer.status_code == 404, answer.text
+        assert "the image under the data root is not the indexed one" in answer.json()["detail"]
+        assert str(tmp_path) not in answer.text
+        shutil.copy(phantom_dir / first.image_path, data / first.image_path)  # put back: shown again
+        np.testing.assert_array_equal(_png_pixels(thumbnail(http, first.id, auth(token))),
+                                      np.asarray(Image.open(phantom_dir / first.image_path)))
+
+
 # ------------------------------------------------------------------------- explanations, VQA
 
 

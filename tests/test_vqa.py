@@ -382,6 +382,34 @@ def test_heatmap_is_written_as_png_and_another_suffix_refused(trained, phantom, 
     assert (tmp_path / "h.PNG").read_bytes().startswith(b"\x89PNG")
 
 
+def test_heatmap_is_drawn_over_each_image_on_its_own_grid(trained, phantom, tmp_path):
+    """--heatmap draws each image as given, at its own size and aspect ratio, as medvl explain's overlays are, with
+    the attention in red peaking where the answer says. It used to draw the model's square input (32x32 here) for
+    every image, so a wide film came out squashed."""
+    films = sorted((phantom / "vqa" / "images").glob("*.png"))[:2]
+    wide, small = tmp_path / "wide.png", tmp_path / "small.png"
+    Image.open(films[0]).convert("L").resize((80, 48)).save(wide)
+    Image.open(films[1]).convert("L").resize((40, 40)).save(small)
+    png, out = tmp_path / "heat.png", tmp_path / "answer.json"
+    result, output = invoke("vqa", wide, small, "--model", trained, "--question", "Is there a nodule?",
+                            "--heatmap", png, "--json", out)
+    assert result.exit_code == 0, output
+    picture = np.asarray(Image.open(png).convert("RGB")).astype(np.int64)
+    assert picture.shape == (48, 80 + 40, 3)
+    answer = json.loads(out.read_text())
+    for image, heat, (left, width, height) in zip((wide, small), answer["heatmaps"], ((0, 80, 48), (80, 40, 40)),
+                                                  strict=True):
+        panel = picture[:height, left:left + width]
+        grey = np.asarray(Image.open(image)).astype(np.float64)
+        assert np.abs(panel[..., 1] - grey * 0.6).max() <= 1  # the image itself, in grey, on its own grid
+        red = panel[..., 0] - panel[..., 1]  # the attention
+        row, column = np.unravel_index(int(red.argmax()), red.shape)
+        rows, columns = heat["shape"]
+        assert abs((row + 0.5) / height - heat["peak"]["row"]) <= 1 / rows
+        assert abs((column + 0.5) / width - heat["peak"]["column"]) <= 1 / columns
+    assert not picture[40:, 80:].any()  # the shorter panel padded with black
+
+
 def test_vocabulary_mismatch_names_the_file(trained, phantom):
     items = json.loads((phantom / "vqa" / "test.json").read_text())
     other = [{"qid": i, "image_name": item["image_name"], "question": "What organ system is shown?",

@@ -284,13 +284,20 @@ def _query_checks(net, pixels: torch.Tensor | None) -> dict:
 def _image_files(hits: list, data_root: Path) -> list[str]:
     """With ``--data-root``: each hit's image file there (whole, to copy), or why there is none. A stored path
     that would leave the root is refused (InputError); a file not under this root (a case added from another
-    folder by ``medvl index add``) is said on its line and counted in one warning."""
-    from ..index import resolve_image
+    folder by ``medvl index add``) is said on its line and counted in one warning; a file there that is not the
+    indexed image (a case replaced from another folder, a file overwritten since) is never listed: its line and a
+    warning naming the case say so."""
+    from ..index import ImageChanged, resolve_image
 
     lines, missing = [], 0
     for hit in hits:
         try:
             path = resolve_image(hit, data_root)
+        except ImageChanged:
+            lines.append("- (the file under --data-root is not the indexed image)")
+            log.warning("case %r: the file at its stored path under --data-root holds another image than the one "
+                        "indexed (replaced from another folder, or overwritten since); not shown", hit.id)
+            continue
         except DataError:
             missing += 1
             lines.append(f"- (not found under {data_root}: added from another folder?)")

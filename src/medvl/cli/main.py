@@ -221,8 +221,10 @@ def audit_command(
         kinds = Counter(group["kind"] for group in overlap["overlap_groups"])
         print_metrics(f"Copies shared with {against} ({against_split}: {overlap['n']} records)", {
             "groups of the same pixels": kinds.get("exact", 0), "groups of near copies": kinds.get("near", 0),
-            "groups of the same file": kinds.get("file", 0), f"records of {data} in them": overlap["records"]["data"],
-            f"records of {against} in them": overlap["records"]["against"]})
+            "groups of the same file": kinds.get("file", 0),
+            # named by option and split, not path: --data and --against may be one file (its val against its train)
+            f"records of --data ({split}) in them": overlap["records"]["data"],
+            f"records of --against ({against_split}) in them": overlap["records"]["against"]})
     emit_json(result, json_out, overwrite)
 
 

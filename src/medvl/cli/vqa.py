@@ -209,25 +209,16 @@ def _print_answer(result: dict[str, Any]) -> None:
 
 
 def _write_heatmap(path: Path, images: list[Path], heatmaps: list[dict[str, Any]], net, overwrite: bool) -> None:
-    """The images side by side (model input size) with the attention in red on top."""
-    import numpy as np
-    from PIL import Image
-
-    from ..eval.vqa import heatmap_array
-    from ..io import atomic_write_bytes, check_output_file
-
-    panels = []
-    for image, heat in zip(images, heatmaps, strict=True):
-        gray = net.preprocessor.load(image).mean(0).numpy()
-        side = gray.shape[-1]
-        weights = np.asarray(Image.fromarray(heatmap_array(heat["grid"], heat["shape"])).resize(
-            (side, side), Image.Resampling.BILINEAR))
-        rgb = np.stack([gray * 0.6 + weights * 0.4, gray * 0.6, gray * 0.6], -1)
-        panels.append((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    """The images side by side, each on its own grid, with the attention in red on top (``heatmap_picture``)."""
     import io
 
+    from PIL import Image
+
+    from ..eval.vqa import heatmap_picture
+    from ..io import atomic_write_bytes, check_output_file
+
     buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(panels, axis=1)).save(buffer, format="PNG")
+    Image.fromarray(heatmap_picture(images, heatmaps, net)).save(buffer, format="PNG")
     check_output_file(path, overwrite, "--heatmap")
     atomic_write_bytes(path, buffer.getvalue())
     console.print(f"wrote {path}")

@@ -25,7 +25,7 @@ training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
 
 ``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
 top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
-on the image encoder's ``token_grid``.
+on the image encoder's ``token_grid``; ``heatmap_picture`` draws those over the images, each on its own grid.
 """
 
 from __future__ import annotations
@@ -297,6 +297,31 @@ def _peak(weights: torch.Tensor, grid: tuple[int, ...]) -> dict[str, float]:
     row, column = divmod(cell, grid[-1])
     return {"row": round((row + 0.5) / grid[0], 3), "column": round((column + 0.5) / grid[-1], 3),
             "weight": round(float(weights[cell]), 4)}
+
+
+def heatmap_picture(images: Sequence[str | Path], heatmaps: Sequence[dict[str, Any]], model: VQAModel,
+                    max_side: int = 512) -> np.ndarray:
+    """``answer_with_rationale``'s heatmaps drawn over the images they are of, side by side, as an (H, W, 3) uint8
+    picture: each image as the model reads it, on its own grid and aspect ratio (``render_preview``: the longest
+    side brought down to ``max_side``, never enlarged), in grey, with the attention (scaled to its maximum) in red.
+    The model saw the whole image resized to its square input, so each grid cell covers the same fraction of the
+    image's height and width that it covers of the input. Panels of different heights are padded with black below.
+    """
+    from PIL import Image
+
+    from ..clinical.windowing import render_preview
+
+    panels = []
+    for image, heat in zip(images, heatmaps, strict=True):
+        shown = render_preview(model.preprocessor.read(image), None, max_side).astype(np.float32) / 255.0
+        grey = shown[..., :3].mean(-1) if shown.ndim == 3 else shown
+        height, width = grey.shape
+        weights = np.asarray(Image.fromarray(heatmap_array(heat["grid"], heat["shape"])).resize(
+            (width, height), Image.Resampling.BILINEAR))
+        panel = np.stack([grey * 0.6 + weights * 0.4, grey * 0.6, grey * 0.6], -1)
+        panels.append((np.clip(panel, 0, 1) * 255).round().astype(np.uint8))
+    tallest = max(panel.shape[0] for panel in panels)
+    return np.concatenate([np.pad(panel, ((0, tallest - panel.shape[0]), (0, 0), (0, 0))) for panel in panels], axis=1)
 
 
 def heatmap_array(weights: Sequence[float], shape: Sequence[int]):

@@ -14,6 +14,7 @@ from .base import shown_location as shown_location
 from .build import add_records as add_records
 from .build import build_index as build_index
 from .cases import Case as Case
+from .search import ImageChanged as ImageChanged
 from .search import index_model as index_model
 from .search import resolve_image as resolve_image
 from .search import search_index as search_index

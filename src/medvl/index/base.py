@@ -57,9 +57,14 @@ class Hit:
     meta: dict[str, Any] = field(default_factory=dict)
     text: str | None = field(default=None, repr=False)  # report: patient data, never logged
     image_path: str | None = None  # relative to the dataset root (``resolve_image``); None if not stored
+    # the indexed image's pixel hash (``pixel_sha256``): what ``resolve_image`` checks a file found at
+    # ``image_path`` against; not part of ``to_dict`` (search outputs list the case, not its hash)
+    image_sha256: str | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        found = asdict(self)
+        del found["image_sha256"]
+        return found
 
 
 class IndexBase:

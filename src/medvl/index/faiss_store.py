@@ -949,11 +949,11 @@ class FaissIndex(IndexBase):
 
     def _hits(self, found: np.ndarray) -> dict[int, Hit]:
         vids = sorted({int(v) for v in found.ravel() if v >= 0})
-        rows = _select_in(self.conn, "vid, id, split, labels, meta, report, image_path", "vid", vids)
+        rows = _select_in(self.conn, "vid, id, split, labels, meta, report, image_path, image_sha256", "vid", vids)
         return {r[0]: Hit(id=r[1], score=0.0, split=r[2], labels=json.loads(r[3]), meta=json.loads(r[4]),
-                          text=r[5], image_path=public_image_path(r[6])) for r in rows}
+                          text=r[5], image_path=public_image_path(r[6]), image_sha256=r[7]) for r in rows}
 
 
 def _scored(hit: Hit, score: float) -> Hit:
     return Hit(id=hit.id, score=float(score), split=hit.split, labels=hit.labels, meta=hit.meta,
-               text=hit.text, image_path=hit.image_path)
+               text=hit.text, image_path=hit.image_path, image_sha256=hit.image_sha256)

@@ -64,7 +64,7 @@ RECALL_SAMPLE = 50
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}\Z")
 STAGING_SUFFIX = "__build"  # <table>__build holds a build of <table> until it is swapped in
 _VECTOR_COLUMN = {IMAGES: "image_vec", TEXTS: "text_vec"}
-_CASE_FIELDS = "id, split, labels, meta, report, image_path"
+_CASE_FIELDS = "id, split, labels, meta, report, image_path, image_sha256"
 # info key listing the filter columns in order (jsonb keeps an object's keys sorted by length, then bytes)
 COLUMN_ORDER = "column_order"
 
@@ -511,6 +511,6 @@ class PgVectorIndex(IndexBase):
                 # a filter starved the beam, or k is above hnsw.ef_search: rank exactly (the same rows when the
                 # table holds fewer than k)
                 rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)
-            results.append([Hit(id=r[0], score=float(r[6]), split=r[1], labels=r[2], meta=r[3], text=r[4],
-                                image_path=public_image_path(r[5])) for r in rows])
+            results.append([Hit(id=r[0], score=float(r[7]), split=r[1], labels=r[2], meta=r[3], text=r[4],
+                                image_path=public_image_path(r[5]), image_sha256=r[6]) for r in rows])
         return results

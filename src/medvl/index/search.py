@@ -4,20 +4,25 @@ Directions: image -> images (similar cases), text -> images (cases matching a de
 image -> texts (reports of similar cases), text -> texts.
 
 A hit's ``image_path`` is relative to the root of the dataset the case was indexed from (None for
-DICOM); ``resolve_image(hit, data_root)`` finds the file under a data root the user gives.
+DICOM); ``resolve_image(hit, data_root)`` finds the file under a data root the user gives, and checks that
+it still holds the indexed image.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..data.images import image_suffix, read_image
 from ..errors import DataError, InputError
 from .base import IMAGES, Hit, Index, check_k, check_model, check_target
-from .cases import public_image_path
+from .build import nifti_sha256
+from .cases import pixel_sha256, public_image_path
 
 
 def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch",
@@ -104,10 +109,18 @@ def hit_value(hit: Hit, column: str) -> Any:
     return None
 
 
+class ImageChanged(DataError):
+    """The file at a case's stored image path is not the image that was indexed (its pixel hash differs): the
+    case was replaced (``medvl index add --replace``) from another folder that has its own file at that path, or
+    the file was overwritten since. Showing it as the case's image would show another patient's."""
+
+
 def resolve_image(hit: Hit, data_root: str | Path) -> Path | None:
     """The image file of a hit under ``data_root`` (the folder of the dataset it was indexed from),
     or None when the index stores no path for it (DICOM, arrays). A stored path that would leave
-    ``data_root`` (absolute, ``..``, a symlink out) is an InputError; a missing file a DataError."""
+    ``data_root`` (absolute, ``..``, a symlink out) is an InputError; a missing file a DataError; a file whose
+    pixels are not the indexed image's (``hit.image_sha256``; unreadable counts as not) an ``ImageChanged``.
+    A hit that carries no pixel hash (one made by hand) is not checked."""
     relative = public_image_path(hit.image_path)
     if hit.image_path is None:
         return None
@@ -117,4 +130,44 @@ def resolve_image(hit: Hit, data_root: str | Path) -> Path | None:
     path = root / relative
     if not path.is_file():
         raise DataError(path, f"image of case {hit.id!r} not found under the data root {data_root}")
+    if hit.image_sha256 is not None and file_pixel_sha256(path) != hit.image_sha256:
+        raise ImageChanged(path, f"not the indexed image of case {hit.id!r} (the file under the data root holds "
+                                 "other pixels: replaced from another folder, or overwritten since indexing)")
     return path
+
+
+# (real path, device, inode, size, mtime in ns) -> pixel hash, or None for a file that cannot be read: a file is
+# decoded once while it stays as it is, so thumbnails and repeated searches stay fast
+_FILE_HASHES: OrderedDict[tuple, str | None] = OrderedDict()
+_FILE_HASHES_LOCK = threading.Lock()
+MAX_CACHED_HASHES = 65_536
+
+
+def file_pixel_sha256(path: str | Path) -> str | None:
+    """The pixel hash an index records for the image file ``path`` (``pixel_sha256`` of its decoded pixels; a
+    NIfTI volume's ``nifti_sha256``), or None when it cannot be read. Cached per file and its size and
+    modification time, so a file rewritten since is decoded again."""
+    real = Path(path).resolve()
+    status = real.stat()
+    key = (str(real), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    with _FILE_HASHES_LOCK:
+        if key in _FILE_HASHES:
+            _FILE_HASHES.move_to_end(key)
+            return _FILE_HASHES[key]
+    digest = _decoded_sha256(real)
+    with _FILE_HASHES_LOCK:
+        _FILE_HASHES[key] = digest
+        while len(_FILE_HASHES) > MAX_CACHED_HASHES:
+            _FILE_HASHES.popitem(last=False)
+    return digest
+
+
+def _decoded_sha256(path: Path) -> str | None:
+    """``file_pixel_sha256`` uncached: the file read as ``medvl.index.build`` read it when indexing (a stored path
+    is never a DICOM file's, so no model's reading of DICOM values matters)."""
+    try:
+        if image_suffix(path) in (".nii", ".nii.gz"):
+            return nifti_sha256(path)
+        return pixel_sha256(read_image(path))
+    except DataError:
+        return None

@@ -361,8 +361,9 @@ class ModelService:
         """The thumbnail of an indexed case's image, from its stored path under the data root.
 
         ``CaseImageMissing`` (404) for an unknown case, a case with no stored path (DICOM, arrays) or
-        no data root; ``PathRefused`` (403) for a stored path leaving the data root."""
-        from ..index import resolve_image
+        no data root, or a file there that is not the indexed image (``ImageChanged``); ``PathRefused`` (403) for a
+        stored path leaving the data root."""
+        from ..index import ImageChanged, resolve_image
 
         index = self._require_index()
         if self.settings.data_root is None:
@@ -372,10 +373,13 @@ class ModelService:
             raise CaseImageMissing("no indexed case has this id")
         if hit.image_path is None:
             raise CaseImageMissing("the index stores no image path for this case (DICOM or array images)")
-        try:
-            path = resolve_image(hit, self.settings.data_root)
+        try:  # on a worker: checking the file is the indexed image decodes it (once per file and version)
+            path = await self._on_worker(resolve_image, hit, self.settings.data_root)
         except InputError:
             raise PathRefused("the stored image path of this case leaves the data root; refused") from None
+        except ImageChanged:
+            raise CaseImageMissing("the image under the data root is not the indexed one (the case was replaced "
+                                   "from another folder, or the file overwritten since)") from None
         except DataError:
             raise CaseImageMissing("the image of this case is not found under the data root") from None
         if path is None:
