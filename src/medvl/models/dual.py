@@ -34,6 +34,7 @@ OTHER_KIND_COMMANDS = {"vqa": "use it with medvl vqa or medvl eval vqa",
                        "report-generator": "use it with medvl report generate or medvl eval report"}
 # files that hold a tokenizer's words (tokenizer_config.json alone does not)
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+CHECKPOINT_STEP = "checkpoint_step"  # in the meta.json of a training checkpoint's model: the step it holds
 VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
 
 
@@ -227,6 +228,9 @@ class DualEncoder(nn.Module):
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
             model.add_view_projection(int(meta["view_projection"]))
         model.meta = {**meta, "heads": meta.get("heads", {})}
+        # a model saved before any training (create_model, save_pretrained) holds the bootstrap vocabulary and
+        # random embeddings: its first training learns the vocabulary, as a fresh model's does
+        model.text_encoder.vocabulary_fixed = "training" in meta or CHECKPOINT_STEP in meta
         load_weights(model, state, directory)
         model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
         model.eval()

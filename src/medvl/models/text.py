@@ -161,6 +161,10 @@ class TextEncoder(nn.Module):
         hf_logging.disable_progress_bar()  # weight loading bars would clutter the CLI
 
         self.config = config
+        # True once the token embeddings are tied to this tokenizer's ids (a tower of a trained saved model, or one
+        # that training started on; DualEncoder.from_pretrained and the trainer set it): fit_tokenizer then keeps
+        # the vocabulary, since a new one would give each word another id, read through another word's embedding
+        self.vocabulary_fixed = source_dir is not None
         if source_dir is not None:  # from_pretrained: architecture + tokenizer from our own dir
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(source_dir))
             self.tokenizer = AutoTokenizer.from_pretrained(source_dir)
@@ -201,8 +205,14 @@ class TextEncoder(nn.Module):
 
     def fit_tokenizer(self, texts: Sequence[str], public_texts: Sequence[str] = ()) -> None:
         """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only); ``public_texts``
-        (caption prompts) hold no patient data, so every word of theirs may enter (``train_wordpiece``)."""
+        (caption prompts) hold no patient data, so every word of theirs may enter (``train_wordpiece``). A tower
+        whose weights were trained with its vocabulary (``vocabulary_fixed``: loaded from a trained model's folder,
+        or trained before) keeps it: words it lacks are spelled from its pieces."""
         if self.config.kind != "bert":
+            return
+        if self.vocabulary_fixed:
+            log.info("kept the text tower's own WordPiece vocabulary (%d tokens): its weights were trained with it",
+                     len(self.tokenizer))
             return
         self.tokenizer = train_wordpiece(texts, self.config.vocab_size, self.config.vocab_min_texts, public_texts)
         self._frozen_features.clear()
