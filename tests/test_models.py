@@ -378,3 +378,63 @@ def test_a_model_folder_whose_spatial_dims_is_not_2_or_3_is_one_line_naming_the_
         model_spatial_dims(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"image": {"spatial_dims": 3}}), encoding="utf-8")
     assert model_spatial_dims(tmp_path) == 3
+
+
+def _hf_text_folder(folder, vocab_size=None, pad=True):
+    """A tiny local Hugging Face BERT folder: config.json, model.safetensors, a WordPiece tokenizer.json."""
+    from transformers import BertConfig, BertModel
+
+    from medvl.models.text import train_wordpiece
+
+    tokenizer = train_wordpiece(["the heart is enlarged", "no pleural effusion"] * 5, 200, min_texts=1)
+    BertModel(BertConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    if not pad:
+        tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _no_tokenizer(folder):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _half_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: _no_tokenizer(_hf_text_folder(f)), "holds no tokenizer vocabulary (expected one of tokenizer.json"),
+    (lambda f: _half_weights(_hf_text_folder(f)), "cannot read the text encoder's weights (SafetensorError"),
+    (lambda f: (_hf_text_folder(f) / "tokenizer.json").write_text('{"x":'),
+     "cannot read the text encoder's tokenizer (JSONDecodeError"),
+    (lambda f: _hf_text_folder(f, vocab_size=20), "tokens but the model's vocab_size is 20"),
+    (lambda f: _hf_text_folder(f, pad=False), "its tokenizer has no padding token"),
+    (lambda f: medvl.create_model("phantom-tiny").save_pretrained(f),
+     "is a medvl model folder, not a Hugging Face text model"),
+])
+def test_a_local_text_encoder_folder_that_cannot_work_is_one_line_naming_it(make, message, phantom_dir, tmp_path):
+    """A partial copy without its vocabulary trained a model reading every word as [UNK]; a damaged or mismatched
+    folder (and a medvl model folder) crashed with transformers' traceback."""
+    from cli_helpers import invoke
+
+    folder = tmp_path / "hf text"
+    make(folder)
+    with pytest.raises(ModelError) as caught:
+        medvl.create_model("phantom-tiny", **{"text.kind": "pretrained", "text.path": str(folder)})
+    assert str(caught.value).startswith(f"{folder}: ") and message in str(caught.value), caught.value
+    assert "\n" not in str(caught.value)
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--text-encoder", folder, "--set", "text.max_length=32", "-q")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"error: {caught.value}" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_local_text_encoder_folder_that_works_trains(phantom_dir, tmp_path):
+    model = medvl.create_model("phantom-tiny", **{"text.kind": "pretrained",
+                                                  "text.path": str(_hf_text_folder(tmp_path / "hf"))})
+    assert model.text_tokens(["the heart"])[0][1:-1] == (model.text_encoder.tokenizer.convert_tokens_to_ids("the"),
+                                                         model.text_encoder.tokenizer.convert_tokens_to_ids("heart"))

@@ -23,7 +23,7 @@ from .image import ImageEncoder
 from .losses import clip_loss, siglip_loss
 from .ood import OODGuard, matching_guard
 from .preprocess import ImagePreprocessor, orientations
-from .text import TextEncoder
+from .text import VOCABULARY_FILES, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,6 @@ CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetenso
 OTHER_KINDS = {"vqa": "a VQA model (medvl train vqa)", "report-generator": "a report generator (medvl train report)"}
 OTHER_KIND_COMMANDS = {"vqa": "use it with medvl vqa or medvl eval vqa",
                        "report-generator": "use it with medvl report generate or medvl eval report"}
-# files that hold a tokenizer's words (tokenizer_config.json alone does not)
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
 CHECKPOINT_STEP = "checkpoint_step"  # in the meta.json of a training checkpoint's model: the step it holds
 VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
 
