@@ -299,6 +299,9 @@ DAMAGED_FOLDERS = {  # a hand-edited or damaged model folder -> the one line nam
                         "cannot read the text tower in text/ ("),  # the exception type is transformers'
     "text-width": (lambda m: _edit_json(m / "text" / "config.json", lambda c: c.update(hidden_size=32)),
                    "model.safetensors does not match the architecture of config.json and text/config.json: "),
+    "vit-heads": (lambda m: _edit_json(m / "config.json", lambda c: c["image"].update(
+        arch="vit", hidden_size=30, num_heads=4, patch_size=8)),
+                  "config.json: InputError: image.hidden_size 30 must be a multiple of image.num_heads 4 for a vit"),
 }
 
 
@@ -334,6 +337,24 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file_in_the_api_and_the_c
     result, output = invoke("predict", image, "--model", folder, "--labels", "a,b")
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert [line for line in output.splitlines() if line.startswith("error:")][0] == f"error: {caught.value}"
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("vit-tiny", {"image.image_size": 32, "image.patch_size": 8, "image.num_heads": 5},
+     "image.hidden_size 64 must be a multiple of image.num_heads 5 for a vit"),
+    ("phantom-tiny", {"text.hidden_size": 31}, "text.hidden_size 31 must be a multiple of text.num_heads 2"),
+])
+def test_a_width_its_heads_do_not_divide_is_refused_by_the_config_not_the_network(model, overrides, message,
+                                                                                 phantom_dir, tmp_path):
+    """MONAI's ViT and transformers' BERT raised while the tower was built: a traceback from the CLI."""
+    from cli_helpers import invoke
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        medvl.create_model(model, **overrides)
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    result, output = invoke("train", "--data", phantom_dir, "--model", model, "--out", tmp_path / "run", "--epochs", 1,
+                            *sets, "-q")
+    assert result.exit_code == 2 and "Traceback" not in output and f"error: {message}" in output, output
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -19,7 +19,7 @@ from ..data.captions import CaptionConfig
 from ..errors import InputError, MedvlError, ModelError
 from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig, json_type
-from .image import ImageEncoder
+from .image import ImageEncoder, ImageTowerError
 from .losses import clip_loss, siglip_loss
 from .ood import OODGuard, matching_guard
 from .preprocess import ImagePreprocessor, orientations
@@ -215,6 +215,8 @@ class DualEncoder(nn.Module):
                              f"{', '.join(VOCABULARY_FILES)})")
         try:
             model = cls(config, text_source_dir=text)
+        except ImageTowerError as err:  # built before the text tower: not the text tower's fault
+            raise ModelError(f"{directory}: cannot read model files ({CONFIG_FILE}: {err})") from None
         except MedvlError as err:  # a setting of config.json the saved tower cannot take (text.max_length)
             raise ModelError(f"{directory}: {CONFIG_FILE} does not fit the text tower in {TEXT_DIR}/ ({err})") from None
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own

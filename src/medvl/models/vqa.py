@@ -115,6 +115,7 @@ class VQAConfig:
             raise InputError(f"hidden_size {self.hidden_size} must be a multiple of fusion_heads {self.fusion_heads}")
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+        self.text.validate_heads()
 
 
 def question_key(question: str) -> str:
