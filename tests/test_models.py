@@ -299,6 +299,9 @@ DAMAGED_FOLDERS = {  # a hand-edited or damaged model folder -> the one line nam
                         "cannot read the text tower in text/ ("),  # the exception type is transformers'
     "text-width": (lambda m: _edit_json(m / "text" / "config.json", lambda c: c.update(hidden_size=32)),
                    "model.safetensors does not match the architecture of config.json and text/config.json: "),
+    "vit-heads": (lambda m: _edit_json(m / "config.json", lambda c: c["image"].update(
+        arch="vit", hidden_size=30, num_heads=4, patch_size=8)),
+                  "config.json: InputError: image.hidden_size 30 must be a multiple of image.num_heads 4 for a vit"),
 }
 
 
@@ -334,6 +337,24 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file_in_the_api_and_the_c
     result, output = invoke("predict", image, "--model", folder, "--labels", "a,b")
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert [line for line in output.splitlines() if line.startswith("error:")][0] == f"error: {caught.value}"
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("vit-tiny", {"image.image_size": 32, "image.patch_size": 8, "image.num_heads": 5},
+     "image.hidden_size 64 must be a multiple of image.num_heads 5 for a vit"),
+    ("phantom-tiny", {"text.hidden_size": 31}, "text.hidden_size 31 must be a multiple of text.num_heads 2"),
+])
+def test_a_width_its_heads_do_not_divide_is_refused_by_the_config_not_the_network(model, overrides, message,
+                                                                                 phantom_dir, tmp_path):
+    """MONAI's ViT and transformers' BERT raised while the tower was built: a traceback from the CLI."""
+    from cli_helpers import invoke
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        medvl.create_model(model, **overrides)
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    result, output = invoke("train", "--data", phantom_dir, "--model", model, "--out", tmp_path / "run", "--epochs", 1,
+                            *sets, "-q")
+    assert result.exit_code == 2 and "Traceback" not in output and f"error: {message}" in output, output
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -378,3 +399,63 @@ def test_a_model_folder_whose_spatial_dims_is_not_2_or_3_is_one_line_naming_the_
         model_spatial_dims(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"image": {"spatial_dims": 3}}), encoding="utf-8")
     assert model_spatial_dims(tmp_path) == 3
+
+
+def _hf_text_folder(folder, vocab_size=None, pad=True):
+    """A tiny local Hugging Face BERT folder: config.json, model.safetensors, a WordPiece tokenizer.json."""
+    from transformers import BertConfig, BertModel
+
+    from medvl.models.text import train_wordpiece
+
+    tokenizer = train_wordpiece(["the heart is enlarged", "no pleural effusion"] * 5, 200, min_texts=1)
+    BertModel(BertConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    if not pad:
+        tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _no_tokenizer(folder):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _half_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: _no_tokenizer(_hf_text_folder(f)), "holds no tokenizer vocabulary (expected one of tokenizer.json"),
+    (lambda f: _half_weights(_hf_text_folder(f)), "cannot read the text encoder's weights (SafetensorError"),
+    (lambda f: (_hf_text_folder(f) / "tokenizer.json").write_text('{"x":'),
+     "cannot read the text encoder's tokenizer (JSONDecodeError"),
+    (lambda f: _hf_text_folder(f, vocab_size=20), "tokens but the model's vocab_size is 20"),
+    (lambda f: _hf_text_folder(f, pad=False), "its tokenizer has no padding token"),
+    (lambda f: medvl.create_model("phantom-tiny").save_pretrained(f),
+     "is a medvl model folder, not a Hugging Face text model"),
+])
+def test_a_local_text_encoder_folder_that_cannot_work_is_one_line_naming_it(make, message, phantom_dir, tmp_path):
+    """A partial copy without its vocabulary trained a model reading every word as [UNK]; a damaged or mismatched
+    folder (and a medvl model folder) crashed with transformers' traceback."""
+    from cli_helpers import invoke
+
+    folder = tmp_path / "hf text"
+    make(folder)
+    with pytest.raises(ModelError) as caught:
+        medvl.create_model("phantom-tiny", **{"text.kind": "pretrained", "text.path": str(folder)})
+    assert str(caught.value).startswith(f"{folder}: ") and message in str(caught.value), caught.value
+    assert "\n" not in str(caught.value)
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--text-encoder", folder, "--set", "text.max_length=32", "-q")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"error: {caught.value}" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_local_text_encoder_folder_that_works_trains(phantom_dir, tmp_path):
+    model = medvl.create_model("phantom-tiny", **{"text.kind": "pretrained",
+                                                  "text.path": str(_hf_text_folder(tmp_path / "hf"))})
+    assert model.text_tokens(["the heart"])[0][1:-1] == (model.text_encoder.tokenizer.convert_tokens_to_ids("the"),
+                                                         model.text_encoder.tokenizer.convert_tokens_to_ids("heart"))

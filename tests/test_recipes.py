@@ -243,3 +243,19 @@ def test_benchmark_scripts_answer_bad_input_in_one_line(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--text-encoder", "all-minilm-l6-v2"], "--text-encoder (text.kind, text.path) applies to registered names, not "
+                                             "to a saved model: it keeps its own text tower"),
+    (["--text-encoder", "bert"], "--text-encoder (text.kind, text.path) applies to registered names"),
+    (["--set", "embed_dim=32"], "config overrides (embed_dim; --set) apply to registered names, not to a saved model"),
+])
+def test_a_saved_model_refuses_model_options_naming_the_option_given(options, message, phantom_dir, tmp_path):
+    """--text-encoder with a saved folder spoke of "config overrides", which no option of the command had said."""
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "saved")
+    result, output = invoke("train", "--data", phantom_dir, "--model", tmp_path / "saved", "--out", tmp_path / "run",
+                            "--epochs", 1, *options)
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"error: {tmp_path / 'saved'}: {message}" in output, output
+    assert not (tmp_path / "run").exists()

@@ -602,6 +602,35 @@ def test_a_trained_model_folder_keeps_no_word_of_a_single_report(phantom_dir, tm
     assert {"effusion", "pneumothorax", "cardiomegaly"} <= set(vocab)  # words of many reports stay whole
 
 
+def test_continuing_from_a_saved_model_on_other_data_keeps_its_vocabulary(small_phantom, tmp_path):
+    """The text tower's embeddings were learnt with the saved vocabulary's ids: continuing from the folder on a corpus
+    of other words (a learning rate of about 0: weights unchanged) reads every text as before."""
+    words = "zebra giraffe lantern orbit quartz velvet harbor meadow cobalt tundra".split()
+    other = _edited_phantom(small_phantom, tmp_path / "other", lambda i, row: row.update(
+        text=" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12))))
+    result, output = invoke(*_tiny_train("train", small_phantom, "--out", tmp_path / "a"))
+    assert result.exit_code == 0, output
+    result, output = invoke("train", "--data", other, "--model", tmp_path / "a" / "model", "--out", tmp_path / "b",
+                            "--epochs", "1", "--batch-size", "16", "--lr", "1e-12", "-q")
+    assert result.exit_code == 0, output
+    first, second = medvl.load_model(tmp_path / "a"), medvl.load_model(tmp_path / "b")
+    texts = ["cardiomegaly with pleural effusion", "no acute abnormality", "zebra giraffe lantern"]
+    assert second.text_tokens(texts) == first.text_tokens(texts)
+    assert torch.allclose(second.encode_texts(texts), first.encode_texts(texts), atol=1e-6)
+    assert ((tmp_path / "b" / "model" / "text" / "tokenizer.json").read_bytes()
+            == (tmp_path / "a" / "model" / "text" / "tokenizer.json").read_bytes())
+
+
+def test_continuing_from_a_model_saved_before_any_training_learns_its_vocabulary(small_phantom, tmp_path):
+    """Its embeddings are random and its vocabulary the bootstrap one: the first training learns the corpus's."""
+    medvl.create_model("phantom-tiny", **{"image.image_size": 48}).save_pretrained(tmp_path / "fresh")
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "fresh", "--out", tmp_path / "run",
+                            "--max-steps", "1", "--batch-size", "16", "-q")
+    assert result.exit_code == 0, output
+    vocab = json.loads((tmp_path / "run" / "model" / "text" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"effusion", "cardiomegaly"} <= set(vocab)
+
+
 def _edited_phantom(source: Path, folder: Path, edit) -> Path:
     """A copy of the phantom data (images copied, its dataset.json kept) with ``edit(i, row)`` applied to the i-th
     training row of its manifest."""

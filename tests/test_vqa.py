@@ -437,13 +437,36 @@ def test_non_utf8_question_file_is_one_line(phantom, tmp_path):
     assert "latin1.json" in output and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_dual_encoder_folder_is_not_a_vqa_model(phantom, tmp_path):
-    from medvl.models.registry import create_model
+def _report_generator(folder):
+    from medvl.models.decoder import DecoderConfig, ReportGenerator, ReportGeneratorConfig
+    from medvl.models.registry import get_config
 
-    create_model("phantom-tiny").save_pretrained(tmp_path / "dual")
-    result, output = invoke("eval", "vqa", "--model", tmp_path / "dual", "--data", phantom / "vqa", "--quiet")
-    assert result.exit_code == 2
-    assert "not a VQA model" in output
+    decoder = DecoderConfig(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=64, vocab_size=200)
+    config = ReportGeneratorConfig(image=get_config("phantom-tiny").image, decoder=decoder)
+    ReportGenerator(config).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("dual", "is a dual encoder (medvl train), not a VQA model; train a VQA model from it with medvl train vqa "
+             "--init"),
+    ("report", "is a report generator (medvl train report), not a VQA model; use it with medvl report generate or "
+               "medvl eval report"),
+])
+def test_another_kind_of_model_folder_is_named_as_such_not_as_a_vqa_model_missing_files(kind, message, phantom,
+                                                                                       tmp_path):
+    """A report generator was "not a medvl VQA model directory (missing text)", which sends one looking for a damaged
+    folder; a dual encoder "not a VQA model (config kind None; ...)"."""
+    folder = tmp_path / kind
+    if kind == "dual":
+        create_model("phantom-tiny").save_pretrained(folder)
+    else:
+        _report_generator(folder)
+    image = next((phantom / "images").glob("*.png"))
+    for command in (("eval", "vqa", "--model", folder, "--data", phantom / "vqa", "--quiet"),
+                    ("vqa", image, "--model", folder, "--question", "is there a nodule?")):
+        result, output = invoke(*command)
+        assert result.exit_code == 2, output
+        assert f"error: {folder}: {message}" in output, output
 
 
 def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):

@@ -122,6 +122,9 @@ class ImageConfig:
         sides = self.volume_shape if self.arch == "vit" else (self.image_size,)
         if vit and any(side % self.patch_size for side in sides):
             raise InputError(f"image sides {sides} must be multiples of image.patch_size {self.patch_size} for a vit")
+        if vit and self.hidden_size % self.num_heads:  # each attention head takes an equal share of the width
+            raise InputError(f"image.hidden_size {self.hidden_size} must be a multiple of image.num_heads "
+                             f"{self.num_heads} for a vit")
         check_number("image.color_constancy", self.color_constancy, minimum=0, maximum=20)
         check_number("image.augment_color", self.augment_color, minimum=0, maximum=0.9)
         check_number("image.percentile_scaling", self.percentile_scaling, minimum=0, maximum=25)
@@ -185,6 +188,12 @@ class TextConfig:
     tune_top_layers: int = 0  # with freeze: the top N transformer layers still train; the layers below stay
     # fixed and their output is computed once per text while training (a partly unfrozen tower at LiT's cost)
 
+    def validate_heads(self) -> None:
+        """A random-init BERT splits its width equally between its attention heads."""
+        if self.kind == "bert" and self.hidden_size % self.num_heads:
+            raise InputError(f"text.hidden_size {self.hidden_size} must be a multiple of text.num_heads "
+                             f"{self.num_heads}")
+
 
 @dataclass
 class ModelConfig:
@@ -240,6 +249,7 @@ class ModelConfig:
             check_number(f"text.{name}", getattr(self.text, name), minimum=1, integer=True)
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+        self.text.validate_heads()
         if self.text.kind == "pretrained" and not self.text.path:
             raise InputError("text.kind 'pretrained' needs text.path (a local HF dir or all-minilm-l6-v2)")
         if self.text.pooling not in ("mean", "cls"):

@@ -19,11 +19,11 @@ from ..data.captions import CaptionConfig
 from ..errors import InputError, MedvlError, ModelError
 from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig, json_type
-from .image import ImageEncoder
+from .image import ImageEncoder, ImageTowerError
 from .losses import clip_loss, siglip_loss
 from .ood import OODGuard, matching_guard
 from .preprocess import ImagePreprocessor, orientations
-from .text import TextEncoder
+from .text import VOCABULARY_FILES, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR = "config.json", "model.safetenso
 OTHER_KINDS = {"vqa": "a VQA model (medvl train vqa)", "report-generator": "a report generator (medvl train report)"}
 OTHER_KIND_COMMANDS = {"vqa": "use it with medvl vqa or medvl eval vqa",
                        "report-generator": "use it with medvl report generate or medvl eval report"}
-# files that hold a tokenizer's words (tokenizer_config.json alone does not)
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+CHECKPOINT_STEP = "checkpoint_step"  # in the meta.json of a training checkpoint's model: the step it holds
 VIEW_PROJECTION_DIM = 128  # output width of the self-supervised projection (SimCLR's)
 
 
@@ -216,6 +215,8 @@ class DualEncoder(nn.Module):
                              f"{', '.join(VOCABULARY_FILES)})")
         try:
             model = cls(config, text_source_dir=text)
+        except ImageTowerError as err:  # built before the text tower: not the text tower's fault
+            raise ModelError(f"{directory}: cannot read model files ({CONFIG_FILE}: {err})") from None
         except MedvlError as err:  # a setting of config.json the saved tower cannot take (text.max_length)
             raise ModelError(f"{directory}: {CONFIG_FILE} does not fit the text tower in {TEXT_DIR}/ ({err})") from None
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
@@ -227,6 +228,9 @@ class DualEncoder(nn.Module):
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
             model.add_view_projection(int(meta["view_projection"]))
         model.meta = {**meta, "heads": meta.get("heads", {})}
+        # a model saved before any training (create_model, save_pretrained) holds the bootstrap vocabulary and
+        # random embeddings: its first training learns the vocabulary, as a fresh model's does
+        model.text_encoder.vocabulary_fixed = "training" in meta or CHECKPOINT_STEP in meta
         load_weights(model, state, directory)
         model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
         model.eval()

@@ -18,6 +18,11 @@ from ..errors import InputError, ModelError
 from .config import ImageConfig
 
 
+class ImageTowerError(ModelError):
+    """The image settings cannot build the image tower (a MONAI network refuses them): names the image
+    settings, so a model folder's loader does not blame its text tower."""
+
+
 class ImageEncoder(nn.Module):
     """A MONAI backbone with its classification layer removed; ``forward`` returns pooled features."""
 
@@ -25,7 +30,13 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.config = config
         builders = {"resnet": _resnet, "vit": _vit, "densenet": _densenet, "slicepool": _slicepool}
-        self.backbone, self.num_features = builders[config.arch](config)
+        try:
+            self.backbone, self.num_features = builders[config.arch](config)
+        except ImageTowerError:
+            raise
+        except Exception as err:  # MONAI's ValueError / AssertionError for a combination validate() does not check
+            raise ImageTowerError(f"the image settings cannot build a {config.arch} image tower "
+                                  f"({err.__class__.__name__}: {' '.join(str(err).split())[:200]})") from None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_input(self.config, images)

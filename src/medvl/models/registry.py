@@ -186,9 +186,23 @@ def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
             raise ModelError(f"{name_or_dir}: a transformers {transformers_model_type(name_or_dir)} folder is "
                              "inference-only in medvl for now (eval, index, search, predict, report draft); "
                              "it cannot be trained")
-        if overrides:
-            raise ModelError("config overrides apply to registered names, not to a saved model")
+        check_no_overrides(name_or_dir, overrides)
         return load_model(name_or_dir)
     if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
         raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
     return create_model(str(name_or_dir), **overrides)
+
+
+TEXT_ENCODER_KEYS = ("text.kind", "text.path")  # the overrides --text-encoder gives (api.parse_overrides)
+
+
+def check_no_overrides(directory: str | Path, overrides: dict[str, Any]) -> None:
+    """ModelError when config ``overrides`` are given for a saved model folder: it keeps the config it was saved
+    with. The message names what was given: the text encoder choice (``--text-encoder``) or the keys (``--set``)."""
+    if not overrides:
+        return
+    if any(key in overrides for key in TEXT_ENCODER_KEYS):
+        raise ModelError(f"{directory}: --text-encoder (text.kind, text.path) applies to registered names, not to a "
+                         "saved model: it keeps its own text tower")
+    raise ModelError(f"{directory}: config overrides ({', '.join(sorted(overrides))}; --set) apply to registered "
+                     "names, not to a saved model: it keeps the config it was saved with")

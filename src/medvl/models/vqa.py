@@ -56,6 +56,8 @@ from .config import ImageConfig, TextConfig, build_dataclass
 from .dual import (
     CONFIG_FILE,
     META_FILE,
+    OTHER_KIND_COMMANDS,
+    OTHER_KINDS,
     TEXT_DIR,
     WEIGHTS_FILE,
     DualEncoder,
@@ -115,6 +117,7 @@ class VQAConfig:
             raise InputError(f"hidden_size {self.hidden_size} must be a multiple of fusion_heads {self.fusion_heads}")
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+        self.text.validate_heads()
 
 
 def question_key(question: str) -> str:
@@ -316,15 +319,15 @@ class VQAModel(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE, TEXT_DIR):
-            if not (directory / name).exists():
-                raise ModelError(f"{directory}: not a medvl VQA model directory (missing {name})")
+        if not (directory / CONFIG_FILE).exists():
+            raise ModelError(f"{directory}: not a medvl VQA model directory (missing {CONFIG_FILE})")
         reading = CONFIG_FILE  # the file the message names
-        try:
+        try:  # read first: another kind of model is named as such, not as a folder missing a VQA model's files
             raw = json.loads((directory / CONFIG_FILE).read_text())
-            if not isinstance(raw, dict) or raw.get("kind") != MODEL_KIND:
-                kind = raw.get("kind") if isinstance(raw, dict) else None
-                raise ModelError(f"{directory}: not a VQA model (config kind {kind!r}; train one with medvl train vqa)")
+            _check_kind(directory, raw)
+            for name in (WEIGHTS_FILE, META_FILE, TEXT_DIR):
+                if not (directory / name).exists():
+                    raise ModelError(f"{directory}: not a medvl VQA model directory (missing {name})")
             config = VQAConfig.from_dict(raw)
             reading = META_FILE
             meta = read_meta(directory, required=True)
@@ -345,6 +348,19 @@ class VQAModel(nn.Module):
         load_weights(model, state, directory)
         model.eval()
         return model
+
+
+def _check_kind(directory: Path, raw: Any) -> None:
+    """ModelError naming the kind of model ``directory`` holds when its config.json is not a VQA model's."""
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind == MODEL_KIND:
+        return
+    if isinstance(kind, str) and kind in OTHER_KINDS:
+        raise ModelError(f"{directory}: is {OTHER_KINDS[kind]}, not a VQA model; {OTHER_KIND_COMMANDS[kind]}")
+    if kind is None and isinstance(raw, dict) and "image" in raw and "text" in raw:
+        raise ModelError(f"{directory}: is a dual encoder (medvl train), not a VQA model; train a VQA model from it "
+                         f"with medvl train vqa --init {directory}")
+    raise ModelError(f"{directory}: not a VQA model (config.json kind {kind!r}; train one with medvl train vqa)")
 
 
 def load_vqa_model(directory: str | Path) -> VQAModel | VisionLanguageModel:

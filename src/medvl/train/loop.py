@@ -45,7 +45,7 @@ from ..eval.contamination import training_data
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
 from ..models.config import MIN_WORD_TEXTS
-from ..models.dual import META_FILE, DualEncoder
+from ..models.dual import CHECKPOINT_STEP, META_FILE, DualEncoder  # CHECKPOINT_STEP: the step of STATE_FILE
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
 from ..progress import progress_bar
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
 STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and batch index
-CHECKPOINT_STEP = "checkpoint_step"  # in the meta of CHECKPOINT_DIR/MODEL_DIR: the step of its STATE_FILE
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 MAX_EPOCHS = 10_000  # more is a typo: the warmup alone would hold the learning rate near 0 for a lifetime
@@ -466,10 +465,12 @@ class ContrastiveObjective:
         if checkpoint is not None:
             self.model = DualEncoder.from_pretrained(checkpoint, load_guard=False)  # a trained model has no guard
         else:
+            # a random-init tower learns its vocabulary from this corpus; a trained model's tower keeps its own
             self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
             for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
                 if column not in self.model.heads:
                     self.model.add_head(column, self.dataset.classes(column))
+        self.model.text_encoder.vocabulary_fixed = True  # trained with it from here on
         wants_views = self.config.self_supervised_weight > 0 or self.config.self_supervised_epochs > 0
         if wants_views and self.model.view_projection is None:
             self.model.add_view_projection()  # a resumed run has it from its checkpoint

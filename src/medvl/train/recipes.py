@@ -35,7 +35,14 @@ from ..eval.covariates import check_covariates, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
-from ..models.registry import get_recipe, is_model_dir, list_models, model_spatial_dims, resolve_model
+from ..models.registry import (
+    check_no_overrides,
+    get_recipe,
+    is_model_dir,
+    list_models,
+    model_spatial_dims,
+    resolve_model,
+)
 from .loop import TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -107,6 +114,8 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
     ``ensemble``, ``test_time_views`` and ``operating_point`` replace the recipe's benchmark settings.
     """
     recipe = recipe_of(model)
+    if is_model_dir(model):  # refused before any data is read
+        check_no_overrides(model, model_overrides or {})
     given = {key: value for key, value in train_options.items() if value is not None}
     if "recipe" in given:  # it records where the defaults came from: set here, from the model, so a value given
         # would be dropped without a word
