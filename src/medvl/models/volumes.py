@@ -10,7 +10,11 @@ Intensities:
   ``[center - width / 2, center + width / 2]`` and scaled to [0, 1] (DICOM LINEAR_EXACT), before
   any resampling so that bone or air never bleed into soft tissue;
 - without a window, the resampled volume is min-max scaled (as 2D images are);
-- 8-bit volumes (display values, e.g. a windowed DICOM series) are divided by 255.
+- 8-bit volumes (a ``uint8`` array, e.g. a colour multi-frame DICOM's frames) are divided by 255.
+
+Every DICOM file and series reaches a 3D model as modality values (HU for CT), whether or not the model has
+windows: an enhanced multi-frame file, the same acquisition as a series of slices and as NIfTI give one
+model input (never the file's stored display window, which only a multi-frame file carries).
 
 Resizing: each axis on its own (``_resize_axis``), area averaging when it shrinks (anti-aliased),
 linear interpolation when it grows. The two are separable, so the order the axes are resized in does
@@ -56,8 +60,9 @@ def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path 
 
 
 def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.ndarray:
-    """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values when the model has
-    windows), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
+    """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values, as a DICOM series and
+    NIfTI always are, so that without windows too one acquisition is min-max scaled from the same values in every
+    format), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
     reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series)."""
     if isinstance(image, str | Path):
         suffix = image_suffix(image)
@@ -68,7 +73,7 @@ def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.nd
             raise DataError(image, f"a .npy file holds a 2D image (HxW or HxWx3); this {config.arch} model takes 3D "
                                    "volumes: save one as NIfTI (medvl.clinical.nifti.write_nifti), or pass a DxHxW "
                                    "array")
-    return read_image(image, modality_values=bool(config.windows))
+    return read_image(image, modality_values=True)
 
 
 def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
