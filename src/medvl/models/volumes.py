@@ -63,7 +63,13 @@ def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.nd
     """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values, as a DICOM series and
     NIfTI always are, so that without windows too one acquisition is min-max scaled from the same values in every
     format), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
-    reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series)."""
+    reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series). A folder is
+    a DICOM series, stacked by ``medvl.clinical.dicom.load_volume`` as a dataset's series is (RAS, modality
+    values): it must hold exactly one series."""
+    if isinstance(image, str | Path) and Path(image).is_dir():
+        from ..clinical.dicom import load_volume as stack_series
+
+        return stack_series(image)[0]
     if isinstance(image, str | Path):
         suffix = image_suffix(image)
         if suffix in _FLAT_SUFFIXES:
@@ -84,6 +90,9 @@ def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
             raise DataError(source, "an RGB volume has no modality values to window; drop image.window")
     elif array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8:
         raise DataError(source, f"a 2D RGB image {array.shape}; this {config.arch} model takes 3D volumes")
+    if array.ndim == 2:
+        raise DataError(source, f"a 2D image {array.shape}; this {config.arch} model takes 3D volumes: NIfTI, a "
+                                "DICOM series (its folder: one slice of it is a 2D image) or a DxHxW array")
     if array.ndim != 3:
         raise DataError(source, f"image shape {array.shape} does not fit a 3D model (expected a DxHxW volume)")
     if min(array.shape) < 2:
