@@ -19,8 +19,8 @@ model input (never the file's stored display window, which only a multi-frame fi
 Resizing: each axis on its own (``_resize_axis``), area averaging when it shrinks (anti-aliased),
 linear interpolation when it grows. The two are separable, so the order the axes are resized in does
 not matter (up to float rounding): a NIfTI file stored sagittally, its axial copy and its
-``read_nifti`` array give the same model input, and so do the CLI (which streams the file) and the
-service (which holds the upload's RAS array).
+``read_nifti`` array give the same model input (the CLI and the service both stream a file: the service
+gives an upload's private temporary file to the model's loader).
 
 Memory: a NIfTI file is streamed from disk ``SLAB_VOXELS`` voxels at a time (its third voxel axis
 is stored slowest); each slab is windowed and resized in-plane (its two stored axes) before the
