@@ -5,6 +5,7 @@ Series are written here from known arrays (Image Position / Orientation (Patient
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -381,6 +382,30 @@ def test_a_3d_model_sees_a_dicom_series_as_the_nifti_of_the_same_patient(tmp_pat
     from_dicom = model_volume(record.images[0], config)
     from_nifti = model_volume(tmp_path / "same.nii.gz", config)
     assert float((from_dicom - from_nifti).abs().max()) < 1e-6
+
+
+def test_predict_takes_a_dicom_series_folder_as_a_3d_model_takes_the_same_nifti(tmp_path):
+    """README: the same commands take DICOM series; medvl predict (and search) refused a series folder ('is a
+    folder, not an image file'). A folder holding one series is now stacked as a dataset's series is: the same
+    answer as the NIfTI of the same patient. One slice of it is a 2D image, and the error says to pass the folder."""
+    from cli_helpers import invoke
+    from medvl.models.registry import create_model
+
+    stored = np.random.default_rng(0).normal(0, 300, (6, 8, 10)).astype(np.int16)
+    row, col = ORIENTATIONS["axial"]
+    slices = write_series(tmp_path / "ct", stored, row=row, col=col)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine(row, col)
+    nib.save(nib.Nifti1Image(stored.transpose(2, 1, 0), affine), tmp_path / "same.nii.gz")
+    create_model("ct3d-tiny").save_pretrained(tmp_path / "model")
+    labels = ("--model", tmp_path / "model", "--labels", "no_finding,kidney_cyst")
+    result, output = invoke("predict", tmp_path / "ct", tmp_path / "same.nii.gz", *labels,
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    series, nifti = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert series["image"] == str(tmp_path / "ct")
+    assert series["probabilities"] == pytest.approx(nifti["probabilities"], abs=1e-6)
+    result, output = invoke("predict", slices[0], *labels)
+    assert result.exit_code == 2 and "a 2D image (8, 10)" in output and "its folder" in " ".join(output.split())
 
 
 # ----------------------------------------------------------- the model's windows win (F8)

@@ -1131,6 +1131,20 @@ def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
                                   _numpy_min_max(random[4][::-1, ::-1]))
 
 
+def test_a_nifti_preview_has_square_pixels_as_a_viewer_shows_it(client, tmp_path):
+    """A sphere 80 mm across in a volume of 20 sagittal slices 5 mm apart (1 mm in-plane) was shown 20 x 100 px,
+    squashed 5:1, since the spacing read_nifti gives was dropped; its axial slice now has square pixels."""
+    import nibabel
+
+    x, y, z = np.meshgrid((np.arange(20) - 9.5) * 5, np.arange(100) - 49.5, np.arange(100) - 49.5, indexing="ij")
+    sphere = np.where(x**2 + y**2 + z**2 < 40**2, 60, -1000).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(sphere, np.diag([5.0, 1.0, 1.0, 1.0])), tmp_path / "sphere.nii.gz")
+    shown = _png_pixels(preview(client, (tmp_path / "sphere.nii.gz").read_bytes()))
+    assert shown.shape == (100, 100)
+    rows, columns = np.flatnonzero((shown > 127).any(axis=1)), np.flatnonzero((shown > 127).any(axis=0))
+    assert 76 <= np.ptp(rows) <= 82 and abs(int(np.ptp(rows)) - int(np.ptp(columns))) <= 2, (rows, columns)
+
+
 def test_preview_refuses_bombs_corrupt_and_unsupported_files_as_the_other_routes_do(client, tmp_path):
     from pydicom.data import get_testdata_file
 

@@ -279,6 +279,23 @@ def test_cli_predicts_a_volume_spanning_more_than_float32_holds(tmp_path):
     assert all(isinstance(p, float) and 0 <= p <= 1 for p in probabilities.values()), probabilities
 
 
+def test_a_multiframe_dicom_reaches_a_3d_model_as_its_nifti_copy_does_with_or_without_windows(tmp_path):
+    """An enhanced multi-frame CT reached a 3D model without windows as its stored display window (uint8 / 255),
+    while a DICOM series or NIfTI of the same acquisition came as HU, min-max scaled: inputs up to 0.85 apart.
+    Every DICOM reaches a 3D model as modality values now, so the file and its NIfTI copy give one model input."""
+    from medvl.data.images import read_image
+    from medvl.models.preprocess import reads_modality_values
+
+    path = Path(pytest.importorskip("pydicom.data").get_testdata_file("eCT_Supplemental.dcm"))
+    copy = write_nifti(tmp_path / "ect.nii.gz", read_image(path, modality_values=True).astype(np.float32),
+                       (1.0, 1.0, 1.0))
+    for overrides in ({"image.window": [], "image.in_channels": 1}, {}):
+        model = medvl.create_model("ct3d-tiny", **overrides)
+        from_dicom, from_nifti = model.preprocessor.load(path), model.preprocessor.load(copy)
+        assert from_dicom.shape == from_nifti.shape and torch.allclose(from_dicom, from_nifti, atol=1e-6), overrides
+        assert reads_modality_values(model)  # as the service reads a DICOM upload
+
+
 def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
     png = tmp_path / "slice.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)

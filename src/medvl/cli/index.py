@@ -209,7 +209,8 @@ def info_command(
 @handle_errors
 def search_command(
     index: IndexOption,
-    image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    image: Annotated[Path | None, typer.Option(
+        help="Query image file (for a 3D model also a DICOM series' folder).")] = None,
     text: Annotated[str | None, typer.Option(help="Query text, e.g. 'left pleural effusion'.")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Number of results.")] = 10,
     where: Annotated[str | None, typer.Option(

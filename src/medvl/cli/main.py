@@ -137,7 +137,7 @@ def phantom_command(
 @app.command("predict")
 @handle_errors
 def predict_command(
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (for a 3D model also a DICOM series' folder).")],
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
     labels: Annotated[list[str], typer.Option(
         help="Class names, comma-separated, or the option repeated (--labels a --labels b).")],

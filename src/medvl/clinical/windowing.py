@@ -18,9 +18,9 @@ brain          40      80     grey / white matter
 subdural       80      200    thin extra-axial blood against the skull
 =============  ======  =====  ==============================================
 
-``render_preview(array, window=None, max_side=512)`` makes the 8-bit picture shown of an image or a
-volume (its middle slice along axis 0, windowed or min-max scaled, shrunk to ``max_side``): the
-service's previews and case thumbnails.
+``render_preview(array, window=None, max_side=512, spacing=None)`` makes the 8-bit picture shown of an image
+or a volume (its middle slice along axis 0, windowed or min-max scaled, given square pixels when ``spacing``
+says its pixels are not, shrunk to ``max_side``): the service's previews and case thumbnails.
 """
 
 from __future__ import annotations
@@ -157,18 +157,40 @@ def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BOX))
 
 
-def render_preview(array: np.ndarray, window: WindowSpec | None = None, max_side: int = 512) -> np.ndarray:
+def square_pixels(image: np.ndarray, spacing: Sequence[float], max_side: int) -> np.ndarray:
+    """``image`` (``uint8`` ``HxW[x3]``) with square pixels, as a viewer shows it: ``spacing`` is its
+    (row, column) pixel size in mm; the coarser axis is stretched to the finer one's pixel size (linear
+    interpolation), then the whole shrunk to fit ``max_side`` if it must be. Square (or unusable) spacing:
+    ``fit_within`` alone."""
+    rows_mm, columns_mm = (float(value) for value in spacing)
+    if not (np.isfinite(rows_mm) and np.isfinite(columns_mm) and rows_mm > 0 and columns_mm > 0) \
+            or np.isclose(rows_mm, columns_mm, rtol=1e-3):
+        return fit_within(image, max_side)
+    finest = min(rows_mm, columns_mm)
+    height, width = image.shape[0] * rows_mm / finest, image.shape[1] * columns_mm / finest
+    scale = min(1.0, max_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.Resampling.BILINEAR))
+
+
+def render_preview(array: np.ndarray, window: WindowSpec | None = None, max_side: int = 512,
+                   spacing: Sequence[float] | None = None) -> np.ndarray:
     """The 8-bit image to show for a decoded image or volume: ``HxW`` or ``HxWx3`` ``uint8``.
 
     ``array``: a 2D image (``HxW``, or ``HxWx3`` ``uint8`` colour) or a volume (``DxHxW``, or
     ``DxHxWx3`` colour frames), of which the middle slice along axis 0 is shown (``middle_slice``);
-    ``window`` as in ``to_uint8``; the longest side is brought down to ``max_side`` (``fit_within``).
+    ``window`` as in ``to_uint8``; ``spacing``: the pixel size in mm, (row, column) of the slice shown (a
+    volume's ``(dz, dy, dx)`` from ``read_nifti`` may be given whole: its last two are used), so that a slice
+    of pixels longer one way than the other is shown with square pixels (``square_pixels``); the longest side
+    is brought down to ``max_side`` (``fit_within``).
     """
     if max_side < 1:
         raise InputError(f"max_side must be >= 1, got {max_side}")
     image = middle_slice(np.asarray(array))
     if image.ndim not in (2, 3) or image.size == 0:
         raise InputError(f"cannot show an array of shape {np.shape(array)}: expected HxW, HxWx3 or a DxHxW volume")
+    if spacing is not None:
+        return square_pixels(to_uint8(image, window), tuple(spacing)[-2:], max_side)
     return fit_within(to_uint8(image, window), max_side)
 
 

@@ -65,7 +65,8 @@ class ImagePreprocessor:
     def read(self, image: str | Path | LoadableImage) -> np.ndarray:
         """The pixels this model is fed from an image file: ``read_image``, except that a model with
         ``window`` pairs reads a DICOM file as modality values (HU), so that its own windows are applied,
-        not the one stored in the file's header; a 3D model refuses a file of a 2D image (``read_volume``); a
+        not the one stored in the file's header; a 3D model reads DICOM as modality values whatever its windows
+        and refuses a file of a 2D image (``read_volume``); a
         2D model reads a NIfTI file of one slice as that slice and refuses a volume (``read_image_2d``). Read
         with this before ``load`` when the pixels are also needed (hashing, checks)."""
         if self.config.spatial_dims == 3:
@@ -361,9 +362,10 @@ def _affine_matrices(draws: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 def reads_modality_values(model: Any) -> bool:
     """Whether ``model`` is fed a DICOM file as modality values (HU): it has a medvl preprocessor with its own
-    ``window`` pairs (``ImagePreprocessor.read``)."""
+    ``window`` pairs, or takes 3D volumes (``ImagePreprocessor.read``, ``volumes.read_volume``)."""
     preprocessor = getattr(model, "preprocessor", None)
-    return isinstance(preprocessor, ImagePreprocessor) and bool(preprocessor.config.windows)
+    return isinstance(preprocessor, ImagePreprocessor) and (bool(preprocessor.config.windows)
+                                                            or preprocessor.config.spatial_dims == 3)
 
 
 def read_for(model: Any, image: Any) -> np.ndarray:

@@ -12,13 +12,17 @@ Intensities:
 - without a window, the resampled volume is min-max scaled (as 2D images are; ``unit_range``, which does not
   overflow when the values span more than float32 holds); a volume whose values overflow float32 when averaged
   (near +-3e38) is refused, so a model input is never NaN;
-- 8-bit volumes (display values, e.g. a windowed DICOM series) are divided by 255.
+- 8-bit volumes (a ``uint8`` array, e.g. a colour multi-frame DICOM's frames) are divided by 255.
+
+Every DICOM file and series reaches a 3D model as modality values (HU for CT), whether or not the model has
+windows: an enhanced multi-frame file, the same acquisition as a series of slices and as NIfTI give one
+model input (never the file's stored display window, which only a multi-frame file carries).
 
 Resizing: each axis on its own (``_resize_axis``), area averaging when it shrinks (anti-aliased),
 linear interpolation when it grows. The two are separable, so the order the axes are resized in does
 not matter (up to float rounding): a NIfTI file stored sagittally, its axial copy and its
-``read_nifti`` array give the same model input, and so do the CLI (which streams the file) and the
-service (which holds the upload's RAS array).
+``read_nifti`` array give the same model input (the CLI and the service both stream a file: the service
+gives an upload's private temporary file to the model's loader).
 
 Memory: a NIfTI file is streamed from disk ``SLAB_VOXELS`` voxels at a time (its third voxel axis
 is stored slowest); each slab is windowed and resized in-plane (its two stored axes) before the
@@ -61,9 +65,16 @@ def load_volume(image: ImageSource | str, config: ImageConfig, name: str | Path 
 
 
 def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.ndarray:
-    """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values when the model has
-    windows), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
-    reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series)."""
+    """The voxels a 3D model reads from a file (``read_image``; DICOM as modality values, as a DICOM series and
+    NIfTI always are, so that without windows too one acquisition is min-max scaled from the same values in every
+    format), after refusing the files that hold 2D images: PNG / JPEG / TIFF / BMP and ``.npy`` (``read_npy``
+    reads one HxW or HxWx3 image, whatever its dtype; a volume on disk is NIfTI or a DICOM series). A folder is
+    a DICOM series, stacked by ``medvl.clinical.dicom.load_volume`` as a dataset's series is (RAS, modality
+    values): it must hold exactly one series."""
+    if isinstance(image, str | Path) and Path(image).is_dir():
+        from ..clinical.dicom import load_volume as stack_series
+
+        return stack_series(image)[0]
     if isinstance(image, str | Path):
         suffix = image_suffix(image)
         if suffix in _FLAT_SUFFIXES:
@@ -73,7 +84,7 @@ def read_volume(image: str | Path | LoadableImage, config: ImageConfig) -> np.nd
             raise DataError(image, f"a .npy file holds a 2D image (HxW or HxWx3); this {config.arch} model takes 3D "
                                    "volumes: save one as NIfTI (medvl.clinical.nifti.write_nifti), or pass a DxHxW "
                                    "array")
-    return read_image(image, modality_values=bool(config.windows))
+    return read_image(image, modality_values=True)
 
 
 def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
@@ -86,6 +97,9 @@ def _as_volume(array: np.ndarray, source, config: ImageConfig) -> np.ndarray:
             raise DataError(source, "an RGB volume has no modality values to window; drop image.window")
     elif array.ndim == 3 and array.shape[-1] in (3, 4):
         raise DataError(source, f"a 2D RGB image {array.shape}; this {config.arch} model takes 3D volumes")
+    if array.ndim == 2:
+        raise DataError(source, f"a 2D image {array.shape}; this {config.arch} model takes 3D volumes: NIfTI, a "
+                                "DICOM series (its folder: one slice of it is a 2D image) or a DxHxW array")
     if array.ndim != 3:
         raise DataError(source, f"image shape {array.shape} does not fit a 3D model (expected a DxHxW volume)")
     if min(array.shape) < 2:

@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..checks import check_number
 from ..errors import InputError
@@ -240,8 +241,8 @@ def _check_thresholds(min_support: float, min_similarity: float) -> None:
     check_number("min_similarity", min_similarity, minimum=-1, maximum=1)
 
 
-def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAULT_K, where: str | None = None,
-                 labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
+def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *, k: int = DEFAULT_K,
+                 where: str | None = None, labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
                  min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0,
                  verify_model: bool = True) -> Draft:
     """Draft a report for ``image`` from its ``k`` nearest cases in ``index`` (built with ``model``).
@@ -249,7 +250,9 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
     ``exclude`` drops case ids from the neighbours (e.g. the query itself); ``where`` filters cases
     as in ``medvl search``; ``related`` > 0 also retrieves that many knowledge entries by the
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
-    ``verify_model``: as in ``medvl.index.search_index``.
+    ``verify_model``: as in ``medvl.index.search_index``. ``image`` may also be the model's own input
+    (``model.preprocessor.load``'s ``(C, *spatial)`` tensor, as ``search_index`` takes one: a volume the service
+    streamed from its upload); no indexed copy of it is looked for, as for any volume (``indexed_copies``).
     """
     from ..data.audit import input_flags
     from ..index.base import check_model
@@ -260,8 +263,11 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
     # read once (as the model reads it: HU for a DICOM when it has windows): checked, embedded, hashed
-    pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
-    tensor = model.preprocessor.load(pixels, source=None if isinstance(image, np.ndarray) else image)
+    if isinstance(image, torch.Tensor):
+        pixels, tensor = None, image
+    else:
+        pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
+        tensor = model.preprocessor.load(pixels, source=None if isinstance(image, np.ndarray) else image)
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
         settings = {"k": k, "min_support": min_support, "min_similarity": min_similarity, "input_flags": flags,
@@ -270,7 +276,7 @@ def draft_report(index, model, image: str | Path | np.ndarray, *, k: int = DEFAU
                         f"draft from ({'; '.join(flags.values())})", settings)
     embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
     vector = embedding.numpy()
-    copies = indexed_copies(index, pixels)
+    copies = indexed_copies(index, pixels) if pixels is not None else []
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
     hits = [h for h in hits if h.id not in dropped][:k]

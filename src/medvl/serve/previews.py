@@ -14,7 +14,8 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
   VOI (Window Center / Width or VOI LUT), else min-max. MONOCHROME1 is inverted (white = dense).
   Multi-frame: the middle frame, frames in stored order;
 - NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
-  viewer's left; the preset, or min-max;
+  viewer's left, with square pixels (a slice of 5 x 1 mm voxels stretched along the 5 mm, as a viewer
+  shows it); the preset, or min-max;
 - PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
   (422): these hold no HU.
 
@@ -23,7 +24,8 @@ The answer's headers say what was shown: ``X-Preview-Window`` (the preset, ``fil
 (``ct`` when the CT presets apply to the file, else ``none``: the page then offers none).
 
 A heatmap of ``/v1/explain`` is an RGBA PNG (``heatmap_overlay``) of the preview's shape
-(``overlay_shape``: the image's rows x columns brought within ``PREVIEW_SIDE`` as the preview is), to
+(``overlay_shape``: the image's rows x columns brought within ``PREVIEW_SIDE`` as the preview is; a NIfTI
+slice of pixels that are not square is shown stretched, the overlay not: lay it over the picture's box), to
 lay over the image as shown: the min-max normalised map in the jet colours, its opacity growing
 with the value (no evidence: transparent).
 """
@@ -103,8 +105,9 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
         return _dicom_picture(source, window, side)
     from ..clinical.nifti import read_nifti
 
-    volume = radiological_view(read_nifti(source)[0])
-    return Picture(render_preview(volume, window, side), window.name if window else NO_WINDOW,
+    ras, spacing = read_nifti(source)
+    volume = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
+    return Picture(render_preview(volume, window, side, spacing=spacing), window.name if window else NO_WINDOW,
                    volume.shape[0] // 2, volume.shape[0], presets=True)
 
 

@@ -98,6 +98,8 @@ class ModelService:
         # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
         self.modality_values = reads_modality_values(self.net)
         self.spatial_dims = self.net.config.image.spatial_dims  # a 2D model refuses a NIfTI volume upload
+        # a 3D model reads an upload's file as medvl predict reads a file: a NIfTI volume streamed slab by slab
+        self.load_file = self.net.preprocessor.load if self.spatial_dims == 3 else None
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
@@ -162,7 +164,8 @@ class ModelService:
         started = time.perf_counter()
         modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
         spatial_dims = 2 if for_vqa else self.spatial_dims
-        upload = await self._on_worker(decode_upload, data, self.settings, modality_values, spatial_dims)
+        upload = await self._on_worker(decode_upload, data, self.settings, modality_values, spatial_dims,
+                                       None if for_vqa else self.load_file)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -202,7 +205,7 @@ class ModelService:
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
-        upload = decode_upload(data, self.settings, self.modality_values, self.spatial_dims)
+        upload = decode_upload(data, self.settings, self.modality_values, self.spatial_dims, self.load_file)
         return upload, *self._checked_pixels(upload)
 
     def _checked_pixels(self, upload: Upload) -> tuple[torch.Tensor, dict[str, str]]:
@@ -211,8 +214,10 @@ class ModelService:
         return pixels, input_flags(pixels.numpy())
 
     def _preprocess(self, upload: Upload) -> torch.Tensor:
+        if upload.model_input is not None:  # a 3D model's volume, read from its file by the model's loader
+            return upload.model_input
         try:
-            return self.net.preprocessor.load(upload.pixels)
+            return self.net.preprocessor.load(upload.decoded())
         except MedvlError as error:
             raise UploadRejected(422, getattr(error, "problem", None) or str(error)) from None
 
@@ -342,7 +347,8 @@ class ModelService:
 
         index = self._require_index()
         check_settings(k, min_support, min_similarity, related)
-        draft = await self.on_index(draft_report, index, self.net, upload.pixels, k=k, where=where,
+        query = upload.pixels if upload.pixels is not None else upload.model_input  # a volume: the model's input
+        draft = await self.on_index(draft_report, index, self.net, query, k=k, where=where,
                                     labeller=self._labeller(), min_support=min_support,
                                     min_similarity=min_similarity, related=related,
                                     verify_model=False)  # checked at start (_open_index); a rebuild: 503
@@ -415,14 +421,15 @@ class ModelService:
         names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
         explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
-        shape = overlay_shape(upload.pixels.shape)
-        result, embedding = await self.lane.run(self._explain_on_lane, upload.pixels, names, label_column, chosen,
+        pixels = upload.decoded()
+        shape = overlay_shape(pixels.shape)
+        result, embedding = await self.lane.run(self._explain_on_lane, pixels, names, label_column, chosen,
                                                 top, shape, timings=timings)
         if self.index is not None:
             result["neighbours"] = await self.on_index(nearest_cases, self.index, self.net, embedding, k)
         await self._on_worker(_encode_overlays, result["findings"])
         return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
-                                                         "shape": list(upload.pixels.shape[:2])},
+                                                         "shape": list(pixels.shape[:2])},
                 "overlay": {"shape": list(shape), "format": "image/png;base64 RGBA"},
                 "methods": chosen, **result}
 
@@ -466,7 +473,7 @@ class ModelService:
         # read as the VQA model reads files (medvl vqa): its own HU windows, if any, not the dual encoder's
         uploads = [await self._decode_film(data, number, len(images), timings) for number, data in enumerate(images, 1)]
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
-        result = await self.lane.run(answer_pixels, self.vqa, [upload.pixels for upload in uploads], question,
+        result = await self.lane.run(answer_pixels, self.vqa, [upload.decoded() for upload in uploads], question,
                                      timings=timings)
         return {"model": self.settings.vqa_model.name if self.settings.vqa_model else None,
                 "images": [{"kind": upload.kind, "bytes": upload.n_bytes} for upload in uploads], **result}

@@ -14,6 +14,10 @@ Rows x Columns, the largest plane of a NIfTI file, one slice or a volume) and vo
 NIfTI header through ``NiftiSlabs``, the reader's own guard, and DICOM frames x Rows x Columns).
 Refusals are ``UploadRejected`` with the HTTP status: 413 (too large), 415 (not PNG, JPEG, DICOM
 or NIfTI), 422 (recognised but unreadable: truncated, corrupt, no pixel data).
+
+For a 3D model, a DICOM or NIfTI upload's file is read by the model's own loader, the call ``medvl predict``
+makes for a file (``ImagePreprocessor.load``, ``medvl.models.volumes.load_volume``): a NIfTI volume is streamed
+from the private folder slab by slab and never held whole, so the service's memory per request is the CLI's.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError, InputError, MedvlError
 from .settings import ServeSettings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,14 +65,23 @@ class UploadRejected(InputError):
 
 @dataclass
 class Upload:
-    """A decoded upload: what kind it was, its size, and its pixels (patient data: never logged)."""
+    """A decoded upload: what kind it was, its size, and its pixels, or the model's input read straight from its
+    file (a 3D model's, ``decode_upload``'s ``load``); patient data: never logged."""
 
     kind: str
     n_bytes: int
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # None when the file was read into ``model_input`` instead
+    model_input: torch.Tensor | None = None  # (C, D, H, W) as the model takes it
 
     def __repr__(self) -> str:
-        return f"Upload(kind={self.kind!r}, n_bytes={self.n_bytes}, shape={self.pixels.shape})"
+        shape = self.pixels.shape if self.pixels is not None else getattr(self.model_input, "shape", None)
+        return f"Upload(kind={self.kind!r}, n_bytes={self.n_bytes}, shape={tuple(shape or ())})"
+
+    def decoded(self) -> np.ndarray:
+        """The pixels, for the routes that take 2D images (refused with the model's 3D volumes before decoding)."""
+        if self.pixels is None:
+            raise UploadRejected(422, "this route takes 2D images; the upload was read as a 3D model's volume")
+        return self.pixels
 
 
 def sniff(data: bytes) -> str:
@@ -131,13 +147,21 @@ def private_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2) -> Upload:
+def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2,
+                  load: Callable[[Path], torch.Tensor] | None = None) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
     ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows;
-    ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``)."""
-    kind, pixels = read_upload(data, settings,
-                               lambda source, kind: read_pixels(source, modality_values, spatial_dims))
-    return Upload(kind, len(data), pixels)
+    ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``);
+    ``load``: a 3D model's loader (``ImagePreprocessor.load``), given a DICOM or NIfTI upload's file as the CLI
+    gives it a file (a NIfTI volume streamed slab by slab): the upload then holds ``model_input``, no pixels."""
+
+    def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None]:
+        if load is not None and isinstance(source, Path):
+            return None, load(source)
+        return read_pixels(source, modality_values, spatial_dims), None
+
+    kind, (pixels, model_input) = read_upload(data, settings, read)
+    return Upload(kind, len(data), pixels, model_input)
 
 
 def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path | bytes, str], T]) -> tuple[str, T]:
