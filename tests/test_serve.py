@@ -355,6 +355,23 @@ def test_a_dicom_with_a_malformed_date_or_frame_count_is_answered_or_refused_nev
     assert frames.status_code == 422 and "Number of Frames is not a whole number" in frames.json()["detail"]
 
 
+def test_a_dicom_with_an_unknown_value_representation_is_422_on_every_route(client, png):
+    """Two bytes of a DICOM upload changed into a VR DICOM does not have ('ES'): pydicom raised NotImplementedError
+    when the element was first read (de-identification, the size check), and every upload route answered 500."""
+    from pydicom.data import get_testdata_file
+
+    whole = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    for element, tag in ((b"\x28\x00\x00\x01US", "(0028,0100)"), (b"\x02\x00\x12\x00UI", "(0002,0012)")):
+        assert whole.count(element) == 1
+        bad = whole.replace(element, element[:4] + b"ES")
+        answers = [client.post(f"/v1/{route}", headers=auth(), files={"image": ("mr.dcm", bad)})
+                   for route in ("embed", "preview", "search", "report/draft", "explain")]
+        answers += [zero_shot(client, bad, "mr.dcm"), vqa(client, [png.read_bytes(), bad])]
+        for answer in answers:
+            assert answer.status_code == 422, answer.text
+            assert f"unknown value representation in {tag}" in answer.json()["detail"]
+
+
 def _request_line(log_lines, answer) -> dict:
     """The request line logged for ``answer``, found by its request id.
 
