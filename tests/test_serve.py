@@ -510,6 +510,53 @@ def test_every_answer_has_its_own_request_id(client):
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
 
 
+
+def _get(connection: socket.socket, path: str, token: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET on an open keep-alive connection: (status, headers, body); (0, {}, b"") when the connection is gone."""
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    received = b""
+    try:
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return 0, {}, b""
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += connection.recv(65536)
+    except ConnectionError:
+        return 0, {}, b""
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_an_unexpected_error_is_a_500_with_the_request_id_and_headers_and_the_connection_stays_open(
+        model_dir, log_lines):
+    """An exception no handler knows was answered by Starlette outside the service middleware: the 500 had no
+    X-Request-ID (its body says the id names it in the log), no Cache-Control: no-store and no nosniff, and the
+    connection was closed under a keep-alive client. The 500 now carries them and the connection serves the next
+    request; the log has the error's type only."""
+    app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+
+    @app.get("/v1/fails")
+    async def fails() -> dict:  # a route with a bug in it
+        raise RuntimeError("a message quoting a value")
+
+    with Server(app) as running, socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1]))) as open_:
+        open_.settimeout(20)
+        status, headers, body = _get(open_, "/v1/fails", TOKENS[0])
+        assert status == 500
+        assert _get(open_, "/v1/models", TOKENS[0])[0] == 200  # the same connection
+        assert len(headers.get("x-request-id", "")) == 16 and headers.get("cache-control") == "no-store"
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+        assert "X-Request-ID" in json.loads(body)["detail"]
+    lines = [json.loads(line) for line in log_lines() if headers["x-request-id"] in line]
+    assert {(line["message"], line["status"] if "status" in line else None, line["error"]) for line in lines} == {
+        ("unexpected error", None, "RuntimeError"), ("request", 500, "RuntimeError")}
+    assert "quoting a value" not in "\n".join(log_lines())
+
+
 def test_answers_carry_security_headers_and_the_page_cannot_be_framed(client, png):
     """Answers holding patient data are never cached; no answer may be sniffed or framed; the page's CSP is sent
     as a header too (a <meta> tag cannot forbid framing) and says what the tag says."""

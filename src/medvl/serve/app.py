@@ -407,11 +407,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         request.state.timings["error"] = f"http_{error.status_code}"
         return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        request.state.timings["error"] = type(error).__name__
-        log.error("unexpected error", extra={"request_id": request.state.request_id,
-                                             "error": type(error).__name__})
-        return JSONResponse({"detail": "internal error; the request id names it in the service log"},
-                            status_code=500)
+    # any other exception is answered 500 by ``ServiceMiddleware``, with the request id and the headers of every answer

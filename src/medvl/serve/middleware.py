@@ -30,6 +30,7 @@ log = logging.getLogger("medvl.serve.requests")
 PUBLIC_PATHS = {"/v1/health"}
 # on every answer: no MIME sniffing, no referrer, never inside another site's frame (clickjacking)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+INTERNAL_ERROR = "internal error; the request id (X-Request-ID) names it in the service log"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the option fields beside the file
 
 
@@ -59,11 +60,11 @@ class ServiceMiddleware:
         request_id = next(self._ids)
         timings: dict = {}
         scope.setdefault("state", {}).update(request_id=request_id, timings=timings)
-        started, status = time.perf_counter(), [500]
+        started, status, answering = time.perf_counter(), [500], [False]
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], answering[0] = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 for name, value in SECURITY_HEADERS.items():
@@ -80,6 +81,14 @@ class ServiceMiddleware:
                 counted = self._counting(receive, self._body_limit(scope["path"]), scope["path"])
                 await self.app(scope, form_text_checked(counted, Headers(scope=scope).get("content-type")),
                                send_with_id)
+        except Exception as error:
+            if answering[0]:  # the answer was under way: nothing else can be sent
+                raise
+            # answered here, not by Starlette's outermost handler: the 500 gets the request id and the headers
+            # of every answer, and the connection is kept (Starlette re-raises, and uvicorn closes it)
+            timings["error"] = type(error).__name__
+            log.error("unexpected error", extra={"request_id": request_id, "error": type(error).__name__})
+            await _reply(send_with_id, 500, INTERNAL_ERROR, {})
         finally:
             self._log(scope, request_id, status[0], started, timings)
 
