@@ -200,6 +200,40 @@ def test_cors_is_off_by_default_and_allows_only_the_origins_given(client, model_
         assert http.get("/v1/models", headers={"Origin": "https://page.example"}).status_code == 401
 
 
+def test_with_cors_the_refusals_before_the_body_carry_the_origin_and_a_page_may_read_the_answers_headers(
+        model_dir, png):
+    """The CORS layer sat inside the service middleware: its 401, 413 and 429 had no Access-Control-Allow-Origin
+    (a page on the allowed origin saw a network error, not the reason), and no answer exposed a header beyond the
+    browser's few: the preview's X-Preview-*, X-Request-ID and Retry-After were unreadable to the page."""
+    from fastapi.testclient import TestClient
+
+    origin = {"Origin": "https://page.example"}
+    app = create_app(model_dir, settings=ServeSettings(cors_origins=[origin["Origin"]], rate_limit=1.0, rate_burst=1,
+                                                       max_upload_bytes=UPLOAD_LIMIT),
+                     token_digests=[token_digest(token) for token in TOKENS])
+    limited = auth()
+    readable = {"x-request-id", "retry-after", "x-preview-window", "x-preview-slice", "x-preview-presets"}
+    with TestClient(app) as http:
+        answers = {"preview": http.post("/v1/preview", headers={**origin, **auth()},
+                                        files={"image": ("a.png", png.read_bytes())}),
+                   "no token": http.get("/v1/models", headers=origin),
+                   "too large": http.post("/v1/embed", headers={**origin, **auth()}, content=b"x" * (2 * UPLOAD_LIMIT)),
+                   "first": http.get("/v1/models", headers={**origin, **limited}),
+                   "rate limited": http.get("/v1/models", headers={**origin, **limited})}
+        statuses = {name: answer.status_code for name, answer in answers.items()}
+        assert statuses == {"preview": 200, "no token": 401, "too large": 413, "first": 200, "rate limited": 429}
+        for name, answer in answers.items():
+            assert answer.headers.get("access-control-allow-origin") == origin["Origin"], name
+            exposed = answer.headers.get("access-control-expose-headers", "").lower().split(",")
+            assert {header.strip() for header in exposed} == readable, name
+        assert answers["preview"].headers["X-Preview-Window"] and answers["rate limited"].headers["Retry-After"]
+        preflight = http.options("/v1/preview", headers={**origin, "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin["Origin"]
+        elsewhere = http.get("/v1/models", headers={"Origin": "https://elsewhere.example"})
+        assert elsewhere.status_code == 401 and "access-control-allow-origin" not in elsewhere.headers
+
+
 # ----------------------------------------------------------------------------------- uploads
 
 

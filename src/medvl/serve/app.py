@@ -23,7 +23,7 @@ leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 41
 415 (unsupported type), 422 (unreadable upload, bad option, a field the route does not
 take or one given twice), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
-``X-Request-ID`` that names its log line.
+``X-Request-ID`` that names its log line (but a CORS preflight, answered by the CORS layer outside it).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ STATIC = Path(__file__).parent / "static"
 # the page's own policy (its <meta> tag says the same) as a header, which alone can forbid framing
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
             "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# the answer headers a page on another origin (--cors-origin) may read: a browser shows it none but a few by default
+EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "X-Preview-Window", "X-Preview-Slice", "X-Preview-Presets")
 SWAGGER_STATIC = "/static/swagger-ui"  # where the swagger-ui files of /docs are served
 
 ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
@@ -112,14 +114,14 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     app.state.form_fields = _form_fields(app)
     _add_docs(app)
     _add_error_handlers(app)
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
                        routes=frozenset(getattr(route, "path", "") for route in app.routes),
                        files_per_route={"/v1/vqa": settings.max_vqa_images})
+    if settings.cors_origins:  # added last, so outermost: the middleware's own 401 / 413 / 429 / 500 get its headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=list(EXPOSED_HEADERS))
     return app
 
 
