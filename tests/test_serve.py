@@ -157,6 +157,28 @@ def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, 
         create_app(model_dir)
 
 
+
+def test_a_non_ascii_token_is_refused_at_start_and_a_token_file_digest_matches_the_bytes_a_client_sends(
+        model_dir, tmp_path, monkeypatch):
+    """Starlette reads a header's bytes as Latin-1 and the token was hashed as the UTF-8 of that string: a non-ASCII
+    token in MEDVL_API_TOKENS was accepted at start but never matched a client sending it in UTF-8 (curl), nor did
+    a token file's `printf %s TOKEN | sha256sum`. The first is refused at start; the second matches the bytes sent."""
+    token = "tökenÄ1234567890abcdef"
+    monkeypatch.setenv("MEDVL_API_TOKENS", f"{TOKENS[0]},{token}")
+    with pytest.raises(InputError, match="MEDVL_API_TOKENS: token 2 holds a character that is not ASCII"):
+        create_app(model_dir)
+    monkeypatch.delenv("MEDVL_API_TOKENS")
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text(subprocess.run(["sha256sum"], input=token.encode(), capture_output=True,
+                                         check=True).stdout.decode().split()[0] + "\n")
+    with Server(create_app(model_dir, token_file=token_file)) as running, httpx.Client(base_url=running.url) as http:
+        def status(sent: bytes) -> int:
+            return http.get("/v1/models", headers=[(b"Authorization", b"Bearer " + sent)]).status_code
+
+        assert status(token.encode("utf-8")) == 200
+        assert status(token.encode("latin-1")) == 401
+
+
 def test_a_burst_from_one_token_is_answered_429_and_other_tokens_are_not_affected(client):
     token = auth()
     statuses = [client.get("/v1/models", headers=token) for _ in range(20)]
