@@ -561,6 +561,7 @@ def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fie
     assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
 
 
+
 def test_every_answer_has_its_own_request_id(client):
     ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
@@ -1435,6 +1436,20 @@ def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png)
     assert client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}).status_code == 401
     assert client.post("/v1/vqa", files={"image": ("x.png", png.read_bytes())},
                        data={"question": QUESTION}).status_code == 401
+
+
+
+def test_explain_labels_made_only_of_separators_are_refused_as_medvl_explain_refuses_them(
+        client, model_dir, bottleneck_file, png, tmp_path):
+    """`labels= , ,` parsed to no label, which the service took for no labels given and explained the bottleneck's
+    findings with a 200; medvl explain --labels ' , ,' exits 2. A blank field still means the default."""
+    reason = "need at least 2 distinct labels to explain a prediction, got []"
+    answer = explain(client, png.read_bytes(), labels=" , ,", methods="patch_text")
+    assert answer.status_code == 422 and reason in answer.json()["detail"], answer.text
+    result, output = invoke("explain", png, "--model", model_dir, "--labels", " , ,", "--method", "patch_text",
+                            "--bottleneck", bottleneck_file, "--out", tmp_path / "why")
+    assert result.exit_code == 2 and reason in output, output
+    assert explain(client, png.read_bytes(), labels=" ", methods="patch_text").status_code == 200
 
 
 def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_explain_does(

@@ -300,8 +300,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.post("/v1/explain", tags=["models"])
     async def explain(request: Request, image: ImageField,
                       labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
-                                                         "(default: the concept bottleneck's classes, else every "
-                                                         "class the model's captions describe).")] = None,
+                                                         "(absent or blank: the concept bottleneck's classes, else "
+                                                         "every class the model's captions describe).")] = None,
                       methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
                                                           "patch_text,gradcam (default: both on a CNN, else "
                                                           "patch_text).")] = None,

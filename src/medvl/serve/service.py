@@ -395,7 +395,8 @@ class ModelService:
             check_k(k)
         self.lane.check()
         chosen = methods or self.explain_methods()
-        names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
+        # only no labels at all means the default: labels given but all blank are refused, as medvl explain refuses them
+        names = labels if labels is not None else (self.bottleneck.classes if self.bottleneck is not None else None)
         explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
         shape = overlay_shape(upload.pixels.shape)
