@@ -112,6 +112,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     app.state.service = loader.service
     _add_routes(app, loader, settings)
     app.state.form_fields = _form_fields(app)
+    app.state.number_fields = _number_fields(app)
     _add_docs(app)
     _add_error_handlers(app)
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
@@ -210,10 +211,20 @@ def _form_fields(app: FastAPI) -> dict[str, tuple[str, ...]]:
             for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
 
 
+def _number_fields(app: FastAPI) -> dict[str, frozenset[str]]:
+    """Each POST route's number fields (``k``, ``top``, ``min_similarity``...)."""
+    from fastapi.routing import APIRoute
+
+    return {route.path: frozenset(param.alias for param in route.dependant.body_params
+                                  if param.field_info.annotation in (int, float))
+            for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
+
+
 async def _check_fields(request: Request) -> None:
     """A form field the route does not take (422 naming it and the route's fields: a misspelt ``min-similarity``
-    or ``K`` was dropped and the default answered, without a word), or a field given twice (422: a route answered
-    about the last of two images, or the last of two questions, without a word)."""
+    or ``K`` was dropped and the default answered, without a word), a field given twice (422: a route answered
+    about the last of two images, or the last of two questions, without a word), or a number field given empty
+    (422: FastAPI reads ``k=`` as no ``k``, and the default was answered, without a word)."""
     content_type = request.headers.get("content-type", "").lower()
     if request.method != "POST" or not content_type.startswith(FORM_TYPES):
         return
@@ -229,6 +240,10 @@ async def _check_fields(request: Request) -> None:
                       and name not in MULTI_FIELDS.get(path, set()))
     if repeated:
         raise HTTPException(422, f"field(s) {', '.join(repeated)} given more than once; send each once")
+    empty = sorted(name for name in request.app.state.number_fields.get(path, ()) if form.get(name) == "")
+    if empty:
+        raise HTTPException(422, f"field(s) {', '.join(empty)} given empty; give a number, or leave the field out "
+                                 "for its default")
 
 
 async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
