@@ -1589,6 +1589,26 @@ def test_without_a_vqa_model_vqa_is_409_and_the_page_is_told(model_dir, png):
         assert all("concepts" not in finding for finding in explained.json()["findings"])
 
 
+
+def test_vqa_refuses_a_body_over_the_images_it_takes_before_reading_it(client, model_dir, png):
+    """/v1/vqa let in 4 uploads' worth (--max-upload-mb each) whatever the VQA model takes, and with no VQA model at
+    all: read in full, then refused (422 'the VQA model takes 1 to 2', 409). A body over the images the model takes,
+    or over one image without a model, is now refused (413) from its Content-Length, before it is read."""
+    from fastapi.testclient import TestClient
+
+    form = {"Content-Type": "multipart/form-data; boundary=B"}
+    limit = client.get("/v1/models", headers=auth()).json()["models"][0]["vqa"]["max_images"]
+    assert limit < ServeSettings().max_vqa_images
+    answer = client.post("/v1/vqa", headers={**auth(), **form}, content=b"x" * (UPLOAD_LIMIT * (limit + 1)))
+    assert answer.status_code == 413 and "per image" in answer.json()["detail"], answer.text
+    app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])],
+                     settings=ServeSettings(max_upload_bytes=UPLOAD_LIMIT, rate_limit=0))
+    with TestClient(app) as http:
+        answer = http.post("/v1/vqa", headers={**auth(TOKENS[0]), **form}, content=b"x" * (UPLOAD_LIMIT * 2))
+        assert answer.status_code == 413 and "per image" not in answer.json()["detail"], answer.text
+        assert vqa(http, [png.read_bytes()], headers=auth(TOKENS[0])).status_code == 409
+
+
 def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, bottleneck_file, tmp_path):
     from medvl.explain.concepts import ConceptBottleneck
 

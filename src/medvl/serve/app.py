@@ -87,7 +87,10 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     # image is never written to disk (module docstring of ``uploads``). The threshold is the largest body a
     # route lets through (the VQA route's several uploads and the form), so that even a part over the upload
     # limit, refused with 413 once read, never reaches the disk
-    largest_body = settings.max_upload_bytes * max(1, settings.max_vqa_images) + FORM_OVERHEAD
+    # files a request may carry: /v1/vqa's films, one without a VQA model (it answers 409), and the VQA model's
+    # own limit once loaded (``Loader.start``); the middleware refuses a larger body before reading it
+    files_per_route = {"/v1/vqa": settings.max_vqa_images if settings.vqa_model is not None else 1}
+    largest_body = settings.max_upload_bytes * max(files_per_route.values()) + FORM_OVERHEAD
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, largest_body)
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
@@ -109,6 +112,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
                               "explanations, visual question answering. Every /v1 route but /v1/health needs "
                               "'Authorization: Bearer TOKEN'.")
     app.state.loader = loader
+    app.state.files_per_route = files_per_route  # the middleware's own, kept by reference
     app.state.service = loader.service
     _add_routes(app, loader, settings)
     app.state.form_fields = _form_fields(app)
@@ -117,7 +121,7 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     _add_error_handlers(app)
     app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
                        routes=frozenset(getattr(route, "path", "") for route in app.routes),
-                       files_per_route={"/v1/vqa": settings.max_vqa_images})
+                       files_per_route=files_per_route)
     if settings.cors_origins:  # added last, so outermost: the middleware's own 401 / 413 / 429 / 500 get its headers
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -158,6 +162,8 @@ class Loader:
                 return
         await service.start()
         app.state.service = service
+        if service.vqa is not None:  # the VQA model's own limit: more films are refused before they are read
+            app.state.files_per_route["/v1/vqa"] = service.vqa_image_limit()
         self.ready = True
         log.info("model ready", extra={"model": service.net.config.name,
                                        "ms": round((time.perf_counter() - started) * 1000, 2)})

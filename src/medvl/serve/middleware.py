@@ -51,7 +51,7 @@ class ServiceMiddleware:
         self.app = app
         self.auth = auth
         self.max_upload_bytes = max_upload_bytes
-        self.files_per_route = dict(files_per_route or {})
+        self.files_per_route = files_per_route if files_per_route is not None else {}  # the app may update it
         self.routes = routes  # the app's route paths: a log names one of these, never another path
 
     async def __call__(self, scope, receive, send):
