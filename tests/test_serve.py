@@ -519,6 +519,38 @@ def test_the_service_logs_are_json_lines_only():
         root.setLevel(saved[1])
 
 
+
+def test_library_messages_about_an_upload_are_counted_in_its_request_line_not_written(model_dir, tmp_path, capsys):
+    """nibabel logged 'vox offset ... too low' at ERROR, and python_multipart 'Expected boundary character 45, got
+    120', about a client's upload: lines that alerting takes for server faults, with no request id, quoting the
+    upload's header values and body bytes. They are counted in the request's line instead."""
+    import nibabel as nib
+
+    from medvl.serve.logs import setup_json_logging
+
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.float32), np.eye(4)), tmp_path / "v.nii")
+    nifti = bytearray((tmp_path / "v.nii").read_bytes())
+    struct.pack_into("<f", nifti, 108, -1e30)  # vox_offset
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_json_logging()
+        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            refused = http.post("/v1/embed", headers=auth(TOKENS[0]), files={"image": ("v.nii", bytes(nifti))})
+            broken = http.post("/v1/embed", content=b"--x\r\nzzz",
+                               headers={**auth(TOKENS[0]), "Content-Type": "multipart/form-data; boundary=B"})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert refused.status_code == 422 and broken.status_code == 400
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line["logger"].split(".")[0] in ("nibabel", "python_multipart")]
+    requests = {line["request_id"]: line for line in lines if line["message"] == "request"}
+    for answer in (refused, broken):
+        assert requests[answer.headers["X-Request-ID"]]["library_messages"] >= 1
+
+
 def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     """Two images on a one-image route (or two questions, two label lists) were accepted and the answer was about
     the last one, without a word; /v1/vqa still takes several images (films in order)."""

@@ -23,6 +23,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
 from .auth import TokenAuth, retry_after_header
+from .logs import CURRENT_REQUEST
 from .uploads import too_large_text
 
 log = logging.getLogger("medvl.serve.requests")
@@ -60,6 +61,7 @@ class ServiceMiddleware:
         request_id = next(self._ids)
         timings: dict = {}
         scope.setdefault("state", {}).update(request_id=request_id, timings=timings)
+        CURRENT_REQUEST.set((request_id, timings))  # for the log records of the request's work (logs.RequestRecords)
         started, status, answering = time.perf_counter(), [500], [False]
 
         async def send_with_id(message):

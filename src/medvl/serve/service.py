@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import os
 import time
 from collections import OrderedDict
@@ -139,7 +140,8 @@ class ModelService:
     async def _on_worker(self, function, *args):
         """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
         there are CPUs: more would only slow each other and the model's forward passes down."""
-        return await asyncio.get_running_loop().run_in_executor(self.workers, function, *args)
+        context = contextvars.copy_context()  # the request's: its log records name it (logs.RequestRecords)
+        return await asyncio.get_running_loop().run_in_executor(self.workers, context.run, function, *args)
 
     async def run_on_model_thread(self, function, *args, **kwargs):
         loop = asyncio.get_running_loop()
