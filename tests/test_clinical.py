@@ -254,6 +254,43 @@ def test_not_dicom_files_are_named(tmp_path):
     assert_names_file(error, fake)
 
 
+
+def unknown_vr(name: str, element: bytes, target: Path) -> Path:
+    """A copy of pydicom's test file ``name`` with the explicit VR of ``element`` (its tag and VR bytes, the first
+    occurrence) written over as 'ES', a VR DICOM does not have: two bytes changed."""
+    data = bytearray(dicom(name).read_bytes())
+    at = data.find(element)
+    assert at > 128
+    data[at + 4:at + 6] = b"ES"
+    target.write_bytes(bytes(data))
+    return target
+
+
+# in the data set (Bits Allocated), in the file meta (Implementation Class UID), in a sequence item (Other Patient
+# IDs Sequence's Type of Patient ID)
+UNKNOWN_VRS = [("MR_small.dcm", b"\x28\x00\x00\x01US", "(0028,0100)"),
+               ("MR_small.dcm", b"\x02\x00\x12\x00UI", "(0002,0012)"),
+               ("CT_small.dcm", b"\x10\x00\x22\x00CS", "(0010,1002)")]
+
+
+@pytest.mark.parametrize("name, element, tag", UNKNOWN_VRS, ids=["data-set", "file-meta", "sequence-item"])
+def test_an_unknown_value_representation_is_a_corrupt_file_to_every_reader(cli, tmp_path, name, element, tag):
+    """pydicom converts an element when it is first read and raises NotImplementedError for a VR it does not know:
+    reading the pixels, de-identifying and dicom-info gave a traceback (exit 1; the service a 500), wherever the
+    element happened to be read first. Every one refuses the file, naming it and the element."""
+    bad = unknown_vr(name, element, tmp_path / "bad.dcm")
+    reason = f"truncated or corrupt DICOM file (unknown value representation in {tag})"
+    for read in (read_dicom, read_image, lambda path: deidentify(path, tmp_path / "out.dcm")):
+        with pytest.raises(DataError) as error:
+            read(bad)
+        assert reason in str(error.value)
+        assert_names_file(error, bad)
+    for command in (("dicom-info", bad), ("deid", bad, tmp_path / "out.dcm")):
+        result = cli(*command)
+        assert result.exit_code == 2 and reason in " ".join(result.output.split()), result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.dcm"]  # nothing written
+
+
 # ------------------------------------------------------------------------------ DICOM 3D
 
 

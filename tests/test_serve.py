@@ -159,6 +159,28 @@ def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, 
         create_app(model_dir)
 
 
+
+def test_a_non_ascii_token_is_refused_at_start_and_a_token_file_digest_matches_the_bytes_a_client_sends(
+        model_dir, tmp_path, monkeypatch):
+    """Starlette reads a header's bytes as Latin-1 and the token was hashed as the UTF-8 of that string: a non-ASCII
+    token in MEDVL_API_TOKENS was accepted at start but never matched a client sending it in UTF-8 (curl), nor did
+    a token file's `printf %s TOKEN | sha256sum`. The first is refused at start; the second matches the bytes sent."""
+    token = "tökenÄ1234567890abcdef"
+    monkeypatch.setenv("MEDVL_API_TOKENS", f"{TOKENS[0]},{token}")
+    with pytest.raises(InputError, match="MEDVL_API_TOKENS: token 2 holds a character that is not ASCII"):
+        create_app(model_dir)
+    monkeypatch.delenv("MEDVL_API_TOKENS")
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text(subprocess.run(["sha256sum"], input=token.encode(), capture_output=True,
+                                         check=True).stdout.decode().split()[0] + "\n")
+    with Server(create_app(model_dir, token_file=token_file)) as running, httpx.Client(base_url=running.url) as http:
+        def status(sent: bytes) -> int:
+            return http.get("/v1/models", headers=[(b"Authorization", b"Bearer " + sent)]).status_code
+
+        assert status(token.encode("utf-8")) == 200
+        assert status(token.encode("latin-1")) == 401
+
+
 def test_a_burst_from_one_token_is_answered_429_and_other_tokens_are_not_affected(client):
     token = auth()
     statuses = [client.get("/v1/models", headers=token) for _ in range(20)]
@@ -200,6 +222,40 @@ def test_cors_is_off_by_default_and_allows_only_the_origins_given(client, model_
         answer = http.get("/v1/models", headers={**auth(TOKENS[0]), "Origin": "https://page.example"})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://page.example"
         assert http.get("/v1/models", headers={"Origin": "https://page.example"}).status_code == 401
+
+
+def test_with_cors_the_refusals_before_the_body_carry_the_origin_and_a_page_may_read_the_answers_headers(
+        model_dir, png):
+    """The CORS layer sat inside the service middleware: its 401, 413 and 429 had no Access-Control-Allow-Origin
+    (a page on the allowed origin saw a network error, not the reason), and no answer exposed a header beyond the
+    browser's few: the preview's X-Preview-*, X-Request-ID and Retry-After were unreadable to the page."""
+    from fastapi.testclient import TestClient
+
+    origin = {"Origin": "https://page.example"}
+    app = create_app(model_dir, settings=ServeSettings(cors_origins=[origin["Origin"]], rate_limit=1.0, rate_burst=1,
+                                                       max_upload_bytes=UPLOAD_LIMIT),
+                     token_digests=[token_digest(token) for token in TOKENS])
+    limited = auth()
+    readable = {"x-request-id", "retry-after", "x-preview-window", "x-preview-slice", "x-preview-presets"}
+    with TestClient(app) as http:
+        answers = {"preview": http.post("/v1/preview", headers={**origin, **auth()},
+                                        files={"image": ("a.png", png.read_bytes())}),
+                   "no token": http.get("/v1/models", headers=origin),
+                   "too large": http.post("/v1/embed", headers={**origin, **auth()}, content=b"x" * (2 * UPLOAD_LIMIT)),
+                   "first": http.get("/v1/models", headers={**origin, **limited}),
+                   "rate limited": http.get("/v1/models", headers={**origin, **limited})}
+        statuses = {name: answer.status_code for name, answer in answers.items()}
+        assert statuses == {"preview": 200, "no token": 401, "too large": 413, "first": 200, "rate limited": 429}
+        for name, answer in answers.items():
+            assert answer.headers.get("access-control-allow-origin") == origin["Origin"], name
+            exposed = answer.headers.get("access-control-expose-headers", "").lower().split(",")
+            assert {header.strip() for header in exposed} == readable, name
+        assert answers["preview"].headers["X-Preview-Window"] and answers["rate limited"].headers["Retry-After"]
+        preflight = http.options("/v1/preview", headers={**origin, "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin["Origin"]
+        elsewhere = http.get("/v1/models", headers={"Origin": "https://elsewhere.example"})
+        assert elsewhere.status_code == 401 and "access-control-allow-origin" not in elsewhere.headers
 
 
 # ----------------------------------------------------------------------------------- uploads
@@ -357,6 +413,23 @@ def test_a_dicom_with_a_malformed_date_or_frame_count_is_answered_or_refused_nev
     assert frames.status_code == 422 and "Number of Frames is not a whole number" in frames.json()["detail"]
 
 
+def test_a_dicom_with_an_unknown_value_representation_is_422_on_every_route(client, png):
+    """Two bytes of a DICOM upload changed into a VR DICOM does not have ('ES'): pydicom raised NotImplementedError
+    when the element was first read (de-identification, the size check), and every upload route answered 500."""
+    from pydicom.data import get_testdata_file
+
+    whole = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    for element, tag in ((b"\x28\x00\x00\x01US", "(0028,0100)"), (b"\x02\x00\x12\x00UI", "(0002,0012)")):
+        assert whole.count(element) == 1
+        bad = whole.replace(element, element[:4] + b"ES")
+        answers = [client.post(f"/v1/{route}", headers=auth(), files={"image": ("mr.dcm", bad)})
+                   for route in ("embed", "preview", "search", "report/draft", "explain")]
+        answers += [zero_shot(client, bad, "mr.dcm"), vqa(client, [png.read_bytes(), bad])]
+        for answer in answers:
+            assert answer.status_code == 422, answer.text
+            assert f"unknown value representation in {tag}" in answer.json()["detail"]
+
+
 def _request_line(log_lines, answer) -> dict:
     """The request line logged for ``answer``, found by its request id.
 
@@ -463,6 +536,38 @@ def test_the_service_logs_are_json_lines_only():
         root.setLevel(saved[1])
 
 
+
+def test_library_messages_about_an_upload_are_counted_in_its_request_line_not_written(model_dir, tmp_path, capsys):
+    """nibabel logged 'vox offset ... too low' at ERROR, and python_multipart 'Expected boundary character 45, got
+    120', about a client's upload: lines that alerting takes for server faults, with no request id, quoting the
+    upload's header values and body bytes. They are counted in the request's line instead."""
+    import nibabel as nib
+
+    from medvl.serve.logs import setup_json_logging
+
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.float32), np.eye(4)), tmp_path / "v.nii")
+    nifti = bytearray((tmp_path / "v.nii").read_bytes())
+    struct.pack_into("<f", nifti, 108, -1e30)  # vox_offset
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_json_logging()
+        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            refused = http.post("/v1/embed", headers=auth(TOKENS[0]), files={"image": ("v.nii", bytes(nifti))})
+            broken = http.post("/v1/embed", content=b"--x\r\nzzz",
+                               headers={**auth(TOKENS[0]), "Content-Type": "multipart/form-data; boundary=B"})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert refused.status_code == 422 and broken.status_code == 400
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line["logger"].split(".")[0] in ("nibabel", "python_multipart")]
+    requests = {line["request_id"]: line for line in lines if line["message"] == "request"}
+    for answer in (refused, broken):
+        assert requests[answer.headers["X-Request-ID"]]["library_messages"] >= 1
+
+
 def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     """Two images on a one-image route (or two questions, two label lists) were accepted and the answer was about
     the last one, without a word; /v1/vqa still takes several images (films in order)."""
@@ -505,9 +610,72 @@ def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fie
     assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
 
 
+
+def test_a_number_field_given_empty_is_refused_not_answered_with_its_default(client, png):
+    """FastAPI reads `k=` as no k: a form that templated an empty value got the default (10 cases, a minimum
+    similarity of 0.5) without a word, while `medvl search --k ''` exits 2. An empty text field is still absent."""
+    image = {"image": ("a.png", png.read_bytes())}
+    for route, name in (("search", "k"), ("report/draft", "k"), ("report/draft", "min_similarity"),
+                        ("report/draft", "min_support"), ("report/draft", "related"), ("explain", "top"),
+                        ("explain", "k")):
+        answer = client.post(f"/v1/{route}", headers=auth(), files=image, data={name: ""})
+        assert answer.status_code == 422, (route, name, answer.text)
+        assert answer.json()["detail"] == (f"field(s) {name} given empty; give a number, or leave the field out for "
+                                           "its default")
+    searched = client.post("/v1/search", headers=auth(), files=image, data={"k": "3", "where": ""})
+    assert searched.status_code == 200 and len(searched.json()["hits"]) == 3, searched.text
+
+
 def test_every_answer_has_its_own_request_id(client):
     ids = [client.get("/v1/health").headers["X-Request-ID"] for _ in range(5)]
     assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
+
+def _get(connection: socket.socket, path: str, token: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET on an open keep-alive connection: (status, headers, body); (0, {}, b"") when the connection is gone."""
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    received = b""
+    try:
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return 0, {}, b""
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += connection.recv(65536)
+    except ConnectionError:
+        return 0, {}, b""
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_an_unexpected_error_is_a_500_with_the_request_id_and_headers_and_the_connection_stays_open(
+        model_dir, log_lines):
+    """An exception no handler knows was answered by Starlette outside the service middleware: the 500 had no
+    X-Request-ID (its body says the id names it in the log), no Cache-Control: no-store and no nosniff, and the
+    connection was closed under a keep-alive client. The 500 now carries them and the connection serves the next
+    request; the log has the error's type only."""
+    app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+
+    @app.get("/v1/fails")
+    async def fails() -> dict:  # a route with a bug in it
+        raise RuntimeError("a message quoting a value")
+
+    with Server(app) as running, socket.create_connection(("127.0.0.1", int(running.url.rsplit(":", 1)[1]))) as open_:
+        open_.settimeout(20)
+        status, headers, body = _get(open_, "/v1/fails", TOKENS[0])
+        assert status == 500
+        assert _get(open_, "/v1/models", TOKENS[0])[0] == 200  # the same connection
+        assert len(headers.get("x-request-id", "")) == 16 and headers.get("cache-control") == "no-store"
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+        assert "X-Request-ID" in json.loads(body)["detail"]
+    lines = [json.loads(line) for line in log_lines() if headers["x-request-id"] in line]
+    assert {(line["message"], line["status"] if "status" in line else None, line["error"]) for line in lines} == {
+        ("unexpected error", None, "RuntimeError"), ("request", 500, "RuntimeError")}
+    assert "quoting a value" not in "\n".join(log_lines())
 
 
 def test_answers_carry_security_headers_and_the_page_cannot_be_framed(client, png):
@@ -1380,6 +1548,20 @@ def test_explain_refuses_bad_options_with_reasons_and_needs_a_token(client, png)
                        data={"question": QUESTION}).status_code == 401
 
 
+
+def test_explain_labels_made_only_of_separators_are_refused_as_medvl_explain_refuses_them(
+        client, model_dir, bottleneck_file, png, tmp_path):
+    """`labels= , ,` parsed to no label, which the service took for no labels given and explained the bottleneck's
+    findings with a 200; medvl explain --labels ' , ,' exits 2. A blank field still means the default."""
+    reason = "need at least 2 distinct labels to explain a prediction, got []"
+    answer = explain(client, png.read_bytes(), labels=" , ,", methods="patch_text")
+    assert answer.status_code == 422 and reason in answer.json()["detail"], answer.text
+    result, output = invoke("explain", png, "--model", model_dir, "--labels", " , ,", "--method", "patch_text",
+                            "--bottleneck", bottleneck_file, "--out", tmp_path / "why")
+    assert result.exit_code == 2 and reason in output, output
+    assert explain(client, png.read_bytes(), labels=" ", methods="patch_text").status_code == 200
+
+
 def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_explain_does(
         client, model_dir, bottleneck_file, png, tmp_path):
     """With --bottleneck, /v1/explain answered 200 for labels the bottleneck does not know, their findings without
@@ -1500,6 +1682,26 @@ def test_without_a_vqa_model_vqa_is_409_and_the_page_is_told(model_dir, png):
         explained = explain(http, png.read_bytes(), headers=auth(TOKENS[0]), labels="nodule,no_finding")
         assert explained.status_code == 200 and "neighbours" not in explained.json()  # no index: no cases
         assert all("concepts" not in finding for finding in explained.json()["findings"])
+
+
+
+def test_vqa_refuses_a_body_over_the_images_it_takes_before_reading_it(client, model_dir, png):
+    """/v1/vqa let in 4 uploads' worth (--max-upload-mb each) whatever the VQA model takes, and with no VQA model at
+    all: read in full, then refused (422 'the VQA model takes 1 to 2', 409). A body over the images the model takes,
+    or over one image without a model, is now refused (413) from its Content-Length, before it is read."""
+    from fastapi.testclient import TestClient
+
+    form = {"Content-Type": "multipart/form-data; boundary=B"}
+    limit = client.get("/v1/models", headers=auth()).json()["models"][0]["vqa"]["max_images"]
+    assert limit < ServeSettings().max_vqa_images
+    answer = client.post("/v1/vqa", headers={**auth(), **form}, content=b"x" * (UPLOAD_LIMIT * (limit + 1)))
+    assert answer.status_code == 413 and "per image" in answer.json()["detail"], answer.text
+    app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])],
+                     settings=ServeSettings(max_upload_bytes=UPLOAD_LIMIT, rate_limit=0))
+    with TestClient(app) as http:
+        answer = http.post("/v1/vqa", headers={**auth(TOKENS[0]), **form}, content=b"x" * (UPLOAD_LIMIT * 2))
+        assert answer.status_code == 413 and "per image" not in answer.json()["detail"], answer.text
+        assert vqa(http, [png.read_bytes()], headers=auth(TOKENS[0])).status_code == 409
 
 
 def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, bottleneck_file, tmp_path):

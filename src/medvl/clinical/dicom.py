@@ -32,7 +32,8 @@ and columns right -> left, has its rows and columns reversed). The spacing in mm
 axes, from the positions (slice step) and Pixel Spacing. A model trained on NIfTI volumes and one
 given DICOM series of the same patients see them the same way round.
 
-Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt, no pixel data
+Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt (any element pydicom cannot
+convert, checked when the file is parsed: ``check_elements``), no pixel data
 (a structured report, RT plan, DICOMDIR...), a compressed transfer syntax whose decoder is not
 installed (with the extra to install), pixel data over ``MAX_DECODED_BYTES``.
 """
@@ -43,11 +44,11 @@ import logging
 import math
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from .formats import DICOM_SUFFIXES, INSTALL_HINT, has_dicom_preamble
 from .windowing import Window, WindowSpec, apply_window, get_window
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FILE_WINDOW = "file"  # use the window or VOI LUT stored in the DICOM header
 MAX_DECODED_BYTES = 1 << 30  # decoded pixel data above this (1 GiB) is refused before decoding
@@ -164,6 +166,8 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
         raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__}: {_short(error)})") from None
     if any("end of file" in text.lower() for text in warned):
         raise DataError(path, "truncated DICOM file: the file ends inside an element")
+    with quiet_pydicom(path):  # converting the values warns of malformed ones, quoting them
+        check_elements(path, ds)
     check_value_lengths(path, ds)
     if not header_only:
         _check_native_length(path, ds)
@@ -194,6 +198,61 @@ def check_value_lengths(path: str | Path, ds) -> None:
                 and len(element.value) < element.length):
             raise DataError(path, f"truncated DICOM file: element ({element.tag.group:04X},{element.tag.element:04X}) "
                                   f"has {len(element.value):,} of its {element.length:,} bytes")
+
+
+def check_elements(path: str | Path, ds) -> None:
+    """Refuse a data set (or its file meta) holding an element that pydicom cannot convert: an unknown
+    value representation (``NotImplementedError``), a length that does not fit its VR, a sequence item that
+    cannot be parsed. pydicom converts each element on its first access, so without this such an element
+    fails wherever it is read first (a header check, de-identification, the pixel decoder). The elements
+    are converted apart and dropped: the data set keeps its raw elements (``check_file_end`` reads them).
+    The error's own message is not quoted (it may quote the value)."""
+    from pydicom.dataelem import RawDataElement
+
+    for dataset in (getattr(ds, "file_meta", None), ds):
+        if dataset is None:
+            continue
+        # the character set first (pydicom converts Specific Character Set on the way): the others are decoded in it
+        encoding = _convertible(path, 0x00080005, _character_set, dataset)
+        for key in list(dataset.keys()):
+            element, tag = dataset.get_item(key, keep_deferred=True), int(key)  # elements() converts an empty value
+            if isinstance(element, RawDataElement) and tag not in PIXEL_TAGS:
+                _convertible(path, tag, _convert, element, None if tag == 0x00080005 else encoding, dataset)
+
+
+def _character_set(dataset):
+    return getattr(dataset, "original_character_set", None) or dataset._character_set
+
+
+def _convert(element, encoding, dataset) -> None:
+    from pydicom.dataelem import convert_raw_data_element
+
+    converted = convert_raw_data_element(element, encoding=encoding, ds=dataset)
+    if converted.VR == "SQ":
+        for item in converted.value:
+            item.walk(lambda _dataset, _element: None)  # converts the items' elements, nested too
+
+
+def _convertible(path: str | Path, tag: int, convert: Callable[..., T], *args) -> T:
+    """``convert(*args)``, its failure a ``DataError`` naming the file and the element ``tag`` (not quoting pydicom's
+    message: it may quote the value)."""
+    from pydicom.errors import BytesLengthException
+
+    try:
+        return convert(*args)
+    except BytesLengthException:
+        raise DataError(path, f"truncated or corrupt DICOM file (the length of element {_tag(tag)} does not fit "
+                              "its VR)") from None
+    except NotImplementedError:
+        raise DataError(path, f"truncated or corrupt DICOM file (unknown value representation in "
+                              f"{_tag(tag)})") from None
+    except _READ_ERRORS as error:
+        raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__} in element "
+                              f"{_tag(tag)})") from None
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def check_file_end(path: Path, ds) -> None:

@@ -23,7 +23,7 @@ leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 41
 415 (unsupported type), 422 (unreadable upload, bad option, a field the route does not
 take or one given twice), 503 (queue full, no index); 401 / 429
 come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
-``X-Request-ID`` that names its log line.
+``X-Request-ID`` that names its log line (but a CORS preflight, answered by the CORS layer outside it).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ STATIC = Path(__file__).parent / "static"
 # the page's own policy (its <meta> tag says the same) as a header, which alone can forbid framing
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
             "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# the answer headers a page on another origin (--cors-origin) may read: a browser shows it none but a few by default
+EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "X-Preview-Window", "X-Preview-Slice", "X-Preview-Presets")
 SWAGGER_STATIC = "/static/swagger-ui"  # where the swagger-ui files of /docs are served
 
 ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
@@ -85,7 +87,10 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     # image is never written to disk (module docstring of ``uploads``). The threshold is the largest body a
     # route lets through (the VQA route's several uploads and the form), so that even a part over the upload
     # limit, refused with 413 once read, never reaches the disk
-    largest_body = settings.max_upload_bytes * max(1, settings.max_vqa_images) + FORM_OVERHEAD
+    # files a request may carry: /v1/vqa's films, one without a VQA model (it answers 409), and the VQA model's
+    # own limit once loaded (``Loader.start``); the middleware refuses a larger body before reading it
+    files_per_route = {"/v1/vqa": settings.max_vqa_images if settings.vqa_model is not None else 1}
+    largest_body = settings.max_upload_bytes * max(files_per_route.values()) + FORM_OVERHEAD
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, largest_body)
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
@@ -108,20 +113,22 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
                               "'Authorization: Bearer TOKEN'.")
     app.state.settings = settings  # the server's header timeout (``connections.server_config``) reads it
     app.state.loader = loader
+    app.state.files_per_route = files_per_route  # the middleware's own, kept by reference
     app.state.service = loader.service
     _add_routes(app, loader, settings)
     app.state.form_fields = _form_fields(app)
+    app.state.number_fields = _number_fields(app)
     _add_docs(app)
     _add_error_handlers(app)
-    if settings.cors_origins:
+    app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
+                       routes=frozenset(getattr(route, "path", "") for route in app.routes),
+                       files_per_route=files_per_route, inflight_bytes=settings.inflight_limit,
+                       body_timeout=settings.body_timeout, min_body_rate=settings.min_body_rate)
+    if settings.cors_origins:  # added last, so outermost: the middleware's own 401 / 413 / 429 / 500 get its headers
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(ServiceMiddleware, auth=auth, max_upload_bytes=settings.max_upload_bytes,
-                       routes=frozenset(getattr(route, "path", "") for route in app.routes),
-                       files_per_route={"/v1/vqa": settings.max_vqa_images}, inflight_bytes=settings.inflight_limit,
-                       body_timeout=settings.body_timeout, min_body_rate=settings.min_body_rate)
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=list(EXPOSED_HEADERS))
     return app
 
 
@@ -157,6 +164,8 @@ class Loader:
                 return
         await service.start()
         app.state.service = service
+        if service.vqa is not None:  # the VQA model's own limit: more films are refused before they are read
+            app.state.files_per_route["/v1/vqa"] = service.vqa_image_limit()
         self.ready = True
         log.info("model ready", extra={"model": service.net.config.name,
                                        "ms": round((time.perf_counter() - started) * 1000, 2)})
@@ -210,10 +219,20 @@ def _form_fields(app: FastAPI) -> dict[str, tuple[str, ...]]:
             for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
 
 
+def _number_fields(app: FastAPI) -> dict[str, frozenset[str]]:
+    """Each POST route's number fields (``k``, ``top``, ``min_similarity``...)."""
+    from fastapi.routing import APIRoute
+
+    return {route.path: frozenset(param.alias for param in route.dependant.body_params
+                                  if param.field_info.annotation in (int, float))
+            for route in app.routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())}
+
+
 async def _check_fields(request: Request) -> None:
     """A form field the route does not take (422 naming it and the route's fields: a misspelt ``min-similarity``
-    or ``K`` was dropped and the default answered, without a word), or a field given twice (422: a route answered
-    about the last of two images, or the last of two questions, without a word)."""
+    or ``K`` was dropped and the default answered, without a word), a field given twice (422: a route answered
+    about the last of two images, or the last of two questions, without a word), or a number field given empty
+    (422: FastAPI reads ``k=`` as no ``k``, and the default was answered, without a word)."""
     content_type = request.headers.get("content-type", "").lower()
     if request.method != "POST" or not content_type.startswith(FORM_TYPES):
         return
@@ -229,6 +248,10 @@ async def _check_fields(request: Request) -> None:
                       and name not in MULTI_FIELDS.get(path, set()))
     if repeated:
         raise HTTPException(422, f"field(s) {', '.join(repeated)} given more than once; send each once")
+    empty = sorted(name for name in request.app.state.number_fields.get(path, ()) if form.get(name) == "")
+    if empty:
+        raise HTTPException(422, f"field(s) {', '.join(empty)} given empty; give a number, or leave the field out "
+                                 "for its default")
 
 
 async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
@@ -300,8 +323,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.post("/v1/explain", tags=["models"])
     async def explain(request: Request, image: ImageField,
                       labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
-                                                         "(default: the concept bottleneck's classes, else every "
-                                                         "class the model's captions describe).")] = None,
+                                                         "(absent or blank: the concept bottleneck's classes, else "
+                                                         "every class the model's captions describe).")] = None,
                       methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
                                                           "patch_text,gradcam (default: both on a CNN, else "
                                                           "patch_text).")] = None,
@@ -409,11 +432,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         request.state.timings["error"] = f"http_{error.status_code}"
         return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        request.state.timings["error"] = type(error).__name__
-        log.error("unexpected error", extra={"request_id": request.state.request_id,
-                                             "error": type(error).__name__})
-        return JSONResponse({"detail": "internal error; the request id names it in the service log"},
-                            status_code=500)
+    # any other exception is answered 500 by ``ServiceMiddleware``, with the request id and the headers of every answer

@@ -1,8 +1,9 @@
 """API tokens and per-token rate limits.
 
-Tokens come from ``MEDVL_API_TOKENS`` (comma-separated) or a token file holding one SHA-256 hex
-digest per line (``printf %s "$TOKEN" | sha256sum``; blank lines and ``#`` comments ignored). Only
-digests are kept in memory; a request's ``Authorization: Bearer <token>`` is hashed and compared
+Tokens come from ``MEDVL_API_TOKENS`` (comma-separated; ASCII, at least ``MIN_TOKEN_CHARS``) or a token file
+holding one SHA-256 hex digest per line (``printf %s "$TOKEN" | sha256sum``; blank lines and ``#`` comments
+ignored). Only digests are kept in memory; a request's ``Authorization: Bearer <token>`` (its bytes) is hashed and
+compared
 with every digest by ``hmac.compare_digest`` (constant time). A client is named in logs by the first
 8 hex digits of its token's digest, never by the token.
 
@@ -31,6 +32,7 @@ from ..errors import DataError, InputError
 TOKENS_ENV = "MEDVL_API_TOKENS"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 MIN_TOKEN_CHARS = 16  # shorter tokens are guessable; refused at start
+RANDOM_TOKENS = "use long random tokens (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)"
 
 
 def token_digest(token: str) -> str:
@@ -43,8 +45,13 @@ def digests_from_env(value: str | None) -> list[str]:
     tokens = split_names(value or "")
     short = [n for n, token in enumerate(tokens, 1) if len(token) < MIN_TOKEN_CHARS]
     if short:
-        raise InputError(f"{TOKENS_ENV}: token {short[0]} has fewer than {MIN_TOKEN_CHARS} characters; "
-                         "use long random tokens (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        raise InputError(f"{TOKENS_ENV}: token {short[0]} has fewer than {MIN_TOKEN_CHARS} characters; {RANDOM_TOKENS}")
+    # a header carries bytes, which clients encode their own way (curl UTF-8, a browser Latin-1 or not at all): a
+    # non-ASCII token would match one kind of client only
+    foreign = [n for n, token in enumerate(tokens, 1) if not token.isascii()]
+    if foreign:
+        raise InputError(f"{TOKENS_ENV}: token {foreign[0]} holds a character that is not ASCII, which HTTP clients "
+                         f"do not send alike; {RANDOM_TOKENS}")
     return [token_digest(token) for token in tokens]
 
 
@@ -96,11 +103,17 @@ class TokenAuth:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def client(self, authorization: str | None) -> str | None:
-        """The matching digest for an ``Authorization`` header value, else None."""
+        """The matching digest for an ``Authorization`` header value (as Starlette gives it: its bytes read as
+        Latin-1), else None. The token's bytes as sent are hashed: a token file's digest of a UTF-8 token
+        (``printf %s TOKEN | sha256sum``) matches a client sending it in UTF-8."""
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip(" \t")  # HTTP's white space only: str.strip would take bytes 0x85, 0xA0 of a UTF-8 token
+        if scheme.lower() != "bearer" or not token:
             return None
-        offered = token_digest(token.strip())
+        try:
+            offered = hashlib.sha256(token.encode("latin-1")).hexdigest()
+        except UnicodeEncodeError:  # not read from a header's bytes
+            return None
         found = None
         for digest in self.digests:  # every digest compared, in constant time each
             if hmac.compare_digest(offered, digest):

@@ -3,11 +3,14 @@
 A request's line holds its id, method, route (the route template, never a query string), status,
 client (first 8 hex digits of the token's digest) and timings in milliseconds (total, decode,
 queue, model) with the batch size it ran in. Never pixel data, report or note text, identifiers,
-or uploaded files' names: the service only passes these fields, and messages are fixed strings.
+or uploaded files' names: the service only passes these fields, and messages are fixed strings. Any other
+record logged while a request is answered carries its id; those of the libraries that read uploads are not
+written, but counted in the request's line (``RequestRecords``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
@@ -17,7 +20,14 @@ import time
 FIELDS = ("request_id", "method", "route", "status", "client", "ms", "decode_ms", "queue_ms", "model_ms",
           "batch_size", "upload_kind", "upload_bytes", "error", "host", "port", "model", "batching",
           "max_batch", "max_wait_ms", "backend", "http", "loop", "torch_threads", "trusted_proxies", "drained",
-          "detail", "connections")
+          "detail", "connections", "library_messages")
+# (request id, timings) of the request being answered: set by ``ServiceMiddleware``, carried to the decoding
+# threads (``ModelService._on_worker``)
+CURRENT_REQUEST: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("medvl_request",
+                                                                                           default=None)
+# libraries that read uploads: their messages quote an upload's header values or body bytes
+# (nibabel: "vox offset -1e+30 too low ..."; python_multipart: "Expected boundary character 45, got 120 ...")
+UPLOAD_READERS = ("nibabel", "python_multipart", "multipart")
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,10 +45,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RequestRecords(logging.Filter):
+    """A record logged while a request is answered gets its request id (a medvl warning about the upload names its
+    request); a record of a library that reads uploads (``UPLOAD_READERS``) is not written, but counted in the
+    request's line (``library_messages``): it is about a client's upload, not the server, and it quotes the upload."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = CURRENT_REQUEST.get()
+        if record.name.split(".")[0] in UPLOAD_READERS:
+            if current is not None:
+                current[1]["library_messages"] = current[1].get("library_messages", 0) + 1
+            return False
+        if current is not None and not hasattr(record, "request_id"):
+            record.request_id = current[0]
+        return True
+
+
 def setup_json_logging(level: int = logging.INFO) -> None:
     """Send every log record to stderr as JSON lines; uvicorn's access log is replaced by ours."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestRecords())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "PIL", "multipart", "python_multipart", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

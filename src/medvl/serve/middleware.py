@@ -30,6 +30,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
 from .auth import TokenAuth, retry_after_header
+from .logs import CURRENT_REQUEST
 from .settings import FORM_OVERHEAD, MIB
 from .uploads import too_large_text
 
@@ -39,6 +40,7 @@ PUBLIC_PATHS = {"/v1/health"}
 # on every answer: no MIME sniffing, no referrer, never inside another site's frame (clickjacking)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 BUSY_RETRY_AFTER_S = 2  # when a client refused for the bodies in flight may try again
+INTERNAL_ERROR = "internal error; the request id (X-Request-ID) names it in the service log"
 
 
 def needs_token(method: str, path: str) -> bool:
@@ -59,7 +61,7 @@ class ServiceMiddleware:
         self.app = app
         self.auth = auth
         self.max_upload_bytes = max_upload_bytes
-        self.files_per_route = dict(files_per_route or {})
+        self.files_per_route = files_per_route if files_per_route is not None else {}  # the app may update it
         self.routes = routes  # the app's route paths: a log names one of these, never another path
         self.budget = BodyBudget(inflight_bytes)  # None: no bound
         self.body_timeout, self.min_body_rate = body_timeout, min_body_rate  # None: no body deadline
@@ -70,11 +72,12 @@ class ServiceMiddleware:
         request_id = next(self._ids)
         timings: dict = {}
         scope.setdefault("state", {}).update(request_id=request_id, timings=timings)
-        started, status = time.perf_counter(), [500]
+        CURRENT_REQUEST.set((request_id, timings))  # for the log records of the request's work (logs.RequestRecords)
+        started, status, answering = time.perf_counter(), [500], [False]
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], answering[0] = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 for name, value in SECURITY_HEADERS.items():
@@ -92,6 +95,14 @@ class ServiceMiddleware:
                 counted = self._counting(receive, self._body_limit(scope["path"]), scope["path"], held)
                 await self.app(scope, form_text_checked(counted, Headers(scope=scope).get("content-type")),
                                send_with_id)
+        except Exception as error:
+            if answering[0]:  # the answer was under way: nothing else can be sent
+                raise
+            # answered here, not by Starlette's outermost handler: the 500 gets the request id and the headers
+            # of every answer, and the connection is kept (Starlette re-raises, and uvicorn closes it)
+            timings["error"] = type(error).__name__
+            log.error("unexpected error", extra={"request_id": request_id, "error": type(error).__name__})
+            await _reply(send_with_id, 500, INTERNAL_ERROR, {})
         finally:
             held.release()
             self._log(scope, request_id, status[0], started, timings)

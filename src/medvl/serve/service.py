@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import os
 import time
 from collections import OrderedDict
@@ -141,7 +142,8 @@ class ModelService:
     async def _on_worker(self, function, *args):
         """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
         there are CPUs: more would only slow each other and the model's forward passes down."""
-        return await asyncio.get_running_loop().run_in_executor(self.workers, function, *args)
+        context = contextvars.copy_context()  # the request's: its log records name it (logs.RequestRecords)
+        return await asyncio.get_running_loop().run_in_executor(self.workers, context.run, function, *args)
 
     async def run_on_model_thread(self, function, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -418,7 +420,8 @@ class ModelService:
             check_k(k)
         self.lane.check()
         chosen = methods or self.explain_methods()
-        names = labels or (self.bottleneck.classes if self.bottleneck is not None else None)
+        # only no labels at all means the default: labels given but all blank are refused, as medvl explain refuses them
+        names = labels if labels is not None else (self.bottleneck.classes if self.bottleneck is not None else None)
         explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
         pixels = upload.decoded()
