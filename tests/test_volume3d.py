@@ -560,6 +560,33 @@ def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_pat
     assert not (tmp_path / "idx").exists()
 
 
+def test_a_draft_for_an_indexed_volume_leaves_out_its_own_case_in_the_cli_and_the_service(ct_dir, ct_model,
+                                                                                            tmp_path):
+    """A 2D image's indexed copies were left out of its draft's neighbours, a volume's never (no hash was taken of
+    a volume query): a draft for an indexed CT cited its own report. The volume is hashed as the index hashed it
+    (a NIfTI slab by slab), by the CLI, the API and the service alike."""
+    from fastapi.testclient import TestClient
+
+    from medvl.serve import create_app
+
+    result, output = invoke("index", "build", "--model", ct_model, "--data", ct_dir, "--out", tmp_path / "idx",
+                            "--quiet")
+    assert result.exit_code == 0, output
+    volume = ct_dir / "images/ct_00005.nii.gz"
+    case = next(r.id for r in medvl.load_dataset(ct_dir) if Path(r.image).name == volume.name)
+    result, output = invoke("report", "draft", volume, "--index", tmp_path / "idx", "--model", ct_model,
+                            "--json", tmp_path / "draft.json")
+    assert result.exit_code == 0, output
+    draft = json.loads((tmp_path / "draft.json").read_text())
+    assert draft["settings"]["left_out_copies"] == [case]
+    assert case not in {n["id"] for n in draft["neighbours"]}
+    with TestClient(create_app(ct_model, index=tmp_path / "idx", require_token=False)) as http:
+        answer = http.post("/v1/report/draft", files={"image": ("ct.nii.gz", volume.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["settings"]["left_out_copies"] == [case]
+    assert answer.json()["neighbours"] == draft["neighbours"]
+
+
 def test_index_hashes_nifti_volumes_streamed_and_finds_a_recompressed_copy(ct_dir, ct_model, tmp_path):
     import gzip
     import shutil

@@ -80,9 +80,15 @@ def read_digests(preprocessor, records: Sequence[Record]) -> list[str]:
 
 def _hashed(preprocessor, record: Record) -> tuple[str, Any]:
     """A record's pixel hash and what ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path."""
-    if isinstance(record.image, str | Path) and image_suffix(record.image) in (".nii", ".nii.gz"):
-        return nifti_sha256(record.image), record.image
-    array = record.image if isinstance(record.image, np.ndarray) else preprocessor.read(record.image)
+    return hashed_image(preprocessor, record.image)
+
+
+def hashed_image(preprocessor, image: Any) -> tuple[str, Any]:
+    """The pixel hash an index records for ``image`` (a file, a DICOM series, an array) and what
+    ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path (hashed slab by slab)."""
+    if isinstance(image, str | Path) and image_suffix(image) in (".nii", ".nii.gz"):
+        return nifti_sha256(image), image
+    array = image if isinstance(image, np.ndarray) else preprocessor.read(image)
     return pixel_sha256(array), array
 
 

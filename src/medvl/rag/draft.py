@@ -244,7 +244,7 @@ def _check_thresholds(min_support: float, min_similarity: float) -> None:
 def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *, k: int = DEFAULT_K,
                  where: str | None = None, labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
                  min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0,
-                 verify_model: bool = True) -> Draft:
+                 verify_model: bool = True, digest: str | None = None) -> Draft:
     """Draft a report for ``image`` from its ``k`` nearest cases in ``index`` (built with ``model``).
 
     ``exclude`` drops case ids from the neighbours (e.g. the query itself); ``where`` filters cases
@@ -252,21 +252,24 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
     ``verify_model``: as in ``medvl.index.search_index``. ``image`` may also be the model's own input
     (``model.preprocessor.load``'s ``(C, *spatial)`` tensor, as ``search_index`` takes one: a volume the service
-    streamed from its upload); no indexed copy of it is looked for, as for any volume (``indexed_copies``).
+    streamed from its upload), with ``digest`` its pixel hash (``medvl.index.build.hashed_image``) so that its
+    indexed copies are left out as those of a file or an array are (``indexed_copies``).
     """
     from ..data.audit import input_flags
     from ..index.base import check_model
+    from ..index.build import hashed_image
     from ..models.ood import embed_checked
 
     check_settings(k, min_support, min_similarity, related)
     if verify_model:
         check_model(index.info, model, index.location)
     labeller = labeller or ReportLabeller()
-    # read once (as the model reads it: HU for a DICOM when it has windows): checked, embedded, hashed
+    # read once (as the model reads it: HU for a DICOM when it has windows): checked, embedded, hashed (a NIfTI
+    # volume slab by slab from its path, as the index hashed it, then streamed again by the model's loader)
     if isinstance(image, torch.Tensor):
-        pixels, tensor = None, image
+        tensor = image
     else:
-        pixels = image if isinstance(image, np.ndarray) else model.preprocessor.read(image)
+        digest, pixels = hashed_image(model.preprocessor, image)
         tensor = model.preprocessor.load(pixels, source=None if isinstance(image, np.ndarray) else image)
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
@@ -276,7 +279,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
                         f"draft from ({'; '.join(flags.values())})", settings)
     embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
     vector = embedding.numpy()
-    copies = indexed_copies(index, pixels) if pixels is not None else []
+    copies = indexed_copies(index, digest)
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
     hits = [h for h in hits if h.id not in dropped][:k]
@@ -290,16 +293,13 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     return draft
 
 
-def indexed_copies(index, pixels: np.ndarray) -> list[str]:
-    """Ids of the indexed cases whose image is ``pixels`` itself (the same decoded pixels, ``pixel_sha256``, as
-    the index records them; ``context.indexed_ids``): a draft for an indexed image would otherwise cite the
-    image's own report. A volume gives none (the index hashes volumes slab by slab as it streams them)."""
-    from ..index.cases import pixel_sha256
+def indexed_copies(index, digest: str | None) -> list[str]:
+    """Ids of the indexed cases whose image is the query's own (the same pixel hash ``digest`` as the index records
+    for it: ``medvl.index.build.hashed_image``, a 2D image's decoded pixels or a volume's voxels, a NIfTI read slab
+    by slab; ``context.indexed_ids``): a draft for an indexed image would otherwise cite the image's own report."""
     from .context import indexed_ids
 
-    if pixels.ndim > 3 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
-        return []  # a volume: the index hashes those slab by slab while streaming them
-    return sorted(indexed_ids(index, [pixel_sha256(pixels)])[0])
+    return sorted(indexed_ids(index, [digest])[0]) if digest else []
 
 
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,

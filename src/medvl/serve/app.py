@@ -254,9 +254,10 @@ async def _check_fields(request: Request) -> None:
                                  "for its default")
 
 
-async def _read(image: UploadFile, service: ModelService, request: Request) -> Upload:
-    """The uploaded file, decoded (for the routes that do not go through the batcher)."""
-    return await service.decode(await _bytes(image, service), request.state.timings)
+async def _read(image: UploadFile, service: ModelService, request: Request, hashed: bool = False) -> Upload:
+    """The uploaded file, decoded (for the routes that do not go through the batcher); ``hashed``: a volume with
+    its pixel hash (``ModelService.decode``)."""
+    return await service.decode(await _bytes(image, service), request.state.timings, hashed=hashed)
 
 
 def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
@@ -317,7 +318,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
                     related: Annotated[int, Form()] = 0) -> dict:
         """A report drafted from the k nearest cases' reports, citing them, or an abstention with a reason."""
         service = loader.get()
-        upload = await _read(image, service, request)
+        upload = await _read(image, service, request, hashed=True)
         return await service.draft(upload, k, where, min_support, min_similarity, related)
 
     @app.post("/v1/explain", tags=["models"])

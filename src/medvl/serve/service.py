@@ -160,14 +160,17 @@ class ModelService:
         except IndexRebuilt as error:
             raise ServiceUnavailable(str(error)) from None
 
-    async def decode(self, data: bytes, timings: dict[str, Any], for_vqa: bool = False) -> Upload:
+    async def decode(self, data: bytes, timings: dict[str, Any], for_vqa: bool = False,
+                     hashed: bool = False) -> Upload:
         """One upload decoded as the served model reads files (``for_vqa``: as the VQA model does, its own HU
-        windows if any; it reads 2D images)."""
+        windows if any; it reads 2D images); ``hashed``: a 3D model's volume with its pixel hash as an index
+        records it (``Upload.digest``, for a draft to leave out its indexed copies)."""
         started = time.perf_counter()
         modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
         spatial_dims = 2 if for_vqa else self.spatial_dims
+        digest = self._volume_digest if hashed and self.load_file is not None and not for_vqa else None
         upload = await self._on_worker(decode_upload, data, self.settings, modality_values, spatial_dims,
-                                       None if for_vqa else self.load_file)
+                                       None if for_vqa else self.load_file, digest)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -205,6 +208,11 @@ class ModelService:
         with torch.no_grad():
             features = self.net.encode_images(pixels, features=True)
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
+
+    def _volume_digest(self, path: Path) -> str:
+        from ..index.build import hashed_image
+
+        return hashed_image(self.net.preprocessor, path)[0]
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
         upload = decode_upload(data, self.settings, self.modality_values, self.spatial_dims, self.load_file)
@@ -352,7 +360,7 @@ class ModelService:
         query = upload.pixels if upload.pixels is not None else upload.model_input  # a volume: the model's input
         draft = await self.on_index(draft_report, index, self.net, query, k=k, where=where,
                                     labeller=self._labeller(), min_support=min_support,
-                                    min_similarity=min_similarity, related=related,
+                                    min_similarity=min_similarity, related=related, digest=upload.digest,
                                     verify_model=False)  # checked at start (_open_index); a rebuild: 503
         return {"index": self.index_name, **draft.to_dict()}
 

@@ -72,6 +72,7 @@ class Upload:
     n_bytes: int
     pixels: np.ndarray | None  # None when the file was read into ``model_input`` instead
     model_input: torch.Tensor | None = None  # (C, D, H, W) as the model takes it
+    digest: str | None = None  # the pixel hash an index records for ``model_input``'s file, when asked for
 
     def __repr__(self) -> str:
         shape = self.pixels.shape if self.pixels is not None else getattr(self.model_input, "shape", None)
@@ -148,20 +149,23 @@ def private_folder() -> Iterator[Path]:
 
 
 def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2,
-                  load: Callable[[Path], torch.Tensor] | None = None) -> Upload:
+                  load: Callable[[Path], torch.Tensor] | None = None,
+                  digest: Callable[[Path], str] | None = None) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
     ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows;
     ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``);
     ``load``: a 3D model's loader (``ImagePreprocessor.load``), given a DICOM or NIfTI upload's file as the CLI
-    gives it a file (a NIfTI volume streamed slab by slab): the upload then holds ``model_input``, no pixels."""
+    gives it a file (a NIfTI volume streamed slab by slab): the upload then holds ``model_input``, no pixels, and
+    with ``digest`` (``medvl.index.build.hashed_image``'s hash of a file) the file's pixel hash as an index records
+    it, so that a draft leaves out the indexed copies of the upload."""
 
-    def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
         if load is not None and isinstance(source, Path):
-            return None, load(source)
-        return read_pixels(source, modality_values, spatial_dims), None
+            return None, load(source), digest(source) if digest is not None else None
+        return read_pixels(source, modality_values, spatial_dims), None, None
 
-    kind, (pixels, model_input) = read_upload(data, settings, read)
-    return Upload(kind, len(data), pixels, model_input)
+    kind, (pixels, model_input, hashed) = read_upload(data, settings, read)
+    return Upload(kind, len(data), pixels, model_input, hashed)
 
 
 def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path | bytes, str], T]) -> tuple[str, T]:
