@@ -110,6 +110,16 @@ def client(server):
 
 
 @pytest.fixture
+def upload_tmp(tmp_path, monkeypatch) -> Path:
+    """The temporary folder of this test alone (the in-process server's uploads' private folders go there): the
+    shared one may hold another process's upload folder while it answers."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
 def log_lines(caplog):
     """The service's log records of this test, formatted as the service writes them (JSON lines)."""
     caplog.set_level(logging.INFO)
@@ -375,7 +385,7 @@ def test_a_dicom_with_an_unknown_transfer_syntax_is_422_not_500(client):
         assert "unsupported transfer syntax 1.2.3.4.5.6.7.8.9.10" in answer.json()["detail"]
 
 
-def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log_lines):
+def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log_lines, upload_tmp):
     from pydicom.data import get_testdata_file
 
     answer = zero_shot(client, Path(get_testdata_file("CT_small.dcm")).read_bytes(), "CompressedSamples.dcm")
@@ -387,7 +397,7 @@ def test_a_dicom_upload_is_answered_and_its_identifiers_never_logged(client, log
     for identifier in ("CompressedSamples", "CT1", "1CT1"):
         assert identifier not in logged
     assert request["upload_kind"] == "dicom" and request["status"] == 200 and request["request_id"]
-    assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))  # nothing kept
+    assert tempfile.gettempdir() == str(upload_tmp) and not list(upload_tmp.iterdir())  # nothing kept
 
 
 def test_a_dicom_with_a_malformed_date_or_frame_count_is_answered_or_refused_never_a_500(client):
@@ -1215,7 +1225,8 @@ def test_a_png_preview_is_the_image_itself_and_never_cached(client, png):
     assert refused.status_code == 422 and "DICOM or NIfTI" in refused.json()["detail"]
 
 
-def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(client, tmp_path, log_lines):
+def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(client, tmp_path, log_lines,
+                                                                                 upload_tmp):
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -1239,7 +1250,7 @@ def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(
     previews = [json.loads(line) for line in log_lines() if '"route": "/v1/preview"' in line]
     assert [line["upload_kind"] for line in previews if line["status"] == 200] == ["dicom"] * 4
     assert "CompressedSamples" not in logged and "CT1" not in logged
-    assert not list(Path(tempfile.gettempdir()).glob("medvl-upload-*"))
+    assert not list(upload_tmp.iterdir())  # nothing of the uploads kept
 
 
 def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_by_its_middle_frame(client):
