@@ -291,6 +291,36 @@ def test_an_unknown_value_representation_is_a_corrupt_file_to_every_reader(cli, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.dcm"]  # nothing written
 
 
+def test_a_private_element_whose_length_does_not_fit_its_dictionary_vr_is_read_not_refused(cli, tmp_path):
+    """Elscint / Philips CT files store the private "Pitch" (01F1,1026) as text where pydicom's private dictionary
+    says FD: the element check made such a real scanner file corrupt to dicom-info, predict and index build,
+    which read it before (no reader of medvl reads private elements). It is read again; a public element whose
+    length does not fit its VR is still refused."""
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.add_new(0x01F10010, "LO", "ELSCINT1")
+    ds.add_new(0x01F11099, "UN", b"0.264 ")  # a placeholder tag, renamed in the bytes below
+    ds.save_as(tmp_path / "written.dcm", implicit_vr=True, little_endian=True)
+    data = (tmp_path / "written.dcm").read_bytes()
+    assert data.count(bytes.fromhex("F1019910")) == 1
+    elscint = tmp_path / "elscint.dcm"
+    elscint.write_bytes(data.replace(bytes.fromhex("F1019910"), bytes.fromhex("F1012610")))
+    pixels, _ = read_dicom(elscint)
+    np.testing.assert_array_equal(pixels, read_dicom(dicom("CT_small.dcm"))[0])
+    assert cli("dicom-info", elscint).exit_code == 0
+    public = bytearray(data)  # Rows (0028,0010), US: its 2-byte value declared 3 bytes long
+    at = public.find(bytes.fromhex("28001000") + (2).to_bytes(4, "little"))
+    assert at > 128
+    public[at + 4:at + 8] = (3).to_bytes(4, "little")
+    public[at + 8:at + 8] = b"\0"
+    (tmp_path / "rows.dcm").write_bytes(bytes(public))
+    with pytest.raises(DataError, match=r"the length of element \(0028,0010\) does not fit its VR"):
+        read_dicom(tmp_path / "rows.dcm")
+
+
 # ------------------------------------------------------------------------------ DICOM 3D
 
 

@@ -217,7 +217,8 @@ def check_elements(path: str | Path, ds) -> None:
         for key in list(dataset.keys()):
             element, tag = dataset.get_item(key, keep_deferred=True), int(key)  # elements() converts an empty value
             if isinstance(element, RawDataElement) and tag not in PIXEL_TAGS:
-                _convertible(path, tag, _convert, element, None if tag == 0x00080005 else encoding, dataset)
+                convert = _convert_private if tag >> 16 & 1 else _convert
+                _convertible(path, tag, convert, element, None if tag == 0x00080005 else encoding, dataset)
 
 
 def _character_set(dataset):
@@ -231,6 +232,19 @@ def _convert(element, encoding, dataset) -> None:
     if converted.VR == "SQ":
         for item in converted.value:
             item.walk(lambda _dataset, _element: None)  # converts the items' elements, nested too
+
+
+def _convert_private(element, encoding, dataset) -> None:
+    """``_convert`` for a private element, whose value's length may not fit the VR pydicom's private dictionary
+    gives it (a vendor writing text where the dictionary says a number: Elscint / Philips CT's (01F1,1026)
+    "Pitch"): no reader of medvl reads private elements, and de-identification removes them; so that mismatch
+    does not make the file corrupt (an unknown VR still does)."""
+    from pydicom.errors import BytesLengthException
+
+    try:
+        _convert(element, encoding, dataset)
+    except BytesLengthException:
+        pass
 
 
 def _convertible(path: str | Path, tag: int, convert: Callable[..., T], *args) -> T:
