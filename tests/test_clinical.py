@@ -294,8 +294,9 @@ def test_an_unknown_value_representation_is_a_corrupt_file_to_every_reader(cli, 
 def test_a_private_element_whose_length_does_not_fit_its_dictionary_vr_is_read_not_refused(cli, tmp_path):
     """Elscint / Philips CT files store the private "Pitch" (01F1,1026) as text where pydicom's private dictionary
     says FD: the element check made such a real scanner file corrupt to dicom-info, predict and index build,
-    which read it before (no reader of medvl reads private elements). It is read again; a public element whose
-    length does not fit its VR is still refused."""
+    which read it before (no reader of medvl reads private elements), and de-identification refused it. It is
+    read, and de-identified without its private elements; a public element whose length does not fit its VR is
+    still refused."""
     import pydicom
     from pydicom.uid import ImplicitVRLittleEndian
 
@@ -311,6 +312,9 @@ def test_a_private_element_whose_length_does_not_fit_its_dictionary_vr_is_read_n
     pixels, _ = read_dicom(elscint)
     np.testing.assert_array_equal(pixels, read_dicom(dicom("CT_small.dcm"))[0])
     assert cli("dicom-info", elscint).exit_code == 0
+    deidentify(elscint, tmp_path / "clean.dcm")  # refused before: it removes private elements anyway
+    clean = pydicom.dcmread(tmp_path / "clean.dcm")
+    assert clean.PatientIdentityRemoved == "YES" and not [e for e in clean if e.tag.is_private]
     public = bytearray(data)  # Rows (0028,0010), US: its 2-byte value declared 3 bytes long
     at = public.find(bytes.fromhex("28001000") + (2).to_bytes(4, "little"))
     assert at > 128

@@ -83,6 +83,7 @@ from .dicom import (
     PIXEL_KEYWORDS,
     check_complete,
     check_file_end,
+    drop_unconvertible_private,
     give_missing_uids,
     is_dicom_candidate,
     is_hidden,
@@ -370,6 +371,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     data set and when an identifier survives (nothing is returned to write).
     """
     given = give_missing_uids(ds)  # a whole object without Study / Series UID: new ones, replaced as every UID
+    unreadable_private = drop_unconvertible_private(ds)  # removed below with every private element anyway
     check_complete(path, ds)
     check_writable_syntax(path, ds)
     burned_in, document = burned_in_risk(ds), is_encapsulated_document(ds)
@@ -377,7 +379,7 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
         raise DataError(path, f"refused (--refuse-burned-in): {burned_in}")
     identifiers = collect_identifiers(ds, common_words=ALLOWED_WORDS)
     before = _full_snapshot(ds)
-    private = sum(1 for element in _iter_all(ds) if element.tag.is_private)
+    private = unreadable_private + sum(1 for element in _iter_all(ds) if element.tag.is_private)
     anonymizer.anonymize(ds)
     drop_name_parts(ds, identifiers)
     reroll_chance_identifiers(ds, identifiers, anonymizer.dummy)

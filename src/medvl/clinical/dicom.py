@@ -247,6 +247,25 @@ def _convert_private(element, encoding, dataset) -> None:
         pass
 
 
+def drop_unconvertible_private(ds) -> int:
+    """Delete the data set's private elements whose value does not fit the VR pydicom's private dictionary gives
+    them (``_convert_private``), which every later full read (``check_complete``, de-identification) would trip
+    on; how many went. For de-identification, which removes every private element anyway."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.errors import BytesLengthException
+
+    dropped = 0
+    for key in list(ds.keys()):
+        element, tag = ds.get_item(key, keep_deferred=True), int(key)
+        if tag >> 16 & 1 and isinstance(element, RawDataElement):
+            try:
+                _convert(element, None, ds)
+            except BytesLengthException:
+                del ds[key]
+                dropped += 1
+    return dropped
+
+
 def _convertible(path: str | Path, tag: int, convert: Callable[..., T], *args) -> T:
     """``convert(*args)``, its failure a ``DataError`` naming the file and the element ``tag`` (not quoting pydicom's
     message: it may quote the value)."""
