@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import describe_target
+from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
@@ -168,9 +170,9 @@ class ModelService:
         started = time.perf_counter()
         modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
         spatial_dims = 2 if for_vqa else self.spatial_dims
-        digest = self._volume_digest if hashed and self.load_file is not None and not for_vqa else None
+        hash_volume = partial(hashed_image, self.net.preprocessor) if hashed and not for_vqa else None
         upload = await self._on_worker(decode_upload, data, self.settings, modality_values, spatial_dims,
-                                       None if for_vqa else self.load_file, digest)
+                                       None if for_vqa else self.load_file, hash_volume)
         timings.update(upload_kind=upload.kind, upload_bytes=upload.n_bytes)
         timings["decode_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return upload
@@ -208,11 +210,6 @@ class ModelService:
         with torch.no_grad():
             features = self.net.encode_images(pixels, features=True)
             return self.net.embed_image_features(features), guard.scores(features)[:, None]
-
-    def _volume_digest(self, path: Path) -> str:
-        from ..index.build import hashed_image
-
-        return hashed_image(self.net.preprocessor, path)[0]
 
     def _decode_and_preprocess(self, data: bytes) -> tuple[Upload, torch.Tensor, dict[str, str]]:
         upload = decode_upload(data, self.settings, self.modality_values, self.spatial_dims, self.load_file)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -149,23 +149,27 @@ def private_folder() -> Iterator[Path]:
 
 
 def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2,
-                  load: Callable[[Path], torch.Tensor] | None = None,
-                  digest: Callable[[Path], str] | None = None) -> Upload:
+                  load: Callable[..., torch.Tensor] | None = None,
+                  hashed: Callable[[Path], tuple[str, Any]] | None = None) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
     ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows;
     ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``);
     ``load``: a 3D model's loader (``ImagePreprocessor.load``), given a DICOM or NIfTI upload's file as the CLI
     gives it a file (a NIfTI volume streamed slab by slab): the upload then holds ``model_input``, no pixels, and
-    with ``digest`` (``medvl.index.build.hashed_image``'s hash of a file) the file's pixel hash as an index records
-    it, so that a draft leaves out the indexed copies of the upload."""
+    with ``hashed`` (``medvl.index.build.hashed_image`` of the model's preprocessor) the file's pixel hash as an
+    index records it, so that a draft leaves out the indexed copies of the upload; the file is read once for both
+    (a NIfTI is streamed twice, as the index build streams it), as ``draft_report`` reads a file."""
 
     def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
-        if load is not None and isinstance(source, Path):
-            return None, load(source), digest(source) if digest is not None else None
-        return read_pixels(source, modality_values, spatial_dims), None, None
+        if load is None or not isinstance(source, Path):
+            return read_pixels(source, modality_values, spatial_dims), None, None
+        if hashed is None:
+            return None, load(source), None
+        digest, image = hashed(source)  # a NIfTI's path, else the pixels read: given to the loader as they are
+        return None, load(image, source), digest
 
-    kind, (pixels, model_input, hashed) = read_upload(data, settings, read)
-    return Upload(kind, len(data), pixels, model_input, hashed)
+    kind, (pixels, model_input, digest) = read_upload(data, settings, read)
+    return Upload(kind, len(data), pixels, model_input, digest)
 
 
 def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path | bytes, str], T]) -> tuple[str, T]:
