@@ -10,6 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """A third-party error in one short line for a message: its type and its text's first ``limit`` characters,
+    white space (the lines of a multi-line message) collapsed."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
 class MedvlError(Exception):
     """Base class of every error medvl raises on purpose."""
 

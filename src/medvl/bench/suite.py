@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_number
-from ..errors import DataError, InputError, ModelError
+from ..errors import DataError, InputError, ModelError, one_line
 
 SUITES_DIR = Path(__file__).with_name("suites")
 
@@ -192,8 +192,7 @@ def load_suite(name_or_path: str | Path, data: dict[str, str] | None = None,
         problem = " ".join(str(err.problem or err.context or "syntax error").split())
         raise InputError(f"{path}: not valid YAML{where}: {problem}") from None
     except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"{path}: not a readable suite file ({err.__class__.__name__}: "
-                         f"{' '.join(str(err).split())[:200]})") from None
+        raise InputError(f"{path}: not a readable suite file ({one_line(err)})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a suite file is a mapping with datasets and tasks")
     suite = _parse(raw, path)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..data.captions import CaptionConfig
-from ..errors import InputError, MedvlError, ModelError
+from ..errors import InputError, MedvlError, ModelError, one_line
 from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig, json_type
 from .image import ImageEncoder, ImageTowerError
@@ -221,8 +221,7 @@ class DualEncoder(nn.Module):
             raise ModelError(f"{directory}: {CONFIG_FILE} does not fit the text tower in {TEXT_DIR}/ ({err})") from None
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
             # exception types (a mistyped field of text/config.json: StrictDataclassFieldValidationError)
-            raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({err.__class__.__name__}: "
-                             f"{' '.join(str(err).split())[:200]})") from None
+            raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({one_line(err)})") from None
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, one_line
 from .config import ImageConfig
 
 
@@ -36,7 +36,7 @@ class ImageEncoder(nn.Module):
             raise
         except Exception as err:  # MONAI's ValueError / AssertionError for a combination validate() does not check
             raise ImageTowerError(f"the image settings cannot build a {config.arch} image tower "
-                                  f"({err.__class__.__name__}: {' '.join(str(err).split())[:200]})") from None
+                                  f"({one_line(err)})") from None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_input(self.config, images)

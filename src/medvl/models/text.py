@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, one_line
 from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,11 @@ def load_pretrained_tower(path: str) -> tuple[nn.Module, Any]:
     try:
         model = AutoModel.from_pretrained(folder)
     except Exception as err:  # transformers, safetensors and huggingface_hub raise their own types
-        raise ModelError(f"{path}: cannot read the text encoder's weights ({_one_line(err)})") from None
+        raise ModelError(f"{path}: cannot read the text encoder's weights ({one_line(err)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
-        raise ModelError(f"{path}: cannot read the text encoder's tokenizer ({_one_line(err)})") from None
+        raise ModelError(f"{path}: cannot read the text encoder's tokenizer ({one_line(err)})") from None
     vocab_size = getattr(model.config, "vocab_size", None)
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
         raise ModelError(f"{path}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -101,10 +101,6 @@ def check_text_model_folder(folder: Path, path: str = "") -> None:
     if not any((folder / file).is_file() for file in VOCABULARY_FILES):
         raise ModelError(f"{name}: holds no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)}); "
                          f"transformers would read every word as [UNK]")
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{err.__class__.__name__}: {' '.join(str(err).split())[:200]}"
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, min_texts: int = MIN_WORD_TEXTS,

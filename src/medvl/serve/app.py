@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..clinical.windowing import WINDOW_PRESETS
-from ..errors import DataError, InputError, MedvlError
+from ..errors import DataError, InputError, MedvlError, one_line
 from .auth import TokenAuth, load_digests
 from .middleware import FORM_OVERHEAD, PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
@@ -154,8 +154,7 @@ class Loader:
             try:
                 service = await asyncio.to_thread(self.load)
             except Exception as error:  # any failure, medvl's or not: a load that raised never becomes ready
-                reason = str(error) if isinstance(error, MedvlError) else \
-                    f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+                reason = str(error) if isinstance(error, MedvlError) else one_line(error)
                 self.failure = f"the model could not be loaded: {reason}"
                 self.failure_type = type(error).__name__
                 # the log and the public /v1/health keep the error type only (a library's message may quote what it
