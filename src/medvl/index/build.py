@@ -62,7 +62,7 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
     large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
     digests, pixels = [], []
     for record in records:
-        digest, image = _hashed(preprocessor, record)
+        digest, image = hashed_image(preprocessor, record.image)
         digests.append(digest)  # an error names the file, or the record of an array
         pixels.append(preprocessor.load(image, source=_source(record)))
     return digests, torch.stack(pixels).numpy()
@@ -75,12 +75,7 @@ def _source(record: Record) -> str | Path:
 
 def read_digests(preprocessor, records: Sequence[Record]) -> list[str]:
     """Each record's pixel hash, as ``read_batch`` gives it (run in a worker process by ``add_records``)."""
-    return [_hashed(preprocessor, record)[0] for record in records]
-
-
-def _hashed(preprocessor, record: Record) -> tuple[str, Any]:
-    """A record's pixel hash and what ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path."""
-    return hashed_image(preprocessor, record.image)
+    return [hashed_image(preprocessor, record.image)[0] for record in records]
 
 
 def hashed_image(preprocessor, image: Any) -> tuple[str, Any]:
