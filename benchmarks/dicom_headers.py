@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from medvl.clinical.dicom import read_dicom_series
-from medvl.errors import run_script
+from medvl.errors import InputError, run_script
 
 
 def write_series(folder: Path, slices: int) -> None:
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.slices < 1 or args.repeats < 1:
+        raise InputError(f"--slices and --repeats must be at least 1, got {args.slices} and {args.repeats}")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         write_series(folder, args.slices)
