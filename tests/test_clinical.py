@@ -325,6 +325,66 @@ def test_a_private_element_whose_length_does_not_fit_its_dictionary_vr_is_read_n
         read_dicom(tmp_path / "rows.dcm")
 
 
+def test_the_element_check_without_converting_agrees_with_converting():
+    """``check_elements`` skips converting an element whose explicit VR converts any bytes of a fitting length (most
+    of a header read's time went into converting). For every VR pydicom knows, lengths 0 to 24, random and digit
+    bytes, a public and a private tag, both byte orders: an element passed unconverted converts without error (a
+    private one: or with only a length error, which is tolerated)."""
+    import random
+
+    import pydicom
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.dataset import Dataset
+    from pydicom.errors import BytesLengthException
+    from pydicom.values import converters
+
+    from medvl.clinical.dicom import _fits_unconverted, quiet_pydicom
+
+    generator, dataset, passed, failed = random.Random(0), Dataset(), 0, 0
+    for vr in sorted(converters):
+        for length in range(25):
+            for value in (bytes(generator.randrange(256) for _ in range(length)), b"9" * length, b"1e999 "[:length]):
+                for tag, little in ((0x00280010, True), (0x00091010, False), (0x00200013, True), (0x00181000, False)):
+                    private = bool(tag >> 16 & 1)
+                    element = RawDataElement(pydicom.tag.Tag(tag), vr, len(value), value, 0, False, little)
+                    try:
+                        with quiet_pydicom():
+                            converted = convert_raw_data_element(element, encoding=["iso8859"], ds=dataset)
+                            if converted.VR == "SQ":
+                                for item in converted.value:
+                                    item.walk(lambda _dataset, _element: None)
+                        error = None
+                    except Exception as raised:  # noqa: BLE001 -- any failure is what the check must not miss
+                        error = raised
+                    if _fits_unconverted(element, private):
+                        passed += 1
+                        assert error is None or private and isinstance(error, BytesLengthException), (vr, value, tag)
+                    else:
+                        failed += error is not None
+    assert passed > 9_000 and failed > 1_000  # both ways are exercised (9,213 and 1,566)
+
+
+def test_a_public_number_that_does_not_fit_its_vr_or_overflows_is_refused(tmp_path):
+    """In an explicit VR file, Rows (US) three bytes long is refused without being converted; an Instance Number
+    (IS) of "1e999" overflowed pydicom's conversion (OverflowError: a traceback from dicom-info, predict)."""
+    data = dicom("CT_small.dcm").read_bytes()
+    at = data.find(b"\x28\x00\x10\x00US\x02\x00")
+    assert at > 128
+    (tmp_path / "rows.dcm").write_bytes(data[:at + 6] + b"\x03\x00" + data[at + 8:at + 10] + b"\0" + data[at + 10:])
+    with pytest.raises(DataError, match=r"the length of element \(0028,0010\) does not fit its VR") as error:
+        read_dicom(tmp_path / "rows.dcm")
+    assert_names_file(error, tmp_path / "rows.dcm")
+    at = data.find(b"\x20\x00\x13\x00IS\x02\x00")
+    assert at > 128
+    number = tmp_path / "series" / "number.dcm"
+    number.parent.mkdir()
+    number.write_bytes(data[:at + 6] + b"\x06\x00" + b"1e999 " + data[at + 10:])
+    for read in (read_dicom, lambda path: read_dicom_series(path.parent)):
+        with pytest.raises(DataError, match=r"OverflowError in element \(0020,0013\)") as error:
+            read(number)
+        assert_names_file(error, number)
+
+
 # ------------------------------------------------------------------------------ DICOM 3D
 
 

@@ -76,7 +76,13 @@ REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 GIVEN_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
 _READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                NotImplementedError, RuntimeError, struct.error)
+                NotImplementedError, RuntimeError, struct.error, OverflowError)
+# value representations of fixed-size binary numbers and their sizes: a value whose length is not a multiple fails
+# to convert (pydicom's BytesLengthException); the other VRs pydicom knows convert any bytes (``check_elements``)
+_FIXED_SIZES = {"FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}
+# converted in full by ``check_elements``: a sequence's items are parsed, an IS value can overflow, UN may be read
+# as the dictionary's VR; (implicit VR elements, whose VR is None, are too)
+_CONVERTED_VRS = frozenset({"SQ", "IS", "UN"})
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -205,8 +211,12 @@ def check_elements(path: str | Path, ds) -> None:
     value representation (``NotImplementedError``), a length that does not fit its VR, a sequence item that
     cannot be parsed. pydicom converts each element on its first access, so without this such an element
     fails wherever it is read first (a header check, de-identification, the pixel decoder). The elements
-    are converted apart and dropped: the data set keeps its raw elements (``check_file_end`` reads them).
-    The error's own message is not quoted (it may quote the value)."""
+    are checked apart and dropped: the data set keeps its raw elements (``check_file_end`` reads them).
+    The error's own message is not quoted (it may quote the value).
+
+    An element whose explicit VR converts any bytes of a fitting length (``_FIXED_SIZES``) is checked without
+    converting it, which would take most of a header read's time; the rest (``_CONVERTED_VRS``, implicit VR) are
+    converted. tests/test_clinical.py checks that the two ways give the same answer."""
     from pydicom.dataelem import RawDataElement
 
     for dataset in (getattr(ds, "file_meta", None), ds):
@@ -217,8 +227,23 @@ def check_elements(path: str | Path, ds) -> None:
         for key in list(dataset.keys()):
             element, tag = dataset.get_item(key, keep_deferred=True), int(key)  # elements() converts an empty value
             if isinstance(element, RawDataElement) and tag not in PIXEL_TAGS:
-                convert = _convert_private if tag >> 16 & 1 else _convert
+                private = bool(tag >> 16 & 1)
+                if _fits_unconverted(element, private):
+                    continue
+                convert = _convert_private if private else _convert
                 _convertible(path, tag, convert, element, None if tag == 0x00080005 else encoding, dataset)
+
+
+def _fits_unconverted(element, private: bool) -> bool:
+    """Whether ``element`` (raw) is known to convert, without converting it; False also when only converting tells
+    (``check_elements`` then converts it, and reports a failure)."""
+    from pydicom.values import converters
+
+    vr = element.VR
+    if vr is None or vr in _CONVERTED_VRS or vr not in converters or element.value is None:
+        return False
+    size = _FIXED_SIZES.get(vr)
+    return size is None or private or len(element.value) % size == 0
 
 
 def _character_set(dataset):
