@@ -1310,6 +1310,38 @@ def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
                                   _numpy_min_max(random[4][::-1, ::-1]))
 
 
+def test_a_nifti_preview_is_read_slab_by_slab_not_decoded_whole(client, tmp_path):
+    """The preview decoded the whole upload (read_nifti: about 2 GB for a 0.5 MB gzip file of 254 M voxels) to show
+    one slice of it. It is now read slab by slab and only the middle slice kept: the memory it allocates while
+    answering (numpy's, traced) stays under half of the volume as float32, and the picture is the same."""
+    import gzip
+    import tracemalloc
+
+    import nibabel
+
+    from medvl.clinical.nifti import read_nifti
+    from medvl.clinical.windowing import radiological_view, render_preview
+
+    stored = np.full((256, 200, 320), -1000, np.int16)  # air, a soft-tissue block and a bone corner: it compresses
+    stored[40:200, 30:170, 60:300], stored[10:50, 150:190, 100:220] = 40, 900
+    nibabel.save(nibabel.Nifti1Image(stored, np.diag([0.8, 1.0, 2.0, 1.0])), tmp_path / "large.nii")
+    path = tmp_path / "large.nii.gz"
+    path.write_bytes(gzip.compress((tmp_path / "large.nii").read_bytes(), 9))  # under the test service's 0.25 MiB
+    data = path.read_bytes()
+    tracemalloc.start()
+    try:
+        answer = preview(client, data, "soft_tissue")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    volume_bytes = stored.size * 4  # as float32
+    assert peak < volume_bytes / 2, f"{peak / 2**20:.1f} MiB allocated for a {volume_bytes / 2**20:.0f} MiB volume"
+    volume, spacing = read_nifti(path)
+    expected = render_preview(radiological_view(volume), "soft_tissue", 512, spacing=spacing)
+    np.testing.assert_array_equal(_png_pixels(answer), expected)
+    assert answer.headers["X-Preview-Slice"] == f"{volume.shape[0] // 2}/{volume.shape[0]}"
+
+
 def test_a_nifti_preview_has_square_pixels_as_a_viewer_shows_it(client, tmp_path):
     """A sphere 80 mm across in a volume of 20 sagittal slices 5 mm apart (1 mm in-plane) was shown 20 x 100 px,
     squashed 5:1, since the spacing read_nifti gives was dropped; its axial slice now has square pixels."""

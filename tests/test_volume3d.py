@@ -314,6 +314,36 @@ def test_bad_inputs_to_a_3d_model_name_the_file(tmp_path):
         model.encode_images(torch.zeros(1, 2, 32, 32))
 
 
+@pytest.mark.parametrize("slab_voxels", [7, 4 << 20], ids=["slice-by-slice", "one-slab"])
+def test_the_streamed_middle_slice_is_the_whole_volumes_in_every_orientation(tmp_path, slab_voxels):
+    """``NiftiSlabs.middle_slice`` (what a NIfTI preview shows, read slab by slab) is ``read_nifti``'s
+    ``volume[depth // 2]`` and the same spacing, for each of the 48 axis orders and flips of the voxel array, with
+    scaling, on files of an odd and an even depth."""
+    import itertools
+
+    import nibabel
+
+    generator = np.random.default_rng(0)
+    for shape in ((5, 6, 7), (4, 3, 6)):
+        data = generator.integers(-500, 500, size=shape).astype(np.int16)
+        zooms = (0.7, 1.3, 2.5)
+        for order in itertools.permutations(range(3)):
+            for signs in itertools.product((1, -1), repeat=3):
+                affine = np.zeros((4, 4))
+                affine[3, 3] = 1
+                for voxel_axis, (ras, sign) in enumerate(zip(order, signs, strict=True)):
+                    affine[ras, voxel_axis] = sign * zooms[voxel_axis]
+                image = nibabel.Nifti1Image(data, affine)
+                image.header.set_slope_inter(0.5, -3.0)
+                path = tmp_path / f"v{shape[0]}{''.join(map(str, order))}{''.join('+-'[s < 0] for s in signs)}.nii"
+                nibabel.save(image, path)
+                volume, spacing = read_nifti(path)
+                slices = NiftiSlabs(path)
+                plane, depth = slices.middle_slice(slab_voxels)
+                assert depth == volume.shape[0] and slices.spacing == pytest.approx(spacing), path.name
+                np.testing.assert_array_equal(plane, volume[depth // 2], err_msg=path.name)
+
+
 def test_a_nifti_file_without_an_orientation_is_refused_by_both_readers(tmp_path):
     """A zero (singular) affine: read_nifti refused it, the streamed reader crashed on NaN axes (ValueError)."""
     path = zero_affine_nifti(tmp_path / "zero.nii")

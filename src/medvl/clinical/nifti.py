@@ -162,6 +162,7 @@ class _Geometry(NamedTuple):
     inter: float  # scl_inter, 0 when the file does not scale
     ras_axes: tuple[int, ...]  # per voxel axis (i, j, k): the RAS axis it becomes (``_ras_orientation``)
     ras_flips: tuple[bool, ...]  # per voxel axis: whether it is reversed
+    zooms: tuple[float, float, float]  # per voxel axis (i, j, k): the voxel size, mm
 
 
 def _geometry(nib, path: Path, header) -> _Geometry:
@@ -180,7 +181,7 @@ def _geometry(nib, path: Path, header) -> _Geometry:
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
     return _Geometry(1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter),
-                     ras_axes, ras_flips)
+                     ras_axes, ras_flips, (zooms[0], zooms[1], zooms[2]))
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -237,6 +238,8 @@ class NiftiSlabs:
         geometry = _geometry(nib, self.path, header)
         self._slope, self._inter = geometry.slope, geometry.inter
         self.ras_axes, self.ras_flips = geometry.ras_axes, geometry.ras_flips
+        # (dz, dy, dx) in mm, as ``read_nifti`` gives it
+        self.spacing = tuple(geometry.zooms[self.ras_axes.index(ras)] for ras in (2, 1, 0))
 
     def slabs(self, max_voxels: int = 4 << 20):
         """Yield float32 ``(k, j, i)`` slabs of consecutive third-axis slices, in file order."""
@@ -258,6 +261,32 @@ class NiftiSlabs:
                 _check_stream_end(stream, self.path)  # a gzip file's CRC and length, as read_nifti checks them
         except OSError as error:
             raise DataError(self.path, f"cannot read the file ({error})") from None
+
+
+    def middle_slice(self, max_voxels: int = 1 << 20) -> tuple[np.ndarray, int]:
+        """``read_nifti``'s middle axial slice, ``volume[depth // 2]`` of its RAS ``DxHxW`` volume (float32
+        ``HxW``), and ``depth``, read slab by slab: the whole file is read and checked as ``slabs`` does, but
+        only the slice is kept, so a preview of a large volume costs a slab's memory, not the volume's."""
+        ni, nj, nk = self.shape
+        axis = self.ras_axes.index(2)  # the voxel axis (i, j, k) that becomes z
+        depth = self.shape[axis]
+        index = depth - 1 - depth // 2 if self.ras_flips[axis] else depth // 2
+        parts, start = [], 0
+        for slab in self.slabs(max_voxels):  # (k, j, i)
+            if axis == 2:
+                if start <= index < start + len(slab):
+                    parts.append(slab[index - start].copy())
+            else:
+                parts.append(slab[:, index, :].copy() if axis == 1 else slab[:, :, index].copy())
+            start += len(slab)
+        plane = parts[0] if axis == 2 else np.concatenate(parts)  # over the two other voxel axes, higher one first
+        kept = [n for n in (2, 1, 0) if n != axis]
+        for dim, n in enumerate(kept):
+            if self.ras_flips[n]:
+                plane = np.flip(plane, dim)
+        if self.ras_axes[kept[0]] == 0:  # rows are x: RAS rows are y
+            plane = plane.T
+        return np.ascontiguousarray(plane), depth
 
 
 def _volume_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -103,12 +103,13 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
         return Picture(render_preview(read_pixels(source), None, side), NO_WINDOW)
     if kind == DICOM:
         return _dicom_picture(source, window, side)
-    from ..clinical.nifti import read_nifti
+    from ..clinical.nifti import NiftiSlabs
 
-    ras, spacing = read_nifti(source)
-    volume = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
-    return Picture(render_preview(volume, window, side, spacing=spacing), window.name if window else NO_WINDOW,
-                   volume.shape[0] // 2, volume.shape[0], presets=True)
+    volume = NiftiSlabs(source)  # read slab by slab: only the middle slice is kept
+    ras, depth = volume.middle_slice()
+    image = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
+    return Picture(render_preview(image, window, side, spacing=volume.spacing), window.name if window else NO_WINDOW,
+                   depth // 2, depth, presets=True)
 
 
 def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
