@@ -134,6 +134,11 @@ def labeller():
     ("Atelectasis is less likely.", {"atelectasis": "uncertain"}),
     # ... and where those words are not about the finding before them
     ("Atelectasis, unlikely pneumonia.", {"atelectasis": "positive", "pneumonia": "negative"}),
+    # a bare hedge after a list item is about that item, not the one before it (the atelectasis was negated)
+    ("Opacity, atelectasis, pneumonia unlikely.",
+     {"lung_opacity": "positive", "atelectasis": "positive", "pneumonia": "negative"}),
+    ("Effusion, pneumonia doubtful.", {"pleural_effusion": "positive", "pneumonia": "negative"}),
+    ("Pneumonia, unlikely.", {"pneumonia": "negative"}),
     ("Atelectasis or less likely pneumonia.", {"atelectasis": "positive", "pneumonia": "uncertain"}),
     ("Left lower lobe opacity, likely atelectasis, pneumonia less likely.",
      {"lung_opacity": "positive", "atelectasis": "uncertain", "pneumonia": "uncertain"}),

@@ -33,7 +33,8 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      hedge follows right after it ("unlikely", "doubtful", "not favored", "not likely", ``NEAR_WINDOW`` words at
      most) ending the clause or qualified itself ("pneumonia is unlikely.", "pneumonia or edema is unlikely.",
      "... unlikely in this patient", "... unlikely to be present"), but not the opacity of "the opacity is
-     unlikely to represent pneumonia" nor the nodule of "the nodule is unlikely to be malignant"; the bare
+     unlikely to represent pneumonia", the nodule of "the nodule is unlikely to be malignant" nor the atelectasis
+     of "atelectasis, pneumonia unlikely" (another list item between); the bare
      "unlikely" before a mention reaches ``NEAR_PRE_WINDOW`` words ("unlikely small effusion"), or a "not"/"no"
      falls inside a
      "..." gap ("the cardiac silhouette is not enlarged"), or a normal-range phrase follows at most
@@ -413,7 +414,7 @@ class _Cues:
                 or self._after(self.post_negation, end, lists=True) \
                 or self._before(self.near_pre_negation, start, window=NEAR_PRE_WINDOW) \
                 or self._after(self.near_post_negation, end, NEAR_WINDOW) \
-                or self._after(self.final_negation, end, NEAR_WINDOW) \
+                or self._after(self._not_past_an_item(self.final_negation, end), end, NEAR_WINDOW) \
                 or self._after(self.final_list_negation, end, 0, lists=True) \
                 or any(_GAP_NEGATION.search(g) for g in gaps) or _STRUCTURED_NEGATION.match(self.text, end):
             return NEGATIVE
@@ -430,6 +431,12 @@ class _Cues:
         may represent a small effusion": the effusion is possible, not stated)."""
         return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
                    for other in starts if other >= e)
+
+    def _not_past_an_item(self, spans: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
+        """The hedges after a mention ending at ``end`` that no other list item stands between: in "opacity,
+        atelectasis, pneumonia unlikely" the hedge is about the pneumonia, not the atelectasis before it."""
+        return [(s, e) for s, e in spans if not (s >= end and self._words(end, s)
+                                                  and _LIST_SEPARATOR.search(self.text, end, s))]
 
     def _negated_uncertain(self, negations: list[tuple[int, int]], start: int, end: int) -> bool:
         """A negated-uncertainty cue ("cannot be excluded") reaches the mention, and a direct negation does not
