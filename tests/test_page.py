@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(26)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(30)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -231,6 +231,13 @@ def check_draft(page, expected: dict) -> None:
     ordered = [s for section in ("findings", "impression") for s in expected["sentences"] if s["section"] == section]
     assert shown == [(s["text"], s["cases"]) for s in ordered]
     assert page.locator("#draft [data-abstention]").count() == 0
+    # the service's own rule (a finding's sentence is kept for the finding's consensus, its support may be lower),
+    # not "every sentence is stated by more than min_support", and each finding sentence's consensus share
+    assert page.locator("#draft .caption").inner_text() == expected["rule"]
+    for item, sentence in zip(page.locator("#draft .sentences li").all(), ordered, strict=True):
+        shares = [f"{name} {sentence['findings'][name]} in {share * 100:.1f}%"
+                  for name, share in sentence["consensus"].items()]
+        assert item.get_attribute("data-consensus") == (", ".join(shares) if shares else None)
     check_warnings(page, "draft", expected)
 
 
@@ -275,6 +282,9 @@ def check_explain(page, expected: dict) -> None:
     assert [block.get_attribute("data-finding") for block in blocks] == [f["finding"] for f in expected["findings"]]
     for block, finding in zip(blocks, expected["findings"], strict=True):
         assert float(block.get_attribute("data-probability")) == pytest.approx(finding["probability"], abs=1e-5)
+        if finding.get("concepts") == [] and finding.get("concepts_against") == []:  # said, as the CLI says it
+            assert block.locator(".empty").inner_text() == \
+                f"No concept pushes towards or against {finding['finding']} in this image."
         for side, key in (("for", "concepts"), ("against", "concepts_against")):  # each concept by its contribution
             concepts = block.locator(f".concepts[data-side={side}] li").all()
             assert [item.get_attribute("data-concept") for item in concepts] == \
@@ -367,6 +377,12 @@ def test_a_wrong_token_shows_the_services_401_reason_and_nothing_else_is_asked(p
     assert page.get_by_role("button", name="Read image").is_disabled()
     assert WRONG_TOKEN not in page.content()
     assert [url.rsplit("/", 1)[-1] for url in watch.requests if "/v1/" in url] == ["health", "models"]
+    connect(page, "page-test-token-€-" + "y" * 12)  # a pasted € was "cannot reach the service (fetch ...)"
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('ASCII')")
+    assert page.locator("#error").inner_text() == ("Error: a token holds ASCII characters only; this one holds another "
+                                                   "(a typographic quote, a letter with an accent, ...): paste the "
+                                                   "token again")
+    assert [url.rsplit("/", 1)[-1] for url in watch.requests if "/v1/" in url] == ["health", "models"]
 
 
 def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, client, chest_xray, tmp_path):
@@ -395,6 +411,7 @@ def test_every_panel_shows_the_apis_answer_for_a_real_chest_xray(page, watch, cl
     check_vqa(page, vqa.json())
     assert page.locator("#preview img[data-source=browser]").evaluate("image => image.naturalWidth") > 0
     assert page.locator("#window-field").is_hidden()  # no window for a JPEG
+    assert page.locator("#file").get_attribute("accept") is None  # it hid DICOM files without an extension
     assert "JPEG read by the service" in page.locator("#file-info").inner_text()
     assert token not in page.content()
     forms = [body for body in watch.bodies if b'name="image"; filename="image"' in body]  # the form parts
@@ -556,8 +573,10 @@ def test_an_mr_dicom_is_shown_in_its_own_window_and_the_ct_presets_are_not_offer
 
 
 def test_a_file_over_the_services_upload_limit_is_not_sent(page, watch, chest_xray):
-    """A file over the limit was uploaded whole to every route, each refusing it (413) after the upload."""
-    limit = chest_xray.stat().st_size - 1
+    """A file over the limit was uploaded whole to every route, each refusing it (413) after the upload. A DICOM
+    over it said "Connect to see the service's preview" to a connected reader, beside a window select."""
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    limit = min(chest_xray.stat().st_size, dicom.stat().st_size) - 1
 
     def smaller_limit(route):
         answer = route.fetch()
@@ -577,6 +596,10 @@ def test_a_file_over_the_services_upload_limit_is_not_sent(page, watch, chest_xr
     page.get_by_role("button", name="Ask").click()
     page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
     assert "Not asked" in page.locator("#vqa").inner_text()
+    page.locator("#file").set_input_files(dicom)
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.includes('CT_small.dcm')")
+    assert page.locator("#preview").inner_text() == "Not shown: the file is over the service's upload limit."
+    assert page.locator("#window-field").is_hidden()
     sent = [url for url in watch.requests if not url.endswith(("/", "/v1/health", "/v1/models"))]
     assert sent == [], sent
 
@@ -788,15 +811,16 @@ def test_many_similar_cases_all_show_their_thumbnails_within_the_tokens_rate(bro
     assert 429 in statuses  # the budget was spent: the refusals were waited out
 
 
-def test_a_model_still_loading_keeps_the_token_and_connects_when_ready(page):
+def test_a_model_still_loading_keeps_the_token_and_connects_when_ready(page, watch, chest_xray):
     """A 503 'still loading' from /v1/models was taken for a bad token: the token was thrown away and the error
-    stayed after the model was ready."""
+    stayed after the model was ready. An image chosen meanwhile was sent at once (five uploads the service could
+    only refuse, zero-shot without its labels: 422); it is now read once the model is known."""
     answers = []
 
     def loading_once(route):
         answers.append(route.request.url)
         if len(answers) == 1:
-            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+            route.fulfill(status=503, headers={"Retry-After": "2"}, content_type="application/json",
                           body='{"detail": "the model is still loading; retry in a few seconds"}')
         else:
             route.fallback()
@@ -805,9 +829,13 @@ def test_a_model_still_loading_keeps_the_token_and_connects_when_ready(page):
     connect(page, TOKENS[18])
     page.get_by_role("alert").wait_for(timeout=ANSWER_MS)
     assert "503" in page.locator("#error").inner_text() and "token is kept" in page.locator("#error").inner_text()
+    page.locator("#file").set_input_files(chest_xray)
+    page.wait_for_function("() => document.querySelector('#zero-shot .body').textContent === 'Connecting…'")
+    assert len(answers) == 1 and not [url for url in watch.requests if url.endswith(("/zero-shot", "/preview"))]
     page.locator("#connected").wait_for(timeout=ANSWER_MS)  # asked again after Retry-After, with the same token
     assert page.locator("#error").is_hidden() and len(answers) == 2
     assert page.evaluate("document.activeElement.id") == "file"  # focus goes on to the image, not to <body>
+    wait_for_panels(page)  # the image chosen meanwhile is read now, with the labels
 
 
 def test_draft_settings_take_what_the_service_takes_and_an_empty_k_is_never_sent(page, watch, chest_xray,
@@ -880,3 +908,115 @@ def test_concepts_are_shown_by_their_contribution_for_and_against_the_finding(br
         assert "contribution" in page.locator("#explain .caption").inner_text()
         context.close()
     assert not watch.refused
+
+
+def test_a_16_bit_or_transparent_png_is_shown_as_the_model_reads_it_and_an_unreadable_file_as_refused(
+        page, client, tmp_path):
+    """The browser showed a 16-bit PNG (0-4000) nearly black and a grey + alpha PNG as a square over the dark
+    background, while the model reads the first min-max scaled and the second without alpha (white): a heatmap
+    over a black box, a "blank" warning beside a picture with content. Such a PNG is now shown by the service's
+    preview, the heatmap laid over it. A file the browser cannot show was said to be read by the service while every
+    panel refused it (415); the service's preview now says whether it reads it. A DICOM without an extension (a
+    PACS export) is read as any other."""
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(0, 4000, 64 * 64).reshape(64, 64).astype(np.uint16)).save(deep)
+    grey, alpha = np.full((48, 48), 255, np.uint8), np.zeros((48, 48), np.uint8)
+    alpha[10:30, 10:30] = 255
+    transparent = tmp_path / "transparent.png"
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(transparent)
+    headers = {"Authorization": f"Bearer {TOKENS[26]}"}
+    connect(page, TOKENS[25])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    for path in (deep, transparent):
+        page.locator("#file").set_input_files(path)
+        shown = shown_pixels(page, "#preview img[data-source=service]")
+        expected = client.post("/v1/preview", headers=headers, files={"image": ("image", path.read_bytes())})
+        np.testing.assert_array_equal(shown, png_answer(expected))
+        assert page.locator("#window-field").is_hidden()
+        page.locator("#explain[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#zero-shot [data-input-flags]").get_attribute("data-input-flags") == "blank"
+    assert shown.min() == shown.max() == 255  # what the model reads: white, no square
+    page.locator("#explain .toggle button[data-method=patch_text]").click()
+    overlay = page.locator("#preview img.overlay[data-method=patch_text]")
+    overlay.wait_for(timeout=ANSWER_MS)
+    page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=overlay.element_handle())
+    base = page.locator("#preview img:not(.overlay)").bounding_box()
+    assert all(abs(base[key] - overlay.bounding_box()[key]) <= 1 for key in ("x", "y", "width", "height"))
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm")).read_bytes()
+    headless = tmp_path / "headless.dcm"
+    headless.write_bytes(dicom[132:])  # no preamble: the service does not take it
+    page.locator("#file").set_input_files(headless)
+    page.locator("#preview .panel-error").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#preview").inner_text().startswith("415 Unsupported Media Type")
+    wait_for_panels(page, "error")
+    export = tmp_path / "IM000123"
+    export.write_bytes(dicom)
+    page.locator("#file").set_input_files(export)
+    page.locator("#preview img[data-source=service][data-window=none]").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page)
+
+
+def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_rate_asks_again(browser, model_dir,
+                                                                                           index_dir, phantom_dir):
+    """Each press of "Read image" sent four uploads while the previous read was on its way: five presses spent the
+    token's rate and the read shown had panels refused (429), never asked again. The button now waits for the
+    read, and a panel refused for the rate asks again after its Retry-After, as a thumbnail does."""
+    settings = ServeSettings(rate_limit=1.0, rate_burst=3)  # a read's four uploads: one is refused
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[27])])
+    image = sorted((phantom_dir / "images").glob("*.png"))[2]
+    with Server(app) as running:
+        statuses: list[tuple[str, int]] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append((answer.url.rsplit("/", 1)[-1], answer.status))
+                if answer.request.method == "POST" else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[27])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(image)
+        page.locator("#zero-shot[data-state=busy]").wait_for(timeout=ANSWER_MS)
+        assert page.get_by_role("button", name="Read image").is_disabled()
+        page.evaluate("() => { for (let i = 0; i < 5; i++) document.querySelector('#read').click(); }")
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+        states = {panel: page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS}
+        status = page.locator("#read-status").inner_text()
+        enabled = page.get_by_role("button", name="Read image").is_enabled()
+        context.close()
+    assert len(statuses) == 4 + sum(code == 429 for _, code in statuses), statuses  # one read, refusals asked again
+    assert 429 in {code for _, code in statuses}, statuses
+    assert states == dict.fromkeys(PANELS, "done") and status == "Answered." and enabled, (states, status)
+
+
+def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without_tokens_needs_none(browser,
+                                                                                                  tmp_path):
+    """/v1/models says a 3D model takes no heatmap, yet every read posted the volume to /v1/explain and counted its
+    422 as a refusal. A service started with --no-auth takes no token, yet the page asked for one (any text then
+    connected); Connect with the field empty now connects."""
+    import medvl
+    from medvl.data.phantom import generate_phantom
+
+    medvl.create_model("ct3d-tiny").save_pretrained(tmp_path / "model")
+    generate_phantom(tmp_path / "ct", n=1, seed=2, size=32, kind="ct3d", splits={"test": 1.0})
+    [volume] = sorted((tmp_path / "ct").rglob("*.nii.gz"))
+    app = create_app(tmp_path / "model", settings=ServeSettings(), require_token=False)
+    with Server(app) as running:
+        watch = PageWatch(running.url)
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        context.route("**/*", watch.route)
+        page = context.new_page()
+        page.on("pageerror", lambda error: watch.errors.append(str(error)))
+        page.goto(running.url + "/")
+        assert "--no-auth" in page.locator("#token-help").inner_text()
+        page.get_by_role("button", name="Connect").click()
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        unavailable = httpx.get(running.url + "/v1/models").json()["models"][0]["explain"]["unavailable"]
+        page.locator("#file").set_input_files(volume)
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
+        explain = (page.locator("#explain").get_attribute("data-state"), page.locator("#explain .body").inner_text())
+        status = page.locator("#read-status").inner_text()
+        context.close()
+    assert unavailable and explain == ("idle", f"No heatmaps for this model: {unavailable}.")
+    assert not [url for url in watch.requests if url.endswith("/v1/explain")]
+    assert "of 4 panels" not in status and not watch.refused and not watch.errors, (status, watch.errors)

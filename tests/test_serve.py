@@ -1293,6 +1293,28 @@ def test_a_preview_says_whether_the_ct_presets_apply_to_the_file(client, png):
     assert preview(client, colour).headers["X-Preview-Presets"] == "none"
 
 
+def test_the_ct_presets_apply_to_a_nifti_in_hu_not_to_an_mr_volume(client, tmp_path):
+    """Every NIfTI was answered X-Preview-Presets: ct, so the page offered the CT presets for an MR volume (the MNI152
+    T1 template nilearn ships, values 0 to about 100) and "lung" turned it nearly white. A NIfTI states no modality:
+    the presets now apply to one whose slice holds air in HU, and a preset on another is refused as on an MR DICOM."""
+    from medvl.data.phantom import generate_phantom
+    from medvl.serve.previews import parse_window, preview_upload
+
+    nilearn = pytest.importorskip("nilearn")
+    mr = (Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    if not mr.is_file():
+        pytest.skip(f"{mr} not found")
+    settings = ServeSettings()  # the template (1.6 MB) is over the test service's upload limit
+    kind, picture = preview_upload(mr.read_bytes(), settings, None)
+    assert kind.startswith("nifti") and picture.headers()["X-Preview-Presets"] == "none" and picture.window == "none"
+    with pytest.raises(InputError, match="this NIfTI's middle slice has no value below -200 .* choose no preset"):
+        preview_upload(mr.read_bytes(), settings, parse_window("lung"))
+    generate_phantom(tmp_path / "ct", n=1, seed=2, size=32, kind="ct3d", splits={"test": 1.0})
+    [ct] = sorted((tmp_path / "ct").rglob("*.nii.gz"))
+    assert preview(client, ct.read_bytes()).headers["X-Preview-Presets"] == "ct"
+    assert preview(client, ct.read_bytes(), "lung").headers["X-Preview-Presets"] == "ct"
+
+
 def test_a_nifti_volume_preview_is_its_middle_axial_slice(client, tmp_path):
     from medvl.clinical.nifti import read_nifti, write_nifti
     from medvl.data.phantom import generate_phantom
@@ -2128,15 +2150,28 @@ def test_uploads_in_flight_are_bounded_and_a_request_beyond_is_503_before_its_bo
     assert after.status_code == 200, after.text  # the budget was given back
 
 
-def test_the_in_flight_budget_defaults_to_eight_uploads_and_holds_the_largest_body():
+def test_the_in_flight_budget_defaults_to_eight_uploads_and_holds_the_largest_body(tmp_path):
+    """The largest body is /v1/vqa's uploads with a VQA model, one upload without (the route then takes one file and
+    answers 409): a budget of 0.2 MiB for 0.05 MiB uploads was refused as too small for 4 of them. The budget
+    refused is said rounded (it said 0.0999994 MiB)."""
     from medvl.serve.settings import FORM_OVERHEAD, MIB
 
+    # validate checks only that the VQA folder exists: no model is loaded here
     assert ServeSettings().inflight_limit == 8 * (32 * MIB + FORM_OVERHEAD)  # 256.5 MiB
-    assert ServeSettings(max_upload_bytes=MIB, max_vqa_images=16).inflight_limit == 16 * MIB + FORM_OVERHEAD
+    assert ServeSettings(max_upload_bytes=MIB, max_vqa_images=16, vqa_model=tmp_path).inflight_limit == \
+        16 * MIB + FORM_OVERHEAD
+    assert ServeSettings(max_upload_bytes=MIB, max_vqa_images=16).inflight_limit == 8 * (MIB + FORM_OVERHEAD)
     assert ServeSettings(max_inflight_bytes=200 * MIB).validate().inflight_limit == 200 * MIB
+    assert ServeSettings(max_inflight_bytes=100 * MIB).validate().inflight_limit == 100 * MIB  # no VQA model
+    small = int(0.05 * MIB)
+    assert ServeSettings(max_upload_bytes=small, max_inflight_bytes=int(0.2 * MIB)).validate().largest_body == \
+        small + FORM_OVERHEAD
     with pytest.raises(InputError, match=r"max_inflight_bytes must hold the largest request body, 128\.06 MiB "
                                          r"\(/v1/vqa's 4 uploads and their form\), got 100 MiB"):
-        ServeSettings(max_inflight_bytes=100 * MIB).validate()
+        ServeSettings(max_inflight_bytes=100 * MIB, vqa_model=tmp_path).validate()
+    with pytest.raises(InputError, match=r"largest request body, 0\.11 MiB \(one upload and its form\), "
+                                         r"got 0\.1 MiB$"):
+        ServeSettings(max_upload_bytes=small, max_inflight_bytes=int(0.1 * MIB)).validate()
 
 
 def test_an_upload_over_1_mib_is_not_spooled_to_disk(model_dir, monkeypatch):
@@ -2238,8 +2273,8 @@ def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir
                             (["--rate-burst", "0"], "--rate-burst must be >= 1"),
                             (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number"),
                             (["--max-inflight-mb", "0"], "--max-inflight-mb must be > 0, got 0"),
-                            (["--max-inflight-mb", "100"], "--max-inflight-mb must hold the largest request body, "
-                                                           "128.06 MiB (/v1/vqa's 4 uploads and their form), got 100"),
+                            (["--max-inflight-mb", "20"], "--max-inflight-mb must hold the largest request body, "
+                                                          "32.06 MiB (one upload and its form), got 20 MiB"),
                             (["--header-timeout", "0"], "--header-timeout must be > 0"),
                             (["--body-timeout", "nan"], "--body-timeout must be a finite number")):
         result, output = invoke("serve", "--model", model_dir, "--port", _free_port(), *options)

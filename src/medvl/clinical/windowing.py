@@ -113,6 +113,20 @@ def apply_window(values: np.ndarray, window: WindowSpec) -> np.ndarray:
 DISPLAY_WINDOW = Window(0.5, 1.0, function="LINEAR_EXACT", name="display")
 
 
+# A NIfTI header states no modality. A CT image in HU holds air (about -1000 HU) around the body or in the lungs,
+# or padding below it; an MR's signal values, or values rescaled to [0, 1], never go below this: the CT presets
+# would only turn them white.
+HU_AIR_BELOW = -200.0
+
+
+def holds_hu(image: np.ndarray) -> bool:
+    """Whether ``image`` (modality values) looks like CT in HU, the unit of the presets: some finite value below
+    ``HU_AIR_BELOW`` (air, or padding)."""
+    values = np.asarray(image)
+    finite = values[np.isfinite(values)]
+    return bool(finite.size) and float(finite.min()) < HU_AIR_BELOW
+
+
 def middle_slice(volume: np.ndarray) -> np.ndarray:
     """The slice at index ``D // 2`` along axis 0 of a ``DxHxW`` volume (axial slices for CT read by
     ``read_nifti`` or stacked by ``load_volume``, frames of a multi-frame DICOM); a 2D image as it is."""

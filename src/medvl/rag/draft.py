@@ -150,6 +150,10 @@ class DraftSentence:
     support: float  # weighted share (0-1) of neighbours with an equivalent sentence
     cases: list[str]  # citations: ids of the neighbours with an equivalent sentence, nearest first
     wording_from: list[str]  # the cited neighbours whose own sentence has (nearly) this wording
+    # finding -> weighted share (0-1) of neighbours stating its consensus status: a sentence asserting findings is
+    # kept because each is the consensus (its own ``support`` may be lower: those stating its details too); empty
+    # for a sentence asserting none, kept by its own support above min_support (``selection_rule``)
+    consensus: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,10 +207,20 @@ class Draft:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """The draft as JSON, the OOD flag (``ood``) at the top level as in the search and zero-shot answers."""
+        """The draft as JSON, the OOD flag (``ood``) at the top level as in the search and zero-shot answers, and
+        ``rule``: how its sentences were chosen, in one line for people (``selection_rule``)."""
         data = asdict(self)
         ood = data.pop("ood")
-        return {**data, **ood, "text": self.text(), "consensus": self.consensus}
+        rule = selection_rule(self.settings.get("min_support", MIN_SUPPORT))
+        return {**data, **ood, "text": self.text(), "consensus": self.consensus, "rule": rule}
+
+
+def selection_rule(min_support: float) -> str:
+    """How a draft keeps a sentence (step 4 of the module docstring), in one line for people."""
+    share = f"more than {min_support * 100:.1f}% of the cases (weighted by similarity)"
+    return (f"A sentence stating findings is kept when each finding's status is the consensus: {share} state it. "
+            "Its support, the share stating the sentence with its details (side, size, zone, measure), may be less. "
+            f"A sentence stating no finding is kept when {share} state it. Citations name the cases of its support.")
 
 
 def check_settings(k: int, min_support: float, min_similarity: float, related: int = 0) -> None:
@@ -340,6 +354,9 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
                              abnormal=set(labeller.knowledge.abnormal), rare=rare)
     if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
         return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
+    shares = {f.name: f.support.get(f.consensus, 0.0) for f in findings if f.consensus}
+    for sentence in kept:
+        sentence.consensus = {name: shares[name] for name in sentence.findings}
     drafted = [name for name, status in consensus.items() if status in (POSITIVE, UNCERTAIN)]
     return Draft(kept, findings, neighbours, definitions=labeller.knowledge.cards(drafted), settings=settings)
 

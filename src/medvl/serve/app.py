@@ -45,7 +45,7 @@ from .. import __version__
 from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError, one_line
 from .auth import TokenAuth, load_digests
-from .middleware import FORM_OVERHEAD, PUBLIC_PATHS, ServiceMiddleware
+from .middleware import PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
 from .service import ModelLoading, ModelService, ServiceUnavailable, parse_labels, parse_methods
 from .settings import ServeSettings
@@ -89,9 +89,8 @@ def create_app(model_dir: str | Path, index: str | Path | None = None, settings:
     # limit, refused with 413 once read, never reaches the disk
     # files a request may carry: /v1/vqa's films, one without a VQA model (it answers 409), and the VQA model's
     # own limit once loaded (``Loader.start``); the middleware refuses a larger body before reading it
-    files_per_route = {"/v1/vqa": settings.max_vqa_images if settings.vqa_model is not None else 1}
-    largest_body = settings.max_upload_bytes * max(files_per_route.values()) + FORM_OVERHEAD
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, largest_body)
+    files_per_route = {"/v1/vqa": settings.vqa_uploads}
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.largest_body)
     auth = _auth(settings, token_digests, token_file, require_token)
     loader = Loader(model_dir, index, settings)
     if not load_in_background:

@@ -15,7 +15,9 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
   Multi-frame: the middle frame, frames in stored order;
 - NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
   viewer's left, with square pixels (a slice of 5 x 1 mm voxels stretched along the 5 mm, as a viewer
-  shows it); the preset, or min-max;
+  shows it); the preset, or min-max. The header states no modality: the presets apply when the slice
+  holds HU as CT does (``windowing.holds_hu``: air, some value below -200); on another (an MR) a preset
+  is refused (422);
 - PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
   (422): these hold no HU.
 
@@ -39,7 +41,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..clinical.windowing import DISPLAY_WINDOW, WINDOW_PRESETS, Window, radiological_view, render_preview
+from ..clinical.windowing import (
+    DISPLAY_WINDOW,
+    HU_AIR_BELOW,
+    WINDOW_PRESETS,
+    Window,
+    holds_hu,
+    radiological_view,
+    render_preview,
+)
 from ..errors import InputError
 from .settings import ServeSettings
 from .uploads import DICOM, NIFTI, NIFTI_GZ, UploadRejected, read_pixels, read_upload, rejecting
@@ -58,7 +68,7 @@ class Picture:
     window: str  # the preset's name, "file" (the DICOM header's VOI) or NO_WINDOW
     slice_index: int | None = None  # the slice shown, for a volume
     slices: int | None = None  # the volume's number of slices
-    presets: bool = False  # whether the CT presets apply to the file (HU values: CT or unstated DICOM, NIfTI)
+    presets: bool = False  # whether the CT presets apply (HU: CT or unstated DICOM, NIfTI holding air in HU)
 
     def __repr__(self) -> str:
         return f"Picture(shape={self.image.shape}, window={self.window!r}, slice={self.slice_index}/{self.slices})"
@@ -107,9 +117,14 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
 
     volume = NiftiSlabs(source)  # read slab by slab: only the middle slice is kept
     ras, depth = volume.middle_slice()
+    presets = holds_hu(ras)  # the header states no modality: an MR's values hold no air in HU
+    if window is not None and not presets:
+        raise UploadRejected(422, f"window presets are CT windows in HU; this NIfTI's middle slice has no value below "
+                                  f"{HU_AIR_BELOW:g} (no air in HU, as in an MR), so its values hold no HU: choose no "
+                                  "preset (the full range)")
     image = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
     return Picture(render_preview(image, window, side, spacing=volume.spacing), window.name if window else NO_WINDOW,
-                   depth // 2, depth, presets=True)
+                   depth // 2, depth, presets=presets)
 
 
 def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:

@@ -95,9 +95,11 @@ class ServeSettings:
         check_numbers({names.get(setting, setting): (getattr(self, setting), limits)
                        for setting, limits in bounds.items()})
         if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.largest_body:
+            uploads = self.vqa_uploads
+            body = f"/v1/vqa's {uploads} uploads and their form" if uploads > 1 else "one upload and its form"
             raise InputError(f"{names.get('max_inflight_bytes', 'max_inflight_bytes')} must hold the largest request "
-                             f"body, {self.largest_body / MIB:.2f} MiB (/v1/vqa's {self.max_vqa_images} uploads and "
-                             f"their form), got {self.max_inflight_bytes / MIB:g} MiB")
+                             f"body, {self.largest_body / MIB:.2f} MiB ({body}), "
+                             f"got {round(self.max_inflight_bytes / MIB, 2):g} MiB")
         check_backend(self.backend)
         for setting in ("vqa_model", "bottleneck"):
             value = getattr(self, setting)
@@ -125,9 +127,16 @@ class ServeSettings:
         return replace(self, backend=resolve_backend(model_directory(model_dir), self.backend))
 
     @property
+    def vqa_uploads(self) -> int:
+        """Files one ``/v1/vqa`` request may carry: ``max_vqa_images`` with a VQA model; without one, one (the
+        route answers 409 after reading it)."""
+        return self.max_vqa_images if self.vqa_model is not None else 1
+
+    @property
     def largest_body(self) -> int:
-        """Bytes of the largest request body a route takes: ``/v1/vqa``'s uploads and their form."""
-        return self.max_upload_bytes * self.max_vqa_images + FORM_OVERHEAD
+        """Bytes of the largest request body a route takes: ``/v1/vqa``'s uploads and their form (one upload
+        without a VQA model)."""
+        return self.max_upload_bytes * self.vqa_uploads + FORM_OVERHEAD
 
     @property
     def inflight_limit(self) -> int:
