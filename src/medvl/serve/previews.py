@@ -15,9 +15,10 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
   Multi-frame: the middle frame, frames in stored order;
 - NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
   viewer's left, with square pixels (a slice of 5 x 1 mm voxels stretched along the 5 mm, as a viewer
-  shows it); the preset, or min-max. The header states no modality: the presets apply when the slice
-  holds HU as CT does (``windowing.holds_hu``: air, some value below -200); on another (an MR) a preset
-  is refused (422);
+  shows it); the preset, or min-max. The header states no modality: the presets are offered
+  (``X-Preview-Presets: ct``) when the slice holds HU as CT does (``windowing.holds_hu``: air, some value
+  below -200), not for another (an MR); a preset asked for is applied either way (a CT cropped to soft
+  tissue holds no air);
 - PNG / JPEG and colour DICOM: as stored (16-bit grayscale min-max scaled); a preset is refused
   (422): these hold no HU.
 
@@ -43,7 +44,6 @@ from PIL import Image
 
 from ..clinical.windowing import (
     DISPLAY_WINDOW,
-    HU_AIR_BELOW,
     WINDOW_PRESETS,
     Window,
     holds_hu,
@@ -117,11 +117,9 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
 
     volume = NiftiSlabs(source)  # read slab by slab: only the middle slice is kept
     ras, depth = volume.middle_slice()
-    presets = holds_hu(ras)  # the header states no modality: an MR's values hold no air in HU
-    if window is not None and not presets:
-        raise UploadRejected(422, f"window presets are CT windows in HU; this NIfTI's middle slice has no value below "
-                                  f"{HU_AIR_BELOW:g} (no air in HU, as in an MR), so its values hold no HU: choose no "
-                                  "preset (the full range)")
+    # the header states no modality: the presets are offered for a slice holding air in HU, not an MR's values; one
+    # asked for is applied all the same (a CT cropped to soft tissue holds no air: the caller knows what it sent)
+    presets = holds_hu(ras)
     image = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
     return Picture(render_preview(image, window, side, spacing=volume.spacing), window.name if window else NO_WINDOW,
                    depth // 2, depth, presets=presets)
