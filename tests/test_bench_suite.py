@@ -911,3 +911,22 @@ def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortc
     assert labels == ["balanced accuracy", "marker box hidden", "top left corner hidden"]
     heights = [bar.get_height() for bar in axis.patches]
     assert heights[:2] == [0.8, 0.6]
+
+
+def test_case_retrieval_takes_the_sanity_check_and_an_image_blind_model_is_flagged(two_models, phantom_dir,
+                                                                                    tmp_path):
+    """precision@k against a random ranking: an image-blind model does not beat it and is flagged, whether the
+    suite's checks or the task's own list name sanity."""
+    model = _image_blind_copy(two_models[0], tmp_path / "blind")
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    for name, task, checks in (("suite", {}, ["sanity"]), ("task", {"checks": ["sanity"]}, [])):
+        suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=checks,
+                            tasks=[{"task": "case-retrieval", "dataset": "phantom", **task}])
+        result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / name, "-q")
+        assert result.exit_code == 0, output
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        rows = {row["metric"]: row["value"] for row in results["rows"]}
+        assert rows["precision_at_k"] < rows["sanity: precision_at_k of a random ranking"] + 0.05
+        assert [flag for flag in results["flags"] if "/ sanity: precision@5" in flag] == [
+            f"blind / case-retrieval@phantom / sanity: precision@5 {rows['precision_at_k']:.3f} does not beat a "
+            f"random ranking ({rows['sanity: precision_at_k of a random ranking']:.3f}) by 0.05"]

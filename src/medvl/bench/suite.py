@@ -70,7 +70,7 @@ TASKS: dict[str, str] = {"zero-shot": "dual", "linear-probe": "dual", "few-shot"
                          "case-retrieval": "dual", "vqa": "vqa", "report": "report"}
 # check -> the tasks it applies to
 CHECKS: dict[str, tuple[str, ...]] = {
-    "sanity": ("zero-shot", "linear-probe", "retrieval", "vqa", "report"),
+    "sanity": ("zero-shot", "linear-probe", "retrieval", "case-retrieval", "vqa", "report"),
     "calibration": ("zero-shot", "linear-probe"),
     "subgroups": ("zero-shot", "linear-probe"),
     "corruption": ("zero-shot",),
