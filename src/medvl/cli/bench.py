@@ -216,10 +216,21 @@ def bench_cv(
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
-        | _fused_rows(result, len(fold_results)) | pooled | {"majority-class acc": result["majority_acc"],
+        | _fused_rows(result, len(fold_results)) | pooled | _copies_row(fold_results)
+        | {"majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
+
+
+def _copies_row(fold_results: list[dict]) -> dict[str, str]:
+    """The row of held-out images that copy a training-fold image (``copies_in_fit``; none without)."""
+    copies = [fold.get("copies_in_fit", {}).get("records", 0) for fold in fold_results]
+    if not any(copies):
+        return {}
+    scored = sum(fold["n_test"] for fold in fold_results)
+    return {"held-out copies of training-fold images": f"{sum(copies)} of {scored} (per fold: "
+                                                        f"{' '.join(map(str, copies))})"}
 
 
 def _fused_rows(result: dict, folds: int) -> dict[str, str]:
