@@ -930,3 +930,25 @@ def test_case_retrieval_takes_the_sanity_check_and_an_image_blind_model_is_flagg
         assert [flag for flag in results["flags"] if "/ sanity: precision@5" in flag] == [
             f"blind / case-retrieval@phantom / sanity: precision@5 {rows['precision_at_k']:.3f} does not beat a "
             f"random ranking ({rows['sanity: precision_at_k of a random ranking']:.3f}) by 0.05"]
+
+
+def test_a_phantom_label_the_twins_do_not_carry_gets_other_pairs_and_says_so(two_models, phantom_dir, tmp_path):
+    """The twins vary the finding and carry only the finding columns: for the phantom's view the counterfactual
+    check pairs nearest scored images instead and the shortcut check scores its masked drop without the pair
+    criterion, each saying so under skipped (it failed mid-run with 'pairs: N images have no 'view' label')."""
+    spec = {"path": str(phantom_dir), "split": "test", "label": "view"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["counterfactual", "shortcut"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
+    assert skipped["counterfactual: phantom twins"].startswith(
+        "the phantom twins vary the finding and carry no 'view' label")
+    assert skipped["shortcut: phantom twins"].endswith("the pair criterion is left out; the masked-region drop is "
+                                                       "scored")
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert cell["plots"]["counterfactual"]["source"].startswith("nearest-neighbour images")
+    metrics = {row["metric"] for row in cell["rows"]}
+    assert {"counterfactual: pair accuracy", "shortcut: masked balanced accuracy drop"} <= metrics
+    assert "shortcut: pair accuracy" not in metrics

@@ -986,15 +986,22 @@ def _sample(dataset, limit: int, seed: int):
     return dataset.subset([dataset[int(i)] for i in chosen])
 
 
-def _phantom_pairs(ctx: _Context) -> list | None:
+def _phantom_pairs(ctx: _Context, check: str) -> list | None:
     """Counterfactual twins of new patients of the dataset's phantom seed, from index ``UNSEEN_PATIENTS``
     (``eval.counterfactual``): in no split of it, nor in a larger phantom of the same seed a model was trained on
     (case i of a seed is the same film whatever the phantom's size); made once per cell; None for data that is
-    not a phantom."""
-    from ..eval.counterfactual import UNSEEN_PATIENTS, phantom_counterfactual_pairs
+    not a phantom, and for a label the twins do not carry (``TWIN_LABELS``: the finding columns), with what
+    ``check`` does instead under ``skipped``."""
+    from ..eval.counterfactual import TWIN_LABELS, UNSEEN_PATIENTS, phantom_counterfactual_pairs
 
     generator = ctx.data.generator
     if generator is None:
+        return None
+    if ctx.label not in TWIN_LABELS:
+        instead = {"counterfactual": f"pairs of nearest scored images with another {ctx.label!r} are used instead",
+                   "shortcut": "the pair criterion is left out; the masked-region drop is scored"}[check]
+        ctx.skipped[f"{check}: phantom twins"] = (f"the phantom twins vary the finding and carry no {ctx.label!r} "
+                                                  f"label (only finding and its binary columns); {instead}")
         return None
     if "pairs" not in ctx.cache:
         settings = ctx.suite.counterfactual
@@ -1014,7 +1021,7 @@ def _method(ctx: _Context) -> str | None:
 def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
     from ..eval import counterfactual
 
-    pairs = _phantom_pairs(ctx)
+    pairs = _phantom_pairs(ctx, "counterfactual")
     if pairs is not None:
         source = (f"phantom twins of patients {pairs[0].meta['seed']}/{min(p.meta['index'] for p in pairs)} on: the "
                   "same film with the finding removed, moved, resized or on the other side")
@@ -1037,7 +1044,7 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
 
     marker = shortcut_spec(ctx.data.path)  # a shortcut phantom's folder or manifest file
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
-                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes,
+                            pairs=_phantom_pairs(ctx, "shortcut"), captions=scored.captions, classes=scored.classes,
                             method=_method(ctx))
     ctx.row("shortcut: masked balanced accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
     if result.get("pair_accuracy") is not None:

@@ -44,7 +44,7 @@ from ..checks import check_number
 from ..data.captions import CaptionConfig
 from ..data.images import read_image
 from ..data.phantom.cxr2d import ABNORMAL, LATERAL, MOVABLE, Visit, primary_finding, render_case
-from ..data.phantom.generate import case_labels
+from ..data.phantom.generate import LABEL_COLUMNS, case_labels
 from ..data.record import Dataset, ImageSource
 from ..embed import embed_images
 from ..errors import InputError
@@ -58,6 +58,9 @@ NEAREST_NEIGHBOUR = "nearest_neighbour"
 # First patient index of twins no phantom a model was trained on holds: case i of a seed is the same film whatever
 # the phantom's n, so twins from index n of a small phantom can be training films of a larger one of that seed.
 UNSEEN_PATIENTS = 1_000_000_000
+# the labels phantom twins carry (``CounterfactualPair.labels_a`` / ``labels_b``): a twin varies the finding, so
+# another column of the phantom (view, sex, age, a zone or side) is neither labelled nor changed by a pair
+TWIN_LABELS = ("finding", *LABEL_COLUMNS)
 RESIZE_FACTOR = 1.5  # Visit.grow of the "resized" twin: larger, so the finding stays visible at 64 px
 _APPLIES = {"absent": ABNORMAL, "resized": ABNORMAL, "moved": MOVABLE, "other_side": LATERAL}
 
