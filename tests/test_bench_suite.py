@@ -154,6 +154,12 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "prompts.yaml: caption file of dataset 'phantom'"),
     ({"datasets": {"phantom": {"path": "PHANTOM", "train_split": None, "label": "finding"}}},
      "dataset 'phantom' has no train_split for task linear-probe@phantom"),  # not after the zero-shot cell ran
+    ({"datasets": {"phantom": {"path": "PHANTOM", "split": None, "label": "finding"}}},
+     "suite.yaml: dataset 'phantom': split must be a name, got None"),  # were tracebacks, exit 1
+    ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "subgroups": [{"a": 1}]}}},
+     "suite.yaml: dataset 'phantom': subgroups must be a list of column names, got {'a': 1} in it"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "subgroups": [2020]}}},
+     "dataset 'phantom' has no column 2020 for subgroups"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
@@ -952,3 +958,10 @@ def test_a_phantom_label_the_twins_do_not_carry_gets_other_pairs_and_says_so(two
     metrics = {row["metric"] for row in cell["rows"]}
     assert {"counterfactual: pair accuracy", "shortcut: masked balanced accuracy drop"} <= metrics
     assert "shortcut: pair accuracy" not in metrics
+
+
+def test_subgroup_columns_are_names_like_splits_and_labels(phantom_dir, tmp_path):
+    """YAML reads ``subgroups: [2020]`` as a number: it is the column "2020", as ``split: 2020`` is the split."""
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": {"path": str(phantom_dir), "label": "finding",
+                                                                     "subgroups": [2020, 1.5, "sex"]}})
+    assert load_suite(suite).datasets["phantom"].subgroups == ["2020", "1.5", "sex"]

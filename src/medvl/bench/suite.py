@@ -35,12 +35,13 @@ encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may c
 with the knowledge base: the built-in chest X-ray findings, a task's ``knowledge:`` folder of finding files
 on top (relative to the suite file), or that folder alone with ``builtin_knowledge: false``. The
 suite's checks apply to the tasks they make sense for (``CHECKS``); a check a task's own list names
-that the task cannot take is an InputError. Split, label and dataset names are text (``split: 2020`` is
-the split "2020").
+that the task cannot take is an InputError. Split, label, subgroup column and dataset names are text
+(``split: 2020`` is the split "2020", ``subgroups: [2020]`` the column "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, a
-``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), and
+``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), a name that is not text or a number
+(a list, a mapping, true / false; ``split: null``), and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
 (``runner.check_fits_apart``; so is a calibration split holding them), and a split the suite reads that
@@ -254,6 +255,8 @@ def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     _known_keys(raw, allowed, where)
     spec = DatasetSpec(name=name, **_names(raw, ("path", "split", "train_split", "calibration_split", "label",
                                                   "kind", "captions"), where))
+    if spec.split is None:  # the split every task scores (train and calibration splits may be none)
+        raise InputError(f"{where}: split must be a name, got None")
     if spec.kind not in DATASET_KINDS:
         raise InputError(f"{path}: dataset {name!r}: kind must be one of {', '.join(DATASET_KINDS)}, got {spec.kind!r}")
     if spec.path is not None:
@@ -265,6 +268,10 @@ def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
                     f"{path}: dataset {name!r}: generate")
     if not isinstance(spec.subgroups, list):
         raise InputError(f"{path}: dataset {name!r}: subgroups must be a list of column names")
+    for column in spec.subgroups:  # as text, like the other names: YAML reads [2020] as a number
+        if isinstance(column, bool) or not isinstance(column, str | int | float):
+            raise InputError(f"{where}: subgroups must be a list of column names, got {column!r} in it")
+    spec.subgroups = [str(column) for column in spec.subgroups]
     return spec
 
 
