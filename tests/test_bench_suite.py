@@ -965,3 +965,29 @@ def test_subgroup_columns_are_names_like_splits_and_labels(phantom_dir, tmp_path
     suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": {"path": str(phantom_dir), "label": "finding",
                                                                      "subgroups": [2020, 1.5, "sex"]}})
     assert load_suite(suite).datasets["phantom"].subgroups == ["2020", "1.5", "sex"]
+
+
+def test_corruption_rows_give_the_clean_auc_of_their_own_sample_drawn_per_class(two_models, phantom_dir, tmp_path):
+    """The curves run on a sample of max_images scored images: its clean AUC is a row beside the corrupted ones
+    (the whole split's ``auc`` row is another set of images), with n, and the sample holds every class it can."""
+    from medvl.bench.runner import _sample
+
+    spec = {"path": str(phantom_dir), "split": "test", "label": "no_finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["corruption"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}],
+                        corruption={"kinds": ["noise"], "severities": [1], "max_images": 6})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    rows = {row["metric"]: row for row in cell["rows"]}
+    assert rows["corruption clean: auc"]["value"] == pytest.approx(cell["plots"]["corruption"]["clean"]["auc"])
+    assert rows["corruption clean: auc"]["n"] == rows["corruption noise s1: auc"]["n"] == 6
+    assert "corruption clean: auc" in (tmp_path / "out" / "report.html").read_text()
+    scored = load_dataset(phantom_dir).select("test").with_labels(["no_finding"])
+    counts = {name: sum(r.labels["no_finding"] == name for r in scored) for name in scored.classes("no_finding")}
+    rare = min(counts, key=counts.get)
+    for seed in range(20):  # two images of a split with both classes: one of each, whatever the draw
+        drawn = _sample(scored, 2, seed, "no_finding")
+        assert sorted(r.labels["no_finding"] for r in drawn) == sorted(counts)
+        drawn = _sample(scored, 12, seed, "no_finding")
+        assert sum(r.labels["no_finding"] == rare for r in drawn) == round(12 * counts[rare] / len(scored))

@@ -969,20 +969,41 @@ def _check_corruption(ctx: _Context, scored: _Scored) -> None:
     from ..eval.robustness import corruption_curves
 
     settings = {**DEFAULT_CORRUPTION, **ctx.suite.corruption}
-    dataset = _sample(scored.dataset, int(settings["max_images"]), ctx.suite.seed)
+    dataset = _sample(scored.dataset, int(settings["max_images"]), ctx.suite.seed, ctx.label)
     result = corruption_curves(ctx.net, dataset, ctx.label, kinds=tuple(settings["kinds"]),
                                severities=tuple(settings["severities"]), captions=scored.captions,
                                classes=scored.classes, seed=ctx.suite.seed, show_progress=ctx.show_progress)
+    # the curves' own clean figure: the sample's, not the whole split's ``auc`` row
+    ctx.row("corruption clean: auc", result["clean"]["auc"], n=result["n"])
     for kind, points in result["curves"].items():
         for point in points:
-            ctx.row(f"corruption {kind} s{point['severity']}: auc", point["auc"])
+            ctx.row(f"corruption {kind} s{point['severity']}: auc", point["auc"], n=result["n"])
+    if result["clean"]["auc"] is None:
+        present = sorted({str(record.labels[ctx.label]) for record in dataset})
+        ctx.skipped["corruption: auc"] = (f"the {result['n']} sampled images hold one class of {ctx.label!r} "
+                                          f"({', '.join(present)}): AUC is undefined on them")
     ctx.plots["corruption"] = result
 
 
-def _sample(dataset, limit: int, seed: int):
+def _sample(dataset, limit: int, seed: int, label: str):
+    """At most ``limit`` records of ``dataset`` (every one of which has ``label``), drawn with ``seed`` per class
+    of ``label`` in proportion to its share (largest remainders), at least one of each class while ``limit``
+    allows: the sample's AUC is defined whenever the dataset's is."""
     if len(dataset) <= limit:
         return dataset
-    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    values = np.array([str(record.labels[label]) for record in dataset])
+    classes, counts = np.unique(values, return_counts=True)
+    shares = counts * limit / len(dataset)
+    quota = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    for i in np.flatnonzero(quota == 0):  # a rare class: one image, from the largest quota
+        donor = int(np.argmax(quota))
+        if quota[donor] > 1:
+            quota[donor], quota[i] = quota[donor] - 1, 1
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(np.concatenate([rng.choice(np.flatnonzero(values == name), size=int(k), replace=False)
+                                     for name, k in zip(classes, quota, strict=True)]))
     return dataset.subset([dataset[int(i)] for i in chosen])
 
 
