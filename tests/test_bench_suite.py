@@ -991,3 +991,26 @@ def test_corruption_rows_give_the_clean_auc_of_their_own_sample_drawn_per_class(
         assert sorted(r.labels["no_finding"] for r in drawn) == sorted(counts)
         drawn = _sample(scored, 12, seed, "no_finding")
         assert sum(r.labels["no_finding"] == rare for r in drawn) == round(12 * counts[rare] / len(scored))
+
+
+def test_a_manifest_naming_images_elsewhere_is_scored_with_allow_outside_root(two_models, phantom_dir, tmp_path):
+    """The loader refuses it and advises --allow-outside-root, which bench run now has (as train, eval and bench cv
+    do); the images outside the folder are part of the cell's data hash."""
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    (tmp_path / "ext").mkdir()
+    with (tmp_path / "ext" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "split", "finding"])
+        writer.writerows([str(phantom_dir / row["image"]), "test", row["finding"]] for row in rows)
+    spec = {"path": str(tmp_path / "ext"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "(--allow-outside-root)" in " ".join(output.split()), output
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q",
+                            "--allow-outside-root")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "auc" in {row["metric"] for row in results["rows"]}
+    assert results["data_hashes"]["phantom"]["files"] == 1 + len(rows)

@@ -144,9 +144,10 @@ def _image_files(item: PreparedDataset) -> list[Path]:
 
 
 def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[str]],
-                     show_progress: bool) -> dict[str, PreparedDataset]:
+                     show_progress: bool, allow_outside_root: bool = False) -> dict[str, PreparedDataset]:
     """Generate (phantom) and load every dataset; check the splits, label columns and subgroup columns
-    the suite's tasks need (InputError before any model is run)."""
+    the suite's tasks need (InputError before any model is run). ``allow_outside_root``: let a manifest or
+    question file name images outside its own folder (``medvl.data.loaders.roots``; refused by default)."""
     from ..data.phantom.generate import phantom_description
 
     prepared = {}
@@ -154,9 +155,9 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
         path = Path(spec.path) if spec.path is not None else _generated(spec, out / "data" / name, show_progress)
         item = PreparedDataset(spec=spec, path=path)
         if spec.kind == "vqa":
-            _load_questions(item, needed_splits[name])
+            _load_questions(item, needed_splits[name], allow_outside_root)
         else:
-            _load_images(item, suite, needed_splits[name])
+            _load_images(item, suite, needed_splits[name], allow_outside_root)
         described = [path.parent / "dataset.json"] if path.is_file() and phantom_description(path) else []
         item.hashes = files_digest(path, [*_image_files(item), *described], exclude=out)  # the sidecar read too
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
@@ -197,12 +198,12 @@ def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
     return described
 
 
-def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
+def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allow_outside_root: bool) -> None:
     from ..data import load_dataset
     from ..data.phantom.generate import phantom_description
 
     spec = item.spec
-    dataset = load_dataset(item.path)
+    dataset = load_dataset(item.path, allow_outside_root=allow_outside_root)
     missing = sorted(splits - set(dataset.splits))
     if missing:
         raise InputError(f"{item.path}: dataset {spec.name!r} has no split {', '.join(missing)} "
@@ -222,11 +223,11 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> N
         item.generator = description.get("generator")
 
 
-def _load_questions(item: PreparedDataset, splits: set[str]) -> None:
+def _load_questions(item: PreparedDataset, splits: set[str], allow_outside_root: bool) -> None:
     from ..data.loaders.vqa import load_vqa
     from ..models.vqa import select_questions
 
-    questions = load_vqa(item.path)
+    questions = load_vqa(item.path, allow_outside_root=allow_outside_root)
     for split in splits:
         select_questions(questions, split, str(item.path), None)
     item.questions = questions
@@ -370,11 +371,12 @@ def package_versions() -> dict[str, str]:
 
 
 def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, show_progress: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, allow_outside_root: bool = False) -> dict[str, Any]:
     """Score every model on every task of ``suite`` into ``out`` (see the module docstring).
 
     Everything that can be checked without running a model is checked first: the models' kinds
-    against the tasks, the output folder, the datasets' splits and columns."""
+    against the tasks, the output folder, the datasets' splits and columns. ``allow_outside_root``: datasets
+    may name images outside their own folder (``prepare_datasets``)."""
     from ..models.registry import model_spatial_dims
 
     started = time.perf_counter()
@@ -384,7 +386,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     needed = needed_splits(suite)
-    datasets = prepare_datasets(suite, out, needed, show_progress)
+    datasets = prepare_datasets(suite, out, needed, show_progress, allow_outside_root)
     leaks = check_fits_apart(suite, datasets)
     dims = {str(model): model_spatial_dims(model) for model in models}
     # per kind of model, the records it takes (a DICOM folder's 2D images, or its 3D series)
@@ -1101,13 +1103,13 @@ CHECK_RUNNERS: dict[str, Callable[[_Context, _Scored], None]] = {
 
 def run_suite_file(suite: str | Path, models: list[str | Path], out: str | Path, *, data: dict[str, str] | None = None,
                    splits: dict[str, str] | None = None, show_progress: bool = True,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, allow_outside_root: bool = False) -> dict[str, Any]:
     """``medvl bench run``: load the suite (a file, or a shipped suite's name) with the dataset path and
     split overrides, then ``run_suite``."""
     from .suite import load_suite
 
     return run_suite(load_suite(suite, data=data, splits=splits), models, out, show_progress=show_progress,
-                     overwrite=overwrite)
+                     overwrite=overwrite, allow_outside_root=allow_outside_root)
 
 
 def parse_assignments(pairs: list[str], option: str) -> dict[str, str]:

@@ -41,6 +41,7 @@ def bench_run(
     split: Annotated[list[str] | None, typer.Option(help="NAME=SPLIT: the split of dataset NAME to score.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Recompute every cell (and run into a folder that holds something else).")] = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score models on a suite of datasets, tasks and trust checks; write results.json and report.html."""
@@ -53,7 +54,7 @@ def bench_run(
                                       "SUITE": suite if Path(suite).is_file() else None})
     result = run_suite_file(suite, list(model), out, data=datasets,
                             splits=parse_assignments(split or [], "--split"), show_progress=not quiet,
-                            overwrite=overwrite)
+                            overwrite=overwrite, allow_outside_root=allow_outside_root)
     print_suite_summary(result, out)
 
 
