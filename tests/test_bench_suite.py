@@ -1014,3 +1014,28 @@ def test_a_manifest_naming_images_elsewhere_is_scored_with_allow_outside_root(tw
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "auc" in {row["metric"] for row in results["rows"]}
     assert results["data_hashes"]["phantom"]["files"] == 1 + len(rows)
+
+
+@pytest.mark.parametrize("captions, datasets, message", [
+    ("classes: [1, 2\n", None, "dataset 'phantom': {captions}: cannot parse caption config at line 2, column 1: "
+                               "expected ',' or ']', but got '<stream end>'"),
+    ("", None, "dataset 'phantom': {captions}: caption config must be a mapping with 'templates' and 'classes'"),
+    (None, {"generate": {"n": 5, "size": 8}, "label": "finding"},
+     "dataset 'phantom': generate: size must be 32-2048 pixels, got 8"),
+    (None, {"generate": {"n": "abc"}, "label": "finding"},
+     "dataset 'phantom': generate: n must be an integer >= 1, got 'abc'"),
+])
+def test_a_bad_caption_file_or_generate_setting_is_refused_naming_the_suite_before_any_work(
+        captions, datasets, message, two_models, phantom_dir, tmp_path):
+    """They were found only when the dataset's first cell ran (a caption file, after suite.json was written) or
+    without the suite's name (a generate setting)."""
+    spec = datasets or {"path": str(phantom_dir), "split": "test", "label": "finding", "captions": "prompts.yaml"}
+    if captions is not None:
+        (tmp_path / "prompts.yaml").write_text(captions, encoding="utf-8")
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    expected = f"{suite}: " + message.format(captions=tmp_path / "prompts.yaml")
+    assert "".join(expected.split()) in "".join(output.split()), output
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,7 @@ from .suite import (
     SuiteSpec,
     TaskSpec,
     check_models,
+    generate_settings,
     task_knowledge,
 )
 
@@ -171,7 +172,7 @@ def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
     settings (``NAME.generate.json`` beside it says which), else generated again."""
     from ..data.phantom import generate_phantom
 
-    settings = {"n": 600, "seed": 0, **(spec.generate or {})}
+    settings = generate_settings(spec)
     marker = folder.with_name(f"{folder.name}.generate.json")
     if folder.is_dir() and marker.is_file():
         try:

@@ -381,11 +381,36 @@ def _check(suite: SuiteSpec) -> None:
         if dataset.captions is not None and not Path(dataset.captions).is_file():
             raise InputError(f"{dataset.captions}: caption file of dataset {dataset.name!r} of {where} not found "
                              "(a path relative to the suite file, $VARS expanded)")
+        _check_dataset_files(dataset, where)
         if dataset.path is not None and not Path(dataset.path).exists():
             unset = sorted(set(re.findall(r"\$\{?(\w+)", dataset.path)))
             hint = f"set {', '.join(unset)} or " if unset else ""
             raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
                              f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def _check_dataset_files(dataset: DatasetSpec, where: str) -> None:
+    """A dataset's caption file parsed and its generate settings checked now, not when its first cell runs
+    (InputError naming the suite and the dataset)."""
+    from ..data.captions import load_captions
+    from ..data.phantom.generate import check_phantom_settings
+
+    try:
+        if dataset.captions is not None:
+            load_captions(dataset.captions)
+        if dataset.generate is not None:
+            try:
+                check_phantom_settings(**generate_settings(dataset))
+            except InputError as error:
+                raise InputError(f"generate: {error}") from None
+    except (InputError, DataError) as error:
+        raise InputError(f"{where}: dataset {dataset.name!r}: {error}") from None
+
+
+def generate_settings(dataset: DatasetSpec) -> dict[str, Any]:
+    """The ``generate_phantom`` settings of a dataset the suite generates: its ``generate`` block over the
+    defaults (600 cases, seed 0)."""
+    return {"n": 600, "seed": 0, **(dataset.generate or {})}
 
 
 def task_knowledge(task: TaskSpec):
