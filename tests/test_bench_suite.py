@@ -838,7 +838,8 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     test = [row for row in rows if row["split"] == "test"]
     for row in rows:  # site: the abnormal films (one class of no_finding) and the normal ones (fewer than 10)
         row["site"] = "x" if row["split"] != "test" else ("A" if row["no_finding"] == "0" else "small")
-        row["age"] = "n/a" if row["split"] == "test" else row["age"]
+        if row["split"] == "test":  # no scored age: half empty, half present but unreadable
+            row["age"] = "67+" if test.index(row) % 2 else ""
         row["ward"] = "" if row["split"] == "test" else "W1"  # a column no scored record fills: failed mid-run
     with (data / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -861,7 +862,10 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
             for metric in ("balanced_accuracy", "accuracy")} <= metrics
     assert "subgroup site=A: auc" not in metrics  # one class: no AUC
     skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
-    assert skipped["subgroups: age"].startswith(f"{len(test)} of {len(test)} scored records have no value")
+    unreadable = len(test) // 2  # told apart from the empty ones (all were "have no value")
+    assert skipped["subgroups: age"].startswith(f"{len(test) - unreadable} of {len(test)} scored records have no "
+                                                f"value; {unreadable} of {len(test)} have an age that cannot be read "
+                                                "(e.g. '67+')")
     assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
                                           "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
     assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()

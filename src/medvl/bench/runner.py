@@ -920,7 +920,7 @@ def _check_sanity(ctx: _Context, scored: _Scored) -> None:
 
 
 def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
-    from ..eval.subgroups import groups_from_records, subgroup_metrics, valued_columns
+    from ..eval.subgroups import groups_from_records, subgroup_metrics, unreadable_ages, valued_columns
 
     if not ctx.data.spec.subgroups:
         ctx.skipped["subgroups"] = "the dataset names no subgroup columns"
@@ -945,18 +945,23 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
-        unscored = _unscored_groups(block, result["n"], result["min_size"])
+        unscored = _unscored_groups(block, result["n"], result["min_size"],
+                                    unreadable_ages(scored.dataset.records, column))
         if unscored:
             ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
 
 
-def _unscored_groups(block: dict[str, Any], n: int, min_size: int) -> str | None:
+def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: list[str]) -> str | None:
     """What of a subgroup column was not scored, in words (None when every record's group was): records
-    without a value, groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
+    without a value, records whose age cannot be read (``unreadable``: their values; among the block's
+    ``missing``), groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
     parts = []
-    if block["missing"]:
-        parts.append(f"{block['missing']} of {n} scored records have no value")
+    empty = block["missing"] - len(unreadable)
+    if empty:
+        parts.append(f"{empty} of {n} scored records have no value")
+    if unreadable:
+        parts.append(f"{len(unreadable)} of {n} have an age that cannot be read (e.g. {unreadable[0][:20]!r})")
     if block["too_small"]:
         small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
         parts.append(f"groups under {min_size} records not scored: {small}")
