@@ -1043,3 +1043,17 @@ def test_a_bad_caption_file_or_generate_setting_is_refused_naming_the_suite_befo
     expected = f"{suite}: " + message.format(captions=tmp_path / "prompts.yaml")
     assert "".join(expected.split()) in "".join(output.split()), output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_summary_gives_a_few_shot_cell_its_largest_shot_auc(finished_run, capsys):
+    """The suite's few-shot task lists shots [1, 2]: the summary printed no few-shot row at all (it looked for a
+    '4-shot auc' row only)."""
+    from medvl.cli.bench import print_suite_summary
+
+    _, out, results = finished_run
+    print_suite_summary(results, out)
+    printed = " ".join(capsys.readouterr().out.split())
+    for model in ("alpha", "beta"):
+        row = next(r for r in results["rows"] if r["model"] == model and r["metric"] == "2-shot auc")
+        assert f"{model} few-shot@phantom 2-shot auc │ {row['value']:.3f}" in printed, printed
+        assert f"{model} few-shot@phantom 1-shot auc" not in printed

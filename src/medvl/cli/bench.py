@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,7 +63,7 @@ def print_suite_summary(result: dict, out: Path) -> None:
     from ..bench.html import skip_line
 
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
-                for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
+                for row in _headline_rows(result["rows"])}
     cells = result["cells"]
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
@@ -75,7 +76,21 @@ def print_suite_summary(result: dict, out: Path) -> None:
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
-HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "4-shot auc", "precision_at_k")
+HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "precision_at_k")
+_SHOT_AUC = re.compile(r"^(\d+)-shot auc$")
+
+
+def _headline_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the printed summary, in row order: each cell's ``HEADLINE_METRICS``, and a few-shot cell's AUC
+    at its largest shot count (whatever shots the task lists)."""
+    largest: dict[tuple[str, str], int] = {}
+    for row in rows:
+        shots = _SHOT_AUC.match(row["metric"])
+        if shots:
+            cell = (row["model"], row["key"])
+            largest[cell] = max(largest.get(cell, 0), int(shots.group(1)))
+    return [row for row in rows if row["metric"] in HEADLINE_METRICS
+            or row["metric"] == f"{largest.get((row['model'], row['key']))}-shot auc"]
 
 
 def _interval(row: dict) -> str:
