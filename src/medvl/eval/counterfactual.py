@@ -15,10 +15,12 @@ answer, so it fails the pair even when its single-image accuracy looks good.
 
   Cardiomegaly has only ``absent`` and ``resized``; effusion and pneumothorax have no ``moved``.
   A variation that does not apply to a finding is skipped. Images are in memory (uint8 arrays).
-* **Real data** (``nearest_neighbour_pairs``): each image paired with its nearest neighbour in the
-  model's embedding space (cosine) among the images with a different label; unordered duplicates
-  (mutual neighbours) are kept once. These pairs are the hardest the model can be given by its own
-  embedding, so their accuracy is not comparable to a random pair's.
+* **Real data** (``nearest_neighbour_pairs``): each image paired with its nearest neighbour (cosine) among
+  the images with a different label; unordered duplicates (mutual neighbours) are kept once. The neighbours
+  are chosen in the space of the vectors given: ``pixel_vectors`` (the images' appearance, the same for every
+  model; ``bench run`` uses it), else the evaluated model's own image embeddings, whose pairs are degenerate
+  (see ``pixel_vectors``). Either way they are harder than a random pair, so their accuracy is not comparable
+  to a random pair's.
 
 **Answers** (``pair_accuracy``): each image's answer is the model's predicted class for ``label``:
 by default the model's supervised head for ``label`` when it has one (``method`` "head"), else zero-shot
@@ -279,11 +281,12 @@ def _accuracies(right: np.ndarray) -> dict[str, Any]:
 def nearest_neighbour_pairs(model: DualEncoder, dataset: Dataset, label: str, k: int = 1, batch_size: int = 64,
                             show_progress: bool = False,
                             embeddings: torch.Tensor | None = None) -> list[CounterfactualPair]:
-    """Each record paired with its ``k`` nearest neighbours (cosine of the model's image embeddings)
-    among the records whose ``label`` differs; each unordered pair once, in record order.
+    """Each record paired with its ``k`` nearest neighbours (cosine of ``embeddings``, by default the model's
+    image embeddings) among the records whose ``label`` differs; each unordered pair once, in record order.
 
-    ``embeddings``: the normalised image embeddings of ``dataset`` (rows aligned with its records)
-    when already computed; records without ``label`` are skipped with their rows.
+    ``embeddings``: normalised vectors of ``dataset``'s records (rows aligned with its records) to choose the
+    neighbours in: ``pixel_vectors(dataset)`` for model-independent pairs (what ``bench run`` passes), or the
+    model's embeddings when already computed; records without ``label`` are skipped with their rows.
     """
     check_number("k", k, minimum=1, integer=True)
     if embeddings is not None and len(embeddings) != len(dataset):
