@@ -154,6 +154,12 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "prompts.yaml: caption file of dataset 'phantom'"),
     ({"datasets": {"phantom": {"path": "PHANTOM", "train_split": None, "label": "finding"}}},
      "dataset 'phantom' has no train_split for task linear-probe@phantom"),  # not after the zero-shot cell ran
+    ({"datasets": {"phantom": {"path": "PHANTOM", "split": None, "label": "finding"}}},
+     "suite.yaml: dataset 'phantom': split must be a name, got None"),  # were tracebacks, exit 1
+    ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "subgroups": [{"a": 1}]}}},
+     "suite.yaml: dataset 'phantom': subgroups must be a list of column names, got {'a': 1} in it"),
+    ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "subgroups": [2020]}}},
+     "dataset 'phantom' has no column 2020 for subgroups"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
@@ -832,7 +838,8 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     test = [row for row in rows if row["split"] == "test"]
     for row in rows:  # site: the abnormal films (one class of no_finding) and the normal ones (fewer than 10)
         row["site"] = "x" if row["split"] != "test" else ("A" if row["no_finding"] == "0" else "small")
-        row["age"] = "n/a" if row["split"] == "test" else row["age"]
+        if row["split"] == "test":  # no scored age: half empty, half present but unreadable
+            row["age"] = "67+" if test.index(row) % 2 else ""
         row["ward"] = "" if row["split"] == "test" else "W1"  # a column no scored record fills: failed mid-run
     with (data / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -855,7 +862,10 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
             for metric in ("balanced_accuracy", "accuracy")} <= metrics
     assert "subgroup site=A: auc" not in metrics  # one class: no AUC
     skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
-    assert skipped["subgroups: age"].startswith(f"{len(test)} of {len(test)} scored records have no value")
+    unreadable = len(test) // 2  # told apart from the empty ones (all were "have no value")
+    assert skipped["subgroups: age"].startswith(f"{len(test) - unreadable} of {len(test)} scored records have no "
+                                                f"value; {unreadable} of {len(test)} have an age that cannot be read "
+                                                "(e.g. '67+')")
     assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
                                           "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
     assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()
@@ -911,3 +921,139 @@ def test_report_plots_draw_an_auc_below_0_3_and_the_balanced_accuracy_the_shortc
     assert labels == ["balanced accuracy", "marker box hidden", "top left corner hidden"]
     heights = [bar.get_height() for bar in axis.patches]
     assert heights[:2] == [0.8, 0.6]
+
+
+def test_case_retrieval_takes_the_sanity_check_and_an_image_blind_model_is_flagged(two_models, phantom_dir,
+                                                                                    tmp_path):
+    """precision@k against a random ranking: an image-blind model does not beat it and is flagged, whether the
+    suite's checks or the task's own list name sanity."""
+    model = _image_blind_copy(two_models[0], tmp_path / "blind")
+    spec = {"path": str(phantom_dir), "split": "test", "label": "finding"}
+    for name, task, checks in (("suite", {}, ["sanity"]), ("task", {"checks": ["sanity"]}, [])):
+        suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=checks,
+                            tasks=[{"task": "case-retrieval", "dataset": "phantom", **task}])
+        result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / name, "-q")
+        assert result.exit_code == 0, output
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        rows = {row["metric"]: row["value"] for row in results["rows"]}
+        assert rows["precision_at_k"] < rows["sanity: precision_at_k of a random ranking"] + 0.05
+        assert [flag for flag in results["flags"] if "/ sanity: precision@5" in flag] == [
+            f"blind / case-retrieval@phantom / sanity: precision@5 {rows['precision_at_k']:.3f} does not beat a "
+            f"random ranking ({rows['sanity: precision_at_k of a random ranking']:.3f}) by 0.05"]
+
+
+def test_a_phantom_label_the_twins_do_not_carry_gets_other_pairs_and_says_so(two_models, phantom_dir, tmp_path):
+    """The twins vary the finding and carry only the finding columns: for the phantom's view the counterfactual
+    check pairs nearest scored images instead and the shortcut check scores its masked drop without the pair
+    criterion, each saying so under skipped (it failed mid-run with 'pairs: N images have no 'view' label')."""
+    spec = {"path": str(phantom_dir), "split": "test", "label": "view"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["counterfactual", "shortcut"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}], counterfactual={"n": 2, "size": 64})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
+    assert skipped["counterfactual: phantom twins"].startswith(
+        "the phantom twins vary the finding and carry no 'view' label")
+    assert skipped["shortcut: phantom twins"].endswith("the pair criterion is left out; the masked-region drop is "
+                                                       "scored")
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert cell["plots"]["counterfactual"]["source"].startswith("nearest-neighbour images")
+    metrics = {row["metric"] for row in cell["rows"]}
+    assert {"counterfactual: pair accuracy", "shortcut: masked balanced accuracy drop"} <= metrics
+    assert "shortcut: pair accuracy" not in metrics
+
+
+def test_subgroup_columns_are_names_like_splits_and_labels(phantom_dir, tmp_path):
+    """YAML reads ``subgroups: [2020]`` as a number: it is the column "2020", as ``split: 2020`` is the split."""
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": {"path": str(phantom_dir), "label": "finding",
+                                                                     "subgroups": [2020, 1.5, "sex"]}})
+    assert load_suite(suite).datasets["phantom"].subgroups == ["2020", "1.5", "sex"]
+
+
+def test_corruption_rows_give_the_clean_auc_of_their_own_sample_drawn_per_class(two_models, phantom_dir, tmp_path):
+    """The curves run on a sample of max_images scored images: its clean AUC is a row beside the corrupted ones
+    (the whole split's ``auc`` row is another set of images), with n, and the sample holds every class it can."""
+    from medvl.bench.runner import _sample
+
+    spec = {"path": str(phantom_dir), "split": "test", "label": "no_finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["corruption"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}],
+                        corruption={"kinds": ["noise"], "severities": [1], "max_images": 6})
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    rows = {row["metric"]: row for row in cell["rows"]}
+    assert rows["corruption clean: auc"]["value"] == pytest.approx(cell["plots"]["corruption"]["clean"]["auc"])
+    assert rows["corruption clean: auc"]["n"] == rows["corruption noise s1: auc"]["n"] == 6
+    assert "corruption clean: auc" in (tmp_path / "out" / "report.html").read_text()
+    scored = load_dataset(phantom_dir).select("test").with_labels(["no_finding"])
+    counts = {name: sum(r.labels["no_finding"] == name for r in scored) for name in scored.classes("no_finding")}
+    rare = min(counts, key=counts.get)
+    for seed in range(20):  # two images of a split with both classes: one of each, whatever the draw
+        drawn = _sample(scored, 2, seed, "no_finding")
+        assert sorted(r.labels["no_finding"] for r in drawn) == sorted(counts)
+        drawn = _sample(scored, 12, seed, "no_finding")
+        assert sum(r.labels["no_finding"] == rare for r in drawn) == round(12 * counts[rare] / len(scored))
+
+
+def test_a_manifest_naming_images_elsewhere_is_scored_with_allow_outside_root(two_models, phantom_dir, tmp_path):
+    """The loader refuses it and advises --allow-outside-root, which bench run now has (as train, eval and bench cv
+    do); the images outside the folder are part of the cell's data hash."""
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    (tmp_path / "ext").mkdir()
+    with (tmp_path / "ext" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "split", "finding"])
+        writer.writerows([str(phantom_dir / row["image"]), "test", row["finding"]] for row in rows)
+    spec = {"path": str(tmp_path / "ext"), "split": "test", "label": "finding"}
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "(--allow-outside-root)" in " ".join(output.split()), output
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q",
+                            "--allow-outside-root")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "auc" in {row["metric"] for row in results["rows"]}
+    assert results["data_hashes"]["phantom"]["files"] == 1 + len(rows)
+
+
+@pytest.mark.parametrize("captions, datasets, message", [
+    ("classes: [1, 2\n", None, "dataset 'phantom': {captions}: cannot parse caption config at line 2, column 1: "
+                               "expected ',' or ']', but got '<stream end>'"),
+    ("", None, "dataset 'phantom': {captions}: caption config must be a mapping with 'templates' and 'classes'"),
+    (None, {"generate": {"n": 5, "size": 8}, "label": "finding"},
+     "dataset 'phantom': generate: size must be 32-2048 pixels, got 8"),
+    (None, {"generate": {"n": "abc"}, "label": "finding"},
+     "dataset 'phantom': generate: n must be an integer >= 1, got 'abc'"),
+])
+def test_a_bad_caption_file_or_generate_setting_is_refused_naming_the_suite_before_any_work(
+        captions, datasets, message, two_models, phantom_dir, tmp_path):
+    """They were found only when the dataset's first cell ran (a caption file, after suite.json was written) or
+    without the suite's name (a generate setting)."""
+    spec = datasets or {"path": str(phantom_dir), "split": "test", "label": "finding", "captions": "prompts.yaml"}
+    if captions is not None:
+        (tmp_path / "prompts.yaml").write_text(captions, encoding="utf-8")
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    expected = f"{suite}: " + message.format(captions=tmp_path / "prompts.yaml")
+    assert "".join(expected.split()) in "".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_printed_summary_gives_a_few_shot_cell_its_largest_shot_auc(finished_run, capsys):
+    """The suite's few-shot task lists shots [1, 2]: the summary printed no few-shot row at all (it looked for a
+    '4-shot auc' row only)."""
+    from medvl.cli.bench import print_suite_summary
+
+    _, out, results = finished_run
+    print_suite_summary(results, out)
+    printed = " ".join(capsys.readouterr().out.split())
+    for model in ("alpha", "beta"):
+        row = next(r for r in results["rows"] if r["model"] == model and r["metric"] == "2-shot auc")
+        assert f"{model} few-shot@phantom 2-shot auc │ {row['value']:.3f}" in printed, printed
+        assert f"{model} few-shot@phantom 1-shot auc" not in printed

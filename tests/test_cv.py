@@ -77,6 +77,7 @@ def test_bench_cv_end_to_end(isic_subset, tmp_path):
     assert [f["n_test"] for f in metrics["folds"]] == [20, 20]
     ids = [set(f["test_ids"]) for f in metrics["folds"]]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 40
+    assert "copies_in_fit" not in metrics and "copies" not in output  # no image is filed twice
 
 
 def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
@@ -276,3 +277,41 @@ def test_a_saved_model_folder_is_refused_as_the_model_to_cross_validate(phantom_
                             "--model", tmp_path / "saved", "--epochs", 1, "-q")
     assert result.exit_code == 2, output
     assert "unknown model" in output and "registered:" in output, output
+
+
+def test_held_out_copies_of_training_fold_images_are_counted_per_fold_and_said(phantom_dir, tmp_path):
+    """Folds are drawn on records: an image filed twice under two names can sit on both sides of a fold, and the
+    held-out copy then scores what the fold model trained on. Each fold's count is in the JSON, a warning and the
+    printed table, equal to a count by file hash."""
+    import csv
+    import hashlib
+    import shutil
+
+    from medvl.data import load_dataset
+
+    with (phantom_dir / "manifest.csv").open(newline="") as handle:
+        source = list(csv.DictReader(handle))[:40]
+    (tmp_path / "dup" / "images").mkdir(parents=True)
+    rows = []
+    for i, row in enumerate(source):
+        names = [f"images/a{i:03d}.png"] + ([f"images/b{i:03d}.png"] if i < 16 else [])
+        for name in names:
+            shutil.copyfile(phantom_dir / row["image"], tmp_path / "dup" / name)
+            rows.append([name, row["sex"]])
+    write_manifest(tmp_path / "dup" / "manifest.csv", ["image", "sex"], rows)
+    out = tmp_path / "cv.json"
+    result, output = invoke("bench", "cv", "--data", tmp_path / "dup", "--label-column", "sex", "--model",
+                            "phantom-tiny", "--folds", 2, "--epochs", 1, "--batch-size", 16, "--json", out)
+    assert result.exit_code == 0, output
+    metrics = json.loads(out.read_text())
+    dataset = load_dataset(tmp_path / "dup", label_columns=["sex"])
+    digests = [hashlib.sha256(record.image.read_bytes()).hexdigest() for record in dataset]
+    y = np.array([metrics["classes"].index(record.labels["sex"]) for record in dataset])
+    expected = [sum(digests[i] in {digests[j] for j in train} for i in test)
+                for train, test in make_folds(y, 2, metrics["seed"])]
+    assert all(expected) and sum(expected) <= 2 * 16  # each copy of a pair split apart is held out once
+    assert [fold["copies_in_fit"]["records"] for fold in metrics["folds"]] == expected
+    assert metrics["copies_in_fit"] == {"records": sum(expected), "of": len(rows), "per_fold": expected}
+    flat = " ".join(output.split())
+    assert f"{expected[0]} of {metrics['folds'][0]['n_test']} held-out images of fold 1 are byte-for-byte" in flat
+    assert f"held-out copies of training-fold images │ {sum(expected)} of {len(rows)} (per fold: " in flat

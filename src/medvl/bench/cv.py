@@ -21,6 +21,10 @@ them is fitted on the training folds and fused with the head's and the probe's p
 (``medvl.eval.covariates``): the ``fused_`` and ``probe_fused_`` keys; ``covariates_auc`` is the covariates
 alone. The unprefixed keys stay image-only.
 
+Folds are drawn on records: a held-out image that is a byte-for-byte copy of a training-fold image (one image
+filed twice under two names) is counted per fold and warned about (``copies_in_fit``, as ``bench run`` and
+``bench medmnist`` count them), not moved.
+
 Reported: every fold, the mean and the sample standard deviation (ddof=1) over folds, and the
 AUC of all out-of-fold head scores pooled. ``repeated_cross_validate`` repeats the whole CV with
 other fold seeds, so a small set is judged by the spread over many splits, never by one split.
@@ -47,6 +51,7 @@ from ..data.loaders import load_dataset
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError
+from ..eval.contamination import copies_in_fit
 from ..eval.covariates import CovariateModel, check_covariates
 from ..eval.head import class_order, class_targets, head_scores
 from ..eval.linear_probe import fit_and_score
@@ -101,7 +106,9 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     fold means and stds, ``fused_auc_pooled`` and ``probe_fused_auc_pooled``;
     ``folds`` holds one dict per fold (metrics, confusion matrix, ``n_train`` records in the training
     folds and ``n_trained`` of them trained on, test record ids and the head's
-    ``probabilities`` for them, one list per record in ``classes`` order). ``seconds`` is
+    ``probabilities`` for them, one list per record in ``classes`` order, and ``copies_in_fit`` when some of its
+    held-out images are byte-for-byte copies of its training folds' images: ``fold_copies``); ``copies_in_fit``
+    (only when a fold has such copies) sums them over the folds, with ``per_fold`` counts. ``seconds`` is
     wall time, ``cpu_seconds`` the process CPU time (all threads).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -127,6 +134,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
     splits = make_folds(y, folds, seed, groups)
+    copies = fold_copies(dataset, splits)  # held-out images copying a training-fold image: said before any training
     for fold, (train_index, _) in enumerate(splits if settings.train.covariates else []):
         # every fold's training records must carry the covariates too: a bad fold fails before any fold trains
         check_covariates([dataset.records[i] for i in train_index], settings.train.covariates, [label],
@@ -138,6 +146,8 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                  len(test_index))
         fold_result, fold_scores = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
                                              show_progress)
+        if copies[fold] is not None:
+            fold_result["copies_in_fit"] = copies[fold]
         for key, scores in fold_scores.items():
             pooled.setdefault(key, np.zeros((len(dataset), len(classes))))[test_index] = scores
         results.append(fold_result)
@@ -145,7 +155,7 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     fused = ({"fused_auc_pooled": pooled_auc["fused"], "probe_fused_auc_pooled": pooled_auc["probe_fused"],
               "covariates": settings.train.covariates} if settings.train.covariates else {})
     return {**_summarise(results), "auc_pooled": pooled_auc["head"], "probe_auc_pooled": pooled_auc["probe"],
-            **fused,
+            **fused, **_copies_summary(copies, len(dataset)),
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
             "n": len(dataset), "data": str(data_path), "model": model_name, "ensemble": settings.ensemble,
@@ -164,7 +174,8 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
     ``SUMMARY_METRICS`` over ``repeats x folds`` folds, sample std) and over the repeats' pooled
     out-of-fold AUCs (``auc_pooled`` per repeat, ``auc_pooled_mean`` and ``auc_pooled_std``).
     With covariates, ``fused_auc_pooled`` and ``probe_fused_auc_pooled`` per repeat too.
-    ``repeats`` holds each repeat's full ``cross_validate`` result.
+    ``repeats`` holds each repeat's full ``cross_validate`` result; ``copies_in_fit`` (only when a repeat has
+    held-out copies of training images) sums them over the repeats, with ``per_repeat`` counts.
     """
     check_number("repeats", repeats, minimum=1, maximum=100, integer=True)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -176,7 +187,10 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
     first = results[0]
     fused = ({key: [r[key] for r in results] for key in ("fused_auc_pooled", "probe_fused_auc_pooled")}
              | {"covariates": results[0]["covariates"]} if "fused_auc_pooled" in results[0] else {})
-    return {**_summarise([fold for r in results for fold in r["folds"]]), "auc_pooled": pooled,
+    copies = [r["copies_in_fit"]["records"] if "copies_in_fit" in r else 0 for r in results]
+    copied = ({"copies_in_fit": {"records": sum(copies), "of": first["n"] * repeats, "per_repeat": copies}}
+              if any(copies) else {})
+    return {**_summarise([fold for r in results for fold in r["folds"]]), "auc_pooled": pooled, **copied,
             "probe_auc_pooled": [r["probe_auc_pooled"] for r in results], **fused,
             "auc_pooled_mean": float(np.mean(pooled)),
             "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
@@ -240,6 +254,29 @@ def make_folds(y: np.ndarray, folds: int, seed: int,
                         "are undefined and left out of their means, which are then over fewer folds than the "
                         "accuracy's", fold, folds)
     return splits
+
+
+def fold_copies(dataset: Dataset, splits: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any] | None]:
+    """Per fold, its held-out records whose image is a byte-for-byte copy of an image of its training folds (the
+    same image filed twice under two names): ``eval.contamination.copies_in_fit``, with its warning; None for a
+    fold without any. Folds are drawn on records, so copies can fall on both sides: their figures measure what
+    the fold model was trained on."""
+    copies = []
+    for fold, (train_index, test_index) in enumerate(splits, 1):
+        train_set = dataset.subset([dataset[int(i)] for i in train_index])
+        test_set = dataset.subset([dataset[int(i)] for i in test_index])
+        copies.append(copies_in_fit(train_set, test_set, f"the training folds of fold {fold} of {len(splits)}",
+                                    what=f"held-out images of fold {fold}"))
+    return copies
+
+
+def _copies_summary(copies: list[dict[str, Any] | None], n: int) -> dict[str, Any]:
+    """The result's ``copies_in_fit`` (absent when no fold has any): held-out records, over all folds, whose image
+    copies one of their fold's training images, of the ``n`` records (each held out once), and the count per fold."""
+    if not any(copies):
+        return {}
+    per_fold = [block["records"] if block else 0 for block in copies]
+    return {"copies_in_fit": {"records": sum(per_fold), "of": n, "per_fold": per_fold}}
 
 
 def _groups(dataset: Dataset, column: str) -> np.ndarray:

@@ -48,6 +48,7 @@ from .suite import (
     SuiteSpec,
     TaskSpec,
     check_models,
+    generate_settings,
     task_knowledge,
 )
 
@@ -144,9 +145,10 @@ def _image_files(item: PreparedDataset) -> list[Path]:
 
 
 def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[str]],
-                     show_progress: bool) -> dict[str, PreparedDataset]:
+                     show_progress: bool, allow_outside_root: bool = False) -> dict[str, PreparedDataset]:
     """Generate (phantom) and load every dataset; check the splits, label columns and subgroup columns
-    the suite's tasks need (InputError before any model is run)."""
+    the suite's tasks need (InputError before any model is run). ``allow_outside_root``: let a manifest or
+    question file name images outside its own folder (``medvl.data.loaders.roots``; refused by default)."""
     from ..data.phantom.generate import phantom_description
 
     prepared = {}
@@ -154,9 +156,9 @@ def prepare_datasets(suite: SuiteSpec, out: Path, needed_splits: dict[str, set[s
         path = Path(spec.path) if spec.path is not None else _generated(spec, out / "data" / name, show_progress)
         item = PreparedDataset(spec=spec, path=path)
         if spec.kind == "vqa":
-            _load_questions(item, needed_splits[name])
+            _load_questions(item, needed_splits[name], allow_outside_root)
         else:
-            _load_images(item, suite, needed_splits[name])
+            _load_images(item, suite, needed_splits[name], allow_outside_root)
         described = [path.parent / "dataset.json"] if path.is_file() and phantom_description(path) else []
         item.hashes = files_digest(path, [*_image_files(item), *described], exclude=out)  # the sidecar read too
         if spec.captions is not None:  # the prompts are part of what a zero-shot cell scored
@@ -170,7 +172,7 @@ def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
     settings (``NAME.generate.json`` beside it says which), else generated again."""
     from ..data.phantom import generate_phantom
 
-    settings = {"n": 600, "seed": 0, **(spec.generate or {})}
+    settings = generate_settings(spec)
     marker = folder.with_name(f"{folder.name}.generate.json")
     if folder.is_dir() and marker.is_file():
         try:
@@ -197,12 +199,12 @@ def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
     return described
 
 
-def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> None:
+def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allow_outside_root: bool) -> None:
     from ..data import load_dataset
     from ..data.phantom.generate import phantom_description
 
     spec = item.spec
-    dataset = load_dataset(item.path)
+    dataset = load_dataset(item.path, allow_outside_root=allow_outside_root)
     missing = sorted(splits - set(dataset.splits))
     if missing:
         raise InputError(f"{item.path}: dataset {spec.name!r} has no split {', '.join(missing)} "
@@ -222,11 +224,11 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str]) -> N
         item.generator = description.get("generator")
 
 
-def _load_questions(item: PreparedDataset, splits: set[str]) -> None:
+def _load_questions(item: PreparedDataset, splits: set[str], allow_outside_root: bool) -> None:
     from ..data.loaders.vqa import load_vqa
     from ..models.vqa import select_questions
 
-    questions = load_vqa(item.path)
+    questions = load_vqa(item.path, allow_outside_root=allow_outside_root)
     for split in splits:
         select_questions(questions, split, str(item.path), None)
     item.questions = questions
@@ -370,11 +372,12 @@ def package_versions() -> dict[str, str]:
 
 
 def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, show_progress: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, allow_outside_root: bool = False) -> dict[str, Any]:
     """Score every model on every task of ``suite`` into ``out`` (see the module docstring).
 
     Everything that can be checked without running a model is checked first: the models' kinds
-    against the tasks, the output folder, the datasets' splits and columns."""
+    against the tasks, the output folder, the datasets' splits and columns. ``allow_outside_root``: datasets
+    may name images outside their own folder (``prepare_datasets``)."""
     from ..models.registry import model_spatial_dims
 
     started = time.perf_counter()
@@ -384,7 +387,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     versions = package_versions()
     _check_out(out, suite, overwrite)
     needed = needed_splits(suite)
-    datasets = prepare_datasets(suite, out, needed, show_progress)
+    datasets = prepare_datasets(suite, out, needed, show_progress, allow_outside_root)
     leaks = check_fits_apart(suite, datasets)
     dims = {str(model): model_spatial_dims(model) for model in models}
     # per kind of model, the records it takes (a DICOM folder's 2D images, or its 3D series)
@@ -917,7 +920,7 @@ def _check_sanity(ctx: _Context, scored: _Scored) -> None:
 
 
 def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
-    from ..eval.subgroups import groups_from_records, subgroup_metrics, valued_columns
+    from ..eval.subgroups import groups_from_records, subgroup_metrics, unreadable_ages, valued_columns
 
     if not ctx.data.spec.subgroups:
         ctx.skipped["subgroups"] = "the dataset names no subgroup columns"
@@ -942,18 +945,23 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
-        unscored = _unscored_groups(block, result["n"], result["min_size"])
+        unscored = _unscored_groups(block, result["n"], result["min_size"],
+                                    unreadable_ages(scored.dataset.records, column))
         if unscored:
             ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
 
 
-def _unscored_groups(block: dict[str, Any], n: int, min_size: int) -> str | None:
+def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: list[str]) -> str | None:
     """What of a subgroup column was not scored, in words (None when every record's group was): records
-    without a value, groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
+    without a value, records whose age cannot be read (``unreadable``: their values; among the block's
+    ``missing``), groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
     parts = []
-    if block["missing"]:
-        parts.append(f"{block['missing']} of {n} scored records have no value")
+    empty = block["missing"] - len(unreadable)
+    if empty:
+        parts.append(f"{empty} of {n} scored records have no value")
+    if unreadable:
+        parts.append(f"{len(unreadable)} of {n} have an age that cannot be read (e.g. {unreadable[0][:20]!r})")
     if block["too_small"]:
         small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
         parts.append(f"groups under {min_size} records not scored: {small}")
@@ -969,32 +977,60 @@ def _check_corruption(ctx: _Context, scored: _Scored) -> None:
     from ..eval.robustness import corruption_curves
 
     settings = {**DEFAULT_CORRUPTION, **ctx.suite.corruption}
-    dataset = _sample(scored.dataset, int(settings["max_images"]), ctx.suite.seed)
+    dataset = _sample(scored.dataset, int(settings["max_images"]), ctx.suite.seed, ctx.label)
     result = corruption_curves(ctx.net, dataset, ctx.label, kinds=tuple(settings["kinds"]),
                                severities=tuple(settings["severities"]), captions=scored.captions,
                                classes=scored.classes, seed=ctx.suite.seed, show_progress=ctx.show_progress)
+    # the curves' own clean figure: the sample's, not the whole split's ``auc`` row
+    ctx.row("corruption clean: auc", result["clean"]["auc"], n=result["n"])
     for kind, points in result["curves"].items():
         for point in points:
-            ctx.row(f"corruption {kind} s{point['severity']}: auc", point["auc"])
+            ctx.row(f"corruption {kind} s{point['severity']}: auc", point["auc"], n=result["n"])
+    if result["clean"]["auc"] is None:
+        present = sorted({str(record.labels[ctx.label]) for record in dataset})
+        ctx.skipped["corruption: auc"] = (f"the {result['n']} sampled images hold one class of {ctx.label!r} "
+                                          f"({', '.join(present)}): AUC is undefined on them")
     ctx.plots["corruption"] = result
 
 
-def _sample(dataset, limit: int, seed: int):
+def _sample(dataset, limit: int, seed: int, label: str):
+    """At most ``limit`` records of ``dataset`` (every one of which has ``label``), drawn with ``seed`` per class
+    of ``label`` in proportion to its share (largest remainders), at least one of each class while ``limit``
+    allows: the sample's AUC is defined whenever the dataset's is."""
     if len(dataset) <= limit:
         return dataset
-    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    values = np.array([str(record.labels[label]) for record in dataset])
+    classes, counts = np.unique(values, return_counts=True)
+    shares = counts * limit / len(dataset)
+    quota = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - quota), kind="stable")[: limit - int(quota.sum())]:
+        quota[i] += 1
+    for i in np.flatnonzero(quota == 0):  # a rare class: one image, from the largest quota
+        donor = int(np.argmax(quota))
+        if quota[donor] > 1:
+            quota[donor], quota[i] = quota[donor] - 1, 1
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(np.concatenate([rng.choice(np.flatnonzero(values == name), size=int(k), replace=False)
+                                     for name, k in zip(classes, quota, strict=True)]))
     return dataset.subset([dataset[int(i)] for i in chosen])
 
 
-def _phantom_pairs(ctx: _Context) -> list | None:
+def _phantom_pairs(ctx: _Context, check: str) -> list | None:
     """Counterfactual twins of new patients of the dataset's phantom seed, from index ``UNSEEN_PATIENTS``
     (``eval.counterfactual``): in no split of it, nor in a larger phantom of the same seed a model was trained on
     (case i of a seed is the same film whatever the phantom's size); made once per cell; None for data that is
-    not a phantom."""
-    from ..eval.counterfactual import UNSEEN_PATIENTS, phantom_counterfactual_pairs
+    not a phantom, and for a label the twins do not carry (``TWIN_LABELS``: the finding columns), with what
+    ``check`` does instead under ``skipped``."""
+    from ..eval.counterfactual import TWIN_LABELS, UNSEEN_PATIENTS, phantom_counterfactual_pairs
 
     generator = ctx.data.generator
     if generator is None:
+        return None
+    if ctx.label not in TWIN_LABELS:
+        instead = {"counterfactual": f"pairs of nearest scored images with another {ctx.label!r} are used instead",
+                   "shortcut": "the pair criterion is left out; the masked-region drop is scored"}[check]
+        ctx.skipped[f"{check}: phantom twins"] = (f"the phantom twins vary the finding and carry no {ctx.label!r} "
+                                                  f"label (only finding and its binary columns); {instead}")
         return None
     if "pairs" not in ctx.cache:
         settings = ctx.suite.counterfactual
@@ -1014,7 +1050,7 @@ def _method(ctx: _Context) -> str | None:
 def _check_counterfactual(ctx: _Context, scored: _Scored) -> None:
     from ..eval import counterfactual
 
-    pairs = _phantom_pairs(ctx)
+    pairs = _phantom_pairs(ctx, "counterfactual")
     if pairs is not None:
         source = (f"phantom twins of patients {pairs[0].meta['seed']}/{min(p.meta['index'] for p in pairs)} on: the "
                   "same film with the finding removed, moved, resized or on the other side")
@@ -1037,7 +1073,7 @@ def _check_shortcut(ctx: _Context, scored: _Scored) -> None:
 
     marker = shortcut_spec(ctx.data.path)  # a shortcut phantom's folder or manifest file
     result = shortcut_check(ctx.net, scored.dataset, ctx.label, region=marker["box"] if marker else None,
-                            pairs=_phantom_pairs(ctx), captions=scored.captions, classes=scored.classes,
+                            pairs=_phantom_pairs(ctx, "shortcut"), captions=scored.captions, classes=scored.classes,
                             method=_method(ctx))
     ctx.row("shortcut: masked balanced accuracy drop", result["masked_drop"], region=str(result["masked_region"]))
     if result.get("pair_accuracy") is not None:
@@ -1073,13 +1109,13 @@ CHECK_RUNNERS: dict[str, Callable[[_Context, _Scored], None]] = {
 
 def run_suite_file(suite: str | Path, models: list[str | Path], out: str | Path, *, data: dict[str, str] | None = None,
                    splits: dict[str, str] | None = None, show_progress: bool = True,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, allow_outside_root: bool = False) -> dict[str, Any]:
     """``medvl bench run``: load the suite (a file, or a shipped suite's name) with the dataset path and
     split overrides, then ``run_suite``."""
     from .suite import load_suite
 
     return run_suite(load_suite(suite, data=data, splits=splits), models, out, show_progress=show_progress,
-                     overwrite=overwrite)
+                     overwrite=overwrite, allow_outside_root=allow_outside_root)
 
 
 def parse_assignments(pairs: list[str], option: str) -> dict[str, str]:

@@ -35,12 +35,13 @@ encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may c
 with the knowledge base: the built-in chest X-ray findings, a task's ``knowledge:`` folder of finding files
 on top (relative to the suite file), or that folder alone with ``builtin_knowledge: false``. The
 suite's checks apply to the tasks they make sense for (``CHECKS``); a check a task's own list names
-that the task cannot take is an InputError. Split, label and dataset names are text (``split: 2020`` is
-the split "2020").
+that the task cannot take is an InputError. Split, label, subgroup column and dataset names are text
+(``split: 2020`` is the split "2020", ``subgroups: [2020]`` the column "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, a
-``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), and
+``train_split`` missing for a task fitted on it (``TRAINING_TASKS``), a name that is not text or a number
+(a list, a mapping, true / false; ``split: null``), and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
 (``runner.check_fits_apart``; so is a calibration split holding them), and a split the suite reads that
@@ -70,7 +71,7 @@ TASKS: dict[str, str] = {"zero-shot": "dual", "linear-probe": "dual", "few-shot"
                          "case-retrieval": "dual", "vqa": "vqa", "report": "report"}
 # check -> the tasks it applies to
 CHECKS: dict[str, tuple[str, ...]] = {
-    "sanity": ("zero-shot", "linear-probe", "retrieval", "vqa", "report"),
+    "sanity": ("zero-shot", "linear-probe", "retrieval", "case-retrieval", "vqa", "report"),
     "calibration": ("zero-shot", "linear-probe"),
     "subgroups": ("zero-shot", "linear-probe"),
     "corruption": ("zero-shot",),
@@ -254,6 +255,8 @@ def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     _known_keys(raw, allowed, where)
     spec = DatasetSpec(name=name, **_names(raw, ("path", "split", "train_split", "calibration_split", "label",
                                                   "kind", "captions"), where))
+    if spec.split is None:  # the split every task scores (train and calibration splits may be none)
+        raise InputError(f"{where}: split must be a name, got None")
     if spec.kind not in DATASET_KINDS:
         raise InputError(f"{path}: dataset {name!r}: kind must be one of {', '.join(DATASET_KINDS)}, got {spec.kind!r}")
     if spec.path is not None:
@@ -265,6 +268,10 @@ def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
                     f"{path}: dataset {name!r}: generate")
     if not isinstance(spec.subgroups, list):
         raise InputError(f"{path}: dataset {name!r}: subgroups must be a list of column names")
+    for column in spec.subgroups:  # as text, like the other names: YAML reads [2020] as a number
+        if isinstance(column, bool) or not isinstance(column, str | int | float):
+            raise InputError(f"{where}: subgroups must be a list of column names, got {column!r} in it")
+    spec.subgroups = [str(column) for column in spec.subgroups]
     return spec
 
 
@@ -374,11 +381,36 @@ def _check(suite: SuiteSpec) -> None:
         if dataset.captions is not None and not Path(dataset.captions).is_file():
             raise InputError(f"{dataset.captions}: caption file of dataset {dataset.name!r} of {where} not found "
                              "(a path relative to the suite file, $VARS expanded)")
+        _check_dataset_files(dataset, where)
         if dataset.path is not None and not Path(dataset.path).exists():
             unset = sorted(set(re.findall(r"\$\{?(\w+)", dataset.path)))
             hint = f"set {', '.join(unset)} or " if unset else ""
             raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
                              f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def _check_dataset_files(dataset: DatasetSpec, where: str) -> None:
+    """A dataset's caption file parsed and its generate settings checked now, not when its first cell runs
+    (InputError naming the suite and the dataset)."""
+    from ..data.captions import load_captions
+    from ..data.phantom.generate import check_phantom_settings
+
+    try:
+        if dataset.captions is not None:
+            load_captions(dataset.captions)
+        if dataset.generate is not None:
+            try:
+                check_phantom_settings(**generate_settings(dataset))
+            except InputError as error:
+                raise InputError(f"generate: {error}") from None
+    except (InputError, DataError) as error:
+        raise InputError(f"{where}: dataset {dataset.name!r}: {error}") from None
+
+
+def generate_settings(dataset: DatasetSpec) -> dict[str, Any]:
+    """The ``generate_phantom`` settings of a dataset the suite generates: its ``generate`` block over the
+    defaults (600 cases, seed 0)."""
+    return {"n": 600, "seed": 0, **(dataset.generate or {})}
 
 
 def task_knowledge(task: TaskSpec):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,7 @@ def bench_run(
     split: Annotated[list[str] | None, typer.Option(help="NAME=SPLIT: the split of dataset NAME to score.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Recompute every cell (and run into a folder that holds something else).")] = False,
+    allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score models on a suite of datasets, tasks and trust checks; write results.json and report.html."""
@@ -53,7 +55,7 @@ def bench_run(
                                       "SUITE": suite if Path(suite).is_file() else None})
     result = run_suite_file(suite, list(model), out, data=datasets,
                             splits=parse_assignments(split or [], "--split"), show_progress=not quiet,
-                            overwrite=overwrite)
+                            overwrite=overwrite, allow_outside_root=allow_outside_root)
     print_suite_summary(result, out)
 
 
@@ -61,7 +63,7 @@ def print_suite_summary(result: dict, out: Path) -> None:
     from ..bench.html import skip_line
 
     headline = {f"{row['model']} {row['key']} {row['metric']}": _interval(row)
-                for row in result["rows"] if row["metric"] in HEADLINE_METRICS}
+                for row in _headline_rows(result["rows"])}
     cells = result["cells"]
     print_metrics(f"medvl bench {result['suite']}: {cells['total']} cells ({cells['computed']} computed, "
                   f"{cells['reused']} reused)", {**headline, "flags": len(result["flags"]),
@@ -74,7 +76,21 @@ def print_suite_summary(result: dict, out: Path) -> None:
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
-HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "4-shot auc", "precision_at_k")
+HEADLINE_METRICS = ("auc", "i2t_R@5", "t2i_R@5", "overall_accuracy", "micro_f1", "precision_at_k")
+_SHOT_AUC = re.compile(r"^(\d+)-shot auc$")
+
+
+def _headline_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the printed summary, in row order: each cell's ``HEADLINE_METRICS``, and a few-shot cell's AUC
+    at its largest shot count (whatever shots the task lists)."""
+    largest: dict[tuple[str, str], int] = {}
+    for row in rows:
+        shots = _SHOT_AUC.match(row["metric"])
+        if shots:
+            cell = (row["model"], row["key"])
+            largest[cell] = max(largest.get(cell, 0), int(shots.group(1)))
+    return [row for row in rows if row["metric"] in HEADLINE_METRICS
+            or row["metric"] == f"{largest.get((row['model'], row['key']))}-shot auc"]
 
 
 def _interval(row: dict) -> str:
@@ -216,10 +232,21 @@ def bench_cv(
             ("auc", "auc"), ("acc", "acc"), ("balanced_accuracy", "balanced_accuracy"),
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
-        | _fused_rows(result, len(fold_results)) | pooled | {"majority-class acc": result["majority_acc"],
+        | _fused_rows(result, len(fold_results)) | pooled | _copies_row(fold_results)
+        | {"majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
+
+
+def _copies_row(fold_results: list[dict]) -> dict[str, str]:
+    """The row of held-out images that copy a training-fold image (``copies_in_fit``; none without)."""
+    copies = [fold.get("copies_in_fit", {}).get("records", 0) for fold in fold_results]
+    if not any(copies):
+        return {}
+    scored = sum(fold["n_test"] for fold in fold_results)
+    return {"held-out copies of training-fold images": f"{sum(copies)} of {scored} (per fold: "
+                                                        f"{' '.join(map(str, copies))})"}
 
 
 def _fused_rows(result: dict, folds: int) -> dict[str, str]:

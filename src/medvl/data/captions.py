@@ -141,6 +141,18 @@ def _yaml_loader(path: Path) -> type:
     return KeysAsWritten
 
 
+def _parse_problem(err: Exception) -> str:
+    """`` at line L, column C: PROBLEM`` of a YAML or JSON parse error (one line; the parser's quoted snippet
+    left out), else ``: ErrorType``."""
+    if isinstance(err, json.JSONDecodeError):
+        return f" at line {err.lineno}, column {err.colno}: {err.msg}"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is None:
+        return f": {err.__class__.__name__}"
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or err.__class__.__name__
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {' '.join(str(problem).split())}"
+
+
 def load_captions(path: str | Path) -> CaptionConfig:
     """Read a caption config from a .json, .yaml or .yml file (YAML keys as written: see the module doc)."""
     path = Path(path)
@@ -160,7 +172,7 @@ def load_captions(path: str | Path) -> CaptionConfig:
     except DataError:
         raise
     except Exception as err:  # yaml and json raise different types
-        raise DataError(path, f"cannot parse caption config: {err.__class__.__name__}") from None
+        raise DataError(path, f"cannot parse caption config{_parse_problem(err)}") from None
     if not isinstance(data, dict):
         raise DataError(path, "caption config must be a mapping with 'templates' and 'classes'")
     return CaptionConfig.from_dict(data, source=str(path))

@@ -15,10 +15,12 @@ answer, so it fails the pair even when its single-image accuracy looks good.
 
   Cardiomegaly has only ``absent`` and ``resized``; effusion and pneumothorax have no ``moved``.
   A variation that does not apply to a finding is skipped. Images are in memory (uint8 arrays).
-* **Real data** (``nearest_neighbour_pairs``): each image paired with its nearest neighbour in the
-  model's embedding space (cosine) among the images with a different label; unordered duplicates
-  (mutual neighbours) are kept once. These pairs are the hardest the model can be given by its own
-  embedding, so their accuracy is not comparable to a random pair's.
+* **Real data** (``nearest_neighbour_pairs``): each image paired with its nearest neighbour (cosine) among
+  the images with a different label; unordered duplicates (mutual neighbours) are kept once. The neighbours
+  are chosen in the space of the vectors given: ``pixel_vectors`` (the images' appearance, the same for every
+  model; ``bench run`` uses it), else the evaluated model's own image embeddings, whose pairs are degenerate
+  (see ``pixel_vectors``). Either way they are harder than a random pair, so their accuracy is not comparable
+  to a random pair's.
 
 **Answers** (``pair_accuracy``): each image's answer is the model's predicted class for ``label``:
 by default the model's supervised head for ``label`` when it has one (``method`` "head"), else zero-shot
@@ -44,7 +46,7 @@ from ..checks import check_number
 from ..data.captions import CaptionConfig
 from ..data.images import read_image
 from ..data.phantom.cxr2d import ABNORMAL, LATERAL, MOVABLE, Visit, primary_finding, render_case
-from ..data.phantom.generate import case_labels
+from ..data.phantom.generate import LABEL_COLUMNS, case_labels
 from ..data.record import Dataset, ImageSource
 from ..embed import embed_images
 from ..errors import InputError
@@ -58,6 +60,9 @@ NEAREST_NEIGHBOUR = "nearest_neighbour"
 # First patient index of twins no phantom a model was trained on holds: case i of a seed is the same film whatever
 # the phantom's n, so twins from index n of a small phantom can be training films of a larger one of that seed.
 UNSEEN_PATIENTS = 1_000_000_000
+# the labels phantom twins carry (``CounterfactualPair.labels_a`` / ``labels_b``): a twin varies the finding, so
+# another column of the phantom (view, sex, age, a zone or side) is neither labelled nor changed by a pair
+TWIN_LABELS = ("finding", *LABEL_COLUMNS)
 RESIZE_FACTOR = 1.5  # Visit.grow of the "resized" twin: larger, so the finding stays visible at 64 px
 _APPLIES = {"absent": ABNORMAL, "resized": ABNORMAL, "moved": MOVABLE, "other_side": LATERAL}
 
@@ -276,11 +281,12 @@ def _accuracies(right: np.ndarray) -> dict[str, Any]:
 def nearest_neighbour_pairs(model: DualEncoder, dataset: Dataset, label: str, k: int = 1, batch_size: int = 64,
                             show_progress: bool = False,
                             embeddings: torch.Tensor | None = None) -> list[CounterfactualPair]:
-    """Each record paired with its ``k`` nearest neighbours (cosine of the model's image embeddings)
-    among the records whose ``label`` differs; each unordered pair once, in record order.
+    """Each record paired with its ``k`` nearest neighbours (cosine of ``embeddings``, by default the model's
+    image embeddings) among the records whose ``label`` differs; each unordered pair once, in record order.
 
-    ``embeddings``: the normalised image embeddings of ``dataset`` (rows aligned with its records)
-    when already computed; records without ``label`` are skipped with their rows.
+    ``embeddings``: normalised vectors of ``dataset``'s records (rows aligned with its records) to choose the
+    neighbours in: ``pixel_vectors(dataset)`` for model-independent pairs (what ``bench run`` passes), or the
+    model's embeddings when already computed; records without ``label`` are skipped with their rows.
     """
     check_number("k", k, minimum=1, integer=True)
     if embeddings is not None and len(embeddings) != len(dataset):

@@ -34,8 +34,11 @@ Thresholds, and why
   being a slightly different population from the data set (cured patients, grown findings), the
   standard error ``sqrt(b (1 - b) / n_pairs)`` for the finite number of pairs. A bound <= 0 (a
   model near chance on the data set) promises nothing and the pair criterion is not applied.
-  Nearest-neighbour pairs (real data) are chosen by the model's own embedding, the hardest pairs
-  by construction, so no bound holds for them: their accuracy is reported, never used to flag.
+  Nearest-neighbour pairs (real data, ``counterfactual.nearest_neighbour_pairs``) pair each image with the
+  most similar image of another label (in pixel space, ``counterfactual.pixel_vectors``, as ``bench run`` and
+  the counterfactual check choose them; or in an embedding given), harder than a random pair by construction,
+  so no bound holds for them: their accuracy is reported, never used to flag (``bench run`` gives this check
+  no pairs on real data).
 """
 
 from __future__ import annotations

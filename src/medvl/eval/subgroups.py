@@ -94,6 +94,16 @@ def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> di
     return result
 
 
+def unreadable_ages(records: Iterable[Record], column: str) -> list[str]:
+    """The values of an age-like ``column`` (``is_age_column``) that records hold but ``age_band`` cannot read
+    (``67+``, ``early 40s``, an age above 130), one per such record: they fall in no group, like a missing value,
+    but are not missing. [] for another column."""
+    if not is_age_column(column):
+        return []
+    raw = [r.labels.get(column, r.meta.get(column)) for r in records]
+    return [str(value) for value in raw if not _missing(value) and age_band(value) == UNKNOWN_AGE]
+
+
 def valued_columns(records: Iterable[Record], columns: Sequence[str]) -> list[str]:
     """The ``columns`` at least one of ``records`` has a value for (in its labels or meta): those
     ``groups_from_records`` can group by."""

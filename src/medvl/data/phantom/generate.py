@@ -314,6 +314,27 @@ def _write_description(root: Path, seed: int, n: int, size: int, extra_finding_p
     (root / "dataset.json").write_text(text, encoding="utf-8")
 
 
+def check_phantom_settings(n: int = 1000, seed: int = 0, size: int | None = None,
+                           splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
+                           kind: str = "cxr2d", vqa: bool = False, vqa_per_case: int = DEFAULT_PER_CASE,
+                           shortcut: float | None = None, positioning: float = 0.0) -> dict[str, float]:
+    """InputError unless ``generate_phantom`` accepts these settings (checked before anything is written; a
+    benchmark suite's ``generate`` block is checked with it when the suite is read); returns the split
+    fractions."""
+    if kind not in KINDS:
+        raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_vqa_args(vqa_per_case)
+    if not isinstance(vqa, bool):
+        raise InputError(f"vqa must be true or false, got {vqa!r}")
+    if vqa and kind != "cxr2d":
+        raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
+    _check_shortcut(shortcut, kind, vqa)
+    _check_positioning(positioning, kind, vqa)
+    split_fractions = _check_splits(splits)
+    check_phantom_params(n, seed, DEFAULT_SIZES[kind] if size is None else size, extra_finding_prob, kind)
+    return split_fractions
+
+
 def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: int | None = None,
                      splits: dict[str, float] | None = None, extra_finding_prob: float = 0.0,
                      progress: bool = False, overwrite: bool = False, kind: str = "cxr2d", vqa: bool = False,
@@ -333,18 +354,12 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     the module docstring: a corner marker that leaks the normal / abnormal label. ``positioning``
     (0-1, cxr2d only) varies the patient's placement in the field of view (module docstring).
     """
-    if kind not in KINDS:
-        raise InputError(f"phantom kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    check_vqa_args(vqa_per_case)
-    if vqa and kind != "cxr2d":
-        raise InputError(f"phantom VQA is for chest radiographs (kind cxr2d), not {kind}")
-    _check_shortcut(shortcut, kind, vqa)
-    _check_positioning(positioning, kind, vqa)
+    split_fractions = check_phantom_settings(n=n, seed=seed, size=size, splits=splits,
+                                             extra_finding_prob=extra_finding_prob, kind=kind, vqa=vqa,
+                                             vqa_per_case=vqa_per_case, shortcut=shortcut, positioning=positioning)
     shortcut = None if shortcut is None else float(shortcut)
     out_dir = Path(out_dir)
     size = DEFAULT_SIZES[kind] if size is None else size
-    split_fractions = _check_splits(splits)
-    check_phantom_params(n, seed, size, extra_finding_prob, kind)
     _check_target(out_dir, overwrite)
     split_of = assign_splits(int(n), int(seed), split_fractions)
     what = "phantom CT volumes" if kind == "ct3d" else "phantom radiographs"
