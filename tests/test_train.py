@@ -796,3 +796,47 @@ def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_
     assert result.exit_code == 0, output
     assert ("the captions describe 2 of the 2 classes of label column 'effusion' not at all: their training "
             "captions are the bare class names") in " ".join((output + caplog.text).split())
+
+
+def test_the_python_api_applies_leave_out_skip_flagged_and_covariates_as_the_cli_does(small_phantom, tmp_path):
+    """``medvl.train`` once trained on the images a VQA question file asked to keep out and on the images the audit
+    flags, while its train_config.json said both were applied, and saved covariates its own evaluation refuses."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(small_phantom, data)
+    dataset = medvl.load_dataset(data).select("train")
+    for record in dataset.records[:3]:  # blank images: the audit flags them
+        Image.fromarray(np.full((48, 48), 128, np.uint8)).save(record.image)
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"qid": i, "image_name": Path(record.image).name, "question": "a nodule?",
+                                      "answer": "no", "answer_type": "CLOSED"}
+                                     for i, record in enumerate(dataset.records[5:10])]))
+    config = TrainConfig(epochs=1, batch_size=16, leave_out_images_of=[str(questions)], skip_flagged=True)
+    trained = _train_small(dataset, tmp_path / "run", config)
+    assert trained.meta["training"]["records"] == len(dataset) - 5 - 3
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["records"] == len(dataset) - 8
+    assert saved["train"]["leave_out_images_of"] == [str(questions)] and saved["train"]["skip_flagged"] is True
+    for covariates, message in ((["finding"], "'finding' is the label column; it cannot also be a covariate"),
+                                (["nope"], "no record has a value for covariate column 'nope'")):
+        config = TrainConfig(epochs=1, covariates=covariates, supervised_weight=1, label_columns=["finding"])
+        with pytest.raises(InputError, match=message):
+            _train_small(dataset, tmp_path / "cov", config)
+        assert not (tmp_path / "cov").exists()
+
+
+def test_the_python_api_trains_the_datasets_own_captions_or_a_caption_file_it_is_given(small_phantom, tmp_path):
+    """``medvl.train`` trained generic templates ("{}.") where ``medvl train`` trained the captions of the data's
+    dataset.json, and a caption file's path was an AttributeError."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, text_source="captions", label_columns=["finding"])
+    trained = _train_small(dataset, tmp_path / "own", config)
+    own = json.loads((small_phantom / "dataset.json").read_text())["captions"]
+    assert trained.meta["captions"]["templates"] == own["templates"]
+    assert trained.meta["captions"]["classes"]["finding"] == own["classes"]["finding"]
+    captions = tmp_path / "captions.yaml"
+    captions.write_text('templates: ["a film with {}."]\n')
+    trained = _train_small(dataset, tmp_path / "file", config, captions=captions)
+    assert trained.meta["captions"]["templates"] == ["a film with {}."]

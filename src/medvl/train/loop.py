@@ -37,11 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_numbers
+from ..data import captions_for
+from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from ..data.captions import CaptionConfig
+from ..data.loaders.vqa import leave_out_images
 from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
+from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
 from ..models.config import MIN_WORD_TEXTS
@@ -361,31 +365,122 @@ class Objective(Protocol):
     def finish(self, steps: int) -> None: ...
 
 
-def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
-          captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
-          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
+CaptionSource = str | Path | CaptionConfig | None  # a caption file, a ready config, or None (``captions_for``)
 
-    ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run folder (its
-    ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
-    infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
-    checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
-    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
-    """
+
+@dataclass
+class PreparedRun:
+    """What a run trains on once its settings are checked against its data (``prepare_run``)."""
+
+    dataset: Dataset  # the records trained on
+    config: TrainConfig  # the settings as applied (the covariates kept): what train_config.json records
+    captions: CaptionConfig  # the caption set (``captions_for``)
+    text_source: str  # ``config.text_source`` resolved (``text_source_for``)
+
+
+def prepare_run(model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionSource = None, *,
+                show_progress: bool = True, recipe_covariates: bool = False) -> PreparedRun:
+    """The records, settings and captions a run of ``model`` on ``dataset`` trains with: the one path of
+    ``train`` and of ``medvl.train.recipes`` (the CLI, the service, the benchmarks), so that every setting is
+    applied whoever starts the run. ``config`` itself is not changed (a checked copy is returned).
+
+    In order: the settings checked (``TrainConfig.validate``, the label columns against the data); records the
+    model cannot take left out (a DICOM folder's 3D series for a 2D model, ``Dataset.for_spatial_dims``), then
+    those whose image a question file of ``leave_out_images_of`` asks about; with supervised heads, records
+    without one of the label columns; the covariates checked against the records left (``run_covariates``;
+    ``recipe_covariates``: they are the recipe's defaults, not asked for); with ``skip_flagged``, records whose
+    image the audit flags; records the text source cannot use (``trainable_records``). The captions are
+    ``captions_for(dataset, captions, model)``: a file or config given, else the dataset's own (dataset.json),
+    else the model's, else generic templates."""
+    config = dataclasses.replace(config)
     config.validate()
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)
     check_label_columns(dataset, config)
+    if config.leave_out_images_of:
+        dataset, left_out = leave_out_images(dataset, config.leave_out_images_of)
+        log.info("left out %d training records whose image the %d question file(s) ask about; %d remain",
+                 left_out, len(config.leave_out_images_of), len(dataset))
+    if config.supervised_weight > 0:
+        dataset = dataset.with_labels(config.label_columns)
+    config.covariates = run_covariates(dataset, config.covariates, config.label_columns,
+                                       recipe=(config.recipe or "model") if recipe_covariates else None)
+    if config.skip_flagged:
+        dataset = skip_flagged_records(dataset, config.workers, show_progress)
     source = text_source_for(dataset, config)
     dataset = trainable_records(dataset, config, source)
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
     warn_single_class(dataset, config, source)
+    return PreparedRun(dataset, config, captions_for(dataset, captions, model), source)
+
+
+def run_covariates(dataset: Dataset, columns: Sequence[str], labels: Sequence[str], recipe: str | None = None
+                   ) -> list[str]:
+    """The covariate columns of a run on ``dataset`` whose label columns are ``labels``, checked before any
+    training: an id or free-text column, a column no record has a value of, or one that is or restates a label
+    (``medvl.eval.covariates.check_covariates``) is an InputError. ``recipe``: the columns are that recipe's
+    defaults, not asked for, so those no record has, or that are a label column of the run, are left out with a
+    warning (a recipe made on data with patient metadata still trains on data without it, or on that column)."""
+    columns = list(columns)
+    if recipe is not None:
+        columns = present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
+        clashing = [column for column in columns if column in labels]
+        if clashing:
+            columns = [column for column in columns if column not in labels]
+            log.warning("the %s recipe's covariate(s) %s are label columns of this run, so they are left out of the "
+                        "covariates (kept: %s; --train-set covariates='[...]' chooses them)", recipe,
+                        ", ".join(clashing), ", ".join(columns) or "none")
+    if columns:
+        check_covariates(dataset.records, columns, labels, str(dataset.source))
+    return columns
+
+
+def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
+    """``dataset`` without the records whose image ``medvl.data.audit`` flags unreadable, blank or
+    streaked (their count logged per flag); InputError if no record is left."""
+    audit = audit_dataset(dataset, workers=workers, show_progress=show_progress)
+    skipped = flagged_ids(audit, CONTENT_FLAGS)
+    kept = dataset.subset([record for record in dataset.records if record.id not in skipped])
+    counts = ", ".join(f"{flag} {audit['counts'][flag]}" for flag in CONTENT_FLAGS)
+    if not len(kept):
+        raise InputError(f"{dataset.source}: every training image is flagged by the image audit ({counts}); "
+                         "nothing to train on")
+    log.info("skipped %d of %d training records flagged by the image audit (%s)", len(skipped), len(dataset), counts)
+    return kept
+
+
+def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
+          captions: CaptionSource = None, resume: bool = False, show_progress: bool = True,
+          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
+
+    Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
+    ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
+    for the dataset's own, else the model's, else generic templates); ``out_dir/train_config.json`` records the
+    settings as applied. ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run
+    folder (its ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
+    infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
+    checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
+    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
+    """
+    prepared = prepare_run(model, dataset, config, captions, show_progress=show_progress)
+    return train_prepared(model, prepared, out_dir, resume=resume, show_progress=show_progress,
+                          on_epoch_end=on_epoch_end)
+
+
+def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Path, resume: bool = False,
+                   show_progress: bool = True,
+                   on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """``train`` on what ``prepare_run`` returned (a recipe adds its heads to the model in between)."""
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
                     "DATA`", Path(out_dir) / MODEL_DIR, Path(out_dir) / MODEL_DIR)
         model.ood = None
-    objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig(), source)
-    return fit(objective, config, out_dir, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+    objective = ContrastiveObjective(model, prepared.dataset, prepared.config, prepared.captions,
+                                     prepared.text_source)
+    return fit(objective, prepared.config, out_dir, resume=resume, show_progress=show_progress,
+               on_epoch_end=on_epoch_end)
 
 
 def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: bool = False,
