@@ -840,3 +840,38 @@ def test_the_python_api_trains_the_datasets_own_captions_or_a_caption_file_it_is
     captions.write_text('templates: ["a film with {}."]\n')
     trained = _train_small(dataset, tmp_path / "file", config, captions=captions)
     assert trained.meta["captions"]["templates"] == ["a film with {}."]
+
+
+def test_resume_accepts_the_same_data_named_another_way_or_from_another_folder(small_phantom, tmp_path, monkeypatch):
+    """The records' digest hashed each image path as spelt (``ph/images/x.png``), and the stored data path was
+    resolved against the current folder: the same data given by its absolute path, or from another folder, was
+    refused as changed. A run folder written before (digest over the paths as spelt, data path as given) still
+    resumes as it was started, and another spelling then says why it cannot."""
+    from medvl.data.record import records_digest
+
+    shutil.copytree(small_phantom, tmp_path / "ph")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", "phantom-tiny", "--set", "image.image_size=48", "--epochs", 2, "--batch-size", 16,
+            "--max-steps", 2, "-q"]
+    result, output = invoke(*args, "--data", "ph", "--out", "run")
+    assert result.exit_code == 0, output
+    assert json.loads(Path("run/train_config.json").read_text())["data"] == str(tmp_path / "ph" / "manifest.csv")
+    result, output = invoke(*args, "--data", tmp_path / "ph", "--out", "run", "--resume")
+    assert result.exit_code == 0, output
+    monkeypatch.chdir(tmp_path / "ph")
+    result, output = invoke(*args, "--data", ".", "--out", "../run", "--resume")
+    assert result.exit_code == 0, output
+    # a run folder as medvl wrote it before: data as given, the digest over the image paths as the loader spelt them
+    monkeypatch.chdir(tmp_path)
+    settings = json.loads(Path("run/train_config.json").read_text())
+    del settings["digest_paths"]
+    settings["data"] = "ph/manifest.csv"
+    settings["records_sha256"] = records_digest(medvl.load_dataset("ph").select("train").records)
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--data", "ph", "--out", "run", "--resume")
+    assert result.exit_code == 0, output
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--data", tmp_path / "ph", "--out", "run", "--resume")
+    assert result.exit_code == 2, output
+    assert ("a run folder written before medvl compared data by its resolved paths resumes only with --data "
+            "'ph/manifest.csv' given from the folder the run was started in") in " ".join(output.split())

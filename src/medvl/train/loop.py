@@ -360,7 +360,7 @@ class Objective(Protocol):
 
     def log_extra(self) -> dict[str, float]: ...
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self, resolved: bool = True) -> dict[str, Any]: ...
 
     def finish(self, steps: int) -> None: ...
 
@@ -663,11 +663,13 @@ class ContrastiveObjective:
                 f"batches (last {spread:.3g}, temperature {temperature:.3g}): every image scores every text alike, "
                 "and the model learns nothing more")
 
-    def describe(self) -> dict[str, Any]:
-        """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
-        prompts are the texts of label captions and fitted the tokenizer; the model's meta keeps it)."""
+    def describe(self, resolved: bool = True) -> dict[str, Any]:
+        """What ``check_same_run`` compares on resume: besides the model, the data (``resolved``: the records'
+        digest over the image files' resolved paths) and the caption set (its prompts are the texts of label
+        captions and fitted the tokenizer; the model's meta keeps it)."""
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
-                "records_sha256": records_digest(self.dataset.records), "captions": self.texts.captions.to_dict()}
+                "records_sha256": records_digest(self.dataset.records, resolved),
+                "captions": self.texts.captions.to_dict()}
 
     def finish(self, steps: int) -> None:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
@@ -783,9 +785,7 @@ class _Run:
         if distributed.is_main():
             with write_errors_named(self.out_dir):
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
-                                                      "processes": distributed.world_size(),
-                                                      **self.objective.describe()})
+            write_json(self.out_dir / CONFIG_FILE, run_settings(self.config, self.objective))
         total_batches = self.total_steps * self.config.grad_accum
         with progress_bar("Training", total=total_batches, enabled=self.show_progress) as advance:
             advance(self.batch_index)
@@ -1023,8 +1023,20 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "records_sha256": "the data's records (a report, label, split or image file changed since)",
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions")  # recorded since runs could have started: compared
-# when present
+DIGEST_PATHS = "digest_paths"  # "resolved": the run's DATA_DIGESTS are over the image files' resolved paths
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS)  # recorded since runs could have
+# started: compared when present
+
+
+def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
+    """What a run's ``train_config.json`` holds: the training config, the number of processes and the objective's
+    ``describe()`` (the model, the data, its digest), the data's path resolved: the same data named another way,
+    or from another working directory, is recorded (and compared on --resume) the same."""
+    described = objective.describe()
+    if isinstance(described.get("data"), str | Path) and str(described["data"]):
+        described["data"] = str(Path(described["data"]).resolve())
+    return {"train": dataclasses.asdict(config), "processes": distributed.world_size(), **described,
+            DIGEST_PATHS: "resolved"}
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -1044,8 +1056,11 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         return  # a damaged settings file: the checkpoint alone decides, as before it was written
     if not isinstance(earlier, dict) or not isinstance(earlier.get("train"), dict):
         return  # not a run's settings (damaged, or not written by medvl): nothing to compare with
-    now = json_ready({"train": dataclasses.asdict(config), "processes": distributed.world_size(),
-                      **objective.describe()})  # as the file holds it
+    now = json_ready(run_settings(config, objective))  # as the file holds it
+    legacy = DIGEST_PATHS not in earlier  # started before the digests were over resolved paths
+    if legacy:  # its digests are over the image paths as the data was named then, relative to where it started
+        now.update({key: value for key, value in json_ready(objective.describe(resolved=False)).items()
+                    if key in DATA_DIGESTS})
     changed = []
     for key in sorted(set(earlier) | set(now)):
         before, after = earlier.get(key), now.get(key)
@@ -1063,7 +1078,10 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                 changed.append(f"data {before!r} -> {after!r}")
         elif key in DATA_DIGESTS:
             if before != after:
-                changed.append(DATA_DIGESTS[key])
+                changed.append(DATA_DIGESTS[key] + (
+                    f", or the data is named another way than when the run started: a run folder written before "
+                    f"medvl compared data by its resolved paths resumes only with --data {earlier.get('data')!r} "
+                    "given from the folder the run was started in" if legacy else ""))
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
