@@ -875,3 +875,23 @@ def test_resume_accepts_the_same_data_named_another_way_or_from_another_folder(s
     assert result.exit_code == 2, output
     assert ("a run folder written before medvl compared data by its resolved paths resumes only with --data "
             "'ph/manifest.csv' given from the folder the run was started in") in " ".join(output.split())
+
+
+def test_contrastive_fine_tuning_of_a_model_with_a_head_needs_no_labels_for_it(small_phantom, tmp_path, caplog):
+    """With supervised_weight 0 the head of a saved model is not trained, yet every record needed its label, a
+    class the head did not know was refused, and its cross-entropy was logged. Now no target is built: the data
+    trains whatever that column holds, with a warning that the head is not trained."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    supervised = _train_small(dataset, tmp_path / "sup", TrainConfig(epochs=1, batch_size=16, supervised_weight=1,
+                                                                      label_columns=["finding"]))
+    assert list(supervised.heads) == ["finding"]
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(
+        finding=("atelectasis" if i % 5 == 0 else "" if i % 5 == 1 else row["finding"])))
+    edited = medvl.load_dataset(data).select("train")
+    with caplog.at_level("WARNING"):
+        trained = medvl.train(medvl.load_model(tmp_path / "sup"), edited, TrainConfig(epochs=1, batch_size=16,
+                                                                                        log_every=1),
+                              tmp_path / "run", show_progress=False)
+    assert trained.meta["training"]["records"] == len(edited)
+    assert "the model's supervised head(s) finding are not trained (supervised_weight is 0)" in caplog.text
+    assert not any(key.startswith("ce_") for line in _metrics(tmp_path / "run") for key in line)

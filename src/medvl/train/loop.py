@@ -572,7 +572,10 @@ class ContrastiveObjective:
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
                                self.config.workers, sources=image_sources(self.dataset))
-        self.targets = _head_targets(self.model, self.dataset)
+        self.targets = _head_targets(self.model, self.dataset) if self.config.supervised_weight > 0 else {}
+        if self.config.supervised_weight == 0 and self.model.heads:
+            log.warning("the model's supervised head(s) %s are not trained (supervised_weight is 0): they keep what "
+                        "they learned before, on an image tower this training changes", ", ".join(self.model.heads))
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
         """The loss of the global batch ``indices``; under torchrun this rank encodes only its shard and
