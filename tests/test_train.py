@@ -895,3 +895,13 @@ def test_contrastive_fine_tuning_of_a_model_with_a_head_needs_no_labels_for_it(s
     assert trained.meta["training"]["records"] == len(edited)
     assert "the model's supervised head(s) finding are not trained (supervised_weight is 0)" in caplog.text
     assert not any(key.startswith("ce_") for line in _metrics(tmp_path / "run") for key in line)
+
+
+def test_a_model_starting_at_the_highest_temperature_trains(small_phantom, tmp_path):
+    """init_temperature 100 is allowed, but a first step moving the temperature a hair above 100 stopped the run as
+    run away, advising a lower --lr."""
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--batch-size", 16, "--seed", 1, "--set", "init_temperature=100",
+                            "--train-set", "log_every=1", "-q")
+    assert result.exit_code == 0, output
+    assert max(line["temperature"] for line in _metrics(tmp_path / "run")) > 100

@@ -642,17 +642,19 @@ class ContrastiveObjective:
 
     def collapse(self) -> str | None:
         """Why the model can no longer learn, else None (too high a learning rate, both): a learned temperature run
-        away past ``MAX_TEMPERATURE`` (``contrastive_loss`` clamps it from below only), or, at any temperature,
-        each image's logits within ``FLAT_LOGITS`` of each other for ``COLLAPSE_STEPS`` steps in a row (a tower
-        that embeds every input alike; for a model whose logits were that flat at its first step, a tenth of that
-        step's spread). Every logit is then about the same, the loss stays finite at its chance value and the
+        away past ``MAX_TEMPERATURE`` (or twice the model's ``init_temperature``, which may be up to it, so that a
+        first step from there is not a run-away; ``contrastive_loss`` clamps it from below only), or, at any
+        temperature, each image's logits within ``FLAT_LOGITS`` of each other for ``COLLAPSE_STEPS`` steps in a row
+        (a tower that embeds every input alike; for a model whose logits were that flat at its first step, a tenth
+        of that step's spread). Every logit is then about the same, the loss stays finite at its chance value and the
         gradients reaching the towers vanish, so the run would go on and save a constant model."""
         if self.config.contrastive_weight == 0:
             return None
         temperature = float(1 / self.model.logit_scale.detach().exp())
-        if temperature > MAX_TEMPERATURE:
-            return (f"the temperature of the image-text logits became {temperature:.3g} (above "
-                    f"{MAX_TEMPERATURE:g}): every image scores every text alike, and the model learns nothing more")
+        limit = max(MAX_TEMPERATURE, 2 * self.model.config.init_temperature)  # a model may start at the maximum
+        if temperature > limit:
+            return (f"the temperature of the image-text logits became {temperature:.3g} (above {limit:g}): every "
+                    "image scores every text alike, and the model learns nothing more")
         spread, self._spread = self._spread, None
         if spread is None:  # one pair only in the batch: nothing to compare
             return None
