@@ -905,3 +905,19 @@ def test_a_model_starting_at_the_highest_temperature_trains(small_phantom, tmp_p
                             "--train-set", "log_every=1", "-q")
     assert result.exit_code == 0, output
     assert max(line["temperature"] for line in _metrics(tmp_path / "run")) > 100
+
+
+def test_each_metrics_line_gives_the_learning_rate_its_step_trained_with(small_phantom, tmp_path):
+    """The lr of a metrics line was the next step's: the last line read 0.0, and the self-supervised phase's last
+    line the main phase's peak."""
+    from medvl.train.loop import _phased_warmup_cosine
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, log_every=1, self_supervised_epochs=1, lr=1e-3)
+    _train_small(dataset, tmp_path / "run", config)
+    lines = [line for line in _metrics(tmp_path / "run") if "loss" in line]
+    per_epoch = math.ceil(len(dataset) / 16)
+    assert len(lines) == 2 * per_epoch and lines[-1]["lr"] > 0
+    for line in lines:  # step N (1-based) trained with the factor of the schedule's step N - 1
+        factor = _phased_warmup_cosine(line["step"] - 1, per_epoch, per_epoch, config.warmup_fraction)
+        assert line["lr"] == pytest.approx(config.lr * factor)

@@ -833,6 +833,7 @@ class _Run:
         self._check_learning()
         if self.average is not None:
             self.average.update(self.model)
+        lr = float(self.scheduler.get_last_lr()[0])  # the learning rate this step trained with (logged)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -840,7 +841,7 @@ class _Run:
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
             # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
             self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}),
-                      full)
+                      full, lr)
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -901,13 +902,14 @@ class _Run:
             return self.objective.pretraining_losses(indices, seed)  # type: ignore[attr-defined]
         return self.objective.losses(indices, seed)
 
-    def _log(self, losses: dict[str, float], full_batch: bool) -> None:
+    def _log(self, losses: dict[str, float], full_batch: bool, lr: float) -> None:
         """One metrics line: the losses of this step's batch (``full_batch`` false for an epoch's short last
-        batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out)."""
+        batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out) and
+        the learning rate ``lr`` it trained with."""
         if not distributed.is_main():
             return
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses,
+                "lr": lr, **self.objective.log_extra(), **losses,
                 "full_batch": full_batch}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
