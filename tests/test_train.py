@@ -921,3 +921,31 @@ def test_each_metrics_line_gives_the_learning_rate_its_step_trained_with(small_p
     for line in lines:  # step N (1-based) trained with the factor of the schedule's step N - 1
         factor = _phased_warmup_cosine(line["step"] - 1, per_epoch, per_epoch, config.warmup_fraction)
         assert line["lr"] == pytest.approx(config.lr * factor)
+
+
+def test_an_interrupted_fresh_start_of_a_run_folder_puts_its_metrics_back(small_phantom, tmp_path, monkeypatch):
+    """A run stopped by max_steps within an epoch has no checkpoint: --resume trains it afresh and starts its
+    metrics over. Interrupted before its first checkpoint, that attempt left the old model beside its own partial
+    metrics; the run's metrics are now put back."""
+    from medvl.train.loop import ContrastiveObjective
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=8, max_steps=4, log_every=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    losses = ContrastiveObjective.losses
+    calls = []
+
+    def interrupted_at_the_third_batch(self, indices, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return losses(self, indices, seed)
+
+    monkeypatch.setattr(ContrastiveObjective, "losses", interrupted_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, resume=True)
+    assert len(calls) == 3
+    assert _tree(out) == before

@@ -503,16 +503,21 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
     objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
-    run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
+    # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
+    # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
+    earlier_metrics = _read_or_none(out_dir / METRICS_FILE) if state is None and distributed.is_main() else None
     try:
+        run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
         trained = run.run()
     except WriteError:
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
             _remove_run_output(out_dir, present)
+            _put_back(out_dir / METRICS_FILE, earlier_metrics)
         raise
     except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
         if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
+            _put_back(out_dir / METRICS_FILE, earlier_metrics)
         raise
     if joined:
         distributed.shutdown()
@@ -1238,6 +1243,21 @@ def _drop_metrics_after(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) < len(lines):
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:  # none yet (or unreadable: nothing to put back)
+        return None
+
+
+def _put_back(path: Path, content: bytes | None) -> None:
+    """Write ``content`` (None: nothing) back to ``path`` after a failed fresh start truncated it; best effort,
+    since the failure being raised (a full disk, say) says more."""
+    if content is not None:
+        with contextlib.suppress(OSError, WriteError):
+            atomic_write_bytes(path, content)
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:
