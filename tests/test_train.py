@@ -949,3 +949,15 @@ def test_an_interrupted_fresh_start_of_a_run_folder_puts_its_metrics_back(small_
         _train_small(dataset, out, config, resume=True)
     assert len(calls) == 3
     assert _tree(out) == before
+
+
+def test_max_steps_within_the_self_supervised_phase_is_warned(small_phantom, tmp_path, caplog):
+    """A run stopped within its self-supervised phase saved an image-text model whose text tower never trained,
+    without a word."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    per_epoch = math.ceil(len(dataset) / 16)
+    with caplog.at_level("WARNING"):
+        _train_small(dataset, tmp_path / "run", TrainConfig(epochs=1, batch_size=16, self_supervised_epochs=2,
+                                                            max_steps=2))
+    assert (f"max_steps 2 ends within the {2 * per_epoch} self-supervised steps (self_supervised_epochs 2): the "
+            "image-text loss (and any supervised head) never trains") in caplog.text

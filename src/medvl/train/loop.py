@@ -768,6 +768,11 @@ class _Run:
                              f"({type(objective).__name__}) has no self-supervised phase")
         self.total_steps = self.pretraining_steps + steps_per_epoch * config.epochs
         if config.max_steps:  # a shorter run: the schedules end where it stops
+            if self.pretraining_steps and config.max_steps <= self.pretraining_steps and distributed.is_main():
+                log.warning("max_steps %d ends within the %d self-supervised steps (self_supervised_epochs %d): the "
+                            "image-text loss (and any supervised head) never trains; the saved model's text tower "
+                            "and temperature are as they started", config.max_steps, self.pretraining_steps,
+                            config.self_supervised_epochs)
             self.total_steps = min(self.total_steps, config.max_steps)
             self.pretraining_steps = min(self.pretraining_steps, self.total_steps)
         main_steps = self.total_steps - self.pretraining_steps
