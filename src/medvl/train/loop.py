@@ -121,6 +121,11 @@ class TrainConfig:
         if self.loss not in (None, "clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
         self.check_label_columns()
+        for name in ("batch_group", "meta_text"):  # an empty name switched the setting off without a word
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise InputError(f"{name}: {'empty column name' if isinstance(value, str) else f'got {value!r}'}; "
+                                 "leave it out for none")
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
         if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):

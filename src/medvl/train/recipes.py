@@ -116,6 +116,7 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         # would be dropped without a word
         raise InputError(f"recipe={given['recipe']!r}: the recipe is the model's, not a training option "
                          "(--model NAME trains NAME's recipe; `medvl models --recipe NAME` prints it)")
+    given.update(_loss_override(model_overrides or {}, given, recipe))
     config = build_dataclass(TrainConfig, {**recipe.train, **given}, "train")
     config.recipe = str(model) if recipe != Recipe() else None
     config.validate_numbers()
@@ -129,6 +130,18 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         operating_point=operating_point or recipe.operating_point, covariates_given="covariates" in given)
     check_benchmark_settings(settings)
     return settings
+
+
+def _loss_override(model_overrides: dict[str, Any], given: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The loss a model override (``--set loss=...``) asks for, as the training option it is: the training option
+    replaces the model config's loss, so a recipe's ``loss`` would silently undo the override, and a ``--loss``
+    with another value is given twice (an InputError)."""
+    if "loss" not in model_overrides:
+        return {}
+    wanted = model_overrides["loss"]
+    if given.get("loss") is not None and given["loss"] != wanted:
+        raise InputError(f"loss is given twice: --loss {given['loss']!r} and --set loss={wanted!r}; give one of them")
+    return {"loss": wanted} if recipe.train.get("loss") not in (None, wanted) else {}
 
 
 NAMED_FLAGS = {"label_columns": "--label-column"}  # a TrainConfig field whose option is not --<field>
