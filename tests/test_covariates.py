@@ -339,6 +339,24 @@ def test_the_recipes_covariates_are_left_out_on_data_without_them(isic_with_age,
         covariates_for(bare, resolve_recipe("derm-small", covariates=["age_approx", "sex"]))
 
 
+def test_a_recipe_covariate_that_is_the_runs_label_column_is_left_out_with_a_warning(isic_with_age, tmp_path,
+                                                                                    caplog):
+    """``medvl train --model derm-small -l sex`` was refused ("'sex' is the label column; it cannot also be a
+    covariate") although the user named no covariate: the recipe's. It is left out, with a warning naming the
+    recipe; the same column given as an option is still refused."""
+    result, output = invoke("train", "--allow-outside-root", "--data", isic_with_age, "--model", "derm-small",
+                            "--max-steps", 1, "-l", "sex", "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 0, output
+    assert "the derm-small recipe's covariate(s) sex are label columns of this run, so they are left out" in \
+        " ".join((output + caplog.text).split())
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["covariates"] == ["age_approx"]
+    assert json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["covariates"] == ["age_approx"]
+    result, output = invoke("train", "--allow-outside-root", "--data", isic_with_age, "--model", "derm-small",
+                            "--max-steps", 1, "-l", "sex", "--train-set", 'covariates=["sex"]',
+                            "--out", tmp_path / "given", "-q")
+    assert result.exit_code == 2 and "'sex' is the label column; it cannot also be a covariate" in output
+
+
 def test_the_probe_leaves_out_the_models_covariates_the_training_data_lacks(model_with_covariates, shared_data,
                                                                             tmp_path):
     """A model trained to fuse age and sex, probed on images without them: the image alone, with a warning;

@@ -63,6 +63,15 @@ def test_options_replace_the_recipe_and_none_keeps_it():
     assert resolve_recipe("derm-small", captions="mine.yaml").captions == "mine.yaml"
 
 
+def test_a_loss_set_on_the_model_is_not_undone_by_the_recipes_training_loss():
+    """medpix-small's recipe trains with loss clip: ``--set loss=siglip`` was replaced by it without a word, and
+    ``--set loss=siglip --loss clip`` trained clip."""
+    assert resolve_recipe("medpix-small", model_overrides={"loss": "siglip"}).train.loss == "siglip"
+    assert resolve_recipe("medpix-small", model_overrides={"loss": "clip"}, loss="clip").train.loss == "clip"
+    with pytest.raises(InputError, match="loss is given twice: --loss 'clip' and --set loss='siglip'"):
+        resolve_recipe("phantom-tiny", model_overrides={"loss": "siglip"}, loss="clip")
+
+
 def test_unknown_and_mistyped_recipe_settings_are_refused():
     with pytest.raises(InputError, match="epoch"):
         resolve_recipe("medpix-small", epoch=3)

@@ -796,3 +796,168 @@ def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_
     assert result.exit_code == 0, output
     assert ("the captions describe 2 of the 2 classes of label column 'effusion' not at all: their training "
             "captions are the bare class names") in " ".join((output + caplog.text).split())
+
+
+def test_the_python_api_applies_leave_out_skip_flagged_and_covariates_as_the_cli_does(small_phantom, tmp_path):
+    """``medvl.train`` once trained on the images a VQA question file asked to keep out and on the images the audit
+    flags, while its train_config.json said both were applied, and saved covariates its own evaluation refuses."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(small_phantom, data)
+    dataset = medvl.load_dataset(data).select("train")
+    for record in dataset.records[:3]:  # blank images: the audit flags them
+        Image.fromarray(np.full((48, 48), 128, np.uint8)).save(record.image)
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"qid": i, "image_name": Path(record.image).name, "question": "a nodule?",
+                                      "answer": "no", "answer_type": "CLOSED"}
+                                     for i, record in enumerate(dataset.records[5:10])]))
+    config = TrainConfig(epochs=1, batch_size=16, leave_out_images_of=[str(questions)], skip_flagged=True)
+    trained = _train_small(dataset, tmp_path / "run", config)
+    assert trained.meta["training"]["records"] == len(dataset) - 5 - 3
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["records"] == len(dataset) - 8
+    assert saved["train"]["leave_out_images_of"] == [str(questions)] and saved["train"]["skip_flagged"] is True
+    for covariates, message in ((["finding"], "'finding' is the label column; it cannot also be a covariate"),
+                                (["nope"], "no record has a value for covariate column 'nope'")):
+        config = TrainConfig(epochs=1, covariates=covariates, supervised_weight=1, label_columns=["finding"])
+        with pytest.raises(InputError, match=message):
+            _train_small(dataset, tmp_path / "cov", config)
+        assert not (tmp_path / "cov").exists()
+
+
+def test_the_python_api_trains_the_datasets_own_captions_or_a_caption_file_it_is_given(small_phantom, tmp_path):
+    """``medvl.train`` trained generic templates ("{}.") where ``medvl train`` trained the captions of the data's
+    dataset.json, and a caption file's path was an AttributeError."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, text_source="captions", label_columns=["finding"])
+    trained = _train_small(dataset, tmp_path / "own", config)
+    own = json.loads((small_phantom / "dataset.json").read_text())["captions"]
+    assert trained.meta["captions"]["templates"] == own["templates"]
+    assert trained.meta["captions"]["classes"]["finding"] == own["classes"]["finding"]
+    captions = tmp_path / "captions.yaml"
+    captions.write_text('templates: ["a film with {}."]\n')
+    trained = _train_small(dataset, tmp_path / "file", config, captions=captions)
+    assert trained.meta["captions"]["templates"] == ["a film with {}."]
+
+
+def test_resume_accepts_the_same_data_named_another_way_or_from_another_folder(small_phantom, tmp_path, monkeypatch):
+    """The records' digest hashed each image path as spelt (``ph/images/x.png``), and the stored data path was
+    resolved against the current folder: the same data given by its absolute path, or from another folder, was
+    refused as changed. A run folder written before (digest over the paths as spelt, data path as given) still
+    resumes as it was started, and another spelling then says why it cannot."""
+    from medvl.data.record import records_digest
+
+    shutil.copytree(small_phantom, tmp_path / "ph")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", "phantom-tiny", "--set", "image.image_size=48", "--epochs", 2, "--batch-size", 16,
+            "--max-steps", 2, "-q"]
+    result, output = invoke(*args, "--data", "ph", "--out", "run")
+    assert result.exit_code == 0, output
+    assert json.loads(Path("run/train_config.json").read_text())["data"] == str(tmp_path / "ph" / "manifest.csv")
+    result, output = invoke(*args, "--data", tmp_path / "ph", "--out", "run", "--resume")
+    assert result.exit_code == 0, output
+    monkeypatch.chdir(tmp_path / "ph")
+    result, output = invoke(*args, "--data", ".", "--out", "../run", "--resume")
+    assert result.exit_code == 0, output
+    # a run folder as medvl wrote it before: data as given, the digest over the image paths as the loader spelt them
+    monkeypatch.chdir(tmp_path)
+    settings = json.loads(Path("run/train_config.json").read_text())
+    del settings["digest_paths"]
+    settings["data"] = "ph/manifest.csv"
+    settings["records_sha256"] = records_digest(medvl.load_dataset("ph").select("train").records)
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--data", "ph", "--out", "run", "--resume")
+    assert result.exit_code == 0, output
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--data", tmp_path / "ph", "--out", "run", "--resume")
+    assert result.exit_code == 2, output
+    assert ("a run folder written before medvl compared data by its resolved paths resumes only with --data "
+            "'ph/manifest.csv' given from the folder the run was started in") in " ".join(output.split())
+
+
+def test_contrastive_fine_tuning_of_a_model_with_a_head_needs_no_labels_for_it(small_phantom, tmp_path, caplog):
+    """With supervised_weight 0 the head of a saved model is not trained, yet every record needed its label, a
+    class the head did not know was refused, and its cross-entropy was logged. Now no target is built: the data
+    trains whatever that column holds, with a warning that the head is not trained."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    supervised = _train_small(dataset, tmp_path / "sup", TrainConfig(epochs=1, batch_size=16, supervised_weight=1,
+                                                                      label_columns=["finding"]))
+    assert list(supervised.heads) == ["finding"]
+    data = _edited_phantom(small_phantom, tmp_path / "data", lambda i, row: row.update(
+        finding=("atelectasis" if i % 5 == 0 else "" if i % 5 == 1 else row["finding"])))
+    edited = medvl.load_dataset(data).select("train")
+    with caplog.at_level("WARNING"):
+        trained = medvl.train(medvl.load_model(tmp_path / "sup"), edited, TrainConfig(epochs=1, batch_size=16,
+                                                                                        log_every=1),
+                              tmp_path / "run", show_progress=False)
+    assert trained.meta["training"]["records"] == len(edited)
+    assert "the model's supervised head(s) finding are not trained (supervised_weight is 0)" in caplog.text
+    assert not any(key.startswith("ce_") for line in _metrics(tmp_path / "run") for key in line)
+
+
+def test_a_model_starting_at_the_highest_temperature_trains(small_phantom, tmp_path):
+    """init_temperature 100 is allowed, but a first step moving the temperature a hair above 100 stopped the run as
+    run away, advising a lower --lr."""
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--batch-size", 16, "--seed", 1, "--set", "init_temperature=100",
+                            "--train-set", "log_every=1", "-q")
+    assert result.exit_code == 0, output
+    assert max(line["temperature"] for line in _metrics(tmp_path / "run")) > 100
+
+
+def test_each_metrics_line_gives_the_learning_rate_its_step_trained_with(small_phantom, tmp_path):
+    """The lr of a metrics line was the next step's: the last line read 0.0, and the self-supervised phase's last
+    line the main phase's peak."""
+    from medvl.train.loop import _phased_warmup_cosine
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, log_every=1, self_supervised_epochs=1, lr=1e-3)
+    _train_small(dataset, tmp_path / "run", config)
+    lines = [line for line in _metrics(tmp_path / "run") if "loss" in line]
+    per_epoch = math.ceil(len(dataset) / 16)
+    assert len(lines) == 2 * per_epoch and lines[-1]["lr"] > 0
+    for line in lines:  # step N (1-based) trained with the factor of the schedule's step N - 1
+        factor = _phased_warmup_cosine(line["step"] - 1, per_epoch, per_epoch, config.warmup_fraction)
+        assert line["lr"] == pytest.approx(config.lr * factor)
+
+
+def test_an_interrupted_fresh_start_of_a_run_folder_puts_its_metrics_back(small_phantom, tmp_path, monkeypatch):
+    """A run stopped by max_steps within an epoch has no checkpoint: --resume trains it afresh and starts its
+    metrics over. Interrupted before its first checkpoint, that attempt left the old model beside its own partial
+    metrics; the run's metrics are now put back."""
+    from medvl.train.loop import ContrastiveObjective
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=8, max_steps=4, log_every=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    losses = ContrastiveObjective.losses
+    calls = []
+
+    def interrupted_at_the_third_batch(self, indices, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return losses(self, indices, seed)
+
+    monkeypatch.setattr(ContrastiveObjective, "losses", interrupted_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, out, config, resume=True)
+    assert len(calls) == 3
+    assert _tree(out) == before
+
+
+def test_max_steps_within_the_self_supervised_phase_is_warned(small_phantom, tmp_path, caplog):
+    """A run stopped within its self-supervised phase saved an image-text model whose text tower never trained,
+    without a word."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    per_epoch = math.ceil(len(dataset) / 16)
+    with caplog.at_level("WARNING"):
+        _train_small(dataset, tmp_path / "run", TrainConfig(epochs=1, batch_size=16, self_supervised_epochs=2,
+                                                            max_steps=2))
+    assert (f"max_steps 2 ends within the {2 * per_epoch} self-supervised steps (self_supervised_epochs 2): the "
+            "image-text loss (and any supervised head) never trains") in caplog.text

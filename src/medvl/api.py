@@ -116,11 +116,16 @@ def parse_overrides(pairs: Sequence[str], text_encoder: str | None = None) -> di
     if text_encoder is not None and not text_encoder.strip():  # not "the recipe's encoder"
         raise InputError("--text-encoder: empty name (bert, a shipped encoder's name or a local folder; leave the "
                          "option out for the recipe's)")
+    chosen: dict[str, Any] = {}
     if text_encoder == "bert":
-        overrides.update({"text.kind": "bert", "text.path": None})
+        chosen = {"text.kind": "bert", "text.path": None}
     elif text_encoder:
-        overrides.update({"text.kind": "pretrained", "text.path": text_encoder})
-    return overrides
+        chosen = {"text.kind": "pretrained", "text.path": text_encoder}
+    for key, value in chosen.items():  # the later value would silently replace the earlier
+        if key in overrides and overrides[key] != value:
+            raise InputError(f"{key} is given twice: --text-encoder {text_encoder!r} sets it to {value!r}, "
+                             f"--set {key}={overrides[key]!r}; give one of them")
+    return {**overrides, **chosen}
 
 
 def train_options(named: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:

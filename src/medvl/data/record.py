@@ -252,13 +252,16 @@ class Dataset(Sequence[Record]):
         return subset
 
 
-def records_digest(records: Sequence[Record]) -> str:
+def records_digest(records: Sequence[Record], resolved: bool = False) -> str:
     """SHA-256 over each record's id, split, labels, metadata and report, and its images: an array's values, a
     file's path, size and modification time (a replaced file has a new one; reading every file to hash it
     would double the reading of an index build or a training run). A file that cannot be stat'ed counts as
     missing: the caller then names it when it reads it. Identifies the data a resumed index build or training
-    run continues."""
+    run continues. ``resolved``: each file's resolved absolute path (its folder's symbolic links followed), so
+    the digest does not depend on how the data's path was typed nor on the working directory; else the path as
+    the loader spelt it (relative paths stay relative: what training runs recorded before)."""
     digest = hashlib.sha256()
+    folders: dict[str, str] = {}  # a folder -> its resolved path: resolved once, not once per file
     for record in records:
         digest.update(json.dumps([record.id, record.split, record.labels, record.meta, record.text or None],
                                  sort_keys=True, default=str).encode())
@@ -273,8 +276,17 @@ def records_digest(records: Sequence[Record]) -> str:
                     state = f"|{stat.st_size}|{stat.st_mtime_ns}"
                 except OSError:
                     state = "|missing"
-                digest.update(os.fsencode(file) + state.encode())  # the name's bytes: it may hold any
+                name = _resolved_file(file, folders) if resolved else os.fspath(file)
+                digest.update(os.fsencode(name) + state.encode())  # the name's bytes: it may hold any
     return digest.hexdigest()
+
+
+def _resolved_file(file: str | os.PathLike[str], folders: dict[str, str]) -> str:
+    """``file`` with its folder resolved (``folders`` caches each folder's resolved path)."""
+    folder, name = os.path.split(os.path.abspath(file))
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
 
 
 def _resolved(source: str | Path | None) -> str:

@@ -37,11 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_numbers
+from ..data import captions_for
+from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from ..data.captions import CaptionConfig
+from ..data.loaders.vqa import leave_out_images
 from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
+from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
 from ..models.config import MIN_WORD_TEXTS
@@ -117,6 +121,11 @@ class TrainConfig:
         if self.loss not in (None, "clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
         self.check_label_columns()
+        for name in ("batch_group", "meta_text"):  # an empty name switched the setting off without a word
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise InputError(f"{name}: {'empty column name' if isinstance(value, str) else f'got {value!r}'}; "
+                                 "leave it out for none")
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
         if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):
@@ -356,36 +365,127 @@ class Objective(Protocol):
 
     def log_extra(self) -> dict[str, float]: ...
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self, resolved: bool = True) -> dict[str, Any]: ...
 
     def finish(self, steps: int) -> None: ...
 
 
-def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
-          captions: CaptionConfig | None = None, resume: bool = False, show_progress: bool = True,
-          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
+CaptionSource = str | Path | CaptionConfig | None  # a caption file, a ready config, or None (``captions_for``)
 
-    ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run folder (its
-    ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
-    infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
-    checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
-    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
-    """
+
+@dataclass
+class PreparedRun:
+    """What a run trains on once its settings are checked against its data (``prepare_run``)."""
+
+    dataset: Dataset  # the records trained on
+    config: TrainConfig  # the settings as applied (the covariates kept): what train_config.json records
+    captions: CaptionConfig  # the caption set (``captions_for``)
+    text_source: str  # ``config.text_source`` resolved (``text_source_for``)
+
+
+def prepare_run(model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionSource = None, *,
+                show_progress: bool = True, recipe_covariates: bool = False) -> PreparedRun:
+    """The records, settings and captions a run of ``model`` on ``dataset`` trains with: the one path of
+    ``train`` and of ``medvl.train.recipes`` (the CLI, the service, the benchmarks), so that every setting is
+    applied whoever starts the run. ``config`` itself is not changed (a checked copy is returned).
+
+    In order: the settings checked (``TrainConfig.validate``, the label columns against the data); records the
+    model cannot take left out (a DICOM folder's 3D series for a 2D model, ``Dataset.for_spatial_dims``), then
+    those whose image a question file of ``leave_out_images_of`` asks about; with supervised heads, records
+    without one of the label columns; the covariates checked against the records left (``run_covariates``;
+    ``recipe_covariates``: they are the recipe's defaults, not asked for); with ``skip_flagged``, records whose
+    image the audit flags; records the text source cannot use (``trainable_records``). The captions are
+    ``captions_for(dataset, captions, model)``: a file or config given, else the dataset's own (dataset.json),
+    else the model's, else generic templates."""
+    config = dataclasses.replace(config)
     config.validate()
+    dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)
     check_label_columns(dataset, config)
+    if config.leave_out_images_of:
+        dataset, left_out = leave_out_images(dataset, config.leave_out_images_of)
+        log.info("left out %d training records whose image the %d question file(s) ask about; %d remain",
+                 left_out, len(config.leave_out_images_of), len(dataset))
+    if config.supervised_weight > 0:
+        dataset = dataset.with_labels(config.label_columns)
+    config.covariates = run_covariates(dataset, config.covariates, config.label_columns,
+                                       recipe=(config.recipe or "model") if recipe_covariates else None)
+    if config.skip_flagged:
+        dataset = skip_flagged_records(dataset, config.workers, show_progress)
     source = text_source_for(dataset, config)
     dataset = trainable_records(dataset, config, source)
     if len(dataset) < 2:
         raise InputError(f"{dataset.source}: need at least 2 training records, got {len(dataset)}")
     warn_single_class(dataset, config, source)
+    return PreparedRun(dataset, config, captions_for(dataset, captions, model), source)
+
+
+def run_covariates(dataset: Dataset, columns: Sequence[str], labels: Sequence[str], recipe: str | None = None
+                   ) -> list[str]:
+    """The covariate columns of a run on ``dataset`` whose label columns are ``labels``, checked before any
+    training: an id or free-text column, a column no record has a value of, or one that is or restates a label
+    (``medvl.eval.covariates.check_covariates``) is an InputError. ``recipe``: the columns are that recipe's
+    defaults, not asked for, so those no record has, or that are a label column of the run, are left out with a
+    warning (a recipe made on data with patient metadata still trains on data without it, or on that column)."""
+    columns = list(columns)
+    if recipe is not None:
+        columns = present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
+        clashing = [column for column in columns if column in labels]
+        if clashing:
+            columns = [column for column in columns if column not in labels]
+            log.warning("the %s recipe's covariate(s) %s are label columns of this run, so they are left out of the "
+                        "covariates (kept: %s; --train-set covariates='[...]' chooses them)", recipe,
+                        ", ".join(clashing), ", ".join(columns) or "none")
+    if columns:
+        check_covariates(dataset.records, columns, labels, str(dataset.source))
+    return columns
+
+
+def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
+    """``dataset`` without the records whose image ``medvl.data.audit`` flags unreadable, blank or
+    streaked (their count logged per flag); InputError if no record is left."""
+    audit = audit_dataset(dataset, workers=workers, show_progress=show_progress)
+    skipped = flagged_ids(audit, CONTENT_FLAGS)
+    kept = dataset.subset([record for record in dataset.records if record.id not in skipped])
+    counts = ", ".join(f"{flag} {audit['counts'][flag]}" for flag in CONTENT_FLAGS)
+    if not len(kept):
+        raise InputError(f"{dataset.source}: every training image is flagged by the image audit ({counts}); "
+                         "nothing to train on")
+    log.info("skipped %d of %d training records flagged by the image audit (%s)", len(skipped), len(dataset), counts)
+    return kept
+
+
+def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
+          captions: CaptionSource = None, resume: bool = False, show_progress: bool = True,
+          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
+
+    Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
+    ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
+    for the dataset's own, else the model's, else generic templates); ``out_dir/train_config.json`` records the
+    settings as applied. ``out_dir`` must be missing or empty unless ``resume``, and then missing, empty or a run
+    folder (its ``train_config.json`` or ``checkpoint/``). A loss or gradient that becomes NaN or
+    infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
+    checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
+    ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
+    """
+    prepared = prepare_run(model, dataset, config, captions, show_progress=show_progress)
+    return train_prepared(model, prepared, out_dir, resume=resume, show_progress=show_progress,
+                          on_epoch_end=on_epoch_end)
+
+
+def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Path, resume: bool = False,
+                   show_progress: bool = True,
+                   on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+    """``train`` on what ``prepare_run`` returned (a recipe adds its heads to the model in between)."""
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
                     "DATA`", Path(out_dir) / MODEL_DIR, Path(out_dir) / MODEL_DIR)
         model.ood = None
-    objective = ContrastiveObjective(model, dataset, config, captions or CaptionConfig(), source)
-    return fit(objective, config, out_dir, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+    objective = ContrastiveObjective(model, prepared.dataset, prepared.config, prepared.captions,
+                                     prepared.text_source)
+    return fit(objective, prepared.config, out_dir, resume=resume, show_progress=show_progress,
+               on_epoch_end=on_epoch_end)
 
 
 def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: bool = False,
@@ -408,16 +508,21 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
         torch.manual_seed(config.seed)
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
     objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
-    run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
+    # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
+    # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
+    earlier_metrics = _read_or_none(out_dir / METRICS_FILE) if state is None and distributed.is_main() else None
     try:
+        run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
         trained = run.run()
     except WriteError:
         if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
             _remove_run_output(out_dir, present)
+            _put_back(out_dir / METRICS_FILE, earlier_metrics)
         raise
     except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
         if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
             _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
+            _put_back(out_dir / METRICS_FILE, earlier_metrics)
         raise
     if joined:
         distributed.shutdown()
@@ -477,7 +582,10 @@ class ContrastiveObjective:
         # every training image read once, kept for every epoch as float16 [0, 1] (augmented per step)
         self.pixels = load_all(self.model.preprocessor, [r.image for r in self.dataset], show_progress,
                                self.config.workers, sources=image_sources(self.dataset))
-        self.targets = _head_targets(self.model, self.dataset)
+        self.targets = _head_targets(self.model, self.dataset) if self.config.supervised_weight > 0 else {}
+        if self.config.supervised_weight == 0 and self.model.heads:
+            log.warning("the model's supervised head(s) %s are not trained (supervised_weight is 0): they keep what "
+                        "they learned before, on an image tower this training changes", ", ".join(self.model.heads))
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
         """The loss of the global batch ``indices``; under torchrun this rank encodes only its shard and
@@ -544,17 +652,19 @@ class ContrastiveObjective:
 
     def collapse(self) -> str | None:
         """Why the model can no longer learn, else None (too high a learning rate, both): a learned temperature run
-        away past ``MAX_TEMPERATURE`` (``contrastive_loss`` clamps it from below only), or, at any temperature,
-        each image's logits within ``FLAT_LOGITS`` of each other for ``COLLAPSE_STEPS`` steps in a row (a tower
-        that embeds every input alike; for a model whose logits were that flat at its first step, a tenth of that
-        step's spread). Every logit is then about the same, the loss stays finite at its chance value and the
+        away past ``MAX_TEMPERATURE`` (or twice the model's ``init_temperature``, which may be up to it, so that a
+        first step from there is not a run-away; ``contrastive_loss`` clamps it from below only), or, at any
+        temperature, each image's logits within ``FLAT_LOGITS`` of each other for ``COLLAPSE_STEPS`` steps in a row
+        (a tower that embeds every input alike; for a model whose logits were that flat at its first step, a tenth
+        of that step's spread). Every logit is then about the same, the loss stays finite at its chance value and the
         gradients reaching the towers vanish, so the run would go on and save a constant model."""
         if self.config.contrastive_weight == 0:
             return None
         temperature = float(1 / self.model.logit_scale.detach().exp())
-        if temperature > MAX_TEMPERATURE:
-            return (f"the temperature of the image-text logits became {temperature:.3g} (above "
-                    f"{MAX_TEMPERATURE:g}): every image scores every text alike, and the model learns nothing more")
+        limit = max(MAX_TEMPERATURE, 2 * self.model.config.init_temperature)  # a model may start at the maximum
+        if temperature > limit:
+            return (f"the temperature of the image-text logits became {temperature:.3g} (above {limit:g}): every "
+                    "image scores every text alike, and the model learns nothing more")
         spread, self._spread = self._spread, None
         if spread is None:  # one pair only in the batch: nothing to compare
             return None
@@ -568,11 +678,13 @@ class ContrastiveObjective:
                 f"batches (last {spread:.3g}, temperature {temperature:.3g}): every image scores every text alike, "
                 "and the model learns nothing more")
 
-    def describe(self) -> dict[str, Any]:
-        """What ``check_same_run`` compares on resume: besides the model and the data, the caption set (its
-        prompts are the texts of label captions and fitted the tokenizer; the model's meta keeps it)."""
+    def describe(self, resolved: bool = True) -> dict[str, Any]:
+        """What ``check_same_run`` compares on resume: besides the model, the data (``resolved``: the records'
+        digest over the image files' resolved paths) and the caption set (its prompts are the texts of label
+        captions and fitted the tokenizer; the model's meta keeps it)."""
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
-                "records_sha256": records_digest(self.dataset.records), "captions": self.texts.captions.to_dict()}
+                "records_sha256": records_digest(self.dataset.records, resolved),
+                "captions": self.texts.captions.to_dict()}
 
     def finish(self, steps: int) -> None:
         self.model.drop_view_projection()  # a training device only: the saved model has no use for it
@@ -661,6 +773,11 @@ class _Run:
                              f"({type(objective).__name__}) has no self-supervised phase")
         self.total_steps = self.pretraining_steps + steps_per_epoch * config.epochs
         if config.max_steps:  # a shorter run: the schedules end where it stops
+            if self.pretraining_steps and config.max_steps <= self.pretraining_steps and distributed.is_main():
+                log.warning("max_steps %d ends within the %d self-supervised steps (self_supervised_epochs %d): the "
+                            "image-text loss (and any supervised head) never trains; the saved model's text tower "
+                            "and temperature are as they started", config.max_steps, self.pretraining_steps,
+                            config.self_supervised_epochs)
             self.total_steps = min(self.total_steps, config.max_steps)
             self.pretraining_steps = min(self.pretraining_steps, self.total_steps)
         main_steps = self.total_steps - self.pretraining_steps
@@ -688,9 +805,7 @@ class _Run:
         if distributed.is_main():
             with write_errors_named(self.out_dir):
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.out_dir / CONFIG_FILE, {"train": dataclasses.asdict(self.config),
-                                                      "processes": distributed.world_size(),
-                                                      **self.objective.describe()})
+            write_json(self.out_dir / CONFIG_FILE, run_settings(self.config, self.objective))
         total_batches = self.total_steps * self.config.grad_accum
         with progress_bar("Training", total=total_batches, enabled=self.show_progress) as advance:
             advance(self.batch_index)
@@ -733,6 +848,7 @@ class _Run:
         self._check_learning()
         if self.average is not None:
             self.average.update(self.model)
+        lr = float(self.scheduler.get_last_lr()[0])  # the learning rate this step trained with (logged)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -740,7 +856,7 @@ class _Run:
         if self.step % self.config.log_every == 0 or self.step == self.total_steps:
             # every rank takes part: under torchrun a supervised term is this rank's shard only until averaged
             self._log(distributed.mean_over_ranks({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]}),
-                      full)
+                      full, lr)
         if epoch_done:
             self._end_epoch()
         elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -801,13 +917,14 @@ class _Run:
             return self.objective.pretraining_losses(indices, seed)  # type: ignore[attr-defined]
         return self.objective.losses(indices, seed)
 
-    def _log(self, losses: dict[str, float], full_batch: bool) -> None:
+    def _log(self, losses: dict[str, float], full_batch: bool, lr: float) -> None:
         """One metrics line: the losses of this step's batch (``full_batch`` false for an epoch's short last
-        batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out)."""
+        batch, whose contrastive loss is over fewer candidates and so on a lower scale: plots leave it out) and
+        the learning rate ``lr`` it trained with."""
         if not distributed.is_main():
             return
         line = {"step": self.step, "epoch": self.batch_index / self.batches_per_epoch,
-                "lr": self.scheduler.get_last_lr()[0], **self.objective.log_extra(), **losses,
+                "lr": lr, **self.objective.log_extra(), **losses,
                 "full_batch": full_batch}
         _append_jsonl(self.out_dir / METRICS_FILE, line)
 
@@ -928,8 +1045,20 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "records_sha256": "the data's records (a report, label, split or image file changed since)",
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions")  # recorded since runs could have started: compared
-# when present
+DIGEST_PATHS = "digest_paths"  # "resolved": the run's DATA_DIGESTS are over the image files' resolved paths
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS)  # recorded since runs could have
+# started: compared when present
+
+
+def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
+    """What a run's ``train_config.json`` holds: the training config, the number of processes and the objective's
+    ``describe()`` (the model, the data, its digest), the data's path resolved: the same data named another way,
+    or from another working directory, is recorded (and compared on --resume) the same."""
+    described = objective.describe()
+    if isinstance(described.get("data"), str | Path) and str(described["data"]):
+        described["data"] = str(Path(described["data"]).resolve())
+    return {"train": dataclasses.asdict(config), "processes": distributed.world_size(), **described,
+            DIGEST_PATHS: "resolved"}
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -949,8 +1078,11 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         return  # a damaged settings file: the checkpoint alone decides, as before it was written
     if not isinstance(earlier, dict) or not isinstance(earlier.get("train"), dict):
         return  # not a run's settings (damaged, or not written by medvl): nothing to compare with
-    now = json_ready({"train": dataclasses.asdict(config), "processes": distributed.world_size(),
-                      **objective.describe()})  # as the file holds it
+    now = json_ready(run_settings(config, objective))  # as the file holds it
+    legacy = DIGEST_PATHS not in earlier  # started before the digests were over resolved paths
+    if legacy:  # its digests are over the image paths as the data was named then, relative to where it started
+        now.update({key: value for key, value in json_ready(objective.describe(resolved=False)).items()
+                    if key in DATA_DIGESTS})
     changed = []
     for key in sorted(set(earlier) | set(now)):
         before, after = earlier.get(key), now.get(key)
@@ -968,7 +1100,10 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                 changed.append(f"data {before!r} -> {after!r}")
         elif key in DATA_DIGESTS:
             if before != after:
-                changed.append(DATA_DIGESTS[key])
+                changed.append(DATA_DIGESTS[key] + (
+                    f", or the data is named another way than when the run started: a run folder written before "
+                    f"medvl compared data by its resolved paths resumes only with --data {earlier.get('data')!r} "
+                    "given from the folder the run was started in" if legacy else ""))
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
@@ -1118,6 +1253,21 @@ def _drop_metrics_after(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) < len(lines):
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:  # none yet (or unreadable: nothing to put back)
+        return None
+
+
+def _put_back(path: Path, content: bytes | None) -> None:
+    """Write ``content`` (None: nothing) back to ``path`` after a failed fresh start truncated it; best effort,
+    since the failure being raised (a full disk, say) says more."""
+    if content is not None:
+        with contextlib.suppress(OSError, WriteError):
+            atomic_write_bytes(path, content)
 
 
 def _append_jsonl(path: Path, line: dict[str, Any]) -> None:

@@ -25,13 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_number
-from ..data import captions_for
-from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from ..data.captions import CaptionConfig
-from ..data.loaders.vqa import leave_out_images
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.covariates import check_covariates, present_columns
 from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
@@ -40,10 +36,9 @@ from ..models.registry import (
     get_recipe,
     is_model_dir,
     list_models,
-    model_spatial_dims,
     resolve_model,
 )
-from .loop import TrainConfig, seed_everything, train
+from .loop import TrainConfig, prepare_run, run_covariates, seed_everything, train_prepared
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +116,7 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         # would be dropped without a word
         raise InputError(f"recipe={given['recipe']!r}: the recipe is the model's, not a training option "
                          "(--model NAME trains NAME's recipe; `medvl models --recipe NAME` prints it)")
+    given.update(_loss_override(model_overrides or {}, given, recipe))
     config = build_dataclass(TrainConfig, {**recipe.train, **given}, "train")
     config.recipe = str(model) if recipe != Recipe() else None
     config.validate_numbers()
@@ -134,6 +130,18 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         operating_point=operating_point or recipe.operating_point, covariates_given="covariates" in given)
     check_benchmark_settings(settings)
     return settings
+
+
+def _loss_override(model_overrides: dict[str, Any], given: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The loss a model override (``--set loss=...``) asks for, as the training option it is: the training option
+    replaces the model config's loss, so a recipe's ``loss`` would silently undo the override, and a ``--loss``
+    with another value is given twice (an InputError)."""
+    if "loss" not in model_overrides:
+        return {}
+    wanted = model_overrides["loss"]
+    if given.get("loss") is not None and given["loss"] != wanted:
+        raise InputError(f"loss is given twice: --loss {given['loss']!r} and --set loss={wanted!r}; give one of them")
+    return {"loss": wanted} if recipe.train.get("loss") not in (None, wanted) else {}
 
 
 NAMED_FLAGS = {"label_columns": "--label-column"}  # a TrainConfig field whose option is not --<field>
@@ -187,57 +195,28 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
                  on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train with resolved settings: label columns, seeded init, heads, captions, ``train``.
 
-    With a supervised head (``supervised_weight > 0``) records missing one of the label columns are
-    left out; the heads are added right after the model is built (classes in ``class_order``), so the
-    run is the same whether a benchmark or ``medvl train`` starts it. Records the model cannot take (a
-    DICOM folder's 2D images for a 3D model, its 3D series for a 2D one) are left out first, with a
-    warning (``Dataset.for_spatial_dims``).
+    The records and settings go through ``loop.prepare_run``, as for ``medvl.train`` (records the model cannot
+    take, those ``leave_out_images_of`` / ``skip_flagged`` leave out, with a supervised head those missing one of
+    the label columns; the recipe's covariates the data lacks, or that are a label column, left out with a
+    warning). The heads are added right after (classes in ``class_order``) to the model built from the seed, so
+    the run is the same whether a benchmark or ``medvl train`` starts it.
     """
-    dataset = dataset.for_spatial_dims(model_spatial_dims(settings.model, **settings.model_overrides))
     config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
-    config.validate()
-    if config.leave_out_images_of:
-        dataset, left_out = leave_out_images(dataset, config.leave_out_images_of)
-        log.info("left out %d training records whose image the %d question file(s) ask about; %d remain",
-                 left_out, len(config.leave_out_images_of), len(dataset))
-    if config.supervised_weight > 0:
-        dataset = dataset.with_labels(config.label_columns)
-    config.covariates = covariates_for(dataset, settings, config.label_columns)
-    if config.skip_flagged:
-        dataset = skip_flagged_records(dataset, config.workers, show_progress)
     seed_everything(config.seed)  # the random init of the model is part of the run
     model = resolve_model(settings.model, **settings.model_overrides)
-    _add_heads(model, dataset, config.label_columns if config.supervised_weight > 0 else [])
-    return train(model, dataset, config, out, captions=captions_for(dataset, settings.captions, model),
-                 resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+    prepared = prepare_run(model, dataset, config, settings.captions, show_progress=show_progress,
+                           recipe_covariates=not settings.covariates_given)
+    _add_heads(model, prepared.dataset, prepared.config.label_columns if config.supervised_weight > 0 else [])
+    return train_prepared(model, prepared, out, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
 
 
 def covariates_for(dataset: Dataset, settings: RecipeSettings, labels: Sequence[str] = ()) -> list[str]:
-    """The covariate columns of a run on ``dataset`` whose label columns are ``labels``. Columns given as an
-    option must have a value in some record; the recipe's own columns that no record has are left out with a
-    warning, so a recipe made on data with patient metadata still trains on data without it. Either way the
-    kept columns are checked before any training: an id or free-text column, or one that is or restates a
-    label (``medvl.eval.covariates.check_covariates``), is an InputError."""
-    columns = list(settings.train.covariates)
-    if not settings.covariates_given:
-        columns = present_columns(dataset.records, columns, str(dataset.source), "the recipe's")
-    if columns:
-        check_covariates(dataset.records, columns, labels, str(dataset.source))
-    return columns
-
-
-def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_progress: bool = True) -> Dataset:
-    """``dataset`` without the records whose image ``medvl.data.audit`` flags unreadable, blank or
-    streaked (their count logged per flag); InputError if no record is left."""
-    audit = audit_dataset(dataset, workers=workers, show_progress=show_progress)
-    skipped = flagged_ids(audit, CONTENT_FLAGS)
-    kept = dataset.subset([record for record in dataset.records if record.id not in skipped])
-    counts = ", ".join(f"{flag} {audit['counts'][flag]}" for flag in CONTENT_FLAGS)
-    if not len(kept):
-        raise InputError(f"{dataset.source}: every training image is flagged by the image audit ({counts}); "
-                         "nothing to train on")
-    log.info("skipped %d of %d training records flagged by the image audit (%s)", len(skipped), len(dataset), counts)
-    return kept
+    """The covariate columns of a run on ``dataset`` whose label columns are ``labels`` (``loop.run_covariates``):
+    columns given as an option must have a value in some record; the recipe's own columns that no record has, or
+    that are one of ``labels``, are left out with a warning. Either way the kept columns are checked before any
+    training."""
+    recipe = None if settings.covariates_given else (settings.train.recipe or "model")
+    return run_covariates(dataset, settings.train.covariates, labels, recipe=recipe)
 
 
 def _add_heads(model: DualEncoder, dataset: Dataset, columns: Sequence[str]) -> None:

@@ -166,9 +166,11 @@ class ReportObjective:
     def log_extra(self) -> dict[str, float]:
         return {}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, resolved: bool = True) -> dict[str, Any]:
+        """What ``loop.check_same_run`` compares on --resume (``resolved``: the records' digest over the image
+        files' resolved paths)."""
         return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
-                "records_sha256": records_digest(self.dataset.records),
+                "records_sha256": records_digest(self.dataset.records, resolved),
                 "init": self.model.meta.get("init"), "retrieval": self.model.meta.get("retrieval")}
 
     def finish(self, steps: int) -> None:

@@ -202,15 +202,16 @@ class VQAObjective:
     def log_extra(self) -> dict[str, float]:
         return {}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, resolved: bool = True) -> dict[str, Any]:
         """What ``loop.check_same_run`` compares on --resume: besides the model, the data and its questions
-        (``questions_sha256``), the VQA options (``image_lr_scale`` sets the optimizer's parameter groups,
-        ``type_weight`` the loss) and the share of questions held out."""
+        (``questions_sha256``; ``resolved``: over the image files' resolved paths), the VQA options
+        (``image_lr_scale`` sets the optimizer's parameter groups, ``type_weight`` the loss) and the share of
+        questions held out."""
         # image_model as runs have always recorded it: the name, cxr-small when none was given (with --init too)
         options = {**asdict(self.options), "init": str(self.options.init.resolve()) if self.options.init else None,
                    "image_model": self.options.image_model or DEFAULT_IMAGE_MODEL}
         return {"model": self.model.config.to_dict(), "data": self.source, "questions": len(self.items),
-                "answers": len(self.model.answers), "questions_sha256": questions_digest(self.items),
+                "answers": len(self.model.answers), "questions_sha256": questions_digest(self.items, resolved),
                 "vqa": options, "holdout": (self.model.meta.get("holdout") or {}).get("fraction", 0.0)}
 
     def finish(self, steps: int) -> None:

@@ -284,10 +284,11 @@ def _record(item: VQAItem, record_id: str) -> Record:
                   split=item.split)
 
 
-def questions_digest(items: Sequence[VQAItem]) -> str:
+def questions_digest(items: Sequence[VQAItem], resolved: bool = False) -> str:
     """SHA-256 over each question's split, id, text, answer, types and images (``records_digest``: an image file's
-    path, size and modification time): identifies the questions a resumed VQA training run continues."""
-    return records_digest([_record(item, f"{item.split}/{item.qid}") for item in items])
+    path, size and modification time; ``resolved``: the file's resolved path): identifies the questions a resumed
+    VQA training run continues."""
+    return records_digest([_record(item, f"{item.split}/{item.qid}") for item in items], resolved)
 
 
 def question_files(items: Sequence[VQAItem]) -> list[tuple[Path, str]]:
