@@ -390,6 +390,33 @@ def test_sidecar_manifest_outside_the_folder_is_refused(tmp_path):
         load_dataset(folder)
 
 
+def test_a_key_given_twice_in_one_json_object_is_refused_naming_the_file_record_and_key(tmp_path):
+    """json keeps the last of two equal keys: the first label (or split, or image) was dropped without a word,
+    where a CSV header naming a column twice is refused. Manifests, question files and dataset.json refuse it."""
+    _images(tmp_path, ["images/a.png", "images/b.png"])
+    manifest = tmp_path / "dup.jsonl"
+    manifest.write_text('{"image": "a.png", "split": "test", "label": "nodule"}\n'
+                        '{"image": "b.png", "split": "train", "label": "nodule", "label": "normal"}\n',
+                        encoding="utf-8")
+    with pytest.raises(DataError, match=r"dup\.jsonl: line 2: key 'label' is given twice$"):
+        load_dataset(manifest)
+    manifest.write_text('{"image": "a.png", "meta": {"view": "PA", "view": "AP"}}\n', encoding="utf-8")  # nested
+    with pytest.raises(DataError, match=r"dup\.jsonl: line 1: key 'view' is given twice$"):
+        load_dataset(manifest)
+    folder = tmp_path / "vqa"
+    (folder / "images").mkdir(parents=True)
+    (tmp_path / "images" / "a.png").rename(folder / "images" / "a.png")
+    (folder / "trainset.json").write_text('[{"qid": 1, "image_name": "a.png", "question": "q?", "answer": "yes"},\n'
+                                          ' {"qid": 2, "image_name": "a.png", "question": "q?", "answer": "yes",\n'
+                                          '  "answer": "no"}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"trainset\.json: item 1 \(qid 2\): key 'answer' is given twice$"):
+        load_dataset(folder)
+    (tmp_path / "manifest.csv").write_text("image,label\nimages/b.png,nodule\n", encoding="utf-8")
+    (tmp_path / "dataset.json").write_text('{"label_columns": ["label"], "label_columns": []}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset\.json: key 'label_columns' is given twice in one object$"):
+        load_dataset(tmp_path)
+
+
 def test_vqa_image_names_outside_the_folder_are_refused(tmp_path):
     _images(tmp_path, ["images/a.png", "secret.png"])
     folder = tmp_path / "vqa"

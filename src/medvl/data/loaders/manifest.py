@@ -117,15 +117,51 @@ def decode_utf8(path: Path, raw: bytes) -> str:
         ) from None
 
 
+class _KeyRepeated(dict):
+    """A JSON object in which a key was given twice (``repeated``); its value is the last one, as json's."""
+
+    repeated: str
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of ``parse_json``: the object as a dict, marked when a key occurs twice in it."""
+    result: dict[str, Any] = {}
+    repeated = None
+    for key, value in pairs:
+        if key in result and repeated is None:
+            repeated = key
+        result[key] = value
+    if repeated is None:
+        return result
+    marked = _KeyRepeated(result)
+    marked.repeated = repeated
+    return marked
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads``, except that an object with a key given twice is marked (json keeps the last value
+    silently): ``repeated_key`` finds it, for the caller to refuse naming its line or record."""
+    return json.loads(text, object_pairs_hook=_object_once)
+
+
+def repeated_key(value: Any) -> str | None:
+    """The first key given twice in one JSON object within ``value`` (as read by ``parse_json``), or None."""
+    if isinstance(value, _KeyRepeated):
+        return value.repeated
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((key for child in children if (key := repeated_key(child)) is not None), None)
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Read one JSON object per line as ``(line number, object)``; blank lines are skipped."""
+    """Read one JSON object per line as ``(line number, object)``; blank lines are skipped, and a key given
+    twice in one object is refused (json would keep its last value)."""
     text = decode_utf8(path, path.read_bytes())
     rows = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as error:
             raise DataError(path, f"line {line_number}: not valid JSON ({error.msg})") from None
         except RecursionError:
@@ -133,6 +169,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(path, f"line {line_number}: expected a JSON object, "
                                   f"got {type(row).__name__}")
+        if (key := repeated_key(row)) is not None:
+            raise DataError(path, f"line {line_number}: key {key!r} is given twice")
         rows.append((line_number, row))
     return rows
 
@@ -289,13 +327,15 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        sidecar = json.loads(decode_utf8(path, path.read_bytes()))
+        sidecar = parse_json(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
     except RecursionError:
         raise DataError(path, "JSON nested too deeply") from None
     if not isinstance(sidecar, dict):
         raise DataError(path, "expected a JSON object")
+    if (key := repeated_key(sidecar)) is not None:
+        raise DataError(path, f"key {key!r} is given twice in one object")
     for key, value in sidecar.items():
         expected = SIDECAR_KEYS.get(key)
         if expected is None:

@@ -66,7 +66,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix
 from ..record import Dataset, Record, records_digest
-from .manifest import decode_utf8
+from .manifest import decode_utf8, parse_json, repeated_key
 from .roots import check_inside_root, is_file, is_inside
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(path, "VQA question file not found")
     try:
-        data = json.loads(decode_utf8(path, path.read_bytes()))
+        data = parse_json(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     except RecursionError:
@@ -151,6 +151,9 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
     for index, item in enumerate(data):
         if not isinstance(item, dict):
             raise DataError(path, f"item {index}: expected a JSON object, got {type(item).__name__}")
+        if (key := repeated_key(item)) is not None:
+            qid = _text(item.get("qid")) or "?"
+            raise DataError(path, f"item {index} (qid {qid}): key {key!r} is given twice")
     return data
 
 
