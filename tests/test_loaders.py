@@ -230,6 +230,41 @@ def test_a_split_named_all_beside_other_splits_is_refused(tmp_path):
     assert load_dataset(tmp_path).splits == [ALL_SPLITS]
 
 
+def test_a_split_named_all_beside_other_splits_is_refused_by_the_npz_vqa_and_medpix_loaders(tmp_path):
+    """Their split names come from array keys and file names: an 'all' split beside a test split was taken, with
+    the test records, by ``--split all`` and could not be selected alone, as in a manifest's split column."""
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 255, (4, 28, 28), dtype=np.uint8), "train_labels": np.array([0, 1, 0, 1])}
+    np.savez(tmp_path / "r.npz", **arrays, all_images=arrays["train_images"][:3], all_labels=np.array([0, 1, 1]))
+    vqa, medpix = tmp_path / "vqa", tmp_path / "mpx"
+    _images(vqa, ["images/i0.png", "images/i1.png"])
+    _images(medpix, ["images/x1.png", "images/x2.png"])
+    for split, qid in (("all", 1), ("test", 2)):
+        (vqa / f"{split}.json").write_text(json.dumps([{"qid": qid, "image_name": f"i{qid - 1}.png", "question": "q?",
+                                                        "answer": "yes"}]), encoding="utf-8")
+        (medpix / f"descriptions_{split}.jsonl").write_text(json.dumps({"image": f"x{qid}", "Type": "CT", "Description":
+                                                                        {"Caption": "c"}}) + "\n", encoding="utf-8")
+    for path, source in ((tmp_path / "r.npz", "'all_images'"), (vqa, "all.json"), (medpix, "descriptions_all.jsonl")):
+        with pytest.raises(DataError, match=rf"{path.name}: {source} holds the split 'all' beside other splits "
+                                            r"\('\w+'\); 'all' is the reserved name for every record"):
+            load_dataset(path)
+    (vqa / "test.json").unlink()  # 'all' alone: one split
+    assert load_dataset(vqa).splits == [ALL_SPLITS]
+
+
+def test_two_question_files_holding_one_split_are_refused_naming_both(tmp_path):
+    """train.json and trainset.json both hold split 'train': they were merged without a word, and a qid in both
+    was reported as a duplicate naming neither file."""
+    _images(tmp_path, ["v2/images/i0.png", "v2/images/i1.png"])
+    folder = tmp_path / "v2"
+    for name, qid in (("train.json", 1), ("trainset.json", 2)):
+        (folder / name).write_text(json.dumps([{"qid": qid, "image_name": "i0.png", "question": "q?",
+                                                "answer": "yes"}]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"v2: train\.json and trainset\.json both hold split 'train'"):
+        load_dataset(folder)
+    assert len(load_dataset(folder / "trainset.json")) == 1
+
+
 def test_manifest_jsonl_without_split_column(tmp_path):
     _images(tmp_path, ["x.png", "y.png"])
     rows = [{"image": "x.png", "caption": "a cxr", "id": "case-1", "positive": 1},

@@ -491,6 +491,17 @@ def check_reserved_split(path: Path, rows: list[Row], column: str | None) -> Non
                               "record (--split all), so they could not be selected alone: rename their split")
 
 
+def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
+    """The rule of ``check_reserved_split`` for loaders whose splits come from names (``.npz`` keys, question
+    files, MedPix description files): ``sources`` maps each split to what names it. A split ``all`` beside
+    other splits is a DataError; ``all`` alone is one split."""
+    if ALL_SPLITS in sources and len(sources) > 1:
+        others = ", ".join(repr(split) for split in sources if split != ALL_SPLITS)
+        raise DataError(path, f"{sources[ALL_SPLITS]} holds the split {ALL_SPLITS!r} beside other splits ({others}); "
+                              f"{ALL_SPLITS!r} is the reserved name for every record (--split all), so it could not "
+                              "be selected alone: rename it")
+
+
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
                    allow_outside_root: bool = False, keep_missing_images: bool = False
                    ) -> tuple[list[Record], list[str]]:

@@ -66,7 +66,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix
 from ..record import Dataset, Record, records_digest
-from .manifest import decode_utf8, parse_json, repeated_key
+from .manifest import check_reserved_split_name, decode_utf8, parse_json, repeated_key
 from .roots import check_inside_root, is_file, is_inside
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,19 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
 # ---------------------------------------------------------------- the public loaders
 
 
+def check_split_files(path: Path, files: Sequence[Path]) -> None:
+    """One question file per split, and no split ``all`` beside others (``manifest.check_reserved_split_name``):
+    ``train.json`` and ``trainset.json`` both hold split ``train``, and would be merged without a word."""
+    sources: dict[str, str] = {}
+    for file in files:
+        split = split_name(file)
+        if split in sources:
+            raise DataError(path, f"{sources[split]} and {file.name} both hold split {split!r}; keep one question "
+                                  "file per split (merge them, or rename one)")
+        sources[split] = file.name
+    check_reserved_split_name(path, sources)
+
+
 def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_root: bool = False) -> list[VQAItem]:
     """Every question of a VQA JSON file, or of every question file in a folder (in name order)."""
     path = Path(path)
@@ -263,6 +276,7 @@ def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_
     if not files:
         raise DataError(path, f"no VQA question files (*.json with keys {', '.join(QUESTION_KEYS)} and "
                               f"{' or '.join(IMAGE_KEYS)})")
+    check_split_files(path, files)
     items = [item for file in files for item in read_vqa_file(file, skip_missing_images, allow_outside_root)]
     seen: set[tuple[str, str]] = set()
     for item in items:
