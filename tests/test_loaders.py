@@ -47,9 +47,14 @@ def test_unknown_label_column_names_file_and_columns(shared_data):
         load_dataset(shared_data / "isic-dermoscopy", label_columns=["nosuch"])
 
 
-def test_figure1_loads_with_notes_as_text(shared_data):
-    dataset = load_dataset(shared_data / "figure1-covid-cxr")
+def test_figure1_loads_with_notes_as_text(shared_data, caplog):
+    with caplog.at_level("INFO", logger="medvl.data.loaders.manifest"):
+        dataset = load_dataset(shared_data / "figure1-covid-cxr")
     assert len(dataset) == 55
+    # the 'N/A' note is counted with the empty notes, as the log says (it counted the empty ones only)
+    assert sum(record.text is None for record in dataset) == 7
+    assert ("metadata.csv: 7 of 55 records have no text (6 an empty 'notes' cell, 1 a note saying there is none: "
+            "'N/A')") in caplog.text
     assert "finding" in dataset.label_names and "notes" not in dataset.label_names
     by_id = {record.id: record for record in dataset}
     assert by_id["COVID-00015a"].image.name == "COVID-00015a.png"

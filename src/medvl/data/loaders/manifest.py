@@ -503,8 +503,8 @@ def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
 
 
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
-                   allow_outside_root: bool = False, keep_missing_images: bool = False
-                   ) -> tuple[list[Record], list[str]]:
+                   allow_outside_root: bool = False, keep_missing_images: bool = False,
+                   no_text: frozenset[str] = frozenset()) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
     check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
@@ -544,10 +544,24 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     elif missing:
         log.warning("%s: skipped %d of %d rows whose image file is missing (first: line %d)",
                     path, len(missing), len(rows), missing[0][0])
-    if roles["text"] and any(record.text is None for record in records):
-        log.info("%s: %d of %d records have an empty %r cell (no text)", path,
-                 sum(record.text is None for record in records), len(records), roles["text"])
+    if roles["text"]:
+        _log_no_text(path, records, roles["text"], no_text)
     return records, labels
+
+
+def _log_no_text(path: Path, records: list[Record], column: str, no_text: frozenset[str]) -> None:
+    """Count the records without text: empty cells, and cells that say there is none (``no_text``, Figure 1's
+    'N/A'), whose text is cleared here (training on 'N/A' as a report teaches nothing)."""
+    empty = sum(record.text is None for record in records)
+    said = 0
+    for record in records:
+        if record.text is not None and record.text.strip() in no_text:
+            record.text, said = None, said + 1
+    if said:
+        log.info("%s: %d of %d records have no text (%d an empty %r cell, %d a note saying there is none: %s)",
+                 path, empty + said, len(records), empty, column, said, ", ".join(map(repr, sorted(no_text))))
+    elif empty:
+        log.info("%s: %d of %d records have an empty %r cell (no text)", path, empty, len(records), column)
 
 
 def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_folder: str | Path | None = None,
@@ -573,11 +587,7 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
-                                     allow_outside_root, keep_missing_images)
-    no_text = known.no_text if known else frozenset()
-    for record in records:
-        if record.text is not None and record.text.strip() in no_text:
-            record.text = None  # counted with the empty ones: training on 'N/A' as a report teaches nothing
+                                     allow_outside_root, keep_missing_images, known.no_text if known else frozenset())
     sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]
