@@ -221,6 +221,23 @@ def test_audit_command_names_a_file_used_in_two_splits_and_counts_records_and_im
     assert "(all: 3 records, 2 images)" in output and "one file used in test, train: q1, q2" in output
 
 
+def test_ids_and_splits_that_begin_with_against_are_audited_as_any_other(tmp_path):
+    """The --against records were told apart by an 'against:' prefix on their ids and splits, so this dataset's
+    own records with such an id were left out of the duplicates and leaks, even without --against."""
+    Image.fromarray(smooth_image(7)).save(tmp_path / "b.png")
+    Image.fromarray(smooth_image(7)).save(tmp_path / "b_copy.png")
+    Image.fromarray(smooth_image(8)).save(tmp_path / "c.png")
+    for name, row in (("ids", "b.png,against:1,train"), ("splits", "b.png,1,against:train")):
+        (tmp_path / f"{name}.csv").write_text(f"image,id,split\n{row}\nb_copy.png,2,test\nc.png,3,train\n")
+        audit = audit_dataset(load_dataset(tmp_path / f"{name}.csv"), show_progress=False)
+        assert audit["counts"]["duplicate"] == 2 and audit["files"] == 3, name
+        assert [group["ids"] for group in audit["leaks"]] == [[row.split(",")[1], "2"]], name
+    with_against = audit_dataset(load_dataset(tmp_path / "ids.csv"), show_progress=False,
+                                 against=load_dataset(tmp_path / "splits.csv"))
+    assert with_against["counts"]["duplicate"] == 2 and len(with_against["leaks"]) == 1
+    assert with_against["against"]["records"] == {"data": 3, "against": 3}
+
+
 def test_close_pairs_are_the_pairs_within_the_distance():
     from medvl.data.audit import _close_pairs
 
