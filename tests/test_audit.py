@@ -50,6 +50,22 @@ def test_content_checks_on_constructed_images(tmp_path):
     assert image_checks(volume)["flags"] == []  # no axis check for volumes
 
 
+def test_a_float64_image_beyond_float32s_range_is_checked_on_its_own_values(tmp_path):
+    """Cast to float32 first, values above 3.4e38 became inf and those below about 1e-45 became 0: full-contrast
+    noise was flagged blank, with numpy RuntimeWarnings."""
+    import warnings
+
+    noise = np.random.default_rng(0).random((64, 64))
+    plain = image_checks(noise)
+    for scale in (1e300, 1e-300):
+        np.save(tmp_path / "scaled.npy", noise * scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            checked = image_checks(read_image(tmp_path / "scaled.npy"))
+        assert checked["flags"] == [] and checked["dhash"] == plain["dhash"], scale
+        assert np.abs(checked["thumbnail"].astype(int) - plain["thumbnail"]).max() <= 1
+
+
 def test_real_isic_files(shared_data):
     images = shared_data / "isic-dermoscopy" / "images"
     streaked = image_checks(read_image(images / "ISIC_0000001.jpg"))  # every row of this file is the same

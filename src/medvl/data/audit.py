@@ -398,10 +398,27 @@ def _file_key(image: ImageSource) -> Any:
 
 
 def _gray(array: np.ndarray) -> np.ndarray:
-    """The channel mean of a colour image, or of each frame of a multi-frame colour image (F, H, W, 3|4)."""
+    """The channel mean of a colour image, or of each frame of a multi-frame colour image (F, H, W, 3|4), as
+    float32. A wider float array whose values float32 cannot hold (above 1e30, or all below 1e-30 in size:
+    they would become inf or 0) is first stretched to 0-255 in its own precision; every check is unchanged by
+    that (they stretch non-8-bit images from their own min-max)."""
+    if _beyond_float32(array):
+        top = float(np.abs(array[np.isfinite(array)]).max())
+        scaled = array.astype(np.float64) / top  # within -1..1: no overflow below
+        low, high = float(np.nanmin(scaled)), float(np.nanmax(scaled))
+        array = (scaled - low) * (255.0 / (high - low)) if high > low else np.zeros_like(scaled)
     if array.ndim in (3, 4) and array.shape[-1] in (3, 4):
         return array[..., :3].astype(np.float32).mean(-1)
     return array.astype(np.float32, copy=False)
+
+
+def _beyond_float32(array: np.ndarray) -> bool:
+    """A float array wider than float32 whose largest finite value in size is above 1e30 or, not 0, below 1e-30."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or not array.size:
+        return False
+    finite = np.abs(array[np.isfinite(array)])
+    top = float(finite.max()) if finite.size else 0.0
+    return top > 1e30 or 0.0 < top < 1e-30
 
 
 def _grey_levels(gray: np.ndarray, eight_bit: bool) -> np.ndarray:
