@@ -611,6 +611,26 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     assert "label column 'abnormal' writes 2 value(s) in more than one way ('0' / '0.0'; '1' / '1.0')" in text
 
 
+def test_label_values_that_differ_by_invisible_characters_or_unicode_form_are_warned(tmp_path, caplog):
+    """A zero-width space left by copy and paste, or a macOS NFD accent, made a second class that prints the same,
+    without the warning 'Nodule' / 'nodule' gets."""
+    import unicodedata
+
+    from medvl.data.loaders import label_variants
+
+    decomposed = unicodedata.normalize("NFD", "épanchement")
+    _images(tmp_path, ["a.png"])
+    values = ["nodule", "nodule\u200b", "épanchement", decomposed, "nodule", "épanchement"] * 2
+    (tmp_path / "m.csv").write_text("image,id,label\n" + "".join(f"a.png,r{i},{value}\n" for i, value in
+                                                                  enumerate(values)), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(tmp_path / "m.csv")
+    assert len(dataset.classes("label")) == 4  # kept as written: the data is the user's to correct
+    assert label_variants(dataset) == {"label": [[decomposed, "épanchement"], ["nodule", "nodule\u200b"]]}
+    assert ("writes 2 value(s) in more than one way ('e\\u0301panchement' / '\\xe9panchement'; 'nodule' / "
+            "'nodule\\u200b')") in caplog.text
+
+
 def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_path):
     """A column of many distinct values may hold names or notes: its variants are counted, never logged."""
     from cli_helpers import invoke
