@@ -254,6 +254,22 @@ def test_ids_and_splits_that_begin_with_against_are_audited_as_any_other(tmp_pat
     assert with_against["against"]["records"] == {"data": 3, "against": 3}
 
 
+def test_audit_messages_name_its_own_options_and_no_model(tmp_path):
+    """--workers said it reads images 'ahead of the model' (audit has none), and an out-of-range --near-distance
+    was named without its dashes."""
+    Image.fromarray(smooth_image(7)).save(tmp_path / "a.png")
+    (tmp_path / "manifest.csv").write_text("image\na.png\n")
+    result, output = invoke("audit", "--data", tmp_path, "--near-distance", 17, "-q")
+    assert result.exit_code == 2 and "error: --near-distance must be <= 16, got 17" in output
+    import typer
+
+    from medvl.cli.main import app
+
+    audit = typer.main.get_command(app).commands["audit"]  # type: ignore[attr-defined]
+    workers = next(param.help for param in audit.params if param.name == "workers")
+    assert workers.startswith("Processes reading images ahead of the checks") and "model" not in workers
+
+
 def test_close_pairs_are_the_pairs_within_the_distance():
     from medvl.data.audit import _close_pairs
 
