@@ -268,6 +268,11 @@ def test_two_question_files_holding_one_split_are_refused_naming_both(tmp_path):
     with pytest.raises(DataError, match=r"v2: train\.json and trainset\.json both hold split 'train'"):
         load_dataset(folder)
     assert len(load_dataset(folder / "trainset.json")) == 1
+    (folder / "train.json").unlink()  # a qid repeated in one file: the file is named, not only its folder
+    (folder / "trainset.json").write_text(json.dumps([{"qid": 1, "image_name": "i0.png", "question": "q?",
+                                                       "answer": answer} for answer in ("yes", "no")]))
+    with pytest.raises(DataError, match=r"v2/trainset\.json: duplicate qid '1' in split 'train'"):
+        load_dataset(folder)
 
 
 def test_manifest_jsonl_without_split_column(tmp_path):

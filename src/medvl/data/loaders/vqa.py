@@ -281,7 +281,7 @@ def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_
     seen: set[tuple[str, str]] = set()
     for item in items:
         if (item.split, item.qid) in seen:
-            raise DataError(path, f"duplicate qid {item.qid!r} in split {item.split!r}")
+            raise DataError(item.file or path, f"duplicate qid {item.qid!r} in split {item.split!r}")
         seen.add((item.split, item.qid))
     if not items:
         raise DataError(path, "no questions left (every image file is missing)")
