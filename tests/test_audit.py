@@ -50,6 +50,22 @@ def test_content_checks_on_constructed_images(tmp_path):
     assert image_checks(volume)["flags"] == []  # no axis check for volumes
 
 
+def test_a_float64_image_beyond_float32s_range_is_checked_on_its_own_values(tmp_path):
+    """Cast to float32 first, values above 3.4e38 became inf and those below about 1e-45 became 0: full-contrast
+    noise was flagged blank, with numpy RuntimeWarnings."""
+    import warnings
+
+    noise = np.random.default_rng(0).random((64, 64))
+    plain = image_checks(noise)
+    for scale in (1e300, 1e-300):
+        np.save(tmp_path / "scaled.npy", noise * scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            checked = image_checks(read_image(tmp_path / "scaled.npy"))
+        assert checked["flags"] == [] and checked["dhash"] == plain["dhash"], scale
+        assert np.abs(checked["thumbnail"].astype(int) - plain["thumbnail"]).max() <= 1
+
+
 def test_real_isic_files(shared_data):
     images = shared_data / "isic-dermoscopy" / "images"
     streaked = image_checks(read_image(images / "ISIC_0000001.jpg"))  # every row of this file is the same
@@ -219,6 +235,39 @@ def test_audit_command_names_a_file_used_in_two_splits_and_counts_records_and_im
     assert result.exit_code == 0, output
     output = " ".join(output.split())
     assert "(all: 3 records, 2 images)" in output and "one file used in test, train: q1, q2" in output
+
+
+def test_ids_and_splits_that_begin_with_against_are_audited_as_any_other(tmp_path):
+    """The --against records were told apart by an 'against:' prefix on their ids and splits, so this dataset's
+    own records with such an id were left out of the duplicates and leaks, even without --against."""
+    Image.fromarray(smooth_image(7)).save(tmp_path / "b.png")
+    Image.fromarray(smooth_image(7)).save(tmp_path / "b_copy.png")
+    Image.fromarray(smooth_image(8)).save(tmp_path / "c.png")
+    for name, row in (("ids", "b.png,against:1,train"), ("splits", "b.png,1,against:train")):
+        (tmp_path / f"{name}.csv").write_text(f"image,id,split\n{row}\nb_copy.png,2,test\nc.png,3,train\n")
+        audit = audit_dataset(load_dataset(tmp_path / f"{name}.csv"), show_progress=False)
+        assert audit["counts"]["duplicate"] == 2 and audit["files"] == 3, name
+        assert [group["ids"] for group in audit["leaks"]] == [[row.split(",")[1], "2"]], name
+    with_against = audit_dataset(load_dataset(tmp_path / "ids.csv"), show_progress=False,
+                                 against=load_dataset(tmp_path / "splits.csv"))
+    assert with_against["counts"]["duplicate"] == 2 and len(with_against["leaks"]) == 1
+    assert with_against["against"]["records"] == {"data": 3, "against": 3}
+
+
+def test_audit_messages_name_its_own_options_and_no_model(tmp_path):
+    """--workers said it reads images 'ahead of the model' (audit has none), and an out-of-range --near-distance
+    was named without its dashes."""
+    Image.fromarray(smooth_image(7)).save(tmp_path / "a.png")
+    (tmp_path / "manifest.csv").write_text("image\na.png\n")
+    result, output = invoke("audit", "--data", tmp_path, "--near-distance", 17, "-q")
+    assert result.exit_code == 2 and "error: --near-distance must be <= 16, got 17" in output
+    import typer
+
+    from medvl.cli.main import app
+
+    audit = typer.main.get_command(app).commands["audit"]  # type: ignore[attr-defined]
+    workers = next(param.help for param in audit.params if param.name == "workers")
+    assert workers.startswith("Processes reading images ahead of the checks") and "model" not in workers
 
 
 def test_close_pairs_are_the_pairs_within_the_distance():

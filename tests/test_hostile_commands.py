@@ -484,13 +484,17 @@ def _input_targets(trained: Path, phantom_dir: Path, index: Path) -> dict[str, t
                                    trained / "train_config.json"], trained / "train_config.json"),
         "index build into its --out": (["index", "build", "--model", model, "--data", phantom_dir, "--out", index,
                                         "--json", index / "index.json"], index / "index.json"),
+        "image of a manifest": ([*zero_shot, "--data", phantom_dir / "manifest.csv", "--json", image], image),
+        "audit: image of a manifest": (["audit", "--data", phantom_dir / "manifest.csv", "--json", image, "-q"], image),
     }
 
 
 @pytest.mark.parametrize("case", ["model config", "manifest file", "file in the data folder", "index.json",
-                                  "input image", "run folder as --model", "index build into its --out"])
+                                  "input image", "run folder as --model", "index build into its --out",
+                                  "image of a manifest", "audit: image of a manifest"])
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(trained, phantom_dir, built_index, case):
-    """--json r/model/config.json --overwrite replaced the model's config (and the same for a manifest, an index)."""
+    """--json r/model/config.json --overwrite replaced the model's config (and the same for a manifest, an index,
+    and an image a manifest names: only the manifest file itself was protected, not its folder's data)."""
     args, precious = _input_targets(trained, phantom_dir, built_index)[case]
     before = precious.read_bytes()
     result, output = invoke(*args, "--overwrite")

@@ -47,9 +47,14 @@ def test_unknown_label_column_names_file_and_columns(shared_data):
         load_dataset(shared_data / "isic-dermoscopy", label_columns=["nosuch"])
 
 
-def test_figure1_loads_with_notes_as_text(shared_data):
-    dataset = load_dataset(shared_data / "figure1-covid-cxr")
+def test_figure1_loads_with_notes_as_text(shared_data, caplog):
+    with caplog.at_level("INFO", logger="medvl.data.loaders.manifest"):
+        dataset = load_dataset(shared_data / "figure1-covid-cxr")
     assert len(dataset) == 55
+    # the 'N/A' note is counted with the empty notes, as the log says (it counted the empty ones only)
+    assert sum(record.text is None for record in dataset) == 7
+    assert ("metadata.csv: 7 of 55 records have no text (6 an empty 'notes' cell, 1 a note saying there is none: "
+            "'N/A')") in caplog.text
     assert "finding" in dataset.label_names and "notes" not in dataset.label_names
     by_id = {record.id: record for record in dataset}
     assert by_id["COVID-00015a"].image.name == "COVID-00015a.png"
@@ -230,6 +235,46 @@ def test_a_split_named_all_beside_other_splits_is_refused(tmp_path):
     assert load_dataset(tmp_path).splits == [ALL_SPLITS]
 
 
+def test_a_split_named_all_beside_other_splits_is_refused_by_the_npz_vqa_and_medpix_loaders(tmp_path):
+    """Their split names come from array keys and file names: an 'all' split beside a test split was taken, with
+    the test records, by ``--split all`` and could not be selected alone, as in a manifest's split column."""
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 255, (4, 28, 28), dtype=np.uint8), "train_labels": np.array([0, 1, 0, 1])}
+    np.savez(tmp_path / "r.npz", **arrays, all_images=arrays["train_images"][:3], all_labels=np.array([0, 1, 1]))
+    vqa, medpix = tmp_path / "vqa", tmp_path / "mpx"
+    _images(vqa, ["images/i0.png", "images/i1.png"])
+    _images(medpix, ["images/x1.png", "images/x2.png"])
+    for split, qid in (("all", 1), ("test", 2)):
+        (vqa / f"{split}.json").write_text(json.dumps([{"qid": qid, "image_name": f"i{qid - 1}.png", "question": "q?",
+                                                        "answer": "yes"}]), encoding="utf-8")
+        (medpix / f"descriptions_{split}.jsonl").write_text(json.dumps({"image": f"x{qid}", "Type": "CT", "Description":
+                                                                        {"Caption": "c"}}) + "\n", encoding="utf-8")
+    for path, source in ((tmp_path / "r.npz", "'all_images'"), (vqa, "all.json"), (medpix, "descriptions_all.jsonl")):
+        with pytest.raises(DataError, match=rf"{path.name}: {source} holds the split 'all' beside other splits "
+                                            r"\('\w+'\); 'all' is the reserved name for every record"):
+            load_dataset(path)
+    (vqa / "test.json").unlink()  # 'all' alone: one split
+    assert load_dataset(vqa).splits == [ALL_SPLITS]
+
+
+def test_two_question_files_holding_one_split_are_refused_naming_both(tmp_path):
+    """train.json and trainset.json both hold split 'train': they were merged without a word, and a qid in both
+    was reported as a duplicate naming neither file."""
+    _images(tmp_path, ["v2/images/i0.png", "v2/images/i1.png"])
+    folder = tmp_path / "v2"
+    for name, qid in (("train.json", 1), ("trainset.json", 2)):
+        (folder / name).write_text(json.dumps([{"qid": qid, "image_name": "i0.png", "question": "q?",
+                                                "answer": "yes"}]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"v2: train\.json and trainset\.json both hold split 'train'"):
+        load_dataset(folder)
+    assert len(load_dataset(folder / "trainset.json")) == 1
+    (folder / "train.json").unlink()  # a qid repeated in one file: the file is named, not only its folder
+    (folder / "trainset.json").write_text(json.dumps([{"qid": 1, "image_name": "i0.png", "question": "q?",
+                                                       "answer": answer} for answer in ("yes", "no")]))
+    with pytest.raises(DataError, match=r"v2/trainset\.json: duplicate qid '1' in split 'train'"):
+        load_dataset(folder)
+
+
 def test_manifest_jsonl_without_split_column(tmp_path):
     _images(tmp_path, ["x.png", "y.png"])
     rows = [{"image": "x.png", "caption": "a cxr", "id": "case-1", "positive": 1},
@@ -390,6 +435,33 @@ def test_sidecar_manifest_outside_the_folder_is_refused(tmp_path):
         load_dataset(folder)
 
 
+def test_a_key_given_twice_in_one_json_object_is_refused_naming_the_file_record_and_key(tmp_path):
+    """json keeps the last of two equal keys: the first label (or split, or image) was dropped without a word,
+    where a CSV header naming a column twice is refused. Manifests, question files and dataset.json refuse it."""
+    _images(tmp_path, ["images/a.png", "images/b.png"])
+    manifest = tmp_path / "dup.jsonl"
+    manifest.write_text('{"image": "a.png", "split": "test", "label": "nodule"}\n'
+                        '{"image": "b.png", "split": "train", "label": "nodule", "label": "normal"}\n',
+                        encoding="utf-8")
+    with pytest.raises(DataError, match=r"dup\.jsonl: line 2: key 'label' is given twice$"):
+        load_dataset(manifest)
+    manifest.write_text('{"image": "a.png", "meta": {"view": "PA", "view": "AP"}}\n', encoding="utf-8")  # nested
+    with pytest.raises(DataError, match=r"dup\.jsonl: line 1: key 'view' is given twice$"):
+        load_dataset(manifest)
+    folder = tmp_path / "vqa"
+    (folder / "images").mkdir(parents=True)
+    (tmp_path / "images" / "a.png").rename(folder / "images" / "a.png")
+    (folder / "trainset.json").write_text('[{"qid": 1, "image_name": "a.png", "question": "q?", "answer": "yes"},\n'
+                                          ' {"qid": 2, "image_name": "a.png", "question": "q?", "answer": "yes",\n'
+                                          '  "answer": "no"}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"trainset\.json: item 1 \(qid 2\): key 'answer' is given twice$"):
+        load_dataset(folder)
+    (tmp_path / "manifest.csv").write_text("image,label\nimages/b.png,nodule\n", encoding="utf-8")
+    (tmp_path / "dataset.json").write_text('{"label_columns": ["label"], "label_columns": []}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset\.json: key 'label_columns' is given twice in one object$"):
+        load_dataset(tmp_path)
+
+
 def test_vqa_image_names_outside_the_folder_are_refused(tmp_path):
     _images(tmp_path, ["images/a.png", "secret.png"])
     folder = tmp_path / "vqa"
@@ -542,6 +614,26 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     assert "label column 'finding' writes 2 value(s) in more than one way ('Effusion' / 'effusion'; 'Nodule' / " \
         "'nodule')" in text
     assert "label column 'abnormal' writes 2 value(s) in more than one way ('0' / '0.0'; '1' / '1.0')" in text
+
+
+def test_label_values_that_differ_by_invisible_characters_or_unicode_form_are_warned(tmp_path, caplog):
+    """A zero-width space left by copy and paste, or a macOS NFD accent, made a second class that prints the same,
+    without the warning 'Nodule' / 'nodule' gets."""
+    import unicodedata
+
+    from medvl.data.loaders import label_variants
+
+    decomposed = unicodedata.normalize("NFD", "épanchement")
+    _images(tmp_path, ["a.png"])
+    values = ["nodule", "nodule\u200b", "épanchement", decomposed, "nodule", "épanchement"] * 2
+    (tmp_path / "m.csv").write_text("image,id,label\n" + "".join(f"a.png,r{i},{value}\n" for i, value in
+                                                                  enumerate(values)), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(tmp_path / "m.csv")
+    assert len(dataset.classes("label")) == 4  # kept as written: the data is the user's to correct
+    assert label_variants(dataset) == {"label": [[decomposed, "épanchement"], ["nodule", "nodule\u200b"]]}
+    assert ("writes 2 value(s) in more than one way ('e\\u0301panchement' / '\\xe9panchement'; 'nodule' / "
+            "'nodule\\u200b')") in caplog.text
 
 
 def test_label_variants_of_a_column_of_many_values_are_counted_not_shown(tmp_path):

@@ -97,6 +97,22 @@ def test_case_does_not_depend_on_n_and_files_are_byte_identical(tmp_path):
     assert np.array_equal(stored, rendered.image)
 
 
+@pytest.mark.parametrize("index, size, positioning", [(32, 32, 0.0), (967, 32, 1.0), (753, 40, 1.0)])
+def test_a_nodule_smaller_than_a_pixel_is_still_in_the_pixels(index, size, positioning):
+    """These 3-4 mm nodules fall between pixel centres; the labels, mask and report keep them, so
+    the film must differ from its twin without the nodule, at the mask's pixel."""
+    from medvl.data.phantom.cxr2d import Visit
+
+    case = render_case(11, index, size, positioning=positioning)
+    twin = render_case(11, index, size, positioning=positioning, visit=Visit(number=0, absent=("nodule",)))
+    assert case.finding == "nodule" and case.findings[0]["size_mm"] <= 4
+    assert case.masks["nodule"].sum() == 1
+    difference = np.abs(case.image.astype(int) - twin.image.astype(int))
+    assert difference[case.masks["nodule"]].max() > 8
+    assert np.array_equal(np.argwhere(difference == difference.max()), np.argwhere(case.masks["nodule"]))
+    assert twin.finding == "no_finding"
+
+
 def test_same_case_at_two_sizes_is_the_same_patient():
     for index in range(12):
         small, big = render_case(2, index, 64), render_case(2, index, 128)

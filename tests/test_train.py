@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -752,6 +753,32 @@ def test_a_label_of_one_class_beside_another_caption_column_is_warned(small_phan
     text = " ".join(caplog.text.split())
     assert f"label 'finding' has one class in the {len(dataset)} training records: every caption names it" in text
     assert "label 'sex'" not in text
+
+
+@pytest.mark.parametrize("template", ["a chest x-ray ({view}) with {}.", "a {0} x-ray with {}",
+                                      "a chest x-ray with {}. }", "a chest x-ray with {{}}.",
+                                      "a chest x-ray with {:d}.", "{} and {}"])
+def test_a_caption_template_with_another_brace_is_refused_when_read(small_phantom, tmp_path, template):
+    """Only the count of '{}' was checked: a named field or a lone brace crashed training and zero-shot with a
+    traceback after the template was saved in the model, and '{{}}' left the description out of every caption."""
+    from medvl.data.captions import load_captions
+    from medvl.errors import ModelError
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"templates": [template]}))
+    message = f"template {template!r} may hold only one '{{}}' (the class description) and no other braces"
+    with pytest.raises(InputError, match=re.escape(f"{captions}: {message}")):
+        load_captions(captions)
+    result, output = invoke("train", "--data", small_phantom, "--out", tmp_path / "run", "--model", "phantom-tiny",
+                            "--epochs", 1, "--set", "image.image_size=48", "--captions", captions, "-q")
+    assert result.exit_code == 2 and message in " ".join(output.split()) and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+    model = tmp_path / "model"  # a model folder saved with such a template is refused in one line
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    meta = json.loads((model / "meta.json").read_text())
+    (model / "meta.json").write_text(json.dumps({**meta, "captions": {"templates": [template]}}))
+    with pytest.raises(ModelError, match=re.escape(message)):
+        medvl.load_model(model)
 
 
 def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_classes(small_phantom, tmp_path,

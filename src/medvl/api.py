@@ -55,7 +55,7 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
     ``near_distance``: difference-hash bits (0-16) near duplicates may differ by."""
     from .data.audit import audit_dataset
 
-    check_number("near-distance", near_distance, minimum=0, maximum=16, integer=True)
+    check_number("near_distance", near_distance, minimum=0, maximum=16, integer=True)
     if against is None and against_split != ALL_SPLITS:
         raise InputError(f"against-split {against_split!r} needs against: the dataset whose split to compare with")
     # a manifest row whose image file is missing is listed as unreadable, as a damaged file is, not a refusal

@@ -232,10 +232,11 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
     model, an index, a dataset folder, an output folder the command fills), whatever ``--overwrite`` says:
     ``--json model/config.json --overwrite`` would destroy the model, and a new image, DICOM, NIfTI or table in
     a dataset folder may be read back as data (a new results JSON beside the data is fine:
-    ``_new_file_beside_data``). Paths are compared resolved (symbolic links followed; hard links count); a folder
-    input that does not exist yet (an output folder) counts as a folder. A training run's folder given for its
-    model (``--model run``, which reads ``run/model``) protects the run's own entries (``RUN_OWN_ENTRIES``); another
-    file there, new or replaced with ``--overwrite``, is fine."""
+    ``_new_file_beside_data``); a dataset given as a file (``DATASET_OPTIONS``: a manifest, whose images lie in
+    its folder) protects its folder the same way. Paths are compared resolved (symbolic links followed; hard links
+    count); a folder input that does not exist yet (an output folder) counts as a folder. A training run's folder
+    given for its model (``--model run``, which reads ``run/model``) protects the run's own entries
+    (``RUN_OWN_ENTRIES``); another file there, new or replaced with ``--overwrite``, is fine."""
     target = os.path.realpath(path)
     for name, given in _input_paths(inputs):
         source = os.path.realpath(given)
@@ -252,8 +253,17 @@ def check_not_an_input(path: str | Path, option: str, inputs: InputPaths) -> Non
                                  "give a path outside it")
         elif target == source or (os.path.exists(target) and os.path.samefile(target, source)):
             raise InputError(f"{path}: {option} is {given} ({name}), an input of this command; give another path")
+        elif name in DATASET_OPTIONS:  # a manifest (or another dataset file): its folder holds the data it names
+            folder = os.path.dirname(source)
+            if os.path.commonpath([target, folder]) == folder and not _new_file_beside_data(target, name):
+                raise InputError(f"{path}: {option} lies inside {os.path.dirname(given) or '.'}, the folder of {given} "
+                                 f"({name}), whose data this command reads; give a path outside it")
 
 
+# options naming a dataset: given as a file (a manifest, a question file, an .npz), its folder is protected as a
+# dataset folder is, since the images a manifest names lie there
+DATASET_OPTIONS = ("--data", "--against", "--check-data", "--train-data", "--test-data", "--bridge-data",
+                   "--concept-data")
 FOLDERS_KEPT_WHOLE = ("--model", "--baseline-model", "--index", "--out", "OUT", "--knowledge")  # nothing new inside
 RUN_OWN_ENTRIES = ("model", "checkpoint", "train_config.json", "metrics.jsonl")  # what a training run folder holds
 # what a dataset loader may read back from its folder: a new file of these kinds there would become data

@@ -27,7 +27,6 @@ from .common import (
     OverwriteOption,
     QuietOption,
     Terminated,
-    WorkersOption,
     check_outputs,
     console,
     emit_json,
@@ -186,7 +185,9 @@ def audit_command(
     near_distance: Annotated[int, typer.Option(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
              "1-3 also find re-encoded or resized copies (each match is confirmed on the pixels).")] = 0,
-    workers: WorkersOption = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes reading images ahead of the checks (0 = in this process; default: 0 below 4 cores, else a "
+             "quarter of the cores, from 512 images on).")] = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,
     overwrite: OverwriteOption = False,

@@ -28,7 +28,6 @@ Nothing here reads text or logs pixels; ids and file names are reported, as ever
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -156,7 +155,7 @@ def same_picture(first: np.ndarray, second: np.ndarray) -> bool:
     return float(np.percentile(difference, 95)) < NEAR_LEVELS
 
 
-AGAINST = "against:"  # prefix of the ids and splits of the records of ``audit_dataset``'s ``against`` data
+AGAINST = "against:"  # prefix of the ids and splits of ``against`` records in ``audit_dataset``'s overlap groups
 
 
 def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | None = None,
@@ -196,8 +195,7 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
         raise InputError(f"{dataset.source}: no record has an image to audit")
     others = []
     if against is not None:
-        others = [dataclasses.replace(r, id=AGAINST + r.id, split=AGAINST + str(r.split))
-                  for r in against.records if r.images]
+        others = [r for r in against.records if r.images]
         if not others:
             raise InputError(f"{against.source}: no record has an image to compare against")
     files: dict[Any, list] = {}  # one entry per distinct image, with the records that use it
@@ -215,18 +213,22 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
         for checked in map_ahead(_check_batch, batched(sources, BATCH), resolve_workers(workers, len(sources))):
             checks.extend(checked)
             advance(len(checked))
+    # which records are this dataset's is kept apart from their ids and splits, which may be anything
+    # (an id or split that starts with 'against:' is still this dataset's)
+    theirs = {id(r) for r in others}
     for check, users in zip(checks, files.values(), strict=True):
-        check.update(ids=[r.id for r in users], splits=sorted({str(r.split) for r in users}))
+        mine = [r for r in users if id(r) not in theirs]
+        check.update(ids=[r.id for r in mine], splits=sorted({str(r.split) for r in mine}),
+                     against=[r for r in users if id(r) in theirs])
     # this dataset's own groups, from its own records' view of each file (flags and details are shared with the
     # file's check); then, with ``against``, the groups of all files that hold files of both datasets
-    own = [{**c, "ids": [i for i in c["ids"] if not i.startswith(AGAINST)],
-            "splits": [s for s in c["splits"] if not s.startswith(AGAINST)]} for c in checks]
-    own = [c for c in own if c["ids"]]
-    groups = _file_groups(own, near_distance)
+    groups = _file_groups([c for c in checks if c["ids"]], near_distance)
     cross = []
     if against is not None:
-        cross = [g for g in _file_groups(checks, near_distance)
-                 if {s.startswith(AGAINST) for s in g["splits"]} == {True, False}]
+        both = [{**c, "ids": c["ids"] + [AGAINST + r.id for r in c["against"]],
+                 "splits": sorted(set(c["splits"]) | {AGAINST + str(r.split) for r in c["against"]}),
+                 "origin": [False] * len(c["ids"]) + [True] * len(c["against"])} for c in checks]
+        cross = [g for g in _file_groups(both, near_distance) if len(set(g["origin"])) == 2]
     check_of = dict(zip(files, checks, strict=True))
     results = []
     for record in records:
@@ -246,11 +248,11 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
             entry["content_flagged"] += any(flag in CONTENT_FLAGS for flag in r["flags"])
     overlap = None
     if against is not None:
-        in_cross = {i for g in cross for i in g["ids"]}
+        in_cross = {(theirs, i) for g in cross for theirs, i in zip(g.pop("origin"), g["ids"], strict=True)}
         overlap = {"source": str(against.source), "n": len(others), "overlap_groups": cross,
-                   "records": {"data": sum(not i.startswith(AGAINST) for i in in_cross),
-                               "against": sum(i.startswith(AGAINST) for i in in_cross)}}
-    own_files = sum(any(not str(r.split).startswith(AGAINST) for r in users) for users in files.values())
+                   "records": {"data": sum(not theirs for theirs, _ in in_cross),
+                               "against": sum(theirs for theirs, _ in in_cross)}}
+    own_files = sum(bool(c["ids"]) for c in checks)
     return {"n": len(results), "files": own_files, "flagged": len(summary),
             "counts": {flag: counts.get(flag, 0) for flag in FLAGS}, "by_class": dict(sorted(by_class.items())),
             "label": label, "records": summary, "duplicate_groups": groups,
@@ -300,7 +302,13 @@ def _check_batch(_context: Any, images: Sequence[ImageSource]) -> list[dict[str,
 def _file_groups(checks: list[dict[str, Any]], near_distance: int) -> list[dict[str, Any]]:
     """``_duplicate_groups``, and a ``file`` group for each file used by records of several splits."""
     return _duplicate_groups(checks, near_distance) + [
-        {"kind": "file", "ids": c["ids"], "splits": c["splits"], "leak": True} for c in checks if len(c["splits"]) > 1]
+        {"kind": "file", "ids": c["ids"], "splits": c["splits"], "leak": True, **_origin([c])}
+        for c in checks if len(c["splits"]) > 1]
+
+
+def _origin(checks: list[dict[str, Any]]) -> dict[str, list[bool]]:
+    """``origin`` (per id: is it an ``against`` record's) of a group of ``checks`` that carry it, else nothing."""
+    return {"origin": [o for c in checks for o in c["origin"]]} if "origin" in checks[0] else {}
 
 
 def _duplicate_groups(checks: list[dict[str, Any]], near_distance: int = 0) -> list[dict[str, Any]]:
@@ -343,7 +351,7 @@ def _duplicate_groups(checks: list[dict[str, Any]], near_distance: int = 0) -> l
                 c["detail"][flag] = f"{how} as {listed}"
             splits = sorted({split for c in same for split in c["splits"]})
             groups.append({"kind": kind, "ids": [i for c in same for i in c["ids"]], "splits": splits,
-                           "leak": len(splits) > 1})
+                           "leak": len(splits) > 1, **_origin(same)})
     return groups
 
 
@@ -390,10 +398,27 @@ def _file_key(image: ImageSource) -> Any:
 
 
 def _gray(array: np.ndarray) -> np.ndarray:
-    """The channel mean of a colour image, or of each frame of a multi-frame colour image (F, H, W, 3|4)."""
+    """The channel mean of a colour image, or of each frame of a multi-frame colour image (F, H, W, 3|4), as
+    float32. A wider float array whose values float32 cannot hold (above 1e30, or all below 1e-30 in size:
+    they would become inf or 0) is first stretched to 0-255 in its own precision; every check is unchanged by
+    that (they stretch non-8-bit images from their own min-max)."""
+    if _beyond_float32(array):
+        top = float(np.abs(array[np.isfinite(array)]).max())
+        scaled = array.astype(np.float64) / top  # within -1..1: no overflow below
+        low, high = float(np.nanmin(scaled)), float(np.nanmax(scaled))
+        array = (scaled - low) * (255.0 / (high - low)) if high > low else np.zeros_like(scaled)
     if array.ndim in (3, 4) and array.shape[-1] in (3, 4):
         return array[..., :3].astype(np.float32).mean(-1)
     return array.astype(np.float32, copy=False)
+
+
+def _beyond_float32(array: np.ndarray) -> bool:
+    """A float array wider than float32 whose largest finite value in size is above 1e30 or, not 0, below 1e-30."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or not array.size:
+        return False
+    finite = np.abs(array[np.isfinite(array)])
+    top = float(finite.max()) if finite.size else 0.0
+    return top > 1e30 or 0.0 < top < 1e-30
 
 
 def _grey_levels(gray: np.ndarray, eight_bit: bool) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 A caption config is a dict (from YAML/JSON)::
 
-    templates: ["a chest x-ray showing {}.", "radiograph with {}."]   # {} = a class description
+    templates: ["a chest x-ray showing {}.", "radiograph with {}."]   # {} = a class description (its only brace)
     classes:                                                          # per label column
       finding:
         cardiomegaly: ["cardiomegaly", "an enlarged cardiac silhouette"]
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,9 @@ class CaptionConfig:
                              "description or a list of descriptions")
         templates = list(data.get("templates") or DEFAULT_TEMPLATES)
         for template in templates:
-            if not isinstance(template, str) or template.count("{}") != 1:
-                raise InputError(f"{source}: template {template!r} must contain exactly one '{{}}'")
+            if not _is_template(template):
+                raise InputError(f"{source}: template {template!r} may hold only one '{{}}' (the class description) "
+                                 "and no other braces; write a literal brace as '{{' or '}}'")
         classes = {
             str(column): {str(name): _as_list(desc) for name, desc in (per_class or {}).items()}
             for column, per_class in given.items()
@@ -117,6 +119,20 @@ class CaptionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"templates": self.templates, "classes": self.classes}
+
+
+def _is_template(template: Any) -> bool:
+    """True for a string whose only replacement field is one bare ``{}`` (``str.format`` fills it with a class
+    description): a named or numbered field, a format spec, or a lone brace would fail at training or
+    zero-shot time, and ``{{}}`` is a literal brace pair that would leave the description out."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # a lone '{' or '}'
+        return False
+    return fields == [("", "", None)]
 
 
 def _as_list(value: Any) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,12 +107,23 @@ def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
 
 
 def _canonical_label(value: str) -> str:
-    text = " ".join(value.split()).casefold()
+    """What a label value reads as: Unicode-normalised (NFKC: a macOS NFD 'é' is the NFC one), without invisible
+    format characters (a zero-width space left by copy and paste), spacing collapsed, case folded, numbers as
+    numbers."""
+    text = "".join(char for char in unicodedata.normalize("NFKC", value) if unicodedata.category(char) != "Cf")
+    text = " ".join(text.split()).casefold()
     try:
         number = float(text)
     except ValueError:
         return text
     return repr(number) if math.isfinite(number) else text
+
+
+def _shown_values(group: list[str]) -> list[str]:
+    """The values of a variant group as a warning shows them: repr, or ascii when two would print the same
+    (NFC / NFD accents, which repr leaves as they are)."""
+    composed = {unicodedata.normalize("NFC", value) for value in group}
+    return [(repr if len(composed) == len(group) else ascii)(value[:40]) for value in group]
 
 
 def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *,
@@ -144,7 +156,7 @@ def load_dataset(path: str | Path, label_columns: Sequence[str] | None = None, *
         # class names are shown; a column of many, or mostly distinct, values may hold names or notes (patient data):
         # counts only
         categorical = distinct <= SHOWN_CLASSES and distinct * CLASS_REPEATS <= filled
-        shown = ("; ".join(" / ".join(repr(value[:40]) for value in group) for group in groups[:3])
+        shown = ("; ".join(" / ".join(_shown_values(group)) for group in groups[:3])
                  + ("; ..." if len(groups) > 3 else "")) if categorical else \
             f"values not shown: the column has {distinct} distinct values in {filled} rows"
         log.warning("%s: label column %r writes %d value(s) in more than one way (%s): each spelling is a class "

@@ -117,15 +117,51 @@ def decode_utf8(path: Path, raw: bytes) -> str:
         ) from None
 
 
+class _KeyRepeated(dict):
+    """A JSON object in which a key was given twice (``repeated``); its value is the last one, as json's."""
+
+    repeated: str
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of ``parse_json``: the object as a dict, marked when a key occurs twice in it."""
+    result: dict[str, Any] = {}
+    repeated = None
+    for key, value in pairs:
+        if key in result and repeated is None:
+            repeated = key
+        result[key] = value
+    if repeated is None:
+        return result
+    marked = _KeyRepeated(result)
+    marked.repeated = repeated
+    return marked
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads``, except that an object with a key given twice is marked (json keeps the last value
+    silently): ``repeated_key`` finds it, for the caller to refuse naming its line or record."""
+    return json.loads(text, object_pairs_hook=_object_once)
+
+
+def repeated_key(value: Any) -> str | None:
+    """The first key given twice in one JSON object within ``value`` (as read by ``parse_json``), or None."""
+    if isinstance(value, _KeyRepeated):
+        return value.repeated
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((key for child in children if (key := repeated_key(child)) is not None), None)
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Read one JSON object per line as ``(line number, object)``; blank lines are skipped."""
+    """Read one JSON object per line as ``(line number, object)``; blank lines are skipped, and a key given
+    twice in one object is refused (json would keep its last value)."""
     text = decode_utf8(path, path.read_bytes())
     rows = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as error:
             raise DataError(path, f"line {line_number}: not valid JSON ({error.msg})") from None
         except RecursionError:
@@ -133,6 +169,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(path, f"line {line_number}: expected a JSON object, "
                                   f"got {type(row).__name__}")
+        if (key := repeated_key(row)) is not None:
+            raise DataError(path, f"line {line_number}: key {key!r} is given twice")
         rows.append((line_number, row))
     return rows
 
@@ -289,13 +327,15 @@ def read_sidecar(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        sidecar = json.loads(decode_utf8(path, path.read_bytes()))
+        sidecar = parse_json(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
     except RecursionError:
         raise DataError(path, "JSON nested too deeply") from None
     if not isinstance(sidecar, dict):
         raise DataError(path, "expected a JSON object")
+    if (key := repeated_key(sidecar)) is not None:
+        raise DataError(path, f"key {key!r} is given twice in one object")
     for key, value in sidecar.items():
         expected = SIDECAR_KEYS.get(key)
         if expected is None:
@@ -451,9 +491,20 @@ def check_reserved_split(path: Path, rows: list[Row], column: str | None) -> Non
                               "record (--split all), so they could not be selected alone: rename their split")
 
 
+def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
+    """The rule of ``check_reserved_split`` for loaders whose splits come from names (``.npz`` keys, question
+    files, MedPix description files): ``sources`` maps each split to what names it. A split ``all`` beside
+    other splits is a DataError; ``all`` alone is one split."""
+    if ALL_SPLITS in sources and len(sources) > 1:
+        others = ", ".join(repr(split) for split in sources if split != ALL_SPLITS)
+        raise DataError(path, f"{sources[ALL_SPLITS]} holds the split {ALL_SPLITS!r} beside other splits ({others}); "
+                              f"{ALL_SPLITS!r} is the reserved name for every record (--split all), so it could not "
+                              "be selected alone: rename it")
+
+
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
-                   allow_outside_root: bool = False, keep_missing_images: bool = False
-                   ) -> tuple[list[Record], list[str]]:
+                   allow_outside_root: bool = False, keep_missing_images: bool = False,
+                   no_text: frozenset[str] = frozenset()) -> tuple[list[Record], list[str]]:
     roles = _columns_for(path, columns)
     check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
@@ -493,10 +544,24 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     elif missing:
         log.warning("%s: skipped %d of %d rows whose image file is missing (first: line %d)",
                     path, len(missing), len(rows), missing[0][0])
-    if roles["text"] and any(record.text is None for record in records):
-        log.info("%s: %d of %d records have an empty %r cell (no text)", path,
-                 sum(record.text is None for record in records), len(records), roles["text"])
+    if roles["text"]:
+        _log_no_text(path, records, roles["text"], no_text)
     return records, labels
+
+
+def _log_no_text(path: Path, records: list[Record], column: str, no_text: frozenset[str]) -> None:
+    """Count the records without text: empty cells, and cells that say there is none (``no_text``, Figure 1's
+    'N/A'), whose text is cleared here (training on 'N/A' as a report teaches nothing)."""
+    empty = sum(record.text is None for record in records)
+    said = 0
+    for record in records:
+        if record.text is not None and record.text.strip() in no_text:
+            record.text, said = None, said + 1
+    if said:
+        log.info("%s: %d of %d records have no text (%d an empty %r cell, %d a note saying there is none: %s)",
+                 path, empty + said, len(records), empty, column, said, ", ".join(map(repr, sorted(no_text))))
+    elif empty:
+        log.info("%s: %d of %d records have an empty %r cell (no text)", path, empty, len(records), column)
 
 
 def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_folder: str | Path | None = None,
@@ -522,11 +587,7 @@ def load_manifest(path: str | Path, allow_outside_root: bool = False, sidecar_fo
         raise DataError(path, "empty manifest (no rows)")
     known = known_table(columns)
     records, labels = _build_records(path, columns, rows, bool(known and known.skip_missing_images),
-                                     allow_outside_root, keep_missing_images)
-    no_text = known.no_text if known else frozenset()
-    for record in records:
-        if record.text is not None and record.text.strip() in no_text:
-            record.text = None  # counted with the empty ones: training on 'N/A' as a report teaches nothing
+                                     allow_outside_root, keep_missing_images, known.no_text if known else frozenset())
     sidecar = _sidecar_for(path, folder)
     defaults = sidecar.get("label_columns") or [c for c in (known.default_labels if known else ()) if c in labels]
     unknown = [label for label in defaults if label not in labels]

@@ -35,7 +35,7 @@ from typing import Any
 
 from ...errors import DataError
 from ..record import Dataset, Record
-from .manifest import read_jsonl
+from .manifest import check_reserved_split_name, read_jsonl
 from .roots import check_inside_root
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,9 @@ def load_medpix(folder: str | Path, allow_outside_root: bool = False) -> Dataset
     records: list[Record] = []
     missing: list[str] = []
     images: list[tuple[str, Path]] = []
-    for split in _splits(folder):
+    splits = _splits(folder)
+    check_reserved_split_name(folder, {split: f"descriptions_{split}.jsonl" for split in splits})
+    for split in splits:
         records += _split_records(folder, split, files, missing, images)
     check_inside_root(folder, folder, images, allow_outside_root, what="images")
     if missing:

@@ -45,6 +45,7 @@ import numpy as np
 from ...checks import check_number
 from ...errors import DataError
 from ..record import Dataset, Record
+from .manifest import check_reserved_split_name
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ def load_npz(path: str | Path, class_names: Sequence[str] | None = None,
         raise DataError(path, "file not found")
     arrays = _read_arrays(path, max_bytes)
     splits = [key[: -len("_images")] for key in arrays if key.endswith("_images")]
+    check_reserved_split_name(path, {split: f"'{split}_images'" for split in splits})
     if class_names is None:
         class_names = _stored_class_names(path, arrays)
     if class_names is not None:

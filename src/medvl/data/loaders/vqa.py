@@ -66,7 +66,7 @@ from typing import Any
 from ...errors import DataError
 from ..images import image_suffix
 from ..record import Dataset, Record, records_digest
-from .manifest import decode_utf8
+from .manifest import check_reserved_split_name, decode_utf8, parse_json, repeated_key
 from .roots import check_inside_root, is_file, is_inside
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(path, "VQA question file not found")
     try:
-        data = json.loads(decode_utf8(path, path.read_bytes()))
+        data = parse_json(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     except RecursionError:
@@ -151,6 +151,9 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
     for index, item in enumerate(data):
         if not isinstance(item, dict):
             raise DataError(path, f"item {index}: expected a JSON object, got {type(item).__name__}")
+        if (key := repeated_key(item)) is not None:
+            qid = _text(item.get("qid")) or "?"
+            raise DataError(path, f"item {index} (qid {qid}): key {key!r} is given twice")
     return data
 
 
@@ -251,6 +254,19 @@ def read_vqa_file(path: str | Path, skip_missing_images: bool = False,
 # ---------------------------------------------------------------- the public loaders
 
 
+def check_split_files(path: Path, files: Sequence[Path]) -> None:
+    """One question file per split, and no split ``all`` beside others (``manifest.check_reserved_split_name``):
+    ``train.json`` and ``trainset.json`` both hold split ``train``, and would be merged without a word."""
+    sources: dict[str, str] = {}
+    for file in files:
+        split = split_name(file)
+        if split in sources:
+            raise DataError(path, f"{sources[split]} and {file.name} both hold split {split!r}; keep one question "
+                                  "file per split (merge them, or rename one)")
+        sources[split] = file.name
+    check_reserved_split_name(path, sources)
+
+
 def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_root: bool = False) -> list[VQAItem]:
     """Every question of a VQA JSON file, or of every question file in a folder (in name order)."""
     path = Path(path)
@@ -260,11 +276,12 @@ def load_vqa(path: str | Path, skip_missing_images: bool = False, allow_outside_
     if not files:
         raise DataError(path, f"no VQA question files (*.json with keys {', '.join(QUESTION_KEYS)} and "
                               f"{' or '.join(IMAGE_KEYS)})")
+    check_split_files(path, files)
     items = [item for file in files for item in read_vqa_file(file, skip_missing_images, allow_outside_root)]
     seen: set[tuple[str, str]] = set()
     for item in items:
         if (item.split, item.qid) in seen:
-            raise DataError(path, f"duplicate qid {item.qid!r} in split {item.split!r}")
+            raise DataError(item.file or path, f"duplicate qid {item.qid!r} in split {item.split!r}")
         seen.add((item.split, item.qid))
     if not items:
         raise DataError(path, "no questions left (every image file is missing)")

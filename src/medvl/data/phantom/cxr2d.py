@@ -18,7 +18,10 @@ Conventions
 * **Sizes**: nodule ``size_mm`` is a nominal diameter from 3 to 15 mm. Nodules are drawn about
   2-5x larger than they would be on a real 35 x 43 cm film (rendered diameter in pixels =
   ``size * scale * (size_mm + 4) / 190`` with the patient scale 0.9-1.04, i.e. about 4.7-12.8 px
-  at 128 px), so that the smallest stay visible at 64 px.
+  at 128 px), so that the smallest stay visible at 64 px. Below that a 3-4 mm nodule can be
+  smaller than a pixel: it is then drawn into the one pixel nearest its centre (its mask and box),
+  with its density scaled by the share of the pixel it covers, so every labelled nodule is in the
+  pixels at every size.
 * **Cardiothoracic ratio** (``meta["ctr"]``): widest cardiac width over widest internal thoracic
   width, as drawn. Normal PA hearts have 0.41-0.48, cardiomegaly 0.54-0.66 (subtle: 0.51-0.54).
   AP films (25 % of cases, "portable" look: higher clavicles, higher domes, more blur and noise)
@@ -589,13 +592,24 @@ def _pneumothorax(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) 
 
 
 def _nodule(anat: _Anatomy, frame: _Frame, layers: _Layers, params: dict) -> np.ndarray:
+    """A dense ellipse, brightest at its centre.
+
+    A nodule smaller than a pixel (a 3-4 mm one at 32-40 px) can fall between pixel centres;
+    it is then drawn into the pixel nearest its centre (the one its mask holds), with its
+    density scaled by the share of that pixel it covers, so every labelled nodule shows."""
     cx, cy, radius = params["x"], params["y"], params["radius"]
     stretch = params["stretch"]
     dx, dy = (frame.x - cx) / (radius * stretch), (frame.y - cy) * stretch / radius
     r = np.sqrt(dx**2 + dy**2)
+    inside = r < 1.0
+    if not inside.any():
+        inside = _at_least_one_pixel(inside, frame, (cx, cy))
+        covered = min(1.0, math.pi * radius**2 / frame.pixel**2)
+        layers.extra += params["density"] * covered * inside
+        return inside
     blob = np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0))
-    layers.extra += params["density"] * (0.35 + 0.65 * blob) * (r < 1.0)
-    return r < 1.0
+    layers.extra += params["density"] * (0.35 + 0.65 * blob) * inside
+    return inside
 
 
 def _lobules(params: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
