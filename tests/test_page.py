@@ -132,14 +132,22 @@ def watch(server):
     return PageWatch(server.url)
 
 
-@pytest.fixture
-def page(browser, server, watch):
+def open_watched(browser, url: str, watch: PageWatch, console: bool = True):
+    """A new desktop-sized browser context and page on the service at ``url``, its requests and errors kept by
+    ``watch`` (console lines too, with ``console``); (context, page), the page at ``/``."""
     context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
     context.route("**/*", watch.route)
     opened = context.new_page()
     opened.on("pageerror", lambda error: watch.errors.append(str(error)))
-    opened.on("console", watch.console)
-    opened.goto(server.url + "/")
+    if console:
+        opened.on("console", watch.console)
+    opened.goto(url + "/")
+    return context, opened
+
+
+@pytest.fixture
+def page(browser, server, watch):
+    context, opened = open_watched(browser, server.url, watch)
     yield opened
     storage = opened.evaluate("localStorage.length + sessionStorage.length")
     cookies = context.cookies()
@@ -721,11 +729,7 @@ def test_without_a_data_root_similar_cases_show_their_ids_in_place_of_thumbnails
     app = create_app(model_dir, index=index_dir, settings=ServeSettings(), token_digests=[token_digest(TOKENS[9])])
     with Server(app) as running:
         watch = PageWatch(running.url)
-        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
-        context.route("**/*", watch.route)
-        page = context.new_page()
-        page.on("pageerror", lambda error: watch.errors.append(str(error)))
-        page.goto(running.url + "/")
+        context, page = open_watched(browser, running.url, watch, console=False)
         connect(page, TOKENS[9])
         page.locator("#connected").wait_for(timeout=ANSWER_MS)
         page.locator("#file").set_input_files(chest_xray)
@@ -896,10 +900,7 @@ def test_concepts_are_shown_by_their_contribution_for_and_against_the_finding(br
         [top] = expected["findings"]
         assert any(c["weight"] < 0 for c in top["concepts"]) and top["concepts_against"]
         watch = PageWatch(running.url)
-        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
-        context.route("**/*", watch.route)
-        page = context.new_page()
-        page.goto(running.url + "/")
+        context, page = open_watched(browser, running.url, watch, console=False)
         connect(page, TOKENS[22])
         page.locator("#connected").wait_for(timeout=ANSWER_MS)
         page.locator("#file").set_input_files(chest_xray)
@@ -1002,11 +1003,7 @@ def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without
     app = create_app(tmp_path / "model", settings=ServeSettings(), require_token=False)
     with Server(app) as running:
         watch = PageWatch(running.url)
-        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
-        context.route("**/*", watch.route)
-        page = context.new_page()
-        page.on("pageerror", lambda error: watch.errors.append(str(error)))
-        page.goto(running.url + "/")
+        context, page = open_watched(browser, running.url, watch, console=False)
         assert "--no-auth" in page.locator("#token-help").inner_text()
         page.get_by_role("button", name="Connect").click()
         page.locator("#connected").wait_for(timeout=ANSWER_MS)
