@@ -801,6 +801,10 @@ def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_
     repeated.write_text('classes:\n  effusion:\n    yes: a\n    "yes": b\n')
     with pytest.raises(DataError, match=r"repeated.yaml: key 'yes' is given twice \(line 4\)"):
         load_captions(repeated)
+    repeated_json = tmp_path / "repeated.json"  # json kept the last value without a word
+    repeated_json.write_text('{"classes": {"effusion": {"yes": "a", "no": "b", "yes": "c"}}}')
+    with pytest.raises(DataError, match=r"repeated.json: key 'yes' is given twice"):
+        load_captions(repeated_json)
     rows = list(csv_module.DictReader((small_phantom / "manifest.csv").open()))
     table = tmp_path / "yes_no.csv"
     with table.open("w", newline="") as handle:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, InputError
+from .loaders.manifest import parse_json, repeated_key
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,13 @@ def load_captions(path: str | Path) -> CaptionConfig:
 
             data = yaml.load(text, Loader=_yaml_loader(path))  # a SafeLoader subclass
         else:
-            data = json.loads(text)
+            data = parse_json(text)
     except DataError:
         raise
     except Exception as err:  # yaml and json raise different types
         raise DataError(path, f"cannot parse caption config{_parse_problem(err)}") from None
+    if (key := repeated_key(data)) is not None:  # json keeps the last value silently; the YAML loader refuses it too
+        raise DataError(path, f"key {key!r} is given twice")
     if not isinstance(data, dict):
         raise DataError(path, "caption config must be a mapping with 'templates' and 'classes'")
     return CaptionConfig.from_dict(data, source=str(path))
