@@ -170,7 +170,8 @@ def test_audit_command(audited_folder, tmp_path):
 def test_against_split_without_against_is_refused(audited_folder):
     """--against-split without --against was ignored without a word, even naming a split that does not exist."""
     result, output = invoke("audit", "--data", audited_folder, "--against-split", "nosuchsplit", "-q")
-    assert result.exit_code == 2 and "against-split 'nosuchsplit' needs against" in output
+    assert result.exit_code == 2 and "--against-split 'nosuchsplit' is a split of the dataset to compare with, and " \
+        "none is given" in " ".join(output.split()), output
     assert "Image audit" not in output
 
 

@@ -57,7 +57,8 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
 
     check_number("near_distance", near_distance, minimum=0, maximum=16, integer=True)
     if against is None and against_split != ALL_SPLITS:
-        raise InputError(f"against-split {against_split!r} needs against: the dataset whose split to compare with")
+        raise InputError(f"against_split {against_split!r} is a split of the dataset to compare with, and none is "
+                         "given", parameter="against_split")
     # a manifest row whose image file is missing is listed as unreadable, as a damaged file is, not a refusal
     dataset = load_dataset(data, allow_outside_root=allow_outside_root, keep_missing_images=True).select(split)
     other = load_split(against, against_split, allow_outside_root=allow_outside_root) if against is not None else None
