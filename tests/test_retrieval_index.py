@@ -596,6 +596,16 @@ def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, mo
     assert info["resumed"] == 8 and info["n_cases"] == 19
 
 
+def test_a_failed_build_resumes_with_its_data_named_another_way(model, model_dir, phantom_dir, tmp_path, monkeypatch):
+    """A rerun that named the same data by a relative path (from another folder) started the build afresh: the
+    build's key held the data's path and image paths as typed. They are now resolved."""
+    _interrupted_build(model, model_dir, load_dataset(phantom_dir).select("test"), tmp_path / "idx", monkeypatch)
+    monkeypatch.chdir(phantom_dir.parent)
+    again = load_dataset(Path(phantom_dir.name)).select("test")
+    info = build_index(model, again, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
+    assert info["resumed"] == 8 and info["n_cases"] == 19
+
+
 def test_a_nan_image_embedding_is_refused_naming_the_file_and_never_stored(dataset, tmp_path):
     """build_index stored a NaN vector without a word (a case counted that no search can find), where index add
     refuses one; it is now a DataError naming the image, and no index is written."""

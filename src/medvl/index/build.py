@@ -269,8 +269,10 @@ def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, c
                allow_duplicates: bool) -> str:
     """Identifies a build: a rerun resumes only a build of the same data, model and settings. The data is its
     records as they are now (``data.record.records_digest``), so a rerun after a report, label or image was corrected
-    starts afresh instead of keeping the cases stored before the change."""
-    settings = {"data": dataset.source, "records": records_digest(records), "model": fingerprint,
+    starts afresh instead of keeping the cases stored before the change; its path and its image files are taken
+    resolved, so the same data named another way (an absolute path, from another working directory) resumes."""
+    source = str(Path(dataset.source).resolve()) if dataset.source else None
+    settings = {"data": source, "records": records_digest(records, resolved=True), "model": fingerprint,
                 "columns": columns, "kind": kind, "allow_duplicates": allow_duplicates}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
