@@ -625,6 +625,27 @@ def test_every_date_spelling_is_found_and_numbers_inside_numbers_are_not():
         assert found.kind_in(harmless) is None, harmless
 
 
+@pytest.mark.parametrize("planted", [BIRTH + "123000", BIRTH + "1230", BIRTH + "12", f"v {BIRTH}123000.5+0200"])
+def test_a_date_followed_by_time_digits_is_refused(planted, tmp_path):
+    """A DICOM date-time (the date glued to its time digits, as DT values and UID timestamps write it) in a
+    kept element passed the final scan: the real date was written next to the shifted one. It is refused as
+    the date alone is; a longer number that only holds the digits is not a date-time and stays accepted."""
+    ds = base_dataset()
+    ds.SoftwareVersions = planted
+    out, error = run_api(ds, tmp_path)
+    assert error is not None and "date survived de-identification in SoftwareVersions" in str(error)
+    assert not out.exists() and planted not in str(error)
+    found = collect_identifiers_of(base_dataset())
+    for harmless in (BIRTH + "99", BIRTH + "1", BIRTH + "1230001", BIRTH + "2460", "2.25.1" + BIRTH + "1230"):
+        assert found.kind_in(harmless) is None, harmless
+
+
+def collect_identifiers_of(ds: Dataset):
+    from medvl.clinical.identifiers import collect_identifiers
+
+    return collect_identifiers(ds)
+
+
 def test_short_name_parts_inside_generated_ids_are_not_leaks():
     """A de-identified Study ID is random letters and digits: a 2-letter name part between digits there
     (7WU3) is chance, not the name; longer parts still count next to digits, and glued parts anywhere."""

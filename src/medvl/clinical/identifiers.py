@@ -34,7 +34,8 @@
   Numbers (``REQUEST_ID_KEYWORDS``) at any depth, when they have ``REQUEST_ID_MIN`` (6) or more
   letters and digits (shorter ones are mostly counters such as Study ID ``1`` or ``4MR1``);
 - dates: every DA value and the date part of every DT value, in the file meta, the data set and
-  its sequences, each spelled ``YYYYMMDD``, ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
+  its sequences, each spelled ``YYYYMMDD`` (alone or followed by the time digits of a date-time,
+  ``YYYYMMDDHH``, ``YYYYMMDDHHMM``, ``YYYYMMDDHHMMSS``), ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
   ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
   the leading zero), ``DDMMYYYY``, ``MMDDYYYY``, and with English month names or abbreviations
   (``January 31, 1950``, ``31 Jan 1950``, ``31-JAN-1950``). Two-digit years are not searched.
@@ -42,7 +43,8 @@
 Matching ignores case and accents, and a value only matches where it is not glued to more of the
 same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
 ``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
-is found in ``DOB19500131``, not inside a longer number such as a UID). Name parts of fewer than
+is found in ``DOB19500131``, not inside a longer number such as ``2.25.1195001310``; the time
+digits of a date-time are the one exception: ``19500131123000`` is the date). Name parts of fewer than
 four letters must not touch a digit either (``WU`` is not found in a random Study ID ``7WU3``;
 longer parts are: ``SMITH`` in ``SMITH1950``). Scripts written without spaces between words
 (Chinese, Japanese, Korean, Thai, Lao, Khmer, Myanmar: ``UNSPACED_SCRIPTS``) are the exception: a
@@ -167,13 +169,20 @@ def alphanumeric(value: str) -> str:
     return re.sub(r"[\W_]+", "", value)
 
 
+# The time digits a DICOM date-time (DT) puts right after its YYYYMMDD: HH, HHMM or HHMMSS (a fraction or a
+# UTC offset that follows is no digit, so the match may end before it). Only a valid hour, minute and
+# second: 19500131 + 99 is a longer number, not a date-time.
+DT_TIME = r"(?:(?:[01]\d|2[0-3])(?:[0-5]\d(?:[0-5]\d|60)?)?)?"
+
+
 def date_patterns(date: str) -> list[str]:
-    """Regexes (for folded text) of the common spellings of a ``YYYYMMDD`` date."""
+    """Regexes (for folded text) of the common spellings of a ``YYYYMMDD`` date; ``YYYYMMDD`` may be
+    followed by the time digits of a DICOM date-time (``DT_TIME``: ``19500131123000``)."""
     year, month, day = date[:4], date[4:6], date[6:8]
     m, d = rf"0?{int(month)}", rf"0?{int(day)}"
     sep = r"[-./ ]"
     numeric = [rf"{year}{sep}{m}{sep}{d}", rf"{d}{sep}{m}{sep}{year}", rf"{m}{sep}{d}{sep}{year}",
-               f"{year}{month}{day}", f"{day}{month}{year}", f"{month}{day}{year}"]
+               f"{year}{month}{day}{DT_TIME}", f"{day}{month}{year}", f"{month}{day}{year}"]
     name = MONTHS[int(month) - 1]
     month_word = rf"(?:{name}|{name[:3]})\.?"
     day_word = rf"{d}(?:st|nd|rd|th)?"
