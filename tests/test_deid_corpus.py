@@ -129,6 +129,8 @@ HANDLED: dict[str, Callable[[Dataset, str], None]] = {
     "AE RetrieveAETitle": lambda ds, v: setattr(ds, "RetrieveAETitle", v[:16]),
     "AE in the file meta": lambda ds, v: setattr(ds.file_meta, "SourceApplicationEntityTitle",
                                                  re.sub(r"[^A-Za-z0-9 ]", " ", v)[:16]),
+    # every URL / URI (VR UR) is removed: an address names the site and holds the original UIDs
+    "UR RetrieveURL": lambda ds, v: setattr(ds, "RetrieveURL", f"https://pacs.example/{v}"),
 }
 DATES_HANDLED: dict[str, Callable[[Dataset, str], None]] = {
     "DA PatientBirthDate": lambda ds, v: setattr(ds, "PatientBirthDate", BIRTH),
@@ -146,7 +148,6 @@ KEPT: dict[str, tuple[str, Callable[[Dataset, str], None]]] = {
     "CS ImageType": ("ImageType", lambda ds, v: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY",
                                                                          re.sub(r"[^A-Z0-9 ]", " ", v.upper())])),
     "LO SoftwareVersions": ("SoftwareVersions", lambda ds, v: setattr(ds, "SoftwareVersions", f"v2 {v}")),
-    "UR RetrieveURL": ("RetrieveURL", lambda ds, v: setattr(ds, "RetrieveURL", f"https://pacs.example/{v}")),
     "UC in ProcedureCodeSequence": ("ProcedureCodeSequence[0]>LongCodeValue", lambda ds, v: setattr(
         ds, "ProcedureCodeSequence", [sequence_item(LongCodeValue=v, CodingSchemeDesignator="99LOCAL",
                                                     CodeMeaning="CT chest")])),
@@ -623,6 +624,62 @@ def test_every_date_spelling_is_found_and_numbers_inside_numbers_are_not():
     assert found.kind_in("mrn PX7731") == "ID"
     for harmless in ("CLINIC", "SLICE WUHAN", "2.25.1195001310", "219500131", "1950-01-311"):
         assert found.kind_in(harmless) is None, harmless
+
+
+def test_urls_holding_the_original_uids_are_removed(tmp_path):
+    """A DICOMweb / WADO instance's Retrieve URL and Retrieve URI were written as they were: the original
+    study, series and instance UIDs, the site's host name and (in the UIDs' timestamps) the real study date
+    next to the shifted one. Every URL / URI (VR UR) goes, at any depth and in the file meta, and the
+    report lists them."""
+    ds = pydicom.dcmread(CT)
+    ds.remove_private_tags()
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    ds.RetrieveURL = f"https://pacs.stgertrud.example/dicom-web/studies/{study}/series/{series}/instances/{sop}"
+    ds.add_new(0x0040E010, "UR", f"https://pacs.stgertrud.example/wado?requestType=WADO&studyUID={study}")
+    ds.ReferencedSeriesSequence = [sequence_item(
+        SeriesInstanceUID=series, RetrieveURL=f"https://pacs.stgertrud.example/dicom-web/studies/{study}")]
+    ds.file_meta.SourcePresentationAddress = "https://pacs.stgertrud.example/dicom-web"
+    source = write(ds, tmp_path / "in" / "url.dcm")
+    result = CliRunner().invoke(app, ["deid", str(source), str(tmp_path / "out.dcm"), "--report",
+                                      str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    data = (tmp_path / "out.dcm").read_bytes()
+    for original in (study.encode(), series.encode(), sop.encode(), b"stgertrud", b"20040119"):
+        assert original not in data, original
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert [e.keyword for d in (out.file_meta, out) for e in d.iterall() if e.VR == "UR"] == []
+    removed = json.loads((tmp_path / "report.json").read_text())["totals"]["removed"]
+    assert {"RetrieveURL", "RetrieveURI", "ReferencedSeriesSequence>RetrieveURL",
+            "file_meta:SourcePresentationAddress"} <= set(removed), removed
+
+
+@pytest.mark.parametrize(("planted", "kind"), [
+    ("{study}", "an original UID"), ("/studies/{study}/x", "an original UID"), ("build {date}", "the patient's date")])
+def test_an_original_uid_or_its_timestamp_date_in_a_kept_element_is_refused(planted, kind, tmp_path):
+    """The final scan searched names, IDs and dates but not UIDs: an original study UID in any element the
+    profile keeps was written, linking the output back to the source study. Every UID de-identification
+    replaces is searched, and the date a UID's timestamp holds (here not a date of any DA / DT element)."""
+    ds = pydicom.dcmread(CT)
+    ds.remove_private_tags()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.19990305101010.7"
+    ds.SoftwareVersions = planted.format(study=ds.StudyInstanceUID, date="19990305")
+    out, error = run_api(ds, tmp_path)
+    assert error is not None and not out.exists()
+    assert f"{kind}" in str(error) and "survived de-identification in SoftwareVersions" in str(error)
+    assert ds.StudyInstanceUID not in str(error) and "19990305" not in str(error)
+
+
+def test_a_uid_the_input_also_holds_as_a_class_uid_is_not_a_leak(tmp_path):
+    """A creator UID that equals the file's Implementation Class UID (kept, as class UIDs are) is no leak;
+    UIDs inside a longer UID are not matched either."""
+    ds = pydicom.dcmread(CT)
+    ds.remove_private_tags()
+    ds.InstanceCreatorUID = ds.file_meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.4242"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.4242.1"
+    ds.SoftwareVersions = "1.2.826.0.1.3680043.8.498.4242.15"  # a longer UID, not the instance's
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert pydicom.dcmread(out).file_meta.ImplementationClassUID == "1.2.826.0.1.3680043.8.498.4242"
 
 
 @pytest.mark.parametrize("planted", [BIRTH + "123000", BIRTH + "1230", BIRTH + "12", f"v {BIRTH}123000.5+0200"])

@@ -31,8 +31,9 @@ works on one file or a folder. For every DICOM file, in this order:
 3. Every attribute of PS3.15 Table E.1-1 (``profile``: the table as data, 617 attributes) is removed
    (X), emptied (Z) or replaced (D, U) in the data set and every sequence item, dicognito's
    replacements and shifted dates kept where the action allows them (``profile.resolve`` has the
-   rules), plus ``profile.EXTRA_REMOVED``, the sending site's AE titles in the file meta, overlays
-   and curves; descriptors being cleaned are left to step 2 when the option is on.
+   rules), plus ``profile.EXTRA_REMOVED``, every URL / URI (VR UR: Retrieve URL, Retrieve URI...,
+   which name the site and hold the original UIDs), the sending site's AE titles and presentation
+   addresses in the file meta, overlays and curves; descriptors being cleaned are left to step 2 when the option is on.
 4. Private tags are removed, and public elements held as UN whose tag the DICOM dictionary does not
    know (``remove_unknown_public``: a value the profile can neither shift nor judge); the 128-byte
    preamble is zeroed.
@@ -45,7 +46,8 @@ works on one file or a folder. For every DICOM file, in this order:
    Clean Descriptors) are set.
 6. The final scan (``identifiers.find_leak``) searches every element of the result, file meta and
    sequences included, for the input's patient name parts, IDs, request IDs (accession number, study
-   ID...) and dates in their common spellings, then the encoded header bytes. A hit refuses the
+   ID...), dates in their common spellings and the UIDs dicognito replaced, then the encoded header
+   bytes. A hit refuses the
    file: ``DataError`` naming the file and the element (never the value), and nothing is written.
 
 Output: a file for a file; for a folder, ``study_NNN/series_NNN/image_NNNN.dcm`` (numbered in
@@ -354,7 +356,8 @@ def _check_nothing_survived(ds, identifiers: Identifiers, path: Path | str) -> N
     leak = find_leak(ds, identifiers)
     if leak is not None:
         element, kind = leak
-        raise DataError(path, f"the patient's {kind} survived de-identification in {element}; nothing was written")
+        what = "an original UID (study, series, instance...)" if kind == "UID" else f"the patient's {kind}"
+        raise DataError(path, f"{what} survived de-identification in {element}; nothing was written")
     if identifiers.kind_in(_header_bytes(ds, path).decode("latin-1"), *HEADER_SCAN) is not None:
         raise DataError(path, "a patient identifier survived de-identification in the encoded header; "
                               "nothing was written")

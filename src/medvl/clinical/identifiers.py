@@ -38,7 +38,14 @@
   ``YYYYMMDDHH``, ``YYYYMMDDHHMM``, ``YYYYMMDDHHMMSS``), ``YYYY-MM-DD`` / ``YYYY.MM.DD`` / ``YYYY/MM/DD``,
   ``DD/MM/YYYY``, ``MM/DD/YYYY``, ``DD.MM.YYYY``, ``DD-MM-YYYY`` (day and month with or without
   the leading zero), ``DDMMYYYY``, ``MMDDYYYY``, and with English month names or abbreviations
-  (``January 31, 1950``, ``31 Jan 1950``, ``31-JAN-1950``). Two-digit years are not searched.
+  (``January 31, 1950``, ``31 Jan 1950``, ``31-JAN-1950``). Two-digit years are not searched;
+- UIDs: every UI value of ``UID_MIN`` (10) or more characters that de-identification replaces (all
+  but class UIDs, the transfer syntax and the standard's own ``1.2.840.10008.`` UIDs), at any depth
+  and in the file meta, as written and not inside a longer UID (``1.2.3.45`` is not ``1.2.3.4``):
+  a Retrieve URL or a WADO query naming the original study would link the output back to it (a
+  value the input also holds as a class UID, such as its Implementation Class UID, is kept). A
+  component of such a UID that starts with a ``YYYYMMDD`` date (1900 to 2099: a timestamp, as
+  ``...20040119072730.12322``) adds that date to the dates.
 
 Matching ignores case and accents, and a value only matches where it is not glued to more of the
 same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
@@ -52,12 +59,12 @@ name part in them is found anywhere, as a substring (``山田太郎`` in ``山�
 
 ``find_leak(ds)`` scans every element after de-identification: the file meta, the data set and
 every sequence item. Character VRs (AE AS CS DA DT LO LT PN SH ST UC UR UT) are searched for every
-identifier; UIDs (UI) for IDs of 6+ characters and dates (shorter IDs would match UID components);
-numbers and times (IS DS TM) for dates only (a numeric ID cannot be told from a number there); byte
-VRs that may hold text (OB UN, never the pixel data) for identifiers of 4+ characters, their bytes
-read as latin-1, UTF-8 and UTF-16 of either byte order (``byte_text``). It returns
-the element's path and the kind of identifier, never the value. The identifiers only live in
-memory while a file is processed; they are never logged.
+identifier, the original UIDs included; UIDs (UI) for IDs of 6+ characters, dates and the original
+UIDs (shorter IDs would match UID components); numbers and times (IS DS TM) for dates only (a
+numeric ID cannot be told from a number there); byte VRs that may hold text (OB UN, never the pixel
+data) for identifiers of 4+ characters and UIDs, their bytes read as latin-1, UTF-8 and UTF-16 of
+either byte order (``byte_text``). It returns the element's path and the kind of identifier, never
+the value. The identifiers only live in memory while a file is processed; they are never logged.
 """
 
 from __future__ import annotations
@@ -85,10 +92,10 @@ BYTE_VRS = frozenset({"OB", "UN"})
 PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
 # Kinds of identifier: names, IDs as written, IDs with separators (``SPACED_ID_MIN``), dates. UIDs
 # (digits and dots) are searched for IDs as written only. Request IDs are searched as IDs are.
-ALL_KINDS = frozenset({"name", "id", "spaced_id", "date"})
+ALL_KINDS = frozenset({"name", "id", "spaced_id", "date", "uid"})
 # What is searched in each kind of VR: (shortest identifier, kinds of identifier)
 SCAN_RULES: dict[str, tuple[int, frozenset[str]]] = {
-    "character": (2, ALL_KINDS), "uid": (6, frozenset({"id", "date"})), "number": (8, frozenset({"date"})),
+    "character": (2, ALL_KINDS), "uid": (6, frozenset({"id", "date", "uid"})), "number": (8, frozenset({"date"})),
     "bytes": (4, ALL_KINDS)}
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december")
@@ -122,7 +129,11 @@ _UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
 
 
 KIND_NAMES = {"name": "name", "id": "ID", "spaced_id": "ID", "request_id": "request ID",
-              "spaced_request_id": "request ID", "date": "date"}
+              "spaced_request_id": "request ID", "date": "date", "uid": "UID"}
+# UIDs shorter than this are not searched (test files' 1.2.3.4 would match a version number).
+UID_MIN = 10
+STANDARD_UID_ROOT = "1.2.840.10008."  # the standard's own UIDs (classes, transfer syntaxes, coding schemes)
+_UID_DATE = re.compile(r"((?:19|20)\d\d)(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])\d*")
 
 
 def fold(text: str) -> str:
@@ -237,6 +248,7 @@ class Identifiers:
     ids: set[str] = field(default_factory=set)  # as written, and the digit runs of alphanumeric IDs
     request_ids: set[str] = field(default_factory=set)  # accession numbers, study IDs...: the same forms
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
+    uids: set[str] = field(default_factory=set)  # the UIDs de-identification replaces (``UID_MIN`` or longer)
     _compiled: dict[tuple[int, frozenset[str]], re.Pattern | None] = field(default_factory=dict, repr=False)
 
     def pattern(self, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> re.Pattern | None:
@@ -258,11 +270,15 @@ class Identifiers:
                     groups.append(f"(?P<{kind}>" + "|".join(_spaced(v) for v in spaced) + ")")
             if self.dates and "date" in kinds:
                 groups.append("(?P<date>" + "|".join(p for d in sorted(self.dates) for p in date_patterns(d)) + ")")
+            if self.uids and "uid" in kinds:
+                uids = sorted(self.uids, key=len, reverse=True)
+                groups.append("(?P<uid>" + "|".join(rf"(?<![\d.]){re.escape(u)}(?!\.?\d)" for u in uids) + ")")
             self._compiled[key] = re.compile("|".join(groups)) if groups else None
         return self._compiled[key]
 
     def kind_in(self, text: str, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> str | None:
-        """``name``, ``ID``, ``request ID`` or ``date`` if ``text`` holds one of the identifiers, else ``None``."""
+        """``name``, ``ID``, ``request ID``, ``date`` or ``UID`` if ``text`` holds one of the identifiers, else
+        ``None``."""
         pattern = self.pattern(min_length, kinds)
         match = pattern.search(fold(text)) if pattern is not None and text else None
         if match is None:
@@ -306,12 +322,14 @@ def _id_forms(value: str) -> list[str]:
 
 
 def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
-    """The patient's name parts, IDs, request IDs and every DA / DT date of ``ds`` (read before
-    de-identifying), from the file meta, the data set and every sequence item at any depth (a Patient's
-    Name or Patient ID in a Source Image Sequence item is searched too); name parts in ``common_words``
-    (folded) are only searched glued to another part."""
+    """The patient's name parts, IDs, request IDs, every DA / DT date and the UIDs (with the dates their
+    timestamps hold) of ``ds`` (read before de-identifying), from the file meta, the data set and every
+    sequence item at any depth (a Patient's Name or Patient ID in a Source Image Sequence item is
+    searched too); name parts in ``common_words`` (folded) are only searched glued to another part."""
     found = Identifiers()
     names: list[str] = []
+    uids: set[str] = set()
+    class_uids: set[str] = set()  # kept as they are: a value also written as a class UID is not searched
 
     def visit(dataset, element) -> None:
         if element.keyword in NAME_KEYWORDS and element.value:
@@ -327,11 +345,32 @@ def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Ident
                 digits = re.sub(r"\D", "", str(value))[:8]
                 if len(digits) == 8 and 1 <= int(digits[4:6]) <= 12 and 1 <= int(digits[6:]) <= 31:
                     found.dates.add(digits)
+        elif element.VR == "UI" and element.value:
+            values = {str(value or "").strip().rstrip("\0") for value in _values(element.value)}
+            (uids if replaced_uid(element.keyword) else class_uids).update(values)
 
     for dataset in _datasets(ds):
         dataset.walk(visit)
     _add_names(found, names, common_words)
+    for uid in uids - class_uids:
+        _add_uid(found, uid)
     return found
+
+
+def replaced_uid(keyword: str) -> bool:
+    """A UI attribute whose value de-identification replaces: all but class UIDs and the transfer syntax
+    (dicognito keeps those)."""
+    return not keyword.endswith("ClassUID") and keyword != "TransferSyntaxUID"
+
+
+def _add_uid(found: Identifiers, uid: str) -> None:
+    if len(uid) < UID_MIN or uid.startswith(STANDARD_UID_ROOT):
+        return
+    found.uids.add(uid)
+    for component in uid.split("."):
+        date = _UID_DATE.fullmatch(component)
+        if date is not None:
+            found.dates.add("".join(date.groups()))
 
 
 # ----------------------------------------------------------------------------- the scan

@@ -28,9 +28,10 @@ text value (LO LT SH ST UC UT AE) replaced by its pseudonym (coded items such as
 Code Sequence keep no real code or meaning).
 
 Beyond the table, ``EXTRA_REMOVED`` (attributes naming the patient's site, calendar-specific birth and
-death dates) and, in the file meta, ``FILE_META_REMOVED`` (the sending site's AE titles, private
-information) are removed, as are every curve (50xx) and overlay (60xx) element and, in
-``medvl.clinical.deid``, every private attribute.
+death dates, a trial's URL) and, in the file meta, ``FILE_META_REMOVED`` (the sending site's AE titles,
+private information) are removed, as are every element of VR UR (``REMOVED_VRS``: URLs and URIs at any
+depth, the file meta's presentation addresses included), every curve (50xx) and overlay (60xx) element
+and, in ``medvl.clinical.deid``, every private attribute.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ ACTIONS = frozenset({"X", "Z", "D", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
 EXTRA_REMOVED = ("IssuerOfAccessionNumberSequence", "IssuerOfPatientIDQualifiersSequence",
                  "RequestingServiceCodeSequence", "StorageMediaFileSetID", "EthnicGroupCodeSequence",
                  "PatientAlternativeCalendar", "PatientBirthDateInAlternativeCalendar",
-                 "PatientDeathDateInAlternativeCalendar")
+                 "PatientDeathDateInAlternativeCalendar", "UniformResourceLocatorTrial")
+# Every URL / URI (Retrieve URL, Retrieve URI, Pixel Data Provider URL, Storage URL, Contact URI, the file
+# meta's presentation addresses...): an address names the site's host and often holds the original study,
+# series and instance UIDs (DICOMweb and WADO paths), which dicognito does not look into. Removed.
+REMOVED_VRS = frozenset({"UR"})
 # File meta (PS3.10) elements naming the application entities of the sending site, or its private data.
 FILE_META_REMOVED = ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
                      "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID", "PrivateInformation")
@@ -177,12 +182,12 @@ def _in_repeating_group(tag) -> bool:
 
 
 def apply_profile(ds, dummy: Callable[[str], str], cleaned: frozenset[str] = frozenset()) -> None:
-    """Apply Table E.1-1 (and ``EXTRA_REMOVED``, curves and overlays) to ``ds`` and every sequence item
-    in it, in place. ``dummy(value)``: the run's pseudonym of a text value; ``cleaned``: keywords left
+    """Apply Table E.1-1 (and ``EXTRA_REMOVED``, ``REMOVED_VRS``, curves and overlays) to ``ds`` and every
+    sequence item in it, in place. ``dummy(value)``: the run's pseudonym of a text value; ``cleaned``: keywords left
     to the Clean Descriptors option. The file meta is ``apply_to_file_meta``'s."""
     actions = _actions_by_tag()
     for element in list(ds):
-        if _in_repeating_group(element.tag):
+        if _in_repeating_group(element.tag) or element.VR in REMOVED_VRS:
             del ds[element.tag]
             continue
         action = actions.get(int(element.tag))
@@ -191,7 +196,13 @@ def apply_profile(ds, dummy: Callable[[str], str], cleaned: frozenset[str] = fro
 
 
 def apply_to_file_meta(meta) -> None:
-    """Remove ``FILE_META_REMOVED`` from the file meta, if any (its UIDs are set when the file is written)."""
-    for keyword in FILE_META_REMOVED if meta is not None else ():
+    """Remove ``FILE_META_REMOVED`` and the ``REMOVED_VRS`` elements (the presentation addresses) from the file
+    meta, if any (its UIDs are set when the file is written)."""
+    if meta is None:
+        return
+    for keyword in FILE_META_REMOVED:
         if keyword in meta:
             del meta[keyword]
+    for element in list(meta):
+        if element.VR in REMOVED_VRS:
+            del meta[element.tag]
