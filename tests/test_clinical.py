@@ -385,6 +385,62 @@ def test_a_public_number_that_does_not_fit_its_vr_or_overflows_is_refused(tmp_pa
         assert_names_file(error, number)
 
 
+def with_header(target: Path, raw: dict[int, bytes] | None = None, **values) -> Path:
+    """MR_small (it has a Window Center / Width, no rescale) with ``values`` set and ``raw`` DS values written as
+    they are (bytes pydicom would refuse to write from a number: ``abc``, ``1e309``)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(dicom("MR_small.dcm"))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    for tag, value in (raw or {}).items():
+        ds._dict[Tag(tag)] = RawDataElement(Tag(tag), "DS", len(value), value, 0, False, True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+    return target
+
+
+SLOPE, INTERCEPT = 0x00281053, 0x00281052
+BROKEN_PIXEL_TRANSFORMS = [
+    ({SLOPE: b"abc "}, {}, "Rescale Slope 'abc' is not a number"),
+    ({SLOPE: b"1e309 "}, {}, "Rescale Slope '1e309' is not a finite number"),
+    ({INTERCEPT: b"-1e309"}, {}, "Rescale Intercept '-1e309' is not a finite number"),
+    ({SLOPE: b"1e39"}, {}, "Rescale Slope '1e39' is beyond the float32 range"),
+    ({SLOPE: b"1e37"}, {}, "take the stored values beyond the float32 range"),
+    ({}, {"PhotometricInterpretation": "PALETTE COLOR"},
+     "PALETTE COLOR without its palette lookup tables (no Red Palette Color Lookup Table Descriptor)"),
+]
+
+
+@pytest.mark.parametrize("raw, values, reason", BROKEN_PIXEL_TRANSFORMS,
+                         ids=["slope-abc", "slope-inf", "intercept-inf", "slope-float32", "overflow", "palette"])
+def test_a_rescale_that_is_not_a_finite_number_or_a_palette_without_tables_is_refused(tmp_path, raw, values, reason):
+    """A Rescale Slope 'abc' (float() raised ValueError) and PALETTE COLOR without its lookup tables (pydicom's
+    apply_color_lut raised) gave tracebacks from predict, explain and index build and a 500 from the service; an
+    infinite slope was refused only without a window: with the file's window the image was answered as a blank
+    grey. Every reader refuses the file, naming it and the element, window or not."""
+    bad = with_header(tmp_path / "series" / "bad.dcm", raw, **values)
+    position = [float(v) for v in pydicom.dcmread(bad).ImagePositionPatient]
+    with_header(tmp_path / "series" / "next.dcm", raw, **values, SOPInstanceUID="1.2.826.0.1.3680043.8.498.5",
+                ImagePositionPatient=[position[0], position[1], position[2] + 5])  # a second slice: a volume
+    readers = (read_dicom, lambda path: read_dicom(path, window="file"), read_image,
+               lambda path: read_image(path, modality_values=True), lambda path: load_volume(path.parent))
+    for read in readers:
+        with pytest.raises(DataError) as error:
+            read(bad)
+        assert reason in str(error.value)
+        assert "bad.dcm" in str(error.value) or "next.dcm" in str(error.value)
+
+
+def test_a_palette_with_its_tables_and_a_finite_rescale_are_read(tmp_path):
+    """The checks above refuse no real file: pydicom's palette colour file, and a slope and intercept as text."""
+    rgb, meta = read_dicom(STORE / "OT-PAL-8-face.dcm")
+    assert rgb.shape == (480, 640, 3) and meta["color"]
+    array, meta = read_dicom(with_header(tmp_path / "ok.dcm", {SLOPE: b"0.5 ", INTERCEPT: b"-100"}))
+    assert meta["rescale"] == {"slope": 0.5, "intercept": -100.0} and np.isfinite(array).all()
+
+
 # ------------------------------------------------------------------------------ DICOM 3D
 
 

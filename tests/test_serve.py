@@ -440,6 +440,37 @@ def test_a_dicom_with_an_unknown_value_representation_is_422_on_every_route(clie
             assert f"unknown value representation in {tag}" in answer.json()["detail"]
 
 
+@pytest.mark.parametrize("raw, photometric, reason", [
+    (b"abc ", None, "Rescale Slope 'abc' is not a number"),
+    (b"1e309 ", None, "Rescale Slope '1e309' is not a finite number"),
+    (None, "PALETTE COLOR", "PALETTE COLOR without its palette lookup tables"),
+], ids=["slope-abc", "slope-inf", "palette"])
+def test_a_dicom_with_a_broken_rescale_or_palette_is_422_on_every_route(client, raw, photometric, reason):
+    """A Rescale Slope that is not a number and PALETTE COLOR without its lookup tables answered 500 on
+    /v1/zero-shot, /v1/explain, /v1/embed and /v1/preview; an infinite slope in a file with a window was answered
+    200 as a blank image. Each is a 422 naming the element."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))  # it has a Window Center / Width
+    if raw is not None:
+        ds._dict[Tag(0x00281053)] = RawDataElement(Tag(0x00281053), "DS", len(raw), raw, 0, False, True)
+    if photometric is not None:
+        ds.PhotometricInterpretation = photometric
+    stream = io.BytesIO()
+    ds.save_as(stream)
+    bad = stream.getvalue()
+    answers = [client.post(f"/v1/{route}", headers=auth(), files={"image": ("mr.dcm", bad)})
+               for route in ("embed", "preview")]
+    answers += [client.post("/v1/explain", headers=auth(), files={"image": ("mr.dcm", bad)},
+                            data={"labels": LABELS}), zero_shot(client, bad, "mr.dcm")]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert reason in answer.json()["detail"]
+
+
 def _request_line(log_lines, answer) -> dict:
     """The request line logged for ``answer``, found by its request id.
 

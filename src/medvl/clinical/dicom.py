@@ -35,7 +35,9 @@ given DICOM series of the same patients see them the same way round.
 Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt (any element pydicom cannot
 convert, checked when the file is parsed: ``check_elements``), no pixel data
 (a structured report, RT plan, DICOMDIR...), a compressed transfer syntax whose decoder is not
-installed (with the extra to install), pixel data over ``MAX_DECODED_BYTES``.
+installed (with the extra to install), pixel data over ``MAX_DECODED_BYTES``, a Rescale Slope /
+Intercept that is not a finite number (``_rescale_number``) and PALETTE COLOR without its lookup tables
+(``_check_palette``).
 """
 
 from __future__ import annotations
@@ -560,26 +562,33 @@ def header_value(ds, keyword: str, sequence: str, frame: int = 0) -> Any:
 # --------------------------------------------------------------------------- pixel processing
 
 
-def _modality_values(ds, pixels: np.ndarray) -> tuple[np.ndarray, dict | None]:
+def _modality_values(path: Path, ds, pixels: np.ndarray) -> tuple[np.ndarray, dict | None]:
     """Stored values -> modality values (float32): Modality LUT, else Rescale Slope/Intercept, the
     latter frame by frame for an enhanced multi-frame file (each frame's own Pixel Value
     Transformation, else the shared one). ``rescale`` meta: ``{"slope", "intercept"}`` numbers, or
-    lists with one value per frame when the frames differ."""
+    lists with one value per frame when the frames differ. A slope or intercept that is not a finite
+    number, or that takes stored values beyond the float32 range, is a ``DataError``: a window would map
+    such values to one grey, a blank image nobody asked for."""
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:
         return apply_modality_lut(pixels, ds).astype(np.float32), {"modality_lut": True}
     values = pixels.astype(np.float32)
-    rescales = [_rescale(ds, frame) for frame in range(_frames_in(ds, pixels))]
+    rescales = [_rescale(path, ds, frame) for frame in range(_frames_in(ds, pixels))]
     if all(rescale is None for rescale in rescales):
         return values, None
     pairs = [rescale or (1.0, 0.0) for rescale in rescales]
     if len(set(pairs)) == 1:
         _rescale_in_place(values, *pairs[0])
-        return values, {"slope": pairs[0][0], "intercept": pairs[0][1]}
-    for frame, (slope, intercept) in enumerate(pairs):
-        _rescale_in_place(values[frame], slope, intercept)
-    return values, {"slope": [slope for slope, _ in pairs], "intercept": [intercept for _, intercept in pairs]}
+        meta: dict[str, Any] = {"slope": pairs[0][0], "intercept": pairs[0][1]}
+    else:
+        for frame, (slope, intercept) in enumerate(pairs):
+            _rescale_in_place(values[frame], slope, intercept)
+        meta = {"slope": [slope for slope, _ in pairs], "intercept": [intercept for _, intercept in pairs]}
+    if pixels.dtype.kind in "iu" and not np.isfinite(values).all():  # stored integers are finite: the rescale
+        raise DataError(path, f"Rescale Slope {meta['slope']} and Intercept {meta['intercept']} take the stored "
+                              "values beyond the float32 range")
+    return values, meta
 
 
 def _frames_in(ds, pixels: np.ndarray) -> int:
@@ -587,13 +596,30 @@ def _frames_in(ds, pixels: np.ndarray) -> int:
     return pixels.shape[0] if _frame_count(ds) > 1 and pixels.ndim == 3 else 1
 
 
-def _rescale(ds, frame: int) -> tuple[float, float] | None:
-    """(slope, intercept) of one frame, ``None`` when the header has neither."""
+def _rescale(path: Path, ds, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) of one frame, ``None`` when the header has neither; a value that is not a finite
+    number is a ``DataError`` naming the element."""
     slope = header_value(ds, "RescaleSlope", "PixelValueTransformationSequence", frame)
     intercept = header_value(ds, "RescaleIntercept", "PixelValueTransformationSequence", frame)
     if slope is None and intercept is None:
         return None
-    return (float(slope) if slope is not None else 1.0, float(intercept) if intercept is not None else 0.0)
+    return (_rescale_number(path, slope, "Rescale Slope") if slope is not None else 1.0,
+            _rescale_number(path, intercept, "Rescale Intercept") if intercept is not None else 0.0)
+
+
+def _rescale_number(path: Path, value: Any, name: str) -> float:
+    """``value`` (a DS) as a float; not a number, several numbers or not finite (``1e309``): ``DataError``."""
+    text = " ".join(str(value).split())
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(path, f"{name} {shown} is not a number") from None
+    if not math.isfinite(number):
+        raise DataError(path, f"{name} {shown} is not a finite number")
+    if abs(number) > np.finfo(np.float32).max:
+        raise DataError(path, f"{name} {shown} is beyond the float32 range")
+    return number
 
 
 def _rescale_in_place(values: np.ndarray, slope: float, intercept: float) -> None:
@@ -653,12 +679,12 @@ def _voi_lut(ds, values: np.ndarray) -> np.ndarray:
     return np.clip(mapped.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
 
 
-def _grayscale(ds, pixels: np.ndarray, window: WindowSpec | None,
+def _grayscale(path: Path, ds, pixels: np.ndarray, window: WindowSpec | None,
                own_range: bool = True) -> tuple[np.ndarray, dict]:
     """Modality values, windowed if asked, MONOCHROME1 inverted: ``1 - v`` when windowed, else
     ``min + max - v`` over this image's values, or not at all with ``own_range=False`` (a series is
     inverted over its whole range by ``_stack_series``, so that one stored value stays one value)."""
-    values, rescale = _modality_values(ds, pixels)
+    values, rescale = _modality_values(path, ds, pixels)
     display, window_meta = _display(ds, values, window)
     inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if inverted and window_meta:
@@ -685,16 +711,39 @@ def _display(ds, values: np.ndarray, window: WindowSpec | None) -> tuple[np.ndar
     return display, {"name": FILE_WINDOW, "function": "per frame", "frames": [own.as_dict() for own in windows]}
 
 
-def _color(ds, pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """RGB pixels and their bits per sample (palette colour expanded through its LUT)."""
+PALETTE_COLORS = ("Red", "Green", "Blue")
+
+
+def _color(path: Path, ds, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """RGB pixels and their bits per sample (palette colour expanded through its LUT). PALETTE COLOR
+    without its lookup tables (a descriptor, or the data, plain or segmented, of a colour), or with tables
+    pydicom cannot apply, is a ``DataError`` naming the file and the element."""
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        rgb = apply_color_lut(pixels, ds)
+        _check_palette(path, ds)
+        try:
+            rgb = apply_color_lut(pixels, ds)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
+            raise DataError(path, f"PALETTE COLOR: its palette lookup tables cannot be applied "
+                                  f"({_short(error)})") from None
         descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
         return rgb, int(descriptor[2]) or 16
     return pixels, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+
+
+def _check_palette(path: Path, ds) -> None:
+    """Each colour's Palette Color Lookup Table Descriptor and its data (plain or segmented) are there."""
+    for color in PALETTE_COLORS:
+        descriptor = f"{color}PaletteColorLookupTableDescriptor"
+        if not ds.get(descriptor):
+            raise DataError(path, f"PALETTE COLOR without its palette lookup tables (no {color} Palette Color "
+                                  "Lookup Table Descriptor)")
+        if not ds.get(f"{color}PaletteColorLookupTableData") and \
+                not ds.get(f"Segmented{color}PaletteColorLookupTableData"):
+            raise DataError(path, f"PALETTE COLOR without its palette lookup tables (no {color} Palette Color "
+                                  "Lookup Table Data)")
 
 
 # ----------------------------------------------------------------------------------- metadata
@@ -821,10 +870,10 @@ def _read_dicom(path: Path, window: WindowSpec | None,
         raise DataError(path, f"decoded pixels have shape {pixels.shape}, header says {expected}")
     meta["color"] = samples == 3 or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR"
     if meta["color"]:
-        array, meta["bits_stored"] = _color(ds, pixels)
+        array, meta["bits_stored"] = _color(path, ds, pixels)
         meta.update(rescale=None, window=None, inverted=False, photometric_out="RGB")
     else:
-        array, processing = _grayscale(ds, pixels, window, own_range)
+        array, processing = _grayscale(path, ds, pixels, window, own_range)
         meta.update(processing, photometric_out="MONOCHROME2")
     return array, meta
 
