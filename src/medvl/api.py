@@ -204,7 +204,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                        keep_logits=calibration_split is not None)
     if fit_set is not None:
         block = zero_shot_calibration(net, fit_set, column, captions_for(fit_set, captions, net), result["classes"],
-                                      np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress)
+                                      np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress,
+                                      fit_name=f"the calibration split {calibration_split!r}")
         result["calibration"] = {"split": calibration_split, **block,
                                  **({"copies_in_fit": copies} if copies is not None else {})}
     if ood_block is not None:
