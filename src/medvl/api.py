@@ -335,7 +335,9 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
                           allow_outside_root: bool = False, show_progress: bool = True,
                           covariates: Sequence[str] | None = None) -> dict:
     """``eval.linear_probe`` fitted on one dataset path and scored on another; ``covariates`` (metadata columns
-    fused with the probe) None = the ones the model was trained to use (its recipe's, saved in its meta)."""
+    fused with the probe) None = the ones the model was trained to use (its recipe's, saved in its meta). The
+    result names what was fitted and scored (``model``, ``train_data``, ``train_split``, ``test_data``,
+    ``test_split``, as given)."""
     from .eval import linear_probe
     from .models.registry import load_model
 
@@ -363,7 +365,8 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         result["trained_on_scored"] = seen
     if copies is not None:
         result["copies_in_fit"] = copies
-    return {**result, "label": column, "model": str(model)}
+    return {**result, "label": column, "model": str(model), "train_data": str(train_data),
+            "train_split": train_split, "test_data": str(test_data), "test_split": test_split}
 
 
 def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = None,
