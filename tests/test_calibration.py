@@ -241,6 +241,36 @@ def test_bad_classes_in_the_scored_or_the_calibration_split_are_refused_before_a
                            calibration_split="val", allow_outside_root=True)
 
 
+def test_a_calibration_split_lacking_classes_is_named_as_such_not_as_the_scored_split(phantom_model, phantom_dir,
+                                                                                        tmp_path, caplog):
+    """A calibration split holding 2 classes of the label used to warn that the others "have no scored record",
+    as if the evaluated split lacked them; the warning now names the calibration split, and the scored split,
+    which holds every class, gets none."""
+    import csv
+    import logging
+
+    rows = list(csv.DictReader((phantom_dir / "manifest.csv").open()))
+    test = [r for r in rows if r["split"] == "test"]
+    train = [r for r in rows if r["split"] == "train"]
+    kept = sorted({r["finding"] for r in train})[:2]
+    val = [dict(r, split="val") for r in train if r["finding"] in kept][:6]
+    classes = {r["finding"] for r in test}
+    assert {r["finding"] for r in val} == set(kept) and len(classes) > 2
+    (tmp_path / "images").symlink_to(phantom_dir / "images")
+    with (tmp_path / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(test + val)
+    with caplog.at_level(logging.WARNING, logger="medvl.eval.zero_shot"):
+        result = evaluate_zero_shot(phantom_model, tmp_path, "test", label_columns=["finding"],
+                                    calibration_split="val", allow_outside_root=True, show_progress=False)
+    assert "classes_absent" not in result and result["calibration"]["n_fit"] == len(val)
+    assert "no scored record" not in caplog.text
+    absent = len(classes) - 2
+    assert (f"the calibration split 'val' has no record of {absent} of the {len(classes)} classes of 'finding': "
+            "the temperature is fitted without them") in caplog.text
+
+
 def test_cli_prints_the_calibration_table(phantom_model, phantom_dir):
     from cli_helpers import invoke
 

@@ -221,6 +221,18 @@ def test_eval_linear_probe_writes_json(trained, phantom_dir, tmp_path):
     assert isinstance(metrics["auc"], float) and isinstance(metrics["accuracy"], float)
 
 
+def test_the_probe_json_names_the_data_and_splits_it_was_fitted_and_scored_on(trained, phantom_dir, tmp_path):
+    """The probe's JSON had only the model: which data and splits the figures came from was lost."""
+    result, output = invoke("eval", "linear-probe", "--model", trained, "--train-data", phantom_dir,
+                            "--train-split", "train", "--test-data", phantom_dir, "--few-shot", "1",
+                            "--json", tmp_path / "lp.json", "-q")
+    assert result.exit_code == 0, output
+    metrics = json.loads((tmp_path / "lp.json").read_text())
+    assert {key: metrics[key] for key in ("model", "train_data", "train_split", "test_data", "test_split")} == {
+        "model": str(trained), "train_data": str(phantom_dir), "train_split": "train", "test_data": str(phantom_dir),
+        "test_split": "test"}
+
+
 def test_a_probe_scored_on_a_split_lacking_a_class_names_it(trained, phantom_dir, tmp_path):
     """The probe left a class without a scored record out of its macro AUC without a word (zero-shot says it)."""
     import csv

@@ -70,3 +70,28 @@ def test_a_prediction_of_a_class_absent_from_the_truth_counts_as_an_error_withou
         metrics = classification_metrics(y_true, probabilities, ["a", "b", "c"])
     assert metrics["balanced_accuracy"] == pytest.approx(0.75)  # recall 1/2 on a, 2/2 on b; c has no truth
     assert metrics["per_class"]["c"]["auc"] is None
+
+
+def test_balanced_accuracy_of_a_one_class_split_matches_sklearn_without_a_warning():
+    """A scored split of one class that the model predicts throughout made sklearn print "A single label was
+    found in 'y_true' and 'y_pred'" on stderr, between the log lines. Balanced accuracy now comes from the
+    confusion matrix, equal to sklearn's on seeded random data (classes absent from the truth or predicted
+    nowhere included)."""
+    import warnings
+
+    one_class = np.zeros(6, dtype=int)
+    probabilities = np.tile([0.9, 0.1], (6, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(one_class, probabilities, ["a", "b"])
+    assert metrics["balanced_accuracy"] == 1.0 and metrics["accuracy"] == 1.0
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        k = int(rng.integers(2, 6))
+        y_true = rng.choice(rng.choice(k, size=int(rng.integers(1, k + 1)), replace=False), size=40)
+        logits = rng.normal(size=(40, k)) + np.eye(k)[y_true]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn's own warnings on these draws
+            expected = balanced_accuracy_score(y_true, logits.argmax(1))
+        assert classification_metrics(y_true, logits, [str(c) for c in range(k)])["balanced_accuracy"] == \
+            pytest.approx(expected, abs=1e-12)

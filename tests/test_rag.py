@@ -938,6 +938,30 @@ def test_eval_case_retrieval_command(phantom_dir, train_index, tmp_path):
     assert saved["precision_at_k_baseline"] < 0.5 and saved["draft_micro_f1"] is not None
 
 
+def test_a_k_above_the_index_size_is_capped_and_said(phantom_dir, model_dir, train_index, tmp_path, caplog):
+    """-k 500 on a smaller index was scored as precision over the whole index (the class prior, whatever the
+    model) under the label precision@500; it is now capped at the cases each ranking holds, in the row label,
+    the JSON (k scored, k_requested) and a warning."""
+    model, train = load_model(model_dir), load_dataset(phantom_dir).select("train")
+    n_index = len(train)
+    with open_index(train_index) as index, caplog.at_level("WARNING", logger="medvl.eval.case_retrieval"):
+        own_left_out = case_retrieval(index, model, train, k=n_index, show_progress=False)
+        plain = case_retrieval(index, model, train, k=5, show_progress=False)
+    assert own_left_out["k"] == n_index - 1 and own_left_out["k_requested"] == n_index
+    assert f"scored at k = {n_index - 1}, not {n_index}" in caplog.text
+    assert plain["k"] == 5 and "k_requested" not in plain
+    out = tmp_path / "cr.json"
+    result, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
+                            "--split", "test", "-k", 500, "--json", out, "-q")
+    assert result.exit_code == 0, output
+    saved = json.loads(out.read_text())
+    assert (saved["k"], saved["k_requested"], saved["n_index"]) == (n_index, 500, n_index)
+    assert f"P@{n_index}" in saved and "P@500" not in saved
+    flat = " ".join(output.split())  # the row label wraps in its cell
+    assert f"precision@{n_index} (same label set," in flat and "-k 500 capped)" in flat
+    assert f"Jaccard@{n_index} (label sets, -k 500 capped)" in flat and "precision@500" not in flat
+
+
 def test_eval_case_retrieval_rejects_bad_input(phantom_dir, train_index, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

@@ -173,17 +173,41 @@ def test_a_collapsed_text_tower_scores_no_better_than_chance(members_and_test, c
 
 
 def test_texts_the_tower_reads_alike_are_one_gallery_text(members_and_test):
-    """Letter case (an uncased WordPiece tower) and words past the tower's max_length are not read: such texts
-    are one gallery text; a text differing in a word the tower reads is another."""
+    """Letter case and spacing (an uncased WordPiece tower) are not read: such texts are one gallery text. Texts
+    differing only past the tower's max_length are distinct texts the tower cannot tell apart: ties, against the
+    model. A text differing in a word the tower reads is another text."""
     members, test = members_and_test
     records = [r for r in test if r.text][:6]
     base = records[0].text or ""
     long = base + " lung" * members[0].config.text.max_length
-    variants = [base.upper(), long, long + " heart", base + " heart"]
+    variants = ["  " + base.upper().replace(" ", "   "), long, long + " heart", base + " heart"]
     dataset = test.subset(records[:2] + [replace(r, text=t) for r, t in zip(records[2:], variants, strict=True)])
     result = medvl.retrieval(members[0], dataset, show_progress=False)
-    # base = base.upper(); long = long + " heart"; base + " heart" and records[1] apart
-    assert (result["n_images"], result["n_texts"]) == (6, 4)
+    # base = its upper-case, spaced-out copy; long and long + " heart" tied; base + " heart" and records[1] apart
+    assert (result["n_images"], result["n_texts"], result["texts_embedded_alike"]) == (6, 5, 2)
+
+
+def test_distinct_reports_read_as_unknown_tokens_are_ties_not_one_text(members_and_test, caplog):
+    """Reports in a script the tokenizer's vocabulary lacks all read as the same unknown-token ids. They used to
+    be merged into one gallery text, which every image ranked first: R@1 = 1 both ways for a model that cannot
+    read them. They are now distinct gallery texts, tied, and ties count against the model."""
+    import random
+
+    members, test = members_and_test
+    records = [r for r in test if r.text]
+    draw = random.Random(0)
+    greek = [" ".join("".join(draw.choice("αβγδεζηθικλμνξοπρστυφχψω") for _ in range(8)) for _ in range(3))
+             for _ in records]
+    assert len(set(greek)) == len(records) and len(set(members[0].text_tokens(greek))) == 1
+    dataset = test.subset([replace(r, text=t) for r, t in zip(records, greek, strict=True)])
+    with caplog.at_level(logging.WARNING, logger="medvl.eval.retrieval"):
+        result = medvl.retrieval(members[0], dataset, show_progress=False)
+    n = len(records)
+    assert result["n_texts"] == result["texts_embedded_alike"] == n > 10
+    assert result["i2t_R@1"] == 0.0 and result["image_to_text"]["median_rank"] == n
+    assert result["t2i_R@1"] <= 2 * result["text_to_image"]["chance"]["R@1"] < 1
+    assert f"{n} of the {n} distinct texts are embedded alike" in caplog.text
+    assert not any(text in caplog.text for text in greek)  # no report text in the log
 
 
 def test_one_model_under_two_spellings_or_copied_is_not_an_ensemble(members_and_test, phantom_dir, tmp_path):

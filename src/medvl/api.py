@@ -204,7 +204,8 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
                        keep_logits=calibration_split is not None)
     if fit_set is not None:
         block = zero_shot_calibration(net, fit_set, column, captions_for(fit_set, captions, net), result["classes"],
-                                      np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress)
+                                      np.array(result.pop("logits")), np.array(result.pop("y_true")), show_progress,
+                                      fit_name=f"the calibration split {calibration_split!r}")
         result["calibration"] = {"split": calibration_split, **block,
                                  **({"copies_in_fit": copies} if copies is not None else {})}
     if ood_block is not None:
@@ -334,7 +335,9 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
                           allow_outside_root: bool = False, show_progress: bool = True,
                           covariates: Sequence[str] | None = None) -> dict:
     """``eval.linear_probe`` fitted on one dataset path and scored on another; ``covariates`` (metadata columns
-    fused with the probe) None = the ones the model was trained to use (its recipe's, saved in its meta)."""
+    fused with the probe) None = the ones the model was trained to use (its recipe's, saved in its meta). The
+    result names what was fitted and scored (``model``, ``train_data``, ``train_split``, ``test_data``,
+    ``test_split``, as given)."""
     from .eval import linear_probe
     from .models.registry import load_model
 
@@ -362,7 +365,8 @@ def evaluate_linear_probe(model: PathLike, train_data: PathLike, test_data: Path
         result["trained_on_scored"] = seen
     if copies is not None:
         result["copies_in_fit"] = copies
-    return {**result, "label": column, "model": str(model)}
+    return {**result, "label": column, "model": str(model), "train_data": str(train_data),
+            "train_split": train_split, "test_data": str(test_data), "test_split": test_split}
 
 
 def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = None,

@@ -802,14 +802,14 @@ def _case_retrieval(ctx: _Context) -> None:
     if "knowledge" in result:
         ctx.plots["knowledge"] = result["knowledge"]
     for metric in ("precision_at_k", "jaccard_at_k", "map"):
-        ctx.row(f"{metric}", result[metric], k=ctx.task.k)
+        ctx.row(f"{metric}", result[metric], k=result["k"])  # the k scored: at most the index's size
         ctx.row(f"sanity: {metric} of a random ranking", result[f"{metric}_baseline"])
     for block, name in (("draft", "draft"), ("nearest_report", "sanity: nearest report")):
         for metric in ("micro_f1", "macro_f1"):
             ctx.row(f"{name} finding {metric}", result[block][metric])
     ctx.row("draft abstention rate", result["draft"]["abstention_rate"])
     if "sanity" in ctx.checks and result["precision_at_k"] < result["precision_at_k_baseline"] + 0.05:
-        ctx.flag("sanity", f"precision@{ctx.task.k} {result['precision_at_k']:.3f} does not beat a random "
+        ctx.flag("sanity", f"precision@{result['k']} {result['precision_at_k']:.3f} does not beat a random "
                            f"ranking ({result['precision_at_k_baseline']:.3f}) by 0.05")
 
 

@@ -233,10 +233,11 @@ def print_case_retrieval(result: dict) -> None:
     table = Table(title=title, header_style="bold")
     for name in ("metric", "medvl", "baseline", "baseline is"):
         table.add_column(name, justify="left" if name in ("metric", "baseline is") else "right")
+    capped = f", -k {result['k_requested']} capped" if "k_requested" in result else ""
     rows = [
-        (f"precision@{k} (same label set)", result["precision_at_k"], result["precision_at_k_baseline"],
+        (f"precision@{k} (same label set{capped})", result["precision_at_k"], result["precision_at_k_baseline"],
          "class prior"),
-        (f"Jaccard@{k} (label sets)", result["jaccard_at_k"], result["jaccard_at_k_baseline"], "class prior"),
+        (f"Jaccard@{k} (label sets{capped})", result["jaccard_at_k"], result["jaccard_at_k_baseline"], "class prior"),
         ("mAP", result["map"], result["map_baseline"], "random ranking"),
         (f"draft finding micro F1 (k={draft['k']})", draft["micro_f1"], nearest["micro_f1"], "nearest report"),
         ("draft finding macro F1", draft["macro_f1"], nearest["macro_f1"], "nearest report"),

@@ -9,7 +9,10 @@ Label agreement (over the label columns, by default the index's own):
 - A case's **label set**: per column, the column's name if the column is binary (values 0/1 only)
   and the value is 1, else ``column=value``. For one categorical column it is just its class.
 - A retrieved case is **relevant** when its label set equals the query's (exact match).
-- **precision@k**: the share of relevant cases among the first k (fewer if the index has fewer).
+- **precision@k**: the share of relevant cases among the first k. A k above the cases a query's ranking
+  holds (the index's size, less the query's own case when it is left out) is capped at that many, with a
+  warning: the JSON's ``k`` is then the k scored and ``k_requested`` the k asked for (precision over the
+  whole index is the class prior, whatever the model).
 - **Jaccard@k**: the mean Jaccard similarity of the query's and retrieved label sets over the first
   k (the partial credit of multi-label sets; equal to precision@k for one categorical column).
 - **mAP**: the mean over queries of average precision, relevant = same label set, over the ranking
@@ -104,8 +107,12 @@ def case_retrieval(index: Index, model, dataset: Dataset, *, k: int = 5, label_c
     prior: Counter[frozenset] = Counter()
     for labels, count in index_labels:
         prior[label_set(labels, columns, binary)] += count
+    scored_k = _scored_k(k, rankings)
     result: dict[str, Any] = {"n_queries": len(queries), "n_skipped": len(dataset) - len(queries), "n_index": n_index,
-              "label_columns": columns, "k": k, "excluded_self": sum(bool(e) for e in excluded)}
+              "label_columns": columns, "k": scored_k, "excluded_self": sum(bool(e) for e in excluded)}
+    if scored_k < k:
+        result["k_requested"] = k
+    k = scored_k
     found_sets = [[label_set(h.labels, columns, binary) for h in ranking] for ranking in rankings]
     result.update(_agreement(found_sets, query_sets, k, prior, own_sets, map_depth, excluded))
     reference = _reference(queries, columns, binary, labeller, [labels for labels, _ in index_labels])
@@ -195,6 +202,17 @@ def _scored_depth(map_depth: int, n_index: int, most_excluded: int) -> int:
                     searchable, min(map_depth, n_index), LIST_MAX)
         return searchable
     return min(map_depth, n_index)
+
+
+def _scored_k(k: int, rankings: list[list[Hit]]) -> int:
+    """The cutoff precision@k and Jaccard@k are scored at: ``k``, at most the cases every query's ranking holds
+    (warned: past them, precision@k would be the class prior, not a cutoff)."""
+    shortest = min(map(len, rankings))
+    if k > shortest:
+        log.warning("precision@k and Jaccard@k are scored at k = %d, not %d: the rankings hold %d cases (the "
+                    "index's, less a query's own case)", shortest, k, shortest)
+        return shortest
+    return k
 
 
 def _binary_columns(columns: Sequence[str], records: Sequence[Record],

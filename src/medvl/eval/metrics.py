@@ -42,15 +42,15 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
 
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y_true``; a prediction of a class absent from them (a few-shot
-    probe's, a zero-shot answer) is an error like any other, not worth sklearn's warning on stderr."""
-    import warnings
-
-    from sklearn.metrics import balanced_accuracy_score
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(balanced_accuracy_score(y_true, y_pred))
+    """Mean recall over the classes present in ``y_true`` (sklearn's ``balanced_accuracy_score``), from the
+    confusion matrix: a prediction of a class absent from them (a few-shot probe's, a zero-shot answer) is an
+    error like any other, and a scored split of one class is no reason for a warning of sklearn's on stderr."""
+    if not len(y_true):
+        raise ValueError("balanced accuracy of no records")
+    matrix = confusion_matrix(y_true, y_pred, int(max(y_true.max(), y_pred.max())) + 1)
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float(np.mean(matrix.diagonal()[present] / support[present]))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

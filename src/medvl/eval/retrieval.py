@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,14 +82,15 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     """Image->text and text->image retrieval among all texts / images of the dataset.
 
     The galleries hold each image once and each text once: records of one image (one file, or an array's
-    pixels) with several captions share a gallery image, and texts every model reads alike (the same token ids
-    after its tokenizer's normalisation and truncation: identical, differing in letter case or spacing an
-    uncased tower ignores, or only past the tower's length; ``DualEncoder.text_tokens``) are one gallery text.
-    A query counts as a hit at the best rank of any of its texts (image->text) or images (text->image), so a
-    perfect model scores R@1 = 1 in both directions. Gallery texts that the model reads differently but
-    embeds alike (cosine within ``SAME_EMBEDDING`` of 1 in every model: a text tower that cannot tell them
-    apart, or has collapsed) are ties, and ties count against the query; ``texts_embedded_alike`` counts
-    them (with a warning). ``n_images`` and ``n_texts`` count the galleries, ``n_records`` the pairs.
+    pixels) with several captions share a gallery image, and records whose texts are the same text (identical,
+    or differing only in letter case or spacing that every model ignores: the same token ids,
+    ``DualEncoder.text_tokens``) share a gallery text. A query counts as a hit at the best rank of any of its
+    texts (image->text) or images (text->image), so a perfect model scores R@1 = 1 in both directions.
+    Distinct texts that every model reads alike (the same token ids: words its vocabulary lacks, read as the
+    unknown token, or differences past the tower's length) or embeds alike (cosine within ``SAME_EMBEDDING``
+    of 1: a text tower that cannot tell them apart, or has collapsed) stay apart as ties, and ties count
+    against the query; ``texts_embedded_alike`` counts them (with a warning). ``n_images`` and ``n_texts``
+    count the galleries, ``n_records`` the pairs.
     ``image_embeddings`` (aligned with ``dataset``) skips embedding.
     ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
     re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
@@ -120,7 +122,7 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
             image_of[key] = len(first_record)
             first_record.append(i)
         record_image.append(image_of[key])
-    gallery_texts, text_of = _gallery_texts(members, [r.text or "" for r in records])
+    gallery_texts, text_of, read_alike = _gallery_texts(members, [r.text or "" for r in records])
     subset = dataset.subset([records[i] for i in first_record])
     image_embs: list[np.ndarray] = []
     text_embs: list[np.ndarray] = []
@@ -133,15 +135,15 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
             image_embs.append(embed_images(member, subset, show_progress=show_progress,
                                            content=content if number == 0 else None).numpy())
         text_embs.append(member.encode_texts(gallery_texts).numpy())
-    # texts read differently that every member embeds alike stay apart, as exact ties (below), and ties count
-    # against the query: a collapsed text tower scores as chance or worse, not as a perfect model with one
-    # gallery text
-    alike = _same_embedding_groups(text_embs)
+    # distinct texts that every member reads or embeds alike stay apart, as exact ties (below), and ties count
+    # against the query: a collapsed text tower, or one that reads every report as unknown tokens, scores as
+    # chance or worse, not as a perfect model with one gallery text
+    alike = _joined_groups(read_alike, _same_embedding_groups(text_embs))
     tied = _tied_texts(alike)
     if tied:
-        log.warning("%d of the %d distinct texts are embedded alike to another one (cosine within %g of 1) "
-                    "though the model reads them differently: they are ranked as ties, against the model",
-                    tied, len(gallery_texts), SAME_EMBEDDING)
+        log.warning("%d of the %d distinct texts are embedded alike to another one (the same token ids, or "
+                    "cosine within %g of 1): the model cannot tell them apart; they are ranked as ties, against "
+                    "the model", tied, len(gallery_texts), SAME_EMBEDDING)
     image_to_text: list[list[int]] = [[] for _ in first_record]
     text_to_images: list[list[int]] = [[] for _ in gallery_texts]
     for i, record in enumerate(records):
@@ -220,21 +222,47 @@ def _image_key(image) -> object:
 SAME_EMBEDDING = 1e-5  # cosine within this of 1 (float noise): the model cannot tell the texts apart
 
 
-def _gallery_texts(members: Sequence[DualEncoder], record_texts: list[str]) -> tuple[list[str], dict[str, int]]:
-    """One gallery text per text as every member reads it (its tokens: the model cannot tell such texts
-    apart), and each text's gallery text."""
+def _gallery_texts(members: Sequence[DualEncoder],
+                   record_texts: list[str]) -> tuple[list[str], dict[str, int], list[int]]:
+    """One gallery text per text (texts differing only in letter case or spacing that every member ignores are
+    one), each record text's gallery text, and for each gallery text the first gallery text that every member
+    reads as the same tokens (itself if none): distinct texts the model cannot tell apart."""
     texts = list(dict.fromkeys(record_texts))
-    read_as = _same_token_groups(members, texts)
-    kept = sorted(set(read_as))
-    position = {first: n for n, first in enumerate(kept)}
-    return [texts[i] for i in kept], {text: position[read_as[i]] for i, text in enumerate(texts)}
+    tokens = list(zip(*(member.text_tokens(texts) for member in members), strict=True))
+    first: dict[tuple, int] = {}  # (tokens, text without case and spacing) -> its gallery text
+    gallery: list[int] = []  # gallery text -> its first text
+    text_of: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        key = (tokens[i], _plain_text(text))
+        if key not in first:
+            first[key] = len(gallery)
+            gallery.append(i)
+        text_of[text] = first[key]
+    read_as: dict[tuple, int] = {}
+    read_alike = [read_as.setdefault(tokens[i], n) for n, i in enumerate(gallery)]
+    return [texts[i] for i in gallery], text_of, read_alike
 
 
-def _same_token_groups(members: Sequence[DualEncoder], texts: list[str]) -> list[int]:
-    """For each text, the index of the first text that every member reads as the same tokens."""
-    first: dict[tuple, int] = {}
-    keys = zip(*(member.text_tokens(texts) for member in members), strict=True)
-    return [first.setdefault(key, i) for i, key in enumerate(keys)]
+def _plain_text(text: str) -> str:
+    """A text without letter case and spacing (and with one spelling of each Unicode character)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _joined_groups(first: list[int], second: list[int]) -> list[int]:
+    """For each item, the first item of its group when two groupings (each item -> the first item of its
+    group) are joined: items grouped together in either are together."""
+    group = list(range(len(first)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for grouping in (first, second):
+        for i, leader in enumerate(grouping):
+            a, b = root(i), root(leader)
+            group[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(group))]
 
 
 def _tied_texts(group: list[int]) -> int:

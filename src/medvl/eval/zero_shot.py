@@ -72,24 +72,13 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     the per-image ``probabilities`` and true class indices ``y_true``; ``keep_logits`` adds the
     scaled similarities ``logits`` the probabilities are the softmax of (for temperature fitting).
     """
-    if image_embeddings is not None and len(image_embeddings) != len(dataset):
-        raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
-    keep = [i for i, r in enumerate(dataset) if label in r.labels] if label in dataset.label_names else []
-    class_names = zero_shot_classes(dataset, label, classes)
-    dataset = dataset.with_labels([label])
     captions = captions or CaptionConfig()
-    index = {name: i for i, name in enumerate(class_names)}
-    prompts = [captions.prompts(label, name) for name in class_names]
+    class_names, prompts, logits, y_true = _labelled_logits(model, dataset, label, captions, classes, show_progress,
+                                                            image_embeddings)
     captions.warn_undescribed(label, class_names)
-    if image_embeddings is not None:
-        embeddings = image_embeddings[keep]
-    else:
-        embeddings = embed_images(model, dataset, show_progress=show_progress)
-    logits = zero_shot_logits(model, embeddings, prompts)
     probabilities = logits.softmax(-1).numpy()
-    y_true = np.array([index[str(r.labels[label])] for r in dataset])
     metrics = classification_metrics(y_true, probabilities, class_names)
-    absent = [name for i, name in enumerate(class_names) if not (y_true == i).any()]
+    absent = _absent_classes(class_names, y_true)
     if absent:
         metrics["classes_absent"] = absent
         log.warning("%d of the %d classes of %r have no scored record; they stay candidates: %s", len(absent),
@@ -104,18 +93,46 @@ def zero_shot(model: DualEncoder, dataset: Dataset, label: str,
     return metrics
 
 
+def _labelled_logits(model: DualEncoder, dataset: Dataset, label: str, captions: CaptionConfig,
+                     classes: Sequence[str] | None, show_progress: bool, image_embeddings: torch.Tensor | None,
+                     ) -> tuple[list[str], list[list[str]], torch.Tensor, np.ndarray]:
+    """The classes, their prompts, and the zero-shot logits and true class indices of ``dataset``'s records
+    with ``label`` (``image_embeddings``, aligned with ``dataset``, skips embedding)."""
+    if image_embeddings is not None and len(image_embeddings) != len(dataset):
+        raise InputError(f"{len(image_embeddings)} embeddings for {len(dataset)} records")
+    keep = [i for i, r in enumerate(dataset) if label in r.labels] if label in dataset.label_names else []
+    class_names = zero_shot_classes(dataset, label, classes)
+    dataset = dataset.with_labels([label])
+    index = {name: i for i, name in enumerate(class_names)}
+    prompts = [captions.prompts(label, name) for name in class_names]
+    if image_embeddings is not None:
+        embeddings = image_embeddings[keep]
+    else:
+        embeddings = embed_images(model, dataset, show_progress=show_progress)
+    y_true = np.array([index[str(r.labels[label])] for r in dataset])
+    return class_names, prompts, zero_shot_logits(model, embeddings, prompts), y_true
+
+
+def _absent_classes(class_names: list[str], y_true: np.ndarray) -> list[str]:
+    return [name for i, name in enumerate(class_names) if not (y_true == i).any()]
+
+
 def zero_shot_calibration(model: DualEncoder, fit_set: Dataset, label: str, captions: CaptionConfig,
                           classes: Sequence[str], logits: np.ndarray, y_true: np.ndarray, show_progress: bool = True,
-                          curve_points: int = 5) -> dict:
+                          curve_points: int = 5, fit_name: str = "the calibration split") -> dict:
     """``calibration.calibration_report`` of zero-shot ``logits`` / ``y_true`` with the temperature fitted
     on ``fit_set``'s zero-shot logits for the same ``classes`` and ``captions`` (a split other than the
-    scored one)."""
+    scored one). Classes ``fit_set`` (named ``fit_name`` in the warning) lacks are warned about: the
+    temperature is fitted without them."""
     from .calibration import calibration_report
 
-    fit = zero_shot(model, fit_set, label, captions=captions, classes=classes, show_progress=show_progress,
-                    keep_logits=True)
-    return calibration_report(np.array(fit["logits"]), np.array(fit["y_true"]), logits, y_true,
-                              curve_points=curve_points)
+    class_names, _, fit_logits, fit_true = _labelled_logits(model, fit_set, label, captions, classes, show_progress,
+                                                            None)
+    absent = _absent_classes(class_names, fit_true)
+    if absent:
+        log.warning("%s has no record of %d of the %d classes of %r: the temperature is fitted without them: %s",
+                    fit_name, len(absent), len(class_names), label, ", ".join(absent[:10]))
+    return calibration_report(fit_logits.numpy(), fit_true, logits, y_true, curve_points=curve_points)
 
 
 def _majority_rate(y_true: np.ndarray) -> float:
