@@ -60,7 +60,7 @@ def test_token_f1_matches_hand_computed_examples():
 def test_train_writes_a_model_with_vocabulary_prior_and_holdout(trained, phantom):
     model = load_vqa_model(trained)
     train = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
-    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    held = {(split, qid) for split, qid, *_ in model.meta["holdout"]["questions"]}
     assert abs(len(held) - round(0.2 * len(train))) <= 3  # whole groups of one question about one image
     kept = [item for item in train if (item.split, item.qid) not in held]
     assert model.meta["training"]["questions"] == len(kept)
@@ -84,7 +84,7 @@ def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
     assert {"progression", "which_image", "presence"} <= set(scores["per_question_type"])
     # the question-only baseline, recomputed by hand from the training file minus the held-out questions
     model = load_vqa_model(trained)
-    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    held = {(split, qid) for split, qid, *_ in model.meta["holdout"]["questions"]}
     kept = [item for item in select_questions(load_vqa(phantom / "vqa"), "train", "d", "train")
             if (item.split, item.qid) not in held]
     by_question: dict[str, Counter] = {}
@@ -136,6 +136,43 @@ def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path)
     assert result.exit_code == 0, output
     assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["questions"])
     assert "trained_on_scored" not in json.loads(out.read_text())
+
+
+def test_heldout_split_refuses_other_questions_under_the_held_out_ids(trained, phantom, tmp_path):
+    """The model kept its held-out questions by split and id only, so an edited or regenerated training file, or
+    a data split itself named heldout, was scored as the held-out figures without a word; each is refused with one
+    line now, and a model saved without the digests is scored with a warning that they could not be checked."""
+    held = {(split, qid) for split, qid, *_ in load_vqa_model(trained).meta["holdout"]["questions"]}
+    edited = tmp_path / "edited"
+    shutil.copytree(phantom / "vqa", edited)
+    questions = json.loads((edited / "train.json").read_text())
+    target = next(q for q in questions if ("train", str(q["qid"])) in held)
+    target["answer"] = "no" if target["answer"] != "no" else "yes"  # one answer corrected
+    (edited / "train.json").write_text(json.dumps(questions))
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", edited, "--split", "heldout", "--quiet")
+    assert result.exit_code == 2, output
+    assert f"train.json: 1 of the {len(held)} questions under the ids the model held out are not the questions " \
+           "it held out" in " ".join(output.split())
+    assert "Traceback" not in output
+    copy = tmp_path / "copy"  # the same questions elsewhere are still the held-out ones
+    shutil.copytree(phantom / "vqa", copy)
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "heldout", "--quiet")
+    assert result.exit_code == 0, output
+    shutil.copy(phantom / "vqa" / "test.json", copy / "heldout.json")  # a split of the data named heldout
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "heldout", "--quiet")
+    assert result.exit_code == 2 and "heldout.json: holds a split 'heldout' and the model holds questions out" \
+        in " ".join(output.split()), output
+    older = tmp_path / "older"  # a model saved before the digests: scored, with a warning
+    shutil.copytree(trained / "model", older)
+    meta = json.loads((older / "meta.json").read_text())
+    meta["holdout"]["questions"] = [entry[:2] for entry in meta["holdout"]["questions"]]
+    (older / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "older.json"
+    result, output = invoke("eval", "vqa", "--model", older, "--data", edited, "--split", "heldout", "--quiet",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["n"] == len(held)
+    assert "keeps no digest of its held-out questions" in " ".join(output.split())
 
 
 def test_scoring_the_questions_trained_on_is_said(trained, phantom, tmp_path):

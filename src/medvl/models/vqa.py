@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -70,6 +71,8 @@ from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
 from .text import TextEncoder
 from .vlm import VisionLanguageModel, is_transformers_folder
+
+log = logging.getLogger(__name__)
 
 MODEL_KIND = "vqa"
 ANSWER_TYPES = ("CLOSED", "OPEN")
@@ -471,18 +474,35 @@ def holdout_split(items: Sequence[VQAItem], fraction: float, seed: int) -> tuple
 
 
 def holdout_meta(held: Sequence[VQAItem], fraction: float, seed: int) -> dict[str, Any] | None:
-    """What a model records of the questions it held out (``meta["holdout"]``): each by split and id."""
+    """What a model records of the questions it held out (``meta["holdout"]``): each by split, id and
+    ``held_question_digest``, so that scoring can tell the same questions from others given the same ids."""
     if not held:
         return None
-    return {"fraction": fraction, "seed": seed, "questions": [[item.split, item.qid] for item in held]}
+    return {"fraction": fraction, "seed": seed,
+            "questions": [[item.split, item.qid, held_question_digest(item)] for item in held]}
+
+
+def held_question_digest(item: VQAItem) -> str:
+    """A hash of what a question is: its text, answer and answer type as written and its images' names as the
+    question file writes them (no text is stored; a copy of the data in another folder gives the same hash)."""
+    names = item.names or tuple(image.name for image in item.images or (item.image,))
+    content = json.dumps([item.question, item.answer, item.answer_type, list(names)], ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
 def held_out_ids(holdout: dict[str, Any]) -> set[tuple[str, str]]:
     """The (split, id) of each question a model held out; a model saved before ids were kept by split records
     one ``split`` and its ``qids``."""
     if "questions" in holdout:
-        return {(str(split), str(qid)) for split, qid in holdout["questions"]}
+        return {(str(entry[0]), str(entry[1])) for entry in holdout["questions"]}
     return {(str(holdout.get("split")), str(qid)) for qid in holdout.get("qids") or ()}
+
+
+def held_out_digests(holdout: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(split, id) -> ``held_question_digest`` of each held-out question; empty for a model saved before the
+    digests were kept."""
+    return {(str(entry[0]), str(entry[1])): str(entry[2]) for entry in holdout.get("questions") or ()
+            if len(entry) > 2}
 
 
 def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,21 +528,44 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
                      holdout: dict[str, Any] | None = None) -> list[VQAItem]:
     """The questions of ``split``: ``None`` takes ``default`` when the data has that split, else every
     question (a single file is one split); ``all`` every question; ``heldout`` the questions a model
-    held out from its training (``holdout``: its meta, with ``split`` and ``qids``)."""
+    held out from its training (``holdout``: its meta, ``held_questions``), or the data's own split
+    ``heldout`` when the model holds none out (both at once is refused: the name would mean either)."""
     splits = sorted({item.split for item in items})
     split = scored_split(items, split, default)
+    if split == HELDOUT and HELDOUT in splits and holdout:
+        file = next(item.file for item in items if item.split == HELDOUT)
+        raise DataError(file or source, f"holds a split {HELDOUT!r} and the model holds questions out of its "
+                                        f"training: --split {HELDOUT} would name either; rename the file")
     if split == HELDOUT and HELDOUT not in splits:
-        if not holdout:
-            raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
-        held = held_out_ids(holdout)
-        chosen = [item for item in items if (item.split, item.qid) in held]
-        if len(chosen) != len(held) or len({(item.split, item.qid) for item in chosen}) != len(chosen):
-            raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
-                                    "(by split and id); score it on the file it was trained on")
-        return chosen
+        return held_questions(items, holdout, source)
     if split == "all":
         return list(items)
     if split not in splits:
         raise DataError(source, f"no split {split!r}; splits: {', '.join(splits)} (or all)")
     return [item for item in items if item.split == split]
 
+
+def held_questions(items: Sequence[VQAItem], holdout: dict[str, Any] | None, source: str) -> list[VQAItem]:
+    """The questions a model held out (``holdout``: its meta), found by split and id and checked against the
+    digest the model keeps of each: a DataError when any differs (the file was edited or regenerated since
+    training, and the ids now name other questions). A model saved without digests is scored with a warning."""
+    if not holdout:
+        raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
+    held = held_out_ids(holdout)
+    chosen = [item for item in items if (item.split, item.qid) in held]
+    if len(chosen) != len(held) or len({(item.split, item.qid) for item in chosen}) != len(chosen):
+        raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
+                                "(by split and id); score it on the file it was trained on")
+    digests = held_out_digests(holdout)
+    if len(digests) < len(held):
+        log.warning("%s: the model keeps no digest of its held-out questions (saved by an older medvl): cannot "
+                    "check that the %d questions under its held-out ids are the ones it held out", source, len(held))
+        return chosen
+    changed = [item for item in chosen if digests.get((item.split, item.qid)) != held_question_digest(item)]
+    if changed:
+        raise DataError(changed[0].file or source,
+                        f"{len(changed)} of the {len(chosen)} questions under the ids the model held out are not the "
+                        f"questions it held out (question, answer, answer type or images changed since training; "
+                        f"first: question {changed[0].qid} of split {changed[0].split!r}); score the questions it "
+                        "was trained on")
+    return chosen
