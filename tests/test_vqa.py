@@ -337,6 +337,28 @@ def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
     assert torch.allclose(torch.stack([r["attention"] for r in first]), torch.stack([r["attention"] for r in second]))
 
 
+def test_a_frozen_question_tower_keeps_a_bounded_cache_without_question_text(phantom, tmp_path):
+    """A frozen question tower cached the encoding of every question ever asked, keyed by its text, for the life
+    of the process (a service grew without bound and held every question); the cache keeps the most recently
+    used questions only, keyed by a hash, and a question dropped from it is answered as before."""
+    from medvl.api import answer_pixels
+
+    out = tmp_path / "frozen"
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1",
+                            "--max-steps", "1", *TINY, "--set", "text.freeze=true")
+    assert result.exit_code == 0, output
+    net = load_vqa_model(out)
+    assert isinstance(net, VQAModel) and net.config.text.freeze
+    net.frozen_cache_size = 4
+    image = np.asarray(Image.open(sorted((phantom / "vqa" / "images").glob("*.png"))[0]))
+    questions = [f"Is there a nodule number {n} in patient John Smith?" for n in range(10)]
+    first = [answer_pixels(net, [image], question)["probability"] for question in questions]
+    assert len(net._frozen_questions) == 4
+    assert not any("John Smith" in key for key in net._frozen_questions)
+    again = [answer_pixels(net, [image], question)["probability"] for question in questions]
+    assert again == pytest.approx(first)
+
+
 def test_model_learns_to_read_the_image(phantom, tmp_path):
     """Which of two films shows the finding (balanced first / second): after training, the training
     questions must be answered well above the blank-image answers of the same model, which cannot tell

@@ -39,7 +39,7 @@ import hashlib
 import json
 import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KIND = "vqa"
 ANSWER_TYPES = ("CLOSED", "OPEN")
+FROZEN_QUESTION_CACHE = 4096  # question encodings a frozen question tower keeps (least recently used dropped)
 
 
 @dataclass
@@ -127,6 +128,11 @@ def question_key(question: str) -> str:
     """The key of a question in the saved answer prior: a hash of its normalised text (no text is stored)."""
     normalized = " ".join(question.lower().split()).rstrip("?. ")
     return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:16]
+
+
+def _text_hash(text: str) -> str:
+    """The key of a question's encoding in a frozen tower's cache: a hash of its exact text."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 class FusionBlock(nn.Module):
@@ -185,7 +191,10 @@ class VQAModel(nn.Module):
                                          nn.Dropout(config.dropout), nn.Linear(2 * width, len(answers)))
         self.type_head = nn.Linear(width, len(ANSWER_TYPES))
         self.meta: dict[str, Any] = {"kind": MODEL_KIND, "answers": list(answers), "answer_types": {}}
-        self._frozen_questions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # a frozen question tower's output per question, keyed by a hash of the text (no question text is kept),
+        # at most frozen_cache_size of them: a long-running service asked ever new questions must not grow
+        self._frozen_questions: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.frozen_cache_size = FROZEN_QUESTION_CACHE
 
     @property
     def answers(self) -> list[str]:
@@ -202,10 +211,14 @@ class VQAModel(nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------------
     def question_states(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question token states (N, L, D) and their mask (N, L); a frozen tower runs once per question."""
+        """Question token states (N, L, D) and their mask (N, L); a frozen tower runs once per question while
+        its encoding stays among the ``frozen_cache_size`` most recently used."""
         if not self.config.text.freeze:
             return self._encode_questions(questions)
-        missing = [q for q in dict.fromkeys(questions) if q not in self._frozen_questions]
+        keys = [_text_hash(question) for question in questions]
+        cache = self._frozen_questions
+        rows = {key: cache[key] for key in dict.fromkeys(keys) if key in cache}
+        missing = list(dict.fromkeys(q for q, key in zip(questions, keys, strict=True) if key not in rows))
         if missing:
             was_training = self.text_encoder.training
             self.text_encoder.eval()
@@ -214,11 +227,16 @@ class VQAModel(nn.Module):
             self.text_encoder.train(was_training)
             for index, question in enumerate(missing):
                 length = int(mask[index].sum())
-                self._frozen_questions[question] = (states[index, :length], mask[index, :length])
-        rows = [self._frozen_questions[q] for q in questions]
-        length = max(len(m) for _, m in rows)
-        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in rows])
-        return states, torch.stack([F.pad(m, (0, length - len(m))) for _, m in rows])
+                rows[_text_hash(question)] = (states[index, :length], mask[index, :length])
+        for key, row in rows.items():
+            cache[key] = row
+            cache.move_to_end(key)
+        while len(cache) > self.frozen_cache_size:
+            cache.popitem(last=False)
+        picked = [rows[key] for key in keys]
+        length = max(len(m) for _, m in picked)
+        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in picked])
+        return states, torch.stack([F.pad(m, (0, length - len(m))) for _, m in picked])
 
     def _encode_questions(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.text_encoder.tokenize(questions)

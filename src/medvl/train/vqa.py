@@ -153,6 +153,8 @@ class VQAObjective:
             self.model.config.image.augment = self.options.augment
         elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
             self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
+        # every training question's encoding stays cached (a frozen tower): each runs once, not once per epoch
+        self.model.frozen_cache_size = max(self.model.frozen_cache_size, len({item.question for item in self.items}))
         images, self.image_index = image_table(self.items, self.model.config.max_images)
         self.pixels = load_all(self.model.preprocessor, images, show_progress)  # read once, float16 [0, 1]
         if self.frozen_images:
