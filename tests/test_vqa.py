@@ -406,6 +406,27 @@ def test_train_refuses_init_and_image_model_together(phantom, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_image_tokens_are_the_image_towers_not_an_option(trained, phantom, tmp_path):
+    """``--set image_tokens=5`` was kept as given: five position rows broadcast over the tower's one token, heatmap
+    peaks outside the image and a traceback on --heatmap. It is refused, and a model folder whose config says
+    another count than its image tower gives is refused when loaded."""
+    from medvl.errors import ModelError
+
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, *TINY, "--set", "image_tokens=5")
+    assert result.exit_code == 2 and "--set image_tokens: the tokens per image are set from the image tower" \
+        in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_tokens"] += 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=f"config.json: image_tokens {config['image_tokens']} differs from the "
+                                         f"{config['image_tokens'] - 4} token"):
+        load_vqa_model(folder)
+
+
 def test_more_images_than_the_model_takes(trained, phantom):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     result, output = invoke("vqa", image, image, image, "--model", trained, "--question", "Which image?")

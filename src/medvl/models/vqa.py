@@ -92,7 +92,7 @@ class VQAConfig:
     max_images: int = 2  # images per question (two-image questions: earlier film first)
     image_layers: int = 1  # self-attention layers over a question's image tokens (all its films together)
     route_by_type: bool = True  # choose answers among those seen with the predicted answer type
-    image_tokens: int = 0  # tokens per image (set when the model is built, from the image config)
+    image_tokens: int = 0  # tokens per image: set from the image tower when the model is built (not an option)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,8 +170,11 @@ class VQAModel(nn.Module):
         self.image_encoder = ImageEncoder(config.image)
         self.text_encoder = TextEncoder(config.text, source_dir=text_source_dir)
         self.preprocessor = ImagePreprocessor(config.image)
-        if not config.image_tokens:
-            config.image_tokens = self._count_image_tokens()
+        tokens = self._count_image_tokens()  # the image tower's, whatever a config says
+        if config.image_tokens and config.image_tokens != tokens:
+            raise InputError(f"image_tokens {config.image_tokens} differs from the {tokens} token(s) per image the "
+                             "image tower gives (it is set from the image tower, not an option)")
+        config.image_tokens = tokens
         width = config.hidden_size
         self.image_projection = nn.Sequential(nn.Linear(self.image_encoder.num_features, width), nn.LayerNorm(width))
         self.question_projection = nn.Sequential(nn.Linear(self.text_encoder.num_features, width), nn.LayerNorm(width))
@@ -364,7 +367,10 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
         if not isinstance(meta.get("answers"), list) or not meta["answers"]:
             raise ModelError(f"{directory}: meta.json has no answer vocabulary")
-        model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
+        try:
+            model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
+        except InputError as err:
+            raise ModelError(f"{directory}: config.json: {err}") from None
         model.meta = meta
         load_weights(model, state, directory)
         model.eval()

@@ -68,6 +68,8 @@ class VQAOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # VQAConfig fields, nested as "image.no_max_pool"
 
     def validate(self) -> None:
+        if "image_tokens" in self.overrides:
+            raise InputError("--set image_tokens: the tokens per image are set from the image tower, not an option")
         if self.question_encoder not in QUESTION_ENCODERS:
             raise InputError(f"question encoder must be one of {', '.join(QUESTION_ENCODERS)}, "
                              f"got {self.question_encoder!r}")
