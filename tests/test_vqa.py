@@ -427,6 +427,19 @@ def test_image_tokens_are_the_image_towers_not_an_option(trained, phantom, tmp_p
         load_vqa_model(folder)
 
 
+@pytest.mark.parametrize("setting, key, option", [
+    ("max_images=1", "max_images", "--max-images"), ("image.image_size=48", "image.image_size", "--image-size"),
+    ("route_by_type=false", "route_by_type", "--route-by-type"),
+    ('image={"augment": true}', "image.augment", "--augment")])
+def test_a_setting_a_named_option_sets_is_refused_in_set(phantom, tmp_path, setting, key, option):
+    """``--set max_images=3`` beat ``--max-images 4`` (and ``image.image_size``, ``route_by_type`` their options)
+    without a word, and ``--set max_images=1`` passed the image-count check made with the option's 2."""
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, *TINY, "--set", setting)
+    assert result.exit_code == 2 and f"--set {key}: set by {option}" in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
 def test_more_images_than_the_model_takes(trained, phantom):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     result, output = invoke("vqa", image, image, image, "--model", trained, "--question", "Which image?")
