@@ -440,6 +440,17 @@ def test_a_setting_a_named_option_sets_is_refused_in_set(phantom, tmp_path, sett
     assert not (tmp_path / "out").exists()
 
 
+def test_train_split_heldout_is_named_as_an_eval_split(phantom, tmp_path):
+    """``medvl train vqa --split heldout --holdout 0.2`` answered "the model holds out no questions (train it with
+    --holdout)", the scoring side's message, to a user who gave --holdout."""
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, "--split", "heldout", "--holdout", "0.2", *TINY)
+    assert result.exit_code == 2, output
+    assert "--split heldout names the questions a trained model held out; it is for medvl eval vqa" \
+        in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
 def test_more_images_than_the_model_takes(trained, phantom):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     result, output = invoke("vqa", image, image, image, "--model", trained, "--question", "Which image?")

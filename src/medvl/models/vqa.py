@@ -569,6 +569,15 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
     return [item for item in items if item.split == split]
 
 
+def training_questions(items: Sequence[VQAItem], split: str | None, source: str) -> list[VQAItem]:
+    """The questions of ``split`` to train on (``select_questions``, default ``train``); ``heldout`` names the
+    questions a trained model held out, not a split to train on, unless the data has a split of that name."""
+    if split == HELDOUT and not any(item.split == HELDOUT for item in items):
+        raise InputError(f"--split {HELDOUT} names the questions a trained model held out; it is for medvl eval vqa "
+                         "(hold questions out of training with --holdout)")
+    return select_questions(items, split, source, "train")
+
+
 def held_questions(items: Sequence[VQAItem], holdout: dict[str, Any] | None, source: str) -> list[VQAItem]:
     """The questions a model held out (``holdout``: its meta), found by split and id and checked against the
     digest the model keeps of each: a DataError when any differs (the file was edited or regenerated since
