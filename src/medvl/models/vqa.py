@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_number
-from ..data.loaders.vqa import VQAItem
+from ..data.loaders.vqa import ANSWER_TYPES, VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..io import give_output_mode
 from .config import ImageConfig, TextConfig, build_dataclass
@@ -75,7 +75,6 @@ from .vlm import VisionLanguageModel, is_transformers_folder
 log = logging.getLogger(__name__)
 
 MODEL_KIND = "vqa"
-ANSWER_TYPES = ("CLOSED", "OPEN")
 FROZEN_QUESTION_CACHE = 4096  # question encodings a frozen question tower keeps (least recently used dropped)
 
 
