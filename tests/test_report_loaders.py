@@ -323,6 +323,25 @@ def test_vqa_missing_key_names_file_item_and_key(tmp_path):
         load_vqa(path)
 
 
+def test_vqa_unknown_answer_type_and_answer_empty_once_normalised_are_refused(tmp_path):
+    """An answer type other than CLOSED / OPEN was kept (counted in neither n_closed nor n_open, ignored by the
+    type head), and an answer "." passed the empty check but became the empty answer, a class a model could give
+    and that scored 1.0 against itself; each is one DataError naming the file, the item and the value."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    path = tmp_path / "train.json"
+    good = {"qid": 1, "image_name": "a.png", "question": "Is there a nodule?", "answer": "Yes", "answer_type": "closed"}
+    path.write_text(json.dumps([good, {**good, "qid": 4, "answer": "no", "answer_type": "yes/no"}]))
+    with pytest.raises(DataError, match=r"train\.json: item 1 \(qid 4\): 'answer_type' is 'yes/no'; expected CLOSED "
+                                        "or OPEN"):
+        load_vqa(path)
+    path.write_text(json.dumps([good, {**good, "qid": 3, "answer": " . ", "answer_type": "OPEN"}]))
+    with pytest.raises(DataError, match=r"train\.json: item 1 \(qid 3\): 'answer' '\.' is empty once normalised"):
+        load_vqa(path)
+    path.write_text(json.dumps([good, {**good, "qid": 2, "answer": "left.", "answer_type": " Open "}]))
+    assert [(item.answer_normalized, item.answer_type) for item in load_vqa(path)] == [("yes", "CLOSED"),
+                                                                                        ("left", "OPEN")]
+
+
 def test_vqa_bad_bytes_and_bad_json(tmp_path):
     path = tmp_path / "testset.json"
     path.write_bytes(b'[{"question": "Is it \xe9?", "answer": "no", "image_name": "a.jpg"}]')

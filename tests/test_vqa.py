@@ -60,7 +60,7 @@ def test_token_f1_matches_hand_computed_examples():
 def test_train_writes_a_model_with_vocabulary_prior_and_holdout(trained, phantom):
     model = load_vqa_model(trained)
     train = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
-    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    held = {(split, qid) for split, qid, *_ in model.meta["holdout"]["questions"]}
     assert abs(len(held) - round(0.2 * len(train))) <= 3  # whole groups of one question about one image
     kept = [item for item in train if (item.split, item.qid) not in held]
     assert model.meta["training"]["questions"] == len(kept)
@@ -84,7 +84,7 @@ def test_eval_json_keys_baselines_and_per_type(trained, phantom, tmp_path):
     assert {"progression", "which_image", "presence"} <= set(scores["per_question_type"])
     # the question-only baseline, recomputed by hand from the training file minus the held-out questions
     model = load_vqa_model(trained)
-    held = {(split, qid) for split, qid in model.meta["holdout"]["questions"]}
+    held = {(split, qid) for split, qid, *_ in model.meta["holdout"]["questions"]}
     kept = [item for item in select_questions(load_vqa(phantom / "vqa"), "train", "d", "train")
             if (item.split, item.qid) not in held]
     by_question: dict[str, Counter] = {}
@@ -136,6 +136,43 @@ def test_heldout_split_scores_the_questions_held_out(trained, phantom, tmp_path)
     assert result.exit_code == 0, output
     assert json.loads(out.read_text())["n"] == len(load_vqa_model(trained).meta["holdout"]["questions"])
     assert "trained_on_scored" not in json.loads(out.read_text())
+
+
+def test_heldout_split_refuses_other_questions_under_the_held_out_ids(trained, phantom, tmp_path):
+    """The model kept its held-out questions by split and id only, so an edited or regenerated training file, or
+    a data split itself named heldout, was scored as the held-out figures without a word; each is refused with one
+    line now, and a model saved without the digests is scored with a warning that they could not be checked."""
+    held = {(split, qid) for split, qid, *_ in load_vqa_model(trained).meta["holdout"]["questions"]}
+    edited = tmp_path / "edited"
+    shutil.copytree(phantom / "vqa", edited)
+    questions = json.loads((edited / "train.json").read_text())
+    target = next(q for q in questions if ("train", str(q["qid"])) in held)
+    target["answer"] = "no" if target["answer"] != "no" else "yes"  # one answer corrected
+    (edited / "train.json").write_text(json.dumps(questions))
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", edited, "--split", "heldout", "--quiet")
+    assert result.exit_code == 2, output
+    assert f"train.json: 1 of the {len(held)} questions under the ids the model held out are not the questions " \
+           "it held out" in " ".join(output.split())
+    assert "Traceback" not in output
+    copy = tmp_path / "copy"  # the same questions elsewhere are still the held-out ones
+    shutil.copytree(phantom / "vqa", copy)
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "heldout", "--quiet")
+    assert result.exit_code == 0, output
+    shutil.copy(phantom / "vqa" / "test.json", copy / "heldout.json")  # a split of the data named heldout
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "heldout", "--quiet")
+    assert result.exit_code == 2 and "heldout.json: holds a split 'heldout' and the model holds questions out" \
+        in " ".join(output.split()), output
+    older = tmp_path / "older"  # a model saved before the digests: scored, with a warning
+    shutil.copytree(trained / "model", older)
+    meta = json.loads((older / "meta.json").read_text())
+    meta["holdout"]["questions"] = [entry[:2] for entry in meta["holdout"]["questions"]]
+    (older / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "older.json"
+    result, output = invoke("eval", "vqa", "--model", older, "--data", edited, "--split", "heldout", "--quiet",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["n"] == len(held)
+    assert "keeps no digest of its held-out questions" in " ".join(output.split())
 
 
 def test_scoring_the_questions_trained_on_is_said(trained, phantom, tmp_path):
@@ -300,6 +337,28 @@ def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
     assert torch.allclose(torch.stack([r["attention"] for r in first]), torch.stack([r["attention"] for r in second]))
 
 
+def test_a_frozen_question_tower_keeps_a_bounded_cache_without_question_text(phantom, tmp_path):
+    """A frozen question tower cached the encoding of every question ever asked, keyed by its text, for the life
+    of the process (a service grew without bound and held every question); the cache keeps the most recently
+    used questions only, keyed by a hash, and a question dropped from it is answered as before."""
+    from medvl.api import answer_pixels
+
+    out = tmp_path / "frozen"
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1",
+                            "--max-steps", "1", *TINY, "--set", "text.freeze=true")
+    assert result.exit_code == 0, output
+    net = load_vqa_model(out)
+    assert isinstance(net, VQAModel) and net.config.text.freeze
+    net.frozen_cache_size = 4
+    image = np.asarray(Image.open(sorted((phantom / "vqa" / "images").glob("*.png"))[0]))
+    questions = [f"Is there a nodule number {n} in patient John Smith?" for n in range(10)]
+    first = [answer_pixels(net, [image], question)["probability"] for question in questions]
+    assert len(net._frozen_questions) == 4
+    assert not any("John Smith" in key for key in net._frozen_questions)
+    again = [answer_pixels(net, [image], question)["probability"] for question in questions]
+    assert again == pytest.approx(first)
+
+
 def test_model_learns_to_read_the_image(phantom, tmp_path):
     """Which of two films shows the finding (balanced first / second): after training, the training
     questions must be answered well above the blank-image answers of the same model, which cannot tell
@@ -344,6 +403,51 @@ def test_train_refuses_init_and_image_model_together(phantom, tmp_path):
     result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--init",
                             tmp_path / "dual", "--image-model", "vit-tiny", "--epochs", 1, "--max-steps", 1, "-q")
     assert result.exit_code == 2 and "give --init or --image-model, not both" in output, output
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_tokens_are_the_image_towers_not_an_option(trained, phantom, tmp_path):
+    """``--set image_tokens=5`` was kept as given: five position rows broadcast over the tower's one token, heatmap
+    peaks outside the image and a traceback on --heatmap. It is refused, and a model folder whose config says
+    another count than its image tower gives is refused when loaded."""
+    from medvl.errors import ModelError
+
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, *TINY, "--set", "image_tokens=5")
+    assert result.exit_code == 2 and "--set image_tokens: the tokens per image are set from the image tower" \
+        in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_tokens"] += 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=f"config.json: image_tokens {config['image_tokens']} differs from the "
+                                         f"{config['image_tokens'] - 4} token"):
+        load_vqa_model(folder)
+
+
+@pytest.mark.parametrize("setting, key, option", [
+    ("max_images=1", "max_images", "--max-images"), ("image.image_size=48", "image.image_size", "--image-size"),
+    ("route_by_type=false", "route_by_type", "--route-by-type"),
+    ('image={"augment": true}', "image.augment", "--augment")])
+def test_a_setting_a_named_option_sets_is_refused_in_set(phantom, tmp_path, setting, key, option):
+    """``--set max_images=3`` beat ``--max-images 4`` (and ``image.image_size``, ``route_by_type`` their options)
+    without a word, and ``--set max_images=1`` passed the image-count check made with the option's 2."""
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, *TINY, "--set", setting)
+    assert result.exit_code == 2 and f"--set {key}: set by {option}" in " ".join(output.split()), output
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_split_heldout_is_named_as_an_eval_split(phantom, tmp_path):
+    """``medvl train vqa --split heldout --holdout 0.2`` answered "the model holds out no questions (train it with
+    --holdout)", the scoring side's message, to a user who gave --holdout."""
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
+                            "--max-steps", 1, "--split", "heldout", "--holdout", "0.2", *TINY)
+    assert result.exit_code == 2, output
+    assert "--split heldout names the questions a trained model held out; it is for medvl eval vqa" \
+        in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
 
 

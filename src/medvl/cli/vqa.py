@@ -76,7 +76,7 @@ def train_vqa_command(
     from ..api import parse_overrides
     from ..data.loaders.vqa import load_vqa
     from ..io import check_output_folder
-    from ..models.vqa import holdout_meta, holdout_split, select_questions
+    from ..models.vqa import holdout_meta, holdout_split, training_questions
     from ..train.loop import TrainConfig
     from ..train.vqa import VQAOptions, train_vqa
 
@@ -90,7 +90,7 @@ def train_vqa_command(
                          overrides=parse_overrides(set_ or []))
     config.validate_numbers()
     options.validate()
-    items = select_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data), "train")
+    items = training_questions(load_vqa(data, allow_outside_root=allow_outside_root), split, str(data))
     kept, held = holdout_split(items, holdout, seed)
     trained = train_vqa(kept, out, config, options, str(data), resume=resume, show_progress=not quiet,
                         holdout=holdout_meta(held, holdout, seed))

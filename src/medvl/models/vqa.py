@@ -37,8 +37,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_number
-from ..data.loaders.vqa import VQAItem
+from ..data.loaders.vqa import ANSWER_TYPES, VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..io import give_output_mode
 from .config import ImageConfig, TextConfig, build_dataclass
@@ -71,8 +72,10 @@ from .preprocess import ImagePreprocessor
 from .text import TextEncoder
 from .vlm import VisionLanguageModel, is_transformers_folder
 
+log = logging.getLogger(__name__)
+
 MODEL_KIND = "vqa"
-ANSWER_TYPES = ("CLOSED", "OPEN")
+FROZEN_QUESTION_CACHE = 4096  # question encodings a frozen question tower keeps (least recently used dropped)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class VQAConfig:
     max_images: int = 2  # images per question (two-image questions: earlier film first)
     image_layers: int = 1  # self-attention layers over a question's image tokens (all its films together)
     route_by_type: bool = True  # choose answers among those seen with the predicted answer type
-    image_tokens: int = 0  # tokens per image (set when the model is built, from the image config)
+    image_tokens: int = 0  # tokens per image: set from the image tower when the model is built (not an option)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +129,11 @@ def question_key(question: str) -> str:
     return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:16]
 
 
+def _text_hash(text: str) -> str:
+    """The key of a question's encoding in a frozen tower's cache: a hash of its exact text."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
 class FusionBlock(nn.Module):
     """Pre-norm cross-attention (queries: question tokens; keys/values: image tokens) then feed-forward."""
 
@@ -161,8 +169,11 @@ class VQAModel(nn.Module):
         self.image_encoder = ImageEncoder(config.image)
         self.text_encoder = TextEncoder(config.text, source_dir=text_source_dir)
         self.preprocessor = ImagePreprocessor(config.image)
-        if not config.image_tokens:
-            config.image_tokens = self._count_image_tokens()
+        tokens = self._count_image_tokens()  # the image tower's, whatever a config says
+        if config.image_tokens and config.image_tokens != tokens:
+            raise InputError(f"image_tokens {config.image_tokens} differs from the {tokens} token(s) per image the "
+                             "image tower gives (it is set from the image tower, not an option)")
+        config.image_tokens = tokens
         width = config.hidden_size
         self.image_projection = nn.Sequential(nn.Linear(self.image_encoder.num_features, width), nn.LayerNorm(width))
         self.question_projection = nn.Sequential(nn.Linear(self.text_encoder.num_features, width), nn.LayerNorm(width))
@@ -182,7 +193,10 @@ class VQAModel(nn.Module):
                                          nn.Dropout(config.dropout), nn.Linear(2 * width, len(answers)))
         self.type_head = nn.Linear(width, len(ANSWER_TYPES))
         self.meta: dict[str, Any] = {"kind": MODEL_KIND, "answers": list(answers), "answer_types": {}}
-        self._frozen_questions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # a frozen question tower's output per question, keyed by a hash of the text (no question text is kept),
+        # at most frozen_cache_size of them: a long-running service asked ever new questions must not grow
+        self._frozen_questions: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.frozen_cache_size = FROZEN_QUESTION_CACHE
 
     @property
     def answers(self) -> list[str]:
@@ -199,10 +213,14 @@ class VQAModel(nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------------
     def question_states(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question token states (N, L, D) and their mask (N, L); a frozen tower runs once per question."""
+        """Question token states (N, L, D) and their mask (N, L); a frozen tower runs once per question while
+        its encoding stays among the ``frozen_cache_size`` most recently used."""
         if not self.config.text.freeze:
             return self._encode_questions(questions)
-        missing = [q for q in dict.fromkeys(questions) if q not in self._frozen_questions]
+        keys = [_text_hash(question) for question in questions]
+        cache = self._frozen_questions
+        rows = {key: cache[key] for key in dict.fromkeys(keys) if key in cache}
+        missing = list(dict.fromkeys(q for q, key in zip(questions, keys, strict=True) if key not in rows))
         if missing:
             was_training = self.text_encoder.training
             self.text_encoder.eval()
@@ -211,11 +229,16 @@ class VQAModel(nn.Module):
             self.text_encoder.train(was_training)
             for index, question in enumerate(missing):
                 length = int(mask[index].sum())
-                self._frozen_questions[question] = (states[index, :length], mask[index, :length])
-        rows = [self._frozen_questions[q] for q in questions]
-        length = max(len(m) for _, m in rows)
-        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in rows])
-        return states, torch.stack([F.pad(m, (0, length - len(m))) for _, m in rows])
+                rows[_text_hash(question)] = (states[index, :length], mask[index, :length])
+        for key, row in rows.items():
+            cache[key] = row
+            cache.move_to_end(key)
+        while len(cache) > self.frozen_cache_size:
+            cache.popitem(last=False)
+        picked = [rows[key] for key in keys]
+        length = max(len(m) for _, m in picked)
+        states = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s, _ in picked])
+        return states, torch.stack([F.pad(m, (0, length - len(m))) for _, m in picked])
 
     def _encode_questions(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.text_encoder.tokenize(questions)
@@ -343,7 +366,10 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
         if not isinstance(meta.get("answers"), list) or not meta["answers"]:
             raise ModelError(f"{directory}: meta.json has no answer vocabulary")
-        model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
+        try:
+            model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
+        except InputError as err:
+            raise ModelError(f"{directory}: config.json: {err}") from None
         model.meta = meta
         load_weights(model, state, directory)
         model.eval()
@@ -471,18 +497,35 @@ def holdout_split(items: Sequence[VQAItem], fraction: float, seed: int) -> tuple
 
 
 def holdout_meta(held: Sequence[VQAItem], fraction: float, seed: int) -> dict[str, Any] | None:
-    """What a model records of the questions it held out (``meta["holdout"]``): each by split and id."""
+    """What a model records of the questions it held out (``meta["holdout"]``): each by split, id and
+    ``held_question_digest``, so that scoring can tell the same questions from others given the same ids."""
     if not held:
         return None
-    return {"fraction": fraction, "seed": seed, "questions": [[item.split, item.qid] for item in held]}
+    return {"fraction": fraction, "seed": seed,
+            "questions": [[item.split, item.qid, held_question_digest(item)] for item in held]}
+
+
+def held_question_digest(item: VQAItem) -> str:
+    """A hash of what a question is: its text, answer and answer type as written and its images' names as the
+    question file writes them (no text is stored; a copy of the data in another folder gives the same hash)."""
+    names = item.names or tuple(image.name for image in item.images or (item.image,))
+    content = json.dumps([item.question, item.answer, item.answer_type, list(names)], ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
 def held_out_ids(holdout: dict[str, Any]) -> set[tuple[str, str]]:
     """The (split, id) of each question a model held out; a model saved before ids were kept by split records
     one ``split`` and its ``qids``."""
     if "questions" in holdout:
-        return {(str(split), str(qid)) for split, qid in holdout["questions"]}
+        return {(str(entry[0]), str(entry[1])) for entry in holdout["questions"]}
     return {(str(holdout.get("split")), str(qid)) for qid in holdout.get("qids") or ()}
+
+
+def held_out_digests(holdout: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(split, id) -> ``held_question_digest`` of each held-out question; empty for a model saved before the
+    digests were kept."""
+    return {(str(entry[0]), str(entry[1])): str(entry[2]) for entry in holdout.get("questions") or ()
+            if len(entry) > 2}
 
 
 def batch_pixels(pixels: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,21 +551,53 @@ def select_questions(items: Sequence[VQAItem], split: str | None, source: str, d
                      holdout: dict[str, Any] | None = None) -> list[VQAItem]:
     """The questions of ``split``: ``None`` takes ``default`` when the data has that split, else every
     question (a single file is one split); ``all`` every question; ``heldout`` the questions a model
-    held out from its training (``holdout``: its meta, with ``split`` and ``qids``)."""
+    held out from its training (``holdout``: its meta, ``held_questions``), or the data's own split
+    ``heldout`` when the model holds none out (both at once is refused: the name would mean either)."""
     splits = sorted({item.split for item in items})
     split = scored_split(items, split, default)
+    if split == HELDOUT and HELDOUT in splits and holdout:
+        file = next(item.file for item in items if item.split == HELDOUT)
+        raise DataError(file or source, f"holds a split {HELDOUT!r} and the model holds questions out of its "
+                                        f"training: --split {HELDOUT} would name either; rename the file")
     if split == HELDOUT and HELDOUT not in splits:
-        if not holdout:
-            raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
-        held = held_out_ids(holdout)
-        chosen = [item for item in items if (item.split, item.qid) in held]
-        if len(chosen) != len(held) or len({(item.split, item.qid) for item in chosen}) != len(chosen):
-            raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
-                                    "(by split and id); score it on the file it was trained on")
-        return chosen
+        return held_questions(items, holdout, source)
     if split == "all":
         return list(items)
     if split not in splits:
         raise DataError(source, f"no split {split!r}; splits: {', '.join(splits)} (or all)")
     return [item for item in items if item.split == split]
 
+
+def training_questions(items: Sequence[VQAItem], split: str | None, source: str) -> list[VQAItem]:
+    """The questions of ``split`` to train on (``select_questions``, default ``train``); ``heldout`` names the
+    questions a trained model held out, not a split to train on, unless the data has a split of that name."""
+    if split == HELDOUT and not any(item.split == HELDOUT for item in items):
+        raise InputError(f"--split {HELDOUT} names the questions a trained model held out; it is for medvl eval vqa "
+                         "(hold questions out of training with --holdout)")
+    return select_questions(items, split, source, "train")
+
+
+def held_questions(items: Sequence[VQAItem], holdout: dict[str, Any] | None, source: str) -> list[VQAItem]:
+    """The questions a model held out (``holdout``: its meta), found by split and id and checked against the
+    digest the model keeps of each: a DataError when any differs (the file was edited or regenerated since
+    training, and the ids now name other questions). A model saved without digests is scored with a warning."""
+    if not holdout:
+        raise InputError(f"--split {HELDOUT}: the model holds out no questions (train it with --holdout)")
+    held = held_out_ids(holdout)
+    chosen = [item for item in items if (item.split, item.qid) in held]
+    if len(chosen) != len(held) or len({(item.split, item.qid) for item in chosen}) != len(chosen):
+        raise DataError(source, f"holds {len(chosen)} questions matching the {len(held)} the model held out "
+                                "(by split and id); score it on the file it was trained on")
+    digests = held_out_digests(holdout)
+    if len(digests) < len(held):
+        log.warning("%s: the model keeps no digest of its held-out questions (saved by an older medvl): cannot "
+                    "check that the %d questions under its held-out ids are the ones it held out", source, len(held))
+        return chosen
+    changed = [item for item in chosen if digests.get((item.split, item.qid)) != held_question_digest(item)]
+    if changed:
+        raise DataError(changed[0].file or source,
+                        f"{len(changed)} of the {len(chosen)} questions under the ids the model held out are not the "
+                        f"questions it held out (question, answer, answer type or images changed since training; "
+                        f"first: question {changed[0].qid} of split {changed[0].split!r}); score the questions it "
+                        "was trained on")
+    return chosen

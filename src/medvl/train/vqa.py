@@ -47,6 +47,13 @@ IGNORE = -100
 DEFAULT_IMAGE_MODEL = "cxr-small"  # the image tower without --init or --image-model
 
 
+NAMED_SETTINGS = {  # VQAConfig fields an option of VQAOptions sets: not to be given again as an override
+    "max_images": "--max-images", "hidden_size": "--hidden-size", "fusion_layers": "--fusion-layers",
+    "image_layers": "--image-layers", "route_by_type": "--route-by-type / --no-route-by-type",
+    "image.image_size": "--image-size", "image.augment": "--augment / --no-augment",
+}
+
+
 @dataclass
 class VQAOptions:
     """How the VQA model is built (the trainer's own settings are a ``TrainConfig``)."""
@@ -68,6 +75,12 @@ class VQAOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # VQAConfig fields, nested as "image.no_max_pool"
 
     def validate(self) -> None:
+        keys = _override_keys(self.overrides)
+        if "image_tokens" in keys:
+            raise InputError("--set image_tokens: the tokens per image are set from the image tower, not an option")
+        named = next((key for key in keys if key in NAMED_SETTINGS), None)
+        if named is not None:  # applied after the option, it would replace the option's value without a word
+            raise InputError(f"--set {named}: set by {NAMED_SETTINGS[named]}; give it there")
         if self.question_encoder not in QUESTION_ENCODERS:
             raise InputError(f"question encoder must be one of {', '.join(QUESTION_ENCODERS)}, "
                              f"got {self.question_encoder!r}")
@@ -86,6 +99,14 @@ class VQAOptions:
             "type_weight": (self.type_weight, {"minimum": 0}),
             "image_lr_scale": (self.image_lr_scale, {"minimum": 0, "maximum": 10}),
         })
+
+
+def _override_keys(overrides: dict[str, Any]) -> list[str]:
+    """The ``section.field`` keys of ``overrides`` (a dict under a section's name spelled out)."""
+    keys = []
+    for key, value in overrides.items():
+        keys += [f"{key}.{name}" for name in value] if key in ("image", "text") and isinstance(value, dict) else [key]
+    return keys
 
 
 def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
@@ -153,6 +174,8 @@ class VQAObjective:
             self.model.config.image.augment = self.options.augment
         elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
             self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
+        # every training question's encoding stays cached (a frozen tower): each runs once, not once per epoch
+        self.model.frozen_cache_size = max(self.model.frozen_cache_size, len({item.question for item in self.items}))
         images, self.image_index = image_table(self.items, self.model.config.max_images)
         self.pixels = load_all(self.model.preprocessor, images, show_progress)  # read once, float16 [0, 1]
         if self.frozen_images:

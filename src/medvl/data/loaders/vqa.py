@@ -30,7 +30,8 @@ be UTF-8 JSON; anything else is a ``DataError`` naming the file.
 Answers: ``answer`` is kept as written (numbers become their JSON text, ``2`` -> ``"2"``);
 ``answer_normalized`` is lower case with whitespace collapsed and trailing ``.`` removed, for exact
 match scoring. ``answer_type`` is upper-cased and stripped (VQA-RAD has ``"CLOSED "`` twice):
-``CLOSED`` (yes/no or a choice) or ``OPEN``.
+``CLOSED`` (yes/no or a choice) or ``OPEN``; another value (``yes/no``, ``number``) is a ``DataError`` naming
+the file, the item and the value. An answer that normalises to nothing (``"."``) is refused as an empty one is.
 
 Images: ``<folder>/<name>``, else ``<folder>/images/<name>`` (VQA-RAD) or ``<folder>/imgs/<name>``
 (SLAKE), for every image of a question. A missing image file is a ``DataError`` naming the
@@ -82,6 +83,7 @@ OPTIONAL_KEYS = {  # VQAItem field -> keys, first found wins
 }
 IMAGE_FOLDERS = ("", "images", "imgs")
 ANSWER_TYPE_COLUMN = "answer_type"
+ANSWER_TYPES = ("CLOSED", "OPEN")  # the answer types a question file may give (any case, stripped)
 SNIFF_BYTES = 65_536
 
 _SPACES = re.compile(r"\s+")
@@ -206,8 +208,15 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
     images = tuple(image or path.parent / IMAGE_FOLDERS[1] / name
                    for image, name in zip(found, image_names, strict=True))
     answer_type = _first(raw, (ANSWER_TYPE_COLUMN,))
+    qid = _text(raw.get("qid")) or str(index)
+    if answer_type is not None and answer_type.upper() not in ANSWER_TYPES:
+        raise DataError(path, f"item {index} (qid {qid}): {ANSWER_TYPE_COLUMN!r} is {answer_type!r}; expected "
+                              f"{' or '.join(ANSWER_TYPES)} (any case), or no answer type")
+    if not normalize_answer(answer):
+        raise DataError(path, f"item {index} (qid {qid}): 'answer' {answer!r} is empty once normalised (lower case, "
+                              "whitespace collapsed, trailing '.' dropped)")
     item = VQAItem(
-        qid=_text(raw.get("qid")) or str(index),
+        qid=qid,
         image=images[0],
         question=_required(path, index, raw, ("question",)),
         answer=answer,
