@@ -75,7 +75,7 @@ from .vlm import VisionLanguageModel, is_transformers_folder
 log = logging.getLogger(__name__)
 
 MODEL_KIND = "vqa"
-FROZEN_QUESTION_CACHE = 4096  # question encodings a frozen question tower keeps (least recently used dropped)
+FROZEN_QUESTION_CACHE = 1024  # question encodings a frozen question tower keeps (least recently used dropped)
 
 
 @dataclass
