@@ -43,9 +43,9 @@
   but class UIDs, the transfer syntax and the standard's own ``1.2.840.10008.`` UIDs), at any depth
   and in the file meta, as written and not inside a longer UID (``1.2.3.45`` is not ``1.2.3.4``):
   a Retrieve URL or a WADO query naming the original study would link the output back to it (a
-  value the input also holds as a class UID, such as its Implementation Class UID, is kept). A
-  component of such a UID that starts with a ``YYYYMMDD`` date (1900 to 2099: a timestamp, as
-  ``...20040119072730.12322``) adds that date to the dates.
+  value the input also holds as a class UID, such as its Implementation Class UID, is kept). The
+  date-like components of UIDs (a timestamp, ``...20040119072730.12322``) are not searched as dates:
+  a device's implementation root may hold one (``...9125.0.19950720``), kept in its class UIDs.
 
 Matching ignores case and accents, and a value only matches where it is not glued to more of the
 same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
@@ -133,7 +133,6 @@ KIND_NAMES = {"name": "name", "id": "ID", "spaced_id": "ID", "request_id": "requ
 # UIDs shorter than this are not searched (test files' 1.2.3.4 would match a version number).
 UID_MIN = 10
 STANDARD_UID_ROOT = "1.2.840.10008."  # the standard's own UIDs (classes, transfer syntaxes, coding schemes)
-_UID_DATE = re.compile(r"((?:19|20)\d\d)(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])\d*")
 
 
 def fold(text: str) -> str:
@@ -322,8 +321,8 @@ def _id_forms(value: str) -> list[str]:
 
 
 def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Identifiers:
-    """The patient's name parts, IDs, request IDs, every DA / DT date and the UIDs (with the dates their
-    timestamps hold) of ``ds`` (read before de-identifying), from the file meta, the data set and every
+    """The patient's name parts, IDs, request IDs, every DA / DT date and the UIDs de-identification replaces
+    of ``ds`` (read before de-identifying), from the file meta, the data set and every
     sequence item at any depth (a Patient's Name or Patient ID in a Source Image Sequence item is
     searched too); name parts in ``common_words`` (folded) are only searched glued to another part."""
     found = Identifiers()
@@ -364,13 +363,8 @@ def replaced_uid(keyword: str) -> bool:
 
 
 def _add_uid(found: Identifiers, uid: str) -> None:
-    if len(uid) < UID_MIN or uid.startswith(STANDARD_UID_ROOT):
-        return
-    found.uids.add(uid)
-    for component in uid.split("."):
-        date = _UID_DATE.fullmatch(component)
-        if date is not None:
-            found.dates.add("".join(date.groups()))
+    if len(uid) >= UID_MIN and not uid.startswith(STANDARD_UID_ROOT):
+        found.uids.add(uid)
 
 
 # ----------------------------------------------------------------------------- the scan
