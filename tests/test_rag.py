@@ -960,6 +960,14 @@ def test_a_k_above_the_index_size_is_capped_and_said(phantom_dir, model_dir, tra
     flat = " ".join(output.split())  # the row label wraps in its cell
     assert f"precision@{n_index} (same label set," in flat and "-k 500 capped)" in flat
     assert f"Jaccard@{n_index} (label sets, -k 500 capped)" in flat and "precision@500" not in flat
+    # --draft-k the same: the drafts were made from fewer cases than the row's "(k=500)" said
+    result, output = invoke("eval", "case-retrieval", "--index", train_index, "--data", phantom_dir,
+                            "--split", "test", "--draft-k", 500, "--json", out, "-q", "--overwrite")
+    assert result.exit_code == 0, output
+    draft = json.loads(out.read_text())["draft"]
+    assert (draft["k"], draft["k_requested"]) == (n_index, 500)
+    flat = " ".join(output.split())  # the row label wraps in its cell
+    assert f"draft finding micro F1 (k={n_index}, --draft-k" in flat and "500 capped)" in flat and "k=500" not in flat
 
 
 def test_eval_case_retrieval_rejects_bad_input(phantom_dir, train_index, tmp_path):

@@ -239,7 +239,9 @@ def print_case_retrieval(result: dict) -> None:
          "class prior"),
         (f"Jaccard@{k} (label sets{capped})", result["jaccard_at_k"], result["jaccard_at_k_baseline"], "class prior"),
         ("mAP", result["map"], result["map_baseline"], "random ranking"),
-        (f"draft finding micro F1 (k={draft['k']})", draft["micro_f1"], nearest["micro_f1"], "nearest report"),
+        (f"draft finding micro F1 (k={draft['k']}"
+         + (f", --draft-k {draft['k_requested']} capped)" if "k_requested" in draft else ")"),
+         draft["micro_f1"], nearest["micro_f1"], "nearest report"),
         ("draft finding macro F1", draft["macro_f1"], nearest["macro_f1"], "nearest report"),
         ("draft micro F1, answered queries", draft["answered_micro_f1"], nearest["answered_micro_f1"],
          "nearest report"),

@@ -362,6 +362,10 @@ def _drafts(rankings: list[list[Hit]], reference: dict[str, Any], labeller: Repo
             min_support: float, min_similarity: float) -> tuple[dict[str, Any], dict[str, Any]]:
     drafted, nearest, answered = [], [], []
     abstentions: Counter[str | None] = Counter()
+    requested, draft_k = draft_k, min(draft_k, min(map(len, rankings)))
+    if draft_k < requested:
+        log.warning("reports are drafted from %d cases, not %d: the rankings hold %d cases (the index's, less a "
+                    "query's own case)", draft_k, requested, draft_k)
     for row, ranking in enumerate(rankings):
         draft = draft_from_hits(ranking[:draft_k], labeller, min_support=min_support, min_similarity=min_similarity)
         if draft.abstained:
@@ -375,6 +379,8 @@ def _drafts(rankings: list[list[Hit]], reference: dict[str, Any], labeller: Repo
     vocabulary = reference["vocabulary"] or sorted({f for group in (truth, drafted, nearest) for s in group for f in s})
     scores = finding_f1(truth, drafted, vocabulary)
     on_answered = finding_f1([truth[i] for i in answered], [drafted[i] for i in answered], vocabulary)
+    if draft_k < requested:
+        scores["k_requested"] = requested
     scores.update(k=draft_k, min_support=min_support, min_similarity=min_similarity,
                   abstained=len(rankings) - len(answered), abstention_rate=1 - len(answered) / len(rankings),
                   abstentions=dict(abstentions), answered_micro_f1=on_answered["micro_f1"] if answered else None,
