@@ -545,13 +545,13 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
         log.warning("%s: skipped %d of %d rows whose image file is missing (first: line %d)",
                     path, len(missing), len(rows), missing[0][0])
     if roles["text"]:
-        _log_no_text(path, records, roles["text"], no_text)
+        _clear_and_count_no_text(path, records, roles["text"], no_text)
     return records, labels
 
 
-def _log_no_text(path: Path, records: list[Record], column: str, no_text: frozenset[str]) -> None:
-    """Count the records without text: empty cells, and cells that say there is none (``no_text``, Figure 1's
-    'N/A'), whose text is cleared here (training on 'N/A' as a report teaches nothing)."""
+def _clear_and_count_no_text(path: Path, records: list[Record], column: str, no_text: frozenset[str]) -> None:
+    """Clear the text of the records whose cell says there is none (``no_text``, Figure 1's 'N/A': training on
+    'N/A' as a report teaches nothing), and log how many records have no text, those and the empty cells."""
     empty = sum(record.text is None for record in records)
     said = 0
     for record in records:
