@@ -452,6 +452,14 @@ def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir,
         path.write_text(json.dumps({**data, **change}))
         with pytest.raises(DataError, match=re.escape(f"{path}: not a concept bottleneck file ({problem}")):
             ConceptBottleneck.load(path)
+    text = json.dumps(data)  # a key given twice: json would keep the second value without a word
+    (twice := tmp_path / "twice.json").write_text(text[:-1] + ', "c": 5.0}')
+    with pytest.raises(DataError, match=re.escape(f"{twice}: not a concept bottleneck file (the key 'c' is given "
+                                                  "twice)")):
+        ConceptBottleneck.load(twice)
+    (deep := tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=re.escape(f"{deep}: not a concept bottleneck file (JSON nested too deeply)")):
+        ConceptBottleneck.load(deep)
     loaded = ConceptBottleneck.load(fitted.save(tmp_path / "good.json"))
     assert loaded.problem() is None and np.array_equal(loaded.weights, fitted.weights)
 

@@ -173,13 +173,15 @@ class ConceptBottleneck:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBottleneck:
-        import json
+        from ..data.loaders.manifest import parse_json, repeated_key
 
         path = Path(path)
         if not path.is_file():
             raise DataError(path, "concept bottleneck file not found")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"))
+            if (key := repeated_key(data)) is not None:
+                raise DataError(path, f"not a concept bottleneck file (the key {key!r} is given twice)")
             arrays = {k: np.asarray(data[k], dtype=np.float64)
                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
             model = data.get("model")
@@ -188,6 +190,8 @@ class ConceptBottleneck:
                              model=dict(model) if isinstance(model, dict) else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
+        except RecursionError:
+            raise DataError(path, "not a concept bottleneck file (JSON nested too deeply)") from None
         problem = bottleneck.problem()
         if problem is not None:
             raise DataError(path, f"not a concept bottleneck file ({problem})")
