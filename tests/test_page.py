@@ -1020,3 +1020,32 @@ def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without
     assert unavailable and explain == ("idle", f"No heatmaps for this model: {unavailable}.")
     assert not [url for url in watch.requests if url.endswith("/v1/explain")]
     assert "of 4 panels" not in status and not watch.refused and not watch.errors, (status, watch.errors)
+
+
+def test_a_question_refused_for_the_rate_is_asked_again(browser, model_dir, index_dir, phantom_dir, vqa_dir):
+    """The read's panels waited out a 429 and asked again, but "Ask" showed the refusal as the answer. A question
+    refused for the token's rate is now asked again after its Retry-After, like a panel of the read."""
+    settings = ServeSettings(rate_limit=0.5, rate_burst=20, vqa_model=vqa_dir)
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[28])])
+    image = sorted((phantom_dir / "images").glob("*.png"))[3]
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if answer.url.endswith("/v1/vqa") else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[28])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(image)
+        page.wait_for_function("() => /^Answered/.test(document.querySelector('#read-status').textContent)",
+                               timeout=ANSWER_MS)
+        headers = {"Authorization": f"Bearer {TOKENS[28]}"}
+        # the token's burst is spent from here, then the question is asked: it is refused once (a token comes
+        # back every 2 s), waited out and asked again
+        while httpx.get(running.url + "/v1/models", headers=headers).status_code != 429:
+            pass
+        ask(page, "is there a nodule?")
+        answer = page.locator("#vqa .answer").get_attribute("data-answer")
+        context.close()
+    assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses) == {200, 429}, statuses
+    assert answer, "no answer shown"
