@@ -354,6 +354,45 @@ def test_a_vqa_suite_scores_accuracy_beside_the_blank_image_and_question_only_ba
     assert result.exit_code == 2 and "cannot do task vqa" in " ".join(output.split()), output
 
 
+def test_a_vqa_suite_scores_the_questions_a_model_held_out(tmp_path):
+    """Split ``heldout`` of a question file names the questions a model held out of its training (medvl eval vqa
+    --split heldout); bench run refused it ("the model holds out no questions") for every model. It now scores
+    each model's own held-out questions, as eval vqa does, and refuses a model that holds none out before any
+    model runs."""
+    from medvl.data.phantom import generate_phantom
+    from medvl.models.vqa import load_vqa_model
+
+    data = tmp_path / "phantom"
+    generate_phantom(data, n=60, seed=5, size=32, vqa=True, vqa_per_case=4)
+    result, output = invoke("train", "vqa", "--data", data / "vqa", "--out", tmp_path / "held", "--epochs", "1",
+                            "--max-steps", "2", "--holdout", "0.2", "--split", "all", *VQA_TINY)
+    assert result.exit_code == 0, output
+    suite = tmp_path / "held.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "phantom-vqa-held", "bootstrap": 200,
+        "datasets": {"questions": {"path": str(data / "vqa"), "kind": "vqa", "split": "heldout"}},
+        "tasks": [{"task": "vqa", "dataset": "questions"}]}))
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "held", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    result, output = invoke("eval", "vqa", "--model", tmp_path / "held", "--data", data / "vqa", "--split", "heldout",
+                            "--json", tmp_path / "eval.json", "-q")
+    assert result.exit_code == 0, output
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    held = len(load_vqa_model(tmp_path / "held").meta["holdout"]["questions"])
+    assert scored["n"] == held  # the same questions: the same accuracy
+    assert rows["overall_accuracy"]["value"] == pytest.approx(scored["overall_accuracy"])
+    # a model trained without --holdout: refused before anything is scored
+    result, output = invoke("train", "vqa", "--data", data / "vqa", "--out", tmp_path / "all", "--epochs", "1",
+                            "--max-steps", "2", *VQA_TINY)
+    assert result.exit_code == 0, output
+    result, output = invoke("bench", "run", suite, "--model", tmp_path / "held", "--model", tmp_path / "all",
+                            "--out", tmp_path / "out2", "-q")
+    text = " ".join(output.split())
+    assert result.exit_code == 2 and "holds out no questions" in text and str(tmp_path / "all") in text, output
+    assert not list((tmp_path / "out2").glob("cells/*.json"))
+
+
 def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_dir, tmp_path):
     tiny = ["--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
             "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48",

@@ -225,13 +225,37 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allo
 
 
 def _load_questions(item: PreparedDataset, splits: set[str], allow_outside_root: bool) -> None:
+    """The question file's questions, each split checked; ``heldout`` (the questions a model held out, when the
+    file has no split of that name) is checked per model (``check_held_out_questions``)."""
     from ..data.loaders.vqa import load_vqa
-    from ..models.vqa import select_questions
+    from ..models.vqa import HELDOUT, select_questions
 
     questions = load_vqa(item.path, allow_outside_root=allow_outside_root)
     for split in splits:
-        select_questions(questions, split, str(item.path), None)
+        if split != HELDOUT or any(question.split == HELDOUT for question in questions):
+            select_questions(questions, split, str(item.path), None)
     item.questions = questions
+
+
+def check_held_out_questions(suite: SuiteSpec, models: list[str | Path],
+                             prepared: dict[str, PreparedDataset]) -> None:
+    """For each task that scores split ``heldout`` of a question file, that every model holds out questions and
+    that they are in the file as they were held out (``models.vqa.held_questions``); checked before any model runs,
+    from each model's meta.json (InputError / DataError naming the model)."""
+    from ..models.vqa import saved_holdout, select_questions
+
+    for task in suite.tasks:
+        spec, item = suite.datasets[task.dataset], prepared[task.dataset]
+        if task.task != "vqa" or item.questions is None:
+            continue
+        for model in models:
+            try:
+                select_questions(item.questions, spec.split, str(item.path), None, holdout=saved_holdout(model))
+            except DataError as error:
+                raise DataError(error.path, f"{error.problem} (model {model}, task {task.key} of {suite.source})") \
+                    from None
+            except InputError as error:
+                raise InputError(f"{model}: task {task.key} of {suite.source}: {error}") from None
 
 
 def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
@@ -389,6 +413,7 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     needed = needed_splits(suite)
     datasets = prepare_datasets(suite, out, needed, show_progress, allow_outside_root)
     leaks = check_fits_apart(suite, datasets)
+    check_held_out_questions(suite, models, datasets)
     dims = {str(model): model_spatial_dims(model) for model in models}
     # per kind of model, the records it takes (a DICOM folder's 2D images, or its 3D series)
     of_kind = {spatial_dims: {name: item.for_spatial_dims(spatial_dims, needed[name])
@@ -817,7 +842,8 @@ def _vqa(ctx: _Context) -> None:
     from ..eval.vqa import evaluate_vqa
     from ..models.vqa import select_questions
 
-    items = select_questions(ctx.data.questions or [], ctx.data.spec.split, str(ctx.data.path), None)
+    items = select_questions(ctx.data.questions or [], ctx.data.spec.split, str(ctx.data.path), None,
+                             holdout=getattr(ctx.net, "meta", {}).get("holdout"))
     result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True)
     ctx.flag_trained(result.get("trained_on_scored"))
     for prefix in ("", "blank_image_", "question_only_"):

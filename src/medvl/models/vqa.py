@@ -402,6 +402,22 @@ def load_vqa_model(directory: str | Path) -> VQAModel | VisionLanguageModel:
     return VQAModel.from_pretrained(directory)
 
 
+def saved_holdout(directory: str | Path) -> dict[str, Any] | None:
+    """The held-out questions a saved VQA model keeps in its meta.json (``meta["holdout"]``), read without
+    loading its weights; None for a model that holds none out (a transformers model holds none)."""
+    directory = Path(directory)
+    if is_transformers_folder(directory):
+        return None
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        directory = directory / "model"
+    try:
+        holdout = read_meta(directory, required=True).get("holdout")
+    except (ValueError, OSError, MedvlError) as err:
+        raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {err.__class__.__name__}: {err})") \
+            from None
+    return holdout if isinstance(holdout, dict) else None
+
+
 # ---------------------------------------------------------------- training questions -> model metadata
 
 
