@@ -408,13 +408,15 @@ BROKEN_PIXEL_TRANSFORMS = [
     ({INTERCEPT: b"-1e309"}, {}, "Rescale Intercept '-1e309' is not a finite number"),
     ({SLOPE: b"1e39"}, {}, "Rescale Slope '1e39' is beyond the float32 range"),
     ({SLOPE: b"1e37"}, {}, "take the stored values beyond the float32 range"),
+    ({SLOPE: b"0 "}, {}, "Rescale Slope is 0: every pixel would read as the Rescale Intercept (a blank image)"),
     ({}, {"PhotometricInterpretation": "PALETTE COLOR"},
      "PALETTE COLOR without its palette lookup tables (no Red Palette Color Lookup Table Descriptor)"),
 ]
 
 
 @pytest.mark.parametrize("raw, values, reason", BROKEN_PIXEL_TRANSFORMS,
-                         ids=["slope-abc", "slope-inf", "intercept-inf", "slope-float32", "overflow", "palette"])
+                         ids=["slope-abc", "slope-inf", "intercept-inf", "slope-float32", "overflow", "slope-0",
+                              "palette"])
 def test_a_rescale_that_is_not_a_finite_number_or_a_palette_without_tables_is_refused(tmp_path, raw, values, reason):
     """A Rescale Slope 'abc' (float() raised ValueError) and PALETTE COLOR without its lookup tables (pydicom's
     apply_color_lut raised) gave tracebacks from predict, explain and index build and a 500 from the service; an

@@ -598,13 +598,15 @@ def _frames_in(ds, pixels: np.ndarray) -> int:
 
 def _rescale(path: Path, ds, frame: int) -> tuple[float, float] | None:
     """(slope, intercept) of one frame, ``None`` when the header has neither; a value that is not a finite
-    number is a ``DataError`` naming the element."""
+    number, or a slope of 0, is a ``DataError`` naming the element."""
     slope = header_value(ds, "RescaleSlope", "PixelValueTransformationSequence", frame)
     intercept = header_value(ds, "RescaleIntercept", "PixelValueTransformationSequence", frame)
     if slope is None and intercept is None:
         return None
-    return (_rescale_number(path, slope, "Rescale Slope") if slope is not None else 1.0,
-            _rescale_number(path, intercept, "Rescale Intercept") if intercept is not None else 0.0)
+    number = _rescale_number(path, slope, "Rescale Slope") if slope is not None else 1.0
+    if number == 0:  # every stored value would be the intercept: a blank image, whatever the pixels hold
+        raise DataError(path, "Rescale Slope is 0: every pixel would read as the Rescale Intercept (a blank image)")
+    return number, _rescale_number(path, intercept, "Rescale Intercept") if intercept is not None else 0.0
 
 
 def _rescale_number(path: Path, value: Any, name: str) -> float:
