@@ -13,7 +13,9 @@ import medvl
 from cli_helpers import invoke
 from medvl.bench.medmnist import (
     benchmark_data,
+    check_scored_data,
     ensemble_scores,
+    medmnist_settings,
     run_medmnist,
     score_models,
     shifted_scores,
@@ -221,6 +223,46 @@ def test_scored_classes_and_image_shapes_are_checked_before_training_and_out_is_
                                 "--test-split", split, "--epochs", 1, "--out", out, "-q")
         assert result.exit_code == 2, output
         assert message in " ".join(output.split()), output
+        assert not out.exists()
+
+
+def test_a_scored_split_stored_as_another_dtype_than_the_training_split_is_refused_before_training(tiny_npz,
+                                                                                                 tmp_path):
+    """uint8 pixels are divided by 255, float pixels stretched between each image's own minimum and maximum: the
+    same values as float32 would reach a model trained on uint8 as other inputs (AUC 0.64 fell to 0.25). Refused
+    before training, naming both files and both dtypes; a float64 copy of float32 training images is read alike."""
+    source = np.load(tiny_npz)
+    as_float = tmp_path / "float_test.npz"
+    np.savez(as_float, test_images=source["val_images"].astype(np.float32), test_labels=source["val_labels"])
+    out = tmp_path / "out"
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", as_float, "--epochs", 1,
+                            "--out", out, "-q")
+    assert result.exit_code == 2, output
+    assert (f"{as_float}:test: images are float32 (stretched between each image's own minimum and maximum), but the "
+            f"training images ({tiny_npz}:train) are uint8 (divided by 255)") in " ".join(output.split()), output
+    assert not out.exists()
+    float_train = tmp_path / "float_train.npz"
+    np.savez(float_train, train_images=source["train_images"].astype(np.float32),
+             train_labels=source["train_labels"], val_images=source["val_images"].astype(np.float32),
+             val_labels=source["val_labels"])
+    np.savez(as_float, test_images=source["val_images"].astype(np.float64), test_labels=source["val_labels"])
+    data = benchmark_data(float_train, as_float, "test", seed=0)
+    check_scored_data(data, medmnist_settings(), f"{as_float}:test", f"{float_train}:train")  # no error
+
+
+def test_a_scored_split_of_one_class_is_refused_before_training_naming_the_file_and_split(tiny_npz, tmp_path):
+    """Its AUC is undefined and its balanced accuracy would be one class's recall; --target-prior failed only after
+    training, naming no file."""
+    source = np.load(tiny_npz)
+    negatives = source["val_labels"][:, 0] == 0
+    one_class = tmp_path / "one_class.npz"
+    np.savez(one_class, test_images=source["val_images"][negatives], test_labels=source["val_labels"][negatives])
+    for n, options in enumerate(([], ["--target-prior", 0.6], ["--shifts", "1"])):
+        out = tmp_path / f"out{n}"
+        result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", one_class,
+                                "--epochs", 1, "--out", out, "-q", *options)
+        assert result.exit_code == 2, output
+        assert f"{one_class}:test holds one class of 'label' (0); its AUC is undefined" in " ".join(output.split())
         assert not out.exists()
 
 

@@ -208,25 +208,46 @@ def _staged(out: str | Path | None) -> Iterator[Path | None]:
 
 
 def check_scored_data(data: BenchmarkData, settings: RecipeSettings, test_name: str, train_name: str) -> None:
-    """Before any training (InputError / DataError): every class of the scored and the threshold split is one
-    the training split has, and their images are read as the model will read them (one image of each array
-    shape and type, named by file and record)."""
+    """Before any training (InputError / DataError): the scored split holds two classes or more (the AUC, the
+    headline, is undefined on one); every class of the scored and the threshold split is one the training split
+    has; their images are scaled to [0, 1] as the training images are (``intensity_scaling``: uint8 pixels and the
+    same values stored as float32 reach the model as other inputs), and they are read as the model will read them
+    (one image of each array shape and type, named by file and record)."""
     from ..models.registry import resolve_model
 
+    present = sorted(data.test.classes(LABEL), key=class_order)
+    if len(present) == 1:
+        raise InputError(f"{test_name} holds one class of {LABEL!r} ({present[0]}); its AUC is undefined "
+                         "(score a split with two classes or more)")
     for name, dataset in ((test_name, data.test), (data.calibration_name, data.calibration)):
         unknown = sorted(set(dataset.classes(LABEL)) - set(data.classes), key=class_order)
         if unknown:
             raise InputError(f"{name}: classes {unknown} were not in the training data ({train_name} holds "
                              f"{data.classes})")
     preprocessor = resolve_model(settings.model, **settings.model_overrides).preprocessor
+    trained = {preprocessor.intensity_scaling(image): image.dtype for image in _array_kinds(data.fit).values()}
+    for name, dataset in ((test_name, data.test), (data.calibration_name, data.calibration)):
+        for source, image in _array_kinds(dataset).items():
+            scaling = preprocessor.intensity_scaling(image)
+            if trained and scaling not in trained:
+                train_scaling, train_dtype = next(iter(trained.items()))
+                raise InputError(f"{name}: images are {image.dtype} ({scaling}), but the training images "
+                                 f"({train_name}) are {train_dtype} ({train_scaling}): the model would see them scaled "
+                                 f"otherwise than it was trained; store the scored images as {train_dtype}")
+            preprocessor.load(image, source=source)
+
+
+def _array_kinds(dataset: Dataset) -> dict[str, np.ndarray]:
+    """One in-memory image of each array shape and dtype in ``dataset`` (images given as files are read
+    later), keyed by what an error names it by (its file and record)."""
     seen: set[tuple] = set()
-    for dataset in (data.test, data.calibration):
-        for record, source in zip(dataset.records, image_sources(dataset), strict=True):
-            image = record.image
-            kind = (image.shape, image.dtype.str) if isinstance(image, np.ndarray) else None
-            if kind is not None and kind not in seen:
-                seen.add(kind)
-                preprocessor.load(image, source=source)
+    kinds: dict[str, np.ndarray] = {}
+    for record, source in zip(dataset.records, image_sources(dataset), strict=True):
+        image = record.image
+        if isinstance(image, np.ndarray) and (image.shape, image.dtype.str) not in seen:
+            seen.add((image.shape, image.dtype.str))
+            kinds[str(source)] = image
+    return kinds
 
 
 def _check_binary_options(data: BenchmarkData, train_path: str | Path, target_prior: float | None,

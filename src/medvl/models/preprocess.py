@@ -104,6 +104,16 @@ class ImagePreprocessor:
             batch = random_resized_crop(batch, self.config.augment_crop, seed + CROP_SEED)
         return batch
 
+    def intensity_scaling(self, array: np.ndarray) -> str:
+        """How ``load`` brings an array of this dtype and shape to [0, 1], in words. The same pixel values read
+        another way reach the model as other inputs: uint8 0..255 are divided by 255, the same values as float32
+        are stretched between each image's own minimum and maximum."""
+        if array.dtype == np.uint8:
+            return "divided by 255"
+        if self.config.windows and (self.config.spatial_dims == 3 or array.ndim == self.config.spatial_dims):
+            return "clipped to the model's windows"
+        return "stretched between each image's own minimum and maximum"
+
     def _intensities(self, array: np.ndarray, source) -> torch.Tensor:
         """(C, *spatial) in [0, 1]: one channel per window for modality values, else scaled and converted."""
         windows = self.config.windows
