@@ -299,6 +299,33 @@ def test_an_output_folder_of_something_else_is_refused(two_models, phantom_dir, 
     assert result.exit_code == 2 and "not a bench run folder" in output, output
 
 
+def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_scored_again(two_models, phantom_dir,
+                                                                                               tmp_path):
+    """suite.json cut short, not UTF-8 or not an object was a traceback (exit 1), with --overwrite too; a cell file
+    holding a list crashed where an unparsable one was scored again."""
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=[])
+    out = tmp_path / "out"
+    args = ("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    state = out / "suite.json"
+    for damaged, problem in ((b'{"suite":\n', "not JSON: Expecting value at line 2"), (b"\xff\xfe{", "not UTF-8 text"),
+                             (b"[1, 2]", "a JSON list, not an object")):
+        state.write_bytes(damaged)
+        result, output = invoke(*args)
+        assert result.exit_code == 2, output
+        assert f"{state}: not a bench run state file ({problem}); use a new --out, or --overwrite" in \
+            " ".join(output.split()), output
+    result, output = invoke(*args, "--overwrite")
+    assert result.exit_code == 0, output
+    for damaged in (b"[]", b"\xff\xfe{"):
+        for cell in (out / "cells").glob("*.json"):
+            cell.write_bytes(damaged)
+        result, output = invoke(*args)
+        assert result.exit_code == 0, output
+        assert json.loads((out / "results.json").read_text())["cells"] == {"total": 1, "computed": 1, "reused": 0}
+
+
 @pytest.mark.parametrize("name", ["phantom", "pneumoniamnist", "isic", "medpix"])
 def test_every_shipped_suite_parses_and_names_its_data(name, tmp_path, monkeypatch):
     assert name in shipped_suites()

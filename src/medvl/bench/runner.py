@@ -486,10 +486,32 @@ def _check_out(out: Path, suite: SuiteSpec, overwrite: bool) -> None:
         if overwrite:
             return
         raise InputError(f"{out}: exists and is not a bench run folder (use a new --out, or --overwrite)")
-    earlier = json.loads(state.read_text(encoding="utf-8")).get("suite", {})
+    content, problem = _json_object(state)
+    earlier = content.get("suite") if content is not None else None
+    if not isinstance(earlier, dict):
+        if overwrite:
+            return
+        raise InputError(f"{state}: not a bench run state file ({problem or 'no suite in it'}); use a new --out, "
+                         "or --overwrite")
     if earlier.get("name") != suite.name and not overwrite:
         raise InputError(f"{out}: holds a run of suite {earlier.get('name')!r}, not {suite.name!r} "
                          "(use a new --out, or --overwrite to run into it anyway)")
+
+
+def _json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON object a file of the run holds, or None and why not (unreadable, not UTF-8, not JSON, not an
+    object): a file damaged by an interrupted copy or an editor is never a traceback."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or type(error).__name__}"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as error:
+        return None, f"not JSON: {error.msg} at line {error.lineno}"
+    if not isinstance(content, dict):
+        return None, f"a JSON {type(content).__name__}, not an object"
+    return content, None
 
 
 class _LazyModel:
@@ -562,14 +584,14 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
     if path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("fingerprint") == fingerprint:
-                log.info("%s %s: done earlier, reused", label, task.key)
-                return cached, False
+        cached, problem = _json_object(path)
+        if cached is None:
+            log.info("%s %s: scoring again, its cell file is %s", label, task.key, problem)
+        elif cached.get("fingerprint") == fingerprint:
+            log.info("%s %s: done earlier, reused", label, task.key)
+            return cached, False
+        else:
             log.info("%s %s: scoring again, %s", label, task.key, _what_changed(cached.get("fingerprint_parts"), parts))
-        except (OSError, json.JSONDecodeError):
-            log.info("%s %s: scoring again, its cell file is unreadable", label, task.key)
     else:
         log.info("%s %s: scoring", label, task.key)
     started = time.perf_counter()
