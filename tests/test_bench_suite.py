@@ -160,6 +160,8 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "suite.yaml: dataset 'phantom': subgroups must be a list of column names, got {'a': 1} in it"),
     ({"datasets": {"phantom": {"path": "PHANTOM", "label": "finding", "subgroups": [2020]}}},
      "dataset 'phantom' has no column 2020 for subgroups"),
+    ({"name": ["a", "b"]}, "suite.yaml: name must be a name, got ['a', 'b']"),  # ran as the suite "['a', 'b']"
+    ({"name": {"a": 1}}, "suite.yaml: name must be a name, got {'a': 1}"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))

@@ -217,7 +217,8 @@ def _parse(raw: dict[str, Any], path: Path) -> SuiteSpec:
     corruption, counterfactual = raw.get("corruption") or {}, raw.get("counterfactual") or {}
     _known_keys(corruption, {"kinds", "severities", "max_images"}, f"{path}: corruption")
     _known_keys(counterfactual, {"n", "size"}, f"{path}: counterfactual")
-    return SuiteSpec(name=str(raw.get("name") or path.stem), datasets=datasets, tasks=tasks, checks=checks,
+    name = _names(raw, ("name",), f"{path}")["name"]  # a list or mapping is refused, not run under its repr
+    return SuiteSpec(name=name or path.stem, datasets=datasets, tasks=tasks, checks=checks,
                      seed=raw.get("seed", 0), bootstrap=raw.get("bootstrap", 1000), corruption=dict(corruption),
                      counterfactual=dict(counterfactual), source=str(path))
 
