@@ -315,3 +315,34 @@ def test_held_out_copies_of_training_fold_images_are_counted_per_fold_and_said(p
     flat = " ".join(output.split())
     assert f"{expected[0]} of {metrics['folds'][0]['n_test']} held-out images of fold 1 are byte-for-byte" in flat
     assert f"held-out copies of training-fold images │ {sum(expected)} of {len(rows)} (per fold: " in flat
+
+
+def test_the_splits_pooled_into_the_folds_are_said_and_split_chooses_them(tmp_path):
+    """Every split is pooled by default (the test split too: a later test figure is then not independent of the
+    CV): said by a warning, a printed row and --json; --split (repeatable, or a comma list) draws the folds from
+    the records of those splits only, and a split the data lacks is refused naming the file."""
+    from medvl.data import load_dataset
+    from medvl.data.phantom import generate_phantom
+
+    phantom_dir = tmp_path / "ph"
+    generate_phantom(phantom_dir, n=60, seed=0, size=32)
+    counts = {split: len(load_dataset(phantom_dir).select(split)) for split in ("train", "val", "test")}
+    args = ("bench", "cv", "--data", phantom_dir, "--label-column", "sex", "--model", "phantom-tiny", "--folds", 2,
+            "--epochs", 1, "--batch-size", 32)
+    result, output = invoke(*args, "--json", tmp_path / "all.json")
+    assert result.exit_code == 0, output
+    pooled = json.loads((tmp_path / "all.json").read_text())
+    assert pooled["splits"] == {split: counts[split] for split in pooled["splits"]} and len(pooled["splits"]) == 3
+    flat = " ".join(output.split())
+    assert "the folds pool every split" in flat and "its test split too" in flat, output
+    assert "splits pooled │ " in flat
+    result, output = invoke(*args, "--split", "train,val", "--split", "val", "--json", tmp_path / "tv.json")
+    assert result.exit_code == 0, output
+    chosen = json.loads((tmp_path / "tv.json").read_text())
+    assert chosen["splits"] == {"train": counts["train"], "val": counts["val"]}
+    assert chosen["n"] == counts["train"] + counts["val"]
+    held_out = {record_id for fold in chosen["folds"] for record_id in fold["test_ids"]}
+    assert held_out == {record.id for record in load_dataset(phantom_dir) if record.split in ("train", "val")}
+    assert "the folds pool every split" not in " ".join(output.split())
+    result, output = invoke(*args, "--split", "trian")
+    assert result.exit_code == 2 and "no split 'trian'; splits present:" in output, output

@@ -21,6 +21,10 @@ them is fitted on the training folds and fused with the head's and the probe's p
 (``medvl.eval.covariates``): the ``fused_`` and ``probe_fused_`` keys; ``covariates_auc`` is the covariates
 alone. The unprefixed keys stay image-only.
 
+The folds are drawn over every record of the dataset, whatever its split (its train, val and test splits pooled,
+said with a warning when a test split is among them), unless ``splits`` names the splits to pool; the result
+counts the records of each split pooled (``splits``).
+
 Folds are drawn on records: a held-out image that is a byte-for-byte copy of a training-fold image (one image
 filed twice under two names) is counted per fold and warned about (``copies_in_fit``, as ``bench run`` and
 ``bench medmnist`` count them), not moved.
@@ -48,7 +52,7 @@ from ..checks import check_number
 from ..data import captions_for
 from ..data.captions import CaptionConfig
 from ..data.loaders import load_dataset
-from ..data.record import Dataset
+from ..data.record import ALL_SPLITS, Dataset
 from ..embed import embed_images
 from ..errors import InputError
 from ..eval.contamination import copies_in_fit
@@ -85,8 +89,13 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
                    skip_flagged: bool | None = None, overrides: dict[str, Any] | None = None,
                    ensemble: int | None = None, label_smoothing: float | None = None,
                    self_supervised_weight: float | None = None, train_options: dict[str, Any] | None = None,
-                   allow_outside_root: bool = False, covariates: list[str] | None = None) -> dict:
+                   allow_outside_root: bool = False, covariates: list[str] | None = None,
+                   splits: list[str] | None = None) -> dict:
     """Train and score one fresh model per fold; returns per-fold and mean/std metrics.
+
+    ``splits``: the dataset's splits whose records form the folds (``pool_splits``); None = every record, whatever
+    its split (train, val and test pooled; said with a warning when a test split is among them). ``splits`` in the
+    result counts the records of each split pooled.
 
     ``epochs``, ``lr``, ``batch_size``, ``contrastive_weight``, ``label_smoothing``, ``self_supervised_weight``,
     ``skip_flagged`` (train without the images the audit flags; every held-out image is still scored),
@@ -121,10 +130,16 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     settings.train.validate()  # bad numbers fail before any data is read
     if group_column is not None and not group_column.strip():  # not "no grouping": folds that leak patients
         raise InputError("--group-column: empty column name (leave the option out to split without groups)")
-    dataset = load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root)
+    dataset = pool_splits(load_dataset(data_path, label_columns=[label], allow_outside_root=allow_outside_root),
+                          splits)
     # a bad name or override fails here, before any training; a DICOM folder's records of the other kind are left out
     # (a registered name: cross-validation trains each fold from it; a saved model folder is refused)
     dataset = dataset.for_spatial_dims(get_config(model_name, **settings.model_overrides).image.spatial_dims)
+    pooled_splits = dict(Counter(record.split for record in dataset.records))
+    if splits is None and len(pooled_splits) > 1 and "test" in pooled_splits:
+        log.warning("%s: the folds pool every split (%s), its test split too: a later figure on that test split is "
+                    "not independent of this CV (--split chooses the splits)", dataset.source,
+                    ", ".join(f"{name} {count}" for name, count in pooled_splits.items()))
     classes = sorted(dataset.classes(label), key=class_order)
     if len(classes) < 2:
         raise InputError(f"{dataset.source}: label {label!r} needs at least 2 classes, got {classes}")
@@ -133,15 +148,15 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
     groups = _groups(dataset, group_column) if group_column is not None else None
     caption_config = captions_for(dataset, settings.captions)
     settings.captions = caption_config  # read once for every fold
-    splits = make_folds(y, folds, seed, groups)
-    copies = fold_copies(dataset, splits)  # held-out images copying a training-fold image: said before any training
-    for fold, (train_index, _) in enumerate(splits if settings.train.covariates else []):
+    fold_indices = make_folds(y, folds, seed, groups)
+    copies = fold_copies(dataset, fold_indices)  # held-out copies of training-fold images: said before training
+    for fold, (train_index, _) in enumerate(fold_indices if settings.train.covariates else []):
         # every fold's training records must carry the covariates too: a bad fold fails before any fold trains
         check_covariates([dataset.records[i] for i in train_index], settings.train.covariates, [label],
                          f"{dataset.source} (fold {fold + 1} training records)")
     results = []
     pooled: dict[str, np.ndarray] = {}  # out-of-fold scores: head, probe (and fused, probe_fused with covariates)
-    for fold, (train_index, test_index) in enumerate(splits):
+    for fold, (train_index, test_index) in enumerate(fold_indices):
         log.info("fold %d/%d: training on %d records, scoring %d", fold + 1, folds, len(train_index),
                  len(test_index))
         fold_result, fold_scores = _run_fold(dataset, label, classes, train_index, test_index, settings, fold,
@@ -158,11 +173,25 @@ def cross_validate(data_path: str | Path, label: str, model_name: str = "derm-sm
             **fused, **_copies_summary(copies, len(dataset)),
             "majority_acc": float(np.bincount(y).max() / len(y)),
             "label": label, "classes": classes, "class_counts": dict(Counter(classes[i] for i in y)),
-            "n": len(dataset), "data": str(data_path), "model": model_name, "ensemble": settings.ensemble,
+            "n": len(dataset), "splits": pooled_splits, "data": str(data_path), "model": model_name,
+            "ensemble": settings.ensemble,
             "overrides": settings.model_overrides, "folds_k": folds, "seed": seed, "group_column": group_column,
             "train": dataclasses.asdict(settings.train), "captions": caption_config.to_dict(), "folds": results,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+
+
+def pool_splits(dataset: Dataset, splits: list[str] | None) -> Dataset:
+    """The records of ``splits`` of ``dataset``, in the dataset's order; None or ``["all"]``: every record. A split
+    the dataset does not hold is an InputError naming the file and the splits it holds (``Dataset.select``)."""
+    if splits is None or splits == [ALL_SPLITS]:
+        return dataset
+    if not splits or ALL_SPLITS in splits:
+        raise InputError(f"{dataset.source}: splits {splits}: give split names, or 'all' alone for every record")
+    for split in splits:
+        dataset.select(split)  # an unknown split fails naming the splits present
+    wanted = set(splits)
+    return dataset.subset([record for record in dataset.records if record.split in wanted])
 
 
 def repeated_cross_validate(data_path: str | Path, label: str, model_name: str = "derm-small", folds: int = 5,
@@ -194,7 +223,8 @@ def repeated_cross_validate(data_path: str | Path, label: str, model_name: str =
             "probe_auc_pooled": [r["probe_auc_pooled"] for r in results], **fused,
             "auc_pooled_mean": float(np.mean(pooled)),
             "auc_pooled_std": float(np.std(pooled, ddof=1)) if repeats > 1 else None,
-            "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "label": label,
+            "seeds": [seed + r for r in range(repeats)], "folds_k": folds, "n": first["n"], "splits": first["splits"],
+            "label": label,
             "classes": first["classes"], "model": model_name, "overrides": first["overrides"],
             "ensemble": first["ensemble"],
             "train": first["train"], "majority_acc": first["majority_acc"], "repeats": results,

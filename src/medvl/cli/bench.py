@@ -171,10 +171,14 @@ def bench_medmnist(
 @bench_app.command("cv")
 @handle_errors
 def bench_cv(
-    data: Annotated[Path, typer.Option(help="Labelled image dataset (manifest or folder).")],
+    data: Annotated[Path, typer.Option(
+        help="Labelled image dataset (manifest, folder or .npz); the folds pool every split unless --split.")],
     label_column: Annotated[str, typer.Option("--label-column", "-l", help="Label column to predict.")],
     model: Annotated[str, typer.Option(help="Registered model name.")] = "derm-small",
     folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
+    split: Annotated[list[str] | None, typer.Option(
+        help="Split(s) whose records form the folds, repeatable or comma-separated (e.g. train,val; "
+             "default: every split pooled, test included).")] = None,
     repeats: Annotated[int, typer.Option(
         help="Repeat the whole CV with fold seeds seed .. seed + repeats - 1; spread over all folds.")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Training epochs per fold (default: the model's recipe).")] = None,
@@ -215,7 +219,7 @@ def bench_cv(
         "ensemble": ensemble, "label_smoothing": label_smoothing, "self_supervised_weight": self_supervised_weight,
         "covariates": None if covariates is None else parse_columns(covariates),
         "overrides": parse_overrides(set_ or []), "train_options": parse_key_values(train_set or [], "--train-set"),
-        "allow_outside_root": allow_outside_root}
+        "allow_outside_root": allow_outside_root, "splits": _split_names(split)}
     if repeats > 1:
         result = repeated_cross_validate(data, label_column, model_name=model, folds=folds, repeats=repeats,
                                          epochs=epochs, seed=seed, **options)
@@ -233,10 +237,21 @@ def bench_cv(
             ("zero-shot auc", "zero_shot_auc"), ("zero-shot balanced_accuracy", "zero_shot_balanced_accuracy"),
             ("linear-probe auc", "probe_auc"), ("linear-probe balanced_accuracy", "probe_balanced_accuracy"))}
         | _fused_rows(result, len(fold_results)) | pooled | _copies_row(fold_results)
-        | {"majority-class acc": result["majority_acc"],
+        | {"splits pooled": ", ".join(f"{name} {count}" for name, count in result["splits"].items()),
+           "majority-class acc": result["majority_acc"],
                     "per-fold auc": " ".join(_fmt_float(f["auc"]) for f in fold_results),
                     "seconds": result["seconds"]})
     emit_json(result, json_out, overwrite)
+
+
+def _split_names(given: list[str] | None) -> list[str] | None:
+    """--split values (repeatable, each may be a comma list) as split names in order, each once; None without."""
+    if not given:
+        return None
+    names = [name.strip() for value in given for name in value.split(",")]
+    if not all(names):
+        raise InputError(f"--split {','.join(given)!r}: an empty split name")
+    return list(dict.fromkeys(names))
 
 
 def _copies_row(fold_results: list[dict]) -> dict[str, str]:
