@@ -328,6 +328,30 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_
         assert json.loads((out / "results.json").read_text())["cells"] == {"total": 1, "computed": 1, "reused": 0}
 
 
+def test_a_cell_computed_under_another_library_version_is_scored_again(two_models, phantom_dir, tmp_path,
+                                                                      monkeypatch, caplog):
+    """The fingerprint covered medvl's version and code but not torch / numpy / scikit-learn: after an upgrade a
+    rerun reused figures the new versions would not give, under results.json's new versions. A run whose recorded
+    torch version differs (the installed one stands in for an upgrade) scores the cell again and says why."""
+    import logging
+
+    from medvl.bench import runner
+
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=[])
+    installed = runner.package_versions()
+    monkeypatch.setattr(runner, "package_versions", lambda: {**installed, "torch": "2.0.0"})
+    first = runner.run_suite(load_suite(suite), [two_models[0]], tmp_path / "out", show_progress=False)
+    assert first["cells"]["computed"] == 1
+    assert runner.run_suite(load_suite(suite), [two_models[0]], tmp_path / "out",
+                            show_progress=False)["cells"]["reused"] == 1  # same versions: reused
+    monkeypatch.setattr(runner, "package_versions", lambda: installed)
+    with caplog.at_level(logging.INFO, logger="medvl.bench.runner"):
+        again = runner.run_suite(load_suite(suite), [two_models[0]], tmp_path / "out", show_progress=False)
+    assert again["cells"] == {"total": 1, "computed": 1, "reused": 0}
+    assert "these changed: torch's version" in caplog.text
+    assert {row["versions"]["torch"] for row in again["rows"]} == {installed["torch"]}
+
+
 @pytest.mark.parametrize("name", ["phantom", "pneumoniamnist", "isic", "medpix"])
 def test_every_shipped_suite_parses_and_names_its_data(name, tmp_path, monkeypatch):
     assert name in shipped_suites()

@@ -14,11 +14,12 @@ Layout of the output folder::
 A cell's fingerprint hashes the model folder's files, the dataset's files (a data file or folder, every image file
 its records name: a manifest file's images and the phantom dataset.json beside it, a manifest's images outside its
 folder; never the run's own output folder inside a dataset folder) and caption file, the task (and
-the files of its knowledge folder), the checks and their settings, the seed, medvl's version and its
-source code; a cell file whose fingerprint matches is reused, so an interrupted run resumes and a
-finished run is not recomputed. A run removes the earlier results.json and report.html of its folder
-before it starts, so the two always describe the suite.json beside them. Evaluation is composed from
-``medvl.eval`` (this module scores nothing by hand).
+the files of its knowledge folder), the checks and their settings, the seed, medvl's source code and the
+versions of the packages that move figures (``FIGURE_PACKAGES``: medvl, torch, numpy, scikit-learn, transformers,
+monai; a rerun after an upgrade scores again); a cell file whose fingerprint matches is reused, so an
+interrupted run resumes and a finished run is not recomputed. A run removes the earlier results.json and
+report.html of its folder before it starts, so the two always describe the suite.json beside them. Evaluation is
+composed from ``medvl.eval`` (this module scores nothing by hand).
 """
 
 from __future__ import annotations
@@ -383,6 +384,11 @@ def model_labels(models: list[str | Path]) -> dict[str, str]:
     return labels
 
 
+# the packages whose version can move a cell's figures (kernels, solvers, transforms, tokenizers): part of its
+# fingerprint, so a rerun after an upgrade scores again rather than reusing figures the new versions would not give
+FIGURE_PACKAGES = ("medvl", "torch", "numpy", "scikit-learn", "transformers", "monai")
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -554,8 +560,9 @@ def _digest(value: Any) -> str:
 _CHANGED = {"model": "the model's files", "data": "the scored data", "train_data": "the training data",
             "task": "the task's settings", "dataset": "the dataset's settings", "train_dataset": "the training "
             "dataset's settings", "checks": "the checks", "corruption": "the corruption settings", "counterfactual":
-            "the counterfactual settings", "seed": "the seed", "bootstrap": "the bootstrap settings", "medvl":
-            "medvl's version", "code": "medvl's code", "knowledge": "the knowledge folder's files"}
+            "the counterfactual settings", "seed": "the seed", "bootstrap": "the bootstrap settings", "code":
+            "medvl's code", "knowledge": "the knowledge folder's files",
+            **{package: f"{package}'s version" for package in FIGURE_PACKAGES}}
 
 
 def _what_changed(before: Any, now: dict[str, str]) -> str:
@@ -577,8 +584,9 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
         "model": digest, "data": data.hashes, "train_data": train.hashes, "task": task.__dict__,
         "dataset": data.spec.__dict__, "train_dataset": train.spec.__dict__,
         "checks": checks, "corruption": suite.corruption, "counterfactual": suite.counterfactual,
-        "seed": suite.seed, "bootstrap": suite.bootstrap, "medvl": versions.get("medvl"), "code": code_digest(),
-        "knowledge": files_digest(Path(task.knowledge)) if task.knowledge is not None else None}
+        "seed": suite.seed, "bootstrap": suite.bootstrap, "code": code_digest(),
+        "knowledge": files_digest(Path(task.knowledge)) if task.knowledge is not None else None,
+        **{package: versions.get(package) for package in FIGURE_PACKAGES}}
     fingerprint = _digest(inputs)
     parts = {name: _digest(value) for name, value in inputs.items()}  # which of them changed, when one did
     unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
