@@ -707,6 +707,45 @@ def test_ordinary_report_words_of_one_or_two_neighbours_are_drafted_and_a_name_i
     assert not report_words() & {"january", "may", "monday", "yesterday", "smith", "white", "nakamura"}
 
 
+def test_a_name_made_of_ordinary_words_is_not_drafted_nor_its_wording_credited_to_other_names(labeller):
+    """Surnames that are also words ("Stone", "Frank", "Good", "Gross", "Colon") were in the list of ordinary report
+    words, and a name was an identifier only after a title or as two capitalised words in mid-sentence: "Frank Stone
+    was notified ..." (sentence start) and "Results discussed with Good ..." (one word) were drafted from one
+    neighbour, every neighbour (each naming someone else) listed as a source of the wording. Those words are out of
+    the list, and a capitalised word where a person is named (after "discussed with", "notified", ..., before "was
+    notified", ..., after a title) is a name whatever the word."""
+    def draft(texts, scores=None):
+        scores = scores or [0.9] * len(texts)
+        return draft_from_hits([Hit(id=f"c{i}", score=s, split="train", text=t)
+                                for i, (t, s) in enumerate(zip(texts, scores, strict=True))], labeller)
+
+    effusion = "FINDINGS: Small left pleural effusion."
+    notified = effusion + " {} was notified of the findings by telephone at the end of the examination."
+    people = ["Frank Stone", "Mary Glass", "Peter Gross", "Anna Good", "Lena Colon"]
+    assert draft([notified.format(n) for n in people]).text() == effusion
+    discussed = effusion + " Results discussed with {} by telephone at the end of the examination."
+    surnames = ["Stone", "Glass", "Gross", "Good", "Frank"]
+    for nearest in range(len(surnames)):  # whichever neighbour weighs most
+        scores = [0.95 if i == nearest else 0.9 for i in range(len(surnames))]
+        assert draft([discussed.format(n) for n in surnames], scores).text() == effusion
+    # a name three neighbours share is drafted, and the one naming another person is cited, not its wording's source
+    shared = draft([discussed.format("Good")] * 3 + [discussed.format("Stone")])
+    [told] = [s for s in shared.sentences if "Results" in s.text]
+    assert (told.text, told.cases, told.wording_from) == \
+        (discussed.format("Good").removeprefix(effusion + " "), ["c0", "c1", "c2", "c3"],
+         ["c0", "c1", "c2"])
+    assert _identifiers("Frank Stone was notified.") == {"name:frank", "name:stone"}
+    assert _identifiers("Findings were discussed with Dr. J. Small and called to Ray Good.") == \
+        {"name:small", "name:ray", "name:good"}
+    for text in ("The referring physician was notified.", "Patient was informed of the results.",
+                 "Results were called to Radiology.", "Referring Physician was notified.",
+                 "Findings were discussed with the patient.", "Large left pleural effusion, as discussed below."):
+        assert _identifiers(text) == frozenset(), text
+    common_names = {"stone", "frank", "glass", "gross", "good", "colon", "bill", "mark", "rose", "may", "young", "king",
+                    "hill", "wood", "green", "white", "brown", "black", "long", "little", "hall", "bell", "moody"}
+    assert not report_words() & common_names
+
+
 def test_a_sentence_cites_only_the_cases_stating_its_side_and_size(labeller):
     """Sentences were grouped by finding alone: "Small left pleural effusion." cited all ten neighbours with
     support 1.0, five of them saying "Large right pleural effusion." A sentence now cites the members naming no
