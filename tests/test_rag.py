@@ -179,6 +179,30 @@ def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, ex
     assert dict(labeller.sentence_labels(sentence)) == expected
 
 
+@pytest.mark.parametrize("sentence, expected", [
+    ("Pneumothorax has not resolved.", {"pneumothorax": "positive"}),
+    ("The pneumothorax is not resolved.", {"pneumothorax": "positive"}),
+    ("Effusion has not cleared.", {"pleural_effusion": "positive"}),
+    ("No resolution of the pneumonia.", {"pneumonia": "positive"}),
+    ("Pneumonia: not resolved.", {"pneumonia": "positive"}),
+    ("Effusion is not absent.", {"pleural_effusion": "positive"}),
+    ("Could not exclude pneumonia.", {"pneumonia": "uncertain"}),
+    ("Does not exclude pneumonia.", {"pneumonia": "uncertain"}),
+    ("Would not exclude early pneumonia.", {"pneumonia": "uncertain"}),
+    ("Does not rule out pneumonia.", {"pneumonia": "uncertain"}),
+    ("Pneumonia can't be ruled out.", {"pneumonia": "uncertain"}),
+    ("The pneumothorax has not been excluded.", {"pneumothorax": "uncertain"}),
+    ("The pneumothorax has resolved.", {"pneumothorax": "negative"}),  # the plain negations stay
+    ("Pneumonia is excluded.", {"pneumonia": "negative"}),
+])
+def test_a_negated_resolution_or_exclusion_is_not_a_negation(labeller, sentence, expected):
+    """"has not resolved", "not cleared", "no resolution of", "not absent" read as negations (the bare "resolved",
+    "cleared", "absent", "no"), and "does / could / would not exclude", "does not rule out", "can't be ruled out",
+    "has not been excluded" as well (the bare "not"): a persisting pneumothorax was labelled absent and the study
+    normal. They are pseudo-negations and negated uncertainty now."""
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
 def test_a_long_sentence_without_full_stops_is_labelled_like_its_short_parts(labeller):
     """Cues further than any list can reach (MAX_REACH words) are not looked at: one 1,750-word 'sentence' took
     46 s (every cue against every mention, each re-reading the text between), now about 0.5 s; the statuses

@@ -23,9 +23,10 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";", nor a colon or dash between two
    statements: "no effusion - large pneumothorax", "negative for effusion: pneumothorax is large"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
-     excluding"), unless a negation cue takes the mention over: one between the phrase and the mention
-     ("cannot exclude pneumonia, no effusion"), or one right before the mention when the phrase after it is past
-     another item ("no effusion, pneumonia cannot be excluded");
+     excluding", "does / could not exclude", "does not rule out", "has not been excluded"), unless a negation cue
+     takes the mention over: one between the phrase and the mention ("cannot exclude pneumonia, no effusion"), or
+     one right before the mention when the phrase after it is past another item ("no effusion, pneumonia cannot
+     be excluded");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
      bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
@@ -41,7 +42,8 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
      pseudo-negations ("no change", "no appreciable interval change", "no changes in", "no worsening of", "not
-     only", "partially resolved") are not cues;
+     only", "partially resolved", "has not resolved", "not cleared", "no resolution of", "not absent") are not
+     cues;
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
@@ -157,11 +159,18 @@ NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before neg
     "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
     "are not ruled out", "is not entirely excluded", "are not entirely excluded", "not excluding", "without excluding",
     "not ruling out", "without ruling out",
+    # "does / could / would not exclude", "does not rule out", "has not been excluded", "can't be ruled out"
+    "not exclude", "not rule out", "not been excluded", "not been ruled out", "can't be ruled out", "can't rule out",
+    "doesn't exclude", "doesn't rule out", "cannot be completely excluded", "cannot be entirely ruled out",
 ]
 PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
     "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
     "not necessarily", "almost completely resolved", "nearly resolved", "almost resolved", "partially resolved",
     "incompletely resolved", "not completely resolved",
+    # a finding still there: "pneumothorax has not resolved", "effusion has not cleared", "no resolution of the
+    # pneumonia", "effusion is not absent"
+    "not resolved", "not yet resolved", "not cleared", "not yet cleared", "no resolution of", "without resolution of",
+    "no resolution", "failure of resolution", "not absent",
     "of doubtful",  # "nodule of doubtful significance": the nodule is there
 ]
 # words that may stand between "no" / "without" and "change" in a pseudo-negation ("no appreciable interval change")
