@@ -203,6 +203,29 @@ def test_a_negated_resolution_or_exclusion_is_not_a_negation(labeller, sentence,
     assert dict(labeller.sentence_labels(sentence)) == expected
 
 
+@pytest.mark.parametrize("sentence, expected", [
+    ("There is no pleural effusion, and the heart is enlarged.",
+     {"pleural_effusion": "negative", "cardiomegaly": "positive"}),
+    ("The lungs are clear without effusion and the heart is enlarged.",
+     {"pleural_effusion": "negative", "cardiomegaly": "positive"}),
+    ("No pneumothorax and the cardiac silhouette is enlarged.",
+     {"pneumothorax": "negative", "cardiomegaly": "positive"}),
+    ("No effusion, and a large pneumothorax is present.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion, and large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    # negated lists stay negated, with a verb after the last item and an Oxford comma
+    ("No pneumothorax, pleural effusion, and consolidation are seen.",
+     {"pneumothorax": "negative", "pleural_effusion": "negative", "consolidation": "negative"}),
+    ("No focal consolidation, pneumothorax or pleural effusion is identified.",
+     {"consolidation": "negative", "pneumothorax": "negative", "pleural_effusion": "negative"}),
+    ("No pneumothorax and pleural effusion are seen.", {"pneumothorax": "negative", "pleural_effusion": "negative"}),
+])
+def test_a_negation_does_not_reach_a_finding_stated_in_the_next_clause(labeller, sentence, expected):
+    """The list rule looked only at the text between the cue and the mention: in "No effusion, and a large
+    pneumothorax is present" the pneumothorax was negative and the study normal. A mention after ", and" joined to
+    the cue's one item, or after ", and the" / "and the" (a, an) in an item holding a verb, is a new clause."""
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
 def test_a_long_sentence_without_full_stops_is_labelled_like_its_short_parts(labeller):
     """Cues further than any list can reach (MAX_REACH words) are not looked at: one 1,750-word 'sentence' took
     46 s (every cue against every mention, each re-reading the text between), now about 0.5 s; the statuses

@@ -58,7 +58,10 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
    definite pleural effusion"; "no opacity to suggest pneumonia"), as does a cue after a list joined by "and" /
    "or" ("infiltrates and venous engorgement have resolved"); an item holding a verb or "with" starts a new
-   clause and ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
+   clause and ends the list. A cue before does not reach a mention in a new clause: after ", and" joined to the
+   cue's one item ("no effusion, and large pneumothorax"), or after ", and the" / "and the" (a, an) in an item
+   holding a verb, the mention's own ("no effusion, and the heart is enlarged"); "no a, b, and c are seen" stays
+   one negated list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
    after a comma ends a negated list: in "no effusion, possible atelectasis" (or "no pneumonia, more
    likely atelectasis") the atelectasis is uncertain.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
@@ -294,6 +297,9 @@ _CHANGE_PSEUDO = re.compile(
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
                              r"suggesting|concerning for|worrisome for|consistent with)(?![a-z0-9])")
 _CONJUNCTION = re.compile(r"(?<![a-z0-9])(?:and|or|nor)(?![a-z0-9])")
+# what may join a negated statement to a new clause: ", and", or "and" before an article ("and the heart is enlarged")
+_CLAUSE_JOIN = re.compile(r",\s*and(?![a-z0-9])(?:\s+(?P<article0>the|a|an)(?![a-z0-9]))?|(?<![a-z0-9])and\s+"
+                          r"(?P<article>the|a|an)(?![a-z0-9])")
 _CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
                  "shows", "show", "appears", "appear", "remains", "remain", "seen", "noted", "present", "demonstrated"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
@@ -463,9 +469,26 @@ class _Cues:
 
     def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False,
                 window: int = PRE_WINDOW) -> bool:
-        return any(e <= start and self._near(e, start) and self._open(e, start)
+        return any(e <= start and self._near(e, start) and self._open(e, start) and not self._new_clause(e, start)
                    and (self._words(e, start) <= window or lists and self._listed(e, start, conjunction))
                    for _, e in spans)
+
+    def _new_clause(self, cue_end: int, start: int) -> bool:
+        """The mention at ``start`` is in a clause of its own after the cue's: its item follows ", and" right after
+        the cue's one item ("no effusion, and large pneumothorax"), or "and the" (a, an) and holds a verb, up to the
+        next item or the end ("no effusion, and the heart is enlarged", "without effusion and the heart
+        is enlarged"). Not "no a, b, and c are seen" nor "no a, b or c is identified": a negated list."""
+        joins = list(_CLAUSE_JOIN.finditer(self.text, cue_end, start))
+        if not joins or _LIST_SEPARATOR.search(self.text, joins[-1].end(), start):  # the mention's item: the last
+            return False
+        join = joins[-1]
+        if join.group(0).startswith(",") and not _LIST_SEPARATOR.search(self.text, cue_end, join.start()):
+            return True
+        if not (join.group("article0") or join.group("article")):  # "no a, b, and c are seen": one list
+            return False
+        rest = _LIST_SEPARATOR.search(self.text, start)
+        item = self.text[join.end():rest.start() if rest else len(self.text)]
+        return bool(_CLAUSE_WORDS.intersection(_WORD.findall(item)))
 
     def _unhedged(self, spans: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
         """The negation cues whose list does not reach the mention at ``start`` through a hedged item: in "no
