@@ -334,6 +334,7 @@ def test_a_user_folder_adds_and_replaces_findings(tmp_path):
     ("---\nname: x\n---\n", "'synonyms'"),
     ("---\nname: x\nsynonyms: ['... x']\n---\n", "only between words"),
     ("---\nname: x\nsynonyms: [x\n---\n", "not valid YAML"),
+    ("---\nname: x\nsynonyms: [x]\nsigns: [y]\n---\n", "'signs' phrase 'y' is not one of the 'synonyms'"),
 ])
 def test_malformed_finding_files_name_the_file_and_problem(tmp_path, text, message):
     (tmp_path / "x.md").write_text(text)

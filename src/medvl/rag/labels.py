@@ -50,8 +50,9 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
      where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
      may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
-     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or a hedge after it goes
-     on to name the same finding ("blunting of the costophrenic angle, which may represent a small effusion");
+     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or the mention is one of
+     the finding's ``signs`` and a hedge after it goes on to name the same finding ("blunting of the costophrenic
+     angle, which may represent a small effusion"; not "opacity may represent infiltrate": the opacity is stated);
    - **positive** otherwise.
 
    Lists: a cue before a list of short items covers the whole list, however many items it has, up to
@@ -349,7 +350,8 @@ class ReportLabeller:
 
     def __init__(self, knowledge: KnowledgeBase | None = None):
         self.knowledge = knowledge or load_knowledge()
-        self._patterns = [(f.name, re.compile(_phrase_regex(s))) for f in self.knowledge for s in f.synonyms]
+        self._patterns = [(f.name, re.compile(_phrase_regex(s)), s in f.signs) for f in self.knowledge
+                          for s in f.synonyms]
         self._excludes = {f.name: [re.compile(_phrase_regex(p)) for p in f.exclude] for f in self.knowledge}
         self.sentence_labels = lru_cache(maxsize=65536)(self._sentence_labels)
 
@@ -377,13 +379,16 @@ class ReportLabeller:
         """Every finding mention in one sentence with its status."""
         text = sentence.lower()
         cues = _Cues(text)
-        matches = [(name, match) for name, pattern in self._patterns for match in pattern.finditer(text)
+        matches = [(name, match, sign) for name, pattern, sign in self._patterns for match in pattern.finditer(text)
                    if not self._excluded(name, text, match.start(), match.end())]
         found = []
-        for name, match in matches:
+        for name, match, sign in matches:
             gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
             status = cues.status(match.start(), match.end(), gaps)
-            if status == POSITIVE and cues.renamed(match.end(), [m.start() for n, m in matches if n == name]):
+            # a sign of the finding (blunting), hedged as the finding further on: possible; the finding's own name
+            # ("opacity may represent infiltrate") is stated, only its nature hedged
+            if status == POSITIVE and sign and cues.renamed(match.end(), [m.start() for n, m, _ in matches
+                                                                          if n == name]):
                 status = UNCERTAIN
             found.append(Mention(name, status, match.start(), match.end()))
         return _outermost(found)
@@ -443,7 +448,7 @@ class _Cues:
 
     def renamed(self, end: int, starts: list[int]) -> bool:
         """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
-        may represent a small effusion": the effusion is possible, not stated)."""
+        may represent a small effusion": the effusion is possible, not stated); asked only of a ``signs`` mention."""
         return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
                    for other in starts if other >= e)
 
