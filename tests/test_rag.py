@@ -179,6 +179,53 @@ def test_labeller_reads_negation_uncertainty_and_synonyms(labeller, sentence, ex
     assert dict(labeller.sentence_labels(sentence)) == expected
 
 
+@pytest.mark.parametrize("sentence, expected", [
+    ("Pneumothorax has not resolved.", {"pneumothorax": "positive"}),
+    ("The pneumothorax is not resolved.", {"pneumothorax": "positive"}),
+    ("Effusion has not cleared.", {"pleural_effusion": "positive"}),
+    ("No resolution of the pneumonia.", {"pneumonia": "positive"}),
+    ("Pneumonia: not resolved.", {"pneumonia": "positive"}),
+    ("Effusion is not absent.", {"pleural_effusion": "positive"}),
+    ("Could not exclude pneumonia.", {"pneumonia": "uncertain"}),
+    ("Does not exclude pneumonia.", {"pneumonia": "uncertain"}),
+    ("Would not exclude early pneumonia.", {"pneumonia": "uncertain"}),
+    ("Does not rule out pneumonia.", {"pneumonia": "uncertain"}),
+    ("Pneumonia can't be ruled out.", {"pneumonia": "uncertain"}),
+    ("The pneumothorax has not been excluded.", {"pneumothorax": "uncertain"}),
+    ("The pneumothorax has resolved.", {"pneumothorax": "negative"}),  # the plain negations stay
+    ("Pneumonia is excluded.", {"pneumonia": "negative"}),
+])
+def test_a_negated_resolution_or_exclusion_is_not_a_negation(labeller, sentence, expected):
+    """"has not resolved", "not cleared", "no resolution of", "not absent" read as negations (the bare "resolved",
+    "cleared", "absent", "no"), and "does / could / would not exclude", "does not rule out", "can't be ruled out",
+    "has not been excluded" as well (the bare "not"): a persisting pneumothorax was labelled absent and the study
+    normal. They are pseudo-negations and negated uncertainty now."""
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("There is no pleural effusion, and the heart is enlarged.",
+     {"pleural_effusion": "negative", "cardiomegaly": "positive"}),
+    ("The lungs are clear without effusion and the heart is enlarged.",
+     {"pleural_effusion": "negative", "cardiomegaly": "positive"}),
+    ("No pneumothorax and the cardiac silhouette is enlarged.",
+     {"pneumothorax": "negative", "cardiomegaly": "positive"}),
+    ("No effusion, and a large pneumothorax is present.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    ("No effusion, and large pneumothorax.", {"pleural_effusion": "negative", "pneumothorax": "positive"}),
+    # negated lists stay negated, with a verb after the last item and an Oxford comma
+    ("No pneumothorax, pleural effusion, and consolidation are seen.",
+     {"pneumothorax": "negative", "pleural_effusion": "negative", "consolidation": "negative"}),
+    ("No focal consolidation, pneumothorax or pleural effusion is identified.",
+     {"consolidation": "negative", "pneumothorax": "negative", "pleural_effusion": "negative"}),
+    ("No pneumothorax and pleural effusion are seen.", {"pneumothorax": "negative", "pleural_effusion": "negative"}),
+])
+def test_a_negation_does_not_reach_a_finding_stated_in_the_next_clause(labeller, sentence, expected):
+    """The list rule looked only at the text between the cue and the mention: in "No effusion, and a large
+    pneumothorax is present" the pneumothorax was negative and the study normal. A mention after ", and" joined to
+    the cue's one item, or after ", and the" / "and the" (a, an) in an item holding a verb, is a new clause."""
+    assert dict(labeller.sentence_labels(sentence)) == expected
+
+
 def test_a_long_sentence_without_full_stops_is_labelled_like_its_short_parts(labeller):
     """Cues further than any list can reach (MAX_REACH words) are not looked at: one 1,750-word 'sentence' took
     46 s (every cue against every mention, each re-reading the text between), now about 0.5 s; the statuses
@@ -287,6 +334,7 @@ def test_a_user_folder_adds_and_replaces_findings(tmp_path):
     ("---\nname: x\n---\n", "'synonyms'"),
     ("---\nname: x\nsynonyms: ['... x']\n---\n", "only between words"),
     ("---\nname: x\nsynonyms: [x\n---\n", "not valid YAML"),
+    ("---\nname: x\nsynonyms: [x]\nsigns: [y]\n---\n", "'signs' phrase 'y' is not one of the 'synonyms'"),
 ])
 def test_malformed_finding_files_name_the_file_and_problem(tmp_path, text, message):
     (tmp_path / "x.md").write_text(text)
@@ -705,6 +753,45 @@ def test_ordinary_report_words_of_one_or_two_neighbours_are_drafted_and_a_name_i
     assert draft([named, named, "Atelectasis."]) == "FINDINGS: Atelectasis."
     assert {"streaky", "bibasilar", "unchanged", "unremarkable", "osseous", "tortuous"} <= report_words()
     assert not report_words() & {"january", "may", "monday", "yesterday", "smith", "white", "nakamura"}
+
+
+def test_a_name_made_of_ordinary_words_is_not_drafted_nor_its_wording_credited_to_other_names(labeller):
+    """Surnames that are also words ("Stone", "Frank", "Good", "Gross", "Colon") were in the list of ordinary report
+    words, and a name was an identifier only after a title or as two capitalised words in mid-sentence: "Frank Stone
+    was notified ..." (sentence start) and "Results discussed with Good ..." (one word) were drafted from one
+    neighbour, every neighbour (each naming someone else) listed as a source of the wording. Those words are out of
+    the list, and a capitalised word where a person is named (after "discussed with", "notified", ..., before "was
+    notified", ..., after a title) is a name whatever the word."""
+    def draft(texts, scores=None):
+        scores = scores or [0.9] * len(texts)
+        return draft_from_hits([Hit(id=f"c{i}", score=s, split="train", text=t)
+                                for i, (t, s) in enumerate(zip(texts, scores, strict=True))], labeller)
+
+    effusion = "FINDINGS: Small left pleural effusion."
+    notified = effusion + " {} was notified of the findings by telephone at the end of the examination."
+    people = ["Frank Stone", "Mary Glass", "Peter Gross", "Anna Good", "Lena Colon"]
+    assert draft([notified.format(n) for n in people]).text() == effusion
+    discussed = effusion + " Results discussed with {} by telephone at the end of the examination."
+    surnames = ["Stone", "Glass", "Gross", "Good", "Frank"]
+    for nearest in range(len(surnames)):  # whichever neighbour weighs most
+        scores = [0.95 if i == nearest else 0.9 for i in range(len(surnames))]
+        assert draft([discussed.format(n) for n in surnames], scores).text() == effusion
+    # a name three neighbours share is drafted, and the one naming another person is cited, not its wording's source
+    shared = draft([discussed.format("Good")] * 3 + [discussed.format("Stone")])
+    [told] = [s for s in shared.sentences if "Results" in s.text]
+    assert (told.text, told.cases, told.wording_from) == \
+        (discussed.format("Good").removeprefix(effusion + " "), ["c0", "c1", "c2", "c3"],
+         ["c0", "c1", "c2"])
+    assert _identifiers("Frank Stone was notified.") == {"name:frank", "name:stone"}
+    assert _identifiers("Findings were discussed with Dr. J. Small and called to Ray Good.") == \
+        {"name:small", "name:ray", "name:good"}
+    for text in ("The referring physician was notified.", "Patient was informed of the results.",
+                 "Results were called to Radiology.", "Referring Physician was notified.",
+                 "Findings were discussed with the patient.", "Large left pleural effusion, as discussed below."):
+        assert _identifiers(text) == frozenset(), text
+    common_names = {"stone", "frank", "glass", "gross", "good", "colon", "bill", "mark", "rose", "may", "young", "king",
+                    "hill", "wood", "green", "white", "brown", "black", "long", "little", "hall", "bell", "moody"}
+    assert not report_words() & common_names
 
 
 def test_a_sentence_cites_only_the_cases_stating_its_side_and_size(labeller):

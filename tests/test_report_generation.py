@@ -206,6 +206,23 @@ def test_greedy_decoding_takes_the_most_likely_token_at_each_step(trained):
             model.generate(pixels, max_length=bad)
 
 
+def test_a_report_never_starts_with_a_continuation_piece(trained):
+    """A report whose first generated token was a WordPiece continuation piece kept its "##" ("##) nodule thorax:
+    ..."): BERT's decoding joins a "##" piece only to a piece before it. The first step of greedy and beam search
+    now never picks one. Here the model is made to prefer one "##" piece above all tokens."""
+    import copy
+
+    model, _, dataset = trained
+    model = copy.deepcopy(model).eval()
+    pieces = sorted(i for token, i in model.tokenizer.get_vocab().items() if token.startswith("##"))
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().bias[pieces[0]] += 100.0
+    pixels = model.preprocessor.normalize(model.preprocessor.load_many([dataset.records[0].image]))
+    for beam_size in (1, 2):
+        [report] = model.generate(pixels, beam_size=beam_size, max_length=6)
+        assert report and "#" not in report, (beam_size, report)
+
+
 def test_max_length_counts_the_tokens_of_report_text_and_refuses_more_than_the_model_writes(trained):
     model, _, dataset = trained
     model.eval()  # as generate decodes (the fixture hands the model over in training mode)

@@ -23,6 +23,7 @@ nothing here logs it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -250,7 +251,16 @@ class ReportGenerator(nn.Module):
                            use_cache=True, **{_CACHE_ARGUMENT: cache})
         log_probs = out.logits[:, -1].float().log_softmax(-1)
         log_probs[:, self.token_id(PAD)] = float("-inf")
+        if cache is None:  # the first token of a report: a "##" piece would continue no word ("##) nodule ...")
+            log_probs[:, self._continuation_ids] = float("-inf")
         return log_probs, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    @functools.cached_property
+    def _continuation_ids(self) -> torch.Tensor:
+        """The ids of the vocabulary's WordPiece continuation pieces ("##s"): never a report's first token, as
+        the tokenizer writes one only after a piece of the same word."""
+        return torch.tensor(sorted(i for token, i in self.tokenizer.get_vocab().items() if token.startswith("##")),
+                            dtype=torch.long)
 
     def _greedy(self, memory: torch.Tensor, memory_mask: torch.Tensor, limit: int) -> list[list[int]]:
         bos, eos = self.token_id(BOS), self.token_id(EOS)

@@ -40,9 +40,10 @@
    nor a right upper zone consolidation in the findings and a right middle zone one in the impression.
    A wording naming a date (3/12/2019, 10:45, a month or weekday name) or a number of ``LONG_NUMBER`` (4) or more
    digits is never a candidate; one naming another identifier (``_identifiers``: a number other than a
-   measurement, a name after a title, "Dr Smith", "Dr. Smith", "Dr.Smith", or two or more capitalised words in a
-   row (letters of any script: "Renée Dubois") that are no words of the knowledge base nor used in lower case by
-   any neighbour's report, "John Smith") only when at least
+   measurement, a name after a title, "Dr Smith", "Dr. Smith", "Dr.Smith", a capitalised word where a person is
+   named, whatever the word ("Results discussed with Good", "Frank Stone was notified"), or two or more capitalised
+   words in a row (letters of any script: "Renée Dubois") that are no words of the knowledge base nor used in lower
+   case by any neighbour's report, "John Smith") only when at least
    ``MIN_CASES`` (3) of the group's neighbours, holding more than ``min_support`` of the weight, name it too; one
    holding a word outside the knowledge base's and the labeller's vocabulary (``vocabulary``) only when at least
    ``MIN_CASES`` neighbours' reports use it, whatever their weights (a name in any case or script). A neighbour
@@ -127,6 +128,21 @@ _MAY = re.compile(r"\b(?:may\s+\d|\d+(?:st|nd|rd|th)?\s+may\b)", re.I)
 _LETTER_WORD = re.compile(r"(?<![\w'-])([^\W\d_]+(?:['-][^\W\d_]+)*)(?![\w'-])")
 _NAME_SHAPE = re.compile(r"A(?:a+|['-]?A?a+)(?:['-]?A?a+)*")  # A an upper-case letter, a a lower-case one
 _CLAUSE_MARKS = (":", ";", "(", "[", "\u2013", "\u2014", " -", "\u2022", "\u00b7")  # "\u2022": an inline bullet
+# Where a person is named whatever the words are (a surname may be an ordinary word: "Stone", "Good", "Small"): the
+# capitalised words right after "discussed with", "notified", "called to", ... ("Results discussed with Good"), right
+# before "was notified", "were informed", ... ("Frank Stone was notified", at the start of the sentence too), and after
+# a title ("Dr. Frank Stone"), initials ("J.") skipped. Roles, services and report nouns there are not names
+# ("Referring Physician", "Emergency Department", "Results were called ...").
+_NAME_BEFORE = re.compile(r"\b(?:discussed|reviewed|spoke|spoken|communicated|conveyed|reported|relayed|called|paged|"
+                          r"notified|informed|telephoned|phoned|contacted|told|advised)(?:\s+(?:with|to))?\s+", re.I)
+_NAME_AFTER = re.compile(r"\s*,?\s+(?:was|were|is|are|has\s+been|have\s+been|had\s+been)\s+(?:notified|informed|"
+                         r"called|paged|contacted|told|telephoned|phoned|advised|made\s+aware)\b", re.I)
+_NOT_NAMES = frozenset("""patient patients physician physicians doctor doctors clinician clinicians provider providers
+    nurse nurses practitioner team teams staff family radiologist radiologists resident residents fellow fellows
+    attending referring ordering covering treating primary care emergency department service services unit clinic
+    ward floor room house officer radiology cardiology surgery surgical medicine medical oncology pulmonology
+    pulmonary intensive critical urgent trauma thoracic nursing results result findings finding report reports
+    study studies image images exam examination these this those above impression recommendations""".split())
 # Words a draft may carry from a few reports: a word outside the vocabulary (``vocabulary``: the knowledge base's
 # and the labeller's words), a number or a name is drafted only when at least MIN_CASES distinct neighbours use it,
 # whatever their weights, so that no draft carries one patient's (or two patients') identifiers; and a date-like
@@ -570,14 +586,16 @@ def common_words(knowledge: KnowledgeBase, reports: Sequence[str | None]) -> fro
 @lru_cache(maxsize=65536)
 def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
     """What may identify one examination or patient: numbers other than measurements; dates in words (month and
-    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); and two or more capitalised
-    words in a row, each not starting the sentence or a clause, not all capitals, and not in ``common``
-    (``common_words``: "John Smith")."""
+    weekday names, "yesterday", ...: ``_DATE_WORD``); a name after a title ("Dr Smith"); the capitalised words where
+    a person is named, whatever they are (``_named_in_place``: "Results discussed with Good", "Frank Stone was
+    notified"); and two or more capitalised words in a row, each not starting the sentence or a clause, not all
+    capitals, and not in ``common`` (``common_words``: "John Smith")."""
     lower = _MEASURE.sub(" ", text.lower())
     found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _TITLED_NAME.findall(lower)}
     found |= {f"date:{d.lower()}" for d in _DATE_WORD.findall(text)}
     found |= {f"date:{d.lower()[:3]}" for d in _MONTH_ABBREVIATION.findall(text)}
     found |= {"date:may" for _ in _MAY.finditer(text)}
+    found |= _named_in_place(text)
     run: list[str] = []  # consecutive capitalised words that may be a name, one space apart
     last_end = -1
     for match in _capitalised(text):
@@ -596,6 +614,43 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
             run = []
         last_end = match.end()
     return frozenset(found | _names(run))
+
+
+def _named_in_place(text: str) -> set[str]:
+    """The names where a person is named (``_NAME_BEFORE``, ``_NAME_AFTER``, after a title), whatever the words:
+    each capitalised word of a run of them (initials and a title's full stop inside the run) that starts right
+    after "discussed with", "notified", ..., ends right before "was notified", ..., or holds a title, less the
+    titles, initials and roles (``_NOT_NAMES``)."""
+    found: set[str] = set()
+    for run in _capitalised_runs(text):
+        start, end = run[0].start(), run[-1].end()
+        words = [m.group(1).lower() for m in run]
+        titled = any(word in _TITLES for word in words)
+        after = any(cue.end() == start for cue in _NAME_BEFORE.finditer(text, 0, start))
+        if titled or after or _NAME_AFTER.match(text, end):
+            found |= {f"name:{word}" for word in words
+                      if len(word) > 1 and word not in _TITLES and word not in _NOT_NAMES}
+    return found
+
+
+def _capitalised_runs(text: str) -> list[list[re.Match]]:
+    """Runs of capitalised words, initials ("J.") and titles ("Dr.") one space apart, or a full stop and a space
+    after an initial or a title ("Dr. J. Smith")."""
+    runs: list[list[re.Match]] = []
+    for match in _LETTER_WORD.finditer(text):
+        word = match.group(1)
+        initial = len(word) == 1 and word.isupper()
+        if not (initial or _NAME_SHAPE.fullmatch(_shape(word))):
+            continue
+        if runs:
+            last = runs[-1][-1]
+            gap = text[last.end():match.start()]
+            dotted = len(last.group(1)) == 1 or last.group(1).lower() in _TITLES
+            if (gap.isspace() and len(gap) <= 2) or (dotted and re.fullmatch(r"\.\s{0,2}", gap)):
+                runs[-1].append(match)
+                continue
+        runs.append([match])
+    return runs
 
 
 def _capitalised(text: str) -> list[re.Match]:
@@ -663,8 +718,10 @@ def _fixed_vocabulary() -> frozenset:
 def report_words() -> frozenset:
     """Ordinary words of radiology and pathology reports (``report_words.txt``, written by hand): anatomy,
     descriptors, change over time, devices, the examination, function words. None names anyone: no month or
-    weekday names and no word that is also a common surname, so a word a draft carries from fewer than
-    ``MIN_CASES`` reports because it is listed here cannot be a patient's or a doctor's name."""
+    weekday names and no word that is also a common surname or given name, so a word a draft carries from fewer
+    than ``MIN_CASES`` reports because it is listed here is no patient's or doctor's name, but for a few words
+    reports use all the time (small, large, low, head, mass): where a person is named they are names anyway
+    (``_named_in_place``)."""
     text = resources.files("medvl.rag").joinpath("report_words.txt").read_text(encoding="utf-8")
     return frozenset(word.lower() for line in text.splitlines() if not line.lstrip().startswith("#")
                      for word in line.split())

@@ -10,6 +10,9 @@ Each file (``*.md``) starts with YAML front matter and may go on with free notes
       - pleural effusion              #   to 5 words, e.g. "cardiac silhouette ... enlarged"
       - blunting of the ... costophrenic angle
     exclude: [pericardial effusion]   # phrases whose words are not a mention of this finding
+    signs:                            # synonyms that are an indirect sign of it: a hedge after one that goes
+      - blunting of the ... costophrenic angle  # on to name the finding leaves it possible ("..., which may
+                                      #   represent a small effusion"); a hedge after another synonym does not
     labels: [effusion_left, effusion_right]   # label columns / values that mean this finding
     normal_compatible: false          # true: a positive does not make the study abnormal (devices)
     definition: Fluid in the pleural space.
@@ -43,7 +46,8 @@ FINDING, NORMAL = "finding", "normal"
 # report-like sentences around each phrase: closer to what a report-trained text tower has seen
 # (on the phantom benchmark model, image -> entry top-1 0.38 vs 0.33 with the bare phrases)
 PROMPT_TEMPLATES = ("{}.", "there is {}.", "findings: {}.", "impression: {}.")
-_KEYS = {"name", "title", "kind", "synonyms", "exclude", "labels", "normal_compatible", "definition", "appearance"}
+_KEYS = {"name", "title", "kind", "synonyms", "exclude", "signs", "labels", "normal_compatible", "definition",
+         "appearance"}
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)(.*)\Z", re.S)
 
@@ -58,6 +62,9 @@ class Finding:
     definition: str = ""
     appearance: str = ""  # typical radiographic appearance
     exclude: list[str] = field(default_factory=list)  # phrases that are not a mention (pericardial effusion)
+    # synonyms that are an indirect sign of the finding ("blunting of the ... costophrenic angle"): a hedge after one
+    # that goes on to name the finding leaves it possible; "opacity may represent infiltrate" states an opacity
+    signs: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # label columns / values meaning this finding
     kind: str = FINDING  # "finding", or "normal" for the no-finding entry
     normal_compatible: bool = False  # a positive leaves the study normal (support devices)
@@ -267,12 +274,16 @@ def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
         if not re.search(r"[a-z0-9]", phrase.lower()) or phrase.strip().startswith("...") \
                 or phrase.strip().endswith("..."):
             raise DataError(path, f"phrase {phrase!r} must have words, with '...' only between words")
+    signs = [s.lower().strip() for s in _strings(path, data, "signs")]
+    for phrase in signs:
+        if phrase not in [s.lower().strip() for s in synonyms]:
+            raise DataError(path, f"'signs' phrase {phrase!r} is not one of the 'synonyms'")
     compatible = data.get("normal_compatible", False)
     if not isinstance(compatible, bool):
         raise DataError(path, f"'normal_compatible' must be true or false, got {compatible!r}")
     return Finding(name=name, title=_text(path, data, "title") or name.replace("_", " ").capitalize(),
                    synonyms=[s.lower().strip() for s in synonyms], definition=_text(path, data, "definition"),
-                   appearance=_text(path, data, "appearance"), exclude=exclude,
+                   appearance=_text(path, data, "appearance"), exclude=exclude, signs=signs,
                    labels=_strings(path, data, "labels"), kind=kind, normal_compatible=compatible, notes=notes,
                    path=str(path))
 

@@ -23,9 +23,10 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
    a scope terminator such as "but", "however", "although", ";", nor a colon or dash between two
    statements: "no effusion - large pneumothorax", "negative for effusion: pneumothorax is large"):
    - **uncertain** if a negated-uncertainty phrase is near ("cannot be excluded", "not ruled out", "not
-     excluding"), unless a negation cue takes the mention over: one between the phrase and the mention
-     ("cannot exclude pneumonia, no effusion"), or one right before the mention when the phrase after it is past
-     another item ("no effusion, pneumonia cannot be excluded");
+     excluding", "does / could not exclude", "does not rule out", "has not been excluded"), unless a negation cue
+     takes the mention over: one between the phrase and the mention ("cannot exclude pneumonia, no effusion"), or
+     one right before the mention when the phrase after it is past another item ("no effusion, pneumonia cannot
+     be excluded");
    - **negative** if a negation cue comes up to ``PRE_WINDOW`` words before it ("no", "without",
      "negative for", "free of", "no evidence of", "resolved", "unlikely to represent", "doubtful for"; the
      bare "unlikely", "doubtful", "improbable" only just before it: "atelectasis, unlikely pneumonia"), or up
@@ -41,22 +42,27 @@ NegEx / CheXpert-labeller style, with the finding vocabulary of a knowledge base
      ``NEAR_WINDOW`` words after it ("vascular engorgement appears within normal limits"), or a
      structured report's answer ends the clause right after it ("Pneumothorax: none.", "Effusion - no");
      pseudo-negations ("no change", "no appreciable interval change", "no changes in", "no worsening of", "not
-     only", "partially resolved") are not cues;
+     only", "partially resolved", "has not resolved", "not cleared", "no resolution of", "not absent") are not
+     cues;
    - **uncertain** if a question mark follows it ("Pneumothorax?");
    - **uncertain** if an uncertainty cue comes before ("possible", "may represent", "suspicious
      for", "likely", "versus", "question", "correlate clinically for") or after ("is suspected", "is
      a possibility", "is less likely", a "less likely" right after it ending the clause; "may", "is likely" only
      where they end the clause, say it is there or are qualified themselves: "pneumonia is likely.", "atelectasis
      may also be present", not "the pneumothorax may be due to the biopsy", "is likely iatrogenic", "the opacity
-     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or a hedge after it goes
-     on to name the same finding ("blunting of the costophrenic angle, which may represent a small effusion");
+     may represent atelectasis"), or lies inside the mention ("borderline heart size"), or the mention is one of
+     the finding's ``signs`` and a hedge after it goes on to name the same finding ("blunting of the costophrenic
+     angle, which may represent a small effusion"; not "opacity may represent infiltrate": the opacity is stated);
    - **positive** otherwise.
 
    Lists: a cue before a list of short items covers the whole list, however many items it has, up to
    ``MAX_REACH`` words from the cue ("no focal consolidation, suspicious pulmonary opacity, pneumothorax or
    definite pleural effusion"; "no opacity to suggest pneumonia"), as does a cue after a list joined by "and" /
    "or" ("infiltrates and venous engorgement have resolved"); an item holding a verb or "with" starts a new
-   clause and ends the list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
+   clause and ends the list. A cue before does not reach a mention in a new clause: after ", and" joined to the
+   cue's one item ("no effusion, and large pneumothorax"), or after ", and the" / "and the" (a, an) in an item
+   holding a verb, the mention's own ("no effusion, and the heart is enlarged"); "no a, b, and c are seen" stays
+   one negated list. Hedged lists need an "and" / "or" or three items. An item that starts with a hedge
    after a comma ends a negated list: in "no effusion, possible atelectasis" (or "no pneumonia, more
    likely atelectasis") the atelectasis is uncertain.
 5. A report's status per finding: positive if any mention is positive, else uncertain if any is,
@@ -157,11 +163,18 @@ NEGATED_UNCERTAIN = [  # double negations meaning "possible": checked before neg
     "not entirely excluded", "not completely excluded", "is not excluded", "are not excluded", "is not ruled out",
     "are not ruled out", "is not entirely excluded", "are not entirely excluded", "not excluding", "without excluding",
     "not ruling out", "without ruling out",
+    # "does / could / would not exclude", "does not rule out", "has not been excluded", "can't be ruled out"
+    "not exclude", "not rule out", "not been excluded", "not been ruled out", "can't be ruled out", "can't rule out",
+    "doesn't exclude", "doesn't rule out", "cannot be completely excluded", "cannot be entirely ruled out",
 ]
 PSEUDO_NEGATION = [  # look like negations, are not ("no change in X" and its variants: _CHANGE_PSEUDO below)
     "not changed", "no increase", "no decrease", "not only", "not significantly changed", "gram negative",
     "not necessarily", "almost completely resolved", "nearly resolved", "almost resolved", "partially resolved",
     "incompletely resolved", "not completely resolved",
+    # a finding still there: "pneumothorax has not resolved", "effusion has not cleared", "no resolution of the
+    # pneumonia", "effusion is not absent"
+    "not resolved", "not yet resolved", "not cleared", "not yet cleared", "no resolution of", "without resolution of",
+    "no resolution", "failure of resolution", "not absent",
     "of doubtful",  # "nodule of doubtful significance": the nodule is there
 ]
 # words that may stand between "no" / "without" and "change" in a pseudo-negation ("no appreciable interval change")
@@ -285,6 +298,9 @@ _CHANGE_PSEUDO = re.compile(
 _LIST_SEPARATOR = re.compile(r",|/|(?<![a-z0-9])(?:and/or|or|nor|and|to suggest|to indicate|suggestive of|"
                              r"suggesting|concerning for|worrisome for|consistent with)(?![a-z0-9])")
 _CONJUNCTION = re.compile(r"(?<![a-z0-9])(?:and|or|nor)(?![a-z0-9])")
+# what may join a negated statement to a new clause: ", and", or "and" before an article ("and the heart is enlarged")
+_CLAUSE_JOIN = re.compile(r",\s*and(?![a-z0-9])(?:\s+(?P<article0>the|a|an)(?![a-z0-9]))?|(?<![a-z0-9])and\s+"
+                          r"(?P<article>the|a|an)(?![a-z0-9])")
 _CLAUSE_WORDS = {"is", "are", "was", "were", "be", "been", "there", "has", "have", "had", "with", "which", "that",
                  "shows", "show", "appears", "appear", "remains", "remain", "seen", "noted", "present", "demonstrated"}
 _GAP_NEGATION = re.compile(r"(?<![a-z0-9])(?:not|no|never|without)(?![a-z0-9])")
@@ -334,7 +350,8 @@ class ReportLabeller:
 
     def __init__(self, knowledge: KnowledgeBase | None = None):
         self.knowledge = knowledge or load_knowledge()
-        self._patterns = [(f.name, re.compile(_phrase_regex(s))) for f in self.knowledge for s in f.synonyms]
+        self._patterns = [(f.name, re.compile(_phrase_regex(s)), s in f.signs) for f in self.knowledge
+                          for s in f.synonyms]
         self._excludes = {f.name: [re.compile(_phrase_regex(p)) for p in f.exclude] for f in self.knowledge}
         self.sentence_labels = lru_cache(maxsize=65536)(self._sentence_labels)
 
@@ -362,13 +379,16 @@ class ReportLabeller:
         """Every finding mention in one sentence with its status."""
         text = sentence.lower()
         cues = _Cues(text)
-        matches = [(name, match) for name, pattern in self._patterns for match in pattern.finditer(text)
+        matches = [(name, match, sign) for name, pattern, sign in self._patterns for match in pattern.finditer(text)
                    if not self._excluded(name, text, match.start(), match.end())]
         found = []
-        for name, match in matches:
+        for name, match, sign in matches:
             gaps = [match.group(i) or "" for i in range(1, (match.re.groups or 0) + 1)]
             status = cues.status(match.start(), match.end(), gaps)
-            if status == POSITIVE and cues.renamed(match.end(), [m.start() for n, m in matches if n == name]):
+            # a sign of the finding (blunting), hedged as the finding further on: possible; the finding's own name
+            # ("opacity may represent infiltrate") is stated, only its nature hedged
+            if status == POSITIVE and sign and cues.renamed(match.end(), [m.start() for n, m, _ in matches
+                                                                          if n == name]):
                 status = UNCERTAIN
             found.append(Mention(name, status, match.start(), match.end()))
         return _outermost(found)
@@ -428,7 +448,7 @@ class _Cues:
 
     def renamed(self, end: int, starts: list[int]) -> bool:
         """A hedge after the mention goes on to name the same finding ("blunting of the costophrenic angle, which
-        may represent a small effusion": the effusion is possible, not stated)."""
+        may represent a small effusion": the effusion is possible, not stated); asked only of a ``signs`` mention."""
         return any(self._after([(s, e)], end) and self._before([(s, e)], other) for s, e in self.post_hedges
                    for other in starts if other >= e)
 
@@ -454,9 +474,26 @@ class _Cues:
 
     def _before(self, spans: list[tuple[int, int]], start: int, lists: bool = False, conjunction: bool = False,
                 window: int = PRE_WINDOW) -> bool:
-        return any(e <= start and self._near(e, start) and self._open(e, start)
+        return any(e <= start and self._near(e, start) and self._open(e, start) and not self._new_clause(e, start)
                    and (self._words(e, start) <= window or lists and self._listed(e, start, conjunction))
                    for _, e in spans)
+
+    def _new_clause(self, cue_end: int, start: int) -> bool:
+        """The mention at ``start`` is in a clause of its own after the cue's: its item follows ", and" right after
+        the cue's one item ("no effusion, and large pneumothorax"), or "and the" (a, an) and holds a verb, up to the
+        next item or the end ("no effusion, and the heart is enlarged", "without effusion and the heart
+        is enlarged"). Not "no a, b, and c are seen" nor "no a, b or c is identified": a negated list."""
+        joins = list(_CLAUSE_JOIN.finditer(self.text, cue_end, start))
+        if not joins or _LIST_SEPARATOR.search(self.text, joins[-1].end(), start):  # the mention's item: the last
+            return False
+        join = joins[-1]
+        if join.group(0).startswith(",") and not _LIST_SEPARATOR.search(self.text, cue_end, join.start()):
+            return True
+        if not (join.group("article0") or join.group("article")):  # "no a, b, and c are seen": one list
+            return False
+        rest = _LIST_SEPARATOR.search(self.text, start)
+        item = self.text[join.end():rest.start() if rest else len(self.text)]
+        return bool(_CLAUSE_WORDS.intersection(_WORD.findall(item)))
 
     def _unhedged(self, spans: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
         """The negation cues whose list does not reach the mention at ``start`` through a hedged item: in "no
