@@ -111,8 +111,9 @@ _MEASURE = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm)\b")  # a measurement such as "
 _NUMBER = re.compile(r"\d+")
 _TITLES = ("dr", "doctor", "mr", "mrs", "ms", "miss", "prof", "professor", "nurse")
 # the name after a title, any script's letters ("Dr Müller"), with or without a space after the full stop
-# ("Dr.Smith"), initials skipped ("Dr. J. Smith")
-_TITLED_NAME = re.compile(r"\b(?:" + "|".join(_TITLES) + r")\b(?:\.\s*|\s+)(?:[^\W\d_]\.\s*)*"
+# ("Dr.Smith"), initials skipped ("Dr. J. Smith"); the title in any case, the name capitalised and not all capitals
+# (``_titled_names``): "MR imaging", "MS plaques", "the nurse noted" name no one
+_TITLED_NAME = re.compile(r"\b(?i:" + "|".join(_TITLES) + r")\b(?:\.\s*|\s+)(?:[^\W\d_]\.\s*)*"
                           r"([^\W\d_]+(?:['-][^\W\d_]+)*)")
 # dates in words: month and weekday names, "yesterday" / "today" / "tonight" / "tomorrow"; three-letter month
 # abbreviations only capitalised ("Dec 9", not "dec" for decreased), "May" only beside a number ("May 5", "5 May")
@@ -591,7 +592,7 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
     notified"); and two or more capitalised words in a row, each not starting the sentence or a clause, not all
     capitals, and not in ``common`` (``common_words``: "John Smith")."""
     lower = _MEASURE.sub(" ", text.lower())
-    found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _TITLED_NAME.findall(lower)}
+    found = set(_NUMBER.findall(lower)) | {f"name:{n}" for n in _titled_names(text)}
     found |= {f"date:{d.lower()}" for d in _DATE_WORD.findall(text)}
     found |= {f"date:{d.lower()[:3]}" for d in _MONTH_ABBREVIATION.findall(text)}
     found |= {"date:may" for _ in _MAY.finditer(text)}
@@ -614,6 +615,14 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
             run = []
         last_end = match.end()
     return frozenset(found | _names(run))
+
+
+def _titled_names(text: str) -> list[str]:
+    """The names after a title (``_TITLED_NAME``), lower case: a word that starts with a capital and is not all
+    capitals ("Dr Smith", "Dr. O'Brien", "Dr McDonald"; not "MR imaging", "MS plaques", "MR FLAIR", "the nurse
+    noted"). A name written in lower case or capitals is left to the rare-word rule (``rare_words``)."""
+    return [name.lower() for name in _TITLED_NAME.findall(text)
+            if name[0].isupper() and not (len(name) > 1 and name.isupper())]
 
 
 def _named_in_place(text: str) -> set[str]:
@@ -674,13 +683,14 @@ def _shared_identifiers(wordings: list[str], group: _Group, weights: np.ndarray,
     by fewer than ``MIN_CASES`` neighbours), and no identifier (``_identifiers``: a number, a name) that fewer than
     ``MIN_CASES`` of the group's neighbours, or neighbours holding no more than ``min_support`` of the weight, name:
     a draft does not carry one neighbour's dates or names (another patient's), cited to every neighbour of the
-    group, whatever k and the weights."""
+    group, whatever k and the weights. A name is never shared, however many neighbours name it: a sentence naming a
+    person (who was told, who read it) in other patients' reports is no finding of this one."""
     naming: dict[str, set[int]] = {}
     for i, text in group.members:
         for identifier in _identifiers(text, common):
             naming.setdefault(identifier, set()).add(i)
-    shared = {identifier for identifier, cases in naming.items()
-              if len(cases) >= MIN_CASES and sum(float(weights[i]) for i in cases) > min_support}
+    shared = {identifier for identifier, cases in naming.items() if not identifier.startswith("name:")
+              and len(cases) >= MIN_CASES and sum(float(weights[i]) for i in cases) > min_support}
     return [w for w in wordings if not _dated(w, common) and _identifiers(w, common) <= shared
             and not rare.intersection(_LETTERS.findall(w.lower()))]
 
