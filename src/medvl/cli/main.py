@@ -186,8 +186,8 @@ def audit_command(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
              "1-3 also find re-encoded or resized copies (each match is confirmed on the pixels).")] = 0,
     workers: Annotated[int | None, typer.Option(
-        help="Processes reading images ahead of the checks (0 = in this process; default: 0 below 4 cores, else a "
-             "quarter of the cores, from 512 images on).")] = None,
+        help="Processes reading images ahead of the checks (0 = in this process; at most the CPU cores; default: 0 "
+             "below 4 cores, else a quarter of the cores, from 512 images on).")] = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
