@@ -562,6 +562,30 @@ def test_overwrite_replaces_the_earlier_explanation_s_overlays_and_keeps_other_f
                                                             finding["heatmaps"]["patch_text"]["file"]])
 
 
+def test_overwrite_without_concepts_removes_the_earlier_bottleneck_and_keeps_the_one_read(tiny_model_dir,
+                                                                                          phantom_dir, tmp_path):
+    """A run with --concept-data saves OUT/bottleneck.json; a run --overwrite into that folder without it left that
+    file beside an explanation without concepts (a reader, or serve --bottleneck, took it for this run's). It goes
+    with the replaced explanation; the bottleneck a run reads from OUT (--bottleneck OUT/bottleneck.json) stays."""
+    image, out = _cardiomegaly_image(phantom_dir), tmp_path / "ex"
+    fit = ["--concepts", "chest_xray", "--concept-data", phantom_dir]
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text", *fit)
+    assert result.exit_code == 0 and (out / "bottleneck.json").is_file(), output
+    saved = (out / "bottleneck.json").read_bytes()
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--bottleneck", out / "bottleneck.json", "--overwrite")
+    assert result.exit_code == 0, output
+    assert (out / "bottleneck.json").read_bytes() == saved
+    assert "concepts" in json.loads((out / "explanation.json").read_text())["findings"][0]
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--overwrite")
+    assert result.exit_code == 0, output
+    [finding] = json.loads((out / "explanation.json").read_text())["findings"]
+    assert "concepts" not in finding
+    overlay = finding["heatmaps"]["patch_text"]["file"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["explanation.json", overlay])
+
+
 def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_model_dir, phantom_dir, tmp_path):
     out = tmp_path / "why"
     out.mkdir()

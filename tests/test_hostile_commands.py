@@ -119,6 +119,14 @@ def test_a_json_path_ending_with_a_slash_is_a_folder_and_refused(commands, name,
     assert not (tmp_path / "newdir").exists()
 
 
+@pytest.mark.parametrize("name", [name for name in OUTPUT_COMMANDS if not name.startswith("deid")])
+def test_an_empty_json_path_is_said_to_be_empty(commands, name):
+    """``--json ''`` was refused as '.', a folder: the message named a path the user never gave."""
+    result, output = invoke(*commands[name], "--json", "")
+    _assert_clean_refusal(result, output, "error: --json: empty path; give a file path")
+    assert "error: .:" not in output
+
+
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
 def test_a_symlinked_output_is_never_followed(commands, name, tmp_path):
     precious = tmp_path / "precious.json"

@@ -104,8 +104,8 @@ def test_auto_workers_and_bad_counts():
     cores = len(os.sched_getaffinity(0))
     expected = 0 if cores < loading.AUTO_MIN_CORES else min(loading.MAX_AUTO_WORKERS, cores // 4)
     assert resolve_workers(None, loading.AUTO_MIN_IMAGES) == expected
-    assert resolve_workers(3, 1) == 3
-    for bad in (-1, 1.5):
+    assert resolve_workers(cores, 1) == cores
+    for bad in (-1, 1.5, cores + 1):
         with pytest.raises(InputError, match="workers"):
             resolve_workers(bad, 10)  # type: ignore[arg-type]
 
@@ -134,3 +134,21 @@ def test_a_bad_worker_count_is_refused_before_any_work(phantom_dir: Path, tmp_pa
         result, output = invoke(*command, "--data", phantom_dir, "--workers", "-1")
         assert result.exit_code == 2 and "workers must be >= 0" in output
         assert not (tmp_path / "idx").exists() and not (tmp_path / "run").exists()
+
+
+def test_more_workers_than_cores_are_refused_by_every_command_before_any_work(phantom_dir: Path, tmp_path):
+    """Each reader is a process on a core of its own: --workers had no upper bound, and 1000 on 2 cores forked a
+    process per batch (an audit 350 times slower). One check (``check_workers``) refuses more than the cores this
+    process may use, in every command that takes the option."""
+    from cli_helpers import invoke
+
+    cores = len(os.sched_getaffinity(0))
+    index = tmp_path / "idx"
+    for command in (["index", "build", "--model", tmp_path / "missing-model", "--out", index, "--data", phantom_dir],
+                    ["index", "add", "--index", index, "--data", phantom_dir],
+                    ["train", "--model", "phantom-tiny", "--out", tmp_path / "run", "--data", phantom_dir],
+                    ["audit", "--data", phantom_dir, "--json", tmp_path / "audit.json"]):
+        result, output = invoke(*command, "--workers", cores + 1)
+        assert result.exit_code == 2, (command, output)
+        assert f"--workers must be <= {cores}, the CPU cores this process may use, got {cores + 1}" in output, output
+        assert not any(tmp_path.iterdir())

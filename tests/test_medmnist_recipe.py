@@ -98,6 +98,15 @@ def test_threshold_at_a_prior_needs_the_prior_before_training(tiny_npz):
         run_medmnist(tiny_npz, tiny_npz, "val", operating_point="max_accuracy_at_prior", show_progress=False)
 
 
+def test_bootstrap_without_a_prior_is_refused_before_training(tiny_npz, tmp_path):
+    """--bootstrap sets the resamples of the --target-prior intervals: alone it was ignored."""
+    result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz, "--test-split",
+                            "val", "--bootstrap", 3000, "--out", tmp_path / "models", "-q")
+    assert result.exit_code == 2 and "--bootstrap (resamples for the --target-prior intervals) needs --target-prior" \
+        in " ".join(output.split()), output
+    assert not (tmp_path / "models").exists()
+
+
 def test_bench_medmnist_trains_an_ensemble_and_reports_the_operating_point(tiny_npz, tmp_path):
     out = tmp_path / "models"
     result, output = invoke("bench", "medmnist", "--train-data", tiny_npz, "--test-data", tiny_npz,

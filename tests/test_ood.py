@@ -183,6 +183,18 @@ def test_a_bad_check_split_leaves_the_model_without_a_guard(guarded, phantom_dir
     assert result.exit_code == 0 and (model / OOD_FILE).is_file(), output
 
 
+def test_a_check_split_without_check_data_is_refused(guarded, phantom_dir, tmp_path):
+    """--check-split names a split of --check-data: alone it was ignored (the guard saved, no check block), even a
+    split that does not exist."""
+    model = tmp_path / "model"
+    shutil.copytree(guarded[0], model)
+    (model / OOD_FILE).unlink()
+    result, output = invoke("ood", "fit", "--model", model, "--data", phantom_dir, "--check-split", "nosuch",
+                            "--json", tmp_path / "fit.json", "-q")
+    assert result.exit_code == 2 and "--check-split needs --check-data" in output, output
+    assert not (model / OOD_FILE).exists() and not (tmp_path / "fit.json").exists()
+
+
 def test_fit_writes_only_the_guard_and_keeps_a_symlinked_model_folder(guarded, phantom_dir, tmp_path):
     """``ood fit`` adds one file: an ONNX export, a model card and the weights stay as they were, and a deployment
     link (``current -> v3``) keeps pointing at ``v3``, which receives the guard."""

@@ -86,3 +86,16 @@ def test_cli_bridge_from_the_training_split_and_never_from_the_scored_one(phanto
     result, output = invoke("eval", "retrieval", "--model", trained, "--data", phantom_dir, "--split", "test",
                             "--bridge-data", phantom_dir, "--bridge-k", 0)
     assert result.exit_code == 2 and "bridge k" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("args", [["--bridge-k", -7, "--bridge-weight", "nan"], ["--bridge-split", "val"],
+                                  ["--bridge-weight", 2]])
+def test_a_bridge_setting_without_bridge_data_is_refused(model_and_test, phantom_dir, tmp_path, args):
+    """--bridge-split / -k / -weight act only on the bank of --bridge-data: alone they were ignored (exit 0, the plain
+    ranking), even out of range."""
+    model, _ = model_and_test
+    model.save_pretrained(tmp_path / "model")
+    result, output = invoke("eval", "retrieval", "--model", tmp_path / "model", "--data", phantom_dir, "-q",
+                            *args, "--json", tmp_path / "r.json")
+    assert result.exit_code == 2 and f"{args[0]} needs --bridge-data" in output, output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()

@@ -481,6 +481,10 @@ def test_heatmap_is_written_as_png_and_another_suffix_refused(trained, phantom, 
         assert result.exit_code == 2, output
         assert "--heatmap: writes PNG; name the file .png" in " ".join(output.split())
         assert not (tmp_path / name).exists()
+    for given in (".", ""):  # quoted as given: Path's name of '.' was '' (and '' became '.')
+        result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", given)
+        assert result.exit_code == 2, output
+        assert f"--heatmap: writes PNG; name the file .png, not {given!r}" in " ".join(output.split()), output
     result, output = invoke("vqa", image, "--model", trained, "--question", "Is it?", "--heatmap", tmp_path / "h.PNG")
     assert result.exit_code == 0, output
     assert (tmp_path / "h.PNG").read_bytes().startswith(b"\x89PNG")

@@ -222,19 +222,31 @@ def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", lab
             "data": str(data), "split": split}
 
 
+def _refuse_without(needed: str, given: dict[str, object]) -> None:
+    """InputError for the first option of ``given`` (name -> value, None = not given) that has a value: it acts only
+    with ``needed``, which is absent, so it would be ignored."""
+    for option, value in given.items():
+        if value is not None:
+            raise InputError(f"{option} needs {needed}")
+
+
 def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", calibration_split: str = "val",
-                      quantile: float = 0.99, check_data: PathLike | None = None, check_split: str = "all",
+                      quantile: float = 0.99, check_data: PathLike | None = None, check_split: str | None = None,
                       allow_outside_root: bool = False, show_progress: bool = True, overwrite: bool = False) -> dict:
     """Fit the OOD guard of the saved model at ``model`` on ``split``, its threshold the ``quantile`` of
     ``calibration_split``'s scores, and save it into the model folder (``ood.safetensors``; a guard
     already there is replaced only with ``overwrite``); with ``check_data``, also how much of its
-    ``check_split`` (every record by default: another distribution, or a test split) is flagged. Checked records
+    ``check_split`` (None = 'all', every record: another distribution, or a test split; given without
+    ``check_data`` an InputError, as it would be ignored) is flagged. Checked records
     that are images the guard is fitted or calibrated on are refused; byte-for-byte copies of them are counted
     (``check.copies_in_fit``)."""
     from .eval.ood import check_quantile, fit_ood, ood_summary
     from .models.ood import OOD_FILE
     from .models.registry import load_model, model_directory
 
+    if check_data is None:
+        _refuse_without("--check-data (the dataset it is a split of)", {"--check-split": check_split})
+    check_split = "all" if check_split is None else check_split
     if calibration_split == split:
         raise InputError(f"--calibration-split {calibration_split!r} is the fitted split: calibrate the "
                          "threshold on images the guard was not fitted on")
@@ -280,18 +292,25 @@ def fit_ood_from_path(model: PathLike, data: PathLike, split: str = "train", cal
 
 def evaluate_retrieval(model: PathLike | Sequence[PathLike], data: PathLike, split: str = "test",
                        allow_outside_root: bool = False, show_progress: bool = True, backend: str = "torch",
-                       bridge_data: PathLike | None = None, bridge_split: str = "train", bridge_k: int = 10,
-                       bridge_weight: float = 1.0) -> dict:
+                       bridge_data: PathLike | None = None, bridge_split: str | None = None,
+                       bridge_k: int | None = None, bridge_weight: float | None = None) -> dict:
     """``eval.retrieval`` (image->text and text->image recall) on a saved model (run on ``backend``) and
-    a dataset path. ``bridge_data`` (its ``bridge_split``) is the bank of a ``CaptionBridge`` for
-    image->text: other images than the scored ones, e.g. the training split. A list of several model
-    folders is scored as an ensemble (``eval.retrieval``: standardised scores averaged), each member with
-    its own bridge; ``model`` in the result is then the list."""
+    a dataset path. ``bridge_data`` (its ``bridge_split``, None = 'train') is the bank of a ``CaptionBridge`` for
+    image->text (``bridge_k`` None = 10, ``bridge_weight`` None = 1.0): other images than the scored ones, e.g.
+    the training split; a bridge setting without ``bridge_data`` is an InputError (it would be ignored). A list of
+    several model folders is scored as an ensemble (``eval.retrieval``: standardised scores averaged), each member
+    with its own bridge; ``model`` in the result is then the list."""
     from .data.audit import content_summary
     from .eval import retrieval
     from .eval.retrieval import CaptionBridge
     from .models.registry import check_distinct_models, load_model
 
+    if bridge_data is None:
+        _refuse_without("--bridge-data (the bank whose captions vote)",
+                        {"--bridge-split": bridge_split, "--bridge-k": bridge_k, "--bridge-weight": bridge_weight})
+    bridge_split = "train" if bridge_split is None else bridge_split
+    bridge_k = 10 if bridge_k is None else bridge_k
+    bridge_weight = 1.0 if bridge_weight is None else bridge_weight
     paths = [model] if isinstance(model, (str, Path)) else list(model)
     check_distinct_models(paths, "an ensemble's members must differ")
     if bridge_data is not None and Path(bridge_data).resolve() == Path(data).resolve() and bridge_split == split:

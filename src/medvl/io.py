@@ -172,11 +172,14 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
     whatever ``overwrite`` says, so that ``--json /dev/sda`` or ``--json link-to-config.json`` cannot
     clobber what they point at.
 
-    A path given as text that ends with a slash (``--json newdir/``) names a folder and is refused (``Path``
-    would drop the slash and write a file ``newdir``). The nearest existing folder on the way must let a file
+    An empty path given as text is refused as such (``Path('')`` is ``.``). A path given as text that ends with
+    a slash (``--json newdir/``) names a folder and is refused (``Path`` would drop the slash and write a file
+    ``newdir``). The nearest existing folder on the way must let a file
     be created in it (a file is created there and removed at once): an unwritable place (a read-only mount,
     ``/proc``, ``/sys``, a folder of another user) is a ``WriteError`` now, not after the command's work.
     """
+    if isinstance(path, str) and not path:  # Path('') is '.', which the messages below would name instead
+        raise InputError(f"{option}: empty path; give a file path")
     if isinstance(path, str) and path.endswith(("/", os.sep)):
         raise InputError(f"{path}: {option} names a folder (it ends with a slash); give a file path")
     path = Path(path)

@@ -67,7 +67,7 @@ KNOWN_CLASSES = {
 def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str = "test",
                  model_name: str = "medmnist-small", epochs: int | None = None, seed: int = 0,
                  out: str | Path | None = None, show_progress: bool = True,
-                 target_prior: float | None = None, bootstrap: int = 2000, ensemble: int | None = None,
+                 target_prior: float | None = None, bootstrap: int | None = None, ensemble: int | None = None,
                  test_time_augmentation: bool | None = None, operating_point: str | None = None,
                  model_overrides: dict[str, Any] | None = None, label_smoothing: float | None = None,
                  shifts: list[int] | None = None, train_options: dict[str, Any] | None = None,
@@ -78,8 +78,9 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
     None = the recipe's views, False = the plain image only. The head on ``label``, its weight and
     the caption texts are always part of this benchmark. A binary task's ``acc`` uses the threshold of
     the operating point; with ``target_prior`` (the share of positives expected where the model is
-    used), ``operating_points`` scores every threshold with ``bootstrap`` resamples
-    (``operating_points()``). ``out`` keeps the trained model (``out/member-N`` for an ensemble): a new or empty
+    used), ``operating_points`` scores every threshold with ``bootstrap`` resamples (None = 2000; given without
+    ``target_prior`` an InputError, as nothing would use it) (``operating_points()``). ``out`` keeps the trained
+    model (``out/member-N`` for an ensemble): a new or empty
     folder, or with ``overwrite`` an earlier run's (``check_out_folder``), written only once the whole run has
     succeeded (a failure leaves ``out`` as it was). The scored and threshold splits' classes and image shapes are
     checked before any training (``check_scored_data``). ``target_prior`` and an ``operating_point`` apply to
@@ -103,6 +104,10 @@ def run_medmnist(train_path: str | Path, test_path: str | Path, test_split: str 
         _check_prior(target_prior)  # before any training
     elif settings.operating_point == "max_accuracy_at_prior":
         raise InputError("the operating point max_accuracy_at_prior needs --target-prior")
+    if bootstrap is None:
+        bootstrap = 2000
+    elif target_prior is None:
+        raise InputError("--bootstrap (resamples for the --target-prior intervals) needs --target-prior")
     check_number("bootstrap resamples", bootstrap, minimum=100, integer=True)
     check_out_folder(out, overwrite)
     data = benchmark_data(train_path, test_path, test_split, seed)

@@ -118,7 +118,8 @@ def bench_medmnist(
         help="Binary tasks (refused for more classes): share of positives where the model is used; adds "
              "thresholds for that prior and for balanced accuracy, scored with bootstrap 95% intervals and "
              "re-weighted to the prior.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the --target-prior intervals.")] = 2000,
+    bootstrap: Annotated[int | None, typer.Option(
+        help="Bootstrap resamples for the --target-prior intervals (default 2000; needs --target-prior).")] = None,
     ensemble: Annotated[int | None, typer.Option(
         help="Models trained with seeds seed, seed+1, ... whose probabilities are averaged (default: the "
              "recipe's).")] = None,

@@ -59,8 +59,8 @@ SkipFlaggedOption = Annotated[bool | None, typer.Option(
     "--skip-flagged/--keep-flagged", help="Train without the images the audit (medvl audit) finds unreadable, "
                                           "blank or streaked (default: the recipe's, else keep).")]
 WorkersOption = Annotated[int | None, typer.Option(
-    help="Processes reading and resizing images ahead of the model (0 = in this process; default: 0 below "
-         "4 cores, else a quarter of the cores, from 512 images on).")]
+    help="Processes reading and resizing images ahead of the model (0 = in this process; at most the CPU cores; "
+         "default: 0 below 4 cores, else a quarter of the cores, from 512 images on).")]
 BackendOption = Annotated[str, typer.Option(
     help="How the model runs: auto (channels-last for a medvl model, torch for a transformers one), torch, "
          "torch-channels-last, torch-bf16, onnx, onnx-int8 (the onnx ones need 'medvl export onnx' first); "

@@ -84,9 +84,12 @@ def eval_retrieval(
     bridge_data: Annotated[Path | None, typer.Option(
         help="Re-rank image->text with the captions of the nearest images of this dataset (e.g. the training "
              "data; never the scored split): JSON key 'bridge'.")] = None,
-    bridge_split: Annotated[str, typer.Option(help="Split of --bridge-data used as the bank.")] = "train",
-    bridge_k: Annotated[int, typer.Option(help="Nearest bank images whose captions vote.")] = 10,
-    bridge_weight: Annotated[float, typer.Option(help="Weight of their vote beside the model's own score.")] = 1.0,
+    bridge_split: Annotated[str | None, typer.Option(
+        help="Split of --bridge-data used as the bank (default train; needs --bridge-data).")] = None,
+    bridge_k: Annotated[int | None, typer.Option(
+        help="Nearest bank images whose captions vote (default 10; needs --bridge-data).")] = None,
+    bridge_weight: Annotated[float | None, typer.Option(
+        help="Weight of their vote beside the model's own score (default 1; needs --bridge-data).")] = None,
 ) -> None:
     """Image->text and text->image Recall@1/5/10 and median rank, of one model or an ensemble."""
     from ..api import evaluate_retrieval

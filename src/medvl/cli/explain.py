@@ -48,7 +48,7 @@ def explain_command(
 ) -> None:
     """Explain the predicted findings of one image: heatmaps (patch-text similarity, Grad-CAM,
     occlusion, SmoothGrad), top concepts of a concept bottleneck and the nearest indexed cases."""
-    from ..explain.explanation import EXPLANATION_FILE
+    from ..explain.explanation import BOTTLENECK_FILE, EXPLANATION_FILE
     from ..explain.heatmaps import check_heatmap_model, check_methods
     from ..index.base import check_neighbour_options
     from ..io import check_output_file, check_output_folder
@@ -56,7 +56,7 @@ def explain_command(
 
     check_output_folder(out, "--out")
 
-    saved = out / "bottleneck.json" if out is not None and concept_data is not None else None
+    saved = out / BOTTLENECK_FILE if out is not None and concept_data is not None else None
     inputs = {"IMAGE": image, "--model": model, "--captions": captions, "--concept-data": concept_data,
               "--bottleneck": bottleneck, "--index": index}
     if out is not None:  # before any work
@@ -70,9 +70,8 @@ def explain_command(
     check_heatmap_model(net)  # a volume model's refusal before a bottleneck is fitted (slow)
     fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root)
     names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
-    result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k)
-    if fitted is not None and saved is not None:  # only once the explanation it serves was written
-        fitted.save(saved)
+    result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k,
+                      saved is not None)
     _print(result, out)
     if fitted is not None and saved is not None:
         console.print(f"wrote {saved}")
@@ -107,13 +106,15 @@ def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions
     return fit_bottleneck(net, train, label, bank, captions)
 
 
-def _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k):
+def _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k,
+             save_bottleneck):
     from ..explain.explanation import explain_image
     from ..explain.heatmaps import default_methods
 
     kwargs = {"labels": names, "label_column": label_column, "captions": captions,
               "methods": method or default_methods(net),
-              "top": top, "out": out, "overwrite": overwrite, "bottleneck": fitted, "k": k}
+              "top": top, "out": out, "overwrite": overwrite, "bottleneck": fitted, "k": k,
+              "save_bottleneck": save_bottleneck}
     if index is None:
         return explain_image(net, image, **kwargs)
     from ..index import open_index

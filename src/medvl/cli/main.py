@@ -186,8 +186,8 @@ def audit_command(
         help="Bits (of 64) the difference hashes of near duplicates may differ by: 0 (default) the same hash; "
              "1-3 also find re-encoded or resized copies (each match is confirmed on the pixels).")] = 0,
     workers: Annotated[int | None, typer.Option(
-        help="Processes reading images ahead of the checks (0 = in this process; default: 0 below 4 cores, else a "
-             "quarter of the cores, from 512 images on).")] = None,
+        help="Processes reading images ahead of the checks (0 = in this process; at most the CPU cores; default: 0 "
+             "below 4 cores, else a quarter of the cores, from 512 images on).")] = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the audit results (flagged images, duplicates, counts) to this JSON file.")] = None,
     overwrite: OverwriteOption = False,
@@ -288,10 +288,32 @@ def undecodable_argument(arguments: list[str]) -> str | None:
             option = arguments[position - 2] if position > 1 else ""
             if argument.startswith("--") and "=" in argument:  # --labels=VALUE
                 option = argument.split("=", 1)[0]
-            which = f"the value of {option}" if option.startswith("-") and option.isascii() else f"argument {position}"
+            named = option.startswith("-") and option.isascii()
+            if named and _takes_a_path(arguments[:position], option):  # the terminal's encoding is not at fault
+                return f"{option}: the path is not UTF-8 (byte offset {offset}); give a UTF-8 file name"
+            which = f"the value of {option}" if named else f"argument {position}"
             return (f"{which} is not UTF-8 text (byte offset {offset}): medvl reads labels, questions, names and "
                     "filters as UTF-8; set the terminal's encoding to UTF-8")
     return None
+
+
+def _takes_a_path(arguments: list[str], option: str) -> bool:
+    """Whether ``option`` of the command ``arguments`` name (``explain``, ``index build``) is a file system path
+    (a Typer ``Path`` option such as ``--out``), not text."""
+    import inspect
+    import typing
+    from pathlib import Path
+
+    command = typer.main.get_command(app)
+    for argument in arguments:
+        commands = getattr(command, "commands", None)  # a group (typer's own, not click.Group)
+        if isinstance(commands, dict) and argument in commands:
+            command = commands[argument]
+    if command.callback is None:
+        return False
+    hints = typing.get_type_hints(inspect.unwrap(command.callback))  # the annotation's type, without Annotated
+    named = [param.name for param in command.params if option in getattr(param, "opts", ())]
+    return any(hints.get(name) is Path or Path in typing.get_args(hints.get(name)) for name in named if name)
 
 
 _sigterm_received: list[bool] = []

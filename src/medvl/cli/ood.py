@@ -36,9 +36,9 @@ def fit_command(
     ] = 0.99,
     check_data: Annotated[Path | None, typer.Option(
         help="Also report how much of this dataset is flagged (e.g. real images for a phantom model).")] = None,
-    check_split: Annotated[str, typer.Option(
-        help="Split of --check-data (default: every record); images the guard is fitted or calibrated on are "
-             "refused.")] = "all",
+    check_split: Annotated[str | None, typer.Option(
+        help="Split of --check-data (default: every record; needs --check-data); images the guard is fitted or "
+             "calibrated on are refused.")] = None,
     json_out: JsonOption = None,
     overwrite: OverwriteOption = False,
     allow_outside_root: AllowOutsideOption = False,

@@ -151,7 +151,7 @@ def vqa_command(
              "list the nearest cases to the first image.")] = None,
     k: Annotated[int | None, typer.Option(
         "--k", "-k", help=f"Nearest cases to list with --index (default {VQA_NEIGHBOURS}; needs --index).")] = None,
-    heatmap: Annotated[Path | None, typer.Option(
+    heatmap: Annotated[str | None, typer.Option(
         help="Write the attention heatmap over the image(s) to this PNG file (named .png).")] = None,
     json_out: Annotated[str | None, typer.Option(
         "--json", help="Write the answer and its evidence to this JSON file.")] = None,
@@ -166,8 +166,9 @@ def vqa_command(
 
     check_question(question)
     check_neighbour_options(index, k)  # before the model answers
-    if heatmap is not None and heatmap.suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
-        raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap.name!r}")
+    # text, not Path, so that the messages quote the value as given (Path turns '' into '.')
+    if heatmap is not None and Path(heatmap).suffix.lower() != ".png":  # PNG only, as medvl explain's heatmap files
+        raise InputError(f"--heatmap: writes PNG; name the file .png, not {heatmap!r}")
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--index": index}, json=json_out, heatmap=heatmap)
     net = load_vqa_model(model)
     if heatmap is not None and not isinstance(net, VQAModel):
@@ -177,7 +178,7 @@ def vqa_command(
         result["supporting_cases"] = _nearest_cases(index, images[0], k)
     _print_answer(result)
     if heatmap is not None:
-        _write_heatmap(heatmap, images, result["heatmaps"], net, overwrite)
+        _write_heatmap(Path(heatmap), images, result["heatmaps"], net, overwrite)
     emit_json({"model": str(model), **result}, json_out, overwrite)
 
 

@@ -31,13 +31,14 @@ from ..embed import class_embeddings
 from ..errors import InputError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
-from ..io import check_output_file, write_errors_named, write_json
+from ..io import check_output_file, json_ready, write_errors_named, write_json
 from ..models.ood import embed_checked
 from ..predict import class_prompts, prompt_warnings
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
 EXPLANATION_FILE = "explanation.json"
+BOTTLENECK_FILE = "bottleneck.json"  # the concept bottleneck an explanation used, saved beside it on request
 DEFAULT_NEIGHBOURS = 5  # nearest cases listed with an index
 
 
@@ -94,7 +95,8 @@ def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods:
 
 def explain_image(model, image: str | Path, labels: Sequence[str] | None = None, label_column: str | None = None,
                   captions=None, methods: Sequence[str] | None = None, top: int = 1, out: str | Path | None = None,
-                  overwrite: bool = False, bottleneck=None, index=None, k: int | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, bottleneck=None, index=None, k: int | None = None,
+                  save_bottleneck: bool = False) -> dict[str, Any]:
     """Explain the ``top`` most probable findings of one image file (see the module docstring):
     ``explain_pixels`` on the decoded image, maps at the image's size. ``methods``: default every method the
     model's encoder supports (``heatmaps.default_methods``: no Grad-CAM on a ViT).
@@ -105,7 +107,10 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     ``explanation.json`` are written there (existing files refused unless ``overwrite``, which also removes the
     overlays the replaced ``explanation.json`` listed and this run does not rewrite): the overlays into a
     staging folder inside ``out`` first, moved into place with ``explanation.json`` once all are written, so an
-    interrupted or failed run leaves none of its files (the same command can be rerun)."""
+    interrupted or failed run leaves none of its files (the same command can be rerun). With ``save_bottleneck``,
+    ``bottleneck`` is then saved as ``out/bottleneck.json`` (``medvl explain --concept-data``); otherwise
+    ``overwrite`` also removes a ``bottleneck.json`` there that is not this run's ``bottleneck``, so the folder
+    never offers another run's bottleneck as this explanation's."""
     check_heatmap_model(model)
     methods = check_methods(default_methods(model) if methods is None else methods)
     classes = _classes(model, labels, label_column, captions)  # checked before any work; warned once, below
@@ -121,8 +126,9 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if bottleneck is not None:
         bottleneck.check_model(model)
     out = Path(out) if out is not None else None
+    saved = out / BOTTLENECK_FILE if out is not None and save_bottleneck and bottleneck is not None else None
     if out is not None:
-        for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods)]:
+        for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods), *([saved] if saved else [])]:
             check_output_file(path, overwrite, "--out")
     array = model.preprocessor.read(image)  # as the model reads it (HU for a DICOM when it has windows)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
@@ -145,7 +151,25 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
             _publish(staging, out, result)
             for name in earlier - _overlay_files(result):  # the replaced explanation's own overlays, only
                 (out / name).unlink(missing_ok=True)
+            if saved is not None:  # only once the explanation it serves was written
+                bottleneck.save(saved)
+            elif overwrite and _other_bottleneck(out / BOTTLENECK_FILE, bottleneck):
+                (out / BOTTLENECK_FILE).unlink()
     return result
+
+
+def _other_bottleneck(path: Path, bottleneck) -> bool:
+    """Whether ``path`` is a file that does not hold ``bottleneck`` (any file when it is None): an earlier run's,
+    which a reader of the folder would take for this explanation's. The one this run read (``--bottleneck
+    OUT/bottleneck.json``) holds it and is kept."""
+    if not path.is_file():
+        return False
+    if bottleneck is None:
+        return True
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) != json_ready(bottleneck.to_dict())
+    except (OSError, ValueError):
+        return True
 
 
 @contextmanager

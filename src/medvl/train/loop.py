@@ -41,7 +41,7 @@ from ..data import captions_for
 from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
 from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
-from ..data.loading import image_sources, load_all
+from ..data.loading import check_workers, image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
 from ..eval.contamination import training_data
@@ -189,11 +189,11 @@ class TrainConfig:
             "checkpoint_every": (self.checkpoint_every, {"minimum": 0, **whole}),
             "log_every": (self.log_every, {"minimum": 1, **whole}),
             "max_steps": (self.max_steps, {"minimum": 1, "optional": True, **whole}),
-            "workers": (self.workers, {"minimum": 0, "optional": True, **whole}),
             "meta_text_share": (self.meta_text_share, {"minimum": 0, "maximum": 1}),
             "batch_group_share": (self.batch_group_share, {"minimum": 0, "maximum": 1}),
             "ema_decay": (self.ema_decay, {"minimum": 0, "maximum": 0.9999}),
         })
+        check_workers(self.workers)  # the one check of every --workers: 0 to the cores this process may use
         if self.supervised_weight == 0 and self.contrastive_weight == 0 and self.self_supervised_weight == 0:
             raise InputError("supervised_weight, contrastive_weight and self_supervised_weight are all 0: "
                              "nothing to train")
