@@ -365,6 +365,58 @@ def test_add_names_the_data_and_the_index_of_a_value_a_numeric_column_cannot_tak
         assert len(index) == 96
 
 
+LONG_NUMBERS = ["20231105000000001", "20231105000000002", "20231105000000003", "9007199254740992",
+                "9007199254740993", "5"]
+
+
+def _with_meta(dataset, meta: dict[str, list[str]]) -> Dataset:
+    """The first cases of ``dataset`` with the metadata ``meta`` (key -> one value per case) instead of theirs."""
+    n = len(next(iter(meta.values())))
+    return dataset.subset([dataclasses.replace(r, meta={k: v[i] for k, v in meta.items()})
+                           for i, r in enumerate(dataset[:n])])
+
+
+def _filtered_ids(index, model, where: str) -> list[str]:
+    return sorted(h.id for h in search_index(index, model, text="effusion", k=20, where=where))
+
+
+def test_long_whole_numbers_make_a_text_column_that_selects_exactly(model, model_dir, dataset, tmp_path):
+    """An accession number such as 20231105000000002 was stored as a 64-bit float (20231105000000000, like ...001),
+    so ``accession = 20231105000000002`` also returned the case numbered ...001. A column holding a whole number
+    beyond 2**53 - 1 is now text and compares exactly; a number literal that long is refused, also on an index
+    whose column is numeric, and so is adding such a value to a numeric column (rebuild advice)."""
+    data = _with_meta(dataset, {"accession": LONG_NUMBERS, "small": ["1", "2", "3", "4", "-9007199254740991", "6"]})
+    info = build_index(model, data, tmp_path / "long", model_dir=model_dir, show_progress=False)
+    assert info["columns"] == {"accession": "text", "small": "number"}
+    with open_index(tmp_path / "long") as index:
+        for i, value in enumerate(LONG_NUMBERS):
+            assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id]
+        assert _filtered_ids(index, model, "small < -9007199254740990") == [data[4].id]
+        for where in ("small = 9007199254740993", "small in (1, -20231105000000002)"):
+            with pytest.raises(InputError, match="beyond 9007199254740991 .* rebuild it if needed and quote"):
+                search_index(index, model, text="effusion", where=where)
+    with open_index(tmp_path / "long", writable=True) as index:  # an older index's numeric column, in effect
+        more = _with_meta(dataset[6:8], {"small": ["7", "20231105000000001"]})
+        with pytest.raises(DataError, match="got '20231105000000001'; it is a whole number beyond 9007199254740991 "
+                                            ".*rebuild the index so that the column is text"):
+            add_records(index, model, more, show_progress=False)
+
+
+def test_a_number_is_written_the_way_the_filter_language_writes_it(model, model_dir, dataset, tmp_path):
+    """Python's float() took "1_000", " 5 " and Arabic-Indic digits, so such a column was numeric: ``code = 1000``
+    matched the case showing '1_000' and ``code = 20`` the one showing '٢٠', values the filter language cannot
+    write. A value that is not an ASCII number as --where writes it now makes its column text."""
+    values = {"underscore": ["1_000", "1000"], "arabic": ["\u0662\u0660", "20"], "spaced": [" 5 ", "5"],
+              "plain": ["-1.5e3", ".5"]}
+    info = build_index(model, _with_meta(dataset, values), tmp_path / "num", model_dir=model_dir, show_progress=False)
+    assert info["columns"] == {"underscore": "text", "arabic": "text", "spaced": "text", "plain": "number"}
+    with open_index(tmp_path / "num") as index:
+        assert _filtered_ids(index, model, "underscore = '1000'") == [dataset[1].id]
+        assert _filtered_ids(index, model, "plain < -1000") == [dataset[0].id]
+        with pytest.raises(InputError, match="unexpected character"):
+            search_index(index, model, text="effusion", where="plain = \u0662\u0660")
+
+
 def test_unsaved_changes_are_not_visible(index_copy, dataset):
     with open_index(index_copy, writable=True) as index:
         index.delete([dataset[0].id])
@@ -1240,6 +1292,25 @@ def test_metadata_keys_too_long_for_a_postgres_column_stay_in_the_metadata_on_bo
             assert {h.meta[second] for h in hits} == {"t3", "t4"}  # kept in the metadata
             with pytest.raises(InputError, match="where: "):
                 search_index(index, model, text="effusion", where=f"{first} = 1")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_long_whole_numbers_and_unencodable_filters_are_the_same_on_both_backends(pg_url, model, model_dir, dataset,
+                                                                                 tmp_path):
+    """PostgreSQL stored accession numbers as double precision too (``accession = 20231105000000002`` matched ...001);
+    they are text there as well now. A filter holding a lone surrogate gave no hits on FAISS and psycopg's
+    UnicodeEncodeError on PostgreSQL; both refuse it now with the same InputError."""
+    data = _with_meta(dataset, {"accession": LONG_NUMBERS})
+    url = pg_url.replace("#phantom_cases", "#long_numbers")
+    for out in (tmp_path / "long", url):
+        assert build_index(model, data, out, model_dir=model_dir, show_progress=False)["columns"] == \
+            {"accession": "text"}, out
+        with open_index(out) as index:
+            for i, value in enumerate(LONG_NUMBERS):
+                assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id], out
+            with pytest.raises(InputError, match=r"where: not valid Unicode text \(a lone surrogate\) at position 14"):
+                search_index(index, model, text="effusion", where="accession = '\ud800'")
 
 
 @pytest.mark.pgvector
