@@ -1116,6 +1116,34 @@ def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
 
 @pytest.mark.pgvector
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_pgvector_index_whose_table_was_dropped_is_one_line_everywhere(pg_url, model, model_dir, phantom_dir,
+                                                                         dataset):
+    """With its ``medvl_indexes`` row left but its table dropped, every command died with psycopg's UndefinedTable
+    traceback (exit 1), and a reader opened before the drop raised it too (the service: 500). Opening it, and
+    searching or describing it from a reader opened before, is now one ``IndexGone`` line (CLI exit 2, service 503)
+    naming the index and the table."""
+    url = pg_url.replace("#phantom_cases", "#gone")
+    build_index(model, dataset.subset(dataset[:6]), url, model_dir=model_dir, show_progress=False)
+    with open_index(url) as reader:
+        _pg_rows(url, "DROP TABLE gone")
+        with pytest.raises(DataError, match="names table 'gone', which does not exist .*rebuild the index") as gone:
+            search_index(reader, model, text="effusion")
+        assert gone.value.status == 503  # the service's answer: the server's condition, not the request's
+        with pytest.raises(DataError, match="which does not exist"):
+            reader.follow_rebuild()  # what the service's /v1/models reads before it counts the cases
+    for writable in (False, True):
+        with pytest.raises(DataError, match=r"#gone: the medvl_indexes row names table 'gone', which does not exist"):
+            open_index(url, writable=writable)
+    for args in (("index", "info", "--index", url), ("search", "--index", url, "--text", "x"),
+                 ("index", "delete", "--index", url, "a"), ("index", "add", "--index", url, "--data", phantom_dir,
+                                                            "-q")):
+        result, output = invoke(*args)
+        assert result.exit_code == 2 and "which does not exist" in output and "Traceback" not in output, output
+        assert len(output.strip().splitlines()) <= 2, output  # one line, which the terminal may wrap
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_pgvector_staging_names_are_reserved_and_other_tables_kept(pg_url, model, model_dir, dataset):
     """Building index X stages it in X__build: an index of that name is refused up front, and a table found there
     that is not a build of X (an index made before the name was reserved, another program's table) is never

@@ -258,6 +258,14 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
                          f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
 
 
+class IndexGone(DataError):
+    """An index's data is missing from its store: a PostgreSQL ``medvl_indexes`` row without its table (dropped, or
+    left out of a restore), or, for a reader opened before, the row too. A server-side condition: the service
+    answers 503 with the reason (``status``); the CLI exits 2 with it."""
+
+    status = 503
+
+
 class IndexRebuilt(ModelError):
     """An index opened for search was rebuilt, by another process, with another model than the one it was opened
     with (a PostgreSQL table swapped under a running service): query vectors of the model checked at opening would
