@@ -450,6 +450,27 @@ def test_approximate_kinds_record_recall_and_support_delete(kind, model, model_d
             assert len(filtered) == 5 and all(h.meta["sex"] == "F" for h in filtered)
 
 
+def test_info_says_the_builds_recall_was_measured_on_fewer_vectors_after_add_and_delete(model, model_dir, dataset,
+                                                                                      tmp_path):
+    """``index info`` kept the build's ``n`` and recall@10 after ``index add``: an IVF-PQ index trained on 60 vectors
+    and given 627 more showed recall 0.72 and ``images.n`` 60 beside 687 cases, while it found 0.32. ``n`` now
+    follows the index, and the recall is given as measured at build on so many vectors, ``recall_stale`` in --json."""
+    out = tmp_path / "idx"
+    build_index(model, dataset.subset(dataset[:40]), out, model_dir=model_dir, kind="ivfpq", show_progress=False)
+    result, output = invoke("index", "info", "--index", out)
+    assert result.exit_code == 0 and "measured at build" not in output, output
+    with open_index(out, writable=True) as index:
+        add_records(index, model, dataset.subset(dataset[40:]), show_progress=False)
+        index.delete([dataset[0].id])
+        index.save()
+    result, output = invoke("index", "info", "--index", out, "--json", tmp_path / "info.json")
+    shown = " ".join(output.replace("│", " ").split())  # the table wraps the cell
+    assert result.exit_code == 0 and "measured at build on 40 vectors; the index now holds 95" in shown, output
+    described = json.loads((tmp_path / "info.json").read_text())
+    assert described["n_cases"] == 95 and described["images"]["n"] == 95
+    assert described["images"]["recall_measured_on"] == 40 and described["images"]["recall_stale"] is True
+
+
 def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monkeypatch):
     from medvl.index import faiss_store
 

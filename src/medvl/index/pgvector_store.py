@@ -46,6 +46,7 @@ from .base import (
     check_vectors,
     ids_by_hash,
     model_changed,
+    note_vector_counts,
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
@@ -410,6 +411,11 @@ class PgVectorIndex(IndexBase):
     def __len__(self) -> int:
         return self.conn.execute(self._q("SELECT COUNT(*) FROM {t}")).fetchone()[0]
 
+    def _count(self, target: str) -> int:
+        """The vectors of ``target`` in the table (every case's image; the reports that have one)."""
+        column = _sql().Identifier(_VECTOR_COLUMN[target])
+        return self.conn.execute(self._q("SELECT COUNT(*) FROM {t} WHERE {c} IS NOT NULL", c=column)).fetchone()[0]
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {r[0] for r in self.conn.execute(self._q("SELECT id FROM {t} WHERE id = ANY(%s)"), (list(ids),))}
 
@@ -465,6 +471,8 @@ class PgVectorIndex(IndexBase):
         if not self.writable:
             return
         self.info["n_cases"] = len(self)
+        note_vector_counts(self.info, {target: self._count(target) for target in (IMAGES, TEXTS)
+                                       if target in self.info})
         self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_info(self.conn, self.table, self.info)
         self.conn.commit()
