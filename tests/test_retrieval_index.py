@@ -382,9 +382,9 @@ def _filtered_ids(index, model, where: str) -> list[str]:
 
 def test_long_whole_numbers_make_a_text_column_that_selects_exactly(model, model_dir, dataset, tmp_path):
     """An accession number such as 20231105000000002 was stored as a 64-bit float (20231105000000000, like ...001),
-    so ``accession = 20231105000000002`` also returned the case numbered ...001. A column holding a whole number
-    beyond 2**53 - 1 is now text and compares exactly; a number literal that long is refused, also on an index
-    whose column is numeric, and so is adding such a value to a numeric column (rebuild advice)."""
+    so ``accession = 20231105000000002`` also returned the case numbered ...001. A column holding a number beyond
+    2**53 - 1 in magnitude is now text and compares exactly; a number literal that large is refused (however
+    written), also on an index whose column is numeric, and so is adding such a value to a numeric column."""
     data = _with_meta(dataset, {"accession": LONG_NUMBERS, "small": ["1", "2", "3", "4", "-9007199254740991", "6"]})
     info = build_index(model, data, tmp_path / "long", model_dir=model_dir, show_progress=False)
     assert info["columns"] == {"accession": "text", "small": "number"}
@@ -392,13 +392,14 @@ def test_long_whole_numbers_make_a_text_column_that_selects_exactly(model, model
         for i, value in enumerate(LONG_NUMBERS):
             assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id]
         assert _filtered_ids(index, model, "small < -9007199254740990") == [data[4].id]
-        for where in ("small = 9007199254740993", "small in (1, -20231105000000002)"):
+        for where in ("small = 9007199254740993", "small in (1, -20231105000000002)", "small = 20231105000000002.0",
+                      "small < 1e300"):
             with pytest.raises(InputError, match="beyond 9007199254740991 .* rebuild it if needed and quote"):
                 search_index(index, model, text="effusion", where=where)
     with open_index(tmp_path / "long", writable=True) as index:  # an older index's numeric column, in effect
         more = _with_meta(dataset[6:8], {"small": ["7", "20231105000000001"]})
-        with pytest.raises(DataError, match="got '20231105000000001'; it is a whole number beyond 9007199254740991 "
-                                            ".*rebuild the index so that the column is text"):
+        with pytest.raises(DataError, match=r"got '20231105000000001'; it is beyond 9007199254740991 \(2\*\*53 - 1\) "
+                                            "in magnitude.*rebuild the index so that the column is text"):
             add_records(index, model, more, show_progress=False)
 
 
@@ -407,9 +408,10 @@ def test_a_number_is_written_the_way_the_filter_language_writes_it(model, model_
     matched the case showing '1_000' and ``code = 20`` the one showing '٢٠', values the filter language cannot
     write. A value that is not an ASCII number as --where writes it now makes its column text."""
     values = {"underscore": ["1_000", "1000"], "arabic": ["\u0662\u0660", "20"], "spaced": [" 5 ", "5"],
-              "plain": ["-1.5e3", ".5"]}
+              "huge": ["1e300", "5"], "plain": ["-1.5e3", ".5"]}
     info = build_index(model, _with_meta(dataset, values), tmp_path / "num", model_dir=model_dir, show_progress=False)
-    assert info["columns"] == {"underscore": "text", "arabic": "text", "spaced": "text", "plain": "number"}
+    assert info["columns"] == {"underscore": "text", "arabic": "text", "spaced": "text", "huge": "text",
+                               "plain": "number"}
     with open_index(tmp_path / "num") as index:
         assert _filtered_ids(index, model, "underscore = '1000'") == [dataset[1].id]
         assert _filtered_ids(index, model, "plain < -1000") == [dataset[0].id]

@@ -9,8 +9,8 @@ identified by hashed UIDs: see ``medvl.data.loaders.dicom``). See docs/index-con
 A case's metadata values are strings (as loaders write them). Each metadata key that is a plain
 identifier of at most ``MAX_FILTER_NAME`` characters becomes a filter column for ``--where``: numeric if
 every non-empty value seen is a finite number written as ``--where`` writes one (``-?digits[.digits][e±digits]``,
-ASCII, no spaces) and no whole number among them is beyond 2**53 - 1 = 9007199254740991 (where 64-bit floats
-cannot tell neighbouring whole numbers apart; see ``is_number``), text otherwise. So ``age > 60`` compares
+ASCII, no spaces) and none is beyond 2**53 - 1 = 9007199254740991 in magnitude (where 64-bit floats cannot
+tell neighbouring whole numbers apart; see ``is_number``), text otherwise. So ``age > 60`` compares
 numbers and ``accession = '20231105000000002'`` compares text exactly.
 The filter name is the key in lower case; ``id`` and ``split`` are always filterable. Other keys stay in
 the case's metadata JSON only (a longer name would not fit PostgreSQL's 63-byte identifiers as
@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -44,11 +45,11 @@ _IDENTIFIER = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_FILTER_NAME - 1}}}\Z")
 # a number as metadata holds it and ``--where`` writes it (ASCII only: Python's float() also takes "1_000",
 # " 5 " and Arabic-Indic digits, which the filter language cannot write)
 NUMBER_SYNTAX = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-INTEGER_SYNTAX = re.compile(r"-?[0-9]+")
-# the largest whole number below which every whole number is its own 64-bit float (2**53 - 1)
+# the largest number up to which every whole number is its own 64-bit float (2**53 - 1); beyond it, neighbouring
+# whole numbers (accession numbers ...001 and ...002) are one float
 MAX_EXACT_INTEGER = 2**53 - 1
-INEXACT_INTEGER = (f"a whole number beyond {MAX_EXACT_INTEGER} (2**53 - 1), which a numeric filter column "
-                   "(64-bit floats) cannot tell apart from its neighbours")
+INEXACT_INTEGER = (f"beyond {MAX_EXACT_INTEGER} (2**53 - 1) in magnitude, where a numeric filter column (64-bit "
+                   "floats) cannot tell neighbouring whole numbers apart")
 
 
 @dataclass
@@ -128,15 +129,15 @@ def filter_name(key: str) -> str | None:
 def is_number(value: Any) -> bool:
     """Whether a metadata value is a number a numeric filter column holds exactly enough: written as the
     ``--where`` language writes numbers (ASCII ``-?digits[.digits][e±digits]``, no spaces, no ``_``), finite,
-    and, when written as a whole number, at most 2**53 - 1 in magnitude (``MAX_EXACT_INTEGER``): a numeric column
-    holds 64-bit floats, which cannot tell longer whole numbers apart (``20231105000000001`` and
+    and at most 2**53 - 1 in magnitude (``MAX_EXACT_INTEGER``): a numeric column
+    holds 64-bit floats, which cannot tell larger whole numbers apart (``20231105000000001`` and
     ``...002`` are one float), so a column holding such identifiers is text."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
         return abs(value) <= MAX_EXACT_INTEGER
     if isinstance(value, float):
-        return math.isfinite(value)
+        return math.isfinite(value) and abs(value) <= MAX_EXACT_INTEGER
     return isinstance(value, str) and number_problem(value) is None
 
 
@@ -144,9 +145,9 @@ def number_problem(text: str) -> str | None:
     """Why ``text`` is not a number a numeric filter column compares exactly, or None when it is one."""
     if not NUMBER_SYNTAX.fullmatch(text):
         return "not a number"
-    if INTEGER_SYNTAX.fullmatch(text):
-        return None if abs(int(text)) <= MAX_EXACT_INTEGER else INEXACT_INTEGER
-    return None if math.isfinite(float(text)) else "not a finite number"
+    if not math.isfinite(float(text)):
+        return "not a finite number"
+    return None if abs(Decimal(text)) <= MAX_EXACT_INTEGER else INEXACT_INTEGER  # exact, unlike the float
 
 
 def infer_columns(cases: Iterable[Case], known: dict[str, str] | None = None) -> dict[str, str]:
@@ -176,7 +177,7 @@ def column_values(case: Case, columns: dict[str, str], source: str | Path | None
         if columns[name] == NUMBER:
             if not is_number(value):
                 target = f"the index {index}" if index else "this index"
-                inexact = isinstance(value, str | int) and number_problem(str(value)) == INEXACT_INTEGER
+                inexact = isinstance(value, str | int | float) and number_problem(str(value)) == INEXACT_INTEGER
                 why = (f"; it is {INEXACT_INTEGER}: rebuild the index so that the column is text"
                        if inexact else "")
                 raise DataError(source, f"case {case.id!r}: metadata {key!r} must be a number for {target} "

@@ -10,7 +10,7 @@ Grammar (keywords case-insensitive)::
                 | column "is" ["not"] "null"
     op         := "=" | "!=" | "<>" | "<" | "<=" | ">" | ">="
     literal    := 'text' (a quote inside is doubled: 'O''Brien') | "text" | number
-    number     := -?digits[.digits][(e|E)[+-]digits], ASCII digits; a whole number at most 2**53 - 1 in size
+    number     := -?digits[.digits][(e|E)[+-]digits], ASCII digits; at most 2**53 - 1 in magnitude
 
 Columns are limited to the index's known filter columns, each numeric or text, and a literal must
 have its column's type. Column names come from that list, never from the input; every literal is
@@ -319,8 +319,8 @@ class _Parser:
             wanted = "a number" if self.columns[column] == NUMBER else "quoted text (e.g. '1')"
             raise _error(self.text, token.pos, f"this column holds {wanted}, got {token.text}")
         if token.kind == "number" and number_problem(token.text) == INEXACT_INTEGER:
-            raise _error(self.text, token.pos, f"{token.text} is {INEXACT_INTEGER}; a column of such numbers is text "
-                                               f"in an index built by this medvl: rebuild it if needed and quote the "
-                                               f"value ('{token.text}')")
+            raise _error(self.text, token.pos, f"{token.text} is {INEXACT_INTEGER}; a column holding such numbers "
+                                               f"is text in an index built by this medvl: rebuild it if needed and "
+                                               f"quote the value ('{token.text}')")
         self.index += 1
         return token.value
