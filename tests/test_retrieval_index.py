@@ -1019,6 +1019,8 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
                         dataclasses.replace(first, split="train")):
             with pytest.raises(InputError, match=rf"1 cases have an id .* \(e\.g\. '{first.id}'\)"):
                 add_records(index, model, dataset.subset([changed]), show_progress=False)
+    with open_index(url) as index:  # the vector counts follow the table; the build's recall says what it measured
+        assert (index.info["images"]["n"], index.info["images"]["recall_measured_on"]) == (29, 10)
     # a build interrupted after two batches leaves the old table; the rerun resumes
     from medvl.index import build as build_module
 
