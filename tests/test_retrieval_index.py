@@ -365,6 +365,60 @@ def test_add_names_the_data_and_the_index_of_a_value_a_numeric_column_cannot_tak
         assert len(index) == 96
 
 
+LONG_NUMBERS = ["20231105000000001", "20231105000000002", "20231105000000003", "9007199254740992",
+                "9007199254740993", "5"]
+
+
+def _with_meta(dataset, meta: dict[str, list[str]]) -> Dataset:
+    """The first cases of ``dataset`` with the metadata ``meta`` (key -> one value per case) instead of theirs."""
+    n = len(next(iter(meta.values())))
+    return dataset.subset([dataclasses.replace(r, meta={k: v[i] for k, v in meta.items()})
+                           for i, r in enumerate(dataset[:n])])
+
+
+def _filtered_ids(index, model, where: str) -> list[str]:
+    return sorted(h.id for h in search_index(index, model, text="effusion", k=20, where=where))
+
+
+def test_long_whole_numbers_make_a_text_column_that_selects_exactly(model, model_dir, dataset, tmp_path):
+    """An accession number such as 20231105000000002 was stored as a 64-bit float (20231105000000000, like ...001),
+    so ``accession = 20231105000000002`` also returned the case numbered ...001. A column holding a number beyond
+    2**53 - 1 in magnitude is now text and compares exactly; a number literal that large is refused (however
+    written), also on an index whose column is numeric, and so is adding such a value to a numeric column."""
+    data = _with_meta(dataset, {"accession": LONG_NUMBERS, "small": ["1", "2", "3", "4", "-9007199254740991", "6"]})
+    info = build_index(model, data, tmp_path / "long", model_dir=model_dir, show_progress=False)
+    assert info["columns"] == {"accession": "text", "small": "number"}
+    with open_index(tmp_path / "long") as index:
+        for i, value in enumerate(LONG_NUMBERS):
+            assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id]
+        assert _filtered_ids(index, model, "small < -9007199254740990") == [data[4].id]
+        for where in ("small = 9007199254740993", "small in (1, -20231105000000002)", "small = 20231105000000002.0",
+                      "small < 1e300"):
+            with pytest.raises(InputError, match="beyond 9007199254740991 .* rebuild it if needed and quote"):
+                search_index(index, model, text="effusion", where=where)
+    with open_index(tmp_path / "long", writable=True) as index:  # an older index's numeric column, in effect
+        more = _with_meta(dataset[6:8], {"small": ["7", "20231105000000001"]})
+        with pytest.raises(DataError, match=r"got '20231105000000001'; it is beyond 9007199254740991 \(2\*\*53 - 1\) "
+                                            "in magnitude.*rebuild the index so that the column is text"):
+            add_records(index, model, more, show_progress=False)
+
+
+def test_a_number_is_written_the_way_the_filter_language_writes_it(model, model_dir, dataset, tmp_path):
+    """Python's float() took "1_000", " 5 " and Arabic-Indic digits, so such a column was numeric: ``code = 1000``
+    matched the case showing '1_000' and ``code = 20`` the one showing '٢٠', values the filter language cannot
+    write. A value that is not an ASCII number as --where writes it now makes its column text."""
+    values = {"underscore": ["1_000", "1000"], "arabic": ["\u0662\u0660", "20"], "spaced": [" 5 ", "5"],
+              "huge": ["1e300", "5"], "plain": ["-1.5e3", ".5"]}
+    info = build_index(model, _with_meta(dataset, values), tmp_path / "num", model_dir=model_dir, show_progress=False)
+    assert info["columns"] == {"underscore": "text", "arabic": "text", "spaced": "text", "huge": "text",
+                               "plain": "number"}
+    with open_index(tmp_path / "num") as index:
+        assert _filtered_ids(index, model, "underscore = '1000'") == [dataset[1].id]
+        assert _filtered_ids(index, model, "plain < -1000") == [dataset[0].id]
+        with pytest.raises(InputError, match="unexpected character"):
+            search_index(index, model, text="effusion", where="plain = \u0662\u0660")
+
+
 def test_unsaved_changes_are_not_visible(index_copy, dataset):
     with open_index(index_copy, writable=True) as index:
         index.delete([dataset[0].id])
@@ -396,6 +450,27 @@ def test_approximate_kinds_record_recall_and_support_delete(kind, model, model_d
             monkeypatch.setattr(faiss_store, "EXACT_FILTERED_MAX", limit)
             filtered = search_index(index, model, image=dataset[4].image, k=5, where="sex = 'F'")
             assert len(filtered) == 5 and all(h.meta["sex"] == "F" for h in filtered)
+
+
+def test_info_says_the_builds_recall_was_measured_on_fewer_vectors_after_add_and_delete(model, model_dir, dataset,
+                                                                                      tmp_path):
+    """``index info`` kept the build's ``n`` and recall@10 after ``index add``: an IVF-PQ index trained on 60 vectors
+    and given 627 more showed recall 0.72 and ``images.n`` 60 beside 687 cases, while it found 0.32. ``n`` now
+    follows the index, and the recall is given as measured at build on so many vectors, ``recall_stale`` in --json."""
+    out = tmp_path / "idx"
+    build_index(model, dataset.subset(dataset[:40]), out, model_dir=model_dir, kind="ivfpq", show_progress=False)
+    result, output = invoke("index", "info", "--index", out)
+    assert result.exit_code == 0 and "measured at build" not in output, output
+    with open_index(out, writable=True) as index:
+        add_records(index, model, dataset.subset(dataset[40:]), show_progress=False)
+        index.delete([dataset[0].id])
+        index.save()
+    result, output = invoke("index", "info", "--index", out, "--json", tmp_path / "info.json")
+    shown = " ".join(output.replace("│", " ").split())  # the table wraps the cell
+    assert result.exit_code == 0 and "measured at build on 40 vectors; the index now holds 95" in shown, output
+    described = json.loads((tmp_path / "info.json").read_text())
+    assert described["n_cases"] == 95 and described["images"]["n"] == 95
+    assert described["images"]["recall_measured_on"] == 40 and described["images"]["recall_stale"] is True
 
 
 def test_hnsw_tombstones_then_rebuild(model, model_dir, dataset, tmp_path, monkeypatch):
@@ -944,6 +1019,8 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
                         dataclasses.replace(first, split="train")):
             with pytest.raises(InputError, match=rf"1 cases have an id .* \(e\.g\. '{first.id}'\)"):
                 add_records(index, model, dataset.subset([changed]), show_progress=False)
+    with open_index(url) as index:  # the vector counts follow the table; the build's recall says what it measured
+        assert (index.info["images"]["n"], index.info["images"]["recall_measured_on"]) == (29, 10)
     # a build interrupted after two batches leaves the old table; the rerun resumes
     from medvl.index import build as build_module
 
@@ -1060,6 +1137,34 @@ def _pg_rows(url: str, statement: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url.partition("#")[0], autocommit=True) as conn:
         cursor = conn.execute(statement, params)
         return cursor.fetchall() if cursor.description else []
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_pgvector_index_whose_table_was_dropped_is_one_line_everywhere(pg_url, model, model_dir, phantom_dir,
+                                                                         dataset):
+    """With its ``medvl_indexes`` row left but its table dropped, every command died with psycopg's UndefinedTable
+    traceback (exit 1), and a reader opened before the drop raised it too (the service: 500). Opening it, and
+    searching or describing it from a reader opened before, is now one ``IndexGone`` line (CLI exit 2, service 503)
+    naming the index and the table."""
+    url = pg_url.replace("#phantom_cases", "#gone")
+    build_index(model, dataset.subset(dataset[:6]), url, model_dir=model_dir, show_progress=False)
+    with open_index(url) as reader:
+        _pg_rows(url, "DROP TABLE gone")
+        with pytest.raises(DataError, match="names table 'gone', which does not exist .*rebuild the index") as gone:
+            search_index(reader, model, text="effusion")
+        assert gone.value.status == 503  # the service's answer: the server's condition, not the request's
+        with pytest.raises(DataError, match="which does not exist"):
+            reader.follow_rebuild()  # what the service's /v1/models reads before it counts the cases
+    for writable in (False, True):
+        with pytest.raises(DataError, match=r"#gone: the medvl_indexes row names table 'gone', which does not exist"):
+            open_index(url, writable=writable)
+    for args in (("index", "info", "--index", url), ("search", "--index", url, "--text", "x"),
+                 ("index", "delete", "--index", url, "a"), ("index", "add", "--index", url, "--data", phantom_dir,
+                                                            "-q")):
+        result, output = invoke(*args)
+        assert result.exit_code == 2 and "which does not exist" in output and "Traceback" not in output, output
+        assert len(output.strip().splitlines()) <= 2, output  # one line, which the terminal may wrap
 
 
 @pytest.mark.pgvector
@@ -1240,6 +1345,25 @@ def test_metadata_keys_too_long_for_a_postgres_column_stay_in_the_metadata_on_bo
             assert {h.meta[second] for h in hits} == {"t3", "t4"}  # kept in the metadata
             with pytest.raises(InputError, match="where: "):
                 search_index(index, model, text="effusion", where=f"{first} = 1")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_long_whole_numbers_and_unencodable_filters_are_the_same_on_both_backends(pg_url, model, model_dir, dataset,
+                                                                                 tmp_path):
+    """PostgreSQL stored accession numbers as double precision too (``accession = 20231105000000002`` matched ...001);
+    they are text there as well now. A filter holding a lone surrogate gave no hits on FAISS and psycopg's
+    UnicodeEncodeError on PostgreSQL; both refuse it now with the same InputError."""
+    data = _with_meta(dataset, {"accession": LONG_NUMBERS})
+    url = pg_url.replace("#phantom_cases", "#long_numbers")
+    for out in (tmp_path / "long", url):
+        assert build_index(model, data, out, model_dir=model_dir, show_progress=False)["columns"] == \
+            {"accession": "text"}, out
+        with open_index(out) as index:
+            for i, value in enumerate(LONG_NUMBERS):
+                assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id], out
+            with pytest.raises(InputError, match=r"where: not valid Unicode text \(a lone surrogate\) at position 14"):
+                search_index(index, model, text="effusion", where="accession = '\ud800'")
 
 
 @pytest.mark.pgvector

@@ -978,6 +978,34 @@ def test_a_pgvector_index_rebuilt_under_the_service_is_followed_or_refused(model
             assert unknown.status_code == 422 and "age" in unknown.json()["detail"], unknown.text
 
 
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(model_dir, phantom_dir, tmp_path):
+    """A table dropped under a running service (its ``medvl_indexes`` row left) made /v1/search and even /v1/models
+    answer 500 (psycopg's UndefinedTable); with the row gone too, search answered 422, a client error for the
+    server's condition. Both are 503 with the reason now, and /v1/models gives it as the index's ``unavailable``."""
+    import psycopg
+    from fastapi.testclient import TestClient
+
+    from cli_helpers import postgres_server
+
+    train = load_dataset(phantom_dir).select("train")
+    with postgres_server("medvl-pg-gone-") as (server, _):
+        url = server.get_uri() + "#served"
+        build_index(load_model(model_dir), train.subset(train[:6]), url, model_dir=model_dir, show_progress=False)
+        with TestClient(create_app(model_dir, index=url, require_token=False)) as http:
+            assert http.post("/v1/search", data={"text": "effusion"}).status_code == 200
+            for statement, reason in (("DROP TABLE served", "names table 'served', which does not exist"),
+                                      ("DELETE FROM medvl_indexes WHERE name = 'served'", "any more")):
+                with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                    conn.execute(statement)
+                answer = http.post("/v1/search", data={"text": "effusion"})
+                assert answer.status_code == 503 and reason in answer.json()["detail"], answer.text
+                models = http.get("/v1/models")
+                assert models.status_code == 200, models.text
+                assert reason in models.json()["models"][0]["index"]["unavailable"]
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher

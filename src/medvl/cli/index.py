@@ -51,8 +51,13 @@ def _index_rows(info: dict) -> dict:
             "model": info["model"].get("dir") or info["model"].get("name")}
     for target in ("images", "texts"):
         if target in info:
-            rows[f"{target} index"] = info[target]["kind"]
-            rows[f"{target} recall@10 vs exact"] = info[target]["recall_at_10"]
+            block = info[target]
+            rows[f"{target} index"] = block["kind"]
+            rows[f"{target} recall@10 vs exact"] = block["recall_at_10"]
+            if block.get("recall_stale"):
+                rows[f"{target} recall@10 vs exact"] = (
+                    f"{block['recall_at_10']:.3f}, measured at build on {block['recall_measured_on']} vectors; the "
+                    f"index now holds {block['n']} (not re-measured: rebuild to measure it again)")
     rows["filter columns"] = ", ".join(f"{n} ({t})" for n, t in info.get("columns", {}).items()) or "-"
     return rows
 
@@ -198,10 +203,11 @@ def info_command(
 ) -> None:
     """Describe an index: size, model, ANN kind and recall, filter columns."""
     from ..index import open_index
+    from ..index.base import with_recall_status
 
     check_outputs(overwrite, {"--index": index}, json=json_out)
     with open_index(index) as opened:
-        info, location = {**opened.info, "n_cases": len(opened)}, opened.location
+        info, location = with_recall_status({**opened.info, "n_cases": len(opened)}), opened.location
     print_metrics(f"index {location}", _index_rows(info))
     emit_json(info, json_out, overwrite)
 

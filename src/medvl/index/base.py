@@ -33,7 +33,7 @@ import numpy as np
 from ..checks import check_number
 from ..errors import DataError, InputError, ModelError
 from ..models.dual import weights_state
-from .ann import KINDS
+from .ann import FLAT, KINDS
 from .cases import FIXED_COLUMNS, Case
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,39 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
         verb = "differ" if what == "weights" else "differs"  # config | weights
         raise ModelError(f"{where}: the model's {what} {verb} from the {what} the index was built with "
                          f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
+
+
+def note_vector_counts(info: dict[str, Any], counts: dict[str, int]) -> None:
+    """After an add or delete, set each vector set's ``n`` to the vectors it holds now (``counts``: target ->
+    count). The build measured ``recall_at_10`` on the vectors it had: that figure stays, with the count it was
+    measured on (``recall_measured_on``) and ``recall_stale`` true once an approximate index has changed since
+    (``index add`` does not retrain an IVF-PQ index's quantizers, so its recall may have dropped well below)."""
+    for target, count in counts.items():
+        block = info.get(target)
+        if isinstance(block, dict):
+            block.setdefault("recall_measured_on", block["n"])
+            block["n"] = int(count)
+            block["recall_stale"] = block["kind"] != FLAT and block["n"] != block["recall_measured_on"]
+
+
+def with_recall_status(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with ``recall_measured_on`` and ``recall_stale`` in each vector set, also for an index changed
+    before they were recorded (its image vectors' ``n`` is then the build's, against ``n_cases`` now)."""
+    described = json.loads(json.dumps(info))
+    for target in (IMAGES, TEXTS):
+        block = described.get(target)
+        if isinstance(block, dict) and "recall_measured_on" not in block:
+            now = described.get("n_cases", block["n"]) if target == IMAGES else block["n"]
+            note_vector_counts(described, {target: now})
+    return described
+
+
+class IndexGone(DataError):
+    """An index's data is missing from its store: a PostgreSQL ``medvl_indexes`` row without its table (dropped, or
+    left out of a restore), or, for a reader opened before, the row too. A server-side condition: the service
+    answers 503 with the reason (``status``); the CLI exits 2 with it."""
+
+    status = 503
 
 
 class IndexRebuilt(ModelError):

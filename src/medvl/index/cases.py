@@ -8,7 +8,10 @@ identified by hashed UIDs: see ``medvl.data.loaders.dicom``). See docs/index-con
 
 A case's metadata values are strings (as loaders write them). Each metadata key that is a plain
 identifier of at most ``MAX_FILTER_NAME`` characters becomes a filter column for ``--where``: numeric if
-every non-empty value seen parses as a finite number (so ``age > 60`` compares numbers), text otherwise.
+every non-empty value seen is a finite number written as ``--where`` writes one (``-?digits[.digits][e±digits]``,
+ASCII, no spaces) and none is beyond 2**53 - 1 = 9007199254740991 in magnitude (where 64-bit floats cannot
+tell neighbouring whole numbers apart; see ``is_number``), text otherwise. So ``age > 60`` compares
+numbers and ``accession = '20231105000000002'`` compares text exactly.
 The filter name is the key in lower case; ``id`` and ``split`` are always filterable. Other keys stay in
 the case's metadata JSON only (a longer name would not fit PostgreSQL's 63-byte identifiers as
 ``m_<name>``: two keys sharing their first 61 characters would be one column there).
@@ -22,6 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -38,6 +42,14 @@ MAX_FILTER_COLUMNS = 200  # more metadata keys than this stay in the JSON only
 # name that stays whole, so that the same data makes the same filter columns on every backend
 MAX_FILTER_NAME = 61
 _IDENTIFIER = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_FILTER_NAME - 1}}}\Z")
+# a number as metadata holds it and ``--where`` writes it (ASCII only: Python's float() also takes "1_000",
+# " 5 " and Arabic-Indic digits, which the filter language cannot write)
+NUMBER_SYNTAX = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+# the largest number up to which every whole number is its own 64-bit float (2**53 - 1); beyond it, neighbouring
+# whole numbers (accession numbers ...001 and ...002) are one float
+MAX_EXACT_INTEGER = 2**53 - 1
+INEXACT_INTEGER = (f"beyond {MAX_EXACT_INTEGER} (2**53 - 1) in magnitude, where a numeric filter column (64-bit "
+                   "floats) cannot tell neighbouring whole numbers apart")
 
 
 @dataclass
@@ -115,10 +127,27 @@ def filter_name(key: str) -> str | None:
 
 
 def is_number(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value)) and not isinstance(value, bool)
-    except (TypeError, ValueError):
+    """Whether a metadata value is a number a numeric filter column holds exactly enough: written as the
+    ``--where`` language writes numbers (ASCII ``-?digits[.digits][e±digits]``, no spaces, no ``_``), finite,
+    and at most 2**53 - 1 in magnitude (``MAX_EXACT_INTEGER``): a numeric column
+    holds 64-bit floats, which cannot tell larger whole numbers apart (``20231105000000001`` and
+    ``...002`` are one float), so a column holding such identifiers is text."""
+    if isinstance(value, bool):
         return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_EXACT_INTEGER
+    if isinstance(value, float):
+        return math.isfinite(value) and abs(value) <= MAX_EXACT_INTEGER
+    return isinstance(value, str) and number_problem(value) is None
+
+
+def number_problem(text: str) -> str | None:
+    """Why ``text`` is not a number a numeric filter column compares exactly, or None when it is one."""
+    if not NUMBER_SYNTAX.fullmatch(text):
+        return "not a number"
+    if not math.isfinite(float(text)):
+        return "not a finite number"
+    return None if abs(Decimal(text)) <= MAX_EXACT_INTEGER else INEXACT_INTEGER  # exact, unlike the float
 
 
 def infer_columns(cases: Iterable[Case], known: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,8 +177,11 @@ def column_values(case: Case, columns: dict[str, str], source: str | Path | None
         if columns[name] == NUMBER:
             if not is_number(value):
                 target = f"the index {index}" if index else "this index"
+                inexact = isinstance(value, str | int | float) and number_problem(str(value)) == INEXACT_INTEGER
+                why = (f"; it is {INEXACT_INTEGER}: rebuild the index so that the column is text"
+                       if inexact else "")
                 raise DataError(source, f"case {case.id!r}: metadata {key!r} must be a number for {target} "
-                                        f"(its filter column is numeric), got {str(value)[:40]!r}")
+                                        f"(its filter column is numeric), got {str(value)[:40]!r}{why}")
             values[name] = float(value)
         else:
             values[name] = str(value)

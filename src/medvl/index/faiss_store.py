@@ -72,6 +72,7 @@ from .base import (
     check_target,
     check_vectors,
     ids_by_hash,
+    note_vector_counts,
 )
 from .cases import (
     FIXED_COLUMNS,
@@ -728,6 +729,7 @@ class FaissIndex(IndexBase):
         self.filter_columns().save(workdir)
         self.conn.commit()
         self.info["n_cases"] = len(self)
+        note_vector_counts(self.info, {target: self._live(target) for target in self.anns})
         self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.conn.close()
         (workdir / INFO_FILE).write_text(json.dumps(self.info, indent=2))

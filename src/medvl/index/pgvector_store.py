@@ -39,12 +39,14 @@ from .base import (
     TEXTS,
     Hit,
     IndexBase,
+    IndexGone,
     check_info_format,
     check_k,
     check_target,
     check_vectors,
     ids_by_hash,
     model_changed,
+    note_vector_counts,
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
@@ -160,6 +162,11 @@ def _insert(conn, table: str, cases: Sequence[Case], vectors: np.ndarray, text_v
                      json.dumps(case.meta), vector_text(vectors[i]), text, *(typed[n] for n in names)))
     with conn.cursor() as cursor:
         cursor.executemany(statement, rows)
+
+
+def _missing_table(table: str) -> str:
+    return (f"the {INFO_TABLE} row names table {table!r}, which does not exist (dropped, or not restored); rebuild "
+            f"the index, or delete its row")
 
 
 def _read_info(conn, name: str) -> dict[str, Any] | None:
@@ -369,6 +376,8 @@ class PgVectorIndex(IndexBase):
             info = _read_info(conn, table) if exists else None
             if info is None:
                 raise DataError(redact(url), f"no medvl index named {table!r} in this database")
+            if not _table_exists(conn, table):
+                raise IndexGone(redact(url), _missing_table(table))
             info = check_info_format(info, redact(url), writable, f"{redact(url)} ({INFO_TABLE} row {table!r})")
         except BaseException:
             conn.close()
@@ -379,14 +388,16 @@ class PgVectorIndex(IndexBase):
     def follow_rebuild(self) -> None:
         """Read the index's info again (one row by its key): a build by another process swaps the table under a
         reader opened before it. Its filter columns and vector sets are then the new table's; a table rebuilt
-        with another model is an ``IndexRebuilt`` error, a dropped one a ``DataError``. A writable index holds
-        the table's lock, which every build takes: nothing swaps it."""
+        with another model is an ``IndexRebuilt`` error, a dropped one (row or table) ``IndexGone``. A writable
+        index holds the table's lock, which every build takes: nothing swaps it."""
         if self.writable:
             return
         info = _read_info(self.conn, self.table)
         if info is None:
-            raise DataError(self.location, f"no medvl index named {self.table!r} in this database any more "
+            raise IndexGone(self.location, f"no medvl index named {self.table!r} in this database any more "
                                            "(dropped since it was opened)")
+        if not _table_exists(self.conn, self.table):
+            raise IndexGone(self.location, _missing_table(self.table))
         if info == self.info:
             return
         info = check_info_format(info, self.location, writable=False)
@@ -399,6 +410,11 @@ class PgVectorIndex(IndexBase):
 
     def __len__(self) -> int:
         return self.conn.execute(self._q("SELECT COUNT(*) FROM {t}")).fetchone()[0]
+
+    def _count(self, target: str) -> int:
+        """The vectors of ``target`` in the table (every case's image; the reports that have one)."""
+        column = _sql().Identifier(_VECTOR_COLUMN[target])
+        return self.conn.execute(self._q("SELECT COUNT(*) FROM {t} WHERE {c} IS NOT NULL", c=column)).fetchone()[0]
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {r[0] for r in self.conn.execute(self._q("SELECT id FROM {t} WHERE id = ANY(%s)"), (list(ids),))}
@@ -455,6 +471,8 @@ class PgVectorIndex(IndexBase):
         if not self.writable:
             return
         self.info["n_cases"] = len(self)
+        note_vector_counts(self.info, {target: self._count(target) for target in (IMAGES, TEXTS)
+                                       if target in self.info})
         self.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_info(self.conn, self.table, self.info)
         self.conn.commit()
@@ -482,6 +500,8 @@ class PgVectorIndex(IndexBase):
                     results = self._search(vectors, k, where, target)
                     current = self.writable or _read_info(self.conn, self.table) == used
             except (errors.UndefinedColumn, errors.UndefinedTable, errors.DataException):
+                if not _table_exists(self.conn, self.table):
+                    raise IndexGone(self.location, _missing_table(self.table)) from None
                 if self.writable or attempt == 2 or _read_info(self.conn, self.table) == used:
                     raise  # not a swap: the table is the one the info describes
                 continue

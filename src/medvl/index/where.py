@@ -10,6 +10,7 @@ Grammar (keywords case-insensitive)::
                 | column "is" ["not"] "null"
     op         := "=" | "!=" | "<>" | "<" | "<=" | ">" | ">="
     literal    := 'text' (a quote inside is doubled: 'O''Brien') | "text" | number
+    number     := -?digits[.digits][(e|E)[+-]digits], ASCII digits; at most 2**53 - 1 in magnitude
 
 Columns are limited to the index's known filter columns, each numeric or text, and a literal must
 have its column's type. Column names come from that list, never from the input; every literal is
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
-from .cases import NUMBER
+from .cases import INEXACT_INTEGER, NUMBER, number_problem
 
 KEYWORDS = {"and", "or", "not", "in", "is", "null"}
 OPERATORS = ("<=", ">=", "!=", "<>", "=", "<", ">")
@@ -43,7 +44,7 @@ MAX_LENGTH = 2000
 MAX_DEPTH = 50
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
-  | (?P<number>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?![A-Za-z_])
+  | (?P<number>-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)(?![A-Za-z_])
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*")
   | (?P<op><=|>=|!=|<>|=|<|>)
@@ -121,10 +122,20 @@ def parse_where(text: str, columns: dict[str, str]) -> Expression:
     ``InputError`` naming the position of the first problem."""
     if len(text) > MAX_LENGTH:
         raise InputError(f"where: too long ({len(text)} characters, at most {MAX_LENGTH})", parameter="where")
+    check_unicode(text)
     parser = _Parser(text, _tokenize(text), columns)
     expression = parser.expression(0)
     parser.expect_end()
     return expression
+
+
+def check_unicode(text: str) -> None:
+    """InputError if ``text`` holds a lone surrogate (text decoded with ``surrogateescape``, or made in
+    Python): no backend could store or compare it (PostgreSQL's driver raised UnicodeEncodeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _error(text, err.start, "not valid Unicode text (a lone surrogate)") from None
 
 
 def compile_where(text: str, columns: dict[str, str], quote: Callable[[str], str],
@@ -307,5 +318,9 @@ class _Parser:
         if (token.kind == "number") != (self.columns[column] == NUMBER):
             wanted = "a number" if self.columns[column] == NUMBER else "quoted text (e.g. '1')"
             raise _error(self.text, token.pos, f"this column holds {wanted}, got {token.text}")
+        if token.kind == "number" and number_problem(token.text) == INEXACT_INTEGER:
+            raise _error(self.text, token.pos, f"{token.text} is {INEXACT_INTEGER}; a column holding such numbers "
+                                               f"is text in an index built by this medvl: rebuild it if needed and "
+                                               f"quote the value ('{token.text}')")
         self.index += 1
         return token.value
