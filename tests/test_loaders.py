@@ -616,6 +616,21 @@ def test_a_label_written_two_ways_is_warned(tmp_path):
     assert "label column 'abnormal' writes 2 value(s) in more than one way ('0' / '0.0'; '1' / '1.0')" in text
 
 
+def test_two_long_numbers_a_float_rounds_alike_are_not_one_value_written_two_ways(tmp_path, caplog):
+    """Label values were compared as floats: two 17-digit accession numbers (beyond 2**53) read as one value
+    'written in more than one way'. Numbers are compared exactly; '1' / '1.0' / '1e0' are still one."""
+    from medvl.data.loaders import label_variants
+
+    _images(tmp_path, ["a.png"])
+    values = ["20231105000000001", "20231105000000002", "1", "1.0", "1e0"] * 2
+    (tmp_path / "m.csv").write_text("image,id,label\n" + "".join(f"a.png,r{i},{value}\n" for i, value in
+                                                                  enumerate(values)))
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(tmp_path / "m.csv")
+    assert label_variants(dataset) == {"label": [["1", "1.0", "1e0"]]}
+    assert "20231105000000001" not in caplog.text and "writes 1 value(s) in more than one way" in caplog.text
+
+
 def test_label_values_that_differ_by_invisible_characters_or_unicode_form_are_warned(tmp_path, caplog):
     """A zero-width space left by copy and paste, or a macOS NFD accent, made a second class that prints the same,
     without the warning 'Nodule' / 'nodule' gets."""

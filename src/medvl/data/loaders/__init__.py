@@ -15,9 +15,9 @@ their headers before reading (``max_npz_bytes``, ``medvl.data.loaders.npz``).
 from __future__ import annotations
 
 import logging
-import math
 import unicodedata
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ...errors import DataError, InputError
@@ -109,14 +109,15 @@ def label_variants(dataset: Dataset) -> dict[str, list[list[str]]]:
 def _canonical_label(value: str) -> str:
     """What a label value reads as: Unicode-normalised (NFKC: a macOS NFD 'é' is the NFC one), without invisible
     format characters (a zero-width space left by copy and paste), spacing collapsed, case folded, numbers as
-    numbers."""
+    numbers, exactly ("1" / "1.0" / "1e0" are one; two 17-digit accession numbers a float would round alike are
+    not)."""
     text = "".join(char for char in unicodedata.normalize("NFKC", value) if unicodedata.category(char) != "Cf")
     text = " ".join(text.split()).casefold()
     try:
-        number = float(text)
-    except ValueError:
+        number = Decimal(text)
+    except InvalidOperation:
         return text
-    return repr(number) if math.isfinite(number) else text
+    return str(number.normalize()) if number.is_finite() else text
 
 
 def _shown_values(group: list[str]) -> list[str]:
