@@ -16,6 +16,11 @@ of any process of the run (``ru_maxrss`` of the children). A 2-process run on on
 is not expected to be faster: it measures what data parallelism costs here (the all-gather of the
 embeddings, the all-reduce of the gradients, one model copy per process), which is the part that
 does not shrink when the processes run on separate machines.
+
+The load average before and after is printed and recorded (``load_average``, ``load_average_after``). A row
+more than N times as fast as the first on N times its processes cannot be a measurement on one machine (the
+first run was slowed by other work): it is marked ``credible: false`` and a ``WARNING`` line says so. The
+temporary folder (phantom data, models) is removed however the script ends.
 """
 
 from __future__ import annotations
@@ -80,7 +85,31 @@ def main() -> None:
     if medvl is None or torchrun is None:
         sys.exit("medvl and torchrun must be on PATH (pip install -e .)")
     cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="medvl-train-throughput-"))
+    try:  # removed however the script ends: a failed run, a too-short run, Ctrl-C
+        rows = measure(args, medvl, torchrun, cores, work, (low, high))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = summarise(rows, cores, load_before, os.getloadavg())
+    print(f"medvl train throughput: {args.model} at {args.image_size} px, global batch {args.batch_size}, "
+          f"{rows[0]['train_records']} training records (the train split of {args.n} phantom images), {cores} cores")
+    print(f"{'processes':>9} {'threads':>7} {'samples':>8} {'samples/s':>10} {'vs 1 proc':>9} {'peak RSS MiB':>12}")
+    for row in rows:
+        print(f"{row['processes']:>9} {row['threads_per_process']:>7} {row['samples']:>8} "
+              f"{row['samples_per_s']:>10.1f} {row['vs_first']:>9.2f} {row['peak_rss_mib']:>12}")
+    print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
+          + ", after " + " ".join(f"{x:.2f}" for x in summary["load_average_after"]))
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, **summary, "rows": rows}, indent=2))
+
+
+def measure(args: argparse.Namespace, medvl: str, torchrun: str, cores: int, work: Path,
+            step_counts: tuple[int, int]) -> list[dict]:
+    """One row per process count of ``--procs``: samples/s from the two runs of ``step_counts`` steps."""
+    low, high = step_counts
     data = work / "phantom"
     subprocess.run([medvl, "phantom", str(data), "--n", str(args.n), "--size", "128", "--quiet"], check=True,
                    stdout=subprocess.DEVNULL)
@@ -107,16 +136,28 @@ def main() -> None:
         rows.append({"processes": procs, "threads_per_process": threads, "samples_per_s": round(rate, 1),
                      "train_records": records, "samples": samples, "elapsed_s": elapsed,
                      "seconds": {str(k): round(v, 1) for k, v in times.items()}, "peak_rss_mib": round(peak)})
-    base = rows[0]["samples_per_s"]
-    print(f"medvl train throughput: {args.model} at {args.image_size} px, global batch {args.batch_size}, "
-          f"{rows[0]['train_records']} training records (the train split of {args.n} phantom images), {cores} cores")
-    print(f"{'processes':>9} {'threads':>7} {'samples':>8} {'samples/s':>10} {'vs 1 proc':>9} {'peak RSS MiB':>12}")
+    return rows
+
+
+def summarise(rows: list[dict], cores: int, load_before: tuple[float, ...], load_after: tuple[float, ...]
+              ) -> dict:
+    """Each row's rate against the first row's (``vs_first``, added to the rows), the load averages, and a
+    warning per row whose speed-up over the first is above its share of processes (N processes against 1: more
+    than N times as fast): on one machine no real measurement does that; the first run was slowed by other
+    work (an oversubscribed thread pool slows many-fold), so the figures are not a valid measurement."""
+    base = rows[0]
+    warnings = []
     for row in rows:
-        print(f"{row['processes']:>9} {row['threads_per_process']:>7} {row['samples']:>8} "
-              f"{row['samples_per_s']:>10.1f} {row['samples_per_s'] / base:>9.2f} {row['peak_rss_mib']:>12}")
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "cores": cores, "rows": rows}, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+        row["vs_first"] = round(row["samples_per_s"] / base["samples_per_s"], 2)
+        allowed = row["processes"] / base["processes"]
+        row["credible"] = row["vs_first"] <= allowed
+        if not row["credible"]:
+            warnings.append(f"{row['processes']} processes {row['vs_first']:.1f}x faster than {base['processes']} on "
+                            f"the same {cores} cores (at most {allowed:g}x is possible): the machine was busy "
+                            f"(load average {load_before[0]:.1f} before, {load_after[0]:.1f} after); "
+                            "not a valid measurement")
+    return {"cores": cores, "load_average": list(load_before), "load_average_after": list(load_after),
+            "warnings": warnings}
 
 
 if __name__ == "__main__":

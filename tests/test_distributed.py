@@ -107,3 +107,25 @@ def test_console_script_keeps_the_exit_code(phantom_dir, tmp_path):
                            *_train_args(phantom_dir, taken)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "not empty" in done.stderr + done.stdout
     assert (taken / "keep.txt").read_text() == "not medvl's"
+
+
+def test_vqa_training_refuses_to_run_data_parallel(tmp_path):
+    """VQA training runs the whole batch in each process: under torchrun it is refused in one line on each rank,
+    before any output is written, rather than training on N copies of the batch."""
+    from cli_helpers import invoke
+
+    result, output = invoke("phantom", tmp_path / "pv", "--n", 40, "--size", 32, "--vqa", "-q")
+    assert result.exit_code == 0, output
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None
+    out = tmp_path / "vqa"
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "--no-python", sys.executable, "-m",
+                           "medvl.cli.main", "train", "vqa", "--data", str(tmp_path / "pv" / "vqa"), "--image-model",
+                           "phantom-tiny", "--question-encoder", "bert", "--epochs", "1", "--batch-size", "16",
+                           "--hidden-size", "32", "--fusion-layers", "1", "-q", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(said) == 2, done.stderr[-3000:]  # one line per rank
+    assert said[0] == ("error: VQA training does not run data-parallel: each of the 2 processes would train on "
+                       "the whole batch; start it in one process (without torchrun)")
+    assert not out.exists()

@@ -182,6 +182,49 @@ def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_p
     np.testing.assert_allclose(probabilities["onnx-int8"], probabilities["torch"], atol=0.02)
 
 
+def test_an_index_holds_vectors_of_one_backend(model_dir, phantom, tmp_path, monkeypatch):
+    """index add embeds on the backend the index was built on (another one is refused, naming both), and a build
+    interrupted on one backend and rerun on another starts afresh instead of keeping the first one's vectors."""
+    from medvl.index import add_records, build_index, open_index, search_index
+    from medvl.index import build as build_module
+
+    index = tmp_path / "index"
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom, "--split", "train",
+                            "--out", index, "--backend", "onnx-int8", "-q")
+    assert result.exit_code == 0, output
+    result, output = invoke("index", "add", "--index", index, "--data", phantom, "--split", "val",
+                            "--backend", "torch", "-q")
+    assert result.exit_code == 2 and "'onnx-int8'" in output and "'torch'" in output, output
+    val = medvl.load_dataset(phantom).select("val")
+    with open_index(index, writable=True) as opened, pytest.raises(InputError, match="backend 'onnx-int8'"):
+        add_records(opened, medvl.load_model(model_dir), val, show_progress=False)
+    result, output = invoke("index", "add", "--index", index, "--data", phantom, "--split", "val", "-q")
+    assert result.exit_code == 0, output
+    int8 = medvl.load_model(model_dir, backend="onnx-int8")
+    with open_index(index) as opened:
+        assert opened.info["encoder_backend"] == "onnx-int8" and len(opened) > len(val)
+        for record in (medvl.load_dataset(phantom).select("train")[0], val[0]):  # built, then added
+            hit, = search_index(opened, int8, text=record.text, k=1, target="texts", where=f"id = '{record.id}'")
+            assert hit.score == pytest.approx(1.0, abs=1e-5)  # each is the vector int8 gives its report
+
+    calls, original = [], build_module.embed_records
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    data = medvl.load_dataset(phantom).select("train")
+    monkeypatch.setattr(build_module, "embed_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(int8, data, tmp_path / "rerun", model_dir=model_dir, batch_size=16, show_progress=False)
+    monkeypatch.setattr(build_module, "embed_records", original)
+    info = build_index(medvl.load_model(model_dir), data, tmp_path / "rerun", model_dir=model_dir, batch_size=16,
+                       show_progress=False)
+    assert (info["resumed"], info["encoder_backend"]) == (0, "torch")
+
+
 @pytest.fixture(scope="module")
 def vit_dir(pairs, tmp_path_factory) -> Path:
     """vit-tiny at random init, exported: a transformer image tower, whose int8 graph quantises activations."""

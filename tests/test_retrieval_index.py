@@ -1065,9 +1065,42 @@ def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, ph
     outputs += [(tmp_path / name).read_text() for name in ("build.json", "hits.json")]
     assert "postgresql://postgres:***@" in outputs[1]  # the table's title names the index
     assert not [text for text in outputs if "SECRET" in "".join(text.split())]  # also where a line wrapped
-    assert json.loads(outputs[-1])["index"].endswith("&password=***#pw_query")
+    assert json.loads(outputs[-1])["index"].endswith("&password=***#***")  # the table may be the password's end
     with open_index(url) as index:
         assert "SECRET" not in index.location
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+@pytest.mark.parametrize("char", ["#", "@", "/", "?", "%"])
+def test_pgvector_password_holding_a_url_character_is_never_shown(pg_url, model_dir, phantom_dir, char, caplog):
+    """A password holding # @ / ? or %: percent-encoded it connects and shows as ***; written as it is (in
+    ``user:password@`` or in ``?password=``) the URL is refused in one line quoting none of it, and a table name
+    right after a ``password=`` value (it may be the password's end) is shown as ***."""
+    from urllib.parse import quote
+
+    password = f"SECRETa{char}SECRETb"
+    search = ("search", "--text", "effusion", "-k", 2)
+    encoded = pg_url.replace("postgres:@", f"postgres:{quote(password, safe='')}@").replace("#phantom_cases", "#pw_enc")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", phantom_dir, "--split", "val",
+                            "--out", encoded, "-q")
+    assert result.exit_code == 0 and "postgres:***@" in output, output
+    unencoded = [pg_url.replace("postgres:@", f"postgres:{password}@"),
+                 pg_url.replace("#phantom_cases", f"&password={password}#phantom_cases"),
+                 pg_url.replace("#phantom_cases", f"&password={password}")]
+    for url in unencoded:  # @ / ? may stand in a query value (RFC 3986): that URL is read as it is
+        result, output = invoke(*search, "--index", url)
+        assert "SECRET" not in "".join(output.split()), output  # also where a line wrapped
+        if url is unencoded[0] or char in "#%":
+            assert result.exit_code == 2 and output.startswith("error: the index URL "), output
+            assert len(set(output.strip().splitlines())) == 1, output  # one line (stdout and stderr hold it)
+    tail = pg_url.replace("#phantom_cases", "&password=SECRETa#secretb")  # '#' read as the table's start
+    result, output = invoke(*search, "--index", tail)
+    assert result.exit_code == 2 and "no medvl index named '***'" in output, output
+    with pytest.raises(DataError) as caught:
+        open_index(tail.replace("postgres:@", "postgres:@127.0.0.1:1"))  # libpq's own message
+    assert "SECRET" not in str(caught.value)
+    assert not [t for t in (output, caplog.text) if "SECRET" in t.upper()]
 
 
 @pytest.mark.pgvector

@@ -2294,6 +2294,26 @@ def test_torch_threads_set_the_model_threads_forward_passes(model_dir, png):
     assert plain == 1  # torch's setting is the process's: a second service in it keeps it
 
 
+def test_torch_threads_reach_the_onnx_sessions(model_dir, tmp_path):
+    """The ONNX sessions take their thread count when the model loads: --torch-threads is set before it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from medvl.scale import export_onnx
+
+    exported = export_onnx(model_dir, out=tmp_path / "exported", int8=False).parent
+    script = (
+        "import sys, torch\n"
+        "from medvl.serve.service import ModelService\n"
+        "from medvl.serve.settings import ServeSettings\n"
+        "service = ModelService(sys.argv[1], None, ServeSettings(backend='onnx', torch_threads=1).validate())\n"
+        "print(*(s.get_session_options().intra_op_num_threads for s in service.net.sessions.values()))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script, str(exported)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "1"]
+
+
 def _wait_for(http, process, started: float, statuses: set[str]) -> float:
     """Seconds from ``started`` until ``/v1/health`` reports one of ``statuses``."""
     while True:

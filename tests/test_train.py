@@ -593,6 +593,48 @@ def test_train_throughput_benchmark_counts_the_samples_trained(tmp_path):
     assert "42 training records" in done.stdout
 
 
+def _throughput_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_train_throughput_benchmark_flags_a_speed_up_no_machine_gives():
+    """A loaded machine slowed the 2-thread single process 30x: 2 processes then read 13x faster than 1 on the
+    same 2 cores. More than N times faster on N processes is flagged, with the load averages."""
+    _, script = _throughput_script()
+    rows = [{"processes": 1, "samples_per_s": 3.9}, {"processes": 2, "samples_per_s": 52.0}]
+    summary = script.summarise(rows, 2, (6.1, 7.0, 7.5), (8.9, 7.2, 7.6))
+    assert summary["load_average"] == [6.1, 7.0, 7.5] and summary["load_average_after"] == [8.9, 7.2, 7.6]
+    assert [row["credible"] for row in rows] == [True, False] and rows[1]["vs_first"] == 13.33
+    assert summary["warnings"] == ["2 processes 13.3x faster than 1 on the same 2 cores (at most 2x is possible): "
+                                   "the machine was busy (load average 6.1 before, 8.9 after); not a valid "
+                                   "measurement"]
+    quiet = [{"processes": 1, "samples_per_s": 117.1}, {"processes": 2, "samples_per_s": 102.0}]  # docs' figures
+    assert script.summarise(quiet, 2, (0.9, 1.0, 1.1), (1.2, 1.0, 1.1))["warnings"] == []
+
+
+def test_train_throughput_benchmark_removes_its_folder_when_a_run_fails(tmp_path):
+    """A failed medvl run (a model name that does not exist) ends the script: its temporary folder, with the
+    phantom data, goes too."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = _throughput_script()
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(path), "--model", "nosuch", "--n", "20", "--steps", "1,2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0
+    assert list(tmp_path.glob("medvl-train-throughput-*")) == []
+
+
 def test_a_trained_model_folder_keeps_no_word_of_a_single_report(phantom_dir, tmp_path):
     data = planted_phantom(phantom_dir, tmp_path / "data")
     result, output = invoke("train", "--data", data, "--model", "phantom-tiny", "--out", tmp_path / "run",

@@ -154,6 +154,10 @@ def add_command(
     allow_outside_root: AllowOutsideOption = False,
     quiet: QuietOption = False,
     workers: WorkersOption = None,
+    backend: Annotated[str | None, typer.Option(
+        help="How the model runs (see index build); default: the backend the index's vectors were embedded on "
+             "('encoder backend' in index info). Another one is refused: an index holds vectors of one backend.")
+    ] = None,
 ) -> None:
     """Add new cases to an index (all or nothing: the index changes only once they are embedded)."""
     from ..api import load_split
@@ -166,7 +170,9 @@ def add_command(
     check_workers(workers)
     dataset = load_split(data, split, allow_outside_root=allow_outside_root)
     with open_index(index, writable=True) as opened:
-        result = add_records(opened, index_model(opened, model, option="--model"), dataset, batch_size=batch_size,
+        net = index_model(opened, model, backend=backend or opened.info.get("encoder_backend", "torch"),
+                          option="--model")
+        result = add_records(opened, net, dataset, batch_size=batch_size,
                              allow_duplicates=allow_duplicates, show_progress=not quiet, workers=workers,
                              replace=replace)
     print_metrics(f"index {opened.location}", {

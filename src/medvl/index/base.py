@@ -19,14 +19,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
-from urllib.parse import unquote
 
 import numpy as np
 
@@ -35,6 +33,7 @@ from ..errors import DataError, InputError, ModelError
 from ..models.dual import weights_state
 from .ann import FLAT, KINDS
 from .cases import FIXED_COLUMNS, Case
+from .urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -165,34 +164,6 @@ def ids_by_hash(rows: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
 def is_url(target: str | Path) -> bool:
     """True for a PostgreSQL URL (a pgvector index), False for a folder (``medvl.index.backends``)."""
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-
-
-# libpq URL parameters whose values are shown in messages and outputs; every other parameter's value
-# (password, sslpassword, passfile, sslkey, options, ...) is replaced by ``***``
-SHOWN_URL_PARAMETERS = frozenset({
-    "host", "hostaddr", "port", "dbname", "user", "connect_timeout", "sslmode", "gssencmode", "application_name",
-    "fallback_application_name", "target_session_attrs", "load_balance_hosts", "client_encoding", "keepalives",
-    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "channel_binding",
-})
-
-
-def redact(url: str) -> str:
-    """A URL with its password replaced by ``***``, for messages and outputs: the one of ``user:password@``
-    and the value of every query parameter but the plain connection ones (``SHOWN_URL_PARAMETERS``), so
-    ``?password=``, ``sslpassword=`` and the like never show. The ``#table`` part is kept."""
-    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)  # first: a password may hold an unescaped ? or #
-    address, hash_sign, fragment = url.partition("#")
-    address, question, query = address.partition("?")
-    if question:
-        query = "&".join(_redact_parameter(part) for part in query.split("&"))
-    return f"{address}{question}{query}{hash_sign}{fragment}"
-
-
-def _redact_parameter(part: str) -> str:
-    name, equals, _ = part.partition("=")
-    if not equals:
-        return "***" if part else part  # not name=value: nothing tells it is not a secret
-    return part if unquote(name) in SHOWN_URL_PARAMETERS else f"{name}=***"
 
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:

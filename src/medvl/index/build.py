@@ -212,7 +212,8 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
     workers = resolve_workers(workers, len(records))
     columns = infer_columns(Case.from_record(r) for r in records)
     fingerprint = model_fingerprint(model, model_dir)
-    key = _build_key(dataset, records, fingerprint, columns, kind, allow_duplicates)
+    backend = encoder_backend(model, model_dir, embedder)
+    key = _build_key(dataset, records, fingerprint, columns, kind, allow_duplicates, backend)
     builder = open_builder(out, key, columns, fingerprint["embed_dim"])
     try:
         done, known = builder.done_ids(), builder.known_images()
@@ -234,10 +235,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             log.warning("skipped %d cases whose image is already indexed (listed in the result's duplicates)",
                         len(duplicates))
         info = new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset)
-        # how the vectors were computed (bf16 / int8 ones differ a little from eager fp32's; queries may use any)
-        encoder_backend = getattr(embedder, "backend", None) or getattr(model, "meta", {}).get("backend")
-        info["encoder_backend"] = resolve_backend(model_dir, encoder_backend) if encoder_backend == "auto" and \
-            model_dir is not None else (encoder_backend or "torch")
+        info["encoder_backend"] = backend  # every vector's: a resumed build's key holds it, index add keeps it
         info = builder.finish(info, kind)
     finally:
         builder.close()
@@ -265,15 +263,33 @@ def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int
     yield from zip(batches, reads, strict=True)
 
 
+def encoder_backend(model, model_dir: str | Path | None = None, embedder: Embedder | None = None) -> str:
+    """The backend the vectors of ``model`` (or ``embedder``) are computed on: ``torch`` for a model made in
+    Python. It is recorded as the index's ``encoder_backend``: bf16 / int8 vectors differ a little from eager
+    fp32's, so one index holds vectors of one backend (queries may use any)."""
+    backend = getattr(embedder, "backend", None) or getattr(model, "meta", {}).get("backend") or "torch"
+    return resolve_backend(model_dir, backend) if backend == "auto" and model_dir is not None else backend
+
+
+def check_encoder_backend(index: Index, model) -> None:
+    """InputError, naming both, when ``model`` runs on another backend than the index's vectors were made on."""
+    indexed, given = index.info.get("encoder_backend", "torch"), encoder_backend(model)
+    if given != indexed:
+        raise InputError(f"{index.location}: its vectors were embedded on backend {indexed!r}, this model runs on "
+                         f"{given!r}; add with backend {indexed!r} (--backend {indexed}; Python: "
+                         f"load_model(..., backend={indexed!r})) so that every vector is of one kind")
+
+
 def _build_key(dataset: Dataset, records: Sequence[Record], fingerprint: dict, columns: dict, kind: str,
-               allow_duplicates: bool) -> str:
-    """Identifies a build: a rerun resumes only a build of the same data, model and settings. The data is its
+               allow_duplicates: bool, backend: str) -> str:
+    """Identifies a build: a rerun resumes only a build of the same data, model, backend and settings (a rerun
+    on another backend starts afresh: one index holds vectors of one backend). The data is its
     records as they are now (``data.record.records_digest``), so a rerun after a report, label or image was corrected
     starts afresh instead of keeping the cases stored before the change; its path and its image files are taken
     resolved, so the same data named another way (an absolute path, from another working directory) resumes."""
     source = str(Path(dataset.source).resolve()) if dataset.source else None
     settings = {"data": source, "records": records_digest(records, resolved=True), "model": fingerprint,
-                "columns": columns, "kind": kind, "allow_duplicates": allow_duplicates}
+                "columns": columns, "kind": kind, "allow_duplicates": allow_duplicates, "backend": backend}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -291,6 +307,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     deleted: unless duplicates are allowed, that is an ``InputError`` too, and the index is left unchanged."""
     check_batch_size(batch_size)
     check_model(index.info, model, index.location)
+    check_encoder_backend(index, model)
     dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     records = list(dataset)
     check_ids_are_not_paths([r.id for r in records], dataset.source)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,11 +49,11 @@ from .base import (
     redact,
 )
 from .cases import NUMBER, Case, check_unique_ids, column_values, infer_columns, public_image_path, quote_column
+from .urls import PgUrl, parse_pg_url
 from .where import compile_where, given_filter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TABLE = "medvl_cases"
 INFO_TABLE = "medvl_indexes"
 PG_KINDS = (FLAT, HNSW)
 PG_EF_SEARCH = 100
@@ -63,7 +62,6 @@ PG_EF_SEARCH = 100
 PG_HNSW_M, PG_HNSW_EF_CONSTRUCTION = 32, 128
 PG_BUILD_MEMORY = "2GB"  # maintenance_work_mem of the build session: the graph is built in memory up to this
 RECALL_SAMPLE = 50
-_TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}\Z")
 STAGING_SUFFIX = "__build"  # <table>__build holds a build of <table> until it is swapped in
 _VECTOR_COLUMN = {IMAGES: "image_vec", TEXTS: "text_vec"}
 _CASE_FIELDS = "id, split, labels, meta, report, image_path, image_sha256"
@@ -79,25 +77,23 @@ def _psycopg():
     return psycopg
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """(connection URL, table name) from ``postgresql://...#table``."""
-    conninfo, _, table = url.partition("#")
-    table = table or DEFAULT_TABLE
-    if not _TABLE.match(table):
-        raise InputError(f"table name {table!r} in the index URL must be lower-case letters, digits and _")
-    if table.endswith(STAGING_SUFFIX):
-        raise InputError(f"table name {table!r} in the index URL ends in {STAGING_SUFFIX!r}, which is reserved: "
-                         f"the build of index {table.removesuffix(STAGING_SUFFIX)!r} is staged under that name")
-    return conninfo, table
+def parse_url(url: str) -> PgUrl:
+    """The parts of ``postgresql://...#table`` (``medvl.index.urls``); InputError for a malformed URL or a
+    reserved table name, quoting nothing a password could be part of."""
+    address = parse_pg_url(url)
+    if address.table.endswith(STAGING_SUFFIX):
+        raise InputError(f"table name {address.shown_table!r} in the index URL ends in {STAGING_SUFFIX!r}, which is "
+                         "reserved: the build of an index is staged under that name")
+    return address
 
 
 def _connect(url: str, autocommit: bool):
     psycopg = _psycopg()
-    conninfo, _ = parse_url(url)
+    address = parse_url(url)
     try:
-        conn = psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
+        conn = psycopg.connect(address.conninfo, autocommit=autocommit, connect_timeout=10)
     except psycopg.Error as err:
-        reason = " ".join(str(err).split())[:200]  # libpq's message has several lines: one error line
+        reason = address.scrub(" ".join(str(err).split()))[:200]  # libpq's message has several lines: one line
         raise DataError(redact(url), f"cannot connect to PostgreSQL ({reason})") from None
     conn.execute(f"SET hnsw.ef_search = {int(PG_EF_SEARCH)}")  # a constant, not input
     return conn
@@ -201,7 +197,8 @@ class PgVectorBuilder:
 
     def __init__(self, url: str, key: str, columns: dict[str, str], dim: int):
         self.url, self.columns, self.dim = url, columns, dim
-        _, self.table = parse_url(url)
+        address = parse_url(url)
+        self.table, self.shown_table = address.table, address.shown_table
         self.staging = f"{self.table}{STAGING_SUFFIX}"
         self.conn = _connect(url, autocommit=False)
         try:
@@ -222,7 +219,7 @@ class PgVectorBuilder:
             return
         info = _read_info(self.conn, self.table)
         if not isinstance(info, dict) or "build_key" in info:
-            raise InputError(f"{redact(self.url)}: table {self.table!r} exists and is not a medvl index; "
+            raise InputError(f"{redact(self.url)}: table {self.shown_table!r} exists and is not a medvl index; "
                              "refusing to replace it")
 
     def _stage(self, key: str) -> None:
@@ -234,8 +231,9 @@ class PgVectorBuilder:
             return
         if exists and (state is None or "build_key" not in state):
             what = "a medvl index" if state is not None else "a table medvl did not create"
-            raise InputError(f"{redact(self.url)}: table {self.staging!r}, where a build of {self.table!r} is "
-                             f"staged, is {what}; rename it (or drop it) before building {self.table!r}")
+            shown = self.shown_table
+            raise InputError(f"{redact(self.url)}: table {shown + STAGING_SUFFIX!r}, where a build of {shown!r} is "
+                             f"staged, is {what}; rename it (or drop it) before building {shown!r}")
         self.conn.execute(_sql().SQL("DROP TABLE IF EXISTS {t}").format(t=_sql().Identifier(self.staging)))
         _create_table(self.conn, self.staging, self.dim, self.columns)
         _write_info(self.conn, self.staging, {"build_key": key})
@@ -362,23 +360,25 @@ class PgVectorIndex(IndexBase):
     def __init__(self, url: str, conn, info: dict[str, Any], writable: bool):
         self.url, self.conn, self.info, self.writable = url, conn, info, writable
         self.opened_info = info  # the info the model was checked against (check_model) when it was opened
-        _, self.table = parse_url(url)
-        self.location = redact(url if "#" in url else f"{url}#{self.table}")
+        address = parse_url(url)
+        self.table, self.shown_table = address.table, address.shown_table
+        self.location = address.shown if "#" in url else f"{address.shown}#{self.table}"
 
     @classmethod
     def open(cls, url: str, writable: bool = False) -> PgVectorIndex:
         conn = _connect(url, autocommit=not writable)
         try:
-            _, table = parse_url(url)
+            address = parse_url(url)
+            table, shown = address.table, address.shown_table
             if writable:
                 _lock(conn, table, url)
             exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (INFO_TABLE,)).fetchone()[0]
             info = _read_info(conn, table) if exists else None
             if info is None:
-                raise DataError(redact(url), f"no medvl index named {table!r} in this database")
+                raise DataError(address.shown, f"no medvl index named {shown!r} in this database")
             if not _table_exists(conn, table):
-                raise IndexGone(redact(url), _missing_table(table))
-            info = check_info_format(info, redact(url), writable, f"{redact(url)} ({INFO_TABLE} row {table!r})")
+                raise IndexGone(address.shown, _missing_table(shown))
+            info = check_info_format(info, address.shown, writable, f"{address.shown} ({INFO_TABLE} row {shown!r})")
         except BaseException:
             conn.close()
             raise
@@ -394,10 +394,10 @@ class PgVectorIndex(IndexBase):
             return
         info = _read_info(self.conn, self.table)
         if info is None:
-            raise IndexGone(self.location, f"no medvl index named {self.table!r} in this database any more "
+            raise IndexGone(self.location, f"no medvl index named {self.shown_table!r} in this database any more "
                                            "(dropped since it was opened)")
         if not _table_exists(self.conn, self.table):
-            raise IndexGone(self.location, _missing_table(self.table))
+            raise IndexGone(self.location, _missing_table(self.shown_table))
         if info == self.info:
             return
         info = check_info_format(info, self.location, writable=False)
@@ -501,7 +501,7 @@ class PgVectorIndex(IndexBase):
                     current = self.writable or _read_info(self.conn, self.table) == used
             except (errors.UndefinedColumn, errors.UndefinedTable, errors.DataException):
                 if not _table_exists(self.conn, self.table):
-                    raise IndexGone(self.location, _missing_table(self.table)) from None
+                    raise IndexGone(self.location, _missing_table(self.shown_table)) from None
                 if self.writable or attempt == 2 or _read_info(self.conn, self.table) == used:
                     raise  # not a swap: the table is the one the info describes
                 continue

@@ -96,6 +96,8 @@ class ModelService:
     def __init__(self, model_dir: str | Path, index: str | Path | None, settings: ServeSettings):
         self.settings = settings.for_model(model_dir)  # backend auto: the one it stands for, as /v1/models says
         self.model_dir = Path(model_dir)
+        if settings.torch_threads:  # before the model loads: an ONNX session takes its thread count when made
+            torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         self.net = load_model(model_dir, backend=self.settings.backend)
         self.net.eval()
         # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
@@ -103,8 +105,6 @@ class ModelService:
         self.spatial_dims = self.net.config.image.spatial_dims  # a 2D model refuses a NIfTI volume upload
         # a 3D model reads an upload's file as medvl predict reads a file: a NIfTI volume streamed slab by slab
         self.load_file = self.net.preprocessor.load if self.spatial_dims == 3 else None
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         threads = settings.torch_threads or torch.get_num_threads()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvl-model",
                                                initializer=torch.set_num_threads, initargs=(threads,))

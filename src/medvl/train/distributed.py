@@ -56,6 +56,17 @@ def init_from_env() -> bool:
     return True
 
 
+def requested_world_size() -> int:
+    """How many processes this run is one of: the joined group's size, else torchrun's ``WORLD_SIZE`` (1 without
+    it); known before the group is joined."""
+    if initialized():
+        return dist.get_world_size()
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -354,6 +354,10 @@ class Objective(Protocol):
     """
 
     model: Any  # an nn.Module with save_pretrained(dir) and a ``meta`` dict
+    title: str  # what it trains, for messages ("VQA training")
+    # True when ``losses`` runs only this rank's shard of the batch under torchrun (``distributed.shard``); fit
+    # refuses to run the others on several processes, where every rank would train on the whole batch
+    data_parallel: bool
 
     def __len__(self) -> int: ...
 
@@ -496,6 +500,10 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     failed fresh run leaves nothing behind) holds for every objective.
     """
     config.validate_numbers()
+    processes = distributed.requested_world_size()
+    if processes > 1 and not objective.data_parallel:
+        raise InputError(f"{objective.title} does not run data-parallel: each of the {processes} processes would "
+                         "train on the whole batch; start it in one process (without torchrun)")
     joined = not distributed.initialized() and distributed.init_from_env()  # a caller's own group stays theirs
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
@@ -541,6 +549,9 @@ class ContrastiveObjective:
     change under crops, flips and colour jitter. With ``self_supervised_epochs`` the run starts with that
     many epochs of this loss alone (``pretraining_losses``: no text, no label), then trains the losses above.
     """
+
+    title = "contrastive training"
+    data_parallel = True
 
     def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig,
                  text_source: str | None = None):

@@ -127,6 +127,9 @@ def _generator(config: ReportGeneratorConfig, reports: list[str], dual: Any,
 class ReportObjective:
     """Next-token cross-entropy of each record's report given its image (and retrieved context)."""
 
+    title = "report-generator training"
+    data_parallel = False  # losses run the whole batch: under torchrun every rank would train on all of it
+
     def __init__(self, model: ReportGenerator, dataset: Dataset, contexts: list[list[str]] | None = None):
         self.model, self.dataset, self.contexts = model, dataset, contexts
         self.pixels = torch.empty(0)

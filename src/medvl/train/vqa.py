@@ -156,6 +156,9 @@ def _with_overrides(config: VQAConfig, overrides: dict[str, Any]) -> VQAConfig:
 class VQAObjective:
     """Answer cross-entropy plus the answer-type cross-entropy, for ``loop.fit``."""
 
+    title = "VQA training"
+    data_parallel = False  # losses run the whole batch: under torchrun every rank would train on all of it
+
     def __init__(self, model: VQAModel, items: Sequence[VQAItem], options: VQAOptions, source: str):
         self.model, self.items, self.options, self.source = model, list(items), options, source
         self.pixels = torch.empty(0)
