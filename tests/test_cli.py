@@ -424,6 +424,10 @@ def test_predict_takes_repeated_labels_and_refuses_an_undescribed_label_column(t
     result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly",
                             "--label-column", "findings")
     assert result.exit_code == 2 and "unknown label column 'findings'; the captions describe finding" in output
+    # two labels the tokenizer reads alike were two classes of one embedding, the probability split between them
+    result, output = invoke("predict", "--model", trained, image, "--labels", "nodule,cardiomegaly,Cardiomegaly")
+    assert result.exit_code == 2, output
+    assert "labels 'cardiomegaly' and 'Cardiomegaly' read as the same text to the model" in " ".join(output.split())
 
 
 @pytest.mark.parametrize("split", ["train", "all"])

@@ -74,6 +74,14 @@ def test_too_few_labels_are_refused_in_the_same_words(guarded, http, png):
         assert result.exit_code == 2 and answer.status_code == 422, (output, answer.text)
         detail = answer.json()["detail"]
         assert "need at least 2 distinct labels" in detail and f"error: {detail}" in _flat(output), (output, detail)
+    # two labels the model's tokenizer reads alike: one embedding, its probability split between two classes
+    result, output = invoke("predict", png, "--model", guarded, "--labels", "nodule,Nodule,no_finding")
+    answer = http.post("/v1/zero-shot", files={"image": ("x.png", png.read_bytes())},
+                       data={"labels": "nodule,Nodule,no_finding"})
+    assert result.exit_code == 2 and answer.status_code == 422, (output, answer.text)
+    detail = answer.json()["detail"]
+    assert "labels 'nodule' and 'Nodule' read as the same text to the model" in detail, detail
+    assert f"error: {detail}" in _flat(output), (output, detail)
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,23 @@ def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: st
         config.check_column(label_column)
     column = label_column or caption_column_for(config, class_names)
     config.warn_undescribed(column, class_names)
-    return column, [config.prompts(column, name) for name in class_names]
+    prompts = [config.prompts(column, name) for name in class_names]
+    if described_only:
+        check_classes_read_apart(net, class_names, prompts)
+    return column, prompts
+
+
+def check_classes_read_apart(net: DualEncoder, class_names: Sequence[str], prompts: list[list[str]]) -> None:
+    """InputError when two classes' prompts are the same tokens to the model's text tower ("cardiomegaly" and
+    "Cardiomegaly" to a lower-casing tokenizer): one embedding for both, whose probability the softmax would split
+    between them whatever the image."""
+    seen: dict[tuple, str] = {}
+    for name, ensemble in zip(class_names, prompts, strict=True):
+        tokens = tuple(net.text_tokens(list(ensemble)))
+        if tokens in seen:
+            raise InputError(f"labels {seen[tokens]!r} and {name!r} read as the same text to the model (its tokenizer "
+                             "ignores what tells them apart): give one of them")
+        seen[tokens] = name
 
 
 def prompt_warnings(net: DualEncoder, class_names: Sequence[str], column: str,
