@@ -711,6 +711,11 @@ def test_a_draft_carries_no_month_or_untitled_name_of_a_minority_of_neighbours(l
     assert _identifiers("Seen by Dr.Smith and Mrs O'Brien.") == {"name:smith", "name:o'brien"}
     mr = ["Right pleural effusion. MR imaging shows a small mass in the right lobe."] * 3
     assert "MR imaging shows" in draft(mr).text()  # "MR imaging" named no one: drafted when shared
+    # roles and services in capitals name no one either ("The" starting the sentence is no part of a name)
+    for told in ("Findings discussed with Referring Physician.", "The Referring Physician was notified.",
+                 "Report sent to Emergency Department."):
+        assert _identifiers(told) == frozenset(), told
+        assert told in draft([f"Right pleural effusion. {told}"] * 3).text(), told
     common = common_words(labeller.knowledge, ["the lungs are clear, may be atelectasis"])
     assert _identifiers("Seen by Mary O'Brien and Dr McDonald on Monday, since Dec 9 and 5 May.", common) == \
         {"9", "5", "name:mary", "name:o'brien", "name:mcdonald", "date:monday", "date:dec", "date:may"}

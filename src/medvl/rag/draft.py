@@ -604,7 +604,7 @@ def _identifiers(text: str, common: frozenset = frozenset()) -> frozenset:
         before = text[:match.start()].rstrip()
         candidate = bool(before) and not before.endswith(_CLAUSE_MARKS) and word not in common \
             and not _DATE_WORD.fullmatch(word) and not _MONTH_ABBREVIATION.fullmatch(match.group(1)) \
-            and word not in ("may", *_TITLES)
+            and word not in ("may", *_TITLES) and word not in _NOT_NAMES
         if match.start() != last_end + 1 or text[last_end] != " ":  # not right after the run's last word
             found |= _names(run)
             run = []
@@ -638,7 +638,7 @@ def _named_in_place(text: str) -> set[str]:
         after = any(cue.end() == start for cue in _NAME_BEFORE.finditer(text, 0, start))
         if titled or after or _NAME_AFTER.match(text, end):
             found |= {f"name:{word}" for word in words
-                      if len(word) > 1 and word not in _TITLES and word not in _NOT_NAMES}
+                      if len(word) > 1 and word not in _TITLES and word not in _NOT_NAMES and word not in _STOP}
     return found
 
 
