@@ -809,6 +809,36 @@ def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, 
 
 
 @pytest.mark.orthanc
+def test_a_c_find_value_outside_ascii_is_sent_as_written_not_as_wildcards(uploaded):
+    """A match value with letters the default character set cannot encode (Greek, Cyrillic, Chinese) went out
+    with '?' (a wildcard) in place of each, and the search listed other patients. The identifier now declares
+    UTF-8 (ISO_IR 192) for such a value, and the PACS finds the patient by the real letters."""
+    pytest.importorskip("pynetdicom")
+    charsets = Path(pydicom.__file__).parent / "data" / "charset_files"
+    greek, russian, chinese = post_instances(uploaded, [charsets / "chrGreek.dcm", charsets / "chrRuss.dcm",
+                                                        charsets / "chrX1.dcm"])
+    dimse = dimse_client(uploaded)
+    for name, study in (("Διον*", greek), ("Люк*", russian), ("*王^小東*", chinese)):
+        assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientName": name})] == [study], name
+    assert dimse.search_studies({"PatientID": "Δ*"}) == []
+    result, output = invoke("pacs", "search", "--url", uploaded.dimse, "--calling-aet", MOVE_AET,
+                            "--patient-name", "Διον*", "--uids")
+    assert result.exit_code == 0 and output.split() == [greek], output
+
+
+def test_a_c_find_value_no_character_set_encodes_is_refused_naming_its_field():
+    from medvl.clinical.dimse import _identifier
+
+    pytest.importorskip("pynetdicom")
+    identifier = _identifier("STUDY", {}, {"PatientName": "Jérôme*"}, ("StudyInstanceUID",))
+    assert identifier.SpecificCharacterSet == "ISO_IR 192" and identifier.PatientName == "Jérôme*"
+    assert "SpecificCharacterSet" not in _identifier("STUDY", {}, {"PatientName": "Smith*"}, ())
+    with pytest.raises(InputError, match="^search filter StudyDescription: the value cannot be sent") as error:
+        _identifier("STUDY", {}, {"StudyDescription": "x\udcff*"}, ())  # a byte the terminal could not decode
+    assert "\udcff" not in str(error.value)
+
+
+@pytest.mark.orthanc
 def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(uploaded, caplog, recwarn):
     """pydicom complains, quoting the value, about a match value outside its VR's rules and about a
     non-conformant UID the PACS returns (pydicom-data's bad_sequence.dcm has a 64-hex-digit Study UID):
