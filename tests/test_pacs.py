@@ -867,6 +867,33 @@ def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(upl
         assert value not in said, value
 
 
+@pytest.mark.orthanc
+def test_a_dimse_pull_keeps_returned_uids_out_of_logs_and_warnings_in_every_thread(uploaded, tmp_path, caplog,
+                                                                                   recwarn):
+    """pydicom-data's bad_sequence.dcm has a 64-hex-digit SOP Instance UID: pydicom complained about it, quoting
+    it, while pynetdicom's threads encoded the C-GET / C-MOVE requests and decoded the stores, at WARNING and as
+    a UserWarning, even with --quiet. Nothing of it reaches the log, Python's warnings or the terminal now."""
+    import logging
+
+    from medvl.clinical.pull import run_pull
+
+    pytest.importorskip("pynetdicom")
+    [study] = post_instances(uploaded, [STORE / "bad_sequence.dcm"])
+    sop_uid = str(pydicom.dcmread(STORE / "bad_sequence.dcm", stop_before_pixels=True, force=True).SOPInstanceUID)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    recwarn.clear()
+    for retrieve in ("get", "move"):
+        with dimse_client(uploaded, retrieve=retrieve, move_port=uploaded.peer_port) as client:
+            report = run_pull(client, study, tmp_path / retrieve, show_progress=False)
+        assert report["complete"] and report["counts"]["pulled"] == 1, retrieve
+    result, output = invoke("pacs", "pull", "--url", uploaded.dimse, "--calling-aet", MOVE_AET, "--study", study,
+                            "--out", tmp_path / "cli", "--quiet")
+    assert result.exit_code == 0, output
+    said = caplog.text + " ".join(str(w.message) for w in recwarn) + output
+    assert "pulled 1 instance(s)" in caplog.text and sop_uid not in said and study not in said
+
+
 # ------------------------------------------------------------------ no server needed
 
 

@@ -308,10 +308,14 @@ class DimseClient:
         else:
             identifiers = [_identifier("IMAGE", {**keys, "SOPInstanceUID": sop}, None, ()) for sop in missing]
         inbox = _Inbox(set(missing))
-        if self.retrieve == "get":
-            yield from self._get(identifiers, plan.sop_classes, inbox, _retrieval_name("C-GET", plan))
-        else:
-            yield from self._move(identifiers, plan.sop_classes, inbox, _retrieval_name("C-MOVE", plan))
+        # pydicom complains, quoting it, about a UID outside its VR's rules while pynetdicom encodes the
+        # requests (worker thread) and decodes the C-STORE requests (its own threads): its logger level and
+        # Python's warning filters are process-wide, so this covers every thread of the retrieval
+        with quiet_pydicom(self.url):
+            if self.retrieve == "get":
+                yield from self._get(identifiers, plan.sop_classes, inbox, _retrieval_name("C-GET", plan))
+            else:
+                yield from self._move(identifiers, plan.sop_classes, inbox, _retrieval_name("C-MOVE", plan))
 
     # ------------------------------------------------------------------------ C-GET / C-MOVE
 
