@@ -855,7 +855,7 @@ def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(upl
     dimse = dimse_client(uploaded)
     assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientID": patient_id})] == [odd_uid]
     assert dimse.search_studies({"PatientSex": "Smith John", "PatientID": PATIENTS["A"]["id"]}) == []
-    assert dimse.search_studies({"BodyPartExamined": "l-spine", "PatientID": PATIENTS["A"]["id"]}) == []
+    assert dimse.search_series(uploaded.studies["A"], {"BodyPartExamined": "l-spine"}) == []
     with uploaded.client() as web:
         for search in (web, dimse):
             found = search.search_studies({"ModalitiesInStudy": "ct", "PatientID": PATIENTS["A"]["id"]})
@@ -948,6 +948,22 @@ def test_search_filters_no_transport_can_match_are_refused_before_asking(filters
             client.search_studies(filters)
         with pytest.raises(InputError, match=re.escape(problem)):
             client.search_series("1.2.3", filters)
+
+
+@pytest.mark.parametrize("key", ["BodyPartExamined", "SeriesDescription", "SeriesNumber", "Modality", "00180015"])
+def test_a_study_search_by_a_series_attribute_is_refused_naming_it_on_both_transports(key):
+    """A study search filtered on a series attribute found no study on either transport, even with '*': refused
+    before asking, naming the attribute and the series search that can match it; a series search takes it."""
+    value = "1" if key == "SeriesNumber" else "CT" if key == "Modality" else "CHEST"
+    for client in both_transports(free_port()):
+        with pytest.raises(InputError, match=f"^{key} is a series attribute, which a study search cannot match: "
+                                             r"search a study's series by it \(--study UID\)"):
+            client.search_studies({key: value, "PatientID": "x"})
+        with pytest.raises(DataError, match="connection refused"):  # asked: a series search matches it
+            client.search_series("1.2.3", {key: value})
+    result, output = invoke("pacs", "search", "--url", f"dicom://PACS@127.0.0.1:{free_port()}", "--filter",
+                            f"{key}={value}")
+    assert result.exit_code == 2 and f"{key} is a series attribute" in output and "Traceback" not in output
 
 
 @pytest.mark.parametrize("limit", [0, -1])

@@ -55,7 +55,16 @@ from typing import IO, Any
 from ..errors import ConnectionFailure, DataError, InputError
 from .dicom import quiet_pydicom
 from .formats import INSTALL_HINT
-from .pacs import INTEGER_RANGES, SERIES_FIELDS, STUDY_FIELDS, check_paging, filter_vr, keyword_or_tag, search_filters
+from .pacs import (
+    INTEGER_RANGES,
+    SERIES_FIELDS,
+    STUDY_FIELDS,
+    check_paging,
+    filter_vr,
+    keyword_or_tag,
+    search_filters,
+    study_search_filters,
+)
 from .pull import SeriesPlan, as_int, series_order
 
 log = logging.getLogger(__name__)
@@ -238,8 +247,9 @@ class DimseClient:
 
     def search_studies(self, filters: Mapping[str, Any] | None = None, *, fields: Iterable[str] = STUDY_FIELDS,
                        limit: int | None = None) -> list[dict[str, Any]]:
-        """C-FIND at STUDY level: matching studies as keyword -> value dicts (identifiers included)."""
-        return self._find("STUDY", {}, filters, fields, limit, "study search")
+        """C-FIND at STUDY level: matching studies as keyword -> value dicts (identifiers included); a
+        series attribute as a filter is refused (``study_search_filters``)."""
+        return self._find("STUDY", {}, study_search_filters(filters), fields, limit, "study search")
 
     def search_series(self, study_uid: str, filters: Mapping[str, Any] | None = None, *,
                       fields: Iterable[str] = SERIES_FIELDS, limit: int | None = None) -> list[dict[str, Any]]:
