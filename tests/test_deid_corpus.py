@@ -950,6 +950,24 @@ def test_cjk_name_in_a_kept_element_refuses_the_file(tmp_path):
     assert not (tmp_path / "k.dcm").exists() and not (tmp_path / "c.dcm").exists()
 
 
+@pytest.mark.parametrize(("name", "copied"), [
+    ("Łukasz^Wałęsa", "Lukasz"), ("Wałęsa^Łukasz", "WALESA"), ("Østergård^Åse", "Ostergard"),
+    ("Østergård^Åse", "Oestergaard"), ("Æbelø^Dorte", "Aebelo"), ("Đorđević^Ana", "Dordevic"),
+    ("Đorđević^Ana", "Djordjevic"), ("Œdipe^Marc", "Oedipe"), ("Þórsdóttir^Anna", "Thorsdottir"),
+    ("Yıldız^Ayşe", "Yildiz"), ("Strauß^Jan", "Strauss"), ("Müller^Jan", "Mueller"), ("Buc^Jérôme", "Jerome"),
+])
+def test_a_name_copied_without_its_letters_that_do_not_decompose_refuses_the_file(name, copied, tmp_path):
+    """Ł, Ø, Æ, Đ, Œ, Þ, ı have no Unicode decomposition: stripping accents left them, so ``Lukasz`` copied
+    by a system that drops diacritics passed the final scan. They fold as such systems write them, on both
+    sides, and a name part is also searched in its other common spellings (``Djordjevic``, ``Mueller``)."""
+    ds = base_dataset()
+    ds.SpecificCharacterSet, ds.PatientName, ds.ConvolutionKernel = "ISO_IR 192", name, copied
+    write(ds, tmp_path / "in.dcm")
+    with pytest.raises(DataError, match=r"name survived de-identification in ConvolutionKernel; nothing was written"):
+        deidentify(tmp_path / "in.dcm", tmp_path / "out.dcm")
+    assert not (tmp_path / "out.dcm").exists()
+
+
 def test_unknown_public_elements_held_as_un_are_removed(tmp_path):
     """A public tag the dictionary does not know, sent as UN (a newer attribute through an older node), is
     opaque to the profile: a date in it would keep its value next to the shifted ones and give the offset

@@ -809,6 +809,36 @@ def test_a_non_ascii_letter_is_matched_by_star_as_the_warning_advises(uploaded, 
 
 
 @pytest.mark.orthanc
+def test_a_c_find_value_outside_ascii_is_sent_as_written_not_as_wildcards(uploaded):
+    """A match value with letters the default character set cannot encode (Greek, Cyrillic, Chinese) went out
+    with '?' (a wildcard) in place of each, and the search listed other patients. The identifier now declares
+    UTF-8 (ISO_IR 192) for such a value, and the PACS finds the patient by the real letters."""
+    pytest.importorskip("pynetdicom")
+    charsets = Path(pydicom.__file__).parent / "data" / "charset_files"
+    greek, russian, chinese = post_instances(uploaded, [charsets / "chrGreek.dcm", charsets / "chrRuss.dcm",
+                                                        charsets / "chrX1.dcm"])
+    dimse = dimse_client(uploaded)
+    for name, study in (("Διον*", greek), ("Люк*", russian), ("*王^小東*", chinese)):
+        assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientName": name})] == [study], name
+    assert dimse.search_studies({"PatientID": "Δ*"}) == []
+    result, output = invoke("pacs", "search", "--url", uploaded.dimse, "--calling-aet", MOVE_AET,
+                            "--patient-name", "Διον*", "--uids")
+    assert result.exit_code == 0 and output.split() == [greek], output
+
+
+def test_a_c_find_value_no_character_set_encodes_is_refused_naming_its_field():
+    from medvl.clinical.dimse import _identifier
+
+    pytest.importorskip("pynetdicom")
+    identifier = _identifier("STUDY", {}, {"PatientName": "Jérôme*"}, ("StudyInstanceUID",))
+    assert identifier.SpecificCharacterSet == "ISO_IR 192" and identifier.PatientName == "Jérôme*"
+    assert "SpecificCharacterSet" not in _identifier("STUDY", {}, {"PatientName": "Smith*"}, ())
+    with pytest.raises(InputError, match="^search filter StudyDescription: the value cannot be sent") as error:
+        _identifier("STUDY", {}, {"StudyDescription": "x\udcff*"}, ())  # a byte the terminal could not decode
+    assert "\udcff" not in str(error.value)
+
+
+@pytest.mark.orthanc
 def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(uploaded, caplog, recwarn):
     """pydicom complains, quoting the value, about a match value outside its VR's rules and about a
     non-conformant UID the PACS returns (pydicom-data's bad_sequence.dcm has a 64-hex-digit Study UID):
@@ -825,7 +855,7 @@ def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(upl
     dimse = dimse_client(uploaded)
     assert [s["StudyInstanceUID"] for s in dimse.search_studies({"PatientID": patient_id})] == [odd_uid]
     assert dimse.search_studies({"PatientSex": "Smith John", "PatientID": PATIENTS["A"]["id"]}) == []
-    assert dimse.search_studies({"BodyPartExamined": "l-spine", "PatientID": PATIENTS["A"]["id"]}) == []
+    assert dimse.search_series(uploaded.studies["A"], {"BodyPartExamined": "l-spine"}) == []
     with uploaded.client() as web:
         for search in (web, dimse):
             found = search.search_studies({"ModalitiesInStudy": "ct", "PatientID": PATIENTS["A"]["id"]})
@@ -835,6 +865,33 @@ def test_dimse_search_values_and_returned_uids_stay_out_of_logs_and_warnings(upl
     said = caplog.text + " ".join(str(w.message) for w in recwarn)
     for value in (odd_uid, "Smith John", "SMITH JOHN", "L-SPINE", "SECRET"):
         assert value not in said, value
+
+
+@pytest.mark.orthanc
+def test_a_dimse_pull_keeps_returned_uids_out_of_logs_and_warnings_in_every_thread(uploaded, tmp_path, caplog,
+                                                                                   recwarn):
+    """pydicom-data's bad_sequence.dcm has a 64-hex-digit SOP Instance UID: pydicom complained about it, quoting
+    it, while pynetdicom's threads encoded the C-GET / C-MOVE requests and decoded the stores, at WARNING and as
+    a UserWarning, even with --quiet. Nothing of it reaches the log, Python's warnings or the terminal now."""
+    import logging
+
+    from medvl.clinical.pull import run_pull
+
+    pytest.importorskip("pynetdicom")
+    [study] = post_instances(uploaded, [STORE / "bad_sequence.dcm"])
+    sop_uid = str(pydicom.dcmread(STORE / "bad_sequence.dcm", stop_before_pixels=True, force=True).SOPInstanceUID)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    recwarn.clear()
+    for retrieve in ("get", "move"):
+        with dimse_client(uploaded, retrieve=retrieve, move_port=uploaded.peer_port) as client:
+            report = run_pull(client, study, tmp_path / retrieve, show_progress=False)
+        assert report["complete"] and report["counts"]["pulled"] == 1, retrieve
+    result, output = invoke("pacs", "pull", "--url", uploaded.dimse, "--calling-aet", MOVE_AET, "--study", study,
+                            "--out", tmp_path / "cli", "--quiet")
+    assert result.exit_code == 0, output
+    said = caplog.text + " ".join(str(w.message) for w in recwarn) + output
+    assert "pulled 1 instance(s)" in caplog.text and sop_uid not in said and study not in said
 
 
 # ------------------------------------------------------------------ no server needed
@@ -891,6 +948,22 @@ def test_search_filters_no_transport_can_match_are_refused_before_asking(filters
             client.search_studies(filters)
         with pytest.raises(InputError, match=re.escape(problem)):
             client.search_series("1.2.3", filters)
+
+
+@pytest.mark.parametrize("key", ["BodyPartExamined", "SeriesDescription", "SeriesNumber", "Modality", "00180015"])
+def test_a_study_search_by_a_series_attribute_is_refused_naming_it_on_both_transports(key):
+    """A study search filtered on a series attribute found no study on either transport, even with '*': refused
+    before asking, naming the attribute and the series search that can match it; a series search takes it."""
+    value = "1" if key == "SeriesNumber" else "CT" if key == "Modality" else "CHEST"
+    for client in both_transports(free_port()):
+        with pytest.raises(InputError, match=f"^{key} is a series attribute, which a study search cannot match: "
+                                             r"search a study's series by it \(--study UID\)"):
+            client.search_studies({key: value, "PatientID": "x"})
+        with pytest.raises(DataError, match="connection refused"):  # asked: a series search matches it
+            client.search_series("1.2.3", {key: value})
+    result, output = invoke("pacs", "search", "--url", f"dicom://PACS@127.0.0.1:{free_port()}", "--filter",
+                            f"{key}={value}")
+    assert result.exit_code == 2 and f"{key} is a series attribute" in output and "Traceback" not in output
 
 
 @pytest.mark.parametrize("limit", [0, -1])

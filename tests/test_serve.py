@@ -369,6 +369,31 @@ def test_a_corrupt_dicom_is_422_with_the_reason(client):
     assert zero_shot(client, whole[:140], "ct.dcm").status_code == 422
 
 
+def test_a_dicom_data_set_without_preamble_is_answered_as_medvl_predict_reads_it(client, tmp_path):
+    """A DICOM data set stored without the 128-byte preamble, DICM and file meta (Orthanc keeps one as it came;
+    medvl predict, deid and pacs pull read it) was answered 415 "send ... DICOM". It is read as a DICOM upload
+    now, found by parsing its header; bytes that merely start like one are still 415."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medvl.clinical.dicom import read_dicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, implicit_vr=True, little_endian=True)
+    data = bare.read_bytes()
+    assert data[128:132] != b"DICM" and data[:2] == b"\x08\x00"
+    read_dicom(bare)  # what medvl predict reads
+    answer = zero_shot(client, data, "bare.dcm")
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()["probabilities"]) == set(LABELS.split(","))
+    for lookalike in (b"\x08\x00\x05\x00" + b"not a data set " * 20, data[:6] + b"\xff" * 300):
+        refused = zero_shot(client, lookalike, "x.dcm")
+        assert refused.status_code == 415 and "a data set without the preamble" in refused.json()["detail"]
+
+
 def test_a_dicom_with_an_unknown_transfer_syntax_is_422_not_500(client):
     """De-identification on arrival crashed on a private transfer syntax (it could not encode the
     header for the final scan): /v1/zero-shot and /v1/embed answered 500. They answer 422 naming

@@ -104,7 +104,8 @@ def search_command(
     accession: Annotated[str | None, typer.Option(help="Accession number.")] = None,
     study: Annotated[str | None, typer.Option(help="List the series of this study UID instead of studies.")] = None,
     filter_: Annotated[list[str] | None, typer.Option(
-        "--filter", help="Any other QIDO-RS match, KEYWORD=VALUE (repeatable), e.g. StudyDescription=*CHEST*.")]
+        "--filter", help="Any other QIDO-RS match, KEYWORD=VALUE (repeatable), e.g. StudyDescription=*CHEST*; a series "
+                         "attribute (BodyPartExamined=CHEST) with --study UID.")]
     = None,
     limit: Annotated[int | None, typer.Option(help="At most this many results.")] = None,
     uids: Annotated[bool, typer.Option("--uids", help="Print only the UIDs, one per line (for scripts).")] = False,

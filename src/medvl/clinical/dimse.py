@@ -9,7 +9,8 @@ query/retrieve information model:
 - ``search_studies(filters)``, ``search_series(study_uid, filters)``, ``search_instances(...)``:
   C-FIND at STUDY / SERIES / IMAGE level, with the same filters (DICOM keyword -> match value,
   ``*`` / ``?`` wildcards, ``YYYYMMDD-YYYYMMDD`` date ranges, checked before the query by
-  ``medvl.clinical.pacs.search_filters``) and the same plain keyword -> value results as
+  ``medvl.clinical.pacs.search_filters``; a value that is not ASCII is sent in UTF-8, the identifier's
+  Specific Character Set ``ISO_IR 192``) and the same plain keyword -> value results as
   ``DicomWebClient``; they hold patient identifiers: show them, never log or store them. DIMSE has
   no paging: ``limit`` (at least 1) keeps the first results;
 - ``plan_series`` / ``fetch_series``: a ``medvl.clinical.pull.PullSource``, so ``run_pull(client,
@@ -46,6 +47,7 @@ import queue
 import socket
 import tempfile
 import threading
+import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any
@@ -53,7 +55,16 @@ from typing import IO, Any
 from ..errors import ConnectionFailure, DataError, InputError
 from .dicom import quiet_pydicom
 from .formats import INSTALL_HINT
-from .pacs import INTEGER_RANGES, SERIES_FIELDS, STUDY_FIELDS, check_paging, filter_vr, keyword_or_tag, search_filters
+from .pacs import (
+    INTEGER_RANGES,
+    SERIES_FIELDS,
+    STUDY_FIELDS,
+    check_paging,
+    filter_vr,
+    keyword_or_tag,
+    search_filters,
+    study_search_filters,
+)
 from .pull import SeriesPlan, as_int, series_order
 
 log = logging.getLogger(__name__)
@@ -67,6 +78,7 @@ PENDING = (0xFF00, 0xFF01)
 NOT_ASKED_FOR = 0xC001  # C-STORE status for an instance this retrieval did not request
 OUT_OF_RESOURCES = 0xA700
 NOT_STORED = ("Storage Commitment", "Media Storage Directory")  # SOP classes named "Storage" that store nothing
+UTF8 = "ISO_IR 192"  # the Specific Character Set of a C-FIND identifier holding a value that is not ASCII
 RESPONSE_ONLY = {"QueryRetrieveLevel", "RetrieveAETitle", "SpecificCharacterSet", "InstanceAvailability"}
 
 
@@ -235,8 +247,9 @@ class DimseClient:
 
     def search_studies(self, filters: Mapping[str, Any] | None = None, *, fields: Iterable[str] = STUDY_FIELDS,
                        limit: int | None = None) -> list[dict[str, Any]]:
-        """C-FIND at STUDY level: matching studies as keyword -> value dicts (identifiers included)."""
-        return self._find("STUDY", {}, filters, fields, limit, "study search")
+        """C-FIND at STUDY level: matching studies as keyword -> value dicts (identifiers included); a
+        series attribute as a filter is refused (``study_search_filters``)."""
+        return self._find("STUDY", {}, study_search_filters(filters), fields, limit, "study search")
 
     def search_series(self, study_uid: str, filters: Mapping[str, Any] | None = None, *,
                       fields: Iterable[str] = SERIES_FIELDS, limit: int | None = None) -> list[dict[str, Any]]:
@@ -305,10 +318,14 @@ class DimseClient:
         else:
             identifiers = [_identifier("IMAGE", {**keys, "SOPInstanceUID": sop}, None, ()) for sop in missing]
         inbox = _Inbox(set(missing))
-        if self.retrieve == "get":
-            yield from self._get(identifiers, plan.sop_classes, inbox, _retrieval_name("C-GET", plan))
-        else:
-            yield from self._move(identifiers, plan.sop_classes, inbox, _retrieval_name("C-MOVE", plan))
+        # pydicom complains, quoting it, about a UID outside its VR's rules while pynetdicom encodes the
+        # requests (worker thread) and decodes the C-STORE requests (its own threads): its logger level and
+        # Python's warning filters are process-wide, so this covers every thread of the retrieval
+        with quiet_pydicom(self.url):
+            if self.retrieve == "get":
+                yield from self._get(identifiers, plan.sop_classes, inbox, _retrieval_name("C-GET", plan))
+            else:
+                yield from self._move(identifiers, plan.sop_classes, inbox, _retrieval_name("C-MOVE", plan))
 
     # ------------------------------------------------------------------------ C-GET / C-MOVE
 
@@ -494,10 +511,12 @@ def _identifier(level: str, keys: Mapping[str, str], filters: Mapping[str, Any] 
     from pydicom.dataset import Dataset
 
     identifier = Dataset()
-    identifier.QueryRetrieveLevel = level
     values = {keyword_or_tag(f): "" for f in fields}
     values.update(search_filters(filters))
     values.update(keys)
+    if not all(str(value).isascii() for value in values.values()):
+        identifier.SpecificCharacterSet = UTF8  # else pydicom sends '?' (a wildcard) for what it cannot encode
+    identifier.QueryRetrieveLevel = level
     # pydicom warns, quoting it, about a value outside its VR's rules (a name, an ID): kept out of logs
     with quiet_pydicom("search identifier"):
         for name, value in values.items():
@@ -505,7 +524,7 @@ def _identifier(level: str, keys: Mapping[str, str], filters: Mapping[str, Any] 
             tag, vr = (tag if tag is not None else int(name, 16)), filter_vr(name)
             if vr != "SQ":  # a sequence as a return key is left out; as a match key search_filters refused it
                 identifier.add_new(tag, vr, _typed(value, vr))
-                _check_encodable(identifier[tag], name)
+                _check_encodable(identifier[tag], name, identifier.get("SpecificCharacterSet", "ISO_IR 6"))
     return identifier
 
 
@@ -518,19 +537,26 @@ def _typed(value: str, vr: str) -> Any:
     return value
 
 
-def _check_encodable(element, name: str) -> None:
-    """InputError naming the attribute when ``element`` of an identifier cannot be encoded (C-FIND
-    would fail on the whole identifier without saying which)."""
+def _check_encodable(element, name: str, charset: str = "ISO_IR 6") -> None:
+    """InputError naming the attribute (never the value) when ``element`` of an identifier cannot be
+    encoded in ``charset`` (the identifier's Specific Character Set): C-FIND would fail on the whole
+    identifier without saying which, or pydicom would put ``?`` (a wildcard) in place of each letter it
+    cannot encode, warning only, and the search would match other patients."""
+    from pydicom.charset import convert_encodings
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_data_element
 
+    encodings = convert_encodings(charset)
     for little_endian, implicit in ((True, True), (True, False)):
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = little_endian, implicit
         try:
-            write_data_element(buffer, element)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # "using replacement characters": the value would not go out as given
+                write_data_element(buffer, element, encodings)
         except Exception:  # noqa: BLE001 - pydicom raises several types for a value its VR cannot hold
-            raise InputError(f"search filter {name}: the value cannot be sent as a DICOM {element.VR} value") from None
+            raise InputError(f"search filter {name}: the value cannot be sent as a DICOM {element.VR} value "
+                             f"in character set {charset}") from None
 
 
 def plain_values(identifier) -> dict[str, Any]:

@@ -47,9 +47,10 @@
   date-like components of UIDs (a timestamp, ``...20040119072730.12322``) are not searched as dates:
   a device's implementation root may hold one (``...9125.0.19950720``), kept in its class UIDs.
 
-Matching ignores case and accents, and a value only matches where it is not glued to more of the
-same kind of character: a name part must not touch another letter (``LI`` is found in ``LI WU``,
-``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
+Matching ignores case and accents (``fold``: ``Ł``, ``Ø``, ``Æ``... as ``L``, ``O``, ``AE``; name parts also
+in their other ASCII spellings, ``Đorđević`` as ``Djordjevic``), and a value only matches where it is
+not glued to more of the same kind of character: a name part must not touch another letter (``LI`` is
+found in ``LI WU``, ``Li^Wu`` and ``DR-LI``, not in ``CLINIC``), a number must not touch another digit (``19500131``
 is found in ``DOB19500131``, not inside a longer number such as ``2.25.1195001310``; the time
 digits of a date-time are the one exception: ``19500131123000`` is the date). Name parts of fewer than
 four letters must not touch a digit either (``WU`` is not found in a random Study ID ``7WU3``;
@@ -135,10 +136,33 @@ UID_MIN = 10
 STANDARD_UID_ROOT = "1.2.840.10008."  # the standard's own UIDs (classes, transfer syntaxes, coding schemes)
 
 
+# Latin letters Unicode does not decompose into a base letter and an accent, as systems that drop
+# diacritics write them (``Łukasz`` -> ``Lukasz``, ``Æbelø`` -> ``Aebelo``); ß -> ss is casefold's.
+UNDECOMPOSED = str.maketrans({
+    "Ł": "L", "ł": "l", "Ø": "O", "ø": "o", "Æ": "AE", "æ": "ae", "Œ": "OE", "œ": "oe", "Đ": "D", "đ": "d",
+    "Ð": "D", "ð": "d", "Þ": "TH", "þ": "th", "ı": "i", "Ħ": "H", "ħ": "h", "Ŧ": "T", "ŧ": "t", "ĸ": "k",
+    "Ŋ": "NG", "ŋ": "ng", "Ɨ": "I", "ɨ": "i", "Ƀ": "B", "ƀ": "b", "Ɖ": "D", "ɖ": "d", "Ɓ": "B", "ɓ": "b",
+    "ẞ": "SS", "ſ": "s", "Ĳ": "IJ", "ĳ": "ij"})
+# Other spellings of letters in names written in ASCII (``Đorđević`` as ``Djordjevic``, ``Müller`` as
+# ``Mueller``, ``Ørsted`` as ``Oersted``, ``Åse`` as ``Aase``): name parts are searched in these too.
+TRANSLITERATIONS = str.maketrans({
+    "Đ": "Dj", "đ": "dj", "Ø": "Oe", "ø": "oe", "Å": "Aa", "å": "aa", "Ä": "Ae", "ä": "ae", "Ö": "Oe", "ö": "oe",
+    "Ü": "Ue", "ü": "ue"})
+
+
 def fold(text: str) -> str:
-    """Case- and accent-insensitive form used for every comparison (``Müller`` -> ``muller``)."""
+    """Case- and accent-insensitive form used for every comparison (``Müller`` -> ``muller``); the
+    Latin letters without a decomposition become their usual ASCII letters (``UNDECOMPOSED``:
+    ``Łukasz`` -> ``lukasz``, ``Æbelø`` -> ``aebelo``), on both sides of every comparison."""
     decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(char for char in decomposed if not unicodedata.combining(char)).casefold()
+    bare = "".join(char for char in decomposed if not unicodedata.combining(char))
+    return bare.translate(UNDECOMPOSED).casefold()
+
+
+def fold_spellings(text: str) -> set[str]:
+    """``fold(text)``, and the fold of ``text`` spelled with ``TRANSLITERATIONS`` when it holds one of
+    their letters (``Đorđević`` -> ``dordevic``, ``djordjevic``)."""
+    return {fold(text), fold(unicodedata.normalize("NFC", text).translate(TRANSLITERATIONS))}
 
 
 def _edge(char: str, word: str) -> str | None:
@@ -204,10 +228,12 @@ def date_patterns(date: str) -> list[str]:
 
 def _components(value: str) -> Iterator[list[str]]:
     """The family, given and middle name components of a PN value (every component group), each
-    as its folded parts, one-letter parts included."""
+    as its folded parts, one-letter parts included; a component again in its other spelling
+    (``fold_spellings``) when it has one."""
     for group in str(value).split("="):
         for component in group.split("^")[:3]:
-            yield [part for part in _NAME_SEPARATORS.split(fold(component).strip()) if part]
+            for spelling in sorted(fold_spellings(component)):
+                yield [part for part in _NAME_SEPARATORS.split(spelling.strip()) if part]
 
 
 def _searchable_part(part: str) -> bool:

@@ -80,6 +80,15 @@ INTEGER_RANGES = {"US": (0, 2**16 - 1), "SS": (-(2**15), 2**15 - 1), "UL": (0, 2
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
                 "StudyDescription", "AccessionNumber", "NumberOfStudyRelatedSeries",
                 "NumberOfStudyRelatedInstances")
+# Attributes of a series (General Series, General Equipment modules; PS3.4 C.6.2.1.2): a study search does not
+# match them (Orthanc finds no study, even with "*"), a series search does (search_series, --study UID)
+SERIES_KEYS = frozenset({
+    "Modality", "SeriesNumber", "SeriesInstanceUID", "SeriesDescription", "SeriesDate", "SeriesTime",
+    "BodyPartExamined", "ProtocolName", "Laterality", "SeriesType", "SequenceName", "OperatorsName",
+    "PerformingPhysicianName", "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "PerformedProcedureStepDescription", "Manufacturer",
+    "ManufacturerModelName", "StationName", "InstitutionalDepartmentName", "ContrastBolusAgent",
+    "AcquisitionDeviceProcessingDescription", "NumberOfSeriesRelatedInstances"})
 SERIES_FIELDS = ("SeriesInstanceUID", "SeriesNumber", "Modality", "SeriesDescription", "BodyPartExamined",
                  "NumberOfSeriesRelatedInstances")
 
@@ -226,8 +235,9 @@ class DicomWebClient:
 
     def search_studies(self, filters: Mapping[str, Any] | None = None, *, fields: Iterable[str] = STUDY_FIELDS,
                        limit: int | None = None, offset: int | None = None) -> list[dict[str, Any]]:
-        """QIDO-RS ``/studies``: matching studies as keyword -> value dicts (identifiers included)."""
-        return self._query("/studies", "study search", filters, fields, limit, offset)
+        """QIDO-RS ``/studies``: matching studies as keyword -> value dicts (identifiers included); a
+        series attribute as a filter is refused (``study_search_filters``)."""
+        return self._query("/studies", "study search", study_search_filters(filters), fields, limit, offset)
 
     def search_series(self, study_uid: str | None = None, filters: Mapping[str, Any] | None = None, *,
                       fields: Iterable[str] = SERIES_FIELDS, limit: int | None = None,
@@ -387,6 +397,24 @@ def search_filters(filters: Mapping[str, Any] | None, option: str = "") -> dict[
         what = f"{option} {name}".strip()
         checked[name] = match_list(check_match_value(name, str(value), what), name, what)
     return checked
+
+
+def study_search_filters(filters: Mapping[str, Any] | None) -> dict[str, str]:
+    """``search_filters`` for a study search: InputError for a series attribute (``SERIES_KEYS``, by
+    keyword or tag), which no study matches: servers answer "no studies", not "not searchable here"."""
+    from pydicom.datadict import keyword_for_tag
+
+    checked = search_filters(filters)
+    for name in checked:
+        keyword = name if not _is_tag(name) else keyword_for_tag(int(name, 16))
+        if keyword in SERIES_KEYS:
+            raise InputError(f"{name} is a series attribute, which a study search cannot match: search a study's "
+                             f"series by it (--study UID)")
+    return checked
+
+
+def _is_tag(name: str) -> bool:
+    return len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name)
 
 
 def match_list(value: str, name: str, what: str) -> str:

@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 PNG, JPEG, DICOM, NIFTI, NIFTI_GZ = "png", "jpeg", "dicom", "nifti", "nifti-gz"
 SUFFIXES = {PNG: ".png", JPEG: ".jpg", DICOM: ".dcm", NIFTI: ".nii", NIFTI_GZ: ".nii.gz"}
-ACCEPTED = "PNG, JPEG, DICOM (Part 10, 'DICM' at byte 128) or NIfTI (.nii / .nii.gz)"
+ACCEPTED = "PNG, JPEG, DICOM (Part 10, or a data set without the preamble) or NIfTI (.nii / .nii.gz)"
 _NIFTI_MAGIC = {348: (344, b"n+1\x00"), 540: (4, b"n+2\x00")}  # sizeof_hdr -> (offset, magic) of single files
 
 
@@ -93,11 +93,32 @@ def sniff(data: bytes) -> str:
         return JPEG
     if len(data) >= 132 and data[128:132] == b"DICM":
         return DICOM
+    if _is_bare_dataset(data):
+        return DICOM
     if _is_nifti_header(data):
         return NIFTI
     if data.startswith(b"\x1f\x8b") and _is_nifti_header(_gunzip_head(data, 544)):
         return NIFTI_GZ
     raise UploadRejected(415, f"unsupported file type; send {ACCEPTED}")
+
+
+def _is_bare_dataset(data: bytes) -> bool:
+    """A DICOM data set written without the 128-byte preamble, ``DICM`` and file meta, which ``medvl predict``,
+    ``deid`` and ``pacs pull`` read (and Orthanc stores as it came): it starts with group 0x0002 or 0x0008
+    (``medvl.clinical.dicom.looks_like_raw_dataset``) and pydicom parses its header, SOP Class UID included.
+    Parsing, not the first bytes alone, tells it from other files starting with those bytes."""
+    import pydicom
+
+    from ..clinical.dicom import looks_like_raw_dataset, quiet_pydicom
+
+    if not looks_like_raw_dataset(data[:4]):
+        return False
+    try:
+        with quiet_pydicom("upload"):  # its complaints quote values: patient data
+            header = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - pydicom raises many types for bytes that are not a data set
+        return False
+    return "SOPClassUID" in header  # every stored instance has one; bytes read as elements by chance do not
 
 
 def _is_nifti_header(head: bytes) -> bool:
