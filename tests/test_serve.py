@@ -2310,11 +2310,7 @@ def test_torch_threads_set_the_model_threads_forward_passes(model_dir, png):
         "on_model = service.model_thread.submit(torch.get_num_threads).result()\n"
         "plain = ModelService(sys.argv[1], None, ServeSettings().validate())\n"
         "print(default, on_model, plain.model_thread.submit(torch.get_num_threads).result())\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    default, on_model, plain = map(int, done.stdout.split())
+    default, on_model, plain = map(int, _two_thread_python(script, model_dir).split())
     assert (default, on_model) == (2, 1)
     assert plain == 1  # torch's setting is the process's: a second service in it keeps it
 
@@ -2332,11 +2328,15 @@ def test_torch_threads_reach_the_onnx_sessions(model_dir, tmp_path):
         "from medvl.serve.settings import ServeSettings\n"
         "service = ModelService(sys.argv[1], None, ServeSettings(backend='onnx', torch_threads=1).validate())\n"
         "print(*(s.get_session_options().intra_op_num_threads for s in service.net.sessions.values()))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", script, str(exported)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    assert _two_thread_python(script, exported).split() == ["1", "1"]
+
+
+def _two_thread_python(script: str, model: Path) -> str:
+    """What ``script`` prints, run with ``model`` as its argument in a Python process of its own on 2 threads."""
+    done = subprocess.run([sys.executable, "-c", script, str(model)], env={**os.environ, "OMP_NUM_THREADS": "2"},
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["1", "1"]
+    return done.stdout
 
 
 def _wait_for(http, process, started: float, statuses: set[str]) -> float:
