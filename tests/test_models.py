@@ -459,3 +459,25 @@ def test_a_local_text_encoder_folder_that_works_trains(phantom_dir, tmp_path):
                                                   "text.path": str(_hf_text_folder(tmp_path / "hf"))})
     assert model.text_tokens(["the heart"])[0][1:-1] == (model.text_encoder.tokenizer.convert_tokens_to_ids("the"),
                                                          model.text_encoder.tokenizer.convert_tokens_to_ids("heart"))
+
+
+def test_the_text_tokenizer_may_be_called_from_several_threads_at_once():
+    """A fast tokenizer keeps its padding and truncation settings between calls: token ids read in one thread (the
+    service's check that two labels read apart) while another tokenized with padding broke the other's batch
+    ("Unable to create tensor" / "Already borrowed", a 500 under load). Every call holds one lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = medvl.create_model("phantom-tiny")
+    texts = [f"a chest x-ray with finding number {i} " * (i % 7 + 1) for i in range(64)]
+    expected_ids, expected_batch = net.text_tokens(texts), net.text_encoder.tokenize(texts)
+
+    def work(i: int) -> None:
+        for _ in range(50):
+            if i % 2:
+                assert net.text_tokens(texts) == expected_ids
+            else:
+                assert torch.equal(net.text_encoder.tokenize(texts)["input_ids"], expected_batch["input_ids"])
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work, i) for i in range(8)]:
+            future.result()

@@ -52,6 +52,7 @@ from .config import ImageConfig, ModelConfig, TextConfig
 from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor, _scale_unit
+from .text import TOKENIZER_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,9 @@ class HFDualEncoder(DualEncoder):
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         siglip = self.model_type == "siglip"
-        tokens = self.tokenizer(list(texts), padding="max_length" if siglip else True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
+        with TOKENIZER_LOCK:  # not at once with text_tokens from another thread ("Already borrowed")
+            tokens = self.tokenizer(list(texts), padding="max_length" if siglip else True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt")
         inputs = {"input_ids": tokens["input_ids"]}
         if not siglip and "attention_mask" in tokens:
             inputs["attention_mask"] = tokens["attention_mask"]
@@ -203,7 +205,8 @@ class HFDualEncoder(DualEncoder):
 
     def text_tokens(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """The token ids ``embed_texts`` feeds the text tower, without padding."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        with TOKENIZER_LOCK:
+            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         return [tuple(row) for row in ids]
 
     def add_head(self, column: str, classes: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,6 +22,10 @@ from ..errors import InputError, ModelError, one_line
 from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
+# A fast (Rust) tokenizer called from two threads at once, one padding and one not, raises "Already borrowed":
+# the service's request threads read token ids (labels read alike, retrieval galleries) while its model thread
+# tokenizes. Every call of a text tower's tokenizer holds this lock (tokenizing is quick beside the model).
+TOKENIZER_LOCK = threading.Lock()
 
 # files that hold a tokenizer's words (tokenizer_config.json alone does not)
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
@@ -266,18 +271,20 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.config.max_length,
-            return_tensors="pt", return_token_type_ids=False,
-        )
+        with TOKENIZER_LOCK:
+            batch = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+                return_tensors="pt", return_token_type_ids=False,
+            )
         return {k: v.to(device) for k, v in batch.items()}
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids as the tower reads them (``tokenize`` without the padding): after the
         tokenizer's normalisation (lower case, accents stripped for the WordPiece ones) and truncation to
         ``max_length``. Texts with the same ids are the same text to the tower."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
-                              return_token_type_ids=False)["input_ids"]
+        with TOKENIZER_LOCK:
+            return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
+                                  return_token_type_ids=False)["input_ids"]
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
