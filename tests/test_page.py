@@ -947,9 +947,9 @@ def test_a_16_bit_or_transparent_png_is_shown_as_the_model_reads_it_and_an_unrea
     base = page.locator("#preview img:not(.overlay)").bounding_box()
     assert all(abs(base[key] - overlay.bounding_box()[key]) <= 1 for key in ("x", "y", "width", "height"))
     dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm")).read_bytes()
-    headless = tmp_path / "headless.dcm"
-    headless.write_bytes(dicom[132:])  # no preamble: the service does not take it
-    page.locator("#file").set_input_files(headless)
+    unreadable = tmp_path / "scan.dcm"
+    unreadable.write_bytes(b"\x00\x01 neither an image nor a DICOM data set " * 8)  # the service does not take it
+    page.locator("#file").set_input_files(unreadable)
     page.locator("#preview .panel-error").wait_for(timeout=ANSWER_MS)
     assert page.locator("#preview").inner_text().startswith("415 Unsupported Media Type")
     wait_for_panels(page, "error")
@@ -987,7 +987,11 @@ def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_ra
         status = page.locator("#read-status").inner_text()
         enabled = page.get_by_role("button", name="Read image").is_enabled()
         context.close()
-    assert len(statuses) == 4 + sum(code == 429 for _, code in statuses), statuses  # one read, refusals asked again
+    # one read: each route answered once (a panel refused for the rate asked again until answered); a response
+    # event may reach the test after the page has shown the read, so the count is not asked to be exact
+    answered = [route for route, code in statuses if code == 200]
+    assert len(answered) == len(set(answered)) and len(statuses) <= 4 + sum(code == 429 for _, code in statuses), \
+        statuses
     assert 429 in {code for _, code in statuses}, statuses
     assert states == dict.fromkeys(PANELS, "done") and status == "Answered." and enabled, (states, status)
 
