@@ -984,6 +984,8 @@ def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_ra
         page.wait_for_function("() => /^(Answered|Not answered)/.test("
                                "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
         states = {panel: page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS}
+        said = {panel: page.locator(f"#{panel} .body").inner_text()[:200] for panel in PANELS
+                if states[panel] != "done"}
         status = page.locator("#read-status").inner_text()
         enabled = page.get_by_role("button", name="Read image").is_enabled()
         context.close()
@@ -993,7 +995,8 @@ def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_ra
     assert len(answered) == len(set(answered)) and len(statuses) <= 4 + sum(code == 429 for _, code in statuses), \
         statuses
     assert 429 in {code for _, code in statuses}, statuses
-    assert states == dict.fromkeys(PANELS, "done") and status == "Answered." and enabled, (states, status)
+    assert states == dict.fromkeys(PANELS, "done") and status == "Answered." and enabled, (states, said, status,
+                                                                                           statuses)
 
 
 def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without_tokens_needs_none(browser,
