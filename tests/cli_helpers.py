@@ -98,3 +98,23 @@ def with_copied_films(data: Path, out: Path, from_split: str, to_split: str, n: 
         writer.writeheader()
         writer.writerows(rows)
     return out, len(sources)
+
+
+def interrupted_build(model, model_dir, data, out, monkeypatch, batch_size: int = 4, **options: Any) -> None:
+    """A build of ``data`` in batches of ``batch_size`` (``options``: build_index's others) stopped by an interrupt
+    at its third batch: two are checkpointed."""
+    from medvl.index import build as build_module
+    from medvl.index import build_index
+
+    calls, original = [], build_module.embed_records
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "embed_records", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, data, out, model_dir=model_dir, batch_size=batch_size, show_progress=False, **options)
+    monkeypatch.setattr(build_module, "embed_records", original)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import medvl
-from cli_helpers import invoke
+from cli_helpers import interrupted_build, invoke
 from medvl.errors import InputError, ModelError
 
 pytest.importorskip("onnxruntime")
@@ -186,7 +186,6 @@ def test_an_index_holds_vectors_of_one_backend(model_dir, phantom, tmp_path, mon
     """index add embeds on the backend the index was built on (another one is refused, naming both), and a build
     interrupted on one backend and rerun on another starts afresh instead of keeping the first one's vectors."""
     from medvl.index import add_records, build_index, open_index, search_index
-    from medvl.index import build as build_module
 
     index = tmp_path / "index"
     result, output = invoke("index", "build", "--model", model_dir, "--data", phantom, "--split", "train",
@@ -207,20 +206,9 @@ def test_an_index_holds_vectors_of_one_backend(model_dir, phantom, tmp_path, mon
             hit, = search_index(opened, int8, text=record.text, k=1, target="texts", where=f"id = '{record.id}'")
             assert hit.score == pytest.approx(1.0, abs=1e-5)  # each is the vector int8 gives its report
 
-    calls, original = [], build_module.embed_records
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
     data = medvl.load_dataset(phantom).select("train")
-    monkeypatch.setattr(build_module, "embed_records", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(int8, data, tmp_path / "rerun", model_dir=model_dir, batch_size=16, show_progress=False)
-    monkeypatch.setattr(build_module, "embed_records", original)
-    info = build_index(medvl.load_model(model_dir), data, tmp_path / "rerun", model_dir=model_dir, batch_size=16,
+    interrupted_build(int8, model_dir, data, tmp_path / "rerun", monkeypatch)  # two batches of int8 vectors kept
+    info = build_index(medvl.load_model(model_dir), data, tmp_path / "rerun", model_dir=model_dir, batch_size=4,
                        show_progress=False)
     assert (info["resumed"], info["encoder_backend"]) == (0, "torch")
 

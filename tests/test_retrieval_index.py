@@ -24,7 +24,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli_helpers import postgres_server
+from cli_helpers import interrupted_build, postgres_server
 from medvl import DataError, InputError, ModelError, create_model, load_dataset, load_model
 from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
@@ -645,27 +645,9 @@ def test_killed_build_leaves_the_old_index_and_a_rerun_resumes(index_copy, model
         assert len(index) == 67 and search_index(index, model, text="nodule", k=80)[-1].split == "train"
 
 
-def _interrupted_build(model, model_dir, data, out: Path, monkeypatch) -> None:
-    """A build of ``data`` in batches of 4 stopped by an interrupt at its third batch: two are checkpointed."""
-    from medvl.index import build as build_module
-
-    calls, original = [], build_module.embed_records
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(build_module, "embed_records", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(model, data, out, model_dir=model_dir, batch_size=4, show_progress=False)
-    monkeypatch.setattr(build_module, "embed_records", original)
-
-
 def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, monkeypatch):
     data = dataset.select("test")
-    _interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
+    interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
     assert not (tmp_path / "idx").exists()
     info = build_index(model, data, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
     assert info["resumed"] == 8 and info["n_cases"] == 19
@@ -674,7 +656,7 @@ def test_failed_build_resumes_in_process(model, model_dir, dataset, tmp_path, mo
 def test_a_failed_build_resumes_with_its_data_named_another_way(model, model_dir, phantom_dir, tmp_path, monkeypatch):
     """A rerun that named the same data by a relative path (from another folder) started the build afresh: the
     build's key held the data's path and image paths as typed. They are now resolved."""
-    _interrupted_build(model, model_dir, load_dataset(phantom_dir).select("test"), tmp_path / "idx", monkeypatch)
+    interrupted_build(model, model_dir, load_dataset(phantom_dir).select("test"), tmp_path / "idx", monkeypatch)
     monkeypatch.chdir(phantom_dir.parent)
     again = load_dataset(Path(phantom_dir.name)).select("test")
     info = build_index(model, again, tmp_path / "idx", model_dir=model_dir, batch_size=4, show_progress=False)
@@ -699,7 +681,7 @@ def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset,
     from dataclasses import replace
 
     data = dataset.select("test")
-    _interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
+    interrupted_build(model, model_dir, data, tmp_path / "idx", monkeypatch)
     first = data[0]
     corrected = replace(first, text="FINDINGS: Large right pneumothorax.", labels={**first.labels, "finding": "x"})
     changed = Dataset([corrected, *data.records[1:]], source=data.source)
@@ -713,7 +695,7 @@ def test_a_rerun_after_the_data_changed_starts_afresh(model, model_dir, dataset,
     copies.mkdir()
     copied = Dataset([replace(record, images=[Path(shutil.copy(record.image, copies))]) for record in data.records],
                      source=data.source)
-    _interrupted_build(model, model_dir, copied, tmp_path / "again", monkeypatch)
+    interrupted_build(model, model_dir, copied, tmp_path / "again", monkeypatch)
     Image.open(data[1].image).rotate(90).save(copied[0].image)
     assert build_index(model, copied, tmp_path / "again", model_dir=model_dir, batch_size=4,
                        show_progress=False)["resumed"] == 0
@@ -1022,23 +1004,10 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
     with open_index(url) as index:  # the vector counts follow the table; the build's recall says what it measured
         assert (index.info["images"]["n"], index.info["images"]["recall_measured_on"]) == (29, 10)
     # a build interrupted after two batches leaves the old table; the rerun resumes
-    from medvl.index import build as build_module
-
-    calls, original = [], build_module.embed_records
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(build_module, "embed_records", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(model, dataset, url, model_dir=model_dir, batch_size=16, kind="hnsw", show_progress=False)
+    interrupted_build(model, model_dir, dataset, url, monkeypatch, batch_size=16, kind="hnsw")
     with open_index(url) as index:
         assert len(index) == 29
         assert search_index(index, model, text="nodule", k=1)
-    monkeypatch.setattr(build_module, "embed_records", original)
     info = build_index(model, dataset, url, model_dir=model_dir, batch_size=16, kind="hnsw", show_progress=False)
     assert info["resumed"] == 32 and info["images"]["kind"] == "hnsw" and 0 <= info["images"]["recall_at_10"] <= 1
     with open_index(url) as index:
