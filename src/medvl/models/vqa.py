@@ -395,8 +395,7 @@ def load_vqa_model(directory: str | Path) -> VQAModel | VisionLanguageModel:
     directory = Path(directory)
     if is_transformers_folder(directory):
         return VisionLanguageModel.from_pretrained(directory)
-    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
-        directory = directory / "model"
+    directory = _model_folder(directory)
     if not directory.is_dir():
         raise ModelError(f"{directory}: model folder not found")
     return VQAModel.from_pretrained(directory)
@@ -408,14 +407,20 @@ def saved_holdout(directory: str | Path) -> dict[str, Any] | None:
     directory = Path(directory)
     if is_transformers_folder(directory):
         return None
-    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
-        directory = directory / "model"
+    directory = _model_folder(directory)
     try:
         holdout = read_meta(directory, required=True).get("holdout")
     except (ValueError, OSError, MedvlError) as err:
         raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {err.__class__.__name__}: {err})") \
             from None
     return holdout if isinstance(holdout, dict) else None
+
+
+def _model_folder(directory: Path) -> Path:
+    """A medvl VQA model's folder: ``directory``, or a ``medvl train vqa`` output folder's ``model/``."""
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        return directory / "model"
+    return directory
 
 
 # ---------------------------------------------------------------- training questions -> model metadata
