@@ -386,14 +386,14 @@ def model_labels(models: list[str | Path]) -> dict[str, str]:
 
 # the packages whose version can move a cell's figures (kernels, solvers, transforms, tokenizers): part of its
 # fingerprint, so a rerun after an upgrade scores again rather than reusing figures the new versions would not give
-FIGURE_PACKAGES = ("medvl", "torch", "numpy", "scikit-learn", "transformers", "monai")
+FIGURE_PACKAGES = ("medvl", "torch", "transformers", "monai", "numpy", "scikit-learn")
 
 
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for package in ("medvl", "torch", "transformers", "monai", "numpy", "scikit-learn"):
+    for package in FIGURE_PACKAGES:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
