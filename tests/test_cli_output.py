@@ -129,6 +129,13 @@ def test_text_that_is_not_utf8_is_refused_and_a_file_name_that_is_not_is_read(mo
     refused = _console_script("explain", film, "--model", model_dir, "--out", bytes(tmp_path) + b"/ex\xfe")
     assert refused.returncode == 2 and not os.listdir(tmp_path)  # a path option: the terminal is not at fault
     assert b"--out: the path is not UTF-8 (byte offset" in refused.stderr and b"terminal" not in refused.stderr
+    for option in ("--json", "--heatmap"):  # text options (a URL or name elsewhere) that name a file here
+        refused = _console_script("vqa", film, "--model", model_dir, "--question", "is there a nodule?", option,
+                                  bytes(tmp_path) + b"/answer\xfe")
+        assert refused.returncode == 2 and not os.listdir(tmp_path)
+        assert option.encode() + b": the path is not UTF-8" in refused.stderr and b"terminal" not in refused.stderr
+    refused = _console_script("search", "--index", bytes(tmp_path) + b"/cases\xfe", "--text", "heart")
+    assert refused.returncode == 2 and b"--index: the path is not UTF-8" in refused.stderr
     latin1 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")  # a name the file system holds as it is
     shutil.copyfile(film, latin1)
     answered = _console_script("predict", os.fsencode(latin1), "--model", model_dir, "--labels", "nodule,no_finding")

@@ -297,13 +297,21 @@ def undecodable_argument(arguments: list[str]) -> str | None:
     return None
 
 
+# text options whose value names a file or folder to write or read (typed as text because it may also be a URL or a
+# shipped name: an index's postgresql:// URL, a registered model, a shipped concept bank)
+PATH_TEXT_OPTIONS = frozenset({"--json", "--heatmap", "--index", "--out", "--model", "--image-model",
+                               "--question-encoder", "--text-encoder", "--concepts"})
+
+
 def _takes_a_path(arguments: list[str], option: str) -> bool:
     """Whether ``option`` of the command ``arguments`` name (``explain``, ``index build``) is a file system path
-    (a Typer ``Path`` option such as ``--out``), not text."""
+    (a Typer ``Path`` option such as ``--out``, or one of ``PATH_TEXT_OPTIONS``), not text."""
     import inspect
     import typing
     from pathlib import Path
 
+    if option in PATH_TEXT_OPTIONS:
+        return True
     command = typer.main.get_command(app)
     for argument in arguments:
         commands = getattr(command, "commands", None)  # a group (typer's own, not click.Group)
