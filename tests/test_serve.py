@@ -1020,6 +1020,9 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
         build_index(load_model(model_dir), train.subset(train[:6]), url, model_dir=model_dir, show_progress=False)
         with TestClient(create_app(model_dir, index=url, require_token=False)) as http:
             assert http.post("/v1/search", data={"text": "effusion"}).status_code == 200
+            assert http.get("/v1/health").json() | {"waiting": 0} == {"status": "ok", "batching": True, "waiting": 0,
+                                                                     "index": "ok"}
+            service = http.app.state.service
             for statement, reason in (("DROP TABLE served", "names table 'served', which does not exist"),
                                       ("DELETE FROM medvl_indexes WHERE name = 'served'", "any more")):
                 with psycopg.connect(server.get_uri(), autocommit=True) as conn:
@@ -1029,6 +1032,10 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
                 models = http.get("/v1/models")
                 assert models.status_code == 200, models.text
                 assert reason in models.json()["models"][0]["index"]["unavailable"]
+                service.index_health_seconds = 0
+                health = http.get("/v1/health")  # no token: the word, not the reason
+                assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+                assert health.json()["index"] == "unavailable" and "served" not in health.text
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):

@@ -267,14 +267,19 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.get("/v1/health", tags=["service"])
     async def health() -> JSONResponse:
         """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the error's type only: the
-        reason may name the server's files; the routes behind a token give it)."""
+        reason may name the server's files; the routes behind a token give it). With an index, ``index`` is ``ok``
+        or ``unavailable`` (its PostgreSQL table dropped or rebuilt with another model under the service), and the
+        status ``degraded`` (200: the model's routes still answer; the index routes 503 with the reason)."""
         if loader.failure:
             return JSONResponse({"status": "failed", "error": loader.failure_type,
                                  "detail": f"the model could not be loaded ({loader.failure_type}); the routes that "
                                            "need a token give the reason"}, status_code=503)
         if not loader.ready or loader.service is None:
             return JSONResponse({"status": "loading", "batching": settings.batching})
-        return JSONResponse({"status": "ok", "batching": settings.batching, "waiting": loader.service.batcher.waiting})
+        service = loader.service
+        index = await asyncio.to_thread(service.index_health)  # a store's round trip, off the event loop
+        return JSONResponse({"status": "degraded" if index == "unavailable" else "ok", "batching": settings.batching,
+                             "waiting": service.batcher.waiting, **({"index": index} if index else {})})
 
     @app.get("/v1/models", tags=["service"])
     async def models() -> dict:

@@ -70,6 +70,7 @@ MAX_CASE_ID = 1024  # characters; a longer id names no case
 # the heatmap methods /v1/explain runs when none are asked for, those the model supports (default_methods):
 # the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
 SERVICE_METHODS = ("patch_text", "gradcam")
+INDEX_HEALTH_SECONDS = 5.0  # /v1/health asks the index's store at most this often (it needs no token)
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -112,6 +113,8 @@ class ModelService:
                                     settings.max_wait_ms, settings.max_queue)
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
+        self._index_health: tuple[float, str] | None = None  # when /v1/health last asked the store, and its word
+        self.index_health_seconds = INDEX_HEALTH_SECONDS
         self.labeller: ReportLabeller | None = None
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
@@ -264,20 +267,38 @@ class ModelService:
         return {"folder": self.settings.vqa_model.name, "kind": kind, "answers": answers,
                 "max_images": self.vqa_image_limit()}
 
-    def _describe_index(self) -> dict[str, Any] | None:
-        """The index as it is now: a PostgreSQL table rebuilt by another process since the last search is read
-        again (its columns, its size), and one this service cannot search any more says why (``unavailable``)."""
-        from ..index.base import IndexRebuilt
-
+    def index_health(self) -> str | None:
+        """``/v1/health``'s word on the index: None without one, ``ok``, or ``unavailable`` when the store no longer
+        holds it (a PostgreSQL table dropped or rebuilt with another model; the reason only behind a token, in
+        ``/v1/models``). Asked of the store at most every ``INDEX_HEALTH_SECONDS``: the route needs no token."""
         if self.index is None:
             return None
-        unavailable = None
+        now = time.monotonic()
+        checked = self._index_health
+        if checked is None or now - checked[0] >= self.index_health_seconds:
+            checked = (now, "unavailable" if self._index_unavailable() else "ok")
+            self._index_health = checked
+        return checked[1]
+
+    def _index_unavailable(self) -> str | None:
+        """Why the index cannot be searched any more (None when it can): a PostgreSQL table rebuilt by another
+        process since the last search is read again first (its columns, its size)."""
+        from ..index.base import IndexRebuilt
+
         follow = getattr(self.index, "follow_rebuild", None)
         if follow is not None:
             try:
                 follow()
             except (IndexRebuilt, DataError) as error:
-                unavailable = str(error)
+                return str(error)
+        return None
+
+    def _describe_index(self) -> dict[str, Any] | None:
+        """The index as it is now: a PostgreSQL table rebuilt by another process since the last search is read
+        again (its columns, its size), and one this service cannot search any more says why (``unavailable``)."""
+        if self.index is None:
+            return None
+        unavailable = self._index_unavailable()
         info = self.index.info
         return {"name": self.index_name, "cases": None if unavailable else len(self.index),
                 "backend": info.get("backend"), "label_columns": info.get("label_columns"),
