@@ -1141,7 +1141,8 @@ def test_after_all_that_the_service_still_answers_correctly(client, model_dir, p
     assert answer.status_code == 200
     expected = predict(model_dir, [png], LABELS.split(","))[0]
     assert answer.json()["prediction"] == expected["prediction"]
-    assert client.get("/v1/health").json() == {"status": "ok", "batching": True, "waiting": 0}
+    assert client.get("/v1/health").json() == {"status": "ok", "batching": True, "waiting": 0,
+                                                  "index": "ok"}
 
 
 def test_a_model_loading_in_the_background_is_reported_and_routes_wait(model_dir, tmp_path):
