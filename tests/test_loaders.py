@@ -301,6 +301,21 @@ def test_a_jsonl_nan_or_infinity_is_a_missing_value_not_a_class(tmp_path, caplog
     assert a0.labels == {} and "size" not in a0.meta
 
 
+@pytest.mark.parametrize(("cells", "problem"), [
+    ('"finding": ["nodule", "effusion"]', "'finding' must be text, a number or a boolean, got a JSON array"),
+    ('"finding": {"a": 1}', "'finding' must be text, a number or a boolean, got a JSON object"),
+    ('"finding": "nodule", "text": ["a", "b"]', "'text' must be text, a number or a boolean, got a JSON array"),
+])
+def test_a_jsonl_array_or_object_is_refused_not_read_as_its_json_text(tmp_path, cells, problem):
+    # it used to become one class '["nodule", "effusion"]' (or a report '["a", "b"]'), silently
+    _images(tmp_path, ["a0.png", "a1.png"])
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a0.png", "finding": "effusion"}\n{"image": "a1.png", ' + cells + "}\n",
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=rf"m\.jsonl: line 2: {problem}; write one column per finding"):
+        load_dataset(path)
+
+
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")

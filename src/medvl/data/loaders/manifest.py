@@ -17,7 +17,8 @@ Columns (names matched case-insensitively):
 - every other column is a candidate label column (``Dataset.label_names``, in file order).
 
 Values are kept as the strings written in the file (a 0/1 column gives classes ``"0"``, ``"1"``;
-JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``). An empty cell is a
+JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; a JSONL array or object is a
+``DataError`` naming the line and key: ``["nodule", "effusion"]`` would be one class). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
 ``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning).
 ``Record.meta`` holds every non-empty cell except the image and text columns.
@@ -179,9 +180,13 @@ def _not_a_number(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
-def _cell_text(value: Any) -> str:
-    """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), anything else as
-    JSON."""
+def _cell_text(path: Path, line: int, key: str, value: Any) -> str:
+    """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), numbers and booleans
+    as JSON; an array or object is a DataError (its JSON text would become one class or one report)."""
+    if isinstance(value, list | dict):
+        kind = "array" if isinstance(value, list) else "object"
+        raise DataError(path, f"line {line}: {key!r} must be text, a number or a boolean, got a JSON {kind}; "
+                              "write one column per finding (0/1)")
     if value is None or _not_a_number(value):
         return ""
     if isinstance(value, str):
@@ -203,7 +208,7 @@ def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
     if missing:  # Python's json.dumps writes a missing float as NaN: a missing value, not a class named "NaN"
         log.warning("%s: %d NaN / Infinity value(s) read as missing, as null is (first: line %d, key %r)", path,
                     len(missing), *missing[0])
-    return columns, [(line, {key: _cell_text(v) for key, v in row.items()}) for line, row in rows]
+    return columns, [(line, {key: _cell_text(path, line, key, v) for key, v in row.items()}) for line, row in rows]
 
 
 _LINE_BREAK = re.compile(b"\r\n|\r|\n")  # what the csv reader counts as the end of a line
