@@ -510,6 +510,10 @@ def test_a_labels_csv_row_that_would_shift_its_cells_is_refused(tmp_path, rows, 
                                                  f"{uids[1]},,test\n")
     ct, mr = sorted(load_dataset(tmp_path / "dcm"), key=lambda r: r.meta["modality"])
     assert (ct.labels, ct.split, mr.labels, mr.split) == ({"finding": "effusion"}, "train", {}, "test")
+    (tmp_path / "dcm" / "labels.csv").write_text(f"SOPInstanceUID,finding,nodule\n{uids[0]},NaN,1.0\n"
+                                                 f"{uids[1]},effusion,0.0\n")  # read as a manifest's cells are
+    ct, mr = sorted(load_dataset(tmp_path / "dcm"), key=lambda r: r.meta["modality"])
+    assert (ct.labels, mr.labels) == ({"nodule": "1"}, {"finding": "effusion", "nodule": "0"})
 
 
 def test_identifier_columns_of_a_labels_csv_never_become_labels(tmp_path, caplog):

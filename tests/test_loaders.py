@@ -316,6 +316,35 @@ def test_a_jsonl_array_or_object_is_refused_not_read_as_its_json_text(tmp_path, 
         load_dataset(path)
 
 
+def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(tmp_path, caplog):
+    # pandas to_csv(na_rep="NaN") / R's write.csv ("NA"): these cells were a class 'NaN' / 'NA', and pandas' 1.0 / 0.0
+    # (a 0/1 column with a missing value is float) was not a binary column ({"0", "1"}) for any evaluator
+    _images(tmp_path, [f"images/a{i}.png" for i in range(5)])
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("image,split,nodule,finding\na0.png,train,1.0,a\na1.png,train,0.0,NA\na2.png,train,NaN,b\n"
+                        "a3.png,train,1.0,None\na4.png,train,,N/A\n", encoding="utf-8")
+    jsonl_path = tmp_path / "m.jsonl"
+    jsonl_path.write_text('{"image": "a0.png", "split": "train", "nodule": 1.0, "finding": "a"}\n'
+                          '{"image": "a1.png", "split": "train", "nodule": 0.0, "finding": null}\n'
+                          '{"image": "a2.png", "split": "train", "nodule": NaN, "finding": "b"}\n'
+                          '{"image": "a3.png", "split": "train", "nodule": 1.0, "finding": "null"}\n'
+                          '{"image": "a4.png", "split": "train", "finding": "nan"}\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        from_csv = load_dataset(csv_path)
+    assert ("m.csv: 1 cell(s) of column 'nodule' spelled as a missing value (NaN) read as missing, as an empty cell "
+            "is (first: line 4)") in caplog.text
+    assert "m.csv: 3 cell(s) of column 'finding' spelled as a missing value (N/A, NA, None)" in caplog.text
+    from_jsonl = load_dataset(jsonl_path)
+    for dataset in (from_csv, from_jsonl):  # one table, one dataset, whichever format holds it
+        assert [record.labels for record in dataset] == [{"nodule": "1", "finding": "a"}, {"nodule": "0"},
+                                                         {"finding": "b"}, {"nodule": "1"}, {}]
+        assert dataset.classes("nodule") == ["0", "1"] and dataset.classes("finding") == ["a", "b"]
+        assert "nodule" not in dataset[2].meta and "finding" not in dataset[1].meta
+    assert len(load_dataset(csv_path, ["nodule"])) == 3
+    csv_path.write_text("image,grade\na0.png,1.0\na1.png,2.0\na2.png,0.0\n", encoding="utf-8")
+    assert load_dataset(csv_path).classes("grade") == ["0.0", "1.0", "2.0"]  # not a 0/1 column: kept as written
+
+
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")

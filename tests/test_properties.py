@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from medvl.data.loaders import load_manifest, load_npz
+from medvl.data.loaders.manifest import FLOAT_BINARY, MISSING_SPELLINGS
 from medvl.errors import DataError, InputError, MedvlError
 from medvl.index.where import compile_where
 
@@ -69,6 +70,11 @@ def test_manifest_any_text_gives_a_dataset_or_a_medvl_error(text: str, name: str
         pass
 
 
+# a label cell spelled as a missing value ('NA', 'None') is read as missing, and 0.0 / 1.0 as 0 / 1 (documented)
+LABEL_CELLS = st.text(CELL_CHARS, max_size=12).filter(
+    lambda cell: cell.strip() not in MISSING_SPELLINGS and cell.strip() not in FLOAT_BINARY)
+
+
 @st.composite
 def manifests(draw):
     """(label column names, rows) of a valid manifest: image, report, split and label cells."""
@@ -78,7 +84,7 @@ def manifests(draw):
     for index in range(count):
         row = {"image": f"img{index}.npy", "report": draw(st.text(CELL_CHARS, max_size=40)),
                "split": draw(st.sampled_from(["train", "val", "test"]))}
-        row.update({name: draw(st.text(CELL_CHARS, max_size=12)) for name in labels})
+        row.update({name: draw(LABEL_CELLS) for name in labels})
         rows.append(row)
     return labels, rows
 

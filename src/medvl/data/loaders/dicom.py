@@ -40,7 +40,8 @@ Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one 
 ``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
 (matched case-insensitively, the first of these present; a study row labels every record of the
 study), an optional ``split`` and ``text`` (or ``report``) column, every other column a label (empty
-cell = missing) except identifier columns, which are ignored with a warning naming them: the other
+cell, or one spelled ``NaN`` / ``NA`` / ``null``..., = missing; a 0.0 / 1.0 column read as 0 / 1, as in a manifest:
+``manifest.clean_label_cells``) except identifier columns, which are ignored with a warning naming them: the other
 key columns, and any column named as a DICOM attribute holding a UID, a person's name, a date or a
 time (VR UI, PN, DA, DT, TM: ``SOPClassUID``, ``PatientName``, ``StudyDate``...), a patient or
 request identifier (``medvl.clinical.profile.DICOGNITO_IDS``: ``PatientID``, ``AccessionNumber``...)
@@ -68,7 +69,7 @@ import numpy as np
 from ...clinical.formats import uid_hash
 from ...errors import DataError
 from ..record import ALL_SPLITS, Dataset, Record
-from .manifest import check_reserved_split, read_csv_table
+from .manifest import check_reserved_split, clean_label_cells, read_csv_table
 from .roots import OPT_IN, outside_root
 
 log = logging.getLogger(__name__)
@@ -350,6 +351,8 @@ def _read_labels(path: Path) -> _Labels:
         log.warning("%s: ignoring identifier column(s) %s (a record key, UID, name, ID, date, time or institution: "
                     "never a label; the rows are keyed by %s)", path, ", ".join(ignored), key_name)
     kept = [name for name in header if name != key_name and name not in ignored]
+    columns = [name for name in kept if name.lower() not in (SPLIT_COLUMN, *TEXT_COLUMNS)]
+    clean_label_cells(path, table, columns)  # 'NaN' / 'NA' cells missing, a 0.0 / 1.0 column 0 / 1: as a manifest's
     rows: dict[str, dict[str, str]] = {}
     lines: dict[str, int] = {}
     for line, cells in table:
@@ -360,7 +363,6 @@ def _read_labels(path: Path) -> _Labels:
             raise DataError(path, f"line {line}: {key_name} repeats an earlier row")
         rows[value] = {name: cells[name] for name in kept if cells.get(name)}
         lines[value] = line
-    columns = [name for name in kept if name.lower() not in (SPLIT_COLUMN, *TEXT_COLUMNS)]
     split_column = next((name for name in kept if name.lower() == SPLIT_COLUMN), None)
     return _Labels(key, columns, rows, lines, path, split_column)
 

@@ -20,7 +20,11 @@ Values are kept as the strings written in the file (a 0/1 column gives classes `
 JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; a JSONL array or object is a
 ``DataError`` naming the line and key: ``["nodule", "effusion"]`` would be one class). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
-``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning).
+``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning), and, in a label
+column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or ``None``
+(pandas ``na_rep``, R's ``write.csv``; counted in a warning naming the column). A label column whose values are all
+``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as floats) is read as ``0`` / ``1``
+(``clean_label_cells``).
 ``Record.meta`` holds every non-empty cell except the image and text columns.
 
 Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column may hold legacy
@@ -98,6 +102,11 @@ KNOWN_TABLES = (
     KnownTable("Figure 1 COVID-19 chest X-ray", frozenset({"patientid", "finding", "view", "modality", "notes"}),
                default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
 )
+
+# cells that spell a missing value (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL / JSON null,
+# Python's None): read as missing, as an empty cell and a JSONL null or NaN are, never as a class
+MISSING_SPELLINGS = frozenset({"NaN", "nan", "NA", "N/A", "n/a", "null", "NULL", "None"})
+FLOAT_BINARY = {"0.0": "0", "1.0": "1"}  # pandas writes a 0/1 column holding a missing value as floats
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
 
@@ -507,6 +516,28 @@ def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
                               "be selected alone: rename it")
 
 
+def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
+    """Label cells made uniform in place, for every manifest format alike: a cell spelled as a missing value
+    (``MISSING_SPELLINGS``: ``NaN``, ``NA``, ``N/A``, ``null``, ``None``...) becomes empty (missing), counted in a
+    warning naming the column; a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a 0/1 column with
+    a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+    for column in columns:
+        missing = [line for line, row in rows if row.get(column) in MISSING_SPELLINGS]
+        if missing:
+            spelled = sorted({row[column] for _, row in rows if row.get(column) in MISSING_SPELLINGS})
+            log.warning("%s: %d cell(s) of column %r spelled as a missing value (%s) read as missing, as an empty "
+                        "cell is (first: line %d)", path, len(missing), column, ", ".join(spelled), missing[0])
+            for _, row in rows:
+                if row.get(column) in MISSING_SPELLINGS:
+                    row[column] = ""
+        values = {row[column] for _, row in rows if row.get(column)}
+        if values and values <= FLOAT_BINARY.keys():
+            log.info("%s: column %r holds 0.0 / 1.0 only: read as 0 / 1", path, column)
+            for _, row in rows:
+                if row.get(column):
+                    row[column] = FLOAT_BINARY[row[column]]
+
+
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,
                    allow_outside_root: bool = False, keep_missing_images: bool = False,
                    no_text: frozenset[str] = frozenset()) -> tuple[list[Record], list[str]]:
@@ -514,6 +545,7 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     check_reserved_split(path, rows, roles["split"])
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
+    clean_label_cells(path, rows, labels)
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
     records: list[Record] = []
     missing: list[tuple[int, Path]] = []
