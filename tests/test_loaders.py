@@ -588,6 +588,40 @@ def test_a_16_bit_gray_alpha_png_is_gray_with_a_warning(tmp_path, caplog):
     assert "16-bit grayscale PNG with an alpha channel" in caplog.text and "la16" not in caplog.text
 
 
+def _png_16(path: Path, samples: np.ndarray, colour_type: int) -> None:
+    """A 16-bit PNG of ``samples`` (H x W x channels) written by hand: Pillow writes no 16-bit colour PNG."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    big_endian = samples.astype(">u2")
+    raw = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(samples.shape[0]))
+    header = struct.pack(">IIBBBBB", samples.shape[1], samples.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("colour_type", "channels"), [(2, 3), (6, 4)])  # RGB, RGBA
+def test_a_16_bit_colour_png_is_read_at_8_bits_with_a_warning_and_never_as_a_black_image(tmp_path, caplog,
+                                                                                         colour_type, channels):
+    # Pillow keeps the high byte of each sample, silently: values below 256 came back as a black image (audit: blank)
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 65536, (4, 6, channels))
+    _png_16(tmp_path / "full.png", full, colour_type)
+    with caplog.at_level("WARNING"):
+        pixels = read_image(tmp_path / "full.png")
+    assert pixels.dtype == np.uint8 and pixels.shape == (4, 6, 3)
+    np.testing.assert_array_equal(pixels, (full[..., :3] >> 8).astype(np.uint8))
+    assert "a 16-bit colour PNG: read at 8 bits" in caplog.text
+    _png_16(tmp_path / "low.png", rng.integers(0, 256, (4, 6, channels)), colour_type)
+    black = r"low\.png: a 16-bit colour PNG whose values all lie below 256 \(of 65,535\): read at 8 bits per channel"
+    with pytest.raises(DataError, match=black):
+        read_image(tmp_path / "low.png")
+    with pytest.raises(DataError, match=black.replace("low\\.png", "upload")):  # an upload (the service) alike
+        read_image_bytes((tmp_path / "low.png").read_bytes(), "upload")
+    _png_16(tmp_path / "zero.png", np.zeros((4, 6, channels), int), colour_type)
+    assert not read_image(tmp_path / "zero.png").any()  # black in the file too: an image (the audit calls it blank)
+
+
 def test_corrupt_image(tmp_path):
     path = tmp_path / "noise.png"
     path.write_bytes(np.random.default_rng(0).bytes(2000))

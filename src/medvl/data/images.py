@@ -9,7 +9,9 @@ Array conventions (what every reader returns):
 - ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed);
 - a PNG / JPEG / TIFF with an EXIF Orientation tag is turned upright, as a viewer shows it;
 - a 16-bit grayscale PNG with an alpha channel is read as 8-bit ``HxW``, with a warning (Pillow decodes
-  it to 8 bits).
+  it to 8 bits); so is a 16-bit colour (RGB / RGBA) PNG, as 8-bit ``HxWx3`` (the high byte of each sample), with a
+  warning, and one whose values all lie below 256 (black at 8 bits, its data in the low bytes) is a ``DataError``
+  rather than a black image.
 
 Readers are chosen by file suffix through ``IMAGE_READERS``; more are added with
 ``register_reader``. The clinical readers are registered here: ``.dcm`` / ``.dicom`` (and files
@@ -48,6 +50,9 @@ ImageReader = Callable[[Path], np.ndarray]
 
 _GRAY_MODES = {"L", "LA", "1", "La"}  # 8-bit grayscale, with or without alpha / 1-bit
 _KEEP_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # 16/32-bit grayscale kept as is
+# Pillow decodes a 16-bit colour PNG to 8 bits with these raw modes: the high byte of each (big-endian) sample; the
+# raw mode paired with each (meant for little-endian data) keeps the low byte instead
+COLOUR_16_LOW_BYTE = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
 
 
 def _too_large(width: int, height: int) -> str | None:
@@ -97,7 +102,8 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                 if frames > 1:
                     # not named: a dataset's image paths can carry patient or study ids
                     log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)
-                gray_alpha_16 = str(getattr(getattr(img, "png", None), "im_rawmode", "")).startswith("LA;16")
+                rawmode = str(getattr(getattr(img, "png", None), "im_rawmode", ""))
+                gray_alpha_16 = rawmode.startswith("LA;16")
                 img.load()
                 # upright as every viewer shows it (the reading page's browser too): a camera or phone JPEG
                 # stores its pixels sideways with an EXIF Orientation tag
@@ -106,6 +112,8 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                     log.warning("a 16-bit grayscale PNG with an alpha channel: read at 8 bits (the decoder keeps "
                                 "16 bits only without alpha); save it without alpha to keep its full range")
                     return np.array(upright.convert("L"))
+                if rawmode in COLOUR_16_LOW_BYTE:
+                    return _colour_16_high_bytes(source, name, rawmode, _pil_to_array(upright))
                 return _pil_to_array(upright)
     except Image.DecompressionBombError:
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
@@ -115,6 +123,26 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
         raise DataError(name, "not a recognised image file (corrupt or wrong format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise DataError(name, f"corrupt or truncated image ({error})") from None
+
+
+def _colour_16_high_bytes(source: Path | BinaryIO, name: str | Path, rawmode: str, high: np.ndarray) -> np.ndarray:
+    """``high``, a 16-bit RGB / RGBA PNG as Pillow decodes it (8 bits: the high byte of each sample), with a warning;
+    a ``DataError`` when it is black but the file's low bytes are not (values all below 256, e.g. 8-bit data or a
+    12-bit export scaled down written in 16-bit samples): training would see a black image, the audit a blank one."""
+    log.warning("a 16-bit colour PNG: read at 8 bits (the decoder keeps 16 bits for grayscale only); save it at 8 "
+                "bits per channel, or as 16-bit grayscale, to control how it is scaled")
+    if high.any():
+        return high
+    if not isinstance(source, Path):
+        source.seek(0)
+    with Image.open(source) as again:  # decoded again, keeping the low byte of each sample this time
+        again.tile = [tile._replace(args=COLOUR_16_LOW_BYTE[rawmode]) for tile in again.tile]
+        again.load()
+        if np.asarray(again).any():
+            raise DataError(name, "a 16-bit colour PNG whose values all lie below 256 (of 65,535): read at 8 bits "
+                                  "per channel it is black; save it at 8 bits per channel (or scale it to the 16-bit "
+                                  "range)")
+    return high
 
 
 def read_npy(path: Path) -> np.ndarray:
