@@ -163,6 +163,32 @@ def test_a_temperature_fitted_at_the_end_of_its_search_range_is_said(caplog):
     assert "search range" not in caplog.text
 
 
+def test_the_abstention_threshold_is_chosen_on_the_calibration_records_not_the_scored_ones():
+    """The threshold was the lowest confidence whose risk on the scored split's own labels was <= 0.1, then graded
+    on those labels: tuned on the test set. It is now chosen on the calibration records and graded on the scored."""
+    from medvl.eval.calibration import calibration_report
+
+    fit_logits, fit_targets = _generated(20, 300, sharpen=1.0)
+    logits, targets = _generated(21, 200, sharpen=1.0)
+    block = calibration_report(fit_logits, fit_targets, logits, targets)
+    temperature = block["temperature"]
+    after, fit_after = softmax(logits / temperature), softmax(fit_logits / temperature)
+    chosen = abstention_threshold(fit_after, fit_targets, 0.1)
+    abstain = block["abstention_threshold_at_risk_0.1"]
+    assert chosen is not None and abstain["threshold"] == pytest.approx(chosen["threshold"])
+    assert abstain["chosen_on"] == "calibration" and abstain["n_chosen_on"] == 300 and abstain["reason"] is None
+    assert (abstain["fit_coverage"], abstain["fit_risk"]) == pytest.approx((chosen["coverage"], chosen["risk"]))
+    kept = after.max(1) >= chosen["threshold"]
+    assert abstain["coverage"] == pytest.approx(kept.mean())
+    assert abstain["risk"] == pytest.approx((after[kept].argmax(1) != targets[kept]).mean())
+    assert abstain["threshold"] != pytest.approx(abstention_threshold(after, targets, 0.1)["threshold"])
+    # calibration records on which no threshold reaches 10 % risk: none, with the reason, whatever the scored labels
+    wrong = (fit_targets + 1) % 3
+    none = calibration_report(fit_logits, wrong, logits, targets)["abstention_threshold_at_risk_0.1"]
+    assert none["threshold"] is None and none["coverage"] is None and none["risk"] is None
+    assert none["reason"] == "no confidence threshold keeps the selective risk <= 0.1 on the 300 calibration records"
+
+
 def test_inputs_are_checked():
     probs, targets = softmax(np.zeros((4, 3))), np.array([0, 1, 2, 0])
     with pytest.raises(InputError, match="sum to 1"):
@@ -209,7 +235,8 @@ def test_zero_shot_calibration_block(phantom_model, phantom_dir):
     assert curve["risk"][-1] == pytest.approx(1 - result["accuracy"])
     assert 0 <= curve["aurc"] <= 1
     abstain = block["abstention_threshold_at_risk_0.1"]
-    assert abstain is None or (abstain["risk"] <= 0.1 and 0 < abstain["coverage"] <= 1)
+    assert abstain["chosen_on"] == "calibration" and abstain["n_chosen_on"] == block["n_fit"]
+    assert abstain["threshold"] is None or (abstain["fit_risk"] <= 0.1 and 0 <= abstain["coverage"] <= 1)
     with pytest.raises(InputError, match="different split"):
         evaluate_zero_shot(phantom_model, phantom_dir, "test", calibration_split="test", show_progress=False)
     with pytest.raises(InputError, match=r"--calibration-split 'all' holds \d+ images of the evaluated split 'test'"):
@@ -279,6 +306,7 @@ def test_cli_prints_the_calibration_table(phantom_model, phantom_dir):
                             "--calibration-split", fit_split, "--quiet")
     assert result.exit_code == 0, output
     assert "ECE before" in output and "temperature" in output
+    assert f"abstain below (risk <= 0.1 on {fit_split})" in output and "coverage kept on test" in output
     refused, output = invoke("eval", "zero-shot", "--model", phantom_model, "--data", phantom_dir,
                              "--calibration-split", "test", "--quiet")
     assert refused.exit_code == 2 and "different split" in output

@@ -247,6 +247,34 @@ def test_single_class_groups_have_no_auc_and_are_left_out_of_the_gap():
     assert column["worst_group"] is None and column["gap"] is None
 
 
+def test_subgroup_balanced_accuracy_takes_the_headline_rows_plain_draws():
+    """Subgroup balanced accuracy took class-stratified draws, hiding the class-mix variation, while bench run's
+    headline row takes plain ones: one group holding every record got a narrower interval than the headline row
+    for the same figure. Its worst-group gap (and a one-class group's, which used to be refused) draws plainly too."""
+    from medvl.eval.subgroups import DRAWS, balanced_accuracy
+
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 30 + [1] * 6 + [2] * 4)
+    p = rng.dirichlet([1, 1, 1], 40)
+    p[np.arange(40), y] += 0.3 * rng.random(40)
+    p /= p.sum(1, keepdims=True)
+    whole = subgroup_metrics(y, p, {"site": ["A"] * 40}, resamples=300, seed=0)["columns"]["site"]["groups"]["A"]
+    headline = bootstrap_ci(balanced_accuracy, y, p, resamples=300, seed=0, **DRAWS["balanced_accuracy"])
+    assert whole["balanced_accuracy"] == headline and headline["resamples"] < 300  # draws lacking a class left out
+    assert DRAWS["balanced_accuracy"]["stratified"] is False and DRAWS["auc"]["stratified"] is True
+    group = ["A"] * 20 + ["B"] * 20
+    column = subgroup_metrics(y, p, {"g": group}, resamples=100, seed=2, headline="balanced_accuracy")["columns"]["g"]
+    members = {"A": np.arange(20), "B": np.arange(20, 40)}  # B holds classes 0, 1 and 2; A class 0 only
+    first, second = members[column["best_group"]], members[column["worst_group"]]
+    draws, gaps = np.random.default_rng(2), []
+    for _ in range(100):
+        draw_a, draw_b = first[draws.integers(0, 20, 20)], second[draws.integers(0, 20, 20)]
+        if len(set(y[draw_a])) == len(set(y[first])) and len(set(y[draw_b])) == len(set(y[second])):
+            gaps.append(balanced_accuracy(y[draw_a], p[draw_a]) - balanced_accuracy(y[draw_b], p[draw_b]))
+    assert column["gap"]["resamples"] == len(gaps) < 100
+    assert [column["gap"]["low"], column["gap"]["high"]] == pytest.approx(np.percentile(gaps, [2.5, 97.5]))
+
+
 def test_subgroup_inputs_are_checked():
     y, p = np.array([0, 1] * 10), np.full(20, 0.5)
     with pytest.raises(InputError, match="'sex' has 3 values for 20 records"):

@@ -693,16 +693,16 @@ class _Context:
 
 def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, **extra: Any) -> None:
     """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval (``extra``: more
-    fields of each row). AUC's draws are stratified by class; accuracy's and balanced accuracy's are plain draws
-    over the scored records (balanced accuracy's without those lacking a class), as ``bench medmnist`` draws them
-    (``medvl.eval.bootstrap``)."""
-    from ..eval.subgroups import accuracy, balanced_accuracy, macro_auc
+    fields of each row). Each interval takes the draws ``eval.subgroups.DRAWS`` names, as the subgroup rows do: AUC's
+    stratified by class; accuracy's and balanced accuracy's plain draws over the scored records (balanced accuracy's
+    without those lacking a class), as ``bench medmnist`` draws them (``medvl.eval.bootstrap``)."""
+    from ..eval.subgroups import DRAWS, accuracy, balanced_accuracy, macro_auc
 
-    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities)
+    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities, **DRAWS["auc"])
     ctx.row("auc", interval["value"], interval, **extra)
-    interval = ctx.bootstrap(accuracy, y_true, probabilities, need_both_classes=False)
+    interval = ctx.bootstrap(accuracy, y_true, probabilities, **DRAWS["accuracy"])
     ctx.row("accuracy", interval["value"], interval, **extra)
-    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, stratified=False)
+    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, **DRAWS["balanced_accuracy"])
     ctx.row("balanced_accuracy", interval["value"], interval, **extra)
 
 

@@ -17,6 +17,7 @@ from .common import (
     OverwriteOption,
     QuietOption,
     check_outputs,
+    console,
     emit_json,
     handle_errors,
     print_metrics,
@@ -53,19 +54,22 @@ def eval_zero_shot(
         "macro_auc": result["macro_auc"], "chance balanced accuracy": result["chance_balanced_accuracy"]})
     print_per_class(result["per_class"])
     if "calibration" in result:
-        _print_calibration(result["calibration"])
+        _print_calibration(result["calibration"], result["split"])
     emit_json(result, json_out, overwrite)
 
 
-def _print_calibration(block: dict) -> None:
-    abstain = block["abstention_threshold_at_risk_0.1"]
-    print_metrics(f"calibration (temperature fitted on {block['split']}, {block['n_fit']} images)", {
+def _print_calibration(block: dict, scored: str) -> None:
+    """The abstention threshold is chosen on the calibration split and its coverage and risk measured on ``scored``."""
+    abstain, fitted = block["abstention_threshold_at_risk_0.1"], block["split"]
+    print_metrics(f"calibration (temperature and abstention threshold fitted on {fitted}, {block['n_fit']} images)", {
         "temperature": block["temperature"], "ECE before": block["ece_before"], "ECE after": block["ece_after"],
         "Brier before": block["brier_before"], "Brier after": block["brier_after"],
         "NLL before": block["nll_before"], "NLL after": block["nll_after"],
         "risk-coverage AURC": block["risk_coverage"]["aurc"],
-        "abstain below (risk <= 0.1)": abstain["threshold"] if abstain else None,
-        "coverage kept (risk <= 0.1)": abstain["coverage"] if abstain else None})
+        f"abstain below (risk <= 0.1 on {fitted})": abstain["threshold"],
+        f"coverage kept on {scored}": abstain["coverage"], f"risk of those kept on {scored}": abstain["risk"]})
+    if abstain["reason"]:
+        console.print(f"no abstention threshold: {abstain['reason']}")
 
 
 @eval_app.command("retrieval")

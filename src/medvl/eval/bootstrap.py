@@ -14,7 +14,8 @@ specificity) takes the plain bootstrap instead (``stratified=False``): the class
 sample to sample, and a stratified draw would hide it (a model answering one class would get an interval of zero
 width). Balanced accuracy is undefined on a draw lacking a class: such draws are left out (``every_class_draws``),
 which at the sizes these figures are reported for (tens of records per class) is almost never one.
-``bench run`` and ``bench medmnist`` both take these draws, so the two give the same interval for the same figure.
+``bench run`` and ``bench medmnist`` both take these draws, so the two give the same interval for the same figure;
+``medvl.eval.subgroups.DRAWS`` says which each metric takes, for the headline rows and the subgroup rows alike.
 """
 
 from __future__ import annotations
@@ -90,26 +91,30 @@ def bootstrap_ci(metric: Metric, y_true: np.ndarray | Sequence, *arrays: np.ndar
 
 
 def difference_ci(metric: Metric, first: Sequence[np.ndarray | Sequence], second: Sequence[np.ndarray | Sequence],
-                  resamples: int = 1000, seed: int = 0, level: float = 0.95, need_both_classes: bool = True) -> dict:
+                  resamples: int = 1000, seed: int = 0, level: float = 0.95, need_both_classes: bool = True,
+                  stratified: bool = True) -> dict:
     """Bootstrap interval of ``metric(*first) - metric(*second)`` for two groups of records.
 
     ``first`` and ``second`` are ``(y_true, *arrays)`` of each group; each draw resamples both groups
     independently (within group, so each keeps its size; with ``need_both_classes`` within each class of a
-    group too). Returns ``value``, ``low``, ``high``, ``resamples``.
+    group too, or with ``stratified=False`` plainly, a pair being left out when either draw lacks a class of its
+    group, as ``bootstrap_ci`` draws balanced accuracy). Returns ``value``, ``low``, ``high``, ``resamples``.
     """
     if len(first) < 1 or len(second) < 1:
         raise InputError("difference_ci needs (y_true, *arrays) for each group, got an empty group")
     y_a, rest_a = _check_sample("first group y_true", first[0], first[1:])
     y_b, rest_b = _check_sample("second group y_true", second[0], second[1:])
     _check_settings(resamples, level)
-    if need_both_classes:
+    if need_both_classes and stratified:  # a plain draw of a one-class group holds its class
         _require_classes("first group y_true", y_a)
         _require_classes("second group y_true", y_b)
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(resamples):
-        a = bootstrap_draws(y_a, 1, rng=rng, need_both_classes=need_both_classes)
-        b = bootstrap_draws(y_b, 1, rng=rng, need_both_classes=need_both_classes)
+        a = bootstrap_draws(y_a, 1, rng=rng, need_both_classes=need_both_classes and stratified)
+        b = bootstrap_draws(y_b, 1, rng=rng, need_both_classes=need_both_classes and stratified)
+        if need_both_classes and not stratified:
+            a, b = every_class_draws(y_a, a), every_class_draws(y_b, b)
         if a and b:
             pairs.append((a[0], b[0]))
 

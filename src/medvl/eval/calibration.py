@@ -169,11 +169,34 @@ def abstention_threshold(probs: np.ndarray, targets: np.ndarray, target_risk: fl
     return None
 
 
+def held_out_abstention(fit_probs: np.ndarray, fit_targets: np.ndarray, probs: np.ndarray, targets: np.ndarray,
+                        target_risk: float) -> dict:
+    """The abstention threshold chosen on (``fit_probs``, ``fit_targets``), a split other than the scored one,
+    graded on (``probs``, ``targets``): ``threshold`` (``abstention_threshold`` on the fit data), the ``coverage``
+    and selective ``risk`` it gives on the scored data (``risk`` None when it keeps none), and ``fit_coverage`` /
+    ``fit_risk`` on the data it was chosen on (``chosen_on``: ``"calibration"``). When no threshold reaches
+    ``target_risk`` on the fit data, ``threshold`` and the figures are None and ``reason`` says why (else None)."""
+    probs, targets = check_probabilities(probs, targets)
+    chosen = abstention_threshold(fit_probs, fit_targets, target_risk)
+    block: dict = {"chosen_on": "calibration", "n_chosen_on": int(len(fit_targets)), "target_risk": target_risk}
+    if chosen is None:
+        return block | {"threshold": None, "coverage": None, "risk": None, "fit_coverage": None, "fit_risk": None,
+                        "reason": f"no confidence threshold keeps the selective risk <= {target_risk:g} on the "
+                                  f"{len(fit_targets)} calibration records"}
+    kept = probs.max(1) >= chosen["threshold"]
+    wrong = probs.argmax(1) != targets
+    return block | {"threshold": chosen["threshold"], "coverage": float(kept.mean()),
+                    "risk": float(wrong[kept].mean()) if kept.any() else None,
+                    "fit_coverage": chosen["coverage"], "fit_risk": chosen["risk"], "reason": None}
+
+
 def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: np.ndarray, targets: np.ndarray,
                        bins: int = 15, target_risk: float = 0.1, curve_points: int = 5) -> dict:
     """Fit a temperature on (``fit_logits``, ``fit_targets``) and report calibration of (``logits``,
     ``targets``) before and after dividing by it: ECE, Brier, NLL, reliability bins, a few points of
-    the risk-coverage curve (after scaling) with its area, and the abstention threshold at ``target_risk``.
+    the risk-coverage curve (after scaling) with its area, and the abstention threshold at ``target_risk``: chosen on
+    the fit records' scaled probabilities and graded on the scored ones (``held_out_abstention``), never tuned on the
+    scored labels.
     ``temperature_at_bound`` is ``"upper"`` / ``"lower"`` when the fitted temperature is the end of its search
     range (``temperature_at_bound``; warned about: the figures after scaling then mean little), else None.
     Temperature scaling leaves the argmax, hence accuracy and the risk-coverage ranking, unchanged."""
@@ -200,5 +223,6 @@ def calibration_report(fit_logits: np.ndarray, fit_targets: np.ndarray, logits: 
                         "after": reliability_bins(after, targets, bins)},
         "risk_coverage": {key: [curve[key][i] for i in picks] for key in ("threshold", "coverage", "risk")}
         | {"aurc": curve["aurc"]},
-        f"abstention_threshold_at_risk_{target_risk:g}": abstention_threshold(after, targets, target_risk),
+        f"abstention_threshold_at_risk_{target_risk:g}": held_out_abstention(
+            softmax(np.asarray(fit_logits, dtype=float) / temperature), fit_targets, after, targets, target_risk),
     }

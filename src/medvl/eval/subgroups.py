@@ -153,6 +153,12 @@ def accuracy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 _METRIC_FUNCTIONS = {"auc": macro_auc, "balanced_accuracy": balanced_accuracy, "accuracy": accuracy}
+# the bootstrap draws of each metric's interval (``medvl.eval.bootstrap``), for bench run's headline rows, the
+# subgroup rows and the worst-group gap alike: AUC's stratified by class; accuracy's and balanced accuracy's plain,
+# the class mix varying as it does between samples (balanced accuracy's without the draws lacking a class)
+DRAWS: dict[str, dict[str, bool]] = {"auc": {"need_both_classes": True, "stratified": True},
+                                     "balanced_accuracy": {"need_both_classes": True, "stratified": False},
+                                     "accuracy": {"need_both_classes": False, "stratified": False}}
 
 
 def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence,
@@ -169,7 +175,7 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     Returns ``n``, ``headline``, ``min_size``, ``level`` and ``columns``: per column ``groups`` (per
     value: ``n``, ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
     intervals are rough) and each metric as ``{value, low, high, resamples}``, or None for AUC of a
-    single-class group; intervals of metrics needing every class are stratified by class),
+    single-class group; each metric's interval takes the draws ``DRAWS`` names: AUC's stratified by class),
     ``too_small`` (value -> n), ``missing`` (records without a value),
     ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
     """
@@ -221,7 +227,7 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
         worst, best = ranked[0][1], ranked[-1][1]
         metric = _METRIC_FUNCTIONS[headline]
         gap = difference_ci(metric, (y[scored[best]], scores[scored[best]]), (y[scored[worst]], scores[scored[worst]]),
-                            need_both_classes=headline != "accuracy", **settings)
+                            **DRAWS[headline], **settings)
     return {"groups": groups,
             "too_small": {name: len(index) for name, index in members.items() if name not in scored},
             "missing": sum(label is None for label in labels),
@@ -244,7 +250,9 @@ def _group_metrics(y: np.ndarray, scores: np.ndarray, settings: dict) -> dict:
         # the interval of a group with a class of 1 or 2 records covers the true value far less often than its
         # level says (about 60 % for a "95 %" interval at 12 records in 6 classes): read its bounds as rough
         "smallest_class": int(np.bincount(y)[np.unique(y)].min()),
-        "auc": bootstrap_ci(macro_auc, y, scores, **settings) if several else None,
-        "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, scores, need_both_classes=several, **settings),
-        "accuracy": bootstrap_ci(accuracy, y, scores, need_both_classes=False, **settings),
+        "auc": bootstrap_ci(macro_auc, y, scores, **DRAWS["auc"], **settings) if several else None,
+        # a one-class group's draws all hold its class: balanced accuracy is its recall, drawn plainly
+        "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, scores, **DRAWS["balanced_accuracy"]
+                                          | {"need_both_classes": several}, **settings),
+        "accuracy": bootstrap_ci(accuracy, y, scores, **DRAWS["accuracy"], **settings),
     }
