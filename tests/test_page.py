@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(30)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(34)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -653,6 +653,31 @@ def test_a_photo_chosen_while_a_dicom_preview_is_on_its_way_keeps_its_own_uprigh
     overlay.wait_for(timeout=ANSWER_MS)
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=overlay.element_handle())
     assert overlay.evaluate(size) == [96, 64]
+
+
+def test_a_file_chosen_with_an_option_not_valid_never_shows_beside_the_previous_picture(page, client, chest_xray):
+    """With an option not valid (Number of cases 0), choosing a DICOM after a photo stopped the read before the
+    service's preview was asked: the photo stayed on screen above the DICOM's name, and Ask answered about the
+    DICOM under the photo."""
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    connect(page, TOKENS[29])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Number of cases").fill("0")
+    page.locator("#file").set_input_files(dicom)
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Not read')",
+                           timeout=ANSWER_MS)
+    assert page.locator("#preview img[data-source=browser]").count() == 0
+    assert "CT_small.dcm" in page.locator("#file-info").inner_text()
+    shown = shown_pixels(page, "#preview img[data-source=service]")  # the DICOM's own picture, options aside
+    headers = {"Authorization": f"Bearer {TOKENS[29]}"}
+    expected = client.post("/v1/preview", headers=headers, files={"image": ("image", dicom.read_bytes())})
+    np.testing.assert_array_equal(shown, png_answer(expected))
+    ask(page, QUESTION)
+    assert page.locator("#preview img:not(.overlay)").get_attribute("data-source") == "service"
+    assert page.locator("#read-status").inner_text().startswith("Not read: Number of cases")
 
 
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
