@@ -1024,6 +1024,35 @@ def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_ra
                                                                                            statuses)
 
 
+def test_panels_refused_for_a_busy_service_with_retry_after_ask_again(browser, model_dir, index_dir, tmp_path):
+    """The service's 503 "busy, retry shortly" (uploads in flight, a full explanation / VQA queue) carries
+    Retry-After as a 429 does, yet the page waited out the 429 only: a read's own four uploads of a large file
+    over the service's in-flight budget left panels refused for good."""
+    settings = ServeSettings(rate_limit=0, max_upload_bytes=1024 * 1024, max_inflight_bytes=2 * 1024 * 1024)
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[30])])
+    noise = np.random.default_rng(3).integers(0, 256, (900, 960), dtype=np.uint8)
+    image = tmp_path / "noise.png"
+    Image.fromarray(noise).save(image)
+    assert 800_000 < image.stat().st_size < 1024 * 1024  # two fit in the budget at once, not four
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if answer.request.method == "POST" else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[30])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(image)
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=2 * ANSWER_MS)
+        states = {panel: page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS}
+        said = {panel: page.locator(f"#{panel} .body").inner_text()[:200] for panel in PANELS}
+        status = page.locator("#read-status").inner_text()
+        context.close()
+    assert 503 in statuses, statuses
+    assert states == dict.fromkeys(PANELS, "done") and status == "Answered.", (states, said, status, statuses)
+
+
 def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without_tokens_needs_none(browser,
                                                                                                   tmp_path):
     """/v1/models says a 3D model takes no heatmap, yet every read posted the volume to /v1/explain and counted its
