@@ -1053,6 +1053,36 @@ def test_panels_refused_for_a_busy_service_with_retry_after_ask_again(browser, m
     assert states == dict.fromkeys(PANELS, "done") and status == "Answered.", (states, said, status, statuses)
 
 
+def test_a_preview_refused_for_the_rate_asks_again_and_its_caption_is_of_the_window_shown(browser, model_dir):
+    """A reader going through the window presets spent the token's rate: the preview refused (429) was never
+    asked again (its 429 text in place of the picture), under a caption of an earlier window ("lung window")
+    while the select said "bone"."""
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    settings = ServeSettings(rate_limit=1.0, rate_burst=4)  # the read's preview and four panels: one is refused
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(TOKENS[31])])
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if answer.url.endswith("/v1/preview")
+                else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[31])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(dicom)
+        page.locator("#window-field").wait_for(state="visible", timeout=ANSWER_MS)
+        for name in ("lung", "bone", "brain", "mediastinum", "bone"):  # quickly, as a reader scrolling the select
+            page.get_by_label("Window").select_option(name)
+        page.locator("#preview img[data-source=service][data-window=bone]").wait_for(timeout=ANSWER_MS)
+        page.wait_for_function("() => document.querySelector('#preview').getAttribute('aria-busy') === 'false'",
+                               timeout=ANSWER_MS)
+        caption = page.locator("#preview-info").inner_text()
+        shown = page.locator("#preview").inner_text()
+        context.close()
+    assert 429 in statuses, statuses
+    assert caption == "Rendered by the service: bone window." and shown == "", (caption, shown)
+
+
 def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without_tokens_needs_none(browser,
                                                                                                   tmp_path):
     """/v1/models says a 3D model takes no heatmap, yet every read posted the volume to /v1/explain and counted its
