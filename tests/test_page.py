@@ -561,6 +561,35 @@ def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, 
     assert len(previews) == 3  # one per window chosen; the other panels were not asked again
 
 
+def test_a_dicom_without_its_preamble_gets_the_window_presets_as_the_service_reads_it_as_ct(page, client,
+                                                                                           tmp_path):
+    """A PACS export (IM000123: no preamble, no DICM, no file meta) is read by the service as the CT it is, with
+    the presets offered, but the page found no DICM at byte 128 and showed no Window select for it."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    dataset = pydicom.dcmread(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    bare = DicomBytesIO()
+    bare.is_little_endian, bare.is_implicit_VR = True, False
+    write_dataset(bare, dataset)
+    export = tmp_path / "IM000123"
+    export.write_bytes(bare.getvalue())
+    connect(page, TOKENS[32])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(export)
+    page.locator("#preview img[data-source=service]").wait_for(timeout=ANSWER_MS)
+    assert page.get_by_label("Window").is_visible()
+    page.get_by_label("Window").select_option("lung")
+    shown = shown_pixels(page, "#preview img[data-source=service][data-window=lung]")
+    headers = {"Authorization": f"Bearer {TOKENS[32]}"}
+    expected = client.post("/v1/preview", headers=headers, files={"image": ("image", export.read_bytes())},
+                           data={"window": "lung"})
+    np.testing.assert_array_equal(shown, png_answer(expected))
+    assert page.locator("#preview-info").inner_text() == "Rendered by the service: lung window."
+    wait_for_panels(page)
+
+
 def test_an_mr_dicom_is_shown_in_its_own_window_and_the_ct_presets_are_not_offered_for_it(page, watch):
     """The page offered the lung, bone, ... presets (CT windows in HU) for an MR file: each choice was refused."""
     pydicom_data = pytest.importorskip("pydicom.data")
