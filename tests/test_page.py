@@ -709,6 +709,19 @@ def test_a_file_chosen_with_an_option_not_valid_never_shows_beside_the_previous_
     assert page.locator("#read-status").inner_text().startswith("Not read: Number of cases")
 
 
+def test_a_question_longer_than_the_question_encoder_reads_is_refused_on_the_page(page, chest_xray):
+    """A question past the question encoder's tokens was cut there and answered as if whole."""
+    connect(page, TOKENS[33])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    page.get_by_label("Question").fill("the patient was seen in clinic today for a follow up " * 6 + QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
+    refusal = page.locator("#vqa .panel-error").inner_text()
+    assert refusal.startswith("422") and "tokens at most" in refusal, refusal
+    wait_for_panels(page)
+
+
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
     connect(page, TOKENS[5])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
