@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(30)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(34)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -561,6 +561,35 @@ def test_a_dicom_upload_shows_the_services_preview_and_its_window_presets(page, 
     assert len(previews) == 3  # one per window chosen; the other panels were not asked again
 
 
+def test_a_dicom_without_its_preamble_gets_the_window_presets_as_the_service_reads_it_as_ct(page, client,
+                                                                                           tmp_path):
+    """A PACS export (IM000123: no preamble, no DICM, no file meta) is read by the service as the CT it is, with
+    the presets offered, but the page found no DICM at byte 128 and showed no Window select for it."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    dataset = pydicom.dcmread(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    bare = DicomBytesIO()
+    bare.is_little_endian, bare.is_implicit_VR = True, False
+    write_dataset(bare, dataset)
+    export = tmp_path / "IM000123"
+    export.write_bytes(bare.getvalue())
+    connect(page, TOKENS[32])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(export)
+    page.locator("#preview img[data-source=service]").wait_for(timeout=ANSWER_MS)
+    assert page.get_by_label("Window").is_visible()
+    page.get_by_label("Window").select_option("lung")
+    shown = shown_pixels(page, "#preview img[data-source=service][data-window=lung]")
+    headers = {"Authorization": f"Bearer {TOKENS[32]}"}
+    expected = client.post("/v1/preview", headers=headers, files={"image": ("image", export.read_bytes())},
+                           data={"window": "lung"})
+    np.testing.assert_array_equal(shown, png_answer(expected))
+    assert page.locator("#preview-info").inner_text() == "Rendered by the service: lung window."
+    wait_for_panels(page)
+
+
 def test_an_mr_dicom_is_shown_in_its_own_window_and_the_ct_presets_are_not_offered_for_it(page, watch):
     """The page offered the lung, bone, ... presets (CT windows in HU) for an MR file: each choice was refused."""
     pydicom_data = pytest.importorskip("pydicom.data")
@@ -653,6 +682,44 @@ def test_a_photo_chosen_while_a_dicom_preview_is_on_its_way_keeps_its_own_uprigh
     overlay.wait_for(timeout=ANSWER_MS)
     page.wait_for_function("image => image.complete && image.naturalWidth > 0", arg=overlay.element_handle())
     assert overlay.evaluate(size) == [96, 64]
+
+
+def test_a_file_chosen_with_an_option_not_valid_never_shows_beside_the_previous_picture(page, client, chest_xray):
+    """With an option not valid (Number of cases 0), choosing a DICOM after a photo stopped the read before the
+    service's preview was asked: the photo stayed on screen above the DICOM's name, and Ask answered about the
+    DICOM under the photo."""
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    connect(page, TOKENS[29])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Number of cases").fill("0")
+    page.locator("#file").set_input_files(dicom)
+    page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Not read')",
+                           timeout=ANSWER_MS)
+    assert page.locator("#preview img[data-source=browser]").count() == 0
+    assert "CT_small.dcm" in page.locator("#file-info").inner_text()
+    shown = shown_pixels(page, "#preview img[data-source=service]")  # the DICOM's own picture, options aside
+    headers = {"Authorization": f"Bearer {TOKENS[29]}"}
+    expected = client.post("/v1/preview", headers=headers, files={"image": ("image", dicom.read_bytes())})
+    np.testing.assert_array_equal(shown, png_answer(expected))
+    ask(page, QUESTION)
+    assert page.locator("#preview img:not(.overlay)").get_attribute("data-source") == "service"
+    assert page.locator("#read-status").inner_text().startswith("Not read: Number of cases")
+
+
+def test_a_question_longer_than_the_question_encoder_reads_is_refused_on_the_page(page, chest_xray):
+    """A question past the question encoder's tokens was cut there and answered as if whole."""
+    connect(page, TOKENS[33])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    page.get_by_label("Question").fill("the patient was seen in clinic today for a follow up " * 6 + QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=error]").wait_for(timeout=ANSWER_MS)
+    refusal = page.locator("#vqa .panel-error").inner_text()
+    assert refusal.startswith("422") and "tokens at most" in refusal, refusal
+    wait_for_panels(page)
 
 
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
@@ -997,6 +1064,65 @@ def test_read_image_waits_for_the_read_on_its_way_and_a_panel_refused_for_the_ra
     assert 429 in {code for _, code in statuses}, statuses
     assert states == dict.fromkeys(PANELS, "done") and status == "Answered." and enabled, (states, said, status,
                                                                                            statuses)
+
+
+def test_panels_refused_for_a_busy_service_with_retry_after_ask_again(browser, model_dir, index_dir, tmp_path):
+    """The service's 503 "busy, retry shortly" (uploads in flight, a full explanation / VQA queue) carries
+    Retry-After as a 429 does, yet the page waited out the 429 only: a read's own four uploads of a large file
+    over the service's in-flight budget left panels refused for good."""
+    settings = ServeSettings(rate_limit=0, max_upload_bytes=1024 * 1024, max_inflight_bytes=2 * 1024 * 1024)
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[30])])
+    noise = np.random.default_rng(3).integers(0, 256, (900, 960), dtype=np.uint8)
+    image = tmp_path / "noise.png"
+    Image.fromarray(noise).save(image)
+    assert 800_000 < image.stat().st_size < 1024 * 1024  # two fit in the budget at once, not four
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if answer.request.method == "POST" else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[30])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(image)
+        page.wait_for_function("() => /^(Answered|Not answered)/.test("
+                               "document.querySelector('#read-status').textContent)", timeout=2 * ANSWER_MS)
+        states = {panel: page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS}
+        said = {panel: page.locator(f"#{panel} .body").inner_text()[:200] for panel in PANELS}
+        status = page.locator("#read-status").inner_text()
+        context.close()
+    assert 503 in statuses, statuses
+    assert states == dict.fromkeys(PANELS, "done") and status == "Answered.", (states, said, status, statuses)
+
+
+def test_a_preview_refused_for_the_rate_asks_again_and_its_caption_is_of_the_window_shown(browser, model_dir):
+    """A reader going through the window presets spent the token's rate: the preview refused (429) was never
+    asked again (its 429 text in place of the picture), under a caption of an earlier window ("lung window")
+    while the select said "bone"."""
+    dicom = Path(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"))
+    settings = ServeSettings(rate_limit=1.0, rate_burst=4)  # the read's preview and four panels: one is refused
+    app = create_app(model_dir, settings=settings, token_digests=[token_digest(TOKENS[31])])
+    with Server(app) as running:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if answer.url.endswith("/v1/preview")
+                else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[31])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.locator("#file").set_input_files(dicom)
+        page.locator("#window-field").wait_for(state="visible", timeout=ANSWER_MS)
+        for name in ("lung", "bone", "brain", "mediastinum", "bone"):  # quickly, as a reader scrolling the select
+            page.get_by_label("Window").select_option(name)
+        page.locator("#preview img[data-source=service][data-window=bone]").wait_for(timeout=ANSWER_MS)
+        page.wait_for_function("() => document.querySelector('#preview').getAttribute('aria-busy') === 'false'",
+                               timeout=ANSWER_MS)
+        caption = page.locator("#preview-info").inner_text()
+        shown = page.locator("#preview").inner_text()
+        context.close()
+    assert 429 in statuses, statuses
+    assert caption == "Rendered by the service: bone window." and shown == "", (caption, shown)
 
 
 def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without_tokens_needs_none(browser,

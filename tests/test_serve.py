@@ -1815,6 +1815,9 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
     too_many = vqa(client, [png.read_bytes()] * 3)
     assert too_many.status_code == 422 and "3 images given; the VQA model takes 1 to 2" in too_many.json()["detail"]
     assert vqa(client, [png.read_bytes()], "x" * 1001).status_code == 422
+    # under 1,000 characters but past the question encoder's tokens: it was cut there and answered
+    long = vqa(client, [png.read_bytes()], "the patient was seen today for a follow up " * 8 + QUESTION)
+    assert long.status_code == 422 and "tokens at most" in long.json()["detail"], long.text
     assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
 

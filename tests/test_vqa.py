@@ -19,7 +19,7 @@ from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
 from medvl.errors import InputError
 from medvl.eval.contamination import trained_on_scored, training_data
-from medvl.eval.vqa import answer_items, evaluate_vqa, token_f1
+from medvl.eval.vqa import answer_items, answer_with_rationale, evaluate_vqa, token_f1
 from medvl.models.registry import create_model
 from medvl.models.vqa import VQAModel, load_vqa_model, question_key, select_questions
 from medvl.train.loop import TrainConfig
@@ -383,6 +383,27 @@ def test_bad_question_is_one_line(trained, phantom, question, message):
     result, output = invoke("vqa", image, "--model", trained, "--question", question)
     assert result.exit_code == 2
     assert message in output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_question_longer_than_the_question_encoder_reads_is_refused_not_cut(trained, phantom):
+    """The question tower keeps text.max_length tokens: three ~330-character questions, different only after
+    their 48th token, got the same answer (the question itself was cut off) while 1,000 characters were taken."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    model = load_vqa_model(trained)
+    limit = model.config.text.max_length - 2  # [CLS] and [SEP]
+    filler = "the patient was seen in clinic today for a follow up of an earlier chest radiograph " * 3
+    for question in (filler + "is there a nodule?", filler + "which side is the effusion on?"):
+        assert len(question) < 1000
+        result, output = invoke("vqa", image, "--model", trained, "--question", question)
+        assert result.exit_code == 2, output
+        assert f"question encoder reads {limit} tokens at most" in output, output
+        assert len(result.stderr.strip().splitlines()) == 1
+        with pytest.raises(InputError, match="the rest would be cut unread"):
+            answer_with_rationale(model, [image], question)
+    words = " ".join(["nodule"] * limit)  # one token each: exactly what the encoder reads
+    assert answer_with_rationale(model, [image], words)["answer"]
+    with pytest.raises(InputError, match=f"is {limit + 1} tokens long"):
+        answer_with_rationale(model, [image], words + " nodule")
 
 
 def test_k_without_an_index_is_refused(trained, phantom):

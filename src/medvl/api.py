@@ -416,7 +416,7 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     from .eval.vqa import _answer_batch, _peak, check_question
     from .models.vlm import VisionLanguageModel
 
-    question = check_question(question)
+    question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):
         return {**model.answer(list(images), question), "heatmaps": []}
     limit = model.config.max_images

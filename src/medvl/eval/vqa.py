@@ -248,9 +248,12 @@ def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates
 MAX_QUESTION_CHARS = 1000  # a longer question is refused: no question about an image is that long
 
 
-def check_question(question: str, field: str = "--question") -> str:
+def check_question(question: str, field: str = "--question",
+                   model: VQAModel | VisionLanguageModel | None = None) -> str:
     """The question, stripped; empty, non-UTF-8 or longer than ``MAX_QUESTION_CHARS`` is an ``InputError``
-    naming ``field`` (the option or form field it came from)."""
+    naming ``field`` (the option or form field it came from), and so is, given a medvl ``model``, a question of
+    more tokens than its question encoder reads (``text.max_length``, special tokens included): the rest would
+    be cut unread, and questions differing only there answered alike. A transformers VLM reads the whole prompt."""
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:
@@ -259,8 +262,20 @@ def check_question(question: str, field: str = "--question") -> str:
         raise InputError(f"{field}: the question is empty; ask a question about the image(s)")
     if len(question.strip()) > MAX_QUESTION_CHARS:
         raise InputError(f"{field}: longer than {MAX_QUESTION_CHARS} characters ({len(question.strip()):,}); "
-                         "a question longer than that would be cut by the question encoder")
+                         "no question about an image is that long")
+    if isinstance(model, VQAModel):
+        _check_question_tokens(question.strip(), field, model)
     return question.strip()
+
+
+def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
+    encoder = model.text_encoder
+    special = encoder.tokenizer.num_special_tokens_to_add()
+    limit, length = encoder.config.max_length - special, encoder.untruncated_length(question) - special
+    if length > limit:
+        raise InputError(f"{field}: the question is {length} tokens long; this VQA model's question encoder reads "
+                         f"{limit} tokens at most (a word is one token or more): the rest would be cut unread; "
+                         "ask a shorter question")
 
 
 def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],
@@ -269,7 +284,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
     image encoder's token grid, summing to 1 over all images) and ``input_flags`` (per image: blank or streaked
     as the model sees it, ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
-    question = check_question(question)
+    question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {**model.answer(list(images), question), "heatmaps": []}
     if not images:

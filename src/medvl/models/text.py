@@ -286,6 +286,13 @@ class TextEncoder(nn.Module):
             return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
                                   return_token_type_ids=False)["input_ids"]
 
+    def untruncated_length(self, text: str) -> int:
+        """The tokens ``text`` makes, special ones included, before the truncation to ``max_length``: a text
+        longer than ``max_length`` is read cut (``token_ids``)."""
+        with TOKENIZER_LOCK:
+            return len(self.tokenizer(text, truncation=False, verbose=False,
+                                      return_token_type_ids=False)["input_ids"])
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
             if self.config.tune_top_layers:

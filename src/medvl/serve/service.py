@@ -486,7 +486,7 @@ class ModelService:
 
         if self.vqa is None:
             raise NotLoaded("this service was started without a VQA model (medvl serve --vqa-model DIR)")
-        question = check_question(question, "question")
+        question = check_question(question, "question", self.vqa)
         limit = self.vqa_image_limit()
         if not 1 <= count <= limit:
             raise InputError(f"{count} images given; the VQA model takes 1 to {limit} per question "
