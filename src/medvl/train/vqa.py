@@ -23,7 +23,7 @@ from ..checks import check_numbers
 from ..data.loaders.vqa import VQAItem, question_files, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
-from ..eval.contamination import data_sha256, file_entries
+from ..eval.contamination import copy_training, data_sha256, file_entries, with_earlier
 from ..models.config import TextConfig, merge_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
@@ -134,6 +134,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         config = _with_overrides(config, options.overrides)
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
         model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
+        copy_training(dual, model)
     else:
         image_model = options.image_model or DEFAULT_IMAGE_MODEL
         image = get_config(image_model).image
@@ -243,9 +244,10 @@ class VQAObjective:
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())
         splits = sorted({item.split for item in self.items})
-        self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
-                                       "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
-                                       "splits": splits, "files": file_entries(question_files(self.items), splits)}
+        run = {"steps": steps, "questions": len(self.items), "data": self.source,
+               "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
+               "splits": splits, "files": file_entries(question_files(self.items), splits)}
+        self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
