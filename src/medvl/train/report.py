@@ -24,6 +24,7 @@ from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import InputError
 from ..eval.contamination import copy_training, training_data, with_earlier
+from ..models.config import refuse_copied_overrides
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
 from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
@@ -109,8 +110,9 @@ def generator_config(image_model: str | None = None, init: str | Path | None = N
     if context_k:
         settings["decoder.context_k"] = context_k
     base = ReportGeneratorConfig(image=image)
-    if init is not None and any(key.startswith("image.") for key in settings):
-        raise InputError("image.* overrides do not apply with --init (the image tower is the dual encoder's)")
+    if init is not None:
+        refuse_copied_overrides(settings, {"image": "--init (the image tower is the dual encoder's)"},
+                                ("image", "decoder"))
     return base.merged(settings), dual
 
 

@@ -24,7 +24,7 @@ from ..data.loaders.vqa import VQAItem, question_files, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
 from ..eval.contamination import copy_training, data_sha256, file_entries, with_earlier
-from ..models.config import TextConfig, merge_overrides
+from ..models.config import TextConfig, merge_overrides, refuse_copied_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
 from ..models.vqa import (
@@ -89,6 +89,11 @@ class VQAOptions:
                              "encoder's)")
         if self.question_encoder == "dual" and self.init is None:
             raise InputError("question encoder 'dual' needs --init (a dual encoder folder)")
+        if self.init is not None:  # from_dual_encoder copies these sections whole: an override would go unused
+            copied = {"image": "--init (the image tower is the dual encoder's)"}
+            if self.question_encoder == "dual":
+                copied["text"] = "--question-encoder dual (the question tower is the dual encoder's text tower)"
+            refuse_copied_overrides(self.overrides, copied, ("image", "text"))
         check_numbers({
             "image_size": (self.image_size, {"minimum": 16, "maximum": 1024, "integer": True, "optional": True}),
             "hidden_size": (self.hidden_size, {"minimum": 8, "maximum": 4096, "integer": True}),
