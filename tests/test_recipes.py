@@ -72,6 +72,27 @@ def test_a_loss_set_on_the_model_is_not_undone_by_the_recipes_training_loss():
         resolve_recipe("phantom-tiny", model_overrides={"loss": "siglip"}, loss="clip")
 
 
+def test_a_recipes_locked_text_tower_replaced_by_a_random_init_bert_is_refused(phantom_dir, tmp_path):
+    """medpix-small locks its pretrained text tower; ``--text-encoder bert`` kept the lock, so the random BERT never
+    trained. Refused with the way out; a lock the options give themselves, or a pretrained encoder, is kept."""
+    from medvl.api import parse_overrides
+
+    with pytest.raises(InputError, match=r"medpix-small's recipe locks its text tower .* add --set text.freeze=false"):
+        resolve_recipe("medpix-small", model_overrides=parse_overrides([], "bert"))
+    with pytest.raises(InputError, match="random-init BERT that would never train"):
+        resolve_recipe("medpix-small", model_overrides={"text": {"kind": "bert", "path": None}})
+    assert resolve_recipe("medpix-small", model_overrides=parse_overrides(["text.freeze=false"], "bert")
+                          ).model_overrides["text.freeze"] is False
+    assert resolve_recipe("medpix-small", model_overrides=parse_overrides(["text.freeze=true"], "bert")
+                          ).model_overrides["text.freeze"] is True
+    assert resolve_recipe("medpix-small", model_overrides=parse_overrides([], "all-minilm-l6-v2")
+                          ).model_overrides["text.freeze"] is True
+    result, output = invoke("train", "--data", phantom_dir, "--out", tmp_path / "run", "--model", "medpix-small",
+                            "--text-encoder", "bert", "--label-column", "finding", "--max-steps", 1, "-q")
+    assert result.exit_code == 2 and "add --set text.freeze=false to train it" in " ".join(output.split()), output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
 def test_unknown_and_mistyped_recipe_settings_are_refused():
     with pytest.raises(InputError, match="epoch"):
         resolve_recipe("medpix-small", epoch=3)

@@ -124,6 +124,38 @@ def test_a_data_folder_whose_name_is_not_utf8_trains_and_is_known_as_training_da
     assert flagged["records"] == flagged["of"] == n_train and flagged["splits"] == ["train"]
 
 
+def test_a_model_trained_from_a_trained_one_keeps_every_run_it_learned_from(small_phantom, tmp_path):
+    """Fine-tuned twice (train split, then val, then test) the model still flags its first run's train split as
+    training data; a report generator and a VQA model started from it (``--init``) keep its runs too."""
+    from medvl.data.loaders.vqa import load_vqa
+    from medvl.eval.contamination import trained_on_scored, training_blocks
+    from medvl.models.vqa import select_questions
+    from medvl.train.report import train_report_generator
+    from medvl.train.vqa import VQAOptions, train_vqa
+
+    data = medvl.load_dataset(small_phantom)
+    config = TrainConfig(epochs=1, batch_size=16, max_steps=1)
+    model = medvl.create_model("phantom-tiny", **{"image.image_size": 48})
+    for split in ("train", "val", "test"):
+        medvl.train(model, data.select(split), config, tmp_path / split, show_progress=False)
+        model = medvl.load_model(tmp_path / split / "model")
+    n_train = len(data.select("train"))
+    assert trained_on_scored(model, data.select("train")) == {
+        "records": n_train, "of": n_train, "splits": ["train"], "records_trained": n_train}
+    assert [block["splits"] for block in training_blocks(model.meta["training"])] == [["test"], ["val"], ["train"]]
+
+    generator = train_report_generator(data.select("test"), tmp_path / "report", config, init=tmp_path / "test" /
+                                       "model", overrides={"decoder.hidden_size": 32, "decoder.num_heads": 2,
+                                                           "decoder.num_layers": 1, "decoder.intermediate_size": 64,
+                                                           "decoder.vocab_size": 400}, show_progress=False)
+    assert trained_on_scored(generator, data.select("train"))["splits"] == ["train"]
+    items = select_questions(load_vqa(small_phantom / "vqa"), "test", "data", "test")
+    options = VQAOptions(init=tmp_path / "test" / "model", question_encoder="bert", hidden_size=32, fusion_layers=1,
+                         overrides={"text.hidden_size": 32, "text.num_layers": 1, "text.intermediate_size": 64})
+    vqa = train_vqa(items, tmp_path / "vqa", config, options, "data", show_progress=False)
+    assert training_blocks(vqa.meta["training"])[1:] == training_blocks(model.meta["training"])
+
+
 @pytest.mark.parametrize("batch_group, self_supervised, self_supervised_epochs",
                          [(None, 0.0, 0), ("sex", 0.0, 0), (None, 1.0, 0), (None, 0.0, 2)])
 def test_resume_after_interruption_matches_an_uninterrupted_run(phantom_dir, tmp_path, batch_group, self_supervised,

@@ -427,6 +427,25 @@ def test_train_refuses_init_and_image_model_together(phantom, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--question-encoder", "bert", "--set", "image.augment_crop=0.35"],
+     "--set image.augment_crop: image.* overrides do not apply with --init (the image tower is the dual encoder's)"),
+    (["--question-encoder", "dual", "--set", "text.max_length=16"],
+     "--set text.max_length: text.* overrides do not apply with --question-encoder dual"),
+])
+def test_overrides_of_a_tower_copied_from_init_are_refused(phantom, tmp_path, extra, message):
+    """``from_dual_encoder`` copies the dual encoder's image section (and its text section for the question tower):
+    an override of it was dropped without a word while ``train_config.json`` recorded it as applied."""
+    from medvl.models.registry import create_model
+
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+    result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--init",
+                            tmp_path / "dual", "--epochs", 1, "--max-steps", 1, *extra, "-q")
+    assert result.exit_code == 2 and message in " ".join(output.split()), output
+    assert "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
 def test_image_tokens_are_the_image_towers_not_an_option(trained, phantom, tmp_path):
     """``--set image_tokens=5`` was kept as given: five position rows broadcast over the tower's one token, heatmap
     peaks outside the image and a traceback on --heatmap. It is refused, and a model folder whose config says

@@ -12,9 +12,11 @@ a warning (``records_trained``: how many the model learned from; fewer than ``re
 part of the split, e.g. a benchmark's held-out cases). A question file holds one split named by the file, so a
 copy under another name counts under the split it was learned as. Only those files are compared: images
 copied under a new table or question file are not recognised here (``copies_in_fit`` compares images), and
-nothing about single images is kept in the model. A VQA model's held-out questions (its ``holdout`` meta) are
-not counted (``questions_trained_on``). An OOD guard's fit and calibration data are recorded and compared the
-same way (``eval.ood.guard_fitted_on_scored``).
+nothing about single images is kept in the model. A model trained from a trained one (a saved folder fine-tuned,
+a VQA model or report generator started from a dual encoder with ``--init``) keeps the starting model's blocks in
+its own (``earlier``: every run its weights learned from, transitively), and each is checked. A VQA model's
+held-out questions (its ``holdout`` meta) are not counted (``questions_trained_on``). An OOD guard's fit and
+calibration data are recorded and compared the same way (``eval.ood.guard_fitted_on_scored``).
 
 ``copies_in_fit`` is the other direction: scored images that are byte-for-byte copies of the images a probe,
 threshold or bank was fitted on, found by content (``Dataset.copied_images``).
@@ -81,6 +83,31 @@ def training_data(dataset: Dataset) -> dict[str, Any]:
             "files": file_entries(dataset_files(dataset), splits)}
 
 
+def with_earlier(block: dict[str, Any], starting: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``training`` block of a run (``block``) that started from weights trained as ``starting`` records (the
+    starting model's ``training`` block; None or empty for a random init): its runs are kept under ``earlier``,
+    so that the data every one of them learned from stays known to ``trained_on_scored``."""
+    earlier = training_blocks(starting)
+    return {**block, "earlier": earlier} if earlier else block
+
+
+def copy_training(starting: Any, model: Any) -> None:
+    """A model whose towers are copied from ``starting`` (``--init``) has learned what ``starting`` learned: its
+    ``training`` block, which the run's own then keeps (``with_earlier``)."""
+    training = _training(starting)
+    if training:
+        model.meta["training"] = training
+
+
+def training_blocks(training: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A ``training`` block and the earlier runs it keeps (``with_earlier``), latest first, each without its
+    ``earlier``: every run the weights learned from."""
+    if not training:
+        return []
+    earlier = [block for block in training.get("earlier") or [] if isinstance(block, dict)]
+    return [{key: value for key, value in training.items() if key != "earlier"}, *earlier]
+
+
 def learned_splits(block: dict[str, Any], source: str, files: DataFiles,
                    scored: Sequence[tuple[Path | None, str]]) -> list[str | None]:
     """Per scored record (the file it was read from, or None when not known, and its split), the split it was
@@ -135,42 +162,49 @@ def scored_records(dataset: Dataset, task: str, label: str | None = None) -> Dat
 
 
 def trained_on_scored(model: Any, dataset: Dataset, what: str = "scored records") -> dict[str, Any] | None:
-    """How many records of ``dataset`` come from the data and splits ``model`` was trained on; None when none
-    (or the model records no training data: a transformers folder, or a medvl model saved before this check).
-    A warning says so (counts and split names only)."""
-    training = _training(model)
-    learned = learned_splits(training, dataset.source, dataset_files(dataset), record_files(dataset)) \
-        if training else []
-    return _trained_block(training, learned, len(dataset), what)
+    """How many records of ``dataset`` come from the data and splits ``model`` was trained on, in any of the runs
+    its weights learned from (``training_blocks``); None when none (or the model records no training data: a
+    transformers folder, or a medvl model saved before this check). A warning says so (counts and split names
+    only)."""
+    blocks = training_blocks(_training(model))
+    files, scored = dataset_files(dataset), record_files(dataset)
+    learned = [learned_splits(block, dataset.source, files, scored) for block in blocks]
+    return _trained_block(blocks, learned, len(dataset), what)
 
 
 def questions_trained_on(model: Any, items: Sequence[Any], source: str) -> dict[str, Any] | None:
     """``trained_on_scored`` for VQA questions (``VQAItem``) read from ``source``: the questions a VQA model held
-    out from its training (``--holdout``, kept in its meta) are not counted."""
+    out from its training (``--holdout``, kept in its meta) are not counted (of its own run: an earlier run it
+    started from held none out)."""
     from ..models.vqa import held_out_ids
 
-    training = _training(model)
-    if not training:
+    blocks = training_blocks(_training(model))
+    if not blocks:
         return None
-    learned = learned_splits(training, source, question_files(items), [(item.file, item.split) for item in items])
+    files, scored = question_files(items), [(item.file, item.split) for item in items]
+    learned = [learned_splits(block, source, files, scored) for block in blocks]
     held = held_out_ids((getattr(model, "meta", None) or {}).get("holdout") or {})
-    learned = [None if (split, item.qid) in held else split for split, item in zip(learned, items, strict=True)]
-    return _trained_block(training, learned, len(items), "scored questions")
+    learned[0] = [None if (split, item.qid) in held else split for split, item in zip(learned[0], items, strict=True)]
+    return _trained_block(blocks, learned, len(items), "scored questions")
 
 
 def _training(model: Any) -> dict[str, Any]:
     return (getattr(model, "meta", None) or {}).get("training") or {}
 
 
-def _trained_block(training: dict[str, Any], learned: list[str | None], scored: int,
+def _trained_block(blocks: list[dict[str, Any]], learned: list[list[str | None]], scored: int,
                    what: str) -> dict[str, Any] | None:
-    """The ``trained_on_scored`` block of ``scored`` records, given the split each was learned under (None: not
-    learned from, e.g. held out of training)."""
-    seen = sum(split is not None for split in learned)
+    """The ``trained_on_scored`` block of ``scored`` records, given per training run (``blocks``) the split each
+    record was learned under (None: not learned from, e.g. held out of training). ``records_trained`` is the
+    training records of the run that learned from them (the most of any one, when several did)."""
+    first = [next((split for split in splits if split is not None), None) for splits in zip(*learned, strict=True)]
+    seen = sum(split is not None for split in first)
     if not seen:
         return None
-    splits = sorted({split for split in learned if split is not None})
-    trained = training.get("records", training.get("questions"))
+    splits = sorted({split for split in first if split is not None})
+    counts = [block.get("records", block.get("questions")) for block, run in zip(blocks, learned, strict=True)
+              if any(split is not None for split in run)]
+    trained = max((count for count in counts if count is not None), default=None)
     log.warning("%d of %d %s come from split(s) %s of the data the model was trained on (it learned from %s "
                 "of them): figures on them are training figures, not a test", seen, scored, what,
                 ", ".join(splits), trained if trained is not None else "some")

@@ -308,6 +308,16 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any], sections: t
     return data
 
 
+def refuse_copied_overrides(overrides: dict[str, Any], copied: dict[str, str], sections: tuple[str, ...]) -> None:
+    """An override of a section whose tower is copied from another model (``copied``: the section and why, e.g.
+    ``{"image": "--init (the image tower is the dual encoder's)"}``) is an InputError: the copy's own section
+    replaces it, and the run would record a setting it never used."""
+    for key in _flat_keys(overrides, sections):
+        section = key.partition(".")[0]
+        if section in copied:
+            raise InputError(f"--set {key}: {section}.* overrides do not apply with {copied[section]}")
+
+
 def _flat_keys(overrides: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
     """The ``section.field`` keys of ``overrides`` (a dict under a section's name spelled out)."""
     keys = []

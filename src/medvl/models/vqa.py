@@ -312,7 +312,8 @@ class VQAModel(nn.Module):
     @classmethod
     def from_dual_encoder(cls, dual: DualEncoder, config: VQAConfig, answers: Sequence[str],
                           question_tower: bool) -> VQAModel:
-        """A VQA model whose image tower (and, with ``question_tower``, question tower) are ``dual``'s."""
+        """A VQA model whose image tower (and, with ``question_tower``, question tower) are ``dual``'s, config
+        sections included (``VQAOptions.validate`` refuses overrides of them)."""
         image = dataclasses.replace(dual.config.image, augment=config.image.augment)
         text = dataclasses.replace(dual.config.text) if question_tower else config.text
         config = dataclasses.replace(config, image=image, text=text, image_tokens=0)

@@ -44,7 +44,7 @@ from ..data.loaders.vqa import leave_out_images
 from ..data.loading import check_workers, image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
-from ..eval.contamination import training_data
+from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
 from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
@@ -702,9 +702,9 @@ class ContrastiveObjective:
         self.model.meta["captions"] = self.texts.captions.to_dict()
         self.model.meta["label_columns"] = list(self.config.label_columns)
         self.model.meta["covariates"] = list(self.config.covariates)
-        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
-                                       "loss": self.model.config.loss, "text_source": self.texts.source,
-                                       **training_data(self.dataset)}
+        run = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
+               "loss": self.model.config.loss, "text_source": self.texts.source, **training_data(self.dataset)}
+        self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # a saved model's runs too
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:

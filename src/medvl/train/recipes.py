@@ -117,6 +117,7 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
         raise InputError(f"recipe={given['recipe']!r}: the recipe is the model's, not a training option "
                          "(--model NAME trains NAME's recipe; `medvl models --recipe NAME` prints it)")
     given.update(_loss_override(model_overrides or {}, given, recipe))
+    _check_recipe_lock(model, recipe, model_overrides or {})
     config = build_dataclass(TrainConfig, {**recipe.train, **given}, "train")
     config.recipe = str(model) if recipe != Recipe() else None
     config.validate_numbers()
@@ -142,6 +143,20 @@ def _loss_override(model_overrides: dict[str, Any], given: dict[str, Any], recip
     if given.get("loss") is not None and given["loss"] != wanted:
         raise InputError(f"loss is given twice: --loss {given['loss']!r} and --set loss={wanted!r}; give one of them")
     return {"loss": wanted} if recipe.train.get("loss") not in (None, wanted) else {}
+
+
+def _check_recipe_lock(model: str | Path, recipe: Recipe, model_overrides: dict[str, Any]) -> None:
+    """A recipe's locked text tower (``text.freeze``, medpix-small's LiT: set for its pretrained encoder) that the
+    options replace with a random-init BERT (``--text-encoder bert``) would never train: its text features stay
+    random. An InputError, unless the options lock it themselves (``--set text.freeze=true``: on purpose)."""
+    nested = model_overrides.get("text")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else {}  # {"text": {...}} from the Python API
+    kind = model_overrides.get("text.kind", text.get("kind"))
+    freeze_given = "text.freeze" in model_overrides or "freeze" in text
+    if kind == "bert" and recipe.model.get("text.freeze") and not freeze_given:
+        raise InputError(f"{model}'s recipe locks its text tower (text.freeze=true, for its pretrained encoder), and "
+                         "text.kind=bert (--text-encoder bert) makes it a random-init BERT that would never train: "
+                         "add --set text.freeze=false to train it, or give a pretrained --text-encoder")
 
 
 NAMED_FLAGS = {"label_columns": "--label-column"}  # a TrainConfig field whose option is not --<field>

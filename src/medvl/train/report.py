@@ -23,7 +23,8 @@ from monai.data import MetaTensor
 from ..data.loading import image_sources, load_all
 from ..data.record import Dataset, records_digest
 from ..errors import InputError
-from ..eval.contamination import training_data
+from ..eval.contamination import copy_training, training_data, with_earlier
+from ..models.config import refuse_copied_overrides
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
 from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
@@ -109,8 +110,9 @@ def generator_config(image_model: str | None = None, init: str | Path | None = N
     if context_k:
         settings["decoder.context_k"] = context_k
     base = ReportGeneratorConfig(image=image)
-    if init is not None and any(key.startswith("image.") for key in settings):
-        raise InputError("image.* overrides do not apply with --init (the image tower is the dual encoder's)")
+    if init is not None:
+        refuse_copied_overrides(settings, {"image": "--init (the image tower is the dual encoder's)"},
+                                ("image", "decoder"))
     return base.merged(settings), dual
 
 
@@ -121,6 +123,7 @@ def _generator(config: ReportGeneratorConfig, reports: list[str], dual: Any,
     if dual is not None:
         model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
         model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name}
+        copy_training(dual, model)
     return model
 
 
@@ -177,5 +180,6 @@ class ReportObjective:
                 "init": self.model.meta.get("init"), "retrieval": self.model.meta.get("retrieval")}
 
     def finish(self, steps: int) -> None:
-        self.model.meta["training"] = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
-                                       "vocabulary": len(self.model.tokenizer), **training_data(self.dataset)}
+        run = {"steps": steps, "records": len(self.dataset), "data": self.dataset.source,
+               "vocabulary": len(self.model.tokenizer), **training_data(self.dataset)}
+        self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs

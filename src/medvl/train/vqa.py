@@ -23,8 +23,8 @@ from ..checks import check_numbers
 from ..data.loaders.vqa import VQAItem, question_files, questions_digest
 from ..data.loading import load_all
 from ..errors import InputError
-from ..eval.contamination import data_sha256, file_entries
-from ..models.config import TextConfig, merge_overrides
+from ..eval.contamination import copy_training, data_sha256, file_entries, with_earlier
+from ..models.config import TextConfig, merge_overrides, refuse_copied_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
 from ..models.vqa import (
@@ -89,6 +89,11 @@ class VQAOptions:
                              "encoder's)")
         if self.question_encoder == "dual" and self.init is None:
             raise InputError("question encoder 'dual' needs --init (a dual encoder folder)")
+        if self.init is not None:  # from_dual_encoder copies these sections whole: an override would go unused
+            copied = {"image": "--init (the image tower is the dual encoder's)"}
+            if self.question_encoder == "dual":
+                copied["text"] = "--question-encoder dual (the question tower is the dual encoder's text tower)"
+            refuse_copied_overrides(self.overrides, copied, ("image", "text"))
         check_numbers({
             "image_size": (self.image_size, {"minimum": 16, "maximum": 1024, "integer": True, "optional": True}),
             "hidden_size": (self.hidden_size, {"minimum": 8, "maximum": 4096, "integer": True}),
@@ -134,6 +139,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         config = _with_overrides(config, options.overrides)
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
         model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
+        copy_training(dual, model)
     else:
         image_model = options.image_model or DEFAULT_IMAGE_MODEL
         image = get_config(image_model).image
@@ -243,9 +249,10 @@ class VQAObjective:
     def finish(self, steps: int) -> None:
         in_vocabulary = int((self.answer_targets != IGNORE).sum())
         splits = sorted({item.split for item in self.items})
-        self.model.meta["training"] = {"steps": steps, "questions": len(self.items), "data": self.source,
-                                       "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
-                                       "splits": splits, "files": file_entries(question_files(self.items), splits)}
+        run = {"steps": steps, "questions": len(self.items), "data": self.source,
+               "answers_in_vocabulary": in_vocabulary, "data_sha256": data_sha256(self.source),
+               "splits": splits, "files": file_entries(question_files(self.items), splits)}
+        self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
