@@ -288,6 +288,22 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(
         assert torch.equal(a, b), name
 
 
+def test_two_python_api_runs_with_a_seeded_create_model_give_the_same_weights(small_phantom, tmp_path):
+    """``TrainConfig.seed`` cannot seed the init of a model built before ``train`` is called, and ``create_model``
+    took no seed: two identical runs in one process (the README's example) started from other weights."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, seed=5, max_steps=1)
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(7)  # the global generator moved on, as anything before in a notebook or a sweep moves it
+        model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+        weights.append(medvl.train(model, dataset, config, tmp_path / run, show_progress=False).state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    with pytest.raises(InputError, match="seed"):
+        medvl.create_model("phantom-tiny", seed=-1)
+
+
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
     """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
     started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and

@@ -52,6 +52,7 @@ from ..models.config import MIN_WORD_TEXTS
 from ..models.dual import CHECKPOINT_STEP, META_FILE, DualEncoder  # CHECKPOINT_STEP: the step of STATE_FILE
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
+from ..models.registry import seed_everything as seed_everything  # here for the trainers that seed a model's init
 from ..progress import progress_bar
 from . import distributed
 
@@ -80,7 +81,8 @@ class TrainConfig:
     text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
     warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
-    seed: int = 0  # seeds data order, augmentation and init
+    seed: int = 0  # seeds data order, augmentation and what training adds (heads); the model's own init is
+    # create_model(NAME, seed=...)'s, which medvl train calls with this seed (give it the same for a reproducible run)
     loss: str | None = None  # clip | siglip; None keeps the model config's loss
     text_source: str = "auto"  # auto: report text if present else captions | text | captions | both
     label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
@@ -339,12 +341,6 @@ class _PairedTexts:
                 for prompt in self.captions.prompts(column, class_name)]
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch and Python before building a model, so its random init is reproducible."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class Objective(Protocol):
     """What a model kind brings to the trainer: the model, the number of examples and the loss.
 
@@ -462,6 +458,10 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           captions: CaptionSource = None, resume: bool = False, show_progress: bool = True,
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
+
+    ``config.seed`` seeds the data order, augmentation and the heads training adds, not ``model``'s own init, which
+    exists before: build it with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is
+    reproducible, two such calls giving the same weights.
 
     Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
     ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
