@@ -323,6 +323,38 @@ def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_i
     assert _tree(out) == before  # seeded: the fresh start is the same run
 
 
+def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):
+    """A run from trained weights stopped within an epoch (no checkpoint) was resumed with a registered name of the
+    same config: accepted, and its model replaced by one trained from a random init. The starting weights are
+    recorded (a folder's by their digest, so a copy of it is the same start); a run folder written before resumes."""
+    args = ["--epochs", 2, "--batch-size", 16, "--max-steps", 1, "-q"]
+    result, output = invoke(*_tiny_train("train", small_phantom, "--out", tmp_path / "a", "--max-steps", 1))
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["start"] == {
+        "model": "phantom-tiny", "init": "random", "seed": 0}
+    out = tmp_path / "b"
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a", "--out", out, *args)
+    assert result.exit_code == 0, output
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--set",
+                            "image.image_size=48", "--out", out, *args, "--resume")
+    assert result.exit_code == 2, output
+    assert (f"this command changes the starting model '{tmp_path / 'a' / 'model'}' (weights sha256 "
+            in " ".join(output.split())) and "-> 'phantom-tiny' (random init, seed 0)." in " ".join(output.split())
+    assert _tree(out) == before
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a-copy", "--out", out, *args,
+                            "--resume")
+    assert result.exit_code == 0, output
+    settings = json.loads((out / "train_config.json").read_text())
+    del settings["start"]  # as medvl wrote it before it recorded the start
+    (out / "train_config.json").write_text(json.dumps(settings))
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a", "--out", out, *args,
+                            "--resume")
+    assert result.exit_code == 0, output
+
+
 def test_resume_with_another_caption_set_is_refused(small_phantom, tmp_path):
     """The caption set made the label captions of the steps before the checkpoint and fitted its tokenizer: the
     rest of the run trained on another one, which the model's meta then claimed for the whole run."""

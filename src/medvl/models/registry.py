@@ -107,7 +107,9 @@ def create_model(name: str, *, seed: int | None = None, **overrides: Any) -> Dua
     config = get_config(name, **overrides)  # a bad name or override is refused before the generators are touched
     if seed is not None:
         seed_everything(seed)
-    return DualEncoder(config)
+    model = DualEncoder(config)
+    model.origin = {"model": name, "init": "random", "seed": seed}
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -191,8 +193,9 @@ def model_spatial_dims(name_or_dir: str | Path, **overrides: Any) -> int:
     return get_config(str(name_or_dir), **overrides).image.spatial_dims
 
 
-def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
-    """A model to train: a saved model directory (overrides not allowed) or a registered name.
+def resolve_model(name_or_dir: str | Path, *, seed: int | None = None, **overrides: Any) -> DualEncoder:
+    """A model to train: a saved model directory (overrides not allowed) or a registered name (its init seeded with
+    ``seed``, see ``create_model``).
 
     A transformers CLIP / SigLIP folder is refused: adapters are inference-only for now (``load_model``
     opens one for eval, index, search, predict and report drafts).
@@ -206,7 +209,7 @@ def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
         return load_model(name_or_dir)
     if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
         raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
-    return create_model(str(name_or_dir), **overrides)
+    return create_model(str(name_or_dir), seed=seed, **overrides)
 
 
 TEXT_ENCODER_KEYS = ("text.kind", "text.path")  # the overrides --text-encoder gives (api.parse_overrides)

@@ -47,9 +47,22 @@ from ..errors import DataError, InputError, ModelError, TrainingError, WriteErro
 from ..eval.contamination import training_data
 from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
+from ..io import (
+    atomic_write_bytes,
+    file_sha256,
+    json_ready,
+    replace_dir,
+    staged_for,
+    write_errors_named,
+    write_json,
+)
 from ..models.config import MIN_WORD_TEXTS
-from ..models.dual import CHECKPOINT_STEP, META_FILE, DualEncoder  # CHECKPOINT_STEP: the step of STATE_FILE
+from ..models.dual import (  # CHECKPOINT_STEP: the step of STATE_FILE
+    CHECKPOINT_STEP,
+    META_FILE,
+    WEIGHTS_FILE,
+    DualEncoder,
+)
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
 from ..models.registry import seed_everything as seed_everything  # here for the trainers that seed a model's init
@@ -556,6 +569,8 @@ class ContrastiveObjective:
     def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig,
                  text_source: str | None = None):
         self.model, self.dataset, self.config = model, dataset, config
+        self.start_weights = starting_weights(model)
+        model.origin = None  # its weights change from here on
         self.texts = _PairedTexts(dataset, config, captions, text_source)
         if config.loss:
             model.config.loss = config.loss
@@ -580,6 +595,7 @@ class ContrastiveObjective:
     def start(self, checkpoint: Path | None, show_progress: bool) -> None:
         if checkpoint is not None:
             self.model = DualEncoder.from_pretrained(checkpoint, load_guard=False)  # a trained model has no guard
+            self.model.origin = None  # trained on from here: not the checkpoint's weights once saved
         else:
             # a random-init tower learns its vocabulary from this corpus; a trained model's tower keeps its own
             self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
@@ -690,10 +706,12 @@ class ContrastiveObjective:
                 "and the model learns nothing more")
 
     def describe(self, resolved: bool = True) -> dict[str, Any]:
-        """What ``check_same_run`` compares on resume: besides the model, the data (``resolved``: the records'
-        digest over the image files' resolved paths) and the caption set (its prompts are the texts of label
-        captions and fitted the tokenizer; the model's meta keeps it)."""
-        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
+        """What ``check_same_run`` compares on resume: besides the model's config and its starting weights
+        (``starting_weights``), the data (``resolved``: the records' digest over the image files' resolved paths)
+        and the caption set (its prompts are the texts of label captions and fitted the tokenizer; the model's meta
+        keeps it)."""
+        return {"model": self.model.config.to_dict(), "start": self.start_weights,
+                "data": self.dataset.source, "records": len(self.dataset),
                 "records_sha256": records_digest(self.dataset.records, resolved),
                 "captions": self.texts.captions.to_dict()}
 
@@ -1057,8 +1075,8 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
 DIGEST_PATHS = "digest_paths"  # "resolved": the run's DATA_DIGESTS are over the image files' resolved paths
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS)  # recorded since runs could have
-# started: compared when present
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS, "start")  # recorded since runs could
+# have started: compared when present
 
 
 def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
@@ -1118,6 +1136,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
+        elif key == "start":
+            if not _same_start(before, after):
+                changed.append(f"the starting model {_start_name(before)} -> {_start_name(after)}")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
             if _with_added_defaults(before) != after:
                 names = (before.get("name"), after.get("name"))
@@ -1128,6 +1149,34 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         raise InputError(f"{out_dir}: --resume continues the run there with the settings it was started with "
                          f"({CONFIG_FILE}); this command changes {', '.join(changed)}. Resume with the run's "
                          "settings, or train into a new --out")
+
+
+def starting_weights(model: Any) -> dict[str, Any] | None:
+    """Where a run's starting weights come from (``DualEncoder.origin``), a saved folder's with the SHA-256 of its
+    weights file: ``start`` in train_config.json, compared on --resume (a run started from trained weights, given
+    a registered name instead, would be replaced by a run from a random init). None: a model built otherwise."""
+    origin = getattr(model, "origin", None)
+    if not isinstance(origin, dict):
+        return None
+    if "init" in origin:
+        return dict(origin)
+    return {**origin, "weights_sha256": file_sha256(Path(origin["model"]) / WEIGHTS_FILE)}
+
+
+def _same_start(before: Any, after: Any) -> bool:
+    """Two runs' ``start`` are the same weights: a saved folder's by its weights' digest (a copy, or the folder
+    moved, is the same start), a random init by its name and seed."""
+    if isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in before:
+        return before.get("weights_sha256") == after.get("weights_sha256")
+    return bool(before == after)
+
+
+def _start_name(start: Any) -> str:
+    if not isinstance(start, dict):
+        return "(not recorded: a model built without create_model or load_model)"
+    if "init" in start:
+        return f"{start.get('model')!r} (random init, seed {start.get('seed')})"
+    return f"{start.get('model')!r} (weights sha256 {str(start.get('weights_sha256'))[:12]})"
 
 
 # model config fields added after runs could have started, with the default those runs behaved as: a saved
