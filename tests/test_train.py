@@ -998,6 +998,30 @@ def test_resume_accepts_the_same_data_named_another_way_or_from_another_folder(s
             "'ph/manifest.csv' given from the folder the run was started in") in " ".join(output.split())
 
 
+def test_resume_accepts_the_same_leave_out_question_file_named_another_way(small_phantom, tmp_path, monkeypatch):
+    """--leave-out-images-of was recorded and compared as the string given (``ph/vqa/test.json``), while --data was
+    resolved: the same file by its absolute path was refused. A run folder that recorded the string as given still
+    resumes from the folder it was started in."""
+    shutil.copytree(small_phantom, tmp_path / "ph")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "ph", "--model", "phantom-tiny", "--set", "image.image_size=48", "--epochs", 2,
+            "--batch-size", 16, "--max-steps", 1, "-q"]
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/test.json")
+    assert result.exit_code == 0, output
+    settings = json.loads(Path("run/train_config.json").read_text())
+    assert settings["train"]["leave_out_images_of"] == [str(tmp_path / "ph" / "vqa" / "test.json")]
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", tmp_path / "ph" / "vqa" / "test.json",
+                            "--resume")
+    assert result.exit_code == 0, output
+    settings["train"]["leave_out_images_of"] = ["ph/vqa/test.json"]  # as medvl wrote it before
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/test.json", "--resume")
+    assert result.exit_code == 0, output
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/val.json", "--resume")
+    assert result.exit_code == 2, output
+    assert "this command changes leave_out_images_of" in " ".join(output.split())
+
+
 def test_contrastive_fine_tuning_of_a_model_with_a_head_needs_no_labels_for_it(small_phantom, tmp_path, caplog):
     """With supervised_weight 0 the head of a saved model is not trained, yet every record needed its label, a
     class the head did not know was refused, and its cross-entropy was logged. Now no target is built: the data

@@ -1086,8 +1086,17 @@ def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     described = objective.describe()
     if isinstance(described.get("data"), str | Path) and str(described["data"]):
         described["data"] = str(Path(described["data"]).resolve())
-    return {"train": dataclasses.asdict(config), "processes": distributed.world_size(), **described,
-            DIGEST_PATHS: "resolved"}
+    train = dataclasses.asdict(config)
+    train["leave_out_images_of"] = _resolved_paths(train["leave_out_images_of"])  # question files, as the data
+    return {"train": train, "processes": distributed.world_size(), **described, DIGEST_PATHS: "resolved"}
+
+
+def _resolved_paths(paths: Any) -> Any:
+    """File paths resolved (a run folder written before recorded them as given: resolved from the folder it is
+    resumed in, as it was started); anything else as it is."""
+    if not isinstance(paths, list) or not all(isinstance(path, str | Path) for path in paths):
+        return paths
+    return [str(Path(path).resolve()) for path in paths]
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -1120,7 +1129,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
-                        if name not in RESUMABLE and before.get(name, _added_default(key, name)) != after.get(name)]
+                        if name not in RESUMABLE and _comparable(name, before.get(name, _added_default(key, name)))
+                        != _comparable(name, after.get(name))]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             # the same file under another spelling is the same data; so is a folder named instead of the question
             # or manifest file in it when the records read are the same (their digest covers each image file's path)
@@ -1187,6 +1197,11 @@ ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder",
 # training settings added after runs could have started: a saved train_config.json without one was trained as the
 # default (the run is then the same run under the new settings)
 ADDED_TRAIN_DEFAULTS = {"ema_decay": 0.0}
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A training setting as --resume compares it: the question files of ``leave_out_images_of`` resolved."""
+    return _resolved_paths(value) if name == "leave_out_images_of" else value
 
 
 def _added_default(key: str, name: str) -> Any:
