@@ -320,6 +320,22 @@ def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(
         assert torch.equal(a, b), name
 
 
+def test_two_python_api_runs_with_a_seeded_create_model_give_the_same_weights(small_phantom, tmp_path):
+    """``TrainConfig.seed`` cannot seed the init of a model built before ``train`` is called, and ``create_model``
+    took no seed: two identical runs in one process (the README's example) started from other weights."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, seed=5, max_steps=1)
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(7)  # the global generator moved on, as anything before in a notebook or a sweep moves it
+        model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+        weights.append(medvl.train(model, dataset, config, tmp_path / run, show_progress=False).state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    with pytest.raises(InputError, match="seed"):
+        medvl.create_model("phantom-tiny", seed=-1)
+
+
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
     """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
     started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and
@@ -337,6 +353,38 @@ def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_i
     _train_small(dataset, out, config, resume=True)
     assert [line["step"] for line in _metrics(out)] == [1, 2]
     assert _tree(out) == before  # seeded: the fresh start is the same run
+
+
+def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):
+    """A run from trained weights stopped within an epoch (no checkpoint) was resumed with a registered name of the
+    same config: accepted, and its model replaced by one trained from a random init. The starting weights are
+    recorded (a folder's by their digest, so a copy of it is the same start); a run folder written before resumes."""
+    args = ["--epochs", 2, "--batch-size", 16, "--max-steps", 1, "-q"]
+    result, output = invoke(*_tiny_train("train", small_phantom, "--out", tmp_path / "a", "--max-steps", 1))
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["start"] == {
+        "model": "phantom-tiny", "init": "random", "seed": 0}
+    out = tmp_path / "b"
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a", "--out", out, *args)
+    assert result.exit_code == 0, output
+    assert not (out / "checkpoint").exists()
+    before = _tree(out)
+    result, output = invoke("train", "--data", small_phantom, "--model", "phantom-tiny", "--set",
+                            "image.image_size=48", "--out", out, *args, "--resume")
+    assert result.exit_code == 2, output
+    assert (f"this command changes the starting model '{tmp_path / 'a' / 'model'}' (weights sha256 "
+            in " ".join(output.split())) and "-> 'phantom-tiny' (random init, seed 0)." in " ".join(output.split())
+    assert _tree(out) == before
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a-copy", "--out", out, *args,
+                            "--resume")
+    assert result.exit_code == 0, output
+    settings = json.loads((out / "train_config.json").read_text())
+    del settings["start"]  # as medvl wrote it before it recorded the start
+    (out / "train_config.json").write_text(json.dumps(settings))
+    result, output = invoke("train", "--data", small_phantom, "--model", tmp_path / "a", "--out", out, *args,
+                            "--resume")
+    assert result.exit_code == 0, output
 
 
 def test_resume_with_another_caption_set_is_refused(small_phantom, tmp_path):
@@ -980,6 +1028,30 @@ def test_resume_accepts_the_same_data_named_another_way_or_from_another_folder(s
     assert result.exit_code == 2, output
     assert ("a run folder written before medvl compared data by its resolved paths resumes only with --data "
             "'ph/manifest.csv' given from the folder the run was started in") in " ".join(output.split())
+
+
+def test_resume_accepts_the_same_leave_out_question_file_named_another_way(small_phantom, tmp_path, monkeypatch):
+    """--leave-out-images-of was recorded and compared as the string given (``ph/vqa/test.json``), while --data was
+    resolved: the same file by its absolute path was refused. A run folder that recorded the string as given still
+    resumes from the folder it was started in."""
+    shutil.copytree(small_phantom, tmp_path / "ph")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "ph", "--model", "phantom-tiny", "--set", "image.image_size=48", "--epochs", 2,
+            "--batch-size", 16, "--max-steps", 1, "-q"]
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/test.json")
+    assert result.exit_code == 0, output
+    settings = json.loads(Path("run/train_config.json").read_text())
+    assert settings["train"]["leave_out_images_of"] == [str(tmp_path / "ph" / "vqa" / "test.json")]
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", tmp_path / "ph" / "vqa" / "test.json",
+                            "--resume")
+    assert result.exit_code == 0, output
+    settings["train"]["leave_out_images_of"] = ["ph/vqa/test.json"]  # as medvl wrote it before
+    Path("run/train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/test.json", "--resume")
+    assert result.exit_code == 0, output
+    result, output = invoke(*args, "--out", "run", "--leave-out-images-of", "ph/vqa/val.json", "--resume")
+    assert result.exit_code == 2, output
+    assert "this command changes leave_out_images_of" in " ".join(output.split())
 
 
 def test_contrastive_fine_tuning_of_a_model_with_a_head_needs_no_labels_for_it(small_phantom, tmp_path, caplog):

@@ -58,6 +58,9 @@ class DualEncoder(nn.Module):
         self.meta: dict[str, Any] = {"heads": {}}  # labels, training summary; kept apart from config
         self.ood: OODGuard | None = None  # statistics of the training embeddings (models.ood), if fitted
         self.view_projection: nn.Module | None = None  # self-supervised training only (add_view_projection)
+        # where the weights came from, for a training run to record as its start: {"model": NAME, "init": "random",
+        # "seed": ...} (create_model) or {"model": resolved folder} (from_pretrained); None: built otherwise
+        self.origin: dict[str, Any] | None = None
 
     # -- forward passes with gradients (training) ------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -232,6 +235,7 @@ class DualEncoder(nn.Module):
         model.text_encoder.vocabulary_fixed = "training" in meta or CHECKPOINT_STEP in meta
         load_weights(model, state, directory)
         model.ood = matching_guard(OODGuard.load(directory), model, directory) if load_guard else None
+        model.origin = {"model": str(directory.resolve())}
         model.eval()
         return model
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..checks import check_number
 from ..errors import InputError, ModelError
 from .adapters import HFDualEncoder, transformers_model_type
 from .backends import load_backend, resolve_backend
@@ -92,13 +96,27 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     return config.merged(overrides) if overrides else config
 
 
-def create_model(name: str, **overrides: Any) -> DualEncoder:
+def create_model(name: str, *, seed: int | None = None, **overrides: Any) -> DualEncoder:
     """Build a registered model at random init (the text tower may load pretrained weights).
 
     Overrides merge into the config: ``create_model("cxr-small", embed_dim=64, loss="siglip",
-    **{"image.image_size": 96})``.
+    **{"image.image_size": 96})``. ``seed`` seeds torch's and Python's random generators first, as ``medvl train
+    --seed`` does, so the init is reproducible (``train`` seeds only what it draws itself: data order, augmentation,
+    heads); None draws the init from their current state.
     """
-    return DualEncoder(get_config(name, **overrides))
+    config = get_config(name, **overrides)  # a bad name or override is refused before the generators are touched
+    if seed is not None:
+        seed_everything(seed)
+    model = DualEncoder(config)
+    model.origin = {"model": name, "init": "random", "seed": seed}
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and Python before building a model, so its random init is reproducible."""
+    check_number("seed", seed, minimum=0, integer=True)
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def load_model(directory: str | Path, backend: str = "torch", load_guard: bool = True) -> DualEncoder:
@@ -175,8 +193,9 @@ def model_spatial_dims(name_or_dir: str | Path, **overrides: Any) -> int:
     return get_config(str(name_or_dir), **overrides).image.spatial_dims
 
 
-def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
-    """A model to train: a saved model directory (overrides not allowed) or a registered name.
+def resolve_model(name_or_dir: str | Path, *, seed: int | None = None, **overrides: Any) -> DualEncoder:
+    """A model to train: a saved model directory (overrides not allowed) or a registered name (its init seeded with
+    ``seed``, see ``create_model``).
 
     A transformers CLIP / SigLIP folder is refused: adapters are inference-only for now (``load_model``
     opens one for eval, index, search, predict and report drafts).
@@ -190,7 +209,7 @@ def resolve_model(name_or_dir: str | Path, **overrides: Any) -> DualEncoder:
         return load_model(name_or_dir)
     if isinstance(name_or_dir, Path) or "/" in str(name_or_dir):
         raise ModelError(f"{name_or_dir}: not a medvl model directory (no {CONFIG_FILE})")
-    return create_model(str(name_or_dir), **overrides)
+    return create_model(str(name_or_dir), seed=seed, **overrides)
 
 
 TEXT_ENCODER_KEYS = ("text.kind", "text.path")  # the overrides --text-encoder gives (api.parse_overrides)

@@ -47,11 +47,25 @@ from ..errors import DataError, InputError, ModelError, TrainingError, WriteErro
 from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
-from ..io import atomic_write_bytes, json_ready, replace_dir, staged_for, write_errors_named, write_json
+from ..io import (
+    atomic_write_bytes,
+    file_sha256,
+    json_ready,
+    replace_dir,
+    staged_for,
+    write_errors_named,
+    write_json,
+)
 from ..models.config import MIN_WORD_TEXTS
-from ..models.dual import CHECKPOINT_STEP, META_FILE, DualEncoder  # CHECKPOINT_STEP: the step of STATE_FILE
+from ..models.dual import (  # CHECKPOINT_STEP: the step of STATE_FILE
+    CHECKPOINT_STEP,
+    META_FILE,
+    WEIGHTS_FILE,
+    DualEncoder,
+)
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
+from ..models.registry import seed_everything as seed_everything  # here for the trainers that seed a model's init
 from ..progress import progress_bar
 from . import distributed
 
@@ -80,7 +94,8 @@ class TrainConfig:
     text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
     warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
-    seed: int = 0  # seeds data order, augmentation and init
+    seed: int = 0  # seeds data order, augmentation and what training adds (heads); the model's own init is
+    # create_model(NAME, seed=...)'s, which medvl train calls with this seed (give it the same for a reproducible run)
     loss: str | None = None  # clip | siglip; None keeps the model config's loss
     text_source: str = "auto"  # auto: report text if present else captions | text | captions | both
     label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
@@ -339,12 +354,6 @@ class _PairedTexts:
                 for prompt in self.captions.prompts(column, class_name)]
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch and Python before building a model, so its random init is reproducible."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class Objective(Protocol):
     """What a model kind brings to the trainer: the model, the number of examples and the loss.
 
@@ -463,6 +472,10 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
+    ``config.seed`` seeds the data order, augmentation and the heads training adds, not ``model``'s own init, which
+    exists before: build it with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is
+    reproducible, two such calls giving the same weights.
+
     Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
     ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
     for the dataset's own, else the model's, else generic templates); ``out_dir/train_config.json`` records the
@@ -556,6 +569,8 @@ class ContrastiveObjective:
     def __init__(self, model: DualEncoder, dataset: Dataset, config: TrainConfig, captions: CaptionConfig,
                  text_source: str | None = None):
         self.model, self.dataset, self.config = model, dataset, config
+        self.start_weights = starting_weights(model)
+        model.origin = None  # its weights change from here on
         self.texts = _PairedTexts(dataset, config, captions, text_source)
         if config.loss:
             model.config.loss = config.loss
@@ -580,6 +595,7 @@ class ContrastiveObjective:
     def start(self, checkpoint: Path | None, show_progress: bool) -> None:
         if checkpoint is not None:
             self.model = DualEncoder.from_pretrained(checkpoint, load_guard=False)  # a trained model has no guard
+            self.model.origin = None  # trained on from here: not the checkpoint's weights once saved
         else:
             # a random-init tower learns its vocabulary from this corpus; a trained model's tower keeps its own
             self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
@@ -690,10 +706,12 @@ class ContrastiveObjective:
                 "and the model learns nothing more")
 
     def describe(self, resolved: bool = True) -> dict[str, Any]:
-        """What ``check_same_run`` compares on resume: besides the model, the data (``resolved``: the records'
-        digest over the image files' resolved paths) and the caption set (its prompts are the texts of label
-        captions and fitted the tokenizer; the model's meta keeps it)."""
-        return {"model": self.model.config.to_dict(), "data": self.dataset.source, "records": len(self.dataset),
+        """What ``check_same_run`` compares on resume: besides the model's config and its starting weights
+        (``starting_weights``), the data (``resolved``: the records' digest over the image files' resolved paths)
+        and the caption set (its prompts are the texts of label captions and fitted the tokenizer; the model's meta
+        keeps it)."""
+        return {"model": self.model.config.to_dict(), "start": self.start_weights,
+                "data": self.dataset.source, "records": len(self.dataset),
                 "records_sha256": records_digest(self.dataset.records, resolved),
                 "captions": self.texts.captions.to_dict()}
 
@@ -1057,8 +1075,8 @@ DATA_DIGESTS = {  # an objective's digest of its data -> what changed, when it d
     "questions_sha256": "the questions (a question, answer, split or image file changed since)",
 }
 DIGEST_PATHS = "digest_paths"  # "resolved": the run's DATA_DIGESTS are over the image files' resolved paths
-ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS)  # recorded since runs could have
-# started: compared when present
+ADDED_RUN_KEYS = (*DATA_DIGESTS, "vqa", "holdout", "captions", DIGEST_PATHS, "start")  # recorded since runs could
+# have started: compared when present
 
 
 def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
@@ -1068,8 +1086,17 @@ def run_settings(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     described = objective.describe()
     if isinstance(described.get("data"), str | Path) and str(described["data"]):
         described["data"] = str(Path(described["data"]).resolve())
-    return {"train": dataclasses.asdict(config), "processes": distributed.world_size(), **described,
-            DIGEST_PATHS: "resolved"}
+    train = dataclasses.asdict(config)
+    train["leave_out_images_of"] = _resolved_paths(train["leave_out_images_of"])  # question files, as the data
+    return {"train": train, "processes": distributed.world_size(), **described, DIGEST_PATHS: "resolved"}
+
+
+def _resolved_paths(paths: Any) -> Any:
+    """File paths resolved (a run folder written before recorded them as given: resolved from the folder it is
+    resumed in, as it was started); anything else as it is."""
+    if not isinstance(paths, list) or not all(isinstance(path, str | Path) for path in paths):
+        return paths
+    return [str(Path(path).resolve()) for path in paths]
 
 
 def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> None:
@@ -1102,7 +1129,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
-                        if name not in RESUMABLE and before.get(name, _added_default(key, name)) != after.get(name)]
+                        if name not in RESUMABLE and _comparable(name, before.get(name, _added_default(key, name)))
+                        != _comparable(name, after.get(name))]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             # the same file under another spelling is the same data; so is a folder named instead of the question
             # or manifest file in it when the records read are the same (their digest covers each image file's path)
@@ -1118,6 +1146,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
+        elif key == "start":
+            if not _same_start(before, after):
+                changed.append(f"the starting model {_start_name(before)} -> {_start_name(after)}")
         elif key == "model" and isinstance(before, dict) and isinstance(after, dict):
             if _with_added_defaults(before) != after:
                 names = (before.get("name"), after.get("name"))
@@ -1130,6 +1161,34 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                          "settings, or train into a new --out")
 
 
+def starting_weights(model: Any) -> dict[str, Any] | None:
+    """Where a run's starting weights come from (``DualEncoder.origin``), a saved folder's with the SHA-256 of its
+    weights file: ``start`` in train_config.json, compared on --resume (a run started from trained weights, given
+    a registered name instead, would be replaced by a run from a random init). None: a model built otherwise."""
+    origin = getattr(model, "origin", None)
+    if not isinstance(origin, dict):
+        return None
+    if "init" in origin:
+        return dict(origin)
+    return {**origin, "weights_sha256": file_sha256(Path(origin["model"]) / WEIGHTS_FILE)}
+
+
+def _same_start(before: Any, after: Any) -> bool:
+    """Two runs' ``start`` are the same weights: a saved folder's by its weights' digest (a copy, or the folder
+    moved, is the same start), a random init by its name and seed."""
+    if isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in before:
+        return before.get("weights_sha256") == after.get("weights_sha256")
+    return bool(before == after)
+
+
+def _start_name(start: Any) -> str:
+    if not isinstance(start, dict):
+        return "(not recorded: a model built without create_model or load_model)"
+    if "init" in start:
+        return f"{start.get('model')!r} (random init, seed {start.get('seed')})"
+    return f"{start.get('model')!r} (weights sha256 {str(start.get('weights_sha256'))[:12]})"
+
+
 # model config fields added after runs could have started, with the default those runs behaved as: a saved
 # train_config.json without one is the same config as a new one holding the default
 ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder", "vocab_min_texts"): MIN_WORD_TEXTS}
@@ -1138,6 +1197,11 @@ ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder",
 # training settings added after runs could have started: a saved train_config.json without one was trained as the
 # default (the run is then the same run under the new settings)
 ADDED_TRAIN_DEFAULTS = {"ema_decay": 0.0}
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A training setting as --resume compares it: the question files of ``leave_out_images_of`` resolved."""
+    return _resolved_paths(value) if name == "leave_out_images_of" else value
 
 
 def _added_default(key: str, name: str) -> Any:

@@ -217,8 +217,8 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
     the run is the same whether a benchmark or ``medvl train`` starts it.
     """
     config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
-    seed_everything(config.seed)  # the random init of the model is part of the run
-    model = resolve_model(settings.model, **settings.model_overrides)
+    seed_everything(config.seed)  # the random init of the model is part of the run (and a saved model's new heads)
+    model = resolve_model(settings.model, seed=config.seed, **settings.model_overrides)
     prepared = prepare_run(model, dataset, config, settings.captions, show_progress=show_progress,
                            recipe_covariates=not settings.covariates_given)
     _add_heads(model, prepared.dataset, prepared.config.label_columns if config.supervised_weight > 0 else [])
