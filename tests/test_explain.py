@@ -318,6 +318,26 @@ def test_concept_files(tmp_path):
         load_concepts(tmp_path / "missing.txt")
 
 
+def test_concepts_longer_than_the_text_encoder_reads_are_refused_naming_the_line(tiny_model, phantom_dir, tmp_path):
+    """Phrases past the text encoder's max_length were cut silently: two concepts differing only past the cut got
+    one vector and were credited as two pieces of evidence. The longest the encoder reads in every template fits."""
+    train = medvl.load_dataset(phantom_dir).select("train")
+    path = tmp_path / "long.txt"
+    long = "opacity " * 100
+    path.write_text(f"enlarged heart\n\n{long}in the left lung\n{long}in the right lung\n")
+    with pytest.raises(DataError, match=r"long\.txt: line 3: the concept phrase is \d+ tokens long in the model's "
+                                        r"caption templates; its text encoder reads 94 tokens at most"):
+        fit_bottleneck(tiny_model, train, "finding", load_concepts(path))
+    encoder = tiny_model.text_encoder
+    templates = captions_for(None, None, tiny_model).templates
+    words = 1
+    while all(encoder.read_length(t.format("opacity " * (words + 1)))[0] <= 94 for t in templates):
+        words += 1
+    path.write_text(f"enlarged heart\n{'opacity ' * words}\n")
+    assert load_concepts(path).lines == [1, 2]
+    assert len(concept_embeddings(tiny_model, load_concepts(path))) == 2
+
+
 @pytest.mark.parametrize("classes", [None, ["cardiomegaly", "pneumothorax"]])
 def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, classes):
     train = medvl.load_dataset(phantom_dir).select("train")
@@ -598,13 +618,14 @@ def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_mo
 
 
 @pytest.mark.parametrize("case", ["unknown label column", "corrupt image", "missing concept file",
-                                  "empty concept bank", "unknown concept label"])
+                                  "empty concept bank", "unknown concept label", "concept too long"])
 def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, tmp_path, case):
     image = _cardiomegaly_image(phantom_dir)
     args = ["explain", image, "--model", tiny_model_dir]
     named = {"unknown label column": "'findings'", "corrupt image": str(tmp_path / "broken.png"),
              "missing concept file": str(tmp_path / "nowhere.txt"), "empty concept bank": str(tmp_path / "empty.txt"),
-             "unknown concept label": "'diagnosis'"}
+             "unknown concept label": "'diagnosis'",
+             "concept too long": f"{tmp_path / 'long.txt'}: line 2: the concept phrase is"}
     if case == "unknown label column":
         args += ["--labels", "cardiomegaly,fracture", "--label-column", "findings"]
     elif case == "corrupt image":
@@ -614,6 +635,9 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
         args += ["--concepts", tmp_path / "nowhere.txt", "--concept-data", phantom_dir]
     elif case == "unknown concept label":
         args += ["--concepts", "chest_xray", "--concept-data", phantom_dir, "--concept-label", "diagnosis"]
+    elif case == "concept too long":
+        (tmp_path / "long.txt").write_text("# a phrase past the text encoder's tokens\n" + "opacity " * 100 + "left\n")
+        args += ["--concepts", tmp_path / "long.txt", "--concept-data", phantom_dir]
     else:
         (tmp_path / "empty.txt").write_text("# only a comment\n")
         args += ["--concepts", tmp_path / "empty.txt", "--concept-data", phantom_dir]

@@ -8,6 +8,7 @@ and calibrated on val. Predictions, eval zero-shot and the service then carry th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -427,3 +428,25 @@ def test_a_report_draft_and_an_explanation_carry_the_flag(guarded, phantom_dir, 
     assert [e["out_of_distribution"] for e in explained] == [False, True]
     result, output = invoke("explain", xray, "--model", model_dir, "--labels", LABELS, "--method", "patch_text")
     assert result.exit_code == 0 and "this explanation is unreliable" in output, output
+
+
+def test_the_ood_message_prints_the_score_above_the_threshold(guarded, phantom_dir, shared_data, tmp_path):
+    """Both numbers were printed with 3 significant figures: "OOD score 10.8 > 10.8" for 10.7971 and 10.7507."""
+    from medvl.models.ood import ood_comparison
+
+    assert ood_comparison({"ood_score": 10.7971, "ood_threshold": 10.7507}) == "OOD score 10.80 > 10.75"
+    assert ood_comparison({"ood_score": 12.8237, "ood_threshold": 10.7507}) == "OOD score 12.8 > 10.8"
+    assert ood_comparison({"ood_score": 10.75074, "ood_threshold": 10.7507}).endswith("by less than 0.0001")
+    model_dir, _ = guarded
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    near = tmp_path / "model"
+    shutil.copytree(model_dir, near)
+    net = load_model(near)
+    score = predict(near, [xray], LABELS.split(","))[0]["ood_score"]
+    net.ood.threshold = score - 0.04  # the same first three figures as the score
+    (near / OOD_FILE).unlink()
+    net.ood.save(near)
+    result, output = invoke("predict", xray, "--model", near, "--labels", LABELS)
+    assert result.exit_code == 0, output
+    [(shown_score, shown_threshold)] = re.findall(r"OOD score ([\d.]+) > ([\d.]+)\)", " ".join(output.split()))
+    assert float(shown_score) > float(shown_threshold), output

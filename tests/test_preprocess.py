@@ -116,6 +116,27 @@ def test_a_one_slice_nifti_is_a_2d_image_shown_anterior_up_patient_right_on_the_
     assert ImagePreprocessor(ImageConfig(image_size=16)).load(path).shape == (1, 16, 16)
 
 
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_a_one_slice_sagittal_or_coronal_nifti_is_a_2d_image_superior_up(tmp_path, plane):
+    """A one-slice sagittal (1 x Y x Z voxels) or coronal (X x 1 x Z) file was refused as "a NIfTI volume of 12
+    slices ... use a file holding one slice". Identity affine (RAS): the top row is the most superior (largest z);
+    the left column the most anterior (largest y) for a sagittal slice, the patient's right (largest x) for a
+    coronal one."""
+    import nibabel
+
+    data = np.arange(120, dtype=np.float32).reshape(10, 12)  # data[y or x, z]
+    path = tmp_path / f"{plane}.nii.gz"
+    shape = (1, 10, 12) if plane == "sagittal" else (10, 1, 12)
+    nibabel.save(nibabel.Nifti1Image(data.reshape(shape), np.eye(4)), path)
+    preprocessor = ImagePreprocessor(ImageConfig(image_size=16))
+    pixels = preprocessor.read(path)
+    assert pixels.shape == (12, 10)
+    for row in range(12):
+        for column in range(10):
+            assert pixels[row, column] == data[9 - column, 11 - row]
+    assert preprocessor.load(path).shape == (1, 16, 16)
+
+
 def test_min_max_scaling_of_values_spanning_more_than_float32_holds():
     """A finite float32 image from -3e38 to 3e38: (x - min) / (max - min) overflowed, so every pixel was NaN and the
     model answered NaN; it is now the image's box, as for the same image at a smaller scale."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -1764,6 +1765,49 @@ def test_zero_shot_and_explain_tell_the_client_of_bare_name_prompts_and_agree_on
             assert explained.json()["probabilities"] == pytest.approx(predicted.json()["probabilities"], abs=1e-5)
     cli = explain_image(load_model(model_dir), png, labels=["foo", "bar"], methods=["patch_text"])  # its --json
     assert cli["label_column"] is None and cli["warnings"] == [bare]
+
+
+def test_explain_answers_with_the_served_model_not_the_folder_changed_since_the_start(model_dir, phantom_dir, png,
+                                                                                     tmp_path):
+    """/v1/explain loaded the model folder afresh at the first explanation: weights replaced since the start made it
+    explain another model's probabilities than /v1/zero-shot's, a guard fitted into the folder since made it alone
+    call the upload out of distribution. It explains with a copy of the served torch model; on another backend with
+    the folder's torch model if it is the served one (its guard and captions the served model's), else 503."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    other = tmp_path / "other"
+    changed = load_model(model_dir)
+    with torch.no_grad():
+        for weights in changed.parameters():
+            weights.add_(0.05 * torch.randn(weights.shape, generator=torch.Generator().manual_seed(0)))
+    changed.save_pretrained(other)
+    image, labels = {"image": ("x.png", png.read_bytes())}, {"labels": LABELS}
+    served = tmp_path / "served"
+    for backend, refused in (("torch", False), ("auto", True)):
+        shutil.rmtree(served, ignore_errors=True)
+        shutil.copytree(model_dir, served)
+        with TestClient(create_app(served, settings=ServeSettings(backend=backend), require_token=False)) as http:
+            predicted = http.post("/v1/zero-shot", files=image, data=labels).json()
+            shutil.copyfile(other / "model.safetensors", served / "model.safetensors")
+            explained = http.post("/v1/explain", files=image, data={**labels, "methods": "patch_text"})
+            if refused:
+                assert explained.status_code == 503, explained.text
+                assert explained.json()["detail"].startswith("the model folder served holds other weights than the "
+                                                             "model this service loaded at start"), explained.text
+            else:
+                assert explained.status_code == 200, explained.text
+                assert explained.json()["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
+    shutil.rmtree(served)
+    shutil.copytree(model_dir, served)
+    with TestClient(create_app(served, require_token=False)) as http:  # auto: channels-last, the torch copy loaded
+        predicted = http.post("/v1/zero-shot", files=image, data=labels).json()
+        result, output = invoke("ood", "fit", "--model", served, "--data", phantom_dir, "-q")
+        assert result.exit_code == 0, output
+        explained = http.post("/v1/explain", files=image, data={**labels, "methods": "patch_text"})
+        assert explained.status_code == 200, explained.text
+        assert "ood_score" not in predicted and "ood_score" not in explained.json()  # the served model has no guard
+        assert explained.json()["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
 
 
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):

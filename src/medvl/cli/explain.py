@@ -124,12 +124,14 @@ def _explain(net, image, names, label_column, captions, method, top, out, overwr
 
 
 def _print(result: dict, out: Path | None) -> None:
+    from ..models.ood import ood_comparison
+
     if result.get("input_flags"):
         console.print(f"[red]{' and '.join(result['input_flags'])} as the model sees it: no content to explain[/]",
                       markup=True)
     if result.get("out_of_distribution"):
-        console.print(f"[red]out of distribution (OOD score {result['ood_score']:.3g} > "
-                      f"{result['ood_threshold']:.3g}): unlike the model's training images, this explanation is "
+        console.print(f"[red]out of distribution ({ood_comparison(result)}): unlike the model's training images, "
+                      "this explanation is "
                       "unreliable[/]", markup=True)
     for entry in result["findings"]:
         console.print(f"[bold]{escape(entry['finding'])}[/] p={entry['probability']:.2f}", markup=True)

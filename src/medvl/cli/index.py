@@ -247,6 +247,7 @@ def search_command(
     from ..index.base import check_k
     from ..index.search import check_one_query, shown_columns
     from ..index.where import given_filter
+    from ..models.ood import ood_comparison
 
     where = given_filter(where)  # blank: no filter (the --json says null, as the service's answer)
     check_outputs(overwrite, {"--index": index, "--image": image, "--model": model, "--data-root": data_root},
@@ -272,8 +273,8 @@ def search_command(
         console.print(f"[red]the query image is {' and '.join(flag['input_flags'])} as the model sees it: its "
                       "nearest cases are not similar to anything[/]", markup=True)
     if flag.get("out_of_distribution"):
-        console.print(f"[red]the query image is out of distribution (OOD score {flag['ood_score']:.3g} > "
-                      f"{flag['ood_threshold']:.3g}): similar cases may not be similar[/]", markup=True)
+        console.print(f"[red]the query image is out of distribution ({ood_comparison(flag)}): similar cases may not "
+                      "be similar[/]", markup=True)
     query = {"image": describe_target(image), **flag} if image is not None else {"text": text}
     emit_json({"index": describe_target(index), "query": query, "target": target, "k": k, "where": where,
                "hits": [hit.to_dict() for hit in hits]}, json_out, overwrite)

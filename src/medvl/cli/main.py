@@ -151,6 +151,7 @@ def predict_command(
     """Zero-shot answer per image among the given labels."""
     from rich.markup import escape
 
+    from ..models.ood import ood_comparison
     from ..predict import predict_answers
 
     check_outputs(overwrite, {"IMAGES": images, "--model": model, "--captions": captions}, json=json_out)
@@ -160,7 +161,7 @@ def predict_command(
     for item in answers["predictions"]:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
-        warning = (f" [red]out of distribution (OOD score {item['ood_score']:.3g} > {item['ood_threshold']:.3g}): "
+        warning = (f" [red]out of distribution ({ood_comparison(item)}): "
                    "unreliable[/]" if item.get("out_of_distribution") else "")
         if item["input_flags"]:
             warning += f" [red]{' and '.join(item['input_flags'])} as the model sees it: no content to answer on[/]"

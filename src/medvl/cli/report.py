@@ -86,6 +86,8 @@ def print_draft(draft) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ..models.ood import ood_comparison
+
     title = (f"draft from {len(draft.neighbours)} nearest cases (nearest similarity "
              f"{max(n.score for n in draft.neighbours):.3f})" if draft.neighbours else "no similar case to draft from")
     copies = draft.settings.get("left_out_copies") or []
@@ -93,8 +95,8 @@ def print_draft(draft) -> None:
         console.print(f"the query image is indexed as {', '.join(copies)}: its own report is left out of "
                       "the draft")
     if draft.ood.get("out_of_distribution"):
-        console.print(f"[red]the image is out of distribution (OOD score {draft.ood['ood_score']:.3g} > "
-                      f"{draft.ood['ood_threshold']:.3g}): unlike the model's training images, its nearest cases and "
+        console.print(f"[red]the image is out of distribution ({ood_comparison(draft.ood)}): unlike the model's "
+                      "training images, its nearest cases and "
                       "this draft are unreliable[/]", markup=True)
     if draft.abstained:
         console.print(Panel(Text.from_markup(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}"), title=title))

@@ -140,6 +140,19 @@ def radiological_view(ras_volume: np.ndarray) -> np.ndarray:
     return ras_volume[..., ::-1, ::-1]
 
 
+def one_slice_view(ras_volume: np.ndarray) -> np.ndarray | None:
+    """The one slice of a RAS ``DxHxW`` volume one voxel thick along an axis, as slices are read (``HxW``), or
+    None for a volume of several slices along every axis. Each plane's two axes come reversed from RAS order:
+    an axial slice (D of 1) as ``radiological_view`` shows it, anterior at the top and the patient's right on
+    the viewer's left; a coronal one (H of 1) superior at the top, the patient's right on the viewer's left; a
+    sagittal one (W of 1) superior at the top, anterior on the viewer's left. Axial first, then coronal, when
+    the volume is one voxel thick along several axes."""
+    for axis, size in enumerate(ras_volume.shape[:3]):
+        if size == 1:
+            return np.take(ras_volume, 0, axis=axis)[::-1, ::-1]
+    return None
+
+
 def to_uint8(image: np.ndarray, window: WindowSpec | None = None) -> np.ndarray:
     """Display values 0-255 of one 2D image (``HxW``, or ``HxWx3`` colour kept as it is).
 

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..clinical.formats import DICOM_SUFFIXES, NIFTI_SUFFIXES, has_dicom_preamble
 from ..clinical.readers import read_dicom_values, register_clinical_readers
-from ..clinical.windowing import radiological_view
+from ..clinical.windowing import one_slice_view
 from ..errors import DataError
 from .record import LoadableImage
 
@@ -242,14 +242,17 @@ def read_image(path: str | Path | LoadableImage, modality_values: bool = False) 
 
 
 def read_image_2d(path: str | Path | LoadableImage, modality_values: bool = False) -> np.ndarray:
-    """``read_image`` for a 2D model. A NIfTI file is a volume (``DxHxW``, RAS): a file of one slice comes
-    back as that ``HxW`` slice the way the reading page shows it (``radiological_view``: anterior at the
-    top, the patient's right on the viewer's left); a volume of several slices is a ``DataError``, never
+    """``read_image`` for a 2D model. A NIfTI file is a volume (``DxHxW``, RAS): a file one voxel thick along an
+    axis (one axial, coronal or sagittal slice) comes back as that ``HxW`` slice in its plane's reading
+    orientation (``one_slice_view``: an axial one as the reading page shows it, anterior at the top and the
+    patient's right on the viewer's left); a volume of several slices along every axis is a ``DataError``, never
     read as a colour image because its last axis happens to be 3 or 4 voxels wide."""
     array = read_image(path, modality_values=modality_values)
     if isinstance(path, LoadableImage) or image_suffix(path) not in NIFTI_SUFFIXES:
         return array
-    if array.shape[0] != 1:
+    plane = one_slice_view(array)
+    if plane is None:
         raise DataError(path, f"a NIfTI volume of {array.shape[0]} slices (shape {array.shape}): a 2D model reads "
-                              "one image; use a 3D model (spatial_dims=3) or a file holding one slice")
-    return np.ascontiguousarray(radiological_view(array)[0])
+                              "one image; use a 3D model (spatial_dims=3) or a file one voxel thick along an axis "
+                              "(one axial, coronal or sagittal slice)")
+    return np.ascontiguousarray(plane)

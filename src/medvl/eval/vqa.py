@@ -269,9 +269,7 @@ def check_question(question: str, field: str = "--question",
 
 
 def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
-    encoder = model.text_encoder
-    special = encoder.tokenizer.num_special_tokens_to_add()
-    limit, length = encoder.config.max_length - special, encoder.untruncated_length(question) - special
+    length, limit = model.text_encoder.read_length(question)
     if length > limit:
         raise InputError(f"{field}: the question is {length} tokens long; this VQA model's question encoder reads "
                          f"{limit} tokens at most (a word is one token or more): the rest would be cut unread; "

@@ -48,6 +48,7 @@ class ConceptBank:
     name: str  # the file's stem, e.g. "chest_xray"
     concepts: list[str]  # phrases as written, in file order, without duplicates (compared without regard to case)
     source: str  # the file read
+    lines: list[int] | None = None  # the file's line of each concept (None: a bank made in code)
 
 
 def builtin_banks() -> list[str]:
@@ -61,19 +62,25 @@ def load_concepts(bank: str | Path) -> ConceptBank:
         path = BUILTIN_DIR / f"{bank}.txt"
     if not path.is_file():
         raise DataError(path, f"concept file not found (give a text file or one of {', '.join(builtin_banks())})")
-    return ConceptBank(path.stem, read_concepts(path), str(path))
+    phrases = concept_lines(path)
+    return ConceptBank(path.stem, list(phrases), str(path), list(phrases.values()))
 
 
 def read_concepts(path: str | Path) -> list[str]:
     """The phrases of a concept file as written (runs of white space made one space); DataError naming it
     when unreadable, empty or repeating a phrase (compared without regard to case)."""
+    return list(concept_lines(path))
+
+
+def concept_lines(path: str | Path) -> dict[str, int]:
+    """``read_concepts``'s phrases, in file order, each with its line in the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(path, "not UTF-8 text") from None
     lines: dict[str, int] = {}  # phrase, lower-cased -> its line
-    concepts: list[str] = []
+    concepts: dict[str, int] = {}
     for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
         phrase = " ".join(line.split())
         if not phrase or phrase.startswith("#"):
@@ -81,7 +88,7 @@ def read_concepts(path: str | Path) -> list[str]:
         if phrase.lower() in lines:
             raise DataError(path, f"line {number} repeats the concept of line {lines[phrase.lower()]}")
         lines[phrase.lower()] = number
-        concepts.append(phrase)
+        concepts[phrase] = number
     if not concepts:
         raise DataError(path, "empty concept bank: no concept phrases (one a line; # starts a comment)")
     return concepts
@@ -89,8 +96,28 @@ def read_concepts(path: str | Path) -> list[str]:
 
 def concept_embeddings(model, bank: ConceptBank, captions=None) -> torch.Tensor:
     """(M, D) normalised text embedding of each concept, over the model's caption templates."""
+    return class_embeddings(model, concept_prompts(model, bank, captions))
+
+
+def concept_prompts(model, bank: ConceptBank, captions=None) -> list[list[str]]:
+    """Each concept in each of the model's caption templates; DataError naming the bank's file and line of a
+    concept that, in a template, has more tokens than the model's text encoder reads (``TextEncoder.read_length``):
+    it would be read cut, and two phrases differing only past the cut would be one concept credited twice. A
+    transformers model's text tower is not checked."""
     templates = captions_for(None, captions, model).templates
-    return class_embeddings(model, [[t.format(c) for t in templates] for c in bank.concepts])
+    prompts = [[t.format(c) for t in templates] for c in bank.concepts]
+    read_length = getattr(getattr(model, "text_encoder", None), "read_length", None)
+    if read_length is None:
+        return prompts
+    for number, filled in enumerate(prompts):
+        length, limit = max(read_length(prompt) for prompt in filled)
+        if length > limit:
+            where = f"line {bank.lines[number]}" if bank.lines else f"concept {number + 1}"
+            raise DataError(bank.source, f"{where}: the concept phrase is {length} tokens long in the model's caption "
+                                         f"templates; its text encoder reads {limit} tokens at most (a word is one "
+                                         "token or more): the rest would be cut unread, and phrases differing only "
+                                         "there would be one concept; shorten it")
+    return prompts
 
 
 @dataclass
@@ -236,9 +263,9 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
 
     dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
     classes, y = _targets(dataset, label)
+    vectors = concept_embeddings(model, bank, captions).numpy().astype(np.float64)  # a phrase too long: before images
     if image_embeddings is None:
         image_embeddings = embed_images(model, dataset, show_progress=show_progress)
-    vectors = concept_embeddings(model, bank, captions).numpy().astype(np.float64)
     scores = image_embeddings.numpy().astype(np.float64) @ vectors.T
     mean, scale = scores.mean(0), scores.std(0)
     scale[scale == 0] = 1.0
@@ -283,6 +310,7 @@ def compare_with_probe(model, train_data, test_data, label: str, bank: ConceptBa
     train_data, test_data = train_data.for_spatial_dims(spatial_dims), test_data.for_spatial_dims(spatial_dims)
     classes, y_train = _targets(train_data, label)
     test_classes, y_test = _targets(test_data, label, classes)
+    concept_prompts(model, bank, captions)  # a phrase too long is refused before the images are embedded
     train_embeddings = embed_images(model, train_data, show_progress=show_progress)
     test_embeddings = embed_images(model, test_data, show_progress=show_progress)
     bottleneck = fit_bottleneck(model, train_data, label, bank, captions, seed, train_embeddings)

@@ -109,6 +109,18 @@ def embed_checked(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, list[
         return model.embed_image_features(features), guard.check(features)
 
 
+
+def ood_comparison(flag: dict[str, Any]) -> str:
+    """``OOD score S > T`` for a flagged image's ``flag`` answer (``OODGuard.flag``), both numbers with the fewest
+    decimals (one to the four it keeps) that print the score above the threshold: with three significant figures
+    10.7971 and 10.7507 both read 10.8. A score above the threshold by less than its rounding is said so."""
+    score, threshold = float(flag["ood_score"]), float(flag["ood_threshold"])
+    for decimals in range(1, 5):
+        shown, limit = f"{score:.{decimals}f}", f"{threshold:.{decimals}f}"
+        if shown != limit:
+            return f"OOD score {shown} > {limit}"
+    return f"OOD score {score:.4f}, above the threshold {threshold:.4f} by less than 0.0001"
+
 def recovery(path: Path) -> str:
     """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""
     return (f"delete {path} (the model then runs without a guard) or fit a new one with "

@@ -293,6 +293,12 @@ class TextEncoder(nn.Module):
             return len(self.tokenizer(text, truncation=False, verbose=False,
                                       return_token_type_ids=False)["input_ids"])
 
+    def read_length(self, text: str) -> tuple[int, int]:
+        """The tokens of ``text`` and the most this encoder reads of a text, special tokens left out of both: a
+        text with more tokens than it reads is read cut, the rest unread (``token_ids``)."""
+        special = self.tokenizer.num_special_tokens_to_add()
+        return self.untruncated_length(text) - special, self.config.max_length - special
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
             if self.config.tune_top_layers:

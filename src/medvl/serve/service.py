@@ -11,9 +11,13 @@ model, least recently used dropped).
 Explanations and VQA answers are heavy (gradient passes, a second model, text generation): they run
 on the ``lane`` (``lane.HeavyLane``: one at a time on its own thread, a bounded wait), never on the
 model thread, so zero-shot answers keep flowing while one computes. Explanations use their own copy
-of the dual encoder (``_explainer``, loaded on the lane at the first one), since Grad-CAM hooks a
-layer of the model it runs and must not see the batcher's forward passes. A nearest-case search of
-an explanation runs on the model thread, as every index search does.
+of the dual encoder (``_explainer``, made on the lane at the first one), since Grad-CAM hooks a
+layer of the model it runs and must not see the batcher's forward passes. The copy is of the served
+model, never of the folder as it is now (a guard fitted or weights replaced since the start would make
+/v1/explain answer for another model than /v1/zero-shot): a copy of the served torch model, or for
+another backend (ONNX, channels-last, bf16) the folder's eager torch model, refused with 503 unless its
+weights and config are the served model's, carrying the served model's guard and captions. A nearest-case
+search of an explanation runs on the model thread, as every index search does.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import copy
 import os
 import time
 from collections import OrderedDict
@@ -121,7 +126,8 @@ class ModelService:
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net)
         self.lane = HeavyLane(settings.heavy_queue)
-        self._explainer: Any = None  # the dual encoder's copy for explanations, loaded on the lane when first asked
+        self._explainer: Any = None  # the dual encoder's copy for explanations, made on the lane when first asked
+        self._explainer_refusal: str | None = None  # why no copy could be made (the folder holds another model)
 
     def _open_index(self, target: str | Path):
         from ..index import open_index
@@ -465,11 +471,36 @@ class ModelService:
     def _explain_on_lane(self, pixels: np.ndarray, labels, label_column, methods, top, shape):
         from ..explain.explanation import explain_pixels
 
-        if self._explainer is None:
-            self._explainer = load_model(self.model_dir)
-            self._explainer.eval()
-        return explain_pixels(self._explainer, pixels, labels=labels, label_column=label_column, methods=methods,
+        return explain_pixels(self._explain_model(), pixels, labels=labels, label_column=label_column, methods=methods,
                               top=top, bottleneck=self.bottleneck, map_shape=shape)
+
+    def _explain_model(self):
+        """The served model's eager torch copy that explanations run (made at the first one, then kept): a deep
+        copy of the served model on the ``torch`` backend; for another backend the folder's torch model, which must
+        be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start), given the served
+        model's guard and meta (an OOD guard fitted into the folder since is not the one the other routes use)."""
+        from ..index.base import fingerprint_differs, model_fingerprint
+
+        if self._explainer is not None:
+            return self._explainer
+        if self._explainer_refusal is not None:
+            raise ServiceUnavailable(self._explainer_refusal)
+        if self.settings.backend == "torch":
+            model = copy.deepcopy(self.net)
+        else:
+            model = load_model(self.model_dir, load_guard=False)
+            changed = fingerprint_differs(model_fingerprint(self.net), model)
+            if changed is not None:
+                self._explainer_refusal = (
+                    f"the model folder {self.model_dir.name} holds other {changed} than the model this service "
+                    f"loaded at start (replaced since): explanations need its torch copy ({self.settings.backend} "
+                    "serves the other routes); restart the service to serve and explain the folder's model")
+                raise ServiceUnavailable(self._explainer_refusal)
+            model.ood = getattr(self.net, "ood", None)
+            model.meta = {key: value for key, value in copy.deepcopy(self.net.meta).items() if key != "backend"}
+        model.eval()
+        self._explainer = model
+        return model
 
     def vqa_image_limit(self) -> int:
         """Images per question: the VQA model's own limit, within the service's ``max_vqa_images``."""
