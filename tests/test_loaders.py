@@ -302,18 +302,32 @@ def test_a_jsonl_nan_or_infinity_is_a_missing_value_not_a_class(tmp_path, caplog
 
 
 @pytest.mark.parametrize(("cells", "problem"), [
-    ('"finding": ["nodule", "effusion"]', "'finding' must be text, a number or a boolean, got a JSON array"),
-    ('"finding": {"a": 1}', "'finding' must be text, a number or a boolean, got a JSON object"),
+    ('"finding": ["nodule", "effusion"]', "'finding' must be text, a number or a boolean, got a JSON array of "
+                                          "values; write one column per finding"),
     ('"finding": "nodule", "text": ["a", "b"]', "'text' must be text, a number or a boolean, got a JSON array"),
+    ('"finding": "nodule", "text": {"a": "b"}', "'text' must be text, got a JSON object"),
+    ('"finding": "nodule", "split": [["train"]]', "'split' must be text, got a JSON array"),
 ])
-def test_a_jsonl_array_or_object_is_refused_not_read_as_its_json_text(tmp_path, cells, problem):
+def test_a_jsonl_array_of_values_is_refused_not_read_as_its_json_text(tmp_path, cells, problem):
     # it used to become one class '["nodule", "effusion"]' (or a report '["a", "b"]'), silently
     _images(tmp_path, ["a0.png", "a1.png"])
     path = tmp_path / "m.jsonl"
     path.write_text('{"image": "a0.png", "finding": "effusion"}\n{"image": "a1.png", ' + cells + "}\n",
                     encoding="utf-8")
-    with pytest.raises(DataError, match=rf"m\.jsonl: line 2: {problem}; write one column per finding"):
+    with pytest.raises(DataError, match=rf"m\.jsonl: line 2: {problem}"):
         load_dataset(path)
+
+
+def test_a_jsonl_object_is_kept_as_its_json_text_as_a_csv_cell_of_json_is(tmp_path):
+    # the phantom's boxes written as JSON objects (grounding reads them with json.loads): refused for a while
+    _images(tmp_path, ["a0.png", "a1.png"])
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a0.png", "finding": "effusion", "boxes": {"effusion": [1, 2, 3, 4]}}\n'
+                    '{"image": "a1.png", "finding": "nodule", "boxes": {"nodule": [[1, 2], [3, 4]]}}\n',
+                    encoding="utf-8")
+    dataset = load_dataset(path, label_columns=["finding", "boxes"])
+    assert [json.loads(record.labels["boxes"]) for record in dataset] == [{"effusion": [1, 2, 3, 4]},
+                                                                          {"nodule": [[1, 2], [3, 4]]}]
 
 
 def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(tmp_path, caplog):

@@ -191,11 +191,18 @@ def _not_a_number(value: Any) -> bool:
 
 def _cell_text(path: Path, line: int, key: str, value: Any) -> str:
     """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), numbers and booleans
-    as JSON; an array or object is a DataError (its JSON text would become one class or one report)."""
+    as JSON. A list of plain values (``["nodule", "effusion"]``) is a DataError: its JSON text would become one class
+    or one report. Structured data (an object, or a list holding lists or objects: the phantom's ``boxes``) is kept
+    as its JSON text, as a CSV cell holding JSON is, except in the image, text, split and id columns."""
     if isinstance(value, list | dict):
         kind = "array" if isinstance(value, list) else "object"
-        raise DataError(path, f"line {line}: {key!r} must be text, a number or a boolean, got a JSON {kind}; "
-                              "write one column per finding (0/1)")
+        structured = isinstance(value, dict) or any(isinstance(item, list | dict) for item in value)
+        if not structured:
+            raise DataError(path, f"line {line}: {key!r} must be text, a number or a boolean, got a JSON array of "
+                                  "values; write one column per finding (0/1)")
+        if key.lower() in (*IMAGE_COLUMNS, *STEM_COLUMNS, *TEXT_COLUMNS, SPLIT_COLUMN):
+            raise DataError(path, f"line {line}: {key!r} must be text, got a JSON {kind}")
+        return json.dumps(value, ensure_ascii=False)
     if value is None or _not_a_number(value):
         return ""
     if isinstance(value, str):
