@@ -714,3 +714,33 @@ def test_holdout_keeps_repeated_questions_together_and_names_questions_by_split(
     assert select_questions(items, "heldout", "data", None, holdout_meta(held, 0.3, 0)) == held
     with pytest.raises(InputError, match="question id '1' of split 'train' is given to 2 questions"):
         holdout_split(items + [item("1", "train", "x.png", "another?")], 0.2, seed=0)
+
+
+def test_a_bert_question_tower_reads_every_training_question_and_cut_ones_are_counted(trained, phantom, tmp_path,
+                                                                                      caplog):
+    """The random-init question tower kept a fixed 48 tokens: the phantom's own cardiothoracic-ratio question (the
+    README's medvl vqa example) was trained on and scored cut without a word, while medvl vqa refused it. The tower
+    is now sized to its longest training question; questions still longer are counted in train and eval vqa."""
+    items = load_vqa(phantom / "vqa")
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    longest = max(model.text_encoder.untruncated_length(item.question) for item in items)
+    assert longest > 48  # the fixed length cut these
+    assert model.config.text.max_length >= longest
+    ratio = next(item for item in items if item.question_type == "ratio")
+    image = ratio.images[0] if ratio.images else ratio.image
+    assert answer_with_rationale(model, [image], ratio.question)["answer"]
+    assert evaluate_vqa(model, items[:40], "phantom")["questions_cut"] == 0
+    options = VQAOptions(image_model="phantom-tiny", image_size=32, question_encoder="bert", hidden_size=32,
+                         fusion_layers=1, overrides={"text.hidden_size": 32, "text.num_layers": 1,
+                                                     "text.max_length": 12})
+    train_items = select_questions(items, "train", "data", "train")
+    with caplog.at_level("WARNING"):
+        short = train_vqa(train_items, tmp_path / "run", TrainConfig(epochs=1, batch_size=32, max_steps=1), options,
+                          "phantom", show_progress=False)
+    cut = sum(short.text_encoder.untruncated_length(item.question) > 12 for item in train_items)
+    assert cut and f"{cut} of {len(train_items)} training questions are longer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scores = evaluate_vqa(short, train_items, "phantom")
+    assert scores["questions_cut"] == cut and f"{cut} of {len(train_items)} scored questions" in caplog.text

@@ -12,7 +12,10 @@
   model: the most frequent training answer of the same question, else of its question and answer
   type, else overall);
 - ``per_question_type``: ``{type: {n, accuracy, blank_image_accuracy, question_only_accuracy}}``;
-- ``answers_in_vocabulary``: share of questions whose answer the model can give.
+- ``answers_in_vocabulary``: share of questions whose answer the model can give;
+- ``questions_cut``: how many scored questions are longer than the model's question encoder reads
+  (``text.max_length`` tokens): scored as read, cut, with a warning (``medvl vqa`` refuses such a question; a
+  transformers VLM reads the whole prompt: 0).
 
 An answer vocabulary mismatch between the model and the data (under half of the answers in the
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
@@ -30,6 +33,7 @@ on the image encoder's ``token_grid``; ``heatmap_picture`` draws those over the 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +46,11 @@ from ..data.audit import content_summary, input_flags
 from ..data.loaders.vqa import VQAItem, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
-from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer
+from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer, questions_cut
 from ..progress import progress_bar
 from .contamination import questions_trained_on
+
+log = logging.getLogger(__name__)
 
 MIN_VOCABULARY_COVERAGE = 0.5  # below this share of answers the model can give, the data is not the model's
 
@@ -136,6 +142,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     seen = questions_trained_on(model, items, source) if source else None
     runs: dict[str, list[str] | None]
     content: list[dict[str, str]] = []  # per distinct image
+    cut = 0 if isinstance(model, VisionLanguageModel) else _count_cut_questions(model, items, source)
     if isinstance(model, VisionLanguageModel):
         coverage = None
         candidates = closed_candidates(items)
@@ -171,12 +178,22 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["open_token_f1"] = sum(open_f1) / len(open_f1) if open_f1 else None
     result["per_question_type"] = _per_type(items, runs)
     result["answers_in_vocabulary"] = coverage
+    result["questions_cut"] = cut
     if seen is not None:
         result["trained_on_scored"] = seen
     empty = content_summary(content, "scored images")
     if empty is not None:
         result["input_content"] = empty
     return result
+
+
+def _count_cut_questions(model: VQAModel, items: Sequence[VQAItem], source: str) -> int:
+    cut = questions_cut(model, [item.question for item in items])
+    if cut:
+        log.warning("%s: %d of %d scored questions are longer than the model's question encoder reads (%d tokens, "
+                    "special ones included): they are scored as read, cut (medvl vqa refuses them)", source or "data",
+                    cut, len(items), model.config.text.max_length)
+    return cut
 
 
 def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> dict[str, dict[str, Any]]:
