@@ -274,8 +274,9 @@ def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tm
     for scale in ("0.5", "0"):
         result, output = invoke(*train, "--resume", "--image-lr-scale", scale)
         assert result.exit_code == 2, output
-        assert f"this command changes image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert f"image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # 0: augment warned too
+        assert len(errors) == 1 and "this command changes" in errors[0]
     result, output = invoke(*train, "--resume")  # the same settings and questions: it goes on
     assert result.exit_code == 0, output
     named_otherwise = list(train)
@@ -744,3 +745,18 @@ def test_a_bert_question_tower_reads_every_training_question_and_cut_ones_are_co
     with caplog.at_level("WARNING"):
         scores = evaluate_vqa(short, train_items, "phantom")
     assert scores["questions_cut"] == cut and f"{cut} of {len(train_items)} scored questions" in caplog.text
+
+
+def test_augment_with_a_frozen_image_tower_is_recorded_as_off_with_a_warning(phantom, tmp_path):
+    """With --image-lr-scale 0 the image tokens are computed once, unaugmented: --augment (the default) did nothing,
+    while the saved config said the model was trained with augmentation."""
+    out = tmp_path / "frozen"
+    train = ("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1", "--max-steps", "1",
+             "--image-lr-scale", "0", *TINY)
+    result, output = invoke(*train)
+    assert result.exit_code == 0, output
+    assert "--augment has no effect with --image-lr-scale 0" in " ".join(output.split())
+    assert json.loads((out / "model" / "config.json").read_text())["image"]["augment"] is False
+    assert json.loads((out / "train_config.json").read_text())["vqa"]["augment"] is False
+    result, output = invoke(*train, "--resume")  # the same command resumes the run it started
+    assert result.exit_code == 0, output

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,16 @@ class VQAObjective:
         self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs
 
 
+def _frozen_without_augment(options: VQAOptions) -> VQAOptions:
+    """A frozen image tower (``image_lr_scale`` 0) reads each image once, unaugmented: ``augment`` (on by
+    default) would do nothing, so it is recorded as off (model config and run settings), with a warning."""
+    if not (options.augment and options.image_lr_scale == 0):
+        return options
+    log.warning("--augment has no effect with --image-lr-scale 0 (the frozen image tower's tokens are computed "
+                "once, unaugmented): training without augmentation, recorded as off")
+    return replace(options, augment=False)
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if bool((targets == IGNORE).all()):
         return logits.sum() * 0.0  # keeps the graph: no target in this batch
@@ -302,6 +312,7 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     if len(items) < 2:
         raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
     check_image_counts(items, options.max_images, " (raise --max-images)")
+    options = _frozen_without_augment(options)
     torch.manual_seed(config.seed)
     model = build_vqa_model(items, options)
     if holdout is not None:
