@@ -760,3 +760,19 @@ def test_augment_with_a_frozen_image_tower_is_recorded_as_off_with_a_warning(pha
     assert json.loads((out / "train_config.json").read_text())["vqa"]["augment"] is False
     result, output = invoke(*train, "--resume")  # the same command resumes the run it started
     assert result.exit_code == 0, output
+
+
+def test_token_f1_is_squad_normalised_and_a_punctuated_yes_is_yes():
+    """token_f1, documented as SQuAD style, split on white space only: 'ring-enhancing lesion' scored 0.4 against
+    'ring enhancing lesion', and a VLM's "Yes!" was neither yes nor scored as the yes / no question."""
+    from medvl.models.vlm import yes_or_no
+
+    assert token_f1("ring-enhancing lesion", "ring enhancing lesion") == 1.0
+    assert token_f1("left, right", "left right") == 1.0
+    assert token_f1("the left lung", "left lung") == 1.0
+    assert token_f1("Yes!", "yes") == 1.0
+    assert token_f1("<6 mm", "6-8 mm") == pytest.approx(0.8)  # p 2/2, r 2/3
+    assert token_f1("0.45", "0.50") == 0.0  # a decimal point stays in its number
+    assert [yes_or_no(text) for text in ("Yes!", "no.", "NO", "yes, there is", "noon")] == ["yes", "no", "no", None,
+                                                                                             None]
+    assert normalize_answer("Yes!") == "yes!"  # exact match (and the answer vocabulary) keep their form

@@ -5,8 +5,9 @@
 - ``closed_accuracy``, ``open_accuracy``, ``overall_accuracy``: exact match of the normalised answer
   (``normalize_answer``: lower case, whitespace collapsed, trailing '.' dropped); ``n_closed``,
   ``n_open``, ``n`` (questions without an answer type count in ``overall`` only);
-- ``open_token_f1``: mean token F1 of open answers (``token_f1``: bag of whitespace tokens of the
-  normalised answers, SQuAD style);
+- ``open_token_f1``: mean token F1 of open answers (``token_f1``, SQuAD style: bags of words, lower case,
+  punctuation and the articles a / an / the dropped, so 'ring-enhancing lesion' matches 'ring enhancing lesion';
+  exact match keeps ``normalize_answer``'s form);
 - SURE-VQA sanity baselines in the same run: ``blank_image_*`` (the same model, every image blank:
   zeros in [0, 1]) and ``question_only_*`` (the training answer prior per question, kept in the
   model: the most frequent training answer of the same question, else of its question and answer
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from ..data.audit import content_summary, input_flags
-from ..data.loaders.vqa import VQAItem, normalize_answer
+from ..data.loaders.vqa import VQAItem, answer_tokens, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
 from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer, questions_cut
@@ -56,8 +57,9 @@ MIN_VOCABULARY_COVERAGE = 0.5  # below this share of answers the model can give,
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """F1 of the whitespace tokens of two normalised answers (as bags); 1.0 when both are empty."""
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    """SQuAD-style F1 of the words of two answers (as bags, ``answer_tokens``: lower case, punctuation and the
+    articles a / an / the dropped); 1.0 when both are empty."""
+    predicted, expected = answer_tokens(prediction), answer_tokens(reference)
     if not predicted or not expected:
         return float(predicted == expected)
     same = sum((Counter(predicted) & Counter(expected)).values())
