@@ -274,8 +274,9 @@ def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tm
     for scale in ("0.5", "0"):
         result, output = invoke(*train, "--resume", "--image-lr-scale", scale)
         assert result.exit_code == 2, output
-        assert f"this command changes image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert f"image_lr_scale 1.0 -> {float(scale)!r}" in " ".join(output.split())
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # 0: augment warned too
+        assert len(errors) == 1 and "this command changes" in errors[0]
     result, output = invoke(*train, "--resume")  # the same settings and questions: it goes on
     assert result.exit_code == 0, output
     named_otherwise = list(train)
@@ -714,3 +715,64 @@ def test_holdout_keeps_repeated_questions_together_and_names_questions_by_split(
     assert select_questions(items, "heldout", "data", None, holdout_meta(held, 0.3, 0)) == held
     with pytest.raises(InputError, match="question id '1' of split 'train' is given to 2 questions"):
         holdout_split(items + [item("1", "train", "x.png", "another?")], 0.2, seed=0)
+
+
+def test_a_bert_question_tower_reads_every_training_question_and_cut_ones_are_counted(trained, phantom, tmp_path,
+                                                                                      caplog):
+    """The random-init question tower kept a fixed 48 tokens: the phantom's own cardiothoracic-ratio question (the
+    README's medvl vqa example) was trained on and scored cut without a word, while medvl vqa refused it. The tower
+    is now sized to its longest training question; questions still longer are counted in train and eval vqa."""
+    items = load_vqa(phantom / "vqa")
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    longest = max(model.text_encoder.untruncated_length(item.question) for item in items)
+    assert longest > 48  # the fixed length cut these
+    assert model.config.text.max_length >= longest
+    ratio = next(item for item in items if item.question_type == "ratio")
+    image = ratio.images[0] if ratio.images else ratio.image
+    assert answer_with_rationale(model, [image], ratio.question)["answer"]
+    assert evaluate_vqa(model, items[:40], "phantom")["questions_cut"] == 0
+    options = VQAOptions(image_model="phantom-tiny", image_size=32, question_encoder="bert", hidden_size=32,
+                         fusion_layers=1, overrides={"text.hidden_size": 32, "text.num_layers": 1,
+                                                     "text.max_length": 12})
+    train_items = select_questions(items, "train", "data", "train")
+    with caplog.at_level("WARNING"):
+        short = train_vqa(train_items, tmp_path / "run", TrainConfig(epochs=1, batch_size=32, max_steps=1), options,
+                          "phantom", show_progress=False)
+    cut = sum(short.text_encoder.untruncated_length(item.question) > 12 for item in train_items)
+    assert cut and f"{cut} of {len(train_items)} training questions are longer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scores = evaluate_vqa(short, train_items, "phantom")
+    assert scores["questions_cut"] == cut and f"{cut} of {len(train_items)} scored questions" in caplog.text
+
+
+def test_augment_with_a_frozen_image_tower_is_recorded_as_off_with_a_warning(phantom, tmp_path):
+    """With --image-lr-scale 0 the image tokens are computed once, unaugmented: --augment (the default) did nothing,
+    while the saved config said the model was trained with augmentation."""
+    out = tmp_path / "frozen"
+    train = ("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1", "--max-steps", "1",
+             "--image-lr-scale", "0", *TINY)
+    result, output = invoke(*train)
+    assert result.exit_code == 0, output
+    assert "--augment has no effect with --image-lr-scale 0" in " ".join(output.split())
+    assert json.loads((out / "model" / "config.json").read_text())["image"]["augment"] is False
+    assert json.loads((out / "train_config.json").read_text())["vqa"]["augment"] is False
+    result, output = invoke(*train, "--resume")  # the same command resumes the run it started
+    assert result.exit_code == 0, output
+
+
+def test_token_f1_is_squad_normalised_and_a_punctuated_yes_is_yes():
+    """token_f1, documented as SQuAD style, split on white space only: 'ring-enhancing lesion' scored 0.4 against
+    'ring enhancing lesion', and a VLM's "Yes!" was neither yes nor scored as the yes / no question."""
+    from medvl.models.vlm import yes_or_no
+
+    assert token_f1("ring-enhancing lesion", "ring enhancing lesion") == 1.0
+    assert token_f1("left, right", "left right") == 1.0
+    assert token_f1("the left lung", "left lung") == 1.0
+    assert token_f1("Yes!", "yes") == 1.0
+    assert token_f1("<6 mm", "6-8 mm") == pytest.approx(0.8)  # p 2/2, r 2/3
+    assert token_f1("0.45", "0.50") == 0.0  # a decimal point stays in its number
+    assert [yes_or_no(text) for text in ("Yes!", "no.", "NO", "yes, there is", "noon")] == ["yes", "no", "no", None,
+                                                                                             None]
+    assert normalize_answer("Yes!") == "yes!"  # exact match (and the answer vocabulary) keep their form

@@ -5,14 +5,18 @@
 - ``closed_accuracy``, ``open_accuracy``, ``overall_accuracy``: exact match of the normalised answer
   (``normalize_answer``: lower case, whitespace collapsed, trailing '.' dropped); ``n_closed``,
   ``n_open``, ``n`` (questions without an answer type count in ``overall`` only);
-- ``open_token_f1``: mean token F1 of open answers (``token_f1``: bag of whitespace tokens of the
-  normalised answers, SQuAD style);
+- ``open_token_f1``: mean token F1 of open answers (``token_f1``, SQuAD style: bags of words, lower case,
+  punctuation and the articles a / an / the dropped, so 'ring-enhancing lesion' matches 'ring enhancing lesion';
+  exact match keeps ``normalize_answer``'s form);
 - SURE-VQA sanity baselines in the same run: ``blank_image_*`` (the same model, every image blank:
   zeros in [0, 1]) and ``question_only_*`` (the training answer prior per question, kept in the
   model: the most frequent training answer of the same question, else of its question and answer
   type, else overall);
 - ``per_question_type``: ``{type: {n, accuracy, blank_image_accuracy, question_only_accuracy}}``;
-- ``answers_in_vocabulary``: share of questions whose answer the model can give.
+- ``answers_in_vocabulary``: share of questions whose answer the model can give;
+- ``questions_cut``: how many scored questions are longer than the model's question encoder reads
+  (``text.max_length`` tokens): scored as read, cut, with a warning (``medvl vqa`` refuses such a question; a
+  transformers VLM reads the whole prompt: 0).
 
 An answer vocabulary mismatch between the model and the data (under half of the answers in the
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
@@ -30,6 +34,7 @@ on the image encoder's ``token_grid``; ``heatmap_picture`` draws those over the 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,19 +44,22 @@ import numpy as np
 import torch
 
 from ..data.audit import content_summary, input_flags
-from ..data.loaders.vqa import VQAItem, normalize_answer
+from ..data.loaders.vqa import VQAItem, answer_tokens, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
-from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer
+from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer, questions_cut
 from ..progress import progress_bar
 from .contamination import questions_trained_on
+
+log = logging.getLogger(__name__)
 
 MIN_VOCABULARY_COVERAGE = 0.5  # below this share of answers the model can give, the data is not the model's
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """F1 of the whitespace tokens of two normalised answers (as bags); 1.0 when both are empty."""
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    """SQuAD-style F1 of the words of two answers (as bags, ``answer_tokens``: lower case, punctuation and the
+    articles a / an / the dropped); 1.0 when both are empty."""
+    predicted, expected = answer_tokens(prediction), answer_tokens(reference)
     if not predicted or not expected:
         return float(predicted == expected)
     same = sum((Counter(predicted) & Counter(expected)).values())
@@ -136,6 +144,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     seen = questions_trained_on(model, items, source) if source else None
     runs: dict[str, list[str] | None]
     content: list[dict[str, str]] = []  # per distinct image
+    cut = 0 if isinstance(model, VisionLanguageModel) else _count_cut_questions(model, items, source)
     if isinstance(model, VisionLanguageModel):
         coverage = None
         candidates = closed_candidates(items)
@@ -171,12 +180,22 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["open_token_f1"] = sum(open_f1) / len(open_f1) if open_f1 else None
     result["per_question_type"] = _per_type(items, runs)
     result["answers_in_vocabulary"] = coverage
+    result["questions_cut"] = cut
     if seen is not None:
         result["trained_on_scored"] = seen
     empty = content_summary(content, "scored images")
     if empty is not None:
         result["input_content"] = empty
     return result
+
+
+def _count_cut_questions(model: VQAModel, items: Sequence[VQAItem], source: str) -> int:
+    cut = questions_cut(model, [item.question for item in items])
+    if cut:
+        log.warning("%s: %d of %d scored questions are longer than the model's question encoder reads (%d tokens, "
+                    "special ones included): they are scored as read, cut (medvl vqa refuses them)", source or "data",
+                    cut, len(items), model.config.text.max_length)
+    return cut
 
 
 def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> dict[str, dict[str, Any]]:

@@ -31,8 +31,9 @@ candidates (a closed question), the answer is the candidate of highest summed lo
 the sum over the candidate's tokens (no end token, no length normalisation) of
 ``log p(token | images, prompt, earlier candidate tokens)`` from the model's own logits; the
 answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
-is scored as the closed question {yes, no} the same way, so it comes with its alternative. An open
-answer's probability is the product of its generated tokens' probabilities.
+(punctuation and case aside: "Yes!", ``yes_or_no``) is scored as the closed question {yes, no} the
+same way, so it comes with its alternative. An open answer's probability is the product of its generated
+tokens' probabilities.
 
 Reports (``write_report``): the same decoding, greedy or beam search (``beam_size``), at most
 ``max_new_tokens`` new tokens, special tokens dropped.
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from ..checks import check_number
 from ..data.images import read_image_2d
-from ..data.loaders.vqa import normalize_answer
+from ..data.loaders.vqa import answer_tokens, normalize_answer
 from ..data.record import ImageSource
 from ..errors import InputError, ModelError
 from .adapters import TOKENIZER_FILES, WEIGHT_FILES, load_transformers_model, rgb_uint8
@@ -72,6 +73,13 @@ ANSWER_TOKENS = 32  # default cap on the tokens of a VQA answer
 REPORT_TOKENS = 128  # default cap on the tokens of a report
 MAX_NEW_TOKENS = 1024  # the largest cap accepted
 YES_NO = ("yes", "no")
+
+
+def yes_or_no(text: str) -> str | None:
+    """"yes" or "no" when a free answer is that word, punctuation, case and articles aside ("Yes!", "no."),
+    else None."""
+    words = answer_tokens(text)
+    return words[0] if len(words) == 1 and words[0] in YES_NO else None
 
 
 @dataclass
@@ -264,7 +272,7 @@ class VisionLanguageModel:
         if not candidates or len(candidates) < 2:
             text, log_likelihood = self.generate(arrays, instruction, max_new_tokens)
             answer = normalize_answer(text)
-            if answer not in YES_NO:
+            if yes_or_no(answer) is None:
                 return {"answer": answer, "probability": float(np.exp(log_likelihood)), "alternative": None,
                         "alternative_probability": None, "answer_type": "OPEN", **checks}
             candidates = YES_NO

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from ..eval.contamination import copy_training, data_sha256, file_entries, with_
 from ..models.config import TextConfig, merge_overrides, refuse_copied_overrides
 from ..models.dual import DualEncoder
 from ..models.registry import get_config, load_model
+from ..models.text import train_wordpiece
 from ..models.vqa import (
     ANSWER_TYPES,
     VQAConfig,
@@ -37,6 +38,7 @@ from ..models.vqa import (
     batch_pixels,
     check_image_counts,
     image_table,
+    questions_cut,
 )
 from .loop import TrainConfig, fit, param_groups
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 QUESTION_ENCODERS = ("all-minilm-l6-v2", "dual", "bert")
 IGNORE = -100
 DEFAULT_IMAGE_MODEL = "cxr-small"  # the image tower without --init or --image-model
+# tokens (special ones included) a random-init (bert) question tower reads: its longest training question's, within
+# these bounds (the lower one keeps room for a test question a little longer than the training ones)
+BERT_QUESTION_TOKENS = (48, 256)
 
 
 NAMED_SETTINGS = {  # VQAConfig fields an option of VQAOptions sets: not to be given again as an override
@@ -125,9 +130,9 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
                        fusion_heads=max(1, options.hidden_size // 64), max_images=options.max_images,
                        image_layers=options.image_layers,
                        route_by_type=options.route_by_type)
-    if options.question_encoder == "bert":
+    if options.question_encoder == "bert":  # WordPiece fitted on the questions (VQAObjective.start)
         config.text = TextConfig(kind="bert", vocab_size=2000, hidden_size=128, num_layers=2, num_heads=2,
-                                 intermediate_size=256, max_length=48)  # WordPiece fitted on the questions
+                                 intermediate_size=256)
     if options.init is not None:
         dual = load_model(options.init)
         if not isinstance(dual, DualEncoder):
@@ -136,7 +141,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
             raise InputError(f"--image-size {options.image_size} differs from the initial model's "
                              f"{dual.config.image.image_size}")
         config.image.augment = options.augment
-        config = _with_overrides(config, options.overrides)
+        config = _question_length(_with_overrides(config, options.overrides), items, options)
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
         model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
         copy_training(dual, model)
@@ -147,7 +152,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         if options.image_size:
             image.image_size = options.image_size
         config.image = image
-        model = VQAModel(_with_overrides(config, options.overrides), answers)
+        model = VQAModel(_question_length(_with_overrides(config, options.overrides), items, options), answers)
         model.meta["init"] = {"image_model": image_model}
     model.meta.update(answer_types=answer_types(items), prior=answer_prior(items),
                       question_types=sorted({item.question_type for item in items if item.question_type}))
@@ -157,6 +162,20 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
 def _with_overrides(config: VQAConfig, overrides: dict[str, Any]) -> VQAConfig:
     """``config`` with ``overrides`` merged in (``{"image.no_max_pool": True, "dropout": 0.2}``), validated."""
     return VQAConfig.from_dict(merge_overrides(config.to_dict(), overrides, ("image", "text")))
+
+
+def _question_length(config: VQAConfig, items: Sequence[VQAItem], options: VQAOptions) -> VQAConfig:
+    """``config`` with a random-init (bert) question tower sized to the training questions: ``text.max_length``
+    the longest one's tokens under the WordPiece the trainer fits on them, within ``BERT_QUESTION_TOKENS``
+    (unless ``--set text.max_length`` gives it). Shipped and dual-encoder towers keep their own."""
+    if options.question_encoder != "bert" or "text.max_length" in _override_keys(options.overrides):
+        return config
+    text = config.text
+    tokenizer = train_wordpiece([item.question for item in items], text.vocab_size, text.vocab_min_texts)
+    longest = max(len(ids) for ids in tokenizer([item.question for item in items], verbose=False)["input_ids"])
+    low, high = BERT_QUESTION_TOKENS
+    text.max_length = min(high, max(low, longest))
+    return config
 
 
 class VQAObjective:
@@ -183,6 +202,7 @@ class VQAObjective:
             self.model.config.image.augment = self.options.augment
         elif self.model.config.text.kind == "bert" and not self.model.meta.get("init", {}).get("question_tower"):
             self.model.text_encoder.fit_tokenizer([item.question for item in self.items])
+        self._warn_cut_questions()
         # every training question's encoding stays cached (a frozen tower): each runs once, not once per epoch
         self.model.frozen_cache_size = max(self.model.frozen_cache_size, len({item.question for item in self.items}))
         images, self.image_index = image_table(self.items, self.model.config.max_images)
@@ -193,6 +213,14 @@ class VQAObjective:
         self.answer_targets = torch.tensor([vocabulary.get(item.answer_normalized, IGNORE) for item in self.items])
         self.type_targets = torch.tensor([ANSWER_TYPES.index(item.answer_type) if item.answer_type in ANSWER_TYPES
                                           else IGNORE for item in self.items])
+
+    def _warn_cut_questions(self) -> None:
+        """Questions longer than the question tower reads are trained on cut (``medvl vqa`` refuses them)."""
+        cut = questions_cut(self.model, [item.question for item in self.items])
+        if cut:
+            log.warning("%d of %d training questions are longer than the question encoder reads (%d tokens, special "
+                        "ones included): they are trained on cut, and medvl vqa refuses them", cut, len(self.items),
+                        self.model.config.text.max_length)
 
     def _frozen_features(self, chunk: int = 64) -> torch.Tensor:
         """A frozen image tower (``image_lr_scale`` 0) is a fixed function: every image's tokens once,
@@ -255,6 +283,16 @@ class VQAObjective:
         self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs
 
 
+def _frozen_without_augment(options: VQAOptions) -> VQAOptions:
+    """A frozen image tower (``image_lr_scale`` 0) reads each image once, unaugmented: ``augment`` (on by
+    default) would do nothing, so it is recorded as off (model config and run settings), with a warning."""
+    if not (options.augment and options.image_lr_scale == 0):
+        return options
+    log.warning("--augment has no effect with --image-lr-scale 0 (the frozen image tower's tokens are computed "
+                "once, unaugmented): training without augmentation, recorded as off")
+    return replace(options, augment=False)
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if bool((targets == IGNORE).all()):
         return logits.sum() * 0.0  # keeps the graph: no target in this batch
@@ -274,6 +312,7 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     if len(items) < 2:
         raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
     check_image_counts(items, options.max_images, " (raise --max-images)")
+    options = _frozen_without_augment(options)
     torch.manual_seed(config.seed)
     model = build_vqa_model(items, options)
     if holdout is not None:

@@ -87,6 +87,8 @@ ANSWER_TYPES = ("CLOSED", "OPEN")  # the answer types a question file may give (
 SNIFF_BYTES = 65_536
 
 _SPACES = re.compile(r"\s+")
+_PUNCTUATION = re.compile(r"[^\w\s.,]|_|(?<!\d)[.,]|[.,](?!\d)")  # '.' and ',' kept between digits only
+ARTICLES = frozenset({"a", "an", "the"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ class VQAItem:
 def normalize_answer(answer: str) -> str:
     """The form answers are compared in: lower case, whitespace collapsed, trailing '.' dropped."""
     return _SPACES.sub(" ", answer).strip().lower().rstrip(".").strip()
+
+
+def answer_tokens(answer: str) -> list[str]:
+    """The words answers are compared by in token F1 (SQuAD style): lower case, punctuation replaced by a space
+    (so 'ring-enhancing' reads as 'ring enhancing', as VQA's evaluation splits in-word punctuation; a decimal
+    point or comma between digits kept: '0.45'), the articles a / an / the dropped, whitespace collapsed."""
+    return [word for word in _PUNCTUATION.sub(" ", answer.lower()).split() if word not in ARTICLES]
 
 
 def split_name(path: Path) -> str:
