@@ -17,8 +17,9 @@ Columns (names matched case-insensitively):
 - every other column is a candidate label column (``Dataset.label_names``, in file order).
 
 Values are kept as the strings written in the file (a 0/1 column gives classes ``"0"``, ``"1"``;
-JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; a JSONL array or object is a
-``DataError`` naming the line and key: ``["nodule", "effusion"]`` would be one class). An empty cell is a
+JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; a JSONL list of values is a
+``DataError`` naming the line and key: ``["nodule", "effusion"]`` would be one class; an object, or a list of lists
+or objects, is kept as its JSON text, as a CSV cell of JSON is: the phantom's ``boxes``). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
 ``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning), and, in a label
 column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or ``None``
