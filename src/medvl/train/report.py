@@ -95,14 +95,12 @@ def generator_config(image_model: str | None = None, init: str | Path | None = N
                      context_k: int = 0) -> tuple[ReportGeneratorConfig, Any]:
     """The generator's config (see ``train_report_generator``) and the dual encoder loaded from ``init``
     (None without), whose image tower the generator copies."""
-    from ..models.registry import get_config, load_model
+    from ..models.registry import get_config, load_init_model
 
     dual = None
     check_generator_options(image_model, init)
     if init is not None:
-        dual = load_model(init)
-        if not hasattr(dual, "image_encoder") or not hasattr(dual.config, "image"):
-            raise InputError(f"{init}: --init needs a medvl dual encoder folder (its image tower is copied)")
+        dual = load_init_model(init)
         image = dual.config.image
     else:
         image = get_config(image_model or DEFAULT_IMAGE_MODEL).image
