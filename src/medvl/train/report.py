@@ -27,7 +27,7 @@ from ..eval.contamination import copy_training, training_data, with_earlier
 from ..models.config import refuse_copied_overrides
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
-from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
+from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ def _generator(config: ReportGeneratorConfig, reports: list[str], dual: Any,
                                                                config.decoder.vocab_min_texts))
     if dual is not None:
         model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
-        model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name}
+        # the weights' digest: eval report's nearest-report baseline checks the folder still holds this model
+        model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name,
+                              "weights_sha256": (starting_weights(dual) or {}).get("weights_sha256")}
         copy_training(dual, model)
     return model
 
