@@ -340,3 +340,23 @@ def test_the_service_loads_the_folder(hf_dir):
     pixels = service.net.preprocessor.load(np.zeros((50, 60), np.uint8))  # what the micro-batcher encodes
     assert service.net.encode_images(pixels[None]).shape == (1, described["embed_dim"])
     service.model_thread.shutdown()
+
+
+@pytest.mark.parametrize("command", ["vqa", "report"])
+def test_an_adapted_folder_cannot_start_a_vqa_model_or_a_report_generator(hf_dir, tmp_path, command):
+    """``--init`` copies a medvl dual encoder's image tower. An ``HFDualEncoder`` is a ``DualEncoder``, so it passed
+    the check and the MONAI tower was given the transformers tower's weights: a traceback (exit 1)."""
+    from medvl.data.phantom import generate_phantom
+    from medvl.errors import InputError
+    from medvl.models.registry import load_init_model
+
+    with pytest.raises(InputError, match="--init takes a medvl dual encoder folder"):
+        load_init_model(hf_dir)
+    data = tmp_path / "data"
+    generate_phantom(data, n=12, seed=0, size=32, vqa=command == "vqa")
+    out = tmp_path / "run"
+    result, output = invoke("train", command, "--data", data / "vqa" if command == "vqa" else data, "--out", out,
+                            "--init", hf_dir, "--max-steps", 1, "-q")
+    kind = "clip" if "clip" in hf_dir.name else "siglip"
+    assert result.exit_code == 2 and f"(this is a transformers {kind} folder)" in " ".join(output.split()), output
+    assert "Traceback" not in output and not out.exists()

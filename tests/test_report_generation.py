@@ -339,6 +339,51 @@ def test_eval_command_scores_the_generator_beside_the_nearest_training_report(cl
         texts, [train[int(i)].text for i in similarity.argmax(1)])["bleu_4"])
 
 
+def test_the_baseline_is_not_another_model_now_at_the_init_path(phantom_dir, dual_dir, tmp_path, caplog):
+    """The nearest-report baseline loaded whatever model sat at the recorded --init path at evaluation time: a dual
+    encoder retrained or replaced in place changed the baseline without a word. The generator records the init
+    weights' SHA-256; other weights there are not used (a warning and a note), an older generator's is noted."""
+    import shutil
+
+    from medvl.eval.report import evaluate_report_generator
+    from medvl.io import file_sha256
+
+    init = tmp_path / "dual"
+    shutil.copytree(dual_dir, init)
+    out = tmp_path / "run"
+    data = medvl.load_dataset(phantom_dir)
+    train_report_generator(data.select("train")[:8], out, TrainConfig(epochs=1, batch_size=8, max_steps=1), init=init,
+                           overrides=TINY_OVERRIDES, show_progress=False)
+    digest = file_sha256(dual_dir / "model.safetensors")
+    assert ReportGenerator.from_pretrained(out).meta["init"]["weights_sha256"] == digest
+
+    def baseline() -> dict:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            result = evaluate_report_generator(ReportGenerator.from_pretrained(out), data.select("test")[:2],
+                                               data.select("train")[:4], max_length=2, show_progress=False)
+        return result["baseline_encoder"]
+
+    same = baseline()
+    assert same["source"] == "the dual encoder the generator was initialised from" and "note" not in same
+    assert same["weights_sha256"] == digest and "initialised from" not in caplog.text
+    shutil.rmtree(init)
+    torch.manual_seed(1)
+    medvl.create_model("phantom-tiny").save_pretrained(init)  # another model at the same path
+    other = baseline()
+    assert other["kind"].startswith("generator image encoder") and "weights_sha256" not in other
+    assert other["source"] == "the generator (its --init dual encoder is not used: see note)"
+    assert f"now holds other weights (sha256 {file_sha256(init / 'model.safetensors')[:12]})" in other["note"]
+    assert "now holds other weights" in caplog.text and "generator's own image features" in caplog.text
+    meta = out / "model" / "meta.json"  # a generator trained before the digest was recorded
+    written = json.loads(meta.read_text())
+    del written["init"]["weights_sha256"]
+    meta.write_text(json.dumps(written))
+    unchecked = baseline()
+    assert unchecked["source"] == "the dual encoder the generator was initialised from"
+    assert "cannot be checked" in unchecked["note"] and "cannot be checked" in caplog.text
+
+
 def test_eval_refuses_a_baseline_bank_holding_the_scored_images_and_says_when_they_were_trained_on(
         cli_run, phantom_dir, tmp_path):
     data = medvl.load_dataset(phantom_dir)

@@ -37,7 +37,10 @@ Baseline, computed in the same run: for each test image, the report of the most 
 image (cosine similarity of image embeddings) under a dual encoder: ``baseline_model`` if given,
 else the dual encoder the generator's image tower was initialised from, else (a generator trained
 from scratch, or a transformers VLM: ``models.vlm``) the generator's own pooled image features. Both
-are scored by the same code.
+are scored by the same code. The generator records the SHA-256 of its init dual encoder's weights
+(``meta["init"]["weights_sha256"]``): when that folder now holds other weights (retrained or replaced in
+place) or is gone, the baseline uses the generator's own features, with a warning and a ``note`` in
+``baseline_encoder``; a generator trained before the digest was recorded is noted as not checked.
 """
 
 from __future__ import annotations
@@ -59,8 +62,11 @@ from ..checks import check_number
 from ..data.audit import content_summary, input_flags, warn_without_content
 from ..data.record import Dataset
 from ..errors import InputError
+from ..io import file_sha256
 from ..models.decoder import context_k
+from ..models.dual import WEIGHTS_FILE
 from ..models.preprocess import read_for
+from ..models.registry import load_model, model_directory
 from ..models.vlm import MAX_NEW_TOKENS, REPORT_TOKENS, VisionLanguageModel
 from ..progress import progress_bar
 from ..rag.labels import ReportLabeller
@@ -354,20 +360,48 @@ def _baseline_encoder(model, baseline_model) -> tuple[Callable[[Sequence[np.ndar
     if baseline_model is not None:
         return baseline_model.encode_images, {"kind": "dual encoder", "name": baseline_model.config.name,
                                               "source": "--baseline-model"}
-    init = (model.meta.get("init") or {}).get("dir")
-    if init and Path(init).exists():
-        from ..models.registry import load_model
-
-        dual = load_model(init)
-        return dual.encode_images, {"kind": "dual encoder", "name": dual.config.name,
-                                    "source": "the dual encoder the generator was initialised from"}
-    if init:
-        log.warning("the dual encoder the generator was initialised from is gone; the baseline retrieves "
-                    "with the generator's own image features")
+    init = model.meta.get("init") or {}
+    note = None
+    if init.get("dir") and Path(init["dir"]).exists():
+        weights, note = _init_weights(init)
+        if weights is not None:
+            dual = load_model(init["dir"])
+            return dual.encode_images, {"kind": "dual encoder", "name": dual.config.name, "weights_sha256": weights,
+                                        "source": "the dual encoder the generator was initialised from",
+                                        **({"note": note} if note else {})}
+    elif init.get("dir"):
+        note = "the dual encoder the generator was initialised from is gone"
+    if note:
+        log.warning("%s; the baseline retrieves with the generator's own image features (--baseline-model DIR "
+                    "names a dual encoder for it)", note)
     source = ("the transformers VLM (no --baseline-model)" if isinstance(model, VisionLanguageModel)
+              else "the generator (its --init dual encoder is not used: see note)" if note
               else "the generator (trained from scratch, no --baseline-model)")
     return (lambda images: pooled_features(model, images)), {
-        "kind": "generator image encoder (mean of its image tokens)", "name": model.config.name, "source": source}
+        "kind": "generator image encoder (mean of its image tokens)", "name": model.config.name, "source": source,
+        **({"note": note} if note else {})}
+
+
+def _init_weights(init: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The SHA-256 of the weights now in the folder a generator was initialised from (``init``: its meta block) when
+    they are the ones it recorded at training, else None; and a note saying what was found (None: checked, same).
+    A generator trained before the digest was recorded cannot be checked: the folder's weights are used, noted."""
+    try:
+        weights = file_sha256(model_directory(init["dir"]) / WEIGHTS_FILE)
+    except OSError:
+        return None, f"{init['dir']} holds no readable {WEIGHTS_FILE}, not the dual encoder the generator was " \
+                     "initialised from"
+    recorded = init.get("weights_sha256")
+    if recorded is None:
+        note = (f"the generator does not record the weights of the dual encoder it was initialised from (trained "
+                f"before they were recorded): the baseline uses the model now at {init['dir']}, which cannot be "
+                "checked to be the same")
+        log.warning("%s", note)
+        return weights, note
+    if weights != recorded:
+        return None, (f"{init['dir']} now holds other weights (sha256 {weights[:12]}) than the dual encoder the "
+                      f"generator was initialised from (sha256 {str(recorded)[:12]})")
+    return weights, None
 
 
 def _nearest_reports(embed: Callable[[Sequence[np.ndarray]], torch.Tensor], images: Sequence[np.ndarray],

@@ -47,7 +47,7 @@ from ..data.audit import content_summary, input_flags
 from ..data.loaders.vqa import VQAItem, answer_tokens, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
-from ..models.vqa import VQAModel, batch_pixels, image_table, prior_answer, questions_cut
+from ..models.vqa import VQAModel, batch_pixels, check_image_counts, image_table, prior_answer, questions_cut
 from ..progress import progress_bar
 from .contamination import questions_trained_on
 
@@ -235,10 +235,8 @@ def vlm_answers(model: VisionLanguageModel, items: Sequence[VQAItem], candidates
                 content: list[dict[str, str]] | None = None) -> list[str]:
     """A transformers VLM's normalised answer to each item (``blank``: every image black, same size).
     ``content``, a list, gets the ``input_flags`` of each distinct image, as the model is given it."""
-    for item in items:  # before any work
-        if len(item.images or (item.image,)) > model.max_images:
-            raise InputError(f"question {item.qid} has {len(item.images)} images; {model.config.name} takes at most "
-                             f"{model.max_images}")
+    check_image_counts(items, model.max_images, " per question",  # before any work
+                       model=f"{model.config.name} ({model.config.model_type})")
     arrays: dict[Path, Any] = {}  # the last images read: questions about one image are usually together
     flags: dict[Path, dict[str, str]] = {}  # input_flags per distinct image
     answers = []

@@ -212,6 +212,17 @@ def resolve_model(name_or_dir: str | Path, *, seed: int | None = None, **overrid
     return create_model(str(name_or_dir), seed=seed, **overrides)
 
 
+def load_init_model(directory: str | Path) -> DualEncoder:
+    """The medvl dual encoder ``--init`` names (``train vqa``, ``train report``: its image tower, architecture and
+    weights, is copied into a medvl model). A transformers folder (a CLIP / SigLIP adapter, a VLM) is refused as
+    ``resolve_model`` refuses it for training: its towers are not medvl's and cannot be copied."""
+    model_type = transformers_model_type(model_directory(directory))
+    if model_type is not None:
+        raise InputError(f"{directory}: --init takes a medvl dual encoder folder (this is a transformers "
+                         f"{model_type} folder)")
+    return load_model(directory)
+
+
 TEXT_ENCODER_KEYS = ("text.kind", "text.path")  # the overrides --text-encoder gives (api.parse_overrides)
 
 

@@ -468,14 +468,14 @@ def prior_answer(prior: dict[str, Any], item: VQAItem) -> str:
             or prior["by_type"].get(prior_type_key(item)) or prior["overall"])
 
 
-def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = "") -> None:
+def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = "", model: str = "the model") -> None:
     """InputError naming the question file and the first question with more than ``max_images`` images
-    (``hint``: what to do about it, e.g. the training option that sets the limit)."""
+    (``hint``: what to do about it, e.g. the training option that sets the limit; ``model``: how to name it)."""
     for item in items:
         count = len(item.images or (item.image,))
         if count > max_images:
             where = f"{item.file}: " if item.file is not None else ""
-            raise InputError(f"{where}question {item.qid} has {count} images; the model takes at most {max_images}"
+            raise InputError(f"{where}question {item.qid} has {count} images; {model} takes at most {max_images}"
                              f"{hint}")
 
 

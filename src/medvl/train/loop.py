@@ -1143,6 +1143,10 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                     f", or the data is named another way than when the run started: a run folder written before "
                     f"medvl compared data by its resolved paths resumes only with --data {earlier.get('data')!r} "
                     "given from the folder the run was started in" if legacy else ""))
+        elif key == "init" and isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in after \
+                and "weights_sha256" not in before:  # a report run started before its --init weights were recorded
+            if before != {name: value for name, value in after.items() if name != "weights_sha256"}:
+                changed.append(f"init {before!r} -> {after!r}")
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")

@@ -27,7 +27,7 @@ from ..eval.contamination import copy_training, training_data, with_earlier
 from ..models.config import refuse_copied_overrides
 from ..models.decoder import ReportGenerator, ReportGeneratorConfig
 from ..models.text import train_wordpiece
-from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything
+from .loop import TrainConfig, check_out_dir, fit, param_groups, seed_everything, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,12 @@ def generator_config(image_model: str | None = None, init: str | Path | None = N
                      context_k: int = 0) -> tuple[ReportGeneratorConfig, Any]:
     """The generator's config (see ``train_report_generator``) and the dual encoder loaded from ``init``
     (None without), whose image tower the generator copies."""
-    from ..models.registry import get_config, load_model
+    from ..models.registry import get_config, load_init_model
 
     dual = None
     check_generator_options(image_model, init)
     if init is not None:
-        dual = load_model(init)
-        if not hasattr(dual, "image_encoder") or not hasattr(dual.config, "image"):
-            raise InputError(f"{init}: --init needs a medvl dual encoder folder (its image tower is copied)")
+        dual = load_init_model(init)
         image = dual.config.image
     else:
         image = get_config(image_model or DEFAULT_IMAGE_MODEL).image
@@ -122,7 +120,9 @@ def _generator(config: ReportGeneratorConfig, reports: list[str], dual: Any,
                                                                config.decoder.vocab_min_texts))
     if dual is not None:
         model.image_encoder.load_state_dict(dual.image_encoder.state_dict())
-        model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name}
+        # the weights' digest: eval report's nearest-report baseline checks the folder still holds this model
+        model.meta["init"] = {"dir": str(Path(init).resolve()) if init else None, "name": dual.config.name,
+                              "weights_sha256": (starting_weights(dual) or {}).get("weights_sha256")}
         copy_training(dual, model)
     return model
 

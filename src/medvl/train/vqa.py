@@ -25,8 +25,7 @@ from ..data.loading import load_all
 from ..errors import InputError
 from ..eval.contamination import copy_training, data_sha256, file_entries, with_earlier
 from ..models.config import TextConfig, merge_overrides, refuse_copied_overrides
-from ..models.dual import DualEncoder
-from ..models.registry import get_config, load_model
+from ..models.registry import get_config, load_init_model
 from ..models.text import train_wordpiece
 from ..models.vqa import (
     ANSWER_TYPES,
@@ -134,9 +133,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         config.text = TextConfig(kind="bert", vocab_size=2000, hidden_size=128, num_layers=2, num_heads=2,
                                  intermediate_size=256)
     if options.init is not None:
-        dual = load_model(options.init)
-        if not isinstance(dual, DualEncoder):
-            raise InputError(f"{options.init}: --init takes a medvl dual encoder folder")
+        dual = load_init_model(options.init)
         if options.image_size and options.image_size != dual.config.image.image_size:
             raise InputError(f"--image-size {options.image_size} differs from the initial model's "
                              f"{dual.config.image.image_size}")
