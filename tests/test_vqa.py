@@ -762,6 +762,27 @@ def test_augment_with_a_frozen_image_tower_is_recorded_as_off_with_a_warning(pha
     assert result.exit_code == 0, output
 
 
+def test_a_run_started_before_towers_were_sized_and_augment_recorded_off_resumes_as_it_started(phantom, tmp_path):
+    """A run folder written before the question tower was sized to its questions (48 tokens) and before a frozen
+    tower's augment was recorded off was refused by --resume ("changes model config"), with no option to get past
+    it: it now goes on with the settings it started with."""
+    out = tmp_path / "old"
+    train = ("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "2", "--max-steps", "1",
+             "--image-lr-scale", "0", *TINY)
+    result, output = invoke(*train)
+    assert result.exit_code == 0, output
+    settings = json.loads((out / "train_config.json").read_text())
+    assert settings["model"]["text"]["max_length"] > 48  # the phantom's longest question
+    settings["model"]["text"]["max_length"] = 48  # as the run folder of an earlier medvl records it
+    settings["model"]["image"]["augment"] = settings["vqa"]["augment"] = True
+    (out / "train_config.json").write_text(json.dumps(settings))
+    result, output = invoke(*train, "--resume")  # no checkpoint yet (max_steps): it starts again, as it started
+    assert result.exit_code == 0, output
+    assert "keeps it recorded as on" in " ".join(output.split())
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["text"]["max_length"] == 48 and saved["image"]["augment"] is True
+
+
 def test_token_f1_is_squad_normalised_and_a_punctuated_yes_is_yes():
     """token_f1, documented as SQuAD style, split on white space only: 'ring-enhancing lesion' scored 0.4 against
     'ring enhancing lesion', and a VLM's "Yes!" was neither yes nor scored as the yes / no question."""
@@ -771,7 +792,9 @@ def test_token_f1_is_squad_normalised_and_a_punctuated_yes_is_yes():
     assert token_f1("left, right", "left right") == 1.0
     assert token_f1("the left lung", "left lung") == 1.0
     assert token_f1("Yes!", "yes") == 1.0
-    assert token_f1("<6 mm", "6-8 mm") == pytest.approx(0.8)  # p 2/2, r 2/3
+    assert token_f1("6-8 mm", "6 8 mm") == 1.0  # a range's hyphen is a space
+    assert token_f1("<0.45", ">0.45") == 0.0 and token_f1("<6 mm", ">6 mm") == 0.5  # a sign is kept: other bins
+    assert token_f1("-10 hu", "10 hu") == 0.5 and token_f1("5%", "5") == 0.0
     assert token_f1("0.45", "0.50") == 0.0  # a decimal point stays in its number
     assert [yes_or_no(text) for text in ("Yes!", "no.", "NO", "yes, there is", "noon")] == ["yes", "no", "no", None,
                                                                                              None]

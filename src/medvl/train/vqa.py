@@ -10,6 +10,7 @@ question alone, used for routing).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +40,7 @@ from ..models.vqa import (
     image_table,
     questions_cut,
 )
-from .loop import TrainConfig, fit, param_groups
+from .loop import CONFIG_FILE, TrainConfig, fit, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ def _override_keys(overrides: dict[str, Any]) -> list[str]:
     return keys
 
 
-def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
-    """A fresh VQA model for ``items``: answer vocabulary, types and prior in its meta."""
+def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions, question_length: int | None = None) -> VQAModel:
+    """A fresh VQA model for ``items``: answer vocabulary, types and prior in its meta. ``question_length``: a
+    random-init question tower's ``text.max_length`` as a resumed run started with it (None: sized to ``items``)."""
     options.validate()
     answers = answer_vocabulary(items, options.min_answer_count)
     if not answers:
@@ -138,7 +140,7 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
             raise InputError(f"--image-size {options.image_size} differs from the initial model's "
                              f"{dual.config.image.image_size}")
         config.image.augment = options.augment
-        config = _question_length(_with_overrides(config, options.overrides), items, options)
+        config = _question_length(_with_overrides(config, options.overrides), items, options, question_length)
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
         model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
         copy_training(dual, model)
@@ -149,7 +151,8 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions) -> VQAModel:
         if options.image_size:
             image.image_size = options.image_size
         config.image = image
-        model = VQAModel(_question_length(_with_overrides(config, options.overrides), items, options), answers)
+        model = VQAModel(_question_length(_with_overrides(config, options.overrides), items, options, question_length),
+                         answers)
         model.meta["init"] = {"image_model": image_model}
     model.meta.update(answer_types=answer_types(items), prior=answer_prior(items),
                       question_types=sorted({item.question_type for item in items if item.question_type}))
@@ -161,13 +164,18 @@ def _with_overrides(config: VQAConfig, overrides: dict[str, Any]) -> VQAConfig:
     return VQAConfig.from_dict(merge_overrides(config.to_dict(), overrides, ("image", "text")))
 
 
-def _question_length(config: VQAConfig, items: Sequence[VQAItem], options: VQAOptions) -> VQAConfig:
+def _question_length(config: VQAConfig, items: Sequence[VQAItem], options: VQAOptions,
+                     started: int | None = None) -> VQAConfig:
     """``config`` with a random-init (bert) question tower sized to the training questions: ``text.max_length``
     the longest one's tokens under the WordPiece the trainer fits on them, within ``BERT_QUESTION_TOKENS``
-    (unless ``--set text.max_length`` gives it). Shipped and dual-encoder towers keep their own."""
+    (unless ``--set text.max_length`` gives it, or a resumed run ``started`` with another). Shipped and
+    dual-encoder towers keep their own."""
     if options.question_encoder != "bert" or "text.max_length" in _override_keys(options.overrides):
         return config
     text = config.text
+    if started is not None:  # a run started before towers were sized (48) goes on as it started
+        text.max_length = started
+        return config
     tokenizer = train_wordpiece([item.question for item in items], text.vocab_size, text.vocab_min_texts)
     longest = max(len(ids) for ids in tokenizer([item.question for item in items], verbose=False)["input_ids"])
     low, high = BERT_QUESTION_TOKENS
@@ -280,14 +288,30 @@ class VQAObjective:
         self.model.meta["training"] = with_earlier(run, self.model.meta.get("training"))  # the --init model's runs
 
 
-def _frozen_without_augment(options: VQAOptions) -> VQAOptions:
+def _frozen_without_augment(options: VQAOptions, started: dict[str, Any] | None = None) -> VQAOptions:
     """A frozen image tower (``image_lr_scale`` 0) reads each image once, unaugmented: ``augment`` (on by
-    default) would do nothing, so it is recorded as off (model config and run settings), with a warning."""
+    default) would do nothing, so it is recorded as off (model config and run settings), with a warning; a resumed
+    run ``started`` (its recorded model config) with it recorded on keeps it so (it did nothing there either)."""
     if not (options.augment and options.image_lr_scale == 0):
+        return options
+    if (started or {}).get("image", {}).get("augment") is True:
+        log.warning("--augment has no effect with --image-lr-scale 0 (the frozen image tower's tokens are computed "
+                    "once, unaugmented); this run started before that was recorded and keeps it recorded as on")
         return options
     log.warning("--augment has no effect with --image-lr-scale 0 (the frozen image tower's tokens are computed "
                 "once, unaugmented): training without augmentation, recorded as off")
     return replace(options, augment=False)
+
+
+def _started_model(out_dir: Path) -> dict[str, Any] | None:
+    """The model config a run in ``out_dir`` recorded when it started (its ``train_config.json``), or None: settings
+    chosen from the data since (a question tower's length, augment recorded off) follow the run as it started."""
+    try:
+        recorded = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    model = recorded.get("model") if isinstance(recorded, dict) else None
+    return model if isinstance(model, dict) else None
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -309,9 +333,11 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     if len(items) < 2:
         raise InputError(f"{source}: need at least 2 training questions, got {len(items)}")
     check_image_counts(items, options.max_images, " (raise --max-images)")
-    options = _frozen_without_augment(options)
+    started = _started_model(Path(out_dir)) if resume else None
+    options = _frozen_without_augment(options, started)
     torch.manual_seed(config.seed)
-    model = build_vqa_model(items, options)
+    length = (started or {}).get("text", {}).get("max_length")
+    model = build_vqa_model(items, options, length if isinstance(length, int) else None)
     if holdout is not None:
         model.meta["holdout"] = holdout
     objective = VQAObjective(model, items, options, source)

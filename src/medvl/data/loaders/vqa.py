@@ -87,7 +87,9 @@ ANSWER_TYPES = ("CLOSED", "OPEN")  # the answer types a question file may give (
 SNIFF_BYTES = 65_536
 
 _SPACES = re.compile(r"\s+")
-_PUNCTUATION = re.compile(r"[^\w\s.,]|_|(?<!\d)[.,]|[.,](?!\d)")  # '.' and ',' kept between digits only
+# what token F1 reads as a space: punctuation, but not a sign that changes what an answer says ('<6 mm' is not
+# '>6 mm'; '-10', '+2', '5%', '<=' are kept), a '.' or ',' between digits, or a minus sign before a number
+_PUNCTUATION = re.compile(r"[^\w\s.,<>=+%\u2264\u2265-]|_|(?<!\d)[.,]|[.,](?!\d)|-(?!\d)|(?<=\w)-")
 ARTICLES = frozenset({"a", "an", "the"})
 
 
@@ -119,7 +121,8 @@ def normalize_answer(answer: str) -> str:
 def answer_tokens(answer: str) -> list[str]:
     """The words answers are compared by in token F1 (SQuAD style): lower case, punctuation replaced by a space
     (so 'ring-enhancing' reads as 'ring enhancing', as VQA's evaluation splits in-word punctuation; a decimal
-    point or comma between digits kept: '0.45'), the articles a / an / the dropped, whitespace collapsed."""
+    point or comma between digits kept: '0.45'; signs that change an answer's meaning kept: '<0.45' is not
+    '>0.45', nor '-10' '10'), the articles a / an / the dropped, whitespace collapsed."""
     return [word for word in _PUNCTUATION.sub(" ", answer.lower()).split() if word not in ARTICLES]
 
 
