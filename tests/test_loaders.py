@@ -320,14 +320,15 @@ def test_a_jsonl_array_of_values_is_refused_not_read_as_its_json_text(tmp_path, 
 
 def test_a_jsonl_object_is_kept_as_its_json_text_as_a_csv_cell_of_json_is(tmp_path):
     # the phantom's boxes written as JSON objects (grounding reads them with json.loads): refused for a while
-    _images(tmp_path, ["a0.png", "a1.png"])
+    _images(tmp_path, ["a0.png", "a1.png", "a2.png"])
     path = tmp_path / "m.jsonl"
     path.write_text('{"image": "a0.png", "finding": "effusion", "boxes": {"effusion": [1, 2, 3, 4]}}\n'
-                    '{"image": "a1.png", "finding": "nodule", "boxes": {"nodule": [[1, 2], [3, 4]]}}\n',
+                    '{"image": "a1.png", "finding": "nodule", "boxes": {"nodule": [[1, 2], [3, 4]]}}\n'
+                    '{"image": "a2.png", "finding": "nodule", "boxes": []}\n',
                     encoding="utf-8")
-    dataset = load_dataset(path, label_columns=["finding", "boxes"])
-    assert [json.loads(record.labels["boxes"]) for record in dataset] == [{"effusion": [1, 2, 3, 4]},
-                                                                          {"nodule": [[1, 2], [3, 4]]}]
+    dataset = load_dataset(path, label_columns=["finding"])
+    assert [json.loads(record.meta.get("boxes", "null")) for record in dataset] == [
+        {"effusion": [1, 2, 3, 4]}, {"nodule": [[1, 2], [3, 4]]}, None]  # an empty list holds nothing: missing
 
 
 def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(tmp_path, caplog):

@@ -192,9 +192,12 @@ def _not_a_number(value: Any) -> bool:
 
 def _cell_text(path: Path, line: int, key: str, value: Any) -> str:
     """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), numbers and booleans
-    as JSON. A list of plain values (``["nodule", "effusion"]``) is a DataError: its JSON text would become one class
-    or one report. Structured data (an object, or a list holding lists or objects: the phantom's ``boxes``) is kept
-    as its JSON text, as a CSV cell holding JSON is, except in the image, text, split and id columns."""
+    as JSON; an empty list or object is missing too. A list of plain values (``["nodule", "effusion"]``) is a
+    DataError: its JSON text would become one class or one report. Structured data (an object, or a list holding
+    lists or objects: the phantom's ``boxes``) is kept as its JSON text, as a CSV cell holding JSON is, except in the
+    image, text, split and id columns."""
+    if isinstance(value, list | dict) and not value:
+        return ""  # an empty list or object holds nothing: missing, as null is
     if isinstance(value, list | dict):
         kind = "array" if isinstance(value, list) else "object"
         structured = isinstance(value, dict) or any(isinstance(item, list | dict) for item in value)
