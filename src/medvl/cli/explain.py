@@ -131,8 +131,7 @@ def _print(result: dict, out: Path | None) -> None:
                       markup=True)
     if result.get("out_of_distribution"):
         console.print(f"[red]out of distribution ({ood_comparison(result)}): unlike the model's training images, "
-                      "this explanation is "
-                      "unreliable[/]", markup=True)
+                      "this explanation is unreliable[/]", markup=True)
     for entry in result["findings"]:
         console.print(f"[bold]{escape(entry['finding'])}[/] p={entry['probability']:.2f}", markup=True)
         for name, heatmap in entry["heatmaps"].items():

@@ -161,8 +161,8 @@ def predict_command(
     for item in answers["predictions"]:
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
-        warning = (f" [red]out of distribution ({ood_comparison(item)}): "
-                   "unreliable[/]" if item.get("out_of_distribution") else "")
+        warning = (f" [red]out of distribution ({ood_comparison(item)}): unreliable[/]"
+                   if item.get("out_of_distribution") else "")
         if item["input_flags"]:
             warning += f" [red]{' and '.join(item['input_flags'])} as the model sees it: no content to answer on[/]"
         console.print(f"{escape(item['image'])}: [bold]{escape(item['prediction'])}[/] ({escape(shown)}){warning}",

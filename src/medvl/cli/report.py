@@ -96,8 +96,7 @@ def print_draft(draft) -> None:
                       "the draft")
     if draft.ood.get("out_of_distribution"):
         console.print(f"[red]the image is out of distribution ({ood_comparison(draft.ood)}): unlike the model's "
-                      "training images, its nearest cases and "
-                      "this draft are unreliable[/]", markup=True)
+                      "training images, its nearest cases and this draft are unreliable[/]", markup=True)
     if draft.abstained:
         console.print(Panel(Text.from_markup(f"[bold yellow]No draft:[/] {escape(draft.reason or '')}"), title=title))
     else:

@@ -109,7 +109,6 @@ def embed_checked(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, list[
         return model.embed_image_features(features), guard.check(features)
 
 
-
 def ood_comparison(flag: dict[str, Any]) -> str:
     """``OOD score S > T`` for a flagged image's ``flag`` answer (``OODGuard.flag``), both numbers with the fewest
     decimals (one to the four it keeps) that print the score above the threshold: with three significant figures
@@ -120,6 +119,7 @@ def ood_comparison(flag: dict[str, Any]) -> str:
         if shown != limit:
             return f"OOD score {shown} > {limit}"
     return f"OOD score {score:.4f}, above the threshold {threshold:.4f} by less than 0.0001"
+
 
 def recovery(path: Path) -> str:
     """How to recover a model whose guard file ``path`` cannot be used: the model works without it."""

@@ -482,9 +482,8 @@ def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = ""
 def questions_cut(model: VQAModel, questions: Sequence[str]) -> int:
     """How many of ``questions`` are longer than the model's question encoder reads (``text.max_length`` tokens,
     special ones included): the encoder reads them cut (``medvl vqa`` refuses such a question)."""
-    encoder = model.text_encoder
-    lengths = {question: encoder.untruncated_length(question) for question in set(questions)}
-    return sum(lengths[question] > encoder.config.max_length for question in questions)
+    lengths = {question: model.text_encoder.read_length(question) for question in set(questions)}  # the one rule
+    return sum(length > limit for length, limit in map(lengths.__getitem__, questions))
 
 
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:

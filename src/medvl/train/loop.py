@@ -1107,15 +1107,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
     same), and the run folder's settings would no longer say how its model was trained. Checked whether or not
     the folder holds a checkpoint: a run without one (stopped by ``max_steps`` within an epoch) starts fresh, and
     under other settings that would replace the run's model with another run's."""
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
+    earlier = recorded_run(out_dir)
+    if earlier is None:
         return
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # a damaged settings file: the checkpoint alone decides, as before it was written
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("train"), dict):
-        return  # not a run's settings (damaged, or not written by medvl): nothing to compare with
     now = json_ready(run_settings(config, objective))  # as the file holds it
     legacy = DIGEST_PATHS not in earlier  # started before the digests were over resolved paths
     if legacy:  # its digests are over the image paths as the data was named then, relative to where it started
@@ -1163,6 +1157,17 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         raise InputError(f"{out_dir}: --resume continues the run there with the settings it was started with "
                          f"({CONFIG_FILE}); this command changes {', '.join(changed)}. Resume with the run's "
                          "settings, or train into a new --out")
+
+
+def recorded_run(out_dir: Path) -> dict[str, Any] | None:
+    """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None: no file, a damaged
+    one (the checkpoint alone decides, as before the file was written) or not a run's settings (not written by
+    medvl): nothing to compare with."""
+    try:
+        earlier = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return earlier if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict) else None
 
 
 def starting_weights(model: Any) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ question alone, used for routing).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +39,7 @@ from ..models.vqa import (
     image_table,
     questions_cut,
 )
-from .loop import CONFIG_FILE, TrainConfig, fit, param_groups
+from .loop import TrainConfig, fit, param_groups, recorded_run
 
 log = logging.getLogger(__name__)
 
@@ -304,13 +303,9 @@ def _frozen_without_augment(options: VQAOptions, started: dict[str, Any] | None 
 
 
 def _started_model(out_dir: Path) -> dict[str, Any] | None:
-    """The model config a run in ``out_dir`` recorded when it started (its ``train_config.json``), or None: settings
+    """The model config a run in ``out_dir`` recorded when it started (``loop.recorded_run``), or None: settings
     chosen from the data since (a question tower's length, augment recorded off) follow the run as it started."""
-    try:
-        recorded = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    model = recorded.get("model") if isinstance(recorded, dict) else None
+    model = (recorded_run(out_dir) or {}).get("model")
     return model if isinstance(model, dict) else None
 
 
