@@ -1472,6 +1472,27 @@ def test_a_nifti_preview_has_square_pixels_as_a_viewer_shows_it(client, tmp_path
     assert 76 <= np.ptp(rows) <= 82 and abs(int(np.ptp(rows)) - int(np.ptp(columns))) <= 2, (rows, columns)
 
 
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_a_one_slice_sagittal_or_coronal_nifti_is_previewed_as_the_slice_the_model_reads(client, tmp_path, plane):
+    """A one-slice coronal (X x 1 x Z) or sagittal (1 x Y x Z) file is read by a 2D model as that slice, superior up
+    (``one_slice_view``), but its preview was the middle axial row of the volume: 1 x 40 pixels, under which the
+    page laid the explanation's 40 x 30 overlay. The preview is now the slice the model reads, its pixels square."""
+    import nibabel
+
+    from medvl.clinical.windowing import render_preview
+    from medvl.data.images import read_image_2d
+
+    data = np.arange(30 * 40, dtype=np.float32).reshape(30, 40) - 600.0  # data[y or x, z]
+    shape = (1, 30, 40) if plane == "sagittal" else (30, 1, 40)
+    path = tmp_path / f"{plane}.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(data.reshape(shape), np.diag([2.0, 2.0, 1.0, 1.0])), path)
+    answer = preview(client, path.read_bytes())
+    shown = _png_pixels(answer)
+    assert shown.shape == (40, 60)  # 40 slices 1 mm apart, 30 voxels 2 mm wide: square pixels of 1 mm
+    np.testing.assert_array_equal(shown, render_preview(read_image_2d(path), None, 512, spacing=(1.0, 2.0)))
+    assert answer.headers["X-Preview-Slice"] == "0/1" and answer.headers["X-Preview-Presets"] == "ct"
+
+
 def test_preview_refuses_bombs_corrupt_and_unsupported_files_as_the_other_routes_do(client, tmp_path):
     from pydicom.data import get_testdata_file
 

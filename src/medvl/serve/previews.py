@@ -47,6 +47,7 @@ from ..clinical.windowing import (
     WINDOW_PRESETS,
     Window,
     holds_hu,
+    one_slice_view,
     radiological_view,
     render_preview,
 )
@@ -116,12 +117,23 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
     from ..clinical.nifti import NiftiSlabs
 
     volume = NiftiSlabs(source)  # read slab by slab: only the middle slice is kept
-    ras, depth = volume.middle_slice()
+    depth, rows, columns = (volume.shape[volume.ras_axes.index(ras_axis)] for ras_axis in (2, 1, 0))
+    if depth > 1 and 1 in (rows, columns):
+        # one coronal or sagittal slice: shown as the models read it (``read_image_2d``), not as an axial row
+        from ..clinical.nifti import read_nifti
+
+        ras_volume, (dz, dy, dx) = read_nifti(source)
+        image = one_slice_view(ras_volume)
+        assert image is not None  # one voxel thick along y or x
+        spacing: tuple[float, ...] = (dz, dx if rows == 1 else dy)
+        depth = 1
+    else:
+        plane, depth = volume.middle_slice()
+        image, spacing = radiological_view(plane), volume.spacing  # rows and columns reversed: spacing unchanged
     # the header states no modality: the presets are offered for a slice holding air in HU, not an MR's values; one
     # asked for is applied all the same (a CT cropped to soft tissue holds no air: the caller knows what it sent)
-    presets = holds_hu(ras)
-    image = radiological_view(ras)  # rows and columns reversed: their spacing is unchanged
-    return Picture(render_preview(image, window, side, spacing=volume.spacing), window.name if window else NO_WINDOW,
+    presets = holds_hu(image)
+    return Picture(render_preview(image, window, side, spacing=spacing), window.name if window else NO_WINDOW,
                    depth // 2, depth, presets=presets)
 
 
