@@ -360,3 +360,37 @@ def test_an_adapted_folder_cannot_start_a_vqa_model_or_a_report_generator(hf_dir
     kind = "clip" if "clip" in hf_dir.name else "siglip"
     assert result.exit_code == 2 and f"(this is a transformers {kind} folder)" in " ".join(output.split()), output
     assert "Traceback" not in output and not out.exists()
+
+
+def test_concepts_longer_than_a_transformers_text_tower_reads_are_refused_naming_the_line(hf_dir, tmp_path):
+    """The concept-length check skipped transformers towers: two phrases differing only past the tower's position
+    embeddings (64 tokens for CLIP, 16 for SigLIP here) got one vector and counted as two concepts. The count is the
+    one ``embed_texts`` cuts at: the longest phrase that fits reads the same tokens cut or not."""
+    from medvl.explain.concepts import concept_embeddings, concept_prompts, load_concepts
+
+    model = load_model(hf_dir)
+    long = "nodule " * 80
+    path = tmp_path / "bank.txt"
+    path.write_text(f"enlarged heart\n{long}left\n{long}right\n")
+    with pytest.raises(DataError, match=r"bank\.txt: line 2: the concept phrase is \d+ tokens long"):
+        concept_embeddings(model, load_concepts(path))
+    words, fitting = 0, []
+    while True:
+        try:
+            prompts = concept_prompts(model, load_concepts(_bank(path, "nodule " * (words + 1))))[1]
+        except DataError:
+            break
+        words, fitting = words + 1, prompts
+    assert 0 < words < 80
+    templates = [p.replace(("nodule " * words).strip(), "{}") for p in fitting]
+    assert all("{}" in t for t in templates)
+    refused = [t.format(("nodule " * (words + 1)).strip()) for t in templates]  # the first refused is read cut
+    cuts = model.text_tokens(refused)
+    assert any(len(cut) < len(model.tokenizer(p)["input_ids"]) for cut, p in zip(cuts, refused, strict=True))
+    assert model.text_tokens(fitting) == [tuple(model.tokenizer(p)["input_ids"]) for p in fitting]
+    assert len(concept_embeddings(model, load_concepts(_bank(path, "nodule " * words)))) == 2
+
+
+def _bank(path: Path, phrase: str) -> Path:
+    path.write_text(f"enlarged heart\n{phrase}\n")
+    return path

@@ -101,12 +101,12 @@ def concept_embeddings(model, bank: ConceptBank, captions=None) -> torch.Tensor:
 
 def concept_prompts(model, bank: ConceptBank, captions=None) -> list[list[str]]:
     """Each concept in each of the model's caption templates; DataError naming the bank's file and line of a
-    concept that, in a template, has more tokens than the model's text encoder reads (``TextEncoder.read_length``):
-    it would be read cut, and two phrases differing only past the cut would be one concept credited twice. A
-    transformers model's text tower is not checked."""
+    concept that, in a template, has more tokens than the model's text tower reads (``text_read_length``, a
+    transformers CLIP / SigLIP tower's too): it would be read cut, and two phrases differing only past the cut would
+    be one concept credited twice."""
     templates = captions_for(None, captions, model).templates
     prompts = [[t.format(c) for t in templates] for c in bank.concepts]
-    read_length = getattr(getattr(model, "text_encoder", None), "read_length", None)
+    read_length = getattr(model, "text_read_length", None)
     if read_length is None:
         return prompts
     for number, filled in enumerate(prompts):

@@ -209,6 +209,14 @@ class HFDualEncoder(DualEncoder):
             ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         return [tuple(row) for row in ids]
 
+    def text_read_length(self, text: str) -> tuple[int, int]:
+        """The tokens of ``text`` and the most the text tower reads of a text (its position embeddings), special
+        tokens left out of both, as ``DualEncoder.text_read_length`` counts them."""
+        with TOKENIZER_LOCK:
+            special = self.tokenizer.num_special_tokens_to_add()
+            length = len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        return length - special, self.max_length - special
+
     def add_head(self, column: str, classes: Sequence[str]) -> None:
         raise ModelError(f"{self.directory}: a transformers {self.model_type} folder is "
                          "inference-only in medvl for now (no supervised heads)")

@@ -136,6 +136,11 @@ class DualEncoder(nn.Module):
         texts that the tower reads differently."""
         return [tuple(ids) for ids in self.text_encoder.token_ids(texts)]
 
+    def text_read_length(self, text: str) -> tuple[int, int]:
+        """The tokens of ``text`` and the most the text tower reads of a text, special tokens left out of both
+        (``TextEncoder.read_length``): a text with more tokens than it reads is read cut."""
+        return self.text_encoder.read_length(text)
+
     @torch.no_grad()
     def head_probabilities(self, column: str, features: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a supervised head from backbone features."""
