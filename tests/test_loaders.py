@@ -331,6 +331,23 @@ def test_a_jsonl_object_is_kept_as_its_json_text_as_a_csv_cell_of_json_is(tmp_pa
         {"effusion": [1, 2, 3, 4]}, {"nodule": [[1, 2], [3, 4]]}, None]  # an empty list holds nothing: missing
 
 
+def test_a_jsonl_object_in_a_column_only_named_like_a_role_column_is_kept(tmp_path):
+    # "file" and "notes" beside "image" and "text" are not read as the image or the report: structure in them was
+    # refused as if they were ("'file' must be text, got a JSON object"); the columns read as roles still refuse it
+    _images(tmp_path, ["a0.png", "a1.png"])
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a0.png", "text": "clear", "file": {"scanner": "x", "series": 3}, '
+                    '"notes": [{"by": "r1"}]}\n{"image": "a1.png", "text": "nodule", "file": {"scanner": "y"}}\n',
+                    encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [json.loads(record.meta["file"]) for record in dataset] == [{"scanner": "x", "series": 3}, {"scanner": "y"}]
+    assert json.loads(dataset[0].meta["notes"]) == [{"by": "r1"}] and dataset[0].text == "clear"
+    path.write_text('{"file": "a0.png", "text": "clear", "image_id": {"a": 1}}\n'
+                    '{"file": {"a": "a1.png"}, "text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"m\.jsonl: line 2: 'file' must be text, got a JSON object"):
+        load_dataset(path)
+
+
 def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(tmp_path, caplog):
     # pandas to_csv(na_rep="NaN") / R's write.csv ("NA"): these cells were a class 'NaN' / 'NA', and pandas' 1.0 / 0.0
     # (a 0/1 column with a missing value is float) was not a binary column ({"0", "1"}) for any evaluator

@@ -190,12 +190,13 @@ def _not_a_number(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
-def _cell_text(path: Path, line: int, key: str, value: Any) -> str:
+def _cell_text(path: Path, line: int, key: str, value: Any, role: bool) -> str:
     """A JSON value as manifest text: strings as is, null, NaN and Infinity as empty (missing), numbers and booleans
     as JSON; an empty list or object is missing too. A list of plain values (``["nodule", "effusion"]``) is a
     DataError: its JSON text would become one class or one report. Structured data (an object, or a list holding
     lists or objects: the phantom's ``boxes``) is kept as its JSON text, as a CSV cell holding JSON is, except in the
-    image, text, split and id columns."""
+    columns read as the image, text, split and id (``role``; a column merely named like one but not read as it,
+    ``file`` beside ``image``, is another column)."""
     if isinstance(value, list | dict) and not value:
         return ""  # an empty list or object holds nothing: missing, as null is
     if isinstance(value, list | dict):
@@ -204,7 +205,7 @@ def _cell_text(path: Path, line: int, key: str, value: Any) -> str:
         if not structured:
             raise DataError(path, f"line {line}: {key!r} must be text, a number or a boolean, got a JSON array of "
                                   "values; write one column per finding (0/1)")
-        if key.lower() in (*IMAGE_COLUMNS, *STEM_COLUMNS, *TEXT_COLUMNS, SPLIT_COLUMN):
+        if role:
             raise DataError(path, f"line {line}: {key!r} must be text, got a JSON {kind}")
         return json.dumps(value, ensure_ascii=False)
     if value is None or _not_a_number(value):
@@ -228,7 +229,9 @@ def _read_jsonl_table(path: Path) -> tuple[list[str], list[Row]]:
     if missing:  # Python's json.dumps writes a missing float as NaN: a missing value, not a class named "NaN"
         log.warning("%s: %d NaN / Infinity value(s) read as missing, as null is (first: line %d, key %r)", path,
                     len(missing), *missing[0])
-    return columns, [(line, {key: _cell_text(path, line, key, v) for key, v in row.items()}) for line, row in rows]
+    roles = _role_columns(columns)
+    return columns, [(line, {key: _cell_text(path, line, key, v, key in roles) for key, v in row.items()})
+                     for line, row in rows]
 
 
 _LINE_BREAK = re.compile(b"\r\n|\r|\n")  # what the csv reader counts as the end of a line
@@ -450,13 +453,10 @@ def known_table(columns: Iterable[str]) -> KnownTable | None:
     return next((table for table in KNOWN_TABLES if table.signature <= names), None)
 
 
-def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
+def _roles(columns: list[str]) -> dict[str, str | None]:
+    """The column read as each role (image, text, split, id; ``by_stem`` when images are named by stem)."""
     image = _find_column(columns, IMAGE_COLUMNS)
     stem = None if image else _find_column(columns, STEM_COLUMNS)
-    if not image and not stem:
-        raise DataError(path, f"no image column (expected one of {', '.join(IMAGE_COLUMNS)}, "
-                              f"or {', '.join(STEM_COLUMNS)} naming image files by stem); "
-                              f"columns found: {', '.join(columns) or 'none'}")
     return {
         "image": image or stem,
         "text": _find_column(columns, TEXT_COLUMNS),
@@ -464,6 +464,20 @@ def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
         "id": stem or _find_column(columns, (ID_COLUMN,)),
         "by_stem": stem,
     }
+
+
+def _role_columns(columns: list[str]) -> set[str]:
+    """The columns read as the image, text, split and id: text only, never structured data."""
+    return {column for column in _roles(columns).values() if column is not None}
+
+
+def _columns_for(path: Path, columns: list[str]) -> dict[str, str | None]:
+    roles = _roles(columns)
+    if not roles["image"]:
+        raise DataError(path, f"no image column (expected one of {', '.join(IMAGE_COLUMNS)}, "
+                              f"or {', '.join(STEM_COLUMNS)} naming image files by stem); "
+                              f"columns found: {', '.join(columns) or 'none'}")
+    return roles
 
 
 def _record(path: Path, line: int, row: dict[str, str], roles: dict[str, str | None],
