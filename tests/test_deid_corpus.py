@@ -895,12 +895,42 @@ def test_technical_words_and_modality_codes_in_a_name_are_only_searched_glued(tm
         assert (error is not None) == refused, (kernel, error)
 
 
+@pytest.mark.parametrize(("name", "keyword", "text"), [
+    ("Becker^Tim", "StudyDescription", "Head CT Tim"), ("Galan^Maria", "SeriesDescription", "Chest CT Galan"),
+    ("Marconi^Luca", "ProtocolName", "Brain MR Marconi"),
+    ("Redwood^Juniper", "SeriesDescription", "Juniper Redwood CT"),
+    ("Long^Wei", "StudyDescription", "LONG BONE SURVEY"), ("Head^Ann", "ProtocolName", "CT HEAD"),
+])
+def test_a_descriptor_holding_the_patients_own_name_is_blanked(name, keyword, text, tmp_path):
+    """A word the patient is called is no technical word in that patient's file: the descriptor is
+    blanked, whether the word was on the allow list (Long, Head) or is a model name that is also a
+    given name or surname (Tim, Galan, Marconi, Juniper, Redwood: off the list)."""
+    ds = base_dataset()
+    ds.PatientName = name
+    setattr(ds, keyword, text)
+    out, error = run_api(ds, tmp_path)
+    assert error is None, error
+    assert pydicom.dcmread(out).get(keyword) == ""
+
+
+def test_the_final_scan_searches_a_patients_common_word_name_alone_in_typed_text(tmp_path):
+    """With --keep-descriptors, Body Part Examined and Manufacturer's Model Name are kept as they are:
+    the patient's name part ``Long`` (an allow-list word) alone in one refuses the file, while a
+    kernel ``LONG`` (a code, not typed text) does not."""
+    ds = base_dataset()
+    ds.PatientName, ds.BodyPartExamined = "Long^Wei", "LONG BONE"
+    out, error = run_api(ds, tmp_path / "typed", clean_descriptors=False)
+    assert isinstance(error, DataError) and "name survived de-identification in BodyPartExamined" in str(error)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("value", "vr", "plain"), [
     ("CT CHEST W/O CONTRAST", "LO", True), ("AX T1 POST 2.5 MM", "LO", True), ("LightSpeed VCT", "LO", True),
     ("CHEST", "CS", True), ("WHOLE BODY", "CS", True), ("", "LO", True),
     ("chest", "CS", False),  # not valid CS
     ("LI WU", "CS", False), ("CT chest Wu", "LO", False), ("ST ELSEWHERE HOSP", "LO", False),
     ("CT 1950", "LO", False), ("CT 31/01/50", "LO", False), ("CT 1.2.3", "LO", False),
+    ("MAGNETOM TRIO TIM", "LO", False), ("ACUSON JUNIPER", "LO", False),  # model names that are given names
     ("CHEST " * 12, "LO", False),  # longer than 64 characters
 ])
 def test_plain_descriptor_rule(value, vr, plain):

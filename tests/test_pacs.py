@@ -714,6 +714,27 @@ def test_cli_pull_counts_instances_at_risk_of_burned_in_text_in_deids_words(uplo
 
 
 @pytest.mark.orthanc
+def test_a_resumed_pull_reports_the_instances_at_risk_pulled_by_earlier_runs(uploaded, tmp_path):
+    """The secondary capture pulled by a first run (``--limit 1``) stays in the final report and warning of the
+    run that finishes the pull: the at-risk list is kept in the pull's state, not only this run's files."""
+    out = tmp_path / "resumed"
+    args = ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out, "--quiet")
+    first, output = invoke(*args, "--limit", "1")
+    assert first.exit_code == 0 and "incomplete:" in output, output
+    [flagged] = read_report(out)["deidentification"]["burned_in_risk_files"]
+    result, output = invoke(*args)
+    assert result.exit_code == 0 and "incomplete:" not in output, output
+    assert "1 instance(s) may hold burned-in text in their pixels" in " ".join(output.split())
+    report = read_report(out)
+    assert report["complete"] and not (out / STATE_NAME).exists()
+    deid = report["deidentification"]
+    assert deid["files_this_run"] == len(uploaded.files["B"])
+    assert deid["files_with_burned_in_risk"] == 1 and deid["burned_in_risk_files"] == [flagged]
+    assert pydicom.dcmread(out / flagged).Modality == "OT"
+
+
+@pytest.mark.orthanc
 def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploaded, tmp_path):
     """Orthanc stores and serves pydicom-data's OT-PAL-8-face.dcm as it came: a data set without the
     128-byte preamble, DICM and file meta, which medvl deid and predict read. A pull takes it too (WADO-RS

@@ -78,7 +78,7 @@ from typing import Any
 
 from ..errors import DataError, InputError
 from ..io import atomic_write_bytes, staging_folder, write_errors_named
-from .descriptors import ALLOWED_WORDS, SHORT_DESCRIPTORS
+from .descriptors import ALLOWED_WORDS, SHORT_DESCRIPTORS, typed_keywords
 from .descriptors import clean_descriptors as clean_descriptors_in
 from .dicom import (
     MEDIA_STORAGE_DIRECTORY,
@@ -353,7 +353,7 @@ def _full_snapshot(ds) -> dict[str, Any]:
 def _check_nothing_survived(ds, identifiers: Identifiers, path: Path | str) -> None:
     """The final scan (``identifiers.find_leak``) and a byte search of the encoded header; either
     finding refuses the file, naming the element and the kind of identifier, never its value."""
-    leak = find_leak(ds, identifiers)
+    leak = find_leak(ds, identifiers, typed_keywords())
     if leak is not None:
         element, kind = leak
         what = "an original UID (study, series, instance...)" if kind == "UID" else f"the patient's {kind}"
@@ -386,7 +386,8 @@ def deidentify_dataset(ds, anonymizer, path: Path | str, clean_descriptors: bool
     anonymizer.anonymize(ds)
     drop_name_parts(ds, identifiers)
     reroll_chance_identifiers(ds, identifiers, anonymizer.dummy)
-    cleaned = clean_descriptors_in(ds) if clean_descriptors else []
+    patient_words = frozenset(identifiers.names | identifiers.common_names)
+    cleaned = clean_descriptors_in(ds, patient_words) if clean_descriptors else []
     apply_profile(ds, anonymizer.dummy, SHORT_DESCRIPTORS if clean_descriptors else frozenset())
     apply_to_file_meta(getattr(ds, "file_meta", None))
     ds.remove_private_tags()

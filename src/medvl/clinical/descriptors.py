@@ -37,10 +37,15 @@ A plain value: at most 64 characters; no date-like run of three numbers (``31/01
 digits at most 3 long (``T1``, ``2.5 MM``, ``MR750``, not a year, ID or phone number). A CS value
 must also match the CS character set, ``[A-Z0-9 _]``, up to 16 characters. Single letters are
 allowed only where they are common abbreviations (``L``, ``R``, ``W``, ``C``...); names of 2+
-letters are not on the list, so ``LI WU`` or ``ST ELSEWHERE HOSP`` blank the value. Model names
-that are also common given names (Vida, Sola, Harmony, Lumina) are left off on purpose: the final
-scan does not search a patient's name part alone when it is on this list (see
-``identifiers.collect_identifiers``), so the list must hold no likely names.
+letters are not on the list, so ``LI WU`` or ``ST ELSEWHERE HOSP`` blank the value. Vendor and
+model names that are also given names or surnames (Vida, Sola, Harmony, Lumina, Tim, Altea, Elan,
+Orian, Galan, Juniper, Redwood, Marconi, Picker) are left off on purpose: the list must hold no
+likely names, as a name on it would be kept in anyone's descriptor. The technical words it needs
+that are also names (Long, Head, Willis) are never plain in the file of a patient called so:
+``is_plain``'s ``names`` (the file's patient name parts, allow list or not) makes such a descriptor
+blanked, and the final scan searches a patient's name part that is on this list alone in the free
+text people type (``typed_keywords``; elsewhere, in a kernel or code string, only glued to another
+part, see ``identifiers.collect_identifiers``).
 """
 
 from __future__ import annotations
@@ -157,18 +162,18 @@ omnipaque visipaque isovue ultravist optiray iohexol iopamidol iodixanol iopromi
 magnevist multihance prohance eovist primovist clariscan gadovist gadobutrol gadoterate barium iodine
 gadolinium omniscan gadodiamide ml cc mg none no yes negative positive water air saline
 ge gems medical systems healthcare siemens healthineers philips toshiba canon mec hitachi fujifilm fuji
-agfa kodak carestream hologic esaote samsung medison mindray konica minolta shimadzu elscint picker marconi
+agfa kodak carestream hologic esaote samsung medison mindray konica minolta shimadzu elscint
 varian elekta accuray neusoft united imaging uih planmeca sirona vatech gendex sectra imaging technologies
 lightspeed brightspeed revolution discovery optima signa genesis hdxt excite echospeed twinspeed horizon
 pioneer architect premier artist vct pro evo hd qx qxi innova senographe pristina essential millennium
 somatom definition flash force edge drive sensation emotion perspective scope go up top
-magnetom avanto aera skyra prisma trio tim verio espree symphony vision essenza altea
+magnetom avanto aera skyra prisma trio verio espree symphony vision essenza
 biograph mct vision horizon symbia intevo artis zee axiom luminos mammomat inspiration ysio multix fluorospot
-aquilion one prime lightning genesis precision vitrea titan vantage orian galan elan galan
+aquilion one prime lightning genesis precision vitrea titan vantage
 ingenia achieva intera panorama gyroscan ambition elition brilliance ict iqon incisive spectral vereos
 allura azurion digitaldiagnost diagnost mammodiagnost affirmation epiq iu22 cx50 lumify
 selenia dimensions 3dimensions lorad affirm horizon
-logiq voluson vivid versana acuson sequoia juniper redwood aplio xario viamo
+logiq voluson vivid versana acuson sequoia aplio xario viamo
 """.split())
 _DATE_LIKE = re.compile(r"\d+\s*[-/.]\s*\d+\s*[-/.]\s*\d+")
 _RUNS = re.compile(r"[^\W\d_]+|\d+")
@@ -177,8 +182,9 @@ MAX_LENGTH = 64
 MAX_DIGITS = 3
 
 
-def is_plain(value: str, vr: str) -> bool:
-    """True when a descriptor value is plainly non-identifying (see the module docstring)."""
+def is_plain(value: str, vr: str, names: frozenset[str] = frozenset()) -> bool:
+    """True when a descriptor value is plainly non-identifying (see the module docstring); ``names``:
+    the patient's name parts (folded), never plain in that patient's file, allow list or not."""
     text = str(value).strip()
     if not text:
         return True
@@ -190,7 +196,7 @@ def is_plain(value: str, vr: str) -> bool:
         if run.isdigit():
             if len(run) > MAX_DIGITS:
                 return False
-        elif run not in ALLOWED_WORDS:
+        elif run not in ALLOWED_WORDS or run in names:
             return False
     return True
 
@@ -228,6 +234,15 @@ def free_text_rule() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(emptied), frozenset(short)
 
 
+@lru_cache(maxsize=1)
+def typed_keywords() -> frozenset[str]:
+    """Keywords of the free text people type that Clean Descriptors judges (short and prose descriptors,
+    ``free_text_rule``'s): where the final scan also searches the patient's name parts that are on the
+    allow list (``identifiers.find_leak``'s ``typed``)."""
+    emptied, short = free_text_rule()
+    return SHORT_DESCRIPTORS | PROSE_DESCRIPTORS | emptied | short
+
+
 def _coded_meaning(dataset, element) -> bool:
     """A Code Meaning of a standard coding scheme (``STANDARD_CODING_SCHEMES``)."""
     scheme = str(dataset.get("CodingSchemeDesignator") or "").strip().upper()
@@ -238,11 +253,12 @@ def _empty(element) -> None:
     element.value = b"" if isinstance(element.value, bytes) else ""
 
 
-def clean_descriptors(ds) -> list[str]:
+def clean_descriptors(ds, names: frozenset[str] = frozenset()) -> list[str]:
     """Blank every short descriptor that is not plain and remove every prose descriptor (the "C" rows),
     empty every other free-text attribute and blank every other LO / SH one that names free text when
     not plain (``free_text_rule``; a Code Meaning unless its scheme is standard), in the data set and
-    all its sequences; returns the keywords touched (no values)."""
+    all its sequences; returns the keywords touched (no values). ``names``: the patient's name parts
+    (folded), never plain (``is_plain``)."""
     touched: list[str] = []
     doomed: list[tuple[Any, Any]] = []
     emptied, short = free_text_rule()
@@ -258,7 +274,7 @@ def clean_descriptors(ds) -> list[str]:
             touched.append(keyword)
         elif keyword in SHORT_DESCRIPTORS or keyword in short or (
                 keyword == CODE_MEANING and not _coded_meaning(dataset, element)):
-            if not all(is_plain(str(v), element.VR) for v in _values(element.value)):
+            if not all(is_plain(str(v), element.VR, names) for v in _values(element.value)):
                 _empty(element)
                 touched.append(keyword)
 

@@ -21,7 +21,9 @@
   (de-identification passes the Clean Descriptors allow list): test files name patients ``OB`` or
   ``Perfusion^MCA Stroke``, words a technical element holds anyway, so finding them proves nothing;
   a real name that is also such a word (``Long``) is still searched glued to the other parts
-  (``LONGWEI``), and the other parts are searched on their own;
+  (``LONGWEI``), and alone in the free text people type (descriptions, protocol names, comments:
+  ``find_leak``'s ``typed``; a word the patient is called is no technical word there), and the other
+  parts are searched on their own;
 - IDs of 2+ characters: Patient ID and Other Patient IDs at any depth (in Other Patient IDs
   Sequence items too), as written, and the longest run of digits of an ID that has letters too when
   it has ``DIGIT_RUN_MIN`` (6) or more digits (``99887766`` of ``MRN99887766``). Those of
@@ -129,8 +131,11 @@ UNSPACED_SCRIPTS = ("\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-
 _UNSPACED = re.compile(f"[{UNSPACED_SCRIPTS}]")
 
 
-KIND_NAMES = {"name": "name", "id": "ID", "spaced_id": "ID", "request_id": "request ID",
+KIND_NAMES = {"name": "name", "common_name": "name", "id": "ID", "spaced_id": "ID", "request_id": "request ID",
               "spaced_request_id": "request ID", "date": "date", "uid": "UID"}
+# The kind searched, besides a VR's own, in the free text people type (``find_leak``'s ``typed``): the
+# patient's name parts that are common technical words (``Identifiers.common_names``), alone.
+COMMON_NAME = "common_name"
 # UIDs shorter than this are not searched (test files' 1.2.3.4 would match a version number).
 UID_MIN = 10
 STANDARD_UID_ROOT = "1.2.840.10008."  # the standard's own UIDs (classes, transfer syntaxes, coding schemes)
@@ -270,6 +275,7 @@ class Identifiers:
     reported."""
 
     names: set[str] = field(default_factory=set)  # name parts, and parts glued (see the module docstring)
+    common_names: set[str] = field(default_factory=set)  # name parts that are common words (typed text only)
     ids: set[str] = field(default_factory=set)  # as written, and the digit runs of alphanumeric IDs
     request_ids: set[str] = field(default_factory=set)  # accession numbers, study IDs...: the same forms
     dates: set[str] = field(default_factory=set)  # YYYYMMDD
@@ -277,16 +283,18 @@ class Identifiers:
     _compiled: dict[tuple[int, frozenset[str]], re.Pattern | None] = field(default_factory=dict, repr=False)
 
     def pattern(self, min_length: int = 2, kinds: frozenset[str] = ALL_KINDS) -> re.Pattern | None:
-        """One regex with a named group per kind (``name``, ``id``, ``request_id``, ``spaced_id``,
-        ``spaced_request_id``, ``date``) for values this long; ``kinds`` ``id`` and ``spaced_id`` cover
-        request IDs too."""
+        """One regex with a named group per kind (``name``, ``common_name``, ``id``, ``request_id``,
+        ``spaced_id``, ``spaced_request_id``, ``date``) for values this long; ``kinds`` ``id`` and
+        ``spaced_id`` cover request IDs too."""
         key = (min_length, kinds)
         if key not in self._compiled:
             groups = []
-            for kind, values in (("name", self.names), ("id", self.ids), ("request_id", self.request_ids)):
+            for kind, values in (("name", self.names), (COMMON_NAME, self.common_names), ("id", self.ids),
+                                 ("request_id", self.request_ids)):
                 chosen = sorted((v for v in values if len(v) >= min_length), key=len, reverse=True)
                 if chosen and kind.removeprefix("request_") in kinds:
-                    edged = (_edges(v, alphanumeric=kind == "name" and len(v) < SHORT_NAME) for v in chosen)
+                    named = kind in ("name", COMMON_NAME)
+                    edged = (_edges(v, alphanumeric=named and len(v) < SHORT_NAME) for v in chosen)
                     groups.append(f"(?P<{kind}>" + "|".join(edged) + ")")
             for kind, values in (("spaced_id", self.ids), ("spaced_request_id", self.request_ids)):
                 spaced = sorted({alphanumeric(v) for v in values} - {""}, key=len, reverse=True)
@@ -334,6 +342,7 @@ def _add_names(found: Identifiers, values: list[str], common_words: frozenset[st
     runs = {run for value_runs, _ in glued for run in value_runs}
     units = parts + [whole for _, value_wholes in glued for whole in value_wholes]
     found.names.update(part for part in parts if part not in common_words)
+    found.common_names.update(part for part in parts if part in common_words)
     found.names.update(run for run in runs if len(run) >= GLUED_MIN)
     found.names.update(a + b for a in units for b in units)  # glued, either order (and a part twice)
 
@@ -350,7 +359,8 @@ def collect_identifiers(ds, common_words: frozenset[str] = frozenset()) -> Ident
     """The patient's name parts, IDs, request IDs, every DA / DT date and the UIDs de-identification replaces
     of ``ds`` (read before de-identifying), from the file meta, the data set and every
     sequence item at any depth (a Patient's Name or Patient ID in a Source Image Sequence item is
-    searched too); name parts in ``common_words`` (folded) are only searched glued to another part."""
+    searched too); name parts in ``common_words`` (folded) are only searched glued to another part, and
+    alone in typed free text (``Identifiers.common_names``, ``find_leak``'s ``typed``)."""
     found = Identifiers()
     names: list[str] = []
     uids: set[str] = set()
@@ -434,14 +444,20 @@ def _walk(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
                 yield from _walk(item, f"{path}[{index}]>")
 
 
-def find_leak(ds, identifiers: Identifiers) -> tuple[str, str] | None:
-    """(element path, kind) of the first element still holding an identifier, else ``None``."""
+def find_leak(ds, identifiers: Identifiers, typed: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+    """(element path, kind) of the first element still holding an identifier, else ``None``. In the
+    elements named in ``typed`` (keywords of free text people type: descriptions, protocol names,
+    comments) the patient's name parts that are common words (``Identifiers.common_names``) are
+    searched alone too: a word the patient is called is no technical word in that patient's file."""
     for dataset in _datasets(ds):
         prefix = "file meta>" if dataset is not ds else ""
         for path, element in _walk(dataset, prefix):
             searchable = _searchable(element)
             if searchable is not None:
-                kind = identifiers.kind_in(*searchable)
+                text, min_length, kinds = searchable
+                if element.keyword in typed and "name" in kinds:
+                    kinds = kinds | {COMMON_NAME}
+                kind = identifiers.kind_in(text, min_length, kinds)
                 if kind is not None:
                     return path, kind
     return None
@@ -459,7 +475,8 @@ def drop_name_parts(ds, identifiers: Identifiers) -> int:
         nonlocal changed
         if element.VR != "PN" or not element.value:
             return
-        values = [_without_parts(str(v), identifiers.names) for v in _values(element.value)]
+        values = [_without_parts(str(v), identifiers.names | identifiers.common_names)
+                  for v in _values(element.value)]
         if values != [str(v) for v in _values(element.value)]:
             changed += 1
             element.value = values if len(values) > 1 else values[0]

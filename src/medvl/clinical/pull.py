@@ -22,9 +22,11 @@ level) rather than instance by instance, and the pull stays incomplete, its stat
 instance is known to be missing (``report["missing"]`` says which series, in one line).
 
 A pull is resumable: ``OUT/.medvl-pull-state.json`` records which instances are done (by a hash of
-their original SOP Instance UID) and, for a de-identified pull without ``seed``, the random
-de-identification seed, so a rerun of the same command after an interruption (or after
-``limit``) fetches only the missing instances and maps UIDs and dates exactly as the first run did.
+their original SOP Instance UID), which of them may hold burned-in text (their paths in OUT, so the
+report of the run that finishes the pull names those of earlier runs too) and, for a de-identified
+pull without ``seed``, the random de-identification seed, so a rerun of the same command after an
+interruption (or after ``limit``) fetches only the missing instances and maps UIDs and dates exactly
+as the first run did.
 The state file is deleted when the pull completes, taking the seed with it: the seed would
 reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
 """
@@ -110,11 +112,12 @@ class _State:
     seed: str | None = None  # the generated de-identification seed (None: the caller's own seed)
     seed_check: str | None = None  # hash of the caller's seed, to refuse a resume with another one
     done: dict[str, str] = field(default_factory=dict)  # hash of original SOP Instance UID -> relative path
+    at_risk: list[str] = field(default_factory=list)  # relative paths of the instances that may hold burned-in text
 
     def save(self) -> None:
         write_json(self.path, {"format": STATE_FORMAT, "studies": self.studies,
                                "keep_identifiers": self.keep_identifiers, "seed": self.seed,
-                               "seed_check": self.seed_check, "done": self.done})
+                               "seed_check": self.seed_check, "done": self.done, "at_risk": self.at_risk})
 
 
 def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: str | None) -> _State:
@@ -141,7 +144,7 @@ def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: 
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
-                       saved.get("seed_check"), dict(saved.get("done") or {}))
+                       saved.get("seed_check"), dict(saved.get("done") or {}), list(saved.get("at_risk") or []))
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(path, "unreadable pull state; delete the folder and pull again") from None
     if state.studies != studies:
@@ -171,12 +174,15 @@ def series_order(series: dict[str, Any]) -> tuple[int, str]:
 
 
 class _Writer:
-    """Parses, de-identifies (unless keeping identifiers) and atomically writes pulled instances."""
+    """Parses, de-identifies (unless keeping identifiers) and atomically writes pulled instances; ``at_risk``
+    (the pull state's, kept across runs) gets the path of every written instance whose pixels may hold
+    burned-in text."""
 
-    def __init__(self, out: Path, url: str, keep_identifiers: bool, seed: str | None):
+    def __init__(self, out: Path, url: str, keep_identifiers: bool, seed: str | None, at_risk: list[str]):
         self.out, self.url, self.keep_identifiers = out, url, keep_identifiers
         self.anonymizer = None if keep_identifiers else _anonymizer(seed)
-        self.entries: list[dict[str, Any]] = []
+        self.entries: list[dict[str, Any]] = []  # this run's
+        self.at_risk = at_risk
 
     def write(self, body: IO[bytes], where: str, skip: Container[str] = ()) -> tuple[str, str | None]:
         """Store one instance; returns (hash of its original SOP Instance UID, OUT-relative path),
@@ -215,6 +221,8 @@ class _Writer:
         if not self.keep_identifiers:
             self.entries[-1]["output"] = relative
         atomic_write_bytes(self.out / relative, data)
+        if not self.keep_identifiers and self.entries[-1]["burned_in_risk"] and relative not in self.at_risk:
+            self.at_risk.append(relative)
         return uid_hash(original, 64), relative
 
 
@@ -259,7 +267,7 @@ def run_pull(source: PullSource, study_uids: str | Iterable[str], out: str | Pat
     if keep_identifiers:
         log.warning("keeping patient identifiers: the pulled files in %s hold names, IDs and dates as the PACS "
                     "sent them", out)
-    writer = _Writer(out, source.url, keep_identifiers, state.seed if seed is None else str(seed))
+    writer = _Writer(out, source.url, keep_identifiers, state.seed if seed is None else str(seed), state.at_risk)
     complete = _pull_plans(source, plans, state, writer, limit, show_progress)
     report = _pull_report(source.url, plans, writer, complete, keep_identifiers, time.perf_counter() - started)
     write_json(out / REPORT_NAME, report)
@@ -362,18 +370,20 @@ def _pull_report(url: str, plans: list[SeriesPlan], writer: _Writer, complete: b
     report = {"server": url, "complete": complete, "missing": missing_line(plans), "deidentified": not keep_identifiers,
               "counts": counts, "series": series, "seconds": round(seconds, 2)}
     if not keep_identifiers:
-        report["deidentification"] = _deid_summary(writer.entries)
+        report["deidentification"] = _deid_summary(writer.entries, writer.at_risk)
     return report
 
 
-def _deid_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _deid_summary(entries: list[dict[str, Any]], at_risk_paths: list[str]) -> dict[str, Any]:
+    """This run's de-identification (``entries``) in totals, and every instance of the pull at risk of
+    burned-in text (``at_risk_paths``: earlier runs' too, so a resumed pull's report names them all)."""
     from dicognito import __version__ as dicognito_version
 
     from .deid import PROFILE
 
     replaced = Counter(name for entry in entries for name in entry["replaced"])
     removed = Counter(name for entry in entries for name in entry["removed"])
-    at_risk = sorted(entry["output"] for entry in entries if entry["burned_in_risk"])
+    at_risk = sorted(at_risk_paths)
     if at_risk:
         log.warning("%d pulled instance(s) may hold burned-in text in their pixels, or identifying text in an "
                     "encapsulated document (Burned In Annotation YES, or ultrasound / secondary capture / "
