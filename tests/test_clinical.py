@@ -520,6 +520,42 @@ def test_nifti_is_reoriented_to_ras_with_spacing(tmp_path):
     np.testing.assert_array_equal(read_image(path), volume)  # registered for read_image too
 
 
+@pytest.mark.parametrize("unit, mm_per_unit", [("mm", 1.0), ("unknown", 1.0), ("meter", 1000.0), ("micron", 0.001)])
+def test_nifti_spacing_is_converted_to_mm_from_the_header_unit(cli, tmp_path, unit, mm_per_unit):
+    """Review finding: the voxel sizes were taken as mm whatever unit ``xyzt_units`` named, so 1 x 1 x 2.5 mm voxels
+    written in microns read as 1000 x 1000 x 2500 mm (read_nifti, NiftiSlabs, dicom-info)."""
+    from medvl.clinical.nifti import NiftiSlabs
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = nib.Nifti1Image(data, np.diag([1.0 / mm_per_unit, 1.0 / mm_per_unit, 2.5 / mm_per_unit, 1.0]))
+    image.header.set_xyzt_units(unit, "sec")
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(image, path)
+    volume, spacing = read_nifti(path)
+    assert spacing == pytest.approx((2.5, 1.0, 1.0), rel=1e-6)
+    assert NiftiSlabs(path).spacing == pytest.approx(spacing, rel=1e-6)
+    np.testing.assert_array_equal(volume, data.transpose(2, 1, 0).astype(np.float32))
+    result = cli("dicom-info", path, "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, result.output
+    spacing_shown = json.loads((tmp_path / "info.json").read_text())["series"][0]["pixel_spacing_mm"]
+    assert spacing_shown == pytest.approx([2.5, 1.0, 1.0], rel=1e-6)
+
+
+def test_nifti_spatial_unit_that_is_no_length_is_refused(cli, tmp_path):
+    from medvl.clinical.nifti import NiftiSlabs
+
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([1.0, 1.0, 2.5, 1.0]))
+    image.header["xyzt_units"] = 5  # the spatial bits name no unit (0 unknown, 1 meter, 2 mm, 3 micron)
+    path = tmp_path / "odd.nii"
+    nib.save(image, path)
+    for reader in (read_nifti, NiftiSlabs):
+        with pytest.raises(DataError, match="not a length unit") as error:
+            reader(path)
+        assert_names_file(error, path)
+    result = cli("dicom-info", path)
+    assert result.exit_code == 2 and "not a length unit" in result.output
+
+
 def nifti_header(shape, dtype=np.int16) -> bytes:
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
