@@ -340,6 +340,33 @@ def test_an_enhanced_multiframe_volume_is_read_in_ras(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "ect" / "ect.dcm", modality_values=True), volume)
 
 
+def test_an_enhanced_multiframe_file_with_frames_in_different_planes_is_not_a_volume(tmp_path, caplog):
+    """Review finding: only frame 1's orientation was read, so an enhanced file whose frames lie in different planes
+    (a localizer: here frame 1 axial, frame 2 coronal) was stacked as a 2-slice volume by load_volume, read_image and
+    the dataset loader, where a series of files with the same mix is refused."""
+    from medvl.data.images import read_image
+    from medvl.data.loaders.dicom import load_dicom_folder
+
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    for group, orientation in zip(ds.PerFrameFunctionalGroupsSequence, ([-1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1]),
+                                  strict=True):
+        plane = Dataset()
+        plane.ImageOrientationPatient = orientation
+        group.PlaneOrientationSequence = [plane]
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient = [-150, 0, 100]
+    (tmp_path / "mixed").mkdir()
+    path = tmp_path / "mixed" / "localizer.dcm"
+    ds.save_as(path)
+    with pytest.raises(DataError, match="frames in different orientations.*not one volume"):
+        load_volume(tmp_path / "mixed")
+    np.testing.assert_array_equal(read_image(path, modality_values=True), read_dicom(path)[0])  # frames as stored
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "mixed" / "image.dcm")
+    records = load_dicom_folder(tmp_path / "mixed")
+    assert [record.meta["kind"] for record in records] == ["image"]
+    assert "skipped 1 multi-frame files that are not a volume" in caplog.text
+
+
 def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):
     nilearn = pytest.importorskip("nilearn")
     template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
