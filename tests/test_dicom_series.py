@@ -266,6 +266,33 @@ def test_monochrome1_series_is_inverted_over_the_series_not_per_slice(tmp_path):
     assert meta["inverted"] and single[0, 0] == modality[1].min() + modality[1].max() - modality[1, 0, 0]
 
 
+def test_a_series_with_a_slice_without_window_is_read_as_modality_values_with_the_file_window(tmp_path, caplog):
+    """Review finding: ``load_volume(..., window="file")`` windowed the slices that store a window into [0, 1] and
+    left the one without a window in HU, mixing display and modality values in one volume; the frames of one file
+    follow the rule: every slice windowed through its own VOI, or none."""
+    from medvl.clinical.windowing import apply_window
+
+    stored = marked_volume((4, 6, 6)) * 10 - 500
+
+    def windowed(skip: int | None):
+        def extra(ds: Dataset, k: int) -> None:
+            if k != skip:
+                ds.WindowCenter, ds.WindowWidth = 40 + 10 * k, 400
+        return extra
+
+    write_series(tmp_path / "some", stored, extra=windowed(skip=2))
+    values, _ = load_volume(tmp_path / "some")
+    shown, _ = load_volume(tmp_path / "some", window="file")
+    np.testing.assert_array_equal(shown, values)  # modality values on every slice
+    assert "1 of 4 slice(s) store no window" in caplog.text
+    write_series(tmp_path / "all", stored, extra=windowed(skip=None))
+    values, _ = load_volume(tmp_path / "all")
+    shown, _ = load_volume(tmp_path / "all", window="file")
+    assert 0 <= shown.min() and shown.max() <= 1
+    for k in range(len(stored)):  # each slice through its own window, as each frame of one file is
+        np.testing.assert_allclose(shown[k], apply_window(values[k], (40 + 10 * k, 400)), atol=1e-6)
+
+
 # ------------------------------------------------------------- one orientation: RAS, as NIfTI (F2)
 
 

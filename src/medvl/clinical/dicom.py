@@ -1121,7 +1121,8 @@ def load_volume(series: DicomSeries | str | Path,
     """Stack one series into a ``DxHxW`` ``float32`` volume in RAS (as ``read_nifti``: axis 0
     inferior -> superior, axis 1 posterior -> anterior, axis 2 the patient's left -> right) and its
     spacing in mm along those axes. ``series`` is a ``DicomSeries`` or a folder holding exactly one
-    series; ``window`` as in ``read_dicom`` (default: modality values, HU for CT)."""
+    series; ``window`` as in ``read_dicom`` (default: modality values, HU for CT); ``"file"`` windows each slice
+    (or frame) through its own stored VOI when every one has one, else none (modality values throughout)."""
     series = _series_from(series)
     with quiet_pydicom(series.files[0].parent):
         return _stack_series(series, window)
@@ -1138,6 +1139,7 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
                                 series.describe())
+    window = _series_window(series, [ds for _, ds in headers], window)
     slices: list[np.ndarray] = []
     row_spacing: list[float] | None = None
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
@@ -1159,6 +1161,20 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
         low, high = float(volume[to_invert].min()), float(volume[to_invert].max())
         volume[to_invert] = low + high - volume[to_invert]
     return to_ras(volume, orientation, (dz, row_spacing[0], row_spacing[1]))
+
+
+def _series_window(series: DicomSeries, headers: Sequence[Any], window: WindowSpec | None) -> WindowSpec | None:
+    """The window to read every slice of a series with: ``"file"`` (each slice through its own VOI) only when every
+    slice has one (``file_window``), the rule for the frames of one file (``_file_windows``); else the whole series
+    is read as modality values (logged), never display values on some slices and modality values on others."""
+    if not (isinstance(window, str) and window == FILE_WINDOW):
+        return window
+    missing = sum(1 for ds in headers if file_window(ds) is None)
+    if missing:
+        log.warning("%s, %s: %d of %d slice(s) store no window: the series is read as modality values, none "
+                    "windowed", series.files[0].parent, series.describe(), missing, len(headers))
+        return None
+    return window
 
 
 def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
