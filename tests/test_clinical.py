@@ -81,6 +81,26 @@ def test_bad_windows_are_refused():
         get_window((1, 2, 3))
 
 
+def test_a_sigmoid_window_narrower_than_1_is_applied_not_dropped(tmp_path):
+    """Review finding: PS3.3 C.11.2.1.3 asks only width > 0 of SIGMOID, but widths below 1 were refused as for
+    LINEAR, so a header's SIGMOID window of width 0.5 was silently ignored and the file read as modality values."""
+    assert Window(0.2, 0.5, function="SIGMOID").width == 0.5
+    for width, function in ((0.0, "SIGMOID"), (-1.0, "SIGMOID"), (0.5, "LINEAR")):
+        with pytest.raises(InputError, match="width"):
+            Window(0.2, width, function=function)
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 40, 0.5, "SIGMOID"
+    path = tmp_path / "sigmoid.dcm"
+    ds.save_as(path)
+    values = modality_reference(path)
+    shown, meta = read_dicom(path, window="file")
+    assert (meta["window"]["width"], meta["window"]["function"]) == (0.5, "SIGMOID")
+    with np.errstate(over="ignore"):  # the standard's formula as written: exp overflows far below the centre
+        expected = 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - 40.0) / 0.5))
+    np.testing.assert_allclose(shown, expected, atol=1e-6)
+    assert apply_window(np.array([-1e6, 40.0, 1e6]), Window(40, 0.5, function="SIGMOID")).tolist() == [0, 0.5, 1]
+
+
 # --------------------------------------------------------------------------------- DICOM 2D
 
 
