@@ -81,6 +81,26 @@ def test_bad_windows_are_refused():
         get_window((1, 2, 3))
 
 
+def test_a_sigmoid_window_narrower_than_1_is_applied_not_dropped(tmp_path):
+    """Review finding: PS3.3 C.11.2.1.3 asks only width > 0 of SIGMOID, but widths below 1 were refused as for
+    LINEAR, so a header's SIGMOID window of width 0.5 was silently ignored and the file read as modality values."""
+    assert Window(0.2, 0.5, function="SIGMOID").width == 0.5
+    for width, function in ((0.0, "SIGMOID"), (-1.0, "SIGMOID"), (0.5, "LINEAR")):
+        with pytest.raises(InputError, match="width"):
+            Window(0.2, width, function=function)
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 40, 0.5, "SIGMOID"
+    path = tmp_path / "sigmoid.dcm"
+    ds.save_as(path)
+    values = modality_reference(path)
+    shown, meta = read_dicom(path, window="file")
+    assert (meta["window"]["width"], meta["window"]["function"]) == (0.5, "SIGMOID")
+    with np.errstate(over="ignore"):  # the standard's formula as written: exp overflows far below the centre
+        expected = 1.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float64) - 40.0) / 0.5))
+    np.testing.assert_allclose(shown, expected, atol=1e-6)
+    assert apply_window(np.array([-1e6, 40.0, 1e6]), Window(40, 0.5, function="SIGMOID")).tolist() == [0, 0.5, 1]
+
+
 # --------------------------------------------------------------------------------- DICOM 2D
 
 
@@ -518,6 +538,42 @@ def test_nifti_is_reoriented_to_ras_with_spacing(tmp_path):
     assert spacing == (3.0, 2.0, 1.5)
     np.testing.assert_array_equal(volume, data[::-1, ::-1, :].transpose(2, 1, 0).astype(np.float32))
     np.testing.assert_array_equal(read_image(path), volume)  # registered for read_image too
+
+
+@pytest.mark.parametrize("unit, mm_per_unit", [("mm", 1.0), ("unknown", 1.0), ("meter", 1000.0), ("micron", 0.001)])
+def test_nifti_spacing_is_converted_to_mm_from_the_header_unit(cli, tmp_path, unit, mm_per_unit):
+    """Review finding: the voxel sizes were taken as mm whatever unit ``xyzt_units`` named, so 1 x 1 x 2.5 mm voxels
+    written in microns read as 1000 x 1000 x 2500 mm (read_nifti, NiftiSlabs, dicom-info)."""
+    from medvl.clinical.nifti import NiftiSlabs
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = nib.Nifti1Image(data, np.diag([1.0 / mm_per_unit, 1.0 / mm_per_unit, 2.5 / mm_per_unit, 1.0]))
+    image.header.set_xyzt_units(unit, "sec")
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(image, path)
+    volume, spacing = read_nifti(path)
+    assert spacing == pytest.approx((2.5, 1.0, 1.0), rel=1e-6)
+    assert NiftiSlabs(path).spacing == pytest.approx(spacing, rel=1e-6)
+    np.testing.assert_array_equal(volume, data.transpose(2, 1, 0).astype(np.float32))
+    result = cli("dicom-info", path, "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, result.output
+    spacing_shown = json.loads((tmp_path / "info.json").read_text())["series"][0]["pixel_spacing_mm"]
+    assert spacing_shown == pytest.approx([2.5, 1.0, 1.0], rel=1e-6)
+
+
+def test_nifti_spatial_unit_that_is_no_length_is_refused(cli, tmp_path):
+    from medvl.clinical.nifti import NiftiSlabs
+
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([1.0, 1.0, 2.5, 1.0]))
+    image.header["xyzt_units"] = 5  # the spatial bits name no unit (0 unknown, 1 meter, 2 mm, 3 micron)
+    path = tmp_path / "odd.nii"
+    nib.save(image, path)
+    for reader in (read_nifti, NiftiSlabs):
+        with pytest.raises(DataError, match="not a length unit") as error:
+            reader(path)
+        assert_names_file(error, path)
+    result = cli("dicom-info", path)
+    assert result.exit_code == 2 and "not a length unit" in result.output
 
 
 def nifti_header(shape, dtype=np.int16) -> bytes:

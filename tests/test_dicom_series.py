@@ -266,6 +266,33 @@ def test_monochrome1_series_is_inverted_over_the_series_not_per_slice(tmp_path):
     assert meta["inverted"] and single[0, 0] == modality[1].min() + modality[1].max() - modality[1, 0, 0]
 
 
+def test_a_series_with_a_slice_without_window_is_read_as_modality_values_with_the_file_window(tmp_path, caplog):
+    """Review finding: ``load_volume(..., window="file")`` windowed the slices that store a window into [0, 1] and
+    left the one without a window in HU, mixing display and modality values in one volume; the frames of one file
+    follow the rule: every slice windowed through its own VOI, or none."""
+    from medvl.clinical.windowing import apply_window
+
+    stored = marked_volume((4, 6, 6)) * 10 - 500
+
+    def windowed(skip: int | None):
+        def extra(ds: Dataset, k: int) -> None:
+            if k != skip:
+                ds.WindowCenter, ds.WindowWidth = 40 + 10 * k, 400
+        return extra
+
+    write_series(tmp_path / "some", stored, extra=windowed(skip=2))
+    values, _ = load_volume(tmp_path / "some")
+    shown, _ = load_volume(tmp_path / "some", window="file")
+    np.testing.assert_array_equal(shown, values)  # modality values on every slice
+    assert "1 of 4 slice(s) store no window" in caplog.text
+    write_series(tmp_path / "all", stored, extra=windowed(skip=None))
+    values, _ = load_volume(tmp_path / "all")
+    shown, _ = load_volume(tmp_path / "all", window="file")
+    assert 0 <= shown.min() and shown.max() <= 1
+    for k in range(len(stored)):  # each slice through its own window, as each frame of one file is
+        np.testing.assert_allclose(shown[k], apply_window(values[k], (40 + 10 * k, 400)), atol=1e-6)
+
+
 # ------------------------------------------------------------- one orientation: RAS, as NIfTI (F2)
 
 
@@ -338,6 +365,33 @@ def test_an_enhanced_multiframe_volume_is_read_in_ras(tmp_path):
     from medvl.data.images import read_image
 
     np.testing.assert_array_equal(read_image(tmp_path / "ect" / "ect.dcm", modality_values=True), volume)
+
+
+def test_an_enhanced_multiframe_file_with_frames_in_different_planes_is_not_a_volume(tmp_path, caplog):
+    """Review finding: only frame 1's orientation was read, so an enhanced file whose frames lie in different planes
+    (a localizer: here frame 1 axial, frame 2 coronal) was stacked as a 2-slice volume by load_volume, read_image and
+    the dataset loader, where a series of files with the same mix is refused."""
+    from medvl.data.images import read_image
+    from medvl.data.loaders.dicom import load_dicom_folder
+
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    for group, orientation in zip(ds.PerFrameFunctionalGroupsSequence, ([-1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1]),
+                                  strict=True):
+        plane = Dataset()
+        plane.ImageOrientationPatient = orientation
+        group.PlaneOrientationSequence = [plane]
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient = [-150, 0, 100]
+    (tmp_path / "mixed").mkdir()
+    path = tmp_path / "mixed" / "localizer.dcm"
+    ds.save_as(path)
+    with pytest.raises(DataError, match="frames in different orientations.*not one volume"):
+        load_volume(tmp_path / "mixed")
+    np.testing.assert_array_equal(read_image(path, modality_values=True), read_dicom(path)[0])  # frames as stored
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "mixed" / "image.dcm")
+    records = load_dicom_folder(tmp_path / "mixed")
+    assert [record.meta["kind"] for record in records] == ["image"]
+    assert "skipped 1 multi-frame files that are not a volume" in caplog.text
 
 
 def test_the_mni_template_written_as_an_axial_dicom_series_reads_back_as_read_nifti_reads_it(tmp_path):

@@ -1121,7 +1121,8 @@ def load_volume(series: DicomSeries | str | Path,
     """Stack one series into a ``DxHxW`` ``float32`` volume in RAS (as ``read_nifti``: axis 0
     inferior -> superior, axis 1 posterior -> anterior, axis 2 the patient's left -> right) and its
     spacing in mm along those axes. ``series`` is a ``DicomSeries`` or a folder holding exactly one
-    series; ``window`` as in ``read_dicom`` (default: modality values, HU for CT)."""
+    series; ``window`` as in ``read_dicom`` (default: modality values, HU for CT); ``"file"`` windows each slice
+    (or frame) through its own stored VOI when every one has one, else none (modality values throughout)."""
     series = _series_from(series)
     with quiet_pydicom(series.files[0].parent):
         return _stack_series(series, window)
@@ -1138,6 +1139,7 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
                                 series.describe())
+    window = _series_window(series, [ds for _, ds in headers], window)
     slices: list[np.ndarray] = []
     row_spacing: list[float] | None = None
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
@@ -1161,17 +1163,31 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     return to_ras(volume, orientation, (dz, row_spacing[0], row_spacing[1]))
 
 
+def _series_window(series: DicomSeries, headers: Sequence[Any], window: WindowSpec | None) -> WindowSpec | None:
+    """The window to read every slice of a series with: ``"file"`` (each slice through its own VOI) only when every
+    slice has one (``file_window``), the rule for the frames of one file (``_file_windows``); else the whole series
+    is read as modality values (logged), never display values on some slices and modality values on others."""
+    if not (isinstance(window, str) and window == FILE_WINDOW):
+        return window
+    missing = sum(1 for ds in headers if file_window(ds) is None)
+    if missing:
+        log.warning("%s, %s: %d of %d slice(s) store no window: the series is read as modality values, none "
+                    "windowed", series.files[0].parent, series.describe(), missing, len(headers))
+        return None
+    return window
+
+
 def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     """The grayscale ``frames x H x W`` array ``read_dicom`` gave for a multi-frame file, as a RAS volume
     (``to_ras``) when its frames are placed in space (an enhanced CT / MR: an orientation and a position per
     frame), so that a 3D model reads it as it reads the NIfTI or the series of the same voxels; else (cine,
-    ultrasound clips: no positions) as stored."""
+    ultrasound clips: no positions; frames in several planes, a localizer: ``one_plane``) as stored."""
     ds = read_dataset(path, header_only=True)
     count = _frame_count(ds)
-    placement = _frame_placement(ds, count)
-    if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None:
+    placement = frame_placement(ds, count)
+    if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None or not one_plane(placement[0]):
         return frames
-    orientation, positions = placement
+    orientation, positions = placement[0][0], placement[1]
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
     ranking, dz = _volume_order(path, orientation, positions, path.name)
@@ -1179,15 +1195,22 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
 
-def _frame_placement(ds, frames: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """A multi-frame header's Image Orientation and each frame's Image Position (Patient), from the top level
-    or the functional groups; None when any is missing or malformed."""
-    orientation = _floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence"))
+def frame_placement(ds, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Each frame's Image Orientation and Image Position (Patient) in a multi-frame header, from the top level or
+    the functional groups (the frame's own, else the shared one); None when any is missing or malformed."""
+    orientations = [_floats(header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence", frame))
+                    for frame in range(frames)]
     positions = [_floats(header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame))
                  for frame in range(frames)]
-    if not orientation or len(orientation) != 6 or any(not p or len(p) != 3 for p in positions):
+    if any(not o or len(o) != 6 for o in orientations) or any(not p or len(p) != 3 for p in positions):
         return None
-    return np.asarray(orientation), [np.asarray(p) for p in positions]
+    return [np.asarray(o) for o in orientations], [np.asarray(p) for p in positions]
+
+
+def one_plane(orientations: Sequence[np.ndarray]) -> bool:
+    """Whether every Image Orientation (Patient) is the first one's plane (``same_plane``): slices or frames in
+    several planes (a multi-plane localizer) are not one volume."""
+    return all(same_plane(orientation, orientations[0]) for orientation in orientations)
 
 
 def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -1196,11 +1219,16 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     frames = _frame_count(ds)
     if frames < 2:
         raise DataError(path, "a single 2D image, not a volume (a volume needs several slices)")
-    placement = _frame_placement(ds, frames)
+    placement = frame_placement(ds, frames)
     if placement is None:
         raise DataError(path, "multi-frame file without per-frame Image Position / Orientation: cannot place "
                               "its frames in a volume")
-    orientation, positions = placement
+    orientations, positions = placement
+    if not one_plane(orientations):
+        other = next(n for n, orientation in enumerate(orientations) if not same_plane(orientation, orientations[0]))
+        raise DataError(path, f"frames in different orientations (frame {other + 1}'s plane differs from frame 1's, "
+                              "as in a multi-plane localizer): not one volume, cannot stack")
+    orientation = orientations[0]
     ranking, dz = _volume_order(path, orientation, positions, path.name)
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:

@@ -6,7 +6,9 @@
   canonical RAS+ orientation with nibabel: axis 0 runs inferior -> superior, axis 1 posterior ->
   anterior, axis 2 patient left -> right (that is, nibabel's ``(x, y, z)`` array transposed to
   ``(z, y, x)``);
-- ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order.
+- ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order: the header's voxel sizes in the spatial unit its
+  ``xyzt_units`` names (metres and microns converted to mm; no unit, code 0, taken as mm, as nibabel and most tools
+  take it; a code that is no length unit refused).
 
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
@@ -38,6 +40,8 @@ from .formats import INSTALL_HINT
 MAX_DECODED_BYTES = 1 << 30  # declared voxel data (and the float32 volume) above 1 GiB is refused
 MAX_HEADER_EXTENSION_BYTES = 16 << 20  # vox_offset beyond the header: extensions, at most 16 MiB
 _HEADER_SIZES = {348: 1, 540: 2}  # sizeof_hdr -> NIfTI version
+# xyzt_units' spatial code (its low 3 bits) -> mm per unit: 0 unknown (taken as mm), 1 meter, 2 mm, 3 micron
+_MM_PER_SPATIAL_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
 
 
 TOO_LARGE = "volume too large"  # how a volume over MAX_DECODED_BYTES is refused (the service answers 413)
@@ -163,13 +167,25 @@ class _Geometry(NamedTuple):
     ras_axes: tuple[int, ...]  # per voxel axis (i, j, k): the RAS axis it becomes (``_ras_orientation``)
     ras_flips: tuple[bool, ...]  # per voxel axis: whether it is reversed
     zooms: tuple[float, float, float]  # per voxel axis (i, j, k): the voxel size, mm
+    mm_per_unit: float  # the header's spatial unit (xyzt_units) in mm: the voxel sizes times this are mm
+
+
+def _mm_per_unit(path: Path, header) -> float:
+    """The size in mm of the spatial unit the header's ``xyzt_units`` names (``_MM_PER_SPATIAL_UNIT``); a code that
+    is no length unit (4 to 7) is a ``DataError``."""
+    code = int(header["xyzt_units"]) & 0x07  # the high bits are the time unit
+    if code not in _MM_PER_SPATIAL_UNIT:
+        raise DataError(path, f"broken NIfTI header: xyzt_units names spatial unit code {code}, not a length unit "
+                              "(0 unknown, 1 meter, 2 mm, 3 micron)")
+    return _MM_PER_SPATIAL_UNIT[code]
 
 
 def _geometry(nib, path: Path, header) -> _Geometry:
     """The scaling and orientation of a header, and its voxel sizes, checked the same way for both readers, so that they
     refuse the same files in the same words: a scl_inter that nibabel cannot use (NaN or infinite beside a valid
-    slope), an affine it cannot compute (an impossible qform quaternion) or orient (singular), and voxel sizes
-    that are not finite and positive."""
+    slope), an affine it cannot compute (an impossible qform quaternion) or orient (singular), voxel sizes
+    that are not finite and positive, and a spatial unit that is not a length (``_mm_per_unit``). The voxel sizes
+    come back in mm, whatever unit the header states them in."""
     try:
         slope, inter = header.get_slope_inter()
         affine = header.get_best_affine()
@@ -178,25 +194,28 @@ def _geometry(nib, path: Path, header) -> _Geometry:
         raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
     zooms += [1.0] * (3 - len(zooms))  # a 2D file: one slice
     ras_axes, ras_flips = _ras_orientation(nib, path, affine)
+    mm_per_unit = _mm_per_unit(path, header)
+    zooms = [z * mm_per_unit for z in zooms]
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
     return _Geometry(1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter),
-                     ras_axes, ras_flips, (zooms[0], zooms[1], zooms[2]))
+                     ras_axes, ras_flips, (zooms[0], zooms[1], zooms[2]), mm_per_unit)
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a ``.nii`` / ``.nii.gz`` file into a RAS ``DxHxW`` float32 volume and its spacing (mm)."""
+    """Read a ``.nii`` / ``.nii.gz`` file into a RAS ``DxHxW`` float32 volume and its spacing (mm, whatever spatial
+    unit the header's ``xyzt_units`` names)."""
     path = Path(path)
     nib = _require_nibabel(path)
     if not path.is_file():
         raise DataError(path, "file not found" if not path.exists() else "is a folder, not a NIfTI file")
     header, raw = _bounded_bytes(nib, path)
-    _geometry(nib, path, header)  # the streamed reader's checks, in the same words
+    mm_per_unit = _geometry(nib, path, header).mm_per_unit  # the streamed reader's checks, in the same words
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
         image = nib.as_closest_canonical(image_class.from_bytes(raw))
         data = image.get_fdata(dtype=np.float32)
-        zooms = [float(z) for z in image.header.get_zooms()[:3]]
+        zooms = [float(z) * mm_per_unit for z in image.header.get_zooms()[:3]]
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
         raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
     if not np.isfinite(data).all():

@@ -12,7 +12,8 @@ file is read, so ``import medvl`` works without them. What ``read_image`` return
 - DICOM colour (RGB, YBR, palette): ``HxWx3`` ``uint8``;
 - DICOM multi-frame: the same per frame, stacked on a first axis (``frames x H x W[x3]``), which a
   2D model refuses with a clear error; an enhanced CT / MR whose frames are placed in space (orientation
-  and a position per frame) as the RAS volume ``read_nifti`` gives for the same voxels (``multiframe_to_ras``);
+  and a position per frame, every frame in one plane orientation) as the RAS volume ``read_nifti`` gives for
+  the same voxels (``multiframe_to_ras``);
 - NIfTI: a ``DxHxW`` ``float32`` volume in RAS orientation (for ``spatial_dims=3`` models).
 """
 

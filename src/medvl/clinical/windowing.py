@@ -39,16 +39,17 @@ class Window:
     """A VOI window in modality units (HU for CT)."""
 
     center: float  # window centre (level), modality units
-    width: float  # window width, modality units; at least 1
+    width: float  # window width, modality units; at least 1 for LINEAR, above 0 for LINEAR_EXACT and SIGMOID
     function: str = "LINEAR"  # DICOM VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID
     name: str = ""  # preset name, "file" (from the DICOM header) or "" (given as numbers)
 
     def __post_init__(self):
         if not np.isfinite(self.center) or not np.isfinite(self.width):
             raise InputError(f"window centre/width must be finite numbers, got {self.center}/{self.width}")
-        minimum = 0.0 if self.function == "LINEAR_EXACT" else 1.0
-        if self.width < minimum or (self.function == "LINEAR_EXACT" and self.width == 0):
-            raise InputError(f"window width must be >= 1 (> 0 for LINEAR_EXACT), got {self.width}")
+        # PS3.3 C.11.2.1.2 / C.11.2.1.3: LINEAR needs a width of 1 or more, LINEAR_EXACT and SIGMOID any above 0
+        too_narrow = self.width < 1 if self.function == "LINEAR" else self.width <= 0
+        if too_narrow:
+            raise InputError(f"window width must be >= 1 (> 0 for LINEAR_EXACT and SIGMOID), got {self.width}")
         if self.function not in VOI_FUNCTIONS:
             raise InputError(f"unknown VOI LUT function {self.function!r}; expected one of {', '.join(VOI_FUNCTIONS)}")
 
@@ -96,7 +97,7 @@ def apply_window(values: np.ndarray, window: WindowSpec) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     c, w = window.center, window.width
     if window.function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        out = 0.5 * (1.0 + np.tanh(2.0 * (x - c) / w))  # = 1 / (1 + exp(-4 (x - c) / w)), without overflowing exp
     elif window.function == "LINEAR_EXACT":
         out = (x - c) / w + 0.5
     elif w == 1:

@@ -8,13 +8,14 @@ Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One
   Position / Orientation (Patient), share one orientation and size, and sit at distinct positions
   with no slice missing (a gap of 1.5 slice steps or more is a ``DataError`` naming the series:
   ``medvl.clinical.dicom.missing_slices``); or one enhanced multi-frame CT / MR / PET file with
-  per-frame positions. The image is a
+  per-frame positions, its frames all in one plane orientation. The image is a
   ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
   values, HU for CT) in RAS orientation, as a NIfTI file is read (``medvl.clinical.dicom.load_volume``);
 - 2D image (``kind == "image"``): every other single-frame file; the image is the file path
   (``read_image``: the header's window applied, like an exported PNG).
 
-Skipped, with a logged count: multi-frame files that are not a volume (cine loops, time series)
+Skipped, with a logged count: multi-frame files that are not a volume (cine loops, time series, frames in
+several planes such as a localizer)
 and segmentation objects (SEG: labels, not images). A folder holding both kinds feeds each model
 the records of its kind: training, indexing and evaluation leave out the others with a counted
 warning (``Dataset.for_spatial_dims``).
@@ -164,7 +165,9 @@ def _stackable(series, headers: list[_Header]) -> float | None:
 
 
 def _multiframe_volume(header: _Header) -> bool:
-    from ...clinical.dicom import header_value
+    """An enhanced CT / MR / PET file whose frames are placed in space in one plane orientation (``read_image``
+    stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``)."""
+    from ...clinical.dicom import frame_placement, one_plane
 
     ds = header.ds
     if header.frames < 2 or str(ds.get("Modality") or "") not in VOLUME_MULTIFRAME_MODALITIES:
@@ -172,10 +175,8 @@ def _multiframe_volume(header: _Header) -> bool:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) < header.frames:
         return False
-    orientation = header_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence")
-    return orientation is not None and all(
-        header_value(ds, "ImagePositionPatient", "PlanePositionSequence", frame) is not None
-        for frame in range(header.frames))
+    placement = frame_placement(ds, header.frames)
+    return placement is not None and one_plane(placement[0])
 
 
 def _text(value: Any) -> str | None:
@@ -278,7 +279,7 @@ def _series_records(series, skipped: Counter, dropped: Counter) -> list[tuple[Re
     records = []
     for header in headers:
         if header.frames > 1:
-            skipped["multi-frame files that are not a volume (cine, time series)"] += 1
+            skipped["multi-frame files that are not a volume (cine, time series, several planes)"] += 1
         else:
             records.append(_image_record(series, header, dropped))
     return records
