@@ -331,6 +331,15 @@ def test_a_jsonl_object_is_kept_as_its_json_text_as_a_csv_cell_of_json_is(tmp_pa
         {"effusion": [1, 2, 3, 4]}, {"nodule": [[1, 2], [3, 4]]}, None]  # an empty list holds nothing: missing
 
 
+@pytest.mark.parametrize("header", ['"', 'image,"finding\na0.png,x\n'])
+def test_a_quote_never_closed_in_the_header_is_refused_naming_line_1(tmp_path, header):
+    # an UnboundLocalError traceback: the unclosed-quote message used the first row's line number, not yet set
+    path = tmp_path / "m.csv"
+    path.write_text(header, encoding="utf-8")
+    with pytest.raises(DataError, match=r'm\.csv: line 1: a quoted cell \(\"\) is never closed'):
+        load_dataset(path)
+
+
 def test_a_jsonl_object_in_a_column_only_named_like_a_role_column_is_kept(tmp_path):
     # "file" and "notes" beside "image" and "text" are not read as the image or the report: structure in them was
     # refused as if they were ("'file' must be text, got a JSON object"); the columns read as roles still refuse it

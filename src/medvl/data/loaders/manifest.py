@@ -282,6 +282,7 @@ def read_csv_table(path: Path) -> tuple[list[str], list[Row]]:
     # report is a valid cell (raised only, never lowered: other readers keep theirs). Other cells keep the cap below
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: an unclosed quote is an error
+    first_line = 1  # the header's, until it is read
     try:
         header = [name.strip() for name in next(reader, [])]
         if any(_INVALID_UTF8.search(name) for name in header):
