@@ -2464,9 +2464,15 @@ def test_no_auth_is_refused_off_loopback(model_dir):
 def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir, monkeypatch):
     """--max-upload-mb nan / inf crashed with a traceback (exit 1) when converted to bytes; a value below one byte
     was refused as 'max_upload_bytes ... got 0', and --max-batch 0 as 'max_batch': the settings' names, not the
-    options'."""
+    options'. --max-pixels above the decoder's own limit (100 M) was taken, and a larger image refused with 422 naming
+    that limit, one the operator never set."""
+    from medvl.data.images import MAX_PIXELS
+
+    with pytest.raises(InputError, match="max_pixels must be <= 100000000, got 100000001"):
+        ServeSettings(max_pixels=MAX_PIXELS + 1).validate()
     monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
-    for options, reason in ((["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
+    for options, reason in ((["--max-pixels", "200000000"], "--max-pixels must be <= 100000000, got 200000000"),
+                            (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
                             (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number, got inf"),
                             (["--max-upload-mb", "-1"], "--max-upload-mb must allow at least one byte (> 0), got -1"),
                             (["--max-upload-mb", "0.0000001"],
