@@ -1852,6 +1852,29 @@ def test_explain_answers_with_the_served_model_not_the_folder_changed_since_the_
         assert explained.json()["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
 
 
+def test_explain_answers_503_when_the_served_folder_loses_its_weights_or_goes_after_the_start(model_dir, png,
+                                                                                              tmp_path):
+    """A folder mid-redeploy (weights missing) or removed made /v1/explain answer 422, the client's fault, naming the
+    server's folder: it is 503 as for replaced weights, and the explanation comes back once the folder does."""
+    from fastapi.testclient import TestClient
+
+    served = tmp_path / "served"
+    shutil.copytree(model_dir, served)
+    image, form = {"image": ("x.png", png.read_bytes())}, {"labels": LABELS, "methods": "patch_text"}
+    with TestClient(create_app(served, require_token=False)) as http:  # auto: channels-last, torch copy from the folder
+        (served / "model.safetensors").unlink()
+        missing = http.post("/v1/explain", files=image, data=form)
+        shutil.rmtree(served)
+        gone = http.post("/v1/explain", files=image, data=form)
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200
+        for answer in (missing, gone):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["detail"].startswith("the model folder served cannot be read since the start")
+            assert str(tmp_path) not in answer.text
+        shutil.copytree(model_dir, served)
+        assert http.post("/v1/explain", files=image, data=form).status_code == 200
+
+
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):
     """The service's answers said '--where: ...', '(pass --labels a,b,...)' and '(--min-similarity)'."""
     image, token = ("x.png", png.read_bytes()), auth()

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextvars
 import copy
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
     from ..models.vlm import VisionLanguageModel
     from ..models.vqa import VQAModel
     from ..rag import ReportLabeller
+
+log = logging.getLogger(__name__)
 
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
@@ -477,7 +480,8 @@ class ModelService:
     def _explain_model(self):
         """The served model's eager torch copy that explanations run (made at the first one, then kept): a deep
         copy of the served model on the ``torch`` backend; for another backend the folder's torch model, which must
-        be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start), given the served
+        be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start, or the folder no
+        longer readable as a model, not kept: a redeploy may put the same model back), given the served
         model's guard and meta (an OOD guard fitted into the folder since is not the one the other routes use)."""
         from ..index.base import fingerprint_differs, model_fingerprint
 
@@ -488,7 +492,14 @@ class ModelService:
         if self.settings.backend == "torch":
             model = copy.deepcopy(self.net)
         else:
-            model = load_model(self.model_dir, load_guard=False)
+            try:
+                model = load_model(self.model_dir, load_guard=False)
+            except ModelError as error:  # the server's folder, mid-redeploy or removed: not the client's fault (422)
+                log.warning("explanations cannot load the served model folder: %s", error)
+                raise ServiceUnavailable(
+                    f"the model folder {self.model_dir.name} cannot be read since the start (changed or removed): "
+                    f"explanations need its torch copy ({self.settings.backend} serves the other routes); restore "
+                    "the folder or restart the service") from None
             changed = fingerprint_differs(model_fingerprint(self.net), model)
             if changed is not None:
                 self._explainer_refusal = (
