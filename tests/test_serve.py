@@ -635,6 +635,32 @@ def test_library_messages_about_an_upload_are_counted_in_its_request_line_not_wr
         assert requests[answer.headers["X-Request-ID"]]["library_messages"] >= 1
 
 
+def test_a_line_logged_while_an_explanation_computes_carries_its_request_id(model_dir, png, capsys):
+    """The heavy lane (explanations, VQA) and the model thread (index searches, class embeddings) ran a request's work
+    without its context: the warning about bare-name prompts logged while /v1/explain computed had no request id,
+    the same warning from /v1/zero-shot had one."""
+    from medvl.serve.logs import setup_json_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_json_logging()
+        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            answers = [http.post(f"/v1/{route}", headers=auth(TOKENS[0]), files={"image": ("x.png", png.read_bytes())},
+                                 data={"labels": "foo,bar", **fields})
+                       for route, fields in (("explain", {"methods": "patch_text"}), ("zero-shot", {}))]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warned = [line for line in lines if line["logger"] == "medvl.data.captions"]
+    assert warned and all(line.get("request_id") in {answer.headers["X-Request-ID"] for answer in answers}
+                          for line in warned), warned
+    assert {line["request_id"] for line in warned} == {answer.headers["X-Request-ID"] for answer in answers}
+
+
 def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     """Two images on a one-image route (or two questions, two label lists) were accepted and the answer was about
     the last one, without a word; /v1/vqa still takes several images (films in order)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import copy
 import logging
 import os
@@ -53,6 +52,7 @@ from ..models.registry import load_model
 from ..predict import check_class_names, class_prompts, prompt_warnings
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
+from .logs import run_with_request
 from .previews import (
     Picture,
     heatmap_overlay,
@@ -156,12 +156,10 @@ class ModelService:
     async def _on_worker(self, function, *args):
         """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
         there are CPUs: more would only slow each other and the model's forward passes down."""
-        context = contextvars.copy_context()  # the request's: its log records name it (logs.RequestRecords)
-        return await asyncio.get_running_loop().run_in_executor(self.workers, context.run, function, *args)
+        return await run_with_request(self.workers, function, *args)
 
     async def run_on_model_thread(self, function, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
+        return await run_with_request(self.model_thread, partial(function, *args, **kwargs))
 
     async def on_index(self, function, *args, **kwargs):
         """``run_on_model_thread`` for work that searches the index. An index rebuilt with another model since the
