@@ -635,6 +635,32 @@ def test_library_messages_about_an_upload_are_counted_in_its_request_line_not_wr
         assert requests[answer.headers["X-Request-ID"]]["library_messages"] >= 1
 
 
+def test_a_line_logged_while_an_explanation_computes_carries_its_request_id(model_dir, png, capsys):
+    """The heavy lane (explanations, VQA) and the model thread (index searches, class embeddings) ran a request's work
+    without its context: the warning about bare-name prompts logged while /v1/explain computed had no request id,
+    the same warning from /v1/zero-shot had one."""
+    from medvl.serve.logs import setup_json_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_json_logging()
+        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            answers = [http.post(f"/v1/{route}", headers=auth(TOKENS[0]), files={"image": ("x.png", png.read_bytes())},
+                                 data={"labels": "foo,bar", **fields})
+                       for route, fields in (("explain", {"methods": "patch_text"}), ("zero-shot", {}))]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warned = [line for line in lines if line["logger"] == "medvl.data.captions"]
+    assert warned and all(line.get("request_id") in {answer.headers["X-Request-ID"] for answer in answers}
+                          for line in warned), warned
+    assert {line["request_id"] for line in warned} == {answer.headers["X-Request-ID"] for answer in answers}
+
+
 def test_a_field_given_twice_is_refused_not_the_last_one_answered(client, png):
     """Two images on a one-image route (or two questions, two label lists) were accepted and the answer was about
     the last one, without a word; /v1/vqa still takes several images (films in order)."""
@@ -676,6 +702,27 @@ def test_a_field_the_route_does_not_take_is_refused_naming_it_and_the_routes_fie
     searched = client.post("/v1/search", headers=token, data={"text": "effusion", "k": "1", "target": "texts"})
     assert searched.status_code == 200 and len(searched.json()["hits"]) == 1, searched.text
 
+
+
+def test_a_multipart_body_cut_before_its_closing_boundary_is_refused_not_answered_without_its_last_field(client,
+                                                                                                       png):
+    """Starlette drops the last part of a body that ends without its closing boundary: a /v1/search whose `where`
+    came last was answered 200 over every case, as if the client had sent no filter."""
+    def body(fields: dict[str, bytes], closed: bool) -> bytes:
+        parts = [b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n' + png.read_bytes()]
+        parts += [b'--B\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s' % (name.encode(), value)
+                  for name, value in fields.items()]
+        return b"".join(part + b"\r\n" for part in parts) + (b"--B--\r\n" if closed else b"")
+
+    token, form = auth(), {"Content-Type": "multipart/form-data; boundary=B"}
+    search = {"k": b"3", "where": b"age > 50"}
+    whole = client.post("/v1/search", headers={**token, **form}, content=body(search, closed=True))
+    assert whole.status_code == 200 and whole.json()["where"] == "age > 50", whole.text
+    for path, fields in (("/v1/search", search), ("/v1/zero-shot", {"labels": LABELS.encode()})):
+        for cut in (body(fields, closed=False), body(fields, closed=True)[:-4]):  # no '--B--', or only '--B'
+            answer = client.post(path, headers={**token, **form}, content=cut)
+            assert answer.status_code == 400, (path, answer.text)
+            assert answer.json()["detail"] == "the multipart body ends before its closing boundary (truncated)"
 
 
 def test_a_number_field_given_empty_is_refused_not_answered_with_its_default(client, png):
@@ -1831,6 +1878,29 @@ def test_explain_answers_with_the_served_model_not_the_folder_changed_since_the_
         assert explained.json()["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
 
 
+def test_explain_answers_503_when_the_served_folder_loses_its_weights_or_goes_after_the_start(model_dir, png,
+                                                                                              tmp_path):
+    """A folder mid-redeploy (weights missing) or removed made /v1/explain answer 422, the client's fault, naming the
+    server's folder: it is 503 as for replaced weights, and the explanation comes back once the folder does."""
+    from fastapi.testclient import TestClient
+
+    served = tmp_path / "served"
+    shutil.copytree(model_dir, served)
+    image, form = {"image": ("x.png", png.read_bytes())}, {"labels": LABELS, "methods": "patch_text"}
+    with TestClient(create_app(served, require_token=False)) as http:  # auto: channels-last, torch copy from the folder
+        (served / "model.safetensors").unlink()
+        missing = http.post("/v1/explain", files=image, data=form)
+        shutil.rmtree(served)
+        gone = http.post("/v1/explain", files=image, data=form)
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200
+        for answer in (missing, gone):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["detail"].startswith("the model folder served cannot be read since the start")
+            assert str(tmp_path) not in answer.text
+        shutil.copytree(model_dir, served)
+        assert http.post("/v1/explain", files=image, data=form).status_code == 200
+
+
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):
     """The service's answers said '--where: ...', '(pass --labels a,b,...)' and '(--min-similarity)'."""
     image, token = ("x.png", png.read_bytes()), auth()
@@ -2443,9 +2513,15 @@ def test_no_auth_is_refused_off_loopback(model_dir):
 def test_serve_options_are_refused_in_one_line_naming_the_option_typed(model_dir, monkeypatch):
     """--max-upload-mb nan / inf crashed with a traceback (exit 1) when converted to bytes; a value below one byte
     was refused as 'max_upload_bytes ... got 0', and --max-batch 0 as 'max_batch': the settings' names, not the
-    options'."""
+    options'. --max-pixels above the decoder's own limit (100 M) was taken, and a larger image refused with 422 naming
+    that limit, one the operator never set."""
+    from medvl.data.images import MAX_PIXELS
+
+    with pytest.raises(InputError, match="max_pixels must be <= 100000000, got 100000001"):
+        ServeSettings(max_pixels=MAX_PIXELS + 1).validate()
     monkeypatch.setenv("MEDVL_API_TOKENS", TOKENS[0])
-    for options, reason in ((["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
+    for options, reason in ((["--max-pixels", "200000000"], "--max-pixels must be <= 100000000, got 200000000"),
+                            (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number, got nan"),
                             (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number, got inf"),
                             (["--max-upload-mb", "-1"], "--max-upload-mb must allow at least one byte (> 0), got -1"),
                             (["--max-upload-mb", "0.0000001"],

@@ -68,7 +68,8 @@ def serve_command(
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a request body may take, plus one per 64 KiB received (bodies at 64 KiB/s or faster are "
              "never cut); a slower one gets 408.")] = 10.0,
-    max_pixels: Annotated[int, typer.Option(help="Largest 2D image accepted (width x height).")] = 50_000_000,
+    max_pixels: Annotated[int, typer.Option(
+        help="Largest 2D image accepted (width x height), at most 100,000,000 (the decoder's limit).")] = 50_000_000,
     cors_origin: Annotated[list[str] | None, typer.Option(
         help="Browser origin allowed to call the API (repeatable); none: CORS off.")] = None,
     trusted_proxy: Annotated[list[str] | None, typer.Option(

@@ -10,13 +10,13 @@ grows without bound. ``close`` lets the running and waiting requests finish.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .batching import ServiceBusy
+from .logs import run_with_request
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ class HeavyLane:
             return function(*args)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.thread, timed)
+            return await run_with_request(self.thread, timed)  # its log records name the request
         finally:
             self.pending -= 1
             self.done += 1

@@ -10,6 +10,7 @@ written, but counted in the request's line (``RequestRecords``).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -21,13 +22,21 @@ FIELDS = ("request_id", "method", "route", "status", "client", "ms", "decode_ms"
           "batch_size", "upload_kind", "upload_bytes", "error", "host", "port", "model", "batching",
           "max_batch", "max_wait_ms", "backend", "http", "loop", "torch_threads", "trusted_proxies", "drained",
           "detail", "connections", "library_messages")
-# (request id, timings) of the request being answered: set by ``ServiceMiddleware``, carried to the decoding
-# threads (``ModelService._on_worker``)
+# (request id, timings) of the request being answered: set by ``ServiceMiddleware``, carried to the threads that
+# do its work (``run_with_request``)
 CURRENT_REQUEST: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("medvl_request",
                                                                                            default=None)
 # libraries that read uploads: their messages quote an upload's header values or body bytes
 # (nibabel: "vox offset -1e+30 too low ..."; python_multipart: "Expected boundary character 45, got 120 ...")
 UPLOAD_READERS = ("nibabel", "python_multipart", "multipart")
+
+
+async def run_with_request(executor, function, *args):
+    """``function(*args)`` on one of ``executor``'s threads in the calling request's context: the records logged
+    there carry its id and its upload libraries' messages are counted (``RequestRecords``); ``run_in_executor``
+    alone would run it without them (``asyncio.to_thread`` carries the context, but not to a chosen thread)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, context.run, function, *args)
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,7 +6,8 @@ cannot make the server take in an upload: ``/v1/*`` routes other than ``/v1/heal
 bearer token (401) within its rate (429); a declared ``Content-Length`` above the upload limit is
 refused at once (413) and a streamed (chunked) body is counted and cut off there (413). A route
 taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
-text field that is not UTF-8 is refused (422) as the body streams in (``form_text_checked``).
+text field that is not UTF-8 is refused (422) as the body streams in, and a multipart body that ends before its
+closing boundary (400: Starlette would drop its last part) when it ends (``form_text_checked``).
 
 Bodies are held in memory, so the bytes of all bodies in flight are bounded (``BodyBudget``): a request
 whose ``Content-Length`` would take them over the budget is refused at once (503 with ``Retry-After``),
@@ -25,7 +26,7 @@ import secrets
 import time
 from urllib.parse import unquote_to_bytes
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
@@ -230,8 +231,9 @@ class BodyHold:
 
 
 def form_text_checked(receive, content_type: str | None):
-    """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field, and (413) one with a
-    text field over ``TEXT_PART_LIMIT`` (Starlette's own refusal of it is a 400).
+    """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field, (413) one with a
+    text field over ``TEXT_PART_LIMIT`` (Starlette's own refusal of it is a 400) and (400) a multipart body that
+    ends before its closing boundary (Starlette drops its last part, so a filter or a count sent last vanished).
 
     Starlette reads such a field as Latin-1 without a word (``labels`` of bytes ``ff fe`` become "ÿþ"), so
     the body is followed as it streams in: the text parts of a ``multipart/form-data`` body (file parts
@@ -260,6 +262,8 @@ def form_text_checked(receive, content_type: str | None):
             if too_large is not None:  # Starlette would answer 400 for it
                 raise HTTPException(413, f"form field {str(too_large)[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
                                          "a text field (labels, a question, a report) is short")
+            if getattr(follower, "truncated", False):  # Starlette would drop the last part without a word
+                raise HTTPException(400, "the multipart body ends before its closing boundary (truncated)")
         return message
 
     return checked
@@ -274,7 +278,9 @@ class _MultipartText:
     def __init__(self, boundary: bytes):
         self.bad: str | None = None
         self.too_large: str | None = None  # the first text field over TEXT_PART_LIMIT
+        self.truncated = False  # the body ended before its closing boundary
         self._broken = False
+        self._written = False
         self._header = [bytearray(), bytearray()]  # the header being read: name, value
         self._disposition = b""
         self._field: str | None = None  # the text field being read; None in a file part
@@ -288,13 +294,17 @@ class _MultipartText:
     def write(self, chunk: bytes) -> None:
         if self._broken or self.bad is not None or not chunk:
             return
+        self._written = True
         try:
             self._parser.write(chunk)
         except Exception:  # noqa: BLE001 - a malformed body is the app's parser's to report
             self._broken = True
 
     def finish(self) -> None:
-        pass  # every part is checked as it ends
+        """Every part was checked as it ended; the body must have reached its closing boundary (an empty body is
+        left to the app: it sent no field that could be dropped)."""
+        self.truncated = self._written and not self._broken and self.bad is None \
+            and self._parser.state != MultipartState.END
 
     def _header_end(self) -> None:
         if bytes(self._header[0]).lower() == b"content-disposition":

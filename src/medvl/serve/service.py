@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import copy
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -52,6 +52,7 @@ from ..models.registry import load_model
 from ..predict import check_class_names, class_prompts, prompt_warnings
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
+from .logs import run_with_request
 from .previews import (
     Picture,
     heatmap_overlay,
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
     from ..models.vlm import VisionLanguageModel
     from ..models.vqa import VQAModel
     from ..rag import ReportLabeller
+
+log = logging.getLogger(__name__)
 
 MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
@@ -153,12 +156,10 @@ class ModelService:
     async def _on_worker(self, function, *args):
         """Run a request's CPU work (decoding, preprocessing) on a worker thread, as many at once as
         there are CPUs: more would only slow each other and the model's forward passes down."""
-        context = contextvars.copy_context()  # the request's: its log records name it (logs.RequestRecords)
-        return await asyncio.get_running_loop().run_in_executor(self.workers, context.run, function, *args)
+        return await run_with_request(self.workers, function, *args)
 
     async def run_on_model_thread(self, function, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.model_thread, lambda: function(*args, **kwargs))
+        return await run_with_request(self.model_thread, partial(function, *args, **kwargs))
 
     async def on_index(self, function, *args, **kwargs):
         """``run_on_model_thread`` for work that searches the index. An index rebuilt with another model since the
@@ -477,7 +478,8 @@ class ModelService:
     def _explain_model(self):
         """The served model's eager torch copy that explanations run (made at the first one, then kept): a deep
         copy of the served model on the ``torch`` backend; for another backend the folder's torch model, which must
-        be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start), given the served
+        be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start, or the folder no
+        longer readable as a model, not kept: a redeploy may put the same model back), given the served
         model's guard and meta (an OOD guard fitted into the folder since is not the one the other routes use)."""
         from ..index.base import fingerprint_differs, model_fingerprint
 
@@ -488,7 +490,14 @@ class ModelService:
         if self.settings.backend == "torch":
             model = copy.deepcopy(self.net)
         else:
-            model = load_model(self.model_dir, load_guard=False)
+            try:
+                model = load_model(self.model_dir, load_guard=False)
+            except ModelError as error:  # the server's folder, mid-redeploy or removed: not the client's fault (422)
+                log.warning("explanations cannot load the served model folder: %s", error)
+                raise ServiceUnavailable(
+                    f"the model folder {self.model_dir.name} cannot be read since the start (changed or removed): "
+                    f"explanations need its torch copy ({self.settings.backend} serves the other routes); restore "
+                    "the folder or restart the service") from None
             changed = fingerprint_differs(model_fingerprint(self.net), model)
             if changed is not None:
                 self._explainer_refusal = (

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..checks import check_numbers
+from ..data.images import MAX_PIXELS
 from ..errors import InputError
 from ..models.backends import check_backend, resolve_backend
 from ..models.registry import model_directory
@@ -22,7 +23,9 @@ class ServeSettings:
     """Limits and switches of one service; every number is checked by ``validate``."""
 
     max_upload_bytes: int = 32 * MIB  # an uploaded file above this is refused (413)
-    max_pixels: int = 50_000_000  # a 2D image declaring more pixels (W x H) is refused before decoding (413)
+    # a 2D image declaring more pixels (W x H) is refused before decoding (413); at most the decoder's own limit
+    # (``medvl.data.images.MAX_PIXELS``, 100 M), which would refuse a larger image after this check passed
+    max_pixels: int = 50_000_000
     max_voxels: int = 256_000_000  # a volume (NIfTI, multi-frame DICOM) declaring more voxels is refused (413)
     batching: bool = True  # gather concurrent requests into one forward pass
     max_batch: int = 16  # images per forward pass at most
@@ -77,7 +80,8 @@ class ServeSettings:
         attribute name."""
         names = names or {}
         bounds: dict[str, dict] = {
-            "max_upload_bytes": {"minimum": 1, "integer": True}, "max_pixels": {"minimum": 1, "integer": True},
+            "max_upload_bytes": {"minimum": 1, "integer": True},
+            "max_pixels": {"minimum": 1, "maximum": MAX_PIXELS, "integer": True},
             "max_voxels": {"minimum": 1, "integer": True},
             "max_batch": {"minimum": 1, "maximum": 1024, "integer": True},
             "max_wait_ms": {"minimum": 0, "maximum": 10_000}, "max_queue": {"minimum": 1, "integer": True},
