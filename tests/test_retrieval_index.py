@@ -31,6 +31,7 @@ from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
 from medvl.index.cases import quote_column
+from medvl.rag import load_knowledge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INJECTIONS = ["sex='F'; DROP TABLE cases", "1=1 or sex = 'x' --", "sex = 'F' --", "age > 60 union select 1",
@@ -104,9 +105,10 @@ def test_image_search_matches_a_plain_reference(built, model, dataset):
 
 def test_text_to_image_and_image_to_text(built, model, dataset):
     with open_index(built[0]) as index:
-        report = dataset[7].text
-        to_reports = search_index(index, model, text=report, k=3, target="texts")
+        report = dataset[7].text  # longer than this model's text tower reads: a query text of it is refused
+        to_reports = index.search(model.encode_texts([report]).numpy(), k=3, target="texts")[0]
         assert to_reports[0].text == report and to_reports[0].score == pytest.approx(1.0, abs=1e-4)
+        assert len(search_index(index, model, text="large left pleural effusion", k=3, target="texts")) == 3
         to_images = search_index(index, model, text="large left pleural effusion", k=4)
         scores = [h.score for h in to_images]
         assert len(to_images) == 4 and scores == sorted(scores, reverse=True)
@@ -114,6 +116,45 @@ def test_text_to_image_and_image_to_text(built, model, dataset):
             [r.text for r in dataset]).numpy().T
         image_to_text = search_index(index, model, image=dataset[0].image, k=1, target="texts")
         assert image_to_text[0].score == pytest.approx(float(reference.max()), abs=1e-4)
+
+
+def test_a_query_text_longer_than_the_text_tower_reads_is_refused(built, model, dataset):
+    """Two query texts of opposite meaning differing only past the text tower's last read token got bit-identical
+    hits, without a word. Such a query is now refused, as VQA questions and concept phrases are (library, CLI;
+    the service calls the same library), naming the counts and never the text."""
+    _, limit = model.text_read_length("")
+    filler = "The heart size is normal. " * 14
+    assert model.text_read_length(filler)[0] <= limit < model.text_read_length(filler + "Secret effusion.")[0]
+    with open_index(built[0]) as index:
+        for target in ("images", "texts"):
+            with pytest.raises(InputError, match=rf"the query text is \d+ tokens long; the model's text encoder "
+                                                 rf"reads {limit} tokens at most"):
+                search_index(index, model, text=filler + "Large left pleural effusion.", target=target)
+        assert len(search_index(index, model, text=filler, k=2)) == 2  # read whole: searched
+    result, output = invoke("search", "--index", built[0], "--text", filler + "Secret effusion.")
+    assert result.exit_code == 2 and f"reads {limit} tokens at most" in output, output
+    assert "Secret" not in output and "Traceback" not in output
+    with pytest.raises(InputError, match=rf"the knowledge query text is \d+ tokens long.* reads {limit} tokens"):
+        load_knowledge().retrieve(model, filler + "Secret effusion.")
+
+
+def test_build_and_add_count_the_reports_embedded_cut(model, model_dir, dataset, tmp_path, caplog):
+    """Reports longer than the text tower reads were embedded cut without a word (an impression at the end left
+    out of the report vector). Long reports are normal: they are indexed, and build and add warn with a count,
+    never a report's text or id."""
+    _, limit = model.text_read_length("")
+    records = [*dataset.records[:3], dataclasses.replace(dataset.records[3], text="Small left pleural effusion."),
+               dataclasses.replace(dataset.records[4], text=None)]
+    assert all(model.text_read_length(r.text)[0] > limit for r in records[:3])
+    with caplog.at_level("WARNING"):
+        build_index(model, Dataset(records, source=dataset.source), tmp_path / "idx", model_dir=model_dir,
+                    show_progress=False)
+    assert f"3 of 4 reports embedded are longer than the model's text encoder reads ({limit} tokens)" in caplog.text
+    caplog.clear()
+    with open_index(tmp_path / "idx", writable=True) as index, caplog.at_level("WARNING"):
+        add_records(index, model, Dataset(dataset.records[5:7], source=dataset.source), show_progress=False)
+    assert "2 of 2 reports embedded are longer" in caplog.text
+    assert not any(r.text[:20] in caplog.text or r.id in caplog.text for r in dataset.records[:7] if r.text)
 
 
 @pytest.mark.parametrize("where, check", [
