@@ -1063,6 +1063,29 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
 
 @pytest.mark.pgvector
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_report_search_of_an_index_whose_reports_were_all_deleted_is_the_same_on_both_backends(
+        pg_url, model, model_dir, dataset, tmp_path):
+    """Once every case was deleted, a ``target="texts"`` search raised on FAISS ("holds no report texts") and answered
+    no hits on PostgreSQL. Both now answer no hits, as an image search of an emptied index does; an index that never
+    held a report refuses a report search on both."""
+    data = Dataset(dataset.records[:6], source=dataset.source)
+    unreported = Dataset([dataclasses.replace(r, text=None) for r in dataset.records[:6]], source=dataset.source)
+    for backend, out in (("faiss", tmp_path / "idx"), ("pgvector", pg_url.replace("#phantom_cases", "#emptied"))):
+        build_index(model, data, out, model_dir=model_dir, show_progress=False)
+        with open_index(out, writable=True) as index:
+            assert index.delete([r.id for r in data]) == 6
+            index.save()
+        with open_index(out) as index:
+            for target in ("texts", "images"):
+                assert search_index(index, model, text="effusion", k=3, target=target) == [], (backend, target)
+        never = tmp_path / "never" if backend == "faiss" else pg_url.replace("#phantom_cases", "#unreported")
+        build_index(model, unreported, never, model_dir=model_dir, show_progress=False)
+        with open_index(never) as index, pytest.raises(InputError, match="holds no report texts to search"):
+            search_index(index, model, text="effusion", target="texts")
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_pgvector_password_in_the_url_query_is_never_shown(pg_url, model_dir, phantom_dir, tmp_path):
     """libpq takes the password as ``?password=`` too: the CLI's tables, messages and --json show it as ***, and
     the one in ``user:password@`` too."""
