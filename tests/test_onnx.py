@@ -185,7 +185,7 @@ def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_p
 def test_an_index_holds_vectors_of_one_backend(model_dir, phantom, tmp_path, monkeypatch):
     """index add embeds on the backend the index was built on (another one is refused, naming both), and a build
     interrupted on one backend and rerun on another starts afresh instead of keeping the first one's vectors."""
-    from medvl.index import add_records, build_index, open_index, search_index
+    from medvl.index import add_records, build_index, open_index
 
     index = tmp_path / "index"
     result, output = invoke("index", "build", "--model", model_dir, "--data", phantom, "--split", "train",
@@ -203,7 +203,9 @@ def test_an_index_holds_vectors_of_one_backend(model_dir, phantom, tmp_path, mon
     with open_index(index) as opened:
         assert opened.info["encoder_backend"] == "onnx-int8" and len(opened) > len(val)
         for record in (medvl.load_dataset(phantom).select("train")[0], val[0]):  # built, then added
-            hit, = search_index(opened, int8, text=record.text, k=1, target="texts", where=f"id = '{record.id}'")
+            # the report's vector, not a text query: a report longer than the text tower reads is refused as a query
+            [hit], = opened.search(int8.encode_texts([record.text]).numpy(), k=1, target="texts",
+                                   where=f"id = '{record.id}'")
             assert hit.score == pytest.approx(1.0, abs=1e-5)  # each is the vector int8 gives its report
 
     data = medvl.load_dataset(phantom).select("train")

@@ -654,6 +654,20 @@ def test_a_consensus_finding_whose_every_wording_names_a_minority_date_is_an_abs
     assert not drafted.abstained and drafted.text() == "IMPRESSION: Right pleural effusion."
 
 
+def test_a_draft_keeping_no_sentence_is_an_abstention(labeller):
+    """Neighbours whose reports state no finding (clinical histories) each count as normal, so "no finding" was the
+    consensus, yet no sentence was stated by a majority: the draft came back empty, not abstained (text '', exit 0),
+    reading as normal without one neighbour saying so. It is now a ``no_wording`` abstention."""
+    texts = ["Post-intubation in the critical care setting.", "Labeled covid19.", "Patient with fever and cough.",
+             "Large left pleural effusion."]
+    draft = draft_from_hits([Hit(id=f"c{i}", score=0.9, split="train", text=t) for i, t in enumerate(texts)],
+                            labeller)
+    assert draft.consensus == {"no_finding": "positive"} and draft.sentences == []
+    assert draft.abstained and draft.abstention == NO_WORDING and draft.text() == ""
+    assert draft.reason.startswith("no sentence of the nearest cases' reports is stated by more than 0.50")
+    assert draft.to_dict()["abstained"] is True
+
+
 def test_sentences_in_another_script_are_split_and_are_not_all_one_wording(labeller):
     """Full-width stops did not end a sentence, and two sentences without Latin words had Jaccard 1.0: one
     neighbour's "left lung clear" (in Chinese) was drafted and every neighbour cited as having that wording."""

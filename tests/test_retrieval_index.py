@@ -31,6 +31,7 @@ from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
 from medvl.index.cases import quote_column
+from medvl.rag import load_knowledge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INJECTIONS = ["sex='F'; DROP TABLE cases", "1=1 or sex = 'x' --", "sex = 'F' --", "age > 60 union select 1",
@@ -104,9 +105,10 @@ def test_image_search_matches_a_plain_reference(built, model, dataset):
 
 def test_text_to_image_and_image_to_text(built, model, dataset):
     with open_index(built[0]) as index:
-        report = dataset[7].text
-        to_reports = search_index(index, model, text=report, k=3, target="texts")
+        report = dataset[7].text  # longer than this model's text tower reads: a query text of it is refused
+        to_reports = index.search(model.encode_texts([report]).numpy(), k=3, target="texts")[0]
         assert to_reports[0].text == report and to_reports[0].score == pytest.approx(1.0, abs=1e-4)
+        assert len(search_index(index, model, text="large left pleural effusion", k=3, target="texts")) == 3
         to_images = search_index(index, model, text="large left pleural effusion", k=4)
         scores = [h.score for h in to_images]
         assert len(to_images) == 4 and scores == sorted(scores, reverse=True)
@@ -114,6 +116,45 @@ def test_text_to_image_and_image_to_text(built, model, dataset):
             [r.text for r in dataset]).numpy().T
         image_to_text = search_index(index, model, image=dataset[0].image, k=1, target="texts")
         assert image_to_text[0].score == pytest.approx(float(reference.max()), abs=1e-4)
+
+
+def test_a_query_text_longer_than_the_text_tower_reads_is_refused(built, model, dataset):
+    """Two query texts of opposite meaning differing only past the text tower's last read token got bit-identical
+    hits, without a word. Such a query is now refused, as VQA questions and concept phrases are (library, CLI;
+    the service calls the same library), naming the counts and never the text."""
+    _, limit = model.text_read_length("")
+    filler = "The heart size is normal. " * 14
+    assert model.text_read_length(filler)[0] <= limit < model.text_read_length(filler + "Secret effusion.")[0]
+    with open_index(built[0]) as index:
+        for target in ("images", "texts"):
+            with pytest.raises(InputError, match=rf"the query text is \d+ tokens long; the model's text encoder "
+                                                 rf"reads {limit} tokens at most"):
+                search_index(index, model, text=filler + "Large left pleural effusion.", target=target)
+        assert len(search_index(index, model, text=filler, k=2)) == 2  # read whole: searched
+    result, output = invoke("search", "--index", built[0], "--text", filler + "Secret effusion.")
+    assert result.exit_code == 2 and f"reads {limit} tokens at most" in output, output
+    assert "Secret" not in output and "Traceback" not in output
+    with pytest.raises(InputError, match=rf"the knowledge query text is \d+ tokens long.* reads {limit} tokens"):
+        load_knowledge().retrieve(model, filler + "Secret effusion.")
+
+
+def test_build_and_add_count_the_reports_embedded_cut(model, model_dir, dataset, tmp_path, caplog):
+    """Reports longer than the text tower reads were embedded cut without a word (an impression at the end left
+    out of the report vector). Long reports are normal: they are indexed, and build and add warn with a count,
+    never a report's text or id."""
+    _, limit = model.text_read_length("")
+    records = [*dataset.records[:3], dataclasses.replace(dataset.records[3], text="Small left pleural effusion."),
+               dataclasses.replace(dataset.records[4], text=None)]
+    assert all(model.text_read_length(r.text)[0] > limit for r in records[:3])
+    with caplog.at_level("WARNING"):
+        build_index(model, Dataset(records, source=dataset.source), tmp_path / "idx", model_dir=model_dir,
+                    show_progress=False)
+    assert f"3 of 4 reports embedded are longer than the model's text encoder reads ({limit} tokens)" in caplog.text
+    caplog.clear()
+    with open_index(tmp_path / "idx", writable=True) as index, caplog.at_level("WARNING"):
+        add_records(index, model, Dataset(dataset.records[5:7], source=dataset.source), show_progress=False)
+    assert "2 of 2 reports embedded are longer" in caplog.text
+    assert not any(r.text[:20] in caplog.text or r.id in caplog.text for r in dataset.records[:7] if r.text)
 
 
 @pytest.mark.parametrize("where, check", [
@@ -392,10 +433,14 @@ def test_long_whole_numbers_make_a_text_column_that_selects_exactly(model, model
         for i, value in enumerate(LONG_NUMBERS):
             assert _filtered_ids(index, model, f"accession = '{value}'") == [data[i].id]
         assert _filtered_ids(index, model, "small < -9007199254740990") == [data[4].id]
+        # the advice fits a numeric column: it used to say to quote the value, which such a column refuses; and
+        # 1e400 (infinity as a float) was taken, though the README says such literals are refused
         for where in ("small = 9007199254740993", "small in (1, -20231105000000002)", "small = 20231105000000002.0",
-                      "small < 1e300"):
-            with pytest.raises(InputError, match="beyond 9007199254740991 .* rebuild it if needed and quote"):
+                      "small < 1e300", "small < 1e400", "small in (1, -1e400)", "small > -1E400"):
+            with pytest.raises(InputError, match=r"beyond 9007199254740991 .*a numeric column holds no such number .*"
+                                                 r"within that or use 'is not null'") as refused:
                 search_index(index, model, text="effusion", where=where)
+            assert "quote the value" not in str(refused.value)
     with open_index(tmp_path / "long", writable=True) as index:  # an older index's numeric column, in effect
         more = _with_meta(dataset[6:8], {"small": ["7", "20231105000000001"]})
         with pytest.raises(DataError, match=r"got '20231105000000001'; it is beyond 9007199254740991 \(2\*\*53 - 1\) "
@@ -1014,6 +1059,29 @@ def test_pgvector_add_delete_duplicates_and_resume(pg_url, model, model_dir, dat
         assert len(index) == 96
         hits = search_index(index, model, image=dataset[0].image, k=3, where="view = 'PA'")
         assert len(hits) == 3 and all(h.meta["view"] == "PA" for h in hits)
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_a_report_search_of_an_index_whose_reports_were_all_deleted_is_the_same_on_both_backends(
+        pg_url, model, model_dir, dataset, tmp_path):
+    """Once every case was deleted, a ``target="texts"`` search raised on FAISS ("holds no report texts") and answered
+    no hits on PostgreSQL. Both now answer no hits, as an image search of an emptied index does; an index that never
+    held a report refuses a report search on both."""
+    data = Dataset(dataset.records[:6], source=dataset.source)
+    unreported = Dataset([dataclasses.replace(r, text=None) for r in dataset.records[:6]], source=dataset.source)
+    for backend, out in (("faiss", tmp_path / "idx"), ("pgvector", pg_url.replace("#phantom_cases", "#emptied"))):
+        build_index(model, data, out, model_dir=model_dir, show_progress=False)
+        with open_index(out, writable=True) as index:
+            assert index.delete([r.id for r in data]) == 6
+            index.save()
+        with open_index(out) as index:
+            for target in ("texts", "images"):
+                assert search_index(index, model, text="effusion", k=3, target=target) == [], (backend, target)
+        never = tmp_path / "never" if backend == "faiss" else pg_url.replace("#phantom_cases", "#unreported")
+        build_index(model, unreported, never, model_dir=model_dir, show_progress=False)
+        with open_index(never) as index, pytest.raises(InputError, match="holds no report texts to search"):
+            search_index(index, model, text="effusion", target="texts")
 
 
 @pytest.mark.pgvector

@@ -942,6 +942,9 @@ def test_search_and_report_draft_answer_as_the_cli_library_calls(client, model_d
     by_text = client.post("/v1/search", headers=token, data={"text": "enlarged heart", "k": "3"})
     assert by_text.status_code == 200 and len(by_text.json()["hits"]) == 3
     assert "input_flags" not in by_text.json()["query"]
+    # a query text longer than the text tower reads is refused, as at the CLI, without the text in the answer
+    cut = client.post("/v1/search", headers=token, data={"text": "Secret effusion. " * 100, "k": "3"})
+    assert cut.status_code == 422 and "tokens long" in cut.json()["detail"] and "Secret" not in cut.text
     blank = _png_bytes(np.full((50, 70), 7, np.uint8))
     flagged = client.post("/v1/search", headers=token, files={"image": ("b.png", blank)}, data={"k": "2"})
     assert flagged.status_code == 200 and list(flagged.json()["query"]["input_flags"]) == ["blank"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
 from .data.audit import input_flags
 from .data.loading import image_sources, pixel_batches
 from .data.record import Dataset
+from .errors import InputError
 from .models.dual import DualEncoder, weights_state
 from .progress import progress_bar
 
@@ -31,6 +33,30 @@ def embed_images(model: DualEncoder, dataset: Dataset, batch_size: int = 64,
             advance(len(pixels))
     dim = model.image_encoder.num_features if features else model.config.embed_dim
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+def check_text_read_whole(model, text: str, name: str = "the query text") -> None:
+    """InputError when ``text`` has more tokens than the model's text tower reads (``text_read_length``, the rule
+    VQA questions and concept phrases follow): the rest would be cut unread, and two texts differing only there
+    would be one query. The message names ``name`` and the counts, never the text (patient data)."""
+    read_length = getattr(model, "text_read_length", None)
+    if read_length is None:
+        return
+    length, limit = read_length(text)
+    if length > limit:
+        raise InputError(f"{name} is {length} tokens long; the model's text encoder reads {limit} tokens at most (a "
+                         "word is one token or more): the rest would be cut unread; shorten it")
+
+
+def texts_read_cut(model, texts: Sequence[str]) -> tuple[int, int]:
+    """How many of ``texts`` have more tokens than the model's text tower reads (``text_read_length``: they are
+    embedded cut, the rest unread), and the most it reads; (0, 0) for a model that cannot tell."""
+    read_length = getattr(model, "text_read_length", None)
+    if read_length is None or not texts:
+        return 0, 0
+    lengths = {text: read_length(text) for text in set(texts)}
+    limit = next(iter(lengths.values()))[1]
+    return sum(lengths[text][0] > lengths[text][1] for text in texts), limit
 
 
 MAX_CLASS_SETS = 64  # prompt sets kept per model (least recently used dropped): a service's users choose labels

@@ -36,6 +36,7 @@ from ..checks import check_number
 from ..data.images import image_suffix
 from ..data.loading import batched, map_ahead, resolve_workers
 from ..data.record import Dataset, Record, records_digest
+from ..embed import texts_read_cut
 from ..errors import DataError, InputError
 from ..models.backends import resolve_backend
 from ..progress import progress_bar
@@ -132,6 +133,17 @@ def embed_batch(model, images: Sequence[Any] | torch.Tensor, texts: Sequence[str
     return vectors, text_vectors
 
 
+def warn_reports_cut(model, cases: Sequence[Case]) -> None:
+    """Warn, with a count (reports are patient data: never their text or ids), when reports of ``cases`` have more
+    tokens than the model's text tower reads: their vectors leave the rest out, so a text search does not see it
+    (long reports are normal: they are indexed, not refused as a query text is)."""
+    reports = [case.text for case in cases if case.text]
+    cut, limit = texts_read_cut(model, reports)
+    if cut:
+        log.warning("%d of %d reports embedded are longer than the model's text encoder reads (%d tokens): their "
+                    "report vectors leave the rest out", cut, len(reports), limit)
+
+
 def keep_new(batch: Sequence[Record], digests: Sequence[str], vectors: np.ndarray, text_vectors: np.ndarray,
              known_images: dict[str, str], allow_duplicates: bool, root: Path | None
              ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
@@ -219,12 +231,14 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
         done, known = builder.done_ids(), builder.known_images()
         todo = [r for r in records if r.id not in done]
         duplicates: list[dict] = []
+        embedded: list[Case] = []
         with progress_bar("Indexing cases", total=len(records), enabled=show_progress) as advance:
             advance(len(records) - len(todo))
             root = dataset_root(dataset)
             for batch, cases, vectors, text_vectors, skipped in _embedded(model, dataset, todo, batch_size, known,
                                                                           allow_duplicates, root, embedder, workers):
                 duplicates += skipped
+                embedded += cases
                 if cases:  # checked as index add checks them: no NaN or infinite vector is stored
                     dim = fingerprint["embed_dim"]
                     builder.append(cases, check_vectors(vectors, dim, "case"),
@@ -234,6 +248,7 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             # counted only: ids can be accession numbers; the result's "duplicates" lists each with its original
             log.warning("skipped %d cases whose image is already indexed (listed in the result's duplicates)",
                         len(duplicates))
+        warn_reports_cut(model, embedded)
         info = new_info("pgvector" if is_url(out) else "faiss", fingerprint, dataset)
         info["encoder_backend"] = backend  # every vector's: a resumed build's key holds it, index add keeps it
         info = builder.finish(info, kind)
@@ -331,17 +346,19 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     if len(present) > len(changed):
         log.warning("%d cases are already in the index (same id, image, report, labels, metadata and split) and were "
                     "left as they are", len(present) - len(changed))
-    added, duplicates, known = 0, [], {}
+    added, duplicates, known, embedded = 0, [], {}, []
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
             known.update({digest: ids[0] for digest, ids in index.find_images(read[0]).items()})
             cases, vectors, text_vectors, skipped = embed_records(model, batch, read, known, allow_duplicates,
                                                                   dataset_root(dataset))
             duplicates += skipped
+            embedded += cases
             if cases:
                 index.add(cases, vectors, text_vectors)
                 added += len(cases)
             advance(len(batch))
+    warn_reports_cut(model, embedded)
     lost = [d for d in duplicates if d["id"] in new_images]
     if lost:  # its old case is deleted (staged): refused before the save, the index is left as it was
         _refuse_duplicate_replacements(lost, index, dataset.source)

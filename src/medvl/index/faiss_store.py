@@ -795,9 +795,9 @@ class FaissIndex(IndexBase):
         check_target(target)
         check_k(k)
         vectors = check_vectors(vectors, self.dim)
-        if target not in self.anns or self.anns[target].ntotal == 0:
-            if target == TEXTS:
-                raise InputError(f"{self.path}: index holds no report texts to search")
+        if target == TEXTS and TEXTS not in self.info:  # never held a report (built and added without any)
+            raise InputError(f"{self.path}: index holds no report texts to search")
+        if target not in self.anns or self.anns[target].ntotal == 0:  # every case deleted: no hits, as on pgvector
             return [[] for _ in vectors]
         ann, kind = self.anns[target], self.info[target]["kind"]
         selectors: list[Any] = []  # kept alive here while FAISS holds pointers to them

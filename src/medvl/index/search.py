@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data.images import image_suffix, read_image
+from ..embed import check_text_read_whole
 from ..errors import DataError, InputError
 from .base import IMAGES, Hit, Index, check_k, check_model, check_target
 from .build import nifti_sha256
@@ -56,11 +57,13 @@ def check_one_query(image: object, text: str | None) -> None:
 def embed_query(model, image: str | Path | np.ndarray | torch.Tensor | None = None,
                 text: str | None = None) -> np.ndarray:
     """The (1, D) embedding of one query image (a file, an array, or the model's own preprocessing of one:
-    ``model.preprocessor.load``'s (C, *spatial) tensor, for a caller that checked it) or one text."""
+    ``model.preprocessor.load``'s (C, *spatial) tensor, for a caller that checked it) or one text; a text longer
+    than the model's text tower reads is an InputError (``check_text_read_whole``)."""
     check_one_query(image, text)
     if text is not None:
         if not text.strip():
             raise InputError("the query text is empty")
+        check_text_read_whole(model, text)  # cut, two queries differing past the cut would get the same hits
         return model.encode_texts([text]).numpy()
     if image is None:
         raise InputError("give exactly one query: an image or a text")

@@ -10,7 +10,8 @@ Grammar (keywords case-insensitive)::
                 | column "is" ["not"] "null"
     op         := "=" | "!=" | "<>" | "<" | "<=" | ">" | ">="
     literal    := 'text' (a quote inside is doubled: 'O''Brien') | "text" | number
-    number     := -?digits[.digits][(e|E)[+-]digits], ASCII digits; at most 2**53 - 1 in magnitude
+    number     := -?digits[.digits][(e|E)[+-]digits], ASCII digits; at most 2**53 - 1 in magnitude (1e300 and
+                  1e400, infinity as a float, are refused: a numeric column holds no such number)
 
 Columns are limited to the index's known filter columns, each numeric or text, and a literal must
 have its column's type. Column names come from that list, never from the input; every literal is
@@ -318,9 +319,11 @@ class _Parser:
         if (token.kind == "number") != (self.columns[column] == NUMBER):
             wanted = "a number" if self.columns[column] == NUMBER else "quoted text (e.g. '1')"
             raise _error(self.text, token.pos, f"this column holds {wanted}, got {token.text}")
-        if token.kind == "number" and number_problem(token.text) == INEXACT_INTEGER:
-            raise _error(self.text, token.pos, f"{token.text} is {INEXACT_INTEGER}; a column holding such numbers "
-                                               f"is text in an index built by this medvl: rebuild it if needed and "
-                                               f"quote the value ('{token.text}')")
+        if token.kind == "number" and number_problem(token.text) is not None:  # inexact, or infinite (1e400)
+            raise _error(self.text, token.pos, f"{token.text} is {INEXACT_INTEGER}; a numeric column holds no such "
+                                               "number (a column holding one is text), so compare with a number "
+                                               "within that or use 'is not null'; an index built by an older medvl "
+                                               "may hold such numbers in a numeric column: rebuild it, and the "
+                                               "column is text, compared with quoted values")
         self.index += 1
         return token.value

@@ -17,7 +17,9 @@
    normality nor any abnormal finding (positive or uncertain) reaches consensus ("disagree"); or a present or
    possible consensus finding has no sentence left to draft (step 4: every wording names a detail the vote does not
    elect or a few neighbours' identifier, or, for an abnormal finding, also states a finding without consensus;
-   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence.
+   "no_wording"), as a draft silent on a finding most neighbours state would read as its absence; or no sentence
+   is kept at all ("no_wording" too: a normal consensus may rest on reports stating no finding, such as clinical
+   histories, ``labels.with_normal``, and an empty draft would read as "normal" without a neighbour saying so).
 4. Sentences: each neighbour sentence is grouped, per section (findings / impression), with the
    sentences that assert the same findings with the same statuses; sentences asserting nothing
    (technique, normal anatomy) are grouped by wording (token Jaccard >= ``WORDING_SIMILARITY`` and
@@ -98,7 +100,8 @@ LOWEST_MIN_SUPPORT = 0.5  # below it two statuses (or normality and a finding) c
 MIN_SIMILARITY = 0.5  # abstain when the nearest case's cosine similarity is below this
 WORDING_SIMILARITY = 0.5  # token Jaccard from which two sentences count as the same wording
 FAR, DISAGREE, NO_CASES, NO_REPORTS, NO_CONTENT = "far", "disagree", "no_cases", "no_reports", "no_content"
-NO_WORDING = "no_wording"  # a consensus finding whose every wording was left out (details vote, identifiers)
+# a consensus finding whose every wording was left out (details vote, identifiers), or no sentence kept at all
+NO_WORDING = "no_wording"
 FEW_REPORTS = "few_reports"  # fewer than MIN_CASES neighbours with a report: every word would be one case's
 # why a finding's sentences were all left out, for the no_wording reason
 _IDENTIFIER_LEFT, _DETAIL_LEFT, _MIXED_LEFT = "identifier", "detail", "mixed"
@@ -371,6 +374,10 @@ def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None,
                              abnormal=set(labeller.knowledge.abnormal), rare=rare)
     if unworded:  # a consensus finding must not vanish from a draft that is not an abstention
         return _abstain(neighbours, findings, NO_WORDING, _unworded_reason(unworded), settings)
+    if not kept:  # an empty draft would read as "normal" without one neighbour's sentence saying so
+        return _abstain(neighbours, findings, NO_WORDING, f"no sentence of the nearest cases' reports is stated by "
+                        f"more than {min_support:.2f} of them (weighted) nor states a consensus finding: nothing to "
+                        "draft", settings)
     shares = {f.name: f.support.get(f.consensus, 0.0) for f in findings if f.consensus}
     for sentence in kept:
         sentence.consensus = {name: shares[name] for name in sentence.findings}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_number
-from ..embed import class_embeddings
+from ..embed import check_text_read_whole, class_embeddings
 from ..errors import DataError, InputError
 
 BUILTIN_DIR = Path(__file__).with_name("knowledge")
@@ -137,12 +137,14 @@ class KnowledgeBase:
         embedding of ``model``) by cosine similarity of the model's text embeddings.
 
         An entry is embedded as the mean over its title and synonyms, each in ``PROMPT_TEMPLATES``
-        (a prompt ensemble)."""
+        (a prompt ensemble). A query text longer than the model's text tower reads is refused (an InputError:
+        ``medvl.embed.check_text_read_whole``)."""
         check_number("k", k, minimum=1, integer=True)
         vectors = self._embeddings(model)
         if isinstance(query, str):
             if not query.strip():
                 raise InputError("the knowledge query text is empty")
+            check_text_read_whole(model, query, "the knowledge query text")
             query = model.encode_texts([query]).numpy()
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != vectors.shape[1]:

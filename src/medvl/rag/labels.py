@@ -571,7 +571,9 @@ def merge(labels: Iterable[dict[str, str]]) -> dict[str, str]:
 
 def with_normal(labels: dict[str, str], knowledge: KnowledgeBase) -> dict[str, str]:
     """``labels`` with the normal entry set: positive unless an abnormal finding is positive or
-    uncertain (then negative)."""
+    uncertain (then negative). As in CheXpert, a report stating no finding at all (a clinical history only) counts
+    as normal too; a draft whose normal consensus rests on such reports keeps no sentence and abstains
+    (``medvl.rag.draft``: ``no_wording``)."""
     if knowledge.normal is None:
         return dict(labels)
     abnormal = set(knowledge.abnormal)
