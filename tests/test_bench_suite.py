@@ -142,7 +142,7 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "covariates must be a list of column names or 'none'"),
     ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["sex", "sex"]}]},
      "task 1: covariate column(s) sex given more than once"),
-    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["agee"]}]},
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["agee"]}], "checks": ["sanity"]},
      "no record has a value for covariate column 'agee'"),
     ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "checks": ["corruption", "sanity"]}]},
      "task linear-probe@phantom lists check(s) a linear-probe task cannot take: corruption applies to zero-shot"),
@@ -162,6 +162,15 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no column 2020 for subgroups"),
     ({"name": ["a", "b"]}, "suite.yaml: name must be a name, got ['a', 'b']"),  # ran as the suite "['a', 'b']"
     ({"name": {"a": 1}}, "suite.yaml: name must be a name, got {'a': 1}"),
+    # the suite's checks that run on no task: were dropped, and the run reported no flag and nothing skipped
+    ({"tasks": [{"task": "retrieval", "dataset": "phantom"}, {"task": "few-shot", "dataset": "phantom", "shots": [1]}],
+      "checks": ["sanity", "calibration", "ood"]},
+     "the suite's check(s) calibration, ood run on none of its tasks (calibration applies to zero-shot, linear-probe; "
+     "ood applies to zero-shot; the tasks taking the suite's checks: retrieval@phantom, few-shot@phantom)"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom", "checks": ["sanity"]},
+                {"task": "retrieval", "dataset": "phantom"}], "checks": ["ood"]},
+     "the suite's check(s) ood run on none of its tasks (ood applies to zero-shot; the tasks taking the suite's "
+     "checks: retrieval@phantom)"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
