@@ -5,6 +5,7 @@ suite gets before any work starts."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import re
@@ -142,7 +143,7 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "covariates must be a list of column names or 'none'"),
     ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["sex", "sex"]}]},
      "task 1: covariate column(s) sex given more than once"),
-    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["agee"]}]},
+    ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "covariates": ["agee"]}], "checks": ["sanity"]},
      "no record has a value for covariate column 'agee'"),
     ({"tasks": [{"task": "linear-probe", "dataset": "phantom", "checks": ["corruption", "sanity"]}]},
      "task linear-probe@phantom lists check(s) a linear-probe task cannot take: corruption applies to zero-shot"),
@@ -162,6 +163,15 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no column 2020 for subgroups"),
     ({"name": ["a", "b"]}, "suite.yaml: name must be a name, got ['a', 'b']"),  # ran as the suite "['a', 'b']"
     ({"name": {"a": 1}}, "suite.yaml: name must be a name, got {'a': 1}"),
+    # the suite's checks that run on no task: were dropped, and the run reported no flag and nothing skipped
+    ({"tasks": [{"task": "retrieval", "dataset": "phantom"}, {"task": "few-shot", "dataset": "phantom", "shots": [1]}],
+      "checks": ["sanity", "calibration", "ood"]},
+     "the suite's check(s) calibration, ood run on none of its tasks (calibration applies to zero-shot, linear-probe; "
+     "ood applies to zero-shot; the tasks taking the suite's checks: retrieval@phantom, few-shot@phantom)"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom", "checks": ["sanity"]},
+                {"task": "retrieval", "dataset": "phantom"}], "checks": ["ood"]},
+     "the suite's check(s) ood run on none of its tasks (ood applies to zero-shot; the tasks taking the suite's "
+     "checks: retrieval@phantom)"),
 ])
 def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, phantom_dir, tmp_path):
     change = json.loads(json.dumps(change).replace('"PHANTOM"', json.dumps(str(phantom_dir))))
@@ -848,6 +858,30 @@ def test_shortcut_and_counterfactual_of_a_zero_shot_cell_judge_zero_shot_not_the
     assert cell["plots"]["counterfactual"]["method"] == "zero_shot"
     assert cell["plots"]["shortcut"]["accuracy"] == pytest.approx(rows["accuracy"])
     assert cell["plots"]["shortcut"]["balanced_accuracy"] == pytest.approx(rows["balanced_accuracy"])
+
+
+def test_few_shot_spreads_are_told_apart_from_bootstrap_intervals(two_models, phantom_dir, tmp_path):
+    """A few-shot row's bounds are the mean ± 1.96 sd of its draws of the training shots (the scored records held
+    fixed), not a bootstrap 95 % interval: the summary and report.html write them apart, as the row's
+    ``interval_kind`` says; the zero-shot AUC beside them keeps its ``[low, high]``."""
+    spec = {"path": str(phantom_dir), "split": "test", "train_split": "train", "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom"},
+             {"task": "few-shot", "dataset": "phantom", "shots": [2], "repeats": 3}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=[], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {(row["task"], row["metric"]): row for row in results["rows"]}
+    spread, zero_shot = rows["few-shot", "2-shot auc"], rows["zero-shot", "auc"]
+    assert spread["interval_kind"] == "mean ± 1.96 sd over the draws, within [0, 1]" and spread["repeats"] == 3
+    shown = f"(±1.96 sd, 3 draws: {spread['low']:.3f}–{spread['high']:.3f})"
+    flat = " ".join(output.split())
+    assert f"alpha few-shot@phantom 2-shot auc │ {spread['value']:.3f} {shown}" in flat, output
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert f"{spread['value']:.3f} <span class='ci spread' title='mean ± 1.96 sd over the draws, within [0, 1]'>" \
+           f"{html.escape(shown)}</span>" in report
+    assert f"alpha zero-shot@phantom auc │ {zero_shot['value']:.3f} [{zero_shot['low']:.3f}, {zero_shot['high']:.3f}]" \
+           in flat, output
 
 
 def test_skipped_checks_are_in_results_the_summary_and_the_report_banner(two_models, phantom_dir, tmp_path):

@@ -7,7 +7,9 @@ import pytest
 
 from cli_helpers import invoke, isic_rows, write_manifest
 from medvl.bench.cv import make_folds
+from medvl.data import load_dataset
 from medvl.errors import InputError
+from medvl.eval.metrics import classification_metrics
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,13 @@ def test_bench_cv_end_to_end(isic_subset, tmp_path):
     ids = [set(f["test_ids"]) for f in metrics["folds"]]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 40
     assert "copies_in_fit" not in metrics and "copies" not in output  # no image is filed twice
+    # each fold's figures are those of the probabilities the file keeps (rounded ones tied the argmax and ranks)
+    labels = {r.id: r.labels["diagnosis"] for r in load_dataset(isic_subset, allow_outside_root=True).records}
+    for fold in metrics["folds"]:
+        y = np.array([metrics["classes"].index(labels[i]) for i in fold["test_ids"]])
+        recomputed = classification_metrics(y, np.array(fold["probabilities"]), metrics["classes"])
+        assert (recomputed["macro_auc"], recomputed["accuracy"], recomputed["balanced_accuracy"]) == (
+            fold["auc"], fold["acc"], fold["balanced_accuracy"])
 
 
 def test_bench_cv_unknown_label_column_is_a_one_line_error(isic_subset):
@@ -187,7 +196,7 @@ def test_an_ensemble_fold_averages_members_trained_with_their_own_seeds(isic_sub
         alone_probe.append(fold_scores["probe"])
     assert not np.allclose(alone[0], alone[1])  # the members differ
     np.testing.assert_allclose(both_scores, (alone[0] + alone[1]) / 2, atol=1e-6)
-    assert both["probabilities"] == np.round(both_scores, 5).tolist()
+    assert both["probabilities"] == both_scores.tolist()  # unrounded: the fold's figures recompute from them
     np.testing.assert_allclose(both_probe, (alone_probe[0] + alone_probe[1]) / 2, atol=1e-6)
 
 

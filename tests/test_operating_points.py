@@ -67,16 +67,20 @@ def test_operating_points_report_full_data_figures_inside_bootstrap_intervals():
 
 
 def test_operating_point_intervals_are_the_plain_bootstrap_of_bench_run():
-    """bench medmnist and bench run draw the same plain bootstrap (medvl.eval.bootstrap): accuracy over every draw,
-    balanced accuracy over the draws holding both classes; on a small split where some draws hold one class the
-    two commands still give the same intervals for the same predictions."""
+    """bench medmnist and bench run draw the same bootstrap (medvl.eval.bootstrap, the draws eval.subgroups.DRAWS
+    names): accuracy over every plain draw, balanced accuracy over the plain draws holding both classes, AUC over
+    draws stratified by class (it took the plain draws holding both classes: another interval); on a small split
+    where some draws hold one class the two commands still give the same intervals for the same predictions."""
     from medvl.eval.bootstrap import bootstrap_ci
-    from medvl.eval.subgroups import accuracy, balanced_accuracy
+    from medvl.eval.subgroups import DRAWS, accuracy, balanced_accuracy, macro_auc
 
     calibration, calibration_y = _scores(30, 10, seed=3)
     scores, y = _scores(3, 11, seed=4)
     result = operating_points(calibration, calibration_y, scores, y, target_prior=0.5, resamples=300, seed=2)
     assert result["resamples"] == 300 and result["resamples_with_both_classes"] < 300
+    auc = bootstrap_ci(macro_auc, y, scores, resamples=300, seed=2, **DRAWS["auc"])  # as bench run's auc row
+    assert auc["resamples"] == 300
+    assert result["auc"] == pytest.approx({key: auc[key] for key in ("value", "low", "high")})
     for name in ("max_accuracy", "max_balanced_accuracy"):
         predicted = np.eye(2)[(scores[:, 1] >= result[name]["threshold"]).astype(int)]
         plain = bootstrap_ci(accuracy, y, predicted, resamples=300, seed=2, need_both_classes=False)

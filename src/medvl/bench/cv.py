@@ -29,8 +29,9 @@ Folds are drawn on records: a held-out image that is a byte-for-byte copy of a t
 filed twice under two names) is counted per fold and warned about (``copies_in_fit``, as ``bench run`` and
 ``bench medmnist`` count them), not moved.
 
-Reported: every fold, the mean and the sample standard deviation (ddof=1) over folds, and the
-AUC of all out-of-fold head scores pooled. ``repeated_cross_validate`` repeats the whole CV with
+Reported: every fold (with its held-out ids and head probabilities, unrounded, so its figures recompute from the
+JSON), the mean and the sample standard deviation (ddof=1) over folds, and the AUC of all out-of-fold head scores
+pooled. ``repeated_cross_validate`` repeats the whole CV with
 other fold seeds, so a small set is judged by the spread over many splits, never by one split.
 Folds depend only on the labels, groups and ``seed`` (``make_folds``), so other methods can be
 scored on exactly the same folds.
@@ -363,7 +364,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
             fused.update({f"{prefix}auc": metrics["macro_auc"], f"{prefix}acc": metrics["accuracy"],
                           f"{prefix}balanced_accuracy": metrics["balanced_accuracy"]})
         fused["covariates_auc"] = classification_metrics(y, alone, classes)["macro_auc"]
-        fused["fused_probabilities"] = np.round(scores["fused"], 5).tolist()
+        fused["fused_probabilities"] = scores["fused"].tolist()
     result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),
               "auc": head["macro_auc"], "acc": head["accuracy"],
@@ -372,7 +373,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
               "probe_auc": probe["macro_auc"], "probe_acc": probe["accuracy"],
               "probe_balanced_accuracy": probe["balanced_accuracy"],
               "confusion_matrix": head["confusion_matrix"], "test_ids": [r.id for r in test_set],
-              "probabilities": np.round(probabilities, 5).tolist(), **fused,
+              "probabilities": probabilities.tolist(), **fused,  # unrounded: rounding ties the argmax and ranks
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("fold %d: head AUC %.3f, zero-shot AUC %.3f, linear-probe AUC %.3f", fold + 1,
              result["auc"] or float("nan"), result["zero_shot_auc"] or float("nan"),

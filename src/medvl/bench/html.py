@@ -105,10 +105,29 @@ def _metric_table(cells: list[dict[str, Any]], models: list[str]) -> str:
 def _value(row: dict[str, Any]) -> str:
     if row["value"] is None:
         return "-"
-    text = f"{row['value']:.3f}"
-    if row.get("low") is not None and row.get("high") is not None:
-        text += f" <span class='ci'>[{row['low']:.3f}, {row['high']:.3f}]</span>"
+    text, interval = f"{row['value']:.3f}", interval_text(row)
+    if interval and row.get("interval_kind"):
+        text += f" <span class='ci spread' title='{html.escape(row['interval_kind'])}'>{html.escape(interval)}</span>"
+    elif interval:
+        text += f" <span class='ci'>{html.escape(interval)}</span>"
     return text
+
+
+DRAW_SPREAD = "mean ± 1.96 sd over the draws, within [0, 1]"  # a few-shot row's interval_kind (runner._linear_probe)
+
+
+def interval_text(row: dict[str, Any]) -> str:
+    """A row's interval as text (the report and the CLI summary): ``[low, high]`` for a bootstrap 95 % interval
+    (a row without ``interval_kind``); a few-shot row's spread over its draws of the training shots, which leaves
+    the scored records' sampling out, written apart so it is never read as one ("" without bounds)."""
+    low, high = row.get("low"), row.get("high")
+    if low is None or high is None:
+        return ""
+    kind = row.get("interval_kind")
+    if kind is None:
+        return f"[{low:.3f}, {high:.3f}]"
+    label = f"±1.96 sd, {row['repeats']} draws" if kind == DRAW_SPREAD and row.get("repeats") else kind
+    return f"({label}: {low:.3f}–{high:.3f})"
 
 
 # ------------------------------------------------------------------ plots: (model, plot data) pairs -> figure

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from ..checks import check_number
 from ..data.captions import CaptionConfig, load_captions
@@ -34,11 +33,12 @@ from ..data.loaders import load_dataset
 from ..data.loading import image_sources
 from ..data.record import ALL_SPLITS, Dataset
 from ..errors import InputError
-from ..eval.bootstrap import bootstrap_draws, every_class_draws, percentile_interval
+from ..eval.bootstrap import bootstrap_ci, bootstrap_draws, every_class_draws, percentile_interval
 from ..eval.contamination import copies_in_fit
 from ..eval.head import class_order, class_targets
 from ..eval.metrics import classification_metrics
 from ..eval.robustness import CORRUPTIONS, PARAMETERS, check_corruption, corrupt
+from ..eval.subgroups import DRAWS, macro_auc
 from ..io import RUN_OWN_ENTRIES, replace_dir, staged_for, write_errors_named
 from ..models.dual import DualEncoder
 from ..models.preprocess import affine_warp, read_for
@@ -488,18 +488,20 @@ def operating_points(calibration_scores: np.ndarray, calibration_y: np.ndarray, 
     balanced accuracy and the accuracy re-weighted to ``target_prior`` (``accuracy_at_prior``), each
     with a 95 % percentile bootstrap interval over ``resamples`` plain resamples of the scored records
     (seeded; ``medvl.eval.bootstrap``, the draws ``bench run`` takes): accuracy over every draw, the others
-    over the ``resamples_with_both_classes`` draws holding both classes; ``auc`` likewise (a ranking, so the
-    same under any prior).
+    over the ``resamples_with_both_classes`` draws holding both classes. ``auc`` (a ranking, so the same under any
+    prior) takes ``bench run``'s AUC draws, stratified by class (``medvl.eval.subgroups.DRAWS``), so the two give
+    the same interval for the same predictions.
     """
     _check_prior(target_prior)
     check_number("bootstrap resamples", resamples, minimum=100, integer=True)
     draws = bootstrap_draws(y_true, resamples, seed, need_both_classes=False)  # bench run's plain draws
     complete = every_class_draws(y_true, draws)  # for the figures a draw of one class leaves undefined
     positive = scores[:, 1]
+    auc = bootstrap_ci(macro_auc, y_true, scores, resamples=resamples, seed=seed, **DRAWS["auc"])
     result = {"target_prior": target_prior, "scored_prior": float(y_true.mean()),
               "calibration_prior": float(calibration_y.mean()), "resamples": len(draws),
               "resamples_with_both_classes": len(complete),
-              "auc": _with_interval(lambda i: float(roc_auc_score(y_true[i], positive[i])), y_true, complete)}
+              "auc": {key: auc[key] for key in ("value", "low", "high")}}
     for name, prior in (("max_accuracy", None), ("max_accuracy_at_prior", target_prior),
                         ("max_balanced_accuracy", 0.5)):
         threshold = _best_threshold(calibration_scores, calibration_y, prior)

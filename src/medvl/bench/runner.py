@@ -756,6 +756,7 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
     fused into its figure ([] for the image alone)."""
     from ..eval.covariates import model_covariates
     from ..eval.linear_probe import linear_probe
+    from .html import DRAW_SPREAD
 
     spec = ctx.data.spec
     train, test = ctx.training_split(), ctx.data.split(spec.split)
@@ -777,8 +778,7 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]
                 interval = None if mean is None else {"low": max(0.0, mean - 1.96 * std),
                                                       "high": min(1.0, mean + 1.96 * std)}
-                ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"],
-                        interval_kind="mean ± 1.96 sd over the draws, within [0, 1]")
+                ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"], interval_kind=DRAW_SPREAD)
         ctx.plots["few_shot"] = result["few_shot"]
         return
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])

@@ -35,8 +35,9 @@ encoders), ``vqa`` (VQA models) and ``report`` (report generators). A task may c
 with the knowledge base: the built-in chest X-ray findings, a task's ``knowledge:`` folder of finding files
 on top (relative to the suite file), or that folder alone with ``builtin_knowledge: false``. The
 suite's checks apply to the tasks they make sense for (``CHECKS``); a check a task's own list names
-that the task cannot take is an InputError. Split, label, subgroup column and dataset names are text
-(``split: 2020`` is the split "2020", ``subgroups: [2020]`` the column "2020").
+that the task cannot take is an InputError, and so is a check of the suite's list that runs on none of its tasks.
+Split, label, subgroup column and dataset names are text (``split: 2020`` is the split "2020", ``subgroups: [2020]``
+the column "2020").
 
 ``load_suite`` parses and checks the file: an unknown key, task or check, a task naming a dataset
 the suite does not define, a dataset path that does not exist, a missing split or label column, a
@@ -370,6 +371,7 @@ def _check(suite: SuiteSpec) -> None:
         if task.task in TRAINING_TASKS and source is not None and not source.train_split:
             raise InputError(f"{where}: dataset {source.name!r} has no train_split for task {task.key} (it is "
                              "fitted on that split); set the dataset's train_split")
+    _check_suite_checks(suite)
     for task in suite.tasks:
         if task.task in KNOWLEDGE_TASKS and (task.knowledge is not None or not task.builtin_knowledge):
             try:
@@ -388,6 +390,18 @@ def _check(suite: SuiteSpec) -> None:
             hint = f"set {', '.join(unset)} or " if unset else ""
             raise InputError(f"{dataset.path}: dataset {dataset.name!r} of {where} not found "
                              f"({hint}give its location with --data {dataset.name}=PATH)")
+
+
+def _check_suite_checks(suite: SuiteSpec) -> None:
+    """InputError naming each check of the suite's list that runs on none of its tasks (it applies to none of them,
+    or those it applies to give their own ``checks:`` list): else a run would report no flag of a check never run."""
+    unused = [check for check in suite.checks if not any(check in suite.task_checks(task) for task in suite.tasks)]
+    if unused:
+        taking = [task.key for task in suite.tasks if task.checks is None]
+        raise InputError(f"{suite.source}: the suite's check(s) {', '.join(unused)} run on none of its tasks ("
+                         + "; ".join(f"{check} applies to {', '.join(CHECKS[check])}" for check in unused)
+                         + f"; the tasks taking the suite's checks: {', '.join(taking) or 'none'}); remove them or "
+                         "add a task they apply to")
 
 
 def _check_dataset_files(dataset: DatasetSpec, where: str) -> None:

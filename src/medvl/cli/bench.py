@@ -94,10 +94,12 @@ def _headline_rows(rows: list[dict]) -> list[dict]:
 
 
 def _interval(row: dict) -> str:
+    from ..bench.html import interval_text
+
     if row["value"] is None:
         return "-"
-    low, high = row.get("low"), row.get("high")
-    return f"{row['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+    interval = interval_text(row)
+    return f"{row['value']:.3f}" + (f" {interval}" if interval else "")
 
 
 @bench_app.command("medmnist")
