@@ -129,3 +129,26 @@ def test_vqa_training_refuses_to_run_data_parallel(tmp_path):
     assert said[0] == ("error: VQA training does not run data-parallel: each of the 2 processes would train on "
                        "the whole batch; start it in one process (without torchrun)")
     assert not out.exists()
+
+
+def test_a_batch_too_small_to_shard_is_refused_on_every_rank(tmp_path):
+    """A global batch is cut into one shard per process: a --batch-size below 2 per process is refused before
+    training, one line per rank (a batch of 2 on 3 processes gave one rank an empty shard: a MONAI traceback)."""
+    from cli_helpers import invoke
+
+    result, output = invoke("phantom", tmp_path / "ph", "--n", 20, "--size", 64, "-q")
+    assert result.exit_code == 0, output
+    medvl = shutil.which("medvl")
+    torchrun = shutil.which("torchrun")
+    assert medvl is not None and torchrun is not None
+    out = tmp_path / "out"
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node=3", "--no-python", medvl, "train", "--data",
+                           str(tmp_path / "ph"), "--out", str(out), "--model", "phantom-tiny", "--epochs", "1",
+                           "--batch-size", "2", "-q"], capture_output=True, text=True, timeout=600)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    # every rank exits 2 with no traceback of its own ([rankN]: lines); torchrun's report of the failure follows
+    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 3, done.stderr[-3000:]
+    assert "[rank0]" not in done.stderr and "RuntimeError" not in done.stderr, done.stderr[-3000:]
+    assert said == ["error: batch_size 2 cannot give each of 3 processes at least 2 records of a batch (at least "
+                    "2 x 3 = 6 needed)"] * 3, done.stderr[-3000:]
+    assert not out.exists()
