@@ -285,6 +285,34 @@ def test_an_export_that_fails_leaves_nothing_at_out_and_can_be_rerun(trained_dir
         assert sorted(p.name for p in disk.iterdir()) == ["exported"]
 
 
+def test_weights_replaced_during_an_export_are_refused(trained_dir, tmp_path, monkeypatch):
+    """A model.safetensors replaced while the graphs are made (a retrain or copy into the folder) would get an
+    export recording the new file's digest but holding the old weights, which every check would then accept:
+    the export hashes the files before loading them and refuses when they changed, writing nothing."""
+    import medvl.scale.onnx as exporter
+
+    model = _copy(trained_dir, tmp_path / "model")
+    newer = medvl.load_model(trained_dir)
+    with torch.no_grad():
+        newer.logit_scale.add_(1.0)
+    newer.save_pretrained(tmp_path / "newer")
+    make_graphs = exporter._export_towers
+
+    def replaced_meanwhile(*args, **kwargs):  # the race, at a fixed point: after the graphs, before the digests
+        made = make_graphs(*args, **kwargs)
+        shutil.copyfile(tmp_path / "newer" / "model.safetensors", model / "model.safetensors.new")
+        (model / "model.safetensors.new").replace(model / "model.safetensors")
+        return made
+
+    monkeypatch.setattr(exporter, "_export_towers", replaced_meanwhile)
+    result, output = invoke("export", "onnx", "--model", model, "--no-int8")
+    assert result.exit_code == 2, output
+    assert _error_line(output) == (f"error: {model / 'model.safetensors'}: changed during the export (its graphs hold "
+                                   f"the model loaded before); nothing written: rerun medvl export onnx once the "
+                                   f"model folder is final")
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in trained_dir.iterdir())  # no onnx/
+
+
 def _copy(model_dir: Path, target: Path) -> Path:
     shutil.copytree(model_dir, target)
     return target

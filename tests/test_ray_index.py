@@ -175,6 +175,35 @@ def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, 
     assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
 
 
+def test_relative_paths_reach_workers_running_in_another_folder(local_ray, single, model_dir, data_with_duplicates,
+                                                                tmp_path, monkeypatch):
+    """A cluster's workers run in the folder its head was started from, not the driver's: here the module's Ray,
+    started before the driver moves to another folder. Relative --model and --data (and so the records' image
+    paths) are made absolute by the driver before they are shipped (they were read in the workers' folder: a
+    Ray traceback, or a false 'file not found')."""
+    shutil.copytree(model_dir, tmp_path / "model")
+    shutil.copytree(data_with_duplicates, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    result, output = invoke("index", "build", "--model", "model", "--data", "data", "--out", "idx", "--batch-size", 16,
+                            "--ray", "--ray-workers", 2, "--quiet")
+    assert result.exit_code == 0, output
+    _same_index(single[0], tmp_path / "idx")
+
+
+def test_a_model_a_worker_cannot_load_is_the_usual_one_line_error(local_ray, model_dir, data_with_duplicates,
+                                                                   tmp_path):
+    """A worker that cannot load the model (a folder changed or gone since the driver loaded it, or not shared
+    with its node) gives the driver medvl's own error, not Ray's ActorDiedError with the worker's traceback."""
+    from medvl.errors import ModelError
+    from medvl.scale.ray_jobs import RayEmbedder
+
+    gone = tmp_path / "gone"
+    with pytest.raises(ModelError, match=f"^{gone}: not a medvl model directory"):
+        build_index(load_model(model_dir), load_dataset(data_with_duplicates), tmp_path / "idx", model_dir=model_dir,
+                    batch_size=16, show_progress=False, embedder=RayEmbedder(gone, workers=1))
+    assert not (tmp_path / "idx").exists()
+
+
 def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_with_duplicates, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on: bound, then closed
         probe.bind(("127.0.0.1", 0))

@@ -85,6 +85,7 @@ def train_command(
         raise InputError("medvl train needs --data and --out (or a subcommand: see medvl train --help)")
     from ..api import parse_overrides, train_from_path, train_options
     from ..io import check_output_folder
+    from ..train import distributed
 
     check_output_folder(out, "--out")
 
@@ -100,4 +101,6 @@ def train_command(
                               captions=captions, overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
                               allow_outside_root=allow_outside_root, show_progress=not quiet, **options)
     summary = trained.meta["training"]
-    console.print(f"trained {summary['steps']} steps on {summary['records']} records; model saved to {out / 'model'}")
+    if distributed.ran_as_main():  # under torchrun only rank 0 saved the model
+        console.print(f"trained {summary['steps']} steps on {summary['records']} records; "
+                      f"model saved to {out / 'model'}")

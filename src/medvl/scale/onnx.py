@@ -49,7 +49,7 @@ from ..models.backends import (
     onnx_session,
     weights_digest,
 )
-from ..models.dual import CONFIG_FILE, DualEncoder
+from ..models.dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
 
 INT8_OPS = ["MatMul", "Gemm"]  # convolutions stay fp32 (see the module docstring)
 EXPORT_CHECK_TEXTS = ["no acute cardiopulmonary abnormality", "small left pleural effusion with basal atelectasis"]
@@ -87,6 +87,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
     from ..models.registry import load_model
 
     source = model_folder(model_dir)
+    loaded_from = _model_digests(source)  # before loading: the files the exported model is made from
     model = load_model(source)
     if type(model) is not DualEncoder:
         raise ModelError(f"{model_dir}: ONNX export takes medvl model folders (this is a "
@@ -98,24 +99,48 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
             raise ModelError(f"{folder}: exists and is not an empty folder; choose a new --out")
         _export_with_copy(model, folder, int8)
     else:
-        _export_beside(model, folder, int8)
+        _export_beside(model, folder, int8, loaded_from)
     return folder / EXPORT_DIR
 
 
-def _export_beside(model: DualEncoder, folder: Path, int8: bool) -> None:
+def _model_digests(folder: Path) -> dict[str, str]:
+    """What ``export.json`` records of the model files in ``folder`` (``read_export`` checks them); empty when one
+    cannot be read (loading the model then says why)."""
+    try:
+        return {"weights_sha256": weights_digest(folder), "config_sha256": config_digest(folder)}
+    except OSError:
+        return {}
+
+
+def _export_beside(model: DualEncoder, folder: Path, int8: bool, loaded_from: dict[str, str] | None = None) -> None:
     """Write ``folder/onnx/`` (staged inside ``folder``, swapped in when complete) for the model saved in
-    ``folder``."""
+    ``folder``. ``loaded_from``: the digests of the files ``model`` was loaded from, taken before loading; if the
+    files differ from them once the graphs are made (replaced during the export), the export describes weights it
+    does not hold, so it is refused (ModelError) and nothing is written."""
     with write_errors_named(folder / EXPORT_DIR):
         staging = staging_folder(folder, f".{EXPORT_DIR}.tmp-")
         try:
             description = _export_towers(model, staging, int8)
-            description["weights_sha256"] = weights_digest(folder)
-            description["config_sha256"] = config_digest(folder)
+            digests = _check_unchanged(folder, loaded_from)
+            description.update(digests)
             (staging / EXPORT_FILE).write_text(json.dumps(description, indent=2) + "\n")
             replace_dir(staging, folder / EXPORT_DIR)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def _check_unchanged(folder: Path, loaded_from: dict[str, str] | None) -> dict[str, str]:
+    """The digests of the model files in ``folder``; ModelError naming the file if one differs from ``loaded_from``
+    (``None``: not checked) or cannot be read."""
+    digests = _model_digests(folder)
+    expected = digests if loaded_from is None else loaded_from
+    changed = [name for key, name in (("weights_sha256", WEIGHTS_FILE), ("config_sha256", CONFIG_FILE))
+               if key not in digests or digests[key] != expected.get(key)]
+    if changed:
+        raise ModelError(f"{folder / changed[0]}: changed during the export (its graphs hold the model loaded "
+                         f"before); nothing written: rerun medvl export onnx once the model folder is final")
+    return digests
 
 
 def _export_with_copy(model: DualEncoder, out: Path, int8: bool) -> None:

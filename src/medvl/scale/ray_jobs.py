@@ -10,12 +10,14 @@ duplicate images are skipped in the same order, and every appended batch is a ch
 interrupted build resumes from the last one when rerun (``build_index``'s contract).
 
 The workers read images themselves: on a cluster, the data path must be readable from every node
-(a shared file system), as must the model folder.
+(a shared file system), as must the model folder. The driver makes the model folder and the records' image
+paths absolute before shipping them (``absolute_paths``): a cluster's workers run in the folder its head was
+started from, not the driver's.
 
-Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file) or ``OSError`` is
-sent back with its batch and raised by the driver as itself when it reaches that batch (the batches
-before it are appended, as in a single-process build), not wrapped in Ray's task error, so ``medvl``
-prints its one line.
+Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
+cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
+when it reaches that batch (the batches before it are appended, as in a single-process build), not wrapped
+in Ray's task or actor error, so ``medvl`` prints its one line.
 
 A cluster address of the form ``host:port`` (or ``ray://host:port``) is checked with a TCP connection
 when the embedder is made (``RAY_CONNECT_TIMEOUT_S``), before any work: Ray itself keeps retrying an
@@ -25,6 +27,7 @@ unreachable address for many minutes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -61,7 +64,7 @@ class RayEmbedder:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
-        self.model_dir = Path(self.model_dir)
+        self.model_dir = Path(self.model_dir).absolute()  # the workers' working folder is not the driver's
         if self.address is not None:
             check_reachable(self.address)
 
@@ -91,7 +94,7 @@ class RayEmbedder:
         items = ray.data.from_items([{"position": p} for p in positions],
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
         embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
-            "model_dir": str(self.model_dir), "backend": self.backend, "dataset": dataset},
+            "model_dir": str(self.model_dir), "backend": self.backend, "dataset": absolute_paths(dataset)},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
             batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
@@ -111,8 +114,12 @@ class _EmbedWorker:
         from ..models.registry import load_model
 
         torch.set_num_threads(1)
-        self.model = load_model(model_dir, backend=backend)
         self.records = dataset.records
+        self.failed: MedvlError | OSError | None = None
+        try:
+            self.model = load_model(model_dir, backend=backend)
+        except (MedvlError, OSError) as error:  # kept for the first batch: an actor that dies in its constructor
+            self.failed = error  # is reported by Ray as a traceback of its own (and retried)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -121,16 +128,36 @@ class _EmbedWorker:
 
         records = [self.records[int(p)] for p in batch["position"]]
         try:
+            if self.failed is not None:
+                raise self.failed
             digests, pixels = read_batch(self.model.preprocessor, records)
             images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
         except (MedvlError, OSError) as error:
             # returned, not raised: Ray would wrap it in its task error (the whole traceback as the message,
             # logged too) and drop the original; the driver raises it, so the CLI prints its one line
-            zeros = np.zeros((len(records), self.model.config.embed_dim), np.float32)
+            width = 1 if self.failed is not None else self.model.config.embed_dim
+            zeros = np.zeros((len(records), width), np.float32)
             return {"position": batch["position"], "digest": np.array([""] * len(records)), "image": zeros,
                     "text": zeros, "error": np.array([pickle.dumps(error).hex()] * len(records))}
         return {"position": batch["position"], "digest": np.array(digests), "image": images, "text": texts,
                 "error": np.array([""] * len(records))}
+
+
+def absolute_paths(dataset: Dataset) -> Dataset:
+    """``dataset`` with every image file path absolute (``Path.absolute``: relative ones are taken from this
+    process's working folder), DICOM series' files included, for processes working in another folder."""
+    from ..data.loaders.dicom import DicomVolume
+
+    def absolute(image: Any) -> Any:
+        if isinstance(image, Path):
+            return image.absolute()
+        if isinstance(image, DicomVolume):
+            series = dataclasses.replace(image.series, files=[path.absolute() for path in image.series.files])
+            return DicomVolume(series, image.key)
+        return image  # an array
+
+    return dataset.subset([dataclasses.replace(record, images=[absolute(image) for image in record.images])
+                           for record in dataset.records])
 
 
 def _quiet_ray_data() -> None:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
-_joined = False  # init_from_env joined a process group in this process
+_joined_rank: int | None = None  # this process's rank in the group init_from_env joined (kept once it is left)
 
 
 def init_from_env() -> bool:
@@ -50,8 +50,8 @@ def init_from_env() -> bool:
                          "(start distributed training with torchrun)")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    global _joined
-    _joined = True
+    global _joined_rank
+    _joined_rank = dist.get_rank()
     log.info("distributed training: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
 
@@ -80,6 +80,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def ran_as_main() -> bool:
+    """``is_main``, also after the group ``init_from_env`` joined was left (``fit`` leaves it when training ends):
+    what a command says of the run's result, only rank 0 says."""
+    return is_main() if initialized() or _joined_rank is None else _joined_rank == 0
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -101,7 +107,7 @@ def shutdown() -> None:
 
 def joined() -> bool:
     """True if ``init_from_env`` joined a process group in this process (whether or not it was left since)."""
-    return _joined
+    return _joined_rank is not None
 
 
 def exit_process(code: int) -> NoReturn:
@@ -145,17 +151,25 @@ def gather_with_grad(local: torch.Tensor, global_count: int) -> torch.Tensor:
     """Concatenate every rank's rows (in rank order) into the global batch, keeping gradients.
 
     Shards may differ in size by one row: they are padded to the largest for the collective and
-    trimmed after. The backward pass sums the gradients of every rank's copy into each shard.
+    trimmed after. The backward pass sums the gradients of every rank's copy into each shard (a
+    reduce-scatter). The collective is torch's functional ``all_gather_single``, the replacement its
+    deprecation of ``torch.distributed.nn.functional.all_gather`` names (same values and gradients, checked on
+    gloo; the old one warned once per process on every run).
     """
     if world_size() == 1:
         return local
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single
 
     bounds = shard_bounds(global_count)
     largest = max(end - start for start, end in bounds)
     padded = torch.cat([local, local.new_zeros(largest - len(local), *local.shape[1:])]) if len(local) < largest \
         else local
-    parts = all_gather(padded)
+    group = dist.group.WORLD
+    assert group is not None  # in a group: world_size() > 1
+    # a plain tensor in (MONAI's MetaTensor cannot hold the collective's AsyncCollectiveTensor result); slicing the
+    # result waits for the collective
+    plain = padded.as_subclass(torch.Tensor).contiguous()  # (still in the autograd graph)
+    parts = all_gather_single(plain, 0, group).chunk(len(bounds))
     return torch.cat([part[:end - start] for part, (start, end) in zip(parts, bounds, strict=True)])
 
 

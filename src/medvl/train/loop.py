@@ -782,6 +782,10 @@ class _Run:
                                  f"({type(objective).__name__}) draws its batches at random")
             self.group_keys = objective.group_keys(config.batch_group)
         self._epoch_order: tuple[int, list[int]] = (-1, [])
+        processes = distributed.world_size()
+        if config.batch_size < 2 * processes:  # each process encodes its shard of a global batch: none may be empty
+            raise InputError(f"batch_size {config.batch_size} cannot give each of {processes} processes at least 2 "
+                             f"records of a batch (at least 2 x {processes} = {2 * processes} needed)")
         self.batches_per_epoch = len(epoch_batch_sizes(self.examples, config.batch_size, distributed.world_size()))
         last = self.examples % config.batch_size
         skipped = self.batches_per_epoch < math.ceil(self.examples / config.batch_size)
