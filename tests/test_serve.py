@@ -1882,7 +1882,7 @@ def test_explain_answers_with_the_served_model_not_the_folder_changed_since_the_
 
 
 def test_explain_answers_503_when_the_served_folder_loses_its_weights_or_goes_after_the_start(model_dir, png,
-                                                                                              tmp_path):
+                                                                                              tmp_path, log_lines):
     """A folder mid-redeploy (weights missing) or removed made /v1/explain answer 422, the client's fault, naming the
     server's folder: it is 503 as for replaced weights, and the explanation comes back once the folder does."""
     from fastapi.testclient import TestClient
@@ -1902,6 +1902,9 @@ def test_explain_answers_503_when_the_served_folder_loses_its_weights_or_goes_af
             assert str(tmp_path) not in answer.text
         shutil.copytree(model_dir, served)
         assert http.post("/v1/explain", files=image, data=form).status_code == 200
+    logged = "\n".join(log_lines())
+    assert "cannot load the served model folder (ModelError)" in logged and "served" not in logged.replace(
+        "the served model folder", "")  # the error type only: the log names no file (README)
 
 
 def test_refusals_and_abstentions_name_the_services_fields_not_cli_options(client, png):

@@ -493,7 +493,7 @@ class ModelService:
             try:
                 model = load_model(self.model_dir, load_guard=False)
             except ModelError as error:  # the server's folder, mid-redeploy or removed: not the client's fault (422)
-                log.warning("explanations cannot load the served model folder: %s", error)
+                log.warning("explanations cannot load the served model folder (%s)", type(error).__name__)  # no path
                 raise ServiceUnavailable(
                     f"the model folder {self.model_dir.name} cannot be read since the start (changed or removed): "
                     f"explanations need its torch copy ({self.settings.backend} serves the other routes); restore "
