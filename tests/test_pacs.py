@@ -735,6 +735,32 @@ def test_a_resumed_pull_reports_the_instances_at_risk_pulled_by_earlier_runs(upl
 
 
 @pytest.mark.orthanc
+def test_a_resumed_pull_pulls_again_an_instance_removed_from_out_since_an_earlier_run(uploaded, tmp_path):
+    """The state's list of instances done is checked against OUT: the at-risk secondary capture written by a
+    first run and deleted by the user before the rerun was counted "already there", the pull reported complete
+    (deleting its state and seed) and listed a burned-in-risk path that no longer existed. It is pulled again,
+    with the same de-identified UIDs (the state's seed), so the same path."""
+    out = tmp_path / "removed"
+    args = ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out, "--quiet")
+    first, output = invoke(*args, "--limit", "2")
+    assert first.exit_code == 0 and "incomplete:" in output, output
+    [flagged] = read_report(out)["deidentification"]["burned_in_risk_files"]
+    kept = [p for p in out.rglob("*.dcm") if p != out / flagged]
+    assert len(kept) == 1
+    (out / flagged).unlink()
+    result, output = invoke(*args)
+    assert result.exit_code == 0 and "incomplete:" not in output, output
+    assert "pulled 2 instance(s) (1 already there) of 3" in " ".join(output.split()), output
+    report = read_report(out)
+    assert report["complete"] and not (out / STATE_NAME).exists()
+    assert report["counts"]["pulled"] == 2 and report["counts"]["already_present"] == 1
+    assert report["deidentification"]["burned_in_risk_files"] == [flagged]
+    assert pydicom.dcmread(out / flagged).Modality == "OT"
+    assert len(list(out.rglob("*.dcm"))) == 3
+
+
+@pytest.mark.orthanc
 def test_an_instance_stored_without_preamble_is_pulled_as_medvl_reads_it(uploaded, tmp_path):
     """Orthanc stores and serves pydicom-data's OT-PAL-8-face.dcm as it came: a data set without the
     128-byte preamble, DICM and file meta, which medvl deid and predict read. A pull takes it too (WADO-RS

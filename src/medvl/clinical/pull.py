@@ -26,7 +26,7 @@ their original SOP Instance UID), which of them may hold burned-in text (their p
 report of the run that finishes the pull names those of earlier runs too) and, for a de-identified
 pull without ``seed``, the random de-identification seed, so a rerun of the same command after an
 interruption (or after ``limit``) fetches only the missing instances and maps UIDs and dates exactly
-as the first run did.
+as the first run did. An instance listed there whose file has since been removed from OUT is pulled again.
 The state file is deleted when the pull completes, taking the seed with it: the seed would
 reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
 """
@@ -157,8 +157,22 @@ def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: 
     if state.seed_check != seed_check:
         raise InputError(f"{path.parent}: resume the unfinished pull with the same --seed as before "
                          f"({'one was given' if state.seed_check else 'none was given'})")
+    _forget_removed(state)
     log.info("%s: resuming a pull, %d instance(s) already there", path.parent, len(state.done))
     return state
+
+
+def _forget_removed(state: _State) -> None:
+    """Drop from the state the instances whose files are no longer in OUT (deleted since an earlier run), so
+    they are pulled again (same seed, same paths) and no at-risk path names a file that is not there."""
+    out = state.path.parent
+    removed = [key for key, relative in state.done.items() if not (out / relative).is_file()]
+    for key in removed:
+        del state.done[key]
+    state.at_risk[:] = [relative for relative in state.at_risk if (out / relative).is_file()]
+    if removed:
+        log.warning("%s: %d instance(s) written by an earlier run are no longer there; pulling them again", out,
+                    len(removed))
 
 
 def as_int(value: Any) -> int | None:
