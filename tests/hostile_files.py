@@ -156,3 +156,20 @@ def patched_nifti(path: Path, *fields: tuple[str, int, tuple]) -> Path:
         struct.pack_into(layout, stored, offset, *values)
     path.write_bytes(gzip_bytes(bytes(stored)) if path.name.endswith(".gz") else bytes(stored))
     return path
+
+
+def jpeg_dicom_with_inserted_bytes(path: Path, inserted: bytes, after_dht: int) -> Path:
+    """pydicom's ``SC_rgb_jpeg.dcm`` (JPEG Baseline, 256 x 256 RGB) with ``inserted`` written into its JPEG stream
+    ``after_dht`` bytes after the first DHT marker (``FF C4``), the DICOM fragment lengths left as they were.
+
+    python-gdcm aborted the whole process (SIGABRT: a C++ exception nothing catches) on both of these:
+    ``b"\\0"`` at 0 (an extraneous byte before the marker, which the other decoders skip: the picture is intact)
+    and ``b"\\0\\0"`` at 108 (inside the Huffman tables: no decoder can decode the scan)."""
+    from pydicom.data import get_testdata_file
+
+    data = bytearray(Path(get_testdata_file("SC_rgb_jpeg.dcm")).read_bytes())
+    at = data.index(b"\xff\xc4", data.index(b"\xff\xd8\xff")) + after_dht
+    data[at:at] = inserted
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path

@@ -20,6 +20,7 @@ data_store = pytest.importorskip("data_store")
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
+from hostile_files import jpeg_dicom_with_inserted_bytes  # noqa: E402
 from medvl.clinical.deid import deidentify  # noqa: E402
 from medvl.clinical.dicom import load_volume, read_dicom, read_dicom_series  # noqa: E402
 from medvl.clinical.nifti import read_nifti  # noqa: E402
@@ -273,6 +274,35 @@ def test_not_dicom_files_are_named(tmp_path):
         read_dicom(fake)
     assert_names_file(error, fake)
 
+
+
+def test_a_corrupt_jpeg_stream_is_a_data_error_not_an_abort(tmp_path):
+    """pydicom tried python-gdcm first for JPEG, and GDCM threw a C++ exception nothing caught on some corrupt
+    streams: the whole process aborted (SIGABRT; medvl predict exit 134, medvl serve gone after one upload).
+    GDCM is no longer tried where another decoder is installed: a stream no decoder can read is a DataError
+    naming the file, and one with an extraneous byte the decoders skip is read as the intact file."""
+    broken = jpeg_dicom_with_inserted_bytes(tmp_path / "broken.dcm", b"\0\0", 108)
+    with pytest.raises(DataError, match=r"could not decode the JPEG Baseline \(Process 1\) pixel data") as error:
+        read_image(broken)
+    assert_names_file(error, broken)
+    extra_byte = jpeg_dicom_with_inserted_bytes(tmp_path / "extra-byte.dcm", b"\0", 0)
+    np.testing.assert_array_equal(read_dicom(extra_byte)[0], read_dicom(dicom("SC_rgb_jpeg.dcm"))[0])
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")  # SC_rgb_jpeg.dcm says explicit, is implicit
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg.dcm", "SC_rgb_jpeg_lossy_gdcm.dcm", "SC_jpeg_no_color_transform.dcm",
+                                  "SC_rgb_dcmtk_+eb+cy+n1.dcm", "JPEG2000.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_compressed_pixels_are_decoded_without_gdcm_to_the_values_gdcm_gives(name):
+    """Lossy colour JPEG decodes differently from one decoder to the next (pylibjpeg's libjpeg by up to 5 levels):
+    Pillow, tried first, gives GDCM's values bit for bit, as read_dicom gave them when GDCM decoded them."""
+    from pydicom.pixels import pixel_array
+
+    from medvl.clinical.dicom import decoding_plugins, transfer_syntax
+
+    pytest.importorskip("gdcm")
+    ds = pydicom.dcmread(dicom(name))
+    assert "gdcm" not in decoding_plugins(transfer_syntax(ds))
+    np.testing.assert_array_equal(read_dicom(dicom(name))[0], pixel_array(ds, decoding_plugin="gdcm"))
 
 
 def unknown_vr(name: str, element: bytes, target: Path) -> Path:

@@ -34,6 +34,7 @@ from hostile_files import (
     deflate_zeros,
     gzip_repeated_lines,
     gzip_zeros,
+    jpeg_dicom_with_inserted_bytes,
     npy_header,
     npz_bomb,
     png_declaring,
@@ -554,6 +555,10 @@ IMAGE_CASES = [
          "not a readable .npy array"),
     Case("npy-truncated", _image("x.npy", lambda: _npy(np.zeros((8, 8)))[:100]), "not a readable .npy array"),
     Case("tiff-float-nan", _array_file("x.tif", NAN_IMAGE), "8 pixel values are NaN or infinite"),
+    # python-gdcm, which pydicom tried first for JPEG, aborted the process on it (SIGABRT, exit 134)
+    Case("dicom-jpeg-corrupt-huffman-table",
+         lambda folder: jpeg_dicom_with_inserted_bytes(folder / "x.dcm", b"\0\0", 108),
+         r"could not decode the JPEG Baseline \(Process 1\) pixel data \(pillow: .*; pylibjpeg: "),
 ]
 
 

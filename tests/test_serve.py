@@ -37,6 +37,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from cli_helpers import invoke  # noqa: E402
+from hostile_files import jpeg_dicom_with_inserted_bytes  # noqa: E402
 from medvl.data import load_dataset  # noqa: E402
 from medvl.errors import DataError, InputError  # noqa: E402
 from medvl.index import build_index, open_index, search_index  # noqa: E402
@@ -368,6 +369,24 @@ def test_a_corrupt_dicom_is_422_with_the_reason(client):
     assert answer.status_code == 422 and "truncated" in detail
     assert "medvl-upload" not in detail and "/" not in detail.split("(")[0]  # no temporary path
     assert zero_shot(client, whole[:140], "ct.dcm").status_code == 422
+
+
+def test_a_jpeg_dicom_no_decoder_can_read_is_422_and_the_service_lives_on(client, tmp_path):
+    """pydicom tried python-gdcm first for JPEG, and on this corrupt stream GDCM threw a C++ exception nothing
+    caught: one upload aborted the server process (SIGABRT) and every client lost it. It is a 422 with the
+    reason, and the service answers the next requests."""
+    from pydicom.data import get_testdata_file
+
+    broken = jpeg_dicom_with_inserted_bytes(tmp_path / "broken.dcm", b"\0\0", 108).read_bytes()
+    answers = [zero_shot(client, broken, "scan.dcm"),
+               client.post("/v1/embed", headers=auth(), files={"image": ("scan.dcm", broken)})]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        detail = answer.json()["detail"]
+        assert "could not decode the JPEG Baseline (Process 1) pixel data" in detail
+        assert "medvl-upload" not in detail and "/" not in detail.split("(")[0]  # no temporary path
+    assert client.get("/v1/health").json()["status"] == "ok"
+    assert zero_shot(client, Path(get_testdata_file("SC_rgb_jpeg.dcm")).read_bytes(), "scan.dcm").status_code == 200
 
 
 def test_a_dicom_data_set_without_preamble_is_answered_as_medvl_predict_reads_it(client, tmp_path):

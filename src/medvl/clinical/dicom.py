@@ -85,6 +85,12 @@ _FIXED_SIZES = {"FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "
 # converted in full by ``check_elements``: a sequence's items are parsed, an IS value can overflow, UN may be read
 # as the dictionary's VR; (implicit VR elements, whose VR is None, are too)
 _CONVERTED_VRS = frozenset({"SQ", "IS", "UN"})
+# pydicom decoder plugins that raise a Python error on corrupt data, in the order tried (``decoding_plugins``).
+# Pillow first: its libjpeg-turbo gives the values GDCM gave, bit for bit, on every pydicom / pydicom-data test
+# file, where pylibjpeg's libjpeg differs by up to 5 levels on lossy colour JPEG. python-gdcm is left out on
+# purpose: it can abort the process on corrupt data
+DECODER_ORDER = ("pillow", "pylibjpeg", "pydicom", "pyjpegls")
+_PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"  # pydicom's message
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -439,7 +445,7 @@ def _check_native_length(path: Path, ds) -> None:
                               "the header declares")
 
 
-def _short(error: BaseException, limit: int = 160) -> str:
+def _short(error: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -514,6 +520,22 @@ def _frame_count(ds) -> int:
         return 1
 
 
+def decoding_plugins(syntax) -> list[str]:
+    """The pydicom decoder plugins ``read_dicom`` tries for a transfer syntax, in order (``[""]``: pydicom's
+    own choice, for native pixel data, which no plugin decodes).
+
+    python-gdcm comes last and only when no other installed plugin decodes the syntax: on some corrupt JPEG
+    streams it throws a C++ exception that nothing catches and the whole process aborts (SIGABRT), where
+    Pillow and pylibjpeg (libjpeg, openjpeg) raise a Python error. With ``medvl[clinical]`` installed, every
+    compressed syntax GDCM decodes is decoded by Pillow or pylibjpeg instead, so GDCM is never used."""
+    from pydicom.pixels import get_decoder
+
+    available = get_decoder(syntax).available_plugins
+    ranked = [name for name in DECODER_ORDER if name in available]
+    ranked += sorted(name for name in available if name not in DECODER_ORDER and name != "gdcm")
+    return ranked or [name for name in available if name == "gdcm"] or [""]
+
+
 def _decode(path: Path, ds, syntax) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
@@ -522,16 +544,33 @@ def _decode(path: Path, ds, syntax) -> np.ndarray:
 
         ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = syntax
-    try:
-        with quiet_pydicom(path):
-            pixels = pixel_array(ds)  # YBR is converted to RGB here
-    except _READ_ERRORS as error:
-        text = _short(error)
-        if "length" in text.lower() or "expected" in text.lower() or isinstance(error, EOFError):
-            raise DataError(path, f"pixel data truncated or corrupt ({text})") from None
-        raise DataError(path, f"could not decode the {syntax.name} pixel data ({type(error).__name__}: "
-                              f"{text})") from None
-    return pixels if pixels.dtype.isnative else pixels.astype(pixels.dtype.newbyteorder("="))
+    errors: list[Exception] = []
+    for plugin in decoding_plugins(syntax):
+        try:
+            with quiet_pydicom(path):
+                pixels = pixel_array(ds, decoding_plugin=plugin)  # YBR is converted to RGB here
+        except _READ_ERRORS as error:
+            errors.append(error)  # the next plugin may decode what this one cannot (e.g. 12-bit JPEG Extended)
+            continue
+        return pixels if pixels.dtype.isnative else pixels.astype(pixels.dtype.newbyteorder("="))
+    raise _decode_error(path, syntax, errors)
+
+
+def _decode_error(path: Path, syntax, errors: list[Exception]) -> DataError:
+    """One DataError for the failures of every plugin tried, in order (the same failure once)."""
+    error = errors[0]
+    text = _short(error)
+    if "length" in text.lower() or "expected" in text.lower() or isinstance(error, EOFError):
+        return DataError(path, f"pixel data truncated or corrupt ({text})")
+    reasons = dict.fromkeys(_decode_reason(failure) for failure in errors)
+    return DataError(path, f"could not decode the {syntax.name} pixel data ({'; '.join(reasons)})")
+
+
+def _decode_reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, RuntimeError) and text.startswith(_PLUGINS_FAILED):
+        return _short(text.removeprefix(_PLUGINS_FAILED))  # "<plugin>: <its error>"
+    return f"{type(error).__name__}: {_short(error)}"
 
 
 # ------------------------------------------------------------------------ enhanced multi-frame
