@@ -274,7 +274,11 @@ def test_other_commands_refuse_out_of_range_numbers(phantom_dir, tmp_path, args,
 
 @pytest.mark.parametrize("args, needle", [
     (["predict", "{image}", "--labels", "cardiomegaly,nodule", "--label-column", ""],
-     "--label-column: empty column name"),
+     "label column: empty column name"),
+    (["predict", "{image}", "--labels", "cardiomegaly,nodule", "--label-column", " "],
+     "label column: empty column name"),
+    (["explain", "{image}", "--method", "patch_text", "--labels", "cardiomegaly,nodule", "--label-column", ""],
+     "label column: empty column name"),
     (["explain", "{image}", "--method", "patch_text", "--labels", ""], "need at least 2 distinct labels"),
     (["explain", "{image}", "--method", "patch_text", "--labels", " , "], "need at least 2 distinct labels"),
 ])

@@ -744,6 +744,21 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_refused_not_answere
             assert answer.json()["detail"] == "the multipart body ends before its closing boundary (truncated)"
 
 
+def test_explain_names_the_top_limit_its_labels_allow_and_refuses_a_blank_label_column_as_the_cli(client, png):
+    """With 2 labels, top=9 was told "must be <= 3" (the service's limit) and top=3 then "must be <= 2"; a blank
+    label column was "unknown label column ' '" here and "empty column name" in medvl predict. An empty field is
+    absent (the page sends one when it offers no column)."""
+    two = explain(client, png.read_bytes(), labels="cardiomegaly,nodule", top=9)
+    assert two.status_code == 422 and "top must be <= 2, got 9" in two.json()["detail"], two.text
+    image = {"image": ("x.png", png.read_bytes())}
+    for route, fields in (("explain", {"labels": "cardiomegaly,nodule"}), ("zero-shot", {"labels": LABELS})):
+        blank = client.post(f"/v1/{route}", headers=auth(), files=image, data={**fields, "label_column": " "})
+        assert blank.status_code == 422, blank.text
+        assert blank.json()["detail"] == "label column: empty column name (leave it out for the default)"
+        empty = client.post(f"/v1/{route}", headers=auth(), files=image, data={**fields, "label_column": ""})
+        assert empty.status_code == 200, empty.text
+
+
 def test_a_number_field_given_empty_is_refused_not_answered_with_its_default(client, png):
     """FastAPI reads `k=` as no k: a form that templated an empty value got the default (10 cases, a minimum
     similarity of 0.5) without a word, while `medvl search --k ''` exits 2. An empty text field is still absent."""

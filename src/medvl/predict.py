@@ -45,8 +45,6 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
     if not images:
         raise InputError("no images given")
     net = model if isinstance(model, DualEncoder) else load_model(model, backend=backend)
-    if label_column is not None and not label_column.strip():  # not "the default column"
-        raise InputError("--label-column: empty column name (leave the option out for the default)")
     column, prompts = class_prompts(net, class_names, label_column, captions)
     results, guarded = [], []
     for start in range(0, len(images), batch_size):
@@ -74,6 +72,15 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     return distinct
 
 
+def checked_label_column(label_column: str | None) -> str | None:
+    """``label_column`` checked: None is the default column; an empty or blank name is an InputError, the same in
+    ``predict``, ``explain`` and the service (whose form treats an empty field as one left out, as browsers send
+    it), never taken for the default nor looked up as a column named ``' '``."""
+    if label_column is not None and not label_column.strip():
+        raise InputError("label column: empty column name (leave it out for the default)")
+    return label_column
+
+
 def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: str | None = None,
                   captions: CaptionConfig | str | Path | None = None,
                   described_only: bool = True) -> tuple[str, list[list[str]]]:
@@ -82,6 +89,7 @@ def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: st
     A ``label_column`` the captions do not describe is an unknown label column (InputError) when they
     describe any; ``described_only=False`` lets a dataset's own column fall back to the class names."""
     config = captions_for(None, captions, net)
+    label_column = checked_label_column(label_column)
     if label_column and described_only:
         config.check_column(label_column)
     column = label_column or caption_column_for(config, class_names)

@@ -33,7 +33,7 @@ from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
 from ..io import check_output_file, json_ready, write_errors_named, write_json
 from ..models.ood import embed_checked
-from ..predict import class_prompts, prompt_warnings
+from ..predict import checked_label_column, class_prompts, prompt_warnings
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
@@ -58,6 +58,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
     """``finding_classes``'s classes, checked, without their prompts (nor the warning about bare ones)."""
     requested = [name.strip() for name in labels or [] if name.strip()]
     config = captions_for(None, captions, model)
+    label_column = checked_label_column(label_column)  # refused blank, as predict refuses it
     if label_column is not None:
         config.check_column(label_column)
     if labels is None:  # labels given but all blank are refused below, as predict refuses them

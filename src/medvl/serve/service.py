@@ -448,14 +448,15 @@ class ModelService:
         refusal = heatmap_refusal(self.net.config.image)
         if refusal:  # before the upload is decoded, in medvl explain's words
             raise ModelError(refusal)
-        check_number("top", top, minimum=1, maximum=self.settings.max_explain_top, integer=True)
+        # only no labels at all means the default: labels given but all blank are refused, as medvl explain refuses them
+        names = labels if labels is not None else (self.bottleneck.classes if self.bottleneck is not None else None)
+        classes = explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's
+        # the lower of the service's limit and the number of labels: naming a limit the labels refuse in turn misleads
+        check_number("top", top, minimum=1, maximum=min(self.settings.max_explain_top, len(classes)), integer=True)
         if self.index is not None:
             check_k(k)
         self.lane.check()
         chosen = methods or self.explain_methods()
-        # only no labels at all means the default: labels given but all blank are refused, as medvl explain refuses them
-        names = labels if labels is not None else (self.bottleneck.classes if self.bottleneck is not None else None)
-        explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's refusals
         upload = await self.decode(data, timings)
         pixels = upload.decoded()
         shape = overlay_shape(pixels.shape)
