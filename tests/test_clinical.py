@@ -435,6 +435,27 @@ def test_a_public_number_that_does_not_fit_its_vr_or_overflows_is_refused(tmp_pa
         assert_names_file(error, number)
 
 
+def test_a_deflated_file_whose_stream_is_corrupt_is_refused_by_every_reader(cli, tmp_path):
+    """A Deflated Explicit VR Little Endian file (the data set after the file meta is one deflate stream) with one
+    byte of that stream flipped: pydicom's zlib.error is no subclass of the errors the parser catches, so
+    predict, dicom-info and deid gave a traceback (exit 1). Every reader refuses the file, naming it."""
+    data = bytearray(dicom("image_dfl.dcm").read_bytes())
+    meta_end = 144 + int.from_bytes(data[140:144], "little")  # preamble, DICM, File Meta Information Group Length
+    data[meta_end + 40] ^= 0xFF
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(bytes(data))
+    reason = "truncated or corrupt DICOM file (the deflated data set does not inflate"
+    for read in (read_dicom, read_image, lambda path: deidentify(path, tmp_path / "out.dcm")):
+        with pytest.raises(DataError) as error:
+            read(bad)
+        assert reason in str(error.value)
+        assert_names_file(error, bad)
+    for command in (("dicom-info", bad), ("deid", bad, tmp_path / "out.dcm")):
+        result = cli(*command)
+        assert result.exit_code == 2 and reason in " ".join(result.output.split()), result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.dcm"]  # nothing written
+
+
 def with_header(target: Path, raw: dict[int, bytes] | None = None, **values) -> Path:
     """MR_small (it has a Window Center / Width, no rescale) with ``values`` set and ``raw`` DS values written as
     they are (bytes pydicom would refuse to write from a number: ``abc``, ``1e309``)."""

@@ -46,6 +46,7 @@ import logging
 import math
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # of those, the ones de-identification gives a whole object that lacks them (it replaces every UID anyway)
 GIVEN_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID")
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+# (zlib.error: a Deflated Explicit VR Little Endian file whose deflate stream is corrupt)
 _READ_ERRORS = (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                NotImplementedError, RuntimeError, struct.error, OverflowError)
+                NotImplementedError, RuntimeError, struct.error, OverflowError, zlib.error)
 # value representations of fixed-size binary numbers and their sizes: a value whose length is not a multiple fails
 # to convert (pydicom's BytesLengthException); the other VRs pydicom knows convert any bytes (``check_elements``)
 _FIXED_SIZES = {"FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}
@@ -176,6 +178,9 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
         raise DataError(path, f"not a readable DICOM file ({_short(error)})") from None
     except pydicom.errors.BytesLengthException:  # its message quotes the element's bytes
         raise DataError(path, "truncated or corrupt DICOM file (an element's length does not fit its VR)") from None
+    except zlib.error as error:  # a Deflated transfer syntax's data set is inflated as a whole when parsed
+        raise DataError(path, f"truncated or corrupt DICOM file (the deflated data set does not inflate: "
+                              f"{_short(error)})") from None
     except _READ_ERRORS as error:
         raise DataError(path, f"truncated or corrupt DICOM file ({type(error).__name__}: {_short(error)})") from None
     if any("end of file" in text.lower() for text in warned):
