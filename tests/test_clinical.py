@@ -317,13 +317,16 @@ def unknown_vr(name: str, element: bytes, target: Path) -> Path:
 
 
 # in the data set (Bits Allocated), in the file meta (Implementation Class UID), in a sequence item (Other Patient
-# IDs Sequence's Type of Patient ID)
+# IDs Sequence's Type of Patient ID), on an encapsulated file's Pixel Data (which the element check passed over, and
+# reading its length as a short VR's leaves it empty: pydicom converted it when a later check listed the elements)
 UNKNOWN_VRS = [("MR_small.dcm", b"\x28\x00\x00\x01US", "(0028,0100)"),
                ("MR_small.dcm", b"\x02\x00\x12\x00UI", "(0002,0012)"),
-               ("CT_small.dcm", b"\x10\x00\x22\x00CS", "(0010,1002)")]
+               ("CT_small.dcm", b"\x10\x00\x22\x00CS", "(0010,1002)"),
+               ("JPEG2000.dcm", b"\xe0\x7f\x10\x00OB", "(7FE0,0010)")]
 
 
-@pytest.mark.parametrize("name, element, tag", UNKNOWN_VRS, ids=["data-set", "file-meta", "sequence-item"])
+@pytest.mark.parametrize("name, element, tag", UNKNOWN_VRS,
+                         ids=["data-set", "file-meta", "sequence-item", "encapsulated-pixel-data"])
 def test_an_unknown_value_representation_is_a_corrupt_file_to_every_reader(cli, tmp_path, name, element, tag):
     """pydicom converts an element when it is first read and raises NotImplementedError for a VR it does not know:
     reading the pixels, de-identifying and dicom-info gave a traceback (exit 1; the service a 500), wherever the

@@ -163,11 +163,12 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     has_marker = len(head) == 132 and head[128:] == b"DICM"
     if not has_marker and not looks_like_raw_dataset(head):
         raise DataError(path, _not_dicom_reason(head))
-    reached: list[tuple[int, int, int]] = []  # pixel data's tag, value offset and length, where parsing stopped
+    # pixel data's tag, value offset, length and VR, where parsing stopped
+    reached: list[tuple[int, int, int, str | None]] = []
 
     def at_pixels(tag, vr, length) -> bool:
         if header_only and tag in PIXEL_TAGS:
-            reached.append((int(tag), source.tell(), length))  # pydicom calls this with the file at the value
+            reached.append((int(tag), source.tell(), length, vr))  # pydicom calls this with the file at the value
             return True
         return False
 
@@ -195,10 +196,12 @@ def _parse(path: Path, header_only: bool) -> tuple[Any, bool]:
     return ds, bool(reached) or any(keyword in ds for keyword in PIXEL_KEYWORDS)
 
 
-def _check_pixels_in_file(path: Path, ds, tag: int, offset: int, length: int) -> None:
-    """Refuse a file that ends before the pixel data it declares, without reading the pixels (a header
-    read stops at them): what ``check_value_lengths`` finds when the whole file is read. Encapsulated
-    pixel data (no declared length) is checked when decoded."""
+def _check_pixels_in_file(path: Path, ds, tag: int, offset: int, length: int, vr: str | None) -> None:
+    """Refuse a file that ends before the pixel data it declares, or whose pixel data has a VR pydicom does not
+    know, without reading the pixels (a header read stops at them): what ``check_value_lengths`` and
+    ``check_elements`` find when the whole file is read. Encapsulated pixel data (no declared length) is checked
+    when decoded."""
+    check_pixel_vr(path, tag, vr)
     if length == UNDEFINED_LENGTH or transfer_syntax(ds) == DEFLATED:  # deflated: offsets are in the inflated stream
         return
     present = max(0, path.stat().st_size - offset)
@@ -212,7 +215,8 @@ def check_value_lengths(path: str | Path, ds) -> None:
     reads a value cut by the end of the file without complaint (``rtplan_truncated.dcm``)."""
     from pydicom.dataelem import RawDataElement
 
-    for element in ds.elements():
+    for key in list(ds.keys()):
+        element = ds.get_item(key, keep_deferred=True)  # elements() would convert an empty value, which can fail
         if (isinstance(element, RawDataElement) and element.value is not None and element.length != UNDEFINED_LENGTH
                 and len(element.value) < element.length):
             raise DataError(path, f"truncated DICOM file: element ({element.tag.group:04X},{element.tag.element:04X}) "
@@ -239,12 +243,23 @@ def check_elements(path: str | Path, ds) -> None:
         encoding = _convertible(path, 0x00080005, _character_set, dataset)
         for key in list(dataset.keys()):
             element, tag = dataset.get_item(key, keep_deferred=True), int(key)  # elements() converts an empty value
-            if isinstance(element, RawDataElement) and tag not in PIXEL_TAGS:
+            if isinstance(element, RawDataElement) and tag in PIXEL_TAGS:
+                check_pixel_vr(path, tag, element.VR)  # not converted: that would copy the pixels
+            elif isinstance(element, RawDataElement):
                 private = bool(tag >> 16 & 1)
                 if _fits_unconverted(element, private):
                     continue
                 convert = _convert_private if private else _convert
                 _convertible(path, tag, convert, element, None if tag == 0x00080005 else encoding, dataset)
+
+
+def check_pixel_vr(path: str | Path, tag: int, vr: str | None) -> None:
+    """Refuse pixel data whose explicit VR pydicom does not know (every later read of it would fail), without
+    converting it; ``None``: implicit VR."""
+    from pydicom.values import converters
+
+    if vr is not None and vr not in converters:
+        raise DataError(path, f"truncated or corrupt DICOM file (unknown value representation in {_tag(tag)})")
 
 
 def _fits_unconverted(element, private: bool) -> bool:
