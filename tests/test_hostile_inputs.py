@@ -480,10 +480,16 @@ def _dicom(data: Callable[[], bytes], extra: dict[str, bytes] | None = None, lin
 
 
 def _dicom_rows(rows: int) -> bytes:
+    return _dicom_with(Rows=rows)
+
+
+def _dicom_with(**values: Any) -> bytes:
+    """CT_small with header ``values`` set, written as they are (a list gives a VM 1 element several values)."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(_dicom_bytes()))
-    ds.Rows = rows
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     stream = io.BytesIO()
     ds.save_as(stream, enforce_file_format=True)
     return stream.getvalue()
@@ -559,6 +565,11 @@ IMAGE_CASES = [
     Case("dicom-jpeg-corrupt-huffman-table",
          lambda folder: jpeg_dicom_with_inserted_bytes(folder / "x.dcm", b"\0\0", 108),
          r"could not decode the JPEG Baseline \(Process 1\) pixel data \(pillow: .*; pylibjpeg: "),
+    # a US element 4 bytes long reads as two numbers: int() of them was a TypeError traceback
+    Case("dicom-samples-per-pixel-two-values", _image("x.dcm", lambda: _dicom_with(SamplesPerPixel=[1, 1])),
+         "Samples per Pixel must be one value, got 2"),
+    Case("dicom-rows-two-values", _image("x.dcm", lambda: _dicom_with(Rows=[128, 128])),
+         "Rows must be one value, got 2", cli=False),
 ]
 
 

@@ -35,7 +35,8 @@ given DICOM series of the same patients see them the same way round.
 Every failure is a ``DataError`` naming the file: not DICOM, truncated or corrupt (any element pydicom cannot
 convert, checked when the file is parsed: ``check_elements``), no pixel data
 (a structured report, RT plan, DICOMDIR...), a compressed transfer syntax whose decoder is not
-installed (with the extra to install), pixel data over ``MAX_DECODED_BYTES``, a Rescale Slope /
+installed (with the extra to install), an image size element holding several values (``_check_one_value``),
+pixel data over ``MAX_DECODED_BYTES``, a Rescale Slope /
 Intercept that is not a finite number (``_rescale_number``) and PALETTE COLOR without its lookup tables
 (``_check_palette``).
 """
@@ -93,6 +94,8 @@ _CONVERTED_VRS = frozenset({"SQ", "IS", "UN"})
 # purpose: it can abort the process on corrupt data
 DECODER_ORDER = ("pillow", "pylibjpeg", "pydicom", "pyjpegls")
 _PLUGINS_FAILED = "Unable to decode as exceptions were raised by all available plugins:"  # pydicom's message
+# the image size elements, each one value (VM 1): checked before decoding (``_check_size``)
+_SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -521,6 +524,8 @@ def _check_decodable(path: Path, ds, syntax) -> None:
 
 
 def _check_size(path: Path, ds) -> None:
+    for keyword in _SIZE_KEYWORDS:
+        _check_one_value(path, ds, keyword)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
         raise DataError(path, f"pixel data without a valid image size (Rows x Columns = {rows} x {columns})")
@@ -531,6 +536,17 @@ def _check_size(path: Path, ds) -> None:
     if decoded > MAX_DECODED_BYTES:
         raise DataError(path, f"pixel data too large: {frames} frame(s) of {rows} x {columns} x {samples} at "
                               f"{bits} bits = {decoded:,} bytes decoded (limit {MAX_DECODED_BYTES:,})")
+
+
+def _check_one_value(path: Path, ds, keyword: str) -> None:
+    """Refuse an element of value multiplicity 1 holding several values (a US element 4 bytes long reads as two
+    numbers), naming it; its values are not quoted."""
+    from pydicom.datadict import dictionary_description
+    from pydicom.multival import MultiValue
+
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        raise DataError(path, f"{dictionary_description(keyword)} must be one value, got {len(value)}")
 
 
 def _frame_count(ds) -> int:
