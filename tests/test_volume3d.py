@@ -404,6 +404,14 @@ def test_a_nifti_voxel_offset_of_zero_is_refused_by_both_readers(name, tmp_path)
     assert volume.min() == -100 and volume.max() == 170  # from the stated offset: the voxels exactly
 
 
+@pytest.mark.parametrize("name, offset", [("offset_nan.nii", NAN), ("offset_inf.nii.gz", float("inf"))])
+def test_a_nifti_voxel_offset_that_is_not_a_finite_number_is_refused_by_both_readers(name, offset, tmp_path):
+    """vox_offset NaN or infinite: nibabel's int() of it raised ValueError / OverflowError, a traceback from
+    predict and from both readers."""
+    _refused_alike(patched_nifti(tmp_path / name, ("<f", 108, (offset,))),
+                   rf"broken NIfTI header: voxel data offset {offset}$")
+
+
 def test_a_corrupt_gzip_stream_is_refused_when_streamed_as_when_read_whole(tmp_path):
     path = corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz")
     with pytest.raises(DataError, match=r"corrupt\.nii\.gz.*CRC"):
@@ -567,14 +575,16 @@ def test_cli_refuses_a_2d_image_for_a_3d_model(ct_model, tmp_path):
 
 def test_cli_refuses_damaged_nifti_files_with_one_line(ct_dir, ct_model, tmp_path):
     """predict and index build exit 2 naming the file (a zero affine, a NaN scl_inter or an impossible quaternion
-    crashed with a traceback; a corrupt gzip stream, a NaN voxel size or a voxel offset of 0 was predicted and
-    indexed without a word)."""
+    crashed with a traceback, as did a NaN voxel offset; a corrupt gzip stream, a NaN voxel size or a voxel offset
+    of 0 was predicted and indexed without a word)."""
     import shutil
 
     damaged = {"zero.nii": (zero_affine_nifti(tmp_path / "zero.nii"), "singular"),
                "corrupt.nii.gz": (corrupt_gzip_nifti(tmp_path / "corrupt.nii.gz"), "CRC"),
                "pixdim_nan.nii": (patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))), "voxel sizes"),
                "offset0.nii": (patched_nifti(tmp_path / "offset0.nii", ("<f", 108, (0.0,))), "voxel data offset 0"),
+               "offset_nan.nii": (patched_nifti(tmp_path / "offset_nan.nii", ("<f", 108, (NAN,))),
+                                  "voxel data offset nan"),
                **{name: (patched_nifti(tmp_path / name, *fields), "cannot read the NIfTI image")
                   for name, (fields, _) in UNREADABLE_HEADERS.items()}}
     for name, (path, problem) in damaged.items():

@@ -13,9 +13,9 @@
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
 infinite voxels, a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot
-apply, voxel sizes that are not positive numbers and voxel data said to start inside the header (vox_offset
-0: nibabel would read the header as voxels). Decompression bombs are refused before
-decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
+apply, voxel sizes that are not positive numbers, a vox_offset that is not a finite number and voxel data said
+to start inside the header (vox_offset 0: nibabel would read the header as voxels). Decompression bombs are
+refused before decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
 voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
 declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
 there has its length and CRC checked), so trailing data is never decompressed.
@@ -109,6 +109,9 @@ def _declared_layout(path: Path, header) -> tuple[tuple[int, ...], np.dtype, int
         raise DataError(path, f"{TOO_LARGE}: header declares {'x'.join(map(str, shape))} voxels of {dtype}, "
                               f"{decoded:,} bytes once decoded (as float32 at least; limit {MAX_DECODED_BYTES:,}), "
                               "refused before decompressing")
+    declared = float(header["vox_offset"])  # a float in NIfTI-1: nibabel's int() of NaN / infinity raises
+    if not math.isfinite(declared):
+        raise DataError(path, f"broken NIfTI header: voxel data offset {declared}")
     offset = int(header.get_data_offset())
     if offset < header.single_vox_offset:  # nibabel reads an offset of 0 from byte 0: the header as voxels
         raise DataError(path, f"broken NIfTI header: voxel data offset {offset:,}; a single-file NIfTI stores its "
