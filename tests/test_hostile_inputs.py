@@ -254,6 +254,13 @@ def _huge_npy_header() -> bytes:
     return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header + bytes(192)
 
 
+def _unbalanced_npy_header() -> bytes:
+    """A .npy member whose header's shape never closes its bracket: numpy tokenizes it (tokenize.TokenError)."""
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (3, 8, 8, }"
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(192)
+
+
 NPZ_CASES = [
     Case("npz-zero-bytes", _npz_bytes(lambda: b""), r"not an \.npz archive"),
     *[Case(f"npz-truncated-{offset}", _npz_bytes(lambda offset=offset: _good_npz_bytes()[:offset]),
@@ -280,6 +287,9 @@ NPZ_CASES = [
                                            "train_labels.npy": LABELS}), "holds Python objects"),
     Case("npz-huge-header", _npz_members({"train_images.npy": _huge_npy_header(), "train_labels.npy": LABELS}),
          "not a readable .npy header"),
+    Case("npz-unbalanced-header", _npz_members({"train_images.npy": _unbalanced_npy_header(),
+                                                "train_labels.npy": LABELS}),
+         r"array 'train_images': not a readable \.npy header \(TokenError"),
     Case("npz-npy-version-3", _npz_members({"train_images.npy": _npy(np.zeros((3, 8, 8), np.uint8), (3, 0)),
                                             "train_labels.npy": LABELS}), "unsupported .npy format version"),
     Case("npz-not-npy-member", _npz_members({"train_images": b"MRN123 not an array", "train_labels": b"x"}),
@@ -559,6 +569,7 @@ IMAGE_CASES = [
     Case("npy-inf", _array_file("x.npy", np.full((4, 4), -np.inf)), "16 pixel values are NaN or infinite"),
     Case("npy-huge-declared", _image("x.npy", lambda: npy_header((100_000, 100_000)) + bytes(64)),
          "not a readable .npy array"),
+    Case("npy-unbalanced-header", _image("x.npy", _unbalanced_npy_header), "not a readable .npy array"),
     Case("npy-truncated", _image("x.npy", lambda: _npy(np.zeros((8, 8)))[:100]), "not a readable .npy array"),
     Case("tiff-float-nan", _array_file("x.tif", NAN_IMAGE), "8 pixel values are NaN or infinite"),
     # python-gdcm, which pydicom tried first for JPEG, aborted the process on it (SIGABRT, exit 134)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tokenize
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -149,7 +150,8 @@ def read_npy(path: Path) -> np.ndarray:
     """Read a ``.npy`` array (no pickles) holding HxW, HxWx1 or HxWx3 pixels."""
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # header only, size check first
-    except (OSError, ValueError, EOFError) as error:
+    # TokenError, SyntaxError: numpy tokenizes a header literal_eval refused (unbalanced brackets fail there)
+    except (OSError, ValueError, EOFError, tokenize.TokenError, SyntaxError) as error:
         raise DataError(path, f"not a readable .npy array ({error})") from None
     if not isinstance(mapped, np.ndarray) or mapped.dtype.kind not in "biuf":
         raise DataError(path, f"expected a numeric array, got dtype {mapped.dtype}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -52,9 +53,10 @@ log = logging.getLogger(__name__)
 CLASS_NAME_KEYS = ("class_names", "label_names")
 LABEL_COLUMN = "label"
 MAX_NPZ_BYTES = 3 << 29  # 1.5 GiB: declared array bytes (and elements) read from one archive, each and in total
-# what a corrupt member can raise while numpy reads it through zipfile / zlib
+# what a corrupt member can raise while numpy reads it through zipfile / zlib (TokenError, SyntaxError: numpy
+# tokenizes a .npy header literal_eval refused, and unbalanced brackets fail there)
 _READ_ERRORS = (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
-                RuntimeError)
+                RuntimeError, tokenize.TokenError, SyntaxError)
 
 
 @dataclass(frozen=True)
