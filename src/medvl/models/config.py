@@ -12,6 +12,14 @@ from ..checks import check_number
 from ..errors import InputError
 
 MAX_IMAGE_SIDE = 4096  # pixels (or voxels) a side after resizing; larger inputs are a mistake on a CPU
+# Upper limits of the size settings, far above any model medvl trains (BERT-large: 24 layers, 16 heads, 1,024 wide
+# with a 4,096 feed-forward; ViT-H: 32 layers; DenseNet-264's largest block: 64 layers), so a typo (an extra zero
+# or three in --set text.num_layers=100000) is an InputError naming the key, not a build that eats the memory
+MAX_LAYERS = 64  # transformer layers of a tower; blocks of a ResNet stage or a DenseNet block
+MAX_WIDTH = 8192  # channels, hidden, feed-forward and embedding sizes; DenseNet growth rate
+MAX_HEADS = 64  # attention heads
+MAX_TEXT_TOKENS = 8192  # text.max_length
+MAX_VOCAB_SIZE = 1_000_000  # WordPiece vocabulary entries
 # the image fields each architecture reads (``models.image``); the others do nothing for it
 ARCH_FIELDS = {"resnet": frozenset({"layers", "widths", "stem_kernel", "stem_stride", "no_max_pool"}),
                "vit": frozenset({"patch_size", "hidden_size", "num_layers", "num_heads"}),
@@ -114,8 +122,10 @@ class ImageConfig:
         check_number("image.patch_size", self.patch_size, minimum=1, integer=True)
         check_number("image.intensity_std", self.intensity_std, minimum=0, exclusive_minimum=True)
         check_number("image.intensity_mean", self.intensity_mean)
-        for name in ("hidden_size", "num_layers", "num_heads", "growth_rate", "stem_kernel", "stem_stride"):
-            check_number(f"image.{name}", getattr(self, name), minimum=1, integer=True)
+        maxima = {"hidden_size": MAX_WIDTH, "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "growth_rate": MAX_WIDTH,
+                  "stem_kernel": self.image_size, "stem_stride": self.image_size}
+        for name, maximum in maxima.items():
+            check_number(f"image.{name}", getattr(self, name), minimum=1, maximum=maximum, integer=True)
         vit = self.arch == "vit" or (self.arch == "slicepool" and self.slice_arch == "vit")
         if vit:  # a ViT field: a ResNet or DenseNet of any allowed side ignores it
             check_number("image.patch_size", self.patch_size, minimum=1, maximum=self.image_size, integer=True)
@@ -158,6 +168,9 @@ class ImageConfig:
                 count = f"{length}" if length else "one or more"
                 raise InputError(f"image.{name} must be a list of {count} positive integers for a {arch}, "
                                  f"got {values}")
+            maximum = MAX_WIDTH if name == "widths" else MAX_LAYERS
+            if max(values) > maximum:
+                raise InputError(f"image.{name} entries must be <= {maximum} for a {arch}, got {max(values)}")
 
     def _validate_window(self) -> None:
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in self.window)
@@ -187,6 +200,15 @@ class TextConfig:
     freeze: bool = False  # lock the text tower (LiT): weights fixed, no dropout, features cached while training
     tune_top_layers: int = 0  # with freeze: the top N transformer layers still train; the layers below stay
     # fixed and their output is computed once per text while training (a partly unfrozen tower at LiT's cost)
+
+    def validate_sizes(self) -> None:
+        """Every size a whole number from 1 to its limit (a pretrained tower ignores them: checked all the same)."""
+        maxima = {"vocab_size": MAX_VOCAB_SIZE, "vocab_min_texts": None, "hidden_size": MAX_WIDTH,
+                  "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "intermediate_size": MAX_WIDTH,
+                  "max_length": MAX_TEXT_TOKENS}
+        for name, maximum in maxima.items():
+            check_number(f"text.{name}", getattr(self, name), minimum=1, maximum=maximum, integer=True)
+        check_number("text.tune_top_layers", self.tune_top_layers, minimum=0, maximum=MAX_LAYERS, integer=True)
 
     def validate_heads(self) -> None:
         """A random-init BERT splits its width equally between its attention heads."""
@@ -239,14 +261,12 @@ class ModelConfig:
     def validate(self) -> None:
         if self.loss not in ("clip", "siglip"):
             raise InputError(f"loss must be clip or siglip, got {self.loss!r}")
-        check_number("embed_dim", self.embed_dim, minimum=1, integer=True)
+        check_number("embed_dim", self.embed_dim, minimum=1, maximum=MAX_WIDTH, integer=True)
         # the trainer clamps the learned temperature at >= 0.01; a start outside [0.001, 100] is a typo
         check_number("init_temperature", self.init_temperature, minimum=0.001, maximum=100)
         check_number("init_logit_bias", self.init_logit_bias, minimum=-100, maximum=100)
         self.image.validate()
-        for name in ("vocab_size", "vocab_min_texts", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_length"):
-            check_number(f"text.{name}", getattr(self.text, name), minimum=1, integer=True)
+        self.text.validate_sizes()
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
         self.text.validate_heads()
@@ -254,7 +274,6 @@ class ModelConfig:
             raise InputError("text.kind 'pretrained' needs text.path (a local HF dir or all-minilm-l6-v2)")
         if self.text.pooling not in ("mean", "cls"):
             raise InputError(f"text.pooling must be mean or cls, got {self.text.pooling!r}")
-        check_number("text.tune_top_layers", self.text.tune_top_layers, minimum=0, integer=True)
         if self.text.tune_top_layers and not self.text.freeze:
             raise InputError("text.tune_top_layers is for a locked tower (text.freeze=true): an unlocked tower "
                              "trains every layer already")
@@ -353,10 +372,14 @@ def _build(cls, data: dict[str, Any], section: str):
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
         default = _default(f)
+        if value is None and default is not None and "None" not in str(f.type):  # only an optional field takes null
+            raise InputError(f"{section}.{f.name} must be {type(default).__name__}, got null")
         if default is not None and value is not None and not _same_type(default, value):
             raise InputError(
                 f"{section}.{f.name} must be {type(default).__name__}, got {type(value).__name__}"
             )
+        if isinstance(default, float) and _is_int(value):  # 1 for 1.0: a float field holds a float (torch dtypes)
+            setattr(instance, f.name, _as_float(f"{section}.{f.name}", value))
         element = LIST_ELEMENTS.get(str(f.type))
         if element is not None and isinstance(value, list) and not all(map(element[0], value)):
             raise InputError(f"{section}.{f.name} must be a list of {element[1]}, got {value!r}")
@@ -365,6 +388,14 @@ def _build(cls, data: dict[str, Any], section: str):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(name: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise InputError(f"{name} must be a finite number, got a whole number of {len(str(abs(value)))} digits",
+                         parameter=name) from None
 
 
 # a list field's annotation -> the check of each of its entries and how a message names them (``image.window``,

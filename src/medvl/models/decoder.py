@@ -37,7 +37,16 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
-from .config import MIN_WORD_TEXTS, ImageConfig, build_dataclass, merge_overrides
+from .config import (
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB_SIZE,
+    MAX_WIDTH,
+    MIN_WORD_TEXTS,
+    ImageConfig,
+    build_dataclass,
+    merge_overrides,
+)
 from .dual import non_finite_tensors, read_meta, save_model_dir
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
@@ -66,8 +75,10 @@ class DecoderConfig:
     context_length: int = 64  # tokens kept of each retrieved report
 
     def validate(self) -> None:
-        for name in ("vocab_size", "vocab_min_texts", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            check_number(f"decoder.{name}", getattr(self, name), minimum=1, integer=True)
+        maxima = {"vocab_size": MAX_VOCAB_SIZE, "vocab_min_texts": None, "hidden_size": MAX_WIDTH,
+                  "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "intermediate_size": MAX_WIDTH}
+        for name, maximum in maxima.items():
+            check_number(f"decoder.{name}", getattr(self, name), minimum=1, maximum=maximum, integer=True)
         check_number("decoder.max_length", self.max_length, minimum=4, maximum=1024, integer=True)
         check_number("decoder.context_k", self.context_k, minimum=0, maximum=20, integer=True)
         check_number("decoder.context_length", self.context_length, minimum=4, maximum=512, integer=True)

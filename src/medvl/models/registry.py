@@ -17,7 +17,7 @@ from ..checks import check_number
 from ..errors import InputError, ModelError
 from .adapters import HFDualEncoder, transformers_model_type
 from .backends import load_backend, resolve_backend
-from .config import ModelConfig, Recipe
+from .config import ModelConfig, Recipe, merge_overrides
 from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder, refuse_a_file
 
 
@@ -94,6 +94,12 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     config = ModelConfig.from_dict({**_registry()[name], "name": name})
     return config.merged(overrides) if overrides else config
+
+
+def check_overrides(name: str, overrides: dict[str, Any]) -> None:
+    """Refuse ``overrides`` of a registered config as ``create_model`` would (unknown keys, wrong types, null, values
+    out of range), without building anything or warning of inert settings (``create_model`` does)."""
+    ModelConfig.from_dict(merge_overrides(get_config(name).to_dict(), dict(overrides), ("image", "text")))
 
 
 def create_model(name: str, *, seed: int | None = None, **overrides: Any) -> DualEncoder:

@@ -53,7 +53,7 @@ from ..checks import check_number
 from ..data.loaders.vqa import ANSWER_TYPES, VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..io import give_output_mode
-from .config import ImageConfig, TextConfig, build_dataclass
+from .config import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, ImageConfig, TextConfig, build_dataclass
 from .dual import (
     CONFIG_FILE,
     META_FILE,
@@ -112,14 +112,16 @@ class VQAConfig:
         self.image.validate()
         if self.image.spatial_dims != 2:
             raise InputError("the VQA model takes 2D images (image.spatial_dims 2)")
-        for name in ("hidden_size", "fusion_layers", "fusion_heads", "max_images"):
-            check_number(name, getattr(self, name), minimum=1, integer=True)
+        maxima = {"hidden_size": MAX_WIDTH, "fusion_layers": MAX_LAYERS, "fusion_heads": MAX_HEADS, "max_images": None}
+        for name, maximum in maxima.items():
+            check_number(name, getattr(self, name), minimum=1, maximum=maximum, integer=True)
         check_number("image_layers", self.image_layers, minimum=0, maximum=12, integer=True)
         check_number("dropout", self.dropout, minimum=0, maximum=0.9)
         if self.hidden_size % self.fusion_heads:
             raise InputError(f"hidden_size {self.hidden_size} must be a multiple of fusion_heads {self.fusion_heads}")
         if self.text.kind not in ("bert", "pretrained"):
             raise InputError(f"text.kind must be bert or pretrained, got {self.text.kind!r}")
+        self.text.validate_sizes()
         self.text.validate_heads()
 
 

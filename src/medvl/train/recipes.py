@@ -33,6 +33,7 @@ from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
 from ..models.registry import (
     check_no_overrides,
+    check_overrides,
     get_recipe,
     is_model_dir,
     list_models,
@@ -130,6 +131,8 @@ def resolve_recipe(model: str | Path, *, model_overrides: dict[str, Any] | None 
                          (recipe.test_time_views if test_time_views is None else test_time_views)],
         operating_point=operating_point or recipe.operating_point, covariates_given="covariates" in given)
     check_benchmark_settings(settings)
+    if not is_model_dir(model):  # a bad --set value (a wrong type, null, a size past its limit): before any data
+        check_overrides(str(model), settings.model_overrides)
     return settings
 
 
