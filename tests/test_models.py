@@ -377,7 +377,7 @@ def test_list_settings_of_a_wrong_shape_are_refused_where_the_config_is_built(ov
     ("embed_dim", 9999999999999999999, "embed_dim must be <= 8192, got 9999999999999999999"),
     ("image.widths", [32, 64, 128, 100_000], "image.widths entries must be <= 8192 for a resnet, got 100000"),
     ("image.stem_kernel", 1000, "image.stem_kernel must be <= 64, got 1000"),
-    ("init_temperature", 10**400, "model.init_temperature must be a finite number, got a whole number of 401 digits"),
+    ("init_temperature", 10**400, "init_temperature must be a finite number, got a whole number of 401 digits"),
 ], ids=["widths-null", "window-null", "slice-batch-null", "text-layers", "embed-dim", "widths-entry", "stem-kernel",
         "int-overflowing-float"])
 def test_a_set_value_that_is_null_or_past_its_limit_is_refused_before_the_data_is_read(key, value, message, tmp_path):
@@ -397,13 +397,17 @@ def test_a_set_value_that_is_null_or_past_its_limit_is_refused_before_the_data_i
 
 def test_a_whole_number_for_a_float_setting_is_that_float(phantom_dir, tmp_path):
     """--set init_logit_bias=-10 (siglip's default, written as JSON's integer) made the bias an integer tensor, which
-    cannot require gradients: a RuntimeError traceback from medvl train. A float field takes a whole number as the
-    float it is."""
+    cannot require gradients: a RuntimeError traceback from medvl train. The bias is made a float tensor; the config
+    keeps the number as written (a saved config.json read back unchanged keeps its models' fingerprint, which
+    indexes built with them check)."""
     from cli_helpers import invoke
+    from medvl.index.base import model_fingerprint
 
     config = get_config("phantom-tiny", loss="siglip", init_logit_bias=-10, init_temperature=1)
-    assert (config.init_logit_bias, config.init_temperature) == (-10.0, 1.0)
-    assert isinstance(config.init_logit_bias, float) and isinstance(config.init_temperature, float)
+    assert (config.init_logit_bias, config.init_temperature) == (-10, 1) and isinstance(config.init_temperature, int)
+    built = medvl.create_model("phantom-tiny", seed=0, init_temperature=1)
+    built.save_pretrained(tmp_path / "saved")
+    assert model_fingerprint(medvl.load_model(tmp_path / "saved")) == model_fingerprint(built)
     model = medvl.create_model("phantom-tiny", loss="siglip", init_logit_bias=-10)
     assert model.logit_bias.dtype == torch.float32 and model.logit_bias.item() == -10.0
     result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",

@@ -29,7 +29,12 @@ def check_number(name: str, value: object, *, minimum: float | None = None, maxi
         raise InputError(f"{name} must be a number, got {value!r}", parameter=name)
     if integer and not isinstance(value, Integral):
         raise InputError(f"{name} must be a whole number, got {value!r}", parameter=name)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a whole number past float's range (10**400): Integral, as only those overflow here
+        digits = len(str(abs(value)))
+        raise InputError(f"{name} must be a finite number, got a whole number of {digits} digits",
+                         parameter=name) from None
     if not math.isfinite(number):
         raise InputError(f"{name} must be a finite number, got {value}", parameter=name)
     if minimum is not None and (number <= minimum if exclusive_minimum else number < minimum):

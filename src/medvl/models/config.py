@@ -378,8 +378,6 @@ def _build(cls, data: dict[str, Any], section: str):
             raise InputError(
                 f"{section}.{f.name} must be {type(default).__name__}, got {type(value).__name__}"
             )
-        if isinstance(default, float) and _is_int(value):  # 1 for 1.0: a float field holds a float (torch dtypes)
-            setattr(instance, f.name, _as_float(f"{section}.{f.name}", value))
         element = LIST_ELEMENTS.get(str(f.type))
         if element is not None and isinstance(value, list) and not all(map(element[0], value)):
             raise InputError(f"{section}.{f.name} must be a list of {element[1]}, got {value!r}")
@@ -388,14 +386,6 @@ def _build(cls, data: dict[str, Any], section: str):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _as_float(name: str, value: int) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        raise InputError(f"{name} must be a finite number, got a whole number of {len(str(abs(value)))} digits",
-                         parameter=name) from None
 
 
 # a list field's annotation -> the check of each of its entries and how a message names them (``image.window``,

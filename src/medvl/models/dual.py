@@ -52,7 +52,7 @@ class DualEncoder(nn.Module):
         self.image_projection = nn.Linear(self.image_encoder.num_features, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text_encoder.num_features, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
-        self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))  # -10 (JSON's integer) too
         self.heads = nn.ModuleDict()
         self.preprocessor = ImagePreprocessor(config.image)
         self.meta: dict[str, Any] = {"heads": {}}  # labels, training summary; kept apart from config
