@@ -713,13 +713,18 @@ def test_cli_pull_counts_instances_at_risk_of_burned_in_text_in_deids_words(uplo
     assert ds.Modality == "OT" and "BurnedInAnnotation" not in ds
 
 
+def _two_study_pull(uploaded, out: Path) -> tuple:
+    """``medvl pacs pull`` of the studies store-2 (a secondary capture at risk) and B into ``out``, quietly."""
+    return ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
+            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out, "--quiet")
+
+
 @pytest.mark.orthanc
 def test_a_resumed_pull_reports_the_instances_at_risk_pulled_by_earlier_runs(uploaded, tmp_path):
     """The secondary capture pulled by a first run (``--limit 1``) stays in the final report and warning of the
     run that finishes the pull: the at-risk list is kept in the pull's state, not only this run's files."""
     out = tmp_path / "resumed"
-    args = ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
-            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out, "--quiet")
+    args = _two_study_pull(uploaded, out)
     first, output = invoke(*args, "--limit", "1")
     assert first.exit_code == 0 and "incomplete:" in output, output
     [flagged] = read_report(out)["deidentification"]["burned_in_risk_files"]
@@ -741,8 +746,7 @@ def test_a_resumed_pull_pulls_again_an_instance_removed_from_out_since_an_earlie
     (deleting its state and seed) and listed a burned-in-risk path that no longer existed. It is pulled again,
     with the same de-identified UIDs (the state's seed), so the same path."""
     out = tmp_path / "removed"
-    args = ("pacs", "pull", "--url", uploaded.dicomweb, "--user", USER, "--password", PASSWORD,
-            "--study", uploaded.studies["store-2"], "--study", uploaded.studies["B"], "--out", out, "--quiet")
+    args = _two_study_pull(uploaded, out)
     first, output = invoke(*args, "--limit", "2")
     assert first.exit_code == 0 and "incomplete:" in output, output
     [flagged] = read_report(out)["deidentification"]["burned_in_risk_files"]

@@ -607,19 +607,35 @@ def test_file_names_are_never_used_as_paths_nor_logged(client, png, tmp_path, lo
 # ----------------------------------------------------------------------------------- answers
 
 
-def test_the_service_logs_are_json_lines_only():
-    """nibabel's own stderr handler wrote its messages as plain text among the service's JSON lines."""
+@contextlib.contextmanager
+def json_logging():
+    """The service's JSON logging on the root logger for the block, the test runner's handlers back after it."""
     from medvl.serve.logs import setup_json_logging
 
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
         setup_json_logging()
-        assert logging.getLogger("nibabel.global").handlers == []
-        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+        yield root
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@contextlib.contextmanager
+def json_logged_server(model_dir):
+    """A real server of ``model_dir`` (no rate limit) logging JSON lines, and an httpx client of it."""
+    with json_logging():
+        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
+        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+            yield http
+
+
+def test_the_service_logs_are_json_lines_only():
+    """nibabel's own stderr handler wrote its messages as plain text among the service's JSON lines."""
+    with json_logging() as root:
+        assert logging.getLogger("nibabel.global").handlers == []
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
 
 
 
@@ -629,23 +645,13 @@ def test_library_messages_about_an_upload_are_counted_in_its_request_line_not_wr
     upload's header values and body bytes. They are counted in the request's line instead."""
     import nibabel as nib
 
-    from medvl.serve.logs import setup_json_logging
-
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.float32), np.eye(4)), tmp_path / "v.nii")
     nifti = bytearray((tmp_path / "v.nii").read_bytes())
     struct.pack_into("<f", nifti, 108, -1e30)  # vox_offset
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
-        setup_json_logging()
-        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
-        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
-            refused = http.post("/v1/embed", headers=auth(TOKENS[0]), files={"image": ("v.nii", bytes(nifti))})
-            broken = http.post("/v1/embed", content=b"--x\r\nzzz",
-                               headers={**auth(TOKENS[0]), "Content-Type": "multipart/form-data; boundary=B"})
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
+    with json_logged_server(model_dir) as http:
+        refused = http.post("/v1/embed", headers=auth(TOKENS[0]), files={"image": ("v.nii", bytes(nifti))})
+        broken = http.post("/v1/embed", content=b"--x\r\nzzz",
+                           headers={**auth(TOKENS[0]), "Content-Type": "multipart/form-data; boundary=B"})
     assert refused.status_code == 422 and broken.status_code == 400
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert not [line for line in lines if line["logger"].split(".")[0] in ("nibabel", "python_multipart")]
@@ -658,20 +664,10 @@ def test_a_line_logged_while_an_explanation_computes_carries_its_request_id(mode
     """The heavy lane (explanations, VQA) and the model thread (index searches, class embeddings) ran a request's work
     without its context: the warning about bare-name prompts logged while /v1/explain computed had no request id,
     the same warning from /v1/zero-shot had one."""
-    from medvl.serve.logs import setup_json_logging
-
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
-        setup_json_logging()
-        app = create_app(model_dir, token_digests=[token_digest(TOKENS[0])], settings=ServeSettings(rate_limit=0))
-        with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
-            answers = [http.post(f"/v1/{route}", headers=auth(TOKENS[0]), files={"image": ("x.png", png.read_bytes())},
-                                 data={"labels": "foo,bar", **fields})
-                       for route, fields in (("explain", {"methods": "patch_text"}), ("zero-shot", {}))]
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
+    with json_logged_server(model_dir) as http:
+        answers = [http.post(f"/v1/{route}", headers=auth(TOKENS[0]), files={"image": ("x.png", png.read_bytes())},
+                             data={"labels": "foo,bar", **fields})
+                   for route, fields in (("explain", {"methods": "patch_text"}), ("zero-shot", {}))]
     assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     warned = [line for line in lines if line["logger"] == "medvl.data.captions"]
