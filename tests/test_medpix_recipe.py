@@ -91,5 +91,7 @@ def test_tune_top_layers_is_checked():
 
     with pytest.raises(MedvlError, match="text.freeze=true"):
         medvl.create_model("phantom-tiny", **{"text.tune_top_layers": 1})
-    with pytest.raises(MedvlError, match="leave at least one fixed"):
+    with pytest.raises(MedvlError, match="leave at least one fixed"):  # phantom-tiny's text tower: 2 layers
+        medvl.create_model("phantom-tiny", **{"text.freeze": True, "text.tune_top_layers": 2})
+    with pytest.raises(MedvlError, match=r"text.tune_top_layers must be <= 64, got 99"):  # a typo: the size limit
         medvl.create_model("phantom-tiny", **{"text.freeze": True, "text.tune_top_layers": 99})
