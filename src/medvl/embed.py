@@ -14,6 +14,7 @@ from .data.loading import image_sources, pixel_batches
 from .data.record import Dataset
 from .errors import InputError
 from .models.dual import DualEncoder, weights_state
+from .models.text import count_read_cut
 from .progress import progress_bar
 
 
@@ -52,11 +53,7 @@ def texts_read_cut(model, texts: Sequence[str]) -> tuple[int, int]:
     """How many of ``texts`` have more tokens than the model's text tower reads (``text_read_length``: they are
     embedded cut, the rest unread), and the most it reads; (0, 0) for a model that cannot tell."""
     read_length = getattr(model, "text_read_length", None)
-    if read_length is None or not texts:
-        return 0, 0
-    lengths = {text: read_length(text) for text in set(texts)}
-    limit = next(iter(lengths.values()))[1]
-    return sum(lengths[text][0] > lengths[text][1] for text in texts), limit
+    return (0, 0) if read_length is None else count_read_cut(read_length, texts)
 
 
 MAX_CLASS_SETS = 64  # prompt sets kept per model (least recently used dropped): a service's users choose labels

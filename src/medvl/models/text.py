@@ -191,6 +191,15 @@ def _base_alphabet(words_of: Callable[[str], list[str]]) -> set[str]:
 _OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"})
 
 
+def count_read_cut(read_length: Callable[[str], tuple[int, int]], texts: Sequence[str]) -> tuple[int, int]:
+    """How many of ``texts`` have more tokens than a text tower reads (``read_length``: a text's tokens and the
+    most it reads, as ``TextEncoder.read_length`` gives them; each distinct text counted once), and that most
+    (0 for no texts)."""
+    lengths = {text: read_length(text) for text in set(texts)}
+    limit = next(iter(lengths.values()))[1] if lengths else 0
+    return sum(length > most for length, most in map(lengths.__getitem__, texts)), limit
+
+
 def position_limit(model_config) -> int | None:
     """The most tokens (special tokens included) a transformers text model's absolute position embeddings
     take, or None when its config states none."""

@@ -69,7 +69,7 @@ from .dual import (
 )
 from .image import ImageEncoder
 from .preprocess import ImagePreprocessor
-from .text import TextEncoder
+from .text import TextEncoder, count_read_cut
 from .vlm import VisionLanguageModel, is_transformers_folder
 
 log = logging.getLogger(__name__)
@@ -484,8 +484,7 @@ def check_image_counts(items: Sequence[VQAItem], max_images: int, hint: str = ""
 def questions_cut(model: VQAModel, questions: Sequence[str]) -> int:
     """How many of ``questions`` are longer than the model's question encoder reads (``text.max_length`` tokens,
     special ones included): the encoder reads them cut (``medvl vqa`` refuses such a question)."""
-    lengths = {question: model.text_encoder.read_length(question) for question in set(questions)}  # the one rule
-    return sum(length > limit for length, limit in map(lengths.__getitem__, questions))
+    return count_read_cut(model.text_encoder.read_length, questions)[0]  # the one rule
 
 
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:
