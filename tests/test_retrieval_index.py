@@ -31,6 +31,7 @@ from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
 from medvl.index.cases import quote_column
+from medvl.index.search import embed_query
 from medvl.rag import load_knowledge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -631,6 +632,35 @@ def test_duplicate_images_are_detected(model, model_dir, dataset, tmp_path, capl
     kept = build_index(model, data, tmp_path / "all", model_dir=model_dir, allow_duplicates=True,
                        show_progress=False)
     assert kept["n_cases"] == 5
+
+
+def _tripled(dataset) -> Dataset:
+    """Eight phantom cases, each indexed three times, the later copies under lower ids (z-, y-, x-): the backends'
+    own order of equal scores (storage order) is then the reverse of the case ids'."""
+    return Dataset([dataclasses.replace(record, id=f"{prefix}-{record.id}") for record in dataset.records[:8]
+                    for prefix in "zyx"], source=dataset.source)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_equal_scores_come_back_in_case_id_order_whatever_k(kind, model, model_dir, dataset, tmp_path):
+    """The same image indexed three times gives three hits of equal score: they came back in the order the backend
+    stored them, and which of them made a cut at k depended on k (FAISS's top 3 was not the start of its top 6).
+    Ties are now in case-id order, and a tie at the cut keeps the lowest ids, so every top k is the start of the
+    top 24."""
+    data = _tripled(dataset)
+    build_index(model, data, tmp_path / kind, model_dir=model_dir, kind=kind, allow_duplicates=True,
+                show_progress=False)
+    with open_index(tmp_path / kind) as index:
+        for query in (data[0].image, data[9].image):
+            every = [(hit.id, hit.score) for hit in search_index(index, model, image=query, k=24)]
+            assert len(every) == 24 and every == sorted(every, key=lambda hit: (-hit[1], hit[0]))
+            assert [hit_id[0] for hit_id in every[:3]] == sorted(hit_id[0] for hit_id in every[:3])
+            assert len({score for _, score in every[:3]}) == 1  # the query's own image, three times
+            for k in range(1, 24):
+                assert [(hit.id, hit.score) for hit in search_index(index, model, image=query, k=k)] == every[:k]
+            # several queries at once: each row as the query alone
+            rows = index.search(np.repeat(embed_query(model, image=query), 2, axis=0), k=5)
+            assert [[hit.id for hit in row] for row in rows] == [[hit_id for hit_id, _ in every[:5]]] * 2
 
 
 def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):
@@ -1485,6 +1515,22 @@ def test_pgvector_keeps_the_key_order_of_labels_metadata_and_filter_columns(pg_u
         add_records(pg, model, dataset.subset([extra]), allow_duplicates=True, show_progress=False)
     with open_index(url) as pg:
         assert list(pg.info["columns"]) == [*local.info["columns"], "zz_new", "a"]
+
+
+@pytest.mark.pgvector
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_pgvector_gives_equal_scores_in_case_id_order_whatever_k(pg_url, model, model_dir, dataset, tmp_path):
+    """As ``test_equal_scores_come_back_in_case_id_order_whatever_k``, on PostgreSQL: the same hits as FAISS."""
+    data = _tripled(dataset)
+    url = pg_url.replace("#phantom_cases", "#tripled")
+    for out in (url, tmp_path / "local"):
+        build_index(model, data, out, model_dir=model_dir, allow_duplicates=True, show_progress=False)
+    with open_index(url) as pg, open_index(tmp_path / "local") as local:
+        every = [hit.id for hit in search_index(pg, model, image=data[0].image, k=24)]
+        assert every == [hit.id for hit in search_index(local, model, image=data[0].image, k=24)]
+        assert every[:3] == sorted(every[:3])
+        for k in (1, 2, 4, 7):
+            assert [hit.id for hit in search_index(pg, model, image=data[0].image, k=k)] == every[:k]
 
 
 @pytest.mark.pgvector

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -307,6 +307,25 @@ def check_target(target: str) -> None:
 
 def check_k(k: int) -> None:
     check_number("k", k, minimum=1, maximum=MAX_K, integer=True)
+
+
+# how many cases past the cut ``in_id_order`` fetches at most to settle a tie there (a case indexed this many
+# times over is cut by its search position, not its id)
+TIE_EXTRA_MAX = 1024
+
+
+def in_id_order(nearest: Callable[[int], list[list[Hit]]], k: int) -> list[list[Hit]]:
+    """The ``k`` best hits of each query with equal scores in case-id order, whatever the backend, the ANN kind or
+    ``k``: ``nearest(n)`` (a backend's search for its ``n`` nearest) is asked for more than ``k`` until no query's
+    score at the cut is tied with the next one (so the cases of a tie that straddles the cut are the lowest ids,
+    not those a heap happened to keep), at most ``TIE_EXTRA_MAX`` past ``k``."""
+    wanted = k + 1
+    while True:
+        rows = nearest(wanted)
+        tied = any(len(row) == wanted and row[k - 1].score == row[-1].score for row in rows)
+        if not tied or wanted - k >= TIE_EXTRA_MAX:
+            return [sorted(row, key=lambda hit: (-hit.score, hit.id))[:k] for row in rows]
+        wanted = min(k + 2 * (wanted - k), k + TIE_EXTRA_MAX)
 
 
 def check_neighbour_options(index: object, k: int | None) -> None:

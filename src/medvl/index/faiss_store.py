@@ -72,6 +72,7 @@ from .base import (
     check_target,
     check_vectors,
     ids_by_hash,
+    in_id_order,
     note_vector_counts,
 )
 from .cases import (
@@ -790,13 +791,17 @@ class FaissIndex(IndexBase):
 
     def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
                target: str = IMAGES) -> list[list[Hit]]:
-        import faiss
-
         check_target(target)
         check_k(k)
         vectors = check_vectors(vectors, self.dim)
         if target == TEXTS and TEXTS not in self.info:  # never held a report (built and added without any)
             raise InputError(f"{self.path}: index holds no report texts to search")
+        return in_id_order(lambda n: self._nearest(vectors, n, where, target), k)
+
+    def _nearest(self, vectors: np.ndarray, k: int, where: str | None, target: str) -> list[list[Hit]]:
+        """The ``k`` nearest cases of each (checked) query vector, in the order the ANN ranks them."""
+        import faiss
+
         if target not in self.anns or self.anns[target].ntotal == 0:  # every case deleted: no hits, as on pgvector
             return [[] for _ in vectors]
         ann, kind = self.anns[target], self.info[target]["kind"]

@@ -23,6 +23,7 @@ writers of one table apart (released when a writer dies). Below ``FLAT_MAX`` row
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -44,6 +45,7 @@ from .base import (
     check_target,
     check_vectors,
     ids_by_hash,
+    in_id_order,
     model_changed,
     note_vector_counts,
     redact,
@@ -523,14 +525,14 @@ class PgVectorIndex(IndexBase):
             params = compiled.params
         statement = self._q("SELECT " + _CASE_FIELDS + ", -({c} <#> %s::vector) FROM {t} WHERE {w} "
                             "ORDER BY {c} <#> %s::vector LIMIT %s", c=column, w=condition)
-        results = []
-        for vector in vectors:
-            query = vector_text(vector)
-            rows = _rows(self.conn, statement, (query, *params, query, k), exact=False)
-            if len(rows) < k and self.info.get(target, {}).get("kind") == HNSW:
-                # a filter starved the beam, or k is above hnsw.ef_search: rank exactly (the same rows when the
-                # table holds fewer than k)
-                rows = _rows(self.conn, statement, (query, *params, query, k), exact=True)
-            results.append([Hit(id=r[0], score=float(r[7]), split=r[1], labels=r[2], meta=r[3], text=r[4],
-                                image_path=public_image_path(r[5]), image_sha256=r[6]) for r in rows])
-        return results
+
+        def nearest(query: str, n: int) -> list[list[Hit]]:
+            rows = _rows(self.conn, statement, (query, *params, query, n), exact=False)
+            if len(rows) < n and self.info.get(target, {}).get("kind") == HNSW:
+                # a filter starved the beam, or n is above hnsw.ef_search: rank exactly (the same rows when the
+                # table holds fewer than n)
+                rows = _rows(self.conn, statement, (query, *params, query, n), exact=True)
+            return [[Hit(id=r[0], score=float(r[7]), split=r[1], labels=r[2], meta=r[3], text=r[4],
+                         image_path=public_image_path(r[5]), image_sha256=r[6]) for r in rows]]
+
+        return [in_id_order(functools.partial(nearest, vector_text(vector)), k)[0] for vector in vectors]
