@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import norm
 
 import medvl
 from cli_helpers import invoke
@@ -176,3 +177,22 @@ def test_phantom_command_writes_the_shortcut_variant(tmp_path):
         result, output = invoke("phantom", tmp_path / "bad", "--n", 12, "--shortcut", bad, "-q")
         assert result.exit_code == 2 and "shortcut must be" in output and "Traceback" not in output
         assert not (tmp_path / "bad").exists()
+
+
+def test_an_exact_five_point_masked_drop_is_flagged():
+    """"At least 0.05" holds for a drop of exactly 1/20, which floats give as 0.04999999999999993."""
+    from medvl.eval.shortcut import MASKED_ALPHA, _changes, _masked_reasons, _scores
+
+    truth = np.array([0] * 70 + [1] * 10)
+    unmasked = np.full((80, 2), 0.1)
+    unmasked[np.arange(80), truth] = 0.9
+    unmasked[10:70] = [0.1, 0.9]  # 10 of 70 class-0 images right before
+    masked = unmasked.copy()
+    masked[:7] = [0.1, 0.9]  # hiding the corner turns 7 of them wrong: balanced accuracy -7/140
+    classes = ["a", "b"]
+    changes = _changes(truth, unmasked, masked, _scores(truth, unmasked, classes, recall=True), classes)
+    assert changes["drop"]["balanced_accuracy"] < 0.05  # the float rounding this test is about
+    z_needed = float(norm.isf(MASKED_ALPHA / len(CORNERS)))
+    reasons = _masked_reasons({"regions": {"top_left": {"corner": "top_left", **changes}}}, z_needed)
+    assert reasons == ["hiding the top left corner lowers the balanced accuracy by 0.05 "
+                       f"(McNemar z 2.6 >= {z_needed:.2f})"]

@@ -262,7 +262,8 @@ def _masked_reasons(masked: dict[str, Any], z_needed: float) -> list[str]:
     reasons = []
     for name, scores in masked["regions"].items():
         drop = scores["drop"]["balanced_accuracy"]
-        if drop >= MAX_MASKED_DROP and scores["z"] >= z_needed:
+        # "at least" allows for float rounding: an exact 5-point drop can come out as 0.04999999999999993
+        if drop >= MAX_MASKED_DROP - 1e-9 and scores["z"] >= z_needed:
             where = f"box {scores['box']}" if name == "box" else f"the {name.replace('_', ' ')} corner"
             reasons.append(f"hiding {where} lowers the balanced accuracy by {drop:.2f} "
                            f"(McNemar z {scores['z']:.1f} >= {z_needed:.2f})")
