@@ -878,8 +878,7 @@ def test_a_label_of_one_class_beside_another_caption_column_is_warned(small_phan
 
 
 @pytest.mark.parametrize("template", ["a chest x-ray ({view}) with {}.", "a {0} x-ray with {}",
-                                      "a chest x-ray with {}. }", "a chest x-ray with {{}}.",
-                                      "a chest x-ray with {:d}.", "{} and {}"])
+                                      "a chest x-ray with {}. }", "a chest x-ray with {:d}.", "{} and {}"])
 def test_a_caption_template_with_another_brace_is_refused_when_read(small_phantom, tmp_path, template):
     """Only the count of '{}' was checked: a named field or a lone brace crashed training and zero-shot with a
     traceback after the template was saved in the model, and '{{}}' left the description out of every caption."""
@@ -901,6 +900,37 @@ def test_a_caption_template_with_another_brace_is_refused_when_read(small_phanto
     (model / "meta.json").write_text(json.dumps({**meta, "captions": {"templates": [template]}}))
     with pytest.raises(ModelError, match=re.escape(message)):
         medvl.load_model(model)
+
+
+@pytest.mark.parametrize(("captions_yaml", "message"), [
+    ('classes:\n  finding:\n    cardiomegaly: []\n    nodule: "  "\n',
+     "class 'nodule' of label column 'finding' has a blank description; write what it shows, or give [] to "
+     "describe it by its name"),
+    ('classes:\n  finding:\n    nodule: ["a nodule", ""]\n',
+     "class 'nodule' of label column 'finding' has a blank description"),
+    ("templates: []\n", "templates must be a non-empty list of strings with one '{}' each (leave templates out "
+     "for the default ones)"),
+    ('templates: ["a chest x-ray."]\n',
+     "template 'a chest x-ray.' holds no '{}' for the class description (every class would get the same prompt)"),
+    ('templates: ["a chest x-ray with {{}}."]\n', "template 'a chest x-ray with {{}}.' holds no '{}'"),
+], ids=["blank", "blank-in-list", "no-templates", "no-braces", "literal-braces"])
+def test_captions_that_would_give_prompts_without_a_description_are_refused(small_phantom, tmp_path, captions_yaml,
+                                                                           message):
+    """A blank description scored its class with prompts such as 'an image showing .' (and counted it as
+    described), `templates: []` became the default templates without a word, and a template without '{}' was
+    refused as one that "may hold only one '{}'"."""
+    from medvl.data.captions import load_captions
+
+    captions = tmp_path / "captions.yaml"
+    captions.write_text(captions_yaml)
+    with pytest.raises(InputError, match=re.escape(f"{captions}: {message}")):
+        load_captions(captions)
+    model = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    result, output = invoke("eval", "zero-shot", "--model", model, "--data", small_phantom, "--captions", captions,
+                            "-q", "--json", tmp_path / "zs.json")
+    assert result.exit_code == 2 and message in " ".join(output.split()) and "Traceback" not in output
+    assert not (tmp_path / "zs.json").exists()
 
 
 def test_yaml_class_names_are_read_as_written_and_training_warns_of_undescribed_classes(small_phantom, tmp_path,

@@ -8,9 +8,11 @@ A caption config is a dict (from YAML/JSON)::
         cardiomegaly: ["cardiomegaly", "an enlarged cardiac silhouette"]
         no_finding: ["no acute abnormality"]
 
-A class without descriptions is described by its own name with underscores as spaces. YAML keys are read
-as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names (YAML 1.1 would
-make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is refused.
+A class without descriptions (``[]``) is described by its own name with underscores as spaces; a blank
+description, an empty template list and a template without ``{}`` are refused (prompts that say nothing).
+YAML keys are read as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names
+(YAML 1.1 would make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is
+refused.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class CaptionConfig:
         unknown = set(data) - {"templates", "classes"}
         if unknown:
             raise InputError(f"{source}: unknown keys {sorted(unknown)}; expected templates, classes")
-        if not isinstance(data.get("templates") or [], list):
-            raise InputError(f"{source}: templates must be a list of strings with one '{{}}' each")
+        templates = DEFAULT_TEMPLATES if data.get("templates") is None else data["templates"]
+        if not isinstance(templates, list) or not templates:
+            raise InputError(f"{source}: templates must be a non-empty list of strings with one '{{}}' each "
+                             "(leave templates out for the default ones)")
         given = data.get("classes") or {}
         if not isinstance(given, dict) or not all(
                 isinstance(per_class, dict | None) and all(
@@ -56,16 +60,19 @@ class CaptionConfig:
                 for per_class in given.values()):
             raise InputError(f"{source}: classes must map each label column to its classes, and each class to a "
                              "description or a list of descriptions")
-        templates = list(data.get("templates") or DEFAULT_TEMPLATES)
         for template in templates:
-            if not _is_template(template):
-                raise InputError(f"{source}: template {template!r} may hold only one '{{}}' (the class description) "
-                                 "and no other braces; write a literal brace as '{{' or '}}'")
+            if (problem := _template_problem(template)) is not None:
+                raise InputError(f"{source}: template {template!r} {problem}")
         classes = {
             str(column): {str(name): _as_list(desc) for name, desc in (per_class or {}).items()}
             for column, per_class in given.items()
         }
-        return cls(templates=templates, classes=classes)
+        for column, per_class in classes.items():
+            for name, descriptions in per_class.items():
+                if not all(description.strip() for description in descriptions):  # prompts that say nothing
+                    raise InputError(f"{source}: class {name!r} of label column {column!r} has a blank description; "
+                                     "write what it shows, or give [] to describe it by its name")
+        return cls(templates=list(templates), classes=classes)
 
     def check_column(self, column: str) -> None:
         """Refuse a label column these captions do not describe when they describe any (a misspelt
@@ -122,18 +129,24 @@ class CaptionConfig:
         return {"templates": self.templates, "classes": self.classes}
 
 
-def _is_template(template: Any) -> bool:
-    """True for a string whose only replacement field is one bare ``{}`` (``str.format`` fills it with a class
-    description): a named or numbered field, a format spec, or a lone brace would fail at training or
-    zero-shot time, and ``{{}}`` is a literal brace pair that would leave the description out."""
+def _template_problem(template: Any) -> str | None:
+    """What is wrong with ``template`` (None when nothing is): its only replacement field must be one bare ``{}``
+    (``str.format`` fills it with a class description). A named or numbered field, a format spec, or a lone
+    brace would fail at training or zero-shot time, and a template without ``{}`` (``{{}}`` is a literal brace
+    pair) would leave the description out: every class would get the same prompt."""
     if not isinstance(template, str):
-        return False
+        return "is not a string; each template is a string with one '{}' (the class description)"
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
                   if name is not None]
     except ValueError:  # a lone '{' or '}'
-        return False
-    return fields == [("", "", None)]
+        fields = None
+    if fields == [("", "", None)]:
+        return None
+    if fields == []:
+        return "holds no '{}' for the class description (every class would get the same prompt)"
+    return ("may hold only one '{}' (the class description) and no other braces; "
+            "write a literal brace as '{{' or '}}'")
 
 
 def _as_list(value: Any) -> list[str]:
