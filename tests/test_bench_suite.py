@@ -1022,6 +1022,8 @@ def test_a_shortcut_phantom_given_as_its_manifest_file_gets_the_same_checks_as_i
 @pytest.mark.parametrize("corruption, message", [
     ({"severities": [1, 7]}, "corruption severity must be a whole number from 1 to 5, got 7"),
     ({"kinds": ["fog"]}, "unknown corruption 'fog'"),
+    ({"kinds": ["noise", "noise", "blur"]}, "corruption kind 'noise' is given twice; list each kind once"),
+    ({"severities": [1, 1]}, "corruption severity 1 is given twice; list each severity once"),  # were scored twice
 ])
 def test_a_bad_corruption_setting_names_the_suite_file(corruption, message, two_models, phantom_dir, tmp_path):
     suite = write_suite(tmp_path, phantom_dir, corruption=corruption)

@@ -462,6 +462,10 @@ def test_corruption_curves(random_model, phantom, monkeypatch):
         corruption_curves(random_model, subset, "sex", kinds=("snow",))
     with pytest.raises(InputError, match="severity"):
         corruption_curves(random_model, subset, "sex", severities=(0,))
+    for kinds, severities, message in ((("noise", "blur", "noise"), (1,), "corruption kind 'noise' is given twice"),
+                                       (("noise",), (1, 3, 1), "corruption severity 1 is given twice")):
+        with pytest.raises(InputError, match=message):  # was scored again: the same rows twice over
+            corruption_curves(random_model, subset, "sex", kinds=kinds, severities=severities)
 
 
 def test_in_memory_datasets_work_end_to_end(random_model):

@@ -438,18 +438,16 @@ def task_knowledge(task: TaskSpec):
 
 def _check_settings(suite: SuiteSpec) -> None:
     """The corruption and counterfactual settings, checked before any work (InputError)."""
-    from ..eval.robustness import CORRUPTIONS, check_corruption
+    from ..eval.robustness import CORRUPTIONS, check_corruptions
 
     where = suite.source
     kinds, severities = suite.corruption.get("kinds", CORRUPTIONS), suite.corruption.get("severities", [1])
     if not isinstance(kinds, list | tuple) or not isinstance(severities, list | tuple) or not kinds or not severities:
         raise InputError(f"{where}: corruption kinds and severities must be non-empty lists")
-    for kind in kinds:
-        for severity in severities:
-            try:
-                check_corruption(kind, severity)
-            except InputError as error:
-                raise InputError(f"{where}: {error}") from None
+    try:
+        check_corruptions(kinds, severities)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
     check_number(f"{where}: corruption max_images", suite.corruption.get("max_images", 200), minimum=2, integer=True)
     check_number(f"{where}: counterfactual n", suite.counterfactual.get("n", 10), minimum=1, maximum=1000,
                  integer=True)

@@ -65,6 +65,18 @@ def check_corruption(kind: str, severity: int) -> None:
         raise InputError(f"corruption severity must be a whole number from 1 to 5, got {severity!r}")
 
 
+def check_corruptions(kinds: Sequence[str], severities: Sequence[int]) -> None:
+    """``check_corruption`` of every kind at every severity, and InputError for a kind or severity given twice
+    (it would be scored again: the same rows twice over)."""
+    for kind in kinds:
+        for severity in severities:
+            check_corruption(kind, severity)
+    for what, values in (("kind", list(kinds)), ("severity", list(severities))):
+        repeated = [value for index, value in enumerate(values) if value in values[:index]]
+        if repeated:
+            raise InputError(f"corruption {what} {repeated[0]!r} is given twice; list each {what} once")
+
+
 def corrupt(image: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.ndarray:
     """``image`` (HxW, HxWx1 or HxWx3; any real dtype) corrupted by ``kind`` at ``severity`` 1-5.
 
@@ -165,9 +177,7 @@ def corruption_curves(model: DualEncoder, dataset: Dataset, label: str, kinds: S
     AUC is undefined), ``relative_degradation`` (kind -> mean over severities of (clean - corrupted) /
     clean), ``mean_relative_degradation`` and ``worst_kind`` (the largest relative degradation).
     """
-    for kind in kinds:
-        for severity in severities:
-            check_corruption(kind, severity)
+    check_corruptions(kinds, severities)
     if not kinds or not severities:
         raise InputError("corruption_curves needs at least one kind and one severity")
     if model.config.image.spatial_dims != 2:
