@@ -517,6 +517,26 @@ def test_a_failing_task_input_is_found_before_anything_is_written(two_models, ph
     assert list(json.loads((out / "suite.json").read_text())["models"].values()) == [str(broken)]
 
 
+def test_a_probe_calibration_class_training_lacks_is_refused_before_any_task_runs(two_models, phantom_dir, tmp_path):
+    """The probe refused such a calibration split only once it ran, after the zero-shot cell was scored and written."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    next(row for row in rows if row["split"] == "val")["finding"] = "rare_thing"
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    suite = write_suite(tmp_path, data, tasks=[{"task": "zero-shot", "dataset": "phantom"},
+                                               {"task": "linear-probe", "dataset": "phantom"}], checks=["calibration"])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    message = (f"{suite}: task linear-probe@phantom: calibration_split 'val': {data / 'manifest.csv'}: calibration "
+               "classes ['rare_thing'] not in training classes")
+    assert "".join(message.split()) in "".join(output.split()), output
+    assert not list((tmp_path / "out").glob("cells/*.json"))  # nothing ran
+
+
 def test_calibration_images_copied_from_the_scored_split_are_a_flag_of_the_run(two_models, phantom_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

@@ -318,13 +318,14 @@ def _fit_apart(suite: SuiteSpec, task: TaskSpec, prepared: dict[str, PreparedDat
 def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> None:
     """What a task would otherwise find wrong only once it runs, checked before anything is written
     (InputError): the classes of a probe's training split against its scored split
-    (``eval.linear_probe.probe_classes``), a task's own covariate columns on its training split
+    (``eval.linear_probe.probe_classes``) and, with the calibration check, its calibration split
+    (``eval.linear_probe.check_calibration_classes``), a task's own covariate columns on its training split
     (``eval.covariates.check_covariates``), the classes of a zero-shot task's scored and calibration splits
     (``eval.zero_shot.zero_shot_classes``, among the label's classes over every split), and a scored split of a
     zero-shot, linear-probe or few-shot task that holds one class of its label (its AUC, the headline row, is
     undefined)."""
     from ..eval.covariates import check_covariates
-    from ..eval.linear_probe import probe_classes
+    from ..eval.linear_probe import check_calibration_classes, probe_classes
     from ..eval.zero_shot import label_classes, zero_shot_classes
 
     for task in suite.tasks:
@@ -338,21 +339,34 @@ def check_task_inputs(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) ->
             fitted = prepared[source.name].split(source.train_split)
             where = f"{suite.source}: task {task.key}: train_split {source.train_split!r}"
             try:
-                probe_classes(fitted, prepared[task.dataset].split(spec.split), label)
+                classes = probe_classes(fitted, prepared[task.dataset].split(spec.split), label)
             except InputError as error:
                 raise InputError(f"{where}: {error}") from None
             if task.task == "linear-probe" and task.covariates:
                 check_covariates(fitted.records, task.covariates, [label], where)
+            if task.task == "linear-probe" and (fit_name := _temperature_split(suite, task)):
+                try:
+                    check_calibration_classes(prepared[task.dataset].split(fit_name), label, classes)
+                except InputError as error:
+                    raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: "
+                                     f"{error}") from None
         if task.task != "zero-shot" or not label or prepared[task.dataset].dataset is None:
             continue
         classes = zero_shot_classes(prepared[task.dataset].split(spec.split), label,
                                     label_classes(prepared[task.dataset].dataset, label))
-        fit_name = spec.calibration_split
-        if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split:
+        if fit_name := _temperature_split(suite, task):
             try:
                 zero_shot_classes(prepared[task.dataset].split(fit_name), label, classes)
             except InputError as error:
                 raise InputError(f"{suite.source}: task {task.key}: calibration_split {fit_name!r}: {error}") from None
+
+
+def _temperature_split(suite: SuiteSpec, task: TaskSpec) -> str | None:
+    """The split ``task`` fits a temperature on: its dataset's ``calibration_split`` with the calibration check,
+    when one is named apart from the scored split; else None."""
+    spec = suite.datasets[task.dataset]
+    fit_name = spec.calibration_split
+    return fit_name if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split else None
 
 
 AUC_TASKS = ("zero-shot", "linear-probe", "few-shot")  # tasks whose headline is an AUC: a one-class split is refused

@@ -42,6 +42,9 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     """
     train_data, test_data = train_data.with_labels([label]), test_data.with_labels([label])
     classes = probe_classes(train_data, test_data, label)
+    if calibration_data is not None:  # before any image is read
+        calibration_data = calibration_data.with_labels([label])
+        check_calibration_classes(calibration_data, label, classes)
     index = {name: i for i, name in enumerate(classes)}
     y_train = np.array([index[str(r.labels[label])] for r in train_data])
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
@@ -54,11 +57,6 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     x_test = embed_images(model, test_data, features=True, show_progress=show_progress, content=content).numpy()
     calibration = None
     if calibration_data is not None:
-        calibration_data = calibration_data.with_labels([label])
-        unknown = set(calibration_data.classes(label)) - set(classes)
-        if unknown:
-            raise InputError(f"{calibration_data.source}: calibration classes {sorted(unknown)} not in training "
-                             f"classes {classes}")
         y_calibration = np.array([index[str(r.labels[label])] for r in calibration_data])
         x_calibration = embed_images(model, calibration_data, features=True, show_progress=show_progress).numpy()
         calibration = (x_calibration, y_calibration)
@@ -121,6 +119,15 @@ def probe_classes(train_data: Dataset, test_data: Dataset, label: str) -> list[s
     if len(classes) < 2:
         raise InputError(f"{train_data.source}: label {label!r} needs at least 2 classes in training data")
     return classes
+
+
+def check_calibration_classes(calibration_data: Dataset, label: str, classes: Sequence[str]) -> None:
+    """InputError when the records of ``calibration_data`` with ``label`` hold a class outside ``classes`` (the
+    probe's training classes, ``probe_classes``): the probe gives it no probability to fit a temperature on."""
+    unknown = set(calibration_data.with_labels([label]).classes(label)) - set(classes)
+    if unknown:
+        raise InputError(f"{calibration_data.source}: calibration classes {sorted(unknown)} not in training "
+                         f"classes {list(classes)}")
 
 
 def _fuse_covariates(full: dict, model: CovariateModel, test_data: Dataset, y_test: np.ndarray, classes: list[str],
