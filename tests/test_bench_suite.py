@@ -278,6 +278,33 @@ def test_a_missing_dataset_path_split_or_column_is_refused_before_any_work(two_m
     assert result.exit_code == 2 and "no column blood_type" in output, output
 
 
+def test_a_subgroup_column_of_free_text_is_refused_before_any_work_without_its_values(two_models, phantom_dir,
+                                                                                       tmp_path):
+    """A column of notes or identifiers made one group per record: each was listed by its value (a patient's name
+    and MRN) as a group too small to score, in the console, results.json and report.html, and the run passed."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    for index, row in enumerate(rows):
+        row["history"] = f"Mr Patient{index} aged {40 + index % 30}, smoker, MRN {100000 + index}"
+        row["ward"] = ("A", "B", "C")[index % 3]  # a category: kept
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    spec = {"path": str(data), "split": "test", "label": "finding", "subgroups": ["sex", "ward", "age", "history"]}
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
+                        tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 2, output
+    message = (f"{data}: dataset 'phantom': subgroup column 'history' has {len(rows)} distinct values in {len(rows)} "
+               f"records, {len(rows)} of them in one record only; a subgroup is a category shared by records, not an "
+               "identifier or free text")
+    assert "".join(message.split()) in "".join(output.split()), output
+    assert "Patient" not in output and "MRN" not in output
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_that_cannot_do_a_task_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
     vqa_model = tmp_path / "vqa-model"
     vqa_model.mkdir()

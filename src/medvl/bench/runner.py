@@ -203,6 +203,7 @@ def generated_data(datasets: dict[str, PreparedDataset]) -> dict[str, Any]:
 def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allow_outside_root: bool) -> None:
     from ..data import load_dataset
     from ..data.phantom.generate import phantom_description
+    from ..eval.subgroups import check_group_column
 
     spec = item.spec
     dataset = load_dataset(item.path, allow_outside_root=allow_outside_root)
@@ -219,6 +220,11 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allo
     if unknown:
         raise InputError(f"{item.path}: dataset {spec.name!r} has no column {', '.join(unknown)} for subgroups "
                          f"(columns: {', '.join(sorted(present))})")
+    for column in spec.subgroups:  # its values would be listed in the outputs, one group per record
+        try:
+            check_group_column(dataset.records, column)
+        except InputError as error:
+            raise InputError(f"{item.path}: dataset {spec.name!r}: {error}") from None
     item.dataset = dataset
     description = phantom_description(item.path)  # a phantom folder, or its manifest file
     if description is not None and description.get("name") == "phantom-cxr":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,23 @@ def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> di
         else:
             result[column] = [None if _missing(value) else str(value) for value in raw]
     return result
+
+
+def check_group_column(records: Iterable[Record], column: str) -> None:
+    """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note), by the
+    covariates' rule (``covariates.CovariateEncoder.fit``): at least 3 distinct values, more than half of them in
+    one record only. Each record would be a group of its own, too small to score, listed by its value in the
+    outputs; the message counts, never quotes. An age-like column is banded (``is_age_column``): never refused."""
+    if is_age_column(column):
+        return
+    values = [str(value) for value in (r.labels.get(column, r.meta.get(column)) for r in records)
+              if not _missing(value)]
+    counts = Counter(values)
+    once = sum(count == 1 for count in counts.values())
+    if len(counts) >= 3 and once > len(counts) / 2:
+        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct values in {len(values)} records, "
+                         f"{once} of them in one record only; a subgroup is a category shared by records, not an "
+                         "identifier or free text")
 
 
 def unreadable_ages(records: Iterable[Record], column: str) -> list[str]:
