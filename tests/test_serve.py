@@ -37,7 +37,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from cli_helpers import invoke  # noqa: E402
-from hostile_files import jpeg_dicom_with_inserted_bytes  # noqa: E402
+from hostile_files import animated_png, jpeg_dicom_with_inserted_bytes  # noqa: E402
 from medvl.data import load_dataset  # noqa: E402
 from medvl.errors import DataError, InputError  # noqa: E402
 from medvl.index import build_index, open_index, search_index  # noqa: E402
@@ -328,6 +328,18 @@ def test_unsupported_files_are_415_and_empty_ones_422(client):
         answer = zero_shot(client, data, "scan.png")
         assert answer.status_code == 415 and "PNG, JPEG, DICOM" in answer.json()["detail"]
     assert zero_shot(client, b"").status_code == 422
+
+
+def test_an_animated_png_is_422_on_every_route_as_a_multi_frame_dicom_is(client, png, tmp_path):
+    """An APNG was answered 200 from its default image (no warning in the answer) while the page showed its
+    animation, another picture; an animated GIF or a multi-page TIFF is refused (415). It is a 422 naming it."""
+    data = animated_png(tmp_path / "animated.png").read_bytes()
+    answers = [client.post(f"/v1/{route}", headers=auth(), files={"image": ("image.png", data)})
+               for route in ("embed", "preview", "search", "report/draft")]
+    answers += [zero_shot(client, data), explain(client, data, labels=LABELS), vqa(client, [png.read_bytes(), data])]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].endswith("an animated PNG of 2 frames: send one image (a PNG without animation)")
 
 
 def test_png_and_jpeg_uploads_are_decoded_from_memory_as_the_file_reader_reads_them(tmp_path, monkeypatch):
