@@ -1438,6 +1438,28 @@ def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(
     assert not list(upload_tmp.iterdir())  # nothing of the uploads kept
 
 
+def test_a_dicom_preview_has_square_pixels_from_its_pixel_spacing_or_aspect_ratio_as_a_nifti_slice_has(client,
+                                                                                                       tmp_path):
+    """A DICOM's Pixel Spacing / Pixel Aspect Ratio was ignored: 1.0 x 0.5 mm pixels were shown squashed (128 x 128)
+    while the same slice as NIfTI was stretched to square pixels (256 x 128)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medvl.clinical.nifti import write_nifti
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelSpacing = [1.0, 0.5]  # rows 1 mm apart, columns 0.5 mm: each pixel twice as tall as wide
+    ds.save_as(tmp_path / "aniso.dcm")
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    nifti = write_nifti(tmp_path / "aniso.nii.gz", hu[None].astype(np.float32), (1.0, 1.0, 0.5))
+    shown = _png_pixels(preview(client, (tmp_path / "aniso.dcm").read_bytes()))
+    assert shown.shape == _png_pixels(preview(client, nifti.read_bytes())).shape == (256, 128)
+    del ds.PixelSpacing
+    ds.PixelAspectRatio = [4, 3]  # vertical : horizontal, as ultrasound states it
+    ds.save_as(tmp_path / "aspect.dcm")
+    assert _png_pixels(preview(client, (tmp_path / "aspect.dcm").read_bytes())).shape == (171, 128)
+
+
 def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_by_its_middle_frame(client):
     import pydicom
     from pydicom.data import get_testdata_file
