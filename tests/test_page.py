@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 from urllib.parse import quote
 
@@ -1182,3 +1184,28 @@ def test_a_question_refused_for_the_rate_is_asked_again(browser, model_dir, inde
         context.close()
     assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses) == {200, 429}, statuses
     assert answer, "no answer shown"
+
+
+def test_a_png_the_browser_colour_manages_or_animates_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A PNG with a gAMA of 1.0 was drawn gamma-corrected by the browser (grey 64 shown as 137) while the model reads
+    the stored values; an animated PNG was shown as its animation while the model read its default image. The
+    first is shown by the service's preview; the second by its refusal (422), as every panel refuses it."""
+    from hostile_files import animated_png
+
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    stored = io.BytesIO()
+    Image.fromarray(ramp).save(stored, format="PNG")
+    chunk = b"gAMA" + struct.pack(">I", 100_000)  # gamma 1.0: linear light
+    gamma = struct.pack(">I", 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    linear = tmp_path / "linear.png"
+    linear.write_bytes(stored.getvalue()[:33] + gamma + stored.getvalue()[33:])  # after IHDR (8 + 25 bytes)
+    connect(page, TOKENS[27])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(linear)
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    np.testing.assert_array_equal(shown, ramp)
+    wait_for_panels(page)
+    page.locator("#file").set_input_files(animated_png(tmp_path / "animated.png"))
+    page.locator("#preview .panel-error").wait_for(timeout=ANSWER_MS)
+    assert "an animated PNG of 2 frames" in page.locator("#preview").inner_text()
+    wait_for_panels(page, "error")
