@@ -630,7 +630,9 @@ def test_a_file_over_the_services_upload_limit_is_not_sent(page, watch, chest_xr
     page.locator("#file").set_input_files(chest_xray)
     status = page.locator("#read-status")
     page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Not read')")
-    assert f"the service takes files up to {limit / 1024:.1f} KB" in status.inner_text()
+    # in bytes: rounded, a file just over the limit was "1.0 MB; the service takes files up to 1.0 MB"
+    assert f"is {chest_xray.stat().st_size:,} bytes; the service takes files up to {limit:,} bytes (" \
+        in status.inner_text()
     assert chest_xray.name in status.inner_text()
     page.get_by_label("Question").fill(QUESTION)
     page.get_by_role("button", name="Ask").click()
