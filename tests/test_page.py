@@ -1211,3 +1211,19 @@ def test_a_png_the_browser_colour_manages_or_animates_is_shown_by_the_services_p
     page.locator("#preview .panel-error").wait_for(timeout=ANSWER_MS)
     assert "an animated PNG of 2 frames" in page.locator("#preview").inner_text()
     wait_for_panels(page, "error")
+
+
+def test_the_answer_names_its_question_and_an_edited_question_is_marked_not_asked(page, chest_xray):
+    """The Ask card showed the answer alone: a second question typed under it read as answered by it."""
+    connect(page, TOKENS[28])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    ask(page, QUESTION)
+    assert page.locator("#vqa .answer").get_attribute("data-question") == QUESTION
+    assert f"Q: {QUESTION}" in page.locator("#vqa .answer").inner_text()
+    assert page.locator("#vqa .stale").is_hidden()
+    page.get_by_label("Question").fill("Which side is the effusion on?")
+    assert page.locator("#vqa .stale").is_visible()
+    page.get_by_label("Question").fill(QUESTION)
+    assert page.locator("#vqa .stale").is_hidden()
