@@ -1227,3 +1227,33 @@ def test_the_answer_names_its_question_and_an_edited_question_is_marked_not_aske
     assert page.locator("#vqa .stale").is_visible()
     page.get_by_label("Question").fill(QUESTION)
     assert page.locator("#vqa .stale").is_hidden()
+
+
+def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_read(page, chest_xray):
+    """/v1/models was read once, at Connect: a service restarted behind the page with a VQA model (or another index,
+    labels, limits) was still described as the old one, Ask disabled. Here the first description is of a service
+    without a VQA model and an index called "old"; the service answering the read has both."""
+    answers = []
+
+    def old_service_once(route):
+        answers.append(route.request.url)
+        if len(answers) > 1:
+            route.fallback()
+            return
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["vqa"] = None
+        models["models"][0]["index"]["name"] = "old"
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", old_service_once)
+    connect(page, TOKENS[29])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    assert "index old" in page.locator("#model-info").inner_text()
+    assert page.get_by_role("button", name="Ask").is_disabled()
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    assert len(answers) == 2 and "index old" not in page.locator("#model-info").inner_text()
+    assert page.get_by_role("button", name="Ask").is_enabled()
+    ask(page, QUESTION)
+    assert page.locator("#vqa .answer").count() == 1
