@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 PIECE = 1 << 24  # bytes of zeros per repeated deflate piece
 
@@ -173,3 +174,15 @@ def jpeg_dicom_with_inserted_bytes(path: Path, inserted: bytes, after_dht: int) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(data))
     return path
+
+
+def animated_png(path: Path) -> Path:
+    """A 2-frame APNG whose default image (left half white, what a decoder reads) is not part of its animation
+    (top half white, what a browser shows)."""
+    default, shown = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    default[:, :8] = 255
+    shown[:8] = 255
+    Image.fromarray(default).save(path, save_all=True, append_images=[Image.fromarray(shown)], default_image=True,
+                                  duration=500, loop=0)
+    return path
+

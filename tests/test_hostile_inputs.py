@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 
 from hostile_files import (
+    animated_png,
     deflate_zeros,
     gzip_repeated_lines,
     gzip_zeros,
@@ -779,3 +780,23 @@ def test_a_multi_frame_image_reads_its_first_frame_and_the_log_does_not_name_it(
         pixels = read_pil(path)
     assert pixels.shape == (8, 8) and float(pixels.mean()) == 10.0
     assert "3 frames" in caplog.text and "DOE" not in caplog.text
+
+
+def test_an_animated_png_is_refused_by_the_reader_and_the_cli_as_a_gif_or_tiff_is_by_the_service(tmp_path,
+                                                                                                 tiny_model):
+    """An APNG was read as its default image (a warning in the log only) while a browser shows its animation: the
+    reading page showed one picture, the model answered on another. It is refused, naming the frames."""
+    from cli_helpers import invoke
+    from medvl.data.images import read_image_bytes
+
+    path = animated_png(tmp_path / "DOE_JOHN.png")
+    reason = "an animated PNG of 2 frames: send one image"
+    with pytest.raises(DataError, match=reason):
+        read_image(path)
+    with pytest.raises(DataError, match=reason):
+        read_image_bytes(path.read_bytes(), "upload")
+    result, output = invoke("predict", path, "--model", tiny_model, "--labels", "normal,effusion")
+    assert result.exit_code == 2 and reason in " ".join(output.split()) and "Traceback" not in output, output
+    single = tmp_path / "single.png"
+    Image.open(path).save(single)  # its default image alone: read as before
+    assert read_image(single)[:, :8].min() == 255

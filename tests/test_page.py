@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 from urllib.parse import quote
 
@@ -628,7 +630,9 @@ def test_a_file_over_the_services_upload_limit_is_not_sent(page, watch, chest_xr
     page.locator("#file").set_input_files(chest_xray)
     status = page.locator("#read-status")
     page.wait_for_function("() => document.querySelector('#read-status').textContent.startsWith('Not read')")
-    assert f"the service takes files up to {limit / 1024:.1f} KB" in status.inner_text()
+    # in bytes: rounded, a file just over the limit was "1.0 MB; the service takes files up to 1.0 MB"
+    assert f"is {chest_xray.stat().st_size:,} bytes; the service takes files up to {limit:,} bytes (" \
+        in status.inner_text()
     assert chest_xray.name in status.inner_text()
     page.get_by_label("Question").fill(QUESTION)
     page.get_by_role("button", name="Ask").click()
@@ -1182,3 +1186,74 @@ def test_a_question_refused_for_the_rate_is_asked_again(browser, model_dir, inde
         context.close()
     assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses) == {200, 429}, statuses
     assert answer, "no answer shown"
+
+
+def test_a_png_the_browser_colour_manages_or_animates_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A PNG with a gAMA of 1.0 was drawn gamma-corrected by the browser (grey 64 shown as 137) while the model reads
+    the stored values; an animated PNG was shown as its animation while the model read its default image. The
+    first is shown by the service's preview; the second by its refusal (422), as every panel refuses it."""
+    from hostile_files import animated_png
+
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    stored = io.BytesIO()
+    Image.fromarray(ramp).save(stored, format="PNG")
+    chunk = b"gAMA" + struct.pack(">I", 100_000)  # gamma 1.0: linear light
+    gamma = struct.pack(">I", 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    linear = tmp_path / "linear.png"
+    linear.write_bytes(stored.getvalue()[:33] + gamma + stored.getvalue()[33:])  # after IHDR (8 + 25 bytes)
+    connect(page, TOKENS[27])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(linear)
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    np.testing.assert_array_equal(shown, ramp)
+    wait_for_panels(page)
+    page.locator("#file").set_input_files(animated_png(tmp_path / "animated.png"))
+    page.locator("#preview .panel-error").wait_for(timeout=ANSWER_MS)
+    assert "an animated PNG of 2 frames" in page.locator("#preview").inner_text()
+    wait_for_panels(page, "error")
+
+
+def test_the_answer_names_its_question_and_an_edited_question_is_marked_not_asked(page, chest_xray):
+    """The Ask card showed the answer alone: a second question typed under it read as answered by it."""
+    connect(page, TOKENS[28])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    ask(page, QUESTION)
+    assert page.locator("#vqa .answer").get_attribute("data-question") == QUESTION
+    assert f"Q: {QUESTION}" in page.locator("#vqa .answer").inner_text()
+    assert page.locator("#vqa .stale").is_hidden()
+    page.get_by_label("Question").fill("Which side is the effusion on?")
+    assert page.locator("#vqa .stale").is_visible()
+    page.get_by_label("Question").fill(QUESTION)
+    assert page.locator("#vqa .stale").is_hidden()
+
+
+def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_read(page, chest_xray):
+    """/v1/models was read once, at Connect: a service restarted behind the page with a VQA model (or another index,
+    labels, limits) was still described as the old one, Ask disabled. Here the first description is of a service
+    without a VQA model and an index called "old"; the service answering the read has both."""
+    answers = []
+
+    def old_service_once(route):
+        answers.append(route.request.url)
+        if len(answers) > 1:
+            route.fallback()
+            return
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["vqa"] = None
+        models["models"][0]["index"]["name"] = "old"
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", old_service_once)
+    connect(page, TOKENS[29])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    assert "index old" in page.locator("#model-info").inner_text()
+    assert page.get_by_role("button", name="Ask").is_disabled()
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    assert len(answers) == 2 and "index old" not in page.locator("#model-info").inner_text()
+    assert page.get_by_role("button", name="Ask").is_enabled()
+    ask(page, QUESTION)
+    assert page.locator("#vqa .answer").count() == 1

@@ -37,7 +37,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from cli_helpers import invoke  # noqa: E402
-from hostile_files import jpeg_dicom_with_inserted_bytes  # noqa: E402
+from hostile_files import animated_png, jpeg_dicom_with_inserted_bytes  # noqa: E402
 from medvl.data import load_dataset  # noqa: E402
 from medvl.errors import DataError, InputError  # noqa: E402
 from medvl.index import build_index, open_index, search_index  # noqa: E402
@@ -328,6 +328,18 @@ def test_unsupported_files_are_415_and_empty_ones_422(client):
         answer = zero_shot(client, data, "scan.png")
         assert answer.status_code == 415 and "PNG, JPEG, DICOM" in answer.json()["detail"]
     assert zero_shot(client, b"").status_code == 422
+
+
+def test_an_animated_png_is_422_on_every_route_as_a_multi_frame_dicom_is(client, png, tmp_path):
+    """An APNG was answered 200 from its default image (no warning in the answer) while the page showed its
+    animation, another picture; an animated GIF or a multi-page TIFF is refused (415). It is a 422 naming it."""
+    data = animated_png(tmp_path / "animated.png").read_bytes()
+    answers = [client.post(f"/v1/{route}", headers=auth(), files={"image": ("image.png", data)})
+               for route in ("embed", "preview", "search", "report/draft")]
+    answers += [zero_shot(client, data), explain(client, data, labels=LABELS), vqa(client, [png.read_bytes(), data])]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].endswith("an animated PNG of 2 frames: send one image (a PNG without animation)")
 
 
 def test_png_and_jpeg_uploads_are_decoded_from_memory_as_the_file_reader_reads_them(tmp_path, monkeypatch):
@@ -1424,6 +1436,28 @@ def test_a_real_ct_dicom_preview_is_its_de_identified_pixels_through_the_preset(
     assert [line["upload_kind"] for line in previews if line["status"] == 200] == ["dicom"] * 4
     assert "CompressedSamples" not in logged and "CT1" not in logged
     assert not list(upload_tmp.iterdir())  # nothing of the uploads kept
+
+
+def test_a_dicom_preview_has_square_pixels_from_its_pixel_spacing_or_aspect_ratio_as_a_nifti_slice_has(client,
+                                                                                                       tmp_path):
+    """A DICOM's Pixel Spacing / Pixel Aspect Ratio was ignored: 1.0 x 0.5 mm pixels were shown squashed (128 x 128)
+    while the same slice as NIfTI was stretched to square pixels (256 x 128)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medvl.clinical.nifti import write_nifti
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelSpacing = [1.0, 0.5]  # rows 1 mm apart, columns 0.5 mm: each pixel twice as tall as wide
+    ds.save_as(tmp_path / "aniso.dcm")
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    nifti = write_nifti(tmp_path / "aniso.nii.gz", hu[None].astype(np.float32), (1.0, 1.0, 0.5))
+    shown = _png_pixels(preview(client, (tmp_path / "aniso.dcm").read_bytes()))
+    assert shown.shape == _png_pixels(preview(client, nifti.read_bytes())).shape == (256, 128)
+    del ds.PixelSpacing
+    ds.PixelAspectRatio = [4, 3]  # vertical : horizontal, as ultrasound states it
+    ds.save_as(tmp_path / "aspect.dcm")
+    assert _png_pixels(preview(client, (tmp_path / "aspect.dcm").read_bytes())).shape == (171, 128)
 
 
 def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_by_its_middle_frame(client):

@@ -900,6 +900,9 @@ def safe_meta(ds, syntax=None) -> dict[str, Any]:
         "bits_stored": _int(ds.get("BitsStored")),
         "pixel_spacing_mm": spacing,
         "pixel_spacing_source": spacing_source,
+        # (vertical, horizontal) ratio of a pixel's sides, for a file without a spacing in mm (ultrasound, secondary
+        # capture): Pixel Aspect Ratio, PS3.3 C.7.6.3.1.7; None when absent or not two positive numbers
+        "pixel_aspect_ratio": _spacing_pair(ds.get("PixelAspectRatio")),
         "slice_thickness_mm": _first_float(header_value(ds, "SliceThickness", "PixelMeasuresSequence")),
         "series_number": _int(ds.get("SeriesNumber")),
         "instance_number": _int(ds.get("InstanceNumber")),

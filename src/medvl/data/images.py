@@ -8,6 +8,8 @@ Array conventions (what every reader returns):
   converted (alpha is dropped, not composited);
 - ``.npy`` arrays are returned as stored (``HxW`` or ``HxWx3``; ``HxWx1`` is squeezed);
 - a PNG / JPEG / TIFF with an EXIF Orientation tag is turned upright, as a viewer shows it;
+- a multi-frame TIFF is read as its first frame, with a warning; an animated PNG (APNG) is a ``DataError``: a
+  browser or viewer shows its animation, which need not hold the default image a decoder reads;
 - a 16-bit grayscale PNG with an alpha channel is read as 8-bit ``HxW``, with a warning (Pillow decodes
   it to 8 bits); so is a 16-bit colour (RGB / RGBA) PNG, as 8-bit ``HxWx3`` (the high byte of each sample), with a
   warning, and one whose values all lie below 256 (black at 8 bits, its data in the low bytes) is a ``DataError``
@@ -100,6 +102,11 @@ def _read_pil(source: Path | BinaryIO, name: str | Path) -> np.ndarray:
                 if problem:
                     raise DataError(name, problem)
                 frames = getattr(img, "n_frames", 1)  # multi-frame formats only (TIFF, GIF...)
+                if frames > 1 and img.format == "PNG":
+                    # a browser shows the animation, which need not hold the default image Pillow decodes: the
+                    # reading page would show one picture and the model read another
+                    raise DataError(name, f"an animated PNG of {frames} frames: send one image (a PNG without "
+                                          "animation)")
                 if frames > 1:
                     # not named: a dataset's image paths can carry patient or study ids
                     log.warning("an image of %d frames (a multi-frame TIFF or GIF): reading the first only", frames)

@@ -9,6 +9,8 @@ answer is sent; nothing is written for a thumbnail).
 
 How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or ``None``):
 
+- DICOM (every kind): with square pixels, as a NIfTI slice is, from its Pixel Spacing (else Imager Pixel Spacing,
+  else Pixel Aspect Ratio);
 - DICOM grayscale: the preset on the modality values (HU: a preset on a file of another stated modality,
   MR or PET, is refused, 422); without one, the file's own
   VOI (Window Center / Width or VOI LUT), else min-max. MONOCHROME1 is inverted (white = dense).
@@ -28,7 +30,7 @@ The answer's headers say what was shown: ``X-Preview-Window`` (the preset, ``fil
 
 A heatmap of ``/v1/explain`` is an RGBA PNG (``heatmap_overlay``) of the preview's shape
 (``overlay_shape``: the image's rows x columns brought within ``PREVIEW_SIDE`` as the preview is; a NIfTI
-slice of pixels that are not square is shown stretched, the overlay not: lay it over the picture's box), to
+slice or DICOM of pixels that are not square is shown stretched, the overlay not: lay it over the picture's box), to
 lay over the image as shown: the min-max normalised map in the jet colours, its opacity growing
 with the value (no evidence: transparent).
 """
@@ -159,7 +161,9 @@ def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
                                  "whose values hold no HU: choose no preset (the file's own window)")
         used = window.name if window is not None else (FILE_WINDOW if meta["window"] else NO_WINDOW)
     display = DISPLAY_WINDOW if meta["window"] and not meta["color"] else None  # values already in [0, 1]
-    picture = Picture(render_preview(array, display, side), used, presets=presets)
+    # square pixels, as for a NIfTI slice: the spacing in mm (Pixel / Imager Pixel Spacing), else the Pixel Aspect Ratio
+    spacing = meta["pixel_spacing_mm"] or meta["pixel_aspect_ratio"]
+    picture = Picture(render_preview(array, display, side, spacing=spacing), used, presets=presets)
     if frames > 1:
         picture.slice_index, picture.slices = frames // 2, frames
     return picture
