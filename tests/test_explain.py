@@ -586,11 +586,21 @@ def test_overwrite_without_concepts_removes_the_earlier_bottleneck_and_keeps_the
                                                                                           phantom_dir, tmp_path):
     """A run with --concept-data saves OUT/bottleneck.json; a run --overwrite into that folder without it left that
     file beside an explanation without concepts (a reader, or serve --bottleneck, took it for this run's). It goes
-    with the replaced explanation; the bottleneck a run reads from OUT (--bottleneck OUT/bottleneck.json) stays."""
+    with the replaced explanation; the bottleneck a run reads from OUT (--bottleneck OUT/bottleneck.json) stays,
+    also one from before fingerprints were kept (no "model") or with a key a user added (it was compared as text
+    with the loaded bottleneck, which always has "model", and deleted after the run that used it)."""
     image, out = _cardiomegaly_image(phantom_dir), tmp_path / "ex"
     fit = ["--concepts", "chest_xray", "--concept-data", phantom_dir]
     result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text", *fit)
     assert result.exit_code == 0 and (out / "bottleneck.json").is_file(), output
+    saved = (out / "bottleneck.json").read_bytes()
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--bottleneck", out / "bottleneck.json", "--overwrite")
+    assert result.exit_code == 0, output
+    assert (out / "bottleneck.json").read_bytes() == saved
+    assert "concepts" in json.loads((out / "explanation.json").read_text())["findings"][0]
+    older = {key: value for key, value in json.loads(saved).items() if key != "model"}
+    (out / "bottleneck.json").write_text(json.dumps({**older, "note": "fitted on the June export"}))
     saved = (out / "bottleneck.json").read_bytes()
     result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
                             "--bottleneck", out / "bottleneck.json", "--overwrite")

@@ -200,6 +200,15 @@ class ConceptBottleneck:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBottleneck:
+        """The bottleneck a file holds (``read``), with a warning when it keeps no concept."""
+        bottleneck = cls.read(path)
+        bottleneck.warn_if_prior_only(path)
+        return bottleneck
+
+    @classmethod
+    def read(cls, path: str | Path) -> ConceptBottleneck:
+        """The bottleneck a file holds, as ``load`` uses it (keys it does not use are ignored; a file without
+        ``model`` predates fingerprints), without a word; DataError naming the file when it is not one."""
         from ..data.loaders.manifest import parse_json, repeated_key
 
         path = Path(path)
@@ -222,7 +231,6 @@ class ConceptBottleneck:
         problem = bottleneck.problem()
         if problem is not None:
             raise DataError(path, f"not a concept bottleneck file ({problem})")
-        bottleneck.warn_if_prior_only(path)
         return bottleneck
 
     def problem(self) -> str | None:
