@@ -848,6 +848,10 @@ def test_smoothgrad_matches_a_hand_computed_gradient_and_is_seeded(square_case):
     assert torch.allclose(first, same, rtol=1e-3, atol=1e-7)
     assert not torch.allclose(first, smoothgrad_map(model, square, texts, target=1, samples=4, seed=4),
                               rtol=1e-3, atol=1e-7)
+    # an image's noise is its own: the same map alone as after another image in the batch (one draw for the whole
+    # batch gave the second image other noise, so explain and a grounding batch drew two maps of one image)
+    batch = smoothgrad_map(model, torch.cat([square.flip(-1), square]), texts, target=1, samples=4, seed=3)
+    assert torch.allclose(batch[1:], first, rtol=1e-3, atol=1e-7)
 
 
 def test_bad_heatmap_methods_and_settings_are_input_errors(square_case):
