@@ -338,6 +338,25 @@ def test_concepts_longer_than_the_text_encoder_reads_are_refused_naming_the_line
     assert len(concept_embeddings(tiny_model, load_concepts(path))) == 2
 
 
+def test_concepts_the_text_encoder_reads_as_the_same_tokens_are_refused_naming_both_lines(tiny_model, tmp_path):
+    """The tokenizer drops accents: "enlärged heart" is "enlarged heart" to the text encoder, one vector that the
+    bottleneck credited as two concepts. The file's own check compares text (ignoring case only), so the token ids
+    are compared; phrases the encoder reads apart (a letter more) stay two concepts."""
+    from medvl.explain.concepts import ConceptBank
+
+    path = tmp_path / "accents.txt"
+    path.write_text("enlarged heart\nlower zone opacity\n# the same to the tokenizer\nenlärged heart\n")
+    assert read_concepts(path) == ["enlarged heart", "lower zone opacity", "enlärged heart"]
+    with pytest.raises(DataError, match=r"accents\.txt: line 4 reads as the same tokens as line 1 to the model's text "
+                                        r"encoder"):
+        concept_embeddings(tiny_model, load_concepts(path))
+    in_code = ConceptBank("mine", ["pleural efusión", "enlarged heart", "pleural efusion"], "mine.txt")
+    with pytest.raises(DataError, match="concept 3 reads as the same tokens as concept 1"):
+        concept_embeddings(tiny_model, in_code)
+    apart = ConceptBank("mine", ["pleural efusion", "pleural effusion", "enlarged heart"], "mine.txt")
+    assert len(concept_embeddings(tiny_model, apart)) == 3
+
+
 @pytest.mark.parametrize("classes", [None, ["cardiomegaly", "pneumothorax"]])
 def test_bottleneck_probabilities_match_scikit_learn(tiny_model, phantom_dir, classes):
     train = medvl.load_dataset(phantom_dir).select("train")
@@ -586,11 +605,21 @@ def test_overwrite_without_concepts_removes_the_earlier_bottleneck_and_keeps_the
                                                                                           phantom_dir, tmp_path):
     """A run with --concept-data saves OUT/bottleneck.json; a run --overwrite into that folder without it left that
     file beside an explanation without concepts (a reader, or serve --bottleneck, took it for this run's). It goes
-    with the replaced explanation; the bottleneck a run reads from OUT (--bottleneck OUT/bottleneck.json) stays."""
+    with the replaced explanation; the bottleneck a run reads from OUT (--bottleneck OUT/bottleneck.json) stays,
+    also one from before fingerprints were kept (no "model") or with a key a user added (it was compared as text
+    with the loaded bottleneck, which always has "model", and deleted after the run that used it)."""
     image, out = _cardiomegaly_image(phantom_dir), tmp_path / "ex"
     fit = ["--concepts", "chest_xray", "--concept-data", phantom_dir]
     result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text", *fit)
     assert result.exit_code == 0 and (out / "bottleneck.json").is_file(), output
+    saved = (out / "bottleneck.json").read_bytes()
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
+                            "--bottleneck", out / "bottleneck.json", "--overwrite")
+    assert result.exit_code == 0, output
+    assert (out / "bottleneck.json").read_bytes() == saved
+    assert "concepts" in json.loads((out / "explanation.json").read_text())["findings"][0]
+    older = {key: value for key, value in json.loads(saved).items() if key != "model"}
+    (out / "bottleneck.json").write_text(json.dumps({**older, "note": "fitted on the June export"}))
     saved = (out / "bottleneck.json").read_bytes()
     result, output = invoke("explain", image, "--model", tiny_model_dir, "--out", out, "--method", "patch_text",
                             "--bottleneck", out / "bottleneck.json", "--overwrite")
@@ -618,14 +647,16 @@ def test_explain_refuses_an_existing_explanation_before_fitting_concepts(tiny_mo
 
 
 @pytest.mark.parametrize("case", ["unknown label column", "corrupt image", "missing concept file",
-                                  "empty concept bank", "unknown concept label", "concept too long"])
+                                  "empty concept bank", "unknown concept label", "concept too long",
+                                  "concepts read alike"])
 def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, tmp_path, case):
     image = _cardiomegaly_image(phantom_dir)
     args = ["explain", image, "--model", tiny_model_dir]
     named = {"unknown label column": "'findings'", "corrupt image": str(tmp_path / "broken.png"),
              "missing concept file": str(tmp_path / "nowhere.txt"), "empty concept bank": str(tmp_path / "empty.txt"),
              "unknown concept label": "'diagnosis'",
-             "concept too long": f"{tmp_path / 'long.txt'}: line 2: the concept phrase is"}
+             "concept too long": f"{tmp_path / 'long.txt'}: line 2: the concept phrase is",
+             "concepts read alike": f"{tmp_path / 'alike.txt'}: line 2 reads as the same tokens as line 1"}
     if case == "unknown label column":
         args += ["--labels", "cardiomegaly,fracture", "--label-column", "findings"]
     elif case == "corrupt image":
@@ -638,6 +669,9 @@ def test_explain_bad_input_is_one_line_and_exit_2(tiny_model_dir, phantom_dir, t
     elif case == "concept too long":
         (tmp_path / "long.txt").write_text("# a phrase past the text encoder's tokens\n" + "opacity " * 100 + "left\n")
         args += ["--concepts", tmp_path / "long.txt", "--concept-data", phantom_dir]
+    elif case == "concepts read alike":
+        (tmp_path / "alike.txt").write_text("pleural efusion\npleural efusión\n")
+        args += ["--concepts", tmp_path / "alike.txt", "--concept-data", phantom_dir]
     else:
         (tmp_path / "empty.txt").write_text("# only a comment\n")
         args += ["--concepts", tmp_path / "empty.txt", "--concept-data", phantom_dir]
@@ -838,6 +872,10 @@ def test_smoothgrad_matches_a_hand_computed_gradient_and_is_seeded(square_case):
     assert torch.allclose(first, same, rtol=1e-3, atol=1e-7)
     assert not torch.allclose(first, smoothgrad_map(model, square, texts, target=1, samples=4, seed=4),
                               rtol=1e-3, atol=1e-7)
+    # an image's noise is its own: the same map alone as after another image in the batch (one draw for the whole
+    # batch gave the second image other noise, so explain and a grounding batch drew two maps of one image)
+    batch = smoothgrad_map(model, torch.cat([square.flip(-1), square]), texts, target=1, samples=4, seed=3)
+    assert torch.allclose(batch[1:], first, rtol=1e-3, atol=1e-7)
 
 
 def test_bad_heatmap_methods_and_settings_are_input_errors(square_case):

@@ -46,7 +46,8 @@ class ConceptBank:
     """Named concept phrases and where they came from."""
 
     name: str  # the file's stem, e.g. "chest_xray"
-    concepts: list[str]  # phrases as written, in file order, without duplicates (compared without regard to case)
+    concepts: list[str]  # phrases as written, in file order, without duplicates (compared without regard to case;
+    # phrases a model reads as the same tokens, e.g. differing by accents, are refused by concept_prompts)
     source: str  # the file read
     lines: list[int] | None = None  # the file's line of each concept (None: a bank made in code)
 
@@ -103,7 +104,8 @@ def concept_prompts(model, bank: ConceptBank, captions=None) -> list[list[str]]:
     """Each concept in each of the model's caption templates; DataError naming the bank's file and line of a
     concept that, in a template, has more tokens than the model's text tower reads (``text_read_length``, a
     transformers CLIP / SigLIP tower's too): it would be read cut, and two phrases differing only past the cut would
-    be one concept credited twice."""
+    be one concept credited twice; and of one whose prompts are the same tokens as an earlier concept's
+    (``_check_concepts_read_apart``)."""
     templates = captions_for(None, captions, model).templates
     prompts = [[t.format(c) for t in templates] for c in bank.concepts]
     read_length = getattr(model, "text_read_length", None)
@@ -112,12 +114,32 @@ def concept_prompts(model, bank: ConceptBank, captions=None) -> list[list[str]]:
     for number, filled in enumerate(prompts):
         length, limit = max(read_length(prompt) for prompt in filled)
         if length > limit:
-            where = f"line {bank.lines[number]}" if bank.lines else f"concept {number + 1}"
-            raise DataError(bank.source, f"{where}: the concept phrase is {length} tokens long in the model's caption "
-                                         f"templates; its text encoder reads {limit} tokens at most (a word is one "
-                                         "token or more): the rest would be cut unread, and phrases differing only "
-                                         "there would be one concept; shorten it")
+            raise DataError(bank.source, f"{_where(bank, number)}: the concept phrase is {length} tokens long in the "
+                                         f"model's caption templates; its text encoder reads {limit} tokens at most "
+                                         "(a word is one token or more): the rest would be cut unread, and phrases "
+                                         "differing only there would be one concept; shorten it")
+    _check_concepts_read_apart(model, bank, prompts)
     return prompts
+
+
+def _check_concepts_read_apart(model, bank: ConceptBank, prompts: list[list[str]]) -> None:
+    """DataError naming the bank's file and both lines when two concepts' prompts are the same token ids to the
+    model's text tower (``text_tokens``): phrases differing only in what its tokenizer drops (accents to a BERT
+    WordPiece one: "enlärged heart", "enlarged heart") get one vector, which the bottleneck would credit as two
+    pieces of evidence and split its weight between. The file's own check compares the text, ignoring case only."""
+    seen: dict[tuple, int] = {}
+    for number, filled in enumerate(prompts):
+        tokens = tuple(model.text_tokens(filled))
+        if tokens in seen:
+            raise DataError(bank.source, f"{_where(bank, number)} reads as the same tokens as "
+                                         f"{_where(bank, seen[tokens])} to the model's text encoder (its tokenizer "
+                                         "drops what tells the phrases apart, e.g. accents): keep one of them")
+        seen[tokens] = number
+
+
+def _where(bank: ConceptBank, number: int) -> str:
+    """Where a bank's concept ``number`` (from 0) is: its line in the bank's file, else its place in the bank."""
+    return f"line {bank.lines[number]}" if bank.lines else f"concept {number + 1}"
 
 
 @dataclass
@@ -200,6 +222,15 @@ class ConceptBottleneck:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBottleneck:
+        """The bottleneck a file holds (``read``), with a warning when it keeps no concept."""
+        bottleneck = cls.read(path)
+        bottleneck.warn_if_prior_only(path)
+        return bottleneck
+
+    @classmethod
+    def read(cls, path: str | Path) -> ConceptBottleneck:
+        """The bottleneck a file holds, as ``load`` uses it (keys it does not use are ignored; a file without
+        ``model`` predates fingerprints), without a word; DataError naming the file when it is not one."""
         from ..data.loaders.manifest import parse_json, repeated_key
 
         path = Path(path)
@@ -222,7 +253,6 @@ class ConceptBottleneck:
         problem = bottleneck.problem()
         if problem is not None:
             raise DataError(path, f"not a concept bottleneck file ({problem})")
-        bottleneck.warn_if_prior_only(path)
         return bottleneck
 
     def problem(self) -> str | None:

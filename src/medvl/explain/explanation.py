@@ -28,12 +28,13 @@ from ..checks import check_number
 from ..data import captions_for
 from ..data.audit import input_flags
 from ..embed import class_embeddings
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
 from ..io import check_output_file, json_ready, write_errors_named, write_json
 from ..models.ood import embed_checked
 from ..predict import checked_label_column, class_prompts, prompt_warnings
+from .concepts import ConceptBottleneck
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
 
@@ -162,15 +163,17 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
 def _other_bottleneck(path: Path, bottleneck) -> bool:
     """Whether ``path`` is a file that does not hold ``bottleneck`` (any file when it is None): an earlier run's,
     which a reader of the folder would take for this explanation's. The one this run read (``--bottleneck
-    OUT/bottleneck.json``) holds it and is kept."""
+    OUT/bottleneck.json``) holds it and is kept: the file is compared as it is read (``ConceptBottleneck.read``),
+    not as text, so one from before fingerprints were kept (no ``model``) or with a key a user added is kept too."""
     if not path.is_file():
         return False
     if bottleneck is None:
         return True
     try:
-        return json.loads(path.read_text(encoding="utf-8")) != json_ready(bottleneck.to_dict())
-    except (OSError, ValueError):
+        found = ConceptBottleneck.read(path)
+    except (OSError, DataError):
         return True
+    return json_ready(found.to_dict()) != json_ready(bottleneck.to_dict())
 
 
 @contextmanager

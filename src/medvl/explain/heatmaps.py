@@ -175,20 +175,19 @@ def smoothgrad_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, 
                    batch_size: int = 64, head: str | None = None) -> torch.Tensor:
     """(N, H, W) SmoothGrad (Smilkov et al. 2017): the mean absolute gradient of class ``target``'s
     zero-shot log-probability with respect to the input pixels over ``samples`` noisy copies
-    (Gaussian noise, sigma ``noise`` on the [0, 1] pixel scale, drawn from ``seed``: the map is
-    deterministic), summed over channels, then Gaussian-smoothed with sigma ``smooth`` x the
-    shorter side. ``batch_size`` noisy copies go through the model at a time. The defaults were
-    chosen on the phantom's val split (noise 0.05-0.2, smoothing 0-0.04, 16 or 32 samples). ``head``:
-    explain that supervised head's class ``target`` (its log-softmax) instead."""
+    (Gaussian noise, sigma ``noise`` on the [0, 1] pixel scale, drawn for each image from a generator
+    seeded with ``seed``: an image's map is the same alone as anywhere in any batch), summed over
+    channels, then Gaussian-smoothed with sigma ``smooth`` x the shorter side. ``batch_size`` noisy
+    copies go through the model at a time. The defaults were chosen on the phantom's val split (noise
+    0.05-0.2, smoothing 0-0.04, 16 or 32 samples). ``head``: explain that supervised head's class
+    ``target`` (its log-softmax) instead."""
     check_heatmap_model(model)
     _check_explained(model, class_embeddings, target, head)
     if isinstance(samples, bool) or samples < 1 or not noise >= 0 or not 0 <= smooth <= 1 or batch_size < 1:
         raise InputError(f"smoothgrad needs samples >= 1, noise >= 0, smooth in [0, 1] and batch_size >= 1, got "
                          f"samples={samples!r}, noise={noise!r}, smooth={smooth!r}, batch_size={batch_size!r}")
     scorer = _log_probability(model, class_embeddings, target, head)
-    generator = torch.Generator().manual_seed(seed)
-    noisy = pixels.detach().repeat_interleave(samples, 0)
-    noisy = noisy + noise * torch.randn(noisy.shape, generator=generator)
+    noisy = torch.cat([image + noise * _noise((samples, *image.shape), seed) for image in pixels.detach()])
     gradients = []
     with torch.enable_grad():
         for first in range(0, len(noisy), batch_size):
@@ -196,6 +195,12 @@ def smoothgrad_map(model, pixels: torch.Tensor, class_embeddings: torch.Tensor, 
             gradients.append(torch.autograd.grad(scorer(batch).sum(), batch)[0].abs().sum(1))
     maps = torch.cat(gradients).view(len(pixels), samples, *pixels.shape[2:]).mean(1)
     return _gaussian_blur(maps, smooth * min(pixels.shape[2:]))
+
+
+def _noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Standard normal noise from a generator of its own seeded with ``seed``: one image's noise, whatever other
+    images share its call (one generator for the batch made each image's noise depend on its position in it)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
 _MAKERS: dict[str, Callable[..., torch.Tensor]] = {
