@@ -147,7 +147,7 @@ def test_heldout_split_refuses_other_questions_under_the_held_out_ids(trained, p
     shutil.copytree(phantom / "vqa", edited)
     questions = json.loads((edited / "train.json").read_text())
     target = next(q for q in questions if ("train", str(q["qid"])) in held)
-    target["answer"] = "no" if target["answer"] != "no" else "yes"  # one answer corrected
+    target["answer"] = next(option for option in target["options"] if option != target["answer"])  # one corrected
     (edited / "train.json").write_text(json.dumps(questions))
     result, output = invoke("eval", "vqa", "--model", trained, "--data", edited, "--split", "heldout", "--quiet")
     assert result.exit_code == 2, output

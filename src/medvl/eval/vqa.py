@@ -22,10 +22,11 @@ An answer vocabulary mismatch between the model and the data (under half of the 
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
 
 A transformers vision-language model (``models.vlm``) has no answer vocabulary: a closed question
-is answered by scoring candidates (``closed_candidates``: the distinct answers of the scored
-closed questions of the same question type, or of every closed question when the type has fewer
-than two), an open one by greedy generation; the blank-image baseline runs the same way. It has no
-training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
+is answered by scoring candidates (``closed_candidates``: the ``options`` its question file lists, else the
+distinct answers of the closed questions of the same question type in every question file read, all splits,
+so that an answer does not depend on which other questions are scored; never another type's answers; by
+generation when that gives fewer than two), an open one by greedy generation; the blank-image baseline runs
+the same way. It has no training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
 
 ``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
 top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
@@ -134,11 +135,14 @@ def _accuracy(flags: Sequence[bool]) -> float | None:
 
 
 def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem], source: str = "",
-                 show_progress: bool = False, keep_answers: bool = False) -> dict[str, Any]:
+                 show_progress: bool = False, keep_answers: bool = False,
+                 pool: Sequence[VQAItem] | None = None) -> dict[str, Any]:
     """Exact-match accuracy (closed, open, overall), open token F1, per question type, and the blank-image
     and question-only baselines (see the module docstring). ``keep_answers`` adds, per run, each
     question's exact-match flag (``correct``, ``blank_image_correct``, ``question_only_correct``; None
-    for a baseline the model has not), in the order of ``items``."""
+    for a baseline the model has not), in the order of ``items``. ``pool``: every question read, all splits
+    (default ``items``), which a transformers VLM's closed-question choices come from when a question lists
+    none (``closed_candidates``)."""
     if not items:
         raise InputError(f"{source}: no questions to score")
     seen = questions_trained_on(model, items, source) if source else None
@@ -147,7 +151,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     cut = 0 if isinstance(model, VisionLanguageModel) else _count_cut_questions(model, items, source)
     if isinstance(model, VisionLanguageModel):
         coverage = None
-        candidates = closed_candidates(items)
+        candidates = closed_candidates(items, pool)
         runs = {"": vlm_answers(model, items, candidates, show_progress=show_progress, content=content),
                 "blank_image_": vlm_answers(model, items, candidates, blank=True, show_progress=show_progress,
                                             description="Answering (blank images)"),
@@ -216,17 +220,18 @@ def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> di
 # ---------------------------------------------------------------- transformers vision-language models
 
 
-def closed_candidates(items: Sequence[VQAItem]) -> list[list[str] | None]:
+def closed_candidates(items: Sequence[VQAItem], pool: Sequence[VQAItem] | None = None) -> list[list[str] | None]:
     """Per question, the answers a candidate-scoring model chooses among: for a closed question the
-    distinct answers of the closed questions of its question type in ``items`` (of every closed
-    question when its type has fewer than two); None for other questions (answered by generation)."""
+    ``options`` its question file lists, else the distinct answers of the closed questions of its question
+    type (questions without one: one type) in ``pool`` (default ``items``; give every question read, all
+    splits, so that a question's choices, and so its answer, do not depend on which others are scored);
+    None for other questions and when fewer than two choices are found (answered by generation)."""
     by_type: dict[str, set[str]] = defaultdict(set)
-    for item in items:
+    for item in items if pool is None else pool:
         if item.answer_type == "CLOSED" and item.answer_normalized:
             by_type[item.question_type or ""].add(item.answer_normalized)
-    every = sorted(set().union(*by_type.values())) if by_type else []
-    table = {qtype: sorted(answers) if len(answers) >= 2 else every for qtype, answers in by_type.items()}
-    chosen = [table.get(item.question_type or "") if item.answer_type == "CLOSED" else None for item in items]
+    chosen = [(list(item.options) or sorted(by_type[item.question_type or ""]))
+              if item.answer_type == "CLOSED" else None for item in items]
     return [options if options and len(options) >= 2 else None for options in chosen]
 
 
