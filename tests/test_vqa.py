@@ -633,7 +633,9 @@ def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):
     assert normalize_answer("Yes.") in model.answers
 
 
-def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
+def test_answer_lists_the_nearest_indexed_cases_less_the_image_itself(trained, phantom, tmp_path):
+    """The query image, indexed, was its own first supporting case (similarity 1.000: circular evidence, and one of
+    the k places taken); its indexed copies are left out, and named, as medvl report draft does."""
     from medvl.models.registry import create_model
 
     create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
@@ -645,10 +647,15 @@ def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
     result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a pleural effusion?",
                             "--index", tmp_path / "cases.idx", "-k", "2", "--json", out)
     assert result.exit_code == 0, output
-    cases = json.loads(out.read_text())["supporting_cases"]
-    assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"  # the image itself is indexed
+    answer = json.loads(out.read_text())
+    cases = answer["supporting_cases"]
+    assert len(cases) == 2 and "images/phantom_00001" not in [case["id"] for case in cases]  # k others
+    assert answer["left_out_copies"] == ["images/phantom_00001"]  # the image itself is indexed
     assert cases[0]["score"] >= cases[1]["score"]
-    assert "supporting case: images/phantom_00001" in output
+    assert "supporting case: images/phantom_00001" not in output
+    assert "the query image is indexed as images/phantom_00001: left out of the supporting cases" in \
+        " ".join(output.split())
+    assert f"supporting case: {cases[0]['id']}" in output
 
 
 @pytest.mark.pgvector
@@ -667,8 +674,9 @@ def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tm
         result, output = invoke("vqa", phantom / "images" / "phantom_00001.png", "--model", trained, "--question",
                                 "Is there a pleural effusion?", "--index", url, "-k", "2", "--json", out)
         assert result.exit_code == 0, output
-        cases = json.loads(out.read_text())["supporting_cases"]
-        assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"
+        answer = json.loads(out.read_text())
+        assert len(answer["supporting_cases"]) == 2 and answer["left_out_copies"] == ["images/phantom_00001"]
+        assert "images/phantom_00001" not in [case["id"] for case in answer["supporting_cases"]]
 
 
 def test_eval_counts_the_scored_images_that_hold_no_content(trained, phantom, tmp_path):

@@ -31,6 +31,7 @@ the same way. It has no training prior: ``question_only_*`` and ``answers_in_voc
 ``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
 top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
 on the image encoder's ``token_grid``; ``heatmap_picture`` draws those over the images, each on its own grid.
+``supporting_cases`` lists the nearest cases of a case index to an image, its own indexed copies left out.
 """
 
 from __future__ import annotations
@@ -324,6 +325,25 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
     return row
+
+
+def supporting_cases(index, image: str | Path, k: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``k`` cases of an open case ``index`` nearest to ``image`` (id, score, split, labels: no report text),
+    embedded by the index's own model (``medvl.index.index_model``), less the indexed copies of the image itself,
+    and those copies' ids (``index.search.search_without_copies``: the query is no evidence for its own answer)."""
+    from ..index import index_model
+    from ..index.base import check_k, check_model
+    from ..index.build import hashed_image
+    from ..index.search import embed_query, search_without_copies
+
+    check_k(k)
+    model = index_model(index)
+    check_model(index.info, model, index.location)
+    digest, read = hashed_image(model.preprocessor, image)  # read once: hashed as the index hashed it, embedded
+    pixels = model.preprocessor.load(read, source=image)
+    hits, copies = search_without_copies(index, embed_query(model, image=pixels), k, digest)
+    return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels}
+            for hit in hits], copies
 
 
 def _peak(weights: torch.Tensor, grid: tuple[int, ...]) -> dict[str, float]:
