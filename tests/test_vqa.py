@@ -325,6 +325,20 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
     assert [list(flag) for flag in json.loads((tmp_path / "twice.json").read_text())["input_flags"]] == [["blank"]] * 2
 
 
+def test_answer_json_names_each_image_by_its_file_name_only(trained, phantom, tmp_path):
+    """medvl vqa --json wrote each image's full path (heatmaps[].image), with folders above that may name a
+    patient; it names them as report generate and search do: by the last path component."""
+    folder = tmp_path / "Doe_John_MRN12345"
+    folder.mkdir()
+    shutil.copy(phantom / "images" / "phantom_00001.png", folder / "cxr.png")
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", folder / "cxr.png", "--model", trained, "--question", "Is there a pleural effusion?",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert [heat["image"] for heat in json.loads(out.read_text())["heatmaps"]] == ["cxr.png"]
+    assert "Doe_John" not in out.read_text()
+
+
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
     items = select_questions(load_vqa(phantom / "vqa"), "train", "data", "train")
     options = VQAOptions(image_model="phantom-tiny", image_size=32, question_encoder="bert", hidden_size=32,

@@ -303,8 +303,9 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                           question: str) -> dict[str, Any]:
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images) and ``input_flags`` (per image: blank or streaked
-    as the model sees it, ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
+    image encoder's token grid, summing to 1 over all images, each naming its image by file name) and
+    ``input_flags`` (per image: blank or streaked as the model sees it, ``medvl.data.audit.input_flags``); a
+    transformers VLM gives no heatmaps."""
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {**model.answer(list(images), question), "heatmaps": []}
@@ -320,7 +321,8 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     grid = model.image_encoder.token_grid(torch.zeros(1, model.config.image.in_channels,
                                                       *model.config.image.volume_shape))
     per_image = attention.view(model.config.max_images, -1)[:len(images)]
-    row["heatmaps"] = [{"image": str(image), "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
+    # each image by its file name only, as describe_target names files (the folders above may name a patient)
+    row["heatmaps"] = [{"image": Path(image).name, "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
