@@ -408,6 +408,19 @@ def test_predict_answers_each_image(trained, phantom_dir, tmp_path):
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-4
 
 
+def test_predict_json_names_each_image_by_its_file_name_only(trained, phantom_dir, tmp_path):
+    """medvl predict --json wrote each image's full path, with folders above that may name a patient; it names
+    them as report generate and search do: by the last path component."""
+    folder = tmp_path / "Doe_John_MRN12345"
+    folder.mkdir()
+    shutil.copy(sorted((phantom_dir / "images").glob("*.png"))[0], folder / "cxr.png")
+    result, output = invoke("predict", "--model", trained, folder / "cxr.png", "--labels", "no_finding,nodule",
+                            "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    assert [item["image"] for item in json.loads((tmp_path / "p.json").read_text())["predictions"]] == ["cxr.png"]
+    assert "Doe_John" not in (tmp_path / "p.json").read_text()
+
+
 def test_predict_takes_repeated_labels_and_refuses_an_undescribed_label_column(trained, phantom_dir, tmp_path):
     image = sorted((phantom_dir / "images").glob("*.png"))[0]
     result, output = invoke("predict", "--model", trained, image, "--labels", "no_finding,cardiomegaly",

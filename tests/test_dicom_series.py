@@ -456,7 +456,7 @@ def test_predict_takes_a_dicom_series_folder_as_a_3d_model_takes_the_same_nifti(
                             "--json", tmp_path / "p.json")
     assert result.exit_code == 0, output
     series, nifti = json.loads((tmp_path / "p.json").read_text())["predictions"]
-    assert series["image"] == str(tmp_path / "ct")
+    assert series["image"] == "ct"  # the series' folder by its name, as every --json names files
     assert series["probabilities"] == pytest.approx(nifti["probabilities"], abs=1e-6)
     result, output = invoke("predict", slices[0], *labels)
     assert result.exit_code == 2 and "a 2D image (8, 10)" in output and "its folder" in " ".join(output.split())

@@ -564,9 +564,10 @@ def test_explain_command_writes_overlays_concepts_and_neighbours(tiny_model_dir,
         assert all(c["contribution"] > 0 for c in finding["concepts"])
         assert all(c["contribution"] < 0 for c in finding["concepts_against"])
     assert saved.nonzero > 0
-    neighbours = explanation["neighbours"]
-    assert len(neighbours) == 3 and neighbours[0]["id"] == "images/" + image.stem  # the image itself is indexed
-    assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    neighbours = explanation["neighbours"]  # the image itself is indexed: left out (it was its own nearest), named
+    assert len(neighbours) == 3 and "images/" + image.stem not in [hit["id"] for hit in neighbours]
+    assert explanation["left_out_copies"] == ["images/" + image.stem]
+    assert f"the image is indexed as images/{image.stem}: left out of the nearest cases" in " ".join(output.split())
     again, output = invoke("explain", image, "--model", tiny_model_dir, "--top", 2,
                            "--bottleneck", tmp_path / "out" / "bottleneck.json")
     assert again.exit_code == 0, output

@@ -342,6 +342,26 @@ def test_vqa_unknown_answer_type_and_answer_empty_once_normalised_are_refused(tm
                                                                                         ("left", "OPEN")]
 
 
+def test_vqa_options_are_kept_normalised_and_must_hold_the_answer(tmp_path):
+    """A question's answer choices (the phantom's ``options``) were dropped, so a VLM's closed question was scored
+    among answers other questions happened to have; they are kept, and a list without the answer is refused."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    path = tmp_path / "test.json"
+    good = {"qid": 1, "image_name": "a.png", "question": "Is the ratio below 0.45, 0.45 to 0.50, or above 0.50?",
+            "answer": ">0.50", "answer_type": "CLOSED", "options": ["<0.45", "0.45-0.50", ">0.50.", " >0.50"]}
+    plain = {**good, "qid": 2, "answer": "yes"}
+    del plain["options"]
+    path.write_text(json.dumps([good, plain]))
+    assert [item.options for item in load_vqa(path)] == [("<0.45", "0.45-0.50", ">0.50"), ()]
+    for index, (options, message) in enumerate([(["<0.45", "0.45-0.50"], r"the answer is not one of its 2 'options'"),
+                                                 ("yes or no", "'options' must be a non-empty array"),
+                                                 ([], "'options' must be a non-empty array"),
+                                                 ([">0.50", {"a": 1}], "'options' must be a non-empty array")]):
+        path.write_text(json.dumps([plain, {**good, "qid": 9 + index, "options": options}]))
+        with pytest.raises(DataError, match=rf"test\.json: item 1 \(qid {9 + index}\): {message}"):
+            load_vqa(path)
+
+
 def test_vqa_bad_bytes_and_bad_json(tmp_path):
     path = tmp_path / "testset.json"
     path.write_bytes(b'[{"question": "Is it \xe9?", "answer": "no", "image_name": "a.jpg"}]')

@@ -1762,7 +1762,7 @@ def _overlay(heatmap: dict) -> np.ndarray:
 
 
 def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concepts_and_cases(
-        client, model_dir, index_dir, bottleneck_file, png):
+        client, model_dir, index_dir, bottleneck_file, png, phantom_dir):
     from medvl.data.images import read_image
     from medvl.explain.concepts import ConceptBottleneck
     from medvl.explain.explanation import explain_image, explain_pixels
@@ -1801,6 +1801,12 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
         hits = search_index(index, model, image=png, k=4)
     assert [case["id"] for case in shown["neighbours"]] == [hit.id for hit in hits]
     assert "text" not in shown["neighbours"][0]  # no report text in an explanation
+    assert shown["left_out_copies"] == []
+    indexed = load_dataset(phantom_dir).select("train")[0]  # an indexed image is not its own nearest case
+    answer = explain(client, Path(indexed.image).read_bytes(), methods="patch_text", k=2)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["left_out_copies"] == [indexed.id]
+    assert len(answer.json()["neighbours"]) == 2 and indexed.id not in [c["id"] for c in answer.json()["neighbours"]]
 
 
 def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client, model_dir):

@@ -240,9 +240,33 @@ def test_candidate_scores_are_summed_log_likelihoods_from_the_models_logits(vlm_
 def test_closed_candidates_per_question_type(vqa_file):
     from medvl.data.loaders.vqa import load_vqa
 
-    items = load_vqa(vqa_file)
-    assert closed_candidates(items) == [["no", "yes"], ["no", "yes"], ["left", "no", "right", "yes"],
-                                        ["left", "right"], ["left", "right"], None]
+    items = load_vqa(vqa_file)  # SIZE has one answer, "no": answered by generation, not among other types' answers
+    assert closed_candidates(items) == [["no", "yes"], ["no", "yes"], None, ["left", "right"], ["left", "right"],
+                                        None]
+
+
+def test_closed_candidates_do_not_depend_on_which_questions_are_scored(images, tmp_path):
+    """A question's choices were its type's answers among the questions scored (every type's when under two), so
+    a three-way ratio question scored in a small split was asked among itself, "yes" and "no": they are now the
+    options its file lists, else its type's closed answers over every question read (all splits)."""
+    from medvl.data.loaders.vqa import load_vqa
+
+    for image in images:
+        shutil.copy(image, tmp_path / image.name)
+    ratio = {"question": "is the ratio below 0.45, 0.45 to 0.50, or above 0.50?", "answer_type": "CLOSED",
+             "question_type": "ratio", "options": ["<0.45", "0.45-0.50", ">0.50"]}
+    presence = {"question": "is there a nodule in the left lung?", "answer_type": "CLOSED", "question_type": "PRES"}
+    rows = {"test": [{**ratio, "answer": ">0.50"}, {**presence, "answer": "yes"}, {**ratio, "answer": "<0.45"},
+                     {**presence, "answer": "no"}, {**presence, "answer": "no", "question_type": "SIZE"}],
+            "small": [{**ratio, "answer": ">0.50"}, {**presence, "answer": "yes"}]}
+    for split, questions in rows.items():
+        (tmp_path / f"{split}.json").write_text(json.dumps([{"qid": number, "image_name": images[0].name, **question}
+                                                            for number, question in enumerate(questions)]))
+    every = load_vqa(tmp_path)
+    small, test = ([item for item in every if item.split == split] for split in ("small", "test"))
+    expected = [["<0.45", "0.45-0.50", ">0.50"], ["no", "yes"]]  # the file's own options, in its order
+    assert closed_candidates(small, every) == expected == closed_candidates(test, every)[:2]
+    assert closed_candidates(test, every)[4] is None  # SIZE's one answer: never PRES's or ratio's
 
 
 def test_evaluate_vqa_gives_the_result_shape_of_medvls_own_model(llava_dir, vqa_file):

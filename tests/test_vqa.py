@@ -147,7 +147,7 @@ def test_heldout_split_refuses_other_questions_under_the_held_out_ids(trained, p
     shutil.copytree(phantom / "vqa", edited)
     questions = json.loads((edited / "train.json").read_text())
     target = next(q for q in questions if ("train", str(q["qid"])) in held)
-    target["answer"] = "no" if target["answer"] != "no" else "yes"  # one answer corrected
+    target["answer"] = next(option for option in target["options"] if option != target["answer"])  # one corrected
     (edited / "train.json").write_text(json.dumps(questions))
     result, output = invoke("eval", "vqa", "--model", trained, "--data", edited, "--split", "heldout", "--quiet")
     assert result.exit_code == 2, output
@@ -323,6 +323,20 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
                             tmp_path / "twice.json")  # one file given twice is read once, flagged for both
     assert result.exit_code == 0, output
     assert [list(flag) for flag in json.loads((tmp_path / "twice.json").read_text())["input_flags"]] == [["blank"]] * 2
+
+
+def test_answer_json_names_each_image_by_its_file_name_only(trained, phantom, tmp_path):
+    """medvl vqa --json wrote each image's full path (heatmaps[].image), with folders above that may name a
+    patient; it names them as report generate and search do: by the last path component."""
+    folder = tmp_path / "Doe_John_MRN12345"
+    folder.mkdir()
+    shutil.copy(phantom / "images" / "phantom_00001.png", folder / "cxr.png")
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", folder / "cxr.png", "--model", trained, "--question", "Is there a pleural effusion?",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert [heat["image"] for heat in json.loads(out.read_text())["heatmaps"]] == ["cxr.png"]
+    assert "Doe_John" not in out.read_text()
 
 
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
@@ -633,7 +647,9 @@ def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):
     assert normalize_answer("Yes.") in model.answers
 
 
-def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
+def test_answer_lists_the_nearest_indexed_cases_less_the_image_itself(trained, phantom, tmp_path):
+    """The query image, indexed, was its own first supporting case (similarity 1.000: circular evidence, and one of
+    the k places taken); its indexed copies are left out, and named, as medvl report draft does."""
     from medvl.models.registry import create_model
 
     create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
@@ -645,10 +661,15 @@ def test_answer_lists_the_nearest_indexed_cases(trained, phantom, tmp_path):
     result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a pleural effusion?",
                             "--index", tmp_path / "cases.idx", "-k", "2", "--json", out)
     assert result.exit_code == 0, output
-    cases = json.loads(out.read_text())["supporting_cases"]
-    assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"  # the image itself is indexed
+    answer = json.loads(out.read_text())
+    cases = answer["supporting_cases"]
+    assert len(cases) == 2 and "images/phantom_00001" not in [case["id"] for case in cases]  # k others
+    assert answer["left_out_copies"] == ["images/phantom_00001"]  # the image itself is indexed
     assert cases[0]["score"] >= cases[1]["score"]
-    assert "supporting case: images/phantom_00001" in output
+    assert "supporting case: images/phantom_00001" not in output
+    assert "the query image is indexed as images/phantom_00001: left out of the supporting cases" in \
+        " ".join(output.split())
+    assert f"supporting case: {cases[0]['id']}" in output
 
 
 @pytest.mark.pgvector
@@ -667,8 +688,9 @@ def test_answer_lists_the_nearest_cases_of_a_pgvector_index(trained, phantom, tm
         result, output = invoke("vqa", phantom / "images" / "phantom_00001.png", "--model", trained, "--question",
                                 "Is there a pleural effusion?", "--index", url, "-k", "2", "--json", out)
         assert result.exit_code == 0, output
-        cases = json.loads(out.read_text())["supporting_cases"]
-        assert len(cases) == 2 and cases[0]["id"] == "images/phantom_00001"
+        answer = json.loads(out.read_text())
+        assert len(answer["supporting_cases"]) == 2 and answer["left_out_copies"] == ["images/phantom_00001"]
+        assert "images/phantom_00001" not in [case["id"] for case in answer["supporting_cases"]]
 
 
 def test_eval_counts_the_scored_images_that_hold_no_content(trained, phantom, tmp_path):

@@ -400,7 +400,7 @@ def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = 
     net = load_vqa_model(model)
     questions = load_vqa(data, allow_outside_root=allow_outside_root)
     items = select_questions(questions, split, str(data), "test", holdout=net.meta.get("holdout"))
-    result = evaluate_vqa(net, items, str(data), show_progress=show_progress)
+    result = evaluate_vqa(net, items, str(data), show_progress=show_progress, pool=questions)
     return {**result, "model": str(model), "data": str(data), "split": scored_split(questions, split, "test")}
 
 

@@ -25,10 +25,11 @@ def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class
 def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
                     label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
                     backend: str = "torch", batch_size: int = 64) -> dict:
-    """``predictions``, for each image: the most likely class among ``class_names``, every class's probability, and
-    ``input_flags``: whether the image is blank or streaked as the model sees it (flag -> reason,
-    ``medvl.data.audit.input_flags``; {} for an image with content: an answer on a flagged one means
-    nothing, and a warning says how many there were); when the model has an OOD guard, also
+    """``predictions``, for each image in order: its file name (``image``: the last path component only, as
+    ``medvl.index.describe_target`` names files: the folders above may name a patient), the most likely class
+    among ``class_names``, every class's probability, and ``input_flags``: whether the image is blank or streaked
+    as the model sees it (flag -> reason, ``medvl.data.audit.input_flags``; {} for an image with content: an answer
+    on a flagged one means nothing, and a warning says how many there were); when the model has an OOD guard, also
     ``ood_score`` / ``out_of_distribution`` (answers for images unlike the training images are
     unreliable; a warning says how many there were).
 
@@ -54,7 +55,7 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
         probabilities = zero_shot_probabilities(net, embeddings, prompts)
         for path, row, flag, image in zip(chunk, probabilities, flags, pixels, strict=True):
             scores = {name: float(p) for name, p in zip(class_names, row, strict=True)}
-            results.append({"image": str(path), "prediction": max(scores.items(), key=lambda item: item[1])[0],
+            results.append({"image": Path(path).name, "prediction": max(scores.items(), key=lambda item: item[1])[0],
                             "probabilities": scores, "input_flags": input_flags(image.numpy()), **flag})
             guarded += [flag] if flag else []
     warn_flagged(guarded, "images")

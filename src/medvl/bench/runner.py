@@ -894,7 +894,8 @@ def _vqa(ctx: _Context) -> None:
 
     items = select_questions(ctx.data.questions or [], ctx.data.spec.split, str(ctx.data.path), None,
                              holdout=getattr(ctx.net, "meta", {}).get("holdout"))
-    result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True)
+    result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True,
+                          pool=ctx.data.questions)
     ctx.flag_trained(result.get("trained_on_scored"))
     for prefix in ("", "blank_image_", "question_only_"):
         baseline = prefix.rstrip("_").replace("_", " ")

@@ -147,6 +147,9 @@ def _print(result: dict, out: Path | None) -> None:
             for part in parts:
                 console.print(f"  concept {part['concept']!r} ({side}): weight {part['weight']:+.3f}, "
                               f"contribution {part['contribution']:+.3f}", highlight=False, soft_wrap=True)
+    if result.get("left_out_copies"):
+        console.print(f"the image is indexed as {', '.join(result['left_out_copies'])}: left out of the nearest "
+                      "cases", highlight=False)
     for rank, hit in enumerate(result.get("neighbours", []), 1):
         console.print(f"  {rank}. {hit['id']} ({hit['split']}) score {hit['score']:.3f}", highlight=False)
     if out is not None:

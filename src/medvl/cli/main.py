@@ -158,14 +158,14 @@ def predict_command(
     class_names = split_names(labels)
     answers = predict_answers(model, images, class_names, label_column=label_column, captions=captions,
                               backend=backend)
-    for item in answers["predictions"]:
+    for path, item in zip(images, answers["predictions"], strict=True):  # the path as given: the JSON has its name
         ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{name} {p:.2f}" for name, p in ranked[:3])
         warning = (f" [red]out of distribution ({ood_comparison(item)}): unreliable[/]"
                    if item.get("out_of_distribution") else "")
         if item["input_flags"]:
             warning += f" [red]{' and '.join(item['input_flags'])} as the model sees it: no content to answer on[/]"
-        console.print(f"{escape(item['image'])}: [bold]{escape(item['prediction'])}[/] ({escape(shown)}){warning}",
+        console.print(f"{escape(str(path))}: [bold]{escape(item['prediction'])}[/] ({escape(shown)}){warning}",
                       markup=True)
     emit_json(answers, json_out, overwrite)
 

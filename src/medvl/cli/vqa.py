@@ -175,20 +175,19 @@ def vqa_command(
         raise InputError(f"--heatmap: {model} is a transformers VLM, which gives no attention heatmap")
     result = answer_with_rationale(net, images, question)
     if index is not None:
-        result["supporting_cases"] = _nearest_cases(index, images[0], k)
+        result["supporting_cases"], result["left_out_copies"] = _nearest_cases(index, images[0], k)
     _print_answer(result)
     if heatmap is not None:
         _write_heatmap(Path(heatmap), images, result["heatmaps"], net, overwrite)
     emit_json({"model": str(model), **result}, json_out, overwrite)
 
 
-def _nearest_cases(index: str, image: Path, k: int | None) -> list[dict[str, Any]]:
-    from ..index import index_model, open_index, search_index
+def _nearest_cases(index: str, image: Path, k: int | None) -> tuple[list[dict[str, Any]], list[str]]:
+    from ..eval.vqa import supporting_cases
+    from ..index import open_index
 
-    k = VQA_NEIGHBOURS if k is None else k
     with open_index(index) as opened:
-        hits = search_index(opened, index_model(opened), image=image, k=k)
-    return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels} for hit in hits]
+        return supporting_cases(opened, image, VQA_NEIGHBOURS if k is None else k)
 
 
 def _print_answer(result: dict[str, Any]) -> None:
@@ -205,6 +204,9 @@ def _print_answer(result: dict[str, Any]) -> None:
         peak = heat["peak"]
         console.print(f"image {number}: attention peak at row {peak['row']:.2f}, column {peak['column']:.2f} of the "
                       f"image (weight {peak['weight']:.3f})", highlight=False)
+    if result.get("left_out_copies"):
+        console.print(f"the query image is indexed as {', '.join(result['left_out_copies'])}: left out of the "
+                      "supporting cases", highlight=False)
     for case in result.get("supporting_cases", []):
         console.print(f"supporting case: {case['id']} (similarity {case['score']:.3f})", highlight=False)
 

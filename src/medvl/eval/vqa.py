@@ -22,14 +22,16 @@ An answer vocabulary mismatch between the model and the data (under half of the 
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
 
 A transformers vision-language model (``models.vlm``) has no answer vocabulary: a closed question
-is answered by scoring candidates (``closed_candidates``: the distinct answers of the scored
-closed questions of the same question type, or of every closed question when the type has fewer
-than two), an open one by greedy generation; the blank-image baseline runs the same way. It has no
-training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
+is answered by scoring candidates (``closed_candidates``: the ``options`` its question file lists, else the
+distinct answers of the closed questions of the same question type in every question file read, all splits,
+so that an answer does not depend on which other questions are scored; never another type's answers; by
+generation when that gives fewer than two), an open one by greedy generation; the blank-image baseline runs
+the same way. It has no training prior: ``question_only_*`` and ``answers_in_vocabulary`` are None.
 
 ``answer_with_rationale`` answers one question (MedThink style) with the answer's probability, the
 top alternative, and a heatmap per image: the last fusion block's attention over the image tokens
 on the image encoder's ``token_grid``; ``heatmap_picture`` draws those over the images, each on its own grid.
+``supporting_cases`` lists the nearest cases of a case index to an image, its own indexed copies left out.
 """
 
 from __future__ import annotations
@@ -134,11 +136,14 @@ def _accuracy(flags: Sequence[bool]) -> float | None:
 
 
 def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem], source: str = "",
-                 show_progress: bool = False, keep_answers: bool = False) -> dict[str, Any]:
+                 show_progress: bool = False, keep_answers: bool = False,
+                 pool: Sequence[VQAItem] | None = None) -> dict[str, Any]:
     """Exact-match accuracy (closed, open, overall), open token F1, per question type, and the blank-image
     and question-only baselines (see the module docstring). ``keep_answers`` adds, per run, each
     question's exact-match flag (``correct``, ``blank_image_correct``, ``question_only_correct``; None
-    for a baseline the model has not), in the order of ``items``."""
+    for a baseline the model has not), in the order of ``items``. ``pool``: every question read, all splits
+    (default ``items``), which a transformers VLM's closed-question choices come from when a question lists
+    none (``closed_candidates``)."""
     if not items:
         raise InputError(f"{source}: no questions to score")
     seen = questions_trained_on(model, items, source) if source else None
@@ -147,7 +152,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     cut = 0 if isinstance(model, VisionLanguageModel) else _count_cut_questions(model, items, source)
     if isinstance(model, VisionLanguageModel):
         coverage = None
-        candidates = closed_candidates(items)
+        candidates = closed_candidates(items, pool)
         runs = {"": vlm_answers(model, items, candidates, show_progress=show_progress, content=content),
                 "blank_image_": vlm_answers(model, items, candidates, blank=True, show_progress=show_progress,
                                             description="Answering (blank images)"),
@@ -216,17 +221,18 @@ def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> di
 # ---------------------------------------------------------------- transformers vision-language models
 
 
-def closed_candidates(items: Sequence[VQAItem]) -> list[list[str] | None]:
+def closed_candidates(items: Sequence[VQAItem], pool: Sequence[VQAItem] | None = None) -> list[list[str] | None]:
     """Per question, the answers a candidate-scoring model chooses among: for a closed question the
-    distinct answers of the closed questions of its question type in ``items`` (of every closed
-    question when its type has fewer than two); None for other questions (answered by generation)."""
+    ``options`` its question file lists, else the distinct answers of the closed questions of its question
+    type (questions without one: one type) in ``pool`` (default ``items``; give every question read, all
+    splits, so that a question's choices, and so its answer, do not depend on which others are scored);
+    None for other questions and when fewer than two choices are found (answered by generation)."""
     by_type: dict[str, set[str]] = defaultdict(set)
-    for item in items:
+    for item in items if pool is None else pool:
         if item.answer_type == "CLOSED" and item.answer_normalized:
             by_type[item.question_type or ""].add(item.answer_normalized)
-    every = sorted(set().union(*by_type.values())) if by_type else []
-    table = {qtype: sorted(answers) if len(answers) >= 2 else every for qtype, answers in by_type.items()}
-    chosen = [table.get(item.question_type or "") if item.answer_type == "CLOSED" else None for item in items]
+    chosen = [(list(item.options) or sorted(by_type[item.question_type or ""]))
+              if item.answer_type == "CLOSED" else None for item in items]
     return [options if options and len(options) >= 2 else None for options in chosen]
 
 
@@ -297,8 +303,9 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                           question: str) -> dict[str, Any]:
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
     the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images) and ``input_flags`` (per image: blank or streaked
-    as the model sees it, ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
+    image encoder's token grid, summing to 1 over all images, each naming its image by file name) and
+    ``input_flags`` (per image: blank or streaked as the model sees it, ``medvl.data.audit.input_flags``); a
+    transformers VLM gives no heatmaps."""
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {**model.answer(list(images), question), "heatmaps": []}
@@ -314,11 +321,31 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
     grid = model.image_encoder.token_grid(torch.zeros(1, model.config.image.in_channels,
                                                       *model.config.image.volume_shape))
     per_image = attention.view(model.config.max_images, -1)[:len(images)]
-    row["heatmaps"] = [{"image": str(image), "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
+    # each image by its file name only, as describe_target names files (the folders above may name a patient)
+    row["heatmaps"] = [{"image": Path(image).name, "grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
     return row
+
+
+def supporting_cases(index, image: str | Path, k: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``k`` cases of an open case ``index`` nearest to ``image`` (id, score, split, labels: no report text),
+    embedded by the index's own model (``medvl.index.index_model``), less the indexed copies of the image itself,
+    and those copies' ids (``index.search.search_without_copies``: the query is no evidence for its own answer)."""
+    from ..index import index_model
+    from ..index.base import check_k, check_model
+    from ..index.build import hashed_image
+    from ..index.search import embed_query, search_without_copies
+
+    check_k(k)
+    model = index_model(index)
+    check_model(index.info, model, index.location)
+    digest, read = hashed_image(model.preprocessor, image)  # read once: hashed as the index hashed it, embedded
+    pixels = model.preprocessor.load(read, source=image)
+    hits, copies = search_without_copies(index, embed_query(model, image=pixels), k, digest)
+    return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels}
+            for hit in hits], copies
 
 
 def _peak(weights: torch.Tensor, grid: tuple[int, ...]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """One image explained: the predicted findings, a heatmap per method as a PNG overlay, the concepts
 of a concept bottleneck that push towards each finding (and the strongest against it) and the
-nearest cases of an index.
+nearest cases of an index (the image's own indexed copies left out, and named: ``left_out_copies``).
 
 Findings are the zero-shot classes of one label column (``--labels``, default every class the
 model's captions describe; labels follow ``predict``'s rule); the ``top`` most probable are explained.
@@ -31,6 +31,7 @@ from ..embed import class_embeddings
 from ..errors import DataError, InputError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
+from ..index.build import hashed_image
 from ..io import check_output_file, json_ready, write_errors_named, write_json
 from ..models.ood import embed_checked
 from ..predict import checked_label_column, class_prompts, prompt_warnings
@@ -132,7 +133,9 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     if out is not None:
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods), *([saved] if saved else [])]:
             check_output_file(path, overwrite, "--out")
-    array = model.preprocessor.read(image)  # as the model reads it (HU for a DICOM when it has windows)
+    # as the model reads it (HU for a DICOM when it has windows), with the pixel hash an index records for it
+    digest, read = hashed_image(model.preprocessor, image)
+    array = read if isinstance(read, np.ndarray) else model.preprocessor.read(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
     with _staged_overlays(out) as staging:
@@ -146,8 +149,9 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                         (staging / name).write_bytes(overlay_png(array, heatmap, title))
                     block["file"] = name
         result: dict[str, Any] = {"image": Path(image).name, **explained}
-        if index is not None:
-            result["neighbours"] = nearest_cases(index, model, embedding, k or DEFAULT_NEIGHBOURS)
+        if index is not None:  # the image's own indexed copies left out, and named
+            result["neighbours"], result["left_out_copies"] = nearest_cases(index, model, embedding,
+                                                                            k or DEFAULT_NEIGHBOURS, digest)
         if out is not None and staging is not None:
             earlier = _listed_overlays(out) if overwrite else set()
             _publish(staging, out, result)
@@ -272,14 +276,18 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
             "warnings": prompt_warnings(model, classes, column, captions), **ood}, embedding
 
 
-def nearest_cases(index, model, embedding: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    """The ``k`` indexed cases closest to the image (id, score, split, labels): no report text."""
+def nearest_cases(index, model, embedding: torch.Tensor, k: int,
+                  digest: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``k`` indexed cases closest to the image (id, score, split, labels: no report text) less the indexed
+    copies of the image itself, and those copies' ids: the cases whose pixel hash is ``digest``
+    (``medvl.index.build.hashed_image`` of the image; ``index.search.search_without_copies``)."""
     from ..index.base import check_k, check_model
+    from ..index.search import search_without_copies
 
     check_k(k)
     check_model(index.info, model, index.location)
-    hits = index.search(embedding.numpy(), k=k)[0]
-    return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits]
+    hits, copies = search_without_copies(index, embedding.numpy(), k, digest)
+    return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits], copies
 
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:

@@ -21,7 +21,7 @@ import torch
 from ..data.images import image_suffix, read_image
 from ..embed import check_text_read_whole
 from ..errors import DataError, InputError
-from .base import IMAGES, Hit, Index, check_k, check_model, check_target
+from .base import IMAGES, MAX_K, Hit, Index, check_k, check_model, check_target
 from .build import nifti_sha256
 from .cases import pixel_sha256, public_image_path
 
@@ -87,6 +87,19 @@ def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Ten
     if verify_model:
         check_model(index.info, model, index.location)
     return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]
+
+
+def search_without_copies(index: Index, vector: np.ndarray, k: int, digest: str | None
+                          ) -> tuple[list[Hit], list[str]]:
+    """The ``k`` cases nearest to one query image's (1, D) ``vector`` less the indexed copies of the image itself,
+    and the ids of those copies: the cases whose pixel hash is ``digest``, the one the index records for the query
+    (``build.hashed_image``; None: none left out). Nearest cases shown as evidence about an image (``medvl
+    explain``, ``medvl vqa``) must not be the image: similarity 1.000 is circular, and it takes one of the ``k``
+    places; ``medvl report draft`` leaves them out so too (``rag.draft.indexed_copies``)."""
+    check_k(k)
+    copies = sorted(index.find_images([digest]).get(digest, ())) if digest else []
+    hits = index.search(vector, k=min(k + len(copies), MAX_K))[0]
+    return [hit for hit in hits if hit.id not in copies][:k], copies
 
 
 def shown_columns(index: Index, names: list[str]) -> list[str]:

@@ -444,6 +444,7 @@ class ModelService:
         from ..explain.explanation import explained_classes, nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
+        from ..index.cases import pixel_sha256
 
         refusal = heatmap_refusal(self.net.config.image)
         if refusal:  # before the upload is decoded, in medvl explain's words
@@ -462,8 +463,10 @@ class ModelService:
         shape = overlay_shape(pixels.shape)
         result, embedding = await self.lane.run(self._explain_on_lane, pixels, names, label_column, chosen,
                                                 top, shape, timings=timings)
-        if self.index is not None:
-            result["neighbours"] = await self.on_index(nearest_cases, self.index, self.net, embedding, k)
+        if self.index is not None:  # the upload's own indexed copies left out, and named
+            digest = await self._on_worker(pixel_sha256, pixels)  # as the index hashed its files' pixels
+            result["neighbours"], result["left_out_copies"] = await self.on_index(
+                nearest_cases, self.index, self.net, embedding, k, digest)
         await self._on_worker(_encode_overlays, result["findings"])
         return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
                                                          "shape": list(pixels.shape[:2])},

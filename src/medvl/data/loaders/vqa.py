@@ -20,8 +20,14 @@ Multi-image questions (an extension, written by the phantom's VQA generator: "wh
 progression between two films): ``image_names``, a JSON array of file names in order (earlier film
 first); ``image_name``, when also given, is its first. ``VQAItem.images`` holds every image in order
 (one for ordinary questions) and ``VQAItem.image`` the first; records get all of them in
-``Record.images`` (and their names in meta ``image_names``). Other keys are ignored (the phantom
-adds ``patient``, ``template``, ``options``).
+``Record.images`` (and their names in meta ``image_names``).
+
+Answer choices (an extension, written by the phantom): ``options``, a JSON array of the answers a question
+offers (``["<0.45", "0.45-0.50", ">0.50"]``), kept normalised in ``VQAItem.options`` (order kept, repeats
+dropped): a transformers VLM chooses a closed question's answer among them (``eval.vqa.closed_candidates``).
+Given, it must be a non-empty array of texts (or numbers) holding the answer, else a ``DataError`` naming the
+file and the item. VQA-RAD and SLAKE have none. Other keys are ignored (the phantom adds ``patient``,
+``template``).
 
 ``question``, ``answer`` and an image name (or ``image_names``) are required: a missing one is a
 ``DataError`` naming the file, the item and the key. Without ``qid`` the item's index in the file is its id. Files must
@@ -74,6 +80,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("image_name", "img_name")
 IMAGE_LIST_KEY = "image_names"  # multi-image questions (see the module docstring)
+OPTIONS_KEY = "options"  # a question's answer choices (see the module docstring)
 QUESTION_KEYS = ("question", "answer")
 OPTIONAL_KEYS = {  # VQAItem field -> keys, first found wins
     "question_type": ("question_type", "content_type"),
@@ -111,6 +118,7 @@ class VQAItem:
     images: tuple[Path, ...] = ()  # every image in order (earlier film first); (image,) for one image
     names: tuple[str, ...] = ()  # the images' names as the question file writes them (SLAKE: xmlab3/source.jpg)
     file: Path | None = None  # the question file it was read from (None: a question asked directly)
+    options: tuple[str, ...] = ()  # the answer choices the file lists (normalised, file order); () when none
 
 
 def normalize_answer(answer: str) -> str:
@@ -211,6 +219,24 @@ def _image_names(path: Path, index: int, raw: dict[str, Any]) -> list[str]:
     return [name.strip() for name in names]
 
 
+def _options(path: Path, index: int, raw: dict[str, Any], answer: str) -> tuple[str, ...]:
+    """The item's answer choices, normalised, repeats dropped (``()`` without ``options``); they must hold the
+    answer: a closed question scored among choices that leave it out could never be answered right."""
+    options = raw.get(OPTIONS_KEY)
+    if options is None:
+        return ()
+    qid = _text(raw.get("qid")) or "?"
+    if not isinstance(options, list) or not options or not all(
+            isinstance(option, str | int | float) and normalize_answer(_text(option)) for option in options):
+        raise DataError(path, f"item {index} (qid {qid}): {OPTIONS_KEY!r} must be a non-empty array of answers "
+                              "(texts or numbers)")
+    choices = tuple(dict.fromkeys(normalize_answer(_text(option)) for option in options))
+    if normalize_answer(answer) not in choices:
+        raise DataError(path, f"item {index} (qid {qid}): the answer is not one of its {len(choices)} "
+                              f"{OPTIONS_KEY!r}")
+    return choices
+
+
 def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAItem, str | None]:
     """(item, the name of its first image that exists nowhere, or None); an image's path is its first candidate
     when none exists."""
@@ -239,6 +265,7 @@ def _item(path: Path, index: int, raw: dict[str, Any], split: str) -> tuple[VQAI
         images=images,
         names=tuple(image_names),
         file=path,
+        options=_options(path, index, raw, answer),
     )
     return item, next((name for image, name in zip(found, image_names, strict=True) if image is None), None)
 
