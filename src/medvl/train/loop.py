@@ -863,17 +863,17 @@ class _Run:
         self.model.train()
         losses: list[dict[str, float]] = []
         full = True  # every batch of this step has batch_size examples (an epoch's last batch may have fewer)
-        for _ in range(self.config.grad_accum):
+        # the batches this step accumulates: grad_accum, fewer at an epoch's end (the step's loss is their mean)
+        accumulated = min(self.config.grad_accum, self.batches_per_epoch - self.batch_index % self.batches_per_epoch)
+        for _ in range(accumulated):
             indices = self._batch_indices(self.batch_index)
             full = full and len(indices) == self.config.batch_size
             parts = self._forward(indices)
             self._check_finite("the loss", parts["loss"])
-            (parts["loss"] / self.config.grad_accum).backward()
+            (parts["loss"] / accumulated).backward()
             losses.append({k: float(v.detach()) for k, v in parts.items()})
             self.batch_index += 1
             advance(1)
-            if self.batch_index % self.batches_per_epoch == 0:
-                break
         distributed.average_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self._check_finite("the gradient norm", grad_norm)
