@@ -632,3 +632,24 @@ def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_pat
 def _one_error_line(result) -> bool:
     """The error is one line on stderr, no traceback."""
     return len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_resume_compares_the_init_model_by_its_weights_not_its_folder(phantom_dir, dual_dir, tmp_path):
+    """--resume refused the same --init model given as a copy (a moved folder): the run recorded its path beside
+    its weights' digest and compared both. Other weights under the same name are refused."""
+    import shutil
+
+    data = medvl.load_dataset(phantom_dir).select("train")[:8]
+    config = TrainConfig(epochs=2, batch_size=8, max_steps=1)
+    out = tmp_path / "run"
+    shutil.copytree(dual_dir, tmp_path / "dual")
+    train_report_generator(data, out, config, init=tmp_path / "dual", overrides=TINY_OVERRIDES, show_progress=False)
+    shutil.copytree(dual_dir, tmp_path / "dual-copy")
+    train_report_generator(data, out, config, init=tmp_path / "dual-copy", overrides=TINY_OVERRIDES, resume=True,
+                           show_progress=False)
+    torch.manual_seed(1)
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    refused = r"changes the starting model \(--init\) '[^']*/dual' \(weights sha256 \w+\) -> '[^']*/other' \(weights"
+    with pytest.raises(InputError, match=refused):
+        train_report_generator(data, out, config, init=tmp_path / "other", overrides=TINY_OVERRIDES, resume=True,
+                               show_progress=False)

@@ -1141,10 +1141,9 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                     f", or the data is named another way than when the run started: a run folder written before "
                     f"medvl compared data by its resolved paths resumes only with --data {earlier.get('data')!r} "
                     "given from the folder the run was started in" if legacy else ""))
-        elif key == "init" and isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in after \
-                and "weights_sha256" not in before:  # a report run started before its --init weights were recorded
-            if before != {name: value for name, value in after.items() if name != "weights_sha256"}:
-                changed.append(f"init {before!r} -> {after!r}")
+        elif key == "init" and isinstance(before, dict) and isinstance(after, dict):  # train report's --init
+            if not _same_init(before, after):
+                changed.append(f"the starting model (--init) {_init_name(before)} -> {_init_name(after)}")
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
@@ -1192,6 +1191,22 @@ def _same_start(before: Any, after: Any) -> bool:
     if isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in before:
         return before.get("weights_sha256") == after.get("weights_sha256")
     return bool(before == after)
+
+
+def _same_init(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Two report runs' ``init`` (the --init dual encoder: ``dir``, ``name``, ``weights_sha256``) are the same
+    weights: by their digest when both record one (a copy, or the folder moved, is the same init, as ``_same_start``
+    has it); a run started before the digest was recorded by its folder and name."""
+    if before.get("weights_sha256") and after.get("weights_sha256"):
+        return bool(before["weights_sha256"] == after["weights_sha256"])
+    if "weights_sha256" not in before:
+        return before == {name: value for name, value in after.items() if name != "weights_sha256"}
+    return before == after
+
+
+def _init_name(init: dict[str, Any]) -> str:
+    digest = init.get("weights_sha256")
+    return f"{init.get('dir')!r}" + (f" (weights sha256 {str(digest)[:12]})" if digest else "")
 
 
 def _start_name(start: Any) -> str:
