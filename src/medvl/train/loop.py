@@ -1127,7 +1127,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
-                        if name not in RESUMABLE and _comparable(name, before.get(name, _added_default(key, name)))
+                        if name not in RESUMABLE and not _init_by_digest(key, name, earlier, now)
+                        and _comparable(name, before.get(name, _added_default(key, name)))
                         != _comparable(name, after.get(name))]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             # the same file under another spelling is the same data; so is a folder named instead of the question
@@ -1191,6 +1192,13 @@ def _same_start(before: Any, after: Any) -> bool:
     if isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in before:
         return before.get("weights_sha256") == after.get("weights_sha256")
     return bool(before == after)
+
+
+def _init_by_digest(key: str, name: str, earlier: dict[str, Any], now: dict[str, Any]) -> bool:
+    """``vqa.init`` (the --init folder's path) when both runs record its weights' digest under ``start``: compared
+    by that digest (``_same_start``), so a copy of the folder is the same start."""
+    return key == "vqa" and name == "init" and all(
+        isinstance(run.get("start"), dict) and run["start"].get("weights_sha256") for run in (earlier, now))
 
 
 def _same_init(before: dict[str, Any], after: dict[str, Any]) -> bool:
