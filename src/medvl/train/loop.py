@@ -1145,6 +1145,11 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         elif key == "init" and isinstance(before, dict) and isinstance(after, dict):  # train report's --init
             if not _same_init(before, after):
                 changed.append(f"the starting model (--init) {_init_name(before)} -> {_init_name(after)}")
+        elif key == "retrieval" and isinstance(before, dict) and isinstance(after, dict):  # train report's --index
+            if before != {name: after.get(name) for name in before}:  # a run started before the index's identity
+                # was recorded compares what it holds (context_k, the index model's name)
+                changed.append(f"the retrieved contexts (--index, --context-k) {_retrieval_name(before)} -> "
+                               f"{_retrieval_name(after)}")
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
@@ -1215,6 +1220,14 @@ def _same_init(before: dict[str, Any], after: dict[str, Any]) -> bool:
 def _init_name(init: dict[str, Any]) -> str:
     digest = init.get("weights_sha256")
     return f"{init.get('dir')!r}" + (f" (weights sha256 {str(digest)[:12]})" if digest else "")
+
+
+def _retrieval_name(retrieval: dict[str, Any]) -> str:
+    """A report run's ``retrieval`` (``train.report.retrieval_settings``) in a few words, digests cut short."""
+    words = [f"context_k {retrieval.get('context_k')}", f"index model {retrieval.get('index_model')!r}"]
+    words += [f"{name.replace('_', ' ')} {str(retrieval[name])[:12]}"
+              for name in ("index_weights_sha256", "contexts_sha256") if retrieval.get(name)]
+    return f"({', '.join(words)})"
 
 
 def _start_name(start: Any) -> str:
