@@ -105,3 +105,31 @@ def test_a_bad_question_file_is_a_clear_error(phantom_dir: Path, tmp_path):
     result, output = invoke("train", "--data", phantom_dir, "--model", "phantom-tiny", "--out", tmp_path / "run",
                             "--max-steps", 1, "--leave-out-images-of", bad, "-q")
     assert result.exit_code == 2 and "bad.json" in output and "image" in output
+
+
+def test_copies_of_the_asked_images_under_other_names_are_left_out_by_their_pixels(tmp_path, caplog):
+    """``medvl phantom --vqa`` names each film ``vqa/images/phantom_<patient>_<hash>.png``, a copy of the manifest's
+    ``images/phantom_<patient>.png``: matched by name only, nothing was left out, with an INFO line at most."""
+    import numpy as np
+
+    from medvl.data.loaders.vqa import load_vqa
+    from medvl.data.phantom import generate_phantom
+
+    folder = tmp_path / "ph"
+    generate_phantom(folder, n=24, seed=3, size=32, vqa=True)
+    data = load_dataset(folder)
+    questions = folder / "vqa" / "test.json"
+    films = {np.asarray(Image.open(image)).tobytes() for item in load_vqa(questions) for image in item.images}
+    copies = {r.id for r in data if np.asarray(Image.open(r.image)).tobytes() in films}
+    assert copies and not {source_image_id(r.image) for r in data} & question_image_ids(questions)  # names differ
+    with caplog.at_level("WARNING"):
+        kept, left_out = leave_out_images(data, [questions])
+    assert left_out == len(copies) and not {r.id for r in kept} & copies
+    assert "none of the" not in caplog.text
+    (tmp_path / "other").mkdir()
+    elsewhere = _questions(tmp_path / "other" / "testset.json", ["unrelated.png"])
+    Image.new("L", (32, 32), 7).save(tmp_path / "other" / "unrelated.png")
+    with caplog.at_level("WARNING"):
+        kept, left_out = leave_out_images(data, [elsewhere])
+    assert left_out == 0 and len(kept) == len(data)
+    assert f"none of the 1 images {elsewhere} asks about were found in the training data" in caplog.text

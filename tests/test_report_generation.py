@@ -4,6 +4,7 @@ the train / generate / eval commands (with the nearest-report baseline and retri
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -632,3 +633,59 @@ def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_pat
 def _one_error_line(result) -> bool:
     """The error is one line on stderr, no traceback."""
     return len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_resume_compares_the_init_model_by_its_weights_not_its_folder(phantom_dir, dual_dir, tmp_path):
+    """--resume refused the same --init model given as a copy (a moved folder): the run recorded its path beside
+    its weights' digest and compared both. Other weights under the same name are refused."""
+    import shutil
+
+    data = medvl.load_dataset(phantom_dir).select("train")[:8]
+    config = TrainConfig(epochs=2, batch_size=8, max_steps=1)
+    out = tmp_path / "run"
+    shutil.copytree(dual_dir, tmp_path / "dual")
+    train_report_generator(data, out, config, init=tmp_path / "dual", overrides=TINY_OVERRIDES, show_progress=False)
+    shutil.copytree(dual_dir, tmp_path / "dual-copy")
+    train_report_generator(data, out, config, init=tmp_path / "dual-copy", overrides=TINY_OVERRIDES, resume=True,
+                           show_progress=False)
+    torch.manual_seed(1)
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    refused = r"changes the starting model \(--init\) '[^']*/dual' \(weights sha256 \w+\) -> '[^']*/other' \(weights"
+    with pytest.raises(InputError, match=refused):
+        train_report_generator(data, out, config, init=tmp_path / "other", overrides=TINY_OVERRIDES, resume=True,
+                               show_progress=False)
+
+
+def test_resume_with_another_context_index_is_refused(phantom_dir, dual_dir, tmp_path):
+    """A run without a checkpoint (stopped by --max-steps) resumed after its --index was rebuilt from another model
+    and other cases was accepted, and its model replaced by one trained on other contexts: the run recorded the
+    index model's name only. It records the index model's weights digest and a digest of the contexts."""
+    from medvl.index import open_index
+
+    index = tmp_path / "cases.idx"
+    build = ("index", "build", "--data", phantom_dir, "--out", index, "-q")
+    result, output = invoke(*build, "--model", dual_dir, "--split", "train")
+    assert result.exit_code == 0, output
+    data = medvl.load_dataset(phantom_dir).select("train")[:8]
+    config = TrainConfig(epochs=1, batch_size=4, max_steps=1)
+    out = tmp_path / "run"
+
+    def train(resume: bool = False):
+        with open_index(index) as opened:
+            return train_report_generator(data, out, config, image_model="phantom-tiny", overrides=TINY_OVERRIDES,
+                                          index=opened, context_k=1, resume=resume, show_progress=False)
+
+    retrieval = train().meta["retrieval"]
+    assert not (out / "checkpoint").exists()
+    assert len(retrieval["index_weights_sha256"]) == len(retrieval["contexts_sha256"]) == 64
+    train(resume=True)  # the same index: it goes on
+    before = (out / "model" / "model.safetensors").read_bytes()
+    torch.manual_seed(1)
+    medvl.create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    shutil.rmtree(index)
+    result, output = invoke(*build, "--model", tmp_path / "other", "--split", "test")
+    assert result.exit_code == 0, output
+    with pytest.raises(InputError, match=r"changes the retrieved contexts \(--index, --context-k\) \(context_k 1, "
+                                         r"index model 'phantom-tiny', index weights sha256 \w{12}, contexts sha256"):
+        train(resume=True)
+    assert (out / "model" / "model.safetensors").read_bytes() == before

@@ -1168,3 +1168,24 @@ def test_max_steps_within_the_self_supervised_phase_is_warned(small_phantom, tmp
                                                             max_steps=2))
     assert (f"max_steps 2 ends within the {2 * per_epoch} self-supervised steps (self_supervised_epochs 2): the "
             "image-text loss (and any supervised head) never trains") in caplog.text
+
+
+def test_an_epochs_short_accumulation_group_is_the_mean_of_its_batches(phantom_dir, tmp_path):
+    """With one batch per epoch and --grad-accum 2, every optimizer step accumulates that one batch: its loss is
+    that batch's (as with --grad-accum 1), not half of it."""
+    dataset = medvl.load_dataset(phantom_dir).select("train")
+    dataset = dataset.subset(dataset.records[:16])
+
+    def run(grad_accum, out):
+        torch.manual_seed(0)
+        model = medvl.create_model("phantom-tiny")
+        gradients = []  # the gradient reaching the temperature at each backward pass
+        model.logit_scale.register_hook(lambda grad: gradients.append(float(grad)))
+        config = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1, grad_accum=grad_accum, workers=0)
+        return medvl.train(model, dataset, config, out, show_progress=False), gradients
+
+    single, single_gradients = run(1, tmp_path / "a")
+    accumulated, accumulated_gradients = run(2, tmp_path / "b")
+    assert len(accumulated_gradients) == 2 and accumulated_gradients == single_gradients
+    for (name, a), (_, b) in zip(single.state_dict().items(), accumulated.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -262,6 +262,33 @@ def test_a_run_started_with_the_default_image_model_resumes_with_or_without_init
         assert result.exit_code == 0, output
 
 
+def test_resume_with_another_init_model_under_the_same_path_is_refused(phantom, tmp_path):
+    """A run without a checkpoint (stopped by --max-steps) was "resumed" from whatever dual encoder sat at the --init
+    path: the run recorded the path only. The weights' digest is recorded and compared (a copy is the same start)."""
+    torch.manual_seed(0)
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")
+    shutil.copytree(tmp_path / "dual", tmp_path / "dual-copy")
+    out = tmp_path / "run"
+    train = ("train", "vqa", "--data", phantom / "vqa", "--out", out, "--epochs", "1", "--max-steps", "1",
+             *TINY[4:])  # without --image-model phantom-tiny --image-size 32
+    result, output = invoke(*train, "--init", tmp_path / "dual")
+    assert result.exit_code == 0, output
+    assert not (out / "checkpoint").exists()
+    digest = json.loads((out / "model" / "meta.json").read_text())["init"]["weights_sha256"]
+    assert json.loads((out / "train_config.json").read_text())["start"]["weights_sha256"] == digest
+    result, output = invoke(*train, "--init", tmp_path / "dual-copy", "--resume")  # the same weights, moved
+    assert result.exit_code == 0, output
+    shutil.rmtree(tmp_path / "dual")
+    torch.manual_seed(1)
+    create_model("phantom-tiny", **{"image.image_size": 32}).save_pretrained(tmp_path / "dual")  # other weights
+    before = (out / "model" / "model.safetensors").read_bytes()
+    result, output = invoke(*train, "--init", tmp_path / "dual", "--resume")
+    assert result.exit_code == 2, output
+    assert (f"this command changes the starting model '{tmp_path / 'dual-copy'}' (weights sha256 {digest[:12]}) -> "
+            f"'{tmp_path / 'dual'}' (weights sha256") in " ".join(output.split())
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
 def test_resume_with_another_setting_or_changed_questions_is_refused(phantom, tmp_path):
     """--resume continues the run with the settings and questions it was started with: another --image-lr-scale
     (another optimizer layout) or edited answers are one-line refusals, not a traceback or a silent mix."""

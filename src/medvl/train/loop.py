@@ -863,17 +863,17 @@ class _Run:
         self.model.train()
         losses: list[dict[str, float]] = []
         full = True  # every batch of this step has batch_size examples (an epoch's last batch may have fewer)
-        for _ in range(self.config.grad_accum):
+        # the batches this step accumulates: grad_accum, fewer at an epoch's end (the step's loss is their mean)
+        accumulated = min(self.config.grad_accum, self.batches_per_epoch - self.batch_index % self.batches_per_epoch)
+        for _ in range(accumulated):
             indices = self._batch_indices(self.batch_index)
             full = full and len(indices) == self.config.batch_size
             parts = self._forward(indices)
             self._check_finite("the loss", parts["loss"])
-            (parts["loss"] / self.config.grad_accum).backward()
+            (parts["loss"] / accumulated).backward()
             losses.append({k: float(v.detach()) for k, v in parts.items()})
             self.batch_index += 1
             advance(1)
-            if self.batch_index % self.batches_per_epoch == 0:
-                break
         distributed.average_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self._check_finite("the gradient norm", grad_norm)
@@ -1127,7 +1127,8 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         if key in ("train", "vqa") and isinstance(before, dict) and isinstance(after, dict):
             changed += [f"{name} {before.get(name)!r} -> {after.get(name)!r}"
                         for name in sorted(set(before) | set(after))
-                        if name not in RESUMABLE and _comparable(name, before.get(name, _added_default(key, name)))
+                        if name not in RESUMABLE and not _init_by_digest(key, name, earlier, now)
+                        and _comparable(name, before.get(name, _added_default(key, name)))
                         != _comparable(name, after.get(name))]
         elif key == "data" and isinstance(before, str) and isinstance(after, str):
             # the same file under another spelling is the same data; so is a folder named instead of the question
@@ -1141,10 +1142,14 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                     f", or the data is named another way than when the run started: a run folder written before "
                     f"medvl compared data by its resolved paths resumes only with --data {earlier.get('data')!r} "
                     "given from the folder the run was started in" if legacy else ""))
-        elif key == "init" and isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in after \
-                and "weights_sha256" not in before:  # a report run started before its --init weights were recorded
-            if before != {name: value for name, value in after.items() if name != "weights_sha256"}:
-                changed.append(f"init {before!r} -> {after!r}")
+        elif key == "init" and isinstance(before, dict) and isinstance(after, dict):  # train report's --init
+            if not _same_init(before, after):
+                changed.append(f"the starting model (--init) {_init_name(before)} -> {_init_name(after)}")
+        elif key == "retrieval" and isinstance(before, dict) and isinstance(after, dict):  # train report's --index
+            if before != {name: after.get(name) for name in before}:  # a run started before the index's identity
+                # was recorded compares what it holds (context_k, the index model's name)
+                changed.append(f"the retrieved contexts (--index, --context-k) {_retrieval_name(before)} -> "
+                               f"{_retrieval_name(after)}")
         elif key == "captions":
             if before != after:  # named, not quoted: a caption set can be long
                 changed.append("the caption set (captions)")
@@ -1192,6 +1197,37 @@ def _same_start(before: Any, after: Any) -> bool:
     if isinstance(before, dict) and isinstance(after, dict) and "weights_sha256" in before:
         return before.get("weights_sha256") == after.get("weights_sha256")
     return bool(before == after)
+
+
+def _init_by_digest(key: str, name: str, earlier: dict[str, Any], now: dict[str, Any]) -> bool:
+    """``vqa.init`` (the --init folder's path) when both runs record its weights' digest under ``start``: compared
+    by that digest (``_same_start``), so a copy of the folder is the same start."""
+    return key == "vqa" and name == "init" and all(
+        isinstance(run.get("start"), dict) and run["start"].get("weights_sha256") for run in (earlier, now))
+
+
+def _same_init(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Two report runs' ``init`` (the --init dual encoder: ``dir``, ``name``, ``weights_sha256``) are the same
+    weights: by their digest when both record one (a copy, or the folder moved, is the same init, as ``_same_start``
+    has it); a run started before the digest was recorded by its folder and name."""
+    if before.get("weights_sha256") and after.get("weights_sha256"):
+        return bool(before["weights_sha256"] == after["weights_sha256"])
+    if "weights_sha256" not in before:
+        return before == {name: value for name, value in after.items() if name != "weights_sha256"}
+    return before == after
+
+
+def _init_name(init: dict[str, Any]) -> str:
+    digest = init.get("weights_sha256")
+    return f"{init.get('dir')!r}" + (f" (weights sha256 {str(digest)[:12]})" if digest else "")
+
+
+def _retrieval_name(retrieval: dict[str, Any]) -> str:
+    """A report run's ``retrieval`` (``train.report.retrieval_settings``) in a few words, digests cut short."""
+    words = [f"context_k {retrieval.get('context_k')}", f"index model {retrieval.get('index_model')!r}"]
+    words += [f"{name.replace('_', ' ')} {str(retrieval[name])[:12]}"
+              for name in ("index_weights_sha256", "contexts_sha256") if retrieval.get(name)]
+    return f"({', '.join(words)})"
 
 
 def _start_name(start: Any) -> str:

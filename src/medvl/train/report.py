@@ -13,6 +13,8 @@ nothing here logs it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,20 @@ def train_report_generator(dataset: Dataset, out: str | Path, config: TrainConfi
 
         found = retrieve_for_records(index, index_model(index), with_text.records, context_k, show_progress)
         contexts = [item.texts for item in found]
-        model.meta["retrieval"] = {"context_k": context_k, "index_model": index.info["model"].get("name")}
+        model.meta["retrieval"] = retrieval_settings(index, context_k, contexts)
     objective = ReportObjective(model, with_text, contexts)
     return fit(objective, config, out, resume=resume, show_progress=show_progress)
+
+
+def retrieval_settings(index, context_k: int, contexts: list[list[str]]) -> dict[str, Any]:
+    """What identifies the contexts a generator trains on (``meta.retrieval``, compared on --resume): ``context_k``,
+    the index's model (its name and the SHA-256 of its weights, from the index's info) and a SHA-256 of the
+    retrieved reports themselves (another index, or one whose cases changed since, gives other contexts; report text
+    is patient data: only its digest is kept)."""
+    built = index.info["model"]
+    digest = hashlib.sha256(json.dumps(contexts, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"context_k": context_k, "index_model": built.get("name"),
+            "index_weights_sha256": built.get("weights_sha256"), "contexts_sha256": digest}
 
 
 def check_generator_options(image_model: str | None = None, init: str | Path | None = None, index=None,

@@ -39,7 +39,7 @@ from ..models.vqa import (
     image_table,
     questions_cut,
 )
-from .loop import TrainConfig, fit, param_groups, recorded_run
+from .loop import TrainConfig, fit, param_groups, recorded_run, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,9 @@ def build_vqa_model(items: Sequence[VQAItem], options: VQAOptions, question_leng
         config.image.augment = options.augment
         config = _question_length(_with_overrides(config, options.overrides), items, options, question_length)
         model = VQAModel.from_dual_encoder(dual, config, answers, question_tower=options.question_encoder == "dual")
-        model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual"}
+        # the weights' digest: --resume compares it (a copy of the folder is the same start, other weights there not)
+        model.meta["init"] = {"model": str(options.init), "question_tower": options.question_encoder == "dual",
+                              "weights_sha256": (starting_weights(dual) or {}).get("weights_sha256")}
         copy_training(dual, model)
     else:
         image_model = options.image_model or DEFAULT_IMAGE_MODEL
@@ -196,6 +198,9 @@ class VQAObjective:
         self.type_targets = torch.empty(0, dtype=torch.long)
         self.features: torch.Tensor | None = None  # image tokens of a frozen image tower, computed once
         self.frozen_images = options.image_lr_scale == 0
+        init = model.meta.get("init") or {}  # the --init dual encoder's weights, as medvl train records its start
+        self.start_weights = {"model": str(options.init.resolve()), "weights_sha256": init.get("weights_sha256")} \
+            if options.init is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -267,14 +272,16 @@ class VQAObjective:
         return {}
 
     def describe(self, resolved: bool = True) -> dict[str, Any]:
-        """What ``loop.check_same_run`` compares on --resume: besides the model, the data and its questions
+        """What ``loop.check_same_run`` compares on --resume: besides the model and its starting weights (``start``:
+        the --init folder and the SHA-256 of its weights, None without --init), the data and its questions
         (``questions_sha256``; ``resolved``: over the image files' resolved paths), the VQA options
         (``image_lr_scale`` sets the optimizer's parameter groups, ``type_weight`` the loss) and the share of
         questions held out."""
         # image_model as runs have always recorded it: the name, cxr-small when none was given (with --init too)
         options = {**asdict(self.options), "init": str(self.options.init.resolve()) if self.options.init else None,
                    "image_model": self.options.image_model or DEFAULT_IMAGE_MODEL}
-        return {"model": self.model.config.to_dict(), "data": self.source, "questions": len(self.items),
+        return {"model": self.model.config.to_dict(), "start": self.start_weights, "data": self.source,
+                "questions": len(self.items),
                 "answers": len(self.model.answers), "questions_sha256": questions_digest(self.items, resolved),
                 "vqa": options, "holdout": (self.model.meta.get("holdout") or {}).get("fraction", 0.0)}
 

@@ -62,6 +62,7 @@ Records (``load_vqa_dataset``): one per question; ``id`` = ``qid``; ``images`` =
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -70,9 +71,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
 from ...errors import DataError
-from ..images import image_suffix
-from ..record import Dataset, Record, records_digest
+from ..images import image_suffix, read_image
+from ..record import Dataset, Record, canonical_bytes, records_digest
 from .manifest import check_reserved_split_name, decode_utf8, parse_json, repeated_key
 from .roots import check_inside_root, is_file, is_inside
 
@@ -430,8 +433,66 @@ def leave_out_images(dataset: Dataset, question_files: Sequence[str | Path]) -> 
     left out: pretraining must not see the images a VQA benchmark scores (MedPix 2.0 and VQA-RAD share source
     images). An image is asked about when its MedPix ``synpic`` id is a question's, or, for a name without
     one, when its path ends with the question's image name (``source_image_id``: a SLAKE question about
-    ``xmlab3/source.jpg`` leaves out ``.../xmlab3/source.jpg``, not every ``source.jpg``)."""
-    asked = set().union(*(question_image_ids(path) for path in question_files))
-    kept = [record for record in dataset
-            if not any(_path_ids(image) & asked for image in record.images if isinstance(image, str | Path))]
+    ``xmlab3/source.jpg`` leaves out ``.../xmlab3/source.jpg``, not every ``source.jpg``), or when its decoded
+    pixels are those of a question's image file found in the question file's folder (a copy under another name:
+    ``medvl phantom --vqa`` writes its films so; only training images of the same size are decoded). A question
+    file none of whose images is found in ``dataset`` is warned about (the wrong file, or other images)."""
+    files = [Path(path) for path in question_files]
+    asked = {file: question_image_ids(file) for file in files}
+    pixels = {file: _question_pixels(file) for file in files}
+    sizes = {size for digests in pixels.values() for size in digests}
+    digests: dict[Path, str | None] = {}  # a training image's pixel digest, when its size is a question image's
+    found: set[Path] = set()
+    kept = []
+    for record in dataset:
+        images = [Path(image) for image in record.images if isinstance(image, str | Path)]
+        ids = set().union(*(_path_ids(image) for image in images))
+        matched = {file for file in files if ids & asked[file]}
+        for image in images if sizes else []:
+            size = _image_size(image)
+            if size in sizes:
+                if image not in digests:
+                    digests[image] = _pixel_digest(image)
+                matched |= {file for file in files if digests[image] in pixels[file].get(size, set())}
+        found |= matched
+        if not matched:
+            kept.append(record)
+    for file in files:
+        if file not in found:
+            log.warning("none of the %d images %s asks about were found in the training data (by name or pixels): "
+                        "check the file", len(asked[file]), file)
     return dataset.subset(kept), len(dataset) - len(kept)
+
+
+def _question_pixels(path: Path) -> dict[tuple[int, ...] | None, set[str]]:
+    """The pixel digests of the images a question file (or each question file of a folder) names that are found in
+    its folder, by image size (``_image_size``); images missing or outside the folder are matched by name only."""
+    files = vqa_files(path) if path.is_dir() else [path]
+    found: dict[tuple[int, ...] | None, set[str]] = {}
+    for file in files:
+        root = file.parent.resolve()
+        names = {name for index, raw in enumerate(_read_items(file)) for name in _image_names(file, index, raw)}
+        for name in sorted(names):
+            image = _resolve_image(file.parent, name)
+            if image is not None and is_inside(image, root) and (digest := _pixel_digest(image)) is not None:
+                found.setdefault(_image_size(image), set()).add(digest)
+    return found
+
+
+def _image_size(path: Path) -> tuple[int, ...] | None:
+    """Width and height (sorted: an EXIF rotation swaps them) from the header of a file PIL reads, without decoding
+    it; None for another kind of file (DICOM, NIfTI, NumPy) or one PIL cannot open."""
+    try:
+        with Image.open(path) as image:
+            return tuple(sorted(image.size))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _pixel_digest(path: Path) -> str | None:
+    """SHA-256 of an image file's decoded pixels (``canonical_bytes``: values, dtype, shape), None if it cannot be
+    read (training reads it again and names it)."""
+    try:
+        return hashlib.sha256(canonical_bytes(read_image(path))).hexdigest()
+    except DataError:
+        return None
