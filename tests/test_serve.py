@@ -740,6 +740,24 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_refused_not_answere
             assert answer.json()["detail"] == "the multipart body ends before its closing boundary (truncated)"
 
 
+def test_a_multipart_boundary_over_the_parsers_limit_is_refused_400_not_answered_500(client, png):
+    """A boundary of 257 characters (python-multipart takes at most 256; RFC 2046 allows 70) raised FormParserError
+    where the middleware set up its UTF-8 check of the form's text fields: HTTP 500 on every route, for a one-byte
+    body from any client with a token. The longest boundary the parser takes is still answered."""
+    token = auth()
+    for path in ("/v1/embed", "/v1/search"):
+        refused = client.post(path, headers={**token, "Content-Type": f"multipart/form-data; boundary={'a' * 257}"},
+                              content=b"x")
+        assert refused.status_code == 400, (path, refused.text)
+        assert refused.json()["detail"].startswith("invalid multipart boundary"), refused.text
+    boundary = "b" * 256
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'.encode()
+            + png.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    answer = client.post("/v1/embed", headers={**token, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                         content=body)
+    assert answer.status_code == 200 and len(answer.json()["embedding"]) == answer.json()["dim"], answer.text
+
+
 def test_explain_names_the_top_limit_its_labels_allow_and_refuses_a_blank_label_column_as_the_cli(client, png):
     """With 2 labels, top=9 was told "must be <= 3" (the service's limit) and top=3 then "must be <= 2"; a blank
     label column was "unknown label column ' '" here and "empty column name" in medvl predict. An empty field is
