@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -1135,6 +1136,35 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
                 health = http.get("/v1/health")  # no token: the word, not the reason
                 assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
                 assert health.json()["index"] == "unavailable" and "served" not in health.text
+
+
+def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_saying_ok(model_dir, index_dir, png,
+                                                                                            tmp_path, caplog):
+    """A report cell that is not UTF-8 made /v1/search answer 500 (sqlite3's error, whose message quotes the report)
+    while /v1/health went on saying the index was ok. It is a 503 naming the column, never the cell, in the answer
+    and the log, and /v1/health says the index is unavailable."""
+    from contextlib import closing
+
+    from fastapi.testclient import TestClient
+
+    damaged = tmp_path / "damaged.idx"
+    shutil.copytree(index_dir, damaged)
+    with closing(sqlite3.connect(damaged / "cases.sqlite")) as conn, conn:
+        report = conn.execute("SELECT report FROM cases WHERE report != '' ORDER BY vid").fetchone()[0]
+        conn.execute("UPDATE cases SET report = report || X'FF'")
+    reason = ("cannot read the cases table (a cell of column 'report' is not UTF-8 text): a damaged index: rebuild it "
+              "with `medvl index build`")
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(model_dir, index=damaged, require_token=False)) as http:
+        assert http.get("/v1/health").json()["index"] == "ok"
+        for path, form in (("/v1/search", {"data": {"text": "effusion"}}),
+                           ("/v1/report/draft", {"files": {"image": ("x.png", png.read_bytes(), "image/png")}})):
+            answer = http.post(path, **form)
+            assert answer.status_code == 503 and answer.json()["detail"] == reason, (path, answer.text)
+        health = http.get("/v1/health")  # no token: the word, not the reason
+        assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+        assert health.json()["index"] == "unavailable"
+        assert http.get("/v1/models").json()["models"][0]["index"]["unavailable"] == reason
+    assert report[:40] not in caplog.text and "with text" not in caplog.text
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
