@@ -265,6 +265,50 @@ def _damage(index: Path, statement: str) -> None:
         conn.execute(statement)
 
 
+def test_a_faiss_file_of_another_build_with_as_many_vectors_under_the_same_vids_is_refused(built, model, dataset,
+                                                                                          tmp_path):
+    """A rebuild numbers its cases 1..N again, so the index.faiss of a rebuild with another model (or text.faiss
+    put in its place) passed the count, sum and largest-vid check: searched, it ranked query vectors of one model
+    against stored vectors of another. Each FAISS file's SHA-256 is recorded in cases.sqlite and index.json at save
+    and compared at open; an index saved before they were recorded still opens."""
+    import faiss
+
+    from medvl.index.faiss_store import ann_ids, build_ann
+
+    with open_index(built[0]) as index:
+        vids, dim = np.sort(ann_ids(index.anns["images"])), index.dim
+    other = np.random.default_rng(0).standard_normal((len(vids), dim)).astype(np.float32)
+    other /= np.linalg.norm(other, axis=1, keepdims=True)  # the vectors of another model, under the same vids
+    mixed = tmp_path / "mixed"
+    shutil.copytree(built[0], mixed)
+    faiss.write_index(build_ann(other, vids, "flat"), str(mixed / "index.faiss"))
+    with pytest.raises(DataError, match="index.faiss is not the file cases.sqlite and index.json were saved with"):
+        open_index(mixed)
+    result, output = medvl("search", "--index", mixed, "--image", dataset[0].image, "-k", 3)
+    assert result.exit_code == 2 and "different versions of the index" in output and "Traceback" not in output
+    shutil.copy(built[0] / "text.faiss", mixed / "index.faiss")  # every case has a report: as many vectors
+    with pytest.raises(DataError, match="index.faiss is not the file"):
+        open_index(mixed)
+    info = json.loads((built[0] / "index.json").read_text())
+    del info["images"]["file_sha256"]
+    (mixed / "index.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="cases.sqlite and index.json record different versions of index.faiss"):
+        open_index(mixed)
+    del info["texts"]["file_sha256"]  # an index saved before the digests were recorded: not checked
+    (mixed / "index.json").write_text(json.dumps(info))
+    shutil.copy(built[0] / "index.faiss", mixed / "index.faiss")
+    _damage(mixed, "DROP TABLE files")
+    with open_index(mixed, writable=True) as index:
+        assert search_index(index, model, image=dataset[0].image, k=1)[0].id == dataset[0].id
+        index.delete([dataset[1].id])
+        index.save()  # records them
+        kept = np.sort(ann_ids(index.anns["images"]))
+    assert json.loads((mixed / "index.json").read_text())["images"]["file_sha256"]
+    faiss.write_index(build_ann(other[:len(kept)], kept, "flat"), str(mixed / "index.faiss"))
+    with pytest.raises(DataError, match="index.faiss is not the file"):
+        open_index(mixed)
+
+
 def test_a_damaged_cases_table_is_one_line_naming_the_index_and_the_column_never_the_cell(built, model, dataset,
                                                                                           phantom_dir, tmp_path):
     """A damaged cases.sqlite made medvl search, report draft and index add end in sqlite3's or json's traceback

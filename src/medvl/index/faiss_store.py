@@ -19,7 +19,9 @@ Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (r
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
 ``.INDEX.lock`` keeps writers apart. Opening checks that each FAISS file holds the vectors of exactly
-the table's cases (by count, sum and largest vid): files of two versions of an index are a ``DataError``.
+the table's cases (by count, sum and largest vid) and is the file the table and ``index.json`` recorded at the last
+save (its SHA-256, in table ``files`` and each vector set's ``file_sha256``: a rebuild with another model has as many
+vectors under the same vids): files of two versions of an index are a ``DataError``.
 
 ANN kind by size (``medvl.index.ann.choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
 ``HNSW_MAX``, IVF-PQ (compressed, for memory) above; the recall@10 of an approximate index
@@ -59,7 +61,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io import write_errors_named
+from ..io import file_sha256, write_errors_named
 from .ann import FLAT, HNSW, IVFPQ, IVFPQ_MIN, KINDS, RECALL_K, choose_kind
 from .base import (
     DAMAGED,
@@ -269,6 +271,22 @@ CREATE TABLE build (key TEXT NOT NULL);
 # an IVF-PQ index keeps its build's ``pending`` table under this name: the full vectors (float32 bytes) its
 # compressed codes approximate, read only to rank a few cases (or every case) exactly
 VECTORS = "vectors"
+MIXED = "its files are of different versions of the index; rebuild it (medvl index build)"
+# what each FAISS file held when the index was saved: its SHA-256, also in index.json (``file_sha256`` of each vector
+# set), so that a FAISS file of another build (another model: as many vectors under the same vids) is refused
+_FILES_SCHEMA = "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)"
+
+
+def record_file_digests(conn: sqlite3.Connection, folder: Path, info: dict[str, Any], targets: Iterable[str]) -> None:
+    """Record the SHA-256 of each of ``targets``' FAISS files in ``folder`` in table ``files`` (in the caller's
+    transaction) and in ``info``."""
+    conn.execute(_FILES_SCHEMA)
+    for target in targets:
+        digest = file_sha256(folder / INDEX_FILES[target])
+        info[target]["file_sha256"] = digest
+        conn.execute("INSERT OR REPLACE INTO files (name, sha256) VALUES (?, ?)", (INDEX_FILES[target], digest))
+
+
 def add_db_columns(conn: sqlite3.Connection, columns: dict[str, str]) -> None:
     for name, kind in columns.items():
         conn.execute(f"ALTER TABLE cases ADD COLUMN {quote_column(name)} {'REAL' if kind == NUMBER else 'TEXT'}")
@@ -550,8 +568,9 @@ class FaissBuilder:
         FilterColumns.from_table(self.conn, {**FIXED_COLUMNS, **self.columns}).save(self.staging)
         kept = any(info[target]["kind"] == IVFPQ for target in sets)  # its codes are approximations: keep vectors
         with self.conn:
-            self.conn.executescript(f"ALTER TABLE pending RENAME TO {VECTORS}; DROP TABLE build;" if kept
-                                    else "DROP TABLE pending; DROP TABLE build;")
+            record_file_digests(self.conn, self.staging, info, sets)
+            self.conn.execute(f"ALTER TABLE pending RENAME TO {VECTORS}" if kept else "DROP TABLE pending")
+            self.conn.execute("DROP TABLE build")
         self.conn.execute("VACUUM")
         self.conn.close()
         info.update(columns=self.columns, n_cases=len(rows))
@@ -596,6 +615,7 @@ class FaissIndex(IndexBase):
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
         try:
             self._check_vectors_match_cases()
+            self._check_file_digests()
         except BaseException:
             self.conn.close()
             raise
@@ -655,8 +675,26 @@ class FaissIndex(IndexBase):
             cases = f"{expected[0]} cases" + ("" if target == IMAGES else " with a report")
             mismatch = (f"holds {held[0]} vectors but {CASES_DB} {cases}" if held[0] != expected[0]
                         else f"holds the vectors of other cases than the {cases} of {CASES_DB}")
-            raise DataError(self.path, f"{INDEX_FILES[target]} {mismatch}: its files are of different versions "
-                                       "of the index; rebuild it (medvl index build)")
+            raise DataError(self.path, f"{INDEX_FILES[target]} {mismatch}: {MIXED}")
+
+    @_reads_cases
+    def _check_file_digests(self) -> None:
+        """DataError unless each FAISS file is the one ``cases.sqlite`` and ``index.json`` recorded at the last save
+        (its SHA-256): the vectors of another build (another model, other images) under the same vids pass the
+        count, sum and largest-vid check. An index saved before digests were recorded (neither holds one) is not
+        checked."""
+        has_table = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'").fetchone()
+        in_table = dict(self.conn.execute("SELECT name, sha256 FROM files").fetchall()) if has_table else {}
+        for target in self.anns:
+            name = INDEX_FILES[target]
+            recorded = {in_table.get(name), self.info[target].get("file_sha256")}
+            if recorded == {None}:
+                continue
+            if len(recorded) > 1:
+                raise DataError(self.path, f"{CASES_DB} and {INFO_FILE} record different versions of {name}: {MIXED}")
+            if file_sha256(self.path / name) not in recorded:
+                raise DataError(self.path, f"{name} is not the file {CASES_DB} and {INFO_FILE} were saved with (its "
+                                           f"SHA-256 differs): {MIXED}")
 
     @_reads_cases
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
@@ -802,6 +840,7 @@ class FaissIndex(IndexBase):
         for target, ann in self.anns.items():
             faiss.write_index(ann, str(workdir / INDEX_FILES[target]))
         self.filter_columns().save(workdir)
+        record_file_digests(self.conn, workdir, self.info, self.anns)
         self.conn.commit()
         self.info["n_cases"] = len(self)
         note_vector_counts(self.info, {target: self._live(target) for target in self.anns})
