@@ -25,11 +25,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli_helpers import interrupted_build, postgres_server
+from cli_helpers import invoke as medvl
 from medvl import DataError, InputError, ModelError, create_model, load_dataset, load_model
 from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
+from medvl.index.base import IndexDamaged
 from medvl.index.cases import quote_column
 from medvl.index.search import embed_query
 from medvl.rag import load_knowledge
@@ -253,6 +255,96 @@ def test_vectors_of_another_version_of_the_index_are_refused(built, index_copy, 
     shutil.copy(built[0] / "index.faiss", index_copy / "index.faiss")  # as many vectors, other vids
     with pytest.raises(DataError, match="index.faiss holds the vectors of other cases than the 96 cases"):
         open_index(index_copy, writable=True)
+
+
+DAMAGED_TABLE = "cannot read the cases table ({}): a damaged index: rebuild it with `medvl index build`"
+
+
+def _damage(index: Path, statement: str) -> None:
+    with closing(sqlite3.connect(index / "cases.sqlite")) as conn, conn:
+        conn.execute(statement)
+
+
+def test_a_faiss_file_of_another_build_with_as_many_vectors_under_the_same_vids_is_refused(built, model, dataset,
+                                                                                          tmp_path):
+    """A rebuild numbers its cases 1..N again, so the index.faiss of a rebuild with another model (or text.faiss
+    put in its place) passed the count, sum and largest-vid check: searched, it ranked query vectors of one model
+    against stored vectors of another. Each FAISS file's SHA-256 is recorded in cases.sqlite and index.json at save
+    and compared at open; an index saved before they were recorded still opens."""
+    import faiss
+
+    from medvl.index.faiss_store import ann_ids, build_ann
+
+    with open_index(built[0]) as index:
+        vids, dim = np.sort(ann_ids(index.anns["images"])), index.dim
+    other = np.random.default_rng(0).standard_normal((len(vids), dim)).astype(np.float32)
+    other /= np.linalg.norm(other, axis=1, keepdims=True)  # the vectors of another model, under the same vids
+    mixed = tmp_path / "mixed"
+    shutil.copytree(built[0], mixed)
+    faiss.write_index(build_ann(other, vids, "flat"), str(mixed / "index.faiss"))
+    with pytest.raises(DataError, match="index.faiss is not the file cases.sqlite and index.json were saved with"):
+        open_index(mixed)
+    result, output = medvl("search", "--index", mixed, "--image", dataset[0].image, "-k", 3)
+    assert result.exit_code == 2 and "different versions of the index" in output and "Traceback" not in output
+    shutil.copy(built[0] / "text.faiss", mixed / "index.faiss")  # every case has a report: as many vectors
+    with pytest.raises(DataError, match="index.faiss is not the file"):
+        open_index(mixed)
+    info = json.loads((built[0] / "index.json").read_text())
+    del info["images"]["file_sha256"]
+    (mixed / "index.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="cases.sqlite and index.json record different versions of index.faiss"):
+        open_index(mixed)
+    del info["texts"]["file_sha256"]  # an index saved before the digests were recorded: not checked
+    (mixed / "index.json").write_text(json.dumps(info))
+    shutil.copy(built[0] / "index.faiss", mixed / "index.faiss")
+    _damage(mixed, "DROP TABLE files")
+    with open_index(mixed, writable=True) as index:
+        assert search_index(index, model, image=dataset[0].image, k=1)[0].id == dataset[0].id
+        index.delete([dataset[1].id])
+        index.save()  # records them
+        kept = np.sort(ann_ids(index.anns["images"]))
+    assert json.loads((mixed / "index.json").read_text())["images"]["file_sha256"]
+    faiss.write_index(build_ann(other[:len(kept)], kept, "flat"), str(mixed / "index.faiss"))
+    with pytest.raises(DataError, match="index.faiss is not the file"):
+        open_index(mixed)
+
+
+def test_a_damaged_cases_table_is_one_line_naming_the_index_and_the_column_never_the_cell(built, model, dataset,
+                                                                                          phantom_dir, tmp_path):
+    """A damaged cases.sqlite made medvl search, report draft and index add end in sqlite3's or json's traceback
+    (exit 1), and SQLite's message quoted the cell: a report that is not UTF-8 was printed (or labels, metadata, an
+    id). Each is one line now, exit 2, naming the file and the column only."""
+    with closing(sqlite3.connect(built[0] / "cases.sqlite")) as conn:
+        report, labels = conn.execute("SELECT report, labels FROM cases WHERE report != '' ORDER BY vid").fetchone()
+    damages = {"report": ("report || X'FF'", "is not UTF-8 text"), "id": ("id || X'FF'", "is not UTF-8 text"),
+               "labels": ("substr(labels, 2)", "is not a JSON object"), "meta": ("'[1, 2]'", "is not a JSON object"),
+               "split": ("X'00FF'", "is not text")}  # column -> its new value, what the message says of it
+    image = dataset[0].image
+    for name, (value, what) in damages.items():
+        statement, reason = f"UPDATE cases SET {name} = {value}", f"a cell of column {name!r} {what}"
+        damaged = tmp_path / name
+        shutil.copytree(built[0], damaged)
+        _damage(damaged, statement)
+        expected = f"error: {damaged / 'cases.sqlite'}: {DAMAGED_TABLE.format(reason)}"
+        commands = [("search", "--index", damaged, "--text", "effusion", "-k", 5),
+                    ("report", "draft", image, "--index", damaged),
+                    ("index", "add", "--index", damaged, "--data", phantom_dir, "--split", "test", "-q")]
+        for command in commands if name in ("report", "labels") else []:  # the library's error is the CLI's line
+            result, output = medvl(*command)
+            assert result.exit_code == 2 and "Traceback" not in output, (name, command, output)
+            assert {line for line in output.splitlines() if line.startswith("error:")} == {expected}, output
+            assert report[:40] not in output and labels[2:30] not in output and "with text" not in output
+        with open_index(damaged) as index, pytest.raises(IndexDamaged) as raised:
+            search_index(index, model, image=image, k=5)
+        assert raised.value.problem == DAMAGED_TABLE.format(reason) and index.damaged == raised.value.problem
+    zeroed = tmp_path / "zeroed"  # a page of the table's file (not the schema's, the first) zeroed
+    shutil.copytree(built[0], zeroed)
+    data = bytearray((zeroed / "cases.sqlite").read_bytes())
+    data[4096:8192] = bytes(4096)
+    (zeroed / "cases.sqlite").write_bytes(bytes(data))
+    result, output = medvl("search", "--index", zeroed, "--text", "effusion", "-k", 5)
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"error: {zeroed / 'cases.sqlite'}: cannot read the cases table (database disk image is malformed)" in output
 
 
 def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, model, dataset, phantom_dir, tmp_path):

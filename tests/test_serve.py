@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -752,6 +753,24 @@ def test_a_multipart_body_cut_before_its_closing_boundary_is_refused_not_answere
             assert answer.json()["detail"] == "the multipart body ends before its closing boundary (truncated)"
 
 
+def test_a_multipart_boundary_over_the_parsers_limit_is_refused_400_not_answered_500(client, png):
+    """A boundary of 257 characters (python-multipart takes at most 256; RFC 2046 allows 70) raised FormParserError
+    where the middleware set up its UTF-8 check of the form's text fields: HTTP 500 on every route, for a one-byte
+    body from any client with a token. The longest boundary the parser takes is still answered."""
+    token = auth()
+    for path in ("/v1/embed", "/v1/search"):
+        refused = client.post(path, headers={**token, "Content-Type": f"multipart/form-data; boundary={'a' * 257}"},
+                              content=b"x")
+        assert refused.status_code == 400, (path, refused.text)
+        assert refused.json()["detail"].startswith("invalid multipart boundary"), refused.text
+    boundary = "b" * 256
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'.encode()
+            + png.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    answer = client.post("/v1/embed", headers={**token, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                         content=body)
+    assert answer.status_code == 200 and len(answer.json()["embedding"]) == answer.json()["dim"], answer.text
+
+
 def test_explain_names_the_top_limit_its_labels_allow_and_refuses_a_blank_label_column_as_the_cli(client, png):
     """With 2 labels, top=9 was told "must be <= 3" (the service's limit) and top=3 then "must be <= 2"; a blank
     label column was "unknown label column ' '" here and "empty column name" in medvl predict. An empty field is
@@ -1129,6 +1148,35 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
                 health = http.get("/v1/health")  # no token: the word, not the reason
                 assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
                 assert health.json()["index"] == "unavailable" and "served" not in health.text
+
+
+def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_saying_ok(model_dir, index_dir, png,
+                                                                                            tmp_path, caplog):
+    """A report cell that is not UTF-8 made /v1/search answer 500 (sqlite3's error, whose message quotes the report)
+    while /v1/health went on saying the index was ok. It is a 503 naming the column, never the cell, in the answer
+    and the log, and /v1/health says the index is unavailable."""
+    from contextlib import closing
+
+    from fastapi.testclient import TestClient
+
+    damaged = tmp_path / "damaged.idx"
+    shutil.copytree(index_dir, damaged)
+    with closing(sqlite3.connect(damaged / "cases.sqlite")) as conn, conn:
+        report = conn.execute("SELECT report FROM cases WHERE report != '' ORDER BY vid").fetchone()[0]
+        conn.execute("UPDATE cases SET report = report || X'FF'")
+    reason = ("cannot read the cases table (a cell of column 'report' is not UTF-8 text): a damaged index: rebuild it "
+              "with `medvl index build`")
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(model_dir, index=damaged, require_token=False)) as http:
+        assert http.get("/v1/health").json()["index"] == "ok"
+        for path, form in (("/v1/search", {"data": {"text": "effusion"}}),
+                           ("/v1/report/draft", {"files": {"image": ("x.png", png.read_bytes(), "image/png")}})):
+            answer = http.post(path, **form)
+            assert answer.status_code == 503 and answer.json()["detail"] == reason, (path, answer.text)
+        health = http.get("/v1/health")  # no token: the word, not the reason
+        assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+        assert health.json()["index"] == "unavailable"
+        assert http.get("/v1/models").json()["models"][0]["index"]["unavailable"] == reason
+    assert report[:40] not in caplog.text and "with text" not in caplog.text
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):

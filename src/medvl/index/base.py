@@ -262,6 +262,15 @@ class IndexGone(DataError):
     status = 503
 
 
+class IndexDamaged(DataError):
+    """An index's case table cannot be read: a damaged SQLite file, a cell that is not UTF-8 text or not the JSON
+    object it should hold, a missing column. The message names the file and the column, never a cell's content (a
+    report, labels, an id: SQLite's own message quotes the cell). A server-side condition, as ``IndexGone``: the
+    service answers 503 with the reason and ``/v1/health`` stops saying the index is ok; the CLI exits 2 with it."""
+
+    status = 503
+
+
 class IndexRebuilt(ModelError):
     """An index opened for search was rebuilt, by another process, with another model than the one it was opened
     with (a PostgreSQL table swapped under a running service): query vectors of the model checked at opening would

@@ -19,7 +19,9 @@ Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (r
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
 ``.INDEX.lock`` keeps writers apart. Opening checks that each FAISS file holds the vectors of exactly
-the table's cases (by count, sum and largest vid): files of two versions of an index are a ``DataError``.
+the table's cases (by count, sum and largest vid) and is the file the table and ``index.json`` recorded at the last
+save (its SHA-256, in table ``files`` and each vector set's ``file_sha256``: a rebuild with another model has as many
+vectors under the same vids): files of two versions of an index are a ``DataError``.
 
 ANN kind by size (``medvl.index.ann.choose_kind``): exact inner product below ``FLAT_MAX`` vectors, HNSW below
 ``HNSW_MAX``, IVF-PQ (compressed, for memory) above; the recall@10 of an approximate index
@@ -40,24 +42,26 @@ large k) is answered exactly instead.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io import write_errors_named
+from ..io import file_sha256, write_errors_named
 from .ann import FLAT, HNSW, IVFPQ, IVFPQ_MIN, KINDS, RECALL_K, choose_kind
 from .base import (
     DAMAGED,
@@ -67,6 +71,7 @@ from .base import (
     TEXTS,
     Hit,
     IndexBase,
+    IndexDamaged,
     check_info_format,
     check_k,
     check_target,
@@ -266,6 +271,20 @@ CREATE TABLE build (key TEXT NOT NULL);
 # an IVF-PQ index keeps its build's ``pending`` table under this name: the full vectors (float32 bytes) its
 # compressed codes approximate, read only to rank a few cases (or every case) exactly
 VECTORS = "vectors"
+MIXED = "its files are of different versions of the index; rebuild it (medvl index build)"
+# what each FAISS file held when the index was saved: its SHA-256, also in index.json (``file_sha256`` of each vector
+# set), so that a FAISS file of another build (another model: as many vectors under the same vids) is refused
+_FILES_SCHEMA = "CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)"
+
+
+def record_file_digests(conn: sqlite3.Connection, folder: Path, info: dict[str, Any], targets: Iterable[str]) -> None:
+    """Record the SHA-256 of each of ``targets``' FAISS files in ``folder`` in table ``files`` (in the caller's
+    transaction) and in ``info``."""
+    conn.execute(_FILES_SCHEMA)
+    for target in targets:
+        digest = file_sha256(folder / INDEX_FILES[target])
+        info[target]["file_sha256"] = digest
+        conn.execute("INSERT OR REPLACE INTO files (name, sha256) VALUES (?, ?)", (INDEX_FILES[target], digest))
 
 
 def add_db_columns(conn: sqlite3.Connection, columns: dict[str, str]) -> None:
@@ -313,6 +332,65 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False)
     conn.execute("PRAGMA secure_delete = ON")  # deleted cases' reports and metadata are overwritten with zeros
     return conn
+
+
+_NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '([^']*)'")  # sqlite3's message; the cell's text follows
+
+
+def unreadable_cases(db: Path, error: sqlite3.Error | UnicodeDecodeError | str) -> IndexDamaged:
+    """The error for a cases table SQLite cannot read (``error``: its exception, or a reason): names the file and,
+    for a cell that is not UTF-8 text, its column only; SQLite's message quotes the cell (a report, labels, an id).
+    A ``UnicodeDecodeError``: SQLite's own message, quoting a damaged part of the file, was not UTF-8."""
+    reason = error
+    if isinstance(error, UnicodeDecodeError):
+        reason = "a damaged file: SQLite's message about it is not UTF-8 text"
+    elif isinstance(error, sqlite3.Error):
+        not_utf8 = _NOT_UTF8.match(str(error))
+        reason = (f"a cell of column {not_utf8.group(1)!r} is not UTF-8 text" if not_utf8
+                  else " ".join(str(error).split())[:200])
+    return IndexDamaged(db, f"cannot read the cases table ({reason}): {DAMAGED}")
+
+
+def _cell_object(db: Path, cell: Any, column: str) -> dict[str, Any]:
+    """The JSON object a ``labels`` or ``meta`` cell holds; ``IndexDamaged`` naming the column for anything else."""
+    try:
+        value = json.loads(cell)
+    except (TypeError, ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise unreadable_cases(db, f"a cell of column {column!r} is not a JSON object")
+    return value
+
+
+def _check_text_cells(db: Path, **cells: Any) -> None:
+    """``IndexDamaged`` naming the first of ``cells`` (column -> cell) that is neither text nor NULL (SQLite keeps a
+    blob or a number in a TEXT column: a hit goes out as JSON)."""
+    column = next((name for name, cell in cells.items() if cell is not None and not isinstance(cell, str)), None)
+    if column is not None:
+        raise unreadable_cases(db, f"a cell of column {column!r} is not text")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reads_cases(method: Callable[Concatenate[FaissIndex, _P], _R]) -> Callable[Concatenate[FaissIndex, _P], _R]:
+    """``method`` with SQLite's failure to read the cases table (``sqlite3.DatabaseError``: a damaged file, a cell
+    that is not UTF-8, a missing column) turned into ``IndexDamaged`` (``unreadable_cases``), which the index keeps
+    in ``damaged`` (``/v1/health``). Write failures are ``write_errors_named``'s: a ``WriteError`` passes through."""
+    @functools.wraps(method)
+    def reading(index: FaissIndex, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(index, *args, **kwargs)
+        except IndexDamaged as error:
+            index.damaged = error.problem
+            raise
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as error:
+            damaged = unreadable_cases(index.path / CASES_DB, error)
+            index.damaged = damaged.problem
+            raise damaged from None
+
+    return reading
 
 
 # ------------------------------------------------------------------ folders: lock, swap, recover
@@ -490,8 +568,9 @@ class FaissBuilder:
         FilterColumns.from_table(self.conn, {**FIXED_COLUMNS, **self.columns}).save(self.staging)
         kept = any(info[target]["kind"] == IVFPQ for target in sets)  # its codes are approximations: keep vectors
         with self.conn:
-            self.conn.executescript(f"ALTER TABLE pending RENAME TO {VECTORS}; DROP TABLE build;" if kept
-                                    else "DROP TABLE pending; DROP TABLE build;")
+            record_file_digests(self.conn, self.staging, info, sets)
+            self.conn.execute(f"ALTER TABLE pending RENAME TO {VECTORS}" if kept else "DROP TABLE pending")
+            self.conn.execute("DROP TABLE build")
         self.conn.execute("VACUUM")
         self.conn.close()
         info.update(columns=self.columns, n_cases=len(rows))
@@ -517,12 +596,13 @@ class FaissIndex(IndexBase):
 
         self.path, self.writable, self.lock = path, writable, lock
         self.location = str(path)
+        self.damaged: str | None = None  # why the cases table cannot be read, once a read found it damaged
         self.info = check_info_format(read_info(path), self.location, writable, str(path / INFO_FILE))
         try:
             self.conn = _connect(path / CASES_DB, readonly=True)
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
-        except sqlite3.Error as err:
-            raise DataError(path / CASES_DB, f"cannot read the cases table ({err})") from None
+        except (sqlite3.Error, UnicodeDecodeError) as err:
+            raise unreadable_cases(path / CASES_DB, err) from None
         unnamed = next((f for t, f in INDEX_FILES.items() if t not in self.info and (path / f).exists()), None)
         if unnamed is not None:  # its vectors would never be searched
             self.conn.close()
@@ -535,6 +615,7 @@ class FaissIndex(IndexBase):
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
         try:
             self._check_vectors_match_cases()
+            self._check_file_digests()
         except BaseException:
             self.conn.close()
             raise
@@ -571,9 +652,11 @@ class FaissIndex(IndexBase):
         raise DataError(path, "index keeps changing while being opened; try again")
 
 
+    @_reads_cases
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
 
+    @_reads_cases
     def _check_vectors_match_cases(self) -> None:
         """DataError unless each FAISS file holds the vectors of exactly the table's cases (those with a report for
         ``text.faiss``; plus the deleted ones an HNSW graph still holds), compared by count, sum and largest vid.
@@ -592,26 +675,52 @@ class FaissIndex(IndexBase):
             cases = f"{expected[0]} cases" + ("" if target == IMAGES else " with a report")
             mismatch = (f"holds {held[0]} vectors but {CASES_DB} {cases}" if held[0] != expected[0]
                         else f"holds the vectors of other cases than the {cases} of {CASES_DB}")
-            raise DataError(self.path, f"{INDEX_FILES[target]} {mismatch}: its files are of different versions "
-                                       "of the index; rebuild it (medvl index build)")
+            raise DataError(self.path, f"{INDEX_FILES[target]} {mismatch}: {MIXED}")
 
+    @_reads_cases
+    def _check_file_digests(self) -> None:
+        """DataError unless each FAISS file is the one ``cases.sqlite`` and ``index.json`` recorded at the last save
+        (its SHA-256): the vectors of another build (another model, other images) under the same vids pass the
+        count, sum and largest-vid check. An index saved before digests were recorded (neither holds one) is not
+        checked."""
+        has_table = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'files'").fetchone()
+        in_table = dict(self.conn.execute("SELECT name, sha256 FROM files").fetchall()) if has_table else {}
+        for target in self.anns:
+            name = INDEX_FILES[target]
+            recorded = {in_table.get(name), self.info[target].get("file_sha256")}
+            if recorded == {None}:
+                continue
+            if len(recorded) > 1:
+                raise DataError(self.path, f"{CASES_DB} and {INFO_FILE} record different versions of {name}: {MIXED}")
+            if file_sha256(self.path / name) not in recorded:
+                raise DataError(self.path, f"{name} is not the file {CASES_DB} and {INFO_FILE} were saved with (its "
+                                           f"SHA-256 differs): {MIXED}")
+
+    @_reads_cases
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return {row[0] for row in _select_in(self.conn, "id", "id", ids)}
 
+    @_reads_cases
     def stored_contents(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str | None, str, str, str | None]]:
+        db = self.path / CASES_DB
         rows = _select_in(self.conn, "id, image_sha256, report, labels, meta, split", "id", ids)
-        return {row[0]: (row[1], row[2], json.dumps(json.loads(row[3]), sort_keys=True),
-                         json.dumps(json.loads(row[4]), sort_keys=True), row[5]) for row in rows}
+        return {row[0]: (row[1], row[2],
+                         json.dumps(_cell_object(db, row[3], "labels"), sort_keys=True),
+                         json.dumps(_cell_object(db, row[4], "meta"), sort_keys=True), row[5]) for row in rows}
 
+    @_reads_cases
     def find_images(self, hashes: Sequence[str]) -> dict[str, list[str]]:
         return ids_by_hash(_select_in(self.conn, "image_sha256, id", "image_sha256", [h for h in hashes if h]))
 
+    @_reads_cases
     def label_counts(self) -> list[tuple[dict[str, Any], int]]:
         rows = self.conn.execute("SELECT labels, COUNT(*) FROM cases GROUP BY labels").fetchall()
-        return [(json.loads(labels), count) for labels, count in rows]
+        return [(_cell_object(self.path / CASES_DB, labels, "labels"), count) for labels, count in rows]
 
+    @_reads_cases
     def case_labels(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        return {row[0]: json.loads(row[1]) for row in _select_in(self.conn, "id, labels", "id", ids)}
+        return {row[0]: _cell_object(self.path / CASES_DB, row[1], "labels")
+                for row in _select_in(self.conn, "id, labels", "id", ids)}
 
     # -- changes ---------------------------------------------------------------------------------
     def _edit(self) -> sqlite3.Connection:
@@ -632,6 +741,7 @@ class FaissIndex(IndexBase):
             self.conn = _connect(self.workdir / CASES_DB, readonly=False)
         return self.conn
 
+    @_reads_cases
     def add(self, cases: Sequence[Case], vectors: np.ndarray, text_vectors: np.ndarray | None = None) -> None:
         vectors = check_vectors(vectors, self.dim, "case")
         if len(vectors) != len(cases):
@@ -669,6 +779,7 @@ class FaissIndex(IndexBase):
             self.info[target] = describe_ann(FLAT, 0, 1.0)
         return self.anns[target]
 
+    @_reads_cases
     def delete(self, ids: Sequence[str]) -> int:
         filters = self.filter_columns()  # before the table changes: the saved arrays match it
         conn = self._edit()
@@ -715,6 +826,7 @@ class FaissIndex(IndexBase):
         self.anns[target] = build_ann(vectors, live, HNSW)
         self._positions.pop(target, None)
 
+    @_reads_cases
     def save(self) -> None:
         """Make every change since the last save visible at once (folder swap). A failed write (full disk) is a
         ``WriteError`` naming the index, which stays as it was."""
@@ -728,6 +840,7 @@ class FaissIndex(IndexBase):
         for target, ann in self.anns.items():
             faiss.write_index(ann, str(workdir / INDEX_FILES[target]))
         self.filter_columns().save(workdir)
+        record_file_digests(self.conn, workdir, self.info, self.anns)
         self.conn.commit()
         self.info["n_cases"] = len(self)
         note_vector_counts(self.info, {target: self._live(target) for target in self.anns})
@@ -762,6 +875,7 @@ class FaissIndex(IndexBase):
     def _dead(self, target: str) -> int:
         return self.anns[target].ntotal - self._live(target)
 
+    @_reads_cases
     def filter_columns(self) -> FilterColumns:
         """The filter columns as arrays (read once: from the folder's file, or from the table when
         the file is missing or stale), kept in step with every add and delete."""
@@ -777,11 +891,13 @@ class FaissIndex(IndexBase):
         allowed = filters.allowed(expression)
         return filters, allowed & filters.has_report if target == TEXTS else allowed
 
+    @_reads_cases
     def allowed_vids(self, where: str, target: str = IMAGES) -> np.ndarray:
         """The vids of the cases the filter allows (sorted), from the filter columns."""
         filters, allowed = self._allowed(where, target)
         return filters.vids[allowed]
 
+    @_reads_cases
     def allowed_vids_sql(self, where: str, target: str = IMAGES) -> np.ndarray:
         """The same vids selected by SQLite from the cases table: the reference the filter columns
         are tested against (a scan of the table: slow for large indexes)."""
@@ -789,6 +905,7 @@ class FaissIndex(IndexBase):
         sql = f"SELECT vid FROM cases WHERE {compiled.sql}{self._has(target, ' AND ')} ORDER BY vid"
         return np.asarray([row[0] for row in self.conn.execute(sql, compiled.params)], dtype=np.int64)
 
+    @_reads_cases
     def search(self, vectors: np.ndarray, k: int = 10, where: str | None = None,
                target: str = IMAGES) -> list[list[Hit]]:
         check_target(target)
@@ -955,10 +1072,18 @@ class FaissIndex(IndexBase):
         return np.asarray(kept, dtype=np.int64), np.ascontiguousarray(matrix)
 
     def _hits(self, found: np.ndarray) -> dict[int, Hit]:
+        """The cases of the vids ``found``, each cell checked (``IndexDamaged`` naming the column of one that is not
+        what the table holds)."""
         vids = sorted({int(v) for v in found.ravel() if v >= 0})
         rows = _select_in(self.conn, "vid, id, split, labels, meta, report, image_path, image_sha256", "vid", vids)
-        return {r[0]: Hit(id=r[1], score=0.0, split=r[2], labels=json.loads(r[3]), meta=json.loads(r[4]),
-                          text=r[5], image_path=public_image_path(r[6]), image_sha256=r[7]) for r in rows}
+        db, hits = self.path / CASES_DB, {}
+        for vid, case_id, split, labels, meta, report, image_path, image_sha256 in rows:
+            _check_text_cells(db, id=case_id, split=split, report=report, image_path=image_path,
+                              image_sha256=image_sha256)
+            hits[vid] = Hit(id=case_id, score=0.0, split=split, labels=_cell_object(db, labels, "labels"),
+                            meta=_cell_object(db, meta, "meta"), text=report, image_path=public_image_path(image_path),
+                            image_sha256=image_sha256)
+        return hits
 
 
 def _scored(hit: Hit, score: float) -> Hit:

@@ -7,7 +7,8 @@ bearer token (401) within its rate (429); a declared ``Content-Length`` above th
 refused at once (413) and a streamed (chunked) body is counted and cut off there (413). A route
 taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
 text field that is not UTF-8 is refused (422) as the body streams in, and a multipart body that ends before its
-closing boundary (400: Starlette would drop its last part) when it ends (``form_text_checked``).
+closing boundary (400: Starlette would drop its last part) when it ends (``form_text_checked``); a multipart
+boundary longer than the parser takes is refused (400) before the body is read (``boundary_refusal``).
 
 Bodies are held in memory, so the bytes of all bodies in flight are bounded (``BodyBudget``): a request
 whose ``Content-Length`` would take them over the budget is refused at once (503 with ``Retry-After``),
@@ -26,6 +27,7 @@ import secrets
 import time
 from urllib.parse import unquote_to_bytes
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -129,6 +131,10 @@ class ServiceMiddleware:
                 timings["error"] = "rate_limited"
                 return 429, f"rate limit of this token exceeded; retry in {retry_after_header(wait)} s", \
                     {"Retry-After": retry_after_header(wait)}
+        boundary_problem = boundary_refusal(headers.get("content-type"))
+        if boundary_problem is not None:
+            timings["error"] = "invalid_boundary"
+            return 400, boundary_problem, {}
         length, limit = headers.get("content-length"), self._body_limit(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
@@ -234,6 +240,7 @@ def form_text_checked(receive, content_type: str | None):
     """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field, (413) one with a
     text field over ``TEXT_PART_LIMIT`` (Starlette's own refusal of it is a 400) and (400) a multipart body that
     ends before its closing boundary (Starlette drops its last part, so a filter or a count sent last vanished).
+    A boundary the parser refuses was refused before (``boundary_refusal``).
 
     Starlette reads such a field as Latin-1 without a word (``labels`` of bytes ``ff fe`` become "ÿþ"), so
     the body is followed as it streams in: the text parts of a ``multipart/form-data`` body (file parts
@@ -244,7 +251,7 @@ def form_text_checked(receive, content_type: str | None):
         return receive
     kind, options = parse_options_header(content_type)
     if kind == b"multipart/form-data" and options.get(b"boundary"):
-        follower: _MultipartText | _UrlencodedText = _MultipartText(options[b"boundary"])
+        follower: _MultipartText | _UrlencodedText = _MultipartText(options[b"boundary"])  # checked: boundary_refusal
     elif kind == b"application/x-www-form-urlencoded":
         follower = _UrlencodedText()
     else:
@@ -267,6 +274,22 @@ def form_text_checked(receive, content_type: str | None):
         return message
 
     return checked
+
+
+def boundary_refusal(content_type: str | None) -> str | None:
+    """Why the multipart parser refuses the boundary of ``content_type`` (python-multipart takes at most 256 bytes;
+    RFC 2046 allows 70), or None. Refused (400) before the body is read: the form's text follower builds a parser
+    on it too, and its error was answered 500."""
+    if content_type is None:
+        return None
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        return None
+    try:
+        MultipartParser(options[b"boundary"])
+    except FormParserError as error:
+        return f"invalid multipart boundary ({error})"
+    return None
 
 
 TEXT_PART_LIMIT = 1024 * 1024  # starlette refuses a text part over 1 MiB; no more of one is kept here

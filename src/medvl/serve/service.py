@@ -44,7 +44,7 @@ from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
-from ..index.base import describe_target
+from ..index.base import IndexDamaged, describe_target
 from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
@@ -276,10 +276,13 @@ class ModelService:
 
     def index_health(self) -> str | None:
         """``/v1/health``'s word on the index: None without one, ``ok``, or ``unavailable`` when the store no longer
-        holds it (a PostgreSQL table dropped or rebuilt with another model; the reason only behind a token, in
-        ``/v1/models``). Asked of the store at most every ``INDEX_HEALTH_SECONDS``: the route needs no token."""
+        holds it (a PostgreSQL table dropped or rebuilt with another model) or a read found it damaged (a FAISS
+        index's case table: ``IndexDamaged``); the reason only behind a token, in ``/v1/models``. Asked of the
+        store at most every ``INDEX_HEALTH_SECONDS``: the route needs no token."""
         if self.index is None:
             return None
+        if getattr(self.index, "damaged", None):  # found by a search: the file stays damaged
+            return "unavailable"
         now = time.monotonic()
         checked = self._index_health
         if checked is None or now - checked[0] >= self.index_health_seconds:
@@ -288,10 +291,14 @@ class ModelService:
         return checked[1]
 
     def _index_unavailable(self) -> str | None:
-        """Why the index cannot be searched any more (None when it can): a PostgreSQL table rebuilt by another
-        process since the last search is read again first (its columns, its size)."""
+        """Why the index cannot be searched any more (None when it can): a FAISS index whose case table a read found
+        damaged; a PostgreSQL table rebuilt by another process since the last search is read again first (its
+        columns, its size)."""
         from ..index.base import IndexRebuilt
 
+        damaged = getattr(self.index, "damaged", None)
+        if damaged:
+            return damaged
         follow = getattr(self.index, "follow_rebuild", None)
         if follow is not None:
             try:
@@ -305,9 +312,14 @@ class ModelService:
         again (its columns, its size), and one this service cannot search any more says why (``unavailable``)."""
         if self.index is None:
             return None
-        unavailable = self._index_unavailable()
+        unavailable, cases = self._index_unavailable(), None
+        if unavailable is None:
+            try:
+                cases = len(self.index)
+            except IndexDamaged as error:  # a FAISS index's damaged case table
+                unavailable = error.problem
         info = self.index.info
-        return {"name": self.index_name, "cases": None if unavailable else len(self.index),
+        return {"name": self.index_name, "cases": cases,
                 "backend": info.get("backend"), "label_columns": info.get("label_columns"),
                 "filter_columns": info.get("columns"), "unavailable": unavailable}
 
