@@ -282,6 +282,38 @@ def test_resume_refuses_a_checkpoint_whose_model_and_state_are_of_different_step
     assert _tree(out) == before
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_and_names_what_differs(small_phantom, tmp_path):
+    """A checkpoint folder copied from another run (another embedding width, another loss) was trained on without a
+    word, and the run's train_config.json rewritten to describe it."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    dataset = dataset.subset(dataset.records[:16])
+    config = TrainConfig(epochs=1, batch_size=8, lr=2e-3, seed=1)  # each run ends with its checkpoint
+
+    def run(out, **overrides):
+        model = medvl.create_model("phantom-tiny", seed=0, **{"image.image_size": 48, **overrides})
+        return medvl.train(model, dataset, config, out, show_progress=False, resume=True)
+
+    out = tmp_path / "run"
+    run(out)
+    shutil.copytree(out / "checkpoint", tmp_path / "own")
+    run(tmp_path / "narrow", embed_dim=32)
+    shutil.copytree(tmp_path / "own", tmp_path / "siglip")  # a SigLIP run's checkpoint: its loss (weights alike)
+    settings = tmp_path / "siglip" / "model" / "config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "loss": "siglip"}))
+    for other, difference in [(tmp_path / "narrow" / "checkpoint", "embed_dim 32 (the run's: 64)"),
+                              (tmp_path / "siglip", "loss 'siglip' (the run's: 'clip')")]:
+        shutil.rmtree(out / "checkpoint")
+        shutil.copytree(other, out / "checkpoint")
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'checkpoint'}: its model is not this run's: "
+                                                      f"{difference}")):
+            run(out)
+        assert _tree(out) == before  # train_config.json not rewritten, nothing trained
+    shutil.rmtree(out / "checkpoint")
+    shutil.copytree(tmp_path / "own", out / "checkpoint")
+    run(out)  # its own checkpoint resumes (at its last step: nothing left to train)
+
+
 def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(small_phantom, tmp_path,
                                                                                monkeypatch):
     """The disk fills up after the checkpoint's model is written, at its state file: the previous checkpoint is

@@ -527,7 +527,10 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     state = _resume_state(out_dir) if resume else None
     if state is None:
         torch.manual_seed(config.seed)
+    wanted = json_ready(objective.model.config.to_dict())  # the run's model, as check_same_run compared it
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
+    if state is not None:
+        check_checkpoint_model(out_dir / CHECKPOINT_DIR, wanted, json_ready(objective.model.config.to_dict()))
     objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
     # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
     # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
@@ -1161,6 +1164,34 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
         raise InputError(f"{out_dir}: --resume continues the run there with the settings it was started with "
                          f"({CONFIG_FILE}); this command changes {', '.join(changed)}. Resume with the run's "
                          "settings, or train into a new --out")
+
+
+def check_checkpoint_model(checkpoint: Path, wanted: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """DataError naming ``checkpoint`` and the settings that differ when the model it holds (``loaded``: its config)
+    is not the run's (``wanted``: the model this command builds, which ``check_same_run`` compared with the run's
+    train_config.json): a checkpoint copied from another run (another width, loss, tower) would be trained on without
+    a word, and the run's settings rewritten to describe it. Weight shapes follow from the config (``load_weights``
+    refuses a checkpoint whose weights do not fit its own config)."""
+    changed = _config_differences(loaded, wanted)
+    if changed:
+        shown = ", ".join(f"{name} {mine!r} (the run's: {theirs!r})" for name, mine, theirs in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise DataError(checkpoint, f"its model is not this run's: {shown}{more}; it holds another run's checkpoint "
+                                    f"(copied or restored from elsewhere): put that run's checkpoint back, or delete "
+                                    f"{checkpoint} to start fresh")
+
+
+def _config_differences(loaded: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
+                        ) -> list[tuple[str, Any, Any]]:
+    """(dotted name, loaded value, wanted value) of each setting that differs between two config dicts."""
+    found = []
+    for name in sorted(set(loaded) | set(wanted), key=str):
+        mine, theirs = loaded.get(name), wanted.get(name)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += _config_differences(mine, theirs, f"{prefix}{name}.")
+        elif mine != theirs:
+            found.append((f"{prefix}{name}", mine, theirs))
+    return found
 
 
 def recorded_run(out_dir: Path) -> dict[str, Any] | None:
