@@ -466,6 +466,68 @@ def test_resume_from_a_damaged_state_file_is_a_clear_error(small_phantom, tmp_pa
         assert f"delete {out / 'checkpoint'} to start fresh" in " ".join(output.split()), damage
 
 
+def _edit_state(edit):
+    """A damage of a state file: ``edit`` changes its loaded dict in place."""
+    def write(path):
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+    return write
+
+
+def _first_moments(state):
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+STRUCTURED_DAMAGE = {  # (damage, what the message says)
+    "no parameter groups": (lambda s: s["optimizer"].update(param_groups=[]), "optimizer or scheduler: ValueError"),
+    "optimizer a list": (lambda s: s.update(optimizer=[1, 2]), "optimizer or scheduler: TypeError"),
+    "optimizer without state": (lambda s: s["optimizer"].pop("state"), "optimizer or scheduler: KeyError"),
+    "moments of another shape": (lambda s: _first_moments(s).update(exp_avg=torch.zeros(3)),
+                                 "exp_avg of shape (3,) for a parameter of shape"),
+    "lr a string": (lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"), "optimizer group 0: lr 'fast'"),
+    "betas of one value": (lambda s: s["optimizer"]["param_groups"][0].update(betas=(0.9,)),
+                           "optimizer group 0: betas (0.9,), this run's is (0.9, 0.999)"),
+    "emptied moments": (lambda s: s["optimizer"].update(state={}),
+                        "its optimizer state has gone through 0 steps, the checkpoint 2"),
+    "scheduler an int": (lambda s: s.update(scheduler=3), "optimizer or scheduler: AttributeError"),
+    "scheduler with an optimizer": (lambda s: s["scheduler"].update(optimizer=None),
+                                    "scheduler: not this run's learning-rate schedule"),
+    "scheduler at another step": (lambda s: s["scheduler"].update(last_epoch=1), "scheduler at step 1, the checkpoint"),
+    "batch index of another step": (lambda s: s.update(batch_index=1), "batch_index 1 is not step 2's (2)"),
+    "negative batch index": (lambda s: s.update(batch_index=-5), "batch_index -5 is not step 2's (2)"),
+}
+
+
+def test_resume_from_a_checkpoint_state_with_damaged_values_is_a_clear_error(small_phantom, tmp_path):
+    """Optimizer and scheduler states went to torch unchecked: its tracebacks (at once, or at the first step), or
+    training on silently from reset Adam moments or from the batches of another step."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    dataset = dataset.subset(dataset.records[:16])
+    config = TrainConfig(epochs=2, batch_size=8, lr=2e-3, seed=1)  # 2 steps an epoch
+
+    def interrupt(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, run, config, on_epoch_end=interrupt)  # its checkpoint at step 2
+    for damage, (edit, reason) in STRUCTURED_DAMAGE.items():
+        out = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(run, out)
+        _edit_state(edit)(out / "checkpoint" / "state.pt")
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'checkpoint' / 'state.pt'}: damaged checkpoint state"
+                                                      )) as caught:
+            _train_small(dataset, out, config, resume=True)
+        assert reason in str(caught.value), (damage, str(caught.value))
+        assert f"delete {out / 'checkpoint'} to start fresh" in str(caught.value)
+        assert _tree(out) == before, damage
+    _train_small(dataset, run, config, resume=True)  # undamaged, it resumes
+
+
 def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_stopped(small_phantom, tmp_path):
     dataset = medvl.load_dataset(small_phantom).select("train")
     out = tmp_path / "run"

@@ -43,7 +43,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.loading import check_workers, image_sources, load_all
 from ..data.record import Dataset, records_digest
-from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
+from ..errors import DataError, InputError, ModelError, TrainingError, WriteError, one_line
 from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
@@ -824,14 +824,45 @@ class _Run:
         self.step, self.batch_index = 0, 0
         self.average = WeightAverage(objective.model, config.ema_decay) if config.ema_decay else None
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.batch_index = state["step"], state["batch_index"]
-            if self.average is not None:
-                self.average.load_state_dict(state.get("ema"), out_dir / CHECKPOINT_DIR / STATE_FILE)
+            self._load_state(state, out_dir / CHECKPOINT_DIR / STATE_FILE)
             log.info("resumed from step %d", self.step)
         if distributed.is_main():  # a fresh start in a run folder (step 0) logs every step again
             _drop_metrics_after(out_dir / METRICS_FILE, self.step)
+
+    def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        """The optimizer, scheduler, step and batch index (and weight average) of the checkpoint state file ``path``;
+        a DataError naming it when they are damaged or do not belong together: torch would raise its own error (at
+        once, or at the first step), or train on silently from reset Adam moments or from other batches than the run
+        would have drawn."""
+        groups = [{key: value for key, value in group.items() if key != "params"}
+                  for group in self.optimizer.param_groups]  # this run's settings (and peak lr) of each group
+        scheduler = self.scheduler.state_dict()
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
+            raise damaged_state(path, f"optimizer or scheduler: {one_line(err, 120)}") from None
+        step, batch_index = state["step"], state["batch_index"]
+        problem = _optimizer_problem(self.optimizer, groups, step) or _scheduler_problem(
+            state["scheduler"], scheduler, step) or self._position_problem(step, batch_index)
+        if problem:
+            raise damaged_state(path, problem)
+        self.step, self.batch_index = step, batch_index
+        if self.average is not None:
+            self.average.load_state_dict(state.get("ema"), path)
+
+    def _position_problem(self, step: int, batch_index: int) -> str | None:
+        """Why ``step`` and ``batch_index`` are not a position of this run (None when they are): the step within
+        its steps, the batch index the one that step reached (``_train_step``: ``grad_accum`` batches a step, an
+        epoch's last step cut at its end)."""
+        if not 0 <= step <= self.total_steps:
+            return f"step {step} is not one of this run's {self.total_steps} steps"
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.config.grad_accum)
+        epoch, within = divmod(step, steps_per_epoch)
+        expected = epoch * self.batches_per_epoch + min(within * self.config.grad_accum, self.batches_per_epoch)
+        if batch_index != expected:
+            return f"batch_index {batch_index} is not step {step}'s ({expected})"
+        return None
 
     @property
     def model(self) -> Any:
@@ -1032,8 +1063,14 @@ class WeightAverage:
                 set(state["average"]) != set(self.names):
             raise DataError(path, "the checkpoint holds no weight average of this model (ema_decay); delete "
                                   f"{path.parent} to start fresh")
+        shapes = {name: tensor.shape for name, tensor in self.average.items()}
+        updates = state.get("updates")
+        if not all(isinstance(tensor, torch.Tensor) and tensor.shape == shapes[name]
+                   for name, tensor in state["average"].items()) or isinstance(updates, bool) or \
+                not isinstance(updates, int) or updates < 0:
+            raise damaged_state(path, "its weight average (ema) does not fit this model")
         self.average = {name: tensor.clone() for name, tensor in state["average"].items()}
-        self.updates = int(state["updates"])
+        self.updates = updates
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -1282,6 +1319,51 @@ def _resume_state(out_dir: Path) -> dict[str, Any] | None:
 STATE_KEYS = ("optimizer", "scheduler", "step", "batch_index")
 
 
+def damaged_state(path: Path, reason: str) -> DataError:
+    """The error of a checkpoint state file that cannot be resumed from."""
+    return DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh")
+
+
+def _optimizer_problem(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], step: int) -> str | None:
+    """Why a loaded optimizer state is not one of this run at ``step`` (None when it is): each parameter group's
+    settings as this run makes them (``groups``; its learning rate a finite number), each parameter's Adam moments
+    of its shape, and moments that went through ``step`` steps (an emptied state would restart them from 0)."""
+    for number, (group, made) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+            return f"optimizer group {number}: lr {lr!r}"
+        changed = next((key for key, value in made.items() if key != "lr" and group.get(key) != value), None)
+        if changed is not None:
+            return f"optimizer group {number}: {changed} {group.get(changed)!r}, this run's is {made[changed]!r}"
+    steps = []
+    for param in (param for group in optimizer.param_groups for param in group["params"]):
+        moments = optimizer.state.get(param, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments and (not isinstance(moments[name], torch.Tensor) or moments[name].shape != param.shape):
+                return f"optimizer state: {name} of shape {tuple(getattr(moments[name], 'shape', ()))} for a " \
+                       f"parameter of shape {tuple(param.shape)}"
+        if moments:
+            taken = moments.get("step")
+            if not isinstance(taken, torch.Tensor) or taken.numel() != 1:  # AdamW keeps it as a one-number tensor
+                return f"optimizer state: step {type(taken).__name__}, not a number"
+            steps.append(int(taken))
+    if max(steps, default=0) != step:
+        return f"its optimizer state has gone through {max(steps, default=0)} steps, the checkpoint {step}"
+    return None
+
+
+def _scheduler_problem(loaded: Any, made: dict[str, Any], step: int) -> str | None:
+    """Why a learning-rate scheduler state is not this run's at ``step`` (None when it is): the keys this run's
+    scheduler has, its base learning rates, and ``step`` steps taken."""
+    if not isinstance(loaded, dict) or set(loaded) != set(made):
+        return "scheduler: not this run's learning-rate schedule"
+    if loaded["base_lrs"] != made["base_lrs"]:
+        return f"scheduler: base learning rates {loaded['base_lrs']!r}, this run's are {made['base_lrs']!r}"
+    if loaded["last_epoch"] != step:
+        return f"scheduler at step {loaded['last_epoch']!r}, the checkpoint at {step}"
+    return None
+
+
 def _read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state file; a ``DataError`` naming it if it cannot be read (cut short, overwritten, another
     file) rather than torch's traceback."""
@@ -1290,7 +1372,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
         reason = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".") or type(err).__name__  # torch's first
         # sentence: the rest is advice about checkpoints of its own
-        raise DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh") from None
+        raise damaged_state(path, reason) from None
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing or not isinstance(state["step"], int) or not isinstance(state["batch_index"], int):
         raise DataError(path, f"damaged checkpoint state (not a medvl training state: "
