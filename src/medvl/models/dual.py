@@ -230,6 +230,10 @@ class DualEncoder(nn.Module):
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
             # exception types (a mistyped field of text/config.json: StrictDataclassFieldValidationError)
             raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({one_line(err)})") from None
+        problem = model.text_encoder.tokenizer_problem()
+        if problem is not None:
+            raise ModelError(f"{directory}: the tokenizer in {TEXT_DIR}/ does not fit the text tower ({problem}); "
+                             f"{TEXT_DIR}/tokenizer.json was changed or is another model's")
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run

@@ -256,6 +256,25 @@ class TextEncoder(nn.Module):
             for layer in layers[-config.tune_top_layers:]:
                 layer.requires_grad_(True)
 
+    def tokenizer_problem(self) -> str | None:
+        """Why this tower's tokenizer cannot feed its token embeddings (None when it can): a token id of its
+        vocabulary or added tokens, or of the special tokens it adds to a text, past the embedding table (the first
+        text holding it would fail with an IndexError), no padding token, or a tokenizer that fails on a text (a
+        WordPiece vocabulary without its [UNK]). Token ids are named, never the tokens (words of training texts)."""
+        size = self.model.get_input_embeddings().num_embeddings
+        top = max(self.tokenizer.get_vocab().values(), default=-1)
+        if top >= size:
+            return f"a token of its vocabulary has id {top}, past the text tower's {size} token embeddings"
+        try:
+            ids = self.token_ids(["a"])[0]  # with the special tokens its post-processor adds
+        except Exception as err:  # tokenizers raises its own exception types
+            return f"it cannot tokenize a text ({one_line(err, 120)})"
+        if ids and max(ids) >= size:
+            return f"it adds a special token of id {max(ids)}, past the text tower's {size} token embeddings"
+        if self.tokenizer.pad_token_id is None or not 0 <= self.tokenizer.pad_token_id < size:
+            return f"its padding token id {self.tokenizer.pad_token_id} is not one of the {size} token embeddings"
+        return None
+
     def _layers(self) -> nn.ModuleList:
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList):
