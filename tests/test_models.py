@@ -141,6 +141,33 @@ def test_a_damaged_text_tower_folder_is_one_error_naming_the_model(damage, messa
         medvl.load_model(folder)
 
 
+def _past_the_table(tokenizer):
+    tokenizer["model"]["vocab"]["normal"] = 1_000_000
+
+
+def _cls_past_the_table(tokenizer):
+    tokenizer["post_processor"]["special_tokens"]["[CLS]"]["ids"] = [1_000_000]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_past_the_table, "a token of its vocabulary has id 1000000, past the text tower's"),
+    (_cls_past_the_table, "it adds a special token of id 1000000, past the text tower's"),
+    (lambda tokenizer: tokenizer["model"].update(vocab={}), "it cannot tokenize a text (Exception: WordPiece error"),
+])
+def test_a_tokenizer_whose_ids_do_not_fit_the_text_tower_is_refused_at_load(edit, message, tmp_path):
+    """A text/tokenizer.json whose token ids run past the embedding table loaded, then failed with IndexError (exit 1)
+    at the first text encoded; an emptied vocabulary with tokenizers' bare "Missing [UNK]" exception."""
+    folder = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(folder)
+    path = folder / "text" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    edit(tokenizer)
+    path.write_text(json.dumps(tokenizer))
+    with pytest.raises(ModelError, match=re.escape(f"{folder}: the tokenizer in text/ does not fit the text tower "
+                                                   f"({message}")):
+        medvl.load_model(folder)
+
+
 def test_class_embeddings_are_kept_until_the_weights_change_and_bounded_per_model(monkeypatch):
     import torch
 

@@ -282,6 +282,38 @@ def test_resume_refuses_a_checkpoint_whose_model_and_state_are_of_different_step
     assert _tree(out) == before
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_and_names_what_differs(small_phantom, tmp_path):
+    """A checkpoint folder copied from another run (another embedding width, another loss) was trained on without a
+    word, and the run's train_config.json rewritten to describe it."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    dataset = dataset.subset(dataset.records[:16])
+    config = TrainConfig(epochs=1, batch_size=8, lr=2e-3, seed=1)  # each run ends with its checkpoint
+
+    def run(out, **overrides):
+        model = medvl.create_model("phantom-tiny", seed=0, **{"image.image_size": 48, **overrides})
+        return medvl.train(model, dataset, config, out, show_progress=False, resume=True)
+
+    out = tmp_path / "run"
+    run(out)
+    shutil.copytree(out / "checkpoint", tmp_path / "own")
+    run(tmp_path / "narrow", embed_dim=32)
+    shutil.copytree(tmp_path / "own", tmp_path / "siglip")  # a SigLIP run's checkpoint: its loss (weights alike)
+    settings = tmp_path / "siglip" / "model" / "config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "loss": "siglip"}))
+    for other, difference in [(tmp_path / "narrow" / "checkpoint", "embed_dim 32 (the run's: 64)"),
+                              (tmp_path / "siglip", "loss 'siglip' (the run's: 'clip')")]:
+        shutil.rmtree(out / "checkpoint")
+        shutil.copytree(other, out / "checkpoint")
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'checkpoint'}: its model is not this run's: "
+                                                      f"{difference}")):
+            run(out)
+        assert _tree(out) == before  # train_config.json not rewritten, nothing trained
+    shutil.rmtree(out / "checkpoint")
+    shutil.copytree(tmp_path / "own", out / "checkpoint")
+    run(out)  # its own checkpoint resumes (at its last step: nothing left to train)
+
+
 def test_a_checkpoint_write_failing_halfway_keeps_the_previous_checkpoint_whole(small_phantom, tmp_path,
                                                                                monkeypatch):
     """The disk fills up after the checkpoint's model is written, at its state file: the previous checkpoint is
@@ -432,6 +464,95 @@ def test_resume_from_a_damaged_state_file_is_a_clear_error(small_phantom, tmp_pa
         assert "Traceback" not in output
         assert f"{out / 'checkpoint' / 'state.pt'}: damaged checkpoint state" in " ".join(output.split()), damage
         assert f"delete {out / 'checkpoint'} to start fresh" in " ".join(output.split()), damage
+
+
+def _edit_state(edit):
+    """A damage of a state file: ``edit`` changes its loaded dict in place."""
+    def write(path):
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+    return write
+
+
+def _first_moments(state):
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+STRUCTURED_DAMAGE = {  # (damage, what the message says)
+    "no parameter groups": (lambda s: s["optimizer"].update(param_groups=[]), "optimizer or scheduler: ValueError"),
+    "optimizer a list": (lambda s: s.update(optimizer=[1, 2]), "optimizer or scheduler: TypeError"),
+    "optimizer without state": (lambda s: s["optimizer"].pop("state"), "optimizer or scheduler: KeyError"),
+    "moments of another shape": (lambda s: _first_moments(s).update(exp_avg=torch.zeros(3)),
+                                 "exp_avg of shape (3,) for a parameter of shape"),
+    "lr a string": (lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"), "optimizer group 0: lr 'fast'"),
+    "betas of one value": (lambda s: s["optimizer"]["param_groups"][0].update(betas=(0.9,)),
+                           "optimizer group 0: betas (0.9,), this run's is (0.9, 0.999)"),
+    "emptied moments": (lambda s: s["optimizer"].update(state={}),
+                        "its optimizer state has gone through 0 steps, the checkpoint 2"),
+    "scheduler an int": (lambda s: s.update(scheduler=3), "optimizer or scheduler: AttributeError"),
+    "scheduler with an optimizer": (lambda s: s["scheduler"].update(optimizer=None),
+                                    "scheduler: not this run's learning-rate schedule"),
+    "scheduler at another step": (lambda s: s["scheduler"].update(last_epoch=1), "scheduler at step 1, the checkpoint"),
+    "batch index of another step": (lambda s: s.update(batch_index=1), "batch_index 1 is not step 2's (2)"),
+    "negative batch index": (lambda s: s.update(batch_index=-5), "batch_index -5 is not step 2's (2)"),
+}
+
+
+def test_resume_from_a_checkpoint_state_with_damaged_values_is_a_clear_error(small_phantom, tmp_path):
+    """Optimizer and scheduler states went to torch unchecked: its tracebacks (at once, or at the first step), or
+    training on silently from reset Adam moments or from the batches of another step."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    dataset = dataset.subset(dataset.records[:16])
+    config = TrainConfig(epochs=2, batch_size=8, lr=2e-3, seed=1)  # 2 steps an epoch
+
+    def interrupt(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(dataset, run, config, on_epoch_end=interrupt)  # its checkpoint at step 2
+    for damage, (edit, reason) in STRUCTURED_DAMAGE.items():
+        out = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(run, out)
+        _edit_state(edit)(out / "checkpoint" / "state.pt")
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'checkpoint' / 'state.pt'}: damaged checkpoint state"
+                                                      )) as caught:
+            _train_small(dataset, out, config, resume=True)
+        assert reason in str(caught.value), (damage, str(caught.value))
+        assert f"delete {out / 'checkpoint'} to start fresh" in str(caught.value)
+        assert _tree(out) == before, damage
+    _train_small(dataset, run, config, resume=True)  # undamaged, it resumes
+
+
+def test_run_files_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path):
+    """metrics.jsonl with a byte that is not UTF-8 raised UnicodeDecodeError on --resume, and a JSON line (or a
+    train_config.json / model config.json) nested 100,000 deep RecursionError."""
+    from medvl.errors import ModelError
+    from medvl.train.loop import _drop_metrics_after, recorded_run
+
+    metrics, deep = tmp_path / "metrics.jsonl", b"[" * 100_000
+    for bad in (b'{"step": 1, "note": "\xff\xfe"}', deep):
+        metrics.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+        with pytest.raises(DataError, match=re.escape(f"{metrics}: line 2: not a metrics line")):
+            _drop_metrics_after(metrics, 2)
+    metrics.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "note": "\xc3')  # cut within a character
+    _drop_metrics_after(metrics, 2)
+    assert metrics.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+    (tmp_path / "train_config.json").write_bytes(deep)
+    assert recorded_run(tmp_path) is None  # unreadable: the checkpoint alone decides, as for a damaged file
+    model = tmp_path / "model"
+    medvl.create_model("phantom-tiny").save_pretrained(model)
+    for name in ("config.json", "meta.json"):
+        saved = (model / name).read_bytes()
+        (model / name).write_bytes(deep)
+        with pytest.raises(ModelError, match=re.escape(f"{model}: cannot read model files ({name}: ValueError: JSON "
+                                                       "nested too deeply")):
+            medvl.load_model(model)
+        (model / name).write_bytes(saved)
 
 
 def test_a_diverging_run_whose_checkpoint_state_was_damaged_still_says_why_it_stopped(small_phantom, tmp_path):

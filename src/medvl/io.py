@@ -346,6 +346,22 @@ def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_bytes(path, json.dumps(json_ready(data), indent=2).encode("utf-8") + b"\n")
 
 
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, with every way ``text`` is not JSON a ``ValueError``: not UTF-8 (``UnicodeDecodeError``), not
+    JSON (``JSONDecodeError``), or nested too deeply for the parser (json raises ``RecursionError``, which a reader
+    catching ``ValueError`` let through as a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON file ``path`` (``loads_json``): an ``OSError`` when it cannot be read, a ``ValueError`` when it is
+    not UTF-8 JSON, for the caller to name the file in its own error type."""
+    return loads_json(Path(path).read_bytes())
+
+
 def json_ready(value: Any) -> Any:
     """``value`` as ``write_json`` stores it: NaN and inf as null, keys as strings, tuples as lists."""
     if isinstance(value, float) and not math.isfinite(value):

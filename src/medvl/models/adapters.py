@@ -48,6 +48,7 @@ from torch import nn
 from ..data.images import read_image_2d
 from ..data.record import ImageSource
 from ..errors import DataError, ModelError
+from ..io import read_json
 from .config import ImageConfig, ModelConfig, TextConfig
 from .dual import CONFIG_FILE, DualEncoder, non_finite_tensors
 from .image import ImageEncoder
@@ -71,7 +72,7 @@ def transformers_model_type(directory: str | Path) -> str | None:
     """The ``model_type`` of a transformers folder's config.json; None for a medvl folder (whose
     config.json has none) or a config.json that is not a JSON object."""
     try:
-        config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        config = read_json(Path(directory) / CONFIG_FILE)
     except (OSError, ValueError):
         return None
     model_type = config.get("model_type") if isinstance(config, dict) else None
@@ -264,7 +265,7 @@ def _require_files(directory: Path) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot read ({err.__class__.__name__}: {err})") from None
     if not isinstance(data, dict):

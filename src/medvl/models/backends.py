@@ -26,7 +26,6 @@ a model folder without one, or with one made from other weights, is refused, nam
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
-from ..io import file_sha256
+from ..io import file_sha256, read_json
 from .adapters import transformers_model_type
 from .dual import CONFIG_FILE, WEIGHTS_FILE, DualEncoder
 from .image import _check_input
@@ -150,7 +149,7 @@ def read_export(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{path}: no ONNX export for this model; run: medvl export onnx --model {folder}")
     try:
-        description = json.loads(path.read_text())
+        description = read_json(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: unreadable ONNX export description ({err})") from None
     if not isinstance(description, dict) or description.get("format") != EXPORT_FORMAT:

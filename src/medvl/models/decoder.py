@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError
+from ..io import read_json
 from .config import (
     MAX_HEADS,
     MAX_LAYERS,
@@ -365,7 +365,7 @@ class ReportGenerator(nn.Module):
 
         directory = _model_folder(Path(directory))
         try:
-            config = ReportGeneratorConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+            config = ReportGeneratorConfig.from_dict(read_json(directory / CONFIG_FILE))
             meta = read_meta(directory)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory / TOKENIZER_DIR))
             bad = non_finite_tensors(load_file(str(directory / WEIGHTS_FILE)))
@@ -405,7 +405,7 @@ def _model_folder(directory: Path) -> Path:
         raise ModelError(f"{directory}: model folder not found")
     config_path = directory / CONFIG_FILE
     try:
-        kind = json.loads(config_path.read_text()).get("kind") if config_path.is_file() else None
+        kind = read_json(config_path).get("kind") if config_path.is_file() else None
     except (ValueError, OSError, AttributeError):
         kind = None
     if kind != KIND:

