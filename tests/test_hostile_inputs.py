@@ -800,3 +800,32 @@ def test_an_animated_png_is_refused_by_the_reader_and_the_cli_as_a_gif_or_tiff_i
     single = tmp_path / "single.png"
     Image.open(path).save(single)  # its default image alone: read as before
     assert read_image(single)[:, :8].min() == 255
+
+
+def test_json_files_read_back_nested_too_deeply_are_errors_naming_the_file(tmp_path):
+    """JSON nested 100,000 deep made json raise RecursionError, which the readers of an index's index.json, a pulled
+    folder's pull-report.json, a model folder's config.json (read for its dimensions), a phantom's dataset.json and
+    a bench run's state files did not catch (they caught ValueError): a traceback. Each is now its own error naming
+    the file (``medvl.io.read_json``)."""
+    from medvl.bench.runner import _json_object
+    from medvl.bench.suite import _model_config
+    from medvl.clinical.pull import read_report
+    from medvl.data.phantom.generate import phantom_description
+    from medvl.errors import ModelError
+    from medvl.index import open_index
+    from medvl.models.registry import model_spatial_dims
+
+    deep = b"[" * 100_000
+    for name in ("index.json", "pull-report.json", "config.json", "dataset.json", "state.json"):
+        (tmp_path / name).write_bytes(deep)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "index.json"))):
+        open_index(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'pull-report.json'}: unreadable pull report")):
+        read_report(tmp_path)
+    with pytest.raises(ModelError, match=re.escape(f"{tmp_path / 'config.json'}: cannot read the model config")):
+        model_spatial_dims(tmp_path)
+    with pytest.raises(ModelError, match=re.escape(f"{tmp_path / 'config.json'}: unreadable model config")):
+        _model_config(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'dataset.json'}: not a valid UTF-8 JSON")):
+        phantom_description(tmp_path)
+    assert _json_object(tmp_path / "state.json") == (None, "not JSON: JSON nested too deeply")

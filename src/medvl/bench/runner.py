@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io import file_sha256, write_json
+from ..io import file_sha256, loads_json, read_json, write_json
 from .suite import (
     TASKS,
     TRAINING_TASKS,
@@ -177,9 +177,9 @@ def _generated(spec: DatasetSpec, folder: Path, show_progress: bool) -> Path:
     marker = folder.with_name(f"{folder.name}.generate.json")
     if folder.is_dir() and marker.is_file():
         try:
-            if json.loads(marker.read_text(encoding="utf-8")) == settings:
+            if read_json(marker) == settings:
                 return folder
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError):
             pass  # an unreadable marker: generated again
     if folder.is_dir() and any(folder.iterdir()):
         log.info("%s: generating again, %s", folder, "its generate settings changed" if marker.is_file() else
@@ -528,13 +528,15 @@ def _json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The JSON object a file of the run holds, or None and why not (unreadable, not UTF-8, not JSON, not an
     object): a file damaged by an interrupted copy or an editor is never a traceback."""
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = loads_json(path.read_bytes())
     except OSError as error:
         return None, f"unreadable: {error.strerror or type(error).__name__}"
     except UnicodeDecodeError:
         return None, "not UTF-8 text"
     except json.JSONDecodeError as error:
         return None, f"not JSON: {error.msg} at line {error.lineno}"
+    except ValueError as error:  # nested too deeply
+        return None, f"not JSON: {error}"
     if not isinstance(content, dict):
         return None, f"a JSON {type(content).__name__}, not an object"
     return content, None

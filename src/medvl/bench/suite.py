@@ -55,7 +55,6 @@ when the suite's list names them, and refused before any work when a task's own 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from typing import Any
 
 from ..checks import check_number
 from ..errors import DataError, InputError, ModelError, one_line
+from ..io import read_json
 
 SUITES_DIR = Path(__file__).with_name("suites")
 
@@ -463,8 +463,8 @@ def _model_config(directory: str | Path) -> dict[str, Any]:
     if not config.is_file():
         raise ModelError(f"{directory}: not a model folder (no config.json)")
     try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raw = read_json(config)
+    except (OSError, ValueError) as err:
         raise ModelError(f"{config}: unreadable model config ({err.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{config}: a model config is a JSON object")

@@ -39,7 +39,6 @@ is not a DICOM file, a transfer cut short.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import os
@@ -53,6 +52,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..checks import check_number
 from ..errors import ConnectionFailure, DataError, InputError
+from ..io import loads_json
 from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
 from .pull import STATE_NAME as STATE_NAME
@@ -222,7 +222,7 @@ class DicomWebClient:
             raise DataError(self.url, f"{what}: expected {DICOM_JSON}, the server sent {kind or 'no content type'} "
                                       "(is the URL the DICOMweb root, e.g. .../dicom-web?)")
         try:
-            items = json.loads(response.content)
+            items = loads_json(response.content)
         except ValueError:
             raise DataError(self.url, f"{what}: the response is not valid JSON") from None
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):

@@ -33,7 +33,6 @@ reveal the date shift. Keep an unfinished folder private; finish it (rerun) or d
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from ..errors import ConnectionFailure, DataError, InputError, WriteError
-from ..io import atomic_write_bytes, write_json
+from ..io import atomic_write_bytes, read_json, write_json
 from ..progress import progress_bar
 from .formats import INSTALL_HINT, uid_hash
 
@@ -142,7 +141,7 @@ def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: 
 def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
                   seed_check: str | None) -> _State:
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path)
         state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
                        saved.get("seed_check"), dict(saved.get("done") or {}), list(saved.get("at_risk") or []))
     except (OSError, ValueError, KeyError, TypeError):
@@ -415,7 +414,7 @@ def read_report(folder: str | Path) -> dict[str, Any]:
     """The ``pull-report.json`` of a pulled folder."""
     path = Path(folder) / REPORT_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         raise DataError(path, "no pull report (not a folder written by medvl pacs pull)") from None
     except (OSError, ValueError) as error:

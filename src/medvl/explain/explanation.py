@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from ..errors import DataError, InputError
 from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
 from ..index.build import hashed_image
-from ..io import check_output_file, json_ready, write_errors_named, write_json
+from ..io import check_output_file, json_ready, read_json, write_errors_named, write_json
 from ..models.ood import embed_checked
 from ..predict import checked_label_column, class_prompts, prompt_warnings
 from .concepts import ConceptBottleneck
@@ -200,7 +199,7 @@ def _listed_overlays(out: Path) -> set[str]:
     """The overlay files ``out/explanation.json`` lists (none when it is missing or unreadable): an explanation
     replaced with ``overwrite`` takes them with it, so no heatmap of another run is left beside the new one."""
     try:
-        return _overlay_files(json.loads((out / EXPLANATION_FILE).read_text(encoding="utf-8")))
+        return _overlay_files(read_json(out / EXPLANATION_FILE))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return set()
 

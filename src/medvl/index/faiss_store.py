@@ -61,7 +61,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io import file_sha256, write_errors_named
+from ..io import file_sha256, read_json, write_errors_named
 from .ann import FLAT, HNSW, IVFPQ, IVFPQ_MIN, KINDS, RECALL_K, choose_kind
 from .base import (
     DAMAGED,
@@ -466,7 +466,7 @@ def read_info(path: Path) -> dict[str, Any]:
     if not (path / INFO_FILE).is_file():
         raise DataError(path, f"not a medvl index (no {INFO_FILE})")
     try:
-        info = json.loads((path / INFO_FILE).read_text())
+        info = read_json(path / INFO_FILE)
     except (OSError, ValueError) as err:
         raise DataError(path / INFO_FILE, f"unreadable ({err})") from None
     if not isinstance(info, dict):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class OODGuard:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 mean, precision = handle.get_tensor("mean"), handle.get_tensor("precision")
-            threshold, info = float(metadata["threshold"]), json.loads(metadata["info"])
+            threshold, info = float(metadata["threshold"]), loads_json(metadata["info"])
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
                              f"{recovery(path)}") from None

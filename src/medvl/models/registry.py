@@ -15,6 +15,7 @@ import torch
 
 from ..checks import check_number
 from ..errors import InputError, ModelError
+from ..io import read_json
 from .adapters import HFDualEncoder, transformers_model_type
 from .backends import load_backend, resolve_backend
 from .config import ModelConfig, Recipe, merge_overrides
@@ -186,8 +187,8 @@ def model_spatial_dims(name_or_dir: str | Path, **overrides: Any) -> int:
     if is_model_dir(name_or_dir):
         path = model_directory(name_or_dir) / CONFIG_FILE
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+            raw = read_json(path)
+        except (OSError, ValueError):
             raise ModelError(f"{path}: cannot read the model config (not JSON)") from None
         image = raw.get("image") if isinstance(raw, dict) else None
         dims = image.get("spatial_dims", 2) if isinstance(image, dict) else 2

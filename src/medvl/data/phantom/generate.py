@@ -62,7 +62,7 @@ from PIL import Image
 
 from ...checks import check_number
 from ...errors import DataError, InputError
-from ...io import replace_dir, staging_folder, write_errors_named
+from ...io import read_json, replace_dir, staging_folder, write_errors_named
 from ..record import ALL_SPLITS
 from . import ct3d
 from .ct3d_reports import CT3D_CAPTIONS
@@ -190,8 +190,8 @@ def phantom_description(path: str | Path) -> dict[str, Any] | None:
     if not sidecar.is_file():
         return None
     try:
-        description = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        description = read_json(sidecar)
+    except (OSError, ValueError):
         raise DataError(sidecar, "not a valid UTF-8 JSON description") from None
     if not isinstance(description, dict):
         return None
