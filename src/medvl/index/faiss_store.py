@@ -972,13 +972,20 @@ class FaissIndex(IndexBase):
 
     def _rescored(self, target: str, vectors: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """IVF-PQ's neighbours scored again with their kept vectors and put in that order: the scores are then
-        cosine similarities, not the compressed codes' approximations of them (rows padded with -1, as FAISS's)."""
+        cosine similarities, not the compressed codes' approximations of them (rows padded with -1, as FAISS's).
+        Scored by FAISS's per-vector kernel, as the exact path scores (``_exact_among``): a matrix product's last
+        bit depended on how many neighbours were scored, so one case's score moved with k and equal scores
+        stopped being equal."""
+        import faiss
+
         scores, ranked = np.full(found.shape, -np.inf, np.float32), np.full(found.shape, -1, np.int64)
         for query, (vector, row) in enumerate(zip(vectors, found, strict=True)):
             vids, matrix = self._kept_vectors(target, row[row >= 0])
-            exact = matrix @ vector
-            order = np.argsort(-exact, kind="stable")
-            scores[query, :len(order)], ranked[query, :len(order)] = exact[order], vids[order]
+            if not len(vids):
+                continue
+            with faiss_threads(1):
+                exact, order = faiss.knn(vector[None], matrix, len(vids), metric=faiss.METRIC_INNER_PRODUCT)
+            scores[query, :len(vids)], ranked[query, :len(vids)] = exact[0], vids[order[0]]
         return scores, ranked
 
     @staticmethod
