@@ -305,6 +305,31 @@ def test_a_subgroup_column_of_free_text_is_refused_before_any_work_without_its_v
     assert not (tmp_path / "out").exists()
 
 
+def test_notes_in_a_column_named_like_an_age_are_refused_and_unreadable_ages_are_counted_never_quoted():
+    """A column whose name holds the word age (``age_note``) was exempt from the refusal by its name alone, and the
+    first value that did not read as an age was quoted in the skipped reason ("e.g. 'Mr John Smith of 12 '"): in the
+    console, results.json and report.html. Its values that are not ages are now held to the identifier rule, and
+    unreadable ages are counted only."""
+    from medvl.bench.runner import _unscored_groups
+    from medvl.data.record import Record
+    from medvl.eval.subgroups import check_group_column
+
+    def records(values):
+        return [Record(id=f"r{i}", images=[f"r{i}.png"], meta={"age_note": value}) for i, value in enumerate(values)]
+
+    notes = [f"Mr Patient{i} seen aged {60 + i}" for i in range(6)]
+    with pytest.raises(InputError, match=re.escape("subgroup column 'age_note' has 6 distinct values that are not "
+                                                   "ages in 6 records, 6 of them in one record only")) as caught:
+        check_group_column(records([str(40 + i % 30) for i in range(30)] + notes), "age_note")
+    assert "Patient" not in str(caught.value)
+    check_group_column(records([str(40 + i % 30) for i in range(30)] + ["67+", "67+", "early 40s", "early 40s"]),
+                       "age_note")  # ages, and a few unreadable ones shared by records: a category, kept
+    block = {"missing": 2, "too_small": {}, "groups": {}, "gap": None}
+    reason = _unscored_groups(block, 40, 10, ["Mr John Smith of 12 Elm Street", "67+"])
+    assert reason is not None and "2 of 40 have an age that cannot be read" in reason
+    assert "Smith" not in reason and "67+" not in reason
+
+
 def test_a_model_that_cannot_do_a_task_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
     vqa_model = tmp_path / "vqa-model"
     vqa_model.mkdir()
@@ -1037,8 +1062,8 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     skipped = {skip["check"]: skip["reason"] for skip in results["skipped"]}
     unreadable = len(test) // 2  # told apart from the empty ones (all were "have no value")
     assert skipped["subgroups: age"].startswith(f"{len(test) - unreadable} of {len(test)} scored records have no "
-                                                f"value; {unreadable} of {len(test)} have an age that cannot be read "
-                                                "(e.g. '67+')")
+                                                f"value; {unreadable} of {len(test)} have an age that cannot be "
+                                                "read;")  # counted, never quoted
     assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
                                           "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
     assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()

@@ -1033,14 +1033,15 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
 
 def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: list[str]) -> str | None:
     """What of a subgroup column was not scored, in words (None when every record's group was): records
-    without a value, records whose age cannot be read (``unreadable``: their values; among the block's
+    without a value, records whose age cannot be read (``unreadable``: their values, counted; among the block's
     ``missing``), groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
     parts = []
     empty = block["missing"] - len(unreadable)
     if empty:
         parts.append(f"{empty} of {n} scored records have no value")
     if unreadable:
-        parts.append(f"{len(unreadable)} of {n} have an age that cannot be read (e.g. {unreadable[0][:20]!r})")
+        # counted, never quoted: a column named like an age may hold notes (the report names no patient's text)
+        parts.append(f"{len(unreadable)} of {n} have an age that cannot be read")
     if block["too_small"]:
         small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
         parts.append(f"groups under {min_size} records not scored: {small}")

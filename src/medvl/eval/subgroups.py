@@ -99,15 +99,20 @@ def check_group_column(records: Iterable[Record], column: str) -> None:
     """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note), by the
     covariates' rule (``covariates.CovariateEncoder.fit``): at least 3 distinct values, more than half of them in
     one record only. Each record would be a group of its own, too small to score, listed by its value in the
-    outputs; the message counts, never quotes. An age-like column is banded (``is_age_column``): never refused."""
+    outputs; the message counts, never quotes. An age-like column (``is_age_column``: a test of its name) is banded:
+    its values that read as ages are never refused, the others (``unreadable_ages``) are held to the same rule, so
+    notes in a column named ``age_note`` are refused as in any other."""
+    records = list(records)
     if is_age_column(column):
-        return
-    values = [str(value) for value in (r.labels.get(column, r.meta.get(column)) for r in records)
-              if not _missing(value)]
+        values = unreadable_ages(records, column)
+    else:
+        values = [str(value) for value in (r.labels.get(column, r.meta.get(column)) for r in records)
+                  if not _missing(value)]
     counts = Counter(values)
     once = sum(count == 1 for count in counts.values())
     if len(counts) >= 3 and once > len(counts) / 2:
-        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct values in {len(values)} records, "
+        what = "values that are not ages" if is_age_column(column) else "values"
+        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records, "
                          f"{once} of them in one record only; a subgroup is a category shared by records, not an "
                          "identifier or free text")
 
