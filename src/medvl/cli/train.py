@@ -65,7 +65,8 @@ def train_command(
     workers: WorkersOption = None,
     leave_out_images_of: Annotated[list[Path] | None, typer.Option(
         help="A VQA question file (repeatable): leave out the training records whose image it asks about "
-             "(by MedPix synpic id, else file stem), so pretraining never sees a VQA benchmark's images.")] = None,
+             "(by MedPix synpic id, else its path as the file writes it less the suffix, and any copy of its image "
+             "under another name by its decoded pixels), so pretraining never sees a VQA benchmark's images.")] = None,
     skip_flagged: SkipFlaggedOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override key=value (JSON value).")] = None,
