@@ -386,6 +386,27 @@ def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(t
     assert load_dataset(csv_path).classes("grade") == ["0.0", "1.0", "2.0"]  # not a 0/1 column: kept as written
 
 
+def test_a_report_cell_spelled_as_missing_is_no_text(tmp_path, caplog):
+    # pandas to_csv(na_rep="NaN") / R's write.csv: the report cells were the text "NaN" / "NA", trained on as captions,
+    # while the same table saved as JSONL (null) had no text; now the same records, with the label columns' warning
+    _images(tmp_path, [f"images/a{i}.png" for i in range(4)])
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("image,report,finding\na0.png,Clear lungs.,a\na1.png,NaN,b\na2.png,NA,a\n"
+                        "a3.png,Small effusion.,b\n", encoding="utf-8")
+    jsonl_path = tmp_path / "m.jsonl"
+    jsonl_path.write_text('{"image": "a0.png", "report": "Clear lungs.", "finding": "a"}\n'
+                          '{"image": "a1.png", "report": null, "finding": "b"}\n'
+                          '{"image": "a2.png", "report": "nan", "finding": "a"}\n'
+                          '{"image": "a3.png", "report": "Small effusion.", "finding": "b"}\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        from_csv = load_dataset(csv_path)
+    assert ("m.csv: 2 cell(s) of column 'report' spelled as a missing value (NA, NaN) read as missing, as an empty "
+            "cell is (first: line 3)") in caplog.text
+    assert "Clear lungs" not in caplog.text  # counts and spellings only, never report text
+    for dataset in (from_csv, load_dataset(jsonl_path)):
+        assert [record.text for record in dataset] == ["Clear lungs.", None, None, "Small effusion."]
+
+
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")

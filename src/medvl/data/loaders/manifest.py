@@ -22,8 +22,9 @@ JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; 
 or objects, is kept as its JSON text, as a CSV cell of JSON is: the phantom's ``boxes``). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
 ``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning), and, in a label
-column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or ``None``
-(pandas ``na_rep``, R's ``write.csv``; counted in a warning naming the column). A label column whose values are all
+or text column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or
+``None`` (pandas ``na_rep``, R's ``write.csv``; counted in a warning naming the column: a record whose report is
+spelled so has no text, as with a JSONL ``null``). A label column whose values are all
 ``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as floats) is read as ``0`` / ``1``
 (``clean_label_cells``).
 ``Record.meta`` holds every non-empty cell except the image and text columns.
@@ -542,20 +543,28 @@ def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
                               "be selected alone: rename it")
 
 
-def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
-    """Label cells made uniform in place, for every manifest format alike: a cell spelled as a missing value
-    (``MISSING_SPELLINGS``: ``NaN``, ``NA``, ``N/A``, ``null``, ``None``...) becomes empty (missing), counted in a
-    warning naming the column; a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a 0/1 column with
-    a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+def clear_missing_cells(path: Path, rows: list[Row], columns: list[str], keep: frozenset[str] = frozenset()) -> None:
+    """Cells spelled as a missing value (``MISSING_SPELLINGS``: ``NaN``, ``NA``, ``N/A``, ``null``, ``None``...) made
+    empty (missing) in place, counted in one warning per column (the count, the spellings and the first line: never
+    other cell text). ``keep``: spellings left as they are (a known table's own no-text notes, counted apart)."""
+    spellings = MISSING_SPELLINGS - keep
     for column in columns:
-        missing = [line for line, row in rows if row.get(column) in MISSING_SPELLINGS]
+        missing = [line for line, row in rows if row.get(column) in spellings]
         if missing:
-            spelled = sorted({row[column] for _, row in rows if row.get(column) in MISSING_SPELLINGS})
+            spelled = sorted({row[column] for _, row in rows if row.get(column) in spellings})
             log.warning("%s: %d cell(s) of column %r spelled as a missing value (%s) read as missing, as an empty "
                         "cell is (first: line %d)", path, len(missing), column, ", ".join(spelled), missing[0])
             for _, row in rows:
-                if row.get(column) in MISSING_SPELLINGS:
+                if row.get(column) in spellings:
                     row[column] = ""
+
+
+def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
+    """Label cells made uniform in place, for every manifest format alike: a cell spelled as a missing value
+    becomes empty (``clear_missing_cells``); a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a
+    0/1 column with a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+    clear_missing_cells(path, rows, columns)
+    for column in columns:
         values = {row[column] for _, row in rows if row.get(column)}
         if values and values <= FLOAT_BINARY.keys():
             log.info("%s: column %r holds 0.0 / 1.0 only: read as 0 / 1", path, column)
@@ -572,6 +581,8 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     clean_label_cells(path, rows, labels)
+    if roles["text"]:  # a report spelled 'NaN' is no report: the same table saved as JSONL has null there
+        clear_missing_cells(path, rows, [roles["text"]], keep=no_text)
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
     records: list[Record] = []
     missing: list[tuple[int, Path]] = []
