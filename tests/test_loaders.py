@@ -374,16 +374,35 @@ def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(t
         from_csv = load_dataset(csv_path)
     assert ("m.csv: 1 cell(s) of column 'nodule' spelled as a missing value (NaN) read as missing, as an empty cell "
             "is (first: line 4)") in caplog.text
-    assert "m.csv: 3 cell(s) of column 'finding' spelled as a missing value (N/A, NA, None)" in caplog.text
+    assert "m.csv: 2 cell(s) of column 'finding' spelled as a missing value (N/A, NA)" in caplog.text
     from_jsonl = load_dataset(jsonl_path)
     for dataset in (from_csv, from_jsonl):  # one table, one dataset, whichever format holds it
-        assert [record.labels for record in dataset] == [{"nodule": "1", "finding": "a"}, {"nodule": "0"},
-                                                         {"finding": "b"}, {"nodule": "1"}, {}]
-        assert dataset.classes("nodule") == ["0", "1"] and dataset.classes("finding") == ["a", "b"]
+        assert [record.labels for record in dataset][:3] == [{"nodule": "1", "finding": "a"}, {"nodule": "0"},
+                                                             {"finding": "b"}]
+        assert dataset[4].labels == {}
+        assert dataset.classes("nodule") == ["0", "1"]
         assert "nodule" not in dataset[2].meta and "finding" not in dataset[1].meta
     assert len(load_dataset(csv_path, ["nodule"])) == 3
+    assert from_csv[3].labels == {"nodule": "1", "finding": "None"} and from_jsonl[3].labels == {"nodule": "1"}
     csv_path.write_text("image,grade\na0.png,1.0\na1.png,2.0\na2.png,0.0\n", encoding="utf-8")
     assert load_dataset(csv_path).classes("grade") == ["0.0", "1.0", "2.0"]  # not a 0/1 column: kept as written
+
+
+def test_none_is_a_class_and_missing_spellings_are_read_in_any_case(tmp_path, caplog):
+    # a grade None / Mild / Severe: 'None' was read as missing, its records dropped by -l severity and the class gone,
+    # while 'none' stayed a class; 'Null' / 'na' stayed classes while 'null' / 'NA' were missing
+    _images(tmp_path, [f"a{i}.png" for i in range(6)])
+    path = tmp_path / "m.csv"
+    path.write_text("image,split,severity,nodule\na0.png,train,None,1\na1.png,train,Mild,Null\n"
+                    "a2.png,train,Severe,0\na3.png,test,none,na\na4.png,test,NONE,1\na5.png,test,NULL,0\n",
+                    encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(path, ["severity"])
+    assert len(dataset) == 5 and dataset.classes("severity") == ["Mild", "NONE", "None", "Severe", "none"]
+    assert "1 cell(s) of column 'severity' spelled as a missing value (NULL)" in caplog.text  # not None / none
+    assert ("m.csv: 2 cell(s) of column 'nodule' spelled as a missing value (Null, na) read as missing, as an empty "
+            "cell is (first: line 3): a run on the column leaves their records out") in caplog.text
+    assert load_dataset(path, ["nodule"]).classes("nodule") == ["0", "1"]
 
 
 def test_a_report_cell_spelled_as_missing_is_no_text(tmp_path, caplog):

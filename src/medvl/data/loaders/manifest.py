@@ -22,11 +22,11 @@ JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; 
 or objects, is kept as its JSON text, as a CSV cell of JSON is: the phantom's ``boxes``). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
 ``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning), and, in a label
-or text column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or
-``None`` (pandas ``na_rep``, R's ``write.csv``; counted in a warning naming the column: a record whose report is
-spelled so has no text, as with a JSONL ``null``). A label column whose values are all
-``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as floats) is read as ``0`` / ``1``
-(``clean_label_cells``).
+or text column of either format, a cell spelled ``NaN``, ``NA``, ``N/A`` or ``null`` in any case (pandas
+``na_rep``, R's ``write.csv``; counted in a warning naming the column: a record whose report is spelled so has no
+text, as with a JSONL ``null``). ``None`` is never read as missing: it is a class (a grade None / Mild / Severe).
+A label column whose values are all ``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as
+floats) is read as ``0`` / ``1`` (``clean_label_cells``).
 ``Record.meta`` holds every non-empty cell except the image and text columns.
 
 Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column may hold legacy
@@ -105,9 +105,10 @@ KNOWN_TABLES = (
                default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
 )
 
-# cells that spell a missing value (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL / JSON null,
-# Python's None): read as missing, as an empty cell and a JSONL null or NaN are, never as a class
-MISSING_SPELLINGS = frozenset({"NaN", "nan", "NA", "N/A", "n/a", "null", "NULL", "None"})
+# cells that spell a missing value in any case (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL /
+# JSON null): read as missing, as an empty cell and a JSONL null or NaN are, never as a class. Not "None": in
+# clinical tables it is a grade (effusion None / Small / Large), and pandas and the csv module write None as empty
+MISSING_SPELLINGS = frozenset({"nan", "na", "n/a", "null"})
 FLOAT_BINARY = {"0.0": "0", "1.0": "1"}  # pandas writes a 0/1 column holding a missing value as floats
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
@@ -543,20 +544,31 @@ def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
                               "be selected alone: rename it")
 
 
+def spells_missing(cell: str) -> bool:
+    """Whether a cell spells a missing value: ``NaN``, ``NA``, ``N/A`` or ``null`` in any case (``MISSING_SPELLINGS``;
+    never ``None``, a class)."""
+    return cell.lower() in MISSING_SPELLINGS
+
+
 def clear_missing_cells(path: Path, rows: list[Row], columns: list[str], keep: frozenset[str] = frozenset()) -> None:
-    """Cells spelled as a missing value (``MISSING_SPELLINGS``: ``NaN``, ``NA``, ``N/A``, ``null``, ``None``...) made
-    empty (missing) in place, counted in one warning per column (the count, the spellings and the first line: never
-    other cell text). ``keep``: spellings left as they are (a known table's own no-text notes, counted apart)."""
-    spellings = MISSING_SPELLINGS - keep
+    """Cells spelled as a missing value (``spells_missing``) made empty (missing) in place, counted in one warning per
+    column (the count, the spellings and the first line: never other cell text), which says that a run on the
+    column leaves those records out. ``keep``: cells left as they are (a known table's own no-text notes, counted
+    apart)."""
     for column in columns:
-        missing = [line for line, row in rows if row.get(column) in spellings]
+        missing = [line for line, row in rows if _spelled_missing(row.get(column), keep)]
         if missing:
-            spelled = sorted({row[column] for _, row in rows if row.get(column) in spellings})
+            spelled = sorted({row[column] for _, row in rows if _spelled_missing(row.get(column), keep)})
             log.warning("%s: %d cell(s) of column %r spelled as a missing value (%s) read as missing, as an empty "
-                        "cell is (first: line %d)", path, len(missing), column, ", ".join(spelled), missing[0])
+                        "cell is (first: line %d): a run on the column leaves their records out", path, len(missing),
+                        column, ", ".join(spelled), missing[0])
             for _, row in rows:
-                if row.get(column) in spellings:
+                if _spelled_missing(row.get(column), keep):
                     row[column] = ""
+
+
+def _spelled_missing(cell: str | None, keep: frozenset[str]) -> bool:
+    return cell is not None and cell not in keep and spells_missing(cell)
 
 
 def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
