@@ -426,6 +426,22 @@ def test_a_report_cell_spelled_as_missing_is_no_text(tmp_path, caplog):
         assert [record.text for record in dataset] == ["Clear lungs.", None, None, "Small effusion."]
 
 
+def test_an_image_named_in_another_unicode_form_resolves_to_the_file(tmp_path):
+    # a manifest naming café.png composed (NFC) while a macOS copy stored it decomposed (NFD): "image file not found"
+    # named a file that a listing shows, both printing the same
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    _images(tmp_path, [f"images/{nfd}.png", f"{nfc}2.png", "b.png"])
+    path = tmp_path / "m.csv"
+    path.write_text(f"image,split\n{nfc}.png,train\n{nfd}2.png,train\nb.png,test\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [record.image.name for record in dataset] == [f"{nfd}.png", f"{nfc}2.png", "b.png"]
+    assert dataset[0].id == nfc and dataset[0].image.is_file()
+    path.write_text(f"image_id,split\n{nfc},train\nb,test\n", encoding="utf-8")  # images named by stem
+    assert load_dataset(path)[0].image == tmp_path / "images" / f"{nfd}.png"
+
+
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):
     _images(tmp_path, ["a.png"])
     (tmp_path / "table.csv").write_text("file,finding,view\na.png,normal,PA\n", encoding="utf-8")

@@ -3,7 +3,8 @@
 Columns (names matched case-insensitively):
 
 - image: ``image`` (or ``image_path``, ``path``, ``file``, ``filename``), a path relative to the
-  manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout).
+  manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout), each as
+  written, then in its other Unicode forms (NFC, NFD: a macOS copy stores ``café.png`` decomposed).
   A cell naming a folder (or anything else that is not a regular file) is a ``DataError`` naming
   the line.
   A table without an image column may instead name images by file stem in an ``id`` /
@@ -64,6 +65,7 @@ import json
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -436,18 +438,28 @@ class _ImageResolver:
 
     def resolve(self, value: str) -> tuple[Path, bool]:
         """(path, exists); the first candidate that is a file, else the first that exists (a folder: refused by
-        the caller), else the first candidate path."""
+        the caller), else the first candidate path. A name not found as written is looked up in its other Unicode
+        forms (NFC, NFD: ``café.png`` written by one tool, stored decomposed by a macOS copy; they print the same)."""
         if self.by_stem:
-            found = self.stems.get(value, [])
+            found = next((self.stems[form] for form in _unicode_forms(value) if form in self.stems), [])
             if len(found) > 1:
                 raise DataError(self.roots[0], f"several images named {value!r}: "
                                                f"{', '.join(p.name for p in found)}")
             return (found[0], True) if found else (self.roots[0] / value, False)
+        for form in _unicode_forms(value):
+            path = Path(form)
+            candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
+            existing = next((c for c in candidates if is_file(c)), None) or \
+                next((c for c in candidates if path_exists(c)), None)
+            if existing:
+                return existing, True
         path = Path(value)
-        candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
-        existing = next((c for c in candidates if is_file(c)), None) or \
-            next((c for c in candidates if path_exists(c)), None)
-        return (existing, True) if existing else (candidates[0], False)
+        return (path if path.is_absolute() else self.roots[0] / path), False
+
+
+def _unicode_forms(value: str) -> list[str]:
+    """``value`` as written, then its NFC and NFD forms where they differ (file names are compared byte for byte)."""
+    return list(dict.fromkeys([value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)]))
 
 
 def known_table(columns: Iterable[str]) -> KnownTable | None:
