@@ -66,6 +66,29 @@ def test_a_float64_image_beyond_float32s_range_is_checked_on_its_own_values(tmp_
         assert np.abs(checked["thumbnail"].astype(int) - plain["thumbnail"]).max() <= 1
 
 
+def test_a_16_bit_image_is_judged_blank_on_its_bit_depth_as_at_8_bits(tmp_path):
+    """Stretched from its own min-max, a 16-bit frame of noise (a dark frame, 4 counts over 65,535 levels) was full
+    contrast and passed, while the same picture saved at 8 bits was blank."""
+    rng = np.random.default_rng(0)
+    flat8 = (128 + rng.integers(0, 2, (64, 64))).astype(np.uint8)  # one grey level of noise
+    pictures = {"flat8": flat8, "flat16": flat8.astype(np.uint16) * 257,  # the same picture at 16 bits
+                "dark16": (2000 + rng.integers(0, 4, (64, 64))).astype(np.uint16),  # 4 counts on a 12-bit detector
+                "ct": (-1000 + rng.integers(0, 4, (64, 64))).astype(np.int16)}  # air, as signed DICOM values
+    natural = smooth_image(0)[..., 0]
+    content = {"natural16": natural.astype(np.uint16) * 257, "natural12": natural.astype(np.uint16) * 16,
+               "dim": (natural.astype(np.uint16) // 4 + 1000)}  # 41 counts of 2,047 (11 bits): faint, not blank
+    for name, array in {**pictures, **content}.items():
+        if array.dtype == np.int16:
+            np.save(tmp_path / f"{name}.npy", array)
+        else:
+            Image.fromarray(array).save(tmp_path / f"{name}.png")
+        read = read_image(tmp_path / (f"{name}.npy" if array.dtype == np.int16 else f"{name}.png"))
+        assert read.dtype == array.dtype
+        flags = image_checks(read)["flags"]
+        assert flags == (["blank"] if name in pictures else []), (name, flags)
+    assert "16-bit scale" in image_checks(pictures["flat16"])["detail"]["blank"]
+
+
 def test_real_isic_files(shared_data):
     images = shared_data / "isic-dermoscopy" / "images"
     streaked = image_checks(read_image(images / "ISIC_0000001.jpg"))  # every row of this file is the same

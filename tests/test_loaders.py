@@ -374,16 +374,72 @@ def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(t
         from_csv = load_dataset(csv_path)
     assert ("m.csv: 1 cell(s) of column 'nodule' spelled as a missing value (NaN) read as missing, as an empty cell "
             "is (first: line 4)") in caplog.text
-    assert "m.csv: 3 cell(s) of column 'finding' spelled as a missing value (N/A, NA, None)" in caplog.text
+    assert "m.csv: 2 cell(s) of column 'finding' spelled as a missing value (N/A, NA)" in caplog.text
     from_jsonl = load_dataset(jsonl_path)
     for dataset in (from_csv, from_jsonl):  # one table, one dataset, whichever format holds it
-        assert [record.labels for record in dataset] == [{"nodule": "1", "finding": "a"}, {"nodule": "0"},
-                                                         {"finding": "b"}, {"nodule": "1"}, {}]
-        assert dataset.classes("nodule") == ["0", "1"] and dataset.classes("finding") == ["a", "b"]
+        assert [record.labels for record in dataset][:3] == [{"nodule": "1", "finding": "a"}, {"nodule": "0"},
+                                                             {"finding": "b"}]
+        assert dataset[4].labels == {}
+        assert dataset.classes("nodule") == ["0", "1"]
         assert "nodule" not in dataset[2].meta and "finding" not in dataset[1].meta
     assert len(load_dataset(csv_path, ["nodule"])) == 3
+    assert from_csv[3].labels == {"nodule": "1", "finding": "None"} and from_jsonl[3].labels == {"nodule": "1"}
     csv_path.write_text("image,grade\na0.png,1.0\na1.png,2.0\na2.png,0.0\n", encoding="utf-8")
     assert load_dataset(csv_path).classes("grade") == ["0.0", "1.0", "2.0"]  # not a 0/1 column: kept as written
+
+
+def test_none_is_a_class_and_missing_spellings_are_read_in_any_case(tmp_path, caplog):
+    # a grade None / Mild / Severe: 'None' was read as missing, its records dropped by -l severity and the class gone,
+    # while 'none' stayed a class; 'Null' / 'na' stayed classes while 'null' / 'NA' were missing
+    _images(tmp_path, [f"a{i}.png" for i in range(6)])
+    path = tmp_path / "m.csv"
+    path.write_text("image,split,severity,nodule\na0.png,train,None,1\na1.png,train,Mild,Null\n"
+                    "a2.png,train,Severe,0\na3.png,test,none,na\na4.png,test,NONE,1\na5.png,test,NULL,0\n",
+                    encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        dataset = load_dataset(path, ["severity"])
+    assert len(dataset) == 5 and dataset.classes("severity") == ["Mild", "NONE", "None", "Severe", "none"]
+    assert "1 cell(s) of column 'severity' spelled as a missing value (NULL)" in caplog.text  # not None / none
+    assert ("m.csv: 2 cell(s) of column 'nodule' spelled as a missing value (Null, na) read as missing, as an empty "
+            "cell is (first: line 3): a run on the column leaves their records out") in caplog.text
+    assert load_dataset(path, ["nodule"]).classes("nodule") == ["0", "1"]
+
+
+def test_a_report_cell_spelled_as_missing_is_no_text(tmp_path, caplog):
+    # pandas to_csv(na_rep="NaN") / R's write.csv: the report cells were the text "NaN" / "NA", trained on as captions,
+    # while the same table saved as JSONL (null) had no text; now the same records, with the label columns' warning
+    _images(tmp_path, [f"images/a{i}.png" for i in range(4)])
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("image,report,finding\na0.png,Clear lungs.,a\na1.png,NaN,b\na2.png,NA,a\n"
+                        "a3.png,Small effusion.,b\n", encoding="utf-8")
+    jsonl_path = tmp_path / "m.jsonl"
+    jsonl_path.write_text('{"image": "a0.png", "report": "Clear lungs.", "finding": "a"}\n'
+                          '{"image": "a1.png", "report": null, "finding": "b"}\n'
+                          '{"image": "a2.png", "report": "nan", "finding": "a"}\n'
+                          '{"image": "a3.png", "report": "Small effusion.", "finding": "b"}\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        from_csv = load_dataset(csv_path)
+    assert ("m.csv: 2 cell(s) of column 'report' spelled as a missing value (NA, NaN) read as missing, as an empty "
+            "cell is (first: line 3)") in caplog.text
+    assert "Clear lungs" not in caplog.text  # counts and spellings only, never report text
+    for dataset in (from_csv, load_dataset(jsonl_path)):
+        assert [record.text for record in dataset] == ["Clear lungs.", None, None, "Small effusion."]
+
+
+def test_an_image_named_in_another_unicode_form_resolves_to_the_file(tmp_path):
+    # a manifest naming café.png composed (NFC) while a macOS copy stored it decomposed (NFD): "image file not found"
+    # named a file that a listing shows, both printing the same
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    _images(tmp_path, [f"images/{nfd}.png", f"{nfc}2.png", "b.png"])
+    path = tmp_path / "m.csv"
+    path.write_text(f"image,split\n{nfc}.png,train\n{nfd}2.png,train\nb.png,test\n", encoding="utf-8")
+    dataset = load_dataset(path)
+    assert [record.image.name for record in dataset] == [f"{nfd}.png", f"{nfc}2.png", "b.png"]
+    assert dataset[0].id == nfc and dataset[0].image.is_file()
+    path.write_text(f"image_id,split\n{nfc},train\nb,test\n", encoding="utf-8")  # images named by stem
+    assert load_dataset(path)[0].image == tmp_path / "images" / f"{nfd}.png"
 
 
 def test_sidecar_sets_manifest_default_labels_and_captions(tmp_path):

@@ -70,9 +70,10 @@ def test_manifest_any_text_gives_a_dataset_or_a_medvl_error(text: str, name: str
         pass
 
 
-# a label cell spelled as a missing value ('NA', 'None') is read as missing, and 0.0 / 1.0 as 0 / 1 (documented)
+# a label cell spelled as a missing value ('NA', 'null', any case) is read as missing, and 0.0 / 1.0 as 0 / 1
+# (documented)
 LABEL_CELLS = st.text(CELL_CHARS, max_size=12).filter(
-    lambda cell: cell.strip() not in MISSING_SPELLINGS and cell.strip() not in FLOAT_BINARY)
+    lambda cell: cell.strip().lower() not in MISSING_SPELLINGS and cell.strip() not in FLOAT_BINARY)
 
 
 @st.composite
@@ -119,7 +120,8 @@ def test_valid_manifests_round_trip(manifest, kind: str):
             assert record.id == row["image"][: -len(".npy")]
             assert record.image == folder / row["image"]
             assert record.split == row["split"]
-            assert record.text == (row["report"].strip() or None)
+            report = row["report"].strip()  # a report spelled as a missing value ('NaN', 'NA') is no text
+            assert record.text == (None if report.lower() in MISSING_SPELLINGS else report or None)
             assert record.labels == {name: row[name].strip() for name in labels if row[name].strip()}
             assert record.meta == {key: value.strip() for key, value in row.items()
                                    if key not in ("image", "report") and value.strip()}

@@ -1310,3 +1310,37 @@ def test_an_epochs_short_accumulation_group_is_the_mean_of_its_batches(phantom_d
     assert len(accumulated_gradients) == 2 and accumulated_gradients == single_gradients
     for (name, a), (_, b) in zip(single.state_dict().items(), accumulated.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_captions_and_prompts_of_binary_finding_columns_name_the_findings(small_phantom):
+    """A multi-label set (one 0/1 column per finding) trained from labels had the captions "1, 0." / "findings: 0,
+    1." and the zero-shot prompts "an image showing 1." / "... 0.": no caption named a finding. A binary column is
+    now described by its name (a record with none positive: "no finding"); other columns are as before."""
+    import random
+
+    from medvl.data import load_dataset
+    from medvl.data.captions import CaptionConfig, binary_finding
+    from medvl.train.loop import _PairedTexts
+
+    dataset = load_dataset(small_phantom).select("train")
+    columns = ["nodule", "effusion_left", "view"]
+    paired = _PairedTexts(dataset, TrainConfig(text_source="captions", label_columns=columns), CaptionConfig())
+    assert paired.binary == ["nodule", "effusion_left"]
+    texts, _ = paired.batch(list(range(len(dataset))), random.Random(0))
+    for record, text in zip(dataset, texts, strict=True):
+        named = [c.replace("_", " ") for c in ("nodule", "effusion_left") if record.labels[c] == "1"]
+        assert all(name in text for name in named) and record.labels["view"] in text
+        assert not re.search(r"\b[01]\b", text)  # never the bare digits
+        if not named:
+            assert "no finding" in text
+    assert "nodule" in " ".join(paired.prompts())  # the tokenizer learns the findings' words
+    config = CaptionConfig()
+    assert config.caption({"nodule": "0", "effusion_left": "0"}, columns, random.Random(0),
+                          paired.binary) in [t.format("no finding") for t in config.templates]
+    assert config.prompts("nodule", "1", binary=binary_finding("nodule", ["0", "1"]))[1] == "an image showing nodule."
+    assert config.prompts("nodule", "0", binary=True)[1] == "an image showing no nodule."
+    assert config.warn_undescribed("nodule", ["0", "1"]) == []
+    # an ordinary column keeps its class names, so does MedMNIST's 'label' of class indices
+    assert config.caption({"view": "PA"}, ["view"], random.Random(0), paired.binary) in \
+        [t.format("PA") for t in config.templates]
+    assert not binary_finding("label", ["0", "1"]) and not binary_finding("grade", ["0", "1", "2"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .data import CaptionConfig, captions_for
 from .data.audit import input_flags, warn_without_content
+from .data.captions import binary_finding
 from .errors import InputError
 from .eval.ood import warn_flagged
 from .eval.zero_shot import zero_shot_probabilities
@@ -95,7 +96,7 @@ def class_prompts(net: DualEncoder, class_names: Sequence[str], label_column: st
         config.check_column(label_column)
     column = label_column or caption_column_for(config, class_names)
     config.warn_undescribed(column, class_names)
-    prompts = [config.prompts(column, name) for name in class_names]
+    prompts = [config.prompts(column, name, binary_finding(column, class_names)) for name in class_names]
     if described_only:
         check_classes_read_apart(net, class_names, prompts)
     return column, prompts

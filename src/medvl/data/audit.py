@@ -8,8 +8,11 @@ six of the shared ISIC dermoscopy images has every row identical). Per image, on
 whole array for the content checks, no axis check):
 
 - ``unreadable``: the reader raised ``DataError`` (missing, empty, corrupt, too large); the reason is kept;
-- ``blank``: fewer than ``BLANK_LEVELS`` grey levels between the 0.5th and 99.5th percentiles (on the
-  0-255 scale of 8-bit images, else of the image's own range): nothing to see;
+- ``blank``: fewer than ``BLANK_LEVELS`` grey levels between the 0.5th and 99.5th percentiles, on a 0-255
+  scale: that of 8-bit images; for a wider integer image (16-bit PNG / TIFF, DICOM) its bit depth, the bits its
+  values need (at least 8; ``full_scale``): 65,535 for a 16-bit picture, 4,095 for a 12-bit detector's, so that a
+  dark or failed exposure holding a few counts of noise is blank as the same picture at 8 bits is; for a float
+  image (no scale of its own) its own range: nothing to see;
 - ``streaked``: the mean absolute difference between neighbouring pixels along one axis is below
   ``STREAK_RATIO`` of that along the other, or below ``STREAK_NOISE`` grey levels (compression noise) and
   below ``STREAK_NOISE_RATIO`` of that along the other: rows (or columns) repeat, e.g. a single line of
@@ -70,7 +73,7 @@ def image_checks(array: np.ndarray) -> dict[str, Any]:
     (``thumbnail``'s 32x32 grey levels, for the near-duplicate pixel check)."""
     gray = _gray(array)
     eight_bit = array.dtype == np.uint8
-    detail = content_checks(gray, eight_bit=eight_bit)
+    detail = content_checks(gray, eight_bit=eight_bit, scale=full_scale(array))
     return {"flags": list(detail), "detail": detail, "sha256": hashlib.sha256(canonical_bytes(array)).hexdigest(),
             "dhash": difference_hash(gray), "thumbnail": thumbnail(gray, eight_bit=eight_bit)}
 
@@ -107,13 +110,31 @@ def content_summary(flags: Sequence[dict[str, str]], what: str, warn: bool = Tru
     return {"records": flagged, "of": len(flags), "flags": {name: counts[name] for name in ("blank", "streaked")}}
 
 
-def content_checks(gray: np.ndarray, eight_bit: bool) -> dict[str, str]:
-    """``blank`` and ``streaked`` (see the module docstring) of a grayscale image or volume: flag -> reason."""
+def full_scale(array: np.ndarray) -> float | None:
+    """The span of values that the blank check reads as 0-255 (``BLANK_LEVELS``): 255 for 8-bit images; for a wider
+    integer image ``2**bits - 1`` for the bits its values need (a sign bit included; at least 8), so a 16-bit picture
+    is judged on 65,535 and a 12-bit detector's in a 16-bit file on 4,095, never on its own min-max, which makes a
+    frame of noise full-contrast; None for a float or empty image (no scale but its own range)."""
+    if array.dtype == np.uint8:
+        return 255.0
+    if array.dtype.kind not in "iu" or not array.size:
+        return None
+    low, high = int(array.min()), int(array.max())
+    bits = max(high, -low - 1).bit_length() + (low < 0)
+    return float(2 ** max(8, bits) - 1)
+
+
+def content_checks(gray: np.ndarray, eight_bit: bool, scale: float | None = None) -> dict[str, str]:
+    """``blank`` and ``streaked`` (see the module docstring) of a grayscale image or volume: flag -> reason.
+    ``scale``: the values read as 0-255 for the blank check (``full_scale``); None: 0-255 for ``eight_bit``, else
+    the image's own range."""
     units = _grey_levels(gray, eight_bit=eight_bit)
     detail = {}
-    low, high = np.percentile(units, [0.5, 99.5]) if units.size else (0.0, 0.0)
+    absolute = units if scale is None else gray.astype(np.float64) * (255.0 / scale)
+    low, high = np.percentile(absolute, [0.5, 99.5]) if absolute.size else (0.0, 0.0)
     if high - low < BLANK_LEVELS:
-        detail["blank"] = f"{high - low:.1f} grey levels between the 0.5th and 99.5th percentiles"
+        on = "" if scale in (None, 255.0) else f" (of 255, on the {int(scale).bit_length()}-bit scale)"
+        detail["blank"] = f"{high - low:.1f} grey levels{on} between the 0.5th and 99.5th percentiles"
     elif units.ndim == 2 and min(units.shape) > 1:
         along_columns = float(np.abs(np.diff(units, axis=0)).mean())  # row to row
         along_rows = float(np.abs(np.diff(units, axis=1)).mean())  # column to column

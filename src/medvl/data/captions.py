@@ -8,7 +8,11 @@ A caption config is a dict (from YAML/JSON)::
         cardiomegaly: ["cardiomegaly", "an enlarged cardiac silhouette"]
         no_finding: ["no acute abnormality"]
 
-A class without descriptions (``[]``) is described by its own name with underscores as spaces; a blank
+A class without descriptions (``[]``) is described by its own name with underscores as spaces, except in a binary
+finding column (classes ``0`` / ``1`` only: one column per finding of a multi-label set; not a column named
+``label``, which holds class indices), whose ``1`` is described
+by the column's name (``pleural_effusion``: "pleural effusion") and ``0`` by "no " and that name; a caption names
+the findings a record has (its binary columns at 1), and "no finding" when it has none. A blank
 description, an empty template list and a template without ``{}`` are refused (prompts that say nothing).
 YAML keys are read as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names
 (YAML 1.1 would make booleans, None and numbers of them, and ``1`` and ``1.0`` one key); a key given twice is
@@ -21,7 +25,7 @@ import json
 import logging
 import random
 import string
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,17 @@ from .loaders.manifest import parse_json, repeated_key
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ["{}.", "an image showing {}.", "a medical image of {}.", "findings: {}."]
+NO_FINDING = "no finding"  # the caption description of a record whose binary finding columns are all 0
+
+
+CLASS_INDEX_COLUMNS = ("label",)  # a 0/1 column named so holds class indices (a MedMNIST .npz), it names no finding
+
+
+def binary_finding(column: str, class_names: Sequence[Any]) -> bool:
+    """Whether ``column`` is a binary finding column, described by its name: its classes are ``0`` / ``1`` only
+    (one column per finding of a multi-label set) and its name is a finding's, not ``label`` (class indices)."""
+    names = {str(name) for name in class_names}
+    return bool(column) and column.lower() not in CLASS_INDEX_COLUMNS and bool(names) and names <= {"0", "1"}
 
 
 @dataclass
@@ -110,20 +125,41 @@ class CaptionConfig:
         return None
 
     def _undescribed(self, column: str, class_names: Sequence[str]) -> list[str]:
+        if binary_finding(column, class_names):  # described by the column's name (``descriptions``)
+            return []
         return [name for name in class_names if not self.classes.get(column, {}).get(name)] if self.classes else []
 
-    def descriptions(self, column: str, class_name: str) -> list[str]:
+    def descriptions(self, column: str, class_name: str, binary: bool = False) -> list[str]:
+        """The class's descriptions, else its name; ``binary`` (a binary finding column):
+        ``1`` is the column's name ("nodule"), ``0`` "no nodule", never the bare digit (``binary_finding``)."""
         described = self.classes.get(column, {}).get(class_name)
-        return described or [class_name.replace("_", " ")]
+        if described:
+            return described
+        if binary and column:
+            finding = column.replace("_", " ")
+            return [finding if class_name == "1" else f"no {finding}"]
+        return [class_name.replace("_", " ")]
 
-    def prompts(self, column: str, class_name: str) -> list[str]:
-        """Every template filled with every description: the zero-shot prompt ensemble."""
-        return [t.format(d) for d in self.descriptions(column, class_name) for t in self.templates]
+    def prompts(self, column: str, class_name: str, binary: bool = False) -> list[str]:
+        """Every template filled with every description: the zero-shot prompt ensemble (``binary``: see
+        ``descriptions``)."""
+        return [t.format(d) for d in self.descriptions(column, class_name, binary) for t in self.templates]
 
-    def caption(self, labels: dict[str, Any], columns: Sequence[str], rng: random.Random) -> str:
-        """One random caption for a record's labels (a training text for label-only data)."""
-        parts = [rng.choice(self.descriptions(c, str(labels[c]))) for c in columns if c in labels]
+    def caption(self, labels: dict[str, Any], columns: Sequence[str], rng: random.Random,
+                binary: Collection[str] = ()) -> str:
+        """One random caption for a record's labels (a training text for label-only data). ``binary``: the binary
+        finding columns among ``columns``, named when 1 and left out when 0 (unless the captions describe their 0);
+        a record whose binary columns name no finding says "no finding"."""
+        parts = [rng.choice(self.descriptions(c, str(labels[c]), c in binary)) for c in columns
+                 if c in labels and not self._absent_finding(c, str(labels[c]), binary)]
+        findings = [c for c in columns if c in binary and c in labels]
+        if findings and all(self._absent_finding(c, str(labels[c]), binary) for c in findings):
+            parts.append(NO_FINDING)
         return rng.choice(self.templates).format(", ".join(parts))
+
+    def _absent_finding(self, column: str, value: str, binary: Collection[str]) -> bool:
+        """A binary column at 0 that the captions do not describe: left out of a caption, which names findings."""
+        return column in binary and value == "0" and not self.classes.get(column, {}).get(value)
 
     def to_dict(self) -> dict[str, Any]:
         return {"templates": self.templates, "classes": self.classes}

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..checks import check_number
-from ..data.captions import CaptionConfig
+from ..data.captions import CaptionConfig, binary_finding
 from ..data.images import read_image
 from ..data.phantom.cxr2d import ABNORMAL, LATERAL, MOVABLE, Visit, primary_finding, render_case
 from ..data.phantom.generate import LABEL_COLUMNS, case_labels
@@ -186,7 +186,7 @@ def predict_probabilities(model: DualEncoder, images: Sequence[ImageSource], lab
     if len(class_names) < 2:
         raise InputError(f"zero-shot answers for {label!r} need at least 2 classes: pass classes, or captions "
                          f"describing the classes of {label!r} (the model has no head for it)")
-    prompts = [captions.prompts(label, name) for name in class_names]
+    prompts = [captions.prompts(label, name, binary_finding(label, class_names)) for name in class_names]
     if not images:
         return np.zeros((0, len(class_names))), class_names, "zero_shot"
     embeddings = _encode(model, images, batch_size)

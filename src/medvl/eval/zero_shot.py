@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.captions import CaptionConfig
+from ..data.captions import CaptionConfig, binary_finding
 from ..data.record import Dataset
 from ..embed import class_embeddings, embed_images
 from ..errors import InputError
@@ -104,7 +104,7 @@ def _labelled_logits(model: DualEncoder, dataset: Dataset, label: str, captions:
     class_names = zero_shot_classes(dataset, label, classes)
     dataset = dataset.with_labels([label])
     index = {name: i for i, name in enumerate(class_names)}
-    prompts = [captions.prompts(label, name) for name in class_names]
+    prompts = [captions.prompts(label, name, binary_finding(label, class_names)) for name in class_names]
     if image_embeddings is not None:
         embeddings = image_embeddings[keep]
     else:

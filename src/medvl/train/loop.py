@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..checks import check_numbers
 from ..data import captions_for
 from ..data.audit import CONTENT_FLAGS, audit_dataset, flagged_ids
-from ..data.captions import CaptionConfig
+from ..data.captions import NO_FINDING, CaptionConfig, binary_finding
 from ..data.loaders.vqa import leave_out_images
 from ..data.loading import check_workers, image_sources, load_all
 from ..data.record import Dataset, records_digest
@@ -314,6 +314,8 @@ class _PairedTexts:
         """``source``: the resolved text source (``text_source_for``); None resolves it here."""
         self.records, self.config, self.captions = dataset.records, config, captions
         self.source = source or text_source_for(dataset, config)
+        # one 0/1 column per finding: captions name the findings a record has, never "1, 0."
+        self.binary = [column for column in config.label_columns if binary_finding(column, dataset.classes(column))]
         if self.source in ("captions", "both") and config.contrastive_weight > 0:
             for column in config.label_columns:  # bare label words as captions: a caption file with other names
                 captions.warn_undescribed(column, dataset.classes(column), what="training captions")
@@ -334,7 +336,7 @@ class _PairedTexts:
                 continue
             use_caption = self.source == "captions" or (self.source == "both" and rng.random() < 0.5)
             if use_caption:
-                texts.append(self.captions.caption(record.labels, self.config.label_columns, rng))
+                texts.append(self.captions.caption(record.labels, self.config.label_columns, rng, self.binary))
                 keys.append(("labels", *(str(record.labels.get(c)) for c in self.config.label_columns)))
             else:
                 texts.append(record.text or "")
@@ -350,10 +352,14 @@ class _PairedTexts:
         return texts
 
     def prompts(self) -> list[str]:
-        """The captions' prompts of every described class: no patient data (the captions are kept in the
-        model's meta), so every word of theirs may enter the tokenizer's vocabulary."""
-        return [prompt for column, per_class in self.captions.classes.items() for class_name in per_class
-                for prompt in self.captions.prompts(column, class_name)]
+        """The captions' prompts of every described class and of the binary finding columns (named by the column,
+        as their captions are): no patient data (the captions are kept in the model's meta; column names are the
+        table's schema), so every word of theirs may enter the tokenizer's vocabulary."""
+        described = [prompt for column, per_class in self.captions.classes.items() for class_name in per_class
+                     for prompt in self.captions.prompts(column, class_name)]
+        named = [prompt for column in self.binary for class_name in ("0", "1")
+                 for prompt in self.captions.prompts(column, class_name, binary=True)]
+        return [*described, *named, *self.captions.prompts("", NO_FINDING)] if self.binary else described
 
 
 class Objective(Protocol):

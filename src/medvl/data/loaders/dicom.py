@@ -41,8 +41,9 @@ Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one 
 ``id`` (the record id), ``SOPInstanceUID``, ``SeriesInstanceUID`` or ``StudyInstanceUID``
 (matched case-insensitively, the first of these present; a study row labels every record of the
 study), an optional ``split`` and ``text`` (or ``report``) column, every other column a label (empty
-cell, or one spelled ``NaN`` / ``NA`` / ``null``..., = missing; a 0.0 / 1.0 column read as 0 / 1, as in a manifest:
-``manifest.clean_label_cells``) except identifier columns, which are ignored with a warning naming them: the other
+cell, or one spelled ``NaN`` / ``NA`` / ``N/A`` / ``null`` in any case, = missing; ``None`` is a class; a 0.0 / 1.0
+column read as 0 / 1, as in a manifest: ``manifest.clean_label_cells``) except identifier columns, which are
+ignored with a warning naming them: the other
 key columns, and any column named as a DICOM attribute holding a UID, a person's name, a date or a
 time (VR UI, PN, DA, DT, TM: ``SOPClassUID``, ``PatientName``, ``StudyDate``...), a patient or
 request identifier (``medvl.clinical.profile.DICOGNITO_IDS``: ``PatientID``, ``AccessionNumber``...)

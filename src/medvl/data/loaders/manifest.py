@@ -3,7 +3,8 @@
 Columns (names matched case-insensitively):
 
 - image: ``image`` (or ``image_path``, ``path``, ``file``, ``filename``), a path relative to the
-  manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout).
+  manifest's folder; ``<folder>/<value>`` is tried, then ``<folder>/images/<value>`` (ISIC layout), each as
+  written, then in its other Unicode forms (NFC, NFD: a macOS copy stores ``café.png`` decomposed).
   A cell naming a folder (or anything else that is not a regular file) is a ``DataError`` naming
   the line.
   A table without an image column may instead name images by file stem in an ``id`` /
@@ -22,10 +23,11 @@ JSONL numbers and booleans are written back as JSON text, e.g. ``1``, ``true``; 
 or objects, is kept as its JSON text, as a CSV cell of JSON is: the phantom's ``boxes``). An empty cell is a
 missing value: absent from ``Record.labels`` and ``Record.meta``; so is a JSONL ``null``, ``NaN`` or
 ``Infinity`` (Python's ``json.dumps`` writes a missing float as ``NaN``; counted in a warning), and, in a label
-column of either format, a cell spelled ``NaN``, ``nan``, ``NA``, ``N/A``, ``n/a``, ``null``, ``NULL`` or ``None``
-(pandas ``na_rep``, R's ``write.csv``; counted in a warning naming the column). A label column whose values are all
-``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as floats) is read as ``0`` / ``1``
-(``clean_label_cells``).
+or text column of either format, a cell spelled ``NaN``, ``NA``, ``N/A`` or ``null`` in any case (pandas
+``na_rep``, R's ``write.csv``; counted in a warning naming the column: a record whose report is spelled so has no
+text, as with a JSONL ``null``). ``None`` is never read as missing: it is a class (a grade None / Mild / Severe).
+A label column whose values are all ``0.0`` / ``1.0`` (pandas writes a 0/1 column with a missing value as
+floats) is read as ``0`` / ``1`` (``clean_label_cells``).
 ``Record.meta`` holds every non-empty cell except the image and text columns.
 
 Encoding: manifests must be UTF-8 (a BOM is accepted). Only the free-text column may hold legacy
@@ -63,6 +65,7 @@ import json
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -104,9 +107,10 @@ KNOWN_TABLES = (
                default_labels=("finding",), skip_missing_images=True, no_text=frozenset({"N/A"})),
 )
 
-# cells that spell a missing value (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL / JSON null,
-# Python's None): read as missing, as an empty cell and a JSONL null or NaN are, never as a class
-MISSING_SPELLINGS = frozenset({"NaN", "nan", "NA", "N/A", "n/a", "null", "NULL", "None"})
+# cells that spell a missing value in any case (pandas' na_rep="NaN", numpy's text output, R's write.csv "NA", SQL /
+# JSON null): read as missing, as an empty cell and a JSONL null or NaN are, never as a class. Not "None": in
+# clinical tables it is a grade (effusion None / Small / Large), and pandas and the csv module write None as empty
+MISSING_SPELLINGS = frozenset({"nan", "na", "n/a", "null"})
 FLOAT_BINARY = {"0.0": "0", "1.0": "1"}  # pandas writes a 0/1 column holding a missing value as floats
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
@@ -434,18 +438,28 @@ class _ImageResolver:
 
     def resolve(self, value: str) -> tuple[Path, bool]:
         """(path, exists); the first candidate that is a file, else the first that exists (a folder: refused by
-        the caller), else the first candidate path."""
+        the caller), else the first candidate path. A name not found as written is looked up in its other Unicode
+        forms (NFC, NFD: ``café.png`` written by one tool, stored decomposed by a macOS copy; they print the same)."""
         if self.by_stem:
-            found = self.stems.get(value, [])
+            found = next((self.stems[form] for form in _unicode_forms(value) if form in self.stems), [])
             if len(found) > 1:
                 raise DataError(self.roots[0], f"several images named {value!r}: "
                                                f"{', '.join(p.name for p in found)}")
             return (found[0], True) if found else (self.roots[0] / value, False)
+        for form in _unicode_forms(value):
+            path = Path(form)
+            candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
+            existing = next((c for c in candidates if is_file(c)), None) or \
+                next((c for c in candidates if path_exists(c)), None)
+            if existing:
+                return existing, True
         path = Path(value)
-        candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
-        existing = next((c for c in candidates if is_file(c)), None) or \
-            next((c for c in candidates if path_exists(c)), None)
-        return (existing, True) if existing else (candidates[0], False)
+        return (path if path.is_absolute() else self.roots[0] / path), False
+
+
+def _unicode_forms(value: str) -> list[str]:
+    """``value`` as written, then its NFC and NFD forms where they differ (file names are compared byte for byte)."""
+    return list(dict.fromkeys([value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)]))
 
 
 def known_table(columns: Iterable[str]) -> KnownTable | None:
@@ -542,20 +556,39 @@ def check_reserved_split_name(path: Path, sources: dict[str, str]) -> None:
                               "be selected alone: rename it")
 
 
+def spells_missing(cell: str) -> bool:
+    """Whether a cell spells a missing value: ``NaN``, ``NA``, ``N/A`` or ``null`` in any case (``MISSING_SPELLINGS``;
+    never ``None``, a class)."""
+    return cell.lower() in MISSING_SPELLINGS
+
+
+def clear_missing_cells(path: Path, rows: list[Row], columns: list[str], keep: frozenset[str] = frozenset()) -> None:
+    """Cells spelled as a missing value (``spells_missing``) made empty (missing) in place, counted in one warning per
+    column (the count, the spellings and the first line: never other cell text), which says that a run on the
+    column leaves those records out. ``keep``: cells left as they are (a known table's own no-text notes, counted
+    apart)."""
+    for column in columns:
+        missing = [line for line, row in rows if _spelled_missing(row.get(column), keep)]
+        if missing:
+            spelled = sorted({row[column] for _, row in rows if _spelled_missing(row.get(column), keep)})
+            log.warning("%s: %d cell(s) of column %r spelled as a missing value (%s) read as missing, as an empty "
+                        "cell is (first: line %d): a run on the column leaves their records out", path, len(missing),
+                        column, ", ".join(spelled), missing[0])
+            for _, row in rows:
+                if _spelled_missing(row.get(column), keep):
+                    row[column] = ""
+
+
+def _spelled_missing(cell: str | None, keep: frozenset[str]) -> bool:
+    return cell is not None and cell not in keep and spells_missing(cell)
+
+
 def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
     """Label cells made uniform in place, for every manifest format alike: a cell spelled as a missing value
-    (``MISSING_SPELLINGS``: ``NaN``, ``NA``, ``N/A``, ``null``, ``None``...) becomes empty (missing), counted in a
-    warning naming the column; a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a 0/1 column with
-    a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+    becomes empty (``clear_missing_cells``); a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a
+    0/1 column with a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+    clear_missing_cells(path, rows, columns)
     for column in columns:
-        missing = [line for line, row in rows if row.get(column) in MISSING_SPELLINGS]
-        if missing:
-            spelled = sorted({row[column] for _, row in rows if row.get(column) in MISSING_SPELLINGS})
-            log.warning("%s: %d cell(s) of column %r spelled as a missing value (%s) read as missing, as an empty "
-                        "cell is (first: line %d)", path, len(missing), column, ", ".join(spelled), missing[0])
-            for _, row in rows:
-                if row.get(column) in MISSING_SPELLINGS:
-                    row[column] = ""
         values = {row[column] for _, row in rows if row.get(column)}
         if values and values <= FLOAT_BINARY.keys():
             log.info("%s: column %r holds 0.0 / 1.0 only: read as 0 / 1", path, column)
@@ -572,6 +605,8 @@ def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing
     special = {roles["image"], roles["text"], roles["split"], roles["id"]}
     labels = [column for column in columns if column not in special]
     clean_label_cells(path, rows, labels)
+    if roles["text"]:  # a report spelled 'NaN' is no report: the same table saved as JSONL has null there
+        clear_missing_cells(path, rows, [roles["text"]], keep=no_text)
     resolver = _ImageResolver(path.parent, by_stem=bool(roles["by_stem"]))
     records: list[Record] = []
     missing: list[tuple[int, Path]] = []
