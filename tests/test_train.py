@@ -1339,6 +1339,9 @@ def test_captions_and_prompts_of_binary_finding_columns_name_the_findings(small_
                           paired.binary) in [t.format("no finding") for t in config.templates]
     assert config.prompts("nodule", "1", binary=binary_finding("nodule", ["0", "1"]))[1] == "an image showing nodule."
     assert config.prompts("nodule", "0", binary=True)[1] == "an image showing no nodule."
+    # a column named for an absence: its 0 is the finding, never "no no finding"
+    assert [config.prompts("no_finding", name, binary=True)[1] for name in ("1", "0")] == \
+        ["an image showing no finding.", "an image showing finding."]
     assert config.warn_undescribed("nodule", ["0", "1"]) == []
     # an ordinary column keeps its class names, so does MedMNIST's 'label' of class indices
     assert config.caption({"view": "PA"}, ["view"], random.Random(0), paired.binary) in \

@@ -11,7 +11,8 @@ A caption config is a dict (from YAML/JSON)::
 A class without descriptions (``[]``) is described by its own name with underscores as spaces, except in a binary
 finding column (classes ``0`` / ``1`` only: one column per finding of a multi-label set; not a column named
 ``label``, which holds class indices), whose ``1`` is described
-by the column's name (``pleural_effusion``: "pleural effusion") and ``0`` by "no " and that name; a caption names
+by the column's name (``pleural_effusion``: "pleural effusion") and ``0`` by "no " and that name (a name that
+starts with "no ", ``no_finding``, by the rest of it: "finding"); a caption names
 the findings a record has (its binary columns at 1), and "no finding" when it has none. A blank
 description, an empty template list and a template without ``{}`` are refused (prompts that say nothing).
 YAML keys are read as written: ``yes``, ``no``, ``on``, ``off``, ``null``, ``1`` and ``1.0`` are class names
@@ -137,7 +138,9 @@ class CaptionConfig:
             return described
         if binary and column:
             finding = column.replace("_", " ")
-            return [finding if class_name == "1" else f"no {finding}"]
+            # a column named for an absence (no_finding) is negated by dropping its "no ", not by another one
+            absent = finding[3:] if finding.lower().startswith("no ") and len(finding) > 3 else f"no {finding}"
+            return [finding if class_name == "1" else absent]
         return [class_name.replace("_", " ")]
 
     def prompts(self, column: str, class_name: str, binary: bool = False) -> list[str]:
