@@ -305,7 +305,7 @@ def test_a_subgroup_column_of_free_text_is_refused_before_any_work_without_its_v
     assert not (tmp_path / "out").exists()
 
 
-def test_notes_in_a_column_named_like_an_age_are_refused_and_unreadable_ages_are_counted_never_quoted():
+def test_notes_in_an_age_column_and_patient_ids_are_refused_and_unreadable_ages_are_counted_never_quoted():
     """A column whose name holds the word age (``age_note``) was exempt from the refusal by its name alone, and the
     first value that did not read as an age was quoted in the skipped reason ("e.g. 'Mr John Smith of 12 '"): in the
     console, results.json and report.html. Its values that are not ages are now held to the identifier rule, and
@@ -324,6 +324,14 @@ def test_notes_in_a_column_named_like_an_age_are_refused_and_unreadable_ages_are
     assert "Patient" not in str(caught.value)
     check_group_column(records([str(40 + i % 30) for i in range(30)] + ["67+", "67+", "early 40s", "early 40s"]),
                        "age_note")  # ages, and a few unreadable ones shared by records: a category, kept
+    # a patient id over two images each: no value once, yet every group a patient, listed by its id as too small
+    mrn = [Record(id=f"r{i}", images=[f"r{i}.png"], meta={"mrn": f"MRN{100 + i // 2}"}) for i in range(40)]
+    with pytest.raises(InputError, match=re.escape("subgroup column 'mrn' has 20 distinct values in 40 records (under "
+                                                   "3 records a value)")) as caught:
+        check_group_column(mrn, "mrn")
+    assert "MRN1" not in str(caught.value)
+    check_group_column([Record(id=f"r{i}", images=[f"r{i}.png"], meta={"ward": f"W{i % 9}"}) for i in range(20)],
+                       "ward")  # nine wards over 20 records: a category
     block = {"missing": 2, "too_small": {}, "groups": {}, "gap": None}
     reason = _unscored_groups(block, 40, 10, ["Mr John Smith of 12 Elm Street", "67+"])
     assert reason is not None and "2 of 40 have an age that cannot be read" in reason

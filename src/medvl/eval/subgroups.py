@@ -95,13 +95,19 @@ def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> di
     return result
 
 
+# a group column of at least this many values averaging under this many records each is an identifier (a patient id
+# over a few images per patient), refused as one whose values mostly appear once is (``check_group_column``)
+IDENTIFIER_MIN_VALUES, IDENTIFIER_RECORDS_PER_VALUE = 10, 3
+
+
 def check_group_column(records: Iterable[Record], column: str) -> None:
     """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note), by the
     covariates' rule (``covariates.CovariateEncoder.fit``): at least 3 distinct values, more than half of them in
-    one record only. Each record would be a group of its own, too small to score, listed by its value in the
-    outputs; the message counts, never quotes. An age-like column (``is_age_column``: a test of its name) is banded:
-    its values that read as ages are never refused, the others (``unreadable_ages``) are held to the same rule, so
-    notes in a column named ``age_note`` are refused as in any other."""
+    one record only; or at least ``IDENTIFIER_MIN_VALUES`` values averaging under ``IDENTIFIER_RECORDS_PER_VALUE``
+    records (a patient id over two images each). Each record, or patient, would be a group of its own, too small to
+    score, listed by its value in the outputs; the message counts, never quotes. An age-like column (``is_age_column``:
+    a test of its name) is banded: its values that read as ages are never refused, the others (``unreadable_ages``)
+    are held to the same rules, so notes in a column named ``age_note`` are refused as in any other."""
     records = list(records)
     if is_age_column(column):
         values = unreadable_ages(records, column)
@@ -110,11 +116,16 @@ def check_group_column(records: Iterable[Record], column: str) -> None:
                   if not _missing(value)]
     counts = Counter(values)
     once = sum(count == 1 for count in counts.values())
+    what = "values that are not ages" if is_age_column(column) else "values"
     if len(counts) >= 3 and once > len(counts) / 2:
-        what = "values that are not ages" if is_age_column(column) else "values"
         raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records, "
                          f"{once} of them in one record only; a subgroup is a category shared by records, not an "
                          "identifier or free text")
+    if len(counts) >= IDENTIFIER_MIN_VALUES and len(counts) * IDENTIFIER_RECORDS_PER_VALUE > len(values):
+        # a patient id over two or three images per patient: few values once, yet every group is a patient
+        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records "
+                         f"(under {IDENTIFIER_RECORDS_PER_VALUE} records a value); a subgroup is a category shared by "
+                         "many records, not an identifier such as a patient or study id")
 
 
 def unreadable_ages(records: Iterable[Record], column: str) -> list[str]:
