@@ -555,3 +555,17 @@ def test_the_text_tokenizer_may_be_called_from_several_threads_at_once():
     with ThreadPoolExecutor(8) as pool:
         for future in [pool.submit(work, i) for i in range(8)]:
             future.result()
+
+
+def test_loading_a_model_leaves_its_tokenizers_saved_settings_as_they_were(tmp_path):
+    """The load-time tokenizer check tokenized a word, which made transformers switch the fast tokenizer's padding
+    off: a model saved again after loading (an ONNX export's text/tokenizer.json) wrote "padding": null."""
+    model = medvl.create_model("phantom-tiny")
+    model.text_encoder.fit_tokenizer(["a small left pleural effusion", "no acute findings"])
+    model.text_encoder.tokenizer.backend_tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    model.save_pretrained(tmp_path / "first")
+    medvl.load_model(tmp_path / "first").save_pretrained(tmp_path / "again")
+    first, again = (json.loads((tmp_path / name / "text" / "tokenizer.json").read_text())
+                    for name in ("first", "again"))
+    assert first["padding"] is not None
+    assert (again["padding"], again["truncation"]) == (first["padding"], first["truncation"])

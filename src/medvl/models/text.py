@@ -212,6 +212,19 @@ def position_limit(model_config) -> int | None:
     return positions
 
 
+def _restore(backend, padding: dict[str, Any] | None, truncation: dict[str, Any] | None) -> None:
+    """Put a fast tokenizer's ``backend`` padding and truncation back as they were (``backend.padding`` /
+    ``backend.truncation`` read before a call, which transformers changes)."""
+    if padding is None:
+        backend.no_padding()
+    else:
+        backend.enable_padding(**padding)
+    if truncation is None:
+        backend.no_truncation()
+    else:
+        backend.enable_truncation(**truncation)
+
+
 class TextEncoder(nn.Module):
     """A transformers encoder plus its tokenizer; ``forward(texts)`` returns pooled features."""
 
@@ -265,10 +278,15 @@ class TextEncoder(nn.Module):
         top = max(self.tokenizer.get_vocab().values(), default=-1)
         if top >= size:
             return f"a token of its vocabulary has id {top}, past the text tower's {size} token embeddings"
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        settings = (backend.padding, backend.truncation) if backend is not None else None
         try:
             ids = self.token_ids(["a"])[0]  # with the special tokens its post-processor adds
         except Exception as err:  # tokenizers raises its own exception types
             return f"it cannot tokenize a text ({one_line(err, 120)})"
+        finally:  # a call sets the fast tokenizer's padding and truncation: a check leaves them as they were saved
+            if backend is not None and settings is not None:
+                _restore(backend, *settings)
         if ids and max(ids) >= size:
             return f"it adds a special token of id {max(ids)}, past the text tower's {size} token embeddings"
         if self.tokenizer.pad_token_id is None or not 0 <= self.tokenizer.pad_token_id < size:
