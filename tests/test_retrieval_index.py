@@ -756,6 +756,33 @@ def test_equal_scores_come_back_in_case_id_order_whatever_k(kind, model, model_d
             assert [[hit.id for hit in row] for row in rows] == [[hit_id for hit_id, _ in every[:5]]] * 2
 
 
+def test_a_model_whose_tokenizer_was_edited_is_refused_and_an_index_from_before_tokenizers_were_hashed_is_not(
+        built, model, model_dir, tmp_path):
+    """The fingerprint an index checks covered the config and the weights only: a model folder whose tokenizer was
+    edited (lower-casing turned off: other token ids, so other vectors, for the same query texts) was accepted. The
+    tokenizer is hashed too; an index built before that (no tokenizer_sha256) is compared as before."""
+    assert built[1]["model"]["tokenizer_sha256"] is not None
+    edited = tmp_path / "edited"
+    shutil.copytree(model_dir, edited)
+    tokenizer = json.loads((edited / "text" / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (edited / "text" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    other = load_model(edited)
+    assert other.text_tokens(["Effusion"]) != model.text_tokens(["Effusion"])
+    with open_index(built[0]) as index:
+        with pytest.raises(ModelError, match="the model's tokenizer differs from the tokenizer the index was built"):
+            search_index(index, other, text="effusion")
+        assert search_index(index, model, text="effusion", k=2)  # its own model
+    older = tmp_path / "older"
+    shutil.copytree(built[0], older)
+    info = json.loads((older / "index.json").read_text())
+    del info["model"]["tokenizer_sha256"]
+    (older / "index.json").write_text(json.dumps(info))
+    with open_index(older) as index:
+        assert [hit.id for hit in search_index(index, other, text="effusion", k=3)] == \
+            [hit.id for hit in index.search(embed_query(other, text="effusion"), k=3)[0]]
+
+
 def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):
     with open_index(built[0]) as index:
         with pytest.raises(ModelError, match="64-d.*32-d"):

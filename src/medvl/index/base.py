@@ -167,11 +167,45 @@ def is_url(target: str | Path) -> bool:
 
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
-    """What identifies the vectors a model makes: config and weights hashes, embedding size."""
+    """What identifies the vectors a model makes: config, weights and tokenizer hashes, embedding size."""
     config = json.dumps(_non_default(model.config.to_dict(), type(model.config)().to_dict()), sort_keys=True).encode()
     return {"dir": str(Path(model_dir).resolve()) if model_dir else None, "name": model.config.name,
             "embed_dim": model.config.embed_dim, "config_sha256": hashlib.sha256(config).hexdigest(),
-            "weights_sha256": weights_sha256(model)}
+            "weights_sha256": weights_sha256(model), "tokenizer_sha256": tokenizer_sha256(model)}
+
+
+# tokenizer -> (its size, digest): the vocabulary is hashed once per loaded tokenizer, not on each search
+_TOKENIZER_SHA256: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_sha256(model) -> str | None:
+    """SHA-256 of how a model's text tower turns a text into token ids: its tokenizer's vocabulary (token -> id) and,
+    for a fast tokenizer, its normaliser, pre-tokeniser, model settings and post-processor (not its padding and
+    truncation, which each call sets); None for a model without a tokenizer. The weights do not cover it: a
+    vocabulary edited in the model folder's ``text/`` (ids moved, lower-casing off) makes other vectors of a text."""
+    encoder = getattr(model, "text_encoder", None)
+    tokenizer = getattr(encoder if encoder is not None else model, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return None
+    try:
+        cached = _TOKENIZER_SHA256.get(tokenizer)
+    except TypeError:  # not weakly referable: hashed each time
+        cached = None
+    if cached is not None and cached[0] == len(tokenizer):
+        return str(cached[1])
+    state: dict[str, Any] = {"vocab": sorted(tokenizer.get_vocab().items())}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        saved = json.loads(backend.to_str())
+        state.update({key: saved.get(key) for key in ("normalizer", "pre_tokenizer", "post_processor")})
+        state["model"] = {key: value for key, value in (saved.get("model") or {}).items()
+                          if key not in ("vocab", "merges")}  # the vocabulary is above; merges follow from it
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    try:
+        _TOKENIZER_SHA256[tokenizer] = (len(tokenizer), digest)
+    except TypeError:
+        pass
+    return digest
 
 
 # model -> (weights' state, digest): hashing every weight on each search was most of a small query's time
@@ -224,7 +258,7 @@ def check_model(info: dict[str, Any], model, where: str) -> None:
                          f"({built.get('dir') or built.get('name')})")
     what = fingerprint_differs(built, model)
     if what is not None:
-        verb = "differ" if what == "weights" else "differs"  # config | weights
+        verb = "differ" if what == "weights" else "differs"  # config | weights | tokenizer
         raise ModelError(f"{where}: the model's {what} {verb} from the {what} the index was built with "
                          f"({built.get('dir') or built.get('name')}); rebuild the index or use that model")
 
@@ -280,7 +314,7 @@ class IndexRebuilt(ModelError):
 def model_changed(opened: dict[str, Any], current: dict[str, Any], location: str) -> None:
     """``IndexRebuilt`` when the index info ``current`` records another model (embedding size, config or weights)
     than ``opened``, the info the index was opened (and its model checked) with."""
-    keys = ("embed_dim", "config_sha256", "weights_sha256")
+    keys = ("embed_dim", "config_sha256", "weights_sha256", "tokenizer_sha256")
     before, now = opened.get("model") or {}, current.get("model") or {}
     if opened.get("embed_dim") == current.get("embed_dim") and all(before.get(k) == now.get(k) for k in keys):
         return
@@ -290,11 +324,16 @@ def model_changed(opened: dict[str, Any], current: dict[str, Any], location: str
 
 
 def fingerprint_differs(fingerprint: dict[str, Any], model) -> str | None:
-    """``config`` or ``weights`` when ``model`` is not the model ``fingerprint`` (``model_fingerprint``) describes,
-    else None: what an index, or a concept bottleneck, was made with."""
+    """``config``, ``weights`` or ``tokenizer`` when ``model`` is not the model ``fingerprint`` (``model_fingerprint``)
+    describes, else None: what an index, or a concept bottleneck, was made with. A fingerprint from before tokenizers
+    were hashed (no ``tokenizer_sha256``) is compared on config and weights."""
     ours = model_fingerprint(model)
-    return next((what for key, what in (("config_sha256", "config"), ("weights_sha256", "weights"))
-                 if ours[key] != fingerprint.get(key)), None)
+    if ours["config_sha256"] != fingerprint.get("config_sha256"):
+        return "config"
+    if ours["weights_sha256"] != fingerprint.get("weights_sha256"):
+        return "weights"
+    recorded = fingerprint.get("tokenizer_sha256")
+    return "tokenizer" if recorded is not None and ours["tokenizer_sha256"] != recorded else None
 
 
 def check_vectors(vectors: np.ndarray, dim: int, what: str = "query") -> np.ndarray:
