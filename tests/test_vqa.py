@@ -4,6 +4,7 @@ their evidence, and the one-line errors of bad input (all on a real phantom VQA 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from cli_helpers import invoke, postgres_server
 from medvl.data import load_dataset
 from medvl.data.loaders.vqa import load_vqa, normalize_answer
 from medvl.data.phantom import generate_phantom
-from medvl.errors import InputError
+from medvl.errors import InputError, ModelError
 from medvl.eval.contamination import trained_on_scored, training_data
 from medvl.eval.vqa import answer_items, answer_with_rationale, evaluate_vqa, token_f1
 from medvl.models.registry import create_model
@@ -377,6 +378,16 @@ def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
     first, second = answer_items(model, sample), answer_items(loaded, sample)
     assert [row["answer"] for row in first] == [row["answer"] for row in second]
     assert torch.allclose(torch.stack([r["attention"] for r in first]), torch.stack([r["attention"] for r in second]))
+    # a text/ tokenizer whose ids run past the question tower's embeddings is refused at load, as a dual encoder's is
+    # (it loaded, then the first question failed with an IndexError)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "run" / "model", damaged)
+    tokenizer = json.loads((damaged / "text" / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["effusion"] = 1_000_000
+    (damaged / "text" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ModelError, match=re.escape(f"{damaged}: the tokenizer in text/ does not fit the text tower (a "
+                                                   "token of its vocabulary has id 1000000")):
+        load_vqa_model(damaged)
 
 
 def test_a_frozen_question_tower_keeps_a_bounded_cache_without_question_text(phantom, tmp_path):
@@ -492,8 +503,6 @@ def test_image_tokens_are_the_image_towers_not_an_option(trained, phantom, tmp_p
     """``--set image_tokens=5`` was kept as given: five position rows broadcast over the tower's one token, heatmap
     peaks outside the image and a traceback on --heatmap. It is refused, and a model folder whose config says
     another count than its image tower gives is refused when loaded."""
-    from medvl.errors import ModelError
-
     result, output = invoke("train", "vqa", "--data", phantom / "vqa", "--out", tmp_path / "out", "--epochs", 1,
                             "--max-steps", 1, *TINY, "--set", "image_tokens=5")
     assert result.exit_code == 2 and "--set image_tokens: the tokens per image are set from the image tower" \

@@ -230,10 +230,7 @@ class DualEncoder(nn.Module):
         except Exception as err:  # a damaged tokenizer or text config: transformers and huggingface_hub raise their own
             # exception types (a mistyped field of text/config.json: StrictDataclassFieldValidationError)
             raise ModelError(f"{directory}: cannot read the text tower in {TEXT_DIR}/ ({one_line(err)})") from None
-        problem = model.text_encoder.tokenizer_problem()
-        if problem is not None:
-            raise ModelError(f"{directory}: the tokenizer in {TEXT_DIR}/ does not fit the text tower ({problem}); "
-                             f"{TEXT_DIR}/tokenizer.json was changed or is another model's")
+        check_tokenizer_fits(model.text_encoder, directory)
         for column, classes in meta.get("heads", {}).items():
             model.add_head(column, classes)
         if meta.get("view_projection"):  # a checkpoint of a self-supervised run
@@ -346,3 +343,13 @@ def refuse_a_file(directory: Path) -> None:
     (missing config.json)" would mislead."""
     if directory.is_file():
         raise ModelError(f"{directory}: is a file, not a model folder (give the folder that holds {CONFIG_FILE})")
+
+
+def check_tokenizer_fits(text_encoder: TextEncoder, directory: Path) -> None:
+    """ModelError naming ``directory`` when the tokenizer its ``text/`` holds cannot feed the loaded text tower
+    (``TextEncoder.tokenizer_problem``: token ids past the embeddings, no padding token, a tokenizer that fails): a
+    dual encoder's and a VQA model's load check it before any text is encoded."""
+    problem = text_encoder.tokenizer_problem()
+    if problem is not None:
+        raise ModelError(f"{directory}: the tokenizer in {TEXT_DIR}/ does not fit the text tower ({problem}); "
+                         f"{TEXT_DIR}/tokenizer.json was changed or is another model's")

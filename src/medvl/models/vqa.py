@@ -62,6 +62,7 @@ from .dual import (
     TEXT_DIR,
     WEIGHTS_FILE,
     DualEncoder,
+    check_tokenizer_fits,
     load_weights,
     non_finite_tensors,
     read_meta,
@@ -373,6 +374,7 @@ class VQAModel(nn.Module):
             model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
         except InputError as err:
             raise ModelError(f"{directory}: config.json: {err}") from None
+        check_tokenizer_fits(model.text_encoder, directory)
         model.meta = meta
         load_weights(model, state, directory)
         model.eval()
