@@ -10,6 +10,7 @@ the trained weights and every logged loss term with a single-process run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -150,9 +151,11 @@ def test_a_batch_too_small_to_shard_is_refused_on_every_rank(tmp_path):
                            str(tmp_path / "ph"), "--out", str(out), "--model", "phantom-tiny", "--epochs", "1",
                            "--batch-size", "2", "-q"], capture_output=True, text=True, timeout=600)
     said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
-    # every rank exits 2 with no traceback of its own ([rankN]: lines); torchrun's report of the failure follows
-    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 3, done.stderr[-3000:]
+    # every rank that got there exits 2 with no traceback of its own ([rankN]: lines); torchrun's report follows. Once
+    # one rank has exited, torchrun stops the others (SIGTERM: exit code 143), so a slower rank may not get to say it
+    codes = [int(code) for code in re.findall(r"exitcode\s+:\s*(-?\d+)", done.stderr)]
+    assert done.returncode != 0 and len(codes) == 3 and 2 in codes and set(codes) <= {2, 143}, done.stderr[-3000:]
     assert "[rank0]" not in done.stderr and "RuntimeError" not in done.stderr, done.stderr[-3000:]
     assert said == ["error: batch_size 2 cannot give each of 3 processes at least 2 records of a batch (at least "
-                    "2 x 3 = 6 needed)"] * 3, done.stderr[-3000:]
+                    "2 x 3 = 6 needed)"] * codes.count(2), done.stderr[-3000:]
     assert not out.exists()
