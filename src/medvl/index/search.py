@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,18 @@ def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Ten
     return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]
 
 
-def search_without_copies(index: Index, vector: np.ndarray, k: int, digest: str | None
-                          ) -> tuple[list[Hit], list[str]]:
-    """The ``k`` cases nearest to one query image's (1, D) ``vector`` less the indexed copies of the image itself,
-    and the ids of those copies: the cases whose pixel hash is ``digest``, the one the index records for the query
-    (``build.hashed_image``; None: none left out). Nearest cases shown as evidence about an image (``medvl
-    explain``, ``medvl vqa``) must not be the image: similarity 1.000 is circular, and it takes one of the ``k``
-    places; ``medvl report draft`` leaves them out so too (``rag.draft.indexed_copies``)."""
+def search_without_copies(index: Index, vector: np.ndarray, k: int, digest: str | None, where: str | None = None,
+                          exclude: Iterable[str] = ()) -> tuple[list[Hit], list[str]]:
+    """The ``k`` cases nearest to one query image's (1, D) ``vector`` (among those ``where`` allows) less the indexed
+    copies of the image itself and the ids ``exclude`` names, and the ids of those copies: the cases whose pixel hash
+    is ``digest``, the one the index records for the query (``build.hashed_image``; None: none left out). Nearest
+    cases shown as evidence about an image (``medvl explain``, ``medvl vqa``, the neighbours ``medvl report draft``
+    drafts from) must not be the image: similarity 1.000 is circular, and it takes one of the ``k`` places."""
     check_k(k)
     copies = sorted(index.find_images([digest]).get(digest, ())) if digest else []
-    hits = index.search(vector, k=min(k + len(copies), MAX_K))[0]
-    return [hit for hit in hits if hit.id not in copies][:k], copies
+    dropped = set(exclude) | set(copies)
+    hits = index.search(vector, k=min(k + len(dropped), MAX_K), where=where)[0]
+    return [hit for hit in hits if hit.id not in dropped][:k], copies
 
 
 def shown_columns(index: Index, names: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Retrieval-augmented report drafts: the nearest cases' reports merged by consensus, with citations.
 
 ``draft_report(index, model, image)`` embeds the image, retrieves the ``k`` nearest indexed cases
-(never the image itself: an indexed case with the same pixels is left out, ``indexed_copies``) and calls
+(never the image itself: an indexed case with the same pixels is left out,
+``medvl.index.search.search_without_copies``) and calls
 ``draft_from_hits``:
 
 1. Weights: a neighbour weighs its cosine similarity to the query (negative ones count 0; all
@@ -287,11 +288,12 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     ``verify_model``: as in ``medvl.index.search_index``. ``image`` may also be the model's own input
     (``model.preprocessor.load``'s ``(C, *spatial)`` tensor, as ``search_index`` takes one: a volume the service
     streamed from its upload), with ``digest`` its pixel hash (``medvl.index.build.hashed_image``) so that its
-    indexed copies are left out as those of a file or an array are (``indexed_copies``).
+    indexed copies are left out as those of a file or an array are (``search_without_copies``).
     """
     from ..data.audit import input_flags
     from ..index.base import check_model
     from ..index.build import hashed_image
+    from ..index.search import search_without_copies
     from ..models.ood import embed_checked
 
     check_settings(k, min_support, min_similarity, related)
@@ -313,10 +315,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
                         f"draft from ({'; '.join(flags.values())})", settings)
     embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
     vector = embedding.numpy()
-    copies = indexed_copies(index, digest)
-    dropped = set(exclude) | set(copies)
-    hits = index.search(vector, k=min(k + len(dropped), 10_000), where=where)[0]
-    hits = [h for h in hits if h.id not in dropped][:k]
+    hits, copies = search_without_copies(index, vector, k, digest, where=where, exclude=exclude)
     draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
     draft.settings["k"] = k
     draft.settings["left_out_copies"] = copies
@@ -325,15 +324,6 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
         nearest = labeller.knowledge.retrieve(model, vector, related)
         draft.related = [{**f.card(), "score": round(score, 4)} for f, score in nearest]
     return draft
-
-
-def indexed_copies(index, digest: str | None) -> list[str]:
-    """Ids of the indexed cases whose image is the query's own (the same pixel hash ``digest`` as the index records
-    for it: ``medvl.index.build.hashed_image``, a 2D image's decoded pixels or a volume's voxels, a NIfTI read slab
-    by slab; ``context.indexed_ids``): a draft for an indexed image would otherwise cite the image's own report."""
-    from .context import indexed_ids
-
-    return sorted(indexed_ids(index, [digest])[0]) if digest else []
 
 
 def draft_from_hits(hits: Sequence[Hit], labeller: ReportLabeller | None = None, *,
