@@ -2,7 +2,7 @@
 
 Real ``torchrun`` launches (gloo on CPU). The gradient test compares every parameter's gradient of one
 global batch (11 rows: shards of 5 and 6, CLIP and SigLIP losses with global negatives, a supervised head, the
-self-supervised two-view loss);
+self-supervised two-view loss, mixup on the head with partners across the shards);
 the end-to-end test runs ``medvl train`` (contrastive loss and a supervised head) under torchrun and compares
 the trained weights and every logged loss term with a single-process run.
 """
@@ -45,6 +45,7 @@ def test_two_processes_give_the_single_process_loss_and_gradients(phantom_dir, t
         image_grads = [name for name in one if name.startswith(f"{loss}.grad.image_encoder.")]
         assert image_grads and all(one[name].abs().sum() > 0 for name in image_grads[:3])
     assert "siglip.self_supervised" in one and any(name.startswith("siglip.grad.view_projection.") for name in one)
+    assert not torch.equal(one["mixup.ce_finding"], one["clip.ce_finding"])  # the head saw blended images
     # the self-supervised phase: the text side and the head get no gradient, in one process as in two (a
     # zero-filled gradient would let AdamW decay them under torchrun only)
     prefix = "pretraining.grad."

@@ -735,6 +735,80 @@ def test_label_smoothing_keeps_the_head_from_certainty(tiny_npz, tmp_path):
     assert smoothed < 0.8 < plain  # the smoothed target of the true class is 1 - 0.6 + 0.3 = 0.7
 
 
+def _mixup_config(**settings) -> TrainConfig:
+    """One epoch of 42 phantom records (batches of 16, 16 and 10) with a supervised head on ``finding``."""
+    return TrainConfig(epochs=1, batch_size=16, lr=5e-3, seed=2, label_columns=["finding"], supervised_weight=1.0,
+                       log_every=1, **settings)
+
+
+def test_mixup_off_is_the_run_without_it_and_on_is_a_seeded_other_run(small_phantom, tmp_path, monkeypatch):
+    """mixup 0 trains bit for bit the run without the field (no extra draw, no extra forward); mixup > 0 trains
+    other weights, the same ones again from the same seed, with one more image-tower forward per batch."""
+    from medvl.models.dual import DualEncoder
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    forwards = {"count": 0}
+    image_features = DualEncoder.image_features
+
+    def counted(self, pixels):
+        forwards["count"] += 1
+        return image_features(self, pixels)
+
+    monkeypatch.setattr(DualEncoder, "image_features", counted)
+
+    def weights(name: str, config: TrainConfig) -> tuple[dict[str, torch.Tensor], int]:
+        forwards["count"] = 0
+        trained = _train_small(dataset, tmp_path / name, config).state_dict()
+        return trained, forwards["count"]
+
+    (plain, plain_forwards), (off, off_forwards) = weights("plain", _mixup_config()), weights("off", _mixup_config(
+        mixup=0.0))
+    assert plain.keys() == off.keys() and all(torch.equal(plain[name], off[name]) for name in plain)
+    (mixed, mixed_forwards), (again, _) = weights("on", _mixup_config(mixup=0.4)), weights("again", _mixup_config(
+        mixup=0.4))
+    assert all(torch.equal(mixed[name], again[name]) for name in mixed)
+    assert not torch.equal(mixed["heads.finding.weight"], plain["heads.finding.weight"])
+    assert not all(torch.equal(mixed[name], plain[name]) for name in plain if name.startswith("image_encoder."))
+    assert plain_forwards == off_forwards == 3 and mixed_forwards == 6  # 3 batches: one extra forward each
+    logged = [line for line in _metrics(tmp_path / "on") if "loss" in line]
+    assert len(logged) == 3 and all(math.isfinite(line["ce_finding"]) for line in logged)
+    assert json.loads((tmp_path / "on" / "train_config.json").read_text())["train"]["mixup"] == 0.4
+
+
+@pytest.mark.parametrize("value", [-0.1, 10.5, float("nan"), float("inf")])
+def test_mixup_out_of_range_is_refused_naming_it(value):
+    with pytest.raises(InputError, match="mixup must be"):
+        TrainConfig(mixup=value).validate_numbers()
+
+
+def test_mixup_without_a_supervised_head_is_refused_before_training(small_phantom, tmp_path):
+    """mixup blends the heads' images and targets: with supervised_weight 0 it would change nothing, and a
+    candidate run would be the baseline under another name."""
+    with pytest.raises(InputError, match="mixup 0.4 has no effect: .* supervised_weight is 0"):
+        TrainConfig(mixup=0.4, label_columns=["finding"]).validate()
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    with pytest.raises(InputError, match="mixup 0.4 has no effect"):
+        _train_small(dataset, tmp_path / "run", TrainConfig(epochs=1, batch_size=16, mixup=0.4))
+    assert not (tmp_path / "run").exists()
+    _mixup_config(mixup=0.4).validate()  # with a head: accepted
+
+
+def test_a_resumed_run_compares_mixup(small_phantom, tmp_path):
+    """Another mixup is another run (refused on --resume); a run folder from before the field existed trained
+    without mixup, and resumes as the same run."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    _train_small(dataset, tmp_path / "run", _mixup_config(max_steps=2))
+    with pytest.raises(InputError, match=r"this command changes mixup 0\.0 -> 0\.4"):
+        _train_small(dataset, tmp_path / "run", _mixup_config(max_steps=2, mixup=0.4), resume=True)
+    settings = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    del settings["train"]["mixup"]
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(settings))
+    _train_small(dataset, tmp_path / "run", _mixup_config(max_steps=2), resume=True)  # the same run: not refused
+    _train_small(dataset, tmp_path / "on", _mixup_config(max_steps=2, mixup=0.4))
+    with pytest.raises(InputError, match=r"this command changes mixup 0\.4 -> 0\.3"):
+        _train_small(dataset, tmp_path / "on", _mixup_config(max_steps=2, mixup=0.3), resume=True)
+
+
 def test_a_last_batch_of_one_record_is_skipped_not_fatal(phantom_dir, tmp_path):
     """Batch norm cannot train on a single record: with N = k x batch + 1 the lone record is left for that epoch
     (another one each epoch) instead of stopping the run."""

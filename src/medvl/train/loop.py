@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 MODEL_DIR, CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE = "model", "checkpoint", "metrics.jsonl", "train_config.json"
 STATE_FILE = "state.pt"  # in CHECKPOINT_DIR: optimizer, scheduler, step and batch index
 SECOND_VIEW_SEED = 7_919  # offset of the augmentation seed of the self-supervised second view
+MIXUP_SEED = 15_485_863  # offset from the batch's augmentation seed of the seed of mixup's draws (share, partners)
+MAX_MIXUP = 10.0  # Beta(10, 10) draws a share within 0.5 +- 0.22 nineteen times in twenty: past it, every image is
+# about an even blend of two, whatever the value (a larger one is a typo)
 MAX_LR = 10.0  # a peak learning rate above this is a typo (AdamW steps are about lr in size)
 MAX_EPOCHS = 10_000  # more is a typo: the warmup alone would hold the learning rate near 0 for a lifetime
 MAX_TEMPERATURE = 100.0  # a learned temperature above this (the highest a model may start at) leaves the image-text
@@ -104,6 +107,9 @@ class TrainConfig:
     supervised_weight: float = 0.0  # weight of the cross-entropy of supervised heads (0 = none)
     contrastive_weight: float = 1.0  # weight of the image-text loss (0 = supervised only)
     label_smoothing: float = 0.0  # supervised heads: share of each target spread evenly over the classes (0-0.9)
+    mixup: float = 0.0  # supervised heads: mixup (Zhang et al. 2018) with a share drawn from Beta(mixup, mixup) (0-10);
+    # each image mixed with another of the batch, the heads' loss the same mix of both targets' cross-entropies
+    # (an extra forward of the image tower; the image-text and self-supervised losses see the images unmixed). 0 = off
     self_supervised_weight: float = 0.0  # weight of a SimCLR loss between two views of each image (SLIP); 0 = off
     self_supervised_crop: float = 0.25  # the second view: a random crop of this share of the image or more
     self_supervised_temperature: float = 0.1  # temperature of that loss
@@ -145,6 +151,9 @@ class TrainConfig:
                                  "leave it out for none")
         if self.supervised_weight > 0 and not self.label_columns:
             raise InputError("supervised_weight > 0 needs label_columns")
+        if self.mixup > 0 and self.supervised_weight == 0:  # a candidate run would be the baseline under its name
+            raise InputError(f"mixup {self.mixup:g} has no effect: it mixes the images and targets of the supervised "
+                             "heads, and supervised_weight is 0; set supervised_weight > 0 or leave mixup out")
         if not isinstance(self.covariates, list) or not all(isinstance(c, str) for c in self.covariates):
             raise InputError(f"covariates must be a list of column names, got {self.covariates!r}")
         from ..eval.covariates import parse_columns
@@ -199,6 +208,7 @@ class TrainConfig:
             "supervised_weight": (self.supervised_weight, {"minimum": 0}),
             "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
             "label_smoothing": (self.label_smoothing, {"minimum": 0, "maximum": 0.9}),
+            "mixup": (self.mixup, {"minimum": 0, "maximum": MAX_MIXUP}),
             "self_supervised_weight": (self.self_supervised_weight, {"minimum": 0}),
             "self_supervised_crop": (self.self_supervised_crop, {"minimum": 0.01, "maximum": 1}),
             "self_supervised_temperature": (self.self_supervised_temperature, {"minimum": 0.01, "maximum": 10}),
@@ -572,6 +582,14 @@ class ContrastiveObjective:
     is dropped when training ends. The image tower then also learns from the images alone: what does not
     change under crops, flips and colour jitter. With ``self_supervised_epochs`` the run starts with that
     many epochs of this loss alone (``pretraining_losses``: no text, no label), then trains the losses above.
+
+    With ``mixup`` (Zhang et al. 2018) the supervised heads train on blends of two images instead: a share
+    ``lam`` ~ Beta(mixup, mixup) and a partner for each image (a permutation of the batch) drawn from the step's
+    seed, the heads read the features of ``lam * x + (1 - lam) * x[partner]`` (``x`` the first view's augmented,
+    normalised pixels; an extra forward of the image tower, whose BatchNorm statistics then also see the blends),
+    and each head's loss is ``lam * CE(y) + (1 - lam) * CE(y[partner])`` (label smoothing as without mixup). The
+    image-text and self-supervised losses see the unmixed first view; the self-supervised phase has no mixup.
+    Under torchrun the draws are over the global batch and each rank blends its rows, as one process would.
     """
 
     title = "contrastive training"
@@ -627,9 +645,10 @@ class ContrastiveObjective:
 
     def losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
         """The loss of the global batch ``indices``; under torchrun this rank encodes only its shard and
-        the contrastive loss uses every rank's embeddings (global negatives, see ``distributed``)."""
+        the contrastive loss uses every rank's embeddings (global negatives, see ``distributed``). With ``mixup``
+        the heads' cross-entropy is over blended images (``_mixed_view``), under the same ``ce_{column}`` name."""
         model, config = self.model, self.config
-        local, batch, features = self._first_view(indices, seed)
+        local, batch, features, augmented = self._first_view(indices, seed)
         loss = torch.zeros(())
         parts: dict[str, torch.Tensor] = {}
         if config.self_supervised_weight > 0:
@@ -643,29 +662,48 @@ class ContrastiveObjective:
             loss = loss + config.contrastive_weight * parts["contrastive"]
             self._spread = _logit_spread(image_emb, text_emb, model.logit_scale, pair_ids)
         divisor = distributed.sample_divisor(len(indices))
+        head_features, share, partners = features, 1.0, None  # mixup off: the heads see the first view itself
+        if config.mixup > 0 and self.targets:
+            share, partners, head_features = self._mixed_view(augmented, local, seed)
         for column, target in self.targets.items():
-            local_targets = target[indices][local]
-            ce = F.cross_entropy(model.heads[column](features), local_targets, reduction="sum",
-                                 label_smoothing=config.label_smoothing) / divisor
-            parts[f"ce_{column}"] = ce
-            loss = loss + config.supervised_weight * ce
+            logits, batch_targets = model.heads[column](head_features), target[indices]
+            ce = F.cross_entropy(logits, batch_targets[local], reduction="sum", label_smoothing=config.label_smoothing)
+            if partners is not None:  # the partners' targets in the share of their pixels
+                ce = share * ce + (1 - share) * F.cross_entropy(logits, batch_targets[partners[local]],
+                                                                reduction="sum", label_smoothing=config.label_smoothing)
+            parts[f"ce_{column}"] = ce / divisor
+            loss = loss + config.supervised_weight * parts[f"ce_{column}"]
         parts["loss"] = loss
         return parts
 
     def pretraining_losses(self, indices: list[int], seed: int) -> dict[str, torch.Tensor]:
         """The loss of a batch of the self-supervised phase (``self_supervised_epochs``): the two-view
         loss alone, from the images only (no text, no label); same views as in ``losses``."""
-        local, batch, features = self._first_view(indices, seed)
+        local, batch, features, _ = self._first_view(indices, seed)
         view_loss = self._view_loss(batch, local, features, seed)
         return {"self_supervised": view_loss, "loss": view_loss}
 
-    def _first_view(self, indices: list[int], seed: int) -> tuple[slice, torch.Tensor, torch.Tensor]:
+    def _first_view(self, indices: list[int], seed: int) -> tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's shard of the global batch (the whole batch in a single process), the batch's
-        pixels (float, [0, 1]) and the image features of this rank's augmented shard."""
+        pixels (float, [0, 1]), the image features of this rank's augmented shard and the augmented global batch
+        (its rows on other ranks are partners of this rank's under mixup)."""
         local = distributed.shard(len(indices))
         batch = self.pixels[indices].float()
-        pixels = self.model.preprocessor.augment(batch, seed)[local]
-        return local, batch, self.model.image_features(self.model.preprocessor.normalize(pixels))
+        augmented = self.model.preprocessor.augment(batch, seed)
+        pixels = augmented[local]
+        return local, batch, self.model.image_features(self.model.preprocessor.normalize(pixels)), augmented
+
+    def _mixed_view(self, augmented: torch.Tensor, local: slice, seed: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Mixup of the first view: the share ``lam`` ~ Beta(mixup, mixup) and a permutation of the global batch
+        (``partners``: row i is mixed with row partners[i]) drawn from ``seed`` over the global batch, as one process
+        would draw them, and the image features of this rank's rows of ``lam * x + (1 - lam) * x[partners]``, ``x``
+        the augmented, normalised pixels (an extra forward of the image tower)."""
+        generator = np.random.default_rng(seed + MIXUP_SEED)  # its own stream: the global torch RNG is not drawn
+        share = float(generator.beta(self.config.mixup, self.config.mixup))
+        partners = torch.from_numpy(generator.permutation(len(augmented)))
+        normalize = self.model.preprocessor.normalize
+        mixed = share * normalize(augmented[local]) + (1 - share) * normalize(augmented[partners[local]])
+        return share, partners, self.model.image_features(mixed)
 
     def _view_loss(self, batch: torch.Tensor, local: slice, features: torch.Tensor, seed: int) -> torch.Tensor:
         """NT-Xent between ``features`` (this rank's rows of the first view of the global ``batch``) and a
@@ -1321,7 +1359,7 @@ ADDED_MODEL_DEFAULTS = {("text", "vocab_min_texts"): MIN_WORD_TEXTS, ("decoder",
 
 # training settings added after runs could have started: a saved train_config.json without one was trained as the
 # default (the run is then the same run under the new settings)
-ADDED_TRAIN_DEFAULTS = {"ema_decay": 0.0}
+ADDED_TRAIN_DEFAULTS = {"ema_decay": 0.0, "mixup": 0.0}
 
 
 def _comparable(name: str, value: Any) -> Any:
