@@ -232,10 +232,11 @@ def test_bench_cv_ensemble_option(isic_subset, tmp_path):
     out = tmp_path / "cv.json"
     result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
                             "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--batch-size", 16,
-                            "--ensemble", 2, "--label-smoothing", 0.2, "--json", out, "-q")
+                            "--ensemble", 2, "--label-smoothing", 0.2, "--train-set", "mixup=0.4", "--json", out,
+                            "-q")
     assert result.exit_code == 0, output
     saved = json.loads(out.read_text())
-    assert saved["ensemble"] == 2 and saved["train"]["label_smoothing"] == 0.2
+    assert saved["ensemble"] == 2 and saved["train"]["label_smoothing"] == 0.2 and saved["train"]["mixup"] == 0.4
     result, output = invoke("bench", "cv", "--allow-outside-root", "--data", isic_subset, "--label-column", "diagnosis",
                             "--model", "phantom-tiny", "--folds", 2, "--epochs", 1, "--ensemble", 0, "-q")
     assert result.exit_code == 2 and "ensemble" in output

@@ -197,6 +197,10 @@ TRAIN = ["train", "--model", "phantom-tiny", "--epochs", 1, "-q"]
     (["--supervised-weight", "nan"], "--supervised-weight must be"),
     (["--label-smoothing", 1], "--label-smoothing must be"),
     (["--label-smoothing", -0.1], "--label-smoothing must be"),
+    (["--mixup", -0.5, "--supervised-weight", 1, "--label-column", "finding"], "--mixup must be"),
+    (["--train-set", "mixup=11"], "mixup must be <= 10"),
+    (["--mixup", 0.4], "mixup 0.4 has no effect"),  # no supervised head: nothing to mix
+    (["--mixup", 0.4, "--train-set", "mixup=0.2"], "mixup is given twice: --mixup 0.4 and --train-set mixup=0.2"),
     (["--self-supervised-weight", -1], "--self-supervised-weight must be"),
     (["--self-supervised-weight", "nan"], "--self-supervised-weight must be"),
     (["--train-set", "self_supervised_epochs=-1"], "self_supervised_epochs"),

@@ -57,6 +57,9 @@ def train_command(
     label_smoothing: Annotated[float | None, typer.Option(
         help="Share of each supervised head target spread over the classes, 0-0.9 (default: the recipe's, "
              "else 0).")] = None,
+    mixup: Annotated[float | None, typer.Option(
+        help="Mixup of the supervised heads' images and targets: the Beta(a, a) parameter a, 0-10 (0 = off; "
+             "needs --supervised-weight > 0; default: the recipe's, else 0).")] = None,
     self_supervised_weight: SelfSupervisedOption = None,
     grad_accum: Annotated[int | None, typer.Option(help="Batches per optimizer step (default 1).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
@@ -94,7 +97,7 @@ def train_command(
         "label_columns": label_column, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
         "loss": loss, "text_source": text_source, "supervised_weight": supervised_weight,
         "contrastive_weight": contrastive_weight, "label_smoothing": label_smoothing,
-        "self_supervised_weight": self_supervised_weight, "grad_accum": grad_accum,
+        "mixup": mixup, "self_supervised_weight": self_supervised_weight, "grad_accum": grad_accum,
         "checkpoint_every": checkpoint_every, "max_steps": max_steps, "workers": workers,
         "leave_out_images_of": [str(path) for path in leave_out_images_of or []] or None,
         "skip_flagged": skip_flagged}, train_set or [])
