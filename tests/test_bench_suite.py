@@ -1150,6 +1150,48 @@ def test_case_retrieval_takes_the_sanity_check_and_an_image_blind_model_is_flagg
             f"random ranking ({rows['sanity: precision_at_k of a random ranking']:.3f}) by 0.05"]
 
 
+def test_a_retrieval_recall_exactly_0_05_above_chance_beats_it(two_models, phantom_dir, tmp_path):
+    """"Beats chance by 0.05" allows for float rounding, as sanity.compare_to_baselines does: an image-blind
+    model ranks every image's texts alike, so 11 of 44 images whose text is among the top 5 of 25 gallery
+    texts give i2t R@5 = 0.25 against a chance recall of 5/25, which floats give as 0.2000000000000003
+    (it was flagged)."""
+    import torch
+
+    import medvl
+    from medvl.embed import embed_images
+
+    model = _image_blind_copy(two_models[0], tmp_path / "blind")
+    net = medvl.load_model(model)
+    phantom = load_dataset(phantom_dir)
+    records = list(phantom)[:44]
+    blank = embed_images(net, phantom.subset(records), show_progress=False)
+    assert float((blank @ blank[0]).min()) > 0.9999  # one image embedding for all: the texts' order is fixed
+    texts = list(dict.fromkeys(r.text for r in phantom))[:25]
+    with torch.no_grad():
+        scores = (net.encode_texts(texts) @ blank[0]).tolist()
+    ranked = [text for _, text in sorted(zip(scores, texts, strict=True), key=lambda pair: -pair[0])]
+    counts = [3, 2, 2, 2, 2] + [2] * 13 + [1] * 7  # the top 5 texts held by 11 images, 20 others by 33
+    pairs = zip([text for text, count in zip(ranked, counts, strict=True) for _ in range(count)], records,
+                strict=True)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    with (tmp_path / "data" / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "text", "split"])
+        for text, record in pairs:
+            shutil.copy(record.image, tmp_path / "data" / "images" / Path(record.image).name)
+            writer.writerow([f"images/{Path(record.image).name}", text, "test"])
+    suite = write_suite(tmp_path, tmp_path / "data", checks=["sanity"],
+                        datasets={"d": {"path": str(tmp_path / "data"), "split": "test"}},
+                        tasks=[{"task": "retrieval", "dataset": "d"}])
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {row["metric"]: row["value"] for row in results["rows"]}
+    chance = rows["sanity: i2t_R@5 with shuffled pairing (chance)"]
+    assert rows["i2t_R@5"] == 11 / 44 and rows["i2t_R@5"] < chance + 0.05  # exactly 0.05 above, in floats below
+    assert not [flag for flag in results["flags"] if "sanity: i2t R@5" in flag]
+
+
 def test_a_phantom_label_the_twins_do_not_carry_gets_other_pairs_and_says_so(two_models, phantom_dir, tmp_path):
     """The twins vary the finding and carry only the finding columns: for the phantom's view the counterfactual
     check pairs nearest scored images instead and the shortcut check scores its masked drop without the pair

@@ -841,6 +841,7 @@ def _few_shot(ctx: _Context) -> None:
 
 def _retrieval(ctx: _Context) -> None:
     from ..eval.retrieval import retrieval
+    from ..eval.sanity import beats_by
 
     test = ctx.data.split(ctx.data.spec.split)
     result = retrieval(ctx.net, test, show_progress=ctx.show_progress, keep_ranks=True)
@@ -854,7 +855,7 @@ def _retrieval(ctx: _Context) -> None:
         for short, direction in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
             chance, value = result[direction]["chance"]["R@5"], result[f"{short}_R@5"]
             ctx.row(f"sanity: {short}_R@5 with shuffled pairing (chance)", chance)
-            if value < chance + 0.05:
+            if not beats_by(value, chance):
                 ctx.flag("sanity", f"{short} R@5 {value:.3f} does not beat the shuffled-pairing (chance) "
                                    f"recall {chance:.3f} by 0.05")
 
@@ -863,6 +864,7 @@ def _case_retrieval(ctx: _Context) -> None:
     import tempfile
 
     from ..eval.case_retrieval import case_retrieval
+    from ..eval.sanity import beats_by
     from ..index import open_index
     from ..index.build import build_index
 
@@ -885,12 +887,13 @@ def _case_retrieval(ctx: _Context) -> None:
         for metric in ("micro_f1", "macro_f1"):
             ctx.row(f"{name} finding {metric}", result[block][metric])
     ctx.row("draft abstention rate", result["draft"]["abstention_rate"])
-    if "sanity" in ctx.checks and result["precision_at_k"] < result["precision_at_k_baseline"] + 0.05:
+    if "sanity" in ctx.checks and not beats_by(result["precision_at_k"], result["precision_at_k_baseline"]):
         ctx.flag("sanity", f"precision@{result['k']} {result['precision_at_k']:.3f} does not beat a random "
                            f"ranking ({result['precision_at_k_baseline']:.3f}) by 0.05")
 
 
 def _vqa(ctx: _Context) -> None:
+    from ..eval.sanity import beats_by
     from ..eval.vqa import evaluate_vqa
     from ..models.vqa import select_questions
 
@@ -914,7 +917,7 @@ def _vqa(ctx: _Context) -> None:
     overall = result["overall_accuracy"] or 0.0
     for baseline in ("blank_image", "question_only"):
         other = result[f"{baseline}_overall_accuracy"]
-        if "sanity" in ctx.checks and other is not None and overall < other + 0.05:
+        if "sanity" in ctx.checks and other is not None and not beats_by(overall, other):
             ctx.flag("sanity", f"overall accuracy {overall:.3f} does not beat the {baseline.replace('_', ' ')} "
                                f"baseline {other:.3f} by 0.05")
 
