@@ -597,6 +597,29 @@ def test_a_probe_calibration_class_training_lacks_is_refused_before_any_task_run
     assert not list((tmp_path / "out").glob("cells/*.json"))  # nothing ran
 
 
+def test_a_probe_calibration_split_holding_its_training_images_is_refused_before_any_work(two_models, phantom_dir,
+                                                                                          tmp_path):
+    """A temperature and abstention threshold fitted on the probe's own (over-confident) training predictions
+    calibrate nothing: the suite is refused naming the task and both splits, and so is the library call."""
+    from medvl import load_model
+    from medvl.eval.linear_probe import linear_probe
+
+    spec = {"path": str(phantom_dir), "split": "test", "train_split": "train", "calibration_split": "train",
+            "label": "finding"}
+    tasks = [{"task": "zero-shot", "dataset": "phantom"}, {"task": "linear-probe", "dataset": "phantom"}]
+    suite = write_suite(tmp_path, phantom_dir, datasets={"phantom": spec}, checks=["calibration"], tasks=tasks)
+    result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", tmp_path / "out", "-q")
+    train = load_dataset(phantom_dir).select("train")
+    assert result.exit_code == 2, output
+    assert (f"task linear-probe@phantom: the calibration split 'train' of dataset 'phantom' holds {len(train)} images "
+            "of the train_split 'train' of dataset 'phantom'") in " ".join(output.split()), output
+    assert not (tmp_path / "out" / "cells").exists()  # not even the zero-shot task ran
+    with pytest.raises(InputError, match=f"{len(train)} of the {len(train)} calibration records have an image the "
+                                         "probe is fitted on"):
+        linear_probe(load_model(two_models[0]), train, load_dataset(phantom_dir).select("test"), "finding",
+                     few_shot=(), show_progress=False, calibration_data=train)
+
+
 def test_calibration_images_copied_from_the_scored_split_are_a_flag_of_the_run(two_models, phantom_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

@@ -297,13 +297,13 @@ def test_scored_records_without_covariates_keep_the_image_ranking(model_with_cov
     from medvl.models.registry import load_model
 
     dataset = load_dataset(isic_with_age, allow_outside_root=True)
-    train = dataset.select("train")
+    train, held_out = dataset.select("train"), dataset.select("test")  # held_out: the calibration records
     # no age, and a sex value training never had (it counts as missing): every test record alike
     bare = dataset.subset([Record(id=r.id, images=r.images, labels={"diagnosis": r.labels["diagnosis"]},
-                                  meta={"sex": "other"}, split=r.split) for r in dataset.select("test")])
+                                  meta={"sex": "other"}, split=r.split) for r in held_out])
     with caplog.at_level("WARNING"):
         result = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
-                              show_progress=False, covariates=["age_approx", "sex"], calibration_data=train)
+                              show_progress=False, covariates=["age_approx", "sex"], calibration_data=held_out)
     assert result["covariates"]["columns"]["age_approx"]["missing_share_scored"] == 1.0
     assert result["covariates"]["columns"]["sex"]["unseen_share_scored"] == 1.0
     assert "covariate column 'sex' has no value in the 20 scored records that the training records had" in caplog.text
@@ -311,11 +311,11 @@ def test_scored_records_without_covariates_keep_the_image_ranking(model_with_cov
     assert result["auc"] == pytest.approx(result["image_only"]["auc"])
     # the calibration records have age and sex: their probabilities are the image probe's fused with them
     plain = linear_probe(load_model(model_with_covariates), train, bare, "diagnosis", few_shot=(),
-                         show_progress=False, calibration_data=train)
+                         show_progress=False, calibration_data=held_out)
     y_train = np.array([result["classes"].index(r.labels["diagnosis"]) for r in train])
     covariates = CovariateModel.fit(train.records, y_train, 2, ["age_approx", "sex"])
     image = np.array(plain["calibration"]["probabilities"])
-    expected = fuse_probabilities(image, covariates.probabilities(train.records), covariates.prior)
+    expected = fuse_probabilities(image, covariates.probabilities(held_out.records), covariates.prior)
     calibration = np.array(result["calibration"]["probabilities"])
     assert np.allclose(calibration, expected) and not np.allclose(calibration, image, atol=1e-3)
     assert "covariate column 'age_approx' is missing in all 20 scored records" in caplog.text

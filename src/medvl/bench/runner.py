@@ -284,7 +284,8 @@ def needed_splits(suite: SuiteSpec) -> dict[str, set[str]]:
 def check_fits_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> list[str]:
     """InputError (before any model runs) when a split a task fits on holds images of the split it scores: a
     probe fitted, or a case index filled, with the very images it is scored on (the ``train_split``), or a
-    temperature fitted on them (the ``calibration_split`` of a task with the ``calibration`` check).
+    temperature fitted on them (the ``calibration_split`` of a task with the ``calibration`` check), or a
+    linear probe's temperature fitted on the probe's own training images (``_calibration_apart_from_training``).
     Byte-for-byte copies of fitted images among the scored ones (another file, or one image filed in two
     splits) are not refused but returned as ``leak`` flags of the run (``eval.contamination.copies_in_fit``)."""
     flags = []
@@ -299,7 +300,24 @@ def check_fits_apart(suite: SuiteSpec, prepared: dict[str, PreparedDataset]) -> 
         if "calibration" in suite.task_checks(task) and fit_name and fit_name != spec.split:
             flags += _fit_apart(suite, task, prepared, task.dataset, fit_name, f"the calibration split {fit_name!r}",
                                 "fit the temperature on other images than those scored")
+            if task.task == "linear-probe" and train_split:
+                _calibration_apart_from_training(suite, task, prepared, source, train_split, fit_name)
     return flags
+
+
+def _calibration_apart_from_training(suite: SuiteSpec, task: TaskSpec, prepared: dict[str, PreparedDataset],
+                                     source: str, train_split: str, fit_name: str) -> None:
+    """InputError when a probe's calibration split holds images of its training split: the probe's predictions
+    on its own training images are over-confident, so a temperature and abstention threshold fitted on them
+    calibrate nothing (a zero-shot task trains nothing, so any split but the scored one calibrates it)."""
+    if prepared[task.dataset].dataset is None or prepared[source].dataset is None:
+        return
+    calibration = prepared[task.dataset].split(fit_name)
+    shared = prepared[source].split(train_split).shared_images(calibration)
+    if shared:
+        raise InputError(f"{suite.source}: task {task.key}: the calibration split {fit_name!r} of dataset "
+                         f"{task.dataset!r} holds {shared} images of the train_split {train_split!r} of dataset "
+                         f"{source!r}; fit the temperature on other images than those the probe is fitted on")
 
 
 def _fit_apart(suite: SuiteSpec, task: TaskSpec, prepared: dict[str, PreparedDataset], source: str, split: str,

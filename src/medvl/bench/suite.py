@@ -45,7 +45,8 @@ the suite does not define, a dataset path that does not exist, a missing split o
 (a list, a mapping, true / false; ``split: null``), and
 (``check_models``) a model that cannot do one of the tasks are ``InputError``s raised before any
 work starts; so is a task whose ``train_split`` holds images of the split it scores
-(``runner.check_fits_apart``; so is a calibration split holding them), and a split the suite reads that
+(``runner.check_fits_apart``; so is a calibration split holding them, or a linear probe's calibration split
+holding its training images), and a split the suite reads that
 holds no record of a model's kind (each model is scored on the records it takes: a DICOM folder's 2D images
 for a 2D model, its 3D series for a 3D one, ``PreparedDataset.for_spatial_dims``). The checks that transform or mask
 2D images (``TWO_D_CHECKS``: corruption, shortcut) are skipped, with the reason, for a model of 3D volumes

@@ -31,7 +31,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     class without a scored record is left out of the macro AUC and named in ``classes_absent``, with a warning.
     ``keep_scores`` adds the full probe's per-image ``probabilities`` and true class indices ``y_true``;
     ``calibration_data`` adds ``calibration``: the same probe's ``probabilities`` and ``y_true`` on those
-    records (a held-out split to fit a temperature on).
+    records (a held-out split to fit a temperature on; InputError when it holds an image of ``train_data``).
 
     ``covariates``: metadata columns of the records (e.g. ``age_approx``, ``sex``) whose logistic regression,
     fitted on ``train_data``, is fused with the full probe's probabilities (``medvl.eval.covariates``): then
@@ -45,6 +45,7 @@ def linear_probe(model: DualEncoder, train_data: Dataset, test_data: Dataset, la
     if calibration_data is not None:  # before any image is read
         calibration_data = calibration_data.with_labels([label])
         check_calibration_classes(calibration_data, label, classes)
+        check_calibration_apart(train_data, calibration_data)
     index = {name: i for i, name in enumerate(classes)}
     y_train = np.array([index[str(r.labels[label])] for r in train_data])
     y_test = np.array([index[str(r.labels[label])] for r in test_data])
@@ -119,6 +120,16 @@ def probe_classes(train_data: Dataset, test_data: Dataset, label: str) -> list[s
     if len(classes) < 2:
         raise InputError(f"{train_data.source}: label {label!r} needs at least 2 classes in training data")
     return classes
+
+
+def check_calibration_apart(train_data: Dataset, calibration_data: Dataset) -> None:
+    """InputError when ``calibration_data`` holds images of ``train_data`` (``Dataset.shared_images``): the
+    probe's predictions on its own training images are over-confident, so a temperature fitted on them
+    calibrates nothing."""
+    shared = train_data.shared_images(calibration_data)
+    if shared:
+        raise InputError(f"{calibration_data.source}: {shared} of the {len(calibration_data)} calibration records "
+                         "have an image the probe is fitted on; fit the temperature on other images")
 
 
 def check_calibration_classes(calibration_data: Dataset, label: str, classes: Sequence[str]) -> None:
