@@ -338,6 +338,34 @@ def test_notes_in_an_age_column_and_patient_ids_are_refused_and_unreadable_ages_
     assert "Smith" not in reason and "67+" not in reason
 
 
+def test_a_category_column_with_a_few_rare_values_is_kept_and_ids_or_notes_still_refused():
+    """A view column of PA 88, AP 29 and three views seen once was refused as "an identifier or free text" (over
+    half of its 5 values in one record): values seen once are an identifier or free text only when they hold a
+    quarter of the records with a value. The big groups are scored, the rare ones too small."""
+    import numpy as np
+
+    from medvl.data.record import Record
+    from medvl.eval.subgroups import check_group_column, groups_from_records, subgroup_metrics
+
+    def records(values):
+        return [Record(id=f"r{i}", images=[f"r{i}.png"], meta={"view": value}) for i, value in enumerate(values)]
+
+    views = records(["PA"] * 88 + ["AP"] * 29 + ["AP supine", "PA lordotic", "lateral decubitus"])
+    check_group_column(views, "view")
+    y_true = np.arange(len(views)) % 2
+    probabilities = np.stack([1 - y_true * 0.8 - 0.1, y_true * 0.8 + 0.1], axis=1)
+    block = subgroup_metrics(y_true, probabilities, groups_from_records(views, ["view"]), resamples=20)
+    assert sorted(block["columns"]["view"]["groups"]) == ["AP", "PA"]
+    assert block["columns"]["view"]["too_small"] == {"AP supine": 1, "PA lordotic": 1, "lateral decubitus": 1}
+    # 30 notes beside 90 records in two groups: the single-record values hold a quarter of the records, refused
+    # (a patient id over two images each stays refused by the other rule: the test above)
+    notes = records(["PA"] * 60 + ["AP"] * 30 + [f"Mr Patient{i} seen at home" for i in range(30)])
+    with pytest.raises(InputError, match=re.escape("subgroup column 'view' has 32 distinct values in 120 records, 30 "
+                                                   "of them in one record only")) as caught:
+        check_group_column(notes, "view")
+    assert "Patient" not in str(caught.value)
+
+
 def test_a_model_that_cannot_do_a_task_is_refused_before_any_work(two_models, phantom_dir, tmp_path):
     vqa_model = tmp_path / "vqa-model"
     vqa_model.mkdir()

@@ -98,14 +98,19 @@ def groups_from_records(records: Iterable[Record], columns: Sequence[str]) -> di
 # a group column of at least this many values averaging under this many records each is an identifier (a patient id
 # over a few images per patient), refused as one whose values mostly appear once is (``check_group_column``)
 IDENTIFIER_MIN_VALUES, IDENTIFIER_RECORDS_PER_VALUE = 10, 3
+# values seen once are identifiers or free text only when they hold this share of the records with a value: a
+# category column with a long tail (PA 88, AP 29 and three rare views) scores its big groups, the rare ones too small
+IDENTIFIER_SINGLE_SHARE = 0.25
 
 
 def check_group_column(records: Iterable[Record], column: str) -> None:
-    """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note), by the
-    covariates' rule (``covariates.CovariateEncoder.fit``): at least 3 distinct values, more than half of them in
-    one record only; or at least ``IDENTIFIER_MIN_VALUES`` values averaging under ``IDENTIFIER_RECORDS_PER_VALUE``
-    records (a patient id over two images each). Each record, or patient, would be a group of its own, too small to
-    score, listed by its value in the outputs; the message counts, never quotes. An age-like column (``is_age_column``:
+    """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note): at least 3
+    distinct values, more than half of them in one record only (the covariates' rule,
+    ``covariates.CovariateEncoder.fit``) and those single-record values holding at least ``IDENTIFIER_SINGLE_SHARE``
+    of the records with a value (a few rare categories beside well-filled ones are not identifiers); or at least
+    ``IDENTIFIER_MIN_VALUES`` values averaging under ``IDENTIFIER_RECORDS_PER_VALUE`` records (a patient id over two
+    images each). Each record, or patient, would be a group of its own, too small to score, listed by its value in
+    the outputs; the message counts, never quotes. An age-like column (``is_age_column``:
     a test of its name) is banded: its values that read as ages are never refused, the others (``unreadable_ages``)
     are held to the same rules, so notes in a column named ``age_note`` are refused as in any other."""
     records = list(records)
@@ -117,7 +122,7 @@ def check_group_column(records: Iterable[Record], column: str) -> None:
     counts = Counter(values)
     once = sum(count == 1 for count in counts.values())
     what = "values that are not ages" if is_age_column(column) else "values"
-    if len(counts) >= 3 and once > len(counts) / 2:
+    if len(counts) >= 3 and once > len(counts) / 2 and once >= IDENTIFIER_SINGLE_SHARE * len(values):
         raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records, "
                          f"{once} of them in one record only; a subgroup is a category shared by records, not an "
                          "identifier or free text")
