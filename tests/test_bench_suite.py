@@ -356,7 +356,16 @@ def test_a_category_column_with_a_few_rare_values_is_kept_and_ids_or_notes_still
     probabilities = np.stack([1 - y_true * 0.8 - 0.1, y_true * 0.8 + 0.1], axis=1)
     block = subgroup_metrics(y_true, probabilities, groups_from_records(views, ["view"]), resamples=20)
     assert sorted(block["columns"]["view"]["groups"]) == ["AP", "PA"]
-    assert block["columns"]["view"]["too_small"] == {"AP supine": 1, "PA lordotic": 1, "lateral decubitus": 1}
+    # the values of one record each are counted, never named (such a value may be a note), in results and words
+    assert block["columns"]["view"]["too_small"] == {}
+    assert block["columns"]["view"]["single_record_values"] == 3
+    from medvl.bench.runner import _unscored_groups
+    words = _unscored_groups(block["columns"]["view"], len(views), 10, [])
+    assert "3 values of one record each not scored" in words and "decubitus" not in words
+    small = records(["PA"] * 88 + ["AP"] * 29 + ["lateral"] * 2 + ["AP supine"])  # a rare view of two records is named
+    block = subgroup_metrics(y_true, probabilities, groups_from_records(small, ["view"]), resamples=20)
+    assert block["columns"]["view"]["too_small"] == {"lateral": 2}
+    assert block["columns"]["view"]["single_record_values"] == 1
     # 30 notes beside 90 records in two groups: the single-record values hold a quarter of the records, refused
     # (a patient id over two images each stays refused by the other rule: the test above)
     notes = records(["PA"] * 60 + ["AP"] * 30 + [f"Mr Patient{i} seen at home" for i in range(30)])

@@ -215,7 +215,9 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     value: ``n``, ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
     intervals are rough) and each metric as ``{value, low, high, resamples}``, or None for AUC of a
     single-class group; each metric's interval takes the draws ``DRAWS`` names: AUC's stratified by class),
-    ``too_small`` (value -> n), ``missing`` (records without a value),
+    ``too_small`` (value -> n, for values of two records or more), ``single_record_values`` (how many values hold
+    one record each: counted, never named, since such a value may be free text or an identifier), ``missing``
+    (records without a value),
     ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
     """
     y, scores = _check_scores(y_true, probabilities)
@@ -268,7 +270,10 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
         gap = difference_ci(metric, (y[scored[best]], scores[scored[best]]), (y[scored[worst]], scores[scored[worst]]),
                             **DRAWS[headline], **settings)
     return {"groups": groups,
-            "too_small": {name: len(index) for name, index in members.items() if name not in scored},
+            # a value held by one record only may be free text or an identifier (a column mostly of categories with
+            # a few notes passes check_group_column): such values are counted, never listed by their value
+            "too_small": {name: len(index) for name, index in members.items() if name not in scored and len(index) > 1},
+            "single_record_values": sum(len(index) == 1 and name not in scored for name, index in members.items()),
             "missing": sum(label is None for label in labels),
             "worst_group": worst, "best_group": best, "gap": gap}
 
