@@ -917,6 +917,32 @@ def test_a_form_field_that_is_not_utf8_is_refused_naming_the_field(client, png):
     assert zero_shot(client, png.read_bytes()).status_code == 200
 
 
+def test_form_text_is_read_as_the_utf8_the_check_passed_or_its_other_charset_refused(client):
+    """Starlette reads the unescaped bytes of an urlencoded body as Latin-1 (``curl -d text=é`` sends them so), and a
+    multipart body's text with the charset its Content-Type declares: UTF-8 checked, then "Ã©panchement" searched
+    (200), or the field ``text`` read as UTF-16 ("整瑸"). The text is now the UTF-8 the client sent, escaped or not;
+    a form declaring another charset is refused (415) naming it."""
+    text, token = "épanchement pleural", auth()
+    urlencoded = {**token, "Content-Type": "application/x-www-form-urlencoded"}
+    raw = client.post("/v1/search", headers=urlencoded, content=f"text={text}&k=1".encode())
+    assert raw.status_code == 200 and raw.json()["query"] == {"text": text}, raw.text
+    escaped = client.post("/v1/search", headers=token, data={"text": text, "k": "1"})  # as a browser sends it
+    assert escaped.status_code == 200 and escaped.json()["query"] == {"text": text}, escaped.text
+    body = (b'--XyZ\r\nContent-Disposition: form-data; name="text"\r\n\r\n' + text.encode()
+            + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="k"\r\n\r\n1\r\n--XyZ--\r\n')
+    for charset in ("utf-8", "UTF8"):
+        utf8 = client.post("/v1/search", headers={**token, "Content-Type": f"multipart/form-data; boundary=XyZ; "
+                                                                           f"charset={charset}"}, content=body)
+        assert utf8.status_code == 200 and utf8.json()["query"] == {"text": text}, utf8.text
+    for content_type in ("multipart/form-data; boundary=XyZ; charset=latin-1",
+                         "multipart/form-data; boundary=XyZ; charset=utf-16", "multipart/form-data; boundary=XyZ; "
+                         "charset=klingon", "application/x-www-form-urlencoded; charset=iso-8859-1"):
+        refused = client.post("/v1/search", headers={**token, "Content-Type": content_type}, content=body)
+        charset = content_type.rpartition("=")[2]
+        assert refused.status_code == 415, (content_type, refused.text)
+        assert refused.json()["detail"] == f"form text must be UTF-8: the Content-Type declares charset {charset!r}"
+
+
 def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
     """Chunks cut inside multi-byte characters are fine; a text part over the 1 MiB part limit is refused with
     413 naming it (Starlette's own refusal is a 400); a bad field in a later chunk is still found."""
