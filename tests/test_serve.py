@@ -977,6 +977,43 @@ def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
         asyncio.run(stream(body("épanchement,normal".encode("latin-1")), 7)())
 
 
+def test_an_urlencoded_text_field_over_1_mib_is_refused_with_413_naming_it_as_a_multipart_one():
+    """The follower counted multipart text parts only: an urlencoded ``text`` of 2.1 MB reached Starlette's own
+    limit, 400 "Field exceeded maximum size of 1024KB.", naming no field. Counted as Starlette counts it (name and
+    value, percent escapes included) as the body streams in, before Starlette's parser sees the chunk."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    from medvl.serve.middleware import TEXT_PART_LIMIT, form_text_checked
+
+    def form(body: bytes, size: int = 65_536):
+        chunks = [body[i:i + size] for i in range(0, len(body), size)]
+        messages = iter([{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                         for i, c in enumerate(chunks)])
+
+        async def receive():
+            return next(messages)
+
+        content_type = "application/x-www-form-urlencoded"
+        scope = {"type": "http", "method": "POST", "app": None, "headers": [(b"content-type", content_type.encode())]}
+        async def parsed():
+            return await Request(scope, form_text_checked(receive, content_type)).form()
+
+        return asyncio.run(parsed())
+
+    with pytest.raises(HTTPException, match="form field 'text' is over 1,048,576 bytes: a text field") as refused:
+        form(b"k=1&text=" + b"nodule+" * 300_000)  # 2.1 MB
+    assert refused.value.status_code == 413
+    at_limit = b"a" * (TEXT_PART_LIMIT - len("text"))
+    assert form(b"k=1&text=" + at_limit + b"&where=age+%3E+1")["text"] == at_limit.decode()  # Starlette takes it
+    with pytest.raises(HTTPException, match="form field 'text' is over") as refused:
+        form(b"text=" + at_limit + b"b&k=1")
+    assert refused.value.status_code == 413
+    with pytest.raises(HTTPException, match="form field 'text' is over"):  # é sent raw is read escaped: 6 bytes
+        form(b"text=" + at_limit[:-5] + "é".encode())
+    assert form(b"text=" + at_limit[:-6] + "é".encode() + b"&k=1")["text"] == at_limit[:-6].decode() + "é"
+
+
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
     token = TOKENS[0]
     settings = ServeSettings()  # backend auto: channels-last for a medvl model folder

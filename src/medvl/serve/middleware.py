@@ -32,7 +32,7 @@ from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, QuerystringParser, parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
@@ -278,9 +278,8 @@ def form_text_checked(receive, content_type: str | None):
                 follower.finish()
             if follower.bad is not None:
                 raise HTTPException(422, f"form field {follower.bad[:64]!r} is not UTF-8 text")
-            too_large = getattr(follower, "too_large", None)
-            if too_large is not None:  # Starlette would answer 400 for it
-                raise HTTPException(413, f"form field {str(too_large)[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
+            if follower.too_large is not None:  # Starlette would answer 400 for it
+                raise HTTPException(413, f"form field {follower.too_large[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
                                          "a text field (labels, a question, a report) is short")
             if getattr(follower, "truncated", False):  # Starlette would drop the last part without a word
                 raise HTTPException(400, "the multipart body ends before its closing boundary (truncated)")
@@ -396,22 +395,48 @@ class _MultipartText:
 
 
 class _UrlencodedText:
-    """The percent-decoded names and values of an urlencoded body, checked for UTF-8 at its end."""
+    """The fields of a (percent-escaped) urlencoded body, read by the parser Starlette reads them with: each field's
+    name and value counted together as they stream in, as Starlette counts them (``too_large``: the first over
+    TEXT_PART_LIMIT), and percent-decoded and checked for UTF-8 as each ends (``bad``: the first failing field)."""
 
     def __init__(self):
         self.bad: str | None = None
-        self._body = bytearray()
+        self.too_large: str | None = None
+        self._field = [bytearray(), bytearray()]  # the field being read: name, value (as sent, percent escapes)
+        self._parser = QuerystringParser(callbacks={
+            "on_field_start": self._field_start,
+            "on_field_name": lambda data, start, end: self._extend(0, data[start:end]),
+            "on_field_data": lambda data, start, end: self._extend(1, data[start:end]),
+            "on_field_end": self._field_end})
 
     def write(self, chunk: bytes) -> None:
-        self._body.extend(chunk)  # the body limit above bounds it
+        if self.bad is None and self.too_large is None and chunk:
+            self._parser.write(chunk)
 
     def finish(self) -> None:
-        for pair in bytes(self._body).split(b"&"):
-            name, _, value = pair.partition(b"=")
-            if not (_is_utf8(unquote_to_bytes(name.replace(b"+", b" ")))
-                    and _is_utf8(unquote_to_bytes(value.replace(b"+", b" ")))):
-                self.bad = unquote_to_bytes(name).decode("latin-1")
-                return
+        if self.bad is None and self.too_large is None:
+            self._parser.finalize()
+
+    def _field_start(self) -> None:
+        self._field = [bytearray(), bytearray()]
+
+    def _extend(self, part: int, data: bytes) -> None:
+        if self.too_large is not None:
+            return
+        if len(self._field[0]) + len(self._field[1]) + len(data) > TEXT_PART_LIMIT:  # refused (413); no more kept
+            self.too_large = _decoded(self._field[0]).decode("utf-8", "replace")
+            return
+        self._field[part].extend(data)
+
+    def _field_end(self) -> None:
+        name, value = (_decoded(raw) for raw in self._field)
+        if self.too_large is None and self.bad is None and not (_is_utf8(name) and _is_utf8(value)):
+            self.bad = name.decode("latin-1")
+
+
+def _decoded(raw: bytes | bytearray) -> bytes:
+    """A name or value of an urlencoded body, percent-decoded (``+`` is a space)."""
+    return unquote_to_bytes(bytes(raw).replace(b"+", b" "))
 
 
 def _is_utf8(data: bytes) -> bool:
