@@ -562,6 +562,25 @@ def test_a_nifti_volume_is_recognised_and_a_2d_model_says_why_it_cannot_use_it(c
     assert zero_shot(client, one_slice, "one.nii.gz").status_code == 200
 
 
+def test_a_grey_multiframe_dicom_3_columns_wide_is_refused_by_a_2d_model_as_frames_and_previewed_as_frames(
+        client, model_dir, tmp_path):
+    """64 frames of 64 rows x 3 columns (Samples per Pixel 1) were embedded and classified as one 64 x 64 colour
+    image (200, exit 0) while the preview showed frame 32 of 64: refused (422, exit 2) as a 3-frame file is."""
+    from hostile_files import grey_multiframe_dicom
+
+    path = grey_multiframe_dicom(tmp_path / "mf.dcm", 64, 64, 3)
+    token = auth()
+    for route, fields in (("/v1/embed", {}), ("/v1/zero-shot", {"labels": LABELS})):
+        answer = client.post(route, headers=token, files={"image": ("mf.dcm", path.read_bytes())}, data=fields)
+        assert answer.status_code == 422, answer.text
+        assert "a multi-frame DICOM of 64 frames (shape (64, 64, 3)): a 2D model reads one image" in \
+            answer.json()["detail"]
+    preview = client.post("/v1/preview", headers=token, files={"image": ("mf.dcm", path.read_bytes())})
+    assert preview.status_code == 200 and preview.headers["X-Preview-Slice"] == "32/64"
+    result, output = invoke("predict", path, "--model", model_dir, "--labels", LABELS)
+    assert result.exit_code == 2 and "mf.dcm: a multi-frame DICOM of 64 frames" in " ".join(output.split()), output
+
+
 def test_a_nifti_volume_over_the_readers_limit_is_413_as_over_the_services(client):
     """A header declaring 650^3 uint8 voxels (1.1 GB as float32): refused from the header, too large (413), with
     the decoded size it was checked by (the message quoted its stored 275 MB, under the limit)."""
