@@ -1261,6 +1261,41 @@ def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_
     assert report[:40] not in caplog.text and "with text" not in caplog.text
 
 
+def test_an_index_found_damaged_answers_503_on_every_index_route_until_restarted_as_health_says(
+        model_dir, index_dir, phantom_dir, png, tmp_path):
+    """Once a search met a damaged row, /v1/health said the index was unavailable while every search, draft,
+    explanation and thumbnail not meeting that row was still answered 200 from it. They answer 503 with the reason,
+    as long as health says unavailable (the flag stays until the service is restarted over a rebuilt index)."""
+    from contextlib import closing
+
+    from fastapi.testclient import TestClient
+
+    damaged = tmp_path / "damaged.idx"
+    shutil.copytree(index_dir, damaged)
+    with closing(open_index(damaged)) as index:
+        everything = search_index(index, load_model(model_dir), text="effusion", k=len(index), verify_model=False)
+    nearest, last = everything[0].id, everything[-1].id
+    with closing(sqlite3.connect(damaged / "cases.sqlite")) as conn, conn:  # one row of all: the farthest
+        conn.execute("UPDATE cases SET report = report || X'FF' WHERE id = ?", (last,))
+    reason = ("cannot read the cases table (a cell of column 'report' is not UTF-8 text): a damaged index: rebuild it "
+              "with `medvl index build`")
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    app = create_app(model_dir, index=damaged, settings=ServeSettings(data_root=phantom_dir), require_token=False)
+    with TestClient(app) as http:
+        before = http.post("/v1/search", data={"text": "effusion", "k": "1"})
+        assert before.status_code == 200 and before.json()["hits"][0]["id"] == nearest, before.text
+        met = http.post("/v1/search", data={"text": "effusion", "k": str(len(everything))})
+        assert met.status_code == 503 and met.json()["detail"] == reason, met.text
+        assert http.get("/v1/health").json() == {**http.get("/v1/health").json(), "status": "degraded",
+                                                 "index": "unavailable"}
+        for answer in (http.post("/v1/search", data={"text": "effusion", "k": "1"}),
+                       http.post("/v1/report/draft", files=image, data={"k": "3"}),
+                       http.post("/v1/explain", files=image, data={"labels": "nodule,no_finding", "k": "1"}),
+                       http.get(f"/v1/cases/{quote(nearest, safe='')}/thumbnail")):
+            assert answer.status_code == 503 and answer.json()["detail"] == reason, (answer.request.url, answer.text)
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher
