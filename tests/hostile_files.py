@@ -186,3 +186,28 @@ def animated_png(path: Path) -> Path:
                                   duration=500, loop=0)
     return path
 
+
+
+def grey_multiframe_dicom(path: Path, frames: int, rows: int, columns: int) -> Path:
+    """A MONOCHROME2 CT of ``frames`` frames of ``rows`` x ``columns`` (Samples per Pixel 1), random 12-bit values, no
+    window: 64 frames 3 columns wide were read by a 2D model as one 64 x 64 colour image."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    pixels = np.random.default_rng(0).integers(0, 2000, (frames, rows, columns))
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -99,6 +99,31 @@ def test_a_nifti_volume_is_refused_by_a_2d_model_never_read_as_colour(tmp_path, 
             read(path)
 
 
+@pytest.mark.parametrize("frames, rows, columns", [(64, 64, 3), (32, 64, 4), (3, 64, 64)])
+def test_a_multiframe_dicom_is_refused_by_a_2d_model_never_read_as_colour(tmp_path, frames, rows, columns):
+    """A grey multi-frame DICOM (frames x rows x columns, Samples per Pixel 1) 3 or 4 columns wide was read by a 2D
+    model as one colour image of frames x rows; refused as a NIfTI volume is, with or without the model's windows
+    (modality values); a single-frame colour DICOM is still one image."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from hostile_files import grey_multiframe_dicom
+    from medvl.data.images import read_image_2d
+    from medvl.errors import DataError
+
+    path = grey_multiframe_dicom(tmp_path / "mf.dcm", frames, rows, columns)
+    assert read_image(path).shape == (frames, rows, columns)
+    windowed = ImageConfig(image_size=16, in_channels=3, window=[-600, 1500, 50, 350, 400, 1800])  # modality values
+    for config in (ImageConfig(image_size=16), windowed):
+        preprocessor = ImagePreprocessor(config)
+        for read in (preprocessor.read, preprocessor.load):
+            with pytest.raises(DataError, match=rf"mf\.dcm: a multi-frame DICOM of {frames} frames .*a 2D model reads "
+                                                "one image"):
+                read(path)
+    assert read_image_2d(get_testdata_file("SC_rgb.dcm")).shape == (100, 100, 3)
+    assert read_image_2d(get_testdata_file("CT_small.dcm")).shape == (128, 128)
+
+
 @pytest.mark.parametrize("shape", [(12, 10), (12, 10, 1)])
 def test_a_one_slice_nifti_is_a_2d_image_shown_anterior_up_patient_right_on_the_left(tmp_path, shape):
     """x runs to the patient's right and y to anterior (identity affine, RAS): the viewer's top row is the most

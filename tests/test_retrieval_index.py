@@ -1525,13 +1525,14 @@ def test_an_image_a_2d_model_cannot_take_is_named_by_its_file(model_dir, phantom
     (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\nscan.dcm,e f\np2.png,g h\n")
     result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
     assert result.exit_code == 2 and "<array>" not in output
-    assert "scan.dcm: image shape (2, 100, 100, 3) does not fit a 2D model" in " ".join(output.split())
+    assert "scan.dcm: a multi-frame DICOM of 2 frames (shape (2, 100, 100, 3)): a 2D model reads one image" \
+        in " ".join(output.split())
     (folder / "manifest.csv").write_text("image,text\np0.png,a b\np1.png,c d\n")
     result, output = invoke("index", "build", "--model", model_dir, "--data", folder, "--out", tmp_path / "idx", "-q")
     assert result.exit_code == 0, output
     result, output = invoke("search", "--index", tmp_path / "idx", "--image", folder / "scan.dcm", "-k", 1)
     assert result.exit_code == 2 and "<array>" not in output
-    assert "scan.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())
+    assert "scan.dcm: a multi-frame DICOM of 2 frames" in " ".join(output.split())
 
 
 def test_search_show_names_a_column_of_the_index_or_is_refused(built, tmp_path):

@@ -562,6 +562,25 @@ def test_a_nifti_volume_is_recognised_and_a_2d_model_says_why_it_cannot_use_it(c
     assert zero_shot(client, one_slice, "one.nii.gz").status_code == 200
 
 
+def test_a_grey_multiframe_dicom_3_columns_wide_is_refused_by_a_2d_model_as_frames_and_previewed_as_frames(
+        client, model_dir, tmp_path):
+    """64 frames of 64 rows x 3 columns (Samples per Pixel 1) were embedded and classified as one 64 x 64 colour
+    image (200, exit 0) while the preview showed frame 32 of 64: refused (422, exit 2) as a 3-frame file is."""
+    from hostile_files import grey_multiframe_dicom
+
+    path = grey_multiframe_dicom(tmp_path / "mf.dcm", 64, 64, 3)
+    token = auth()
+    for route, fields in (("/v1/embed", {}), ("/v1/zero-shot", {"labels": LABELS})):
+        answer = client.post(route, headers=token, files={"image": ("mf.dcm", path.read_bytes())}, data=fields)
+        assert answer.status_code == 422, answer.text
+        assert "a multi-frame DICOM of 64 frames (shape (64, 64, 3)): a 2D model reads one image" in \
+            answer.json()["detail"]
+    preview = client.post("/v1/preview", headers=token, files={"image": ("mf.dcm", path.read_bytes())})
+    assert preview.status_code == 200 and preview.headers["X-Preview-Slice"] == "32/64"
+    result, output = invoke("predict", path, "--model", model_dir, "--labels", LABELS)
+    assert result.exit_code == 2 and "mf.dcm: a multi-frame DICOM of 64 frames" in " ".join(output.split()), output
+
+
 def test_a_nifti_volume_over_the_readers_limit_is_413_as_over_the_services(client):
     """A header declaring 650^3 uint8 voxels (1.1 GB as float32): refused from the header, too large (413), with
     the decoded size it was checked by (the message quoted its stored 275 MB, under the limit)."""
@@ -917,6 +936,32 @@ def test_a_form_field_that_is_not_utf8_is_refused_naming_the_field(client, png):
     assert zero_shot(client, png.read_bytes()).status_code == 200
 
 
+def test_form_text_is_read_as_the_utf8_the_check_passed_or_its_other_charset_refused(client):
+    """Starlette reads the unescaped bytes of an urlencoded body as Latin-1 (``curl -d text=é`` sends them so), and a
+    multipart body's text with the charset its Content-Type declares: UTF-8 checked, then "Ã©panchement" searched
+    (200), or the field ``text`` read as UTF-16 ("整瑸"). The text is now the UTF-8 the client sent, escaped or not;
+    a form declaring another charset is refused (415) naming it."""
+    text, token = "épanchement pleural", auth()
+    urlencoded = {**token, "Content-Type": "application/x-www-form-urlencoded"}
+    raw = client.post("/v1/search", headers=urlencoded, content=f"text={text}&k=1".encode())
+    assert raw.status_code == 200 and raw.json()["query"] == {"text": text}, raw.text
+    escaped = client.post("/v1/search", headers=token, data={"text": text, "k": "1"})  # as a browser sends it
+    assert escaped.status_code == 200 and escaped.json()["query"] == {"text": text}, escaped.text
+    body = (b'--XyZ\r\nContent-Disposition: form-data; name="text"\r\n\r\n' + text.encode()
+            + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="k"\r\n\r\n1\r\n--XyZ--\r\n')
+    for charset in ("utf-8", "UTF8"):
+        utf8 = client.post("/v1/search", headers={**token, "Content-Type": f"multipart/form-data; boundary=XyZ; "
+                                                                           f"charset={charset}"}, content=body)
+        assert utf8.status_code == 200 and utf8.json()["query"] == {"text": text}, utf8.text
+    for content_type in ("multipart/form-data; boundary=XyZ; charset=latin-1",
+                         "multipart/form-data; boundary=XyZ; charset=utf-16", "multipart/form-data; boundary=XyZ; "
+                         "charset=klingon", "application/x-www-form-urlencoded; charset=iso-8859-1"):
+        refused = client.post("/v1/search", headers={**token, "Content-Type": content_type}, content=body)
+        charset = content_type.rpartition("=")[2]
+        assert refused.status_code == 415, (content_type, refused.text)
+        assert refused.json()["detail"] == f"form text must be UTF-8: the Content-Type declares charset {charset!r}"
+
+
 def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
     """Chunks cut inside multi-byte characters are fine; a text part over the 1 MiB part limit is refused with
     413 naming it (Starlette's own refusal is a 400); a bad field in a later chunk is still found."""
@@ -949,6 +994,43 @@ def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
     assert refused.value.status_code == 413
     with pytest.raises(HTTPException, match="form field 'labels' is not UTF-8 text"):
         asyncio.run(stream(body("épanchement,normal".encode("latin-1")), 7)())
+
+
+def test_an_urlencoded_text_field_over_1_mib_is_refused_with_413_naming_it_as_a_multipart_one():
+    """The follower counted multipart text parts only: an urlencoded ``text`` of 2.1 MB reached Starlette's own
+    limit, 400 "Field exceeded maximum size of 1024KB.", naming no field. Counted as Starlette counts it (name and
+    value, percent escapes included) as the body streams in, before Starlette's parser sees the chunk."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    from medvl.serve.middleware import TEXT_PART_LIMIT, form_text_checked
+
+    def form(body: bytes, size: int = 65_536):
+        chunks = [body[i:i + size] for i in range(0, len(body), size)]
+        messages = iter([{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                         for i, c in enumerate(chunks)])
+
+        async def receive():
+            return next(messages)
+
+        content_type = "application/x-www-form-urlencoded"
+        scope = {"type": "http", "method": "POST", "app": None, "headers": [(b"content-type", content_type.encode())]}
+        async def parsed():
+            return await Request(scope, form_text_checked(receive, content_type)).form()
+
+        return asyncio.run(parsed())
+
+    with pytest.raises(HTTPException, match="form field 'text' is over 1,048,576 bytes: a text field") as refused:
+        form(b"k=1&text=" + b"nodule+" * 300_000)  # 2.1 MB
+    assert refused.value.status_code == 413
+    at_limit = b"a" * (TEXT_PART_LIMIT - len("text"))
+    assert form(b"k=1&text=" + at_limit + b"&where=age+%3E+1")["text"] == at_limit.decode()  # Starlette takes it
+    with pytest.raises(HTTPException, match="form field 'text' is over") as refused:
+        form(b"text=" + at_limit + b"b&k=1")
+    assert refused.value.status_code == 413
+    with pytest.raises(HTTPException, match="form field 'text' is over"):  # é sent raw is read escaped: 6 bytes
+        form(b"text=" + at_limit[:-5] + "é".encode())
+    assert form(b"text=" + at_limit[:-6] + "é".encode() + b"&k=1")["text"] == at_limit[:-6].decode() + "é"
 
 
 def test_a_service_on_another_backend_answers_as_the_library_on_that_backend(model_dir, png, tmp_path):
@@ -1177,6 +1259,41 @@ def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_
         assert health.json()["index"] == "unavailable"
         assert http.get("/v1/models").json()["models"][0]["index"]["unavailable"] == reason
     assert report[:40] not in caplog.text and "with text" not in caplog.text
+
+
+def test_an_index_found_damaged_answers_503_on_every_index_route_until_restarted_as_health_says(
+        model_dir, index_dir, phantom_dir, png, tmp_path):
+    """Once a search met a damaged row, /v1/health said the index was unavailable while every search, draft,
+    explanation and thumbnail not meeting that row was still answered 200 from it. They answer 503 with the reason,
+    as long as health says unavailable (the flag stays until the service is restarted over a rebuilt index)."""
+    from contextlib import closing
+
+    from fastapi.testclient import TestClient
+
+    damaged = tmp_path / "damaged.idx"
+    shutil.copytree(index_dir, damaged)
+    with closing(open_index(damaged)) as index:
+        everything = search_index(index, load_model(model_dir), text="effusion", k=len(index), verify_model=False)
+    nearest, last = everything[0].id, everything[-1].id
+    with closing(sqlite3.connect(damaged / "cases.sqlite")) as conn, conn:  # one row of all: the farthest
+        conn.execute("UPDATE cases SET report = report || X'FF' WHERE id = ?", (last,))
+    reason = ("cannot read the cases table (a cell of column 'report' is not UTF-8 text): a damaged index: rebuild it "
+              "with `medvl index build`")
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    app = create_app(model_dir, index=damaged, settings=ServeSettings(data_root=phantom_dir), require_token=False)
+    with TestClient(app) as http:
+        before = http.post("/v1/search", data={"text": "effusion", "k": "1"})
+        assert before.status_code == 200 and before.json()["hits"][0]["id"] == nearest, before.text
+        met = http.post("/v1/search", data={"text": "effusion", "k": str(len(everything))})
+        assert met.status_code == 503 and met.json()["detail"] == reason, met.text
+        assert http.get("/v1/health").json() == {**http.get("/v1/health").json(), "status": "degraded",
+                                                 "index": "unavailable"}
+        for answer in (http.post("/v1/search", data={"text": "effusion", "k": "1"}),
+                       http.post("/v1/report/draft", files=image, data={"k": "3"}),
+                       http.post("/v1/explain", files=image, data={"labels": "nodule,no_finding", "k": "1"}),
+                       http.get(f"/v1/cases/{quote(nearest, safe='')}/thumbnail")):
+            assert answer.status_code == 503 and answer.json()["detail"] == reason, (answer.request.url, answer.text)
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):

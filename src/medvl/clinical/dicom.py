@@ -549,6 +549,12 @@ def _check_one_value(path: Path, ds, keyword: str) -> None:
         raise DataError(path, f"{dictionary_description(keyword)} must be one value, got {len(value)}")
 
 
+def frame_count(path: str | Path) -> int:
+    """The frames a DICOM file's header declares (Number of Frames; 1 without one), as ``read_dicom`` stacks them;
+    the pixels are not read."""
+    return _frame_count(read_dataset(path, header_only=True))
+
+
 def _frame_count(ds) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))

@@ -39,6 +39,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..clinical.dicom import frame_count
 from ..clinical.formats import DICOM_SUFFIXES, NIFTI_SUFFIXES, has_dicom_preamble
 from ..clinical.readers import read_dicom_values, register_clinical_readers
 from ..clinical.windowing import one_slice_view
@@ -255,9 +256,16 @@ def read_image_2d(path: str | Path | LoadableImage, modality_values: bool = Fals
     axis (one axial, coronal or sagittal slice) comes back as that ``HxW`` slice in its plane's reading
     orientation (``one_slice_view``: an axial one as the reading page shows it, anterior at the top and the
     patient's right on the viewer's left); a volume of several slices along every axis is a ``DataError``, never
-    read as a colour image because its last axis happens to be 3 or 4 voxels wide."""
+    read as a colour image because its last axis happens to be 3 or 4 voxels wide. A multi-frame DICOM
+    (``frames x H x W[x3]``) is a ``DataError`` too: grey frames 3 or 4 columns wide would pass for one colour
+    image (its header's Number of Frames tells them from one, not the shape)."""
     array = read_image(path, modality_values=modality_values)
-    if isinstance(path, LoadableImage) or image_suffix(path) not in NIFTI_SUFFIXES:
+    if isinstance(path, LoadableImage):
+        return array
+    suffix = image_suffix(path)
+    if suffix in DICOM_SUFFIXES or (not suffix and has_dicom_preamble(path)):
+        return _one_dicom_frame(Path(path), array)
+    if suffix not in NIFTI_SUFFIXES:
         return array
     plane = one_slice_view(array)
     if plane is None:
@@ -265,3 +273,13 @@ def read_image_2d(path: str | Path | LoadableImage, modality_values: bool = Fals
                               "one image; use a 3D model (spatial_dims=3) or a file one voxel thick along an axis "
                               "(one axial, coronal or sagittal slice)")
     return np.ascontiguousarray(plane)
+
+
+def _one_dicom_frame(path: Path, array: np.ndarray) -> np.ndarray:
+    """A DICOM file's ``HxW[x3]`` image, or ``DataError`` for a multi-frame one (``read_image_2d``); the header is
+    read again only for an array that could be either (``HxWx3`` colour, or grey frames)."""
+    frames = array.shape[0] if array.ndim == 4 else frame_count(path) if array.ndim == 3 else 1
+    if frames > 1:
+        raise DataError(path, f"a multi-frame DICOM of {frames} frames (shape {array.shape}): a 2D model reads one "
+                              "image; use a 3D model (spatial_dims=3) or a file of one frame")
+    return array

@@ -8,7 +8,8 @@ refused at once (413) and a streamed (chunked) body is counted and cut off there
 taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
 text field that is not UTF-8 is refused (422) as the body streams in, and a multipart body that ends before its
 closing boundary (400: Starlette would drop its last part) when it ends (``form_text_checked``); a multipart
-boundary longer than the parser takes is refused (400) before the body is read (``boundary_refusal``).
+boundary longer than the parser takes (400, ``boundary_refusal``) and a form declaring a charset other than UTF-8
+(415, ``charset_refusal``) are refused before the body is read.
 
 Bodies are held in memory, so the bytes of all bodies in flight are bounded (``BodyBudget``): a request
 whose ``Content-Length`` would take them over the budget is refused at once (503 with ``Retry-After``),
@@ -20,15 +21,18 @@ closed (a client trickling a body in would otherwise hold its share of the budge
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, QuerystringParser, parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
@@ -135,6 +139,10 @@ class ServiceMiddleware:
         if boundary_problem is not None:
             timings["error"] = "invalid_boundary"
             return 400, boundary_problem, {}
+        charset_problem = charset_refusal(headers.get("content-type"))
+        if charset_problem is not None:
+            timings["error"] = "form_charset"
+            return 415, charset_problem, {}
         length, limit = headers.get("content-length"), self._body_limit(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
@@ -240,40 +248,55 @@ def form_text_checked(receive, content_type: str | None):
     """``receive`` that refuses (422) a form whose text fields are not UTF-8, naming the field, (413) one with a
     text field over ``TEXT_PART_LIMIT`` (Starlette's own refusal of it is a 400) and (400) a multipart body that
     ends before its closing boundary (Starlette drops its last part, so a filter or a count sent last vanished).
-    A boundary the parser refuses was refused before (``boundary_refusal``).
+    A boundary the parser refuses, and a charset other than UTF-8, were refused before (``boundary_refusal``,
+    ``charset_refusal``).
 
     Starlette reads such a field as Latin-1 without a word (``labels`` of bytes ``ff fe`` become "ÿþ"), so
     the body is followed as it streams in: the text parts of a ``multipart/form-data`` body (file parts
     are passed over; only their boundaries are looked for) and the percent-decoded values of an
-    ``application/x-www-form-urlencoded`` one. A body the follower cannot parse is left to the app,
-    whose own parser reports it."""
+    ``application/x-www-form-urlencoded`` one. Starlette reads the bytes of an urlencoded body that are not ASCII
+    as Latin-1 too (``curl -d text=é`` sends them unescaped), but its percent escapes as UTF-8: they are escaped
+    (``percent_escaped``) before the follower and the app see them, so the app reads the UTF-8 text the follower
+    checked. A body the follower cannot parse is left to the app, whose own parser reports it."""
     if content_type is None:
         return receive
     kind, options = parse_options_header(content_type)
     if kind == b"multipart/form-data" and options.get(b"boundary"):
         follower: _MultipartText | _UrlencodedText = _MultipartText(options[b"boundary"])  # checked: boundary_refusal
+        given: Callable[[bytes], bytes] = bytes  # the body as it came
     elif kind == b"application/x-www-form-urlencoded":
-        follower = _UrlencodedText()
+        follower, given = _UrlencodedText(), percent_escaped
     else:
         return receive
 
     async def checked():
         message = await receive()
         if message["type"] == "http.request":
-            follower.write(message.get("body", b""))
+            body = given(message.get("body", b""))
+            follower.write(body)
             if not message.get("more_body", False):
                 follower.finish()
             if follower.bad is not None:
                 raise HTTPException(422, f"form field {follower.bad[:64]!r} is not UTF-8 text")
-            too_large = getattr(follower, "too_large", None)
-            if too_large is not None:  # Starlette would answer 400 for it
-                raise HTTPException(413, f"form field {str(too_large)[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
+            if follower.too_large is not None:  # Starlette would answer 400 for it
+                raise HTTPException(413, f"form field {follower.too_large[:64]!r} is over {TEXT_PART_LIMIT:,} bytes: "
                                          "a text field (labels, a question, a report) is short")
             if getattr(follower, "truncated", False):  # Starlette would drop the last part without a word
                 raise HTTPException(400, "the multipart body ends before its closing boundary (truncated)")
+            message = {**message, "body": body}
         return message
 
     return checked
+
+
+_NOT_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+def percent_escaped(body: bytes) -> bytes:
+    """An urlencoded body with each byte that is not ASCII written as its percent escape (the bytes c3 a9 of "é"
+    as ``%C3%A9``, as a browser sends them): the same fields, which Starlette then reads as UTF-8. Byte by byte, so a
+    body cut anywhere into chunks is escaped chunk by chunk."""
+    return _NOT_ASCII.sub(lambda byte: b"%%%02X" % byte[0][0], body)
 
 
 def boundary_refusal(content_type: str | None) -> str | None:
@@ -290,6 +313,25 @@ def boundary_refusal(content_type: str | None) -> str | None:
     except FormParserError as error:
         return f"invalid multipart boundary ({error})"
     return None
+
+
+def charset_refusal(content_type: str | None) -> str | None:
+    """Why a form declaring a charset other than UTF-8 is refused (415), or None: Starlette decodes a multipart
+    body's text fields and field names with that charset (UTF-8 checked, then read as Latin-1, or ``text`` as the
+    UTF-16 "整瑸"), so form text is UTF-8, declared or not."""
+    if content_type is None:
+        return None
+    kind, options = parse_options_header(content_type)
+    charset = options.get(b"charset")
+    if kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded") or charset is None:
+        return None
+    name = charset.decode("latin-1")
+    try:
+        if codecs.lookup(name).name == "utf-8":
+            return None
+    except LookupError:
+        pass
+    return f"form text must be UTF-8: the Content-Type declares charset {name[:40]!r}"
 
 
 TEXT_PART_LIMIT = 1024 * 1024  # starlette refuses a text part over 1 MiB; no more of one is kept here
@@ -353,22 +395,48 @@ class _MultipartText:
 
 
 class _UrlencodedText:
-    """The percent-decoded names and values of an urlencoded body, checked for UTF-8 at its end."""
+    """The fields of a (percent-escaped) urlencoded body, read by the parser Starlette reads them with: each field's
+    name and value counted together as they stream in, as Starlette counts them (``too_large``: the first over
+    TEXT_PART_LIMIT), and percent-decoded and checked for UTF-8 as each ends (``bad``: the first failing field)."""
 
     def __init__(self):
         self.bad: str | None = None
-        self._body = bytearray()
+        self.too_large: str | None = None
+        self._field = [bytearray(), bytearray()]  # the field being read: name, value (as sent, percent escapes)
+        self._parser = QuerystringParser(callbacks={
+            "on_field_start": self._field_start,
+            "on_field_name": lambda data, start, end: self._extend(0, data[start:end]),
+            "on_field_data": lambda data, start, end: self._extend(1, data[start:end]),
+            "on_field_end": self._field_end})
 
     def write(self, chunk: bytes) -> None:
-        self._body.extend(chunk)  # the body limit above bounds it
+        if self.bad is None and self.too_large is None and chunk:
+            self._parser.write(chunk)
 
     def finish(self) -> None:
-        for pair in bytes(self._body).split(b"&"):
-            name, _, value = pair.partition(b"=")
-            if not (_is_utf8(unquote_to_bytes(name.replace(b"+", b" ")))
-                    and _is_utf8(unquote_to_bytes(value.replace(b"+", b" ")))):
-                self.bad = unquote_to_bytes(name).decode("latin-1")
-                return
+        if self.bad is None and self.too_large is None:
+            self._parser.finalize()
+
+    def _field_start(self) -> None:
+        self._field = [bytearray(), bytearray()]
+
+    def _extend(self, part: int, data: bytes) -> None:
+        if self.too_large is not None:
+            return
+        if len(self._field[0]) + len(self._field[1]) + len(data) > TEXT_PART_LIMIT:  # refused (413); no more kept
+            self.too_large = _decoded(self._field[0]).decode("utf-8", "replace")
+            return
+        self._field[part].extend(data)
+
+    def _field_end(self) -> None:
+        name, value = (_decoded(raw) for raw in self._field)
+        if self.too_large is None and self.bad is None and not (_is_utf8(name) and _is_utf8(value)):
+            self.bad = name.decode("latin-1")
+
+
+def _decoded(raw: bytes | bytearray) -> bytes:
+    """A name or value of an urlencoded body, percent-decoded (``+`` is a space)."""
+    return unquote_to_bytes(bytes(raw).replace(b"+", b" "))
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -164,9 +164,15 @@ class ModelService:
     async def on_index(self, function, *args, **kwargs):
         """``run_on_model_thread`` for work that searches the index. An index rebuilt with another model since the
         service checked it at start (a PostgreSQL table swapped underneath, ``IndexRebuilt``) answers 503 with
-        the reason: this service cannot search it until restarted with that model."""
+        the reason: this service cannot search it until restarted with that model. So does a FAISS index whose case
+        table a read found damaged (``IndexDamaged``, kept in its ``damaged``), from then on, as ``/v1/health`` says
+        it is unavailable: which answers the damage reached cannot be told, and the file stays damaged until it is
+        rebuilt and the service restarted."""
         from ..index.base import IndexRebuilt
 
+        damaged = getattr(self.index, "damaged", None)
+        if damaged:
+            raise ServiceUnavailable(damaged)
         try:
             return await self.run_on_model_thread(function, *args, **kwargs)
         except IndexRebuilt as error:
