@@ -604,6 +604,47 @@ def test_a_series_missing_a_slice_is_refused_not_stacked_with_the_gap_closed(tmp
     assert volume.shape == (4, 4, 4) and spacing[0] == pytest.approx(SPACING[0])
 
 
+def test_slices_or_frames_of_different_pixel_spacing_are_not_stacked_as_one_volume(tmp_path):
+    """Review finding: only the orientation and the matrix size were compared, so slices of one 4 x 4 matrix but
+    another field of view (pixel spacing) were stacked at the first slice's spacing, by load_volume, the dataset
+    loader (a volume record) and dicom-info (one spacing shown); an enhanced file's per-frame spacing likewise."""
+    from cli_helpers import invoke
+    from medvl.clinical.summary import series_summaries
+    from medvl.data.images import read_image
+    from medvl.data.loaders import load_dataset
+
+    def wider(ds: Dataset, k: int) -> None:
+        if k >= 3:
+            ds.PixelSpacing = [0.5, 0.5]
+
+    paths = write_series(tmp_path / "ct", marked_volume((5, 4, 4)), extra=wider)
+    with pytest.raises(DataError, match=r"slice_002\.dcm: series 1 \(CT, 5 file\(s\).*\): slice 4 of 5 has pixel "
+                                        r"spacing 0\.5 x 0\.5 mm, the others 0\.8 x 0\.7 mm: .*not one volume"):
+        load_volume(tmp_path / "ct")
+    assert sorted(record.meta["kind"] for record in load_dataset(tmp_path / "ct")) == ["image"] * len(paths)
+    [row] = series_summaries(tmp_path / "ct")
+    assert row["pixel_spacing_mm"] is None and sorted(row["pixel_spacings_mm"]) == [[0.5, 0.5], [0.8, 0.7]]
+    result, output = invoke("dicom-info", tmp_path / "ct", "--json", tmp_path / "info.json")
+    assert result.exit_code == 0 and "mixed:" in output  # the table shows both, not one
+    assert json.loads((tmp_path / "info.json").read_text())["series"] == [row]
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.8, 0.8], 10
+    ds.PerFrameFunctionalGroupsSequence[1].PixelMeasuresSequence = [measures]
+    (tmp_path / "ect").mkdir()
+    ds.save_as(tmp_path / "ect" / "ect.dcm")
+    for read in (load_volume, lambda folder: read_image(folder / "ect.dcm", modality_values=True)):
+        with pytest.raises(DataError, match=r"ect\.dcm: frames: frame 2 of 2 has pixel spacing 0\.8 x 0\.8 mm, the "
+                                            r"others 0\.3887 x 0\.3887 mm"):
+            read(tmp_path / "ect")
+    [row] = series_summaries(tmp_path / "ect" / "ect.dcm")
+    assert row["pixel_spacing_mm"] is None and row["pixel_spacings_mm"] == [[0.388672, 0.388672], [0.8, 0.8]]
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ect" / "image.dcm")
+    assert [record.meta["kind"] for record in load_dataset(tmp_path / "ect")] == ["image"]  # the file skipped
+    volume, spacing = load_volume(write_series(tmp_path / "whole", marked_volume((4, 4, 4)))[0].parent)
+    assert spacing[1:] == pytest.approx(SPACING[1:])  # one spacing: stacked as before
+
+
 def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
     from cli_helpers import invoke
     from medvl.clinical.deid import deidentify

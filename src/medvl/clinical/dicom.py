@@ -48,7 +48,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,8 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one plane orientation
+# pixel spacings this close (relative): one pixel grid (writers round the DS values differently)
+SAME_SPACING_RTOL = 1e-3
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
 MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
@@ -862,9 +864,10 @@ def _spacing_pair(value) -> list[float] | None:
     return spacing
 
 
-def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
+def pixel_spacing(ds, frame: int = 0) -> tuple[list[float] | None, str | None]:
     """(row spacing, column spacing) in mm and the attribute it came from, or (None, None); a spacing
-    of zero, below zero or not finite counts as none.
+    of zero, below zero or not finite counts as none. An enhanced multi-frame file's is ``frame``'s own
+    Pixel Measures, else the shared one.
 
     Pixel Spacing is in the patient; Imager Pixel Spacing (projection radiography) is at the
     detector, magnified relative to the patient by the source-to-detector geometry."""
@@ -872,10 +875,48 @@ def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
         spacing = _spacing_pair(ds.get(keyword))
         if spacing:
             return spacing, keyword
-    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing", frame))
     if spacing:
         return spacing, "PixelSpacing"
     return None, None
+
+
+def frame_pixel_spacings(ds, frames: int) -> list[list[float] | None]:
+    """Each frame's pixel spacing in mm (``pixel_spacing``): an enhanced multi-frame file states one per frame."""
+    return [pixel_spacing(ds, frame)[0] for frame in range(max(frames, 1))]
+
+
+def same_spacing(spacing: Sequence[float], other: Sequence[float]) -> bool:
+    """True if two pixel spacings describe one pixel grid (within ``SAME_SPACING_RTOL``)."""
+    return bool(np.allclose(spacing, other, rtol=SAME_SPACING_RTOL, atol=0.0))
+
+
+def distinct_spacings(spacings: Iterable[Sequence[float] | None]) -> list[list[float]]:
+    """The different pixel spacings among ``spacings`` (``same_spacing``), first seen first; no spacing is left
+    out. More than one: the slices or frames are not one pixel grid (different fields of view on one matrix)."""
+    kept: list[list[float]] = []
+    for spacing in spacings:
+        if spacing and not any(same_spacing(spacing, seen) for seen in kept):
+            kept.append(list(spacing))
+    return kept
+
+
+def spacing_text(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{value:.4g}" for value in spacing)
+
+
+def one_pixel_spacing(paths: Sequence[Path], spacings: Sequence[Sequence[float] | None], what: str,
+                      unit: str = "slice") -> list[float] | None:
+    """The pixel spacing the slices (``unit``; or frames) of one volume share, None if none states one. Two
+    different ones (``same_spacing``) are a ``DataError`` naming the file (``paths``: each slice's), ``what``, the
+    slice and both spacings: stacked, one of them would be shown (and given to a model) at the other's scale."""
+    found = distinct_spacings(spacings)
+    if len(found) > 1:
+        index = next(n for n, spacing in enumerate(spacings) if spacing and not same_spacing(spacing, found[0]))
+        raise DataError(paths[index], f"{what}: {unit} {index + 1} of {len(spacings)} has pixel spacing "
+                                      f"{spacing_text(found[1])} mm, the others {spacing_text(found[0])} mm: "
+                                      "different fields of view on one matrix, not one volume; split it first")
+    return found[0] if found else None
 
 
 def safe_meta(ds, syntax=None) -> dict[str, Any]:
@@ -973,7 +1014,9 @@ class DicomSeries:
     rows: int | None = None
     columns: int | None = None
     frames: int = 0  # frames over all files
-    pixel_spacing_mm: list[float] | None = None
+    pixel_spacing_mm: list[float] | None = None  # the first file's (its first frame's)
+    # every different pixel spacing of its files and frames (``distinct_spacings``): more than one, not one volume
+    pixel_spacings_mm: list[list[float]] = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"series {self.series_number if self.series_number is not None else '?'} "
@@ -1057,6 +1100,8 @@ def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path,
                                            pixel_spacing_mm=pixel_spacing(ds)[0])
     series.files.append(path)
     series.frames += _frame_count(ds)
+    series.pixel_spacings_mm = distinct_spacings([*series.pixel_spacings_mm,
+                                                  *frame_pixel_spacings(ds, _frame_count(ds))])
     instances.setdefault((*key, str(ds.get("SOPInstanceUID") or path)), []).append(path)
     order[path] = (_int(ds.get("InstanceNumber")) or 0, path.name)
     return 0
@@ -1215,11 +1260,13 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     for (path, _), (_, other) in zip(headers, geometry, strict=True):
         if not same_plane(other, orientation):
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
+    row_spacing = one_pixel_spacing(series.files, [pixel_spacing(ds)[0] for _, ds in headers], series.describe())
+    if not row_spacing:
+        raise DataError(series.files[0], "no Pixel Spacing in the series headers")
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
                                 series.describe())
     window = _series_window(series, [ds for _, ds in headers], window)
     slices: list[np.ndarray] = []
-    row_spacing: list[float] | None = None
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
     for index in ranking:
         path = headers[index][0]
@@ -1231,9 +1278,6 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
         if meta["inverted"] and meta["window"] is None:
             to_invert.append(len(slices))
         slices.append(array)
-        row_spacing = row_spacing or meta["pixel_spacing_mm"]
-    if not row_spacing:
-        raise DataError(series.files[0], "no Pixel Spacing in the series headers")
     volume = np.stack(slices).astype(np.float32, copy=False)
     if to_invert:  # one offset for the whole series: min + max - v over its MONOCHROME1 slices
         low, high = float(volume[to_invert].min()), float(volume[to_invert].max())
@@ -1268,8 +1312,8 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     orientation, positions = placement[0][0], placement[1]
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
+    spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
     ranking, dz = _volume_order(path, orientation, positions, path.name)
-    spacing = _spacing_pair(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
 
@@ -1307,11 +1351,11 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
         raise DataError(path, f"frames in different orientations (frame {other + 1}'s plane differs from frame 1's, "
                               "as in a multi-plane localizer): not one volume, cannot stack")
     orientation = orientations[0]
+    spacing = one_pixel_spacing([path] * frames, frame_pixel_spacings(ds, frames), "frames", "frame")
+    if not spacing:
+        raise DataError(path, "no Pixel Spacing in the header")
     ranking, dz = _volume_order(path, orientation, positions, path.name)
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")
-    spacing = meta["pixel_spacing_mm"]
-    if not spacing:
-        raise DataError(path, "no Pixel Spacing in the header")
     return to_ras(array[ranking], orientation, (dz, spacing[0], spacing[1]))
