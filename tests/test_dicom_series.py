@@ -645,6 +645,45 @@ def test_slices_or_frames_of_different_pixel_spacing_are_not_stacked_as_one_volu
     assert spacing[1:] == pytest.approx(SPACING[1:])  # one spacing: stacked as before
 
 
+def test_a_slice_off_the_stacks_line_is_refused_and_a_gantry_tilt_is_named_in_a_warning(tmp_path, caplog):
+    """Review finding: only the positions' projections on the slice normal were used, so a slice of another field
+    of view (65 mm off in-plane) was stacked as if it lined up, and a gantry-tilted CT (each slice's origin 1 mm
+    further along y per 2.5 mm slice) was stacked with no word, by load_volume and the dataset loader."""
+    from medvl.data.loaders import load_dataset
+
+    def shifted(ds: Dataset, k: int) -> None:
+        if k == 2:
+            ds.ImagePositionPatient = [ORIGIN[0] + 60.0, ORIGIN[1] - 25.0, ORIGIN[2] + 2 * SPACING[0]]
+
+    write_series(tmp_path / "shifted", marked_volume((5, 4, 4)), extra=shifted)
+    off = r"slice 3 of 5 \(counted along the slice normal\) lies 65 mm in-plane off the line .* another field of view"
+    with pytest.raises(DataError, match=rf"series 1 \(CT, 5 file\(s\).*\): {off}"):
+        load_volume(tmp_path / "shifted")
+    with pytest.raises(DataError, match=rf"series 1 .* record vol-[0-9a-f]{{16}}: {off}"):
+        load_dataset(tmp_path / "shifted")
+
+    def tilted(ds: Dataset, k: int) -> None:
+        ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1] + 1.0 * k, ORIGIN[2] + SPACING[0] * k]
+
+    stored = marked_volume((5, 4, 4))
+    write_series(tmp_path / "tilted", stored, extra=tilted)
+    write_series(tmp_path / "straight", stored)
+    caplog.set_level("WARNING", logger="medvl.clinical.dicom")
+    volume, spacing = load_volume(tmp_path / "tilted")
+    assert "a gantry tilt of 21.8 degrees" in caplog.text  # atan(1 / 2.5)
+    assert spacing == pytest.approx(SPACING)  # the distance along the normal, not between the slices' centres
+    np.testing.assert_array_equal(volume, load_volume(tmp_path / "straight")[0])  # stacked as acquired
+    assert [record.meta["kind"] for record in load_dataset(tmp_path / "tilted")] == ["volume"]
+    caplog.clear()
+
+    def jittered(ds: Dataset, k: int) -> None:  # positions rounded by the writer: well within half a pixel
+        x, y, z = ORIGIN
+        ds.ImagePositionPatient = [x + 0.1 * (k % 2), y - 0.1 * (k % 3 == 1), z + SPACING[0] * k]
+
+    load_volume(write_series(tmp_path / "jittered", stored, extra=jittered)[0].parent)
+    assert "tilt" not in caplog.text
+
+
 def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
     from cli_helpers import invoke
     from medvl.clinical.deid import deidentify

@@ -76,6 +76,9 @@ SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one p
 SAME_SPACING_RTOL = 1e-3
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
 MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
+# a slice centre more than this many pixels (of the finer Pixel Spacing) off the line the others' centres follow: a
+# slice of another field of view or table position, not one volume (``off_axis_slice``)
+OFF_AXIS_PIXELS = 0.5
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
 REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # of those, the ones de-identification gives a whole object that lacks them (it replaces every UID anyway)
@@ -1167,6 +1170,42 @@ def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
             "file(s)")
 
 
+def slice_line(orientation: np.ndarray, positions: Sequence[np.ndarray],
+               order: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """How the centres of stacked slices (``slice_stack``'s ``order``; slices at distinct positions) line up: the
+    angle in degrees between the line they follow and the slice normal (0: straight along it; a CT gantry tilt
+    shifts each slice's origin in-plane by one step per slice), each slice's distance in mm from that line (in
+    stack order), and how far in-plane (mm) the line drifts from the first slice to the last. The drift per mm along
+    the normal is the median of neighbours' (per in-plane axis), so that one slice off the line does not tilt it."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    stacked = np.array([positions[index] for index in order], dtype=float)
+    along = stacked @ np.cross(row, col)
+    in_plane = stacked @ np.column_stack([row, col])  # (slices, 2): along the rows' and the columns' directions
+    drift = np.median(np.diff(in_plane, axis=0) / np.diff(along)[:, None], axis=0)
+    offsets = in_plane - along[:, None] * drift
+    distance = np.linalg.norm(offsets - np.median(offsets, axis=0), axis=1)
+    slope = float(np.linalg.norm(drift))
+    return math.degrees(math.atan(slope)), distance, slope * float(along[-1] - along[0])
+
+
+def off_axis_slice(orientation: np.ndarray, positions: Sequence[np.ndarray], order: np.ndarray,
+                   pixel_mm: float) -> str | None:
+    """Where a stack of slices (at distinct positions, ``slice_stack``'s ``order``) has a slice whose centre lies
+    more than ``OFF_AXIS_PIXELS`` pixels (``pixel_mm``: the finer pixel spacing) off the line the others follow
+    (``slice_line``), in words, or None: a slice of another field of view or table position, which stacked would
+    not line up with the rest. The line may be tilted (a gantry tilt: ``_volume_order`` warns of it)."""
+    if len(order) < 3:  # two centres always make a line
+        return None
+    _, distance, _ = slice_line(orientation, positions, order)
+    worst = int(np.argmax(distance))
+    tolerance = OFF_AXIS_PIXELS * pixel_mm
+    if distance[worst] <= tolerance:
+        return None
+    return (f"slice {worst + 1} of {len(order)} (counted along the slice normal) lies {distance[worst]:.3g} mm "
+            f"in-plane off the line through the other slices' centres (more than half a pixel, {tolerance:.3g} mm): "
+            "a slice of another field of view or table position; not one volume, split it first")
+
+
 def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     position, orientation = plane_geometry(ds)
     if position is None or orientation is None:
@@ -1175,16 +1214,24 @@ def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray],
-                  what: str = "the series") -> tuple[np.ndarray, float]:
-    """``slice_stack`` for a volume being loaded: shared positions and a missing slice (``missing_slices``) are a
-    DataError naming ``what``, other uneven gaps a warning."""
+                  what: str = "the series", pixel_mm: float = 1.0) -> tuple[np.ndarray, float]:
+    """``slice_stack`` for a volume being loaded: shared positions, a missing slice (``missing_slices``) and a slice
+    off the line the others follow (``off_axis_slice``; ``pixel_mm``: the finer pixel spacing) are a DataError
+    naming ``what``; other uneven gaps and a gantry tilt (the slices' centres on a line slanted from the normal by
+    more than half a pixel over the stack) a warning. A tilted stack is stacked as acquired (not resampled: sheared
+    against the patient's axes, as a viewer shows the slices); the spacing is the distance along the normal."""
     order, gaps, spacing = stack = slice_stack(orientation, positions)
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
-    hole = missing_slices(orientation, positions, stack)
+    hole = missing_slices(orientation, positions, stack) or off_axis_slice(orientation, positions, order, pixel_mm)
     if hole is not None:
         raise DataError(first.parent, f"{what}: {hole}")
+    tilt, _, drift = slice_line(orientation, positions, order)
+    if drift > OFF_AXIS_PIXELS * pixel_mm:
+        log.warning("%s: %s: the slices' centres drift %.3g mm in-plane over the stack, a gantry tilt of %.3g "
+                    "degrees: stacked as acquired, not resampled (sheared against the patient's axes); the slice "
+                    "spacing is the distance along the slice normal", first.parent, what, drift, tilt)
     if np.max(np.abs(gaps - spacing)) > 0.01 * spacing + 1e-3:
         log.warning("%s: uneven slice spacing (%.3g to %.3g mm); using the median %.3g mm",
                     first.parent, gaps.min(), gaps.max(), spacing)
@@ -1264,7 +1311,7 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     if not row_spacing:
         raise DataError(series.files[0], "no Pixel Spacing in the series headers")
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
-                                series.describe())
+                                series.describe(), min(row_spacing))
     window = _series_window(series, [ds for _, ds in headers], window)
     slices: list[np.ndarray] = []
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
@@ -1313,7 +1360,7 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
         return frames
     spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
-    ranking, dz = _volume_order(path, orientation, positions, path.name)
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
     return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
 
 
@@ -1354,7 +1401,7 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
     spacing = one_pixel_spacing([path] * frames, frame_pixel_spacings(ds, frames), "frames", "frame")
     if not spacing:
         raise DataError(path, "no Pixel Spacing in the header")
-    ranking, dz = _volume_order(path, orientation, positions, path.name)
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")

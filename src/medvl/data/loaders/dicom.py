@@ -7,7 +7,8 @@ Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One
 - 3D series (``meta["kind"] == "volume"``): two or more single-frame slices that all carry Image
   Position / Orientation (Patient), share one orientation, size and pixel spacing, and sit at distinct positions
   with no slice missing (a gap of 1.5 slice steps or more is a ``DataError`` naming the series:
-  ``medvl.clinical.dicom.missing_slices``); or one enhanced multi-frame CT / MR / PET file with
+  ``medvl.clinical.dicom.missing_slices``) and none off the line the others' centres follow (more than half a pixel
+  off it: a ``DataError``, ``off_axis_slice``); or one enhanced multi-frame CT / MR / PET file with
   per-frame positions, its frames all in one plane orientation and one pixel spacing. The image is a
   ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
   values, HU for CT) in RAS orientation, as a NIfTI file is read (``medvl.clinical.dicom.load_volume``);
@@ -141,9 +142,17 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     """The median slice spacing (mm) if these single-frame slices form a volume, else None
     (duplicates or mixed acquisitions, slices of different orientations, sizes or pixel spacings (``distinct_spacings``:
     different fields of view) are images, not a volume). A volume missing a slice
-    (``medvl.clinical.dicom.missing_slices``) is a DataError naming the series (its number and the record id it
+    (``medvl.clinical.dicom.missing_slices``) or with a slice off the line the others follow (``off_axis_slice``) is a
+    DataError naming the series (its number and the record id it
     would have had), as a truncated slice file is: never stacked with the gap closed."""
-    from ...clinical.dicom import distinct_spacings, missing_slices, pixel_spacing, same_plane, slice_stack
+    from ...clinical.dicom import (
+        distinct_spacings,
+        missing_slices,
+        off_axis_slice,
+        pixel_spacing,
+        same_plane,
+        slice_stack,
+    )
 
     if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
@@ -160,7 +169,9 @@ def _stackable(series, headers: list[_Header]) -> float | None:
         return None
     stack = slice_stack(orientations[0], positions)
     spacing = stack[2]
-    hole = missing_slices(orientations[0], positions, stack) if spacing is not None else None
+    pixel = pixel_spacing(headers[0].ds)[0]
+    hole = None if spacing is None else missing_slices(orientations[0], positions, stack) or \
+        off_axis_slice(orientations[0], positions, stack[0], min(pixel) if pixel else 1.0)
     if hole is not None:
         raise DataError(headers[0].path.parent, f"{series.describe()}, record vol-{uid_hash(series.series_uid)}: "
                                                 f"{hole}")
