@@ -604,6 +604,35 @@ def test_a_series_missing_a_slice_is_refused_not_stacked_with_the_gap_closed(tmp
     assert volume.shape == (4, 4, 4) and spacing[0] == pytest.approx(SPACING[0])
 
 
+def test_missing_slices_are_found_when_they_make_half_the_gaps(tmp_path, caplog):
+    """Review finding: the step was the median gap, so a 1 mm series missing the slices at 5, 7, 9 and 11 mm (half
+    its gaps 2 mm) was stacked at 1.5 mm with only an uneven-spacing warning, and so was a 3-slice series missing its
+    middle one; gaps of whole multiples of the smallest one are missing slices however many there are."""
+    from medvl.data.loaders import load_dataset
+
+    def at(positions: list[float]) -> Callable[[Dataset, int], None]:
+        def place(ds: Dataset, k: int) -> None:
+            ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], positions[k]]
+        return place
+
+    positions = [0.0, 1, 2, 3, 4, 6, 8, 10, 12]
+    write_series(tmp_path / "holes", marked_volume((9, 4, 4)), extra=at(positions))
+    gap = (r"slices are 1 mm apart, but none lies between 4 and 6 mm along the slice normal \(a 2 mm gap: about 1 "
+           r"slice\(s\) missing; 4 such gaps in all\)")
+    with pytest.raises(DataError, match=rf"series 1 \(CT, 9 file\(s\).*{gap}"):
+        load_volume(tmp_path / "holes")
+    with pytest.raises(DataError, match=rf"record vol-[0-9a-f]{{16}}: {gap}"):
+        load_dataset(tmp_path / "holes")
+    write_series(tmp_path / "hole3", marked_volume((3, 4, 4)), extra=at([0.0, 2.0, 3.0]))
+    with pytest.raises(DataError, match=r"none lies between 0 and 2 mm .*a 2 mm gap: about 1 slice"):
+        load_volume(tmp_path / "hole3")
+    # uneven steps that are no whole multiple of the smallest (1 and 1.5 mm) are stacked at the median, as before
+    write_series(tmp_path / "uneven", marked_volume((5, 4, 4)), extra=at([0.0, 1, 2.5, 3.5, 5]))
+    caplog.set_level("WARNING", logger="medvl.clinical.dicom")
+    assert load_volume(tmp_path / "uneven")[1][0] == pytest.approx(1.25)
+    assert "uneven slice spacing (1 to 1.5 mm)" in caplog.text
+
+
 def test_slices_or_frames_of_different_pixel_spacing_are_not_stacked_as_one_volume(tmp_path):
     """Review finding: only the orientation and the matrix size were compared, so slices of one 4 x 4 matrix but
     another field of view (pixel spacing) were stacked at the first slice's spacing, by load_volume, the dataset

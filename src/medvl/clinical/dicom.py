@@ -76,6 +76,9 @@ SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one p
 SAME_SPACING_RTOL = 1e-3
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
 MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
+# a gap within this share of the smallest gap of 2, 3, ... smallest gaps: slices are missing there, however many such
+# gaps there are (half the gaps missing would make the median gap a wrong step for every slice)
+WHOLE_STEPS_RTOL = 0.1
 # a slice centre more than this many pixels (of the finer Pixel Spacing) off the line the others' centres follow: a
 # slice of another field of view or table position, not one volume (``off_axis_slice``)
 OFF_AXIS_PIXELS = 0.5
@@ -1150,15 +1153,21 @@ def slice_stack(orientation: np.ndarray,
 def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
                    stack: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> str | None:
     """Where a stack of slices (``slice_stack``'s input) has a hole, in words, or None: a gap between neighbours
-    of ``MISSING_SLICE_STEPS`` slice steps or more. Stacked as it is, the volume would close the gap (the
-    slices beyond it a step or more out of place), so such a series is not a volume. ``stack``: ``slice_stack``'s
-    result for these slices, when the caller has it already."""
+    of ``MISSING_SLICE_STEPS`` slice steps (the median gap) or more, or about a whole number, 2 or more, of the
+    smallest gap (within ``WHOLE_STEPS_RTOL`` of it: found even when such gaps are half of them or more, and the
+    median with them). Stacked as it is, the volume would close the gap (the slices beyond it a step or more out of
+    place), so such a series is not a volume. Gaps of other uneven widths are not holes (``_volume_order`` warns).
+    ``stack``: ``slice_stack``'s result for these slices, when the caller has it already."""
     order, gaps, spacing = stack if stack is not None else slice_stack(orientation, positions)
     if spacing is None:
         return None
-    wide = np.flatnonzero(gaps >= MISSING_SLICE_STEPS * spacing)
+    steps = gaps / gaps.min()
+    whole = (np.round(steps) >= 2) & (np.abs(steps - np.round(steps)) <= WHOLE_STEPS_RTOL)
+    wide = np.flatnonzero((gaps >= MISSING_SLICE_STEPS * spacing) | whole)
     if not len(wide):
         return None
+    if whole.any():  # the smallest gap is the step the others are whole multiples of
+        spacing = float(gaps.min())
     normal = np.cross(orientation[:3], orientation[3:])
     along = [float(np.dot(positions[index], normal)) for index in order]
     first = int(wide[0])

@@ -6,7 +6,8 @@ Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One
 
 - 3D series (``meta["kind"] == "volume"``): two or more single-frame slices that all carry Image
   Position / Orientation (Patient), share one orientation, size and pixel spacing, and sit at distinct positions
-  with no slice missing (a gap of 1.5 slice steps or more is a ``DataError`` naming the series:
+  with no slice missing (a gap of 1.5 slice steps or more, or of about 2, 3... times the smallest gap, is a
+  ``DataError`` naming the series:
   ``medvl.clinical.dicom.missing_slices``) and none off the line the others' centres follow (more than half a pixel
   off it: a ``DataError``, ``off_axis_slice``); or one enhanced multi-frame CT / MR / PET file with
   per-frame positions, its frames all in one plane orientation and one pixel spacing. The image is a
