@@ -1360,17 +1360,30 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     (``to_ras``) when its frames are placed in space (an enhanced CT / MR: an orientation and a position per
     frame), so that a 3D model reads it as it reads the NIfTI or the series of the same voxels; else (cine,
     ultrasound clips: no positions; frames in several planes, a localizer: ``one_plane``) as stored."""
+    placed = multiframe_volume(path, frames)
+    return frames if placed is None else placed[0]
+
+
+def multiframe_volume(path: Path, frames: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """``multiframe_to_ras``'s RAS volume of a multi-frame file's frames and its spacing in mm, or None when the
+    frames are not placed in space as one volume (they are then read as stored)."""
     ds = read_dataset(path, header_only=True)
     count = _frame_count(ds)
     placement = frame_placement(ds, count)
     if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None or not one_plane(placement[0]):
-        return frames
+        return None
     orientation, positions = placement[0][0], placement[1]
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
-        return frames
+        return None
     spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
     ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
-    return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
+    return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))
+
+
+def axial_plane(orientation: Sequence[float]) -> bool:
+    """Whether an Image Orientation (Patient)'s slices are axial: their normal closest to the patient's
+    inferior -> superior axis (``ras_orientation``), so that a RAS volume's slices are the stored ones."""
+    return ras_orientation(np.asarray(orientation, float))[2][0] == 2
 
 
 def frame_placement(ds, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
