@@ -888,8 +888,11 @@ def pixel_spacing(ds, frame: int = 0) -> tuple[list[float] | None, str | None]:
 
 
 def frame_pixel_spacings(ds, frames: int) -> list[list[float] | None]:
-    """Each frame's pixel spacing in mm (``pixel_spacing``): an enhanced multi-frame file states one per frame."""
-    return [pixel_spacing(ds, frame)[0] for frame in range(max(frames, 1))]
+    """Each frame's pixel spacing in mm (``pixel_spacing``): an enhanced multi-frame file states one per frame, in
+    its per-frame functional groups (a frame beyond them, or a file without them, has the first frame's: one value
+    for such a file, never one per declared frame of a header not yet checked against its pixel data)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    return [pixel_spacing(ds, frame)[0] for frame in range(max(1, min(frames, len(per_frame))))]
 
 
 def same_spacing(spacing: Sequence[float], other: Sequence[float]) -> bool:
