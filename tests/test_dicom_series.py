@@ -604,6 +604,115 @@ def test_a_series_missing_a_slice_is_refused_not_stacked_with_the_gap_closed(tmp
     assert volume.shape == (4, 4, 4) and spacing[0] == pytest.approx(SPACING[0])
 
 
+def test_missing_slices_are_found_when_they_make_half_the_gaps(tmp_path, caplog):
+    """Review finding: the step was the median gap, so a 1 mm series missing the slices at 5, 7, 9 and 11 mm (half
+    its gaps 2 mm) was stacked at 1.5 mm with only an uneven-spacing warning, and so was a 3-slice series missing its
+    middle one; gaps of whole multiples of the smallest one are missing slices however many there are."""
+    from medvl.data.loaders import load_dataset
+
+    def at(positions: list[float]) -> Callable[[Dataset, int], None]:
+        def place(ds: Dataset, k: int) -> None:
+            ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], positions[k]]
+        return place
+
+    positions = [0.0, 1, 2, 3, 4, 6, 8, 10, 12]
+    write_series(tmp_path / "holes", marked_volume((9, 4, 4)), extra=at(positions))
+    gap = (r"slices are 1 mm apart, but none lies between 4 and 6 mm along the slice normal \(a 2 mm gap: about 1 "
+           r"slice\(s\) missing; 4 such gaps in all\)")
+    with pytest.raises(DataError, match=rf"series 1 \(CT, 9 file\(s\).*{gap}"):
+        load_volume(tmp_path / "holes")
+    with pytest.raises(DataError, match=rf"record vol-[0-9a-f]{{16}}: {gap}"):
+        load_dataset(tmp_path / "holes")
+    write_series(tmp_path / "hole3", marked_volume((3, 4, 4)), extra=at([0.0, 2.0, 3.0]))
+    with pytest.raises(DataError, match=r"none lies between 0 and 2 mm .*a 2 mm gap: about 1 slice"):
+        load_volume(tmp_path / "hole3")
+    # uneven steps that are no whole multiple of the smallest (1 and 1.5 mm) are stacked at the median, as before
+    write_series(tmp_path / "uneven", marked_volume((5, 4, 4)), extra=at([0.0, 1, 2.5, 3.5, 5]))
+    caplog.set_level("WARNING", logger="medvl.clinical.dicom")
+    assert load_volume(tmp_path / "uneven")[1][0] == pytest.approx(1.25)
+    assert "uneven slice spacing (1 to 1.5 mm)" in caplog.text
+
+
+def test_slices_or_frames_of_different_pixel_spacing_are_not_stacked_as_one_volume(tmp_path):
+    """Review finding: only the orientation and the matrix size were compared, so slices of one 4 x 4 matrix but
+    another field of view (pixel spacing) were stacked at the first slice's spacing, by load_volume, the dataset
+    loader (a volume record) and dicom-info (one spacing shown); an enhanced file's per-frame spacing likewise."""
+    from cli_helpers import invoke
+    from medvl.clinical.summary import series_summaries
+    from medvl.data.images import read_image
+    from medvl.data.loaders import load_dataset
+
+    def wider(ds: Dataset, k: int) -> None:
+        if k >= 3:
+            ds.PixelSpacing = [0.5, 0.5]
+
+    paths = write_series(tmp_path / "ct", marked_volume((5, 4, 4)), extra=wider)
+    with pytest.raises(DataError, match=r"slice_002\.dcm: series 1 \(CT, 5 file\(s\).*\): slice 4 of 5 has pixel "
+                                        r"spacing 0\.5 x 0\.5 mm, the others 0\.8 x 0\.7 mm: .*not one volume"):
+        load_volume(tmp_path / "ct")
+    assert sorted(record.meta["kind"] for record in load_dataset(tmp_path / "ct")) == ["image"] * len(paths)
+    [row] = series_summaries(tmp_path / "ct")
+    assert row["pixel_spacing_mm"] is None and sorted(row["pixel_spacings_mm"]) == [[0.5, 0.5], [0.8, 0.7]]
+    result, output = invoke("dicom-info", tmp_path / "ct", "--json", tmp_path / "info.json")
+    assert result.exit_code == 0 and "mixed:" in output  # the table shows both, not one
+    assert json.loads((tmp_path / "info.json").read_text())["series"] == [row]
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.8, 0.8], 10
+    ds.PerFrameFunctionalGroupsSequence[1].PixelMeasuresSequence = [measures]
+    (tmp_path / "ect").mkdir()
+    ds.save_as(tmp_path / "ect" / "ect.dcm")
+    for read in (load_volume, lambda folder: read_image(folder / "ect.dcm", modality_values=True)):
+        with pytest.raises(DataError, match=r"ect\.dcm: frames: frame 2 of 2 has pixel spacing 0\.8 x 0\.8 mm, the "
+                                            r"others 0\.3887 x 0\.3887 mm"):
+            read(tmp_path / "ect")
+    [row] = series_summaries(tmp_path / "ect" / "ect.dcm")
+    assert row["pixel_spacing_mm"] is None and row["pixel_spacings_mm"] == [[0.388672, 0.388672], [0.8, 0.8]]
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ect" / "image.dcm")
+    assert [record.meta["kind"] for record in load_dataset(tmp_path / "ect")] == ["image"]  # the file skipped
+    volume, spacing = load_volume(write_series(tmp_path / "whole", marked_volume((4, 4, 4)))[0].parent)
+    assert spacing[1:] == pytest.approx(SPACING[1:])  # one spacing: stacked as before
+
+
+def test_a_slice_off_the_stacks_line_is_refused_and_a_gantry_tilt_is_named_in_a_warning(tmp_path, caplog):
+    """Review finding: only the positions' projections on the slice normal were used, so a slice of another field
+    of view (65 mm off in-plane) was stacked as if it lined up, and a gantry-tilted CT (each slice's origin 1 mm
+    further along y per 2.5 mm slice) was stacked with no word, by load_volume and the dataset loader."""
+    from medvl.data.loaders import load_dataset
+
+    def shifted(ds: Dataset, k: int) -> None:
+        if k == 2:
+            ds.ImagePositionPatient = [ORIGIN[0] + 60.0, ORIGIN[1] - 25.0, ORIGIN[2] + 2 * SPACING[0]]
+
+    write_series(tmp_path / "shifted", marked_volume((5, 4, 4)), extra=shifted)
+    off = r"slice 3 of 5 \(counted along the slice normal\) lies 65 mm in-plane off the line .* another field of view"
+    with pytest.raises(DataError, match=rf"series 1 \(CT, 5 file\(s\).*\): {off}"):
+        load_volume(tmp_path / "shifted")
+    with pytest.raises(DataError, match=rf"series 1 .* record vol-[0-9a-f]{{16}}: {off}"):
+        load_dataset(tmp_path / "shifted")
+
+    def tilted(ds: Dataset, k: int) -> None:
+        ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1] + 1.0 * k, ORIGIN[2] + SPACING[0] * k]
+
+    stored = marked_volume((5, 4, 4))
+    write_series(tmp_path / "tilted", stored, extra=tilted)
+    write_series(tmp_path / "straight", stored)
+    caplog.set_level("WARNING", logger="medvl.clinical.dicom")
+    volume, spacing = load_volume(tmp_path / "tilted")
+    assert "a gantry tilt of 21.8 degrees" in caplog.text  # atan(1 / 2.5)
+    assert spacing == pytest.approx(SPACING)  # the distance along the normal, not between the slices' centres
+    np.testing.assert_array_equal(volume, load_volume(tmp_path / "straight")[0])  # stacked as acquired
+    assert [record.meta["kind"] for record in load_dataset(tmp_path / "tilted")] == ["volume"]
+    caplog.clear()
+
+    def jittered(ds: Dataset, k: int) -> None:  # positions rounded by the writer: well within half a pixel
+        x, y, z = ORIGIN
+        ds.ImagePositionPatient = [x + 0.1 * (k % 2), y - 0.1 * (k % 3 == 1), z + SPACING[0] * k]
+
+    load_volume(write_series(tmp_path / "jittered", stored, extra=jittered)[0].parent)
+    assert "tilt" not in caplog.text
+
+
 def test_hidden_files_such_as_macos_appledouble_files_are_skipped(tmp_path):
     from cli_helpers import invoke
     from medvl.clinical.deid import deidentify

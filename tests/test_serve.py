@@ -1640,6 +1640,63 @@ def test_a_dicom_without_a_preset_is_shown_in_its_own_window_and_a_multi_frame_b
     assert answer.headers["X-Preview-Slice"] == "5/10" and answer.headers["X-Preview-Window"] == "none"
 
 
+def test_a_multi_frame_dicom_of_sagittal_frames_is_previewed_by_its_middle_axial_slice_as_its_nifti(client, tmp_path):
+    """Review finding: a multi-frame file stored as sagittal frames (an enhanced CT here, 8 frames 10 mm apart along
+    x, each its own value) was previewed by its middle stored frame, one sagittal frame of a single grey level, where
+    a 3D model reads the file in RAS and the NIfTI of the same voxels is previewed by its middle axial slice. The two
+    previews are now the same picture."""
+    import copy
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from medvl.clinical.nifti import write_nifti
+    from medvl.data.images import read_image
+
+    count, rows, columns = 8, 12, 16  # sagittal: rows superior -> inferior, columns anterior -> posterior
+    frames = np.zeros((count, rows, columns), np.uint16)
+    for k in range(count):
+        frames[k] = 1000 + 100 * k + np.arange(columns)[None, :] * 3 + np.arange(rows)[:, None]
+
+    def multi_frame(name: str, orientation: list[int], step: list[float]) -> Path:
+        ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+        ds.NumberOfFrames, ds.Rows, ds.Columns = count, rows, columns
+        ds.file_meta.TransferSyntaxUID, ds.PixelData = ExplicitVRLittleEndian, frames.tobytes()
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        del shared.FrameVOILUTSequence  # no window: the previews are min-max
+        shared.PlaneOrientationSequence[0].ImageOrientationPatient = orientation
+        groups = []
+        for k in range(count):
+            group = copy.deepcopy(ds.PerFrameFunctionalGroupsSequence[0])
+            group.PlanePositionSequence[0].ImagePositionPatient = [-40.0 + step[0] * k, -100.0 + step[1] * k, 50.0]
+            groups.append(group)
+        ds.PerFrameFunctionalGroupsSequence = groups
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    sagittal = multi_frame("sagittal.dcm", [0, 1, 0, 0, 0, -1], [10.0, 0.0])
+    volume = read_image(sagittal, modality_values=True)  # RAS, as a 3D model reads it
+    assert volume.shape == (rows, columns, count)
+    shared = pydicom.dcmread(sagittal).SharedFunctionalGroupsSequence[0]
+    spacing = float(shared.PixelMeasuresSequence[0].PixelSpacing[0])
+    nifti = write_nifti(tmp_path / "sagittal.nii.gz", volume, (spacing, spacing, 10.0))
+    answer, reference = preview(client, sagittal.read_bytes()), preview(client, nifti.read_bytes())
+    shown = _png_pixels(answer)
+    np.testing.assert_array_equal(shown, _png_pixels(reference))
+    assert answer.headers["X-Preview-Slice"] == reference.headers["X-Preview-Slice"] == f"{rows // 2}/{rows}"
+    assert shown.shape[0] == columns  # anterior -> posterior down the picture, every frame across it
+    # axial frames are shown as before: the middle stored frame
+    axial = multi_frame("axial.dcm", [1, 0, 0, 0, 1, 0], [0.0, 0.0])
+    ds = pydicom.dcmread(axial)
+    for k, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        group.PlanePositionSequence[0].ImagePositionPatient = [-40.0, -100.0, 50.0 - 10 * k]
+    ds.save_as(axial)
+    answer = preview(client, axial.read_bytes())
+    assert answer.headers["X-Preview-Slice"] == f"{count // 2}/{count}"
+    np.testing.assert_array_equal(_png_pixels(answer), _numpy_min_max(frames[count // 2]))
+
+
 def test_a_ct_window_preset_on_an_mr_dicom_is_refused(client):
     """A lung window (HU) used to be applied to MR signal values without a word: a nearly white picture
     captioned "lung window"."""

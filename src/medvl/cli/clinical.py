@@ -74,6 +74,14 @@ def _spacing(values) -> str:
     return "-" if not values else "x".join(f"{float(v):.3g}" for v in values)
 
 
+def _spacing_cell(row: dict) -> str:
+    """The row's pixel spacing; a series whose files state several: each of them, marked mixed (not one volume)."""
+    several = row.get("pixel_spacings_mm") or []
+    if len(several) > 1:
+        return "mixed: " + ", ".join(_spacing(spacing) for spacing in several)
+    return _spacing(row["pixel_spacing_mm"])
+
+
 @handle_errors
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="DICOM file, folder of DICOM files, or NIfTI file.")],
@@ -91,7 +99,7 @@ def inspect_command(
     for column in columns:
         table.add_column({"pixel_spacing_mm": "spacing (mm)", "number": "no."}.get(column, column))
     for row in rows:
-        table.add_row(*(_spacing(row[c]) if c == "pixel_spacing_mm" else str(row[c] if row[c] is not None else "-")
+        table.add_row(*(_spacing_cell(row) if c == "pixel_spacing_mm" else str(row[c] if row[c] is not None else "-")
                         for c in columns))
     console.print(table)
     if "transfer_syntax" in rows[0]:

@@ -48,7 +48,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +72,16 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SAME_ORIENTATION_ATOL = 1e-3  # direction cosines this close: slices share one plane orientation
+# pixel spacings this close (relative): one pixel grid (writers round the DS values differently)
+SAME_SPACING_RTOL = 1e-3
 MIN_SLICE_GAP_MM = 1e-4  # slices closer than this along the normal share a position
 MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide or wider: a slice is missing there
+# a gap within this share of the smallest gap of 2, 3, ... smallest gaps: slices are missing there, however many such
+# gaps there are (half the gaps missing would make the median gap a wrong step for every slice)
+WHOLE_STEPS_RTOL = 0.1
+# a slice centre more than this many pixels (of the finer Pixel Spacing) off the line the others' centres follow: a
+# slice of another field of view or table position, not one volume (``off_axis_slice``)
+OFF_AXIS_PIXELS = 0.5
 # type 1 in every composite object (Modality is left out: some secondary captures lack it)
 REQUIRED_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # of those, the ones de-identification gives a whole object that lacks them (it replaces every UID anyway)
@@ -868,9 +876,10 @@ def _spacing_pair(value) -> list[float] | None:
     return spacing
 
 
-def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
+def pixel_spacing(ds, frame: int = 0) -> tuple[list[float] | None, str | None]:
     """(row spacing, column spacing) in mm and the attribute it came from, or (None, None); a spacing
-    of zero, below zero or not finite counts as none.
+    of zero, below zero or not finite counts as none. An enhanced multi-frame file's is ``frame``'s own
+    Pixel Measures, else the shared one.
 
     Pixel Spacing is in the patient; Imager Pixel Spacing (projection radiography) is at the
     detector, magnified relative to the patient by the source-to-detector geometry."""
@@ -878,10 +887,51 @@ def pixel_spacing(ds) -> tuple[list[float] | None, str | None]:
         spacing = _spacing_pair(ds.get(keyword))
         if spacing:
             return spacing, keyword
-    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    spacing = _spacing_pair(functional_value(ds, "PixelMeasuresSequence", "PixelSpacing", frame))
     if spacing:
         return spacing, "PixelSpacing"
     return None, None
+
+
+def frame_pixel_spacings(ds, frames: int) -> list[list[float] | None]:
+    """Each frame's pixel spacing in mm (``pixel_spacing``): an enhanced multi-frame file states one per frame, in
+    its per-frame functional groups (a frame beyond them, or a file without them, has the first frame's: one value
+    for such a file, never one per declared frame of a header not yet checked against its pixel data)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    return [pixel_spacing(ds, frame)[0] for frame in range(max(1, min(frames, len(per_frame))))]
+
+
+def same_spacing(spacing: Sequence[float], other: Sequence[float]) -> bool:
+    """True if two pixel spacings describe one pixel grid (within ``SAME_SPACING_RTOL``)."""
+    return bool(np.allclose(spacing, other, rtol=SAME_SPACING_RTOL, atol=0.0))
+
+
+def distinct_spacings(spacings: Iterable[Sequence[float] | None]) -> list[list[float]]:
+    """The different pixel spacings among ``spacings`` (``same_spacing``), first seen first; no spacing is left
+    out. More than one: the slices or frames are not one pixel grid (different fields of view on one matrix)."""
+    kept: list[list[float]] = []
+    for spacing in spacings:
+        if spacing and not any(same_spacing(spacing, seen) for seen in kept):
+            kept.append(list(spacing))
+    return kept
+
+
+def spacing_text(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{value:.4g}" for value in spacing)
+
+
+def one_pixel_spacing(paths: Sequence[Path], spacings: Sequence[Sequence[float] | None], what: str,
+                      unit: str = "slice") -> list[float] | None:
+    """The pixel spacing the slices (``unit``; or frames) of one volume share, None if none states one. Two
+    different ones (``same_spacing``) are a ``DataError`` naming the file (``paths``: each slice's), ``what``, the
+    slice and both spacings: stacked, one of them would be shown (and given to a model) at the other's scale."""
+    found = distinct_spacings(spacings)
+    if len(found) > 1:
+        index = next(n for n, spacing in enumerate(spacings) if spacing and not same_spacing(spacing, found[0]))
+        raise DataError(paths[index], f"{what}: {unit} {index + 1} of {len(spacings)} has pixel spacing "
+                                      f"{spacing_text(found[1])} mm, the others {spacing_text(found[0])} mm: "
+                                      "different fields of view on one matrix, not one volume; split it first")
+    return found[0] if found else None
 
 
 def safe_meta(ds, syntax=None) -> dict[str, Any]:
@@ -979,7 +1029,9 @@ class DicomSeries:
     rows: int | None = None
     columns: int | None = None
     frames: int = 0  # frames over all files
-    pixel_spacing_mm: list[float] | None = None
+    pixel_spacing_mm: list[float] | None = None  # the first file's (its first frame's)
+    # every different pixel spacing of its files and frames (``distinct_spacings``): more than one, not one volume
+    pixel_spacings_mm: list[list[float]] = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"series {self.series_number if self.series_number is not None else '?'} "
@@ -1063,6 +1115,8 @@ def _add_to_series(groups: dict[tuple[str, str], DicomSeries], order: dict[Path,
                                            pixel_spacing_mm=pixel_spacing(ds)[0])
     series.files.append(path)
     series.frames += _frame_count(ds)
+    series.pixel_spacings_mm = distinct_spacings([*series.pixel_spacings_mm,
+                                                  *frame_pixel_spacings(ds, _frame_count(ds))])
     instances.setdefault((*key, str(ds.get("SOPInstanceUID") or path)), []).append(path)
     order[path] = (_int(ds.get("InstanceNumber")) or 0, path.name)
     return 0
@@ -1108,15 +1162,21 @@ def slice_stack(orientation: np.ndarray,
 def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
                    stack: tuple[np.ndarray, np.ndarray, float | None] | None = None) -> str | None:
     """Where a stack of slices (``slice_stack``'s input) has a hole, in words, or None: a gap between neighbours
-    of ``MISSING_SLICE_STEPS`` slice steps or more. Stacked as it is, the volume would close the gap (the
-    slices beyond it a step or more out of place), so such a series is not a volume. ``stack``: ``slice_stack``'s
-    result for these slices, when the caller has it already."""
+    of ``MISSING_SLICE_STEPS`` slice steps (the median gap) or more, or about a whole number, 2 or more, of the
+    smallest gap (within ``WHOLE_STEPS_RTOL`` of it: found even when such gaps are half of them or more, and the
+    median with them). Stacked as it is, the volume would close the gap (the slices beyond it a step or more out of
+    place), so such a series is not a volume. Gaps of other uneven widths are not holes (``_volume_order`` warns).
+    ``stack``: ``slice_stack``'s result for these slices, when the caller has it already."""
     order, gaps, spacing = stack if stack is not None else slice_stack(orientation, positions)
     if spacing is None:
         return None
-    wide = np.flatnonzero(gaps >= MISSING_SLICE_STEPS * spacing)
+    steps = gaps / gaps.min()
+    whole = (np.round(steps) >= 2) & (np.abs(steps - np.round(steps)) <= WHOLE_STEPS_RTOL)
+    wide = np.flatnonzero((gaps >= MISSING_SLICE_STEPS * spacing) | whole)
     if not len(wide):
         return None
+    if whole.any():  # the smallest gap is the step the others are whole multiples of
+        spacing = float(gaps.min())
     normal = np.cross(orientation[:3], orientation[3:])
     along = [float(np.dot(positions[index], normal)) for index in order]
     first = int(wide[0])
@@ -1128,6 +1188,42 @@ def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
             "file(s)")
 
 
+def slice_line(orientation: np.ndarray, positions: Sequence[np.ndarray],
+               order: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """How the centres of stacked slices (``slice_stack``'s ``order``; slices at distinct positions) line up: the
+    angle in degrees between the line they follow and the slice normal (0: straight along it; a CT gantry tilt
+    shifts each slice's origin in-plane by one step per slice), each slice's distance in mm from that line (in
+    stack order), and how far in-plane (mm) the line drifts from the first slice to the last. The drift per mm along
+    the normal is the median of neighbours' (per in-plane axis), so that one slice off the line does not tilt it."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    stacked = np.array([positions[index] for index in order], dtype=float)
+    along = stacked @ np.cross(row, col)
+    in_plane = stacked @ np.column_stack([row, col])  # (slices, 2): along the rows' and the columns' directions
+    drift = np.median(np.diff(in_plane, axis=0) / np.diff(along)[:, None], axis=0)
+    offsets = in_plane - along[:, None] * drift
+    distance = np.linalg.norm(offsets - np.median(offsets, axis=0), axis=1)
+    slope = float(np.linalg.norm(drift))
+    return math.degrees(math.atan(slope)), distance, slope * float(along[-1] - along[0])
+
+
+def off_axis_slice(orientation: np.ndarray, positions: Sequence[np.ndarray], order: np.ndarray,
+                   pixel_mm: float) -> str | None:
+    """Where a stack of slices (at distinct positions, ``slice_stack``'s ``order``) has a slice whose centre lies
+    more than ``OFF_AXIS_PIXELS`` pixels (``pixel_mm``: the finer pixel spacing) off the line the others follow
+    (``slice_line``), in words, or None: a slice of another field of view or table position, which stacked would
+    not line up with the rest. The line may be tilted (a gantry tilt: ``_volume_order`` warns of it)."""
+    if len(order) < 3:  # two centres always make a line
+        return None
+    _, distance, _ = slice_line(orientation, positions, order)
+    worst = int(np.argmax(distance))
+    tolerance = OFF_AXIS_PIXELS * pixel_mm
+    if distance[worst] <= tolerance:
+        return None
+    return (f"slice {worst + 1} of {len(order)} (counted along the slice normal) lies {distance[worst]:.3g} mm "
+            f"in-plane off the line through the other slices' centres (more than half a pixel, {tolerance:.3g} mm): "
+            "a slice of another field of view or table position; not one volume, split it first")
+
+
 def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     position, orientation = plane_geometry(ds)
     if position is None or orientation is None:
@@ -1136,16 +1232,24 @@ def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.ndarray],
-                  what: str = "the series") -> tuple[np.ndarray, float]:
-    """``slice_stack`` for a volume being loaded: shared positions and a missing slice (``missing_slices``) are a
-    DataError naming ``what``, other uneven gaps a warning."""
+                  what: str = "the series", pixel_mm: float = 1.0) -> tuple[np.ndarray, float]:
+    """``slice_stack`` for a volume being loaded: shared positions, a missing slice (``missing_slices``) and a slice
+    off the line the others follow (``off_axis_slice``; ``pixel_mm``: the finer pixel spacing) are a DataError
+    naming ``what``; other uneven gaps and a gantry tilt (the slices' centres on a line slanted from the normal by
+    more than half a pixel over the stack) a warning. A tilted stack is stacked as acquired (not resampled: sheared
+    against the patient's axes, as a viewer shows the slices); the spacing is the distance along the normal."""
     order, gaps, spacing = stack = slice_stack(orientation, positions)
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
-    hole = missing_slices(orientation, positions, stack)
+    hole = missing_slices(orientation, positions, stack) or off_axis_slice(orientation, positions, order, pixel_mm)
     if hole is not None:
         raise DataError(first.parent, f"{what}: {hole}")
+    tilt, _, drift = slice_line(orientation, positions, order)
+    if drift > OFF_AXIS_PIXELS * pixel_mm:
+        log.warning("%s: %s: the slices' centres drift %.3g mm in-plane over the stack, a gantry tilt of %.3g "
+                    "degrees: stacked as acquired, not resampled (sheared against the patient's axes); the slice "
+                    "spacing is the distance along the slice normal", first.parent, what, drift, tilt)
     if np.max(np.abs(gaps - spacing)) > 0.01 * spacing + 1e-3:
         log.warning("%s: uneven slice spacing (%.3g to %.3g mm); using the median %.3g mm",
                     first.parent, gaps.min(), gaps.max(), spacing)
@@ -1221,11 +1325,13 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
     for (path, _), (_, other) in zip(headers, geometry, strict=True):
         if not same_plane(other, orientation):
             raise DataError(path, "slice orientation differs from the rest of the series: cannot stack")
+    row_spacing = one_pixel_spacing(series.files, [pixel_spacing(ds)[0] for _, ds in headers], series.describe())
+    if not row_spacing:
+        raise DataError(series.files[0], "no Pixel Spacing in the series headers")
     ranking, dz = _volume_order(series.files[0], orientation, [position for position, _ in geometry],
-                                series.describe())
+                                series.describe(), min(row_spacing))
     window = _series_window(series, [ds for _, ds in headers], window)
     slices: list[np.ndarray] = []
-    row_spacing: list[float] | None = None
     to_invert: list[int] = []  # MONOCHROME1 slices read without a window: inverted over the series below
     for index in ranking:
         path = headers[index][0]
@@ -1237,9 +1343,6 @@ def _stack_series(series: DicomSeries, window: WindowSpec | None) -> tuple[np.nd
         if meta["inverted"] and meta["window"] is None:
             to_invert.append(len(slices))
         slices.append(array)
-        row_spacing = row_spacing or meta["pixel_spacing_mm"]
-    if not row_spacing:
-        raise DataError(series.files[0], "no Pixel Spacing in the series headers")
     volume = np.stack(slices).astype(np.float32, copy=False)
     if to_invert:  # one offset for the whole series: min + max - v over its MONOCHROME1 slices
         low, high = float(volume[to_invert].min()), float(volume[to_invert].max())
@@ -1266,17 +1369,30 @@ def multiframe_to_ras(path: Path, frames: np.ndarray) -> np.ndarray:
     (``to_ras``) when its frames are placed in space (an enhanced CT / MR: an orientation and a position per
     frame), so that a 3D model reads it as it reads the NIfTI or the series of the same voxels; else (cine,
     ultrasound clips: no positions; frames in several planes, a localizer: ``one_plane``) as stored."""
+    placed = multiframe_volume(path, frames)
+    return frames if placed is None else placed[0]
+
+
+def multiframe_volume(path: Path, frames: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """``multiframe_to_ras``'s RAS volume of a multi-frame file's frames and its spacing in mm, or None when the
+    frames are not placed in space as one volume (they are then read as stored)."""
     ds = read_dataset(path, header_only=True)
     count = _frame_count(ds)
     placement = frame_placement(ds, count)
     if count < 2 or frames.ndim != 3 or len(frames) != count or placement is None or not one_plane(placement[0]):
-        return frames
+        return None
     orientation, positions = placement[0][0], placement[1]
     if slice_stack(orientation, positions)[2] is None:  # frames at one position (dynamic, cine): no volume to place
-        return frames
-    ranking, dz = _volume_order(path, orientation, positions, path.name)
-    spacing = _spacing_pair(header_value(ds, "PixelSpacing", "PixelMeasuresSequence")) or [1.0, 1.0]
-    return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))[0]
+        return None
+    spacing = one_pixel_spacing([path] * count, frame_pixel_spacings(ds, count), "frames", "frame") or [1.0, 1.0]
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
+    return to_ras(frames[ranking], orientation, (dz, spacing[0], spacing[1]))
+
+
+def axial_plane(orientation: Sequence[float]) -> bool:
+    """Whether an Image Orientation (Patient)'s slices are axial: their normal closest to the patient's
+    inferior -> superior axis (``ras_orientation``), so that a RAS volume's slices are the stored ones."""
+    return ras_orientation(np.asarray(orientation, float))[2][0] == 2
 
 
 def frame_placement(ds, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
@@ -1313,11 +1429,11 @@ def _volume_from_multiframe(path: Path, window: WindowSpec | None) -> tuple[np.n
         raise DataError(path, f"frames in different orientations (frame {other + 1}'s plane differs from frame 1's, "
                               "as in a multi-plane localizer): not one volume, cannot stack")
     orientation = orientations[0]
-    ranking, dz = _volume_order(path, orientation, positions, path.name)
+    spacing = one_pixel_spacing([path] * frames, frame_pixel_spacings(ds, frames), "frames", "frame")
+    if not spacing:
+        raise DataError(path, "no Pixel Spacing in the header")
+    ranking, dz = _volume_order(path, orientation, positions, path.name, min(spacing))
     array, meta = read_dicom(path, window=window)
     if meta["color"] or array.ndim != 3:
         raise DataError(path, f"expected grayscale frames, got shape {array.shape}")
-    spacing = meta["pixel_spacing_mm"]
-    if not spacing:
-        raise DataError(path, "no Pixel Spacing in the header")
     return to_ras(array[ranking], orientation, (dz, spacing[0], spacing[1]))

@@ -1,6 +1,8 @@
 """Studies and series of a DICOM file or folder, or a NIfTI file, as plain rows without identifiers
 (what ``medvl dicom-info`` and the service show): study and series as short UID hashes, modality,
-file and frame counts, size and pixel spacing; for one DICOM file, its SOP class and transfer syntax.
+file and frame counts, size and pixel spacing; for one DICOM file, its SOP class and transfer syntax. A series (or
+an enhanced multi-frame file) whose slices or frames state different pixel spacings has ``pixel_spacing_mm`` None
+and each of them in ``pixel_spacings_mm`` (every row has it: the one spacing, or none): it is not one volume.
 A truncated DICOM file, or a DICOMDIR given as the file to summarise, is a ``DataError``."""
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ def _folder_rows(folder: Path) -> list[dict[str, Any]]:
 
     return [{"study": _short(s.study_uid), "series": _short(s.series_uid), "number": s.series_number,
              "modality": s.modality, "files": len(s.files), "frames": s.frames,
-             "size": _size(s.rows, s.columns), "pixel_spacing_mm": s.pixel_spacing_mm}
+             "size": _size(s.rows, s.columns), **_spacings(s.pixel_spacing_mm, s.pixel_spacings_mm)}
             for s in read_dicom_series(folder)]
+
+
+def _spacings(first: list[float] | None, spacings: list[list[float]]) -> dict[str, Any]:
+    """The pixel spacing, or None when the slices or frames state several (then each is in ``pixel_spacings_mm``)."""
+    return {"pixel_spacing_mm": first if len(spacings) <= 1 else None, "pixel_spacings_mm": spacings}
 
 
 def _nifti_rows(path: Path) -> list[dict[str, Any]]:
@@ -49,13 +56,21 @@ def _nifti_rows(path: Path) -> list[dict[str, Any]]:
     volume, spacing = read_nifti(path)
     return [{"study": "-", "series": "-", "number": None, "modality": "NIfTI (RAS)", "files": 1,
              "frames": volume.shape[0], "size": " x ".join(map(str, volume.shape)),
-             "pixel_spacing_mm": list(spacing)}]
+             "pixel_spacing_mm": list(spacing), "pixel_spacings_mm": [list(spacing)]}]
 
 
 def _dicom_file_rows(path: Path) -> list[dict[str, Any]]:
     """One DICOM file's row; a DICOMDIR (it indexes other files, it is no series) and a truncated
     file (``check_image_header``) are ``DataError``s."""
-    from .dicom import check_image_header, object_kind, quiet_pydicom, read_header, safe_meta
+    from .dicom import (
+        check_image_header,
+        distinct_spacings,
+        frame_pixel_spacings,
+        object_kind,
+        quiet_pydicom,
+        read_header,
+        safe_meta,
+    )
 
     with quiet_pydicom(path):
         ds, has_pixels = read_header(path)
@@ -64,7 +79,8 @@ def _dicom_file_rows(path: Path) -> list[dict[str, Any]]:
                                   f"no image; give the folder that holds it ({path.parent}) instead")
         check_image_header(path, ds, has_pixels)
         meta = safe_meta(ds)
+        spacings = distinct_spacings(frame_pixel_spacings(ds, meta["frames"]))
     return [{"study": _short(meta["study_uid"]), "series": _short(meta["series_uid"]),
              "number": meta["series_number"], "modality": meta["modality"], "files": 1, "frames": meta["frames"],
-             "size": _size(meta["rows"], meta["columns"]), "pixel_spacing_mm": meta["pixel_spacing_mm"],
+             "size": _size(meta["rows"], meta["columns"]), **_spacings(meta["pixel_spacing_mm"], spacings),
              "transfer_syntax": meta["transfer_syntax"], "sop_class": meta["sop_class"]}]

@@ -14,7 +14,9 @@ How each kind is shown (``window``: a CT preset name of ``WINDOW_PRESETS``, or `
 - DICOM grayscale: the preset on the modality values (HU: a preset on a file of another stated modality,
   MR or PET, is refused, 422); without one, the file's own
   VOI (Window Center / Width or VOI LUT), else min-max. MONOCHROME1 is inverted (white = dense).
-  Multi-frame: the middle frame, frames in stored order;
+  Multi-frame: the middle frame, frames in stored order, for axial frames and for frames that are no volume (cine,
+  several planes); frames stored in another plane (a sagittal or coronal enhanced MR / CT) as one volume: the middle
+  axial slice of the RAS volume a 3D model reads (``multiframe_volume``), shown as a NIfTI's is;
 - NIfTI: the middle axial slice of the RAS volume, anterior up and the patient's right on the
   viewer's left, with square pixels (a slice of 5 x 1 mm voxels stretched along the 5 mm, as a viewer
   shows it); the preset, or min-max. The header states no modality: the presets are offered
@@ -142,7 +144,7 @@ def _picture(source: Path | bytes, kind: str, window: Window | None, side: int) 
 def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
     """A DICOM file through its reader: windowed there (the preset, else the file's VOI), so that
     MONOCHROME1 is inverted after the window as the standard says."""
-    from ..clinical.dicom import FILE_WINDOW, read_dicom
+    from ..clinical.dicom import FILE_WINDOW, axial_plane, multiframe_volume, read_dicom
     from ..clinical.readers import color_to_uint8
     from ..data.images import check_finite
 
@@ -163,6 +165,12 @@ def _dicom_picture(path: Path, window: Window | None, side: int) -> Picture:
     display = DISPLAY_WINDOW if meta["window"] and not meta["color"] else None  # values already in [0, 1]
     # square pixels, as for a NIfTI slice: the spacing in mm (Pixel / Imager Pixel Spacing), else the Pixel Aspect Ratio
     spacing = meta["pixel_spacing_mm"] or meta["pixel_aspect_ratio"]
+    orientation = meta["image_orientation"]
+    if frames > 1 and not meta["color"] and orientation and len(orientation) == 6 and not axial_plane(orientation):
+        placed = multiframe_volume(path, array)  # sagittal / coronal frames: the volume's middle axial slice, as NIfTI
+        if placed is not None:
+            volume, (_, dy, dx) = placed
+            frames, array, spacing = len(volume), radiological_view(volume)[len(volume) // 2], [dy, dx]
     picture = Picture(render_preview(array, display, side, spacing=spacing), used, presets=presets)
     if frames > 1:
         picture.slice_index, picture.slices = frames // 2, frames

@@ -5,17 +5,19 @@ manifest that holds DICOM files (``.dcm`` / ``.dicom``, or any file with the ``D
 Files are grouped into series by ``medvl.clinical.dicom.read_dicom_series``. One record per:
 
 - 3D series (``meta["kind"] == "volume"``): two or more single-frame slices that all carry Image
-  Position / Orientation (Patient), share one orientation and size, and sit at distinct positions
-  with no slice missing (a gap of 1.5 slice steps or more is a ``DataError`` naming the series:
-  ``medvl.clinical.dicom.missing_slices``); or one enhanced multi-frame CT / MR / PET file with
-  per-frame positions, its frames all in one plane orientation. The image is a
+  Position / Orientation (Patient), share one orientation, size and pixel spacing, and sit at distinct positions
+  with no slice missing (a gap of 1.5 slice steps or more, or of about 2, 3... times the smallest gap, is a
+  ``DataError`` naming the series:
+  ``medvl.clinical.dicom.missing_slices``) and none off the line the others' centres follow (more than half a pixel
+  off it: a ``DataError``, ``off_axis_slice``); or one enhanced multi-frame CT / MR / PET file with
+  per-frame positions, its frames all in one plane orientation and one pixel spacing. The image is a
   ``DicomVolume``, read on demand by ``read_image`` into a ``DxHxW`` ``float32`` volume (modality
   values, HU for CT) in RAS orientation, as a NIfTI file is read (``medvl.clinical.dicom.load_volume``);
 - 2D image (``kind == "image"``): every other single-frame file; the image is the file path
   (``read_image``: the header's window applied, like an exported PNG).
 
 Skipped, with a logged count: multi-frame files that are not a volume (cine loops, time series, frames in
-several planes such as a localizer)
+several planes such as a localizer, or of different pixel spacings)
 and segmentation objects (SEG: labels, not images). A folder holding both kinds feeds each model
 the records of its kind: training, indexing and evaluation leave out the others with a counted
 warning (``Dataset.for_spatial_dims``).
@@ -139,10 +141,19 @@ def _header(path: Path) -> _Header:
 
 def _stackable(series, headers: list[_Header]) -> float | None:
     """The median slice spacing (mm) if these single-frame slices form a volume, else None
-    (duplicates or mixed acquisitions are images, not a volume). A volume missing a slice
-    (``medvl.clinical.dicom.missing_slices``) is a DataError naming the series (its number and the record id it
+    (duplicates or mixed acquisitions, slices of different orientations, sizes or pixel spacings (``distinct_spacings``:
+    different fields of view) are images, not a volume). A volume missing a slice
+    (``medvl.clinical.dicom.missing_slices``) or with a slice off the line the others follow (``off_axis_slice``) is a
+    DataError naming the series (its number and the record id it
     would have had), as a truncated slice file is: never stacked with the gap closed."""
-    from ...clinical.dicom import missing_slices, same_plane, slice_stack
+    from ...clinical.dicom import (
+        distinct_spacings,
+        missing_slices,
+        off_axis_slice,
+        pixel_spacing,
+        same_plane,
+        slice_stack,
+    )
 
     if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
@@ -154,11 +165,14 @@ def _stackable(series, headers: list[_Header]) -> float | None:
         orientations.append(header.orientation)
     size = (headers[0].ds.get("Rows"), headers[0].ds.get("Columns"))
     if any(not same_plane(orientation, orientations[0]) for orientation in orientations) or \
-            any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers):
+            any((h.ds.get("Rows"), h.ds.get("Columns")) != size for h in headers) or \
+            len(distinct_spacings(pixel_spacing(h.ds)[0] for h in headers)) > 1:
         return None
     stack = slice_stack(orientations[0], positions)
     spacing = stack[2]
-    hole = missing_slices(orientations[0], positions, stack) if spacing is not None else None
+    pixel = pixel_spacing(headers[0].ds)[0]
+    hole = None if spacing is None else missing_slices(orientations[0], positions, stack) or \
+        off_axis_slice(orientations[0], positions, stack[0], min(pixel) if pixel else 1.0)
     if hole is not None:
         raise DataError(headers[0].path.parent, f"{series.describe()}, record vol-{uid_hash(series.series_uid)}: "
                                                 f"{hole}")
@@ -168,7 +182,7 @@ def _stackable(series, headers: list[_Header]) -> float | None:
 def _multiframe_volume(header: _Header) -> bool:
     """An enhanced CT / MR / PET file whose frames are placed in space in one plane orientation (``read_image``
     stacks the same files into a volume: ``medvl.clinical.dicom.multiframe_to_ras``)."""
-    from ...clinical.dicom import frame_placement, one_plane
+    from ...clinical.dicom import distinct_spacings, frame_pixel_spacings, frame_placement, one_plane
 
     ds = header.ds
     if header.frames < 2 or str(ds.get("Modality") or "") not in VOLUME_MULTIFRAME_MODALITIES:
@@ -177,7 +191,8 @@ def _multiframe_volume(header: _Header) -> bool:
     if not per_frame or len(per_frame) < header.frames:
         return False
     placement = frame_placement(ds, header.frames)
-    return placement is not None and one_plane(placement[0])
+    return placement is not None and one_plane(placement[0]) and \
+        len(distinct_spacings(frame_pixel_spacings(ds, header.frames))) <= 1
 
 
 def _text(value: Any) -> str | None:
@@ -280,7 +295,7 @@ def _series_records(series, skipped: Counter, dropped: Counter) -> list[tuple[Re
     records = []
     for header in headers:
         if header.frames > 1:
-            skipped["multi-frame files that are not a volume (cine, time series, several planes)"] += 1
+            skipped["multi-frame files that are not a volume (cine, time series, several planes or spacings)"] += 1
         else:
             records.append(_image_record(series, header, dropped))
     return records
