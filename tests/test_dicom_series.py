@@ -631,6 +631,9 @@ def test_missing_slices_are_found_when_they_make_half_the_gaps(tmp_path, caplog)
     caplog.set_level("WARNING", logger="medvl.clinical.dicom")
     assert load_volume(tmp_path / "uneven")[1][0] == pytest.approx(1.25)
     assert "uneven slice spacing (1 to 1.5 mm)" in caplog.text
+    # one odd narrow gap (0.01 mm among 1 mm steps) is no step the others are multiples of: not ~100 slices missing
+    write_series(tmp_path / "narrow", marked_volume((5, 4, 4)), extra=at([0.0, 1, 2, 2.01, 3.01]))
+    assert load_volume(tmp_path / "narrow")[1][0] == pytest.approx(1.0)
 
 
 def test_slices_or_frames_of_different_pixel_spacing_are_not_stacked_as_one_volume(tmp_path):

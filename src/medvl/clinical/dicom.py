@@ -79,6 +79,8 @@ MISSING_SLICE_STEPS = 1.5  # a gap this many slice steps (the median gap) wide o
 # a gap within this share of the smallest gap of 2, 3, ... smallest gaps: slices are missing there, however many such
 # gaps there are (half the gaps missing would make the median gap a wrong step for every slice)
 WHOLE_STEPS_RTOL = 0.1
+WHOLE_STEP_MIN_SHARE = 0.25  # the smallest gap is a step the others may be whole multiples of only from a quarter of
+# the median gap (missing every other slice makes the median 1.5 to 2 steps)
 # a slice centre more than this many pixels (of the finer Pixel Spacing) off the line the others' centres follow: a
 # slice of another field of view or table position, not one volume (``off_axis_slice``)
 OFF_AXIS_PIXELS = 0.5
@@ -1172,6 +1174,8 @@ def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
         return None
     steps = gaps / gaps.min()
     whole = (np.round(steps) >= 2) & (np.abs(steps - np.round(steps)) <= WHOLE_STEPS_RTOL)
+    if gaps.min() < WHOLE_STEP_MIN_SHARE * spacing:  # one odd narrow gap (0.01 mm in 1 mm steps) is no step the
+        whole[:] = False  # others are multiples of: they would all read as holes of ~100 slices
     wide = np.flatnonzero((gaps >= MISSING_SLICE_STEPS * spacing) | whole)
     if not len(wide):
         return None
