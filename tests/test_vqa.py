@@ -459,6 +459,41 @@ def test_a_question_longer_than_the_question_encoder_reads_is_refused_not_cut(tr
         answer_with_rationale(model, [image], words + " nodule")
 
 
+@pytest.mark.parametrize("question", ["☃ ☃ 你好", "?", " ... ?! "])
+def test_a_question_with_no_word_the_model_knows_is_refused(trained, phantom, question):
+    """A question the question encoder reads as nothing but [UNK] and punctuation was answered with a probability
+    and no word of warning, as if it had been read: it is refused as an empty one is, without quoting it."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    result, output = invoke("vqa", image, "--model", trained, "--question", question)
+    assert result.exit_code == 2, output
+    assert "--question: the question has no word this VQA model knows" in " ".join(output.split())
+    assert len(result.stderr.strip().splitlines()) == 1 and question.strip() not in output
+    with pytest.raises(InputError, match="no word this VQA model knows"):
+        answer_with_rationale(model, [image], question)
+    assert answer_with_rationale(model, [image], "Is there a 你好 nodule?")["answer"]  # one word it knows: answered
+
+
+def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):
+    """medvl eval vqa scores such questions as read (a file is not refused for them), counted with a warning."""
+    copy = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", copy)
+    questions = json.loads((copy / "test.json").read_text())
+    for entry, unread in zip(questions, ["☃ ☃ 你好", "?", "☃ ☃ 你好"], strict=False):
+        entry["question"] = unread
+    (copy / "test.json").write_text(json.dumps(questions), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", out,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["questions_unread"] == 3
+    assert (f"3 of {len(questions)} scored questions have no word the model's question encoder knows"
+            in " ".join(output.split())), output
+    assert "☃" not in output
+    assert evaluate_vqa(load_vqa_model(trained), load_vqa(phantom / "vqa")[:20], "phantom")["questions_unread"] == 0
+
+
 def test_k_without_an_index_is_refused(trained, phantom):
     image = next((phantom / "vqa" / "images").glob("*.png"))
     for k in ("3", "-7"):

@@ -489,6 +489,14 @@ def questions_cut(model: VQAModel, questions: Sequence[str]) -> int:
     return count_read_cut(model.text_encoder.read_length, questions)[0]  # the one rule
 
 
+def questions_unread(model: VQAModel, questions: Sequence[str]) -> int:
+    """How many of ``questions`` have no word the model's question encoder knows (only unknown tokens and
+    punctuation, ``TextEncoder.known_word_tokens``; each distinct question read once): ``medvl vqa`` refuses such a
+    question."""
+    known = {question: model.text_encoder.known_word_tokens(question) for question in set(questions)}
+    return sum(not known[question] for question in questions)
+
+
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:
     """Distinct image files and, per question, the indices of its images ((N, max_images), -1 = none)."""
     check_image_counts(items, max_images)
