@@ -2058,6 +2058,8 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
         assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
         assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
         assert shown["input_flags"] == expected["input_flags"] == [{}] * len(images)
+        # named as medvl vqa --json names it (the run folder's name; it was the path as typed there)
+        assert shown["model"] == expected["model"] == vqa_dir.name
     flagged = vqa(client, [films[0].read_bytes(), _png_bytes(np.zeros((40, 40), np.uint8))])
     assert flagged.status_code == 200 and [list(f) for f in flagged.json()["input_flags"]] == [[], ["blank"]]
     request = _request_line(log_lines, flagged)

@@ -329,7 +329,7 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
                             "--heatmap", png)
     assert result.exit_code == 0, output
     answer = json.loads(out.read_text())
-    assert answer["model"] == str(trained)  # the path as given, as every other command's JSON has it
+    assert answer["model"] == trained.name  # the run folder's name, as /v1/vqa names it (model_name)
     model = load_vqa_model(trained)
     assert answer["answer"] in model.answers and answer["alternative"] in model.answers
     assert 1.0 >= answer["probability"] >= answer["alternative_probability"] >= 0.0
@@ -365,6 +365,24 @@ def test_answer_json_names_each_image_by_its_file_name_only(trained, phantom, tm
     assert result.exit_code == 0, output
     assert [heat["image"] for heat in json.loads(out.read_text())["heatmaps"]] == ["cxr.png"]
     assert "Doe_John" not in out.read_text()
+
+
+def test_answer_json_names_the_model_by_its_folder_name_as_the_service_does(trained, phantom, tmp_path):
+    """medvl vqa --json wrote --model as typed (a full path, whose folders may name a patient) while /v1/vqa wrote
+    the served folder's last name ("model" for a train vqa output's model/): both now give models.vqa.model_name,
+    the run folder's name however the folder is given, as the other answers give their model's name."""
+    run = tmp_path / "Doe_John_MRN12345" / "vqa-run"
+    shutil.copytree(trained, run)
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    for given in (run, run / "model", run / "model" / ".." / "model"):
+        out = tmp_path / "answer.json"
+        result, output = invoke("vqa", image, "--model", given, "--question", "Is there a nodule?", "--json", out,
+                                "--overwrite")
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["model"] == "vqa-run"
+        assert "Doe_John" not in out.read_text()
+    model = load_vqa_model(run / "model")
+    assert model.name == "vqa-run" and answer_with_rationale(model, [image], "Is there a nodule?")["model"] == "vqa-run"
 
 
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):

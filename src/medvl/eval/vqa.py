@@ -330,14 +330,14 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
 
 def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],
                           question: str) -> dict[str, Any]:
-    """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
-    the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images, each naming its image by file name) and
-    ``input_flags`` (per image: blank or streaked as the model sees it, ``medvl.data.audit.input_flags``); a
-    transformers VLM gives no heatmaps."""
+    """The answer to ``question`` about ``images`` (earlier film first) with its evidence: ``model``, the model's
+    name (``models.vqa.model_name``: never a path), probability, the top alternative, the predicted answer type and
+    one attention heatmap per image (rows of the image encoder's token grid, summing to 1 over all images, each
+    naming its image by file name) and ``input_flags`` (per image: blank or streaked as the model sees it,
+    ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
-        return {**model.answer(list(images), question), "heatmaps": []}
+        return {"model": model.name, **model.answer(list(images), question), "heatmaps": []}
     if not images:
         raise InputError("give at least one image")
     if len(images) > model.config.max_images:
@@ -355,7 +355,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
-    return row
+    return {"model": model.name, **row}
 
 
 def supporting_cases(index, image: str | Path, k: int) -> tuple[list[dict[str, Any]], list[str]]:
