@@ -2232,6 +2232,8 @@ def test_vqa_answers_as_the_library_for_one_and_two_images(client, vqa_dir, phan
         assert [h["grid"] for h in shown["heatmaps"]] == [h["grid"] for h in expected["heatmaps"]]
         assert [image["kind"] for image in shown["images"]] == ["png"] * len(images)
         assert shown["input_flags"] == expected["input_flags"] == [{}] * len(images)
+        # named as medvl vqa --json names it (the run folder's name; it was the path as typed there)
+        assert shown["model"] == expected["model"] == vqa_dir.name
     flagged = vqa(client, [films[0].read_bytes(), _png_bytes(np.zeros((40, 40), np.uint8))])
     assert flagged.status_code == 200 and [list(f) for f in flagged.json()["input_flags"]] == [[], ["blank"]]
     request = _request_line(log_lines, flagged)
@@ -2251,6 +2253,11 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
     # under 1,000 characters but past the question encoder's tokens: it was cut there and answered
     long = vqa(client, [png.read_bytes()], "the patient was seen today for a follow up " * 8 + QUESTION)
     assert long.status_code == 422 and "tokens at most" in long.json()["detail"], long.text
+    for unread in ("☃ ☃ 你好", "?"):  # no word the question encoder knows: it was answered as if read
+        answer = vqa(client, [png.read_bytes()], unread)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith("question: the question has no word this VQA model knows")
+        assert unread not in answer.json()["detail"]
     assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
 

@@ -116,6 +116,8 @@ def test_explain_defaults_to_the_methods_the_architecture_supports(vit, guarded,
     with TestClient(create_app(vit, require_token=False)) as client:
         answer = client.post("/v1/explain", files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
         assert answer.status_code == 200 and answer.json()["methods"] == ["patch_text"], answer.text
+        explained = json.loads((tmp_path / vit.parent.name / "explanation.json").read_text())
+        assert explained["model"] == answer.json()["model"] == load_model(vit).config.name  # never the path
         assert client.get("/v1/models").json()["models"][0]["explain"]["default_methods"] == ["patch_text"]
 
 
@@ -397,6 +399,7 @@ def _compare_label_columns(model, http, png, tmp_path):
         assert answer.status_code == 200, answer.text
         served = answer.json()
         assert (cli["label_column"], cli["warnings"]) == (served["label_column"], served["warnings"])
+        assert cli["model"] == served["model"] == "phantom-tiny"  # the config's name, not the folder's
         assert cli["predictions"][0]["probabilities"] == pytest.approx(served["probabilities"], abs=1e-5)
         if n == 0:
             assert cli["label_column"] == "finding" and cli["warnings"] == []

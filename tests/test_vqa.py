@@ -329,7 +329,7 @@ def test_two_image_answer_with_evidence(trained, phantom, tmp_path):
                             "--heatmap", png)
     assert result.exit_code == 0, output
     answer = json.loads(out.read_text())
-    assert answer["model"] == str(trained)  # the path as given, as every other command's JSON has it
+    assert answer["model"] == trained.name  # the run folder's name, as /v1/vqa names it (model_name)
     model = load_vqa_model(trained)
     assert answer["answer"] in model.answers and answer["alternative"] in model.answers
     assert 1.0 >= answer["probability"] >= answer["alternative_probability"] >= 0.0
@@ -365,6 +365,24 @@ def test_answer_json_names_each_image_by_its_file_name_only(trained, phantom, tm
     assert result.exit_code == 0, output
     assert [heat["image"] for heat in json.loads(out.read_text())["heatmaps"]] == ["cxr.png"]
     assert "Doe_John" not in out.read_text()
+
+
+def test_answer_json_names_the_model_by_its_folder_name_as_the_service_does(trained, phantom, tmp_path):
+    """medvl vqa --json wrote --model as typed (a full path, whose folders may name a patient) while /v1/vqa wrote
+    the served folder's last name ("model" for a train vqa output's model/): both now give models.vqa.model_name,
+    the run folder's name however the folder is given, as the other answers give their model's name."""
+    run = tmp_path / "Doe_John_MRN12345" / "vqa-run"
+    shutil.copytree(trained, run)
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    for given in (run, run / "model", run / "model" / ".." / "model"):
+        out = tmp_path / "answer.json"
+        result, output = invoke("vqa", image, "--model", given, "--question", "Is there a nodule?", "--json", out,
+                                "--overwrite")
+        assert result.exit_code == 0, output
+        assert json.loads(out.read_text())["model"] == "vqa-run"
+        assert "Doe_John" not in out.read_text()
+    model = load_vqa_model(run / "model")
+    assert model.name == "vqa-run" and answer_with_rationale(model, [image], "Is there a nodule?")["model"] == "vqa-run"
 
 
 def test_saved_model_answers_as_the_trained_one(phantom, tmp_path):
@@ -457,6 +475,41 @@ def test_a_question_longer_than_the_question_encoder_reads_is_refused_not_cut(tr
     assert answer_with_rationale(model, [image], words)["answer"]
     with pytest.raises(InputError, match=f"is {limit + 1} tokens long"):
         answer_with_rationale(model, [image], words + " nodule")
+
+
+@pytest.mark.parametrize("question", ["☃ ☃ 你好", "?", " ... ?! "])
+def test_a_question_with_no_word_the_model_knows_is_refused(trained, phantom, question):
+    """A question the question encoder reads as nothing but [UNK] and punctuation was answered with a probability
+    and no word of warning, as if it had been read: it is refused as an empty one is, without quoting it."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    result, output = invoke("vqa", image, "--model", trained, "--question", question)
+    assert result.exit_code == 2, output
+    assert "--question: the question has no word this VQA model knows" in " ".join(output.split())
+    assert len(result.stderr.strip().splitlines()) == 1 and question.strip() not in output
+    with pytest.raises(InputError, match="no word this VQA model knows"):
+        answer_with_rationale(model, [image], question)
+    assert answer_with_rationale(model, [image], "Is there a 你好 nodule?")["answer"]  # one word it knows: answered
+
+
+def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):
+    """medvl eval vqa scores such questions as read (a file is not refused for them), counted with a warning."""
+    copy = tmp_path / "vqa"
+    shutil.copytree(phantom / "vqa", copy)
+    questions = json.loads((copy / "test.json").read_text())
+    for entry, unread in zip(questions, ["☃ ☃ 你好", "?", "☃ ☃ 你好"], strict=False):
+        entry["question"] = unread
+    (copy / "test.json").write_text(json.dumps(questions), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    result, output = invoke("eval", "vqa", "--model", trained, "--data", copy, "--split", "test", "--json", out,
+                            "--quiet")
+    assert result.exit_code == 0, output
+    assert json.loads(out.read_text())["questions_unread"] == 3
+    assert (f"3 of {len(questions)} scored questions have no word the model's question encoder knows"
+            in " ".join(output.split())), output
+    assert "☃" not in output
+    assert evaluate_vqa(load_vqa_model(trained), load_vqa(phantom / "vqa")[:20], "phantom")["questions_unread"] == 0
 
 
 def test_k_without_an_index_is_refused(trained, phantom):

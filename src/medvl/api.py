@@ -406,10 +406,10 @@ def evaluate_vqa_from_path(model: PathLike, data: PathLike, split: str | None = 
 
 def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[str, Any]:
     """``eval.vqa.answer_with_rationale`` for decoded images (uploads held in memory, earlier film
-    first): the answer, its probability, the top alternative, the answer type and, from a medvl VQA
-    model, one attention heatmap per image (``grid`` weights on the image encoder's token grid
-    ``shape``, and its ``peak``) and ``input_flags`` (per image: blank or streaked as the model sees it);
-    a transformers VLM gives no heatmaps."""
+    first): ``model`` (the model's name, as ``answer_with_rationale`` gives it), the answer, its probability,
+    the top alternative, the answer type and, from a medvl VQA model, one attention heatmap per image (``grid``
+    weights on the image encoder's token grid ``shape``, and its ``peak``) and ``input_flags`` (per image: blank
+    or streaked as the model sees it); a transformers VLM gives no heatmaps."""
     import torch
 
     from .data.audit import input_flags
@@ -418,7 +418,7 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
 
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):
-        return {**model.answer(list(images), question), "heatmaps": []}
+        return {"model": model.name, **model.answer(list(images), question), "heatmaps": []}
     limit = model.config.max_images
     if not images or len(images) > limit:
         raise InputError(f"{len(images)} images given; the model takes 1 to {limit} per question")
@@ -433,4 +433,4 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     row["heatmaps"] = [{"grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for weights in per_image]
     row["input_flags"] = [input_flags(image.numpy()) for image in pixels]
-    return row
+    return {"model": model.name, **row}

@@ -39,9 +39,9 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
     first column that describes every requested class; one the captions do not describe is refused).
     ``backend``: see ``load_model`` (model paths only). Images are read ``batch_size`` at a time.
 
-    Beside them, as the service's /v1/zero-shot answers: ``label_column`` (the column whose descriptions
-    were used; None for the generic templates) and ``warnings`` (``prompt_warnings``: classes answered
-    from their bare names).
+    Beside them, as the service's /v1/zero-shot answers: ``model`` (the model's config name, never its path: the
+    folders above may name a patient), ``label_column`` (the column whose descriptions were used; None for the
+    generic templates) and ``warnings`` (``prompt_warnings``: classes answered from their bare names).
     """
     class_names = check_class_names(class_names)
     if not images:
@@ -61,7 +61,7 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
             guarded += [flag] if flag else []
     warn_flagged(guarded, "images")
     warn_without_content([row["input_flags"] for row in results], "images")
-    return {"predictions": results, "label_column": column or None,
+    return {"model": net.config.name, "predictions": results, "label_column": column or None,
             "warnings": prompt_warnings(net, class_names, column, captions)}
 
 

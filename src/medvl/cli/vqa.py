@@ -179,7 +179,7 @@ def vqa_command(
     _print_answer(result)
     if heatmap is not None:
         _write_heatmap(Path(heatmap), images, result["heatmaps"], net, overwrite)
-    emit_json({"model": str(model), **result}, json_out, overwrite)
+    emit_json(result, json_out, overwrite)
 
 
 def _nearest_cases(index: str, image: Path, k: int | None) -> tuple[list[dict[str, Any]], list[str]]:

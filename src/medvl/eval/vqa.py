@@ -16,7 +16,10 @@
 - ``answers_in_vocabulary``: share of questions whose answer the model can give;
 - ``questions_cut``: how many scored questions are longer than the model's question encoder reads
   (``text.max_length`` tokens): scored as read, cut, with a warning (``medvl vqa`` refuses such a question; a
-  transformers VLM reads the whole prompt: 0).
+  transformers VLM reads the whole prompt: 0);
+- ``questions_unread``: how many scored questions have no word the model's question encoder knows (only unknown
+  tokens and punctuation, ``TextEncoder.known_word_tokens``): scored as read, with a warning counting them (``medvl
+  vqa`` refuses such a question; a transformers VLM: 0).
 
 An answer vocabulary mismatch between the model and the data (under half of the answers in the
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
@@ -49,7 +52,15 @@ from ..data.audit import content_summary, input_flags
 from ..data.loaders.vqa import VQAItem, answer_tokens, normalize_answer
 from ..errors import DataError, InputError
 from ..models.vlm import VisionLanguageModel
-from ..models.vqa import VQAModel, batch_pixels, check_image_counts, image_table, prior_answer, questions_cut
+from ..models.vqa import (
+    VQAModel,
+    batch_pixels,
+    check_image_counts,
+    image_table,
+    prior_answer,
+    questions_cut,
+    questions_unread,
+)
 from ..progress import progress_bar
 from .contamination import questions_trained_on
 
@@ -150,6 +161,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     runs: dict[str, list[str] | None]
     content: list[dict[str, str]] = []  # per distinct image
     cut = 0 if isinstance(model, VisionLanguageModel) else _count_cut_questions(model, items, source)
+    unread = 0 if isinstance(model, VisionLanguageModel) else _count_unread_questions(model, items, source)
     if isinstance(model, VisionLanguageModel):
         coverage = None
         candidates = closed_candidates(items, pool)
@@ -186,6 +198,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["per_question_type"] = _per_type(items, runs)
     result["answers_in_vocabulary"] = coverage
     result["questions_cut"] = cut
+    result["questions_unread"] = unread
     if seen is not None:
         result["trained_on_scored"] = seen
     empty = content_summary(content, "scored images")
@@ -201,6 +214,15 @@ def _count_cut_questions(model: VQAModel, items: Sequence[VQAItem], source: str)
                     "special ones included): they are scored as read, cut (medvl vqa refuses them)", source or "data",
                     cut, len(items), model.config.text.max_length)
     return cut
+
+
+def _count_unread_questions(model: VQAModel, items: Sequence[VQAItem], source: str) -> int:
+    unread = questions_unread(model, [item.question for item in items])
+    if unread:
+        log.warning("%s: %d of %d scored questions have no word the model's question encoder knows (only unknown "
+                    "tokens and punctuation): they are scored as read (medvl vqa refuses them)", source or "data",
+                    unread, len(items))
+    return unread
 
 
 def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> dict[str, dict[str, Any]]:
@@ -276,7 +298,10 @@ def check_question(question: str, field: str = "--question",
     """The question, stripped; empty, non-UTF-8 or longer than ``MAX_QUESTION_CHARS`` is an ``InputError``
     naming ``field`` (the option or form field it came from), and so is, given a medvl ``model``, a question of
     more tokens than its question encoder reads (``text.max_length``, special tokens included): the rest would
-    be cut unread, and questions differing only there answered alike. A transformers VLM reads the whole prompt."""
+    be cut unread, and questions differing only there answered alike; and one with no word its question encoder
+    knows (only unknown tokens and punctuation, ``TextEncoder.known_word_tokens``): the answer would be the image's
+    and the training prior's, not an answer to the question. A transformers VLM reads the whole prompt. Messages
+    never quote the question."""
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:
@@ -297,18 +322,22 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
         raise InputError(f"{field}: the question is {length} tokens long; this VQA model's question encoder reads "
                          f"{limit} tokens at most (a word is one token or more): the rest would be cut unread; "
                          "ask a shorter question")
+    if not model.text_encoder.known_word_tokens(question):
+        raise InputError(f"{field}: the question has no word this VQA model knows (its question encoder reads only "
+                         "unknown tokens and punctuation): an answer would not be to the question; ask it in the "
+                         "words of the questions the model was trained on")
 
 
 def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],
                           question: str) -> dict[str, Any]:
-    """The answer to ``question`` about ``images`` (earlier film first) with its evidence: probability,
-    the top alternative, the predicted answer type and one attention heatmap per image (rows of the
-    image encoder's token grid, summing to 1 over all images, each naming its image by file name) and
-    ``input_flags`` (per image: blank or streaked as the model sees it, ``medvl.data.audit.input_flags``); a
-    transformers VLM gives no heatmaps."""
+    """The answer to ``question`` about ``images`` (earlier film first) with its evidence: ``model``, the model's
+    name (``models.vqa.model_name``: never a path), probability, the top alternative, the predicted answer type and
+    one attention heatmap per image (rows of the image encoder's token grid, summing to 1 over all images, each
+    naming its image by file name) and ``input_flags`` (per image: blank or streaked as the model sees it,
+    ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
-        return {**model.answer(list(images), question), "heatmaps": []}
+        return {"model": model.name, **model.answer(list(images), question), "heatmaps": []}
     if not images:
         raise InputError("give at least one image")
     if len(images) > model.config.max_images:
@@ -326,7 +355,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
-    return row
+    return {"model": model.name, **row}
 
 
 def supporting_cases(index, image: str | Path, k: int) -> tuple[list[dict[str, Any]], list[str]]:

@@ -147,7 +147,8 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                     with write_errors_named(out / name):
                         (staging / name).write_bytes(overlay_png(array, heatmap, title))
                     block["file"] = name
-        result: dict[str, Any] = {"image": Path(image).name, **explained}
+        # the model by its config name, as /v1/explain names it (never its path: the folders above may name a patient)
+        result: dict[str, Any] = {"model": model.config.name, "image": Path(image).name, **explained}
         if index is not None:  # the image's own indexed copies left out, and named
             result["neighbours"], result["left_out_copies"] = nearest_cases(index, model, embedding,
                                                                             k or DEFAULT_NEIGHBOURS, digest)

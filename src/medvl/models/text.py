@@ -345,6 +345,22 @@ class TextEncoder(nn.Module):
         special = self.tokenizer.num_special_tokens_to_add()
         return self.untruncated_length(text) - special, self.config.max_length - special
 
+    def known_word_tokens(self, text: str) -> int:
+        """How many tokens of ``text`` (special ones left out) are in this tower's vocabulary and spell part of a
+        word (a letter or digit of the text): 0 when it reads the text as nothing but unknown tokens and punctuation,
+        so that nothing of what the text says reaches the tower."""
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        with TOKENIZER_LOCK:
+            encoded = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False,
+                                     return_token_type_ids=False, return_offsets_mapping=fast)
+        ids = encoded["input_ids"]
+        # the characters each token stands for (a slow tokenizer gives no offsets: its token strings instead)
+        pieces = ([text[start:end] for start, end in encoded["offset_mapping"]] if fast
+                  else self.tokenizer.convert_ids_to_tokens(ids))
+        unknown = self.tokenizer.unk_token_id
+        return sum(token != unknown and any(char.isalnum() for char in piece)
+                   for token, piece in zip(ids, pieces, strict=True))
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
             if self.config.tune_top_layers:

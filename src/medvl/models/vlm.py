@@ -121,6 +121,11 @@ class VisionLanguageModel:
             "architecture": config.architecture}}
 
     @property
+    def name(self) -> str:
+        """How answers name the model (their ``model``): its folder's name, as a medvl VQA model's."""
+        return self.config.name
+
+    @property
     def max_images(self) -> int:
         return self.config.max_images
 

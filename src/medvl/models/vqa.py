@@ -196,6 +196,8 @@ class VQAModel(nn.Module):
                                          nn.Dropout(config.dropout), nn.Linear(2 * width, len(answers)))
         self.type_head = nn.Linear(width, len(ANSWER_TYPES))
         self.meta: dict[str, Any] = {"kind": MODEL_KIND, "answers": list(answers), "answer_types": {}}
+        # how answers name the model (their "model"): its folder's (``model_name``) once saved or loaded
+        self.name = MODEL_KIND
         # a frozen question tower's output per question, keyed by a hash of the text (no question text is kept),
         # at most frozen_cache_size of them: a long-running service asked ever new questions must not grow
         self._frozen_questions: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -376,6 +378,7 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: config.json: {err}") from None
         check_tokenizer_fits(model.text_encoder, directory)
         model.meta = meta
+        model.name = model_name(directory)
         load_weights(model, state, directory)
         model.eval()
         return model
@@ -419,6 +422,15 @@ def saved_holdout(directory: str | Path) -> dict[str, Any] | None:
         raise ModelError(f"{directory}: cannot read model files ({META_FILE}: {err.__class__.__name__}: {err})") \
             from None
     return holdout if isinstance(holdout, dict) else None
+
+
+def model_name(directory: str | Path) -> str:
+    """How answers name the VQA model saved in ``directory`` (``model`` of ``medvl vqa --json`` and ``/v1/vqa``, as
+    a dual encoder's answers give its config's name; a VQA config has none): the folder's own name, or for a ``medvl
+    train vqa`` output folder's ``model/`` (a name that tells nothing) the output folder's; never a path, as the
+    folders above may name a patient. A transformers VLM is named by its folder's name too (``VLMConfig.name``)."""
+    resolved = Path(directory).resolve()
+    return resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
 
 
 def _model_folder(directory: Path) -> Path:
@@ -487,6 +499,14 @@ def questions_cut(model: VQAModel, questions: Sequence[str]) -> int:
     """How many of ``questions`` are longer than the model's question encoder reads (``text.max_length`` tokens,
     special ones included): the encoder reads them cut (``medvl vqa`` refuses such a question)."""
     return count_read_cut(model.text_encoder.read_length, questions)[0]  # the one rule
+
+
+def questions_unread(model: VQAModel, questions: Sequence[str]) -> int:
+    """How many of ``questions`` have no word the model's question encoder knows (only unknown tokens and
+    punctuation, ``TextEncoder.known_word_tokens``; each distinct question read once): ``medvl vqa`` refuses such a
+    question."""
+    known = {question: model.text_encoder.known_word_tokens(question) for question in set(questions)}
+    return sum(not known[question] for question in questions)
 
 
 def image_table(items: Sequence[VQAItem], max_images: int) -> tuple[list[Path], torch.Tensor]:

@@ -566,7 +566,7 @@ class ModelService:
         timings.update(upload_bytes=sum(upload.n_bytes for upload in uploads))
         result = await self.lane.run(answer_pixels, self.vqa, [upload.decoded() for upload in uploads], question,
                                      timings=timings)
-        return {"model": self.settings.vqa_model.name if self.settings.vqa_model else None,
+        return {"model": result.pop("model"),
                 "images": [{"kind": upload.kind, "bytes": upload.n_bytes} for upload in uploads], **result}
 
     async def _decode_film(self, data: bytes, number: int, count: int, timings: dict[str, Any]) -> Upload:

@@ -37,9 +37,10 @@ from ..models.vqa import (
     batch_pixels,
     check_image_counts,
     image_table,
+    model_name,
     questions_cut,
 )
-from .loop import TrainConfig, fit, param_groups, recorded_run, starting_weights
+from .loop import MODEL_DIR, TrainConfig, fit, param_groups, recorded_run, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -343,4 +344,6 @@ def train_vqa(items: Sequence[VQAItem], out_dir: str | Path, config: TrainConfig
     if holdout is not None:
         model.meta["holdout"] = holdout
     objective = VQAObjective(model, items, options, source)
-    return fit(objective, config, out_dir, resume=resume, show_progress=show_progress)
+    trained = fit(objective, config, out_dir, resume=resume, show_progress=show_progress)
+    trained.name = model_name(Path(out_dir) / MODEL_DIR)  # as answers name it once it is loaded from there
+    return trained
