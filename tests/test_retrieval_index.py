@@ -31,7 +31,7 @@ from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
-from medvl.index.base import IndexDamaged
+from medvl.index.base import IndexDamaged, tokenizer_sha256
 from medvl.index.cases import quote_column
 from medvl.index.search import embed_query
 from medvl.rag import load_knowledge
@@ -781,6 +781,36 @@ def test_a_model_whose_tokenizer_was_edited_is_refused_and_an_index_from_before_
     with open_index(older) as index:
         assert [hit.id for hit in search_index(index, other, text="effusion", k=3)] == \
             [hit.id for hit in index.search(embed_query(other, text="effusion"), k=3)[0]]
+
+
+def test_a_padding_or_truncation_side_saved_in_the_tokenizer_files_changes_no_vector(model, model_dir, tmp_path):
+    """The tokenizer digest leaves out padding and truncation (each call sets them), but a call did not set their
+    side: a model folder whose tokenizer_config.json said padding_side / truncation_side "left" (or tokenizer.json a
+    Left padding direction) passed the fingerprint check and wrote other vectors (a case's own report no longer found
+    it). The text tower now pads and cuts on the right on every call, as it is trained: the same vectors."""
+    texts = ["effusion", "large left pleural effusion with a small right pneumothorax"]
+    long_report = ["The heart size is normal. " * 20 + "Large left pleural effusion."]
+    assert model.text_read_length(long_report[0])[0] > model.text_read_length("")[1]  # read cut
+
+    def config_sides(text_dir: Path) -> None:
+        config = json.loads((text_dir / "tokenizer_config.json").read_text())
+        config.update(padding_side="left", truncation_side="left")
+        (text_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def json_direction(text_dir: Path) -> None:
+        tokenizer = json.loads((text_dir / "tokenizer.json").read_text())
+        tokenizer["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None,
+                                "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+        (text_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    for edit in (config_sides, json_direction):
+        edited = tmp_path / edit.__name__
+        shutil.copytree(model_dir, edited)
+        edit(edited / "text")
+        other = load_model(edited)
+        assert tokenizer_sha256(other) == tokenizer_sha256(model)
+        for batch in (texts, long_report):
+            assert torch.equal(other.encode_texts(batch), model.encode_texts(batch)), edit.__name__
 
 
 def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):
