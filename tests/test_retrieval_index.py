@@ -347,6 +347,42 @@ def test_a_damaged_cases_table_is_one_line_naming_the_index_and_the_column_never
     assert f"error: {zeroed / 'cases.sqlite'}: cannot read the cases table (database disk image is malformed)" in output
 
 
+def test_a_damaged_ivfpq_vectors_table_is_one_line_naming_the_table_and_a_missing_row_is_not_a_missing_case(
+        model, model_dir, dataset, tmp_path):
+    """An IVF-PQ index scores its hits with the vectors kept in table ``vectors`` of cases.sqlite; a cell of the wrong
+    length or type there ended search and report draft in numpy's traceback (exit 1), and a missing row dropped its
+    case from every search without a word. Each is IndexDamaged now (exit 2, 503 in the service), naming the file
+    and the table, never a cell."""
+    built = tmp_path / "ivfpq"
+    build_index(model, dataset.subset(dataset[:40]), built, model_dir=model_dir, kind="ivfpq", show_progress=False)
+    with closing(sqlite3.connect(built / "cases.sqlite")) as conn:
+        vid = conn.execute("SELECT vid FROM cases WHERE id = ?", (dataset[3].id,)).fetchone()[0]
+    not_a_vector = "a cell of column 'image' of table vectors is not a vector of 64 float32"
+    damages = {"short": (f"UPDATE vectors SET image = substr(image, 1, 100) WHERE vid = {vid}", not_a_vector),
+               "text": (f"UPDATE vectors SET image = 'abc' WHERE vid = {vid}", not_a_vector),
+               "report": (f"UPDATE vectors SET text = substr(text, 1, 9) WHERE vid = {vid}",
+                          "a cell of column 'text' of table vectors is not a vector of 64 float32"),
+               "missing": (f"DELETE FROM vectors WHERE vid = {vid}", "table vectors lacks the row of 1 case")}
+    for name, (statement, reason) in damages.items():
+        damaged = tmp_path / name
+        shutil.copytree(built, damaged)
+        _damage(damaged, statement)
+        target = "texts" if name == "report" else "images"
+        with open_index(damaged) as index:
+            # rescored neighbours (the query's own case among them), every case, a filter; reports: the last two
+            for k, where in ((5, None), (40, None), (5, "sex = 'F' or sex = 'M'"))[target == "texts":]:
+                with pytest.raises(IndexDamaged) as raised:
+                    search_index(index, model, image=dataset[3].image, k=k, where=where, target=target)
+                assert raised.value.problem == DAMAGED_TABLE.format(reason), (name, k, where)
+                assert index.damaged == raised.value.problem
+    expected = f"error: {tmp_path / 'short' / 'cases.sqlite'}: {DAMAGED_TABLE.format(not_a_vector)}"
+    for command in (("search", "--index", tmp_path / "short", "--image", dataset[3].image, "-k", 5),
+                    ("report", "draft", dataset[3].image, "--index", tmp_path / "short")):
+        result, output = medvl(*command)
+        assert result.exit_code == 2 and "Traceback" not in output, (command, output)
+        assert {line for line in output.splitlines() if line.startswith("error:")} == {expected}, output
+
+
 def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, model, dataset, phantom_dir, tmp_path):
     """A second export with the same layout (other patients, the same relative ids) and a corrected report are
     refused before anything changes, naming how many and one id; --replace replaces them. They used to be

@@ -1055,8 +1055,8 @@ class FaissIndex(IndexBase):
         """The vids of the filter rows' cases that have a vector in ``target``, and those vectors as they were
         embedded: from the flat storage (flat, HNSW), or for IVF-PQ, whose codes only approximate them, from
         the ``vectors`` table."""
-        if not hasattr(ann, "id_map"):
-            return self._kept_vectors(target, filters.vids[rows])
+        if not hasattr(ann, "id_map"):  # a case with an empty report has no report vector
+            return self._kept_vectors(target, filters.vids[rows], every=target == IMAGES)
         positions = self._positions_of(target, ann, filters)[rows]
         vids, positions = filters.vids[rows[positions >= 0]], positions[positions >= 0]
         stored = stored_vectors(ann)
@@ -1067,14 +1067,26 @@ class FaissIndex(IndexBase):
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (VECTORS,)).fetchone() is not None
 
-    def _kept_vectors(self, target: str, vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``vids`` that have a ``target`` vector in the ``vectors`` table, and those vectors (in that order)."""
+    def _kept_vectors(self, target: str, vids: np.ndarray, every: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``vids`` that have a ``target`` vector in the ``vectors`` table, and those vectors (in that order).
+        ``IndexDamaged`` for a vid without a row there (every case has one), a cell that is not ``dim`` float32
+        bytes, or, with ``every`` (vids the ANN holds, or every case for images), a vid without a vector: the case
+        would drop out of every search without a word, or the search end in numpy's traceback."""
         column = "image" if target == IMAGES else "text"
-        found: dict[int, bytes] = {}
+        found: dict[int, Any] = {}
         for chunk in _chunks(vids.tolist()):
-            found.update(self.conn.execute(f"SELECT vid, {column} FROM {VECTORS} WHERE {column} IS NOT NULL AND "
+            found.update(self.conn.execute(f"SELECT vid, {column} FROM {VECTORS} WHERE "
                                            f"vid IN ({', '.join('?' * len(chunk))})", chunk).fetchall())
-        kept = [vid for vid in vids.tolist() if vid in found]
+        db, size = self.path / CASES_DB, self.dim * np.dtype(np.float32).itemsize
+        if len(found) < len(set(vids.tolist())):
+            missing = len(set(vids.tolist())) - len(found)
+            raise unreadable_cases(db, f"table {VECTORS} lacks the row of {missing} case{'s' * (missing > 1)}")
+        if any(cell is None for cell in found.values()) and every:
+            raise unreadable_cases(db, f"a cell of column {column!r} of table {VECTORS} is empty")
+        if any(cell is not None and (not isinstance(cell, bytes) or len(cell) != size) for cell in found.values()):
+            raise unreadable_cases(db, f"a cell of column {column!r} of table {VECTORS} is not a vector of "
+                                       f"{self.dim} float32")
+        kept = [vid for vid in vids.tolist() if found[vid] is not None]
         matrix = np.frombuffer(b"".join(found[vid] for vid in kept), np.float32).reshape(len(kept), self.dim)
         return np.asarray(kept, dtype=np.int64), np.ascontiguousarray(matrix)
 
