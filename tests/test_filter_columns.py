@@ -274,3 +274,31 @@ def test_report_search_skips_cases_whose_report_is_empty(built):
         hits = index.search(np.ones(DIM, np.float32), k=N, where="split = 'train' or split = 'test'", target=TEXTS)[0]
         assert index.filtered_paths == Counter({"exact": 1})
     assert len(hits) == sum(bool(c.text) for c in cases) and not {h.id for h in hits} & set(empty)
+
+
+def test_a_reader_opened_before_a_rebuild_filters_with_the_columns_of_the_version_it_opened(tmp_path):
+    """The filter-columns file was read by path at the first filtered search: a reader (a running service) opened
+    before ``index build`` swapped a new folder in filtered its own table's cases with the new build's columns (a
+    rebuild of as many cases passes the row-count and largest-vid check), so ``sex = 'M'`` gave women, shown with
+    their old metadata. The file is opened with the table now: the reader keeps its version's columns throughout."""
+    rng = np.random.default_rng(5)
+    vectors = _vectors(rng, 40)
+    out = tmp_path / "idx"
+
+    def build(key: str, first: str, second: str) -> None:
+        cases = [Case(id=f"m{i:02d}", meta={"sex": (first, second)[i % 2]}) for i in range(40)]
+        builder = FaissBuilder(out, key, infer_columns(cases))
+        builder.append(cases, vectors, None)
+        builder.finish(_info(), kind="flat")
+
+    build("before", "F", "M")
+    with FaissIndex.open(out) as reader:
+        assert len(reader.search(vectors[:1], k=3)[0]) == 3  # unfiltered: the filter columns are not read yet
+        build("after", "M", "F")  # the metadata corrected: every case's sex flipped
+        for hits in reader.search(vectors[:2], k=5, where="sex = 'M'"):
+            assert len(hits) == 5 and {hit.meta["sex"] for hit in hits} == {"M"}
+            assert all(int(hit.id[1:]) % 2 == 1 for hit in hits)  # the version it opened: odd cases are men
+        np.testing.assert_array_equal(reader.allowed_vids("sex = 'M'"), reader.allowed_vids_sql("sex = 'M'"))
+    with FaissIndex.open(out) as fresh:
+        hits = fresh.search(vectors[:1], k=5, where="sex = 'M'")[0]
+        assert {hit.meta["sex"] for hit in hits} == {"M"} and all(int(hit.id[1:]) % 2 == 0 for hit in hits)

@@ -1294,3 +1294,28 @@ def test_case_retrieval_of_an_index_larger_than_one_search_matches_a_brute_force
     assert result["precision_at_k_baseline"] == pytest.approx(np.mean(base_precision))
     prior = Counter(r.labels["finding"] for r in records)
     assert result["label_sets"] == {f"finding={c}": n for c, n in prior.items()}
+
+
+def test_retrieved_context_holds_k_reports_when_the_nearest_cases_mostly_lack_one(phantom_dir, model_dir, tmp_path):
+    """The report generator's context (``train report --index``, ``eval report``) fetched k + 32 neighbours once and
+    kept those with a report: in an index where most cases hold none (an archive indexed for image search, reports
+    attached to some), a query got fewer than k reports while more were indexed, without a word. The search is
+    widened until k are found or the index is exhausted; the reports are those of an exhaustive search."""
+    import dataclasses
+
+    from medvl.rag.context import _usable, case_key, retrieve_for_records
+
+    dataset = load_dataset(phantom_dir)
+    sparse = dataset.subset([record if i % 15 == 0 else dataclasses.replace(record, text=None)
+                             for i, record in enumerate(dataset[:60])])  # 4 reports among 60 cases
+    model = load_model(model_dir)
+    build_index(model, sparse, tmp_path / "idx", model_dir=model_dir, show_progress=False)
+    queries = sparse.subset(list(sparse)[1:7])  # none of them has a report
+    with open_index(tmp_path / "idx") as index:
+        every = index.search(model.encode_images([record.image for record in queries]).numpy(), k=len(index))
+        for k in (4, 9):
+            for record, retrieved, hits in zip(queries, retrieve_for_records(index, model, queries, k=k), every,
+                                               strict=True):
+                excluded = {"id": record.id, "case": case_key(record.meta)}
+                expected = [hit.id for hit in hits if _usable(hit, excluded, {record.id})][:k]
+                assert len(expected) == 4 and retrieved.ids == expected, (k, record.id)

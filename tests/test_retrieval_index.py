@@ -31,7 +31,7 @@ from medvl.cli.index import index_app, search_command
 from medvl.data.record import Dataset, Record
 from medvl.index import Case, add_records, build_index, compile_where, open_index, search_index
 from medvl.index.ann import choose_kind
-from medvl.index.base import IndexDamaged
+from medvl.index.base import IndexDamaged, tokenizer_sha256
 from medvl.index.cases import quote_column
 from medvl.index.search import embed_query
 from medvl.rag import load_knowledge
@@ -345,6 +345,42 @@ def test_a_damaged_cases_table_is_one_line_naming_the_index_and_the_column_never
     result, output = medvl("search", "--index", zeroed, "--text", "effusion", "-k", 5)
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert f"error: {zeroed / 'cases.sqlite'}: cannot read the cases table (database disk image is malformed)" in output
+
+
+def test_a_damaged_ivfpq_vectors_table_is_one_line_naming_the_table_and_a_missing_row_is_not_a_missing_case(
+        model, model_dir, dataset, tmp_path):
+    """An IVF-PQ index scores its hits with the vectors kept in table ``vectors`` of cases.sqlite; a cell of the wrong
+    length or type there ended search and report draft in numpy's traceback (exit 1), and a missing row dropped its
+    case from every search without a word. Each is IndexDamaged now (exit 2, 503 in the service), naming the file
+    and the table, never a cell."""
+    built = tmp_path / "ivfpq"
+    build_index(model, dataset.subset(dataset[:40]), built, model_dir=model_dir, kind="ivfpq", show_progress=False)
+    with closing(sqlite3.connect(built / "cases.sqlite")) as conn:
+        vid = conn.execute("SELECT vid FROM cases WHERE id = ?", (dataset[3].id,)).fetchone()[0]
+    not_a_vector = "a cell of column 'image' of table vectors is not a vector of 64 float32"
+    damages = {"short": (f"UPDATE vectors SET image = substr(image, 1, 100) WHERE vid = {vid}", not_a_vector),
+               "text": (f"UPDATE vectors SET image = 'abc' WHERE vid = {vid}", not_a_vector),
+               "report": (f"UPDATE vectors SET text = substr(text, 1, 9) WHERE vid = {vid}",
+                          "a cell of column 'text' of table vectors is not a vector of 64 float32"),
+               "missing": (f"DELETE FROM vectors WHERE vid = {vid}", "table vectors lacks the row of 1 case")}
+    for name, (statement, reason) in damages.items():
+        damaged = tmp_path / name
+        shutil.copytree(built, damaged)
+        _damage(damaged, statement)
+        target = "texts" if name == "report" else "images"
+        with open_index(damaged) as index:
+            # rescored neighbours (the query's own case among them), every case, a filter; reports: the last two
+            for k, where in ((5, None), (40, None), (5, "sex = 'F' or sex = 'M'"))[target == "texts":]:
+                with pytest.raises(IndexDamaged) as raised:
+                    search_index(index, model, image=dataset[3].image, k=k, where=where, target=target)
+                assert raised.value.problem == DAMAGED_TABLE.format(reason), (name, k, where)
+                assert index.damaged == raised.value.problem
+    expected = f"error: {tmp_path / 'short' / 'cases.sqlite'}: {DAMAGED_TABLE.format(not_a_vector)}"
+    for command in (("search", "--index", tmp_path / "short", "--image", dataset[3].image, "-k", 5),
+                    ("report", "draft", dataset[3].image, "--index", tmp_path / "short")):
+        result, output = medvl(*command)
+        assert result.exit_code == 2 and "Traceback" not in output, (command, output)
+        assert {line for line in output.splitlines() if line.startswith("error:")} == {expected}, output
 
 
 def test_add_refuses_other_cases_under_indexed_ids_unless_replacing(index_copy, model, dataset, phantom_dir, tmp_path):
@@ -781,6 +817,36 @@ def test_a_model_whose_tokenizer_was_edited_is_refused_and_an_index_from_before_
     with open_index(older) as index:
         assert [hit.id for hit in search_index(index, other, text="effusion", k=3)] == \
             [hit.id for hit in index.search(embed_query(other, text="effusion"), k=3)[0]]
+
+
+def test_a_padding_or_truncation_side_saved_in_the_tokenizer_files_changes_no_vector(model, model_dir, tmp_path):
+    """The tokenizer digest leaves out padding and truncation (each call sets them), but a call did not set their
+    side: a model folder whose tokenizer_config.json said padding_side / truncation_side "left" (or tokenizer.json a
+    Left padding direction) passed the fingerprint check and wrote other vectors (a case's own report no longer found
+    it). The text tower now pads and cuts on the right on every call, as it is trained: the same vectors."""
+    texts = ["effusion", "large left pleural effusion with a small right pneumothorax"]
+    long_report = ["The heart size is normal. " * 20 + "Large left pleural effusion."]
+    assert model.text_read_length(long_report[0])[0] > model.text_read_length("")[1]  # read cut
+
+    def config_sides(text_dir: Path) -> None:
+        config = json.loads((text_dir / "tokenizer_config.json").read_text())
+        config.update(padding_side="left", truncation_side="left")
+        (text_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def json_direction(text_dir: Path) -> None:
+        tokenizer = json.loads((text_dir / "tokenizer.json").read_text())
+        tokenizer["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None,
+                                "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+        (text_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    for edit in (config_sides, json_direction):
+        edited = tmp_path / edit.__name__
+        shutil.copytree(model_dir, edited)
+        edit(edited / "text")
+        other = load_model(edited)
+        assert tokenizer_sha256(other) == tokenizer_sha256(model)
+        for batch in (texts, long_report):
+            assert torch.equal(other.encode_texts(batch), model.encode_texts(batch)), edit.__name__
 
 
 def test_model_index_mismatch_and_bad_queries(built, model, dataset, tmp_path):

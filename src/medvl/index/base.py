@@ -181,8 +181,9 @@ _TOKENIZER_SHA256: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def tokenizer_sha256(model) -> str | None:
     """SHA-256 of how a model's text tower turns a text into token ids: its tokenizer's vocabulary (token -> id) and,
     for a fast tokenizer, its normaliser, pre-tokeniser, model settings and post-processor (not its padding and
-    truncation, which each call sets); None for a model without a tokenizer. The weights do not cover it: a
-    vocabulary edited in the model folder's ``text/`` (ids moved, lower-casing off) makes other vectors of a text."""
+    truncation, which each call sets, side included: ``TextEncoder`` pads and cuts on the right); None for a model
+    without a tokenizer. The weights do not cover it: a vocabulary edited in the model folder's ``text/`` (ids
+    moved, lower-casing off) makes other vectors of a text."""
     encoder = getattr(model, "text_encoder", None)
     tokenizer = getattr(encoder if encoder is not None else model, "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):

@@ -9,7 +9,8 @@ Folder layout::
                          NULL for DICOM), image_sha256, report, labels (JSON), meta (JSON) and one typed
                          column ``m_<name>`` per filter column
     INDEX/filters.safetensors  the filter columns as arrays, one row per case (``medvl.index.filter_columns``):
-                         what ``--where`` filters are evaluated on
+                         what ``--where`` filters are evaluated on; opened with the table, read at the first
+                         filtered search (a reader opened before a rebuild keeps its own version's columns)
 
 An IVF-PQ index also keeps, in table ``vectors`` of ``cases.sqlite`` (vid, image, text: float32 bytes), the
 full vectors its compressed codes approximate: its neighbours are scored again with them (scores are cosine
@@ -90,7 +91,7 @@ from .cases import (
     public_image_path,
     quote_column,
 )
-from .filter_columns import FilterColumns
+from .filter_columns import FilterColumns, open_saved
 from .where import compile_where, given_filter, parse_where
 
 log = logging.getLogger(__name__)
@@ -603,21 +604,26 @@ class FaissIndex(IndexBase):
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
         except (sqlite3.Error, UnicodeDecodeError) as err:
             raise unreadable_cases(path / CASES_DB, err) from None
+        try:  # opened now, read at the first filtered search: the version of the table above, after any rebuild
+            self._filters_file = open_saved(path)
+        except BaseException:
+            self.conn.close()
+            raise
         unnamed = next((f for t, f in INDEX_FILES.items() if t not in self.info and (path / f).exists()), None)
         if unnamed is not None:  # its vectors would never be searched
-            self.conn.close()
+            self._close_files()
             raise DataError(path / INFO_FILE, f"does not describe {unnamed}, which the folder holds ({DAMAGED})")
         try:
             self.anns = {t: faiss.read_index(str(path / f)) for t, f in INDEX_FILES.items()
                          if t in self.info}
         except RuntimeError as err:
-            self.conn.close()
+            self._close_files()
             raise DataError(path, f"cannot read the FAISS index ({str(err).splitlines()[0][:200]})") from None
         try:
             self._check_vectors_match_cases()
             self._check_file_digests()
         except BaseException:
-            self.conn.close()
+            self._close_files()
             raise
         self.workdir: Path | None = None  # the copy being edited, once there is a change
         self._filters: FilterColumns | None = None  # read at the first filtered search or change
@@ -850,9 +856,17 @@ class FaissIndex(IndexBase):
         swap_in(workdir, self.path)
         self.workdir = None
         self.conn = _connect(self.path / CASES_DB, readonly=True)
+        if self._filters_file is not None:
+            self._filters_file.close()
+        self._filters_file = open_saved(self.path)
+
+    def _close_files(self) -> None:
+        self.conn.close()
+        if self._filters_file is not None:
+            self._filters_file.close()
 
     def close(self) -> None:
-        self.conn.close()
+        self._close_files()
         if self.workdir is not None:  # unsaved changes are dropped
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -877,11 +891,12 @@ class FaissIndex(IndexBase):
 
     @_reads_cases
     def filter_columns(self) -> FilterColumns:
-        """The filter columns as arrays (read once: from the folder's file, or from the table when
+        """The filter columns as arrays (read once: from the folder's file as it was opened, or from the table when
         the file is missing or stale), kept in step with every add and delete."""
         with self._filters_lock:
             if self._filters is None:
-                self._filters = FilterColumns.open(self.workdir or self.path, self.conn, self.columns)
+                self._filters = FilterColumns.open(self.workdir or self.path, self.conn, self.columns,
+                                                   self._filters_file)
             return self._filters
 
     def _allowed(self, where: str, target: str) -> tuple[FilterColumns, np.ndarray]:
@@ -1055,8 +1070,8 @@ class FaissIndex(IndexBase):
         """The vids of the filter rows' cases that have a vector in ``target``, and those vectors as they were
         embedded: from the flat storage (flat, HNSW), or for IVF-PQ, whose codes only approximate them, from
         the ``vectors`` table."""
-        if not hasattr(ann, "id_map"):
-            return self._kept_vectors(target, filters.vids[rows])
+        if not hasattr(ann, "id_map"):  # a case with an empty report has no report vector
+            return self._kept_vectors(target, filters.vids[rows], every=target == IMAGES)
         positions = self._positions_of(target, ann, filters)[rows]
         vids, positions = filters.vids[rows[positions >= 0]], positions[positions >= 0]
         stored = stored_vectors(ann)
@@ -1067,14 +1082,26 @@ class FaissIndex(IndexBase):
         return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                  (VECTORS,)).fetchone() is not None
 
-    def _kept_vectors(self, target: str, vids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``vids`` that have a ``target`` vector in the ``vectors`` table, and those vectors (in that order)."""
+    def _kept_vectors(self, target: str, vids: np.ndarray, every: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``vids`` that have a ``target`` vector in the ``vectors`` table, and those vectors (in that order).
+        ``IndexDamaged`` for a vid without a row there (every case has one), a cell that is not ``dim`` float32
+        bytes, or, with ``every`` (vids the ANN holds, or every case for images), a vid without a vector: the case
+        would drop out of every search without a word, or the search end in numpy's traceback."""
         column = "image" if target == IMAGES else "text"
-        found: dict[int, bytes] = {}
+        found: dict[int, Any] = {}
         for chunk in _chunks(vids.tolist()):
-            found.update(self.conn.execute(f"SELECT vid, {column} FROM {VECTORS} WHERE {column} IS NOT NULL AND "
+            found.update(self.conn.execute(f"SELECT vid, {column} FROM {VECTORS} WHERE "
                                            f"vid IN ({', '.join('?' * len(chunk))})", chunk).fetchall())
-        kept = [vid for vid in vids.tolist() if vid in found]
+        db, size = self.path / CASES_DB, self.dim * np.dtype(np.float32).itemsize
+        if len(found) < len(set(vids.tolist())):
+            missing = len(set(vids.tolist())) - len(found)
+            raise unreadable_cases(db, f"table {VECTORS} lacks the row of {missing} case{'s' * (missing > 1)}")
+        if any(cell is None for cell in found.values()) and every:
+            raise unreadable_cases(db, f"a cell of column {column!r} of table {VECTORS} is empty")
+        if any(cell is not None and (not isinstance(cell, bytes) or len(cell) != size) for cell in found.values()):
+            raise unreadable_cases(db, f"a cell of column {column!r} of table {VECTORS} is not a vector of "
+                                       f"{self.dim} float32")
+        kept = [vid for vid in vids.tolist() if found[vid] is not None]
         matrix = np.frombuffer(b"".join(found[vid] for vid in kept), np.float32).reshape(len(kept), self.dim)
         return np.asarray(kept, dtype=np.int64), np.ascontiguousarray(matrix)
 

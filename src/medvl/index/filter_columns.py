@@ -19,7 +19,8 @@ unknown, ``not`` unknown is unknown, ``is [not] null`` is never unknown; a case 
 filter is true.
 
 On disk: ``filters.safetensors`` in the index folder (no pickle), written with the rest of the
-folder (a build's staging folder, an edit's copy) and swapped in with it. Its header records the
+folder (a build's staging folder, an edit's copy) and swapped in with it; an opened index holds the file open
+from its opening (``open_saved``), so a later swap does not change the columns it reads. Its header records the
 number of cases, the largest ``vid`` and the columns; as ``vid``s are never reused, a file whose
 numbers differ from the SQLite table (an index written by an older medvl) is stale, and the
 arrays are then read from SQLite again.
@@ -35,6 +36,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -270,22 +272,31 @@ class FilterColumns:
     def load(cls, folder: Path, kinds: dict[str, str], rows: int, max_vid: int) -> FilterColumns | None:
         """The arrays in ``folder``'s file, or None when it is missing or does not match the table
         (``rows`` cases, largest vid ``max_vid``, columns ``kinds``)."""
-        from safetensors import SafetensorError, safe_open
-
-        path = folder / FILTERS_FILE
-        if not path.is_file():
+        file = open_saved(folder)
+        if file is None:
             return None
+        with file:
+            return cls.read(file, folder / FILTERS_FILE, kinds, rows, max_vid)
+
+    @classmethod
+    def read(cls, file: BinaryIO, path: Path, kinds: dict[str, str], rows: int, max_vid: int) -> FilterColumns | None:
+        """The arrays in ``file`` (``open_saved``'s, read from its start; ``path`` names it), or None when it does
+        not match the table."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
         try:
-            with safe_open(str(path), framework="np") as handle:
-                metadata = handle.metadata() or {}
-                expected = {"format": FILTERS_FORMAT, "rows": str(rows), "max_vid": str(max_vid),
-                            "columns": json.dumps(kinds, sort_keys=True)}
-                if metadata != expected:
-                    log.warning("%s: filter columns do not match the cases table; reading them from it", path)
-                    return None
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+            file.seek(0)
+            data = file.read()
+            tensors = load(data)  # the file checked: its header below is what safetensors read
+            metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
         except (OSError, SafetensorError, ValueError) as err:
             raise DataError(path, f"unreadable filter columns ({str(err)[:200]})") from None
+        expected = {"format": FILTERS_FORMAT, "rows": str(rows), "max_vid": str(max_vid),
+                    "columns": json.dumps(kinds, sort_keys=True)}
+        if metadata != expected:
+            log.warning("%s: filter columns do not match the cases table; reading them from it", path)
+            return None
         numbers = {n: tensors[f"number.{n}"] for n, k in kinds.items() if k == NUMBER}
         texts = {n: TextColumn(tensors[f"text.{n}.codes"], _decode(tensors[f"text.{n}.bytes"],
                                                                  tensors[f"text.{n}.ends"]))
@@ -293,11 +304,13 @@ class FilterColumns:
         return cls(kinds, tensors["vids"], tensors["has_report"], numbers, texts)
 
     @classmethod
-    def open(cls, folder: Path, conn: sqlite3.Connection, kinds: dict[str, str]) -> FilterColumns:
-        """The arrays of the index in ``folder`` whose table ``conn`` reads: from its file when that
-        matches the table, else read from the table (an index written before the file existed)."""
+    def open(cls, folder: Path, conn: sqlite3.Connection, kinds: dict[str, str],
+             file: BinaryIO | None) -> FilterColumns:
+        """The arrays of the index in ``folder`` whose table ``conn`` reads: from its file (``file``, opened with
+        the table: ``open_saved``) when that matches the table, else read from the table (no file: an index written
+        before the file existed)."""
         rows, max_vid = conn.execute("SELECT COUNT(*), COALESCE(MAX(vid), 0) FROM cases").fetchone()
-        loaded = cls.load(folder, kinds, rows, max_vid)
+        loaded = None if file is None else cls.read(file, folder / FILTERS_FILE, kinds, rows, max_vid)
         if loaded is not None:
             return loaded
         started = time.perf_counter()
@@ -305,6 +318,20 @@ class FilterColumns:
         log.info("%s: filter columns of %d cases read from the table in %.1f s (saved with the next change)",
                  folder, len(columns), time.perf_counter() - started)
         return columns
+
+
+def open_saved(folder: Path) -> BinaryIO | None:
+    """``folder``'s filter-columns file opened for reading, None when there is none. An index opens it with its
+    table and reads it at its first filtered search: by path then, a reader opened before a rebuild swapped
+    another folder in read the new build's columns (a rebuild of as many cases matches the old table's count and
+    largest vid) and filtered its own cases with another version's metadata; the open file is the version opened."""
+    path = folder / FILTERS_FILE
+    try:
+        return path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except OSError as err:
+        raise DataError(path, f"unreadable filter columns ({str(err)[:200]})") from None
 
 
 def _true_on_null(expression: Compare | Member) -> bool:

@@ -315,10 +315,20 @@ class TextEncoder(nn.Module):
         self._frozen_features.clear()
         log.info("trained a WordPiece tokenizer: %d tokens", len(self.tokenizer))
 
+    def _right_sided(self) -> Any:
+        """The tokenizer, set to pad and truncate on the right (call it holding TOKENIZER_LOCK): the side medvl's
+        towers are trained and pooled with ([CLS] first, real tokens before the padding, a long report read from
+        its start). A side saved in ``text/`` (``padding_side`` / ``truncation_side`` in tokenizer_config.json,
+        ``padding.direction`` in tokenizer.json) would move tokens and change a text's vector, while the tokenizer
+        digest an index checks (``tokenizer_sha256``) leaves the side out: so the side is not read from the folder."""
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "right"
+        return self.tokenizer
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
         with TOKENIZER_LOCK:
-            batch = self.tokenizer(
+            batch = self._right_sided()(
                 list(texts), padding=True, truncation=True, max_length=self.config.max_length,
                 return_tensors="pt", return_token_type_ids=False,
             )
@@ -329,7 +339,7 @@ class TextEncoder(nn.Module):
         tokenizer's normalisation (lower case, accents stripped for the WordPiece ones) and truncation to
         ``max_length``. Texts with the same ids are the same text to the tower."""
         with TOKENIZER_LOCK:
-            return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_length,
+            return self._right_sided()(list(texts), truncation=True, max_length=self.config.max_length,
                                   return_token_type_ids=False)["input_ids"]
 
     def untruncated_length(self, text: str) -> int:

@@ -2,7 +2,8 @@
 cases of an image, with the ids of the cases they came from (the citations kept with a report).
 
 The image is embedded by the index's own model (``medvl.index.index_model``: the dual encoder the
-index was built with) and searched among the indexed images. Left out of a query's neighbours:
+index was built with) and searched among the indexed images, deeper until k reports are found (or every case
+was searched: an index where most cases hold no report). Left out of a query's neighbours:
 cases without a report, the query itself (same id, or the same decoded pixels) and, for records,
 other images of the same case or patient (same ``meta["case_id"]`` / ``meta["patient_id"]``), so a
 generator trained with context learns to use similar cases, not to copy its own case's report.
@@ -21,12 +22,12 @@ import numpy as np
 
 from ..checks import check_number
 from ..data.record import Record
-from ..index.base import Hit, Index, check_model
+from ..index.base import MAX_K, Hit, Index, check_model
 from ..index.cases import pixel_sha256
 from ..progress import progress_bar
 
 CASE_KEYS = ("case_id", "patient_id")  # record metadata naming the case / patient an image belongs to
-SEARCH_MARGIN = 32  # extra neighbours fetched, so that k remain after the exclusions
+SEARCH_MARGIN = 32  # extra neighbours fetched first, so that k usually remain after the exclusions
 BATCH = 32
 
 
@@ -69,18 +70,36 @@ def _retrieve(index: Index, model, pixels: list[np.ndarray], excluded: list[dict
     check_number("context k", k, minimum=1, maximum=100, integer=True)
     check_model(index.info, model, index.location)
     self_ids = _self_ids(index, excluded)
-    depth = min(len(index), k + SEARCH_MARGIN)
     found: list[Retrieved] = []
     with progress_bar("Retrieving similar cases", total=len(pixels), enabled=show_progress) as advance:
         for start in range(0, len(pixels), BATCH):
             vectors = model.encode_images(pixels[start:start + BATCH]).numpy()
-            for offset, hits in enumerate(index.search(vectors, k=max(depth, 1))):
-                row = start + offset
-                kept = [h for h in hits if _usable(h, excluded[row], self_ids[row])][:k]
+            rows = slice(start, start + len(vectors))
+            for kept in _nearest_usable(index, vectors, excluded[rows], self_ids[rows], k):
                 found.append(Retrieved([h.id for h in kept], [float(h.score) for h in kept],
                                        [h.text or "" for h in kept]))
             advance(len(vectors))
     return found
+
+
+def _nearest_usable(index: Index, vectors: np.ndarray, excluded: list[dict[str, Any]], self_ids: list[set[str]],
+                    k: int) -> list[list[Hit]]:
+    """Each vector's ``k`` nearest usable hits (``_usable``): ``k + SEARCH_MARGIN`` neighbours searched, and for
+    the vectors left with fewer than ``k`` twice as many again, until they have ``k`` or the whole index was
+    searched. One search of a fixed depth gave fewer than ``k`` reports, without a word, where most cases hold
+    none (an archive indexed for image search, reports attached to some) while more were indexed."""
+    total = min(len(index), MAX_K)
+    depth = min(total, k + SEARCH_MARGIN)
+    kept: list[list[Hit]] = [[] for _ in vectors]
+    short = list(range(len(vectors)))
+    while short:
+        for row, hits in zip(short, index.search(vectors[short], k=max(depth, 1)), strict=True):
+            kept[row] = [hit for hit in hits if _usable(hit, excluded[row], self_ids[row])][:k]
+        if depth >= total:
+            break
+        short = [row for row in short if len(kept[row]) < k]
+        depth = min(total, 2 * depth)
+    return kept
 
 
 def _self_ids(index: Index, excluded: list[dict[str, Any]]) -> list[set[str]]:
