@@ -437,6 +437,103 @@ def test_pull_from_a_capped_server_says_what_is_missing_and_resumes_to_the_end(c
     assert [(s["instances"], s["listed"]) for s in report["series"]] == [(4, 3), (1, 1), (1, 1)]
 
 
+class MiscountingProxy(BaseHTTPRequestHandler):
+    """Passes every request on to a real Orthanc, but answers series searches with ``count`` as each series'
+    Number of Series Related Instances (0020,1209), as a server computing it lazily or from a stale table does,
+    and instance searches of the series in ``unlisted`` with nothing; records the paths asked for."""
+
+    upstream = ""
+    count: object = 0
+    unlisted: set[str] = set()
+    paths: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        MiscountingProxy.paths.append(self.path)
+        headers = {name: self.headers[name] for name in ("Authorization", "Accept") if self.headers[name]}
+        answer = requests.get(self.upstream + self.path.removeprefix("/dicom-web"), headers=headers, timeout=60)
+        body, path = answer.content, self.path.split("?")[0]
+        if answer.ok and path.endswith("/series"):
+            items = answer.json()
+            for item in items:
+                item["00201209"] = {"vr": "IS", "Value": [self.count]}
+            body = json.dumps(items).encode()
+        elif answer.ok and path.endswith("/instances") and path.split("/")[-2] in self.unlisted:
+            body = b"[]"
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("Content-Type", "application/octet-stream"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("count", [0, -1, "0", 1.5])
+def test_a_series_counted_as_zero_or_less_is_still_searched_and_pulled(uploaded, tmp_path, count):
+    """A series search counting 0 (or a negative or non-integer number of) instances in each series used to
+    skip their instance searches: nothing pulled, the pull state deleted and the pull reported complete. The
+    count is a hint: every series' instances are searched for, and all 6 of patient A's instances pulled."""
+    MiscountingProxy.upstream, MiscountingProxy.count, MiscountingProxy.unlisted = uploaded.dicomweb, count, set()
+    MiscountingProxy.paths = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
+                            show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    searched = [p for p in MiscountingProxy.paths if p.split("?")[0].endswith("/instances")]
+    assert len(searched) >= 3  # one instance search (at least) per series
+    assert report["complete"] and report["missing"] is None and report["counts"]["pulled"] == 6
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6
+
+
+@pytest.mark.orthanc
+def test_a_series_whose_instance_search_lists_nothing_is_retrieved_whole(uploaded, tmp_path):
+    """A series the server lists, but whose instance search answers nothing (and counts 0): it is asked for
+    whole (WADO-RS at series level), not passed over as empty and the pull called complete."""
+    with uploaded.client() as client:
+        ct = next(s for s in client.search_series(uploaded.studies["A"]) if s["Modality"] == "CT")
+    MiscountingProxy.upstream, MiscountingProxy.count = uploaded.dicomweb, 0
+    MiscountingProxy.unlisted, MiscountingProxy.paths = {ct["SeriesInstanceUID"]}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
+                            show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["complete"] and report["counts"]["pulled"] == 6, report["missing"]
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6
+
+
+def test_a_series_listed_without_instances_that_brings_nothing_is_missing(tmp_path):
+    """A source listing a series but none of its instances, which then delivers nothing for it: the pull is
+    incomplete, keeps its state, and says so (it was called complete, its state and seed deleted)."""
+    from medvl.clinical.pull import SeriesPlan, run_pull
+
+    class EmptySource:
+        url = "test://empty"
+
+        def plan_series(self, study_uids):
+            return [SeriesPlan("1.2.3", "1.2.3.1", "CT", 1, [], expected=0)]
+
+        def fetch_series(self, plan, missing):
+            yield from ()
+
+    out = tmp_path / "out"
+    report = run_pull(EmptySource(), "1.2.3", out, show_progress=False)
+    assert not report["complete"] and (out / STATE_NAME).is_file()
+    assert report["missing"] == ("1 instance(s) missing: series 1 of 1 (CT) has 0 of 1, the server listing none "
+                                 "of its instances")
+
+
 @pytest.fixture(scope="module")
 def pulled_2d(uploaded, tmp_path_factory) -> Path:
     """Patient B and the pydicom-data studies (2D images only), pulled with the CLI."""

@@ -56,7 +56,7 @@ from ..io import loads_json
 from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
 from .pull import STATE_NAME as STATE_NAME
-from .pull import SeriesPlan, as_int, check_pull_arguments, run_pull, series_order
+from .pull import SeriesPlan, as_int, check_pull_arguments, instance_count, run_pull, series_order
 from .pull import read_report as read_report
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class DicomWebClient:
                 raise DataError(self.url, f"{given} is not on the server (QIDO-RS lists no series for its UID)")
             for item in sorted(series, key=series_order):
                 series_uid = str(item["SeriesInstanceUID"])
-                expected = as_int(item.get("NumberOfSeriesRelatedInstances"))
+                expected = instance_count(item.get("NumberOfSeriesRelatedInstances"))
                 instances = _all_pages(lambda offset, s=study_uid, r=series_uid: self.search_instances(
                     s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID", expected)
                 plans.append(SeriesPlan(study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
@@ -685,15 +685,18 @@ def _all_pages(search, key: str, expected: int | None = None) -> list[dict[str, 
     the ``limit`` asked for (Orthanc's ``LimitFindInstances`` / ``LimitFindResults``, dcm4chee's
     QIDO max results) without saying so, so a short page is not the last one: ask again from the new
     offset until a page brings nothing new (empty, or the same again from a server that ignores
-    ``offset``), or ``expected`` results (the count the server gave) are there. A server may still
+    ``offset``), or ``expected`` results (the count the server gave) are there: the first page is always asked
+    for, whatever the count (a hint that bounds the paging, never a reason to skip it). A server may still
     list fewer than it counts (Orthanc pages within its capped results): the caller compares."""
     found: dict[str, dict[str, Any]] = {}
-    while expected is None or len(found) < expected:
+    while not found or expected is None or len(found) < expected:
         page = search(len(found))
         fresh = {str(item[key]): item for item in page if item.get(key) and str(item[key]) not in found}
         if not fresh:
             break
         found.update(fresh)
+        if expected is not None and len(found) > expected:  # a stale count (0 from a lazy table): page to the end
+            expected = None
     return list(found.values())
 
 

@@ -16,8 +16,10 @@ a warning.
 
 A pull is complete when every listed instance is there and every series holds as many instances
 as the source counts in it (``SeriesPlan.expected``, DICOM's Number of Series Related Instances,
-where the source gives it). Servers cap their search results without saying so, and a listing may
-be shorter than the series: such a series is retrieved whole (WADO-RS / C-GET / C-MOVE at series
+where the source gives it, and at least one: a series listed with no instance is not complete). The count
+is a hint, never a reason to skip the instance search (servers answer 0 from stale tables); one that
+is not a non-negative integer is ignored. Servers cap their search results without saying so, and a listing may
+be shorter than the series (or empty): such a series is retrieved whole (WADO-RS / C-GET / C-MOVE at series
 level) rather than instance by instance, and the pull stays incomplete, its state kept, while any
 instance is known to be missing (``report["missing"]`` says which series, in one line).
 
@@ -34,6 +36,7 @@ reveal the date shift. Keep an unfinished folder private; finish it (rerun) or d
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -75,13 +78,14 @@ class SeriesPlan:
 
     @property
     def size(self) -> int:
-        """The instances the series holds as far as known: listed, or counted by the source if more."""
-        return max(len(self.instances), self.expected or 0)
+        """The instances the series holds as far as known: listed, or counted by the source if more; at least
+        one (a series the source lists holds an instance, even when its instance search lists none)."""
+        return max(len(self.instances), self.expected or 0, 1)
 
     @property
     def listing_short(self) -> bool:
-        """True when the source counts more instances than it listed (a capped search)."""
-        return self.expected is not None and self.expected > len(self.instances)
+        """True when the source counts more instances than it listed (a capped search), or lists none."""
+        return not self.instances or (self.expected is not None and self.expected > len(self.instances))
 
 
 class PullSource(Protocol):
@@ -177,8 +181,17 @@ def _forget_removed(state: _State) -> None:
 def as_int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def instance_count(value: Any) -> int | None:
+    """A source's Number of Series Related Instances (0020,1209) as a count, or None (unknown) when it is not a
+    non-negative integer. A hint only: the instances are always listed, whatever it says."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        return None
+    count = as_int(value)
+    return count if count is not None and count >= 0 else None
 
 
 def series_order(series: dict[str, Any]) -> tuple[int, str]:
@@ -296,7 +309,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                 limit: int | None, show_progress: bool) -> bool:
     """Fetch what is missing, series by series; True when nothing is known to be missing."""
     total = sum(plan.size for plan in plans)
-    budget = limit if limit is not None else total + 1
+    budget = limit if limit is not None else math.inf  # not total: a series listed short may bring more
     saved = time.monotonic()
     present = _present_by_folder(state)
     failures: list[DataError] = []  # series whose fetch failed, each alone: the others go on
@@ -321,6 +334,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                             key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})",
                                                          skip=state.done)
                             if relative is None:  # already here: the whole series was asked for again
+                                plan.folder = str(Path(state.done[key]).parent)  # an unlisted series' folder too
                                 continue
                             plan.pulled, budget = plan.pulled + 1, budget - 1
                             advance(1)
@@ -345,7 +359,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
     present = _present_by_folder(state)
     for plan in plans:
         absent = sum(1 for sop in plan.instances if uid_hash(sop, 64) not in state.done)
-        plan.missing = max(absent, (plan.expected or 0) - (present[plan.folder] if plan.folder else 0))
+        plan.missing = max(absent, plan.size - (present[plan.folder] if plan.folder else 0))
     return not any(plan.missing for plan in plans)
 
 
@@ -363,7 +377,9 @@ def missing_line(plans: list[SeriesPlan], shown: int = 3) -> str | None:
     for number, plan in short[:shown]:
         modality = plan.modality or "modality unknown"
         part = f"series {number} of {len(plans)} ({modality}) has {plan.size - plan.missing} of {plan.size}"
-        if plan.listing_short:
+        if not plan.instances:
+            part += ", the server listing none of its instances"
+        elif plan.listing_short:
             part += f", the server listing only {len(plan.instances)} (a capped search)"
         if plan.error:
             part += f", its retrieve failed: {plan.error}"
