@@ -1195,13 +1195,15 @@ class BrokenPacs(BaseHTTPRequestHandler):
     """Answers QIDO-RS with one series of one instance, and WADO-RS with whatever ``wado`` holds."""
 
     wado: tuple[str, bytes] = ("text/html", b"<html>login</html>")
+    series: list = [{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}}]
+    instances: list = [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]
 
     def do_GET(self):  # noqa: N802 - the http.server API
         listing = "application/dicom+json"
         if self.path.endswith("/series") or "/series?" in self.path:
-            kind, body = listing, json.dumps([{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}}]).encode()
+            kind, body = listing, json.dumps(self.series).encode()
         elif "/instances" in self.path:
-            kind, body = listing, json.dumps([{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]).encode()
+            kind, body = listing, json.dumps(self.instances).encode()
         else:
             kind, body = self.wado
         self.send_response(200)
@@ -1244,6 +1246,37 @@ def test_non_dicom_payloads_are_refused(broken_pacs, tmp_path, kind, body, probl
         pull_study(broken_pacs, "1.2.3", out, show_progress=False)
     assert broken_pacs in str(error.value)
     assert not list(out.rglob("*.dcm"))  # nothing half-written
+
+
+SERIES_ITEM = {"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}, "00080060": {"vr": "CS", "Value": ["CT"]}}
+
+
+@pytest.mark.parametrize(("series", "instances", "problem"), [
+    ([{**SERIES_ITEM, "00200011": {"vr": "IS", "Value": 1e308}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00200011: Value is not a list)"),
+    ([{**SERIES_ITEM, "00201209": {"vr": "SQ", "Value": 3}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00201209: Value is not a list)"),
+    ([{**SERIES_ITEM, "00100010": {"vr": "PN", "Value": "Vornholt^Ilsabet"}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00100010: Value is not a list)"),
+    (None, [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}, "FFFFFFFFFFFF": {"vr": "UI", "Value": ["x"]}}],
+     "instance search: expected a JSON list of DICOM datasets (an element key is wider than a DICOM tag"),
+])
+def test_malformed_dicom_json_answers_are_one_line_errors(broken_pacs, tmp_path, monkeypatch, series, instances,
+                                                         problem):
+    """QIDO-RS answers whose Value is not a list (a number, a string) or whose element key is wider than a tag
+    crashed from_dicom_json with a TypeError / OverflowError traceback: a DataError naming the server answer
+    (never the value), exit 2 at the CLI."""
+    monkeypatch.setattr(BrokenPacs, "series", series or BrokenPacs.series)
+    monkeypatch.setattr(BrokenPacs, "instances", instances or BrokenPacs.instances)
+    with pytest.raises(DataError) as error:
+        pull_study(broken_pacs, "1.2.3", tmp_path / "out", show_progress=False)
+    assert str(error.value).startswith(f"{broken_pacs}: {problem}") and "Vornholt" not in str(error.value)
+    for command in (("search", "--study", "1.2.3"), ("pull", "--study", "1.2.3", "--out", tmp_path / "cli")):
+        if series is None and command[0] == "search":
+            continue  # the series search lists no instances
+        result, output = invoke("pacs", *command, "--url", broken_pacs)
+        assert result.exit_code == 2 and problem in " ".join(output.split()), output
+        assert "Traceback" not in output and "Vornholt" not in output
 
 
 def test_query_values_keep_the_dicom_matching_characters():

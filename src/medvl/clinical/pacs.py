@@ -229,7 +229,10 @@ class DicomWebClient:
             raise DataError(self.url, f"{what}: expected a JSON list of DICOM datasets")
         if not items:
             _hint_encoded(self.url, params)
-        return [from_dicom_json(item) for item in items]
+        try:
+            return [from_dicom_json(item) for item in items]
+        except ValueError as error:
+            raise DataError(self.url, f"{what}: expected a JSON list of DICOM datasets ({error})") from None
 
     # ----------------------------------------------------------------------------- QIDO-RS
 
@@ -414,7 +417,11 @@ def study_search_filters(filters: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _is_tag(name: str) -> bool:
-    return len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name)
+    return len(name) == 8 and _is_hex(name)
+
+
+def _is_hex(name: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in name)
 
 
 def match_list(value: str, name: str, what: str) -> str:
@@ -544,14 +551,18 @@ def _status_problem(status: int, reason: str | None, what: str) -> str:
 
 
 def from_dicom_json(item: Mapping[str, Any]) -> dict[str, Any]:
-    """One DICOM JSON dataset (PS3.18 F.2) as keyword -> plain value (bulk data left out)."""
+    """One DICOM JSON dataset (PS3.18 F.2) as keyword -> plain value (bulk data left out); ``ValueError``
+    naming the element (its tag, never its value) when a ``Value`` is not a list (PS3.18 F.2.4), or for a key
+    wider than a tag."""
     from pydicom.datadict import keyword_for_tag
 
     result: dict[str, Any] = {}
     for tag, element in item.items():
+        if isinstance(tag, str) and len(tag) > 8 and _is_hex(tag):
+            raise ValueError("an element key is wider than a DICOM tag (8 hex digits)")
         try:
             name = keyword_for_tag(int(tag, 16)) or tag
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             name = str(tag)
         if not isinstance(element, dict):
             continue
@@ -559,6 +570,8 @@ def from_dicom_json(item: Mapping[str, Any]) -> dict[str, Any]:
         if values is None:
             result[name] = None
             continue
+        if not isinstance(values, list):
+            raise ValueError(f"element {tag if _is_tag(str(tag)) else '(not a tag)'}: Value is not a list")
         if element.get("vr") == "PN":
             values = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in values]
         elif element.get("vr") == "SQ":
