@@ -163,6 +163,11 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no column 2020 for subgroups"),
     ({"name": ["a", "b"]}, "suite.yaml: name must be a name, got ['a', 'b']"),  # ran as the suite "['a', 'b']"
     ({"name": {"a": 1}}, "suite.yaml: name must be a name, got {'a': 1}"),
+    # a list inside a list of names: were TypeError tracebacks (unhashable type: 'list'), exit 1
+    ({"checks": [["sanity"]]}, "suite.yaml: checks: expected check names, got ['sanity']"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom", "checks": [["sanity"]]}]},
+     "suite.yaml: task 1: checks: expected check names, got ['sanity']"),
+    ({"corruption": {"kinds": [["noise"]], "severities": [1]}}, "suite.yaml: corruption kinds must be names (noise,"),
     # the suite's checks that run on no task: were dropped, and the run reported no flag and nothing skipped
     ({"tasks": [{"task": "retrieval", "dataset": "phantom"}, {"task": "few-shot", "dataset": "phantom", "shots": [1]}],
       "checks": ["sanity", "calibration", "ood"]},
@@ -180,6 +185,16 @@ def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, pha
     assert result.exit_code == 2, output
     assert message in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_without_a_name_is_named_by_its_file(phantom_dir, tmp_path):
+    """name is optional (the file's stem): a suite without it failed with KeyError: 'name' since a71cd46."""
+    path = write_suite(tmp_path, phantom_dir)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    del raw["name"]
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert load_suite(unnamed).name == "unnamed"
 
 
 def test_a_training_split_that_holds_scored_images_is_refused_before_any_model_runs(two_models, phantom_dir, tmp_path):
