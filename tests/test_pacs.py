@@ -1462,6 +1462,33 @@ def test_a_series_that_fails_is_skipped_but_a_lost_connection_stops_the_pull(tmp
     assert Unreachable.asked == 1
 
 
+@pytest.mark.parametrize("change", [
+    {"done": "/etc/hostname"}, {"done": "../../../../../../etc/hostname"}, {"done": 5}, {"done": False},
+    {"at_risk": ["/etc/hostname"]}, {"at_risk": [5]}, {"seed": False}, {"format": 99}, {"studies": "x"},
+    {"keep_identifiers": "no"},
+])
+def test_a_pull_state_edited_by_hand_is_refused_naming_it(tmp_path, change):
+    """The state was trusted as read: a done path outside OUT counted as pulled (and an at-risk one was named in the
+    report), a value of another type crashed the resume (TypeError / AttributeError), an unknown format was taken."""
+    from medvl.clinical.pull import run_pull
+
+    files = [write_dicom(tmp_path / f"ct{i}.dcm", PATIENTS["B"], study="5", series=str(i), number=1, modality="CT",
+                         pixels=np.zeros((8, 8)), series_number=i, description="Thorax") for i in (1, 2)]
+    out = tmp_path / "out"
+    assert not run_pull(FilesSource(files), "1.2.3", out, limit=1, show_progress=False)["complete"]
+    state = json.loads((out / STATE_NAME).read_text())
+    [key] = state["done"]
+    for name, value in change.items():
+        if name == "done":
+            state["done"][key] = value
+        else:
+            state[name] = value
+    (out / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(DataError) as error:
+        run_pull(FilesSource(files), "1.2.3", out, show_progress=False)
+    assert str(error.value) == f"{out / STATE_NAME}: unreadable pull state; delete the folder and pull again"
+
+
 def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):
     from medvl.clinical.pull import run_pull
 

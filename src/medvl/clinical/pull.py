@@ -28,7 +28,9 @@ their original SOP Instance UID), which of them may hold burned-in text (their p
 report of the run that finishes the pull names those of earlier runs too) and, for a de-identified
 pull without ``seed``, the random de-identification seed, so a rerun of the same command after an
 interruption (or after ``limit``) fetches only the missing instances and maps UIDs and dates exactly
-as the first run did. An instance listed there whose file has since been removed from OUT is pulled again.
+as the first run did. An instance listed there whose file has since been removed from OUT is pulled again;
+a state file of another format, with a value of another type or a path that is not an instance path inside
+OUT is refused (``DataError``), never trusted.
 The state file is deleted when the pull completes, taking the seed with it: the seed would
 reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 import time
 from collections import Counter
@@ -57,6 +60,7 @@ STATE_NAME = ".medvl-pull-state.json"
 REPORT_NAME = "pull-report.json"
 STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
 STATE_FORMAT = 1
+INSTANCE_PATH = re.compile(r"study-[0-9a-f]{12}/series-[0-9a-f]{12}/[0-9a-f]{20}\.dcm")  # as _Writer writes them
 
 
 @dataclass
@@ -142,14 +146,43 @@ def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: 
     return state
 
 
-def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
-                  seed_check: str | None) -> _State:
+def _read_state(path: Path) -> _State:
+    """The saved state, every value checked (a file edited or damaged by hand): the known format, text where text
+    is written, and instance paths of the form medvl writes inside OUT (never a file elsewhere counted as pulled
+    or named in the report); DataError naming the file otherwise."""
+    unreadable = DataError(path, "unreadable pull state; delete the folder and pull again")
     try:
         saved = read_json(path)
-        state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
-                       saved.get("seed_check"), dict(saved.get("done") or {}), list(saved.get("at_risk") or []))
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(path, "unreadable pull state; delete the folder and pull again") from None
+    except (OSError, ValueError):
+        raise unreadable from None
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise unreadable
+    studies, keep = saved.get("studies"), saved.get("keep_identifiers")
+    seed, seed_check = saved.get("seed"), saved.get("seed_check")
+    done, at_risk = saved.get("done") or {}, saved.get("at_risk") or []
+    seeds = [value for value in (seed, seed_check) if value is not None]
+    if (not isinstance(studies, list) or not studies or not _texts(studies) or not isinstance(keep, bool)
+            or not _texts(seeds)
+            or not isinstance(done, dict) or not isinstance(at_risk, list)
+            or not all(_instance_path(path.parent, relative) for relative in [*done.values(), *at_risk])):
+        raise unreadable
+    return _State(path, list(studies), keep, seed, seed_check, dict(done), list(at_risk))
+
+
+def _texts(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(value, str) for value in values)
+
+
+def _instance_path(out: Path, relative: Any) -> bool:
+    """True for an OUT-relative instance path as ``_Writer`` writes it, that stays inside OUT."""
+    if not isinstance(relative, str) or not INSTANCE_PATH.fullmatch(relative):
+        return False
+    return (out / relative).resolve().is_relative_to(out.resolve())
+
+
+def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
+                  seed_check: str | None) -> _State:
+    state = _read_state(path)
     if state.studies != studies:
         raise InputError(f"{path.parent}: holds an unfinished pull of other studies; resume it with the same "
                          "--study values or use a new folder")
