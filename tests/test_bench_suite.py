@@ -413,6 +413,30 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_
         assert json.loads((out / "results.json").read_text())["cells"] == {"total": 1, "computed": 1, "reused": 0}
 
 
+@pytest.mark.parametrize("damage", [
+    {"rows": None}, {"rows": {"a": 1}}, {"rows": [{"metric": None}]}, {"rows": [{"metric": "auc", "value": "high"}]},
+    {"flags": None}, {"flags": [None]}, {"skipped": 1.5}, {"skipped": {"sanity": [{}]}}, {"plots": "x"},
+    {"model": ["x"]}, {"dataset": None},
+])
+def test_a_cell_file_damaged_behind_its_fingerprint_is_scored_again(damage, two_models, phantom_dir, tmp_path):
+    """A cell file whose fingerprint matches was reused as it was: damaged rows, flags, skipped checks or names
+    crashed every rerun (TypeError / AttributeError / KeyError in the results or the report). It is scored again,
+    with a warning naming the file."""
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=[])
+    out = tmp_path / "out"
+    args = ("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    [path] = (out / "cells").glob("*.json")
+    (path.write_text(json.dumps({**json.loads(path.read_text()), **damage})))
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"] == {"total": 1, "computed": 1, "reused": 0} and results["rows"]
+    assert f"scoring again, its cell file {path.name} is damaged" in " ".join(output.split()), output
+    assert json.loads(path.read_text())["rows"] == results["rows"]  # written again, whole
+
+
 def test_a_cell_computed_under_another_library_version_is_scored_again(two_models, phantom_dir, tmp_path,
                                                                       monkeypatch, caplog):
     """The fingerprint covered medvl's version and code but not torch / numpy / scikit-learn: after an upgrade a
