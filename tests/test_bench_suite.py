@@ -163,6 +163,11 @@ def test_the_report_draws_every_plot_in_chromium(finished_run):
      "dataset 'phantom' has no column 2020 for subgroups"),
     ({"name": ["a", "b"]}, "suite.yaml: name must be a name, got ['a', 'b']"),  # ran as the suite "['a', 'b']"
     ({"name": {"a": 1}}, "suite.yaml: name must be a name, got {'a': 1}"),
+    # a list inside a list of names: were TypeError tracebacks (unhashable type: 'list'), exit 1
+    ({"checks": [["sanity"]]}, "suite.yaml: checks: expected check names, got ['sanity']"),
+    ({"tasks": [{"task": "zero-shot", "dataset": "phantom", "checks": [["sanity"]]}]},
+     "suite.yaml: task 1: checks: expected check names, got ['sanity']"),
+    ({"corruption": {"kinds": [["noise"]], "severities": [1]}}, "suite.yaml: corruption kinds must be names (noise,"),
     # the suite's checks that run on no task: were dropped, and the run reported no flag and nothing skipped
     ({"tasks": [{"task": "retrieval", "dataset": "phantom"}, {"task": "few-shot", "dataset": "phantom", "shots": [1]}],
       "checks": ["sanity", "calibration", "ood"]},
@@ -180,6 +185,16 @@ def test_a_bad_suite_is_refused_before_any_work(change, message, two_models, pha
     assert result.exit_code == 2, output
     assert message in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_without_a_name_is_named_by_its_file(phantom_dir, tmp_path):
+    """name is optional (the file's stem): a suite without it failed with KeyError: 'name' since a71cd46."""
+    path = write_suite(tmp_path, phantom_dir)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    del raw["name"]
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert load_suite(unnamed).name == "unnamed"
 
 
 def test_a_training_split_that_holds_scored_images_is_refused_before_any_model_runs(two_models, phantom_dir, tmp_path):
@@ -433,6 +448,30 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_
         result, output = invoke(*args)
         assert result.exit_code == 0, output
         assert json.loads((out / "results.json").read_text())["cells"] == {"total": 1, "computed": 1, "reused": 0}
+
+
+@pytest.mark.parametrize("damage", [
+    {"rows": None}, {"rows": {"a": 1}}, {"rows": [{"metric": None}]}, {"rows": [{"metric": "auc", "value": "high"}]},
+    {"flags": None}, {"flags": [None]}, {"skipped": 1.5}, {"skipped": {"sanity": [{}]}}, {"plots": "x"},
+    {"model": ["x"]}, {"dataset": None},
+])
+def test_a_cell_file_damaged_behind_its_fingerprint_is_scored_again(damage, two_models, phantom_dir, tmp_path):
+    """A cell file whose fingerprint matches was reused as it was: damaged rows, flags, skipped checks or names
+    crashed every rerun (TypeError / AttributeError / KeyError in the results or the report). It is scored again,
+    with a warning naming the file."""
+    suite = write_suite(tmp_path, phantom_dir, tasks=[{"task": "zero-shot", "dataset": "phantom"}], checks=[])
+    out = tmp_path / "out"
+    args = ("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    [path] = (out / "cells").glob("*.json")
+    (path.write_text(json.dumps({**json.loads(path.read_text()), **damage})))
+    result, output = invoke(*args)
+    assert result.exit_code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"] == {"total": 1, "computed": 1, "reused": 0} and results["rows"]
+    assert f"scoring again, its cell file {path.name} is damaged" in " ".join(output.split()), output
+    assert json.loads(path.read_text())["rows"] == results["rows"]  # written again, whole
 
 
 def test_a_cell_computed_under_another_library_version_is_scored_again(two_models, phantom_dir, tmp_path,

@@ -437,6 +437,103 @@ def test_pull_from_a_capped_server_says_what_is_missing_and_resumes_to_the_end(c
     assert [(s["instances"], s["listed"]) for s in report["series"]] == [(4, 3), (1, 1), (1, 1)]
 
 
+class MiscountingProxy(BaseHTTPRequestHandler):
+    """Passes every request on to a real Orthanc, but answers series searches with ``count`` as each series'
+    Number of Series Related Instances (0020,1209), as a server computing it lazily or from a stale table does,
+    and instance searches of the series in ``unlisted`` with nothing; records the paths asked for."""
+
+    upstream = ""
+    count: object = 0
+    unlisted: set[str] = set()
+    paths: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        MiscountingProxy.paths.append(self.path)
+        headers = {name: self.headers[name] for name in ("Authorization", "Accept") if self.headers[name]}
+        answer = requests.get(self.upstream + self.path.removeprefix("/dicom-web"), headers=headers, timeout=60)
+        body, path = answer.content, self.path.split("?")[0]
+        if answer.ok and path.endswith("/series"):
+            items = answer.json()
+            for item in items:
+                item["00201209"] = {"vr": "IS", "Value": [self.count]}
+            body = json.dumps(items).encode()
+        elif answer.ok and path.endswith("/instances") and path.split("/")[-2] in self.unlisted:
+            body = b"[]"
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("Content-Type", "application/octet-stream"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("count", [0, -1, "0", 1.5])
+def test_a_series_counted_as_zero_or_less_is_still_searched_and_pulled(uploaded, tmp_path, count):
+    """A series search counting 0 (or a negative or non-integer number of) instances in each series used to
+    skip their instance searches: nothing pulled, the pull state deleted and the pull reported complete. The
+    count is a hint: every series' instances are searched for, and all 6 of patient A's instances pulled."""
+    MiscountingProxy.upstream, MiscountingProxy.count, MiscountingProxy.unlisted = uploaded.dicomweb, count, set()
+    MiscountingProxy.paths = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
+                            show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    searched = [p for p in MiscountingProxy.paths if p.split("?")[0].endswith("/instances")]
+    assert len(searched) >= 3  # one instance search (at least) per series
+    assert report["complete"] and report["missing"] is None and report["counts"]["pulled"] == 6
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6
+
+
+@pytest.mark.orthanc
+def test_a_series_whose_instance_search_lists_nothing_is_retrieved_whole(uploaded, tmp_path):
+    """A series the server lists, but whose instance search answers nothing (and counts 0): it is asked for
+    whole (WADO-RS at series level), not passed over as empty and the pull called complete."""
+    with uploaded.client() as client:
+        ct = next(s for s in client.search_series(uploaded.studies["A"]) if s["Modality"] == "CT")
+    MiscountingProxy.upstream, MiscountingProxy.count = uploaded.dicomweb, 0
+    MiscountingProxy.unlisted, MiscountingProxy.paths = {ct["SeriesInstanceUID"]}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
+                            show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["complete"] and report["counts"]["pulled"] == 6, report["missing"]
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6
+
+
+def test_a_series_listed_without_instances_that_brings_nothing_is_missing(tmp_path):
+    """A source listing a series but none of its instances, which then delivers nothing for it: the pull is
+    incomplete, keeps its state, and says so (it was called complete, its state and seed deleted)."""
+    from medvl.clinical.pull import SeriesPlan, run_pull
+
+    class EmptySource:
+        url = "test://empty"
+
+        def plan_series(self, study_uids):
+            return [SeriesPlan("1.2.3", "1.2.3.1", "CT", 1, [], expected=0)]
+
+        def fetch_series(self, plan, missing):
+            yield from ()
+
+    out = tmp_path / "out"
+    report = run_pull(EmptySource(), "1.2.3", out, show_progress=False)
+    assert not report["complete"] and (out / STATE_NAME).is_file()
+    assert report["missing"] == ("1 instance(s) missing: series 1 of 1 (CT) has 0 of 1, the server listing none "
+                                 "of its instances")
+
+
 @pytest.fixture(scope="module")
 def pulled_2d(uploaded, tmp_path_factory) -> Path:
     """Patient B and the pydicom-data studies (2D images only), pulled with the CLI."""
@@ -1098,13 +1195,15 @@ class BrokenPacs(BaseHTTPRequestHandler):
     """Answers QIDO-RS with one series of one instance, and WADO-RS with whatever ``wado`` holds."""
 
     wado: tuple[str, bytes] = ("text/html", b"<html>login</html>")
+    series: list = [{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}}]
+    instances: list = [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]
 
     def do_GET(self):  # noqa: N802 - the http.server API
         listing = "application/dicom+json"
         if self.path.endswith("/series") or "/series?" in self.path:
-            kind, body = listing, json.dumps([{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}}]).encode()
+            kind, body = listing, json.dumps(self.series).encode()
         elif "/instances" in self.path:
-            kind, body = listing, json.dumps([{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]).encode()
+            kind, body = listing, json.dumps(self.instances).encode()
         else:
             kind, body = self.wado
         self.send_response(200)
@@ -1147,6 +1246,37 @@ def test_non_dicom_payloads_are_refused(broken_pacs, tmp_path, kind, body, probl
         pull_study(broken_pacs, "1.2.3", out, show_progress=False)
     assert broken_pacs in str(error.value)
     assert not list(out.rglob("*.dcm"))  # nothing half-written
+
+
+SERIES_ITEM = {"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}, "00080060": {"vr": "CS", "Value": ["CT"]}}
+
+
+@pytest.mark.parametrize(("series", "instances", "problem"), [
+    ([{**SERIES_ITEM, "00200011": {"vr": "IS", "Value": 1e308}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00200011: Value is not a list)"),
+    ([{**SERIES_ITEM, "00201209": {"vr": "SQ", "Value": 3}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00201209: Value is not a list)"),
+    ([{**SERIES_ITEM, "00100010": {"vr": "PN", "Value": "Vornholt^Ilsabet"}}], None,
+     "series search: expected a JSON list of DICOM datasets (element 00100010: Value is not a list)"),
+    (None, [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}, "FFFFFFFFFFFF": {"vr": "UI", "Value": ["x"]}}],
+     "instance search: expected a JSON list of DICOM datasets (an element key is wider than a DICOM tag"),
+])
+def test_malformed_dicom_json_answers_are_one_line_errors(broken_pacs, tmp_path, monkeypatch, series, instances,
+                                                         problem):
+    """QIDO-RS answers whose Value is not a list (a number, a string) or whose element key is wider than a tag
+    crashed from_dicom_json with a TypeError / OverflowError traceback: a DataError naming the server answer
+    (never the value), exit 2 at the CLI."""
+    monkeypatch.setattr(BrokenPacs, "series", series or BrokenPacs.series)
+    monkeypatch.setattr(BrokenPacs, "instances", instances or BrokenPacs.instances)
+    with pytest.raises(DataError) as error:
+        pull_study(broken_pacs, "1.2.3", tmp_path / "out", show_progress=False)
+    assert str(error.value).startswith(f"{broken_pacs}: {problem}") and "Vornholt" not in str(error.value)
+    for command in (("search", "--study", "1.2.3"), ("pull", "--study", "1.2.3", "--out", tmp_path / "cli")):
+        if series is None and command[0] == "search":
+            continue  # the series search lists no instances
+        result, output = invoke("pacs", *command, "--url", broken_pacs)
+        assert result.exit_code == 2 and problem in " ".join(output.split()), output
+        assert "Traceback" not in output and "Vornholt" not in output
 
 
 def test_query_values_keep_the_dicom_matching_characters():
@@ -1330,6 +1460,33 @@ def test_a_series_that_fails_is_skipped_but_a_lost_connection_stops_the_pull(tmp
     with pytest.raises(ConnectionFailure, match="connection refused"):
         run_pull(Unreachable(good), "1.2.3", tmp_path / "gone", show_progress=False)
     assert Unreachable.asked == 1
+
+
+@pytest.mark.parametrize("change", [
+    {"done": "/etc/hostname"}, {"done": "../../../../../../etc/hostname"}, {"done": 5}, {"done": False},
+    {"at_risk": ["/etc/hostname"]}, {"at_risk": [5]}, {"seed": False}, {"format": 99}, {"studies": "x"},
+    {"keep_identifiers": "no"},
+])
+def test_a_pull_state_edited_by_hand_is_refused_naming_it(tmp_path, change):
+    """The state was trusted as read: a done path outside OUT counted as pulled (and an at-risk one was named in the
+    report), a value of another type crashed the resume (TypeError / AttributeError), an unknown format was taken."""
+    from medvl.clinical.pull import run_pull
+
+    files = [write_dicom(tmp_path / f"ct{i}.dcm", PATIENTS["B"], study="5", series=str(i), number=1, modality="CT",
+                         pixels=np.zeros((8, 8)), series_number=i, description="Thorax") for i in (1, 2)]
+    out = tmp_path / "out"
+    assert not run_pull(FilesSource(files), "1.2.3", out, limit=1, show_progress=False)["complete"]
+    state = json.loads((out / STATE_NAME).read_text())
+    [key] = state["done"]
+    for name, value in change.items():
+        if name == "done":
+            state["done"][key] = value
+        else:
+            state[name] = value
+    (out / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(DataError) as error:
+        run_pull(FilesSource(files), "1.2.3", out, show_progress=False)
+    assert str(error.value) == f"{out / STATE_NAME}: unreadable pull state; delete the folder and pull again"
 
 
 def test_pull_takes_a_data_set_without_preamble_and_names_the_source_once(tmp_path):

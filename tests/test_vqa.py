@@ -721,6 +721,30 @@ def test_another_kind_of_model_folder_is_named_as_such_not_as_a_vqa_model_missin
         assert f"error: {folder}: {message}" in output, output
 
 
+@pytest.mark.parametrize("answer_types, found", [
+    (None, "none"), (1, "int"), ({"yes": [["CLOSED"]]}, "a mapping of other values"), ({"yes": "CLOSED"},
+                                                                                       "a mapping of other values")])
+def test_a_meta_json_without_answer_types_is_refused_at_load(trained, phantom, tmp_path, answer_types, found):
+    """meta.json's answer_types, read on every question: missing or of another shape, the folder loaded and the
+    first question crashed (KeyError / AttributeError / TypeError tracebacks, exit 1); a ModelError at load."""
+    folder = tmp_path / "model"
+    shutil.copytree(trained / "model", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if answer_types is None:
+        del meta["answer_types"]
+    else:
+        meta["answer_types"] = answer_types
+    (folder / "meta.json").write_text(json.dumps(meta))
+    message = (f"error: {folder}: meta.json: answer_types must map each answer to its types (CLOSED / OPEN), "
+               f"got {found}")
+    image = next((phantom / "images").glob("*.png"))
+    for command in (("eval", "vqa", "--model", folder, "--data", phantom / "vqa", "--quiet"),
+                    ("vqa", image, "--model", folder, "--question", "is there a nodule?")):
+        result, output = invoke(*command)
+        assert result.exit_code == 2, output
+        assert message in " ".join(output.split()), output
+
+
 def test_init_from_a_dual_encoder_copies_its_image_tower(phantom, tmp_path):
     from medvl.models.registry import create_model
     from medvl.train.vqa import build_vqa_model

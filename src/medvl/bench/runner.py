@@ -17,7 +17,8 @@ folder; never the run's own output folder inside a dataset folder) and caption f
 the files of its knowledge folder), the checks and their settings, the seed, medvl's source code and the
 versions of the packages that move figures (``FIGURE_PACKAGES``: medvl, torch, numpy, scikit-learn, transformers,
 monai; a rerun after an upgrade scores again); a cell file whose fingerprint matches is reused, so an
-interrupted run resumes and a finished run is not recomputed. A run removes the earlier results.json and
+interrupted run resumes and a finished run is not recomputed (one whose contents are not as a run writes them,
+damaged by hand or a tool, is scored again with a warning). A run removes the earlier results.json and
 report.html of its folder before it starts, so the two always describe the suite.json beside them. Evaluation is
 composed from ``medvl.eval`` (this module scores nothing by hand).
 """
@@ -633,8 +634,12 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
     if path.is_file():
         cached, problem = _json_object(path)
+        identity = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
+                    "split": data.spec.split}
         if cached is None:
             log.info("%s %s: scoring again, its cell file is %s", label, task.key, problem)
+        elif cached.get("fingerprint") == fingerprint and (damage := _cell_damage(cached, identity)) is not None:
+            log.warning("%s %s: scoring again, its cell file %s is damaged (%s)", label, task.key, path.name, damage)
         elif cached.get("fingerprint") == fingerprint:
             log.info("%s %s: done earlier, reused", label, task.key)
             return cached, False
@@ -660,6 +665,34 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
             "seconds": round(time.perf_counter() - started, 1)}
     write_json(path, cell)
     return cell, True
+
+
+def _cell_damage(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """What in a cell file whose fingerprint matches is not as ``_cell`` writes it (None: nothing), so a file damaged
+    by hand or by a tool is scored again instead of crashing every rerun in the results or the report."""
+    wrong = [name for name, value in identity.items() if cell.get(name) != value]
+    if wrong:
+        return f"{', '.join(wrong)} not this cell's"
+    rows, flags, skipped, plots = (cell.get(name) for name in ("rows", "flags", "skipped", "plots"))
+    if not isinstance(rows, list) or not all(map(_is_row, rows)):
+        return "rows"
+    if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
+        return "flags"
+    if not isinstance(skipped, dict) or not all(isinstance(reason, str) for reason in skipped.values()):
+        return "skipped"
+    if not isinstance(plots, dict):
+        return "plots"
+    return None
+
+
+def _is_row(row: Any) -> bool:
+    """A result row as the task runners write it: a metric name, its value and interval as numbers or null."""
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+    return (isinstance(row, dict) and isinstance(row.get("metric"), str) and "value" in row
+            and all(number(row.get(name)) for name in ("value", "low", "high"))
+            and isinstance(row.get("interval_kind", ""), str | None))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
 
-    name: phantom                      # what the suite is called in results and the report
+    name: phantom                      # what the suite is called in results and the report (default: the file name)
     seed: 0                            # seeds every sampled thing: bootstrap, shuffles, few-shot draws
     bootstrap: 1000                    # resamples behind every 95% interval
     datasets:
@@ -219,7 +219,7 @@ def _parse(raw: dict[str, Any], path: Path) -> SuiteSpec:
     corruption, counterfactual = raw.get("corruption") or {}, raw.get("counterfactual") or {}
     _known_keys(corruption, {"kinds", "severities", "max_images"}, f"{path}: corruption")
     _known_keys(counterfactual, {"n", "size"}, f"{path}: counterfactual")
-    name = _names(raw, ("name",), f"{path}")["name"]  # a list or mapping is refused, not run under its repr
+    name = _names(raw, ("name",), f"{path}").get("name")  # optional; a list or mapping is refused, not run
     return SuiteSpec(name=name or path.stem, datasets=datasets, tasks=tasks, checks=checks,
                      seed=raw.get("seed", 0), bootstrap=raw.get("bootstrap", 1000), corruption=dict(corruption),
                      counterfactual=dict(counterfactual), source=str(path))
@@ -320,6 +320,9 @@ def _task(raw: Any, index: int, path: Path) -> TaskSpec:
 def _checks(raw: Any, where: str) -> list[str]:
     if not isinstance(raw, list):
         raise InputError(f"{where}: expected a list of checks, got {raw!r}")
+    for check in raw:  # a list or mapping in the list cannot be looked up (unhashable): say so, naming it
+        if not isinstance(check, str):
+            raise InputError(f"{where}: expected check names, got {check!r}")
     unknown = [str(check) for check in raw if check not in CHECKS]
     if unknown:
         raise InputError(f"{where}: unknown check(s) {', '.join(unknown)} (checks: {', '.join(CHECKS)})")

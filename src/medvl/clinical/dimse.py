@@ -65,7 +65,7 @@ from .pacs import (
     search_filters,
     study_search_filters,
 )
-from .pull import SeriesPlan, as_int, series_order
+from .pull import SeriesPlan, as_int, instance_count, series_order
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class DimseClient:
                         study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
                         list(dict.fromkeys(str(i["SOPInstanceUID"]) for i in instances if i.get("SOPInstanceUID"))),
                         sop_classes={str(i["SOPClassUID"]) for i in instances if i.get("SOPClassUID")},
-                        expected=as_int(item.get("NumberOfSeriesRelatedInstances"))))
+                        expected=instance_count(item.get("NumberOfSeriesRelatedInstances"))))
         return plans
 
     def fetch_series(self, plan: SeriesPlan, missing: list[str]) -> Generator[IO[bytes], None, None]:

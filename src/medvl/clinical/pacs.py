@@ -56,7 +56,7 @@ from ..io import loads_json
 from .formats import INSTALL_HINT
 from .pull import REPORT_NAME as REPORT_NAME
 from .pull import STATE_NAME as STATE_NAME
-from .pull import SeriesPlan, as_int, check_pull_arguments, run_pull, series_order
+from .pull import SeriesPlan, as_int, check_pull_arguments, instance_count, run_pull, series_order
 from .pull import read_report as read_report
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,10 @@ class DicomWebClient:
             raise DataError(self.url, f"{what}: expected a JSON list of DICOM datasets")
         if not items:
             _hint_encoded(self.url, params)
-        return [from_dicom_json(item) for item in items]
+        try:
+            return [from_dicom_json(item) for item in items]
+        except ValueError as error:
+            raise DataError(self.url, f"{what}: expected a JSON list of DICOM datasets ({error})") from None
 
     # ----------------------------------------------------------------------------- QIDO-RS
 
@@ -304,7 +307,7 @@ class DicomWebClient:
                 raise DataError(self.url, f"{given} is not on the server (QIDO-RS lists no series for its UID)")
             for item in sorted(series, key=series_order):
                 series_uid = str(item["SeriesInstanceUID"])
-                expected = as_int(item.get("NumberOfSeriesRelatedInstances"))
+                expected = instance_count(item.get("NumberOfSeriesRelatedInstances"))
                 instances = _all_pages(lambda offset, s=study_uid, r=series_uid: self.search_instances(
                     s, r, fields=("SOPInstanceUID",), limit=PAGE_SIZE, offset=offset), "SOPInstanceUID", expected)
                 plans.append(SeriesPlan(study_uid, series_uid, item.get("Modality"), as_int(item.get("SeriesNumber")),
@@ -414,7 +417,11 @@ def study_search_filters(filters: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _is_tag(name: str) -> bool:
-    return len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name)
+    return len(name) == 8 and _is_hex(name)
+
+
+def _is_hex(name: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in name)
 
 
 def match_list(value: str, name: str, what: str) -> str:
@@ -544,14 +551,18 @@ def _status_problem(status: int, reason: str | None, what: str) -> str:
 
 
 def from_dicom_json(item: Mapping[str, Any]) -> dict[str, Any]:
-    """One DICOM JSON dataset (PS3.18 F.2) as keyword -> plain value (bulk data left out)."""
+    """One DICOM JSON dataset (PS3.18 F.2) as keyword -> plain value (bulk data left out); ``ValueError``
+    naming the element (its tag, never its value) when a ``Value`` is not a list (PS3.18 F.2.4), or for a key
+    wider than a tag."""
     from pydicom.datadict import keyword_for_tag
 
     result: dict[str, Any] = {}
     for tag, element in item.items():
+        if isinstance(tag, str) and len(tag) > 8 and _is_hex(tag):
+            raise ValueError("an element key is wider than a DICOM tag (8 hex digits)")
         try:
             name = keyword_for_tag(int(tag, 16)) or tag
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             name = str(tag)
         if not isinstance(element, dict):
             continue
@@ -559,6 +570,8 @@ def from_dicom_json(item: Mapping[str, Any]) -> dict[str, Any]:
         if values is None:
             result[name] = None
             continue
+        if not isinstance(values, list):
+            raise ValueError(f"element {tag if _is_tag(str(tag)) else '(not a tag)'}: Value is not a list")
         if element.get("vr") == "PN":
             values = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in values]
         elif element.get("vr") == "SQ":
@@ -685,15 +698,18 @@ def _all_pages(search, key: str, expected: int | None = None) -> list[dict[str, 
     the ``limit`` asked for (Orthanc's ``LimitFindInstances`` / ``LimitFindResults``, dcm4chee's
     QIDO max results) without saying so, so a short page is not the last one: ask again from the new
     offset until a page brings nothing new (empty, or the same again from a server that ignores
-    ``offset``), or ``expected`` results (the count the server gave) are there. A server may still
+    ``offset``), or ``expected`` results (the count the server gave) are there: the first page is always asked
+    for, whatever the count (a hint that bounds the paging, never a reason to skip it). A server may still
     list fewer than it counts (Orthanc pages within its capped results): the caller compares."""
     found: dict[str, dict[str, Any]] = {}
-    while expected is None or len(found) < expected:
+    while not found or expected is None or len(found) < expected:
         page = search(len(found))
         fresh = {str(item[key]): item for item in page if item.get(key) and str(item[key]) not in found}
         if not fresh:
             break
         found.update(fresh)
+        if expected is not None and len(found) > expected:  # a stale count (0 from a lazy table): page to the end
+            expected = None
     return list(found.values())
 
 

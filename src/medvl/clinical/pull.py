@@ -16,8 +16,10 @@ a warning.
 
 A pull is complete when every listed instance is there and every series holds as many instances
 as the source counts in it (``SeriesPlan.expected``, DICOM's Number of Series Related Instances,
-where the source gives it). Servers cap their search results without saying so, and a listing may
-be shorter than the series: such a series is retrieved whole (WADO-RS / C-GET / C-MOVE at series
+where the source gives it, and at least one: a series listed with no instance is not complete). The count
+is a hint, never a reason to skip the instance search (servers answer 0 from stale tables); one that
+is not a non-negative integer is ignored. Servers cap their search results without saying so, and a listing may
+be shorter than the series (or empty): such a series is retrieved whole (WADO-RS / C-GET / C-MOVE at series
 level) rather than instance by instance, and the pull stays incomplete, its state kept, while any
 instance is known to be missing (``report["missing"]`` says which series, in one line).
 
@@ -26,7 +28,9 @@ their original SOP Instance UID), which of them may hold burned-in text (their p
 report of the run that finishes the pull names those of earlier runs too) and, for a de-identified
 pull without ``seed``, the random de-identification seed, so a rerun of the same command after an
 interruption (or after ``limit``) fetches only the missing instances and maps UIDs and dates exactly
-as the first run did. An instance listed there whose file has since been removed from OUT is pulled again.
+as the first run did. An instance listed there whose file has since been removed from OUT is pulled again;
+a state file of another format, with a value of another type or a path that is not an instance path inside
+OUT is refused (``DataError``), never trusted.
 The state file is deleted when the pull completes, taking the seed with it: the seed would
 reveal the date shift. Keep an unfinished folder private; finish it (rerun) or delete it.
 """
@@ -34,6 +38,8 @@ reveal the date shift. Keep an unfinished folder private; finish it (rerun) or d
 from __future__ import annotations
 
 import logging
+import math
+import re
 import secrets
 import time
 from collections import Counter
@@ -54,6 +60,7 @@ STATE_NAME = ".medvl-pull-state.json"
 REPORT_NAME = "pull-report.json"
 STATE_SAVE_SECONDS = 1.0  # the pull state is saved at most this often (and at the end)
 STATE_FORMAT = 1
+INSTANCE_PATH = re.compile(r"study-[0-9a-f]{12}/series-[0-9a-f]{12}/[0-9a-f]{20}\.dcm")  # as _Writer writes them
 
 
 @dataclass
@@ -75,13 +82,14 @@ class SeriesPlan:
 
     @property
     def size(self) -> int:
-        """The instances the series holds as far as known: listed, or counted by the source if more."""
-        return max(len(self.instances), self.expected or 0)
+        """The instances the series holds as far as known: listed, or counted by the source if more; at least
+        one (a series the source lists holds an instance, even when its instance search lists none)."""
+        return max(len(self.instances), self.expected or 0, 1)
 
     @property
     def listing_short(self) -> bool:
-        """True when the source counts more instances than it listed (a capped search)."""
-        return self.expected is not None and self.expected > len(self.instances)
+        """True when the source counts more instances than it listed (a capped search), or lists none."""
+        return not self.instances or (self.expected is not None and self.expected > len(self.instances))
 
 
 class PullSource(Protocol):
@@ -138,14 +146,43 @@ def _open_state(out: Path, study_uids: list[str], keep_identifiers: bool, seed: 
     return state
 
 
-def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
-                  seed_check: str | None) -> _State:
+def _read_state(path: Path) -> _State:
+    """The saved state, every value checked (a file edited or damaged by hand): the known format, text where text
+    is written, and instance paths of the form medvl writes inside OUT (never a file elsewhere counted as pulled
+    or named in the report); DataError naming the file otherwise."""
+    unreadable = DataError(path, "unreadable pull state; delete the folder and pull again")
     try:
         saved = read_json(path)
-        state = _State(path, list(saved["studies"]), bool(saved["keep_identifiers"]), saved.get("seed"),
-                       saved.get("seed_check"), dict(saved.get("done") or {}), list(saved.get("at_risk") or []))
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(path, "unreadable pull state; delete the folder and pull again") from None
+    except (OSError, ValueError):
+        raise unreadable from None
+    if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+        raise unreadable
+    studies, keep = saved.get("studies"), saved.get("keep_identifiers")
+    seed, seed_check = saved.get("seed"), saved.get("seed_check")
+    done, at_risk = saved.get("done") or {}, saved.get("at_risk") or []
+    seeds = [value for value in (seed, seed_check) if value is not None]
+    if (not isinstance(studies, list) or not studies or not _texts(studies) or not isinstance(keep, bool)
+            or not _texts(seeds)
+            or not isinstance(done, dict) or not isinstance(at_risk, list)
+            or not all(_instance_path(path.parent, relative) for relative in [*done.values(), *at_risk])):
+        raise unreadable
+    return _State(path, list(studies), keep, seed, seed_check, dict(done), list(at_risk))
+
+
+def _texts(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(value, str) for value in values)
+
+
+def _instance_path(out: Path, relative: Any) -> bool:
+    """True for an OUT-relative instance path as ``_Writer`` writes it, that stays inside OUT."""
+    if not isinstance(relative, str) or not INSTANCE_PATH.fullmatch(relative):
+        return False
+    return (out / relative).resolve().is_relative_to(out.resolve())
+
+
+def _resume_state(path: Path, studies: list[str], keep_identifiers: bool, seed: str | None,
+                  seed_check: str | None) -> _State:
+    state = _read_state(path)
     if state.studies != studies:
         raise InputError(f"{path.parent}: holds an unfinished pull of other studies; resume it with the same "
                          "--study values or use a new folder")
@@ -177,8 +214,17 @@ def _forget_removed(state: _State) -> None:
 def as_int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def instance_count(value: Any) -> int | None:
+    """A source's Number of Series Related Instances (0020,1209) as a count, or None (unknown) when it is not a
+    non-negative integer. A hint only: the instances are always listed, whatever it says."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        return None
+    count = as_int(value)
+    return count if count is not None and count >= 0 else None
 
 
 def series_order(series: dict[str, Any]) -> tuple[int, str]:
@@ -296,7 +342,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                 limit: int | None, show_progress: bool) -> bool:
     """Fetch what is missing, series by series; True when nothing is known to be missing."""
     total = sum(plan.size for plan in plans)
-    budget = limit if limit is not None else total + 1
+    budget = limit if limit is not None else math.inf  # not total: a series listed short may bring more
     saved = time.monotonic()
     present = _present_by_folder(state)
     failures: list[DataError] = []  # series whose fetch failed, each alone: the others go on
@@ -321,6 +367,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
                             key, relative = writer.write(body, f"{source.url} (series {number} of {len(plans)})",
                                                          skip=state.done)
                             if relative is None:  # already here: the whole series was asked for again
+                                plan.folder = str(Path(state.done[key]).parent)  # an unlisted series' folder too
                                 continue
                             plan.pulled, budget = plan.pulled + 1, budget - 1
                             advance(1)
@@ -345,7 +392,7 @@ def _pull_plans(source: PullSource, plans: list[SeriesPlan], state: _State, writ
     present = _present_by_folder(state)
     for plan in plans:
         absent = sum(1 for sop in plan.instances if uid_hash(sop, 64) not in state.done)
-        plan.missing = max(absent, (plan.expected or 0) - (present[plan.folder] if plan.folder else 0))
+        plan.missing = max(absent, plan.size - (present[plan.folder] if plan.folder else 0))
     return not any(plan.missing for plan in plans)
 
 
@@ -363,7 +410,9 @@ def missing_line(plans: list[SeriesPlan], shown: int = 3) -> str | None:
     for number, plan in short[:shown]:
         modality = plan.modality or "modality unknown"
         part = f"series {number} of {len(plans)} ({modality}) has {plan.size - plan.missing} of {plan.size}"
-        if plan.listing_short:
+        if not plan.instances:
+            part += ", the server listing none of its instances"
+        elif plan.listing_short:
             part += f", the server listing only {len(plan.instances)} (a capped search)"
         if plan.error:
             part += f", its retrieve failed: {plan.error}"

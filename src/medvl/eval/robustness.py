@@ -59,6 +59,8 @@ METRICS = {"auc": "macro_auc", "balanced_accuracy": "balanced_accuracy", "accura
 
 def check_corruption(kind: str, severity: int) -> None:
     """InputError unless ``kind`` is one of ``CORRUPTIONS`` and ``severity`` a whole number 1-5."""
+    if not isinstance(kind, str):  # a list or mapping (YAML [[noise]]) is no kind, and cannot be looked up
+        raise InputError(f"corruption kinds must be names ({', '.join(CORRUPTIONS)}), got {kind!r}")
     if kind not in PARAMETERS:
         raise InputError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int | np.integer) or not 1 <= severity <= 5:

@@ -372,6 +372,7 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
         if not isinstance(meta.get("answers"), list) or not meta["answers"]:
             raise ModelError(f"{directory}: meta.json has no answer vocabulary")
+        _check_answer_types(directory, meta.get("answer_types"))
         try:
             model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
         except InputError as err:
@@ -382,6 +383,19 @@ class VQAModel(nn.Module):
         load_weights(model, state, directory)
         model.eval()
         return model
+
+
+def _check_answer_types(directory: Path, answer_types: Any) -> None:
+    """ModelError unless meta.json's ``answer_types`` maps answers to lists of answer types, which ``route`` reads
+    on every question (missing, or another shape, it crashed the first question instead of the load)."""
+    def is_type_list(kinds: Any) -> bool:
+        return isinstance(kinds, list) and all(isinstance(kind, str) for kind in kinds)
+
+    if not isinstance(answer_types, dict) or not all(map(is_type_list, answer_types.values())):
+        found = "none" if answer_types is None else "a mapping of other values" if isinstance(answer_types, dict) \
+            else type(answer_types).__name__
+        raise ModelError(f"{directory}: meta.json: answer_types must map each answer to its types "
+                         f"({' / '.join(ANSWER_TYPES)}), got {found}")
 
 
 def _check_kind(directory: Path, raw: Any) -> None:
