@@ -108,8 +108,8 @@ def test_an_interrupted_ray_build_resumes(local_ray, single, model_dir, data_wit
     embedder = RayEmbedder(model_dir, workers=2)
     appended: list[int] = []
 
-    def two_batches_then_crash(dataset, records, batch_size):
-        for number, batch in enumerate(embedder(dataset, records, batch_size)):
+    def two_batches_then_crash(dataset, records, batch_size, fingerprint):
+        for number, batch in enumerate(embedder(dataset, records, batch_size, fingerprint)):
             if number == 2:
                 raise Interrupted
             appended.append(len(batch[0]))
@@ -201,6 +201,26 @@ def test_a_model_a_worker_cannot_load_is_the_usual_one_line_error(local_ray, mod
     with pytest.raises(ModelError, match=f"^{gone}: not a medvl model directory"):
         build_index(load_model(model_dir), load_dataset(data_with_duplicates), tmp_path / "idx", model_dir=model_dir,
                     batch_size=16, show_progress=False, embedder=RayEmbedder(gone, workers=1))
+    assert not (tmp_path / "idx").exists()
+
+
+def test_ray_workers_refuse_a_model_folder_changed_since_the_build_loaded_it(local_ray, model_dir,
+                                                                            data_with_duplicates, tmp_path):
+    """The index records the fingerprint of the model the driver loaded; the workers load the folder again, later.
+    Weights replaced in between (a retrain or a deployment copied into the folder) are refused, not embedded under
+    the old model's fingerprint (an index the old model would accept, holding the new model's vectors)."""
+    from medvl.errors import ModelError
+    from medvl.scale.ray_jobs import RayEmbedder
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    loaded = load_model(folder)
+    torch.manual_seed(1)
+    create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ModelError, match="its weights differ.*changed since the build started"):
+        build_index(loaded, load_dataset(data_with_duplicates), tmp_path / "idx", model_dir=folder, batch_size=16,
+                    show_progress=False, embedder=RayEmbedder(folder, workers=1))
     assert not (tmp_path / "idx").exists()
 
 

@@ -17,7 +17,9 @@ started from, not the driver's.
 Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
 cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
 when it reaches that batch (the batches before it are appended, as in a single-process build), not wrapped
-in Ray's task or actor error, so ``medvl`` prints its one line.
+in Ray's task or actor error, so ``medvl`` prints its one line. A worker loads the model from its folder
+again, after the driver: if it is not the model the driver loaded (its fingerprint, which the index
+records), the folder changed in between, and the worker sends back a ``ModelError`` instead of vectors.
 
 A cluster address of the form ``host:port`` (or ``ray://host:port``) is checked with a TCP connection
 when the embedder is made (``RAY_CONNECT_TIMEOUT_S``), before any work: Ray itself keeps retrying an
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError, MedvlError
+from ..errors import InputError, MedvlError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,12 @@ class RayEmbedder:
         if self.address is not None:
             check_reachable(self.address)
 
-    def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int
+    def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]
                  ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
         """Yield (records, pixel hashes, image vectors, text vectors) batch by batch, in record order;
-        text vectors of records without text are zero rows."""
+        text vectors of records without text are zero rows. ``fingerprint``: the model the index records
+        (``model_fingerprint`` of the model the driver loaded); a worker whose model from the folder is another
+        (the folder changed since) sends back a ModelError instead of vectors."""
         if not records:
             return
         ray = _import_ray()
@@ -79,12 +83,12 @@ class RayEmbedder:
         if started_here:
             _init_ray(ray, self.address, self.workers)
         try:
-            yield from self._embed(ray, dataset, records, batch_size)
+            yield from self._embed(ray, dataset, records, batch_size, fingerprint)
         finally:
             if started_here:
                 ray.shutdown()
 
-    def _embed(self, ray, dataset: Dataset, records: Sequence[Record], batch_size: int):
+    def _embed(self, ray, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]):
         position = {record.id: i for i, record in enumerate(dataset.records)}  # ids are unique (checked)
         positions = [position[record.id] for record in records]
         context = ray.data.DataContext.get_current()
@@ -94,7 +98,8 @@ class RayEmbedder:
         items = ray.data.from_items([{"position": p} for p in positions],
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
         embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
-            "model_dir": str(self.model_dir), "backend": self.backend, "dataset": absolute_paths(dataset)},
+            "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint,
+            "dataset": absolute_paths(dataset)},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
             batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
@@ -106,11 +111,16 @@ class RayEmbedder:
 
 
 class _EmbedWorker:
-    """One Ray actor: the model loaded once, one CPU thread, a batch of record positions in, vectors out."""
+    """One Ray actor: the model loaded once, one CPU thread, a batch of record positions in, vectors out.
 
-    def __init__(self, model_dir: str, backend: str, dataset: Dataset):
+    The model is loaded from its folder again, later than the driver's (seconds on a local Ray, minutes when
+    a cluster restarts an actor): it must be the model ``fingerprint`` describes, the one the index records, or
+    the index would hold one model's vectors under another's fingerprint."""
+
+    def __init__(self, model_dir: str, backend: str, fingerprint: dict[str, Any], dataset: Dataset):
         import torch
 
+        from ..index.base import fingerprint_differs
         from ..models.registry import load_model
 
         torch.set_num_threads(1)
@@ -118,6 +128,11 @@ class _EmbedWorker:
         self.failed: MedvlError | OSError | None = None
         try:
             self.model = load_model(model_dir, backend=backend)
+            what = fingerprint_differs(fingerprint, self.model)
+            if what is not None:
+                raise ModelError(f"{model_dir}: the model a Ray worker loaded from it is not the one this build "
+                                 f"loaded (its {what} {'differ' if what == 'weights' else 'differs'}): the model "
+                                 f"folder changed since the build started; rerun once it is final")
         except (MedvlError, OSError) as error:  # kept for the first batch: an actor that dies in its constructor
             self.failed = error  # is reported by Ray as a traceback of its own (and retried)
 
