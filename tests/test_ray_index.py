@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 import time
@@ -236,6 +237,38 @@ def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_w
         assert _error_lines(output) == {f"error: cannot reach the Ray cluster at {address}: Connection refused"}
         assert time.monotonic() - started < 30  # Ray's own retries kept it waiting for more than 5 minutes
     assert not list(tmp_path.iterdir())  # no staged build, no lock file
+
+
+def test_ray_address_in_the_environment_is_the_cluster_to_join(local_ray, single, model_dir, data_with_duplicates,
+                                                               tmp_path, monkeypatch):
+    """Ray's own RAY_ADDRESS names the cluster when --address is not given (ray.init reads it: it refused the
+    num_cpus of a local Ray, 'error: --address None: ...'): here the module's Ray, joined by a build in another
+    process; a closed port is refused like an --address, naming the variable; --address local ignores it."""
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "medvl", "index", "build", "--model", str(model_dir), "--data",
+               str(data_with_duplicates), "--out", str(tmp_path / "idx"), "--batch-size", "16", "--ray", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                    "RAY_ADDRESS": address})
+    assert done.returncode == 0, done.stderr
+    assert f"joining the Ray cluster at {address}, which RAY_ADDRESS names" in " ".join(done.stderr.split())
+    _same_index(single[0], tmp_path / "idx")
+
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx2", "--ray", "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert _error_lines(output) == {f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS): "
+                                    f"Connection refused"}
+    from medvl.scale.ray_jobs import RayEmbedder
+
+    assert RayEmbedder(model_dir, address="local").address == "local"  # no TCP check of RAY_ADDRESS
+    assert not (tmp_path / "idx2").exists()
 
 
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):

@@ -23,7 +23,9 @@ records), the folder changed in between, and the worker sends back a ``ModelErro
 
 A cluster address of the form ``host:port`` (or ``ray://host:port``) is checked with a TCP connection
 when the embedder is made (``RAY_CONNECT_TIMEOUT_S``), before any work: Ray itself keeps retrying an
-unreachable address for many minutes.
+unreachable address for many minutes. Without an address, Ray's own ``RAY_ADDRESS`` variable (set on a
+cluster's nodes and in a Ray Job) is the address, as ``ray.init`` takes it, with the same check and
+messages naming the variable; the address ``local`` starts a local Ray even when it is set.
 """
 
 from __future__ import annotations
@@ -55,20 +57,25 @@ RAY_CONNECT_ATTEMPTS = 3
 
 @dataclass
 class RayEmbedder:
-    """Embed with ``workers`` Ray actors; ``address`` None starts a local Ray (stopped afterwards), else
-    joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
+    """Embed with ``workers`` Ray actors; ``address`` None (and no ``RAY_ADDRESS``) or ``local`` starts a local
+    Ray (stopped afterwards), else joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
 
     model_dir: Path
     workers: int = 2
-    address: str | None = None
+    address: str | None = None  # None: RAY_ADDRESS if set (as ray.init reads it), else a local Ray
     backend: str = "torch"  # the inference backend each worker loads (medvl.load_model)
+    address_from: str = dataclasses.field(default="--address", init=False)  # what messages name it by
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
         self.model_dir = Path(self.model_dir).absolute()  # the workers' working folder is not the driver's
-        if self.address is not None:
-            check_reachable(self.address)
+        if self.address is None and os.environ.get("RAY_ADDRESS", "").strip():
+            self.address, self.address_from = os.environ["RAY_ADDRESS"].strip(), "RAY_ADDRESS"
+            log.info("--ray: joining the Ray cluster at %s, which RAY_ADDRESS names (--address local for a local "
+                     "Ray)", self.address)
+        if self.address not in (None, "local"):
+            check_reachable(self.address, name=self.address_from)
 
     def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]
                  ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
@@ -81,7 +88,7 @@ class RayEmbedder:
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            _init_ray(ray, self.address, self.workers)
+            _init_ray(ray, self.address, self.workers, self.address_from)
         try:
             yield from self._embed(ray, dataset, records, batch_size, fingerprint)
         finally:
@@ -197,20 +204,27 @@ def _import_ray():
     return ray
 
 
-def _init_ray(ray, address: str | None, workers: int) -> None:
-    """A local Ray with ``workers`` CPUs (plus one for the driver's reads), or join ``address``."""
+def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -> None:
+    """A local Ray with ``workers`` CPUs (plus one for the driver's reads) for ``address`` None or ``local``, or
+    join ``address`` (``name``: the option or variable it came from, for messages)."""
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        options["num_cpus"] = workers + 1
+    local = address in (None, "local")
+    if local:  # "local", not None: ray.init would read RAY_ADDRESS and refuse num_cpus for a cluster
+        options.update(address="local", num_cpus=workers + 1)
     else:
         options["address"] = address
     try:
-        with _connect_attempts(RAY_CONNECT_ATTEMPTS if address is not None else None):
+        with _connect_attempts(None if local else RAY_CONNECT_ATTEMPTS):
             ray.init(**options)
     except ConnectionError as err:
-        raise InputError(f"cannot reach the Ray cluster at {address}: {err}") from None
+        raise InputError(f"cannot reach the Ray cluster at {address}{_named(name)}: {err}") from None
     except ValueError as err:  # an address Ray cannot use (a ray:// address without the ray[client] package)
-        raise InputError(f"--address {address}: {err}") from None
+        raise InputError(f"{name} {address}: {err}") from None
+
+
+def _named(name: str) -> str:
+    """`` (RAY_ADDRESS)`` after an address that came from that variable, nothing after one given as --address."""
+    return "" if name == "--address" else f" ({name})"
 
 
 @contextlib.contextmanager
@@ -229,15 +243,16 @@ def _connect_attempts(attempts: int | None) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, name: str = "--address") -> None:
     """InputError unless a ``host:port`` (or ``ray://host:port``) cluster address accepts a TCP connection within
-    ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once."""
+    ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once. ``name``: the option
+    or variable the address came from, for messages."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     if not 0 < int(port) < 65536:
-        raise InputError(f"--address {address}: port {port} is not a TCP port (1-65535)")
+        raise InputError(f"{name} {address}: port {port} is not a TCP port (1-65535)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
-        raise InputError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+        raise InputError(f"cannot reach the Ray cluster at {address}{_named(name)}: {err.strerror or err}") from None
