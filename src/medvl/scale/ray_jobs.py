@@ -14,6 +14,10 @@ The workers read images themselves: on a cluster, the data path must be readable
 paths absolute before shipping them (``absolute_paths``): a cluster's workers run in the folder its head was
 started from, not the driver's.
 
+Each record is shipped with its batch, not the dataset with each worker. A worker that dies is not
+restarted (``max_restarts=0``): the build stops with Ray's error and resumes from its last batch when
+rerun (see ``RayEmbedder._embed``). Ray's notice that a local Ray uses token authentication is dropped.
+
 Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
 cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
 when it reaches that batch (the batches before it are appended, as in a single-process build), not wrapped
@@ -46,6 +50,7 @@ import numpy as np
 
 from ..data.record import Dataset, Record
 from ..errors import InputError, MedvlError, ModelError
+from .onnx import _Dropping
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +107,18 @@ class RayEmbedder:
         context.execution_options.preserve_order = True  # results in record order: deterministic dedup
         context.enable_progress_bars = False  # medvl's own bar counts the records
         _quiet_ray_data()
-        items = ray.data.from_items([{"position": p} for p in positions],
+        shipped = absolute_paths(dataset).records
+        # each record travels with its batch (pickled), not the whole dataset with each worker
+        items = ray.data.from_items([{"position": p, "record": pickle.dumps(shipped[p])} for p in positions],
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
+        # max_restarts=0: a worker that dies ends the build at its batch (rerun: it resumes from the last batch
+        # appended) rather than being restarted and its batch retried without end (Ray Data's default, whose
+        # restarts Ray itself warns, at error level on every run, may fail: ray-project/ray#53727). Ray 2.60 has no
+        # named parameter for it: passed as a remote arg, which Ray Data marks deprecated (for removal in 2.64)
         embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
-            "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint,
-            "dataset": absolute_paths(dataset)},
+            "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
-            batch_format="numpy")
+            max_restarts=0, batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
             failed = [error for error in batch["error"] if error]
             if failed:  # at this batch, as a build in one process raises it
@@ -118,20 +128,20 @@ class RayEmbedder:
 
 
 class _EmbedWorker:
-    """One Ray actor: the model loaded once, one CPU thread, a batch of record positions in, vectors out.
+    """One Ray actor: the model loaded once, one CPU thread, a batch of records (pickled, with their positions)
+    in, vectors out.
 
     The model is loaded from its folder again, later than the driver's (seconds on a local Ray, minutes when
     a cluster restarts an actor): it must be the model ``fingerprint`` describes, the one the index records, or
     the index would hold one model's vectors under another's fingerprint."""
 
-    def __init__(self, model_dir: str, backend: str, fingerprint: dict[str, Any], dataset: Dataset):
+    def __init__(self, model_dir: str, backend: str, fingerprint: dict[str, Any]):
         import torch
 
         from ..index.base import fingerprint_differs
         from ..models.registry import load_model
 
         torch.set_num_threads(1)
-        self.records = dataset.records
         self.failed: MedvlError | OSError | None = None
         try:
             self.model = load_model(model_dir, backend=backend)
@@ -148,7 +158,7 @@ class _EmbedWorker:
 
         from ..index.build import embed_batch, read_batch
 
-        records = [self.records[int(p)] for p in batch["position"]]
+        records = [pickle.loads(record) for record in batch["record"]]
         try:
             if self.failed is not None:
                 raise self.failed
@@ -213,6 +223,9 @@ def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -
         options.update(address="local", num_cpus=workers + 1)
     else:
         options["address"] = address
+    token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    no_token_notice = _Dropping("Token authentication is enabled for this Ray cluster")  # docs/scaling.md
+    token_notice.addFilter(no_token_notice)
     try:
         with _connect_attempts(None if local else RAY_CONNECT_ATTEMPTS):
             ray.init(**options)
@@ -220,6 +233,8 @@ def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -
         raise InputError(f"cannot reach the Ray cluster at {address}{_named(name)}: {err}") from None
     except ValueError as err:  # an address Ray cannot use (a ray:// address without the ray[client] package)
         raise InputError(f"{name} {address}: {err}") from None
+    finally:
+        token_notice.removeFilter(no_token_notice)
 
 
 def _named(name: str) -> str:
