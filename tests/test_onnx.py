@@ -379,8 +379,9 @@ def test_an_onnx_model_refuses_training(model_dir):
     (lambda d: d["image"].update(fp32=7), "the image tower entry must name its graph files"),
     (lambda d: d["text"].update(inputs=["pixels"]), "the text tower entry must take the inputs"),
     (lambda d: d["image"].update(batch="many"), "the image tower entry has batch 'many'"),
-    (lambda d: d["image"].update(fp32="text.onnx"), "text.onnx: the graph takes ['input_ids', 'attention_mask'], "
-                                                    "not the image tower's inputs ['pixels']"),
+    (lambda d: d["image"].update(fp32="text.onnx"), "text.onnx: not the fp32 image graph"),
+    (lambda d: (d["image"].pop("fp32_sha256"), d["image"].update(fp32="text.onnx")),  # an export before digests
+     "text.onnx: the graph takes ['input_ids', 'attention_mask'], not the image tower's inputs ['pixels']"),
 ])
 def test_a_hand_edited_export_description_is_one_line_naming_it(edit, message, model_dir, phantom, tmp_path):
     """export.json's tower entries are checked, and each graph's inputs against its tower's: a damaged file is a
@@ -435,3 +436,46 @@ def test_the_throughput_benchmark_never_judges_its_goal_against_a_peak_below_a_m
     peak, notes = bench.effective_peak(quiet, results)
     assert (peak, notes) == (quiet[0], {})
     assert "% -> NOT met (gap " in bench.goal_line(results, peak, notes)
+
+
+@pytest.fixture(scope="module")
+def ct3d_graph(tmp_path_factory) -> Path:
+    """The fp32 image graph of a 3D model (ct3d-tiny at random init)."""
+    from medvl.scale import export_onnx
+
+    torch.manual_seed(0)
+    folder = medvl.create_model("ct3d-tiny").save_pretrained(tmp_path_factory.mktemp("onnx-ct3d") / "model")
+    return export_onnx(folder, int8=False) / "image.onnx"
+
+
+def test_graph_files_are_tied_to_their_export_description(model_dir, vit_dir, ct3d_graph, phantom, tmp_path):
+    """export.json records each graph file's SHA-256: a graph copied from another export (same inputs, other weights:
+    it loaded and gave that model's embeddings; a 3D tower: onnxruntime failed at the first image, a 62-line
+    traceback, exit 1) is refused, naming it, exit 2. An export from before the digests still loads; its image
+    graph's input shape is checked against the model's config instead."""
+    described = json.loads((model_dir / "onnx" / "export.json").read_text())
+    assert all(len(described[tower][f"{precision}_sha256"]) == 64 for tower in ("image", "text")
+               for precision in ("fp32", "int8"))
+    image = next((phantom / "images").glob("*.png"))
+    swaps = [(vit_dir / "onnx" / "image.onnx", "image.onnx", "onnx", "fp32 image"),
+             (vit_dir / "onnx" / "text.int8.onnx", "text.int8.onnx", "onnx-int8", "int8 text"),
+             (ct3d_graph, "image.onnx", "onnx", "fp32 image")]
+    for number, (source, name, backend, graph) in enumerate(swaps):
+        folder = _copy(model_dir, tmp_path / f"swapped{number}")
+        shutil.copyfile(source, folder / "onnx" / name)
+        with pytest.raises(ModelError, match=re.escape(f"{folder / 'onnx' / name}: not the {graph} graph")):
+            medvl.load_model(folder, backend=backend)
+    result, output = invoke("predict", image, "--model", folder, "--labels", "a,b", "--backend", "onnx")
+    assert result.exit_code == 2 and "image.onnx: not the fp32 image graph" in _error_line(output), output
+
+    before = _copy(model_dir, tmp_path / "before-digests")
+    for tower in ("image", "text"):
+        for precision in ("fp32", "int8"):
+            described[tower].pop(f"{precision}_sha256")
+    (before / "onnx" / "export.json").write_text(json.dumps(described))
+    assert medvl.load_model(before, backend="onnx").export["image"]["fp32"] == "image.onnx"
+    shutil.copyfile(ct3d_graph, before / "onnx" / "image.onnx")
+    result, output = invoke("predict", image, "--model", before, "--labels", "a,b", "--backend", "onnx")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert (f"{before / 'onnx' / 'image.onnx'}: the graph takes pixels of shape ['batch', 2, 32, 32, 32]"
+            in _error_line(output))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 import time
@@ -108,8 +109,8 @@ def test_an_interrupted_ray_build_resumes(local_ray, single, model_dir, data_wit
     embedder = RayEmbedder(model_dir, workers=2)
     appended: list[int] = []
 
-    def two_batches_then_crash(dataset, records, batch_size):
-        for number, batch in enumerate(embedder(dataset, records, batch_size)):
+    def two_batches_then_crash(dataset, records, batch_size, fingerprint):
+        for number, batch in enumerate(embedder(dataset, records, batch_size, fingerprint)):
             if number == 2:
                 raise Interrupted
             appended.append(len(batch[0]))
@@ -204,6 +205,26 @@ def test_a_model_a_worker_cannot_load_is_the_usual_one_line_error(local_ray, mod
     assert not (tmp_path / "idx").exists()
 
 
+def test_ray_workers_refuse_a_model_folder_changed_since_the_build_loaded_it(local_ray, model_dir,
+                                                                            data_with_duplicates, tmp_path):
+    """The index records the fingerprint of the model the driver loaded; the workers load the folder again, later.
+    Weights replaced in between (a retrain or a deployment copied into the folder) are refused, not embedded under
+    the old model's fingerprint (an index the old model would accept, holding the new model's vectors)."""
+    from medvl.errors import ModelError
+    from medvl.scale.ray_jobs import RayEmbedder
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    loaded = load_model(folder)
+    torch.manual_seed(1)
+    create_model("phantom-tiny").save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ModelError, match="its weights differ.*changed since the build started"):
+        build_index(loaded, load_dataset(data_with_duplicates), tmp_path / "idx", model_dir=folder, batch_size=16,
+                    show_progress=False, embedder=RayEmbedder(folder, workers=1))
+    assert not (tmp_path / "idx").exists()
+
+
 def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_with_duplicates, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on: bound, then closed
         probe.bind(("127.0.0.1", 0))
@@ -216,6 +237,38 @@ def test_an_unreachable_ray_cluster_is_refused_before_any_work(model_dir, data_w
         assert _error_lines(output) == {f"error: cannot reach the Ray cluster at {address}: Connection refused"}
         assert time.monotonic() - started < 30  # Ray's own retries kept it waiting for more than 5 minutes
     assert not list(tmp_path.iterdir())  # no staged build, no lock file
+
+
+def test_ray_address_in_the_environment_is_the_cluster_to_join(local_ray, single, model_dir, data_with_duplicates,
+                                                               tmp_path, monkeypatch):
+    """Ray's own RAY_ADDRESS names the cluster when --address is not given (ray.init reads it: it refused the
+    num_cpus of a local Ray, 'error: --address None: ...'): here the module's Ray, joined by a build in another
+    process; a closed port is refused like an --address, naming the variable; --address local ignores it."""
+    import subprocess
+    import sys
+
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "medvl", "index", "build", "--model", str(model_dir), "--data",
+               str(data_with_duplicates), "--out", str(tmp_path / "idx"), "--batch-size", "16", "--ray", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                    "RAY_ADDRESS": address})
+    assert done.returncode == 0, done.stderr
+    assert f"joining the Ray cluster at {address}, which RAY_ADDRESS names" in " ".join(done.stderr.split())
+    _same_index(single[0], tmp_path / "idx")
+
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx2", "--ray", "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert _error_lines(output) == {f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS): "
+                                    f"Connection refused"}
+    from medvl.scale.ray_jobs import RayEmbedder
+
+    assert RayEmbedder(model_dir, address="local").address == "local"  # no TCP check of RAY_ADDRESS
+    assert not (tmp_path / "idx2").exists()
 
 
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):
@@ -231,7 +284,7 @@ def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates
     assert not (tmp_path / "idx").exists()
 
 
-def test_a_quiet_ray_build_prints_no_ray_data_or_faiss_chatter(model_dir, data_with_duplicates, tmp_path):
+def test_a_quiet_ray_build_prints_no_ray_data_ray_core_or_faiss_chatter(model_dir, data_with_duplicates, tmp_path):
     import subprocess
     import sys
 
@@ -239,6 +292,9 @@ def test_a_quiet_ray_build_prints_no_ray_data_or_faiss_chatter(model_dir, data_w
                str(data_with_duplicates), "--out", str(tmp_path / "idx"), "--ray", "--ray-workers", "1", "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    for chatter in ("Execution plan", "execution finished", "Progress bars disabled", "Loading faiss"):
+    # Ray's error-level line on every run about restarting actors whose arguments are in the object store (Ray Data
+    # always puts its map function there), and its notice that the local Ray uses token authentication
+    for chatter in ("Execution plan", "execution finished", "Progress bars disabled", "Loading faiss", "core_worker",
+                    "max_restarts", "Token authentication"):
         assert chatter not in done.stderr, chatter
     assert "images: flat index of 96 vectors" in done.stderr  # medvl's own lines stay

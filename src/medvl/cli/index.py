@@ -81,9 +81,11 @@ def build_command(
     quiet: QuietOption = False,
     backend: BackendOption = "torch",
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Decode and embed on Ray workers (Ray Data; a local Ray unless --address).")] = False,
+        "--ray", help="Decode and embed on Ray workers (Ray Data; a local Ray unless --address or RAY_ADDRESS)."
+    )] = False,
     address: Annotated[str | None, typer.Option(
-        help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default a local Ray.")] = None,
+        help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default RAY_ADDRESS if "
+             "set, else a local Ray ('local': a local Ray even when RAY_ADDRESS is set).")] = None,
     ray_workers: Annotated[int | None, typer.Option(
         help="With --ray: embedding workers (one CPU each; default 2).")] = None,
     workers: WorkersOption = None,

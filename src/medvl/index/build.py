@@ -179,8 +179,11 @@ def _new_cases(records: Sequence[Record], digests: Sequence[str], known_images: 
 
 
 # Embeds batches somewhere else (``medvl.scale.ray_jobs.RayEmbedder``): called with the dataset, the
-# records still to do and the batch size; yields (records, pixel hashes, image vectors, text vectors).
-Embedder = Callable[[Dataset, Sequence[Record], int], Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]]
+# records still to do, the batch size and the fingerprint the index records (``model_fingerprint``: the
+# embedder must embed with that model, and refuse another); yields (records, pixel hashes, image vectors,
+# text vectors).
+Embedder = Callable[[Dataset, Sequence[Record], int, dict[str, Any]],
+                    Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]]
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -205,8 +208,9 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
 
     Each batch is checkpointed; rerunning the same build after a crash resumes where it stopped.
     ``embedder`` (e.g. ``RayEmbedder``: workers on a Ray cluster) embeds the batches instead of
-    ``model`` in this process; the index is the same. Otherwise ``workers`` processes read and resize
-    the images ahead of the model (``medvl.data.loading``; None: auto, 0: in this process).
+    ``model`` in this process; the index is the same (it is given ``model``'s fingerprint and refuses to embed
+    with another model: a model folder changed since ``model`` was loaded). Otherwise ``workers`` processes read
+    and resize the images ahead of the model (``medvl.data.loading``; None: auto, 0: in this process).
     Image paths are stored relative to the dataset's root (``dataset_root``); none for DICOM. Records the
     model cannot take (a DICOM folder's 3D series for a 2D model, its 2D images for a 3D one) are left
     out, with a warning (``Dataset.for_spatial_dims``).
@@ -236,7 +240,8 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
             advance(len(records) - len(todo))
             root = dataset_root(dataset)
             for batch, cases, vectors, text_vectors, skipped in _embedded(model, dataset, todo, batch_size, known,
-                                                                          allow_duplicates, root, embedder, workers):
+                                                                          allow_duplicates, root, embedder, workers,
+                                                                          fingerprint):
                 duplicates += skipped
                 embedded += cases
                 if cases:  # checked as index add checks them: no NaN or infinite vector is stored
@@ -259,14 +264,16 @@ def build_index(model, dataset: Dataset, out: str | Path, *, model_dir: str | Pa
 
 
 def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, known: dict[str, str],
-              allow_duplicates: bool, root: Path | None, embedder: Embedder | None, workers: int):
+              allow_duplicates: bool, root: Path | None, embedder: Embedder | None, workers: int,
+              fingerprint: dict[str, Any]):
     """(batch, cases, image vectors, text vectors, duplicates) per batch of ``todo``, in order; the
-    images are read by ``workers`` processes ahead of the model."""
+    images are read by ``workers`` processes ahead of the model (or ``embedder`` embeds them with the
+    model ``fingerprint`` describes)."""
     if embedder is None:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
             yield batch, *embed_records(model, batch, read, known, allow_duplicates, root)
         return
-    for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size):
+    for batch, digests, vectors, text_vectors in embedder(dataset, todo, batch_size, fingerprint):
         yield batch, *keep_new(batch, digests, vectors, text_vectors, known, allow_duplicates, root)
 
 

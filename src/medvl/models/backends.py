@@ -19,9 +19,12 @@ Which one is fastest depends on the model and the CPU: see docs/benchmarks.md.
 An ONNX export lives in ``<model folder>/onnx/`` (written by ``medvl.scale.export_onnx``):
 ``image.onnx`` (normalised pixels (N, C, *spatial) float32 -> pooled backbone features (N, F)),
 ``text.onnx`` (``input_ids``, ``attention_mask`` (N, L) int64 -> pooled text features (N, F)), their
-``*.int8.onnx`` versions and ``export.json`` (files, inputs, the SHA-256 of ``model.safetensors``,
-the largest difference from eager torch measured at export). It is made explicitly, never on the fly:
-a model folder without one, or with one made from other weights, is refused, naming the file.
+``*.int8.onnx`` versions and ``export.json`` (files and the SHA-256 of each, inputs, the SHA-256 of
+``model.safetensors``, the largest difference from eager torch measured at export). It is made explicitly,
+never on the fly: a model folder without one, or with one made from other weights, or a graph file whose
+SHA-256 is not the one ``export.json`` records (a graph copied from another export), is refused, naming the
+file. An export made before graph digests were recorded loads without that check; its image graph's input
+shape is still checked against the model's config.
 """
 
 from __future__ import annotations
@@ -217,6 +220,7 @@ class OnnxDualEncoder(DualEncoder):
                 raise ModelError(f"{files[tower]}: the graph takes {taken}, not the {tower} tower's inputs "
                                  f"{TOWER_INPUTS[tower]} ({folder / EXPORT_DIR / EXPORT_FILE} names it for the "
                                  f"{tower} tower); re-run: medvl export onnx --model {folder}")
+        _check_image_graph_shape(model, model.sessions["image"], files["image"], folder)
         model.per_item = {tower: description[tower].get("batch") == 1
                           or (precision == "int8" and _quantises_activations(path)) for tower, path in files.items()}
         model.meta = {**model.meta, "backend": "onnx" if precision == "fp32" else f"onnx-{precision}"}
@@ -258,13 +262,36 @@ def _quantises_activations(path: Path) -> bool:
     return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
+def _check_image_graph_shape(model: DualEncoder, session: Any, path: Path, folder: Path) -> None:
+    """ModelError naming ``path`` unless the image graph takes the model's input, (N, C, *spatial) of its config,
+    and gives its tower's feature width: a graph of another architecture (a 3D tower in a 2D model's folder) fails
+    here, not inside onnxruntime at the first image."""
+    config = model.config.image
+    expected = [config.in_channels, *config.volume_shape]
+    taken = list(session.get_inputs()[0].shape)
+    width = session.get_outputs()[0].shape[-1] if session.get_outputs()[0].shape else None
+    fixed = len(taken) == 1 + len(expected) and all(not isinstance(size, int) or size == want
+                                                    for size, want in zip(taken[1:], expected, strict=True))
+    if not fixed or (isinstance(width, int) and width != model.image_encoder.num_features):
+        raise ModelError(f"{path}: the graph takes pixels of shape {taken} and gives {width} features, not this "
+                         f"model's (N, {', '.join(map(str, expected))}) -> {model.image_encoder.num_features} (a graph "
+                         f"of another model?); re-run: medvl export onnx --model {folder}")
+
+
 def _tower_file(folder: Path, description: dict[str, Any], tower: str, precision: str) -> Path:
+    """The graph file of ``tower`` at ``precision``; ModelError naming it if it is missing or is not the file
+    ``export.json`` records (its SHA-256; an export from before digests were recorded is not checked)."""
     export_file = folder / EXPORT_DIR / EXPORT_FILE
-    name = (description.get(tower) or {}).get(precision)
+    entry = description.get(tower) or {}
+    name = entry.get(precision)
     if not name:
         raise ModelError(f"{export_file}: the export has no {precision} {tower} tower"
                          + ("; re-export without --no-int8" if precision == "int8" else ""))
     path = folder / EXPORT_DIR / Path(name).name
     if not path.is_file():
         raise ModelError(f"{path}: missing ({export_file} names it); re-run: medvl export onnx --model {folder}")
+    recorded = entry.get(f"{precision}_sha256")
+    if recorded is not None and recorded != file_sha256(path):
+        raise ModelError(f"{path}: not the {precision} {tower} graph {export_file} records (its SHA-256 differs: "
+                         f"a graph of another export?); re-run: medvl export onnx --model {folder}")
     return path

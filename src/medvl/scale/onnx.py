@@ -6,9 +6,9 @@
     text.onnx         input_ids, attention_mask (N, L) int64 -> pooled text features (N, F)
     image.int8.onnx   the same graphs after onnxruntime's dynamic int8 quantisation (``--no-int8``: absent)
     text.int8.onnx
-    export.json       what was exported: files, inputs, the SHA-256 of model.safetensors and of config.json,
-                      the largest difference from eager torch measured at export time (fp32 and int8),
-                      library versions
+    export.json       what was exported: files and the SHA-256 of each graph file, inputs, the SHA-256 of
+                      model.safetensors and of config.json, the largest difference from eager torch measured at
+                      export time (fp32 and int8), library versions
 
 Only the towers are exported (tokenisation, projections, normalisation and supervised heads stay in
 torch: they are small), so ``OnnxDualEncoder`` has the whole ``DualEncoder`` interface and the
@@ -21,7 +21,8 @@ with one scale per input tensor (``DynamicQuantizeLinear``), so ``OnnxDualEncode
 one item at a time (``medvl.models.backends``).
 
 An export is made explicitly (no cache on the fly): ``load_model(dir, backend="onnx")`` refuses a
-model folder without one, or with one made from other weights or another config, naming the file.
+model folder without one, or with one made from other weights or another config, or a graph file that is not
+the one ``export.json`` records (copied from another export), naming the file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..io import check_not_an_input, replace_dir, staged_for, staging_folder, write_errors_named
+from ..io import check_not_an_input, file_sha256, replace_dir, staged_for, staging_folder, write_errors_named
 from ..models.backends import (
     EXPORT_DIR,
     EXPORT_FILE,
@@ -164,6 +165,10 @@ def _export_towers(model: DualEncoder, folder: Path, int8: bool) -> dict[str, An
         for tower, (feeds, expected) in ((image, image_check), (text, text_check)):
             tower["int8"] = _quantize(folder / tower["fp32"])
             tower["int8_max_abs_error"] = _max_error(folder / tower["int8"], feeds, expected)
+    for tower in (image, text):  # what ties each graph file to this description (read_export's load checks it)
+        for precision in ("fp32", "int8"):
+            if tower.get(precision):
+                tower[f"{precision}_sha256"] = file_sha256(folder / tower[precision])
     return {"format": EXPORT_FORMAT, "image": image, "text": text,
             "int8": {"method": "onnxruntime dynamic quantisation", "op_types": INT8_OPS, "weights": "QInt8"}
             if int8 else None,

@@ -14,14 +14,22 @@ The workers read images themselves: on a cluster, the data path must be readable
 paths absolute before shipping them (``absolute_paths``): a cluster's workers run in the folder its head was
 started from, not the driver's.
 
+Each record is shipped with its batch, not the dataset with each worker. A worker that dies is not
+restarted (``max_restarts=0``): the build stops with Ray's error and resumes from its last batch when
+rerun (see ``RayEmbedder._embed``). Ray's notice that a local Ray uses token authentication is dropped.
+
 Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
 cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
 when it reaches that batch (the batches before it are appended, as in a single-process build), not wrapped
-in Ray's task or actor error, so ``medvl`` prints its one line.
+in Ray's task or actor error, so ``medvl`` prints its one line. A worker loads the model from its folder
+again, after the driver: if it is not the model the driver loaded (its fingerprint, which the index
+records), the folder changed in between, and the worker sends back a ``ModelError`` instead of vectors.
 
 A cluster address of the form ``host:port`` (or ``ray://host:port``) is checked with a TCP connection
 when the embedder is made (``RAY_CONNECT_TIMEOUT_S``), before any work: Ray itself keeps retrying an
-unreachable address for many minutes.
+unreachable address for many minutes. Without an address, Ray's own ``RAY_ADDRESS`` variable (set on a
+cluster's nodes and in a Ray Job) is the address, as ``ray.init`` takes it, with the same check and
+messages naming the variable; the address ``local`` starts a local Ray even when it is set.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError, MedvlError
+from ..errors import InputError, MedvlError, ModelError
+from .onnx import _Dropping
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +62,63 @@ RAY_CONNECT_ATTEMPTS = 3
 
 @dataclass
 class RayEmbedder:
-    """Embed with ``workers`` Ray actors; ``address`` None starts a local Ray (stopped afterwards), else
-    joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
+    """Embed with ``workers`` Ray actors; ``address`` None (and no ``RAY_ADDRESS``) or ``local`` starts a local
+    Ray (stopped afterwards), else joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
 
     model_dir: Path
     workers: int = 2
-    address: str | None = None
+    address: str | None = None  # None: RAY_ADDRESS if set (as ray.init reads it), else a local Ray
     backend: str = "torch"  # the inference backend each worker loads (medvl.load_model)
+    address_from: str = dataclasses.field(default="--address", init=False)  # what messages name it by
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
         self.model_dir = Path(self.model_dir).absolute()  # the workers' working folder is not the driver's
-        if self.address is not None:
-            check_reachable(self.address)
+        if self.address is None and os.environ.get("RAY_ADDRESS", "").strip():
+            self.address, self.address_from = os.environ["RAY_ADDRESS"].strip(), "RAY_ADDRESS"
+            log.info("--ray: joining the Ray cluster at %s, which RAY_ADDRESS names (--address local for a local "
+                     "Ray)", self.address)
+        if self.address not in (None, "local"):
+            check_reachable(self.address, name=self.address_from)
 
-    def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int
+    def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]
                  ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
         """Yield (records, pixel hashes, image vectors, text vectors) batch by batch, in record order;
-        text vectors of records without text are zero rows."""
+        text vectors of records without text are zero rows. ``fingerprint``: the model the index records
+        (``model_fingerprint`` of the model the driver loaded); a worker whose model from the folder is another
+        (the folder changed since) sends back a ModelError instead of vectors."""
         if not records:
             return
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            _init_ray(ray, self.address, self.workers)
+            _init_ray(ray, self.address, self.workers, self.address_from)
         try:
-            yield from self._embed(ray, dataset, records, batch_size)
+            yield from self._embed(ray, dataset, records, batch_size, fingerprint)
         finally:
             if started_here:
                 ray.shutdown()
 
-    def _embed(self, ray, dataset: Dataset, records: Sequence[Record], batch_size: int):
+    def _embed(self, ray, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]):
         position = {record.id: i for i, record in enumerate(dataset.records)}  # ids are unique (checked)
         positions = [position[record.id] for record in records]
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # results in record order: deterministic dedup
         context.enable_progress_bars = False  # medvl's own bar counts the records
         _quiet_ray_data()
-        items = ray.data.from_items([{"position": p} for p in positions],
+        shipped = absolute_paths(dataset).records
+        # each record travels with its batch (pickled), not the whole dataset with each worker
+        items = ray.data.from_items([{"position": p, "record": pickle.dumps(shipped[p])} for p in positions],
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
+        # max_restarts=0: a worker that dies ends the build at its batch (rerun: it resumes from the last batch
+        # appended) rather than being restarted and its batch retried without end (Ray Data's default, whose
+        # restarts Ray itself warns, at error level on every run, may fail: ray-project/ray#53727). Ray 2.60 has no
+        # named parameter for it: passed as a remote arg, which Ray Data marks deprecated (for removal in 2.64)
         embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
-            "model_dir": str(self.model_dir), "backend": self.backend, "dataset": absolute_paths(dataset)},
+            "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
-            batch_format="numpy")
+            max_restarts=0, batch_format="numpy")
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
             failed = [error for error in batch["error"] if error]
             if failed:  # at this batch, as a build in one process raises it
@@ -106,18 +128,28 @@ class RayEmbedder:
 
 
 class _EmbedWorker:
-    """One Ray actor: the model loaded once, one CPU thread, a batch of record positions in, vectors out."""
+    """One Ray actor: the model loaded once, one CPU thread, a batch of records (pickled, with their positions)
+    in, vectors out.
 
-    def __init__(self, model_dir: str, backend: str, dataset: Dataset):
+    The model is loaded from its folder again, later than the driver's (seconds on a local Ray, minutes when
+    a cluster restarts an actor): it must be the model ``fingerprint`` describes, the one the index records, or
+    the index would hold one model's vectors under another's fingerprint."""
+
+    def __init__(self, model_dir: str, backend: str, fingerprint: dict[str, Any]):
         import torch
 
+        from ..index.base import fingerprint_differs
         from ..models.registry import load_model
 
         torch.set_num_threads(1)
-        self.records = dataset.records
         self.failed: MedvlError | OSError | None = None
         try:
             self.model = load_model(model_dir, backend=backend)
+            what = fingerprint_differs(fingerprint, self.model)
+            if what is not None:
+                raise ModelError(f"{model_dir}: the model a Ray worker loaded from it is not the one this build "
+                                 f"loaded (its {what} {'differ' if what == 'weights' else 'differs'}): the model "
+                                 f"folder changed since the build started; rerun once it is final")
         except (MedvlError, OSError) as error:  # kept for the first batch: an actor that dies in its constructor
             self.failed = error  # is reported by Ray as a traceback of its own (and retried)
 
@@ -126,7 +158,7 @@ class _EmbedWorker:
 
         from ..index.build import embed_batch, read_batch
 
-        records = [self.records[int(p)] for p in batch["position"]]
+        records = [pickle.loads(record) for record in batch["record"]]
         try:
             if self.failed is not None:
                 raise self.failed
@@ -182,20 +214,32 @@ def _import_ray():
     return ray
 
 
-def _init_ray(ray, address: str | None, workers: int) -> None:
-    """A local Ray with ``workers`` CPUs (plus one for the driver's reads), or join ``address``."""
+def _init_ray(ray, address: str | None, workers: int, name: str = "--address") -> None:
+    """A local Ray with ``workers`` CPUs (plus one for the driver's reads) for ``address`` None or ``local``, or
+    join ``address`` (``name``: the option or variable it came from, for messages)."""
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        options["num_cpus"] = workers + 1
+    local = address in (None, "local")
+    if local:  # "local", not None: ray.init would read RAY_ADDRESS and refuse num_cpus for a cluster
+        options.update(address="local", num_cpus=workers + 1)
     else:
         options["address"] = address
+    token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    no_token_notice = _Dropping("Token authentication is enabled for this Ray cluster")  # docs/scaling.md
+    token_notice.addFilter(no_token_notice)
     try:
-        with _connect_attempts(RAY_CONNECT_ATTEMPTS if address is not None else None):
+        with _connect_attempts(None if local else RAY_CONNECT_ATTEMPTS):
             ray.init(**options)
     except ConnectionError as err:
-        raise InputError(f"cannot reach the Ray cluster at {address}: {err}") from None
+        raise InputError(f"cannot reach the Ray cluster at {address}{_named(name)}: {err}") from None
     except ValueError as err:  # an address Ray cannot use (a ray:// address without the ray[client] package)
-        raise InputError(f"--address {address}: {err}") from None
+        raise InputError(f"{name} {address}: {err}") from None
+    finally:
+        token_notice.removeFilter(no_token_notice)
+
+
+def _named(name: str) -> str:
+    """`` (RAY_ADDRESS)`` after an address that came from that variable, nothing after one given as --address."""
+    return "" if name == "--address" else f" ({name})"
 
 
 @contextlib.contextmanager
@@ -214,15 +258,16 @@ def _connect_attempts(attempts: int | None) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
-def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, name: str = "--address") -> None:
     """InputError unless a ``host:port`` (or ``ray://host:port``) cluster address accepts a TCP connection within
-    ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once."""
+    ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once. ``name``: the option
+    or variable the address came from, for messages."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     if not 0 < int(port) < 65536:
-        raise InputError(f"--address {address}: port {port} is not a TCP port (1-65535)")
+        raise InputError(f"{name} {address}: port {port} is not a TCP port (1-65535)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
-        raise InputError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+        raise InputError(f"cannot reach the Ray cluster at {address}{_named(name)}: {err.strerror or err}") from None
