@@ -623,6 +623,10 @@ def test_missing_slices_are_found_when_they_make_half_the_gaps(tmp_path, caplog)
         load_volume(tmp_path / "holes")
     with pytest.raises(DataError, match=rf"record vol-[0-9a-f]{{16}}: {gap}"):
         load_dataset(tmp_path / "holes")
+    # a series whose interval changes part-way (1 then 2 mm) reads the same: refused, the message saying both
+    write_series(tmp_path / "mixed", marked_volume((6, 4, 4)), extra=at([0.0, 1, 2, 3, 5, 7]))
+    with pytest.raises(DataError, match=r"slice\(s\) missing.*slice interval changes part-way"):
+        load_volume(tmp_path / "mixed")
     write_series(tmp_path / "hole3", marked_volume((3, 4, 4)), extra=at([0.0, 2.0, 3.0]))
     with pytest.raises(DataError, match=r"none lies between 0 and 2 mm .*a 2 mm gap: about 1 slice"):
         load_volume(tmp_path / "hole3")

@@ -1189,7 +1189,8 @@ def missing_slices(orientation: np.ndarray, positions: Sequence[np.ndarray],
     return (f"slices are {spacing:.3g} mm apart, but none lies between {along[first]:.6g} and "
             f"{along[first + 1]:.6g} mm along the slice normal (a {gaps[first]:.3g} mm gap: about {missing} "
             f"slice(s) missing{more}); stacked as it is, the volume would close the gap. Restore the missing "
-            "file(s)")
+            "file(s); a series whose slice interval changes part-way (2.5 then 5 mm) is no regular volume either: "
+            "split it where the interval changes")
 
 
 def slice_line(orientation: np.ndarray, positions: Sequence[np.ndarray],
