@@ -469,23 +469,28 @@ class MiscountingProxy(BaseHTTPRequestHandler):
         pass
 
 
+def _pull_through_miscounting_proxy(uploaded, out, count, unlisted: set[str]) -> dict:
+    """Patient A's study pulled through a ``MiscountingProxy`` in front of the real Orthanc that counts ``count``
+    instances per series and lists none of the ``unlisted`` series' instances (the paths asked: ``.paths``)."""
+    MiscountingProxy.upstream, MiscountingProxy.count = uploaded.dicomweb, count
+    MiscountingProxy.unlisted, MiscountingProxy.paths = unlisted, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        return pull_study(url, uploaded.studies["A"], out, username=USER, password=PASSWORD, show_progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.orthanc
 @pytest.mark.parametrize("count", [0, -1, "0", 1.5])
 def test_a_series_counted_as_zero_or_less_is_still_searched_and_pulled(uploaded, tmp_path, count):
     """A series search counting 0 (or a negative or non-integer number of) instances in each series used to
     skip their instance searches: nothing pulled, the pull state deleted and the pull reported complete. The
     count is a hint: every series' instances are searched for, and all 6 of patient A's instances pulled."""
-    MiscountingProxy.upstream, MiscountingProxy.count, MiscountingProxy.unlisted = uploaded.dicomweb, count, set()
-    MiscountingProxy.paths = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-    try:
-        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
-                            show_progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    report = _pull_through_miscounting_proxy(uploaded, tmp_path / "out", count, unlisted=set())
     searched = [p for p in MiscountingProxy.paths if p.split("?")[0].endswith("/instances")]
     assert len(searched) >= 3  # one instance search (at least) per series
     assert report["complete"] and report["missing"] is None and report["counts"]["pulled"] == 6
@@ -498,17 +503,7 @@ def test_a_series_whose_instance_search_lists_nothing_is_retrieved_whole(uploade
     whole (WADO-RS at series level), not passed over as empty and the pull called complete."""
     with uploaded.client() as client:
         ct = next(s for s in client.search_series(uploaded.studies["A"]) if s["Modality"] == "CT")
-    MiscountingProxy.upstream, MiscountingProxy.count = uploaded.dicomweb, 0
-    MiscountingProxy.unlisted, MiscountingProxy.paths = {ct["SeriesInstanceUID"]}, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MiscountingProxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-    try:
-        report = pull_study(url, uploaded.studies["A"], tmp_path / "out", username=USER, password=PASSWORD,
-                            show_progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    report = _pull_through_miscounting_proxy(uploaded, tmp_path / "out", 0, unlisted={ct["SeriesInstanceUID"]})
     assert report["complete"] and report["counts"]["pulled"] == 6, report["missing"]
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6
 
