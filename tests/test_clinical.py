@@ -799,3 +799,37 @@ def test_cli_bad_input_exits_2(cli, tmp_path):
     assert result.exit_code == 2 and "input not found" in result.output
     result = cli("dicom-info", dicom("rtplan.dcm").parent / "README.txt")
     assert result.exit_code == 2 and "not a DICOM file" in result.output
+
+
+def test_a_malformed_value_read_outside_quiet_pydicom_is_never_logged_or_warned(tmp_path):
+    """Review finding: the service's size check of a DICOM upload reads Rows / Columns / Number of Frames outside
+    quiet_pydicom, and pydicom logged and warned the malformed value it could not convert (``Invalid value for VR IS:
+    'SMITH2'``) into the service's log; quiet_pydicom's own switches are process-wide, so concurrent requests could
+    undo them too. From the import of medvl.clinical.dicom pydicom's records and warnings quote nothing."""
+    import subprocess
+    import sys
+
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add_new(0x00280008, "IS", "1")
+    path = tmp_path / "frames.dcm"
+    ds.save_as(path)
+    raw = path.read_bytes()
+    at = raw.index(b"\x28\x00\x08\x00IS\x02\x001 ")
+    path.write_bytes(raw[:at + 6] + b"\x06\x00SMITH2" + raw[at + 10:])  # Number of Frames: a name, not a number
+    script = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "from medvl.serve.settings import ServeSettings\n"
+        "from medvl.serve.uploads import UploadRejected, _check_dicom_size\n"
+        "try:\n"
+        "    _check_dicom_size(Path(sys.argv[1]), ServeSettings())\n"
+        "except UploadRejected as error:\n"
+        "    print(error.status, error.detail if hasattr(error, 'detail') else error)\n")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "422" in done.stdout and "Number of Frames is not a whole number" in done.stdout
+    assert "SMITH2" not in done.stdout + done.stderr

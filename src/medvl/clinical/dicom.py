@@ -119,6 +119,26 @@ def _require_pydicom(path: Path):
     return pydicom
 
 
+def _drop_value_quoting(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.CRITICAL
+
+
+def _keep_pydicom_quiet() -> None:
+    """For good, from the import of this module: pydicom's log records below CRITICAL and the warnings raised in its
+    modules are dropped (``quiet_pydicom`` still collects the latter for its callers). pydicom complains about a
+    malformed element by quoting its value (``Invalid value for VR IS: 'SMITH2'``: patient data) wherever a value is
+    converted, also outside ``quiet_pydicom`` (the service's size check of an upload reads Rows / Number of Frames),
+    and ``quiet_pydicom``'s own switches (the logger's level, ``warnings.catch_warnings``) are process-wide, not
+    per thread: under concurrent requests one thread's exit could restore the defaults while another converts."""
+    pydicom_log = logging.getLogger("pydicom")
+    if _drop_value_quoting not in pydicom_log.filters:
+        pydicom_log.addFilter(_drop_value_quoting)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+_keep_pydicom_quiet()
+
+
 @contextmanager
 def quiet_pydicom(path: str | Path | None = None) -> Iterator[list[str]]:
     """Keep pydicom's complaints about malformed elements out of warnings and logs (they may quote
