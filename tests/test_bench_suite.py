@@ -371,16 +371,20 @@ def test_a_category_column_with_a_few_rare_values_is_kept_and_ids_or_notes_still
     probabilities = np.stack([1 - y_true * 0.8 - 0.1, y_true * 0.8 + 0.1], axis=1)
     block = subgroup_metrics(y_true, probabilities, groups_from_records(views, ["view"]), resamples=20)
     assert sorted(block["columns"]["view"]["groups"]) == ["AP", "PA"]
-    # the values of one record each are counted, never named (such a value may be a note), in results and words
+    # values too rare to score are counted, never named (such a value may be a note), in results and words
     assert block["columns"]["view"]["too_small"] == {}
-    assert block["columns"]["view"]["single_record_values"] == 3
+    assert block["columns"]["view"]["unnamed_small_groups"] == 3
     from medvl.bench.runner import _unscored_groups
     words = _unscored_groups(block["columns"]["view"], len(views), 10, [])
-    assert "3 values of one record each not scored" in words and "decubitus" not in words
-    small = records(["PA"] * 88 + ["AP"] * 29 + ["lateral"] * 2 + ["AP supine"])  # a rare view of two records is named
-    block = subgroup_metrics(y_true, probabilities, groups_from_records(small, ["view"]), resamples=20)
-    assert block["columns"]["view"]["too_small"] == {"lateral": 2}
-    assert block["columns"]["view"]["single_record_values"] == 1
+    assert "3 values under 10 records not scored (3 records; values not shown)" in words
+    assert "decubitus" not in words
+    # one patient's note on two films passes the identifier rule: it is counted too, never shown (docs probe)
+    noted = records(["PA"] * 88 + ["AP"] * 29 + ["Mr Doe MRN 4711 seen at home"] * 2)
+    check_group_column(noted, "view")
+    block = subgroup_metrics(y_true[:119], probabilities[:119], groups_from_records(noted, ["view"]), resamples=20)
+    column = block["columns"]["view"]
+    assert column["too_small"] == {} and (column["unnamed_small_groups"], column["unnamed_small_records"]) == (1, 2)
+    assert "Doe" not in json.dumps(column) and "Doe" not in _unscored_groups(column, len(noted), 10, [])
     # 30 notes beside 90 records in two groups: the single-record values hold a quarter of the records, refused
     # (a patient id over two images each stays refused by the other rule: the test above)
     notes = records(["PA"] * 60 + ["AP"] * 30 + [f"Mr Patient{i} seen at home" for i in range(30)])
@@ -1171,9 +1175,10 @@ def test_subgroups_report_each_metric_per_group_and_name_what_they_could_not_sco
     assert skipped["subgroups: age"].startswith(f"{len(test) - unreadable} of {len(test)} scored records have no "
                                                 f"value; {unreadable} of {len(test)} have an age that cannot be "
                                                 "read;")  # counted, never quoted
-    assert skipped["subgroups: site"] == (f"groups under 10 records not scored: small ({normal}); groups of one "
-                                          "class (no AUC): A; no worst-group gap (it needs two groups with an AUC)")
-    assert "subgroups: site: groups under 10" in (tmp_path / "out" / "report.html").read_text()
+    assert skipped["subgroups: site"] == (f"1 value under 10 records not scored ({normal} records; values "
+                                          "not shown); groups of one class (no AUC): A; no worst-group gap (it "
+                                          "needs two groups with an AUC)")
+    assert "subgroups: site: 1 value under 10" in (tmp_path / "out" / "report.html").read_text()
     assert skipped["subgroups: ward"] == f"none of the {len(test)} scored records has a value"
 
 

@@ -958,7 +958,8 @@ def test_report_draft_rejects_bad_input(phantom_dir, model_dir, train_index, tmp
     frames = tmp_path / "frames.dcm"  # 2 frames of RGB: no 2D model takes it; the error names the file (not <array>)
     shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), frames)
     shape, output = invoke("report", "draft", frames, "--index", train_index)
-    assert shape.exit_code == 2 and "frames.dcm: image shape (2, 100, 100, 3)" in " ".join(output.split())
+    assert shape.exit_code == 2 and ("frames.dcm: a multi-frame DICOM of 2 frames (shape (2, 100, 100, 3)): a 2D "
+                                     "model reads one image") in " ".join(output.split())
 
 
 def test_case_retrieval_metrics_match_plain_references(phantom_dir, model_dir, train_index):

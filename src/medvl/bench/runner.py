@@ -1099,8 +1099,11 @@ def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: l
     if block["too_small"]:
         small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
         parts.append(f"groups under {min_size} records not scored: {small}")
-    if block.get("single_record_values"):  # counted, never named: a value of one record may be a note or an id
-        parts.append(f"{block['single_record_values']} values of one record each not scored")
+    if block.get("unnamed_small_groups"):  # counted, never named: a rare value may be a note or an id
+        unnamed = block["unnamed_small_groups"]
+        parts.append(f"{unnamed} {'other ' * bool(block['too_small'])}value{'s' * (unnamed != 1)} under "
+                     f"{min_size} records not scored "
+                     f"({block['unnamed_small_records']} records; values not shown)")
     single = [name for name, metrics in block["groups"].items() if metrics.get("auc") is None]
     if single:
         parts.append(f"groups of one class (no AUC): {', '.join(single)}")

@@ -28,6 +28,7 @@ from .bootstrap import bootstrap_ci, difference_ci
 # Upper bound (exclusive, years) and name of each age band, in order.
 AGE_BANDS = ((40.0, "<40"), (60.0, "40-59"), (80.0, "60-79"), (math.inf, "80+"))
 UNKNOWN_AGE = "unknown"
+_BAND_NAMES = frozenset(band for _, band in AGE_BANDS)  # group names medvl makes itself: safe to show
 MAX_AGE = 130.0  # years; anything above is taken for a data error, not an age
 METRICS = ("auc", "balanced_accuracy", "accuracy")
 # DICOM age strings (PatientAge, 0010,1010): nnnD / nnnW / nnnM / nnnY
@@ -206,7 +207,7 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     """AUC, balanced accuracy and accuracy with bootstrap intervals per group of each column.
 
     ``groups`` maps a column name to one value per record (``groups_from_records`` makes it from
-    records). Groups with fewer than ``min_size`` records are listed under ``too_small``, not scored.
+    records). Groups with fewer than ``min_size`` records are not scored (counted, see below).
     Per column, the scored group with the lowest ``headline`` metric is ``worst_group``, the highest
     ``best_group``, and ``gap`` (best minus worst) has an interval from resampling within each of the
     two groups. The two are chosen on all records, so the gap interval does not cover that choice.
@@ -215,9 +216,9 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     value: ``n``, ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
     intervals are rough) and each metric as ``{value, low, high, resamples}``, or None for AUC of a
     single-class group; each metric's interval takes the draws ``DRAWS`` names: AUC's stratified by class),
-    ``too_small`` (value -> n, for values of two records or more), ``single_record_values`` (how many values hold
-    one record each: counted, never named, since such a value may be free text or an identifier), ``missing``
-    (records without a value),
+    ``too_small`` (age band -> n: the bands medvl names), ``unnamed_small_groups`` and ``unnamed_small_records``
+    (how many other values are too small, and their records: counted, never named, since a rare value may be free
+    text or an identifier), ``missing`` (records without a value),
     ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
     """
     y, scores = _check_scores(y_true, probabilities)
@@ -261,6 +262,7 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
     names = sorted({label for label in labels if label is not None}, key=_group_order)
     members = {name: np.array([i for i, label in enumerate(labels) if label == name]) for name in names}
     scored = {name: index for name, index in members.items() if len(index) >= min_size}
+    small = {name: index for name, index in members.items() if name not in scored}
     groups = {name: _group_metrics(y[index], scores[index], settings) for name, index in scored.items()}
     ranked = sorted((g[headline]["value"], name) for name, g in groups.items() if g[headline] is not None)
     worst, best, gap = None, None, None
@@ -270,10 +272,12 @@ def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None],
         gap = difference_ci(metric, (y[scored[best]], scores[scored[best]]), (y[scored[worst]], scores[scored[worst]]),
                             **DRAWS[headline], **settings)
     return {"groups": groups,
-            # a value held by one record only may be free text or an identifier (a column mostly of categories with
-            # a few notes passes check_group_column): such values are counted, never listed by their value
-            "too_small": {name: len(index) for name, index in members.items() if name not in scored and len(index) > 1},
-            "single_record_values": sum(len(index) == 1 and name not in scored for name, index in members.items()),
+            # a value too rare to score may be free text or an identifier (a column mostly of categories with a few
+            # notes, or one patient's note on two films, passes check_group_column): such values are counted, never
+            # listed by their value; only the age bands medvl names itself are
+            "too_small": {name: len(index) for name, index in small.items() if name in _BAND_NAMES},
+            "unnamed_small_groups": sum(name not in _BAND_NAMES for name in small),
+            "unnamed_small_records": sum(len(index) for name, index in small.items() if name not in _BAND_NAMES),
             "missing": sum(label is None for label in labels),
             "worst_group": worst, "best_group": best, "gap": gap}
 
