@@ -723,7 +723,10 @@ def test_another_kind_of_model_folder_is_named_as_such_not_as_a_vqa_model_missin
 
 @pytest.mark.parametrize("answer_types, found", [
     (None, "none"), (1, "int"), ({"yes": [["CLOSED"]]}, "a mapping of other values"), ({"yes": "CLOSED"},
-                                                                                       "a mapping of other values")])
+                                                                                       "a mapping of other values"),
+    # docs probe: a misspelt type, an empty list and an answer the model does not have loaded and changed answers
+    ({"yes": ["open"]}, "a mapping of other values"), ({"yes": []}, "a mapping of other values"),
+    ({"no such answer": ["CLOSED"]}, "a mapping of other values")])
 def test_a_meta_json_without_answer_types_is_refused_at_load(trained, phantom, tmp_path, answer_types, found):
     """meta.json's answer_types, read on every question: missing or of another shape, the folder loaded and the
     first question crashed (KeyError / AttributeError / TypeError tracebacks, exit 1); a ModelError at load."""

@@ -372,7 +372,7 @@ class VQAModel(nn.Module):
             raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]})")
         if not isinstance(meta.get("answers"), list) or not meta["answers"]:
             raise ModelError(f"{directory}: meta.json has no answer vocabulary")
-        _check_answer_types(directory, meta.get("answer_types"))
+        _check_answer_types(directory, meta.get("answer_types"), meta["answers"])
         try:
             model = cls(config, meta["answers"], text_source_dir=directory / TEXT_DIR)
         except InputError as err:
@@ -385,13 +385,17 @@ class VQAModel(nn.Module):
         return model
 
 
-def _check_answer_types(directory: Path, answer_types: Any) -> None:
-    """ModelError unless meta.json's ``answer_types`` maps answers to lists of answer types, which ``route`` reads
-    on every question (missing, or another shape, it crashed the first question instead of the load)."""
+def _check_answer_types(directory: Path, answer_types: Any, answers: list[Any]) -> None:
+    """ModelError unless meta.json's ``answer_types`` maps answers of the vocabulary ``answers`` to non-empty lists
+    of answer types as ``answer_types`` writes them (``CLOSED`` / ``OPEN``), which ``route`` reads on every question
+    (missing, or another shape, it crashed the first question instead of the load; a misspelt ``open``, an empty
+    list or an answer the model does not have silently changed which answers a question may get)."""
     def is_type_list(kinds: Any) -> bool:
-        return isinstance(kinds, list) and all(isinstance(kind, str) for kind in kinds)
+        return isinstance(kinds, list) and bool(kinds) and all(kind in ANSWER_TYPES for kind in kinds)
 
-    if not isinstance(answer_types, dict) or not all(map(is_type_list, answer_types.values())):
+    known = set(answers)
+    if not isinstance(answer_types, dict) or not all(map(is_type_list, answer_types.values())) \
+            or not set(answer_types) <= known:
         found = "none" if answer_types is None else "a mapping of other values" if isinstance(answer_types, dict) \
             else type(answer_types).__name__
         raise ModelError(f"{directory}: meta.json: answer_types must map each answer to its types "
