@@ -458,6 +458,8 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_a_damaged_cell_file_is_
     {"rows": None}, {"rows": {"a": 1}}, {"rows": [{"metric": None}]}, {"rows": [{"metric": "auc", "value": "high"}]},
     {"flags": None}, {"flags": [None]}, {"skipped": 1.5}, {"skipped": {"sanity": [{}]}}, {"plots": "x"},
     {"model": ["x"]}, {"dataset": None},
+    # docs probe: rows without their model (KeyError in every rerun), or naming another model and task
+    {"each_row": {"model": None}}, {"each_row": {"model": "other-model", "key": "other-task"}},
 ])
 def test_a_cell_file_damaged_behind_its_fingerprint_is_scored_again(damage, two_models, phantom_dir, tmp_path):
     """A cell file whose fingerprint matches was reused as it was: damaged rows, flags, skipped checks or names
@@ -469,7 +471,11 @@ def test_a_cell_file_damaged_behind_its_fingerprint_is_scored_again(damage, two_
     result, output = invoke(*args)
     assert result.exit_code == 0, output
     [path] = (out / "cells").glob("*.json")
-    (path.write_text(json.dumps({**json.loads(path.read_text()), **damage})))
+    damage, cell = dict(damage), json.loads(path.read_text())
+    each_row = damage.pop("each_row", {})
+    for row in cell["rows"]:
+        row.update(each_row)
+    (path.write_text(json.dumps({**cell, **damage})))
     result, output = invoke(*args)
     assert result.exit_code == 0, output
     results = json.loads((out / "results.json").read_text())

@@ -676,6 +676,9 @@ def _cell_damage(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
     rows, flags, skipped, plots = (cell.get(name) for name in ("rows", "flags", "skipped", "plots"))
     if not isinstance(rows, list) or not all(map(_is_row, rows)):
         return "rows"
+    # each row names its cell as the cell does (results.json and the report read them from the rows)
+    if any(row.get(name) != value for row in rows for name, value in identity.items()):
+        return "rows of another cell"
     if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
         return "flags"
     if not isinstance(skipped, dict) or not all(isinstance(reason, str) for reason in skipped.values()):
