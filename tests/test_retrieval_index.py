@@ -358,11 +358,15 @@ def test_a_damaged_ivfpq_vectors_table_is_one_line_naming_the_table_and_a_missin
     with closing(sqlite3.connect(built / "cases.sqlite")) as conn:
         vid = conn.execute("SELECT vid FROM cases WHERE id = ?", (dataset[3].id,)).fetchone()[0]
     not_a_vector = "a cell of column 'image' of table vectors is not a vector of 64 float32"
+    not_finite = "a vector of column 'image' of table vectors is not finite or is zero"
     damages = {"short": (f"UPDATE vectors SET image = substr(image, 1, 100) WHERE vid = {vid}", not_a_vector),
                "text": (f"UPDATE vectors SET image = 'abc' WHERE vid = {vid}", not_a_vector),
                "report": (f"UPDATE vectors SET text = substr(text, 1, 9) WHERE vid = {vid}",
                           "a cell of column 'text' of table vectors is not a vector of 64 float32"),
-               "missing": (f"DELETE FROM vectors WHERE vid = {vid}", "table vectors lacks the row of 1 case")}
+               "missing": (f"DELETE FROM vectors WHERE vid = {vid}", "table vectors lacks the row of 1 case"),
+               # docs probe: a NaN or all-zero vector dropped its case from every search, or came back twice
+               "nan": (f"UPDATE vectors SET image = X'{'0000c07f' * 64}' WHERE vid = {vid}", not_finite),
+               "zeros": (f"UPDATE vectors SET image = zeroblob(256) WHERE vid = {vid}", not_finite)}
     for name, (statement, reason) in damages.items():
         damaged = tmp_path / name
         shutil.copytree(built, damaged)

@@ -1103,6 +1103,10 @@ class FaissIndex(IndexBase):
                                        f"{self.dim} float32")
         kept = [vid for vid in vids.tolist() if found[vid] is not None]
         matrix = np.frombuffer(b"".join(found[vid] for vid in kept), np.float32).reshape(len(kept), self.dim)
+        # vectors are stored unit-length: NaN, infinity or (for images, which every case has) all zeros is damage,
+        # which would drop the case from every search or rank it with FAISS's placeholder score
+        if not np.isfinite(matrix).all() or (target == IMAGES and not np.abs(matrix).sum(axis=1).all()):
+            raise unreadable_cases(db, f"a vector of column {column!r} of table {VECTORS} is not finite or is zero")
         return np.asarray(kept, dtype=np.int64), np.ascontiguousarray(matrix)
 
     def _hits(self, found: np.ndarray) -> dict[int, Hit]:
