@@ -393,9 +393,8 @@ def _check_answer_types(directory: Path, answer_types: Any, answers: list[Any]) 
     def is_type_list(kinds: Any) -> bool:
         return isinstance(kinds, list) and bool(kinds) and all(kind in ANSWER_TYPES for kind in kinds)
 
-    known = set(answers)
     if not isinstance(answer_types, dict) or not all(map(is_type_list, answer_types.values())) \
-            or not set(answer_types) <= known:
+            or not all(answer in answers for answer in answer_types):  # (a list: its items may be of any type)
         found = "none" if answer_types is None else "a mapping of other values" if isinstance(answer_types, dict) \
             else type(answer_types).__name__
         raise ModelError(f"{directory}: meta.json: answer_types must map each answer to its types "
