@@ -1232,14 +1232,15 @@ def slice_line(orientation: np.ndarray, positions: Sequence[np.ndarray],
 
 
 def off_axis_slice(orientation: np.ndarray, positions: Sequence[np.ndarray], order: np.ndarray,
-                   pixel_mm: float) -> str | None:
+                   pixel_mm: float, line: tuple[float, np.ndarray, float] | None = None) -> str | None:
     """Where a stack of slices (at distinct positions, ``slice_stack``'s ``order``) has a slice whose centre lies
     more than ``OFF_AXIS_PIXELS`` pixels (``pixel_mm``: the finer pixel spacing) off the line the others follow
     (``slice_line``), in words, or None: a slice of another field of view or table position, which stacked would
-    not line up with the rest. The line may be tilted (a gantry tilt: ``_volume_order`` warns of it)."""
+    not line up with the rest. The line may be tilted (a gantry tilt: ``_volume_order`` warns of it). ``line``:
+    ``slice_line``'s result for these slices, when the caller has it already."""
     if len(order) < 3:  # two centres always make a line
         return None
-    _, distance, _ = slice_line(orientation, positions, order)
+    _, distance, _ = line if line is not None else slice_line(orientation, positions, order)
     worst = int(np.argmax(distance))
     tolerance = OFF_AXIS_PIXELS * pixel_mm
     if distance[worst] <= tolerance:
@@ -1247,6 +1248,16 @@ def off_axis_slice(orientation: np.ndarray, positions: Sequence[np.ndarray], ord
     return (f"slice {worst + 1} of {len(order)} (counted along the slice normal) lies {distance[worst]:.3g} mm "
             f"in-plane off the line through the other slices' centres (more than half a pixel, {tolerance:.3g} mm): "
             "a slice of another field of view or table position; not one volume, split it first")
+
+
+def volume_hole(orientation: np.ndarray, positions: Sequence[np.ndarray],
+                stack: tuple[np.ndarray, np.ndarray, float | None], pixel_mm: float,
+                line: tuple[float, np.ndarray, float] | None = None) -> str | None:
+    """Why slices at distinct positions (``slice_stack``'s ``stack`` of them) are not one volume, in words, or None:
+    a missing slice (``missing_slices``) or a slice off the line the others follow (``off_axis_slice``; ``pixel_mm``
+    and ``line`` as there)."""
+    return missing_slices(orientation, positions, stack) or off_axis_slice(orientation, positions, stack[0], pixel_mm,
+                                                                           line)
 
 
 def _slice_geometry(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
@@ -1267,10 +1278,11 @@ def _volume_order(first: Path, orientation: np.ndarray, positions: Sequence[np.n
     if spacing is None:
         raise DataError(first.parent, "two slices share one position: the series mixes acquisitions "
                                       "(or holds duplicates); split it first")
-    hole = missing_slices(orientation, positions, stack) or off_axis_slice(orientation, positions, order, pixel_mm)
+    line = slice_line(orientation, positions, order)  # once: the off-line check and the tilt warning read it
+    hole = volume_hole(orientation, positions, stack, pixel_mm, line)
     if hole is not None:
         raise DataError(first.parent, f"{what}: {hole}")
-    tilt, _, drift = slice_line(orientation, positions, order)
+    tilt, _, drift = line
     if drift > OFF_AXIS_PIXELS * pixel_mm:
         log.warning("%s: %s: the slices' centres drift %.3g mm in-plane over the stack, a gantry tilt of %.3g "
                     "degrees: stacked as acquired, not resampled (sheared against the patient's axes); the slice "

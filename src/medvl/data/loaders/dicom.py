@@ -146,14 +146,7 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     (``medvl.clinical.dicom.missing_slices``) or with a slice off the line the others follow (``off_axis_slice``) is a
     DataError naming the series (its number and the record id it
     would have had), as a truncated slice file is: never stacked with the gap closed."""
-    from ...clinical.dicom import (
-        distinct_spacings,
-        missing_slices,
-        off_axis_slice,
-        pixel_spacing,
-        same_plane,
-        slice_stack,
-    )
+    from ...clinical.dicom import distinct_spacings, pixel_spacing, same_plane, slice_stack, volume_hole
 
     if len(headers) < 2 or any(h.frames != 1 for h in headers):
         return None
@@ -171,8 +164,7 @@ def _stackable(series, headers: list[_Header]) -> float | None:
     stack = slice_stack(orientations[0], positions)
     spacing = stack[2]
     pixel = pixel_spacing(headers[0].ds)[0]
-    hole = None if spacing is None else missing_slices(orientations[0], positions, stack) or \
-        off_axis_slice(orientations[0], positions, stack[0], min(pixel) if pixel else 1.0)
+    hole = None if spacing is None else volume_hole(orientations[0], positions, stack, min(pixel) if pixel else 1.0)
     if hole is not None:
         raise DataError(headers[0].path.parent, f"{series.describe()}, record vol-{uid_hash(series.series_uid)}: "
                                                 f"{hole}")
