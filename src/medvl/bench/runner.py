@@ -632,10 +632,10 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
     parts = {name: _digest(value) for name, value in inputs.items()}  # which of them changed, when one did
     unique = hashlib.sha256(json.dumps([label, task.key]).encode()).hexdigest()[:8]  # slugs of two keys may agree
     path = out / CELLS_DIR / f"{_slug(label)}__{_slug(task.key)}_{unique}.json"
+    # what names the cell, in its file and in each of its rows (``_Context.row``)
+    identity = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key, "split": data.spec.split}
     if path.is_file():
         cached, problem = _json_object(path)
-        identity = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
-                    "split": data.spec.split}
         if cached is None:
             log.info("%s %s: scoring again, its cell file is %s", label, task.key, problem)
         elif cached.get("fingerprint") == fingerprint and (damage := _cell_damage(cached, identity)) is not None:
@@ -658,8 +658,7 @@ def _cell(suite: SuiteSpec, task: TaskSpec, datasets: dict[str, PreparedDataset]
                                                                             context.label_column)))
     for row in context.rows:
         row.update(seed=suite.seed, data_hashes={data.spec.name: data.hashes["sha256"]}, versions=versions)
-    cell = {"model": label, "task": task.task, "dataset": data.spec.name, "key": task.key,
-            "split": data.spec.split, "label": context.label_column, "fingerprint": fingerprint,
+    cell = {**identity, "label": context.label_column, "fingerprint": fingerprint,
             "fingerprint_parts": parts,
             "rows": context.rows, "plots": context.plots, "flags": context.flags, "skipped": context.skipped,
             "seconds": round(time.perf_counter() - started, 1)}
