@@ -2258,6 +2258,9 @@ def test_vqa_refuses_an_empty_question_and_too_many_images(client, png):
         assert answer.status_code == 422, answer.text
         assert answer.json()["detail"].startswith("question: the question has no word this VQA model knows")
         assert unread not in answer.json()["detail"]
+    partly = vqa(client, [png.read_bytes()], "Is there a ☃ 你好 nodule?")  # answered, its unknown words counted
+    assert partly.status_code == 200 and partly.json()["unknown_words"] >= 2, partly.text
+    assert vqa(client, [png.read_bytes()]).json()["unknown_words"] == 0
     assert vqa(client, [b"GIF89a" + b"\0" * 200]).status_code == 415
     assert client.post("/v1/vqa", headers=auth(), data={"question": QUESTION}).status_code == 422  # no image
 

@@ -493,6 +493,25 @@ def test_a_question_with_no_word_the_model_knows_is_refused(trained, phantom, qu
     assert answer_with_rationale(model, [image], "Is there a 你好 nodule?")["answer"]  # one word it knows: answered
 
 
+def test_unknown_words_of_a_question_are_counted_and_warned(trained, phantom, tmp_path):
+    """A question with some words the question encoder does not know ("Is there a 你好 nodule?") was answered as if
+    read whole, without a word: the answer counts them (`unknown_words`, never quoting them) and the CLI warns."""
+    image = next((phantom / "vqa" / "images").glob("*.png"))
+    model = load_vqa_model(trained)
+    assert isinstance(model, VQAModel)
+    assert answer_with_rationale(model, [image], "Is there a nodule?")["unknown_words"] == 0
+    assert answer_with_rationale(model, [image], "Is there a ☃ 你好 nodule?")["unknown_words"] >= 2
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a 你好 nodule?", "--json", out)
+    assert result.exit_code == 0, output
+    answer = json.loads(out.read_text())
+    assert answer["unknown_words"] >= 1
+    assert "of the question (or pieces of words) this VQA model does not know" in " ".join(output.split()), output
+    assert "你好" not in output and "你好" not in out.read_text(encoding="utf-8")
+    result, output = invoke("vqa", image, "--model", trained, "--question", "Is there a nodule?")
+    assert result.exit_code == 0 and "does not know" not in output, output
+
+
 def test_eval_counts_the_questions_with_no_word_the_model_knows(trained, phantom, tmp_path):
     """medvl eval vqa scores such questions as read (a file is not refused for them), counted with a warning."""
     copy = tmp_path / "vqa"

@@ -408,12 +408,12 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     """``eval.vqa.answer_with_rationale`` for decoded images (uploads held in memory, earlier film
     first): ``model`` (the model's name, as ``answer_with_rationale`` gives it), the answer, its probability,
     the top alternative, the answer type and, from a medvl VQA model, one attention heatmap per image (``grid``
-    weights on the image encoder's token grid ``shape``, and its ``peak``) and ``input_flags`` (per image: blank
-    or streaked as the model sees it); a transformers VLM gives no heatmaps."""
+    weights on the image encoder's token grid ``shape``, and its ``peak``), ``input_flags`` (per image: blank
+    or streaked as the model sees it) and ``unknown_words``; a transformers VLM gives no heatmaps."""
     import torch
 
     from .data.audit import input_flags
-    from .eval.vqa import _answer_batch, _peak, check_question
+    from .eval.vqa import _answer_batch, _peak, check_question, unknown_words
     from .models.vlm import VisionLanguageModel
 
     question = check_question(question, model=model)
@@ -433,4 +433,5 @@ def answer_pixels(model, images: Sequence[np.ndarray], question: str) -> dict[st
     row["heatmaps"] = [{"grid": [round(v, 4) for v in weights.tolist()], "shape": list(grid),
                         "peak": _peak(weights, grid)} for weights in per_image]
     row["input_flags"] = [input_flags(image.numpy()) for image in pixels]
+    row["unknown_words"] = unknown_words(model, question)
     return {"model": model.name, **row}

@@ -195,6 +195,11 @@ def _print_answer(result: dict[str, Any]) -> None:
         if flags:
             console.print(f"[red]image {number} is {' and '.join(flags)} as the model sees it: no content to answer "
                           "on[/]", markup=True)
+    if result.get("unknown_words"):
+        count = result["unknown_words"]
+        console.print(f"[yellow]{count} word{'s' if count > 1 else ''} of the question (or pieces of words) this VQA "
+                      "model does not know: read as 'unknown', the answer does not take "
+                      f"{'them' if count > 1 else 'it'} into account[/]", markup=True, highlight=False)
     console.print(f"answer: [bold]{escape(result['answer'])}[/] (p = {result['probability']:.3f}, "
                   f"{result['answer_type'].lower()} question)", highlight=False, markup=True)
     if result["alternative"] is not None:

@@ -328,13 +328,21 @@ def _check_question_tokens(question: str, field: str, model: VQAModel) -> None:
                          "words of the questions the model was trained on")
 
 
+def unknown_words(model: VQAModel, question: str) -> int:
+    """How many word tokens of ``question`` the model's question encoder reads as its unknown token (a word it never
+    saw in training, or a piece of one): the answer does not take them into account. A question of nothing but
+    unknown words is refused (``check_question``); one with some is answered, and the CLI warns."""
+    return model.text_encoder.word_tokens(question)[1]
+
+
 def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequence[str | Path],
                           question: str) -> dict[str, Any]:
     """The answer to ``question`` about ``images`` (earlier film first) with its evidence: ``model``, the model's
     name (``models.vqa.model_name``: never a path), probability, the top alternative, the predicted answer type and
     one attention heatmap per image (rows of the image encoder's token grid, summing to 1 over all images, each
-    naming its image by file name) and ``input_flags`` (per image: blank or streaked as the model sees it,
-    ``medvl.data.audit.input_flags``); a transformers VLM gives no heatmaps."""
+    naming its image by file name), ``input_flags`` (per image: blank or streaked as the model sees it,
+    ``medvl.data.audit.input_flags``) and ``unknown_words`` (``unknown_words``: the question's words the model does
+    not know, counted, never quoted); a transformers VLM gives no heatmaps, flags or count."""
     question = check_question(question, model=model)
     if isinstance(model, VisionLanguageModel):  # no attention over image tokens to show
         return {"model": model.name, **model.answer(list(images), question), "heatmaps": []}
@@ -355,6 +363,7 @@ def answer_with_rationale(model: VQAModel | VisionLanguageModel, images: Sequenc
                         "peak": _peak(weights, grid)} for image, weights in zip(images, per_image, strict=True)]
     distinct = image_table([item], model.config.max_images)[0]
     row["input_flags"] = [content[distinct.index(Path(image))] for image in images]
+    row["unknown_words"] = unknown_words(model, question)
     return {"model": model.name, **row}
 
 

@@ -359,6 +359,12 @@ class TextEncoder(nn.Module):
         """How many tokens of ``text`` (special ones left out) are in this tower's vocabulary and spell part of a
         word (a letter or digit of the text): 0 when it reads the text as nothing but unknown tokens and punctuation,
         so that nothing of what the text says reaches the tower."""
+        return self.word_tokens(text)[0]
+
+    def word_tokens(self, text: str) -> tuple[int, int]:
+        """(known, unknown): how many tokens of ``text`` (special ones left out) that stand for part of a word (a
+        letter or digit of the text) are in this tower's vocabulary, and how many are its unknown token, i.e. words
+        (or a word's pieces) the tower reads as nothing but "unknown"."""
         fast = bool(getattr(self.tokenizer, "is_fast", False))
         with TOKENIZER_LOCK:
             encoded = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False,
@@ -368,8 +374,9 @@ class TextEncoder(nn.Module):
         pieces = ([text[start:end] for start, end in encoded["offset_mapping"]] if fast
                   else self.tokenizer.convert_ids_to_tokens(ids))
         unknown = self.tokenizer.unk_token_id
-        return sum(token != unknown and any(char.isalnum() for char in piece)
-                   for token, piece in zip(ids, pieces, strict=True))
+        wordy = [token for token, piece in zip(ids, pieces, strict=True) if any(char.isalnum() for char in piece)]
+        unread = sum(token == unknown for token in wordy)
+        return len(wordy) - unread, unread
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.config.freeze and self.training:
