@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(34)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(37)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1257,3 +1257,33 @@ def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_r
     assert page.get_by_role("button", name="Ask").is_enabled()
     ask(page, QUESTION)
     assert page.locator("#vqa .answer").count() == 1
+
+
+def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_question(page, chest_xray):
+    """Ask described the service again and, when it had changed (here: a model retrained and redeployed under the
+    same folder name, told by its weights' digest), kept the previous service's zero-shot, heatmap over the image,
+    similar cases and draft on the page as current. They now leave it; an unchanged service keeps them."""
+    connect(page, TOKENS[34])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.locator("#explain .toggle button[data-method=patch_text]").click()
+    page.locator("#preview img.overlay").wait_for(timeout=ANSWER_MS)
+    ask(page, QUESTION)  # the same service: the answers stay
+    wait_for_panels(page)
+    assert page.locator("#preview img.overlay").count() == 1
+
+    def retrained(route):
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", retrained)
+    ask(page, QUESTION)
+    wait_for_panels(page, "idle")
+    assert page.locator("#preview img.overlay").count() == 0
+    assert page.locator("#similar .case").count() == 0 and page.locator("#zero-shot .bars").count() == 0
+    assert "previous service" in page.locator("#draft").inner_text()
+    assert "read the image again" in page.locator("#read-status").inner_text()
+    assert page.locator("#vqa .answer").count() == 1  # the question was answered by the service as it is now
