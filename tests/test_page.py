@@ -1287,3 +1287,49 @@ def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_q
     assert "previous service" in page.locator("#draft").inner_text()
     assert "read the image again" in page.locator("#read-status").inner_text()
     assert page.locator("#vqa .answer").count() == 1  # the question was answered by the service as it is now
+
+
+def linear_rgb_icc_profile() -> bytes:
+    """A valid ICC v2 RGB display profile: sRGB's primaries, a linear tone curve (gamma 1.0)."""
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    linear = b"curv" + bytes(4) + struct.pack(">IH", 1, 256) + bytes(2)
+    name = b"linear sRGB\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(79)),
+            (b"cprt", b"text" + bytes(4) + b"none\0"), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+            (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)), (b"rTRC", linear), (b"gTRC", linear), (b"bTRC", linear)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        data += bytes(-(offset + len(data)) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"none" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12)
+              + b"acspAPPL" + bytes(24) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"none" + bytes(44))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_a_jpeg_with_an_icc_profile_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A JPEG carrying an ICC profile (APP2 ICC_PROFILE) was drawn colour-managed by the browser (a linear profile's
+    grey 64 shown as 137) while the model reads the stored values: it is shown by the service's preview, as a PNG
+    with iCCP is; a JPEG without one is still shown by the browser."""
+    ramp = np.stack([np.tile(np.arange(256, dtype=np.uint8), (16, 1))] * 3, axis=-1)
+    plain, profiled = tmp_path / "plain.jpg", tmp_path / "linear-icc.jpg"
+    Image.fromarray(ramp).save(plain, quality=100, subsampling=0)
+    Image.fromarray(ramp).save(profiled, quality=100, subsampling=0, icc_profile=linear_rgb_icc_profile())
+    connect(page, TOKENS[35])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(plain)
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page)
+    page.locator("#file").set_input_files(profiled)
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    expected = png_answer(client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[35]}"},
+                                      files={"image": ("image", profiled.read_bytes())}))
+    np.testing.assert_array_equal(shown, expected)
+    assert np.abs(shown[:, 64].astype(int) - 64).max() <= 2  # the stored grey, not the colour-managed one
+    wait_for_panels(page)
