@@ -1333,3 +1333,35 @@ def test_a_jpeg_with_an_icc_profile_is_shown_by_the_services_preview(page, clien
     np.testing.assert_array_equal(shown, expected)
     assert np.abs(shown[:, 64].astype(int) - 64).max() <= 2  # the stored grey, not the colour-managed one
     wait_for_panels(page)
+
+
+def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels_are(browser, model_dir, index_dir,
+                                                                                   phantom_dir, chest_xray):
+    """A thumbnail refused for the token's rate (429) was asked again six times only: with the token busy meanwhile
+    (here another client of it spends every request it earns for 8 s) the case was left with its id, never asked
+    again, while the panels wait out 429 for up to 120 s. Thumbnails now wait within the same budget."""
+    import time
+
+    settings = ServeSettings(data_root=phantom_dir, rate_limit=1.0, rate_burst=5)  # a read's five requests
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[36])])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=10) as other:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[36])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.get_by_label("Number of cases").fill("4")
+        page.locator("#file").set_input_files(chest_xray)
+        page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+        busy_until = time.monotonic() + 8
+        while time.monotonic() < busy_until:
+            other.get("/v1/models", headers={"Authorization": f"Bearer {TOKENS[36]}"})
+        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                               ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
+        shown = page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+        context.close()
+    assert shown == ["shown"] * 4, (shown, statuses)
+    assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
+
