@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(37)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(38)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -729,13 +729,14 @@ def test_a_question_longer_than_the_question_encoder_reads_is_refused_on_the_pag
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
     connect(page, TOKENS[5])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
-    page.get_by_label("Labels (comma-separated)").fill("nodule")
+    too_many = ",".join(f"label{n}" for n in range(65))  # over the service's 64 (one label: refused on the page)
+    page.get_by_label("Labels (comma-separated)").fill(too_many)
     page.get_by_label("Filter").fill("colour = 'red'")
     drop(page, chest_xray)
     wait_for_panels(page, "error")
     headers = {"Authorization": f"Bearer {TOKENS[6]}"}
     image = {"image": ("image", chest_xray.read_bytes())}
-    labels = client.post("/v1/zero-shot", headers=headers, files=image, data={"labels": "nodule"})
+    labels = client.post("/v1/zero-shot", headers=headers, files=image, data={"labels": too_many})
     where = client.post("/v1/search", headers=headers, files=image, data={"k": "5", "where": "colour = 'red'"})
     assert labels.status_code == where.status_code == 422
     assert page.locator("#zero-shot .panel-error").inner_text().startswith("422 ")
@@ -1148,6 +1149,8 @@ def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without
         page.get_by_role("button", name="Connect").click()
         page.locator("#connected").wait_for(timeout=ANSWER_MS)
         unavailable = httpx.get(running.url + "/v1/models").json()["models"][0]["explain"]["unavailable"]
+        # a model at random init has no captions: no labels are prefilled, and a read needs two
+        page.get_by_label("Labels (comma-separated)").fill("nodule, no_finding")
         page.locator("#file").set_input_files(volume)
         page.wait_for_function("() => /^(Answered|Not answered)/.test("
                                "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
@@ -1365,3 +1368,25 @@ def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels
     assert shown == ["shown"] * 4, (shown, statuses)
     assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
 
+
+def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_sent(page, watch, chest_xray):
+    """With the Labels field emptied, /v1/zero-shot refused (422 "labels: Field required") while /v1/explain answered
+    over the model's default classes, in the same read. The page now refuses the read, as for another option not
+    valid, with the service's minimum of two distinct labels; nothing is sent."""
+    connect(page, TOKENS[37])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    labels = page.get_by_label("Labels (comma-separated)")
+    labels.fill("")
+    page.locator("#file").set_input_files(chest_xray)
+    page.locator("#read-status", has_text="Not read").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#read-status").inner_text() == \
+        "Not read: Labels (comma-separated): give at least 2 distinct labels (0 given)"
+    labels.fill(" nodule , nodule ")
+    page.get_by_role("button", name="Read image").click()  # the browser's own check stops it
+    assert labels.evaluate("input => input.validationMessage") == "give at least 2 distinct labels (1 given)"
+    assert not [url for url in watch.requests if "/v1/" in url and not url.endswith(("/v1/models", "/v1/health",
+                                                                                     "/v1/preview"))]
+    assert all(page.locator(f"#{panel}").get_attribute("data-state") == "idle" for panel in PANELS)
+    labels.fill("nodule, no_finding")
+    page.get_by_role("button", name="Read image").click()
+    wait_for_panels(page)
