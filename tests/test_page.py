@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(34)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(38)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -729,13 +729,14 @@ def test_a_question_longer_than_the_question_encoder_reads_is_refused_on_the_pag
 def test_a_dropped_image_with_refused_options_shows_each_refusal_in_its_panel(page, client, chest_xray):
     connect(page, TOKENS[5])
     page.locator("#connected").wait_for(timeout=ANSWER_MS)
-    page.get_by_label("Labels (comma-separated)").fill("nodule")
+    too_many = ",".join(f"label{n}" for n in range(65))  # over the service's 64 (one label: refused on the page)
+    page.get_by_label("Labels (comma-separated)").fill(too_many)
     page.get_by_label("Filter").fill("colour = 'red'")
     drop(page, chest_xray)
     wait_for_panels(page, "error")
     headers = {"Authorization": f"Bearer {TOKENS[6]}"}
     image = {"image": ("image", chest_xray.read_bytes())}
-    labels = client.post("/v1/zero-shot", headers=headers, files=image, data={"labels": "nodule"})
+    labels = client.post("/v1/zero-shot", headers=headers, files=image, data={"labels": too_many})
     where = client.post("/v1/search", headers=headers, files=image, data={"k": "5", "where": "colour = 'red'"})
     assert labels.status_code == where.status_code == 422
     assert page.locator("#zero-shot .panel-error").inner_text().startswith("422 ")
@@ -1148,6 +1149,8 @@ def test_a_3d_model_without_heatmaps_is_not_asked_for_them_and_a_service_without
         page.get_by_role("button", name="Connect").click()
         page.locator("#connected").wait_for(timeout=ANSWER_MS)
         unavailable = httpx.get(running.url + "/v1/models").json()["models"][0]["explain"]["unavailable"]
+        # a model at random init has no captions: no labels are prefilled, and a read needs two
+        page.get_by_label("Labels (comma-separated)").fill("nodule, no_finding")
         page.locator("#file").set_input_files(volume)
         page.wait_for_function("() => /^(Answered|Not answered)/.test("
                                "document.querySelector('#read-status').textContent)", timeout=ANSWER_MS)
@@ -1257,3 +1260,133 @@ def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_r
     assert page.get_by_role("button", name="Ask").is_enabled()
     ask(page, QUESTION)
     assert page.locator("#vqa .answer").count() == 1
+
+
+def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_question(page, chest_xray):
+    """Ask described the service again and, when it had changed (here: a model retrained and redeployed under the
+    same folder name, told by its weights' digest), kept the previous service's zero-shot, heatmap over the image,
+    similar cases and draft on the page as current. They now leave it; an unchanged service keeps them."""
+    connect(page, TOKENS[34])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.locator("#explain .toggle button[data-method=patch_text]").click()
+    page.locator("#preview img.overlay").wait_for(timeout=ANSWER_MS)
+    ask(page, QUESTION)  # the same service: the answers stay
+    wait_for_panels(page)
+    assert page.locator("#preview img.overlay").count() == 1
+
+    def retrained(route):
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", retrained)
+    ask(page, QUESTION)
+    wait_for_panels(page, "idle")
+    assert page.locator("#preview img.overlay").count() == 0
+    assert page.locator("#similar .case").count() == 0 and page.locator("#zero-shot .bars").count() == 0
+    assert "previous service" in page.locator("#draft").inner_text()
+    assert "read the image again" in page.locator("#read-status").inner_text()
+    assert page.locator("#vqa .answer").count() == 1  # the question was answered by the service as it is now
+
+
+def linear_rgb_icc_profile() -> bytes:
+    """A valid ICC v2 RGB display profile: sRGB's primaries, a linear tone curve (gamma 1.0)."""
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    linear = b"curv" + bytes(4) + struct.pack(">IH", 1, 256) + bytes(2)
+    name = b"linear sRGB\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(79)),
+            (b"cprt", b"text" + bytes(4) + b"none\0"), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+            (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)), (b"rTRC", linear), (b"gTRC", linear), (b"bTRC", linear)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        data += bytes(-(offset + len(data)) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"none" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12)
+              + b"acspAPPL" + bytes(24) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"none" + bytes(44))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_a_jpeg_with_an_icc_profile_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A JPEG carrying an ICC profile (APP2 ICC_PROFILE) was drawn colour-managed by the browser (a linear profile's
+    grey 64 shown as 137) while the model reads the stored values: it is shown by the service's preview, as a PNG
+    with iCCP is; a JPEG without one is still shown by the browser."""
+    ramp = np.stack([np.tile(np.arange(256, dtype=np.uint8), (16, 1))] * 3, axis=-1)
+    plain, profiled = tmp_path / "plain.jpg", tmp_path / "linear-icc.jpg"
+    Image.fromarray(ramp).save(plain, quality=100, subsampling=0)
+    Image.fromarray(ramp).save(profiled, quality=100, subsampling=0, icc_profile=linear_rgb_icc_profile())
+    connect(page, TOKENS[35])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(plain)
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page)
+    page.locator("#file").set_input_files(profiled)
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    expected = png_answer(client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[35]}"},
+                                      files={"image": ("image", profiled.read_bytes())}))
+    np.testing.assert_array_equal(shown, expected)
+    assert np.abs(shown[:, 64].astype(int) - 64).max() <= 2  # the stored grey, not the colour-managed one
+    wait_for_panels(page)
+
+
+def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels_are(browser, model_dir, index_dir,
+                                                                                   phantom_dir, chest_xray):
+    """A thumbnail refused for the token's rate (429) was asked again six times only: with the token busy meanwhile
+    (here another client of it spends every request it earns for 8 s) the case was left with its id, never asked
+    again, while the panels wait out 429 for up to 120 s. Thumbnails now wait within the same budget."""
+    import time
+
+    settings = ServeSettings(data_root=phantom_dir, rate_limit=1.0, rate_burst=5)  # a read's five requests
+    app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[36])])
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=10) as other:
+        statuses: list[int] = []
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+        page = context.new_page()
+        page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
+        page.goto(running.url + "/")
+        connect(page, TOKENS[36])
+        page.locator("#connected").wait_for(timeout=ANSWER_MS)
+        page.get_by_label("Number of cases").fill("4")
+        page.locator("#file").set_input_files(chest_xray)
+        page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+        busy_until = time.monotonic() + 8
+        while time.monotonic() < busy_until:
+            other.get("/v1/models", headers={"Authorization": f"Bearer {TOKENS[36]}"})
+        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                               ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
+        shown = page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+        context.close()
+    assert shown == ["shown"] * 4, (shown, statuses)
+    assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
+
+
+def test_fewer_than_two_labels_refuse_the_read_on_the_page_before_anything_is_sent(page, watch, chest_xray):
+    """With the Labels field emptied, /v1/zero-shot refused (422 "labels: Field required") while /v1/explain answered
+    over the model's default classes, in the same read. The page now refuses the read, as for another option not
+    valid, with the service's minimum of two distinct labels; nothing is sent."""
+    connect(page, TOKENS[37])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    labels = page.get_by_label("Labels (comma-separated)")
+    labels.fill("")
+    page.locator("#file").set_input_files(chest_xray)
+    page.locator("#read-status", has_text="Not read").wait_for(timeout=ANSWER_MS)
+    assert page.locator("#read-status").inner_text() == \
+        "Not read: Labels (comma-separated): give at least 2 distinct labels (0 given)"
+    labels.fill(" nodule , nodule ")
+    page.get_by_role("button", name="Read image").click()  # the browser's own check stops it
+    assert labels.evaluate("input => input.validationMessage") == "give at least 2 distinct labels (1 given)"
+    assert not [url for url in watch.requests if "/v1/" in url and not url.endswith(("/v1/models", "/v1/health",
+                                                                                     "/v1/preview"))]
+    assert all(page.locator(f"#{panel}").get_attribute("data-state") == "idle" for panel in PANELS)
+    labels.fill("nodule, no_finding")
+    page.get_by_role("button", name="Read image").click()
+    wait_for_panels(page)

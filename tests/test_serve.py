@@ -154,6 +154,42 @@ def test_health_is_public_and_every_other_route_needs_a_valid_token(client):
     assert models[0]["limits"] == {"max_upload_bytes": UPLOAD_LIMIT, "max_inflight_bytes": 8 * (UPLOAD_LIMIT + 65536)}
 
 
+def test_models_tells_a_model_retrained_or_an_index_rebuilt_under_the_same_name(model_dir, index_dir, phantom_dir,
+                                                                                tmp_path):
+    """/v1/models named the model by its config name and folder name only: a model retrained and redeployed under
+    the same folder (or an index rebuilt under the same name) was described as the one before, so the page kept
+    the previous answers as current. Its weights' and the index's digests now tell them apart, naming no path."""
+    import torch
+
+    from medvl.serve.service import ModelService
+
+    retrained = load_model(model_dir)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)
+    retrained.save_pretrained(tmp_path / "redeployed" / "model")
+    rebuilt = tmp_path / "rebuilt" / index_dir.name  # other cases, the same name
+    build_index(load_model(model_dir), load_dataset(phantom_dir).select("test"), rebuilt, model_dir=model_dir,
+                show_progress=False)
+    described = []
+    for folder, index in ((model_dir, index_dir), (tmp_path / "redeployed" / "model", None), (model_dir, rebuilt)):
+        service = ModelService(folder, index, ServeSettings())
+        described.append(service.describe())
+        service.model_thread.shutdown()
+        service.workers.shutdown()
+        if service.index is not None:
+            service.index.close()
+    first, redeployed, other_index = described
+    assert first["folder"] == redeployed["folder"] and first["name"] == redeployed["name"]
+    assert first["fingerprint"]["weights_sha256"] != redeployed["fingerprint"]["weights_sha256"]
+    assert first["fingerprint"]["config_sha256"] == redeployed["fingerprint"]["config_sha256"]
+    assert first["index"]["name"] == other_index["index"]["name"]
+    assert first["index"]["sha256"] != other_index["index"]["sha256"]
+    assert first["fingerprint"] == other_index["fingerprint"]
+    assert str(tmp_path) not in json.dumps(described) and str(model_dir) not in json.dumps(described)
+    with open_index(index_dir) as index:  # the digests an index records of its model
+        assert index.info["model"]["weights_sha256"] == first["fingerprint"]["weights_sha256"]
+
+
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
     token_file = tmp_path / "tokens.txt"
     token_file.write_text(f"# service tokens\n{token_digest(TOKENS[0])}\n\n{token_digest(TOKENS[1])}  # ci\n")

@@ -393,6 +393,15 @@ def path_sha256(path: str | Path) -> str:
     return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
 
 
+def info_sha256(info: dict[str, Any]) -> str:
+    """SHA-256 of an index's info (``index.json``, or a PostgreSQL index's ``medvl_indexes`` row) without the model
+    folder's path: changes with a rebuild (its time, its files' digests, its size, the model's fingerprint) and an
+    edit, never with where the index or the model lies, and names no path (``/v1/models``' index ``sha256``)."""
+    model = {key: value for key, value in (info.get("model") or {}).items() if key != "dir"}
+    kept = {**info, "model": model}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def shown_location(target: str | Path) -> str:
     """How the terminal names an index: a folder as given, a PostgreSQL URL without its password."""
     return redact(str(target)) if is_url(target) else str(target)

@@ -44,7 +44,7 @@ from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
-from ..index.base import IndexDamaged, describe_target
+from ..index.base import IndexDamaged, describe_target, info_sha256, model_fingerprint
 from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
@@ -109,6 +109,9 @@ class ModelService:
             torch.set_num_threads(settings.torch_threads)  # threads made from now on start with it too
         self.net = load_model(model_dir, backend=self.settings.backend)
         self.net.eval()
+        # what /v1/models tells a retrained model by (its folder's name may be the same): the index's digests of it
+        self.fingerprint = {key: value for key, value in model_fingerprint(self.net).items()
+                            if key.endswith("_sha256")}
         # a model with its own HU windows reads a DICOM upload as modality values (ImagePreprocessor.read)
         self.modality_values = reads_modality_values(self.net)
         self.spatial_dims = self.net.config.image.spatial_dims  # a 2D model refuses a NIfTI volume upload
@@ -246,11 +249,13 @@ class ModelService:
 
     # -- routes' work ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them."""
+        """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them; what tells a model
+        retrained (or an index rebuilt) under the same name: the model's ``fingerprint`` (its config, weights and
+        tokenizer digests, as an index records them) and the index's ``sha256`` (``index.base.info_sha256``)."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
         return {"name": config.name, "folder": self.model_dir.name, "backend": self.settings.backend,
-                "embed_dim": config.embed_dim,
+                "embed_dim": config.embed_dim, "fingerprint": self.fingerprint,
                 "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
@@ -325,7 +330,7 @@ class ModelService:
             except IndexDamaged as error:  # a FAISS index's damaged case table
                 unavailable = error.problem
         info = self.index.info
-        return {"name": self.index_name, "cases": cases,
+        return {"name": self.index_name, "cases": cases, "sha256": info_sha256(info),
                 "backend": info.get("backend"), "label_columns": info.get("label_columns"),
                 "filter_columns": info.get("columns"), "unavailable": unavailable}
 
@@ -503,7 +508,7 @@ class ModelService:
         be the served one (``ServiceUnavailable`` otherwise: weights replaced since the start, or the folder no
         longer readable as a model, not kept: a redeploy may put the same model back), given the served
         model's guard and meta (an OOD guard fitted into the folder since is not the one the other routes use)."""
-        from ..index.base import fingerprint_differs, model_fingerprint
+        from ..index.base import fingerprint_differs
 
         if self._explainer is not None:
             return self._explainer
