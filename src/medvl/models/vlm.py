@@ -24,13 +24,15 @@ folder's processor then resizes and normalises them. Each answer carries ``input
 ``blank`` and ``streaked`` checks of that 8-bit image (``medvl.data.audit.input_flags``), as medvl's own
 models' answers do: an answer about an image without content means nothing.
 
-Answers: greedy decoding (``do_sample`` off and the sampling settings neutral, whatever the folder's
-generation config says; its end tokens and any repetition penalty kept) of at most
-``max_new_tokens`` tokens, the text normalised as VQA answers are (``normalize_answer``). Given
-candidates (a closed question), the answer is the candidate of highest summed log-likelihood:
-the sum over the candidate's tokens (no end token, no length normalisation) of
-``log p(token | images, prompt, earlier candidate tokens)`` from the model's own logits; the
-answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
+Answers: greedy decoding of at most ``max_new_tokens`` tokens, whatever the folder's generation config
+says: medvl decodes with a clean transformers ``GenerationConfig`` carrying only the folder's special token
+ids (``GENERATION_TOKEN_IDS``: its end tokens, padding and start), so a folder's sampling settings, penalties
+(repetition, n-gram, length), token biases or suppressions and other decoding strategies (contrastive search,
+group beam search, assisted decoding...) are left out: an answer is the model's own most likely words. The
+text is normalised as VQA answers are (``normalize_answer``). Given candidates (a closed question), the
+answer is the candidate of highest summed log-likelihood: the sum over the candidate's tokens (no end token,
+no length normalisation) of ``log p(token | images, prompt, earlier candidate tokens)`` from the model's own
+logits; the answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
 (punctuation and case aside: "Yes!", ``yes_or_no``) is scored as the closed question {yes, no} the
 same way, so it comes with its alternative. An open answer's probability is the product of its generated
 tokens' probabilities.
@@ -73,6 +75,7 @@ ANSWER_TOKENS = 32  # default cap on the tokens of a VQA answer
 REPORT_TOKENS = 128  # default cap on the tokens of a report
 MAX_NEW_TOKENS = 1024  # the largest cap accepted
 YES_NO = ("yes", "no")
+GENERATION_TOKEN_IDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")  # kept of a folder's
 
 
 def yes_or_no(text: str) -> str | None:
@@ -250,18 +253,10 @@ class VisionLanguageModel:
         return total
 
     def _generation_config(self, max_new_tokens: int, beam_size: int) -> Any:
-        """The folder's generation config with decoding fixed: no sampling, ``beam_size`` beams, the cap."""
-        config = copy.deepcopy(self.model.generation_config)
-        config.do_sample = False
-        config.update(temperature=1.0, top_p=1.0, top_k=50, min_p=None, typical_p=1.0)  # neutral sampling settings
-        config.num_beams = beam_size
-        config.max_new_tokens = max_new_tokens
-        config.max_length = None
-        config.return_dict_in_generate = True
-        config.output_logits = beam_size == 1
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
-                self.tokenizer.eos_token_id)
+        """medvl's decoding: greedy or ``beam_size`` beams, at most ``max_new_tokens``, the folder's token ids."""
+        config = copy.deepcopy(self.model.generation_config)  # token ids only (decoding_config)
+        config.update(do_sample=False, num_beams=beam_size, max_new_tokens=max_new_tokens,
+                      return_dict_in_generate=True, output_logits=beam_size == 1)
         return config
 
     # -- what the evaluators call --------------------------------------------------------------------
@@ -329,11 +324,25 @@ class VisionLanguageModel:
         _require_files(directory)
         processor = _load_processor(directory)
         model = _load_model(directory, model_type)
+        # generate() fills what a config it is given leaves unset from model.generation_config: keep nothing else there
+        model.generation_config = decoding_config(model.generation_config, processor.tokenizer)
         architectures = config.get("architectures") or [type(model).__name__]
         described = VLMConfig(name=directory.resolve().name, model_type=model_type, architecture=str(architectures[0]),
                               max_images=SUPPORTED_TYPES[model_type],
                               chat_template=bool(getattr(processor, "chat_template", None)))
         return cls(model, processor, described, directory)
+
+
+def decoding_config(folder_config: Any, tokenizer: Any) -> Any:
+    """A clean ``GenerationConfig`` with only the folder's ``GENERATION_TOKEN_IDS`` (padding, when the folder
+    names none, the tokenizer's pad token, else its end token): no decoding setting of the folder's."""
+    from transformers import GenerationConfig
+
+    token_ids = {name: getattr(folder_config, name, None) for name in GENERATION_TOKEN_IDS}
+    if token_ids["pad_token_id"] is None:
+        token_ids["pad_token_id"] = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                     else tokenizer.eos_token_id)
+    return GenerationConfig(**{name: value for name, value in token_ids.items() if value is not None})
 
 
 def _require_files(directory: Path) -> None:
