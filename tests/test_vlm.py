@@ -245,6 +245,44 @@ def test_decoding_ignores_the_folders_generation_config(vlm_dir, images, tmp_pat
     assert other.write_report(images[1], max_new_tokens=5, beam_size=2) == model.write_report(images[1], 5, 2)
 
 
+def test_an_open_answers_probability_counts_its_end_token_and_an_empty_answer_is_flagged(vlm_dir, images, vqa_file,
+                                                                                        tmp_path):
+    """An open answer's log-likelihood includes its end token's (it was left out: an answer ending at once had
+    p = 1.000); an end token that is an ordinary word (a folder's eos_token_id list) is not in the text; an answer
+    without a word is marked no_answer, counted by eval vqa and said by medvl vqa."""
+    model = VisionLanguageModel.from_pretrained(vlm_dir)
+    question = f"is the heart enlarged?\n{SHORT_ANSWER}"
+    arrays = model.read_images([images[0]])
+    words = model.generate(arrays, question, max_new_tokens=6)[0].split()
+    eos = model.model.generation_config.eos_token_id
+    for end in list(dict.fromkeys(words))[:2]:  # the first word (the answer ends at once), the next other one if any
+        ids = [eos, model.tokenizer.convert_tokens_to_ids(end)]
+        ending = VisionLanguageModel.from_pretrained(with_generation_config(vlm_dir, tmp_path / end, eos_token_id=ids))
+        text, log_likelihood = ending.generate(arrays, question, max_new_tokens=6)
+        before = words[:words.index(end)]
+        assert text == " ".join(before)  # the end word left out
+        # the model's own log-likelihood of the words before the end, then the end word
+        assert log_likelihood == pytest.approx(model.candidate_log_likelihoods(arrays, question,
+                                                                               [" ".join([*before, end])])[0], abs=1e-4)
+        answer = ending.answer([images[0]], "is the heart enlarged?")
+        assert answer["no_answer"] is (not before) and answer["answer_type"] == "OPEN"
+        assert answer["probability"] == pytest.approx(float(np.exp(log_likelihood)), rel=1e-4)
+        assert answer["probability"] < 1.0
+    assert model.answer([images[0]], "is the heart enlarged?")["no_answer"] is False
+    from medvl.data.loaders.vqa import load_vqa
+
+    items, silent = load_vqa(vqa_file), VisionLanguageModel.from_pretrained(tmp_path / words[0])
+    generated = [item for item, options in zip(items, closed_candidates(items), strict=True) if options is None]
+    expected = sum(silent.answer([item.image], item.question)["no_answer"] for item in generated)
+    assert evaluate_vqa(silent, items, str(vqa_file))["no_answers"] == expected > 0
+    assert evaluate_vqa(model, items, str(vqa_file))["no_answers"] == 0
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", "--model", tmp_path / words[0], images[0], "--question", "is the heart enlarged?",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert "no answer" in output and json.loads(out.read_text())["no_answer"] is True
+
+
 def test_candidate_scores_are_summed_log_likelihoods_from_the_models_logits(vlm_dir, images):
     model = VisionLanguageModel.from_pretrained(vlm_dir)
     arrays = model.read_images([images[2]])

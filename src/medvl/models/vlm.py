@@ -35,10 +35,14 @@ no length normalisation) of ``log p(token | images, prompt, earlier candidate to
 logits; the answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
 (punctuation and case aside: "Yes!", ``yes_or_no``) is scored as the closed question {yes, no} the
 same way, so it comes with its alternative. An open answer's probability is the product of its generated
-tokens' probabilities.
+tokens' probabilities, the end token's included when generation stopped on it (the probability of the answer
+as ended, not of its words followed by anything). Generation stops on the folder's end tokens
+(``eos_token_id``, one or a list), which are never in the text, even an ordinary word. An open answer
+without a word (the model ended at once, or said only punctuation) is ``""`` marked ``no_answer``, with the
+probability of ending so: a model that says nothing has not answered, whatever its confidence.
 
 Reports (``write_report``): the same decoding, greedy or beam search (``beam_size``), at most
-``max_new_tokens`` new tokens, special tokens dropped.
+``max_new_tokens`` new tokens, end and special tokens dropped.
 
 Images per prompt (``SUPPORTED_TYPES``): LLaVA-1.5 was trained on one image per conversation, so
 medvl gives it one; Gemma 3 was trained on interleaved images and takes the two of a two-image
@@ -229,27 +233,35 @@ class VisionLanguageModel:
     @torch.no_grad()
     def generate(self, images: Sequence[np.ndarray], instruction: str, max_new_tokens: int,
                  beam_size: int = 1) -> tuple[str, float]:
-        """The model's continuation of the prompt (special tokens dropped, stripped) and, for greedy
-        decoding, its summed log-likelihood (NaN under beam search)."""
+        """The model's continuation of the prompt up to its end token (the end token and special tokens dropped,
+        stripped) and, for greedy decoding, its summed log-likelihood, the end token's included (NaN under beam
+        search)."""
         check_number("max_new_tokens", max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS, integer=True)
         check_number("beam_size", beam_size, minimum=1, maximum=16, integer=True)
         inputs = self._inputs(images, self.prompt(instruction, len(images)))
         output = self.model.generate(**inputs, generation_config=self._generation_config(max_new_tokens, beam_size))
-        new_ids = output.sequences[0, inputs["input_ids"].shape[1]:]
+        new_ids = output.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        ends = self._end_tokens()
+        words = next((new_ids[:position] for position, token in enumerate(new_ids) if token in ends), new_ids)
         log_likelihood = float("nan")
         if beam_size == 1:
-            log_likelihood = self._generated_log_likelihood(new_ids, output.logits)
-        return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), log_likelihood
+            log_likelihood = self._generated_log_likelihood(new_ids, output.logits, ends)
+        return self.tokenizer.decode(words, skip_special_tokens=True).strip(), log_likelihood
 
-    def _generated_log_likelihood(self, new_ids: torch.Tensor, logits: Sequence[torch.Tensor]) -> float:
-        """Summed log-probability of the generated tokens up to (not including) the end token."""
+    def _end_tokens(self) -> set[int]:
+        """The ids generation stops on (the folder's ``eos_token_id``, one or a list): special or ordinary words."""
         eos = self.model.generation_config.eos_token_id
-        ends = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        return set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+
+    @staticmethod
+    def _generated_log_likelihood(new_ids: Sequence[int], logits: Sequence[torch.Tensor], ends: set[int]) -> float:
+        """Summed log-probability of the generated tokens up to and including the end token, when generation
+        stopped on one (the probability of the answer as ended, not of its words followed by anything)."""
         total = 0.0
-        for token, step in zip(new_ids.tolist(), logits, strict=False):
+        for token, step in zip(new_ids, logits, strict=False):
+            total += float(F.log_softmax(step[0].float(), dim=-1)[token])
             if token in ends:
                 break
-            total += float(F.log_softmax(step[0].float(), dim=-1)[token])
         return total
 
     def _generation_config(self, max_new_tokens: int, beam_size: int) -> Any:
@@ -264,7 +276,9 @@ class VisionLanguageModel:
                candidates: Sequence[str] | None = None, max_new_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
         """The answer to ``question`` about ``images`` in the shape of medvl's VQA model: ``answer``,
         ``probability``, ``alternative`` (+ ``alternative_probability``), ``answer_type`` (CLOSED
-        when chosen among candidates, else OPEN) and ``input_flags`` (per image, ``input_flags``).
+        when chosen among candidates, else OPEN), ``no_answer`` (True for a generated answer without a word: the
+        model ended at once, or said only punctuation or an article; ``probability`` is then that of ending so)
+        and ``input_flags`` (per image, ``input_flags``).
         ``images``: files or arrays (read_images' output too)."""
         arrays = self.read_images(images)
         checks = {"input_flags": self.input_flags(arrays)}
@@ -274,14 +288,16 @@ class VisionLanguageModel:
             answer = normalize_answer(text)
             if yes_or_no(answer) is None:
                 return {"answer": answer, "probability": float(np.exp(log_likelihood)), "alternative": None,
-                        "alternative_probability": None, "answer_type": "OPEN", **checks}
+                        "alternative_probability": None, "answer_type": "OPEN",
+                        "no_answer": not answer_tokens(answer), **checks}
             candidates = YES_NO
         scores = torch.tensor(self.candidate_log_likelihoods(arrays, instruction, candidates))
         probabilities = scores.softmax(0)
         order = probabilities.argsort(descending=True).tolist()
         return {"answer": normalize_answer(candidates[order[0]]), "probability": float(probabilities[order[0]]),
                 "alternative": normalize_answer(candidates[order[1]]),
-                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED", **checks}
+                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED",
+                "no_answer": False, **checks}
 
     def write_report(self, image: ImageSource | np.ndarray, max_new_tokens: int = REPORT_TOKENS,
                      beam_size: int = 1, content: list[dict[str, str]] | None = None) -> str:
