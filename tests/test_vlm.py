@@ -210,6 +210,79 @@ def test_generation_is_greedy_and_deterministic(vlm_dir, images):
     assert report == model.write_report(images[1], max_new_tokens=5) and len(report.split()) <= 5
 
 
+def with_generation_config(folder: Path, copy: Path, **settings) -> Path:
+    """A copy of a model folder whose generation_config.json adds ``settings``."""
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, **settings}))
+    return copy
+
+
+FOLDER_DECODING = {  # decoding strategies and settings a folder's generation_config.json may ask for
+    "contrastive": {"penalty_alpha": 0.6, "top_k": 4},
+    "group_beams": {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 0.5},
+    "sampling_and_penalties": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+                               "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "length_penalty": -2.0,
+                               "min_new_tokens": 4, "suppress_tokens": [5, 6, 7], "sequence_bias": [[[8], 20.0]]},
+}
+
+
+@pytest.mark.parametrize("decoding", sorted(FOLDER_DECODING))
+def test_decoding_ignores_the_folders_generation_config(vlm_dir, images, tmp_path, decoding):
+    """Greedy answers and greedy / beam-search reports, whatever decoding the folder's generation config asks for
+    (contrastive or group beam search were a transformers traceback; sampling settings and penalties changed the
+    text): the same as from the folder without those settings."""
+    model = VisionLanguageModel.from_pretrained(vlm_dir)
+    other = VisionLanguageModel.from_pretrained(with_generation_config(vlm_dir, tmp_path / vlm_dir.name,
+                                                                       **FOLDER_DECODING[decoding]))
+    arrays = model.read_images([images[0]])
+    for beam_size in (1, 2):
+        expected = model.generate(arrays, "is the heart enlarged?", max_new_tokens=6, beam_size=beam_size)
+        text, log_likelihood = other.generate(arrays, "is the heart enlarged?", max_new_tokens=6, beam_size=beam_size)
+        assert text == expected[0] and log_likelihood == pytest.approx(expected[1], nan_ok=True)
+    answer, expected_answer = (vlm.answer([images[1]], "what is abnormal?") for vlm in (other, model))
+    assert answer == {**expected_answer, "probability": pytest.approx(expected_answer["probability"])}
+    assert other.write_report(images[1], max_new_tokens=5, beam_size=2) == model.write_report(images[1], 5, 2)
+
+
+def test_an_open_answers_probability_counts_its_end_token_and_an_empty_answer_is_flagged(vlm_dir, images, vqa_file,
+                                                                                        tmp_path):
+    """An open answer's log-likelihood includes its end token's (it was left out: an answer ending at once had
+    p = 1.000); an end token that is an ordinary word (a folder's eos_token_id list) is not in the text; an answer
+    without a word is marked no_answer, counted by eval vqa and said by medvl vqa."""
+    model = VisionLanguageModel.from_pretrained(vlm_dir)
+    question = f"is the heart enlarged?\n{SHORT_ANSWER}"
+    arrays = model.read_images([images[0]])
+    words = model.generate(arrays, question, max_new_tokens=6)[0].split()
+    eos = model.model.generation_config.eos_token_id
+    for end in list(dict.fromkeys(words))[:2]:  # the first word (the answer ends at once), the next other one if any
+        ids = [eos, model.tokenizer.convert_tokens_to_ids(end)]
+        ending = VisionLanguageModel.from_pretrained(with_generation_config(vlm_dir, tmp_path / end, eos_token_id=ids))
+        text, log_likelihood = ending.generate(arrays, question, max_new_tokens=6)
+        before = words[:words.index(end)]
+        assert text == " ".join(before)  # the end word left out
+        # the model's own log-likelihood of the words before the end, then the end word
+        assert log_likelihood == pytest.approx(model.candidate_log_likelihoods(arrays, question,
+                                                                               [" ".join([*before, end])])[0], abs=1e-4)
+        answer = ending.answer([images[0]], "is the heart enlarged?")
+        assert answer["no_answer"] is (not before) and answer["answer_type"] == "OPEN"
+        assert answer["probability"] == pytest.approx(float(np.exp(log_likelihood)), rel=1e-4)
+        assert answer["probability"] < 1.0
+    assert model.answer([images[0]], "is the heart enlarged?")["no_answer"] is False
+    from medvl.data.loaders.vqa import load_vqa
+
+    items, silent = load_vqa(vqa_file), VisionLanguageModel.from_pretrained(tmp_path / words[0])
+    generated = [item for item, options in zip(items, closed_candidates(items), strict=True) if options is None]
+    expected = sum(silent.answer([item.image], item.question)["no_answer"] for item in generated)
+    assert evaluate_vqa(silent, items, str(vqa_file))["no_answers"] == expected > 0
+    assert evaluate_vqa(model, items, str(vqa_file))["no_answers"] == 0
+    out = tmp_path / "answer.json"
+    result, output = invoke("vqa", "--model", tmp_path / words[0], images[0], "--question", "is the heart enlarged?",
+                            "--json", out)
+    assert result.exit_code == 0, output
+    assert "no answer" in output and json.loads(out.read_text())["no_answer"] is True
+
+
 def test_candidate_scores_are_summed_log_likelihoods_from_the_models_logits(vlm_dir, images):
     model = VisionLanguageModel.from_pretrained(vlm_dir)
     arrays = model.read_images([images[2]])

@@ -200,6 +200,9 @@ def _print_answer(result: dict[str, Any]) -> None:
         console.print(f"[yellow]{count} word{'s' if count > 1 else ''} of the question (or pieces of words) this VQA "
                       "model does not know: read as 'unknown', the answer does not take "
                       f"{'them' if count > 1 else 'it'} into account[/]", markup=True, highlight=False)
+    if result.get("no_answer"):
+        console.print("[red]no answer: the model ended without a word (the probability below is that of ending "
+                      "so)[/]", markup=True, highlight=False)
     console.print(f"answer: [bold]{escape(result['answer'])}[/] (p = {result['probability']:.3f}, "
                   f"{result['answer_type'].lower()} question)", highlight=False, markup=True)
     if result["alternative"] is not None:

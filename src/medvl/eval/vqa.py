@@ -19,7 +19,9 @@
   transformers VLM reads the whole prompt: 0);
 - ``questions_unread``: how many scored questions have no word the model's question encoder knows (only unknown
   tokens and punctuation, ``TextEncoder.known_word_tokens``): scored as read, with a warning counting them (``medvl
-  vqa`` refuses such a question; a transformers VLM: 0).
+  vqa`` refuses such a question; a transformers VLM: 0);
+- ``no_answers``: how many scored questions were answered without a word (a transformers VLM's generation that
+  ended at once, its answer marked ``no_answer``): scored as wrong, with a warning counting them.
 
 An answer vocabulary mismatch between the model and the data (under half of the answers in the
 model's vocabulary, or no question type in common) is a ``DataError`` naming the file.
@@ -199,6 +201,7 @@ def evaluate_vqa(model: VQAModel | VisionLanguageModel, items: Sequence[VQAItem]
     result["answers_in_vocabulary"] = coverage
     result["questions_cut"] = cut
     result["questions_unread"] = unread
+    result["no_answers"] = _count_no_answers(predicted, source)
     if seen is not None:
         result["trained_on_scored"] = seen
     empty = content_summary(content, "scored images")
@@ -223,6 +226,14 @@ def _count_unread_questions(model: VQAModel, items: Sequence[VQAItem], source: s
                     "tokens and punctuation): they are scored as read (medvl vqa refuses them)", source or "data",
                     unread, len(items))
     return unread
+
+
+def _count_no_answers(answers: Sequence[str], source: str) -> int:
+    silent = sum(not answer_tokens(answer) for answer in answers)
+    if silent:
+        log.warning("%s: %d of %d scored questions were answered without a word (the model ended at once): scored "
+                    "as wrong", source or "data", silent, len(answers))
+    return silent
 
 
 def _per_type(items: Sequence[VQAItem], runs: dict[str, list[str] | None]) -> dict[str, dict[str, Any]]:

@@ -24,19 +24,25 @@ folder's processor then resizes and normalises them. Each answer carries ``input
 ``blank`` and ``streaked`` checks of that 8-bit image (``medvl.data.audit.input_flags``), as medvl's own
 models' answers do: an answer about an image without content means nothing.
 
-Answers: greedy decoding (``do_sample`` off and the sampling settings neutral, whatever the folder's
-generation config says; its end tokens and any repetition penalty kept) of at most
-``max_new_tokens`` tokens, the text normalised as VQA answers are (``normalize_answer``). Given
-candidates (a closed question), the answer is the candidate of highest summed log-likelihood:
-the sum over the candidate's tokens (no end token, no length normalisation) of
-``log p(token | images, prompt, earlier candidate tokens)`` from the model's own logits; the
-answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
+Answers: greedy decoding of at most ``max_new_tokens`` tokens, whatever the folder's generation config
+says: medvl decodes with a clean transformers ``GenerationConfig`` carrying only the folder's special token
+ids (``GENERATION_TOKEN_IDS``: its end tokens, padding and start), so a folder's sampling settings, penalties
+(repetition, n-gram, length), token biases or suppressions and other decoding strategies (contrastive search,
+group beam search, assisted decoding...) are left out: an answer is the model's own most likely words. The
+text is normalised as VQA answers are (``normalize_answer``). Given candidates (a closed question), the
+answer is the candidate of highest summed log-likelihood: the sum over the candidate's tokens (no end token,
+no length normalisation) of ``log p(token | images, prompt, earlier candidate tokens)`` from the model's own
+logits; the answer's probability is the softmax over the candidates of those sums. A generated "yes" / "no"
 (punctuation and case aside: "Yes!", ``yes_or_no``) is scored as the closed question {yes, no} the
 same way, so it comes with its alternative. An open answer's probability is the product of its generated
-tokens' probabilities.
+tokens' probabilities, the end token's included when generation stopped on it (the probability of the answer
+as ended, not of its words followed by anything). Generation stops on the folder's end tokens
+(``eos_token_id``, one or a list), which are never in the text, even an ordinary word. An open answer
+without a word (the model ended at once, or said only punctuation) is ``""`` marked ``no_answer``, with the
+probability of ending so: a model that says nothing has not answered, whatever its confidence.
 
 Reports (``write_report``): the same decoding, greedy or beam search (``beam_size``), at most
-``max_new_tokens`` new tokens, special tokens dropped.
+``max_new_tokens`` new tokens, end and special tokens dropped.
 
 Images per prompt (``SUPPORTED_TYPES``): LLaVA-1.5 was trained on one image per conversation, so
 medvl gives it one; Gemma 3 was trained on interleaved images and takes the two of a two-image
@@ -73,6 +79,7 @@ ANSWER_TOKENS = 32  # default cap on the tokens of a VQA answer
 REPORT_TOKENS = 128  # default cap on the tokens of a report
 MAX_NEW_TOKENS = 1024  # the largest cap accepted
 YES_NO = ("yes", "no")
+GENERATION_TOKEN_IDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")  # kept of a folder's
 
 
 def yes_or_no(text: str) -> str | None:
@@ -226,42 +233,42 @@ class VisionLanguageModel:
     @torch.no_grad()
     def generate(self, images: Sequence[np.ndarray], instruction: str, max_new_tokens: int,
                  beam_size: int = 1) -> tuple[str, float]:
-        """The model's continuation of the prompt (special tokens dropped, stripped) and, for greedy
-        decoding, its summed log-likelihood (NaN under beam search)."""
+        """The model's continuation of the prompt up to its end token (the end token and special tokens dropped,
+        stripped) and, for greedy decoding, its summed log-likelihood, the end token's included (NaN under beam
+        search)."""
         check_number("max_new_tokens", max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS, integer=True)
         check_number("beam_size", beam_size, minimum=1, maximum=16, integer=True)
         inputs = self._inputs(images, self.prompt(instruction, len(images)))
         output = self.model.generate(**inputs, generation_config=self._generation_config(max_new_tokens, beam_size))
-        new_ids = output.sequences[0, inputs["input_ids"].shape[1]:]
+        new_ids = output.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        ends = self._end_tokens()
+        words = next((new_ids[:position] for position, token in enumerate(new_ids) if token in ends), new_ids)
         log_likelihood = float("nan")
         if beam_size == 1:
-            log_likelihood = self._generated_log_likelihood(new_ids, output.logits)
-        return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), log_likelihood
+            log_likelihood = self._generated_log_likelihood(new_ids, output.logits, ends)
+        return self.tokenizer.decode(words, skip_special_tokens=True).strip(), log_likelihood
 
-    def _generated_log_likelihood(self, new_ids: torch.Tensor, logits: Sequence[torch.Tensor]) -> float:
-        """Summed log-probability of the generated tokens up to (not including) the end token."""
+    def _end_tokens(self) -> set[int]:
+        """The ids generation stops on (the folder's ``eos_token_id``, one or a list): special or ordinary words."""
         eos = self.model.generation_config.eos_token_id
-        ends = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        return set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+
+    @staticmethod
+    def _generated_log_likelihood(new_ids: Sequence[int], logits: Sequence[torch.Tensor], ends: set[int]) -> float:
+        """Summed log-probability of the generated tokens up to and including the end token, when generation
+        stopped on one (the probability of the answer as ended, not of its words followed by anything)."""
         total = 0.0
-        for token, step in zip(new_ids.tolist(), logits, strict=False):
+        for token, step in zip(new_ids, logits, strict=False):
+            total += float(F.log_softmax(step[0].float(), dim=-1)[token])
             if token in ends:
                 break
-            total += float(F.log_softmax(step[0].float(), dim=-1)[token])
         return total
 
     def _generation_config(self, max_new_tokens: int, beam_size: int) -> Any:
-        """The folder's generation config with decoding fixed: no sampling, ``beam_size`` beams, the cap."""
-        config = copy.deepcopy(self.model.generation_config)
-        config.do_sample = False
-        config.update(temperature=1.0, top_p=1.0, top_k=50, min_p=None, typical_p=1.0)  # neutral sampling settings
-        config.num_beams = beam_size
-        config.max_new_tokens = max_new_tokens
-        config.max_length = None
-        config.return_dict_in_generate = True
-        config.output_logits = beam_size == 1
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
-                self.tokenizer.eos_token_id)
+        """medvl's decoding: greedy or ``beam_size`` beams, at most ``max_new_tokens``, the folder's token ids."""
+        config = copy.deepcopy(self.model.generation_config)  # token ids only (decoding_config)
+        config.update(do_sample=False, num_beams=beam_size, max_new_tokens=max_new_tokens,
+                      return_dict_in_generate=True, output_logits=beam_size == 1)
         return config
 
     # -- what the evaluators call --------------------------------------------------------------------
@@ -269,7 +276,9 @@ class VisionLanguageModel:
                candidates: Sequence[str] | None = None, max_new_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
         """The answer to ``question`` about ``images`` in the shape of medvl's VQA model: ``answer``,
         ``probability``, ``alternative`` (+ ``alternative_probability``), ``answer_type`` (CLOSED
-        when chosen among candidates, else OPEN) and ``input_flags`` (per image, ``input_flags``).
+        when chosen among candidates, else OPEN), ``no_answer`` (True for a generated answer without a word: the
+        model ended at once, or said only punctuation or an article; ``probability`` is then that of ending so)
+        and ``input_flags`` (per image, ``input_flags``).
         ``images``: files or arrays (read_images' output too)."""
         arrays = self.read_images(images)
         checks = {"input_flags": self.input_flags(arrays)}
@@ -279,14 +288,16 @@ class VisionLanguageModel:
             answer = normalize_answer(text)
             if yes_or_no(answer) is None:
                 return {"answer": answer, "probability": float(np.exp(log_likelihood)), "alternative": None,
-                        "alternative_probability": None, "answer_type": "OPEN", **checks}
+                        "alternative_probability": None, "answer_type": "OPEN",
+                        "no_answer": not answer_tokens(answer), **checks}
             candidates = YES_NO
         scores = torch.tensor(self.candidate_log_likelihoods(arrays, instruction, candidates))
         probabilities = scores.softmax(0)
         order = probabilities.argsort(descending=True).tolist()
         return {"answer": normalize_answer(candidates[order[0]]), "probability": float(probabilities[order[0]]),
                 "alternative": normalize_answer(candidates[order[1]]),
-                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED", **checks}
+                "alternative_probability": float(probabilities[order[1]]), "answer_type": "CLOSED",
+                "no_answer": False, **checks}
 
     def write_report(self, image: ImageSource | np.ndarray, max_new_tokens: int = REPORT_TOKENS,
                      beam_size: int = 1, content: list[dict[str, str]] | None = None) -> str:
@@ -329,11 +340,25 @@ class VisionLanguageModel:
         _require_files(directory)
         processor = _load_processor(directory)
         model = _load_model(directory, model_type)
+        # generate() fills what a config it is given leaves unset from model.generation_config: keep nothing else there
+        model.generation_config = decoding_config(model.generation_config, processor.tokenizer)
         architectures = config.get("architectures") or [type(model).__name__]
         described = VLMConfig(name=directory.resolve().name, model_type=model_type, architecture=str(architectures[0]),
                               max_images=SUPPORTED_TYPES[model_type],
                               chat_template=bool(getattr(processor, "chat_template", None)))
         return cls(model, processor, described, directory)
+
+
+def decoding_config(folder_config: Any, tokenizer: Any) -> Any:
+    """A clean ``GenerationConfig`` with only the folder's ``GENERATION_TOKEN_IDS`` (padding, when the folder
+    names none, the tokenizer's pad token, else its end token): no decoding setting of the folder's."""
+    from transformers import GenerationConfig
+
+    token_ids = {name: getattr(folder_config, name, None) for name in GENERATION_TOKEN_IDS}
+    if token_ids["pad_token_id"] is None:
+        token_ids["pad_token_id"] = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                     else tokenizer.eos_token_id)
+    return GenerationConfig(**{name: value for name, value in token_ids.items() if value is not None})
 
 
 def _require_files(directory: Path) -> None:
