@@ -1230,6 +1230,14 @@ def test_the_answer_names_its_question_and_an_edited_question_is_marked_not_aske
     assert page.locator("#vqa .stale").is_visible()
     page.get_by_label("Question").fill(QUESTION)
     assert page.locator("#vqa .stale").is_hidden()
+    assert page.locator("#vqa [data-prompt-warnings]").count() == 0
+    partly = "Is there a ☃ 你好 nodule?"  # words the question encoder does not know: answered, said so
+    page.get_by_label("Question").fill(partly)
+    page.get_by_role("button", name="Ask").click()
+    page.locator(f"#vqa[data-state=done] .answer[data-question='{partly}']").wait_for(timeout=ANSWER_MS)
+    warning = page.locator("#vqa [data-prompt-warnings]").inner_text()
+    assert "of the question (or pieces of words) this VQA model does not know" in warning, warning
+    assert "☃" not in warning
 
 
 def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_read(page, chest_xray):
