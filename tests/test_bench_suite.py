@@ -1417,3 +1417,16 @@ def test_the_printed_summary_gives_a_few_shot_cell_its_largest_shot_auc(finished
         row = next(r for r in results["rows"] if r["model"] == model and r["metric"] == "2-shot auc")
         assert f"{model} few-shot@phantom 2-shot auc │ {row['value']:.3f}" in printed, printed
         assert f"{model} few-shot@phantom 1-shot auc" not in printed
+
+
+def test_the_calibration_flag_needs_a_rise_of_ece_visible_at_the_printed_precision():
+    from medvl.bench.runner import ECE_RISE, _ece_rise
+
+    # the probe's cell: a temperature that moved a 15-bin ECE on 60 records in its 4th decimal was flagged as
+    # "raises ECE on test (0.128 -> 0.128)"
+    noise = {"ece_before": 0.12836889377986846, "ece_after": 0.12847473089138225}
+    assert _ece_rise(noise, "val", "test") is None
+    documented = {"ece_before": 0.0321, "ece_after": 0.0379}  # README's shortcut-model flag (0.032 -> 0.038)
+    assert _ece_rise(documented, "val", "test") == "temperature fitted on val raises ECE on test (0.032 -> 0.038)"
+    assert _ece_rise({"ece_before": 0.1, "ece_after": 0.1 + ECE_RISE}, "val", "test") is not None  # float slack
+    assert _ece_rise({"ece_before": 0.2, "ece_after": 0.1}, "val", "test") is None
