@@ -1430,3 +1430,22 @@ def test_the_calibration_flag_needs_a_rise_of_ece_visible_at_the_printed_precisi
     assert _ece_rise(documented, "val", "test") == "temperature fitted on val raises ECE on test (0.032 -> 0.038)"
     assert _ece_rise({"ece_before": 0.1, "ece_after": 0.1 + ECE_RISE}, "val", "test") is not None  # float slack
     assert _ece_rise({"ece_before": 0.2, "ece_after": 0.1}, "val", "test") is None
+
+
+def test_few_shot_spreads_are_the_sample_sd_of_the_draws(two_models, phantom_dir):
+    """A few-shot row's "± 1.96 sd" takes the sample sd (ddof=1) of its draws, as ``bench cv`` does over folds (the
+    population sd of 5 draws is 0.89 of it); a single draw has no sd. The draws continue one stream per k, so one
+    draw is the first of two, and the second follows from their mean."""
+    from medvl import load_model
+    from medvl.eval.linear_probe import linear_probe
+
+    dataset = load_dataset(phantom_dir)
+    model, train, test = load_model(two_models[0]), dataset.select("train"), dataset.select("test")
+    one, two = (linear_probe(model, train, test, "finding", few_shot=(2,), repeats=repeats, show_progress=False)
+                ["few_shot"]["2"] for repeats in (1, 2))
+    assert one["auc_std"] is None and one["accuracy_std"] is None
+    for metric in ("auc", "accuracy"):
+        first = one[f"{metric}_mean"]
+        second = 2 * two[f"{metric}_mean"] - first
+        assert two[f"{metric}_std"] == pytest.approx(abs(first - second) / 2 ** 0.5)
+        assert first != second  # two draws that differ: the test tells ddof=1 from ddof=0

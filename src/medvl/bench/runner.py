@@ -851,7 +851,7 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]
-                interval = None if mean is None else {"low": max(0.0, mean - 1.96 * std),
+                interval = None if mean is None or std is None else {"low": max(0.0, mean - 1.96 * std),
                                                       "high": min(1.0, mean + 1.96 * std)}
                 ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"], interval_kind=DRAW_SPREAD)
         ctx.plots["few_shot"] = result["few_shot"]
