@@ -555,6 +555,7 @@ def test_a_vqa_suite_scores_accuracy_beside_the_blank_image_and_question_only_ba
     rows = {row["metric"]: row for row in results["rows"]}
     overall = rows["overall_accuracy"]
     assert overall["low"] <= overall["value"] <= overall["high"]
+    assert results["bootstrap_unit"] == {"questions": "question image"}  # 4 questions a film: films are drawn
     assert "sanity: blank image overall_accuracy" in rows and "sanity: question only overall_accuracy" in rows
     assert any(plot.endswith("/per_question_type") for plot in results["plots"])
     # a dual encoder cannot answer questions: refused before any work
@@ -1417,3 +1418,88 @@ def test_the_printed_summary_gives_a_few_shot_cell_its_largest_shot_auc(finished
         row = next(r for r in results["rows"] if r["model"] == model and r["metric"] == "2-shot auc")
         assert f"{model} few-shot@phantom 2-shot auc │ {row['value']:.3f}" in printed, printed
         assert f"{model} few-shot@phantom 1-shot auc" not in printed
+
+
+def test_the_calibration_flag_needs_a_rise_of_ece_visible_at_the_printed_precision():
+    from medvl.bench.runner import ECE_RISE, _ece_rise
+
+    # the probe's cell: a temperature that moved a 15-bin ECE on 60 records in its 4th decimal was flagged as
+    # "raises ECE on test (0.128 -> 0.128)"
+    noise = {"ece_before": 0.12836889377986846, "ece_after": 0.12847473089138225}
+    assert _ece_rise(noise, "val", "test") is None
+    documented = {"ece_before": 0.0321, "ece_after": 0.0379}  # README's shortcut-model flag (0.032 -> 0.038)
+    assert _ece_rise(documented, "val", "test") == "temperature fitted on val raises ECE on test (0.032 -> 0.038)"
+    assert _ece_rise({"ece_before": 0.1, "ece_after": 0.1 + ECE_RISE}, "val", "test") is not None  # float slack
+    assert _ece_rise({"ece_before": 0.2, "ece_after": 0.1}, "val", "test") is None
+
+
+def test_few_shot_spreads_are_the_sample_sd_of_the_draws(two_models, phantom_dir):
+    """A few-shot row's "± 1.96 sd" takes the sample sd (ddof=1) of its draws, as ``bench cv`` does over folds (the
+    population sd of 5 draws is 0.89 of it); a single draw has no sd. The draws continue one stream per k, so one
+    draw is the first of two, and the second follows from their mean."""
+    from medvl import load_model
+    from medvl.eval.linear_probe import linear_probe
+
+    dataset = load_dataset(phantom_dir)
+    model, train, test = load_model(two_models[0]), dataset.select("train"), dataset.select("test")
+    one, two = (linear_probe(model, train, test, "finding", few_shot=(2,), repeats=repeats, show_progress=False)
+                ["few_shot"]["2"] for repeats in (1, 2))
+    assert one["auc_std"] is None and one["accuracy_std"] is None
+    for metric in ("auc", "accuracy"):
+        first = one[f"{metric}_mean"]
+        second = 2 * two[f"{metric}_mean"] - first
+        assert two[f"{metric}_std"] == pytest.approx(abs(first - second) / 2 ** 0.5)
+        assert first != second  # two draws that differ: the test tells ddof=1 from ddof=0
+
+
+def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models, phantom_dir, tmp_path):
+    """Several images of one case are not independent: a dataset whose loader gives every record a ``case_id``
+    (MedPix) draws whole cases for every interval by default, subgroup rows count its cases, and results.json and
+    report.html name the unit; ``group_column: image`` keeps the image as unit (the draws of before)."""
+    import csv
+
+    import numpy as np
+
+    from medvl.data import captions_for
+    from medvl.eval import zero_shot
+    from medvl.eval.bootstrap import bootstrap_ci
+    from medvl.eval.subgroups import DRAWS, macro_auc
+    from medvl.eval.zero_shot import label_classes
+    from medvl.models.registry import load_model
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as file:
+        records = list(csv.DictReader(file))
+    for i, record in enumerate(records):
+        record["case_id"] = f"case{i // 3}"  # three films a case
+    with (data / "manifest.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    dataset, net = load_dataset(data), load_model(two_models[0])
+    test = dataset.select("test")
+    scored = zero_shot(net, test, "finding", captions=captions_for(test, None, net), keep_scores=True,
+                       show_progress=False, classes=label_classes(dataset, "finding"))
+    y, probabilities = np.array(scored["y_true"]), np.array(scored["probabilities"])
+    cases = [record.labels.get("case_id", record.meta.get("case_id")) for record in test]
+    for unit, groups in ((None, cases), ("image", None)):
+        spec = {"path": str(data), "split": "test", "train_split": "train", "label": "finding", "subgroups": ["sex"]}
+        spec |= {"group_column": unit} if unit else {}
+        suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
+                            tasks=[{"task": "zero-shot", "dataset": "phantom"}])
+        out = tmp_path / f"out-{unit}"
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
+        assert result.exit_code == 0, output
+        results = json.loads((out / "results.json").read_text())
+        assert results["bootstrap_unit"] == {"phantom": unit or "case_id"}
+        rows = {row["metric"]: row for row in results["rows"]}
+        expected = bootstrap_ci(macro_auc, y, probabilities, resamples=200, seed=0, groups=groups, **DRAWS["auc"])
+        assert (rows["auc"]["low"], rows["auc"]["high"]) == pytest.approx((expected["low"], expected["high"]))
+        skipped = {entry["check"]: entry["reason"] for entry in results["skipped"]}
+        if unit is None:  # the 10 male films of the 19 scored are 4 to 10 cases: under min_size 10, not scored
+            assert "subgroup sex=M: auc" not in rows
+            assert "2 values under 10 distinct case_id values not scored (19 records" in skipped["subgroups: sex"]
+            assert "bootstrap unit phantom</td><td>case_id (whole cases drawn" in (out / "report.html").read_text()
+        else:
+            assert rows["subgroup sex=M: auc"]["n"] == 10 and "units" not in rows["subgroup sex=M: auc"]

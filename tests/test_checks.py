@@ -189,6 +189,59 @@ def _hand_metrics(y, p):
     return (roc_auc_score(y, p[:, 1]), balanced_accuracy_score(y, predicted), float((predicted == y).mean()))
 
 
+def test_a_cluster_bootstrap_draws_whole_cases_and_without_groups_the_draws_are_unchanged():
+    """Records of one case are not independent: with ``groups`` a draw takes whole cases. Reference: every case
+    holding k identical copies of one record, the cluster bootstrap gives exactly the record bootstrap of the
+    records themselves (same draws case for case), while the record bootstrap of the copies is far too narrow.
+    Without groups (or a group per record) the draws are those of before, bit for bit."""
+    from medvl.eval.bootstrap import bootstrap_draws
+    from medvl.eval.subgroups import DRAWS, accuracy, balanced_accuracy
+
+    rng = np.random.default_rng(3)
+    y = np.array([0, 1, 2] * 8)
+    probabilities = rng.dirichlet([1, 1, 1], len(y)) + 0.4 * np.eye(3)[y]
+    copies = 5
+    y_copied, p_copied = np.repeat(y, copies), np.repeat(probabilities, copies, axis=0)
+    cases = np.repeat([f"case{i}" for i in range(len(y))], copies)
+    for metric, function in (("auc", macro_auc), ("accuracy", accuracy), ("balanced_accuracy", balanced_accuracy)):
+        alone = bootstrap_ci(function, y, probabilities, resamples=200, seed=4, **DRAWS[metric])
+        clustered = bootstrap_ci(function, y_copied, p_copied, resamples=200, seed=4, groups=cases, **DRAWS[metric])
+        assert clustered == pytest.approx(alone), metric
+        naive = bootstrap_ci(function, y_copied, p_copied, resamples=200, seed=4, **DRAWS[metric])
+        assert naive["high"] - naive["low"] < 0.7 * (alone["high"] - alone["low"]), metric
+    draws = bootstrap_draws(y_copied, 20, seed=1, groups=cases)
+    for index in draws:  # every case drawn is whole, and every class is in every stratified draw
+        assert len(index) == len(y_copied) and set(y_copied[index]) == {0, 1, 2}
+        drawn = cases[index]
+        assert all((drawn == case).sum() % copies == 0 for case in set(drawn))
+    for stratified in (True, False):
+        before = bootstrap_draws(y, 30, seed=2, need_both_classes=stratified)
+        singletons = bootstrap_draws(y, 30, seed=2, need_both_classes=stratified, groups=np.arange(len(y)))
+        assert all(np.array_equal(a, b) for a, b in zip(before, singletons, strict=True))
+    first, second = (y_copied[:60], p_copied[:60]), (y_copied[60:], p_copied[60:])
+    gap = difference_ci(macro_auc, first, second, resamples=200, seed=5, groups=(cases[:60], cases[60:]))
+    reference = difference_ci(macro_auc, (y[:12], probabilities[:12]), (y[12:], probabilities[12:]), resamples=200,
+                              seed=5)
+    assert gap == pytest.approx(reference)
+
+
+def test_subgroup_sizes_count_cases_when_records_share_one():
+    """A group of 12 images from 2 patients is two patients: with ``units`` it is under ``min_size`` 10 and not
+    scored (nor the worst group), and each scored group says its count of cases beside its records."""
+    rng = np.random.default_rng(6)
+    y = np.array([0, 1] * 30)
+    probabilities = rng.dirichlet([1, 1], len(y)) + 0.3 * np.eye(2)[y]
+    band = ["<40"] * 24 + ["40-59"] * 24 + ["80+"] * 12
+    cases = [f"a{i}" for i in range(24)] + [f"b{i // 2}" for i in range(24)] + [f"c{i // 6}" for i in range(12)]
+    by_image = subgroup_metrics(y, probabilities, {"age": band}, resamples=50)["columns"]["age"]
+    assert "80+" in by_image["groups"]  # 12 images: scored, though they are two patients
+    result = subgroup_metrics(y, probabilities, {"age": band}, resamples=50, units=cases)
+    column = result["columns"]["age"]
+    assert result["units"] == 24 + 12 + 2 and column["too_small"] == {"80+": 2}
+    assert {name: group["units"] for name, group in column["groups"].items()} == {"<40": 24, "40-59": 12}
+    assert column["groups"]["40-59"]["n"] == 24 and column["worst_group"] in ("<40", "40-59")
+
+
 def test_subgroup_metrics_match_hand_computation_and_find_the_worst_group():
     rng = np.random.default_rng(5)
     sizes = {"A": 40, "B": 30, "C": 6}  # C is below min_size

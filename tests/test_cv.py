@@ -58,6 +58,31 @@ def test_group_folds_whose_training_lacks_a_class_are_refused_and_one_class_test
     assert summary["auc_folds"] == 3 - len(one_class) and "acc_folds" not in summary
 
 
+def test_a_group_fold_scoring_two_of_three_classes_is_left_out_of_the_auc_mean_as_its_warning_says(caplog):
+    """A held-out fold missing one class of three was warned about as "one class only ... left out of their means"
+    while its macro AUC (over the 2 classes it holds: another, easier task) and balanced accuracy went into them."""
+    from medvl.bench.cv import SUMMARY_METRICS, _fold_metrics, _summarise
+
+    y = np.array([0] * 12 + [1] * 12 + [2] * 6)  # class 2 in two groups of three images
+    groups = np.array([f"p{i // 2}" for i in range(24)] + ["q0"] * 3 + ["q1"] * 3)
+    with caplog.at_level("WARNING"):
+        folds = make_folds(y, 3, seed=0, groups=groups)
+    partial = [fold for fold, (_, test) in enumerate(folds, 1) if len(set(y[test])) == 2]
+    assert len(partial) == 1 and all(len(set(y[test])) in (2, 3) for _, test in folds)
+    assert f"fold {partial[0]} of 3 scores 2 of the 3 classes only" in caplog.text
+    assert "one class only" not in caplog.text
+    rng = np.random.default_rng(0)
+    results = []
+    for _, test in folds:
+        metrics = _fold_metrics(y[test], rng.dirichlet([1, 1, 1], len(test)), ["a", "b", "c"])
+        results.append({**dict.fromkeys(SUMMARY_METRICS, 0.5), "auc": metrics["macro_auc"],
+                        "acc": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"]})
+    assert results[partial[0] - 1]["auc"] is None and results[partial[0] - 1]["balanced_accuracy"] is None
+    summary = _summarise(results)
+    assert summary["auc_folds"] == summary["balanced_accuracy_folds"] == 2 and "acc_folds" not in summary
+    assert summary["auc"] == pytest.approx(np.mean([r["auc"] for r in results if r["auc"] is not None]))
+
+
 def test_folds_need_enough_records_per_class():
     with pytest.raises(InputError, match="smallest class has 3"):
         make_folds(np.array([0] * 20 + [1] * 3), 5, seed=0)

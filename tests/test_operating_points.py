@@ -110,3 +110,25 @@ def test_bench_medmnist_reports_operating_points_for_a_target_prior(tiny_npz, tm
     assert points[saved["operating_point"]]["threshold"] == saved["threshold"]
     assert points[saved["operating_point"]]["accuracy"]["value"] == pytest.approx(saved["acc"])
     assert "max_balanced_accuracy" in output
+
+
+def test_best_threshold_is_the_best_cut_of_the_calibration_data_every_record_positive_or_none_included():
+    """Checked against every cut of the scores (each distinct score, or above them all): at a skewed prior, or for
+    scores all under 0.5, calling every record positive (or none) can be the best; only 0.5 and the midpoints were
+    tried, and the probe's ten records at prior 0.9 got threshold 0.225 (0.76) instead of every record (0.9)."""
+    s = np.array([0.10, 0.15, 0.20, 0.25, 0.30, 0.32, 0.34, 0.36, 0.38, 0.40])
+    y = np.array([1, 0, 0, 1, 0, 1, 0, 1, 0, 1])
+    chosen = _best_threshold(np.stack([1 - s, s], 1), y, 0.9)
+    assert (s >= chosen).all() and prior_weighted_accuracy(y, (s >= chosen).astype(int), 0.9) == pytest.approx(0.9)
+    none = _best_threshold(np.stack([s, 1 - s], 1), 1 - y, 0.02)  # 1 - s reaches 0.9: none positive is best
+    assert not (1 - s >= none).any()
+    for seed in range(20):
+        probabilities, labels = _scores(int(5 + seed), 12, seed=seed)
+        cuts = np.append(np.unique(probabilities[:, 1]), np.inf)
+        for prior in (None, 0.05, 0.5, 0.95):
+            def accuracy(threshold, prior=prior, probabilities=probabilities, labels=labels):
+                predicted = (probabilities[:, 1] >= threshold).astype(int)
+                return (predicted == labels).mean() if prior is None else prior_weighted_accuracy(labels, predicted,
+                                                                                                   prior)
+            best = max(accuracy(cut) for cut in cuts)
+            assert accuracy(_best_threshold(probabilities, labels, prior)) == pytest.approx(best)

@@ -9,8 +9,9 @@ the epochs, learning rate, batch, loss weights, model overrides and captions unl
 ``medvl.train.recipes``), then scored on the held-out fold two ways:
 
 - the head: class probabilities, accuracy and balanced accuracy at the argmax (no threshold is
-  tuned), macro one-vs-rest AUC (for two classes, the AUC of either class); on a fold that scores one class
-  only (groups can do that) AUC and balanced accuracy are undefined (None) and left out of their means;
+  tuned), macro one-vs-rest AUC (for two classes, the AUC of either class); on a fold that scores fewer than all
+  classes (groups can do that) AUC and balanced accuracy are None and left out of their means (``KEY_folds``
+  counts the folds a mean is over): undefined for one class, and over 2 of 3 classes another figure;
 - zero-shot: the caption prompt ensembles of each class (``medvl.zero_shot``);
 - a linear probe, as ``medvl eval linear-probe`` scores a trained model: logistic regression (C by 3-fold CV)
   fitted on the fold model's frozen image features of every training-fold record, scored on the held-out
@@ -280,10 +281,13 @@ def make_folds(y: np.ndarray, folds: int, seed: int,
             missing = sorted(classes - set(y[train].tolist()))
             raise InputError(f"fold {fold} of {folds}: its training records hold no class {missing} (the groups "
                              f"holding that class all fall in this fold); use fewer folds or other groups")
-        if set(y[test].tolist()) != classes:  # its AUC is undefined: the means are over the other folds
-            log.warning("fold %d of %d scores records of one class only (its groups): its AUC and balanced accuracy "
-                        "are undefined and left out of their means, which are then over fewer folds than the "
-                        "accuracy's", fold, folds)
+        scored = len(set(y[test].tolist()))
+        if scored < len(classes):  # _fold_metrics leaves its AUC and balanced accuracy out of the means
+            what = ("records of one class only (its groups): its AUC and balanced accuracy are undefined" if scored == 1
+                    else f"{scored} of the {len(classes)} classes only (its groups): its macro AUC and balanced "
+                    f"accuracy would be over those {scored}, another task than the other folds'")
+            log.warning("fold %d of %d scores %s and are left out of their means, which are then over fewer folds "
+                        "than the accuracy's", fold, folds, what)
     return splits
 
 
@@ -363,7 +367,7 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
             metrics = _fold_metrics(y, scores[key], classes)
             fused.update({f"{prefix}auc": metrics["macro_auc"], f"{prefix}acc": metrics["accuracy"],
                           f"{prefix}balanced_accuracy": metrics["balanced_accuracy"]})
-        fused["covariates_auc"] = classification_metrics(y, alone, classes)["macro_auc"]
+        fused["covariates_auc"] = _fold_metrics(y, alone, classes)["macro_auc"]
         fused["fused_probabilities"] = scores["fused"].tolist()
     result = {"fold": fold + 1, "n_train": len(train_set), "n_trained": n_trained,
               "n_test": len(test_set),
@@ -386,12 +390,14 @@ def _run_fold(dataset: Dataset, label: str, classes: list[str], train_index: np.
 
 
 def _fold_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """``classification_metrics`` of a held-out fold, with balanced accuracy None (as AUC is) when the fold scores
-    one class only: the recall of that one class is no balanced accuracy (a model answering one class would score
-    1.0 on it), so ``_summarise`` leaves it out of the mean and counts the folds."""
+    """``classification_metrics`` of a held-out fold, with macro AUC and balanced accuracy None when the fold scores
+    fewer than all ``classes`` (groups can do that): of one class they are undefined (the recall of that one class
+    is no balanced accuracy: a model answering one class would score 1.0 on it); of 2 of 3 classes they are averaged
+    over those 2, another, often easier, task than the other folds score. ``_summarise`` leaves them out of the
+    means and counts the folds (``KEY_folds``); the pooled AUC still holds every fold's scores."""
     metrics = classification_metrics(y, probabilities, classes)
-    if len(np.unique(y)) < 2:
-        metrics["balanced_accuracy"] = None
+    if len(np.unique(y)) < len(classes):
+        metrics["macro_auc"] = metrics["balanced_accuracy"] = None
     return metrics
 
 
@@ -406,8 +412,9 @@ def _probe(model: DualEncoder, train_set: Dataset, y_train: np.ndarray, test_set
 
 
 def _summarise(results: list[dict]) -> dict[str, float | None]:
-    """Mean and sample std over folds of every metric; a metric undefined on a fold (None: AUC and balanced
-    accuracy of a fold scoring one class) is left out, and ``KEY_folds`` says how many folds its mean is over."""
+    """Mean and sample std over folds of every metric; a metric None on a fold (AUC and balanced accuracy of a fold
+    scoring fewer than all classes, ``_fold_metrics``) is left out, and ``KEY_folds`` says how many folds its mean
+    is over."""
     summary: dict[str, float | None] = {}
     keys = SUMMARY_METRICS + (COVARIATE_METRICS if results and "fused_auc" in results[0] else ())
     for key in keys:

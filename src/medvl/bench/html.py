@@ -65,6 +65,9 @@ def _run_table(suite, results: dict[str, Any]) -> str:
             **{f"model {name}": folder for name, folder in results["models"].items()},
             **{f"data {name}": f"{block['sha256'][:16]}… ({block['files']} files)"
                for name, block in results["data_hashes"].items()},
+            **{f"bootstrap unit {name}": (unit if unit in ("image", "question image") else
+                                          f"{unit} (whole cases drawn; subgroup sizes count them)")
+               for name, unit in results.get("bootstrap_unit", {}).items()},
             **{f"version {name}": value for name, value in results["versions"].items()}}
     body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
     return f"<table><tr><th>what</th><th>value</th></tr>{body}</table>"

@@ -451,11 +451,15 @@ def task_captions(path: Path, classes: list[str]) -> CaptionConfig:
 
 
 def _best_threshold(probabilities: np.ndarray, y_true: np.ndarray, prior: float | None = None) -> float:
-    """The positive-class threshold with the best accuracy on calibration data (midpoints); with
-    ``prior``, the best accuracy once the calibration data are re-weighted to that share of positives
-    (``prior`` 0.5: the best balanced accuracy)."""
+    """The positive-class threshold with the best accuracy on calibration data; with ``prior``, the best accuracy
+    once the calibration data are re-weighted to that share of positives (``prior`` 0.5: the best balanced
+    accuracy). Candidates: 0.5, the midpoints between consecutive distinct scores, and the two ends: at or below
+    the lowest score (0, or the lowest score if negative: every record positive) and just above the highest
+    (above 1 for a score of 1: none), which at a skewed prior or for badly scaled scores can be the best; on a
+    tie the earlier candidate is kept."""
     scores = np.unique(probabilities[:, 1])
-    candidates = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2]) if len(scores) > 1 else np.array([0.5])
+    ends = [min(0.0, scores[0]), np.nextafter(max(1.0, scores[-1]), np.inf)]
+    candidates = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2, ends])
     if prior is None:
         accuracy = [((probabilities[:, 1] >= t).astype(int) == y_true).mean() for t in candidates]
     else:

@@ -44,6 +44,8 @@ import numpy as np
 from ..errors import DataError, InputError
 from ..io import file_sha256, loads_json, read_json, write_json
 from .suite import (
+    DEFAULT_GROUP_COLUMN,
+    IMAGE_UNIT,
     TASKS,
     TRAINING_TASKS,
     DatasetSpec,
@@ -77,9 +79,23 @@ class PreparedDataset:
     questions: list | None = None  # VQA items (kind vqa)
     hashes: dict[str, Any] = field(default_factory=dict)
     generator: dict[str, Any] | None = None  # the phantom generator settings, when the data is a phantom
+    # the bootstrap's resampling unit: a record column (a case id) whose records are drawn together, or None: each
+    # image (a VQA question's image) its own unit (``unit_column``)
+    group_column: str | None = None
 
     def split(self, name: str):
         return self.dataset.select(name)
+
+    @property
+    def bootstrap_unit(self) -> str:
+        """What one bootstrap draw resamples: the group column's name, ``image``, or ``question image``."""
+        return self.group_column or (f"question {IMAGE_UNIT}" if self.spec.kind == "vqa" else IMAGE_UNIT)
+
+    def units(self, records: Iterable[Any]) -> list[str] | None:
+        """Each record's resampling unit (its ``group_column`` value), or None: each record its own unit."""
+        if self.group_column is None:
+            return None
+        return [str(r.labels.get(self.group_column, r.meta.get(self.group_column))) for r in records]
 
     def for_spatial_dims(self, spatial_dims: int, splits: set[str]) -> PreparedDataset:
         """The records a model of ``spatial_dims`` can take (``Dataset.for_spatial_dims``: a DICOM folder's 2D
@@ -227,9 +243,32 @@ def _load_images(item: PreparedDataset, suite: SuiteSpec, splits: set[str], allo
         except InputError as error:
             raise InputError(f"{item.path}: dataset {spec.name!r}: {error}") from None
     item.dataset = dataset
+    item.group_column = unit_column(dataset, spec, item.path)
     description = phantom_description(item.path)  # a phantom folder, or its manifest file
     if description is not None and description.get("name") == "phantom-cxr":
         item.generator = description.get("generator")
+
+
+def unit_column(dataset: Any, spec: DatasetSpec, path: Path) -> str | None:
+    """The column whose records a bootstrap draws together (``DatasetSpec.group_column``): the suite's, every record
+    needing a value (InputError counting those without); else ``DEFAULT_GROUP_COLUMN`` (MedPix's case id) when every
+    record has one; else None (each image its own unit, ``image``)."""
+    def value(record: Any, column: str) -> Any:
+        found = record.labels.get(column, record.meta.get(column))
+        return None if found is None or (isinstance(found, str) and not found.strip()) else found
+
+    column = spec.group_column
+    if column == IMAGE_UNIT:
+        return None
+    if column is None:
+        every = len(dataset) and all(value(r, DEFAULT_GROUP_COLUMN) is not None for r in dataset.records)
+        return DEFAULT_GROUP_COLUMN if every else None
+    lacking = sum(value(r, column) is None for r in dataset.records)
+    if lacking:
+        raise InputError(f"{path}: dataset {spec.name!r}: group_column {column!r}: {lacking} of {len(dataset)} "
+                         f"records have no value (every record needs its case; columns: "
+                         f"{', '.join(dataset.columns())})")
+    return column
 
 
 def _load_questions(item: PreparedDataset, splits: set[str], allow_outside_root: bool) -> None:
@@ -486,6 +525,8 @@ def run_suite(suite: SuiteSpec, models: list[str | Path], out: str | Path, *, sh
     results = {"suite": suite.name, "source": suite.source, "seed": suite.seed, "bootstrap": suite.bootstrap,
                "models": {labels[str(m)]: str(m) for m in models}, "versions": versions,
                "data_hashes": {name: d.hashes for name, d in datasets.items()},
+               # what each dataset's bootstrap draws resample (and subgroup sizes count): a case column or the image
+               "bootstrap_unit": {name: d.bootstrap_unit for name, d in datasets.items()},
                "rows": rows, "flags": leaks + [flag for cell in cells for flag in cell["flags"]],
                "skipped": skipped_checks(cells),
                "cells": {"total": len(cells), "computed": computed, "reused": len(cells) - computed},
@@ -756,28 +797,35 @@ class _Context:
                               f"{seen['records']} of the {seen['of']} scored records are training figures, not a test")
 
     def bootstrap(self, metric: Callable[..., float], y_true: np.ndarray, *arrays: np.ndarray,
-                  need_both_classes: bool = True, stratified: bool = True) -> dict[str, Any]:
+                  need_both_classes: bool = True, stratified: bool = True,
+                  units: list[str] | None = None) -> dict[str, Any]:
+        """``bootstrap_ci`` with the suite's resamples and seed; ``units``: each record's resampling unit (a case id,
+        ``PreparedDataset.units``) for a cluster bootstrap, None for the records themselves."""
         from ..eval.bootstrap import bootstrap_ci
 
         return bootstrap_ci(metric, y_true, *arrays, resamples=self.suite.bootstrap, seed=self.suite.seed,
-                            need_both_classes=need_both_classes, stratified=stratified)
+                            need_both_classes=need_both_classes, stratified=stratified, groups=units)
 
 
 # ------------------------------------------------------------------ tasks
 
 
-def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, **extra: Any) -> None:
+def _classification_rows(ctx: _Context, y_true: np.ndarray, probabilities: np.ndarray, scored: Any,
+                         **extra: Any) -> None:
     """AUC (macro one-vs-rest), accuracy and balanced accuracy, each with its bootstrap interval (``extra``: more
     fields of each row). Each interval takes the draws ``eval.subgroups.DRAWS`` names, as the subgroup rows do: AUC's
     stratified by class; accuracy's and balanced accuracy's plain draws over the scored records (balanced accuracy's
-    without those lacking a class), as ``bench medmnist`` draws them (``medvl.eval.bootstrap``)."""
+    without those lacking a class), as ``bench medmnist`` draws them (``medvl.eval.bootstrap``); over the
+    ``scored`` records' cases when the dataset has a resampling unit (``PreparedDataset.units``)."""
     from ..eval.subgroups import DRAWS, accuracy, balanced_accuracy, macro_auc
 
-    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities, **DRAWS["auc"])
+    units = ctx.data.units(scored.records)
+    interval = ctx.bootstrap(lambda y, p: _number(macro_auc(y, p)), y_true, probabilities, **DRAWS["auc"],
+                             units=units)
     ctx.row("auc", interval["value"], interval, **extra)
-    interval = ctx.bootstrap(accuracy, y_true, probabilities, **DRAWS["accuracy"])
+    interval = ctx.bootstrap(accuracy, y_true, probabilities, **DRAWS["accuracy"], units=units)
     ctx.row("accuracy", interval["value"], interval, **extra)
-    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, **DRAWS["balanced_accuracy"])
+    interval = ctx.bootstrap(balanced_accuracy, y_true, probabilities, **DRAWS["balanced_accuracy"], units=units)
     ctx.row("balanced_accuracy", interval["value"], interval, **extra)
 
 
@@ -799,10 +847,10 @@ def _zero_shot(ctx: _Context) -> None:
                        keep_logits=True, show_progress=ctx.show_progress,
                        classes=label_classes(ctx.data.dataset, label))  # the label's, over every split
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
-    _classification_rows(ctx, y_true, probabilities)
+    scored = test.with_labels([label])
+    _classification_rows(ctx, y_true, probabilities, scored)
     ctx.plots["classes"] = result["classes"]
     ctx.plots["confusion_matrix"] = result["confusion_matrix"]
-    scored = test.with_labels([label])
     labelled = [i for i, record in enumerate(test) if label in record.labels]  # the scored records' rows
     for check in ctx.checks:
         CHECK_RUNNERS[check](ctx, _Scored(scored, embeddings[labelled], y_true, probabilities,
@@ -851,14 +899,15 @@ def _linear_probe(ctx: _Context, few_shot: bool = False) -> None:
         for k, run in result["few_shot"].items():
             for metric in ("auc", "accuracy"):
                 mean, std = run[f"{metric}_mean"], run[f"{metric}_std"]
-                interval = None if mean is None else {"low": max(0.0, mean - 1.96 * std),
+                interval = None if mean is None or std is None else {"low": max(0.0, mean - 1.96 * std),
                                                       "high": min(1.0, mean + 1.96 * std)}
                 ctx.row(f"{k}-shot {metric}", mean, interval, repeats=run["repeats"], interval_kind=DRAW_SPREAD)
         ctx.plots["few_shot"] = result["few_shot"]
         return
     y_true, probabilities = np.array(result["y_true"]), np.array(result["probabilities"])
     fused_with = list(result["covariates"]["columns"]) if "covariates" in result else []
-    _classification_rows(ctx, y_true, probabilities, covariates=fused_with)  # fused when fused_with names columns
+    _classification_rows(ctx, y_true, probabilities, test.with_labels([ctx.label]),
+                         covariates=fused_with)  # fused when fused_with names columns
     if fused_with:
         for metric, value in result["image_only"].items():
             ctx.row(f"image-only {metric}", value, covariates=[])
@@ -955,6 +1004,7 @@ def _vqa(ctx: _Context) -> None:
     result = evaluate_vqa(ctx.net, items, str(ctx.data.path), show_progress=ctx.show_progress, keep_answers=True,
                           pool=ctx.data.questions)
     ctx.flag_trained(result.get("trained_on_scored"))
+    images = [str(item.images or (item.image,)) for item in items]
     for prefix in ("", "blank_image_", "question_only_"):
         baseline = prefix.rstrip("_").replace("_", " ")
         name = f"sanity: {baseline} overall_accuracy" if prefix else "overall_accuracy"
@@ -962,7 +1012,8 @@ def _vqa(ctx: _Context) -> None:
             ctx.skipped[f"sanity: {prefix.rstrip('_')}"] = "the model has no such baseline (no training answer prior)"
             continue
         correct = np.array(result[f"{prefix}correct"], dtype=float)
-        interval = ctx.bootstrap(lambda c: float(c.mean()), correct, need_both_classes=False)
+        # about 10 questions an image (VQA-RAD): the image is the unit drawn, not the question
+        interval = ctx.bootstrap(lambda c: float(c.mean()), correct, need_both_classes=False, units=images)
         ctx.row(name, interval["value"], interval)
     for kind in ("closed", "open"):
         ctx.row(f"{kind}_accuracy", result[f"{kind}_accuracy"])
@@ -1025,9 +1076,9 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
     ctx.row("calibration: aurc", block["risk_coverage"]["aurc"])
     ctx.plots["calibration"] = {"reliability": block["reliability"], "split": spec.calibration_split}
     ctx.plots["risk_coverage"] = {"risk_coverage": block["risk_coverage"]}
-    if block["ece_after"] > block["ece_before"]:
-        ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} raises ECE on {spec.split} "
-                                f"({block['ece_before']:.3f} -> {block['ece_after']:.3f})")
+    rise = _ece_rise(block, spec.calibration_split, spec.split)
+    if rise is not None:
+        ctx.flag("calibration", rise)
     if block["temperature_at_bound"] is not None:
         ctx.flag("calibration", f"temperature fitted on {spec.calibration_split} ({block['n_fit']} records) is "
                                 f"{block['temperature']:g}, the {block['temperature_at_bound']} end of its search "
@@ -1035,6 +1086,21 @@ def _check_calibration(ctx: _Context, scored: _Scored) -> None:
 
 
 RISK_COVERAGE_POINTS = 50  # points of the risk-coverage curve kept for the plot
+# the least rise of ECE after temperature scaling that is flagged: half a percentage point, always visible at the
+# three decimals the flag prints (a rise in the 4th decimal of a 15-bin ECE on tens of records is noise, and its
+# flag read "0.128 -> 0.128"); the sanity rules' margin works the same way (``eval.sanity.beats_by``)
+ECE_RISE = 0.005
+
+
+def _ece_rise(block: dict[str, Any], fit_split: str | None, split: str) -> str | None:
+    """The flag sentence when a temperature fitted on ``fit_split`` raises ECE on ``split`` by at least
+    ``ECE_RISE`` (a calibration block of ``eval.calibration``), else None."""
+    from ..eval.sanity import beats_by
+
+    if not beats_by(block["ece_after"], block["ece_before"], ECE_RISE):
+        return None
+    return (f"temperature fitted on {fit_split} raises ECE on {split} "
+            f"({block['ece_before']:.3f} -> {block['ece_after']:.3f})")
 
 
 def _check_sanity(ctx: _Context, scored: _Scored) -> None:
@@ -1069,28 +1135,37 @@ def _check_subgroups(ctx: _Context, scored: _Scored) -> None:
         return
     groups = groups_from_records(scored.dataset.records, columns)
     result = subgroup_metrics(scored.y_true, scored.probabilities, groups, resamples=ctx.suite.bootstrap,
-                              seed=ctx.suite.seed)
+                              seed=ctx.suite.seed, units=ctx.data.units(scored.dataset.records))
     for column, block in result["columns"].items():
         for group, metrics in block["groups"].items():
             for metric in ("auc", "balanced_accuracy", "accuracy"):  # AUC is None for a single-class group
                 interval = metrics.get(metric)
                 if isinstance(interval, dict):
                     ctx.row(f"subgroup {column}={group}: {metric}", interval["value"], interval, n=metrics["n"],
-                            smallest_class=metrics["smallest_class"])
+                            smallest_class=metrics["smallest_class"], **_units(ctx, metrics))
         gap = block.get("gap")
         if isinstance(gap, dict) and gap.get("value") is not None:
             ctx.row(f"subgroup {column}: worst-group auc gap", gap["value"], gap, worst=block.get("worst_group"))
         unscored = _unscored_groups(block, result["n"], result["min_size"],
-                                    unreadable_ages(scored.dataset.records, column))
+                                    unreadable_ages(scored.dataset.records, column), ctx.data.group_column)
         if unscored:
             ctx.skipped[f"subgroups: {column}"] = unscored
     ctx.plots["subgroups"] = result["columns"]
 
 
-def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: list[str]) -> str | None:
+def _units(ctx: _Context, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A subgroup row's count of distinct cases (``units``, beside its ``n`` records) when the dataset's bootstrap
+    draws cases (``PreparedDataset.group_column``)."""
+    return {} if ctx.data.group_column is None else {"units": metrics["units"]}
+
+
+def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: list[str],
+                     unit: str | None = None) -> str | None:
     """What of a subgroup column was not scored, in words (None when every record's group was): records
     without a value, records whose age cannot be read (``unreadable``: their values, counted; among the block's
-    ``missing``), groups under ``min_size`` records, single-class groups (no AUC), and no gap."""
+    ``missing``), groups under ``min_size`` records (distinct ``unit`` values, a case column, when given),
+    single-class groups (no AUC), and no gap."""
+    size = "records" if unit is None else f"distinct {unit} values"
     parts = []
     empty = block["missing"] - len(unreadable)
     if empty:
@@ -1100,11 +1175,11 @@ def _unscored_groups(block: dict[str, Any], n: int, min_size: int, unreadable: l
         parts.append(f"{len(unreadable)} of {n} have an age that cannot be read")
     if block["too_small"]:
         small = ", ".join(f"{name} ({count})" for name, count in block["too_small"].items())
-        parts.append(f"groups under {min_size} records not scored: {small}")
+        parts.append(f"groups under {min_size} {size} not scored: {small}")
     if block.get("unnamed_small_groups"):  # counted, never named: a rare value may be a note or an id
         unnamed = block["unnamed_small_groups"]
         parts.append(f"{unnamed} {'other ' * bool(block['too_small'])}value{'s' * (unnamed != 1)} under "
-                     f"{min_size} records not scored "
+                     f"{min_size} {size} not scored "
                      f"({block['unnamed_small_records']} records; values not shown)")
     single = [name for name, metrics in block["groups"].items() if metrics.get("auc") is None]
     if single:

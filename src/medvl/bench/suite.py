@@ -16,6 +16,10 @@ A suite is a YAML file (the shipped ones are in ``medvl/bench/suites``)::
         calibration_split: val         # temperature, abstention threshold, nothing reported on it
         label: finding                 # the default label column of the classification tasks
         subgroups: [sex, age, view]    # metadata columns scored per group
+        group_column: case_id          # the bootstrap's resampling unit: a label / meta column holding a case or
+                                       # patient id (whole cases drawn; subgroup sizes count cases); default:
+                                       # case_id when the loader gives every record one (MedPix), else the image;
+                                       # `image` draws images; a vqa dataset draws the questions' images
         kind: images                   # images (any medvl dataset) | vqa (a VQA question file)
         captions: prompts.yaml         # zero-shot prompts (a caption file, relative to the suite file)
     tasks:
@@ -108,6 +112,13 @@ class DatasetSpec:
     subgroups: list[str] = field(default_factory=list)
     kind: str = "images"
     captions: str | None = None  # a caption YAML for zero-shot prompts (default: the dataset's or model's)
+    # the bootstrap's resampling unit (``medvl.eval.bootstrap`` groups): a label or meta column naming each record's
+    # case or patient; None: ``DEFAULT_GROUP_COLUMN`` when every record has one, else the image ("image")
+    group_column: str | None = None
+
+
+IMAGE_UNIT = "image"  # group_column value: each image (record) its own resampling unit
+DEFAULT_GROUP_COLUMN = "case_id"  # a loader's case id (MedPix): the unit when a suite names none
 
 
 @dataclass
@@ -257,7 +268,10 @@ def _dataset(name: str, raw: dict[str, Any], path: Path) -> DatasetSpec:
     where = f"{path}: dataset {name!r}"
     _known_keys(raw, allowed, where)
     spec = DatasetSpec(name=name, **_names(raw, ("path", "split", "train_split", "calibration_split", "label",
-                                                  "kind", "captions"), where))
+                                                  "kind", "captions", "group_column"), where))
+    if spec.kind == "vqa" and spec.group_column not in (None, IMAGE_UNIT):
+        raise InputError(f"{where}: group_column of a vqa dataset must be {IMAGE_UNIT!r} (its questions are "
+                         f"resampled by image), got {spec.group_column!r}")
     if spec.split is None:  # the split every task scores (train and calibration splits may be none)
         raise InputError(f"{where}: split must be a name, got None")
     if spec.kind not in DATASET_KINDS:

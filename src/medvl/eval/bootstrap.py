@@ -16,6 +16,13 @@ width). Balanced accuracy is undefined on a draw lacking a class: such draws are
 which at the sizes these figures are reported for (tens of records per class) is almost never one.
 ``bench run`` and ``bench medmnist`` both take these draws, so the two give the same interval for the same figure;
 ``medvl.eval.subgroups.DRAWS`` says which each metric takes, for the headline rows and the subgroup rows alike.
+
+The unit resampled is the record unless ``groups`` (one id per record: a case or patient id, the image of a VQA
+question) is given: then a draw is a cluster bootstrap, whole groups drawn with replacement (as many as there are)
+and every record of each drawn group kept, since records of one case are not independent and a draw of records
+would give intervals too narrow. Stratified draws then stratify the groups by the set of classes each holds (a
+group of one class is drawn among the groups of that class, keeping their count), so every draw still holds every
+class. Without ``groups`` the draws are those above, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,20 +38,57 @@ Metric = Callable[..., float | None]  # metric(y_true, *arrays) on one (re)sampl
 
 
 def bootstrap_draws(y_true: np.ndarray, resamples: int = 1000, seed: int = 0,
-                    need_both_classes: bool = True, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+                    need_both_classes: bool = True, rng: np.random.Generator | None = None,
+                    groups: np.ndarray | Sequence | None = None) -> list[np.ndarray]:
     """Index arrays of ``resamples`` draws with replacement of ``len(y_true)`` records.
 
     With ``need_both_classes`` each draw is stratified by class (each class's records drawn among themselves,
-    its count kept). ``rng`` (instead of ``seed``) continues an existing stream.
+    its count kept). ``rng`` (instead of ``seed``) continues an existing stream. ``groups`` (one id per record):
+    whole groups are drawn instead of records (``_group_draws``; see the module docstring).
     """
     y_true = np.asarray(y_true)
     rng = rng if rng is not None else np.random.default_rng(seed)
+    if groups is not None:
+        return _group_draws(y_true, _check_groups(groups, len(y_true)), resamples, need_both_classes, rng)
     if not need_both_classes:
         return [rng.integers(0, len(y_true), len(y_true)) for _ in range(resamples)]
     codes = np.unique(y_true, return_inverse=True)[1].reshape(-1)
     members = [np.flatnonzero(codes == code) for code in range(int(codes.max()) + 1 if len(codes) else 0)]
     return [np.concatenate([group[rng.integers(0, len(group), len(group))] for group in members])
             for _ in range(resamples)]
+
+
+def _group_draws(y_true: np.ndarray, groups: np.ndarray, resamples: int, stratified: bool,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """Cluster bootstrap draws: per draw, as many groups as there are drawn with replacement, each with every one of
+    its records (groups in order of first appearance). ``stratified``: the groups are drawn among those holding the
+    same set of classes, each such stratum keeping its count of groups."""
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    first: dict[int, int] = {}
+    for index, code in enumerate(codes.tolist()):
+        first.setdefault(code, index)
+    members = [np.flatnonzero(codes == code) for code in sorted(first, key=first.__getitem__)]
+    if stratified:
+        signatures = [tuple(np.unique(y_true[index]).tolist()) for index in members]
+        strata = [np.array([g for g, signature in enumerate(signatures) if signature == key])
+                  for key in sorted(set(signatures))]
+    else:
+        strata = [np.arange(len(members))]
+    return [np.concatenate([members[g] for stratum in strata
+                            for g in stratum[rng.integers(0, len(stratum), len(stratum))]])
+            for _ in range(resamples)]
+
+
+def _check_groups(groups: np.ndarray | Sequence, n: int) -> np.ndarray:
+    ids = np.asarray([str(group) for group in groups])
+    if len(ids) != n:
+        raise InputError(f"bootstrap groups must hold one id per record ({n}), got {len(ids)}")
+    return ids
+
+
+def group_count(groups: np.ndarray | Sequence | None, n: int) -> int:
+    """How many resampling units ``n`` records form: their distinct ``groups``, or ``n`` without groups."""
+    return n if groups is None else len(set(_check_groups(groups, n).tolist()))
 
 
 def every_class_draws(y_true: np.ndarray, draws: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -69,20 +113,22 @@ def percentile_interval(metric_of_index: Callable[[np.ndarray], float], n: int, 
 
 def bootstrap_ci(metric: Metric, y_true: np.ndarray | Sequence, *arrays: np.ndarray | Sequence,
                  resamples: int = 1000, seed: int = 0, level: float = 0.95,
-                 need_both_classes: bool = True, stratified: bool = True) -> dict:
+                 need_both_classes: bool = True, stratified: bool = True,
+                 groups: np.ndarray | Sequence | None = None) -> dict:
     """Percentile bootstrap interval of ``metric(y_true, *arrays)`` over records.
 
     ``arrays`` (e.g. scores or predictions) are resampled with ``y_true`` along their first axis.
     ``need_both_classes`` (the metric is undefined without every class): stratified draws, or with
     ``stratified=False`` plain draws of which those lacking a class are left out (balanced accuracy); without
     it, plain draws, all used (accuracy). Returns ``value`` (on all records), ``low``, ``high`` (None if no draw
-    was usable) and ``resamples`` (draws used). Example: ``bootstrap_ci(roc_auc_score, y, scores)``.
+    was usable) and ``resamples`` (draws used). ``groups`` (one id per record, e.g. a case id): a cluster
+    bootstrap drawing whole groups (the module docstring). Example: ``bootstrap_ci(roc_auc_score, y, scores)``.
     """
     y, rest = _check_sample("y_true", y_true, arrays)
     _check_settings(resamples, level)
     if need_both_classes:
         _require_classes("y_true", y)
-    draws = bootstrap_draws(y, resamples, seed, need_both_classes and stratified)
+    draws = bootstrap_draws(y, resamples, seed, need_both_classes and stratified, groups=groups)
     if need_both_classes and not stratified:
         draws = every_class_draws(y, draws)
     interval = percentile_interval(lambda index: _number(metric(y[index], *(a[index] for a in rest))),
@@ -92,13 +138,16 @@ def bootstrap_ci(metric: Metric, y_true: np.ndarray | Sequence, *arrays: np.ndar
 
 def difference_ci(metric: Metric, first: Sequence[np.ndarray | Sequence], second: Sequence[np.ndarray | Sequence],
                   resamples: int = 1000, seed: int = 0, level: float = 0.95, need_both_classes: bool = True,
-                  stratified: bool = True) -> dict:
+                  stratified: bool = True,
+                  groups: tuple[np.ndarray | Sequence, np.ndarray | Sequence] | None = None) -> dict:
     """Bootstrap interval of ``metric(*first) - metric(*second)`` for two groups of records.
 
     ``first`` and ``second`` are ``(y_true, *arrays)`` of each group; each draw resamples both groups
     independently (within group, so each keeps its size; with ``need_both_classes`` within each class of a
     group too, or with ``stratified=False`` plainly, a pair being left out when either draw lacks a class of its
-    group, as ``bootstrap_ci`` draws balanced accuracy). Returns ``value``, ``low``, ``high``, ``resamples``.
+    group, as ``bootstrap_ci`` draws balanced accuracy). ``groups``: one id per record of each group (a case id),
+    for a cluster bootstrap of each (whole cases drawn; the module docstring). Returns ``value``, ``low``, ``high``,
+    ``resamples``.
     """
     if len(first) < 1 or len(second) < 1:
         raise InputError("difference_ci needs (y_true, *arrays) for each group, got an empty group")
@@ -109,10 +158,11 @@ def difference_ci(metric: Metric, first: Sequence[np.ndarray | Sequence], second
         _require_classes("first group y_true", y_a)
         _require_classes("second group y_true", y_b)
     rng = np.random.default_rng(seed)
+    groups_a, groups_b = groups if groups is not None else (None, None)
     pairs = []
     for _ in range(resamples):
-        a = bootstrap_draws(y_a, 1, rng=rng, need_both_classes=need_both_classes and stratified)
-        b = bootstrap_draws(y_b, 1, rng=rng, need_both_classes=need_both_classes and stratified)
+        a = bootstrap_draws(y_a, 1, rng=rng, need_both_classes=need_both_classes and stratified, groups=groups_a)
+        b = bootstrap_draws(y_b, 1, rng=rng, need_both_classes=need_both_classes and stratified, groups=groups_b)
         if need_both_classes and not stratified:
             a, b = every_class_draws(y_a, a), every_class_draws(y_b, b)
         if a and b:

@@ -23,7 +23,7 @@ from scipy.stats import rankdata
 from ..checks import check_number
 from ..data.record import Record
 from ..errors import InputError
-from .bootstrap import bootstrap_ci, difference_ci
+from .bootstrap import bootstrap_ci, difference_ci, group_count
 
 # Upper bound (exclusive, years) and name of each age band, in order.
 AGE_BANDS = ((40.0, "<40"), (60.0, "40-59"), (80.0, "60-79"), (math.inf, "80+"))
@@ -196,27 +196,31 @@ _METRIC_FUNCTIONS = {"auc": macro_auc, "balanced_accuracy": balanced_accuracy, "
 # the bootstrap draws of each metric's interval (``medvl.eval.bootstrap``), for bench run's headline rows, the
 # subgroup rows and the worst-group gap alike: AUC's stratified by class; accuracy's and balanced accuracy's plain,
 # the class mix varying as it does between samples (balanced accuracy's without the draws lacking a class)
-DRAWS: dict[str, dict[str, bool]] = {"auc": {"need_both_classes": True, "stratified": True},
+DRAWS: dict[str, dict[str, Any]] = {"auc": {"need_both_classes": True, "stratified": True},
                                      "balanced_accuracy": {"need_both_classes": True, "stratified": False},
                                      "accuracy": {"need_both_classes": False, "stratified": False}}
 
 
 def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence,
                      groups: Mapping[str, Sequence[Any]], min_size: int = 10, resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95, headline: str = "auc") -> dict:
+                     level: float = 0.95, headline: str = "auc", units: Sequence[Any] | None = None) -> dict:
     """AUC, balanced accuracy and accuracy with bootstrap intervals per group of each column.
 
     ``groups`` maps a column name to one value per record (``groups_from_records`` makes it from
-    records). Groups with fewer than ``min_size`` records are not scored (counted, see below).
+    records). ``units``: one resampling unit id per record (a case or patient id, when several records are of one
+    case): every interval is then a cluster bootstrap over them (``medvl.eval.bootstrap``), and a group's size is
+    its count of distinct units. Groups with fewer than ``min_size`` of them (records without ``units``) are not
+    scored (counted, see below).
     Per column, the scored group with the lowest ``headline`` metric is ``worst_group``, the highest
     ``best_group``, and ``gap`` (best minus worst) has an interval from resampling within each of the
     two groups. The two are chosen on all records, so the gap interval does not cover that choice.
 
-    Returns ``n``, ``headline``, ``min_size``, ``level`` and ``columns``: per column ``groups`` (per
-    value: ``n``, ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
+    Returns ``n``, ``units`` (distinct units of all records; ``n`` without ``units``), ``headline``, ``min_size``,
+    ``level`` and ``columns``: per column ``groups`` (per value: ``n``, ``units`` (its distinct units),
+    ``smallest_class`` (the fewest records of a class present; under ``SMALL_CLASS`` the
     intervals are rough) and each metric as ``{value, low, high, resamples}``, or None for AUC of a
     single-class group; each metric's interval takes the draws ``DRAWS`` names: AUC's stratified by class),
-    ``too_small`` (age band -> n: the bands medvl names), ``unnamed_small_groups`` and ``unnamed_small_records``
+    ``too_small`` (age band -> its units: the bands medvl names), ``unnamed_small_groups`` and ``unnamed_small_records``
     (how many other values are too small, and their records: counted, never named, since a rare value may be free
     text or an identifier), ``missing`` (records without a value),
     ``worst_group``, ``best_group`` and ``gap`` (None when fewer than two groups are scored).
@@ -226,11 +230,15 @@ def subgroup_metrics(y_true: np.ndarray | Sequence[int], probabilities: np.ndarr
     if headline not in _METRIC_FUNCTIONS:
         raise InputError(f"headline metric must be one of {', '.join(METRICS)}, got {headline!r}")
     settings = {"resamples": resamples, "seed": seed, "level": level}
+    ids = None if units is None else np.array(_group_labels("units", units, len(y)), dtype=object)
+    if ids is not None and any(unit is None for unit in ids):
+        raise InputError(f"{sum(unit is None for unit in ids)} of {len(y)} records have no resampling unit id")
     columns = {}
     for column, values in groups.items():
         labels = _group_labels(column, values, len(y))
-        columns[column] = _column_metrics(y, scores, labels, min_size, headline, settings)
-    return {"n": int(len(y)), "headline": headline, "min_size": min_size, "level": level, "columns": columns}
+        columns[column] = _column_metrics(y, scores, labels, min_size, headline, settings, ids)
+    return {"n": int(len(y)), "units": group_count(ids, len(y)), "headline": headline, "min_size": min_size,
+            "level": level, "columns": columns}
 
 
 def _check_scores(y_true: np.ndarray | Sequence[int], probabilities: np.ndarray | Sequence) -> tuple[np.ndarray, ...]:
@@ -258,24 +266,33 @@ def _group_labels(column: str, values: Sequence[Any], n: int) -> list[str | None
 
 
 def _column_metrics(y: np.ndarray, scores: np.ndarray, labels: list[str | None], min_size: int,
-                    headline: str, settings: dict) -> dict:
+                    headline: str, settings: dict, units: np.ndarray | None = None) -> dict:
     names = sorted({label for label in labels if label is not None}, key=_group_order)
     members = {name: np.array([i for i, label in enumerate(labels) if label == name]) for name in names}
-    scored = {name: index for name, index in members.items() if len(index) >= min_size}
+
+    def size(index: np.ndarray) -> int:  # records, or the distinct cases among them
+        return group_count(None if units is None else units[index], len(index))
+
+    def unit_of(index: np.ndarray) -> dict:
+        return {} if units is None else {"groups": units[index]}
+
+    scored = {name: index for name, index in members.items() if size(index) >= min_size}
     small = {name: index for name, index in members.items() if name not in scored}
-    groups = {name: _group_metrics(y[index], scores[index], settings) for name, index in scored.items()}
+    groups = {name: {**_group_metrics(y[index], scores[index], settings | unit_of(index)), "units": size(index)}
+              for name, index in scored.items()}
     ranked = sorted((g[headline]["value"], name) for name, g in groups.items() if g[headline] is not None)
     worst, best, gap = None, None, None
     if len(ranked) >= 2:
         worst, best = ranked[0][1], ranked[-1][1]
         metric = _METRIC_FUNCTIONS[headline]
+        pair = None if units is None else (units[scored[best]], units[scored[worst]])
         gap = difference_ci(metric, (y[scored[best]], scores[scored[best]]), (y[scored[worst]], scores[scored[worst]]),
-                            **DRAWS[headline], **settings)
+                            **DRAWS[headline], **settings, groups=pair)
     return {"groups": groups,
             # a value too rare to score may be free text or an identifier (a column mostly of categories with a few
             # notes, or one patient's note on two films, passes check_group_column): such values are counted, never
             # listed by their value; only the age bands medvl names itself are
-            "too_small": {name: len(index) for name, index in small.items() if name in _BAND_NAMES},
+            "too_small": {name: size(index) for name, index in small.items() if name in _BAND_NAMES},
             "unnamed_small_groups": sum(name not in _BAND_NAMES for name in small),
             "unnamed_small_records": sum(len(index) for name, index in small.items() if name not in _BAND_NAMES),
             "missing": sum(label is None for label in labels),
