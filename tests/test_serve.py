@@ -1332,6 +1332,66 @@ def test_an_index_found_damaged_answers_503_on_every_index_route_until_restarted
         assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
 
 
+def test_a_faiss_index_changed_under_the_service_is_followed_between_requests(model_dir, index_dir, phantom_dir,
+                                                                              png, tmp_path):
+    """``medvl index delete`` (add, build over it) swaps a new folder in; the service kept the version it opened:
+    deleted cases went on being found by /v1/search, cited by /v1/report/draft and shown as thumbnails, and /v1/models
+    kept the old count and ``sha256``, while ``medvl search`` left them out. The service reads the new version between
+    requests; one rebuilt with another model, or removed, answers 503 with the reason, and health says so."""
+    from fastapi.testclient import TestClient
+
+    from medvl.index.base import info_sha256
+    from medvl.models.registry import create_model
+
+    torch = pytest.importorskip("torch")
+    served = tmp_path / "served.idx"
+    shutil.copytree(index_dir, served)
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    app = create_app(model_dir, index=served, settings=ServeSettings(data_root=phantom_dir), require_token=False)
+    with TestClient(app) as http:
+        def search(k: int = 5) -> list[str]:
+            answer = http.post("/v1/search", files=image, data={"k": str(k)})
+            assert answer.status_code == 200, answer.text
+            return [hit["id"] for hit in answer.json()["hits"]]
+
+        def described() -> dict:
+            return http.get("/v1/models").json()["models"][0]["index"]
+
+        before, cases = search(), described()["cases"]
+        draft = http.post("/v1/report/draft", files=image, data={"k": "5"}).json()
+        cited = {case for finding in draft["findings"] for case in finding["cases"]}
+        gone = sorted(cited & set(before))[:2]
+        assert gone and all(thumbnail(http, case_id, {}).status_code == 200 for case_id in gone)
+        result, output = invoke("index", "delete", "--index", served, *gone)
+        assert result.exit_code == 0, output
+        after = search()
+        assert not set(gone) & set(after)
+        assert after == [case for case in before if case not in gone] + after[-len(gone):]
+        draft = http.post("/v1/report/draft", files=image, data={"k": "5"})
+        assert draft.status_code == 200 and not any(case in draft.text for case in gone), draft.text
+        for case_id in gone:
+            answer = thumbnail(http, case_id, {})
+            assert answer.status_code == 404 and answer.json()["detail"] == "no indexed case has this id"
+        with open_index(served) as index:
+            assert described() | {"unavailable": None} == {**described(), "cases": cases - len(gone),
+                                                          "sha256": info_sha256(index.info)}
+        torch.manual_seed(5)
+        other = tmp_path / "other"
+        create_model("phantom-tiny").save_pretrained(other)
+        build_index(load_model(other), load_dataset(phantom_dir).select("test"), served, model_dir=other,
+                    show_progress=False)
+        refused = http.post("/v1/search", data={"text": "effusion"})
+        assert refused.status_code == 503 and "rebuilt with another model" in refused.json()["detail"], refused.text
+        assert "rebuilt with another model" in described()["unavailable"]
+        shutil.rmtree(served)
+        http.app.state.service.index_health_seconds = 0
+        assert http.get("/v1/health").json()["index"] == "unavailable"
+        refused = http.get(f"/v1/cases/{quote(after[0], safe='')}/thumbnail")
+        assert refused.status_code == 503 and refused.json()["detail"] == "index not found", refused.text
+        assert str(tmp_path) not in refused.text and str(tmp_path) not in json.dumps(described())
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher

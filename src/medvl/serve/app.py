@@ -285,7 +285,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.get("/v1/models", tags=["service"])
     async def models() -> dict:
         """The loaded model: name, embedding size, input, the labels it has captions for; the index."""
-        return {"models": [loader.get().describe()]}
+        return {"models": [await loader.get().described()]}
 
     @app.post("/v1/embed", tags=["models"])
     async def embed(request: Request, image: ImageField) -> dict:
