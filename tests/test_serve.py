@@ -2519,6 +2519,62 @@ def test_the_docs_load_nothing_from_another_host_and_their_files_are_served(clie
     assert "security" not in schema["paths"]["/v1/health"]["get"]
 
 
+def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_have_and_the_checked_limits(
+        client, png):
+    """Every POST route declared only 200 and FastAPI's 422, whose ``detail`` is a list of ``{loc, msg, type}``, while
+    every real refusal has ``detail`` as one string; 401 / 403 / 404 / 409 / 413 / 415 / 429 / 503 were not declared, so
+    a client generated from the document failed on every error. ``target`` and ``window`` had no allowed values,
+    ``k`` and ``top`` no limits. Each route declares its refusals with their real body, which real answers validate
+    against, and the values and limits the service checks."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from medvl.clinical.windowing import WINDOW_PRESETS
+    from medvl.index.base import MAX_K, TARGETS
+    from medvl.index.where import MAX_LENGTH
+    from medvl.rag.draft import MIN_CASES
+
+    document = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            statuses = {int(status) for status in operation["responses"] if status != "200"}
+            expected = {503} if path == "/v1/health" else {401, 429, 503}
+            expected |= {400, 408, 413, 415, 422} if method == "post" else set()
+            expected |= {"/v1/vqa": {409}, "/v1/cases/{case_id}/thumbnail": {403, 404, 422}}.get(path, set())
+            assert statuses == expected, (path, statuses)
+
+    def declared(path: str, method: str, status: int) -> dict:  # its $ref resolved within the document
+        response = document["paths"][path][method]["responses"][str(status)]
+        return {**response["content"]["application/json"]["schema"], "components": document["components"]}
+
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    case = quote("images/no-such-case", safe="")
+    answers = [("/v1/search", "post", client.post("/v1/search", files=image, data={"k": "abc"}, headers=auth())),
+               ("/v1/search", "post", client.post("/v1/search", data={"text": "x", "K": "3"}, headers=auth())),
+               ("/v1/search", "post", client.post("/v1/search", data={"text": "x", "target": "x"}, headers=auth())),
+               ("/v1/zero-shot", "post", client.post("/v1/zero-shot", data={"labels": "a,b"}, headers=auth())),
+               ("/v1/zero-shot", "post", zero_shot(client, b"GIF89a" + b"\0" * 200)),
+               ("/v1/embed", "post", client.post("/v1/embed", files=image)),
+               ("/v1/cases/{case_id}/thumbnail", "get", client.get(f"/v1/cases/{case}/thumbnail", headers=auth()))]
+    assert [answer.status_code for *_, answer in answers] == [422, 422, 422, 422, 415, 401, 404]
+    for path, method, answer in answers:
+        body = answer.json()
+        jsonschema.validate(body, declared(path, method, answer.status_code))
+        assert isinstance(body["detail"], str), body
+
+    def form(path: str) -> dict:
+        reference = document["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        return document["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
+
+    search, draft, explain = form("/v1/search"), form("/v1/report/draft"), form("/v1/explain")
+    assert search["target"]["enum"] == list(TARGETS) and form("/v1/preview")["window"]["enum"] == list(WINDOW_PRESETS)
+    assert (search["k"]["minimum"], search["k"]["maximum"], explain["k"]["maximum"]) == (1, MAX_K, MAX_K)
+    assert draft["k"]["minimum"] == MIN_CASES and draft["min_support"]["exclusiveMaximum"] == 1
+    assert (explain["top"]["minimum"], explain["top"]["maximum"]) == (1, ServeSettings().max_explain_top)
+    assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
+    refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
+    assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
+
+
 # ------------------------------------------------------------------------------- medvl serve
 
 
