@@ -1332,6 +1332,66 @@ def test_an_index_found_damaged_answers_503_on_every_index_route_until_restarted
         assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
 
 
+def test_a_faiss_index_changed_under_the_service_is_followed_between_requests(model_dir, index_dir, phantom_dir,
+                                                                              png, tmp_path):
+    """``medvl index delete`` (add, build over it) swaps a new folder in; the service kept the version it opened:
+    deleted cases went on being found by /v1/search, cited by /v1/report/draft and shown as thumbnails, and /v1/models
+    kept the old count and ``sha256``, while ``medvl search`` left them out. The service reads the new version between
+    requests; one rebuilt with another model, or removed, answers 503 with the reason, and health says so."""
+    from fastapi.testclient import TestClient
+
+    from medvl.index.base import info_sha256
+    from medvl.models.registry import create_model
+
+    torch = pytest.importorskip("torch")
+    served = tmp_path / "served.idx"
+    shutil.copytree(index_dir, served)
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    app = create_app(model_dir, index=served, settings=ServeSettings(data_root=phantom_dir), require_token=False)
+    with TestClient(app) as http:
+        def search(k: int = 5) -> list[str]:
+            answer = http.post("/v1/search", files=image, data={"k": str(k)})
+            assert answer.status_code == 200, answer.text
+            return [hit["id"] for hit in answer.json()["hits"]]
+
+        def described() -> dict:
+            return http.get("/v1/models").json()["models"][0]["index"]
+
+        before, cases = search(), described()["cases"]
+        draft = http.post("/v1/report/draft", files=image, data={"k": "5"}).json()
+        cited = {case for finding in draft["findings"] for case in finding["cases"]}
+        gone = sorted(cited & set(before))[:2]
+        assert gone and all(thumbnail(http, case_id, {}).status_code == 200 for case_id in gone)
+        result, output = invoke("index", "delete", "--index", served, *gone)
+        assert result.exit_code == 0, output
+        after = search()
+        assert not set(gone) & set(after)
+        assert after == [case for case in before if case not in gone] + after[-len(gone):]
+        draft = http.post("/v1/report/draft", files=image, data={"k": "5"})
+        assert draft.status_code == 200 and not any(case in draft.text for case in gone), draft.text
+        for case_id in gone:
+            answer = thumbnail(http, case_id, {})
+            assert answer.status_code == 404 and answer.json()["detail"] == "no indexed case has this id"
+        with open_index(served) as index:
+            assert described() | {"unavailable": None} == {**described(), "cases": cases - len(gone),
+                                                          "sha256": info_sha256(index.info)}
+        torch.manual_seed(5)
+        other = tmp_path / "other"
+        create_model("phantom-tiny").save_pretrained(other)
+        build_index(load_model(other), load_dataset(phantom_dir).select("test"), served, model_dir=other,
+                    show_progress=False)
+        refused = http.post("/v1/search", data={"text": "effusion"})
+        assert refused.status_code == 503 and "rebuilt with another model" in refused.json()["detail"], refused.text
+        assert "rebuilt with another model" in described()["unavailable"]
+        shutil.rmtree(served)
+        http.app.state.service.index_health_seconds = 0
+        assert http.get("/v1/health").json()["index"] == "unavailable"
+        refused = http.get(f"/v1/cases/{quote(after[0], safe='')}/thumbnail")
+        assert refused.status_code == 503 and refused.json()["detail"] == "index not found", refused.text
+        assert str(tmp_path) not in refused.text and str(tmp_path) not in json.dumps(described())
+        assert http.post("/v1/zero-shot", files=image, data={"labels": LABELS}).status_code == 200  # the model's
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server, client, model_dir, phantom_dir):
     paths = [record.image for record in load_dataset(phantom_dir).select("test")[:8]]
     batcher = server.app.state.service.batcher
@@ -2457,6 +2517,62 @@ def test_the_docs_load_nothing_from_another_host_and_their_files_are_served(clie
     assert {"/v1/explain", "/v1/vqa"} <= set(schema["paths"])
     assert schema["paths"]["/v1/vqa"]["post"]["security"] == [{"bearer": []}]
     assert "security" not in schema["paths"]["/v1/health"]["get"]
+
+
+def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_have_and_the_checked_limits(
+        client, png):
+    """Every POST route declared only 200 and FastAPI's 422, whose ``detail`` is a list of ``{loc, msg, type}``, while
+    every real refusal has ``detail`` as one string; 401 / 403 / 404 / 409 / 413 / 415 / 429 / 503 were not declared, so
+    a client generated from the document failed on every error. ``target`` and ``window`` had no allowed values,
+    ``k`` and ``top`` no limits. Each route declares its refusals with their real body, which real answers validate
+    against, and the values and limits the service checks."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from medvl.clinical.windowing import WINDOW_PRESETS
+    from medvl.index.base import MAX_K, TARGETS
+    from medvl.index.where import MAX_LENGTH
+    from medvl.rag.draft import MIN_CASES
+
+    document = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            statuses = {int(status) for status in operation["responses"] if status != "200"}
+            expected = {503} if path == "/v1/health" else {401, 429, 503}
+            expected |= {400, 408, 413, 415, 422} if method == "post" else set()
+            expected |= {"/v1/vqa": {409}, "/v1/cases/{case_id}/thumbnail": {403, 404, 422}}.get(path, set())
+            assert statuses == expected, (path, statuses)
+
+    def declared(path: str, method: str, status: int) -> dict:  # its $ref resolved within the document
+        response = document["paths"][path][method]["responses"][str(status)]
+        return {**response["content"]["application/json"]["schema"], "components": document["components"]}
+
+    image = {"image": ("x.png", png.read_bytes(), "image/png")}
+    case = quote("images/no-such-case", safe="")
+    answers = [("/v1/search", "post", client.post("/v1/search", files=image, data={"k": "abc"}, headers=auth())),
+               ("/v1/search", "post", client.post("/v1/search", data={"text": "x", "K": "3"}, headers=auth())),
+               ("/v1/search", "post", client.post("/v1/search", data={"text": "x", "target": "x"}, headers=auth())),
+               ("/v1/zero-shot", "post", client.post("/v1/zero-shot", data={"labels": "a,b"}, headers=auth())),
+               ("/v1/zero-shot", "post", zero_shot(client, b"GIF89a" + b"\0" * 200)),
+               ("/v1/embed", "post", client.post("/v1/embed", files=image)),
+               ("/v1/cases/{case_id}/thumbnail", "get", client.get(f"/v1/cases/{case}/thumbnail", headers=auth()))]
+    assert [answer.status_code for *_, answer in answers] == [422, 422, 422, 422, 415, 401, 404]
+    for path, method, answer in answers:
+        body = answer.json()
+        jsonschema.validate(body, declared(path, method, answer.status_code))
+        assert isinstance(body["detail"], str), body
+
+    def form(path: str) -> dict:
+        reference = document["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        return document["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
+
+    search, draft, explain = form("/v1/search"), form("/v1/report/draft"), form("/v1/explain")
+    assert search["target"]["enum"] == list(TARGETS) and form("/v1/preview")["window"]["enum"] == list(WINDOW_PRESETS)
+    assert (search["k"]["minimum"], search["k"]["maximum"], explain["k"]["maximum"]) == (1, MAX_K, MAX_K)
+    assert draft["k"]["minimum"] == MIN_CASES and draft["min_support"]["exclusiveMaximum"] == 1
+    assert (explain["top"]["minimum"], explain["top"]["maximum"]) == (1, ServeSettings().max_explain_top)
+    assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
+    refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
+    assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
 
 
 # ------------------------------------------------------------------------------- medvl serve

@@ -19,7 +19,9 @@ similarities), and a filter allowing few cases, or k at or above the index size,
 Atomicity: nothing writes into INDEX in place. A build fills ``.INDEX.build`` (resumable: every
 batch is committed to its SQLite with the vectors), an edit works on a copy ``.INDEX.edit``; both
 are swapped in by renaming, so a crash leaves the previous index as it was. A lock file
-``.INDEX.lock`` keeps writers apart. Opening checks that each FAISS file holds the vectors of exactly
+``.INDEX.lock`` keeps writers apart. A reader kept open (a service) reads a version swapped in since when it calls
+``follow_rebuild`` between searches (the folder's inode or ``index.json`` changed): all of it at once, never its
+table of one version and its vectors of another. Opening checks that each FAISS file holds the vectors of exactly
 the table's cases (by count, sum and largest vid) and is the file the table and ``index.json`` recorded at the last
 save (its SHA-256, in table ``files`` and each vector set's ``file_sha256``: a rebuild with another model has as many
 vectors under the same vids): files of two versions of an index are a ``DataError``.
@@ -79,6 +81,7 @@ from .base import (
     check_vectors,
     ids_by_hash,
     in_id_order,
+    model_changed,
     note_vector_counts,
 )
 from .cases import (
@@ -463,6 +466,17 @@ def _inode(path: Path) -> int | None:
         return None
 
 
+def folder_version(path: Path) -> tuple[int, ...] | None:
+    """What tells one version of an index folder from the next (every writer swaps a new folder in: ``swap_in``):
+    the folder's inode and change time, and its ``index.json``'s inode, time and size (the inode of a version removed
+    by the swap may be given to the next one); None when the folder or its ``index.json`` is missing."""
+    try:
+        folder, info = path.stat(), (path / INFO_FILE).stat()
+    except OSError:
+        return None
+    return folder.st_ino, folder.st_ctime_ns, info.st_ino, info.st_mtime_ns, info.st_size
+
+
 def read_info(path: Path) -> dict[str, Any]:
     if not (path / INFO_FILE).is_file():
         raise DataError(path, f"not a medvl index (no {INFO_FILE})")
@@ -597,8 +611,11 @@ class FaissIndex(IndexBase):
 
         self.path, self.writable, self.lock = path, writable, lock
         self.location = str(path)
+        # before anything is read: a version swapped in meanwhile is then seen as new by ``follow_rebuild``
+        self.version = folder_version(path)
         self.damaged: str | None = None  # why the cases table cannot be read, once a read found it damaged
         self.info = check_info_format(read_info(path), self.location, writable, str(path / INFO_FILE))
+        self.opened_info = self.info  # the info the model was checked against (check_model) when it was opened
         try:
             self.conn = _connect(path / CASES_DB, readonly=True)
             self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()
@@ -656,6 +673,31 @@ class FaissIndex(IndexBase):
                 return index
             index.close()
         raise DataError(path, "index keeps changing while being opened; try again")
+
+    def follow_rebuild(self) -> None:
+        """Read the folder again when a writer swapped in a new version since it was read (``medvl index add``,
+        ``delete``, ``build`` over it), as ``PgVectorIndex.follow_rebuild`` follows a rebuilt table: a long-lived
+        reader (a running service) then searches, counts and filters the new version's vectors, cases and filter
+        columns, never those of cases deleted since. The new version is opened and checked whole before it replaces
+        the one held, which is closed: call this between searches, on the thread that searches, so that one answer
+        reads one version. A version built with another model than the one this index was opened with is an
+        ``IndexRebuilt`` error, one that cannot be read (removed, damaged, files of two versions) a ``DataError``;
+        the index then keeps the version it held, and the next call tries again. A writable index holds the lock
+        every writer takes: nothing swaps it."""
+        if self.writable or folder_version(self.path) == self.version:
+            return
+        current = type(self).open(self.path)
+        try:
+            model_changed(self.opened_info, current.info, self.path.name)  # the folder's name: a service shows it
+        except BaseException:
+            current.close()
+            raise
+        held = (self.conn, self._filters_file)
+        self.version, self.info, self.conn, self.anns = current.version, current.info, current.conn, current.anns
+        self._filters_file, self._filters, self._positions, self.damaged = current._filters_file, None, {}, None
+        held[0].close()
+        if held[1] is not None:
+            held[1].close()
 
 
     @_reads_cases

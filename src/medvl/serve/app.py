@@ -22,7 +22,8 @@ medvl's errors become 4xx answers ``{"detail": reason}`` at this boundary: 403 (
 leaving the data root), 404 (no image for a case), 409 (no VQA model loaded), 413 (too large),
 415 (unsupported type), 422 (unreadable upload, bad option, a field the route does not
 take or one given twice), 503 (queue full, no index); 401 / 429
-come from ``middleware.ServiceMiddleware`` before any body is read. Every answer carries an
+come from ``middleware.ServiceMiddleware`` before any body is read; the OpenAPI document declares each route's
+(``refusals``: the body ``ErrorAnswer``, never FastAPI's list of ``{loc, msg, type}``). Every answer carries an
 ``X-Request-ID`` that names its log line (but a CORS preflight, answered by the CORS layer outside it).
 """
 
@@ -34,16 +35,21 @@ import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError, one_line
+from ..index.base import MAX_K, TARGETS
+from ..index.where import MAX_LENGTH as WHERE_LENGTH
+from ..rag.draft import LOWEST_MIN_SUPPORT, MIN_CASES
+from ..rag.draft import MAX_K as DRAFT_MAX_K
 from .auth import TokenAuth, load_digests
 from .middleware import PUBLIC_PATHS, ServiceMiddleware
 from .previews import png_bytes
@@ -62,10 +68,50 @@ EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "X-Preview-Window", "X-Preview
 SWAGGER_STATIC = "/static/swagger-ui"  # where the swagger-ui files of /docs are served
 
 ImageField = Annotated[UploadFile, File(description="PNG, JPEG, DICOM (de-identified on arrival) or NIfTI.")]
-KField = Annotated[int, Form(description="Number of cases.")]
-WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.g. \"sex = 'F' and age > 60\".")]
+# the limits the library checks (``check_k``, ``rag.draft.check_settings``, ``parse_where``), declared in the OpenAPI
+# document only (``json_schema_extra``): the library's own refusal, in its words, answers a value outside them
+KField = Annotated[int, Form(description="Number of cases.", json_schema_extra={"minimum": 1, "maximum": MAX_K})]
+DraftKField = Annotated[int, Form(description="Number of cases the draft is made from.",
+                                  json_schema_extra={"minimum": MIN_CASES, "maximum": DRAFT_MAX_K})]
+WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.g. \"sex = 'F' and age > 60\".",
+                                        json_schema_extra={"maxLength": WHERE_LENGTH})]
 ImagesField = Annotated[list[UploadFile], File(description="The image(s) the question is about: the field once per "
                                                           "image, earlier film first (PNG, JPEG, DICOM, NIfTI).")]
+
+
+class ErrorAnswer(BaseModel):
+    """The body of every refusal (4xx, 503): one line saying why. A form's 422 names the fields at fault in it,
+    not as FastAPI's list of ``{loc, msg, type}``."""
+
+    detail: str = Field(description="Why the request was refused, in one line.")
+
+
+# what each refusal means, for the OpenAPI document: every one answers an ``ErrorAnswer``
+REFUSALS = {
+    400: "A multipart body whose boundary the form parser cannot use.",
+    401: "No API token, or not a valid one ('Authorization: Bearer TOKEN').",
+    403: "The case's stored image path leaves the service's data root.",
+    404: "No image to show for the case: unknown id, no stored path (DICOM, arrays), no data root, or the file "
+         "there is not the indexed image.",
+    408: "The request body did not arrive in time.",
+    409: "This service was started without the model the route needs (no --vqa-model).",
+    413: "A body or upload over the service's limits (bytes, pixels, voxels).",
+    415: "An upload that is not PNG, JPEG, DICOM or NIfTI, or a form in another charset than UTF-8.",
+    422: "An unreadable upload, a field the route does not take or given twice, or a value the route refuses.",
+    429: "Too many requests from this token, or without a valid token from this address (Retry-After).",
+    503: "The model is loading (Retry-After) or failed to load, the service is busy (Retry-After), or the index "
+         "cannot be searched (removed, damaged, rebuilt with another model).",
+}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again (when asking again helps).",
+                               "schema": {"type": "integer"}}}
+TOKEN_REFUSALS = (401, 429, 503)  # every route behind a token: refused before it, or while the model loads
+FORM_REFUSALS = (*TOKEN_REFUSALS, 400, 408, 413, 415, 422)  # and a POST's body and form
+
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each refusal status with the ``ErrorAnswer`` body it has and what it means."""
+    return {status: {"model": ErrorAnswer, "description": REFUSALS[status],
+                     **({"headers": RETRY_AFTER} if status in (429, 503) else {})} for status in sorted(statuses)}
 
 
 def create_app(model_dir: str | Path, index: str | Path | None = None, settings: ServeSettings | None = None,
@@ -264,7 +310,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
-    @app.get("/v1/health", tags=["service"])
+    @app.get("/v1/health", tags=["service"], responses=refusals(503))
     async def health() -> JSONResponse:
         """No token needed: ``ok`` (model ready), ``loading`` or ``failed`` (503, with the error's type only: the
         reason may name the server's files; the routes behind a token give it). With an index, ``index`` is ``ok``
@@ -282,12 +328,12 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return JSONResponse({"status": "degraded" if index == "unavailable" else "ok", "batching": settings.batching,
                              "waiting": service.batcher.waiting, **({"index": index} if index else {})})
 
-    @app.get("/v1/models", tags=["service"])
+    @app.get("/v1/models", tags=["service"], responses=refusals(*TOKEN_REFUSALS))
     async def models() -> dict:
         """The loaded model: name, embedding size, input, the labels it has captions for; the index."""
-        return {"models": [loader.get().describe()]}
+        return {"models": [await loader.get().described()]}
 
-    @app.post("/v1/embed", tags=["models"])
+    @app.post("/v1/embed", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def embed(request: Request, image: ImageField) -> dict:
         """The normalised image embedding of the upload."""
         service = loader.get()
@@ -295,7 +341,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return {"model": service.net.config.name, "dim": int(embedding.shape[0]),
                 "embedding": [float(v) for v in embedding]}
 
-    @app.post("/v1/zero-shot", tags=["models"])
+    @app.post("/v1/zero-shot", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def zero_shot(request: Request, image: ImageField,
                         labels: Annotated[str, Form(description="Comma-separated class names.")],
                         label_column: Annotated[str | None, Form(
@@ -305,27 +351,30 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         names = parse_labels(labels)
         return await service.zero_shot(await _bytes(image, service), names, label_column, request.state.timings)
 
-    @app.post("/v1/search", tags=["cases"])
+    @app.post("/v1/search", tags=["cases"], responses=refusals(*FORM_REFUSALS))
     async def search(request: Request, image: Annotated[UploadFile | None, File(
                          description="Query image (or give text).")] = None,
                      text: Annotated[str | None, Form(description="Query text instead of an image.")] = None,
                      k: KField = 10, where: WhereField = None,
-                     target: Annotated[str, Form(description="images or texts (reports).")] = "images") -> dict:
+                     target: Annotated[str, Form(description="images or texts (reports).",
+                                                 json_schema_extra={"enum": list(TARGETS)})] = "images") -> dict:
         """The k indexed cases closest to the query image (or text)."""
         service = loader.get()
         upload = await _read(image, service, request) if image is not None else None
         return await service.search(upload, text, k, where, target, request.state.timings)
 
-    @app.post("/v1/report/draft", tags=["cases"])
-    async def draft(request: Request, image: ImageField, k: KField = 10, where: WhereField = None,
-                    min_support: Annotated[float, Form()] = 0.5, min_similarity: Annotated[float, Form()] = 0.5,
-                    related: Annotated[int, Form()] = 0) -> dict:
+    @app.post("/v1/report/draft", tags=["cases"], responses=refusals(*FORM_REFUSALS))
+    async def draft(request: Request, image: ImageField, k: DraftKField = 10, where: WhereField = None,
+                    min_support: Annotated[float, Form(json_schema_extra={"minimum": LOWEST_MIN_SUPPORT,
+                                                                          "exclusiveMaximum": 1})] = 0.5,
+                    min_similarity: Annotated[float, Form(json_schema_extra={"minimum": -1, "maximum": 1})] = 0.5,
+                    related: Annotated[int, Form(json_schema_extra={"minimum": 0})] = 0) -> dict:
         """A report drafted from the k nearest cases' reports, citing them, or an abstention with a reason."""
         service = loader.get()
         upload = await _read(image, service, request, hashed=True)
         return await service.draft(upload, k, where, min_support, min_similarity, related)
 
-    @app.post("/v1/explain", tags=["models"])
+    @app.post("/v1/explain", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def explain(request: Request, image: ImageField,
                       labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
                                                          "(absent or blank: the concept bottleneck's classes, else "
@@ -335,8 +384,13 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
                                                           "patch_text).")] = None,
                       label_column: Annotated[str | None, Form(
                           description="Label column whose class descriptions to use.")] = None,
-                      top: Annotated[int, Form(description="Explain the TOP most probable findings.")] = 1,
-                      k: Annotated[int, Form(description="Nearest cases (with an index).")] = 5) -> dict:
+                      # a default, not an annotation: the annotations are read as text, where this function's
+                      # settings are not in scope
+                      top: int = Form(1, description="Explain the TOP most probable findings (at most the number "
+                                      "of labels).", json_schema_extra={"minimum": 1,
+                                                                        "maximum": settings.max_explain_top}),
+                      k: Annotated[int, Form(description="Nearest cases (with an index).",
+                                             json_schema_extra={"minimum": 1, "maximum": MAX_K})] = 5) -> dict:
         """Why the model sees its findings: per finding its probability, a heatmap per method (an RGBA PNG
         overlay, base64, of the preview's shape: lay it over the image) with its peak, the concepts of the
         concept bottleneck that push towards it (and, apart, the strongest against it); and the nearest
@@ -348,7 +402,7 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return await service.explain(await _bytes(image, service), names, label_column or None, chosen, top, k,
                                      request.state.timings)
 
-    @app.post("/v1/vqa", tags=["models"])
+    @app.post("/v1/vqa", tags=["models"], responses=refusals(*FORM_REFUSALS, 409))
     async def vqa(request: Request, image: ImagesField,
                   question: Annotated[str, Form(description="The question about the image(s).")] = "") -> dict:
         """The VQA model's answer (given at start with --vqa-model; else 409): probability, the top
@@ -359,17 +413,20 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return await service.vqa_answer(images, question, request.state.timings)
 
     @app.post("/v1/preview", tags=["images"], response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"}})
+              responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"},
+                         **refusals(*FORM_REFUSALS)})
     async def preview(request: Request, image: ImageField, window: Annotated[str | None, Form(
                           description=f"CT window preset: {', '.join(WINDOW_PRESETS)}; absent: the DICOM "
-                                      "file's own window, else min-max.")] = None) -> Response:
+                                      "file's own window, else min-max.",
+                          json_schema_extra={"enum": list(WINDOW_PRESETS)})] = None) -> Response:
         """The upload as an 8-bit PNG (longest side <= 512 px; a volume's middle axial slice)."""
         service = loader.get()
         picture = await service.preview(await _bytes(image, service), window, request.state.timings)
         return Response(png_bytes(picture.image), media_type="image/png", headers=picture.headers())
 
     @app.get("/v1/cases/{case_id:path}/thumbnail", tags=["cases"], response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"}})
+             responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"},
+                        **refusals(*TOKEN_REFUSALS, 403, 404, 422)})
     async def thumbnail(case_id: str) -> Response:
         """An indexed case's image as a PNG (longest side <= 128 px), read from its stored path under the
         service's data root. The id is URL-encoded (``/`` as ``%2F`` or as is). 404: unknown case, no

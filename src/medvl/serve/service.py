@@ -165,21 +165,28 @@ class ModelService:
         return await run_with_request(self.model_thread, partial(function, *args, **kwargs))
 
     async def on_index(self, function, *args, **kwargs):
-        """``run_on_model_thread`` for work that searches the index. An index rebuilt with another model since the
-        service checked it at start (a PostgreSQL table swapped underneath, ``IndexRebuilt``) answers 503 with
-        the reason: this service cannot search it until restarted with that model. So does a FAISS index whose case
-        table a read found damaged (``IndexDamaged``, kept in its ``damaged``), from then on, as ``/v1/health`` says
-        it is unavailable: which answers the damage reached cannot be told, and the file stays damaged until it is
-        rebuilt and the service restarted."""
+        """``run_on_model_thread`` for work that searches the index, on the index's current version: a FAISS folder
+        changed since the last request (``medvl index add`` / ``delete`` / ``build``: a new version swapped in) is
+        read again first (``follow_rebuild``), as a PostgreSQL table rebuilt underneath is, between requests and on
+        the thread of every search, so that one answer reads one version. An index rebuilt with another model since
+        the service checked it at start (``IndexRebuilt``) answers 503 with the reason: this service cannot search it
+        until restarted with that model; so does one that can no longer be read (removed, damaged), until a readable
+        version is there. So does a FAISS index whose case table a read found damaged (``IndexDamaged``, kept in its
+        ``damaged``), from then on, as ``/v1/health`` says it is unavailable: which answers the damage reached cannot
+        be told, and the file stays damaged until a rebuild swaps in another version."""
         from ..index.base import IndexRebuilt
 
-        damaged = getattr(self.index, "damaged", None)
-        if damaged:
-            raise ServiceUnavailable(damaged)
         try:
-            return await self.run_on_model_thread(function, *args, **kwargs)
+            return await self.run_on_model_thread(self._on_current_index, function, *args, **kwargs)
         except IndexRebuilt as error:
             raise ServiceUnavailable(str(error)) from None
+
+    def _on_current_index(self, function, *args, **kwargs):
+        """``function`` run on the index's current version (on the model thread), or ``ServiceUnavailable``."""
+        unavailable = self._index_unavailable()
+        if unavailable:
+            raise ServiceUnavailable(unavailable)
+        return function(*args, **kwargs)
 
     async def decode(self, data: bytes, timings: dict[str, Any], for_vqa: bool = False,
                      hashed: bool = False) -> Upload:
@@ -248,10 +255,16 @@ class ModelService:
             raise UploadRejected(422, getattr(error, "problem", None) or str(error)) from None
 
     # -- routes' work ----------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
+    async def described(self) -> dict[str, Any]:
+        """``describe`` for ``/v1/models``: the index read on the model thread, between searches (its current version
+        whole: its count and its info's ``sha256`` of one version)."""
+        return {**self.describe(index=False), "index": await self.run_on_model_thread(self._describe_index)}
+
+    def describe(self, index: bool = True) -> dict[str, Any]:
         """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them; what tells a model
         retrained (or an index rebuilt) under the same name: the model's ``fingerprint`` (its config, weights and
-        tokenizer digests, as an index records them) and the index's ``sha256`` (``index.base.info_sha256``)."""
+        tokenizer digests, as an index records them) and the index's ``sha256`` (``index.base.info_sha256``).
+        ``index`` False: the index left for the caller to describe (``described``)."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
         return {"name": config.name, "folder": self.model_dir.name, "backend": self.settings.backend,
@@ -259,7 +272,8 @@ class ModelService:
                 "image": {"arch": config.image.arch, "spatial_dims": config.image.spatial_dims,
                           "image_size": config.image.image_size, "in_channels": config.image.in_channels},
                 "labels": {column: list(classes) for column, classes in captions.classes.items()},
-                "index": self._describe_index(), "explain": self._describe_explain(), "vqa": self._describe_vqa(),
+                "index": self._describe_index() if index else None, "explain": self._describe_explain(),
+                "vqa": self._describe_vqa(),
                 "limits": {"max_upload_bytes": self.settings.max_upload_bytes,
                            "max_inflight_bytes": self.settings.inflight_limit}}
 
@@ -287,40 +301,43 @@ class ModelService:
 
     def index_health(self) -> str | None:
         """``/v1/health``'s word on the index: None without one, ``ok``, or ``unavailable`` when the store no longer
-        holds it (a PostgreSQL table dropped or rebuilt with another model) or a read found it damaged (a FAISS
-        index's case table: ``IndexDamaged``); the reason only behind a token, in ``/v1/models``. Asked of the
-        store at most every ``INDEX_HEALTH_SECONDS``: the route needs no token."""
+        holds it (a PostgreSQL table dropped or rebuilt with another model, a FAISS folder removed or changed into
+        one that cannot be read) or a read found it damaged (a FAISS index's case table: ``IndexDamaged``); the
+        reason only behind a token, in ``/v1/models``. Asked of the store at most every ``INDEX_HEALTH_SECONDS``
+        (the route needs no token), on the model thread, between searches (the caller's thread waits)."""
         if self.index is None:
             return None
-        if getattr(self.index, "damaged", None):  # found by a search: the file stays damaged
-            return "unavailable"
         now = time.monotonic()
         checked = self._index_health
-        if checked is None or now - checked[0] >= self.index_health_seconds:
-            checked = (now, "unavailable" if self._index_unavailable() else "ok")
+        # found damaged by a search: asked at once (it stays damaged until a rebuild is swapped in)
+        if checked is None or now - checked[0] >= self.index_health_seconds or getattr(self.index, "damaged", None):
+            unavailable = self.model_thread.submit(self._index_unavailable).result()
+            checked = (now, "unavailable" if unavailable else "ok")
             self._index_health = checked
         return checked[1]
 
     def _index_unavailable(self) -> str | None:
-        """Why the index cannot be searched any more (None when it can): a FAISS index whose case table a read found
-        damaged; a PostgreSQL table rebuilt by another process since the last search is read again first (its
-        columns, its size)."""
+        """Why the index cannot be searched any more (None when it can), on the model thread: a new version of it is
+        read first (``follow_rebuild``: a PostgreSQL table rebuilt by another process, a FAISS folder changed by a
+        writer: its columns, its size, its cases), and one rebuilt with another model or that cannot be read says
+        why (a ``DataError``'s problem: no path of the server's); then a FAISS index whose case table a read found
+        damaged."""
         from ..index.base import IndexRebuilt
 
-        damaged = getattr(self.index, "damaged", None)
-        if damaged:
-            return damaged
-        follow = getattr(self.index, "follow_rebuild", None)
-        if follow is not None:
-            try:
-                follow()
-            except (IndexRebuilt, DataError) as error:
-                return str(error)
-        return None
+        if self.index is None:
+            return None
+        try:
+            self.index.follow_rebuild()
+        except IndexRebuilt as error:
+            return str(error)
+        except DataError as error:
+            return error.problem
+        return getattr(self.index, "damaged", None)
 
     def _describe_index(self) -> dict[str, Any] | None:
-        """The index as it is now: a PostgreSQL table rebuilt by another process since the last search is read
-        again (its columns, its size), and one this service cannot search any more says why (``unavailable``)."""
+        """The index as it is now: a new version of it (a PostgreSQL table rebuilt, a FAISS folder changed by another
+        process since the last search) is read again (its columns, its size, its info), and one this service cannot
+        search any more says why (``unavailable``). On the model thread when the service runs (``described``)."""
         if self.index is None:
             return None
         unavailable, cases = self._index_unavailable(), None
