@@ -2526,7 +2526,8 @@ def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_h
     a client generated from the document failed on every error. ``target`` and ``window`` had no allowed values,
     ``k`` and ``top`` no limits. Each route declares its refusals with their real body, which real answers validate
     against, and the values and limits the service checks."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     from medvl.clinical.windowing import WINDOW_PRESETS
     from medvl.index.base import MAX_K, TARGETS
     from medvl.index.where import MAX_LENGTH
