@@ -387,6 +387,43 @@ def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_i
     assert _tree(out) == before  # seeded: the fresh start is the same run
 
 
+DAMAGED_SETTINGS = {  # (damage, what the message says)
+    "cut short": (b'{"train": {"epochs": 1', "damaged run settings (JSONDecodeError"),
+    "not a run's": (b'[1, 2]', "damaged run settings (not a medvl run's settings"),
+    "missing": (None, "missing: the run folder holds checkpoint/ but not the settings"),
+}
+
+
+def test_resume_with_damaged_or_missing_run_settings_is_refused_not_continued_unchecked(small_phantom, tmp_path):
+    """A train_config.json cut short, not a run's, or deleted beside a checkpoint switched every --resume check off:
+    the checkpoint went on silently with other epochs and data, and the run's settings and its model's training
+    record were rewritten. Also: an intact checkpoint of a run with another --lr is not called damaged."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, lr=2e-3, seed=1)  # ends with its checkpoint
+    run = tmp_path / "run"
+    _train_small(dataset, run, config)
+    other = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1)
+    for damage, (content, reason) in DAMAGED_SETTINGS.items():
+        out = tmp_path / damage.replace(" ", "-").replace("'", "")
+        shutil.copytree(run, out)
+        if content is None:
+            (out / "train_config.json").unlink()
+        else:
+            (out / "train_config.json").write_bytes(content)
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'train_config.json'}: {reason}")):
+            _train_small(dataset.subset(dataset.records[:20]), out, other, resume=True)
+        assert _tree(out) == before, damage
+    faster = tmp_path / "faster"  # the same run with another --lr; its checkpoint put in place of the run's
+    _train_small(dataset, faster, TrainConfig(epochs=1, batch_size=16, lr=5e-3, seed=1))
+    shutil.rmtree(run / "checkpoint")
+    shutil.copytree(faster / "checkpoint", run / "checkpoint")
+    with pytest.raises(DataError, match="the checkpoint was trained with other settings than this run's "
+                                        r"\(optimizer group 0: initial_lr 0.005, this run's is 0.002\)") as caught:
+        _train_small(dataset, run, config, resume=True)
+    assert "damaged" not in caught.value.problem
+
+
 def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):
     """A run from trained weights stopped within an epoch (no checkpoint) was resumed with a registered name of the
     same config: accepted, and its model replaced by one trained from a random init. The starting weights are

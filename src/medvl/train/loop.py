@@ -889,6 +889,12 @@ class _Run:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
             raise damaged_state(path, f"optimizer or scheduler: {one_line(err, 120)}") from None
         step, batch_index = state["step"], state["batch_index"]
+        differing = other_settings(self.optimizer, groups)
+        if differing:  # an intact checkpoint of a run with other settings: not one to throw away as damaged
+            raise DataError(path, f"the checkpoint was trained with other settings than this run's ({differing}): "
+                                  f"it is not of the run {CONFIG_FILE} records (copied from another run folder, or "
+                                  f"the file replaced); put that run's {CONFIG_FILE} back and resume with its "
+                                  f"settings, or train into a new --out")
         problem = _optimizer_problem(self.optimizer, groups, step) or _scheduler_problem(
             state["scheduler"], scheduler, step) or self._position_problem(step, batch_index)
         if problem:
@@ -1283,14 +1289,37 @@ def _config_differences(loaded: dict[str, Any], wanted: dict[str, Any], prefix: 
 
 
 def recorded_run(out_dir: Path) -> dict[str, Any] | None:
-    """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None: no file, a damaged
-    one (the checkpoint alone decides, as before the file was written) or not a run's settings (not written by
-    medvl): nothing to compare with."""
+    """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None when the folder holds
+    nothing of a run to continue or replace (no ``checkpoint/``, no ``model/``): a fresh start writes the file anew.
+    Beside a checkpoint or a model, a file missing or that cannot be read (cut short, not JSON, not a run's
+    settings) is a ``DataError`` naming it: --resume would have nothing to compare this command with, and would
+    continue the checkpoint (or replace the model) on other data or settings without a word, rewriting the run's
+    record of how its model was trained."""
+    path = out_dir / CONFIG_FILE
+    kept = next((name for name in (CHECKPOINT_DIR, MODEL_DIR) if (out_dir / name).exists()), None)
     try:
-        earlier = read_json(out_dir / CONFIG_FILE)
-    except (OSError, ValueError):
+        earlier = read_json(path)
+    except FileNotFoundError:
+        if kept is None:
+            return None
+        raise DataError(path, f"missing: the run folder holds {kept}/ but not the settings the run was started "
+                              "with, which --resume checks this command against; put the run's file back (copy it "
+                              "with the checkpoint), or train into a new --out") from None
+    except (OSError, ValueError) as err:
+        problem = one_line(err, 80)
+    else:
+        if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict):
+            return earlier
+        problem = "not a medvl run's settings: no 'train' object"
+    if kept is None:
         return None
-    return earlier if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict) else None
+    raise damaged_settings(path, problem)
+
+
+def damaged_settings(path: Path, reason: str) -> DataError:
+    """The error of a run's settings file (``train_config.json``) that --resume cannot read."""
+    return DataError(path, f"damaged run settings ({reason}); --resume checks this command against them: restore "
+                           f"the file, or delete {path.parent} to start fresh")
 
 
 def starting_weights(model: Any) -> dict[str, Any] | None:
@@ -1417,6 +1446,27 @@ def _optimizer_problem(optimizer: torch.optim.Optimizer, groups: list[dict[str, 
         changed = next((key for key, value in made.items() if key != "lr" and group.get(key) != value), None)
         if changed is not None:
             return f"optimizer group {number}: {changed} {group.get(changed)!r}, this run's is {made[changed]!r}"
+    return _optimizer_state_problem(optimizer, step)
+
+
+def other_settings(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> str | None:
+    """The first optimizer setting (peak learning rate, weight decay, betas...) a loaded optimizer state holds a
+    well-formed value of that is not this run's (``groups``): a state saved under other training settings (a
+    checkpoint of another run), not a damaged one. None when there is none."""
+    for number, (group, made) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+        for key, value in made.items():
+            loaded = group.get(key)
+            if key == "lr" or loaded == value or type(loaded) is not type(value) or \
+                    (isinstance(loaded, tuple) and isinstance(value, tuple) and len(loaded) != len(value)):
+                continue
+            if all(isinstance(item, float | int) and math.isfinite(item)
+                   for item in (loaded if isinstance(loaded, tuple) else (loaded,))):
+                return f"optimizer group {number}: {key} {loaded!r}, this run's is {value!r}"
+    return None
+
+
+def _optimizer_state_problem(optimizer: torch.optim.Optimizer, step: int) -> str | None:
+    """Why a loaded optimizer's Adam moments are not of this run at ``step`` (None when they are)."""
     steps = []
     for param in (param for group in optimizer.param_groups for param in group["params"]):
         moments = optimizer.state.get(param, {})
