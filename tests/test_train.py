@@ -368,6 +368,33 @@ def test_two_python_api_runs_with_a_seeded_create_model_give_the_same_weights(sm
         medvl.create_model("phantom-tiny", seed=-1)
 
 
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_a_seed_past_what_the_trainer_derives_from_it_is_refused_before_any_data_is_read(tmp_path, command):
+    """A large --seed passed every check, then the trainer's derived seed (seed * 1_000_003 + batch index)
+    overflowed torch's at the first step: a traceback after the data was read (2**64: in create_model)."""
+    from medvl.models.registry import MAX_SEED
+
+    missing = tmp_path / "no-data"  # never read: the seed is refused first
+    for seed in (MAX_SEED + 1, 20_000_000_000_000, 2**64):
+        result, output = invoke(*_tiny_train(command, missing), "--seed", seed, "--out", tmp_path / "out")
+        assert result.exit_code == 2, output
+        assert f"seed must be <= {MAX_SEED}, got {seed}" in " ".join(output.split()), output
+        assert "Traceback" not in output and not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match=f"seed must be <= {MAX_SEED}"):
+        medvl.create_model("phantom-tiny", seed=2**64)
+
+
+def test_the_largest_seed_trains(small_phantom, tmp_path):
+    from medvl.models.registry import MAX_SEED
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=8, seed=MAX_SEED, max_steps=2, mixup=0.4, supervised_weight=1.0,
+                         label_columns=["cardiomegaly"], self_supervised_weight=0.5)
+    model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+    medvl.train(model, dataset, config, tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
     """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
     started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and

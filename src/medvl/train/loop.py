@@ -67,6 +67,7 @@ from ..models.dual import (  # CHECKPOINT_STEP: the step of STATE_FILE
 )
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
+from ..models.registry import MAX_SEED
 from ..models.registry import seed_everything as seed_everything  # here for the trainers that seed a model's init
 from ..progress import progress_bar
 from . import distributed
@@ -204,7 +205,7 @@ class TrainConfig:
             "text_lr": (self.text_lr, {"minimum": 0, "exclusive_minimum": True, "maximum": MAX_LR, "optional": True}),
             "weight_decay": (self.weight_decay, {"minimum": 0, "maximum": 1}),
             "warmup_fraction": (self.warmup_fraction, {"minimum": 0, "maximum": 1}),
-            "seed": (self.seed, {"minimum": 0, **whole}),
+            "seed": (self.seed, {"minimum": 0, "maximum": MAX_SEED, **whole}),
             "supervised_weight": (self.supervised_weight, {"minimum": 0}),
             "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
             "label_smoothing": (self.label_smoothing, {"minimum": 0, "maximum": 0.9}),
