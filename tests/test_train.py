@@ -395,6 +395,29 @@ def test_the_largest_seed_trains(small_phantom, tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
+def test_the_python_api_and_the_cli_give_the_same_weights_with_a_supervised_head(small_phantom, tmp_path):
+    """The CLI added a head right after the seeded init, the API after fit re-seeded torch (and sorted its classes
+    as strings, not by value): the same seed gave two models as soon as a head was trained."""
+    from safetensors.torch import load_file
+
+    result, output = invoke(*_tiny_train("train", small_phantom), "--seed", 3, "--max-steps", 2, "--workers", 0,
+                            "--label-column", "age", "--supervised-weight", 1, "--out", tmp_path / "cli")
+    assert result.exit_code == 0, output
+    config = TrainConfig(epochs=1, batch_size=16, seed=3, max_steps=2, workers=0, label_columns=["age"],
+                         supervised_weight=1.0)
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    torch.rand(7)  # the generator moved on before: create_model's seed decides
+    model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+    medvl.train(model, dataset, config, tmp_path / "api", show_progress=False)
+    cli, api = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("cli", "api"))
+    assert cli.keys() == api.keys() and any(name.startswith("heads.age") for name in cli)
+    for name, value in cli.items():
+        assert torch.equal(value, api[name]), name
+    heads = [json.loads((tmp_path / run / "model" / "meta.json").read_text())["heads"] for run in ("cli", "api")]
+    assert heads[0] == heads[1]
+    assert heads[0]["age"] == sorted(heads[0]["age"], key=int)  # by value
+
+
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
     """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
     started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and

@@ -46,6 +46,7 @@ from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError, one_line
 from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
+from ..eval.head import class_order
 from ..eval.subgroups import groups_from_records
 from ..io import (
     atomic_write_bytes,
@@ -100,8 +101,9 @@ class TrainConfig:
     text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
     warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
-    seed: int = 0  # seeds data order, augmentation and what training adds (heads); the model's own init is
-    # create_model(NAME, seed=...)'s, which medvl train calls with this seed (give it the same for a reproducible run)
+    seed: int = 0  # seeds data order and augmentation; the model's own init is create_model(NAME, seed=...)'s, which
+    # medvl train calls with this seed (give it the same for a reproducible run); the heads training adds are drawn
+    # right after that init (a loaded model's: from this seed), as medvl train draws them (add_heads)
     loss: str | None = None  # clip | siglip; None keeps the model config's loss
     text_source: str = "auto"  # auto: report text if present else captions | text | captions | both
     label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
@@ -491,9 +493,12 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
-    ``config.seed`` seeds the data order, augmentation and the heads training adds, not ``model``'s own init, which
-    exists before: build it with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is
-    reproducible, two such calls giving the same weights.
+    ``config.seed`` seeds the data order and augmentation, not ``model``'s own init, which exists before: build it
+    with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is reproducible, two such
+    calls giving the same weights, and the weights ``medvl train --seed`` gives. The supervised heads training adds
+    (``add_heads``) are drawn, as ``medvl train`` draws them, right after the data is prepared from torch's generator
+    as the seeded init left it; for a model not built by a seeded ``create_model`` (a loaded one), from
+    ``config.seed``.
 
     Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
     ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
@@ -505,14 +510,29 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     prepared = prepare_run(model, dataset, config, captions, show_progress=show_progress)
+    origin = getattr(model, "origin", None)
+    if not (isinstance(origin, dict) and origin.get("init") == "random" and origin.get("seed") is not None):
+        torch.manual_seed(prepared.config.seed)  # no seeded init to follow: the new heads are seeded by the run's seed
+    add_heads(model, prepared.dataset, prepared.config)
     return train_prepared(model, prepared, out_dir, resume=resume, show_progress=show_progress,
                           on_epoch_end=on_epoch_end)
+
+
+def add_heads(model: DualEncoder, dataset: Dataset, config: TrainConfig) -> None:
+    """The supervised heads of the run (``label_columns`` when ``supervised_weight`` > 0) that ``model`` has not,
+    their classes in ``class_order`` (numeric names by value), initialised from torch's generator as it stands: the
+    one place ``medvl train`` (``recipes.train_recipe``) and ``train`` add them, each right after ``prepare_run``, so
+    both give the same model for the same seed."""
+    for column in config.label_columns if config.supervised_weight > 0 else []:
+        if column not in model.heads:
+            model.add_head(column, sorted(dataset.classes(column), key=class_order))
 
 
 def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Path, resume: bool = False,
                    show_progress: bool = True,
                    on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """``train`` on what ``prepare_run`` returned (a recipe adds its heads to the model in between)."""
+    """``train`` on what ``prepare_run`` returned (the caller adds the heads to the model in between,
+    ``add_heads``)."""
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
@@ -629,9 +649,7 @@ class ContrastiveObjective:
         else:
             # a random-init tower learns its vocabulary from this corpus; a trained model's tower keeps its own
             self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
-            for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
-                if column not in self.model.heads:
-                    self.model.add_head(column, self.dataset.classes(column))
+            add_heads(self.model, self.dataset, self.config)  # those a caller of fit has not added (``train`` has)
         self.model.text_encoder.vocabulary_fixed = True  # trained with it from here on
         wants_views = self.config.self_supervised_weight > 0 or self.config.self_supervised_epochs > 0
         if wants_views and self.model.view_projection is None:
