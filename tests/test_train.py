@@ -474,6 +474,37 @@ def test_resume_with_damaged_or_missing_run_settings_is_refused_not_continued_un
     assert "damaged" not in caught.value.problem
 
 
+def test_a_run_removes_the_staging_folders_an_interrupted_write_left_unless_another_run_holds_the_folder(
+        small_phantom, tmp_path):
+    """A SIGKILL while a checkpoint was written left its .checkpoint.tmp-* folder in the run folder for good: no
+    later run removed it. A run removes them when it starts, but never while another live run holds the folder
+    (its staging folders may be being written)."""
+    import fcntl
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, seed=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    stale = [".checkpoint.tmp-7m8cfbx0", ".model.tmp-62eembpp", ".checkpoint.old-4242-abcd1234",
+             ".train_config.json.x1y2.tmp"]
+    for name in stale[:3]:
+        (out / name / ".model.tmp-q" if "checkpoint" in name else out / name).mkdir(parents=True)
+        (out / name / "state.pt").write_bytes(b"\x00" * 100)
+    (out / stale[3]).write_text("{")
+    (out / "notes.txt").write_text("mine")
+    (out / ".hidden").mkdir()
+    handle = os.open(out, os.O_RDONLY)  # another live run holds the folder: nothing of it is touched
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _train_small(dataset, out, config, resume=True)
+    finally:
+        os.close(handle)
+    assert all((out / name).exists() for name in stale)
+    _train_small(dataset, out, config, resume=True)
+    assert sorted(path.name for path in out.iterdir()) == [".hidden", "checkpoint", "metrics.jsonl", "model",
+                                                           "notes.txt", "train_config.json"]
+
+
 def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):
     """A run from trained weights stopped within an epoch (no checkpoint) was resumed with a registered name of the
     same config: accepted, and its model replaced by one trained from a random init. The starting weights are

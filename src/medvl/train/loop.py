@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -574,19 +576,20 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
     # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
     earlier_metrics = _read_or_none(out_dir / METRICS_FILE) if state is None and distributed.is_main() else None
-    try:
-        run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
-        trained = run.run()
-    except WriteError:
-        if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
-            _remove_run_output(out_dir, present)
-            _put_back(out_dir / METRICS_FILE, earlier_metrics)
-        raise
-    except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
-        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
-            _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
-            _put_back(out_dir / METRICS_FILE, earlier_metrics)
-        raise
+    with _run_folder_held(out_dir) if distributed.is_main() else contextlib.nullcontext():  # rank 0 writes
+        try:
+            run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
+            trained = run.run()
+        except WriteError:
+            if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without a model
+                _remove_run_output(out_dir, present)
+                _put_back(out_dir / METRICS_FILE, earlier_metrics)
+            raise
+        except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
+            if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+                _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
+                _put_back(out_dir / METRICS_FILE, earlier_metrics)
+            raise
     if joined:
         distributed.shutdown()
     return trained
@@ -835,6 +838,43 @@ def _remove_run_output(out_dir: Path, present: set[str] | None) -> None:
 
 def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
+@contextlib.contextmanager
+def _run_folder_held(out_dir: Path) -> Iterator[None]:
+    """Hold a shared lock (``flock``) on the run folder while the run writes into it, released when the process
+    ends however it ends (a SIGKILL too). First, when no other process holds it (no other run is writing into the
+    folder: a live run's staging folders are never touched), remove the staging entries earlier runs left
+    (``_remove_stale_entries``: a run killed while writing a checkpoint leaves its staging folder). Taken by rank 0,
+    the only rank that writes there; on a file system without locks nothing is removed."""
+    with write_errors_named(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)  # a fresh run's folder holds the lock from its start
+    handle = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another run holds the folder (or no locks here): what it stages may be written now
+            pass
+        else:
+            _remove_stale_entries(out_dir)
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_SH)  # from exclusive to shared, or waiting for another run's cleanup
+        yield
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_entries(out_dir: Path) -> None:
+    """Remove the staging entries of a run's files (``.checkpoint.tmp-*``, ``.model.tmp-*``, ``.checkpoint.old-*``,
+    the temporary files of an atomic write) that a run killed while writing left behind; anything else stays."""
+    for child in out_dir.iterdir():
+        if child.name in RUN_ENTRIES or not _is_run_entry(child.name):
+            continue
+        log.info("%s: removing %s, left by an interrupted write", out_dir, child.name)
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 class _Run:
