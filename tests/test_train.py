@@ -368,6 +368,56 @@ def test_two_python_api_runs_with_a_seeded_create_model_give_the_same_weights(sm
         medvl.create_model("phantom-tiny", seed=-1)
 
 
+@pytest.mark.parametrize("command", sorted(TINY_TRAIN))
+def test_a_seed_past_what_the_trainer_derives_from_it_is_refused_before_any_data_is_read(tmp_path, command):
+    """A large --seed passed every check, then the trainer's derived seed (seed * 1_000_003 + batch index)
+    overflowed torch's at the first step: a traceback after the data was read (2**64: in create_model)."""
+    from medvl.models.registry import MAX_SEED
+
+    missing = tmp_path / "no-data"  # never read: the seed is refused first
+    for seed in (MAX_SEED + 1, 20_000_000_000_000, 2**64):
+        result, output = invoke(*_tiny_train(command, missing), "--seed", seed, "--out", tmp_path / "out")
+        assert result.exit_code == 2, output
+        assert f"seed must be <= {MAX_SEED}, got {seed}" in " ".join(output.split()), output
+        assert "Traceback" not in output and not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match=f"seed must be <= {MAX_SEED}"):
+        medvl.create_model("phantom-tiny", seed=2**64)
+
+
+def test_the_largest_seed_trains(small_phantom, tmp_path):
+    from medvl.models.registry import MAX_SEED
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=8, seed=MAX_SEED, max_steps=2, mixup=0.4, supervised_weight=1.0,
+                         label_columns=["cardiomegaly"], self_supervised_weight=0.5)
+    model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+    medvl.train(model, dataset, config, tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_the_python_api_and_the_cli_give_the_same_weights_with_a_supervised_head(small_phantom, tmp_path):
+    """The CLI added a head right after the seeded init, the API after fit re-seeded torch (and sorted its classes
+    as strings, not by value): the same seed gave two models as soon as a head was trained."""
+    from safetensors.torch import load_file
+
+    result, output = invoke(*_tiny_train("train", small_phantom), "--seed", 3, "--max-steps", 2, "--workers", 0,
+                            "--label-column", "age", "--supervised-weight", 1, "--out", tmp_path / "cli")
+    assert result.exit_code == 0, output
+    config = TrainConfig(epochs=1, batch_size=16, seed=3, max_steps=2, workers=0, label_columns=["age"],
+                         supervised_weight=1.0)
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    torch.rand(7)  # the generator moved on before: create_model's seed decides
+    model = medvl.create_model("phantom-tiny", seed=config.seed, **{"image.image_size": 48})
+    medvl.train(model, dataset, config, tmp_path / "api", show_progress=False)
+    cli, api = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("cli", "api"))
+    assert cli.keys() == api.keys() and any(name.startswith("heads.age") for name in cli)
+    for name, value in cli.items():
+        assert torch.equal(value, api[name]), name
+    heads = [json.loads((tmp_path / run / "model" / "meta.json").read_text())["heads"] for run in ("cli", "api")]
+    assert heads[0] == heads[1]
+    assert heads[0]["age"] == sorted(heads[0]["age"], key=int)  # by value
+
+
 def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_its_metrics(small_phantom, tmp_path):
     """A run stopped by max_steps within an epoch has a model but no checkpoint: --resume under other settings
     started fresh and replaced its model and appended to its metrics; with the same settings it starts fresh and
@@ -385,6 +435,74 @@ def test_resume_of_a_run_without_a_checkpoint_checks_its_settings_and_restarts_i
     _train_small(dataset, out, config, resume=True)
     assert [line["step"] for line in _metrics(out)] == [1, 2]
     assert _tree(out) == before  # seeded: the fresh start is the same run
+
+
+DAMAGED_SETTINGS = {  # (damage, what the message says)
+    "cut short": (b'{"train": {"epochs": 1', "damaged run settings (JSONDecodeError"),
+    "not a run's": (b'[1, 2]', "damaged run settings (not a medvl run's settings"),
+    "missing": (None, "missing: the run folder holds checkpoint/ but not the settings"),
+}
+
+
+def test_resume_with_damaged_or_missing_run_settings_is_refused_not_continued_unchecked(small_phantom, tmp_path):
+    """A train_config.json cut short, not a run's, or deleted beside a checkpoint switched every --resume check off:
+    the checkpoint went on silently with other epochs and data, and the run's settings and its model's training
+    record were rewritten. Also: an intact checkpoint of a run with another --lr is not called damaged."""
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, lr=2e-3, seed=1)  # ends with its checkpoint
+    run = tmp_path / "run"
+    _train_small(dataset, run, config)
+    other = TrainConfig(epochs=2, batch_size=16, lr=2e-3, seed=1)
+    for damage, (content, reason) in DAMAGED_SETTINGS.items():
+        out = tmp_path / damage.replace(" ", "-").replace("'", "")
+        shutil.copytree(run, out)
+        if content is None:
+            (out / "train_config.json").unlink()
+        else:
+            (out / "train_config.json").write_bytes(content)
+        before = _tree(out)
+        with pytest.raises(DataError, match=re.escape(f"{out / 'train_config.json'}: {reason}")):
+            _train_small(dataset.subset(dataset.records[:20]), out, other, resume=True)
+        assert _tree(out) == before, damage
+    faster = tmp_path / "faster"  # the same run with another --lr; its checkpoint put in place of the run's
+    _train_small(dataset, faster, TrainConfig(epochs=1, batch_size=16, lr=5e-3, seed=1))
+    shutil.rmtree(run / "checkpoint")
+    shutil.copytree(faster / "checkpoint", run / "checkpoint")
+    with pytest.raises(DataError, match="the checkpoint was trained with other settings than this run's "
+                                        r"\(optimizer group 0: initial_lr 0.005, this run's is 0.002\)") as caught:
+        _train_small(dataset, run, config, resume=True)
+    assert "damaged" not in caught.value.problem
+
+
+def test_a_run_removes_the_staging_folders_an_interrupted_write_left_unless_another_run_holds_the_folder(
+        small_phantom, tmp_path):
+    """A SIGKILL while a checkpoint was written left its .checkpoint.tmp-* folder in the run folder for good: no
+    later run removed it. A run removes them when it starts, but never while another live run holds the folder
+    (its staging folders may be being written)."""
+    import fcntl
+
+    dataset = medvl.load_dataset(small_phantom).select("train")
+    config = TrainConfig(epochs=1, batch_size=16, seed=1)
+    out = tmp_path / "run"
+    _train_small(dataset, out, config)
+    stale = [".checkpoint.tmp-7m8cfbx0", ".model.tmp-62eembpp", ".checkpoint.old-4242-abcd1234",
+             ".train_config.json.x1y2.tmp"]
+    for name in stale[:3]:
+        (out / name / ".model.tmp-q" if "checkpoint" in name else out / name).mkdir(parents=True)
+        (out / name / "state.pt").write_bytes(b"\x00" * 100)
+    (out / stale[3]).write_text("{")
+    (out / "notes.txt").write_text("mine")
+    (out / ".hidden").mkdir()
+    handle = os.open(out, os.O_RDONLY)  # another live run holds the folder: nothing of it is touched
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _train_small(dataset, out, config, resume=True)
+    finally:
+        os.close(handle)
+    assert all((out / name).exists() for name in stale)
+    _train_small(dataset, out, config, resume=True)
+    assert sorted(path.name for path in out.iterdir()) == [".hidden", "checkpoint", "metrics.jsonl", "model",
+                                                           "notes.txt", "train_config.json"]
 
 
 def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):

@@ -119,9 +119,15 @@ def create_model(name: str, *, seed: int | None = None, **overrides: Any) -> Dua
     return model
 
 
+# the largest seed: the trainer derives seed * 1_000_003 + batch index (medvl.train.loop._Run._forward), which stays
+# inside int64 (torch's seeds) for any batch index below 4e17; a larger seed passed every check, then crashed at the
+# first step with an overflow
+MAX_SEED = 2**43 - 1
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch and Python before building a model, so its random init is reproducible."""
-    check_number("seed", seed, minimum=0, integer=True)
+    check_number("seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
     random.seed(seed)
     torch.manual_seed(seed)
 

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +48,7 @@ from ..data.record import Dataset, records_digest
 from ..errors import DataError, InputError, ModelError, TrainingError, WriteError, one_line
 from ..eval.contamination import training_data, with_earlier
 from ..eval.covariates import check_covariates, present_columns
+from ..eval.head import class_order
 from ..eval.subgroups import groups_from_records
 from ..io import (
     atomic_write_bytes,
@@ -67,6 +70,7 @@ from ..models.dual import (  # CHECKPOINT_STEP: the step of STATE_FILE
 )
 from ..models.losses import nt_xent_loss
 from ..models.preprocess import random_resized_crop
+from ..models.registry import MAX_SEED
 from ..models.registry import seed_everything as seed_everything  # here for the trainers that seed a model's init
 from ..progress import progress_bar
 from . import distributed
@@ -99,8 +103,9 @@ class TrainConfig:
     text_lr: float | None = None  # text tower peak lr; default lr for random init, lr/20 if pretrained
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, temperature)
     warmup_fraction: float = 0.05  # share of the optimizer steps with linear warmup
-    seed: int = 0  # seeds data order, augmentation and what training adds (heads); the model's own init is
-    # create_model(NAME, seed=...)'s, which medvl train calls with this seed (give it the same for a reproducible run)
+    seed: int = 0  # seeds data order and augmentation; the model's own init is create_model(NAME, seed=...)'s, which
+    # medvl train calls with this seed (give it the same for a reproducible run); the heads training adds are drawn
+    # right after that init (a loaded model's: from this seed), as medvl train draws them (add_heads)
     loss: str | None = None  # clip | siglip; None keeps the model config's loss
     text_source: str = "auto"  # auto: report text if present else captions | text | captions | both
     label_columns: list[str] = field(default_factory=list)  # labels for captions / supervised heads
@@ -204,7 +209,7 @@ class TrainConfig:
             "text_lr": (self.text_lr, {"minimum": 0, "exclusive_minimum": True, "maximum": MAX_LR, "optional": True}),
             "weight_decay": (self.weight_decay, {"minimum": 0, "maximum": 1}),
             "warmup_fraction": (self.warmup_fraction, {"minimum": 0, "maximum": 1}),
-            "seed": (self.seed, {"minimum": 0, **whole}),
+            "seed": (self.seed, {"minimum": 0, "maximum": MAX_SEED, **whole}),
             "supervised_weight": (self.supervised_weight, {"minimum": 0}),
             "contrastive_weight": (self.contrastive_weight, {"minimum": 0}),
             "label_smoothing": (self.label_smoothing, {"minimum": 0, "maximum": 0.9}),
@@ -490,9 +495,12 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
           on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
-    ``config.seed`` seeds the data order, augmentation and the heads training adds, not ``model``'s own init, which
-    exists before: build it with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is
-    reproducible, two such calls giving the same weights.
+    ``config.seed`` seeds the data order and augmentation, not ``model``'s own init, which exists before: build it
+    with ``create_model(name, seed=config.seed)`` (as ``medvl train`` does) and the run is reproducible, two such
+    calls giving the same weights, and the weights ``medvl train --seed`` gives. The supervised heads training adds
+    (``add_heads``) are drawn, as ``medvl train`` draws them, right after the data is prepared from torch's generator
+    as the seeded init left it; for a model not built by a seeded ``create_model`` (a loaded one), from
+    ``config.seed``.
 
     Every setting of ``config`` is applied as ``medvl train`` applies it (``prepare_run``: records left out by
     ``leave_out_images_of`` and ``skip_flagged``, covariates checked; ``captions`` a caption file or config, None
@@ -504,14 +512,29 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
     """
     prepared = prepare_run(model, dataset, config, captions, show_progress=show_progress)
+    origin = getattr(model, "origin", None)
+    if not (isinstance(origin, dict) and origin.get("init") == "random" and origin.get("seed") is not None):
+        torch.manual_seed(prepared.config.seed)  # no seeded init to follow: the new heads are seeded by the run's seed
+    add_heads(model, prepared.dataset, prepared.config)
     return train_prepared(model, prepared, out_dir, resume=resume, show_progress=show_progress,
                           on_epoch_end=on_epoch_end)
+
+
+def add_heads(model: DualEncoder, dataset: Dataset, config: TrainConfig) -> None:
+    """The supervised heads of the run (``label_columns`` when ``supervised_weight`` > 0) that ``model`` has not,
+    their classes in ``class_order`` (numeric names by value), initialised from torch's generator as it stands: the
+    one place ``medvl train`` (``recipes.train_recipe``) and ``train`` add them, each right after ``prepare_run``, so
+    both give the same model for the same seed."""
+    for column in config.label_columns if config.supervised_weight > 0 else []:
+        if column not in model.heads:
+            model.add_head(column, sorted(dataset.classes(column), key=class_order))
 
 
 def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Path, resume: bool = False,
                    show_progress: bool = True,
                    on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """``train`` on what ``prepare_run`` returned (a recipe adds its heads to the model in between)."""
+    """``train`` on what ``prepare_run`` returned (the caller adds the heads to the model in between,
+    ``add_heads``)."""
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
@@ -553,19 +576,20 @@ def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: 
     # a fresh start in a run folder (resume without a checkpoint) logs every step again: the run's metrics, kept to
     # be put back if it fails before its first checkpoint (the folder's model is then still the earlier run's)
     earlier_metrics = _read_or_none(out_dir / METRICS_FILE) if state is None and distributed.is_main() else None
-    try:
-        run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
-        trained = run.run()
-    except WriteError:
-        if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without its model
-            _remove_run_output(out_dir, present)
-            _put_back(out_dir / METRICS_FILE, earlier_metrics)
-        raise
-    except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
-        if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
-            _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
-            _put_back(out_dir / METRICS_FILE, earlier_metrics)
-        raise
+    with _run_folder_held(out_dir) if distributed.is_main() else contextlib.nullcontext():  # rank 0 writes
+        try:
+            run = _Run(objective, config, out_dir, state, show_progress and distributed.is_main(), on_epoch_end)
+            trained = run.run()
+        except WriteError:
+            if state is None and distributed.is_main():  # a fresh run: nothing of it is worth keeping without a model
+                _remove_run_output(out_dir, present)
+                _put_back(out_dir / METRICS_FILE, earlier_metrics)
+            raise
+        except BaseException:  # NaN loss, a corrupt image, Ctrl-C: keep a checkpoint to resume from, else nothing
+            if state is None and distributed.is_main() and not (out_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+                _remove_run_output(out_dir, present)  # its settings file alone would block the corrected rerun
+                _put_back(out_dir / METRICS_FILE, earlier_metrics)
+            raise
     if joined:
         distributed.shutdown()
     return trained
@@ -628,9 +652,7 @@ class ContrastiveObjective:
         else:
             # a random-init tower learns its vocabulary from this corpus; a trained model's tower keeps its own
             self.model.text_encoder.fit_tokenizer(self.texts.corpus(), public_texts=self.texts.prompts())
-            for column in self.config.label_columns if self.config.supervised_weight > 0 else []:
-                if column not in self.model.heads:
-                    self.model.add_head(column, self.dataset.classes(column))
+            add_heads(self.model, self.dataset, self.config)  # those a caller of fit has not added (``train`` has)
         self.model.text_encoder.vocabulary_fixed = True  # trained with it from here on
         wants_views = self.config.self_supervised_weight > 0 or self.config.self_supervised_epochs > 0
         if wants_views and self.model.view_projection is None:
@@ -818,6 +840,43 @@ def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
 
 
+@contextlib.contextmanager
+def _run_folder_held(out_dir: Path) -> Iterator[None]:
+    """Hold a shared lock (``flock``) on the run folder while the run writes into it, released when the process
+    ends however it ends (a SIGKILL too). First, when no other process holds it (no other run is writing into the
+    folder: a live run's staging folders are never touched), remove the staging entries earlier runs left
+    (``_remove_stale_entries``: a run killed while writing a checkpoint leaves its staging folder). Taken by rank 0,
+    the only rank that writes there; on a file system without locks nothing is removed."""
+    with write_errors_named(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)  # a fresh run's folder holds the lock from its start
+    handle = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another run holds the folder (or no locks here): what it stages may be written now
+            pass
+        else:
+            _remove_stale_entries(out_dir)
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_SH)  # from exclusive to shared, or waiting for another run's cleanup
+        yield
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_entries(out_dir: Path) -> None:
+    """Remove the staging entries of a run's files (``.checkpoint.tmp-*``, ``.model.tmp-*``, ``.checkpoint.old-*``,
+    the temporary files of an atomic write) that a run killed while writing left behind; anything else stays."""
+    for child in out_dir.iterdir():
+        if child.name in RUN_ENTRIES or not _is_run_entry(child.name):
+            continue
+        log.info("%s: removing %s, left by an interrupted write", out_dir, child.name)
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 class _Run:
     def __init__(self, objective: Objective, config: TrainConfig, out_dir: Path, state: dict[str, Any] | None,
                  show_progress: bool, on_epoch_end: Callable[[Any, int], dict[str, float]] | None):
@@ -889,6 +948,12 @@ class _Run:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
             raise damaged_state(path, f"optimizer or scheduler: {one_line(err, 120)}") from None
         step, batch_index = state["step"], state["batch_index"]
+        differing = other_settings(self.optimizer, groups)
+        if differing:  # an intact checkpoint of a run with other settings: not one to throw away as damaged
+            raise DataError(path, f"the checkpoint was trained with other settings than this run's ({differing}): "
+                                  f"it is not of the run {CONFIG_FILE} records (copied from another run folder, or "
+                                  f"the file replaced); put that run's {CONFIG_FILE} back and resume with its "
+                                  f"settings, or train into a new --out")
         problem = _optimizer_problem(self.optimizer, groups, step) or _scheduler_problem(
             state["scheduler"], scheduler, step) or self._position_problem(step, batch_index)
         if problem:
@@ -1283,14 +1348,37 @@ def _config_differences(loaded: dict[str, Any], wanted: dict[str, Any], prefix: 
 
 
 def recorded_run(out_dir: Path) -> dict[str, Any] | None:
-    """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None: no file, a damaged
-    one (the checkpoint alone decides, as before the file was written) or not a run's settings (not written by
-    medvl): nothing to compare with."""
+    """The settings a run in ``out_dir`` was started with (its ``train_config.json``), or None when the folder holds
+    nothing of a run to continue or replace (no ``checkpoint/``, no ``model/``): a fresh start writes the file anew.
+    Beside a checkpoint or a model, a file missing or that cannot be read (cut short, not JSON, not a run's
+    settings) is a ``DataError`` naming it: --resume would have nothing to compare this command with, and would
+    continue the checkpoint (or replace the model) on other data or settings without a word, rewriting the run's
+    record of how its model was trained."""
+    path = out_dir / CONFIG_FILE
+    kept = next((name for name in (CHECKPOINT_DIR, MODEL_DIR) if (out_dir / name).exists()), None)
     try:
-        earlier = read_json(out_dir / CONFIG_FILE)
-    except (OSError, ValueError):
+        earlier = read_json(path)
+    except FileNotFoundError:
+        if kept is None:
+            return None
+        raise DataError(path, f"missing: the run folder holds {kept}/ but not the settings the run was started "
+                              "with, which --resume checks this command against; put the run's file back (copy it "
+                              "with the checkpoint), or train into a new --out") from None
+    except (OSError, ValueError) as err:
+        problem = one_line(err, 80)
+    else:
+        if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict):
+            return earlier
+        problem = "not a medvl run's settings: no 'train' object"
+    if kept is None:
         return None
-    return earlier if isinstance(earlier, dict) and isinstance(earlier.get("train"), dict) else None
+    raise damaged_settings(path, problem)
+
+
+def damaged_settings(path: Path, reason: str) -> DataError:
+    """The error of a run's settings file (``train_config.json``) that --resume cannot read."""
+    return DataError(path, f"damaged run settings ({reason}); --resume checks this command against them: restore "
+                           f"the file, or delete {path.parent} to start fresh")
 
 
 def starting_weights(model: Any) -> dict[str, Any] | None:
@@ -1417,6 +1505,27 @@ def _optimizer_problem(optimizer: torch.optim.Optimizer, groups: list[dict[str, 
         changed = next((key for key, value in made.items() if key != "lr" and group.get(key) != value), None)
         if changed is not None:
             return f"optimizer group {number}: {changed} {group.get(changed)!r}, this run's is {made[changed]!r}"
+    return _optimizer_state_problem(optimizer, step)
+
+
+def other_settings(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> str | None:
+    """The first optimizer setting (peak learning rate, weight decay, betas...) a loaded optimizer state holds a
+    well-formed value of that is not this run's (``groups``): a state saved under other training settings (a
+    checkpoint of another run), not a damaged one. None when there is none."""
+    for number, (group, made) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+        for key, value in made.items():
+            loaded = group.get(key)
+            if key == "lr" or loaded == value or type(loaded) is not type(value) or \
+                    (isinstance(loaded, tuple) and isinstance(value, tuple) and len(loaded) != len(value)):
+                continue
+            if all(isinstance(item, float | int) and math.isfinite(item)
+                   for item in (loaded if isinstance(loaded, tuple) else (loaded,))):
+                return f"optimizer group {number}: {key} {loaded!r}, this run's is {value!r}"
+    return None
+
+
+def _optimizer_state_problem(optimizer: torch.optim.Optimizer, step: int) -> str | None:
+    """Why a loaded optimizer's Adam moments are not of this run at ``step`` (None when they are)."""
     steps = []
     for param in (param for group in optimizer.param_groups for param in group["params"]):
         moments = optimizer.state.get(param, {})

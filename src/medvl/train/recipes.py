@@ -28,7 +28,6 @@ from ..checks import check_number
 from ..data.captions import CaptionConfig
 from ..data.record import Dataset
 from ..errors import InputError, ModelError
-from ..eval.head import class_order
 from ..models.config import Recipe, build_dataclass
 from ..models.dual import DualEncoder
 from ..models.registry import (
@@ -39,7 +38,7 @@ from ..models.registry import (
     list_models,
     resolve_model,
 )
-from .loop import TrainConfig, prepare_run, run_covariates, seed_everything, train_prepared
+from .loop import TrainConfig, add_heads, prepare_run, run_covariates, seed_everything, train_prepared
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +215,15 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
     The records and settings go through ``loop.prepare_run``, as for ``medvl.train`` (records the model cannot
     take, those ``leave_out_images_of`` / ``skip_flagged`` leave out, with a supervised head those missing one of
     the label columns; the recipe's covariates the data lacks, or that are a label column, left out with a
-    warning). The heads are added right after (classes in ``class_order``) to the model built from the seed, so
-    the run is the same whether a benchmark or ``medvl train`` starts it.
+    warning). The heads are added right after (``loop.add_heads``, as ``medvl.train`` adds them) to the model built
+    from the seed, so the run is the same whether a benchmark, ``medvl train`` or ``medvl.train`` starts it.
     """
     config = dataclasses.replace(settings.train, label_columns=label_columns_for(dataset, settings))
     seed_everything(config.seed)  # the random init of the model is part of the run (and a saved model's new heads)
     model = resolve_model(settings.model, seed=config.seed, **settings.model_overrides)
     prepared = prepare_run(model, dataset, config, settings.captions, show_progress=show_progress,
                            recipe_covariates=not settings.covariates_given)
-    _add_heads(model, prepared.dataset, prepared.config.label_columns if config.supervised_weight > 0 else [])
+    add_heads(model, prepared.dataset, prepared.config)
     return train_prepared(model, prepared, out, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
 
 
@@ -235,12 +234,6 @@ def covariates_for(dataset: Dataset, settings: RecipeSettings, labels: Sequence[
     training."""
     recipe = None if settings.covariates_given else (settings.train.recipe or "model")
     return run_covariates(dataset, settings.train.covariates, labels, recipe=recipe)
-
-
-def _add_heads(model: DualEncoder, dataset: Dataset, columns: Sequence[str]) -> None:
-    for column in columns:
-        if column not in model.heads:
-            model.add_head(column, sorted(dataset.classes(column), key=class_order))
 
 
 def recipe_report(name: str) -> dict[str, Any]:
