@@ -134,6 +134,26 @@ def test_one_hash_on_different_radiographs_is_no_near_duplicate(tmp_path, shared
     assert [(g["kind"], g["leak"]) for g in copied["leaks"]] == [("near", True)]
 
 
+def test_a_brightened_or_re_windowed_copy_is_a_near_duplicate_and_a_leak(tmp_path, shared_data):
+    """The pixel check compared raw grey levels: a copy 10 % brighter, re-windowed (0.8 v + 30) or exported at
+    16 bits kept the difference hash and was rejected as another picture, so a test image re-exported into the
+    training set was no leak. Brightness and contrast are evened out before the comparison (look-alikes of one hash
+    still stay apart: the test above)."""
+    film = np.asarray(Image.open(shared_data / "medpix-2.0" / "images" / "MPX1009_synpic46283.jpg").convert("L"))
+    levels = film.astype(np.float64)
+    Image.fromarray(film).save(tmp_path / "original.png")
+    Image.fromarray(np.clip(levels * 1.1, 0, 255).astype(np.uint8)).save(tmp_path / "brighter.png")
+    Image.fromarray(np.clip(levels * 0.8 + 30, 0, 255).astype(np.uint8)).save(tmp_path / "windowed.png")
+    Image.fromarray((levels * 200 + 1000).astype(np.uint16)).save(tmp_path / "sixteen.png")
+    (tmp_path / "manifest.csv").write_text("image,split\noriginal.png,train\nbrighter.png,test\nwindowed.png,val\n"
+                                           "sixteen.png,test\n")
+    audit = audit_dataset(load_dataset(tmp_path / "manifest.csv"), show_progress=False, near_distance=1)
+    assert audit["counts"]["near_duplicate"] == 4 and {g["kind"] for g in audit["duplicate_groups"]} == {"near"}
+    pairs = {frozenset(g["ids"]) for g in audit["duplicate_groups"]}
+    assert {frozenset({"original", copy}) for copy in ("brighter", "windowed", "sixteen")} <= pairs
+    assert all(g["leak"] for g in audit["duplicate_groups"] if "original" in g["ids"])
+
+
 @pytest.fixture()
 def audited_folder(tmp_path):
     """A manifest: two splits, an exact duplicate across them, a re-encoded copy, a streak, a corrupt file."""

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -724,7 +725,7 @@ def test_explain_fits_concepts_on_a_manifest_outside_its_folder_when_allowed(tin
     (tmp_path / "elsewhere").mkdir()
     manifest = write_manifest(tmp_path / "elsewhere" / "manifest.csv", ["image", "split", "finding"], rows)
     args = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts", "chest_xray",
-            "--concept-data", manifest, "--method", "patch_text"]
+            "--concept-data", manifest, "--concept-label", "finding", "--method", "patch_text"]
     refused, output = invoke(*args)
     assert refused.exit_code == 2 and "--allow-outside-root" in output and "Traceback" not in output, output
     result, output = invoke(*args, "--allow-outside-root", "--out", tmp_path / "why")
@@ -1037,6 +1038,36 @@ def test_grounding_of_a_head_finds_each_class_by_name(tiny_model, phantom_dir):
     assert by_head["settings"]["occlusion"]["head"] == "finding"
     for finding, row in plain["per_finding"].items():
         assert by_head["per_finding"][finding]["occlusion"] == pytest.approx(row["occlusion"], abs=1e-6)
+
+
+def test_concept_data_fits_on_its_default_label_and_train_split_and_refuses_an_identifier(tiny_model_dir,
+                                                                                          phantom_dir, tmp_path):
+    """--concept-data fitted on the table's first label column (ISIC's isic_id: one class per image) instead of
+    the dataset's default label, and on every record when the splits were Train / Val / Test, test included:
+    the default label and split are those of every other command (pick_label, load_split)."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))[:40]  # a quick fit
+    with (data / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["case_id", *rows[0]])
+        writer.writeheader()
+        writer.writerows({"case_id": f"case{i}", **row, "split": row["split"].capitalize()}
+                         for i, row in enumerate(rows))
+    base = ["explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--method", "patch_text",
+            "--concepts", "chest_xray", "--concept-data", data]
+    result, output = invoke(*base, "--out", tmp_path / "all")
+    assert result.exit_code == 2 and "no split 'train' (splits: Train, Val, Test); pass --concept-split NAME" in \
+        " ".join(output.split()), output
+    result, output = invoke(*base, "--concept-split", "Train", "--concept-label", "case_id")
+    assert result.exit_code == 2 and "label column 'case_id' has" in output and "not an identifier" in output, output
+    result, output = invoke(*base, "--concept-split", "Train", "--out", tmp_path / "ex")
+    assert result.exit_code == 0, output
+    fitted = ConceptBottleneck.load(tmp_path / "ex" / "bottleneck.json")
+    assert fitted.label_column == "finding" and "case" not in " ".join(fitted.classes)  # dataset.json's default
+    (data / "dataset.json").unlink()  # no default label column: named, never the first one taken
+    result, output = invoke(*base, "--concept-split", "Train")
+    assert result.exit_code == 2 and "the concept bottleneck needs a label column (--concept-label); available: " \
+        "case_id, finding" in " ".join(output.split()), output
 
 
 @pytest.mark.parametrize("args, needed", [

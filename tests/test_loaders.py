@@ -13,6 +13,7 @@ from PIL import Image
 
 from cli_helpers import invoke
 from hostile_files import npz_bomb
+from medvl.data.captions import CaptionConfig, binary_finding
 from medvl.data.images import read_image, read_image_bytes
 from medvl.data.loaders import load_dataset, load_npz
 from medvl.data.record import ALL_SPLITS
@@ -386,6 +387,31 @@ def test_a_cell_spelled_as_missing_is_missing_and_a_float_binary_column_is_0_1(t
     assert from_csv[3].labels == {"nodule": "1", "finding": "None"} and from_jsonl[3].labels == {"nodule": "1"}
     csv_path.write_text("image,grade\na0.png,1.0\na1.png,2.0\na2.png,0.0\n", encoding="utf-8")
     assert load_dataset(csv_path).classes("grade") == ["0.0", "1.0", "2.0"]  # not a 0/1 column: kept as written
+
+
+def test_a_boolean_column_is_a_0_1_finding_column_in_csv_and_jsonl(tmp_path, caplog):
+    # pandas writes a bool column as True / False (to_csv) and true / false (to_json): such a column was the classes
+    # 'False' / 'True', so captions read "False, True." and zero-shot prompts "an image showing True."
+    _images(tmp_path, [f"a{i}.png" for i in range(4)])
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("image,split,nodule,melanocytic,answer\na0.png,train,True,True,True\n"
+                        "a1.png,train,False,TRUE,no\na2.png,train,,true,False\na3.png,train,false,True,yes\n",
+                        encoding="utf-8")
+    jsonl_path = tmp_path / "m.jsonl"
+    cells = [(True, "True", True), (False, True, "no"), (None, True, False), ("False", True, "yes")]  # real booleans
+    jsonl_path.write_text("".join(json.dumps({"image": f"a{i}.png", "split": "train", "nodule": nodule,
+                                              "melanocytic": melanocytic, "answer": answer}) + "\n"
+                                  for i, (nodule, melanocytic, answer) in enumerate(cells)), encoding="utf-8")
+    for path in (csv_path, jsonl_path):
+        with caplog.at_level("INFO"):
+            dataset = load_dataset(path)
+        assert f"{path.name}: column 'nodule' holds booleans (true / false) only: read as 0 / 1" in caplog.text
+        assert [record.labels.get("nodule") for record in dataset] == ["1", "0", None, "0"]
+        assert dataset.classes("nodule") == ["0", "1"] and dataset.classes("melanocytic") == ["1"]
+        assert binary_finding("nodule", dataset.classes("nodule"))
+        assert CaptionConfig().prompts("nodule", "1", True)[1] == "an image showing nodule."
+        assert set(dataset.classes("answer")) == {"no", "yes"} | ({"True", "False"} if path == csv_path
+                                                                   else {"true", "false"})  # not only booleans
 
 
 def test_none_is_a_class_and_missing_spellings_are_read_in_any_case(tmp_path, caplog):

@@ -97,6 +97,21 @@ def test_case_does_not_depend_on_n_and_files_are_byte_identical(tmp_path):
     assert np.array_equal(stored, rendered.image)
 
 
+def test_a_cases_split_depends_on_n_and_the_help_says_so():
+    """The pixels of case i do not depend on --n, its split does (all n cases are shuffled): two phantoms of one
+    seed and different --n share patients across train and test. Kept (every documented phantom figure rests on
+    these splits), and said in `medvl phantom --help`, the README and the generator's docstring."""
+    from cli_helpers import invoke
+
+    splits = generate_module.DEFAULT_SPLITS
+    small, large = generate_module.assign_splits(100, 3, splits), generate_module.assign_splits(200, 3, splits)
+    assert any(a == "train" and b == "test" for a, b in zip(small, large[:100], strict=True))
+    result, output = invoke("phantom", "--help")
+    help_text = " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())  # the words, without rich's box
+    assert result.exit_code == 0 and "its split does" in help_text and "train and score on one --n" in help_text
+    assert "its split does" in " ".join((generate_phantom.__doc__ or "").split())
+
+
 @pytest.mark.parametrize("index, size, positioning", [(32, 32, 0.0), (967, 32, 1.0), (753, 40, 1.0)])
 def test_a_nodule_smaller_than_a_pixel_is_still_in_the_pixels(index, size, positioning):
     """These 3-4 mm nodules fall between pixel centres; the labels, mask and report keep them, so

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from medvl.data.loaders import load_manifest, load_npz
-from medvl.data.loaders.manifest import FLOAT_BINARY, MISSING_SPELLINGS
+from medvl.data.loaders.manifest import BOOLEAN_BINARY, FLOAT_BINARY, MISSING_SPELLINGS
 from medvl.errors import DataError, InputError, MedvlError
 from medvl.index.where import compile_where
 
@@ -70,10 +70,11 @@ def test_manifest_any_text_gives_a_dataset_or_a_medvl_error(text: str, name: str
         pass
 
 
-# a label cell spelled as a missing value ('NA', 'null', any case) is read as missing, and 0.0 / 1.0 as 0 / 1
-# (documented)
+# a label cell spelled as a missing value ('NA', 'null', any case) is read as missing, and 0.0 / 1.0 and true / false
+# (any case) as 0 / 1 (documented)
 LABEL_CELLS = st.text(CELL_CHARS, max_size=12).filter(
-    lambda cell: cell.strip().lower() not in MISSING_SPELLINGS and cell.strip() not in FLOAT_BINARY)
+    lambda cell: cell.strip().lower() not in MISSING_SPELLINGS and cell.strip() not in FLOAT_BINARY
+    and cell.strip().lower() not in BOOLEAN_BINARY)
 
 
 @st.composite

@@ -25,17 +25,20 @@ PathLike = str | Path
 
 
 def load_split(path: PathLike, split: str | None = None, label_columns: Sequence[str] | None = None,
-               allow_outside_root: bool = False, model: PathLike | None = None) -> Dataset:
+               allow_outside_root: bool = False, model: PathLike | None = None,
+               split_option: str = "--split") -> Dataset:
     """The records of one split of the dataset at ``path``; ``split=None`` means ``train`` when the
     dataset has one, every record (``all``) when it has no split column; a dataset whose splits include no
-    ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError: every record would include its test split.
+    ``train`` (``Train`` / ``Val`` / ``Test``, say) is an InputError naming ``split_option``: every record would
+    include its test split.
     ``model`` (a saved model folder): only the records it can take (``Dataset.for_spatial_dims``: a DICOM
     folder's 2D images for a 2D model, its 3D series for a 3D one; the others left out with a warning)."""
     dataset = load_dataset(path, label_columns=label_columns or None, allow_outside_root=allow_outside_root)
     if split is None:
         if "train" not in dataset.splits and dataset.splits not in ([], ["all"]):
             raise InputError(f"{dataset.source}: no split 'train' (splits: {', '.join(dataset.splits)}); pass "
-                             "--split NAME (or --split all to use every record, held-out splits included)")
+                             f"{split_option} NAME (or {split_option} all to use every record, held-out splits "
+                             "included)")
         split = "train" if "train" in dataset.splits else "all"
     selected = dataset.select(split)
     if model is None or not selected.kinds():  # no kind to choose by: the model is read only when one is needed
@@ -69,21 +72,37 @@ def audit_from_path(data: PathLike, split: str = "all", label: str | None = None
     return result
 
 
-def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str) -> str:
+def pick_label(dataset: Dataset, labels: Sequence[str] | None, task: str, option: str = "--label-column") -> str:
     """The one label column a task needs: the one given, else the dataset's default. A dataset with several
     default label columns (a multi-label ``.npz``, a DICOM folder's ``labels.csv``) is an InputError naming
-    them: scoring the first one alone would leave the others out without a word."""
+    them: scoring the first one alone would leave the others out without a word. ``option``: the one that
+    names the column, in the messages."""
     chosen = list(labels or dataset.default_labels)
     if not chosen:
-        raise InputError(f"{dataset.source}: {task} needs a label column (--label-column); "
+        raise InputError(f"{dataset.source}: {task} needs a label column ({option}); "
                          f"available: {', '.join(dataset.label_names) or 'none'}")
     if len(chosen) > 1 and labels:
         raise InputError(f"{task} takes one label column, got {', '.join(labels)}")
     if len(chosen) > 1:
         raise InputError(f"{dataset.source}: the dataset has {len(chosen)} default label columns "
-                         f"({', '.join(chosen)}) and {task} takes one: pass --label-column")
+                         f"({', '.join(chosen)}) and {task} takes one: pass {option}")
     dataset.require_label(chosen[0])
     return chosen[0]
+
+
+def fit_bottleneck_from_path(model: DualEncoder, data: PathLike, concepts: str, label: str | None = None,
+                             split: str | None = None, captions: CaptionConfig | None = None,
+                             allow_outside_root: bool = False):
+    """The concept bottleneck of ``model`` fitted on one split of the dataset at ``data`` (``load_split``: its
+    train split by default, every record when it has no split column, refused when its splits include no
+    ``train``) and one label column (``pick_label``: the one given, else the dataset's default; an identifier
+    column is refused by ``fit_bottleneck``); ``concepts``: a shipped bank's name or a file of phrases."""
+    from .explain.concepts import fit_bottleneck, load_concepts
+
+    bank = load_concepts(concepts)
+    dataset = load_split(data, split, allow_outside_root=allow_outside_root, split_option="--concept-split")
+    column = pick_label(dataset, [label] if label else None, "the concept bottleneck", option="--concept-label")
+    return fit_bottleneck(model, dataset, column, bank, captions)
 
 
 NON_FINITE = ("nan", "inf", "infinity")  # a --set / --train-set value spelt so is a number, not a string

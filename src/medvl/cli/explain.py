@@ -32,11 +32,14 @@ def explain_command(
     concepts: Annotated[str | None, typer.Option(
         help="Concept bank: chest_xray, dermoscopy (shipped) or a text file of phrases, one a line.")] = None,
     concept_data: Annotated[Path | None, typer.Option(
-        help="Dataset to fit the concept bottleneck on (its train split, else all); needs --concepts. "
-             "The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
+        help="Dataset to fit the concept bottleneck on (its train split, every record when it has no split "
+             "column); needs --concepts. The fitted bottleneck is saved as OUT/bottleneck.json.")] = None,
     concept_label: Annotated[str | None, typer.Option(
-        help="Label column of --concept-data to fit on (default: its first label column; needs --concept-data).")]
-        = None,
+        help="Label column of --concept-data to fit on (default: the dataset's default label column, as for "
+             "train and eval; an identifier column is refused; needs --concept-data).")] = None,
+    concept_split: Annotated[str | None, typer.Option(
+        help="Split of --concept-data to fit on (default: train; a dataset whose splits include no 'train' is "
+             "refused; 'all' for every record; needs --concept-data).")] = None,
     allow_outside_root: AllowOutsideOption = False,
     bottleneck: Annotated[Path | None, typer.Option(
         help="A concept bottleneck fitted before (bottleneck.json) instead of --concept-data.")] = None,
@@ -68,7 +71,8 @@ def explain_command(
         check_methods(method)  # before a bottleneck is fitted (slow)
     net = load_model(model)
     check_heatmap_model(net)  # a volume model's refusal before a bottleneck is fitted (slow)
-    fitted = _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root)
+    fitted = _bottleneck(net, concepts, concept_data, concept_label, concept_split, bottleneck, captions,
+                         allow_outside_root)
     names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k,
                       saved is not None)
@@ -77,12 +81,16 @@ def explain_command(
         console.print(f"wrote {saved}")
 
 
-def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions, allow_outside_root=False):
+def _bottleneck(net, concepts, concept_data, concept_label, concept_split, bottleneck, captions,
+                allow_outside_root=False):
+    from ..api import fit_bottleneck_from_path
     from ..errors import InputError
-    from ..explain.concepts import ConceptBottleneck, fit_bottleneck, load_concepts
+    from ..explain.concepts import ConceptBottleneck, load_concepts
 
-    if concept_label is not None and concept_data is None:
-        raise InputError("--concept-label needs --concept-data (the dataset whose label column it names)")
+    for option, value, names in (("--concept-label", concept_label, "label column"),
+                                 ("--concept-split", concept_split, "split")):
+        if value is not None and concept_data is None:
+            raise InputError(f"{option} needs --concept-data (the dataset whose {names} it names)")
     if bottleneck is not None:
         if concept_data is not None:
             raise InputError("give --bottleneck or --concept-data, not both")
@@ -94,16 +102,8 @@ def _bottleneck(net, concepts, concept_data, concept_label, bottleneck, captions
         return None
     if concepts is None:
         raise InputError("--concept-data needs --concepts (a concept bank: chest_xray, dermoscopy or a file)")
-    from ..data import load_dataset
-
-    bank = load_concepts(concepts)
-    data = load_dataset(concept_data, allow_outside_root=allow_outside_root)
-    label = concept_label or (data.label_names[0] if data.label_names else None)
-    if label is None:
-        raise InputError(f"{concept_data}: the dataset has no label column to fit the concept bottleneck on")
-    data.require_label(label)
-    train = data.select("train") if "train" in data.splits else data
-    return fit_bottleneck(net, train, label, bank, captions)
+    return fit_bottleneck_from_path(net, concept_data, concepts, concept_label, concept_split, captions,
+                                    allow_outside_root)
 
 
 def _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k,

@@ -20,7 +20,8 @@ whole array for the content checks, no axis check):
 - ``duplicate``: the same decoded pixels as another record (SHA-256 of the array); ``near_duplicate``:
   the same 64-bit difference hash (a 9x8 grayscale thumbnail's horizontal gradient signs) without being
   identical, confirmed on the pixels: 95 % of the pixels of the two images' 32x32 grayscale thumbnails differ
-  by under ``NEAR_LEVELS`` grey levels, i.e. a re-encoding or resize of the same picture (blank and
+  by under ``NEAR_LEVELS`` grey levels once their brightness and contrast are evened out (``picture_distance``),
+  i.e. a re-encoding, resize or re-windowed export of the same picture (blank and
   streaked images are left out of near-duplicate groups: their hashes carry too few bits). The hash alone
   is not enough: radiographs of one kind share its gradient layout, and it pairs different patients. A group
   that spans splits is a leak, and so is one file used by records of several splits (kind ``file``). Records
@@ -57,12 +58,17 @@ STREAK_RATIO = 0.25  # along-axis / across-axis neighbour difference below which
 STREAK_NOISE = 0.5  # grey levels: rows differing by less on average repeat up to compression noise ...
 STREAK_NOISE_RATIO = 0.5  # ... when the other axis varies at least twice as much. The 109 smeared ISIC files
 # reach 0.40 grey levels; among the shared images with a ratio under 0.6 and not smeared the least is 0.66
-NEAR_LEVELS = 12.0  # grey levels (of 255): 95th percentile of the absolute difference of two 32x32 thumbnails under
-# which a hash match is a copy. Copies (resized to 0.8 and JPEG 75, or JPEG 50) of 128 px phantom and of MedPix
-# images reach 9, the same image in MedPix and VQA-RAD 3; pairs of one hash and different patients reach down to 20
-# on a 2,400-case 128 px phantom, 23 on a 1,000-case 64 px one and 35 on the shared PneumoniaMNIST (their mean
-# differences reach down to 5.7: the mean alone does not part them). A copy of an image under about 100 px resized
-# by another 10-20 % can differ by more (up to 17 on the 64 px phantom) and is then not found
+NEAR_LEVELS = 12.0  # grey levels (of 255): 95th percentile of the absolute difference of two 32x32 thumbnails,
+# brightness and contrast evened out (``picture_distance``), under which a hash match is a copy. Copies (resized to
+# 0.8 and JPEG 75, or JPEG 50) of 128 px phantom and of MedPix images reach 8, the same image in MedPix and VQA-RAD
+# 3, copies of 60 MedPix images brightened by 10 % 11.3, re-windowed as 0.8 v + 30 or exported at 16 bits 0.9; a
+# window that clips ((v - 20) x 1.2) reaches 14.2 (56 of 60 found) and a gamma of 0.8 13.4 (54 of 60). Pairs within one
+# bit of hash and of different patients reach down to 14.6 on a 2,400-case 128 px phantom (18 before brightness and
+# contrast were evened out), 20 on a 1,000-case 64 px one and 17.6 on the shared PneumoniaMNIST (within 2 bits). A
+# copy of an image under about 100 px resized by another 10-20 % can differ by more (up to 17 on the 64 px phantom)
+# and is then not found
+MAX_GAIN = 2.0  # contrast ratio of two thumbnails that the pixel check evens out (a re-windowed copy: 1.1-1.5); a
+# flat thumbnail is never scaled up to match a detailed one
 THUMBNAIL = 32  # side of the thumbnail the near-duplicate pixel check compares
 BATCH = 32  # images per worker task
 
@@ -171,9 +177,24 @@ def thumbnail(gray: np.ndarray, eight_bit: bool) -> np.ndarray:
 
 
 def same_picture(first: np.ndarray, second: np.ndarray) -> bool:
-    """Whether 95 % of the pixels of two ``thumbnail``s differ by under ``NEAR_LEVELS`` grey levels."""
-    difference = np.abs(first.astype(np.float32) - second.astype(np.float32))
-    return float(np.percentile(difference, 95)) < NEAR_LEVELS
+    """Whether 95 % of the pixels of two ``thumbnail``s differ by under ``NEAR_LEVELS`` grey levels, brightness and
+    contrast evened out (``picture_distance``)."""
+    return bool(picture_distance(first, second[None])[0] < NEAR_LEVELS)
+
+
+def picture_distance(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The 95th percentile of the absolute difference, in grey levels, between a ``thumbnail`` and each of
+    ``others`` (N thumbnails) with brightness and contrast evened out: each is centred on its mean, and the two
+    are scaled to the geometric mean of their standard deviations (their ratio capped at ``MAX_GAIN``). A copy
+    brightened, given another contrast or window, or exported at another bit depth is then the same picture; raw
+    grey levels part it from its original (a 10 % brighter copy differs by up to 22 levels)."""
+    first = thumbnail.reshape(-1).astype(np.float64)
+    rest = others.reshape(len(others), -1).astype(np.float64)
+    first, rest = first - first.mean(), rest - rest.mean(axis=1, keepdims=True)
+    spread, spreads = first.std(), rest.std(axis=1)
+    ratio = np.divide(spreads, spread, out=np.full(len(rest), MAX_GAIN), where=spread > 0)
+    gain = np.sqrt(np.clip(ratio, 1 / MAX_GAIN, MAX_GAIN))[:, None]
+    return np.percentile(np.abs(first * gain - rest / gain), 95, axis=1)
 
 
 AGAINST = "against:"  # prefix of the ids and splits of ``against`` records in ``audit_dataset``'s overlap groups
@@ -279,7 +300,7 @@ def audit_dataset(dataset: Dataset, label: str | None = None, workers: int | Non
             "label": label, "records": summary, "duplicate_groups": groups,
             "leaks": [g for g in groups if g["leak"]],
             "thresholds": {"blank_levels": BLANK_LEVELS, "streak_ratio": STREAK_RATIO, "streak_noise": STREAK_NOISE,
-                           "streak_noise_ratio": STREAK_NOISE_RATIO, "near_levels": NEAR_LEVELS,
+                           "streak_noise_ratio": STREAK_NOISE_RATIO, "near_levels": NEAR_LEVELS, "max_gain": MAX_GAIN,
                            "near_distance": near_distance},
             "source": str(dataset.source), **({"against": overlap} if overlap is not None else {}),
             "seconds": round(time.perf_counter() - started, 2)}
@@ -386,12 +407,12 @@ def _same_pictures(checks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             i = parent[i]
         return i
 
-    thumbnails = np.stack([c["thumbnail"] for c in checks]).reshape(len(checks), -1).astype(np.float32)
+    thumbnails = np.stack([c["thumbnail"] for c in checks]).reshape(len(checks), -1)
     for i in range(len(checks) - 1):  # one row of pairs at a time: a hash bucket can hold thousands of files
         rest = np.array([j for j in range(i + 1, len(checks)) if root(j) != root(i)], dtype=int)
         if not len(rest):
             continue
-        close = np.percentile(np.abs(thumbnails[rest] - thumbnails[i]), 95, axis=1) < NEAR_LEVELS  # same_picture
+        close = picture_distance(thumbnails[i], thumbnails[rest]) < NEAR_LEVELS  # same_picture
         for j in rest[close]:
             parent[root(int(j))] = root(i)
     linked: dict[int, list[dict[str, Any]]] = defaultdict(list)

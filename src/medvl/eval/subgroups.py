@@ -104,7 +104,7 @@ IDENTIFIER_MIN_VALUES, IDENTIFIER_RECORDS_PER_VALUE = 10, 3
 IDENTIFIER_SINGLE_SHARE = 0.25
 
 
-def check_group_column(records: Iterable[Record], column: str) -> None:
+def check_group_column(records: Iterable[Record], column: str, role: str = "subgroup") -> None:
     """InputError for a group ``column`` of identifiers or free text (a patient name, an MRN, a note): at least 3
     distinct values, more than half of them in one record only (the covariates' rule,
     ``covariates.CovariateEncoder.fit``) and those single-record values holding at least ``IDENTIFIER_SINGLE_SHARE``
@@ -113,7 +113,8 @@ def check_group_column(records: Iterable[Record], column: str) -> None:
     images each). Each record, or patient, would be a group of its own, too small to score, listed by its value in
     the outputs; the message counts, never quotes. An age-like column (``is_age_column``:
     a test of its name) is banded: its values that read as ages are never refused, the others (``unreadable_ages``)
-    are held to the same rules, so notes in a column named ``age_note`` are refused as in any other."""
+    are held to the same rules, so notes in a column named ``age_note`` are refused as in any other. ``role``: what
+    the column is used as, in the message (a ``label`` of classes, for a concept bottleneck)."""
     records = list(records)
     if is_age_column(column):
         values = unreadable_ages(records, column)
@@ -124,13 +125,13 @@ def check_group_column(records: Iterable[Record], column: str) -> None:
     once = sum(count == 1 for count in counts.values())
     what = "values that are not ages" if is_age_column(column) else "values"
     if len(counts) >= 3 and once > len(counts) / 2 and once >= IDENTIFIER_SINGLE_SHARE * len(values):
-        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records, "
-                         f"{once} of them in one record only; a subgroup is a category shared by records, not an "
+        raise InputError(f"{role} column {column!r} has {len(counts)} distinct {what} in {len(values)} records, "
+                         f"{once} of them in one record only; a {role} is a category shared by records, not an "
                          "identifier or free text")
     if len(counts) >= IDENTIFIER_MIN_VALUES and len(counts) * IDENTIFIER_RECORDS_PER_VALUE > len(values):
         # a patient id over two or three images per patient: few values once, yet every group is a patient
-        raise InputError(f"subgroup column {column!r} has {len(counts)} distinct {what} in {len(values)} records "
-                         f"(under {IDENTIFIER_RECORDS_PER_VALUE} records a value); a subgroup is a category shared by "
+        raise InputError(f"{role} column {column!r} has {len(counts)} distinct {what} in {len(values)} records "
+                         f"(under {IDENTIFIER_RECORDS_PER_VALUE} records a value); a {role} is a category shared by "
                          "many records, not an identifier such as a patient or study id")
 
 

@@ -33,6 +33,7 @@ from ..embed import class_embeddings, embed_images
 from ..errors import DataError, InputError
 from ..eval.linear_probe import fit_and_score
 from ..eval.metrics import classification_metrics
+from ..eval.subgroups import check_group_column
 from ..io import write_json
 
 log = logging.getLogger(__name__)
@@ -288,10 +289,13 @@ def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None,
     """Fit a bottleneck on ``dataset``'s images and ``label`` classes (every record the model can take is used:
     a DICOM folder's 3D series are left out for a 2D model, its 2D images for a 3D one, with a warning,
     ``Dataset.for_spatial_dims``); a warning when it keeps no concept (``ConceptBottleneck.warn_if_prior_only``).
+    A ``label`` column of identifiers (an image or patient id: values mostly in one record, the subgroups' rule
+    ``check_group_column``) is an InputError: one class per image is no class.
     ``image_embeddings``: those of the records the model takes, in order."""
     from sklearn.model_selection import GridSearchCV
 
     dataset = dataset.for_spatial_dims(model.config.image.spatial_dims)  # a DICOM folder's other kind left out
+    check_group_column(dataset, label, role="label")
     classes, y = _targets(dataset, label)
     vectors = concept_embeddings(model, bank, captions).numpy().astype(np.float64)  # a phrase too long: before images
     if image_embeddings is None:

@@ -44,8 +44,8 @@ Labels come from an optional ``labels.csv`` in the folder (or ``labels=``): one 
 (matched case-insensitively, the first of these present; a study row labels every record of the
 study), an optional ``split`` and ``text`` (or ``report``) column, every other column a label (empty
 cell, or one spelled ``NaN`` / ``NA`` / ``N/A`` / ``null`` in any case, = missing; ``None`` is a class; a 0.0 / 1.0
-column read as 0 / 1, as in a manifest: ``manifest.clean_label_cells``) except identifier columns, which are
-ignored with a warning naming them: the other
+or true / false column read as 0 / 1, as in a manifest: ``manifest.clean_label_cells``) except identifier columns,
+which are ignored with a warning naming them: the other
 key columns, and any column named as a DICOM attribute holding a UID, a person's name, a date or a
 time (VR UI, PN, DA, DT, TM: ``SOPClassUID``, ``PatientName``, ``StudyDate``...), a patient or
 request identifier (``medvl.clinical.profile.DICOGNITO_IDS``: ``PatientID``, ``AccessionNumber``...)
@@ -361,7 +361,7 @@ def _read_labels(path: Path) -> _Labels:
                     "never a label; the rows are keyed by %s)", path, ", ".join(ignored), key_name)
     kept = [name for name in header if name != key_name and name not in ignored]
     columns = [name for name in kept if name.lower() not in (SPLIT_COLUMN, *TEXT_COLUMNS)]
-    clean_label_cells(path, table, columns)  # 'NaN' / 'NA' cells missing, a 0.0 / 1.0 column 0 / 1: as a manifest's
+    clean_label_cells(path, table, columns)  # 'NaN' / 'NA' cells missing, a 0.0 / 1.0 or boolean column 0 / 1
     rows: dict[str, dict[str, str]] = {}
     lines: dict[str, int] = {}
     for line, cells in table:

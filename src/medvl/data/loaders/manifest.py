@@ -112,6 +112,8 @@ KNOWN_TABLES = (
 # clinical tables it is a grade (effusion None / Small / Large), and pandas and the csv module write None as empty
 MISSING_SPELLINGS = frozenset({"nan", "na", "n/a", "null"})
 FLOAT_BINARY = {"0.0": "0", "1.0": "1"}  # pandas writes a 0/1 column holding a missing value as floats
+# pandas writes a bool column as True / False (to_csv) or true / false (to_json), a JSONL boolean reads as true / false
+BOOLEAN_BINARY = {"false": "0", "true": "1"}  # matched in any case
 
 _INVALID_UTF8 = re.compile("[\udc80-\udcff]")  # bytes kept by the surrogateescape error handler
 
@@ -586,15 +588,23 @@ def _spelled_missing(cell: str | None, keep: frozenset[str]) -> bool:
 def clean_label_cells(path: Path, rows: list[Row], columns: list[str]) -> None:
     """Label cells made uniform in place, for every manifest format alike: a cell spelled as a missing value
     becomes empty (``clear_missing_cells``); a column whose values are all ``0.0`` / ``1.0`` (pandas' output of a
-    0/1 column with a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one."""
+    0/1 column with a missing value) becomes ``0`` / ``1``, a binary finding column as every evaluator reads one, and
+    so does a column whose values are all booleans (``True`` / ``False`` in any case: pandas' output of a bool column,
+    a JSONL ``true`` / ``false``)."""
     clear_missing_cells(path, rows, columns)
     for column in columns:
         values = {row[column] for _, row in rows if row.get(column)}
         if values and values <= FLOAT_BINARY.keys():
-            log.info("%s: column %r holds 0.0 / 1.0 only: read as 0 / 1", path, column)
-            for _, row in rows:
-                if row.get(column):
-                    row[column] = FLOAT_BINARY[row[column]]
+            _read_as_binary(path, rows, column, "0.0 / 1.0", FLOAT_BINARY)
+        elif values and {value.lower() for value in values} <= BOOLEAN_BINARY.keys():
+            _read_as_binary(path, rows, column, "booleans (true / false)", BOOLEAN_BINARY)
+
+
+def _read_as_binary(path: Path, rows: list[Row], column: str, kind: str, binary: dict[str, str]) -> None:
+    log.info("%s: column %r holds %s only: read as 0 / 1", path, column, kind)
+    for _, row in rows:
+        if row.get(column):
+            row[column] = binary[row[column].lower()]  # the keys are lower case
 
 
 def _build_records(path: Path, columns: list[str], rows: list[Row], skip_missing_images: bool = False,

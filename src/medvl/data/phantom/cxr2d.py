@@ -2,7 +2,8 @@
 
 Each case is drawn from its own random stream seeded by ``(seed, index)``, so case ``i`` is the
 same whatever the number of cases generated, and the same ``(seed, index, size)`` always gives
-byte-identical pixels, masks and report.
+byte-identical pixels, masks and report (its split, drawn over all cases by ``generate.assign_splits``, is not:
+it changes with the number of cases).
 
 Conventions
 -----------

@@ -120,7 +120,8 @@ def manifest_row(case: PhantomCase, image_path: str, split: str) -> dict[str, An
 
 
 def assign_splits(n: int, seed: int, splits: dict[str, float]) -> list[str]:
-    """Split name of each of ``n`` cases: shuffle by seed, then cut in the order given.
+    """Split name of each of ``n`` cases: shuffle by seed, then cut in the order given (so a case's split depends on
+    ``n``, unlike its pixels: kept so, as every documented phantom figure rests on these splits).
 
     Counts are the fractions times ``n`` rounded so that they add up to ``n`` (largest
     remainders first).
@@ -345,7 +346,10 @@ def generate_phantom(out_dir: str | Path, n: int = 1000, seed: int = 0, size: in
     ``kind`` "cxr2d": case ``i`` is ``cxr2d.render_case(seed, i, size, extra_finding_prob)``, a
     chest radiograph named ``phantom_{i:05d}`` (``size`` default 128 px); "ct3d": ``ct3d.render_case``,
     a CT volume named ``ct_{i:05d}`` (``size`` default 64 voxels a side). ``splits`` maps split
-    names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2). An existing non-empty
+    names to fractions summing to 1 (default train/val/test 0.7/0.1/0.2). A case's pixels and report do not
+    depend on ``n``, but its split does (``assign_splits`` shuffles all ``n`` cases): phantoms of one seed and
+    different ``n`` hold the same patients in different splits, so train and score on one ``n``
+    (``medvl audit --against`` shows the overlap; the contamination check does not). An existing non-empty
     ``out_dir`` is an error unless ``overwrite`` is true, in which case it is replaced as a whole
     once the new data set is complete (never when it is or holds the current folder: an ``InputError``); an
     existing empty ``out_dir`` (``.`` included) is kept and filled. ``vqa`` (cxr2d only) also writes ``vqa/``: about
