@@ -486,13 +486,18 @@ def test_a_run_removes_the_staging_folders_an_interrupted_write_left_unless_anot
     out = tmp_path / "run"
     _train_small(dataset, out, config)
     stale = [".checkpoint.tmp-7m8cfbx0", ".model.tmp-62eembpp", ".checkpoint.old-4242-abcd1234",
-             ".train_config.json.x1y2.tmp"]
+             ".train_config.json.x1y2_3z4.tmp"]
     for name in stale[:3]:
         (out / name / ".model.tmp-q" if "checkpoint" in name else out / name).mkdir(parents=True)
         (out / name / "state.pt").write_bytes(b"\x00" * 100)
     (out / stale[3]).write_text("{")
     (out / "notes.txt").write_text("mine")
     (out / ".hidden").mkdir()
+    # a user's own backups beside the run's entries, named like them but not by medvl's staging: they stay
+    mine = [".model.backup-before-retrain", ".metrics.jsonl.bak", ".train_config.json.orig", ".checkpoint.tmp-x"]
+    (out / mine[0]).mkdir()
+    for name in mine[1:]:
+        (out / name).write_text("mine")
     handle = os.open(out, os.O_RDONLY)  # another live run holds the folder: nothing of it is touched
     try:
         fcntl.flock(handle, fcntl.LOCK_SH)
@@ -501,8 +506,8 @@ def test_a_run_removes_the_staging_folders_an_interrupted_write_left_unless_anot
         os.close(handle)
     assert all((out / name).exists() for name in stale)
     _train_small(dataset, out, config, resume=True)
-    assert sorted(path.name for path in out.iterdir()) == [".hidden", "checkpoint", "metrics.jsonl", "model",
-                                                           "notes.txt", "train_config.json"]
+    assert sorted(path.name for path in out.iterdir()) == sorted([".hidden", "checkpoint", "metrics.jsonl", "model",
+                                                                  "notes.txt", "train_config.json", *mine])
 
 
 def test_resume_with_another_starting_model_is_refused(small_phantom, tmp_path):

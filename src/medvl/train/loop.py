@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -836,6 +837,15 @@ def _remove_run_output(out_dir: Path, present: set[str] | None) -> None:
             out_dir.rmdir()  # only if empty
 
 
+# The names medvl's own staging takes for a run's entries, exactly: tempfile's 8 random characters after the prefix
+# (``io.staging_folder``: ``.checkpoint.tmp-*``, ``.model.tmp-*``), the replaced folder kept until the rename
+# (``io.replace_dir``: ``.NAME.old-PID-*``) and an atomic write's temporary file (``io.atomic_write_bytes``:
+# ``.NAME.*.tmp``).
+_RANDOM = "[a-z0-9_]{8}"
+STAGING_NAME = re.compile(rf"\.(?:{'|'.join(re.escape(entry) for entry in RUN_ENTRIES)})\."
+                          rf"(?:tmp-{_RANDOM}|old-[0-9]+-{_RANDOM}|{_RANDOM}\.tmp)")
+
+
 def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
 
@@ -868,7 +878,7 @@ def _remove_stale_entries(out_dir: Path) -> None:
     """Remove the staging entries of a run's files (``.checkpoint.tmp-*``, ``.model.tmp-*``, ``.checkpoint.old-*``,
     the temporary files of an atomic write) that a run killed while writing left behind; anything else stays."""
     for child in out_dir.iterdir():
-        if child.name in RUN_ENTRIES or not _is_run_entry(child.name):
+        if not STAGING_NAME.fullmatch(child.name):  # a user's own .model.backup or .metrics.jsonl.bak stays
             continue
         log.info("%s: removing %s, left by an interrupted write", out_dir, child.name)
         if child.is_dir() and not child.is_symlink():
