@@ -380,6 +380,33 @@ def test_a_guard_with_a_non_finite_threshold_or_mean_is_refused_naming_the_file(
         assert answer.status_code == 503, answer.text
 
 
+def test_a_guard_of_another_dtype_or_shape_or_info_is_converted_or_refused_at_load(guarded, phantom_dir, tmp_path):
+    """A guard written in float64 (refitted or converted with numpy) is read as float32 and scores as the original;
+    integer tensors, a mean that is not a vector and an info that is not a JSON object are refused at load, naming
+    the file: they loaded, then every image crashed (a traceback, HTTP 500 while the health said ok)."""
+    model_dir, _ = guarded
+    phantom = load_split(phantom_dir, "test")[0].image
+    wide = _guard_copy(model_dir, tmp_path / "float64", mean=torch.Tensor.double, precision=torch.Tensor.double)
+    features = torch.randn(3, load_model(model_dir).ood.mean.shape[0])
+    assert torch.allclose(load_model(wide).ood.scores(features), load_model(model_dir).ood.scores(features))
+    result, output = invoke("predict", phantom, "--model", wide, "--labels", LABELS, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["out_of_distribution"] is False
+    cases = {"precision-int": ({"precision": lambda precision: (precision * 100).long()}, "floating point"),
+             "mean-bool": ({"mean": lambda mean: mean > 0}, "floating point"),
+             "mean-2d": ({"mean": lambda mean: mean.reshape(-1, 1)}, "a non-empty vector"),
+             "mean-0d": ({"mean": lambda mean: mean[0].clone()}, "a non-empty vector"),
+             "info-null": ({"info": "null"}, "info must be a JSON object"),
+             "info-list": ({"info": "[]"}, "info must be a JSON object"),
+             "info-sha-number": ({"info": '{"image_tower_sha256": 5}'}, "must be a string")}
+    for name, (change, problem) in cases.items():
+        model = _guard_copy(model_dir, tmp_path / name, **change)
+        result, output = invoke("predict", phantom, "--model", model, "--labels", LABELS)
+        message = " ".join(output.split())
+        assert result.exit_code == 2 and f"{model / OOD_FILE}: the OOD guard is malformed" in message, (name, output)
+        assert problem in message and "Traceback" not in output, (name, output)
+
+
 def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weights_is_ignored(guarded, phantom_dir,
                                                                                                tmp_path, caplog):
     """The guard describes the features of the weights it was fitted on. Training from a guarded model folder does
