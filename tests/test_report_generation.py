@@ -630,6 +630,40 @@ def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_pat
         assert named in output and _one_error_line(result), (args, output)
 
 
+def test_a_tokenizer_file_of_valid_json_with_a_wrong_type_is_one_line_naming_it(cli_run, phantom_dir, tmp_path):
+    """tokenizers raises a bare Exception for a mistyped tokenizer.json (a token id as a string), transformers a
+    KeyError (an added token without its id) or a TypeError (a special token as a number): each was a traceback from
+    report generate and eval report; now one line naming the folder and tokenizer/, exit 2."""
+    import shutil
+
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+
+    def vocab_id_as_text(tokenizer, config):
+        first = next(iter(tokenizer["model"]["vocab"]))
+        tokenizer["model"]["vocab"][first] = str(tokenizer["model"]["vocab"][first])
+
+    def added_token_without_id(tokenizer, config):
+        del tokenizer["added_tokens"][0]["id"]
+
+    def pad_token_as_number(tokenizer, config):
+        config["pad_token"] = 1
+
+    for change in (vocab_id_as_text, added_token_without_id, pad_token_as_number):
+        model = tmp_path / change.__name__
+        shutil.copytree(cli_run / "model", model)
+        files = [model / "tokenizer" / name for name in ("tokenizer.json", "tokenizer_config.json")]
+        tokenizer, config = (json.loads(path.read_text()) for path in files)
+        change(tokenizer, config)
+        for path, data in zip(files, (tokenizer, config), strict=True):
+            path.write_text(json.dumps(data))
+        for args in (("report", "generate", image, "--model", model),
+                     ("eval", "report", "--model", model, "--data", phantom_dir, "--split", "test")):
+            result, output = invoke(*args)
+            assert result.exit_code == 2 and _one_error_line(result), (change.__name__, args, output)
+            assert f"{model}: cannot read the report generator's tokenizer in tokenizer/" in \
+                " ".join(output.split()), output
+
+
 def _one_error_line(result) -> bool:
     """The error is one line on stderr, no traceback."""
     return len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
