@@ -172,6 +172,24 @@ def test_a_generator_config_saved_before_vocab_min_texts_still_loads(trained, tm
     assert reloaded.generate(pixels, max_length=8) == model.generate(pixels, max_length=8)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_generator_s_files_follow_the_umask(trained, tmp_path, umask):
+    """model.safetensors was written 0600 (safetensors' save_file) whatever the umask, unlike every other model
+    file: a generator trained by one account could not be served by another."""
+    import os
+
+    model, _, _ = trained
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(old)
+    files = [path for path in (tmp_path / "model").rglob("*") if path.is_file()]
+    assert tmp_path / "model" / "model.safetensors" in files
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == \
+        {path.name: oct(0o666 & ~umask) for path in files}
+
+
 def test_a_generator_keeps_no_word_of_a_single_report_and_writes_it_from_characters(phantom_dir, tmp_path):
     data = planted_phantom(phantom_dir, tmp_path / "data")
     result, output = invoke("train", "report", "--data", data, "--out", tmp_path / "run", "--max-steps", "1",

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..errors import InputError, MedvlError, ModelError, one_line
-from ..io import read_json
+from ..io import give_output_mode, read_json
 from .config import (
     MAX_HEADS,
     MAX_LAYERS,
@@ -352,6 +352,7 @@ class ReportGenerator(nn.Module):
 
         def write(staging: Path) -> None:
             save_model(self, str(staging / WEIGHTS_FILE))  # handles the tied output / input embeddings
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600: another account could not load it
             self.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
 
         return save_model_dir(directory, dict(self.state_dict()), self.config.to_dict(), self.meta, write)
