@@ -770,6 +770,39 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
     assert result.exit_code == 2 and "xray-vision" in output and not (tmp_path / "third").exists()
 
 
+def test_a_damaged_model_fingerprint_is_refused_and_a_missing_one_is_warned_about(tiny_model, tiny_model_dir,
+                                                                                   phantom_dir, tmp_path):
+    """A bottleneck's ``model`` that is not a fingerprint (a string, a list, a number, a hash that is not a string)
+    passed for a file from before fingerprints: the check that it belongs to the model was skipped without a word.
+    It is refused naming the file; a file without one (an earlier medvl) is used with a warning that it cannot be
+    checked, as a model's OOD guard without one is."""
+    fitted = fit_bottleneck(tiny_model, medvl.load_dataset(phantom_dir).select("train"), "finding",
+                            load_concepts("chest_xray"))
+    data = fitted.to_dict()
+    image = _cardiomegaly_image(phantom_dir)
+    damaged = {"text": ("x", "model is not an object"), "list": ([], "model is not an object"),
+               "number": (3, "model is not an object"),
+               "hash": ({**data["model"], "weights_sha256": 5}, "model.weights_sha256 is not a string"),
+               "no-hash": ({"name": "phantom-tiny"}, "model.config_sha256 is not a string")}
+    for name, (model, problem) in damaged.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**data, "model": model}))
+        result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", path, "--method",
+                                "patch_text")
+        message = " ".join(output.split())
+        assert result.exit_code == 2 and "Traceback" not in output, (name, output)
+        assert f"{path}: not a concept bottleneck file ({problem}" in message, (name, output)
+    for name, old in (("missing", {k: v for k, v in data.items() if k != "model"}), ("null", {**data, "model": None})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(old))
+        result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", path, "--method",
+                                "patch_text")
+        assert result.exit_code == 0 and "patch_text: peak at" in output, (name, output)
+        unwrapped = "".join(output.split())  # the log handler wraps long lines, the path too
+        warning = f"{path}: the concept bottleneck records no fingerprint of the model"
+        assert "".join(warning.split()) in unwrapped and "cannotbechecked" in unwrapped, (name, output)
+
+
 def test_an_interrupted_explanation_leaves_no_overlay_and_the_rerun_works(tiny_model_dir, phantom_dir, tmp_path):
     """Ctrl-C (a real SIGINT to ``python -m medvl explain``) while the overlays are being written leaves none of
     them in --out (they are staged and moved in with explanation.json), so the same command then succeeds."""

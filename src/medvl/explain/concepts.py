@@ -160,7 +160,7 @@ class ConceptBottleneck:
     def check_model(self, model) -> None:
         """ModelError unless ``model`` is the one the bottleneck was fitted with: its concept scores are that
         model's similarities, standardised over that model's training scores (a file from before fingerprints
-        were kept is checked by embedding size only)."""
+        were kept is checked by embedding size only: ``load`` warns, as a model does of such an OOD guard)."""
         from ..errors import ModelError
         from ..index.base import fingerprint_differs
 
@@ -222,15 +222,21 @@ class ConceptBottleneck:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBottleneck:
-        """The bottleneck a file holds (``read``), with a warning when it keeps no concept."""
+        """The bottleneck a file holds (``read``), with a warning when it keeps no concept or records no model."""
         bottleneck = cls.read(path)
         bottleneck.warn_if_prior_only(path)
+        if bottleneck.model is None:
+            log.warning("%s: the concept bottleneck records no fingerprint of the model it was fitted with (an earlier "
+                        "medvl fitted it), so it cannot be checked against the model, only its embedding size: if it "
+                        "was fitted with another model, its concept scores mean nothing; fit it again "
+                        "(`medvl explain --concept-data`) to record one", path)
         return bottleneck
 
     @classmethod
     def read(cls, path: str | Path) -> ConceptBottleneck:
         """The bottleneck a file holds, as ``load`` uses it (keys it does not use are ignored; a file without
-        ``model`` predates fingerprints), without a word; DataError naming the file when it is not one."""
+        ``model``, or with ``"model": null``, predates fingerprints: ``load`` warns that it cannot be checked),
+        without a word; DataError naming the file when it is not one, or its ``model`` is not a fingerprint."""
         from ..data.loaders.manifest import parse_json, repeated_key
 
         path = Path(path)
@@ -243,9 +249,11 @@ class ConceptBottleneck:
             arrays = {k: np.asarray(data[k], dtype=np.float64)
                       for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
             model = data.get("model")
+            if model is not None and (damage := fingerprint_problem(model)) is not None:
+                raise DataError(path, f"not a concept bottleneck file ({damage})")
             bottleneck = cls(concepts=data["concepts"], classes=data["classes"],  # checked by problem()
                              label_column=str(data["label_column"]), c=float(data["c"]),
-                             model=dict(model) if isinstance(model, dict) else None, **arrays)
+                             model=dict(model) if model is not None else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
         except RecursionError:
@@ -281,6 +289,18 @@ class ConceptBottleneck:
         if not (np.isfinite(self.c) and self.c > 0):
             return f"c is {self.c}, expected a number above 0"
         return None
+
+
+def fingerprint_problem(model: Any) -> str | None:
+    """What makes a bottleneck file's ``model`` not a model fingerprint (``index.base.model_fingerprint``), or None:
+    a damaged one would pass for a file from before fingerprints, and the check against the model be skipped."""
+    if not isinstance(model, dict):
+        return "model is not an object: it must describe the model the bottleneck was fitted with"
+    for key, required in (("config_sha256", True), ("weights_sha256", True), ("tokenizer_sha256", False),
+                          ("name", False)):
+        if not isinstance(model.get(key), str) and (required or model.get(key) is not None):
+            return f"model.{key} is not a string: the model the bottleneck was fitted with cannot be checked"
+    return None
 
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,
