@@ -485,6 +485,11 @@ def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir,
                     f"weights are {classes}x{concepts}, expected {classes - 1}x{concepts}"),
         "string": ({"concepts": "abc"}, "concepts is not a list of names"),
         "scale": ({"scale": [0.0] * concepts}, "scale holds values that are not above 0"),
+        # finite, but weight x standardised score overflows: a contribution of -inf on screen, null in the JSON
+        "overflow": ({"weights": [[1e308, -1e308] * (concepts // 2) + [0.0] * (concepts % 2)] * classes,
+                      "scale": [1e-3] * concepts}, "its weights times the concept scores an image can have overflow"),
+        "huge-vectors": ({"concept_vectors": [[1e308] * fitted.concept_vectors.shape[1]] * concepts},
+                         "its weights times the concept scores an image can have overflow"),
     }
     for name, (change, problem) in damaged.items():
         path = tmp_path / f"{name}.json"
@@ -755,7 +760,8 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
     torch.manual_seed(5)
     medvl.create_model("phantom-tiny").save_pretrained(other)
     result, output = invoke("explain", image, "--model", other, "--bottleneck", tmp_path / "first" / "bottleneck.json")
-    assert result.exit_code == 2 and "the concept bottleneck was fitted with another model" in " ".join(output.split())
+    assert result.exit_code == 2 and f"{tmp_path / 'first' / 'bottleneck.json'}: the concept bottleneck was fitted " \
+        "with another model" in " ".join(output.split()), output  # the file named: --index may be given too
     build_index(medvl.load_model(other), medvl.load_dataset(phantom_dir).select("test"), tmp_path / "idx",
                 model_dir=other, show_progress=False)
     for extra in (["--index", tmp_path / "idx"], ["--index", tmp_path / "first" / "missing", "-k", 0]):
