@@ -486,6 +486,11 @@ def test_a_damaged_bottleneck_file_is_refused_naming_it(tiny_model, phantom_dir,
                     f"weights are {classes}x{concepts}, expected {classes - 1}x{concepts}"),
         "string": ({"concepts": "abc"}, "concepts is not a list of names"),
         "scale": ({"scale": [0.0] * concepts}, "scale holds values that are not above 0"),
+        # finite, but weight x standardised score overflows: a contribution of -inf on screen, null in the JSON
+        "overflow": ({"weights": [[1e308, -1e308] * (concepts // 2) + [0.0] * (concepts % 2)] * classes,
+                      "scale": [1e-3] * concepts}, "its weights times the concept scores an image can have overflow"),
+        "huge-vectors": ({"concept_vectors": [[1e308] * fitted.concept_vectors.shape[1]] * concepts},
+                         "its weights times the concept scores an image can have overflow"),
     }
     for name, (change, problem) in damaged.items():
         path = tmp_path / f"{name}.json"
@@ -756,7 +761,8 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
     torch.manual_seed(5)
     medvl.create_model("phantom-tiny").save_pretrained(other)
     result, output = invoke("explain", image, "--model", other, "--bottleneck", tmp_path / "first" / "bottleneck.json")
-    assert result.exit_code == 2 and "the concept bottleneck was fitted with another model" in " ".join(output.split())
+    assert result.exit_code == 2 and f"{tmp_path / 'first' / 'bottleneck.json'}: the concept bottleneck was fitted " \
+        "with another model" in " ".join(output.split()), output  # the file named: --index may be given too
     build_index(medvl.load_model(other), medvl.load_dataset(phantom_dir).select("test"), tmp_path / "idx",
                 model_dir=other, show_progress=False)
     for extra in (["--index", tmp_path / "idx"], ["--index", tmp_path / "first" / "missing", "-k", 0]):
@@ -769,6 +775,39 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
                             "patch_text", "--method", "xray-vision", "--concepts", "chest_xray", "--concept-data",
                             phantom_dir)
     assert result.exit_code == 2 and "xray-vision" in output and not (tmp_path / "third").exists()
+
+
+def test_a_damaged_model_fingerprint_is_refused_and_a_missing_one_is_warned_about(tiny_model, tiny_model_dir,
+                                                                                   phantom_dir, tmp_path):
+    """A bottleneck's ``model`` that is not a fingerprint (a string, a list, a number, a hash that is not a string)
+    passed for a file from before fingerprints: the check that it belongs to the model was skipped without a word.
+    It is refused naming the file; a file without one (an earlier medvl) is used with a warning that it cannot be
+    checked, as a model's OOD guard without one is."""
+    fitted = fit_bottleneck(tiny_model, medvl.load_dataset(phantom_dir).select("train"), "finding",
+                            load_concepts("chest_xray"))
+    data = fitted.to_dict()
+    image = _cardiomegaly_image(phantom_dir)
+    damaged = {"text": ("x", "model is not an object"), "list": ([], "model is not an object"),
+               "number": (3, "model is not an object"),
+               "hash": ({**data["model"], "weights_sha256": 5}, "model.weights_sha256 is not a string"),
+               "no-hash": ({"name": "phantom-tiny"}, "model.config_sha256 is not a string")}
+    for name, (model, problem) in damaged.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**data, "model": model}))
+        result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", path, "--method",
+                                "patch_text")
+        message = " ".join(output.split())
+        assert result.exit_code == 2 and "Traceback" not in output, (name, output)
+        assert f"{path}: not a concept bottleneck file ({problem}" in message, (name, output)
+    for name, old in (("missing", {k: v for k, v in data.items() if k != "model"}), ("null", {**data, "model": None})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(old))
+        result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", path, "--method",
+                                "patch_text")
+        assert result.exit_code == 0 and "patch_text: peak at" in output, (name, output)
+        unwrapped = "".join(output.split())  # the log handler wraps long lines, the path too
+        warning = f"{path}: the concept bottleneck records no fingerprint of the model"
+        assert "".join(warning.split()) in unwrapped and "cannotbechecked" in unwrapped, (name, output)
 
 
 def test_an_interrupted_explanation_leaves_no_overlay_and_the_rerun_works(tiny_model_dir, phantom_dir, tmp_path):

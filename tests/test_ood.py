@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -315,8 +316,95 @@ def test_a_zero_precision_is_never_saved_and_refused_at_load(tmp_path):
     assert not (tmp_path / OOD_FILE).exists()
     save_file({"mean": zero.mean, "precision": zero.precision}, str(tmp_path / OOD_FILE),
               metadata={"threshold": "0.0", "info": "{}"})
-    with pytest.raises(ModelError, match=r"precision matrix is malformed; delete .* or fit a new one"):
+    with pytest.raises(ModelError, match=r"malformed \(the precision matrix is zero\); delete .* or fit a new"):
         OODGuard.load(tmp_path)
+
+
+def _guard_copy(model_dir, folder, mean=None, precision=None, threshold=None, info=None):
+    """A copy of the model ``model_dir`` in ``folder`` whose guard file holds the given values in place of its own
+    (``threshold`` and ``info`` as stored: text)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, folder)
+    with safe_open(str(folder / OOD_FILE), framework="pt") as handle:
+        metadata = handle.metadata()
+        stored = {"mean": handle.get_tensor("mean"), "precision": handle.get_tensor("precision")}
+    stored = {"mean": stored["mean"] if mean is None else mean(stored["mean"]),
+              "precision": stored["precision"] if precision is None else precision(stored["precision"])}
+    metadata = {"threshold": metadata["threshold"] if threshold is None else threshold,
+                "info": metadata["info"] if info is None else info}
+    save_file({name: tensor.contiguous() for name, tensor in stored.items()}, str(folder / OOD_FILE),
+              metadata=metadata)
+    return folder
+
+
+def _with(tensor, position, value):
+    changed = tensor.clone()
+    changed[position] = value
+    return changed
+
+
+def test_a_guard_with_a_non_finite_threshold_or_mean_is_refused_naming_the_file(guarded, phantom_dir, tmp_path):
+    """A NaN threshold or a NaN in the mean makes no score exceed the threshold: the guard would be silently off,
+    every image in distribution; -inf (or any negative threshold) flags every image. Refused at load, naming the
+    file and the way out, as a non-finite precision is: exit 2 at the CLI, and the service does not start."""
+    model_dir, _ = guarded
+    phantom = load_split(phantom_dir, "test")[0].image
+    cases = {"threshold-nan": {"threshold": "nan"}, "threshold-neginf": {"threshold": "-inf"},
+             "threshold-inf": {"threshold": "inf"}, "threshold-negative": {"threshold": "-1.5"},
+             "mean-nan": {"mean": lambda mean: _with(mean, 0, float("nan"))},
+             "mean-inf": {"mean": lambda mean: _with(mean, 3, float("inf"))},
+             "mean-huge": {"mean": lambda mean: mean * 1e30}}  # finite, but scores overflow to inf
+    for name, change in cases.items():
+        model = _guard_copy(model_dir, tmp_path / name, **change)
+        with pytest.raises(ModelError, match=re.escape(str(model / OOD_FILE)) + ": the OOD guard is malformed"):
+            load_model(model)
+        result, output = invoke("predict", phantom, "--model", model, "--labels", LABELS)
+        message = " ".join(output.split())
+        assert result.exit_code == 2 and f"{model / OOD_FILE}: the OOD guard is malformed" in message, (name, output)
+        assert "medvl ood fit" in message and "Traceback" not in output
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from medvl.serve import create_app
+
+    with TestClient(create_app(tmp_path / "threshold-nan", token_digests=[], require_token=False,
+                               load_in_background=True)) as http:  # as `medvl serve` loads it
+        while (health := http.get("/v1/health").json())["status"] == "loading":
+            time.sleep(0.05)
+        assert health["status"] == "failed", health
+        answer = http.post("/v1/zero-shot", files={"image": (phantom.name, phantom.read_bytes())},
+                           data={"labels": LABELS})
+        assert answer.status_code == 503, answer.text
+
+
+def test_a_guard_of_another_dtype_or_shape_or_info_is_converted_or_refused_at_load(guarded, phantom_dir, tmp_path):
+    """A guard written in float64 (refitted or converted with numpy) is read as float32 and scores as the original;
+    integer tensors, a mean that is not a vector and an info that is not a JSON object are refused at load, naming
+    the file: they loaded, then every image crashed (a traceback, HTTP 500 while the health said ok)."""
+    model_dir, _ = guarded
+    phantom = load_split(phantom_dir, "test")[0].image
+    wide = _guard_copy(model_dir, tmp_path / "float64", mean=torch.Tensor.double, precision=torch.Tensor.double)
+    features = torch.randn(3, load_model(model_dir).ood.mean.shape[0])
+    assert torch.allclose(load_model(wide).ood.scores(features), load_model(model_dir).ood.scores(features))
+    result, output = invoke("predict", phantom, "--model", wide, "--labels", LABELS, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["out_of_distribution"] is False
+    cases = {"precision-int": ({"precision": lambda precision: (precision * 100).long()}, "floating point"),
+             "mean-bool": ({"mean": lambda mean: mean > 0}, "floating point"),
+             "mean-2d": ({"mean": lambda mean: mean.reshape(-1, 1)}, "a non-empty vector"),
+             "mean-0d": ({"mean": lambda mean: mean[0].clone()}, "a non-empty vector"),
+             "info-null": ({"info": "null"}, "info must be a JSON object"),
+             "info-list": ({"info": "[]"}, "info must be a JSON object"),
+             "info-sha-number": ({"info": '{"image_tower_sha256": 5}'}, "must be a string")}
+    for name, (change, problem) in cases.items():
+        model = _guard_copy(model_dir, tmp_path / name, **change)
+        result, output = invoke("predict", phantom, "--model", model, "--labels", LABELS)
+        message = " ".join(output.split())
+        assert result.exit_code == 2 and f"{model / OOD_FILE}: the OOD guard is malformed" in message, (name, output)
+        assert problem in message and "Traceback" not in output, (name, output)
 
 
 def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weights_is_ignored(guarded, phantom_dir,

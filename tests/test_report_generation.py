@@ -172,6 +172,24 @@ def test_a_generator_config_saved_before_vocab_min_texts_still_loads(trained, tm
     assert reloaded.generate(pixels, max_length=8) == model.generate(pixels, max_length=8)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_generator_s_files_follow_the_umask(trained, tmp_path, umask):
+    """model.safetensors was written 0600 (safetensors' save_file) whatever the umask, unlike every other model
+    file: a generator trained by one account could not be served by another."""
+    import os
+
+    model, _, _ = trained
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(old)
+    files = [path for path in (tmp_path / "model").rglob("*") if path.is_file()]
+    assert tmp_path / "model" / "model.safetensors" in files
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == \
+        {path.name: oct(0o666 & ~umask) for path in files}
+
+
 def test_a_generator_keeps_no_word_of_a_single_report_and_writes_it_from_characters(phantom_dir, tmp_path):
     data = planted_phantom(phantom_dir, tmp_path / "data")
     result, output = invoke("train", "report", "--data", data, "--out", tmp_path / "run", "--max-steps", "1",
@@ -628,6 +646,40 @@ def test_bad_input_is_one_line_naming_it(cli_run, dual_dir, phantom_dir, tmp_pat
         result, output = invoke(*args)
         assert result.exit_code == 2, (args, output)
         assert named in output and _one_error_line(result), (args, output)
+
+
+def test_a_tokenizer_file_of_valid_json_with_a_wrong_type_is_one_line_naming_it(cli_run, phantom_dir, tmp_path):
+    """tokenizers raises a bare Exception for a mistyped tokenizer.json (a token id as a string), transformers a
+    KeyError (an added token without its id) or a TypeError (a special token as a number): each was a traceback from
+    report generate and eval report; now one line naming the folder and tokenizer/, exit 2."""
+    import shutil
+
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+
+    def vocab_id_as_text(tokenizer, config):
+        first = next(iter(tokenizer["model"]["vocab"]))
+        tokenizer["model"]["vocab"][first] = str(tokenizer["model"]["vocab"][first])
+
+    def added_token_without_id(tokenizer, config):
+        del tokenizer["added_tokens"][0]["id"]
+
+    def pad_token_as_number(tokenizer, config):
+        config["pad_token"] = 1
+
+    for change in (vocab_id_as_text, added_token_without_id, pad_token_as_number):
+        model = tmp_path / change.__name__
+        shutil.copytree(cli_run / "model", model)
+        files = [model / "tokenizer" / name for name in ("tokenizer.json", "tokenizer_config.json")]
+        tokenizer, config = (json.loads(path.read_text()) for path in files)
+        change(tokenizer, config)
+        for path, data in zip(files, (tokenizer, config), strict=True):
+            path.write_text(json.dumps(data))
+        for args in (("report", "generate", image, "--model", model),
+                     ("eval", "report", "--model", model, "--data", phantom_dir, "--split", "test")):
+            result, output = invoke(*args)
+            assert result.exit_code == 2 and _one_error_line(result), (change.__name__, args, output)
+            assert f"{model}: cannot read the report generator's tokenizer in tokenizer/" in \
+                " ".join(output.split()), output
 
 
 def _one_error_line(result) -> bool:

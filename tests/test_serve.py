@@ -998,6 +998,28 @@ def test_form_text_is_read_as_the_utf8_the_check_passed_or_its_other_charset_ref
         assert refused.json()["detail"] == f"form text must be UTF-8: the Content-Type declares charset {charset!r}"
 
 
+def test_a_body_that_is_not_a_form_is_415_naming_the_form_types(client):
+    """Every POST route takes a form; a JSON body was read as an empty form and answered 422 "give exactly one
+    query: an image or a text", saying nothing of its kind. It is refused (415) before its body is read, naming the
+    two form types; a request without a token still gets its 401 first."""
+    expected = "the body must be a form (Content-Type multipart/form-data, or application/x-www-form-urlencoded"
+    for route, content_type, body in (("/v1/search", "application/json", b'{"text": "effusion", "k": 1}'),
+                                      ("/v1/zero-shot", "application/json; charset=utf-8", b'{"labels": "a,b"}'),
+                                      ("/v1/embed", "text/plain", b"text=effusion"),
+                                      ("/v1/report/draft", "application/octet-stream", b"\x89PNG"),
+                                      ("/v1/search", "", b"text=effusion")):
+        answer = client.post(route, headers={**auth(), "Content-Type": content_type}, content=body)
+        assert answer.status_code == 415, (route, content_type, answer.text)
+        kind = repr(content_type.partition(";")[0]) if content_type else "an empty one"
+        assert answer.json()["detail"].startswith(f"{expected} for a request without files), not {kind}"), answer.text
+    unauthorised = client.post("/v1/search", headers={"Content-Type": "application/json"}, content=b"{}")
+    assert unauthorised.status_code == 401, unauthorised.text
+    form = client.post("/v1/search", headers={**auth(), "Content-Type": "Application/X-WWW-Form-Urlencoded"},
+                       content=b"text=effusion&k=1")  # the type's case does not matter, as for Starlette
+    assert form.status_code == 200, form.text
+    assert client.post("/v1/search", headers=auth(), data={"text": "effusion", "k": "1"}).status_code == 200
+
+
 def test_the_utf8_check_follows_a_streamed_body_chunk_by_chunk():
     """Chunks cut inside multi-byte characters are fine; a text part over the 1 MiB part limit is refused with
     413 naming it (Starlette's own refusal is a 400); a bad field in a later chunk is still found."""
@@ -2405,17 +2427,21 @@ def test_vqa_refuses_a_body_over_the_images_it_takes_before_reading_it(client, m
 
 
 def test_a_bottleneck_of_another_embedding_size_is_refused_at_start(model_dir, bottleneck_file, tmp_path):
+    """Refused naming the file (the message named only its name, and the CLI's none at all)."""
+    import re
+
     from medvl.explain.concepts import ConceptBottleneck
 
     other = ConceptBottleneck.load(bottleneck_file)
     other.concept_vectors = other.concept_vectors[:, :8]
     other.save(tmp_path / "other.json")
-    with pytest.raises(InputError, match=r"bottleneck other.json: .*8 dimensions, the model embeds in 64"):
+    with pytest.raises(InputError, match=re.escape(str(tmp_path / "other.json")) + ": .*8 dimensions, the model"):
         create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "other.json"), require_token=False)
     other = ConceptBottleneck.load(bottleneck_file)
     other.model = {**other.model, "weights_sha256": "0" * 64}  # the same size, fitted with other weights
     other.save(tmp_path / "weights.json")
-    with pytest.raises(InputError, match=r"bottleneck weights.json: the concept bottleneck was fitted with another"):
+    with pytest.raises(InputError, match=re.escape(str(tmp_path / "weights.json"))
+                       + ": the concept bottleneck was fitted with another"):
         create_app(model_dir, settings=ServeSettings(bottleneck=tmp_path / "weights.json"), require_token=False)
     result, output = invoke("serve", "--model", model_dir, "--vqa-model", tmp_path / "missing", "--no-auth")
     assert result.exit_code == 2 and "not found" in output

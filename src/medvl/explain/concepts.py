@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,19 +157,21 @@ class ConceptBottleneck:
     intercepts: np.ndarray  # (K,)
     c: float  # the chosen inverse regularisation strength
     model: dict[str, Any] | None = None  # the model it was fitted with (``index.base.model_fingerprint``)
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was read from, for messages
 
     def check_model(self, model) -> None:
         """ModelError unless ``model`` is the one the bottleneck was fitted with: its concept scores are that
         model's similarities, standardised over that model's training scores (a file from before fingerprints
-        were kept is checked by embedding size only)."""
+        were kept is checked by embedding size only: ``load`` warns, as a model does of such an OOD guard)."""
         from ..errors import ModelError
         from ..index.base import fingerprint_differs
 
+        where = f"{self.source}: " if self.source is not None else ""
         if self.concept_vectors.shape[1] != model.config.embed_dim:
-            raise ModelError(f"the concept bottleneck's concept vectors have {self.concept_vectors.shape[1]} "
+            raise ModelError(f"{where}the concept bottleneck's concept vectors have {self.concept_vectors.shape[1]} "
                              f"dimensions, the model embeds in {model.config.embed_dim}; fit it with this model")
         if self.model is not None and fingerprint_differs(self.model, model) is not None:
-            raise ModelError(f"the concept bottleneck was fitted with another model ({self.model.get('name')}, "
+            raise ModelError(f"{where}the concept bottleneck was fitted with another model ({self.model.get('name')}, "
                              "other weights): its concept scores mean nothing for this one; fit it with this model")
 
     def standardised_scores(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -223,15 +225,21 @@ class ConceptBottleneck:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBottleneck:
-        """The bottleneck a file holds (``read``), with a warning when it keeps no concept."""
+        """The bottleneck a file holds (``read``), with a warning when it keeps no concept or records no model."""
         bottleneck = cls.read(path)
         bottleneck.warn_if_prior_only(path)
+        if bottleneck.model is None:
+            log.warning("%s: the concept bottleneck records no fingerprint of the model it was fitted with (an earlier "
+                        "medvl fitted it), so it cannot be checked against the model, only its embedding size: if it "
+                        "was fitted with another model, its concept scores mean nothing; fit it again "
+                        "(`medvl explain --concept-data`) to record one", path)
         return bottleneck
 
     @classmethod
     def read(cls, path: str | Path) -> ConceptBottleneck:
         """The bottleneck a file holds, as ``load`` uses it (keys it does not use are ignored; a file without
-        ``model`` predates fingerprints), without a word; DataError naming the file when it is not one."""
+        ``model``, or with ``"model": null``, predates fingerprints: ``load`` warns that it cannot be checked),
+        without a word; DataError naming the file when it is not one, or its ``model`` is not a fingerprint."""
         from ..data.loaders.manifest import parse_json, repeated_key
 
         path = Path(path)
@@ -241,12 +249,14 @@ class ConceptBottleneck:
             data = parse_json(path.read_text(encoding="utf-8"))
             if (key := repeated_key(data)) is not None:
                 raise DataError(path, f"not a concept bottleneck file (the key {key!r} is given twice)")
-            arrays = {k: np.asarray(data[k], dtype=np.float64)
-                      for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
+            arrays: dict[str, Any] = {k: np.asarray(data[k], dtype=np.float64)
+                                      for k in ("concept_vectors", "mean", "scale", "weights", "intercepts")}
             model = data.get("model")
+            if model is not None and (damage := fingerprint_problem(model)) is not None:
+                raise DataError(path, f"not a concept bottleneck file ({damage})")
             bottleneck = cls(concepts=data["concepts"], classes=data["classes"],  # checked by problem()
                              label_column=str(data["label_column"]), c=float(data["c"]),
-                             model=dict(model) if isinstance(model, dict) else None, **arrays)
+                             model=dict(model) if model is not None else None, **arrays)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise DataError(path, f"not a concept bottleneck file ({type(err).__name__})") from None
         except RecursionError:
@@ -254,12 +264,13 @@ class ConceptBottleneck:
         problem = bottleneck.problem()
         if problem is not None:
             raise DataError(path, f"not a concept bottleneck file ({problem})")
+        bottleneck.source = str(path)
         return bottleneck
 
     def problem(self) -> str | None:
         """What makes this bottleneck unusable, or None: M concepts and K classes (distinct names, M >= 1,
         K >= 2) need concept vectors (M, D), mean and scale (M,), weights (K, M) and intercepts (K,), all
-        finite, scale and c above 0."""
+        finite, scale and c above 0, and contributions and logits that stay finite numbers for any image."""
         for key, names, least in (("concepts", self.concepts, 1), ("classes", self.classes, 2)):
             if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
                 return f"{key} is not a list of names"
@@ -279,9 +290,27 @@ class ConceptBottleneck:
                 return f"{name} not all finite numbers"
         if not (self.scale > 0).all():
             return "scale holds values that are not above 0"
+        with np.errstate(over="ignore", invalid="ignore"):  # the largest |standardised score| of any image (its
+            # embedding is normalised: |cosine| <= the concept vector's norm), then of a logit and of two apart
+            reach = (np.linalg.norm(self.concept_vectors, axis=1) + np.abs(self.mean)) / self.scale
+            logits = 2 * (np.abs(self.weights) @ reach + np.abs(self.intercepts))
+        if not np.isfinite(logits).all():
+            return "its weights times the concept scores an image can have overflow: they are not a fitted model's"
         if not (np.isfinite(self.c) and self.c > 0):
             return f"c is {self.c}, expected a number above 0"
         return None
+
+
+def fingerprint_problem(model: Any) -> str | None:
+    """What makes a bottleneck file's ``model`` not a model fingerprint (``index.base.model_fingerprint``), or None:
+    a damaged one would pass for a file from before fingerprints, and the check against the model be skipped."""
+    if not isinstance(model, dict):
+        return "model is not an object: it must describe the model the bottleneck was fitted with"
+    for key, required in (("config_sha256", True), ("weights_sha256", True), ("tokenizer_sha256", False),
+                          ("name", False)):
+        if not isinstance(model.get(key), str) and (required or model.get(key) is not None):
+            return f"model.{key} is not a string: the model the bottleneck was fitted with cannot be checked"
+    return None
 
 
 def fit_bottleneck(model, dataset, label: str, bank: ConceptBank, captions=None, seed: int = 0,

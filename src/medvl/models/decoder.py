@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_number
-from ..errors import InputError, MedvlError, ModelError
-from ..io import read_json
+from ..errors import InputError, MedvlError, ModelError, one_line
+from ..io import give_output_mode, read_json
 from .config import (
     MAX_HEADS,
     MAX_LAYERS,
@@ -352,6 +352,7 @@ class ReportGenerator(nn.Module):
 
         def write(staging: Path) -> None:
             save_model(self, str(staging / WEIGHTS_FILE))  # handles the tied output / input embeddings
+            give_output_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600: another account could not load it
             self.tokenizer.save_pretrained(staging / TOKENIZER_DIR)
 
         return save_model_dir(directory, dict(self.state_dict()), self.config.to_dict(), self.meta, write)
@@ -361,13 +362,12 @@ class ReportGenerator(nn.Module):
         """Load a saved generator (or the final model of a training folder: ``DIR/model``)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file, load_model
-        from transformers import PreTrainedTokenizerFast
 
         directory = _model_folder(Path(directory))
         try:
             config = ReportGeneratorConfig.from_dict(read_json(directory / CONFIG_FILE))
             meta = read_meta(directory)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory / TOKENIZER_DIR))
+            tokenizer = _read_tokenizer(directory)
             bad = non_finite_tensors(load_file(str(directory / WEIGHTS_FILE)))
             if bad:
                 raise ModelError(f"{directory}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); "
@@ -382,6 +382,18 @@ class ReportGenerator(nn.Module):
         model.meta = meta
         model.eval()
         return model
+
+
+def _read_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved in ``directory/tokenizer/``; ModelError naming it when its files cannot be read."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(directory / TOKENIZER_DIR))
+    except Exception as err:  # tokenizers raises a bare Exception for a mistyped tokenizer.json, transformers a
+        # TypeError or KeyError for a mistyped tokenizer_config.json or added token, as for the dual encoder's text/
+        raise ModelError(f"{directory}: cannot read the report generator's tokenizer in {TOKENIZER_DIR}/ "
+                         f"({one_line(err)})") from None
 
 
 def load_report_generator(directory: str | Path) -> ReportGenerator | VisionLanguageModel:

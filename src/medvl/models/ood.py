@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,36 @@ class OODGuard:
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise ModelError(f"{path}: cannot read the OOD guard ({err.__class__.__name__}: {err}); "
                              f"{recovery(path)}") from None
-        if (precision.shape != (mean.shape[0], mean.shape[0]) or not torch.isfinite(precision).all()
-                or not precision.abs().max() > 0):  # a zero precision scores every image 0: it never flags
-            raise ModelError(f"{path}: the OOD guard's precision matrix is malformed; {recovery(path)}")
-        return cls(mean=mean, precision=precision, threshold=threshold, info=info)
+        problem = _stored_problem(mean, precision, threshold, info)
+        if problem:  # a NaN threshold or mean flags no image (the guard silently off), -inf every image
+            raise ModelError(f"{path}: the OOD guard is malformed ({problem}); {recovery(path)}")
+        return cls(mean=mean.float(), precision=precision.float(), threshold=threshold, info=info)
+
+
+def _stored_problem(mean: torch.Tensor, precision: torch.Tensor, threshold: float, info: Any) -> str | None:
+    """What is wrong with a guard file's stored values, or None. Floating tensors of any width are used as float32
+    (a guard converted with numpy holds float64); integer or boolean ones are not features' statistics."""
+    if not mean.is_floating_point() or not precision.is_floating_point():
+        dtypes = (str(tensor.dtype).removeprefix("torch.") for tensor in (mean, precision))
+        return "the mean and precision matrix must be floating point, not {} and {}".format(*dtypes)
+    if mean.dim() != 1 or not len(mean):
+        return f"the mean must be a non-empty vector, not of shape {tuple(mean.shape)}"
+    if precision.shape != (len(mean), len(mean)):
+        return f"the precision matrix must be {len(mean)} x {len(mean)}, not of shape {tuple(precision.shape)}"
+    if not torch.isfinite(mean.float()).all() or not torch.isfinite(precision.float()).all():
+        return "the mean and precision matrix must be finite"
+    if mean.float().norm() > 1 + 1e-3:  # the mean of L2-normalised features lies in the unit ball
+        return "the mean must be the mean of normalised features: its norm is above 1"
+    if not precision.abs().max() > 0:  # a zero precision scores every image 0: it never flags
+        return "the precision matrix is zero"
+    if not math.isfinite(threshold) or threshold < 0:  # scores are distances: a negative threshold flags every image
+        return f"the threshold must be a finite number, 0 or more, not {threshold}"
+    if not isinstance(info, dict):
+        return "its info must be a JSON object"
+    for key, kind in (("image_tower_sha256", str), ("fit_data", dict), ("calibration_data", dict)):
+        if info.get(key) is not None and not isinstance(info[key], kind):
+            return f"info[{key!r}] must be a {'string' if kind is str else 'JSON object'}"
+    return None
 
 
 def embed_checked(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:

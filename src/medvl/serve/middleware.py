@@ -8,8 +8,9 @@ refused at once (413) and a streamed (chunked) body is counted and cut off there
 taking several files (``files_per_route``: ``/v1/vqa``) may carry that many uploads' bytes. A form
 text field that is not UTF-8 is refused (422) as the body streams in, and a multipart body that ends before its
 closing boundary (400: Starlette would drop its last part) when it ends (``form_text_checked``); a multipart
-boundary longer than the parser takes (400, ``boundary_refusal``) and a form declaring a charset other than UTF-8
-(415, ``charset_refusal``) are refused before the body is read.
+boundary longer than the parser takes (400, ``boundary_refusal``), a form declaring a charset other than UTF-8
+(415, ``charset_refusal``) and a POST body that is not a form, JSON say (415, ``form_kind_refusal``) are refused
+before the body is read.
 
 Bodies are held in memory, so the bytes of all bodies in flight are bounded (``BodyBudget``): a request
 whose ``Content-Length`` would take them over the budget is refused at once (503 with ``Retry-After``),
@@ -143,6 +144,10 @@ class ServiceMiddleware:
         if charset_problem is not None:
             timings["error"] = "form_charset"
             return 415, charset_problem, {}
+        kind_problem = form_kind_refusal(scope["method"], scope["path"], headers.get("content-type"))
+        if kind_problem is not None:
+            timings["error"] = "not_a_form"
+            return 415, kind_problem, {}
         length, limit = headers.get("content-length"), self._body_limit(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
@@ -315,6 +320,24 @@ def boundary_refusal(content_type: str | None) -> str | None:
     return None
 
 
+FORM_KINDS = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+def form_kind_refusal(method: str, path: str, content_type: str | None) -> str | None:
+    """Why a ``POST`` to a ``/v1/`` route is refused (415) for a body that is not a form, or None: every one takes
+    a form, and Starlette reads another body (JSON) as an empty form, answered with a 422 about a missing field
+    ("give exactly one query") that says nothing of the body's kind. A request without a Content-Type is left to
+    the route (its missing fields are named)."""
+    if method != "POST" or not path.startswith("/v1/") or content_type is None:
+        return None
+    kind = parse_options_header(content_type)[0]
+    if kind in FORM_KINDS:
+        return None
+    shown = repr(kind.decode("latin-1")[:60]) if kind else "an empty one"
+    return (f"the body must be a form (Content-Type multipart/form-data, or application/x-www-form-urlencoded for "
+            f"a request without files), not {shown}: the routes take no JSON")
+
+
 def charset_refusal(content_type: str | None) -> str | None:
     """Why a form declaring a charset other than UTF-8 is refused (415), or None: Starlette decodes a multipart
     body's text fields and field names with that charset (UTF-8 checked, then read as Latin-1, or ``text`` as the
@@ -323,7 +346,7 @@ def charset_refusal(content_type: str | None) -> str | None:
         return None
     kind, options = parse_options_header(content_type)
     charset = options.get(b"charset")
-    if kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded") or charset is None:
+    if kind not in FORM_KINDS or charset is None:
         return None
     name = charset.decode("latin-1")
     try:

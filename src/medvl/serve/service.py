@@ -642,7 +642,7 @@ def _load_bottleneck(path: Path | None, net):
     try:
         bottleneck.check_model(net)
     except ModelError as error:
-        raise InputError(f"bottleneck {path.name}: {error}") from None
+        raise InputError(str(error)) from None  # it names the file
     return bottleneck
 
 
