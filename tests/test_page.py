@@ -863,6 +863,29 @@ def test_long_words_wrap_inside_their_cards_and_a_phone_wide_page_does_not_scrol
     phone.close()
 
 
+def read_with_thumbnails(browser, url: str, token: str, image: Path, k: int):
+    """A page of its own (context, page) that reads ``image`` with ``k`` similar cases, and the statuses of its
+    thumbnail requests as they come."""
+    statuses: list[int] = []
+    context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
+    page = context.new_page()
+    page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
+    page.goto(url + "/")
+    connect(page, token)
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.get_by_label("Number of cases").fill(str(k))
+    page.locator("#file").set_input_files(image)
+    page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+    return context, page, statuses
+
+
+def thumbnails_when_settled(page) -> list[str]:
+    """Each similar case's thumbnail state once none is loading any more."""
+    page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
+                           ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
+    return page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+
+
 def test_many_similar_cases_all_show_their_thumbnails_within_the_tokens_rate(browser, model_dir, index_dir,
                                                                           phantom_dir, chest_xray):
     """Every thumbnail was asked for at once: past the token's burst most were refused (429) and the cases showed
@@ -870,19 +893,8 @@ def test_many_similar_cases_all_show_their_thumbnails_within_the_tokens_rate(bro
     settings = ServeSettings(data_root=phantom_dir, rate_limit=4.0, rate_burst=8)
     app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[17])])
     with Server(app) as running:
-        statuses: list[int] = []
-        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
-        page = context.new_page()
-        page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
-        page.goto(running.url + "/")
-        connect(page, TOKENS[17])
-        page.locator("#connected").wait_for(timeout=ANSWER_MS)
-        page.get_by_label("Number of cases").fill("12")
-        page.locator("#file").set_input_files(chest_xray)
-        page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
-        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
-                               ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
-        shown = page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+        context, page, statuses = read_with_thumbnails(browser, running.url, TOKENS[17], chest_xray, 12)
+        shown = thumbnails_when_settled(page)
         context.close()
     assert shown == ["shown"] * 12, (shown, statuses)
     assert 429 in statuses  # the budget was spent: the refusals were waited out
@@ -1359,22 +1371,11 @@ def test_thumbnails_refused_while_the_token_is_busy_are_waited_out_as_the_panels
     settings = ServeSettings(data_root=phantom_dir, rate_limit=1.0, rate_burst=5)  # a read's five requests
     app = create_app(model_dir, index=index_dir, settings=settings, token_digests=[token_digest(TOKENS[36])])
     with Server(app) as running, httpx.Client(base_url=running.url, timeout=10) as other:
-        statuses: list[int] = []
-        context = browser.new_context(viewport={"width": 1360, "height": 900}, service_workers="block")
-        page = context.new_page()
-        page.on("response", lambda answer: statuses.append(answer.status) if "/thumbnail" in answer.url else None)
-        page.goto(running.url + "/")
-        connect(page, TOKENS[36])
-        page.locator("#connected").wait_for(timeout=ANSWER_MS)
-        page.get_by_label("Number of cases").fill("4")
-        page.locator("#file").set_input_files(chest_xray)
-        page.locator("#similar[data-state=done]").wait_for(timeout=ANSWER_MS)
+        context, page, statuses = read_with_thumbnails(browser, running.url, TOKENS[36], chest_xray, 4)
         busy_until = time.monotonic() + 8
         while time.monotonic() < busy_until:
             other.get("/v1/models", headers={"Authorization": f"Bearer {TOKENS[36]}"})
-        page.wait_for_function("() => [...document.querySelectorAll('#similar .case')]"
-                               ".every(card => card.dataset.thumbnail !== 'loading')", timeout=ANSWER_MS)
-        shown = page.locator("#similar .case").evaluate_all("cards => cards.map(card => card.dataset.thumbnail)")
+        shown = thumbnails_when_settled(page)
         context.close()
     assert shown == ["shown"] * 4, (shown, statuses)
     assert statuses.count(429) >= 6, statuses  # the thumbnails were refused again and again meanwhile
