@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
 SAME_LAYER: dict[str, set[str]] = {
     "cli": {"serve"},  # `medvl serve` starts the service
     "__main__": {"cli"},  # python -m medvl runs the command line
-    "api": {"eval", "train"},
+    "api": {"eval", "explain", "train"},  # path-level entry points: a bottleneck fitted on a dataset path
     "bench": {"eval", "train", "index", "rag", "report"},  # recipes and suites compose training, evaluators, the
     # case index (case retrieval), the knowledge base findings are read with, and the HTML report
     "demo": {"eval", "report", "train"},
