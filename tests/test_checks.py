@@ -225,6 +225,32 @@ def test_a_cluster_bootstrap_draws_whole_cases_and_without_groups_the_draws_are_
     assert gap == pytest.approx(reference)
 
 
+def test_a_case_holding_several_classes_is_drawn_plainly_not_in_a_stratum_of_its_own():
+    """Groups were stratified by the set of classes each held: a case whose set was its own (here the one case
+    holding 80 of 100 records, of both classes) was in every draw exactly once, so its variation never reached the
+    interval, which came out narrower than the per-image one it was to widen (0.80-0.91 against a plain cluster
+    bootstrap's 0.31-0.95). With a case of several classes the cases are drawn plainly, a draw lacking a class drawn
+    again: equal to that reference, draw for draw."""
+    from medvl.eval.bootstrap import bootstrap_draws
+
+    rng = np.random.default_rng(11)
+    y = np.array([0, 1] * 50)
+    scores = rng.random(100) + 0.3 * y
+    cases = np.array(["big"] * 80 + [f"small{i}" for i in range(20)])
+    members = [np.flatnonzero(cases == case) for case in dict.fromkeys(cases.tolist())]
+    reference, stream = [], np.random.default_rng(8)
+    while len(reference) < 300:  # a plain cluster bootstrap, written out: whole cases, every class in each draw
+        drawn = np.concatenate([members[g] for g in stream.integers(0, len(members), len(members))])
+        if len(set(y[drawn])) == 2:
+            reference.append(drawn)
+    draws = bootstrap_draws(y, 300, seed=8, groups=cases)
+    assert len(draws) == 300 and all(np.array_equal(a, b) for a, b in zip(draws, reference, strict=True))
+    assert sum(not (cases[index] == "big").any() for index in draws) > 0  # the big case is left out of some draws
+    clustered = bootstrap_ci(roc_auc_score, y, scores, resamples=300, seed=8, groups=cases)
+    per_image = bootstrap_ci(roc_auc_score, y, scores, resamples=300, seed=8)
+    assert clustered["high"] - clustered["low"] > 1.5 * (per_image["high"] - per_image["low"])
+
+
 def test_subgroup_sizes_count_cases_when_records_share_one():
     """A group of 12 images from 2 patients is two patients: with ``units`` it is under ``min_size`` 10 and not
     scored (nor the worst group), and each scored group says its count of cases beside its records."""

@@ -20,9 +20,13 @@ which at the sizes these figures are reported for (tens of records per class) is
 The unit resampled is the record unless ``groups`` (one id per record: a case or patient id, the image of a VQA
 question) is given: then a draw is a cluster bootstrap, whole groups drawn with replacement (as many as there are)
 and every record of each drawn group kept, since records of one case are not independent and a draw of records
-would give intervals too narrow. Stratified draws then stratify the groups by the set of classes each holds (a
-group of one class is drawn among the groups of that class, keeping their count), so every draw still holds every
-class. Without ``groups`` the draws are those above, bit for bit.
+would give intervals too narrow. Stratified draws then stratify the groups by class when every group holds one class
+only (a group is drawn among the groups of its class, keeping their count: the stratified draw above, of cases);
+when a group holds several classes, strata by each group's set of classes would draw a group whose set is its own
+in every draw, exactly once, and its variation (a case holding most records) would never reach the interval: the
+groups are then drawn plainly and a draw lacking a class is drawn again (at most ``MAX_REDRAWS`` times the
+resamples in all), so every draw still holds every class. Without ``groups`` the draws are those above, bit for
+bit.
 """
 
 from __future__ import annotations
@@ -58,25 +62,37 @@ def bootstrap_draws(y_true: np.ndarray, resamples: int = 1000, seed: int = 0,
             for _ in range(resamples)]
 
 
+MAX_REDRAWS = 100  # cluster draws tried per resample, at most, to find ones holding every class (``_group_draws``)
+
+
 def _group_draws(y_true: np.ndarray, groups: np.ndarray, resamples: int, stratified: bool,
                  rng: np.random.Generator) -> list[np.ndarray]:
     """Cluster bootstrap draws: per draw, as many groups as there are drawn with replacement, each with every one of
-    its records (groups in order of first appearance). ``stratified``: the groups are drawn among those holding the
-    same set of classes, each such stratum keeping its count of groups."""
+    its records (groups in order of first appearance). ``stratified`` (every draw must hold every class): when each
+    group holds one class, the groups are drawn among those of the same class, each class keeping its count of
+    groups; else plainly, a draw lacking a class drawn again (the module docstring), so that fewer than
+    ``resamples`` draws may come back when a class is in very few groups."""
     codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
     first: dict[int, int] = {}
     for index, code in enumerate(codes.tolist()):
         first.setdefault(code, index)
     members = [np.flatnonzero(codes == code) for code in sorted(first, key=first.__getitem__)]
-    if stratified:
-        signatures = [tuple(np.unique(y_true[index]).tolist()) for index in members]
+    signatures = [tuple(np.unique(y_true[index]).tolist()) for index in members]
+    if stratified and all(len(signature) == 1 for signature in signatures):
         strata = [np.array([g for g, signature in enumerate(signatures) if signature == key])
                   for key in sorted(set(signatures))]
-    else:
-        strata = [np.arange(len(members))]
-    return [np.concatenate([members[g] for stratum in strata
-                            for g in stratum[rng.integers(0, len(stratum), len(stratum))]])
-            for _ in range(resamples)]
+        return [np.concatenate([members[g] for stratum in strata
+                                for g in stratum[rng.integers(0, len(stratum), len(stratum))]])
+                for _ in range(resamples)]
+    classes = len(np.unique(y_true))
+    draws: list[np.ndarray] = []
+    for _ in range(MAX_REDRAWS * resamples if stratified else resamples):
+        drawn = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if not stratified or len(np.unique(y_true[drawn])) == classes:
+            draws.append(drawn)
+            if len(draws) == resamples:
+                break
+    return draws
 
 
 def _check_groups(groups: np.ndarray | Sequence, n: int) -> np.ndarray:
