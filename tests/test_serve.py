@@ -53,7 +53,7 @@ from medvl.serve.uploads import DICOM, JPEG, NIFTI, NIFTI_GZ, PNG, UploadRejecte
 from serve_helpers import Server, fit_concept_bottleneck, train_tiny_vqa_model  # noqa: E402
 
 LABELS = "no_finding,cardiomegaly,nodule"
-TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(200)]
+TOKENS = [f"test-token-{n:03d}-{'x' * 12}" for n in range(300)]
 UPLOAD_LIMIT = 256 * 1024
 _next_token = iter(TOKENS[1:])
 
@@ -1012,6 +1012,13 @@ def test_a_body_that_is_not_a_form_is_415_naming_the_form_types(client):
         assert answer.status_code == 415, (route, content_type, answer.text)
         kind = repr(content_type.partition(";")[0]) if content_type else "an empty one"
         assert answer.json()["detail"].startswith(f"{expected} for a request without files), not {kind}"), answer.text
+    # a body without a Content-Type (requests.post(url, data=json.dumps(...)) sends none) was the misleading 422 too
+    answer = client.post("/v1/search", headers=auth(), content=b'{"text": "effusion"}')
+    assert "content-type" not in answer.request.headers
+    assert answer.status_code == 415 and answer.json()["detail"].endswith("not none: the routes take no JSON"), \
+        answer.text
+    empty = client.post("/v1/search", headers=auth())  # no body, no type: the route names what is missing
+    assert empty.status_code == 422, empty.text
     unauthorised = client.post("/v1/search", headers={"Content-Type": "application/json"}, content=b"{}")
     assert unauthorised.status_code == 401, unauthorised.text
     form = client.post("/v1/search", headers={**auth(), "Content-Type": "Application/X-WWW-Form-Urlencoded"},

@@ -144,14 +144,15 @@ class ServiceMiddleware:
         if charset_problem is not None:
             timings["error"] = "form_charset"
             return 415, charset_problem, {}
-        kind_problem = form_kind_refusal(scope["method"], scope["path"], headers.get("content-type"))
-        if kind_problem is not None:
-            timings["error"] = "not_a_form"
-            return 415, kind_problem, {}
         length, limit = headers.get("content-length"), self._body_limit(scope["path"])
         if length is not None and (not length.isdigit() or int(length) > limit):
             timings["error"] = "too_large"
             return 413, self._too_large(scope["path"]), {"Connection": "close"}
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        kind_problem = form_kind_refusal(scope["method"], scope["path"], headers.get("content-type"), has_body)
+        if kind_problem is not None:
+            timings["error"] = "not_a_form"
+            return 415, kind_problem, {}
         return None
 
     def _body_limit(self, path: str) -> int:
@@ -323,17 +324,18 @@ def boundary_refusal(content_type: str | None) -> str | None:
 FORM_KINDS = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
-def form_kind_refusal(method: str, path: str, content_type: str | None) -> str | None:
+def form_kind_refusal(method: str, path: str, content_type: str | None, has_body: bool = False) -> str | None:
     """Why a ``POST`` to a ``/v1/`` route is refused (415) for a body that is not a form, or None: every one takes
-    a form, and Starlette reads another body (JSON) as an empty form, answered with a 422 about a missing field
-    ("give exactly one query") that says nothing of the body's kind. A request without a Content-Type is left to
-    the route (its missing fields are named)."""
-    if method != "POST" or not path.startswith("/v1/") or content_type is None:
+    a form, and Starlette reads another body (JSON), or a body without a Content-Type (``has_body``: a
+    Content-Length above 0 or a Transfer-Encoding; ``requests.post(url, data=json.dumps(...))`` sends one), as an
+    empty form, answered with a 422 about a missing field ("give exactly one query") that says nothing of the
+    body's kind. A request without a Content-Type or a body is left to the route (its missing fields are named)."""
+    if method != "POST" or not path.startswith("/v1/") or (content_type is None and not has_body):
         return None
-    kind = parse_options_header(content_type)[0]
+    kind = parse_options_header(content_type)[0] if content_type is not None else None
     if kind in FORM_KINDS:
         return None
-    shown = repr(kind.decode("latin-1")[:60]) if kind else "an empty one"
+    shown = repr(kind.decode("latin-1")[:60]) if kind else "an empty one" if kind is not None else "none"
     return (f"the body must be a form (Content-Type multipart/form-data, or application/x-www-form-urlencoded for "
             f"a request without files), not {shown}: the routes take no JSON")
 
