@@ -1007,6 +1007,10 @@ def test_cli_build_info_search_add_delete(model_dir, phantom_dir, dataset, tmp_p
     assert "2 cases closest to the query text, by their reports" in output
     result, output = invoke("search", "--index", out, "--text", "pleural effusion", "-k", 2)
     assert result.exit_code == 0 and "2 cases closest to the query text, by their images" in output
+    before = _index_files(out), (out / "index.json").stat().st_ino
+    result, output = invoke("index", "delete", "no-such-case", "--index", out)  # nothing to remove: no new version
+    assert result.exit_code == 0 and "removed 0 cases (1 ids not found)" in output and "index unchanged" in output
+    assert (_index_files(out), (out / "index.json").stat().st_ino) == before
     result, output = invoke("index", "delete", query.id, "--index", out)
     assert result.exit_code == 0 and "removed 1" in output
     result, output = invoke("index", "add", "--index", out, "--data", phantom_dir, "--split", "val", "-q")

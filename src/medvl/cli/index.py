@@ -194,11 +194,12 @@ def delete_command(
 
     with open_index(index, writable=True) as opened:
         removed = opened.delete(ids)
-        opened.save()
+        if removed:  # nothing removed: the index is left as it was (no new version for its readers to reload)
+            opened.save()
         remaining = len(opened)
     missing = len(set(ids)) - removed
     console.print(f"removed {removed} cases" + (f" ({missing} ids not found)" if missing else "")
-                  + f"; {remaining} remain")
+                  + f"; {remaining} remain" + ("" if removed else " (index unchanged)"))
 
 
 @index_app.command("info")
