@@ -96,7 +96,8 @@ REFUSALS = {
     408: "The request body did not arrive in time.",
     409: "This service was started without the model the route needs (no --vqa-model).",
     413: "A body or upload over the service's limits (bytes, pixels, voxels).",
-    415: "An upload that is not PNG, JPEG, DICOM or NIfTI, or a form in another charset than UTF-8.",
+    415: "An upload that is not PNG, JPEG, DICOM or NIfTI, a form in another charset than UTF-8, or a body that is "
+         "not a form (JSON, or no Content-Type).",
     422: "An unreadable upload, a field the route does not take or given twice, or a value the route refuses.",
     429: "Too many requests from this token, or without a valid token from this address (Retry-After).",
     503: "The model is loading (Retry-After) or failed to load, the service is busy (Retry-After), or the index "
