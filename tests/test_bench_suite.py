@@ -1503,3 +1503,77 @@ def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models,
             assert "bootstrap unit phantom</td><td>case_id (whole cases drawn" in (out / "report.html").read_text()
         else:
             assert rows["subgroup sex=M: auc"]["n"] == 10 and "units" not in rows["subgroup sex=M: auc"]
+
+
+def _with_case_ids(phantom_dir: Path, data: Path, per_case: int = 3) -> None:
+    """A copy of the phantom whose manifest gives every record a ``case_id``, ``per_case`` films a case."""
+    shutil.copytree(phantom_dir, data)
+    with (data / "manifest.csv").open(newline="") as file:
+        records = list(csv.DictReader(file))
+    for i, record in enumerate(records):
+        record["case_id"] = f"case{i // per_case}"
+    with (data / "manifest.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _written_out_interval(values, units, resamples: int, seed: int) -> tuple[float, float]:
+    """The 95 % percentile interval of the mean of ``values`` under a bootstrap written out by hand: per draw, as
+    many units as there are drawn with replacement (``default_rng(seed)``, units in order of first appearance), each
+    with all its values; ``units`` None: each value its own unit (the plain draw ``integers(0, n, n)``)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    if units is None:
+        means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
+    else:
+        order = list(dict.fromkeys(units))
+        members = [[i for i, unit in enumerate(units) if unit == name] for name in order]
+        means = [values[[i for g in rng.integers(0, len(order), len(order)) for i in members[g]]].mean()
+                 for _ in range(resamples)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_retrieval_recall_intervals_draw_whole_cases_when_the_dataset_has_case_ids(two_models, phantom_dir,
+                                                                                  tmp_path):
+    """Recall@k intervals resampled the queries one by one even on a dataset drawn by case (MedPix: up to 15 images
+    a case): each query (an image, or a text) now takes the case of its first record and whole cases are drawn,
+    matching a cluster bootstrap written out here; ``group_column: image`` keeps the draws of before, bit for bit."""
+    import numpy as np
+
+    import medvl
+
+    data = tmp_path / "data"
+    _with_case_ids(phantom_dir, data)
+    test = load_dataset(data).select("test")
+    assert all(record.text for record in test)
+    cases = [record.labels.get("case_id", record.meta.get("case_id")) for record in test]
+    # the queries, in the galleries' order: each film once (one image a record), each distinct text once
+    queries = {"i2t": cases, "t2i": [cases[[r.text for r in test].index(text)]
+                                     for text in dict.fromkeys(r.text for r in test)]}
+    ranks = medvl.retrieval(medvl.load_model(two_models[0]), test, show_progress=False, keep_ranks=True)
+    ranks = {"i2t": np.array(ranks["image_to_text"]["ranks"]), "t2i": np.array(ranks["text_to_image"]["ranks"])}
+    assert len(ranks["i2t"]) == len(queries["i2t"]) and len(ranks["t2i"]) == len(queries["t2i"])
+    widths = {}
+    for unit in (None, "image"):
+        spec = {"path": str(data), "split": "test"} | ({"group_column": unit} if unit else {})
+        suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
+                            tasks=[{"task": "retrieval", "dataset": "phantom"}])
+        out = tmp_path / f"out-{unit}"
+        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
+        assert result.exit_code == 0, output
+        results = json.loads((out / "results.json").read_text())
+        assert results["bootstrap_unit"] == {"phantom": unit or "case_id"}
+        rows = {row["metric"]: row for row in results["rows"]}
+        for short in ("i2t", "t2i"):
+            for k in (1, 5, 10):
+                hits = ranks[short] <= k
+                expected = _written_out_interval(hits, queries[short] if unit is None else None, 200, 0)
+                row = rows[f"{short}_R@{k}"]
+                assert row["value"] == pytest.approx(hits.mean())
+                assert (row["low"], row["high"]) == pytest.approx(expected, abs=1e-12), (unit, short, k)
+        widths[unit] = rows["i2t_R@5"]["high"] - rows["i2t_R@5"]["low"]
+    assert widths[None] != widths["image"]

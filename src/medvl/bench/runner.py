@@ -942,15 +942,21 @@ def _few_shot(ctx: _Context) -> None:
 
 
 def _retrieval(ctx: _Context) -> None:
+    """Recall@1/5/10 of each direction with its bootstrap interval over the queries (images, or texts), drawn by
+    case when the dataset has a resampling unit: each query takes the case of its first record
+    (``query_records``), so the images of one case, or its texts, are drawn together."""
     from ..eval.retrieval import retrieval
     from ..eval.sanity import beats_by
 
     test = ctx.data.split(ctx.data.spec.split)
     result = retrieval(ctx.net, test, show_progress=ctx.show_progress, keep_ranks=True)
+    record_units = ctx.data.units(test.records)
     for short, direction in (("i2t", "image_to_text"), ("t2i", "text_to_image")):
         ranks = np.array(result[direction]["ranks"])
+        units = None if record_units is None else [record_units[i] for i in result[direction]["query_records"]]
         for k in (1, 5, 10):
-            interval = ctx.bootstrap(lambda r, k=k: float((r <= k).mean()), ranks, need_both_classes=False)
+            interval = ctx.bootstrap(lambda r, k=k: float((r <= k).mean()), ranks, need_both_classes=False,
+                                     units=units)
             ctx.row(f"{short}_R@{k}", interval["value"], interval, chance=result[direction]["chance"][f"R@{k}"])
         ctx.row(f"{short}_median_rank", result[direction]["median_rank"])
     if "sanity" in ctx.checks:

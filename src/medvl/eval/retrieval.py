@@ -92,7 +92,10 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
     against the query; ``texts_embedded_alike`` counts them (with a warning). ``n_images`` and ``n_texts``
     count the galleries, ``n_records`` the pairs.
     ``image_embeddings`` (aligned with ``dataset``) skips embedding.
-    ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block. ``bridge``
+    ``keep_ranks`` adds each query's 1-based rank (``ranks``) to each direction's block, and beside it
+    ``query_records``: the position in ``dataset`` of each query's first record (an image's, or a text's: a text
+    that several records share is the query of the first of them), so a caller can give each query its record's
+    case (a cluster bootstrap, as ``bench run`` draws them). ``bridge``
     re-scores image->text with the captions of the nearest bank images (``CaptionBridge``; text->image
     stays the plain cosine ranking), and the result gets a ``bridge`` block with its settings.
 
@@ -172,6 +175,7 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
         result["ensemble"] = {"members": len(members), "combined": "mean of per-query standardised scores"}
     if bridges[0] is not None:
         result["bridge"] = {"k": bridges[0].k, "weight": bridges[0].weight, "bank": len(bridges[0].image_embeddings)}
+    queries = {"image_to_text": first_record, "text_to_image": _first_records(records, text_of, len(gallery_texts))}
     for name, ranks, gallery, relevant in (("image_to_text", i2t, len(gallery_texts), image_to_text),
                                            ("text_to_image", t2i, len(first_record), text_to_images)):
         result[name] = {**recall_at_k(ranks, ks), "median_rank": float(np.median(ranks)),
@@ -179,10 +183,19 @@ def retrieval(model: DualEncoder | Sequence[DualEncoder], dataset: Dataset, ks: 
                         "chance": {f"R@{k}": _chance_recall(k, gallery, relevant) for k in ks}}
         if keep_ranks:
             result[name]["ranks"] = ranks.tolist()
+            result[name]["query_records"] = [with_text[i] for i in queries[name]]
     for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
         for k in ks:
             result[f"{short}_R@{k}"] = result[direction][f"R@{k}"]
     return result
+
+
+def _first_records(records: Sequence, text_of: dict[str, int], texts: int) -> list[int]:
+    """For each of the ``texts`` gallery texts, the position among ``records`` of the first record holding it."""
+    first: dict[int, int] = {}
+    for i, record in enumerate(records):
+        first.setdefault(text_of[record.text], i)
+    return [first[text] for text in range(texts)]
 
 
 def _per_member(name: str, value, members: int) -> list:
