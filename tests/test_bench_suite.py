@@ -604,22 +604,41 @@ def test_a_vqa_suite_scores_the_questions_a_model_held_out(tmp_path):
 
 
 def test_a_report_suite_scores_the_generator_beside_the_nearest_report(phantom_dir, tmp_path):
+    """The generator's and the nearest report's figures, each interval drawn by case on data with case ids (a case
+    with several reports counts once per draw): ``report_intervals`` with the scored reports' cases."""
+    from medvl.eval.report import evaluate_report_generator, report_intervals
+    from medvl.models.decoder import load_report_generator
+
+    data = tmp_path / "data"
+    _with_case_ids(phantom_dir, data)
     tiny = ["--set", "decoder.hidden_size=32", "--set", "decoder.num_heads=2", "--set", "decoder.num_layers=1",
             "--set", "decoder.intermediate_size=64", "--set", "decoder.max_length=48",
             "--set", "decoder.vocab_size=400"]
-    result, output = invoke("train", "report", "--data", phantom_dir, "--out", tmp_path / "gen", "--image-model",
+    result, output = invoke("train", "report", "--data", data, "--out", tmp_path / "gen", "--image-model",
                             "phantom-tiny", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "-q", *tiny)
     assert result.exit_code == 0, output
     suite = tmp_path / "report.yaml"
     suite.write_text(yaml.safe_dump({
         "name": "phantom-report", "bootstrap": 200,
-        "datasets": {"phantom": {"path": str(phantom_dir), "split": "test", "train_split": "train"}},
+        "datasets": {"phantom": {"path": str(data), "split": "test", "train_split": "train"}},
         "tasks": [{"task": "report", "dataset": "phantom"}], "checks": ["sanity"]}))
     result, output = invoke("bench", "run", suite, "--model", tmp_path / "gen", "--out", tmp_path / "out", "-q")
     assert result.exit_code == 0, output
-    rows = {row["metric"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["bootstrap_unit"] == {"phantom": "case_id"}
+    rows = {row["metric"]: row for row in results["rows"]}
     for metric in ("bleu_4", "rouge_l", "cider", "micro_f1"):
         assert rows[metric]["value"] is not None and f"sanity: nearest_report {metric}" in rows, metric
+    dataset = load_dataset(data)
+    scored = evaluate_report_generator(load_report_generator(tmp_path / "gen"), dataset.select("test"),
+                                       dataset.select("train"), show_progress=False, keep_texts=True)["texts"]
+    cases = [record.labels.get("case_id", record.meta.get("case_id")) for record in dataset.select("test")]
+    assert len(scored["references"]) == len(cases) and len(set(cases)) < len(cases)
+    for source, name in (("generated", ""), ("nearest", "sanity: nearest_report ")):
+        expected = report_intervals(scored["references"], scored[source], resamples=200, seed=0, groups=cases)
+        for metric, interval in expected.items():
+            row = rows[f"{name}{metric}"]
+            assert (row["low"], row["high"]) == pytest.approx((interval["low"], interval["high"]), abs=1e-12), metric
 
 
 def test_a_failing_task_input_is_found_before_anything_is_written(two_models, phantom_dir, tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from medvl.errors import InputError
 from medvl.eval.metrics import classification_metrics, recall_at_k, retrieval_ranks
 
 
@@ -58,6 +59,52 @@ def test_report_intervals_match_pycocoevalcap_on_all_reports_and_on_a_resample()
     slow = Bleu(4).compute_score({k: [tokens[0][i]] for k, i in enumerate(index)},
                                  {k: [tokens[1][i]] for k, i in enumerate(index)}, verbose=0)[0][3]
     assert _corpus_bleu_4(*tokens)(index) == pytest.approx(slow, abs=1e-12)
+
+
+def test_report_intervals_by_case_match_a_written_out_cluster_bootstrap_and_without_cases_are_unchanged():
+    """Several reports of one case are not independent: with ``groups`` (a case id per report) whole cases are
+    drawn (each draw: as many cases as there are, with replacement, each with all its reports), checked against
+    such a bootstrap written out here and scored the slow way (``report_metrics`` on each draw's reports); without
+    them the draws are the plain per-report ones of before. On cases whose reports are all right or all wrong the
+    by-case intervals are wider."""
+    from medvl.eval.report import report_intervals, report_metrics
+    from medvl.rag import ReportLabeller
+
+    labeller = ReportLabeller()  # read once: the scoring of each draw below is the slow part
+    right = [("Small left pleural effusion.", "Small left pleural effusion."),
+             ("Cardiomegaly with a right effusion.", "Cardiomegaly with a right effusion."),
+             ("Heart size is normal. Lungs are clear.", "Heart size is normal. Lungs are clear.")]
+    wrong = [("Right upper zone nodule.", "No acute abnormality."), ("Left pneumothorax.", "Heart size is normal."),
+             ("Large right effusion.", "Lungs are clear.")]
+    pairs = right * 2 + wrong * 2 + right[:1] + wrong[:1]
+    references, candidates = [r for r, _ in pairs], [c for _, c in pairs]
+    cases = ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3 + ["e", "f"]  # a, b right; c, d wrong
+    keys = ("bleu_4", "rouge_l", "micro_f1", "macro_f1")
+
+    def written_out(units: list[str] | None) -> dict[str, tuple[float, float]]:
+        rng = np.random.default_rng(7)
+        order = list(dict.fromkeys(units or range(len(pairs))))
+        members = [[i for i, unit in enumerate(units or range(len(pairs))) if unit == name] for name in order]
+        values: dict[str, list[float]] = {key: [] for key in keys}
+        for _ in range(60):
+            drawn = ([i for g in rng.integers(0, len(order), len(order)) for i in members[g]] if units
+                     else list(rng.integers(0, len(pairs), len(pairs))))
+            scores = report_metrics([references[i] for i in drawn], [candidates[i] for i in drawn], labeller)
+            for key in keys:
+                values[key].append(scores[key])
+        return {key: tuple(np.percentile(values[key], [2.5, 97.5])) for key in keys}
+
+    by_case = report_intervals(references, candidates, resamples=60, seed=7, labeller=labeller, groups=cases)
+    by_report = report_intervals(references, candidates, resamples=60, seed=7, labeller=labeller)
+    for intervals, units in ((by_case, cases), (by_report, None)):
+        expected = written_out(units)
+        for key in keys:
+            assert (intervals[key]["low"], intervals[key]["high"]) == pytest.approx(expected[key], abs=1e-12), key
+    for key in ("rouge_l", "micro_f1", "cider"):
+        assert by_case[key]["value"] == by_report[key]["value"]
+        assert by_case[key]["high"] - by_case[key]["low"] > by_report[key]["high"] - by_report[key]["low"], key
+    with pytest.raises(InputError, match="one id per record"):
+        report_intervals(references, candidates, resamples=10, groups=cases[:-1])
 
 
 def test_a_prediction_of_a_class_absent_from_the_truth_counts_as_an_error_without_a_warning():

@@ -1043,9 +1043,10 @@ def _report(ctx: _Context) -> None:
     texts = result.pop("texts")
     ctx.plots["knowledge"] = result["knowledge"]
     ctx.flag_trained(result.get("trained_on_scored"))
+    units = ctx.data.units(texts["records"])  # each scored report's case: whole cases drawn, when the data has one
     for source, name in (("generated", ""), ("nearest", "sanity: nearest_report ")):
         intervals = report_intervals(texts["references"], texts[source], resamples=ctx.suite.bootstrap,
-                                     seed=ctx.suite.seed, labeller=labeller)
+                                     seed=ctx.suite.seed, labeller=labeller, groups=units)
         for key, interval in intervals.items():
             ctx.row(f"{name}{key}", interval["value"], interval)
     ours, nearest = result["generator"]["micro_f1"], result["nearest_report"]["micro_f1"]

@@ -151,12 +151,15 @@ INTERVAL_KEYS = ("bleu_4", "rouge_l", "cider", "micro_f1", "macro_f1")
 
 
 def report_intervals(references: Sequence[str], candidates: Sequence[str], resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95, labeller: ReportLabeller | None = None) -> dict[str, dict[str, Any]]:
+                     level: float = 0.95, labeller: ReportLabeller | None = None,
+                     groups: Sequence | None = None) -> dict[str, dict[str, Any]]:
     """Percentile bootstrap intervals over reports of BLEU-4, ROUGE-L, CIDEr and finding micro / macro F1
     (``eval.bootstrap`` draws). Each report is scored once: ROUGE-L and CIDEr are means of per-report
     scores (CIDEr's document frequencies from the whole set, as ``nlg_metrics``), F1 comes from the
     per-report finding sets; BLEU-4, a corpus statistic, is recomputed on each draw from cached tokens.
-    ``value`` equals ``report_metrics``' figure on all reports."""
+    ``value`` equals ``report_metrics``' figure on all reports. ``groups`` (one id per report: its case or
+    patient): a cluster bootstrap, whole cases drawn with all their reports, so a case with many reports counts
+    once per draw; None: each report its own unit (the draws of before, bit for bit)."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
@@ -178,7 +181,8 @@ def report_intervals(references: Sequence[str], candidates: Sequence[str], resam
     metrics: dict[str, Callable[[np.ndarray], float]] = {
         "bleu_4": bleu_4, "rouge_l": lambda index: float(rouge[index].mean()),
         "cider": lambda index: float(cider[index].mean()), "micro_f1": f1("micro_f1"), "macro_f1": f1("macro_f1")}
-    draws = bootstrap_draws(np.zeros(len(refs)), resamples=resamples, seed=seed, need_both_classes=False)
+    draws = bootstrap_draws(np.zeros(len(refs)), resamples=resamples, seed=seed, need_both_classes=False,
+                            groups=groups)
     return {key: {**percentile_interval(metric, len(refs), draws, level), "resamples": len(draws)}
             for key, metric in metrics.items()}
 
@@ -215,7 +219,8 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     retrieved context. ``labeller`` reads the findings (default: the shipped knowledge base); how well
     its knowledge base covers the test records is in ``knowledge`` (``knowledge_coverage``, warned
     about). ``keep_texts`` adds ``texts``: the ``references``, ``generated`` and ``nearest`` reports,
-    in test order (patient data: for scoring in memory, not for logs).
+    in test order (patient data: for scoring in memory, not for logs), and the scored test ``records`` they belong
+    to (those with a report; their cases are the units of ``report_intervals``' ``groups``).
     """
     started = time.perf_counter()
     check_max_length(model, max_length)
@@ -254,7 +259,8 @@ def evaluate_report_generator(model, test: Dataset, train: Dataset, *, baseline_
     if empty is not None:
         result["input_content"] = empty
     if keep_texts:
-        result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts}
+        result["texts"] = {"references": references, "generated": generated, "nearest": nearest_texts,
+                           "records": list(test.records)}
     result["seconds"] = round(time.perf_counter() - started, 2)
     _headline(result)
     return result
