@@ -1475,8 +1475,6 @@ def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models,
     """Several images of one case are not independent: a dataset whose loader gives every record a ``case_id``
     (MedPix) draws whole cases for every interval by default, subgroup rows count its cases, and results.json and
     report.html name the unit; ``group_column: image`` keeps the image as unit (the draws of before)."""
-    import csv
-
     import numpy as np
 
     from medvl.data import captions_for
@@ -1487,15 +1485,7 @@ def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models,
     from medvl.models.registry import load_model
 
     data = tmp_path / "data"
-    shutil.copytree(phantom_dir, data)
-    with (data / "manifest.csv").open(newline="") as file:
-        records = list(csv.DictReader(file))
-    for i, record in enumerate(records):
-        record["case_id"] = f"case{i // 3}"  # three films a case
-    with (data / "manifest.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    _with_case_ids(phantom_dir, data)  # three films a case
     dataset, net = load_dataset(data), load_model(two_models[0])
     test = dataset.select("test")
     scored = zero_shot(net, test, "finding", captions=captions_for(test, None, net), keep_scores=True,
