@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(38)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(41)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1358,6 +1358,30 @@ def test_a_jpeg_with_an_icc_profile_is_shown_by_the_services_preview(page, clien
                                       files={"image": ("image", profiled.read_bytes())}))
     np.testing.assert_array_equal(shown, expected)
     assert np.abs(shown[:, 64].astype(int) - 64).max() <= 2  # the stored grey, not the colour-managed one
+    wait_for_panels(page)
+
+
+def test_a_cmyk_jpeg_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A CMYK JPEG (four components, Adobe APP14) was drawn by the browser, which turns CMYK into RGB its own way (as
+    Adobe's inverted CMYK, or colour-managed with a CMYK profile of its own) while the model reads Pillow's plain
+    conversion: it is shown by the service's preview, as a JPEG with an ICC profile is; a grey JPEG (one component)
+    is still shown by the browser."""
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    grey, cmyk = tmp_path / "grey.jpg", tmp_path / "cmyk.jpg"
+    Image.fromarray(ramp).save(grey, quality=100)
+    zeros = np.zeros_like(ramp)
+    Image.fromarray(np.stack([zeros, zeros, zeros, ramp], axis=-1), mode="CMYK").save(cmyk, quality=100)
+    page.locator("#file").set_input_files(grey)  # before Connect: nothing is read, the picture is chosen
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(cmyk)
+    page.locator("#preview p", has_text="Connect to see the service's preview").wait_for(timeout=ANSWER_MS)
+    assert "a CMYK JPEG" in page.locator("#preview").inner_text()
+    connect(page, TOKENS[38])
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    expected = png_answer(client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[38]}"},
+                                      files={"image": ("image", cmyk.read_bytes())}))
+    np.testing.assert_array_equal(shown, expected)
+    assert np.abs(shown[:, 64].astype(int) - (255 - 64)).max() <= 2  # the plain conversion: 255 - K
     wait_for_panels(page)
 
 
