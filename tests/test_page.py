@@ -1315,6 +1315,43 @@ def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_q
     assert page.locator("#vqa .answer").count() == 1
 
 
+def test_a_read_on_its_way_when_a_question_finds_the_service_changed_is_dropped(page, chest_xray):
+    """Ask found the service changed (here: the model retrained under the same folder name) and cleared the panels,
+    but the answers of a read started before the change still filled them as they came: a panel showed the previous
+    service's answer as current. They are now dropped, and "Read image" is offered again."""
+    held = []
+    connect(page, TOKENS[39])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.route("**/v1/search", lambda route: held.append(route))  # the next read's similar cases wait
+    page.get_by_role("button", name="Read image").click()
+    page.locator("#similar[data-state=busy]").wait_for(timeout=ANSWER_MS)  # the previous read's answers have gone
+    page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert len(held) == 1 and page.locator("#similar").get_attribute("data-state") == "busy"
+
+    def retrained(route):
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", retrained)
+    page.get_by_label("Question").fill(QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=done] .answer").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page, "idle")
+    with page.expect_response("**/v1/search") as search:
+        held[0].fallback()
+    assert search.value.status == 200
+    page.wait_for_timeout(500)  # the answer has reached the page's script by now
+    assert [page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS] == ["idle"] * len(PANELS)
+    assert page.locator("#similar .case").count() == 0 and "previous service" in page.locator("#similar").inner_text()
+    assert "read the image again" in page.locator("#read-status").inner_text()
+    assert page.get_by_role("button", name="Read image").is_enabled()
+    assert page.locator("#vqa .answer").count() == 1  # the question, asked of the service as it is now, stays
+
+
 def linear_rgb_icc_profile() -> bytes:
     """A valid ICC v2 RGB display profile: sRGB's primaries, a linear tone curve (gamma 1.0)."""
     def s15(value: float) -> bytes:
