@@ -190,6 +190,38 @@ def test_models_tells_a_model_retrained_or_an_index_rebuilt_under_the_same_name(
         assert index.info["model"]["weights_sha256"] == first["fingerprint"]["weights_sha256"]
 
 
+def test_models_tells_a_vqa_model_redeployed_under_the_same_name(model_dir, vqa_dir, tmp_path):
+    """/v1/models gave the dual encoder's fingerprint but named the VQA model by its folder only: one retrained and
+    redeployed under the same folder name was described as the one before, so the page kept its answers as current.
+    Its config, weights and tokenizer digests (``vqa.fingerprint``) now tell them apart, naming no path."""
+    import torch
+
+    from medvl.index.base import vqa_fingerprint
+    from medvl.models.vqa import load_vqa_model
+    from medvl.serve.service import ModelService
+
+    retrained = load_vqa_model(vqa_dir)
+    with torch.no_grad():
+        retrained.answer_head[-1].bias.add_(0.01)
+    redeployed = tmp_path / "redeployed" / vqa_dir.name
+    retrained.save_pretrained(redeployed)
+    described = []
+    for folder in (vqa_dir, redeployed, vqa_dir):
+        service = ModelService(model_dir, None, ServeSettings(vqa_model=folder))
+        described.append(service.describe()["vqa"])
+        service.model_thread.shutdown()
+        service.workers.shutdown()
+    first, other, again = described
+    assert first["folder"] == other["folder"] and first["answers"] == other["answers"]
+    assert set(first["fingerprint"]) == {"config_sha256", "weights_sha256", "tokenizer_sha256"}
+    assert all(len(digest) == 64 for digest in first["fingerprint"].values())
+    assert first["fingerprint"]["weights_sha256"] != other["fingerprint"]["weights_sha256"]
+    assert {key: first["fingerprint"][key] for key in ("config_sha256", "tokenizer_sha256")} == \
+        {key: other["fingerprint"][key] for key in ("config_sha256", "tokenizer_sha256")}
+    assert first == again and first["fingerprint"] == vqa_fingerprint(load_vqa_model(vqa_dir))
+    assert str(tmp_path) not in json.dumps(described) and str(vqa_dir) not in json.dumps(described)
+
+
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
     token_file = tmp_path / "tokens.txt"
     token_file.write_text(f"# service tokens\n{token_digest(TOKENS[0])}\n\n{token_digest(TOKENS[1])}  # ci\n")

@@ -44,7 +44,7 @@ from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
-from ..index.base import IndexDamaged, describe_target, info_sha256, model_fingerprint
+from ..index.base import IndexDamaged, describe_target, info_sha256, model_fingerprint, vqa_fingerprint
 from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
@@ -130,6 +130,8 @@ class ModelService:
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
+        # what /v1/models tells a VQA model redeployed under the same folder name by, as the dual encoder's fingerprint
+        self.vqa_fingerprint = vqa_fingerprint(self.vqa) if self.vqa is not None else None
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net)
         self.lane = HeavyLane(settings.heavy_queue)
         self._explainer: Any = None  # the dual encoder's copy for explanations, made on the lane when first asked
@@ -263,7 +265,8 @@ class ModelService:
     def describe(self, index: bool = True) -> dict[str, Any]:
         """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them; what tells a model
         retrained (or an index rebuilt) under the same name: the model's ``fingerprint`` (its config, weights and
-        tokenizer digests, as an index records them) and the index's ``sha256`` (``index.base.info_sha256``).
+        tokenizer digests, as an index records them), the VQA model's (``vqa.fingerprint``:
+        ``index.base.vqa_fingerprint``) and the index's ``sha256`` (``index.base.info_sha256``).
         ``index`` False: the index left for the caller to describe (``described``)."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
@@ -297,7 +300,7 @@ class ModelService:
         kind = "medvl" if isinstance(self.vqa, VQAModel) else "transformers"
         answers = len(self.vqa.answers) if isinstance(self.vqa, VQAModel) else None
         return {"folder": self.settings.vqa_model.name, "kind": kind, "answers": answers,
-                "max_images": self.vqa_image_limit()}
+                "max_images": self.vqa_image_limit(), "fingerprint": self.vqa_fingerprint}
 
     def index_health(self) -> str | None:
         """``/v1/health``'s word on the index: None without one, ``ok``, or ``unavailable`` when the store no longer
