@@ -2632,13 +2632,37 @@ def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_h
         return document["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
 
     search, draft, explain = form("/v1/search"), form("/v1/report/draft"), form("/v1/explain")
-    assert search["target"]["enum"] == list(TARGETS) and form("/v1/preview")["window"]["enum"] == list(WINDOW_PRESETS)
+    assert search["target"]["enum"] == list(TARGETS)
+    check_window_schema(form("/v1/preview")["window"], WINDOW_PRESETS)
     assert (search["k"]["minimum"], search["k"]["maximum"], explain["k"]["maximum"]) == (1, MAX_K, MAX_K)
     assert draft["k"]["minimum"] == MIN_CASES and draft["min_support"]["exclusiveMaximum"] == 1
     assert (explain["top"]["minimum"], explain["top"]["maximum"]) == (1, ServeSettings().max_explain_top)
     assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
     refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
     assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
+
+
+def check_window_schema(schema: dict, presets) -> None:
+    """The preview's ``window`` declared as the service reads it: a strict lower-case enum refused ``LUNG`` or
+    ``soft tissue``, which the service takes (any case, '-' or a space for '_', blank for none). The declared schema
+    now takes exactly the names ``parse_window`` takes."""
+    import jsonschema
+
+    from medvl.serve.previews import parse_window
+
+    def taken(name: str) -> bool:
+        try:
+            parse_window(name)
+        except InputError:
+            return False
+        return True
+
+    declared = jsonschema.Draft202012Validator(schema)
+    names = [*presets, *(name.upper() for name in presets), "Soft Tissue", "soft-tissue", " Lung ", "", "  ",
+             "liver", "lungs", "lung;", "soft__tissue", "soft_ tissue", "lung window", "-600,1500", "lung\nbone"]
+    assert [declared.is_valid(name) for name in names] == [taken(name) for name in names], names
+    assert sum(map(taken, names)) == 2 * len(presets) + 5 and "enum" not in schema
+    assert schema["examples"] == list(presets) and "any case" in schema["description"]
 
 
 # ------------------------------------------------------------------------------- medvl serve
