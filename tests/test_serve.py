@@ -1329,6 +1329,38 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
                 assert health.json()["index"] == "unavailable" and "served" not in health.text
 
 
+def test_health_answers_promptly_while_the_model_thread_is_busy_and_its_index_word_follows(model_dir, index_dir,
+                                                                                           tmp_path):
+    """/v1/health asked the index on the model thread and waited for it: behind a long forward pass or search (here
+    the model thread held until released) a health probe waited as long. It now waits a bounded time, then answers
+    with the last word; the question, still queued, runs when the thread is free, and the next probe has its word."""
+    from medvl.serve.service import ModelService
+
+    served = tmp_path / "served.idx"
+    shutil.copytree(index_dir, served)
+    service = ModelService(model_dir, served, ServeSettings())
+    service.index_health_seconds, service.index_health_wait = 0, 0.2
+    release = threading.Event()
+    try:
+        assert service.index_health() == "ok"
+        busy = service.model_thread.submit(release.wait, 30)  # a long task ahead of every question
+        shutil.rmtree(served)
+        with ThreadPoolExecutor(1) as probe:
+            started = time.monotonic()
+            word = probe.submit(service.index_health).result(timeout=5)
+            assert word == "ok" and time.monotonic() - started < 2  # the last word, at once
+            assert probe.submit(service.index_health).result(timeout=5) == "ok"
+        release.set()
+        busy.result(timeout=5)
+        service._index_check.result(timeout=5)  # the question queued meanwhile has run: its word is kept
+        assert service.index_health() == "unavailable"
+    finally:
+        release.set()
+        service.model_thread.shutdown()
+        service.workers.shutdown()
+        service.index.close()
+
+
 def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_saying_ok(model_dir, index_dir, png,
                                                                                             tmp_path, caplog):
     """A report cell that is not UTF-8 made /v1/search answer 500 (sqlite3's error, whose message quotes the report)

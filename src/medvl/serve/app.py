@@ -317,7 +317,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         reason may name the server's files; the routes behind a token give it). With an index, ``index`` is ``ok``
         or ``unavailable`` (its PostgreSQL table dropped or rebuilt with another model under the service, or a FAISS
         index's case table found damaged by a search), and the status ``degraded`` (200: the model's routes still
-        answer; the index routes 503 with the reason)."""
+        answer; the index routes 503 with the reason). The index is asked on the model thread, between searches;
+        behind a long task there the word is the last one (``ModelService.index_health``)."""
         if loader.failure:
             return JSONResponse({"status": "failed", "error": loader.failure_type,
                                  "detail": f"the model could not be loaded ({loader.failure_type}); the routes that "
