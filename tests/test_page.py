@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "reading-page.png"
 SCREENSHOT_LIMIT = 300 * 1024
 CHEST_XRAY = Path("vqa-rad") / "images" / "synpic18319.jpg"  # VQA-RAD (CC0): a PA chest X-ray with nodules
-TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(38)]
+TOKENS = [f"page-test-token-{n:02d}-{'y' * 12}" for n in range(41)]
 WRONG_TOKEN = "not-a-valid-token-" + "z" * 12
 PANELS = ("zero-shot", "explain", "similar", "draft")
 QUESTION = "Is there a nodule?"
@@ -1315,6 +1315,43 @@ def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_q
     assert page.locator("#vqa .answer").count() == 1
 
 
+def test_a_read_on_its_way_when_a_question_finds_the_service_changed_is_dropped(page, chest_xray):
+    """Ask found the service changed (here: the model retrained under the same folder name) and cleared the panels,
+    but the answers of a read started before the change still filled them as they came: a panel showed the previous
+    service's answer as current. They are now dropped, and "Read image" is offered again."""
+    held = []
+    connect(page, TOKENS[39])
+    page.locator("#connected").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(chest_xray)
+    wait_for_panels(page)
+    page.route("**/v1/search", lambda route: held.append(route))  # the next read's similar cases wait
+    page.get_by_role("button", name="Read image").click()
+    page.locator("#similar[data-state=busy]").wait_for(timeout=ANSWER_MS)  # the previous read's answers have gone
+    page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
+    assert len(held) == 1 and page.locator("#similar").get_attribute("data-state") == "busy"
+
+    def retrained(route):
+        answer = route.fetch()
+        models = answer.json()
+        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+        route.fulfill(response=answer, json=models)
+
+    page.route("**/v1/models", retrained)
+    page.get_by_label("Question").fill(QUESTION)
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa[data-state=done] .answer").wait_for(timeout=ANSWER_MS)
+    wait_for_panels(page, "idle")
+    with page.expect_response("**/v1/search") as search:
+        held[0].fallback()
+    assert search.value.status == 200
+    page.wait_for_timeout(500)  # the answer has reached the page's script by now
+    assert [page.locator(f"#{panel}").get_attribute("data-state") for panel in PANELS] == ["idle"] * len(PANELS)
+    assert page.locator("#similar .case").count() == 0 and "previous service" in page.locator("#similar").inner_text()
+    assert "read the image again" in page.locator("#read-status").inner_text()
+    assert page.get_by_role("button", name="Read image").is_enabled()
+    assert page.locator("#vqa .answer").count() == 1  # the question, asked of the service as it is now, stays
+
+
 def linear_rgb_icc_profile() -> bytes:
     """A valid ICC v2 RGB display profile: sRGB's primaries, a linear tone curve (gamma 1.0)."""
     def s15(value: float) -> bytes:
@@ -1358,6 +1395,30 @@ def test_a_jpeg_with_an_icc_profile_is_shown_by_the_services_preview(page, clien
                                       files={"image": ("image", profiled.read_bytes())}))
     np.testing.assert_array_equal(shown, expected)
     assert np.abs(shown[:, 64].astype(int) - 64).max() <= 2  # the stored grey, not the colour-managed one
+    wait_for_panels(page)
+
+
+def test_a_cmyk_jpeg_is_shown_by_the_services_preview(page, client, tmp_path):
+    """A CMYK JPEG (four components, Adobe APP14) was drawn by the browser, which turns CMYK into RGB its own way (as
+    Adobe's inverted CMYK, or colour-managed with a CMYK profile of its own) while the model reads Pillow's plain
+    conversion: it is shown by the service's preview, as a JPEG with an ICC profile is; a grey JPEG (one component)
+    is still shown by the browser."""
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    grey, cmyk = tmp_path / "grey.jpg", tmp_path / "cmyk.jpg"
+    Image.fromarray(ramp).save(grey, quality=100)
+    zeros = np.zeros_like(ramp)
+    Image.fromarray(np.stack([zeros, zeros, zeros, ramp], axis=-1), mode="CMYK").save(cmyk, quality=100)
+    page.locator("#file").set_input_files(grey)  # before Connect: nothing is read, the picture is chosen
+    page.locator("#preview img[data-source=browser]").wait_for(timeout=ANSWER_MS)
+    page.locator("#file").set_input_files(cmyk)
+    page.locator("#preview p", has_text="Connect to see the service's preview").wait_for(timeout=ANSWER_MS)
+    assert "a CMYK JPEG" in page.locator("#preview").inner_text()
+    connect(page, TOKENS[38])
+    shown = shown_pixels(page, "#preview img[data-source=service]")
+    expected = png_answer(client.post("/v1/preview", headers={"Authorization": f"Bearer {TOKENS[38]}"},
+                                      files={"image": ("image", cmyk.read_bytes())}))
+    np.testing.assert_array_equal(shown, expected)
+    assert np.abs(shown[:, 64].astype(int) - (255 - 64)).max() <= 2  # the plain conversion: 255 - K
     wait_for_panels(page)
 
 

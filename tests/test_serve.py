@@ -190,6 +190,38 @@ def test_models_tells_a_model_retrained_or_an_index_rebuilt_under_the_same_name(
         assert index.info["model"]["weights_sha256"] == first["fingerprint"]["weights_sha256"]
 
 
+def test_models_tells_a_vqa_model_redeployed_under_the_same_name(model_dir, vqa_dir, tmp_path):
+    """/v1/models gave the dual encoder's fingerprint but named the VQA model by its folder only: one retrained and
+    redeployed under the same folder name was described as the one before, so the page kept its answers as current.
+    Its config, weights and tokenizer digests (``vqa.fingerprint``) now tell them apart, naming no path."""
+    import torch
+
+    from medvl.index.base import vqa_fingerprint
+    from medvl.models.vqa import load_vqa_model
+    from medvl.serve.service import ModelService
+
+    retrained = load_vqa_model(vqa_dir)
+    with torch.no_grad():
+        retrained.answer_head[-1].bias.add_(0.01)
+    redeployed = tmp_path / "redeployed" / vqa_dir.name
+    retrained.save_pretrained(redeployed)
+    described = []
+    for folder in (vqa_dir, redeployed, vqa_dir):
+        service = ModelService(model_dir, None, ServeSettings(vqa_model=folder))
+        described.append(service.describe()["vqa"])
+        service.model_thread.shutdown()
+        service.workers.shutdown()
+    first, other, again = described
+    assert first["folder"] == other["folder"] and first["answers"] == other["answers"]
+    assert set(first["fingerprint"]) == {"config_sha256", "weights_sha256", "tokenizer_sha256"}
+    assert all(len(digest) == 64 for digest in first["fingerprint"].values())
+    assert first["fingerprint"]["weights_sha256"] != other["fingerprint"]["weights_sha256"]
+    assert {key: first["fingerprint"][key] for key in ("config_sha256", "tokenizer_sha256")} == \
+        {key: other["fingerprint"][key] for key in ("config_sha256", "tokenizer_sha256")}
+    assert first == again and first["fingerprint"] == vqa_fingerprint(load_vqa_model(vqa_dir))
+    assert str(tmp_path) not in json.dumps(described) and str(vqa_dir) not in json.dumps(described)
+
+
 def test_tokens_come_hashed_from_a_file_or_the_environment(model_dir, tmp_path, monkeypatch):
     token_file = tmp_path / "tokens.txt"
     token_file.write_text(f"# service tokens\n{token_digest(TOKENS[0])}\n\n{token_digest(TOKENS[1])}  # ci\n")
@@ -1295,6 +1327,38 @@ def test_a_pgvector_index_dropped_under_the_service_is_a_503_with_the_reason(mod
                 health = http.get("/v1/health")  # no token: the word, not the reason
                 assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
                 assert health.json()["index"] == "unavailable" and "served" not in health.text
+
+
+def test_health_answers_promptly_while_the_model_thread_is_busy_and_its_index_word_follows(model_dir, index_dir,
+                                                                                           tmp_path):
+    """/v1/health asked the index on the model thread and waited for it: behind a long forward pass or search (here
+    the model thread held until released) a health probe waited as long. It now waits a bounded time, then answers
+    with the last word; the question, still queued, runs when the thread is free, and the next probe has its word."""
+    from medvl.serve.service import ModelService
+
+    served = tmp_path / "served.idx"
+    shutil.copytree(index_dir, served)
+    service = ModelService(model_dir, served, ServeSettings())
+    service.index_health_seconds, service.index_health_wait = 0, 0.2
+    release = threading.Event()
+    try:
+        assert service.index_health() == "ok"
+        busy = service.model_thread.submit(release.wait, 30)  # a long task ahead of every question
+        shutil.rmtree(served)
+        with ThreadPoolExecutor(1) as probe:
+            started = time.monotonic()
+            word = probe.submit(service.index_health).result(timeout=5)
+            assert word == "ok" and time.monotonic() - started < 2  # the last word, at once
+            assert probe.submit(service.index_health).result(timeout=5) == "ok"
+        release.set()
+        busy.result(timeout=5)
+        service._index_check.result(timeout=5)  # the question queued meanwhile has run: its word is kept
+        assert service.index_health() == "unavailable"
+    finally:
+        release.set()
+        service.model_thread.shutdown()
+        service.workers.shutdown()
+        service.index.close()
 
 
 def test_a_damaged_faiss_case_table_is_a_503_naming_the_column_and_health_stops_saying_ok(model_dir, index_dir, png,
@@ -2600,13 +2664,37 @@ def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_h
         return document["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
 
     search, draft, explain = form("/v1/search"), form("/v1/report/draft"), form("/v1/explain")
-    assert search["target"]["enum"] == list(TARGETS) and form("/v1/preview")["window"]["enum"] == list(WINDOW_PRESETS)
+    assert search["target"]["enum"] == list(TARGETS)
+    check_window_schema(form("/v1/preview")["window"], WINDOW_PRESETS)
     assert (search["k"]["minimum"], search["k"]["maximum"], explain["k"]["maximum"]) == (1, MAX_K, MAX_K)
     assert draft["k"]["minimum"] == MIN_CASES and draft["min_support"]["exclusiveMaximum"] == 1
     assert (explain["top"]["minimum"], explain["top"]["maximum"]) == (1, ServeSettings().max_explain_top)
     assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
     refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
     assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
+
+
+def check_window_schema(schema: dict, presets) -> None:
+    """The preview's ``window`` declared as the service reads it: a strict lower-case enum refused ``LUNG`` or
+    ``soft tissue``, which the service takes (any case, '-' or a space for '_', blank for none). The declared schema
+    now takes exactly the names ``parse_window`` takes."""
+    import jsonschema
+
+    from medvl.serve.previews import parse_window
+
+    def taken(name: str) -> bool:
+        try:
+            parse_window(name)
+        except InputError:
+            return False
+        return True
+
+    declared = jsonschema.Draft202012Validator(schema)
+    names = [*presets, *(name.upper() for name in presets), "Soft Tissue", "soft-tissue", " Lung ", "", "  ",
+             "liver", "lungs", "lung;", "soft__tissue", "soft_ tissue", "lung window", "-600,1500", "lung\nbone"]
+    assert [declared.is_valid(name) for name in names] == [taken(name) for name in names], names
+    assert sum(map(taken, names)) == 2 * len(presets) + 5 and "enum" not in schema
+    assert schema["examples"] == list(presets) and "any case" in schema["description"]
 
 
 # ------------------------------------------------------------------------------- medvl serve

@@ -194,6 +194,23 @@ def test_loads_with_the_folders_processor_and_chat_template(vlm_dir):
         assert model.prompt("why?", 1) == "USER: <image>\nwhy? ASSISTANT:"
 
 
+def test_fingerprint_tells_weights_and_chat_template_not_the_folders_path(llava_dir, tmp_path):
+    """``vqa_fingerprint`` of a VLM (what /v1/models' ``vqa.fingerprint`` tells a redeployed one by): the same folder
+    copied elsewhere has the same digests; other weights, or another chat template, do not."""
+    from medvl.index.base import vqa_fingerprint
+
+    copy = shutil.copytree(llava_dir, tmp_path / "elsewhere" / llava_dir.name)
+    first, moved = (vqa_fingerprint(VisionLanguageModel.from_pretrained(folder)) for folder in (llava_dir, copy))
+    assert first == moved and all(len(digest) == 64 for digest in first.values())
+    changed = VisionLanguageModel.from_pretrained(copy)
+    with torch.no_grad():
+        next(changed.model.parameters()).add_(0.01)
+    assert vqa_fingerprint(changed)["weights_sha256"] != first["weights_sha256"]
+    changed.processor.chat_template = LLAVA_TEMPLATE.replace("ASSISTANT:", "ANSWER:")
+    assert vqa_fingerprint(changed)["config_sha256"] != first["config_sha256"]
+    assert vqa_fingerprint(changed)["tokenizer_sha256"] == first["tokenizer_sha256"]
+
+
 def test_generation_is_greedy_and_deterministic(vlm_dir, images):
     model = VisionLanguageModel.from_pretrained(vlm_dir)
     arrays = model.read_images([images[0]])

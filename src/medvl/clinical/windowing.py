@@ -71,12 +71,28 @@ WINDOW_PRESETS: dict[str, Window] = {
 WindowSpec = str | Window | Sequence[float]
 
 
+def preset_key(name: str) -> str:
+    """How a preset name is read: any case, '-' or a space for '_', blanks around dropped (``Soft Tissue``)."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def preset_pattern(blank: bool = False) -> str:
+    """A regular expression (ECMAScript's, as a JSON Schema ``pattern``) matching the names ``preset_key`` reads as a
+    preset (with ``blank``, a blank name too: an API's "no preset"): what an API declares it takes, where a lower-case
+    enum would refuse ``LUNG``."""
+    def spelled(name: str) -> str:
+        return "".join("[_ -]" if letter == "_" else f"[{letter.upper()}{letter}]" for letter in name)
+
+    names = "|".join(spelled(name) for name in WINDOW_PRESETS)
+    return rf"^\s*({names}){'?' if blank else ''}\s*$"
+
+
 def get_window(spec: WindowSpec) -> Window:
     """A ``Window`` from a preset name (``"lung"``), a ``Window`` or a ``(center, width)`` pair."""
     if isinstance(spec, Window):
         return spec
     if isinstance(spec, str):
-        key = spec.strip().lower().replace("-", "_").replace(" ", "_")
+        key = preset_key(spec)
         if key not in WINDOW_PRESETS:
             raise InputError(f"unknown window preset {spec!r}; choose from {', '.join(WINDOW_PRESETS)} "
                              "or give (center, width)")

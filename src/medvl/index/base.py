@@ -215,6 +215,28 @@ def tokenizer_sha256(model) -> str | None:
     return digest
 
 
+def vqa_fingerprint(model) -> dict[str, str | None]:
+    """What tells a VQA model from another under the same folder name (``/v1/models``' ``vqa.fingerprint``), as
+    ``model_fingerprint`` tells a dual encoder: the SHA-256 of its config, its weights and its tokenizer
+    (``tokenizer_sha256``). A medvl VQA model's config is taken with its answer vocabulary and answer types (its
+    answer head's rows); a transformers VLM's (``models.vlm.VisionLanguageModel``) is the model's config (its folder's
+    path left out), its processor's image settings and its chat template. The weights are hashed once per loaded
+    model (``weights_sha256``): a VLM's billions of them take a while, at the service's start."""
+    processor = getattr(model, "processor", None)
+    if processor is None:  # a medvl VQA model
+        network = model
+        config: dict[str, Any] = {"config": _non_default(model.config.to_dict(), type(model.config)().to_dict()),
+                                  "answers": model.meta.get("answers"), "answer_types": model.meta.get("answer_types")}
+    else:
+        network = model.model
+        image_processor: Any = getattr(processor, "image_processor", None)
+        config = {"model": {key: value for key, value in network.config.to_dict().items() if key != "_name_or_path"},
+                  "image_processor": image_processor.to_dict() if image_processor is not None else None,
+                  "chat_template": getattr(processor, "chat_template", None)}
+    return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+            "weights_sha256": weights_sha256(network), "tokenizer_sha256": tokenizer_sha256(model)}
+
+
 # model -> (weights' state, digest): hashing every weight on each search was most of a small query's time
 _WEIGHTS_SHA256: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WEIGHTS_LOCK = threading.Lock()

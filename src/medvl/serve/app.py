@@ -44,7 +44,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..clinical.windowing import WINDOW_PRESETS
+from ..clinical.windowing import WINDOW_PRESETS, preset_pattern
 from ..errors import DataError, InputError, MedvlError, one_line
 from ..index.base import MAX_K, TARGETS
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
@@ -317,7 +317,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         reason may name the server's files; the routes behind a token give it). With an index, ``index`` is ``ok``
         or ``unavailable`` (its PostgreSQL table dropped or rebuilt with another model under the service, or a FAISS
         index's case table found damaged by a search), and the status ``degraded`` (200: the model's routes still
-        answer; the index routes 503 with the reason)."""
+        answer; the index routes 503 with the reason). The index is asked on the model thread, between searches;
+        behind a long task there the word is the last one (``ModelService.index_health``)."""
         if loader.failure:
             return JSONResponse({"status": "failed", "error": loader.failure_type,
                                  "detail": f"the model could not be loaded ({loader.failure_type}); the routes that "
@@ -417,9 +418,11 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
               responses={200: {"content": {"image/png": {}}, "description": "8-bit PNG, not cached"},
                          **refusals(*FORM_REFUSALS)})
     async def preview(request: Request, image: ImageField, window: Annotated[str | None, Form(
-                          description=f"CT window preset: {', '.join(WINDOW_PRESETS)}; absent: the DICOM "
-                                      "file's own window, else min-max.",
-                          json_schema_extra={"enum": list(WINDOW_PRESETS)})] = None) -> Response:
+                          description=f"CT window preset: {', '.join(WINDOW_PRESETS)} (any case; '-' or a space for "
+                                      "'_'); absent or blank: the DICOM file's own window, else min-max.",
+                          # the names parse_window reads: an enum of the lower-case names refused LUNG, taken here
+                          json_schema_extra={"pattern": preset_pattern(blank=True),
+                                             "examples": list(WINDOW_PRESETS)})] = None) -> Response:
         """The upload as an 8-bit PNG (longest side <= 512 px; a volume's middle axial slice)."""
         service = loader.get()
         picture = await service.preview(await _bytes(image, service), window, request.state.timings)

@@ -52,6 +52,7 @@ from ..clinical.windowing import (
     Window,
     holds_hu,
     one_slice_view,
+    preset_key,
     radiological_view,
     render_preview,
 )
@@ -91,7 +92,7 @@ def parse_window(name: str | None) -> Window | None:
     """A CT preset by name (``lung``, ``soft_tissue``, ...), ``None`` for none; numbers are refused."""
     if name is None or not name.strip():
         return None
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")  # as ``get_window`` reads preset names
+    key = preset_key(name)  # as ``get_window`` reads preset names
     if key not in WINDOW_PRESETS:
         raise InputError(f"unknown window preset; choose from {', '.join(WINDOW_PRESETS)}")
     return WINDOW_PRESETS[key]

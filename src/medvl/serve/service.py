@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,7 @@ from ..data.audit import input_flags
 from ..embed import MAX_CLASS_SETS, cached_class_embeddings, class_embeddings
 from ..errors import DataError, InputError, MedvlError, ModelError
 from ..eval.zero_shot import scaled_similarities
-from ..index.base import IndexDamaged, describe_target, info_sha256, model_fingerprint
+from ..index.base import IndexDamaged, describe_target, info_sha256, model_fingerprint, vqa_fingerprint
 from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
@@ -79,6 +81,9 @@ MAX_CASE_ID = 1024  # characters; a longer id names no case
 # the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
 SERVICE_METHODS = ("patch_text", "gradcam")
 INDEX_HEALTH_SECONDS = 5.0  # /v1/health asks the index's store at most this often (it needs no token)
+# how long /v1/health waits for the model thread to ask the index (a long forward pass or search ahead of it): after
+# that it answers with the last word, and the check, still queued, updates it when it runs
+INDEX_HEALTH_WAIT_SECONDS = 1.0
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -125,11 +130,15 @@ class ModelService:
         self.index_name = describe_target(index) if index is not None else None  # last component: no folders
         self.index = self._open_index(index) if index is not None else None
         self._index_health: tuple[float, str] | None = None  # when /v1/health last asked the store, and its word
+        self._index_check: Future | None = None  # that question, queued on the model thread
         self.index_health_seconds = INDEX_HEALTH_SECONDS
+        self.index_health_wait = INDEX_HEALTH_WAIT_SECONDS
         self.labeller: ReportLabeller | None = None
         self.workers = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medvl-worker")
         self._class_sets: OrderedDict[tuple, tuple[str, torch.Tensor, list[str]]] = OrderedDict()
         self.vqa: VQAModel | VisionLanguageModel | None = _load_vqa(settings.vqa_model)
+        # what /v1/models tells a VQA model redeployed under the same folder name by, as the dual encoder's fingerprint
+        self.vqa_fingerprint = vqa_fingerprint(self.vqa) if self.vqa is not None else None
         self.bottleneck: ConceptBottleneck | None = _load_bottleneck(settings.bottleneck, self.net)
         self.lane = HeavyLane(settings.heavy_queue)
         self._explainer: Any = None  # the dual encoder's copy for explanations, made on the lane when first asked
@@ -263,7 +272,8 @@ class ModelService:
     def describe(self, index: bool = True) -> dict[str, Any]:
         """The loaded model (and index) for ``/v1/models``: names and sizes, no paths above them; what tells a model
         retrained (or an index rebuilt) under the same name: the model's ``fingerprint`` (its config, weights and
-        tokenizer digests, as an index records them) and the index's ``sha256`` (``index.base.info_sha256``).
+        tokenizer digests, as an index records them), the VQA model's (``vqa.fingerprint``:
+        ``index.base.vqa_fingerprint``) and the index's ``sha256`` (``index.base.info_sha256``).
         ``index`` False: the index left for the caller to describe (``described``)."""
         config = self.net.config
         captions = captions_for(None, None, self.net)
@@ -297,24 +307,36 @@ class ModelService:
         kind = "medvl" if isinstance(self.vqa, VQAModel) else "transformers"
         answers = len(self.vqa.answers) if isinstance(self.vqa, VQAModel) else None
         return {"folder": self.settings.vqa_model.name, "kind": kind, "answers": answers,
-                "max_images": self.vqa_image_limit()}
+                "max_images": self.vqa_image_limit(), "fingerprint": self.vqa_fingerprint}
 
     def index_health(self) -> str | None:
         """``/v1/health``'s word on the index: None without one, ``ok``, or ``unavailable`` when the store no longer
         holds it (a PostgreSQL table dropped or rebuilt with another model, a FAISS folder removed or changed into
         one that cannot be read) or a read found it damaged (a FAISS index's case table: ``IndexDamaged``); the
         reason only behind a token, in ``/v1/models``. Asked of the store at most every ``INDEX_HEALTH_SECONDS``
-        (the route needs no token), on the model thread, between searches (the caller's thread waits)."""
+        (the route needs no token), on the model thread, between searches (``follow_rebuild`` swaps a new version in
+        there, so that one answer reads one version): the caller's thread waits up to ``INDEX_HEALTH_WAIT_SECONDS``
+        for it, then answers with the last word (``ok`` before the first: the index was opened and checked at the
+        start), so that a health probe is answered promptly during a long forward pass or search; the question stays
+        queued and its word is the next probe's."""
         if self.index is None:
             return None
-        now = time.monotonic()
         checked = self._index_health
         # found damaged by a search: asked at once (it stays damaged until a rebuild is swapped in)
-        if checked is None or now - checked[0] >= self.index_health_seconds or getattr(self.index, "damaged", None):
-            unavailable = self.model_thread.submit(self._index_unavailable).result()
-            checked = (now, "unavailable" if unavailable else "ok")
-            self._index_health = checked
-        return checked[1]
+        if checked is None or time.monotonic() - checked[0] >= self.index_health_seconds \
+                or getattr(self.index, "damaged", None):
+            asked = self._index_check
+            if asked is None or asked.done():  # one question queued at a time, however many probes wait for it
+                asked = self._index_check = self.model_thread.submit(self._check_index_health)
+            with contextlib.suppress(FutureTimeout):
+                asked.result(timeout=self.index_health_wait)
+            checked = self._index_health
+        return checked[1] if checked is not None else "ok"
+
+    def _check_index_health(self) -> None:
+        """``index_health``'s question, on the model thread: its word, with when it was asked."""
+        asked = time.monotonic()
+        self._index_health = (asked, "unavailable" if self._index_unavailable() else "ok")
 
     def _index_unavailable(self) -> str | None:
         """Why the index cannot be searched any more (None when it can), on the model thread: a new version of it is
