@@ -613,6 +613,29 @@ def test_nifti_spacing_is_converted_to_mm_from_the_header_unit(cli, tmp_path, un
     assert spacing_shown == pytest.approx([2.5, 1.0, 1.0], rel=1e-6)
 
 
+def test_nifti_spacing_is_the_sform_s_when_the_sform_orients_the_volume(cli, tmp_path):
+    """Review finding: the volume was oriented by the sform but its spacing taken from pixdim (the qform's scale), so a
+    file whose sform was rewritten to 2 x 3 x 4 mm voxels, pixdim left at 1 mm, read as 1 x 1 x 1 mm (read_nifti,
+    NiftiSlabs, dicom-info), where nibabel's voxel_sizes(affine) and MONAI give 2 x 3 x 4 mm."""
+    from medvl.clinical.nifti import NiftiSlabs
+
+    data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
+    image = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    image.set_sform(np.diag([2.0, 3.0, 4.0, 1.0]), code=1)
+    image.set_qform(np.eye(4), code=1)
+    image.header.set_zooms((1.0, 1.0, 1.0))
+    path = tmp_path / "rewritten_sform.nii"
+    nib.save(image, path)
+    assert tuple(nib.load(path).header.get_zooms()) == (1.0, 1.0, 1.0)
+    volume, spacing = read_nifti(path)
+    assert spacing == (4.0, 3.0, 2.0)
+    assert NiftiSlabs(path).spacing == spacing
+    np.testing.assert_array_equal(volume, data.transpose(2, 1, 0).astype(np.float32))
+    result = cli("dicom-info", path, "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "info.json").read_text())["series"][0]["pixel_spacing_mm"] == [4.0, 3.0, 2.0]
+
+
 def test_nifti_spatial_unit_that_is_no_length_is_refused(cli, tmp_path):
     from medvl.clinical.nifti import NiftiSlabs
 
