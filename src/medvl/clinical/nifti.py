@@ -14,13 +14,14 @@
 
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
-infinite voxels, a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot
-apply, voxel sizes that are not positive numbers, a vox_offset that is not a finite number and voxel data said
-to start inside the header (vox_offset 0: nibabel would read the header as voxels). Decompression bombs are
-refused before decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
-voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
-declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
-there has its length and CRC checked), so trailing data is never decompressed.
+infinite voxels and values beyond the float32 range (a scl_slope / scl_inter that takes them there is named),
+a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot apply, voxel sizes that
+are not positive numbers, a vox_offset that is not a finite number and voxel data said to start inside the header
+(vox_offset 0: nibabel would read the header as voxels). Decompression bombs are refused before decompressing:
+the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared voxel data (shape x bytes per
+voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the declared number of bytes is read from the gzip
+stream (and one more, so that a gzip file ending there has its length and CRC checked), so trailing data is never
+decompressed.
 Every failure is a ``DataError`` naming the file.
 """
 
@@ -32,7 +33,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 
@@ -230,13 +231,26 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
     geometry = _geometry(nib, path, header)  # the streamed reader's checks, in the same words
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        image = nib.as_closest_canonical(image_class.from_bytes(raw))
-        data = image.get_fdata(dtype=np.float32)
+        stored = image_class.from_bytes(raw)
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32: _check_finite names the cause
+            data = nib.as_closest_canonical(stored).get_fdata(dtype=np.float32)
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
         raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
     if not np.isfinite(data).all():
-        raise DataError(path, "volume contains NaN or infinite values")
+        _refuse_not_finite(path, np.asanyarray(stored.dataobj.get_unscaled()), geometry)
     return _to_volume(path, data), _ras_spacing(geometry)
+
+
+def _refuse_not_finite(path: Path, stored: np.ndarray, geometry: _Geometry) -> NoReturn:
+    """The ``DataError`` for a volume whose float32 values are not all finite, naming the cause: NaN or infinite
+    stored voxels, a scl_slope / scl_inter that takes finite stored values beyond the float32 range, or stored
+    (float64) values beyond it."""
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
+        raise DataError(path, "volume contains NaN or infinite values")
+    if geometry.slope != 1.0 or geometry.inter != 0.0:
+        raise DataError(path, f"scl_slope {geometry.slope:g} / scl_inter {geometry.inter:g} take the stored values "
+                              "beyond the float32 range")
+    raise DataError(path, f"stored {stored.dtype} values beyond the float32 range")
 
 
 def _ras_spacing(geometry: _Geometry) -> tuple[float, float, float]:
@@ -275,7 +289,7 @@ class NiftiSlabs:
             raise DataError(self.path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
         shape, self.dtype, self._offset = _declared_layout(self.path, header)
         self.shape = _volume_shape(self.path, shape)  # (i, j, k)
-        geometry = _geometry(nib, self.path, header)
+        self._geometry = geometry = _geometry(nib, self.path, header)
         self._slope, self._inter = geometry.slope, geometry.inter
         self.ras_axes, self.ras_flips = geometry.ras_axes, geometry.ras_flips
         self.spacing = _ras_spacing(geometry)  # (dz, dy, dx) in mm, as ``read_nifti`` gives it
@@ -291,11 +305,13 @@ class NiftiSlabs:
                 for start in range(0, nk, per_slab):
                     count = min(per_slab, nk - start)
                     raw = _read_exactly(stream, count * slice_bytes, self.path, "voxel data")
-                    slab = np.frombuffer(raw, dtype=self.dtype).reshape(count, nj, ni).astype(np.float32)
-                    if self._slope != 1.0 or self._inter != 0.0:
-                        slab = slab * np.float32(self._slope) + np.float32(self._inter)
+                    stored = np.frombuffer(raw, dtype=self.dtype).reshape(count, nj, ni)
+                    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: _refuse_not_finite says so
+                        slab = stored.astype(np.float32)
+                        if self._slope != 1.0 or self._inter != 0.0:
+                            slab = slab * np.float32(self._slope) + np.float32(self._inter)
                     if not np.isfinite(slab).all():
-                        raise DataError(self.path, "volume contains NaN or infinite values")
+                        _refuse_not_finite(self.path, stored, self._geometry)
                     yield slab
                 _check_stream_end(stream, self.path)  # a gzip file's CRC and length, as read_nifti checks them
         except OSError as error:
