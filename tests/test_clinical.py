@@ -130,6 +130,62 @@ def test_monochrome1_is_inverted_after_rescale():
     assert meta["window"]["center"] == center
 
 
+def _padded_ct(path: Path, photometric: str = "MONOCHROME2", us_value: bool = False) -> tuple[Path, np.ndarray]:
+    """CT_small (signed, Rescale Intercept -1024, Pixel Padding Value -2000 in its header) with the area outside a
+    60-pixel-radius field of view padded as scanners write it: -2000, and a ring of -1995 that only a Pixel Padding
+    Range Limit of -1990 makes padding. Returns the file and the mask of the padded area."""
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    rows, columns = np.mgrid[:128, :128]
+    radius = np.hypot(rows - 63.5, columns - 63.5)
+    pixels = ds.pixel_array.copy()
+    pixels[radius > 60] = -2000
+    pixels[(radius > 60) & (radius < 62)] = -1995
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    ds.add_new("PixelPaddingRangeLimit", "SS", -1990)
+    ds.PhotometricInterpretation = photometric
+    if us_value:  # the same values written as US, in two's complement
+        for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+            ds.add_new(keyword, "US", int(ds[keyword].value) + (1 << 16))
+    ds.save_as(path)
+    return path, radius > 60
+
+
+@pytest.mark.parametrize("photometric, us_value", [("MONOCHROME2", False), ("MONOCHROME2", True),
+                                                   ("MONOCHROME1", False)])
+def test_pixel_padding_neither_stretches_min_max_scaling_nor_shows_as_a_value_of_its_own(tmp_path, photometric,
+                                                                                          us_value):
+    """Review finding: Pixel Padding Value (0028,0120) was ignored, so a CT's padding outside its field of view (-3024
+    HU) took part in min-max scaling: the preview of the anatomy used 122 grey levels instead of 237. Padding now takes
+    the image's darkest displayed value; an image without padding pixels (CT_small states a padding value none of its
+    pixels holds) is read exactly as before (test_ct_rescale_gives_hounsfield_units)."""
+    from medvl.clinical.windowing import render_preview
+
+    path, padded = _padded_ct(tmp_path / "padded.dcm", photometric, us_value)
+    inside = modality_reference(dicom("CT_small.dcm"))[~padded]
+    values, _ = read_dicom(path)
+    if photometric == "MONOCHROME1":  # inverted over the image's own range: the padding's too
+        inside = inside.min() + inside.max() - inside
+    np.testing.assert_array_equal(values[~padded], inside)
+    assert (values[padded] == inside.min()).all()
+    np.testing.assert_array_equal(read_image(path), values)
+    preview = render_preview(values)
+    assert preview[~padded].min() == 0 and preview[~padded].max() == 255 and (preview[padded] == 0).all()
+    lung, _ = read_dicom(path, window="lung")  # through a window, padding is as dark as the darkest anatomy
+    assert (lung[padded] == lung[~padded].min()).all()
+
+
+def test_a_scanner_s_padding_outside_the_field_of_view_reads_as_air_not_as_minus_3024_hu():
+    """pydicom-data's 693_UNCR.dcm, a real CT: 55,772 pixels hold its Pixel Padding Value (-2000, -3024 HU), which set
+    the image's minimum; they now read as its darkest anatomy, air at -1024 HU, and the anatomy is unchanged."""
+    path = STORE / "693_UNCR.dcm"
+    reference = modality_reference(path)
+    values, _ = read_dicom(path)
+    padded = reference == -3024
+    assert padded.sum() == 55772 and reference[~padded].min() == -1024
+    np.testing.assert_array_equal(values[~padded], reference[~padded])
+    assert values.min() == -1024 and (values[padded] == -1024).all()
+
+
 def test_file_window_and_voi_lut():
     shown, meta = read_dicom(dicom("MR_small.dcm"), window="file")
     ds = pydicom.dcmread(dicom("MR_small.dcm"))
@@ -611,6 +667,29 @@ def test_nifti_spacing_is_converted_to_mm_from_the_header_unit(cli, tmp_path, un
     assert result.exit_code == 0, result.output
     spacing_shown = json.loads((tmp_path / "info.json").read_text())["series"][0]["pixel_spacing_mm"]
     assert spacing_shown == pytest.approx([2.5, 1.0, 1.0], rel=1e-6)
+
+
+def test_nifti_spacing_is_the_sform_s_when_the_sform_orients_the_volume(cli, tmp_path):
+    """Review finding: the volume was oriented by the sform but its spacing taken from pixdim (the qform's scale), so a
+    file whose sform was rewritten to 2 x 3 x 4 mm voxels, pixdim left at 1 mm, read as 1 x 1 x 1 mm (read_nifti,
+    NiftiSlabs, dicom-info), where nibabel's voxel_sizes(affine) and MONAI give 2 x 3 x 4 mm."""
+    from medvl.clinical.nifti import NiftiSlabs
+
+    data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
+    image = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    image.set_sform(np.diag([2.0, 3.0, 4.0, 1.0]), code=1)
+    image.set_qform(np.eye(4), code=1)
+    image.header.set_zooms((1.0, 1.0, 1.0))
+    path = tmp_path / "rewritten_sform.nii"
+    nib.save(image, path)
+    assert tuple(nib.load(path).header.get_zooms()) == (1.0, 1.0, 1.0)
+    volume, spacing = read_nifti(path)
+    assert spacing == (4.0, 3.0, 2.0)
+    assert NiftiSlabs(path).spacing == spacing
+    np.testing.assert_array_equal(volume, data.transpose(2, 1, 0).astype(np.float32))
+    result = cli("dicom-info", path, "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "info.json").read_text())["series"][0]["pixel_spacing_mm"] == [4.0, 3.0, 2.0]
 
 
 def test_nifti_spatial_unit_that_is_no_length_is_refused(cli, tmp_path):

@@ -417,6 +417,43 @@ def test_knowledge_command_lists_user_findings_and_rejects_a_missing_folder(tmp_
         " ".join(output.split())
 
 
+def _entry(folder, name: str, synonym: str, title: str = "") -> None:
+    (folder / f"{name}.md").write_text(f"---\nname: {name}\n{f'title: {title}' if title else ''}\n"
+                                       f"synonyms: [heart, {synonym}]\n---\n")
+
+
+def test_knowledge_phrases_longer_than_the_text_encoder_reads_are_refused_naming_file_and_entry(model_dir, tmp_path,
+                                                                                                caplog):
+    """Review finding: a title or synonym was embedded cut to what the text tower reads, without a word, so two entries
+    differing only past the cut got identical vectors ('--related' scored them alike), and a 5000-word title was
+    accepted and printed whole; a query text of that length was refused."""
+    model = load_model(model_dir)
+    limit = model.text_read_length("x")[1]
+    # cut only in the longer prompt templates ("impression: ..."): read whole alone, so logged, not refused
+    (tmp_path / "near").mkdir()
+    words = next(n for n in range(1, 200) if model.text_read_length("impression: " + "heart " * n + ".")[0] > limit)
+    _entry(tmp_path / "near", "entry_c", "heart " * words)
+    assert model.text_read_length("heart " * words + ".")[0] <= limit
+    with caplog.at_level("WARNING", logger="medvl.rag.knowledge"):
+        assert len(load_knowledge(tmp_path / "near", builtin=False).retrieve(model, "heart", k=1)) == 1
+    assert "1 knowledge-base phrase(s)" in caplog.text and "entry_c.md entry 'entry_c': synonym 2" in caplog.text
+    long_phrase = "effusion " * 120
+    _entry(tmp_path, "entry_a", long_phrase + "cardiomegaly")
+    _entry(tmp_path, "entry_b", long_phrase + "pneumothorax")
+    base = load_knowledge(tmp_path, builtin=False)
+    with pytest.raises(DataError, match=rf"entry_a\.md: entry 'entry_a': synonym 2 is \d+ tokens long as a prompt; "
+                                        rf"the model's text encoder reads {limit} tokens at most") as caught:
+        base.retrieve(model, "cardiomegaly", k=2)
+    assert "effusion" not in str(caught.value)
+    result, output = invoke("report", "knowledge", "--knowledge", tmp_path, "--no-builtin-knowledge",
+                            "--query", "cardiomegaly", "--model", model_dir)
+    assert result.exit_code == 2 and "entry_a.md: entry 'entry_a': synonym 2 is" in " ".join(output.split())
+    assert "effusion" not in output and "Traceback" not in output
+    _entry(tmp_path, "entry_d", "heart", title="Cardiomegaly " * 20)  # 259 characters once spaces are collapsed
+    with pytest.raises(DataError, match=r"entry_d\.md: 'title' is 259 characters long; at most 200"):
+        load_knowledge(tmp_path, builtin=False)
+
+
 # ------------------------------------------------------------------ drafts from given neighbours
 
 

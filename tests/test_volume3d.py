@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,41 @@ def test_a_nifti_voxel_size_that_is_not_a_positive_number_is_refused_by_both_rea
     predicted it."""
     _refused_alike(patched_nifti(tmp_path / "pixdim_nan.nii", ("<f", 80, (NAN,))),
                    r"broken NIfTI header: voxel sizes \[nan, 2\.0, 3\.0\] mm")
+
+
+def _big_float64_nifti(path: Path) -> Path:
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(np.full((4, 5, 6), 1e39), np.diag([2.0, 2.0, 3.0, 1.0])), path)
+    return path
+
+
+BEYOND_FLOAT32 = {  # finite stored voxels whose float32 values are not
+    "slope.nii": (lambda path: patched_nifti(path, ("<ff", 112, (1e37, 0.0))),  # int16 -100..170 x 1e37
+                  r"scl_slope 1e\+37 / scl_inter 0 take the stored values beyond the float32 range$"),
+    "slope.nii.gz": (lambda path: patched_nifti(path, ("<ff", 112, (-1e37, 5.0))),
+                     r"scl_slope -1e\+37 / scl_inter 5 take the stored values beyond the float32 range$"),
+    "float64.nii": (_big_float64_nifti, r"stored float64 values beyond the float32 range$"),
+}
+
+
+@pytest.mark.parametrize("name", BEYOND_FLOAT32)
+def test_a_nifti_whose_values_are_beyond_float32_is_refused_naming_the_cause_without_a_numpy_warning(name, tmp_path):
+    """Review finding: an int16 file with scl_slope 1e35 (finite voxels, scaled beyond float32) was refused as 'volume
+    contains NaN or infinite values', after a RuntimeWarning (overflow in cast / multiply) from nibabel or nifti.py on
+    stderr; DICOM names its Rescale Slope in the same case."""
+    make, match = BEYOND_FLOAT32[name]
+    path = make(tmp_path / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match=rf"{re.escape(path.name)}: {match}") as whole:
+            read_nifti(path)
+        with pytest.raises(DataError) as streamed:
+            list(NiftiSlabs(path).slabs())
+        with pytest.raises(DataError) as encoded:
+            medvl.create_model("ct3d-tiny").encode_images([path])
+    assert str(whole.value) == str(streamed.value) == str(encoded.value)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("name", ["offset0.nii", "offset0.nii.gz"])

@@ -6,6 +6,8 @@
   the Modality LUT (Hounsfield units for CT). With ``window`` (a preset name from
   ``medvl.clinical.windowing``, ``(center, width)`` or ``"file"`` for the header's own VOI LUT /
   first Window Center/Width) the values are mapped to display intensities in ``[0, 1]``.
+  Pixels holding the Pixel Padding Value (or within the Pixel Padding Range Limit: a CT's area outside its field
+  of view, not image data) take the image's darkest displayed value, so they never stretch min-max scaling.
   MONOCHROME1 images (where the lowest value is displayed white) are inverted so that, as in
   MONOCHROME2, higher means brighter: ``1 - v`` when windowed, ``min + max - v`` otherwise (the
   image's own min / max; a series stacked by ``load_volume`` uses the whole series' min / max, so
@@ -798,14 +800,46 @@ def _grayscale(path: Path, ds, pixels: np.ndarray, window: WindowSpec | None,
     ``min + max - v`` over this image's values, or not at all with ``own_range=False`` (a series is
     inverted over its whole range by ``_stack_series``, so that one stored value stays one value)."""
     values, rescale = _modality_values(path, ds, pixels)
-    display, window_meta = _display(ds, values, window)
     inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    _fill_padding(ds, pixels, values, inverted)
+    display, window_meta = _display(ds, values, window)
     if inverted and window_meta:
         display = 1.0 - display
     elif inverted and own_range:
         display = float(display.min()) + float(display.max()) - display
     return display.astype(np.float32, copy=False), {"rescale": rescale, "window": window_meta,
                                                     "inverted": inverted}
+
+
+def _padding_mask(ds, pixels: np.ndarray) -> np.ndarray | None:
+    """The pixels whose stored value is the Pixel Padding Value (0028,0120), or lies between it and the Pixel Padding
+    Range Limit (0028,0121) inclusive: not image data (PS3.3 C.7.5.1.1.2; a CT's area outside its circular field of
+    view). ``None`` when the header states no padding, no pixel is padding or every pixel is. A value written as US
+    for signed pixels (two's complement in Bits Allocated) is read as the signed value it stands for."""
+    value = _int(ds.get("PixelPaddingValue"))
+    if value is None or pixels.dtype.kind not in "iu":
+        return None
+    limit = _int(ds.get("PixelPaddingRangeLimit"))
+    if limit is None:
+        limit = value
+    if _int(ds.get("PixelRepresentation")) == 1:
+        bits = _int(ds.get("BitsAllocated")) or 16
+        value, limit = (number - (1 << bits) if number >= 1 << (bits - 1) else number for number in (value, limit))
+    low, high = sorted((value, limit))
+    mask = (pixels >= low) & (pixels <= high)
+    return mask if mask.any() and not mask.all() else None
+
+
+def _fill_padding(ds, pixels: np.ndarray, values: np.ndarray, inverted: bool) -> None:
+    """Give padding pixels (``_padding_mask``) the image's darkest displayed value, in place: the lowest modality value
+    of its other pixels (the highest for MONOCHROME1, which inversion makes the lowest). So padding, -3024 HU on one
+    scanner, -1024 on another, none after a crop, neither stretches min-max scaling nor looks like a value of its own
+    through a window; an image without padding is untouched."""
+    mask = _padding_mask(ds, pixels)
+    if mask is None:
+        return
+    image = values[~mask]
+    values[mask] = image.max() if inverted else image.min()
 
 
 def _display(ds, values: np.ndarray, window: WindowSpec | None) -> tuple[np.ndarray, dict | None]:

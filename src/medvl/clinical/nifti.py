@@ -6,19 +6,22 @@
   canonical RAS+ orientation with nibabel: axis 0 runs inferior -> superior, axis 1 posterior ->
   anterior, axis 2 patient left -> right (that is, nibabel's ``(x, y, z)`` array transposed to
   ``(z, y, x)``);
-- ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order: the header's voxel sizes in the spatial unit its
-  ``xyzt_units`` names (metres and microns converted to mm; no unit, code 0, taken as mm, as nibabel and most tools
-  take it; a code that is no length unit refused).
+- ``spacing``: ``(dz, dy, dx)`` in mm, in the same axis order: the voxel sizes of the affine the volume is oriented
+  by (nibabel's best affine: the sform when its code is set, else the qform, else pixdim; its column lengths, which
+  are pixdim unless a tool rewrote the sform alone), in the spatial unit the header's ``xyzt_units`` names (metres and
+  microns converted to mm; no unit, code 0, taken as mm, as nibabel and most tools take it; a code that is no length
+  unit refused).
 
 Dimensions of size 1 after the third are dropped (a 4D file with one volume, a 5D ``X x Y x Z x 1 x 1``);
 a 2D file becomes one slice; a time series, vector, RGB or complex data is refused, so are NaN or
-infinite voxels, a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot
-apply, voxel sizes that are not positive numbers, a vox_offset that is not a finite number and voxel data said
-to start inside the header (vox_offset 0: nibabel would read the header as voxels). Decompression bombs are
-refused before decompressing: the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared
-voxel data (shape x bytes per voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the
-declared number of bytes is read from the gzip stream (and one more, so that a gzip file ending
-there has its length and CRC checked), so trailing data is never decompressed.
+infinite voxels and values beyond the float32 range (a scl_slope / scl_inter that takes them there is named),
+a singular affine (no orientation) or one nibabel cannot compute, a scl_inter it cannot apply, voxel sizes that
+are not positive numbers, a vox_offset that is not a finite number and voxel data said to start inside the header
+(vox_offset 0: nibabel would read the header as voxels). Decompression bombs are refused before decompressing:
+the header is read first (348 bytes for NIfTI-1, 540 for NIfTI-2) and the declared voxel data (shape x bytes per
+voxel) is checked against ``MAX_DECODED_BYTES``; then exactly the declared number of bytes is read from the gzip
+stream (and one more, so that a gzip file ending there has its length and CRC checked), so trailing data is never
+decompressed.
 Every failure is a ``DataError`` naming the file.
 """
 
@@ -30,7 +33,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 
@@ -169,7 +172,7 @@ class _Geometry(NamedTuple):
     inter: float  # scl_inter, 0 when the file does not scale
     ras_axes: tuple[int, ...]  # per voxel axis (i, j, k): the RAS axis it becomes (``_ras_orientation``)
     ras_flips: tuple[bool, ...]  # per voxel axis: whether it is reversed
-    zooms: tuple[float, float, float]  # per voxel axis (i, j, k): the voxel size, mm
+    zooms: tuple[float, float, float]  # per voxel axis (i, j, k): the voxel size, mm, of the affine used
     mm_per_unit: float  # the header's spatial unit (xyzt_units) in mm: the voxel sizes times this are mm
 
 
@@ -201,8 +204,20 @@ def _geometry(nib, path: Path, header) -> _Geometry:
     zooms = [z * mm_per_unit for z in zooms]
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise DataError(path, f"broken NIfTI header: voxel sizes {zooms} mm")
+    sizes = _affine_voxel_sizes(affine, zooms, mm_per_unit)
     return _Geometry(1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter),
-                     ras_axes, ras_flips, (zooms[0], zooms[1], zooms[2]), mm_per_unit)
+                     ras_axes, ras_flips, sizes, mm_per_unit)
+
+
+def _affine_voxel_sizes(affine: np.ndarray, pixdim_mm: list[float], mm_per_unit: float) -> tuple[float, float, float]:
+    """Per voxel axis (i, j, k): the voxel size in mm of the affine the volume is oriented by (its column lengths, as
+    nibabel's ``voxel_sizes`` and MONAI's ``affine_to_spacing`` take it). When the sform is used and was rewritten
+    without pixdim (after a registration, say), pixdim is the qform's scale, not the geometry the volume is oriented
+    by; where the two agree (to float32 rounding of a rotated affine) pixdim's exact value is kept."""
+    lengths = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0)) * mm_per_unit
+    sizes = [z if math.isclose(z, length, rel_tol=1e-4) else float(length) for z, length in zip(pixdim_mm, lengths,
+                                                                                                     strict=True)]
+    return sizes[0], sizes[1], sizes[2]
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -213,18 +228,35 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]
     if not path.is_file():
         raise DataError(path, "file not found" if not path.exists() else "is a folder, not a NIfTI file")
     header, raw = _bounded_bytes(nib, path)
-    mm_per_unit = _geometry(nib, path, header).mm_per_unit  # the streamed reader's checks, in the same words
+    geometry = _geometry(nib, path, header)  # the streamed reader's checks, in the same words
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
-        image = nib.as_closest_canonical(image_class.from_bytes(raw))
-        data = image.get_fdata(dtype=np.float32)
-        zooms = [float(z) * mm_per_unit for z in image.header.get_zooms()[:3]]
+        stored = image_class.from_bytes(raw)
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32: _check_finite names the cause
+            data = nib.as_closest_canonical(stored).get_fdata(dtype=np.float32)
     except Exception as error:  # noqa: BLE001 - nibabel's header / affine errors
         raise DataError(path, f"cannot read the NIfTI image ({type(error).__name__}: {error})") from None
     if not np.isfinite(data).all():
+        _refuse_not_finite(path, np.asanyarray(stored.dataobj.get_unscaled()), geometry)
+    return _to_volume(path, data), _ras_spacing(geometry)
+
+
+def _refuse_not_finite(path: Path, stored: np.ndarray, geometry: _Geometry) -> NoReturn:
+    """The ``DataError`` for a volume whose float32 values are not all finite, naming the cause: NaN or infinite
+    stored voxels, a scl_slope / scl_inter that takes finite stored values beyond the float32 range, or stored
+    (float64) values beyond it."""
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
         raise DataError(path, "volume contains NaN or infinite values")
-    zooms += [1.0] * (3 - len(zooms))
-    return _to_volume(path, data), (zooms[2], zooms[1], zooms[0])
+    if geometry.slope != 1.0 or geometry.inter != 0.0:
+        raise DataError(path, f"scl_slope {geometry.slope:g} / scl_inter {geometry.inter:g} take the stored values "
+                              "beyond the float32 range")
+    raise DataError(path, f"stored {stored.dtype} values beyond the float32 range")
+
+
+def _ras_spacing(geometry: _Geometry) -> tuple[float, float, float]:
+    """``(dz, dy, dx)`` in mm: the voxel sizes of the voxel axes that become RAS z, y and x."""
+    dz, dy, dx = (geometry.zooms[geometry.ras_axes.index(ras)] for ras in (2, 1, 0))
+    return dz, dy, dx
 
 
 class NiftiSlabs:
@@ -257,11 +289,10 @@ class NiftiSlabs:
             raise DataError(self.path, f"broken NIfTI header ({type(error).__name__}: {error})") from None
         shape, self.dtype, self._offset = _declared_layout(self.path, header)
         self.shape = _volume_shape(self.path, shape)  # (i, j, k)
-        geometry = _geometry(nib, self.path, header)
+        self._geometry = geometry = _geometry(nib, self.path, header)
         self._slope, self._inter = geometry.slope, geometry.inter
         self.ras_axes, self.ras_flips = geometry.ras_axes, geometry.ras_flips
-        # (dz, dy, dx) in mm, as ``read_nifti`` gives it
-        self.spacing = tuple(geometry.zooms[self.ras_axes.index(ras)] for ras in (2, 1, 0))
+        self.spacing = _ras_spacing(geometry)  # (dz, dy, dx) in mm, as ``read_nifti`` gives it
 
     def slabs(self, max_voxels: int = 4 << 20):
         """Yield float32 ``(k, j, i)`` slabs of consecutive third-axis slices, in file order."""
@@ -274,11 +305,13 @@ class NiftiSlabs:
                 for start in range(0, nk, per_slab):
                     count = min(per_slab, nk - start)
                     raw = _read_exactly(stream, count * slice_bytes, self.path, "voxel data")
-                    slab = np.frombuffer(raw, dtype=self.dtype).reshape(count, nj, ni).astype(np.float32)
-                    if self._slope != 1.0 or self._inter != 0.0:
-                        slab = slab * np.float32(self._slope) + np.float32(self._inter)
+                    stored = np.frombuffer(raw, dtype=self.dtype).reshape(count, nj, ni)
+                    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: _refuse_not_finite says so
+                        slab = stored.astype(np.float32)
+                        if self._slope != 1.0 or self._inter != 0.0:
+                            slab = slab * np.float32(self._slope) + np.float32(self._inter)
                     if not np.isfinite(slab).all():
-                        raise DataError(self.path, "volume contains NaN or infinite values")
+                        _refuse_not_finite(self.path, stored, self._geometry)
                     yield slab
                 _check_stream_end(stream, self.path)  # a gzip file's CRC and length, as read_nifti checks them
         except OSError as error:

@@ -4,7 +4,7 @@ Each file (``*.md``) starts with YAML front matter and may go on with free notes
 
     ---
     name: pleural_effusion            # identifier: lower case, digits, underscores
-    title: Pleural effusion           # display name (default: the name with spaces)
+    title: Pleural effusion           # display name (default: the name with spaces), 200 characters at most
     kind: finding                     # finding | normal (the one "no finding" entry)
     synonyms:                         # phrases the report labeller looks for; "..." stands for up
       - pleural effusion              #   to 5 words, e.g. "cardiac silhouette ... enlarged"
@@ -29,6 +29,7 @@ knowledge base's, so a new file is a new finding.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from ..checks import check_number
 from ..embed import check_text_read_whole, class_embeddings
 from ..errors import DataError, InputError
 
+log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).with_name("knowledge")
 FINDING, NORMAL = "finding", "normal"
 # report-like sentences around each phrase: closer to what a report-trained text tower has seen
@@ -48,6 +50,7 @@ FINDING, NORMAL = "finding", "normal"
 PROMPT_TEMPLATES = ("{}.", "there is {}.", "findings: {}.", "impression: {}.")
 _KEYS = {"name", "title", "kind", "synonyms", "exclude", "signs", "labels", "normal_compatible", "definition",
          "appearance"}
+MAX_TITLE_CHARS = 200  # a display name, shown whole in drafts and answers
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)(.*)\Z", re.S)
 
@@ -158,11 +161,39 @@ class KnowledgeBase:
         cached = self._vectors.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
-        prompts = [[t.format(" ".join(p.replace("...", " ").split())) for p in (f.title.lower(), *f.synonyms[:12])
-                    for t in PROMPT_TEMPLATES] for f in self.findings.values()]
+        phrases = [[" ".join(p.replace("...", " ").split()) for p in (f.title.lower(), *f.synonyms[:12])]
+                   for f in self.findings.values()]
+        self._check_read_whole(model, phrases)
+        prompts = [[t.format(p) for p in entry for t in PROMPT_TEMPLATES] for entry in phrases]
         vectors = class_embeddings(model, prompts).numpy() if prompts else np.empty((0, model.config.embed_dim))
         self._vectors[id(model)] = (model, vectors)
         return vectors
+
+
+    def _check_read_whole(self, model, phrases: list[list[str]]) -> None:
+        """DataError naming the file, the entry and the phrase's place (``title``, ``synonym 3``), never its text, when
+        a phrase alone has more tokens than the model's text tower reads (``text_read_length``): read cut, entries
+        differing only past the cut would get one vector. A phrase cut only in the longer ``PROMPT_TEMPLATES``
+        (its last word or stop: the shipped entries in a tower reading 46 tokens) is logged, counted."""
+        read_length = getattr(model, "text_read_length", None)
+        if read_length is None:
+            return
+        cut: list[str] = []
+        for finding, entry in zip(self.findings.values(), phrases, strict=True):
+            for number, phrase in enumerate(entry):
+                lengths = [read_length(template.format(phrase)) for template in PROMPT_TEMPLATES]
+                (shortest, limit), longest = min(lengths), max(length for length, _ in lengths)
+                where = f"entry {finding.name!r}: " + ("the title" if number == 0 else f"synonym {number}")
+                if shortest > limit:
+                    raise DataError(finding.path, f"{where} is {shortest} tokens long as a prompt; the model's text "
+                                                  f"encoder reads {limit} tokens at most (a word is one token or "
+                                                  "more): the rest would be cut unread, and entries differing only "
+                                                  "there would be one; shorten it")
+                if longest > limit:
+                    cut.append(f"{Path(finding.path).name} {where}" if finding.path else where)
+        if cut:
+            log.warning("%d knowledge-base phrase(s) are longer than the model's text encoder reads in some of their "
+                        "prompts (%s): those prompts leave their end out", len(cut), "; ".join(cut[:3]))
 
 
 def load_knowledge(folder: str | Path | None = None, builtin: bool = True) -> KnowledgeBase:
@@ -283,7 +314,11 @@ def _finding_from(path: Path, data: dict[str, Any], notes: str) -> Finding:
     compatible = data.get("normal_compatible", False)
     if not isinstance(compatible, bool):
         raise DataError(path, f"'normal_compatible' must be true or false, got {compatible!r}")
-    return Finding(name=name, title=_text(path, data, "title") or name.replace("_", " ").capitalize(),
+    title = _text(path, data, "title")
+    if len(title) > MAX_TITLE_CHARS:
+        raise DataError(path, f"'title' is {len(title):,} characters long; at most {MAX_TITLE_CHARS} (a display name: "
+                              "'definition', 'appearance' and the notes hold the rest)")
+    return Finding(name=name, title=title or name.replace("_", " ").capitalize(),
                    synonyms=[s.lower().strip() for s in synonyms], definition=_text(path, data, "definition"),
                    appearance=_text(path, data, "appearance"), exclude=exclude, signs=signs,
                    labels=_strings(path, data, "labels"), kind=kind, normal_compatible=compatible, notes=notes,
