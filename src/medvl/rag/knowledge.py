@@ -169,7 +169,6 @@ class KnowledgeBase:
         self._vectors[id(model)] = (model, vectors)
         return vectors
 
-
     def _check_read_whole(self, model, phrases: list[list[str]]) -> None:
         """DataError naming the file, the entry and the phrase's place (``title``, ``synonym 3``), never its text, when
         a phrase alone has more tokens than the model's text tower reads (``text_read_length``): read cut, entries
