@@ -440,6 +440,36 @@ def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weig
     assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]
 
 
+def test_a_guard_fitted_with_other_image_settings_is_ignored(guarded, phantom_dir, tmp_path, caplog):
+    """The guard's scores depend on config.json's image section as well as the weights: features averaged over 8
+    orientations (README: `image.test_time_orientations` may be set in a saved model's config.json) are not the
+    ones its threshold was calibrated on. A guard fitted with other image settings is ignored with a warning; one
+    that records no fingerprint of them (fitted before medvl recorded one) is used, with one warning."""
+    model_dir, fit = guarded
+    assert fit["image_config_sha256"] == OODGuard.load(model_dir).info["image_config_sha256"]
+    turned, unchecked = tmp_path / "turned", tmp_path / "unchecked"
+    for folder in (turned, unchecked):
+        shutil.copytree(model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["image"]["test_time_orientations"] = 8
+        (folder / "config.json").write_text(json.dumps(config))
+    guard = OODGuard.load(unchecked)
+    guard.info.pop("image_config_sha256")
+    guard.save(unchecked)
+    with caplog.at_level("WARNING"):  # before any command: the CLI sets up its own logging
+        assert load_model(turned).ood is None
+        assert load_model(unchecked).ood is not None and load_model(unchecked).ood is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    ignored = [w for w in warnings if "fitted with other image settings than this model's config.json" in w]
+    assert len(ignored) == 1 and "ignored" in ignored[0] and str(turned) in ignored[0], warnings
+    said = [w for w in warnings if "records no fingerprint" in w]
+    assert len(said) == 1 and "the image settings it was fitted with" in said[0] and str(unchecked) in said[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    result, output = invoke("predict", phantom, "--model", turned, "--labels", LABELS, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "other image settings" in " ".join(output.split()), output
+    assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]
+
+
 def test_scoring_the_guards_own_splits_is_said(guarded, phantom_dir, tmp_path):
     """The guard records the data (its path's hash) and the splits it was fitted and calibrated on; eval zero-shot on
     one of them says so in its ood block and a warning, as a model's own training split is reported."""
