@@ -749,8 +749,9 @@ def test_overlay_files_of_two_findings_never_coincide():
 
 
 def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(tiny_model_dir, phantom_dir, tmp_path):
-    """A bottleneck fitted with other weights (same embedding size) is refused, not read as that model's concept
-    scores; a refusal that comes after the fit (an index of another model, a bad k) writes no file."""
+    """A bottleneck fitted with other weights (same embedding size) or another config is refused, naming which, not
+    read as that model's concept scores; a refusal that comes after the fit (an index of another model, a bad k)
+    writes no file."""
     from medvl.index import build_index
 
     image = _cardiomegaly_image(phantom_dir)
@@ -763,6 +764,21 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
     result, output = invoke("explain", image, "--model", other, "--bottleneck", tmp_path / "first" / "bottleneck.json")
     assert result.exit_code == 2 and f"{tmp_path / 'first' / 'bottleneck.json'}: the concept bottleneck was fitted " \
         "with another model" in " ".join(output.split()), output  # the file named: --index may be given too
+    from safetensors.torch import load_file, save_file
+
+    turned, reweighted = tmp_path / "turned", tmp_path / "reweighted"  # the message names the part that differs
+    for folder in (turned, reweighted):
+        shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((turned / "config.json").read_text())
+    config["image"]["test_time_orientations"] = 2  # the same weights
+    (turned / "config.json").write_text(json.dumps(config))
+    weights = load_file(reweighted / "model.safetensors")  # the same config
+    weights["image_projection.weight"] += 0.01
+    save_file(weights, reweighted / "model.safetensors")
+    for folder, part in ((turned, "config"), (reweighted, "weights")):
+        result, output = invoke("explain", image, "--model", folder, "--bottleneck",
+                                tmp_path / "first" / "bottleneck.json", "--method", "patch_text")
+        assert result.exit_code == 2 and f"(phantom-tiny, other {part})" in " ".join(output.split()), output
     build_index(medvl.load_model(other), medvl.load_dataset(phantom_dir).select("test"), tmp_path / "idx",
                 model_dir=other, show_progress=False)
     for extra in (["--index", tmp_path / "idx"], ["--index", tmp_path / "first" / "missing", "-k", 0]):
