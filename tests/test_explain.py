@@ -707,6 +707,34 @@ def test_explain_answers_a_class_the_captions_do_not_describe_as_predict_does(ti
     assert result.exit_code == 0 and "patch_text: peak at" in output, output
 
 
+def test_without_labels_a_bottleneck_explains_the_captions_classes_not_its_label_values(tiny_model, tiny_model_dir,
+                                                                                       phantom_dir, tmp_path):
+    """--help: "default: every class the model's captions describe". With a concept bottleneck and no --labels the
+    bottleneck's classes were explained instead: fitted on the 0/1 column cardiomegaly, the findings "0" and "1" as
+    zero-shot classes with bare-name prompts, and concepts of another predictor under them. The default is the
+    captions' classes (of the bottleneck's label column when they describe it); a bottleneck that does not predict
+    them is refused, naming why; labels given still choose."""
+    from medvl.explain.explanation import explain_image
+
+    train = medvl.load_dataset(phantom_dir).select("train")
+    cardio = fit_bottleneck(tiny_model, train, "cardiomegaly", load_concepts("chest_xray")).save(tmp_path / "c.json")
+    image, out = _cardiomegaly_image(phantom_dir), tmp_path / "why"
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", cardio, "--method",
+                            "patch_text", "--out", out)
+    message = " ".join(output.split())
+    assert result.exit_code == 2 and "the concept bottleneck does not predict no_finding, cardiomegaly" in message
+    assert "it knows 0, 1" in message and "fitted on label column 'cardiomegaly'" in message, output
+    assert not out.exists() or not any(out.iterdir())
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", cardio, "--labels", "0,1",
+                            "--method", "patch_text")
+    assert result.exit_code == 0, output
+    findings = fit_bottleneck(tiny_model, train, "finding", load_concepts("chest_xray"))
+    explained = explain_image(tiny_model, image, methods=["patch_text"], bottleneck=findings)
+    described = list(captions_for(None, None, tiny_model).classes["finding"])
+    assert explained["label_column"] == "finding" and list(explained["probabilities"]) == described
+    assert "concepts" in explained["findings"][0]
+
+
 def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phantom_dir, tmp_path):
     path = tmp_path / "bottleneck.json"
     result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts",
