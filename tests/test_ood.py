@@ -548,6 +548,38 @@ def test_a_report_draft_and_an_explanation_carry_the_flag(guarded, phantom_dir, 
     assert result.exit_code == 0 and "this explanation is unreliable" in output, output
 
 
+def test_an_explanations_overlays_carry_the_ood_and_blank_flags(guarded, phantom_dir, shared_data, tmp_path):
+    """The overlay PNGs are what a reader opens, forwards or pastes into a report: their title was only the finding,
+    method and probability, so a heatmap of an image the guard flags, or of a blank one, looked like a trusted one.
+    The flag is stamped above the title (in red) and so in the PNG's Title text; an unflagged image's is as before."""
+    from PIL import Image
+
+    from medvl.models.ood import ood_comparison
+
+    model_dir, _ = guarded
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
+    cases = ((load_split(phantom_dir, "test")[0].image, None), (xray, "OUT OF DISTRIBUTION"),
+             (blank, "BLANK AS THE MODEL SEES IT"))
+    for image, flag in cases:
+        out = tmp_path / f"why-{image.stem}"
+        result, output = invoke("explain", image, "--model", model_dir, "--labels", LABELS, "--method", "patch_text",
+                                "--out", out)
+        assert result.exit_code == 0, output
+        explanation = json.loads((out / "explanation.json").read_text())
+        [finding] = explanation["findings"]
+        with Image.open(out / finding["heatmaps"]["patch_text"]["file"]) as png:
+            title = png.text["Title"]
+        plain = f"{finding['finding']} (patch_text, p={finding['probability']:.2f})"
+        if flag is None:
+            assert title == plain and not explanation["out_of_distribution"] and not explanation["input_flags"]
+            continue
+        assert title.endswith(f"\n{plain}") and flag in title, (image.name, title)
+        if explanation["out_of_distribution"]:
+            assert f"OUT OF DISTRIBUTION ({ood_comparison(explanation)})" in title, title
+
+
 def test_the_ood_message_prints_the_score_above_the_threshold(guarded, phantom_dir, shared_data, tmp_path):
     """Both numbers were printed with 3 significant figures: "OOD score 10.8 > 10.8" for 10.7971 and 10.7507."""
     from medvl.models.ood import ood_comparison

@@ -33,7 +33,7 @@ from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
 from ..index.build import hashed_image
 from ..io import check_output_file, json_ready, read_json, write_errors_named, write_json
-from ..models.ood import embed_checked
+from ..models.ood import embed_checked, ood_comparison
 from ..predict import checked_label_column, class_prompts, prompt_warnings
 from .concepts import ConceptBottleneck
 from .grounding import normalise_map, peak
@@ -144,6 +144,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     array = read if isinstance(read, np.ndarray) else model.preprocessor.read(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
+    warning = unreliable_note(explained)  # stamped on every overlay: a figure is forwarded without the console line
     with _staged_overlays(out) as staging:
         for entry in explained["findings"]:
             for method, block in entry["heatmaps"].items():
@@ -152,7 +153,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                     name = overlay_paths(out, image, [entry["finding"]], [method])[0].name
                     title = f"{entry['finding']} ({method}, p={entry['probability']:.2f})"
                     with write_errors_named(out / name):
-                        (staging / name).write_bytes(overlay_png(array, heatmap, title))
+                        (staging / name).write_bytes(overlay_png(array, heatmap, title, warning))
                     block["file"] = name
         # the model by its config name, as /v1/explain names it (never its path: the folders above may name a patient)
         result: dict[str, Any] = {"model": model.config.name, "image": Path(image).name, **explained}
@@ -296,9 +297,22 @@ def nearest_cases(index, model, embedding: torch.Tensor, k: int,
     return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits], copies
 
 
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
+def unreliable_note(explained: dict[str, Any]) -> str | None:
+    """What makes an explanation (``explain_pixels``'s) unreliable, one short line each, as ``medvl explain`` prints
+    it: an image blank or streaked as the model sees it (``input_flags``: no content to explain), one the OOD guard
+    flags (with its score and threshold: unlike the training images); None when neither."""
+    notes = []
+    if explained.get("input_flags"):
+        notes.append(f"{' and '.join(explained['input_flags']).upper()} AS THE MODEL SEES IT")
+    if explained.get("out_of_distribution"):
+        notes.append(f"OUT OF DISTRIBUTION ({ood_comparison(explained)})")
+    return "\n".join(notes) or None
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str, warning: str | None = None) -> bytes:
     """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
-    its peak (``grounding.peak``) marked, as PNG bytes."""
+    its peak (``grounding.peak``) marked, as PNG bytes. ``warning`` (``unreliable_note``) goes above the title, which
+    then prints in red; the whole title is also the PNG's ``Title`` text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,11 +327,12 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     if where is not None:
         row, col = where
         axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
-    axes.set_title(title, fontsize=9)
+    title = f"{warning}\n{title}" if warning else title
+    axes.set_title(title, fontsize=9, color="red" if warning else "black")
     axes.set_axis_off()
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
+    figure.savefig(buffer, format="png", bbox_inches="tight", metadata={"Title": title})
     return buffer.getvalue()
 
 
