@@ -707,6 +707,34 @@ def test_explain_answers_a_class_the_captions_do_not_describe_as_predict_does(ti
     assert result.exit_code == 0 and "patch_text: peak at" in output, output
 
 
+def test_without_labels_a_bottleneck_explains_the_captions_classes_not_its_label_values(tiny_model, tiny_model_dir,
+                                                                                       phantom_dir, tmp_path):
+    """--help: "default: every class the model's captions describe". With a concept bottleneck and no --labels the
+    bottleneck's classes were explained instead: fitted on the 0/1 column cardiomegaly, the findings "0" and "1" as
+    zero-shot classes with bare-name prompts, and concepts of another predictor under them. The default is the
+    captions' classes (of the bottleneck's label column when they describe it); a bottleneck that does not predict
+    them is refused, naming why; labels given still choose."""
+    from medvl.explain.explanation import explain_image
+
+    train = medvl.load_dataset(phantom_dir).select("train")
+    cardio = fit_bottleneck(tiny_model, train, "cardiomegaly", load_concepts("chest_xray")).save(tmp_path / "c.json")
+    image, out = _cardiomegaly_image(phantom_dir), tmp_path / "why"
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", cardio, "--method",
+                            "patch_text", "--out", out)
+    message = " ".join(output.split())
+    assert result.exit_code == 2 and "the concept bottleneck does not predict no_finding, cardiomegaly" in message
+    assert "it knows 0, 1" in message and "fitted on label column 'cardiomegaly'" in message, output
+    assert not out.exists() or not any(out.iterdir())
+    result, output = invoke("explain", image, "--model", tiny_model_dir, "--bottleneck", cardio, "--labels", "0,1",
+                            "--method", "patch_text")
+    assert result.exit_code == 0, output
+    findings = fit_bottleneck(tiny_model, train, "finding", load_concepts("chest_xray"))
+    explained = explain_image(tiny_model, image, methods=["patch_text"], bottleneck=findings)
+    described = list(captions_for(None, None, tiny_model).classes["finding"])
+    assert explained["label_column"] == "finding" and list(explained["probabilities"]) == described
+    assert "concepts" in explained["findings"][0]
+
+
 def test_explain_refuses_a_damaged_bottleneck_in_one_line(tiny_model_dir, phantom_dir, tmp_path):
     path = tmp_path / "bottleneck.json"
     result, output = invoke("explain", _cardiomegaly_image(phantom_dir), "--model", tiny_model_dir, "--concepts",
@@ -749,8 +777,9 @@ def test_overlay_files_of_two_findings_never_coincide():
 
 
 def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(tiny_model_dir, phantom_dir, tmp_path):
-    """A bottleneck fitted with other weights (same embedding size) is refused, not read as that model's concept
-    scores; a refusal that comes after the fit (an index of another model, a bad k) writes no file."""
+    """A bottleneck fitted with other weights (same embedding size) or another config is refused, naming which, not
+    read as that model's concept scores; a refusal that comes after the fit (an index of another model, a bad k)
+    writes no file."""
     from medvl.index import build_index
 
     image = _cardiomegaly_image(phantom_dir)
@@ -763,6 +792,21 @@ def test_a_bottleneck_of_another_model_or_a_failed_explanation_leaves_nothing(ti
     result, output = invoke("explain", image, "--model", other, "--bottleneck", tmp_path / "first" / "bottleneck.json")
     assert result.exit_code == 2 and f"{tmp_path / 'first' / 'bottleneck.json'}: the concept bottleneck was fitted " \
         "with another model" in " ".join(output.split()), output  # the file named: --index may be given too
+    from safetensors.torch import load_file, save_file
+
+    turned, reweighted = tmp_path / "turned", tmp_path / "reweighted"  # the message names the part that differs
+    for folder in (turned, reweighted):
+        shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((turned / "config.json").read_text())
+    config["image"]["test_time_orientations"] = 2  # the same weights
+    (turned / "config.json").write_text(json.dumps(config))
+    weights = load_file(reweighted / "model.safetensors")  # the same config
+    weights["image_projection.weight"] += 0.01
+    save_file(weights, reweighted / "model.safetensors")
+    for folder, part in ((turned, "config"), (reweighted, "weights")):
+        result, output = invoke("explain", image, "--model", folder, "--bottleneck",
+                                tmp_path / "first" / "bottleneck.json", "--method", "patch_text")
+        assert result.exit_code == 2 and f"(phantom-tiny, other {part})" in " ".join(output.split()), output
     build_index(medvl.load_model(other), medvl.load_dataset(phantom_dir).select("test"), tmp_path / "idx",
                 model_dir=other, show_progress=False)
     for extra in (["--index", tmp_path / "idx"], ["--index", tmp_path / "first" / "missing", "-k", 0]):

@@ -440,6 +440,36 @@ def test_training_from_a_guarded_model_drops_its_guard_and_a_guard_of_other_weig
     assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]
 
 
+def test_a_guard_fitted_with_other_image_settings_is_ignored(guarded, phantom_dir, tmp_path, caplog):
+    """The guard's scores depend on config.json's image section as well as the weights: features averaged over 8
+    orientations (README: `image.test_time_orientations` may be set in a saved model's config.json) are not the
+    ones its threshold was calibrated on. A guard fitted with other image settings is ignored with a warning; one
+    that records no fingerprint of them (fitted before medvl recorded one) is used, with one warning."""
+    model_dir, fit = guarded
+    assert fit["image_config_sha256"] == OODGuard.load(model_dir).info["image_config_sha256"]
+    turned, unchecked = tmp_path / "turned", tmp_path / "unchecked"
+    for folder in (turned, unchecked):
+        shutil.copytree(model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["image"]["test_time_orientations"] = 8
+        (folder / "config.json").write_text(json.dumps(config))
+    guard = OODGuard.load(unchecked)
+    guard.info.pop("image_config_sha256")
+    guard.save(unchecked)
+    with caplog.at_level("WARNING"):  # before any command: the CLI sets up its own logging
+        assert load_model(turned).ood is None
+        assert load_model(unchecked).ood is not None and load_model(unchecked).ood is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    ignored = [w for w in warnings if "fitted with other image settings than this model's config.json" in w]
+    assert len(ignored) == 1 and "ignored" in ignored[0] and str(turned) in ignored[0], warnings
+    said = [w for w in warnings if "records no fingerprint" in w]
+    assert len(said) == 1 and "the image settings it was fitted with" in said[0] and str(unchecked) in said[0]
+    phantom = load_split(phantom_dir, "test")[0].image
+    result, output = invoke("predict", phantom, "--model", turned, "--labels", LABELS, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "other image settings" in " ".join(output.split()), output
+    assert "ood_score" not in json.loads((tmp_path / "p.json").read_text())["predictions"][0]
+
+
 def test_scoring_the_guards_own_splits_is_said(guarded, phantom_dir, tmp_path):
     """The guard records the data (its path's hash) and the splits it was fitted and calibrated on; eval zero-shot on
     one of them says so in its ood block and a warning, as a model's own training split is reported."""
@@ -516,6 +546,38 @@ def test_a_report_draft_and_an_explanation_carry_the_flag(guarded, phantom_dir, 
     assert [e["out_of_distribution"] for e in explained] == [False, True]
     result, output = invoke("explain", xray, "--model", model_dir, "--labels", LABELS, "--method", "patch_text")
     assert result.exit_code == 0 and "this explanation is unreliable" in output, output
+
+
+def test_an_explanations_overlays_carry_the_ood_and_blank_flags(guarded, phantom_dir, shared_data, tmp_path):
+    """The overlay PNGs are what a reader opens, forwards or pastes into a report: their title was only the finding,
+    method and probability, so a heatmap of an image the guard flags, or of a blank one, looked like a trusted one.
+    The flag is stamped above the title (in red) and so in the PNG's Title text; an unflagged image's is as before."""
+    from PIL import Image
+
+    from medvl.models.ood import ood_comparison
+
+    model_dir, _ = guarded
+    xray = sorted((shared_data / "figure1-covid-cxr" / "images").iterdir())[0]
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
+    cases = ((load_split(phantom_dir, "test")[0].image, None), (xray, "OUT OF DISTRIBUTION"),
+             (blank, "BLANK AS THE MODEL SEES IT"))
+    for image, flag in cases:
+        out = tmp_path / f"why-{image.stem}"
+        result, output = invoke("explain", image, "--model", model_dir, "--labels", LABELS, "--method", "patch_text",
+                                "--out", out)
+        assert result.exit_code == 0, output
+        explanation = json.loads((out / "explanation.json").read_text())
+        [finding] = explanation["findings"]
+        with Image.open(out / finding["heatmaps"]["patch_text"]["file"]) as png:
+            title = png.text["Title"]
+        plain = f"{finding['finding']} (patch_text, p={finding['probability']:.2f})"
+        if flag is None:
+            assert title == plain and not explanation["out_of_distribution"] and not explanation["input_flags"]
+            continue
+        assert title.endswith(f"\n{plain}") and flag in title, (image.name, title)
+        if explanation["out_of_distribution"]:
+            assert f"OUT OF DISTRIBUTION ({ood_comparison(explanation)})" in title, title
 
 
 def test_the_ood_message_prints_the_score_above_the_threshold(guarded, phantom_dir, shared_data, tmp_path):

@@ -1557,12 +1557,13 @@ def test_pgvector_interrupted_hnsw_build_keeps_one_graph_per_column(pg_url, mode
 
 def test_fingerprint_ignores_config_fields_left_at_their_default():
     """A config field added later with a default must not orphan indexes built before it."""
-    from medvl.index.base import _non_default, model_fingerprint
+    from medvl.index.base import model_fingerprint
     from medvl.models import create_model
+    from medvl.models.config import non_default
 
     values = {"name": "m", "embed_dim": 64, "image": {"arch": "vit", "new_knob": 0.0}}
     defaults = {"name": "", "embed_dim": 64, "image": {"arch": "resnet"}}
-    assert _non_default(values, {**defaults, "image": {**defaults["image"], "new_knob": 0.0}}) == \
+    assert non_default(values, {**defaults, "image": {**defaults["image"], "new_knob": 0.0}}) == \
         {"name": "m", "image": {"arch": "vit"}}
     a, b = create_model("phantom-tiny"), create_model("phantom-tiny", **{"image.image_size": 48})
     assert model_fingerprint(a)["config_sha256"] != model_fingerprint(b)["config_sha256"]

@@ -2184,10 +2184,9 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
     shown = answer.json()
     bottleneck = ConceptBottleneck.load(bottleneck_file)
     model = load_model(model_dir)
-    cli = explain_image(model, png, labels=bottleneck.classes, methods=["patch_text", "gradcam"], top=2,
-                        bottleneck=bottleneck)  # what medvl explain computes for the file
-    library, _ = explain_pixels(model, read_image(png), labels=bottleneck.classes, methods=["patch_text", "gradcam"],
-                                top=2, bottleneck=bottleneck)
+    # what medvl explain computes for the file, without labels as the request has none: the captions' classes
+    cli = explain_image(model, png, methods=["patch_text", "gradcam"], top=2, bottleneck=bottleneck)
+    library, _ = explain_pixels(model, read_image(png), methods=["patch_text", "gradcam"], top=2, bottleneck=bottleneck)
     assert shown["methods"] == ["patch_text", "gradcam"] and shown["image"]["shape"] == [64, 64]
     assert shown["overlay"]["shape"] == [64, 64]  # a 64 px image: the overlay is the image's own shape
     assert set(shown["probabilities"]) == set(bottleneck.classes)
@@ -2294,6 +2293,30 @@ def test_explain_refuses_findings_the_bottleneck_does_not_predict_as_medvl_expla
     with pytest.raises(InputError, match="the concept bottleneck does not predict martian"):  # the library's call
         explain_pixels(load_model(model_dir), read_image(png), labels=["nodule", "martian"],
                        bottleneck=ConceptBottleneck.load(bottleneck_file))
+
+
+def test_explain_without_labels_takes_the_captions_classes_not_the_bottlenecks_label_values(model_dir, phantom_dir,
+                                                                                          png, tmp_path):
+    """With a bottleneck fitted on a column the captions do not describe (cardiomegaly: 0 / 1) and no labels, the
+    service explained the values "0" and "1" as zero-shot findings. No labels means the captions' classes, as in
+    medvl explain: such a bottleneck does not predict them (422, the CLI's message); labels given still choose."""
+    from fastapi.testclient import TestClient
+
+    from medvl.explain.concepts import fit_bottleneck, load_concepts
+
+    train = load_dataset(phantom_dir).select("train")
+    cardio = fit_bottleneck(load_model(model_dir), train, "cardiomegaly", load_concepts("chest_xray"))
+    path = cardio.save(tmp_path / "cardiomegaly.json")
+    image = {"image": ("x.png", png.read_bytes())}
+    with TestClient(create_app(model_dir, settings=ServeSettings(bottleneck=path), require_token=False)) as http:
+        refused = http.post("/v1/explain", files=image, data={"methods": "patch_text"})
+        chosen = http.post("/v1/explain", files=image, data={"methods": "patch_text", "labels": "0,1"})
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert detail.startswith("the concept bottleneck does not predict no_finding") and "it knows 0, 1" in detail
+    assert chosen.status_code == 200 and set(chosen.json()["probabilities"]) == {"0", "1"}, chosen.text
+    result, output = invoke("explain", png, "--model", model_dir, "--bottleneck", path, "--method", "patch_text")
+    assert result.exit_code == 2 and f"error: {detail}" in " ".join(output.split()), output
 
 
 def test_zero_shot_and_explain_tell_the_client_of_bare_name_prompts_and_agree_on_the_label_column(model_dir, png):

@@ -18,7 +18,8 @@ def explain_command(
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
     labels: Annotated[list[str] | None, typer.Option(
         help="Findings to choose among, comma-separated or the option repeated (default: every class the "
-             "model's captions describe).")] = None,
+             "model's captions describe, of the concept bottleneck's label column when they describe it; a "
+             "bottleneck that does not predict them is refused).")] = None,
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: the first with all the labels).")] = None,
     captions: CaptionsOption = None,
@@ -73,7 +74,7 @@ def explain_command(
     check_heatmap_model(net)  # a volume model's refusal before a bottleneck is fitted (slow)
     fitted = _bottleneck(net, concepts, concept_data, concept_label, concept_split, bottleneck, captions,
                          allow_outside_root)
-    names = split_names(labels) if labels else (fitted.classes if fitted is not None else None)
+    names = split_names(labels) if labels else None  # None: the captions' classes (explanation.finding_classes)
     result = _explain(net, image, names, label_column, captions, method, top, out, overwrite, fitted, index, k,
                       saved is not None)
     _print(result, out)

@@ -12,7 +12,7 @@ import torch
 from ..data.record import Dataset
 from ..embed import embed_images
 from ..errors import InputError, ModelError
-from ..models.ood import OODGuard, image_tower_sha256
+from ..models.ood import OODGuard, image_config_sha256, image_tower_sha256
 from .contamination import dataset_files, learned_splits, record_files, training_data
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def fit_ood(model, fit_set: Dataset, calibration_set: Dataset, quantile: float =
                   "shrinkage": round(float(shrunk.shrinkage_), 4),
                   "calibration_flagged_share": round(float((calibration > guard.threshold).mean()), 4),
                   "expected_flagged_share": round(expected, 4), "image_tower_sha256": image_tower_sha256(model),
-                  "fit_data": training_data(fit_set), "calibration_data": training_data(calibration_set)}
+                  "image_config_sha256": image_config_sha256(model), "fit_data": training_data(fit_set),
+                  "calibration_data": training_data(calibration_set)}
     return guard
 
 

@@ -170,9 +170,10 @@ class ConceptBottleneck:
         if self.concept_vectors.shape[1] != model.config.embed_dim:
             raise ModelError(f"{where}the concept bottleneck's concept vectors have {self.concept_vectors.shape[1]} "
                              f"dimensions, the model embeds in {model.config.embed_dim}; fit it with this model")
-        if self.model is not None and fingerprint_differs(self.model, model) is not None:
+        what = fingerprint_differs(self.model, model) if self.model is not None else None
+        if self.model is not None and what is not None:  # config | weights | tokenizer, as the index's check says
             raise ModelError(f"{where}the concept bottleneck was fitted with another model ({self.model.get('name')}, "
-                             "other weights): its concept scores mean nothing for this one; fit it with this model")
+                             f"other {what}): its concept scores mean nothing for this one; fit it with this model")
 
     def standardised_scores(self, image_embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
         scores = np.asarray(image_embeddings, dtype=np.float64) @ self.concept_vectors.T

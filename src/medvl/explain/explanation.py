@@ -3,7 +3,8 @@ of a concept bottleneck that push towards each finding (and the strongest agains
 nearest cases of an index (the image's own indexed copies left out, and named: ``left_out_copies``).
 
 Findings are the zero-shot classes of one label column (``--labels``, default every class the
-model's captions describe; labels follow ``predict``'s rule); the ``top`` most probable are explained.
+model's captions describe, of the concept bottleneck's label column when they describe it; labels follow
+``predict``'s rule); the ``top`` most probable are explained.
 Overlay files are named ``<image stem>_<finding>_<method>.png``; ``explanation.json`` holds everything else.
 """
 
@@ -32,7 +33,7 @@ from ..eval.zero_shot import scaled_similarities
 from ..index.base import check_neighbour_options
 from ..index.build import hashed_image
 from ..io import check_output_file, json_ready, read_json, write_errors_named, write_json
-from ..models.ood import embed_checked
+from ..models.ood import embed_checked, ood_comparison
 from ..predict import checked_label_column, class_prompts, prompt_warnings
 from .concepts import ConceptBottleneck
 from .grounding import normalise_map, peak
@@ -44,49 +45,55 @@ DEFAULT_NEIGHBOURS = 5  # nearest cases listed with an index
 
 
 def finding_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
-                    captions=None) -> tuple[str, list[str], list[list[str]]]:
+                    captions=None, bottleneck=None) -> tuple[str, list[str], list[list[str]]]:
     """The label column, its classes to explain and each class's prompts: ``predict``'s rule
     (``predict.class_prompts``), so that any prediction can be explained. Without ``labels``, every class
-    of ``label_column`` (default: the first column the captions describe; the model's own captions unless
-    ``captions`` is given). A class the captions do not describe gets the bare class name in the templates as
-    its prompts, with a warning; a label column they do not describe is refused (InputError)."""
-    classes = _classes(model, labels, label_column, captions)
+    of ``label_column`` (default: the concept ``bottleneck``'s label column when the captions describe it, else
+    the first column they describe; the model's own captions unless ``captions`` is given). A class the captions do
+    not describe gets the bare class name in the templates as its prompts, with a warning; a label column they do
+    not describe is refused (InputError)."""
+    label_column, classes = _classes(model, labels, label_column, captions, bottleneck)
     column, prompts = class_prompts(model, classes, label_column, captions)
     return column, classes, prompts
 
 
-def _classes(model, labels: Sequence[str] | None, label_column: str | None, captions) -> list[str]:
-    """``finding_classes``'s classes, checked, without their prompts (nor the warning about bare ones)."""
+def _classes(model, labels: Sequence[str] | None, label_column: str | None, captions,
+             bottleneck=None) -> tuple[str | None, list[str]]:
+    """``finding_classes``'s label column (as given, or the bottleneck's that the default takes its classes from)
+    and classes, checked, without their prompts (nor the warning about bare ones)."""
     requested = [name.strip() for name in labels or [] if name.strip()]
     config = captions_for(None, captions, model)
     label_column = checked_label_column(label_column)  # refused blank, as predict refuses it
     if label_column is not None:
         config.check_column(label_column)
     if labels is None:  # labels given but all blank are refused below, as predict refuses them
+        if label_column is None and bottleneck is not None and bottleneck.label_column in config.classes:
+            label_column = bottleneck.label_column  # the findings it has concepts for, as the captions describe them
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
     classes = list(dict.fromkeys(requested))
     if len(classes) < 2:
         raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}: name them "
                          "(labels a,b,...)")
-    return classes
+    check_bottleneck_classes(classes, bottleneck, defaulted=labels is None)
+    return label_column, classes
 
 
 def explained_classes(model, labels: Sequence[str] | None = None, label_column: str | None = None,
                       captions=None, bottleneck=None) -> list[str]:
     """The classes an explanation chooses among (``finding_classes``'s, without their prompts), checked before
     any image is read: at least 2, a known ``label_column``, and with ``bottleneck`` only classes it predicts."""
-    classes = _classes(model, labels, label_column, captions)
-    check_bottleneck_classes(classes, bottleneck)
-    return classes
+    return _classes(model, labels, label_column, captions, bottleneck)[1]
 
 
-def check_bottleneck_classes(classes: Sequence[str], bottleneck=None) -> None:
+def check_bottleneck_classes(classes: Sequence[str], bottleneck=None, defaulted: bool = False) -> None:
     """InputError naming the classes a concept bottleneck does not predict: their findings would have no concepts,
-    without a word."""
+    without a word. ``defaulted``: ``classes`` are the captions' (no labels were given), which the message says."""
     unknown = [name for name in classes if bottleneck is not None and name not in bottleneck.classes]
     if unknown:
+        why = (f" (the classes the model's captions describe; the bottleneck was fitted on label column "
+               f"{bottleneck.label_column!r}: name the labels to explain)" if defaulted else "")
         raise InputError(f"the concept bottleneck does not predict {', '.join(unknown)}; it knows "
-                         f"{', '.join(bottleneck.classes)}")
+                         f"{', '.join(bottleneck.classes)}{why}")
 
 
 def overlay_paths(out: Path, image: str | Path, classes: Sequence[str], methods: Sequence[str]) -> list[Path]:
@@ -115,18 +122,18 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     never offers another run's bottleneck as this explanation's."""
     check_heatmap_model(model)
     methods = check_methods(default_methods(model) if methods is None else methods)
-    classes = _classes(model, labels, label_column, captions)  # checked before any work; warned once, below
+    if bottleneck is not None:  # first: fitted with another model, its classes are no guide to this one's
+        bottleneck.check_model(model)
+    # checked before any work (with ``bottleneck``, only classes it predicts); the bare prompts are warned once, below
+    classes = explained_classes(model, labels, label_column, captions, bottleneck)
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(classes):
         raise InputError(f"top must be between 1 and {len(classes)} (the number of labels), got {top!r}")
-    check_bottleneck_classes(classes, bottleneck)
     check_neighbour_options(index, k)  # the CLI calls it too, before a bottleneck is fitted
     if index is not None:  # before any file is written
         from ..index.base import check_model
 
         k = DEFAULT_NEIGHBOURS if k is None else k
         check_model(index.info, model, index.location)
-    if bottleneck is not None:
-        bottleneck.check_model(model)
     out = Path(out) if out is not None else None
     saved = out / BOTTLENECK_FILE if out is not None and save_bottleneck and bottleneck is not None else None
     if out is not None:
@@ -137,6 +144,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
     array = read if isinstance(read, np.ndarray) else model.preprocessor.read(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
+    warning = unreliable_note(explained)  # stamped on every overlay: a figure is forwarded without the console line
     with _staged_overlays(out) as staging:
         for entry in explained["findings"]:
             for method, block in entry["heatmaps"].items():
@@ -145,7 +153,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
                     name = overlay_paths(out, image, [entry["finding"]], [method])[0].name
                     title = f"{entry['finding']} ({method}, p={entry['probability']:.2f})"
                     with write_errors_named(out / name):
-                        (staging / name).write_bytes(overlay_png(array, heatmap, title))
+                        (staging / name).write_bytes(overlay_png(array, heatmap, title, warning))
                     block["file"] = name
         # the model by its config name, as /v1/explain names it (never its path: the folders above may name a patient)
         result: dict[str, Any] = {"model": model.config.name, "image": Path(image).name, **explained}
@@ -251,8 +259,7 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
     backward pass per gradient method), so a copy of a served model may run it beside the batcher."""
     check_heatmap_model(model)
     methods = check_methods(methods)
-    column, classes, prompts = finding_classes(model, labels, label_column, captions)
-    check_bottleneck_classes(classes, bottleneck)
+    column, classes, prompts = finding_classes(model, labels, label_column, captions, bottleneck)
     check_number("top", top, minimum=1, maximum=len(classes), integer=True)
     shape = tuple(int(side) for side in (map_shape or image.shape[:2]))
     pixels = model.preprocessor.load(image, source=source)[None]  # source: the file an error names
@@ -290,9 +297,22 @@ def nearest_cases(index, model, embedding: torch.Tensor, k: int,
     return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits], copies
 
 
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
+def unreliable_note(explained: dict[str, Any]) -> str | None:
+    """What makes an explanation (``explain_pixels``'s) unreliable, one short line each, as ``medvl explain`` prints
+    it: an image blank or streaked as the model sees it (``input_flags``: no content to explain), one the OOD guard
+    flags (with its score and threshold: unlike the training images); None when neither."""
+    notes = []
+    if explained.get("input_flags"):
+        notes.append(f"{' and '.join(explained['input_flags']).upper()} AS THE MODEL SEES IT")
+    if explained.get("out_of_distribution"):
+        notes.append(f"OUT OF DISTRIBUTION ({ood_comparison(explained)})")
+    return "\n".join(notes) or None
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str, warning: str | None = None) -> bytes:
     """The image in grey with the min-max normalised heatmap over it (jet, half transparent) and
-    its peak (``grounding.peak``) marked, as PNG bytes."""
+    its peak (``grounding.peak``) marked, as PNG bytes. ``warning`` (``unreliable_note``) goes above the title, which
+    then prints in red; the whole title is also the PNG's ``Title`` text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,11 +327,12 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     if where is not None:
         row, col = where
         axes.plot([col], [row], marker="+", color="white", markersize=14, markeredgewidth=2)
-    axes.set_title(title, fontsize=9)
+    title = f"{warning}\n{title}" if warning else title
+    axes.set_title(title, fontsize=9, color="red" if warning else "black")
     axes.set_axis_off()
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
+    figure.savefig(buffer, format="png", bbox_inches="tight", metadata={"Title": title})
     return buffer.getvalue()
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..checks import check_number
 from ..errors import DataError, InputError, ModelError
+from ..models.config import non_default
 from ..models.dual import weights_state
 from .ann import FLAT, KINDS
 from .cases import FIXED_COLUMNS, Case
@@ -174,7 +175,7 @@ def is_url(target: str | Path) -> bool:
 
 def model_fingerprint(model, model_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies the vectors a model makes: config, weights and tokenizer hashes, embedding size."""
-    config = json.dumps(_non_default(model.config.to_dict(), type(model.config)().to_dict()), sort_keys=True).encode()
+    config = json.dumps(non_default(model.config.to_dict(), type(model.config)().to_dict()), sort_keys=True).encode()
     return {"dir": str(Path(model_dir).resolve()) if model_dir else None, "name": model.config.name,
             "embed_dim": model.config.embed_dim, "config_sha256": hashlib.sha256(config).hexdigest(),
             "weights_sha256": weights_sha256(model), "tokenizer_sha256": tokenizer_sha256(model)}
@@ -261,21 +262,6 @@ def weights_sha256(model) -> str:
     with _WEIGHTS_LOCK:
         _WEIGHTS_SHA256[model] = (key, weights.hexdigest())
     return weights.hexdigest()
-
-
-def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The entries that differ from the defaults, recursively: a config field added to medvl later
-    (with a default that keeps the old behaviour) leaves the fingerprint of an existing model as it was."""
-    kept = {}
-    for key, value in values.items():
-        default = defaults.get(key)
-        if isinstance(value, dict) and isinstance(default, dict):
-            value = _non_default(value, default)
-            if value:
-                kept[key] = value
-        elif key not in defaults or value != default:
-            kept[key] = value
-    return kept
 
 
 def check_model(info: dict[str, Any], model, where: str) -> None:

@@ -348,6 +348,21 @@ def _flat_keys(overrides: dict[str, Any], sections: tuple[str, ...]) -> list[str
     return keys
 
 
+def non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries that differ from the defaults, recursively: a config field added to medvl later
+    (with a default that keeps the old behaviour) leaves the fingerprint of an existing model as it was."""
+    kept = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = non_default(value, default)
+            if value:
+                kept[key] = value
+        elif key not in defaults or value != default:
+            kept[key] = value
+    return kept
+
+
 def build_dataclass(cls, data: dict[str, Any], section: str):
     """``cls(**data)`` with unknown keys and wrongly typed values refused (an ``InputError`` naming them)."""
     return _build(cls, data, section)

@@ -14,13 +14,15 @@ calibration images; with fewer than q / (1 - q) of them (99) the threshold is th
 share is 1 / (n + 1) (``info["expected_flagged_share"]``). ``medvl.eval.ood.fit_ood`` fits a guard;
 ``medvl ood fit`` saves it into a model.
 
-The guard holds the SHA-256 of the image-tower weights it was fitted on (``info["image_tower_sha256"]``):
-a model loads a guard only when its own weights match (``matching_guard``), and training never carries a
-guard into the trained model.
+The guard holds the SHA-256 of the image-tower weights it was fitted on (``info["image_tower_sha256"]``) and of
+the image settings of the model's config (``info["image_config_sha256"]``: preprocessing and
+``test_time_orientations`` shape the scored features as much as the weights do): a model loads a guard only when
+both match (``matching_guard``), and training never carries a guard into the trained model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,11 +35,12 @@ import torch
 
 from ..errors import ModelError
 from ..io import atomic_write_bytes, loads_json
+from .config import ImageConfig, non_default
 
 log = logging.getLogger(__name__)
 
 OOD_FILE = "ood.safetensors"
-_warned_unchecked: set[str] = set()  # guard files without a weights fingerprint already warned about
+_warned_unchecked: set[str] = set()  # guard files without a weights or image-settings fingerprint already warned about
 
 
 @dataclass
@@ -46,7 +49,8 @@ class OODGuard:
     precision: torch.Tensor  # (D, D) inverse of the shrunk covariance
     threshold: float  # scores above this are out of distribution
     info: dict[str, Any]  # quantile, split sizes, flagged and expected flagged share, image_tower_sha256 (the
-    # weights it was fitted on), fit_data / calibration_data (data path hash and split names); eval.ood.fit_ood
+    # weights it was fitted on), image_config_sha256 (the image settings it was fitted with), fit_data /
+    # calibration_data (data path hash and split names); eval.ood.fit_ood
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each image's (N, F) backbone features, normalised here, to the training
@@ -118,7 +122,8 @@ def _stored_problem(mean: torch.Tensor, precision: torch.Tensor, threshold: floa
         return f"the threshold must be a finite number, 0 or more, not {threshold}"
     if not isinstance(info, dict):
         return "its info must be a JSON object"
-    for key, kind in (("image_tower_sha256", str), ("fit_data", dict), ("calibration_data", dict)):
+    for key, kind in (("image_tower_sha256", str), ("image_config_sha256", str), ("fit_data", dict),
+                      ("calibration_data", dict)):
         if info.get(key) is not None and not isinstance(info[key], kind):
             return f"info[{key!r}] must be a {'string' if kind is str else 'JSON object'}"
     return None
@@ -165,26 +170,43 @@ def image_tower_sha256(model: Any) -> str:
     return digest.hexdigest()
 
 
+def image_config_sha256(model: Any) -> str:
+    """SHA-256 of ``model.config.image``, the entries that differ from the defaults (as ``index.base``'s model
+    fingerprint hashes the whole config): its preprocessing (size, window, intensity scaling) and
+    ``test_time_orientations`` (features averaged over that many turns) shape the features the guard scores. Saved
+    as ``info["image_config_sha256"]`` when a guard is fitted."""
+    image = non_default(dataclasses.asdict(model.config.image), dataclasses.asdict(ImageConfig()))
+    return hashlib.sha256(json.dumps(image, sort_keys=True).encode()).hexdigest()
+
+
 def matching_guard(guard: OODGuard | None, model: Any, directory: Path) -> OODGuard | None:
-    """``guard`` (read from ``directory``) if it was fitted on ``model``'s image-tower weights, else None with a
-    warning: a guard fitted on other weights (the model trained since, or the file copied from another model)
-    scores features it never saw, and would flag all or nothing. A guard that records no fingerprint (fitted by
-    a medvl before it recorded one) cannot be checked: it is used, with one warning per file and process."""
+    """``guard`` (read from ``directory``) if it was fitted on ``model``'s image-tower weights and with its image
+    settings, else None with a warning: a guard fitted on other weights (the model trained since, or the file copied
+    from another model) scores features it never saw, and would flag all or nothing; one fitted with other image
+    settings (``config.json``'s ``image.test_time_orientations`` edited since) scores features its threshold was
+    not calibrated on. A guard that records no fingerprint of either (fitted by a medvl before it recorded one)
+    cannot be checked on that: it is used, with one warning per file and process."""
     if guard is None:
         return None
     path = Path(directory) / OOD_FILE
-    fitted = guard.info.get("image_tower_sha256")
-    if fitted is None:
-        if str(path.resolve()) not in _warned_unchecked:
-            _warned_unchecked.add(str(path.resolve()))
-            log.warning("%s: the OOD guard records no fingerprint of the weights it was fitted on (an earlier medvl "
-                        "fitted it), so it cannot be checked against the model: if the model was trained since, its "
-                        "scores mean nothing; `medvl ood fit --model %s --data DATA --overwrite` refits it and "
-                        "records one", path, path.parent)
-        return guard
-    if fitted != image_tower_sha256(model):
+    fitted, settings = guard.info.get("image_tower_sha256"), guard.info.get("image_config_sha256")
+    if fitted is not None and fitted != image_tower_sha256(model):
         log.warning("%s: the OOD guard was fitted on other image-tower weights than this model's (trained since, or "
                     "the file copied from another model): ignored, the model runs without a guard; fit a new one with "
                     "`medvl ood fit --model %s --data DATA --overwrite`", path, path.parent)
         return None
+    if settings is not None and settings != image_config_sha256(model):
+        log.warning("%s: the OOD guard was fitted with other image settings than this model's config.json (its "
+                    "image section edited since, e.g. image.test_time_orientations): its threshold was calibrated on "
+                    "other features, so it is ignored, the model runs without a guard; fit a new one with "
+                    "`medvl ood fit --model %s --data DATA --overwrite`", path, path.parent)
+        return None
+    unchecked = [what for what, digest in (("the weights it was fitted on", fitted),
+                                           ("the image settings it was fitted with", settings)) if digest is None]
+    if unchecked and str(path.resolve()) not in _warned_unchecked:
+        _warned_unchecked.add(str(path.resolve()))
+        log.warning("%s: the OOD guard records no fingerprint of %s (an earlier medvl fitted it), so it cannot be "
+                    "checked against the model: if the model was trained or its config.json's image section edited "
+                    "since, its scores mean nothing; `medvl ood fit --model %s --data DATA --overwrite` refits it and "
+                    "records one", path, " or of ".join(unchecked), path.parent)
     return guard

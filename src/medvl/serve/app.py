@@ -379,8 +379,10 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
     @app.post("/v1/explain", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def explain(request: Request, image: ImageField,
                       labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
-                                                         "(absent or blank: the concept bottleneck's classes, else "
-                                                         "every class the model's captions describe).")] = None,
+                                                         "(absent or blank: every class the model's captions "
+                                                         "describe, with a concept bottleneck those of its label "
+                                                         "column when they describe it; a bottleneck that does not "
+                                                         "predict them is refused).")] = None,
                       methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
                                                           "patch_text,gradcam (default: both on a CNN, else "
                                                           "patch_text).")] = None,

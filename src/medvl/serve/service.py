@@ -511,9 +511,9 @@ class ModelService:
         refusal = heatmap_refusal(self.net.config.image)
         if refusal:  # before the upload is decoded, in medvl explain's words
             raise ModelError(refusal)
-        # only no labels at all means the default: labels given but all blank are refused, as medvl explain refuses them
-        names = labels if labels is not None else (self.bottleneck.classes if self.bottleneck is not None else None)
-        classes = explained_classes(self.net, names, label_column, bottleneck=self.bottleneck)  # medvl explain's
+        # only no labels at all means the default (the captions' classes, as medvl explain's): labels given but all
+        # blank are refused, as medvl explain refuses them
+        classes = explained_classes(self.net, labels, label_column, bottleneck=self.bottleneck)  # medvl explain's
         # the lower of the service's limit and the number of labels: naming a limit the labels refuse in turn misleads
         check_number("top", top, minimum=1, maximum=min(self.settings.max_explain_top, len(classes)), integer=True)
         if self.index is not None:
@@ -523,7 +523,7 @@ class ModelService:
         upload = await self.decode(data, timings)
         pixels = upload.decoded()
         shape = overlay_shape(pixels.shape)
-        result, embedding = await self.lane.run(self._explain_on_lane, pixels, names, label_column, chosen,
+        result, embedding = await self.lane.run(self._explain_on_lane, pixels, labels, label_column, chosen,
                                                 top, shape, timings=timings)
         if self.index is not None:  # the upload's own indexed copies left out, and named
             digest = await self._on_worker(pixel_sha256, pixels)  # as the index hashed its files' pixels
