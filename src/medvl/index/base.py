@@ -226,7 +226,7 @@ def vqa_fingerprint(model) -> dict[str, str | None]:
     processor = getattr(model, "processor", None)
     if processor is None:  # a medvl VQA model
         network = model
-        config: dict[str, Any] = {"config": _non_default(model.config.to_dict(), type(model.config)().to_dict()),
+        config: dict[str, Any] = {"config": non_default(model.config.to_dict(), type(model.config)().to_dict()),
                                   "answers": model.meta.get("answers"), "answer_types": model.meta.get("answer_types")}
     else:
         network = model.model
