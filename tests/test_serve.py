@@ -2156,6 +2156,23 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
     assert len(answer.json()["neighbours"]) == 2 and indexed.id not in [c["id"] for c in answer.json()["neighbours"]]
 
 
+def test_an_rgb_copy_of_an_indexed_grey_film_is_left_out_of_explanations_and_drafts(client, phantom_dir):
+    """Three equal channels: the same picture to the model, left out of its own nearest cases and named as the grey
+    original is (it was its own first neighbour, at similarity 1.000), as medvl explain and report draft do."""
+    from medvl.data.images import read_image
+
+    indexed = load_dataset(phantom_dir).select("train")[0]
+    rgb = _png_bytes(np.stack([read_image(indexed.image)] * 3, axis=-1))
+    answer = explain(client, rgb, methods="patch_text", k=2)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["left_out_copies"] == [indexed.id]
+    assert indexed.id not in [case["id"] for case in answer.json()["neighbours"]]
+    drafted = client.post("/v1/report/draft", headers=auth(), files={"image": ("x.png", rgb)},
+                          data={"k": "3", "min_similarity": "0"})
+    assert drafted.status_code == 200, drafted.text
+    assert drafted.json()["settings"]["left_out_copies"] == [indexed.id]
+
+
 def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client, model_dir):
     from medvl.explain.explanation import explain_pixels
     from medvl.serve.previews import overlay_shape

@@ -133,7 +133,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods), *([saved] if saved else [])]:
             check_output_file(path, overwrite, "--out")
     # as the model reads it (HU for a DICOM when it has windows), with the pixel hash an index records for it
-    digest, read = hashed_image(model.preprocessor, image)
+    digests, read = hashed_image(model.preprocessor, image)
     array = read if isinstance(read, np.ndarray) else model.preprocessor.read(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
@@ -151,7 +151,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
         result: dict[str, Any] = {"model": model.config.name, "image": Path(image).name, **explained}
         if index is not None:  # the image's own indexed copies left out, and named
             result["neighbours"], result["left_out_copies"] = nearest_cases(index, model, embedding,
-                                                                            k or DEFAULT_NEIGHBOURS, digest)
+                                                                            k or DEFAULT_NEIGHBOURS, digests)
         if out is not None and staging is not None:
             earlier = _listed_overlays(out) if overwrite else set()
             _publish(staging, out, result)
@@ -277,16 +277,16 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int,
-                  digest: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                  digests: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     """The ``k`` indexed cases closest to the image (id, score, split, labels: no report text) less the indexed
-    copies of the image itself, and those copies' ids: the cases whose pixel hash is ``digest``
+    copies of the image itself, and those copies' ids: the cases whose pixel hash is one of ``digests``
     (``medvl.index.build.hashed_image`` of the image; ``index.search.search_without_copies``)."""
     from ..index.base import check_k, check_model
     from ..index.search import search_without_copies
 
     check_k(k)
     check_model(index.info, model, index.location)
-    hits, copies = search_without_copies(index, embedding.numpy(), k, digest)
+    hits, copies = search_without_copies(index, embedding.numpy(), k, digests)
     return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits], copies
 
 

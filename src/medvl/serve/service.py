@@ -192,7 +192,7 @@ class ModelService:
                      hashed: bool = False) -> Upload:
         """One upload decoded as the served model reads files (``for_vqa``: as the VQA model does, its own HU
         windows if any; it reads 2D images); ``hashed``: a 3D model's volume with its pixel hash as an index
-        records it (``Upload.digest``, for a draft to leave out its indexed copies)."""
+        records it (``Upload.digests``, for a draft to leave out its indexed copies)."""
         started = time.perf_counter()
         modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
         spatial_dims = 2 if for_vqa else self.spatial_dims
@@ -425,7 +425,7 @@ class ModelService:
         query = upload.pixels if upload.pixels is not None else upload.model_input  # a volume: the model's input
         draft = await self.on_index(draft_report, index, self.net, query, k=k, where=where,
                                     labeller=self._labeller(), min_support=min_support,
-                                    min_similarity=min_similarity, related=related, digest=upload.digest,
+                                    min_similarity=min_similarity, related=related, digests=upload.digests,
                                     verify_model=False)  # checked at start (_open_index); a rebuild: 503
         return {"index": self.index_name, **draft.to_dict()}
 
@@ -484,7 +484,7 @@ class ModelService:
         from ..explain.explanation import explained_classes, nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
-        from ..index.cases import pixel_sha256
+        from ..index.cases import pixel_sha256s
 
         refusal = heatmap_refusal(self.net.config.image)
         if refusal:  # before the upload is decoded, in medvl explain's words
@@ -504,9 +504,9 @@ class ModelService:
         result, embedding = await self.lane.run(self._explain_on_lane, pixels, names, label_column, chosen,
                                                 top, shape, timings=timings)
         if self.index is not None:  # the upload's own indexed copies left out, and named
-            digest = await self._on_worker(pixel_sha256, pixels)  # as the index hashed its files' pixels
+            digests = await self._on_worker(pixel_sha256s, pixels)  # as the index hashed its files' pixels
             result["neighbours"], result["left_out_copies"] = await self.on_index(
-                nearest_cases, self.index, self.net, embedding, k, digest)
+                nearest_cases, self.index, self.net, embedding, k, digests)
         await self._on_worker(_encode_overlays, result["findings"])
         return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
                                                          "shape": list(pixels.shape[:2])},
