@@ -33,7 +33,7 @@ from ..index.base import check_neighbour_options
 from ..index.build import hashed_image
 from ..io import check_output_file, json_ready, read_json, write_errors_named, write_json
 from ..models.ood import embed_checked
-from ..predict import checked_label_column, class_prompts, prompt_warnings
+from ..predict import check_label_count, checked_label_column, class_prompts, prompt_warnings
 from .concepts import ConceptBottleneck
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
@@ -64,7 +64,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
         config.check_column(label_column)
     if labels is None:  # labels given but all blank are refused below, as predict refuses them
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
-    classes = list(dict.fromkeys(requested))
+    classes = check_label_count(requested) if labels is not None else list(dict.fromkeys(requested))
     if len(classes) < 2:
         raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}: name them "
                          "(labels a,b,...)")

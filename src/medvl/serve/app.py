@@ -48,6 +48,7 @@ from ..clinical.windowing import WINDOW_PRESETS
 from ..errors import DataError, InputError, MedvlError, one_line
 from ..index.base import MAX_K, TARGETS
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
+from ..predict import MAX_LABELS
 from ..rag.draft import LOWEST_MIN_SUPPORT, MIN_CASES
 from ..rag.draft import MAX_K as DRAFT_MAX_K
 from .auth import TokenAuth, load_digests
@@ -344,7 +345,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.post("/v1/zero-shot", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def zero_shot(request: Request, image: ImageField,
-                        labels: Annotated[str, Form(description="Comma-separated class names.")],
+                        labels: Annotated[str, Form(description=f"Comma-separated class names, 2 to {MAX_LABELS} "
+                                                    "distinct.", json_schema_extra={"x-max-labels": MAX_LABELS})],
                         label_column: Annotated[str | None, Form(
                             description="Label column whose class descriptions to use.")] = None) -> dict:
         """Zero-shot answer among the labels: the prediction and every label's probability."""
@@ -377,9 +379,11 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.post("/v1/explain", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def explain(request: Request, image: ImageField,
-                      labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
-                                                         "(absent or blank: the concept bottleneck's classes, else "
-                                                         "every class the model's captions describe).")] = None,
+                      labels: Annotated[str | None, Form(description="Comma-separated findings to choose among, "
+                                                         f"2 to {MAX_LABELS} distinct (absent or blank: the concept "
+                                                         "bottleneck's classes, else every class the model's captions "
+                                                         "describe).", json_schema_extra={"x-max-labels": MAX_LABELS}
+                                                         )] = None,
                       methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
                                                           "patch_text,gradcam (default: both on a CNN, else "
                                                           "patch_text).")] = None,

@@ -49,7 +49,7 @@ from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
-from ..predict import check_class_names, class_prompts, prompt_warnings
+from ..predict import check_class_names, check_label_count, class_prompts, prompt_warnings
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .logs import run_with_request
@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
 # the heatmap methods /v1/explain runs when none are asked for, those the model supports (default_methods):
 # the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
@@ -82,13 +81,11 @@ INDEX_HEALTH_SECONDS = 5.0  # /v1/health asks the index's store at most this oft
 
 
 def parse_labels(labels: str) -> list[str]:
-    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``MAX_LABELS``
-    distinct. Too few is for the library to refuse (``check_class_names``, ``finding_classes``): the same
-    words as the CLI's."""
+    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``predict.MAX_LABELS``
+    distinct (``check_label_count``, before the upload is read). Too few is for the library to refuse
+    (``check_class_names``, ``finding_classes``): the same words as the CLI's."""
     names = split_names(labels)
-    distinct = len(dict.fromkeys(names))
-    if distinct > MAX_LABELS:
-        raise InputError(f"at most {MAX_LABELS} labels, got {distinct}")
+    check_label_count(names)
     return names
 
 
