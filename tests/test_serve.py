@@ -2624,6 +2624,18 @@ def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_h
     assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
     refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
     assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
+    # /v1/vqa's question was declared optional (default ''), though refused without one, and its images unlimited
+    reference = document["paths"]["/v1/vqa"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    body = document["components"]["schemas"][reference.rsplit("/", 1)[1]]
+    question, films = body["properties"]["question"], body["properties"]["image"]
+    assert set(body["required"]) == {"image", "question"} and "default" not in question
+    assert question["minLength"] == 1 and question["type"] == "string"
+    assert (films["minItems"], films["maxItems"]) == (1, ServeSettings().max_vqa_images)
+    missing = client.post("/v1/vqa", files=image, headers=auth())  # refused as declared, in the library's words
+    assert missing.status_code == 422 and "the question is empty" in missing.json()["detail"], missing.text
+    too_many = client.post("/v1/vqa", data={"question": "is there a nodule?"}, headers=auth(),
+                           files=[("image", ("x.png", png.read_bytes(), "image/png"))] * (films["maxItems"] + 1))
+    assert too_many.status_code in (413, 422), too_many.text
 
 
 # ------------------------------------------------------------------------------- medvl serve
