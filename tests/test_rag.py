@@ -962,6 +962,89 @@ def test_a_draft_for_an_indexed_image_leaves_its_own_report_out(phantom_dir, mod
     assert result.exit_code == 0 and f"the query image is indexed as {record.id}" in " ".join(output.split())
 
 
+def test_a_grey_film_re_saved_as_rgb_is_left_out_as_its_original(phantom_dir, model_dir, train_index, tmp_path):
+    """An RGB re-save of an indexed grey film (as many viewers and PACS exports write one) is the same picture to the
+    model: hashed as the model reads its channels, it is left out of its own draft as the original is (it was cited
+    as its own nearest case, at similarity 1.000)."""
+    from PIL import Image
+
+    model, record = load_model(model_dir), load_dataset(phantom_dir).select("train")[3]
+    rgb = tmp_path / "rgb.png"
+    Image.open(record.image).convert("RGB").save(rgb)
+    assert read_image(rgb).shape == (*read_image(record.image).shape, 3)
+    with open_index(train_index) as index:
+        draft = draft_report(index, model, rgb, k=5, min_similarity=0.0)
+        original = draft_report(index, model, record.image, k=5, min_similarity=0.0)
+    assert draft.settings["left_out_copies"] == [record.id] and record.id not in {n.id for n in draft.neighbours}
+    assert [n.id for n in draft.neighbours] == [n.id for n in original.neighbours]
+    result, output = invoke("report", "draft", rgb, "--index", train_index, "--min-similarity", 0)
+    assert result.exit_code == 0 and f"the query image is indexed as {record.id}" in " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def rgb_index(phantom_dir, model_dir, tmp_path_factory):
+    """The first 12 training films, the first re-saved as RGB in place (three equal channels: the same picture)."""
+    import csv
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("rgb") / "data"
+    (folder / "images").mkdir(parents=True)
+    rows = [row for row in csv.DictReader((phantom_dir / "manifest.csv").open(newline="")) if row["split"] == "train"]
+    rows = rows[:12]
+    for row in rows:
+        shutil.copyfile(phantom_dir / row["image"], folder / row["image"])
+    Image.open(phantom_dir / rows[0]["image"]).convert("RGB").save(folder / rows[0]["image"])
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder, phantom_dir / rows[0]["image"]
+
+
+def _stored_hashes(index_dir) -> dict[str, str]:
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(index_dir / "cases.sqlite")) as conn:
+        return dict(conn.execute("SELECT id, image_sha256 FROM cases"))
+
+
+def test_an_index_holds_an_rgb_film_under_its_grey_hash_and_older_indexes_still_match(model_dir, rgb_index,
+                                                                                       tmp_path):
+    """A new index records an RGB film with equal channels under the hash of its grey channel (a draft of the grey
+    original leaves it out), a grey film under the hash older indexes record (their files are unchanged). An index
+    built before (the RGB film under the hash of its three channels, ``array_sha256``) keeps working: the RGB file is
+    still its own copy, its stored path still resolves, and ``index add`` of the same data leaves every case as is."""
+    import sqlite3
+    from contextlib import closing
+
+    from medvl.index import add_records, resolve_image
+    from medvl.index.cases import array_sha256
+
+    folder, grey = rgb_index
+    dataset, model = load_dataset(folder), load_model(model_dir)
+    first = dataset[0]
+    out = tmp_path / "idx"
+    build_index(model, dataset, out, model_dir=model_dir, show_progress=False)
+    stored = _stored_hashes(out)
+    assert stored[first.id] == array_sha256(read_image(grey)) != array_sha256(read_image(first.image))
+    assert all(stored[r.id] == array_sha256(read_image(r.image)) for r in dataset if r.id != first.id)
+    with open_index(out) as index:
+        draft = draft_report(index, model, grey, k=3, min_similarity=0.0)
+    assert draft.settings["left_out_copies"] == [first.id]
+    with closing(sqlite3.connect(out / "cases.sqlite")) as conn, conn:  # as medvl recorded it before
+        conn.execute("UPDATE cases SET image_sha256 = ? WHERE id = ?", (array_sha256(read_image(first.image)),
+                                                                          first.id))
+    with open_index(out) as index:
+        draft = draft_report(index, model, first.image, k=3, min_similarity=0.0)
+        [hit] = index.search(model.encode_images([first.image]).numpy(), k=1)[0]
+        assert hit.id == first.id and resolve_image(hit, folder).samefile(first.image)  # no ImageChanged
+        added = add_records(index, model, dataset, show_progress=False)
+    assert draft.settings["left_out_copies"] == [first.id]
+    assert added["already_present"] == len(dataset) and added["added"] == 0 and added["replaced"] == 0
+
+
 def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, train_index, tmp_path):
     image = load_dataset(phantom_dir).select("test")[0].image
     result, output = invoke("report", "draft", image, "--index", train_index, "--model", model_dir, "-k", 6,

@@ -2219,6 +2219,23 @@ def test_explain_answers_as_the_library_with_overlays_of_the_images_shape_concep
     assert len(answer.json()["neighbours"]) == 2 and indexed.id not in [c["id"] for c in answer.json()["neighbours"]]
 
 
+def test_an_rgb_copy_of_an_indexed_grey_film_is_left_out_of_explanations_and_drafts(client, phantom_dir):
+    """Three equal channels: the same picture to the model, left out of its own nearest cases and named as the grey
+    original is (it was its own first neighbour, at similarity 1.000), as medvl explain and report draft do."""
+    from medvl.data.images import read_image
+
+    indexed = load_dataset(phantom_dir).select("train")[0]
+    rgb = _png_bytes(np.stack([read_image(indexed.image)] * 3, axis=-1))
+    answer = explain(client, rgb, methods="patch_text", k=2)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["left_out_copies"] == [indexed.id]
+    assert indexed.id not in [case["id"] for case in answer.json()["neighbours"]]
+    drafted = client.post("/v1/report/draft", headers=auth(), files={"image": ("x.png", rgb)},
+                          data={"k": "3", "min_similarity": "0"})
+    assert drafted.status_code == 200, drafted.text
+    assert drafted.json()["settings"]["left_out_copies"] == [indexed.id]
+
+
 def test_explain_overlays_of_a_large_image_have_the_previews_declared_shape(client, model_dir):
     from medvl.explain.explanation import explain_pixels
     from medvl.serve.previews import overlay_shape
@@ -2695,6 +2712,18 @@ def test_the_openapi_document_declares_each_routes_refusals_with_the_body_they_h
     assert search["where"]["maxLength"] == draft["where"]["maxLength"] == MAX_LENGTH
     refused = client.post("/v1/search", data={"text": "x", "k": str(MAX_K + 1)}, headers=auth())
     assert refused.status_code == 422 and str(MAX_K) in refused.json()["detail"]  # the limit declared is the one met
+    # /v1/vqa's question was declared optional (default ''), though refused without one, and its images unlimited
+    reference = document["paths"]["/v1/vqa"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    body = document["components"]["schemas"][reference.rsplit("/", 1)[1]]
+    question, films = body["properties"]["question"], body["properties"]["image"]
+    assert set(body["required"]) == {"image", "question"} and "default" not in question
+    assert question["minLength"] == 1 and question["type"] == "string"
+    assert (films["minItems"], films["maxItems"]) == (1, ServeSettings().max_vqa_images)
+    missing = client.post("/v1/vqa", files=image, headers=auth())  # refused as declared, in the library's words
+    assert missing.status_code == 422 and "the question is empty" in missing.json()["detail"], missing.text
+    too_many = client.post("/v1/vqa", data={"question": "is there a nodule?"}, headers=auth(),
+                           files=[("image", ("x.png", png.read_bytes(), "image/png"))] * (films["maxItems"] + 1))
+    assert too_many.status_code in (413, 422), too_many.text
 
 
 def check_window_schema(schema: dict, presets) -> None:

@@ -84,6 +84,30 @@ def test_too_few_labels_are_refused_in_the_same_words(guarded, http, png):
     assert f"error: {detail}" in _flat(output), (output, detail)
 
 
+def test_too_many_labels_are_refused_alike_and_the_limit_is_documented(guarded, http, png):
+    """One limit on the label set (``predict.MAX_LABELS``), in the library: ``medvl predict`` answered 65 labels that
+    /v1/zero-shot refused, and neither --help nor /openapi.json said there was a limit."""
+    from medvl.predict import MAX_LABELS
+
+    labels = ",".join(f"class{n}" for n in range(MAX_LABELS + 1))
+    for command, route in (("predict", "/v1/zero-shot"), ("explain", "/v1/explain")):
+        result, output = invoke(command, png, "--model", guarded, "--labels", labels)
+        answer = http.post(route, files={"image": ("x.png", png.read_bytes())}, data={"labels": labels})
+        assert result.exit_code == 2 and answer.status_code == 422, (output, answer.text)
+        detail = answer.json()["detail"]
+        assert detail == f"at most {MAX_LABELS} labels, got {MAX_LABELS + 1}" and f"error: {detail}" in _flat(output)
+        assert "class7" not in output  # one line, the labels not echoed
+        result, output = invoke(command, "--help")
+        assert f"2 to {MAX_LABELS} distinct" in _flat(output), output
+    result, output = invoke("predict", png, "--model", guarded, "--labels", labels.rsplit(",", 1)[0])
+    assert result.exit_code == 0, output  # 64 are answered
+    document = http.get("/openapi.json").json()
+    for path in ("/v1/zero-shot", "/v1/explain"):
+        reference = document["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        field = document["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]["labels"]
+        assert field["x-max-labels"] == MAX_LABELS and f"2 to {MAX_LABELS} distinct" in field["description"]
+
+
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("parity-vit") / "model"

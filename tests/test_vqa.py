@@ -805,6 +805,12 @@ def test_answer_lists_the_nearest_indexed_cases_less_the_image_itself(trained, p
     assert "the query image is indexed as images/phantom_00001: left out of the supporting cases" in \
         " ".join(output.split())
     assert f"supporting case: {cases[0]['id']}" in output
+    rgb = tmp_path / "rgb.png"  # the same picture with three equal channels: its copy too
+    Image.open(image).convert("RGB").save(rgb)
+    result, output = invoke("vqa", rgb, "--model", trained, "--question", "Is there a pleural effusion?",
+                            "--index", tmp_path / "cases.idx", "-k", "2", "--json", tmp_path / "rgb.json")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "rgb.json").read_text())["left_out_copies"] == ["images/phantom_00001"]
 
 
 @pytest.mark.pgvector

@@ -15,6 +15,12 @@ from .models.dual import DualEncoder
 from .models.ood import embed_checked
 from .models.registry import load_model
 
+# the most distinct labels a prediction or an explanation is asked to choose among (``medvl predict``, ``medvl
+# explain``, /v1/zero-shot, /v1/explain alike): each is a prompt ensemble through the text tower, and a softmax over
+# more classes than a reader can weigh answers nothing (a model's own caption classes, asked for by giving none, are
+# not limited)
+MAX_LABELS = 64
+
 
 def predict(model: DualEncoder | str | Path, images: Sequence[str | Path], class_names: Sequence[str],
             label_column: str | None = None, captions: CaptionConfig | str | Path | None = None,
@@ -67,10 +73,18 @@ def predict_answers(model: DualEncoder | str | Path, images: Sequence[str | Path
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:
     """The distinct class names, in order (a repeated name is one class, not two in the softmax); InputError
-    for fewer than 2 (the service's /v1/zero-shot refuses with the same words)."""
-    distinct = list(dict.fromkeys(class_names))
+    for fewer than 2 or more than ``MAX_LABELS`` (the service's /v1/zero-shot refuses with the same words)."""
+    distinct = check_label_count(class_names)
     if len(distinct) < 2:
         raise InputError(f"need at least 2 distinct labels, got {distinct}")
+    return distinct
+
+
+def check_label_count(labels: Sequence[str]) -> list[str]:
+    """The distinct ``labels``, in order; InputError for more than ``MAX_LABELS`` of them (not echoed: a long list)."""
+    distinct = list(dict.fromkeys(labels))
+    if len(distinct) > MAX_LABELS:
+        raise InputError(f"at most {MAX_LABELS} labels, got {len(distinct)}")
     return distinct
 
 

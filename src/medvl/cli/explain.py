@@ -17,9 +17,9 @@ def explain_command(
     image: Annotated[Path, typer.Argument(help="Image file to explain (2D).")],
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
     labels: Annotated[list[str] | None, typer.Option(
-        help="Findings to choose among, comma-separated or the option repeated (default: every class the "
-             "model's captions describe, of the concept bottleneck's label column when they describe it; a "
-             "bottleneck that does not predict them is refused).")] = None,
+        help="Findings to choose among, comma-separated or the option repeated, 2 to 64 distinct (default: every "
+             "class the model's captions describe, of the concept bottleneck's label column when they describe "
+             "it; a bottleneck that does not predict them is refused).")] = None,
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: the first with all the labels).")] = None,
     captions: CaptionsOption = None,

@@ -142,7 +142,7 @@ def predict_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (for a 3D model also a DICOM series' folder).")],
     model: Annotated[Path, typer.Option(help="Trained model folder.")],
     labels: Annotated[list[str], typer.Option(
-        help="Class names, comma-separated, or the option repeated (--labels a --labels b).")],
+        help="Class names, comma-separated, or the option repeated (--labels a --labels b); 2 to 64 distinct.")],
     label_column: Annotated[str | None, typer.Option(
         help="Label column whose class descriptions to use (default: first with all these classes).")] = None,
     captions: CaptionsOption = None,

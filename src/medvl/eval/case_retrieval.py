@@ -57,7 +57,7 @@ from ..checks import check_number
 from ..data.record import Dataset, Record
 from ..errors import InputError
 from ..index.base import MAX_K, Hit, Index, check_model, path_sha256
-from ..index.cases import pixel_sha256
+from ..index.cases import pixel_sha256s
 from ..models.preprocess import read_for
 from ..progress import progress_bar
 from ..rag.draft import MIN_SIMILARITY, MIN_SUPPORT, check_k, check_settings, draft_from_hits
@@ -166,14 +166,14 @@ def _label_columns(index: Index, dataset: Dataset, given: Sequence[str] | None) 
     return columns
 
 
-def _embed(model, records: Sequence[Record], show_progress: bool) -> tuple[np.ndarray, list[str]]:
+def _embed(model, records: Sequence[Record], show_progress: bool) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """Image embeddings and pixel hashes of the records (each image read once, as the index does)."""
     chunks, hashes = [], []
     with progress_bar("Embedding queries", total=len(records), enabled=show_progress) as advance:
         for start in range(0, len(records), BATCH):
             batch = records[start:start + BATCH]
             pixels = [read_for(model, r.image) for r in batch]  # as the index read them
-            hashes += [pixel_sha256(p) for p in pixels]
+            hashes += [pixel_sha256s(p, model.config.image.spatial_dims) for p in pixels]
             chunks.append(model.encode_images(pixels, batch_size=len(pixels)).numpy())
             advance(len(batch))
     return np.concatenate(chunks).astype(np.float32), hashes
@@ -185,12 +185,14 @@ def _built_from(index: Index, dataset: Dataset) -> bool:
     return isinstance(data, dict) and data.get("source_sha256") == path_sha256(dataset.source)
 
 
-def _self_matches(index: Index, records: Sequence[Record], hashes: list[str], same_source: bool) -> list[set[str]]:
-    """Per query, the index ids that are the query itself: same pixels, or the same id when the index was
-    built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide)."""
+def _self_matches(index: Index, records: Sequence[Record], hashes: list[tuple[str, ...]],
+                  same_source: bool) -> list[set[str]]:
+    """Per query, the index ids that are the query itself: same pixels (``pixel_sha256s``), or the same id when the
+    index was built from the query's dataset (ids of two datasets, such as phantom_00001, can coincide)."""
     present = index.existing_ids([r.id for r in records]) if same_source else set()
-    by_hash = index.find_images(hashes)
-    return [({r.id} & present) | set(by_hash.get(h, ())) for r, h in zip(records, hashes, strict=True)]
+    by_hash = index.find_images([digest for digests in hashes for digest in digests])
+    return [({r.id} & present) | {case_id for digest in digests for case_id in by_hash.get(digest, ())}
+            for r, digests in zip(records, hashes, strict=True)]
 
 
 def _scored_depth(map_depth: int, n_index: int, most_excluded: int) -> int:

@@ -390,9 +390,9 @@ def supporting_cases(index, image: str | Path, k: int) -> tuple[list[dict[str, A
     check_k(k)
     model = index_model(index)
     check_model(index.info, model, index.location)
-    digest, read = hashed_image(model.preprocessor, image)  # read once: hashed as the index hashed it, embedded
+    digests, read = hashed_image(model.preprocessor, image)  # read once: hashed as the index hashed it, embedded
     pixels = model.preprocessor.load(read, source=image)
-    hits, copies = search_without_copies(index, embed_query(model, image=pixels), k, digest)
+    hits, copies = search_without_copies(index, embed_query(model, image=pixels), k, digests)
     return [{"id": hit.id, "score": round(hit.score, 4), "split": hit.split, "labels": hit.labels}
             for hit in hits], copies
 

@@ -34,7 +34,7 @@ from ..index.base import check_neighbour_options
 from ..index.build import hashed_image
 from ..io import check_output_file, json_ready, read_json, write_errors_named, write_json
 from ..models.ood import embed_checked, ood_comparison
-from ..predict import checked_label_column, class_prompts, prompt_warnings
+from ..predict import check_label_count, checked_label_column, class_prompts, prompt_warnings
 from .concepts import ConceptBottleneck
 from .grounding import normalise_map, peak
 from .heatmaps import check_heatmap_model, check_methods, default_methods, heatmaps, resize_map
@@ -70,7 +70,7 @@ def _classes(model, labels: Sequence[str] | None, label_column: str | None, capt
         if label_column is None and bottleneck is not None and bottleneck.label_column in config.classes:
             label_column = bottleneck.label_column  # the findings it has concepts for, as the captions describe them
         requested = list(config.classes.get(label_column or next(iter(config.classes), ""), {}))
-    classes = list(dict.fromkeys(requested))
+    classes = check_label_count(requested) if labels is not None else list(dict.fromkeys(requested))
     if len(classes) < 2:
         raise InputError(f"need at least 2 distinct labels to explain a prediction, got {classes}: name them "
                          "(labels a,b,...)")
@@ -140,7 +140,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
         for path in [out / EXPLANATION_FILE, *overlay_paths(out, image, classes, methods), *([saved] if saved else [])]:
             check_output_file(path, overwrite, "--out")
     # as the model reads it (HU for a DICOM when it has windows), with the pixel hash an index records for it
-    digest, read = hashed_image(model.preprocessor, image)
+    digests, read = hashed_image(model.preprocessor, image)
     array = read if isinstance(read, np.ndarray) else model.preprocessor.read(image)
     explained, embedding = explain_pixels(model, array, labels, label_column, captions, methods, top, bottleneck,
                                           source=image)
@@ -159,7 +159,7 @@ def explain_image(model, image: str | Path, labels: Sequence[str] | None = None,
         result: dict[str, Any] = {"model": model.config.name, "image": Path(image).name, **explained}
         if index is not None:  # the image's own indexed copies left out, and named
             result["neighbours"], result["left_out_copies"] = nearest_cases(index, model, embedding,
-                                                                            k or DEFAULT_NEIGHBOURS, digest)
+                                                                            k or DEFAULT_NEIGHBOURS, digests)
         if out is not None and staging is not None:
             earlier = _listed_overlays(out) if overwrite else set()
             _publish(staging, out, result)
@@ -284,16 +284,16 @@ def explain_pixels(model, image: np.ndarray, labels: Sequence[str] | None = None
 
 
 def nearest_cases(index, model, embedding: torch.Tensor, k: int,
-                  digest: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                  digests: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     """The ``k`` indexed cases closest to the image (id, score, split, labels: no report text) less the indexed
-    copies of the image itself, and those copies' ids: the cases whose pixel hash is ``digest``
+    copies of the image itself, and those copies' ids: the cases whose pixel hash is one of ``digests``
     (``medvl.index.build.hashed_image`` of the image; ``index.search.search_without_copies``)."""
     from ..index.base import check_k, check_model
     from ..index.search import search_without_copies
 
     check_k(k)
     check_model(index.info, model, index.location)
-    hits, copies = search_without_copies(index, embedding.numpy(), k, digest)
+    hits, copies = search_without_copies(index, embedding.numpy(), k, digests)
     return [{"id": hit.id, "score": float(hit.score), "split": hit.split, "labels": hit.labels} for hit in hits], copies
 
 

@@ -50,7 +50,7 @@ from .cases import (
     column_values,
     dataset_root,
     infer_columns,
-    pixel_sha256,
+    pixel_sha256s,
 )
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.n
     large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
     digests, pixels = [], []
     for record in records:
-        digest, image = hashed_image(preprocessor, record.image)
-        digests.append(digest)  # an error names the file, or the record of an array
+        hashes, image = hashed_image(preprocessor, record.image)
+        digests.append(hashes[0])  # an error names the file, or the record of an array
         pixels.append(preprocessor.load(image, source=_source(record)))
     return digests, torch.stack(pixels).numpy()
 
@@ -74,18 +74,21 @@ def _source(record: Record) -> str | Path:
     return record.image if isinstance(record.image, str | Path) else f"record {record.id}"
 
 
-def read_digests(preprocessor, records: Sequence[Record]) -> list[str]:
-    """Each record's pixel hash, as ``read_batch`` gives it (run in a worker process by ``add_records``)."""
+def read_digests(preprocessor, records: Sequence[Record]) -> list[tuple[str, ...]]:
+    """Each record's pixel hashes (``hashed_image``: the one ``read_batch`` gives first), run in a worker process by
+    ``add_records``."""
     return [hashed_image(preprocessor, record.image)[0] for record in records]
 
 
-def hashed_image(preprocessor, image: Any) -> tuple[str, Any]:
-    """The pixel hash an index records for ``image`` (a file, a DICOM series, an array) and what
-    ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path (hashed slab by slab)."""
+def hashed_image(preprocessor, image: Any) -> tuple[tuple[str, ...], Any]:
+    """The pixel hashes an index may hold ``image`` (a file, a DICOM series, an array) under, the one it records
+    first (``cases.pixel_sha256s``: of the image as the model reads its channels, then that of older indexes where
+    it differs), and what ``preprocessor.load`` is then given: the pixels read, or a NIfTI's path (hashed slab by
+    slab)."""
     if isinstance(image, str | Path) and image_suffix(image) in (".nii", ".nii.gz"):
-        return nifti_sha256(image), image
+        return (nifti_sha256(image),), image
     array = image if isinstance(image, np.ndarray) else preprocessor.read(image)
-    return pixel_sha256(array), array
+    return pixel_sha256s(array, preprocessor.config.spatial_dims), array
 
 
 def nifti_sha256(path) -> str:
@@ -384,8 +387,11 @@ def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: i
     batches = list(batched(records, batch_size))
     digests = [d for ds in map_ahead(read_digests, batches, workers, context=model.preprocessor) for d in ds]
     cases = [Case.from_record(r) for r in records]
-    return {case.id: digest for case, digest in zip(cases, digests, strict=True)
-            if stored[case.id] != (digest, case.text, _canonical(case.labels), _canonical(case.meta), case.split)}
+    # an index built before hashes were taken of the model's channels holds a grey film saved as RGB under its
+    # other hash (``hashed_image``): the same image all the same
+    return {case.id: hashes[0] for case, hashes in zip(cases, digests, strict=True)
+            if stored[case.id][0] not in hashes
+            or stored[case.id][1:] != (case.text, _canonical(case.labels), _canonical(case.meta), case.split)}
 
 
 def _canonical(values: dict[str, Any]) -> str:

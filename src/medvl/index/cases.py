@@ -64,7 +64,7 @@ class Case:
     # the image file's path relative to its dataset's root, in POSIX form ("images/x.png"); None for
     # arrays, DICOM and images outside the root (see ``stored_image_path``)
     image_path: str | None = None
-    image_sha256: str | None = None  # sha256 of the decoded pixels (see ``pixel_sha256``)
+    image_sha256: str | None = None  # sha256 of the decoded pixels as the model reads them (``pixel_sha256``)
 
     @classmethod
     def from_record(cls, record: Record, image_sha256: str | None = None, root: Path | None = None) -> Case:
@@ -110,12 +110,39 @@ def public_image_path(stored: str | None) -> str | None:
     return stored
 
 
-def pixel_sha256(pixels: np.ndarray) -> str:
-    """Hash of the decoded image (dtype, shape, pixels): equal for the same picture saved twice
-    under different names or compressions, different after any change of a pixel."""
+def pixel_sha256(pixels: np.ndarray, spatial_dims: int = 2) -> str:
+    """Hash of the decoded image as the model reads its channels (dtype, shape, pixels of ``model_channels``): equal
+    for the same picture saved twice under different names or compressions, or a grey picture saved as RGB; different
+    after any change of a pixel. ``spatial_dims``: the model's (3: a volume, hashed as it is)."""
+    return array_sha256(model_channels(pixels, spatial_dims))
+
+
+def pixel_sha256s(pixels: np.ndarray, spatial_dims: int = 2) -> tuple[str, ...]:
+    """The hashes an index may hold ``pixels`` under, to look its copies up by: ``pixel_sha256``, then, for a grey
+    picture stored as colour, the hash of the colour array as it is, which indexes built before hashes were taken
+    of the model's channels recorded for it (their other hashes are the same)."""
+    digest, as_given = pixel_sha256(pixels, spatial_dims), array_sha256(pixels)
+    return (digest,) if as_given == digest else (digest, as_given)
+
+
+def array_sha256(pixels: np.ndarray) -> str:
+    """Hash of an array as it is: its dtype, shape and values."""
     digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
     return digest.hexdigest()
+
+
+def model_channels(pixels: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
+    """A 2D image as a model's channel conversion sees it (``ImagePreprocessor``: grey is repeated into RGB, alpha
+    dropped, RGB averaged into grey): a colour image (``HxWx3``, or ``HxWx4`` with alpha) whose three colour channels
+    are equal is its one grey channel (``HxW``), so that a grey X-ray re-saved as RGB, as many viewers and PACS
+    exports write it, is the picture it was; any other array (a volume, ``spatial_dims`` 3) as it is."""
+    if spatial_dims != 2 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
+        return pixels
+    grey = pixels[..., 0]
+    if np.array_equal(pixels[..., 1], grey) and np.array_equal(pixels[..., 2], grey):
+        return grey
+    return pixels
 
 
 def filter_name(key: str) -> str | None:

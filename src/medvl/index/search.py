@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..embed import check_text_read_whole
 from ..errors import DataError, InputError
 from .base import IMAGES, MAX_K, Hit, Index, check_k, check_model, check_target
 from .build import nifti_sha256
-from .cases import pixel_sha256, public_image_path
+from .cases import pixel_sha256s, public_image_path
 
 
 def index_model(index: Index, model_dir: str | Path | None = None, backend: str = "torch",
@@ -90,15 +90,17 @@ def search_index(index: Index, model, image: str | Path | np.ndarray | torch.Ten
     return index.search(embed_query(model, image, text), k=k, where=where, target=target)[0]
 
 
-def search_without_copies(index: Index, vector: np.ndarray, k: int, digest: str | None, where: str | None = None,
+def search_without_copies(index: Index, vector: np.ndarray, k: int, digests: Sequence[str], where: str | None = None,
                           exclude: Iterable[str] = ()) -> tuple[list[Hit], list[str]]:
     """The ``k`` cases nearest to one query image's (1, D) ``vector`` (among those ``where`` allows) less the indexed
     copies of the image itself and the ids ``exclude`` names, and the ids of those copies: the cases whose pixel hash
-    is ``digest``, the one the index records for the query (``build.hashed_image``; None: none left out). Nearest
+    is one of ``digests``, those an index may record for the query (``build.hashed_image``: of the image as the model
+    reads its channels, so a grey film re-saved as RGB is a copy, and an older index's; empty: none left out). Nearest
     cases shown as evidence about an image (``medvl explain``, ``medvl vqa``, the neighbours ``medvl report draft``
     drafts from) must not be the image: similarity 1.000 is circular, and it takes one of the ``k`` places."""
     check_k(k)
-    copies = sorted(index.find_images([digest]).get(digest, ())) if digest else []
+    found = index.find_images([digest for digest in digests if digest]) if digests else {}
+    copies = sorted({case_id for ids in found.values() for case_id in ids})
     dropped = set(exclude) | set(copies)
     hits = index.search(vector, k=min(k + len(dropped), MAX_K), where=where)[0]
     return [hit for hit in hits if hit.id not in dropped][:k], copies
@@ -148,23 +150,23 @@ def resolve_image(hit: Hit, data_root: str | Path) -> Path | None:
     path = root / relative
     if not path.is_file():
         raise DataError(path, f"image of case {hit.id!r} not found under the data root {data_root}")
-    if hit.image_sha256 is not None and file_pixel_sha256(path) != hit.image_sha256:
+    if hit.image_sha256 is not None and hit.image_sha256 not in file_pixel_sha256s(path):
         raise ImageChanged(path, f"not the indexed image of case {hit.id!r} (the file under the data root holds "
                                  "other pixels: replaced from another folder, or overwritten since indexing)")
     return path
 
 
-# (real path, device, inode, size, mtime in ns) -> pixel hash, or None for a file that cannot be read: a file is
+# (real path, device, inode, size, mtime in ns) -> pixel hashes, none for a file that cannot be read: a file is
 # decoded once while it stays as it is, so thumbnails and repeated searches stay fast
-_FILE_HASHES: OrderedDict[tuple, str | None] = OrderedDict()
+_FILE_HASHES: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
 _FILE_HASHES_LOCK = threading.Lock()
 MAX_CACHED_HASHES = 65_536
 
 
-def file_pixel_sha256(path: str | Path) -> str | None:
-    """The pixel hash an index records for the image file ``path`` (``pixel_sha256`` of its decoded pixels; a
-    NIfTI volume's ``nifti_sha256``), or None when it cannot be read. Cached per file and its size and
-    modification time, so a file rewritten since is decoded again."""
+def file_pixel_sha256s(path: str | Path) -> tuple[str, ...]:
+    """The pixel hashes an index may record for the image file ``path`` (``pixel_sha256s`` of its decoded pixels:
+    this code's, then an older index's where it differs; a NIfTI volume's ``nifti_sha256``), none when it cannot be
+    read. Cached per file and its size and modification time, so a file rewritten since is decoded again."""
     real = Path(path).resolve()
     status = real.stat()
     key = (str(real), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
@@ -172,20 +174,20 @@ def file_pixel_sha256(path: str | Path) -> str | None:
         if key in _FILE_HASHES:
             _FILE_HASHES.move_to_end(key)
             return _FILE_HASHES[key]
-    digest = _decoded_sha256(real)
+    digests = _decoded_sha256s(real)
     with _FILE_HASHES_LOCK:
-        _FILE_HASHES[key] = digest
+        _FILE_HASHES[key] = digests
         while len(_FILE_HASHES) > MAX_CACHED_HASHES:
             _FILE_HASHES.popitem(last=False)
-    return digest
+    return digests
 
 
-def _decoded_sha256(path: Path) -> str | None:
-    """``file_pixel_sha256`` uncached: the file read as ``medvl.index.build`` read it when indexing (a stored path
+def _decoded_sha256s(path: Path) -> tuple[str, ...]:
+    """``file_pixel_sha256s`` uncached: the file read as ``medvl.index.build`` read it when indexing (a stored path
     is never a DICOM file's, so no model's reading of DICOM values matters)."""
     try:
         if image_suffix(path) in (".nii", ".nii.gz"):
-            return nifti_sha256(path)
-        return pixel_sha256(read_image(path))
+            return (nifti_sha256(path),)
+        return pixel_sha256s(read_image(path))
     except DataError:
-        return None
+        return ()

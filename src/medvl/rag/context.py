@@ -23,7 +23,7 @@ import numpy as np
 from ..checks import check_number
 from ..data.record import Record
 from ..index.base import MAX_K, Hit, Index, check_model
-from ..index.cases import pixel_sha256
+from ..index.cases import pixel_sha256s
 from ..progress import progress_bar
 
 CASE_KEYS = ("case_id", "patient_id")  # record metadata naming the case / patient an image belongs to
@@ -52,7 +52,8 @@ def retrieve_for_images(index: Index, model, images: Sequence[str | Path | np.nd
                         show_progress: bool = False) -> list[Retrieved]:
     """The k nearest reports of each image (files or arrays); the image itself (same pixels) left out."""
     pixels = [image if isinstance(image, np.ndarray) else model.preprocessor.read(image) for image in images]
-    excluded = [{"sha256": pixel_sha256(p)} for p in pixels]
+    dims = model.config.image.spatial_dims
+    excluded = [{"sha256": pixel_sha256s(p, dims)} for p in pixels]
     return _retrieve(index, model, pixels, excluded, k, show_progress)
 
 
@@ -60,8 +61,9 @@ def retrieve_for_records(index: Index, model, records: Sequence[Record], k: int,
                          show_progress: bool = False) -> list[Retrieved]:
     """The k nearest reports of each record's image, leaving out the record itself and its own case."""
     pixels = [r.image if isinstance(r.image, np.ndarray) else model.preprocessor.read(r.image) for r in records]
-    excluded = [{"id": r.id, "case": case_key(r.meta), "sha256": pixel_sha256(p)} for r, p in zip(records, pixels,
-                                                                                                 strict=True)]
+    dims = model.config.image.spatial_dims
+    excluded = [{"id": r.id, "case": case_key(r.meta), "sha256": pixel_sha256s(p, dims)}
+                for r, p in zip(records, pixels, strict=True)]
     return _retrieve(index, model, pixels, excluded, k, show_progress)
 
 
@@ -106,11 +108,11 @@ def _self_ids(index: Index, excluded: list[dict[str, Any]]) -> list[set[str]]:
     return indexed_ids(index, [e["sha256"] for e in excluded])
 
 
-def indexed_ids(index: Index, digests: Sequence[str]) -> list[set[str]]:
-    """Per pixel hash (``pixel_sha256``), the ids of the indexed cases with that image (empty when none; several
-    when the index holds the image more than once)."""
-    by_hash = index.find_images(list(digests))
-    return [set(by_hash.get(digest, ())) for digest in digests]
+def indexed_ids(index: Index, digests: Sequence[Sequence[str]]) -> list[set[str]]:
+    """Per image, given by its pixel hashes (``pixel_sha256s``), the ids of the indexed cases with that image (empty
+    when none; several when the index holds the image more than once)."""
+    by_hash = index.find_images([digest for hashes in digests for digest in hashes])
+    return [{case_id for digest in hashes for case_id in by_hash.get(digest, ())} for hashes in digests]
 
 
 def _usable(hit: Hit, excluded: dict[str, Any], self_ids: set[str]) -> bool:

@@ -279,7 +279,7 @@ def _check_thresholds(min_support: float, min_similarity: float) -> None:
 def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *, k: int = DEFAULT_K,
                  where: str | None = None, labeller: ReportLabeller | None = None, min_support: float = MIN_SUPPORT,
                  min_similarity: float = MIN_SIMILARITY, exclude: Sequence[str] = (), related: int = 0,
-                 verify_model: bool = True, digest: str | None = None) -> Draft:
+                 verify_model: bool = True, digests: Sequence[str] = ()) -> Draft:
     """Draft a report for ``image`` from its ``k`` nearest cases in ``index`` (built with ``model``).
 
     ``exclude`` drops case ids from the neighbours (e.g. the query itself); ``where`` filters cases
@@ -287,7 +287,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     similarity of their text embeddings to the image embedding (``KnowledgeBase.retrieve``).
     ``verify_model``: as in ``medvl.index.search_index``. ``image`` may also be the model's own input
     (``model.preprocessor.load``'s ``(C, *spatial)`` tensor, as ``search_index`` takes one: a volume the service
-    streamed from its upload), with ``digest`` its pixel hash (``medvl.index.build.hashed_image``) so that its
+    streamed from its upload), with ``digests`` its pixel hashes (``medvl.index.build.hashed_image``) so that its
     indexed copies are left out as those of a file or an array are (``search_without_copies``).
     """
     from ..data.audit import input_flags
@@ -305,7 +305,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
     if isinstance(image, torch.Tensor):
         tensor = image
     else:
-        digest, pixels = hashed_image(model.preprocessor, image)
+        digests, pixels = hashed_image(model.preprocessor, image)
         tensor = model.preprocessor.load(pixels, source=None if isinstance(image, np.ndarray) else image)
     flags = input_flags(tensor.numpy())
     if flags:  # a blank or streaked image is near some case too: drafting from those would be invention
@@ -315,7 +315,7 @@ def draft_report(index, model, image: str | Path | np.ndarray | torch.Tensor, *,
                         f"draft from ({'; '.join(flags.values())})", settings)
     embedding, [ood] = embed_checked(model, tensor[None])  # the guard's flag from the same pass, if it has one
     vector = embedding.numpy()
-    hits, copies = search_without_copies(index, vector, k, digest, where=where, exclude=exclude)
+    hits, copies = search_without_copies(index, vector, k, digests, where=where, exclude=exclude)
     draft = draft_from_hits(hits, labeller, min_support=min_support, min_similarity=min_similarity)
     draft.settings["k"] = k
     draft.settings["left_out_copies"] = copies

@@ -48,6 +48,7 @@ from ..clinical.windowing import WINDOW_PRESETS, preset_pattern
 from ..errors import DataError, InputError, MedvlError, one_line
 from ..index.base import MAX_K, TARGETS
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
+from ..predict import MAX_LABELS
 from ..rag.draft import LOWEST_MIN_SUPPORT, MIN_CASES
 from ..rag.draft import MAX_K as DRAFT_MAX_K
 from .auth import TokenAuth, load_digests
@@ -75,8 +76,6 @@ DraftKField = Annotated[int, Form(description="Number of cases the draft is made
                                   json_schema_extra={"minimum": MIN_CASES, "maximum": DRAFT_MAX_K})]
 WhereField = Annotated[str | None, Form(description="Filter on case metadata, e.g. \"sex = 'F' and age > 60\".",
                                         json_schema_extra={"maxLength": WHERE_LENGTH})]
-ImagesField = Annotated[list[UploadFile], File(description="The image(s) the question is about: the field once per "
-                                                          "image, earlier film first (PNG, JPEG, DICOM, NIfTI).")]
 
 
 class ErrorAnswer(BaseModel):
@@ -252,6 +251,10 @@ async def _bytes(image: UploadFile, service: ModelService) -> bytes:
 
 
 MULTI_FIELDS = {"/v1/vqa": {"image"}}  # the fields a route takes several of (films in order)
+# the fields a route refuses without, declared required in /openapi.json, whose handlers give them a default all the
+# same: FastAPI reads an empty form field as a missing one, which its "Field required" would refuse without the
+# library's reason (an empty question is refused with check_question's)
+REQUIRED_FIELDS = {"/v1/vqa": ("question",)}
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 SHOWN_UNKNOWN = 10  # unknown field names an answer quotes at most (each cut to 40 characters)
 
@@ -345,7 +348,8 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.post("/v1/zero-shot", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def zero_shot(request: Request, image: ImageField,
-                        labels: Annotated[str, Form(description="Comma-separated class names.")],
+                        labels: Annotated[str, Form(description=f"Comma-separated class names, 2 to {MAX_LABELS} "
+                                                    "distinct.", json_schema_extra={"x-max-labels": MAX_LABELS})],
                         label_column: Annotated[str | None, Form(
                             description="Label column whose class descriptions to use.")] = None) -> dict:
         """Zero-shot answer among the labels: the prediction and every label's probability."""
@@ -378,11 +382,12 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
 
     @app.post("/v1/explain", tags=["models"], responses=refusals(*FORM_REFUSALS))
     async def explain(request: Request, image: ImageField,
-                      labels: Annotated[str | None, Form(description="Comma-separated findings to choose among "
-                                                         "(absent or blank: every class the model's captions "
-                                                         "describe, with a concept bottleneck those of its label "
-                                                         "column when they describe it; a bottleneck that does not "
-                                                         "predict them is refused).")] = None,
+                      labels: Annotated[str | None, Form(description="Comma-separated findings to choose among, "
+                                                         f"2 to {MAX_LABELS} distinct (absent or blank: every class "
+                                                         "the model's captions describe, with a concept bottleneck "
+                                                         "those of its label column when they describe it; a "
+                                                         "bottleneck that does not predict them is refused).",
+                                                         json_schema_extra={"x-max-labels": MAX_LABELS})] = None,
                       methods: Annotated[str | None, Form(description="Comma-separated heatmap methods, e.g. "
                                                           "patch_text,gradcam (default: both on a CNN, else "
                                                           "patch_text).")] = None,
@@ -406,9 +411,19 @@ def _add_routes(app: FastAPI, loader: Loader, settings: ServeSettings) -> None:
         return await service.explain(await _bytes(image, service), names, label_column or None, chosen, top, k,
                                      request.state.timings)
 
+    # the files a request may carry (the service's max_vqa_images): the VQA model's own limit, known once it is
+    # loaded, may be lower (/v1/models' vqa.max_images)
+    count = (f"1 to {settings.vqa_uploads} (the service's max_vqa_images), at most the VQA model's own max_images "
+             "(/v1/models)" if settings.vqa_model is not None else "this service has no VQA model (409)")
+    vqa_images = File(description="The image(s) the question is about: the field once per image, earlier film first "
+                                  f"(PNG, JPEG, DICOM, NIfTI); {count}.",
+                      json_schema_extra={"minItems": 1, "maxItems": settings.vqa_uploads})
+
     @app.post("/v1/vqa", tags=["models"], responses=refusals(*FORM_REFUSALS, 409))
-    async def vqa(request: Request, image: ImagesField,
-                  question: Annotated[str, Form(description="The question about the image(s).")] = "") -> dict:
+    async def vqa(request: Request,
+                  image: list[UploadFile] = vqa_images,  # a default, not an annotation, as explain's top
+                  question: Annotated[str, Form(description="The question about the image(s).",
+                                                json_schema_extra={"minLength": 1})] = "") -> dict:
         """The VQA model's answer (given at start with --vqa-model; else 409): probability, the top
         alternative, the answer type and, from a medvl VQA model, its attention over each image."""
         service = loader.get()
@@ -476,9 +491,20 @@ def _declare_bearer(app: FastAPI) -> None:
                 if path.startswith("/v1/") and path not in PUBLIC_PATHS:
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}]
+            _declare_required(schema)
         return app.openapi_schema or build()
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_required(schema: dict) -> None:
+    """``REQUIRED_FIELDS`` declared required in the OpenAPI ``schema``, without the default their handlers give them."""
+    for path, names in REQUIRED_FIELDS.items():
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+        for name in names:
+            form["properties"][name].pop("default", None)
+            form["required"] = [*form.get("required", []), *([name] if name not in form.get("required", []) else [])]
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -51,7 +51,7 @@ from ..index.build import hashed_image
 from ..index.where import MAX_LENGTH as WHERE_LENGTH
 from ..models.preprocess import reads_modality_values
 from ..models.registry import load_model
-from ..predict import check_class_names, class_prompts, prompt_warnings
+from ..predict import check_class_names, check_label_count, class_prompts, prompt_warnings
 from .batching import BatchTiming, MicroBatcher
 from .lane import HeavyLane
 from .logs import run_with_request
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LABELS = 64
 MAX_CASE_ID = 1024  # characters; a longer id names no case
 # the heatmap methods /v1/explain runs when none are asked for, those the model supports (default_methods):
 # the two cheap ones (occlusion and SmoothGrad take one forward pass per window or noisy copy)
@@ -87,13 +86,11 @@ INDEX_HEALTH_WAIT_SECONDS = 1.0
 
 
 def parse_labels(labels: str) -> list[str]:
-    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``MAX_LABELS``
-    distinct. Too few is for the library to refuse (``check_class_names``, ``finding_classes``): the same
-    words as the CLI's."""
+    """Comma-separated class names (as ``medvl predict --labels``), blanks dropped, at most ``predict.MAX_LABELS``
+    distinct (``check_label_count``, before the upload is read). Too few is for the library to refuse
+    (``check_class_names``, ``finding_classes``): the same words as the CLI's."""
     names = split_names(labels)
-    distinct = len(dict.fromkeys(names))
-    if distinct > MAX_LABELS:
-        raise InputError(f"at most {MAX_LABELS} labels, got {distinct}")
+    check_label_count(names)
     return names
 
 
@@ -201,7 +198,7 @@ class ModelService:
                      hashed: bool = False) -> Upload:
         """One upload decoded as the served model reads files (``for_vqa``: as the VQA model does, its own HU
         windows if any; it reads 2D images); ``hashed``: a 3D model's volume with its pixel hash as an index
-        records it (``Upload.digest``, for a draft to leave out its indexed copies)."""
+        records it (``Upload.digests``, for a draft to leave out its indexed copies)."""
         started = time.perf_counter()
         modality_values = reads_modality_values(self.vqa) if for_vqa else self.modality_values
         spatial_dims = 2 if for_vqa else self.spatial_dims
@@ -447,7 +444,7 @@ class ModelService:
         query = upload.pixels if upload.pixels is not None else upload.model_input  # a volume: the model's input
         draft = await self.on_index(draft_report, index, self.net, query, k=k, where=where,
                                     labeller=self._labeller(), min_support=min_support,
-                                    min_similarity=min_similarity, related=related, digest=upload.digest,
+                                    min_similarity=min_similarity, related=related, digests=upload.digests,
                                     verify_model=False)  # checked at start (_open_index); a rebuild: 503
         return {"index": self.index_name, **draft.to_dict()}
 
@@ -506,7 +503,7 @@ class ModelService:
         from ..explain.explanation import explained_classes, nearest_cases
         from ..explain.heatmaps import heatmap_refusal
         from ..index.base import check_k
-        from ..index.cases import pixel_sha256
+        from ..index.cases import pixel_sha256s
 
         refusal = heatmap_refusal(self.net.config.image)
         if refusal:  # before the upload is decoded, in medvl explain's words
@@ -526,9 +523,9 @@ class ModelService:
         result, embedding = await self.lane.run(self._explain_on_lane, pixels, labels, label_column, chosen,
                                                 top, shape, timings=timings)
         if self.index is not None:  # the upload's own indexed copies left out, and named
-            digest = await self._on_worker(pixel_sha256, pixels)  # as the index hashed its files' pixels
+            digests = await self._on_worker(pixel_sha256s, pixels)  # as the index hashed its files' pixels
             result["neighbours"], result["left_out_copies"] = await self.on_index(
-                nearest_cases, self.index, self.net, embedding, k, digest)
+                nearest_cases, self.index, self.net, embedding, k, digests)
         await self._on_worker(_encode_overlays, result["findings"])
         return {"model": self.net.config.name, "image": {"kind": upload.kind, "bytes": upload.n_bytes,
                                                          "shape": list(pixels.shape[:2])},

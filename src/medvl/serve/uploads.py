@@ -72,7 +72,7 @@ class Upload:
     n_bytes: int
     pixels: np.ndarray | None  # None when the file was read into ``model_input`` instead
     model_input: torch.Tensor | None = None  # (C, D, H, W) as the model takes it
-    digest: str | None = None  # the pixel hash an index records for ``model_input``'s file, when asked for
+    digests: tuple[str, ...] = ()  # the pixel hashes an index may hold ``model_input``'s file under, when asked for
 
     def __repr__(self) -> str:
         shape = self.pixels.shape if self.pixels is not None else getattr(self.model_input, "shape", None)
@@ -171,26 +171,26 @@ def private_folder() -> Iterator[Path]:
 
 def decode_upload(data: bytes, settings: ServeSettings, modality_values: bool = False, spatial_dims: int = 2,
                   load: Callable[..., torch.Tensor] | None = None,
-                  hashed: Callable[[Path], tuple[str, Any]] | None = None) -> Upload:
+                  hashed: Callable[[Path], tuple[tuple[str, ...], Any]] | None = None) -> Upload:
     """Check, de-identify (DICOM) and decode one uploaded file; nothing of it is left on disk after.
     ``modality_values``: a DICOM as modality values (HU), for a model that applies its own windows;
     ``spatial_dims``: the model's (2: a NIfTI upload must hold one slice, ``read_image_2d``);
     ``load``: a 3D model's loader (``ImagePreprocessor.load``), given a DICOM or NIfTI upload's file as the CLI
     gives it a file (a NIfTI volume streamed slab by slab): the upload then holds ``model_input``, no pixels, and
-    with ``hashed`` (``medvl.index.build.hashed_image`` of the model's preprocessor) the file's pixel hash as an
-    index records it, so that a draft leaves out the indexed copies of the upload; the file is read once for both
+    with ``hashed`` (``medvl.index.build.hashed_image`` of the model's preprocessor) the file's pixel hashes as an
+    index records them, so that a draft leaves out the indexed copies of the upload; the file is read once for both
     (a NIfTI is streamed twice, as the index build streams it), as ``draft_report`` reads a file."""
 
-    def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
+    def read(source: Path | bytes, kind: str) -> tuple[np.ndarray | None, torch.Tensor | None, tuple[str, ...]]:
         if load is None or not isinstance(source, Path):
-            return read_pixels(source, modality_values, spatial_dims), None, None
+            return read_pixels(source, modality_values, spatial_dims), None, ()
         if hashed is None:
-            return None, load(source), None
-        digest, image = hashed(source)  # a NIfTI's path, else the pixels read: given to the loader as they are
-        return None, load(image, source), digest
+            return None, load(source), ()
+        digests, image = hashed(source)  # a NIfTI's path, else the pixels read: given to the loader as they are
+        return None, load(image, source), digests
 
-    kind, (pixels, model_input, digest) = read_upload(data, settings, read)
-    return Upload(kind, len(data), pixels, model_input, digest)
+    kind, (pixels, model_input, digests) = read_upload(data, settings, read)
+    return Upload(kind, len(data), pixels, model_input, digests)
 
 
 def read_upload(data: bytes, settings: ServeSettings, read: Callable[[Path | bytes, str], T]) -> tuple[str, T]:
