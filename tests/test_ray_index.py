@@ -176,6 +176,47 @@ def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, 
     assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
 
 
+def test_a_ray_worker_that_dies_ends_the_build_in_one_line_and_the_rerun_resumes(local_ray, single, model_dir,
+                                                                                   data_with_duplicates, tmp_path):
+    """A worker process killed (as the kernel kills one for memory: SIGKILL, here while it loads the model) ends the
+    build with medvl's one line, exit 2, not Ray Data's 150-line internal-error dump and exit 1; the rerun builds
+    the same index."""
+    import signal
+    import threading
+
+    import psutil
+
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_map_workers() -> None:  # every actor of the build, as soon as Ray starts it
+        while not stop.is_set():
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "MapWorker" in " ".join(process.info["cmdline"] or []) and process.pid not in killed:
+                    killed.append(process.pid)
+                    os.kill(process.pid, signal.SIGKILL)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_map_workers, daemon=True)
+    killer.start()
+    try:
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                                tmp_path / "idx", "--batch-size", 16, "--ray", "--quiet")
+    finally:
+        stop.set()
+        killer.join()
+    assert killed and result.exit_code == 2 and "Traceback" not in output, output
+    assert _error_lines(output) == {"error: the index build on Ray stopped: a Ray worker died while embedding "
+                                    "(ActorDiedError: killed for lack of memory, or a crash in a decoder?) after 0 of "
+                                    "its 99 records, which are kept: rerun the same command to resume (with fewer "
+                                    "--ray-workers or a smaller --batch-size if memory ran out)"}
+    assert "Ray Data or Ray Core internal code" not in output  # Ray Data's ERROR lines: its session log only
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--batch-size", 16, "--ray", "--quiet")
+    assert result.exit_code == 0, output
+    _same_index(single[0], tmp_path / "idx")
+
+
 def test_relative_paths_reach_workers_running_in_another_folder(local_ray, single, model_dir, data_with_duplicates,
                                                                 tmp_path, monkeypatch):
     """A cluster's workers run in the folder its head was started from, not the driver's: here the module's Ray,

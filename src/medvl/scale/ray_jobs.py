@@ -15,8 +15,9 @@ paths absolute before shipping them (``absolute_paths``): a cluster's workers ru
 started from, not the driver's.
 
 Each record is shipped with its batch, not the dataset with each worker. A worker that dies is not
-restarted (``max_restarts=0``): the build stops with Ray's error and resumes from its last batch when
-rerun (see ``RayEmbedder._embed``). Ray's notice that a local Ray uses token authentication is dropped.
+restarted (``max_restarts=0``): the build stops with a ``DataError`` saying so (Ray Data's own error lines go
+to the session's log file) and resumes from its last batch when rerun (see ``RayEmbedder._embed``). Ray's
+notice that a local Ray uses token authentication is dropped.
 
 Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
 cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError, MedvlError, ModelError
+from ..errors import DataError, InputError, MedvlError, ModelError
 from .onnx import _Dropping
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,22 @@ class RayEmbedder:
             "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
             max_restarts=0, batch_format="numpy")
-        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-            failed = [error for error in batch["error"] if error]
-            if failed:  # at this batch, as a build in one process raises it
-                raise pickle.loads(bytes.fromhex(failed[0]))
-            batch_records = [dataset.records[int(p)] for p in batch["position"]]
-            yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
+        done = 0
+        try:
+            with _ray_data_errors_to_log_file():
+                for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+                    failed = [error for error in batch["error"] if error]
+                    if failed:  # at this batch, as a build in one process raises it
+                        raise pickle.loads(bytes.fromhex(failed[0]))
+                    batch_records = [dataset.records[int(p)] for p in batch["position"]]
+                    yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
+                    done += len(batch_records)
+        except _worker_deaths(ray) as error:  # not restarted (max_restarts=0): the build stops at this batch
+            raise DataError(None, f"the index build on Ray stopped: a Ray worker died while embedding "
+                                  f"({type(error).__name__}: killed for lack of memory, or a crash in a decoder?) "
+                                  f"after {done} of its {len(records)} records, which are kept: rerun the same "
+                                  "command to resume (with fewer --ray-workers or a smaller --batch-size if memory "
+                                  "ran out)") from None
 
 
 class _EmbedWorker:
@@ -203,6 +214,35 @@ def _quiet_ray_data() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(max(handler.level, logging.WARNING))
     log_once("ray_data_progress_manager_disabled")
+
+
+def _worker_deaths(ray) -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker process that is gone (killed by the kernel or Ray's memory monitor, crashed):
+    the actor's calls fail (``RayActorError``, e.g. ``ActorDiedError``), or the process running a task died."""
+    return ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError
+
+
+@contextlib.contextmanager
+def _ray_data_errors_to_log_file() -> Iterator[None]:
+    """While the build iterates, Ray Data's ERROR records (a dead worker: its internal-error notice and two
+    tracebacks, 150 lines) go to the session's log file only, unless medvl logs at DEBUG (``-v``): the build
+    raises medvl's own error for them, in one line."""
+    console = [handler for handler in logging.getLogger("ray.data").handlers
+               if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    below_error = _BelowError()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for handler in console:
+            handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in console:
+            handler.removeFilter(below_error)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
 
 
 def _import_ray():
