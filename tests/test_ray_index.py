@@ -312,6 +312,19 @@ def test_ray_address_in_the_environment_is_the_cluster_to_join(local_ray, single
     assert not (tmp_path / "idx2").exists()
 
 
+def test_a_dashboard_address_is_refused_naming_the_address_to_give(model_dir, data_with_duplicates, tmp_path,
+                                                                   monkeypatch):
+    """RAY_ADDRESS set to the dashboard's http:// address (for ray job submit) is named as such, not 'cannot reach the
+    Ray cluster at http://127.0.0.1:8265: Name or service not known' (its host taken as 'http://127.0.0.1')."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--ray")
+    assert result.exit_code == 2 and _error_lines(output) == {
+        "error: RAY_ADDRESS http://127.0.0.1:8265 is an HTTP address (the Ray dashboard's, for ray job submit): give "
+        "the cluster's ray://host:10001 (Ray Client) or host:port (its GCS, e.g. host:6379) address"}, output
+    assert not (tmp_path / "idx").exists()
+
+
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):
     result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
                             tmp_path / "idx", "--ray", "--ray-workers", 0)

@@ -306,7 +306,11 @@ def _connect_attempts(attempts: int | None) -> Iterator[None]:
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, name: str = "--address") -> None:
     """InputError unless a ``host:port`` (or ``ray://host:port``) cluster address accepts a TCP connection within
     ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once. ``name``: the option
-    or variable the address came from, for messages."""
+    or variable the address came from, for messages. An ``http://`` address (the dashboard's, which ``ray job submit``
+    takes, often exported as RAY_ADDRESS) is refused saying which address to give instead."""
+    if address.lower().startswith(("http://", "https://")):
+        raise InputError(f"{name} {address} is an HTTP address (the Ray dashboard's, for ray job submit): give the "
+                         "cluster's ray://host:10001 (Ray Client) or host:port (its GCS, e.g. host:6379) address")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
