@@ -137,6 +137,37 @@ def test_vqa_training_refuses_to_run_data_parallel(tmp_path):
     assert not out.exists()
 
 
+ONLY_TRAIN = ("error: only medvl train runs data-parallel: each of the 2 processes would train, score and write on "
+              "its own; start this command in one process (without torchrun)")
+
+
+@pytest.mark.parametrize("command", ["bench medmnist", "bench cv", "demo"])
+def test_commands_that_train_and_then_score_are_refused_under_torchrun(command, tiny_npz, phantom_dir, tmp_path,
+                                                                       monkeypatch):
+    """A command that trains (``fit``) and then scores and writes would do both on every rank under torchrun: N tables
+    of figures, and each rank's --out renamed over the last (bench medmnist left an empty one). Every one but
+    ``medvl train`` is refused in one line, exit 2, before anything is written (in-process: the environment torchrun
+    sets, ``WORLD_SIZE`` 2, is all the refusal reads; ``medvl train`` itself goes on to join the group)."""
+    from cli_helpers import invoke
+
+    out, json_out = tmp_path / "out", tmp_path / "result.json"
+    args = {"bench medmnist": ["--train-data", tiny_npz, "--test-data", tiny_npz, "--test-split", "val", "--epochs", 1,
+                               "--ensemble", 1, "--no-tta", "--json", json_out, "--out", out],
+            "bench cv": ["--data", phantom_dir, "--label-column", "finding", "--model", "phantom-tiny", "--folds", 2,
+                         "--epochs", 1, "--json", json_out],
+            "demo": ["--out", out, "--n", 60, "--epochs", 1, "--model", "phantom-tiny", "--size", 64]}[command]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result, output = invoke(*command.split(), *args, "-q")
+    said = {line for line in output.splitlines() if line.startswith("error:")}  # the output holds stderr twice
+    assert result.exit_code == 2 and said == {ONLY_TRAIN} and "Traceback" not in output, output
+    assert not out.exists() and not json_out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # no staging folder left beside --out
+    # medvl train is not refused: it goes on to join the group (which torchrun's other variables would describe)
+    result, output = invoke("train", "--data", phantom_dir, "--out", tmp_path / "train", "--model", "phantom-tiny",
+                            "-q")
+    assert result.exit_code == 2 and "RANK, MASTER_ADDR, MASTER_PORT are not set" in output, output
+
+
 def test_a_batch_too_small_to_shard_is_refused_on_every_rank(tmp_path):
     """A global batch is cut into one shard per process: a --batch-size below 2 per process is refused before
     training, one line per rank (a batch of 2 on 3 processes gave one rank an empty shard: a MONAI traceback)."""

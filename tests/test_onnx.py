@@ -145,6 +145,23 @@ def test_backends_keep_the_dual_encoder_interface(backend, model_dir, pairs):
     assert cosine.item() >= 0.99
 
 
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_pixels_of_another_size_than_the_export_are_refused_as_the_torch_tower_refuses_a_bad_shape(backend,
+                                                                                                  model_dir):
+    """An export fixes the spatial shape (the torch ResNet pools any size): a pixel tensor of another size is medvl's
+    InputError naming both shapes, not onnxruntime's InvalidArgument; the model's own size still runs."""
+    eager, other = medvl.load_model(model_dir), medvl.load_model(model_dir, backend=backend)
+    larger = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    assert eager.encode_images(larger).shape == (2, 64)
+    with pytest.raises(InputError, match=r"^the ONNX export of this model takes pixels shaped \(N, 1, 64, 64\), got "
+                                         r"\(2, 1, 96, 96\): resize them to the model's input first"):
+        other.encode_images(larger)
+    with pytest.raises(InputError, match=r"takes \(N, C, H, W\) batches shaped \(N, 1, 64, 64\)"):  # as torch's
+        other.encode_images(torch.rand(2, 3, 64, 64))
+    pixels = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(other.encode_images(pixels), eager.encode_images(pixels), atol=1e-3)
+
+
 def test_cli_eval_index_search_and_predict_run_on_onnx(model_dir, phantom, tmp_path):
     outputs = {}
     for backend in ("torch", "onnx"):

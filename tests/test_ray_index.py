@@ -176,6 +176,47 @@ def test_a_corrupt_image_on_a_ray_worker_is_the_usual_one_line_error(local_ray, 
     assert f"{corrupt}: not a recognised image file" in lines["ray"].pop()
 
 
+def test_a_ray_worker_that_dies_ends_the_build_in_one_line_and_the_rerun_resumes(local_ray, single, model_dir,
+                                                                                   data_with_duplicates, tmp_path):
+    """A worker process killed (as the kernel kills one for memory: SIGKILL, here while it loads the model) ends the
+    build with medvl's one line, exit 2, not Ray Data's 150-line internal-error dump and exit 1; the rerun builds
+    the same index."""
+    import signal
+    import threading
+
+    import psutil
+
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_map_workers() -> None:  # every actor of the build, as soon as Ray starts it
+        while not stop.is_set():
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "MapWorker" in " ".join(process.info["cmdline"] or []) and process.pid not in killed:
+                    killed.append(process.pid)
+                    os.kill(process.pid, signal.SIGKILL)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_map_workers, daemon=True)
+    killer.start()
+    try:
+        result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                                tmp_path / "idx", "--batch-size", 16, "--ray", "--quiet")
+    finally:
+        stop.set()
+        killer.join()
+    assert killed and result.exit_code == 2 and "Traceback" not in output, output
+    assert _error_lines(output) == {"error: the index build on Ray stopped: a Ray worker died while embedding "
+                                    "(ActorDiedError: killed for lack of memory, or a crash in a decoder?) after 0 of "
+                                    "its 99 records, which are kept: rerun the same command to resume (with fewer "
+                                    "--ray-workers or a smaller --batch-size if memory ran out)"}
+    assert "Ray Data or Ray Core internal code" not in output  # Ray Data's ERROR lines: its session log only
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--batch-size", 16, "--ray", "--quiet")
+    assert result.exit_code == 0, output
+    _same_index(single[0], tmp_path / "idx")
+
+
 def test_relative_paths_reach_workers_running_in_another_folder(local_ray, single, model_dir, data_with_duplicates,
                                                                 tmp_path, monkeypatch):
     """A cluster's workers run in the folder its head was started from, not the driver's: here the module's Ray,
@@ -271,6 +312,19 @@ def test_ray_address_in_the_environment_is_the_cluster_to_join(local_ray, single
     assert not (tmp_path / "idx2").exists()
 
 
+def test_a_dashboard_address_is_refused_naming_the_address_to_give(model_dir, data_with_duplicates, tmp_path,
+                                                                   monkeypatch):
+    """RAY_ADDRESS set to the dashboard's http:// address (for ray job submit) is named as such, not 'cannot reach the
+    Ray cluster at http://127.0.0.1:8265: Name or service not known' (its host taken as 'http://127.0.0.1')."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--ray")
+    assert result.exit_code == 2 and _error_lines(output) == {
+        "error: RAY_ADDRESS http://127.0.0.1:8265 is an HTTP address (the Ray dashboard's, for ray job submit): give "
+        "the cluster's ray://host:10001 (Ray Client) or host:port (its GCS, e.g. host:6379) address"}, output
+    assert not (tmp_path / "idx").exists()
+
+
 def test_ray_options_are_checked_before_any_work(model_dir, data_with_duplicates, tmp_path):
     result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
                             tmp_path / "idx", "--ray", "--ray-workers", 0)
@@ -294,7 +348,8 @@ def test_a_quiet_ray_build_prints_no_ray_data_ray_core_or_faiss_chatter(model_di
     assert done.returncode == 0, done.stderr
     # Ray's error-level line on every run about restarting actors whose arguments are in the object store (Ray Data
     # always puts its map function there), and its notice that the local Ray uses token authentication
+    # and Ray Data 2.60's deprecation warning of the remote arg that sets max_restarts (pyproject bounds Ray below 2.64)
     for chatter in ("Execution plan", "execution finished", "Progress bars disabled", "Loading faiss", "core_worker",
-                    "max_restarts", "Token authentication"):
+                    "max_restarts", "Token authentication", "RayDeprecationWarning", "ray_remote_args"):
         assert chatter not in done.stderr, chatter
     assert "images: flat index of 96 vectors" in done.stderr  # medvl's own lines stay

@@ -162,14 +162,16 @@ def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,
                     split: str | None = None, label_columns: Sequence[str] | None = None,
                     captions: PathLike | CaptionConfig | None = None, overrides: dict[str, Any] | None = None,
                     resume: bool = False, allow_outside_root: bool = False, show_progress: bool = True,
-                    **train_options: Any) -> DualEncoder:
+                    data_parallel: bool = False, **train_options: Any) -> DualEncoder:
     """Train ``model`` (a registered name or a saved model folder) on the dataset at ``data`` and save
     it to ``out/model``, with the named config's recipe (``medvl.train.recipes``) as the defaults.
 
     ``train_options`` are ``TrainConfig`` fields; None (or absent) means the recipe's value.
     ``label_columns`` (also records without them are left out), ``captions`` and ``overrides`` (model
     config, merged over the recipe's) replace the recipe's. The resolved settings are saved in
-    ``out/train_config.json``. Numbers and the output folder are checked before any data is read."""
+    ``out/train_config.json``. Numbers and the output folder are checked before any data is read.
+    ``data_parallel``: run under torchrun, the caller keeping what follows training to rank 0 (``medvl train``);
+    without it a run there is refused (``medvl.train.loop.fit``)."""
     from .train.loop import check_out_dir
     from .train.recipes import resolve_recipe, train_recipe
 
@@ -179,7 +181,8 @@ def train_from_path(data: PathLike, out: PathLike, model: str = "cxr-small", *,
                               label_columns=list(label_columns) if label_columns else None, **train_options)
     check_out_dir(Path(out), resume)
     dataset = load_split(data, split, label_columns, allow_outside_root)
-    return train_recipe(settings, dataset, out, resume=resume, show_progress=show_progress)
+    return train_recipe(settings, dataset, out, resume=resume, show_progress=show_progress,
+                        data_parallel=data_parallel)
 
 
 def evaluate_zero_shot(model: PathLike, data: PathLike, split: str = "test", label_columns: Sequence[str] | None = None,

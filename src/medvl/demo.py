@@ -22,6 +22,7 @@ from .io import write_json
 from .models.config import MAX_IMAGE_SIDE
 from .models.registry import create_model
 from .report import curve_figure, figure_to_data_uri, image_to_data_uri, roc_figure, table_html, write_html
+from .train import distributed
 from .train.loop import MAX_EPOCHS, METRICS_FILE, TrainConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     check_number("epochs", epochs, minimum=1, maximum=MAX_EPOCHS, integer=True)
     check_number("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIDE, integer=True, optional=True)
     check_phantom_params(n, seed, size)  # --size and --seed: refused before anything in ``out`` is touched
+    distributed.check_single_process()  # as training would refuse it (fit), but before the phantom is written
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out}: folder exists, is not empty and is not a medvl demo folder")
     started = time.perf_counter()
@@ -79,7 +81,8 @@ def run_demo(out: str | Path, n: int = 2400, epochs: int = 12, seed: int = 0, si
     shutil.rmtree(out / "train", ignore_errors=True)
     config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, text_source="text",
                          label_columns=[LABEL])
-    model = train(model, train_set, config, out / "train", captions=captions, show_progress=show_progress)
+    model = train(model, train_set, config, out / "train", captions=captions, show_progress=show_progress,
+                  data_parallel=False)  # it scores and writes on after training: in one process only
     trained_at = time.perf_counter()
     embeddings = embed_images(model, test_set, show_progress=show_progress)
     # among every finding of the phantom, as medvl eval zero-shot scores: a small test split may lack one

@@ -103,7 +103,8 @@ def train_command(
         "skip_flagged": skip_flagged}, train_set or [])
     trained = train_from_path(data, out, model, split=split, label_columns=options.pop("label_columns", None),
                               captions=captions, overrides=parse_overrides(set_ or [], text_encoder), resume=resume,
-                              allow_outside_root=allow_outside_root, show_progress=not quiet, **options)
+                              allow_outside_root=allow_outside_root, show_progress=not quiet,
+                              data_parallel=True, **options)  # only rank 0 reports, below
     summary = trained.meta["training"]
     if distributed.ran_as_main():  # under torchrun only rank 0 saved the model
         console.print(f"trained {summary['steps']} steps on {summary['records']} records; "

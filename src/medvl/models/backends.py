@@ -233,6 +233,7 @@ class OnnxDualEncoder(DualEncoder):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         _check_input(self.config.image, pixels)  # the same refusal as the torch tower's
+        _check_export_shape(self.sessions["image"], pixels)
         feeds = np.ascontiguousarray(pixels.detach().numpy(), dtype=np.float32)
         session = self.sessions["image"]
         if self.per_item["image"]:
@@ -249,6 +250,16 @@ class OnnxDualEncoder(DualEncoder):
         tokens = self.text_encoder.tokenize(texts)
         feeds = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
         return torch.from_numpy(self.sessions["text"].run(None, feeds)[0])
+
+
+def _check_export_shape(session: Any, pixels: torch.Tensor) -> None:
+    """InputError unless ``pixels`` have the shape the image graph takes but for the batch: an export fixes the
+    spatial shape (the model's input), where a torch ResNet / DenseNet tower pools any size (its features then
+    differ from those of the same image at the model's size, so resizing here would not match it either)."""
+    taken = session.get_inputs()[0].shape[1:]
+    if any(isinstance(size, int) and size != got for size, got in zip(taken, pixels.shape[1:], strict=True)):
+        raise InputError(f"the ONNX export of this model takes pixels shaped (N, {', '.join(map(str, taken))}), got "
+                         f"{tuple(pixels.shape)}: resize them to the model's input first (model.preprocessor does)")
 
 
 def _quantises_activations(path: Path) -> bool:

@@ -15,8 +15,9 @@ paths absolute before shipping them (``absolute_paths``): a cluster's workers ru
 started from, not the driver's.
 
 Each record is shipped with its batch, not the dataset with each worker. A worker that dies is not
-restarted (``max_restarts=0``): the build stops with Ray's error and resumes from its last batch when
-rerun (see ``RayEmbedder._embed``). Ray's notice that a local Ray uses token authentication is dropped.
+restarted (``max_restarts=0``): the build stops with a ``DataError`` saying so (Ray Data's own error lines go
+to the session's log file) and resumes from its last batch when rerun (see ``RayEmbedder._embed``). Ray's
+notice that a local Ray uses token authentication is dropped.
 
 Errors: a worker's own medvl error (a corrupt image: ``DataError`` naming the file; a model folder it
 cannot load: ``ModelError``) or ``OSError`` is sent back with its batch and raised by the driver as itself
@@ -41,6 +42,7 @@ import math
 import os
 import pickle
 import socket
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from ..data.record import Dataset, Record
-from ..errors import InputError, MedvlError, ModelError
+from ..errors import DataError, InputError, MedvlError, ModelError
 from .onnx import _Dropping
 
 log = logging.getLogger(__name__)
@@ -113,18 +115,32 @@ class RayEmbedder:
                                     override_num_blocks=max(1, math.ceil(len(positions) / batch_size)))
         # max_restarts=0: a worker that dies ends the build at its batch (rerun: it resumes from the last batch
         # appended) rather than being restarted and its batch retried without end (Ray Data's default, whose
-        # restarts Ray itself warns, at error level on every run, may fail: ray-project/ray#53727). Ray 2.60 has no
-        # named parameter for it: passed as a remote arg, which Ray Data marks deprecated (for removal in 2.64)
-        embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
-            "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
-            max_restarts=0, batch_format="numpy")
-        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-            failed = [error for error in batch["error"] if error]
-            if failed:  # at this batch, as a build in one process raises it
-                raise pickle.loads(bytes.fromhex(failed[0]))
-            batch_records = [dataset.records[int(p)] for p in batch["position"]]
-            yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
+        # restarts Ray itself warns, at error level on every run, may fail: ray-project/ray#53727). Ray Data has no
+        # named parameter for it (2.40 to 2.60, the latest): it is a remote arg, which Ray Data 2.60 warns is
+        # deprecated for removal in 2.64, hence pyproject's ray[data]<2.64. That one warning is spent here: the
+        # setting is deliberate, and a -q build prints medvl's table only (docs/scaling.md)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            embedded = items.map_batches(_EmbedWorker, fn_constructor_kwargs={
+                "model_dir": str(self.model_dir), "backend": self.backend, "fingerprint": fingerprint},
+                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1,
+                max_restarts=0, batch_format="numpy")
+        done = 0
+        try:
+            with _ray_data_errors_to_log_file():
+                for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+                    failed = [error for error in batch["error"] if error]
+                    if failed:  # at this batch, as a build in one process raises it
+                        raise pickle.loads(bytes.fromhex(failed[0]))
+                    batch_records = [dataset.records[int(p)] for p in batch["position"]]
+                    yield batch_records, [str(d) for d in batch["digest"]], batch["image"], batch["text"]
+                    done += len(batch_records)
+        except _worker_deaths(ray) as error:  # not restarted (max_restarts=0): the build stops at this batch
+            raise DataError(None, f"the index build on Ray stopped: a Ray worker died while embedding "
+                                  f"({type(error).__name__}: killed for lack of memory, or a crash in a decoder?) "
+                                  f"after {done} of its {len(records)} records, which are kept: rerun the same "
+                                  "command to resume (with fewer --ray-workers or a smaller --batch-size if memory "
+                                  "ran out)") from None
 
 
 class _EmbedWorker:
@@ -205,6 +221,35 @@ def _quiet_ray_data() -> None:
     log_once("ray_data_progress_manager_disabled")
 
 
+def _worker_deaths(ray) -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker process that is gone (killed by the kernel or Ray's memory monitor, crashed):
+    the actor's calls fail (``RayActorError``, e.g. ``ActorDiedError``), or the process running a task died."""
+    return ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError
+
+
+@contextlib.contextmanager
+def _ray_data_errors_to_log_file() -> Iterator[None]:
+    """While the build iterates, Ray Data's ERROR records (a dead worker: its internal-error notice and two
+    tracebacks, 150 lines) go to the session's log file only, unless medvl logs at DEBUG (``-v``): the build
+    raises medvl's own error for them, in one line."""
+    console = [handler for handler in logging.getLogger("ray.data").handlers
+               if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    below_error = _BelowError()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for handler in console:
+            handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in console:
+            handler.removeFilter(below_error)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
 def _import_ray():
     try:
         import ray
@@ -261,7 +306,11 @@ def _connect_attempts(attempts: int | None) -> Iterator[None]:
 def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S, name: str = "--address") -> None:
     """InputError unless a ``host:port`` (or ``ray://host:port``) cluster address accepts a TCP connection within
     ``timeout`` seconds; other forms (``auto``) are left to Ray, which answers them at once. ``name``: the option
-    or variable the address came from, for messages."""
+    or variable the address came from, for messages. An ``http://`` address (the dashboard's, which ``ray job submit``
+    takes, often exported as RAY_ADDRESS) is refused saying which address to give instead."""
+    if address.lower().startswith(("http://", "https://")):
+        raise InputError(f"{name} {address} is an HTTP address (the Ray dashboard's, for ray job submit): give the "
+                         "cluster's ray://host:10001 (Ray Client) or host:port (its GCS, e.g. host:6379) address")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return

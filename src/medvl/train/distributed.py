@@ -67,6 +67,15 @@ def requested_world_size() -> int:
         return 1
 
 
+def check_single_process() -> None:
+    """InputError under torchrun (``WORLD_SIZE`` above 1), before anything is written: for work that trains and then
+    scores or writes on every rank (a benchmark, the demo), which only ``medvl train`` keeps to rank 0."""
+    processes = requested_world_size()
+    if processes > 1:
+        raise InputError(f"only medvl train runs data-parallel: each of the {processes} processes would train, "
+                         "score and write on its own; start this command in one process (without torchrun)")
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

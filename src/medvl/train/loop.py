@@ -493,7 +493,8 @@ def skip_flagged_records(dataset: Dataset, workers: int | None = None, show_prog
 
 def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
           captions: CaptionSource = None, resume: bool = False, show_progress: bool = True,
-          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+          on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None,
+          data_parallel: bool = True) -> DualEncoder:
     """Train the dual encoder ``model`` on ``dataset`` and save it to ``out_dir/model``; returns it.
 
     ``config.seed`` seeds the data order and augmentation, not ``model``'s own init, which exists before: build it
@@ -511,6 +512,10 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
     infinite stops the run with a ``TrainingError`` before the optimizer step, so the last
     checkpoint (if any) is a good one and is kept. A failed write (full disk) raises a
     ``WriteError`` naming the path; a fresh run then removes what it wrote (and nothing else).
+
+    Under torchrun (``WORLD_SIZE`` above 1) every process trains its shard of each global batch and only rank 0
+    writes (``medvl.train.distributed``); what the caller does with the returned model is its own to keep to rank 0
+    (``distributed.ran_as_main``). ``data_parallel=False`` refuses to run there instead (``fit``).
     """
     prepared = prepare_run(model, dataset, config, captions, show_progress=show_progress)
     origin = getattr(model, "origin", None)
@@ -518,7 +523,7 @@ def train(model: DualEncoder, dataset: Dataset, config: TrainConfig, out_dir: st
         torch.manual_seed(prepared.config.seed)  # no seeded init to follow: the new heads are seeded by the run's seed
     add_heads(model, prepared.dataset, prepared.config)
     return train_prepared(model, prepared, out_dir, resume=resume, show_progress=show_progress,
-                          on_epoch_end=on_epoch_end)
+                          on_epoch_end=on_epoch_end, data_parallel=data_parallel)
 
 
 def add_heads(model: DualEncoder, dataset: Dataset, config: TrainConfig) -> None:
@@ -533,9 +538,10 @@ def add_heads(model: DualEncoder, dataset: Dataset, config: TrainConfig) -> None
 
 def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Path, resume: bool = False,
                    show_progress: bool = True,
-                   on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
+                   on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None,
+                   data_parallel: bool = False) -> DualEncoder:
     """``train`` on what ``prepare_run`` returned (the caller adds the heads to the model in between,
-    ``add_heads``)."""
+    ``add_heads``); ``data_parallel`` as for ``fit``."""
     if getattr(model, "ood", None) is not None:  # its statistics describe the weights this training changes
         log.warning("the starting model's OOD guard is not carried into the trained model (%s): it was fitted on the "
                     "weights training changes; fit one for the trained model with `medvl ood fit --model %s --data "
@@ -544,21 +550,29 @@ def train_prepared(model: DualEncoder, prepared: PreparedRun, out_dir: str | Pat
     objective = ContrastiveObjective(model, prepared.dataset, prepared.config, prepared.captions,
                                      prepared.text_source)
     return fit(objective, prepared.config, out_dir, resume=resume, show_progress=show_progress,
-               on_epoch_end=on_epoch_end)
+               on_epoch_end=on_epoch_end, data_parallel=data_parallel)
 
 
 def fit(objective: Objective, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-        show_progress: bool = True, on_epoch_end: Callable[[Any, int], dict[str, float]] | None = None) -> Any:
+        show_progress: bool = True, on_epoch_end: Callable[[Any, int], dict[str, float]] | None = None,
+        data_parallel: bool = False) -> Any:
     """Run ``objective`` for ``config``'s epochs, checkpointing into ``out_dir``; returns the trained model.
 
     The contract of ``train`` (fresh or resumed output folder, NaN stops, atomic checkpoints, a
     failed fresh run leaves nothing behind) holds for every objective.
+
+    Under torchrun (``WORLD_SIZE`` above 1) the run is refused with an InputError before anything is written unless
+    the objective shards its batch (``Objective.data_parallel``) and the caller says, with ``data_parallel``, that
+    it keeps what follows training to rank 0 (``medvl train``, ``medvl.train``): a command that trained
+    data-parallel and then scored or wrote on every rank would report N different results and write over itself.
     """
     config.validate_numbers()
     processes = distributed.requested_world_size()
     if processes > 1 and not objective.data_parallel:
         raise InputError(f"{objective.title} does not run data-parallel: each of the {processes} processes would "
                          "train on the whole batch; start it in one process (without torchrun)")
+    if not data_parallel:
+        distributed.check_single_process()
     joined = not distributed.initialized() and distributed.init_from_env()  # a caller's own group stays theirs
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)

@@ -209,8 +209,11 @@ def label_columns_for(dataset: Dataset, settings: RecipeSettings) -> list[str]:
 
 def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *, resume: bool = False,
                  show_progress: bool = True,
-                 on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None) -> DualEncoder:
-    """Train with resolved settings: label columns, seeded init, heads, captions, ``train``.
+                 on_epoch_end: Callable[[DualEncoder, int], dict[str, float]] | None = None,
+                 data_parallel: bool = False) -> DualEncoder:
+    """Train with resolved settings: label columns, seeded init, heads, captions, ``train``. ``data_parallel``: the
+    caller keeps what follows training to rank 0 under torchrun (``medvl train``); without it such a run is refused
+    (``loop.fit``), as a benchmark that trains and then scores would score and write on every rank.
 
     The records and settings go through ``loop.prepare_run``, as for ``medvl.train`` (records the model cannot
     take, those ``leave_out_images_of`` / ``skip_flagged`` leave out, with a supervised head those missing one of
@@ -224,7 +227,8 @@ def train_recipe(settings: RecipeSettings, dataset: Dataset, out: str | Path, *,
     prepared = prepare_run(model, dataset, config, settings.captions, show_progress=show_progress,
                            recipe_covariates=not settings.covariates_given)
     add_heads(model, prepared.dataset, prepared.config)
-    return train_prepared(model, prepared, out, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end)
+    return train_prepared(model, prepared, out, resume=resume, show_progress=show_progress, on_epoch_end=on_epoch_end,
+                          data_parallel=data_parallel)
 
 
 def covariates_for(dataset: Dataset, settings: RecipeSettings, labels: Sequence[str] = ()) -> list[str]:
