@@ -1282,6 +1282,14 @@ def test_a_service_restarted_with_another_setup_is_described_again_at_the_next_r
     assert page.locator("#vqa .answer").count() == 1
 
 
+def retrained(route):
+    """A /v1/models answer as the service gives it after the model was retrained under the same folder name."""
+    answer = route.fetch()
+    models = answer.json()
+    models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
+    route.fulfill(response=answer, json=models)
+
+
 def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_question(page, chest_xray):
     """Ask described the service again and, when it had changed (here: a model retrained and redeployed under the
     same folder name, told by its weights' digest), kept the previous service's zero-shot, heatmap over the image,
@@ -1295,12 +1303,6 @@ def test_the_answers_of_a_service_changed_behind_the_page_leave_it_at_the_next_q
     ask(page, QUESTION)  # the same service: the answers stay
     wait_for_panels(page)
     assert page.locator("#preview img.overlay").count() == 1
-
-    def retrained(route):
-        answer = route.fetch()
-        models = answer.json()
-        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
-        route.fulfill(response=answer, json=models)
 
     page.route("**/v1/models", retrained)
     ask(page, QUESTION)
@@ -1329,12 +1331,6 @@ def test_a_read_on_its_way_when_a_question_finds_the_service_changed_is_dropped(
     page.locator("#similar[data-state=busy]").wait_for(timeout=ANSWER_MS)  # the previous read's answers have gone
     page.locator("#draft[data-state=done]").wait_for(timeout=ANSWER_MS)
     assert len(held) == 1 and page.locator("#similar").get_attribute("data-state") == "busy"
-
-    def retrained(route):
-        answer = route.fetch()
-        models = answer.json()
-        models["models"][0]["fingerprint"]["weights_sha256"] = "0" * 64
-        route.fulfill(response=answer, json=models)
 
     page.route("**/v1/models", retrained)
     page.get_by_label("Question").fill(QUESTION)
