@@ -1045,6 +1045,46 @@ def test_an_index_holds_an_rgb_film_under_its_grey_hash_and_older_indexes_still_
     assert added["already_present"] == len(dataset) and added["added"] == 0 and added["replaced"] == 0
 
 
+def test_an_older_index_holding_an_rgb_film_knows_its_grey_original_and_its_copies(model_dir, rgb_index, tmp_path):
+    """An index built before hashes were taken of the model's channels holds a grey film saved as RGB under the hash
+    of its three channels: a draft of the grey original still leaves that case out as a copy, and ``index add`` of
+    the grey original or an opaque RGBA copy under other ids skips them as duplicates, as the older code did."""
+    import csv
+    import sqlite3
+    from contextlib import closing
+
+    from PIL import Image
+
+    from medvl.index import add_records
+    from medvl.index.cases import array_sha256
+
+    folder, grey = rgb_index
+    dataset, model = load_dataset(folder), load_model(model_dir)
+    first = dataset[0]
+    out = tmp_path / "idx"
+    build_index(model, dataset, out, model_dir=model_dir, show_progress=False)
+    with closing(sqlite3.connect(out / "cases.sqlite")) as conn, conn:  # as medvl recorded it before
+        conn.execute("UPDATE cases SET image_sha256 = ? WHERE id = ?", (array_sha256(read_image(first.image)),
+                                                                          first.id))
+    with open_index(out) as index:
+        draft = draft_report(index, model, grey, k=3, min_similarity=0.0)
+    assert draft.settings["left_out_copies"] == [first.id]
+    copies = tmp_path / "copies"
+    (copies / "images").mkdir(parents=True)
+    shutil.copyfile(grey, copies / "images" / "grey.png")
+    Image.open(grey).convert("RGBA").save(copies / "images" / "rgba.png")
+    with (folder / "manifest.csv").open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    with (copies / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows([{**row, "image": "images/grey.png"}, {**row, "image": "images/rgba.png"}])
+    with open_index(out) as index:
+        added = add_records(index, model, load_dataset(copies), show_progress=False)
+    assert added["added"] == 0 and {d["duplicate_of"] for d in added["duplicates"]} == {first.id}
+    assert len(added["duplicates"]) == 2
+
+
 def test_report_draft_command_prints_and_writes_json(phantom_dir, model_dir, train_index, tmp_path):
     image = load_dataset(phantom_dir).select("test")[0].image
     result, output = invoke("report", "draft", image, "--index", train_index, "--model", model_dir, "-k", 6,

@@ -56,17 +56,19 @@ from .cases import (
 log = logging.getLogger(__name__)
 
 
-def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.ndarray]:
-    """Each record's pixel hash and its image as the model's [0, 1] input, stacked (float32); run in
-    a worker process by ``build_index`` (``medvl.data.loading.map_ahead``). A NIfTI volume is hashed
+def read_batch(preprocessor, records: Sequence[Record]) -> tuple[list[str], np.ndarray, list[tuple[str, ...]]]:
+    """Each record's pixel hash, its image as the model's [0, 1] input, stacked (float32), and the other hashes
+    older indexes may hold the same picture under (``hashed_image``: ``index add`` looks duplicates up by them too);
+    run in a worker process by ``build_index`` (``medvl.data.loading.map_ahead``). A NIfTI volume is hashed
     slab by slab from disk, then resized from its path (``medvl.models.volumes`` streams it again), so a
     large CT is never held decoded whole; a DICOM series (``DicomVolume``) is decoded like a file."""
-    digests, pixels = [], []
+    digests, pixels, others = [], [], []
     for record in records:
         hashes, image = hashed_image(preprocessor, record.image)
         digests.append(hashes[0])  # an error names the file, or the record of an array
+        others.append(hashes[1:])
         pixels.append(preprocessor.load(image, source=_source(record)))
-    return digests, torch.stack(pixels).numpy()
+    return digests, torch.stack(pixels).numpy(), others
 
 
 def _source(record: Record) -> str | Path:
@@ -103,7 +105,8 @@ def nifti_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def embed_records(model, records: Sequence[Record], read: tuple[list[str], np.ndarray], known_images: dict[str, str],
+def embed_records(model, records: Sequence[Record], read: tuple[list[str], np.ndarray, Any],
+                  known_images: dict[str, str],
                   allow_duplicates: bool = False, root: Path | None = None,
                   ) -> tuple[list[Case], np.ndarray, np.ndarray, list[dict]]:
     """Cases, image and report embeddings of ``records`` read by ``read_batch``, minus duplicates
@@ -113,7 +116,7 @@ def embed_records(model, records: Sequence[Record], read: tuple[list[str], np.nd
     cases without text are zero rows. ``root`` is the dataset root image paths are stored relative
     to (None: no paths). Returns (cases, image vectors, text vectors, duplicates).
     """
-    digests, pixels = read
+    digests, pixels = read[0], read[1]
     kept, rows, duplicates = _new_cases(records, digests, known_images, allow_duplicates, root)
     vectors, text_vectors = embed_batch(model, torch.from_numpy(pixels[rows]), [case.text for case in kept])
     _check_finite([records[row] for row in rows], vectors)
@@ -281,7 +284,7 @@ def _embedded(model, dataset: Dataset, todo: Sequence[Record], batch_size: int, 
 
 
 def _read_ahead(model, records: Sequence[Record], batch_size: int, workers: int
-                ) -> Iterator[tuple[Sequence[Record], tuple[list[str], np.ndarray]]]:
+                ) -> Iterator[tuple[Sequence[Record], tuple[list[str], np.ndarray, list[tuple[str, ...]]]]]:
     """Each batch of ``records`` with its ``read_batch`` result, read by ``workers`` processes ahead."""
     batches = list(batched(records, batch_size))
     reads = map_ahead(read_batch, batches, workers, context=model.preprocessor)
@@ -359,7 +362,7 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     added, duplicates, known, embedded = 0, [], {}, []
     with progress_bar("Adding cases", total=len(todo), enabled=show_progress) as advance:
         for batch, read in _read_ahead(model, todo, batch_size, workers):
-            known.update({digest: ids[0] for digest, ids in index.find_images(read[0]).items()})
+            known.update(_indexed_images(index, read[0], read[2]))
             cases, vectors, text_vectors, skipped = embed_records(model, batch, read, known, allow_duplicates,
                                                                   dataset_root(dataset))
             duplicates += skipped
@@ -376,6 +379,19 @@ def add_records(index: Index, model, dataset: Dataset, *, batch_size: int = 32, 
     replaced = len(set(changed) & index.existing_ids(changed)) if changed else 0
     return {"added": added - replaced, "already_present": len(present) - len(changed), "replaced": replaced,
             "duplicates": duplicates, "n_cases": len(index)}
+
+
+def _indexed_images(index: Index, digests: Sequence[str], others: Sequence[Sequence[str]]) -> dict[str, str]:
+    """Pixel hash -> the indexed case holding that image, for the ``digests`` of a batch (``read_batch``), also when
+    an index built before hashes were taken of the model's channels holds it under one of its ``others`` (a grey film
+    saved as RGB there): a duplicate all the same."""
+    found = index.find_images(list(digests) + [digest for hashes in others for digest in hashes])
+    known = {digest: ids[0] for digest, ids in found.items() if digest in set(digests)}
+    for digest, hashes in zip(digests, others, strict=True):
+        owner = next((found[other][0] for other in hashes if other in found), None)
+        if owner is not None:
+            known.setdefault(digest, owner)
+    return known
 
 
 def _changed_cases(index: Index, model, records: Sequence[Record], batch_size: int, workers: int) -> dict[str, str]:

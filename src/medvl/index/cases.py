@@ -118,11 +118,17 @@ def pixel_sha256(pixels: np.ndarray, spatial_dims: int = 2) -> str:
 
 
 def pixel_sha256s(pixels: np.ndarray, spatial_dims: int = 2) -> tuple[str, ...]:
-    """The hashes an index may hold ``pixels`` under, to look its copies up by: ``pixel_sha256``, then, for a grey
-    picture stored as colour, the hash of the colour array as it is, which indexes built before hashes were taken
-    of the model's channels recorded for it (their other hashes are the same)."""
-    digest, as_given = pixel_sha256(pixels, spatial_dims), array_sha256(pixels)
-    return (digest,) if as_given == digest else (digest, as_given)
+    """The hashes an index may hold ``pixels`` under, to look its copies up by: ``pixel_sha256`` first, then those
+    that indexes built before hashes were taken of the model's channels recorded for the same picture: the array as
+    it is, and for a grey picture its copies saved as RGB or as opaque RGBA (three equal channels)."""
+    digest = pixel_sha256(pixels, spatial_dims)
+    hashes = [digest, array_sha256(pixels)]
+    grey = model_channels(pixels, spatial_dims)
+    if spatial_dims == 2 and grey.ndim == 2:
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        opaque = np.full(grey.shape + (1,), np.iinfo(grey.dtype).max if grey.dtype.kind in "ui" else 1, grey.dtype)
+        hashes += [array_sha256(rgb), array_sha256(np.concatenate([rgb, opaque], axis=-1))]
+    return tuple(dict.fromkeys(hashes))
 
 
 def array_sha256(pixels: np.ndarray) -> str:

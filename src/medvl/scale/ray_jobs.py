@@ -178,7 +178,7 @@ class _EmbedWorker:
         try:
             if self.failed is not None:
                 raise self.failed
-            digests, pixels = read_batch(self.model.preprocessor, records)
+            digests, pixels, _ = read_batch(self.model.preprocessor, records)
             images, texts = embed_batch(self.model, torch.from_numpy(pixels), [r.text for r in records])
         except (MedvlError, OSError) as error:
             # returned, not raised: Ray would wrap it in its task error (the whole traceback as the message,
