@@ -444,14 +444,17 @@ def test_a_guard_fitted_with_other_image_settings_is_ignored(guarded, phantom_di
     """The guard's scores depend on config.json's image section as well as the weights: features averaged over 8
     orientations (README: `image.test_time_orientations` may be set in a saved model's config.json) are not the
     ones its threshold was calibrated on. A guard fitted with other image settings is ignored with a warning; one
-    that records no fingerprint of them (fitted before medvl recorded one) is used, with one warning."""
+    that records no fingerprint of them (fitted before medvl recorded one) is used, with one warning; an edit of the
+    training-time augmentation keeps the guard."""
     model_dir, fit = guarded
     assert fit["image_config_sha256"] == OODGuard.load(model_dir).info["image_config_sha256"]
-    turned, unchecked = tmp_path / "turned", tmp_path / "unchecked"
-    for folder in (turned, unchecked):
+    turned, unchecked, augmented = tmp_path / "turned", tmp_path / "unchecked", tmp_path / "augmented"
+    for folder, edit in ((turned, "test_time_orientations"), (unchecked, "test_time_orientations"),
+                         (augmented, "augment_flip")):
         shutil.copytree(model_dir, folder)
         config = json.loads((folder / "config.json").read_text())
-        config["image"]["test_time_orientations"] = 8
+        config["image"][edit] = 8 if edit == "test_time_orientations" else True
+        config["image"]["slice_batch"] = 3  # how many slices a volume model encodes at once: memory only
         (folder / "config.json").write_text(json.dumps(config))
     guard = OODGuard.load(unchecked)
     guard.info.pop("image_config_sha256")
@@ -459,6 +462,7 @@ def test_a_guard_fitted_with_other_image_settings_is_ignored(guarded, phantom_di
     with caplog.at_level("WARNING"):  # before any command: the CLI sets up its own logging
         assert load_model(turned).ood is None
         assert load_model(unchecked).ood is not None and load_model(unchecked).ood is not None
+        assert load_model(augmented).ood is not None  # training-time augmentation changes no feature it scores
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     ignored = [w for w in warnings if "fitted with other image settings than this model's config.json" in w]
     assert len(ignored) == 1 and "ignored" in ignored[0] and str(turned) in ignored[0], warnings

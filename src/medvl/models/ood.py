@@ -170,12 +170,20 @@ def image_tower_sha256(model: Any) -> str:
     return digest.hexdigest()
 
 
+# image settings that leave the features of a given image unchanged: training-time augmentation, and how many
+# slices a slicepool model encodes at once (memory only); left out of ``image_config_sha256``
+TRAINING_ONLY = ("augment", "augment_flip", "augment_rot90", "augment_color", "augment_crop", "slice_batch")
+
+
 def image_config_sha256(model: Any) -> str:
     """SHA-256 of ``model.config.image``, the entries that differ from the defaults (as ``index.base``'s model
-    fingerprint hashes the whole config): its preprocessing (size, window, intensity scaling) and
-    ``test_time_orientations`` (features averaged over that many turns) shape the features the guard scores. Saved
+    fingerprint hashes the whole config), but for ``TRAINING_ONLY``: its preprocessing (size, window, intensity
+    scaling) and ``test_time_orientations`` (features averaged over that many turns) shape the features the guard
+    scores; augmentation does not (an edit of it keeps the guard). Saved
     as ``info["image_config_sha256"]`` when a guard is fitted."""
     image = non_default(dataclasses.asdict(model.config.image), dataclasses.asdict(ImageConfig()))
+    for name in TRAINING_ONLY:  # the augmentation and the slice batch change no feature the guard scores
+        image.pop(name, None)
     return hashlib.sha256(json.dumps(image, sort_keys=True).encode()).hexdigest()
 
 
