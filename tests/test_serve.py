@@ -2743,9 +2743,10 @@ def check_window_schema(schema: dict, presets) -> None:
 
     declared = jsonschema.Draft202012Validator(schema)
     names = [*presets, *(name.upper() for name in presets), "Soft Tissue", "soft-tissue", " Lung ", "", "  ",
-             "liver", "lungs", "lung;", "soft__tissue", "soft_ tissue", "lung window", "-600,1500", "lung\nbone"]
+             "liver", "lungs", "lung;", "soft__tissue", "soft_ tissue", "lung window", "-600,1500", "lung\nbone",
+             "\ufefflung", "lung\x1f", "lung\x85", "\tlung\r\n"]
     assert [declared.is_valid(name) for name in names] == [taken(name) for name in names], names
-    assert sum(map(taken, names)) == 2 * len(presets) + 5 and "enum" not in schema
+    assert sum(map(taken, names)) == 2 * len(presets) + 6 and "enum" not in schema
     assert schema["examples"] == list(presets) and "any case" in schema["description"]
 
 

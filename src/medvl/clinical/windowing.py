@@ -71,9 +71,14 @@ WINDOW_PRESETS: dict[str, Window] = {
 WindowSpec = str | Window | Sequence[float]
 
 
+# the blanks dropped around a preset name: ASCII's, the ones a JSON Schema pattern's (ECMAScript's) ``\s`` and
+# Python's ``str.strip()`` agree on (they differ elsewhere, e.g. on U+FEFF and the controls U+001C-U+001F)
+BLANKS = " \t\n\r\f\v"
+
+
 def preset_key(name: str) -> str:
-    """How a preset name is read: any case, '-' or a space for '_', blanks around dropped (``Soft Tissue``)."""
-    return name.strip().lower().replace("-", "_").replace(" ", "_")
+    """How a preset name is read: any case, '-' or a space for '_', ASCII blanks around dropped (``Soft Tissue``)."""
+    return name.strip(BLANKS).lower().replace("-", "_").replace(" ", "_")
 
 
 def preset_pattern(blank: bool = False) -> str:
@@ -84,7 +89,8 @@ def preset_pattern(blank: bool = False) -> str:
         return "".join("[_ -]" if letter == "_" else f"[{letter.upper()}{letter}]" for letter in name)
 
     names = "|".join(spelled(name) for name in WINDOW_PRESETS)
-    return rf"^\s*({names}){'?' if blank else ''}\s*$"
+    blanks = "[ \\t\\n\\r\\f\\v]*"
+    return rf"^{blanks}({names}){'?' if blank else ''}{blanks}$"
 
 
 def get_window(spec: WindowSpec) -> Window:

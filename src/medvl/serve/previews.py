@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from ..clinical.windowing import (
+    BLANKS,
     DISPLAY_WINDOW,
     WINDOW_PRESETS,
     Window,
@@ -90,7 +91,7 @@ class Picture:
 
 def parse_window(name: str | None) -> Window | None:
     """A CT preset by name (``lung``, ``soft_tissue``, ...), ``None`` for none; numbers are refused."""
-    if name is None or not name.strip():
+    if name is None or not name.strip(BLANKS):
         return None
     key = preset_key(name)  # as ``get_window`` reads preset names
     if key not in WINDOW_PRESETS:
