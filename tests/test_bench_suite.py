@@ -1494,15 +1494,7 @@ def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models,
     cases = [record.labels.get("case_id", record.meta.get("case_id")) for record in test]
     for unit, groups in ((None, cases), ("image", None)):
         spec = {"path": str(data), "split": "test", "train_split": "train", "label": "finding", "subgroups": ["sex"]}
-        spec |= {"group_column": unit} if unit else {}
-        suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=["subgroups"],
-                            tasks=[{"task": "zero-shot", "dataset": "phantom"}])
-        out = tmp_path / f"out-{unit}"
-        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
-        assert result.exit_code == 0, output
-        results = json.loads((out / "results.json").read_text())
-        assert results["bootstrap_unit"] == {"phantom": unit or "case_id"}
-        rows = {row["metric"]: row for row in results["rows"]}
+        out, results, rows = _run_with_unit(tmp_path, data, two_models[0], spec, unit, "zero-shot", ["subgroups"])
         expected = bootstrap_ci(macro_auc, y, probabilities, resamples=200, seed=0, groups=groups, **DRAWS["auc"])
         assert (rows["auc"]["low"], rows["auc"]["high"]) == pytest.approx((expected["low"], expected["high"]))
         skipped = {entry["check"]: entry["reason"] for entry in results["skipped"]}
@@ -1512,6 +1504,21 @@ def test_a_dataset_with_case_ids_is_bootstrapped_by_case_and_says_so(two_models,
             assert "bootstrap unit phantom</td><td>case_id (whole cases drawn" in (out / "report.html").read_text()
         else:
             assert rows["subgroup sex=M: auc"]["n"] == 10 and "units" not in rows["subgroup sex=M: auc"]
+
+
+def _run_with_unit(tmp_path: Path, data: Path, model, spec: dict, unit: str | None, task: str, checks: list[str]
+                   ) -> tuple[Path, dict, dict[str, dict]]:
+    """``bench run`` of one ``task`` on the dataset ``spec`` with ``group_column`` ``unit`` (None: the default, the
+    records' ``case_id``), checked to finish and to state that unit: its output folder, results and rows by metric."""
+    spec = spec | ({"group_column": unit} if unit else {})
+    suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=checks,
+                        tasks=[{"task": task, "dataset": "phantom"}])
+    out = tmp_path / f"out-{unit}"
+    result, output = invoke("bench", "run", suite, "--model", model, "--out", out, "-q")
+    assert result.exit_code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["bootstrap_unit"] == {"phantom": unit or "case_id"}
+    return out, results, {row["metric"]: row for row in results["rows"]}
 
 
 def _with_case_ids(phantom_dir: Path, data: Path, per_case: int = 3) -> None:
@@ -1568,15 +1575,8 @@ def test_retrieval_recall_intervals_draw_whole_cases_when_the_dataset_has_case_i
     assert len(ranks["i2t"]) == len(queries["i2t"]) and len(ranks["t2i"]) == len(queries["t2i"])
     widths = {}
     for unit in (None, "image"):
-        spec = {"path": str(data), "split": "test"} | ({"group_column": unit} if unit else {})
-        suite = write_suite(tmp_path, data, datasets={"phantom": spec}, checks=[],
-                            tasks=[{"task": "retrieval", "dataset": "phantom"}])
-        out = tmp_path / f"out-{unit}"
-        result, output = invoke("bench", "run", suite, "--model", two_models[0], "--out", out, "-q")
-        assert result.exit_code == 0, output
-        results = json.loads((out / "results.json").read_text())
-        assert results["bootstrap_unit"] == {"phantom": unit or "case_id"}
-        rows = {row["metric"]: row for row in results["rows"]}
+        _, _, rows = _run_with_unit(tmp_path, data, two_models[0], {"path": str(data), "split": "test"}, unit,
+                                    "retrieval", [])
         for short in ("i2t", "t2i"):
             for k in (1, 5, 10):
                 hits = ranks[short] <= k
