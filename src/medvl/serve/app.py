@@ -504,7 +504,9 @@ def _declare_required(schema: dict) -> None:
         form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
         for name in names:
             form["properties"][name].pop("default", None)
-            form["required"] = [*form.get("required", []), *([name] if name not in form.get("required", []) else [])]
+            required = form.setdefault("required", [])
+            if name not in required:
+                required.append(name)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
