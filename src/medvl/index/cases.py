@@ -121,13 +121,16 @@ def pixel_sha256s(pixels: np.ndarray, spatial_dims: int = 2) -> tuple[str, ...]:
     """The hashes an index may hold ``pixels`` under, to look its copies up by: ``pixel_sha256`` first, then those
     that indexes built before hashes were taken of the model's channels recorded for the same picture: the array as
     it is, and for a grey picture its copies saved as RGB or as opaque RGBA (three equal channels)."""
-    digest = pixel_sha256(pixels, spatial_dims)
-    hashes = [digest, array_sha256(pixels)]
     grey = model_channels(pixels, spatial_dims)
+    hashes = [array_sha256(grey)]  # pixel_sha256
+    if grey is not pixels:  # a colour file of equal channels: as it is (an RGB one is its own RGB copy, below)
+        hashes.append(array_sha256(pixels))
     if spatial_dims == 2 and grey.ndim == 2:
         rgb = np.repeat(grey[..., None], 3, axis=-1)
         opaque = np.full(grey.shape + (1,), np.iinfo(grey.dtype).max if grey.dtype.kind in "ui" else 1, grey.dtype)
-        hashes += [array_sha256(rgb), array_sha256(np.concatenate([rgb, opaque], axis=-1))]
+        if pixels.shape != rgb.shape:
+            hashes.append(array_sha256(rgb))
+        hashes.append(array_sha256(np.concatenate([rgb, opaque], axis=-1)))
     return tuple(dict.fromkeys(hashes))
 
 
