@@ -20,6 +20,7 @@ import torch
 
 from cli_helpers import invoke
 from medvl import create_model, load_dataset, load_model
+from medvl.errors import InputError
 from medvl.index import build_index, open_index
 from medvl.index.base import IMAGES, TEXTS
 
@@ -353,3 +354,32 @@ def test_a_quiet_ray_build_prints_no_ray_data_ray_core_or_faiss_chatter(model_di
                     "max_restarts", "Token authentication", "RayDeprecationWarning", "ray_remote_args"):
         assert chatter not in done.stderr, chatter
     assert "images: flat index of 96 vectors" in done.stderr  # medvl's own lines stay
+
+
+def test_ray_workers_on_a_local_ray_follow_the_cores(model_dir, data_with_duplicates, tmp_path, monkeypatch):
+    """A local Ray's actors each take a core of this machine: more --ray-workers than the cores this process may
+    use are refused before any work (as --workers is), and the default of 2 becomes 1 on one core; a cluster's
+    workers run on its nodes, so a cluster address is not limited by this machine's cores."""
+    import os
+
+    from medvl.scale.ray_jobs import DEFAULT_WORKERS, RayEmbedder
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    result, output = invoke("index", "build", "--model", model_dir, "--data", data_with_duplicates, "--out",
+                            tmp_path / "idx", "--ray", "--ray-workers", str(cores + 1), "--quiet")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert _error_lines(output) == {f"error: --ray-workers must be <= {cores}, the CPU cores this process may use, "
+                                    f"for a local Ray (a cluster's workers run on its nodes: --address), got "
+                                    f"{cores + 1}"}
+    assert not (tmp_path / "idx").exists()
+    assert RayEmbedder(model_dir).workers == min(DEFAULT_WORKERS, cores)
+    assert RayEmbedder(model_dir, workers=cores, address="local").workers == cores
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this process on one core
+    try:
+        assert RayEmbedder(model_dir).workers == 1
+        with pytest.raises(InputError, match="--ray-workers must be <= 1"):
+            RayEmbedder(model_dir, workers=2, address="local")
+    finally:
+        os.sched_setaffinity(0, allowed)

@@ -87,7 +87,7 @@ def build_command(
         help="With --ray: the Ray cluster to join (e.g. auto, ray://head:10001); default RAY_ADDRESS if "
              "set, else a local Ray ('local': a local Ray even when RAY_ADDRESS is set).")] = None,
     ray_workers: Annotated[int | None, typer.Option(
-        help="With --ray: embedding workers (one CPU each; default 2).")] = None,
+        help="With --ray: embedding workers (one CPU each; default 2, at most the cores on a local Ray).")] = None,
     workers: WorkersOption = None,
 ) -> None:
     """Embed a dataset into a new index. Interrupted builds resume when rerun; the previous index
@@ -111,8 +111,7 @@ def build_command(
     if ray:
         from ..scale.ray_jobs import RayEmbedder
 
-        embedder = RayEmbedder(model, address=address, backend=backend,
-                               **({"workers": ray_workers} if ray_workers is not None else {}))
+        embedder = RayEmbedder(model, workers=ray_workers, address=address, backend=backend)
     elif address is not None:
         raise InputError("--address is a Ray cluster address: it needs --ray")
     elif ray_workers is not None:

@@ -54,13 +54,14 @@ def resolve_workers(workers: int | None, n_images: int) -> int:
     check_workers(workers)
     if workers is not None:
         return int(workers)
-    cores = _cores()
+    cores = usable_cores()
     if n_images < AUTO_MIN_IMAGES or cores < AUTO_MIN_CORES:
         return 0
     return min(MAX_AUTO_WORKERS, cores // 4)
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -71,7 +72,7 @@ def check_workers(workers: int | None) -> None:
     if workers is None:
         return
     check_number("workers", workers, minimum=0, integer=True)
-    cores = _cores()
+    cores = usable_cores()
     if workers > cores:
         raise InputError(f"workers must be <= {cores}, the CPU cores this process may use, got {workers}",
                          parameter="workers")
@@ -94,7 +95,7 @@ def map_ahead(function: Callable[[Any, Item], Result], items: Iterable[Item], wo
     threads = torch.get_num_threads()
     # the workers take cores of their own: the model's thread pool keeps the rest, as an oversubscribed
     # OpenMP pool (threads waiting at each barrier for one the scheduler parked) is slower than a smaller one
-    torch.set_num_threads(max(1, min(threads, _cores() - workers)))
+    torch.set_num_threads(max(1, min(threads, usable_cores() - workers)))
     try:
         source = iter(items)
         for item in source:

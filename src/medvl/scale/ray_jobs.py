@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.loading import usable_cores
 from ..data.record import Dataset, Record
 from ..errors import DataError, InputError, MedvlError, ModelError
 from .onnx import _Dropping
@@ -60,6 +61,7 @@ RAY_CONNECT_TIMEOUT_S = 10  # the TCP check of a host:port cluster address
 # Ray's attempts to reach the cluster's GCS (RAY_gcs_server_port_wait_time_s, unless set): each takes about 40 s
 # against a port that answers but is not a Ray head; Ray's own default is 20 attempts
 RAY_CONNECT_ATTEMPTS = 3
+DEFAULT_WORKERS = 2  # embedding actors when --ray-workers is not given (a local Ray: at most its cores)
 
 
 @dataclass
@@ -68,13 +70,13 @@ class RayEmbedder:
     Ray (stopped afterwards), else joins that cluster (e.g. ``ray://head:10001`` or ``auto``)."""
 
     model_dir: Path
-    workers: int = 2
+    workers: int | None = None  # None: DEFAULT_WORKERS, or fewer on a local Ray with fewer cores
     address: str | None = None  # None: RAY_ADDRESS if set (as ray.init reads it), else a local Ray
     backend: str = "torch"  # the inference backend each worker loads (medvl.load_model)
     address_from: str = dataclasses.field(default="--address", init=False)  # what messages name it by
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
         self.model_dir = Path(self.model_dir).absolute()  # the workers' working folder is not the driver's
         if self.address is None and os.environ.get("RAY_ADDRESS", "").strip():
@@ -83,6 +85,16 @@ class RayEmbedder:
                      "Ray)", self.address)
         if self.address not in (None, "local"):
             check_reachable(self.address, name=self.address_from)
+            self.workers = DEFAULT_WORKERS if self.workers is None else self.workers
+            return
+        # a local Ray: each worker takes a core of this machine (more would only queue for the cores, as
+        # --workers' reading processes would, and Ray would be told it has CPUs the machine has not)
+        cores = usable_cores()
+        if self.workers is None:
+            self.workers = min(DEFAULT_WORKERS, cores)
+        elif self.workers > cores:
+            raise InputError(f"--ray-workers must be <= {cores}, the CPU cores this process may use, for a local "
+                             f"Ray (a cluster's workers run on its nodes: --address), got {self.workers}")
 
     def __call__(self, dataset: Dataset, records: Sequence[Record], batch_size: int, fingerprint: dict[str, Any]
                  ) -> Iterator[tuple[list[Record], list[str], np.ndarray, np.ndarray]]:
