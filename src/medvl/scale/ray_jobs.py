@@ -107,6 +107,7 @@ class RayEmbedder:
         ray = _import_ray()
         started_here = not ray.is_initialized()
         if started_here:
+            assert self.workers is not None  # set by __post_init__
             _init_ray(ray, self.address, self.workers, self.address_from)
         try:
             yield from self._embed(ray, dataset, records, batch_size, fingerprint)
